@@ -1,0 +1,124 @@
+"""Network addresses as users write them: ``host:port``, ``[v6]:port``, ``:port``.
+
+Invariants kept by this module:
+
+* an ``Address`` host never carries brackets; an IPv6 literal is stored bare
+  (``::1``) and bracketed again only by ``str()``;
+* a host is either an IPv4 literal, an IPv6 literal, or a DNS name made of
+  letters, digits, ``-``, ``_`` and ``.`` (no spaces, no scheme, no path);
+* ``:port`` (all interfaces) is stored as host ``0.0.0.0``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+
+ALL_INTERFACES = "0.0.0.0"
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_.])?")
+_DOTTED_DIGITS = re.compile(r"[0-9.]+")
+_FORMS = "host:port, [v6]:port or :port"
+
+
+class AddrError(ValueError):
+    """An address that cannot be parsed; the message names the text and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port. ``host`` is an IP literal or a DNS name, never bracketed."""
+
+    host: str
+    port: int
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        """``AF_INET6`` for an IPv6 literal, ``AF_INET`` otherwise."""
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def is_loopback(self) -> bool:
+        """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def parse_addr(text: str) -> Address:
+    """Parse a listen address: ``host:port``, ``[v6]:port`` or ``:port`` (port 0..65535).
+
+    ``:port`` means all interfaces and gives host ``0.0.0.0``.
+    """
+    host, port_text = _split(text)
+    port = _parse_port(text, port_text, minimum=0)
+    if host == "":
+        return Address(ALL_INTERFACES, port)
+    return Address(host, port)
+
+
+def parse_backend_addr(text: str) -> Address:
+    """Parse a backend address: ``host:port`` or ``[v6]:port``; host required, port 1..65535."""
+    host, port_text = _split(text)
+    if host == "":
+        raise AddrError(f"invalid backend address {text!r}: a host is required (host:port)")
+    port = _parse_port(text, port_text, minimum=1)
+    return Address(host, port)
+
+
+def _split(text: str) -> tuple[str, str]:
+    """Split ``text`` into a validated host ('' when absent) and the raw port text."""
+    if not isinstance(text, str):
+        raise AddrError(f"invalid address {text!r}: expected a string like {_FORMS}")
+    if "/" in text:
+        raise AddrError(f"invalid address {text!r}: no scheme or path allowed (expected {_FORMS})")
+    if text.startswith("["):
+        return _split_bracketed(text)
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise AddrError(f"invalid address {text!r}: missing ':port' (expected {_FORMS})")
+    if ":" in host:
+        raise AddrError(f"invalid address {text!r}: an IPv6 host must be in brackets, [v6]:port")
+    if host and not _is_valid_host(host):
+        raise AddrError(f"invalid address {text!r}: {host!r} is not a valid host name or IP")
+    return host, port_text
+
+
+def _split_bracketed(text: str) -> tuple[str, str]:
+    inside, sep, rest = text[1:].partition("]")
+    if not sep or not rest.startswith(":"):
+        raise AddrError(f"invalid address {text!r}: expected [v6]:port")
+    try:
+        ipaddress.IPv6Address(inside)
+    except ValueError:
+        raise AddrError(f"invalid address {text!r}: {inside!r} is not an IPv6 address") from None
+    return inside, rest[1:]
+
+
+def _is_valid_host(host: str) -> bool:
+    """An IPv4 literal or a DNS name; all-digit dotted text must be a real IPv4 address."""
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return _HOSTNAME.fullmatch(host) is not None and not _DOTTED_DIGITS.fullmatch(host)
+    return True
+
+
+def _parse_port(text: str, port_text: str, minimum: int) -> int:
+    # isdecimal() alone would accept non-ASCII digits; require plain 0-9.
+    if not (port_text.isascii() and port_text.isdecimal()) or len(port_text) > 5:
+        raise AddrError(f"invalid address {text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if not minimum <= port <= 65535:
+        raise AddrError(f"invalid address {text!r}: port must be {minimum}..65535, got {port}")
+    return port
