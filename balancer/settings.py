@@ -1,0 +1,368 @@
+"""Settings: declared once in ``SETTINGS``, filled from defaults, file, env and flags.
+
+Every setting is one ``Setting`` row (dotted name, kind, default, help, CLI
+flag). Everything else is derived from the table: the TOML section and key,
+the ``BALANCER_<SECTION>_<KEY>`` environment variable, the ``balancer serve``
+flag and its help text. The result is a tree of frozen dataclasses that the
+rest of the program only reads.
+
+Invariants:
+
+* precedence is flag > env > file > default, per setting;
+* every value given by any source is validated, even one a higher source
+  overrides, so a broken config file never hides behind a flag;
+* every problem names the setting and its source,
+  ``timeouts.backend_read (BALANCER_TIMEOUTS_BACKEND_READ): must be a number > 0, got 'abc'``,
+  and all problems are reported together in one ``SettingsError``;
+* defaults pass through the same validation as every other value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+
+from balancer.addr import Address
+from balancer.settings_kinds import (
+    ADDRESS,
+    ADDRESS_LIST,
+    NAME,
+    POSITIVE,
+    TEXT,
+    Account,
+    Choice,
+    Directory,
+    Integer,
+    Kind,
+    Rejected,
+    StoreUrl,
+)
+
+ENV_PREFIX = "BALANCER_"
+CONFIG_ENV = "BALANCER_CONFIG"
+# BALANCER_URL and BALANCER_TOKEN belong to balancerctl; BALANCER_CONFIG names the file.
+FOREIGN_ENV = frozenset({"BALANCER_URL", "BALANCER_TOKEN", CONFIG_ENV})
+
+
+class SettingsError(ValueError):
+    """One or more bad settings; ``problems`` lists each, naming setting and source."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting: its dotted name, kind, default (in config-file form) and CLI flag."""
+
+    name: str
+    kind: Kind
+    default: object
+    help: str
+    flag: str = ""
+
+    @property
+    def section(self) -> str:
+        return self.name.partition(".")[0]
+
+    @property
+    def key(self) -> str:
+        return self.name.partition(".")[2]
+
+    @property
+    def env(self) -> str:
+        """The environment variable, ``BALANCER_<SECTION>_<KEY>``."""
+        return f"{ENV_PREFIX}{self.section.upper()}_{self.key.upper()}"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server.listen", ADDRESS_LIST, ["127.0.0.1:8080"],
+            "external listener address (repeatable)", "--listen"),
+    Setting("server.internal_listen", ADDRESS_LIST, [],
+            "trusted listener: incoming X-Forwarded-* extended, not replaced (repeatable)",
+            "--internal-listen"),
+    Setting("server.workers", Integer(0), 1, "worker processes, 0 = one per core", "--workers"),
+    Setting("server.max_connections", Integer(1), 10000, "open client connections per worker"),
+    Setting("server.user", Account("user"), "", "user to switch to after binding"),
+    Setting("server.group", Account("group"), "", "group to switch to after binding"),
+    Setting("server.pages_dir", Directory(), "", "directory of NAME.html built-in page overrides"),
+    Setting("management.listen", ADDRESS, "127.0.0.1:8081",
+            "management API address", "--management"),
+    Setting("management.token", TEXT, "", "bearer token for the management API", "--token"),
+    Setting("store.url", StoreUrl(), "file:balancer-routes.json",
+            "routing store: file:PATH, redis://, rediss:// or redis+sentinel:// URL", "--store"),
+    Setting("store.namespace", NAME, "balancer", "key prefix in the store"),
+    Setting("store.resync_interval", POSITIVE, 5.0, "seconds between store version checks"),
+    Setting("timeouts.client_header", POSITIVE, 10.0, "seconds to receive a request head"),
+    Setting("timeouts.client_idle", POSITIVE, 75.0, "seconds a keep-alive client may idle"),
+    Setting("timeouts.backend_connect", POSITIVE, 5.0, "seconds to connect to a backend"),
+    Setting("timeouts.backend_read", POSITIVE, 60.0, "seconds between backend reads"),
+    Setting("timeouts.tunnel_idle", POSITIVE, 3600.0, "seconds an upgraded tunnel may idle"),
+    Setting("timeouts.graceful", POSITIVE, 30.0, "seconds to finish requests on shutdown"),
+    Setting("timeouts.fail_timeout", POSITIVE, 10.0, "seconds a failed backend stays down"),
+    Setting("limits.max_request_line", Integer(64), 8192, "request line bytes (414 above)"),
+    Setting("limits.max_header_bytes", Integer(1024), 65536, "request head bytes (431 above)"),
+    Setting("limits.max_headers", Integer(1), 100, "request header count (431 above)"),
+    Setting("limits.spin_max_waiting", Integer(1), 10000,
+            "requests held by spin rules per worker (busy page above)"),
+    Setting("log.access_log", TEXT, "", 'access log: "" off, "-" stdout, or a path',
+            "--access-log"),
+    Setting("log.access_format", Choice("combined", "json"), "combined", "access log format"),
+    Setting("log.level", Choice("debug", "info", "warning", "error"), "info", "log level"),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+BY_ENV: dict[str, Setting] = {s.env: s for s in SETTINGS}
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    listen: tuple[Address, ...]
+    internal_listen: tuple[Address, ...]
+    workers: int
+    max_connections: int
+    user: str
+    group: str
+    pages_dir: str
+
+
+@dataclass(frozen=True, slots=True)
+class ManagementSettings:
+    listen: Address
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    url: str
+    namespace: str
+    resync_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutSettings:
+    client_header: float
+    client_idle: float
+    backend_connect: float
+    backend_read: float
+    tunnel_idle: float
+    graceful: float
+    fail_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    max_request_line: int
+    max_header_bytes: int
+    max_headers: int
+    spin_max_waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    access_log: str
+    access_format: str
+    level: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """All settings, read-only. ``config_path`` is the file read, or ""."""
+
+    server: ServerSettings
+    management: ManagementSettings
+    store: StoreSettings
+    timeouts: TimeoutSettings
+    limits: LimitSettings
+    log: LogSettings
+    config_path: str
+
+    def effective_workers(self) -> int:
+        """Worker processes to run: ``server.workers``, or one per core when it is 0."""
+        return self.server.workers or os.cpu_count() or 1
+
+
+SECTION_CLASSES: dict[str, type] = {
+    "server": ServerSettings, "management": ManagementSettings, "store": StoreSettings,
+    "timeouts": TimeoutSettings, "limits": LimitSettings, "log": LogSettings,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Given:
+    """A raw value for a setting from one source."""
+
+    setting: Setting
+    raw: object
+    source: str      # "default", the config file path, the env var or the flag
+    is_text: bool    # True for env (always a string): parse it, don't type-check it
+
+
+def load_settings(
+    flags: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+) -> Settings:
+    """Build ``Settings`` with precedence flag > env > file > default.
+
+    ``flags`` maps dotted names (``"server.listen"``) to values; ``None`` means
+    not given. A string is parsed like an env value; other values must have the
+    config-file type (a list of strings for address lists). ``env`` defaults to
+    ``os.environ``. The config file is ``config_path``, else ``$BALANCER_CONFIG``,
+    else none; a file named either way must exist. Raises ``SettingsError``.
+    """
+    env = os.environ if env is None else env
+    path = config_path or env.get(CONFIG_ENV, "")
+    problems: list[str] = []
+    given = [*_from_defaults(), *_from_file(path, problems), *_from_env(env, problems),
+             *_from_flags(flags or {}, problems)]
+    chosen: dict[str, tuple[object, str]] = {}
+    for item in given:  # later sources override earlier ones
+        try:
+            value = item.setting.kind.parse(item.raw, item.is_text)
+        except Rejected as exc:
+            problems.append(f"{item.setting.name} ({item.source}): {exc}")
+        else:
+            chosen[item.setting.name] = (value, item.source)
+    if not problems:
+        problems.extend(_cross_check(chosen))
+    if problems:
+        raise SettingsError(problems)
+    return _build({name: value for name, (value, _) in chosen.items()}, path)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the settings that have a ``balancer serve`` flag to ``parser``.
+
+    Each option stores under its dotted name with default ``None``; pass
+    ``flag_values(args)`` to ``load_settings``.
+    """
+    for setting in SETTINGS:
+        if not setting.flag:
+            continue
+        repeat = setting.kind is ADDRESS_LIST
+        parser.add_argument(
+            setting.flag, dest=setting.name, default=None,
+            action="append" if repeat else "store", metavar=setting.kind.metavar,
+            help=f"{setting.help} [env {setting.env}, file {setting.name}]",
+        )
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given on the command line, as ``load_settings(flags=...)`` takes them."""
+    values = vars(args)
+    return {s.name: values[s.name] for s in SETTINGS if values.get(s.name) is not None}
+
+
+def _from_defaults() -> Iterator[_Given]:
+    for setting in SETTINGS:
+        yield _Given(setting, setting.default, "default", is_text=False)
+
+
+def _from_file(path: str, problems: list[str]) -> Iterator[_Given]:
+    if not path:
+        return
+    data = _read_toml(path, problems)
+    for section, table in data.items():
+        if section not in SECTIONS:
+            problems.append(f"[{section}] ({path}): unknown section; sections are "
+                            + ", ".join(SECTIONS))
+        elif not isinstance(table, dict):
+            problems.append(f"{section} ({path}): must be a table [{section}], got {table!r}")
+        else:
+            for key, raw in table.items():
+                setting = _known(f"{section}.{key}", path, problems)
+                if setting:
+                    yield _Given(setting, raw, path, is_text=False)
+
+
+def _read_toml(path: str, problems: list[str]) -> dict:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        problems.append(f"config file {path}: not found")
+    except IsADirectoryError:
+        problems.append(f"config file {path}: is a directory")
+    except OSError as exc:
+        problems.append(f"config file {path}: cannot read: {exc.strerror or exc}")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        problems.append(f"config file {path}: invalid TOML: {exc}")
+    return {}
+
+
+def _from_env(env: Mapping[str, str], problems: list[str]) -> Iterator[_Given]:
+    # Only BALANCER_<SECTION>_* is ours: a container platform may define other
+    # BALANCER_* variables (Kubernetes: BALANCER_SERVICE_HOST, BALANCER_PORT).
+    section_prefixes = tuple(f"{ENV_PREFIX}{s.upper()}_" for s in SECTIONS)
+    for var, text in sorted(env.items()):
+        if var in FOREIGN_ENV or not var.startswith(section_prefixes):
+            continue
+        setting = BY_ENV.get(var)
+        if setting:
+            yield _Given(setting, text, var, is_text=True)
+        else:
+            problems.append(f"{var}: unknown setting{_suggest(var, BY_ENV)}")
+
+
+def _from_flags(flags: Mapping[str, object], problems: list[str]) -> Iterator[_Given]:
+    for name, raw in flags.items():
+        setting = _known(name, "flag", problems)
+        if setting and raw is not None:
+            source = setting.flag or "flag"
+            yield _Given(setting, raw, source, is_text=isinstance(raw, str))
+
+
+def _known(name: str, source: str, problems: list[str]) -> Setting | None:
+    setting = BY_NAME.get(name)
+    if setting is None:
+        problems.append(f"{name} ({source}): unknown setting{_suggest(name, BY_NAME)}")
+    return setting
+
+
+def _suggest(name: str, known: Mapping[str, Setting]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _cross_check(chosen: Mapping[str, tuple[object, str]]) -> list[str]:
+    """Problems that involve more than one setting, named after the one to change."""
+    problems = []
+    listen, listen_source = chosen["server.listen"]
+    internal, _ = chosen["server.internal_listen"]
+    if not listen and not internal:
+        problems.append(f"server.listen ({listen_source}): no listener; give at least one "
+                        "address in server.listen or server.internal_listen")
+    management, management_source = chosen["management.listen"]
+    token, _ = chosen["management.token"]
+    if not management.is_loopback and not token:
+        # SPEC §5: the management API never listens beyond loopback unprotected.
+        problems.append(f"management.listen ({management_source}): {management} is not a "
+                        "loopback address; set management.token to expose the API there")
+    problems.extend(_duplicate_addresses(chosen))
+    return problems
+
+
+def _duplicate_addresses(chosen: Mapping[str, tuple[object, str]]) -> list[str]:
+    problems = []
+    seen: dict[Address, str] = {}
+    for name in ("server.listen", "server.internal_listen", "management.listen"):
+        value, source = chosen[name]
+        for addr in value if isinstance(value, tuple) else (value,):
+            if addr.port != 0 and addr in seen:  # port 0 is a fresh port each time
+                problems.append(f"{name} ({source}): {addr} is also used by {seen[addr]}")
+            seen.setdefault(addr, name)
+    return problems
+
+
+def _build(values: Mapping[str, object], config_path: str) -> Settings:
+    sections = {}
+    for section, cls in SECTION_CLASSES.items():
+        sections[section] = cls(**{f.name: values[f"{section}.{f.name}"] for f in fields(cls)})
+    return Settings(**sections, config_path=config_path)

@@ -1,0 +1,208 @@
+"""Kinds of setting values: how a raw value becomes a typed, validated one.
+
+A kind parses either a typed value (config file, typed flag) or text (an
+environment variable, a string flag). A typed value of the wrong type is
+rejected, never coerced: ``backend_read = "5"`` in TOML is an error. Every
+rejection is a ``Rejected`` whose message says what the value must be and
+what it was, ready to be prefixed with the setting name and source.
+"""
+
+from __future__ import annotations
+
+import grp
+import math
+import os
+import pwd
+
+from balancer.addr import AddrError, Address, parse_addr
+
+STORE_SCHEMES = ("file", "redis", "rediss", "redis+sentinel")
+
+
+class Rejected(ValueError):
+    """A raw value refused by its kind; the message is complete and shows the value."""
+
+
+def reject(expected: str, raw: object) -> Rejected:
+    return Rejected(f"must be {expected}, got {raw!r}")
+
+
+class Kind:
+    """Base kind: a string, taken as is."""
+
+    expected = "a string"
+    metavar = "TEXT"
+    types: tuple[type, ...] = (str,)
+
+    def parse(self, raw: object, is_text: bool) -> object:
+        """Return the typed value for ``raw`` or raise ``Rejected``."""
+        if is_text:
+            return self.check(self.convert(raw), raw)
+        if isinstance(raw, bool) or not isinstance(raw, self.types):
+            raise reject(self.expected, raw)
+        return self.check(raw, raw)
+
+    def convert(self, text: str) -> object:
+        """Turn environment/flag text into the typed value (before ``check``)."""
+        return text
+
+    def check(self, value: object, raw: object) -> object:
+        """Validate a typed value; ``raw`` is what the user wrote, for the message."""
+        return value
+
+
+class Number(Kind):
+    """A finite float greater than zero (seconds)."""
+
+    expected = "a number > 0"
+    metavar = "SECONDS"
+    types = (int, float)
+
+    def convert(self, text: str) -> object:
+        try:
+            return float(text)
+        except ValueError:
+            raise reject(self.expected, text) from None
+
+    def check(self, value: object, raw: object) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise reject(self.expected, raw)
+        return float(value)
+
+
+class Integer(Kind):
+    """An integer at or above ``minimum``."""
+
+    metavar = "N"
+    types = (int,)
+
+    def __init__(self, minimum: int) -> None:
+        self.minimum = minimum
+        self.expected = f"an integer >= {minimum}"
+
+    def convert(self, text: str) -> object:
+        try:
+            return int(text)
+        except ValueError:
+            raise reject(self.expected, text) from None
+
+    def check(self, value: object, raw: object) -> int:
+        if value < self.minimum:
+            raise reject(self.expected, raw)
+        return value
+
+
+class Choice(Kind):
+    """One string out of a fixed set."""
+
+    def __init__(self, *options: str) -> None:
+        self.options = options
+        self.expected = "one of " + ", ".join(options)
+        self.metavar = "{" + ",".join(options) + "}"
+
+    def check(self, value: object, raw: object) -> str:
+        if value not in self.options:
+            raise reject(self.expected, raw)
+        return value
+
+
+class Name(Kind):
+    """A non-empty string without whitespace (a key prefix)."""
+
+    expected = "a non-empty name without spaces"
+    metavar = "NAME"
+
+    def check(self, value: object, raw: object) -> str:
+        if not value or any(ch.isspace() for ch in value):
+            raise reject(self.expected, raw)
+        return value
+
+
+class AddressKind(Kind):
+    """One listen address, ``host:port``, ``[v6]:port`` or ``:port``."""
+
+    metavar = "ADDR"
+    types = (str, Address)
+
+    def check(self, value: object, raw: object) -> Address:
+        if isinstance(value, Address):
+            return value
+        try:
+            return parse_addr(value)
+        except AddrError as exc:
+            raise Rejected(str(exc)) from None
+
+
+class AddressList(Kind):
+    """Listen addresses: a list in TOML and flags, comma-separated in env."""
+
+    expected = "a list of addresses"
+    metavar = "ADDR"
+    types = (list, tuple)
+
+    def convert(self, text: str) -> object:
+        return [item.strip() for item in text.split(",")] if text.strip() else []
+
+    def check(self, value: object, raw: object) -> tuple[Address, ...]:
+        return tuple(ADDRESS.check(item, raw) for item in _each_string(value, raw))
+
+
+def _each_string(items: list | tuple, raw: object) -> list[str | Address]:
+    for item in items:
+        if not isinstance(item, str | Address):
+            raise Rejected(f"must be a list of address strings, got {raw!r}")
+    return list(items)
+
+
+class StoreUrl(Kind):
+    """A store URL; only the scheme is checked here, the stores parse the rest."""
+
+    expected = "a store URL: file:PATH, redis://..., rediss://... or redis+sentinel://..."
+    metavar = "URL"
+
+    def check(self, value: object, raw: object) -> str:
+        scheme, sep, rest = value.partition(":")
+        if not sep or scheme.lower() not in STORE_SCHEMES or not rest:
+            raise reject(self.expected, raw)
+        if scheme.lower() != "file" and not rest.startswith("//"):
+            raise reject(self.expected, raw)
+        return value
+
+
+class Directory(Kind):
+    """"" (unset) or an existing directory."""
+
+    expected = "an existing directory"
+    metavar = "DIR"
+
+    def check(self, value: object, raw: object) -> str:
+        if value and not os.path.isdir(value):
+            raise reject(self.expected, raw)
+        return value
+
+
+class Account(Kind):
+    """"" (unset), an existing user/group name, or a numeric id."""
+
+    metavar = "NAME"
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.expected = f"an existing {what} name or a numeric id"
+
+    def check(self, value: object, raw: object) -> str:
+        if not value or (value.isascii() and value.isdecimal()):
+            return value
+        lookup = pwd.getpwnam if self.what == "user" else grp.getgrnam
+        try:
+            lookup(value)
+        except KeyError:
+            raise reject(self.expected, raw) from None
+        return value
+
+
+TEXT = Kind()
+NAME = Name()
+POSITIVE = Number()
+ADDRESS = AddressKind()
+ADDRESS_LIST = AddressList()

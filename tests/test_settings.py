@@ -1,0 +1,403 @@
+import argparse
+import dataclasses
+import os
+import pwd
+
+import pytest
+
+from balancer.addr import Address
+from balancer.settings import (
+    SECTION_CLASSES,
+    SETTINGS,
+    Settings,
+    SettingsError,
+    add_flags,
+    flag_values,
+    load_settings,
+)
+
+
+def load(flags=None, env=None, config_path=None):
+    return load_settings(flags=flags, env=env or {}, config_path=config_path)
+
+
+def problems_of(**kwargs):
+    with pytest.raises(SettingsError) as info:
+        load(**kwargs)
+    return info.value.problems
+
+
+def one_problem(**kwargs):
+    problems = problems_of(**kwargs)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+@pytest.fixture
+def config(tmp_path):
+    """Write a TOML config file and return its path."""
+
+    def write(text):
+        path = tmp_path / "balancer.toml"
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+# -- defaults and the table -------------------------------------------------
+
+
+def test_defaults_are_the_spec_defaults():
+    s = load()
+    assert s.server.listen == (Address("127.0.0.1", 8080),)
+    assert s.server.internal_listen == ()
+    assert (s.server.workers, s.server.max_connections) == (1, 10000)
+    assert (s.server.user, s.server.group, s.server.pages_dir) == ("", "", "")
+    assert s.management.listen == Address("127.0.0.1", 8081)
+    assert s.management.token == ""
+    assert s.store.url == "file:balancer-routes.json"
+    assert s.store.namespace == "balancer"
+    assert s.store.resync_interval == 5.0
+    assert dataclasses.astuple(s.timeouts) == (10.0, 75.0, 5.0, 60.0, 3600.0, 30.0, 10.0)
+    assert dataclasses.astuple(s.limits) == (8192, 65536, 100, 10000)
+    assert dataclasses.astuple(s.log) == ("", "combined", "info")
+    assert s.config_path == ""
+
+
+def test_every_dataclass_field_is_declared_once_in_the_table():
+    declared = [s.name for s in SETTINGS]
+    assert len(declared) == len(set(declared))
+    fields = [f"{section}.{f.name}" for section, cls in SECTION_CLASSES.items()
+              for f in dataclasses.fields(cls)]
+    assert sorted(fields) == sorted(declared)
+    assert [f.name for f in dataclasses.fields(Settings)][:-1] == list(SECTION_CLASSES)
+
+
+def test_env_names_are_derived_from_the_setting_name():
+    env = {s.name: s.env for s in SETTINGS}
+    assert env["timeouts.backend_read"] == "BALANCER_TIMEOUTS_BACKEND_READ"
+    assert env["server.internal_listen"] == "BALANCER_SERVER_INTERNAL_LISTEN"
+
+
+def test_settings_are_frozen():
+    s = load()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.server.workers = 3  # type: ignore[misc]
+
+
+def test_effective_workers(monkeypatch):
+    s = load()
+    assert s.effective_workers() == 1
+    zero = load(flags={"server.workers": 0})
+    assert zero.effective_workers() == (os.cpu_count() or 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert zero.effective_workers() == 1
+
+
+# -- sources and precedence -------------------------------------------------
+
+
+def test_file_values(config):
+    path = config("""
+[server]
+listen = ["127.0.0.1:9000", "[::1]:9000"]
+internal_listen = [":9100"]
+workers = 4
+[timeouts]
+backend_read = 2
+client_idle = 1.5
+[log]
+access_format = "json"
+""")
+    s = load(config_path=path)
+    assert s.server.listen == (Address("127.0.0.1", 9000), Address("::1", 9000))
+    assert s.server.internal_listen == (Address("0.0.0.0", 9100),)
+    assert s.server.workers == 4
+    assert s.timeouts.backend_read == 2.0 and isinstance(s.timeouts.backend_read, float)
+    assert s.timeouts.client_idle == 1.5
+    assert s.log.access_format == "json"
+    assert s.config_path == path
+
+
+def test_env_values():
+    s = load(env={
+        "BALANCER_TIMEOUTS_BACKEND_READ": "1.5",
+        "BALANCER_SERVER_LISTEN": "127.0.0.1:8080, [::1]:8080",
+        "BALANCER_SERVER_WORKERS": "3",
+        "BALANCER_LIMITS_MAX_HEADERS": "50",
+        "BALANCER_MANAGEMENT_TOKEN": "s3cret",
+    })
+    assert s.timeouts.backend_read == 1.5
+    assert s.server.listen == (Address("127.0.0.1", 8080), Address("::1", 8080))
+    assert s.server.workers == 3
+    assert s.limits.max_headers == 50
+    assert s.management.token == "s3cret"
+
+
+def test_env_empty_list_means_no_addresses():
+    s = load(env={"BALANCER_SERVER_INTERNAL_LISTEN": "", "BALANCER_SERVER_LISTEN": ":0"})
+    assert s.server.internal_listen == ()
+
+
+def test_flag_values_text_and_typed():
+    s = load(flags={
+        "server.listen": ["127.0.0.1:1", "127.0.0.1:2"],
+        "server.workers": "2",
+        "server.max_connections": 50,
+        "timeouts.backend_read": 0.25,
+        "log.access_log": "-",
+        "store.url": None,
+    })
+    assert s.server.listen == (Address("127.0.0.1", 1), Address("127.0.0.1", 2))
+    assert s.server.workers == 2
+    assert s.server.max_connections == 50
+    assert s.timeouts.backend_read == 0.25
+    assert s.log.access_log == "-"
+    assert s.store.url == "file:balancer-routes.json"
+
+
+def test_precedence_flag_over_env_over_file_over_default(config):
+    path = config("[timeouts]\nbackend_read = 3.0\n")
+    env = {"BALANCER_TIMEOUTS_BACKEND_READ": "2.0"}
+    flags = {"timeouts.backend_read": "1.0"}
+    assert load(flags=flags, env=env, config_path=path).timeouts.backend_read == 1.0
+    assert load(env=env, config_path=path).timeouts.backend_read == 2.0
+    assert load(config_path=path).timeouts.backend_read == 3.0
+    assert load().timeouts.backend_read == 60.0
+
+
+def test_precedence_is_per_setting(config):
+    path = config("[server]\nworkers = 5\nmax_connections = 7\n")
+    s = load(flags={"server.workers": "6"}, config_path=path)
+    assert (s.server.workers, s.server.max_connections) == (6, 7)
+
+
+def test_config_path_from_env(config):
+    path = config("[server]\nworkers = 9\n")
+    s = load(env={"BALANCER_CONFIG": path})
+    assert s.server.workers == 9 and s.config_path == path
+
+
+def test_config_path_argument_wins_over_env(config, tmp_path):
+    path = config("[server]\nworkers = 9\n")
+    other = tmp_path / "other.toml"
+    other.write_text("[server]\nworkers = 2\n")
+    assert load(env={"BALANCER_CONFIG": str(other)}, config_path=path).server.workers == 9
+
+
+def test_reads_os_environ_by_default(monkeypatch):
+    monkeypatch.setenv("BALANCER_LOG_LEVEL", "debug")
+    assert load_settings().log.level == "debug"
+
+
+def test_foreign_env_is_ignored():
+    s = load(env={
+        "BALANCER_URL": "http://x", "BALANCER_TOKEN": "t",
+        "BALANCER_SERVICE_HOST": "10.0.0.1", "BALANCER_PORT": "tcp://10.0.0.1:80",
+        "balancer_server_workers": "nonsense", "OTHER": "1",
+    })
+    assert s == load()
+
+
+def test_argparse_flags_round_trip():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_flags(parser)
+    args = parser.parse_args(["--listen", "127.0.0.1:1", "--listen", "[::1]:2",
+                              "--workers", "3", "--store", "redis://h:6379/0",
+                              "--config", "x.toml"])
+    flags = flag_values(args)
+    assert flags == {"server.listen": ["127.0.0.1:1", "[::1]:2"], "server.workers": "3",
+                     "store.url": "redis://h:6379/0"}
+    s = load(flags=flags)
+    assert s.server.listen == (Address("127.0.0.1", 1), Address("::1", 2))
+    assert s.store.url == "redis://h:6379/0"
+    assert "BALANCER_SERVER_WORKERS" in parser.format_help()
+
+
+def test_spec_flags_exist():
+    flags = {s.flag for s in SETTINGS if s.flag}
+    assert flags == {"--listen", "--internal-listen", "--management", "--store",
+                     "--workers", "--token", "--access-log"}
+
+
+# -- the config file --------------------------------------------------------
+
+
+def test_missing_explicit_config_file(tmp_path):
+    path = str(tmp_path / "nope.toml")
+    assert one_problem(config_path=path) == f"config file {path}: not found"
+    assert one_problem(env={"BALANCER_CONFIG": path}) == f"config file {path}: not found"
+
+
+def test_config_file_is_a_directory(tmp_path):
+    assert "is a directory" in one_problem(config_path=str(tmp_path))
+
+
+def test_invalid_toml(config):
+    path = config("[server\nworkers = 1\n")
+    problem = one_problem(config_path=path)
+    assert problem.startswith(f"config file {path}: invalid TOML:")
+    assert "line 1" in problem
+
+
+def test_unknown_section_and_key(config):
+    path = config("[servr]\nworkers = 1\n[timeouts]\nbackend_reed = 1.0\n")
+    problems = problems_of(config_path=path)
+    assert problems[0].startswith(f"[servr] ({path}): unknown section")
+    assert problems[1] == (f"timeouts.backend_reed ({path}): unknown setting "
+                           "(did you mean timeouts.backend_read?)")
+
+
+def test_top_level_key_is_not_a_section(config):
+    path = config('listen = "127.0.0.1:1"\n')
+    assert "unknown section" in one_problem(config_path=path)
+    path = config('server = 3\n')
+    assert one_problem(config_path=path) == f"server ({path}): must be a table [server], got 3"
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('[timeouts]\nbackend_read = "5"',
+         "timeouts.backend_read ({}): must be a number > 0, got '5'"),
+        ("[server]\nworkers = true", "server.workers ({}): must be an integer >= 0, got True"),
+        ("[server]\nworkers = 1.5", "server.workers ({}): must be an integer >= 0, got 1.5"),
+        ('[server]\nlisten = "127.0.0.1:1"',
+         "server.listen ({}): must be a list of addresses, got '127.0.0.1:1'"),
+        ("[server]\nlisten = [8080]",
+         "server.listen ({}): must be a list of address strings, got [8080]"),
+        ("[management]\ntoken = 1234", "management.token ({}): must be a string, got 1234"),
+        ("[log]\nlevel = 1", "log.level ({}): must be one of debug, info, warning, error, got 1"),
+    ],
+)
+def test_wrong_type_in_file(config, line, problem):
+    path = config(line + "\n")
+    assert one_problem(config_path=path) == problem.format(path)
+
+
+# -- validation of every kind of value ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("var", "text", "expected"),
+    [
+        ("BALANCER_TIMEOUTS_BACKEND_READ", "abc", "must be a number > 0, got 'abc'"),
+        ("BALANCER_TIMEOUTS_CLIENT_HEADER", "0", "must be a number > 0, got '0'"),
+        ("BALANCER_TIMEOUTS_CLIENT_IDLE", "-1", "must be a number > 0, got '-1'"),
+        ("BALANCER_TIMEOUTS_GRACEFUL", "nan", "must be a number > 0, got 'nan'"),
+        ("BALANCER_TIMEOUTS_TUNNEL_IDLE", "inf", "must be a number > 0, got 'inf'"),
+        ("BALANCER_TIMEOUTS_BACKEND_CONNECT", "", "must be a number > 0, got ''"),
+        ("BALANCER_TIMEOUTS_FAIL_TIMEOUT", "0.0", "must be a number > 0, got '0.0'"),
+        ("BALANCER_STORE_RESYNC_INTERVAL", "0", "must be a number > 0, got '0'"),
+        ("BALANCER_SERVER_WORKERS", "-1", "must be an integer >= 0, got '-1'"),
+        ("BALANCER_SERVER_WORKERS", "two", "must be an integer >= 0, got 'two'"),
+        ("BALANCER_SERVER_MAX_CONNECTIONS", "0", "must be an integer >= 1, got '0'"),
+        ("BALANCER_LIMITS_MAX_REQUEST_LINE", "63", "must be an integer >= 64, got '63'"),
+        ("BALANCER_LIMITS_MAX_HEADER_BYTES", "1023", "must be an integer >= 1024, got '1023'"),
+        ("BALANCER_LIMITS_MAX_HEADERS", "0", "must be an integer >= 1, got '0'"),
+        ("BALANCER_LIMITS_SPIN_MAX_WAITING", "1.5", "must be an integer >= 1, got '1.5'"),
+        ("BALANCER_LOG_ACCESS_FORMAT", "common", "must be one of combined, json, got 'common'"),
+        ("BALANCER_LOG_LEVEL", "INFO", "must be one of debug, info, warning, error, got 'INFO'"),
+        ("BALANCER_STORE_NAMESPACE", "", "must be a non-empty name without spaces, got ''"),
+        ("BALANCER_STORE_NAMESPACE", "my ns", "must be a non-empty name without spaces"),
+        ("BALANCER_STORE_URL", "http://x", "must be a store URL"),
+        ("BALANCER_STORE_URL", "redis:x", "must be a store URL"),
+        ("BALANCER_STORE_URL", "file:", "must be a store URL"),
+        ("BALANCER_STORE_URL", "balancer-routes.json", "must be a store URL"),
+        ("BALANCER_SERVER_LISTEN", "127.0.0.1", "invalid address '127.0.0.1': missing ':port'"),
+        ("BALANCER_SERVER_LISTEN", "127.0.0.1:1,", "invalid address '': missing ':port'"),
+        ("BALANCER_SERVER_INTERNAL_LISTEN", "[::1]:99999", "port must be 0..65535, got 99999"),
+        ("BALANCER_MANAGEMENT_LISTEN", "nohost", "invalid address 'nohost'"),
+        ("BALANCER_SERVER_PAGES_DIR", "/does/not/exist",
+         "must be an existing directory, got '/does/not/exist'"),
+        ("BALANCER_SERVER_USER", "no-such-user-xyz", "must be an existing user name"),
+        ("BALANCER_SERVER_GROUP", "no-such-group-xyz", "must be an existing group name"),
+    ],
+)
+def test_bad_values_name_setting_and_source(var, text, expected):
+    name = var.removeprefix("BALANCER_").lower().replace("_", ".", 1)
+    problem = one_problem(env={var: text})
+    assert problem.startswith(f"{name} ({var}): "), problem
+    assert expected in problem
+
+
+def test_the_example_message_from_the_brief():
+    assert one_problem(env={"BALANCER_TIMEOUTS_BACKEND_READ": "abc"}) == (
+        "timeouts.backend_read (BALANCER_TIMEOUTS_BACKEND_READ): must be a number > 0, got 'abc'")
+
+
+def test_good_store_urls_and_accounts(tmp_path):
+    for url in ["file:/tmp/x.json", "redis://:pw@h:6379/0", "rediss://h:6380/1",
+                "redis+sentinel://a:26379,b:26379/mymaster/0"]:
+        assert load(flags={"store.url": url}).store.url == url
+    me = pwd.getpwuid(os.getuid()).pw_name
+    s = load(flags={"server.user": me, "server.group": "0", "server.pages_dir": str(tmp_path)})
+    assert (s.server.user, s.server.group, s.server.pages_dir) == (me, "0", str(tmp_path))
+
+
+def test_unknown_env_setting_is_an_error():
+    assert one_problem(env={"BALANCER_TIMEOUTS_BACKEND_REED": "1"}) == (
+        "BALANCER_TIMEOUTS_BACKEND_REED: unknown setting "
+        "(did you mean BALANCER_TIMEOUTS_BACKEND_READ?)")
+    assert "unknown setting" in one_problem(env={"BALANCER_LOG_COLOR": "1"})
+
+
+def test_unknown_flag_is_an_error():
+    assert one_problem(flags={"server.listn": ["127.0.0.1:1"]}) == (
+        "server.listn (flag): unknown setting (did you mean server.listen?)")
+
+
+def test_flag_source_is_named_by_its_option():
+    assert one_problem(flags={"server.workers": "x"}).startswith("server.workers (--workers): ")
+    assert one_problem(flags={"server.max_connections": 0}).startswith(
+        "server.max_connections (flag): ")
+
+
+def test_overridden_bad_value_is_still_reported(config):
+    path = config("[server]\nworkers = -3\n")
+    problem = one_problem(flags={"server.workers": "2"}, config_path=path)
+    assert problem.startswith(f"server.workers ({path}): ")
+
+
+def test_all_problems_are_reported_together(config):
+    path = config("[server]\nworkers = -3\nbogus = 1\n")
+    problems = problems_of(env={"BALANCER_LOG_LEVEL": "loud"}, config_path=path)
+    assert len(problems) == 3
+    assert len(str(SettingsError(problems)).splitlines()) == 3
+
+
+# -- rules across settings ----------------------------------------------------
+
+
+def test_management_refuses_non_loopback_without_token():
+    assert one_problem(flags={"management.listen": ":8081"}) == (
+        "management.listen (--management): 0.0.0.0:8081 is not a loopback address; "
+        "set management.token to expose the API there")
+    problem = one_problem(env={"BALANCER_MANAGEMENT_LISTEN": "10.1.2.3:8081"})
+    assert problem.startswith("management.listen (BALANCER_MANAGEMENT_LISTEN): ")
+
+
+def test_management_accepts_loopback_or_a_token():
+    assert load(flags={"management.listen": "[::1]:8081"}).management.listen.host == "::1"
+    assert load(flags={"management.listen": "localhost:0"}).management.listen.port == 0
+    s = load(flags={"management.listen": ":8081", "management.token": "t"})
+    assert s.management.listen == Address("0.0.0.0", 8081)
+
+
+def test_at_least_one_listener():
+    problem = one_problem(env={"BALANCER_SERVER_LISTEN": ""})
+    assert problem.startswith("server.listen (BALANCER_SERVER_LISTEN): no listener")
+    s = load(env={"BALANCER_SERVER_LISTEN": "", "BALANCER_SERVER_INTERNAL_LISTEN": ":0"})
+    assert s.server.listen == ()
+
+
+def test_duplicate_addresses():
+    problem = one_problem(flags={"server.internal_listen": ["127.0.0.1:8080"]})
+    assert problem == ("server.internal_listen (--internal-listen): 127.0.0.1:8080 "
+                       "is also used by server.listen")
+    problem = one_problem(flags={"management.listen": "127.0.0.1:8080"})
+    assert "is also used by server.listen" in problem
+    s = load(flags={"server.listen": ["127.0.0.1:0", "127.0.0.1:0"]})
+    assert len(s.server.listen) == 2
