@@ -1,0 +1,56 @@
+"""Actions: what a compiled rule does with a request (one action per module).
+
+`ActionCompiler.compile` turns a validated rule into a `Route` once per table
+build. An unchanged rule keeps its previous action object, so balancer state
+and backend pools carry over across table versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from balancer.actions.empty import EmptyAction
+from balancer.actions.proxy import ProxyAction
+from balancer.actions.redirect import RedirectAction
+from balancer.actions.spin import SpinAction
+from balancer.actions.static import StaticAction
+from balancer.table import UNKNOWN_KEY, Route
+
+
+class ActionCompiler:
+    """Compiles rules into routes for one worker."""
+
+    def __init__(self, *, registry: Any, pages: Any, stats: Any, holder_ref: list) -> None:
+        self.registry = registry
+        self.pages = pages
+        self.stats = stats
+        self.holder_ref = holder_ref  # [TableHolder], filled once the holder exists
+
+    def compile(self, key: str, rule: Mapping[str, Any], prior: Any) -> Route:
+        """The route of table key `key` (reusing `prior` when the rule is unchanged)."""
+        if prior is not None and prior.rule == rule:
+            action = prior
+        else:
+            action = self.make_action(key, rule)
+        return Route(key, rule, action, self.stats.host(key))
+
+    def make_action(self, key: str, rule: Mapping[str, Any]) -> Any:
+        kind = rule["action"]
+        if kind == "proxy":
+            return ProxyAction(rule, self.registry, self.stats.host(key))
+        if kind == "spin":
+            return SpinAction(rule, self.holder_ref[0])
+        if kind == "static":
+            return StaticAction(rule, self.pages)
+        if kind == "redirect":
+            return RedirectAction(rule)
+        return EmptyAction(rule)
+
+    def fallbacks(self) -> tuple[Route, Route]:
+        """The `unknown` (404) and `no-hosts` (503) routes."""
+        stats = self.stats.host(UNKNOWN_KEY)
+        unknown = {"action": "static", "page": "unknown"}
+        no_hosts = {"action": "static", "page": "no-hosts"}
+        return (Route(UNKNOWN_KEY, unknown, StaticAction(unknown, self.pages), stats),
+                Route(UNKNOWN_KEY, no_hosts, StaticAction(no_hosts, self.pages), stats))

@@ -1,0 +1,17 @@
+"""`empty`: a bodyless response with the rule's status."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class EmptyAction:
+    """Answers with `status` and no body (Content-Length: 0)."""
+
+    def __init__(self, rule: Mapping[str, Any]) -> None:
+        self.rule = rule
+        self.status = rule["status"]
+
+    def handle(self, ex: Any) -> None:
+        ex.respond(self.status, b"", b"")

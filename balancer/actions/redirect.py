@@ -1,0 +1,21 @@
+"""`redirect`: answer with a Location, optionally keeping the request path and query."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class RedirectAction:
+    """`Location` is `to`, plus the request target when `keep_path` is true."""
+
+    def __init__(self, rule: Mapping[str, Any]) -> None:
+        self.rule = rule
+        self.status = rule.get("status", 302)
+        self.keep_path = rule.get("keep_path", False)
+        to = rule["to"].encode()
+        self.to = to.rstrip(b"/") if self.keep_path else to
+
+    def handle(self, ex: Any) -> None:
+        location = self.to + ex.head.target if self.keep_path else self.to
+        ex.respond(self.status, b"", b"", ((b"Location", location),))

@@ -1,0 +1,38 @@
+"""The `balancer` command line: `balancer serve`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from balancer.settings import SettingsError, add_flags, flag_values, load_settings
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="balancer",
+        description="A gevent reverse proxy and HTTP load balancer with routes in Redis "
+                    "or a local file, changed at runtime through a management API.")
+    commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve", help="run the proxy and the management API",
+        description="Run the proxy and the management API. Every setting also reads from "
+                    "the TOML config file and BALANCER_<SECTION>_<KEY> environment variables "
+                    "(flag > env > file > default).")
+    serve.add_argument("--config", metavar="FILE", default=None,
+                       help="TOML config file [env BALANCER_CONFIG]")
+    add_flags(serve)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings(flag_values(args), config_path=args.config)
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"balancer: {problem}", file=sys.stderr)
+        return 2
+    from balancer.serve import serve  # imported late: it monkey-patches first
+
+    return serve(settings)

@@ -1,0 +1,286 @@
+"""One client connection: read → parse → route → act, request after request.
+
+Invariants:
+* Every request is routed on its own against the table snapshot current
+  when its head was parsed (keep-alive and pipelining included).
+* Responses leave in request order: a request is answered completely before
+  the next head is taken from the parser.
+* `ProxyError` and `ProtocolError` become pages here and nowhere else; once
+  response bytes were sent, an error can only close the connection.
+* Written against the plain socket API (`recv`, `sendall`, `settimeout`), so
+  the threaded baseline runs the very same code on blocking sockets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from balancer.errors import ClientGone, ProxyError
+from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
+from balancer.responses import local_response
+
+RECV_SIZE = 65536
+DRAIN_LIMIT = 1 << 20  # bytes of an unused request body read to keep a connection alive
+
+PROTOCOL_PAGES = {
+    400: "bad-request", 408: "request-timeout", 413: "payload-too-large",
+    414: "uri-too-long", 417: "expectation-failed", 431: "headers-too-large",
+    501: "not-implemented", 505: "version-not-supported",
+}
+
+
+class Context:
+    """What every connection of one listener shares; read-only after start."""
+
+    def __init__(self, *, holder: Any, pages: Any, stats: Any, access_log: Any, trusted: bool,
+                 limits: Limits, timeouts: Any, spin_max_waiting: int = 10000) -> None:
+        self.holder = holder
+        self.pages = pages
+        self.stats = stats
+        self.access_log = access_log
+        self.trusted = trusted
+        self.limits = limits
+        self.timeouts = timeouts
+        self.spin_max_waiting = spin_max_waiting
+        self.spin_waiting = [0]  # shared mutable cell: requests held by spin in this worker
+        self.request_ids = RequestIds()
+
+
+class RequestIds:
+    """Unique request ids: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(6).hex().encode()
+        self.counter = itertools.count(1)
+
+    def next(self) -> bytes:
+        return b"%s%08x" % (self.prefix, next(self.counter))
+
+
+class Exchange:
+    """One request and what has happened to it so far."""
+
+    __slots__ = ("conn", "head", "route", "request_id", "start", "status", "sent", "received",
+                 "backend", "backend_time", "keep_alive", "started", "body_done")
+
+    def __init__(self, conn: ClientConnection, head: RequestHead, route: Any,
+                 request_id: bytes, start: float) -> None:
+        self.conn = conn
+        self.head = head
+        self.route = route
+        self.request_id = request_id
+        self.start = start
+        self.status = 0
+        self.sent = 0
+        self.received = 0
+        self.backend = ""
+        self.backend_time = 0.0
+        self.keep_alive = head.keep_alive
+        self.started = False   # response bytes were sent to the client
+        self.body_done = not head.has_body
+
+    def send(self, data: bytes) -> None:
+        """Send response bytes to the client; a dead client raises ClientGone."""
+        self.started = True
+        try:
+            self.conn.sock.sendall(data)
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+        self.sent += len(data)
+
+    def respond(self, status: int, body: bytes, content_type: bytes,
+                extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        """Answer with a local response (the request body is discarded first)."""
+        self.conn.discard_body(self)
+        head = self.head
+        self.status = status
+        self.send(local_response(
+            status, body, content_type, request_id=self.request_id,
+            keep_alive=self.keep_alive, version=head.version,
+            head_only=head.method == b"HEAD", extra=extra))
+
+    def respond_page(self, name: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        page = self.conn.ctx.pages.get(name)
+        self.respond(page.status, page.body, page.content_type, extra)
+
+    def body_chunks(self) -> Iterator[bytes]:
+        """The request body as it arrives (framing removed)."""
+        for chunk in self.conn.body_chunks():
+            self.received += len(chunk)
+            yield chunk
+        self.body_done = True
+
+
+class ClientConnection:
+    """Serves one client connection to the end."""
+
+    def __init__(self, sock: socket.socket, address: Any, ctx: Context) -> None:
+        self.sock = sock
+        self.client_ip = address[0] if isinstance(address, tuple) else str(address)
+        self.ctx = ctx
+        self.parser = RequestParser(ctx.limits)
+        self.events = self.parser.events
+
+    def serve(self) -> None:
+        """Handle requests until the client or a response closes the connection."""
+        try:
+            while True:
+                head = self.read_head()
+                if head is None or not self.handle(head):
+                    return
+        except ProtocolError as exc:
+            self.reject(exc)
+
+    def read_head(self) -> RequestHead | None:
+        """The next request head, or None when the connection should close."""
+        events, sock, timeouts = self.events, self.sock, self.ctx.timeouts
+        if events:
+            return events.popleft()
+        sock.settimeout(timeouts.client_idle)
+        deadline = 0.0
+        while not events:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except TimeoutError:
+                if deadline:
+                    raise ProtocolError(408, "request head timeout") from None
+                return None
+            except OSError:
+                return None
+            if not data:
+                return None
+            if not deadline:
+                deadline = time.monotonic() + timeouts.client_header
+            else:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            self.parser.feed(data)
+        return events.popleft()
+
+    def handle(self, head: RequestHead) -> bool:
+        """Route and answer one request; returns whether to keep the connection."""
+        ctx = self.ctx
+        start = time.perf_counter()
+        route = ctx.holder.table.lookup(head.host)
+        stats = route.stats
+        stats.open_requests += 1
+        ex = Exchange(self, head, route, self.request_id(head), start)
+        try:
+            route.action.handle(ex)
+        except ProxyError as exc:
+            self.fail(ex, exc)
+        except ProtocolError as exc:
+            self.fail(ex, exc)
+        except ClientGone:
+            ex.keep_alive = False
+            ex.status = ex.status or 499
+        finally:
+            elapsed = time.perf_counter() - start
+            stats.finish(ex.status, ex.received, ex.sent, elapsed)
+            if ctx.access_log.enabled:
+                ctx.access_log.log_exchange(ex, elapsed)
+        if ex.keep_alive and not ex.body_done:
+            self.discard_body(ex)
+        return ex.keep_alive
+
+    def request_id(self, head: RequestHead) -> bytes:
+        if self.ctx.trusted:
+            for name, value in head.headers:
+                if len(name) == 12 and name.lower() == b"x-request-id" and value:
+                    return value
+        return self.ctx.request_ids.next()
+
+    def fail(self, ex: Exchange, exc: ProxyError | ProtocolError) -> None:
+        """The one place an error becomes a response (or a closed connection)."""
+        if ex.started:
+            ex.keep_alive = False
+            ex.status = ex.status or 502
+            return
+        if isinstance(exc, ProtocolError):
+            ex.keep_alive = False
+            ex.body_done = True
+            page, extra = PROTOCOL_PAGES.get(exc.status, "bad-request"), ()
+        else:
+            page = exc.page
+            extra = ((b"Retry-After", b"%d" % exc.retry_after),) if exc.retry_after else ()
+        try:
+            ex.respond_page(page, extra)
+        except ClientGone:
+            ex.keep_alive = False
+
+    def reject(self, exc: ProtocolError) -> None:
+        """Answer a malformed request head and close (no routing happened)."""
+        page = self.ctx.pages.get(PROTOCOL_PAGES.get(exc.status, "bad-request"))
+        data = local_response(page.status, page.body, page.content_type,
+                              request_id=self.ctx.request_ids.next(), keep_alive=False)
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    # request bodies ------------------------------------------------------
+    def body_chunks(self) -> Iterator[bytes]:
+        """Body pieces of the current request, reading the socket as needed."""
+        events = self.events
+        while True:
+            while events:
+                event = events.popleft()
+                if event is END:
+                    return
+                yield event
+            self.sock.settimeout(self.ctx.timeouts.client_idle)
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+            if not data:
+                raise ClientGone("client closed during the request body")
+            self.parser.feed(data)
+
+    def buffered_body(self) -> bytes | None:
+        """The whole body if it already arrived with the head, else None (leaves it)."""
+        events = self.events
+        pieces = []
+        for event in events:
+            if event is END:
+                for _ in range(len(pieces) + 1):
+                    events.popleft()
+                return b"".join(pieces)
+            if not isinstance(event, bytes):
+                break
+            pieces.append(event)
+        return None
+
+    def discard_body(self, ex: Exchange) -> None:
+        """Skip an unused request body, or give up keep-alive if it is too large."""
+        if ex.body_done:
+            return
+        ex.body_done = True
+        head = ex.head
+        small = head.content_length is not None and head.content_length <= DRAIN_LIMIT
+        if not small or head.expect_continue:
+            ex.keep_alive = False
+            return
+        try:
+            for _ in self.body_chunks():
+                pass
+        except (ClientGone, ProtocolError):
+            ex.keep_alive = False
+
+
+def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
+    """Serve one accepted client connection to the end, then close it."""
+    stats = ctx.stats
+    stats.open_connections += 1
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ClientConnection(sock, address, ctx).serve()
+    except OSError:
+        pass
+    finally:
+        stats.open_connections -= 1
+        sock.close()

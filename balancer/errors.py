@@ -1,0 +1,60 @@
+"""The error family of the data plane.
+
+Socket errors are mapped into these classes at the edge where they happen
+(`balancer.pool`, `balancer.relay`); actions never inspect errno. The client
+connection handler turns a `ProxyError` into a page in exactly one place.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """A request that ends with a built-in page; `page` names it."""
+
+    page = "bad-gateway"
+    retry_after: int | None = None
+
+
+class ConnectError(ProxyError):
+    """No connection to a backend could be made (nothing was sent)."""
+
+
+class BackendClosed(ProxyError):
+    """The backend closed or reset the connection before the response was complete."""
+
+
+class BackendProtocolError(ProxyError):
+    """The backend answered something that is not valid HTTP/1.x."""
+
+
+class BackendTimeout(ProxyError):
+    """The backend did not answer within `backend_read`."""
+
+    page = "timeout"
+
+
+class SpinTimeout(ProxyError):
+    """A held request was still spinning at its timeout."""
+
+    page = "timeout"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("spin timeout")
+        self.retry_after = retry_after
+
+
+class Busy(ProxyError):
+    """Too many requests are held (spin cap)."""
+
+    page = "busy"
+    retry_after = 5
+
+
+class PayloadTooLarge(ProxyError):
+    """The request body exceeds the rule's `max_body_bytes`."""
+
+    page = "payload-too-large"
+
+
+class ClientGone(Exception):
+    """The client closed, reset or stalled its connection: nothing more can be sent."""

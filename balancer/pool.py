@@ -1,0 +1,162 @@
+"""Backends: keep-alive connection pools and passive health, keyed by address.
+
+Invariants:
+* One `Backend` per address per worker, shared by every host and every table
+  version that names it (`BackendRegistry`), so pools and dead marks survive
+  rule changes and are never keyed by list position.
+* Pools do bookkeeping only: `acquire` hands out an idle socket or opens a new
+  one; `release` returns a socket known to be at a message boundary. Socket
+  errors on connect become `ConnectError` here, at the edge.
+* Passive health: `fall` consecutive failures mark the backend down for
+  `fail_timeout` seconds; after that one request probes it (half-open) and
+  its outcome decides.
+* No locks: list append/pop are atomic, so the threaded baseline can share a
+  pool with no more than a harmless race on counters.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from balancer.addr import Address, parse_backend_addr
+from balancer.errors import ConnectError
+
+UP, DOWN, PROBING = "up", "down", "probing"
+_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+class Backend:
+    """One backend address: its idle connections and its passive health."""
+
+    def __init__(self, address: Address, *, connect_timeout: float, fail_timeout: float,
+                 max_idle: int = 64, idle_timeout: float = 30.0) -> None:
+        self.address = address
+        self.key = str(address)
+        self.connect_timeout = connect_timeout
+        self.fail_timeout = fail_timeout
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.idle: list[tuple[socket.socket, float]] = []
+        self.in_flight = 0
+        self.fails = 0
+        self.down_until = 0.0
+        self.state = UP
+        self.checked_down = False  # set by an active health check
+
+    # pool ----------------------------------------------------------------
+    def acquire(self) -> tuple[socket.socket, bool]:
+        """An idle connection (reused=True) or a new one; raises ConnectError."""
+        idle = self.idle
+        now = time.monotonic()
+        while idle:
+            try:
+                sock, since = idle.pop()
+            except IndexError:
+                break
+            if now - since < self.idle_timeout:
+                return sock, True
+            sock.close()
+        return self.connect(), False
+
+    def connect(self) -> socket.socket:
+        """A new connection to the backend; errors become ConnectError."""
+        addr = self.address
+        try:
+            sock = socket.create_connection((addr.host, addr.port), self.connect_timeout)
+        except OSError as exc:
+            raise ConnectError(f"{self.key}: {exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def release(self, sock: socket.socket) -> None:
+        """Keep `sock` for reuse (at most `max_idle` are kept)."""
+        if len(self.idle) < self.max_idle:
+            self.idle.append((sock, time.monotonic()))
+        else:
+            sock.close()
+
+    def close_idle(self, older_than: float = 0.0) -> int:
+        """Close idle connections unused for `older_than` seconds; returns how many."""
+        cutoff = time.monotonic() - older_than
+        keep, closed = [], 0
+        for sock, since in self.idle:
+            if since <= cutoff:
+                sock.close()
+                closed += 1
+            else:
+                keep.append((sock, since))
+        self.idle[:] = keep
+        return closed
+
+    @staticmethod
+    def is_open(sock: socket.socket) -> bool:
+        """True if an idle pooled socket has not been closed by the backend."""
+        try:
+            return sock.recv(1, _PEEK_FLAGS) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    # passive health ------------------------------------------------------
+    def is_available(self, now: float) -> bool:
+        """Whether a request may go here now (down marks expire into one probe)."""
+        if self.checked_down:
+            return False
+        if self.state == UP:
+            return True
+        if self.state == DOWN and now >= self.down_until:
+            self.state = PROBING
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self.fails = 0
+        if self.state != UP:
+            self.state = UP
+
+    def record_failure(self, fall: int) -> None:
+        self.fails += 1
+        if self.state == PROBING or self.fails >= fall:
+            self.state = DOWN
+            self.down_until = time.monotonic() + self.fail_timeout
+            self.close_idle()
+
+    def health_state(self) -> str:
+        """"up" or "down" as an operator should see it now."""
+        if self.checked_down or (self.state == DOWN and time.monotonic() < self.down_until):
+            return "down"
+        return "up"
+
+    @property
+    def is_idle(self) -> bool:
+        return self.in_flight == 0
+
+    def __repr__(self) -> str:
+        return (f"<Backend {self.key} {self.state} in_flight={self.in_flight} "
+                f"idle={len(self.idle)} fails={self.fails}>")
+
+
+class BackendRegistry:
+    """The worker's backends by address; created on first mention at compile time."""
+
+    def __init__(self, *, connect_timeout: float, fail_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.fail_timeout = fail_timeout
+        self.backends: dict[str, Backend] = {}
+
+    def get(self, address: str) -> Backend:
+        addr = parse_backend_addr(address)
+        key = str(addr)
+        backend = self.backends.get(key)
+        if backend is None:
+            backend = self.backends[key] = Backend(
+                addr, connect_timeout=self.connect_timeout, fail_timeout=self.fail_timeout)
+        return backend
+
+    def prune(self, in_use: set[str]) -> None:
+        """Forget backends no rule names any more (closing their idle sockets)."""
+        for key in list(self.backends):
+            if key not in in_use and self.backends[key].in_flight == 0:
+                self.backends.pop(key).close_idle()

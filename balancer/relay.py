@@ -1,0 +1,257 @@
+"""Relaying one request to one backend and its response back, streaming both ways.
+
+Invariants:
+* Bodies are never held whole: each piece is sent on as it is parsed.
+* Hop-by-hop headers (and those named in Connection) are not forwarded.
+  External listeners replace X-Forwarded-*/Forwarded; internal (trusted)
+  listeners extend X-Forwarded-For and keep the others.
+* Socket errors toward the backend become `BackendClosed`/`BackendTimeout`
+  here; toward the client `ClientGone` (raised by `Exchange.send`).
+* A backend connection goes back to its pool only at a message boundary of
+  a complete, keep-alive response.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
+from balancer.http11 import END, HOP_BY_HOP, ProtocolError, ResponseHead, ResponseParser
+from balancer.pool import Backend
+from balancer.responses import reason
+from balancer.tunnel import tunnel
+
+RECV_SIZE = 65536
+FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                       b"forwarded", b"x-request-id"))
+DROP_EXTERNAL = HOP_BY_HOP | FORWARDED | {b"host", b"expect"}
+DROP_INTERNAL = HOP_BY_HOP | {b"host", b"expect", b"x-request-id", b"x-forwarded-for"}
+DROP_RESPONSE = HOP_BY_HOP | {b"x-request-id"}
+RAW, CHUNK, CLOSE = 0, 1, 2  # how the response body is framed toward the client
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def request_head(ex, chunked: bool) -> bytes:
+    """The request head sent to the backend (always HTTP/1.1, keep-alive)."""
+    head, conn = ex.head, ex.conn
+    trusted = conn.ctx.trusted
+    drop = DROP_INTERNAL if trusted else DROP_EXTERNAL
+    tokens = head.connection_tokens
+    if tokens:
+        drop = drop | tokens
+    lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (head.method, head.target, head.host)]
+    append = lines.append
+    forwarded_for = []
+    seen = set()
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname in drop:
+            if lname == b"x-forwarded-for" and trusted:
+                forwarded_for.append(value)
+            continue
+        if trusted and lname in FORWARDED:
+            seen.add(lname)
+        append(b"%s: %s\r\n" % (name, value))
+    client = conn.client_ip.encode()
+    forwarded_for.append(client)
+    append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
+    if b"x-forwarded-proto" not in seen:
+        append(b"X-Forwarded-Proto: http\r\n")
+    if b"x-forwarded-host" not in seen:
+        append(b"X-Forwarded-Host: %s\r\n" % head.host)
+    append(b"X-Request-Id: %s\r\n" % ex.request_id)
+    if head.upgrade:
+        append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
+    if chunked:
+        append(b"Transfer-Encoding: chunked\r\n")
+    append(b"\r\n")
+    return b"".join(lines)
+
+
+def frame_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def send_request(ex, sock: socket.socket, body: bytes | None, max_body: int | None) -> None:
+    """Send the request; `body` is the whole body when in hand, else it is streamed."""
+    head = ex.head
+    chunked = head.chunked
+    data = request_head(ex, chunked)
+    if body is not None:
+        if chunked:
+            data += (frame_chunk(body) if body else b"") + b"0\r\n\r\n"
+        else:
+            data += body
+        _send_backend(sock, data)
+        return
+    _send_backend(sock, data)
+    if ex.body_done:
+        return
+    if head.expect_continue and head.version == b"1.1":
+        try:
+            ex.conn.sock.sendall(CONTINUE)
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+    _stream_body(ex, sock, chunked, max_body)
+
+
+def _stream_body(ex, sock: socket.socket, chunked: bool, max_body: int | None) -> None:
+    from balancer.errors import PayloadTooLarge
+
+    for chunk in ex.body_chunks():
+        if max_body is not None and ex.received > max_body:
+            raise PayloadTooLarge("request body over max_body_bytes")
+        _send_backend(sock, frame_chunk(chunk) if chunked else chunk)
+    if chunked:
+        _send_backend(sock, b"0\r\n\r\n")
+
+
+def _send_backend(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except TimeoutError:
+        raise BackendTimeout("backend did not accept the request in time") from None
+    except OSError as exc:
+        raise BackendClosed(str(exc)) from None
+
+
+def _recv_backend(sock: socket.socket, parser: ResponseParser) -> None:
+    """Read once from the backend into `parser`; maps every failure."""
+    try:
+        data = sock.recv(RECV_SIZE)
+    except TimeoutError:
+        raise BackendTimeout("backend read timeout") from None
+    except OSError as exc:
+        raise BackendClosed(str(exc)) from None
+    try:
+        if data:
+            parser.feed(data)
+        else:
+            parser.feed_eof()
+    except ProtocolError as exc:
+        if data:
+            raise BackendProtocolError(exc.reason) from None
+        raise BackendClosed(exc.reason) from None
+
+
+def read_response_head(ex, sock: socket.socket) -> tuple[ResponseHead, ResponseParser]:
+    """The final (or 101) response head; 1xx interim responses are skipped."""
+    ctx = ex.conn.ctx
+    parser = ResponseParser(ctx.limits, for_head=ex.head.method == b"HEAD")
+    events = parser.events
+    sock.settimeout(ctx.timeouts.backend_read)
+    while True:
+        while not events:
+            _recv_backend(sock, parser)
+        rhead = events.popleft()
+        if rhead.status >= 200 or rhead.status == 101:
+            return rhead, parser
+        while True:  # drop an interim response (we answer 100 Continue ourselves)
+            while not events:
+                _recv_backend(sock, parser)
+            if events.popleft() is END:
+                break
+
+
+def response_head(ex, rhead: ResponseHead) -> tuple[bytes, int]:
+    """The response head for the client and how its body is framed."""
+    head = ex.head
+    drop = DROP_RESPONSE | rhead.connection_tokens if rhead.connection_tokens else DROP_RESPONSE
+    lines = [b"HTTP/1.1 %d %s\r\n" % (rhead.status, rhead.reason or reason(rhead.status))]
+    append = lines.append
+    for name, value in rhead.headers:
+        if name.lower() not in drop:
+            append(b"%s: %s\r\n" % (name, value))
+    append(b"X-Request-Id: %s\r\n" % ex.request_id)
+    if rhead.status == 101:
+        append(b"Connection: upgrade\r\nUpgrade: %s\r\n\r\n" % head.upgrade)
+        return b"".join(lines), RAW
+    framing = RAW
+    if not rhead.no_body and rhead.content_length is None:
+        if head.version == b"1.1":
+            framing = CHUNK
+            append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            framing = CLOSE
+            ex.keep_alive = False
+    if not ex.keep_alive:
+        append(b"Connection: close\r\n")
+    elif head.version == b"1.0":
+        append(b"Connection: keep-alive\r\n")
+    append(b"\r\n")
+    return b"".join(lines), framing
+
+
+def relay_response(ex, sock: socket.socket, rhead: ResponseHead,
+                   parser: ResponseParser) -> bool:
+    """Send the response to the client; returns whether `sock` can be pooled."""
+    ex.status = rhead.status
+    data, framing = response_head(ex, rhead)
+    out = [data]
+    events = parser.events
+    while True:
+        while events:
+            event = events.popleft()
+            if event is END:
+                if framing == CHUNK:
+                    out.append(b"0\r\n\r\n")
+                ex.send(b"".join(out))
+                return rhead.keep_alive and not parser.upgraded
+            out.append(frame_chunk(event) if framing == CHUNK else event)
+        ex.send(b"".join(out))
+        out = []
+        _recv_backend(sock, parser)
+
+
+def forward(ex, backend: Backend, body: bytes | None, max_body: int | None) -> None:
+    """Do the whole exchange with `backend`; raises the ProxyError family on failure.
+
+    A pooled connection that turns out closed before the response began is
+    replaced by a fresh one, transparently, when the request can be replayed.
+    """
+    sock, reused = backend.acquire()
+    if reused and body is None and not ex.body_done and not backend.is_open(sock):
+        sock.close()
+        sock, reused = backend.connect(), False
+    backend.in_flight += 1
+    started = time.perf_counter()
+    try:
+        try:
+            send_request(ex, sock, body, max_body)
+            rhead, parser = read_response_head(ex, sock)
+        except BackendClosed:
+            sock.close()
+            if not reused or (body is None and ex.head.has_body):
+                raise  # a fresh connection failed, or the streamed body is gone
+            sock = backend.connect()
+            send_request(ex, sock, body, max_body)
+            rhead, parser = read_response_head(ex, sock)
+        ex.backend_time = time.perf_counter() - started
+        if rhead.status == 101 and ex.head.upgrade:
+            _upgrade(ex, sock, rhead, parser)
+            return
+        reusable = relay_response(ex, sock, rhead, parser) and not ex.head.upgrade
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        backend.in_flight -= 1
+    if reusable:
+        backend.release(sock)
+    else:
+        sock.close()
+
+
+def _upgrade(ex, sock: socket.socket, rhead: ResponseHead, parser: ResponseParser) -> None:
+    """Switch to a two-way tunnel after the backend accepted the upgrade."""
+    ex.status = 101
+    data, _ = response_head(ex, rhead)
+    ex.send(data + parser.leftover)
+    conn = ex.conn
+    client_leftover = conn.parser.leftover
+    ex.keep_alive = False
+    ex.body_done = True
+    sent, received = tunnel(conn.sock, sock, client_leftover, conn.ctx.timeouts.tunnel_idle)
+    ex.sent += sent
+    ex.received += received

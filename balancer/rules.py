@@ -1,0 +1,251 @@
+"""Rule validation: the one validator used by the data plane and the management API.
+
+Invariants:
+* `validate_rule` never raises on bad input; it returns every problem it finds,
+  each prefixed with the path of the offending field (``backends[1].weight``).
+* A rule that validates cleanly compiles without error (`balancer.table`).
+* Host keys are validated by `validate_host`; keys are stored lower-case.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from balancer.addr import AddrError, parse_backend_addr
+
+ACTIONS = ("proxy", "spin", "static", "redirect", "empty")
+ALGORITHMS = ("round_robin", "least_connections", "random_two", "ip_hash")
+REDIRECT_STATUSES = (301, 302, 307, 308)
+HOST_RE = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?)$")
+MAX_HOST_LEN = 253
+
+COMMON_KEYS = {"action", "subdomains"}
+ACTION_KEYS = {
+    "proxy": {"backends", "algorithm", "retries", "health", "spin_when_down",
+              "max_body_bytes", "retry_timeout"},
+    "spin": {"timeout"},
+    "static": {"status", "body", "content_type", "page"},
+    "redirect": {"to", "status", "keep_path"},
+    "empty": {"status"},
+}
+HEALTH_KEYS = {"path", "interval", "timeout", "rise", "fall"}
+
+
+class RuleError(ValueError):
+    """A rule or table failed validation; `problems` lists every reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def normalize_host(host: str) -> str:
+    """The key form of a host name: lower-case, without a trailing dot."""
+    return host.strip().lower().rstrip(".")
+
+
+def validate_host(host: object) -> list[str]:
+    """Problems with a routing-table key (empty when it is fine)."""
+    if not isinstance(host, str) or not host:
+        return ["host: must be a non-empty string"]
+    key = normalize_host(host)
+    if len(key) > MAX_HOST_LEN or not HOST_RE.match(key):
+        return [f"host {host!r}: not a valid host name, '*.suffix' or '*'"]
+    return []
+
+
+def validate_table(hosts: object) -> list[str]:
+    """Problems with a whole table ``{HOST: RULE}``, each prefixed by its host."""
+    if not isinstance(hosts, Mapping):
+        return ["hosts: must be an object mapping host names to rules"]
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for host, rule in hosts.items():
+        problems += validate_host(host)
+        if isinstance(host, str):
+            key = normalize_host(host)
+            if key in seen:
+                problems.append(f"host {host!r}: duplicates {seen[key]!r}")
+            seen[key] = host
+        problems += [f"{host}: {p}" for p in validate_rule(rule)]
+    return problems
+
+
+def validate_rule(rule: object) -> list[str]:
+    """Every problem with one rule; an empty list means the rule is valid."""
+    if not isinstance(rule, Mapping):
+        return ["rule: must be a JSON object"]
+    action = rule.get("action")
+    if action not in ACTIONS:
+        return [f"action: must be one of {', '.join(ACTIONS)}, got {action!r}"]
+    problems: list[str] = []
+    allowed = COMMON_KEYS | ACTION_KEYS[action]
+    for key in rule:
+        if key not in allowed:
+            problems.append(f"{key}: unknown field for action {action!r}")
+    if "subdomains" in rule and not isinstance(rule["subdomains"], bool):
+        problems.append("subdomains: must be true or false")
+    problems += VALIDATORS[action](rule)
+    return problems
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _positive_number(rule: Mapping[str, Any], key: str, prefix: str = "") -> list[str]:
+    if key in rule and (not _is_number(rule[key]) or rule[key] <= 0):
+        return [f"{prefix}{key}: must be a number > 0, got {rule[key]!r}"]
+    return []
+
+
+def _int_at_least(rule: Mapping[str, Any], key: str, low: int, prefix: str = "") -> list[str]:
+    if key in rule and (not _is_int(rule[key]) or rule[key] < low):
+        return [f"{prefix}{key}: must be an integer >= {low}, got {rule[key]!r}"]
+    return []
+
+
+def _status(rule: Mapping[str, Any], allowed: Callable[[int], bool], text: str) -> list[str]:
+    status = rule.get("status")
+    if status is not None and (not _is_int(status) or not allowed(status)):
+        return [f"status: must be {text}, got {status!r}"]
+    return []
+
+
+def backend_entries(rule: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """The ``(address, weight)`` pairs of a valid proxy rule."""
+    out = []
+    for entry in rule.get("backends", ()):
+        if isinstance(entry, str):
+            out.append((entry, 1))
+        else:
+            out.append((entry["address"], entry.get("weight", 1)))
+    return out
+
+
+def _validate_backend(i: int, entry: object) -> list[str]:
+    where = f"backends[{i}]"
+    if isinstance(entry, str):
+        address = entry
+    elif isinstance(entry, Mapping):
+        extra = set(entry) - {"address", "weight"}
+        if extra:
+            return [f"{where}.{sorted(extra)[0]}: unknown field"]
+        address = entry.get("address")
+        weight = entry.get("weight", 1)
+        if not _is_int(weight) or not 1 <= weight <= 1000:
+            return [f"{where}.weight: must be an integer from 1 to 1000, got {weight!r}"]
+        if not isinstance(address, str):
+            return [f"{where}.address: must be a string 'host:port'"]
+    else:
+        return [f"{where}: must be 'host:port' or {{\"address\": ..., \"weight\": N}}"]
+    try:
+        parse_backend_addr(address)
+    except AddrError as exc:
+        return [f"{where}: {exc}"]
+    return []
+
+
+def _validate_backends(rule: Mapping[str, Any]) -> list[str]:
+    backends = rule.get("backends")
+    if not isinstance(backends, list) or not backends:
+        return ["backends: must be a non-empty list of backend addresses"]
+    problems: list[str] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(backends):
+        found = _validate_backend(i, entry)
+        problems += found
+        if not found:
+            address = str(parse_backend_addr(entry if isinstance(entry, str) else entry["address"]))
+            if address in seen:
+                problems.append(f"backends[{i}]: duplicate backend {address}")
+            seen.add(address)
+    return problems
+
+
+def _validate_health(health: object) -> list[str]:
+    if not isinstance(health, Mapping):
+        return ["health: must be an object"]
+    problems = [f"health.{k}: unknown field" for k in health if k not in HEALTH_KEYS]
+    path = health.get("path", "/")
+    if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in " \r\n"):
+        problems.append(f"health.path: must be a path starting with '/', got {path!r}")
+    problems += _positive_number(health, "interval", "health.")
+    problems += _positive_number(health, "timeout", "health.")
+    problems += _int_at_least(health, "rise", 1, "health.")
+    problems += _int_at_least(health, "fall", 1, "health.")
+    return problems
+
+
+def _validate_proxy(rule: Mapping[str, Any]) -> list[str]:
+    problems = _validate_backends(rule)
+    algorithm = rule.get("algorithm", "round_robin")
+    if algorithm not in ALGORITHMS:
+        problems.append(f"algorithm: must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    problems += _int_at_least(rule, "retries", 0)
+    if _is_int(rule.get("retries")) and rule["retries"] > 10:
+        problems.append(f"retries: must be at most 10, got {rule['retries']!r}")
+    problems += _positive_number(rule, "spin_when_down")
+    problems += _positive_number(rule, "retry_timeout")
+    problems += _int_at_least(rule, "max_body_bytes", 0)
+    if "health" in rule:
+        problems += _validate_health(rule["health"])
+    return problems
+
+
+def _validate_spin(rule: Mapping[str, Any]) -> list[str]:
+    problems = _positive_number(rule, "timeout")
+    if _is_number(rule.get("timeout")) and rule["timeout"] > 86400:
+        problems.append(f"timeout: must be at most 86400 seconds, got {rule['timeout']!r}")
+    return problems
+
+
+def _validate_static(rule: Mapping[str, Any]) -> list[str]:
+    from balancer.pages import PAGE_STATUS
+
+    problems = _status(rule, lambda s: 200 <= s <= 599, "an HTTP status from 200 to 599")
+    if "page" in rule:
+        if rule["page"] not in PAGE_STATUS:
+            problems.append(f"page: must be one of {', '.join(sorted(PAGE_STATUS))}, "
+                            f"got {rule['page']!r}")
+        if "body" in rule:
+            problems.append("body: give either 'body' or 'page', not both")
+    elif not isinstance(rule.get("body"), str):
+        problems.append("body: must be a string (or give 'page')")
+    ctype = rule.get("content_type", "text/html")
+    if not isinstance(ctype, str) or not ctype or any(c in ctype for c in "\r\n\0"):
+        problems.append(f"content_type: must be a media type, got {ctype!r}")
+    return problems
+
+
+def _validate_redirect(rule: Mapping[str, Any]) -> list[str]:
+    problems = _status(rule, lambda s: s in REDIRECT_STATUSES,
+                       "one of " + ", ".join(map(str, REDIRECT_STATUSES)))
+    to = rule.get("to")
+    if not isinstance(to, str) or not to or any(c in to for c in " \r\n\0\t"):
+        problems.append(f"to: must be a URL or path without spaces, got {to!r}")
+    if "keep_path" in rule and not isinstance(rule["keep_path"], bool):
+        problems.append("keep_path: must be true or false")
+    return problems
+
+
+def _validate_empty(rule: Mapping[str, Any]) -> list[str]:
+    problems = _status(rule, lambda s: 200 <= s <= 599, "an HTTP status from 200 to 599")
+    if "status" not in rule:
+        problems.append("status: required for action 'empty'")
+    return problems
+
+
+VALIDATORS: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {
+    "proxy": _validate_proxy,
+    "spin": _validate_spin,
+    "static": _validate_static,
+    "redirect": _validate_redirect,
+    "empty": _validate_empty,
+}

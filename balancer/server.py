@@ -1,0 +1,142 @@
+"""One worker: listeners, the store watcher, the access log and the routing table.
+
+The composition root of a gevent worker (the caller has monkey-patched).
+Configuration flows one way: store → `watch` → `Worker.apply` (compile) →
+`TableHolder.swap`. A table that does not compile is reported and the last
+good one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from balancer.accesslog import AccessLog
+from balancer.actions import ActionCompiler
+from balancer.addr import Address
+from balancer.connection import Context, handle_client
+from balancer.http11 import Limits
+from balancer.pages import Pages
+from balancer.pool import BackendRegistry
+from balancer.rules import RuleError, backend_entries
+from balancer.settings import Settings
+from balancer.stats import Stats
+from balancer.table import RoutingTable, TableHolder
+
+log = logging.getLogger("balancer")
+BACKLOG = 2048
+
+
+def bind(address: Address, backlog: int = BACKLOG) -> socket.socket:
+    """A listening TCP socket on `address` (raises OSError naming nothing; callers do)."""
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if address.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((address.host, address.port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class Worker:
+    """Everything one worker process runs; built from read-only settings."""
+
+    def __init__(self, settings: Settings, store: Any,
+                 log_factory: Callable[[Settings], Any] | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.stats = Stats()
+        self.pages = Pages.load(settings.server.pages_dir)
+        timeouts = settings.timeouts
+        self.registry = BackendRegistry(connect_timeout=timeouts.backend_connect,
+                                        fail_timeout=timeouts.fail_timeout)
+        holder_ref: list = []
+        self.compiler = ActionCompiler(registry=self.registry, pages=self.pages,
+                                       stats=self.stats, holder_ref=holder_ref)
+        self.holder = TableHolder(RoutingTable(0, {}, self.compiler.fallbacks()[1]))
+        holder_ref.append(self.holder)
+        self.loaded = False
+        self.access_log = (log_factory or _access_log)(settings)
+        limits = settings.limits
+        self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
+        self.servers: list[StreamServer] = []
+        self.pool = Pool(settings.server.max_connections)
+        self.stopping = False
+
+    def context(self, trusted: bool) -> Context:
+        return Context(holder=self.holder, pages=self.pages, stats=self.stats,
+                       access_log=self.access_log, trusted=trusted, limits=self.limits,
+                       timeouts=self.settings.timeouts,
+                       spin_max_waiting=self.settings.limits.spin_max_waiting)
+
+    # routing table -------------------------------------------------------
+    def apply(self, data: Any) -> bool:
+        """Compile and install a table version; False (and the old table) if invalid."""
+        current = self.holder.table
+        try:
+            table = RoutingTable.build(data.version, data.hosts, self.compiler.compile,
+                                       self.compiler.fallbacks(), previous=current)
+        except RuleError as exc:
+            log.error("store version %s rejected, keeping version %s: %s",
+                      data.version, current.version, "; ".join(exc.problems))
+            return False
+        self.holder.swap(table)
+        self.registry.prune({a for r in table.routes.values() if r.rule["action"] == "proxy"
+                             for a, _ in _addresses(r.rule)})
+        self.loaded = True
+        stats = self.stats
+        stats.routing_version = data.version
+        stats.config_reloads += 1
+        stats.last_reload = time.time()
+        return True
+
+    def reload(self) -> int:
+        """Re-read the store now and apply it; returns the version served."""
+        self.apply(self.store.load())
+        return self.holder.table.version
+
+    def watch_loop(self) -> None:
+        """Follow the store until the worker stops."""
+        self.store.watch(self.apply, lambda: self.stopping)
+
+    # listeners -----------------------------------------------------------
+    def listen(self, sockets: list[tuple[socket.socket, bool]]) -> None:
+        """Serve clients on already-bound sockets; (socket, trusted) pairs."""
+        for sock, trusted in sockets:
+            ctx = self.context(trusted)
+            server = StreamServer(sock, lambda s, a, c=ctx: handle_client(s, a, c),
+                                  spawn=self.pool)
+            server.start()
+            self.servers.append(server)
+
+    def start(self) -> None:
+        self.access_log.start()
+        gevent.spawn(self.watch_loop)
+
+    def stop(self, graceful: float) -> None:
+        """Stop accepting, let in-flight requests finish for up to `graceful` seconds."""
+        self.stopping = True
+        for server in self.servers:
+            server.close()
+        self.pool.join(timeout=graceful)
+        self.pool.kill(block=True, timeout=1)
+        self.access_log.close()
+        self.store.close()
+
+
+def _addresses(rule: Any) -> list[tuple[str, int]]:
+    from balancer.addr import parse_backend_addr
+
+    return [(str(parse_backend_addr(a)), w) for a, w in backend_entries(rule)]
+
+
+def _access_log(settings: Settings) -> AccessLog:
+    return AccessLog(settings.log.access_log, settings.log.access_format)

@@ -1,0 +1,159 @@
+"""Plain counters the hot path increments; snapshots are the scrape's work.
+
+Invariants:
+* The hot path only does attribute and dict increments on objects it already
+  holds (`HostStats`, `BackendStats`); nothing here allocates per request
+  except the first use of a new status code.
+* `snapshot()` returns plain JSON-able data; `merge_snapshots` sums the
+  snapshots of several workers (see docs/ARCHITECTURE.md for the shape).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+OUTCOMES = ("success", "connect_error", "timeout", "error")
+
+
+class BackendStats:
+    """Counters of one backend address as seen by one host."""
+
+    __slots__ = ("address", "in_flight", "failures", "outcomes", "source")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.in_flight = 0
+        self.failures = 0
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.source: Any = None  # the pool's Backend: its `health_state()` is the truth
+
+    def snapshot(self) -> dict[str, Any]:
+        state = self.source.health_state() if self.source is not None else "up"
+        return {"state": state, "in_flight": self.in_flight, "failures": self.failures,
+                "outcomes": dict(self.outcomes)}
+
+
+class HostStats:
+    """Counters of one routing-table key."""
+
+    __slots__ = ("open_requests", "completed_requests", "bytes_received", "bytes_sent",
+                 "codes", "hist", "duration_sum", "spinning", "backends")
+
+    def __init__(self) -> None:
+        self.open_requests = 0
+        self.completed_requests = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.codes: dict[int, int] = {}
+        self.hist = [0] * (len(BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.spinning = 0
+        self.backends: dict[str, BackendStats] = {}
+
+    def finish(self, status: int, received: int, sent: int, seconds: float) -> None:
+        """Count one completed request (hot path)."""
+        self.open_requests -= 1
+        self.completed_requests += 1
+        self.bytes_received += received
+        self.bytes_sent += sent
+        codes = self.codes
+        codes[status] = codes.get(status, 0) + 1
+        self.hist[bisect_left(BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
+
+    def backend(self, address: str) -> BackendStats:
+        stats = self.backends.get(address)
+        if stats is None:
+            stats = self.backends[address] = BackendStats(address)
+        return stats
+
+    def snapshot(self) -> dict[str, Any]:
+        responses = {f"{c}xx": 0 for c in range(1, 6)}
+        for code, n in self.codes.items():
+            responses[f"{code // 100}xx"] = responses.get(f"{code // 100}xx", 0) + n
+        cumulative, buckets = 0, []
+        for bound, n in zip(BUCKETS + (float("inf"),), self.hist, strict=True):
+            cumulative += n
+            buckets.append([bound, cumulative])
+        return {
+            "open_requests": self.open_requests,
+            "completed_requests": self.completed_requests,
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+            "responses": responses,
+            "codes": {str(c): n for c, n in self.codes.items()},
+            "duration": {"buckets": buckets, "sum": self.duration_sum, "count": cumulative},
+            "spinning": self.spinning,
+            "backends": {a: b.snapshot() for a, b in self.backends.items()},
+        }
+
+
+class Stats:
+    """Every counter of one worker process."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, HostStats] = {}
+        self.open_connections = 0
+        self.routing_version = 0
+        self.config_reloads = 0
+        self.store_up = 1
+        self.last_reload = 0.0
+
+    def host(self, key: str) -> HostStats:
+        """The counters of a table key (created on first use, at compile time)."""
+        stats = self.hosts.get(key)
+        if stats is None:
+            stats = self.hosts[key] = HostStats()
+        return stats
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "open_connections": self.open_connections,
+            "routing_version": self.routing_version,
+            "config_reloads": self.config_reloads,
+            "store_up": self.store_up,
+            "last_reload": self.last_reload,
+            "hosts": {k: h.snapshot() for k, h in self.hosts.items()},
+        }
+
+
+_MAX_KEYS = {"routing_version", "last_reload"}
+_MIN_KEYS = {"store_up"}
+
+
+def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum worker snapshots (max for versions, min for `store_up`)."""
+    if not snapshots:
+        return Stats().snapshot()
+    merged: dict[str, Any] = {}
+    for snap in snapshots:
+        _merge_into(merged, snap)
+    return merged
+
+
+def _merge_into(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if key not in into:
+            into[key] = _copy(value)
+        elif isinstance(value, dict):
+            _merge_into(into[key], value)
+        elif key == "buckets":
+            into[key] = [[b, n + m] for (b, n), (_, m) in zip(into[key], value, strict=True)]
+        elif key in _MAX_KEYS:
+            into[key] = max(into[key], value)
+        elif key in _MIN_KEYS:
+            into[key] = min(into[key], value)
+        elif key == "state":
+            into[key] = value if value != "up" else into[key]
+        elif isinstance(value, int | float):
+            into[key] = into[key] + value
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
