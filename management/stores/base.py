@@ -2,18 +2,27 @@
 
 Invariants:
 * Writers validate rules with `balancer.rules` before calling a store; a
-  store only persists and versions.
-* Every successful write moves `version` up by exactly one and returns it.
-* `watch` is a loop body for its own greenlet: it reports every version
-  change through `on_change` and never raises; while the store is
-  unreachable it retries with backoff and `is_reachable()` is False.
+  store only persists and versions. Host keys arrive normalised
+  (`balancer.rules.normalize_host`).
+* Every successful write moves `version` up by exactly one and returns it; a
+  failed write (`StoreUnavailable`, `VersionConflict`) changes nothing.
+* `load` returns only tables that pass `validate_table`; anything else is a
+  `CorruptStore` naming where and why.
+* `watch` is a loop body for its own greenlet (or thread): it delivers the
+  first table it reads, then every change, through `on_change`, and never
+  raises. While the store is unreachable it retries with backoff, keeps the
+  last table (no `on_change`) and `is_reachable()` is False.
 """
 
 from __future__ import annotations
 
+import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from balancer.rules import validate_table
 
 
 @dataclass(frozen=True)
@@ -44,33 +53,69 @@ class CorruptStore(StoreError):
     """The stored table cannot be read (bad JSON, bad shape, invalid rules)."""
 
 
-class Store:
-    """Interface of every store."""
+def check_table(where: str, version: object, hosts: object) -> TableData:
+    """A `TableData` from raw stored values, or `CorruptStore` naming `where` and why."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CorruptStore(f"{where}: version must be an integer >= 0, got {version!r}")
+    problems = validate_table(hosts)
+    if problems:
+        raise CorruptStore(f"{where}: invalid table: {'; '.join(problems)}")
+    assert isinstance(hosts, Mapping)
+    return TableData(version, dict(hosts))
+
+
+class ProblemLog:
+    """Logs each distinct store problem once, until the store recovers."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.current: str | None = None
+
+    def report(self, problem: str) -> None:
+        if problem != self.current:
+            self.current = problem
+            self.logger.error("%s", problem)
+
+    def clear(self, recovered: str) -> None:
+        if self.current is not None:
+            self.current = None
+            self.logger.warning("%s", recovered)
+
+
+class Store(ABC):
+    """Interface of every store; see the module invariants."""
 
     kind = "abstract"
+    #: the store URL with any password replaced by ``***``
+    display_url = ""
 
+    @abstractmethod
     def load(self) -> TableData:
         """The whole table now. Raises StoreUnavailable or CorruptStore."""
-        raise NotImplementedError
 
+    @abstractmethod
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:
         """Replace the whole table atomically; returns the new version."""
-        raise NotImplementedError
 
+    @abstractmethod
     def put_host(self, host: str, rule: Mapping[str, Any], if_version: int | None = None) -> int:
         """Set one host's rule; returns the new version."""
-        raise NotImplementedError
 
+    @abstractmethod
     def delete_host(self, host: str, if_version: int | None = None) -> int:
         """Remove one host (KeyError if absent); returns the new version."""
-        raise NotImplementedError
 
+    @abstractmethod
     def watch(self, on_change: Callable[[TableData], None], stop: Callable[[], bool]) -> None:
-        """Loop until `stop()`: call `on_change` with each new version of the table."""
-        raise NotImplementedError
+        """Loop until `stop()`: call `on_change` with the first and each new table."""
 
+    @abstractmethod
     def is_reachable(self) -> bool:
-        raise NotImplementedError
+        """Whether the latest contact with the store succeeded."""
 
-    def close(self) -> None:
-        """Release connections and stop watching."""
+    def last_error(self) -> str | None:
+        """The current problem with the store (unreachable or corrupt), if any."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release connections; a running `watch` ends at its next `stop()` check."""

@@ -1,0 +1,78 @@
+"""What the management app may ask of the live data plane (the `Runtime` protocol).
+
+`balancer serve` passes an implementation backed by its workers; `StaticRuntime`
+stands in when the app runs alone under another WSGI server (no data plane:
+empty statistics, and "reload" only re-reads the store).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol, runtime_checkable
+
+from balancer.stats import Stats
+from management.stores.base import Store, StoreError
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """The data plane as seen by the management API."""
+
+    def stats(self) -> dict[str, Any]:
+        """A merged stats snapshot of every worker (shape: docs/ARCHITECTURE.md)."""
+        ...
+
+    def reload(self) -> int:
+        """Re-read the store now and apply it; the version now served.
+
+        Raises `StoreUnavailable` or `CorruptStore` when the store cannot be read."""
+        ...
+
+    def is_ready(self) -> bool:
+        """Whether a routing table has been loaded."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """``{"workers": N, "store": {"kind", "url" (redacted), "reachable",
+        "version", "last_reload" (unix time, 0 if never)}}``."""
+        ...
+
+
+class StaticRuntime:
+    """A `Runtime` without a data plane: the app alone over a store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.version = 0
+        self.last_reload = 0.0
+        self.reloads = 0
+
+    def stats(self) -> dict[str, Any]:
+        snapshot = Stats().snapshot()
+        snapshot["routing_version"] = self.version
+        snapshot["config_reloads"] = self.reloads
+        snapshot["last_reload"] = self.last_reload
+        snapshot["store_up"] = int(self.store.is_reachable())
+        return snapshot
+
+    def reload(self) -> int:
+        self.version = self.store.load().version
+        self.reloads += 1
+        self.last_reload = time.time()
+        return self.version
+
+    def is_ready(self) -> bool:
+        """Ready once the store has been read (tried on first ask)."""
+        if not self.reloads:
+            try:
+                self.reload()
+            except StoreError:
+                return False
+        return True
+
+    def info(self) -> dict[str, Any]:
+        return {"workers": 0,
+                "store": {"kind": self.store.kind, "url": self.store.display_url,
+                          "reachable": self.store.is_reachable(), "version": self.version,
+                          "last_reload": self.last_reload,
+                          "problem": self.store.last_error()}}

@@ -1,0 +1,45 @@
+"""Config stores: where the routing table lives. `open_store(url)` picks one.
+
+* ``file:PATH`` (also ``file:///abs/path``) → `FileStore`
+* ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` → `RedisStore`
+"""
+
+from __future__ import annotations
+
+from management.stores.base import (
+    CorruptStore,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    TableData,
+    VersionConflict,
+)
+from management.stores.urls import StoreUrlError, redact_url
+
+__all__ = ["CorruptStore", "Store", "StoreError", "StoreUnavailable", "StoreUrlError",
+           "TableData", "VersionConflict", "open_store", "redact_url"]
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+URL_FORMS = ("file:PATH, redis://[:password@]host:port/db, rediss://..., "
+             "or redis+sentinel://host:port[,host:port]/service_name/db")
+
+
+def open_store(url: str, namespace: str = "balancer", resync_interval: float = 5.0) -> Store:
+    """The store a URL names. Raises `StoreUrlError` (a ValueError) for a bad URL and
+    `StoreUnavailable` when a file store cannot create its file."""
+    if not isinstance(url, str) or not url.strip():
+        raise StoreUrlError(f"empty store URL; expected {URL_FORMS}")
+    if url.startswith("file:"):
+        from management.stores.file import FileStore
+
+        path = url[len("file:"):]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise StoreUrlError(f"{url}: the file path is missing; expected file:PATH")
+        return FileStore(path)
+    if url.startswith(REDIS_SCHEMES):
+        from management.stores.redis import RedisStore
+
+        return RedisStore(url, namespace, resync_interval)
+    raise StoreUrlError(f"unsupported store URL {redact_url(url)!r}; expected {URL_FORMS}")

@@ -1,0 +1,242 @@
+"""The file store: the whole table in one JSON file on one machine (SPEC §6).
+
+Invariants:
+* The file is ``{"version": N, "hosts": {...}}`` and is only ever replaced
+  whole: a temp file in the same directory is written, fsynced and renamed
+  over it, then the directory is fsynced. Readers see the old or the new
+  table, never a mix.
+* Writers hold an exclusive `flock` on the sidecar ``PATH.lock`` from the
+  read to the rename, so concurrent writers (any number of processes) never
+  lose an update. The lock is polled, never blocked on, so a gevent worker
+  keeps serving while it waits.
+* `watch` re-reads the file when its (inode, size, mtime, ctime) changes,
+  polled every `POLL_INTERVAL`; a corrupt file is reported once per distinct
+  problem and the last good table stays in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from management.stores.base import (
+    CorruptStore,
+    ProblemLog,
+    Store,
+    StoreUnavailable,
+    TableData,
+    VersionConflict,
+    check_table,
+)
+
+log = logging.getLogger("balancer.store.file")
+
+POLL_INTERVAL = 0.25
+LOCK_TIMEOUT = 10.0
+LOCK_POLL = 0.005
+
+
+class FileStore(Store):
+    """The routing table in a local JSON file, created empty (version 0) if missing."""
+
+    kind = "file"
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.display_url = f"file:{path}"
+        self._lock_path = self.path + ".lock"
+        self._reachable = True
+        self._problem: str | None = None
+        self._highest_version = 0  # highest version this instance has read or written
+        with self._locked():
+            if not os.path.exists(self.path):
+                self._write(TableData(0, {}))
+
+    # reading ---------------------------------------------------------------
+    def load(self) -> TableData:
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            self._reachable = False
+            raise StoreUnavailable(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
+        self._reachable = True
+        data = self._parse(raw)
+        self._highest_version = max(self._highest_version, data.version)
+        return data
+
+    def _parse(self, raw: bytes) -> TableData:
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptStore(f"{self.path}: not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict) or set(doc) != {"version", "hosts"}:
+            raise CorruptStore(f'{self.path}: expected an object {{"version": N, "hosts": '
+                               f'{{...}}}} with exactly those keys')
+        return check_table(self.path, doc["version"], doc["hosts"])
+
+    def is_reachable(self) -> bool:
+        self._reachable = os.access(self.path, os.R_OK)
+        return self._reachable
+
+    def last_error(self) -> str | None:
+        return self._problem
+
+    # writing ---------------------------------------------------------------
+    def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:
+        with self._locked():
+            try:
+                version = self._current_for_write().version
+            except CorruptStore:
+                version = self._highest_version  # replacing is how a corrupt file is repaired
+            return self._commit(version, if_version, dict(hosts))
+
+    def put_host(self, host: str, rule: Mapping[str, Any], if_version: int | None = None) -> int:
+        with self._locked():
+            current = self._current_for_write()
+            hosts = dict(current.hosts)
+            hosts[host] = rule
+            return self._commit(current.version, if_version, hosts)
+
+    def delete_host(self, host: str, if_version: int | None = None) -> int:
+        with self._locked():
+            current = self._current_for_write()
+            if if_version is not None and if_version != current.version:
+                raise VersionConflict(current.version)
+            if host not in current.hosts:
+                raise KeyError(host)
+            hosts = {h: r for h, r in current.hosts.items() if h != host}
+            return self._commit(current.version, if_version, hosts)
+
+    def _current_for_write(self) -> TableData:
+        """The table under the lock; a missing file counts as empty."""
+        try:
+            return self.load()
+        except StoreUnavailable:
+            if os.path.exists(self.path):
+                raise
+            return TableData(self._highest_version, {})
+
+    def _commit(self, version: int, if_version: int | None, hosts: dict[str, Any]) -> int:
+        if if_version is not None and if_version != version:
+            raise VersionConflict(version)
+        new = TableData(version + 1, hosts)
+        self._write(new)
+        self._highest_version = new.version
+        return new.version
+
+    def _write(self, data: TableData) -> None:
+        """Atomically replace the file (temp file, fsync, rename, fsync dir)."""
+        directory = os.path.dirname(self.path)
+        body = json.dumps({"version": data.version, "hosts": data.hosts},
+                          indent=2, sort_keys=True).encode() + b"\n"
+        try:
+            mode = os.stat(self.path).st_mode & 0o777
+        except OSError:
+            mode = 0o644
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.",
+                                       suffix=".tmp", dir=directory)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(body)
+                    f.flush()
+                    os.fchmod(f.fileno(), mode)
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise StoreUnavailable(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the exclusive writer lock (polled so gevent keeps running)."""
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"{self._lock_path}: cannot open lock file: {exc.strerror or exc}") from exc
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT
+            while not _try_lock(fd):
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(f"{self._lock_path}: another writer held the lock "
+                                           f"for more than {LOCK_TIMEOUT:.0f}s")
+                time.sleep(LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    # watching --------------------------------------------------------------
+    def watch(self, on_change: Callable[[TableData], None], stop: Callable[[], bool]) -> None:
+        problems = ProblemLog(log)
+        seen: tuple[int, ...] | None = None
+        delivered: TableData | None = None
+        while not stop():
+            signature = self._signature()
+            if signature is None:
+                seen = None
+                self._problem = f"{self.path}: cannot read the routing table file"
+                problems.report(f"{self._problem}; keeping the last good table")
+            elif signature != seen:
+                seen = signature
+                delivered = self._reread(delivered, on_change, problems)
+            time.sleep(POLL_INTERVAL)
+
+    def _reread(self, delivered: TableData | None, on_change: Callable[[TableData], None],
+                problems: ProblemLog) -> TableData | None:
+        """Load after a change; deliver it if it differs. Returns the table now in force."""
+        try:
+            data = self.load()
+        except (CorruptStore, StoreUnavailable) as exc:
+            self._problem = str(exc)
+            problems.report(f"{exc}; keeping the last good table")
+            return delivered
+        self._problem = None
+        problems.clear(f"{self.path}: readable again (version {data.version})")
+        if data == delivered:
+            return delivered
+        try:
+            on_change(data)
+        except Exception:
+            log.exception("applying version %s from %s failed", data.version, self.path)
+        return data
+
+    def _signature(self) -> tuple[int, ...] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._reachable = False
+            return None
+        self._reachable = True
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise StoreUnavailable(f"cannot lock: {exc.strerror or exc}") from exc
+    return True
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,89 @@
+"""Store URLs: parsing ``redis+sentinel://`` and hiding passwords for display.
+
+Invariants:
+* `redact_url` never returns a password; everything else of the URL stays.
+* `parse_sentinel_url` either returns a complete `SentinelTarget` or raises
+  `StoreUrlError` naming the URL and the part that is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from balancer.addr import AddrError, parse_backend_addr
+
+SENTINEL_SCHEME = "redis+sentinel://"
+SENTINEL_PORT = 26379
+SENTINEL_FORM = "redis+sentinel://[:password@]host:port[,host:port]/service_name/db"
+
+
+class StoreUrlError(ValueError):
+    """A store URL that cannot be used; the message names the URL and the problem."""
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """Where the sentinels are and which monitored master to use."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service_name: str
+    db: int
+    username: str | None = None
+    password: str | None = None
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password (if any) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    netloc, slash, path = rest.partition("/")
+    credentials, host = netloc.rsplit("@", 1)
+    user = credentials.split(":", 1)[0] if ":" in credentials else ""
+    return f"{scheme}://{user}:***@{host}{slash}{path}"
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Parse ``redis+sentinel://[:password@]host:port[,host:port]/service_name/db``."""
+    shown = redact_url(url)
+    if not url.startswith(SENTINEL_SCHEME):
+        raise StoreUrlError(f"{shown}: a sentinel URL starts with {SENTINEL_SCHEME}")
+    rest = url[len(SENTINEL_SCHEME):]
+    if "?" in rest or "#" in rest:
+        raise StoreUrlError(f"{shown}: query strings are not supported; use {SENTINEL_FORM}")
+    netloc, _, path = rest.partition("/")
+    username, password, hosts = _split_credentials(netloc)
+    parts = path.split("/") if path else []
+    if not parts or not parts[0]:
+        raise StoreUrlError(f"{shown}: the service name is missing; use {SENTINEL_FORM}")
+    if len(parts) > 2:
+        raise StoreUrlError(f"{shown}: unexpected path after the db; use {SENTINEL_FORM}")
+    db_text = parts[1] if len(parts) == 2 and parts[1] else "0"
+    if not db_text.isdigit():
+        raise StoreUrlError(f"{shown}: db must be a number >= 0, got {db_text!r}")
+    return SentinelTarget(sentinels=_parse_sentinels(shown, hosts), service_name=parts[0],
+                          db=int(db_text), username=username, password=password)
+
+
+def _split_credentials(netloc: str) -> tuple[str | None, str | None, str]:
+    if "@" not in netloc:
+        return None, None, netloc
+    credentials, hosts = netloc.rsplit("@", 1)
+    user, sep, password = credentials.partition(":")
+    if not sep:  # "secret@host" is taken as a password, like redis-cli -a
+        return None, user or None, hosts
+    return user or None, password or None, hosts
+
+
+def _parse_sentinels(shown: str, hosts: str) -> tuple[tuple[str, int], ...]:
+    if not hosts:
+        raise StoreUrlError(f"{shown}: no sentinel host given; use {SENTINEL_FORM}")
+    out = []
+    for item in hosts.split(","):
+        text = item if item.rsplit("]", 1)[-1].count(":") else f"{item}:{SENTINEL_PORT}"
+        try:
+            address = parse_backend_addr(text)
+        except AddrError as exc:
+            raise StoreUrlError(f"{shown}: sentinel {item!r}: {exc}") from None
+        out.append((address.host, address.port))
+    return tuple(out)
