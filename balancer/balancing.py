@@ -10,7 +10,6 @@ Invariants:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from balancer.pool import Backend
@@ -25,9 +24,8 @@ class Balancer:
 
     def pick(self, client: str, tried: Sequence[Backend]) -> Backend | None:
         """The backend for the next attempt of a request from `client`."""
-        now = time.monotonic()
         for backend in self.candidates(client):
-            if backend not in tried and backend.is_available(now):
+            if backend not in tried and backend.is_available():
                 return backend
         return self.any_untried(tried)
 
@@ -67,10 +65,9 @@ class RoundRobin(Balancer):
 
     def pick(self, client: str, tried: Sequence[Backend]) -> Backend | None:
         backends = self.backends
-        now = time.monotonic()
         for _ in range(len(backends)):
             backend = backends[self._next_index()]
-            if backend not in tried and backend.is_available(now):
+            if backend not in tried and backend.is_available():
                 return backend
         return self.any_untried(tried)
 

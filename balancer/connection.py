@@ -9,6 +9,10 @@ Invariants:
   response bytes were sent, an error can only close the connection.
 * Written against the plain socket API (`recv`, `sendall`, `settimeout`), so
   the threaded baseline runs the very same code on blocking sockets.
+* Every wait is bounded by `arm`: with socket timeouts (threaded baseline), or
+  under gevent by a per-connection deadline that the worker's watchdog
+  enforces by raising TimeoutError in the overdue greenlet. gevent socket
+  timeouts cost a timer per call; the watchdog costs one float per phase.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestPars
 from balancer.responses import local_response
 
 RECV_SIZE = 65536
+NEVER = float("inf")
+# time.monotonic() as of the watchdog's last tick: deadlines are enforced at
+# tick granularity, so arming against it is as exact and costs no call.
+COARSE_CLOCK = [time.monotonic()]
 DRAIN_LIMIT = 1 << 20  # bytes of an unused request body read to keep a connection alive
 
 PROTOCOL_PAGES = {
@@ -38,7 +46,8 @@ class Context:
     """What every connection of one listener shares; read-only after start."""
 
     def __init__(self, *, holder: Any, pages: Any, stats: Any, access_log: Any, trusted: bool,
-                 limits: Limits, timeouts: Any, spin_max_waiting: int = 10000) -> None:
+                 limits: Limits, timeouts: Any, spin_max_waiting: int = 10000,
+                 connections: set | None = None) -> None:
         self.holder = holder
         self.pages = pages
         self.stats = stats
@@ -49,6 +58,17 @@ class Context:
         self.spin_max_waiting = spin_max_waiting
         self.spin_waiting = [0]  # shared mutable cell: requests held by spin in this worker
         self.request_ids = RequestIds()
+        # live connections, for the gevent watchdog; None = use socket timeouts
+        self.connections = connections
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """`sock.sendall(data)`, with one plain `send` first: under gevent, sendall
+    queries SO_SNDBUF on every call, a syscall a response that fits the
+    socket buffer does not need."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
 
 
 class RequestIds:
@@ -88,7 +108,7 @@ class Exchange:
         """Send response bytes to the client; a dead client raises ClientGone."""
         self.started = True
         try:
-            self.conn.sock.sendall(data)
+            send_all(self.conn.sock, data)
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         self.sent += len(data)
@@ -125,6 +145,20 @@ class ClientConnection:
         self.ctx = ctx
         self.parser = RequestParser(ctx.limits)
         self.events = self.parser.events
+        self.socket_timeouts = ctx.connections is None
+        self.deadline = NEVER
+        self.task: Any = None  # the greenlet serving this connection (watchdog mode)
+
+    def arm(self, sock: socket.socket, seconds: float) -> None:
+        """Bound the next waits on `sock` (and any other) to `seconds` from now."""
+        if self.socket_timeouts:
+            sock.settimeout(seconds)
+        else:
+            self.deadline = COARSE_CLOCK[0] + seconds
+
+    def disarm(self) -> None:
+        """No deadline (a held request waits on its own timeout)."""
+        self.deadline = NEVER
 
     def serve(self) -> None:
         """Handle requests until the client or a response closes the connection."""
@@ -139,9 +173,11 @@ class ClientConnection:
     def read_head(self) -> RequestHead | None:
         """The next request head, or None when the connection should close."""
         events, sock, timeouts = self.events, self.sock, self.ctx.timeouts
-        if events:
-            return events.popleft()
-        sock.settimeout(timeouts.client_idle)
+        while events:
+            event = events.popleft()
+            if event is not END:  # END of a bodyless request stays until here
+                return event
+        self.arm(sock, timeouts.client_idle)
         deadline = 0.0
         while not events:
             try:
@@ -156,9 +192,10 @@ class ClientConnection:
                 return None
             if not deadline:
                 deadline = time.monotonic() + timeouts.client_header
-            else:
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            self.arm(sock, max(deadline - time.monotonic(), 0.001))
             self.parser.feed(data)
+            while events and events[0] is END:
+                events.popleft()
         return events.popleft()
 
     def handle(self, head: RequestHead) -> bool:
@@ -189,8 +226,8 @@ class ClientConnection:
 
     def request_id(self, head: RequestHead) -> bytes:
         if self.ctx.trusted:
-            for name, value in head.headers:
-                if len(name) == 12 and name.lower() == b"x-request-id" and value:
+            for _, lname, value in head.headers:
+                if lname == b"x-request-id" and value:
                     return value
         return self.ctx.request_ids.next()
 
@@ -232,7 +269,7 @@ class ClientConnection:
                 if event is END:
                     return
                 yield event
-            self.sock.settimeout(self.ctx.timeouts.client_idle)
+            self.arm(self.sock, self.ctx.timeouts.client_idle)
             try:
                 data = self.sock.recv(RECV_SIZE)
             except OSError as exc:
@@ -274,13 +311,23 @@ class ClientConnection:
 
 def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
     """Serve one accepted client connection to the end, then close it."""
-    stats = ctx.stats
+    stats, connections = ctx.stats, ctx.connections
     stats.open_connections += 1
+    conn = ClientConnection(sock, address, ctx)
+    if connections is not None:
+        from gevent import getcurrent
+
+        conn.task = getcurrent()
+        connections.add(conn)
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ClientConnection(sock, address, ctx).serve()
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.serve()
     except OSError:
         pass
     finally:
         stats.open_connections -= 1
+        if connections is not None:
+            connections.discard(conn)
+        conn.parser.close()
         sock.close()

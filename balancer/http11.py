@@ -30,6 +30,8 @@ import httptools
 
 END = object()  # sentinel event: the current message is complete
 
+REQUEST_SPECIAL = frozenset((b"host", b"expect", b"upgrade"))
+FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
@@ -55,7 +57,7 @@ class Limits:
 
 
 class RequestHead:
-    """A parsed request head. `headers` keeps (name, value) as received."""
+    """A parsed request head. `headers` keeps (name, lower-case name, value) as received."""
 
     __slots__ = ("method", "target", "version", "headers", "host", "content_length",
                  "chunked", "keep_alive", "expect_continue", "upgrade", "connection_tokens")
@@ -64,7 +66,7 @@ class RequestHead:
         self.method = b""
         self.target = b""
         self.version = b"1.1"
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes, bytes]] = []
         self.host = b""
         self.content_length: int | None = None
         self.chunked = False
@@ -79,31 +81,6 @@ class RequestHead:
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode()} {self.target!r} host={self.host!r}>"
-
-
-class ResponseHead:
-    """A parsed response head."""
-
-    __slots__ = ("status", "reason", "version", "headers", "content_length", "chunked",
-                 "keep_alive", "connection_tokens", "no_body")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.reason = b""
-        self.version = b"1.1"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.content_length: int | None = None
-        self.chunked = False
-        self.keep_alive = True
-        self.connection_tokens: frozenset[bytes] = frozenset()
-        self.no_body = False
-
-    @property
-    def close_delimited(self) -> bool:
-        return not self.no_body and not self.chunked and self.content_length is None
-
-    def __repr__(self) -> str:
-        return f"<ResponseHead {self.status}>"
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -128,9 +105,12 @@ class _Parser:
         self._in_head = True
         self._head_bytes = 0
         self._line_done = False
-        self._count = 0
-        self._cl_seen = False
-        self._te_seen = False
+        self._raw: list[tuple[bytes, bytes]] = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Only collect here (one cheap call per header); `_scan` checks them all at once.
+        # After the head, fields are chunked-body trailers: validated by llhttp, dropped.
+        self._raw.append((name, value))
 
     def _fail(self, status: int, reason: str) -> None:
         self._error = ProtocolError(status, reason)
@@ -167,24 +147,33 @@ class _Parser:
     def _line_too_long(self) -> tuple[int, str]:
         return 414, "request line too long"
 
-    def _add_header(self, head: RequestHead | ResponseHead, name: bytes, value: bytes) -> bytes:
-        self._count += 1
-        if self._count > self.limits.max_headers:
+    def _scan(self, head: RequestHead | ResponseHead) -> list[tuple[bytes, bytes, bytes]]:
+        """Check the collected header fields; returns (name, lower name, value) triples."""
+        raw, self._raw = self._raw, []
+        if len(raw) > self.limits.max_headers:
             self._fail(431, "too many headers")
-        value = value.rstrip(b" \t")
-        head.headers.append((name, value))
-        lname = name.lower()
-        if lname == b"content-length":
-            if self._cl_seen:
-                self._fail(400, "repeated Content-Length")
-            self._cl_seen = True
-        elif lname == b"transfer-encoding":
-            if self._te_seen or value.lower() != b"chunked":
-                self._fail(501, "unsupported Transfer-Encoding")
-            self._te_seen = True
-        elif lname == b"connection":
-            head.connection_tokens = head.connection_tokens | connection_tokens(value)
-        return lname
+        fields = []
+        cl_seen = te_seen = False
+        for name, value in raw:
+            lname = name.lower()
+            fields.append((name, lname, value))
+            if lname not in FRAMING:
+                continue
+            value = value.rstrip(b" \t")
+            if lname == b"content-length":
+                if cl_seen:
+                    self._fail(400, "repeated Content-Length")
+                cl_seen = True
+                head.content_length = int(value)
+            elif lname == b"transfer-encoding":
+                if te_seen or value.lower() != b"chunked":
+                    self._fail(501, "unsupported Transfer-Encoding")
+                te_seen = head.chunked = True
+            elif lname == b"connection":
+                head.connection_tokens = head.connection_tokens | connection_tokens(value)
+        if te_seen:
+            head.content_length = None
+        return fields
 
     def resume(self) -> None:
         """Continue parsing HTTP after an upgrade the peer did not accept."""
@@ -193,6 +182,10 @@ class _Parser:
         self._begin()
         if leftover:
             self.feed(leftover)
+
+    def close(self) -> None:
+        """Drop the httptools parser (it references this object: a cycle)."""
+        self._hp = None
 
     def _new_parser(self):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -217,24 +210,12 @@ class RequestParser(_Parser):
     def on_url(self, url: bytes) -> None:
         self._url += url
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        head = self._head
-        if not self._in_head:
-            return  # a trailer field of a chunked body: validated, not forwarded
-        lname = self._add_header(head, name, value)
-        if lname == b"host":
-            if head.host:
-                self._fail(400, "repeated Host header")
-            head.host = value.rstrip(b" \t") or b"\0"
-        elif lname == b"expect":
-            if value.strip().lower() != b"100-continue":
-                self._fail(417, "unsupported Expect")
-            head.expect_continue = True
-        elif lname == b"upgrade":
-            head.upgrade = value.strip()
-
     def on_headers_complete(self) -> None:
         head, hp = self._head, self._hp
+        head.headers = fields = self._scan(head)
+        for _, lname, value in fields:
+            if lname in REQUEST_SPECIAL:
+                self._special(head, lname, value)
         head.method = hp.get_method()
         head.version = version = hp.get_http_version().encode()
         if version != b"1.1" and version != b"1.0":
@@ -246,17 +227,25 @@ class RequestParser(_Parser):
             self._fail(400, "missing Host header")
         if head.host == b"\0":
             self._fail(400, "empty Host header")
-        if self._te_seen:
-            if version == b"1.0":
-                self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
-            head.chunked = True
-        elif self._cl_seen:
-            head.content_length = self._content_length(head)
+        if head.chunked and version == b"1.0":
+            self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
         if head.upgrade and b"upgrade" not in head.connection_tokens:
             head.upgrade = b""
         head.keep_alive = hp.should_keep_alive()
         self._in_head = False
         self.events.append(head)
+
+    def _special(self, head: RequestHead, lname: bytes, value: bytes) -> None:
+        if lname == b"host":
+            if head.host:
+                self._fail(400, "repeated Host header")
+            head.host = value.rstrip(b" \t") or b"\0"
+        elif lname == b"expect":
+            if value.strip().lower() != b"100-continue":
+                self._fail(417, "unsupported Expect")
+            head.expect_continue = True
+        else:
+            head.upgrade = value.strip()
 
     def _set_target(self, head: RequestHead) -> None:
         url = self._url
@@ -274,90 +263,9 @@ class RequestParser(_Parser):
             return
         self._fail(400, "bad request target")
 
-    def _content_length(self, head: RequestHead) -> int:
-        for name, value in head.headers:
-            if name.lower() == b"content-length":
-                return int(value)
-        return 0  # unreachable: _cl_seen implies the header
-
     def on_body(self, body: bytes) -> None:
         self.events.append(body)
 
     def on_message_complete(self) -> None:
         self.events.append(END)
         self._begin()
-
-
-class ResponseParser(_Parser):
-    """Parses one response from a backend (a new parser per request).
-
-    `for_head` marks a response to HEAD: it never has a body. 1xx interim
-    responses produce their own head and END before the final response.
-    """
-
-    def __init__(self, limits: Limits = Limits(), for_head: bool = False) -> None:
-        super().__init__(limits)
-        self.for_head = for_head
-        self.complete = False
-        self._hp = self._new_parser()
-
-    def _new_parser(self) -> httptools.HttpResponseParser:
-        return httptools.HttpResponseParser(self)
-
-    def _line_too_long(self) -> tuple[int, str]:
-        return 502, "backend status line too long"
-
-    def on_message_begin(self) -> None:
-        self._head = ResponseHead()
-
-    def on_status(self, reason: bytes) -> None:
-        self._head.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:
-            self._add_header(self._head, name, value)
-
-    def on_headers_complete(self) -> None:
-        head, hp = self._head, self._hp
-        head.status = status = hp.get_status_code()
-        head.version = hp.get_http_version().encode()
-        head.chunked = self._te_seen
-        if self._cl_seen and not self._te_seen:
-            head.content_length = next(int(v) for n, v in head.headers
-                                       if n.lower() == b"content-length")
-        head.keep_alive = hp.should_keep_alive()
-        head.no_body = self.for_head or status < 200 or status in (204, 304)
-        self._in_head = False
-        self.events.append(head)
-        if self.for_head and status >= 200:
-            # llhttp cannot be told "no body follows" (HEAD); the message ends here.
-            self._finish()
-
-    def _finish(self) -> None:
-        self.events.append(END)
-        status = self._head.status
-        self.complete = status >= 200 or status == 101
-        self._begin()
-
-    def on_body(self, body: bytes) -> None:
-        self.events.append(body)
-
-    def on_message_complete(self) -> None:
-        if not self.complete:
-            self._finish()
-
-    def feed(self, data: bytes) -> None:
-        if self.complete:
-            return
-        super().feed(data)
-
-    def feed_eof(self) -> None:
-        """The backend closed: completes a close-delimited body, else raises."""
-        if self.complete:
-            return
-        head = getattr(self, "_head", None)
-        if not self._in_head and head is not None and head.close_delimited:
-            self.events.append(END)
-            self.complete = True
-            return
-        raise ProtocolError(502, "backend closed the connection mid-response")

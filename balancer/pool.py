@@ -16,21 +16,22 @@ Invariants:
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import time
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError
+from balancer.peek import OPEN, peek
 
 UP, DOWN, PROBING = "up", "down", "probing"
-_PEEK_FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 class Backend:
     """One backend address: its idle connections and its passive health."""
 
     def __init__(self, address: Address, *, connect_timeout: float, fail_timeout: float,
-                 max_idle: int = 64, idle_timeout: float = 30.0) -> None:
+                 max_idle: int = 1024, idle_timeout: float = 30.0) -> None:
         self.address = address
         self.key = str(address)
         self.connect_timeout = connect_timeout
@@ -38,6 +39,7 @@ class Backend:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.idle: list[tuple[socket.socket, float]] = []
+        self.is_literal = _is_ip_literal(address.host)
         self.in_flight = 0
         self.fails = 0
         self.down_until = 0.0
@@ -61,12 +63,25 @@ class Backend:
 
     def connect(self) -> socket.socket:
         """A new connection to the backend; errors become ConnectError."""
-        addr = self.address
         try:
-            sock = socket.create_connection((addr.host, addr.port), self.connect_timeout)
+            sock = self._open()
         except OSError as exc:
-            raise ConnectError(f"{self.key}: {exc}") from None
+            raise ConnectError(f"{self.key}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)  # waits are bounded by the connection's `arm`
+        return sock
+
+    def _open(self) -> socket.socket:
+        addr = self.address
+        if not self.is_literal:  # a name: resolve (in gevent's resolver) every time
+            return socket.create_connection((addr.host, addr.port), self.connect_timeout)
+        sock = socket.socket(addr.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.connect_timeout)
+            sock.connect((addr.host, addr.port))
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def release(self, sock: socket.socket) -> None:
@@ -92,21 +107,16 @@ class Backend:
     @staticmethod
     def is_open(sock: socket.socket) -> bool:
         """True if an idle pooled socket has not been closed by the backend."""
-        try:
-            return sock.recv(1, _PEEK_FLAGS) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
+        return peek(sock) == OPEN
 
     # passive health ------------------------------------------------------
-    def is_available(self, now: float) -> bool:
+    def is_available(self) -> bool:
         """Whether a request may go here now (down marks expire into one probe)."""
+        if self.state is UP and not self.checked_down:
+            return True
         if self.checked_down:
             return False
-        if self.state == UP:
-            return True
-        if self.state == DOWN and now >= self.down_until:
+        if self.state == DOWN and time.monotonic() >= self.down_until:
             self.state = PROBING
             return True
         return False
@@ -136,6 +146,14 @@ class Backend:
     def __repr__(self) -> str:
         return (f"<Backend {self.key} {self.state} in_flight={self.in_flight} "
                 f"idle={len(self.idle)} fails={self.fails}>")
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class BackendRegistry:

@@ -16,18 +16,21 @@ from __future__ import annotations
 import socket
 import time
 
+from balancer.connection import send_all
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
-from balancer.http11 import END, HOP_BY_HOP, ProtocolError, ResponseHead, ResponseParser
+from balancer.fields import field_keys, without_fields
+from balancer.http11 import END, HOP_BY_HOP, ProtocolError
+from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.pool import Backend
-from balancer.responses import reason
 from balancer.tunnel import tunnel
 
 RECV_SIZE = 65536
+COALESCE_LIMIT = 65536
 FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                        b"forwarded", b"x-request-id"))
 DROP_EXTERNAL = HOP_BY_HOP | FORWARDED | {b"host", b"expect"}
 DROP_INTERNAL = HOP_BY_HOP | {b"host", b"expect", b"x-request-id", b"x-forwarded-for"}
-DROP_RESPONSE = HOP_BY_HOP | {b"x-request-id"}
+DROP_RESPONSE = field_keys(HOP_BY_HOP | {b"x-request-id"})
 RAW, CHUNK, CLOSE = 0, 1, 2  # how the response body is framed toward the client
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -44,8 +47,7 @@ def request_head(ex, chunked: bool) -> bytes:
     append = lines.append
     forwarded_for = []
     seen = set()
-    for name, value in head.headers:
-        lname = name.lower()
+    for name, lname, value in head.headers:
         if lname in drop:
             if lname == b"x-forwarded-for" and trusted:
                 forwarded_for.append(value)
@@ -109,7 +111,7 @@ def _stream_body(ex, sock: socket.socket, chunked: bool, max_body: int | None) -
 
 def _send_backend(sock: socket.socket, data: bytes) -> None:
     try:
-        sock.sendall(data)
+        send_all(sock, data)
     except TimeoutError:
         raise BackendTimeout("backend did not accept the request in time") from None
     except OSError as exc:
@@ -140,7 +142,6 @@ def read_response_head(ex, sock: socket.socket) -> tuple[ResponseHead, ResponseP
     ctx = ex.conn.ctx
     parser = ResponseParser(ctx.limits, for_head=ex.head.method == b"HEAD")
     events = parser.events
-    sock.settimeout(ctx.timeouts.backend_read)
     while True:
         while not events:
             _recv_backend(sock, parser)
@@ -157,13 +158,13 @@ def read_response_head(ex, sock: socket.socket) -> tuple[ResponseHead, ResponseP
 def response_head(ex, rhead: ResponseHead) -> tuple[bytes, int]:
     """The response head for the client and how its body is framed."""
     head = ex.head
-    drop = DROP_RESPONSE | rhead.connection_tokens if rhead.connection_tokens else DROP_RESPONSE
-    lines = [b"HTTP/1.1 %d %s\r\n" % (rhead.status, rhead.reason or reason(rhead.status))]
+    drop = DROP_RESPONSE
+    extra = rhead.connection_tokens - HOP_BY_HOP
+    if extra:
+        drop = drop + field_keys(extra)
+    lines = [rhead.status_line, without_fields(rhead.block, rhead.lower, drop),
+             b"\r\nX-Request-Id: ", ex.request_id, b"\r\n"]
     append = lines.append
-    for name, value in rhead.headers:
-        if name.lower() not in drop:
-            append(b"%s: %s\r\n" % (name, value))
-    append(b"X-Request-Id: %s\r\n" % ex.request_id)
     if rhead.status == 101:
         append(b"Connection: upgrade\r\nUpgrade: %s\r\n\r\n" % head.upgrade)
         return b"".join(lines), RAW
@@ -190,6 +191,10 @@ def relay_response(ex, sock: socket.socket, rhead: ResponseHead,
     data, framing = response_head(ex, rhead)
     out = [data]
     events = parser.events
+    conn, timeouts = ex.conn, ex.conn.ctx.timeouts
+    # A small fixed-length response is sent in one piece even when the backend
+    # wrote it in several (nginx: head by writev, body by sendfile).
+    hold = rhead.content_length is not None and rhead.content_length <= COALESCE_LIMIT
     while True:
         while events:
             event = events.popleft()
@@ -199,8 +204,11 @@ def relay_response(ex, sock: socket.socket, rhead: ResponseHead,
                 ex.send(b"".join(out))
                 return rhead.keep_alive and not parser.upgraded
             out.append(frame_chunk(event) if framing == CHUNK else event)
-        ex.send(b"".join(out))
-        out = []
+        if not hold:
+            conn.arm(conn.sock, timeouts.client_idle)
+            ex.send(b"".join(out))
+            out = []
+        conn.arm(sock, timeouts.backend_read)
         _recv_backend(sock, parser)
 
 
@@ -216,16 +224,20 @@ def forward(ex, backend: Backend, body: bytes | None, max_body: int | None) -> N
         sock, reused = backend.connect(), False
     backend.in_flight += 1
     started = time.perf_counter()
+    ex.conn.arm(sock, ex.conn.ctx.timeouts.backend_read)
     try:
         try:
             send_request(ex, sock, body, max_body)
+            ex.conn.arm(sock, ex.conn.ctx.timeouts.backend_read)
             rhead, parser = read_response_head(ex, sock)
         except BackendClosed:
             sock.close()
             if not reused or (body is None and ex.head.has_body):
                 raise  # a fresh connection failed, or the streamed body is gone
             sock = backend.connect()
+            ex.conn.arm(sock, ex.conn.ctx.timeouts.backend_read)
             send_request(ex, sock, body, max_body)
+            ex.conn.arm(sock, ex.conn.ctx.timeouts.backend_read)
             rhead, parser = read_response_head(ex, sock)
         ex.backend_time = time.perf_counter() - started
         if rhead.status == 101 and ex.head.upgrade:
@@ -252,6 +264,7 @@ def _upgrade(ex, sock: socket.socket, rhead: ResponseHead, parser: ResponseParse
     client_leftover = conn.parser.leftover
     ex.keep_alive = False
     ex.body_done = True
+    conn.disarm()
     sent, received = tunnel(conn.sock, sock, client_leftover, conn.ctx.timeouts.tunnel_idle)
     ex.sent += sent
     ex.received += received

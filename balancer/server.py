@@ -18,10 +18,9 @@ import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from balancer.accesslog import AccessLog
 from balancer.actions import ActionCompiler
 from balancer.addr import Address
-from balancer.connection import Context, handle_client
+from balancer.connection import COARSE_CLOCK, Context, handle_client
 from balancer.http11 import Limits
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry
@@ -69,13 +68,15 @@ class Worker:
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
         self.servers: list[StreamServer] = []
         self.pool = Pool(settings.server.max_connections)
+        self.connections: set = set()
         self.stopping = False
 
     def context(self, trusted: bool) -> Context:
         return Context(holder=self.holder, pages=self.pages, stats=self.stats,
                        access_log=self.access_log, trusted=trusted, limits=self.limits,
                        timeouts=self.settings.timeouts,
-                       spin_max_waiting=self.settings.limits.spin_max_waiting)
+                       spin_max_waiting=self.settings.limits.spin_max_waiting,
+                       connections=self.connections)
 
     # routing table -------------------------------------------------------
     def apply(self, data: Any) -> bool:
@@ -117,9 +118,23 @@ class Worker:
             server.start()
             self.servers.append(server)
 
+    def watchdog_loop(self) -> None:
+        """Raise TimeoutError in every connection whose deadline passed."""
+        tick = min(0.25, min(vars_of(self.settings.timeouts)) / 4)
+        hub = gevent.get_hub()
+        while not self.stopping:
+            gevent.sleep(tick)
+            COARSE_CLOCK[0] = now = time.monotonic()
+            for conn in [c for c in self.connections if c.deadline < now]:
+                conn.deadline = float("inf")
+                task = conn.task
+                if task is not None and not task.dead:
+                    hub.loop.run_callback(task.throw, TimeoutError("deadline passed"))
+
     def start(self) -> None:
         self.access_log.start()
         gevent.spawn(self.watch_loop)
+        gevent.spawn(self.watchdog_loop)
 
     def stop(self, graceful: float) -> None:
         """Stop accepting, let in-flight requests finish for up to `graceful` seconds."""
@@ -132,11 +147,19 @@ class Worker:
         self.store.close()
 
 
+def vars_of(timeouts: Any) -> list[float]:
+    """The values of the timeouts that bound client and backend waits."""
+    return [timeouts.client_header, timeouts.client_idle, timeouts.backend_connect,
+            timeouts.backend_read]
+
+
 def _addresses(rule: Any) -> list[tuple[str, int]]:
     from balancer.addr import parse_backend_addr
 
     return [(str(parse_backend_addr(a)), w) for a, w in backend_entries(rule)]
 
 
-def _access_log(settings: Settings) -> AccessLog:
+def _access_log(settings: Settings) -> Any:
+    from balancer.accesslog import AccessLog
+
     return AccessLog(settings.log.access_log, settings.log.access_format)

@@ -71,7 +71,6 @@ class ProxyAction:
         replayable = head.method in IDEMPOTENT and (body is not None or not head.has_body)
         tried: list = []
         failure: ProxyError = ConnectError("no backend to try")
-        deadline = time.monotonic() + self.retry_timeout
         while True:
             backend = self.balancer.pick(ex.conn.client_ip, tried)
             if backend is None:
@@ -81,7 +80,8 @@ class ProxyAction:
             if failure is None:
                 return
             retryable = isinstance(failure, ConnectError) or (replayable and not ex.started)
-            if not retryable or len(tried) > self.retries or time.monotonic() > deadline:
+            if (not retryable or len(tried) > self.retries
+                    or time.perf_counter() - ex.start > self.retry_timeout):
                 raise failure
 
     def attempt(self, ex: Any, backend: Any, body: bytes | None) -> ProxyError | None:

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from balancer.errors import Busy, ClientGone, SpinTimeout
+from balancer.peek import CLOSED, READABLE, peek
 
 DEFAULT_TIMEOUT = 120.0
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 class SpinAction:
@@ -39,6 +39,7 @@ class SpinAction:
         waiting[0] += 1
         stats = ex.route.stats
         stats.spinning += 1
+        ex.conn.disarm()
         try:
             route = self.hold(ex)
         finally:
@@ -100,12 +101,7 @@ def wait_change(changed: Any, sock: socket.socket, timeout: float) -> bool:
 
 def _client_readable(sock: socket.socket) -> bool:
     """True if the client sent more data; raises ClientGone if it hung up."""
-    try:
-        data = sock.recv(1, _PEEK)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        raise ClientGone(str(exc)) from None
-    if not data:
+    state = peek(sock)
+    if state == CLOSED:
         raise ClientGone("client closed while held")
-    return True
+    return state == READABLE

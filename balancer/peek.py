@@ -1,0 +1,26 @@
+"""Non-blocking look at a socket's read side, for idle pooled and held client sockets."""
+
+from __future__ import annotations
+
+import socket
+
+OPEN, READABLE, CLOSED = "open", "readable", "closed"
+
+
+def peek(sock: socket.socket) -> str:
+    """OPEN (nothing to read), READABLE (data waiting) or CLOSED (EOF or error).
+
+    The socket's timeout is set to 0 for the call so that gevent sockets do
+    not wait for readability, and restored afterwards.
+    """
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        data = sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return OPEN
+    except OSError:
+        return CLOSED
+    finally:
+        sock.settimeout(timeout)
+    return READABLE if data else CLOSED

@@ -1,0 +1,163 @@
+"""Sans-IO parsing of backend responses over httptools (llhttp).
+
+Events, in order, in `events`: a `ResponseHead`, `bytes` body pieces
+(framing removed), `END`. 1xx interim responses give their own head and END
+before the final one; a 101 completes the parser with `upgraded` set and the
+bytes after the head in `leftover`.
+
+Invariants:
+* llhttp validates every byte; this module registers no per-field callback.
+  The head's field block is kept raw (see `balancer.fields`) and forwarded
+  with hop-by-hop fields cut out, which costs a few substring searches.
+* `ProtocolError` is the only exception (status 502: the backend is at fault).
+* A new parser per response; once complete it drops its httptools parser,
+  so no reference cycle outlives the response.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import httptools
+
+from balancer.fields import field_list, field_values
+from balancer.http11 import END, Limits, ProtocolError, connection_tokens
+
+_CRLFCRLF = b"\r\n\r\n"
+
+
+class ResponseHead:
+    """A response head: status, its raw field block and the framing it implies."""
+
+    __slots__ = ("status", "status_line", "block", "lower", "content_length", "chunked",
+                 "keep_alive", "connection_tokens", "no_body")
+
+    def __init__(self, status: int, status_line: bytes, block: bytes, keep_alive: bool,
+                 no_body: bool) -> None:
+        self.status = status
+        self.status_line = status_line  # "HTTP/1.1 200 OK" as the client will see it
+        self.block = block
+        self.lower = lower = block.lower()
+        self.keep_alive = keep_alive
+        self.no_body = no_body
+        self.content_length: int | None = None
+        self.chunked = False
+        self.connection_tokens: frozenset[bytes] = frozenset()
+        if b"\r\ntransfer-encoding:" in lower:
+            codings = field_values(block, lower, b"transfer-encoding")
+            if len(codings) != 1 or codings[0].lower() != b"chunked":
+                raise ProtocolError(502, "backend used a transfer coding other than chunked")
+            self.chunked = True
+        elif b"\r\ncontent-length:" in lower:
+            self.content_length = int(field_values(block, lower, b"content-length")[0])
+        if b"\r\nconnection:" in lower:
+            tokens: frozenset[bytes] = frozenset()
+            for value in field_values(block, lower, b"connection"):
+                tokens |= connection_tokens(value)
+            self.connection_tokens = tokens
+
+    @property
+    def close_delimited(self) -> bool:
+        return not self.no_body and not self.chunked and self.content_length is None
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """(name, value) pairs, parsed on demand (not on the hot path)."""
+        return field_list(self.block)
+
+    def __repr__(self) -> str:
+        return f"<ResponseHead {self.status}>"
+
+
+class ResponseParser:
+    """Parses the response to one request. `for_head`: the request was HEAD."""
+
+    __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "_hp", "_buf",
+                 "_in_head", "_limit", "_head", "_error")
+
+    def __init__(self, limits: Limits = Limits(), for_head: bool = False) -> None:
+        self.events: deque = deque()
+        self.complete = False
+        self.upgraded = False
+        self.leftover = b""
+        self.for_head = for_head
+        self._hp: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self._buf = b""
+        self._in_head = True
+        self._limit = limits.max_request_line + limits.max_header_bytes
+        self._head: ResponseHead | None = None
+        self._error: ProtocolError | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Parse `data` from the backend. Raises ProtocolError."""
+        if self.complete:
+            return
+        if self._in_head:
+            self._buf += data
+            if len(self._buf) > self._limit and self._buf.find(_CRLFCRLF) < 0:
+                raise ProtocolError(502, "backend response head too large")
+        try:
+            self._hp.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded = True
+            self.leftover = data[exc.args[0]:]
+        except httptools.HttpParserError as exc:
+            if self._error is not None:
+                raise self._error from None
+            raise ProtocolError(502, f"invalid response from backend: {exc}") from None
+        if self.complete:
+            self._hp = None
+
+    def feed_eof(self) -> None:
+        """The backend closed: completes a close-delimited body, else raises."""
+        if self.complete:
+            return
+        head = self._head
+        if not self._in_head and head is not None and head.close_delimited:
+            self.events.append(END)
+            self.complete = True
+            self._hp = None
+            return
+        raise ProtocolError(502, "backend closed the connection mid-response")
+
+    # httptools callbacks --------------------------------------------------
+    def on_headers_complete(self) -> None:
+        hp, buf = self._hp, self._buf
+        start = 0
+        while buf.startswith(b"\r\n", start):
+            start += 2
+        line_end = buf.find(b"\r\n", start)
+        end = buf.find(_CRLFCRLF, start)
+        status = hp.get_status_code()
+        # llhttp checked the start line is "HTTP/d.d NNN reason": keep code and reason.
+        status_line = b"HTTP/1.1 " + buf[start + 9:line_end]
+        no_body = self.for_head or status < 200 or status in (204, 304)
+        try:
+            head = ResponseHead(status, status_line, buf[line_end:end], hp.should_keep_alive(),
+                                no_body)
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+        except ValueError:
+            self._error = ProtocolError(502, "invalid Content-Length from backend")
+            raise self._error from None
+        self._head = head
+        self._buf = buf[end + 4:] if status < 200 else b""  # a 1xx: the next message
+        self._in_head = False
+        self.events.append(head)
+        if self.for_head and status >= 200:
+            # llhttp cannot be told "no body follows" (HEAD); the message ends here.
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(body)
+
+    def on_message_complete(self) -> None:
+        if not self.complete:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.events.append(END)
+        status = self._head.status
+        self.complete = status >= 200 or status == 101
+        self._in_head = not self.complete
