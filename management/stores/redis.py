@@ -185,7 +185,7 @@ class RedisStore(Store):
                         check(pipe)
                     pipe.multi()
                     change(pipe)
-                    pipe.incr(self.version_key)
+                    pipe.execute_command("INCR", self.version_key)
                     pipe.publish(self.channel, current + 1)
                     try:
                         return int(pipe.execute()[-2])

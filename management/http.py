@@ -1,0 +1,120 @@
+"""HTTP plumbing of the management API: JSON bodies, errors, conditions, auth, files.
+
+Invariants:
+* Every error leaves through `ApiError` and becomes exactly one response
+  shape, ``{"error": CODE, "message": TEXT, "details": [...]}``, in
+  `error_response`.
+* A request body is read at most `MAX_BODY` bytes (+1 to detect excess); a
+  larger body is answered 413 before any of it is parsed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import mimetypes
+import re
+from pathlib import Path
+from typing import Any
+
+from werkzeug.security import safe_join
+from werkzeug.wrappers import Request, Response
+
+MAX_BODY = 1024 * 1024
+_IF_MATCH = re.compile(r'^\s*(?:W/)?"?(\d{1,18})"?\s*$')
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, machine code, human message, details."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 details: list[Any] | None = None, headers: dict[str, str] | None = None
+                 ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or []
+        self.headers = headers or {}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> Response:
+    data = json.dumps(body, indent=None, separators=(",", ":"), allow_nan=False)
+    response = Response(data + "\n", status=status, mimetype="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def error_response(exc: ApiError) -> Response:
+    body = {"error": exc.code, "message": exc.message, "details": exc.details}
+    return json_response(body, exc.status, exc.headers)
+
+
+def version_headers(version: int) -> dict[str, str]:
+    """The ETag a client echoes in ``If-Match`` to make a conditional write."""
+    return {"ETag": f'"{version}"'}
+
+
+def read_json(request: Request) -> Any:
+    """The JSON body, or `ApiError` 413 `payload_too_large` / 400 `invalid_json`."""
+    length = request.content_length
+    if length is not None and length > MAX_BODY:
+        raise _too_large()
+    raw = request.stream.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise _too_large()
+    if not raw.strip():
+        raise ApiError(400, "invalid_json", "the request body is empty; expected JSON")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"the body is not UTF-8: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, "payload_too_large",
+                    f"the request body is larger than {MAX_BODY} bytes")
+
+
+def if_match(request: Request) -> int | None:
+    """The version an ``If-Match: "N"`` header requires, None when absent or ``*``."""
+    value = request.headers.get("If-Match")
+    if value is None or value.strip() == "*":
+        return None
+    match = _IF_MATCH.match(value)
+    if match is None:
+        raise ApiError(400, "invalid_header",
+                       f'If-Match: expected a table version such as "12", got {value!r}')
+    return int(match.group(1))
+
+
+def check_token(request: Request, token: str | None) -> None:
+    """`ApiError` 401 unless the request carries ``Authorization: Bearer TOKEN``."""
+    if not token:
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                          token.encode()):
+        return
+    reason = "a bearer token is required" if not given else "the bearer token is wrong"
+    raise ApiError(401, "unauthorized", reason,
+                   headers={"WWW-Authenticate": 'Bearer realm="balancer"'})
+
+
+def file_response(directory: Path, name: str) -> Response:
+    """A file under `directory` with its content type, or `ApiError` 404."""
+    path = safe_join(str(directory), name)
+    if path is None or not Path(path).is_file():
+        raise ApiError(404, "not_found", f"no static file {name!r}")
+    content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    if content_type.startswith("text/") or content_type in ("application/javascript",
+                                                            "application/json"):
+        content_type += "; charset=utf-8"
+    response = Response(Path(path).read_bytes(), content_type=content_type)
+    response.headers["Cache-Control"] = "no-cache"
+    return response

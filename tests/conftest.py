@@ -1,0 +1,167 @@
+"""Shared pytest fixtures. Each group is kept together under its own header."""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------
+# management (issue 4): a real redis-server, and a live WSGI app on port 0
+# ---------------------------------------------------------------------------
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers that cannot bind port 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def redis_binary() -> str:
+    """The redis-server path; skips the test when missing (fails when CI=true)."""
+    path = shutil.which("redis-server")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is required in CI (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed")
+    return path
+
+
+class RedisServer:
+    """A redis-server process on a fixed free port, persisting to an AOF in `directory`
+    so it can be stopped and restarted with its data."""
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = redis_binary()
+        self.directory = directory
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--daemonize", "no",
+             "--logfile", str(self.directory / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.is_up, timeout=10, message=f"redis-server on port {self.port}")
+        return self
+
+    def is_up(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+            raise AssertionError(f"redis-server exited {self.proc.returncode}: {log}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; tests isolate themselves by namespace."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
+    """Start private redis-servers (for tests that stop or restart them)."""
+    servers: list[RedisServer] = []
+
+    def make() -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(servers)}").start()
+        servers.append(server)
+        return server
+    yield make
+    for server in servers:
+        server.stop()
+
+
+class LiveWsgi:
+    """A WSGI app served by gevent's pywsgi on 127.0.0.1 port 0 in its own thread
+    (with its own gevent hub), so plain blocking clients can talk to it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._ready = threading.Event()
+        self._server: Any = None
+        self._hub: Any = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import gevent
+        from gevent.pywsgi import WSGIServer
+
+        self._server = WSGIServer(("127.0.0.1", 0), self.app, log=None)
+        self._server.start()
+        self._hub = gevent.get_hub()
+        self._ready.set()
+        self._server.serve_forever()
+
+    def start(self) -> LiveWsgi:
+        self._thread.start()
+        assert self._ready.wait(10), "the WSGI server did not start"
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def stop(self) -> None:
+        self._hub.loop.run_callback_threadsafe(self._server.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def serve_wsgi() -> Iterator[Callable[[Any], str]]:
+    """``url = serve_wsgi(app)``: serve a WSGI app on a real socket for this test."""
+    servers: list[LiveWsgi] = []
+
+    def serve(app: Any) -> str:
+        server = LiveWsgi(app).start()
+        servers.append(server)
+        return server.url
+    yield serve
+    for server in servers:
+        server.stop()

@@ -1,0 +1,156 @@
+"""File store specifics: atomic writes, corrupt files, many writer processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from management.stores import CorruptStore, StoreUnavailable, TableData, open_store
+from management.stores.file import FileStore
+from tests.conftest import wait_until
+from tests.test_store_contract import GONE, WEB, Watcher
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_missing_file_is_created_empty(tmp_path: Path) -> None:
+    path = tmp_path / "routes.json"
+    FileStore(str(path))
+    assert json.loads(path.read_text()) == {"version": 0, "hosts": {}}
+
+
+def test_file_url_forms(tmp_path: Path) -> None:
+    assert open_store(f"file:{tmp_path}/a.json").path == f"{tmp_path}/a.json"
+    assert open_store(f"file://{tmp_path}/b.json").path == f"{tmp_path}/b.json"
+
+
+def test_a_missing_directory_is_unavailable_naming_the_path(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable, match=str(tmp_path / "nope")):
+        FileStore(str(tmp_path / "nope" / "routes.json"))
+
+
+def test_writes_are_whole_files_leaving_no_temp_files(tmp_path: Path) -> None:
+    path = tmp_path / "routes.json"
+    store = FileStore(str(path))
+    path.chmod(0o640)
+    store.put_host("web.example.com", WEB)
+    assert json.loads(path.read_text()) == {"version": 1, "hosts": {"web.example.com": WEB}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routes.json", "routes.json.lock"]
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected an object"),
+    ('{"hosts": {}}', "expected an object"),
+    ('{"version": "7", "hosts": {}}', "version must be an integer"),
+    ('{"version": 3, "hosts": []}', "hosts: must be an object"),
+    ('{"version": 3, "hosts": {"a.com": {"action": "teleport"}}}', "action: must be one of"),
+    ('{"version": 3, "hosts": {"a.com": {"action": "proxy", "backends": ["x"]}}}',
+     "backends[0]"),
+])
+def test_a_corrupt_file_names_the_path_and_the_reason(tmp_path: Path, content: str,
+                                                      reason: str) -> None:
+    path = tmp_path / "routes.json"
+    store = FileStore(str(path))
+    path.write_text(content)
+    with pytest.raises(CorruptStore) as caught:
+        store.load()
+    assert str(path) in str(caught.value)
+    assert reason in str(caught.value)
+
+
+def test_watch_keeps_the_last_good_table_and_reports_a_problem_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "routes.json"
+    store = CountingStore(str(path))
+    store.put_host("web.example.com", WEB)
+    caplog.set_level(logging.ERROR, logger="balancer.store.file")
+    with Watcher(store) as watcher:
+        watcher.wait_version(1)
+        path.write_text("{broken")
+        wait_until(lambda: "not valid JSON" in caplog.text, message="the corrupt-file report")
+        reads = store.loads
+        os.utime(path, ns=(1, 1))  # the watcher reads again: same problem, no new report
+        wait_until(lambda: store.loads > reads, message="a second read")
+        assert caplog.text.count("not valid JSON") == 1
+        assert store.last_error() is not None
+        assert watcher.tables[-1] == TableData(1, {"web.example.com": WEB})
+        path.write_text(json.dumps({"version": 5, "hosts": {"b.example.com": GONE}}))
+        assert watcher.wait_version(5).hosts == {"b.example.com": GONE}
+    assert store.last_error() is None
+    assert [t.version for t in watcher.tables] == [1, 5]
+
+
+def test_a_hand_edit_without_a_new_version_is_picked_up(tmp_path: Path) -> None:
+    path = tmp_path / "routes.json"
+    store = FileStore(str(path))
+    with Watcher(store) as watcher:
+        watcher.wait_version(0)
+        path.write_text(json.dumps({"version": 0, "hosts": {"web.example.com": WEB}}))
+        wait_until(lambda: watcher.latest().hosts, timeout=1.0, message="the edit")
+
+
+def test_writing_over_a_corrupt_file(tmp_path: Path) -> None:
+    path = tmp_path / "routes.json"
+    store = FileStore(str(path))
+    store.put_host("web.example.com", WEB)
+    store.load()
+    path.write_text("garbage")
+    with pytest.raises(CorruptStore):
+        store.put_host("b.example.com", GONE)
+    assert path.read_text() == "garbage"
+    assert store.replace({"b.example.com": GONE}) == 2  # replacing repairs it
+    assert store.load() == TableData(2, {"b.example.com": GONE})
+
+
+def test_a_deleted_file_keeps_the_last_table_and_a_write_recreates_it(tmp_path: Path) -> None:
+    path = tmp_path / "routes.json"
+    store = FileStore(str(path))
+    store.put_host("web.example.com", WEB)
+    with Watcher(store) as watcher:
+        watcher.wait_version(1)
+        path.unlink()
+        wait_until(lambda: not store.is_reachable(), message="unreachable")
+        with pytest.raises(StoreUnavailable, match="cannot read"):
+            store.load()
+        assert store.put_host("b.example.com", GONE) == 2
+        assert watcher.wait_version(2).hosts == {"b.example.com": GONE}
+    assert [t.version for t in watcher.tables] == [1, 2]
+
+
+class CountingStore(FileStore):
+    """A file store that counts its reads, so a test can wait for the watcher's next one."""
+
+    loads = 0
+
+    def load(self) -> TableData:
+        self.loads += 1
+        return super().load()
+
+
+WRITER = """
+import sys
+from management.stores.file import FileStore
+store = FileStore(sys.argv[1])
+for i in range(int(sys.argv[3])):
+    store.put_host(f"{sys.argv[2]}-{i}.example.com", {"action": "empty", "status": 204})
+"""
+
+
+def test_two_writer_processes_never_lose_an_update(tmp_path: Path) -> None:
+    path = str(tmp_path / "routes.json")
+    FileStore(path)
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, path, name, "60"], cwd=REPO)
+             for name in ("one", "two")]
+    for proc in procs:
+        assert proc.wait(timeout=60) == 0
+    data = FileStore(path).load()
+    assert data.version == 120
+    assert len(data.hosts) == 120

@@ -1,0 +1,205 @@
+"""Redis store specifics: the key layout, pub/sub, resync, outages, sentinel URLs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from management.stores import (
+    CorruptStore,
+    StoreUnavailable,
+    StoreUrlError,
+    TableData,
+    open_store,
+    redact_url,
+)
+from management.stores.redis import RedisStore
+from management.stores.urls import SentinelTarget, parse_sentinel_url
+from tests.conftest import RedisServer, free_port, wait_until
+from tests.test_store_contract import GONE, WEB, Watcher
+
+
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+def test_writes_use_the_documented_keys_and_publish_the_new_version(
+        redis_server: RedisServer) -> None:
+    ns = namespace()
+    raw = redis_server.client()
+    pubsub = raw.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(f"{ns}:changes")
+    store = RedisStore(redis_server.url, ns)
+    assert store.put_host("web.example.com", WEB) == 1
+    assert store.put_host("b.example.com", GONE) == 2
+    assert json.loads(raw.hget(f"{ns}:hosts", "web.example.com")) == WEB
+    assert raw.get(f"{ns}:version") == "2"
+    published = [wait_until(lambda: pubsub.get_message(timeout=0.1), message="a message")
+                 for _ in range(2)]
+    assert [m["data"] for m in published] == ["1", "2"]
+    store.close()
+
+
+def test_a_change_arrives_by_message_not_by_resync(redis_server: RedisServer) -> None:
+    ns = namespace()
+    writer = RedisStore(redis_server.url, ns)
+    follower = RedisStore(redis_server.url, ns, resync_interval=60)
+    with Watcher(follower) as watcher:
+        watcher.wait_version(0)
+        started = time.monotonic()
+        writer.put_host("web.example.com", WEB)
+        watcher.wait_version(1, timeout=0.5)
+        assert time.monotonic() - started < 0.5
+
+
+def test_a_lost_message_is_caught_up_by_the_resync_tick(redis_server: RedisServer) -> None:
+    ns = namespace()
+    follower = RedisStore(redis_server.url, ns, resync_interval=0.3)
+    raw = redis_server.client()
+    with Watcher(follower) as watcher:
+        watcher.wait_version(0)
+        with raw.pipeline(transaction=True) as pipe:  # a write whose PUBLISH was lost
+            pipe.hset(f"{ns}:hosts", "web.example.com", json.dumps(WEB))
+            pipe.incr(f"{ns}:version")
+            pipe.execute()
+        assert watcher.wait_version(1, timeout=2).hosts == {"web.example.com": WEB}
+
+
+def test_corrupt_data_keeps_the_last_good_table(redis_server: RedisServer) -> None:
+    ns = namespace()
+    store = RedisStore(redis_server.url, ns)
+    store.put_host("web.example.com", WEB)
+    raw = redis_server.client()
+    with Watcher(RedisStore(redis_server.url, ns, resync_interval=0.2)) as watcher:
+        watcher.wait_version(1)
+        raw.hset(f"{ns}:hosts", "bad.example.com", "{not json")
+        raw.incr(f"{ns}:version")
+        with pytest.raises(CorruptStore, match=r"hosts\[bad.example.com\] is not valid JSON"):
+            store.load()
+        raw.hset(f"{ns}:hosts", "bad.example.com", json.dumps({"action": "nope"}))
+        with pytest.raises(CorruptStore, match="action: must be one of"):
+            store.load()
+        store.delete_host("bad.example.com")
+        assert watcher.wait_version(3).hosts == {"web.example.com": WEB}
+    assert [t.version for t in watcher.tables] == [1, 3]
+
+
+def test_redis_down_keeps_the_table_and_a_restart_resyncs(
+        redis_factory: Callable[[], RedisServer]) -> None:
+    server = redis_factory()
+    ns = namespace()
+    writer = RedisStore(server.url, ns, timeout=1.0)
+    writer.put_host("web.example.com", WEB)
+    follower = RedisStore(server.url, ns, resync_interval=0.3, timeout=1.0)
+    with Watcher(follower) as watcher:
+        watcher.wait_version(1)
+        server.stop()
+        wait_until(lambda: not follower.is_reachable(), timeout=3, message="unreachable")
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="cannot write"):
+            writer.put_host("b.example.com", GONE)
+        with pytest.raises(StoreUnavailable, match="cannot read"):
+            writer.load()
+        assert time.monotonic() - started < 3
+        assert not writer.is_reachable()
+        assert watcher.tables[-1] == TableData(1, {"web.example.com": WEB})
+        server.start()
+        assert writer.put_host("b.example.com", GONE) == 2  # made before the follower is back
+        watcher.wait_version(2, timeout=8)
+        assert follower.is_reachable()
+        assert watcher.tables[-1].hosts == {"web.example.com": WEB, "b.example.com": GONE}
+    assert [t.version for t in watcher.tables] == [1, 2]
+
+
+def test_no_keys_or_scan_commands_are_used(redis_factory: Callable[[], RedisServer]) -> None:
+    server = redis_factory()
+    store = RedisStore(server.url, namespace(), resync_interval=0.1)
+    with Watcher(store) as watcher:
+        store.replace({"a.example.com": GONE, "b.example.com": WEB})
+        store.put_host("c.example.com", GONE)
+        store.delete_host("a.example.com")
+        watcher.wait_version(3)
+        store.load()
+    stats = server.client().info("commandstats")
+    used = {name.removeprefix("cmdstat_") for name in stats}
+    assert {"multi", "exec", "incr", "publish", "hgetall"} <= used
+    assert not used & {"keys", "scan", "hscan", "hkeys", "sscan"}
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("redis+sentinel://10.0.0.1:26379/mymaster/2",
+     SentinelTarget(((("10.0.0.1", 26379)),), "mymaster", 2)),
+    ("redis+sentinel://:s3cret@a:1,b:2,[::1]:3/svc/0",
+     SentinelTarget((("a", 1), ("b", 2), ("::1", 3)), "svc", 0, None, "s3cret")),
+    ("redis+sentinel://user:pw@a/svc",
+     SentinelTarget((("a", 26379),), "svc", 0, "user", "pw")),
+])
+def test_sentinel_urls_parse(url: str, expected: SentinelTarget) -> None:
+    assert parse_sentinel_url(url) == expected
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("redis+sentinel://a:1", "service name is missing"),
+    ("redis+sentinel:///svc/0", "no sentinel host"),
+    ("redis+sentinel://a:1/svc/x", "db must be a number"),
+    ("redis+sentinel://a:1/svc/0/extra", "unexpected path"),
+    ("redis+sentinel://a:notaport/svc/0", "sentinel 'a:notaport'"),
+    ("redis+sentinel://:pw@a:1/svc/0?x=1", "query strings"),
+])
+def test_bad_sentinel_urls_name_the_problem(url: str, problem: str) -> None:
+    with pytest.raises(StoreUrlError, match=problem) as caught:
+        parse_sentinel_url(url)
+    assert "pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("", "empty store URL"),
+    ("ftp://x/y", "unsupported store URL"),
+    ("routes.json", "expected file:PATH"),
+    ("file:", "the file path is missing"),
+    ("redis://:pw@127.0.0.1:notaport/0", "127.0.0.1"),
+])
+def test_open_store_rejects_bad_urls_clearly(url: str, problem: str) -> None:
+    with pytest.raises(StoreUrlError, match=problem) as caught:
+        open_store(url)
+    assert ":pw@" not in str(caught.value)
+
+
+def test_redact_url_hides_only_the_password() -> None:
+    assert redact_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact_url("rediss://user:pw@h:6380/1") == "rediss://user:***@h:6380/1"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert redact_url("file:/a@b/routes.json") == "file:/a@b/routes.json"
+
+
+def test_a_store_through_a_real_sentinel(redis_factory: Callable[[], RedisServer],
+                                         tmp_path: Path) -> None:
+    master = redis_factory()
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                    f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n")
+    sentinel = subprocess.Popen([master.binary, str(conf), "--sentinel"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store = open_store(f"redis+sentinel://127.0.0.1:{port}/mymaster/0", namespace())
+        version = wait_until(lambda: _try_write(store), timeout=10, message="sentinel")
+        assert version == 1
+        assert store.load().hosts == {"web.example.com": WEB}
+        assert master.client().hlen(f"{store.namespace}:hosts") == 1
+    finally:
+        sentinel.terminate()
+        sentinel.wait(10)
+
+
+def _try_write(store: RedisStore) -> int | None:
+    try:
+        return store.put_host("web.example.com", WEB)
+    except StoreUnavailable:
+        return None

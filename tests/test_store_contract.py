@@ -1,0 +1,161 @@
+"""The store contract (SPEC §6), run against the file store and the Redis store alike."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from management.stores import Store, TableData, VersionConflict, open_store
+from tests.conftest import RedisServer, wait_until
+
+WEB = {"action": "proxy", "backends": ["127.0.0.1:9001", {"address": "[::1]:9002", "weight": 3}]}
+GONE = {"action": "empty", "status": 410}
+
+
+@pytest.fixture(params=["file", "redis"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    """A factory of store instances that all share one table (like several processes)."""
+    if request.param == "file":
+        url = f"file:{tmp_path / 'routes.json'}"
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        url = server.url
+    namespace = f"test-{uuid.uuid4().hex}"
+    opened: list[Store] = []
+
+    def make() -> Store:
+        store = open_store(url, namespace, resync_interval=0.5)
+        opened.append(store)
+        return store
+    yield make
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(make_store: Callable[[], Store]) -> Store:
+    return make_store()
+
+
+class Watcher:
+    """Runs `store.watch` in a thread and records every table it delivers."""
+
+    def __init__(self, store: Store) -> None:
+        self.tables: list[TableData] = []
+        self.stopped = False
+        self.thread = threading.Thread(target=store.watch,
+                                       args=(self.tables.append, lambda: self.stopped))
+
+    def __enter__(self) -> Watcher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped = True
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "watch did not return after stop()"
+
+    def latest(self) -> TableData | None:
+        return self.tables[-1] if self.tables else None
+
+    def wait_version(self, version: int, timeout: float = 1.0) -> TableData:
+        return wait_until(lambda: self.latest() if self.latest() and
+                          self.latest().version == version else None,
+                          timeout=timeout, message=f"the watcher to see version {version}")
+
+
+def test_a_new_store_is_empty_at_version_zero(store: Store) -> None:
+    assert store.load() == TableData(0, {})
+    assert store.is_reachable()
+
+
+def test_every_write_moves_the_version_up_by_one(store: Store) -> None:
+    assert store.put_host("web.example.com", WEB) == 1
+    assert store.put_host("old.example.com", GONE) == 2
+    assert store.delete_host("old.example.com") == 3
+    assert store.replace({"a.example.com": GONE, "*": WEB}) == 4
+    assert store.load() == TableData(4, {"a.example.com": GONE, "*": WEB})
+
+
+def test_put_overwrites_and_load_returns_the_rules_as_written(store: Store) -> None:
+    store.put_host("web.example.com", GONE)
+    store.put_host("web.example.com", WEB)
+    assert store.load().hosts == {"web.example.com": WEB}
+
+
+def test_deleting_an_absent_host_is_a_key_error_and_changes_nothing(store: Store) -> None:
+    store.put_host("web.example.com", WEB)
+    with pytest.raises(KeyError):
+        store.delete_host("nobody.example.com")
+    assert store.load() == TableData(1, {"web.example.com": WEB})
+
+
+def test_replace_with_an_empty_table_clears_it(store: Store) -> None:
+    store.replace({"a.example.com": GONE, "b.example.com": GONE})
+    assert store.replace({}) == 2
+    assert store.load() == TableData(2, {})
+
+
+@pytest.mark.parametrize("write", ["put", "delete", "replace"])
+def test_if_version_mismatch_is_a_conflict_and_changes_nothing(store: Store, write: str) -> None:
+    store.put_host("web.example.com", WEB)
+    store.put_host("web.example.com", GONE)
+    calls = {"put": lambda v: store.put_host("x.example.com", WEB, if_version=v),
+             "delete": lambda v: store.delete_host("web.example.com", if_version=v),
+             "replace": lambda v: store.replace({}, if_version=v)}
+    with pytest.raises(VersionConflict) as caught:
+        calls[write](1)
+    assert caught.value.current == 2
+    assert store.load() == TableData(2, {"web.example.com": GONE})
+    assert calls[write](2) == 3
+
+
+def test_a_second_instance_sees_the_same_table(make_store: Callable[[], Store]) -> None:
+    first, second = make_store(), make_store()
+    first.put_host("web.example.com", WEB)
+    assert second.load() == TableData(1, {"web.example.com": WEB})
+    assert second.put_host("b.example.com", GONE) == 2
+    assert first.load().version == 2
+
+
+def test_watch_delivers_the_first_table_then_every_change_within_a_second(
+        make_store: Callable[[], Store]) -> None:
+    writer, follower = make_store(), make_store()
+    writer.put_host("web.example.com", WEB)
+    with Watcher(follower) as watcher:
+        assert watcher.wait_version(1).hosts == {"web.example.com": WEB}
+        writer.put_host("b.example.com", GONE)
+        assert watcher.wait_version(2).hosts == {"web.example.com": WEB, "b.example.com": GONE}
+        writer.delete_host("web.example.com")
+        assert watcher.wait_version(3).hosts == {"b.example.com": GONE}
+
+
+def test_watch_returns_promptly_when_stopped(store: Store) -> None:
+    with Watcher(store) as watcher:
+        watcher.wait_version(0)
+    # __exit__ asserts the thread ended within its bounded join
+
+
+def test_concurrent_writers_never_lose_an_update(make_store: Callable[[], Store]) -> None:
+    stores = [make_store() for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def write(n: int, store: Store) -> None:
+        try:
+            for i in range(15):
+                store.put_host(f"h{n}-{i}.example.com", GONE)
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+    threads = [threading.Thread(target=write, args=(n, s)) for n, s in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    data = stores[0].load()
+    assert data.version == 45
+    assert len(data.hosts) == 45
