@@ -1,0 +1,315 @@
+"""Access log: one line per request, written off the hot path.
+
+The request path only appends a plain tuple (a *record*) to a deque; the
+``writer_loop`` greenlet formats and writes pending records every
+``flush_interval`` seconds, or sooner once ``batch_size`` records wait. The
+write itself runs in gevent's thread pool, so a slow disk or a full stdout
+pipe delays the log, never the requests.
+
+Record: a tuple in this field order (build it with ``make_record`` or as a
+literal in the same order; text fields take ``str``, ``bytes`` or ``None``)::
+
+    TIME            float, time.time() when the request head arrived
+    CLIENT          client IP address
+    HOST            Host of the request, as routed
+    METHOD, TARGET, PROTOCOL    e.g. "GET", "/a?b=1", "HTTP/1.1"
+    STATUS          int status sent to the client
+    BYTES_SENT      int bytes sent to the client (head and body)
+    BYTES_RECEIVED  int bytes received from the client (head and body)
+    REFERER, USER_AGENT         request header values, or None
+    REQUEST_ID      the X-Request-Id used
+    BACKEND         backend address ("10.0.0.5:9001"), or None if none was used
+    DURATION        float seconds from request head to the last byte sent
+    BACKEND_TIME    float seconds spent waiting on the backend, or None
+
+``combined`` format: Apache/nginx combined, led by the virtual host (like
+Apache's ``%v``), extended with ``key=value`` fields at the end::
+
+    HOST CLIENT - - [10/Oct/2026:13:55:36 +0200] "METHOD TARGET PROTOCOL" STATUS BYTES_SENT
+        "REFERER" "USER_AGENT" rid=REQUEST_ID backend=BACKEND rt=SECONDS brt=SECONDS rx=BYTES
+
+(one line). A missing value is ``-``. Bytes outside printable ASCII, ``"``
+and ``\\`` are written as ``\\xHH``, and so is a space in an unquoted field,
+so a line always splits unambiguously on spaces and quotes. ``rt`` and
+``brt`` are seconds with millisecond precision; ``rx`` is BYTES_RECEIVED.
+
+``json`` format: one JSON object per line with keys ``time`` (ISO 8601, local
+time with offset, milliseconds), ``client``, ``host``, ``method``, ``target``,
+``protocol``, ``status``, ``bytes_sent``, ``bytes_received``, ``referer``,
+``user_agent``, ``request_id``, ``backend``, ``duration_ms``, ``backend_ms``;
+a missing value is ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import deque
+from datetime import datetime
+
+import gevent
+import gevent.event
+import gevent.lock
+
+(TIME, CLIENT, HOST, METHOD, TARGET, PROTOCOL, STATUS, BYTES_SENT, BYTES_RECEIVED,
+ REFERER, USER_AGENT, REQUEST_ID, BACKEND, DURATION, BACKEND_TIME) = range(15)
+FIELD_COUNT = 15
+FORMATS = ("combined", "json")
+STDOUT = "-"
+OFF = ""
+
+
+def make_record(
+    started: float, client: str, host: str | bytes, method: str | bytes, target: str | bytes,
+    protocol: str | bytes, status: int, bytes_sent: int, bytes_received: int,
+    referer: str | bytes | None, user_agent: str | bytes | None, request_id: str | bytes | None,
+    backend: str | None, duration: float, backend_time: float | None,
+) -> tuple:
+    """Build a record tuple in the documented field order."""
+    return (started, client, host, method, target, protocol, status, bytes_sent, bytes_received,
+            referer, user_agent, request_id, backend, duration, backend_time)
+
+
+# -- formatting (writer side only) -------------------------------------------
+
+_ESCAPE_QUOTED = {i: f"\\x{i:02X}" for i in (*range(0x20), *range(0x7F, 0x100), 0x22, 0x5C)}
+_ESCAPE_BARE = {**_ESCAPE_QUOTED, 0x20: "\\x20"}
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_stamp_cache: list = [None, ""]  # [whole second, its CLF text]: records share seconds
+
+
+def _latin1(value: str | bytes) -> str:
+    """One char per byte (0..255), so the escape tables cover every char."""
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("latin-1")
+
+
+def _bare(value: str | bytes | None) -> str:
+    return _latin1(value).translate(_ESCAPE_BARE) if value else "-"
+
+
+def _quoted(value: str | bytes | None) -> str:
+    return _latin1(value).translate(_ESCAPE_QUOTED) if value else "-"
+
+
+def _clf_time(stamp: float) -> str:
+    second = int(stamp)
+    if _stamp_cache[0] != second:
+        t = time.localtime(second)
+        offset = t.tm_gmtoff // 60
+        sign = "+" if offset >= 0 else "-"
+        _stamp_cache[:] = [second, (
+            f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} "
+            f"{sign}{abs(offset) // 60:02d}{abs(offset) % 60:02d}")]
+    return _stamp_cache[1]
+
+
+def format_combined(record: tuple) -> str:
+    """One extended combined line (with its newline) for ``record``."""
+    brt = record[BACKEND_TIME]
+    return (
+        f'{_bare(record[HOST])} {_bare(record[CLIENT])} - - [{_clf_time(record[TIME])}] '
+        f'"{_quoted(record[METHOD])} {_quoted(record[TARGET])} {_quoted(record[PROTOCOL])}" '
+        f'{record[STATUS]:d} {record[BYTES_SENT]:d} '
+        f'"{_quoted(record[REFERER])}" "{_quoted(record[USER_AGENT])}" '
+        f'rid={_bare(record[REQUEST_ID])} backend={_bare(record[BACKEND])} '
+        f'rt={record[DURATION]:.3f} brt={"-" if brt is None else f"{brt:.3f}"} '
+        f'rx={record[BYTES_RECEIVED]:d}\n'
+    )
+
+
+def _text(value: str | bytes | None) -> str | None:
+    if not value:
+        return None
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+
+
+def format_json(record: tuple) -> str:
+    """One JSON line (with its newline) for ``record``."""
+    brt = record[BACKEND_TIME]
+    stamp = datetime.fromtimestamp(record[TIME]).astimezone()
+    return json.dumps({
+        "time": stamp.isoformat(timespec="milliseconds"),
+        "client": _text(record[CLIENT]), "host": _text(record[HOST]),
+        "method": _text(record[METHOD]), "target": _text(record[TARGET]),
+        "protocol": _text(record[PROTOCOL]), "status": int(record[STATUS]),
+        "bytes_sent": int(record[BYTES_SENT]), "bytes_received": int(record[BYTES_RECEIVED]),
+        "referer": _text(record[REFERER]), "user_agent": _text(record[USER_AGENT]),
+        "request_id": _text(record[REQUEST_ID]), "backend": _text(record[BACKEND]),
+        "duration_ms": round(record[DURATION] * 1000, 3),
+        "backend_ms": None if brt is None else round(brt * 1000, 3),
+    }, separators=(",", ":")) + "\n"
+
+
+FORMATTERS = {"combined": format_combined, "json": format_json}
+
+
+# -- the log -------------------------------------------------------------------
+
+
+class AccessLogError(Exception):
+    """The access log cannot be used at all (bad format, cannot open the path)."""
+
+
+def _ignore(record: tuple) -> None:
+    """``log`` when the access log is off or closed."""
+
+
+class AccessLog:
+    """Buffered access log. ``path``: "" off, "-" stdout, else a file (appended to).
+
+    Call ``start()`` in the worker (opens the path, starts ``writer_loop``),
+    ``log(record)`` per request, ``reopen()`` on SIGUSR1 and ``close()`` at exit.
+    """
+
+    def __init__(self, path: str, fmt: str = "combined", *,
+                 flush_interval: float = 0.2, batch_size: int = 1000) -> None:
+        if fmt not in FORMATTERS:
+            raise AccessLogError(f"access log format must be one of {', '.join(FORMATS)}, "
+                                 f"got {fmt!r}")
+        self.path = path
+        self.fmt = fmt
+        self.is_enabled = path != OFF
+        self._format = FORMATTERS[fmt]
+        self._flush_interval = flush_interval
+        self._batch_size = batch_size
+        self._pending: deque[tuple] = deque()  # append/popleft are atomic: no lock needed
+        self._wake = gevent.event.Event()
+        self._writing = gevent.lock.Semaphore()  # one flush at a time (never on the hot path)
+        self._fd: int | None = None
+        self._writer: gevent.Greenlet | None = None
+        self._reopen_requested = False
+        self._is_failing = False
+        self._dropped = 0
+        self._has_reported_malformed = False
+        self._is_closed = False
+        if not self.is_enabled:
+            self.log = _ignore  # off: the per-request call does nothing at all
+
+    def log(self, record: tuple) -> None:
+        """Queue one record. Hot path: an append and a length check, nothing else."""
+        pending = self._pending
+        pending.append(record)
+        if len(pending) == self._batch_size:
+            self._wake.set()
+
+    def start(self) -> None:
+        """Open the path and start ``writer_loop``; ``AccessLogError`` if it cannot be opened."""
+        if not self.is_enabled or self._writer is not None:
+            return
+        self._fd = self._open()
+        self._writer = gevent.spawn(self.writer_loop)
+
+    def writer_loop(self) -> None:
+        """Greenlet body: wake on the interval or a full batch, then ``flush``."""
+        while not self._is_closed:
+            self._wake.wait(self._flush_interval)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply a pending reopen, then format and write every queued record."""
+        if self._fd is None:
+            return
+        with self._writing:
+            if self._reopen_requested:
+                self._reopen_now()
+            batch = [self._pending.popleft() for _ in range(len(self._pending))]
+            if batch:
+                self._write(self._format_batch(batch))
+
+    def reopen(self) -> None:
+        """Ask the writer to reopen the path (logrotate, SIGUSR1); safe from a signal greenlet."""
+        self._reopen_requested = True
+        self._wake.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, stop the writer and close the file; ``log`` becomes a no-op."""
+        if self._is_closed:
+            return
+        self._is_closed = True
+        self.log = _ignore
+        self._wake.set()
+        if self._writer is not None:
+            self._writer.join(timeout)
+            self._writer.kill(block=True, timeout=timeout)
+        self.flush()
+        fd, self._fd = self._fd, None
+        if fd is not None and self.path != STDOUT:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        state = "off" if not self.is_enabled else "open" if self._fd is not None else "closed"
+        return f"<AccessLog {self.path!r} {self.fmt} {state} pending={len(self._pending)}>"
+
+    def _open(self) -> int:
+        if self.path == STDOUT:
+            return sys.stdout.fileno()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            return os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise AccessLogError(
+                f"cannot open access log {self.path}: {exc.strerror or exc}") from None
+
+    def _reopen_now(self) -> None:
+        self._reopen_requested = False
+        if self.path == STDOUT:
+            return
+        try:
+            fd = self._open()
+        except AccessLogError as exc:
+            self._report(f"{exc}; still writing to the old file")
+            return
+        old, self._fd = self._fd, fd
+        os.close(old)
+
+    def _format_batch(self, batch: list[tuple]) -> bytes:
+        lines = []
+        for record in batch:
+            try:
+                lines.append(self._format(record))
+            except Exception as exc:  # a caller's bug must not stop the log: tell once
+                if not self._has_reported_malformed:
+                    self._has_reported_malformed = True
+                    self._report(f"access log: skipping malformed records, first {record!r}: "
+                                 f"{exc!r}")
+        return "".join(lines).encode("utf-8", "backslashreplace")
+
+    def _write(self, data: bytes) -> None:
+        try:
+            gevent.get_hub().threadpool.apply(_write_all, (self._fd, data))
+        except OSError as exc:
+            self._dropped += data.count(b"\n")
+            if not self._is_failing:
+                self._is_failing = True
+                self._report(f"access log {self.path}: write failed ({exc.strerror or exc}); "
+                             "dropping records until writes succeed again")
+            return
+        if self._is_failing:
+            self._is_failing = False
+            self._report(f"access log {self.path}: writing again; "
+                         f"{self._dropped} records were dropped")
+            self._dropped = 0
+
+    @staticmethod
+    def _report(message: str) -> None:
+        try:
+            sys.stderr.write(f"balancer: {message}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):  # stderr gone too: nothing left to tell
+            pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (os.write may write part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
