@@ -218,8 +218,8 @@ class ClientConnection:
         finally:
             elapsed = time.perf_counter() - start
             stats.finish(ex.status, ex.received, ex.sent, elapsed)
-            if ctx.access_log.enabled:
-                ctx.access_log.log_exchange(ex, elapsed)
+            if ctx.access_log.is_enabled:
+                ctx.access_log.log(access_record(ex, elapsed))
         if ex.keep_alive and not ex.body_done:
             self.discard_body(ex)
         return ex.keep_alive
@@ -307,6 +307,20 @@ class ClientConnection:
                 pass
         except (ClientGone, ProtocolError):
             ex.keep_alive = False
+
+
+def access_record(ex: Exchange, elapsed: float) -> tuple:
+    """The access log record of a finished exchange (balancer.accesslog field order)."""
+    head = ex.head
+    referer = agent = None
+    for _, lname, value in head.headers:
+        if lname == b"referer":
+            referer = value
+        elif lname == b"user-agent":
+            agent = value
+    return (time.time() - elapsed, ex.conn.client_ip, head.host, head.method, head.target,
+            b"HTTP/" + head.version, ex.status, ex.sent, ex.received, referer, agent,
+            ex.request_id, ex.backend or None, elapsed, ex.backend_time or None)
 
 
 def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:

@@ -76,6 +76,12 @@ def bind_all(addresses: list[tuple[Address, bool]]) -> list[tuple[Any, bool]]:
     return bound
 
 
+def bound_name(sock: Any) -> str:
+    """The address a listening socket is bound to, as `host:port` / `[v6]:port`."""
+    host, port = sock.getsockname()[:2]
+    return str(Address(host, port))
+
+
 def listener_addresses(settings: Settings) -> list[tuple[Address, bool]]:
     server = settings.server
     return [(a, False) for a in server.listen] + [(a, True) for a in server.internal_listen]
@@ -115,9 +121,11 @@ def serve(settings: Settings) -> int:
                      token=settings.management.token or None, settings=settings)
     api = WSGIServer(management, app, log=None, error_log=log)
     api.start()
-    log.info("balancer serving on %s, management on %s, store %s",
-             ", ".join(str(a) for a, _ in listener_addresses(settings)),
-             settings.management.listen, redact(settings.store.url))
+    for sock, trusted in sockets:
+        log.info("listening on %s for %s", bound_name(sock), "internal" if trusted else "proxy")
+    log.info("listening on %s for management", bound_name(management))
+    log.info("store %s, routing version %d", redact(settings.store.url),
+             worker.holder.table.version)
     wait_for_stop(worker)
     api.stop(timeout=1)
     worker.stop(settings.timeouts.graceful)

@@ -1,0 +1,341 @@
+"""Real-socket test harness: scripted backends, a balancer process, raw clients.
+
+Everything binds to 127.0.0.1 on port 0; every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             what: str = "condition") -> Any:
+    """Poll `predicate` until it returns a truthy value or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception as exc:  # noqa: BLE001 - polled conditions may fail until ready
+            last_exc = exc
+        else:
+            if value:
+                return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+# scripted backends -------------------------------------------------------------
+class EchoHandler(BaseHTTPRequestHandler):
+    """Answers with JSON describing the request; paths script misbehaviour."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "TestBackend"
+
+    def log_message(self, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:
+        self.dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def do_HEAD(self) -> None:
+        self.dispatch(head=True)
+
+    def read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            pieces = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b""):
+                        pass
+                    return b"".join(pieces)
+                pieces.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        digest = hashlib.sha256()
+        remaining = length
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 1 << 16))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+        self._body_len, self._body_sha = length - remaining, digest.hexdigest()
+        return b""
+
+    def dispatch(self, head: bool = False) -> None:
+        server: Backend = self.server.owner  # type: ignore[attr-defined]
+        server.count += 1
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        self._body_len, self._body_sha = 0, hashlib.sha256().hexdigest()
+        body = self.read_body()
+        if body:
+            self._body_len, self._body_sha = len(body), hashlib.sha256(body).hexdigest()
+        server.requests.append((self.command, self.path, dict(self.headers.items())))
+        action = url.path.strip("/").split("/")[0]
+        handler = getattr(self, f"act_{action}", None)
+        if handler is not None:
+            handler(query, head)
+            return
+        self.reply(200, self.describe(), head)
+
+    def describe(self) -> bytes:
+        server: Backend = self.server.owner  # type: ignore[attr-defined]
+        return json.dumps({"backend": server.name, "method": self.command, "path": self.path,
+                           "headers": dict(self.headers.items()), "body_len": self._body_len,
+                           "body_sha": self._body_sha}).encode()
+
+    def reply(self, status: int, body: bytes, head: bool = False,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def act_slow(self, query: dict[str, str], head: bool) -> None:
+        time.sleep(float(query.get("s", "1")))
+        self.reply(200, self.describe(), head)
+
+    def act_status(self, query: dict[str, str], head: bool) -> None:
+        code = int(urlsplit(self.path).path.split("/")[2])
+        self.reply(code, b"" if code in (204, 304) else self.describe(), head)
+
+    def act_big(self, query: dict[str, str], head: bool) -> None:
+        size = int(query.get("n", "1000"))
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        block = b"x" * (1 << 16)
+        while size > 0 and not head:
+            self.wfile.write(block[:min(size, len(block))])
+            size -= len(block)
+
+    def act_chunked(self, query: dict[str, str], head: bool) -> None:
+        pieces = int(query.get("pieces", "3"))
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i in range(pieces):
+            data = f"piece{i};".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    def act_eof(self, query: dict[str, str], head: bool) -> None:
+        """A close-delimited body (no Content-Length, no chunking)."""
+        self.send_response(200)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(b"until-close")
+        self.close_connection = True
+
+    def act_drop(self, query: dict[str, str], head: bool) -> None:
+        """Close the connection without answering."""
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+class Backend:
+    """A threaded HTTP/1.1 backend on 127.0.0.1:0 that echoes requests as JSON."""
+
+    def __init__(self, name: str = "b", handler: type[BaseHTTPRequestHandler] = EchoHandler,
+                 port: int = 0) -> None:
+        self.name = name
+        self.count = 0
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.httpd.daemon_threads = True
+        self.httpd.owner = self  # type: ignore[attr-defined]
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def dead_address() -> str:
+    """An address where nothing listens (connections are refused)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"127.0.0.1:{port}"
+
+
+# the balancer ------------------------------------------------------------------
+LISTEN_RE = re.compile(r"listening on (\S+) for (proxy|internal|management)")
+
+
+class Balancer:
+    """`balancer serve` in a subprocess with a file store in `tmp`."""
+
+    def __init__(self, tmp: Path, hosts: dict[str, Any] | None = None, *,
+                 args: list[str] | None = None, env: dict[str, str] | None = None,
+                 internal: bool = False, config: str | None = None) -> None:
+        self.tmp = tmp
+        self.routes = tmp / "routes.json"
+        if hosts is not None:
+            self.write_routes(hosts)
+        argv = [sys.executable, "-m", "balancer", "serve", "--listen", "127.0.0.1:0",
+                "--management", "127.0.0.1:0", "--store", f"file:{self.routes}"]
+        if internal:
+            argv += ["--internal-listen", "127.0.0.1:0"]
+        if config:
+            path = tmp / "balancer.toml"
+            path.write_text(config)
+            argv += ["--config", str(path)]
+        argv += args or []
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+        full_env.update(env or {})
+        full_env["PYTHONPATH"] = str(ROOT)
+        self.log_path = tmp / "balancer.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=full_env)
+        self.ports: dict[str, int] = {}
+        wait_for(self._read_ports, timeout=20, what="balancer to listen")
+
+    def _read_ports(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"balancer exited {self.proc.returncode}:\n{self.output()}")
+        for address, kind in LISTEN_RE.findall(self.output()):
+            self.ports[kind] = int(address.rsplit(":", 1)[1])
+        return "proxy" in self.ports and "management" in self.ports
+
+    @property
+    def port(self) -> int:
+        return self.ports["proxy"]
+
+    @property
+    def mport(self) -> int:
+        return self.ports["management"]
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def write_routes(self, hosts: dict[str, Any], version: int | None = None) -> None:
+        """Replace the routes file atomically (as the file store does)."""
+        if version is None:
+            try:
+                version = json.loads(self.routes.read_text())["version"] + 1
+            except (OSError, ValueError, KeyError):
+                version = 1
+        tmp = self.routes.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": version, "hosts": hosts}))
+        os.replace(tmp, self.routes)
+
+    def api(self, method: str, path: str, body: Any = None,
+            headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.mport, timeout=10)
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers=headers or {})
+        resp = conn.getresponse()
+        raw = resp.read()
+        conn.close()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, raw
+
+    def version(self) -> int:
+        return self.api("GET", "/api/v1/stats")[1]["routing_version"]
+
+    def wait_version(self, version: int, timeout: float = 10.0) -> None:
+        wait_for(lambda: self.version() >= version, timeout, what=f"routing version {version}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+        return self.proc.returncode
+
+
+# clients -----------------------------------------------------------------------
+def request(port: int, method: str = "GET", path: str = "/", host: str = "app.test",
+            body: bytes | None = None, headers: dict[str, str] | None = None,
+            timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh connection; returns (status, headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    all_headers = {"Host": host, **(headers or {})}
+    conn.request(method, path, body=body, headers=all_headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    result = resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+    conn.close()
+    return result
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0, until_close: bool = True) -> bytes:
+    """Send raw bytes, read until the server closes (or `timeout`)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not until_close:
+                break
+        return b"".join(chunks)
+    finally:
+        sock.close()
+
+
+def split_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Split a byte stream of Content-Length framed responses."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        out.append((status, headers, rest[:length]))
+        data = rest[length:]
+    return out
