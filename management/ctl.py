@@ -1,0 +1,203 @@
+"""`balancerctl`: the command-line client of the management API (SPEC §2).
+
+Invariants:
+* Every failure ends the same way: one line ``balancerctl: <reason>`` on
+  stderr and a non-zero exit (1 for errors, 2 for usage).
+* ``--json`` prints the API's JSON answer unchanged; otherwise a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, NoReturn
+from urllib.error import HTTPError, URLError
+from urllib.parse import quote
+from urllib.request import Request, urlopen
+
+from management.ctl_format import format_hosts, format_rule, format_stats
+
+DEFAULT_URL = "http://127.0.0.1:8081"
+TIMEOUT = 30.0
+
+
+class CtlError(Exception):
+    """A failure to report as ``balancerctl: <message>``."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"balancerctl: {message} (see balancerctl --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS,
+                        help=f"management API (default $BALANCER_URL or {DEFAULT_URL})")
+    common.add_argument("--token", default=argparse.SUPPRESS,
+                        help="bearer token (default $BALANCER_TOKEN)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the API's JSON instead of a table")
+    parser = Parser(prog="balancerctl", parents=[common],
+                    description="Change and inspect a running balancer's routing table.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub.add_parser("list", parents=[common], help="list every host and its rule")
+    sub.add_parser("get", parents=[common], help="show one host's rule").add_argument("host")
+    put = sub.add_parser("set", parents=[common], help="set a host's rule",
+                         description="key=value pairs are parsed as JSON when they parse "
+                                     "(status=503, keep_path=true) and as text otherwise; "
+                                     "a dotted key (health.path=/up) sets a nested field.")
+    put.add_argument("host")
+    put.add_argument("action", choices=["proxy", "spin", "static", "redirect", "empty"])
+    put.add_argument("--backend", action="append", default=[], metavar="ADDR",
+                     help="a backend address (repeatable)")
+    put.add_argument("fields", nargs="*", metavar="key=value")
+    sub.add_parser("delete", parents=[common], help="remove a host").add_argument("host")
+    add = sub.add_parser("add-backend", parents=[common], help="add a backend to a proxy host")
+    add.add_argument("host")
+    add.add_argument("address")
+    add.add_argument("--weight", type=int)
+    remove = sub.add_parser("remove-backend", parents=[common], help="remove one backend")
+    remove.add_argument("host")
+    remove.add_argument("address")
+    stats = sub.add_parser("stats", parents=[common], help="traffic per host and backend")
+    stats.add_argument("host", nargs="?")
+    sub.add_parser("reload", parents=[common], help="make the balancer re-read its store")
+    return parser
+
+
+class Client:
+    """JSON over HTTP to the management API, errors turned into `CtlError`."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise CtlError(f"--url {url!r}: expected http://HOST:PORT or https://HOST:PORT")
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = Request(self.url + path, data=data, method=method)
+        request.add_header("Accept", "application/json")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urlopen(request, timeout=TIMEOUT) as response:
+                return json.loads(response.read() or b"null")
+        except HTTPError as exc:
+            raise CtlError(_api_error(exc)) from None
+        except URLError as exc:
+            raise CtlError(f"cannot reach {self.url}: {_reason(exc.reason)}") from None
+        except (OSError, ValueError) as exc:
+            raise CtlError(f"{self.url}: {_reason(exc)}") from None
+
+
+def _reason(reason: object) -> str:
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
+
+
+def _api_error(exc: HTTPError) -> str:
+    """``404 not_found: no rule for host 'x'`` plus details, on one line."""
+    try:
+        body = json.loads(exc.read())
+        text = f"{exc.code} {body['error']}: {body['message']}"
+        if body.get("details"):
+            text += " (" + "; ".join(str(d) for d in body["details"]) + ")"
+        return text
+    except (ValueError, KeyError, TypeError):
+        return f"{exc.code} {exc.reason}"
+
+
+def parse_fields(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs to a dict: JSON values when they parse, text otherwise."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise CtlError(f"expected key=value, got {pair!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CtlError(f"{key}: {part} is both a value and an object")
+        node[leaf] = value
+    return out
+
+
+def host_path(host: str, *rest: str) -> str:
+    parts = ["/api/v1/hosts", quote(host, safe="*")] + [quote(p, safe="[]:") for p in rest]
+    return "/".join(parts)
+
+
+def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
+    """Do the command; returns (the API's answer, the text for people)."""
+    command = args.command
+    if command == "list":
+        answer = client.call("GET", "/api/v1/hosts")
+        return answer, format_hosts(answer)
+    if command == "get":
+        answer = client.call("GET", host_path(args.host))
+        return answer, format_rule(answer)
+    if command == "set":
+        rule = {"action": args.action, **parse_fields(args.fields)}
+        if args.backend:
+            rule["backends"] = list(rule.get("backends", [])) + args.backend
+        answer = client.call("PUT", host_path(args.host), rule)
+        return answer, f"{args.host}: {args.action} (version {answer['version']})"
+    if command == "delete":
+        answer = client.call("DELETE", host_path(args.host))
+        return answer, f"{args.host}: deleted (version {answer['version']})"
+    if command == "add-backend":
+        body: dict[str, Any] = {"address": args.address}
+        if args.weight is not None:
+            body["weight"] = args.weight
+        answer = client.call("POST", host_path(args.host, "backends"), body)
+        return answer, f"{args.host}: added {args.address} (version {answer['version']})"
+    if command == "remove-backend":
+        answer = client.call("DELETE", host_path(args.host, "backends", args.address))
+        return answer, f"{args.host}: removed {args.address} (version {answer['version']})"
+    if command == "stats":
+        path = "/api/v1/stats" + (f"/{quote(args.host, safe='*')}" if args.host else "")
+        answer = client.call("GET", path)
+        return answer, format_stats(answer)
+    answer = client.call("POST", "/api/v1/reload")
+    return answer, f"reloaded: version {answer['version']}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``balancerctl`` console script."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "set":  # key=value pairs may follow --backend options
+        args.fields += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    url = getattr(args, "url", None) or os.environ.get("BALANCER_URL") or DEFAULT_URL
+    token = getattr(args, "token", None) or os.environ.get("BALANCER_TOKEN") or None
+    try:
+        answer, text = run(args, Client(url, token))
+    except CtlError as exc:
+        print(f"balancerctl: {exc}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`balancerctl` run as a subprocess against a live management app."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from management.app import create_app
+from management.ctl import parse_fields
+from management.stores.file import FileStore
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "ctl-token"
+
+
+def ctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("BALANCER_URL",
+                                                                  "BALANCER_TOKEN")}
+    full_env["PYTHONPATH"] = str(REPO)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "management.ctl", *args], cwd=REPO,
+                          env=full_env, capture_output=True, text=True, timeout=30)
+
+
+def ok(*args: str, env: dict[str, str] | None = None) -> str:
+    done = ctl(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    return done.stdout
+
+
+def fails(*args: str, env: dict[str, str] | None = None) -> str:
+    """The one stderr line of a failing run."""
+    done = ctl(*args, env=env)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("balancerctl: ")
+    assert done.stdout == ""
+    return lines[0]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    return FileStore(str(tmp_path / "routes.json"))
+
+
+@pytest.fixture
+def url(store: FileStore, serve_wsgi: Callable[[Any], str]) -> str:
+    return serve_wsgi(create_app(store=store, token=TOKEN))
+
+
+@pytest.fixture
+def env(url: str) -> dict[str, str]:
+    return {"BALANCER_URL": url, "BALANCER_TOKEN": TOKEN}
+
+
+def test_set_list_get_delete(env: dict[str, str], store: FileStore) -> None:
+    out = ok("set", "web.example.com", "proxy", "--backend", "127.0.0.1:9001",
+             "--backend", "[::1]:9002", "algorithm=least_connections", "retries=1",
+             "health.path=/up", env=env)
+    assert "version 1" in out
+    assert store.load().hosts["web.example.com"] == {
+        "action": "proxy", "backends": ["127.0.0.1:9001", "[::1]:9002"],
+        "algorithm": "least_connections", "retries": 1, "health": {"path": "/up"}}
+    ok("set", "old.example.com", "static", "page=maintenance", env=env)
+    listing = ok("list", env=env)
+    assert listing.splitlines()[0].split() == ["HOST", "ACTION", "TARGET"]
+    assert "web.example.com" in listing and "least_connections" in listing
+    assert "old.example.com  static" in listing and "version 2, 2 host(s)" in listing
+    shown = ok("get", "web.example.com", env=env)
+    assert "127.0.0.1:9001, [::1]:9002" in shown and "version" in shown
+    assert "deleted" in ok("delete", "old.example.com", env=env)
+    assert set(store.load().hosts) == {"web.example.com"}
+
+
+def test_json_output_is_the_api_answer(env: dict[str, str]) -> None:
+    ok("set", "a.example.com", "empty", "status=204", env=env)
+    assert json.loads(ok("--json", "list", env=env)) == {
+        "version": 1, "hosts": {"a.example.com": {"action": "empty", "status": 204}}}
+    assert json.loads(ok("get", "a.example.com", "--json", env=env))["version"] == 1
+    assert json.loads(ok("reload", "--json", env=env)) == {"version": 1}
+
+
+def test_backends_and_reload(env: dict[str, str], store: FileStore) -> None:
+    ok("set", "web.example.com", "proxy", "--backend", "127.0.0.1:9001", env=env)
+    assert "added" in ok("add-backend", "web.example.com", "[::1]:9002", "--weight", "4",
+                         env=env)
+    assert store.load().hosts["web.example.com"]["backends"][1] == {"address": "[::1]:9002",
+                                                                    "weight": 4}
+    ok("remove-backend", "web.example.com", "[::1]:9002", env=env)
+    assert store.load().hosts["web.example.com"]["backends"] == ["127.0.0.1:9001"]
+    assert ok("reload", env=env).strip() == "reloaded: version 3"
+
+
+def test_stats(env: dict[str, str]) -> None:
+    assert ok("stats", env=env).strip() == "no traffic yet"
+    ok("set", "web.example.com", "empty", "status=204", env=env)
+    out = ok("stats", "web.example.com", env=env)
+    assert out.splitlines()[0].split()[:3] == ["HOST", "OPEN", "DONE"]
+    assert json.loads(ok("--json", "stats", env=env))["hosts"] == {}
+
+
+def test_flags_override_the_environment(url: str) -> None:
+    assert "no hosts" in ok("--url", url, "--token", TOKEN, "list",
+                            env={"BALANCER_URL": "http://127.0.0.1:1"})
+
+
+def test_error_exits(url: str, env: dict[str, str]) -> None:
+    line = fails("set", "web.example.com", "proxy", "--backend", "nope", "retries=-1",
+                 env=env)
+    assert "400 invalid_rule" in line and "backends[0]" in line and "retries" in line
+    assert "404 not_found" in fails("get", "nobody.example.com", env=env)
+    assert "404 not_found" in fails("delete", "nobody.example.com", env=env)
+    assert "401 unauthorized" in fails("list", env={"BALANCER_URL": url})
+    assert "401 unauthorized" in fails("--token", "wrong", "list", env=env)
+    port = free_port()
+    line = fails("list", env={"BALANCER_URL": f"http://127.0.0.1:{port}"})
+    assert f"cannot reach http://127.0.0.1:{port}" in line and "refused" in line
+    assert "expected key=value" in fails("set", "a.example.com", "empty", "status", env=env)
+    assert "invalid choice" in fails("set", "a.example.com", "teleport", env=env)
+    assert "invalid choice" in fails("frobnicate", env=env)
+    assert "expected http://HOST:PORT" in fails("--url", "nonsense", "list")
+
+
+def test_values_parse_as_json_when_they_can() -> None:
+    assert parse_fields(["status=503", "keep_path=true", "to=https://x", "body=<h1>hi</h1>",
+                         "health.rise=2", "health.path=/up", "name=\"quoted\""]) == {
+        "status": 503, "keep_path": True, "to": "https://x", "body": "<h1>hi</h1>",
+        "health": {"rise": 2, "path": "/up"}, "name": "quoted"}

@@ -1,0 +1,122 @@
+"""Prometheus metrics (SPEC §7): names, labels and values, parsed back with the client's parser."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from balancer.stats import Stats, merge_snapshots
+from management.metrics import Metrics
+
+SPEC_NAMES = {
+    "balancer_requests": "counter",
+    "balancer_request_duration_seconds": "histogram",
+    "balancer_bytes_received": "counter",
+    "balancer_bytes_sent": "counter",
+    "balancer_open_connections": "gauge",
+    "balancer_open_requests": "gauge",
+    "balancer_backend_requests": "counter",
+    "balancer_backend_up": "gauge",
+    "balancer_spinning_requests": "gauge",
+    "balancer_routing_version": "gauge",
+    "balancer_config_reloads": "counter",
+    "balancer_store_up": "gauge",
+}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as {(name, sorted labels): value}."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def render(snapshot: dict[str, Any]) -> str:
+    return Metrics(lambda: snapshot).render().decode()
+
+
+def worker_with_traffic() -> Stats:
+    stats = Stats()
+    stats.open_connections = 2
+    stats.routing_version = 7
+    stats.config_reloads = 3
+    host = stats.host("web.example.com")
+    host.open_requests = 5
+    for seconds in (0.001, 0.02, 0.3):
+        host.finish(200, 100, 1000, seconds)
+    host.finish(503, 10, 20, 2.0)
+    host.spinning = 1
+    backend = host.backend("127.0.0.1:9001")
+    backend.outcomes["success"] = 3
+    backend.outcomes["connect_error"] = 1
+    return stats
+
+
+def test_every_spec_metric_is_exposed_even_without_traffic() -> None:
+    families = {f.name: f.type for f in text_string_to_metric_families(render(
+        Stats().snapshot()))}
+    assert families == SPEC_NAMES
+
+
+def test_values_match_the_traffic_counted() -> None:
+    got = samples(render(worker_with_traffic().snapshot()))
+    host = (("host", "web.example.com"),)
+    assert got[("balancer_requests_total", (("code", "200"), *host))] == 3
+    assert got[("balancer_requests_total", (("code", "503"), *host))] == 1
+    assert got[("balancer_bytes_received_total", host)] == 310
+    assert got[("balancer_bytes_sent_total", host)] == 3020
+    assert got[("balancer_open_requests", host)] == 1
+    assert got[("balancer_spinning_requests", host)] == 1
+    assert got[("balancer_open_connections", ())] == 2
+    assert got[("balancer_routing_version", ())] == 7
+    assert got[("balancer_config_reloads_total", ())] == 3
+    assert got[("balancer_store_up", ())] == 1
+    assert got[("balancer_request_duration_seconds_count", host)] == 4
+    assert abs(got[("balancer_request_duration_seconds_sum", host)] - 2.321) < 1e-9
+    assert got[("balancer_request_duration_seconds_bucket", (*host, ("le", "0.005")))] == 1
+    assert got[("balancer_request_duration_seconds_bucket", (*host, ("le", "0.025")))] == 2
+    assert got[("balancer_request_duration_seconds_bucket", (*host, ("le", "0.5")))] == 3
+    assert got[("balancer_request_duration_seconds_bucket", (*host, ("le", "+Inf")))] == 4
+    backend = (("backend", "127.0.0.1:9001"), *host)
+    assert got[("balancer_backend_requests_total", (*backend, ("outcome", "success")))] == 3
+    assert got[("balancer_backend_requests_total",
+                (*backend, ("outcome", "connect_error")))] == 1
+    assert got[("balancer_backend_up", backend)] == 1
+
+
+def test_workers_are_aggregated_and_survive_a_json_round_trip() -> None:
+    one, two = worker_with_traffic(), worker_with_traffic()
+    two.routing_version = 8
+    two.store_up = 0
+    merged = json.loads(json.dumps(merge_snapshots([one.snapshot(), two.snapshot()])))
+    got = samples(render(merged))
+    host = (("host", "web.example.com"),)
+    assert got[("balancer_requests_total", (("code", "200"), *host))] == 6
+    assert got[("balancer_request_duration_seconds_bucket", (*host, ("le", "+Inf")))] == 8
+    assert got[("balancer_routing_version", ())] == 8
+    assert got[("balancer_store_up", ())] == 0
+    assert got[("balancer_open_connections", ())] == 4
+
+
+class Down:
+    def health_state(self) -> str:
+        return "down"
+
+
+def test_a_backend_marked_down_reads_zero() -> None:
+    stats = Stats()
+    stats.host("web.example.com").backend("127.0.0.1:9001").source = Down()
+    got = samples(render(stats.snapshot()))
+    assert got[("balancer_backend_up", (("backend", "127.0.0.1:9001"),
+                                        ("host", "web.example.com")))] == 0
+
+
+def test_label_values_are_escaped() -> None:
+    stats = Stats()
+    stats.host('we"ird\\host').finish(200, 1, 1, 0.1)
+    got = samples(render(stats.snapshot()))
+    assert got[("balancer_requests_total", (("code", "200"), ("host", 'we"ird\\host')))] == 1
