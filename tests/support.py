@@ -231,7 +231,7 @@ class Balancer:
         if self.proc.poll() is not None:
             raise AssertionError(f"balancer exited {self.proc.returncode}:\n{self.output()}")
         for address, kind in LISTEN_RE.findall(self.output()):
-            self.ports[kind] = int(address.rsplit(":", 1)[1])
+            self.ports.setdefault(kind, int(address.rsplit(":", 1)[1]))
         return "proxy" in self.ports and "management" in self.ports
 
     @property

@@ -1,0 +1,91 @@
+"""`balancer serve` start-up: bad settings and addresses, IPv6, the embedded default."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT, Backend, Balancer, request
+
+
+def run_serve(args: list[str], tmp_path, env: dict[str, str] | None = None):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+    full_env.update(env or {}, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "balancer", "serve", *args], cwd=tmp_path,
+                          env=full_env, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("args,env,named", [
+    (["--listen", "nonsense"], {}, "server.listen"),
+    (["--workers", "-1"], {}, "server.workers"),
+    ([], {"BALANCER_TIMEOUTS_BACKEND_READ": "abc"}, "timeouts.backend_read"),
+    ([], {"BALANCER_TIMEOUTS_NOPE": "1"}, "BALANCER_TIMEOUTS_NOPE"),
+    (["--store", "ftp://x"], {}, "store.url"),
+    (["--management", "0.0.0.0:0"], {}, "management.listen"),
+    (["--config", "/nonexistent.toml"], {}, "nonexistent.toml"),
+])
+def test_bad_settings_exit_naming_the_setting(tmp_path, args, env, named):
+    result = run_serve(args, tmp_path, env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("balancer: ") for line in lines)
+    assert named in result.stderr
+
+
+def test_unbindable_listener_exits_naming_it(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = run_serve(["--listen", f"127.0.0.1:{port}", "--management", "127.0.0.1:0",
+                            "--store", f"file:{tmp_path}/r.json"], tmp_path)
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_bad_config_file_value(tmp_path):
+    config = tmp_path / "b.toml"
+    config.write_text('[timeouts]\nclient_idle = "soon"\n')
+    result = run_serve(["--config", str(config)], tmp_path)
+    assert result.returncode == 2 and "timeouts.client_idle" in result.stderr
+
+
+def test_ipv6_listener(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    backend = Backend("v6")
+    bal = Balancer(tmp_path, {"*": {"action": "proxy", "backends": [backend.address]}},
+                   args=["--listen", "[::1]:0"])
+    try:
+        v6_ports = [int(port) for port in
+                    re.findall(r"listening on \[::1\]:(\d+) for proxy", bal.output())]
+        assert v6_ports
+        sock = socket.create_connection(("::1", v6_ports[0]), timeout=5)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        sock.close()
+        assert data.startswith(b"HTTP/1.1 200") and b'"backend": "v6"' in data
+        assert request(bal.port, host="x")[0] == 200
+    finally:
+        bal.stop()
+        backend.stop()
+
+
+def test_default_store_created_empty(tmp_path):
+    """With no store flag, `balancer-routes.json` is created and no-hosts (503) served."""
+    bal = Balancer(tmp_path, None, args=["--store", "file:balancer-routes.json"])
+    try:
+        assert (tmp_path / "balancer-routes.json").exists()
+        assert request(bal.port, host="any.test")[0] == 503
+    finally:
+        bal.stop()
