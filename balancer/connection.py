@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -254,10 +255,8 @@ class ClientConnection:
         page = self.ctx.pages.get(PROTOCOL_PAGES.get(exc.status, "bad-request"))
         data = local_response(page.status, page.body, page.content_type,
                               request_id=self.ctx.request_ids.next(), keep_alive=False)
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(data)
-        except OSError:
-            pass
 
     # request bodies ------------------------------------------------------
     def body_chunks(self) -> Iterator[bytes]:

@@ -147,7 +147,7 @@ class _Parser:
     def _line_too_long(self) -> tuple[int, str]:
         return 414, "request line too long"
 
-    def _scan(self, head: RequestHead | ResponseHead) -> list[tuple[bytes, bytes, bytes]]:
+    def _scan(self, head: RequestHead) -> list[tuple[bytes, bytes, bytes]]:
         """Check the collected header fields; returns (name, lower name, value) triples."""
         raw, self._raw = self._raw, []
         if len(raw) > self.limits.max_headers:

@@ -20,8 +20,8 @@ from balancer.connection import send_all
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
 from balancer.fields import field_keys, without_fields
 from balancer.http11 import END, HOP_BY_HOP, ProtocolError
-from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.pool import Backend
+from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.tunnel import tunnel
 
 RECV_SIZE = 65536

@@ -24,6 +24,7 @@ from balancer.fields import field_list, field_values
 from balancer.http11 import END, Limits, ProtocolError, connection_tokens
 
 _CRLFCRLF = b"\r\n\r\n"
+DEFAULT_LIMITS = Limits()
 
 
 class ResponseHead:
@@ -75,7 +76,7 @@ class ResponseParser:
     __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "_hp", "_buf",
                  "_in_head", "_limit", "_head", "_error")
 
-    def __init__(self, limits: Limits = Limits(), for_head: bool = False) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False) -> None:
         self.events: deque = deque()
         self.complete = False
         self.upgraded = False

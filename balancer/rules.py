@@ -18,7 +18,8 @@ from balancer.addr import AddrError, parse_backend_addr
 ACTIONS = ("proxy", "spin", "static", "redirect", "empty")
 ALGORITHMS = ("round_robin", "least_connections", "random_two", "ip_hash")
 REDIRECT_STATUSES = (301, 302, 307, 308)
-HOST_RE = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?)$")
+_LABEL = r"[a-z0-9_][a-z0-9_-]{0,62}"
+HOST_RE = re.compile(rf"^(\*|(\*\.)?{_LABEL}(\.{_LABEL})*\.?)$")
 MAX_HOST_LEN = 253
 
 COMMON_KEYS = {"action", "subdomains"}

@@ -29,10 +29,8 @@ class ActionCompiler:
 
     def compile(self, key: str, rule: Mapping[str, Any], prior: Any) -> Route:
         """The route of table key `key` (reusing `prior` when the rule is unchanged)."""
-        if prior is not None and prior.rule == rule:
-            action = prior
-        else:
-            action = self.make_action(key, rule)
+        reuse = prior is not None and prior.rule == rule
+        action = prior if reuse else self.make_action(key, rule)
         return Route(key, rule, action, self.stats.host(key))
 
     def make_action(self, key: str, rule: Mapping[str, Any]) -> Any:
