@@ -1,0 +1,104 @@
+"""CPU and memory of a target, read from /proc (the process and its descendants)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split after the last ')'.
+    return text[text.rindex(")") + 2:].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU seconds used so far by `pids`."""
+    total = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def rss_kb(pids: list[int]) -> int:
+    """Current resident set size (VmRSS) summed over `pids`, in KiB."""
+    return sum(_status_kb(pid, "VmRSS") for pid in pids)
+
+
+def peak_rss_kb(pids: list[int]) -> int:
+    """Peak resident set size (VmHWM) summed over `pids`, in KiB."""
+    return sum(_status_kb(pid, "VmHWM") for pid in pids)
+
+
+def reset_peak(pids: list[int]) -> bool:
+    """Reset VmHWM to the current RSS (clear_refs 5); False where not allowed."""
+    done = True
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError:
+            done = False
+    return done
+
+
+@dataclass
+class UsageWindow:
+    """CPU % (of one core) and peak RSS of a process tree over a measured window."""
+
+    root: int
+    started: float = 0.0
+    cpu_start: float = 0.0
+    peak_is_window: bool = False
+
+    def begin(self) -> None:
+        pids = process_tree(self.root)
+        self.peak_is_window = reset_peak(pids)
+        self.cpu_start = cpu_seconds(pids)
+        self.started = time.monotonic()
+
+    def end(self) -> dict[str, float | int | bool]:
+        """Figures since `begin`: cpu_percent, peak_rss_kb, rss_kb."""
+        pids = process_tree(self.root)
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        cpu = 0.0
+        with contextlib.suppress(ValueError):
+            cpu = (cpu_seconds(pids) - self.cpu_start) / elapsed * 100.0
+        return {"cpu_percent": round(cpu, 1), "peak_rss_kb": peak_rss_kb(pids),
+                "rss_kb": rss_kb(pids), "peak_is_window": self.peak_is_window}

@@ -1,0 +1,143 @@
+"""Every process the suite starts, and the guarantee that it is stopped.
+
+Invariants:
+* Each child runs in its own session (process group), so stopping it also stops
+  whatever it forked (nginx workers, haproxy threads, generator workers).
+* `Processes.stop_all()` runs on normal exit, on SIGINT/SIGTERM (through
+  `KeyboardInterrupt`) and from `atexit`; it is idempotent and bounded in time.
+* Every child inherits ``LOADTEST_RUN_ID`` so a leak can be found from outside.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUN_ID_ENV = "LOADTEST_RUN_ID"
+
+
+class StartError(RuntimeError):
+    """A process did not start or did not open its port in time."""
+
+
+@dataclass
+class Proc:
+    """One started process: its name, Popen handle and log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def is_running(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, limit: int = 600) -> str:
+        """The end of the process's output, for error messages."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return text[-limit:].strip()
+
+
+@dataclass
+class Processes:
+    """The registry of started processes for one run."""
+
+    log_dir: Path
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    procs: list[Proc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        os.environ.setdefault(RUN_ID_ENV, self.run_id)
+        self.run_id = os.environ[RUN_ID_ENV]
+        atexit.register(self.stop_all)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        """Start `argv` in a new session with output to ``<log_dir>/<name>.log``."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env[RUN_ID_ENV] = self.run_id
+        with open(log_path, "ab") as log:
+            try:
+                popen = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=full_env, start_new_session=True,
+                )
+            except OSError as exc:
+                raise StartError(f"{name}: cannot start {argv[0]}: {exc}") from exc
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc, timeout: float = 5.0) -> None:
+        """SIGTERM the process group, SIGKILL it after `timeout` seconds."""
+        stop_group(proc.popen, timeout)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        """Stop every process still registered (newest first)."""
+        for proc in reversed(list(self.procs)):
+            self.stop(proc, timeout=3.0)
+
+
+def stop_group(popen: subprocess.Popen, timeout: float) -> None:
+    """Terminate a child started with ``start_new_session`` and its group."""
+    pgid = popen.pid
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+    try:
+        popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    # The leader may be gone while its group lives on (nginx workers): kill the group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(timeout=timeout)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (bind to 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(proc: Proc, port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
+    """Wait until `port` accepts connections; StartError if `proc` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.is_running():
+            raise StartError(f"{proc.name} exited with {proc.popen.returncode}: {proc.log_tail()}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise StartError(f"{proc.name} did not open {host}:{port} within {timeout:.0f}s: "
+                     f"{proc.log_tail()}")
+
+
+def install_signal_handlers() -> None:
+    """Make SIGTERM and SIGHUP behave like Ctrl-C so cleanup runs the same way."""
+    def _interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
