@@ -38,6 +38,7 @@ class LoadSpec:
     connect_timeout: float = 10.0
     connect_batch: int = 200
     processes: int = 0
+    verify_held: bool = False
 
     @property
     def slots(self) -> int:
@@ -89,6 +90,15 @@ class GeneratorRun:
                 raise GeneratorError("a generator process died while setting up")
             time.sleep(0.05)
 
+    def total_done(self) -> int:
+        """Requests answered (any status) or failed so far."""
+        return sum(self.total(slot) for slot in (W.OK, W.NON2XX, W.CONNECT, W.READ,
+                                                  W.TIMEOUT))
+
+    def total_held(self) -> int:
+        """Idle connections currently held (idle mode)."""
+        return self.total(W.OPEN)
+
     def go(self) -> None:
         self.control[W.GO] = 1
         self.started = time.monotonic()
@@ -98,7 +108,10 @@ class GeneratorRun:
         if not self.stopped:
             self.stopped = time.monotonic()
         self.control[W.STOP] = 1
-        deadline = time.monotonic() + min(self.spec.timeout, 2.0) + 3.0
+        grace = min(self.spec.timeout, 2.0) + 3.0
+        if self.spec.verify_held:
+            grace += self.spec.timeout + self.spec.connections / 500
+        deadline = time.monotonic() + grace
         for proc in self.procs:
             if proc.pid is not None:
                 proc.join(timeout=max(0.1, deadline - time.monotonic()))
@@ -124,6 +137,7 @@ class GeneratorRun:
                     requests=self.total(W.OK) + errors["non2xx"],
                     bytes_read=self.total(W.BYTES), latency_us=latency, errors=errors)
         row["held"] = self.total(W.OPEN)
+        row["alive_after"] = self.total(W.ALIVE)
         row["completions_us"] = self._completions()
         return row
 

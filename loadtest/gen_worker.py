@@ -15,8 +15,8 @@ import signal
 import time
 
 # Counter slots of one worker's slice.
-OK, NON2XX, CONNECT, READ, TIMEOUT, BYTES, OPEN, READY, FIRST_DONE, LAST_DONE = range(10)
-HIST_BASE = 10
+OK, NON2XX, CONNECT, READ, TIMEOUT, BYTES, OPEN, READY, FIRST_DONE, LAST_DONE, ALIVE = range(11)
+HIST_BASE = 11
 # Control array slots (written by the parent).
 GO, STOP = 0, 1
 POLL = 0.02
@@ -177,6 +177,16 @@ class Worker:
         else:
             sock.close()
 
+    def verify(self, sock) -> None:
+        """One more request on a held connection: counts ALIVE if it is answered."""
+        try:
+            sock.sendall(self.request)
+            status, _, _ = read_response(sock, bytearray())
+        except (OSError, ReadError, ValueError):
+            return
+        if 200 <= status < 300:
+            self.add(ALIVE)
+
 
 def _parent_gone(parent: int) -> bool:
     return os.getppid() != parent
@@ -217,5 +227,11 @@ def worker_main(spec, index: int, count: int, counters, control, parent: int) ->
     _wait_flag(control, STOP, parent)
     gevent.joinall(tasks, timeout=min(spec.timeout, 2.0))
     gevent.killall(tasks, timeout=1)
+    if held and spec.verify_held:
+        pool = Pool(spec.connect_batch)
+        for sock in held:
+            pool.spawn(worker.verify, sock)
+        pool.join(timeout=spec.timeout + len(held) / 500)
+        pool.kill(timeout=1)
     for sock in held:
         sock.close()

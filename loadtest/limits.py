@@ -8,10 +8,7 @@ import resource
 def raise_nofile() -> tuple[int, int]:
     """Raise the soft RLIMIT_NOFILE to the hard limit; return (soft, hard) after."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        target = max(soft, 1_048_576)
-    else:
-        target = hard
+    target = max(soft, 1048576) if hard == resource.RLIM_INFINITY else hard
     if soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -9,24 +9,26 @@ from __future__ import annotations
 
 PAGE_SIZE = 4500
 
-_WORDS = (
+_LOREM = (
     "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
     "incididunt ut labore et dolore magna aliqua ut enim ad minim veniam quis nostrud "
     "exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat duis aute irure "
     "dolor in reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur "
     "excepteur sint occaecat cupidatat non proident sunt in culpa qui officia deserunt "
     "mollit anim id est laborum"
-).split()
+)
+
 
 
 def build_page(size: int = PAGE_SIZE) -> bytes:
     """A deterministic lorem-ipsum HTML page of exactly `size` bytes."""
     head = b"<!doctype html>\n<html><head><title>Lorem ipsum</title></head><body>\n"
     tail = b"</body></html>\n"
+    words = _LOREM.split()
     body = bytearray()
     index = 0
     while len(head) + len(body) + len(tail) < size:
-        sentence = " ".join(_WORDS[(index + k) % len(_WORDS)] for k in range(12))
+        sentence = " ".join(words[(index + k) % len(words)] for k in range(12))
         body += b"<p>" + sentence.capitalize().encode() + b".</p>\n"
         index += 7
     page = head + bytes(body)[: size - len(head) - len(tail)] + tail

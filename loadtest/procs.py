@@ -90,6 +90,12 @@ class Processes:
         if proc in self.procs:
             self.procs.remove(proc)
 
+    def kill(self, proc: Proc) -> None:
+        """SIGKILL the process group at once (a crash, for failover)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        self.stop(proc, timeout=2.0)
+
     def stop_all(self) -> None:
         """Stop every process still registered (newest first)."""
         for proc in reversed(list(self.procs)):
@@ -101,10 +107,8 @@ def stop_group(popen: subprocess.Popen, timeout: float) -> None:
     pgid = popen.pid
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         popen.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
     # The leader may be gone while its group lives on (nginx workers): kill the group.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)

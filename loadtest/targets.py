@@ -184,6 +184,7 @@ def check(target: Target, timeout: float = 10.0) -> None:
         else:
             if status == 200 and body == PAGE:
                 return
-            problem = f"answered {status} with {len(body)} bytes instead of the {len(PAGE)}-byte page"
+            problem = (f"answered {status} with {len(body)} bytes instead of the "
+                       f"{len(PAGE)}-byte page")
         time.sleep(0.2)
     raise TargetError(f"{target.name}: {problem}")

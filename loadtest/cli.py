@@ -1,0 +1,195 @@
+"""The `loadtest` command: ``loadtest run ...`` and ``loadtest preflight``.
+
+`run` is a short list of named steps: parse options → prepare the run dir and
+process registry → run each scenario (every failure recorded, none fatal) →
+write report.md, results.json and plots → print the summary. An interrupt
+(Ctrl-C, SIGTERM) stops every process, keeps the partial results and still
+writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from loadtest import plots, report
+from loadtest.limits import raise_nofile
+from loadtest.preflight import preflight
+from loadtest.procs import Processes, install_signal_handlers
+from loadtest.progress import Progress
+from loadtest.scenarios import SCENARIOS
+from loadtest.scenarios.common import REQUEST_TIMEOUT, RunEnv
+from loadtest.store import Results
+from loadtest.targets import PROXY_TARGETS, Lab, missing_tool
+from loadtest.wrk import wrk_path
+
+QUICK_DURATION = 1.0
+QUICK_IDLE = 200
+DEFAULT_DURATION = 10.0
+DEFAULT_IDLE = 10000
+
+
+def _csv(kind: str, choices: tuple[str, ...] | None = None):
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty {kind} list")
+        if choices is None:
+            try:
+                values = [int(item) for item in items]
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(f"{kind}: not a number in {text!r}") from exc
+            if min(values) < 1:
+                raise argparse.ArgumentTypeError(f"{kind}: every level must be >= 1")
+            return values
+        unknown = [item for item in items if item not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {', '.join(unknown)}; expected some of {', '.join(choices)}")
+        return items
+    return parse
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="loadtest", description="Benchmark the balancer "
+                                  "against a threaded baseline, HAProxy and nginx on loopback.")
+    commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = commands.add_parser("run", help="run scenarios and write a report")
+    run.add_argument("--scenario", action="append", choices=list(SCENARIOS),
+                     help="scenario to run (repeatable; default: all)")
+    run.add_argument("--targets", type=_csv("target", PROXY_TARGETS),
+                     help=f"comma-separated targets (default: {','.join(PROXY_TARGETS)})")
+    run.add_argument("--concurrency", type=_csv("concurrency"),
+                     help="comma-separated connection levels for proxy and wsgi "
+                          "(default: proxy 100,1000,5000; wsgi 100,1000,5000,10000)")
+    run.add_argument("--duration", type=_positive, help="seconds per level (default 10)")
+    run.add_argument("--out", type=Path, help="output dir "
+                                              "(default: loadtest-results/<timestamp>/)")
+    run.add_argument("--quick", action="store_true", help="tiny levels, 1 s each: < 1 minute")
+    run.add_argument("--idle-connections", type=int, metavar="N",
+                     help=f"idle connections in the idle scenario (default {DEFAULT_IDLE})")
+    run.add_argument("--generator", choices=("auto", "wrk", "builtin"), default="auto",
+                     help="load generator for closed-loop levels (default: wrk if installed)")
+    commands.add_parser("preflight", help="check kernel settings and descriptor limits")
+    return top
+
+
+def choose_generator(wanted: str) -> str:
+    if wanted == "wrk" and not wrk_path():
+        raise SystemExit("loadtest: --generator wrk: wrk is not installed")
+    if wanted == "auto":
+        return "wrk" if wrk_path() else "builtin"
+    return wanted
+
+
+def available_targets(wanted: list[str], notes: list[str]) -> list[str]:
+    """The wanted targets whose tools are installed; a missing tool is noted once."""
+    found = []
+    for name in wanted:
+        problem = missing_tool(name)
+        if problem:
+            notes.append(f"{name} skipped: {problem}")
+        else:
+            found.append(name)
+    return found
+
+
+def build_env(args: argparse.Namespace, out: Path, procs: Processes) -> RunEnv:
+    notes: list[str] = []
+    nofile, _ = raise_nofile()
+    generator = choose_generator(args.generator)
+    if generator == "builtin" and args.generator == "auto":
+        notes.append("wrk is not installed: the built-in generator drives every level")
+    targets = available_targets(args.targets or list(PROXY_TARGETS), notes)
+    duration = args.duration or (QUICK_DURATION if args.quick else DEFAULT_DURATION)
+    idle = args.idle_connections or (QUICK_IDLE if args.quick else DEFAULT_IDLE)
+    if idle > nofile - 200:
+        notes.append(f"idle connections cut from {idle} to {nofile - 200}: descriptor limit "
+                     f"{nofile} (see loadtest preflight)")
+        idle = nofile - 200
+    lab = Lab(out, procs, nofile)
+    if not plots.have_matplotlib():
+        notes.append("matplotlib is not installed: plots skipped")
+    meta = {"command": "loadtest " + shlex.join(sys.argv[1:]) if sys.argv else "loadtest run",
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, Python "
+                       f"{platform.python_version()}, RLIMIT_NOFILE {nofile}",
+            "generator": generator, "duration_s": duration,
+            "request_timeout_s": REQUEST_TIMEOUT, "backend": lab.backend_kind,
+            "targets": targets, "notes": notes}
+    results = Results(out / "results.json", meta)
+    return RunEnv(out=out, procs=procs, lab=lab, results=results, progress=Progress(1),
+                  targets=targets, levels=args.concurrency, duration=duration,
+                  quick=args.quick, generator=generator, idle_connections=idle, notes=notes)
+
+
+def run_scenarios(env: RunEnv, names: list[str]) -> None:
+    modules = [SCENARIOS[name] for name in names]
+    env.progress = Progress(sum(m.estimate(env) for m in modules))
+    env.progress.start()
+    try:
+        for module in modules:
+            module.run(env)
+    finally:
+        env.progress.close()
+
+
+def finish(env: RunEnv, interrupted: bool) -> None:
+    """Write plots and report.md from whatever was measured; print the summary."""
+    data = env.results.data
+    if interrupted:
+        data["meta"]["notes"].append("interrupted: partial results")
+    data["meta"]["finished"] = datetime.now().isoformat(timespec="seconds")
+    env.results.save()
+    written = plots.make_plots(data, env.out) if plots.have_matplotlib() else []
+    path = report.write_report(data, env.out, written)
+    print(report.summary(data))
+    print(f"\nreport: {path}\nresults: {env.results.path}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    out = args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    install_signal_handlers()
+    procs = Processes(out / "logs")
+    env = build_env(args, out, procs)
+    for note in env.notes:
+        print(f"loadtest: {note}", file=sys.stderr)
+    interrupted = False
+    try:
+        run_scenarios(env, args.scenario or list(SCENARIOS))
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\nloadtest: interrupted; stopping every process", file=sys.stderr)
+    finally:
+        procs.stop_all()
+    finish(env, interrupted)
+    return 130 if interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `loadtest` console script."""
+    args = parser().parse_args(argv)
+    if args.command == "preflight":
+        return preflight()
+    return cmd_run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
