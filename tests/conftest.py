@@ -135,6 +135,9 @@ class LiveWsgi:
 
         self._server = WSGIServer(("127.0.0.1", 0), self.app, log=None)
         self._server.start()
+        # pywsgi sends headers and body in two writes: without TCP_NODELAY (inherited
+        # by accepted sockets) every keep-alive response waits ~40 ms on a delayed ACK
+        self._server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._hub = gevent.get_hub()
         self._ready.set()
         self._server.serve_forever()

@@ -203,3 +203,20 @@ def _try_write(store: RedisStore) -> int | None:
         return store.put_host("web.example.com", WEB)
     except StoreUnavailable:
         return None
+
+
+def test_validation_memory_never_hides_an_edit_or_a_duplicate(redis_server: RedisServer) -> None:
+    ns = namespace()
+    store = RedisStore(redis_server.url, ns)
+    store.replace({f"h{i}.example.com": WEB for i in range(50)})
+    assert len(store.load().hosts) == 50  # every rule is now remembered as valid
+    raw = redis_server.client()
+    raw.hset(f"{ns}:hosts", "h7.example.com", json.dumps({**WEB, "retries": -1}))
+    with pytest.raises(CorruptStore, match="h7.example.com: retries"):
+        store.load()
+    raw.hset(f"{ns}:hosts", "h7.example.com", json.dumps(WEB))
+    raw.hset(f"{ns}:hosts", "H7.example.com", json.dumps(WEB))
+    with pytest.raises(CorruptStore, match="duplicates"):
+        store.load()
+    raw.hdel(f"{ns}:hosts", "H7.example.com")
+    assert len(store.load().hosts) == 50

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from balancer.rules import validate_table
+from balancer.rules import normalize_host, validate_table
 
 
 @dataclass(frozen=True)
@@ -53,15 +53,50 @@ class CorruptStore(StoreError):
     """The stored table cannot be read (bad JSON, bad shape, invalid rules)."""
 
 
+class TableChecker:
+    """`validate_table` that remembers: a host whose rule text has not changed since
+    the previous check is not validated again (a reload of a big table with one
+    change costs one rule's validation, not N)."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, str], list[str]] = {}
+
+    def check(self, where: str, version: object, hosts: object,
+              texts: Mapping[str, str] | None = None) -> TableData:
+        """A `TableData` from stored values, or `CorruptStore` naming `where` and why.
+
+        `texts` maps each host to its rule's stored text (the memo key); without
+        it the whole table is validated."""
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise CorruptStore(f"{where}: version must be an integer >= 0, got {version!r}")
+        if texts is None or not isinstance(hosts, Mapping):
+            problems = validate_table(hosts)
+        else:
+            problems = self._problems(hosts, texts)
+        if problems:
+            raise CorruptStore(f"{where}: invalid table: {'; '.join(problems)}")
+        assert isinstance(hosts, Mapping)
+        return TableData(version, dict(hosts))
+
+    def _problems(self, hosts: Mapping[str, Any], texts: Mapping[str, str]) -> list[str]:
+        known: dict[tuple[str, str], list[str]] = {}
+        problems: list[str] = []
+        for host, rule in hosts.items():
+            key = (host, texts[host])
+            found = self._known.get(key)
+            if found is None:
+                found = validate_table({host: rule})
+            known[key] = found
+            problems += found
+        self._known = known  # only the current table is remembered
+        if len({normalize_host(h) for h in hosts if isinstance(h, str)}) != len(hosts):
+            return validate_table(hosts)  # names that collide once normalised
+        return problems
+
+
 def check_table(where: str, version: object, hosts: object) -> TableData:
-    """A `TableData` from raw stored values, or `CorruptStore` naming `where` and why."""
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise CorruptStore(f"{where}: version must be an integer >= 0, got {version!r}")
-    problems = validate_table(hosts)
-    if problems:
-        raise CorruptStore(f"{where}: invalid table: {'; '.join(problems)}")
-    assert isinstance(hosts, Mapping)
-    return TableData(version, dict(hosts))
+    """`TableChecker.check` without memory: validates the whole table."""
+    return TableChecker().check(where, version, hosts)
 
 
 class ProblemLog:

@@ -32,9 +32,9 @@ from management.stores.base import (
     ProblemLog,
     Store,
     StoreUnavailable,
+    TableChecker,
     TableData,
     VersionConflict,
-    check_table,
 )
 
 log = logging.getLogger("balancer.store.file")
@@ -56,6 +56,7 @@ class FileStore(Store):
         self._reachable = True
         self._problem: str | None = None
         self._highest_version = 0  # highest version this instance has read or written
+        self._checker = TableChecker()
         with self._locked():
             if not os.path.exists(self.path):
                 self._write(TableData(0, {}))
@@ -81,7 +82,10 @@ class FileStore(Store):
         if not isinstance(doc, dict) or set(doc) != {"version", "hosts"}:
             raise CorruptStore(f'{self.path}: expected an object {{"version": N, "hosts": '
                                f'{{...}}}} with exactly those keys')
-        return check_table(self.path, doc["version"], doc["hosts"])
+        hosts = doc["hosts"]
+        texts = ({h: json.dumps(r, sort_keys=True) for h, r in hosts.items()}
+                 if isinstance(hosts, dict) else None)
+        return self._checker.check(self.path, doc["version"], hosts, texts)
 
     def is_reachable(self) -> bool:
         self._reachable = os.access(self.path, os.R_OK)

@@ -41,9 +41,9 @@ from management.stores.base import (
     ProblemLog,
     Store,
     StoreUnavailable,
+    TableChecker,
     TableData,
     VersionConflict,
-    check_table,
 )
 from management.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
@@ -104,6 +104,7 @@ class RedisStore(Store):
         self._reachable = True
         self._watchers = 0
         self._problem: str | None = None
+        self._checker = TableChecker()
 
     # reading ---------------------------------------------------------------
     def load(self) -> TableData:
@@ -127,7 +128,7 @@ class RedisStore(Store):
             except json.JSONDecodeError as exc:
                 raise CorruptStore(f"{where}: {self.hosts_key}[{host}] is not valid JSON: "
                                    f"{exc}") from None
-        return check_table(where, version, hosts)
+        return self._checker.check(where, version, hosts, raw_hosts)
 
     def _version(self, raw: str | None) -> int:
         try:

@@ -1,0 +1,297 @@
+// The live dashboard: polls the management API and draws what it answers.
+//
+// Invariants:
+// * Figures on the page come from the last successful poll. Whenever the
+//   latest poll failed, or none succeeded for STALE_MS, the page is marked
+//   stale (dimmed, labelled, with a banner): old figures are never shown as live.
+// * The token lives in sessionStorage and travels only in the Authorization
+//   header; it is never put in a URL. A 401 forgets it and asks again.
+// * Polls never overlap: the next one is scheduled when the last one ends,
+//   and every request is bounded by REQUEST_TIMEOUT_MS.
+
+import * as fmt from "./format.js";
+import {History} from "./history.js";
+import {banner, el, hostCard, hostKeys, summaryTiles} from "./render.js";
+
+const POLL_MS = 2000;
+const REQUEST_TIMEOUT_MS = 5000;
+const STALE_MS = 2 * POLL_MS + REQUEST_TIMEOUT_MS;
+const INFO_RETRY_MS = 60000;
+const TOKEN_KEY = "balancer.token";
+
+const state = {
+  history: new History(),
+  view: null, // the last good answer: {version, hosts, stats, info, storeReachable}
+  lastOk: 0, // when it arrived (ms since the epoch)
+  failure: null, // {kind, title, text} of the latest poll, null after a success
+  timer: null,
+  inFlight: false, // a poll is under way
+  needsToken: false, // the token form is up: no polling until it is submitted
+  infoMissingSince: 0, // /api/v1/info answered 404 (an older management app)
+  bannerKey: "",
+};
+
+const $ = (id) => document.getElementById(id);
+
+// ---- the API ------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function requestHeaders() {
+  const headers = {Accept: "application/json"};
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  return headers;
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    return body.message || body.error || `HTTP ${response.status}`;
+  } catch {
+    return `HTTP ${response.status} ${response.statusText}`.trim();
+  }
+}
+
+/** GET a JSON document relative to the page; raises ApiError on any failure. */
+async function getJSON(path) {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), REQUEST_TIMEOUT_MS);
+  try {
+    const response = await fetch(path, {headers: requestHeaders(), signal: controller.signal,
+      cache: "no-store"});
+    if (!response.ok) throw new ApiError(response.status, await errorMessage(response));
+    return await response.json();
+  } catch (err) {
+    if (err instanceof ApiError) throw err;
+    if (controller.signal.aborted) {
+      throw new ApiError(0, `${path}: no answer within ${REQUEST_TIMEOUT_MS / 1000} s`);
+    }
+    const reason = err instanceof SyntaxError ? "not JSON" : err.message;
+    throw new ApiError(0, `${path}: ${reason}`);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** /api/v1/info, or null when this management app does not have it. */
+async function getInfo(now) {
+  if (state.infoMissingSince && now - state.infoMissingSince < INFO_RETRY_MS) return null;
+  try {
+    const info = await getJSON("api/v1/info");
+    state.infoMissingSince = 0;
+    return info;
+  } catch (err) {
+    if (err.status !== 404) throw err;
+    state.infoMissingSince = now;
+    return null;
+  }
+}
+
+function checkShape(table, stats) {
+  if (!table || typeof table.hosts !== "object" || !stats || typeof stats.hosts !== "object") {
+    throw new ApiError(0, "the API answered an unexpected document");
+  }
+}
+
+// ---- polling --------------------------------------------------------------------
+
+function schedule(ms) {
+  clearTimeout(state.timer);
+  state.timer = setTimeout(poll, ms);
+}
+
+async function poll() {
+  state.timer = null;
+  if (state.inFlight || state.needsToken) return;
+  state.inFlight = true;
+  try {
+    const [table, stats, info] = await Promise.all(
+      [getJSON("api/v1/hosts"), getJSON("api/v1/stats"), getInfo(Date.now())]);
+    checkShape(table, stats);
+    if (!state.needsToken) onData(table, stats, info, Date.now());
+  } catch (err) {
+    if (!state.needsToken) onFailure(err);
+  } finally {
+    state.inFlight = false;
+  }
+  if (!state.needsToken) schedule(POLL_MS);
+}
+
+function isStoreReachable(stats, info) {
+  if (stats.store_up === 0) return false;
+  return !(info && info.store && info.store.reachable === false);
+}
+
+function onData(table, stats, info, now) {
+  state.history.record(stats.hosts, now);
+  state.view = {version: table.version, hosts: table.hosts, stats, info,
+    storeReachable: isStoreReachable(stats, info)};
+  state.lastOk = now;
+  state.failure = null;
+  renderData(now);
+  renderStatus(now);
+}
+
+function describeFailure(err) {
+  if (err.status === 0) {
+    return {kind: "error", title: "The management API is not answering.", text: err.message};
+  }
+  if (err.status === 403) {
+    return {kind: "error", title: "Access refused.", text: err.message};
+  }
+  const title = `The management API failed (HTTP ${err.status}).`;
+  return {kind: "error", title, text: err.message};
+}
+
+function onFailure(err) {
+  if (err.status === 401) {
+    askForToken(Boolean(sessionStorage.getItem(TOKEN_KEY)));
+  } else {
+    state.failure = describeFailure(err);
+  }
+  renderStatus(Date.now());
+}
+
+// ---- the token ------------------------------------------------------------------
+
+function askForToken(rejected) {
+  state.needsToken = true;
+  sessionStorage.removeItem(TOKEN_KEY);
+  state.failure = {kind: "token", title: "Sign-in needed.",
+    text: rejected ? "The token was rejected." : "This management API needs a token."};
+  $("token-message").textContent = rejected
+    ? "The token was rejected. Enter it again."
+    : "This balancer's management API needs a token.";
+  $("token").hidden = false;
+  $("forget-token").hidden = true;
+  $("token-input").focus();
+}
+
+function onTokenSubmit(event) {
+  event.preventDefault();
+  const input = $("token-input");
+  const token = input.value.trim();
+  if (!token) {
+    $("token-message").textContent = "Enter the management token.";
+    return;
+  }
+  sessionStorage.setItem(TOKEN_KEY, token);
+  input.value = "";
+  $("token").hidden = true;
+  $("forget-token").hidden = false;
+  state.failure = null;
+  state.needsToken = false;
+  if (!state.inFlight) schedule(0);
+}
+
+function onForgetToken() {
+  clearTimeout(state.timer);
+  askForToken(false);
+  renderStatus(Date.now());
+}
+
+// ---- drawing ----------------------------------------------------------------------
+
+function isLive(now) {
+  return Boolean(state.view) && !state.failure && now - state.lastOk < STALE_MS;
+}
+
+function currentBanners(now) {
+  const since = state.lastOk
+    ? ` Figures below are from ${fmt.clock(state.lastOk)} and are not live.`
+    : "";
+  if (state.failure?.kind === "token") {
+    // the token form says it all; a banner only warns that figures below are old
+    if (!state.view) return [];
+    return [["warn", state.failure.title, sentence(state.failure.text) + since]];
+  }
+  if (state.failure) {
+    return [["error", state.failure.title, sentence(state.failure.text) + since]];
+  }
+  if (state.view && !isLive(now)) {
+    const silence = `The management API has not answered for ${STALE_MS / 1000} s.`;
+    return [["error", "No update.", silence + since]];
+  }
+  if (state.view && !state.view.storeReachable) {
+    const store = state.view.info?.store;
+    const where = store ? `${store.kind} store ${store.url || ""}`.trim() : "config store";
+    const problem = store?.problem ? ` (${store.problem})` : "";
+    return [["warn", "Store unreachable.", `The ${where} cannot be reached${problem}: the ` +
+      `balancer keeps serving routing version ${state.view.stats.routing_version}; route ` +
+      "changes will not apply until it is back."]];
+  }
+  return [];
+}
+
+function sentence(text) {
+  return /[.!?]$/.test(text) ? text : `${text}.`;
+}
+
+function renderBanners(now) {
+  const banners = currentBanners(now);
+  const key = JSON.stringify(banners);
+  if (key === state.bannerKey) return; // unchanged: do not re-announce an alert
+  state.bannerKey = key;
+  $("banners").replaceChildren(...banners.map(([kind, title, text]) => banner(kind, title, text)));
+}
+
+/** The always-visible line telling whether the figures are live, and from when. */
+function renderStatus(now) {
+  const live = isLive(now);
+  const status = $("status");
+  const kind = live ? "live" : state.view ? "stale" : "none";
+  status.className = `status status-${kind}`;
+  const when = state.lastOk
+    ? `updated ${fmt.clock(state.lastOk)} (${fmt.ago(state.lastOk, now)})`
+    : "no data yet";
+  const word = live ? "● Live" : state.view ? "■ Stale" : "○ Waiting";
+  status.replaceChildren(el("span", {class: "status-word"}, word), " ",
+    el("span", {id: "last-update"}, when));
+  document.body.classList.toggle("is-stale", Boolean(state.view) && !live);
+  $("data").hidden = !state.view;
+  renderBanners(now);
+}
+
+function currentFilter() {
+  return $("filter").value.trim().toLowerCase();
+}
+
+function emptyHosts(view) {
+  if (Object.keys(view.hosts).length) {
+    return el("p", {class: "empty"}, `No host matches “${currentFilter()}”.`);
+  }
+  return el("p", {class: "empty"}, "No hosts in the routing table yet. Add one with ",
+    el("code", {}, "balancerctl set HOST proxy --backend ADDR"), ".");
+}
+
+function renderData(now) {
+  const view = state.view;
+  if (!view) return;
+  $("summary").replaceChildren(...summaryTiles(view, state.history, now));
+  const filter = currentFilter();
+  const keys = hostKeys(view.hosts, view.stats.hosts)
+    .filter((key) => !filter || key.toLowerCase().includes(filter));
+  const cards = keys.map((key) => hostCard(key, view.hosts[key], view.stats.hosts[key],
+    state.history, now));
+  $("hosts").replaceChildren(...(cards.length ? cards : [emptyHosts(view)]));
+}
+
+// ---- start ----------------------------------------------------------------------------
+
+function start() {
+  $("token-form").addEventListener("submit", onTokenSubmit);
+  $("forget-token").addEventListener("click", onForgetToken);
+  $("filter").addEventListener("input", () => renderData(state.lastOk));
+  $("forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
+  setInterval(() => renderStatus(Date.now()), 1000);
+  renderStatus(Date.now());
+  poll();
+}
+
+start();
