@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from management.stores import CorruptStore, StoreUnavailable, TableData, open_store
+from management.stores import (
+    CorruptStore,
+    StoreUnavailable,
+    StoreUrlError,
+    TableData,
+    open_store,
+)
 from management.stores.file import FileStore
 from tests.conftest import wait_until
 from tests.test_store_contract import GONE, WEB, Watcher
@@ -31,8 +37,10 @@ def test_file_url_forms(tmp_path: Path) -> None:
 
 
 def test_a_missing_directory_is_unavailable_naming_the_path(tmp_path: Path) -> None:
-    with pytest.raises(StoreUnavailable, match=str(tmp_path / "nope")):
+    with pytest.raises(StoreUnavailable, match=f"the directory {tmp_path / 'nope'} does not"):
         FileStore(str(tmp_path / "nope" / "routes.json"))
+    with pytest.raises(StoreUrlError, match="does not exist"):  # a bad setting for serve
+        open_store(f"file:{tmp_path}/nope/routes.json")
 
 
 def test_writes_are_whole_files_leaving_no_temp_files(tmp_path: Path) -> None:

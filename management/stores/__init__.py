@@ -25,8 +25,8 @@ URL_FORMS = ("file:PATH, redis://[:password@]host:port/db, rediss://..., "
 
 
 def open_store(url: str, namespace: str = "balancer", resync_interval: float = 5.0) -> Store:
-    """The store a URL names. Raises `StoreUrlError` (a ValueError) for a bad URL and
-    `StoreUnavailable` when a file store cannot create its file."""
+    """The store a URL names. Raises `StoreUrlError` (a ValueError) for a bad URL,
+    including a file path whose file cannot be created."""
     if not isinstance(url, str) or not url.strip():
         raise StoreUrlError(f"empty store URL; expected {URL_FORMS}")
     if url.startswith("file:"):
@@ -37,7 +37,10 @@ def open_store(url: str, namespace: str = "balancer", resync_interval: float = 5
             path = path[2:]
         if not path:
             raise StoreUrlError(f"{url}: the file path is missing; expected file:PATH")
-        return FileStore(path)
+        try:
+            return FileStore(path)
+        except StoreUnavailable as exc:
+            raise StoreUrlError(str(exc)) from None
     if url.startswith(REDIS_SCHEMES):
         from management.stores.redis import RedisStore
 

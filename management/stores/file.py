@@ -57,6 +57,9 @@ class FileStore(Store):
         self._problem: str | None = None
         self._highest_version = 0  # highest version this instance has read or written
         self._checker = TableChecker()
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            raise StoreUnavailable(f"{self.path}: the directory {directory} does not exist")
         with self._locked():
             if not os.path.exists(self.path):
                 self._write(TableData(0, {}))
