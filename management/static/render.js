@@ -81,7 +81,7 @@ export function backendRows(rule, hostStats) {
 function backendTable(rows) {
   const head = el("tr", {}, ["backend", "weight", "state", "in flight", "failures"]
     .map((name) => el("th", {scope: "col"}, name)));
-  const body = rows.map((row) => el("tr", {class: `backend`,
+  const body = rows.map((row) => el("tr", {class: `backend backend-${row.state}`,
     "data-backend": row.address},
   el("td", {class: "backend-address"}, row.address),
   el("td", {class: "num"}, `×${row.weight}`),

@@ -1,0 +1,409 @@
+"""The live dashboard (issue 7) in a real headless Chromium, against the real management app.
+
+The app is `management.app.create_app` over a file store in tmp, served by gevent's
+pywsgi on 127.0.0.1 port 0 (`serve_wsgi`). The data plane is `ScriptedRuntime`: real
+`balancer.stats.Stats` counters that the tests move, as a worker would.
+
+``python -m pytest tests/test_dashboard.py -k screenshot -s`` saves and prints
+``dashboard.png`` (laptop) and ``dashboard-phone.png`` in the test's tmp directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balancer.stats import Stats
+from management.app import create_app
+from management.stores import Store, open_store
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run")
+LAPTOP = (1366, 900)
+PHONE = (390, 844)
+WAIT = 10.0  # seconds: a few poll periods (2 s) plus start-up
+TOKEN = "dashboard-s3cret"
+WEB = {"action": "proxy", "backends": ["127.0.0.1:9001", {"address": "127.0.0.1:9002",
+                                                           "weight": 3}]}
+
+
+# ---------------------------------------------------------------------------
+# the scripted data plane
+# ---------------------------------------------------------------------------
+
+class ScriptedRuntime:
+    """A `management.runtime.Runtime` whose counters the test moves (the edge we script)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.counters = Stats()
+        self.lock = threading.Lock()  # the app reads from the server thread
+        self.failing = False
+        self.store_up = True
+        self.workers = 2
+        self.last_reload = time.time() - 95
+
+    @contextlib.contextmanager
+    def edit(self) -> Iterator[Stats]:
+        with self.lock:
+            yield self.counters
+
+    def stats(self) -> dict[str, Any]:
+        if self.failing:
+            raise RuntimeError("scripted failure of the stats source")
+        with self.lock:
+            snapshot = self.counters.snapshot()
+        snapshot.update(routing_version=self.store.load().version, store_up=int(self.store_up),
+                        config_reloads=3, last_reload=self.last_reload)
+        return snapshot
+
+    def reload(self) -> int:
+        return self.store.load().version
+
+    def is_ready(self) -> bool:
+        return True
+
+    def info(self) -> dict[str, Any]:
+        return {"workers": self.workers,
+                "store": {"kind": self.store.kind, "url": self.store.display_url,
+                          "reachable": self.store_up, "version": self.store.load().version,
+                          "last_reload": self.last_reload, "problem": None}}
+
+
+class ScriptedHealth:
+    """Stands in for a pool `Backend` as a `BackendStats.source`: its health is scripted."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+
+    def health_state(self) -> str:
+        return self.state
+
+
+def mark_down(stats: Stats, key: str, address: str, failures: int) -> None:
+    backend = stats.host(key).backend(address)
+    backend.source, backend.failures = ScriptedHealth("down"), failures
+
+
+def serve_requests(stats: Stats, key: str, n: int, status: int = 200,
+                   backend: str | None = None) -> None:
+    """Count `n` finished requests on `key` as the data plane would."""
+    host = stats.host(key)
+    for _ in range(n):
+        host.open_requests += 1
+        host.finish(status, 420, 5300, 0.012)
+        if backend is not None:
+            host.backend(backend).outcomes["success"] += 1
+
+
+class Site:
+    """One management app on a real socket, its store and its scripted runtime."""
+
+    def __init__(self, url: str, store: Store, runtime: ScriptedRuntime,
+                 token: str | None) -> None:
+        self.url = url
+        self.store = store
+        self.runtime = runtime
+        self.token = token
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+
+@pytest.fixture
+def make_site(tmp_path: Path, serve_wsgi: Callable[[Any], str]) -> Callable[..., Site]:
+    def make(token: str | None = None, hosts: dict[str, Any] | None = None) -> Site:
+        store = open_store("file:" + str(tmp_path / "routes.json"))
+        if hosts:
+            store.replace(hosts)
+        runtime = ScriptedRuntime(store)
+        app = create_app(store=store, runtime=runtime, token=token)
+        return Site(serve_wsgi(app), store, runtime, token)
+    return make
+
+
+# ---------------------------------------------------------------------------
+# the browser
+# ---------------------------------------------------------------------------
+
+def require_chromium() -> None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+    if not missing:
+        return
+    reason = f"{', '.join(missing)} not installed (apt-get install chromium chromium-driver)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI needs a real browser: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """One headless Chromium for the module; each test opens its own origin (new port)."""
+    require_chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="dashboard-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def browser(chromium: Any) -> Any:
+    chromium.set_window_size(*LAPTOP)
+    chromium.get_log("browser")  # drop what earlier tests logged
+    return chromium
+
+
+def wait_for(driver: Any, predicate: Callable[[Any], Any], what: str,
+             timeout: float = WAIT) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(predicate, message=f"timed out after {timeout}s waiting for {what}")
+
+
+def text_of(driver: Any, css: str) -> str:
+    """The visible text of the first element matching `css`, "" when there is none."""
+    found = driver.find_elements("css selector", css)
+    return found[0].text if found else ""
+
+
+def host_card(host: str) -> str:
+    return f'article.host[data-host="{host}"]'
+
+
+def severe_logs(driver: Any) -> list[dict[str, Any]]:
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def open_live(driver: Any, site: Site) -> None:
+    driver.get(site.url + "/")
+    wait_for(driver, lambda d: "Live" in text_of(d, "#status"), "the page to go live")
+
+
+# ---------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------
+
+def test_page_loads_live_without_console_errors(make_site: Callable[..., Site],
+                                                browser: Any) -> None:
+    site = make_site(hosts={"app.example.com": WEB})
+    open_live(browser, site)
+    wait_for(browser, lambda d: d.find_elements("css selector", host_card("app.example.com")),
+             "the configured host")
+    assert "proxy" in text_of(browser, host_card("app.example.com") + " .action").lower()
+    assert "2 workers" in text_of(browser, '[data-tile="workers"]')
+    store_tile = text_of(browser, '[data-tile="store"]')
+    assert "file" in store_tile and "reachable" in store_tile
+    assert "updated" in text_of(browser, "#last-update")
+    browser.find_element("id", "filter").send_keys("nomatch")
+    assert "No host matches" in text_of(browser, "#hosts")
+    assert severe_logs(browser) == []
+
+
+def test_host_added_through_the_api_appears_without_reload(make_site: Callable[..., Site],
+                                                           browser: Any) -> None:
+    site = make_site()
+    open_live(browser, site)
+    assert "No hosts" in text_of(browser, "#hosts")
+    browser.execute_script("window.__sameDocument = true")
+    site.api("PUT", "/api/v1/hosts/new.example.com",
+             {"action": "redirect", "to": "https://elsewhere.example", "status": 302})
+    card = wait_for(browser, lambda d: text_of(d, host_card("new.example.com")),
+                    "the new host's card")
+    assert "redirect" in card.lower() and "https://elsewhere.example" in card
+    assert browser.execute_script("return window.__sameDocument") is True, "the page reloaded"
+
+
+def test_backend_going_down_is_shown_down(make_site: Callable[..., Site], browser: Any) -> None:
+    site = make_site(hosts={"app.example.com": WEB})
+    with site.runtime.edit() as stats:
+        serve_requests(stats, "app.example.com", 10, backend="127.0.0.1:9001")
+        serve_requests(stats, "app.example.com", 10, backend="127.0.0.1:9002")
+    open_live(browser, site)
+    row = host_card("app.example.com") + ' tr[data-backend="127.0.0.1:9002"]'
+    wait_for(browser, lambda d: "up" in text_of(d, row), "the backend shown up")
+    with site.runtime.edit() as stats:
+        mark_down(stats, "app.example.com", "127.0.0.1:9002", failures=3)
+
+    def shown_down(driver: Any) -> bool:
+        rows = driver.find_elements("css selector", row)
+        return bool(rows) and "backend-down" in rows[0].get_attribute("class").split()
+    wait_for(browser, shown_down, "the backend marked down")
+    assert "down" in text_of(browser, row + " .backend-state")
+    assert "3 failures" in text_of(browser, row)
+    assert "1 of 2 backends down" in text_of(browser, host_card("app.example.com"))
+    other = host_card("app.example.com") + ' tr[data-backend="127.0.0.1:9001"]'
+    assert "backend-up" in browser.find_element("css selector", other).get_attribute("class")
+
+
+def test_with_a_token_the_page_asks_for_it_then_shows_data(make_site: Callable[..., Site],
+                                                           browser: Any) -> None:
+    site = make_site(token=TOKEN, hosts={"app.example.com": WEB})
+    browser.get(site.url + "/")
+    wait_for(browser, lambda d: d.find_element("id", "token").is_displayed(), "the token form")
+    assert "needs a token" in text_of(browser, "#token-message")
+    assert not browser.find_elements("css selector", host_card("app.example.com"))
+
+    browser.find_element("id", "token-input").send_keys("wrong-token")
+    browser.find_element("css selector", "#token-form button[type=submit]").click()
+    wait_for(browser, lambda d: "rejected" in text_of(d, "#token-message"), "the rejection")
+
+    browser.find_element("id", "token-input").send_keys(TOKEN)
+    browser.find_element("css selector", "#token-form button[type=submit]").click()
+    wait_for(browser, lambda d: text_of(d, host_card("app.example.com")), "data after sign-in")
+    assert not browser.find_element("id", "token").is_displayed()
+    assert "Live" in text_of(browser, "#status")
+    assert TOKEN not in browser.current_url
+    stored = browser.execute_script("return sessionStorage.getItem('balancer.token')")
+    assert stored == TOKEN
+
+
+def test_api_error_shows_a_banner_and_marks_figures_stale(make_site: Callable[..., Site],
+                                                          browser: Any) -> None:
+    site = make_site(hosts={"app.example.com": WEB})
+    open_live(browser, site)
+    assert text_of(browser, "#banners") == ""
+    site.runtime.failing = True
+    wait_for(browser, lambda d: "failed (HTTP 500)" in text_of(d, "#banners"), "the error banner")
+    assert "not live" in text_of(browser, "#banners")
+    assert "Stale" in text_of(browser, "#status")
+    assert "is-stale" in browser.find_element("tag name", "body").get_attribute("class")
+    site.runtime.failing = False
+    wait_for(browser, lambda d: "Live" in text_of(d, "#status"), "recovery")
+    assert text_of(browser, "#banners") == ""
+
+
+def test_store_down_is_announced(make_site: Callable[..., Site], browser: Any) -> None:
+    site = make_site(hosts={"app.example.com": WEB})
+    open_live(browser, site)
+    site.runtime.store_up = False
+    wait_for(browser, lambda d: "Store unreachable" in text_of(d, "#banners"), "the store banner")
+    assert "unreachable" in text_of(browser, '[data-tile="store"]')
+
+
+RATES_SCRIPT = """
+const done = arguments[arguments.length - 1];
+Promise.all([import("/static/history.js"), import("/static/format.js")]).then(([h, f]) => {
+  const counters = (completed, errors) =>
+    ({x: {completed_requests: completed, responses: {"5xx": errors}}});
+  const history = new h.History();
+  history.record(counters(100, 0), 0);
+  history.record(counters(120, 5), 2000);   // 20 requests in 2 s, 5 of them 5xx
+  history.record(counters(10, 0), 4000);    // a worker restarted: counters went down
+  history.record(counters(10, 0), 6000);    // idle
+  history.record(counters(10, 0), 4000 + h.WINDOW_MS);
+  const points = history.points("x");
+  history.record({}, 9e6);                  // the host left the stats
+  done({points, gone: history.points("x").length,
+        text: [f.rate(0.25), f.rate(12.4), f.bytes(1536), f.bytes(512), f.percent(2.5),
+               f.count(1, "host"), f.count(2, "host"), f.count(undefined, "host")]});
+}).catch((err) => done({error: String(err)}));
+"""
+
+
+def test_rates_come_from_counter_deltas(make_site: Callable[..., Site], browser: Any) -> None:
+    site = make_site()
+    open_live(browser, site)
+    result = browser.execute_async_script(RATES_SCRIPT)
+    assert "error" not in result, result
+    rps = [p["rps"] for p in result["points"]]
+    errors = [p["errorPct"] for p in result["points"]]
+    # the 2 s point fell out of the 5-minute window; the reset is a gap, never negative
+    assert rps == [None, 0, 0] and errors == [None, None, None]
+    result = browser.execute_async_script(RATES_SCRIPT.replace("4000 + h.WINDOW_MS", "7000"))
+    assert [p["rps"] for p in result["points"]][0] == 10
+    assert result["points"][0]["errorPct"] == 25
+    assert result["gone"] == 0
+    assert result["text"] == ["0.3 req/s", "12 req/s", "1.5 KiB", "512 B", "2.5 %",
+                              "1 host", "2 hosts", "—"]
+
+
+def test_screenshot(make_site: Callable[..., Site], browser: Any, tmp_path: Path) -> None:
+    site = make_site(hosts={
+        "app.example.com": {**WEB, "health": {"path": "/healthz"}},
+        "api.example.com": {"action": "proxy", "backends": ["10.0.0.5:8000", "10.0.0.6:8000"],
+                            "algorithm": "least_connections", "retries": 2},
+        "deploy.example.com": {"action": "spin", "timeout": 120},
+        "old.example.com": {"action": "redirect", "to": "https://app.example.com",
+                            "status": 301, "keep_path": True},
+    })
+    with site.runtime.edit() as stats:
+        stats.open_connections = 42
+        stats.host("deploy.example.com").spinning = 3
+        mark_down(stats, "api.example.com", "10.0.0.6:8000", failures=7)
+    with traffic(site.runtime):
+        open_live(browser, site)
+        line = host_card("app.example.com") + " .chart-rps .spark-line"
+        wait_for(browser, lambda d: len(d.find_elements("css selector", line)) and
+                 d.find_element("css selector", line).get_attribute("d").count("L") >= 5,
+                 "five points of history", timeout=20)
+    assert "req/s" in text_of(browser, host_card("app.example.com") + " .fig-rps")
+    laptop = tmp_path / "dashboard.png"
+    assert browser.save_screenshot(str(laptop))
+    browser.set_window_size(*PHONE)
+    overflow = browser.execute_script(
+        "return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow}px wider than a phone screen"
+    phone = tmp_path / "dashboard-phone.png"
+    assert browser.save_screenshot(str(phone))
+    assert severe_logs(browser) == []
+    print(f"\ndashboard screenshots: {laptop} {phone}")
+
+
+@contextlib.contextmanager
+def traffic(runtime: ScriptedRuntime) -> Iterator[None]:
+    """Steady scripted traffic on a few hosts (a thread) while the block runs."""
+    stop = threading.Event()
+
+    def run() -> None:
+        tick = 0
+        while not stop.wait(0.1):
+            tick += 1
+            with runtime.edit() as stats:
+                serve_requests(stats, "app.example.com", 9 + tick % 7, backend="127.0.0.1:9002")
+                serve_requests(stats, "app.example.com", 3, backend="127.0.0.1:9001")
+                serve_requests(stats, "api.example.com", 4, backend="10.0.0.5:8000")
+                serve_requests(stats, "api.example.com", tick % 3 == 0, 502)
+                serve_requests(stats, "(unknown)", tick % 2, 404)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
