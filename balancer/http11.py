@@ -13,12 +13,18 @@ Invariants:
 * Nothing that could be smuggled passes: conflicting or repeated
   Content-Length, any Transfer-Encoding but a single final ``chunked``, bad
   chunk framing, invalid header names or values, bare CR or LF, obs-fold,
-  missing or repeated Host on HTTP/1.1, versions other than 1.0 and 1.1.
+  missing, repeated or invalid Host on HTTP/1.1, versions other than 1.0 and 1.1.
 * Memory is bounded: an unfinished head never grows past the configured
   limits, and body bytes are handed out as they arrive.
-* After an Upgrade/CONNECT head, parsing pauses: `upgraded` is set and
-  `leftover` holds the bytes after the head. `resume()` continues as HTTP
-  (the backend refused the upgrade).
+* Limits do not depend on how the bytes were split: the feed-level counts
+  bound an unfinished head (memory), and a completed head whose counts could
+  be off (it began inside a feed, or that feed was large) is measured exactly.
+* After an Upgrade head, parsing pauses: `upgraded` is set and `leftover`
+  holds the bytes after the head. `resume()` continues as HTTP (the backend
+  refused the upgrade). An Upgrade request has no body: llhttp would hand the
+  body over as tunnel data, so such a request is rejected.
+* Bytes after a request that closes the connection are ignored (RFC 9112
+  §9.6); the caller closes after answering it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ END = object()  # sentinel event: the current message is complete
 
 REQUEST_SPECIAL = frozenset((b"host", b"expect", b"upgrade"))
 FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+# RFC 3986 reg-name / IP-literal characters and ":" port: anything else in Host is a 400.
+HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+              b"-._~%!$&'()*+,;=:[]")
 HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
@@ -103,8 +112,10 @@ class _Parser:
 
     def _begin(self) -> None:
         self._in_head = True
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes fed since the head began at a feed boundary
         self._line_done = False
+        self._measure = False  # the counts missed part of this head: measure it exactly
+        self._quiet_bytes = 0  # body-phase bytes that produced no event (framing, trailers)
         self._raw: list[tuple[bytes, bytes]] = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -118,8 +129,12 @@ class _Parser:
 
     def feed(self, data: bytes) -> None:
         """Parse `data`; events are appended to `events`. Raises ProtocolError."""
+        events = self.events
         if self._in_head:
             self._check_head_size(data)
+            quiet = -1
+        else:
+            quiet = len(events)
         try:
             self._hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -128,9 +143,31 @@ class _Parser:
         except httptools.HttpParserError as exc:
             if self._error is not None:
                 raise self._error from None
+            if self._is_closed():
+                return
             raise ProtocolError(400, str(exc)) from None
         if self._in_head and self._head_bytes > self._head_limit():
             raise ProtocolError(431, "request head too large")
+        if quiet == len(events):
+            # httptools buffers a trailer field whole until it ends: bound the bytes
+            # that produced no event, as for a head (bug: unbounded, quadratic copies).
+            self._quiet_bytes += len(data)
+            if self._quiet_bytes > self._head_limit():
+                raise ProtocolError(431, "chunked trailer section too large")
+        elif quiet >= 0:
+            self._quiet_bytes = 0
+        if self._raw and not self._in_head:  # trailer fields so far (dropped at the end)
+            self._check_trailers()
+
+    def _is_closed(self) -> bool:
+        """Whether the last complete message closes the connection (later bytes don't count)."""
+        return False
+
+    def _check_trailers(self) -> None:
+        raw = self._raw
+        size = sum(len(name) + len(value) + 4 for name, value in raw)
+        if size > self._head_limit() or len(raw) > self.limits.max_headers:
+            self._fail(431, "chunked trailer section too large")
 
     def _head_limit(self) -> int:
         return self.limits.max_request_line + self.limits.max_header_bytes
@@ -139,7 +176,7 @@ class _Parser:
         if not self._line_done:
             end = data.find(b"\n")
             line = self._head_bytes + (len(data) if end < 0 else end)
-            if line > self.limits.max_request_line:
+            if line > self.limits.max_request_line + 1:  # + 1: the CR ending the line
                 self._fail(*self._line_too_long())
             self._line_done = end >= 0
         self._head_bytes += len(data)
@@ -206,17 +243,22 @@ class RequestParser(_Parser):
     def on_message_begin(self) -> None:
         self._head = RequestHead()
         self._url = b""
+        if not self._head_bytes:
+            # Began inside the feed that completed the previous request, so the
+            # feed-level counts missed its start: measured in `_check_sizes`.
+            self._line_done = self._measure = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_headers_complete(self) -> None:
         head, hp = self._head, self._hp
+        head.method = hp.get_method()
+        self._check_sizes(head)
         head.headers = fields = self._scan(head)
         for _, lname, value in fields:
             if lname in REQUEST_SPECIAL:
                 self._special(head, lname, value)
-        head.method = hp.get_method()
         head.version = version = hp.get_http_version().encode()
         if version != b"1.1" and version != b"1.0":
             self._fail(505, "HTTP version not supported")
@@ -227,13 +269,39 @@ class RequestParser(_Parser):
             self._fail(400, "missing Host header")
         if head.host == b"\0":
             self._fail(400, "empty Host header")
-        if head.chunked and version == b"1.0":
-            self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if head.upgrade and b"upgrade" not in head.connection_tokens:
+        if head.host.translate(None, HOST_CHARS):
+            self._fail(400, "invalid Host header")
+        if version == b"1.0":
+            if head.chunked:
+                self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
+            head.expect_continue = False  # RFC 9110 §10.1.1: ignored in HTTP/1.0
+        if hp.should_upgrade():
+            # llhttp stops after this head; whatever follows is tunnel data, so a
+            # body would be smuggled past the framing (bug: forwarded on refusal).
+            if head.has_body:
+                self._fail(400, "Upgrade request with a body")
+            if not head.upgrade:  # "Upgrade: a" then an empty "Upgrade:"
+                self._fail(400, "empty Upgrade header")
+        else:
             head.upgrade = b""
         head.keep_alive = hp.should_keep_alive()
         self._in_head = False
         self.events.append(head)
+
+    def _check_sizes(self, head: RequestHead) -> None:
+        """Exact limits, for heads the feed-level counts could not bound (see `_Parser`)."""
+        limits = self.limits
+        line = len(head.method) + len(self._url) + 10  # "M SP url SP HTTP/1.1"
+        if line > limits.max_request_line:
+            self._fail(*self._line_too_long())
+        if self._measure or self._head_bytes > self._head_limit():
+            size = line + 4 + sum(len(name) + len(value) + 4 for name, value in self._raw)
+            if size > self._head_limit():
+                self._fail(431, "request head too large")
+
+    def _is_closed(self) -> bool:
+        head = self._head  # a head whose keep_alive is False has been completed
+        return self._in_head and head is not None and not head.keep_alive
 
     def _special(self, head: RequestHead, lname: bytes, value: bytes) -> None:
         if lname == b"host":
@@ -255,11 +323,13 @@ class RequestParser(_Parser):
         lower = url[:8].lower()
         if lower.startswith(b"http://") or lower.startswith(b"https://"):
             rest = url.split(b"://", 1)[1]
-            slash = rest.find(b"/")
-            authority, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+            # The authority ends at the path, the query or the fragment (bug: "?" was kept in it).
+            authority = rest.partition(b"/")[0].partition(b"?")[0].partition(b"#")[0]
+            path = rest[len(authority):]
             if not authority or b"@" in authority:
                 self._fail(400, "bad absolute-form target")
-            head.host, head.target = authority, path
+            head.host = authority
+            head.target = path if path[:1] == b"/" else b"/" + path
             return
         self._fail(400, "bad request target")
 
@@ -267,5 +337,7 @@ class RequestParser(_Parser):
         self.events.append(body)
 
     def on_message_complete(self) -> None:
+        if self._raw:  # trailer fields
+            self._check_trailers()
         self.events.append(END)
         self._begin()

@@ -12,6 +12,9 @@ Invariants:
 * `ProtocolError` is the only exception (status 502: the backend is at fault).
 * A new parser per response; once complete it drops its httptools parser,
   so no reference cycle outlives the response.
+* Bytes after the final response are not part of it: later feeds are ignored,
+  and bytes that came in the same feed make the connection not reusable
+  (`keep_alive` False) instead of failing a response that is whole.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from balancer.http11 import END, Limits, ProtocolError, connection_tokens
 
 _CRLFCRLF = b"\r\n\r\n"
 DEFAULT_LIMITS = Limits()
+
+
+class _Stop(Exception):
+    """Raised in a callback to stop llhttp: the response ended before llhttp knows it."""
 
 
 class ResponseHead:
@@ -103,9 +110,14 @@ class ResponseParser:
             self.upgraded = True
             self.leftover = data[exc.args[0]:]
         except httptools.HttpParserError as exc:
-            if self._error is not None:
+            if self.complete and self._head.status != 101:  # 101: no "Connection: upgrade"
+                # The response is whole; what followed it (HEAD: its body) was consumed.
+                if not self.for_head:
+                    self._head.keep_alive = False
+            elif self._error is not None:
                 raise self._error from None
-            raise ProtocolError(502, f"invalid response from backend: {exc}") from None
+            else:
+                raise ProtocolError(502, f"invalid response from backend: {exc}") from None
         if self.complete:
             self._hp = None
 
@@ -123,13 +135,21 @@ class ResponseParser:
 
     # httptools callbacks --------------------------------------------------
     def on_headers_complete(self) -> None:
+        if self.complete:  # a second response after the final one (handled in `feed`)
+            raise _Stop
         hp, buf = self._hp, self._buf
         start = 0
         while buf.startswith(b"\r\n", start):
             start += 2
         line_end = buf.find(b"\r\n", start)
         end = buf.find(_CRLFCRLF, start)
+        if end - start > self._limit:  # a head that came in one large read
+            self._error = ProtocolError(502, "backend response head too large")
+            raise self._error
         status = hp.get_status_code()
+        if not 100 <= status <= 599:  # llhttp takes any three digits (RFC 9110 §15)
+            self._error = ProtocolError(502, f"invalid status {status} from backend")
+            raise self._error
         # llhttp checked the start line is "HTTP/d.d NNN reason": keep code and reason.
         status_line = b"HTTP/1.1 " + buf[start + 9:line_end]
         no_body = self.for_head or status < 200 or status in (204, 304)
@@ -147,8 +167,12 @@ class ResponseParser:
         self._in_head = False
         self.events.append(head)
         if self.for_head and status >= 200:
-            # llhttp cannot be told "no body follows" (HEAD); the message ends here.
+            # llhttp cannot be told "no body follows" (HEAD); the message ends here,
+            # and a body the backend sent anyway must not become events after END.
             self._finish()
+            if len(buf) > end + 4:
+                head.keep_alive = False
+            raise _Stop
 
     def on_body(self, body: bytes) -> None:
         self.events.append(body)

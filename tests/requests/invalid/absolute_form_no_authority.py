@@ -1,0 +1,3 @@
+"""An absolute-form target without a host."""
+
+status = 400

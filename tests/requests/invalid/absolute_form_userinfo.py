@@ -1,0 +1,3 @@
+"""Userinfo in an absolute-form target."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""An expectation other than 100-continue."""
+
+status = 417

@@ -1,0 +1,3 @@
+"""A bare CR used as a line ending."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A bare CR inside a value."""
+
+status = 400

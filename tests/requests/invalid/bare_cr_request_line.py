@@ -1,0 +1,3 @@
+"""A request line ended by a bare CR."""
+
+status = 400

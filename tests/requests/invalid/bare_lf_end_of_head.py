@@ -1,0 +1,3 @@
+"""The head ended by a bare LF."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""Bare LF line endings throughout."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A field line ended by a bare LF."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""Chunk data ended by a bare LF."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A control character in a chunk extension."""
+
+status = 400

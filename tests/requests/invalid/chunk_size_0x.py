@@ -1,0 +1,3 @@
+"""A chunk size with a 0x prefix."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""An empty chunk size line."""
+
+status = 400

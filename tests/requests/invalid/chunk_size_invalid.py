@@ -1,0 +1,3 @@
+"""A chunk size that is not hex."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A chunk size line ended by a bare LF."""
+
+status = 400

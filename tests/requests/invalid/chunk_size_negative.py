@@ -1,0 +1,3 @@
+"""A negative chunk size."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A chunk size beyond 64 bits."""
+
+status = 400

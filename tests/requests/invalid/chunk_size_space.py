@@ -1,0 +1,3 @@
+"""Whitespace after a chunk size."""
+
+status = 400

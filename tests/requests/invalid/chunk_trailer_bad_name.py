@@ -1,0 +1,3 @@
+"""An invalid trailer field name."""
+
+status = 400

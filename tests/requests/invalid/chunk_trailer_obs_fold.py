@@ -1,0 +1,3 @@
+"""A folded trailer field."""
+
+status = 400

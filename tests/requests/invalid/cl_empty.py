@@ -1,0 +1,3 @@
+"""An empty Content-Length."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A hexadecimal Content-Length."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""Content-Length as a list."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A non-numeric Content-Length."""
+
+status = 400

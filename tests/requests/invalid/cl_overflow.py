@@ -1,0 +1,3 @@
+"""A Content-Length beyond 64 bits."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""Content-Length twice, even with the same value."""
+
+status = 400

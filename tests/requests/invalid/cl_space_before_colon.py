@@ -1,0 +1,3 @@
+"""Whitespace between Content-Length and the colon."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""Digits with an underscore (Python's int() would take it)."""
+
+status = 400

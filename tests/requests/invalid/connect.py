@@ -1,0 +1,3 @@
+"""CONNECT: this proxy does not tunnel arbitrary TCP."""
+
+status = 501

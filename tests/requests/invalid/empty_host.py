@@ -1,0 +1,3 @@
+"""An empty Host."""
+
+status = 400

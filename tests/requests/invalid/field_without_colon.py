@@ -1,0 +1,3 @@
+"""A field line without a colon."""
+
+status = 400

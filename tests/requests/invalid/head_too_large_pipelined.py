@@ -1,0 +1,6 @@
+"""An over-large head in the second of two pipelined requests."""
+
+from balancer.http11 import Limits
+
+limits = Limits(max_request_line=256, max_header_bytes=1024)
+status = 431

@@ -1,0 +1,3 @@
+"""A path in Host."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A space inside Host."""
+
+status = 400

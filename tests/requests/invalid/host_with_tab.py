@@ -1,0 +1,3 @@
+"""A tab inside Host."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""Userinfo in Host."""
+
+status = 400

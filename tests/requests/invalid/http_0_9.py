@@ -1,0 +1,3 @@
+"""An HTTP/0.9 request line."""
+
+status = 505

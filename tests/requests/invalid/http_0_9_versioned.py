@@ -1,0 +1,3 @@
+"""HTTP/0.9 spelled out."""
+
+status = 505

@@ -1,0 +1,3 @@
+"""An unknown minor version."""
+
+status = 400

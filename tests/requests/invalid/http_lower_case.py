@@ -1,0 +1,3 @@
+"""The protocol name is case-sensitive."""
+
+status = 400

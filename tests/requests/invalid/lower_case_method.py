@@ -1,0 +1,3 @@
+"""Methods are case-sensitive."""
+
+status = 400

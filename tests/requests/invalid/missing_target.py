@@ -1,0 +1,3 @@
+"""No target in the request line."""
+
+status = 400

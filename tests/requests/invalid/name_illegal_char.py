@@ -1,0 +1,3 @@
+"""A delimiter inside a field name."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""Non-ASCII bytes in a field name."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A space inside a field name."""
+
+status = 400

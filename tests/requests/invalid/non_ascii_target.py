@@ -1,0 +1,3 @@
+"""Raw non-ASCII bytes in the target."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""NUL in the target."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A valid request, then binary garbage."""
+
+status = 400

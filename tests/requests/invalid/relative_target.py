@@ -1,0 +1,3 @@
+"""A target that is neither origin-form, absolute-form nor *."""
+
+status = 400

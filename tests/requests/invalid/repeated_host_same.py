@@ -1,0 +1,3 @@
+"""Two Host fields with the same value."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A request line that never ends: refused once it passes the limit."""
+
+status = 414

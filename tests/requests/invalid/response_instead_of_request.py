@@ -1,0 +1,3 @@
+"""A response where a request belongs."""
+
+status = 400

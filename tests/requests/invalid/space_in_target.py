@@ -1,0 +1,3 @@
+"""A space inside the target."""
+
+status = 400

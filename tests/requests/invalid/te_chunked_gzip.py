@@ -1,0 +1,3 @@
+"""chunked that is not the final coding: the body has no framing."""
+
+status = 400

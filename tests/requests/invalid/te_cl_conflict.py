@@ -1,0 +1,3 @@
+"""TE.CL: the same conflict, Transfer-Encoding first."""
+
+status = 400

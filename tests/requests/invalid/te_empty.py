@@ -1,0 +1,3 @@
+"""An empty Transfer-Encoding."""
+
+status = 400

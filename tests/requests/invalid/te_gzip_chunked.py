@@ -1,0 +1,3 @@
+"""A transfer coding before chunked: not implemented, never forwarded."""
+
+status = 501

@@ -1,0 +1,3 @@
+"""identity is not a transfer coding any more."""
+
+status = 501

@@ -1,0 +1,3 @@
+"""Two Transfer-Encoding fields."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A TLS ClientHello sent to the plain-text port."""
+
+status = 400

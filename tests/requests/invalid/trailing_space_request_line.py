@@ -1,0 +1,3 @@
+"""Whitespace after the version."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A method llhttp does not know."""
+
+status = 400

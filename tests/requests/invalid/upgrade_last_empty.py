@@ -1,0 +1,3 @@
+"""An Upgrade field that ends empty: no protocol to switch to."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""An Upgrade request with a chunked body."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A control character in a value."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""DEL in a value."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""ESC in a value (terminal injection)."""
+
+status = 400

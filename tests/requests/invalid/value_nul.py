@@ -1,0 +1,3 @@
+"""NUL in a value."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""A bare CR in a value."""
+
+status = 502

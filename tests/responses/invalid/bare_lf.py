@@ -1,0 +1,3 @@
+"""Bare LF line endings."""
+
+status = 502

@@ -1,0 +1,3 @@
+"""Binary garbage."""
+
+status = 502

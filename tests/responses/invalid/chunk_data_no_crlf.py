@@ -1,0 +1,3 @@
+"""Chunk data longer than its size."""
+
+status = 502

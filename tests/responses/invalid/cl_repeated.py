@@ -1,0 +1,3 @@
+"""Content-Length twice."""
+
+status = 502

@@ -1,0 +1,3 @@
+"""Content-Length and Transfer-Encoding together."""
+
+status = 502

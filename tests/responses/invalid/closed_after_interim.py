@@ -1,0 +1,4 @@
+"""The backend closed after an interim response."""
+
+eof = True
+status = 502

@@ -1,0 +1,4 @@
+"""The backend closed without a byte."""
+
+eof = True
+status = 502

@@ -1,0 +1,3 @@
+"""Not a status line at all."""
+
+status = 502

@@ -1,0 +1,3 @@
+"""A space in a field name."""
+
+status = 502

@@ -1,0 +1,3 @@
+"""A folded field."""
+
+status = 502

@@ -1,0 +1,3 @@
+"""Whitespace between a field name and its colon."""
+
+status = 502

@@ -1,0 +1,3 @@
+"""A status above 599 (llhttp takes any three digits)."""
+
+status = 502

@@ -1,0 +1,3 @@
+"""A four-digit status."""
+
+status = 502

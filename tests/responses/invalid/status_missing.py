@@ -1,0 +1,3 @@
+"""No status code."""
+
+status = 502

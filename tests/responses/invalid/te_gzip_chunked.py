@@ -1,0 +1,3 @@
+"""A transfer coding before chunked (the proxy only removes chunked)."""
+
+status = 502

@@ -1,0 +1,4 @@
+"""A transfer coding without chunked."""
+
+eof = True
+status = 502

@@ -1,0 +1,4 @@
+"""The backend closed before Content-Length bytes came."""
+
+eof = True
+status = 502

@@ -1,0 +1,4 @@
+"""The backend closed inside a chunk."""
+
+eof = True
+status = 502

@@ -1,0 +1,4 @@
+"""The backend closed inside the head."""
+
+eof = True
+status = 502

@@ -1,0 +1,3 @@
+"""101 without Connection: upgrade."""
+
+status = 502
