@@ -54,7 +54,7 @@ def _hold(env: RunEnv, target) -> None:
         base_kb = rss_kb(pids)
         with GeneratorRun(_spec(env, target)) as idle:
             idle.wait_ready(timeout=60 + count / 200)
-            time.sleep(SETTLE)
+            time.sleep(0.3 if env.quick else SETTLE)
             held = idle.total_held()
             held_kb = rss_kb(process_tree(target.proc.pid))
             live = env.load(target, LIVE_CONNECTIONS)

@@ -20,6 +20,7 @@ from loadtest.targets import HOST, TargetError, fetch
 NAME = "spin"
 SPIN_HOST = "spin.loadtest"
 HOLD = 2.0
+QUICK_HOLD = 1.0
 SPIN_TIMEOUT = 60
 
 
@@ -31,8 +32,12 @@ def held_count(env: RunEnv) -> int:
     return 50 if env.quick else 1000
 
 
+def hold_seconds(env: RunEnv) -> float:
+    return QUICK_HOLD if env.quick else HOLD
+
+
 def estimate(env: RunEnv) -> float:
-    return (HOLD + 4 + held_count(env) / 1000) * len(targets(env))
+    return (hold_seconds(env) + 3 + held_count(env) / 1000) * len(targets(env))
 
 
 def run(env: RunEnv) -> None:
@@ -58,7 +63,8 @@ def wait_until_held(port: int, host: str, timeout: float = 10.0) -> None:
 def _flip(env: RunEnv, target, backends) -> None:
     count = held_count(env)
     addrs = [f"{HOST}:{b.port}" for b in backends]
-    with env.progress.step(f"spin {target.name}: {count} held requests", HOLD + 4):
+    with env.progress.step(f"spin {target.name}: {count} held requests",
+                           hold_seconds(env) + 3):
         target.routes.set_rule(SPIN_HOST, {"action": "spin", "timeout": SPIN_TIMEOUT})
         wait_until_held(target.port, SPIN_HOST)
         spec = LoadSpec(HOST, target.port, count, mode="once", host_header=SPIN_HOST,
@@ -66,7 +72,7 @@ def _flip(env: RunEnv, target, backends) -> None:
         with GeneratorRun(spec) as run:
             run.wait_ready(timeout=30)
             run.go()
-            time.sleep(HOLD)
+            time.sleep(hold_seconds(env))
             early = run.total_done()
             flipped = time.time()
             target.routes.set_rule(SPIN_HOST, proxy_rule(addrs))
