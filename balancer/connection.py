@@ -56,8 +56,7 @@ class Context:
         self.trusted = trusted
         self.limits = limits
         self.timeouts = timeouts
-        self.spin_max_waiting = spin_max_waiting
-        self.spin_waiting = [0]  # shared mutable cell: requests held by spin in this worker
+        self.spin_max_waiting = spin_max_waiting  # the cap is counted by balancer.hold
         self.request_ids = RequestIds()
         # live connections, for the gevent watchdog; None = use socket timeouts
         self.connections = connections
@@ -223,6 +222,8 @@ class ClientConnection:
                 ctx.access_log.log(access_record(ex, elapsed))
         if ex.keep_alive and not ex.body_done:
             self.discard_body(ex)
+        if self.parser.upgraded and ex.keep_alive:
+            self.parser.resume()  # the Upgrade was not accepted: the connection stays HTTP
         return ex.keep_alive
 
     def request_id(self, head: RequestHead) -> bytes:

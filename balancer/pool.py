@@ -9,7 +9,13 @@ Invariants:
   errors on connect become `ConnectError` here, at the edge.
 * Passive health: `fall` consecutive failures mark the backend down for
   `fail_timeout` seconds; after that one request probes it (half-open) and
-  its outcome decides.
+  its outcome decides. A probe that never reports back (its request was
+  cancelled) lets another probe go after `fail_timeout` more seconds.
+* Active health (`balancer.health`) only sets `checked_down`; a backend the
+  checks call down takes no request while another is available.
+* Recovery wakes waiters: `recovered_event()` is set whenever the backend
+  answers again after failures (passive) or rises (active), so requests held
+  while every backend was down are released at once.
 * No locks: list append/pop are atomic, so the threaded baseline can share a
   pool with no more than a harmless race on counters.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 import time
 
 from balancer.addr import Address, parse_backend_addr
@@ -45,6 +52,7 @@ class Backend:
         self.down_until = 0.0
         self.state = UP
         self.checked_down = False  # set by an active health check
+        self._recovered = threading.Event()
 
     # pool ----------------------------------------------------------------
     def acquire(self) -> tuple[socket.socket, bool]:
@@ -111,31 +119,49 @@ class Backend:
 
     # passive health ------------------------------------------------------
     def is_available(self) -> bool:
-        """Whether a request may go here now (down marks expire into one probe)."""
+        """Whether a request may go here now; an expired down mark becomes the
+        one half-open probe, so call this only for a backend you will use."""
         if self.state is UP and not self.checked_down:
             return True
         if self.checked_down:
             return False
-        if self.state == DOWN and time.monotonic() >= self.down_until:
+        now = time.monotonic()
+        if now >= self.down_until:  # DOWN expired, or a PROBING probe went silent
             self.state = PROBING
+            self.down_until = now + self.fail_timeout
             return True
         return False
 
+    @property
+    def is_healthy(self) -> bool:
+        """Up by every account (no side effect, unlike `is_available`)."""
+        return self.state is UP and not self.checked_down
+
     def record_success(self) -> None:
-        self.fails = 0
-        if self.state != UP:
+        if self.fails or self.state is not UP:
+            self.fails = 0
             self.state = UP
+            self.mark_recovered()
 
     def record_failure(self, fall: int) -> None:
         self.fails += 1
-        if self.state == PROBING or self.fails >= fall:
+        if self.state is PROBING or self.fails >= fall:
             self.state = DOWN
             self.down_until = time.monotonic() + self.fail_timeout
             self.close_idle()
 
+    def recovered_event(self) -> threading.Event:
+        """An event set the next time this backend recovers (take it before trying)."""
+        return self._recovered
+
+    def mark_recovered(self) -> None:
+        """Wake everything waiting for this backend to come back."""
+        recovered, self._recovered = self._recovered, threading.Event()
+        recovered.set()
+
     def health_state(self) -> str:
         """"up" or "down" as an operator should see it now."""
-        if self.checked_down or (self.state == DOWN and time.monotonic() < self.down_until):
+        if self.checked_down or (self.state is DOWN and time.monotonic() < self.down_until):
             return "down"
         return "up"
 

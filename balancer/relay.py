@@ -240,8 +240,11 @@ def forward(ex, backend: Backend, body: bytes | None, max_body: int | None) -> N
             ex.conn.arm(sock, ex.conn.ctx.timeouts.backend_read)
             rhead, parser = read_response_head(ex, sock)
         ex.backend_time = time.perf_counter() - started
-        if rhead.status == 101 and ex.head.upgrade:
+        if rhead.status == 101:
+            if not ex.head.upgrade:
+                raise BackendProtocolError("101 Switching Protocols to a request without Upgrade")
             _upgrade(ex, sock, rhead, parser)
+            sock.close()
             return
         reusable = relay_response(ex, sock, rhead, parser) and not ex.head.upgrade
     except BaseException:

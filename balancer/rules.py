@@ -21,6 +21,8 @@ REDIRECT_STATUSES = (301, 302, 307, 308)
 _LABEL = r"[a-z0-9_][a-z0-9_-]{0,62}"
 HOST_RE = re.compile(rf"^(\*|(\*\.)?{_LABEL}(\.{_LABEL})*\.?)$")
 MAX_HOST_LEN = 253
+MAX_HOLD = 86400   # seconds a request may be held (spin timeout, spin_when_down)
+MAX_CHECK = 3600   # seconds: the longest health check interval or timeout
 
 COMMON_KEYS = {"action", "subdomains"}
 ACTION_KEYS = {
@@ -112,6 +114,13 @@ def _int_at_least(rule: Mapping[str, Any], key: str, low: int, prefix: str = "")
     return []
 
 
+def _at_most(rule: Mapping[str, Any], key: str, high: float, unit: str,
+             prefix: str = "") -> list[str]:
+    if _is_number(rule.get(key)) and rule[key] > high:
+        return [f"{prefix}{key}: must be at most {high:g} {unit}, got {rule[key]!r}"]
+    return []
+
+
 def _status(rule: Mapping[str, Any], allowed: Callable[[int], bool], text: str) -> list[str]:
     status = rule.get("status")
     if status is not None and (not _is_int(status) or not allowed(status)):
@@ -177,8 +186,9 @@ def _validate_health(health: object) -> list[str]:
     path = health.get("path", "/")
     if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in " \r\n"):
         problems.append(f"health.path: must be a path starting with '/', got {path!r}")
-    problems += _positive_number(health, "interval", "health.")
-    problems += _positive_number(health, "timeout", "health.")
+    for key in ("interval", "timeout"):
+        problems += _positive_number(health, key, "health.")
+        problems += _at_most(health, key, MAX_CHECK, "seconds", "health.")
     problems += _int_at_least(health, "rise", 1, "health.")
     problems += _int_at_least(health, "fall", 1, "health.")
     return problems
@@ -193,6 +203,7 @@ def _validate_proxy(rule: Mapping[str, Any]) -> list[str]:
     if _is_int(rule.get("retries")) and rule["retries"] > 10:
         problems.append(f"retries: must be at most 10, got {rule['retries']!r}")
     problems += _positive_number(rule, "spin_when_down")
+    problems += _at_most(rule, "spin_when_down", MAX_HOLD, "seconds")
     problems += _positive_number(rule, "retry_timeout")
     problems += _int_at_least(rule, "max_body_bytes", 0)
     if "health" in rule:
@@ -201,10 +212,7 @@ def _validate_proxy(rule: Mapping[str, Any]) -> list[str]:
 
 
 def _validate_spin(rule: Mapping[str, Any]) -> list[str]:
-    problems = _positive_number(rule, "timeout")
-    if _is_number(rule.get("timeout")) and rule["timeout"] > 86400:
-        problems.append(f"timeout: must be at most 86400 seconds, got {rule['timeout']!r}")
-    return problems
+    return _positive_number(rule, "timeout") + _at_most(rule, "timeout", MAX_HOLD, "seconds")
 
 
 def _validate_static(rule: Mapping[str, Any]) -> list[str]:

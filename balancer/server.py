@@ -21,6 +21,7 @@ from gevent.server import StreamServer
 from balancer.actions import ActionCompiler
 from balancer.addr import Address
 from balancer.connection import COARSE_CLOCK, Context, handle_client
+from balancer.health import HealthChecks
 from balancer.http11 import Limits
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry
@@ -62,6 +63,8 @@ class Worker:
                                        stats=self.stats, holder_ref=holder_ref)
         self.holder = TableHolder(RoutingTable(0, {}, self.compiler.fallbacks()[1]))
         holder_ref.append(self.holder)
+        self.health = HealthChecks(self.registry)  # active checks follow every swap
+        self.holder.on_swap.append(self.health.on_swap)
         self.loaded = False
         self.access_log = (log_factory or _access_log)(settings)
         limits = settings.limits
@@ -143,6 +146,7 @@ class Worker:
             server.close()
         self.pool.join(timeout=graceful)
         self.pool.kill(block=True, timeout=1)
+        self.health.stop()
         self.access_log.close()
         self.store.close()
 

@@ -3,37 +3,57 @@
 Invariants:
 * Each direction is pumped by its own thread of control (a greenlet under
   gevent, an OS thread in the threaded baseline).
-* End of stream in one direction half-closes the other side's write end;
-  the tunnel ends when both directions ended, or either stayed silent for
-  `idle` seconds, or a socket failed. Both sockets are the caller's to close.
+* End of stream in one direction half-closes the other side's write end
+  (SHUT_WR) and the other direction keeps flowing; the tunnel ends when both
+  directions ended, when the tunnel saw no byte in either direction for
+  `idle` seconds, or when a socket failed (both are then shut down).
+* Both sockets are the caller's to close.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import time
 
 RECV_SIZE = 65536
 
 
-def _pump(src: socket.socket, dst: socket.socket, idle: float, counts: list[int],
+class _Activity:
+    """What both pumps share: byte counts and the time of the last byte."""
+
+    __slots__ = ("counts", "last")
+
+    def __init__(self) -> None:
+        self.counts = [0, 0]  # [to the client, from the client]
+        self.last = time.monotonic()
+
+
+def _pump(src: socket.socket, dst: socket.socket, idle: float, activity: _Activity,
           index: int, done: threading.Event) -> None:
     try:
         src.settimeout(idle)
         while True:
-            data = src.recv(RECV_SIZE)
+            try:
+                data = src.recv(RECV_SIZE)
+            except TimeoutError:
+                quiet = time.monotonic() - activity.last
+                if quiet >= idle:
+                    raise
+                src.settimeout(idle - quiet)  # the other direction was busy meanwhile
+                continue
             if not data:
                 dst.shutdown(socket.SHUT_WR)
                 return
+            activity.last = time.monotonic()
             dst.sendall(data)
-            counts[index] += len(data)
+            activity.counts[index] += len(data)
     except OSError:
-        # timeout or reset: tear down both directions
+        # idle timeout, reset or a failed send: tear down both directions
         for sock in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
     finally:
         done.set()
 
@@ -41,14 +61,19 @@ def _pump(src: socket.socket, dst: socket.socket, idle: float, counts: list[int]
 def tunnel(client: socket.socket, backend: socket.socket, client_leftover: bytes,
            idle: float) -> tuple[int, int]:
     """Relay bytes both ways until done; returns (bytes to client, bytes from client)."""
-    counts = [0, 0]
+    activity = _Activity()
     if client_leftover:
         backend.sendall(client_leftover)
-        counts[1] += len(client_leftover)
+        activity.counts[1] += len(client_leftover)
     upstream_done = threading.Event()
     thread = threading.Thread(target=_pump, daemon=True,
-                              args=(client, backend, idle, counts, 1, upstream_done))
+                              args=(client, backend, idle, activity, 1, upstream_done))
     thread.start()
-    _pump(backend, client, idle, counts, 0, threading.Event())
-    upstream_done.wait(idle)
-    return counts[0], counts[1]
+    _pump(backend, client, idle, activity, 0, threading.Event())
+    while not upstream_done.wait(idle):
+        if time.monotonic() - activity.last >= idle:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+            upstream_done.wait(idle)
+            break
+    return activity.counts[0], activity.counts[1]

@@ -2,7 +2,8 @@
 
 `ActionCompiler.compile` turns a validated rule into a `Route` once per table
 build. An unchanged rule keeps its previous action object, so balancer state
-and backend pools carry over across table versions.
+and backend pools carry over across table versions. Every action of one
+worker shares one `Holds` count (the `spin_max_waiting` cap is per worker).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from balancer.actions.proxy import ProxyAction
 from balancer.actions.redirect import RedirectAction
 from balancer.actions.spin import SpinAction
 from balancer.actions.static import StaticAction
+from balancer.hold import Holds
 from balancer.table import UNKNOWN_KEY, Route
 
 
@@ -26,6 +28,7 @@ class ActionCompiler:
         self.pages = pages
         self.stats = stats
         self.holder_ref = holder_ref  # [TableHolder], filled once the holder exists
+        self.holds = Holds()  # requests held (spin, spin_when_down) in this worker
 
     def compile(self, key: str, rule: Mapping[str, Any], prior: Any) -> Route:
         """The route of table key `key` (reusing `prior` when the rule is unchanged)."""
@@ -36,9 +39,10 @@ class ActionCompiler:
     def make_action(self, key: str, rule: Mapping[str, Any]) -> Any:
         kind = rule["action"]
         if kind == "proxy":
-            return ProxyAction(rule, self.registry, self.stats.host(key))
+            return ProxyAction(rule, self.registry, self.stats.host(key),
+                               self.holder_ref[0], self.holds)
         if kind == "spin":
-            return SpinAction(rule, self.holder_ref[0])
+            return SpinAction(rule, self.holder_ref[0], self.holds)
         if kind == "static":
             return StaticAction(rule, self.pages)
         if kind == "redirect":

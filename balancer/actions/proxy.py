@@ -6,10 +6,18 @@ Invariants:
 * Connect failures are always retried. After bytes were sent, only
   idempotent requests whose body was not streamed are retried, and only
   while nothing was sent to the client.
+* With `spin_when_down`, a request whose every try failed because backends
+  were down (refused, or closed before answering a replayable request) is
+  held instead of answered 502: it is tried again when a backend recovers,
+  on a short backoff, and handed to the new rule when the host's rule
+  changes; at the deadline it gets the `timeout` page (504).
+* While held, connection attempts of all held requests of one rule are
+  spaced at least `PROBE_GAP` apart; a success wakes every other one.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +30,9 @@ from balancer.errors import (
     ConnectError,
     PayloadTooLarge,
     ProxyError,
+    SpinTimeout,
 )
+from balancer.hold import Holds, hand_over, retry_after, wait_any
 from balancer.relay import forward
 from balancer.rules import backend_entries
 
@@ -30,12 +40,16 @@ IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 DEFAULT_RETRIES = 2
 DEFAULT_FALL = 3
 DEFAULT_RETRY_TIMEOUT = 15.0
+FIRST_BACKOFF = 0.05   # seconds between tries of a held request, doubling...
+MAX_BACKOFF = 0.5      # ...up to this (each wait jittered down to half)
+PROBE_GAP = 0.05       # at least this long between tries of one rule's held requests
 
 
 class ProxyAction:
     """Forwards requests to the backends of one rule."""
 
-    def __init__(self, rule: Mapping[str, Any], registry: Any, host_stats: Any) -> None:
+    def __init__(self, rule: Mapping[str, Any], registry: Any, host_stats: Any,
+                 holder: Any = None, holds: Holds | None = None) -> None:
         self.rule = rule
         entries = backend_entries(rule)
         self.backends = [registry.get(address) for address, _ in entries]
@@ -45,6 +59,10 @@ class ProxyAction:
         self.retry_timeout = rule.get("retry_timeout", DEFAULT_RETRY_TIMEOUT)
         self.max_body = rule.get("max_body_bytes")
         self.fall = rule.get("health", {}).get("fall", DEFAULT_FALL)
+        self.spin_when_down = rule.get("spin_when_down")
+        self.holder = holder
+        self.holds = holds if holds is not None else Holds()
+        self.next_probe = 0.0  # monotonic time before which held requests do not try
         self.backend_stats = {}
         for backend in self.backends:
             stats = host_stats.backend(backend.key)
@@ -62,11 +80,26 @@ class ProxyAction:
             if body is not None:
                 ex.received += len(body)
                 ex.body_done = True
-                if max_body is not None and len(body) > max_body:
-                    raise PayloadTooLarge("body over max_body_bytes")
-        self.forward_with_retries(ex, body)
+        self.resume(ex, body)
 
-    def forward_with_retries(self, ex: Any, body: bytes | None) -> None:
+    def resume(self, ex: Any, body: bytes | None) -> None:
+        """Forward `ex`, whose body is `body` if already read (else streamed or none)."""
+        if body is not None and self.max_body is not None and len(body) > self.max_body:
+            raise PayloadTooLarge("body over max_body_bytes")
+        try:
+            self.forward_with_retries(ex, body, ex.start)
+        except ProxyError as failure:
+            if self.spin_when_down is None or not self.is_down(failure, ex, body):
+                raise
+            with self.holds.held(ex):
+                route = self.hold_while_down(ex, body)
+            if route is not None:
+                hand_over(route, ex, body)
+
+    def forward_with_retries(self, ex: Any, body: bytes | None, since: float) -> None:
+        """Try backends until one answers; raises the last failure.
+
+        `since` (perf_counter) starts the `retry_timeout` budget."""
         head = ex.head
         replayable = head.method in IDEMPOTENT and (body is not None or not head.has_body)
         tried: list = []
@@ -81,7 +114,7 @@ class ProxyAction:
                 return
             retryable = isinstance(failure, ConnectError) or (replayable and not ex.started)
             if (not retryable or len(tried) > self.retries
-                    or time.perf_counter() - ex.start > self.retry_timeout):
+                    or time.perf_counter() - since > self.retry_timeout):
                 raise failure
 
     def attempt(self, ex: Any, backend: Any, body: bytes | None) -> ProxyError | None:
@@ -108,3 +141,49 @@ class ProxyAction:
         stats.failures += 1
         backend.record_failure(self.fall)
         return exc
+
+    # spin_when_down ------------------------------------------------------
+    @staticmethod
+    def is_down(failure: ProxyError, ex: Any, body: bytes | None) -> bool:
+        """Whether `failure` says the backends are down and the request can wait."""
+        if isinstance(failure, ConnectError):
+            return True  # nothing was sent
+        head = ex.head
+        replayable = head.method in IDEMPOTENT and (body is not None or not head.has_body)
+        return isinstance(failure, BackendClosed) and replayable and not ex.started
+
+    def hold_while_down(self, ex: Any, body: bytes | None) -> Any:
+        """Retry until a backend answers (None) or the rule changes (the new route)."""
+        deadline = time.monotonic() + self.spin_when_down
+        holder, host, sock = self.holder, ex.head.host, ex.conn.sock
+        backoff, watch_client = FIRST_BACKOFF, True
+        while True:
+            changed = holder.change_event()  # taken before the lookup: no swap is missed
+            events = [changed] + [b.recovered_event() for b in self.backends]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SpinTimeout(retry_after(self.spin_when_down))
+            wait = min(remaining, backoff * (0.5 + random.random() / 2))
+            watch_client = wait_any(events, sock, wait, watch_client)
+            route = holder.table.lookup(host)
+            if route.action is not self:
+                return route
+            backoff = min(backoff * 2, MAX_BACKOFF)
+            woken = any(event.is_set() for event in events)
+            if not woken and time.monotonic() < self.next_probe:
+                continue  # another held request tried a moment ago
+            self.next_probe = time.monotonic() + PROBE_GAP
+            if self.try_again(ex, body):
+                return None
+            ex.conn.disarm()
+
+    def try_again(self, ex: Any, body: bytes | None) -> bool:
+        """One more round over the backends; True once answered. Raises a
+        failure the request cannot wait out."""
+        try:
+            self.forward_with_retries(ex, body, time.perf_counter())
+        except ProxyError as failure:
+            if not self.is_down(failure, ex, body):
+                raise
+            return False
+        return True

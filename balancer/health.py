@@ -1,0 +1,199 @@
+"""Active health checks: an HTTP GET to every checked backend address, on a timer.
+
+Passive health lives with the backend itself (`balancer.pool.Backend`:
+consecutive failures of real requests); this module adds the active checks
+of rules that carry `health`.
+
+Invariants:
+* One checker (one greenlet) per backend address, however many hosts name
+  it. When rules disagree on the settings for one address, the rule with
+  the shortest `interval` wins (then the first host key in sorted order).
+* Checkers follow the routing table: `HealthChecks.on_swap` (a
+  `TableHolder.on_swap` hook) starts, retunes and stops them; a stopped
+  checker leaves its backend not `checked_down`.
+* A checker only sets `Backend.checked_down`: down after `fall` failed
+  checks in a row, up again after `rise` good ones (which also clears the
+  passive down mark and wakes requests held while the backend was down).
+  A backend starts up; the first verdict needs `fall` failures.
+* A check passes when the backend answers `path` with a 2xx or 3xx status
+  within `timeout` seconds (connect included).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from balancer.http11 import ProtocolError
+from balancer.pool import Backend
+from balancer.response_parser import ResponseParser
+from balancer.rules import backend_entries
+
+log = logging.getLogger("balancer.health")
+RECV_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class CheckConfig:
+    """The `health` settings of a rule, with SPEC defaults filled in."""
+
+    path: str = "/"
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+
+    @classmethod
+    def from_rule(cls, health: Mapping[str, Any]) -> CheckConfig:
+        return cls(**{k: health[k] for k in ("path", "interval", "timeout", "rise", "fall")
+                      if k in health})
+
+
+def wanted_checks(table: Any) -> dict[str, CheckConfig]:
+    """Backend address → check settings, for every proxy rule with `health`."""
+    from balancer.addr import parse_backend_addr
+
+    wanted: dict[str, CheckConfig] = {}
+    for key in sorted(table.routes):
+        rule = table.routes[key].rule
+        if rule.get("action") != "proxy" or "health" not in rule:
+            continue
+        config = CheckConfig.from_rule(rule["health"])
+        for address, _ in backend_entries(rule):
+            address = str(parse_backend_addr(address))
+            known = wanted.get(address)
+            if known is None or config.interval < known.interval:
+                wanted[address] = config
+    return wanted
+
+
+class Checker:
+    """Checks one backend address; `check_loop` runs in its own greenlet."""
+
+    def __init__(self, backend: Backend, config: CheckConfig) -> None:
+        self.backend = backend
+        self.config = config  # replaced in place when the rules change
+        self.successes = 0
+        self.failures = 0
+        self.stopped = False
+        self.task: Any = None
+
+    def check_loop(self) -> None:
+        """Check, record, sleep; until stopped."""
+        import gevent
+
+        while not self.stopped:
+            healthy = self.check_once()
+            if self.stopped:
+                return
+            self.record(healthy)
+            gevent.sleep(self.config.interval)
+
+    def check_once(self) -> bool:
+        """One GET of the check path; True for a 2xx/3xx answer in time."""
+        config, address = self.config, self.backend.address
+        deadline = time.monotonic() + config.timeout
+        try:
+            sock = socket.create_connection((address.host, address.port), config.timeout)
+        except OSError:
+            return False
+        try:
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: balancer-health\r\n"
+                         b"Connection: close\r\n\r\n" % (config.path.encode(),
+                                                         self.backend.key.encode()))
+            return 200 <= read_status(sock, deadline) < 400
+        except (OSError, ProtocolError):
+            return False
+        finally:
+            sock.close()
+
+    def record(self, healthy: bool) -> None:
+        """Count one verdict; flip `checked_down` after `fall` / `rise` in a row."""
+        backend, config = self.backend, self.config
+        if healthy:
+            self.failures = 0
+            self.successes += 1
+            if backend.checked_down and self.successes >= config.rise:
+                backend.checked_down = False
+                backend.record_success()  # clears a passive mark, wakes held requests
+                log.info("backend %s is up (active check)", backend.key)
+        else:
+            self.successes = 0
+            self.failures += 1
+            if not backend.checked_down and self.failures >= config.fall:
+                backend.checked_down = True
+                log.warning("backend %s is down (active check %s)", backend.key, config.path)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.backend.checked_down = False
+        if self.task is not None:
+            self.task.kill(block=False)
+
+    def __repr__(self) -> str:
+        state = "down" if self.backend.checked_down else "up"
+        return (f"<Checker {self.backend.key} {state} ok={self.successes} "
+                f"failed={self.failures} every {self.config.interval}s>")
+
+
+def read_status(sock: socket.socket, deadline: float) -> int:
+    """The status of the response on `sock`, read by `deadline` (raises OSError)."""
+    parser = ResponseParser()
+    while not parser.events:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("health check timed out")
+        sock.settimeout(remaining)
+        data = sock.recv(RECV_SIZE)
+        if not data:
+            parser.feed_eof()
+        else:
+            parser.feed(data)
+    return parser.events[0].status
+
+
+class HealthChecks:
+    """Every checker of one worker, keyed by backend address."""
+
+    def __init__(self, registry: Any, spawn: Callable[..., Any] | None = None) -> None:
+        self.registry = registry
+        self.spawn = spawn
+        self.checkers: dict[str, Checker] = {}
+
+    def on_swap(self, old: Any, new: Any) -> None:
+        """`TableHolder.on_swap` hook: follow the new table."""
+        self.update(wanted_checks(new))
+
+    def update(self, wanted: Mapping[str, CheckConfig]) -> None:
+        """Start, retune and stop checkers so exactly `wanted` are checked."""
+        for address in list(self.checkers):
+            checker = self.checkers[address]
+            if address not in wanted or checker.backend is not self.registry.get(address):
+                self.checkers.pop(address).stop()
+        for address, config in wanted.items():
+            checker = self.checkers.get(address)
+            if checker is not None:
+                checker.config = config
+                continue
+            checker = self.checkers[address] = Checker(self.registry.get(address), config)
+            checker.task = self._spawn(checker.check_loop)
+
+    def _spawn(self, body: Callable[[], None]) -> Any:
+        if self.spawn is not None:
+            return self.spawn(body)
+        import gevent
+
+        return gevent.spawn(body)
+
+    def stop(self) -> None:
+        """Stop every checker."""
+        for checker in self.checkers.values():
+            checker.stop()
+        self.checkers.clear()
+
+    def __repr__(self) -> str:
+        return f"<HealthChecks {sorted(self.checkers)}>"

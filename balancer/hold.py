@@ -1,0 +1,135 @@
+"""Holding requests: the per-worker cap, waiting without polling, and handing over.
+
+Used by `spin` (the app is deploying) and by `proxy` rules with
+`spin_when_down` (every backend is down or refusing).
+
+Invariants:
+* At most `spin_max_waiting` requests are held per worker at any moment
+  (`Holds`, one per worker); beyond that a request gets `Busy` (503 `busy`).
+  A held request counts in its host's `spinning` statistic while held.
+* A held request waits on events (a table swap, a backend recovering), never
+  on a polling tick. Under gevent the client socket is watched as well, so a
+  client that hangs up is noticed at once and frees its slot (`ClientGone`).
+* While held a request has no connection deadline (`disarm`); its own
+  deadline bounds the wait. Before it is handed to the next action, the
+  client deadline is armed again.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from balancer.errors import Busy, ClientGone
+from balancer.peek import CLOSED, READABLE, peek
+
+
+class Holds:
+    """The number of requests held in one worker (shared by all its actions)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextmanager
+    def held(self, ex: Any) -> Iterator[None]:
+        """Count `ex` as held for the `with` block; raises Busy at the cap."""
+        if self.count >= ex.conn.ctx.spin_max_waiting:
+            raise Busy("too many held requests")
+        stats = ex.route.stats
+        self.count += 1
+        stats.spinning += 1
+        ex.conn.disarm()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            stats.spinning -= 1
+
+    def __repr__(self) -> str:
+        return f"<Holds {self.count}>"
+
+
+def retry_after(timeout: float) -> int:
+    """The Retry-After seconds of a hold that timed out after `timeout`."""
+    return max(1, math.ceil(timeout / 4))
+
+
+def hand_over(route: Any, ex: Any, body: bytes | None) -> None:
+    """Apply `route` to a request that was held.
+
+    `body` is the request body if it was already read (buffered), else None;
+    actions that can use a buffered body take it through `resume`.
+    """
+    conn = ex.conn
+    conn.arm(conn.sock, conn.ctx.timeouts.client_idle)
+    action = route.action
+    if body is not None and hasattr(action, "resume"):
+        action.resume(ex, body)
+    else:
+        action.handle(ex)
+
+
+def wait_any(events: Sequence[Any], sock: socket.socket, timeout: float,
+             watch_client: bool) -> bool:
+    """Wait until one of `events` is set or `timeout` passes; returns whether
+    to keep watching the client.
+
+    Under gevent the client socket is watched too (when `watch_client`): a
+    hang-up raises ClientGone; a client that sent more data (pipelining) is
+    not watched any further. Elsewhere (the threaded baseline) only the first
+    event is awaited: callers keep their own backoff for the others.
+    """
+    if not _is_gevent():
+        events[0].wait(timeout)
+        return False
+    from gevent import get_hub
+    from gevent.event import Event
+
+    wake = Event()
+    client_stirred = []
+
+    def on_event(_event: Any) -> None:
+        wake.set()
+
+    def on_client() -> None:
+        client_stirred.append(True)
+        wake.set()
+
+    watcher = None
+    if watch_client:
+        watcher = get_hub().loop.io(sock.fileno(), 1)
+        watcher.start(on_client)
+    for event in events:
+        event.rawlink(on_event)
+    try:
+        wake.wait(timeout)
+    finally:
+        for event in events:
+            event.unlink(on_event)
+        if watcher is not None:
+            watcher.stop()
+            watcher.close()
+    if not client_stirred:
+        return watch_client
+    return not _client_readable(sock)
+
+
+def _is_gevent() -> bool:
+    try:
+        from gevent.monkey import is_module_patched
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return False
+    return is_module_patched("socket")
+
+
+def _client_readable(sock: socket.socket) -> bool:
+    """True if the client sent more data; raises ClientGone if it hung up."""
+    state = peek(sock)
+    if state == CLOSED:
+        raise ClientGone("client closed while held")
+    return state == READABLE
