@@ -78,6 +78,13 @@ def reset_peak(pids: list[int]) -> bool:
     return done
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine since boot (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 @dataclass
 class UsageWindow:
     """CPU % (of one core) and peak RSS of a process tree over a measured window."""
@@ -86,19 +93,29 @@ class UsageWindow:
     started: float = 0.0
     cpu_start: float = 0.0
     peak_is_window: bool = False
+    machine_start: tuple[int, int] = (0, 0)
 
     def begin(self) -> None:
+        self.machine_start = machine_jiffies()
         pids = process_tree(self.root)
         self.peak_is_window = reset_peak(pids)
         self.cpu_start = cpu_seconds(pids)
         self.started = time.monotonic()
 
     def end(self) -> dict[str, float | int | bool]:
-        """Figures since `begin`: cpu_percent, peak_rss_kb, rss_kb."""
+        """Figures since `begin`: cpu_percent, peak_rss_kb, rss_kb, and how busy the
+        whole machine was (to spot a run disturbed by other work)."""
         pids = process_tree(self.root)
         elapsed = max(time.monotonic() - self.started, 1e-6)
         cpu = 0.0
         with contextlib.suppress(ValueError):
             cpu = (cpu_seconds(pids) - self.cpu_start) / elapsed * 100.0
+        busy, total = machine_jiffies()
+        busy -= self.machine_start[0]
+        total -= self.machine_start[1]
+        machine = (os.cpu_count() or 1) * busy / total if total > 0 else 0.0
         return {"cpu_percent": round(cpu, 1), "peak_rss_kb": peak_rss_kb(pids),
-                "rss_kb": rss_kb(pids), "peak_is_window": self.peak_is_window}
+                "rss_kb": rss_kb(pids), "peak_is_window": self.peak_is_window,
+                # all CPUs together (target, generator and anything else running)
+                "machine_busy_cores": round(machine, 2),
+                "loadavg_1m": round(os.getloadavg()[0], 2)}

@@ -29,12 +29,14 @@ def table(header: list[str], lines: list[list[str]]) -> str:
 
 def sweep_table(rows: list[dict]) -> str:
     header = ["target", "conns", "keep-alive", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
-              "errors conn/read/timeout/non-2xx", "CPU %", "peak RSS MB", "generator"]
+              "errors conn/read/timeout/non-2xx", "CPU %", "peak RSS MB", "busy cores",
+              "generator"]
     lines = [[r["target"] + (" (ceiling)" if r.get("ceiling") else ""), r["connections"],
               "yes" if r["keepalive"] else "no", f"{r['rps']:.0f}",
               _ms(r["latency_ms"]["p50"]), _ms(r["latency_ms"]["p90"]),
               _ms(r["latency_ms"]["p99"]), _ms(r["latency_ms"]["max"]), _errors(r),
-              r.get("cpu_percent", "–"), _mb(r.get("peak_rss_kb")), r["generator"]]
+              r.get("cpu_percent", "–"), _mb(r.get("peak_rss_kb")),
+              r.get("machine_busy_cores", "–"), r["generator"]]
              for r in rows]
     return table(header, lines)
 
@@ -100,7 +102,10 @@ def render(results: dict, plots: list[Path]) -> str:
            f"Machine: {meta.get('machine', '')}  ", f"Generator: {meta.get('generator', '')}, "
            f"{meta.get('duration_s', '')} s per level, a response slower than "
            f"{meta.get('request_timeout_s', '')} s counts as a timeout  ",
-           f"Backend: {meta.get('backend', '')}", "", "## Targets of the issue", ""]
+           f"Backend: {meta.get('backend', '')}", "",
+           "CPU % is the target's processes (100 = one core); busy cores is the whole "
+           "machine during the level (target + generator + anything else running).", "",
+           "## Targets of the issue", ""]
     out += [f"- **{status}** — {text}" for status, text in verdict(results)]
     for note in meta.get("notes", []):
         out.append(f"- note: {note}")
