@@ -62,6 +62,10 @@ def _hold(env: RunEnv, target) -> None:
             idle.stop()
             result = idle.result()
         env.results.add_row(NAME, _row(target.name, count, held, base_kb, held_kb, live, result))
+    if target.name == "haproxy" and held < count:
+        env.results.add_note(NAME, "haproxy reserves two descriptors per connection, so under "
+                                   "the same descriptor limit as the other targets its maxconn "
+                                   f"stops at {held}; connections past it wait unaccepted")
 
 
 def _row(name: str, wanted: int, held: int, base_kb: int, held_kb: int, live: dict,
@@ -74,5 +78,6 @@ def _row(name: str, wanted: int, held: int, base_kb: int, held_kb: int, live: di
         "bytes_per_connection": round(growth * 1024 / held) if held else None,
         "live": {key: live[key] for key in ("connections", "rps", "latency_ms", "errors",
                                             "error_total", "generator", "cpu_percent",
-                                            "peak_rss_kb") if key in live},
+                                            "peak_rss_kb", "machine_busy_cores",
+                                            "loadavg_1m") if key in live},
     }
