@@ -119,7 +119,7 @@ class Checker:
             self.successes += 1
             if backend.checked_down and self.successes >= config.rise:
                 backend.checked_down = False
-                backend.record_success()  # clears a passive mark, wakes held requests
+                backend.mark_up()  # clears a passive mark too, and wakes held requests
                 log.info("backend %s is up (active check)", backend.key)
         else:
             self.successes = 0

@@ -139,9 +139,13 @@ class Backend:
 
     def record_success(self) -> None:
         if self.fails or self.state is not UP:
-            self.fails = 0
-            self.state = UP
-            self.mark_recovered()
+            self.mark_up()
+
+    def mark_up(self) -> None:
+        """Clear the passive down mark and wake everything waiting for this backend."""
+        self.fails = 0
+        self.state = UP
+        self.mark_recovered()
 
     def record_failure(self, fall: int) -> None:
         self.fails += 1

@@ -5,6 +5,7 @@ Everything binds to 127.0.0.1 on port 0; every wait polls with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,16 @@ class EchoHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:  # keep test output quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.owner.connections.add(self.connection)  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.owner.connections.discard(self.connection)  # type: ignore[attr-defined]
 
     def do_GET(self) -> None:
         self.dispatch()
@@ -169,6 +181,7 @@ class Backend:
         self.name = name
         self.count = 0
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.connections: set[socket.socket] = set()  # open client connections (EchoHandler)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self  # type: ignore[attr-defined]
@@ -183,6 +196,21 @@ class Backend:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def kill(self) -> None:
+        """Stop as a crashed process would: refuse new connections, cut open ones."""
+        self.stop()
+        for conn in list(self.connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+def in_threads(count: int, call: Callable[[], Any]) -> list[Future]:
+    """Start `call` `count` times at once, each in its own thread; their futures."""
+    pool = ThreadPoolExecutor(max_workers=count)
+    futures = [pool.submit(call) for _ in range(count)]
+    pool.shutdown(wait=False)
+    return futures
 
 
 def dead_address() -> str:
@@ -268,6 +296,14 @@ class Balancer:
             return resp.status, json.loads(raw)
         except ValueError:
             return resp.status, raw
+
+    def host_stats(self, host: str) -> dict[str, Any]:
+        """The `/api/v1/stats` entry of one host ({} before its first request)."""
+        return self.api("GET", "/api/v1/stats")[1]["hosts"].get(host, {})
+
+    def spinning(self, host: str) -> int:
+        """How many requests for `host` are held (spin or spin_when_down) now."""
+        return self.host_stats(host).get("spinning", 0)
 
     def version(self) -> int:
         return self.api("GET", "/api/v1/stats")[1]["routing_version"]

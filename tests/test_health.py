@@ -1,0 +1,258 @@
+"""Passive and active health through real sockets, and the checker's bookkeeping."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from balancer.health import CheckConfig, Checker, HealthChecks, read_status, wanted_checks
+from balancer.pool import Backend as PoolBackend
+from balancer.pool import BackendRegistry
+from tests.support import Backend, Balancer, EchoHandler, dead_address, request, wait_for
+
+HOST = "app.test"
+FAST_CHECKS = {"path": "/healthz", "interval": 0.1, "timeout": 0.5, "rise": 3, "fall": 2}
+
+
+class ScriptedHealth(EchoHandler):
+    """/healthz answers 500 while the backend's `sick` flag is set; counts checks."""
+
+    def act_healthz(self, query: dict[str, str], head: bool) -> None:
+        server = self.server.owner  # type: ignore[attr-defined]
+        server.checks.append((time.monotonic(), server.sick))
+        self.reply(500 if server.sick else 200, b"{}", head)
+
+
+def scripted(name: str, port: int = 0) -> Backend:
+    backend = Backend(name, handler=ScriptedHealth, port=port)
+    backend.sick = False  # type: ignore[attr-defined]
+    backend.checks = []  # type: ignore[attr-defined]
+    return backend
+
+
+def state_of(bal: Balancer, backend: Backend, host: str = HOST) -> str:
+    return bal.host_stats(host).get("backends", {}).get(backend.address, {}).get("state", "")
+
+
+def checks_since(backend: Backend, since: float) -> list[tuple[float, bool]]:
+    return [c for c in backend.checks if c[0] >= since]  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def stop_after():
+    started: list = []
+    yield started.append
+    for thing in reversed(started):
+        thing.stop()
+
+
+# active checks ----------------------------------------------------------------
+def test_down_after_fall_failed_checks_and_up_after_rise(tmp_path, stop_after):
+    app = scripted("app")
+    stop_after(app)
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [app.address],
+                                     "health": FAST_CHECKS}})
+    stop_after(bal)
+    request(bal.port, host=HOST)  # the host's statistics exist from here on
+    wait_for(lambda: len(app.checks) >= 2, what="checks to arrive")
+    assert state_of(bal, app) == "up"
+    sick_since = time.monotonic()
+    app.sick = True
+    wait_for(lambda: state_of(bal, app) == "down", timeout=5, what="the backend marked down")
+    assert len([c for c in checks_since(app, sick_since) if c[1]]) >= FAST_CHECKS["fall"]
+    well_since = time.monotonic()
+    app.sick = False
+    wait_for(lambda: state_of(bal, app) == "up", timeout=5, what="the backend back up")
+    assert len([c for c in checks_since(app, well_since) if not c[1]]) >= FAST_CHECKS["rise"]
+
+
+def test_killed_backend_marked_down_and_back_when_restarted(tmp_path, stop_after):
+    app = scripted("app")
+    port = app.port
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [app.address],
+                                     "health": FAST_CHECKS}})
+    stop_after(bal)
+    request(bal.port, host=HOST)
+    app.kill()
+    wait_for(lambda: state_of(bal, app) == "down", timeout=5, what="the killed backend down")
+    again = scripted("again", port=port)
+    stop_after(again)
+    wait_for(lambda: state_of(bal, again) == "up", timeout=5, what="the restarted backend up")
+    assert len(again.checks) >= FAST_CHECKS["rise"]
+
+
+def test_all_backends_checked_down_are_still_tried(tmp_path, stop_after):
+    apps = [scripted("a"), scripted("b")]
+    for app in apps:
+        app.sick = True  # health says no, but the app serves requests fine
+        stop_after(app)
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [a.address for a in apps],
+                                     "health": FAST_CHECKS}})
+    stop_after(bal)
+    request(bal.port, host=HOST)
+    wait_for(lambda: all(state_of(bal, a) == "down" for a in apps), timeout=5,
+             what="both backends checked down")
+    assert [request(bal.port, host=HOST)[0] for _ in range(4)] == [200] * 4
+
+
+def test_a_checked_down_backend_gets_no_traffic_while_another_is_up(tmp_path, stop_after):
+    sick, well = scripted("sick"), scripted("well")
+    sick.sick = True
+    stop_after(sick)
+    stop_after(well)
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [sick.address, well.address],
+                                     "health": FAST_CHECKS}})
+    stop_after(bal)
+    request(bal.port, host=HOST)
+    wait_for(lambda: state_of(bal, sick) == "down", timeout=5, what="the sick backend down")
+    served_before = sick.count - len(sick.checks)
+    assert [request(bal.port, host=HOST)[0] for _ in range(6)] == [200] * 6
+    assert sick.count - len(sick.checks) == served_before
+
+
+def test_one_checker_per_address_and_stopped_with_its_rule(tmp_path, stop_after):
+    app = scripted("app")
+    stop_after(app)
+    checks = {**FAST_CHECKS, "interval": 0.2}
+    hosts = {name: {"action": "proxy", "backends": [app.address], "health": checks}
+             for name in ("one.test", "two.test", "three.test")}
+    bal = Balancer(tmp_path, hosts)
+    stop_after(bal)
+    wait_for(lambda: len(app.checks) >= 2, what="checks to arrive")
+    start, count = time.monotonic(), len(app.checks)
+    wait_for(lambda: time.monotonic() - start >= 2.0, timeout=3, interval=0.1,
+             what="a two-second window")
+    per_second = (len(app.checks) - count) / (time.monotonic() - start)
+    assert 3 <= per_second <= 7  # one checker every 0.2 s, not three
+    bal.write_routes({name: {"action": "proxy", "backends": [app.address]} for name in hosts})
+    wait_for(lambda: bal.version() == 2, what="the rules without health")
+    settled = len(app.checks)
+    wait_for(lambda: time.monotonic() - start >= 3.0, timeout=3, interval=0.1,
+             what="another second")
+    assert len(app.checks) <= settled + 1  # at most one check was already under way
+
+
+# passive health ----------------------------------------------------------------
+def test_passive_marks_down_after_fall_and_probes_after_fail_timeout(tmp_path, stop_after):
+    good = Backend("good")
+    stop_after(good)
+    dead = dead_address()
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [dead, good.address]}},
+                   env={"BALANCER_TIMEOUTS_FAIL_TIMEOUT": "1"})
+    stop_after(bal)
+
+    def connect_errors() -> int:
+        return bal.host_stats(HOST)["backends"][dead]["outcomes"]["connect_error"]
+
+    for _ in range(10):
+        assert request(bal.port, host=HOST)[0] == 200
+    assert connect_errors() == 3  # fall (3) failures, then no more tries while down
+    assert bal.host_stats(HOST)["backends"][dead]["state"] == "down"
+    down_at = time.monotonic()
+    wait_for(lambda: bal.host_stats(HOST)["backends"][dead]["state"] == "up", timeout=3,
+             what="the down mark to expire")
+    assert time.monotonic() - down_at >= 0.5
+    for _ in range(10):
+        assert request(bal.port, host=HOST)[0] == 200
+    assert connect_errors() == 4  # exactly one probe, which failed: down again
+
+
+# the checker without a balancer --------------------------------------------------
+def pool_backend(address: str) -> PoolBackend:
+    return BackendRegistry(connect_timeout=1.0, fail_timeout=10.0).get(address)
+
+
+def test_checker_counts_rise_and_fall():
+    backend = pool_backend("127.0.0.1:1")
+    checker = Checker(backend, CheckConfig(rise=2, fall=3))
+    for healthy, down in [(False, False), (False, False), (True, False), (False, False),
+                          (False, False), (False, True), (True, True), (True, False)]:
+        checker.record(healthy)
+        assert backend.checked_down is down
+    woken = backend.recovered_event()
+    checker.record(False), checker.record(False), checker.record(False)
+    checker.record(True), checker.record(True)
+    assert woken.is_set() and not backend.checked_down
+
+
+def test_check_once_against_real_sockets():
+    app = scripted("app")
+    try:
+        checker = Checker(pool_backend(app.address), CheckConfig(path="/healthz", timeout=1))
+        assert checker.check_once()
+        app.sick = True
+        assert not checker.check_once()
+    finally:
+        app.stop()
+    assert not Checker(pool_backend(dead_address()), CheckConfig(timeout=1)).check_once()
+
+
+def test_check_times_out_on_a_silent_backend():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        assert not Checker(pool_backend(address), CheckConfig(timeout=0.3)).check_once()
+        assert time.monotonic() - started < 2
+    finally:
+        listener.close()
+
+
+def test_read_status_rejects_garbage():
+    left, right = socket.socketpair()
+    try:
+        left.sendall(b"SSH-2.0-OpenSSH\r\n\r\n")
+        with pytest.raises(Exception) as caught:
+            read_status(right, time.monotonic() + 1)
+        assert "invalid response" in str(caught.value)
+    finally:
+        left.close()
+        right.close()
+
+
+class FakeTable:
+    def __init__(self, hosts: dict) -> None:
+        self.routes = {k: type("R", (), {"rule": r})() for k, r in hosts.items()}
+
+
+def test_wanted_checks_one_per_address_shortest_interval_wins():
+    table = FakeTable({
+        "a.test": {"action": "proxy", "backends": ["10.0.0.1:80", "10.0.0.2:80"],
+                   "health": {"interval": 5, "path": "/a"}},
+        "b.test": {"action": "proxy", "backends": ["10.0.0.2:80"],
+                   "health": {"interval": 1, "path": "/b"}},
+        "c.test": {"action": "proxy", "backends": ["10.0.0.3:80"]},
+        "d.test": {"action": "spin"},
+    })
+    wanted = wanted_checks(table)
+    assert sorted(wanted) == ["10.0.0.1:80", "10.0.0.2:80"]
+    assert wanted["10.0.0.1:80"].path == "/a" and wanted["10.0.0.2:80"].path == "/b"
+
+
+def test_health_checks_start_retune_and_stop():
+    registry = BackendRegistry(connect_timeout=1.0, fail_timeout=10.0)
+    spawned: list = []
+
+    class Task:
+        killed = False
+
+        def kill(self, block: bool = False) -> None:
+            self.killed = True
+
+    def spawn(body):
+        spawned.append(Task())
+        return spawned[-1]
+
+    checks = HealthChecks(registry, spawn=spawn)
+    checks.update({"10.0.0.1:80": CheckConfig(), "10.0.0.2:80": CheckConfig()})
+    assert len(spawned) == 2
+    registry.get("10.0.0.1:80").checked_down = True
+    checks.update({"10.0.0.1:80": CheckConfig(interval=9.0)})  # retuned in place
+    assert len(spawned) == 2 and checks.checkers["10.0.0.1:80"].config.interval == 9.0
+    assert spawned[1].killed and not spawned[0].killed
+    checks.stop()
+    assert spawned[0].killed and not registry.get("10.0.0.1:80").checked_down

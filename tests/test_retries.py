@@ -1,0 +1,145 @@
+"""Retries through real sockets: which requests are replayed, where, and for how long.
+
+With uniform weights, round robin's first pick of a fresh rule is its first
+backend, and a request that failed over took two picks, so the next request
+starts on the first backend again; the tests below rely on that order.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from tests.support import Backend, Balancer, EchoHandler, dead_address, request
+
+
+class DropHandler(EchoHandler):
+    """Reads the whole request, then closes without answering (a crashing app)."""
+
+    def dispatch(self, head: bool = False) -> None:
+        server: Backend = self.server.owner  # type: ignore[attr-defined]
+        server.count += 1
+        self.read_body()
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+class SlowDropHandler(DropHandler):
+    def dispatch(self, head: bool = False) -> None:
+        time.sleep(0.6)
+        super().dispatch(head)
+
+
+@pytest.fixture
+def dropper():
+    started = Backend("dropper", handler=DropHandler)
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def good():
+    started = Backend("good")
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def bal(tmp_path, dropper, good):
+    hosts = {f"{name}.test": {"action": "proxy", "backends": [dropper.address, good.address]}
+             for name in ("get", "post", "put", "streamed")}
+    started = Balancer(tmp_path, hosts)
+    yield started
+    started.stop()
+
+
+def test_get_is_retried_on_another_backend(bal, dropper, good):
+    answers = [request(bal.port, path=f"/{i}", host="get.test") for i in range(4)]
+    assert [status for status, _, _ in answers] == [200] * 4
+    assert {json.loads(body)["backend"] for _, _, body in answers} == {"good"}
+    # each tried the dropper first, until its `fall` (3) failures marked it down
+    assert dropper.count == 3 and good.count == 4
+
+
+def test_post_with_a_body_is_not_replayed(bal, dropper, good):
+    statuses = [request(bal.port, "POST", "/p", host="post.test", body=b"x" * 100)[0]
+                for _ in range(4)]
+    assert statuses == [502, 200, 502, 200]
+    assert dropper.count == 2 and good.count == 2  # each POST reached one backend only
+
+
+def test_put_with_a_buffered_body_is_replayed(bal, dropper, good):
+    statuses = [request(bal.port, "PUT", "/p", host="put.test", body=b"x" * 100)[0]
+                for _ in range(2)]
+    assert statuses == [200, 200] and dropper.count == 2 and good.count == 2
+
+
+def test_put_with_a_streamed_body_is_not_replayed(bal, dropper, good):
+    """With Expect: 100-continue the body is sent only after the balancer asks for
+    it, so it streams to the backend and cannot be replayed."""
+    sock = socket.create_connection(("127.0.0.1", bal.port), timeout=10)
+    try:
+        sock.sendall(b"PUT /s HTTP/1.1\r\nHost: streamed.test\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(b"hello")
+        answer = sock.recv(65536)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    assert dropper.count == 1 and good.count == 0
+
+
+def test_connect_failures_are_retried_for_any_method(tmp_path, good):
+    hosts = {"app.test": {"action": "proxy", "backends": [dead_address(), good.address]}}
+    bal = Balancer(tmp_path, hosts)
+    try:
+        statuses = [request(bal.port, "POST", host="app.test", body=b"data")[0]
+                    for _ in range(6)]
+    finally:
+        bal.stop()
+    assert statuses == [200] * 6 and good.count == 6
+
+
+def test_each_retry_goes_to_a_different_backend(tmp_path, good):
+    droppers = [Backend(f"d{i}", handler=DropHandler) for i in range(2)]
+    backends = [d.address for d in droppers] + [good.address]
+    bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": backends}})
+    try:
+        status, _, body = request(bal.port, host="app.test")
+    finally:
+        bal.stop()
+        for dropper in droppers:
+            dropper.stop()
+    assert status == 200 and json.loads(body)["backend"] == "good"
+    assert [d.count for d in droppers] == [1, 1]
+
+
+def test_retries_zero_means_one_try(tmp_path, dropper, good):
+    hosts = {"app.test": {"action": "proxy", "backends": [dropper.address, good.address],
+                          "retries": 0}}
+    bal = Balancer(tmp_path, hosts)
+    try:
+        assert request(bal.port, host="app.test")[0] == 502
+    finally:
+        bal.stop()
+    assert dropper.count == 1 and good.count == 0
+
+
+def test_retry_timeout_caps_the_total_time(tmp_path, good):
+    slow = Backend("slow", handler=SlowDropHandler)
+    hosts = {"capped.test": {"action": "proxy", "backends": [slow.address, good.address],
+                             "retry_timeout": 0.3},
+             "uncapped.test": {"action": "proxy", "backends": [slow.address, good.address]}}
+    bal = Balancer(tmp_path, hosts)
+    try:
+        capped = request(bal.port, host="capped.test")[0]
+        uncapped = request(bal.port, host="uncapped.test")[0]
+    finally:
+        bal.stop()
+        slow.stop()
+    assert (capped, uncapped) == (502, 200)
+    assert slow.count == 2 and good.count == 1
