@@ -108,6 +108,7 @@ class _Parser:
         self.upgraded = False
         self.leftover = b""
         self._error: ProtocolError | None = None
+        self._closed = False  # a request that closes the connection is complete
         self._begin()
 
     def _begin(self) -> None:
@@ -129,6 +130,8 @@ class _Parser:
 
     def feed(self, data: bytes) -> None:
         """Parse `data`; events are appended to `events`. Raises ProtocolError."""
+        if self._closed:
+            return
         events = self.events
         if self._in_head:
             self._check_head_size(data)
@@ -143,25 +146,28 @@ class _Parser:
         except httptools.HttpParserError as exc:
             if self._error is not None:
                 raise self._error from None
-            if self._is_closed():
+            if self._closed:  # llhttp refuses bytes after "Connection: close"
                 return
             raise ProtocolError(400, str(exc)) from None
-        if self._in_head and self._head_bytes > self._head_limit():
-            raise ProtocolError(431, "request head too large")
+        if self._in_head:
+            if self._head_bytes > self._head_limit():
+                raise ProtocolError(431, "request head too large")
+            return
         if quiet == len(events):
-            # httptools buffers a trailer field whole until it ends: bound the bytes
-            # that produced no event, as for a head (bug: unbounded, quadratic copies).
             self._quiet_bytes += len(data)
-            if self._quiet_bytes > self._head_limit():
-                raise ProtocolError(431, "chunked trailer section too large")
         elif quiet >= 0:
             self._quiet_bytes = 0
-        if self._raw and not self._in_head:  # trailer fields so far (dropped at the end)
-            self._check_trailers()
+        if self._quiet_bytes or self._raw:
+            self._check_quiet()
 
-    def _is_closed(self) -> bool:
-        """Whether the last complete message closes the connection (later bytes don't count)."""
-        return False
+    def _check_quiet(self) -> None:
+        """Bound body-phase bytes that produced no event: chunk framing, trailers.
+
+        httptools buffers a trailer field whole until it ends (bug: unbounded, with
+        quadratic copies); complete trailer fields are kept until the message ends.
+        """
+        if self._quiet_bytes > self._head_limit() or len(self._raw) > self.limits.max_headers:
+            self._fail(431, "chunked trailer section too large")
 
     def _check_trailers(self) -> None:
         raw = self._raw
@@ -299,10 +305,6 @@ class RequestParser(_Parser):
             if size > self._head_limit():
                 self._fail(431, "request head too large")
 
-    def _is_closed(self) -> bool:
-        head = self._head  # a head whose keep_alive is False has been completed
-        return self._in_head and head is not None and not head.keep_alive
-
     def _special(self, head: RequestHead, lname: bytes, value: bytes) -> None:
         if lname == b"host":
             if head.host:
@@ -341,3 +343,5 @@ class RequestParser(_Parser):
             self._check_trailers()
         self.events.append(END)
         self._begin()
+        # Bug: bytes after it used to become a 400 (or 414/431) for an answerable request.
+        self._closed = not self._head.keep_alive

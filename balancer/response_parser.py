@@ -12,9 +12,9 @@ Invariants:
 * `ProtocolError` is the only exception (status 502: the backend is at fault).
 * A new parser per response; once complete it drops its httptools parser,
   so no reference cycle outlives the response.
-* Bytes after the final response are not part of it: later feeds are ignored,
-  and bytes that came in the same feed make the connection not reusable
-  (`keep_alive` False) instead of failing a response that is whole.
+* Bytes after the final response are not part of it: they are ignored and
+  make the connection not reusable (`keep_alive` False), instead of failing a
+  response that is whole. Empty lines between messages are allowed.
 """
 
 from __future__ import annotations
@@ -99,6 +99,8 @@ class ResponseParser:
     def feed(self, data: bytes) -> None:
         """Parse `data` from the backend. Raises ProtocolError."""
         if self.complete:
+            if not self.upgraded and data.strip(b"\r\n"):  # as llhttp, empty lines aside
+                self._head.keep_alive = False
             return
         if self._in_head:
             self._buf += data
@@ -170,7 +172,7 @@ class ResponseParser:
             # llhttp cannot be told "no body follows" (HEAD); the message ends here,
             # and a body the backend sent anyway must not become events after END.
             self._finish()
-            if len(buf) > end + 4:
+            if buf[end + 4:].strip(b"\r\n"):
                 head.keep_alive = False
             raise _Stop
 

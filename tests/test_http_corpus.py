@@ -234,3 +234,86 @@ def test_http_files_use_escapes() -> None:
     for path in HERE.glob("re*/*/*.http"):
         raw = path.read_bytes()
         assert all(32 <= b < 127 or b == 10 for b in raw), path.name
+
+
+# mutation fuzzing ----------------------------------------------------------------
+FUZZ_CASES = 5000
+INTERESTING = b"\r\n\0 \t:,;\x7f\xff0123456789aAzZ-/?#%@\"'()[]{}\\"
+TIGHT = Limits(max_request_line=40, max_header_bytes=120, max_headers=6)
+
+
+def mutate(data: bytes, rnd: random.Random) -> bytes:
+    """One to three edits: replace, insert or delete a byte, or repeat a slice."""
+    out = bytearray(data)
+    for _ in range(rnd.randint(1, 3)):
+        op, at = rnd.randrange(5), rnd.randrange(len(out) + 1)
+        if op == 0 and out:
+            out[min(at, len(out) - 1)] = rnd.choice(INTERESTING)
+        elif op == 1:
+            out[at:at] = bytes([rnd.choice(INTERESTING)])
+        elif op == 2 and out:
+            del out[min(at, len(out) - 1)]
+        elif op == 3:
+            end = rnd.randrange(at, len(out) + 1)
+            out[at:at] = out[at:end][:64]
+        else:
+            out[at:at] = bytes([rnd.randrange(256)])
+    return bytes(out)
+
+
+def random_chunks(data: bytes, rnd: random.Random) -> list[bytes]:
+    count = min(len(data) - 1, rnd.randint(1, 10))
+    cuts = sorted(rnd.sample(range(1, len(data)), count)) if count > 0 else []
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def outcome(replay, chunks: list[bytes]) -> tuple:
+    """What a replay gives: its result, or the ProtocolError status (anything else fails)."""
+    try:
+        return ("parsed", replay(chunks))
+    except ProtocolError as exc:
+        assert 400 <= exc.status <= 599
+        return ("refused", exc.status)
+
+
+def test_mutated_requests_parse_or_are_refused() -> None:
+    seeds = [load_http(p) for p in cases("requests/valid")]
+    seeds = [s for s in seeds if len(s) < 4000]
+    rnd = random.Random(20240601)
+    kinds = set()
+    for _ in range(FUZZ_CASES):
+        data = mutate(rnd.choice(seeds), rnd)
+        whole = outcome(lambda c: replay_requests(c, Limits()), [data])
+        split = outcome(lambda c: replay_requests(c, Limits()), random_chunks(data, rnd))
+        assert whole == split, data
+        if whole[0] == "parsed":
+            for message in whole[1]["messages"]:
+                assert_safe_request(message)
+        kinds.add(whole[0])
+        # Tight limits: the limit checks fire at every point of the head.
+        tight = outcome(lambda c: replay_requests(c, TIGHT), random_chunks(data, rnd))
+        if tight[0] == "parsed":
+            for message in tight[1]["messages"]:
+                assert_safe_request(message)
+    assert kinds == {"parsed", "refused"}
+
+
+def test_mutated_responses_parse_or_are_refused() -> None:
+    seeds = []
+    for path in cases("responses/valid"):
+        expect = load_expect(path.with_suffix(".py"))
+        seeds.append((load_http(path), expect.get("for_head", False), expect.get("eof", False)))
+    rnd = random.Random(20240602)
+    kinds = set()
+    for _ in range(FUZZ_CASES):
+        data, for_head, eof = rnd.choice(seeds)
+        data = mutate(data, rnd)
+
+        def replay(chunks, for_head=for_head, eof=eof):
+            return replay_responses(chunks, for_head, eof, Limits())
+
+        whole = outcome(replay, [data])
+        assert whole == outcome(replay, random_chunks(data, rnd)), data
+        kinds.add(whole[0])
+    assert kinds == {"parsed", "refused"}

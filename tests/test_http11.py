@@ -1,0 +1,275 @@
+"""Unit tests of the sans-IO HTTP/1.x parsers beyond the corpus: limits at their
+exact boundaries, behaviour across feeds, resume after a refused upgrade,
+bytes after a response, and the raw field-block helpers."""
+
+from __future__ import annotations
+
+import pytest
+
+from balancer.fields import field_keys, field_list, field_values, without_fields
+from balancer.http11 import (
+    END,
+    Limits,
+    ProtocolError,
+    RequestHead,
+    RequestParser,
+    connection_tokens,
+)
+from balancer.response_parser import ResponseHead, ResponseParser
+
+SMALL = Limits(max_request_line=64, max_header_bytes=192, max_headers=8)
+
+
+def feed_all(parser, data: bytes, size: int | None = None) -> list:
+    """Feed `data` whole or in `size`-byte pieces; the events, body pieces joined."""
+    step = size or max(len(data), 1)
+    for i in range(0, len(data), step):
+        parser.feed(data[i:i + step])
+    out: list = []
+    for event in parser.events:
+        if isinstance(event, bytes) and out and isinstance(out[-1], bytes):
+            out[-1] += event
+        else:
+            out.append(event)
+    return out
+
+
+def request_with_line(length: int) -> bytes:
+    """A GET whose request line (without CRLF) is exactly `length` bytes."""
+    target = b"/" + b"a" * (length - len(b"GET / HTTP/1.1"))
+    line = b"GET " + target + b" HTTP/1.1"
+    assert len(line) == length
+    return line + b"\r\nHost: h\r\n\r\n"
+
+
+def request_with_head(size: int) -> bytes:
+    """A GET whose head (request line to the blank line, CRLFs included) is `size` bytes."""
+    start = b"GET / HTTP/1.1\r\nHost: h\r\nX-Pad: "
+    head = start + b"p" * (size - len(start) - 4) + b"\r\n\r\n"
+    assert len(head) == size
+    return head
+
+
+# errors ----------------------------------------------------------------------
+def test_protocol_error_carries_status_and_reason() -> None:
+    exc = ProtocolError(431, "too many headers")
+    assert (exc.status, exc.reason, str(exc)) == (431, "too many headers", "431 too many headers")
+
+
+def test_feeding_after_an_error_raises_the_same_protocol_error() -> None:
+    parser = RequestParser()
+    with pytest.raises(ProtocolError) as first:
+        parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    with pytest.raises(ProtocolError) as again:
+        parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert first.value.status == again.value.status == 400
+
+
+# limits at their boundaries ------------------------------------------------------
+@pytest.mark.parametrize("size", [None, 1, 7])
+def test_request_line_limit_is_exact(size: int | None) -> None:
+    events = feed_all(RequestParser(SMALL), request_with_line(64), size)
+    assert events[0].target.startswith(b"/aaa") and events[1] is END
+    with pytest.raises(ProtocolError) as info:
+        feed_all(RequestParser(SMALL), request_with_line(65), size)
+    assert info.value.status == 414
+
+
+@pytest.mark.parametrize("size", [None, 1, 5, 64])
+def test_head_limit_is_exact(size: int | None) -> None:
+    limit = SMALL.max_request_line + SMALL.max_header_bytes
+    more = b"GET /more HTTP/1.1\r\nHost: h\r\n\r\n"  # so one read holds more than the head
+    events = feed_all(RequestParser(SMALL), request_with_head(limit) + more, size)
+    assert len(events[0].headers) == 2 and events[2].target == b"/more"
+    with pytest.raises(ProtocolError) as info:
+        feed_all(RequestParser(SMALL), request_with_head(limit + 1), size)
+    assert info.value.status == 431
+
+
+def test_head_limit_holds_for_the_second_request_of_one_read() -> None:
+    limit = SMALL.max_request_line + SMALL.max_header_bytes
+    first = b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n"
+    parser = RequestParser(SMALL)
+    parser.feed(first + request_with_head(limit))
+    assert len([e for e in parser.events if e is END]) == 2
+    with pytest.raises(ProtocolError) as info:
+        RequestParser(SMALL).feed(first + request_with_head(limit + 1))
+    assert info.value.status == 431
+
+
+def test_request_line_limit_counts_from_the_line_not_the_empty_lines_before() -> None:
+    with pytest.raises(ProtocolError) as info:
+        feed_all(RequestParser(SMALL), b"\r\n" * 3 + request_with_line(65), 1)
+    assert info.value.status == 414
+    events = feed_all(RequestParser(SMALL), b"\r\n" * 40 + request_with_line(64), 1)
+    assert events[-1] is END
+
+
+def test_header_count_limit_is_exact() -> None:
+    fields = b"".join(b"X-%d: v\r\n" % i for i in range(7))
+    head = b"GET / HTTP/1.1\r\nHost: h\r\n" + fields + b"\r\n"
+    assert len(feed_all(RequestParser(SMALL), head)[0].headers) == 8
+    with pytest.raises(ProtocolError) as info:
+        RequestParser(SMALL).feed(head.replace(b"\r\n\r\n", b"\r\nX-8: v\r\n\r\n"))
+    assert info.value.status == 431
+
+
+def test_an_endless_head_is_refused_once_it_passes_the_limit() -> None:
+    parser = RequestParser()
+    parser.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Endless: ")
+    fed = 0
+    with pytest.raises(ProtocolError) as info:
+        for _ in range(10):
+            parser.feed(b"x" * 16384)
+            fed += 16384
+    assert info.value.status == 431
+    assert fed <= Limits().max_request_line + Limits().max_header_bytes
+
+
+def test_an_endless_trailer_is_refused_instead_of_buffered() -> None:
+    """httptools buffers a trailer value whole (quadratic copies): it must be bounded."""
+    parser = RequestParser()
+    parser.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\nX-Trailer: ")
+    fed = 0
+    with pytest.raises(ProtocolError) as info:
+        for _ in range(100):
+            parser.feed(b"t" * 65536)
+            fed += 65536
+    assert info.value.status == 431
+    assert fed <= 2 * (Limits().max_request_line + Limits().max_header_bytes)
+
+
+def test_a_large_chunked_body_in_many_reads_is_not_mistaken_for_trailers() -> None:
+    parser = RequestParser(SMALL)
+    parser.feed(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    parser.feed(b"100000\r\n")  # one chunk of 1 MiB
+    for _ in range(16):
+        parser.feed(b"d" * 65536)
+    parser.feed(b"\r\n0\r\nX-T: 1\r\n\r\n")
+    events = list(parser.events)
+    assert sum(len(e) for e in events if isinstance(e, bytes)) == 1 << 20
+    assert events[-1] is END
+
+
+# upgrade and connection close ------------------------------------------------------
+def test_resume_after_a_refused_upgrade_parses_what_followed_the_head() -> None:
+    parser = RequestParser()
+    parser.feed(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+                b"GET /next HTTP/1.1\r\nHo")
+    head = parser.events.popleft()
+    assert (head.upgrade, parser.upgraded, parser.leftover) == (
+        b"websocket", True, b"GET /next HTTP/1.1\r\nHo")
+    assert parser.events.popleft() is END
+    parser.resume()
+    assert not parser.upgraded and parser.leftover == b""
+    parser.feed(b"st: h\r\n\r\n")
+    assert parser.events.popleft().target == b"/next"
+    assert parser.events.popleft() is END
+
+
+def test_nothing_is_parsed_after_a_request_that_closes_the_connection() -> None:
+    parser = RequestParser()
+    parser.feed(b"GET / HTTP/1.0\r\n\r\n")
+    parser.feed(b"\x00garbage that would be a 400\r\n\r\n")
+    parser.feed(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert [e.target if isinstance(e, RequestHead) else e for e in parser.events] == [b"/", END]
+
+
+def test_request_head_helpers() -> None:
+    post = b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi"
+    head = feed_all(RequestParser(), post)[0]
+    assert head.has_body and "POST" in repr(head)
+    head = feed_all(RequestParser(), b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")[0]
+    assert not head.has_body
+    assert connection_tokens(b" Keep-Alive ,, Upgrade,") == frozenset({b"keep-alive", b"upgrade"})
+
+
+# responses ------------------------------------------------------------------------------
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize("after", [b"junk", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
+@pytest.mark.parametrize("same_read", [True, False])
+def test_bytes_after_a_response_keep_it_but_not_the_connection(after: bytes,
+                                                               same_read: bool) -> None:
+    parser = ResponseParser()
+    if same_read:
+        parser.feed(OK + after)
+    else:
+        parser.feed(OK)
+        parser.feed(after)
+    head, body, end = parser.events
+    assert (body, end, parser.complete) == (b"ok", END, True)
+    assert head.keep_alive is False
+
+
+@pytest.mark.parametrize("same_read", [True, False])
+def test_empty_lines_after_a_response_are_harmless(same_read: bool) -> None:
+    parser = ResponseParser()
+    if same_read:
+        parser.feed(OK + b"\r\n")
+    else:
+        parser.feed(OK)
+        parser.feed(b"\r\n")
+    assert parser.events[0].keep_alive is True
+
+
+def test_a_body_sent_for_head_makes_no_events_and_no_reuse() -> None:
+    parser = ResponseParser(for_head=True)
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    head, end = parser.events
+    assert end is END and parser.complete and head.no_body and not head.keep_alive
+
+
+def test_feed_eof_completes_a_close_delimited_body_only() -> None:
+    parser = ResponseParser()
+    parser.feed(b"HTTP/1.1 200 OK\r\n\r\nbody")
+    parser.feed_eof()
+    assert list(parser.events)[1:] == [b"body", END] and parser.complete
+    parser.feed_eof()  # already complete: nothing happens
+    assert list(parser.events)[-1] is END
+    parser = ResponseParser()
+    parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+    with pytest.raises(ProtocolError) as info:
+        parser.feed_eof()
+    assert info.value.status == 502
+
+
+def test_a_response_head_too_large_in_one_read_is_refused() -> None:
+    head = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * 300 + b"\r\nContent-Length: 0\r\n\r\n"
+    ResponseParser(Limits(max_request_line=64, max_header_bytes=512)).feed(head)
+    with pytest.raises(ProtocolError) as info:
+        ResponseParser(SMALL).feed(head)
+    assert info.value.status == 502
+
+
+def test_response_head_helpers() -> None:
+    parser = ResponseParser()
+    parser.feed(b"HTTP/1.1 200 OK\r\nX-A:  1 \r\nConnection: close\r\n\r\n")
+    head = parser.events[0]
+    assert isinstance(head, ResponseHead) and repr(head) == "<ResponseHead 200>"
+    assert head.headers == [(b"X-A", b"1"), (b"Connection", b"close")]
+    assert head.close_delimited and head.lower == head.block.lower()
+
+
+# raw field blocks -------------------------------------------------------------------------
+BLOCK = b"\r\nHost: a\r\nX-Drop: 1\r\nKeep: k\r\nx-drop:  2 \r\nConnection: x-drop"
+
+
+def test_field_values_finds_every_field_of_a_name_in_order() -> None:
+    assert field_values(BLOCK, BLOCK.lower(), b"x-drop") == [b"1", b"2"]
+    assert field_values(BLOCK, BLOCK.lower(), b"connection") == [b"x-drop"]
+    assert field_values(BLOCK, BLOCK.lower(), b"drop") == []  # names match whole
+
+
+def test_without_fields_cuts_exactly_the_named_fields() -> None:
+    keys = field_keys([b"x-drop", b"connection"])
+    assert keys == (b"\r\nx-drop:", b"\r\nconnection:")
+    assert without_fields(BLOCK, BLOCK.lower(), keys) == b"\r\nHost: a\r\nKeep: k"
+    assert without_fields(BLOCK, BLOCK.lower(), field_keys([b"absent"])) is BLOCK
+
+
+def test_field_list_pairs_names_and_stripped_values() -> None:
+    assert field_list(BLOCK)[:2] == [(b"Host", b"a"), (b"X-Drop", b"1")]
+    assert field_list(b"") == []
