@@ -30,7 +30,6 @@ FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-h
                        b"forwarded", b"x-request-id"))
 DROP_EXTERNAL = HOP_BY_HOP | FORWARDED | {b"host", b"expect"}
 DROP_INTERNAL = HOP_BY_HOP | {b"host", b"expect", b"x-request-id", b"x-forwarded-for"}
-DROP_RESPONSE = field_keys(HOP_BY_HOP | {b"x-request-id"})
 RAW, CHUNK, CLOSE = 0, 1, 2  # how the response body is framed toward the client
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -155,15 +154,27 @@ def read_response_head(ex, sock: socket.socket) -> tuple[ResponseHead, ResponseP
                 break
 
 
+def forwarded_fields(rhead: ResponseHead) -> bytes:
+    """The response's field block without hop-by-hop fields and X-Request-Id."""
+    block, cuts = rhead.block, rhead.cuts
+    if cuts:
+        pieces, pos = [], 0
+        for start, end in cuts:
+            pieces.append(block[pos:start])
+            pos = end
+        pieces.append(block[pos:])
+        block = b"".join(pieces)
+    extra = rhead.connection_tokens - HOP_BY_HOP if rhead.connection_tokens else None
+    if extra:  # fields named by Connection are hop-by-hop too
+        block = without_fields(block, block.lower(), field_keys(extra))
+    return block
+
+
 def response_head(ex, rhead: ResponseHead) -> tuple[bytes, int]:
     """The response head for the client and how its body is framed."""
     head = ex.head
-    drop = DROP_RESPONSE
-    extra = rhead.connection_tokens - HOP_BY_HOP
-    if extra:
-        drop = drop + field_keys(extra)
-    lines = [rhead.status_line, without_fields(rhead.block, rhead.lower, drop),
-             b"\r\nX-Request-Id: ", ex.request_id, b"\r\n"]
+    lines = [rhead.status_line, forwarded_fields(rhead), b"\r\nX-Request-Id: ",
+             ex.request_id, b"\r\n"]
     append = lines.append
     if rhead.status == 101:
         append(b"Connection: upgrade\r\nUpgrade: %s\r\n\r\n" % head.upgrade)

@@ -19,11 +19,12 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 import httptools
 
-from balancer.fields import field_list, field_values
+from balancer.fields import field_list
 from balancer.http11 import END, Limits, ProtocolError, connection_tokens
 
 _CRLFCRLF = b"\r\n\r\n"
@@ -34,11 +35,25 @@ class _Stop(Exception):
     """Raised in a callback to stop llhttp: the response ended before llhttp knows it."""
 
 
+# One pass over the lower-cased field block finds every field the proxy acts on:
+# framing (Content-Length, Transfer-Encoding), Connection, and the fields it
+# never forwards (hop-by-hop, X-Request-Id). Group 2 is the value to the CR.
+SPECIAL_FIELDS = re.compile(
+    rb"\r\n(c(?:onnection|ontent-length)|k(?:eep-alive)"
+    rb"|p(?:roxy-(?:connection|authenticate|authorization))"
+    rb"|t(?:e|railer|ransfer-encoding)|u(?:pgrade)|x(?:-request-id)):([^\r]*)")
+_COMMON_TOKENS = {b"keep-alive": frozenset((b"keep-alive",)), b"close": frozenset((b"close",))}
+
+
 class ResponseHead:
-    """A response head: status, its raw field block and the framing it implies."""
+    """A response head: status, its raw field block and the framing it implies.
+
+    `cuts` are the (start, end) spans in `block` of the fields not to forward
+    (hop-by-hop and X-Request-Id), in order.
+    """
 
     __slots__ = ("status", "status_line", "block", "lower", "content_length", "chunked",
-                 "keep_alive", "connection_tokens", "no_body")
+                 "keep_alive", "connection_tokens", "no_body", "cuts")
 
     def __init__(self, status: int, status_line: bytes, block: bytes, keep_alive: bool,
                  no_body: bool) -> None:
@@ -51,18 +66,28 @@ class ResponseHead:
         self.content_length: int | None = None
         self.chunked = False
         self.connection_tokens: frozenset[bytes] = frozenset()
-        if b"\r\ntransfer-encoding:" in lower:
-            codings = field_values(block, lower, b"transfer-encoding")
-            if len(codings) != 1 or codings[0].lower() != b"chunked":
-                raise ProtocolError(502, "backend used a transfer coding other than chunked")
-            self.chunked = True
-        elif b"\r\ncontent-length:" in lower:
-            self.content_length = int(field_values(block, lower, b"content-length")[0])
-        if b"\r\nconnection:" in lower:
-            tokens: frozenset[bytes] = frozenset()
-            for value in field_values(block, lower, b"connection"):
-                tokens |= connection_tokens(value)
-            self.connection_tokens = tokens
+        self.cuts: list[tuple[int, int]] = []
+        codings = 0
+        for match in SPECIAL_FIELDS.finditer(lower):
+            name = match.group(1)
+            if name == b"content-length":
+                self.content_length = int(match.group(2))  # llhttp rejected duplicates
+                continue
+            self.cuts.append(match.span())
+            if name == b"connection":
+                self._add_tokens(match.group(2).strip(b" \t"))
+            elif name == b"transfer-encoding":
+                codings += 1
+                if codings > 1 or match.group(2).strip(b" \t") != b"chunked":
+                    raise ProtocolError(502, "backend used a transfer coding other than chunked")
+                self.chunked = True
+        if self.chunked:
+            self.content_length = None
+
+    def _add_tokens(self, value: bytes) -> None:
+        tokens = _COMMON_TOKENS.get(value) or connection_tokens(value)
+        self.connection_tokens = self.connection_tokens | tokens if self.connection_tokens \
+            else tokens
 
     @property
     def close_delimited(self) -> bool:
