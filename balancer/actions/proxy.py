@@ -80,21 +80,30 @@ class ProxyAction:
             if body is not None:
                 ex.received += len(body)
                 ex.body_done = True
-        self.resume(ex, body)
-
-    def resume(self, ex: Any, body: bytes | None) -> None:
-        """Forward `ex`, whose body is `body` if already read (else streamed or none)."""
-        if body is not None and self.max_body is not None and len(body) > self.max_body:
-            raise PayloadTooLarge("body over max_body_bytes")
+                if max_body is not None and len(body) > max_body:
+                    raise PayloadTooLarge("body over max_body_bytes")
         try:
             self.forward_with_retries(ex, body, ex.start)
         except ProxyError as failure:
-            if self.spin_when_down is None or not self.is_down(failure, ex, body):
-                raise
-            with self.holds.held(ex):
-                route = self.hold_while_down(ex, body)
-            if route is not None:
-                hand_over(route, ex, body)
+            self.when_failed(ex, body, failure)
+
+    def resume(self, ex: Any, body: bytes | None) -> None:
+        """Forward a request handed over from a hold, its body already read (`body`)."""
+        if body is not None and self.max_body is not None and len(body) > self.max_body:
+            raise PayloadTooLarge("body over max_body_bytes")
+        try:
+            self.forward_with_retries(ex, body, time.perf_counter())
+        except ProxyError as failure:
+            self.when_failed(ex, body, failure)
+
+    def when_failed(self, ex: Any, body: bytes | None, failure: ProxyError) -> None:
+        """Every try failed: hold the request (`spin_when_down`) or raise `failure`."""
+        if self.spin_when_down is None or not self.is_down(failure, ex, body):
+            raise failure
+        with self.holds.held(ex):
+            route = self.hold_while_down(ex, body)
+        if route is not None:
+            hand_over(route, ex, body)
 
     def forward_with_retries(self, ex: Any, body: bytes | None, since: float) -> None:
         """Try backends until one answers; raises the last failure.

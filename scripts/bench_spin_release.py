@@ -1,0 +1,225 @@
+"""Benchmark: how fast held (`spin`) requests are released by a rule change, and
+what a held request costs in memory.
+
+    python scripts/bench_spin_release.py [--held 1000] [--rounds 3]
+
+1. Wake (in this process, the real `SpinAction.hold` code): N greenlets hold
+   requests on N real client sockets; the table is swapped; reported is the
+   time from the swap to each request leaving its hold with the new route.
+2. End to end (a real `balancer serve`, one worker, file store, the built-in
+   backend): N keep-alive requests are held from a gevent client, then the
+   rule is flipped through the file store and through the management API
+   (`PUT /api/v1/hosts/HOST`), to `proxy` (each released request opens a
+   backend connection) and to `static`. Reported per request: the arrival of
+   its response on this host (kernel receive timestamp, SO_TIMESTAMPNS, so
+   the client's own scheduling is not counted) minus the moment the worker
+   swapped its table (`last_reload` of `/api/v1/info`, set right after the
+   swap, before any held request runs); the store's own delay (swap minus
+   flip); and the worker's RSS growth per held request.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import gevent  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from balancer.actions import ActionCompiler  # noqa: E402
+from balancer.pages import Pages  # noqa: E402
+from balancer.pool import BackendRegistry  # noqa: E402
+from balancer.stats import Stats  # noqa: E402
+from balancer.table import RoutingTable, TableHolder  # noqa: E402
+from tests.support import Balancer, wait_for  # noqa: E402
+
+HOST = "app.test"
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; SCM_TIMESTAMPNS is the same
+REQUEST = b"GET /held HTTP/1.1\r\nHost: app.test\r\n\r\n"
+SPIN = {"action": "spin", "timeout": 300}
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def at(p: float) -> float:
+        return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+    return {"first_ms": ordered[0], "p50_ms": at(50), "p99_ms": at(99), "max_ms": ordered[-1]}
+
+
+# 1. wake latency in process ------------------------------------------------------
+def socket_pairs(count: int) -> list[tuple[socket.socket, socket.socket]]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    pairs = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port))
+        pairs.append((client, listener.accept()[0]))
+    listener.close()
+    return pairs
+
+
+def measure_wake(held: int) -> dict[str, float]:
+    holder_ref: list = []
+    compiler = ActionCompiler(registry=BackendRegistry(connect_timeout=1, fail_timeout=1),
+                              pages=Pages.load(), stats=Stats(), holder_ref=holder_ref)
+    holder = TableHolder(RoutingTable(0, {}, compiler.fallbacks()[1]))
+    holder_ref.append(holder)
+
+    def build(version: int, rule: dict) -> RoutingTable:
+        return RoutingTable.build(version, {HOST: rule}, compiler.compile,
+                                  compiler.fallbacks(), previous=holder.table)
+
+    holder.swap(build(1, SPIN))
+    route = holder.table.lookup(HOST.encode())
+    pairs = socket_pairs(held)
+    left: list[float] = []
+
+    def hold(sock: socket.socket) -> None:
+        ctx = SimpleNamespace(spin_max_waiting=held)
+        conn = SimpleNamespace(sock=sock, ctx=ctx, disarm=lambda: None)
+        ex = SimpleNamespace(conn=conn, route=route, head=SimpleNamespace(host=HOST.encode()))
+        with compiler.holds.held(ex):
+            route.action.hold(ex)
+        left.append(time.perf_counter())
+
+    greenlets = [gevent.spawn(hold, server) for _, server in pairs]
+    wait_for(lambda: compiler.holds.count == held, what="held in process")
+    static = build(2, {"action": "static", "body": "released"})
+    swapped = time.perf_counter()
+    holder.swap(static)
+    gevent.joinall(greenlets, timeout=30)
+    for client, server in pairs:
+        client.close()
+        server.close()
+    return percentiles([(t - swapped) * 1000 for t in left])
+
+
+# 2. end to end through a real balancer ----------------------------------------------
+def held_request(port: int, released: list[float], failed: list[str],
+                 done: gevent.event.Event) -> None:
+    """One keep-alive request on its own connection; records when its response
+    reached this host (kernel timestamp of the first response bytes)."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.sendall(REQUEST)
+        chunk, ancillary, _, _ = sock.recvmsg(65536, 64)
+        arrived = time.time()
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanos = struct.unpack("qq", value[:16])
+                arrived = seconds + nanos / 1e9
+        released.append(arrived)
+        if not chunk.startswith(b"HTTP/1.1 200 "):
+            failed.append(chunk[:40].decode("latin-1"))
+        done.wait(60)  # keep the connection open (keep-alive) until every answer is in
+        sock.close()
+    except OSError as exc:
+        failed.append(repr(exc))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def info(bal: Balancer) -> dict:
+    return bal.api("GET", "/api/v1/info")[1]
+
+
+def one_round(bal: Balancer, backend: str, held: int, via: str, target: str) -> dict:
+    if target == "proxy":
+        new_rule = {"action": "proxy", "backends": [backend]}
+    else:
+        new_rule = {"action": "static", "body": "released", "content_type": "text/plain"}
+    bal.write_routes({HOST: SPIN})
+    wait_for(lambda: info(bal)["store"]["version"] == bal.api("GET", "/api/v1/hosts")[1]["version"],
+             what="the spin rule")
+    pid = info(bal)["processes"][0]["pid"]
+    idle_rss = rss_kib(pid)
+    released: list[float] = []
+    failed: list[str] = []
+    done = gevent.event.Event()
+    greenlets = [gevent.spawn(held_request, bal.port, released, failed, done)
+                 for _ in range(held)]
+    wait_for(lambda: bal.spinning(HOST) == held, timeout=60, what=f"{held} held")
+    held_rss = rss_kib(pid)
+    before = info(bal)["store"]["last_reload"]
+    written = time.time()
+    if via == "file":
+        bal.write_routes({HOST: new_rule})
+    else:
+        status, _ = bal.api("PUT", f"/api/v1/hosts/{HOST}", new_rule)
+        assert status == 200, status
+    wait_for(lambda: len(released) + len(failed) >= held, timeout=60, what="every answer")
+    done.set()
+    gevent.joinall(greenlets, timeout=60)
+    swapped = info(bal)["store"]["last_reload"]
+    assert swapped > before, "no swap seen"
+    return {"via": via, "target": target, "held": held, "failed": len(failed),
+            "store_delay_ms": (swapped - written) * 1000,
+            **percentiles([(t - swapped) * 1000 for t in released]),
+            "rss_per_held_kib": (held_rss - idle_rss) / held}
+
+
+def end_to_end(held: int, rounds: int) -> list[dict]:
+    port = socket.create_server(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    backend = subprocess.Popen([sys.executable, "-m", "loadtest.backend", "--listen",
+                                f"127.0.0.1:{number}"], cwd=ROOT)
+    bal = Balancer(Path(tempfile.mkdtemp()), {HOST: SPIN})
+    try:
+        return [one_round(bal, f"127.0.0.1:{number}", held, via, target)
+                for _ in range(rounds) for via in ("file", "api")
+                for target in ("proxy", "static")]
+    finally:
+        bal.stop()
+        backend.terminate()
+        backend.wait(5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--held", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    wakes = [measure_wake(args.held) for _ in range(args.rounds)]
+    for wake in wakes:
+        print(json.dumps({"wake": {k: round(v, 2) for k, v in wake.items()}}))
+    results = end_to_end(args.held, args.rounds)
+    for result in results:
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                          for k, v in result.items()}))
+    print(f"wake ({args.held} held): p50 {statistics.median(w['p50_ms'] for w in wakes):.1f} ms, "
+          f"p99 {statistics.median(w['p99_ms'] for w in wakes):.1f} ms after the swap")
+    for via, target in [(v, t) for v in ("file", "api") for t in ("proxy", "static")]:
+        mine = [r for r in results if r["via"] == via and r["target"] == target]
+        print(f"{via} -> {target}: response p50 "
+              f"{statistics.median(r['p50_ms'] for r in mine):.1f} ms, p99 "
+              f"{statistics.median(r['p99_ms'] for r in mine):.1f} ms after the swap; "
+              f"store delay {statistics.median(r['store_delay_ms'] for r in mine):.0f} ms; "
+              f"{statistics.median(r['rss_per_held_kib'] for r in mine):.1f} KiB RSS per held "
+              f"request; failures {sum(r['failed'] for r in mine)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
