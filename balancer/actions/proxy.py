@@ -168,18 +168,19 @@ class ProxyAction:
         backoff, watch_client = FIRST_BACKOFF, True
         while True:
             changed = holder.change_event()  # taken before the lookup: no swap is missed
-            events = [changed] + [b.recovered_event() for b in self.backends]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SpinTimeout(retry_after(self.spin_when_down))
-            wait = min(remaining, backoff * (0.5 + random.random() / 2))
-            watch_client = wait_any(events, sock, wait, watch_client)
             route = holder.table.lookup(host)
             if route.action is not self:
                 return route
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SpinTimeout(retry_after(self.spin_when_down))
+            recovered = [b.recovered_event() for b in self.backends]
+            wait = min(remaining, backoff * (0.5 + random.random() / 2))
+            watch_client = wait_any([changed, *recovered], sock, wait, watch_client)
             backoff = min(backoff * 2, MAX_BACKOFF)
-            woken = any(event.is_set() for event in events)
-            if not woken and time.monotonic() < self.next_probe:
+            if changed.is_set():
+                continue  # re-resolve the host first
+            if not any(e.is_set() for e in recovered) and time.monotonic() < self.next_probe:
                 continue  # another held request tried a moment ago
             self.next_probe = time.monotonic() + PROBE_GAP
             if self.try_again(ex, body):
