@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from balancer.settings import SettingsError, add_flags, flag_values, load_settings
+from balancer.settings import Settings, SettingsError, add_flags, flag_values, load_settings
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"balancer: {problem}", file=sys.stderr)
         return 2
-    from balancer.serve import serve  # imported late: it monkey-patches first
+    from balancer.serve import serve
 
-    return serve(settings)
+    def reload_settings() -> Settings:  # SIGHUP: the same flags, env and config file
+        return load_settings(flag_values(args), config_path=args.config)
+
+    return serve(settings, reload_settings)

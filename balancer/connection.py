@@ -44,7 +44,9 @@ PROTOCOL_PAGES = {
 
 
 class Context:
-    """What every connection of one listener shares; read-only after start."""
+    """What every connection of one listener shares; read-only after start, except
+    `draining`, which the worker sets once when it stops: from then on every
+    response closes its connection."""
 
     def __init__(self, *, holder: Any, pages: Any, stats: Any, access_log: Any, trusted: bool,
                  limits: Limits, timeouts: Any, spin_max_waiting: int = 10000,
@@ -60,6 +62,7 @@ class Context:
         self.request_ids = RequestIds()
         # live connections, for the gevent watchdog; None = use socket timeouts
         self.connections = connections
+        self.draining = False
 
 
 def send_all(sock: socket.socket, data: bytes) -> None:
@@ -148,6 +151,9 @@ class ClientConnection:
         self.socket_timeouts = ctx.connections is None
         self.deadline = NEVER
         self.task: Any = None  # the greenlet serving this connection (watchdog mode)
+        # True only while waiting for the first byte of a request: closing the
+        # connection then loses nothing (a draining worker does so)
+        self.idle = False
 
     def arm(self, sock: socket.socket, seconds: float) -> None:
         """Bound the next waits on `sock` (and any other) to `seconds` from now."""
@@ -178,6 +184,7 @@ class ClientConnection:
             if event is not END:  # END of a bodyless request stays until here
                 return event
         self.arm(sock, timeouts.client_idle)
+        self.idle = True
         deadline = 0.0
         while not events:
             try:
@@ -191,6 +198,7 @@ class ClientConnection:
             if not data:
                 return None
             if not deadline:
+                self.idle = False
                 deadline = time.monotonic() + timeouts.client_header
             self.arm(sock, max(deadline - time.monotonic(), 0.001))
             self.parser.feed(data)
@@ -206,6 +214,8 @@ class ClientConnection:
         stats = route.stats
         stats.open_requests += 1
         ex = Exchange(self, head, route, self.request_id(head), start)
+        if ctx.draining:
+            ex.keep_alive = False
         try:
             route.action.handle(ex)
         except ProxyError as exc:

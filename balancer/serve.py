@@ -1,57 +1,37 @@
-"""`balancer serve` in one process: bind, load the table, serve, stop on a signal.
+"""`balancer serve`: check, bind, drop privileges, then hand over to the arbiter.
 
-Steps: monkey-patch → open the store → bind every listener (a bind failure
-exits non-zero naming the address) → load the table → serve the proxy and the
-management API → wait for a signal → drain gracefully.
+Steps: import what the children will use (`balancer.preload`) → check in a
+throwaway child that the store, pages and access log open
+(as the run user) → bind every listener (a bind failure exits non-zero
+naming the address) → create the private run directory → drop privileges →
+`Arbiter.run` forks the management process and the workers and keeps them
+alive until a stop signal. The ``listening on ADDR for proxy|internal|management``
+lines are logged once every child first is ready: from then on requests are
+served with the routing table loaded.
+
+Nothing here monkey-patches: every child does after fork (`balancer.workers`).
 """
 
-from gevent import monkey
+from __future__ import annotations
 
-monkey.patch_all()
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
 
-import logging  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import gevent  # noqa: E402
-from gevent.event import Event  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
-
-from balancer.addr import Address  # noqa: E402
-from balancer.server import Worker, bind  # noqa: E402
-from balancer.settings import Settings  # noqa: E402
+from balancer.addr import Address
+from balancer.arbiter import Arbiter, Bound, check_in_child
+from balancer.preload import preload
+from balancer.privileges import Identity, PrivilegeError, drop_privileges, resolve
+from balancer.server import bind
+from balancer.settings import Settings
 
 log = logging.getLogger("balancer")
-
-
-class WorkerRuntime:
-    """The management app's view of the live data plane of this process."""
-
-    def __init__(self, worker: Worker, store: Any, workers: int = 1) -> None:
-        self.worker = worker
-        self.store = store
-        self.workers = workers
-
-    def stats(self) -> dict:
-        snapshot = self.worker.stats.snapshot()
-        snapshot["store_up"] = int(self.store.is_reachable())
-        return snapshot
-
-    def reload(self) -> int:
-        return self.worker.reload()
-
-    def is_ready(self) -> bool:
-        return self.worker.loaded
-
-    def info(self) -> dict:
-        stats = self.worker.stats
-        return {"workers": self.workers,
-                "store": {"kind": self.store.kind, "url": redact(self.worker.settings.store.url),
-                          "reachable": self.store.is_reachable(),
-                          "version": self.worker.holder.table.version,
-                          "last_reload": stats.last_reload}}
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
 def redact(url: str) -> str:
@@ -87,58 +67,54 @@ def listener_addresses(settings: Settings) -> list[tuple[Address, bool]]:
     return [(a, False) for a in server.listen] + [(a, True) for a in server.internal_listen]
 
 
-def initial_load(worker: Worker) -> None:
-    """Load the table once; a store problem is reported and serving starts anyway."""
-    from management.stores.base import StoreError
+def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> int:
+    """Run the arbiter until SIGTERM/SIGINT/SIGQUIT; the process exit code.
 
+    `reload_settings` re-reads the same flags, environment and config file
+    (SIGHUP)."""
+    logging.basicConfig(level=settings.log.level.upper(), format=LOG_FORMAT)
     try:
-        worker.reload()
-    except StoreError as exc:
-        log.error("store %s: %s; serving the no-hosts page until it recovers",
-                  redact(worker.settings.store.url), exc)
-
-
-def serve(settings: Settings) -> int:
-    """Run one worker with its management API until SIGTERM/SIGINT."""
-    logging.basicConfig(level=settings.log.level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from management.app import create_app
-    from management.stores import open_store
-
-    try:
-        store = open_store(settings.store.url, settings.store.namespace,
-                           settings.store.resync_interval)
-    except ValueError as exc:
-        print(f"balancer: store.url: {exc}", file=sys.stderr)
-        return 2
-    sockets = bind_all(listener_addresses(settings))
+        identity = resolve(settings.server.user, settings.server.group)
+    except PrivilegeError as exc:
+        return fail(str(exc), 2)
+    preload()
+    problem = check_in_child(settings, identity)
+    if problem is not None:
+        return fail(problem[1], problem[0])
+    listeners = bind_all(listener_addresses(settings))
     management = bind_all([(settings.management.listen, False)])[0][0]
-    worker = Worker(settings, store)
-    initial_load(worker)
-    worker.listen(sockets)
-    worker.start()
-    app = create_app(store=store, runtime=WorkerRuntime(worker, store),
-                     token=settings.management.token or None, settings=settings)
-    api = WSGIServer(management, app, log=None, error_log=log)
-    api.start()
-    for sock, trusted in sockets:
+    run_dir = make_run_dir(identity)
+    try:
+        try:
+            dropped = drop_privileges(identity)
+        except PrivilegeError as exc:
+            return fail(str(exc), 1)
+        if dropped:
+            log.info("running as %s", identity)
+        bound = Bound(listeners, management, run_dir, identity if dropped else None)
+        return Arbiter(settings, bound, reload_settings,
+                       lambda: announce(settings, listeners, management)).run()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def announce(settings: Settings, listeners: list[tuple[Any, bool]], management: Any) -> None:
+    """The lines that say the balancer serves (tests and scripts wait for them)."""
+    for sock, trusted in listeners:
         log.info("listening on %s for %s", bound_name(sock), "internal" if trusted else "proxy")
     log.info("listening on %s for management", bound_name(management))
-    log.info("store %s, routing version %d", redact(settings.store.url),
-             worker.holder.table.version)
-    wait_for_stop(worker)
-    api.stop(timeout=1)
-    worker.stop(settings.timeouts.graceful)
-    return 0
+    log.info("store %s, %d worker(s)", redact(settings.store.url), settings.effective_workers())
 
 
-def wait_for_stop(worker: Worker) -> None:
-    """Block until SIGTERM/SIGINT; SIGUSR1 reopens the access log meanwhile."""
-    stop = Event()
-    gevent.signal_handler(signal.SIGTERM, stop.set)
-    gevent.signal_handler(signal.SIGINT, stop.set)
-    gevent.signal_handler(signal.SIGUSR1, worker.access_log.reopen)
-    stop.wait()
-    log.info("stopping: finishing in-flight requests (graceful %.0fs)",
-             worker.settings.timeouts.graceful)
-    time.sleep(0)
+def make_run_dir(identity: Identity | None) -> str:
+    """The private directory of the control sockets (mode 0700, owned by the run user)."""
+    path = tempfile.mkdtemp(prefix="balancer-")
+    if identity is not None and os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            os.chown(path, identity.uid, identity.gid)
+    return path
+
+
+def fail(message: str, code: int) -> int:
+    print(f"balancer: {message}", file=sys.stderr)
+    return code

@@ -32,6 +32,10 @@ from balancer.table import RoutingTable, TableHolder
 
 log = logging.getLogger("balancer")
 BACKLOG = 2048
+# While draining, a keep-alive connection idle this long is closed. Not at
+# once: a busy client's next request may be on the wire, and its response
+# will carry `Connection: close` instead (the close race of RFC 9112 §9.6).
+DRAIN_IDLE = 1.0
 
 
 def bind(address: Address, backlog: int = BACKLOG) -> socket.socket:
@@ -72,7 +76,9 @@ class Worker:
         self.servers: list[StreamServer] = []
         self.pool = Pool(settings.server.max_connections)
         self.connections: set = set()
-        self.stopping = False
+        self.contexts: list[Context] = []
+        self.draining = False  # stopped accepting; every response closes its connection
+        self.stopping = False  # the watcher and the watchdog end
 
     def context(self, trusted: bool) -> Context:
         return Context(holder=self.holder, pages=self.pages, stats=self.stats,
@@ -116,6 +122,7 @@ class Worker:
         """Serve clients on already-bound sockets; (socket, trusted) pairs."""
         for sock, trusted in sockets:
             ctx = self.context(trusted)
+            self.contexts.append(ctx)
             server = StreamServer(sock, lambda s, a, c=ctx: handle_client(s, a, c),
                                   spawn=self.pool)
             server.start()
@@ -128,11 +135,19 @@ class Worker:
         while not self.stopping:
             gevent.sleep(tick)
             COARSE_CLOCK[0] = now = time.monotonic()
+            if self.draining:
+                self.close_idle(now + DRAIN_IDLE)
             for conn in [c for c in self.connections if c.deadline < now]:
                 conn.deadline = float("inf")
                 task = conn.task
                 if task is not None and not task.dead:
                     hub.loop.run_callback(task.throw, TimeoutError("deadline passed"))
+
+    def close_idle(self, by: float) -> None:
+        """Make every idle keep-alive connection time out (and close) by `by`."""
+        for conn in self.connections:
+            if conn.idle and conn.deadline > by:
+                conn.deadline = by
 
     def start(self) -> None:
         self.access_log.start()
@@ -140,11 +155,16 @@ class Worker:
         gevent.spawn(self.watchdog_loop)
 
     def stop(self, graceful: float) -> None:
-        """Stop accepting, let in-flight requests finish for up to `graceful` seconds."""
-        self.stopping = True
+        """Drain: stop accepting, answer in-flight requests (each response then
+        closes its connection), close idle keep-alive connections; whatever is
+        still open after `graceful` seconds is cut."""
+        self.draining = True
+        for ctx in self.contexts:
+            ctx.draining = True
         for server in self.servers:
             server.close()
         self.pool.join(timeout=graceful)
+        self.stopping = True
         self.pool.kill(block=True, timeout=1)
         self.health.stop()
         self.access_log.close()

@@ -1,0 +1,416 @@
+"""The arbiter: forks the workers and the management process and keeps them alive.
+
+Main loop (gunicorn `Arbiter.run`): wait for a signal or a child's "ready"
+→ `handle_<signal>` → reap exited children → `manage` (start what is
+missing, replace an older generation one child at a time, kill what
+overstayed its deadline).
+
+Invariants:
+* Signal handlers only queue: the C handler writes the signal number to the
+  wake-up pipe (`signal.set_wakeup_fd`); the loop reads the numbers and acts.
+* The arbiter never monkey-patches and never runs a gevent hub; every child
+  patches after fork (`balancer.workers`).
+* The listening sockets were bound before forking and stay open here until
+  the arbiter stops: a dying worker never closes a listener, and connections
+  wait in the one shared accept queue for any live worker.
+* A child of an older generation is told to drain only after its
+  replacement reported ready; during a reload at most one replacement is
+  starting at a time.
+* A child that exits unasked is replaced with backoff; repeated exits are
+  reported as a crash loop and slow down, they never spin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from balancer.backoff import Backoff
+from balancer.control import control_path
+from balancer.privileges import Identity
+from balancer.settings import Settings, SettingsError
+from balancer.workers import (
+    BOOT_ERROR,
+    ChildEnv,
+    child_main,
+    run_check,
+    run_management,
+    run_worker,
+)
+
+log = logging.getLogger("balancer")
+
+WORKER, MANAGEMENT = "worker", "management"
+RUNNING, STOPPING, STOPPED = "RUNNING", "STOPPING", "STOPPED"
+NEVER = float("inf")
+KILL_MARGIN = 2.0   # seconds past a draining child's own `graceful` before SIGKILL
+QUIT_GRACE = 1.0    # seconds children get after SIGQUIT before SIGKILL
+TICK = 1.0          # longest wait of the main loop
+CHECK_TIMEOUT = 30.0
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
+           signal.SIGCHLD)
+
+
+@dataclass
+class Child:
+    """One forked child as the arbiter tracks it."""
+
+    kind: str
+    slot: int
+    generation: int
+    pid: int
+    ready_fd: int | None
+    graceful: float
+    ready: bool = False
+    draining: bool = False
+    kill_at: float = NEVER
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.pid}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What the arbiter bound before forking (kept for its whole life)."""
+
+    listeners: list[tuple[Any, bool]]   # (socket, trusted)
+    management: Any
+    run_dir: str
+    identity: Identity | None   # the identity the arbiter dropped to, if it did
+
+
+class Arbiter:
+    """Keeps `server.workers` proxy workers and one management process running."""
+
+    def __init__(self, settings: Settings, bound: Bound,
+                 reload_settings: Callable[[], Settings] | None = None,
+                 announce: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.bound = bound
+        self.reload_settings = reload_settings
+        self.announce = announce  # called once, when every child first is ready
+        self.generation = 1
+        self.children: dict[int, Child] = {}
+        self.backoff = Backoff()
+        self.state = RUNNING
+        self.exit_code = 0
+        self.has_been_ready = False
+        self.wake_r, self.wake_w = os.pipe()
+
+    # main loop -----------------------------------------------------------------
+    def run(self) -> int:
+        """Run until stopped; the exit code of `balancer serve`."""
+        self.install_signals()
+        log.info("arbiter %d: starting %d worker(s)", os.getpid(),
+                 self.settings.effective_workers())
+        self.manage()
+        while self.state != STOPPED:
+            for signum in self.wait(self.next_timeout()):
+                self.handle(signum)
+            self.reap()
+            self.manage()
+        return self.exit_code
+
+    def install_signals(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for signum in HANDLED:
+            signal.signal(signum, _queued)
+
+    def wait(self, timeout: float) -> list[int]:
+        """Signals queued meanwhile; "ready" messages of children are taken in passing."""
+        starting = {c.ready_fd: c for c in self.children.values() if c.ready_fd is not None}
+        readable, _, _ = select.select([self.wake_r, *starting], [], [], timeout)
+        signals: list[int] = []
+        for fd in readable:
+            if fd == self.wake_r:
+                signals.extend(_drain(fd))
+            else:
+                self.on_ready_message(starting[fd])
+        return signals
+
+    def next_timeout(self) -> float:
+        deadlines = [c.kill_at for c in self.children.values()]
+        deadlines.append(self.backoff.not_before)
+        return max(0.0, min([TICK, *(d - time.monotonic() for d in deadlines)]))
+
+    def handle(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop(graceful=True, why=signal.Signals(signum).name)
+        elif signum == signal.SIGQUIT:
+            self.stop(graceful=False, why="SIGQUIT")
+        elif signum == signal.SIGHUP and self.state == RUNNING:
+            self.reload()
+        elif signum == signal.SIGUSR1:
+            log.info("SIGUSR1: workers reopen their logs")
+            self.signal_all(signal.SIGUSR1, kinds=(WORKER,))
+
+    # children ------------------------------------------------------------------
+    def on_ready_message(self, child: Child) -> None:
+        message = _read(child.ready_fd)
+        os.close(child.ready_fd)
+        child.ready_fd = None
+        if message:  # empty: it died before it was ready (reaped next)
+            child.ready = True
+            log.info("%s ready (slot %d, generation %d)", child, child.slot, child.generation)
+            self.write_status()
+            if not self.has_been_ready and all(c.ready for c in self.children.values()):
+                self.has_been_ready = True
+                if self.announce is not None:
+                    self.announce()
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is not None:
+                self.on_exit(child, os.waitstatus_to_exitcode(status))
+
+    def on_exit(self, child: Child, code: int) -> None:
+        if child.ready_fd is not None:
+            os.close(child.ready_fd)
+        with contextlib.suppress(OSError):
+            os.unlink(control_path(self.bound.run_dir, child.pid))
+        how = f"exited with code {code}" if code >= 0 else \
+            f"was killed by {signal.Signals(-code).name}"
+        if child.draining or self.state != RUNNING:
+            log.info("%s %s", child, how)
+            return
+        if code == BOOT_ERROR and not self.has_been_ready:
+            log.error("%s could not start; stopping", child)
+            self.exit_code = 1
+            self.stop(graceful=False, why="start-up failure")
+            return
+        delay = self.backoff.record(time.monotonic())
+        if self.backoff.is_looping():
+            log.error("crash loop: %d unexpected exits in %.0f s (last: %s %s); "
+                      "next start in %.1f s", self.backoff.recent(), self.backoff.window,
+                      child, how, delay)
+        else:
+            log.warning("%s %s unexpectedly; restarting it in %.1f s", child, how, delay)
+        self.write_status()
+
+    def manage(self) -> None:
+        """Start what is missing, replace old generations, kill what overstayed."""
+        self.kill_overdue()
+        if self.state == STOPPING and not self.children:
+            self.state = STOPPED
+        if self.state != RUNNING:
+            return
+        wanted = self.settings.effective_workers()
+        for kind, slot in [(MANAGEMENT, 0), *((WORKER, i) for i in range(wanted))]:
+            self.manage_slot(kind, slot)
+        for child in list(self.children.values()):
+            if child.kind == WORKER and child.slot >= wanted and not child.draining:
+                self.drain(child)
+
+    def manage_slot(self, kind: str, slot: int) -> None:
+        active = [c for c in self.children.values()
+                  if (c.kind, c.slot) == (kind, slot) and not c.draining]
+        fresh = [c for c in active if c.generation == self.generation]
+        if any(c.ready for c in fresh):
+            for child in active:
+                if child.generation != self.generation:
+                    self.drain(child)
+        elif fresh or time.monotonic() < self.backoff.not_before:
+            return
+        elif not active or not self.is_starting():
+            self.spawn(kind, slot)
+
+    def is_starting(self) -> bool:
+        return any(not c.ready and not c.draining for c in self.children.values())
+
+    def spawn(self, kind: str, slot: int) -> None:
+        ready_r, ready_w = os.pipe()
+        env = self.child_env(ready_w, (ready_r,))
+        _flush()
+        pid = os.fork()
+        if pid == 0:
+            if kind == WORKER:
+                child_main(lambda e: run_worker(e, self.bound.listeners), env)
+            child_main(lambda e: run_management(e, self.bound.management), env)
+        os.close(ready_w)
+        self.children[pid] = Child(kind, slot, self.generation, pid, ready_r,
+                                   self.settings.timeouts.graceful)
+
+    def child_env(self, ready_fd: int, own_fds: tuple[int, ...]) -> ChildEnv:
+        return ChildEnv(self.settings, self.bound.run_dir, ready_fd, self.bound.identity,
+                        os.getpid(), (*self.arbiter_fds(), *own_fds))
+
+    def arbiter_fds(self) -> tuple[int, ...]:
+        """Descriptors only the arbiter uses (a child closes them)."""
+        starting = (c.ready_fd for c in self.children.values() if c.ready_fd is not None)
+        return (self.wake_r, self.wake_w, *starting)
+
+    def drain(self, child: Child) -> None:
+        """Ask a child to finish what it serves and exit (SIGTERM)."""
+        child.draining = True
+        child.kill_at = time.monotonic() + child.graceful + KILL_MARGIN
+        _kill(child.pid, signal.SIGTERM)
+
+    def kill_overdue(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.kill_at <= now:
+                log.warning("%s did not stop in time; killing it", child)
+                child.kill_at = NEVER
+                _kill(child.pid, signal.SIGKILL)
+
+    def signal_all(self, signum: int, kinds: tuple[str, ...] = (WORKER, MANAGEMENT)) -> None:
+        for child in self.children.values():
+            if child.kind in kinds:
+                _kill(child.pid, signum)
+
+    # reload and stop -------------------------------------------------------------
+    def reload(self) -> None:
+        """SIGHUP: re-read the settings; a new generation replaces every child."""
+        if self.reload_settings is None:
+            log.warning("SIGHUP: no settings source to re-read; ignored")
+            return
+        try:
+            settings = keep_bound(self.settings, self.reload_settings())
+        except SettingsError as exc:
+            log.error("SIGHUP: keeping the running settings: %s", "; ".join(exc.problems))
+            return
+        problem = check_in_child(settings, self.bound.identity, self.arbiter_fds())
+        if problem is not None:
+            log.error("SIGHUP: keeping the running settings: %s", problem[1])
+            return
+        self.settings = settings
+        self.generation += 1
+        log.info("SIGHUP: settings re-read; replacing the management process and %d "
+                 "worker(s) one by one (generation %d)", settings.effective_workers(),
+                 self.generation)
+        self.write_status()
+
+    def stop(self, graceful: bool, why: str) -> None:
+        """Stop accepting and stop every child: drained (graceful) or at once."""
+        if self.state != RUNNING and graceful:
+            return
+        first = self.state == RUNNING
+        self.state = STOPPING
+        for sock, _ in self.bound.listeners:
+            sock.close()
+        self.bound.management.close()
+        if graceful:
+            log.info("%s: stopping gracefully (up to %.0f s)", why,
+                     self.settings.timeouts.graceful)
+            for child in self.children.values():
+                self.drain(child)
+                child.kill_at = min(child.kill_at, time.monotonic() + child.graceful)
+        else:
+            if first:
+                log.info("%s: stopping now", why)
+            self.signal_all(signal.SIGQUIT)
+            for child in self.children.values():
+                child.kill_at = min(child.kill_at, time.monotonic() + QUIT_GRACE)
+
+    def write_status(self) -> None:
+        """The arbiter's state for `/api/v1/info` (`DIR/arbiter.json`, replaced whole)."""
+        status = {"pid": os.getpid(), "generation": self.generation,
+                  "workers": self.settings.effective_workers(),
+                  "recent_crashes": self.backoff.recent(),
+                  "crash_loop": self.backoff.is_looping()}
+        path = os.path.join(self.bound.run_dir, "arbiter.json")
+        with contextlib.suppress(OSError):
+            with open(path + ".tmp", "w") as out:
+                json.dump(status, out)
+            os.replace(path + ".tmp", path)
+
+
+def keep_bound(old: Settings, new: Settings) -> Settings:
+    """`new`, with what a reload cannot change (addresses, user, group) kept from `old`."""
+    fixed = {"server.listen": (old.server.listen, new.server.listen),
+             "server.internal_listen": (old.server.internal_listen, new.server.internal_listen),
+             "server.user": (old.server.user, new.server.user),
+             "server.group": (old.server.group, new.server.group),
+             "management.listen": (old.management.listen, new.management.listen)}
+    changed = [name for name, (was, now) in fixed.items() if was != now]
+    if changed:
+        log.warning("SIGHUP: %s changed; that needs a restart, keeping the running value%s",
+                    ", ".join(changed), "s" if len(changed) > 1 else "")
+    server = replace(new.server, listen=old.server.listen,
+                     internal_listen=old.server.internal_listen,
+                     user=old.server.user, group=old.server.group)
+    management = replace(new.management, listen=old.management.listen)
+    return replace(new, server=server, management=management)
+
+
+def check_in_child(settings: Settings, identity: Identity | None,
+                   arbiter_fds: tuple[int, ...] = ()) -> tuple[int, str] | None:
+    """Run the start-up check (`workers.run_check`) as `identity` in a throwaway child.
+
+    Returns None, or (exit code, one-line problem). In a child so that the
+    arbiter itself never opens a store (nor imports the Redis client) before
+    its workers monkey-patch, and so that files are created as the run user."""
+    problem_r, problem_w = os.pipe()
+    env = ChildEnv(settings, "", problem_w, None, os.getpid(), (*arbiter_fds, problem_r),
+                   patch=False)
+    _flush()
+    pid = os.fork()
+    if pid == 0:
+        child_main(lambda e: run_check(e, identity), env)
+    os.close(problem_w)
+    code = _wait_for(pid, CHECK_TIMEOUT)
+    message = _read(problem_r).decode(errors="replace").strip()
+    os.close(problem_r)
+    if code == 0:
+        return None
+    return (code if code > 0 else 1), message or f"the start-up check failed ({code})"
+
+
+def _wait_for(pid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    _kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return 1
+
+
+def _queued(signum: int, frame: Any) -> None:
+    """The Python-level handler does nothing: the wake-up pipe already holds `signum`."""
+
+
+def _drain(fd: int) -> list[int]:
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 256):
+            data += chunk
+    return list(data)
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return b""
+
+
+def _kill(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _flush() -> None:
+    """Nothing buffered may be written twice (by the arbiter and by a child)."""
+    sys.stdout.flush()
+    sys.stderr.flush()

@@ -1,0 +1,152 @@
+"""The management API's view of every worker process (a `management.runtime.Runtime`).
+
+Runs in the management process. Every call asks the workers' control
+sockets (`balancer.control`) at that moment, all at once, and merges the
+answers with `merge_snapshots`; counters of workers that already exited
+gracefully are folded in from the run directory, so totals never go
+backwards across a reload.
+
+Invariants:
+* Stats are exact at scrape time: no worker pushes anything periodically.
+* Live answers and the retired total are read together under the run
+  directory's lock (`control.run_dir_lock`), so a worker that exits is counted
+  once, and two management processes (old and new, during a reload) never
+  fold a retired worker twice. One greenlet at a time takes that lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import gevent
+from gevent.lock import Semaphore
+
+from balancer.control import RETIRED_GLOB, ask, run_dir_lock, worker_sockets
+from balancer.stats import Stats, merge_snapshots
+
+RETIRED_TOTAL = "retired-total.json"
+ARBITER_STATUS = "arbiter.json"
+
+
+class ClusterRuntime:
+    """Stats, reload and readiness over all live workers of one arbiter."""
+
+    def __init__(self, directory: str, store: Any, workers: int) -> None:
+        self.directory = directory
+        self.store = store
+        self.workers = workers
+        self.retired = RetiredCounters(directory)
+        self.mutex = Semaphore()  # the flock is per process: one greenlet holds it
+
+    def survey(self, command: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """Every live worker's answer to `command`, and the retired total, read together."""
+        with self.mutex, run_dir_lock(self.directory):
+            return self.ask_all(command), self.retired.snapshot()
+
+    def ask_all(self, command: str) -> list[dict[str, Any]]:
+        """Every live worker's answer to `command` (workers that do not answer are left out)."""
+        jobs = [gevent.spawn(ask, path, command) for path in worker_sockets(self.directory)]
+        gevent.joinall(jobs)
+        return sorted((job.value for job in jobs if job.value), key=lambda r: r["pid"])
+
+    def stats(self) -> dict[str, Any]:
+        return self._merged(*self.survey("stats"))
+
+    def _merged(self, replies: list[dict[str, Any]], retired: dict[str, Any] | None
+                ) -> dict[str, Any]:
+        snapshots = [r["stats"] for r in replies]
+        merged = merge_snapshots(snapshots + ([retired] if retired else []))
+        own = int(self.store.is_reachable())
+        merged["store_up"] = min(merged.get("store_up", own), own) if snapshots else own
+        return merged
+
+    def reload(self) -> int:
+        """Every worker re-reads the store now; the lowest version they serve."""
+        from management.stores import StoreUnavailable
+
+        replies = self.ask_all("reload")
+        errors = [r["error"] for r in replies if "error" in r]
+        if errors:
+            raise StoreUnavailable(errors[0])
+        if not replies:
+            raise StoreUnavailable("no worker answered; see the balancer log")
+        return min(r["version"] for r in replies)
+
+    def is_ready(self) -> bool:
+        """Ready when at least one worker answers and every answering worker has a table."""
+        replies = self.ask_all("stats")
+        return bool(replies) and all(r["loaded"] for r in replies)
+
+    def info(self) -> dict[str, Any]:
+        replies, retired = self.survey("stats")
+        merged = self._merged(replies, retired)
+        return {"workers": self.workers,
+                "processes": [process_info(r) for r in replies],
+                "arbiter": read_json(os.path.join(self.directory, ARBITER_STATUS)) or {},
+                "store": {"kind": self.store.kind, "url": self.store.display_url,
+                          "reachable": self.store.is_reachable(),
+                          "version": merged.get("routing_version", 0),
+                          "last_reload": merged.get("last_reload", 0.0),
+                          "problem": self.store.last_error()}}
+
+
+def process_info(reply: dict[str, Any]) -> dict[str, Any]:
+    """One worker's line in ``/api/v1/info``."""
+    stats = reply["stats"]
+    hosts = stats.get("hosts", {}).values()
+    return {"pid": reply["pid"], "started": reply["started"], "loaded": reply["loaded"],
+            "draining": reply["draining"], "version": reply["version"],
+            "open_connections": stats.get("open_connections", 0),
+            "open_requests": sum(h.get("open_requests", 0) for h in hosts),
+            "completed_requests": sum(h.get("completed_requests", 0) for h in hosts)}
+
+
+class RetiredCounters:
+    """The summed counters of workers that exited gracefully (see `control.write_retired`)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+        self.total_path = self.directory / RETIRED_TOTAL
+        self.cached: tuple[Any, dict[str, Any] | None] = (None, None)
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The retired total after folding in workers that exited since the last call
+        (the caller holds the run directory's lock)."""
+        pending = [p for p in sorted(self.directory.glob(RETIRED_GLOB))
+                   if p.name != RETIRED_TOTAL]
+        if pending:
+            self._fold(pending)
+        return self._read_total()
+
+    def _fold(self, pending: list[Path]) -> None:
+        total = read_json(str(self.total_path))
+        parts = ([total] if total else []) + [s for s in map(read_json, map(str, pending)) if s]
+        tmp = self.total_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(merge_snapshots(parts) if parts else Stats().snapshot()))
+        os.replace(tmp, self.total_path)
+        for path in pending:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _read_total(self) -> dict[str, Any] | None:
+        try:
+            st = self.total_path.stat()
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self.cached[0] != key:
+            self.cached = (key, read_json(str(self.total_path)))
+        return self.cached[1]
+
+
+def read_json(path: str) -> Any:
+    """The JSON in `path`, or None if it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,247 @@
+"""What runs in the arbiter's forked children: proxy workers, the management
+process, and the start-up check.
+
+Each child starts unpatched (the arbiter imported its modules but never
+monkey-patched, see `balancer.preload`), forgets the arbiter's signal
+handlers, monkey-patches, then builds its own objects (store connection,
+`Worker`, WSGI server) from the settings.
+
+Invariants:
+* A child leaves only through `os._exit`: it never returns into the
+  arbiter's stack, and never runs the arbiter's `finally`/`atexit` code.
+* A child reports "ready" (one byte on its ready pipe) only once it accepts
+  on the inherited sockets with its routing table loaded.
+* A failure while starting exits with `BOOT_ERROR` after printing one
+  ``balancer: ...`` line; the arbiter treats it as bad input, not a crash.
+* Signals: SIGTERM/SIGINT drain gracefully (also when the arbiter is gone),
+  SIGQUIT exits at once (even mid-drain), SIGUSR1 reopens the access log,
+  SIGHUP is the arbiter's business (ignored here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from balancer.privileges import Identity, PrivilegeError, assert_dropped, drop_privileges
+from balancer.settings import Settings
+
+log = logging.getLogger("balancer")
+
+BOOT_ERROR = 3
+MANAGEMENT_DRAIN = 5.0  # seconds an old management process finishes API requests
+PARENT_CHECK = 1.0  # seconds between checks that the arbiter is still there
+STOP_MARGIN = 0.5  # a worker stops this much before the arbiter's `graceful` deadline
+
+
+class BootError(Exception):
+    """A child could not start; the message is one line naming the problem.
+
+    `code` is the exit status `balancer serve` reports when the start-up check
+    finds it: 2 for a bad setting, 1 for a resource that cannot be used."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ChildEnv:
+    """What every child gets from the arbiter."""
+
+    settings: Settings
+    run_dir: str
+    ready_fd: int
+    identity: Identity | None   # set when the arbiter dropped privileges: verified again
+    arbiter_pid: int
+    inherited_fds: tuple[int, ...]  # arbiter-only descriptors the child closes
+    patch: bool = True  # monkey-patch (the start-up check does no socket I/O: it need not)
+
+
+def child_main(body: Callable[[ChildEnv], int], env: ChildEnv) -> NoReturn:
+    """Run `body` in a fresh child and leave the process with its exit code."""
+    code = 1
+    try:
+        enter_child(env)
+        code = body(env)
+    except BootError as exc:
+        print(f"balancer: {exc}", file=sys.stderr)
+        code = BOOT_ERROR
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - the last word of a child process
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def enter_child(env: ChildEnv) -> None:
+    """Forget the arbiter's signal handling and descriptors, then monkey-patch."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    for sig in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)  # until the child installs its own
+    for fd in env.inherited_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if env.patch:
+        from gevent import monkey
+
+        from balancer.preload import quiet_patch_warnings
+
+        quiet_patch_warnings()
+        monkey.patch_all()
+    try:
+        assert_dropped(env.identity)
+    except PrivilegeError as exc:
+        raise BootError(str(exc)) from None
+
+
+def report_ready(env: ChildEnv) -> None:
+    os.write(env.ready_fd, b"R")
+    os.close(env.ready_fd)
+
+
+def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None) -> None:
+    """Block until the child must drain: SIGTERM/SIGINT, or the arbiter is gone."""
+    import gevent
+    from gevent.event import Event
+
+    stop = Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    gevent.signal_handler(signal.SIGQUIT, os._exit, 0)
+    if reopen is not None:
+        gevent.signal_handler(signal.SIGUSR1, reopen)
+
+    def parent_loop() -> None:
+        while os.getppid() == env.arbiter_pid:
+            gevent.sleep(PARENT_CHECK)
+        log.error("the arbiter (pid %d) is gone; stopping", env.arbiter_pid)
+        stop.set()
+
+    watcher = gevent.spawn(parent_loop)
+    stop.wait()
+    watcher.kill(block=False)
+
+
+def open_child_store(settings: Settings) -> Any:
+    from management.stores import StoreError, open_store
+
+    try:
+        return open_store(settings.store.url, settings.store.namespace,
+                          settings.store.resync_interval)
+    except ValueError as exc:
+        raise BootError(f"store.url: {exc}", 2) from None
+    except StoreError as exc:
+        raise BootError(f"store.url: {exc}") from None
+
+
+# proxy worker -------------------------------------------------------------------
+def run_worker(env: ChildEnv, listeners: list[tuple[Any, bool]]) -> int:
+    """A proxy worker: serve the inherited listeners until told to stop."""
+    from balancer.accesslog import AccessLogError
+    from balancer.control import ControlServer, retire
+    from balancer.server import Worker
+
+    settings = env.settings
+    worker = Worker(settings, open_child_store(settings))
+    initial_load(worker)
+    try:
+        worker.start()
+    except AccessLogError as exc:
+        raise BootError(f"log.access_log: {exc}") from None
+    worker.listen(listeners)
+    control = ControlServer(env.run_dir, worker)
+    control.start()
+    report_ready(env)
+    log.info("worker %d serving routing version %d", os.getpid(), worker.holder.table.version)
+    wait_for_stop(env, worker.access_log.reopen)
+    graceful = settings.timeouts.graceful
+    worker.stop(max(graceful - STOP_MARGIN, graceful / 2))
+    retire(env.run_dir, worker, control)
+    return 0
+
+
+def initial_load(worker: Any) -> None:
+    """Load the table once; a store problem is reported and serving starts anyway."""
+    from management.stores.base import StoreError
+
+    try:
+        worker.reload()
+    except StoreError as exc:
+        log.error("store %s: %s; serving the no-hosts page until it recovers",
+                  worker.store.display_url, exc)
+
+
+# management process -------------------------------------------------------------
+def run_management(env: ChildEnv, sock: Any) -> int:
+    """The management API over every worker, on the inherited management socket."""
+    from gevent.pywsgi import WSGIServer
+
+    from balancer.cluster import ClusterRuntime
+    from management.app import create_app
+
+    settings = env.settings
+    store = open_child_store(settings)
+    runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers())
+    app = create_app(store=store, runtime=runtime, token=settings.management.token or None,
+                     settings=settings)
+    api = WSGIServer(sock, app, log=None, error_log=log)
+    api.start()
+    report_ready(env)
+    wait_for_stop(env)
+    api.stop(timeout=min(MANAGEMENT_DRAIN, settings.timeouts.graceful))
+    store.close()
+    return 0
+
+
+# start-up check -------------------------------------------------------------------
+def run_check(env: ChildEnv, identity: Identity | None) -> int:
+    """As the run user (`identity`): the store opens, the pages load, the access
+    log opens. A problem is written as one line to the child's ready pipe;
+    the exit code is its `code`."""
+    try:
+        drop_for_check(identity)
+        check_startup(env.settings)
+    except BootError as exc:
+        os.write(env.ready_fd, str(exc).encode())
+        return exc.code
+    return 0
+
+
+def check_startup(settings: Settings) -> None:
+    """Open (and close) what a worker opens, raising `BootError` naming the setting."""
+    from balancer.accesslog import AccessLog, AccessLogError
+    from balancer.pages import PageError, Pages
+
+    open_child_store(settings).close()
+    try:
+        Pages.load(settings.server.pages_dir)
+    except PageError as exc:
+        raise BootError(f"server.pages_dir: {exc}") from None
+    try:
+        access_log = AccessLog(settings.log.access_log, settings.log.access_format)
+        access_log.start()
+        access_log.close()
+    except AccessLogError as exc:
+        raise BootError(f"log.access_log: {exc}") from None
+
+
+def drop_for_check(identity: Identity | None) -> None:
+    """The start-up check runs as the user the workers will run as."""
+    try:
+        drop_privileges(identity)
+    except PrivilegeError as exc:
+        raise BootError(str(exc)) from None
