@@ -140,9 +140,11 @@ class Arbiter:
         return signals
 
     def next_timeout(self) -> float:
+        """Until the next thing `manage` has to do on time (at most `TICK`)."""
+        now = time.monotonic()
         deadlines = [c.kill_at for c in self.children.values()]
         deadlines.append(self.backoff.not_before)
-        return max(0.0, min([TICK, *(d - time.monotonic() for d in deadlines)]))
+        return min([TICK, *(d - now for d in deadlines if d > now)])
 
     def handle(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -322,10 +324,11 @@ class Arbiter:
 
     def write_status(self) -> None:
         """The arbiter's state for `/api/v1/info` (`DIR/arbiter.json`, replaced whole)."""
+        now = time.monotonic()
         status = {"pid": os.getpid(), "generation": self.generation,
                   "workers": self.settings.effective_workers(),
-                  "recent_crashes": self.backoff.recent(),
-                  "crash_loop": self.backoff.is_looping()}
+                  "recent_crashes": self.backoff.recent(now),
+                  "crash_loop": self.backoff.is_looping(now)}
         path = os.path.join(self.bound.run_dir, "arbiter.json")
         with contextlib.suppress(OSError):
             with open(path + ".tmp", "w") as out:

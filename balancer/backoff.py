@@ -31,12 +31,13 @@ class Backoff:
 
     def recent(self, now: float | None = None) -> int:
         """Unexpected exits within the window (as of the last `record` if `now` is None)."""
-        if now is None or not self.exits:
+        if now is None:
             return len(self.exits)
         return sum(1 for t in self.exits if now - t < self.window)
 
-    def is_looping(self) -> bool:
-        return len(self.exits) >= self.loop_after
+    def is_looping(self, now: float | None = None) -> bool:
+        """Whether `loop_after` exits fell within the window (as of `now`, or the last one)."""
+        return self.recent(now) >= self.loop_after
 
     def __repr__(self) -> str:
         return (f"Backoff(recent={len(self.exits)}, looping={self.is_looping()}, "

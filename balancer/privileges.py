@@ -45,6 +45,9 @@ def resolve(user: str, group: str) -> Identity | None:
     uid, gid, name = os.getuid(), os.getgid(), str(os.getuid())
     if user:
         entry = _user_entry(user)
+        if entry is None and not group:
+            raise PrivilegeError(f"server.group: uid {user} has no passwd entry to take "
+                                 f"a group from; set server.group too")
         uid, name = (entry.pw_uid, entry.pw_name) if entry else (int(user), user)
         gid = entry.pw_gid if entry and not group else gid
     if group:

@@ -314,6 +314,21 @@ def test_a_dead_management_process_is_replaced(cluster):
     assert request(cluster.port, host=HOST)[0] == 200
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_cluster_sleeps(cluster):
+    """The arbiter's loop waits on signals and children; idle workers wait on sockets."""
+    pids = [cluster.proc.pid, *children_of(cluster.proc.pid)]
+    wait_workers(cluster, 2)
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    time.sleep(2.0)
+    used = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
+    assert all(seconds < 0.2 for seconds in used.values()), used
+
+
 # one view over all workers ------------------------------------------------------
 def test_stats_and_metrics_sum_every_worker(cluster):
     pids = wait_workers(cluster, 2)
