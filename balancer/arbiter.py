@@ -28,24 +28,17 @@ import logging
 import os
 import select
 import signal
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from balancer.backoff import Backoff
 from balancer.control import control_path
 from balancer.privileges import Identity
 from balancer.settings import Settings, SettingsError
-from balancer.workers import (
-    BOOT_ERROR,
-    ChildEnv,
-    child_main,
-    run_check,
-    run_management,
-    run_worker,
-)
+from balancer.startup import check_in_child, flush_std, keep_bound, kill_quietly, read_pipe
+from balancer.workers import BOOT_ERROR, ChildEnv, child_main, run_management, run_worker
 
 log = logging.getLogger("balancer")
 
@@ -55,7 +48,6 @@ NEVER = float("inf")
 KILL_MARGIN = 2.0   # seconds past a draining child's own `graceful` before SIGKILL
 QUIT_GRACE = 1.0    # seconds children get after SIGQUIT before SIGKILL
 TICK = 1.0          # longest wait of the main loop
-CHECK_TIMEOUT = 30.0
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
            signal.SIGCHLD)
 
@@ -159,7 +151,7 @@ class Arbiter:
 
     # children ------------------------------------------------------------------
     def on_ready_message(self, child: Child) -> None:
-        message = _read(child.ready_fd)
+        message = read_pipe(child.ready_fd)
         os.close(child.ready_fd)
         child.ready_fd = None
         if message:  # empty: it died before it was ready (reaped next)
@@ -240,7 +232,7 @@ class Arbiter:
     def spawn(self, kind: str, slot: int) -> None:
         ready_r, ready_w = os.pipe()
         env = self.child_env(ready_w, (ready_r,))
-        _flush()
+        flush_std()
         pid = os.fork()
         if pid == 0:
             if kind == WORKER:
@@ -263,7 +255,7 @@ class Arbiter:
         """Ask a child to finish what it serves and exit (SIGTERM)."""
         child.draining = True
         child.kill_at = time.monotonic() + child.graceful + KILL_MARGIN
-        _kill(child.pid, signal.SIGTERM)
+        kill_quietly(child.pid, signal.SIGTERM)
 
     def kill_overdue(self) -> None:
         now = time.monotonic()
@@ -271,12 +263,12 @@ class Arbiter:
             if child.kill_at <= now:
                 log.warning("%s did not stop in time; killing it", child)
                 child.kill_at = NEVER
-                _kill(child.pid, signal.SIGKILL)
+                kill_quietly(child.pid, signal.SIGKILL)
 
     def signal_all(self, signum: int, kinds: tuple[str, ...] = (WORKER, MANAGEMENT)) -> None:
         for child in self.children.values():
             if child.kind in kinds:
-                _kill(child.pid, signum)
+                kill_quietly(child.pid, signum)
 
     # reload and stop -------------------------------------------------------------
     def reload(self) -> None:
@@ -336,59 +328,6 @@ class Arbiter:
             os.replace(path + ".tmp", path)
 
 
-def keep_bound(old: Settings, new: Settings) -> Settings:
-    """`new`, with what a reload cannot change (addresses, user, group) kept from `old`."""
-    fixed = {"server.listen": (old.server.listen, new.server.listen),
-             "server.internal_listen": (old.server.internal_listen, new.server.internal_listen),
-             "server.user": (old.server.user, new.server.user),
-             "server.group": (old.server.group, new.server.group),
-             "management.listen": (old.management.listen, new.management.listen)}
-    changed = [name for name, (was, now) in fixed.items() if was != now]
-    if changed:
-        log.warning("SIGHUP: %s changed; that needs a restart, keeping the running value%s",
-                    ", ".join(changed), "s" if len(changed) > 1 else "")
-    server = replace(new.server, listen=old.server.listen,
-                     internal_listen=old.server.internal_listen,
-                     user=old.server.user, group=old.server.group)
-    management = replace(new.management, listen=old.management.listen)
-    return replace(new, server=server, management=management)
-
-
-def check_in_child(settings: Settings, identity: Identity | None,
-                   arbiter_fds: tuple[int, ...] = ()) -> tuple[int, str] | None:
-    """Run the start-up check (`workers.run_check`) as `identity` in a throwaway child.
-
-    Returns None, or (exit code, one-line problem). In a child so that the
-    arbiter itself never opens a store (nor imports the Redis client) before
-    its workers monkey-patch, and so that files are created as the run user."""
-    problem_r, problem_w = os.pipe()
-    env = ChildEnv(settings, "", problem_w, None, os.getpid(), (*arbiter_fds, problem_r),
-                   patch=False)
-    _flush()
-    pid = os.fork()
-    if pid == 0:
-        child_main(lambda e: run_check(e, identity), env)
-    os.close(problem_w)
-    code = _wait_for(pid, CHECK_TIMEOUT)
-    message = _read(problem_r).decode(errors="replace").strip()
-    os.close(problem_r)
-    if code == 0:
-        return None
-    return (code if code > 0 else 1), message or f"the start-up check failed ({code})"
-
-
-def _wait_for(pid: int, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    _kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return 1
-
-
 def _queued(signum: int, frame: Any) -> None:
     """The Python-level handler does nothing: the wake-up pipe already holds `signum`."""
 
@@ -399,21 +338,3 @@ def _drain(fd: int) -> list[int]:
         while chunk := os.read(fd, 256):
             data += chunk
     return list(data)
-
-
-def _read(fd: int) -> bytes:
-    try:
-        return os.read(fd, 4096)
-    except OSError:
-        return b""
-
-
-def _kill(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)
-
-
-def _flush() -> None:
-    """Nothing buffered may be written twice (by the arbiter and by a child)."""
-    sys.stdout.flush()
-    sys.stderr.flush()

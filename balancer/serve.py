@@ -24,11 +24,12 @@ from collections.abc import Callable
 from typing import Any
 
 from balancer.addr import Address
-from balancer.arbiter import Arbiter, Bound, check_in_child
+from balancer.arbiter import Arbiter, Bound
 from balancer.preload import preload
 from balancer.privileges import Identity, PrivilegeError, drop_privileges, resolve
 from balancer.server import bind
 from balancer.settings import Settings
+from balancer.startup import check_in_child
 
 log = logging.getLogger("balancer")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"

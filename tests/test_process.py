@@ -502,3 +502,17 @@ def test_retired_counters_are_neutral_gauges():
     assert merged["hosts"][HOST]["completed_requests"] == 1
     assert merged["hosts"][HOST]["open_requests"] == 0
     assert merged["hosts"][HOST]["backends"]["127.0.0.1:1"]["in_flight"] == 0
+
+
+def test_identity_resolution():
+    from balancer.privileges import PrivilegeError, resolve
+
+    nobody = pwd.getpwnam("nobody")
+    assert resolve("", "") is None
+    named = resolve("nobody", "")
+    assert (named.uid, named.gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert resolve(str(nobody.pw_uid), "0").gid == 0
+    with pytest.raises(PrivilegeError, match="server.group"):
+        resolve("54321", "")  # a bare uid has no primary group to take
+    with pytest.raises(PrivilegeError, match="server.user"):
+        resolve("no-such-user-zz", "")

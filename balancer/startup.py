@@ -1,0 +1,100 @@
+"""What is checked before children start, at start-up and on SIGHUP, and the
+small process helpers the arbiter shares with it.
+
+Invariants:
+* The start-up check runs in a throwaway child, as the run user: the arbiter
+  itself never opens a store or a log file (no connection or descriptor of
+  it leaks into the workers), and files the check creates belong to the
+  user the workers run as.
+* What a reload cannot change (listen addresses, user, group) is kept from
+  the running settings, with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import replace
+
+from balancer.privileges import Identity
+from balancer.settings import Settings
+from balancer.workers import ChildEnv, child_main, run_check
+
+log = logging.getLogger("balancer")
+CHECK_TIMEOUT = 30.0
+
+
+def keep_bound(old: Settings, new: Settings) -> Settings:
+    """`new`, with what a reload cannot change (addresses, user, group) kept from `old`."""
+    fixed = {"server.listen": (old.server.listen, new.server.listen),
+             "server.internal_listen": (old.server.internal_listen, new.server.internal_listen),
+             "server.user": (old.server.user, new.server.user),
+             "server.group": (old.server.group, new.server.group),
+             "management.listen": (old.management.listen, new.management.listen)}
+    changed = [name for name, (was, now) in fixed.items() if was != now]
+    if changed:
+        log.warning("SIGHUP: %s changed; that needs a restart, keeping the running value%s",
+                    ", ".join(changed), "s" if len(changed) > 1 else "")
+    server = replace(new.server, listen=old.server.listen,
+                     internal_listen=old.server.internal_listen,
+                     user=old.server.user, group=old.server.group)
+    management = replace(new.management, listen=old.management.listen)
+    return replace(new, server=server, management=management)
+
+
+def check_in_child(settings: Settings, identity: Identity | None,
+                   arbiter_fds: tuple[int, ...] = ()) -> tuple[int, str] | None:
+    """Run the start-up check (`workers.run_check`) as `identity` in a throwaway child.
+
+    Returns None, or (exit code, one-line problem)."""
+    problem_r, problem_w = os.pipe()
+    env = ChildEnv(settings, "", problem_w, None, os.getpid(), (*arbiter_fds, problem_r),
+                   patch=False)
+    flush_std()
+    pid = os.fork()
+    if pid == 0:
+        child_main(lambda e: run_check(e, identity), env)
+    os.close(problem_w)
+    code = wait_for_exit(pid, CHECK_TIMEOUT)
+    message = read_pipe(problem_r).decode(errors="replace").strip()
+    os.close(problem_r)
+    if code == 0:
+        return None
+    return (code if code > 0 else 1), message or f"the start-up check failed ({code})"
+
+
+def wait_for_exit(pid: int, timeout: float) -> int:
+    """The exit code of child `pid`; killed (and 1) if it takes longer than `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    kill_quietly(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return 1
+
+
+def read_pipe(fd: int) -> bytes:
+    """What a pipe holds now (up to 4 KiB); b"" at EOF or on an error."""
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return b""
+
+
+def kill_quietly(pid: int, signum: int) -> None:
+    """Signal `pid`, which may already have exited."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def flush_std() -> None:
+    """Before a fork: nothing buffered may be written twice (by parent and child)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
