@@ -292,14 +292,26 @@ def test_quick_run_against_haproxy_and_nginx(tmp_path):
     assert wait_gone(run_id) == []
 
 
+def test_a_wrong_answer_is_reported_by_target_name(backend):
+    from loadtest.targets import Target, TargetError, check
+
+    with pytest.raises(TargetError, match=r"^squid: answered 200 with 100 bytes instead of"):
+        check(Target("squid", backend.port, None), timeout=0.5)
+
+
 def test_interrupted_run_leaves_no_process_and_keeps_partial_results(tmp_path):
     run_id = uuid.uuid4().hex
+    # Also: without matplotlib the run says so once and skips the plots.
+    stub = tmp_path / "stub" / "matplotlib"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('matplotlib hidden by the test')\n")
+    env = loadtest_env(run_id)
+    env["PYTHONPATH"] = str(stub.parent) + os.pathsep + env["PYTHONPATH"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "loadtest", "run", "--scenario", "proxy", "--targets",
          "direct,gevent", "--concurrency", "5", "--duration", "3", "--generator", "builtin",
          "--out", str(tmp_path)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=loadtest_env(run_id))
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # interrupt once the first row is in
@@ -310,7 +322,7 @@ def test_interrupted_run_leaves_no_process_and_keeps_partial_results(tmp_path):
         time.sleep(1.0)  # now inside a later level: generator processes are running
         assert leaked(run_id), "the run should have children to clean up"
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
+        _, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -321,6 +333,9 @@ def test_interrupted_run_leaves_no_process_and_keeps_partial_results(tmp_path):
     assert results["scenarios"]["proxy"]["rows"]
     assert "interrupted: partial results" in results["meta"]["notes"]
     assert (tmp_path / "report.md").exists()
+    assert stderr.count("matplotlib is not installed") == 1
+    assert "matplotlib is not installed: plots skipped" in results["meta"]["notes"]
+    assert not list(tmp_path.glob("*.png"))
 
 
 def _has_matplotlib() -> bool:
