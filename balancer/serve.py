@@ -30,18 +30,10 @@ from balancer.privileges import Identity, PrivilegeError, drop_privileges, resol
 from balancer.server import bind
 from balancer.settings import Settings
 from balancer.startup import check_in_child
+from management.stores.urls import redact_url
 
 log = logging.getLogger("balancer")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-
-
-def redact(url: str) -> str:
-    """A store URL without its password."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://***@{host}"
 
 
 def bind_all(addresses: list[tuple[Address, bool]]) -> list[tuple[Any, bool]]:
@@ -104,7 +96,7 @@ def announce(settings: Settings, listeners: list[tuple[Any, bool]], management: 
     for sock, trusted in listeners:
         log.info("listening on %s for %s", bound_name(sock), "internal" if trusted else "proxy")
     log.info("listening on %s for management", bound_name(management))
-    log.info("store %s, %d worker(s)", redact(settings.store.url), settings.effective_workers())
+    log.info("store %s, %d worker(s)", redact_url(settings.store.url), settings.effective_workers())
 
 
 def make_run_dir(identity: Identity | None) -> str:

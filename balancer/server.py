@@ -44,6 +44,8 @@ def bind(address: Address, backlog: int = BACKLOG) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if address.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    # accepted sockets inherit it: no Nagle delay on split writes (gevent's WSGI server)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((address.host, address.port))
     sock.listen(backlog)
     sock.setblocking(False)
@@ -70,6 +72,7 @@ class Worker:
         self.health = HealthChecks(self.registry)  # active checks follow every swap
         self.holder.on_swap.append(self.health.on_swap)
         self.loaded = False
+        self.applied: Any = None  # the hosts of the table installed last
         self.access_log = (log_factory or _access_log)(settings)
         limits = settings.limits
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
@@ -91,6 +94,8 @@ class Worker:
     def apply(self, data: Any) -> bool:
         """Compile and install a table version; False (and the old table) if invalid."""
         current = self.holder.table
+        if self.loaded and data.version == current.version and data.hosts == self.applied:
+            return True  # the watcher's first delivery repeats the table loaded at start
         try:
             table = RoutingTable.build(data.version, data.hosts, self.compiler.compile,
                                        self.compiler.fallbacks(), previous=current)
@@ -99,6 +104,7 @@ class Worker:
                       data.version, current.version, "; ".join(exc.problems))
             return False
         self.holder.swap(table)
+        self.applied = data.hosts
         self.registry.prune({a for r in table.routes.values() if r.rule["action"] == "proxy"
                              for a, _ in _addresses(r.rule)})
         self.loaded = True
