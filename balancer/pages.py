@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "pages"
 
 HTML = b"text/html; charset=utf-8"
 
@@ -91,7 +93,9 @@ class Pages:
 
 
 def _read_builtin(name: str) -> bytes:
-    resource = resources.files("balancer").joinpath("pages", f"{name}.html")
+    # A plain path, not importlib.resources: that imports importlib.readers lazily,
+    # which fails after a privilege drop when Python itself lives under /root.
+    resource = BUILTIN_DIR / f"{name}.html"
     try:
         body = resource.read_bytes()
     except OSError as exc:
