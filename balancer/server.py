@@ -131,6 +131,11 @@ class Worker:
             self.contexts.append(ctx)
             server = StreamServer(sock, lambda s, a, c=ctx: handle_client(s, a, c),
                                   spawn=self.pool)
+            if self.settings.effective_workers() > 1:
+                # workers share one accept queue: taking one connection per
+                # wake-up (gevent takes up to 100) lets the other workers have
+                # their share of a burst of new connections
+                server.max_accept = 1
             server.start()
             self.servers.append(server)
 
