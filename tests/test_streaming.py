@@ -48,7 +48,7 @@ def expected_sha(total: int) -> str:
 
 def test_50mb_upload_and_download_keep_rss_flat(setup):
     bal, _ = setup
-    pid = bal.proc.pid
+    pid = bal.api("GET", "/api/v1/info")[1]["processes"][0]["pid"]  # the worker
     conn = http.client.HTTPConnection("127.0.0.1", bal.port, timeout=60)
     conn.request("GET", "/warm", headers={"Host": "app.test"})
     conn.getresponse().read()
