@@ -13,20 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
-def field_values(block: bytes, lower: bytes, name: bytes) -> list[bytes]:
-    """Every value of field `name` (lower-case), whitespace stripped, in order."""
-    key = b"\r\n" + name + b":"
-    values = []
-    start = lower.find(key)
-    while start >= 0:
-        end = block.find(b"\r\n", start + 2)
-        if end < 0:
-            end = len(block)
-        values.append(block[start + len(key):end].strip(b" \t"))
-        start = lower.find(key, end)
-    return values
-
-
 def field_keys(names: Iterable[bytes]) -> tuple[bytes, ...]:
     """Search keys for `without_fields`: ``b"\\r\\n" + name + b":"`` per lower-case name."""
     return tuple(b"\r\n" + name + b":" for name in names)

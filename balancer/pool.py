@@ -206,5 +206,5 @@ class BackendRegistry:
     def prune(self, in_use: set[str]) -> None:
         """Forget backends no rule names any more (closing their idle sockets)."""
         for key in list(self.backends):
-            if key not in in_use and self.backends[key].in_flight == 0:
+            if key not in in_use and self.backends[key].is_idle:
                 self.backends.pop(key).close_idle()

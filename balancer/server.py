@@ -19,13 +19,14 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from balancer.actions import ActionCompiler
+from balancer.actions.proxy import ProxyAction
 from balancer.addr import Address
 from balancer.connection import COARSE_CLOCK, Context, handle_client
 from balancer.health import HealthChecks
 from balancer.http11 import Limits
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry
-from balancer.rules import RuleError, backend_entries
+from balancer.rules import RuleError
 from balancer.settings import Settings
 from balancer.stats import Stats
 from balancer.table import RoutingTable, TableHolder
@@ -105,8 +106,9 @@ class Worker:
             return False
         self.holder.swap(table)
         self.applied = data.hosts
-        self.registry.prune({a for r in table.routes.values() if r.rule["action"] == "proxy"
-                             for a, _ in _addresses(r.rule)})
+        self.registry.prune({backend.key for route in table.routes.values()
+                             if isinstance(route.action, ProxyAction)
+                             for backend in route.action.backends})
         self.loaded = True
         stats = self.stats
         stats.routing_version = data.version
@@ -141,7 +143,7 @@ class Worker:
 
     def watchdog_loop(self) -> None:
         """Raise TimeoutError in every connection whose deadline passed."""
-        tick = min(0.25, min(vars_of(self.settings.timeouts)) / 4)
+        tick = min(0.25, min(_waiting_timeouts(self.settings.timeouts)) / 4)
         hub = gevent.get_hub()
         while not self.stopping:
             gevent.sleep(tick)
@@ -182,16 +184,10 @@ class Worker:
         self.store.close()
 
 
-def vars_of(timeouts: Any) -> list[float]:
+def _waiting_timeouts(timeouts: Any) -> list[float]:
     """The values of the timeouts that bound client and backend waits."""
     return [timeouts.client_header, timeouts.client_idle, timeouts.backend_connect,
             timeouts.backend_read]
-
-
-def _addresses(rule: Any) -> list[tuple[str, int]]:
-    from balancer.addr import parse_backend_addr
-
-    return [(str(parse_backend_addr(a)), w) for a, w in backend_entries(rule)]
 
 
 def _access_log(settings: Settings) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from balancer.fields import field_keys, field_list, field_values, without_fields
+from balancer.fields import field_keys, field_list, without_fields
 from balancer.http11 import (
     END,
     Limits,
@@ -255,12 +255,6 @@ def test_response_head_helpers() -> None:
 
 # raw field blocks -------------------------------------------------------------------------
 BLOCK = b"\r\nHost: a\r\nX-Drop: 1\r\nKeep: k\r\nx-drop:  2 \r\nConnection: x-drop"
-
-
-def test_field_values_finds_every_field_of_a_name_in_order() -> None:
-    assert field_values(BLOCK, BLOCK.lower(), b"x-drop") == [b"1", b"2"]
-    assert field_values(BLOCK, BLOCK.lower(), b"connection") == [b"x-drop"]
-    assert field_values(BLOCK, BLOCK.lower(), b"drop") == []  # names match whole
 
 
 def test_without_fields_cuts_exactly_the_named_fields() -> None:
