@@ -27,6 +27,7 @@ from typing import Any
 
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
+from balancer.readiness import unwatch, wait_readable, watch
 from balancer.responses import local_response
 
 RECV_SIZE = 65536
@@ -151,6 +152,7 @@ class ClientConnection:
         self.socket_timeouts = ctx.connections is None
         self.deadline = NEVER
         self.task: Any = None  # the greenlet serving this connection (watchdog mode)
+        self.watcher: Any = None  # its read watcher (watchdog mode, balancer.readiness)
         # True only while waiting for the first byte of a request: closing the
         # connection then loses nothing (a draining worker does so)
         self.idle = False
@@ -169,14 +171,15 @@ class ClientConnection:
     def serve(self) -> None:
         """Handle requests until the client or a response closes the connection."""
         try:
-            while True:
-                head = self.read_head()
-                if head is None or not self.handle(head):
-                    return
+            head = self.read_head(False)
+            # after a response the next request is rarely there yet: wait first
+            wait_first = self.watcher is not None
+            while head is not None and self.handle(head):
+                head = self.read_head(wait_first)
         except ProtocolError as exc:
             self.reject(exc)
 
-    def read_head(self) -> RequestHead | None:
+    def read_head(self, wait_first: bool) -> RequestHead | None:
         """The next request head, or None when the connection should close."""
         events, sock, timeouts = self.events, self.sock, self.ctx.timeouts
         while events:
@@ -188,6 +191,9 @@ class ClientConnection:
         deadline = 0.0
         while not events:
             try:
+                if wait_first:
+                    wait_first = False
+                    wait_readable(self.watcher)
                 data = sock.recv(RECV_SIZE)
             except TimeoutError:
                 if deadline:
@@ -342,6 +348,7 @@ def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
         from gevent import getcurrent
 
         conn.task = getcurrent()
+        conn.watcher = watch(sock)
         connections.add(conn)
     try:
         if sock.family != socket.AF_UNIX:
@@ -354,4 +361,5 @@ def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
         if connections is not None:
             connections.discard(conn)
         conn.parser.close()
+        unwatch(conn.watcher)
         sock.close()

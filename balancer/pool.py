@@ -18,6 +18,9 @@ Invariants:
   while every backend was down are released at once.
 * No locks: list append/pop are atomic, so the threaded baseline can share a
   pool with no more than a harmless race on counters.
+* Under gevent (`evented`) every connection travels with its read watcher
+  (`balancer.readiness`): made with the socket, pooled beside it, closed
+  with it. Elsewhere the watcher is None.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import ipaddress
 import socket
 import threading
 import time
+from typing import Any
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError
 from balancer.peek import OPEN, peek
+from balancer.readiness import unwatch, watch
 
 UP, DOWN, PROBING = "up", "down", "probing"
 
@@ -38,14 +43,16 @@ class Backend:
     """One backend address: its idle connections and its passive health."""
 
     def __init__(self, address: Address, *, connect_timeout: float, fail_timeout: float,
-                 max_idle: int = 1024, idle_timeout: float = 30.0) -> None:
+                 max_idle: int = 1024, idle_timeout: float = 30.0,
+                 evented: bool = False) -> None:
         self.address = address
         self.key = str(address)
         self.connect_timeout = connect_timeout
         self.fail_timeout = fail_timeout
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self.idle: list[tuple[socket.socket, float]] = []
+        self.evented = evented
+        self.idle: list[tuple[socket.socket, Any, float]] = []  # (sock, watcher, since)
         self.is_literal = _is_ip_literal(address.host)
         self.in_flight = 0
         self.fails = 0
@@ -55,19 +62,25 @@ class Backend:
         self._recovered = threading.Event()
 
     # pool ----------------------------------------------------------------
-    def acquire(self) -> tuple[socket.socket, bool]:
-        """An idle connection (reused=True) or a new one; raises ConnectError."""
+    def acquire(self) -> tuple[socket.socket, Any, bool]:
+        """(sock, watcher, reused): an idle connection or a new one; raises ConnectError."""
         idle = self.idle
         now = time.monotonic()
         while idle:
             try:
-                sock, since = idle.pop()
+                sock, watcher, since = idle.pop()
             except IndexError:
                 break
             if now - since < self.idle_timeout:
-                return sock, True
+                return sock, watcher, True
+            unwatch(watcher)
             sock.close()
-        return self.connect(), False
+        sock = self.connect()
+        return sock, self.watcher_for(sock), False
+
+    def watcher_for(self, sock: socket.socket) -> Any:
+        """The read watcher to keep with a new connection (None unless evented)."""
+        return watch(sock) if self.evented else None
 
     def connect(self) -> socket.socket:
         """A new connection to the backend; errors become ConnectError."""
@@ -92,23 +105,26 @@ class Backend:
             raise
         return sock
 
-    def release(self, sock: socket.socket) -> None:
-        """Keep `sock` for reuse (at most `max_idle` are kept)."""
+    def release(self, sock: socket.socket, watcher: Any) -> None:
+        """Keep `sock` (and its watcher) for reuse; at most `max_idle` are kept."""
         if len(self.idle) < self.max_idle:
-            self.idle.append((sock, time.monotonic()))
+            self.idle.append((sock, watcher, time.monotonic()))
         else:
+            unwatch(watcher)
             sock.close()
 
     def close_idle(self, older_than: float = 0.0) -> int:
         """Close idle connections unused for `older_than` seconds; returns how many."""
         cutoff = time.monotonic() - older_than
         keep, closed = [], 0
-        for sock, since in self.idle:
+        for entry in self.idle:
+            sock, watcher, since = entry
             if since <= cutoff:
+                unwatch(watcher)
                 sock.close()
                 closed += 1
             else:
-                keep.append((sock, since))
+                keep.append(entry)
         self.idle[:] = keep
         return closed
 
@@ -189,9 +205,11 @@ def _is_ip_literal(host: str) -> bool:
 class BackendRegistry:
     """The worker's backends by address; created on first mention at compile time."""
 
-    def __init__(self, *, connect_timeout: float, fail_timeout: float) -> None:
+    def __init__(self, *, connect_timeout: float, fail_timeout: float,
+                 evented: bool = False) -> None:
         self.connect_timeout = connect_timeout
         self.fail_timeout = fail_timeout
+        self.evented = evented
         self.backends: dict[str, Backend] = {}
 
     def get(self, address: str) -> Backend:
@@ -200,7 +218,8 @@ class BackendRegistry:
         backend = self.backends.get(key)
         if backend is None:
             backend = self.backends[key] = Backend(
-                addr, connect_timeout=self.connect_timeout, fail_timeout=self.fail_timeout)
+                addr, connect_timeout=self.connect_timeout, fail_timeout=self.fail_timeout,
+                evented=self.evented)
         return backend
 
     def prune(self, in_use: set[str]) -> None:

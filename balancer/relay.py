@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 from balancer.connection import send_all
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
 from balancer.fields import field_keys, without_fields
 from balancer.http11 import END, HOP_BY_HOP, ProtocolError
 from balancer.pool import Backend
+from balancer.readiness import unwatch, wait_readable
 from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.tunnel import tunnel
 
@@ -74,8 +76,9 @@ def frame_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def send_request(ex, sock: socket.socket, body: bytes | None, max_body: int | None) -> None:
-    """Send the request; `body` is the whole body when in hand, else it is streamed."""
+def send_request(ex, sock: socket.socket, body: bytes | None, max_body: int | None) -> bool:
+    """Send the request; `body` is the whole body when in hand, else it is streamed
+    (returns True then)."""
     head = ex.head
     chunked = head.chunked
     data = request_head(ex, chunked)
@@ -85,16 +88,17 @@ def send_request(ex, sock: socket.socket, body: bytes | None, max_body: int | No
         else:
             data += body
         _send_backend(sock, data)
-        return
+        return False
     _send_backend(sock, data)
     if ex.body_done:
-        return
+        return False
     if head.expect_continue and head.version == b"1.1":
         try:
             ex.conn.sock.sendall(CONTINUE)
         except OSError as exc:
             raise ClientGone(str(exc)) from None
     _stream_body(ex, sock, chunked, max_body)
+    return True
 
 
 def _stream_body(ex, sock: socket.socket, chunked: bool, max_body: int | None) -> None:
@@ -136,11 +140,19 @@ def _recv_backend(sock: socket.socket, parser: ResponseParser) -> None:
         raise BackendClosed(exc.reason) from None
 
 
-def read_response_head(ex, sock: socket.socket) -> tuple[ResponseHead, ResponseParser]:
-    """The final (or 101) response head; 1xx interim responses are skipped."""
+def read_response_head(ex, sock: socket.socket, watcher: Any
+                       ) -> tuple[ResponseHead, ResponseParser]:
+    """The final (or 101) response head; 1xx interim responses are skipped.
+
+    With a `watcher` (gevent), wait for the answer before the first read."""
     ctx = ex.conn.ctx
     parser = ResponseParser(ctx.limits, for_head=ex.head.method == b"HEAD")
     events = parser.events
+    if watcher is not None:
+        try:
+            wait_readable(watcher)
+        except TimeoutError:
+            raise BackendTimeout("backend read timeout") from None
     while True:
         while not events:
             _recv_backend(sock, parser)
@@ -229,44 +241,57 @@ def forward(ex, backend: Backend, body: bytes | None, max_body: int | None) -> N
     A pooled connection that turns out closed before the response began is
     replaced by a fresh one, transparently, when the request can be replayed.
     """
-    sock, reused = backend.acquire()
+    sock, watcher, reused = backend.acquire()
     if reused and body is None and not ex.body_done and not backend.is_open(sock):
-        sock.close()
-        sock, reused = backend.connect(), False
+        _close(sock, watcher)
+        sock = backend.connect()
+        watcher, reused = backend.watcher_for(sock), False
     backend.in_flight += 1
     started = time.perf_counter()
-    ex.conn.arm(sock, ex.conn.ctx.timeouts.backend_read)
     try:
         try:
-            send_request(ex, sock, body, max_body)
-            ex.conn.arm(sock, ex.conn.ctx.timeouts.backend_read)
-            rhead, parser = read_response_head(ex, sock)
+            rhead, parser = exchange(ex, sock, watcher, body, max_body)
         except BackendClosed:
-            sock.close()
+            _close(sock, watcher)
             if not reused or (body is None and ex.head.has_body):
                 raise  # a fresh connection failed, or the streamed body is gone
             sock = backend.connect()
-            ex.conn.arm(sock, ex.conn.ctx.timeouts.backend_read)
-            send_request(ex, sock, body, max_body)
-            ex.conn.arm(sock, ex.conn.ctx.timeouts.backend_read)
-            rhead, parser = read_response_head(ex, sock)
+            watcher = backend.watcher_for(sock)
+            rhead, parser = exchange(ex, sock, watcher, body, max_body)
         ex.backend_time = time.perf_counter() - started
         if rhead.status == 101:
             if not ex.head.upgrade:
                 raise BackendProtocolError("101 Switching Protocols to a request without Upgrade")
             _upgrade(ex, sock, rhead, parser)
-            sock.close()
+            _close(sock, watcher)
             return
         reusable = relay_response(ex, sock, rhead, parser) and not ex.head.upgrade
     except BaseException:
-        sock.close()
+        _close(sock, watcher)
         raise
     finally:
         backend.in_flight -= 1
     if reusable:
-        backend.release(sock)
+        backend.release(sock, watcher)
     else:
-        sock.close()
+        _close(sock, watcher)
+
+
+def exchange(ex, sock: socket.socket, watcher: Any, body: bytes | None,
+             max_body: int | None) -> tuple[ResponseHead, ResponseParser]:
+    """Send the request on `sock` and read the response head."""
+    conn = ex.conn
+    timeout = conn.ctx.timeouts.backend_read
+    conn.arm(sock, timeout)
+    streamed = send_request(ex, sock, body, max_body)
+    if streamed:  # reading the client's body armed the client's timeout
+        conn.arm(sock, timeout)
+    return read_response_head(ex, sock, watcher)
+
+
+def _close(sock: socket.socket, watcher: Any) -> None:
+    unwatch(watcher)
+    sock.close()
 
 
 def _upgrade(ex, sock: socket.socket, rhead: ResponseHead, parser: ResponseParser) -> None:

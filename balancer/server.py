@@ -26,6 +26,7 @@ from balancer.health import HealthChecks
 from balancer.http11 import Limits
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry
+from balancer.readiness import is_evented
 from balancer.rules import RuleError
 from balancer.settings import Settings
 from balancer.stats import Stats
@@ -64,7 +65,8 @@ class Worker:
         self.pages = Pages.load(settings.server.pages_dir)
         timeouts = settings.timeouts
         self.registry = BackendRegistry(connect_timeout=timeouts.backend_connect,
-                                        fail_timeout=timeouts.fail_timeout)
+                                        fail_timeout=timeouts.fail_timeout,
+                                        evented=is_evented())
         holder_ref: list = []
         self.compiler = ActionCompiler(registry=self.registry, pages=self.pages,
                                        stats=self.stats, holder_ref=holder_ref)

@@ -1,0 +1,174 @@
+"""Proxy speed against HAProxy: the benchmark of issues 2 and 4.
+
+``python scripts/bench_proxy.py [--rounds 3] [--duration 8] [--connections 100]
+[--targets direct,haproxy,bare,balancer,balancer-log]``
+
+nginx (one worker) serves the suite's 4.5 KB page; every target proxies to
+it over keep-alive connections and is measured with
+``wrk -t1 -cN -dS --latency``, the targets taking turns within each round so
+that a noisy machine shifts them all alike. Targets:
+
+* ``direct``: nginx alone (the ceiling);
+* ``haproxy``: HAProxy ``nbthread 1``, ``http-reuse always``;
+* ``bare``: scripts/bare_relay.py, gevent + httptools with no features;
+* ``balancer``: ``balancer serve --workers 1``, file store, access log off;
+* ``balancer-log``: the same with ``--access-log FILE`` and /metrics scraped
+  every second (the "everything on" configuration of issue 4).
+
+Besides requests/s it reports the CPU time each target used per request
+(µs, from /proc over the target's process tree), which moves much less than
+requests/s when other work shares the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from loadtest import configs  # noqa: E402
+from loadtest.measure import cpu_seconds, process_tree  # noqa: E402
+from loadtest.page import PAGE  # noqa: E402
+from loadtest.procs import Processes, free_port, wait_for_port  # noqa: E402
+from loadtest.routes import RouteFile, proxy_rule  # noqa: E402
+
+HOST = "127.0.0.1"
+TARGETS = ("direct", "haproxy", "bare", "balancer", "balancer-log")
+NOFILE = 4096
+
+
+def start_nginx(procs: Processes, root: Path) -> tuple[int, list]:
+    port, dir = free_port(), root / "nginx"
+    dir.mkdir()
+    conf = dir / "nginx.conf"
+    conf.write_text(configs.nginx_backend(dir, port, PAGE, NOFILE))
+    proc = procs.start("nginx", ["nginx", "-p", str(dir), "-c", str(conf),
+                                 "-e", str(dir / "error.log"), "-g", "daemon off;"])
+    wait_for_port(proc, port)
+    return port, [proc]
+
+
+def start_target(name: str, procs: Processes, root: Path, backend: int) -> tuple[int, list]:
+    """Start target `name` in front of nginx on `backend`; (port, [procs])."""
+    port, dir = free_port(), root / name
+    dir.mkdir()
+    addr = f"{HOST}:{backend}"
+    extra: list = []
+    if name == "haproxy":
+        conf = dir / "haproxy.cfg"
+        conf.write_text(configs.haproxy(port, [addr], NOFILE, 2000))
+        argv = ["haproxy", "-db", "-f", str(conf)]
+    elif name == "bare":
+        argv = [sys.executable, str(ROOT / "scripts" / "bare_relay.py"),
+                "--listen", f"{HOST}:{port}", "--backend", addr]
+    else:
+        routes = RouteFile(dir / "routes.json", {"*": proxy_rule([addr])})
+        mgmt = free_port()
+        argv = [sys.executable, "-m", "balancer", "serve", "--workers", "1",
+                "--listen", f"{HOST}:{port}", "--management", f"{HOST}:{mgmt}",
+                "--store", f"file:{routes.path}"]
+        if name == "balancer-log":
+            argv += ["--access-log", str(dir / "access.log")]
+            extra = [mgmt]
+    proc = procs.start(name, argv)
+    wait_for_port(proc, port)
+    return port, [proc, *extra]
+
+
+def scrape_loop(port: int, stop: threading.Event) -> None:
+    """GET /metrics once a second until `stop` (what a busy Prometheus does)."""
+    while not stop.wait(1.0):
+        try:
+            urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5).read()
+        except OSError as exc:
+            print(f"  scrape failed: {exc}", file=sys.stderr)
+
+
+def run_wrk(port: int, connections: int, duration: int) -> tuple[float, str]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+         f"http://{HOST}:{port}/index.html"],
+        capture_output=True, text=True, timeout=duration + 30, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    return rps, errors.group(0) if errors else ""
+
+
+def measure(name: str, port: int, procs: list, args: argparse.Namespace) -> dict:
+    pids = process_tree(procs[0].pid)
+    stop = threading.Event()
+    scraper = None
+    if len(procs) > 1:
+        scraper = threading.Thread(target=scrape_loop, args=(procs[1], stop), daemon=True)
+        scraper.start()
+    cpu0, t0 = cpu_seconds(pids), time.monotonic()
+    rps, errors = run_wrk(port, args.connections, args.duration)
+    cpu = cpu_seconds(pids) - cpu0
+    wall = time.monotonic() - t0
+    stop.set()
+    if scraper is not None:
+        scraper.join()
+    requests = rps * args.duration
+    return {"rps": rps, "cpu_us": cpu / requests * 1e6 if requests else 0.0,
+            "core": cpu / wall, "errors": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    args = parser.parse_args()
+    names = [n for n in args.targets.split(",") if n]
+    unknown = set(names) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown targets {sorted(unknown)}; expected some of {TARGETS}")
+    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
+        root = Path(tmp)
+        procs = Processes(root / "logs")
+        try:
+            backend, nginx = start_nginx(procs, root)
+            started = {"direct": (backend, nginx)}
+            for name in names:
+                if name != "direct":
+                    started[name] = start_target(name, procs, root, backend)
+            results = {name: [] for name in names}
+            for round_ in range(1, args.rounds + 1):
+                for name in names:
+                    port, target_procs = started[name]
+                    figures = measure(name, port, target_procs, args)
+                    results[name].append(figures)
+                    print(f"round {round_} {name:13} {figures['rps']:9,.0f} req/s "
+                          f"{figures['cpu_us']:6.1f} µs CPU/req  {figures['core']:4.2f} cores "
+                          f"{figures['errors']}", flush=True)
+        finally:
+            procs.stop_all()
+    summarize(results)
+
+
+def summarize(results: dict[str, list[dict]]) -> None:
+    print("\ntarget         median req/s   median µs CPU/req   per-round ratio to haproxy")
+    reference = results.get("haproxy")
+    for name, rows in results.items():
+        rps = statistics.median(r["rps"] for r in rows)
+        cpu = statistics.median(r["cpu_us"] for r in rows)
+        ratios = ""
+        if reference:
+            pairs = zip(rows, reference, strict=True)
+            ratios = " ".join(f"{r['rps'] / h['rps']:.2f}" for r, h in pairs)
+        print(f"{name:13} {rps:13,.0f} {cpu:19.1f}   {ratios}")
+
+
+if __name__ == "__main__":
+    main()
