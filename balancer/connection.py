@@ -146,6 +146,7 @@ class ClientConnection:
     def __init__(self, sock: socket.socket, address: Any, ctx: Context) -> None:
         self.sock = sock
         self.client_ip = address[0] if isinstance(address, tuple) else str(address)
+        self.client_ip_bytes = self.client_ip.encode()
         self.ctx = ctx
         self.parser = RequestParser(ctx.limits)
         self.events = self.parser.events
@@ -203,10 +204,11 @@ class ClientConnection:
                 return None
             if not data:
                 return None
+            now = time.monotonic()
             if not deadline:
                 self.idle = False
-                deadline = time.monotonic() + timeouts.client_header
-            self.arm(sock, max(deadline - time.monotonic(), 0.001))
+                deadline = now + timeouts.client_header
+            self.arm(sock, max(deadline - now, 0.001))
             self.parser.feed(data)
             while events and events[0] is END:
                 events.popleft()

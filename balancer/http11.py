@@ -38,6 +38,8 @@ END = object()  # sentinel event: the current message is complete
 
 REQUEST_SPECIAL = frozenset((b"host", b"expect", b"upgrade"))
 FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+SPECIAL = REQUEST_SPECIAL | FRAMING
+VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ours; others get 505
 # RFC 3986 reg-name / IP-literal characters and ":" port: anything else in Host is a 400.
 HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
               b"-._~%!$&'()*+,;=:[]")
@@ -69,7 +71,8 @@ class RequestHead:
     """A parsed request head. `headers` keeps (name, lower-case name, value) as received."""
 
     __slots__ = ("method", "target", "version", "headers", "host", "content_length",
-                 "chunked", "keep_alive", "expect_continue", "upgrade", "connection_tokens")
+                 "chunked", "has_body", "keep_alive", "expect_continue", "upgrade",
+                 "connection_tokens")
 
     def __init__(self) -> None:
         self.method = b""
@@ -79,14 +82,11 @@ class RequestHead:
         self.host = b""
         self.content_length: int | None = None
         self.chunked = False
+        self.has_body = False  # chunked, or a Content-Length above 0
         self.keep_alive = True
         self.expect_continue = False
         self.upgrade = b""
         self.connection_tokens: frozenset[bytes] = frozenset()
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode()} {self.target!r} host={self.host!r}>"
@@ -104,6 +104,7 @@ class _Parser:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        self._head_max = limits.max_request_line + limits.max_header_bytes  # line and fields
         self.events = deque()
         self.upgraded = False
         self.leftover = b""
@@ -150,7 +151,7 @@ class _Parser:
                 return
             raise ProtocolError(400, str(exc)) from None
         if self._in_head:
-            if self._head_bytes > self._head_limit():
+            if self._head_bytes > self._head_max:
                 raise ProtocolError(431, "request head too large")
             return
         if quiet == len(events):
@@ -166,17 +167,14 @@ class _Parser:
         httptools buffers a trailer field whole until it ends (bug: unbounded, with
         quadratic copies); complete trailer fields are kept until the message ends.
         """
-        if self._quiet_bytes > self._head_limit() or len(self._raw) > self.limits.max_headers:
+        if self._quiet_bytes > self._head_max or len(self._raw) > self.limits.max_headers:
             self._fail(431, "chunked trailer section too large")
 
     def _check_trailers(self) -> None:
         raw = self._raw
         size = sum(len(name) + len(value) + 4 for name, value in raw)
-        if size > self._head_limit() or len(raw) > self.limits.max_headers:
+        if size > self._head_max or len(raw) > self.limits.max_headers:
             self._fail(431, "chunked trailer section too large")
-
-    def _head_limit(self) -> int:
-        return self.limits.max_request_line + self.limits.max_header_bytes
 
     def _check_head_size(self, data: bytes) -> None:
         if not self._line_done:
@@ -191,16 +189,21 @@ class _Parser:
         return 414, "request line too long"
 
     def _scan(self, head: RequestHead) -> list[tuple[bytes, bytes, bytes]]:
-        """Check the collected header fields; returns (name, lower name, value) triples."""
+        """Check the collected header fields and fill `head` from the special ones;
+        returns (name, lower name, value) triples."""
         raw, self._raw = self._raw, []
         if len(raw) > self.limits.max_headers:
             self._fail(431, "too many headers")
         fields = []
+        append = fields.append
         cl_seen = te_seen = False
         for name, value in raw:
             lname = name.lower()
-            fields.append((name, lname, value))
-            if lname not in FRAMING:
+            append((name, lname, value))
+            if lname not in SPECIAL:
+                continue
+            if lname in REQUEST_SPECIAL:
+                self._special(head, lname, value)
                 continue
             value = value.rstrip(b" \t")
             if lname == b"content-length":
@@ -212,10 +215,11 @@ class _Parser:
                 if te_seen or value.lower() != b"chunked":
                     self._fail(501, "unsupported Transfer-Encoding")
                 te_seen = head.chunked = True
-            elif lname == b"connection":
+            else:
                 head.connection_tokens = head.connection_tokens | connection_tokens(value)
         if te_seen:
             head.content_length = None
+        head.has_body = te_seen or bool(head.content_length)
         return fields
 
     def resume(self) -> None:
@@ -261,13 +265,11 @@ class RequestParser(_Parser):
         head, hp = self._head, self._hp
         head.method = hp.get_method()
         self._check_sizes(head)
-        head.headers = fields = self._scan(head)
-        for _, lname, value in fields:
-            if lname in REQUEST_SPECIAL:
-                self._special(head, lname, value)
-        head.version = version = hp.get_http_version().encode()
-        if version != b"1.1" and version != b"1.0":
+        head.headers = self._scan(head)
+        version = VERSIONS.get(hp.get_http_version())
+        if version is None:
             self._fail(505, "HTTP version not supported")
+        head.version = version
         if head.method == b"CONNECT":
             self._fail(501, "CONNECT is not supported")
         self._set_target(head)
@@ -300,9 +302,9 @@ class RequestParser(_Parser):
         line = len(head.method) + len(self._url) + 10  # "M SP url SP HTTP/1.1"
         if line > limits.max_request_line:
             self._fail(*self._line_too_long())
-        if self._measure or self._head_bytes > self._head_limit():
+        if self._measure or self._head_bytes > self._head_max:
             size = line + 4 + sum(len(name) + len(value) + 4 for name, value in self._raw)
-            if size > self._head_limit():
+            if size > self._head_max:
                 self._fail(431, "request head too large")
 
     def _special(self, head: RequestHead, lname: bytes, value: bytes) -> None:

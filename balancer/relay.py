@@ -44,10 +44,9 @@ def request_head(ex, chunked: bool) -> bytes:
     tokens = head.connection_tokens
     if tokens:
         drop = drop | tokens
-    lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (head.method, head.target, head.host)]
-    append = lines.append
+    lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", head.host, b"\r\n"]
     forwarded_for = []
-    seen = set()
+    seen: set | frozenset = set() if trusted else frozenset()
     for name, lname, value in head.headers:
         if lname in drop:
             if lname == b"x-forwarded-for" and trusted:
@@ -55,15 +54,18 @@ def request_head(ex, chunked: bool) -> bytes:
             continue
         if trusted and lname in FORWARDED:
             seen.add(lname)
-        append(b"%s: %s\r\n" % (name, value))
-    client = conn.client_ip.encode()
-    forwarded_for.append(client)
-    append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
+        lines += (name, b": ", value, b"\r\n")
+    if forwarded_for:
+        forwarded_for.append(conn.client_ip_bytes)
+        lines += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
+    else:
+        lines += (b"X-Forwarded-For: ", conn.client_ip_bytes, b"\r\n")
     if b"x-forwarded-proto" not in seen:
-        append(b"X-Forwarded-Proto: http\r\n")
+        lines.append(b"X-Forwarded-Proto: http\r\n")
     if b"x-forwarded-host" not in seen:
-        append(b"X-Forwarded-Host: %s\r\n" % head.host)
-    append(b"X-Request-Id: %s\r\n" % ex.request_id)
+        lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
+    lines += (b"X-Request-Id: ", ex.request_id, b"\r\n")
+    append = lines.append
     if head.upgrade:
         append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
     if chunked:
@@ -166,26 +168,28 @@ def read_response_head(ex, sock: socket.socket, watcher: Any
                 break
 
 
-def forwarded_fields(rhead: ResponseHead) -> bytes:
-    """The response's field block without hop-by-hop fields and X-Request-Id."""
-    block, cuts = rhead.block, rhead.cuts
-    if cuts:
-        pieces, pos = [], 0
-        for start, end in cuts:
-            pieces.append(block[pos:start])
-            pos = end
-        pieces.append(block[pos:])
-        block = b"".join(pieces)
-    extra = rhead.connection_tokens - HOP_BY_HOP if rhead.connection_tokens else None
+def forwarded_fields(rhead: ResponseHead) -> list[bytes]:
+    """The response's field block, in pieces to join, without hop-by-hop fields
+    and X-Request-Id."""
+    block, cuts, tokens = rhead.block, rhead.cuts, rhead.connection_tokens
+    extra = tokens - HOP_BY_HOP if tokens else None
+    if not cuts and not extra:
+        return [block]
+    pieces, pos = [], 0
+    for start, end in cuts:
+        pieces.append(block[pos:start])
+        pos = end
+    pieces.append(block[pos:])
     if extra:  # fields named by Connection are hop-by-hop too
-        block = without_fields(block, block.lower(), field_keys(extra))
-    return block
+        block = b"".join(pieces)
+        return [without_fields(block, block.lower(), field_keys(extra))]
+    return pieces
 
 
 def response_head(ex, rhead: ResponseHead) -> tuple[bytes, int]:
     """The response head for the client and how its body is framed."""
     head = ex.head
-    lines = [rhead.status_line, forwarded_fields(rhead), b"\r\nX-Request-Id: ",
+    lines = [rhead.status_line, *forwarded_fields(rhead), b"\r\nX-Request-Id: ",
              ex.request_id, b"\r\n"]
     append = lines.append
     if rhead.status == 101:

@@ -42,6 +42,7 @@ SPECIAL_FIELDS = re.compile(
     rb"\r\n(c(?:onnection|ontent-length)|k(?:eep-alive)"
     rb"|p(?:roxy-(?:connection|authenticate|authorization))"
     rb"|t(?:e|railer|ransfer-encoding)|u(?:pgrade)|x(?:-request-id)):([^\r]*)")
+_NO_TOKENS: frozenset[bytes] = frozenset()
 _COMMON_TOKENS = {b"keep-alive": frozenset((b"keep-alive",)), b"close": frozenset((b"close",))}
 
 
@@ -63,31 +64,27 @@ class ResponseHead:
         self.lower = lower = block.lower()
         self.keep_alive = keep_alive
         self.no_body = no_body
-        self.content_length: int | None = None
-        self.chunked = False
-        self.connection_tokens: frozenset[bytes] = frozenset()
-        self.cuts: list[tuple[int, int]] = []
-        codings = 0
+        content_length = None
+        chunked = False
+        tokens: frozenset[bytes] = _NO_TOKENS
+        self.cuts = cuts = []
         for match in SPECIAL_FIELDS.finditer(lower):
-            name = match.group(1)
+            name, value = match.groups()
             if name == b"content-length":
-                self.content_length = int(match.group(2))  # llhttp rejected duplicates
+                content_length = int(value)  # llhttp rejected duplicates
                 continue
-            self.cuts.append(match.span())
+            cuts.append(match.span())
             if name == b"connection":
-                self._add_tokens(match.group(2).strip(b" \t"))
+                value = value.strip(b" \t")
+                more = _COMMON_TOKENS.get(value) or connection_tokens(value)
+                tokens = tokens | more if tokens else more
             elif name == b"transfer-encoding":
-                codings += 1
-                if codings > 1 or match.group(2).strip(b" \t") != b"chunked":
+                if chunked or value.strip(b" \t") != b"chunked":
                     raise ProtocolError(502, "backend used a transfer coding other than chunked")
-                self.chunked = True
-        if self.chunked:
-            self.content_length = None
-
-    def _add_tokens(self, value: bytes) -> None:
-        tokens = _COMMON_TOKENS.get(value) or connection_tokens(value)
-        self.connection_tokens = self.connection_tokens | tokens if self.connection_tokens \
-            else tokens
+                chunked = True
+        self.content_length = None if chunked else content_length
+        self.chunked = chunked
+        self.connection_tokens = tokens
 
     @property
     def close_delimited(self) -> bool:

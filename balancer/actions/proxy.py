@@ -109,11 +109,20 @@ class ProxyAction:
         """Try backends until one answers; raises the last failure.
 
         `since` (perf_counter) starts the `retry_timeout` budget."""
+        backend = self.balancer.pick(ex.conn.client_ip, ())
+        if backend is None:
+            raise ConnectError("no backend to try")
+        failure = self.attempt(ex, backend, body)
+        if failure is None:
+            return
         head = ex.head
         replayable = head.method in IDEMPOTENT and (body is not None or not head.has_body)
-        tried: list = []
-        failure: ProxyError = ConnectError("no backend to try")
+        tried = [backend]
         while True:
+            retryable = isinstance(failure, ConnectError) or (replayable and not ex.started)
+            if (not retryable or len(tried) > self.retries
+                    or time.perf_counter() - since > self.retry_timeout):
+                raise failure
             backend = self.balancer.pick(ex.conn.client_ip, tried)
             if backend is None:
                 raise failure
@@ -121,10 +130,6 @@ class ProxyAction:
             failure = self.attempt(ex, backend, body)
             if failure is None:
                 return
-            retryable = isinstance(failure, ConnectError) or (replayable and not ex.started)
-            if (not retryable or len(tried) > self.retries
-                    or time.perf_counter() - since > self.retry_timeout):
-                raise failure
 
     def attempt(self, ex: Any, backend: Any, body: bytes | None) -> ProxyError | None:
         """One try on `backend`: None on success, else the failure (already counted)."""
