@@ -48,6 +48,8 @@ import sys
 import time
 from collections import deque
 from datetime import datetime
+from math import modf
+from typing import NoReturn
 
 import gevent
 import gevent.event
@@ -73,6 +75,14 @@ def make_record(
 
 
 # -- formatting (writer side only) -------------------------------------------
+#
+# Each format has two formatters that give the same bytes for every record. The
+# fast one covers the common case (documented types; every text field already
+# printable ASCII that needs no escaping) and returns None for anything else;
+# the reference one is the general code with all the escaping, used for what
+# the fast one declines. tests/test_accesslog_format.py compares the two.
+
+# -- reference formatters: general, slow ---------------------------------------
 
 _ESCAPE_QUOTED = {i: f"\\x{i:02X}" for i in (*range(0x20), *range(0x7F, 0x100), 0x22, 0x5C)}
 _ESCAPE_BARE = {**_ESCAPE_QUOTED, 0x20: "\\x20"}
@@ -111,8 +121,8 @@ def _clf_time(stamp: float) -> str:
     return _stamp_cache[1]
 
 
-def format_combined(record: tuple) -> str:
-    """One extended combined line (with its newline) for ``record``."""
+def _format_combined_escaped(record: tuple) -> str:
+    """Reference combined line (with its newline) for ``record``: any record, escaping all."""
     brt = record[BACKEND_TIME]
     return (
         f'{_bare(record[HOST])} {_bare(record[CLIENT])} - - [{_clf_time(record[TIME])}] '
@@ -131,8 +141,8 @@ def _text(value: str | bytes | None) -> str | None:
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
-def format_json(record: tuple) -> str:
-    """One JSON line (with its newline) for ``record``."""
+def _format_json_dumps(record: tuple) -> str:
+    """Reference JSON line (with its newline) for ``record``: any record, via ``json.dumps``."""
     brt = record[BACKEND_TIME]
     stamp = datetime.fromtimestamp(record[TIME]).astimezone()
     return json.dumps({
@@ -148,7 +158,198 @@ def format_json(record: tuple) -> str:
     }, separators=(",", ":")) + "\n"
 
 
+# -- fast formatters: the common case, as bytes ---------------------------------
+#
+# A fast formatter fills a bytes template with the text fields as they are, then
+# checks that none needed escaping. Invariant: it returns either None or exactly
+# the reference line UTF-8 encoded (then plain ASCII), for every record.
+
+# Bytes that neither format escapes in a quoted field or a JSON string: printable
+# ASCII but '"' and '\' (json.dumps with ensure_ascii escapes exactly the rest).
+# A bare combined field must not hold a space either.
+_PLAIN = bytes(sorted(set(range(0x20, 0x7F)) - {0x22, 0x5C}))
+_SPACE = 0x20
+_DASH = b"-"
+_COMBINED = (b'%s %s - - [%s] "%s %s %s" %d %d "%s" "%s" rid=%s backend=%s rt=%.3f brt=%.3f '
+             b"rx=%d\n")
+_COMBINED_NO_BRT = _COMBINED.replace(b"brt=%.3f", b"brt=-")
+_JSON = (b'{"time":"%s.%03d%s","client":"%s","host":"%s","method":"%s","target":"%s",'
+         b'"protocol":"%s","status":%d,"bytes_sent":%d,"bytes_received":%d,"referer":"%s",'
+         b'"user_agent":"%s","request_id":"%s","backend":"%s","duration_ms":%s,'
+         b'"backend_ms":%s}\n')
+# The residue of bytes is what is left once the _PLAIN ones are deleted. A
+# template's residue is its own quotes and newline (its % specs are plain, as are
+# the numbers and times put in), and residues concatenate: so a filled template
+# has the template's residue exactly when every text field put in is plain.
+_COMBINED_RESIDUE = _COMBINED.translate(None, _PLAIN)  # also _COMBINED_NO_BRT's
+_JSON_RESIDUE = _JSON.translate(None, _PLAIN)
+# In a JSON line whose text values are plain, ':""' only occurs where a text
+# value is empty, which the reference writes as null.
+_JSON_EMPTY, _JSON_NULL = b':""', b":null"
+
+_clf_bytes: list = [None, b""]  # [whole second, its CLF time as bytes]
+_iso_parts: list = [None, b"", b""]  # [whole second, b"2026-10-10T13:55:36", b"+02:00"]
+
+
+def _not_text(value: object) -> NoReturn:
+    """Decline a text field of an unusual type: the reference formats it or raises."""
+    raise TypeError(f"text field of type {type(value).__name__}")
+
+
+def _text_fields(record: tuple, empty: bytes) -> tuple[bytes, ...]:
+    """CLIENT, HOST, METHOD, TARGET, PROTOCOL, REFERER, USER_AGENT, REQUEST_ID, BACKEND.
+
+    As bytes, not yet checked plain: ``empty`` for any falsy value (the
+    reference writes each as "-" or null), bytes as is, a str UTF-8 encoded (if
+    not ASCII, not plain); another type raises.
+    """
+    (_, client, host, method, target, protocol, _, _, _,
+     referer, agent, rid, backend, _, _) = record
+    client = client or empty
+    if type(client) is not bytes:
+        client = client.encode() if type(client) is str else _not_text(client)
+    host = host or empty
+    if type(host) is not bytes:
+        host = host.encode() if type(host) is str else _not_text(host)
+    method = method or empty
+    if type(method) is not bytes:
+        method = method.encode() if type(method) is str else _not_text(method)
+    target = target or empty
+    if type(target) is not bytes:
+        target = target.encode() if type(target) is str else _not_text(target)
+    protocol = protocol or empty
+    if type(protocol) is not bytes:
+        protocol = protocol.encode() if type(protocol) is str else _not_text(protocol)
+    referer = referer or empty
+    if type(referer) is not bytes:
+        referer = referer.encode() if type(referer) is str else _not_text(referer)
+    agent = agent or empty
+    if type(agent) is not bytes:
+        agent = agent.encode() if type(agent) is str else _not_text(agent)
+    rid = rid or empty
+    if type(rid) is not bytes:
+        rid = rid.encode() if type(rid) is str else _not_text(rid)
+    backend = backend or empty
+    if type(backend) is not bytes:
+        backend = backend.encode() if type(backend) is str else _not_text(backend)
+    return client, host, method, target, protocol, referer, agent, rid, backend
+
+
+def _combined_fast(record: tuple) -> bytes | None:
+    """``record`` as a combined line if it is the common case, else None."""
+    try:
+        if type(record) is not tuple:
+            return None
+        (stamp, _, _, _, _, _, status, sent, received,
+         _, _, _, _, duration, brt) = record
+        # %d and %.3f write exact ints and floats as the reference's :d and :.3f do
+        if not (type(status) is type(sent) is type(received) is int
+                and type(duration) is float):
+            return None
+        client, host, method, target, protocol, referer, agent, rid, backend = (
+            _text_fields(record, _DASH))
+        second = int(stamp)
+        if second != _clf_bytes[0]:
+            _clf_bytes[:] = [second, _clf_time(stamp).encode()]
+        if brt is None:
+            line = _COMBINED_NO_BRT % (
+                host, client, _clf_bytes[1], method, target, protocol, status, sent,
+                referer, agent, rid, backend, duration, received)
+        elif type(brt) is float:
+            line = _COMBINED % (
+                host, client, _clf_bytes[1], method, target, protocol, status, sent,
+                referer, agent, rid, backend, duration, brt, received)
+        else:
+            return None
+    except Exception:  # not the common case after all: the reference formats it or raises
+        return None
+    if line.translate(None, _PLAIN) != _COMBINED_RESIDUE:
+        return None  # a text field needs escaping
+    if _SPACE in host or _SPACE in client or _SPACE in rid or _SPACE in backend:
+        return None  # a bare field has a space to escape
+    return line
+
+
+def _iso_second(second: float) -> tuple[bytes, bytes]:
+    """(Date and time to the second, UTC offset) of ``second`` as the reference writes them."""
+    text = datetime.fromtimestamp(second).astimezone().isoformat(timespec="milliseconds")
+    if text[19:23] != ".000":  # "YYYY-MM-DDTHH:MM:SS.mmm+HH:MM[:SS]", the year 4 digits
+        raise ValueError(f"unexpected ISO time {text!r}")
+    return text[:19].encode(), text[23:].encode()
+
+
+def _ms_json(seconds: float) -> bytes:
+    """``json.dumps(round(seconds * 1000, 3))`` for 0 <= ms < 1e12, without round() and repr().
+
+    round(ms, 3) is the float nearest the digits of ``"%.3f" % ms`` (CPython makes
+    both from the same correctly rounded decimal digits), and a float given by at
+    most 15 significant digits has those as its shortest repr. So the JSON is
+    ``"%.3f" % ms`` without trailing zeros, keeping one digit after the point.
+    """
+    ms = seconds * 1000
+    if not 0.0 <= ms < 1e12:  # also NaN and infinities (json.dumps: NaN, Infinity)
+        raise ValueError("duration out of the fast range")
+    text = (b"%.3f" % ms).rstrip(b"0")
+    return text + b"0" if text[-1] == 0x2E else text  # "12." -> "12.0"
+
+
+def _json_fast(record: tuple) -> bytes | None:
+    """``record`` as a JSON line if it is the common case, else None."""
+    try:
+        if type(record) is not tuple:
+            return None
+        (stamp, _, _, _, _, _, status, sent, received,
+         _, _, _, _, duration, brt) = record
+        # json.dumps writes exact ints as %d does
+        if not (type(status) is type(sent) is type(received) is int
+                and type(duration) is type(stamp) is float):
+            return None
+        if brt is None:
+            backend_ms = b"null"
+        elif type(brt) is float:
+            backend_ms = _ms_json(brt)
+        else:
+            return None
+        client, host, method, target, protocol, referer, agent, rid, backend = (
+            _text_fields(record, b""))
+        # datetime.fromtimestamp rounds to the microsecond (half to even, as
+        # round() does), isoformat then truncates to the millisecond.
+        fraction, second = modf(stamp)
+        micro = round(fraction * 1e6)
+        if not 0 <= micro < 1_000_000:
+            return None  # rounds up into the next second, or a negative stamp
+        if second != _iso_parts[0]:
+            _iso_parts[:] = [second, *_iso_second(second)]
+        line = _JSON % (
+            _iso_parts[1], micro // 1000, _iso_parts[2], client, host, method, target,
+            protocol, status, sent, received, referer, agent, rid, backend, _ms_json(duration),
+            backend_ms)
+    except Exception:  # not the common case after all: the reference formats it or raises
+        return None
+    if line.translate(None, _PLAIN) != _JSON_RESIDUE:
+        return None  # a text field needs escaping
+    return line.replace(_JSON_EMPTY, _JSON_NULL)
+
+
+# -- public formatters -----------------------------------------------------------
+
+
+def format_combined(record: tuple) -> str:
+    """One extended combined line (with its newline) for ``record``."""
+    line = _combined_fast(record)
+    return _format_combined_escaped(record) if line is None else line.decode()
+
+
+def format_json(record: tuple) -> str:
+    """One JSON line (with its newline) for ``record``."""
+    line = _json_fast(record)
+    return _format_json_dumps(record) if line is None else line.decode()
+
+
 FORMATTERS = {"combined": format_combined, "json": format_json}
+# For the writer: (fast bytes formatter, reference str formatter) of each format.
+_LINE_FORMATTERS = {"combined": (_combined_fast, _format_combined_escaped),
+                    "json": (_json_fast, _format_json_dumps)}
 
 
 # -- the log -------------------------------------------------------------------
@@ -177,7 +378,7 @@ class AccessLog:
         self.path = path
         self.fmt = fmt
         self.is_enabled = path != OFF
-        self._format = FORMATTERS[fmt]
+        self._format_fast, self._format_reference = _LINE_FORMATTERS[fmt]
         self._flush_interval = flush_interval
         self._batch_size = batch_size
         self._pending: deque[tuple] = deque()  # append/popleft are atomic: no lock needed
@@ -272,16 +473,24 @@ class AccessLog:
         os.close(old)
 
     def _format_batch(self, batch: list[tuple]) -> bytes:
+        format_fast = self._format_fast
         lines = []
+        append = lines.append
         for record in batch:
-            try:
-                lines.append(self._format(record))
-            except Exception as exc:  # a caller's bug must not stop the log: tell once
-                if not self._has_reported_malformed:
-                    self._has_reported_malformed = True
-                    self._report(f"access log: skipping malformed records, first {record!r}: "
-                                 f"{exc!r}")
-        return "".join(lines).encode("utf-8", "backslashreplace")
+            line = format_fast(record)
+            append(self._format_slowly(record) if line is None else line)
+        return b"".join(lines)
+
+    def _format_slowly(self, record: tuple) -> bytes:
+        """A record the fast formatter declined: the reference line, or b"" if malformed."""
+        try:
+            return self._format_reference(record).encode("utf-8", "backslashreplace")
+        except Exception as exc:  # a caller's bug must not stop the log: tell once
+            if not self._has_reported_malformed:
+                self._has_reported_malformed = True
+                self._report(f"access log: skipping malformed records, first {record!r}: "
+                             f"{exc!r}")
+            return b""
 
     def _write(self, data: bytes) -> None:
         try:
