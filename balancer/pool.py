@@ -206,9 +206,10 @@ class BackendRegistry:
     """The worker's backends by address; created on first mention at compile time."""
 
     def __init__(self, *, connect_timeout: float, fail_timeout: float,
-                 evented: bool = False) -> None:
+                 max_idle: int = 1024, evented: bool = False) -> None:
         self.connect_timeout = connect_timeout
         self.fail_timeout = fail_timeout
+        self.max_idle = max_idle
         self.evented = evented
         self.backends: dict[str, Backend] = {}
 
@@ -219,7 +220,7 @@ class BackendRegistry:
         if backend is None:
             backend = self.backends[key] = Backend(
                 addr, connect_timeout=self.connect_timeout, fail_timeout=self.fail_timeout,
-                evented=self.evented)
+                max_idle=self.max_idle, evented=self.evented)
         return backend
 
     def prune(self, in_use: set[str]) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+from gevent import getcurrent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -33,11 +34,37 @@ from balancer.stats import Stats
 from balancer.table import RoutingTable, TableHolder
 
 log = logging.getLogger("balancer")
-BACKLOG = 2048
+# Listen queue length: the kernel caps it at net.core.somaxconn. A short queue
+# drops handshakes of a burst of new connections (5,000 at once from wrk:
+# TcpExtListenOverflows), and each dropped one costs its client a SYN-ACK
+# retransmission, 1 s and more, before its first request is even read.
+BACKLOG = 65535
 # While draining, a keep-alive connection idle this long is closed. Not at
 # once: a busy client's next request may be on the wire, and its response
 # will carry `Connection: close` instead (the close race of RFC 9112 §9.6).
 DRAIN_IDLE = 1.0
+SHARED_ACCEPT_BATCH = 16  # accept() calls per wake-up when workers share a listener
+
+
+class EagerPool(Pool):
+    """A connection pool whose greenlets start at once when an accept spawns them.
+
+    gevent starts a spawned greenlet from its callback queue, and runs queued
+    callbacks for at most its switch interval (5 ms) per loop iteration,
+    measured from the loop time cached before the iteration's I/O. Once that
+    I/O takes longer (230 ms at 5,000 busy connections) about 50 queued
+    greenlets start per iteration: a burst of 5,000 new connections took 10 s
+    to be served, and wrk counted their first requests as timeouts. An accept
+    runs in the hub, so switching straight into the new greenlet is safe; it
+    returns to the hub, and so to the accept loop, at its first wait.
+    """
+
+    def start(self, greenlet: Any) -> None:
+        self.add(greenlet)
+        if getcurrent() is greenlet.parent:
+            greenlet.switch()
+        else:
+            greenlet.start()
 
 
 def bind(address: Address, backlog: int = BACKLOG) -> socket.socket:
@@ -66,6 +93,7 @@ class Worker:
         timeouts = settings.timeouts
         self.registry = BackendRegistry(connect_timeout=timeouts.backend_connect,
                                         fail_timeout=timeouts.fail_timeout,
+                                        max_idle=settings.server.max_connections,
                                         evented=is_evented())
         holder_ref: list = []
         self.compiler = ActionCompiler(registry=self.registry, pages=self.pages,
@@ -80,7 +108,7 @@ class Worker:
         limits = settings.limits
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
         self.servers: list[StreamServer] = []
-        self.pool = Pool(settings.server.max_connections)
+        self.pool = EagerPool(settings.server.max_connections)
         self.connections: set = set()
         self.contexts: list[Context] = []
         self.draining = False  # stopped accepting; every response closes its connection
@@ -135,13 +163,25 @@ class Worker:
             self.contexts.append(ctx)
             server = StreamServer(sock, lambda s, a, c=ctx: handle_client(s, a, c),
                                   spawn=self.pool)
-            if self.settings.effective_workers() > 1:
-                # workers share one accept queue: taking one connection per
-                # wake-up (gevent takes up to 100) lets the other workers have
-                # their share of a burst of new connections
-                server.max_accept = 1
+            server.max_accept = self.accept_batch()
             server.start()
             self.servers.append(server)
+
+    def accept_batch(self) -> int:
+        """Connections taken from the accept queue per wake-up of a listener.
+
+        A wake-up comes once per loop iteration, and under load an iteration
+        lasts as long as the work of every ready connection (230 ms at 5,000
+        busy connections). gevent's default of 100 then admitted a burst of
+        5,000 new connections over 10 s, the last ones waiting that long for
+        their first request to be read; one worker takes every connection
+        waiting (as nginx `multi_accept on`). Workers sharing one accept queue
+        take a few each, so that a burst spreads over them: the less loaded
+        worker iterates more often and takes more.
+        """
+        if self.settings.effective_workers() > 1:
+            return SHARED_ACCEPT_BATCH
+        return self.settings.server.max_connections
 
     def watchdog_loop(self) -> None:
         """Raise TimeoutError in every connection whose deadline passed."""

@@ -14,6 +14,7 @@ import argparse
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from loadtest.configs import BACKLOG
 from loadtest.limits import raise_nofile
 from loadtest.page import PAGE
 
@@ -73,7 +74,7 @@ def handle(sock, address) -> None:
         sock.close()
 
 
-def serve(host: str, port: int, backlog: int = 4096) -> None:
+def serve(host: str, port: int, backlog: int = BACKLOG) -> None:
     """Run the backend forever on host:port."""
     raise_nofile()
     server = StreamServer((host, port), handle, backlog=backlog, spawn=Pool(None))

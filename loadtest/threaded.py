@@ -25,9 +25,8 @@ from balancer.addr import parse_addr
 from balancer.connection import Context, handle_client
 from balancer.server import Worker, bind
 from balancer.settings import SettingsError, load_settings
+from loadtest import configs
 from loadtest.limits import raise_nofile
-
-BACKLOG = 4096
 
 
 def threaded_context(worker: Worker) -> Context:
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     raise_nofile()
     worker, settings = build_worker(args.listen, args.store, args.config)
-    listener = bind(parse_addr(args.listen), BACKLOG)
+    listener = bind(parse_addr(args.listen), configs.BACKLOG)
     listener.setblocking(True)
     stop = threading.Event()
     start_watcher(worker, stop)

@@ -15,7 +15,7 @@ import argparse
 import socket
 import sys
 
-BACKLOG = 4096
+from loadtest.configs import BACKLOG
 
 
 def app(environ: dict, start_response) -> list[bytes]:
