@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -39,6 +40,7 @@ BOOT_ERROR = 3
 MANAGEMENT_DRAIN = 5.0  # seconds an old management process finishes API requests
 PARENT_CHECK = 1.0  # seconds between checks that the arbiter is still there
 STOP_MARGIN = 0.5  # a worker stops this much before the arbiter's `graceful` deadline
+GC_THRESHOLDS = (20000, 20, 100)  # gc.set_threshold in a proxy worker (see `tune_gc`)
 
 
 class BootError(Exception):
@@ -165,6 +167,7 @@ def run_worker(env: ChildEnv, listeners: list[tuple[Any, bool]]) -> int:
     worker.listen(listeners)
     control = ControlServer(env.run_dir, worker)
     control.start()
+    tune_gc()
     report_ready(env)
     log.info("worker %d serving routing version %d", os.getpid(), worker.holder.table.version)
     wait_for_stop(env, worker.access_log.reopen)
@@ -172,6 +175,22 @@ def run_worker(env: ChildEnv, listeners: list[tuple[Any, bool]]) -> int:
     worker.stop(max(graceful - STOP_MARGIN, graceful / 2))
     retire(env.run_dir, worker, control)
     return 0
+
+
+def tune_gc() -> None:
+    """Collect cycles less often in a serving worker.
+
+    Every in-flight request keeps a few container objects alive for a loop
+    iteration or more (1.5 s at 5,000 busy connections), so with Python's
+    default thresholds they survive young collections and trigger full ones
+    over every connection's objects again and again. Freezing what start-up
+    built and collecting the young generation every GC_THRESHOLDS[0]
+    allocations instead of 700 measured 4,962–7,217 → 7,632–8,049 req/s at
+    5,000 keep-alive connections (wrk, 3 alternated rounds); requests make no
+    reference cycles, so garbage still goes at once by reference counting.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def initial_load(worker: Any) -> None:
