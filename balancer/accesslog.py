@@ -187,8 +187,9 @@ _JSON_RESIDUE = _JSON.translate(None, _PLAIN)
 # value is empty, which the reference writes as null.
 _JSON_EMPTY, _JSON_NULL = b':""', b":null"
 
-_clf_bytes: list = [None, b""]  # [whole second, its CLF time as bytes]
-_iso_parts: list = [None, b"", b""]  # [whole second, b"2026-10-10T13:55:36", b"+02:00"]
+# Per second (records share seconds): the templates with the time filled in.
+_combined_templates: list = [None, b"", b""]  # [whole second, _COMBINED, _COMBINED_NO_BRT]
+_json_template: list = [None, b""]  # [whole second, _JSON]
 
 
 def _not_text(value: object) -> NoReturn:
@@ -196,43 +197,11 @@ def _not_text(value: object) -> NoReturn:
     raise TypeError(f"text field of type {type(value).__name__}")
 
 
-def _text_fields(record: tuple, empty: bytes) -> tuple[bytes, ...]:
-    """CLIENT, HOST, METHOD, TARGET, PROTOCOL, REFERER, USER_AGENT, REQUEST_ID, BACKEND.
-
-    As bytes, not yet checked plain: ``empty`` for any falsy value (the
-    reference writes each as "-" or null), bytes as is, a str UTF-8 encoded (if
-    not ASCII, not plain); another type raises.
-    """
-    (_, client, host, method, target, protocol, _, _, _,
-     referer, agent, rid, backend, _, _) = record
-    client = client or empty
-    if type(client) is not bytes:
-        client = client.encode() if type(client) is str else _not_text(client)
-    host = host or empty
-    if type(host) is not bytes:
-        host = host.encode() if type(host) is str else _not_text(host)
-    method = method or empty
-    if type(method) is not bytes:
-        method = method.encode() if type(method) is str else _not_text(method)
-    target = target or empty
-    if type(target) is not bytes:
-        target = target.encode() if type(target) is str else _not_text(target)
-    protocol = protocol or empty
-    if type(protocol) is not bytes:
-        protocol = protocol.encode() if type(protocol) is str else _not_text(protocol)
-    referer = referer or empty
-    if type(referer) is not bytes:
-        referer = referer.encode() if type(referer) is str else _not_text(referer)
-    agent = agent or empty
-    if type(agent) is not bytes:
-        agent = agent.encode() if type(agent) is str else _not_text(agent)
-    rid = rid or empty
-    if type(rid) is not bytes:
-        rid = rid.encode() if type(rid) is str else _not_text(rid)
-    backend = backend or empty
-    if type(backend) is not bytes:
-        backend = backend.encode() if type(backend) is str else _not_text(backend)
-    return client, host, method, target, protocol, referer, agent, rid, backend
+def _fill_combined_time(stamp: float) -> None:
+    """Fill ``_combined_templates`` for the second of ``stamp``, with the reference's CLF time."""
+    clf = b"[%s]" % _clf_time(stamp).encode()
+    _combined_templates[:] = [int(stamp), _COMBINED.replace(b"[%s]", clf, 1),
+                              _COMBINED_NO_BRT.replace(b"[%s]", clf, 1)]
 
 
 def _combined_fast(record: tuple) -> bytes | None:
@@ -246,7 +215,10 @@ def _combined_fast(record: tuple) -> bytes | None:
         if not (type(status) is type(sent) is type(received) is int
                 and type(duration) is float):
             return None
-        # _text_fields(record, _DASH), inlined: a call and a tuple are 6% of this
+        # Each text field as bytes, not yet checked plain: "-" for any falsy value
+        # (as the reference writes it), bytes as is, a str UTF-8 encoded (then not
+        # plain unless ASCII); another type declines. Inline, as a call and a
+        # tuple per record would cost 6%.
         client = client or _DASH
         if type(client) is not bytes:
             client = client.encode() if type(client) is str else _not_text(client)
@@ -274,17 +246,16 @@ def _combined_fast(record: tuple) -> bytes | None:
         backend = backend or _DASH
         if type(backend) is not bytes:
             backend = backend.encode() if type(backend) is str else _not_text(backend)
-        second = int(stamp)
-        if second != _clf_bytes[0]:
-            _clf_bytes[:] = [second, _clf_time(stamp).encode()]
+        if int(stamp) != _combined_templates[0]:
+            _fill_combined_time(stamp)
         if brt is None:
-            line = _COMBINED_NO_BRT % (
-                host, client, _clf_bytes[1], method, target, protocol, status, sent,
-                referer, agent, rid, backend, duration, received)
+            line = _combined_templates[2] % (
+                host, client, method, target, protocol, status, sent, referer, agent, rid,
+                backend, duration, received)
         elif type(brt) is float:
-            line = _COMBINED % (
-                host, client, _clf_bytes[1], method, target, protocol, status, sent,
-                referer, agent, rid, backend, duration, brt, received)
+            line = _combined_templates[1] % (
+                host, client, method, target, protocol, status, sent, referer, agent, rid,
+                backend, duration, brt, received)
         else:
             return None
     except Exception:  # not the common case after all: the reference formats it or raises
@@ -296,12 +267,13 @@ def _combined_fast(record: tuple) -> bytes | None:
     return line
 
 
-def _iso_second(second: float) -> tuple[bytes, bytes]:
-    """(Date and time to the second, UTC offset) of ``second`` as the reference writes them."""
+def _fill_json_time(second: float) -> None:
+    """Fill ``_json_template`` for ``second``, with the reference's ISO time but the ms."""
     text = datetime.fromtimestamp(second).astimezone().isoformat(timespec="milliseconds")
     if text[19:23] != ".000":  # "YYYY-MM-DDTHH:MM:SS.mmm+HH:MM[:SS]", the year 4 digits
         raise ValueError(f"unexpected ISO time {text!r}")
-    return text[:19].encode(), text[23:].encode()
+    iso = b"%s.%%03d%s" % (text[:19].encode(), text[23:].encode())
+    _json_template[:] = [second, _JSON.replace(b"%s.%03d%s", iso, 1)]
 
 
 def _ms_json(seconds: float) -> bytes:
@@ -324,8 +296,8 @@ def _json_fast(record: tuple) -> bytes | None:
     try:
         if type(record) is not tuple:
             return None
-        (stamp, _, _, _, _, _, status, sent, received,
-         _, _, _, _, duration, brt) = record
+        (stamp, client, host, method, target, protocol, status, sent, received,
+         referer, agent, rid, backend, duration, brt) = record
         # json.dumps writes exact ints as %d does
         if not (type(status) is type(sent) is type(received) is int
                 and type(duration) is type(stamp) is float):
@@ -336,20 +308,45 @@ def _json_fast(record: tuple) -> bytes | None:
             backend_ms = _ms_json(brt)
         else:
             return None
-        client, host, method, target, protocol, referer, agent, rid, backend = (
-            _text_fields(record, b""))
+        # The text fields as in _combined_fast, but b"" for a falsy value (null below).
+        client = client or b""
+        if type(client) is not bytes:
+            client = client.encode() if type(client) is str else _not_text(client)
+        host = host or b""
+        if type(host) is not bytes:
+            host = host.encode() if type(host) is str else _not_text(host)
+        method = method or b""
+        if type(method) is not bytes:
+            method = method.encode() if type(method) is str else _not_text(method)
+        target = target or b""
+        if type(target) is not bytes:
+            target = target.encode() if type(target) is str else _not_text(target)
+        protocol = protocol or b""
+        if type(protocol) is not bytes:
+            protocol = protocol.encode() if type(protocol) is str else _not_text(protocol)
+        referer = referer or b""
+        if type(referer) is not bytes:
+            referer = referer.encode() if type(referer) is str else _not_text(referer)
+        agent = agent or b""
+        if type(agent) is not bytes:
+            agent = agent.encode() if type(agent) is str else _not_text(agent)
+        rid = rid or b""
+        if type(rid) is not bytes:
+            rid = rid.encode() if type(rid) is str else _not_text(rid)
+        backend = backend or b""
+        if type(backend) is not bytes:
+            backend = backend.encode() if type(backend) is str else _not_text(backend)
         # datetime.fromtimestamp rounds to the microsecond (half to even, as
         # round() does), isoformat then truncates to the millisecond.
         fraction, second = modf(stamp)
         micro = round(fraction * 1e6)
         if not 0 <= micro < 1_000_000:
             return None  # rounds up into the next second, or a negative stamp
-        if second != _iso_parts[0]:
-            _iso_parts[:] = [second, *_iso_second(second)]
-        line = _JSON % (
-            _iso_parts[1], micro // 1000, _iso_parts[2], client, host, method, target,
-            protocol, status, sent, received, referer, agent, rid, backend, _ms_json(duration),
-            backend_ms)
+        if second != _json_template[0]:
+            _fill_json_time(second)
+        line = _json_template[1] % (
+            micro // 1000, client, host, method, target, protocol, status, sent, received,
+            referer, agent, rid, backend, _ms_json(duration), backend_ms)
     except Exception:  # not the common case after all: the reference formats it or raises
         return None
     if line.translate(None, _PLAIN) != _JSON_RESIDUE:

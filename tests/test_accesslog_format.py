@@ -116,8 +116,8 @@ def zone(request, monkeypatch):
     monkeypatch.setenv("TZ", request.param)
     time.tzset()
     monkeypatch.setattr(accesslog, "_stamp_cache", [None, ""])
-    monkeypatch.setattr(accesslog, "_clf_bytes", [None, b""])
-    monkeypatch.setattr(accesslog, "_iso_parts", [None, b"", b""])
+    monkeypatch.setattr(accesslog, "_combined_templates", [None, b"", b""])
+    monkeypatch.setattr(accesslog, "_json_template", [None, b""])
     yield request.param
     monkeypatch.undo()
     time.tzset()
