@@ -179,8 +179,9 @@ _JSON = (b'{"time":"%s.%03d%s","client":"%s","host":"%s","method":"%s","target":
          b'"backend_ms":%s}\n')
 # The residue of bytes is what is left once the _PLAIN ones are deleted. A
 # template's residue is its own quotes and newline (its % specs are plain, as are
-# the numbers and times put in), and residues concatenate: so a filled template
-# has the template's residue exactly when every text field put in is plain.
+# the times filled in per second and the numbers put in), and residues
+# concatenate: so a filled template has the template's residue exactly when
+# every text field put in is plain.
 _COMBINED_RESIDUE = _COMBINED.translate(None, _PLAIN)  # also _COMBINED_NO_BRT's
 _JSON_RESIDUE = _JSON.translate(None, _PLAIN)
 # In a JSON line whose text values are plain, ':""' only occurs where a text
