@@ -164,7 +164,9 @@ def finish(env: RunEnv, interrupted: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    out = args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")
+    # absolute: nginx and haproxy run with paths under it from their own prefixes
+    # (bug: a relative --out made every nginx fail to open its error log)
+    out = (args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     install_signal_handlers()
     procs = Processes(out / "logs")
