@@ -1,0 +1,135 @@
+"""How a worker admits connections and keeps sockets: eager greenlet starts,
+accept batches, pool sizes, read watchers, and the garbage-collector setting."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import gevent
+import pytest
+
+from balancer.addr import parse_backend_addr
+from balancer.pool import Backend
+from balancer.server import SHARED_ACCEPT_BATCH, EagerPool, Worker
+from balancer.settings import load_settings
+
+
+class NoStore:
+    """The part of the store interface a Worker touches before it starts."""
+
+    def load(self) -> SimpleNamespace:
+        return SimpleNamespace(version=1, hosts={})
+
+    def close(self) -> None:
+        pass
+
+
+class Watcher:
+    """Stands in for a gevent io watcher: records close()."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def worker(**flags: object) -> Worker:
+    return Worker(load_settings(flags=flags, env={}), NoStore())
+
+
+# accepted connections start at once ------------------------------------------------
+def test_a_greenlet_spawned_from_the_hub_runs_before_spawn_returns() -> None:
+    pool, order = EagerPool(10), []
+
+    def accept() -> None:  # runs in the hub, as StreamServer's accept callback does
+        pool.spawn(order.append, "served")
+        order.append("spawn returned")
+
+    gevent.get_hub().loop.run_callback(accept)
+    gevent.sleep(0)
+    pool.join(timeout=5)
+    assert order == ["served", "spawn returned"]
+
+
+def test_a_greenlet_spawned_elsewhere_starts_from_the_loop_as_usual() -> None:
+    pool, order = EagerPool(10), []
+    pool.spawn(order.append, "served")
+    order.append("spawn returned")
+    pool.join(timeout=5)
+    assert order == ["spawn returned", "served"]
+
+
+def test_the_eager_pool_still_counts_against_its_size() -> None:
+    pool = EagerPool(2)
+    blockers = [pool.spawn(gevent.sleep, 0.2) for _ in range(2)]
+    assert pool.full()
+    gevent.joinall(blockers, timeout=5)
+    assert not pool.full() and len(pool) == 0
+
+
+# accept batches and pool sizes ---------------------------------------------------
+def test_one_worker_takes_every_waiting_connection_per_wake_up() -> None:
+    one = worker(**{"server.workers": 1, "server.max_connections": 1234})
+    assert one.accept_batch() == 1234
+
+
+def test_workers_sharing_a_listener_take_a_few_each() -> None:
+    assert worker(**{"server.workers": 2}).accept_batch() == SHARED_ACCEPT_BATCH
+
+
+def test_backend_pools_keep_as_many_idle_connections_as_the_worker_has_clients() -> None:
+    w = worker(**{"server.max_connections": 4321})
+    assert w.registry.get("127.0.0.1:9").max_idle == 4321
+
+
+# read watchers travel with pooled sockets --------------------------------------
+def backend(**kwargs: object) -> Backend:
+    return Backend(parse_backend_addr("127.0.0.1:9"), connect_timeout=1, fail_timeout=1,
+                   **kwargs)
+
+
+def test_a_released_connection_comes_back_with_its_watcher() -> None:
+    pool, (a, b), watcher = backend(), socket.socketpair(), Watcher()
+    pool.release(a, watcher)
+    assert pool.acquire() == (a, watcher, True)
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("how", ["close_idle", "expired", "over max_idle"])
+def test_closing_a_pooled_connection_closes_its_watcher(how: str) -> None:
+    pool = backend(max_idle=0 if how == "over max_idle" else 4,
+                   idle_timeout=0.0 if how == "expired" else 30.0)
+    (a, b), watcher = socket.socketpair(), Watcher()
+    pool.release(a, watcher)
+    if how == "close_idle":
+        assert pool.close_idle() == 1
+    elif how == "expired":
+        with pytest.raises(Exception, match="127.0.0.1:9"):
+            pool.acquire()  # the expired one is dropped, then nothing listens on :9
+    assert watcher.closed and a.fileno() == -1 and pool.idle == []
+    b.close()
+
+
+def test_no_watchers_outside_gevent() -> None:
+    pool, (a, b) = backend(evented=False), socket.socketpair()
+    assert pool.watcher_for(a) is None
+    a.close()
+    b.close()
+
+
+# garbage collection in a serving worker -----------------------------------------
+def test_a_serving_worker_collects_less_often() -> None:
+    code = ("import gc, json; from balancer.workers import GC_THRESHOLDS, tune_gc; "
+            "tune_gc(); print(json.dumps([gc.get_threshold(), GC_THRESHOLDS, "
+            "gc.get_freeze_count()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    threshold, wanted, frozen = json.loads(out)
+    assert threshold == wanted and threshold[0] > 700
+    assert frozen > 1000  # start-up objects moved out of every collection
