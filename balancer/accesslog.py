@@ -198,6 +198,15 @@ def _not_text(value: object) -> NoReturn:
     raise TypeError(f"text field of type {type(value).__name__}")
 
 
+def _text_bytes(values: tuple, missing: bytes) -> list[bytes]:
+    """Text fields as bytes, not yet checked plain: `missing` for a falsy value
+    (as the reference writes "-" or null), bytes as is, a str UTF-8 encoded
+    (then not plain unless ASCII); another type declines (`_not_text`)."""
+    return [missing if not value else value if type(value) is bytes
+            else value.encode() if type(value) is str else _not_text(value)
+            for value in values]
+
+
 def _fill_combined_time(stamp: float) -> None:
     """Fill ``_combined_templates`` for the second of ``stamp``, with the reference's CLF time."""
     clf = b"[%s]" % _clf_time(stamp).encode()
@@ -216,37 +225,8 @@ def _combined_fast(record: tuple) -> bytes | None:
         if not (type(status) is type(sent) is type(received) is int
                 and type(duration) is float):
             return None
-        # Each text field as bytes, not yet checked plain: "-" for any falsy value
-        # (as the reference writes it), bytes as is, a str UTF-8 encoded (then not
-        # plain unless ASCII); another type declines. Inline, as a call and a
-        # tuple per record would cost 6%.
-        client = client or _DASH
-        if type(client) is not bytes:
-            client = client.encode() if type(client) is str else _not_text(client)
-        host = host or _DASH
-        if type(host) is not bytes:
-            host = host.encode() if type(host) is str else _not_text(host)
-        method = method or _DASH
-        if type(method) is not bytes:
-            method = method.encode() if type(method) is str else _not_text(method)
-        target = target or _DASH
-        if type(target) is not bytes:
-            target = target.encode() if type(target) is str else _not_text(target)
-        protocol = protocol or _DASH
-        if type(protocol) is not bytes:
-            protocol = protocol.encode() if type(protocol) is str else _not_text(protocol)
-        referer = referer or _DASH
-        if type(referer) is not bytes:
-            referer = referer.encode() if type(referer) is str else _not_text(referer)
-        agent = agent or _DASH
-        if type(agent) is not bytes:
-            agent = agent.encode() if type(agent) is str else _not_text(agent)
-        rid = rid or _DASH
-        if type(rid) is not bytes:
-            rid = rid.encode() if type(rid) is str else _not_text(rid)
-        backend = backend or _DASH
-        if type(backend) is not bytes:
-            backend = backend.encode() if type(backend) is str else _not_text(backend)
+        client, host, method, target, protocol, referer, agent, rid, backend = _text_bytes(
+            (client, host, method, target, protocol, referer, agent, rid, backend), _DASH)
         if int(stamp) != _combined_templates[0]:
             _fill_combined_time(stamp)
         if brt is None:
@@ -309,34 +289,9 @@ def _json_fast(record: tuple) -> bytes | None:
             backend_ms = _ms_json(brt)
         else:
             return None
-        # The text fields as in _combined_fast, but b"" for a falsy value (null below).
-        client = client or b""
-        if type(client) is not bytes:
-            client = client.encode() if type(client) is str else _not_text(client)
-        host = host or b""
-        if type(host) is not bytes:
-            host = host.encode() if type(host) is str else _not_text(host)
-        method = method or b""
-        if type(method) is not bytes:
-            method = method.encode() if type(method) is str else _not_text(method)
-        target = target or b""
-        if type(target) is not bytes:
-            target = target.encode() if type(target) is str else _not_text(target)
-        protocol = protocol or b""
-        if type(protocol) is not bytes:
-            protocol = protocol.encode() if type(protocol) is str else _not_text(protocol)
-        referer = referer or b""
-        if type(referer) is not bytes:
-            referer = referer.encode() if type(referer) is str else _not_text(referer)
-        agent = agent or b""
-        if type(agent) is not bytes:
-            agent = agent.encode() if type(agent) is str else _not_text(agent)
-        rid = rid or b""
-        if type(rid) is not bytes:
-            rid = rid.encode() if type(rid) is str else _not_text(rid)
-        backend = backend or b""
-        if type(backend) is not bytes:
-            backend = backend.encode() if type(backend) is str else _not_text(backend)
+        # b"" for a falsy value: turned into null below
+        client, host, method, target, protocol, referer, agent, rid, backend = _text_bytes(
+            (client, host, method, target, protocol, referer, agent, rid, backend), b"")
         # datetime.fromtimestamp rounds to the microsecond (half to even, as
         # round() does), isoformat then truncates to the millisecond.
         fraction, second = modf(stamp)
