@@ -73,24 +73,20 @@ class Backend:
                 break
             if now - since < self.idle_timeout:
                 return sock, watcher, True
-            unwatch(watcher)
-            sock.close()
-        sock = self.connect()
-        return sock, self.watcher_for(sock), False
+            close_connection(sock, watcher)
+        sock, watcher = self.connect()
+        return sock, watcher, False
 
-    def watcher_for(self, sock: socket.socket) -> Any:
-        """The read watcher to keep with a new connection (None unless evented)."""
-        return watch(sock) if self.evented else None
-
-    def connect(self) -> socket.socket:
-        """A new connection to the backend; errors become ConnectError."""
+    def connect(self) -> tuple[socket.socket, Any]:
+        """A new connection to the backend and its read watcher (None unless
+        evented); errors become ConnectError."""
         try:
             sock = self._open()
         except OSError as exc:
             raise ConnectError(f"{self.key}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)  # waits are bounded by the connection's `arm`
-        return sock
+        return sock, watch(sock) if self.evented else None
 
     def _open(self) -> socket.socket:
         addr = self.address
@@ -110,8 +106,7 @@ class Backend:
         if len(self.idle) < self.max_idle:
             self.idle.append((sock, watcher, time.monotonic()))
         else:
-            unwatch(watcher)
-            sock.close()
+            close_connection(sock, watcher)
 
     def close_idle(self, older_than: float = 0.0) -> int:
         """Close idle connections unused for `older_than` seconds; returns how many."""
@@ -120,8 +115,7 @@ class Backend:
         for entry in self.idle:
             sock, watcher, since = entry
             if since <= cutoff:
-                unwatch(watcher)
-                sock.close()
+                close_connection(sock, watcher)
                 closed += 1
             else:
                 keep.append(entry)
@@ -192,6 +186,12 @@ class Backend:
     def __repr__(self) -> str:
         return (f"<Backend {self.key} {self.state} in_flight={self.in_flight} "
                 f"idle={len(self.idle)} fails={self.fails}>")
+
+
+def close_connection(sock: socket.socket, watcher: Any) -> None:
+    """Close a backend connection and its read watcher."""
+    unwatch(watcher)
+    sock.close()
 
 
 def _is_ip_literal(host: str) -> bool:

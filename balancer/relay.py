@@ -21,8 +21,8 @@ from balancer.connection import send_all
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
 from balancer.fields import field_keys, without_fields
 from balancer.http11 import END, HOP_BY_HOP, ProtocolError
-from balancer.pool import Backend
-from balancer.readiness import unwatch, wait_readable
+from balancer.pool import Backend, close_connection
+from balancer.readiness import wait_readable
 from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.tunnel import tunnel
 
@@ -247,38 +247,36 @@ def forward(ex, backend: Backend, body: bytes | None, max_body: int | None) -> N
     """
     sock, watcher, reused = backend.acquire()
     if reused and body is None and not ex.body_done and not backend.is_open(sock):
-        _close(sock, watcher)
-        sock = backend.connect()
-        watcher, reused = backend.watcher_for(sock), False
+        close_connection(sock, watcher)
+        (sock, watcher), reused = backend.connect(), False
     backend.in_flight += 1
     started = time.perf_counter()
     try:
         try:
             rhead, parser = exchange(ex, sock, watcher, body, max_body)
         except BackendClosed:
-            _close(sock, watcher)
+            close_connection(sock, watcher)
             if not reused or (body is None and ex.head.has_body):
                 raise  # a fresh connection failed, or the streamed body is gone
-            sock = backend.connect()
-            watcher = backend.watcher_for(sock)
+            sock, watcher = backend.connect()
             rhead, parser = exchange(ex, sock, watcher, body, max_body)
         ex.backend_time = time.perf_counter() - started
         if rhead.status == 101:
             if not ex.head.upgrade:
                 raise BackendProtocolError("101 Switching Protocols to a request without Upgrade")
             _upgrade(ex, sock, rhead, parser)
-            _close(sock, watcher)
+            close_connection(sock, watcher)
             return
         reusable = relay_response(ex, sock, rhead, parser) and not ex.head.upgrade
     except BaseException:
-        _close(sock, watcher)
+        close_connection(sock, watcher)
         raise
     finally:
         backend.in_flight -= 1
     if reusable:
         backend.release(sock, watcher)
     else:
-        _close(sock, watcher)
+        close_connection(sock, watcher)
 
 
 def exchange(ex, sock: socket.socket, watcher: Any, body: bytes | None,
@@ -291,11 +289,6 @@ def exchange(ex, sock: socket.socket, watcher: Any, body: bytes | None,
     if streamed:  # reading the client's body armed the client's timeout
         conn.arm(sock, timeout)
     return read_response_head(ex, sock, watcher)
-
-
-def _close(sock: socket.socket, watcher: Any) -> None:
-    unwatch(watcher)
-    sock.close()
 
 
 def _upgrade(ex, sock: socket.socket, rhead: ResponseHead, parser: ResponseParser) -> None:

@@ -13,7 +13,8 @@ import gevent
 import pytest
 
 from balancer.addr import parse_backend_addr
-from balancer.pool import Backend
+from balancer.errors import ConnectError
+from balancer.pool import Backend, close_connection
 from balancer.server import SHARED_ACCEPT_BATCH, EagerPool, Worker
 from balancer.settings import load_settings
 
@@ -110,17 +111,22 @@ def test_closing_a_pooled_connection_closes_its_watcher(how: str) -> None:
     if how == "close_idle":
         assert pool.close_idle() == 1
     elif how == "expired":
-        with pytest.raises(Exception, match="127.0.0.1:9"):
+        with pytest.raises(ConnectError, match="127.0.0.1:9"):
             pool.acquire()  # the expired one is dropped, then nothing listens on :9
     assert watcher.closed and a.fileno() == -1 and pool.idle == []
     b.close()
 
 
-def test_no_watchers_outside_gevent() -> None:
-    pool, (a, b) = backend(evented=False), socket.socketpair()
-    assert pool.watcher_for(a) is None
-    a.close()
-    b.close()
+@pytest.mark.parametrize("evented", [False, True])
+def test_a_new_connection_has_a_watcher_only_under_gevent(evented: bool) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        pool = Backend(parse_backend_addr(f"127.0.0.1:{port}"), connect_timeout=5,
+                       fail_timeout=1, evented=evented)
+        sock, watcher, reused = pool.acquire()
+        assert not reused and (watcher is not None) is evented
+        close_connection(sock, watcher)
+        assert sock.fileno() == -1
 
 
 # garbage collection in a serving worker -----------------------------------------
