@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from loadtest import configs  # noqa: E402
 from loadtest.measure import cpu_seconds, process_tree  # noqa: E402
 from loadtest.page import PAGE  # noqa: E402
-from loadtest.procs import Processes, free_port, wait_for_port  # noqa: E402
+from loadtest.procs import Proc, Processes, free_port, wait_for_port  # noqa: E402
 from loadtest.routes import RouteFile, proxy_rule  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -47,7 +48,17 @@ TARGETS = ("direct", "haproxy", "bare", "balancer", "balancer-log")
 NOFILE = 4096
 
 
-def start_nginx(procs: Processes, root: Path) -> tuple[int, list]:
+@dataclass
+class Started:
+    """A running target: its port, its process, and the management port to
+    scrape /metrics on while it is measured (None: no scraping)."""
+
+    port: int
+    proc: Proc
+    scrape_port: int | None = None
+
+
+def start_nginx(procs: Processes, root: Path) -> Started:
     port, dir = free_port(), root / "nginx"
     dir.mkdir()
     conf = dir / "nginx.conf"
@@ -55,15 +66,15 @@ def start_nginx(procs: Processes, root: Path) -> tuple[int, list]:
     proc = procs.start("nginx", ["nginx", "-p", str(dir), "-c", str(conf),
                                  "-e", str(dir / "error.log"), "-g", "daemon off;"])
     wait_for_port(proc, port)
-    return port, [proc]
+    return Started(port, proc)
 
 
-def start_target(name: str, procs: Processes, root: Path, backend: int) -> tuple[int, list]:
-    """Start target `name` in front of nginx on `backend`; (port, [procs])."""
+def start_target(name: str, procs: Processes, root: Path, backend: int) -> Started:
+    """Start target `name` in front of nginx on `backend`."""
     port, dir = free_port(), root / name
     dir.mkdir()
     addr = f"{HOST}:{backend}"
-    extra: list = []
+    scrape_port = None
     if name == "haproxy":
         conf = dir / "haproxy.cfg"
         conf.write_text(configs.haproxy(port, [addr], NOFILE, 2000))
@@ -79,10 +90,10 @@ def start_target(name: str, procs: Processes, root: Path, backend: int) -> tuple
                 "--store", f"file:{routes.path}"]
         if name == "balancer-log":
             argv += ["--access-log", str(dir / "access.log")]
-            extra = [mgmt]
+            scrape_port = mgmt
     proc = procs.start(name, argv)
     wait_for_port(proc, port)
-    return port, [proc, *extra]
+    return Started(port, proc, scrape_port)
 
 
 def scrape_loop(port: int, stop: threading.Event) -> None:
@@ -104,15 +115,16 @@ def run_wrk(port: int, connections: int, duration: int) -> tuple[float, str]:
     return rps, errors.group(0) if errors else ""
 
 
-def measure(name: str, port: int, procs: list, args: argparse.Namespace) -> dict:
-    pids = process_tree(procs[0].pid)
+def measure(target: Started, args: argparse.Namespace) -> dict:
+    pids = process_tree(target.proc.pid)
     stop = threading.Event()
     scraper = None
-    if len(procs) > 1:
-        scraper = threading.Thread(target=scrape_loop, args=(procs[1], stop), daemon=True)
+    if target.scrape_port is not None:
+        scraper = threading.Thread(target=scrape_loop, args=(target.scrape_port, stop),
+                                   daemon=True)
         scraper.start()
     cpu0, t0 = cpu_seconds(pids), time.monotonic()
-    rps, errors = run_wrk(port, args.connections, args.duration)
+    rps, errors = run_wrk(target.port, args.connections, args.duration)
     cpu = cpu_seconds(pids) - cpu0
     wall = time.monotonic() - t0
     stop.set()
@@ -138,16 +150,15 @@ def main() -> None:
         root = Path(tmp)
         procs = Processes(root / "logs")
         try:
-            backend, nginx = start_nginx(procs, root)
-            started = {"direct": (backend, nginx)}
+            nginx = start_nginx(procs, root)
+            started = {"direct": nginx}
             for name in names:
                 if name != "direct":
-                    started[name] = start_target(name, procs, root, backend)
+                    started[name] = start_target(name, procs, root, nginx.port)
             results = {name: [] for name in names}
             for round_ in range(1, args.rounds + 1):
                 for name in names:
-                    port, target_procs = started[name]
-                    figures = measure(name, port, target_procs, args)
+                    figures = measure(started[name], args)
                     results[name].append(figures)
                     print(f"round {round_} {name:13} {figures['rps']:9,.0f} req/s "
                           f"{figures['cpu_us']:6.1f} µs CPU/req  {figures['core']:4.2f} cores "
