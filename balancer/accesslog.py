@@ -207,6 +207,18 @@ def _text_bytes(values: tuple, missing: bytes) -> list[bytes]:
             for value in values]
 
 
+def _exact_fields(record: tuple) -> tuple | None:
+    """`record` if it is a plain tuple whose counts are exact ints and whose
+    duration is a float (so %d and %.3f write them as the reference's :d, :.3f
+    and json.dumps do), else None."""
+    if type(record) is not tuple:
+        return None
+    if not (type(record[STATUS]) is type(record[BYTES_SENT]) is type(record[BYTES_RECEIVED])
+            is int and type(record[DURATION]) is float):
+        return None
+    return record
+
+
 def _fill_combined_time(stamp: float) -> None:
     """Fill ``_combined_templates`` for the second of ``stamp``, with the reference's CLF time."""
     clf = b"[%s]" % _clf_time(stamp).encode()
@@ -217,14 +229,11 @@ def _fill_combined_time(stamp: float) -> None:
 def _combined_fast(record: tuple) -> bytes | None:
     """``record`` as a combined line if it is the common case, else None."""
     try:
-        if type(record) is not tuple:
+        fields = _exact_fields(record)
+        if fields is None:
             return None
         (stamp, client, host, method, target, protocol, status, sent, received,
-         referer, agent, rid, backend, duration, brt) = record
-        # %d and %.3f write exact ints and floats as the reference's :d and :.3f do
-        if not (type(status) is type(sent) is type(received) is int
-                and type(duration) is float):
-            return None
+         referer, agent, rid, backend, duration, brt) = fields
         client, host, method, target, protocol, referer, agent, rid, backend = _text_bytes(
             (client, host, method, target, protocol, referer, agent, rid, backend), _DASH)
         if int(stamp) != _combined_templates[0]:
@@ -275,14 +284,11 @@ def _ms_json(seconds: float) -> bytes:
 def _json_fast(record: tuple) -> bytes | None:
     """``record`` as a JSON line if it is the common case, else None."""
     try:
-        if type(record) is not tuple:
+        fields = _exact_fields(record)
+        if fields is None or type(record[TIME]) is not float:
             return None
         (stamp, client, host, method, target, protocol, status, sent, received,
-         referer, agent, rid, backend, duration, brt) = record
-        # json.dumps writes exact ints as %d does
-        if not (type(status) is type(sent) is type(received) is int
-                and type(duration) is type(stamp) is float):
-            return None
+         referer, agent, rid, backend, duration, brt) = fields
         if brt is None:
             backend_ms = b"null"
         elif type(brt) is float:
