@@ -72,9 +72,6 @@ class RoundRobin(Balancer):
         self.index = -1
 
     def _next_index(self) -> int:
-        if self.uniform:
-            self.index = (self.index + 1) % len(self.backends)
-            return self.index
         current, weights = self.current, self.weights
         best = 0
         for i, weight in enumerate(weights):
@@ -86,8 +83,13 @@ class RoundRobin(Balancer):
 
     def pick(self, client: str, tried: Sequence[Backend]) -> Backend | None:
         backends = self.backends
-        for _ in range(len(backends)):
-            backend = backends[self._next_index()]
+        count = len(backends)
+        for _ in range(count):
+            if self.uniform:
+                index = self.index = (self.index + 1) % count
+            else:
+                index = self._next_index()
+            backend = backends[index]
             if backend not in tried and backend.is_available():
                 return backend
         return self.any_untried(tried)

@@ -190,7 +190,7 @@ class ClientConnection:
         self.arm(sock, timeouts.client_idle)
         self.idle = True
         deadline = 0.0
-        while not events:
+        while True:
             try:
                 if wait_first:
                     wait_first = False
@@ -204,15 +204,17 @@ class ClientConnection:
                 return None
             if not data:
                 return None
-            now = time.monotonic()
-            if not deadline:
-                self.idle = False
-                deadline = now + timeouts.client_header
-            self.arm(sock, max(deadline - now, 0.001))
+            self.idle = False
             self.parser.feed(data)
             while events and events[0] is END:
                 events.popleft()
-        return events.popleft()
+            if events:
+                return events.popleft()
+            # part of a head: the rest must come within client_header of its first byte
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + timeouts.client_header
+            self.arm(sock, max(deadline - now, 0.001))
 
     def handle(self, head: RequestHead) -> bool:
         """Route and answer one request; returns whether to keep the connection."""
@@ -221,7 +223,8 @@ class ClientConnection:
         route = ctx.holder.table.lookup(head.host)
         stats = route.stats
         stats.open_requests += 1
-        ex = Exchange(self, head, route, self.request_id(head), start)
+        request_id = self.trusted_id(head) if ctx.trusted else ctx.request_ids.next()
+        ex = Exchange(self, head, route, request_id, start)
         if ctx.draining:
             ex.keep_alive = False
         try:
@@ -244,11 +247,11 @@ class ClientConnection:
             self.parser.resume()  # the Upgrade was not accepted: the connection stays HTTP
         return ex.keep_alive
 
-    def request_id(self, head: RequestHead) -> bytes:
-        if self.ctx.trusted:
-            for _, lname, value in head.headers:
-                if lname == b"x-request-id" and value:
-                    return value
+    def trusted_id(self, head: RequestHead) -> bytes:
+        """The request's X-Request-Id (trusted listeners keep it), else a new one."""
+        for _, lname, value in head.headers:
+            if lname == b"x-request-id" and value:
+                return value
         return self.ctx.request_ids.next()
 
     def fail(self, ex: Exchange, exc: ProxyError | ProtocolError) -> None:

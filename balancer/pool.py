@@ -4,9 +4,9 @@ Invariants:
 * One `Backend` per address per worker, shared by every host and every table
   version that names it (`BackendRegistry`), so pools and dead marks survive
   rule changes and are never keyed by list position.
-* Pools do bookkeeping only: `acquire` hands out an idle socket or opens a new
-  one; `release` returns a socket known to be at a message boundary. Socket
-  errors on connect become `ConnectError` here, at the edge.
+* Pools do bookkeeping only: `acquire` hands out an idle connection or opens a
+  new one; `release` returns a connection known to be at a message boundary.
+  Socket errors on connect become `ConnectError` here, at the edge.
 * Passive health: `fall` consecutive failures mark the backend down for
   `fail_timeout` seconds; after that one request probes it (half-open) and
   its outcome decides. A probe that never reports back (its request was
@@ -18,9 +18,10 @@ Invariants:
   while every backend was down are released at once.
 * No locks: list append/pop are atomic, so the threaded baseline can share a
   pool with no more than a harmless race on counters.
-* Under gevent (`evented`) every connection travels with its read watcher
-  (`balancer.readiness`): made with the socket, pooled beside it, closed
-  with it. Elsewhere the watcher is None.
+* A connection (`Upstream`) keeps what belongs to it for its whole life: the
+  socket, under gevent (`evented`) its read watcher (`balancer.readiness`,
+  None elsewhere), and the response parser that `balancer.relay` makes on
+  first use and reuses for every response. `Upstream.close` closes all three.
 """
 
 from __future__ import annotations
@@ -39,6 +40,28 @@ from balancer.readiness import unwatch, watch
 UP, DOWN, PROBING = "up", "down", "probing"
 
 
+class Upstream:
+    """One connection to a backend and what lives as long as it does."""
+
+    __slots__ = ("sock", "watcher", "parser", "since")
+
+    def __init__(self, sock: socket.socket, watcher: Any) -> None:
+        self.sock = sock
+        self.watcher = watcher
+        self.parser: Any = None  # a balancer.response_parser.ResponseParser, once used
+        self.since = 0.0  # when it went idle (monotonic)
+
+    def close(self) -> None:
+        """Close the socket, its watcher and its parser."""
+        unwatch(self.watcher)
+        self.sock.close()
+        if self.parser is not None:
+            self.parser.close()
+
+    def __repr__(self) -> str:
+        return f"<Upstream fd={self.sock.fileno()}>"
+
+
 class Backend:
     """One backend address: its idle connections and its passive health."""
 
@@ -52,7 +75,7 @@ class Backend:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.evented = evented
-        self.idle: list[tuple[socket.socket, Any, float]] = []  # (sock, watcher, since)
+        self.idle: list[Upstream] = []
         self.is_literal = _is_ip_literal(address.host)
         self.in_flight = 0
         self.fails = 0
@@ -62,31 +85,30 @@ class Backend:
         self._recovered = threading.Event()
 
     # pool ----------------------------------------------------------------
-    def acquire(self) -> tuple[socket.socket, Any, bool]:
-        """(sock, watcher, reused): an idle connection or a new one; raises ConnectError."""
+    def acquire(self) -> tuple[Upstream, bool]:
+        """(connection, reused): an idle connection or a new one; raises ConnectError."""
         idle = self.idle
-        now = time.monotonic()
-        while idle:
-            try:
-                sock, watcher, since = idle.pop()
-            except IndexError:
-                break
-            if now - since < self.idle_timeout:
-                return sock, watcher, True
-            close_connection(sock, watcher)
-        sock, watcher = self.connect()
-        return sock, watcher, False
+        if idle:
+            oldest = time.monotonic() - self.idle_timeout
+            while idle:
+                try:
+                    upstream = idle.pop()
+                except IndexError:
+                    break
+                if upstream.since > oldest:
+                    return upstream, True
+                upstream.close()
+        return self.connect(), False
 
-    def connect(self) -> tuple[socket.socket, Any]:
-        """A new connection to the backend and its read watcher (None unless
-        evented); errors become ConnectError."""
+    def connect(self) -> Upstream:
+        """A new connection to the backend; errors become ConnectError."""
         try:
             sock = self._open()
         except OSError as exc:
             raise ConnectError(f"{self.key}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)  # waits are bounded by the connection's `arm`
-        return sock, watch(sock) if self.evented else None
+        return Upstream(sock, watch(sock) if self.evented else None)
 
     def _open(self) -> socket.socket:
         addr = self.address
@@ -101,24 +123,24 @@ class Backend:
             raise
         return sock
 
-    def release(self, sock: socket.socket, watcher: Any) -> None:
-        """Keep `sock` (and its watcher) for reuse; at most `max_idle` are kept."""
+    def release(self, upstream: Upstream) -> None:
+        """Keep `upstream` for reuse; at most `max_idle` are kept."""
         if len(self.idle) < self.max_idle:
-            self.idle.append((sock, watcher, time.monotonic()))
+            upstream.since = time.monotonic()
+            self.idle.append(upstream)
         else:
-            close_connection(sock, watcher)
+            upstream.close()
 
     def close_idle(self, older_than: float = 0.0) -> int:
         """Close idle connections unused for `older_than` seconds; returns how many."""
         cutoff = time.monotonic() - older_than
         keep, closed = [], 0
-        for entry in self.idle:
-            sock, watcher, since = entry
-            if since <= cutoff:
-                close_connection(sock, watcher)
+        for upstream in self.idle:
+            if upstream.since <= cutoff:
+                upstream.close()
                 closed += 1
             else:
-                keep.append(entry)
+                keep.append(upstream)
         self.idle[:] = keep
         return closed
 
@@ -186,12 +208,6 @@ class Backend:
     def __repr__(self) -> str:
         return (f"<Backend {self.key} {self.state} in_flight={self.in_flight} "
                 f"idle={len(self.idle)} fails={self.fails}>")
-
-
-def close_connection(sock: socket.socket, watcher: Any) -> None:
-    """Close a backend connection and its read watcher."""
-    unwatch(watcher)
-    sock.close()
 
 
 def _is_ip_literal(host: str) -> bool:

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any
 
-from balancer.connection import send_all
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
-from balancer.fields import field_keys, without_fields
-from balancer.http11 import END, HOP_BY_HOP, ProtocolError
-from balancer.pool import Backend, close_connection
+from balancer.http11 import END, HOP_BY_HOP, ProtocolError, RequestHead
+from balancer.pool import Backend, Upstream
 from balancer.readiness import wait_readable
 from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.tunnel import tunnel
@@ -39,39 +36,46 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 def request_head(ex, chunked: bool) -> bytes:
     """The request head sent to the backend (always HTTP/1.1, keep-alive)."""
     head, conn = ex.head, ex.conn
-    trusted = conn.ctx.trusted
-    drop = DROP_INTERNAL if trusted else DROP_EXTERNAL
     tokens = head.connection_tokens
-    if tokens:
-        drop = drop | tokens
     lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", head.host, b"\r\n"]
-    forwarded_for = []
-    seen: set | frozenset = set() if trusted else frozenset()
+    if conn.ctx.trusted:
+        _trusted_fields(lines, head, tokens, conn.client_ip_bytes)
+    else:
+        drop = DROP_EXTERNAL | tokens if tokens else DROP_EXTERNAL
+        for name, lname, value in head.headers:
+            if lname not in drop:
+                lines += (name, b": ", value, b"\r\n")
+        lines += (b"X-Forwarded-For: ", conn.client_ip_bytes,
+                  b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ", head.host, b"\r\n")
+    lines += (b"X-Request-Id: ", ex.request_id, b"\r\n")
+    if head.upgrade:
+        lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def _trusted_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[bytes],
+                    client_ip: bytes) -> None:
+    """The fields of a request from a trusted listener: X-Forwarded-For extended,
+    the other X-Forwarded-* kept (or added)."""
+    drop = DROP_INTERNAL | tokens if tokens else DROP_INTERNAL
+    forwarded_for, seen = [], set()
     for name, lname, value in head.headers:
         if lname in drop:
-            if lname == b"x-forwarded-for" and trusted:
+            if lname == b"x-forwarded-for":
                 forwarded_for.append(value)
             continue
-        if trusted and lname in FORWARDED:
+        if lname in FORWARDED:
             seen.add(lname)
         lines += (name, b": ", value, b"\r\n")
-    if forwarded_for:
-        forwarded_for.append(conn.client_ip_bytes)
-        lines += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
-    else:
-        lines += (b"X-Forwarded-For: ", conn.client_ip_bytes, b"\r\n")
+    forwarded_for.append(client_ip)
+    lines += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
     if b"x-forwarded-proto" not in seen:
         lines.append(b"X-Forwarded-Proto: http\r\n")
     if b"x-forwarded-host" not in seen:
         lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
-    lines += (b"X-Request-Id: ", ex.request_id, b"\r\n")
-    append = lines.append
-    if head.upgrade:
-        append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
-    if chunked:
-        append(b"Transfer-Encoding: chunked\r\n")
-    append(b"\r\n")
-    return b"".join(lines)
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -116,7 +120,9 @@ def _stream_body(ex, sock: socket.socket, chunked: bool, max_body: int | None) -
 
 def _send_backend(sock: socket.socket, data: bytes) -> None:
     try:
-        send_all(sock, data)
+        sent = sock.send(data)  # see `send_all`
+        if sent < len(data):
+            sock.sendall(memoryview(data)[sent:])
     except TimeoutError:
         raise BackendTimeout("backend did not accept the request in time") from None
     except OSError as exc:
@@ -142,17 +148,20 @@ def _recv_backend(sock: socket.socket, parser: ResponseParser) -> None:
         raise BackendClosed(exc.reason) from None
 
 
-def read_response_head(ex, sock: socket.socket, watcher: Any
-                       ) -> tuple[ResponseHead, ResponseParser]:
+def read_response_head(ex, upstream: Upstream) -> ResponseHead:
     """The final (or 101) response head; 1xx interim responses are skipped.
 
-    With a `watcher` (gevent), wait for the answer before the first read."""
-    ctx = ex.conn.ctx
-    parser = ResponseParser(ctx.limits, for_head=ex.head.method == b"HEAD")
-    events = parser.events
-    if watcher is not None:
+    Under gevent (a watcher), waits for the answer before the first read."""
+    parser = upstream.parser
+    for_head = ex.head.method == b"HEAD"
+    if parser is None:
+        parser = upstream.parser = ResponseParser(ex.conn.ctx.limits, for_head)
+    else:
+        parser.begin(for_head)
+    sock, events = upstream.sock, parser.events
+    if upstream.watcher is not None:
         try:
-            wait_readable(watcher)
+            wait_readable(upstream.watcher)
         except TimeoutError:
             raise BackendTimeout("backend read timeout") from None
     while True:
@@ -160,7 +169,7 @@ def read_response_head(ex, sock: socket.socket, watcher: Any
             _recv_backend(sock, parser)
         rhead = events.popleft()
         if rhead.status >= 200 or rhead.status == 101:
-            return rhead, parser
+            return rhead
         while True:  # drop an interim response (we answer 100 Continue ourselves)
             while not events:
                 _recv_backend(sock, parser)
@@ -168,56 +177,43 @@ def read_response_head(ex, sock: socket.socket, watcher: Any
                 break
 
 
-def forwarded_fields(rhead: ResponseHead) -> list[bytes]:
-    """The response's field block, in pieces to join, without hop-by-hop fields
-    and X-Request-Id."""
-    block, cuts, tokens = rhead.block, rhead.cuts, rhead.connection_tokens
-    extra = tokens - HOP_BY_HOP if tokens else None
-    if not cuts and not extra:
-        return [block]
-    pieces, pos = [], 0
-    for start, end in cuts:
-        pieces.append(block[pos:start])
-        pos = end
-    pieces.append(block[pos:])
-    if extra:  # fields named by Connection are hop-by-hop too
-        block = b"".join(pieces)
-        return [without_fields(block, block.lower(), field_keys(extra))]
-    return pieces
-
-
 def response_head(ex, rhead: ResponseHead) -> tuple[bytes, int]:
     """The response head for the client and how its body is framed."""
     head = ex.head
-    lines = [rhead.status_line, *forwarded_fields(rhead), b"\r\nX-Request-Id: ",
-             ex.request_id, b"\r\n"]
-    append = lines.append
+    lines = [rhead.status_line, rhead.forwarded, b"\r\nX-Request-Id: ", ex.request_id]
     if rhead.status == 101:
-        append(b"Connection: upgrade\r\nUpgrade: %s\r\n\r\n" % head.upgrade)
+        lines.append(b"\r\nConnection: upgrade\r\nUpgrade: %s\r\n\r\n" % head.upgrade)
         return b"".join(lines), RAW
     framing = RAW
     if not rhead.no_body and rhead.content_length is None:
         if head.version == b"1.1":
             framing = CHUNK
-            append(b"Transfer-Encoding: chunked\r\n")
+            lines.append(b"\r\nTransfer-Encoding: chunked")
         else:
             framing = CLOSE
             ex.keep_alive = False
     if not ex.keep_alive:
-        append(b"Connection: close\r\n")
+        lines.append(b"\r\nConnection: close\r\n\r\n")
     elif head.version == b"1.0":
-        append(b"Connection: keep-alive\r\n")
-    append(b"\r\n")
+        lines.append(b"\r\nConnection: keep-alive\r\n\r\n")
+    else:
+        lines.append(b"\r\n\r\n")
     return b"".join(lines), framing
 
 
-def relay_response(ex, sock: socket.socket, rhead: ResponseHead,
-                   parser: ResponseParser) -> bool:
-    """Send the response to the client; returns whether `sock` can be pooled."""
+def relay_response(ex, upstream: Upstream, rhead: ResponseHead) -> bool:
+    """Send the response to the client; returns whether `upstream` can be pooled."""
     ex.status = rhead.status
     data, framing = response_head(ex, rhead)
-    out = [data]
+    sock, parser = upstream.sock, upstream.parser
     events = parser.events
+    if parser.complete and framing == RAW:  # all of it came with the head: one send
+        events.pop()  # END
+        events.appendleft(data)
+        ex.send(b"".join(events))
+        events.clear()
+        return rhead.keep_alive and not parser.upgraded
+    out = [data]
     conn, timeouts = ex.conn, ex.conn.ctx.timeouts
     # A small fixed-length response is sent in one piece even when the backend
     # wrote it in several (nginx: head by writev, body by sendfile).
@@ -245,62 +241,62 @@ def forward(ex, backend: Backend, body: bytes | None, max_body: int | None) -> N
     A pooled connection that turns out closed before the response began is
     replaced by a fresh one, transparently, when the request can be replayed.
     """
-    sock, watcher, reused = backend.acquire()
-    if reused and body is None and not ex.body_done and not backend.is_open(sock):
-        close_connection(sock, watcher)
-        (sock, watcher), reused = backend.connect(), False
+    upstream, reused = backend.acquire()
+    if reused and body is None and not ex.body_done and not backend.is_open(upstream.sock):
+        upstream.close()
+        upstream, reused = backend.connect(), False
     backend.in_flight += 1
     started = time.perf_counter()
     try:
         try:
-            rhead, parser = exchange(ex, sock, watcher, body, max_body)
+            rhead = exchange(ex, upstream, body, max_body)
         except BackendClosed:
-            close_connection(sock, watcher)
+            upstream.close()
             if not reused or (body is None and ex.head.has_body):
                 raise  # a fresh connection failed, or the streamed body is gone
-            sock, watcher = backend.connect()
-            rhead, parser = exchange(ex, sock, watcher, body, max_body)
+            upstream = backend.connect()
+            rhead = exchange(ex, upstream, body, max_body)
         ex.backend_time = time.perf_counter() - started
         if rhead.status == 101:
             if not ex.head.upgrade:
                 raise BackendProtocolError("101 Switching Protocols to a request without Upgrade")
-            _upgrade(ex, sock, rhead, parser)
-            close_connection(sock, watcher)
+            _upgrade(ex, upstream, rhead)
+            upstream.close()
             return
-        reusable = relay_response(ex, sock, rhead, parser) and not ex.head.upgrade
+        reusable = relay_response(ex, upstream, rhead) and not ex.head.upgrade
     except BaseException:
-        close_connection(sock, watcher)
+        upstream.close()
         raise
     finally:
         backend.in_flight -= 1
     if reusable:
-        backend.release(sock, watcher)
+        backend.release(upstream)
     else:
-        close_connection(sock, watcher)
+        upstream.close()
 
 
-def exchange(ex, sock: socket.socket, watcher: Any, body: bytes | None,
-             max_body: int | None) -> tuple[ResponseHead, ResponseParser]:
-    """Send the request on `sock` and read the response head."""
-    conn = ex.conn
+def exchange(ex, upstream: Upstream, body: bytes | None, max_body: int | None) -> ResponseHead:
+    """Send the request on `upstream` and read the response head."""
+    conn, sock = ex.conn, upstream.sock
     timeout = conn.ctx.timeouts.backend_read
     conn.arm(sock, timeout)
     streamed = send_request(ex, sock, body, max_body)
     if streamed:  # reading the client's body armed the client's timeout
         conn.arm(sock, timeout)
-    return read_response_head(ex, sock, watcher)
+    return read_response_head(ex, upstream)
 
 
-def _upgrade(ex, sock: socket.socket, rhead: ResponseHead, parser: ResponseParser) -> None:
+def _upgrade(ex, upstream: Upstream, rhead: ResponseHead) -> None:
     """Switch to a two-way tunnel after the backend accepted the upgrade."""
     ex.status = 101
     data, _ = response_head(ex, rhead)
-    ex.send(data + parser.leftover)
+    ex.send(data + upstream.parser.leftover)
     conn = ex.conn
     client_leftover = conn.parser.leftover
     ex.keep_alive = False
     ex.body_done = True
     conn.disarm()
-    sent, received = tunnel(conn.sock, sock, client_leftover, conn.ctx.timeouts.tunnel_idle)
+    sent, received = tunnel(conn.sock, upstream.sock, client_leftover,
+                            conn.ctx.timeouts.tunnel_idle)
     ex.sent += sent
     ex.received += received

@@ -10,11 +10,14 @@ Invariants:
   The head's field block is kept raw (see `balancer.fields`) and forwarded
   with hop-by-hop fields cut out, which costs a few substring searches.
 * `ProtocolError` is the only exception (status 502: the backend is at fault).
-* A new parser per response; once complete it drops its httptools parser,
-  so no reference cycle outlives the response.
+* One parser per backend connection: `begin` readies it for the next
+  response, keeping llhttp's parser when it ended cleanly (after an error,
+  a HEAD response or a 101 a new one is made). `close` drops the llhttp
+  parser, which references this object: a cycle.
 * Bytes after the final response are not part of it: they are ignored and
   make the connection not reusable (`keep_alive` False), instead of failing a
-  response that is whole. Empty lines between messages are allowed.
+  response that is whole, and whether they came in its last read or later.
+  Empty lines between messages are allowed.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from collections import deque
 
 import httptools
 
-from balancer.fields import field_list
-from balancer.http11 import END, Limits, ProtocolError, connection_tokens
+from balancer.fields import field_keys, field_list, without_fields
+from balancer.http11 import END, HOP_BY_HOP, Limits, ProtocolError, connection_tokens
 
 _CRLFCRLF = b"\r\n\r\n"
 DEFAULT_LIMITS = Limits()
@@ -49,12 +52,12 @@ _COMMON_TOKENS = {b"keep-alive": frozenset((b"keep-alive",)), b"close": frozense
 class ResponseHead:
     """A response head: status, its raw field block and the framing it implies.
 
-    `cuts` are the (start, end) spans in `block` of the fields not to forward
-    (hop-by-hop and X-Request-Id), in order.
+    `forwarded` is the field block as the client gets it: without the fields
+    never forwarded (hop-by-hop, those named in Connection, X-Request-Id).
     """
 
     __slots__ = ("status", "status_line", "block", "lower", "content_length", "chunked",
-                 "keep_alive", "connection_tokens", "no_body", "cuts")
+                 "keep_alive", "connection_tokens", "no_body", "forwarded")
 
     def __init__(self, status: int, status_line: bytes, block: bytes, keep_alive: bool,
                  no_body: bool) -> None:
@@ -67,13 +70,15 @@ class ResponseHead:
         content_length = None
         chunked = False
         tokens: frozenset[bytes] = _NO_TOKENS
-        self.cuts = cuts = []
+        pieces, pos = [], 0
         for match in SPECIAL_FIELDS.finditer(lower):
             name, value = match.groups()
             if name == b"content-length":
                 content_length = int(value)  # llhttp rejected duplicates
                 continue
-            cuts.append(match.span())
+            start, end = match.span()
+            pieces.append(block[pos:start])
+            pos = end
             if name == b"connection":
                 value = value.strip(b" \t")
                 more = _COMMON_TOKENS.get(value) or connection_tokens(value)
@@ -82,6 +87,12 @@ class ResponseHead:
                 if chunked or value.strip(b" \t") != b"chunked":
                     raise ProtocolError(502, "backend used a transfer coding other than chunked")
                 chunked = True
+        if pos:
+            pieces.append(block[pos:])
+            block = b"".join(pieces)
+        if tokens and not tokens <= HOP_BY_HOP:  # fields named by Connection are hop-by-hop too
+            block = without_fields(block, block.lower(), field_keys(tokens - HOP_BY_HOP))
+        self.forwarded = block
         self.content_length = None if chunked else content_length
         self.chunked = chunked
         self.connection_tokens = tokens
@@ -100,23 +111,34 @@ class ResponseHead:
 
 
 class ResponseParser:
-    """Parses the response to one request. `for_head`: the request was HEAD."""
+    """Parses the responses of one backend connection, one `begin` at a time.
+
+    `for_head`: the request was HEAD."""
 
     __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "_hp", "_buf",
                  "_in_head", "_limit", "_head", "_error")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False) -> None:
         self.events: deque = deque()
-        self.complete = False
-        self.upgraded = False
-        self.leftover = b""
-        self.for_head = for_head
-        self._hp: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
-        self._buf = b""
-        self._in_head = True
         self._limit = limits.max_request_line + limits.max_header_bytes
+        self._hp: httptools.HttpResponseParser | None = None
+        self.begin(for_head)
+
+    def begin(self, for_head: bool = False) -> None:
+        """Get ready for the next response (the previous one is complete)."""
+        self.events.clear()
+        self.complete = self.upgraded = False
+        self.leftover = self._buf = b""
+        self.for_head = for_head
+        self._in_head = True
         self._head: ResponseHead | None = None
         self._error: ProtocolError | None = None
+        if self._hp is None:
+            self._hp = httptools.HttpResponseParser(self)
+
+    def close(self) -> None:
+        """Drop the llhttp parser (and the reference cycle through it)."""
+        self._hp = None
 
     def feed(self, data: bytes) -> None:
         """Parse `data` from the backend. Raises ProtocolError."""
@@ -131,9 +153,11 @@ class ResponseParser:
         try:
             self._hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            self._hp = None
             self.upgraded = True
             self.leftover = data[exc.args[0]:]
         except httptools.HttpParserError as exc:
+            self._hp = None  # llhttp stays in its error state: `begin` makes a new one
             if self.complete and self._head.status != 101:  # 101: no "Connection: upgrade"
                 # The response is whole; what followed it (HEAD: its body) was consumed.
                 if not self.for_head:
@@ -142,8 +166,6 @@ class ResponseParser:
                 raise self._error from None
             else:
                 raise ProtocolError(502, f"invalid response from backend: {exc}") from None
-        if self.complete:
-            self._hp = None
 
     def feed_eof(self) -> None:
         """The backend closed: completes a close-delimited body, else raises."""
@@ -153,14 +175,17 @@ class ResponseParser:
         if not self._in_head and head is not None and head.close_delimited:
             self.events.append(END)
             self.complete = True
-            self._hp = None
+            self._hp = None  # the connection is over
             return
         raise ProtocolError(502, "backend closed the connection mid-response")
 
     # httptools callbacks --------------------------------------------------
-    def on_headers_complete(self) -> None:
-        if self.complete:  # a second response after the final one (handled in `feed`)
+    def on_message_begin(self) -> None:
+        if self.complete:  # bytes after the final response, in the same read
+            self._head.keep_alive = False
             raise _Stop
+
+    def on_headers_complete(self) -> None:
         hp, buf = self._hp, self._buf
         start = 0
         while buf.startswith(b"\r\n", start):

@@ -14,7 +14,7 @@ import pytest
 
 from balancer.addr import parse_backend_addr
 from balancer.errors import ConnectError
-from balancer.pool import Backend, close_connection
+from balancer.pool import Backend, Upstream
 from balancer.server import SHARED_ACCEPT_BATCH, EagerPool, Worker
 from balancer.settings import load_settings
 
@@ -88,16 +88,29 @@ def test_backend_pools_keep_as_many_idle_connections_as_the_worker_has_clients()
     assert w.registry.get("127.0.0.1:9").max_idle == 4321
 
 
-# read watchers travel with pooled sockets --------------------------------------
+# read watchers (and response parsers) travel with pooled sockets ---------------
 def backend(**kwargs: object) -> Backend:
     return Backend(parse_backend_addr("127.0.0.1:9"), connect_timeout=1, fail_timeout=1,
                    **kwargs)
 
 
-def test_a_released_connection_comes_back_with_its_watcher() -> None:
+class Parser:
+    """Stands in for a response parser: records close()."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_released_connection_comes_back_with_its_watcher_and_parser() -> None:
     pool, (a, b), watcher = backend(), socket.socketpair(), Watcher()
-    pool.release(a, watcher)
-    assert pool.acquire() == (a, watcher, True)
+    upstream = Upstream(a, watcher)
+    upstream.parser = parser = Parser()
+    pool.release(upstream)
+    back, reused = pool.acquire()
+    assert reused and back is upstream
+    assert (back.sock, back.watcher, back.parser) == (a, watcher, parser)
     a.close()
     b.close()
 
@@ -107,13 +120,15 @@ def test_closing_a_pooled_connection_closes_its_watcher(how: str) -> None:
     pool = backend(max_idle=0 if how == "over max_idle" else 4,
                    idle_timeout=0.0 if how == "expired" else 30.0)
     (a, b), watcher = socket.socketpair(), Watcher()
-    pool.release(a, watcher)
+    upstream = Upstream(a, watcher)
+    upstream.parser = parser = Parser()
+    pool.release(upstream)
     if how == "close_idle":
         assert pool.close_idle() == 1
     elif how == "expired":
         with pytest.raises(ConnectError, match="127.0.0.1:9"):
             pool.acquire()  # the expired one is dropped, then nothing listens on :9
-    assert watcher.closed and a.fileno() == -1 and pool.idle == []
+    assert watcher.closed and parser.closed and a.fileno() == -1 and pool.idle == []
     b.close()
 
 
@@ -123,10 +138,11 @@ def test_a_new_connection_has_a_watcher_only_under_gevent(evented: bool) -> None
         port = listener.getsockname()[1]
         pool = Backend(parse_backend_addr(f"127.0.0.1:{port}"), connect_timeout=5,
                        fail_timeout=1, evented=evented)
-        sock, watcher, reused = pool.acquire()
-        assert not reused and (watcher is not None) is evented
-        close_connection(sock, watcher)
-        assert sock.fileno() == -1
+        upstream, reused = pool.acquire()
+        assert not reused and (upstream.watcher is not None) is evented
+        assert upstream.parser is None  # made by the relay on first use
+        upstream.close()
+        assert upstream.sock.fileno() == -1
 
 
 # garbage collection in a serving worker -----------------------------------------
