@@ -1,0 +1,90 @@
+"""One response parser per backend connection: `begin` readies it for the next
+response, llhttp's parser is kept only when the previous response ended cleanly,
+and what the client gets of a response head does not depend on reuse."""
+
+from __future__ import annotations
+
+import pytest
+
+from balancer.http11 import END, ProtocolError
+from balancer.response_parser import ResponseParser
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+CHUNKED = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+
+
+def events_of(parser: ResponseParser) -> list:
+    """Statuses of heads, body pieces joined, END."""
+    out: list = []
+    for event in parser.events:
+        if isinstance(event, bytes) and out and isinstance(out[-1], bytes):
+            out[-1] += event
+        else:
+            out.append(event.status if hasattr(event, "status") else event)
+    return out
+
+
+def test_responses_one_after_another_on_one_parser() -> None:
+    parser = ResponseParser()
+    llhttp = parser._hp
+    for response, expected in [(OK, [200, b"ok", END]), (CHUNKED, [201, b"abc", END]),
+                               (OK, [200, b"ok", END])]:
+        parser.begin()
+        for i in range(0, len(response), 7):  # split reads
+            parser.feed(response[i:i + 7])
+        assert events_of(parser) == expected and parser.complete
+        assert parser.events[0].keep_alive
+    assert parser._hp is llhttp  # clean ends: llhttp's parser was kept
+
+
+def test_begin_clears_what_the_last_response_left() -> None:
+    parser = ResponseParser()
+    parser.feed(OK)
+    parser.begin()
+    assert list(parser.events) == [] and not parser.complete
+    parser.feed(OK)
+    assert events_of(parser) == [200, b"ok", END]
+
+
+def test_after_a_head_response_a_new_llhttp_parser_is_made() -> None:
+    parser = ResponseParser(for_head=True)
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    assert events_of(parser) == [200, END] and parser.events[0].keep_alive
+    parser.begin()  # the next request is a GET: llhttp must expect a body again
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+    assert events_of(parser) == [200, b"abc", END]
+
+
+def test_after_interim_responses_the_parser_is_reusable() -> None:
+    parser = ResponseParser()
+    parser.feed(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
+    assert events_of(parser) == [100, END, 200, b"ok", END]
+    parser.begin()
+    parser.feed(OK)
+    assert events_of(parser) == [200, b"ok", END]
+
+
+@pytest.mark.parametrize("after", [b"HTTP/1.1 200", b"HTTP/1.1 200 OK\r\n", b"H"])
+def test_the_start_of_another_response_in_the_same_read_stops_reuse(after: bytes) -> None:
+    """Bytes after the final response that llhttp takes as the start of a new
+    one (no error yet) would be lost with the connection: it is not reused."""
+    parser = ResponseParser()
+    parser.feed(OK + after)
+    head, body, end = parser.events
+    assert (body, end, parser.complete) == (b"ok", END, True)
+    assert head.keep_alive is False
+
+
+def test_a_failed_response_leaves_a_parser_that_begin_renews() -> None:
+    parser = ResponseParser()
+    with pytest.raises(ProtocolError):
+        parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
+    parser.begin()
+    parser.feed(OK)
+    assert events_of(parser) == [200, b"ok", END]
+
+
+def test_close_drops_the_llhttp_parser() -> None:
+    parser = ResponseParser()
+    parser.close()
+    assert parser._hp is None
