@@ -4,9 +4,16 @@ gevent's ``socket.recv`` tries the syscall first and waits only after
 EAGAIN. On a proxy's two hot reads, a backend's response right after the
 request went out and a client's next request right after a response, the
 data is almost never there yet: that first try is a wasted syscall and an
-exception. A *watcher* here is one io watcher kept for a socket's whole life
-(making one per wait costs as much as the EAGAIN it saves); `wait_readable`
-parks the greenlet on it, and the ``recv`` that follows finds the data.
+exception. A `Readable` is kept for a socket's whole life; `wait_readable`
+parks the greenlet until the socket is readable, and the ``recv`` that
+follows finds the data.
+
+Its io watcher stays started between waits. Starting a libev watcher again
+costs an ``epoll_ctl`` that always fails with EEXIST (libev keeps stopped fds
+registered and re-adds them lazily): two wasted syscalls per proxied
+request, one per wait. A readiness nobody waits for (pipelined bytes, or a
+peer that closed while the greenlet waits elsewhere) stops the watcher, so
+level-triggered epoll cannot spin on it; the next wait starts it again.
 
 Measured with the bare relay of scripts/bench_proxy.py (wrk -c100, 4.5 KB
 page): 114–135 µs of CPU per request with recv-first, 63–79 µs waiting first.
@@ -15,8 +22,9 @@ Invariants:
 * `watch` returns None outside gevent (the threaded baseline's blocking
   sockets wait in ``recv``); every caller treats None as "just read".
 * Whoever owns the socket closes its watcher (`unwatch`) when closing it.
-* A watcher is waited on by one greenlet at a time; an exception thrown into
-  the waiting greenlet (the watchdog's TimeoutError) stops the watcher.
+* One greenlet at a time waits on a `Readable`. An exception thrown into it
+  while it waits (the watchdog's TimeoutError) ends the wait, and the
+  readiness then finds nobody waiting.
 """
 
 from __future__ import annotations
@@ -24,10 +32,44 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from gevent import get_hub
+from gevent import get_hub, getcurrent
 from gevent.monkey import is_module_patched
 
 READ = 1  # libev's EV_READ
+
+
+class Readable:
+    """A socket's read readiness, watched for the socket's whole life."""
+
+    __slots__ = ("io", "hub", "waiter")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.hub = get_hub()
+        self.io = self.hub.loop.io(sock.fileno(), READ)
+        self.waiter: Any = None  # the greenlet parked in `wait`
+
+    def wait(self) -> None:
+        """Park the current greenlet until the socket is readable."""
+        io = self.io
+        if not io.active:
+            io.start(self._ready)
+        self.waiter = getcurrent()
+        try:
+            self.hub.switch()
+        finally:
+            self.waiter = None
+
+    def _ready(self) -> None:
+        """The loop's callback (in the hub): wake the waiter, or stop watching."""
+        waiter = self.waiter
+        if waiter is None:
+            self.io.stop()
+            return
+        self.waiter = None
+        waiter.switch()
+
+    def close(self) -> None:
+        self.io.close()
 
 
 def is_evented() -> bool:
@@ -35,17 +77,17 @@ def is_evented() -> bool:
     return is_module_patched("socket")
 
 
-def watch(sock: socket.socket) -> Any:
-    """A read watcher for `sock`, to keep beside it (gevent only)."""
-    return get_hub().loop.io(sock.fileno(), READ)
+def watch(sock: socket.socket) -> Readable:
+    """The read readiness of `sock`, to keep beside it (gevent only)."""
+    return Readable(sock)
 
 
-def wait_readable(watcher: Any) -> None:
+def wait_readable(watcher: Readable) -> None:
     """Park the current greenlet until `watcher`'s socket is readable."""
-    get_hub().wait(watcher)
+    watcher.wait()
 
 
-def unwatch(watcher: Any) -> None:
+def unwatch(watcher: Readable | None) -> None:
     """Release a watcher from `watch` (None is fine)."""
     if watcher is not None:
         watcher.close()
