@@ -1,0 +1,83 @@
+"""`balancer.readiness.Readable`: a socket's read readiness watched for its whole
+life. Real socket pairs and gevent's real loop; nothing is mocked."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import gevent
+import pytest
+
+from balancer.readiness import Readable
+
+DEADLINE = 5.0
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def until(predicate) -> bool:
+    """Let the loop run until `predicate()` holds (False after DEADLINE seconds)."""
+    end = time.monotonic() + DEADLINE
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        gevent.sleep(0.005)
+    return predicate()
+
+
+def test_a_wait_ends_when_the_socket_becomes_readable(pair) -> None:
+    a, b = pair
+    readable = Readable(a)
+    gevent.spawn(b.send, b"x")
+    with gevent.Timeout(DEADLINE):
+        readable.wait()
+    assert a.recv(1) == b"x"
+    readable.close()
+
+
+def test_the_watcher_stays_started_between_waits(pair) -> None:
+    """Restarting a libev watcher costs a failing epoll_ctl: it is not stopped."""
+    a, b = pair
+    readable = Readable(a)
+    for byte in (b"1", b"2", b"3"):
+        gevent.spawn(b.send, byte)
+        with gevent.Timeout(DEADLINE):
+            readable.wait()
+        assert readable.io.active and a.recv(1) == byte
+    readable.close()
+
+
+def test_readiness_nobody_waits_for_stops_the_watcher_until_the_next_wait(pair) -> None:
+    a, b = pair
+    readable = Readable(a)
+    gevent.spawn(b.send, b"1")
+    with gevent.Timeout(DEADLINE):
+        readable.wait()
+    a.recv(1)
+    b.send(b"unread")  # e.g. a pipelined request while the greenlet is elsewhere
+    assert until(lambda: not readable.io.active)  # level-triggered: must not spin
+    with gevent.Timeout(DEADLINE):
+        readable.wait()  # the data is still there: the restarted watcher fires at once
+    assert a.recv(16) == b"unread" and readable.io.active
+    readable.close()
+
+
+def test_an_exception_thrown_into_the_waiter_ends_the_wait(pair) -> None:
+    a, b = pair
+    readable = Readable(a)
+    waiter = gevent.spawn(readable.wait)
+    assert until(lambda: readable.waiter is waiter)
+    gevent.get_hub().loop.run_callback(waiter.throw, TimeoutError("deadline passed"))
+    waiter.join(DEADLINE)
+    assert isinstance(waiter.exception, TimeoutError) and readable.waiter is None
+    b.send(b"late")  # nobody waits any more: the watcher stops instead of waking a ghost
+    assert until(lambda: not readable.io.active)
+    readable.close()
