@@ -122,17 +122,21 @@ class ResponseParser:
         self.events: deque = deque()
         self._limit = limits.max_request_line + limits.max_header_bytes
         self._hp: httptools.HttpResponseParser | None = None
+        self.upgraded = False
+        self.leftover = b""
+        self._head: ResponseHead | None = None
+        self._error: ProtocolError | None = None
         self.begin(for_head)
 
     def begin(self, for_head: bool = False) -> None:
-        """Get ready for the next response (the previous one is complete)."""
+        """Get ready for the next response (the previous one is complete: an
+        upgraded or failed connection is not reused, so `upgraded`, `leftover`
+        and `_error` keep their first values)."""
         self.events.clear()
-        self.complete = self.upgraded = False
-        self.leftover = self._buf = b""
+        self.complete = False
+        self._buf = b""
         self.for_head = for_head
         self._in_head = True
-        self._head: ResponseHead | None = None
-        self._error: ProtocolError | None = None
         if self._hp is None:
             self._hp = httptools.HttpResponseParser(self)
 
@@ -188,10 +192,11 @@ class ResponseParser:
     def on_headers_complete(self) -> None:
         hp, buf = self._hp, self._buf
         start = 0
-        while buf.startswith(b"\r\n", start):
-            start += 2
+        if buf[:1] == b"\r":  # empty lines before the status line (llhttp skips them)
+            while buf.startswith(b"\r\n", start):
+                start += 2
         line_end = buf.find(b"\r\n", start)
-        end = buf.find(_CRLFCRLF, start)
+        end = buf.find(_CRLFCRLF, line_end)
         if end - start > self._limit:  # a head that came in one large read
             self._error = ProtocolError(502, "backend response head too large")
             raise self._error
