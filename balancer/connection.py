@@ -66,15 +66,6 @@ class Context:
         self.draining = False
 
 
-def send_all(sock: socket.socket, data: bytes) -> None:
-    """`sock.sendall(data)`, with one plain `send` first: under gevent, sendall
-    queries SO_SNDBUF on every call, a syscall a response that fits the
-    socket buffer does not need."""
-    sent = sock.send(data)
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
-
-
 class RequestIds:
     """Unique request ids: a random per-process prefix and a counter."""
 
@@ -109,10 +100,16 @@ class Exchange:
         self.body_done = not head.has_body
 
     def send(self, data: bytes) -> None:
-        """Send response bytes to the client; a dead client raises ClientGone."""
+        """Send response bytes to the client; a dead client raises ClientGone.
+
+        One plain `send` first: under gevent, `sendall` queries SO_SNDBUF on
+        every call, a syscall a response that fits the socket buffer does not need."""
         self.started = True
+        sock = self.conn.sock
         try:
-            send_all(self.conn.sock, data)
+            sent = sock.send(data)
+            if sent < len(data):
+                sock.sendall(memoryview(data)[sent:])
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         self.sent += len(data)

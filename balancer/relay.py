@@ -120,7 +120,7 @@ def _stream_body(ex, sock: socket.socket, chunked: bool, max_body: int | None) -
 
 def _send_backend(sock: socket.socket, data: bytes) -> None:
     try:
-        sent = sock.send(data)  # see `send_all`
+        sent = sock.send(data)  # one plain send first: see `Exchange.send`
         if sent < len(data):
             sock.sendall(memoryview(data)[sent:])
     except TimeoutError:

@@ -70,22 +70,25 @@ class ProxyAction:
             self.backend_stats[backend.key] = stats
 
     def handle(self, ex: Any) -> None:
-        head = ex.head
-        max_body = self.max_body
-        if max_body is not None and (head.content_length or 0) > max_body:
-            raise PayloadTooLarge("Content-Length over max_body_bytes")
-        body = None
-        if head.has_body:
-            body = ex.conn.buffered_body()
-            if body is not None:
-                ex.received += len(body)
-                ex.body_done = True
-                if max_body is not None and len(body) > max_body:
-                    raise PayloadTooLarge("body over max_body_bytes")
+        body = self.buffered_body(ex) if ex.head.has_body else None
         try:
             self.forward_with_retries(ex, body, ex.start)
         except ProxyError as failure:
             self.when_failed(ex, body, failure)
+
+    def buffered_body(self, ex: Any) -> bytes | None:
+        """The whole request body if it came with the head (None: it streams);
+        raises PayloadTooLarge over `max_body_bytes`."""
+        max_body = self.max_body
+        if max_body is not None and (ex.head.content_length or 0) > max_body:
+            raise PayloadTooLarge("Content-Length over max_body_bytes")
+        body = ex.conn.buffered_body()
+        if body is not None:
+            ex.received += len(body)
+            ex.body_done = True
+            if max_body is not None and len(body) > max_body:
+                raise PayloadTooLarge("body over max_body_bytes")
+        return body
 
     def resume(self, ex: Any, body: bytes | None) -> None:
         """Forward a request handed over from a hold, its body already read (`body`)."""
