@@ -40,9 +40,23 @@ REQUEST_SPECIAL = frozenset((b"host", b"expect", b"upgrade"))
 FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 SPECIAL = REQUEST_SPECIAL | FRAMING
 VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ours; others get 505
+# The version of a request line that ends so, read from the bytes (asking llhttp costs more).
+# When a head begins at a feed boundary, the first LF of that feed ends its request line,
+# or one of the empty lines before it, which never end so. A line llhttp accepts ends with
+# its version and CRLF, or (HTTP/0.9) with a target, which holds no space.
+LINE_ENDS = {b" HTTP/1.1\r\n": b"1.1", b" HTTP/1.0\r\n": b"1.0"}
 # RFC 3986 reg-name / IP-literal characters and ":" port: anything else in Host is a 400.
 HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
               b"-._~%!$&'()*+,;=:[]")
+# Maps the bytes not in HOST_CHARS to NUL (itself not one): a Host is valid if its
+# translation holds no NUL. (`translate` with deletions builds a table per call.)
+NOT_HOST_TO_NUL = bytes(b if b in HOST_CHARS else 0 for b in range(256))
+NO_TOKENS: frozenset[bytes] = frozenset()
+# What `RequestParser._scan` returns but the host, when Host is the only special field.
+NO_FRAMING = (None, False, False, False, b"", NO_TOKENS)
+# `connection_tokens` of the usual Connection values, without splitting them.
+COMMON_TOKENS = {value: frozenset((value.lower(),)) for value in (
+    b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")}
 HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
@@ -74,7 +88,7 @@ class RequestHead:
                  "chunked", "has_body", "keep_alive", "expect_continue", "upgrade",
                  "connection_tokens")
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # the defaults; the parser sets each slot itself (`_new_head`)
         self.method = b""
         self.target = b""
         self.version = b"1.1"
@@ -86,30 +100,43 @@ class RequestHead:
         self.keep_alive = True
         self.expect_continue = False
         self.upgrade = b""
-        self.connection_tokens: frozenset[bytes] = frozenset()
+        self.connection_tokens: frozenset[bytes] = NO_TOKENS
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode()} {self.target!r} host={self.host!r}>"
 
 
+_new_head = object.__new__  # a RequestHead without running __init__ (a call less per request)
+
+
 def connection_tokens(value: bytes) -> frozenset[bytes]:
     """The lower-case tokens of a Connection header value."""
-    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+    tokens = COMMON_TOKENS.get(value)
+    if tokens is None:
+        tokens = frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
 
 
 class _Parser:
-    """Shared machinery of request and response parsing."""
+    """Shared machinery of request and response parsing.
+
+    `on_header` collects each field of a head as a (name, lower name, value)
+    triple in `_fields`, and the special ones (`SPECIAL`) in `_specials` too;
+    after the head, `_fields` collects the chunked-body trailers.
+    """
 
     events: deque
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._head_max = limits.max_request_line + limits.max_header_bytes  # line and fields
+        self._line_max = limits.max_request_line + 1  # + 1: the CR ending the line
         self.events = deque()
         self.upgraded = False
         self.leftover = b""
         self._error: ProtocolError | None = None
         self._closed = False  # a request that closes the connection is complete
+        self._fields: list[tuple[bytes, bytes, bytes]] = []
         self._begin()
 
     def _begin(self) -> None:
@@ -118,12 +145,17 @@ class _Parser:
         self._line_done = False
         self._measure = False  # the counts missed part of this head: measure it exactly
         self._quiet_bytes = 0  # body-phase bytes that produced no event (framing, trailers)
-        self._raw: list[tuple[bytes, bytes]] = []
+        self._specials: list[tuple[bytes, bytes, bytes]] = []
+        self._version: bytes | None = None  # read from the request line in `feed`, or None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Only collect here (one cheap call per header); `_scan` checks them all at once.
-        # After the head, fields are chunked-body trailers: validated by llhttp, dropped.
-        self._raw.append((name, value))
+        # Only collect here (one cheap call per header); the head is checked once it
+        # is complete. After the head, fields are trailers: validated by llhttp, dropped.
+        lname = name.lower()
+        field = (name, lname, value)
+        self._fields.append(field)
+        if lname in SPECIAL:
+            self._specials.append(field)
 
     def _fail(self, status: int, reason: str) -> None:
         self._error = ProtocolError(status, reason)
@@ -133,11 +165,19 @@ class _Parser:
         """Parse `data`; events are appended to `events`. Raises ProtocolError."""
         if self._closed:
             return
-        events = self.events
-        if self._in_head:
-            self._check_head_size(data)
-            quiet = -1
+        in_head = self._in_head
+        if in_head:
+            fed = self._head_bytes
+            if not self._line_done:
+                end = data.find(b"\n")
+                if fed + (len(data) if end < 0 else end) > self._line_max:
+                    self._fail(*self._line_too_long())
+                self._line_done = end >= 0
+                if not fed:  # the head (or empty lines before it) begins here: LINE_ENDS
+                    self._version = LINE_ENDS.get(data[end - 10:end + 1])
+            self._head_bytes = fed + len(data)
         else:
+            events = self.events
             quiet = len(events)
         try:
             self._hp.feed_data(data)
@@ -154,11 +194,9 @@ class _Parser:
             if self._head_bytes > self._head_max:
                 raise ProtocolError(431, "request head too large")
             return
-        if quiet == len(events):
-            self._quiet_bytes += len(data)
-        elif quiet >= 0:
-            self._quiet_bytes = 0
-        if self._quiet_bytes or self._raw:
+        if not in_head:
+            self._quiet_bytes = self._quiet_bytes + len(data) if quiet == len(events) else 0
+        if self._quiet_bytes or self._fields:
             self._check_quiet()
 
     def _check_quiet(self) -> None:
@@ -167,65 +205,24 @@ class _Parser:
         httptools buffers a trailer field whole until it ends (bug: unbounded, with
         quadratic copies); complete trailer fields are kept until the message ends.
         """
-        if self._quiet_bytes > self._head_max or len(self._raw) > self.limits.max_headers:
+        if self._quiet_bytes > self._head_max or len(self._fields) > self.limits.max_headers:
             self._fail(431, "chunked trailer section too large")
 
     def _check_trailers(self) -> None:
-        raw = self._raw
-        size = sum(len(name) + len(value) + 4 for name, value in raw)
-        if size > self._head_max or len(raw) > self.limits.max_headers:
+        fields = self._fields
+        size = sum(len(name) + len(value) + 4 for name, _, value in fields)
+        if size > self._head_max or len(fields) > self.limits.max_headers:
             self._fail(431, "chunked trailer section too large")
-
-    def _check_head_size(self, data: bytes) -> None:
-        if not self._line_done:
-            end = data.find(b"\n")
-            line = self._head_bytes + (len(data) if end < 0 else end)
-            if line > self.limits.max_request_line + 1:  # + 1: the CR ending the line
-                self._fail(*self._line_too_long())
-            self._line_done = end >= 0
-        self._head_bytes += len(data)
+        self._fields = []
 
     def _line_too_long(self) -> tuple[int, str]:
         return 414, "request line too long"
-
-    def _scan(self, head: RequestHead) -> list[tuple[bytes, bytes, bytes]]:
-        """Check the collected header fields and fill `head` from the special ones;
-        returns (name, lower name, value) triples."""
-        raw, self._raw = self._raw, []
-        if len(raw) > self.limits.max_headers:
-            self._fail(431, "too many headers")
-        fields = []
-        append = fields.append
-        cl_seen = te_seen = False
-        for name, value in raw:
-            lname = name.lower()
-            append((name, lname, value))
-            if lname not in SPECIAL:
-                continue
-            if lname in REQUEST_SPECIAL:
-                self._special(head, lname, value)
-                continue
-            value = value.rstrip(b" \t")
-            if lname == b"content-length":
-                if cl_seen:
-                    self._fail(400, "repeated Content-Length")
-                cl_seen = True
-                head.content_length = int(value)
-            elif lname == b"transfer-encoding":
-                if te_seen or value.lower() != b"chunked":
-                    self._fail(501, "unsupported Transfer-Encoding")
-                te_seen = head.chunked = True
-            else:
-                head.connection_tokens = head.connection_tokens | connection_tokens(value)
-        if te_seen:
-            head.content_length = None
-        head.has_body = te_seen or bool(head.content_length)
-        return fields
 
     def resume(self) -> None:
         """Continue parsing HTTP after an upgrade the peer did not accept."""
         leftover, self.leftover, self.upgraded = self.leftover, b"", False
         self._hp = self._new_parser()
+        self._fields = []
         self._begin()
         if leftover:
             self.feed(leftover)
@@ -243,87 +240,126 @@ class RequestParser(_Parser):
 
     def __init__(self, limits: Limits = Limits()) -> None:
         super().__init__(limits)
+        self._line_room = limits.max_request_line - 10  # for method and target
+        self._max_headers = limits.max_headers
+        self._keep_alive = True
+        # httptools calls these C methods itself, without a Python frame per piece.
+        self._url_parts: list[bytes] = []  # of the current head's target; emptied with it
+        self.on_url = self._url_parts.append
+        self.on_body = self.events.append
         self._hp = self._new_parser()
-        self._head: RequestHead | None = None
 
     def _new_parser(self) -> httptools.HttpRequestParser:
         return httptools.HttpRequestParser(self)
 
-    # httptools callbacks --------------------------------------------------
+    # httptools callbacks (and `on_url`, `on_body` above) ----------------------
     def on_message_begin(self) -> None:
-        self._head = RequestHead()
-        self._url = b""
         if not self._head_bytes:
             # Began inside the feed that completed the previous request, so the
             # feed-level counts missed its start: measured in `_check_sizes`.
             self._line_done = self._measure = True
 
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
     def on_headers_complete(self) -> None:
-        head, hp = self._head, self._hp
-        head.method = hp.get_method()
-        self._check_sizes(head)
-        head.headers = self._scan(head)
-        version = VERSIONS.get(hp.get_http_version())
+        """Check the head, in the order of the errors it can raise, and queue it."""
+        hp, fields, parts = self._hp, self._fields, self._url_parts
+        method, url = hp.get_method(), b"".join(parts)
+        parts.clear()
+        if (len(method) + len(url) > self._line_room or self._measure
+                or self._head_bytes > self._head_max):
+            self._check_sizes(method, url, fields)
+        if len(fields) > self._max_headers:
+            self._fail(431, "too many headers")
+        self._fields = []  # the trailers, if any
+        specials = self._specials
+        if len(specials) == 1 and specials[0][1] == b"host":  # the usual head
+            host = specials[0][2].rstrip(b" \t") or b"\0"
+            content_length, chunked, has_body, expect_continue, upgrade, tokens = NO_FRAMING
+        else:
+            (host, content_length, chunked, has_body, expect_continue, upgrade,
+             tokens) = self._scan()
+        version = self._version or VERSIONS.get(hp.get_http_version())
         if version is None:
             self._fail(505, "HTTP version not supported")
-        head.version = version
-        if head.method == b"CONNECT":
+        if method == b"CONNECT":
             self._fail(501, "CONNECT is not supported")
-        self._set_target(head)
-        if version == b"1.1" and not head.host:
-            self._fail(400, "missing Host header")
-        if head.host == b"\0":
-            self._fail(400, "empty Host header")
-        if head.host.translate(None, HOST_CHARS):
-            self._fail(400, "invalid Host header")
-        if version == b"1.0":
-            if head.chunked:
-                self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
-            head.expect_continue = False  # RFC 9110 §10.1.1: ignored in HTTP/1.0
-        if hp.should_upgrade():
-            # llhttp stops after this head; whatever follows is tunnel data, so a
-            # body would be smuggled past the framing (bug: forwarded on refusal).
-            if head.has_body:
-                self._fail(400, "Upgrade request with a body")
-            if not head.upgrade:  # "Upgrade: a" then an empty "Upgrade:"
-                self._fail(400, "empty Upgrade header")
+        if url[:1] == b"/" or url == b"*":
+            target = url
         else:
-            head.upgrade = b""
-        head.keep_alive = hp.should_keep_alive()
+            host, target = self._absolute_form(url)
+        if not host or 0 in host.translate(NOT_HOST_TO_NUL):
+            self._check_host(host, version)
+        if version == b"1.0":
+            if chunked:
+                self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
+            expect_continue = False  # RFC 9110 §10.1.1: ignored in HTTP/1.0
+        if hp.should_upgrade():
+            self._check_upgrade(upgrade, has_body)
+        else:
+            upgrade = b""
+        self._keep_alive = keep_alive = hp.should_keep_alive()
         self._in_head = False
+        head = _new_head(RequestHead)  # every slot is set here, once
+        head.method = method
+        head.target = target
+        head.version = version
+        head.headers = fields
+        head.host = host
+        head.content_length = content_length
+        head.chunked = chunked
+        head.has_body = has_body
+        head.keep_alive = keep_alive
+        head.expect_continue = expect_continue
+        head.upgrade = upgrade
+        head.connection_tokens = tokens
         self.events.append(head)
 
-    def _check_sizes(self, head: RequestHead) -> None:
+    def _check_sizes(self, method: bytes, url: bytes,
+                     fields: list[tuple[bytes, bytes, bytes]]) -> None:
         """Exact limits, for heads the feed-level counts could not bound (see `_Parser`)."""
-        limits = self.limits
-        line = len(head.method) + len(self._url) + 10  # "M SP url SP HTTP/1.1"
-        if line > limits.max_request_line:
+        line = len(method) + len(url) + 10  # "M SP url SP HTTP/1.1"
+        if line > self.limits.max_request_line:
             self._fail(*self._line_too_long())
         if self._measure or self._head_bytes > self._head_max:
-            size = line + 4 + sum(len(name) + len(value) + 4 for name, value in self._raw)
+            size = line + 4 + sum(len(name) + len(value) + 4 for name, _, value in fields)
             if size > self._head_max:
                 self._fail(431, "request head too large")
 
-    def _special(self, head: RequestHead, lname: bytes, value: bytes) -> None:
-        if lname == b"host":
-            if head.host:
-                self._fail(400, "repeated Host header")
-            head.host = value.rstrip(b" \t") or b"\0"
-        elif lname == b"expect":
-            if value.strip().lower() != b"100-continue":
-                self._fail(417, "unsupported Expect")
-            head.expect_continue = True
-        else:
-            head.upgrade = value.strip()
+    def _scan(self) -> tuple[bytes, int | None, bool, bool, bool, bytes, frozenset[bytes]]:
+        """Check the special fields of the head, in order; returns what they set: host,
+        content_length, chunked, has_body, expect_continue, upgrade, connection_tokens."""
+        host = upgrade = b""
+        content_length = None
+        chunked = expect_continue = False
+        tokens = NO_TOKENS
+        for _, lname, value in self._specials:
+            if lname == b"host":
+                if host:
+                    self._fail(400, "repeated Host header")
+                host = value.rstrip(b" \t") or b"\0"
+            elif lname == b"connection":
+                more = connection_tokens(value.rstrip(b" \t"))
+                tokens = tokens | more if tokens else more
+            elif lname == b"content-length":
+                if content_length is not None:
+                    self._fail(400, "repeated Content-Length")
+                content_length = int(value.rstrip(b" \t"))
+            elif lname == b"transfer-encoding":
+                if chunked or value.rstrip(b" \t").lower() != b"chunked":
+                    self._fail(501, "unsupported Transfer-Encoding")
+                chunked = True
+            elif lname == b"expect":
+                if value.strip().lower() != b"100-continue":
+                    self._fail(417, "unsupported Expect")
+                expect_continue = True
+            else:
+                upgrade = value.strip()
+        if chunked:
+            content_length = None
+        has_body = chunked or bool(content_length)
+        return host, content_length, chunked, has_body, expect_continue, upgrade, tokens
 
-    def _set_target(self, head: RequestHead) -> None:
-        url = self._url
-        if url[:1] == b"/" or url == b"*":
-            head.target = url
-            return
+    def _absolute_form(self, url: bytes) -> tuple[bytes, bytes]:
+        """The host and origin-form target of an absolute-form `url`."""
         lower = url[:8].lower()
         if lower.startswith(b"http://") or lower.startswith(b"https://"):
             rest = url.split(b"://", 1)[1]
@@ -332,18 +368,31 @@ class RequestParser(_Parser):
             path = rest[len(authority):]
             if not authority or b"@" in authority:
                 self._fail(400, "bad absolute-form target")
-            head.host = authority
-            head.target = path if path[:1] == b"/" else b"/" + path
-            return
+            return authority, path if path[:1] == b"/" else b"/" + path
         self._fail(400, "bad request target")
 
-    def on_body(self, body: bytes) -> None:
-        self.events.append(body)
+    def _check_host(self, host: bytes, version: bytes) -> None:
+        """For a host that is empty or has a byte outside HOST_CHARS (NUL: an empty Host)."""
+        if not host:
+            if version == b"1.1":
+                self._fail(400, "missing Host header")
+        elif host == b"\0":
+            self._fail(400, "empty Host header")
+        else:
+            self._fail(400, "invalid Host header")
+
+    def _check_upgrade(self, upgrade: bytes, has_body: bool) -> None:
+        # llhttp stops after this head; whatever follows is tunnel data, so a
+        # body would be smuggled past the framing (bug: forwarded on refusal).
+        if has_body:
+            self._fail(400, "Upgrade request with a body")
+        if not upgrade:  # "Upgrade: a" then an empty "Upgrade:"
+            self._fail(400, "empty Upgrade header")
 
     def on_message_complete(self) -> None:
-        if self._raw:  # trailer fields
+        if self._fields:  # trailer fields
             self._check_trailers()
         self.events.append(END)
         self._begin()
         # Bug: bytes after it used to become a 400 (or 414/431) for an answerable request.
-        self._closed = not self._head.keep_alive
+        self._closed = not self._keep_alive

@@ -46,7 +46,6 @@ SPECIAL_FIELDS = re.compile(
     rb"|p(?:roxy-(?:connection|authenticate|authorization))"
     rb"|t(?:e|railer|ransfer-encoding)|u(?:pgrade)|x(?:-request-id)):([^\r]*)")
 _NO_TOKENS: frozenset[bytes] = frozenset()
-_COMMON_TOKENS = {b"keep-alive": frozenset((b"keep-alive",)), b"close": frozenset((b"close",))}
 
 
 class ResponseHead:
@@ -80,8 +79,7 @@ class ResponseHead:
             pieces.append(block[pos:start])
             pos = end
             if name == b"connection":
-                value = value.strip(b" \t")
-                more = _COMMON_TOKENS.get(value) or connection_tokens(value)
+                more = connection_tokens(value.strip(b" \t"))
                 tokens = tokens | more if tokens else more
             elif name == b"transfer-encoding":
                 if chunked or value.strip(b" \t") != b"chunked":

@@ -267,3 +267,60 @@ def test_without_fields_cuts_exactly_the_named_fields() -> None:
 def test_field_list_pairs_names_and_stripped_values() -> None:
     assert field_list(BLOCK)[:2] == [(b"Host", b"a"), (b"X-Drop", b"1")]
     assert field_list(b"") == []
+
+
+# the request line's version, read from the bytes --------------------------------------
+@pytest.mark.parametrize("data, versions", [
+    (b"GET / HTTP/1.0\r\n\r\n", [b"1.0"]),
+    (b"\r\r\n\nGET / HTTP/1.0\r\n\r\n", [b"1.0"]),  # empty lines before it
+    (b"\r\rGET / HTTP/1.0\r\n\r\n", [b"1.0"]),  # bare CRs before it: llhttp skips them
+    (b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.0\r\n\r\n", [b"1.1", b"1.0"]),
+    (b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n",
+     [b"1.0", b"1.1"]),
+])
+@pytest.mark.parametrize("size", [None, 1, 3, 20])
+def test_the_version_is_the_request_lines_however_the_bytes_are_split(
+        data: bytes, versions: list[bytes], size: int | None) -> None:
+    heads = [e for e in feed_all(RequestParser(), data, size) if isinstance(e, RequestHead)]
+    assert [head.version for head in heads] == versions
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"GET /1.1\r\n\r\n", 505),  # HTTP/0.9: its target ends as a version would
+    (b"GET /HTTP/1.1\r\n\r\n", 505),
+    (b"GET HTTP/1.1\r\nHost: h\r\n\r\n", 400),  # llhttp refuses "HTTP/1.1" as a target
+    (b"GET          HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+])
+def test_a_line_that_only_ends_like_a_version_is_not_taken_for_one(data: bytes,
+                                                                   status: int) -> None:
+    with pytest.raises(ProtocolError) as info:
+        RequestParser().feed(data)
+    assert info.value.status == status
+
+
+def test_the_version_after_a_refused_upgrade_is_read_again() -> None:
+    parser = RequestParser()
+    parser.feed(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+                b"GET /next HTTP/1.0\r\n\r\n")
+    parser.resume()
+    heads = [e for e in parser.events if isinstance(e, RequestHead)]
+    assert [head.version for head in heads] == [b"1.1", b"1.0"]
+
+
+def test_host_bytes_outside_rfc_3986_are_refused() -> None:
+    allowed = set(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                  b"-._~%!$&'()*+,;=:[]")
+    for byte in range(256):
+        request = b"GET / HTTP/1.1\r\nHost: a" + bytes([byte]) + b"b\r\n\r\n"
+        if byte in allowed:
+            assert feed_all(RequestParser(), request)[0].host == b"a" + bytes([byte]) + b"b"
+        else:
+            with pytest.raises(ProtocolError) as info:
+                RequestParser().feed(request)
+            assert info.value.status == 400, byte
+
+
+def test_connection_tokens_of_usual_values_are_the_split_ones() -> None:
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"):
+        assert connection_tokens(value) == frozenset({value.lower()})
+    assert connection_tokens(b"") == frozenset()
