@@ -66,6 +66,15 @@ class Context:
         self.draining = False
 
 
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """`sock.sendall(data)`, with one plain `send` first: under gevent, sendall
+    queries SO_SNDBUF on every call, a syscall a response that fits the
+    socket buffer does not need."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 class RequestIds:
     """Unique request ids: a random per-process prefix and a counter."""
 
@@ -100,16 +109,10 @@ class Exchange:
         self.body_done = not head.has_body
 
     def send(self, data: bytes) -> None:
-        """Send response bytes to the client; a dead client raises ClientGone.
-
-        One plain `send` first: under gevent, `sendall` queries SO_SNDBUF on
-        every call, a syscall a response that fits the socket buffer does not need."""
+        """Send response bytes to the client; a dead client raises ClientGone."""
         self.started = True
-        sock = self.conn.sock
         try:
-            sent = sock.send(data)
-            if sent < len(data):
-                sock.sendall(memoryview(data)[sent:])
+            send_all(self.conn.sock, data)
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         self.sent += len(data)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import time
 
+from balancer.connection import send_all
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
 from balancer.http11 import END, HOP_BY_HOP, ProtocolError, RequestHead
 from balancer.pool import Backend, Upstream
@@ -120,9 +121,7 @@ def _stream_body(ex, sock: socket.socket, chunked: bool, max_body: int | None) -
 
 def _send_backend(sock: socket.socket, data: bytes) -> None:
     try:
-        sent = sock.send(data)  # one plain send first: see `Exchange.send`
-        if sent < len(data):
-            sock.sendall(memoryview(data)[sent:])
+        send_all(sock, data)
     except TimeoutError:
         raise BackendTimeout("backend did not accept the request in time") from None
     except OSError as exc:
