@@ -27,7 +27,7 @@ from typing import Any
 
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
-from balancer.readiness import unwatch, wait_readable, watch
+from balancer.readiness import Readable, unwatch
 from balancer.responses import local_response
 
 RECV_SIZE = 65536
@@ -194,7 +194,7 @@ class ClientConnection:
             try:
                 if wait_first:
                     wait_first = False
-                    wait_readable(self.watcher)
+                    self.watcher.wait()
                 data = sock.recv(RECV_SIZE)
             except TimeoutError:
                 if deadline:
@@ -353,7 +353,7 @@ def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
         from gevent import getcurrent
 
         conn.task = getcurrent()
-        conn.watcher = watch(sock)
+        conn.watcher = Readable(sock)
         connections.add(conn)
     try:
         if sock.family != socket.AF_UNIX:

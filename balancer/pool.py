@@ -35,7 +35,7 @@ from typing import Any
 from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError
 from balancer.peek import OPEN, peek
-from balancer.readiness import unwatch, watch
+from balancer.readiness import Readable, unwatch
 
 UP, DOWN, PROBING = "up", "down", "probing"
 
@@ -108,7 +108,7 @@ class Backend:
             raise ConnectError(f"{self.key}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)  # waits are bounded by the connection's `arm`
-        return Upstream(sock, watch(sock) if self.evented else None)
+        return Upstream(sock, Readable(sock) if self.evented else None)
 
     def _open(self) -> socket.socket:
         addr = self.address

@@ -4,7 +4,7 @@ gevent's ``socket.recv`` tries the syscall first and waits only after
 EAGAIN. On a proxy's two hot reads, a backend's response right after the
 request went out and a client's next request right after a response, the
 data is almost never there yet: that first try is a wasted syscall and an
-exception. A `Readable` is kept for a socket's whole life; `wait_readable`
+exception. A `Readable` is kept for a socket's whole life; its `wait`
 parks the greenlet until the socket is readable, and the ``recv`` that
 follows finds the data.
 
@@ -19,8 +19,8 @@ Measured with the bare relay of scripts/bench_proxy.py (wrk -c100, 4.5 KB
 page): 114–135 µs of CPU per request with recv-first, 63–79 µs waiting first.
 
 Invariants:
-* `watch` returns None outside gevent (the threaded baseline's blocking
-  sockets wait in ``recv``); every caller treats None as "just read".
+* Outside gevent a socket has no `Readable` (None: the threaded baseline's
+  blocking sockets wait in ``recv``); every caller treats None as "just read".
 * Whoever owns the socket closes its watcher (`unwatch`) when closing it.
 * One greenlet at a time waits on a `Readable`. An exception thrown into it
   while it waits (the watchdog's TimeoutError) ends the wait, and the
@@ -77,17 +77,7 @@ def is_evented() -> bool:
     return is_module_patched("socket")
 
 
-def watch(sock: socket.socket) -> Readable:
-    """The read readiness of `sock`, to keep beside it (gevent only)."""
-    return Readable(sock)
-
-
-def wait_readable(watcher: Readable) -> None:
-    """Park the current greenlet until `watcher`'s socket is readable."""
-    watcher.wait()
-
-
 def unwatch(watcher: Readable | None) -> None:
-    """Release a watcher from `watch` (None is fine)."""
+    """Close a socket's `Readable` (None is fine)."""
     if watcher is not None:
         watcher.close()

@@ -20,7 +20,6 @@ from balancer.connection import send_all
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
 from balancer.http11 import END, HOP_BY_HOP, ProtocolError, RequestHead
 from balancer.pool import Backend, Upstream
-from balancer.readiness import wait_readable
 from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.tunnel import tunnel
 
@@ -160,7 +159,7 @@ def read_response_head(ex, upstream: Upstream) -> ResponseHead:
     sock, events = upstream.sock, parser.events
     if upstream.watcher is not None:
         try:
-            wait_readable(upstream.watcher)
+            upstream.watcher.wait()
         except TimeoutError:
             raise BackendTimeout("backend read timeout") from None
     while True:
