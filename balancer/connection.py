@@ -23,12 +23,19 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
 from balancer.readiness import Readable, unwatch
 from balancer.responses import local_response
+
+if TYPE_CHECKING:
+    from balancer.accesslog import AccessLog
+    from balancer.pages import Pages
+    from balancer.settings import TimeoutSettings
+    from balancer.stats import Stats
+    from balancer.table import Route, TableHolder
 
 RECV_SIZE = 65536
 NEVER = float("inf")
@@ -49,8 +56,9 @@ class Context:
     `draining`, which the worker sets once when it stops: from then on every
     response closes its connection."""
 
-    def __init__(self, *, holder: Any, pages: Any, stats: Any, access_log: Any, trusted: bool,
-                 limits: Limits, timeouts: Any, spin_max_waiting: int = 10000,
+    def __init__(self, *, holder: TableHolder, pages: Pages, stats: Stats,
+                 access_log: AccessLog, trusted: bool, limits: Limits,
+                 timeouts: TimeoutSettings, spin_max_waiting: int = 10000,
                  connections: set | None = None) -> None:
         self.holder = holder
         self.pages = pages
@@ -92,7 +100,7 @@ class Exchange:
     __slots__ = ("conn", "head", "route", "request_id", "start", "status", "sent", "received",
                  "backend", "backend_time", "keep_alive", "started", "body_done")
 
-    def __init__(self, conn: ClientConnection, head: RequestHead, route: Any,
+    def __init__(self, conn: ClientConnection, head: RequestHead, route: Route,
                  request_id: bytes, start: float) -> None:
         self.conn = conn
         self.head = head
@@ -263,7 +271,8 @@ class ClientConnection:
         if isinstance(exc, ProtocolError):
             ex.keep_alive = False
             ex.body_done = True
-            page, extra = PROTOCOL_PAGES.get(exc.status, "bad-request"), ()
+            page = PROTOCOL_PAGES.get(exc.status, "bad-request")
+            extra: tuple[tuple[bytes, bytes], ...] = ()
         else:
             page = exc.page
             extra = ((b"Retry-After", b"%d" % exc.retry_after),) if exc.retry_after else ()
@@ -302,7 +311,7 @@ class ClientConnection:
     def buffered_body(self) -> bytes | None:
         """The whole body if it already arrived with the head, else None (leaves it)."""
         events = self.events
-        pieces = []
+        pieces: list[bytes] = []
         for event in events:
             if event is END:
                 for _ in range(len(pieces) + 1):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import NoReturn
 
 import httptools
 
@@ -88,25 +89,26 @@ class RequestHead:
                  "chunked", "has_body", "keep_alive", "expect_continue", "upgrade",
                  "connection_tokens")
 
-    def __init__(self) -> None:  # the defaults; the parser sets each slot itself (`_new_head`)
-        self.method = b""
-        self.target = b""
-        self.version = b"1.1"
-        self.headers: list[tuple[bytes, bytes, bytes]] = []
-        self.host = b""
-        self.content_length: int | None = None
-        self.chunked = False
-        self.has_body = False  # chunked, or a Content-Length above 0
-        self.keep_alive = True
-        self.expect_continue = False
-        self.upgrade = b""
-        self.connection_tokens: frozenset[bytes] = NO_TOKENS
+    def __init__(self, method: bytes, target: bytes, version: bytes,
+                 headers: list[tuple[bytes, bytes, bytes]], host: bytes,
+                 content_length: int | None, chunked: bool, has_body: bool, keep_alive: bool,
+                 expect_continue: bool, upgrade: bytes, connection_tokens: frozenset[bytes]
+                 ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.host = host
+        self.content_length = content_length
+        self.chunked = chunked
+        self.has_body = has_body  # chunked, or a Content-Length above 0
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self.upgrade = upgrade
+        self.connection_tokens = connection_tokens
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode()} {self.target!r} host={self.host!r}>"
-
-
-_new_head = object.__new__  # a RequestHead without running __init__ (a call less per request)
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -157,7 +159,7 @@ class _Parser:
         if lname in SPECIAL:
             self._specials.append(field)
 
-    def _fail(self, status: int, reason: str) -> None:
+    def _fail(self, status: int, reason: str) -> NoReturn:
         self._error = ProtocolError(status, reason)
         raise self._error
 
@@ -174,7 +176,8 @@ class _Parser:
                     self._fail(*self._line_too_long())
                 self._line_done = end >= 0
                 if not fed:  # the head (or empty lines before it) begins here: LINE_ENDS
-                    self._version = LINE_ENDS.get(data[end - 10:end + 1])
+                    # (end >= 10: mypyc 2.4 fails on a bytes slice that starts past its end)
+                    self._version = LINE_ENDS.get(data[end - 10:end + 1]) if end >= 10 else None
             self._head_bytes = fed + len(data)
         else:
             events = self.events
@@ -298,20 +301,9 @@ class RequestParser(_Parser):
             upgrade = b""
         self._keep_alive = keep_alive = hp.should_keep_alive()
         self._in_head = False
-        head = _new_head(RequestHead)  # every slot is set here, once
-        head.method = method
-        head.target = target
-        head.version = version
-        head.headers = fields
-        head.host = host
-        head.content_length = content_length
-        head.chunked = chunked
-        head.has_body = has_body
-        head.keep_alive = keep_alive
-        head.expect_continue = expect_continue
-        head.upgrade = upgrade
-        head.connection_tokens = tokens
-        self.events.append(head)
+        self.events.append(RequestHead(
+            method, target, version, fields, host, content_length, chunked, has_body,
+            keep_alive, expect_continue, upgrade, tokens))
 
     def _check_sizes(self, method: bytes, url: bytes,
                      fields: list[tuple[bytes, bytes, bytes]]) -> None:

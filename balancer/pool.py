@@ -36,6 +36,7 @@ from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError
 from balancer.peek import OPEN, peek
 from balancer.readiness import Readable, unwatch
+from balancer.response_parser import ResponseParser
 
 UP, DOWN, PROBING = "up", "down", "probing"
 
@@ -45,10 +46,10 @@ class Upstream:
 
     __slots__ = ("sock", "watcher", "parser", "since")
 
-    def __init__(self, sock: socket.socket, watcher: Any) -> None:
+    def __init__(self, sock: socket.socket, watcher: Readable | None) -> None:
         self.sock = sock
         self.watcher = watcher
-        self.parser: Any = None  # a balancer.response_parser.ResponseParser, once used
+        self.parser: ResponseParser | None = None  # made on first use
         self.since = 0.0  # when it went idle (monotonic)
 
     def close(self) -> None:

@@ -45,7 +45,7 @@ class Readable:
 
     def __init__(self, sock: socket.socket) -> None:
         self.hub = get_hub()
-        self.io = self.hub.loop.io(sock.fileno(), READ)
+        self.io: Any = self.hub.loop.io(sock.fileno(), READ)  # None once closed
         self.waiter: Any = None  # the greenlet parked in `wait`
 
     def wait(self) -> None:
@@ -69,7 +69,14 @@ class Readable:
         waiter.switch()
 
     def close(self) -> None:
-        self.io.close()
+        """Stop watching for good (again: nothing happens)."""
+        if self.io is not None:
+            self.io.close()
+            self.io = None
+
+    @property
+    def closed(self) -> bool:
+        return self.io is None
 
 
 def is_evented() -> bool:

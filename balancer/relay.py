@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 import time
 
-from balancer.connection import send_all
+from balancer.connection import Exchange, send_all
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
 from balancer.http11 import END, HOP_BY_HOP, ProtocolError, RequestHead
 from balancer.pool import Backend, Upstream
@@ -33,7 +33,7 @@ RAW, CHUNK, CLOSE = 0, 1, 2  # how the response body is framed toward the client
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def request_head(ex, chunked: bool) -> bytes:
+def request_head(ex: Exchange, chunked: bool) -> bytes:
     """The request head sent to the backend (always HTTP/1.1, keep-alive)."""
     head, conn = ex.head, ex.conn
     tokens = head.connection_tokens
@@ -82,7 +82,7 @@ def frame_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def send_request(ex, sock: socket.socket, body: bytes | None, max_body: int | None) -> bool:
+def send_request(ex: Exchange, sock: socket.socket, body: bytes | None, max_body: int | None) -> bool:
     """Send the request; `body` is the whole body when in hand, else it is streamed
     (returns True then)."""
     head = ex.head
@@ -107,7 +107,7 @@ def send_request(ex, sock: socket.socket, body: bytes | None, max_body: int | No
     return True
 
 
-def _stream_body(ex, sock: socket.socket, chunked: bool, max_body: int | None) -> None:
+def _stream_body(ex: Exchange, sock: socket.socket, chunked: bool, max_body: int | None) -> None:
     from balancer.errors import PayloadTooLarge
 
     for chunk in ex.body_chunks():
@@ -146,7 +146,7 @@ def _recv_backend(sock: socket.socket, parser: ResponseParser) -> None:
         raise BackendClosed(exc.reason) from None
 
 
-def read_response_head(ex, upstream: Upstream) -> ResponseHead:
+def read_response_head(ex: Exchange, upstream: Upstream) -> ResponseHead:
     """The final (or 101) response head; 1xx interim responses are skipped.
 
     Under gevent (a watcher), waits for the answer before the first read."""
@@ -175,7 +175,7 @@ def read_response_head(ex, upstream: Upstream) -> ResponseHead:
                 break
 
 
-def response_head(ex, rhead: ResponseHead) -> tuple[bytes, int]:
+def response_head(ex: Exchange, rhead: ResponseHead) -> tuple[bytes, int]:
     """The response head for the client and how its body is framed."""
     head = ex.head
     lines = [rhead.status_line, rhead.forwarded, b"\r\nX-Request-Id: ", ex.request_id]
@@ -199,11 +199,12 @@ def response_head(ex, rhead: ResponseHead) -> tuple[bytes, int]:
     return b"".join(lines), framing
 
 
-def relay_response(ex, upstream: Upstream, rhead: ResponseHead) -> bool:
+def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> bool:
     """Send the response to the client; returns whether `upstream` can be pooled."""
     ex.status = rhead.status
     data, framing = response_head(ex, rhead)
     sock, parser = upstream.sock, upstream.parser
+    assert parser is not None  # read_response_head made it
     events = parser.events
     if parser.complete and framing == RAW:  # all of it came with the head: one send
         events.pop()  # END
@@ -233,7 +234,7 @@ def relay_response(ex, upstream: Upstream, rhead: ResponseHead) -> bool:
         _recv_backend(sock, parser)
 
 
-def forward(ex, backend: Backend, body: bytes | None, max_body: int | None) -> None:
+def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | None) -> None:
     """Do the whole exchange with `backend`; raises the ProxyError family on failure.
 
     A pooled connection that turns out closed before the response began is
@@ -273,7 +274,7 @@ def forward(ex, backend: Backend, body: bytes | None, max_body: int | None) -> N
         upstream.close()
 
 
-def exchange(ex, upstream: Upstream, body: bytes | None, max_body: int | None) -> ResponseHead:
+def exchange(ex: Exchange, upstream: Upstream, body: bytes | None, max_body: int | None) -> ResponseHead:
     """Send the request on `upstream` and read the response head."""
     conn, sock = ex.conn, upstream.sock
     timeout = conn.ctx.timeouts.backend_read
@@ -284,11 +285,13 @@ def exchange(ex, upstream: Upstream, body: bytes | None, max_body: int | None) -
     return read_response_head(ex, upstream)
 
 
-def _upgrade(ex, upstream: Upstream, rhead: ResponseHead) -> None:
+def _upgrade(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> None:
     """Switch to a two-way tunnel after the backend accepted the upgrade."""
     ex.status = 101
     data, _ = response_head(ex, rhead)
-    ex.send(data + upstream.parser.leftover)
+    parser = upstream.parser
+    assert parser is not None  # read_response_head made it
+    ex.send(data + parser.leftover)
     conn = ex.conn
     client_leftover = conn.parser.leftover
     ex.keep_alive = False

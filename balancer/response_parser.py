@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from typing import Any
 
 import httptools
 
@@ -119,7 +120,7 @@ class ResponseParser:
     def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False) -> None:
         self.events: deque = deque()
         self._limit = limits.max_request_line + limits.max_header_bytes
-        self._hp: httptools.HttpResponseParser | None = None
+        self._hp: Any = None  # httptools.HttpResponseParser, None once closed
         self.upgraded = False
         self.leftover = b""
         self._head: ResponseHead | None = None
@@ -142,11 +143,17 @@ class ResponseParser:
         """Drop the llhttp parser (and the reference cycle through it)."""
         self._hp = None
 
+    @property
+    def closed(self) -> bool:
+        """Whether the llhttp parser is gone (closed, or after an error or a 101)."""
+        return self._hp is None
+
     def feed(self, data: bytes) -> None:
         """Parse `data` from the backend. Raises ProtocolError."""
         if self.complete:
-            if not self.upgraded and data.strip(b"\r\n"):  # as llhttp, empty lines aside
-                self._head.keep_alive = False
+            head = self._head
+            if head is not None and not self.upgraded and data.strip(b"\r\n"):  # as llhttp,
+                head.keep_alive = False  # empty lines aside
             return
         if self._in_head:
             self._buf += data
@@ -183,8 +190,9 @@ class ResponseParser:
 
     # httptools callbacks --------------------------------------------------
     def on_message_begin(self) -> None:
-        if self.complete:  # bytes after the final response, in the same read
-            self._head.keep_alive = False
+        head = self._head
+        if self.complete and head is not None:  # bytes after the final response, same read
+            head.keep_alive = False
             raise _Stop
 
     def on_headers_complete(self) -> None:
@@ -235,6 +243,7 @@ class ResponseParser:
 
     def _finish(self) -> None:
         self.events.append(END)
-        status = self._head.status
+        head = self._head
+        status = head.status if head is not None else 0
         self.complete = status >= 200 or status == 101
         self._in_head = not self.complete

@@ -147,12 +147,13 @@ def _validate_backend(i: int, entry: object) -> list[str]:
         extra = set(entry) - {"address", "weight"}
         if extra:
             return [f"{where}.{sorted(extra)[0]}: unknown field"]
-        address = entry.get("address")
+        given = entry.get("address")
         weight = entry.get("weight", 1)
         if not _is_int(weight) or not 1 <= weight <= 1000:
             return [f"{where}.weight: must be an integer from 1 to 1000, got {weight!r}"]
-        if not isinstance(address, str):
+        if not isinstance(given, str):
             return [f"{where}.address: must be a string 'host:port'"]
+        address = given
     else:
         return [f"{where}: must be 'host:port' or {{\"address\": ..., \"weight\": N}}"]
     try:

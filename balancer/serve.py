@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from balancer import native
 from balancer.addr import Address
 from balancer.arbiter import Arbiter, Bound
 from balancer.preload import preload
@@ -97,6 +98,8 @@ def announce(settings: Settings, listeners: list[tuple[Any, bool]], management: 
         log.info("listening on %s for %s", bound_name(sock), "internal" if trusted else "proxy")
     log.info("listening on %s for management", bound_name(management))
     log.info("store %s, %d worker(s)", redact_url(settings.store.url), settings.effective_workers())
+    report = log.warning if native.stale() else log.info
+    report("%s", native.describe())
 
 
 def make_run_dir(identity: Identity | None) -> str:

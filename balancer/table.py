@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from balancer.rules import RuleError, normalize_host, validate_table
+from balancer.stats import HostStats
 
 UNKNOWN_KEY = "(unknown)"  # stats key of requests no rule matched
 
@@ -26,7 +27,7 @@ class Route:
 
     __slots__ = ("key", "rule", "action", "stats")
 
-    def __init__(self, key: str, rule: Mapping[str, Any], action: Any, stats: Any) -> None:
+    def __init__(self, key: str, rule: Mapping[str, Any], action: Any, stats: HostStats) -> None:
         self.key = key
         self.rule = rule
         self.action = action

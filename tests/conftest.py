@@ -168,3 +168,15 @@ def serve_wsgi() -> Iterator[Callable[[Any], str]]:
     yield serve
     for server in servers:
         server.stop()
+
+
+# ---------------------------------------------------------------------------
+# compiled modules (setup.py): never test a build older than its sources
+# ---------------------------------------------------------------------------
+def pytest_sessionstart(session: pytest.Session) -> None:
+    from balancer import native
+
+    old = native.stale()
+    if old:
+        pytest.exit(f"compiled modules older than their sources: {', '.join(old)}; "
+                    f"run `pip install -e .` (or `BALANCER_PURE=1 pip install -e .`)", 2)

@@ -15,6 +15,8 @@ import pytest
 from balancer.addr import parse_backend_addr
 from balancer.errors import ConnectError
 from balancer.pool import Backend, Upstream
+from balancer.readiness import Readable
+from balancer.response_parser import ResponseParser
 from balancer.server import SHARED_ACCEPT_BATCH, EagerPool, Worker
 from balancer.settings import load_settings
 
@@ -27,16 +29,6 @@ class NoStore:
 
     def close(self) -> None:
         pass
-
-
-class Watcher:
-    """Stands in for a gevent io watcher: records close()."""
-
-    def __init__(self) -> None:
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def worker(**flags: object) -> Worker:
@@ -94,19 +86,10 @@ def backend(**kwargs: object) -> Backend:
                    **kwargs)
 
 
-class Parser:
-    """Stands in for a response parser: records close()."""
-
-    closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
 def test_a_released_connection_comes_back_with_its_watcher_and_parser() -> None:
-    pool, (a, b), watcher = backend(), socket.socketpair(), Watcher()
-    upstream = Upstream(a, watcher)
-    upstream.parser = parser = Parser()
+    pool, (a, b) = backend(), socket.socketpair()
+    upstream = Upstream(a, watcher := Readable(a))
+    upstream.parser = parser = ResponseParser()
     pool.release(upstream)
     back, reused = pool.acquire()
     assert reused and back is upstream
@@ -119,9 +102,9 @@ def test_a_released_connection_comes_back_with_its_watcher_and_parser() -> None:
 def test_closing_a_pooled_connection_closes_its_watcher(how: str) -> None:
     pool = backend(max_idle=0 if how == "over max_idle" else 4,
                    idle_timeout=0.0 if how == "expired" else 30.0)
-    (a, b), watcher = socket.socketpair(), Watcher()
-    upstream = Upstream(a, watcher)
-    upstream.parser = parser = Parser()
+    a, b = socket.socketpair()
+    upstream = Upstream(a, watcher := Readable(a))
+    upstream.parser = parser = ResponseParser()
     pool.release(upstream)
     if how == "close_idle":
         assert pool.close_idle() == 1

@@ -33,6 +33,8 @@ from balancer.errors import (
     SpinTimeout,
 )
 from balancer.hold import Holds, hand_over, retry_after, wait_any
+from balancer.connection import Exchange
+from balancer.pool import Backend
 from balancer.relay import forward
 from balancer.rules import backend_entries
 
@@ -69,14 +71,14 @@ class ProxyAction:
             stats.source = backend
             self.backend_stats[backend.key] = stats
 
-    def handle(self, ex: Any) -> None:
+    def handle(self, ex: Exchange) -> None:
         body = self.buffered_body(ex) if ex.head.has_body else None
         try:
             self.forward_with_retries(ex, body, ex.start)
         except ProxyError as failure:
             self.when_failed(ex, body, failure)
 
-    def buffered_body(self, ex: Any) -> bytes | None:
+    def buffered_body(self, ex: Exchange) -> bytes | None:
         """The whole request body if it came with the head (None: it streams);
         raises PayloadTooLarge over `max_body_bytes`."""
         max_body = self.max_body
@@ -90,7 +92,7 @@ class ProxyAction:
                 raise PayloadTooLarge("body over max_body_bytes")
         return body
 
-    def resume(self, ex: Any, body: bytes | None) -> None:
+    def resume(self, ex: Exchange, body: bytes | None) -> None:
         """Forward a request handed over from a hold, its body already read (`body`)."""
         if body is not None and self.max_body is not None and len(body) > self.max_body:
             raise PayloadTooLarge("body over max_body_bytes")
@@ -99,7 +101,7 @@ class ProxyAction:
         except ProxyError as failure:
             self.when_failed(ex, body, failure)
 
-    def when_failed(self, ex: Any, body: bytes | None, failure: ProxyError) -> None:
+    def when_failed(self, ex: Exchange, body: bytes | None, failure: ProxyError) -> None:
         """Every try failed: hold the request (`spin_when_down`) or raise `failure`."""
         if self.spin_when_down is None or not self.is_down(failure, ex, body):
             raise failure
@@ -108,7 +110,7 @@ class ProxyAction:
         if route is not None:
             hand_over(route, ex, body)
 
-    def forward_with_retries(self, ex: Any, body: bytes | None, since: float) -> None:
+    def forward_with_retries(self, ex: Exchange, body: bytes | None, since: float) -> None:
         """Try backends until one answers; raises the last failure.
 
         `since` (perf_counter) starts the `retry_timeout` budget."""
@@ -134,7 +136,7 @@ class ProxyAction:
             if failure is None:
                 return
 
-    def attempt(self, ex: Any, backend: Any, body: bytes | None) -> ProxyError | None:
+    def attempt(self, ex: Exchange, backend: Backend, body: bytes | None) -> ProxyError | None:
         """One try on `backend`: None on success, else the failure (already counted)."""
         stats = self.backend_stats[backend.key]
         ex.backend = backend.key
@@ -161,7 +163,7 @@ class ProxyAction:
 
     # spin_when_down ------------------------------------------------------
     @staticmethod
-    def is_down(failure: ProxyError, ex: Any, body: bytes | None) -> bool:
+    def is_down(failure: ProxyError, ex: Exchange, body: bytes | None) -> bool:
         """Whether `failure` says the backends are down and the request can wait."""
         if isinstance(failure, ConnectError):
             return True  # nothing was sent
@@ -169,9 +171,9 @@ class ProxyAction:
         replayable = head.method in IDEMPOTENT and (body is not None or not head.has_body)
         return isinstance(failure, BackendClosed) and replayable and not ex.started
 
-    def hold_while_down(self, ex: Any, body: bytes | None) -> Any:
+    def hold_while_down(self, ex: Exchange, body: bytes | None) -> Any:
         """Retry until a backend answers (None) or the rule changes (the new route)."""
-        deadline = time.monotonic() + self.spin_when_down
+        deadline = time.monotonic() + (self.spin_when_down or 0.0)
         holder, host, sock = self.holder, ex.head.host, ex.conn.sock
         backoff, watch_client = FIRST_BACKOFF, True
         while True:
@@ -195,7 +197,7 @@ class ProxyAction:
                 return None
             ex.conn.disarm()
 
-    def try_again(self, ex: Any, body: bytes | None) -> bool:
+    def try_again(self, ex: Exchange, body: bytes | None) -> bool:
         """One more round over the backends; True once answered. Raises a
         failure the request cannot wait out."""
         try:

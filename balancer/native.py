@@ -1,0 +1,54 @@
+"""Which of balancer's modules run compiled (mypyc, see setup.py), and which are stale.
+
+An editable install (``pip install -e .``) builds the compiled modules next to
+their sources, and Python imports the extension before the ``.py``: after an
+edit, the old compiled code keeps running until the next install. `stale`
+names those modules, so that the test suite and ``balancer serve`` can say so
+instead of testing or serving code that is not the source. Only a source
+checkout (setup.py beside the package) is checked: an installed wheel's file
+times are those of its unpacking.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _extensions() -> list[tuple[str, Path, Path]]:
+    """(module name, extension file, source file) of every compiled module."""
+    found = []
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for ext in PACKAGE.rglob(f"*{suffix}"):
+            source = ext.with_name(ext.name[: -len(suffix)] + ".py")
+            if source.exists():
+                parts = source.relative_to(PACKAGE.parent).with_suffix("").parts
+                found.append((".".join(parts), ext, source))
+    return sorted(found)
+
+
+def compiled() -> list[str]:
+    """The modules that have a compiled extension (empty: all interpreted)."""
+    return [name for name, _, _ in _extensions()]
+
+
+def stale() -> list[str]:
+    """Compiled modules whose source changed after they were built (source checkouts)."""
+    if not (PACKAGE.parent / "setup.py").exists():
+        return []
+    return [name for name, ext, source in _extensions()
+            if source.stat().st_mtime > ext.stat().st_mtime]
+
+
+def describe() -> str:
+    """One line for the start-up log."""
+    names = compiled()
+    if not names:
+        return "data plane interpreted (installed with BALANCER_PURE=1 or without mypyc)"
+    old = stale()
+    if old:
+        return (f"data plane compiled, but STALE: {', '.join(old)} changed after the build; "
+                f"run `pip install -e .` again")
+    return f"data plane compiled with mypyc ({len(names)} modules)"
