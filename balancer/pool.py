@@ -30,7 +30,6 @@ import ipaddress
 import socket
 import threading
 import time
-from typing import Any
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError

@@ -82,7 +82,8 @@ def frame_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def send_request(ex: Exchange, sock: socket.socket, body: bytes | None, max_body: int | None) -> bool:
+def send_request(ex: Exchange, sock: socket.socket, body: bytes | None,
+                 max_body: int | None) -> bool:
     """Send the request; `body` is the whole body when in hand, else it is streamed
     (returns True then)."""
     head = ex.head
@@ -274,7 +275,8 @@ def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | 
         upstream.close()
 
 
-def exchange(ex: Exchange, upstream: Upstream, body: bytes | None, max_body: int | None) -> ResponseHead:
+def exchange(ex: Exchange, upstream: Upstream, body: bytes | None,
+             max_body: int | None) -> ResponseHead:
     """Send the request on `upstream` and read the response head."""
     conn, sock = ex.conn, upstream.sock
     timeout = conn.ctx.timeouts.backend_read

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from balancer.balancing import make_balancer
+from balancer.connection import Exchange
 from balancer.errors import (
     BackendClosed,
     BackendProtocolError,
@@ -33,7 +34,6 @@ from balancer.errors import (
     SpinTimeout,
 )
 from balancer.hold import Holds, hand_over, retry_after, wait_any
-from balancer.connection import Exchange
 from balancer.pool import Backend
 from balancer.relay import forward
 from balancer.rules import backend_entries
