@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from hashlib import blake2b
 from itertools import accumulate
 from random import random
+from typing import Final
 
 from balancer.pool import UP, Backend
 
-MASK64 = (1 << 64) - 1
+MASK64: Final = (1 << 64) - 1
 IP_HASH_CACHE = 65536  # clients whose backend order is remembered (cleared when full)
 
 
@@ -228,7 +229,7 @@ def mix64(value: int) -> int:
     return value ^ (value >> 31)
 
 
-ALGORITHMS: dict[str, type[Balancer]] = {
+ALGORITHMS: Final[dict[str, type[Balancer]]] = {
     "round_robin": RoundRobin,
     "least_connections": LeastConnections,
     "random_two": RandomTwo,

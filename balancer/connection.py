@@ -23,11 +23,11 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
-from balancer.readiness import Readable, unwatch
+from balancer.readiness import Readable, raw_socket, receive, unwatch
 from balancer.responses import local_response
 
 if TYPE_CHECKING:
@@ -37,14 +37,14 @@ if TYPE_CHECKING:
     from balancer.stats import Stats
     from balancer.table import Route, TableHolder
 
-RECV_SIZE = 65536
-NEVER = float("inf")
+RECV_SIZE: Final = 65536
+NEVER: Final = float("inf")
 # time.monotonic() as of the watchdog's last tick: deadlines are enforced at
 # tick granularity, so arming against it is as exact and costs no call.
-COARSE_CLOCK = [time.monotonic()]
-DRAIN_LIMIT = 1 << 20  # bytes of an unused request body read to keep a connection alive
+COARSE_CLOCK: Final = [time.monotonic()]
+DRAIN_LIMIT: Final = 1 << 20  # bytes of an unused request body read to keep a connection alive
 
-PROTOCOL_PAGES = {
+PROTOCOL_PAGES: Final = {
     400: "bad-request", 408: "request-timeout", 413: "payload-too-large",
     414: "uri-too-long", 417: "expectation-failed", 431: "headers-too-large",
     501: "not-implemented", 505: "version-not-supported",
@@ -74,11 +74,14 @@ class Context:
         self.draining = False
 
 
-def send_all(sock: socket.socket, data: bytes) -> None:
-    """`sock.sendall(data)`, with one plain `send` first: under gevent, sendall
-    queries SO_SNDBUF on every call, a syscall a response that fits the
-    socket buffer does not need."""
-    sent = sock.send(data)
+def send_all(sock: socket.socket, raw: Any, data: bytes) -> None:
+    """`sock.sendall(data)`, with one plain `send` on `raw` (`raw_socket(sock)`)
+    first: under gevent, sendall queries SO_SNDBUF on every call, a syscall a
+    response that fits the socket buffer does not need."""
+    try:
+        sent = raw.send(data)
+    except BlockingIOError:
+        sent = 0
     if sent < len(data):
         sock.sendall(memoryview(data)[sent:])
 
@@ -120,7 +123,7 @@ class Exchange:
         """Send response bytes to the client; a dead client raises ClientGone."""
         self.started = True
         try:
-            send_all(self.conn.sock, data)
+            send_all(self.conn.sock, self.conn.raw, data)
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         self.sent += len(data)
@@ -151,8 +154,13 @@ class Exchange:
 class ClientConnection:
     """Serves one client connection to the end."""
 
-    def __init__(self, sock: socket.socket, address: Any, ctx: Context) -> None:
+    def __init__(self, sock: socket.socket, address: Any, ctx: Context,
+                 watcher: Readable | None = None) -> None:
         self.sock = sock
+        # its read watcher (watchdog mode, balancer.readiness), and the socket to
+        # read and write then: the OS socket under gevent's
+        self.watcher = watcher
+        self.raw: Any = sock if watcher is None else raw_socket(sock)
         self.client_ip = address[0] if isinstance(address, tuple) else str(address)
         self.client_ip_bytes = self.client_ip.encode()
         self.ctx = ctx
@@ -161,7 +169,6 @@ class ClientConnection:
         self.socket_timeouts = ctx.connections is None
         self.deadline = NEVER
         self.task: Any = None  # the greenlet serving this connection (watchdog mode)
-        self.watcher: Any = None  # its read watcher (watchdog mode, balancer.readiness)
         # True only while waiting for the first byte of a request: closing the
         # connection then loses nothing (a draining worker does so)
         self.idle = False
@@ -191,6 +198,7 @@ class ClientConnection:
     def read_head(self, wait_first: bool) -> RequestHead | None:
         """The next request head, or None when the connection should close."""
         events, sock, timeouts = self.events, self.sock, self.ctx.timeouts
+        raw, watcher = self.raw, self.watcher
         while events:
             event = events.popleft()
             if event is not END:  # END of a bodyless request stays until here
@@ -200,10 +208,10 @@ class ClientConnection:
         deadline = 0.0
         while True:
             try:
-                if wait_first:
+                if wait_first and watcher is not None:
                     wait_first = False
-                    self.watcher.wait()
-                data = sock.recv(RECV_SIZE)
+                    watcher.wait()
+                data = receive(raw, watcher, RECV_SIZE)
             except TimeoutError:
                 if deadline:
                     raise ProtocolError(408, "request head timeout") from None
@@ -301,7 +309,7 @@ class ClientConnection:
                 yield event
             self.arm(self.sock, self.ctx.timeouts.client_idle)
             try:
-                data = self.sock.recv(RECV_SIZE)
+                data = receive(self.raw, self.watcher, RECV_SIZE)
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
             if not data:
@@ -357,12 +365,12 @@ def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
     """Serve one accepted client connection to the end, then close it."""
     stats, connections = ctx.stats, ctx.connections
     stats.open_connections += 1
-    conn = ClientConnection(sock, address, ctx)
+    evented = connections is not None
+    conn = ClientConnection(sock, address, ctx, Readable(sock) if evented else None)
     if connections is not None:
         from gevent import getcurrent
 
         conn.task = getcurrent()
-        conn.watcher = Readable(sock)
         connections.add(conn)
     try:
         if sock.family != socket.AF_UNIX:

@@ -31,34 +31,34 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import httptools
 
-END = object()  # sentinel event: the current message is complete
+END: Final = object()  # sentinel event: the current message is complete
 
-REQUEST_SPECIAL = frozenset((b"host", b"expect", b"upgrade"))
-FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-SPECIAL = REQUEST_SPECIAL | FRAMING
-VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ours; others get 505
+REQUEST_SPECIAL: Final = frozenset((b"host", b"expect", b"upgrade"))
+FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+SPECIAL: Final = REQUEST_SPECIAL | FRAMING
+VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ours; others get 505
 # The version of a request line that ends so, read from the bytes (asking llhttp costs more).
 # When a head begins at a feed boundary, the first LF of that feed ends its request line,
 # or one of the empty lines before it, which never end so. A line llhttp accepts ends with
 # its version and CRLF, or (HTTP/0.9) with a target, which holds no space.
-LINE_ENDS = {b" HTTP/1.1\r\n": b"1.1", b" HTTP/1.0\r\n": b"1.0"}
+LINE_ENDS: Final = {b" HTTP/1.1\r\n": b"1.1", b" HTTP/1.0\r\n": b"1.0"}
 # RFC 3986 reg-name / IP-literal characters and ":" port: anything else in Host is a 400.
-HOST_CHARS = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-              b"-._~%!$&'()*+,;=:[]")
+HOST_CHARS: Final = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                     b"-._~%!$&'()*+,;=:[]")
 # Maps the bytes not in HOST_CHARS to NUL (itself not one): a Host is valid if its
 # translation holds no NUL. (`translate` with deletions builds a table per call.)
-NOT_HOST_TO_NUL = bytes(b if b in HOST_CHARS else 0 for b in range(256))
-NO_TOKENS: frozenset[bytes] = frozenset()
+NOT_HOST_TO_NUL: Final = bytes(b if b in HOST_CHARS else 0 for b in range(256))
+NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 # What `RequestParser._scan` returns but the host, when Host is the only special field.
-NO_FRAMING = (None, False, False, False, b"", NO_TOKENS)
+NO_FRAMING: Final = (None, False, False, False, b"", NO_TOKENS)
 # `connection_tokens` of the usual Connection values, without splitting them.
-COMMON_TOKENS = {value: frozenset((value.lower(),)) for value in (
+COMMON_TOKENS: Final = {value: frozenset((value.lower(),)) for value in (
     b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")}
-HOP_BY_HOP = frozenset((
+HOP_BY_HOP: Final = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 ))

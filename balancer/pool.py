@@ -30,24 +30,29 @@ import ipaddress
 import socket
 import threading
 import time
+from typing import Any, Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError
 from balancer.peek import OPEN, peek
-from balancer.readiness import Readable, unwatch
+from balancer.readiness import Readable, raw_socket, unwatch
 from balancer.response_parser import ResponseParser
 
-UP, DOWN, PROBING = "up", "down", "probing"
+UP: Final = "up"
+DOWN: Final = "down"
+PROBING: Final = "probing"
 
 
 class Upstream:
     """One connection to a backend and what lives as long as it does."""
 
-    __slots__ = ("sock", "watcher", "parser", "since")
+    __slots__ = ("sock", "raw", "watcher", "parser", "since")
 
     def __init__(self, sock: socket.socket, watcher: Readable | None) -> None:
         self.sock = sock
         self.watcher = watcher
+        # the socket to read and write: under gevent (a watcher), the OS socket
+        self.raw: Any = sock if watcher is None else raw_socket(sock)
         self.parser: ResponseParser | None = None  # made on first use
         self.since = 0.0  # when it went idle (monotonic)
 

@@ -30,12 +30,12 @@ Invariants:
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Final
 
 from gevent import get_hub, getcurrent
 from gevent.monkey import is_module_patched
 
-READ = 1  # libev's EV_READ
+READ: Final = 1  # libev's EV_READ
 
 
 class Readable:
@@ -77,6 +77,27 @@ class Readable:
     @property
     def closed(self) -> bool:
         return self.io is None
+
+
+def raw_socket(sock: socket.socket) -> Any:
+    """The OS socket under a gevent socket (non-blocking; others: `sock` itself).
+
+    The hot path calls it directly: gevent's ``recv`` and ``send`` are Python
+    wrappers, a frame each per call. Its reads then go through `receive`
+    (EAGAIN waits on the socket's `Readable`), its sends through
+    `balancer.connection.send_all` (EAGAIN falls back to gevent's sendall)."""
+    return getattr(sock, "_sock", sock)
+
+
+def receive(raw: Any, watcher: Readable | None, size: int) -> bytes:
+    """``raw.recv(size)``, waiting on `watcher` while no data is there yet."""
+    while True:
+        try:
+            return raw.recv(size)
+        except BlockingIOError:
+            if watcher is None:  # a blocking socket does not raise this
+                raise
+            watcher.wait()
 
 
 def is_evented() -> bool:

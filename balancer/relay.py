@@ -13,24 +13,27 @@ Invariants:
 
 from __future__ import annotations
 
-import socket
 import time
+from typing import Final
 
 from balancer.connection import Exchange, send_all
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
 from balancer.http11 import END, HOP_BY_HOP, ProtocolError, RequestHead
 from balancer.pool import Backend, Upstream
+from balancer.readiness import receive
 from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.tunnel import tunnel
 
-RECV_SIZE = 65536
-COALESCE_LIMIT = 65536
-FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-                       b"forwarded", b"x-request-id"))
-DROP_EXTERNAL = HOP_BY_HOP | FORWARDED | {b"host", b"expect"}
-DROP_INTERNAL = HOP_BY_HOP | {b"host", b"expect", b"x-request-id", b"x-forwarded-for"}
-RAW, CHUNK, CLOSE = 0, 1, 2  # how the response body is framed toward the client
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+RECV_SIZE: Final = 65536
+COALESCE_LIMIT: Final = 65536
+FORWARDED: Final = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                              b"forwarded", b"x-request-id"))
+DROP_EXTERNAL: Final = HOP_BY_HOP | FORWARDED | {b"host", b"expect"}
+DROP_INTERNAL: Final = HOP_BY_HOP | {b"host", b"expect", b"x-request-id", b"x-forwarded-for"}
+RAW: Final = 0  # how the response body is framed toward the client
+CHUNK: Final = 1
+CLOSE: Final = 2
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def request_head(ex: Exchange, chunked: bool) -> bytes:
@@ -82,7 +85,7 @@ def frame_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def send_request(ex: Exchange, sock: socket.socket, body: bytes | None,
+def send_request(ex: Exchange, upstream: Upstream, body: bytes | None,
                  max_body: int | None) -> bool:
     """Send the request; `body` is the whole body when in hand, else it is streamed
     (returns True then)."""
@@ -94,9 +97,9 @@ def send_request(ex: Exchange, sock: socket.socket, body: bytes | None,
             data += (frame_chunk(body) if body else b"") + b"0\r\n\r\n"
         else:
             data += body
-        _send_backend(sock, data)
+        _send_backend(upstream, data)
         return False
-    _send_backend(sock, data)
+    _send_backend(upstream, data)
     if ex.body_done:
         return False
     if head.expect_continue and head.version == b"1.1":
@@ -104,34 +107,35 @@ def send_request(ex: Exchange, sock: socket.socket, body: bytes | None,
             ex.conn.sock.sendall(CONTINUE)
         except OSError as exc:
             raise ClientGone(str(exc)) from None
-    _stream_body(ex, sock, chunked, max_body)
+    _stream_body(ex, upstream, chunked, max_body)
     return True
 
 
-def _stream_body(ex: Exchange, sock: socket.socket, chunked: bool, max_body: int | None) -> None:
+def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
+                 max_body: int | None) -> None:
     from balancer.errors import PayloadTooLarge
 
     for chunk in ex.body_chunks():
         if max_body is not None and ex.received > max_body:
             raise PayloadTooLarge("request body over max_body_bytes")
-        _send_backend(sock, frame_chunk(chunk) if chunked else chunk)
+        _send_backend(upstream, frame_chunk(chunk) if chunked else chunk)
     if chunked:
-        _send_backend(sock, b"0\r\n\r\n")
+        _send_backend(upstream, b"0\r\n\r\n")
 
 
-def _send_backend(sock: socket.socket, data: bytes) -> None:
+def _send_backend(upstream: Upstream, data: bytes) -> None:
     try:
-        send_all(sock, data)
+        send_all(upstream.sock, upstream.raw, data)
     except TimeoutError:
         raise BackendTimeout("backend did not accept the request in time") from None
     except OSError as exc:
         raise BackendClosed(str(exc)) from None
 
 
-def _recv_backend(sock: socket.socket, parser: ResponseParser) -> None:
+def _recv_backend(upstream: Upstream, parser: ResponseParser) -> None:
     """Read once from the backend into `parser`; maps every failure."""
     try:
-        data = sock.recv(RECV_SIZE)
+        data = receive(upstream.raw, upstream.watcher, RECV_SIZE)
     except TimeoutError:
         raise BackendTimeout("backend read timeout") from None
     except OSError as exc:
@@ -157,7 +161,7 @@ def read_response_head(ex: Exchange, upstream: Upstream) -> ResponseHead:
         parser = upstream.parser = ResponseParser(ex.conn.ctx.limits, for_head)
     else:
         parser.begin(for_head)
-    sock, events = upstream.sock, parser.events
+    events = parser.events
     if upstream.watcher is not None:
         try:
             upstream.watcher.wait()
@@ -165,13 +169,13 @@ def read_response_head(ex: Exchange, upstream: Upstream) -> ResponseHead:
             raise BackendTimeout("backend read timeout") from None
     while True:
         while not events:
-            _recv_backend(sock, parser)
+            _recv_backend(upstream, parser)
         rhead = events.popleft()
         if rhead.status >= 200 or rhead.status == 101:
             return rhead
         while True:  # drop an interim response (we answer 100 Continue ourselves)
             while not events:
-                _recv_backend(sock, parser)
+                _recv_backend(upstream, parser)
             if events.popleft() is END:
                 break
 
@@ -232,7 +236,7 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
             ex.send(b"".join(out))
             out = []
         conn.arm(sock, timeouts.backend_read)
-        _recv_backend(sock, parser)
+        _recv_backend(upstream, parser)
 
 
 def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | None) -> None:
@@ -281,7 +285,7 @@ def exchange(ex: Exchange, upstream: Upstream, body: bytes | None,
     conn, sock = ex.conn, upstream.sock
     timeout = conn.ctx.timeouts.backend_read
     conn.arm(sock, timeout)
-    streamed = send_request(ex, sock, body, max_body)
+    streamed = send_request(ex, upstream, body, max_body)
     if streamed:  # reading the client's body armed the client's timeout
         conn.arm(sock, timeout)
     return read_response_head(ex, upstream)

@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from typing import Any
+from typing import Any, Final
 
 import httptools
 
 from balancer.fields import field_keys, field_list, without_fields
 from balancer.http11 import END, HOP_BY_HOP, Limits, ProtocolError, connection_tokens
 
-_CRLFCRLF = b"\r\n\r\n"
-DEFAULT_LIMITS = Limits()
+_CRLFCRLF: Final = b"\r\n\r\n"
+DEFAULT_LIMITS: Final = Limits()
 
 
 class _Stop(Exception):
@@ -42,11 +42,11 @@ class _Stop(Exception):
 # One pass over the lower-cased field block finds every field the proxy acts on:
 # framing (Content-Length, Transfer-Encoding), Connection, and the fields it
 # never forwards (hop-by-hop, X-Request-Id). Group 2 is the value to the CR.
-SPECIAL_FIELDS = re.compile(
+SPECIAL_FIELDS: Final = re.compile(
     rb"\r\n(c(?:onnection|ontent-length)|k(?:eep-alive)"
     rb"|p(?:roxy-(?:connection|authenticate|authorization))"
     rb"|t(?:e|railer|ransfer-encoding)|u(?:pgrade)|x(?:-request-id)):([^\r]*)")
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
 class ResponseHead:

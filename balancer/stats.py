@@ -11,10 +11,10 @@ Invariants:
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any
+from typing import Any, Final
 
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-OUTCOMES = ("success", "connect_error", "timeout", "error")
+BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+OUTCOMES: Final = ("success", "connect_error", "timeout", "error")
 
 
 class BackendStats:
@@ -119,8 +119,8 @@ class Stats:
         }
 
 
-_MAX_KEYS = {"routing_version", "last_reload"}
-_MIN_KEYS = {"store_up"}
+_MAX_KEYS: Final = {"routing_version", "last_reload"}
+_MIN_KEYS: Final = {"store_up"}
 
 
 def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from balancer.rules import RuleError, normalize_host, validate_table
 from balancer.stats import HostStats
 
-UNKNOWN_KEY = "(unknown)"  # stats key of requests no rule matched
+UNKNOWN_KEY: Final = "(unknown)"  # stats key of requests no rule matched
 
 
 class Route:

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import gevent
 import pytest
 
-from balancer.readiness import Readable
+from balancer.connection import send_all
+from balancer.readiness import Readable, raw_socket, receive
 
 DEADLINE = 5.0
 
@@ -77,3 +78,53 @@ def test_an_exception_thrown_into_the_waiter_ends_the_wait(pair) -> None:
     assert isinstance(waiter.exception, TimeoutError) and readable.waiter is None
     b.send(b"late")  # nobody waits any more: the watcher stops instead of waking a ghost
     assert until(lambda: not readable.io.active)
+
+
+# the OS socket under gevent's, read and written directly ------------------------
+def test_raw_socket_is_the_non_blocking_os_socket_under_gevents() -> None:
+    from gevent import socket as gsocket
+
+    a, b = gsocket.socketpair()
+    plain, other = socket.socketpair()
+    try:
+        raw = raw_socket(a)
+        assert type(raw) is not type(a) and raw.fileno() == a.fileno()
+        assert raw.gettimeout() == 0.0  # non-blocking: EAGAIN instead of a wait
+        assert raw_socket(plain) is plain
+    finally:
+        for s in (a, b, plain, other):
+            s.close()
+
+
+def test_receive_waits_on_the_readiness_when_no_data_is_there_yet(pair) -> None:
+    readable, a, b = pair
+    a.setblocking(False)
+    gevent.spawn_later(0.05, b.send, b"late")
+    with gevent.Timeout(DEADLINE):
+        assert receive(a, readable, 100) == b"late"
+
+
+def test_send_all_falls_back_to_gevents_sendall_when_the_buffer_fills() -> None:
+    from gevent import socket as gsocket
+
+    a, b = gsocket.socketpair()
+    data = bytes(range(256)) * 40000  # 10 MB: far more than a socket buffer holds
+    received = bytearray()
+
+    def drain() -> None:
+        while len(received) < len(data):
+            chunk = b.recv(1 << 16)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = gevent.spawn(drain)
+    try:
+        with gevent.Timeout(DEADLINE * 4):
+            send_all(a, raw_socket(a), data)
+            reader.join()
+        assert bytes(received) == data
+    finally:
+        reader.kill()
+        a.close()
+        b.close()

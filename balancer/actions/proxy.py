@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from balancer.balancing import make_balancer
 from balancer.connection import Exchange
@@ -38,13 +38,13 @@ from balancer.pool import Backend
 from balancer.relay import forward
 from balancer.rules import backend_entries
 
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-DEFAULT_RETRIES = 2
-DEFAULT_FALL = 3
-DEFAULT_RETRY_TIMEOUT = 15.0
-FIRST_BACKOFF = 0.05   # seconds between tries of a held request, doubling...
-MAX_BACKOFF = 0.5      # ...up to this (each wait jittered down to half)
-PROBE_GAP = 0.05       # at least this long between tries of one rule's held requests
+IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+DEFAULT_RETRIES: Final = 2
+DEFAULT_FALL: Final = 3
+DEFAULT_RETRY_TIMEOUT: Final = 15.0
+FIRST_BACKOFF: Final = 0.05   # seconds between tries of a held request, doubling...
+MAX_BACKOFF: Final = 0.5      # ...up to this (each wait jittered down to half)
+PROBE_GAP: Final = 0.05       # at least this long between tries of one rule's held requests
 
 
 class ProxyAction:
