@@ -27,19 +27,23 @@ COMPILED = [
 ]
 
 
-def remove_inplace_builds() -> None:
-    """Delete extensions an earlier editable install left beside the sources
-    (Python would go on importing them instead of the .py)."""
+def remove_inplace_builds(keep: list[str]) -> None:
+    """Delete the extensions an earlier editable install left beside sources not
+    in `keep` (Python would go on importing them instead of the .py)."""
     root = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        for path in [*COMPILED, "balancer_native__mypyc.py"]:
-            (root / (path[:-3] + suffix)).unlink(missing_ok=True)
+        for ext in [*root.glob(f"balancer/**/*{suffix}"), *root.glob(f"balancer_native*{suffix}")]:
+            source = ext.relative_to(root).as_posix()[: -len(suffix)] + ".py"
+            group_lib = source.startswith("balancer_native")  # mypyc's shared library
+            if not keep or (not group_lib and source not in keep):
+                ext.unlink()
 
 
 def ext_modules() -> list:
     if os.environ.get("BALANCER_PURE", "") not in ("", "0"):
-        remove_inplace_builds()
+        remove_inplace_builds(keep=[])
         return []
+    remove_inplace_builds(keep=COMPILED)
     from mypyc.build import mypycify
 
     return mypycify(COMPILED, opt_level="3", group_name="balancer_native")
