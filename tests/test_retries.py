@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from balancer.actions.proxy import BUFFERED_BODY
 from tests.support import Backend, Balancer, EchoHandler, dead_address, request
 
 
@@ -75,6 +76,33 @@ def test_put_with_a_buffered_body_is_replayed(bal, dropper, good):
     statuses = [request(bal.port, "PUT", "/p", host="put.test", body=b"x" * 100)[0]
                 for _ in range(2)]
     assert statuses == [200, 200] and dropper.count == 2 and good.count == 2
+
+
+def put_with_a_late_body(port: int, host: str, body: bytes) -> bytes:
+    """A PUT whose body follows its head a moment later (a separate read for the
+    balancer, as from a client that writes them apart); returns the answer."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(b"PUT /late HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n" % (host.encode(), len(body)))
+        time.sleep(0.2)  # the scenario itself (the head alone first), not a wait for state
+        sock.sendall(body)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+    finally:
+        sock.close()
+
+
+def test_a_small_body_that_follows_its_head_is_waited_for_and_replayed(bal, dropper, good):
+    answer = put_with_a_late_body(bal.port, "put.test", b"x" * 1000)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert dropper.count == 1 and good.count == 1
+    assert good.requests[-1][0:2] == ("PUT", "/late")
+
+
+def test_a_body_over_the_buffer_streams_and_is_not_replayed(bal, dropper, good):
+    answer = put_with_a_late_body(bal.port, "put.test", b"x" * (BUFFERED_BODY + 1))
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    assert dropper.count == 1 and good.count == 0
 
 
 def test_put_with_a_streamed_body_is_not_replayed(bal, dropper, good):

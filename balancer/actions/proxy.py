@@ -6,6 +6,10 @@ Invariants:
 * Connect failures are always retried. After bytes were sent, only
   idempotent requests whose body was not streamed are retried, and only
   while nothing was sent to the client.
+* A Content-Length body of up to `BUFFERED_BODY` bytes is read whole before
+  any backend sees the request (as nginx buffers request bodies), so that it
+  can be replayed however its bytes arrived; a larger body, a chunked one or
+  one behind `Expect: 100-continue` streams.
 * With `spin_when_down`, a request whose every try failed because backends
   were down (refused, or closed before answering a replayable request) is
   held instead of answered 502: it is tried again when a backend recovers,
@@ -45,6 +49,7 @@ DEFAULT_RETRY_TIMEOUT: Final = 15.0
 FIRST_BACKOFF: Final = 0.05   # seconds between tries of a held request, doubling...
 MAX_BACKOFF: Final = 0.5      # ...up to this (each wait jittered down to half)
 PROBE_GAP: Final = 0.05       # at least this long between tries of one rule's held requests
+BUFFERED_BODY: Final = 65536  # bytes of a Content-Length body read whole before forwarding
 
 
 class ProxyAction:
@@ -79,17 +84,21 @@ class ProxyAction:
             self.when_failed(ex, body, failure)
 
     def buffered_body(self, ex: Exchange) -> bytes | None:
-        """The whole request body if it came with the head (None: it streams);
-        raises PayloadTooLarge over `max_body_bytes`."""
-        max_body = self.max_body
-        if max_body is not None and (ex.head.content_length or 0) > max_body:
+        """The whole request body if it came with the head or is small enough to
+        wait for (`BUFFERED_BODY`); None: it streams. Raises PayloadTooLarge over
+        `max_body_bytes`."""
+        head, max_body = ex.head, self.max_body
+        if max_body is not None and (head.content_length or 0) > max_body:
             raise PayloadTooLarge("Content-Length over max_body_bytes")
         body = ex.conn.buffered_body()
         if body is not None:
             ex.received += len(body)
             ex.body_done = True
-            if max_body is not None and len(body) > max_body:
-                raise PayloadTooLarge("body over max_body_bytes")
+        elif (head.content_length is not None and head.content_length <= BUFFERED_BODY
+              and not head.expect_continue):
+            body = b"".join(ex.body_chunks())  # the rest is on its way: wait for it
+        if body is not None and max_body is not None and len(body) > max_body:
+            raise PayloadTooLarge("body over max_body_bytes")
         return body
 
     def resume(self, ex: Exchange, body: bytes | None) -> None:
