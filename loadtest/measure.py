@@ -39,12 +39,18 @@ def process_tree(root: int) -> list[int]:
 
 def cpu_seconds(pids: list[int]) -> float:
     """User plus system CPU seconds used so far by `pids`."""
-    total = 0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by `pids`."""
+    user = system = 0
     for pid in pids:
         fields = _stat_fields(pid)
         if fields:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def _status_kb(pid: int, key: str) -> int:

@@ -16,8 +16,9 @@ that a noisy machine shifts them all alike. Targets:
   every second (the "everything on" configuration of issue 4).
 
 Besides requests/s it reports the CPU time each target used per request
-(µs, from /proc over the target's process tree), which moves much less than
-requests/s when other work shares the machine.
+(µs, from /proc over the target's process tree, split into user space and
+kernel), which moves much less than requests/s when other work shares the
+machine.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loadtest import configs  # noqa: E402
-from loadtest.measure import cpu_seconds, process_tree  # noqa: E402
+from loadtest.measure import cpu_split, process_tree  # noqa: E402
 from loadtest.page import PAGE  # noqa: E402
 from loadtest.procs import Proc, Processes, free_port, wait_for_port  # noqa: E402
 from loadtest.routes import RouteFile, proxy_rule  # noqa: E402
@@ -123,16 +124,19 @@ def measure(target: Started, args: argparse.Namespace) -> dict:
         scraper = threading.Thread(target=scrape_loop, args=(target.scrape_port, stop),
                                    daemon=True)
         scraper.start()
-    cpu0, t0 = cpu_seconds(pids), time.monotonic()
+    (user0, sys0), t0 = cpu_split(pids), time.monotonic()
     rps, errors = run_wrk(target.port, args.connections, args.duration)
-    cpu = cpu_seconds(pids) - cpu0
+    user1, sys1 = cpu_split(pids)
+    user, system = user1 - user0, sys1 - sys0
+    cpu = user + system
     wall = time.monotonic() - t0
     stop.set()
     if scraper is not None:
         scraper.join()
     requests = rps * args.duration
-    return {"rps": rps, "cpu_us": cpu / requests * 1e6 if requests else 0.0,
-            "core": cpu / wall, "errors": errors}
+    per_request = 1e6 / requests if requests else 0.0
+    return {"rps": rps, "cpu_us": cpu * per_request, "user_us": user * per_request,
+            "sys_us": system * per_request, "core": cpu / wall, "errors": errors}
 
 
 def main() -> None:
@@ -161,7 +165,8 @@ def main() -> None:
                     figures = measure(started[name], args)
                     results[name].append(figures)
                     print(f"round {round_} {name:13} {figures['rps']:9,.0f} req/s "
-                          f"{figures['cpu_us']:6.1f} µs CPU/req  {figures['core']:4.2f} cores "
+                          f"{figures['cpu_us']:6.1f} µs CPU/req (user {figures['user_us']:5.1f}, "
+                          f"kernel {figures['sys_us']:5.1f})  {figures['core']:4.2f} cores "
                           f"{figures['errors']}", flush=True)
         finally:
             procs.stop_all()
