@@ -8,32 +8,22 @@ per request by about a third (README, "Proxy speed against HAProxy"). Set
 
 import importlib.machinery
 import os
+import tomllib
 from pathlib import Path
 
 from setuptools import setup
 
-# The per-request path (balancer/native.py lists the same modules).
-COMPILED = [
-    "balancer/actions/proxy.py",
-    "balancer/balancing.py",
-    "balancer/connection.py",
-    "balancer/http11.py",
-    "balancer/pool.py",
-    "balancer/readiness.py",
-    "balancer/relay.py",
-    "balancer/response_parser.py",
-    "balancer/stats.py",
-    "balancer/table.py",
-]
+ROOT = Path(__file__).resolve().parent
+# The per-request modules: the files mypy checks (pyproject.toml, [tool.mypy]).
+COMPILED = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
 
 
 def remove_inplace_builds(keep: list[str]) -> None:
     """Delete the extensions an earlier editable install left beside sources not
     in `keep` (Python would go on importing them instead of the .py)."""
-    root = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        for ext in [*root.glob(f"balancer/**/*{suffix}"), *root.glob(f"balancer_native*{suffix}")]:
-            source = ext.relative_to(root).as_posix()[: -len(suffix)] + ".py"
+        for ext in [*ROOT.glob(f"balancer/**/*{suffix}"), *ROOT.glob(f"balancer_native*{suffix}")]:
+            source = ext.relative_to(ROOT).as_posix()[: -len(suffix)] + ".py"
             group_lib = source.startswith("balancer_native")  # mypyc's shared library
             if not keep or (not group_lib and source not in keep):
                 ext.unlink()

@@ -157,10 +157,8 @@ class ClientConnection:
     def __init__(self, sock: socket.socket, address: Any, ctx: Context,
                  watcher: Readable | None = None) -> None:
         self.sock = sock
-        # its read watcher (watchdog mode, balancer.readiness), and the socket to
-        # read and write then: the OS socket under gevent's
-        self.watcher = watcher
-        self.raw: Any = sock if watcher is None else raw_socket(sock)
+        self.watcher = watcher  # its read watcher (watchdog mode, balancer.readiness)
+        self.raw = raw_socket(sock, watcher)
         self.client_ip = address[0] if isinstance(address, tuple) else str(address)
         self.client_ip_bytes = self.client_ip.encode()
         self.ctx = ctx
@@ -365,8 +363,8 @@ def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
     """Serve one accepted client connection to the end, then close it."""
     stats, connections = ctx.stats, ctx.connections
     stats.open_connections += 1
-    evented = connections is not None
-    conn = ClientConnection(sock, address, ctx, Readable(sock) if evented else None)
+    conn = ClientConnection(sock, address, ctx,
+                            Readable(sock) if connections is not None else None)
     if connections is not None:
         from gevent import getcurrent
 

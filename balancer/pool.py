@@ -30,7 +30,7 @@ import ipaddress
 import socket
 import threading
 import time
-from typing import Any, Final
+from typing import Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError
@@ -51,8 +51,7 @@ class Upstream:
     def __init__(self, sock: socket.socket, watcher: Readable | None) -> None:
         self.sock = sock
         self.watcher = watcher
-        # the socket to read and write: under gevent (a watcher), the OS socket
-        self.raw: Any = sock if watcher is None else raw_socket(sock)
+        self.raw = raw_socket(sock, watcher)
         self.parser: ResponseParser | None = None  # made on first use
         self.since = 0.0  # when it went idle (monotonic)
 

@@ -79,14 +79,15 @@ class Readable:
         return self.io is None
 
 
-def raw_socket(sock: socket.socket) -> Any:
-    """The OS socket under a gevent socket (non-blocking; others: `sock` itself).
+def raw_socket(sock: socket.socket, watcher: Readable | None) -> Any:
+    """The socket to read and write: with a `watcher` (gevent), the OS socket
+    under gevent's, non-blocking; without one, `sock` itself.
 
     The hot path calls it directly: gevent's ``recv`` and ``send`` are Python
     wrappers, a frame each per call. Its reads then go through `receive`
     (EAGAIN waits on the socket's `Readable`), its sends through
     `balancer.connection.send_all` (EAGAIN falls back to gevent's sendall)."""
-    return getattr(sock, "_sock", sock)
+    return sock if watcher is None else getattr(sock, "_sock", sock)
 
 
 def receive(raw: Any, watcher: Readable | None, size: int) -> bytes:

@@ -81,16 +81,19 @@ def test_an_exception_thrown_into_the_waiter_ends_the_wait(pair) -> None:
 
 
 # the OS socket under gevent's, read and written directly ------------------------
-def test_raw_socket_is_the_non_blocking_os_socket_under_gevents() -> None:
+def test_a_watched_socket_is_read_and_written_through_the_os_socket_under_gevents() -> None:
     from gevent import socket as gsocket
 
     a, b = gsocket.socketpair()
     plain, other = socket.socketpair()
     try:
-        raw = raw_socket(a)
+        watcher = Readable(a)
+        raw = raw_socket(a, watcher)
         assert type(raw) is not type(a) and raw.fileno() == a.fileno()
         assert raw.gettimeout() == 0.0  # non-blocking: EAGAIN instead of a wait
-        assert raw_socket(plain) is plain
+        assert raw_socket(a, None) is a  # unwatched: the socket as it is
+        assert raw_socket(plain, None) is plain
+        watcher.close()
     finally:
         for s in (a, b, plain, other):
             s.close()
@@ -118,13 +121,14 @@ def test_send_all_falls_back_to_gevents_sendall_when_the_buffer_fills() -> None:
                 return
             received.extend(chunk)
 
-    reader = gevent.spawn(drain)
+    reader, watcher = gevent.spawn(drain), Readable(a)
     try:
         with gevent.Timeout(DEADLINE * 4):
-            send_all(a, raw_socket(a), data)
+            send_all(a, raw_socket(a, watcher), data)
             reader.join()
         assert bytes(received) == data
     finally:
         reader.kill()
+        watcher.close()
         a.close()
         b.close()
