@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
+from balancer.outbox import Writer, outbox_for
 from balancer.readiness import Readable, raw_socket, receive, unwatch
 from balancer.responses import local_response
 
@@ -74,18 +75,6 @@ class Context:
         self.draining = False
 
 
-def send_all(sock: socket.socket, raw: Any, data: bytes) -> None:
-    """`sock.sendall(data)`, with one plain `send` on `raw` (`raw_socket(sock)`)
-    first: under gevent, sendall queries SO_SNDBUF on every call, a syscall a
-    response that fits the socket buffer does not need."""
-    try:
-        sent = raw.send(data)
-    except BlockingIOError:
-        sent = 0
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
-
-
 class RequestIds:
     """Unique request ids: a random per-process prefix and a counter."""
 
@@ -123,7 +112,18 @@ class Exchange:
         """Send response bytes to the client; a dead client raises ClientGone."""
         self.started = True
         try:
-            send_all(self.conn.sock, self.conn.raw, data)
+            self.conn.writer.write(data)
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+        self.sent += len(data)
+
+    def send_last(self, data: bytes) -> None:
+        """Send the response's last bytes (`balancer.outbox`: they may be held
+        to the end of the loop iteration; a client gone by then is found by
+        the next read)."""
+        self.started = True
+        try:
+            self.conn.writer.write_last(data)
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         self.sent += len(data)
@@ -134,7 +134,7 @@ class Exchange:
         self.conn.discard_body(self)
         head = self.head
         self.status = status
-        self.send(local_response(
+        self.send_last(local_response(
             status, body, content_type, request_id=self.request_id,
             keep_alive=self.keep_alive, version=head.version,
             head_only=head.method == b"HEAD", extra=extra))
@@ -159,6 +159,7 @@ class ClientConnection:
         self.sock = sock
         self.watcher = watcher  # its read watcher (watchdog mode, balancer.readiness)
         self.raw = raw_socket(sock, watcher)
+        self.writer = Writer(sock, self.raw, None if watcher is None else outbox_for(watcher.hub))
         self.client_ip = address[0] if isinstance(address, tuple) else str(address)
         self.client_ip_bytes = self.client_ip.encode()
         self.ctx = ctx
@@ -170,6 +171,18 @@ class ClientConnection:
         # True only while waiting for the first byte of a request: closing the
         # connection then loses nothing (a draining worker does so)
         self.idle = False
+
+    def close(self) -> None:
+        """Send what is still held (within client_idle), then close everything."""
+        writer = self.writer
+        if writer.held or writer.rest is not None:
+            self.arm(self.sock, self.ctx.timeouts.client_idle)
+            with contextlib.suppress(OSError, TimeoutError):
+                writer.finish()
+        writer.close()
+        self.parser.close()
+        unwatch(self.watcher)
+        self.sock.close()
 
     def arm(self, sock: socket.socket, seconds: float) -> None:
         """Bound the next waits on `sock` (and any other) to `seconds` from now."""
@@ -293,7 +306,7 @@ class ClientConnection:
         data = local_response(page.status, page.body, page.content_type,
                               request_id=self.ctx.request_ids.next(), keep_alive=False)
         with contextlib.suppress(OSError):
-            self.sock.sendall(data)
+            self.writer.write(data)
 
     # request bodies ------------------------------------------------------
     def body_chunks(self) -> Iterator[bytes]:
@@ -377,9 +390,7 @@ def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
     except OSError:
         pass
     finally:
+        conn.close()
         stats.open_connections -= 1
         if connections is not None:
             connections.discard(conn)
-        conn.parser.close()
-        unwatch(conn.watcher)
-        sock.close()

@@ -34,6 +34,7 @@ from typing import Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError
+from balancer.outbox import Writer, outbox_for
 from balancer.peek import OPEN, peek
 from balancer.readiness import Readable, raw_socket, unwatch
 from balancer.response_parser import ResponseParser
@@ -46,17 +47,19 @@ PROBING: Final = "probing"
 class Upstream:
     """One connection to a backend and what lives as long as it does."""
 
-    __slots__ = ("sock", "raw", "watcher", "parser", "since")
+    __slots__ = ("sock", "raw", "watcher", "writer", "parser", "since")
 
     def __init__(self, sock: socket.socket, watcher: Readable | None) -> None:
         self.sock = sock
         self.watcher = watcher
         self.raw = raw_socket(sock, watcher)
+        self.writer = Writer(sock, self.raw, None if watcher is None else outbox_for(watcher.hub))
         self.parser: ResponseParser | None = None  # made on first use
         self.since = 0.0  # when it went idle (monotonic)
 
     def close(self) -> None:
-        """Close the socket, its watcher and its parser."""
+        """Close the socket, its watcher, its writer and its parser."""
+        self.writer.close()
         unwatch(self.watcher)
         self.sock.close()
         if self.parser is not None:

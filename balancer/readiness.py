@@ -86,7 +86,7 @@ def raw_socket(sock: socket.socket, watcher: Readable | None) -> Any:
     The hot path calls it directly: gevent's ``recv`` and ``send`` are Python
     wrappers, a frame each per call. Its reads then go through `receive`
     (EAGAIN waits on the socket's `Readable`), its sends through
-    `balancer.connection.send_all` (EAGAIN falls back to gevent's sendall)."""
+    `balancer.outbox.send_all` (EAGAIN falls back to gevent's sendall)."""
     return sock if watcher is None else getattr(sock, "_sock", sock)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Final
 
-from balancer.connection import Exchange, send_all
+from balancer.connection import Exchange
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
 from balancer.http11 import END, HOP_BY_HOP, ProtocolError, RequestHead
 from balancer.pool import Backend, Upstream
@@ -97,14 +97,15 @@ def send_request(ex: Exchange, upstream: Upstream, body: bytes | None,
             data += (frame_chunk(body) if body else b"") + b"0\r\n\r\n"
         else:
             data += body
-        _send_backend(upstream, data)
+        _send_backend(upstream, data, True)
+        return False
+    if ex.body_done:
+        _send_backend(upstream, data, True)
         return False
     _send_backend(upstream, data)
-    if ex.body_done:
-        return False
     if head.expect_continue and head.version == b"1.1":
         try:
-            ex.conn.sock.sendall(CONTINUE)
+            ex.conn.writer.write(CONTINUE)
         except OSError as exc:
             raise ClientGone(str(exc)) from None
     _stream_body(ex, upstream, chunked, max_body)
@@ -123,9 +124,14 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
         _send_backend(upstream, b"0\r\n\r\n")
 
 
-def _send_backend(upstream: Upstream, data: bytes) -> None:
+def _send_backend(upstream: Upstream, data: bytes, last: bool = False) -> None:
+    """Send request bytes; `last`: the request is whole and the response is
+    awaited next, so they may be held (`balancer.outbox`)."""
     try:
-        send_all(upstream.sock, upstream.raw, data)
+        if last:
+            upstream.writer.write_last(data)
+        else:
+            upstream.writer.write(data)
     except TimeoutError:
         raise BackendTimeout("backend did not accept the request in time") from None
     except OSError as exc:
@@ -214,7 +220,7 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     if parser.complete and framing == RAW:  # all of it came with the head: one send
         events.pop()  # END
         events.appendleft(data)
-        ex.send(b"".join(events))
+        ex.send_last(b"".join(events))
         events.clear()
         return rhead.keep_alive and not parser.upgraded
     out = [data]
@@ -228,7 +234,7 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
             if event is END:
                 if framing == CHUNK:
                     out.append(b"0\r\n\r\n")
-                ex.send(b"".join(out))
+                ex.send_last(b"".join(out))
                 return rhead.keep_alive and not parser.upgraded
             out.append(frame_chunk(event) if framing == CHUNK else event)
         if not hold:
@@ -298,6 +304,10 @@ def _upgrade(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> None:
     parser = upstream.parser
     assert parser is not None  # read_response_head made it
     ex.send(data + parser.leftover)
+    try:
+        upstream.writer.finish()  # the request went out before its answer came
+    except OSError as exc:
+        raise BackendClosed(str(exc)) from None
     conn = ex.conn
     client_leftover = conn.parser.leftover
     ex.keep_alive = False

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import gevent
 import pytest
 
-from balancer.connection import send_all
+from balancer.outbox import send_all
 from balancer.readiness import Readable, raw_socket, receive
 
 DEADLINE = 5.0
