@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import gevent
 import pytest
 
-from balancer.outbox import send_all
 from balancer.readiness import Readable, raw_socket, receive
 
 DEADLINE = 5.0
@@ -105,30 +104,3 @@ def test_receive_waits_on_the_readiness_when_no_data_is_there_yet(pair) -> None:
     gevent.spawn_later(0.05, b.send, b"late")
     with gevent.Timeout(DEADLINE):
         assert receive(a, readable, 100) == b"late"
-
-
-def test_send_all_falls_back_to_gevents_sendall_when_the_buffer_fills() -> None:
-    from gevent import socket as gsocket
-
-    a, b = gsocket.socketpair()
-    data = bytes(range(256)) * 40000  # 10 MB: far more than a socket buffer holds
-    received = bytearray()
-
-    def drain() -> None:
-        while len(received) < len(data):
-            chunk = b.recv(1 << 16)
-            if not chunk:
-                return
-            received.extend(chunk)
-
-    reader, watcher = gevent.spawn(drain), Readable(a)
-    try:
-        with gevent.Timeout(DEADLINE * 4):
-            send_all(a, raw_socket(a, watcher), data)
-            reader.join()
-        assert bytes(received) == data
-    finally:
-        reader.kill()
-        watcher.close()
-        a.close()
-        b.close()

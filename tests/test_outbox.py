@@ -1,0 +1,163 @@
+"""`balancer.outbox`: writes held to the end of the loop iteration. Real gevent
+socket pairs and gevent's real loop; nothing is mocked."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import gevent
+import pytest
+from gevent import socket as gsocket
+
+from balancer.outbox import HOLD_LIMIT, Writer, outbox_for, send_all
+from balancer.readiness import Readable, raw_socket
+
+DEADLINE = 5.0
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Writer, socket.socket, socket.socket]]:
+    """A writer on `a` (with the hub's outbox), and `b`, the other end."""
+    a, b = gsocket.socketpair()
+    watcher = Readable(a)
+    writer = Writer(a, raw_socket(a, watcher), outbox_for(gevent.get_hub()))
+    yield writer, a, b
+    writer.close()
+    watcher.close()
+    a.close()
+    b.close()
+
+
+def pending(sock: socket.socket) -> bytes:
+    """What `sock` can read right now, without waiting (b"" if nothing)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1 << 20)
+    except BlockingIOError:
+        return b""
+    finally:
+        sock.setblocking(True)
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    with gevent.Timeout(DEADLINE):
+        while len(data) < size:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            data.extend(chunk)
+    return bytes(data)
+
+
+def test_a_held_write_goes_out_when_the_loop_runs_its_callbacks(pair) -> None:
+    writer, a, b = pair
+    writer.write_last(b"response")
+    assert pending(b) == b"" and writer.held == b"response"  # nothing sent yet
+    gevent.sleep(0)  # the greenlet waits: the loop iteration ends
+    assert read_exactly(b, 8) == b"response" and writer.held == b""
+
+
+def test_writes_held_in_one_iteration_go_out_together_and_in_order(pair) -> None:
+    writer, a, b = pair
+    writer.write_last(b"one,")
+    writer.write_last(b"two,")  # a pipelined second response
+    assert writer.held == b"one,two,"
+    gevent.sleep(0)
+    assert read_exactly(b, 8) == b"one,two,"
+
+
+def test_a_direct_write_first_sends_what_is_held(pair) -> None:
+    writer, a, b = pair
+    writer.write_last(b"first,")
+    writer.write(b"second")
+    assert pending(b) == b"first,second"
+
+
+def test_finish_sends_what_is_held_at_once(pair) -> None:
+    writer, a, b = pair
+    writer.write_last(b"before close")
+    writer.finish()
+    assert pending(b) == b"before close"
+
+
+def test_a_write_over_the_limit_is_not_held(pair) -> None:
+    writer, a, b = pair
+    data = b"x" * (HOLD_LIMIT + 1)
+    reader = gevent.spawn(read_exactly, b, len(data))
+    writer.write_last(data)
+    assert writer.held == b""
+    assert reader.get(timeout=DEADLINE) == data
+
+
+def test_without_an_outbox_every_write_is_made_at_once() -> None:
+    a, b = socket.socketpair()
+    try:
+        writer = Writer(a, a, None)  # the threaded baseline: blocking sockets
+        writer.write_last(b"now")
+        assert writer.held == b"" and b.recv(3) == b"now"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_flush_the_socket_takes_in_part_is_finished_in_order(pair) -> None:
+    """A peer that does not read fills the buffer: the flush sends what fits,
+    a greenlet sends the rest, and a later write waits for it."""
+    writer, a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    first = bytes(range(256)) * 200  # 51,200 bytes: held, far more than the buffers
+    writer.write_last(first)
+    gevent.sleep(0)
+    assert writer.rest is not None  # the flush sent only part of it
+    reader = gevent.spawn(read_exactly, b, len(first) + 5)
+    writer.write(b"after")  # waits for the rest before its own bytes
+    assert reader.get(timeout=DEADLINE) == first + b"after"
+    assert writer.rest is None
+
+
+def test_a_held_write_to_a_gone_peer_is_dropped_and_the_next_read_says_so(pair) -> None:
+    writer, a, b = pair
+    b.close()
+    writer.write_last(b"nobody reads this")
+    gevent.sleep(0)  # the flush fails quietly, in the hub
+    assert writer.held == b"" and writer.rest is None
+    with gevent.Timeout(DEADLINE):
+        try:
+            got = a.recv(10)  # EOF...
+        except ConnectionResetError:
+            got = b""  # ...or an error: either way the owner stops
+    assert got == b""
+
+
+def test_close_drops_what_is_held_and_stops_a_send_in_progress(pair) -> None:
+    writer, a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer.write_last(b"y" * 60000)
+    gevent.sleep(0)
+    rest = writer.rest
+    assert rest is not None
+    writer.close()  # would block: the peer is not reading
+    assert writer.held == b"" and writer.rest is None
+    deadline = time.monotonic() + DEADLINE
+    while not rest.dead and time.monotonic() < deadline:
+        gevent.sleep(0.005)
+    assert rest.dead
+
+
+def test_send_all_falls_back_to_gevents_sendall_when_the_buffer_fills() -> None:
+    a, b = gsocket.socketpair()
+    data = bytes(range(256)) * 40000  # 10 MB: far more than a socket buffer holds
+    reader, watcher = gevent.spawn(read_exactly, b, len(data)), Readable(a)
+    try:
+        with gevent.Timeout(DEADLINE * 4):
+            send_all(a, raw_socket(a, watcher), data)
+        assert reader.get(timeout=DEADLINE * 4) == data
+    finally:
+        reader.kill()
+        watcher.close()
+        a.close()
+        b.close()
