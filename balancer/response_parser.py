@@ -74,18 +74,18 @@ class ResponseHead:
         for i in range(1, len(lines)):
             line = lines[i]
             if SPECIAL_FIRST[line[0]]:
-                colon = line.find(b":")
-                name = line[:colon].lower()
+                name, _, value = line.partition(b":")
+                name = name.lower()
                 if name == b"content-length":
-                    content_length = int(line[colon + 1:])  # llhttp rejected duplicates
+                    content_length = int(value)  # llhttp rejected duplicates
                 elif name in NOT_FORWARDED:
                     if kept is None:
                         kept = lines[:i]
                     if name == b"connection":
-                        more = connection_tokens(line[colon + 1:].strip(b" \t"))
+                        more = connection_tokens(value.strip(b" \t"))
                         tokens = tokens | more if tokens else more
                     elif name == b"transfer-encoding":
-                        if chunked or line[colon + 1:].strip(b" \t").lower() != b"chunked":
+                        if chunked or value.strip(b" \t").lower() != b"chunked":
                             raise ProtocolError(
                                 502, "backend used a transfer coding other than chunked")
                         chunked = True
