@@ -344,10 +344,6 @@ class AccessLogError(Exception):
     """The access log cannot be used at all (bad format, cannot open the path)."""
 
 
-def _ignore(record: tuple) -> None:
-    """``log`` when the access log is off or closed."""
-
-
 class AccessLog:
     """Buffered access log. ``path``: "" off, "-" stdout, else a file (appended to).
 
@@ -375,12 +371,12 @@ class AccessLog:
         self._is_failing = False
         self._dropped = 0
         self._has_reported_malformed = False
-        self._is_closed = False
-        if not self.is_enabled:
-            self.log = _ignore  # off: the per-request call does nothing at all
+        self._is_closed = not self.is_enabled  # off: `log` does nothing at all
 
     def log(self, record: tuple) -> None:
         """Queue one record. Hot path: an append and a length check, nothing else."""
+        if self._is_closed:
+            return
         pending = self._pending
         pending.append(record)
         if len(pending) == self._batch_size:
@@ -421,7 +417,6 @@ class AccessLog:
         if self._is_closed:
             return
         self._is_closed = True
-        self.log = _ignore
         self._wake.set()
         if self._writer is not None:
             self._writer.join(timeout)
@@ -455,11 +450,12 @@ class AccessLog:
             self._report(f"{exc}; still writing to the old file")
             return
         old, self._fd = self._fd, fd
-        os.close(old)
+        if old is not None:
+            os.close(old)
 
     def _format_batch(self, batch: list[tuple]) -> bytes:
         format_fast = self._format_fast
-        lines = []
+        lines: list[bytes] = []
         append = lines.append
         for record in batch:
             line = format_fast(record)
