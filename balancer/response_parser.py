@@ -59,17 +59,20 @@ class ResponseHead:
     __slots__ = ("status", "status_line", "block", "content_length", "chunked",
                  "keep_alive", "connection_tokens", "no_body", "forwarded")
 
-    def __init__(self, status: int, status_line: bytes, block: bytes, keep_alive: bool,
-                 no_body: bool) -> None:
+    def __init__(self, status: int, head: bytes, keep_alive: bool, no_body: bool) -> None:
+        """`head`: the status line and the fields, without the blank line."""
+        lines = head.split(b"\r\n")  # [status line, field, field...]
+        line = lines[0]
         self.status = status
-        self.status_line = status_line  # "HTTP/1.1 200 OK" as the client will see it
-        self.block = block
+        # llhttp checked the line is "HTTP/d.d NNN reason": keep code and reason
+        self.status_line = b"HTTP/1.1 " + line[9:]  # as the client will see it
+        self.block = block = head[len(line):]
         self.keep_alive = keep_alive
         self.no_body = no_body
+        lines[0] = b""  # joined, the kept lines make a block again
         content_length = None
         chunked = False
         tokens: frozenset[bytes] = _NO_TOKENS
-        lines = block.split(b"\r\n")  # [b"", field, field...]
         kept: list[bytes] | None = None  # the lines forwarded, once one was cut
         for i in range(1, len(lines)):
             line = lines[i]
@@ -202,25 +205,23 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         hp, buf = self._hp, self._buf
-        start = 0
         if buf[:1] == b"\r":  # empty lines before the status line (llhttp skips them)
+            start = 0
             while buf.startswith(b"\r\n", start):
                 start += 2
-        line_end = buf.find(b"\r\n", start)
-        end = buf.find(_CRLFCRLF, line_end)
-        if end - start > self._limit:  # a head that came in one large read
-            self._error = ProtocolError(502, "backend response head too large")
+            buf = buf[start:]
+        raw, blank, rest = buf.partition(_CRLFCRLF)
+        if len(raw) > self._limit or not blank:  # one large read; or bare LFs
+            self._error = ProtocolError(502, "backend response head too large" if blank
+                                        else "invalid response head from backend")
             raise self._error
         status = hp.get_status_code()
         if not 100 <= status <= 599:  # llhttp takes any three digits (RFC 9110 §15)
             self._error = ProtocolError(502, f"invalid status {status} from backend")
             raise self._error
-        # llhttp checked the start line is "HTTP/d.d NNN reason": keep code and reason.
-        status_line = b"HTTP/1.1 " + buf[start + 9:line_end]
         no_body = self.for_head or status < 200 or status in (204, 304)
         try:
-            head = ResponseHead(status, status_line, buf[line_end:end], hp.should_keep_alive(),
-                                no_body)
+            head = ResponseHead(status, raw, hp.should_keep_alive(), no_body)
         except ProtocolError as exc:
             self._error = exc
             raise
@@ -228,14 +229,14 @@ class ResponseParser:
             self._error = ProtocolError(502, "invalid Content-Length from backend")
             raise self._error from None
         self._head = head
-        self._buf = buf[end + 4:] if status < 200 else b""  # a 1xx: the next message
+        self._buf = rest if status < 200 else b""  # a 1xx: the next message
         self._in_head = False
         self.events.append(head)
         if self.for_head and status >= 200:
             # llhttp cannot be told "no body follows" (HEAD); the message ends here,
             # and a body the backend sent anyway must not become events after END.
             self._finish()
-            if buf[end + 4:].strip(b"\r\n"):
+            if rest.strip(b"\r\n"):
                 head.keep_alive = False
             raise _Stop
 
