@@ -10,11 +10,19 @@ every greenlet that was ready has run and before the next poll) makes all
 held writes back to back: a peer woken by the first finds the next ones there
 before it sleeps again.
 
+A batch is at most BATCH_LIMIT writers: the one that fills it sends them all
+at once. Unbounded, a thousand held requests released together (spin) reached
+the backend only after the last greenlet had run, and the backend idled
+meanwhile: `scripts/bench_spin_release.py` (1,000 held, rule flipped to
+proxy) gave responses p50 181–203 ms, p99 218–234 ms after the swap, against
+p50 76–83, p99 120–127 ms without holding and p50 70, p99 113–116 ms with
+batches of 32.
+
 Measured with scripts/bench_proxy.py's set-up (wrk -t1 -c100, nginx, 4.5 KB
-page), 3 rounds before and after, per 1,000 requests: wrk's voluntary context
-switches 681–699 → 38–59, nginx's 120–150 → 29–37; the worker's CPU per
-request 45–56 → 32–39 µs in the kernel and 54–65 → 44–45 µs in user space
-(fewer wake-ups to handle on its own side too).
+page), 3 rounds each, per 1,000 requests: wrk's voluntary context switches
+681–699 without holding, 64–74 with it; nginx's 120–150, 52–56; the worker's
+CPU per request 45–56 → 31–33 µs in the kernel and 54–65 → 37–41 µs in user
+space (fewer wake-ups to handle on its own side too).
 
 Invariants:
 * Bytes leave a socket in the order they were written: a direct `write`, and
@@ -23,6 +31,8 @@ Invariants:
   it from its next read of that socket (EOF or an error), its next step.
 * A held write the socket takes only in part is finished by a greenlet of
   its own (`rest`); the owner's next write waits for it, `close` stops it.
+* At most BATCH_LIMIT writers wait in a batch; at most HOLD_LIMIT bytes per
+  socket are held (a larger write is made at once).
 * Without an outbox (the threaded baseline's blocking sockets) every write
   is made at once.
 """
@@ -37,6 +47,10 @@ from typing import Any, Final
 from gevent import spawn
 
 HOLD_LIMIT: Final = 65536  # bytes held per socket; a larger write is made at once
+# Writers held at most per batch: a burst of greenlets (a thousand held requests
+# released at once) must not keep the first of them from their peers until the
+# last has run, or the peers sit idle meanwhile.
+BATCH_LIMIT: Final = 32
 
 
 class Outbox:
@@ -49,9 +63,12 @@ class Outbox:
         self.queue: list[Writer] = []
 
     def add(self, writer: Writer) -> None:
-        if not self.queue:
+        queue = self.queue
+        if not queue:
             self.loop.run_callback(self.flush)
-        self.queue.append(writer)
+        queue.append(writer)
+        if len(queue) >= BATCH_LIMIT:
+            self.flush()
 
     def flush(self) -> None:
         """The loop's callback: make every held write."""

@@ -11,7 +11,7 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from balancer.outbox import HOLD_LIMIT, Writer, outbox_for, send_all
+from balancer.outbox import BATCH_LIMIT, HOLD_LIMIT, Outbox, Writer, outbox_for, send_all
 from balancer.readiness import Readable, raw_socket
 
 DEADLINE = 5.0
@@ -81,6 +81,26 @@ def test_finish_sends_what_is_held_at_once(pair) -> None:
     writer.write_last(b"before close")
     writer.finish()
     assert pending(b) == b"before close"
+
+
+def test_a_full_batch_goes_out_at_once_without_waiting_for_the_loop() -> None:
+    """A burst of greenlets (held requests released together) must not keep the
+    first peers waiting until the last greenlet has run."""
+    pairs = [gsocket.socketpair() for _ in range(BATCH_LIMIT)]
+    outbox = Outbox(gevent.get_hub().loop)
+    try:
+        writers = [Writer(a, a, outbox) for a, _ in pairs]
+        for i, writer in enumerate(writers[:-1]):
+            writer.write_last(b"%d" % i)
+        assert all(pending(b) == b"" for _, b in pairs)  # held: the batch is not full
+        writers[-1].write_last(b"last")  # fills it: every held write goes out now
+        expected = [b"%d" % i for i in range(BATCH_LIMIT - 1)] + [b"last"]
+        assert [pending(b) for _, b in pairs] == expected
+        assert outbox.queue == []
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 def test_a_write_over_the_limit_is_not_held(pair) -> None:
