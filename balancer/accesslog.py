@@ -49,7 +49,7 @@ import time
 from collections import deque
 from datetime import datetime
 from math import modf
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import gevent
 import gevent.event
@@ -91,7 +91,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
 _stamp_cache: list = [None, ""]  # [whole second, its CLF text]: records share seconds
 
 
-def _latin1(value: str | bytes) -> str:
+def _latin1(value: Any) -> str:
     """One char per byte (0..255), so the escape tables cover every char."""
     if isinstance(value, bytes):
         return value.decode("latin-1")
@@ -100,15 +100,15 @@ def _latin1(value: str | bytes) -> str:
     return value.encode("utf-8", "backslashreplace").decode("latin-1")
 
 
-def _bare(value: str | bytes | None) -> str:
+def _bare(value: Any) -> str:
     return _latin1(value).translate(_ESCAPE_BARE) if value else "-"
 
 
-def _quoted(value: str | bytes | None) -> str:
+def _quoted(value: Any) -> str:
     return _latin1(value).translate(_ESCAPE_QUOTED) if value else "-"
 
 
-def _clf_time(stamp: float) -> str:
+def _clf_time(stamp: Any) -> str:
     second = int(stamp)
     if _stamp_cache[0] != second:
         t = time.localtime(second)
@@ -121,7 +121,7 @@ def _clf_time(stamp: float) -> str:
     return _stamp_cache[1]
 
 
-def _format_combined_escaped(record: tuple) -> str:
+def _format_combined_escaped(record: Any) -> str:
     """Reference combined line (with its newline) for ``record``: any record, escaping all."""
     brt = record[BACKEND_TIME]
     return (
@@ -135,13 +135,13 @@ def _format_combined_escaped(record: tuple) -> str:
     )
 
 
-def _text(value: str | bytes | None) -> str | None:
+def _text(value: Any) -> str | None:
     if not value:
         return None
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
-def _format_json_dumps(record: tuple) -> str:
+def _format_json_dumps(record: Any) -> str:
     """Reference JSON line (with its newline) for ``record``: any record, via ``json.dumps``."""
     brt = record[BACKEND_TIME]
     stamp = datetime.fromtimestamp(record[TIME]).astimezone()
@@ -207,7 +207,7 @@ def _text_bytes(values: tuple, missing: bytes) -> list[bytes]:
             for value in values]
 
 
-def _exact_fields(record: tuple) -> tuple | None:
+def _exact_fields(record: Any) -> tuple | None:
     """`record` if it is a plain tuple whose counts are exact ints and whose
     duration is a float (so %d and %.3f write them as the reference's :d, :.3f
     and json.dumps do), else None."""
@@ -226,7 +226,7 @@ def _fill_combined_time(stamp: float) -> None:
                               _COMBINED_NO_BRT.replace(b"[%s]", clf, 1)]
 
 
-def _combined_fast(record: tuple) -> bytes | None:
+def _combined_fast(record: Any) -> bytes | None:
     """``record`` as a combined line if it is the common case, else None."""
     try:
         fields = _exact_fields(record)
@@ -281,7 +281,7 @@ def _ms_json(seconds: float) -> bytes:
     return text + b"0" if text[-1] == 0x2E else text  # "12." -> "12.0"
 
 
-def _json_fast(record: tuple) -> bytes | None:
+def _json_fast(record: Any) -> bytes | None:
     """``record`` as a JSON line if it is the common case, else None."""
     try:
         fields = _exact_fields(record)
@@ -319,13 +319,13 @@ def _json_fast(record: tuple) -> bytes | None:
 # -- public formatters -----------------------------------------------------------
 
 
-def format_combined(record: tuple) -> str:
+def format_combined(record: Any) -> str:
     """One extended combined line (with its newline) for ``record``."""
     line = _combined_fast(record)
     return _format_combined_escaped(record) if line is None else line.decode()
 
 
-def format_json(record: tuple) -> str:
+def format_json(record: Any) -> str:
     """One JSON line (with its newline) for ``record``."""
     line = _json_fast(record)
     return _format_json_dumps(record) if line is None else line.decode()
@@ -362,7 +362,7 @@ class AccessLog:
         self._format_fast, self._format_reference = _LINE_FORMATTERS[fmt]
         self._flush_interval = flush_interval
         self._batch_size = batch_size
-        self._pending: deque[tuple] = deque()  # append/popleft are atomic: no lock needed
+        self._pending: deque[Any] = deque()  # append/popleft are atomic: no lock needed
         self._wake = gevent.event.Event()
         self._writing = gevent.lock.Semaphore()  # one flush at a time (never on the hot path)
         self._fd: int | None = None
@@ -373,7 +373,7 @@ class AccessLog:
         self._has_reported_malformed = False
         self._is_closed = not self.is_enabled  # off: `log` does nothing at all
 
-    def log(self, record: tuple) -> None:
+    def log(self, record: Any) -> None:
         """Queue one record. Hot path: an append and a length check, nothing else."""
         if self._is_closed:
             return
@@ -453,7 +453,7 @@ class AccessLog:
         if old is not None:
             os.close(old)
 
-    def _format_batch(self, batch: list[tuple]) -> bytes:
+    def _format_batch(self, batch: list[Any]) -> bytes:
         format_fast = self._format_fast
         lines: list[bytes] = []
         append = lines.append
@@ -462,7 +462,7 @@ class AccessLog:
             append(self._format_slowly(record) if line is None else line)
         return b"".join(lines)
 
-    def _format_slowly(self, record: tuple) -> bytes:
+    def _format_slowly(self, record: Any) -> bytes:
         """A record the fast formatter declined: the reference line, or b"" if malformed."""
         try:
             return self._format_reference(record).encode("utf-8", "backslashreplace")
@@ -500,6 +500,6 @@ class AccessLog:
 
 def _write_all(fd: int, data: bytes) -> None:
     """Write all of ``data`` to ``fd`` (os.write may write part of it)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    view, written = memoryview(data), 0
+    while written < len(data):
+        written += os.write(fd, view[written:])

@@ -99,7 +99,7 @@ def typical(**changes) -> tuple:
         backend="127.0.0.1:19101", duration=0.00123, backend_time=0.0009,
     )
     fields.update(changes)
-    return accesslog.make_record(**fields)
+    return tuple(fields.values())  # make_record's order, without its type checks
 
 
 def reference(fmt: str, record: tuple):
