@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -128,6 +129,45 @@ def test_pipelined_requests_answered_in_order(balancer):
     assert responses[2][2] == b"hello"
     assert json.loads(responses[3][2])["path"] == "/3"
     assert json.loads(responses[4][2])["path"] == "/last"
+
+
+def test_a_deep_pipeline_read_slowly_is_answered_whole_and_in_order(tmp_path, backends):
+    """Responses back up behind a client that reads little at a time: held
+    writes the socket takes only in part (balancer.outbox) must still leave
+    whole and in order, and the connection must go on."""
+    big = "x" * 20000  # a few responses fill the socket buffers
+    bal = Balancer(tmp_path, {"big.test": {"action": "static", "body": big},
+                              "app.test": {"action": "proxy", "backends": [backends[0].address]}})
+    count = 400
+    pipeline = b"".join(
+        b"GET /%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (i, b"big.test" if i % 50 else b"app.test")
+        for i in range(count))
+    pipeline += b"GET /last HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+    sock.settimeout(10)
+    try:
+        sock.connect(("127.0.0.1", bal.port))
+        sender = threading.Thread(target=sock.sendall, args=(pipeline,), daemon=True)
+        sender.start()
+        chunks, deadline = [], time.monotonic() + 30
+        while time.monotonic() < deadline:
+            chunk = sock.recv(2048)  # a slow reader: small reads
+            if not chunk:
+                break
+            chunks.append(chunk)
+        sender.join(5)
+    finally:
+        sock.close()
+        bal.stop()
+    responses = split_responses(b"".join(chunks))
+    assert len(responses) == count + 1
+    for i, (status, _, body) in enumerate(responses[:count]):
+        if i % 50:
+            assert (status, body) == (200, big.encode()), i
+        else:
+            assert status == 200 and json.loads(body)["path"] == f"/{i}", i
+    assert json.loads(responses[-1][2])["path"] == "/last"
 
 
 def test_forwarded_headers_external(balancer):
