@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
-from balancer.outbox import Writer, outbox_for
-from balancer.readiness import Readable, raw_socket, receive, unwatch
+from balancer.outbox import writer_for
+from balancer.readiness import Readable, receive, unwatch
 from balancer.responses import local_response
 
 if TYPE_CHECKING:
@@ -108,22 +108,18 @@ class Exchange:
         self.started = False   # response bytes were sent to the client
         self.body_done = not head.has_body
 
-    def send(self, data: bytes) -> None:
-        """Send response bytes to the client; a dead client raises ClientGone."""
+    def send(self, data: bytes, last: bool = False) -> None:
+        """Send response bytes to the client; a dead client raises ClientGone.
+        `last`: the response ends with them, so they may be held to the end of
+        the loop iteration (`balancer.outbox`; a client gone by then is found
+        by the next read)."""
         self.started = True
+        writer = self.conn.writer
         try:
-            self.conn.writer.write(data)
-        except OSError as exc:
-            raise ClientGone(str(exc)) from None
-        self.sent += len(data)
-
-    def send_last(self, data: bytes) -> None:
-        """Send the response's last bytes (`balancer.outbox`: they may be held
-        to the end of the loop iteration; a client gone by then is found by
-        the next read)."""
-        self.started = True
-        try:
-            self.conn.writer.write_last(data)
+            if last:
+                writer.write_last(data)
+            else:
+                writer.write(data)
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         self.sent += len(data)
@@ -134,10 +130,10 @@ class Exchange:
         self.conn.discard_body(self)
         head = self.head
         self.status = status
-        self.send_last(local_response(
+        self.send(local_response(
             status, body, content_type, request_id=self.request_id,
             keep_alive=self.keep_alive, version=head.version,
-            head_only=head.method == b"HEAD", extra=extra))
+            head_only=head.method == b"HEAD", extra=extra), last=True)
 
     def respond_page(self, name: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         page = self.conn.ctx.pages.get(name)
@@ -158,8 +154,8 @@ class ClientConnection:
                  watcher: Readable | None = None) -> None:
         self.sock = sock
         self.watcher = watcher  # its read watcher (watchdog mode, balancer.readiness)
-        self.raw = raw_socket(sock, watcher)
-        self.writer = Writer(sock, self.raw, None if watcher is None else outbox_for(watcher.hub))
+        self.writer = writer_for(sock, watcher)
+        self.raw = self.writer.raw  # readiness.raw_socket: reads go there too
         self.client_ip = address[0] if isinstance(address, tuple) else str(address)
         self.client_ip_bytes = self.client_ip.encode()
         self.ctx = ctx

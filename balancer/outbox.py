@@ -46,6 +46,8 @@ from typing import Any, Final
 
 from gevent import spawn
 
+from balancer.readiness import Readable, raw_socket
+
 HOLD_LIMIT: Final = 65536  # bytes held per socket; a larger write is made at once
 # Writers held at most per batch: a burst of greenlets (a thousand held requests
 # released at once) must not keep the first of them from their peers until the
@@ -86,6 +88,13 @@ def outbox_for(hub: Any) -> Outbox:
     if outbox is None:
         outbox = _OUTBOXES[hub] = Outbox(hub.loop)
     return outbox
+
+
+def writer_for(sock: socket.socket, watcher: Readable | None) -> Writer:
+    """The writer of `sock`: with a `watcher` (gevent), on the OS socket and
+    with the outbox of the watcher's hub; without one, direct on `sock`."""
+    raw = raw_socket(sock, watcher)
+    return Writer(sock, raw, None if watcher is None else outbox_for(watcher.hub))
 
 
 def send_all(sock: socket.socket, raw: Any, data: bytes) -> None:

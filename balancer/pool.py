@@ -34,9 +34,9 @@ from typing import Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError
-from balancer.outbox import Writer, outbox_for
+from balancer.outbox import writer_for
 from balancer.peek import OPEN, peek
-from balancer.readiness import Readable, raw_socket, unwatch
+from balancer.readiness import Readable, unwatch
 from balancer.response_parser import ResponseParser
 
 UP: Final = "up"
@@ -52,8 +52,8 @@ class Upstream:
     def __init__(self, sock: socket.socket, watcher: Readable | None) -> None:
         self.sock = sock
         self.watcher = watcher
-        self.raw = raw_socket(sock, watcher)
-        self.writer = Writer(sock, self.raw, None if watcher is None else outbox_for(watcher.hub))
+        self.writer = writer_for(sock, watcher)
+        self.raw = self.writer.raw  # readiness.raw_socket: reads go there too
         self.parser: ResponseParser | None = None  # made on first use
         self.since = 0.0  # when it went idle (monotonic)
 

@@ -97,12 +97,10 @@ def send_request(ex: Exchange, upstream: Upstream, body: bytes | None,
             data += (frame_chunk(body) if body else b"") + b"0\r\n\r\n"
         else:
             data += body
-        _send_backend(upstream, data, True)
+    whole = body is not None or ex.body_done
+    _send_backend(upstream, data, whole)
+    if whole:
         return False
-    if ex.body_done:
-        _send_backend(upstream, data, True)
-        return False
-    _send_backend(upstream, data)
     if head.expect_continue and head.version == b"1.1":
         try:
             ex.conn.writer.write(CONTINUE)
@@ -220,7 +218,7 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     if parser.complete and framing == RAW:  # all of it came with the head: one send
         events.pop()  # END
         events.appendleft(data)
-        ex.send_last(b"".join(events))
+        ex.send(b"".join(events), last=True)
         events.clear()
         return rhead.keep_alive and not parser.upgraded
     out = [data]
@@ -234,7 +232,7 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
             if event is END:
                 if framing == CHUNK:
                     out.append(b"0\r\n\r\n")
-                ex.send_last(b"".join(out))
+                ex.send(b"".join(out), last=True)
                 return rhead.keep_alive and not parser.upgraded
             out.append(frame_chunk(event) if framing == CHUNK else event)
         if not hold:

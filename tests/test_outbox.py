@@ -11,7 +11,15 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from balancer.outbox import BATCH_LIMIT, HOLD_LIMIT, Outbox, Writer, outbox_for, send_all
+from balancer.outbox import (
+    BATCH_LIMIT,
+    HOLD_LIMIT,
+    Outbox,
+    Writer,
+    outbox_for,
+    send_all,
+    writer_for,
+)
 from balancer.readiness import Readable, raw_socket
 
 DEADLINE = 5.0
@@ -22,7 +30,8 @@ def pair() -> Iterator[tuple[Writer, socket.socket, socket.socket]]:
     """A writer on `a` (with the hub's outbox), and `b`, the other end."""
     a, b = gsocket.socketpair()
     watcher = Readable(a)
-    writer = Writer(a, raw_socket(a, watcher), outbox_for(gevent.get_hub()))
+    writer = writer_for(a, watcher)
+    assert writer.outbox is outbox_for(gevent.get_hub()) and writer.raw is not a
     yield writer, a, b
     writer.close()
     watcher.close()
