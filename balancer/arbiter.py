@@ -38,7 +38,7 @@ from balancer.control import control_path
 from balancer.privileges import Identity
 from balancer.settings import Settings, SettingsError
 from balancer.startup import check_in_child, flush_std, keep_bound, kill_quietly, read_pipe
-from balancer.workers import BOOT_ERROR, ChildEnv, child_main, run_management, run_worker
+from balancer.workers import BOOT_ERROR, ChildEnv, ManagementChild, child_main, run_worker
 
 log = logging.getLogger("balancer")
 
@@ -83,11 +83,12 @@ class Bound:
 class Arbiter:
     """Keeps `server.workers` proxy workers and one management process running."""
 
-    def __init__(self, settings: Settings, bound: Bound,
+    def __init__(self, settings: Settings, bound: Bound, management: ManagementChild,
                  reload_settings: Callable[[], Settings] | None = None,
                  announce: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.bound = bound
+        self.management = management
         self.reload_settings = reload_settings
         self.announce = announce  # called once, when every child first is ready
         self.generation = 1
@@ -237,7 +238,7 @@ class Arbiter:
         if pid == 0:
             if kind == WORKER:
                 child_main(lambda e: run_worker(e, self.bound.listeners), env)
-            child_main(lambda e: run_management(e, self.bound.management), env)
+            child_main(lambda e: self.management.run(e, self.bound.management), env)
         os.close(ready_w)
         self.children[pid] = Child(kind, slot, self.generation, pid, ready_r,
                                    self.settings.timeouts.graceful)

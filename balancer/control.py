@@ -89,7 +89,7 @@ class ControlServer:
     def answer(self, command: str) -> dict[str, Any]:
         worker = self.worker
         if command == "reload":
-            from management.stores.base import StoreError
+            from balancer.stores.base import StoreError
 
             try:
                 return {"pid": os.getpid(), "version": worker.reload()}

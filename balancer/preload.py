@@ -31,17 +31,17 @@ MODULES = (
     "gevent.resolver.thread", "gevent.pywsgi", "gevent.util", "importlib.metadata",
     "zope.event", "encodings.idna", "_threading_local",
     # the children's own code
-    "balancer.accesslog", "balancer.cluster", "balancer.control", "balancer.server",
-    "management.app", "management.stores.file", "management.stores.redis",
+    "balancer.accesslog", "balancer.control", "balancer.server",
+    "balancer.stores.file", "balancer.stores.redis",
 )
 # imported by gevent.monkey depending on the Python version
 OPTIONAL = ("gevent.monkey._patch_thread_common", "gevent.monkey._patch_thread_lt313",
             "gevent.monkey._patch_thread_gte313")
 
 
-def preload() -> None:
-    """Import `MODULES` (and whichever `OPTIONAL` ones exist)."""
-    for name in MODULES:
+def preload(extra: tuple[str, ...] = ()) -> None:
+    """Import `MODULES`, `extra` (the management process's) and whichever `OPTIONAL` exist."""
+    for name in (*MODULES, *extra):
         importlib.import_module(name)
     for name in OPTIONAL:
         with contextlib.suppress(ImportError):

@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import Any
 
 from balancer import native
@@ -31,9 +32,11 @@ from balancer.privileges import Identity, PrivilegeError, drop_privileges, resol
 from balancer.server import bind
 from balancer.settings import Settings
 from balancer.startup import check_in_child
-from management.stores.urls import redact_url
+from balancer.stores.urls import redact_url
+from balancer.workers import ManagementChild
 
 log = logging.getLogger("balancer")
+MANAGEMENT_GROUP = "balancer.management"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
@@ -71,7 +74,11 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
         identity = resolve(settings.server.user, settings.server.group)
     except PrivilegeError as exc:
         return fail(str(exc), 2)
-    preload()
+    try:
+        management_child = load_management()
+    except LookupError as exc:
+        return fail(str(exc), 1)
+    preload(management_child.modules)
     problem = check_in_child(settings, identity)
     if problem is not None:
         return fail(problem[1], problem[0])
@@ -86,10 +93,25 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
         if dropped:
             log.info("running as %s", identity)
         bound = Bound(listeners, management, run_dir, identity if dropped else None)
-        return Arbiter(settings, bound, reload_settings,
+        return Arbiter(settings, bound, management_child, reload_settings,
                        lambda: announce(settings, listeners, management)).run()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def load_management() -> ManagementChild:
+    """The management process, from the ``balancer.management`` entry point.
+
+    This is where the composition root wires the management package in: the
+    data plane itself never imports `management`."""
+    found = entry_points(group=MANAGEMENT_GROUP, name="child")
+    if not found:
+        raise LookupError(f"no {MANAGEMENT_GROUP!r} entry point: the balancer package is not "
+                          f"installed (pip install .)")
+    child = next(iter(found)).load()
+    if not isinstance(child, ManagementChild):
+        raise LookupError(f"entry point {MANAGEMENT_GROUP!r} is not a ManagementChild")
+    return child
 
 
 def announce(settings: Settings, listeners: list[tuple[Any, bool]], management: Any) -> None:

@@ -1,5 +1,7 @@
-"""What runs in the arbiter's forked children: proxy workers, the management
-process, and the start-up check.
+"""What runs in the arbiter's forked children: proxy workers and the start-up
+check, and the frame (`child_main`, `ChildEnv`, `ManagementChild`) that the
+management process (`management.process`, handed over by the composition root
+`balancer.serve`) runs in too.
 
 Each child starts unpatched (the arbiter imported its modules but never
 monkey-patched, see `balancer.preload`), forgets the arbiter's signal
@@ -37,7 +39,6 @@ from balancer.settings import Settings
 log = logging.getLogger("balancer")
 
 BOOT_ERROR = 3
-MANAGEMENT_DRAIN = 5.0  # seconds an old management process finishes API requests
 PARENT_CHECK = 1.0  # seconds between checks that the arbiter is still there
 STOP_MARGIN = 0.5  # a worker stops this much before the arbiter's `graceful` deadline
 GC_THRESHOLDS = (20000, 20, 100)  # gc.set_threshold in a proxy worker (see `tune_gc`)
@@ -52,6 +53,18 @@ class BootError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True)
+class ManagementChild:
+    """How the arbiter runs the management process.
+
+    The data plane never imports `management`: the composition root
+    (`balancer.serve`) finds this through the ``balancer.management`` entry
+    point and hands it to the arbiter."""
+
+    run: Callable[[ChildEnv, Any], int]  # the child's body, on the inherited management socket
+    modules: tuple[str, ...] = ()        # imported before privileges drop (`balancer.preload`)
 
 
 @dataclass(frozen=True)
@@ -139,7 +152,7 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None) -> No
 
 
 def open_child_store(settings: Settings) -> Any:
-    from management.stores import StoreError, open_store
+    from balancer.stores import StoreError, open_store
 
     try:
         return open_store(settings.store.url, settings.store.namespace,
@@ -195,35 +208,13 @@ def tune_gc() -> None:
 
 def initial_load(worker: Any) -> None:
     """Load the table once; a store problem is reported and serving starts anyway."""
-    from management.stores.base import StoreError
+    from balancer.stores.base import StoreError
 
     try:
         worker.reload()
     except StoreError as exc:
         log.error("store %s: %s; serving the no-hosts page until it recovers",
                   worker.store.display_url, exc)
-
-
-# management process -------------------------------------------------------------
-def run_management(env: ChildEnv, sock: Any) -> int:
-    """The management API over every worker, on the inherited management socket."""
-    from gevent.pywsgi import WSGIServer
-
-    from balancer.cluster import ClusterRuntime
-    from management.app import create_app
-
-    settings = env.settings
-    store = open_child_store(settings)
-    runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers())
-    app = create_app(store=store, runtime=runtime, token=settings.management.token or None,
-                     settings=settings)
-    api = WSGIServer(sock, app, log=None, error_log=log)
-    api.start()
-    report_ready(env)
-    wait_for_stop(env)
-    api.stop(timeout=min(MANAGEMENT_DRAIN, settings.timeouts.graceful))
-    store.close()
-    return 0
 
 
 # start-up check -------------------------------------------------------------------

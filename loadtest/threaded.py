@@ -62,7 +62,7 @@ def start_watcher(worker: Worker, stop: threading.Event) -> threading.Thread:
 
 def build_worker(listen: str, store_url: str, config: str | None) -> tuple[Worker, Any]:
     """Settings and a `Worker` (its table loaded) for the baseline; exits on bad input."""
-    from management.stores import open_store
+    from balancer.stores import open_store
 
     try:
         settings = load_settings({"server.listen": [listen], "store.url": store_url},

@@ -37,7 +37,7 @@ from management.http import (
 from management.metrics import Metrics
 from management.runtime import Runtime, StaticRuntime
 from management.stats_view import host_stats, stats_view
-from management.stores import CorruptStore, Store, StoreUnavailable, VersionConflict, open_store
+from balancer.stores import CorruptStore, Store, StoreUnavailable, VersionConflict, open_store
 
 log = logging.getLogger("balancer.management")
 

@@ -11,7 +11,7 @@ import time
 from typing import Any, Protocol, runtime_checkable
 
 from balancer.stats import Stats
-from management.stores.base import Store, StoreError
+from balancer.stores.base import Store, StoreError
 
 
 @runtime_checkable

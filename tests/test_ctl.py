@@ -14,7 +14,7 @@ import pytest
 
 from management.app import create_app
 from management.ctl import parse_fields
-from management.stores.file import FileStore
+from balancer.stores.file import FileStore
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ import pytest
 
 from balancer.stats import Stats
 from management.app import create_app
-from management.stores import Store, open_store
+from balancer.stores import Store, open_store
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

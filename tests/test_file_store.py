@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from management.stores import (
+from balancer.stores import (
     CorruptStore,
     StoreUnavailable,
     StoreUrlError,
     TableData,
     open_store,
 )
-from management.stores.file import FileStore
+from balancer.stores.file import FileStore
 from tests.conftest import wait_until
 from tests.test_store_contract import GONE, WEB, Watcher
 
@@ -145,7 +145,7 @@ class CountingStore(FileStore):
 
 WRITER = """
 import sys
-from management.stores.file import FileStore
+from balancer.stores.file import FileStore
 store = FileStore(sys.argv[1])
 for i in range(int(sys.argv[3])):
     store.put_host(f"{sys.argv[2]}-{i}.example.com", {"action": "empty", "status": 204})

@@ -15,8 +15,8 @@ import pytest
 from balancer.stats import Stats
 from management import app as app_module
 from management.app import create_app
-from management.stores import Store, open_store
-from management.stores.file import FileStore
+from balancer.stores import Store, open_store
+from balancer.stores.file import FileStore
 from tests.conftest import RedisServer
 
 WEB = {"action": "proxy", "backends": ["127.0.0.1:9001"]}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from management.stores.redis import RedisStore
+from balancer.stores.redis import RedisStore
 from tests.conftest import RedisServer, wait_until
 from tests.support import ROOT, Backend, Balancer, request
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from management.stores import (
+from balancer.stores import (
     CorruptStore,
     StoreUnavailable,
     StoreUrlError,
@@ -19,8 +19,8 @@ from management.stores import (
     open_store,
     redact_url,
 )
-from management.stores.redis import RedisStore
-from management.stores.urls import SentinelTarget, parse_sentinel_url
+from balancer.stores.redis import RedisStore
+from balancer.stores.urls import SentinelTarget, parse_sentinel_url
 from tests.conftest import RedisServer, free_port, wait_until
 from tests.test_store_contract import GONE, WEB, Watcher
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from management.stores import Store, TableData, VersionConflict, open_store
+from balancer.stores import Store, TableData, VersionConflict, open_store
 from tests.conftest import RedisServer, wait_until
 
 WEB = {"action": "proxy", "backends": ["127.0.0.1:9001", {"address": "[::1]:9002", "weight": 3}]}

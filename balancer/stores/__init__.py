@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from management.stores.base import (
+from balancer.stores.base import (
     CorruptStore,
     Store,
     StoreError,
@@ -14,7 +14,7 @@ from management.stores.base import (
     TableData,
     VersionConflict,
 )
-from management.stores.urls import StoreUrlError, redact_url
+from balancer.stores.urls import StoreUrlError, redact_url
 
 __all__ = ["CorruptStore", "Store", "StoreError", "StoreUnavailable", "StoreUrlError",
            "TableData", "VersionConflict", "open_store", "redact_url"]
@@ -30,7 +30,7 @@ def open_store(url: str, namespace: str = "balancer", resync_interval: float = 5
     if not isinstance(url, str) or not url.strip():
         raise StoreUrlError(f"empty store URL; expected {URL_FORMS}")
     if url.startswith("file:"):
-        from management.stores.file import FileStore
+        from balancer.stores.file import FileStore
 
         path = url[len("file:"):]
         if path.startswith("//"):
@@ -42,7 +42,7 @@ def open_store(url: str, namespace: str = "balancer", resync_interval: float = 5
         except StoreUnavailable as exc:
             raise StoreUrlError(str(exc)) from None
     if url.startswith(REDIS_SCHEMES):
-        from management.stores.redis import RedisStore
+        from balancer.stores.redis import RedisStore
 
         return RedisStore(url, namespace, resync_interval)
     raise StoreUrlError(f"unsupported store URL {redact_url(url)!r}; expected {URL_FORMS}")

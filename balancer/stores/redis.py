@@ -36,7 +36,7 @@ from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from management.stores.base import (
+from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
     Store,
@@ -45,7 +45,7 @@ from management.stores.base import (
     TableData,
     VersionConflict,
 )
-from management.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
+from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
 log = logging.getLogger("balancer.store.redis")
 

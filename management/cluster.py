@@ -66,7 +66,7 @@ class ClusterRuntime:
 
     def reload(self) -> int:
         """Every worker re-reads the store now; the lowest version they serve."""
-        from management.stores import StoreUnavailable
+        from balancer.stores import StoreUnavailable
 
         replies = self.ask_all("reload")
         errors = [r["error"] for r in replies if "error" in r]

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from management.stores.base import (
+from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
     Store,

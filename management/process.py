@@ -1,0 +1,44 @@
+"""The management process: the management API over every worker of one arbiter.
+
+The arbiter forks it like a worker (`balancer.workers.child_main`) and runs
+`CHILD.run` on the inherited management socket; `balancer.serve` finds `CHILD`
+through the ``balancer.management`` entry point (pyproject.toml), so the data
+plane never imports this package.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from balancer.workers import ChildEnv, ManagementChild, open_child_store, report_ready, wait_for_stop
+
+log = logging.getLogger("balancer")
+
+MANAGEMENT_DRAIN = 5.0  # seconds an old management process finishes API requests
+
+
+def run_management(env: ChildEnv, sock: Any) -> int:
+    """Serve the management API on `sock` until told to stop."""
+    from gevent.pywsgi import WSGIServer
+
+    from management.app import create_app
+    from management.cluster import ClusterRuntime
+
+    settings = env.settings
+    store = open_child_store(settings)
+    runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers())
+    app = create_app(store=store, runtime=runtime, token=settings.management.token or None,
+                     settings=settings)
+    api = WSGIServer(sock, app, log=None, error_log=log)
+    api.start()
+    report_ready(env)
+    wait_for_stop(env)
+    api.stop(timeout=min(MANAGEMENT_DRAIN, settings.timeouts.graceful))
+    store.close()
+    return 0
+
+
+# what the management process imports after fork (see `balancer.preload`)
+CHILD = ManagementChild(run_management, modules=(
+    "management.app", "management.cluster", "management.process"))
