@@ -18,7 +18,7 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found.append((node.lineno, node.module))
-    return found
+    return sorted(found)
 
 
 def imports_of(package: str, forbidden: str) -> list[str]:
