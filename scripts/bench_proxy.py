@@ -1,12 +1,15 @@
 """Proxy speed against HAProxy: the benchmark of issues 2 and 4.
 
-``python scripts/bench_proxy.py [--rounds 3] [--duration 8] [--connections 100]
-[--targets direct,haproxy,bare,balancer,balancer-log]``
+``python scripts/bench_proxy.py [--rounds 3] [--duration 8] [--connections 100[,1000]]
+[--modes keep-alive[,close]] [--targets direct,haproxy,bare,balancer,balancer-log]``
 
 nginx (one worker) serves the suite's 4.5 KB page; every target proxies to
 it over keep-alive connections and is measured with
 ``wrk -t1 -cN -dS --latency``, the targets taking turns within each round so
-that a noisy machine shifts them all alike. Targets:
+that a noisy machine shifts them all alike. Each round runs every listed
+connection count in every client mode: ``keep-alive`` (wrk's default) and
+``close`` (``Connection: close``: a new client connection per request, the
+cost of accepting and closing). Targets:
 
 * ``direct``: nginx alone (the ceiling);
 * ``haproxy``: HAProxy ``nbthread 1``, ``http-reuse always``;
@@ -106,9 +109,13 @@ def scrape_loop(port: int, stop: threading.Event) -> None:
             print(f"  scrape failed: {exc}", file=sys.stderr)
 
 
-def run_wrk(port: int, connections: int, duration: int) -> tuple[float, str]:
+MODES = ("keep-alive", "close")
+
+
+def run_wrk(port: int, connections: int, duration: int, mode: str) -> tuple[float, str]:
+    header = ["-H", "Connection: close"] if mode == "close" else []
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", *header,
          f"http://{HOST}:{port}/index.html"],
         capture_output=True, text=True, timeout=duration + 30, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -116,7 +123,7 @@ def run_wrk(port: int, connections: int, duration: int) -> tuple[float, str]:
     return rps, errors.group(0) if errors else ""
 
 
-def measure(target: Started, args: argparse.Namespace) -> dict:
+def measure(target: Started, connections: int, mode: str, duration: int) -> dict:
     pids = process_tree(target.proc.pid)
     stop = threading.Event()
     scraper = None
@@ -125,7 +132,7 @@ def measure(target: Started, args: argparse.Namespace) -> dict:
                                    daemon=True)
         scraper.start()
     (user0, sys0), t0 = cpu_split(pids), time.monotonic()
-    rps, errors = run_wrk(target.port, args.connections, args.duration)
+    rps, errors = run_wrk(target.port, connections, duration, mode)
     user1, sys1 = cpu_split(pids)
     user, system = user1 - user0, sys1 - sys0
     cpu = user + system
@@ -133,7 +140,7 @@ def measure(target: Started, args: argparse.Namespace) -> dict:
     stop.set()
     if scraper is not None:
         scraper.join()
-    requests = rps * args.duration
+    requests = rps * duration
     per_request = 1e6 / requests if requests else 0.0
     return {"rps": rps, "cpu_us": cpu * per_request, "user_us": user * per_request,
             "sys_us": system * per_request, "core": cpu / wall, "errors": errors}
@@ -143,13 +150,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
-    parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument("--connections", default="100",
+                        help="comma-separated connection counts (e.g. 100,1000)")
+    parser.add_argument("--modes", default="keep-alive",
+                        help=f"comma-separated client modes, of {', '.join(MODES)}")
     parser.add_argument("--targets", default=",".join(TARGETS))
     args = parser.parse_args()
     names = [n for n in args.targets.split(",") if n]
     unknown = set(names) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; expected some of {TARGETS}")
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - set(MODES):
+        parser.error(f"--modes: expected some of {MODES}, got {args.modes!r}")
+    try:
+        counts = [int(c) for c in args.connections.split(",") if c]
+    except ValueError:
+        parser.error(f"--connections: expected numbers like 100,1000, got {args.connections!r}")
+    if not counts or min(counts) < 1 or max(counts) > NOFILE // 2:
+        parser.error(f"--connections: each count must be 1..{NOFILE // 2}")
+    cases = [(c, m) for c in counts for m in modes]
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         root = Path(tmp)
         procs = Processes(root / "logs")
@@ -159,12 +179,13 @@ def main() -> None:
             for name in names:
                 if name != "direct":
                     started[name] = start_target(name, procs, root, nginx.port)
-            results = {name: [] for name in names}
+            results = {(case, name): [] for case in cases for name in names}
             for round_ in range(1, args.rounds + 1):
-                for name in names:
-                    figures = measure(started[name], args)
-                    results[name].append(figures)
-                    print(f"round {round_} {name:13} {figures['rps']:9,.0f} req/s "
+                for case, name in results:
+                    figures = measure(started[name], *case, args.duration)
+                    results[case, name].append(figures)
+                    print(f"round {round_} {case[0]:5} {case[1]:10} {name:13} "
+                          f"{figures['rps']:9,.0f} req/s "
                           f"{figures['cpu_us']:6.1f} µs CPU/req (user {figures['user_us']:5.1f}, "
                           f"kernel {figures['sys_us']:5.1f})  {figures['core']:4.2f} cores "
                           f"{figures['errors']}", flush=True)
@@ -173,17 +194,18 @@ def main() -> None:
     summarize(results)
 
 
-def summarize(results: dict[str, list[dict]]) -> None:
-    print("\ntarget         median req/s   median µs CPU/req   per-round ratio to haproxy")
-    reference = results.get("haproxy")
-    for name, rows in results.items():
+def summarize(results: dict[tuple[tuple[int, str], str], list[dict]]) -> None:
+    print("\nconns mode       target         median req/s   median µs CPU/req   "
+          "per-round ratio to haproxy")
+    for (case, name), rows in results.items():
         rps = statistics.median(r["rps"] for r in rows)
         cpu = statistics.median(r["cpu_us"] for r in rows)
         ratios = ""
+        reference = results.get((case, "haproxy"))
         if reference:
             pairs = zip(rows, reference, strict=True)
             ratios = " ".join(f"{r['rps'] / h['rps']:.2f}" for r, h in pairs)
-        print(f"{name:13} {rps:13,.0f} {cpu:19.1f}   {ratios}")
+        print(f"{case[0]:5} {case[1]:10} {name:13} {rps:13,.0f} {cpu:19.1f}   {ratios}")
 
 
 if __name__ == "__main__":
