@@ -18,7 +18,11 @@ def parser() -> argparse.ArgumentParser:
         "serve", help="run the proxy and the management API",
         description="Run the proxy and the management API. Every setting also reads from "
                     "the TOML config file and BALANCER_<SECTION>_<KEY> environment variables "
-                    "(flag > env > file > default).")
+                    "(flag > env > file > default).",
+        epilog="Every setting, with its config key, environment variable and default: "
+               "docs/settings.md in the source tree (an annotated config file: "
+               "examples/balancer.toml). Signals: SIGHUP re-reads the settings, SIGTERM "
+               "stops gracefully, SIGUSR1 reopens the access log.")
     serve.add_argument("--config", metavar="FILE", default=None,
                        help="TOML config file [env BALANCER_CONFIG]")
     add_flags(serve)

@@ -238,7 +238,10 @@ def _validate_redirect(rule: Mapping[str, Any]) -> list[str]:
     problems = _status(rule, lambda s: s in REDIRECT_STATUSES,
                        "one of " + ", ".join(map(str, REDIRECT_STATUSES)))
     to = rule.get("to")
-    if not isinstance(to, str) or not to or any(c in to for c in " \r\n\0\t"):
+    if "to" not in rule:
+        problems.append("to: required for action 'redirect': the URL or path to send "
+                        "clients to, e.g. \"to\": \"https://example.com\"")
+    elif not isinstance(to, str) or not to or any(c in to for c in " \r\n\0\t"):
         problems.append(f"to: must be a URL or path without spaces, got {to!r}")
     if "keep_path" in rule and not isinstance(rule["keep_path"], bool):
         problems.append("keep_path: must be true or false")

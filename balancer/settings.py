@@ -93,7 +93,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.pages_dir", Directory(), "", "directory of NAME.html built-in page overrides"),
     Setting("management.listen", ADDRESS, "127.0.0.1:8081",
             "management API address", "--management"),
-    Setting("management.token", TEXT, "", "bearer token for the management API", "--token"),
+    Setting("management.token", TEXT, "", "bearer token for the management API: every route but /healthz and the "
+            "dashboard page needs it, /metrics included", "--token"),
     Setting("store.url", StoreUrl(), "file:balancer-routes.json",
             "routing store: file:PATH, redis://, rediss:// or redis+sentinel:// URL", "--store"),
     Setting("store.namespace", NAME, "balancer", "key prefix in the store"),

@@ -121,12 +121,15 @@ class Name(Kind):
 class AddressKind(Kind):
     """One listen address, ``host:port``, ``[v6]:port`` or ``:port``."""
 
+    expected = "an address: host:port, [v6]:port or :port"
     metavar = "ADDR"
     types = (str, Address)
 
     def check(self, value: object, raw: object) -> Address:
         if isinstance(value, Address):
             return value
+        if len(value.split()) > 1:  # issue 17: "IPv6 host must be in brackets" misled
+            raise Rejected(f"must be one address, got {value!r} (several, separated by spaces)")
         try:
             return parse_addr(value)
         except AddrError as exc:
@@ -144,7 +147,13 @@ class AddressList(Kind):
         return [item.strip() for item in text.split(",")] if text.strip() else []
 
     def check(self, value: object, raw: object) -> tuple[Address, ...]:
-        return tuple(ADDRESS.check(item, raw) for item in _each_string(value, raw))
+        items = _each_string(value, raw)
+        for item in items:
+            if isinstance(item, str) and len(item.split()) > 1:
+                raise Rejected(f"{item!r} holds several addresses separated by spaces; give "
+                               f"one per list item (TOML) or per flag, or separate them with "
+                               f"commas in the environment: {','.join(item.split())}")
+        return tuple(ADDRESS.check(item, raw) for item in items)
 
 
 def _each_string(items: list | tuple, raw: object) -> list[str | Address]:

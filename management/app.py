@@ -23,7 +23,8 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from balancer.rules import normalize_host, validate_host, validate_rule, validate_table
-from management import edits
+from balancer.stores import CorruptStore, Store, StoreUnavailable, VersionConflict, open_store
+from management import dashboard_page, edits
 from management.http import (
     ApiError,
     check_token,
@@ -37,7 +38,6 @@ from management.http import (
 from management.metrics import Metrics
 from management.runtime import Runtime, StaticRuntime
 from management.stats_view import host_stats, stats_view
-from balancer.stores import CorruptStore, Store, StoreUnavailable, VersionConflict, open_store
 
 log = logging.getLogger("balancer.management")
 
@@ -245,9 +245,14 @@ class ManagementApp:
 
     # dashboard -------------------------------------------------------------
     def on_index(self, request: Request) -> Response:
-        if (STATIC_DIR / "index.html").is_file():
-            return file_response(STATIC_DIR, "index.html")
-        return Response(FALLBACK_INDEX, content_type="text/html; charset=utf-8")
+        index = STATIC_DIR / "index.html"
+        if not index.is_file():
+            return Response(FALLBACK_INDEX, content_type="text/html; charset=utf-8")
+        state = None if self.token else dashboard_page.initial_state(self.store, self.runtime)
+        response = Response(dashboard_page.embed(index.read_text(), state),
+                            content_type="text/html; charset=utf-8")
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     def on_static(self, request: Request, name: str) -> Response:
         return file_response(STATIC_DIR, name)

@@ -12,11 +12,14 @@ import argparse
 import json
 import os
 import sys
+from email.message import Message
 from typing import Any, NoReturn
 from urllib.error import HTTPError, URLError
 from urllib.parse import quote
 from urllib.request import Request, urlopen
 
+from balancer.rules import ACTIONS
+from management import ctl_help
 from management.ctl_format import format_hosts, format_rule, format_stats
 
 DEFAULT_URL = "http://127.0.0.1:8081"
@@ -36,37 +39,60 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS,
-                        help=f"management API (default $BALANCER_URL or {DEFAULT_URL})")
+                        help="the management API, not the proxy "
+                             f"(default $BALANCER_URL or {DEFAULT_URL})")
     common.add_argument("--token", default=argparse.SUPPRESS,
                         help="bearer token (default $BALANCER_TOKEN)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the API's JSON instead of a table")
-    parser = Parser(prog="balancerctl", parents=[common],
-                    description="Change and inspect a running balancer's routing table.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    sub.add_parser("list", parents=[common], help="list every host and its rule")
-    sub.add_parser("get", parents=[common], help="show one host's rule").add_argument("host")
-    put = sub.add_parser("set", parents=[common], help="set a host's rule",
-                         description="key=value pairs are parsed as JSON when they parse "
-                                     "(status=503, keep_path=true) and as text otherwise; "
-                                     "a dotted key (health.path=/up) sets a nested field.")
-    put.add_argument("host")
-    put.add_argument("action", choices=["proxy", "spin", "static", "redirect", "empty"])
-    put.add_argument("--backend", action="append", default=[], metavar="ADDR",
-                     help="a backend address (repeatable)")
-    put.add_argument("fields", nargs="*", metavar="key=value")
-    sub.add_parser("delete", parents=[common], help="remove a host").add_argument("host")
-    add = sub.add_parser("add-backend", parents=[common], help="add a backend to a proxy host")
-    add.add_argument("host")
-    add.add_argument("address")
-    add.add_argument("--weight", type=int)
-    remove = sub.add_parser("remove-backend", parents=[common], help="remove one backend")
-    remove.add_argument("host")
-    remove.add_argument("address")
-    stats = sub.add_parser("stats", parents=[common], help="traffic per host and backend")
-    stats.add_argument("host", nargs="?")
-    sub.add_parser("reload", parents=[common], help="make the balancer re-read its store")
+    parser = Parser(prog="balancerctl", parents=[common], description=ctl_help.DESCRIPTION,
+                    epilog=ctl_help.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
+                                metavar="COMMAND", title="commands")
+    sub.add_parser("list", parents=[common], help="list every host and its rule",
+                   description="List every host of the routing table and its rule.")
+    _host(sub.add_parser("get", parents=[common], help="show one host's rule",
+                         description="Show HOST's rule and the table version."))
+    _add_set(sub, common)
+    _host(sub.add_parser("delete", parents=[common], help="remove a host",
+                         description="Remove HOST from the routing table."))
+    add = sub.add_parser("add-backend", parents=[common], help="add a backend to a proxy host",
+                         description="Add ADDR to HOST's proxy rule (or change its weight "
+                                     "when the rule has it already).")
+    _host(add)
+    add.add_argument("address", metavar="ADDR", help="backend address, host:port or [v6]:port")
+    add.add_argument("--weight", type=int, metavar="N", help="1-1000 (default 1)")
+    remove = sub.add_parser("remove-backend", parents=[common], help="remove one backend",
+                            description="Remove ADDR from HOST's proxy rule.")
+    _host(remove)
+    remove.add_argument("address", metavar="ADDR", help="the backend address to remove")
+    stats = sub.add_parser("stats", parents=[common], help="traffic per host and backend",
+                           description="Requests, bytes and responses per host; state, "
+                                       "in-flight requests and failures per backend.")
+    stats.add_argument("host", nargs="?", metavar="HOST", help="only this host (default: all)")
+    sub.add_parser("reload", parents=[common], help="make the balancer re-read its store",
+                   description="Make every worker re-read the store now; prints the version "
+                               "served.")
     return parser
+
+
+def _host(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("host", metavar="HOST",
+                        help="a routing-table key: a host name, *.suffix or *")
+
+
+def _add_set(sub: Any, common: Parser) -> None:
+    put = sub.add_parser("set", parents=[common], help="set a host's rule",
+                         description=ctl_help.SET_DESCRIPTION,
+                         epilog=ctl_help.action_keys_help(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _host(put)
+    put.add_argument("action", metavar="ACTION", choices=list(ACTIONS),
+                     help="one of " + ", ".join(ACTIONS) + " (keys below)")
+    put.add_argument("--backend", action="append", default=[], metavar="ADDR",
+                     help="a backend address for proxy (repeatable)")
+    put.add_argument("fields", nargs="*", metavar="key=value",
+                     help="the rule's other keys (below)")
 
 
 class Client:
@@ -88,13 +114,32 @@ class Client:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urlopen(request, timeout=TIMEOUT) as response:
+                if not _is_json(response.headers):
+                    raise CtlError(self._not_the_api(f"{response.status} {response.reason}",
+                                                     response.headers))
                 return json.loads(response.read() or b"null")
         except HTTPError as exc:
+            if not _is_json(exc.headers):
+                raise CtlError(self._not_the_api(f"{exc.code} {exc.reason}",
+                                                 exc.headers)) from None
             raise CtlError(_api_error(exc)) from None
         except URLError as exc:
             raise CtlError(f"cannot reach {self.url}: {_reason(exc.reason)}") from None
         except (OSError, ValueError) as exc:
             raise CtlError(f"{self.url}: {_reason(exc)}") from None
+
+
+    def _not_the_api(self, status: str, headers: Message) -> str:
+        """The hint for an answer that is not the management API's JSON."""
+        kind = headers.get_content_type() if headers.get("Content-Type") else "no content type"
+        return (f"{self.url} answered {status} with {kind}, not the management API's JSON: "
+                f"this looks like the proxy (or another server), not the management API; "
+                f"use --url or BALANCER_URL with the balancer's [management] listen address "
+                f"(default {DEFAULT_URL})")
+
+
+def _is_json(headers: Message) -> bool:
+    return headers.get_content_type() == "application/json"
 
 
 def _reason(reason: object) -> str:

@@ -1,15 +1,40 @@
 #!/bin/sh
 # Install everything the test suite needs on a fresh Debian machine, then run it.
-# Python packages from PyPI; redis-server, Chromium and the load-test tools from
-# Debian when missing (CI runs as root). Extra arguments go to pytest.
+# Debian packages when missing (CI runs as root, others through sudo):
+# redis-server, Chromium and the load-test tools, and what building the
+# package needs (gcc, the Python headers, python3-venv). Python packages from
+# PyPI into the active virtual environment, else ./.venv (the README's
+# install), else a new ./.venv when the system Python refuses pip installs
+# (PEP 668, Debian 12 / Ubuntu 24.04), else the python3 found. Extra arguments
+# go to pytest.
 set -eu
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e '.[test,loadtest]'
+# nginx and haproxy live in /usr/sbin, which a normal user's PATH may lack.
+PATH="$PATH:/usr/sbin:/sbin"
+export PATH
+
+is_externally_managed() {
+    python3 -c 'import os, sys, sysconfig
+sys.exit(sys.prefix != sys.base_prefix or not os.path.exists(
+    os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'
+}
+
+needs_new_venv=""
+if [ -z "${VIRTUAL_ENV:-}" ] && [ ! -x .venv/bin/python ] && is_externally_managed; then
+    needs_new_venv=1
+fi
+
 missing=""
 for pair in redis-server:redis-server chromium:chromium chromedriver:chromium-driver \
-            wrk:wrk nginx:nginx-light haproxy:haproxy; do
+            wrk:wrk nginx:nginx-light haproxy:haproxy gcc:gcc; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
+python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || missing="$missing python3-dev"
+if [ -n "$needs_new_venv" ] && ! python3 -c 'import ensurepip' 2>/dev/null; then
+    missing="$missing python3-venv"
+fi
 if [ -n "$missing" ]; then
     echo "installing Debian packages:$missing"
     SUDO=""
@@ -17,4 +42,17 @@ if [ -n "$missing" ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
 fi
-exec python3 -m pytest -q "$@"
+
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+    python="$VIRTUAL_ENV/bin/python"
+elif [ -x .venv/bin/python ]; then
+    python=.venv/bin/python
+elif [ -n "$needs_new_venv" ]; then
+    echo "the system Python is externally managed (PEP 668): creating .venv"
+    python3 -m venv .venv
+    python=.venv/bin/python
+else
+    python=python3
+fi
+"$python" -m pip install --quiet --disable-pip-version-check -e '.[test,loadtest]'
+exec "$python" -m pytest -q "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,10 +13,11 @@ from typing import Any
 
 import pytest
 
+from balancer.stores.file import FileStore
 from management.app import create_app
 from management.ctl import parse_fields
-from balancer.stores.file import FileStore
 from tests.conftest import free_port
+from tests.support import Balancer
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "ctl-token"
@@ -136,3 +138,58 @@ def test_values_parse_as_json_when_they_can() -> None:
                          "health.rise=2", "health.path=/up", "name=\"quoted\""]) == {
         "status": 503, "keep_path": True, "to": "https://x", "body": "<h1>hi</h1>",
         "health": {"rise": 2, "path": "/up"}, "name": "quoted"}
+
+
+def test_help_describes_positional_arguments() -> None:
+    top = ok("--help")
+    for command in ("list", "get", "set", "delete", "add-backend", "remove-backend", "stats",
+                    "reload"):
+        assert command in top
+    assert "HOST is a routing-table key" in top and "ADDR is host:port" in top
+    assert "not on the proxy port" in top
+    for command, positionals in (("get", ["HOST"]), ("delete", ["HOST"]),
+                                 ("add-backend", ["HOST", "ADDR"]),
+                                 ("remove-backend", ["HOST", "ADDR"]), ("stats", ["HOST"]),
+                                 ("set", ["HOST", "ACTION", "key=value"])):
+        text = ok(command, "--help")
+        section = text.split("positional arguments:")[1].split("options:")[0]
+        for name in positionals:
+            line = next(ln for ln in section.splitlines() if ln.strip().startswith(name))
+            assert len(line.split()) > 1, f"{command} {name} has no description"
+
+
+def test_set_help_lists_every_key_of_every_action() -> None:
+    from balancer.rules import ACTION_KEYS, ACTIONS, HEALTH_KEYS
+
+    text = ok("set", "--help")
+    epilog = text.split("actions and their keys:")[1]
+    blocks = dict(re.findall(r"^  (\w+): .*\n((?:    .*\n)+)", epilog, re.M))
+    assert set(blocks) == set(ACTIONS)
+    for action in ACTIONS:
+        keys = {line.split()[0] for line in blocks[action].splitlines()
+                if not line.startswith(" " * 20)}
+        assert keys == ACTION_KEYS[action] - {"action", "subdomains"}, action
+    assert "subdomains=true" in epilog
+    assert all(f"health.{key}=" in text for key in HEALTH_KEYS)
+
+
+def test_a_redirect_without_to_says_it_is_required(env: dict[str, str]) -> None:
+    line = fails("set", "old.example.com", "redirect", "status=301", env=env)
+    assert "to: required for action 'redirect'" in line and "None" not in line
+
+
+def test_url_of_the_proxy_gets_a_hint(tmp_path: Path) -> None:
+    balancer = Balancer(tmp_path)
+    try:
+        for version, routes in enumerate(({}, {"*": {"action": "static", "body": "<p>hi</p>"}}),
+                                         start=1):
+            balancer.write_routes(routes, version)
+            balancer.wait_version(version)  # the proxy answers 503 no-hosts, then 200
+            proxy = f"http://127.0.0.1:{balancer.port}"
+            line = fails("list", env={"BALANCER_URL": proxy})
+            assert f"{proxy} answered" in line and "text/html" in line
+            assert "this looks like the proxy" in line and "[management] listen" in line
+        managed = f"http://127.0.0.1:{balancer.mport}"
+        assert "version" in ok("list", env={"BALANCER_URL": managed})
+    finally:
+        balancer.stop()

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -25,8 +26,8 @@ from typing import Any
 import pytest
 
 from balancer.stats import Stats
-from management.app import create_app
 from balancer.stores import Store, open_store
+from management.app import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -119,6 +120,7 @@ class Site:
         self.store = store
         self.runtime = runtime
         self.token = token
+        self.outage: ApiOutage | None = None
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -130,6 +132,27 @@ class Site:
             return json.loads(response.read())
 
 
+class ApiOutage:
+    """WSGI middleware: while `down`, every ``/api/v1/*`` call fails with 503 (the
+    dashboard page itself is still served); `calls` counts the API calls made."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.down = False
+        self.calls = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if not environ["PATH_INFO"].startswith("/api/"):
+            return self.app(environ, start_response)
+        self.calls += 1
+        if not self.down:
+            return self.app(environ, start_response)
+        body = b'{"error":"store_unavailable","message":"scripted outage","details":[]}'
+        start_response("503 Service Unavailable", [("Content-Type", "application/json"),
+                                                   ("Content-Length", str(len(body)))])
+        return [body]
+
+
 @pytest.fixture
 def make_site(tmp_path: Path, serve_wsgi: Callable[[Any], str]) -> Callable[..., Site]:
     def make(token: str | None = None, hosts: dict[str, Any] | None = None) -> Site:
@@ -137,8 +160,10 @@ def make_site(tmp_path: Path, serve_wsgi: Callable[[Any], str]) -> Callable[...,
         if hosts:
             store.replace(hosts)
         runtime = ScriptedRuntime(store)
-        app = create_app(store=store, runtime=runtime, token=token)
-        return Site(serve_wsgi(app), store, runtime, token)
+        outage = ApiOutage(create_app(store=store, runtime=runtime, token=token))
+        site = Site(serve_wsgi(outage), store, runtime, token)
+        site.outage = outage
+        return site
     return make
 
 
@@ -407,3 +432,152 @@ def traffic(runtime: ScriptedRuntime) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(5)
+
+
+# ---------------------------------------------------------------------------
+# first paint (issue 17): the page arrives with the current state in it
+# ---------------------------------------------------------------------------
+
+LONG_V6 = "[2001:db8:1234:5678:9abc:def0:1234:5678]:65535"
+FIRST_SIGHT = {
+    "app.example.com": WEB,
+    "wide.example.com": {"action": "proxy", "backends": [LONG_V6, "127.0.0.1:9003"]},
+}
+
+# Runs before any script of the page: at each frame (requestAnimationFrame runs just
+# before the browser paints), until the first frame in which the page is visible,
+# then records what that frame shows.
+FIRST_FRAME_RECORDER = """
+(() => {
+  const record = () => {
+    const body = document.body;
+    if (!body || getComputedStyle(body).visibility === "hidden") {
+      requestAnimationFrame(record);
+      return;
+    }
+    window.__firstFrame = {
+      status: document.getElementById("status")?.textContent || "",
+      hosts: [...document.querySelectorAll("article.host")].map((a) => a.dataset.host),
+      connections: document.querySelector('[data-tile="connections"]')?.textContent || "",
+      at: performance.now(),
+    };
+  };
+  requestAnimationFrame(record);
+})();
+"""
+
+
+def test_index_embeds_the_current_state_only_without_a_token(
+        make_site: Callable[..., Site]) -> None:
+    hostile = {"action": "static", "body": "</script><script>alert(1)</script>&amp;"}
+    site = make_site(hosts={"app.example.com": WEB, "x.example.com": hostile})
+    with site.runtime.edit() as stats:
+        stats.open_connections = 7
+    with urllib.request.urlopen(site.url + "/", timeout=10) as response:
+        page = response.read().decode()
+        assert response.headers["Cache-Control"] == "no-store"
+    embedded = page.split('<script id="initial-state" type="application/json">')[1]
+    embedded = embedded.split("</script>")[0]
+    assert "<" not in embedded and "&amp;" not in embedded
+    state = json.loads(embedded)
+    assert state["table"]["hosts"]["x.example.com"] == hostile
+    assert state["stats"]["open_connections"] == 7 and state["info"]["workers"] == 2
+
+    secret = make_site(token=TOKEN, hosts={"app.example.com": WEB})
+    with urllib.request.urlopen(secret.url + "/", timeout=10) as response:
+        page = response.read().decode()
+    assert '<script id="initial-state" type="application/json">null</script>' in page
+    assert "app.example.com" not in page
+
+
+def test_first_paint_shows_the_data_before_any_poll(make_site: Callable[..., Site],
+                                                    browser: Any, tmp_path: Path) -> None:
+    site = make_site(hosts=FIRST_SIGHT)
+    with site.runtime.edit() as stats:
+        stats.open_connections = 42
+        serve_requests(stats, "app.example.com", 5, backend="127.0.0.1:9001")
+    site.outage.down = True  # whatever the page shows can only come from the page itself
+    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                                     {"source": FIRST_FRAME_RECORDER})
+    try:
+        browser.get(site.url + "/")
+        first = wait_for(browser, lambda d: d.execute_script("return window.__firstFrame"),
+                         "the first visible frame")
+        calls_by_then = site.outage.calls
+        shot = tmp_path / "dashboard-first-paint.png"
+        assert browser.save_screenshot(str(shot))
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument",
+                                {"identifier": script["identifier"]})
+    assert "Live" in first["status"] and "Waiting" not in first["status"], first
+    assert "no data yet" not in first["status"]
+    assert first["hosts"] == ["app.example.com", "wide.example.com"], first
+    assert "42" in first["connections"]
+    assert calls_by_then == 0, "the first paint waited for a poll"
+    # the first poll fails (the scripted outage): the page says so instead of going blank
+    wait_for(browser, lambda d: "Stale" in text_of(d, "#status"), "the failed poll")
+    assert text_of(browser, host_card("app.example.com"))
+    print(f"\nfirst paint: {shot}")
+
+
+def test_chromium_screenshot_of_the_address_shows_data(make_site: Callable[..., Site],
+                                                       tmp_path: Path) -> None:
+    """What the issue did: `chromium --headless --screenshot` of the management address."""
+    require_chromium()
+    site = make_site(hosts=FIRST_SIGHT)
+    site.outage.down = True
+    shot = tmp_path / "first-sight.png"
+    base = [CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1366,900", "--virtual-time-budget=1000"]
+    done = subprocess.run([*base, f"--screenshot={shot}", site.url + "/"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and shot.stat().st_size > 10_000, done.stderr
+    dom = subprocess.run([*base, "--dump-dom", site.url + "/"], capture_output=True, text=True,
+                         timeout=60).stdout
+    assert 'data-host="app.example.com"' in dom and 'data-host="wide.example.com"' in dom
+    assert "Waiting" not in dom and "no data yet" not in dom
+    print(f"\nchromium --screenshot: {shot}")
+
+
+def test_backend_addresses_stay_on_one_line(make_site: Callable[..., Site],
+                                            browser: Any) -> None:
+    site = make_site(hosts=FIRST_SIGHT)
+    for size in (LAPTOP, PHONE):
+        browser.set_window_size(*size)
+        open_live(browser, site)
+        cells = browser.execute_script("""
+            return [...document.querySelectorAll("td.backend-address")].map((td) => {
+              const style = getComputedStyle(td);
+              return {text: td.textContent, title: td.title,
+                      height: td.getBoundingClientRect().height,
+                      line: parseFloat(style.lineHeight) + parseFloat(style.paddingTop)
+                            + parseFloat(style.paddingBottom),
+                      cut: td.scrollWidth > td.clientWidth, overflow: style.textOverflow};
+            });""")
+        assert {c["text"] for c in cells} >= {LONG_V6, "127.0.0.1:9001"}, cells
+        for cell in cells:
+            assert cell["height"] <= cell["line"] + 2, f"{cell['text']} wraps at {size}"
+            assert cell["title"] == cell["text"]
+            assert not cell["cut"] or cell["overflow"] == "ellipsis"
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0
+
+
+def test_a_removed_host_leaves_the_page(make_site: Callable[..., Site], browser: Any) -> None:
+    site = make_site(hosts={"app.example.com": WEB,
+                            "old.example.com": {"action": "empty", "status": 410}})
+    with site.runtime.edit() as stats:
+        serve_requests(stats, "old.example.com", 3, 410)  # the stats keep counting it
+    open_live(browser, site)
+    wait_for(browser, lambda d: text_of(d, host_card("old.example.com")), "the host's card")
+    assert text_of(browser, "#removed-line") == ""
+    site.api("DELETE", "/api/v1/hosts/old.example.com")
+    wait_for(browser, lambda d: not d.find_elements("css selector", host_card("old.example.com")),
+             "the removed host's card to go")
+    line = wait_for(browser, lambda d: text_of(d, "#removed-line"), "the recently removed line")
+    assert line.startswith("Recently removed: old.example.com (")
+    assert text_of(browser, host_card("app.example.com"))
+    site.api("PUT", "/api/v1/hosts/old.example.com", {"action": "empty", "status": 204})
+    wait_for(browser, lambda d: text_of(d, host_card("old.example.com")), "the host back")
+    assert text_of(browser, "#removed-line") == ""

@@ -310,6 +310,13 @@ def test_wrong_type_in_file(config, line, problem):
         ("BALANCER_SERVER_LISTEN", "127.0.0.1:1,", "invalid address '': missing ':port'"),
         ("BALANCER_SERVER_INTERNAL_LISTEN", "[::1]:99999", "port must be 0..65535, got 99999"),
         ("BALANCER_MANAGEMENT_LISTEN", "nohost", "invalid address 'nohost'"),
+        # issue 17: a space-separated list used to say "IPv6 host must be in brackets"
+        ("BALANCER_SERVER_LISTEN", "127.0.0.1:8080 127.0.0.1:8082",
+         "holds several addresses separated by spaces; give one per list item (TOML) or "
+         "per flag, or separate them with commas in the environment: "
+         "127.0.0.1:8080,127.0.0.1:8082"),
+        ("BALANCER_MANAGEMENT_LISTEN", "127.0.0.1:1 127.0.0.1:2",
+         "must be one address, got '127.0.0.1:1 127.0.0.1:2' (several, separated by spaces)"),
         ("BALANCER_SERVER_PAGES_DIR", "/does/not/exist",
          "must be an existing directory, got '/does/not/exist'"),
         ("BALANCER_SERVER_USER", "no-such-user-xyz", "must be an existing user name"),

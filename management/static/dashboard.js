@@ -11,13 +11,14 @@
 
 import * as fmt from "./format.js";
 import {History} from "./history.js";
-import {banner, el, hostCard, hostKeys, summaryTiles} from "./render.js";
+import {banner, el, hostCard, hostKeys, removedLine, summaryTiles} from "./render.js";
 
 const POLL_MS = 2000;
 const REQUEST_TIMEOUT_MS = 5000;
 const STALE_MS = 2 * POLL_MS + REQUEST_TIMEOUT_MS;
 const INFO_RETRY_MS = 60000;
 const TOKEN_KEY = "balancer.token";
+const REMOVED_MS = 10 * 60 * 1000; // a removed host is named for this long, then forgotten
 
 const state = {
   history: new History(),
@@ -28,6 +29,7 @@ const state = {
   inFlight: false, // a poll is under way
   needsToken: false, // the token form is up: no polling until it is submitted
   infoMissingSince: 0, // /api/v1/info answered 404 (an older management app)
+  removed: new Map(), // host -> when it left the table (ms), for REMOVED_MS
   bannerKey: "",
 };
 
@@ -128,7 +130,18 @@ function isStoreReachable(stats, info) {
   return !(info && info.store && info.store.reachable === false);
 }
 
+/** Note hosts that left the table since the last view; forget old and returning ones. */
+function trackRemoved(previous, hosts, now) {
+  for (const key of Object.keys(previous || {})) {
+    if (!(key in hosts)) state.removed.set(key, now);
+  }
+  for (const [key, when] of [...state.removed]) {
+    if (key in hosts || now - when > REMOVED_MS) state.removed.delete(key);
+  }
+}
+
 function onData(table, stats, info, now) {
+  trackRemoved(state.view?.hosts, table.hosts, now);
   state.history.record(stats.hosts, now);
   state.view = {version: table.version, hosts: table.hosts, stats, info,
     storeReachable: isStoreReachable(stats, info)};
@@ -280,9 +293,22 @@ function renderData(now) {
   const cards = keys.map((key) => hostCard(key, view.hosts[key], view.stats.hosts[key],
     state.history, now));
   $("hosts").replaceChildren(...(cards.length ? cards : [emptyHosts(view)]));
+  $("removed-line").replaceChildren(...[removedLine(state.removed, now)].filter(Boolean));
 }
 
 // ---- start ----------------------------------------------------------------------------
+
+/** The state the server embedded in the page (see management/dashboard_page.py), or null. */
+function embeddedState() {
+  try {
+    const embedded = JSON.parse($("initial-state")?.textContent || "null");
+    if (!embedded) return null;
+    checkShape(embedded.table, embedded.stats);
+    return embedded;
+  } catch {
+    return null;
+  }
+}
 
 function start() {
   $("token-form").addEventListener("submit", onTokenSubmit);
@@ -290,8 +316,15 @@ function start() {
   $("filter").addEventListener("input", () => renderData(state.lastOk));
   $("forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
   setInterval(() => renderStatus(Date.now()), 1000);
-  renderStatus(Date.now());
-  poll();
+  const embedded = embeddedState();
+  if (embedded) {
+    onData(embedded.table, embedded.stats, embedded.info, Date.now());
+    schedule(POLL_MS);
+  } else {
+    renderStatus(Date.now());
+    poll();
+  }
+  document.documentElement.classList.remove("booting");
 }
 
 start();

@@ -83,7 +83,7 @@ function backendTable(rows) {
     .map((name) => el("th", {scope: "col"}, name)));
   const body = rows.map((row) => el("tr", {class: `backend backend-${row.state}`,
     "data-backend": row.address},
-  el("td", {class: "backend-address"}, row.address),
+  el("td", {class: "backend-address", title: row.address}, row.address),
   el("td", {class: "num"}, `×${row.weight}`),
   el("td", {class: `backend-state state-${row.state}`},
     badge(row.state, STATES[row.state].symbol, STATES[row.state].text)),
@@ -150,7 +150,7 @@ function hostTitle(key) {
 export function hostCard(key, rule, hostStats, history, now) {
   const rows = backendRows(rule, hostStats);
   const health = hostHealth(rule, rows, hostStats);
-  const action = rule ? rule.action : key === UNKNOWN_KEY ? "404" : "gone";
+  const action = rule ? rule.action : "404";
   return el("article", {class: `host host-${health.kind}`, "data-host": key},
     el("header", {class: "host-head"},
       el("h3", {class: "host-name"}, hostTitle(key)),
@@ -162,14 +162,22 @@ export function hostCard(key, rule, hostStats, history, now) {
     rows.length ? backendTable(rows) : null);
 }
 
-/** Table keys first (alphabetical), then stats-only keys, unmatched requests last. */
+/** The table's keys (alphabetical), then unmatched requests when there were any.
+ * A host removed from the table has no card (see `removedLine`), even while
+ * the stats still count its past traffic. */
 export function hostKeys(hosts, statsHosts) {
-  const keys = Object.keys(hosts).sort();
-  const extra = Object.keys(statsHosts)
-    .filter((k) => !(k in hosts) && k !== UNKNOWN_KEY && hasTraffic(statsHosts[k])).sort();
   const unknown = statsHosts[UNKNOWN_KEY];
-  const tail = unknown && hasTraffic(unknown) ? [UNKNOWN_KEY] : [];
-  return [...keys, ...extra, ...tail];
+  const tail = unknown && hasTraffic(unknown) && !(UNKNOWN_KEY in hosts) ? [UNKNOWN_KEY] : [];
+  return [...Object.keys(hosts).sort(), ...tail];
+}
+
+/** "Recently removed: a.example.com (2 min ago), ..." for `removed` (key -> ms), or null. */
+export function removedLine(removed, now) {
+  const entries = [...removed.entries()].sort((a, b) => b[1] - a[1]);
+  if (!entries.length) return null;
+  const items = entries.flatMap(([key, when], i) => [i ? ", " : "",
+    el("span", {class: "removed-host", "data-removed": key}, key), ` (${fmt.ago(when, now)})`]);
+  return el("p", {class: "removed"}, "Recently removed: ", ...items);
 }
 
 function hasTraffic(hostStats) {

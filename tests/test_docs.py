@@ -1,0 +1,280 @@
+"""The documentation stays true: the settings reference matches the table, every
+command and flag the README and docs/ show exists (`--help` of each), every link
+resolves, and the example config and systemd unit are usable."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from balancer import cli as balancer_cli
+from balancer import settings_doc
+from balancer.settings import SETTINGS, Setting, load_settings
+from balancer.settings_kinds import POSITIVE
+from loadtest import cli as loadtest_cli
+from management import ctl
+from tests.support import ROOT
+
+DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+COMMANDS: dict[str, Callable[[list[str]], object]] = {
+    "balancer": balancer_cli.main, "balancerctl": ctl.main, "loadtest": loadtest_cli.main,
+}
+SUBCOMMANDS = {
+    "balancer": ("serve",),
+    "balancerctl": ("list", "get", "set", "delete", "add-backend", "remove-backend",
+                    "stats", "reload"),
+    "loadtest": ("run", "preflight"),
+}
+FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```", re.M | re.S)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)|<(https?://[^>\s]+)>")
+FLAG = re.compile(r"--[a-z][a-z-]*")
+
+
+# settings reference -------------------------------------------------------------
+
+def test_settings_reference_matches_the_table():
+    doc = settings_doc.DOC_PATH.read_text()
+    assert doc == settings_doc.render(), (
+        f"docs/settings.md differs from balancer/settings.py; run: {settings_doc.REGENERATE}")
+
+
+def test_settings_reference_lists_every_setting_with_its_sources():
+    doc = settings_doc.render()
+    for setting in SETTINGS:
+        section = doc.split(f"## [{setting.section}]")[1].split("\n## ")[0]
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{setting.key}` |"))
+        assert f"`{setting.env}`" in row
+        assert (setting.flag in row) if setting.flag else "--" not in row
+
+
+def test_a_new_setting_reaches_the_reference_without_editing_it(monkeypatch):
+    extra = Setting("timeouts.brand_new", POSITIVE, 2.5, "a setting added later", "--brand-new")
+    monkeypatch.setattr(settings_doc, "SETTINGS", (*SETTINGS, extra))
+    doc = settings_doc.render()
+    assert ("| `brand_new` | `2.5` | a number > 0 | `BALANCER_TIMEOUTS_BRAND_NEW` | "
+            "`--brand-new SECONDS` | a setting added later |") in doc
+    assert doc != settings_doc.DOC_PATH.read_text()  # so the comparison above would fail
+
+
+def test_settings_doc_check_mode(tmp_path, monkeypatch):
+    assert settings_doc.main(["--check"]) == 0
+    stale = tmp_path / "settings.md"
+    stale.write_text("old\n")
+    monkeypatch.setattr(settings_doc, "DOC_PATH", stale)
+    assert settings_doc.main(["--check"]) == 1
+    assert settings_doc.main(["--write"]) == 0
+    assert stale.read_text() == settings_doc.render()
+
+
+# examples -----------------------------------------------------------------------
+
+def test_example_config_loads_with_its_values():
+    settings = load_settings(env={}, config_path=str(ROOT / "examples" / "balancer.toml"))
+    assert [str(a) for a in settings.server.listen] == ["0.0.0.0:80"]
+    assert settings.store.url == "file:/var/lib/balancer/routes.json"
+    assert settings.log.access_log == "/var/log/balancer/access.log"
+
+
+def test_systemd_unit_runs_the_example_config(tmp_path):
+    unit = (ROOT / "examples" / "balancer.service").read_text()
+    start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1).split()
+    assert start[1:] == ["serve", "--config", "/etc/balancer/balancer.toml"]
+    assert "--config" in _help("balancer", ["serve"])
+    assert re.search(r"^ExecReload=/bin/kill -HUP \$MAINPID$", unit, re.M)
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    program = tmp_path / "balancer"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    copy = tmp_path / "balancer-example.service"
+    copy.write_text(unit.replace(start[0], str(program)))
+    result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
+                            timeout=60)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if copy.name in line]
+    assert not problems and result.returncode == 0, result.stdout + result.stderr
+
+
+# commands and flags ---------------------------------------------------------------
+
+def _help(command: str, args: list[str]) -> str:
+    """What ``COMMAND ARGS... --help`` prints (the console script's own main)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        COMMANDS[command]([*args, "--help"])
+    assert exit_info.value.code == 0, f"{command} {' '.join(args)} --help failed"
+    return out.getvalue()
+
+
+def _blocks(path: Path) -> Iterator[tuple[str, str]]:
+    for match in FENCE.finditer(path.read_text()):
+        yield match.group(1), match.group(2)
+
+
+def _shell_segments(block: str) -> Iterator[list[str]]:
+    """Each simple command of a shell block, as words (comments and outputs dropped)."""
+    text = block.replace("\\\n", " ")
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        segment: list[str] = []
+        for word in [*words, ";"]:
+            if word in ("&&", "||", ";", "|", "&"):
+                if segment:
+                    yield segment
+                segment = []
+            else:
+                segment.append(word.rstrip(";&"))
+
+
+def _program(words: list[str]) -> list[str]:
+    """The words from the program on: leading ``VAR=value`` assignments dropped."""
+    while words and re.match(r"^[A-Z_]+=", words[0]):
+        words = words[1:]
+    return words
+
+
+def _commands_shown() -> Iterator[tuple[str, str, list[str]]]:
+    """(where, command, words) for every balancer/balancerctl/loadtest/script call."""
+    for path in DOCS:
+        where = str(path.relative_to(ROOT))
+        for lang, block in _blocks(path):
+            if lang == "sh":
+                for words in map(_program, _shell_segments(block)):
+                    if words:
+                        yield where, words[0], words[1:]
+            elif lang == "" and block.lstrip().startswith("balancer serve"):
+                yield from _synopsis(where, block)
+
+
+def _synopsis(where: str, block: str) -> Iterator[tuple[str, str, list[str]]]:
+    """The README's Commands block: each command with every word of its lines."""
+    command, words = "", []
+    for line in block.splitlines():
+        if line[:1].strip():
+            if command:
+                yield where, command, words
+            command, *words = line.split()
+        else:
+            words += line.split()
+    if command:
+        yield where, command, words
+
+
+def test_readme_shows_the_set_up_and_the_new_commands():
+    shown = {(command, tuple(words)) for where, command, words in _commands_shown()
+             if where == "README.md"}
+    assert ("sh", ("scripts/test.sh",)) in shown
+    assert any(c == "pip" and "install" in w for c, w in shown)
+    assert any(c == "balancer" and w[:1] == ("serve",) for c, w in shown)
+    flags = {f for c, w in shown if c == "loadtest" for word in w for f in FLAG.findall(word)}
+    assert {"--idle-connections", "--generator", "--quick"} <= flags
+
+
+def test_every_command_and_flag_shown_exists():
+    checked = 0
+    for where, command, words in _commands_shown():
+        if command in COMMANDS:
+            _check_command(where, command, words)
+        elif command in ("python", "python3") and words[:1] and words[0].startswith("scripts/"):
+            _check_script(where, words)
+        elif command == "sh" and words:
+            assert (ROOT / words[0]).is_file(), f"{where}: {words[0]} does not exist"
+        else:
+            continue
+        checked += 1
+    assert checked >= 20
+
+
+def _check_command(where: str, command: str, words: list[str]) -> None:
+    subcommands = [w for w in words if w in SUBCOMMANDS[command]]
+    assert subcommands, f"{where}: {command} {' '.join(words)}: no known subcommand"
+    helps = {sub: _help(command, [sub]) for sub in dict.fromkeys(subcommands)}
+    for word in words:
+        for flag in FLAG.findall(word.split("=")[0]):
+            assert any(re.search(rf"{flag}\b", text) for text in helps.values()), (
+                f"{where}: {command} {' '.join(subcommands)} has no {flag} (see --help)")
+
+
+def _check_script(where: str, words: list[str]) -> None:
+    script = ROOT / words[0]
+    assert script.is_file(), f"{where}: {words[0]} does not exist"
+    flags = [f for w in words[1:] for f in FLAG.findall(w.split("=")[0])]
+    if not flags:
+        return
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    for flag in flags:
+        assert flag in result.stdout, f"{where}: {words[0]} has no {flag}"
+
+
+def test_python_modules_shown_exist():
+    for path in DOCS:
+        for lang, block in _blocks(path):
+            if lang != "sh":
+                continue
+            for words in map(_program, _shell_segments(block)):
+                if words[:2] in (["python", "-m"], ["python3", "-m"]):
+                    module = words[2]
+                    assert module in ("pytest", "venv", "http.server") or (
+                        ROOT / (module.replace(".", "/") + ".py")).is_file(), (
+                        f"{path.name}: no module {module}")
+
+
+# links ------------------------------------------------------------------------------
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[`*_]|\[|\]|\(.*?\)", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = FENCE.sub("", path.read_text())
+    return {_slug(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def _links(path: Path) -> Iterator[str]:
+    text = FENCE.sub("", path.read_text())
+    text = re.sub(r"`[^`\n]*`", "", text)
+    for match in LINK.finditer(text):
+        yield match.group(1) or match.group(2)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_link_resolves(path):
+    for link in _links(path):
+        if re.match(r"^https?://", link):
+            assert re.match(r"^https?://[\w.-]+(:\d+)?(/\S*)?$", link), link
+            continue
+        assert not link.startswith(("file:", "/")), f"{link}: use a relative link"
+        target, _, anchor = link.partition("#")
+        resolved = (path.parent / target).resolve() if target else path
+        assert resolved.exists(), f"{path.name}: {link} does not exist"
+        assert ROOT in resolved.parents or resolved == ROOT, f"{link} leaves the repository"
+        if anchor:
+            assert resolved.suffix == ".md", f"{path.name}: {link}: an anchor into a non-doc"
+            assert anchor in _anchors(resolved), f"{path.name}: {link}: no such heading"
+
+
+def test_docs_do_not_point_outside_the_repository():
+    for path in DOCS:
+        text = path.read_text()
+        assert "shared/SPEC" not in text and "SPEC §" not in text, (
+            f"{path.name} cites the internal spec, which users do not have")
+
+
+def test_docs_are_all_linked_from_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for path in sorted((ROOT / "docs").glob("*.md")):
+        assert f"(docs/{path.name})" in readme, f"README does not link docs/{path.name}"
