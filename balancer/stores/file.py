@@ -45,6 +45,7 @@ from balancer.stores.base import (
     VersionConflict,
     write_version,
 )
+from balancer.stores.snapshot import HOW_TO_FIX
 
 log = logging.getLogger("balancer.store.file")
 
@@ -162,6 +163,7 @@ class FileStore(Store):
         new = TableData(write_version(version, self.floor), hosts)
         self._write(new)
         self.raise_floor(new.version)
+        self._problem = None  # written whole: readable again
         return new.version
 
     def _write(self, data: TableData) -> None:
@@ -221,7 +223,7 @@ class FileStore(Store):
             if signature is None:
                 seen = None
                 self._problem = (f"{self.path}: cannot read the routing table file (deleted?); "
-                                 f"keeping the last good table")
+                                 f"keeping the last good table. If it is gone, {HOW_TO_FIX}")
                 problems.report(self._problem)
             elif signature != seen:
                 seen = signature
