@@ -4,8 +4,16 @@ Each worker serves a unix socket ``DIR/worker-PID.sock`` (DIR is the
 arbiter's private run directory, mode 0700, owned by the run user). A client
 sends one command line and reads one JSON reply until EOF:
 
-* ``stats``  → ``{"pid", "loaded", "draining", "version", "started", "stats": SNAPSHOT}``
+* ``stats``  → ``{"pid", "loaded", "draining", "version", "highest", "started",
+  "store_problem", "stats": SNAPSHOT}``
 * ``reload`` → ``{"pid", "version"}`` or ``{"pid", "error": TEXT}``
+* ``version`` → ``{"pid", "version", "highest", "store_problem"}`` (cheap: no stats)
+* ``apply JSON`` → ``{"pid", "version", "store_problem"}`` once the worker serves
+  the write the management process just made: JSON is ``{"version": N,
+  "hosts": {HOST: RULE or null}}`` (the hosts one write changed, applied
+  without reading the store) or ``{"version": N}`` (a whole table: the worker
+  reads the store). This is how a write is live when the API answers
+  (read-your-writes), whatever the store.
 
 Invariants:
 * Nothing is exchanged per request: a snapshot is built from the worker's
@@ -33,9 +41,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("stats", "reload")
+COMMANDS = ("stats", "reload", "version", "apply")
 CONTROL_TIMEOUT = 2.0
-MAX_COMMAND = 64
+MAX_COMMAND = 4 * 1024 * 1024  # an `apply` carries one write's rules (the API takes 1 MiB)
 WORKER_GLOB = "worker-*.sock"
 RETIRED_GLOB = "retired-*.json"
 LOCK_POLL = 0.005
@@ -88,6 +96,11 @@ class ControlServer:
 
     def answer(self, command: str) -> dict[str, Any]:
         worker = self.worker
+        if command.startswith("apply "):
+            return self.apply(command[len("apply "):])
+        if command == "version":
+            return {"pid": os.getpid(), "version": worker.holder.table.version,
+                    "highest": worker.highest, "store_problem": worker.store_problem}
         if command == "reload":
             from balancer.stores.base import StoreError
 
@@ -97,16 +110,34 @@ class ControlServer:
                 return {"pid": os.getpid(), "error": str(exc)}
         if command == "stats":
             return {"pid": os.getpid(), "loaded": worker.loaded, "draining": worker.draining,
-                    "version": worker.holder.table.version, "started": self.started,
+                    "version": worker.holder.table.version, "highest": worker.highest,
+                    "started": self.started, "store_problem": worker.store_problem,
                     "stats": worker_snapshot(worker)}
-        return {"pid": os.getpid(), "error": f"unknown command {command!r}; "
+        return {"pid": os.getpid(), "error": f"unknown command {command[:64]!r}; "
                                              f"commands are {', '.join(COMMANDS)}"}
+
+    def apply(self, text: str) -> dict[str, Any]:
+        """Serve the version the management process just wrote (see the module doc)."""
+        from balancer.stores.base import StoreError
+
+        worker = self.worker
+        try:
+            doc = json.loads(text)
+            version, changes = int(doc["version"]), doc.get("hosts")
+            served = worker.catch_up(version, changes if isinstance(changes, dict) else None)
+        except (ValueError, KeyError, TypeError) as exc:
+            return {"pid": os.getpid(), "error": f"apply: bad message: {exc}"}
+        except StoreError as exc:
+            return {"pid": os.getpid(), "version": worker.holder.table.version,
+                    "error": str(exc), "store_problem": worker.store_problem}
+        return {"pid": os.getpid(), "version": served, "store_problem": worker.store_problem}
 
 
 def worker_snapshot(worker: Any) -> dict[str, Any]:
     """The worker's stats snapshot, with its own view of the store."""
     snapshot = worker.stats.snapshot()
-    snapshot["store_up"] = int(worker.store.is_reachable())
+    usable = worker.store_problem is None and worker.store.last_error() is None
+    snapshot["store_up"] = int(usable and worker.store.is_reachable())
     return snapshot
 
 
@@ -157,31 +188,54 @@ def run_dir_lock(directory: str) -> Iterator[None]:
 
 
 def _read_command(sock: socket.socket) -> str:
-    data = b""
-    while b"\n" not in data and len(data) < MAX_COMMAND:
-        chunk = sock.recv(MAX_COMMAND)
+    chunks: list[bytes] = []
+    size = 0
+    while size < MAX_COMMAND:
+        chunk = sock.recv(65536)
         if not chunk:
             break
-        data += chunk
-    return data.split(b"\n", 1)[0].decode("ascii", "replace").strip()
+        chunks.append(chunk)
+        size += len(chunk)
+        if b"\n" in chunk:
+            break
+    return b"".join(chunks).split(b"\n", 1)[0].decode("utf-8", "replace").strip()
 
 
 # client side --------------------------------------------------------------------
 def ask(path: str, command: str, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any] | None:
     """One worker's reply to `command`, or None if it is gone or does not answer."""
+    return ask_why(path, command, timeout)[0]
+
+
+def ask_why(path: str, command: str, timeout: float = CONTROL_TIMEOUT
+            ) -> tuple[dict[str, Any] | None, str]:
+    """(reply, "") or (None, why): "gone" when no worker listens there any more
+    (it exited), else what went wrong ("no answer within 2.0s"...)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None, "gone"
         sock.sendall(command.encode() + b"\n")
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-        return json.loads(b"".join(chunks))
-    except (OSError, ValueError):
-        return None
+        return json.loads(b"".join(chunks)), ""
+    except TimeoutError:
+        return None, f"no answer within {timeout:g}s"
+    except (OSError, ValueError) as exc:
+        return None, f"no usable answer: {exc}"
     finally:
         sock.close()
+
+
+def pid_of(path: str) -> int | None:
+    """The worker pid a control socket path names."""
+    stem = Path(path).stem
+    digits = stem.rpartition("-")[2]
+    return int(digits) if digits.isdecimal() else None
 
 
 def worker_sockets(directory: str) -> list[str]:

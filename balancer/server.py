@@ -1,17 +1,28 @@
 """One worker: listeners, the store watcher, the access log and the routing table.
 
 The composition root of a gevent worker (the caller has monkey-patched).
-Configuration flows one way: store → `watch` → `Worker.apply` (compile) →
-`TableHolder.swap`. A table that does not compile is reported and the last
-good one keeps serving.
+Configuration flows one way: store → `watch` (or the management process,
+directly over the control socket) → `Worker.apply` / `Worker.apply_change`
+(compile) → `TableHolder.swap`. A table that does not compile is reported
+and the last good one keeps serving.
+
+Invariants:
+* A store table older than the highest version this worker has known (its
+  own, or the snapshot's at start) never replaces the served table
+  (`balancer.stores.snapshot.judge`); `store_problem` says why until the
+  store is repaired.
+* Table updates run one at a time (`updating`); a change names the hosts it
+  changed and costs what changed; a whole table is compiled in slices.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gevent
@@ -31,6 +42,8 @@ from balancer.readiness import is_evented
 from balancer.rules import RuleError
 from balancer.settings import Settings
 from balancer.stats import Stats
+from balancer.stores.base import StoreError, TableChange, TableData
+from balancer.stores.snapshot import Snapshot, judge, snapshot_path
 from balancer.table import RoutingTable, TableHolder
 
 log = logging.getLogger("balancer")
@@ -44,6 +57,7 @@ BACKLOG = 65535
 # will carry `Connection: close` instead (the close race of RFC 9112 §9.6).
 DRAIN_IDLE = 1.0
 SHARED_ACCEPT_BATCH = 256  # accept() calls per wake-up when workers share a listener
+COMPILE_PAUSE = 0.0001  # seconds a big table's compile yields to requests between slices
 
 
 class EagerPool(Pool):
@@ -100,10 +114,14 @@ class Worker:
                                        stats=self.stats, holder_ref=holder_ref)
         self.holder = TableHolder(RoutingTable(0, {}, self.compiler.fallbacks()[1]))
         holder_ref.append(self.holder)
-        self.health = HealthChecks(self.registry)  # active checks follow every swap
-        self.holder.on_swap.append(self.health.on_swap)
+        self.health = HealthChecks(self.registry)  # active checks follow the table
         self.loaded = False
-        self.applied: Any = None  # the hosts of the table installed last
+        self.highest = 0  # the highest version known: a store behind it lost its table
+        self.store_problem: str | None = None  # why the store's table is not served
+        self.updating = threading.RLock()  # one table update at a time
+        self.backend_uses: Counter[str] = Counter()  # backend key → proxy routes naming it
+        self.unused: set[str] = set()  # backends no route names, forgotten once idle
+        self.snapshot = Snapshot(snapshot_path(settings.store.snapshot, store), store.identity())
         self.access_log = (log_factory or _access_log)(settings)
         limits = settings.limits
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
@@ -122,38 +140,146 @@ class Worker:
                        connections=self.connections)
 
     # routing table -------------------------------------------------------
-    def apply(self, data: Any) -> bool:
-        """Compile and install a table version; False (and the old table) if invalid."""
-        current = self.holder.table
-        if self.loaded and data.version == current.version and data.hosts == self.applied:
-            return True  # the watcher's first delivery repeats the table loaded at start
+    def start_table(self) -> None:
+        """The first table: the store's, or the last good one (the snapshot) when the
+        store is unreachable or behind it. Raises `StoreError` when there is neither."""
+        saved = self.snapshot.load()
+        if saved is not None:
+            self.highest = saved.version
+            self.store.raise_floor(saved.version)
         try:
-            table = RoutingTable.build(data.version, data.hosts, self.compiler.compile,
-                                       self.compiler.fallbacks(), previous=current)
-        except RuleError as exc:
-            log.error("store version %s rejected, keeping version %s: %s",
-                      data.version, current.version, "; ".join(exc.problems))
-            return False
+            data = self.store.load()
+        except StoreError as exc:
+            if saved is None:
+                raise
+            self.store_problem = f"store {self.store.display_url}: {exc}"
+            log.warning("%s; serving the last good table (version %d) from %s",
+                        self.store_problem, saved.version, self.snapshot.path)
+            self.apply(saved, judged=False)
+            return
+        if not self.apply(data) and saved is not None:
+            self.apply(saved, judged=False)
+
+    def apply(self, data: TableData, judged: bool = True) -> bool:
+        """Compile and install a whole table; False (and the old table) if it is
+        invalid or older than a version known (the store lost its table)."""
+        with self.updating:
+            if judged:
+                problem = judge(data, self.highest, self.store.display_url)
+                if problem is not None:
+                    self.store_problem = problem
+                    return False
+                self.store_problem = None
+            current = self.holder.table
+            if self.loaded and data.version == current.version and data.hosts == current.hosts():
+                return True  # the watcher's first delivery repeats the table loaded at start
+            try:
+                table = RoutingTable.build(data.version, data.hosts, self.compiler.compile,
+                                           self.compiler.fallbacks(), previous=current,
+                                           pause=_pause)
+            except RuleError as exc:
+                log.error("store version %s rejected, keeping version %s: %s",
+                          data.version, current.version, "; ".join(exc.problems))
+                return False
+            self.install(table, None)
+            return True
+
+    def apply_change(self, change: TableChange) -> bool:
+        """Apply the hosts one or more writes changed; a change that does not follow
+        on the version served makes the whole table be read again."""
+        with self.updating:
+            current = self.holder.table
+            if change.version <= current.version:
+                return True
+            if change.base == current.version and self.store_problem is None:
+                try:
+                    table = current.with_changes(change.version, change.hosts,
+                                                 self.compiler.compile, self.compiler.fallbacks())
+                except RuleError as exc:
+                    log.error("store version %s rejected, keeping version %s: %s",
+                              change.version, current.version, "; ".join(exc.problems))
+                    return False
+                self.install(table, change.hosts)
+                return True
+            return self.apply(self.store.load())
+
+    def install(self, table: RoutingTable, changed: Mapping[str, Any] | None) -> None:
+        """Swap `table` in and follow it: backend pools, health checks, counters."""
+        old = self.holder.table
         self.holder.swap(table)
-        self.applied = data.hosts
-        self.registry.prune({backend.key for route in table.routes.values()
-                             if isinstance(route.action, ProxyAction)
-                             for backend in route.action.backends})
+        self.highest = max(self.highest, table.version)
+        self.store.raise_floor(table.version)
+        keys = table.routes.keys() if changed is None else changed.keys()
+        self.unused |= self._count_backends(old, table, keys, full=changed is None)
+        self.prune_unused()
+        if changed is None or _has_health(old, table, keys):
+            self.health.on_swap(old, table)
         self.loaded = True
         stats = self.stats
-        stats.routing_version = data.version
+        stats.routing_version = table.version
         stats.config_reloads += 1
         stats.last_reload = time.time()
-        return True
+
+    def _count_backends(self, old: RoutingTable, new: RoutingTable, keys: Any,
+                        full: bool) -> set[str]:
+        """Update `backend_uses` for the routes of `keys`; the backends no longer named."""
+        if full:
+            uses: Counter[str] = Counter()
+            for route in new.routes.values():
+                uses.update(_backend_keys(route))
+            self.backend_uses = uses
+            return set(self.registry.backends) - set(uses)
+        gone = set()
+        for key in keys:
+            before, after = old.routes.get(key), new.routes.get(key)
+            if before is not None:
+                for backend in _backend_keys(before):
+                    self.backend_uses[backend] -= 1
+                    if self.backend_uses[backend] <= 0:
+                        del self.backend_uses[backend]
+                        gone.add(backend)
+            if after is not None:
+                self.backend_uses.update(_backend_keys(after))
+        return {b for b in gone if b not in self.backend_uses}
+
+    def prune_unused(self) -> None:
+        """Forget backends no rule names any more once idle (closing their sockets)."""
+        backends = self.registry.backends
+        for key in list(self.unused):
+            backend = backends.get(key)
+            if key in self.backend_uses or backend is None:
+                self.unused.discard(key)
+            elif backend.is_idle:
+                backends.pop(key).close_idle()
+                self.unused.discard(key)
 
     def reload(self) -> int:
         """Re-read the store now and apply it; returns the version served."""
         self.apply(self.store.load())
         return self.holder.table.version
 
+    def catch_up(self, version: int, changes: Mapping[str, Any] | None) -> int:
+        """The management process wrote `version` (changing `changes`, or the whole
+        table when None): serve it now; returns the version served."""
+        if changes is not None:
+            self.apply_change(TableChange(version, version - 1, changes))
+        elif self.holder.table.version < version:
+            self.reload()
+        return self.holder.table.version
+
+    def served_version(self) -> int:
+        return self.holder.table.version
+
     def watch_loop(self) -> None:
         """Follow the store until the worker stops."""
-        self.store.watch(self.apply, lambda: self.stopping)
+        self.store.watch(self.on_store, lambda: self.stopping, self.served_version)
+
+    def on_store(self, item: TableData | TableChange) -> None:
+        """What the store's watcher delivers: a whole table or a change."""
+        if isinstance(item, TableChange):
+            self.apply_change(item)
+        else:
+            self.apply(item)
 
     # listeners -----------------------------------------------------------
     def listen(self, sockets: list[tuple[socket.socket, bool]]) -> None:
@@ -227,6 +353,27 @@ class Worker:
         self.health.stop()
         self.access_log.close()
         self.store.close()
+
+
+def _pause() -> None:
+    time.sleep(COMPILE_PAUSE)  # gevent's sleep when patched: requests run meanwhile
+
+
+def _backend_keys(route: Any) -> list[str]:
+    action = route.action
+    if not isinstance(action, ProxyAction):
+        return []
+    return [backend.key for backend in action.backends]
+
+
+def _has_health(old: RoutingTable, new: RoutingTable, keys: Any) -> bool:
+    """Whether a rule of `keys`, before or after, has active health checks."""
+    for key in keys:
+        for table in (old, new):
+            route = table.routes.get(key)
+            if route is not None and "health" in route.rule:
+                return True
+    return False
 
 
 def _waiting_timeouts(timeouts: Any) -> list[float]:

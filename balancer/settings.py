@@ -39,6 +39,7 @@ from balancer.settings_kinds import (
     Integer,
     Kind,
     Rejected,
+    SnapshotPath,
     StoreUrl,
 )
 
@@ -95,10 +96,16 @@ SETTINGS: tuple[Setting, ...] = (
             "management API address", "--management"),
     Setting("management.token", TEXT, "", "bearer token for the management API: every route but /healthz and the "
             "dashboard page needs it, /metrics included", "--token"),
+    Setting("management.apply_timeout", POSITIVE, 2.0,
+            "seconds a write waits for every worker to serve it (202 past it)"),
     Setting("store.url", StoreUrl(), "file:balancer-routes.json",
             "routing store: file:PATH, redis://, rediss:// or redis+sentinel:// URL", "--store"),
     Setting("store.namespace", NAME, "balancer", "key prefix in the store"),
     Setting("store.resync_interval", POSITIVE, 5.0, "seconds between store version checks"),
+    Setting("store.snapshot", SnapshotPath(), "",
+            'local copy of the last good table, served when the store is unreachable or '
+            'lost at start: a path, "" for beside the routes file (file store) or '
+            'balancer-NAMESPACE.last-good.json in the working directory (Redis), or "off"'),
     Setting("timeouts.client_header", POSITIVE, 10.0, "seconds to receive a request head"),
     Setting("timeouts.client_idle", POSITIVE, 75.0, "seconds a keep-alive client may idle"),
     Setting("timeouts.backend_connect", POSITIVE, 5.0, "seconds to connect to a backend"),
@@ -137,6 +144,7 @@ class ServerSettings:
 class ManagementSettings:
     listen: Address
     token: str
+    apply_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +152,7 @@ class StoreSettings:
     url: str
     namespace: str
     resync_interval: float
+    snapshot: str
 
 
 @dataclass(frozen=True, slots=True)

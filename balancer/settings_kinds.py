@@ -178,6 +178,21 @@ class StoreUrl(Kind):
         return value
 
 
+class SnapshotPath(Kind):
+    """"" (the default place), "off", or a file path in an existing directory."""
+
+    expected = '"", "off", or a file path in an existing directory'
+    metavar = "PATH"
+
+    def check(self, value: object, raw: object) -> str:
+        if value in ("", "off"):
+            return value
+        directory = os.path.dirname(os.path.abspath(value))
+        if value.endswith("/") or not os.path.isdir(directory) or os.path.isdir(value):
+            raise reject(self.expected, raw)
+        return value
+
+
 class Directory(Kind):
     """"" (unset) or an existing directory."""
 

@@ -3,8 +3,13 @@
 Invariants:
 * A `RoutingTable` never changes after `build`; a request reads
   `holder.table` once and uses that snapshot to the end.
-* `build` validates every rule first and raises `RuleError` listing every
-  problem, so a bad update never replaces a good table.
+* `build` validates every rule and raises `RuleError` listing every
+  problem, so a bad update never replaces a good table. It calls `pause`
+  every `PAUSE_EVERY` hosts, so a worker compiling a big table lets its
+  requests run in between (the old table serves until the swap).
+* `with_changes` builds the next table from this one and the hosts that
+  changed: its cost is that of the changed hosts (plus copying the indexes'
+  references), not of re-compiling the table.
 * Lookup precedence (SPEC §3): exact name; the longest ``*.suffix`` key or
   the longest parent whose rule has ``subdomains: true``; ``*``; else the
   ``unknown`` route (404), or ``no-hosts`` (503) when the table is empty.
@@ -20,6 +25,7 @@ from balancer.rules import RuleError, normalize_host, validate_table
 from balancer.stats import HostStats
 
 UNKNOWN_KEY: Final = "(unknown)"  # stats key of requests no rule matched
+PAUSE_EVERY: Final = 500  # hosts compiled between pauses (see `RoutingTable.build`)
 
 
 class Route:
@@ -41,36 +47,87 @@ class Route:
 Compiler = Callable[[str, Mapping[str, Any], Any], Any]
 
 
+Indexes = tuple[dict[bytes, Route], dict[bytes, Route], dict[bytes, Route]]
+
+
 class RoutingTable:
     """An immutable host → route mapping with SPEC §3 precedence."""
 
-    def __init__(self, version: int, routes: dict[str, Route], fallback: Route) -> None:
+    def __init__(self, version: int, routes: dict[str, Route], fallback: Route,
+                 indexes: Indexes | None = None) -> None:
         self.version = version
         self.routes = routes
         self.fallback = fallback
-        self._exact = {k.encode(): r for k, r in routes.items() if not k.startswith("*")}
-        self._wild = {k[2:].encode(): r for k, r in routes.items() if k.startswith("*.")}
-        self._sub = {k: r for k, r in self._exact.items() if r.rule.get("subdomains") is True}
+        if indexes is None:
+            exact = {k.encode(): r for k, r in routes.items() if not k.startswith("*")}
+            wild = {k[2:].encode(): r for k, r in routes.items() if k.startswith("*.")}
+            sub = {k: r for k, r in exact.items() if r.rule.get("subdomains") is True}
+            indexes = (exact, wild, sub)
+        self._exact, self._wild, self._sub = indexes
         self._catch_all = routes.get("*")
         self._cache: dict[bytes, Route] = {}
 
     @classmethod
     def build(cls, version: int, hosts: Mapping[str, Any], compile_rule: Compiler,
-              fallbacks: tuple[Route, Route], previous: RoutingTable | None = None
-              ) -> RoutingTable:
+              fallbacks: tuple[Route, Route], previous: RoutingTable | None = None,
+              pause: Callable[[], None] | None = None) -> RoutingTable:
         """Validate and compile `hosts`; `fallbacks` is (unknown, no_hosts)."""
-        problems = validate_table(hosts)
+        if not isinstance(hosts, Mapping):
+            raise RuleError(validate_table(hosts))
+        old = previous.routes if previous is not None else {}
+        routes: dict[str, Route] = {}
+        problems: list[str] = []
+        for n, (host, rule) in enumerate(hosts.items()):
+            if pause is not None and n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                pause()
+            found = validate_table({host: rule})
+            if found:
+                problems += found
+                continue
+            key = normalize_host(host)
+            if key in routes:
+                problems.append(f"host {host!r}: duplicates {key!r}")
+                continue
+            prior = old.get(key)
+            routes[key] = compile_rule(key, rule, prior.action if prior is not None else None)
         if problems:
             raise RuleError(problems)
-        old = previous.routes if previous is not None else {}
-        routes = {}
-        for host, rule in hosts.items():
-            key = normalize_host(host)
-            prior = old.get(key)
-            prior_action = prior.action if prior is not None else None
-            routes[key] = compile_rule(key, rule, prior_action)
         unknown, no_hosts = fallbacks
         return cls(version, routes, unknown if routes else no_hosts)
+
+    def with_changes(self, version: int, changes: Mapping[str, Any], compile_rule: Compiler,
+                     fallbacks: tuple[Route, Route]) -> RoutingTable:
+        """The next table: this one with `changes` (HOST → rule, None to remove) applied."""
+        problems = validate_table({h: r for h, r in changes.items() if r is not None})
+        if problems:
+            raise RuleError(problems)
+        routes = dict(self.routes)
+        exact, wild, sub = dict(self._exact), dict(self._wild), dict(self._sub)
+        for host, rule in changes.items():
+            key = normalize_host(host)
+            prior = routes.pop(key, None)
+            name = key[2:].encode() if key.startswith("*.") else key.encode()
+            if key.startswith("*."):
+                wild.pop(name, None)
+            else:
+                exact.pop(name, None)
+                sub.pop(name, None)
+            if rule is None:
+                continue
+            route = compile_rule(key, rule, prior.action if prior is not None else None)
+            routes[key] = route
+            if key.startswith("*."):
+                wild[name] = route
+            elif not key.startswith("*"):
+                exact[name] = route
+                if rule.get("subdomains") is True:
+                    sub[name] = route
+        unknown, no_hosts = fallbacks
+        return RoutingTable(version, routes, unknown if routes else no_hosts, (exact, wild, sub))
+
+    def hosts(self) -> dict[str, Any]:
+        """HOST → rule of every route (the table as stored)."""
+        return {key: route.rule for key, route in self.routes.items()}
 
     def lookup(self, host: bytes) -> Route:
         """The route for a Host header value (any case, port allowed)."""

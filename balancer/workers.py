@@ -171,7 +171,9 @@ def run_worker(env: ChildEnv, listeners: list[tuple[Any, bool]]) -> int:
     from balancer.server import Worker
 
     settings = env.settings
-    worker = Worker(settings, open_child_store(settings))
+    store = open_child_store(settings)
+    store.quiet = True  # the management process reports store problems once
+    worker = Worker(settings, store)
     initial_load(worker)
     try:
         worker.start()
@@ -207,12 +209,14 @@ def tune_gc() -> None:
 
 
 def initial_load(worker: Any) -> None:
-    """Load the table once; a store problem is reported and serving starts anyway."""
+    """Load the table once (the store's, or the last good one when the store is
+    unreachable or lost it); with neither, serving starts anyway."""
     from balancer.stores.base import StoreError
 
     try:
-        worker.reload()
+        worker.start_table()
     except StoreError as exc:
+        worker.store_problem = f"store {worker.store.display_url}: {exc}"
         log.error("store %s: %s; serving the no-hosts page until it recovers",
                   worker.store.display_url, exc)
 

@@ -6,6 +6,14 @@ Invariants:
 * Host keys are normalised (`normalize_host`) here, once, before the store.
 * Errors become responses in one place (`ManagementApp.dispatch`):
   ``{"error": CODE, "message": TEXT, "details": [...]}``.
+* A write answers once every worker of this balancer serves it (the runtime's
+  `publish`): 200 ``{"version": N}``, or 202 with ``"applied": false`` and the
+  lagging workers after ``[management] apply_timeout``.
+* A store that lost its table (the mirror's loss guard, or the store behind
+  the highest version known: `Store.floor`) refuses one-host writes with 409
+  `store_lost` naming `balancerctl restore`; a whole-table PUT or a restore
+  writes above every version known. Reads fall back on the served table, with
+  a ``store_problem`` field, while the store is down or lost.
 * With a token, every route needs ``Authorization: Bearer TOKEN`` except
   ``/healthz`` and the dashboard's static shell (``/``, ``/static/*``), which
   carries no data: the dashboard sends the token with each API call.
@@ -23,7 +31,16 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from balancer.rules import normalize_host, validate_host, validate_rule, validate_table
-from balancer.stores import CorruptStore, Store, StoreUnavailable, VersionConflict, open_store
+from balancer.stores import (
+    CorruptStore,
+    Store,
+    StoreLost,
+    StoreUnavailable,
+    TableData,
+    VersionConflict,
+    open_store,
+)
+from balancer.stores.snapshot import HOW_TO_FIX
 from management import dashboard_page, edits
 from management.http import (
     ApiError,
@@ -36,6 +53,7 @@ from management.http import (
     version_headers,
 )
 from management.metrics import Metrics
+from management.mirror import Mirror
 from management.runtime import Runtime, StaticRuntime
 from management.stats_view import host_stats, stats_view
 
@@ -71,12 +89,14 @@ URL_MAP = Map([
     Rule("/api/v1/stats", endpoint="stats", methods=["GET"]),
     Rule("/api/v1/stats/<host>", endpoint="host_stats", methods=["GET"]),
     Rule("/api/v1/reload", endpoint="reload", methods=["POST"]),
+    Rule("/api/v1/restore", endpoint="restore", methods=["POST"]),
     Rule("/api/v1/info", endpoint="info", methods=["GET"]),
 ], strict_slashes=False, merge_slashes=False)
 
 
 def create_app(store: Store | None = None, runtime: Runtime | None = None,
-               token: str | None = None, settings: Any = None) -> ManagementApp:
+               token: str | None = None, settings: Any = None,
+               mirror: Mirror | None = None) -> ManagementApp:
     """The management WSGI app.
 
     Without a store, one is opened from `settings` (or, with no settings, from
@@ -93,16 +113,18 @@ def create_app(store: Store | None = None, runtime: Runtime | None = None,
                            settings.store.resync_interval)
     if token is None and settings is not None:
         token = settings.management.token or None
-    return ManagementApp(store, runtime or StaticRuntime(store), token)
+    return ManagementApp(store, runtime or StaticRuntime(store), token, mirror)
 
 
 class ManagementApp:
     """WSGI callable: routes requests of SPEC §5 to `on_<endpoint>` methods."""
 
-    def __init__(self, store: Store, runtime: Runtime, token: str | None = None) -> None:
+    def __init__(self, store: Store, runtime: Runtime, token: str | None = None,
+                 mirror: Mirror | None = None) -> None:
         self.store = store
         self.runtime = runtime
         self.token = token or None
+        self.mirror = mirror or Mirror(store)  # not started: only this app's writes
         self.metrics = Metrics(runtime.stats)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
@@ -118,7 +140,7 @@ class ManagementApp:
             return getattr(self, f"on_{endpoint}")(request, **args)
         except ApiError as exc:
             return error_response(exc)
-        except (StoreUnavailable, CorruptStore, VersionConflict) as exc:
+        except (StoreUnavailable, CorruptStore, VersionConflict, StoreLost) as exc:
             return error_response(_store_error(exc))
         except MethodNotAllowed as exc:
             allowed = ", ".join(sorted(exc.valid_methods or ()))
@@ -136,9 +158,24 @@ class ManagementApp:
 
     # hosts -----------------------------------------------------------------
     def on_list_hosts(self, request: Request) -> Response:
-        data = self.store.load()
-        return json_response({"version": data.version, "hosts": data.hosts},
-                             headers=version_headers(data.version))
+        data, problem = self._readable()
+        body: dict[str, Any] = {"version": data.version, "hosts": data.hosts}
+        if problem:
+            body["store_problem"] = problem
+        return json_response(body, headers=version_headers(data.version))
+
+    def _readable(self) -> tuple[TableData, str | None]:
+        """The store's table; the table served (and why) when the store lost its table
+        or cannot be read but this process knows the served one."""
+        served = self.mirror.table
+        if self.mirror.problem and served is not None:
+            return served, self.mirror.problem
+        try:
+            return self.store.load(), None
+        except (StoreUnavailable, CorruptStore) as exc:
+            if served is None:
+                raise
+            return served, f"{exc}; showing the table the workers serve (version {served.version})"
 
     def on_replace_hosts(self, request: Request) -> Response:
         condition = if_match(request)
@@ -150,15 +187,20 @@ class ManagementApp:
         if problems:
             raise _invalid(problems)
         hosts = {normalize_host(h): rule for h, rule in body["hosts"].items()}
-        return _written(self.store.replace(hosts, condition))
+        self._raise_floor()
+        version = self.store.replace(hosts, condition)
+        self.mirror.note_write(version, None, hosts)
+        return self._published(version, None)
 
     def on_get_host(self, request: Request, host: str) -> Response:
         key = normalize_host(host)
-        data = self.store.load()
+        data, problem = self._readable()
         if key not in data.hosts:
             raise _no_host(key)
-        return json_response({"host": key, "rule": data.hosts[key], "version": data.version},
-                             headers=version_headers(data.version))
+        body = {"host": key, "rule": data.hosts[key], "version": data.version}
+        if problem:
+            body["store_problem"] = problem
+        return json_response(body, headers=version_headers(data.version))
 
     def on_put_host(self, request: Request, host: str) -> Response:
         condition = if_match(request)
@@ -166,15 +208,19 @@ class ManagementApp:
         problems = validate_host(host) + validate_rule(rule)
         if problems:
             raise _invalid(problems)
-        return _written(self.store.put_host(normalize_host(host), rule, condition))
+        key = normalize_host(host)
+        self._check_not_lost()
+        return self._after_write(self.store.put_host(key, rule, condition), {key: rule})
 
     def on_delete_host(self, request: Request, host: str) -> Response:
         condition = if_match(request)
         key = normalize_host(host)
+        self._check_not_lost()
         try:
-            return _written(self.store.delete_host(key, condition))
+            version = self.store.delete_host(key, condition)
         except KeyError:
             raise _no_host(key) from None
+        return self._after_write(version, {key: None})
 
     def on_add_backend(self, request: Request, host: str) -> Response:
         condition = if_match(request)
@@ -190,6 +236,7 @@ class ManagementApp:
     def _edit_rule(self, key: str, condition: int | None,
                    edit: Callable[[str, dict[str, Any]], dict[str, Any]]) -> Response:
         """Read-modify-write one proxy rule, retried while other writers race us."""
+        self._check_not_lost()
         for _ in range(EDIT_ATTEMPTS):
             data = self.store.load()
             if condition is not None and condition != data.version:
@@ -202,12 +249,58 @@ class ManagementApp:
             if problems:
                 raise _invalid(problems)
             try:
-                return _written(self.store.put_host(key, rule, data.version))
+                return self._after_write(self.store.put_host(key, rule, data.version),
+                                         {key: rule})
             except VersionConflict:
                 if condition is not None:
                     raise
         raise StoreUnavailable(f"the table kept changing during {EDIT_ATTEMPTS} attempts; "
                                f"try again")
+
+    def _raise_floor(self) -> None:
+        """Writes go above every version this balancer has known (workers, snapshot)."""
+        highest = getattr(self.runtime, "highest_version", None)  # older Runtimes lack it
+        self.store.raise_floor(max(self.mirror.highest, highest() if highest else 0))
+
+    def _check_not_lost(self) -> None:
+        """409 `store_lost` when a one-host write would leave a one-host table."""
+        self._raise_floor()
+        if self.mirror.problem:
+            raise ApiError(409, "store_lost", self.mirror.problem)
+
+    def _after_write(self, version: int, changes: dict[str, Any]) -> Response:
+        self.mirror.note_write(version, changes)
+        return self._published(version, changes)
+
+    def _published(self, version: int, changes: dict[str, Any] | None,
+                   extra: dict[str, Any] | None = None) -> Response:
+        """The answer to a write, once every worker serves `version` (202 if one does
+        not within `apply_timeout`)."""
+        publish = getattr(self.runtime, "publish", None)  # older Runtimes lack it
+        lagging = publish(version, changes) if publish else []
+        body = {"version": version, **(extra or {})}
+        if lagging:
+            return json_response({**body, "applied": False, "lagging": lagging}, status=202,
+                                 headers=version_headers(version))
+        return json_response(body, headers=version_headers(version))
+
+    def on_restore(self, request: Request) -> Response:
+        """Write the table the workers serve back to the store, above every version
+        known: the operator's answer to a store that lost its table."""
+        served = self.mirror.table
+        if served is None:
+            raise ApiError(409, "nothing_to_restore",
+                           "this balancer knows no table to restore: it has served none since "
+                           "it started and has no snapshot; PUT a whole table to "
+                           "/api/v1/hosts instead")
+        self._raise_floor()
+        version = self.store.replace(served.hosts)
+        log.warning("restore: wrote the served table (version %d, %d hosts) back to store %s "
+                    "as version %d", served.version, len(served.hosts), self.store.display_url,
+                    version)
+        self.mirror.note_write(version, None, served.hosts)
+        return self._published(version, None, {"restored_from": served.version,
+                                               "hosts": len(served.hosts)})
 
     # data plane ------------------------------------------------------------
     def on_stats(self, request: Request) -> Response:
@@ -221,10 +314,14 @@ class ManagementApp:
         return json_response({"host": key, **host_stats(found or {})})
 
     def on_reload(self, request: Request) -> Response:
-        return _written(self.runtime.reload())
+        version = self.runtime.reload()
+        return json_response({"version": version}, headers=version_headers(version))
 
     def on_info(self, request: Request) -> Response:
-        return json_response(self.runtime.info())
+        info = self.runtime.info()
+        store = info.setdefault("store", {})
+        store["problem"] = self.mirror.problem or store.get("problem")
+        return json_response(info)
 
     def on_healthz(self, request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -262,10 +359,6 @@ def _is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith("/static/")
 
 
-def _written(version: int) -> Response:
-    return json_response({"version": version}, headers=version_headers(version))
-
-
 def _invalid(problems: list[str]) -> ApiError:
     n = len(problems)
     return ApiError(400, "invalid_rule", f"the rule is invalid ({n} problem"
@@ -280,6 +373,8 @@ def _store_error(exc: Exception) -> ApiError:
     if isinstance(exc, VersionConflict):
         return ApiError(412, "version_conflict", f"{exc}; re-read it and retry",
                         [f"current version: {exc.current}"], version_headers(exc.current))
+    if isinstance(exc, StoreLost):
+        return ApiError(409, "store_lost", str(exc))
     if isinstance(exc, CorruptStore):
-        return ApiError(503, "store_corrupt", str(exc))
+        return ApiError(503, "store_corrupt", f"{exc}; fix the store, or {HOW_TO_FIX}")
     return ApiError(503, "store_unavailable", str(exc))

@@ -8,6 +8,10 @@ backwards across a reload.
 
 Invariants:
 * Stats are exact at scrape time: no worker pushes anything periodically.
+* A write is published to every worker directly (`publish`: the control
+  socket's ``apply``), whatever the store, and counts as applied once each
+  worker answers that it serves the new version; the store's own messages
+  and polling are the safety net for changes made elsewhere.
 * Live answers and the retired total are read together under the run
   directory's lock (`control.run_dir_lock`), so a worker that exits is counted
   once, and two management processes (old and new, during a reload) never
@@ -19,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import gevent
 from gevent.lock import Semaphore
 
-from balancer.control import RETIRED_GLOB, ask, run_dir_lock, worker_sockets
+from balancer.control import RETIRED_GLOB, ask, ask_why, pid_of, run_dir_lock, worker_sockets
 from balancer.stats import Stats, merge_snapshots
 
 RETIRED_TOTAL = "retired-total.json"
@@ -35,10 +40,13 @@ ARBITER_STATUS = "arbiter.json"
 class ClusterRuntime:
     """Stats, reload and readiness over all live workers of one arbiter."""
 
-    def __init__(self, directory: str, store: Any, workers: int) -> None:
+    def __init__(self, directory: str, store: Any, workers: int, apply_timeout: float = 2.0,
+                 problem: Callable[[], str | None] | None = None) -> None:
         self.directory = directory
         self.store = store
         self.workers = workers
+        self.apply_timeout = apply_timeout
+        self.problem = problem or (lambda: None)  # the management process's view of the store
         self.retired = RetiredCounters(directory)
         self.mutex = Semaphore()  # the flock is per process: one greenlet holds it
 
@@ -60,7 +68,8 @@ class ClusterRuntime:
                 ) -> dict[str, Any]:
         snapshots = [r["stats"] for r in replies]
         merged = merge_snapshots(snapshots + ([retired] if retired else []))
-        own = int(self.store.is_reachable())
+        own = int(self.store.is_reachable() and self.problem() is None
+                  and self.store.last_error() is None)
         merged["store_up"] = min(merged.get("store_up", own), own) if snapshots else own
         return merged
 
@@ -75,6 +84,35 @@ class ClusterRuntime:
         if not replies:
             raise StoreUnavailable("no worker answered; see the balancer log")
         return min(r["version"] for r in replies)
+
+    def publish(self, version: int, changes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+        """Tell every worker the management process wrote `version` (changing
+        `changes`, or the whole table when None) and wait until each serves it, at
+        most `apply_timeout` seconds; the workers that do not serve it by then."""
+        body = {"version": version} if changes is None else {"version": version,
+                                                              "hosts": dict(changes)}
+        command = "apply " + json.dumps(body, separators=(",", ":"))
+        paths = worker_sockets(self.directory)
+        jobs = [gevent.spawn(ask_why, path, command, self.apply_timeout) for path in paths]
+        gevent.joinall(jobs, timeout=self.apply_timeout + 1.0)
+        lagging = []
+        for path, job in zip(paths, jobs, strict=True):
+            reply, why = job.value if job.successful() else (None, "no answer")
+            if why == "gone":
+                continue  # exited meanwhile: it serves nobody
+            served = reply.get("version") if reply else None
+            if isinstance(served, int) and served >= version:
+                continue
+            reason = why or (reply or {}).get("error") or (reply or {}).get("store_problem") \
+                or f"serves version {served}"
+            lagging.append({"pid": (reply or {}).get("pid", pid_of(path)), "version": served,
+                            "reason": reason})
+        return lagging
+
+    def highest_version(self) -> int:
+        """The highest version any worker has served or known (its snapshot)."""
+        replies = self.ask_all("version")
+        return max([r.get("highest", 0) for r in replies] + [0])
 
     def is_ready(self) -> bool:
         """Ready when at least one worker answers and every answering worker has a table."""
@@ -91,7 +129,17 @@ class ClusterRuntime:
                           "reachable": self.store.is_reachable(),
                           "version": merged.get("routing_version", 0),
                           "last_reload": merged.get("last_reload", 0.0),
-                          "problem": self.store.last_error()}}
+                          "problem": self.store_problem(replies)}}
+
+    def store_problem(self, replies: list[dict[str, Any]]) -> str | None:
+        """What is wrong with the store, if anything: lost table, corrupt, unreachable."""
+        for problem in (self.problem(), self.store.last_error(),
+                        *(r.get("store_problem") for r in replies)):
+            if problem:
+                return str(problem)
+        if not self.store.is_reachable():
+            return f"store {self.store.display_url} is unreachable"
+        return None
 
 
 def process_info(reply: dict[str, Any]) -> dict[str, Any]:
@@ -100,6 +148,7 @@ def process_info(reply: dict[str, Any]) -> dict[str, Any]:
     hosts = stats.get("hosts", {}).values()
     return {"pid": reply["pid"], "started": reply["started"], "loaded": reply["loaded"],
             "draining": reply["draining"], "version": reply["version"],
+            "store_problem": reply.get("store_problem"),
             "open_connections": stats.get("open_connections", 0),
             "open_requests": sum(h.get("open_requests", 0) for h in hosts),
             "completed_requests": sum(h.get("completed_requests", 0) for h in hosts)}

@@ -73,6 +73,12 @@ def build_parser() -> Parser:
     sub.add_parser("reload", parents=[common], help="make the balancer re-read its store",
                    description="Make every worker re-read the store now; prints the version "
                                "served.")
+    sub.add_parser("restore", parents=[common],
+                   help="write the table the balancer serves back to its store",
+                   description="After the store lost its table (Redis flushed or restarted "
+                               "empty, an older copy restored, the routes file deleted), "
+                               "write the table the workers serve back, at a version above "
+                               "any served.")
     return parser
 
 
@@ -191,34 +197,58 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
     command = args.command
     if command == "list":
         answer = client.call("GET", "/api/v1/hosts")
-        return answer, format_hosts(answer)
+        return answer, _warned(answer, format_hosts(answer))
     if command == "get":
         answer = client.call("GET", host_path(args.host))
-        return answer, format_rule(answer)
+        return answer, _warned(answer, format_rule(answer))
     if command == "set":
         rule = {"action": args.action, **parse_fields(args.fields)}
         if args.backend:
             rule["backends"] = list(rule.get("backends", [])) + args.backend
         answer = client.call("PUT", host_path(args.host), rule)
-        return answer, f"{args.host}: {args.action} (version {answer['version']})"
+        return answer, _applied(answer, f"{args.host}: {args.action} (version {answer['version']})")
     if command == "delete":
         answer = client.call("DELETE", host_path(args.host))
-        return answer, f"{args.host}: deleted (version {answer['version']})"
+        return answer, _applied(answer, f"{args.host}: deleted (version {answer['version']})")
     if command == "add-backend":
         body: dict[str, Any] = {"address": args.address}
         if args.weight is not None:
             body["weight"] = args.weight
         answer = client.call("POST", host_path(args.host, "backends"), body)
-        return answer, f"{args.host}: added {args.address} (version {answer['version']})"
+        return answer, _applied(answer, f"{args.host}: added {args.address} "
+                                        f"(version {answer['version']})")
     if command == "remove-backend":
         answer = client.call("DELETE", host_path(args.host, "backends", args.address))
-        return answer, f"{args.host}: removed {args.address} (version {answer['version']})"
+        return answer, _applied(answer, f"{args.host}: removed {args.address} "
+                                        f"(version {answer['version']})")
     if command == "stats":
         path = "/api/v1/stats" + (f"/{quote(args.host, safe='*')}" if args.host else "")
         answer = client.call("GET", path)
         return answer, format_stats(answer)
+    if command == "restore":
+        answer = client.call("POST", "/api/v1/restore")
+        return answer, _applied(answer, f"restored {answer['hosts']} hosts (served version "
+                                        f"{answer['restored_from']}) as version "
+                                        f"{answer['version']}")
     answer = client.call("POST", "/api/v1/reload")
     return answer, f"reloaded: version {answer['version']}"
+
+
+def _warned(answer: Any, text: str) -> str:
+    """`text`, after a warning on stderr when the answer is the served table, not the store's."""
+    problem = answer.get("store_problem") if isinstance(answer, dict) else None
+    if problem:
+        print(f"balancerctl: warning: {problem}", file=sys.stderr)
+    return text
+
+
+def _applied(answer: Any, text: str) -> str:
+    """`text`, plus which workers do not serve the write yet (a 202 answer)."""
+    if isinstance(answer, dict) and answer.get("applied") is False:
+        lagging = ", ".join(f"{w.get('pid')} ({w.get('reason')})"
+                            for w in answer.get("lagging", []))
+        text += f"\nwarning: not yet served by worker(s) {lagging}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from balancer.workers import ChildEnv, ManagementChild, open_child_store, report_ready, wait_for_stop
+from balancer.workers import (
+    ChildEnv,
+    ManagementChild,
+    open_child_store,
+    report_ready,
+    wait_for_stop,
+)
 
 log = logging.getLogger("balancer")
 
@@ -22,23 +28,30 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     """Serve the management API on `sock` until told to stop."""
     from gevent.pywsgi import WSGIServer
 
+    from balancer.stores.snapshot import Snapshot, snapshot_path
     from management.app import create_app
     from management.cluster import ClusterRuntime
+    from management.mirror import Mirror
 
     settings = env.settings
     store = open_child_store(settings)
-    runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers())
+    mirror = Mirror(store, Snapshot(snapshot_path(settings.store.snapshot, store),
+                                    store.identity()))
+    mirror.start()
+    runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers(),
+                             settings.management.apply_timeout, lambda: mirror.problem)
     app = create_app(store=store, runtime=runtime, token=settings.management.token or None,
-                     settings=settings)
+                     settings=settings, mirror=mirror)
     api = WSGIServer(sock, app, log=None, error_log=log)
     api.start()
     report_ready(env)
     wait_for_stop(env)
     api.stop(timeout=min(MANAGEMENT_DRAIN, settings.timeouts.graceful))
+    mirror.stop()
     store.close()
     return 0
 
 
 # what the management process imports after fork (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
-    "management.app", "management.cluster", "management.process"))
+    "management.app", "management.cluster", "management.mirror", "management.process"))

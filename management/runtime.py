@@ -8,6 +8,7 @@ empty statistics, and "reload" only re-reads the store).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from balancer.stats import Stats
@@ -30,6 +31,16 @@ class Runtime(Protocol):
 
     def is_ready(self) -> bool:
         """Whether a routing table has been loaded."""
+        ...
+
+    def publish(self, version: int, changes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+        """Make every worker serve `version` now (a write just made: `changes` maps
+        HOST → rule or None, None for a whole table); the workers that do not serve it
+        within ``[management] apply_timeout``: ``{"pid", "version", "reason"}``."""
+        ...
+
+    def highest_version(self) -> int:
+        """The highest version any worker has served or known."""
         ...
 
     def info(self) -> dict[str, Any]:
@@ -59,6 +70,13 @@ class StaticRuntime:
         self.version = self.store.load().version
         self.reloads += 1
         self.last_reload = time.time()
+        return self.version
+
+    def publish(self, version: int, changes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+        self.version = max(self.version, version)
+        return []  # no workers
+
+    def highest_version(self) -> int:
         return self.version
 
     def is_ready(self) -> bool:

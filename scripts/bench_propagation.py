@@ -44,7 +44,8 @@ def start_balancer(procs: Processes, name: str, redis_port: int) -> tuple[int, i
     port, mgmt = free_port(), free_port()
     proc = procs.start(name, [sys.executable, "-m", "balancer", "serve",
                               "--listen", f"{HOST}:{port}", "--management", f"{HOST}:{mgmt}",
-                              "--store", f"redis://{HOST}:{redis_port}/0"])
+                              "--store", f"redis://{HOST}:{redis_port}/0"],
+                       env={"BALANCER_STORE_SNAPSHOT": str(procs.log_dir / f"{name}.last-good")})
     wait_for_port(proc, port)
     wait_for_port(proc, mgmt)
     return port, mgmt

@@ -31,7 +31,7 @@ COMMANDS: dict[str, Callable[[list[str]], object]] = {
 SUBCOMMANDS = {
     "balancer": ("serve",),
     "balancerctl": ("list", "get", "set", "delete", "add-backend", "remove-backend",
-                    "stats", "reload"),
+                    "stats", "reload", "restore"),
     "loadtest": ("run", "preflight"),
 }
 FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```", re.M | re.S)

@@ -13,6 +13,7 @@ import pytest
 
 from balancer.stores import (
     CorruptStore,
+    StoreLost,
     StoreUnavailable,
     StoreUrlError,
     TableData,
@@ -118,7 +119,9 @@ def test_writing_over_a_corrupt_file(tmp_path: Path) -> None:
     assert store.load() == TableData(2, {"b.example.com": GONE})
 
 
-def test_a_deleted_file_keeps_the_last_table_and_a_write_recreates_it(tmp_path: Path) -> None:
+def test_a_deleted_file_refuses_one_host_writes_and_a_whole_table_recreates_it(
+        tmp_path: Path) -> None:
+    """Issue 14.2: a one-host write to a deleted file would leave a one-host table."""
     path = tmp_path / "routes.json"
     store = FileStore(str(path))
     store.put_host("web.example.com", WEB)
@@ -128,9 +131,31 @@ def test_a_deleted_file_keeps_the_last_table_and_a_write_recreates_it(tmp_path: 
         wait_until(lambda: not store.is_reachable(), message="unreachable")
         with pytest.raises(StoreUnavailable, match="cannot read"):
             store.load()
-        assert store.put_host("b.example.com", GONE) == 2
+        with pytest.raises(StoreLost, match="balancerctl restore"):
+            store.put_host("b.example.com", GONE)
+        with pytest.raises(StoreLost):
+            store.delete_host("web.example.com")
+        assert not path.exists()
+        assert store.replace({"b.example.com": GONE}) == 2  # above every version known
         assert watcher.wait_version(2).hosts == {"b.example.com": GONE}
     assert [t.version for t in watcher.tables] == [1, 2]
+
+
+def test_versions_never_go_back_after_a_repair_or_an_older_file(tmp_path: Path) -> None:
+    """Issue 14.3: a repair continues above the highest version known."""
+    path = tmp_path / "routes.json"
+    store = FileStore(str(path))
+    for n in range(5):
+        store.put_host(f"h{n}.example.com", GONE)
+    path.write_text("garbage")
+    assert store.replace({"web.example.com": WEB}) == 6
+    path.write_text(json.dumps({"version": 2, "hosts": {}}))  # an older copy put back
+    with pytest.raises(StoreLost):
+        store.put_host("x.example.com", WEB)
+    assert store.replace({"x.example.com": WEB}) == 7
+    other = FileStore(str(path))  # another process knowing a higher version elsewhere
+    other.raise_floor(40)
+    assert other.replace({}) == 41
 
 
 class CountingStore(FileStore):

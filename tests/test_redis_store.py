@@ -42,7 +42,10 @@ def test_writes_use_the_documented_keys_and_publish_the_new_version(
     assert raw.get(f"{ns}:version") == "2"
     published = [wait_until(lambda: pubsub.get_message(timeout=0.1), message="a message")
                  for _ in range(2)]
-    assert [m["data"] for m in published] == ["1", "2"]
+    # the version first (all an older reader takes), then the host the write changed
+    assert [m["data"] for m in published] == ["1 web.example.com", "2 b.example.com"]
+    assert store.replace({}) == 3
+    assert wait_until(lambda: pubsub.get_message(timeout=0.1))["data"] == "3"
     store.close()
 
 

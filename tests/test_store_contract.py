@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer.stores import Store, TableData, VersionConflict, open_store
+from balancer.stores import Store, TableChange, TableData, VersionConflict, open_store
 from tests.conftest import RedisServer, wait_until
 
 WEB = {"action": "proxy", "backends": ["127.0.0.1:9001", {"address": "[::1]:9002", "weight": 3}]}
@@ -42,13 +42,27 @@ def store(make_store: Callable[[], Store]) -> Store:
 
 
 class Watcher:
-    """Runs `store.watch` in a thread and records every table it delivers."""
+    """Runs `store.watch` in a thread and records every table it delivers (a
+    `TableChange` is applied on the table before it, as a worker does)."""
 
     def __init__(self, store: Store) -> None:
         self.tables: list[TableData] = []
+        self.changes: list[TableChange] = []
         self.stopped = False
         self.thread = threading.Thread(target=store.watch,
-                                       args=(self.tables.append, lambda: self.stopped))
+                                       args=(self.deliver, lambda: self.stopped))
+
+    def deliver(self, item: TableData | TableChange) -> None:
+        if isinstance(item, TableData):
+            self.tables.append(item)
+            return
+        self.changes.append(item)
+        base = self.tables[-1]
+        assert item.base == base.version, f"a change on {item.base} after {base.version}"
+        hosts = {**base.hosts, **{h: r for h, r in item.hosts.items() if r is not None}}
+        for host in [h for h, r in item.hosts.items() if r is None]:
+            hosts.pop(host, None)
+        self.tables.append(TableData(item.version, hosts))
 
     def __enter__(self) -> Watcher:
         self.thread.start()

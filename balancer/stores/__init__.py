@@ -10,14 +10,17 @@ from balancer.stores.base import (
     CorruptStore,
     Store,
     StoreError,
+    StoreLost,
     StoreUnavailable,
+    TableChange,
     TableData,
     VersionConflict,
 )
 from balancer.stores.urls import StoreUrlError, redact_url
 
-__all__ = ["CorruptStore", "Store", "StoreError", "StoreUnavailable", "StoreUrlError",
-           "TableData", "VersionConflict", "open_store", "redact_url"]
+__all__ = ["CorruptStore", "Store", "StoreError", "StoreLost", "StoreUnavailable",
+           "StoreUrlError", "TableChange", "TableData", "VersionConflict", "open_store",
+           "redact_url"]
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 URL_FORMS = ("file:PATH, redis://[:password@]host:port/db, rediss://..., "

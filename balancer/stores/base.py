@@ -4,14 +4,22 @@ Invariants:
 * Writers validate rules with `balancer.rules` before calling a store; a
   store only persists and versions. Host keys arrive normalised
   (`balancer.rules.normalize_host`).
-* Every successful write moves `version` up by exactly one and returns it; a
-  failed write (`StoreUnavailable`, `VersionConflict`) changes nothing.
+* Every successful write moves `version` up and returns it: to the store's
+  version + 1, or, when the store is behind what this balancer has known
+  (`floor`: flushed, restored or deleted), above `floor`. Versions never
+  repeat or go back. A one-host write to a store behind `floor` raises
+  `StoreLost` (it would turn a lost table into a one-host table); only a
+  whole-table `replace` repairs it. A failed write (`StoreUnavailable`,
+  `VersionConflict`, `StoreLost`) changes nothing.
 * `load` returns only tables that pass `validate_table`; anything else is a
   `CorruptStore` naming where and why.
 * `watch` is a loop body for its own greenlet (or thread): it delivers the
   first table it reads, then every change, through `on_change`, and never
   raises. While the store is unreachable it retries with backoff, keeps the
-  last table (no `on_change`) and `is_reachable()` is False.
+  last table (no `on_change`) and `is_reachable()` is False. Besides whole
+  tables it may deliver a `TableChange` (the hosts one write changed), which
+  the consumer applies on top of version `change.version - 1` or, when it
+  serves another version, answers by asking for the whole table (`load`).
 """
 
 from __future__ import annotations
@@ -33,6 +41,16 @@ class TableData:
     hosts: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TableChange:
+    """The hosts one or more consecutive writes changed, up to `version`:
+    HOST → rule, or None for a deleted host. `base` is the version it applies on."""
+
+    version: int
+    base: int
+    hosts: Mapping[str, Any] = field(default_factory=dict)
+
+
 class StoreError(Exception):
     """Base of store errors."""
 
@@ -47,6 +65,20 @@ class VersionConflict(StoreError):
     def __init__(self, current: int) -> None:
         super().__init__(f"the table is at version {current}")
         self.current = current
+
+
+class StoreLost(StoreError):
+    """The store is behind the table this balancer serves (flushed, restored, deleted):
+    a one-host write would leave a one-host table, so it is refused."""
+
+    def __init__(self, where: str, current: int, floor: int) -> None:
+        super().__init__(
+            f"{where} is at version {current} but this balancer has served version {floor}: "
+            f"the store lost its table (flushed, restarted empty, restored from an older "
+            f"copy or deleted). Run `balancerctl restore` to write the served table back "
+            f"(or PUT a whole table to /api/v1/hosts), then retry")
+        self.current = current
+        self.floor = floor
 
 
 class CorruptStore(StoreError):
@@ -100,21 +132,30 @@ def check_table(where: str, version: object, hosts: object) -> TableData:
 
 
 class ProblemLog:
-    """Logs each distinct store problem once, until the store recovers."""
+    """Logs each distinct store problem once, until the store recovers.
 
-    def __init__(self, logger: logging.Logger) -> None:
+    `quiet` (a proxy worker: the management process reports the same problem
+    once for the whole balancer) logs at debug level."""
+
+    def __init__(self, logger: logging.Logger, quiet: bool = False) -> None:
         self.logger = logger
         self.current: str | None = None
+        self.quiet = quiet
 
     def report(self, problem: str) -> None:
         if problem != self.current:
             self.current = problem
-            self.logger.error("%s", problem)
+            self.logger.log(logging.DEBUG if self.quiet else logging.ERROR, "%s", problem)
 
     def clear(self, recovered: str) -> None:
         if self.current is not None:
             self.current = None
-            self.logger.warning("%s", recovered)
+            self.logger.log(logging.DEBUG if self.quiet else logging.WARNING, "%s", recovered)
+
+
+def write_version(current: int, floor: int) -> int:
+    """The version a write makes: above the store's and above every version known."""
+    return max(current, floor) + 1
 
 
 class Store(ABC):
@@ -123,6 +164,20 @@ class Store(ABC):
     kind = "abstract"
     #: the store URL with any password replaced by ``***``
     display_url = ""
+    #: the highest version this balancer has known (served, written or read); a
+    #: write goes above it, and a one-host write to a store behind it is `StoreLost`
+    floor = 0
+    #: log store problems at debug level (set in proxy workers: the management
+    #: process reports them once for the whole balancer)
+    quiet = False
+
+    def identity(self) -> str:
+        """What names this store's table (for the local snapshot of it)."""
+        return self.display_url
+
+    def raise_floor(self, version: int) -> None:
+        """Note a version known elsewhere (a snapshot, a worker); writes go above it."""
+        self.floor = max(self.floor, version)
 
     @abstractmethod
     def load(self) -> TableData:
@@ -141,8 +196,12 @@ class Store(ABC):
         """Remove one host (KeyError if absent); returns the new version."""
 
     @abstractmethod
-    def watch(self, on_change: Callable[[TableData], None], stop: Callable[[], bool]) -> None:
-        """Loop until `stop()`: call `on_change` with the first and each new table."""
+    def watch(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
+              served: Callable[[], int] | None = None) -> None:
+        """Loop until `stop()`: call `on_change` with the first and each new table
+        (`TableData`) or change (`TableChange`). `served()` is the version the
+        consumer serves already (applied from a direct message): a store that is
+        at that version need not be read again."""
 
     @abstractmethod
     def is_reachable(self) -> bool:

@@ -11,7 +11,13 @@ Invariants:
   keeps serving while it waits.
 * `watch` re-reads the file when its (inode, size, mtime, ctime) changes,
   polled every `POLL_INTERVAL`; a corrupt file is reported once per distinct
-  problem and the last good table stays in force.
+  problem and the last good table stays in force. The file starts with its
+  version (``{"version": N, "hosts": ...``), so a watcher whose consumer
+  already serves version N (told directly by the management process) skips
+  parsing a big table it has.
+* A missing file (deleted under a running balancer) is a lost table once any
+  version was known (`Store.floor`): a one-host write is `StoreLost`; only a
+  whole-table `replace` writes the file again, above the floor.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -31,17 +38,22 @@ from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
     Store,
+    StoreLost,
     StoreUnavailable,
     TableChecker,
     TableData,
     VersionConflict,
+    write_version,
 )
+from balancer.stores.snapshot import HOW_TO_FIX
 
 log = logging.getLogger("balancer.store.file")
 
 POLL_INTERVAL = 0.25
 LOCK_TIMEOUT = 10.0
 LOCK_POLL = 0.005
+PEEK_BYTES = 64
+_VERSION_FIRST = re.compile(rb'\s*\{\s*"version"\s*:\s*(\d{1,18})\s*,')
 
 
 class FileStore(Store):
@@ -55,7 +67,6 @@ class FileStore(Store):
         self._lock_path = self.path + ".lock"
         self._reachable = True
         self._problem: str | None = None
-        self._highest_version = 0  # highest version this instance has read or written
         self._checker = TableChecker()
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
@@ -74,7 +85,7 @@ class FileStore(Store):
             raise StoreUnavailable(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
         self._reachable = True
         data = self._parse(raw)
-        self._highest_version = max(self._highest_version, data.version)
+        self.raise_floor(data.version)
         return data
 
     def _parse(self, raw: bytes) -> TableData:
@@ -90,6 +101,9 @@ class FileStore(Store):
                  if isinstance(hosts, dict) else None)
         return self._checker.check(self.path, doc["version"], hosts, texts)
 
+    def identity(self) -> str:
+        return f"file:{self.path}"
+
     def is_reachable(self) -> bool:
         self._reachable = os.access(self.path, os.R_OK)
         return self._reachable
@@ -101,9 +115,13 @@ class FileStore(Store):
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:
         with self._locked():
             try:
-                version = self._current_for_write().version
+                version = self.load().version
             except CorruptStore:
-                version = self._highest_version  # replacing is how a corrupt file is repaired
+                version = self.floor  # replacing is how a corrupt file is repaired
+            except StoreUnavailable:
+                if os.path.exists(self.path):
+                    raise
+                version = 0  # so is writing a deleted file again
             return self._commit(version, if_version, dict(hosts))
 
     def put_host(self, host: str, rule: Mapping[str, Any], if_version: int | None = None) -> int:
@@ -124,27 +142,35 @@ class FileStore(Store):
             return self._commit(current.version, if_version, hosts)
 
     def _current_for_write(self) -> TableData:
-        """The table under the lock; a missing file counts as empty."""
+        """The table under the lock, for a one-host write: `StoreLost` when the
+        file is missing or older than a version known (`floor`)."""
+        floor = self.floor
         try:
-            return self.load()
+            current = self.load()
         except StoreUnavailable:
             if os.path.exists(self.path):
                 raise
-            return TableData(self._highest_version, {})
+            if floor > 0:
+                raise StoreLost(self.path, 0, floor) from None
+            return TableData(0, {})
+        if current.version < floor:
+            raise StoreLost(self.path, current.version, floor)
+        return current
 
     def _commit(self, version: int, if_version: int | None, hosts: dict[str, Any]) -> int:
         if if_version is not None and if_version != version:
             raise VersionConflict(version)
-        new = TableData(version + 1, hosts)
+        new = TableData(write_version(version, self.floor), hosts)
         self._write(new)
-        self._highest_version = new.version
+        self.raise_floor(new.version)
+        self._problem = None  # written whole: readable again
         return new.version
 
     def _write(self, data: TableData) -> None:
         """Atomically replace the file (temp file, fsync, rename, fsync dir)."""
         directory = os.path.dirname(self.path)
-        body = json.dumps({"version": data.version, "hosts": data.hosts},
-                          indent=2, sort_keys=True).encode() + b"\n"
+        body = (f'{{"version": {data.version}, "hosts": '
+                f'{json.dumps(data.hosts, indent=2, sort_keys=True)}}}\n').encode()
         try:
             mode = os.stat(self.path).st_mode & 0o777
         except OSError:
@@ -187,20 +213,36 @@ class FileStore(Store):
             os.close(fd)  # closing the descriptor releases the lock
 
     # watching --------------------------------------------------------------
-    def watch(self, on_change: Callable[[TableData], None], stop: Callable[[], bool]) -> None:
-        problems = ProblemLog(log)
+    def watch(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
+              served: Callable[[], int] | None = None) -> None:
+        problems = ProblemLog(log, self.quiet)
         seen: tuple[int, ...] | None = None
         delivered: TableData | None = None
         while not stop():
             signature = self._signature()
             if signature is None:
                 seen = None
-                self._problem = f"{self.path}: cannot read the routing table file"
-                problems.report(f"{self._problem}; keeping the last good table")
+                self._problem = (f"{self.path}: cannot read the routing table file (deleted?); "
+                                 f"keeping the last good table. If it is gone, {HOW_TO_FIX}")
+                problems.report(self._problem)
             elif signature != seen:
                 seen = signature
-                delivered = self._reread(delivered, on_change, problems)
+                if served is None or self._peek_version() != served():
+                    delivered = self._reread(delivered, on_change, problems)
+                elif self._problem is not None:
+                    self._problem = None
+                    problems.clear(f"{self.path}: readable again")
             time.sleep(POLL_INTERVAL)
+
+    def _peek_version(self) -> int | None:
+        """The version at the start of the file (as this store writes it), or None."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(PEEK_BYTES)
+        except OSError:
+            return None
+        match = _VERSION_FIRST.match(head)
+        return int(match.group(1)) if match else None
 
     def _reread(self, delivered: TableData | None, on_change: Callable[[TableData], None],
                 problems: ProblemLog) -> TableData | None:

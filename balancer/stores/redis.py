@@ -1,7 +1,11 @@
 """The Redis store: one source of truth for many balancers (SPEC §6).
 
 Keys under the namespace NS: ``NS:hosts`` (hash HOST → rule JSON),
-``NS:version`` (integer), channel ``NS:changes`` (the new version).
+``NS:version`` (integer), channel ``NS:changes``. A message is the new
+version, followed, for a write that changed named hosts, by those hosts
+separated by spaces (``"13 app.example.com"``); a bare version (a whole-table
+write, or an older balancer) means "reload the whole table". Its first word is
+always the version, so readers that only take the version keep working.
 
 Invariants:
 * Every write is one ``MULTI``/``EXEC`` guarded by ``WATCH`` on both keys: it
@@ -15,6 +19,9 @@ Invariants:
 * `watch` subscribes before it reads, so no change between the read and the
   subscription is missed; it re-checks the version every `resync_interval`
   in case a message was lost, and reconnects with capped exponential backoff.
+  Messages that name hosts and follow on the version the consumer serves are
+  applied by reading only those hosts (``HMGET``), so a one-host change costs
+  the same with 100 or 100,000 hosts.
 * Every socket operation has a timeout, so a dead Redis fails a write with
   `StoreUnavailable` in about `timeout` seconds, never hangs it.
 """
@@ -36,14 +43,18 @@ from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from balancer.rules import validate_table
 from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
     Store,
+    StoreLost,
     StoreUnavailable,
+    TableChange,
     TableChecker,
     TableData,
     VersionConflict,
+    write_version,
 )
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
@@ -54,6 +65,7 @@ BACKOFF_FIRST = 0.1
 BACKOFF_CAP = 5.0
 WRITE_ATTEMPTS = 50       # optimistic-lock retries for writes without if_version
 DRAIN_MAX = 1000          # queued messages folded into one reload
+PAUSE_EVERY = 2000        # hosts parsed between yields to other greenlets (a big reload)
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
@@ -76,10 +88,12 @@ def connect(url: str, timeout: float) -> redis.Redis:
 
 @dataclass
 class _Seen:
-    """Watcher state: the raw version last read, the table delivered, the backoff."""
+    """Watcher state: the raw version last read, the version and table delivered
+    (the table is None after a change was delivered), the backoff."""
 
     version: str | None = None
     delivered: TableData | None = None
+    delivered_version: int = -1
     delay: float = BACKOFF_FIRST
 
 
@@ -107,9 +121,14 @@ class RedisStore(Store):
         self._checker = TableChecker()
 
     # reading ---------------------------------------------------------------
+    def identity(self) -> str:
+        return f"{self.display_url} namespace {self.namespace}"
+
     def load(self) -> TableData:
         raw_hosts, raw_version = self._read_raw()
-        return self._parse(raw_hosts, raw_version)
+        data = self._parse(raw_hosts, raw_version)
+        self.raise_floor(data.version)
+        return data
 
     def _read_raw(self) -> tuple[dict[str, str], str | None]:
         with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
@@ -122,7 +141,9 @@ class RedisStore(Store):
         where = f"{self.display_url} {self.namespace}"
         version = self._version(raw_version)
         hosts = {}
-        for host, text in raw_hosts.items():
+        for n, (host, text) in enumerate(raw_hosts.items()):
+            if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                time.sleep(0)  # a big table: let the worker's other greenlets run
             try:
                 hosts[host] = json.loads(text)
             except json.JSONDecodeError as exc:
@@ -160,21 +181,24 @@ class RedisStore(Store):
             pipe.delete(self.hosts_key)
             if encoded:
                 pipe.hset(self.hosts_key, mapping=encoded)
-        return self._write(change, if_version)
+        return self._write(change, if_version, named=None)
 
     def put_host(self, host: str, rule: Mapping[str, Any], if_version: int | None = None) -> int:
         encoded = json.dumps(rule, sort_keys=True)
-        return self._write(lambda pipe: pipe.hset(self.hosts_key, host, encoded), if_version)
+        return self._write(lambda pipe: pipe.hset(self.hosts_key, host, encoded), if_version,
+                           named=host)
 
     def delete_host(self, host: str, if_version: int | None = None) -> int:
         def check(pipe: Any) -> None:
             if not pipe.hexists(self.hosts_key, host):
                 raise KeyError(host)
-        return self._write(lambda pipe: pipe.hdel(self.hosts_key, host), if_version, check)
+        return self._write(lambda pipe: pipe.hdel(self.hosts_key, host), if_version,
+                           check, named=host)
 
     def _write(self, change: Callable[[Any], Any], if_version: int | None,
-               check: Callable[[Any], None] | None = None) -> int:
-        """Run `change` in one WATCH/MULTI/EXEC with INCR and PUBLISH; the new version."""
+               check: Callable[[Any], None] | None = None, *, named: str | None) -> int:
+        """Run `change` in one WATCH/MULTI/EXEC that moves the version up and PUBLISHes
+        it (with the `named` host of a one-host write); the new version."""
         with self._talking("write"):
             for _ in range(WRITE_ATTEMPTS):
                 with self.client.pipeline(transaction=True) as pipe:
@@ -182,16 +206,25 @@ class RedisStore(Store):
                     current = self._version(pipe.get(self.version_key))
                     if if_version is not None and if_version != current:
                         raise VersionConflict(current)
+                    if named is not None and current < self.floor:
+                        raise StoreLost(f"{self.display_url} {self.namespace}", current,
+                                        self.floor)
                     if check is not None:
                         check(pipe)
+                    new = write_version(current, self.floor)
                     pipe.multi()
                     change(pipe)
-                    pipe.execute_command("INCR", self.version_key)
-                    pipe.publish(self.channel, current + 1)
+                    if new == current + 1:
+                        pipe.execute_command("INCR", self.version_key)
+                    else:
+                        pipe.set(self.version_key, new)  # above the floor: a repair
+                    pipe.publish(self.channel, f"{new} {named}" if named else str(new))
                     try:
-                        return int(pipe.execute()[-2])
+                        pipe.execute()
                     except WatchError:
                         continue  # another writer won; re-read and try again
+                    self.raise_floor(new)
+                    return new
         raise StoreUnavailable(f"{self.display_url}: gave up after {WRITE_ATTEMPTS} "
                                f"conflicting concurrent writes")
 
@@ -200,7 +233,7 @@ class RedisStore(Store):
         """Map Redis errors to `StoreUnavailable`; keep `is_reachable` current."""
         try:
             yield
-        except (VersionConflict, KeyError, CorruptStore):
+        except (VersionConflict, KeyError, CorruptStore, StoreLost):
             self._reachable = True
             raise
         except WatchError:
@@ -211,14 +244,15 @@ class RedisStore(Store):
         self._reachable = True
 
     # watching --------------------------------------------------------------
-    def watch(self, on_change: Callable[[TableData], None], stop: Callable[[], bool]) -> None:
-        problems = ProblemLog(log)
+    def watch(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
+              served: Callable[[], int] | None = None) -> None:
+        problems = ProblemLog(log, self.quiet)
         seen = _Seen()
         self._watchers += 1
         try:
             while not stop():
                 try:
-                    self._follow(on_change, stop, seen, problems)
+                    self._follow(on_change, stop, seen, problems, served)
                 except (RedisError, OSError, StoreUnavailable) as exc:
                     self._reachable = False
                     self._problem = f"{self.display_url}: unreachable: {exc}"
@@ -229,8 +263,8 @@ class RedisStore(Store):
         finally:
             self._watchers -= 1
 
-    def _follow(self, on_change: Callable[[TableData], None], stop: Callable[[], bool],
-                seen: _Seen, problems: ProblemLog) -> None:
+    def _follow(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
+                seen: _Seen, problems: ProblemLog, served: Callable[[], int] | None) -> None:
         """Subscribe, load, then apply messages and resync ticks until `stop()`."""
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
@@ -241,26 +275,77 @@ class RedisStore(Store):
             while not stop():
                 message = pubsub.get_message(timeout=WAIT_TICK)
                 if message is not None:
-                    _drain(pubsub)
-                    self._reload(on_change, seen, problems)
+                    messages = [message, *_drain(pubsub)]
+                    self._catch_up(messages, on_change, seen, problems, served)
                     next_check = time.monotonic() + self.resync_interval
                 elif time.monotonic() >= next_check:
-                    self._resync(on_change, seen, problems)
+                    self._resync(on_change, seen, problems, served)
                     next_check = time.monotonic() + self.resync_interval
         finally:
             pubsub.close()
 
-    def _resync(self, on_change: Callable[[TableData], None], seen: _Seen,
-                problems: ProblemLog) -> None:
+    def _catch_up(self, messages: list[Any], on_change: Callable[[Any], None], seen: _Seen,
+                  problems: ProblemLog, served: Callable[[], int] | None) -> None:
+        """Apply what `messages` announce: only the hosts they name when they follow on
+        the version served, else the whole table."""
+        base = max(seen.delivered_version, served() if served is not None else -1)
+        named = _named_changes(messages)
+        if named is not None and named[1] <= base:
+            seen.version = str(base)  # told directly already: nothing to read
+            return
+        if named is None or named[0] != base + 1 or self._problem is not None:
+            self._reload(on_change, seen, problems)
+            return
+        change = self._read_hosts(base, named[1], named[2])
+        if change is None:
+            self._reload(on_change, seen, problems)
+            return
+        seen.version, seen.delivered_version, seen.delivered = str(change.version), \
+            change.version, None
+        try:
+            on_change(change)
+        except Exception:
+            log.exception("applying version %s from %s failed", change.version,
+                          self.display_url)
+
+    def _read_hosts(self, base: int, version: int, hosts: list[str]) -> TableChange | None:
+        """The named hosts' rules at `version` or later; None when the store is not there
+        (behind, or a rule that does not validate: the whole reload reports it)."""
+        with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
+            pipe.hmget(self.hosts_key, hosts)
+            pipe.get(self.version_key)
+            texts, raw_version = pipe.execute()
+        if self._version(raw_version) < version:
+            return None
+        rules: dict[str, Any] = {}
+        for host, text in zip(hosts, texts, strict=True):
+            if text is None:
+                rules[host] = None
+                continue
+            try:
+                rules[host] = json.loads(text)
+            except json.JSONDecodeError:
+                return None
+            if validate_table({host: rules[host]}):
+                return None
+        self.raise_floor(version)
+        return TableChange(version, base, rules)
+
+    def _resync(self, on_change: Callable[[Any], None], seen: _Seen,
+                problems: ProblemLog, served: Callable[[], int] | None) -> None:
         """Reload if the version moved without a message reaching us."""
         with self._talking("read"):
             version = self.client.get(self.version_key)
-        if version != seen.version:
-            log.info("%s: version moved to %s without a message; resyncing",
-                     self.display_url, version)
-            self._reload(on_change, seen, problems)
+        if version == seen.version:
+            return
+        if served is not None and version is not None and version == str(served()):
+            seen.version = version  # applied from a direct message
+            return
+        log.info("%s: version moved to %s without a message; resyncing",
+                 self.display_url, version)
+        self._reload(on_change, seen, problems)
 
-    def _reload(self, on_change: Callable[[TableData], None], seen: _Seen,
+    def _reload(self, on_change: Callable[[Any], None], seen: _Seen,
                 problems: ProblemLog) -> None:
         raw_hosts, raw_version = self._read_raw()
         seen.version = raw_version
@@ -272,12 +357,10 @@ class RedisStore(Store):
             return
         self._problem = None
         problems.clear(f"{self.display_url}: back to normal at version {data.version}")
-        if data == seen.delivered:
+        if data == seen.delivered or (seen.delivered is None
+                                      and data.version == seen.delivered_version):
             return
-        if seen.delivered is not None and data.version < seen.delivered.version:
-            log.warning("%s: version went back from %s to %s (was Redis flushed or restored?)",
-                        self.display_url, seen.delivered.version, data.version)
-        seen.delivered = data
+        seen.delivered, seen.delivered_version = data, data.version
         try:
             on_change(data)
         except Exception:
@@ -287,11 +370,32 @@ class RedisStore(Store):
         self.client.close()
 
 
-def _drain(pubsub: Any) -> None:
-    """Swallow messages already queued: one reload covers them all."""
+def _drain(pubsub: Any) -> list[Any]:
+    """The messages already queued: one read covers them all."""
+    queued = []
     for _ in range(DRAIN_MAX):
-        if pubsub.get_message(timeout=0) is None:
-            return
+        message = pubsub.get_message(timeout=0)
+        if message is None:
+            break
+        queued.append(message)
+    return queued
+
+
+def _named_changes(messages: list[Any]) -> tuple[int, int, list[str]] | None:
+    """(first version, last version, hosts) when every message names its hosts and
+    the versions are consecutive; None otherwise (reload the whole table)."""
+    versions: list[int] = []
+    hosts: dict[str, None] = {}
+    for message in messages:
+        words = str(message.get("data", "")).split()
+        if len(words) < 2 or not words[0].isdecimal():
+            return None
+        versions.append(int(words[0]))
+        hosts.update(dict.fromkeys(words[1:]))
+    versions.sort()
+    if versions != list(range(versions[0], versions[0] + len(versions))):
+        return None
+    return versions[0], versions[-1], list(hosts)
 
 
 def _sleep(seconds: float, stop: Callable[[], bool]) -> None:

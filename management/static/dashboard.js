@@ -234,10 +234,15 @@ function currentBanners(now) {
   if (state.view && !state.view.storeReachable) {
     const store = state.view.info?.store;
     const where = store ? `${store.kind} store ${store.url || ""}`.trim() : "config store";
+    const serving = `the balancer keeps serving routing version ` +
+      `${state.view.stats.routing_version}`;
+    if (store?.reachable !== false && store?.problem) {
+      // reachable but not usable: lost its table (flushed, older copy, deleted file) or corrupt
+      return [["error", "Store problem.", `${sentence(store.problem)} Meanwhile ${serving}.`]];
+    }
     const problem = store?.problem ? ` (${store.problem})` : "";
-    return [["warn", "Store unreachable.", `The ${where} cannot be reached${problem}: the ` +
-      `balancer keeps serving routing version ${state.view.stats.routing_version}; route ` +
-      "changes will not apply until it is back."]];
+    return [["warn", "Store unreachable.", `The ${where} cannot be reached${problem}: ` +
+      `${serving}; route changes will not apply until it is back.`]];
   }
   return [];
 }

@@ -1,0 +1,118 @@
+"""The store loss guard and the local snapshot of the last good table (SPEC §6).
+
+Invariants:
+* Store loss is not a command: a table the store delivers replaces the one
+  served only if its version is at least the highest version this balancer
+  has known (`judge`). An emptied Redis (version 0), a restored older copy or
+  a deleted routes file keeps the served table in force and is reported with
+  what to do (`balancerctl restore`, or a whole-table PUT).
+* The snapshot file holds the last good table and the store it came from
+  (`Store.identity`); a snapshot of another store is ignored, never served.
+  It is written atomically (temp file, fsync, rename) by the management
+  process, and read by every process at start: a balancer started while its
+  store is unreachable (or lost) serves the last table it knew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+from balancer.stores.base import StoreError, TableData, check_table
+
+log = logging.getLogger("balancer.store")
+
+OFF = "off"
+HOW_TO_FIX = ("run `balancerctl restore` (POST /api/v1/restore) to write the served table "
+              "back to the store, or PUT a whole table to /api/v1/hosts")
+
+
+def judge(data: TableData, highest: int, where: str) -> str | None:
+    """None when `data` may replace the table served; otherwise the problem."""
+    if data.version >= highest:
+        return None
+    state = "empty" if data.version == 0 and not data.hosts else f"at version {data.version}"
+    return (f"store {where} is {state} but this balancer has served version {highest}: "
+            f"the store lost its table (flushed, restarted empty, restored from an older "
+            f"copy, or its file deleted). Keeping the served table; {HOW_TO_FIX}")
+
+
+def snapshot_path(setting: str, store: Any) -> str | None:
+    """The snapshot file for `store`: the `store.snapshot` setting, or the default
+    beside the routes file (file store) or in the working directory (Redis); None
+    when the setting is ``off``."""
+    if setting == OFF:
+        return None
+    if setting:
+        return os.path.abspath(setting)
+    path = getattr(store, "path", None)
+    if isinstance(path, str):
+        return path + ".last-good"
+    namespace = getattr(store, "namespace", "balancer")
+    return os.path.abspath(f"balancer-{namespace}.last-good.json")
+
+
+class Snapshot:
+    """The last good table of one store, kept in a local file."""
+
+    def __init__(self, path: str | None, identity: str) -> None:
+        self.path = path
+        self.identity = identity
+        self._write_problem: str | None = None
+
+    def load(self) -> TableData | None:
+        """The table saved for this store, or None (missing, unreadable, another store's)."""
+        if self.path is None:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                doc = json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("snapshot %s: cannot read it (%s); not using it", self.path, exc)
+            return None
+        if not isinstance(doc, dict) or doc.get("store") != self.identity:
+            log.warning("snapshot %s: saved for another store (%r, not %r); not using it",
+                        self.path, doc.get("store") if isinstance(doc, dict) else None,
+                        self.identity)
+            return None
+        try:
+            return check_table(self.path, doc.get("version"), doc.get("hosts"))
+        except StoreError as exc:
+            log.warning("snapshot %s: %s; not using it", self.path, exc)
+            return None
+
+    def save(self, data: TableData) -> None:
+        """Replace the file atomically; a failure is logged once, never raised."""
+        if self.path is None:
+            return
+        body = json.dumps({"store": self.identity, "version": data.version,
+                           "saved": time.time(), "hosts": data.hosts},
+                          separators=(",", ":")).encode()
+        directory = os.path.dirname(self.path)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".last-good.", suffix=".tmp", dir=directory)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(body)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            problem = f"snapshot {self.path}: cannot write it: {exc.strerror or exc}"
+            if problem != self._write_problem:
+                log.error("%s (a restart while the store is unreachable would start with "
+                          "no table; set store.snapshot to a writable path)", problem)
+            self._write_problem = problem
+            return
+        self._write_problem = None

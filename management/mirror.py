@@ -1,0 +1,156 @@
+"""The management process's copy of the table the balancer serves.
+
+It follows the store like a worker does (same loss guard, `judge`), and
+is what the management API falls back on when the store cannot be trusted:
+`GET /api/v1/hosts` while the store is down or lost its table, and
+`POST /api/v1/restore`, which writes it back. It keeps the local snapshot
+(`balancer.stores.snapshot`) and writes the operator's log lines about the
+table: one per version change, with hosts added/changed/removed, and one when
+the store loses its table or is repaired (workers log those at debug level:
+the balancer reports each once).
+
+Invariants:
+* `table` is only replaced by a table at least as new as `highest`; the
+  management API's own writes are noted at once (`note_write`), so the
+  watcher's later delivery of the same version changes nothing.
+* The snapshot is rewritten at most once per `SAVE_EVERY` seconds, after a
+  change, and once more when the process stops.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+from balancer.stores.base import Store, StoreError, TableChange, TableData
+from balancer.stores.snapshot import Snapshot, judge
+
+log = logging.getLogger("balancer.routes")
+
+SAVE_EVERY = 1.0  # seconds between snapshot writes while the table changes
+NAMES_LOGGED = 5  # host names listed in a version-change line
+
+
+class Mirror:
+    """The table served, followed from the store with the loss guard."""
+
+    def __init__(self, store: Store, snapshot: Snapshot | None = None) -> None:
+        self.store = store
+        self.snapshot = snapshot
+        self.table: TableData | None = None
+        self.highest = 0
+        self.problem: str | None = None  # the store lost its table (see `judge`)
+        self.stopped = False
+        self._dirty = Event()
+        self._tasks: list[Any] = []
+
+    @property
+    def version(self) -> int:
+        return self.table.version if self.table is not None else -1
+
+    def start(self) -> None:
+        """Start from the snapshot, then follow the store and keep the snapshot."""
+        saved = self.snapshot.load() if self.snapshot is not None else None
+        if saved is not None:
+            self.table, self.highest = saved, saved.version
+            self.store.raise_floor(saved.version)
+        self._tasks = [gevent.spawn(self.store.watch, self.on_store, lambda: self.stopped,
+                                    lambda: self.version),
+                       gevent.spawn(self.save_loop)]
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._dirty.set()
+        gevent.joinall(self._tasks, timeout=5)
+
+    # following the store ---------------------------------------------------
+    def on_store(self, item: TableData | TableChange) -> None:
+        if isinstance(item, TableChange):
+            if self.table is not None and item.base == self.table.version and not self.problem:
+                self._install(item.version, _changed(self.table.hosts, item.hosts), item.hosts)
+                return
+            try:
+                item = self.store.load()
+            except StoreError as exc:
+                log.debug("reading the whole table after a change failed: %s", exc)
+                return
+        self.on_table(item)
+
+    def on_table(self, data: TableData) -> None:
+        problem = judge(data, self.highest, self.store.display_url)
+        if problem is not None:
+            if problem != self.problem:
+                log.error("%s", problem)
+            self.problem = problem
+            return
+        if self.problem is not None:
+            log.warning("store %s: repaired at version %d; serving it", self.store.display_url,
+                        data.version)
+            self.problem = None
+        if self.table is not None and data == self.table:
+            return
+        self._install(data.version, dict(data.hosts), None)
+
+    def note_write(self, version: int, changes: Mapping[str, Any] | None,
+                   hosts: Mapping[str, Any] | None = None) -> None:
+        """This process wrote `version`: `changes` (HOST → rule or None), or the whole
+        table `hosts`."""
+        if version <= self.version:
+            return
+        if changes is not None and self.table is not None and version == self.version + 1:
+            self._install(version, _changed(self.table.hosts, changes), changes)
+        elif hosts is not None:
+            self.problem = None  # a whole table at a new version repairs a lost store
+            self._install(version, dict(hosts), None)
+
+    def _install(self, version: int, hosts: dict[str, Any],
+                 changes: Mapping[str, Any] | None) -> None:
+        old = self.table
+        self.table = TableData(version, hosts)
+        self.highest = max(self.highest, version)
+        self.store.raise_floor(version)
+        self._dirty.set()
+        log_change(old, self.table, changes)
+
+    # the snapshot ----------------------------------------------------------
+    def save_loop(self) -> None:
+        """Write the snapshot after each change, at most every `SAVE_EVERY` seconds."""
+        while True:
+            self._dirty.wait()
+            self._dirty.clear()
+            if self.snapshot is not None and self.table is not None:
+                self.snapshot.save(self.table)
+            if self.stopped:
+                return
+            gevent.sleep(SAVE_EVERY)
+
+
+def _changed(hosts: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    new = dict(hosts)
+    for host, rule in changes.items():
+        if rule is None:
+            new.pop(host, None)
+        else:
+            new[host] = rule
+    return new
+
+
+def log_change(old: TableData | None, new: TableData,
+               changes: Mapping[str, Any] | None = None) -> None:
+    """One line per version change: how many hosts were added, changed, removed
+    (counted over `changes` when given, else over both tables)."""
+    before = old.hosts if old is not None else {}
+    keys = new.hosts.keys() | before.keys() if changes is None else changes.keys()
+    added = [h for h in keys if h in new.hosts and h not in before]
+    removed = [h for h in keys if h in before and h not in new.hosts]
+    changed = [h for h in keys if h in before and h in new.hosts and before[h] != new.hosts[h]]
+    names = (added + changed + removed)[:NAMES_LOGGED]
+    more = len(added) + len(changed) + len(removed) - len(names)
+    listed = ", ".join(names) + (f" and {more} more" if more > 0 else "")
+    log.info("routing table version %s -> %d: %d added, %d changed, %d removed%s",
+             old.version if old is not None else "none", new.version, len(added),
+             len(changed), len(removed), f" ({listed})" if listed else "")

@@ -1,0 +1,250 @@
+"""Routing state you can trust (issue 14): real balancer processes over a real file
+store and a real Redis that is killed and restarted empty, flushed, deleted under
+them; the loss guard, monotonic versions, restore, the local snapshot and
+read-your-writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import RedisServer
+from tests.support import ROOT, Balancer, request, wait_for
+
+FAST_RESYNC = {"BALANCER_STORE_RESYNC_INTERVAL": "0.5"}
+HOSTS = {f"h{n}.test": {"action": "static", "body": f"site {n}"} for n in range(5)}
+
+
+def static(body: str) -> dict[str, Any]:
+    return {"action": "static", "body": body}
+
+
+def body_of(balancer: Balancer, host: str) -> bytes:
+    return request(balancer.port, host=host, timeout=5)[2]
+
+
+def serves_all(balancer: Balancer, hosts: dict[str, Any] = HOSTS) -> bool:
+    return all(body_of(balancer, h) == rule["body"].encode() for h, rule in hosts.items())
+
+
+def store_info(balancer: Balancer) -> dict[str, Any]:
+    return balancer.api("GET", "/api/v1/info")[1]["store"]
+
+
+def store_up(balancer: Balancer) -> float:
+    text = balancer.api("GET", "/metrics")[1]
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "balancer_store_up":
+                return sample.value
+    raise AssertionError("no balancer_store_up")
+
+
+def worker_pids(balancer: Balancer) -> list[int]:
+    return [p["pid"] for p in balancer.api("GET", "/api/v1/info")[1]["processes"]]
+
+
+def ctl(balancer: Balancer, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "management.ctl", "--url",
+                           f"http://127.0.0.1:{balancer.mport}", *args],
+                          capture_output=True, text=True, env=env, timeout=30)
+
+
+@pytest.fixture
+def balancers(tmp_path: Path) -> Iterator[Callable[..., Balancer]]:
+    started: list[Balancer] = []
+
+    def start(name: str, args: list[str], hosts: dict | None = None,
+              env: dict[str, str] | None = None) -> Balancer:
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        balancer = Balancer(directory, hosts, args=["--workers", "2", *args],
+                            env={**FAST_RESYNC, **(env or {})})
+        started.append(balancer)
+        return balancer
+    yield start
+    for balancer in started:
+        balancer.stop()
+
+
+def assert_lost_then_restored(balancers: list[Balancer], version: int, problem: str) -> None:
+    """Every balancer keeps serving and reports the loss; a one-host write is refused;
+    a restore through the first puts the table back above every version served."""
+    first = balancers[0]
+    for balancer in balancers:
+        wait_for(lambda b=balancer: problem in (store_info(b)["problem"] or ""),
+                 what=f"store.problem {problem!r}")
+        assert serves_all(balancer)
+        assert store_up(balancer) == 0
+    status, answer = first.api("PUT", "/api/v1/hosts/new.test", static("new"))
+    assert status == 409 and answer["error"] == "store_lost", answer
+    assert "balancerctl restore" in answer["message"]
+    listed = ctl(first, "list")
+    assert listed.returncode == 0 and "h0.test" in listed.stdout
+    assert "warning" in listed.stderr
+    restored = ctl(first, "restore")
+    assert restored.returncode == 0, restored.stderr
+    assert f"as version {version + 1}" in restored.stdout
+    for balancer in balancers:
+        wait_for(lambda b=balancer: store_info(b)["problem"] is None and store_up(b) == 1,
+                 what="the store repaired")
+        assert serves_all(balancer)
+    status, answer = first.api("PUT", "/api/v1/hosts/new.test", static("new"))
+    assert (status, answer) == (200, {"version": version + 2})
+    for balancer in balancers:
+        wait_for(lambda b=balancer: body_of(b, "new.test") == b"new", what="the new host")
+        assert serves_all(balancer)
+    assert first.output().count(problem) == 1  # reported once, not per worker
+
+
+def load_table(balancer: Balancer) -> int:
+    status, answer = balancer.api("PUT", "/api/v1/hosts", {"hosts": HOSTS})
+    assert status == 200, answer
+    return answer["version"]
+
+
+@pytest.mark.parametrize("how", ["restart-empty", "flushdb"])
+def test_an_emptied_redis_never_wipes_two_balancers(
+        redis_factory: Callable[[], RedisServer], balancers: Callable[..., Balancer],
+        how: str) -> None:
+    """Issue 14.1: Redis restarted without its data, or FLUSHDB, under two balancers."""
+    redis = redis_factory()
+    a = balancers("a", ["--store", redis.url])
+    b = balancers("b", ["--store", redis.url])
+    version = load_table(a)
+    for _ in range(3):
+        version = a.api("PUT", "/api/v1/hosts/h0.test", HOSTS["h0.test"])[1]["version"]
+    wait_for(lambda: serves_all(b), what="b serving the table")
+    if how == "flushdb":
+        redis.client().flushdb()
+    else:
+        redis.stop()
+        shutil.rmtree(redis.directory)
+        redis.start()
+    assert_lost_then_restored([a, b], version, "lost its table")
+
+
+def test_a_restored_older_redis_copy_does_not_roll_the_table_back(
+        redis_factory: Callable[[], RedisServer], balancers: Callable[..., Balancer]) -> None:
+    redis = redis_factory()
+    a = balancers("a", ["--store", redis.url])
+    load_table(a)
+    raw = redis.client()
+    old = {"hosts": raw.hgetall("balancer:hosts"), "version": raw.get("balancer:version")}
+    version = 0
+    for n in range(4):
+        version = a.api("PUT", "/api/v1/hosts/h1.test", static(f"v{n}"))[1]["version"]
+    HOSTS_NOW = {**HOSTS, "h1.test": static("v3")}
+    with raw.pipeline() as pipe:  # the older copy comes back, announced as a change
+        pipe.delete("balancer:hosts").hset("balancer:hosts", mapping=old["hosts"])
+        pipe.set("balancer:version", old["version"]).publish("balancer:changes", old["version"])
+        pipe.execute()
+    wait_for(lambda: store_info(a)["problem"], what="store.problem")
+    assert f"at version {old['version']}" in store_info(a)["problem"]
+    assert serves_all(a, HOSTS_NOW)
+    status, answer = a.api("PUT", "/api/v1/hosts", {"hosts": HOSTS})  # a whole table repairs
+    assert (status, answer) == (200, {"version": version + 1})
+    assert serves_all(a)
+    wait_for(lambda: store_info(a)["problem"] is None, what="the repair")
+
+
+def test_a_routes_file_deleted_under_a_running_balancer(
+        balancers: Callable[..., Balancer]) -> None:
+    """Issue 14.2: a deleted file plus one write used to leave a one-host table."""
+    bal = balancers("file", [], HOSTS)
+    version = 0
+    for n in range(4):
+        version = bal.api("PUT", "/api/v1/hosts/h2.test", HOSTS["h2.test"])[1]["version"]
+    os.unlink(bal.routes)
+    assert_lost_then_restored([bal], version, "cannot read the routing table file (deleted?)")
+    assert json.loads(bal.routes.read_text())["version"] == version + 2
+
+
+def test_versions_only_grow_across_corruption_and_repair(
+        balancers: Callable[..., Balancer]) -> None:
+    """Issue 14.3: version 50, file corrupted, whole-table PUT: 51, never 1."""
+    bal = balancers("file", [], None)
+    bal.write_routes(HOSTS, version=50)
+    bal.wait_version(50)
+    bal.routes.write_text("{not json")
+    wait_for(lambda: "not valid JSON" in (store_info(bal)["problem"] or ""),
+             what="the corrupt file reported")
+    assert store_up(bal) == 0
+    status, answer = bal.api("PUT", "/api/v1/hosts/x.test", static("x"))
+    assert status == 503 and answer["error"] == "store_corrupt"
+    assert bal.api("PUT", "/api/v1/hosts", {"hosts": HOSTS}) == (200, {"version": 51})
+    assert bal.api("DELETE", "/api/v1/hosts/h4.test") == (200, {"version": 52})
+    wait_for(lambda: store_info(bal)["problem"] is None, what="the repaired file")
+    assert bal.version() == 52
+
+
+def test_a_balancer_started_while_redis_is_down_serves_its_last_table(
+        redis_factory: Callable[[], RedisServer], balancers: Callable[..., Balancer]) -> None:
+    redis = redis_factory()
+    first = balancers("a", ["--store", redis.url])
+    version = load_table(first)
+    snapshot = first.tmp / "balancer-balancer.last-good.json"
+    wait_for(lambda: snapshot.exists() and json.loads(snapshot.read_text())["version"]
+             == version, what="the snapshot")
+    first.stop()
+    redis.stop()
+    again = balancers("a", ["--store", redis.url])
+    assert serves_all(again)
+    assert again.version() == version
+    assert "unreachable" in (store_info(again)["problem"] or "")
+    listed = ctl(again, "list")
+    assert listed.returncode == 0 and "h3.test" in listed.stdout, listed.stderr
+    assert "warning" in listed.stderr
+    redis.start()  # back with its data (AOF): nothing to repair
+    wait_for(lambda: store_info(again)["problem"] is None, timeout=15, what="redis back")
+    assert again.api("PUT", "/api/v1/hosts/h0.test", static("after"))[1] == \
+        {"version": version + 1}
+
+
+@pytest.mark.parametrize("kind", ["file", "redis"])
+def test_a_request_sent_after_the_answer_sees_the_write(
+        redis_factory: Callable[[], RedisServer], balancers: Callable[..., Balancer],
+        kind: str) -> None:
+    """Issue 14.4 (read-your-writes): every worker serves a write when the API answers."""
+    args = ["--store", redis_factory().url] if kind == "redis" else []
+    bal = balancers(kind, args, {} if kind == "file" else None)
+    assert len(worker_pids(bal)) == 2
+    for n in range(40):
+        host = f"new{n % 4}.test"
+        status, answer = bal.api("PUT", f"/api/v1/hosts/{host}", static(f"write {n}"))
+        assert status == 200, answer
+        assert body_of(bal, host) == f"write {n}".encode(), f"write {n}"
+    assert bal.api("DELETE", "/api/v1/hosts/new0.test")[0] == 200
+    assert request(bal.port, host="new0.test")[0] == 404
+    status, _ = bal.api("PUT", "/api/v1/hosts", {"hosts": HOSTS})
+    assert status == 200 and serves_all(bal)
+
+
+def test_a_stalled_worker_makes_the_write_answer_202(
+        balancers: Callable[..., Balancer]) -> None:
+    bal = balancers("file", [], HOSTS, env={"BALANCER_MANAGEMENT_APPLY_TIMEOUT": "0.5"})
+    stalled = worker_pids(bal)[0]
+    os.kill(stalled, signal.SIGSTOP)
+    try:
+        status, answer = bal.api("PUT", "/api/v1/hosts/h0.test", static("later"))
+    finally:
+        os.kill(stalled, signal.SIGCONT)
+    assert status == 202, answer
+    assert answer["applied"] is False and answer["version"] == 2
+    assert [w["pid"] for w in answer["lagging"]] == [stalled]
+    assert "no answer" in answer["lagging"][0]["reason"]
+    wait_for(lambda: bal.version() == 2 and all(
+        body_of(bal, "h0.test") == b"later" for _ in range(4)), what="the worker catching up")
