@@ -127,6 +127,8 @@ class Exchange:
     def respond(self, status: int, body: bytes, content_type: bytes,
                 extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """Answer with a local response (the request body is discarded first)."""
+        if self.conn.ctx.draining:  # a request held into the drain closes its connection
+            self.keep_alive = False
         self.conn.discard_body(self)
         head = self.head
         self.status = status

@@ -50,6 +50,13 @@ class Busy(ProxyError):
     retry_after = 5
 
 
+class ShuttingDown(ProxyError):
+    """The worker is stopping: a held request is answered at once, never cut."""
+
+    page = "maintenance"
+    retry_after = 5
+
+
 class PayloadTooLarge(ProxyError):
     """The request body exceeds the rule's `max_body_bytes`."""
 

@@ -43,6 +43,7 @@ BACKLOG = 65535
 # once: a busy client's next request may be on the wire, and its response
 # will carry `Connection: close` instead (the close race of RFC 9112 §9.6).
 DRAIN_IDLE = 1.0
+HELD_ANSWER_TIME = 1.0  # seconds held requests get to send their 503 before the cut
 SHARED_ACCEPT_BATCH = 256  # accept() calls per wake-up when workers share a listener
 
 
@@ -212,16 +213,24 @@ class Worker:
         gevent.spawn(self.watch_loop)
         gevent.spawn(self.watchdog_loop)
 
+    def release_held(self) -> None:
+        """Answer every held request 503 now and hold no more (stopping for good)."""
+        self.compiler.holds.close()
+
     def stop(self, graceful: float) -> None:
         """Drain: stop accepting, answer in-flight requests (each response then
-        closes its connection), close idle keep-alive connections; whatever is
-        still open after `graceful` seconds is cut."""
+        closes its connection), close idle keep-alive connections. Held
+        requests stay held (a reload's old worker still releases them) until
+        `release_held`, called at once on SIGTERM and at the latest after
+        `graceful` seconds; whatever is still open then is cut."""
         self.draining = True
         for ctx in self.contexts:
             ctx.draining = True
         for server in self.servers:
             server.close()
         self.pool.join(timeout=graceful)
+        self.release_held()  # a held request gets its 503, never an empty reply
+        self.pool.join(timeout=HELD_ANSWER_TIME)
         self.stopping = True
         self.pool.kill(block=True, timeout=1)
         self.health.stop()
