@@ -203,10 +203,12 @@ class Backend:
         recovered.set()
 
     def health_state(self) -> str:
-        """"up" or "down" as an operator should see it now."""
-        if self.checked_down or (self.state is DOWN and time.monotonic() < self.down_until):
-            return "down"
-        return "up"
+        """UP, DOWN or PROBING as an operator should see it now: a backend that
+        failed is not up again until a request (or an active check) succeeded,
+        however long ago its down mark expired."""
+        if self.checked_down or self.state is DOWN:
+            return DOWN
+        return self.state
 
     @property
     def is_idle(self) -> bool:

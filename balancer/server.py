@@ -103,6 +103,7 @@ class Worker:
         holder_ref.append(self.holder)
         self.health = HealthChecks(self.registry)  # active checks follow every swap
         self.holder.on_swap.append(self.health.on_swap)
+        self.holder.on_swap.append(self.forget_removed)
         self.loaded = False
         self.applied: Any = None  # the hosts of the table installed last
         self.access_log = (log_factory or _access_log)(settings)
@@ -146,6 +147,17 @@ class Worker:
         stats.config_reloads += 1
         stats.last_reload = time.time()
         return True
+
+    def forget_removed(self, old: RoutingTable, new: RoutingTable) -> None:
+        """`TableHolder.on_swap` hook: drop the counters of deleted hosts and of
+        backends a changed rule no longer names, so no scrape reports them again."""
+        self.stats.forget_hosts(old.routes.keys() - new.routes.keys())
+        for key, route in new.routes.items():
+            prior = old.routes.get(key)
+            if prior is None or prior.action is not route.action:
+                action = route.action
+                named = action.backends if isinstance(action, ProxyAction) else ()
+                route.stats.keep_backends({backend.key for backend in named})
 
     def reload(self) -> int:
         """Re-read the store now and apply it; returns the version served."""

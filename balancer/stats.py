@@ -6,6 +6,10 @@ Invariants:
   except the first use of a new status code.
 * `snapshot()` returns plain JSON-able data; `merge_snapshots` sums the
   snapshots of several workers (see docs/ARCHITECTURE.md for the shape).
+* Only what the routing table serves is reported: the worker forgets the
+  counters of a deleted host (`forget_hosts`) and of a backend its rule no
+  longer names (`HostStats.keep_backends`) when the table is swapped.
+* A backend's merged state is the worst of the workers' (down > probing > up).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Final
 
 BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 OUTCOMES: Final = ("success", "connect_error", "timeout", "error")
+STATE_RANK: Final = {"up": 0, "probing": 1, "down": 2}  # merging: the worst state wins
 
 
 class BackendStats:
@@ -69,6 +74,11 @@ class HostStats:
             stats = self.backends[address] = BackendStats(address)
         return stats
 
+    def keep_backends(self, addresses: set[str]) -> None:
+        """Forget the counters of every backend not in `addresses` (removed from the rule)."""
+        for address in [a for a in self.backends if a not in addresses]:
+            del self.backends[address]
+
     def snapshot(self) -> dict[str, Any]:
         responses = {f"{c}xx": 0 for c in range(1, 6)}
         for code, n in self.codes.items():
@@ -108,6 +118,12 @@ class Stats:
             stats = self.hosts[key] = HostStats()
         return stats
 
+    def forget_hosts(self, keys: set[str]) -> None:
+        """Forget the counters of deleted host keys (in-flight requests of theirs
+        finish on the forgotten objects)."""
+        for key in keys:
+            self.hosts.pop(key, None)
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "open_connections": self.open_connections,
@@ -146,9 +162,23 @@ def _merge_into(into: dict[str, Any], other: dict[str, Any]) -> None:
         elif key in _MIN_KEYS:
             into[key] = min(into[key], value)
         elif key == "state":
-            into[key] = value if value != "up" else into[key]
+            if STATE_RANK.get(value, 2) > STATE_RANK.get(into[key], 2):
+                into[key] = value
         elif isinstance(value, int | float):
             into[key] = into[key] + value
+
+
+def only_known(snapshot: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """`snapshot` (retired workers' counters) cut to the hosts and backends that
+    `live` (the merged live workers) reports: deleted ones are not shown again."""
+    known = live.get("hosts", {})
+    hosts: dict[str, Any] = {}
+    for key, host in snapshot.get("hosts", {}).items():
+        if key in known:
+            backends = known[key].get("backends", {})
+            hosts[key] = {**host, "backends": {a: b for a, b in host.get("backends", {}).items()
+                                               if a in backends}}
+    return {**snapshot, "hosts": hosts}
 
 
 def _copy(value: Any) -> Any:

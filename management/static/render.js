@@ -15,6 +15,7 @@ const UNKNOWN_KEY = "(unknown)";
 const STATES = {
   up: {symbol: "✓", text: "up"},
   down: {symbol: "✗", text: "down"},
+  probing: {symbol: "…", text: "probing"},
   unknown: {symbol: "?", text: "no data"},
 };
 
@@ -73,9 +74,15 @@ export function backendRows(rule, hostStats) {
   return (rule.backends || []).map((backend) => {
     const address = backendAddress(backend);
     const stats = live[address];
-    return {address, weight: backendWeight(backend), stats,
-      state: stats ? (stats.state === "down" ? "down" : "up") : "unknown"};
+    return {address, weight: backendWeight(backend), stats, state: backendState(stats)};
   });
+}
+
+/** "up" only when the balancer says so: a backend that failed stays "down" (or
+ * "probing" while one request tries it) until a request or a check succeeds. */
+function backendState(stats) {
+  if (!stats) return "unknown";
+  return STATES[stats.state] && stats.state !== "unknown" ? stats.state : "down";
 }
 
 function backendTable(rows) {
@@ -96,7 +103,7 @@ function backendTable(rows) {
 
 /** The overall state of a host: {kind, symbol, text}. */
 export function hostHealth(rule, rows, hostStats) {
-  const down = rows.filter((r) => r.state === "down").length;
+  const down = rows.filter((r) => r.state === "down" || r.state === "probing").length;
   const spinning = hostStats?.spinning || 0;
   if (rows.length && down === rows.length) {
     return {kind: "down", symbol: "✗", text: "all backends down"};
