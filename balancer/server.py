@@ -23,6 +23,7 @@ from balancer.actions import ActionCompiler
 from balancer.actions.proxy import ProxyAction
 from balancer.addr import Address
 from balancer.connection import COARSE_CLOCK, Context, handle_client
+from balancer.failures import FailureReport
 from balancer.health import HealthChecks
 from balancer.http11 import Limits
 from balancer.pages import Pages
@@ -104,6 +105,7 @@ class Worker:
         self.health = HealthChecks(self.registry)  # active checks follow every swap
         self.holder.on_swap.append(self.health.on_swap)
         self.holder.on_swap.append(self.forget_removed)
+        self.failure_report = FailureReport(self.stats)  # 502/504 summed up once a second
         self.loaded = False
         self.applied: Any = None  # the hosts of the table installed last
         self.access_log = (log_factory or _access_log)(settings)
@@ -224,6 +226,7 @@ class Worker:
         self.access_log.start()
         gevent.spawn(self.watch_loop)
         gevent.spawn(self.watchdog_loop)
+        gevent.spawn(self.failure_report.report_loop, lambda: self.stopping)
 
     def release_held(self) -> None:
         """Answer every held request 503 now and hold no more (stopping for good)."""
@@ -244,6 +247,7 @@ class Worker:
         self.release_held()  # a held request gets its 503, never an empty reply
         self.pool.join(timeout=HELD_ANSWER_TIME)
         self.stopping = True
+        self.failure_report.report()  # the last second's 502/504
         self.pool.kill(block=True, timeout=1)
         self.health.stop()
         self.access_log.close()

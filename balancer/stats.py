@@ -44,7 +44,8 @@ class HostStats:
     """Counters of one routing-table key."""
 
     __slots__ = ("open_requests", "completed_requests", "bytes_received", "bytes_sent",
-                 "codes", "hist", "duration_sum", "spinning", "backends")
+                 "codes", "hist", "duration_sum", "spinning", "backends", "causes",
+                 "last_failure")
 
     def __init__(self) -> None:
         self.open_requests = 0
@@ -56,6 +57,8 @@ class HostStats:
         self.duration_sum = 0.0
         self.spinning = 0
         self.backends: dict[str, BackendStats] = {}
+        self.causes: dict[str, int] = {}  # 502/504 by cause since the last failure report
+        self.last_failure: Any = None  # the last of them (an exception, formatted only to log)
 
     def finish(self, status: int, received: int, sent: int, seconds: float) -> None:
         """Count one completed request (hot path)."""
@@ -110,6 +113,14 @@ class Stats:
         self.config_reloads = 0
         self.store_up = 1
         self.last_reload = 0.0
+        self.failing: dict[str, HostStats] = {}  # hosts with a 502/504 since the last report
+
+    def note_failure(self, key: str, host: HostStats, cause: str, error: Any) -> None:
+        """Count a 502/504 by its cause for the once-a-second report (no formatting)."""
+        causes = host.causes
+        causes[cause] = causes.get(cause, 0) + 1
+        host.last_failure = error
+        self.failing[key] = host
 
     def host(self, key: str) -> HostStats:
         """The counters of a table key (created on first use, at compile time)."""

@@ -167,7 +167,7 @@ class ProxyAction:
     def _failed(self, backend: Any, stats: Any, outcome: str, exc: ProxyError) -> ProxyError:
         stats.outcomes[outcome] += 1
         stats.failures += 1
-        backend.record_failure(self.fall)
+        backend.record_failure(self.fall, exc)
         return exc
 
     # spin_when_down ------------------------------------------------------
