@@ -166,24 +166,25 @@ def _write_routes() -> list[tuple[str, str]]:
 def test_no_bad_body_gets_a_500_on_any_write_route(tmp_path: Path,
                                                    serve_wsgi: Callable[[Any], str]) -> None:
     store = FileStore(str(tmp_path / "routes.json"))
-    store.put_host("web.test", {"action": "proxy", "backends": ["127.0.0.1:1"]})
+    web = {"action": "proxy", "backends": ["127.0.0.1:1", "127.0.0.1:2"]}
     parts = urlsplit(serve_wsgi(create_app(store=store)))
     routes = _write_routes()
     assert len(routes) >= 5, routes
     for method, path in routes:
         for body in HOSTILE_BODIES:
+            store.put_host("web.test", web)  # every body meets an existing host
             conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
             conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
             reply = conn.getresponse()
             raw = reply.read()
             conn.close()
             assert reply.status < 500, (method, path, body[:60], reply.status, raw[:300])
-            json.loads(raw)  # every answer is JSON
-    assert store.load().hosts == {"web.test": {"action": "proxy", "backends": ["127.0.0.1:1"]}} \
-        or store.load().version > 1  # only valid bodies wrote anything
-    listed = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    listed.request("GET", "/api/v1/hosts")
-    assert listed.getresponse().status == 200  # the table still serialises
+            assert isinstance(json.loads(raw), dict)  # every answer is JSON
+            listed = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+            listed.request("GET", "/api/v1/hosts")
+            status = listed.getresponse().status
+            listed.close()
+            assert status == 200, (method, path, body[:60])
 
 
 @pytest.mark.parametrize("body", [b"[" * 100_000, b'{"action": "spin", "timeout": NaN}',
