@@ -85,6 +85,11 @@ function backendState(stats) {
   return STATES[stats.state] && stats.state !== "unknown" ? stats.state : "down";
 }
 
+/** Down or probing: a backend not known to answer. */
+function isDown(state) {
+  return state === "down" || state === "probing";
+}
+
 function backendTable(rows) {
   const head = el("tr", {}, ["backend", "weight", "state", "in flight", "failures"]
     .map((name) => el("th", {scope: "col"}, name)));
@@ -103,7 +108,7 @@ function backendTable(rows) {
 
 /** The overall state of a host: {kind, symbol, text}. */
 export function hostHealth(rule, rows, hostStats) {
-  const down = rows.filter((r) => r.state === "down" || r.state === "probing").length;
+  const down = rows.filter((r) => isDown(r.state)).length;
   const spinning = hostStats?.spinning || 0;
   if (rows.length && down === rows.length) {
     return {kind: "down", symbol: "✗", text: "all backends down"};
@@ -242,7 +247,7 @@ export function summaryTiles(view, history, now) {
   const keys = Object.keys(view.stats.hosts || {});
   const totals = trafficTotals(keys, history);
   const hostsWithDown = Object.entries(view.hosts).filter(([key, rule]) =>
-    backendRows(rule, view.stats.hosts?.[key]).some((r) => r.state === "down")).length;
+    backendRows(rule, view.stats.hosts?.[key]).some((r) => isDown(r.state))).length;
   const spinning = keys.reduce((n, k) => n + (view.stats.hosts[k].spinning || 0), 0);
   const workers = view.info ? fmt.count(view.info.workers, "worker") : fmt.NONE;
   const workersDetail = !view.info ? "not reported" : view.info.workers ? "processes"
