@@ -44,8 +44,8 @@ def scrape(bal: Balancer) -> str:
 
 
 def backend_up(text: str, host: str, address: str) -> float | None:
-    found = re.search(r'^balancer_backend_up\{backend="%s",host="%s"\} (\S+)$'
-                      % (re.escape(address), re.escape(host)), text, re.M)
+    labels = f'backend="{re.escape(address)}",host="{re.escape(host)}"'
+    found = re.search(r"^balancer_backend_up\{" + labels + r"\} (\S+)$", text, re.M)
     return float(found.group(1)) if found else None
 
 
