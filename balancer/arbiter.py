@@ -45,6 +45,7 @@ log = logging.getLogger("balancer")
 WORKER, MANAGEMENT = "worker", "management"
 RUNNING, STOPPING, STOPPED = "RUNNING", "STOPPING", "STOPPED"
 NEVER = float("inf")
+RETIRE = signal.SIGUSR2  # to a child a reload replaced: drain, keep held requests
 KILL_MARGIN = 2.0   # seconds past a draining child's own `graceful` before SIGKILL
 QUIT_GRACE = 1.0    # seconds children get after SIGQUIT before SIGKILL
 TICK = 1.0          # longest wait of the main loop
@@ -252,11 +253,13 @@ class Arbiter:
         starting = (c.ready_fd for c in self.children.values() if c.ready_fd is not None)
         return (self.wake_r, self.wake_w, *starting)
 
-    def drain(self, child: Child) -> None:
-        """Ask a child to finish what it serves and exit (SIGTERM)."""
+    def drain(self, child: Child, signum: int = RETIRE) -> None:
+        """Ask a child to finish what it serves and exit: retired by a reload
+        (SIGUSR2, held requests wait for their rule) or stopped (SIGTERM, held
+        requests are answered 503 at once)."""
         child.draining = True
         child.kill_at = time.monotonic() + child.graceful + KILL_MARGIN
-        kill_quietly(child.pid, signal.SIGTERM)
+        kill_quietly(child.pid, signum)
 
     def kill_overdue(self) -> None:
         now = time.monotonic()
@@ -306,7 +309,7 @@ class Arbiter:
             log.info("%s: stopping gracefully (up to %.0f s)", why,
                      self.settings.timeouts.graceful)
             for child in self.children.values():
-                self.drain(child)
+                self.drain(child, signal.SIGTERM)
                 child.kill_at = min(child.kill_at, time.monotonic() + child.graceful)
         else:
             if first:

@@ -127,6 +127,8 @@ class Exchange:
     def respond(self, status: int, body: bytes, content_type: bytes,
                 extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """Answer with a local response (the request body is discarded first)."""
+        if self.conn.ctx.draining:  # a request held into the drain closes its connection
+            self.keep_alive = False
         self.conn.discard_body(self)
         head = self.head
         self.status = status
@@ -279,6 +281,8 @@ class ClientConnection:
 
     def fail(self, ex: Exchange, exc: ProxyError | ProtocolError) -> None:
         """The one place an error becomes a response (or a closed connection)."""
+        if isinstance(exc, ProxyError) and exc.cause:  # a 502/504: counted for the log
+            self.ctx.stats.note_failure(ex.route.key, ex.route.stats, exc.cause, exc)
         if ex.started:
             ex.keep_alive = False
             ex.status = ex.status or 502

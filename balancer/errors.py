@@ -9,34 +9,44 @@ from __future__ import annotations
 
 
 class ProxyError(Exception):
-    """A request that ends with a built-in page; `page` names it."""
+    """A request that ends with a built-in page; `page` names it. A 502/504
+    carries its `cause` for the operator log's once-a-second summary."""
 
     page = "bad-gateway"
     retry_after: int | None = None
+    cause = ""  # set on the gateway failures (502/504) the operator log counts
 
 
 class ConnectError(ProxyError):
     """No connection to a backend could be made (nothing was sent)."""
 
+    cause = "connect failed"
+
 
 class BackendClosed(ProxyError):
     """The backend closed or reset the connection before the response was complete."""
 
+    cause = "backend closed the connection"
+
 
 class BackendProtocolError(ProxyError):
     """The backend answered something that is not valid HTTP/1.x."""
+
+    cause = "invalid response"
 
 
 class BackendTimeout(ProxyError):
     """The backend did not answer within `backend_read`."""
 
     page = "timeout"
+    cause = "backend timeout"
 
 
 class SpinTimeout(ProxyError):
     """A held request was still spinning at its timeout."""
 
     page = "timeout"
+    cause = "held until its timeout"
 
     def __init__(self, retry_after: int) -> None:
         super().__init__("spin timeout")
@@ -47,6 +57,13 @@ class Busy(ProxyError):
     """Too many requests are held (spin cap)."""
 
     page = "busy"
+    retry_after = 5
+
+
+class ShuttingDown(ProxyError):
+    """The worker is stopping: a held request is answered at once, never cut."""
+
+    page = "maintenance"
     retry_after = 5
 
 

@@ -17,6 +17,8 @@ Invariants:
   A backend starts up; the first verdict needs `fall` failures.
 * A check passes when the backend answers `path` with a 2xx or 3xx status
   within `timeout` seconds (connect included).
+* Each flip is logged once with its reason (the last failed check's problem:
+  refused, timed out, status 503...).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Checker:
         self.config = config  # replaced in place when the rules change
         self.successes = 0
         self.failures = 0
+        self.problem = ""  # why the last check failed
         self.stopped = False
         self.task: Any = None
 
@@ -99,17 +102,25 @@ class Checker:
         deadline = time.monotonic() + config.timeout
         try:
             sock = socket.create_connection((address.host, address.port), config.timeout)
-        except OSError:
-            return False
+        except OSError as exc:
+            return self.failed(f"connect: {exc.strerror or exc}")
         try:
             sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: balancer-health\r\n"
                          b"Connection: close\r\n\r\n" % (config.path.encode(),
                                                          self.backend.key.encode()))
-            return 200 <= read_status(sock, deadline) < 400
-        except (OSError, ProtocolError):
-            return False
+            status = read_status(sock, deadline)
+        except OSError as exc:
+            return self.failed(str(exc.strerror or exc) or type(exc).__name__)
+        except ProtocolError as exc:
+            return self.failed(f"invalid response: {exc.reason}")
         finally:
             sock.close()
+        return 200 <= status < 400 or self.failed(f"GET {config.path} answered {status}")
+
+    def failed(self, problem: str) -> bool:
+        """Keep why the check failed (for the log line of a flip); returns False."""
+        self.problem = problem
+        return False
 
     def record(self, healthy: bool) -> None:
         """Count one verdict; flip `checked_down` after `fall` / `rise` in a row."""
@@ -120,13 +131,17 @@ class Checker:
             if backend.checked_down and self.successes >= config.rise:
                 backend.checked_down = False
                 backend.mark_up()  # clears a passive mark too, and wakes held requests
-                log.info("backend %s is up (active check)", backend.key)
+                log.info("backend %s is up again: %d health check%s of %s passed",
+                         backend.key, self.successes, "" if self.successes == 1 else "s",
+                         config.path)
         else:
             self.successes = 0
             self.failures += 1
             if not backend.checked_down and self.failures >= config.fall:
                 backend.checked_down = True
-                log.warning("backend %s is down (active check %s)", backend.key, config.path)
+                log.warning("backend %s is down: %d health check%s of %s failed, the last: %s",
+                            backend.key, self.failures, "" if self.failures == 1 else "s",
+                            config.path, self.problem or "no answer")
 
     def stop(self) -> None:
         self.stopped = True

@@ -13,31 +13,54 @@ Invariants:
 * While held a request has no connection deadline (`disarm`); its own
   deadline bounds the wait. Before it is handed to the next action, the
   client deadline is armed again.
+* When the worker stops (SIGTERM), `Holds.close` wakes every held request:
+  each answers `ShuttingDown` (503 `maintenance` with Retry-After) at once,
+  and no new request is held. A worker replaced by a reload (SIGHUP) keeps
+  its held requests until their rule changes or its drain time runs out.
 """
 
 from __future__ import annotations
 
 import math
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from balancer.errors import Busy, ClientGone
+from balancer.errors import Busy, ClientGone, ShuttingDown
 from balancer.peek import CLOSED, READABLE, peek
 
 
 class Holds:
     """The number of requests held in one worker (shared by all its actions)."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "closed", "_closing")
 
     def __init__(self) -> None:
         self.count = 0
+        self.closed = False
+        self._closing = threading.Event()
+
+    def close(self) -> None:
+        """The worker stops: wake every held request to answer 503, hold no more."""
+        self.closed = True
+        self._closing.set()
+
+    def closing_event(self) -> threading.Event:
+        """An event set by `close` (waited on with the table's change event)."""
+        return self._closing
+
+    def check_open(self) -> None:
+        """Raise ShuttingDown once `close` was called (after every wake-up)."""
+        if self.closed:
+            raise ShuttingDown("the worker is stopping")
 
     @contextmanager
     def held(self, ex: Any) -> Iterator[None]:
-        """Count `ex` as held for the `with` block; raises Busy at the cap."""
+        """Count `ex` as held for the `with` block; raises Busy at the cap and
+        ShuttingDown once the worker stops."""
+        self.check_open()
         if self.count >= ex.conn.ctx.spin_max_waiting:
             raise Busy("too many held requests")
         stats = ex.route.stats

@@ -13,6 +13,9 @@ Invariants:
   cancelled) lets another probe go after `fail_timeout` more seconds.
 * Active health (`balancer.health`) only sets `checked_down`; a backend the
   checks call down takes no request while another is available.
+* A state change is logged once, with its reason (`log`): down after `fall`
+  failures (the last error, kept as is and formatted only then), up again on
+  the first success after failures. Nothing is formatted per request.
 * Recovery wakes waiters: `recovered_event()` is set whenever the backend
   answers again after failures (passive) or rises (active), so requests held
   while every backend was down are released at once.
@@ -27,6 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -39,6 +43,7 @@ from balancer.peek import OPEN, peek
 from balancer.readiness import Readable, unwatch
 from balancer.response_parser import ResponseParser
 
+log: Final = logging.getLogger("balancer.health")
 UP: Final = "up"
 DOWN: Final = "down"
 PROBING: Final = "probing"
@@ -88,6 +93,8 @@ class Backend:
         self.fails = 0
         self.down_until = 0.0
         self.state = UP
+        self.down_since = 0.0  # monotonic time of the last UP -> DOWN change
+        self.last_error: object = None  # the failure that counted last (formatted only to log)
         self.checked_down = False  # set by an active health check
         self._recovered = threading.Event()
 
@@ -178,6 +185,9 @@ class Backend:
 
     def record_success(self) -> None:
         if self.fails or self.state is not UP:
+            if self.state is not UP:
+                log.info("backend %s is up again: a request succeeded after %.1f s down",
+                         self.key, time.monotonic() - self.down_since)
             self.mark_up()
 
     def mark_up(self) -> None:
@@ -186,11 +196,19 @@ class Backend:
         self.state = UP
         self.mark_recovered()
 
-    def record_failure(self, fall: int) -> None:
+    def record_failure(self, fall: int, error: object = None) -> None:
+        """Count a failed request (`error`: what failed, kept unformatted)."""
         self.fails += 1
+        self.last_error = error
         if self.state is PROBING or self.fails >= fall:
+            now = time.monotonic()
+            if self.state is UP:
+                self.down_since = now
+                log.warning("backend %s is down: %d failure%s in a row, the last: %s; "
+                            "one request tries it again in %g s", self.key, self.fails,
+                            "" if self.fails == 1 else "s", error, self.fail_timeout)
             self.state = DOWN
-            self.down_until = time.monotonic() + self.fail_timeout
+            self.down_until = now + self.fail_timeout
             self.close_idle()
 
     def recovered_event(self) -> threading.Event:
@@ -203,10 +221,12 @@ class Backend:
         recovered.set()
 
     def health_state(self) -> str:
-        """"up" or "down" as an operator should see it now."""
-        if self.checked_down or (self.state is DOWN and time.monotonic() < self.down_until):
-            return "down"
-        return "up"
+        """UP, DOWN or PROBING as an operator should see it now: a backend that
+        failed is not up again until a request (or an active check) succeeded,
+        however long ago its down mark expired."""
+        if self.checked_down or self.state is DOWN:
+            return DOWN
+        return self.state
 
     @property
     def is_idle(self) -> bool:

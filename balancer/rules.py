@@ -5,10 +5,16 @@ Invariants:
   each prefixed with the path of the offending field (``backends[1].weight``).
 * A rule that validates cleanly compiles without error (`balancer.table`).
 * Host keys are validated by `validate_host`; keys are stored lower-case.
+* Numbers are finite (NaN and Infinity are refused wherever a number goes).
+* A field that ends up in a response header or a request line (`to`,
+  `content_type`, `health.path`) holds only visible ASCII (and spaces where
+  the header allows them); a static `body` is any text that encodes as UTF-8:
+  it is sent as the body, with its byte length as Content-Length.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -99,12 +105,38 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float (not a bool, NaN or an infinity)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def _positive_number(rule: Mapping[str, Any], key: str, prefix: str = "") -> list[str]:
     if key in rule and (not _is_number(rule[key]) or rule[key] <= 0):
-        return [f"{prefix}{key}: must be a number > 0, got {rule[key]!r}"]
+        return [f"{prefix}{key}: must be a finite number > 0, got {rule[key]!r}"]
+    return []
+
+
+def is_visible_ascii(text: str, spaces: bool = False) -> bool:
+    """True if `text` is printable ASCII only (0x21-0x7e, plus 0x20 with `spaces`):
+    no control character, DEL or non-ASCII byte reaches a header or request line."""
+    low = " " if spaces else "!"
+    return all(low <= ch <= "~" for ch in text)
+
+
+def _header_text(rule: Mapping[str, Any], key: str, default: object, what: str,
+                 where: str, prefix: str = "") -> list[str]:
+    """Problems with a field sent as is in `where` (a header or the request line);
+    spaces are allowed in a header value, not in a URL or path."""
+    value = rule.get(key, default)
+    if not isinstance(value, str) or not value:
+        return [f"{prefix}{key}: must be {what}, got {value!r}"]
+    spaces = key == "content_type"
+    if not is_visible_ascii(value, spaces):
+        allowed = "visible ASCII and spaces" if spaces else "visible ASCII without spaces"
+        hint = "" if spaces else " (percent-encode anything else: %C3%A9 for é)"
+        return [f"{prefix}{key}: goes into the {where}, so it may hold only {allowed}"
+                f"{hint}, got {value!r}"]
     return []
 
 
@@ -185,8 +217,11 @@ def _validate_health(health: object) -> list[str]:
         return ["health: must be an object"]
     problems = [f"health.{k}: unknown field" for k in health if k not in HEALTH_KEYS]
     path = health.get("path", "/")
-    if not isinstance(path, str) or not path.startswith("/") or any(c in path for c in " \r\n"):
+    if not isinstance(path, str) or not path.startswith("/"):
         problems.append(f"health.path: must be a path starting with '/', got {path!r}")
+    else:
+        problems += _header_text(health, "path", "/", "a path", "health check's request line",
+                                 "health.")
     for key in ("interval", "timeout"):
         problems += _positive_number(health, key, "health.")
         problems += _at_most(health, key, MAX_CHECK, "seconds", "health.")
@@ -228,21 +263,29 @@ def _validate_static(rule: Mapping[str, Any]) -> list[str]:
             problems.append("body: give either 'body' or 'page', not both")
     elif not isinstance(rule.get("body"), str):
         problems.append("body: must be a string (or give 'page')")
-    ctype = rule.get("content_type", "text/html")
-    if not isinstance(ctype, str) or not ctype or any(c in ctype for c in "\r\n\0"):
-        problems.append(f"content_type: must be a media type, got {ctype!r}")
-    return problems
+    elif not _encodes(rule["body"]):
+        problems.append("body: must be text that encodes as UTF-8 (it has a lone surrogate)")
+    return problems + _header_text(rule, "content_type", "text/html", "a media type",
+                                        "Content-Type header")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _validate_redirect(rule: Mapping[str, Any]) -> list[str]:
     problems = _status(rule, lambda s: s in REDIRECT_STATUSES,
                        "one of " + ", ".join(map(str, REDIRECT_STATUSES)))
-    to = rule.get("to")
     if "to" not in rule:
         problems.append("to: required for action 'redirect': the URL or path to send "
                         "clients to, e.g. \"to\": \"https://example.com\"")
-    elif not isinstance(to, str) or not to or any(c in to for c in " \r\n\0\t"):
-        problems.append(f"to: must be a URL or path without spaces, got {to!r}")
+    else:
+        problems += _header_text(rule, "to", None, "a URL or path without spaces",
+                                 "Location header")
     if "keep_path" in rule and not isinstance(rule["keep_path"], bool):
         problems.append("keep_path: must be true or false")
     return problems

@@ -34,6 +34,7 @@ from balancer.actions import ActionCompiler
 from balancer.actions.proxy import ProxyAction
 from balancer.addr import Address
 from balancer.connection import COARSE_CLOCK, Context, handle_client
+from balancer.failures import FailureReport
 from balancer.health import HealthChecks
 from balancer.http11 import Limits
 from balancer.pages import Pages
@@ -56,6 +57,7 @@ BACKLOG = 65535
 # once: a busy client's next request may be on the wire, and its response
 # will carry `Connection: close` instead (the close race of RFC 9112 §9.6).
 DRAIN_IDLE = 1.0
+HELD_ANSWER_TIME = 1.0  # seconds held requests get to send their 503 before the cut
 SHARED_ACCEPT_BATCH = 256  # accept() calls per wake-up when workers share a listener
 COMPILE_PAUSE = 0.0001  # seconds a big table's compile yields to requests between slices
 
@@ -115,6 +117,7 @@ class Worker:
         self.holder = TableHolder(RoutingTable(0, {}, self.compiler.fallbacks()[1]))
         holder_ref.append(self.holder)
         self.health = HealthChecks(self.registry)  # active checks follow the table
+        self.failure_report = FailureReport(self.stats)  # 502/504 summed up once a second
         self.loaded = False
         self.highest = 0  # the highest version known: a store behind it lost its table
         self.store_problem: str | None = None  # why the store's table is not served
@@ -214,6 +217,7 @@ class Worker:
         self.prune_unused()
         if changed is None or _has_health(old, table, keys):
             self.health.on_swap(old, table)
+        self.forget_removed(old, table, old.routes.keys() | keys if changed is None else keys)
         self.loaded = True
         stats = self.stats
         stats.routing_version = table.version
@@ -252,6 +256,21 @@ class Worker:
             elif backend.is_idle:
                 backends.pop(key).close_idle()
                 self.unused.discard(key)
+
+    def forget_removed(self, old: RoutingTable, new: RoutingTable, keys: Any) -> None:
+        """Drop the counters of the deleted hosts among `keys` (the changed ones)
+        and of backends a changed rule no longer names, so no scrape reports them
+        again."""
+        self.stats.forget_hosts({key for key in keys if key not in new.routes})
+        for key in keys:
+            route = new.routes.get(key)
+            prior = old.routes.get(key)
+            if route is None:
+                continue
+            if prior is None or prior.action is not route.action:
+                action = route.action
+                named = action.backends if isinstance(action, ProxyAction) else ()
+                route.stats.keep_backends({backend.key for backend in named})
 
     def reload(self) -> int:
         """Re-read the store now and apply it; returns the version served."""
@@ -337,18 +356,28 @@ class Worker:
         self.access_log.start()
         gevent.spawn(self.watch_loop)
         gevent.spawn(self.watchdog_loop)
+        gevent.spawn(self.failure_report.report_loop, lambda: self.stopping)
+
+    def release_held(self) -> None:
+        """Answer every held request 503 now and hold no more (stopping for good)."""
+        self.compiler.holds.close()
 
     def stop(self, graceful: float) -> None:
         """Drain: stop accepting, answer in-flight requests (each response then
-        closes its connection), close idle keep-alive connections; whatever is
-        still open after `graceful` seconds is cut."""
+        closes its connection), close idle keep-alive connections. Held
+        requests stay held (a reload's old worker still releases them) until
+        `release_held`, called at once on SIGTERM and at the latest after
+        `graceful` seconds; whatever is still open then is cut."""
         self.draining = True
         for ctx in self.contexts:
             ctx.draining = True
         for server in self.servers:
             server.close()
         self.pool.join(timeout=graceful)
+        self.release_held()  # a held request gets its 503, never an empty reply
+        self.pool.join(timeout=HELD_ANSWER_TIME)
         self.stopping = True
+        self.failure_report.report()  # the last second's 502/504
         self.pool.kill(block=True, timeout=1)
         self.health.stop()
         self.access_log.close()

@@ -94,7 +94,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.pages_dir", Directory(), "", "directory of NAME.html built-in page overrides"),
     Setting("management.listen", ADDRESS, "127.0.0.1:8081",
             "management API address", "--management"),
-    Setting("management.token", TEXT, "", "bearer token for the management API: every route but /healthz and the "
+    Setting("management.token", TEXT, "",
+            "bearer token for the management API: every route but /healthz and the "
             "dashboard page needs it, /metrics included", "--token"),
     Setting("management.apply_timeout", POSITIVE, 2.0,
             "seconds a write waits for every worker to serve it (202 past it)"),

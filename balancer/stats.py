@@ -6,6 +6,10 @@ Invariants:
   except the first use of a new status code.
 * `snapshot()` returns plain JSON-able data; `merge_snapshots` sums the
   snapshots of several workers (see docs/ARCHITECTURE.md for the shape).
+* Only what the routing table serves is reported: the worker forgets the
+  counters of a deleted host (`forget_hosts`) and of a backend its rule no
+  longer names (`HostStats.keep_backends`) when the table is swapped.
+* A backend's merged state is the worst of the workers' (down > probing > up).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Final
 
 BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 OUTCOMES: Final = ("success", "connect_error", "timeout", "error")
+STATE_RANK: Final = {"up": 0, "probing": 1, "down": 2}  # merging: the worst state wins
 
 
 class BackendStats:
@@ -39,7 +44,8 @@ class HostStats:
     """Counters of one routing-table key."""
 
     __slots__ = ("open_requests", "completed_requests", "bytes_received", "bytes_sent",
-                 "codes", "hist", "duration_sum", "spinning", "backends")
+                 "codes", "hist", "duration_sum", "spinning", "backends", "causes",
+                 "last_failure")
 
     def __init__(self) -> None:
         self.open_requests = 0
@@ -51,6 +57,8 @@ class HostStats:
         self.duration_sum = 0.0
         self.spinning = 0
         self.backends: dict[str, BackendStats] = {}
+        self.causes: dict[str, int] = {}  # 502/504 by cause since the last failure report
+        self.last_failure: Any = None  # the last of them (an exception, formatted only to log)
 
     def finish(self, status: int, received: int, sent: int, seconds: float) -> None:
         """Count one completed request (hot path)."""
@@ -68,6 +76,11 @@ class HostStats:
         if stats is None:
             stats = self.backends[address] = BackendStats(address)
         return stats
+
+    def keep_backends(self, addresses: set[str]) -> None:
+        """Forget the counters of every backend not in `addresses` (removed from the rule)."""
+        for address in [a for a in self.backends if a not in addresses]:
+            del self.backends[address]
 
     def snapshot(self) -> dict[str, Any]:
         responses = {f"{c}xx": 0 for c in range(1, 6)}
@@ -100,6 +113,14 @@ class Stats:
         self.config_reloads = 0
         self.store_up = 1
         self.last_reload = 0.0
+        self.failing: dict[str, HostStats] = {}  # hosts with a 502/504 since the last report
+
+    def note_failure(self, key: str, host: HostStats, cause: str, error: Any) -> None:
+        """Count a 502/504 by its cause for the once-a-second report (no formatting)."""
+        causes = host.causes
+        causes[cause] = causes.get(cause, 0) + 1
+        host.last_failure = error
+        self.failing[key] = host
 
     def host(self, key: str) -> HostStats:
         """The counters of a table key (created on first use, at compile time)."""
@@ -107,6 +128,12 @@ class Stats:
         if stats is None:
             stats = self.hosts[key] = HostStats()
         return stats
+
+    def forget_hosts(self, keys: set[str]) -> None:
+        """Forget the counters of deleted host keys (in-flight requests of theirs
+        finish on the forgotten objects)."""
+        for key in keys:
+            self.hosts.pop(key, None)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -146,9 +173,23 @@ def _merge_into(into: dict[str, Any], other: dict[str, Any]) -> None:
         elif key in _MIN_KEYS:
             into[key] = min(into[key], value)
         elif key == "state":
-            into[key] = value if value != "up" else into[key]
+            if STATE_RANK.get(value, 2) > STATE_RANK.get(into[key], 2):
+                into[key] = value
         elif isinstance(value, int | float):
             into[key] = into[key] + value
+
+
+def only_known(snapshot: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """`snapshot` (retired workers' counters) cut to the hosts and backends that
+    `live` (the merged live workers) reports: deleted ones are not shown again."""
+    known = live.get("hosts", {})
+    hosts: dict[str, Any] = {}
+    for key, host in snapshot.get("hosts", {}).items():
+        if key in known:
+            backends = known[key].get("backends", {})
+            hosts[key] = {**host, "backends": {a: b for a, b in host.get("backends", {}).items()
+                                               if a in backends}}
+    return {**snapshot, "hosts": hosts}
 
 
 def _copy(value: Any) -> Any:

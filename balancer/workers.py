@@ -15,7 +15,10 @@ Invariants:
   on the inherited sockets with its routing table loaded.
 * A failure while starting exits with `BOOT_ERROR` after printing one
   ``balancer: ...`` line; the arbiter treats it as bad input, not a crash.
-* Signals: SIGTERM/SIGINT drain gracefully (also when the arbiter is gone),
+* Signals: SIGTERM/SIGINT stop: drain gracefully and answer held requests
+  503 at once (also when the arbiter is gone); SIGUSR2 retires a child that
+  a reload replaced: it drains the same way but keeps its held requests
+  until their rule changes (a SIGTERM during that drain still answers them);
   SIGQUIT exits at once (even mid-drain), SIGUSR1 reopens the access log,
   SIGHUP is the arbiter's business (ignored here).
 """
@@ -128,14 +131,24 @@ def report_ready(env: ChildEnv) -> None:
     os.close(env.ready_fd)
 
 
-def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None) -> None:
-    """Block until the child must drain: SIGTERM/SIGINT, or the arbiter is gone."""
+def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
+                  release: Callable[[], None] | None = None) -> None:
+    """Block until the child must drain: SIGTERM/SIGINT, SIGUSR2 (retired by a
+    reload), or the arbiter is gone. `release` (answer held requests) runs on
+    every stop but a retirement, also one that comes during the drain."""
     import gevent
     from gevent.event import Event
 
     stop = Event()
-    gevent.signal_handler(signal.SIGTERM, stop.set)
-    gevent.signal_handler(signal.SIGINT, stop.set)
+
+    def stop_for_good() -> None:
+        if release is not None:
+            release()
+        stop.set()
+
+    gevent.signal_handler(signal.SIGTERM, stop_for_good)
+    gevent.signal_handler(signal.SIGINT, stop_for_good)
+    gevent.signal_handler(signal.SIGUSR2, stop.set)
     gevent.signal_handler(signal.SIGQUIT, os._exit, 0)
     if reopen is not None:
         gevent.signal_handler(signal.SIGUSR1, reopen)
@@ -144,7 +157,7 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None) -> No
         while os.getppid() == env.arbiter_pid:
             gevent.sleep(PARENT_CHECK)
         log.error("the arbiter (pid %d) is gone; stopping", env.arbiter_pid)
-        stop.set()
+        stop_for_good()
 
     watcher = gevent.spawn(parent_loop)
     stop.wait()
@@ -185,7 +198,7 @@ def run_worker(env: ChildEnv, listeners: list[tuple[Any, bool]]) -> int:
     tune_gc()
     report_ready(env)
     log.info("worker %d serving routing version %d", os.getpid(), worker.holder.table.version)
-    wait_for_stop(env, worker.access_log.reopen)
+    wait_for_stop(env, worker.access_log.reopen, worker.release_held)
     graceful = settings.timeouts.graceful
     worker.stop(max(graceful - STOP_MARGIN, graceful / 2))
     retire(env.run_dir, worker, control)

@@ -12,6 +12,8 @@ Invariants:
   socket's ``apply``), whatever the store, and counts as applied once each
   worker answers that it serves the new version; the store's own messages
   and polling are the safety net for changes made elsewhere.
+* Only hosts and backends a live worker reports are shown: retired counters
+  fold into those, and a deleted host's go away with it.
 * Live answers and the retired total are read together under the run
   directory's lock (`control.run_dir_lock`), so a worker that exits is counted
   once, and two management processes (old and new, during a reload) never
@@ -31,7 +33,7 @@ import gevent
 from gevent.lock import Semaphore
 
 from balancer.control import RETIRED_GLOB, ask, ask_why, pid_of, run_dir_lock, worker_sockets
-from balancer.stats import Stats, merge_snapshots
+from balancer.stats import Stats, merge_snapshots, only_known
 
 RETIRED_TOTAL = "retired-total.json"
 ARBITER_STATUS = "arbiter.json"
@@ -67,7 +69,9 @@ class ClusterRuntime:
     def _merged(self, replies: list[dict[str, Any]], retired: dict[str, Any] | None
                 ) -> dict[str, Any]:
         snapshots = [r["stats"] for r in replies]
-        merged = merge_snapshots(snapshots + ([retired] if retired else []))
+        merged = merge_snapshots(snapshots)
+        if retired:  # counters of hosts and backends still served, never deleted ones
+            merged = merge_snapshots([merged, only_known(retired, merged)])
         own = int(self.store.is_reachable() and self.problem() is None
                   and self.store.last_error() is None)
         merged["store_up"] = min(merged.get("store_up", own), own) if snapshots else own

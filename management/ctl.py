@@ -111,7 +111,10 @@ class Client:
         self.token = token
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
+        try:
+            data = None if body is None else json.dumps(body, allow_nan=False).encode()
+        except ValueError as exc:
+            raise CtlError(f"cannot send {body!r}: {exc}") from None
         request = Request(self.url + path, data=data, method=method)
         request.add_header("Accept", "application/json")
         if data is not None:
@@ -174,8 +177,8 @@ def parse_fields(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise CtlError(f"expected key=value, got {pair!r}")
         try:
-            value = json.loads(text)
-        except ValueError:
+            value = json.loads(text, parse_constant=_refuse, parse_float=_finite)
+        except ValueError:  # NaN and Infinity stay text: the API names the field it refuses
             value = text
         *parents, leaf = key.split(".")
         node = out
@@ -185,6 +188,17 @@ def parse_fields(pairs: list[str]) -> dict[str, Any]:
                 raise CtlError(f"{key}: {part} is both a value and an object")
         node[leaf] = value
     return out
+
+
+def _refuse(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is not a finite number")
+    return value
 
 
 def host_path(host: str, *rest: str) -> str:

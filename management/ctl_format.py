@@ -68,7 +68,9 @@ def format_rule(answer: dict[str, Any]) -> str:
     for key, value in rule.items():
         if key == "backends":
             value = ", ".join(_backend(b) for b in value)
-        elif not isinstance(value, str):
+        elif not isinstance(value, str) or not value.isprintable():
+            # a static body may hold any text: escape control characters so that
+            # none reaches the operator's terminal (ESC sequences) as is
             value = json.dumps(value, sort_keys=True)
         rows.append((key, value))
     width = max(len(k) for k, _ in rows)

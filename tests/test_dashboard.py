@@ -296,6 +296,20 @@ def test_backend_going_down_is_shown_down(make_site: Callable[..., Site], browse
     assert "backend-up" in browser.find_element("css selector", other).get_attribute("class")
 
 
+def test_a_probing_backend_is_not_shown_up(make_site: Callable[..., Site],
+                                           browser: Any) -> None:
+    site = make_site(hosts={"app.example.com": WEB})
+    with site.runtime.edit() as stats:
+        serve_requests(stats, "app.example.com", 10, backend="127.0.0.1:9002")
+        backend = stats.host("app.example.com").backend("127.0.0.1:9002")
+        backend.source, backend.failures = ScriptedHealth("probing"), 4
+    open_live(browser, site)
+    row = host_card("app.example.com") + ' tr[data-backend="127.0.0.1:9002"]'
+    wait_for(browser, lambda d: "probing" in text_of(d, row), "the backend shown probing")
+    assert "backend-probing" in browser.find_element("css selector", row).get_attribute("class")
+    assert "1 of 2 backends down" in text_of(browser, host_card("app.example.com"))
+
+
 def test_with_a_token_the_page_asks_for_it_then_shows_data(make_site: Callable[..., Site],
                                                            browser: Any) -> None:
     site = make_site(token=TOKEN, hosts={"app.example.com": WEB})

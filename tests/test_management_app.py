@@ -13,10 +13,10 @@ from urllib.parse import quote, urlsplit
 import pytest
 
 from balancer.stats import Stats
-from management import app as app_module
-from management.app import create_app
 from balancer.stores import Store, open_store
 from balancer.stores.file import FileStore
+from management import app as app_module
+from management.app import create_app
 from tests.conftest import RedisServer
 
 WEB = {"action": "proxy", "backends": ["127.0.0.1:9001"]}

@@ -167,7 +167,7 @@ class ProxyAction:
     def _failed(self, backend: Any, stats: Any, outcome: str, exc: ProxyError) -> ProxyError:
         stats.outcomes[outcome] += 1
         stats.failures += 1
-        backend.record_failure(self.fall)
+        backend.record_failure(self.fall, exc)
         return exc
 
     # spin_when_down ------------------------------------------------------
@@ -184,8 +184,9 @@ class ProxyAction:
         """Retry until a backend answers (None) or the rule changes (the new route)."""
         deadline = time.monotonic() + (self.spin_when_down or 0.0)
         holder, host, sock = self.holder, ex.head.host, ex.conn.sock
-        backoff, watch_client = FIRST_BACKOFF, True
+        backoff, watch_client, holds = FIRST_BACKOFF, True, self.holds
         while True:
+            holds.check_open()
             changed = holder.change_event()  # taken before the lookup: no swap is missed
             route = holder.table.lookup(host)
             if route.action is not self:
@@ -195,7 +196,9 @@ class ProxyAction:
                 raise SpinTimeout(retry_after(self.spin_when_down))
             recovered = [b.recovered_event() for b in self.backends]
             wait = min(remaining, backoff * (0.5 + random.random() / 2))
-            watch_client = wait_any([changed, *recovered], sock, wait, watch_client)
+            watch_client = wait_any([changed, holds.closing_event(), *recovered], sock, wait,
+                                    watch_client)
+            holds.check_open()
             backoff = min(backoff * 2, MAX_BACKOFF)
             if changed.is_set():
                 continue  # re-resolve the host first

@@ -8,7 +8,8 @@ Invariants:
   `timeout` page (504) with Retry-After.
 * The cap and the client watch are `balancer.hold`'s: at most
   `spin_max_waiting` requests held per worker (503 `busy` beyond); a client
-  that disconnects while held frees its slot at once.
+  that disconnects while held frees its slot at once; a stopping worker
+  answers every held request 503 at once (`Holds.close`).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class SpinAction:
         """Wait until the host resolves to a non-spin route; return that route."""
         deadline = time.monotonic() + self.timeout
         holder, host, sock = self.holder, ex.head.host, ex.conn.sock
-        watch_client = True
+        holds, watch_client = self.holds, True
         while True:
+            holds.check_open()
             changed = holder.change_event()  # taken before the lookup: no swap is missed
             route = holder.table.lookup(host)
             if not isinstance(route.action, SpinAction):
@@ -54,4 +56,5 @@ class SpinAction:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise SpinTimeout(retry_after(self.timeout))
-            watch_client = wait_any((changed,), sock, remaining, watch_client)
+            watch_client = wait_any((changed, holds.closing_event()), sock, remaining,
+                                    watch_client)

@@ -15,6 +15,7 @@ const UNKNOWN_KEY = "(unknown)";
 const STATES = {
   up: {symbol: "✓", text: "up"},
   down: {symbol: "✗", text: "down"},
+  probing: {symbol: "…", text: "probing"},
   unknown: {symbol: "?", text: "no data"},
 };
 
@@ -73,9 +74,20 @@ export function backendRows(rule, hostStats) {
   return (rule.backends || []).map((backend) => {
     const address = backendAddress(backend);
     const stats = live[address];
-    return {address, weight: backendWeight(backend), stats,
-      state: stats ? (stats.state === "down" ? "down" : "up") : "unknown"};
+    return {address, weight: backendWeight(backend), stats, state: backendState(stats)};
   });
+}
+
+/** "up" only when the balancer says so: a backend that failed stays "down" (or
+ * "probing" while one request tries it) until a request or a check succeeds. */
+function backendState(stats) {
+  if (!stats) return "unknown";
+  return STATES[stats.state] && stats.state !== "unknown" ? stats.state : "down";
+}
+
+/** Down or probing: a backend not known to answer. */
+function isDown(state) {
+  return state === "down" || state === "probing";
 }
 
 function backendTable(rows) {
@@ -96,7 +108,7 @@ function backendTable(rows) {
 
 /** The overall state of a host: {kind, symbol, text}. */
 export function hostHealth(rule, rows, hostStats) {
-  const down = rows.filter((r) => r.state === "down").length;
+  const down = rows.filter((r) => isDown(r.state)).length;
   const spinning = hostStats?.spinning || 0;
   if (rows.length && down === rows.length) {
     return {kind: "down", symbol: "✗", text: "all backends down"};
@@ -235,7 +247,7 @@ export function summaryTiles(view, history, now) {
   const keys = Object.keys(view.stats.hosts || {});
   const totals = trafficTotals(keys, history);
   const hostsWithDown = Object.entries(view.hosts).filter(([key, rule]) =>
-    backendRows(rule, view.stats.hosts?.[key]).some((r) => r.state === "down")).length;
+    backendRows(rule, view.stats.hosts?.[key]).some((r) => isDown(r.state))).length;
   const spinning = keys.reduce((n, k) => n + (view.stats.hosts[k].spinning || 0), 0);
   const workers = view.info ? fmt.count(view.info.workers, "worker") : fmt.NONE;
   const workersDetail = !view.info ? "not reported" : view.info.workers ? "processes"

@@ -1,0 +1,172 @@
+"""The live view tells the truth: `/api/v1/stats`, `/metrics` and `balancerctl
+stats` through a real balancer, a dead backend, rule changes and a reload."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from balancer.stats import Stats, merge_snapshots, only_known
+from tests.support import ROOT, Backend, Balancer, dead_address, request, wait_for
+
+HOST = "app.test"
+OTHER = "other.test"
+
+
+def proxy(*addresses: str) -> dict[str, Any]:
+    return {"action": "proxy", "backends": list(addresses)}
+
+
+@pytest.fixture
+def backends():
+    started: list[Backend] = []
+
+    def start(name: str, port: int = 0) -> Backend:
+        started.append(Backend(name, port=port))
+        return started[-1]
+
+    yield start
+    for backend in started:
+        backend.stop()
+
+
+def scrape(bal: Balancer) -> str:
+    status, body = bal.api("GET", "/metrics")
+    assert status == 200
+    return body.decode() if isinstance(body, bytes) else str(body)
+
+
+def backend_up(text: str, host: str, address: str) -> float | None:
+    labels = f'backend="{re.escape(address)}",host="{re.escape(host)}"'
+    found = re.search(r"^balancer_backend_up\{" + labels + r"\} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
+def state(bal: Balancer, host: str, address: str) -> str:
+    return bal.host_stats(host)["backends"][address]["state"]
+
+
+def ctl_stats(bal: Balancer) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+    env.update(PYTHONPATH=str(ROOT), BALANCER_URL=f"http://127.0.0.1:{bal.mport}")
+    done = subprocess.run([sys.executable, "-m", "management.ctl", "stats"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_failed_backend_is_down_until_a_request_to_it_succeeds(tmp_path, backends):
+    good = backends("good")
+    dead = dead_address()
+    bal = Balancer(tmp_path, {HOST: proxy(dead, good.address)},
+                   env={"BALANCER_TIMEOUTS_FAIL_TIMEOUT": "1"})
+    try:
+        for _ in range(10):
+            assert request(bal.port, host=HOST)[0] == 200
+        expired = time.monotonic() + 1.5
+        wait_for(lambda: time.monotonic() > expired, timeout=3, what="fail_timeout to pass")
+        # no traffic since the mark expired, and nothing ever succeeded: not up
+        assert state(bal, HOST, dead) == "down"
+        assert backend_up(scrape(bal), HOST, dead) == 0
+        assert backend_up(scrape(bal), HOST, good.address) == 1
+        [row] = [line for line in ctl_stats(bal).splitlines() if dead in line]
+        assert row.split()[2] == "down", row
+        backends("revived", port=int(dead.rsplit(":", 1)[1]))
+
+        def probed_up() -> bool:
+            request(bal.port, host=HOST)
+            return state(bal, HOST, dead) == "up"
+        wait_for(probed_up, timeout=10, what="a probe to reach the revived backend")
+        assert backend_up(scrape(bal), HOST, dead) == 1
+    finally:
+        bal.stop()
+
+
+def test_removed_backends_and_deleted_hosts_leave_the_next_scrape(tmp_path, backends):
+    a, b = backends("a"), backends("b")
+    bal = Balancer(tmp_path, {HOST: proxy(a.address, b.address), OTHER: proxy(a.address)})
+    try:
+        for _ in range(4):
+            assert request(bal.port, host=HOST)[0] == 200
+            assert request(bal.port, host=OTHER)[0] == 200
+        text = scrape(bal)
+        assert backend_up(text, HOST, b.address) == 1 and backend_up(text, OTHER, a.address) == 1
+        bal.write_routes({HOST: proxy(a.address)})
+        bal.wait_version(2)
+        text = scrape(bal)
+        assert backend_up(text, HOST, a.address) == 1
+        assert f'backend="{b.address}"' not in text
+        assert f'host="{OTHER}"' not in text
+        stats = bal.api("GET", "/api/v1/stats")[1]
+        assert OTHER not in stats["hosts"]
+        assert set(stats["hosts"][HOST]["backends"]) == {a.address}
+        assert stats["hosts"][HOST]["completed_requests"] == 4  # the host's counters stay
+        assert OTHER not in ctl_stats(bal) and b.address not in ctl_stats(bal)
+    finally:
+        bal.stop()
+
+
+def test_retired_workers_counters_never_bring_back_a_deleted_host(tmp_path, backends):
+    a, b = backends("a"), backends("b")
+    bal = Balancer(tmp_path, {HOST: proxy(a.address, b.address), OTHER: proxy(a.address)},
+                   config="[server]\nworkers = 1\n")
+    try:
+        for _ in range(4):
+            assert request(bal.port, host=HOST)[0] == 200
+            assert request(bal.port, host=OTHER)[0] == 200
+        [old] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+        bal.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: not os.path.exists(f"/proc/{old}"), timeout=30,
+                 what="the old worker to retire")
+        wait_for(lambda: bal.host_stats(HOST).get("completed_requests") == 4,
+                 what="the retired worker's counters")
+        bal.write_routes({HOST: proxy(a.address)})
+        bal.wait_version(2)
+        stats = bal.api("GET", "/api/v1/stats")[1]
+        assert OTHER not in stats["hosts"]
+        assert set(stats["hosts"][HOST]["backends"]) == {a.address}
+        assert stats["hosts"][HOST]["completed_requests"] == 4  # folded in, not lost
+        text = scrape(bal)
+        assert f'host="{OTHER}"' not in text and f'backend="{b.address}"' not in text
+    finally:
+        bal.stop()
+
+
+# merging ------------------------------------------------------------------------------
+class Scripted:
+    def __init__(self, state: str) -> None:
+        self.state = state
+
+    def health_state(self) -> str:
+        return self.state
+
+
+@pytest.mark.parametrize("states,merged", [
+    (("up", "up"), "up"), (("up", "probing"), "probing"), (("probing", "up"), "probing"),
+    (("down", "probing"), "down"), (("probing", "down"), "down"), (("up", "down"), "down")])
+def test_the_worst_state_of_the_workers_wins(states: tuple[str, str], merged: str) -> None:
+    snapshots = []
+    for worker_state in states:
+        stats = Stats()
+        stats.host(HOST).backend("127.0.0.1:1").source = Scripted(worker_state)
+        snapshots.append(stats.snapshot())
+    got = merge_snapshots(snapshots)["hosts"][HOST]["backends"]["127.0.0.1:1"]["state"]
+    assert got == merged
+
+
+def test_only_known_keeps_what_live_workers_report() -> None:
+    retired, live = Stats(), Stats()
+    retired.host(HOST).backend("127.0.0.1:1")
+    retired.host(HOST).backend("127.0.0.1:2")
+    retired.host(OTHER).finish(200, 1, 1, 0.1)
+    live.host(HOST).backend("127.0.0.1:1")
+    cut = only_known(retired.snapshot(), live.snapshot())
+    assert set(cut["hosts"]) == {HOST}
+    assert set(cut["hosts"][HOST]["backends"]) == {"127.0.0.1:1"}

@@ -1,0 +1,253 @@
+"""Hostile input at every edge: numbers that are not finite, text bound for a
+header, deep or broken JSON bodies, and bad settings from TOML and env."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from balancer.rules import validate_rule
+from balancer.settings import SETTINGS, SettingsError, load_settings
+from balancer.settings_kinds import Integer, Number
+from balancer.stores import CorruptStore
+from balancer.stores.file import FileStore
+from management.app import URL_MAP, create_app
+from tests.support import Balancer, raw_exchange, request, split_responses
+
+REPO = Path(__file__).resolve().parent.parent
+NOT_FINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+# rules --------------------------------------------------------------------------
+NUMERIC_FIELDS = [
+    ({"action": "spin"}, "timeout"),
+    ({"action": "proxy", "backends": ["127.0.0.1:1"]}, "spin_when_down"),
+    ({"action": "proxy", "backends": ["127.0.0.1:1"]}, "retry_timeout"),
+    ({"action": "proxy", "backends": ["127.0.0.1:1"]}, "retries"),
+    ({"action": "proxy", "backends": ["127.0.0.1:1"]}, "max_body_bytes"),
+    ({"action": "static", "body": "x"}, "status"),
+    ({"action": "empty"}, "status"),
+    ({"action": "redirect", "to": "/x"}, "status"),
+]
+
+
+@pytest.mark.parametrize("base,key", NUMERIC_FIELDS)
+@pytest.mark.parametrize("value", NOT_FINITE)
+def test_no_numeric_rule_field_takes_nan_or_infinity(base: dict[str, Any], key: str,
+                                                     value: float) -> None:
+    problems = validate_rule({**base, key: value})
+    assert any(p.startswith(f"{key}:") for p in problems), problems
+
+
+@pytest.mark.parametrize("key", ["interval", "timeout", "rise", "fall"])
+@pytest.mark.parametrize("value", NOT_FINITE)
+def test_health_numbers_are_finite(key: str, value: float) -> None:
+    rule = {"action": "proxy", "backends": ["127.0.0.1:1"], "health": {key: value}}
+    assert any(p.startswith(f"health.{key}:") for p in validate_rule(rule))
+    backend = {"action": "proxy", "backends": [{"address": "127.0.0.1:1", "weight": value}]}
+    assert validate_rule(backend)
+
+
+HEADER_FIELDS = [
+    ({"action": "redirect"}, "to", "Location header"),
+    ({"action": "static", "body": "x"}, "content_type", "Content-Type header"),
+]
+
+
+@pytest.mark.parametrize("base,key,where", HEADER_FIELDS)
+@pytest.mark.parametrize("bad", ["\x01", "\x0b", "\x7f", "\x00", "\r", "\n", "é", "\u2028",
+                                 "\ud800"])
+def test_header_fields_take_visible_ascii_only(base: dict[str, Any], key: str, where: str,
+                                               bad: str) -> None:
+    problems = validate_rule({**base, key: f"/a{bad}b" if key == "to" else f"text/plain{bad}"})
+    assert len(problems) == 1 and problems[0].startswith(f"{key}: goes into the {where}")
+
+
+def test_the_message_says_which_field_and_how_to_fix_it() -> None:
+    [problem] = validate_rule({"action": "redirect", "to": "https://example.com/café"})
+    assert problem.startswith("to: goes into the Location header")
+    assert "percent-encode" in problem and "'https://example.com/café'" in problem
+    assert validate_rule({"action": "redirect", "to": "https://example.com/caf%C3%A9"}) == []
+    assert validate_rule({"action": "redirect", "to": "/a b"})  # no spaces in a URL
+    assert validate_rule({"action": "static", "body": "x",
+                          "content_type": "text/plain; charset=utf-8"}) == []
+    [problem] = validate_rule({"action": "proxy", "backends": ["127.0.0.1:1"],
+                               "health": {"path": "/héalth"}})
+    assert problem.startswith("health.path: goes into the health check's request line")
+
+
+def test_a_body_is_any_text_that_encodes() -> None:
+    assert validate_rule({"action": "static", "body": "<h1>Zurück \x01\x7f ✓</h1>\r\n"}) == []
+    [problem] = validate_rule({"action": "static", "body": "lone \ud800 surrogate"})
+    assert problem.startswith("body: must be text that encodes as UTF-8")
+
+
+def test_a_stored_nan_is_a_corrupt_store(tmp_path: Path) -> None:
+    path = tmp_path / "routes.json"
+    path.write_text('{"version": 3, "hosts": {"a.test": {"action": "spin", "timeout": NaN}}}')
+    with pytest.raises(CorruptStore, match="timeout: must be a finite number"):
+        FileStore(str(path)).load()
+
+
+# settings -----------------------------------------------------------------------
+NUMERIC_SETTINGS = [s for s in SETTINGS if isinstance(s.kind, Number | Integer)]
+
+
+@pytest.mark.parametrize("setting", NUMERIC_SETTINGS, ids=lambda s: s.name)
+@pytest.mark.parametrize("text", ["NaN", "nan", "inf", "-Infinity", "1e999"])
+def test_env_settings_refuse_non_finite_numbers(setting: Any, text: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env={setting.env: text})
+    [problem] = caught.value.problems
+    assert problem.startswith(f"{setting.name} ({setting.env}): must be")
+
+
+@pytest.mark.parametrize("setting", NUMERIC_SETTINGS, ids=lambda s: s.name)
+@pytest.mark.parametrize("toml", ["nan", "inf", "-inf", "+nan"])
+def test_toml_settings_refuse_non_finite_numbers(tmp_path: Path, setting: Any,
+                                                 toml: str) -> None:
+    path = tmp_path / "balancer.toml"
+    path.write_text(f"[{setting.section}]\n{setting.key} = {toml}\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env={}, config_path=str(path))
+    [problem] = caught.value.problems
+    assert problem.startswith(f"{setting.name} ({path}): must be")
+
+
+def test_balancer_serve_exits_2_naming_a_nan_setting(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+    env.update(PYTHONPATH=str(REPO), BALANCER_TIMEOUTS_GRACEFUL="NaN")
+    done = subprocess.run([sys.executable, "-m", "balancer", "serve", "--listen", "127.0.0.1:0",
+                           "--management", "127.0.0.1:0", "--store", f"file:{tmp_path}/r.json"],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "timeouts.graceful (BALANCER_TIMEOUTS_GRACEFUL): must be a number > 0, got 'NaN'" \
+        in done.stderr
+
+
+# the management API ---------------------------------------------------------------
+HOSTILE_BODIES: list[bytes] = [
+    b"", b" ", b"\x00", b"\xff\xfe\x00", b"null", b"true", b"0", b"-1", b'"x"', b"[]", b"{}",
+    b"[" * 100_000, b"{\"a\":" * 50_000, b"[" * 33 + b"]" * 33, b'{"a": NaN}', b"[Infinity]",
+    b"-Infinity", b"[1e999]", b"[" + b"9" * 5000 + b"]", b'"\\ud800"', b'{"action": "\\ud800"}',
+    b'{"action": "spin", "timeout": NaN}', b'{"action": "spin", "timeout": 1e999}',
+    b'{"action": "static", "body": "\\ud800"}',
+    b'{"action": "redirect", "to": "/\\u0001"}', b'{"action": "static", "body": "x", '
+    b'"content_type": "a\\u000bb"}', b'{"action": "proxy", "backends": [[[[[]]]]]}',
+    b'{"action": "proxy", "backends": ["127.0.0.1:1"], "health": {"path": "/\\u00e9"}}',
+    b'{"hosts": {"a.test": {"action": "spin", "timeout": NaN}}}', b'{"hosts": []}',
+    b'{"hosts": {"\\ud800": {"action": "empty", "status": 204}}}',
+    b'{"address": NaN}', b'{"address": "127.0.0.1:1", "weight": 1e999}',
+    b'{"address": "127.0.0.1:1", "weight": NaN}', b'{"address": ["x"]}', b'{"address": {}}',
+    b'"127.0.0.1:1"', b'{"address": "127.0.0.1:1", "weight": true}',
+    b'{"a": "' + b"\\\"" * 40_000 + b'"}', b'"' + b'\\"' * 40_000,
+]
+
+
+def _write_routes() -> list[tuple[str, str]]:
+    """Every (method, path) of the API that takes a body, from its URL map."""
+    out = []
+    for rule in URL_MAP.iter_rules():
+        for method in sorted((rule.methods or set()) & {"PUT", "POST", "DELETE", "PATCH"}):
+            path = rule.rule.replace("<host>", "web.test").replace("<address>", "127.0.0.1:1")
+            out.append((method, path.replace("<path:name>", "x")))
+    return out
+
+
+def test_no_bad_body_gets_a_500_on_any_write_route(tmp_path: Path,
+                                                   serve_wsgi: Callable[[Any], str]) -> None:
+    store = FileStore(str(tmp_path / "routes.json"))
+    web = {"action": "proxy", "backends": ["127.0.0.1:1", "127.0.0.1:2"]}
+    parts = urlsplit(serve_wsgi(create_app(store=store)))
+    routes = _write_routes()
+    assert len(routes) >= 5, routes
+    for method, path in routes:
+        for body in HOSTILE_BODIES:
+            store.put_host("web.test", web)  # every body meets an existing host
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            raw = reply.read()
+            conn.close()
+            assert reply.status < 500, (method, path, body[:60], reply.status, raw[:300])
+            assert isinstance(json.loads(raw), dict)  # every answer is JSON
+            listed = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+            listed.request("GET", "/api/v1/hosts")
+            status = listed.getresponse().status
+            listed.close()
+            assert status == 200, (method, path, body[:60])
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"action": "spin", "timeout": NaN}',
+                                  b'{"action": "spin", "timeout": 1e999}'],
+                         ids=["deep", "nan", "1e999"])
+def test_deep_and_non_finite_json_is_invalid_json(tmp_path: Path, body: bytes,
+                                                  serve_wsgi: Callable[[Any], str]) -> None:
+    parts = urlsplit(serve_wsgi(create_app(store=FileStore(str(tmp_path / "r.json")))))
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.request("PUT", "/api/v1/hosts/x.test", body=body,
+                 headers={"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 400
+    assert json.loads(reply.read())["error"] == "invalid_json"
+
+
+# balancerctl ------------------------------------------------------------------------
+def ctl(url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+    env.update(PYTHONPATH=str(REPO), BALANCER_URL=url)
+    return subprocess.run([sys.executable, "-m", "management.ctl", *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("field", ["timeout=NaN", "timeout=Infinity", "timeout=-Infinity",
+                                   "timeout=1e999"])
+def test_ctl_set_with_a_non_finite_number_fails_with_the_reason(
+        tmp_path: Path, serve_wsgi: Callable[[Any], str], field: str) -> None:
+    store = FileStore(str(tmp_path / "routes.json"))
+    url = serve_wsgi(create_app(store=store))
+    done = ctl(url, "set", "x.test", "spin", field)
+    assert done.returncode == 1, done
+    assert done.stderr.startswith("balancerctl: 400 invalid_rule")
+    assert "timeout: must be a finite number > 0" in done.stderr
+    assert store.load().version == 0
+    listed = ctl(url, "list")
+    assert listed.returncode == 0 and "no hosts" in listed.stdout
+
+
+def test_ctl_get_escapes_control_characters_of_a_body(tmp_path: Path,
+                                                      serve_wsgi: Callable[[Any], str]) -> None:
+    store = FileStore(str(tmp_path / "routes.json"))
+    store.put_host("x.test", {"action": "static", "body": "\x1b]0;owned\x07<h1>hi</h1>"})
+    done = ctl(serve_wsgi(create_app(store=store)), "get", "x.test")
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "\\u001b]0;owned\\u0007<h1>hi</h1>" in done.stdout
+
+
+# the data plane ---------------------------------------------------------------------
+def test_a_static_body_goes_out_whole_with_its_byte_length(tmp_path: Path) -> None:
+    body = "<h1>Zurück ✓</h1>\r\n\r\nHTTP/1.1 200 OK\r\n\x00"
+    hosts = {"s.test": {"action": "static", "status": 503, "body": body,
+                        "content_type": "text/html; charset=utf-8"},
+             "r.test": {"action": "redirect", "to": "https://example.com/caf%C3%A9"}}
+    balancer = Balancer(tmp_path, hosts)
+    try:
+        raw = raw_exchange(balancer.port, b"GET / HTTP/1.1\r\nHost: s.test\r\n\r\n"
+                           b"GET / HTTP/1.1\r\nHost: r.test\r\nConnection: close\r\n\r\n")
+        [(status, headers, got), (moved, where, _)] = split_responses(raw)
+        assert status == 503 and got == body.encode()
+        assert int(headers["content-length"]) == len(body.encode())
+        assert moved == 302 and where["location"] == "https://example.com/caf%C3%A9"
+        status, _, _ = request(balancer.port, host="s.test", method="HEAD")
+        assert status == 503
+    finally:
+        balancer.stop()
