@@ -28,8 +28,9 @@ class _Complete:
         self.done = True
 
 
-def read_request(conn: socket.socket) -> bytes:
-    """One whole request (head, body, trailers) as received; b"" at EOF."""
+def read_request(conn: socket.socket, inbound: bytearray | None = None) -> bytes:
+    """One whole request (head, body, trailers) as received; b"" at EOF.
+    Every byte read is appended to `inbound` too, as it comes."""
     protocol = _Complete()
     parser = httptools.HttpRequestParser(protocol)
     data = b""
@@ -41,6 +42,8 @@ def read_request(conn: socket.socket) -> bytes:
         if not chunk:
             return b""
         data += chunk
+        if inbound is not None:
+            inbound += chunk
         try:
             parser.feed_data(chunk)
         except httptools.HttpParserUpgrade:
@@ -54,7 +57,8 @@ class RawBackend:
     def __init__(self, script: Script, timeout: float = 10.0) -> None:
         self.script = script
         self.timeout = timeout
-        self.requests: list[bytes] = []
+        self.requests: list[bytes] = []  # each whole request, once complete
+        self.inbound = bytearray()  # every byte received, as it comes
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.connections: list[socket.socket] = []
@@ -78,7 +82,7 @@ class RawBackend:
         conn.settimeout(self.timeout)
         with conn:
             while True:
-                request = read_request(conn)
+                request = read_request(conn, self.inbound)
                 if not request:
                     return
                 self.requests.append(request)

@@ -324,3 +324,37 @@ def test_connection_tokens_of_usual_values_are_the_split_ones() -> None:
     for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"):
         assert connection_tokens(value) == frozenset({value.lower()})
     assert connection_tokens(b"") == frozenset()
+
+
+# issue 15.7: what the parsers hand the relay --------------------------------------
+def test_trailers_are_kept_on_their_request_head_in_every_split() -> None:
+    data = (b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Sum: 1\r\nX-Other: two\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+    for size in (None, 1, 7):
+        heads = [e for e in feed_all(RequestParser(), data, size) if isinstance(e, RequestHead)]
+        assert [(n, v) for n, _, v in heads[0].trailers] == [(b"X-Sum", b"1"),
+                                                            (b"X-Other", b"two")]
+        assert heads[1].trailers == ()
+
+
+@pytest.mark.parametrize(("upgrade", "left"), [
+    (b"h2c", b""), (b"H2C", b""), (b"h2c, websocket", b"websocket"), (b"websocket", b"websocket"),
+])
+def test_an_h2c_upgrade_is_no_upgrade(upgrade: bytes, left: bytes) -> None:
+    parser = RequestParser()
+    parser.feed(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                b"Upgrade: " + upgrade + b"\r\nHTTP2-Settings: AAMAAABk\r\n\r\n")
+    head = parser.events[0]
+    assert head.upgrade == left
+    assert b"http2-settings" in head.connection_tokens
+
+
+@pytest.mark.parametrize(("status", "kept"), [(103, False), (204, False), (304, True),
+                                              (200, True)])
+def test_content_length_is_cut_from_1xx_and_204_only(status: int, kept: bool) -> None:
+    parser = ResponseParser()
+    parser.feed(b"HTTP/1.1 %d X\r\nLink: </a>\r\nContent-Length: 0\r\n\r\n" % status)
+    head = parser.events[0]
+    assert (b"Content-Length" in head.forwarded) is kept
+    assert b"Link: </a>" in head.forwarded
