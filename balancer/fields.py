@@ -48,3 +48,39 @@ def field_list(block: bytes) -> list[tuple[bytes, bytes]]:
             name, _, value = line.partition(b":")
             pairs.append((name, value.strip(b" \t")))
     return pairs
+
+
+def spellings(names: Iterable[bytes]) -> frozenset[bytes]:
+    """Every lower-case name in `names` with each "-" as "-" or "_": CGI-style
+    servers (WSGI, PHP, Rack) read ``X_Forwarded_For`` as ``X-Forwarded-For``."""
+    out: set[bytes] = set()
+    for name in names:
+        variants = [b""]
+        for part in name.split(b"-"):
+            variants = [v + sep + part for v in variants for sep in ((b"-", b"_") if v else (b"",))]
+        out.update(variants)
+    return frozenset(out)
+
+
+# Fields that tell a backend who the client is, or how it reached the front door:
+# what frameworks trust (Werkzeug ProxyFix: X-Forwarded-For/-Proto/-Host/-Port/-Prefix;
+# Django: X-Forwarded-Host/-Port and a configured proto header; Rack/Rails:
+# Client-Ip, X-Forwarded-*, -Scheme, -Ssl, Front-End-Https, Forwarded; Express:
+# X-Forwarded-For/-Host/-Proto; Symfony/Laravel: X-Forwarded-Prefix, Forwarded;
+# ASP.NET: X-Original-*; Spring/Tomcat: X-Forwarded-By/-Ssl; request-ip, chi, gin:
+# X-Real-IP, X-Client-IP, True-Client-IP, CF-Connecting-IP, Fastly-Client-IP,
+# X-Cluster-Client-IP, X-Appengine-Remote-Addr...) and the rewritten-URL fields
+# some trusted (X-Original-URL, X-Rewrite-URL). On an external listener a client
+# could forge any of them, so they are all removed there.
+CLIENT_FIELDS = spellings((
+    b"forwarded", b"forwarded-for", b"x-forwarded", b"x-forwarded-for",
+    b"x-forwarded-proto", b"x-forwarded-protocol", b"x-forwarded-scheme",
+    b"x-forwarded-ssl", b"front-end-https", b"x-url-scheme", b"x-forwarded-host",
+    b"x-forwarded-port", b"x-forwarded-prefix", b"x-forwarded-server", b"x-forwarded-by",
+    b"x-forwarded-uri", b"x-real-ip", b"x-client-ip", b"client-ip", b"true-client-ip",
+    b"x-cluster-client-ip", b"x-original-forwarded-for", b"x-original-for",
+    b"x-original-proto", b"x-original-host", b"x-original-prefix", b"x-original-url",
+    b"x-original-uri", b"x-rewrite-url", b"fastly-client-ip", b"cf-connecting-ip",
+    b"cf-connecting-ipv6", b"cf-pseudo-ipv4", b"x-proxyuser-ip", b"x-appengine-remote-addr",
+    b"x-appengine-user-ip", b"x-envoy-external-address", b"x-real-client-ip",
+))

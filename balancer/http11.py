@@ -19,6 +19,13 @@ Invariants:
 * Limits do not depend on how the bytes were split: the feed-level counts
   bound an unfinished head (memory), and a completed head whose counts could
   be off (it began inside a feed, or that feed was large) is measured exactly.
+  The head (request line to the blank line) is at most `max_header_bytes`,
+  its fields at most `max_headers`, and the request line `max_request_line`.
+* A chunked request's trailer fields (bounded like a head) are kept on its
+  head (`RequestHead.trailers`) once the message is complete.
+* An ``Upgrade: h2c`` is no upgrade here (no HTTP/2 behind a proxy of HTTP/1.x,
+  as HAProxy and nginx): the token is removed, and HTTP2-Settings, its
+  companion, is hop-by-hop.
 * After an Upgrade head, parsing pauses: `upgraded` is set and `leftover`
   holds the bytes after the head. `resume()` continues as HTTP (the backend
   refused the upgrade). An Upgrade request has no body: llhttp would hand the
@@ -61,7 +68,10 @@ COMMON_TOKENS: Final = {value: frozenset((value.lower(),)) for value in (
 HOP_BY_HOP: Final = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+    b"http2-settings",  # RFC 9113 §3.2.1 (HTTP/1.1 Upgrade to h2c): connection-specific
 ))
+Field = tuple[bytes, bytes, bytes]  # (name, lower-case name, value)
+NO_FIELDS: Final[tuple[Field, ...]] = ()
 
 
 class ProtocolError(Exception):
@@ -87,7 +97,7 @@ class RequestHead:
 
     __slots__ = ("method", "target", "version", "headers", "host", "content_length",
                  "chunked", "has_body", "keep_alive", "expect_continue", "upgrade",
-                 "connection_tokens")
+                 "connection_tokens", "trailers")
 
     def __init__(self, method: bytes, target: bytes, version: bytes,
                  headers: list[tuple[bytes, bytes, bytes]], host: bytes,
@@ -106,6 +116,7 @@ class RequestHead:
         self.expect_continue = expect_continue
         self.upgrade = upgrade
         self.connection_tokens = connection_tokens
+        self.trailers = NO_FIELDS  # a chunked body's trailer fields, once it is complete
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode()} {self.target!r} host={self.host!r}>"
@@ -131,7 +142,7 @@ class _Parser:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self._head_max = limits.max_request_line + limits.max_header_bytes  # line and fields
+        self._head_max = limits.max_header_bytes  # request line and fields
         self._line_max = limits.max_request_line + 1  # + 1: the CR ending the line
         self.events = deque()
         self.upgraded = False
@@ -211,12 +222,14 @@ class _Parser:
         if self._quiet_bytes > self._head_max or len(self._fields) > self.limits.max_headers:
             self._fail(431, "chunked trailer section too large")
 
-    def _check_trailers(self) -> None:
+    def _check_trailers(self) -> tuple[Field, ...]:
+        """The trailer fields of the message that ends; 431 over the head limits."""
         fields = self._fields
         size = sum(len(name) + len(value) + 4 for name, _, value in fields)
         if size > self._head_max or len(fields) > self.limits.max_headers:
             self._fail(431, "chunked trailer section too large")
         self._fields = []
+        return tuple(fields)
 
     def _line_too_long(self) -> tuple[int, str]:
         return 414, "request line too long"
@@ -248,6 +261,7 @@ class RequestParser(_Parser):
         self._keep_alive = True
         # httptools calls these C methods itself, without a Python frame per piece.
         self._url_parts: list[bytes] = []  # of the current head's target; emptied with it
+        self._head: RequestHead | None = None  # the last head parsed (trailers go there)
         self.on_url = self._url_parts.append
         self.on_body = self.events.append
         self._hp = self._new_parser()
@@ -295,15 +309,13 @@ class RequestParser(_Parser):
             if chunked:
                 self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
             expect_continue = False  # RFC 9110 §10.1.1: ignored in HTTP/1.0
-        if hp.should_upgrade():
-            self._check_upgrade(upgrade, has_body)
-        else:
-            upgrade = b""
+        upgrade = self._check_upgrade(upgrade, has_body) if hp.should_upgrade() else b""
         self._keep_alive = keep_alive = hp.should_keep_alive()
         self._in_head = False
-        self.events.append(RequestHead(
+        self._head = head = RequestHead(
             method, target, version, fields, host, content_length, chunked, has_body,
-            keep_alive, expect_continue, upgrade, tokens))
+            keep_alive, expect_continue, upgrade, tokens)
+        self.events.append(head)
 
     def _check_sizes(self, method: bytes, url: bytes,
                      fields: list[tuple[bytes, bytes, bytes]]) -> None:
@@ -373,17 +385,24 @@ class RequestParser(_Parser):
         else:
             self._fail(400, "invalid Host header")
 
-    def _check_upgrade(self, upgrade: bytes, has_body: bool) -> None:
+    def _check_upgrade(self, upgrade: bytes, has_body: bool) -> bytes:
+        """The protocols to ask the backend for ("" when only h2c was asked)."""
         # llhttp stops after this head; whatever follows is tunnel data, so a
         # body would be smuggled past the framing (bug: forwarded on refusal).
         if has_body:
             self._fail(400, "Upgrade request with a body")
         if not upgrade:  # "Upgrade: a" then an empty "Upgrade:"
             self._fail(400, "empty Upgrade header")
+        if b"h2c" in upgrade.lower():  # bug: forwarded without its HTTP2-Settings
+            upgrade = b", ".join(token for token in (t.strip() for t in upgrade.split(b","))
+                                 if token and token.lower() != b"h2c")
+        return upgrade
 
     def on_message_complete(self) -> None:
         if self._fields:  # trailer fields
-            self._check_trailers()
+            trailers = self._check_trailers()
+            if self._head is not None:
+                self._head.trailers = trailers
         self.events.append(END)
         self._begin()
         # Bug: bytes after it used to become a 400 (or 414/431) for an answerable request.

@@ -2,9 +2,11 @@
 
 Invariants:
 * Bodies are never held whole: each piece is sent on as it is parsed.
-* Hop-by-hop headers (and those named in Connection) are not forwarded.
-  External listeners replace X-Forwarded-*/Forwarded; internal (trusted)
-  listeners extend X-Forwarded-For and keep the others.
+* The request head is rewritten in `balancer.forwarding`; response heads
+  lose their hop-by-hop fields (and those named in Connection) in
+  `balancer.response_parser`.
+* Interim (1xx) responses reach HTTP/1.1 clients as they come; the response
+  head, and what came of a body, go out before the relay waits for more.
 * Socket errors toward the backend become `BackendClosed`/`BackendTimeout`
   here; toward the client `ClientGone` (raised by `Exchange.send`).
 * A backend connection goes back to its pool only at a message boundary of
@@ -18,7 +20,8 @@ from typing import Final
 
 from balancer.connection import Exchange
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
-from balancer.http11 import END, HOP_BY_HOP, ProtocolError, RequestHead
+from balancer.forwarding import LAST_CHUNK, last_chunk, request_head
+from balancer.http11 import END, ProtocolError
 from balancer.pool import Backend, Upstream
 from balancer.readiness import receive
 from balancer.response_parser import ResponseHead, ResponseParser
@@ -26,59 +29,10 @@ from balancer.tunnel import tunnel
 
 RECV_SIZE: Final = 65536
 COALESCE_LIMIT: Final = 65536
-FORWARDED: Final = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-                              b"forwarded", b"x-request-id"))
-DROP_EXTERNAL: Final = HOP_BY_HOP | FORWARDED | {b"host", b"expect"}
-DROP_INTERNAL: Final = HOP_BY_HOP | {b"host", b"expect", b"x-request-id", b"x-forwarded-for"}
 RAW: Final = 0  # how the response body is framed toward the client
 CHUNK: Final = 1
 CLOSE: Final = 2
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-def request_head(ex: Exchange, chunked: bool) -> bytes:
-    """The request head sent to the backend (always HTTP/1.1, keep-alive)."""
-    head, conn = ex.head, ex.conn
-    tokens = head.connection_tokens
-    lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", head.host, b"\r\n"]
-    if conn.ctx.trusted:
-        _trusted_fields(lines, head, tokens, conn.client_ip_bytes)
-    else:
-        drop = DROP_EXTERNAL | tokens if tokens else DROP_EXTERNAL
-        for name, lname, value in head.headers:
-            if lname not in drop:
-                lines += (name, b": ", value, b"\r\n")
-        lines += (b"X-Forwarded-For: ", conn.client_ip_bytes,
-                  b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ", head.host, b"\r\n")
-    lines += (b"X-Request-Id: ", ex.request_id, b"\r\n")
-    if head.upgrade:
-        lines.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % head.upgrade)
-    if chunked:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
-
-
-def _trusted_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[bytes],
-                    client_ip: bytes) -> None:
-    """The fields of a request from a trusted listener: X-Forwarded-For extended,
-    the other X-Forwarded-* kept (or added)."""
-    drop = DROP_INTERNAL | tokens if tokens else DROP_INTERNAL
-    forwarded_for, seen = [], set()
-    for name, lname, value in head.headers:
-        if lname in drop:
-            if lname == b"x-forwarded-for":
-                forwarded_for.append(value)
-            continue
-        if lname in FORWARDED:
-            seen.add(lname)
-        lines += (name, b": ", value, b"\r\n")
-    forwarded_for.append(client_ip)
-    lines += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
-    if b"x-forwarded-proto" not in seen:
-        lines.append(b"X-Forwarded-Proto: http\r\n")
-    if b"x-forwarded-host" not in seen:
-        lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -94,7 +48,7 @@ def send_request(ex: Exchange, upstream: Upstream, body: bytes | None,
     data = request_head(ex, chunked)
     if body is not None:
         if chunked:
-            data += (frame_chunk(body) if body else b"") + b"0\r\n\r\n"
+            data += (frame_chunk(body) if body else b"") + last_chunk(head)
         else:
             data += body
     whole = body is not None or ex.body_done
@@ -119,7 +73,7 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
             raise PayloadTooLarge("request body over max_body_bytes")
         _send_backend(upstream, frame_chunk(chunk) if chunked else chunk)
     if chunked:
-        _send_backend(upstream, b"0\r\n\r\n")
+        _send_backend(upstream, last_chunk(ex.head))
 
 
 def _send_backend(upstream: Upstream, data: bytes, last: bool = False) -> None:
@@ -136,14 +90,40 @@ def _send_backend(upstream: Upstream, data: bytes, last: bool = False) -> None:
         raise BackendClosed(str(exc)) from None
 
 
-def _recv_backend(upstream: Upstream, parser: ResponseParser) -> None:
-    """Read once from the backend into `parser`; maps every failure."""
+def _read_backend(upstream: Upstream) -> bytes:
+    """Read once from the backend (waiting for data); maps every failure."""
     try:
-        data = receive(upstream.raw, upstream.watcher, RECV_SIZE)
+        return receive(upstream.raw, upstream.watcher, RECV_SIZE)
     except TimeoutError:
         raise BackendTimeout("backend read timeout") from None
     except OSError as exc:
         raise BackendClosed(str(exc)) from None
+
+
+def _wait_backend(upstream: Upstream) -> None:
+    """Under gevent (a watcher), wait until the backend's socket is readable."""
+    if upstream.watcher is not None:
+        try:
+            upstream.watcher.wait()
+        except TimeoutError:
+            raise BackendTimeout("backend read timeout") from None
+
+
+def _read_ready(upstream: Upstream) -> bytes | None:
+    """Read once from the backend if data is there (None: it is not; a socket
+    without a watcher is blocking and always waits); maps every failure."""
+    try:
+        return upstream.raw.recv(RECV_SIZE)
+    except BlockingIOError:
+        return None
+    except TimeoutError:
+        raise BackendTimeout("backend read timeout") from None
+    except OSError as exc:
+        raise BackendClosed(str(exc)) from None
+
+
+def _feed(parser: ResponseParser, data: bytes) -> None:
+    """Parse what a read gave (b"": the backend closed); maps every failure."""
     try:
         if data:
             parser.feed(data)
@@ -155,8 +135,16 @@ def _recv_backend(upstream: Upstream, parser: ResponseParser) -> None:
         raise BackendClosed(exc.reason) from None
 
 
-def read_response_head(ex: Exchange, upstream: Upstream) -> ResponseHead:
-    """The final (or 101) response head; 1xx interim responses are skipped.
+def _recv_backend(upstream: Upstream, parser: ResponseParser) -> None:
+    """Read once from the backend into `parser`."""
+    _feed(parser, _read_backend(upstream))
+
+
+def read_response_head(ex: Exchange, upstream: Upstream, continued: bool = False) -> ResponseHead:
+    """The final (or 101) response head. Interim (1xx) responses go to an
+    HTTP/1.1 client as they come (RFC 9110 §15.2: a proxy forwards them), but a
+    100 when the balancer already sent its own (`continued`); an HTTP/1.0
+    client never gets one.
 
     Under gevent (a watcher), waits for the answer before the first read."""
     parser = upstream.parser
@@ -166,22 +154,31 @@ def read_response_head(ex: Exchange, upstream: Upstream) -> ResponseHead:
     else:
         parser.begin(for_head)
     events = parser.events
-    if upstream.watcher is not None:
-        try:
-            upstream.watcher.wait()
-        except TimeoutError:
-            raise BackendTimeout("backend read timeout") from None
+    _wait_backend(upstream)
     while True:
         while not events:
             _recv_backend(upstream, parser)
         rhead = events.popleft()
         if rhead.status >= 200 or rhead.status == 101:
             return rhead
-        while True:  # drop an interim response (we answer 100 Continue ourselves)
+        while True:  # an interim response has no body: its END follows
             while not events:
                 _recv_backend(upstream, parser)
             if events.popleft() is END:
                 break
+        if ex.head.version == b"1.1" and not (continued and rhead.status == 100):
+            _send_interim(ex, rhead)
+
+
+def _send_interim(ex: Exchange, rhead: ResponseHead) -> None:
+    """Send a 1xx to the client at once (it is not the response: a failure
+    after it still gets its error page)."""
+    data = rhead.status_line + rhead.forwarded + b"\r\n\r\n"
+    try:
+        ex.conn.writer.write(data)
+    except OSError as exc:
+        raise ClientGone(str(exc)) from None
+    ex.sent += len(data)
 
 
 def response_head(ex: Exchange, rhead: ResponseHead) -> tuple[bytes, int]:
@@ -223,24 +220,33 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
         return rhead.keep_alive and not parser.upgraded
     out = [data]
     conn, timeouts = ex.conn, ex.conn.ctx.timeouts
-    # A small fixed-length response is sent in one piece even when the backend
-    # wrote it in several (nginx: head by writev, body by sendfile).
-    hold = rhead.content_length is not None and rhead.content_length <= COALESCE_LIMIT
+    # A small fixed-length response is sent in one piece when its parts come
+    # together though the backend wrote them apart (nginx: head by writev, body
+    # by sendfile); what came is sent before waiting for more (bug: a body
+    # dripped over 4 s held its head back for 4 s).
+    hold = (rhead.content_length is not None and rhead.content_length <= COALESCE_LIMIT
+            and upstream.watcher is not None)
     while True:
         while events:
             event = events.popleft()
             if event is END:
                 if framing == CHUNK:
-                    out.append(b"0\r\n\r\n")
+                    out.append(LAST_CHUNK)
                 ex.send(b"".join(out), last=True)
                 return rhead.keep_alive and not parser.upgraded
             out.append(frame_chunk(event) if framing == CHUNK else event)
-        if not hold:
-            conn.arm(conn.sock, timeouts.client_idle)
-            ex.send(b"".join(out))
-            out = []
         conn.arm(sock, timeouts.backend_read)
-        _recv_backend(upstream, parser)
+        got = _read_ready(upstream) if hold else None
+        if got is None:
+            if out:
+                conn.arm(conn.sock, timeouts.client_idle)
+                ex.send(b"".join(out))
+                out = []
+                conn.arm(sock, timeouts.backend_read)
+            if hold:
+                _wait_backend(upstream)  # it was not there: recv again only once readable
+            got = _read_backend(upstream)
+        _feed(parser, got)
 
 
 def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | None) -> None:
@@ -292,7 +298,8 @@ def exchange(ex: Exchange, upstream: Upstream, body: bytes | None,
     streamed = send_request(ex, upstream, body, max_body)
     if streamed:  # reading the client's body armed the client's timeout
         conn.arm(sock, timeout)
-    return read_response_head(ex, upstream)
+    # a streamed body behind Expect: 100-continue got the balancer's own 100
+    return read_response_head(ex, upstream, streamed and ex.head.expect_continue)
 
 
 def _upgrade(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> None:

@@ -10,6 +10,13 @@ Invariants:
   The head's field block is kept raw (see `balancer.fields`) and forwarded
   with hop-by-hop fields cut out, which costs a few substring searches.
 * `ProtocolError` is the only exception (status 502: the backend is at fault).
+* A head (status line to the blank line) is at most `max_header_bytes` and
+  `max_headers` fields, as a request's (HAProxy answers 502 too), however
+  its bytes were split: an unfinished head is refused once its bytes pass the
+  limit, a complete one is measured exactly.
+* Content-Length is cut from 1xx and 204 heads (RFC 9110 §8.6: a server must
+  not send it there); a 304 keeps it (§8.6 lets it state the length of the
+  200 it stands for, and HAProxy, nginx and Varnish forward it). Neither has a body.
 * One parser per backend connection: `begin` readies it for the next
   response, keeping llhttp's parser when it ended cleanly (after an error,
   a HEAD response or a 101 a new one is made). `close` drops the llhttp
@@ -49,6 +56,14 @@ SPECIAL_FIRST: Final = bytes(bytes((b,)).lower()[0] in _FIRST for b in range(256
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
+def _skip_empty_lines(buf: bytes) -> bytes:
+    """`buf` without the empty lines before a status line (llhttp skips them)."""
+    start = 0
+    while buf.startswith(b"\r\n", start):
+        start += 2
+    return buf[start:] if start else buf
+
+
 class ResponseHead:
     """A response head: status, its raw field block and the framing it implies.
 
@@ -59,9 +74,12 @@ class ResponseHead:
     __slots__ = ("status", "status_line", "block", "content_length", "chunked",
                  "keep_alive", "connection_tokens", "no_body", "forwarded")
 
-    def __init__(self, status: int, head: bytes, keep_alive: bool, no_body: bool) -> None:
+    def __init__(self, status: int, head: bytes, keep_alive: bool, no_body: bool,
+                 max_fields: int = DEFAULT_LIMITS.max_headers) -> None:
         """`head`: the status line and the fields, without the blank line."""
         lines = head.split(b"\r\n")  # [status line, field, field...]
+        if len(lines) > max_fields + 1:
+            raise ProtocolError(502, "too many header fields from backend")
         line = lines[0]
         self.status = status
         # llhttp checked the line is "HTTP/d.d NNN reason": keep code and reason
@@ -81,6 +99,10 @@ class ResponseHead:
                 name = name.lower()
                 if name == b"content-length":
                     content_length = int(value)  # llhttp rejected duplicates
+                    if status < 200 or status == 204:  # never sent on (RFC 9110 §8.6)
+                        if kept is None:
+                            kept = lines[:i]
+                        continue
                 elif name in NOT_FORWARDED:
                     if kept is None:
                         kept = lines[:i]
@@ -122,12 +144,14 @@ class ResponseParser:
 
     `for_head`: the request was HEAD."""
 
-    __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "_hp", "_buf",
-                 "_in_head", "_limit", "_head", "_error")
+    __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "_hp", "_parts",
+                 "_buffered", "_in_head", "_limit", "_max_fields", "_head", "_error")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False) -> None:
         self.events: deque = deque()
-        self._limit = limits.max_request_line + limits.max_header_bytes
+        self._limit = limits.max_header_bytes  # status line to the blank line
+        self._max_fields = limits.max_headers
+        self._parts: list[bytes] = []  # what was fed since the head began (joined once)
         self._hp: Any = None  # httptools.HttpResponseParser, None once closed
         self.upgraded = False
         self.leftover = b""
@@ -141,7 +165,8 @@ class ResponseParser:
         and `_error` keep their first values)."""
         self.events.clear()
         self.complete = False
-        self._buf = b""
+        self._parts.clear()
+        self._buffered = 0
         self.for_head = for_head
         self._in_head = True
         if self._hp is None:
@@ -164,9 +189,8 @@ class ResponseParser:
                 head.keep_alive = False  # empty lines aside
             return
         if self._in_head:
-            self._buf += data
-            if len(self._buf) > self._limit and self._buf.find(_CRLFCRLF) < 0:
-                raise ProtocolError(502, "backend response head too large")
+            self._parts.append(data)
+            self._buffered += len(data)
         try:
             self._hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -183,6 +207,9 @@ class ResponseParser:
                 raise self._error from None
             else:
                 raise ProtocolError(502, f"invalid response from backend: {exc}") from None
+        else:
+            if self._in_head and self._buffered > self._limit:
+                self._bound_unfinished()
 
     def feed_eof(self) -> None:
         """The backend closed: completes a close-delimited body, else raises."""
@@ -203,15 +230,22 @@ class ResponseParser:
             head.keep_alive = False
             raise _Stop
 
+    def _bound_unfinished(self) -> None:
+        """An unfinished head past the limit is refused; empty lines before it
+        (which llhttp skips) are dropped rather than kept."""
+        buf = _skip_empty_lines(b"".join(self._parts))
+        if len(buf) > self._limit:
+            raise ProtocolError(502, "backend response head too large")
+        self._parts = [buf]
+        self._buffered = len(buf)
+
     def on_headers_complete(self) -> None:
-        hp, buf = self._hp, self._buf
-        if buf[:1] == b"\r":  # empty lines before the status line (llhttp skips them)
-            start = 0
-            while buf.startswith(b"\r\n", start):
-                start += 2
-            buf = buf[start:]
+        hp, parts = self._hp, self._parts
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        if buf[:1] == b"\r":
+            buf = _skip_empty_lines(buf)
         raw, blank, rest = buf.partition(_CRLFCRLF)
-        if len(raw) > self._limit or not blank:  # one large read; or bare LFs
+        if len(raw) + 4 > self._limit or not blank:  # one large read; or bare LFs
             self._error = ProtocolError(502, "backend response head too large" if blank
                                         else "invalid response head from backend")
             raise self._error
@@ -221,7 +255,7 @@ class ResponseParser:
             raise self._error
         no_body = self.for_head or status < 200 or status in (204, 304)
         try:
-            head = ResponseHead(status, raw, hp.should_keep_alive(), no_body)
+            head = ResponseHead(status, raw, hp.should_keep_alive(), no_body, self._max_fields)
         except ProtocolError as exc:
             self._error = exc
             raise
@@ -229,7 +263,11 @@ class ResponseParser:
             self._error = ProtocolError(502, "invalid Content-Length from backend")
             raise self._error from None
         self._head = head
-        self._buf = rest if status < 200 else b""  # a 1xx: the next message
+        parts.clear()
+        self._buffered = 0
+        if status < 200:  # a 1xx: the next message began
+            parts.append(rest)
+            self._buffered = len(rest)
         self._in_head = False
         self.events.append(head)
         if self.for_head and status >= 200:

@@ -77,7 +77,7 @@ def test_request_line_limit_is_exact(size: int | None) -> None:
 
 @pytest.mark.parametrize("size", [None, 1, 5, 64])
 def test_head_limit_is_exact(size: int | None) -> None:
-    limit = SMALL.max_request_line + SMALL.max_header_bytes
+    limit = SMALL.max_header_bytes
     more = b"GET /more HTTP/1.1\r\nHost: h\r\n\r\n"  # so one read holds more than the head
     events = feed_all(RequestParser(SMALL), request_with_head(limit) + more, size)
     assert len(events[0].headers) == 2 and events[2].target == b"/more"
@@ -87,7 +87,7 @@ def test_head_limit_is_exact(size: int | None) -> None:
 
 
 def test_head_limit_holds_for_the_second_request_of_one_read() -> None:
-    limit = SMALL.max_request_line + SMALL.max_header_bytes
+    limit = SMALL.max_header_bytes
     first = b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n"
     parser = RequestParser(SMALL)
     parser.feed(first + request_with_head(limit))
@@ -123,7 +123,7 @@ def test_an_endless_head_is_refused_once_it_passes_the_limit() -> None:
             parser.feed(b"x" * 16384)
             fed += 16384
     assert info.value.status == 431
-    assert fed <= Limits().max_request_line + Limits().max_header_bytes
+    assert fed <= Limits().max_header_bytes
 
 
 def test_an_endless_trailer_is_refused_instead_of_buffered() -> None:
@@ -137,7 +137,7 @@ def test_an_endless_trailer_is_refused_instead_of_buffered() -> None:
             parser.feed(b"t" * 65536)
             fed += 65536
     assert info.value.status == 431
-    assert fed <= 2 * (Limits().max_request_line + Limits().max_header_bytes)
+    assert fed <= 2 * Limits().max_header_bytes
 
 
 def test_a_large_chunked_body_in_many_reads_is_not_mistaken_for_trailers() -> None:
@@ -324,3 +324,37 @@ def test_connection_tokens_of_usual_values_are_the_split_ones() -> None:
     for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"):
         assert connection_tokens(value) == frozenset({value.lower()})
     assert connection_tokens(b"") == frozenset()
+
+
+# issue 15.7: what the parsers hand the relay --------------------------------------
+def test_trailers_are_kept_on_their_request_head_in_every_split() -> None:
+    data = (b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Sum: 1\r\nX-Other: two\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+    for size in (None, 1, 7):
+        heads = [e for e in feed_all(RequestParser(), data, size) if isinstance(e, RequestHead)]
+        assert [(n, v) for n, _, v in heads[0].trailers] == [(b"X-Sum", b"1"),
+                                                            (b"X-Other", b"two")]
+        assert heads[1].trailers == ()
+
+
+@pytest.mark.parametrize(("upgrade", "left"), [
+    (b"h2c", b""), (b"H2C", b""), (b"h2c, websocket", b"websocket"), (b"websocket", b"websocket"),
+])
+def test_an_h2c_upgrade_is_no_upgrade(upgrade: bytes, left: bytes) -> None:
+    parser = RequestParser()
+    parser.feed(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                b"Upgrade: " + upgrade + b"\r\nHTTP2-Settings: AAMAAABk\r\n\r\n")
+    head = parser.events[0]
+    assert head.upgrade == left
+    assert b"http2-settings" in head.connection_tokens
+
+
+@pytest.mark.parametrize(("status", "kept"), [(103, False), (204, False), (304, True),
+                                              (200, True)])
+def test_content_length_is_cut_from_1xx_and_204_only(status: int, kept: bool) -> None:
+    parser = ResponseParser()
+    parser.feed(b"HTTP/1.1 %d X\r\nLink: </a>\r\nContent-Length: 0\r\n\r\n" % status)
+    head = parser.events[0]
+    assert (b"Content-Length" in head.forwarded) is kept
+    assert b"Link: </a>" in head.forwarded

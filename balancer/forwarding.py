@@ -1,0 +1,128 @@
+"""The request head a backend receives: the client's, rewritten.
+
+Invariants (docs/headers.md says the same for operators):
+* Always HTTP/1.1 and keep-alive; hop-by-hop fields (and those named in
+  Connection) are not forwarded. `TE: trailers` is (with its Connection
+  option): the body's trailer fields follow it (`last_chunk`).
+* External listeners: every field that says who the client is or how it came
+  (`balancer.fields.CLIENT_FIELDS`, in both "-" and "_" spellings) is removed,
+  then X-Forwarded-For, X-Real-IP, X-Forwarded-Proto and X-Forwarded-Host are
+  set from the connection and the request.
+* Internal (trusted) listeners: those fields are kept; X-Forwarded-For is
+  extended with the peer, and X-Real-IP, X-Forwarded-Proto, X-Forwarded-Host
+  are added only when missing. A client's X-Request-Id is kept there
+  (`ClientConnection.trusted_id`), replaced elsewhere.
+* An HTTP/1.0 request without Host gets the backend's address as Host (nginx's
+  `$proxy_host`) and no X-Forwarded-Host.
+* Per request: one pass over the fields, one set lookup each.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from balancer.connection import Exchange
+from balancer.fields import CLIENT_FIELDS, spellings
+from balancer.http11 import HOP_BY_HOP, RequestHead
+
+# Never forwarded from a client on an external listener: hop-by-hop fields, and
+# every field saying who the client is or how it came (`balancer.fields.CLIENT_FIELDS`;
+# the balancer sets its own), in both spellings ("-" and "_").
+DROP_EXTERNAL: Final = (HOP_BY_HOP | CLIENT_FIELDS | spellings((b"x-request-id",))
+                        | {b"host", b"expect"})
+# On a trusted listener the forwarding fields are kept; X-Forwarded-For is extended.
+DROP_INTERNAL: Final = HOP_BY_HOP | {b"host", b"expect", b"x-request-id", b"x-forwarded-for"}
+# Kept from a trusted listener if there, else set.
+TRUSTED_KEPT: Final = frozenset((b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"))
+# Not forwarded as request trailers: what only a head may carry (framing, routing)
+# and what describes the client.
+DROP_TRAILER: Final = DROP_EXTERNAL | {b"content-length"}
+LAST_CHUNK: Final = b"0\r\n\r\n"
+
+def request_head(ex: Exchange, chunked: bool) -> bytes:
+    """The request head sent to the backend (always HTTP/1.1, keep-alive).
+
+    An HTTP/1.0 request without Host names the backend's address (as nginx's
+    default `$proxy_host`), and gets no X-Forwarded-Host. `TE: trailers` is
+    forwarded (with its Connection option); other transfer codings are not."""
+    head, conn = ex.head, ex.conn
+    tokens = head.connection_tokens
+    host = head.host or ex.backend.encode()
+    lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    if conn.ctx.trusted:
+        te = _trusted_fields(lines, head, tokens, conn.client_ip_bytes)
+    else:
+        te = _external_fields(lines, head, tokens, conn.client_ip_bytes)
+    lines += (b"X-Request-Id: ", ex.request_id, b"\r\n")
+    if head.upgrade:
+        lines.append(b"Connection: upgrade%s\r\nUpgrade: %s\r\n"
+                     % (b", te" if te else b"", head.upgrade))
+    elif te:
+        lines.append(b"Connection: te\r\n")
+    if te:
+        lines.append(b"TE: trailers\r\n")
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def _external_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[bytes],
+                     client_ip: bytes) -> bool:
+    """The fields of a request from an external listener: the client's forwarding
+    fields replaced by ours. Returns whether the client takes trailers (TE)."""
+    drop = DROP_EXTERNAL if not tokens or tokens <= DROP_EXTERNAL else DROP_EXTERNAL | tokens
+    te = False
+    for name, lname, value in head.headers:
+        if lname not in drop:
+            lines += (name, b": ", value, b"\r\n")
+        elif lname == b"te":
+            te = b"trailers" in value.lower()
+    lines += (b"X-Forwarded-For: ", client_ip, b"\r\nX-Real-IP: ", client_ip,
+              b"\r\nX-Forwarded-Proto: http\r\n")
+    if head.host:
+        lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
+    return te
+
+
+def _trusted_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[bytes],
+                    client_ip: bytes) -> bool:
+    """The fields of a request from a trusted listener: X-Forwarded-For extended,
+    the other forwarding fields kept (X-Forwarded-Proto, -Host and X-Real-IP
+    added when missing). Returns whether the client takes trailers (TE)."""
+    drop = DROP_INTERNAL if not tokens or tokens <= DROP_INTERNAL else DROP_INTERNAL | tokens
+    forwarded_for, seen = [], set()
+    te = False
+    for name, lname, value in head.headers:
+        if lname in drop:
+            if lname == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif lname == b"te":
+                te = b"trailers" in value.lower()
+            continue
+        if lname in TRUSTED_KEPT:
+            seen.add(lname)
+        lines += (name, b": ", value, b"\r\n")
+    forwarded_for.append(client_ip)
+    lines += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
+    if b"x-real-ip" not in seen:
+        lines += (b"X-Real-IP: ", client_ip, b"\r\n")
+    if b"x-forwarded-proto" not in seen:
+        lines.append(b"X-Forwarded-Proto: http\r\n")
+    if b"x-forwarded-host" not in seen and head.host:
+        lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
+    return te
+
+
+def last_chunk(head: RequestHead) -> bytes:
+    """The end of a chunked request body toward the backend, with the client's
+    trailer fields (but those only a head may carry, and the client's forwarding
+    fields)."""
+    if not head.trailers:
+        return LAST_CHUNK
+    lines = [b"0\r\n"]
+    for name, lname, value in head.trailers:
+        if lname not in DROP_TRAILER:
+            lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)

@@ -1,0 +1,127 @@
+"""A scripted raw-socket backend: it records every request byte for byte and
+answers with whatever bytes (and pauses) its script writes.
+
+For tests of what the balancer forwards and how it copes with odd or hostile
+backend output; binds 127.0.0.1:0, every read is bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+
+import httptools
+
+# script(connection, raw request bytes) -> keep the connection open for another request?
+Script = Callable[[socket.socket, bytes], bool]
+
+
+class _Complete:
+    """httptools protocol noting where the message ends."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+def read_request(conn: socket.socket, inbound: bytearray | None = None) -> bytes:
+    """One whole request (head, body, trailers) as received; b"" at EOF.
+    Every byte read is appended to `inbound` too, as it comes."""
+    protocol = _Complete()
+    parser = httptools.HttpRequestParser(protocol)
+    data = b""
+    while not protocol.done:
+        try:
+            chunk = conn.recv(65536)
+        except OSError:
+            return b""
+        if not chunk:
+            return b""
+        data += chunk
+        if inbound is not None:
+            inbound += chunk
+        try:
+            parser.feed_data(chunk)
+        except httptools.HttpParserUpgrade:
+            return data
+    return data
+
+
+class RawBackend:
+    """Accepts connections on 127.0.0.1:0 and serves each with `script`."""
+
+    def __init__(self, script: Script, timeout: float = 10.0) -> None:
+        self.script = script
+        self.timeout = timeout
+        self.requests: list[bytes] = []  # each whole request, once complete
+        self.inbound = bytearray()  # every byte received, as it comes
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(self.timeout)
+        with conn:
+            while True:
+                request = read_request(conn, self.inbound)
+                if not request:
+                    return
+                self.requests.append(request)
+                try:
+                    if not self.script(conn, request):
+                        return
+                except OSError:
+                    return
+
+    def stop(self) -> None:
+        self.listener.close()
+        for conn in self.connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+def head_fields(request: bytes) -> list[tuple[str, str]]:
+    """The (lower-case name, value) fields of a raw request head, in order."""
+    head = request.partition(b"\r\n\r\n")[0].decode("latin-1")
+    fields = []
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        fields.append((name.strip().lower(), value.strip()))
+    return fields
+
+
+def client_exchange(port: int, data: bytes, *, until: bytes | None = None,
+                    timeout: float = 10.0) -> bytes:
+    """Send `data` on a new connection; read until `until` appears in what came
+    back (or the server closes, or `timeout`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while until is None or until not in received:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received

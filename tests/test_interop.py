@@ -1,0 +1,238 @@
+"""Interoperability (issue 15.7), each through a real balancer with a scripted
+raw backend and a scripted client: 1xx responses forwarded to HTTP/1.1 clients
+as they come; no Content-Length on a 204 (kept on a 304); a slow small body
+does not hold its head back; request trailers and `TE: trailers` reach the
+backend; an HTTP/1.0 request without Host; h2c upgrades dropped whole.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.rawpeer import RawBackend, client_exchange, head_fields
+from tests.support import Balancer, wait_for
+
+WAIT = 10.0  # seconds any step may take before the test fails
+
+
+def serve(tmp_path, script, host: str = "app.test"):
+    backend = RawBackend(script)
+    bal = Balancer(tmp_path, {host: {"action": "proxy", "backends": [backend.address]}})
+    return bal, backend
+
+
+@pytest.fixture
+def stack():
+    started = []
+
+    def start(tmp_path, script, host: str = "app.test"):
+        bal, backend = serve(tmp_path, script, host)
+        started.append((bal, backend))
+        return bal, backend
+
+    yield start
+    for bal, backend in started:
+        bal.stop()
+        backend.stop()
+
+
+class Reader:
+    """A client connection that reads until a marker shows up, with a deadline."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        self.data = b""
+
+    def until(self, marker: bytes, timeout: float = WAIT) -> bytes:
+        deadline = time.monotonic() + timeout
+        while marker not in self.data:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {marker!r} in {self.data[:300]!r}"
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            assert chunk, f"closed before {marker!r}: {self.data[:300]!r}"
+            self.data += chunk
+        return self.data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# 1xx ---------------------------------------------------------------------------
+def early_hints_then(go: threading.Event):
+    def script(conn: socket.socket, request: bytes) -> bool:
+        conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+        go.wait(WAIT)  # the final answer only once the client saw the hints (or never)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+    return script
+
+
+def test_103_early_hints_reach_an_http11_client_before_the_response(tmp_path, stack) -> None:
+    go = threading.Event()
+    bal, _ = stack(tmp_path, early_hints_then(go))
+    client = Reader(bal.port)
+    try:
+        client.sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        hints = client.until(b"\r\n\r\n", timeout=WAIT / 3)
+        assert hints.startswith(b"HTTP/1.1 103 Early Hints\r\n")
+        assert b"Link: </style.css>; rel=preload\r\n" in hints
+        go.set()
+        data = client.until(b"\r\n\r\nok")
+        assert data.count(b"HTTP/1.1 200 OK\r\n") == 1
+    finally:
+        client.close()
+
+
+def test_an_http10_client_gets_no_1xx(tmp_path, stack) -> None:
+    go = threading.Event()
+    go.set()
+    bal, _ = stack(tmp_path, early_hints_then(go))
+    answer = client_exchange(bal.port, b"GET / HTTP/1.0\r\nHost: app.test\r\n\r\n",
+                             until=b"\r\n\r\nok")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b" 103 " not in answer
+
+
+def continue_then_ok(conn: socket.socket, request: bytes) -> bool:
+    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    return True
+
+
+def test_a_backends_100_is_forwarded_but_never_twice(tmp_path, stack) -> None:
+    bal, backend = stack(tmp_path, continue_then_ok)
+    head = (b"PUT / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n")
+    # the body came with the head: the balancer sent no 100 of its own
+    answer = client_exchange(bal.port, head + b"hello", until=b"\r\n\r\nok")
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), answer
+    # the client waits for a 100 before its body: it gets one (the balancer's), once
+    client = Reader(bal.port)
+    try:
+        client.sock.sendall(head)
+        assert client.until(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.sock.sendall(b"hello")
+        data = client.until(b"\r\n\r\nok")
+        assert data.count(b" 100 Continue") == 1 and b"HTTP/1.1 200 OK" in data
+    finally:
+        client.close()
+    assert backend.requests[-1].endswith(b"\r\n\r\nhello")
+
+
+# 204 / 304 ---------------------------------------------------------------------
+@pytest.mark.parametrize(("status", "kept"), [(204, False), (304, True)])
+def test_content_length_on_bodyless_statuses(tmp_path, stack, status: int, kept: bool) -> None:
+    def script(conn: socket.socket, request: bytes) -> bool:
+        conn.sendall(b"HTTP/1.1 %d X\r\nContent-Length: 1234\r\nETag: \"e\"\r\n\r\n" % status)
+        return True
+
+    bal, _ = stack(tmp_path, script)
+    client = Reader(bal.port)
+    try:
+        for _ in range(2):  # the connection stays usable: nothing was taken for a body
+            client.data = b""
+            client.sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            head = client.until(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 %d" % status) and b'ETag: "e"' in head
+            assert (b"Content-Length: 1234" in head) is kept
+            assert b"content-length" not in head.lower().replace(b"content-length: 1234", b"")
+    finally:
+        client.close()
+
+
+# a slow small body --------------------------------------------------------------
+def test_a_slow_small_body_does_not_hold_its_head_back(tmp_path, stack) -> None:
+    go = threading.Event()
+
+    def script(conn: socket.socket, request: bytes) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n" + b"a" * 10)
+        go.wait(WAIT)  # the rest only once the client has the head and the first bytes
+        for _ in range(4):
+            conn.sendall(b"b" * 10)
+        return True
+
+    bal, _ = stack(tmp_path, script)
+    client = Reader(bal.port)
+    try:
+        client.sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        data = client.until(b"a" * 10, timeout=WAIT / 3)  # the backend waits WAIT
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 50" in data
+        go.set()
+        assert client.until(b"b" * 40).endswith(b"a" * 10 + b"b" * 40)
+    finally:
+        go.set()
+        client.close()
+
+
+# trailers ------------------------------------------------------------------------
+def test_request_trailers_and_te_reach_the_backend(tmp_path, stack) -> None:
+    def script(conn: socket.socket, request: bytes) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    bal, backend = stack(tmp_path, script)
+    head = (b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n"
+            b"TE: trailers\r\nConnection: TE\r\n\r\n")
+    trailers = (b"0\r\nX-Checksum: abc\r\nX_Real_IP: 6.6.6.6\r\n"
+                b"X-Forwarded-For: 6.6.6.6\r\n\r\n")
+    # whole (the body came with the head), then streamed (it came later)
+    answer = client_exchange(bal.port, head + b"5\r\nhello\r\n" + trailers, until=b"ok")
+    assert answer.startswith(b"HTTP/1.1 200")
+    client = Reader(bal.port)
+    try:
+        client.sock.sendall(head + b"5\r\nhello\r\n")
+        wait_for(lambda: b"hello" in backend.inbound, what="the streamed first chunk")
+        client.sock.sendall(b"6\r\n world\r\n" + trailers)
+        client.until(b"ok")
+    finally:
+        client.close()
+    for request in backend.requests:
+        fields = head_fields(request)
+        assert ("te", "trailers") in fields and ("connection", "te") in fields
+        end = request[request.rindex(b"\r\n0\r\n") + 2:]
+        assert end == b"0\r\nX-Checksum: abc\r\n\r\n", end
+
+
+# HTTP/1.0 without Host -------------------------------------------------------------
+def test_an_http10_request_without_host_names_the_backend(tmp_path, stack) -> None:
+    def script(conn: socket.socket, request: bytes) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    bal, backend = stack(tmp_path, script, host="*")
+    answer = client_exchange(bal.port, b"GET /old HTTP/1.0\r\n\r\n", until=b"ok")
+    assert answer.startswith(b"HTTP/1.1 200")
+    fields = head_fields(backend.requests[0])
+    assert [value for name, value in fields if name == "host"] == [backend.address]
+    assert "x-forwarded-host" not in dict(fields)
+    assert all(value for _, value in fields), fields
+
+
+# h2c -------------------------------------------------------------------------------
+def test_an_h2c_upgrade_is_dropped_with_its_settings(tmp_path, stack) -> None:
+    def script(conn: socket.socket, request: bytes) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    bal, backend = stack(tmp_path, script)
+    client = Reader(bal.port)
+    try:
+        client.sock.sendall(b"GET /1 HTTP/1.1\r\nHost: app.test\r\n"
+                            b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                            b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+        assert client.until(b"ok").startswith(b"HTTP/1.1 200 OK\r\n")
+        client.data = b""
+        client.sock.sendall(b"GET /2 HTTP/1.1\r\nHost: app.test\r\n"  # still HTTP/1.1
+                            b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+        assert client.until(b"ok").startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        client.close()
+    for request in backend.requests:
+        names = {name for name, _ in head_fields(request)}
+        assert not names & {"upgrade", "http2-settings", "connection"}, names
