@@ -30,6 +30,7 @@ from balancer.addr import Address
 from balancer.settings_kinds import (
     ADDRESS,
     ADDRESS_LIST,
+    HOST_NAMES,
     NAME,
     POSITIVE,
     TEXT,
@@ -94,6 +95,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("management.listen", ADDRESS, "127.0.0.1:8081",
             "management API address", "--management"),
     Setting("management.token", TEXT, "", "bearer token for the management API", "--token"),
+    Setting("management.allowed_hosts", HOST_NAMES, [],
+            "names the management API answers to in the Host header, besides its address"),
     Setting("store.url", StoreUrl(), "file:balancer-routes.json",
             "routing store: file:PATH, redis://, rediss:// or redis+sentinel:// URL", "--store"),
     Setting("store.namespace", NAME, "balancer", "key prefix in the store"),
@@ -136,6 +139,7 @@ class ServerSettings:
 class ManagementSettings:
     listen: Address
     token: str
+    allowed_hosts: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from balancer.workers import ChildEnv, ManagementChild, open_child_store, report_ready, wait_for_stop
+from balancer.workers import (
+    ChildEnv,
+    ManagementChild,
+    open_child_store,
+    report_ready,
+    wait_for_stop,
+)
 
 log = logging.getLogger("balancer")
 
@@ -20,17 +26,19 @@ MANAGEMENT_DRAIN = 5.0  # seconds an old management process finishes API request
 
 def run_management(env: ChildEnv, sock: Any) -> int:
     """Serve the management API on `sock` until told to stop."""
-    from gevent.pywsgi import WSGIServer
-
     from management.app import create_app
     from management.cluster import ClusterRuntime
+    from management.guard import Guard, HostPolicy
+    from management.server import ManagementServer
 
     settings = env.settings
     store = open_child_store(settings)
     runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers())
     app = create_app(store=store, runtime=runtime, token=settings.management.token or None,
                      settings=settings)
-    api = WSGIServer(sock, app, log=None, error_log=log)
+    hosts = HostPolicy(sock.getsockname()[0], settings.management.allowed_hosts)
+    api = ManagementServer(sock, Guard(app, hosts), settings.timeouts,
+                           settings.limits.max_header_bytes)
     api.start()
     report_ready(env)
     wait_for_stop(env)
@@ -41,4 +49,5 @@ def run_management(env: ChildEnv, sock: Any) -> int:
 
 # what the management process imports after fork (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
-    "management.app", "management.cluster", "management.process"))
+    "management.app", "management.cluster", "management.guard", "management.process",
+    "management.server"))

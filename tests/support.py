@@ -288,7 +288,8 @@ class Balancer:
             headers: dict[str, str] | None = None) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.mport, timeout=10)
         data = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=data, headers=headers or {})
+        sent = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers={**sent, **(headers or {})})
         resp = conn.getresponse()
         raw = resp.read()
         conn.close()
