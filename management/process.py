@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from balancer.descriptors import RESERVED, soft_limit
 from balancer.workers import (
     ChildEnv,
     ManagementChild,
@@ -29,7 +30,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     from management.app import create_app
     from management.cluster import ClusterRuntime
     from management.guard import Guard, HostPolicy
-    from management.server import ManagementServer
+    from management.server import MAX_CONNECTIONS, ManagementServer
 
     settings = env.settings
     store = open_child_store(settings)
@@ -38,7 +39,8 @@ def run_management(env: ChildEnv, sock: Any) -> int:
                      settings=settings)
     hosts = HostPolicy(sock.getsockname()[0], settings.management.allowed_hosts)
     api = ManagementServer(sock, Guard(app, hosts), settings.timeouts,
-                           settings.limits.max_header_bytes)
+                           settings.limits.max_header_bytes,
+                           min(MAX_CONNECTIONS, soft_limit() - RESERVED))
     api.start()
     report_ready(env)
     wait_for_stop(env)
