@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 ALL_INTERFACES = "0.0.0.0"
 
-_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_.])?")
+HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_.])?")
 _DOTTED_DIGITS = re.compile(r"[0-9.]+")
 _FORMS = "host:port, [v6]:port or :port"
 
@@ -110,7 +110,7 @@ def _is_valid_host(host: str) -> bool:
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
-        return _HOSTNAME.fullmatch(host) is not None and not _DOTTED_DIGITS.fullmatch(host)
+        return HOSTNAME.fullmatch(host) is not None and not _DOTTED_DIGITS.fullmatch(host)
     return True
 
 

@@ -1,13 +1,13 @@
 """`balancer serve`: check, bind, drop privileges, then hand over to the arbiter.
 
-Steps: import what the children will use (`balancer.preload`) → check in a
-throwaway child that the store, pages and access log open
-(as the run user) → bind every listener (a bind failure exits non-zero
-naming the address) → create the private run directory → drop privileges →
-`Arbiter.run` forks the management process and the workers and keeps them
-alive until a stop signal. The ``listening on ADDR for proxy|internal|management``
-lines are logged once every child first is ready: from then on requests are
-served with the routing table loaded.
+Steps: raise the descriptor limit (`balancer.descriptors`) → import what the
+children will use (`balancer.preload`) → check in a throwaway child that the
+store, pages and access log open (as the run user) → bind every listener (a
+bind failure exits non-zero naming the address) → create the private run
+directory → drop privileges → `Arbiter.run` forks the management process and
+the workers and keeps them alive until a stop signal. The ``listening on ADDR
+for proxy|internal|management`` lines are logged once every child first is
+ready: from then on requests are served with the routing table loaded.
 
 Nothing here monkey-patches: every child does after fork (`balancer.workers`).
 """
@@ -27,6 +27,7 @@ from typing import Any
 from balancer import native
 from balancer.addr import Address
 from balancer.arbiter import Arbiter, Bound
+from balancer.descriptors import log_limits, raise_limit
 from balancer.preload import preload
 from balancer.privileges import Identity, PrivilegeError, drop_privileges, resolve
 from balancer.server import bind
@@ -70,6 +71,7 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
     `reload_settings` re-reads the same flags, environment and config file
     (SIGHUP)."""
     logging.basicConfig(level=settings.log.level.upper(), format=LOG_FORMAT)
+    log_limits(settings.server.max_connections, *raise_limit())
     try:
         identity = resolve(settings.server.user, settings.server.group)
     except PrivilegeError as exc:

@@ -34,6 +34,7 @@ from balancer.actions import ActionCompiler
 from balancer.actions.proxy import ProxyAction
 from balancer.addr import Address
 from balancer.connection import COARSE_CLOCK, Context, handle_client
+from balancer.descriptors import ACCEPT_PAUSE, connection_cap, is_exhausted, is_skipped, soft_limit
 from balancer.failures import FailureReport
 from balancer.health import HealthChecks
 from balancer.http11 import Limits
@@ -83,6 +84,57 @@ class EagerPool(Pool):
             greenlet.start()
 
 
+class Listener(StreamServer):
+    """gevent's StreamServer whose accept outlives running out of descriptors.
+
+    gevent logs a traceback for every failed accept (once a second under
+    EMFILE, outside the log format) and retries within 10 ms. Here an
+    exhausted accept logs one line per episode and rests `ACCEPT_PAUSE`
+    seconds, as nginx does (`balancer.descriptors`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exhausted_since: float | None = None  # the episode under way
+        self.pause_timer: Any = None
+
+    def do_read(self) -> Any:
+        try:
+            accepted = super().do_read()
+        except OSError as exc:
+            if is_exhausted(exc):
+                self.rest(exc)
+            elif not is_skipped(exc):
+                raise
+            return None
+        if accepted is not None and self.exhausted_since is not None:
+            self.exhausted_since = None
+        return accepted
+
+    def rest(self, exc: OSError) -> None:
+        """Stop accepting for ACCEPT_PAUSE seconds; log when an episode starts."""
+        if self.exhausted_since is None:
+            self.exhausted_since = time.monotonic()
+            log.error("accept on %s failed: %s; pausing accepts for %.1f s at a time until "
+                      "descriptors free up (%d connections open)", self.address,
+                      exc.strerror or exc, ACCEPT_PAUSE, len(self.pool or ()))
+        self.stop_accepting()
+        if self.pause_timer is None:
+            self.pause_timer = gevent.get_hub().loop.timer(ACCEPT_PAUSE)
+        if not self.pause_timer.active:
+            self.pause_timer.start(self.resume)
+
+    def resume(self) -> None:
+        if self.started:
+            self.start_accepting()
+
+    def close(self) -> None:
+        if self.pause_timer is not None:
+            self.pause_timer.close()
+            self.pause_timer = None
+        super().close()
+
+
 def bind(address: Address, backlog: int = BACKLOG) -> socket.socket:
     """A listening TCP socket on `address` (raises OSError naming nothing; callers do)."""
     sock = socket.socket(address.family, socket.SOCK_STREAM)
@@ -107,9 +159,11 @@ class Worker:
         self.stats = Stats()
         self.pages = Pages.load(settings.server.pages_dir)
         timeouts = settings.timeouts
+        # what the descriptor limit allows (balancer.descriptors; the arbiter logs it)
+        self.max_connections = connection_cap(settings.server.max_connections, soft_limit())
         self.registry = BackendRegistry(connect_timeout=timeouts.backend_connect,
                                         fail_timeout=timeouts.fail_timeout,
-                                        max_idle=settings.server.max_connections,
+                                        max_idle=self.max_connections,
                                         evented=is_evented())
         holder_ref: list = []
         self.compiler = ActionCompiler(registry=self.registry, pages=self.pages,
@@ -128,8 +182,8 @@ class Worker:
         self.access_log = (log_factory or _access_log)(settings)
         limits = settings.limits
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
-        self.servers: list[StreamServer] = []
-        self.pool = EagerPool(settings.server.max_connections)
+        self.servers: list[Listener] = []
+        self.pool = EagerPool(self.max_connections)
         self.connections: set = set()
         self.contexts: list[Context] = []
         self.draining = False  # stopped accepting; every response closes its connection
@@ -306,8 +360,7 @@ class Worker:
         for sock, trusted in sockets:
             ctx = self.context(trusted)
             self.contexts.append(ctx)
-            server = StreamServer(sock, lambda s, a, c=ctx: handle_client(s, a, c),
-                                  spawn=self.pool)
+            server = Listener(sock, lambda s, a, c=ctx: handle_client(s, a, c), spawn=self.pool)
             server.max_accept = self.accept_batch()
             server.start()
             self.servers.append(server)
@@ -329,7 +382,7 @@ class Worker:
         """
         if self.settings.effective_workers() > 1:
             return SHARED_ACCEPT_BATCH
-        return self.settings.server.max_connections
+        return self.max_connections
 
     def watchdog_loop(self) -> None:
         """Raise TimeoutError in every connection whose deadline passed."""

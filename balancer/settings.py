@@ -30,6 +30,7 @@ from balancer.addr import Address
 from balancer.settings_kinds import (
     ADDRESS,
     ADDRESS_LIST,
+    HOST_NAMES,
     NAME,
     POSITIVE,
     TEXT,
@@ -99,6 +100,8 @@ SETTINGS: tuple[Setting, ...] = (
             "dashboard page needs it, /metrics included", "--token"),
     Setting("management.apply_timeout", POSITIVE, 2.0,
             "seconds a write waits for every worker to serve it (202 past it)"),
+    Setting("management.allowed_hosts", HOST_NAMES, [],
+            "names the management API answers to in the Host header, besides its address"),
     Setting("store.url", StoreUrl(), "file:balancer-routes.json",
             "routing store: file:PATH, redis://, rediss:// or redis+sentinel:// URL", "--store"),
     Setting("store.namespace", NAME, "balancer", "key prefix in the store"),
@@ -146,6 +149,7 @@ class ManagementSettings:
     listen: Address
     token: str
     apply_timeout: float
+    allowed_hosts: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,12 @@ what it was, ready to be prefixed with the setting name and source.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import math
 import os
 import pwd
 
-from balancer.addr import AddrError, Address, parse_addr
+from balancer.addr import HOSTNAME, AddrError, Address, parse_addr
 
 STORE_SCHEMES = ("file", "redis", "rediss", "redis+sentinel")
 
@@ -163,6 +164,44 @@ def _each_string(items: list | tuple, raw: object) -> list[str | Address]:
     return list(items)
 
 
+class HostNames(Kind):
+    """Host names a ``Host`` header may carry: a list in TOML, comma-separated in
+    env. Each is a DNS name or IP literal (no port), ``.example.com`` for the
+    name and every subdomain, or ``*`` for any; kept lower-case, IPv6 bare."""
+
+    expected = "a list of host names (name, IP, .domain or *)"
+    metavar = "HOST"
+    types = (list, tuple)
+
+    def convert(self, text: str) -> object:
+        return [item.strip() for item in text.split(",")] if text.strip() else []
+
+    def check(self, value: object, raw: object) -> tuple[str, ...]:
+        names = []
+        for item in value:
+            if not isinstance(item, str):
+                raise Rejected(f"must be a list of host name strings, got {raw!r}")
+            name = _host_name(item)
+            if name is None:
+                raise Rejected(f"{item!r} is not a host name, IP address, .domain or *")
+            names.append(name)
+        return tuple(names)
+
+
+def _host_name(item: str) -> str | None:
+    """`item` normalised (lower case, IPv6 without brackets), or None if invalid."""
+    text = item.strip().lower()
+    if text == "*":
+        return text
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    name = text[1:] if text.startswith(".") else text
+    return text if name and HOSTNAME.fullmatch(name) else None
+
+
 class StoreUrl(Kind):
     """A store URL; only the scheme is checked here, the stores parse the rest."""
 
@@ -230,3 +269,4 @@ NAME = Name()
 POSITIVE = Number()
 ADDRESS = AddressKind()
 ADDRESS_LIST = AddressList()
+HOST_NAMES = HostNames()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from balancer.descriptors import RESERVED, soft_limit
 from balancer.workers import (
     ChildEnv,
     ManagementChild,
@@ -26,12 +27,12 @@ MANAGEMENT_DRAIN = 5.0  # seconds an old management process finishes API request
 
 def run_management(env: ChildEnv, sock: Any) -> int:
     """Serve the management API on `sock` until told to stop."""
-    from gevent.pywsgi import WSGIServer
-
     from balancer.stores.snapshot import Snapshot, snapshot_path
     from management.app import create_app
     from management.cluster import ClusterRuntime
+    from management.guard import Guard, HostPolicy
     from management.mirror import Mirror
+    from management.server import MAX_CONNECTIONS, ManagementServer
 
     settings = env.settings
     store = open_child_store(settings)
@@ -42,7 +43,10 @@ def run_management(env: ChildEnv, sock: Any) -> int:
                              settings.management.apply_timeout, lambda: mirror.problem)
     app = create_app(store=store, runtime=runtime, token=settings.management.token or None,
                      settings=settings, mirror=mirror)
-    api = WSGIServer(sock, app, log=None, error_log=log)
+    hosts = HostPolicy(sock.getsockname()[0], settings.management.allowed_hosts)
+    api = ManagementServer(sock, Guard(app, hosts), settings.timeouts,
+                           settings.limits.max_header_bytes,
+                           min(MAX_CONNECTIONS, soft_limit() - RESERVED))
     api.start()
     report_ready(env)
     wait_for_stop(env)
@@ -54,4 +58,5 @@ def run_management(env: ChildEnv, sock: Any) -> int:
 
 # what the management process imports after fork (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
-    "management.app", "management.cluster", "management.mirror", "management.process"))
+    "management.app", "management.cluster", "management.guard", "management.mirror",
+    "management.process", "management.server"))

@@ -173,6 +173,11 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.connection.shutdown(socket.SHUT_RDWR)
 
 
+class BackendServer(ThreadingHTTPServer):
+    # the listen queue: socketserver's 5 drops the connects of a burst
+    request_queue_size = 1024
+
+
 class Backend:
     """A threaded HTTP/1.1 backend on 127.0.0.1:0 that echoes requests as JSON."""
 
@@ -182,7 +187,7 @@ class Backend:
         self.count = 0
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.connections: set[socket.socket] = set()  # open client connections (EchoHandler)
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.httpd = BackendServer(("127.0.0.1", port), handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self  # type: ignore[attr-defined]
         self.port = self.httpd.server_address[1]
@@ -227,17 +232,20 @@ LISTEN_RE = re.compile(r"listening on (\S+) for (proxy|internal|management)")
 
 
 class Balancer:
-    """`balancer serve` in a subprocess with a file store in `tmp`."""
+    """`balancer serve` in a subprocess with a file store in `tmp`; `prefix` is a
+    command that execs it (``["prlimit", "--nofile=256"]``)."""
 
     def __init__(self, tmp: Path, hosts: dict[str, Any] | None = None, *,
                  args: list[str] | None = None, env: dict[str, str] | None = None,
-                 internal: bool = False, config: str | None = None) -> None:
+                 internal: bool = False, config: str | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.tmp = tmp
         self.routes = tmp / "routes.json"
         if hosts is not None:
             self.write_routes(hosts)
-        argv = [sys.executable, "-m", "balancer", "serve", "--listen", "127.0.0.1:0",
-                "--management", "127.0.0.1:0", "--store", f"file:{self.routes}"]
+        argv = [*(prefix or []), sys.executable, "-m", "balancer", "serve",
+                "--listen", "127.0.0.1:0", "--management", "127.0.0.1:0",
+                "--store", f"file:{self.routes}"]
         if internal:
             argv += ["--internal-listen", "127.0.0.1:0"]
         if config:
@@ -288,7 +296,8 @@ class Balancer:
             headers: dict[str, str] | None = None) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.mport, timeout=10)
         data = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=data, headers=headers or {})
+        sent = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers={**sent, **(headers or {})})
         resp = conn.getresponse()
         raw = resp.read()
         conn.close()

@@ -1,0 +1,87 @@
+"""File descriptors: the soft RLIMIT_NOFILE raised to the hard one at start, the
+connection cap that fits under it, and what accept does when they run out.
+
+Invariants:
+
+* `raise_limit` runs in the arbiter before any child is forked, so every
+  process of a balancer runs with the same limit.
+* A worker never admits more clients than its descriptors allow: each client
+  connection may hold a backend connection (two descriptors), and `RESERVED`
+  stay free for the listeners, the store, the logs, control sockets and the
+  event loop. `server.max_connections` is lowered to fit (`connection_cap`);
+  the arbiter logs it once.
+* Accept failing for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS,
+  ENOMEM) pauses accepting for `ACCEPT_PAUSE` seconds (nginx does the same)
+  and logs one line per episode, never a traceback; an aborted connection is
+  skipped.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+
+log = logging.getLogger("balancer")
+
+RESERVED = 64  # descriptors kept for everything but client and backend connections
+PER_CONNECTION = 2  # a client connection and its backend connection
+ACCEPT_PAUSE = 0.5  # seconds accept rests after running out (nginx: 500 ms)
+EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+SKIPPED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+NR_OPEN = "/proc/sys/fs/nr_open"
+
+
+def soft_limit() -> int:
+    """The current soft RLIMIT_NOFILE."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one; (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else _kernel_maximum()
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
+def connection_cap(configured: int, limit: int) -> int:
+    """Client connections per worker that `limit` descriptors allow, at most `configured`."""
+    return max(1, min(configured, (limit - RESERVED) // PER_CONNECTION))
+
+
+def log_limits(configured: int, before: int, after: int) -> None:
+    """The start-up lines about the descriptor limit and the connection cap."""
+    if after > before:
+        log.info("file descriptor limit raised from %d to %d (the hard limit)", before, after)
+    cap = connection_cap(configured, after)
+    if cap < configured:
+        log.warning("server.max_connections lowered from %d to %d per worker: the file "
+                    "descriptor limit is %d (%d per connection for client and backend, %d kept "
+                    "for listeners, store and logs); raise the hard limit (ulimit -Hn, "
+                    "systemd LimitNOFILE=) to allow more", configured, cap, after,
+                    PER_CONNECTION, RESERVED)
+
+
+def is_exhausted(exc: OSError) -> bool:
+    """True when accept failed for want of descriptors or memory."""
+    return exc.errno in EXHAUSTED
+
+
+def is_skipped(exc: OSError) -> bool:
+    """True when accept failed for that one connection only (it was aborted)."""
+    return exc.errno in SKIPPED
+
+
+def _kernel_maximum() -> int:
+    try:
+        with open(NR_OPEN) as file:
+            return int(file.read())
+    except (OSError, ValueError):
+        return 1048576

@@ -1,0 +1,227 @@
+"""The management listener: gevent's WSGI server, hardened like the data plane.
+
+Invariants (SPEC §5: "header timeout, connection cap, body limits"):
+
+* A connection has `timeouts.client_header` from its accept, and each later
+  request from its first byte, to send a whole request head; between
+  requests it may idle `timeouts.client_idle`. Past either it is closed (with
+  408 when a head was started). A head over `limits.max_header_bytes` or
+  with more than 100 fields is answered 431; a request line over 8 KiB 414.
+* A request body is read whole (at most `MAX_BODY` bytes) before the app
+  runs, within `timeouts.client_header`: larger is 413, slower 408; either
+  closes the connection. The app never waits on a client.
+* Every socket read or write that makes no progress for
+  `timeouts.client_header` ends the connection (a response nobody reads).
+* At most `max_connections` connections are open. One more displaces the
+  connection that has waited longest for a request head (slowloris holds
+  connections in exactly that state), so an operator's request gets in
+  however many half-sent requests are open; when every connection is inside
+  a request, the new one is closed.
+* Refused or malformed requests never log a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import logging
+import time
+from typing import Any
+
+from gevent import Timeout, getcurrent
+from gevent.pool import Pool
+from gevent.pywsgi import Input, WSGIHandler, WSGIServer
+
+from management.http import MAX_BODY, ApiError, error_response
+
+log = logging.getLogger("balancer")
+
+MAX_CONNECTIONS = 256  # management connections per process
+_CLOSE = "Connection: close\r\nContent-Length: 0\r\n\r\n"
+TIMEOUT_RESPONSE = ("HTTP/1.1 408 Request Timeout\r\n" + _CLOSE).encode()
+HEAD_TOO_LARGE_RESPONSE = ("HTTP/1.1 431 Request Header Fields Too Large\r\n" + _CLOSE).encode()
+
+
+class HeadTimeout(ValueError):
+    """The request head did not arrive within `timeouts.client_header`."""
+
+
+class HeadTooLarge(ValueError):
+    """The request head is over `limits.max_header_bytes`."""
+
+
+class BoundedHead:
+    """The connection's reader, for one head: raises `HeadTooLarge` past `budget` bytes."""
+
+    def __init__(self, rfile: Any, budget: int) -> None:
+        self.rfile = rfile
+        self.budget = budget
+
+    def readline(self, size: int = -1) -> bytes:
+        limit = self.budget + 1 if size < 0 else min(size, self.budget + 1)
+        line = self.rfile.readline(limit)
+        self.budget -= len(line)
+        if self.budget < 0:
+            raise HeadTooLarge("request head too large")
+        return line
+
+
+class ManagementHandler(WSGIHandler):
+    """One management connection with the deadlines and limits above."""
+
+    server: ManagementServer
+
+    def __init__(self, sock: Any, address: Any, server: ManagementServer) -> None:
+        super().__init__(sock, address, server)
+        self.accepted = time.monotonic()
+        self.served = 0  # requests answered on this connection
+        self.head_timer: Timeout | None = None
+        self.task = getcurrent()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        finally:
+            self.stop_timer()
+            self.server.forget(self)
+
+    # the request head ----------------------------------------------------
+    def read_requestline(self) -> str:
+        """Wait (idle) for the next request, then read its line against the head deadline."""
+        settings = self.server.timeouts
+        now = time.monotonic()
+        start = now if self.served else self.accepted
+        self.server.waiting(self)
+        self.socket.settimeout(settings.client_idle if self.served
+                               else max(0.001, start + settings.client_header - now))
+        if not self.rfile.peek(1):  # EOF; a timeout raises OSError, which closes
+            return ""
+        if self.served:
+            start = time.monotonic()
+        self.socket.settimeout(settings.client_header)
+        remaining = max(0.001, start + settings.client_header - time.monotonic())
+        self.head_timer = Timeout.start_new(remaining, HeadTimeout("request head timeout"))
+        try:
+            return super().read_requestline()
+        except HeadTimeout:
+            self.refuse(TIMEOUT_RESPONSE)
+            return ""
+
+    def MessageClass(self, fp: Any, *args: Any) -> Any:  # noqa: N802 - gevent's name
+        budget = self.server.max_header_bytes - len(self.requestline)
+        return super().MessageClass(BoundedHead(fp, budget), *args)
+
+    def _handle_client_error(self, ex: BaseException) -> Any:
+        """A malformed, too large or too slow head: answered and closed, never a traceback."""
+        if isinstance(ex, HeadTimeout):
+            return ("408", TIMEOUT_RESPONSE)
+        if isinstance(ex, HeadTooLarge | http.client.HTTPException):
+            return ("431", HEAD_TOO_LARGE_RESPONSE)
+        if isinstance(ex, ValueError | OSError):
+            log.debug("management: bad request from %s: %s", self.client_address, ex)
+            return ("400", _bad_request())
+        return super()._handle_client_error(ex)
+
+    def get_environ(self) -> dict[str, Any]:
+        """The head is complete: its deadline ends here."""
+        self.stop_timer()
+        self.server.busy(self)
+        return super().get_environ()
+
+    # the request ----------------------------------------------------------
+    def handle_one_response(self) -> None:
+        problem = self.read_body()
+        if problem is not None:  # answer it and close: the body's rest is not read
+            problem.headers["Connection"] = "close"
+            self.wsgi_input = self.environ["wsgi.input"] = Input(io.BytesIO(), 0)
+            self.application = error_response(problem)
+            self.close_connection = True
+        super().handle_one_response()
+        self.served += 1
+
+    def read_body(self) -> ApiError | None:
+        """Read the body whole into ``wsgi.input`` within the head timeout; the
+        error that refuses it otherwise."""
+        env = self.environ
+        chunked = "chunked" in env.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if not (self.content_length or chunked):
+            return None
+        if (self.content_length or 0) > MAX_BODY:
+            return _too_large()
+        try:
+            with Timeout(self.server.timeouts.client_header, HeadTimeout("body timeout")):
+                data = self.wsgi_input.read(MAX_BODY + 1)
+        except HeadTimeout:
+            return ApiError(408, "request_timeout", "the request body arrived too slowly")
+        except (OSError, ValueError) as exc:
+            return ApiError(400, "bad_request", f"the request body could not be read: {exc}")
+        if len(data) > MAX_BODY:
+            return _too_large()
+        env["wsgi.input"] = io.BytesIO(data)
+        env["CONTENT_LENGTH"] = str(len(data))
+        env.pop("HTTP_TRANSFER_ENCODING", None)
+        return None
+
+    # helpers ---------------------------------------------------------------
+    def refuse(self, response: bytes) -> None:
+        """Send a canned response before closing (best effort)."""
+        with contextlib.suppress(OSError):
+            self.socket.sendall(response)
+
+    def stop_timer(self) -> None:
+        timer, self.head_timer = self.head_timer, None
+        if timer is not None:
+            timer.close()
+
+
+class ManagementServer(WSGIServer):
+    """gevent's WSGI server with `ManagementHandler` and the connection cap."""
+
+    handler_class = ManagementHandler
+
+    def __init__(self, sock: Any, app: Any, timeouts: Any, max_header_bytes: int,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        super().__init__(sock, app, log=None, error_log=log, spawn=Pool())
+        self.timeouts = timeouts
+        self.max_header_bytes = max_header_bytes
+        self.max_connections = max_connections
+        self.open: set[ManagementHandler] = set()
+        # connections waiting for a request head, longest waiting first
+        self.heads: dict[ManagementHandler, None] = {}
+
+    def handle(self, sock: Any, address: Any) -> None:
+        if len(self.open) >= self.max_connections and not self.displace():
+            sock.close()
+            return
+        handler = self.handler_class(sock, address, self)
+        self.open.add(handler)
+        handler.handle()
+
+    def displace(self) -> bool:
+        """Close the connection that has waited longest for a head; False if none does."""
+        if not self.heads:
+            return False
+        oldest = next(iter(self.heads))
+        self.forget(oldest)
+        oldest.task.kill(block=False)
+        return True
+
+    def waiting(self, handler: ManagementHandler) -> None:
+        self.heads.pop(handler, None)
+        self.heads[handler] = None
+
+    def busy(self, handler: ManagementHandler) -> None:
+        self.heads.pop(handler, None)
+
+    def forget(self, handler: ManagementHandler) -> None:
+        self.heads.pop(handler, None)
+        self.open.discard(handler)
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, "payload_too_large", f"the request body is larger than {MAX_BODY} bytes")
+
+
+def _bad_request() -> bytes:
+    return b"HTTP/1.1 400 Bad Request\r\n" + _CLOSE.encode()

@@ -1,0 +1,149 @@
+"""Descriptor exhaustion (issue 15.6): the limit raised, the connection cap fitted
+under it, and an accept that runs out pausing with one log line, never a traceback.
+
+Hostile conditions: a balancer started with a low RLIMIT_NOFILE (`prlimit`)
+facing more concurrent clients than it has descriptors for, and a bare
+`balancer.server.Listener` in a child whose descriptors are all taken.
+"""
+
+from __future__ import annotations
+
+import select
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from balancer.descriptors import ACCEPT_PAUSE, RESERVED, connection_cap
+from tests.support import ROOT, Backend, Balancer
+
+CLIENTS = 300
+
+
+def require_prlimit() -> str:
+    found = shutil.which("prlimit")
+    if found is None:
+        pytest.skip("prlimit (util-linux) not installed")
+    return found
+
+
+def many_requests(port: int, count: int, path: str, timeout: float = 30.0) -> list[bytes]:
+    """`count` concurrent requests (Connection: close), each on its own socket; the
+    raw answers, b"" for a connection closed without one."""
+    selector = selectors.DefaultSelector()
+    answers: dict[int, bytes] = {}
+    for index in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+                     .encode())
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, index)
+        answers[index] = b""
+    deadline = time.monotonic() + timeout
+    while selector.get_map() and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.5):
+            try:
+                chunk = key.fileobj.recv(65536)  # type: ignore[union-attr]
+            except ConnectionResetError:
+                chunk = b""
+            answers[key.data] += chunk
+            if not chunk:
+                selector.unregister(key.fileobj)
+                key.fileobj.close()  # type: ignore[union-attr]
+    for key in list(selector.get_map().values()):
+        key.fileobj.close()  # type: ignore[union-attr]
+    return [answers[i] for i in range(count)]
+
+
+def test_low_descriptor_limit_is_raised_and_caps_connections(tmp_path: Path) -> None:
+    prlimit = require_prlimit()
+    backend = Backend()
+    bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.address]}},
+                   prefix=[prlimit, "--nofile=128:256"])
+    try:
+        cap = connection_cap(10000, 256)
+        assert cap == (256 - RESERVED) // 2
+        assert "file descriptor limit raised from 128 to 256" in bal.output()
+        assert f"server.max_connections lowered from 10000 to {cap} per worker" in bal.output()
+        answers = many_requests(bal.port, CLIENTS, "/slow?s=0.3")
+        statuses = [answer[:12] for answer in answers]
+        assert statuses == [b"HTTP/1.1 200"] * CLIENTS, sorted(set(statuses))
+        assert "Traceback" not in bal.output()
+        assert "Too many open files" not in bal.output()
+    finally:
+        bal.stop()
+        backend.stop()
+
+
+CHILD = """
+import logging, os, sys
+from gevent import monkey; monkey.patch_all()
+import gevent
+from balancer.server import Listener, bind
+from balancer.addr import Address
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+def answer(sock, address):
+    sock.sendall(b"served\\n")
+    sock.close()
+
+server = Listener(bind(Address("127.0.0.1", 0)), answer)
+server.start()
+hogs = []
+try:
+    while True:
+        hogs.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+print(server.address[1], flush=True)
+hub = gevent.get_hub()
+hub.wait(hub.loop.io(0, 1))  # the test writes a line: free them
+os.read(0, 100)
+for fd in hogs:
+    os.close(fd)
+hub.wait(hub.loop.io(0, 1))  # until the test closes stdin
+"""
+
+
+def test_exhausted_accept_pauses_with_one_line_and_recovers() -> None:
+    require_prlimit()
+    child = subprocess.Popen([sys.executable, "-c", CHILD], cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={"PYTHONPATH": str(ROOT)},
+                             preexec_fn=_low_limit)
+    try:
+        port = int(child.stdout.readline())  # type: ignore[union-attr]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
+        first = _line_within(child, 10.0)
+        assert "accept on" in first and "Too many open files" in first, first
+        time.sleep(2 * ACCEPT_PAUSE + 0.2)  # stay exhausted across two more tries
+        child.stdin.write("free\n")  # type: ignore[union-attr]
+        child.stdin.flush()  # type: ignore[union-attr]
+        for sock in clients:
+            assert sock.recv(100) == b"served\n"
+            sock.close()
+        _, err = child.communicate(timeout=10)
+    finally:
+        child.kill()
+        child.wait()
+    assert "Traceback" not in err, err
+    assert "accept on" not in err, err  # one line per episode: the first one
+
+
+def _line_within(child: subprocess.Popen, timeout: float) -> str:
+    """The child's next stderr line, failing after `timeout` seconds."""
+    ready, _, _ = select.select([child.stderr], [], [], timeout)
+    assert ready, f"no log line within {timeout} s"
+    return child.stderr.readline()  # type: ignore[union-attr]
+
+
+def _low_limit() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))

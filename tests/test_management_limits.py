@@ -1,0 +1,165 @@
+"""The management listener is hardened like the data plane (SPEC §5, issue 15.4).
+
+Hostile peers: a slowloris client (hundreds of half-sent heads), a dripping
+head, a slow body, oversized heads and bodies, an idle keep-alive client.
+All against a real `balancer serve` with short timeouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from management.server import MAX_CONNECTIONS
+from tests.support import Balancer, wait_for
+
+TOKEN = "limits-s3cret"
+HEADER_TIMEOUT = 1.5
+CONFIG = f"""
+[management]
+token = "{TOKEN}"
+[timeouts]
+client_header = {HEADER_TIMEOUT}
+client_idle = 2.0
+[limits]
+max_header_bytes = 4096
+"""
+
+
+@pytest.fixture(scope="module")
+def bal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
+    balancer = Balancer(tmp_path_factory.mktemp("limits"), {}, config=CONFIG)
+    yield balancer
+    balancer.stop()
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def read_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything until the server closes (bounded by `timeout`)."""
+    sock.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def is_closed(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(65536) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def authorised_get(port: int) -> tuple[int, float]:
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/api/v1/hosts", headers={"Authorization": f"Bearer {TOKEN}"})
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    return response.status, time.monotonic() - started
+
+
+def test_slowloris_leaves_room_for_the_operator_and_is_closed(bal: Balancer) -> None:
+    count = MAX_CONNECTIONS + 150
+    half_sent = []
+    try:
+        for _ in range(count):
+            sock = connect(bal.mport)
+            sock.sendall(b"GET /api/v1/hosts HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            half_sent.append(sock)
+        for _ in range(3):
+            status, elapsed = authorised_get(bal.mport)
+            assert status == 200 and elapsed < 1.0, elapsed
+        wait_for(lambda: all(is_closed(s) for s in half_sent), timeout=HEADER_TIMEOUT + 8,
+                 what="every half-sent request to be closed")
+    finally:
+        for sock in half_sent:
+            sock.close()
+    assert authorised_get(bal.mport)[0] == 200
+    assert "Traceback" not in bal.output() and "Errno 24" not in bal.output()
+
+
+def test_a_dripped_head_gets_408_at_the_header_timeout(bal: Balancer) -> None:
+    with connect(bal.mport) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        sock.settimeout(0.25)
+        data = b""
+        for _ in range(int(HEADER_TIMEOUT * 4) + 8):  # a byte every 0.25 s, never finished
+            with contextlib.suppress(OSError):
+                sock.sendall(b"X")
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            break
+        elapsed = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408"), data
+    assert HEADER_TIMEOUT - 0.1 < elapsed < HEADER_TIMEOUT + 1.5, elapsed
+
+
+def test_an_idle_keep_alive_connection_is_closed(bal: Balancer) -> None:
+    with connect(bal.mport) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        started = time.monotonic()
+        data = read_all(sock)
+        elapsed = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert 1.5 < elapsed < 4.5, elapsed  # client_idle is 2 s
+
+
+def test_a_head_over_the_limit_gets_431(bal: Balancer) -> None:
+    big = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n"
+    many = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n")
+    for head in (big, many):
+        with connect(bal.mport) as sock:
+            sock.sendall(head)
+            assert read_all(sock).startswith(b"HTTP/1.1 431"), head[:60]
+
+
+def test_a_body_over_the_limit_gets_413_unread(bal: Balancer) -> None:
+    with connect(bal.mport) as sock:  # declared: refused before a byte of it is sent
+        sock.sendall(b"PUT /api/v1/hosts HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 413")
+    with connect(bal.mport) as sock:  # chunked: refused at the first byte past the limit
+        sock.sendall(b"PUT /api/v1/hosts HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            for _ in range(20):
+                sock.sendall(chunk)
+        data = read_all(sock)
+    assert data.startswith(b"HTTP/1.1 413"), data[:100]
+    assert b"payload_too_large" in data
+
+
+def test_a_slow_body_gets_408(bal: Balancer) -> None:
+    with connect(bal.mport) as sock:
+        started = time.monotonic()
+        sock.sendall(b"PUT /api/v1/hosts/a.test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"ac")
+        data = read_all(sock)
+        elapsed = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408") and b"request_timeout" in data, data[:200]
+    assert elapsed < HEADER_TIMEOUT + 1.5, elapsed
+    assert bal.api("GET", "/api/v1/hosts", headers={"Authorization": f"Bearer {TOKEN}"}
+                   )[1]["hosts"] == {}
