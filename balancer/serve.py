@@ -71,7 +71,7 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
     `reload_settings` re-reads the same flags, environment and config file
     (SIGHUP)."""
     logging.basicConfig(level=settings.log.level.upper(), format=LOG_FORMAT)
-    log_limits(settings.server.max_connections, *raise_limit())
+    limits = raise_limit()  # before any child is forked; logged once serving
     try:
         identity = resolve(settings.server.user, settings.server.group)
     except PrivilegeError as exc:
@@ -96,7 +96,7 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
             log.info("running as %s", identity)
         bound = Bound(listeners, management, run_dir, identity if dropped else None)
         return Arbiter(settings, bound, management_child, reload_settings,
-                       lambda: announce(settings, listeners, management)).run()
+                       lambda: announce(settings, listeners, management, limits)).run()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -116,14 +116,18 @@ def load_management() -> ManagementChild:
     return child
 
 
-def announce(settings: Settings, listeners: list[tuple[Any, bool]], management: Any) -> None:
-    """The lines that say the balancer serves (tests and scripts wait for them)."""
+def announce(settings: Settings, listeners: list[tuple[Any, bool]], management: Any,
+             limits: tuple[int, int]) -> None:
+    """The lines that say the balancer serves (tests and scripts wait for them),
+    and what the descriptor limit allows (`limits`: the soft limit before and
+    after `raise_limit`)."""
     for sock, trusted in listeners:
         log.info("listening on %s for %s", bound_name(sock), "internal" if trusted else "proxy")
     log.info("listening on %s for management", bound_name(management))
     log.info("store %s, %d worker(s)", redact_url(settings.store.url), settings.effective_workers())
     report = log.warning if native.stale() else log.info
     report("%s", native.describe())
+    log_limits(settings.server.max_connections, *limits)
 
 
 def make_run_dir(identity: Identity | None) -> str:
