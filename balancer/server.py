@@ -46,7 +46,7 @@ from balancer.settings import Settings
 from balancer.stats import Stats
 from balancer.stores.base import StoreError, TableChange, TableData
 from balancer.stores.snapshot import Snapshot, judge, snapshot_path
-from balancer.table import RoutingTable, TableHolder
+from balancer.table import PAUSE_EVERY, RoutingTable, TableHolder
 
 log = logging.getLogger("balancer")
 # Listen queue length: the kernel caps it at net.core.somaxconn. A short queue
@@ -178,6 +178,7 @@ class Worker:
         self.updating = threading.RLock()  # one table update at a time
         self.backend_uses: Counter[str] = Counter()  # backend key → proxy routes naming it
         self.unused: set[str] = set()  # backends no route names, forgotten once idle
+        self.health_rules = 0  # rules with active health checks (in the last whole table)
         self.snapshot = Snapshot(snapshot_path(settings.store.snapshot, store), store.identity())
         self.access_log = (log_factory or _access_log)(settings)
         limits = settings.limits
@@ -209,9 +210,8 @@ class Worker:
         except StoreError as exc:
             if saved is None:
                 raise
-            self.store_problem = f"store {self.store.display_url}: {exc}"
-            log.warning("%s; serving the last good table (version %d) from %s",
-                        self.store_problem, saved.version, self.snapshot.path)
+            log.warning("store %s: %s; serving the last good table (version %d) from %s",
+                        self.store.display_url, exc, saved.version, self.snapshot.path)
             self.apply(saved, judged=False)
             return
         if not self.apply(data) and saved is not None:
@@ -228,8 +228,9 @@ class Worker:
                     return False
                 self.store_problem = None
             current = self.holder.table
-            if self.loaded and data.version == current.version and data.hosts == current.hosts():
-                return True  # the watcher's first delivery repeats the table loaded at start
+            if self.loaded and data.version == current.version:
+                return True  # a version names one table: the watcher's first delivery repeats
+                # the table loaded at start (comparing 100,000 rules would stall the loop)
             try:
                 table = RoutingTable.build(data.version, data.hosts, self.compiler.compile,
                                            self.compiler.fallbacks(), previous=current,
@@ -269,7 +270,8 @@ class Worker:
         keys = table.routes.keys() if changed is None else changed.keys()
         self.unused |= self._count_backends(old, table, keys, full=changed is None)
         self.prune_unused()
-        if changed is None or _has_health(old, table, keys):
+        if changed is None and (self.health.checkers or self.health_rules) \
+                or changed is not None and _has_health(old, table, keys):
             self.health.on_swap(old, table)
         self.forget_removed(old, table, old.routes.keys() | keys if changed is None else keys)
         self.loaded = True
@@ -283,13 +285,17 @@ class Worker:
         """Update `backend_uses` for the routes of `keys`; the backends no longer named."""
         if full:
             uses: Counter[str] = Counter()
-            for route in new.routes.values():
+            self.health_rules = 0
+            for n, route in enumerate(new.routes.values()):
+                if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                    _pause()
                 uses.update(_backend_keys(route))
+                self.health_rules += "health" in route.rule
             self.backend_uses = uses
             return set(self.registry.backends) - set(uses)
         gone = set()
         for key in keys:
-            before, after = old.routes.get(key), new.routes.get(key)
+            before, after = old.route_for(key), new.route_for(key)
             if before is not None:
                 for backend in _backend_keys(before):
                     self.backend_uses[backend] -= 1
@@ -452,7 +458,7 @@ def _has_health(old: RoutingTable, new: RoutingTable, keys: Any) -> bool:
     """Whether a rule of `keys`, before or after, has active health checks."""
     for key in keys:
         for table in (old, new):
-            route = table.routes.get(key)
+            route = table.route_for(key)
             if route is not None and "health" in route.rule:
                 return True
     return False

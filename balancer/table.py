@@ -8,8 +8,10 @@ Invariants:
   every `PAUSE_EVERY` hosts, so a worker compiling a big table lets its
   requests run in between (the old table serves until the swap).
 * `with_changes` builds the next table from this one and the hosts that
-  changed: its cost is that of the changed hosts (plus copying the indexes'
-  references), not of re-compiling the table.
+  changed: its cost is that of the changed hosts, not of the table (the base
+  is shared; the overlay of changed keys is copied, and folded into a new
+  base once it holds `COMPACT_AT` keys, so that cost is spread over as many
+  changes).
 * Lookup precedence (SPEC §3): exact name; the longest ``*.suffix`` key or
   the longest parent whose rule has ``subdomains: true``; ``*``; else the
   ``unknown`` route (404), or ``no-hosts`` (503) when the table is empty.
@@ -26,6 +28,7 @@ from balancer.stats import HostStats
 
 UNKNOWN_KEY: Final = "(unknown)"  # stats key of requests no rule matched
 PAUSE_EVERY: Final = 500  # hosts compiled between pauses (see `RoutingTable.build`)
+COMPACT_AT: Final = 1024  # changed keys kept in a table's overlay before a new base
 
 
 class Route:
@@ -47,25 +50,50 @@ class Route:
 Compiler = Callable[[str, Mapping[str, Any], Any], Any]
 
 
-Indexes = tuple[dict[bytes, Route], dict[bytes, Route], dict[bytes, Route]]
-
-
 class RoutingTable:
-    """An immutable host → route mapping with SPEC §3 precedence."""
+    """An immutable host → route mapping with SPEC §3 precedence.
+
+    A table is a base (the routes and their indexes, shared by the tables made
+    from it with `with_changes`, never modified) plus a small overlay of the
+    keys changed since (a Route, or None for a removed key), read first."""
 
     def __init__(self, version: int, routes: dict[str, Route], fallback: Route,
-                 indexes: Indexes | None = None) -> None:
+                 base: RoutingTable | None = None,
+                 overlay: dict[str, Route | None] | None = None, size: int = -1) -> None:
         self.version = version
-        self.routes = routes
         self.fallback = fallback
-        if indexes is None:
-            exact = {k.encode(): r for k, r in routes.items() if not k.startswith("*")}
-            wild = {k[2:].encode(): r for k, r in routes.items() if k.startswith("*.")}
-            sub = {k: r for k, r in exact.items() if r.rule.get("subdomains") is True}
-            indexes = (exact, wild, sub)
-        self._exact, self._wild, self._sub = indexes
-        self._catch_all = routes.get("*")
+        if base is None:
+            self._base = routes
+            self._exact = {k.encode(): r for k, r in routes.items() if not k.startswith("*")}
+            self._wild = {k[2:].encode(): r for k, r in routes.items() if k.startswith("*.")}
+            self._sub = {k: r for k, r in self._exact.items()
+                         if r.rule.get("subdomains") is True}
+        else:
+            self._base = base._base
+            self._exact, self._wild, self._sub = base._exact, base._wild, base._sub
+        self._overlay: dict[str, Route | None] = overlay if overlay is not None else {}
+        self.size = size if size >= 0 else len(routes)
+        self._catch_all = self.route_for("*")
         self._cache: dict[bytes, Route] = {}
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        """Key → route of every host (a merged copy when there is an overlay: O(table))."""
+        if not self._overlay:
+            return self._base
+        merged = dict(self._base)
+        for key, route in self._overlay.items():
+            if route is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = route
+        return merged
+
+    def route_for(self, key: str) -> Route | None:
+        """The route of table key `key` (normalised), or None."""
+        if key in self._overlay:
+            return self._overlay[key]
+        return self._base.get(key)
 
     @classmethod
     def build(cls, version: int, hosts: Mapping[str, Any], compile_rule: Compiler,
@@ -97,33 +125,30 @@ class RoutingTable:
 
     def with_changes(self, version: int, changes: Mapping[str, Any], compile_rule: Compiler,
                      fallbacks: tuple[Route, Route]) -> RoutingTable:
-        """The next table: this one with `changes` (HOST → rule, None to remove) applied."""
+        """The next table: this one with `changes` (HOST → rule, None to remove) applied.
+
+        Costs the changed hosts: the new table shares this one's base and copies only
+        the overlay, which is folded into a new base every `COMPACT_AT` changed keys."""
         problems = validate_table({h: r for h, r in changes.items() if r is not None})
         if problems:
             raise RuleError(problems)
-        routes = dict(self.routes)
-        exact, wild, sub = dict(self._exact), dict(self._wild), dict(self._sub)
+        overlay = dict(self._overlay)
+        size = self.size
         for host, rule in changes.items():
             key = normalize_host(host)
-            prior = routes.pop(key, None)
-            name = key[2:].encode() if key.startswith("*.") else key.encode()
-            if key.startswith("*."):
-                wild.pop(name, None)
-            else:
-                exact.pop(name, None)
-                sub.pop(name, None)
+            prior = self.route_for(key)
             if rule is None:
-                continue
-            route = compile_rule(key, rule, prior.action if prior is not None else None)
-            routes[key] = route
-            if key.startswith("*."):
-                wild[name] = route
-            elif not key.startswith("*"):
-                exact[name] = route
-                if rule.get("subdomains") is True:
-                    sub[name] = route
+                overlay[key] = None
+            else:
+                overlay[key] = compile_rule(key, rule,
+                                            prior.action if prior is not None else None)
+            size += (overlay[key] is not None) - (prior is not None)
         unknown, no_hosts = fallbacks
-        return RoutingTable(version, routes, unknown if routes else no_hosts, (exact, wild, sub))
+        fallback = unknown if size else no_hosts
+        if len(overlay) > COMPACT_AT:
+            merged = RoutingTable(version, self._base, fallback, self, overlay, size).routes
+            return RoutingTable(version, merged, fallback)
+        return RoutingTable(version, self._base, fallback, self, overlay, size)
 
     def hosts(self) -> dict[str, Any]:
         """HOST → rule of every route (the table as stored)."""
@@ -140,6 +165,8 @@ class RoutingTable:
 
     def _resolve(self, host: bytes) -> Route:
         name = _strip_port(host.lower()).rstrip(b".")
+        if self._overlay:
+            return self._resolve_over(name)
         route = self._exact.get(name)
         if route is not None:
             return route
@@ -152,8 +179,34 @@ class RoutingTable:
             dot = name.find(b".", dot + 1)
         return self._catch_all or self.fallback
 
+    def _resolve_over(self, name: bytes) -> Route:
+        """`_resolve` reading the overlay before the base."""
+        overlay = self._overlay
+        key = name.decode("latin-1")
+        route = overlay[key] if key in overlay and not key.startswith("*") \
+            else self._exact.get(name)
+        if route is not None:
+            return route
+        dot = name.find(b".")
+        while dot >= 0:
+            parent = name[dot + 1:]
+            key = parent.decode("latin-1")
+            wild_key = "*." + key
+            route = overlay[wild_key] if wild_key in overlay else self._wild.get(parent)
+            if route is None:
+                if key in overlay:
+                    sub = overlay[key]
+                    if sub is not None and sub.rule.get("subdomains") is True:
+                        route = sub
+                else:
+                    route = self._sub.get(parent)
+            if route is not None:
+                return route
+            dot = name.find(b".", dot + 1)
+        return self._catch_all or self.fallback
+
     def __repr__(self) -> str:
-        return f"<RoutingTable v{self.version} {len(self.routes)} hosts>"
+        return f"<RoutingTable v{self.version} {self.size} hosts>"
 
 
 def _strip_port(host: bytes) -> bytes:

@@ -19,6 +19,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from loadtest.procs import Processes, free_port, wait_for_port  # noqa: E402
 
 HOST = "127.0.0.1"
+SERVING = re.compile(r"worker (\d+) serving routing version")
 
 
 def rule(n: int) -> dict:
@@ -43,8 +45,9 @@ def fill_redis(port: int, hosts: int) -> None:
 
     client = redis.Redis(host=HOST, port=port)
     with client.pipeline(transaction=True) as pipe:
-        pipe.hset("balancer:hosts", mapping={f"h{n}.example": json.dumps(rule(n))
-                                             for n in range(hosts)})
+        if hosts:
+            pipe.hset("balancer:hosts", mapping={f"h{n}.example": json.dumps(rule(n))
+                                                 for n in range(hosts)})
         pipe.set("balancer:version", 1)
         pipe.execute()
 
@@ -79,10 +82,20 @@ def start(procs: Processes, tmp: Path, store: str, hosts: int, name: str) -> tup
     return port, mgmt
 
 
-def worker_rss(mgmt: int) -> int:
-    conn = http.client.HTTPConnection(HOST, mgmt, timeout=30)
-    conn.request("GET", "/api/v1/info")
-    pid = json.loads(conn.getresponse().read())["processes"][0]["pid"]
+def worker_pid(log: Path, timeout: float = 300.0) -> int:
+    """The worker's pid once it serves its first table (from the balancer's log: with
+    100,000 hosts `/api/v1/info`, which carries every host's counters, is slow)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = SERVING.search(log.read_text(errors="replace"))
+        if found:
+            return int(found.group(1))
+        time.sleep(0.2)
+    raise SystemExit("the worker did not load its table")
+
+
+def worker_rss(log: Path) -> int:
+    pid = worker_pid(log)
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
@@ -134,10 +147,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-changes-") as tmp:
         procs = Processes(Path(tmp) / "logs")
         try:
-            _, empty_mgmt = start(procs, Path(tmp), args.store, 0, "empty")
-            empty_rss = worker_rss(empty_mgmt)
+            start(procs, Path(tmp), args.store, 0, "empty")
+            empty_rss = worker_rss(procs.log_dir / "empty.log")
             port, mgmt = start(procs, Path(tmp), args.store, args.hosts, "big")
-            big_rss = worker_rss(mgmt)
+            big_rss = worker_rss(procs.log_dir / "big.log")
             stop = threading.Event()
             probes: list[float] = []
             writes: list[float] = []

@@ -25,12 +25,15 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from balancer.rules import normalize_host, validate_table
+
+PAUSE_EVERY = 2000  # hosts checked between yields to other greenlets
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,9 @@ class TableChecker:
     def _problems(self, hosts: Mapping[str, Any], texts: Mapping[str, str]) -> list[str]:
         known: dict[tuple[str, str], list[str]] = {}
         problems: list[str] = []
-        for host, rule in hosts.items():
+        for n, (host, rule) in enumerate(hosts.items()):
+            if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                time.sleep(0)  # a big table: let the other greenlets (requests) run
             key = (host, texts[host])
             found = self._known.get(key)
             if found is None:

@@ -269,7 +269,8 @@ class RedisStore(Store):
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(self.channel)
-            self._reload(on_change, seen, problems)
+            if not self._serves_already(seen, served):
+                self._reload(on_change, seen, problems)
             seen.delay = BACKOFF_FIRST
             next_check = time.monotonic() + self.resync_interval
             while not stop():
@@ -330,6 +331,19 @@ class RedisStore(Store):
                 return None
         self.raise_floor(version)
         return TableChange(version, base, rules)
+
+    def _serves_already(self, seen: _Seen, served: Callable[[], int] | None) -> bool:
+        """Whether the consumer serves the version the store is at (loaded at start,
+        or kept across a reconnect): then the whole table need not be read again."""
+        if served is None:
+            return False
+        with self._talking("read"):
+            raw = self.client.get(self.version_key)
+        if self._version(raw) != served():
+            return False
+        seen.version, seen.delivered_version = raw, served()
+        self._problem = None
+        return True
 
     def _resync(self, on_change: Callable[[Any], None], seen: _Seen,
                 problems: ProblemLog, served: Callable[[], int] | None) -> None:
