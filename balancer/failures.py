@@ -7,6 +7,9 @@ Invariants:
   logs one line per host per second per worker, never one per request.
 * A host with no 502/504 in the second costs nothing: only hosts that failed
   are visited, and their counts start again from zero after each report.
+* At most `MAX_LINES` hosts get a line per report (the most failing ones);
+  the rest are summed up in one more line, so a dead shared backend behind
+  thousands of hosts still logs a few lines a second.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 log = logging.getLogger("balancer.failures")
 INTERVAL = 1.0  # seconds between reports
+MAX_LINES = 20  # hosts named per report; the others are counted in one line
 
 
 class FailureReport:
@@ -36,10 +40,20 @@ class FailureReport:
             self.report()
 
     def report(self) -> list[str]:
-        """Log (and return) one line per host that answered 502/504 since the last call."""
+        """Log (and return) the lines for the hosts that answered 502/504 since
+        the last call."""
         now = time.monotonic()
         failing, self.stats.failing = self.stats.failing, {}
-        lines = [summary(key, host, now - self.since) for key, host in sorted(failing.items())]
+        worst = sorted(failing.items(), key=lambda item: -sum(item[1].causes.values()))
+        seconds = now - self.since
+        lines = [summary(key, host, seconds) for key, host in worst[:MAX_LINES]]
+        rest = worst[MAX_LINES:]
+        if rest:
+            total = sum(sum(host.causes.values()) for _, host in rest)
+            for _, host in rest:
+                host.causes = {}
+            lines.append(f"{len(rest)} more hosts: {total} requests answered 502/504 in "
+                         f"{seconds:.1f} s")
         for line in lines:
             log.warning("%s", line)
         self.since = now

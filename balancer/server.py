@@ -433,8 +433,9 @@ class Worker:
         for server in self.servers:
             server.close()
         self.pool.join(timeout=graceful)
-        self.release_held()  # a held request gets its 503, never an empty reply
-        self.pool.join(timeout=HELD_ANSWER_TIME)
+        if self.compiler.holds.count:  # still held at the end of a reload's drain
+            self.release_held()  # each gets its 503, never an empty reply
+            self.pool.join(timeout=HELD_ANSWER_TIME)
         self.stopping = True
         self.failure_report.report()  # the last second's 502/504
         self.pool.kill(block=True, timeout=1)

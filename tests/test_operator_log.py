@@ -8,7 +8,7 @@ import re
 import time
 
 from balancer.errors import ConnectError
-from balancer.failures import FailureReport
+from balancer.failures import MAX_LINES, FailureReport
 from balancer.stats import Stats
 from tests.support import Backend, Balancer, dead_address, in_threads, request, wait_for
 
@@ -112,3 +112,15 @@ def test_the_report_formats_only_hosts_that_failed_and_starts_again():
     assert line.startswith("busy.test: 4 requests answered 502/504 in ")
     assert line.endswith("3 connect failed, 1 backend timeout (last: slow)")
     assert report.report() == [] and busy.causes == {}
+
+
+def test_a_report_names_the_worst_hosts_and_counts_the_rest():
+    stats = Stats()
+    for i in range(MAX_LINES + 5):
+        key = f"h{i}.test"
+        for _ in range(i + 1):
+            stats.note_failure(key, stats.host(key), "connect failed", "refused")
+    lines = FailureReport(stats).report()
+    assert len(lines) == MAX_LINES + 1
+    assert lines[0].startswith(f"h{MAX_LINES + 4}.test: {MAX_LINES + 5} requests")
+    assert lines[-1].startswith("5 more hosts: 15 requests answered 502/504 in ")
