@@ -160,6 +160,7 @@ class ClientConnection:
         self.raw = self.writer.raw  # readiness.raw_socket: reads go there too
         self.client_ip = address[0] if isinstance(address, tuple) else str(address)
         self.client_ip_bytes = self.client_ip.encode()
+        self.forwarded_fields = b""  # what balancer.forwarding says of this client, once made
         self.ctx = ctx
         self.parser = RequestParser(ctx.limits)
         self.events = self.parser.events

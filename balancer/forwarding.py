@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from balancer.connection import Exchange
+from balancer.connection import ClientConnection, Exchange
 from balancer.fields import CLIENT_FIELDS, spellings
 from balancer.http11 import HOP_BY_HOP, RequestHead
 
@@ -47,12 +47,19 @@ def request_head(ex: Exchange, chunked: bool) -> bytes:
     forwarded (with its Connection option); other transfer codings are not."""
     head, conn = ex.head, ex.conn
     tokens = head.connection_tokens
-    host = head.host or ex.backend.encode()
-    lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    host = head.host
     if conn.ctx.trusted:
+        lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ",
+                 host or ex.backend.encode(), b"\r\n"]
         te = _trusted_fields(lines, head, tokens, conn.client_ip_bytes)
+    elif host:  # the usual request: one list, made whole
+        lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host,
+                 b"\r\nX-Forwarded-Host: ", host, b"\r\n", _client_fields(conn)]
+        te = _external_fields(lines, head, tokens)
     else:
-        te = _external_fields(lines, head, tokens, conn.client_ip_bytes)
+        lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", ex.backend.encode(),
+                 b"\r\n", _client_fields(conn)]
+        te = _external_fields(lines, head, tokens)
     lines += (b"X-Request-Id: ", ex.request_id, b"\r\n")
     if head.upgrade:
         lines.append(b"Connection: upgrade%s\r\nUpgrade: %s\r\n"
@@ -67,10 +74,20 @@ def request_head(ex: Exchange, chunked: bool) -> bytes:
     return b"".join(lines)
 
 
-def _external_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[bytes],
-                     client_ip: bytes) -> bool:
-    """The fields of a request from an external listener: the client's forwarding
-    fields replaced by ours. Returns whether the client takes trailers (TE)."""
+def _client_fields(conn: ClientConnection) -> bytes:
+    """X-Forwarded-For, X-Real-IP and X-Forwarded-Proto from an external listener:
+    the same for every request of a connection, so made once."""
+    fields = conn.forwarded_fields
+    if not fields:
+        ip = conn.client_ip_bytes
+        fields = conn.forwarded_fields = (b"X-Forwarded-For: " + ip + b"\r\nX-Real-IP: " + ip
+                                          + b"\r\nX-Forwarded-Proto: http\r\n")
+    return fields
+
+
+def _external_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[bytes]) -> bool:
+    """The client's fields from an external listener, but its forwarding fields
+    (`request_head` adds ours). Returns whether the client takes trailers (TE)."""
     drop = DROP_EXTERNAL if not tokens or tokens <= DROP_EXTERNAL else DROP_EXTERNAL | tokens
     te = False
     for name, lname, value in head.headers:
@@ -78,10 +95,6 @@ def _external_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[by
             lines += (name, b": ", value, b"\r\n")
         elif lname == b"te":
             te = b"trailers" in value.lower()
-    lines += (b"X-Forwarded-For: ", client_ip, b"\r\nX-Real-IP: ", client_ip,
-              b"\r\nX-Forwarded-Proto: http\r\n")
-    if head.host:
-        lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
     return te
 
 

@@ -223,7 +223,8 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     # A small fixed-length response is sent in one piece when its parts come
     # together though the backend wrote them apart (nginx: head by writev, body
     # by sendfile); what came is sent before waiting for more (bug: a body
-    # dripped over 4 s held its head back for 4 s).
+    # dripped over 4 s held its head back for 4 s). Blocking sockets (the
+    # threaded baseline) cannot try a read without waiting: nothing is held there.
     hold = (rhead.content_length is not None and rhead.content_length <= COALESCE_LIMIT
             and upstream.watcher is not None)
     while True:
