@@ -23,6 +23,7 @@ from balancer.pool import Backend, Upstream
 from balancer.readiness import receive
 from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.tunnel import tunnel
+from balancer.turns import Turn
 
 RECV_SIZE: Final = 65536
 COALESCE_LIMIT: Final = 65536
@@ -226,6 +227,8 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     # A small fixed-length response is sent in one piece even when the backend
     # wrote it in several (nginx: head by writev, body by sendfile).
     hold = rhead.content_length is not None and rhead.content_length <= COALESCE_LIMIT
+    watcher = upstream.watcher
+    turn = Turn(None if watcher is None else watcher.hub)
     while True:
         while events:
             event = events.popleft()
@@ -237,8 +240,10 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
             out.append(frame_chunk(event) if framing == CHUNK else event)
         if not hold:
             conn.arm(conn.sock, timeouts.client_idle)
-            ex.send(b"".join(out))
+            data = b"".join(out)
+            ex.send(data)
             out = []
+            turn.spend(len(data))
         conn.arm(sock, timeouts.backend_read)
         _recv_backend(upstream, parser)
 
