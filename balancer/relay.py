@@ -26,6 +26,7 @@ from balancer.pool import Backend, Upstream
 from balancer.readiness import receive
 from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.tunnel import tunnel
+from balancer.turns import Turn
 
 RECV_SIZE: Final = 65536
 COALESCE_LIMIT: Final = 65536
@@ -227,6 +228,8 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     # threaded baseline) cannot try a read without waiting: nothing is held there.
     hold = (rhead.content_length is not None and rhead.content_length <= COALESCE_LIMIT
             and upstream.watcher is not None)
+    watcher = upstream.watcher
+    turn = Turn(None if watcher is None else watcher.hub)  # a slow reader yields its turn
     while True:
         while events:
             event = events.popleft()
@@ -241,8 +244,10 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
         if got is None:
             if out:
                 conn.arm(conn.sock, timeouts.client_idle)
-                ex.send(b"".join(out))
+                data = b"".join(out)
+                ex.send(data)
                 out = []
+                turn.spend(len(data))
                 conn.arm(sock, timeouts.backend_read)
             if hold:
                 _wait_backend(upstream)  # it was not there: recv again only once readable
