@@ -15,6 +15,10 @@ Invariants:
   ``timeouts.backend_read (BALANCER_TIMEOUTS_BACKEND_READ): must be a number > 0, got 'abc'``,
   and all problems are reported together in one ``SettingsError``;
 * defaults pass through the same validation as every other value.
+
+The user's reference, docs/settings.md, is generated from ``SETTINGS``
+(`balancer.settings_doc`): after adding or changing a row, run
+``python -m balancer.settings_doc --write`` (tests/test_docs.py fails until then).
 """
 
 from __future__ import annotations
