@@ -179,7 +179,8 @@ def summary(results: dict) -> str:
     lines = ["", "Goals:"]
     lines += [f"  {status:>6}  {text}" for status, text in measured]
     if len(measured) < len(verdict(results)):
-        lines.append(f"  the others are {NOT_MEASURED}")
+        lines.append(f"  {'the others are' if measured else 'none here: the goals are'} "
+                     f"{NOT_MEASURED}")
     proxy = results["scenarios"].get("proxy", {}).get("rows", [])
     if proxy:
         lines += ["", "Proxy, keep-alive (req/s, p99 ms, errors):"]
