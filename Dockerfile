@@ -1,7 +1,7 @@
 # balancer: the gevent reverse proxy and its management API in one slim image.
 #   docker build -t balancer .
 #   docker run -p 8080:8080 balancer          (routes in a file inside the container)
-# Settings come from BALANCER_* environment variables (see README and SPEC §2).
+# Settings come from BALANCER_* environment variables (every one: docs/settings.md).
 
 # Build stage: the data plane's hot modules are compiled with mypyc (setup.py),
 # which needs a C compiler; the image that runs gets only the wheel.

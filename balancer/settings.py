@@ -15,6 +15,10 @@ Invariants:
   ``timeouts.backend_read (BALANCER_TIMEOUTS_BACKEND_READ): must be a number > 0, got 'abc'``,
   and all problems are reported together in one ``SettingsError``;
 * defaults pass through the same validation as every other value.
+
+The user's reference, docs/settings.md, is generated from ``SETTINGS``
+(`balancer.settings_doc`): after adding or changing a row, run
+``python -m balancer.settings_doc --write`` (tests/test_docs.py fails until then).
 """
 
 from __future__ import annotations
@@ -67,6 +71,11 @@ class Setting:
     default: object
     help: str
     flag: str = ""
+    flag_metavar: str = ""  # the flag's value in --help, when the kind's is too vague
+
+    @property
+    def metavar(self) -> str:
+        return self.flag_metavar or self.kind.metavar
 
     @property
     def section(self) -> str:
@@ -97,7 +106,7 @@ SETTINGS: tuple[Setting, ...] = (
             "management API address", "--management"),
     Setting("management.token", TEXT, "",
             "bearer token for the management API: every route but /healthz and the "
-            "dashboard page needs it, /metrics included", "--token"),
+            "dashboard page needs it, /metrics included", "--token", "TOKEN"),
     Setting("management.apply_timeout", POSITIVE, 2.0,
             "seconds a write waits for every worker to serve it (202 past it)"),
     Setting("management.allowed_hosts", HOST_NAMES, [],
@@ -123,7 +132,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.spin_max_waiting", Integer(1), 10000,
             "requests held by spin rules per worker (busy page above)"),
     Setting("log.access_log", TEXT, "", 'access log: "" off, "-" stdout, or a path',
-            "--access-log"),
+            "--access-log", "PATH|-"),
     Setting("log.access_format", Choice("combined", "json"), "combined", "access log format"),
     Setting("log.level", Choice("debug", "info", "warning", "error"), "info", "log level"),
 )
@@ -264,7 +273,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         repeat = setting.kind is ADDRESS_LIST
         parser.add_argument(
             setting.flag, dest=setting.name, default=None,
-            action="append" if repeat else "store", metavar=setting.kind.metavar,
+            action="append" if repeat else "store", metavar=setting.metavar,
             help=f"{setting.help} [env {setting.env}, file {setting.name}]",
         )
 

@@ -66,7 +66,7 @@ def render() -> str:
 
 
 def _row(setting: Setting) -> str:
-    flag = f"`{setting.flag} {setting.kind.metavar}`" if setting.flag else ""
+    flag = _escape(f"`{setting.flag} {setting.metavar}`") if setting.flag else ""
     cells = (f"`{setting.key}`", f"`{_toml(setting.default)}`", _escape(setting.kind.expected),
              f"`{setting.env}`", flag, _escape(setting.help))
     return "| " + " | ".join(cells) + " |\n"

@@ -125,7 +125,8 @@ def build_env(args: argparse.Namespace, out: Path, procs: Processes) -> RunEnv:
         idle = nofile - 200
     lab = Lab(out, procs, nofile)
     if not plots.have_matplotlib():
-        notes.append("matplotlib is not installed: plots skipped")
+        notes.append("matplotlib is not installed: plots skipped (install it with "
+                     "pip install matplotlib, or the package with its loadtest extra)")
     meta = {"command": "loadtest " + shlex.join(sys.argv[1:]) if sys.argv else "loadtest run",
             "started": datetime.now().isoformat(timespec="seconds"),
             "machine": f"{os.cpu_count()} CPUs, {platform.platform()}, Python "

@@ -9,11 +9,11 @@ the run is still meaningful.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from loadtest.limits import raise_nofile
+from loadtest.targets import tool_path
 
 PROC_SYS = Path("/proc/sys")
 NOFILE_NEEDED = 20000  # 10,000 idle clients plus backends and live traffic
@@ -107,13 +107,14 @@ def check_tools() -> list[str]:
     for tool, use in (("wrk", "load generator (else the built-in one)"),
                       ("haproxy", "the haproxy target"), ("nginx", "the nginx target and "
                                                                    "the backend")):
-        found = shutil.which(tool)
+        found = tool_path(tool)
         lines.append(_line("ok" if found else "missing", f"{tool}: {found or use + ' skipped'}"))
     try:
         import matplotlib  # noqa: F401
         lines.append(_line("ok", "matplotlib: plots enabled"))
     except ImportError:
-        lines.append(_line("missing", "matplotlib: plots skipped (pip install matplotlib)"))
+        lines.append(_line("missing", "matplotlib: plots skipped (pip install matplotlib, "
+                                      "or the package with its loadtest extra)"))
     return lines
 
 

@@ -94,6 +94,51 @@ SECTIONS = {
 }
 
 
+TARGETS = {
+    "direct": "the load generator against the backend alone, no proxy in between: the "
+              "ceiling every proxy is measured against",
+    "direct (ceiling)": "the backend alone driven by the other load generator ({other}, "
+                        "at most 100 connections): how fast that generator itself can go, "
+                        "so a target close to it is limited by the generator",
+    "gevent": "the balancer (`balancer serve`): one gevent worker process, file store, "
+              "access log off",
+    "threaded": "the same proxy code (parser, routing table, pools, relay) run with one OS "
+                "thread per client connection on blocking sockets: the baseline the "
+                "gevent balancer is compared with",
+    "haproxy": "HAProxy with one thread, backend connections reused",
+    "nginx": "nginx with one worker as a reverse proxy, upstream keep-alive",
+    "gevent-wsgi": "gevent's own WSGI server (pywsgi) serving the page",
+    "threaded-wsgi": "Python's wsgiref WSGI server with one thread per connection serving "
+                     "the page",
+}
+NOT_MEASURED = ("measured only at the full levels (1,000 and 5,000 connections, 10,000 idle): "
+                "`loadtest run` without `--quick` or `--concurrency`")
+FULL_LEVELS_ONLY = ("Measured only at the full levels (`loadtest run` without `--quick` or "
+                    "`--concurrency`)")
+
+
+def compared(results: dict) -> list[str]:
+    """One sentence per target that has rows in this run, in the order of TARGETS."""
+    seen = set()
+    for section in results.get("scenarios", {}).values():
+        for row in section.get("rows", []):
+            seen.add(row["target"] + (" (ceiling)" if row.get("ceiling") else ""))
+    generator = results.get("meta", {}).get("generator")
+    other = "the built-in generator" if generator == "wrk" else "wrk"
+    return [f"- `{name}`: {text.format(other=other)}" for name, text in TARGETS.items()
+            if name in seen]
+
+
+def goals(results: dict) -> list[str]:
+    """The goals this run measured, met or missed; the unmeasured ones in one line."""
+    lines = verdict(results)
+    out = [f"- **{status}** — {text}" for status, text in lines if status != "not measured"]
+    unmeasured = [text for status, text in lines if status == "not measured"]
+    if unmeasured:
+        out.append(f"- {FULL_LEVELS_ONLY}: {'; '.join(unmeasured)}.")
+    return out
+
+
 def render(results: dict, plots: list[Path]) -> str:
     """The whole report.md text."""
     meta = results["meta"]
@@ -105,10 +150,9 @@ def render(results: dict, plots: list[Path]) -> str:
            f"Backend: {meta.get('backend', '')}", "",
            "CPU % is the target's processes (100 = one core); busy cores is the whole "
            "machine during the level (target + generator + anything else running).", "",
-           "## Targets of the issue", ""]
-    out += [f"- **{status}** — {text}" for status, text in verdict(results)]
-    for note in meta.get("notes", []):
-        out.append(f"- note: {note}")
+           "## What is compared", ""]
+    out += compared(results) + ["", "## Goals", ""] + goals(results)
+    out += [f"- note: {note}" for note in meta.get("notes", [])]
     for name, (title, render_table) in SECTIONS.items():
         section = results["scenarios"].get(name)
         if not section:
@@ -133,8 +177,12 @@ def write_report(results: dict, out: Path, plots: list[Path]) -> Path:
 
 def summary(results: dict) -> str:
     """A one-screen summary for the terminal."""
-    lines = ["", "Targets of the issue:"]
-    lines += [f"  {status:>12}  {text}" for status, text in verdict(results)]
+    measured = [(s, t) for s, t in verdict(results) if s != "not measured"]
+    lines = ["", "Goals:"]
+    lines += [f"  {status:>6}  {text}" for status, text in measured]
+    if len(measured) < len(verdict(results)):
+        lines.append(f"  {'the others are' if measured else 'none here: the goals are'} "
+                     f"{NOT_MEASURED}")
     proxy = results["scenarios"].get("proxy", {}).get("rows", [])
     if proxy:
         lines += ["", "Proxy, keep-alive (req/s, p99 ms, errors):"]

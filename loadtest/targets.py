@@ -52,10 +52,24 @@ class Target:
         return f"http://{HOST}:{self.port}{path}"
 
 
+# Debian installs nginx and haproxy in /usr/sbin, which a normal user's PATH lacks.
+SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
+
+
+def tool_path(tool: str) -> str | None:
+    """The program `tool` on PATH or in the sbin directories; None when absent."""
+    return shutil.which(tool) or shutil.which(tool, path=SBIN)
+
+
+def _nginx_argv(dir: Path, conf: Path) -> list[str]:
+    return [tool_path("nginx") or "nginx", "-p", str(dir), "-c", str(conf),
+            "-e", str(dir / "error.log"), "-g", "daemon off;"]
+
+
 def missing_tool(name: str) -> str | None:
     """Why target `name` cannot run here (None when it can)."""
     tool = TOOLS.get(name)
-    if tool and shutil.which(tool) is None:
+    if tool and tool_path(tool) is None:
         return f"{tool} is not installed"
     return None
 
@@ -71,7 +85,7 @@ class Lab:
 
     @property
     def backend_kind(self) -> str:
-        return "nginx" if shutil.which("nginx") else "builtin"
+        return "nginx" if tool_path("nginx") else "builtin"
 
     def _dir(self, label: str) -> Path:
         self.counter += 1
@@ -86,8 +100,7 @@ class Lab:
         if self.backend_kind == "nginx":
             conf = dir / "nginx.conf"
             conf.write_text(configs.nginx_backend(dir, port, PAGE, self._nofile()))
-            argv = ["nginx", "-p", str(dir), "-c", str(conf), "-e", str(dir / "error.log"),
-                    "-g", "daemon off;"]
+            argv = _nginx_argv(dir, conf)
         else:
             argv = [sys.executable, "-m", "loadtest.backend", "--listen", f"{HOST}:{port}"]
         return self._started(label, argv, port)
@@ -113,12 +126,12 @@ class Lab:
             # limit as every other target it caps itself just under 10,000.
             maxconn = (self._nofile() - 100) // 2
             conf.write_text(configs.haproxy(port, addrs, self._nofile(), maxconn))
-            return self._started(name, ["haproxy", "-db", "-f", str(conf)], port)
+            argv = [tool_path("haproxy") or "haproxy", "-db", "-f", str(conf)]
+            return self._started(name, argv, port)
         if name == "nginx":
             conf = dir / "nginx.conf"
             conf.write_text(configs.nginx_proxy(dir, port, addrs, self._nofile()))
-            argv = ["nginx", "-p", str(dir), "-c", str(conf), "-e", str(dir / "error.log"),
-                    "-g", "daemon off;"]
+            argv = _nginx_argv(dir, conf)
             return self._started(name, argv, port)
         raise TargetError(f"unknown proxy target {name!r}; expected one of {PROXY_TARGETS}")
 

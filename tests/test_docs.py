@@ -5,6 +5,7 @@ resolves, and the example config and systemd unit are usable."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 import shlex
@@ -27,12 +28,6 @@ from tests.support import ROOT
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 COMMANDS: dict[str, Callable[[list[str]], object]] = {
     "balancer": balancer_cli.main, "balancerctl": ctl.main, "loadtest": loadtest_cli.main,
-}
-SUBCOMMANDS = {
-    "balancer": ("serve",),
-    "balancerctl": ("list", "get", "set", "delete", "add-backend", "remove-backend",
-                    "stats", "reload", "restore"),
-    "loadtest": ("run", "preflight"),
 }
 FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```", re.M | re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)|<(https?://[^>\s]+)>")
@@ -195,8 +190,27 @@ def test_every_command_and_flag_shown_exists():
     assert checked >= 20
 
 
+@functools.cache
+def _is_subcommand(command: str, word: str) -> bool:
+    """Whether ``COMMAND WORD --help`` works (argparse refuses an unknown command)."""
+    if not re.fullmatch(r"[a-z][a-z-]*", word):
+        return False
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            COMMANDS[command]([word, "--help"])
+        except SystemExit as exit_info:
+            return exit_info.code == 0
+    return False
+
+
+def _subcommands_of(command: str) -> list[str]:
+    """The commands ``COMMAND --help`` lists (argparse's indented list)."""
+    text = _help(command, [])
+    return [w for w in re.findall(r"^    ([a-z][a-z-]*)", text, re.M) if _is_subcommand(command, w)]
+
+
 def _check_command(where: str, command: str, words: list[str]) -> None:
-    subcommands = [w for w in words if w in SUBCOMMANDS[command]]
+    subcommands = [w for w in words if _is_subcommand(command, w)]
     assert subcommands, f"{where}: {command} {' '.join(words)}: no known subcommand"
     helps = {sub: _help(command, [sub]) for sub in dict.fromkeys(subcommands)}
     for word in words:
@@ -278,3 +292,49 @@ def test_docs_are_all_linked_from_the_readme():
     readme = (ROOT / "README.md").read_text()
     for path in sorted((ROOT / "docs").glob("*.md")):
         assert f"(docs/{path.name})" in readme, f"README does not link docs/{path.name}"
+
+
+# references complete -----------------------------------------------------------------
+
+PLACEHOLDERS = {"host": "HOST", "address": "ADDR", "name": "FILE"}
+
+
+def test_api_reference_documents_every_route() -> None:
+    from management.app import URL_MAP
+
+    doc = (ROOT / "docs" / "api.md").read_text()
+    for rule in URL_MAP.iter_rules():
+        path = re.sub(r"<(?:\w+:)?(\w+)>", lambda m: PLACEHOLDERS[m.group(1)], rule.rule)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            assert f"| `{method} {path}` |" in doc, f"docs/api.md has no row for {method} {path}"
+
+
+def test_api_reference_documents_every_error_code() -> None:
+    errors = (ROOT / "docs" / "api.md").read_text().split("## Errors")[1]
+    found = set()
+    for path in sorted((ROOT / "management").glob("*.py")):
+        found |= set(re.findall(r'ApiError\(\s*(\d{3}),\s*"(\w+)"', path.read_text()))
+    assert len(found) >= 10
+    for status, code in sorted(found):
+        assert f"| {status} | `{code}` |" in errors, f"docs/api.md: no error {status} {code}"
+
+
+def test_every_balancerctl_command_is_documented() -> None:
+    api = (ROOT / "docs" / "api.md").read_text().split("## balancerctl")[1]
+    synopsis = next(block for lang, block in _blocks(ROOT / "README.md")
+                    if lang == "" and block.startswith("balancer serve"))
+    commands = _subcommands_of("balancerctl")
+    assert {"list", "set", "reload"} <= set(commands)
+    for command in commands:
+        assert f"| `{command}" in api, f"docs/api.md: balancerctl {command} not in its table"
+        assert re.search(rf"(\| | {{2}}){command}( |$)", synopsis, re.M), (
+            f"README Commands block: no balancerctl {command}")
+
+
+def test_every_metric_is_documented() -> None:
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    source = (ROOT / "management" / "metrics.py").read_text()
+    names = set(re.findall(r'"(balancer_[a-z_]+)"', source))
+    assert len(names) >= 12
+    for name in sorted(names):
+        assert f"| `{name}` |" in doc, f"docs/metrics.md has no row for {name}"

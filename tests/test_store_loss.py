@@ -166,7 +166,7 @@ def test_a_routes_file_deleted_under_a_running_balancer(
     """Issue 14.2: a deleted file plus one write used to leave a one-host table."""
     bal = balancers("file", [], HOSTS)
     version = 0
-    for n in range(4):
+    for _ in range(4):
         version = bal.api("PUT", "/api/v1/hosts/h2.test", HOSTS["h2.test"])[1]["version"]
     os.unlink(bal.routes)
     assert_lost_then_restored([bal], version, "cannot read the routing table file (deleted?)")
