@@ -88,9 +88,18 @@ class Backend(Client):
 
 
 class Store:
+    display_url = "bench:"
+    quiet = True
+
     def load(self) -> SimpleNamespace:
         return SimpleNamespace(version=1, hosts={
             "*": {"action": "proxy", "backends": ["127.0.0.1:9"]}})
+
+    def identity(self) -> str:
+        return "bench"
+
+    def raise_floor(self, version: int) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -98,7 +107,7 @@ class Store:
 
 def setup() -> object:
     """A worker's listener context in socket-timeout mode, its one backend pooled."""
-    worker = Worker(load_settings(flags={}, env={}), Store())
+    worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}), Store())
     if not worker.apply(worker.store.load()):
         raise SystemExit("the table did not compile")
     ctx = worker.context(False)
