@@ -24,8 +24,13 @@ from balancer.settings import load_settings
 class NoStore:
     """The part of the store interface a Worker touches before it starts."""
 
+    display_url = "none"
+
     def load(self) -> SimpleNamespace:
         return SimpleNamespace(version=1, hosts={})
+
+    def identity(self) -> str:
+        return self.display_url
 
     def close(self) -> None:
         pass
