@@ -35,6 +35,7 @@ from typing import Any
 
 from balancer.backoff import Backoff
 from balancer.control import control_path
+from balancer.descriptors import log_limits, soft_limit
 from balancer.privileges import Identity
 from balancer.settings import Settings, SettingsError
 from balancer.startup import check_in_child, flush_std, keep_bound, kill_quietly, read_pipe
@@ -294,6 +295,8 @@ class Arbiter:
         log.info("SIGHUP: settings re-read; replacing the management process and %d "
                  "worker(s) one by one (generation %d)", settings.effective_workers(),
                  self.generation)
+        limit = soft_limit()
+        log_limits(settings.server.max_connections, limit, limit)  # a new cap, if any
         self.write_status()
 
     def stop(self, graceful: bool, why: str) -> None:
