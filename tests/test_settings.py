@@ -408,3 +408,19 @@ def test_duplicate_addresses():
     assert "is also used by server.listen" in problem
     s = load(flags={"server.listen": ["127.0.0.1:0", "127.0.0.1:0"]})
     assert len(s.server.listen) == 2
+
+
+def test_management_allowed_hosts(config):
+    assert load().management.allowed_hosts == ()
+    env = {"BALANCER_MANAGEMENT_ALLOWED_HOSTS": "Ops.Example.com, [::1], .corp.lan,*, 10.0.0.1"}
+    assert load(env=env).management.allowed_hosts == (
+        "ops.example.com", "::1", ".corp.lan", "*", "10.0.0.1")
+    path = config('[management]\nallowed_hosts = ["mgmt.internal"]\n')
+    assert load(config_path=path).management.allowed_hosts == ("mgmt.internal",)
+    for bad in ("a b", "http://x", "x:8081", ".", "[zz]"):
+        problem = one_problem(env={"BALANCER_MANAGEMENT_ALLOWED_HOSTS": bad})
+        assert problem.startswith("management.allowed_hosts (BALANCER_MANAGEMENT_ALLOWED_HOSTS): ")
+    assert one_problem(config_path=config("[management]\nallowed_hosts = [1]\n")).endswith(
+        "must be a list of host name strings, got [1]")
+    assert "must be a list of host names" in one_problem(
+        config_path=config('[management]\nallowed_hosts = "x"\n'))
