@@ -3,7 +3,10 @@
 ``python scripts/bench_slow_read.py [--slow 1000] [--rate 200] [--duration 10]
 [--targets balancer,haproxy]``
 
-nginx serves a 1 MiB file and a 4.5 KB page. For each target, `--slow`
+Two nginx instances serve the same 1 MiB file and 4.5 KB page, one for the
+slow clients (host ``slow.test``), one for the live requests (``live.test``),
+so that what is measured is the proxy, not a backend busy pushing 1 GiB.
+For each target, `--slow`
 clients connect, `--rate` a second (as ``slowhttptest -X``: a 4 KB receive
 buffer, ``GET`` of the big file, 32 bytes read per client every second),
 from a process of their own; meanwhile a probe opens a fresh connection every
@@ -53,16 +56,36 @@ def nginx_conf(dir: Path, port: int) -> str:
             "    send_timeout 120s;\n  }\n}\n")
 
 
-def start_target(name: str, procs: Processes, root: Path, backend: int) -> int:
+def haproxy_conf(port: int, slow: str, live: str) -> str:
+    return (f"global\n    maxconn 4000\n    ulimit-n {NOFILE}\n    nbthread 1\n"
+            "defaults\n    mode http\n    option http-keep-alive\n    timeout connect 5s\n"
+            "    timeout client 75s\n    timeout server 60s\n    timeout http-request 10s\n"
+            f"frontend fe\n    bind {HOST}:{port}\n    maxconn 4000\n    backlog 4096\n"
+            "    use_backend live if { hdr(host) -i live.test }\n    default_backend slow\n"
+            f"backend slow\n    http-reuse always\n    server s {slow}\n"
+            f"backend live\n    http-reuse always\n    server l {live}\n")
+
+
+def start_nginx(procs: Processes, root: Path, name: str) -> str:
     port, dir = free_port(), root / name
     dir.mkdir()
-    addr = f"{HOST}:{backend}"
+    (dir / "nginx.conf").write_text(nginx_conf(dir, port))
+    proc = procs.start(name, ["nginx", "-p", str(dir), "-c", str(dir / "nginx.conf"),
+                              "-e", str(dir / "error.log"), "-g", "daemon off;"])
+    wait_for_port(proc, port)
+    return f"{HOST}:{port}"
+
+
+def start_target(name: str, procs: Processes, root: Path, slow: str, live: str) -> int:
+    port, dir = free_port(), root / name
+    dir.mkdir()
     if name == "haproxy":
         conf = dir / "haproxy.cfg"
-        conf.write_text(configs.haproxy(port, [addr], NOFILE, 4000))
+        conf.write_text(haproxy_conf(port, slow, live))
         argv = ["haproxy", "-db", "-f", str(conf)]
     else:
-        routes = RouteFile(dir / "routes.json", {"*": proxy_rule([addr])})
+        routes = RouteFile(dir / "routes.json", {"slow.test": proxy_rule([slow]),
+                                                 "live.test": proxy_rule([live])})
         argv = [sys.executable, "-m", "balancer", "serve", "--workers", "1",
                 "--listen", f"{HOST}:{port}", "--management", f"{HOST}:{free_port()}",
                 "--store", f"file:{routes.path}"]
@@ -156,14 +179,10 @@ def main() -> None:
         root = Path(tmp)
         procs = Processes(root / "logs")
         try:
-            port, dir = free_port(), root / "nginx"
-            dir.mkdir()
-            (dir / "nginx.conf").write_text(nginx_conf(dir, port))
-            nginx = procs.start("nginx", ["nginx", "-p", str(dir), "-c", str(dir / "nginx.conf"),
-                                          "-e", str(dir / "error.log"), "-g", "daemon off;"])
-            wait_for_port(nginx, port)
+            slow = start_nginx(procs, root, "nginx-slow")
+            live = start_nginx(procs, root, "nginx-live")
             for name in args.targets.split(","):
-                target = start_target(name, procs, root, port)
+                target = start_target(name, procs, root, slow, live)
                 report(name, measure(target, args))
         finally:
             procs.stop_all()
