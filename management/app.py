@@ -42,6 +42,7 @@ from balancer.stores import (
 )
 from balancer.stores.snapshot import HOW_TO_FIX
 from management import dashboard_page, edits
+from management.guard import Guard, guard_for
 from management.http import (
     ApiError,
     check_token,
@@ -96,14 +97,18 @@ URL_MAP = Map([
 
 def create_app(store: Store | None = None, runtime: Runtime | None = None,
                token: str | None = None, settings: Any = None,
-               mirror: Mirror | None = None) -> ManagementApp:
+               mirror: Mirror | None = None) -> ManagementApp | Guard:
     """The management WSGI app.
 
     Without a store, one is opened from `settings` (or, with no settings, from
     `balancer.settings.load_settings()`: ``BALANCER_STORE_URL``,
-    ``BALANCER_CONFIG``...). Without a runtime, a `StaticRuntime` (no data
-    plane) is used. `token` defaults to ``settings.management.token``.
+    ``BALANCER_CONFIG``...), and the app is served by another WSGI server:
+    it comes behind the browser rules of SPEC §5 (`management.guard`, with
+    ``management.listen`` as its address). Without a runtime, a
+    `StaticRuntime` (no data plane) is used. `token` defaults to
+    ``settings.management.token``.
     """
+    standalone = store is None
     if store is None:
         if settings is None:
             from balancer.settings import load_settings
@@ -113,7 +118,8 @@ def create_app(store: Store | None = None, runtime: Runtime | None = None,
                            settings.store.resync_interval)
     if token is None and settings is not None:
         token = settings.management.token or None
-    return ManagementApp(store, runtime or StaticRuntime(store), token, mirror)
+    app = ManagementApp(store, runtime or StaticRuntime(store), token, mirror)
+    return guard_for(app, settings) if standalone else app
 
 
 class ManagementApp:

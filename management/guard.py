@@ -96,6 +96,12 @@ class Guard:
         return _body_problem(environ)
 
 
+def guard_for(app: Callable[..., Iterable[bytes]], settings: Any) -> Guard:
+    """`app` behind the rules, for `settings`' management address and allowed names."""
+    management = settings.management
+    return Guard(app, HostPolicy(management.listen.host, management.allowed_hosts))
+
+
 def split_authority(value: str) -> tuple[str, int | None] | None:
     """``(name, port)`` of a Host value (name lower case, IPv6 bare, no trailing
     dot), or None when it is not a host name."""

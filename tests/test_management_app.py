@@ -333,9 +333,15 @@ def test_create_app_alone_reads_the_store_url_from_the_environment(
     monkeypatch.delenv("BALANCER_CONFIG", raising=False)
     base = serve_wsgi(create_app())
     assert_error(call(base, "GET", "/api/v1/hosts"), 401, "unauthorized")
+    reply = call(base, "PUT", "/api/v1/hosts/a.example.com", GONE,
+                 headers={"Authorization": f"Bearer {TOKEN}"})
+    assert_error(reply, 415, "unsupported_media_type")  # alone, it keeps the browser rules
     call(base, "PUT", "/api/v1/hosts/a.example.com", GONE,
-         headers={"Authorization": f"Bearer {TOKEN}"})
+         headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     assert json.loads(path.read_text())["hosts"] == {"a.example.com": GONE}
+    assert_error(call(base, "GET", "/api/v1/hosts", headers={
+        "Authorization": f"Bearer {TOKEN}", "Host": "rebind.evil.example"}),
+        403, "host_not_allowed")
 
 
 # dashboard -----------------------------------------------------------------------
