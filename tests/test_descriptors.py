@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from balancer.descriptors import ACCEPT_PAUSE, RESERVED, connection_cap
-from tests.support import ROOT, Backend, Balancer
+from tests.support import ROOT, Backend, Balancer, wait_for
 
 CLIENTS = 300
 
@@ -68,8 +68,9 @@ def test_low_descriptor_limit_is_raised_and_caps_connections(tmp_path: Path) -> 
     try:
         cap = connection_cap(10000, 256)
         assert cap == (256 - RESERVED) // 2
+        lowered = f"server.max_connections lowered from 10000 to {cap} per worker"
+        wait_for(lambda: lowered in bal.output(), what="the start-up lines on the limit")
         assert "file descriptor limit raised from 128 to 256" in bal.output()
-        assert f"server.max_connections lowered from 10000 to {cap} per worker" in bal.output()
         answers = many_requests(bal.port, CLIENTS, "/slow?s=0.3")
         statuses = [answer[:12] for answer in answers]
         assert statuses == [b"HTTP/1.1 200"] * CLIENTS, sorted(set(statuses))
