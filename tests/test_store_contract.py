@@ -173,3 +173,70 @@ def test_concurrent_writers_never_lose_an_update(make_store: Callable[[], Store]
     data = stores[0].load()
     assert data.version == 45
     assert len(data.hosts) == 45
+
+
+# deploy records (SPEC §10) ---------------------------------------------------
+def test_deploy_records_are_shared_newest_first_and_leave_the_table_alone(
+        make_store: Callable[[], Store]) -> None:
+    from balancer.stores.records import MAX_DEPLOYS
+
+    one, other = make_store(), make_store()
+    one.put_host("web.test", WEB)
+    version = one.load().version
+    for n in range(MAX_DEPLOYS + 3):
+        one.records().save_deploy({"id": f"d{n}", "host": "web.test", "started": 1000.0 + n})
+    one.records().save_deploy({"id": "d60", "host": "web.test", "started": 1060.0,
+                               "state": "running"})
+    one.records().save_deploy({"id": "d60", "host": "web.test", "started": 1060.0,
+                               "state": "done"})
+    seen = other.records().deploys()
+    assert [r["id"] for r in seen[:3]] == ["d60", f"d{MAX_DEPLOYS + 2}", f"d{MAX_DEPLOYS + 1}"]
+    assert len(seen) == MAX_DEPLOYS
+    assert other.records().deploy("d60")["state"] == "done"
+    assert other.records().deploy("d0") is None  # the oldest went
+    assert one.load().version == version
+
+
+def test_one_claim_per_host_taken_over_only_when_its_owner_went_quiet(
+        make_store: Callable[[], Store]) -> None:
+    a, b = make_store().records(), make_store().records()
+    assert a.claim("web.test", "d1", "owner-a", now=100.0, stale_after=5.0) is None
+    assert b.claim("web.test", "d2", "owner-b", now=101.0, stale_after=5.0) == "d1"
+    assert b.claim("web.test", "d1", "owner-b", now=101.0, stale_after=5.0) == "d1"  # fresh
+    assert a.claim("web.test", "d1", "owner-a", now=103.0, stale_after=5.0) is None  # beat
+    assert b.claim("web.test", "d1", "owner-b", now=108.1, stale_after=5.0) is None  # resumed
+    assert a.claims()["web.test"]["owner"] == "owner-b"
+    a.release("web.test", "d2")  # not the holder: nothing happens
+    assert "web.test" in b.claims()
+    a.release("web.test", "d1")
+    assert b.claims() == {}
+    assert b.claim("web.test", "d2", "owner-b", now=109.0, stale_after=5.0) is None
+
+
+def test_racing_claims_for_one_host_have_one_winner(make_store: Callable[[], Store]) -> None:
+    stores = [make_store() for _ in range(6)]
+    results: list[str | None] = [None] * 6
+    done = [False] * 6
+
+    def race(n: int) -> None:
+        results[n] = stores[n].records().claim("web.test", f"d{n}", f"o{n}", 1.0, 5.0)
+        done[n] = True
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert all(done)
+    winners = [n for n, r in enumerate(results) if r is None]
+    assert len(winners) == 1
+    assert all(r == f"d{winners[0]}" for r in results if r is not None)
+
+
+def test_inflight_reports_are_published_and_withdrawn(make_store: Callable[[], Store]) -> None:
+    a, b = make_store().records(), make_store().records()
+    a.report_inflight("lb1", {"at": 1.0, "backends": {"127.0.0.1:9001": 2}})
+    b.report_inflight("lb2", {"at": 2.0, "backends": {}})
+    assert a.inflight() == {"lb1": {"at": 1.0, "backends": {"127.0.0.1:9001": 2}},
+                            "lb2": {"at": 2.0, "backends": {}}}
+    a.report_inflight("lb1", None)
+    assert set(b.inflight()) == {"lb2"}

@@ -29,9 +29,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from balancer.rules import normalize_host, validate_table
+
+if TYPE_CHECKING:
+    from balancer.stores.records import Records
 
 PAUSE_EVERY = 2000  # hosts checked between yields to other greenlets
 
@@ -211,6 +214,10 @@ class Store(ABC):
     @abstractmethod
     def is_reachable(self) -> bool:
         """Whether the latest contact with the store succeeded."""
+
+    @abstractmethod
+    def records(self) -> Records:
+        """The deploy records kept beside the table (`balancer.stores.records`)."""
 
     def last_error(self) -> str | None:
         """The current problem with the store (unreachable or corrupt), if any."""

@@ -45,6 +45,7 @@ from balancer.stores.base import (
     VersionConflict,
     write_version,
 )
+from balancer.stores.records import FileRecords, Records
 from balancer.stores.snapshot import HOW_TO_FIX
 
 log = logging.getLogger("balancer.store.file")
@@ -110,6 +111,10 @@ class FileStore(Store):
 
     def last_error(self) -> str | None:
         return self._problem
+
+    def records(self) -> Records:
+        """Deploy records in ``PATH.deploys.json``, under the routes file's writer lock."""
+        return FileRecords(self.path + ".deploys.json", self._locked)
 
     # writing ---------------------------------------------------------------
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:

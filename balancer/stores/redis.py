@@ -56,6 +56,7 @@ from balancer.stores.base import (
     VersionConflict,
     write_version,
 )
+from balancer.stores.records import Records, RedisRecords
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
 log = logging.getLogger("balancer.store.redis")
@@ -172,6 +173,10 @@ class RedisStore(Store):
 
     def last_error(self) -> str | None:
         return self._problem
+
+    def records(self) -> Records:
+        """Deploy records in hashes under the namespace (`RedisRecords`)."""
+        return RedisRecords(self.client, self.namespace, self._talking)
 
     # writing ---------------------------------------------------------------
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:

@@ -1,0 +1,279 @@
+"""Deploy records kept beside the routing table (SPEC §10), for every balancer to see.
+
+Three small collections, none of them read per request:
+* deploys: deploy id → record (a JSON object with at least ``id``, ``host``
+  and ``started``); only the newest `MAX_DEPLOYS` (by ``started``) are kept.
+* claims: host → ``{"id", "owner", "beat"}``: the one deploy running on a host,
+  the management process running it and when it last said so (unix time).
+* in-flight reports: balancer → ``{"at", ...}``: each balancer's in-flight
+  counts on the backends being drained, published while a deploy runs.
+
+Invariants:
+* `claim` is atomic (Redis ``WATCH``/``MULTI``; the file store's writer lock):
+  of two deploys racing for one host exactly one gets it. A claim is taken
+  over only by the same deploy id (resuming it) and only once its owner's
+  beat is older than `stale_after`.
+* None of these writes touches the routing table or its version.
+* Reads and writes raise `StoreUnavailable` when the store cannot be reached,
+  `CorruptStore` never: an unreadable record collection reads as empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from redis.exceptions import WatchError
+
+from balancer.stores.base import StoreUnavailable
+
+MAX_DEPLOYS = 50
+CLAIM_ATTEMPTS = 50
+
+
+class Records(ABC):
+    """Deploy records, host claims and in-flight reports of one store."""
+
+    @abstractmethod
+    def save_deploy(self, record: dict[str, Any]) -> None:
+        """Create or replace the record `record["id"]`, keeping the newest `MAX_DEPLOYS`."""
+
+    @abstractmethod
+    def deploys(self) -> list[dict[str, Any]]:
+        """Every kept record, newest first."""
+
+    def deploy(self, deploy_id: str) -> dict[str, Any] | None:
+        """One record, or None."""
+        return next((r for r in self.deploys() if r.get("id") == deploy_id), None)
+
+    @abstractmethod
+    def claim(self, host: str, deploy_id: str, owner: str, now: float,
+              stale_after: float) -> str | None:
+        """Take `host` for `deploy_id` run by `owner`: None when taken, else the id
+        of the deploy that holds it. A claim of the same id is refreshed by its
+        owner, or taken over by another once its beat is older than `stale_after`."""
+
+    @abstractmethod
+    def release(self, host: str, deploy_id: str) -> None:
+        """Drop `host`'s claim if `deploy_id` holds it."""
+
+    @abstractmethod
+    def claims(self) -> dict[str, dict[str, Any]]:
+        """host → ``{"id", "owner", "beat"}`` for every held claim."""
+
+    @abstractmethod
+    def report_inflight(self, balancer: str, report: dict[str, Any] | None) -> None:
+        """Publish (or, with None, withdraw) one balancer's in-flight report."""
+
+    @abstractmethod
+    def inflight(self) -> dict[str, dict[str, Any]]:
+        """balancer → its latest in-flight report."""
+
+
+def decide_claim(held: dict[str, Any] | None, deploy_id: str, owner: str, now: float,
+                 stale_after: float) -> str | None:
+    """None when a claim may be written over `held`, else the id that keeps it."""
+    if held is None:
+        return None
+    if held.get("id") != deploy_id:
+        return str(held.get("id"))
+    if held.get("owner") == owner or now - float(held.get("beat", 0)) >= stale_after:
+        return None
+    return deploy_id
+
+
+def newest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records newest first (by ``started``, then id)."""
+    return sorted(records, key=lambda r: (float(r.get("started", 0)), str(r.get("id"))),
+                  reverse=True)
+
+
+class FileRecords(Records):
+    """The records in one JSON file beside the routes file, written whole under the
+    routes file's writer lock (temp file, fsync, rename)."""
+
+    def __init__(self, path: str, locked: Callable[[], Any]) -> None:
+        self.path = path
+        self.locked = locked
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            with open(self.path) as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            doc = {}
+        except (OSError, ValueError):
+            doc = {}  # unreadable: start over rather than block every deploy
+        if not isinstance(doc, dict):
+            doc = {}
+        return {key: doc.get(key) if isinstance(doc.get(key), dict) else {}
+                for key in ("deploys", "claims", "inflight")}
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[dict[str, dict[str, Any]]]:
+        with self.locked():
+            doc = self._read()
+            yield doc
+            self._write(doc)
+
+    def _write(self, doc: dict[str, Any]) -> None:
+        directory = os.path.dirname(self.path)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".deploys.", suffix=".tmp", dir=directory)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(doc, f, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            raise StoreUnavailable(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+
+    def save_deploy(self, record: dict[str, Any]) -> None:
+        with self._changing() as doc:
+            doc["deploys"][record["id"]] = record
+            kept = newest(list(doc["deploys"].values()))[:MAX_DEPLOYS]
+            doc["deploys"] = {r["id"]: r for r in kept}
+
+    def deploys(self) -> list[dict[str, Any]]:
+        return newest([r for r in self._read()["deploys"].values() if isinstance(r, dict)])
+
+    def claim(self, host: str, deploy_id: str, owner: str, now: float,
+              stale_after: float) -> str | None:
+        with self._changing() as doc:
+            holder = decide_claim(doc["claims"].get(host), deploy_id, owner, now, stale_after)
+            if holder is None:
+                doc["claims"][host] = {"id": deploy_id, "owner": owner, "beat": now}
+            return holder
+
+    def release(self, host: str, deploy_id: str) -> None:
+        with self._changing() as doc:
+            if (doc["claims"].get(host) or {}).get("id") == deploy_id:
+                del doc["claims"][host]
+
+    def claims(self) -> dict[str, dict[str, Any]]:
+        return self._read()["claims"]
+
+    def report_inflight(self, balancer: str, report: dict[str, Any] | None) -> None:
+        with self._changing() as doc:
+            if report is None:
+                doc["inflight"].pop(balancer, None)
+            else:
+                doc["inflight"][balancer] = report
+
+    def inflight(self) -> dict[str, dict[str, Any]]:
+        return self._read()["inflight"]
+
+
+class RedisRecords(Records):
+    """The records in three hashes: ``NS:deploys`` (id → JSON), ``NS:deploy-claims``
+    (host → JSON) and ``NS:deploy-inflight`` (balancer → JSON)."""
+
+    def __init__(self, client: Any, namespace: str, talking: Callable[[str], Any]) -> None:
+        self.client = client
+        self.talking = talking
+        self.deploys_key = f"{namespace}:deploys"
+        self.claims_key = f"{namespace}:deploy-claims"
+        self.inflight_key = f"{namespace}:deploy-inflight"
+
+    def _all(self, key: str) -> dict[str, dict[str, Any]]:
+        with self.talking("read"):
+            raw = self.client.hgetall(key)
+        found = {}
+        for name, text in raw.items():
+            with contextlib.suppress(ValueError):
+                value = json.loads(text)
+                if isinstance(value, dict):
+                    found[name] = value
+        return found
+
+    def save_deploy(self, record: dict[str, Any]) -> None:
+        with self.talking("write"):
+            self.client.hset(self.deploys_key, record["id"], json.dumps(record, sort_keys=True))
+        kept = self.deploys()
+        if len(kept) > MAX_DEPLOYS:
+            with self.talking("write"):
+                self.client.hdel(self.deploys_key, *[r["id"] for r in kept[MAX_DEPLOYS:]])
+
+    def deploys(self) -> list[dict[str, Any]]:
+        return newest([dict(r, id=i) for i, r in self._all(self.deploys_key).items()])
+
+    def deploy(self, deploy_id: str) -> dict[str, Any] | None:
+        with self.talking("read"):
+            text = self.client.hget(self.deploys_key, deploy_id)
+        try:
+            value = json.loads(text) if text else None
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def claim(self, host: str, deploy_id: str, owner: str, now: float,
+              stale_after: float) -> str | None:
+        claim = json.dumps({"id": deploy_id, "owner": owner, "beat": now})
+        with self.talking("write"):
+            for _ in range(CLAIM_ATTEMPTS):
+                with self.client.pipeline(transaction=True) as pipe:
+                    pipe.watch(self.claims_key)
+                    text = pipe.hget(self.claims_key, host)
+                    try:
+                        held = json.loads(text) if text else None
+                    except ValueError:
+                        held = None
+                    holder = decide_claim(held if isinstance(held, dict) else None,
+                                          deploy_id, owner, now, stale_after)
+                    if holder is not None:
+                        return holder
+                    pipe.multi()
+                    pipe.hset(self.claims_key, host, claim)
+                    try:
+                        pipe.execute()
+                    except WatchError:
+                        continue
+                    return None
+        raise StoreUnavailable("gave up claiming the host after concurrent claims")
+
+    def release(self, host: str, deploy_id: str) -> None:
+        with self.talking("write"):
+            for _ in range(CLAIM_ATTEMPTS):
+                with self.client.pipeline(transaction=True) as pipe:
+                    pipe.watch(self.claims_key)
+                    if _claim_id(pipe.hget(self.claims_key, host)) != deploy_id:
+                        return
+                    pipe.multi()
+                    pipe.hdel(self.claims_key, host)
+                    try:
+                        pipe.execute()
+                    except WatchError:
+                        continue
+                    return
+
+    def claims(self) -> dict[str, dict[str, Any]]:
+        return self._all(self.claims_key)
+
+    def report_inflight(self, balancer: str, report: dict[str, Any] | None) -> None:
+        with self.talking("write"):
+            if report is None:
+                self.client.hdel(self.inflight_key, balancer)
+            else:
+                self.client.hset(self.inflight_key, balancer, json.dumps(report, sort_keys=True))
+
+    def inflight(self) -> dict[str, dict[str, Any]]:
+        return self._all(self.inflight_key)
+
+
+def _claim_id(text: str | None) -> str | None:
+    """The deploy id of a stored claim (None when absent or unreadable)."""
+    try:
+        held = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return held.get("id") if isinstance(held, dict) else None
