@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import math
+import time
 from bisect import bisect_right
 from collections.abc import Sequence
 from hashlib import blake2b
@@ -27,6 +28,8 @@ from balancer.pool import UP, Backend
 
 MASK64: Final = (1 << 64) - 1
 IP_HASH_CACHE = 65536  # clients whose backend order is remembered (cleared when full)
+FIRST_SHARE: Final = 0.05  # the new backends' share of new requests when a warmup starts
+SHARE_EVERY: Final = 0.1   # seconds between re-evaluations of a warmup's share
 
 
 class Balancer:
@@ -215,6 +218,52 @@ class IpHash(Balancer):
                         for i, (seed, weight) in enumerate(zip(self.seeds, self.weights,
                                                                strict=True)))
         return tuple(self.backends[i] for _, i in scored)
+
+
+class SlowStart(Balancer):
+    """A deploy's switch (the rule's `draining`): new requests go to the new
+    backends with a share that ramps linearly from `FIRST_SHARE` to 1 over
+    `warmup` seconds from `since` (unix time, the same on every balancer), the
+    rest to the old backends; from then on the old backends get no new request
+    (their in-flight ones finish: the drain). Each side keeps the rule's
+    algorithm. The share is re-evaluated at most every `SHARE_EVERY` seconds
+    (one monotonic clock read per pick, no system call)."""
+
+    def __init__(self, new: Balancer, old: Balancer, since: float, warmup: float) -> None:
+        super().__init__(new.backends + old.backends, new.weights + old.weights)
+        self.new = new
+        self.old = old
+        self.start = time.monotonic() - (time.time() - since)
+        self.warmup = warmup
+        self.share = 0.0
+        self.next_share = 0.0
+        self.update_share(time.monotonic())
+
+    def update_share(self, now: float) -> None:
+        elapsed = now - self.start
+        if self.warmup <= 0 or elapsed >= self.warmup:
+            self.share, self.next_share = 1.0, math.inf
+            return
+        ramp = max(0.0, elapsed) / self.warmup
+        self.share = FIRST_SHARE + (1.0 - FIRST_SHARE) * ramp
+        self.next_share = now + SHARE_EVERY
+
+    def is_warming(self) -> bool:
+        """Whether the old backends still get a share of new requests."""
+        now = time.monotonic()
+        if now >= self.next_share:
+            self.update_share(now)
+        return self.share < 1.0
+
+    def pick(self, client: str, tried: Sequence[Backend]) -> Backend | None:
+        if not self.is_warming():
+            return self.new.pick(client, tried)
+        if random() >= self.share:
+            backend = self.old.pick(client, tried)
+            if backend is not None:
+                return backend
+        backend = self.new.pick(client, tried)
+        return backend if backend is not None else self.old.pick(client, tried)
 
 
 def hash64(data: bytes) -> int:

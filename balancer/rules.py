@@ -33,13 +33,14 @@ MAX_CHECK = 3600   # seconds: the longest health check interval or timeout
 COMMON_KEYS = {"action", "subdomains"}
 ACTION_KEYS = {
     "proxy": {"backends", "algorithm", "retries", "health", "spin_when_down",
-              "max_body_bytes", "retry_timeout"},
+              "max_body_bytes", "retry_timeout", "draining"},
     "spin": {"timeout"},
     "static": {"status", "body", "content_type", "page"},
     "redirect": {"to", "status", "keep_path"},
     "empty": {"status"},
 }
 HEALTH_KEYS = {"path", "interval", "timeout", "rise", "fall"}
+DRAINING_KEYS = {"backends", "since", "warmup"}
 
 
 class RuleError(ValueError):
@@ -195,20 +196,46 @@ def _validate_backend(i: int, entry: object) -> list[str]:
     return []
 
 
-def _validate_backends(rule: Mapping[str, Any]) -> list[str]:
+def _validate_backends(rule: Mapping[str, Any], prefix: str = "",
+                       seen: set[str] | None = None) -> list[str]:
     backends = rule.get("backends")
     if not isinstance(backends, list) or not backends:
-        return ["backends: must be a non-empty list of backend addresses"]
+        return [f"{prefix}backends: must be a non-empty list of backend addresses"]
     problems: list[str] = []
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     for i, entry in enumerate(backends):
-        found = _validate_backend(i, entry)
+        found = [prefix + p for p in _validate_backend(i, entry)]
         problems += found
         if not found:
             address = str(parse_backend_addr(entry if isinstance(entry, str) else entry["address"]))
             if address in seen:
-                problems.append(f"backends[{i}]: duplicate backend {address}")
+                problems.append(f"{prefix}backends[{i}]: duplicate backend {address}")
             seen.add(address)
+    return problems
+
+
+def backend_addresses(rule: Mapping[str, Any]) -> set[str]:
+    """The normalised addresses of a valid proxy rule's backends."""
+    return {str(parse_backend_addr(address)) for address, _ in backend_entries(rule)}
+
+
+def _validate_draining(rule: Mapping[str, Any]) -> list[str]:
+    """`draining`: the backends a deploy moves away from (docs/deploys.md)."""
+    draining = rule["draining"]
+    if not isinstance(draining, Mapping):
+        return ["draining: must be an object {\"backends\": [...], \"since\": T, "
+                "\"warmup\": S}"]
+    problems = [f"draining.{k}: unknown field" for k in draining if k not in DRAINING_KEYS]
+    try:
+        seen = backend_addresses(rule)
+    except (AddrError, KeyError, TypeError):
+        seen = set()  # the rule's own backends are reported already
+    problems += _validate_backends(draining, "draining.", seen)
+    for key in ("since", "warmup"):
+        value: Any = draining.get(key)
+        if not _is_number(value) or value < 0:
+            problems.append(f"draining.{key}: must be a finite number >= 0, got {value!r}")
+    problems += _at_most(draining, "warmup", MAX_HOLD, "seconds", "draining.")
     return problems
 
 
@@ -244,6 +271,8 @@ def _validate_proxy(rule: Mapping[str, Any]) -> list[str]:
     problems += _int_at_least(rule, "max_body_bytes", 0)
     if "health" in rule:
         problems += _validate_health(rule["health"])
+    if "draining" in rule:
+        problems += _validate_draining(rule)
     return problems
 
 

@@ -25,18 +25,20 @@ STATE_RANK: Final = {"up": 0, "probing": 1, "down": 2}  # merging: the worst sta
 class BackendStats:
     """Counters of one backend address as seen by one host."""
 
-    __slots__ = ("address", "in_flight", "failures", "outcomes", "source")
+    __slots__ = ("address", "in_flight", "tunnels", "failures", "outcomes", "source")
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.in_flight = 0
+        self.tunnels = 0  # of in_flight: requests asking to upgrade (WebSocket tunnels)
         self.failures = 0
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.source: Any = None  # the pool's Backend: its `health_state()` is the truth
 
     def snapshot(self) -> dict[str, Any]:
         state = self.source.health_state() if self.source is not None else "up"
-        return {"state": state, "in_flight": self.in_flight, "failures": self.failures,
+        return {"state": state, "in_flight": self.in_flight, "tunnels": self.tunnels,
+                "failures": self.failures,
                 "outcomes": dict(self.outcomes)}
 
 

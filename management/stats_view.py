@@ -38,4 +38,5 @@ def host_stats(h: dict[str, Any]) -> dict[str, Any]:
 
 def backend_stats(b: dict[str, Any]) -> dict[str, Any]:
     return {"state": b.get("state", "up"), "in_flight": b.get("in_flight", 0),
-            "failures": b.get("failures", 0), "outcomes": dict(b.get("outcomes", {}))}
+            "tunnels": b.get("tunnels", 0), "failures": b.get("failures", 0),
+            "outcomes": dict(b.get("outcomes", {}))}

@@ -283,7 +283,7 @@ def test_stats_shapes_follow_the_counters(store: FileStore,
                 "bytes_sent": 2010, "spinning": 0,
                 "responses": {"1xx": 0, "2xx": 1, "3xx": 0, "4xx": 0, "5xx": 1},
                 "backends": {"127.0.0.1:9001": {
-                    "state": "down", "in_flight": 1, "failures": 4,
+                    "state": "down", "in_flight": 1, "tunnels": 0, "failures": 4,
                     "outcomes": {"success": 0, "connect_error": 0, "timeout": 0, "error": 0}}}}
     assert whole["hosts"]["web.example.com"] == expected
     one = call(base, "GET", "/api/v1/stats/WEB.example.com").json

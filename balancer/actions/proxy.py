@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
-from balancer.balancing import make_balancer
+from balancer.balancing import Balancer, SlowStart, make_balancer
 from balancer.connection import Exchange
 from balancer.errors import (
     BackendClosed,
@@ -58,10 +58,8 @@ class ProxyAction:
     def __init__(self, rule: Mapping[str, Any], registry: Any, host_stats: Any,
                  holder: Any = None, holds: Holds | None = None) -> None:
         self.rule = rule
-        entries = backend_entries(rule)
-        self.backends = [registry.get(address) for address, _ in entries]
-        self.balancer = make_balancer(rule.get("algorithm", "round_robin"), self.backends,
-                                      [weight for _, weight in entries])
+        self.balancer = compile_balancer(rule, registry)
+        self.backends = self.balancer.backends  # with a deploy's draining ones
         self.retries = rule.get("retries", DEFAULT_RETRIES)
         self.retry_timeout = rule.get("retry_timeout", DEFAULT_RETRY_TIMEOUT)
         self.max_body = rule.get("max_body_bytes")
@@ -150,6 +148,9 @@ class ProxyAction:
         stats = self.backend_stats[backend.key]
         ex.backend = backend.key
         stats.in_flight += 1
+        upgrade = ex.head.upgrade
+        if upgrade:
+            stats.tunnels += 1
         try:
             forward(ex, backend, body, self.max_body)
         except ConnectError as exc:
@@ -160,6 +161,8 @@ class ProxyAction:
             return self._failed(backend, stats, "error", exc)
         finally:
             stats.in_flight -= 1
+            if upgrade:
+                stats.tunnels -= 1
         stats.outcomes["success"] += 1
         backend.record_success()
         return None
@@ -219,3 +222,19 @@ class ProxyAction:
                 raise
             return False
         return True
+
+
+def compile_balancer(rule: Mapping[str, Any], registry: Any) -> Balancer:
+    """The rule's balancer; with `draining` (a deploy's switch), a `SlowStart` over
+    the new backends and the draining ones."""
+    algorithm = rule.get("algorithm", "round_robin")
+    entries = backend_entries(rule)
+    new = make_balancer(algorithm, [registry.get(address) for address, _ in entries],
+                        [weight for _, weight in entries])
+    draining = rule.get("draining")
+    if draining is None:
+        return new
+    old_entries = backend_entries(draining)
+    old = make_balancer(algorithm, [registry.get(address) for address, _ in old_entries],
+                        [weight for _, weight in old_entries])
+    return SlowStart(new, old, float(draining["since"]), float(draining["warmup"]))
