@@ -41,7 +41,8 @@ from balancer.stores import (
     open_store,
 )
 from balancer.stores.snapshot import HOW_TO_FIX
-from management import dashboard_page, edits
+from management import dashboard_page, deploys_api, edits
+from management.deploys import Deployer
 from management.guard import Guard, guard_for
 from management.http import (
     ApiError,
@@ -92,6 +93,7 @@ URL_MAP = Map([
     Rule("/api/v1/reload", endpoint="reload", methods=["POST"]),
     Rule("/api/v1/restore", endpoint="restore", methods=["POST"]),
     Rule("/api/v1/info", endpoint="info", methods=["GET"]),
+    *deploys_api.RULES,
 ], strict_slashes=False, merge_slashes=False)
 
 
@@ -132,6 +134,7 @@ class ManagementApp:
         self.token = token or None
         self.mirror = mirror or Mirror(store)  # not started: only this app's writes
         self.metrics = Metrics(runtime.stats)
+        self.deployer = Deployer(store, runtime, self.write_rule)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:
@@ -262,6 +265,38 @@ class ManagementApp:
                     raise
         raise StoreUnavailable(f"the table kept changing during {EDIT_ATTEMPTS} attempts; "
                                f"try again")
+
+    def write_rule(self, key: str, rule: dict[str, Any], if_version: int) -> int:
+        """A deploy's write of one host's rule, answered once every worker serves it
+        (`VersionConflict` when the table moved past `if_version`)."""
+        self._check_not_lost()
+        version = self.store.put_host(key, rule, if_version)
+        self.mirror.note_write(version, {key: rule})
+        publish = getattr(self.runtime, "publish", None)
+        lagging = publish(version, {key: rule}) if publish else []
+        if lagging:
+            log.warning("deploy of %s: version %d not served yet by %s", key, version, lagging)
+        return version
+
+    def check_writable(self) -> None:
+        """409 `store_lost` while the store lost its table (as one-host writes)."""
+        self._check_not_lost()
+
+    # deploys (management/deploys.py) ---------------------------------------
+    def on_deploy(self, request: Request, host: str) -> Response:
+        record = deploys_api.deploy(self, normalize_host(host), read_json(request))
+        return json_response({"deploy": record}, status=202)
+
+    def on_rollback(self, request: Request, host: str) -> Response:
+        body = read_json(request) if request.content_length else None
+        record = deploys_api.rollback(self, normalize_host(host), body)
+        return json_response({"deploy": record}, status=202)
+
+    def on_list_deploys(self, request: Request) -> Response:
+        return json_response({"deploys": self.deployer.records.deploys()})
+
+    def on_get_deploy(self, request: Request, deploy_id: str) -> Response:
+        return json_response({"deploy": deploys_api.find(self, deploy_id)})
 
     def _raise_floor(self) -> None:
         """Writes go above every version this balancer has known (workers, snapshot)."""

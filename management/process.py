@@ -48,8 +48,10 @@ def run_management(env: ChildEnv, sock: Any) -> int:
                            settings.limits.max_header_bytes,
                            min(MAX_CONNECTIONS, soft_limit() - RESERVED))
     api.start()
+    app.deployer.start_watching()  # resumes deploys a stopped process handed over
     report_ready(env)
     wait_for_stop(env)
+    app.deployer.stop()
     api.stop(timeout=min(MANAGEMENT_DRAIN, settings.timeouts.graceful))
     mirror.stop()
     store.close()
@@ -58,5 +60,5 @@ def run_management(env: ChildEnv, sock: Any) -> int:
 
 # what the management process imports after fork (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
-    "management.app", "management.cluster", "management.guard", "management.mirror",
-    "management.process", "management.server"))
+    "management.app", "management.cluster", "management.deploys", "management.guard",
+    "management.mirror", "management.process", "management.server"))

@@ -1,0 +1,120 @@
+"""The pieces of a deploy's steps that need no record (SPEC §10, docs/deploys.md).
+
+* `probe`: one readiness check of a new backend: the rule's `health` (a 2xx or
+  3xx to its path, as the active checks) or, without one, ``GET /`` answering
+  below 500.
+* `switched_rule`: the rule a deploy writes in its one switch: the new
+  backends, and the old ones under `draining` (they share new requests while
+  the new ones warm up, then get none).
+* `in_flight`: the sum of every live balancer's published in-flight counts on
+  the draining backends, or None while some balancer's report is too old to
+  tell (taken before the drain began, or before it served the switch).
+
+Invariants: nothing here writes to the store or the routing table.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from balancer.addr import parse_backend_addr
+from balancer.health import CheckConfig, read_status
+from balancer.http11 import ProtocolError
+from balancer.rules import backend_entries
+
+REPORT_FRESH = 3.0   # seconds: an older in-flight report is a balancer gone away
+DEPLOY_RISE = 1      # good answers in a row without a `health` (with one: its `rise`)
+PROBE_TIMEOUT = 1.0  # seconds per check without a `health`
+PROBE_EVERY = 0.25   # seconds between checks at most (a `health.interval` that is shorter wins)
+
+
+def check_config(rule: Mapping[str, Any]) -> tuple[CheckConfig, bool]:
+    """How the new backends are checked: the rule's health (True: 2xx/3xx needed)
+    or ``GET /`` below 500."""
+    health = rule.get("health") if rule.get("action") == "proxy" else None
+    if isinstance(health, Mapping):
+        config = CheckConfig.from_rule(health)
+        return CheckConfig(config.path, min(config.interval, PROBE_EVERY), config.timeout,
+                           config.rise, config.fall), True
+    return CheckConfig("/", PROBE_EVERY, PROBE_TIMEOUT, DEPLOY_RISE, 1), False
+
+
+def probe(address: str, host: str, config: CheckConfig, strict: bool) -> str | None:
+    """One check of `address`: None when it passes, else what went wrong."""
+    target = parse_backend_addr(address)
+    deadline = time.monotonic() + config.timeout
+    try:
+        sock = socket.create_connection((target.host, target.port), config.timeout)
+    except OSError as exc:
+        return f"connect: {exc.strerror or exc}"
+    name = address if host.startswith("*") else host
+    try:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: balancer-deploy\r\n"
+                     b"Connection: close\r\n\r\n" % (config.path.encode(), name.encode()))
+        status = read_status(sock, deadline)
+    except OSError as exc:
+        return str(exc.strerror or exc) or type(exc).__name__
+    except ProtocolError as exc:
+        return f"invalid response: {exc.reason}"
+    finally:
+        sock.close()
+    good = 200 <= status < 400 if strict else status < 500
+    return None if good else f"GET {config.path} answered {status}"
+
+
+def addresses(entries: list[Any]) -> list[str]:
+    """The normalised addresses of backend entries (strings or objects)."""
+    return [str(parse_backend_addr(a)) for a, _ in backend_entries({"backends": entries})]
+
+
+def switched_rule(before: Mapping[str, Any], to: list[Any], since: float,
+                  warmup: float) -> dict[str, Any]:
+    """The rule after the switch from `before` to the backends `to`."""
+    if before.get("action") == "proxy":
+        rule = {k: v for k, v in before.items() if k != "draining"}
+        old = list(before.get("backends", ()))
+    else:
+        rule = {"action": "proxy", **({"subdomains": before["subdomains"]}
+                                      if "subdomains" in before else {})}
+        old = []
+    rule["backends"] = list(to)
+    new = set(addresses(to))
+    leaving = [e for e, a in zip(old, addresses(old), strict=True) if a not in new]
+    if leaving:
+        rule["draining"] = {"backends": leaving, "since": since, "warmup": warmup}
+    return rule
+
+
+def in_flight(reports: Mapping[str, Mapping[str, Any]], host: str, draining: list[str],
+              version: int, since: float, now: float) -> dict[str, dict[str, int]] | None:
+    """Per draining address, ``{"in_flight", "tunnels"}`` summed over every live
+    balancer; None while a live balancer's report predates `since` or the switch
+    (`version`), or no balancer reported at all."""
+    totals = {a: {"in_flight": 0, "tunnels": 0} for a in draining}
+    live = 0
+    for report in reports.values():
+        at = float(report.get("at", 0))
+        if now - at > REPORT_FRESH:
+            continue  # that balancer stopped reporting: gone
+        if at < since or int(report.get("version", 0)) < version:
+            return None
+        live += 1
+        for address, counts in report.get("hosts", {}).get(host, {}).items():
+            if address in totals:
+                totals[address]["in_flight"] += int(counts.get("in_flight", 0))
+                totals[address]["tunnels"] += int(counts.get("tunnels", 0))
+    return totals if live else None
+
+
+def local_report(stats: Mapping[str, Any], version: int, hosts: list[str],
+                 now: float) -> dict[str, Any]:
+    """This balancer's in-flight report on `hosts` from its merged worker stats."""
+    counts = {}
+    for host in hosts:
+        backends = stats.get("hosts", {}).get(host, {}).get("backends", {})
+        counts[host] = {a: {"in_flight": b.get("in_flight", 0), "tunnels": b.get("tunnels", 0)}
+                        for a, b in backends.items()}
+    return {"at": now, "version": version, "hosts": counts}

@@ -1,0 +1,387 @@
+"""Deploys as one operation (SPEC §10, docs/deploys.md): ready → switch → warmup → drain.
+
+A `Deployer` runs in the management process. Each deploy is a record in the
+store (`balancer.stores.records`), so every balancer and dashboard sees it,
+and a claim on its host, so one deploy per host runs at a time.
+
+Invariants:
+* Before the switch nothing is written to the table: a deploy that fails or
+  is interrupted there leaves the previous rule serving.
+* The switch is one conditional write of the host's rule (`switched_rule`),
+  made only while the rule is still the one the deploy started from; the
+  record names the switch (`since`) before it is written, so a resumed
+  deploy knows whether it happened.
+* After the switch the rule is whole by itself: its `draining` ramp runs on
+  the wall clock in every balancer, with or without this process. The end of
+  the drain removes `draining` (a second write that changes no routing).
+* A claim's owner beats every `BEAT_EVERY` seconds; a claim quiet for
+  `STALE_AFTER` seconds (its process died) is taken over by a management
+  process that resumes the deploy. A process that stops hands its claims
+  over at once (beat 0).
+* While any host is claimed, every balancer publishes its in-flight counts
+  on the claimed hosts' backends (`watch_loop`); the drain waits on all of
+  them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from balancer.stores import StoreError, VersionConflict
+from management.deploy_steps import (
+    addresses,
+    check_config,
+    in_flight,
+    local_report,
+    probe,
+    switched_rule,
+)
+
+log = logging.getLogger("balancer.deploys")
+
+STALE_AFTER = 5.0   # seconds without a beat before another process resumes a deploy
+BEAT_EVERY = 1.0
+WATCH_EVERY = 0.25  # seconds between in-flight reports while a deploy runs
+DRAIN_SETTLE = 0.5  # seconds after the warmup before the old backends' counts are trusted
+STEPS = ("ready", "switch", "warmup", "drain")
+
+
+class DeployFailed(Exception):
+    """A step failed: the deploy ends with this reason."""
+
+
+class Interrupted(Exception):
+    """This process is stopping: the deploy is handed over, not ended."""
+
+
+class Deployer:
+    """Starts, runs, resumes and reports deploys for one management process."""
+
+    def __init__(self, store: Any, runtime: Any,
+                 write_rule: Callable[[str, dict[str, Any], int], int]) -> None:
+        self.store = store
+        self.records = store.records()
+        self.runtime = runtime
+        self.write_rule = write_rule  # (host, rule, if_version) -> version, published
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.running: dict[str, str] = {}  # host -> deploy id run here
+        self.stopping = threading.Event()
+        self.watcher: threading.Thread | None = None
+
+    # starting ----------------------------------------------------------------
+    def start(self, host: str, rule: dict[str, Any], to: list[Any], settings: dict[str, float],
+              kind: str = "deploy") -> dict[str, Any]:
+        """Claim `host` and start a deploy of it to `to` from its `rule`; the new
+        record. Raises `Busy` (with the id holding the host)."""
+        deploy_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        holder = self.records.claim(host, deploy_id, self.owner, time.time(), STALE_AFTER)
+        if holder is not None:
+            raise Busy(holder)
+        old = list(rule.get("backends", ())) if rule.get("action") == "proxy" else []
+        now = time.time()
+        record = {"id": deploy_id, "host": host, "kind": kind, "from": old, "to": list(to),
+                  "settings": settings, "state": "running", "step": "ready", "started": now,
+                  "ended": None, "error": None, "warning": None, "before": rule,
+                  "since": None, "version": None, "owner": self.owner,
+                  "steps": [{"name": "ready", "started": now, "ended": None, "outcome": None,
+                             "detail": f"checking {', '.join(addresses(to))}"}]}
+        self.records.save_deploy(record)
+        if self.watcher is None:
+            self.start_watching()  # the app alone under another WSGI server
+        self._spawn(record, resumed=False)
+        return record
+
+    def _spawn(self, record: dict[str, Any], resumed: bool) -> None:
+        self.running[record["host"]] = record["id"]
+        threading.Thread(target=self.run, args=(record, resumed), daemon=True,
+                         name=f"deploy {record['id']}").start()
+
+    # running -----------------------------------------------------------------
+    def run(self, record: dict[str, Any], resumed: bool) -> None:
+        """The deploy's steps from where the record stands, to its end."""
+        host = record["host"]
+        beat = threading.Thread(target=self.beat_loop, args=(record,), daemon=True)
+        beat.start()
+        try:
+            Run(self, record, resumed).steps()
+        except Interrupted:
+            log.info("deploy %s of %s: handed over (this process is stopping)", record["id"],
+                     host)
+            return
+        except DeployFailed as exc:
+            self._end(record, "failed", str(exc))
+        except Exception as exc:  # a bug or a store failure: end cleanly, never half-way
+            log.exception("deploy %s of %s failed", record["id"], host)
+            self._end(record, "failed", f"internal error: {exc}")
+        else:
+            self._end(record, "done", None)
+        finally:
+            self.running.pop(host, None)
+        self._release(record)
+
+    def _end(self, record: dict[str, Any], state: str, error: str | None) -> None:
+        record.update(state=state, ended=time.time(), error=error)
+        if error:
+            current = record["steps"][-1]
+            if current["ended"] is None:
+                current.update(ended=time.time(), outcome="failed", detail=error)
+        log.log(logging.WARNING if error else logging.INFO, "deploy %s of %s %s%s",
+                record["id"], record["host"], state, f": {error}" if error else "")
+        self.save(record)
+
+    def _release(self, record: dict[str, Any]) -> None:
+        try:
+            self.records.release(record["host"], record["id"])
+        except StoreError as exc:
+            log.warning("deploy %s: cannot release %s: %s (it frees itself in %.0fs)",
+                        record["id"], record["host"], exc, STALE_AFTER)
+
+    def save(self, record: dict[str, Any]) -> None:
+        """Store the record; a store hiccup is retried until the process stops."""
+        for _ in range(50):
+            try:
+                self.records.save_deploy(record)
+                return
+            except StoreError as exc:
+                log.warning("deploy %s: cannot save its record: %s", record["id"], exc)
+                self.pause(0.2)
+        raise DeployFailed("cannot save the deploy record: the store is unavailable")
+
+    def pause(self, seconds: float) -> None:
+        """Wait, or raise `Interrupted` when this process is stopping."""
+        if self.stopping.wait(seconds):
+            raise Interrupted()
+
+    def beat_loop(self, record: dict[str, Any]) -> None:
+        while self.running.get(record["host"]) == record["id"] and not self.stopping.is_set():
+            try:
+                self.records.claim(record["host"], record["id"], self.owner, time.time(),
+                                   STALE_AFTER)
+            except StoreError as exc:
+                log.warning("deploy %s: cannot renew its claim: %s", record["id"], exc)
+            self.stopping.wait(BEAT_EVERY)
+
+    # every balancer ----------------------------------------------------------
+    def watch_loop(self) -> None:
+        """Publish this balancer's in-flight counts while hosts are claimed, and
+        resume deploys whose owner went quiet."""
+        reported = False
+        while not self.stopping.is_set():
+            try:
+                claims = self.records.claims()
+                if claims:
+                    self.report(sorted(claims))
+                    reported = True
+                elif reported:
+                    self.records.report_inflight(self.owner, None)
+                    reported = False
+                self.resume_orphans(claims)
+            except StoreError as exc:
+                log.debug("deploy watch: %s", exc)
+            except Exception:
+                log.exception("deploy watch failed")
+            self.stopping.wait(WATCH_EVERY)
+
+    def report(self, hosts: list[str]) -> None:
+        info = self.runtime.info()
+        versions = [p.get("version", 0) for p in info.get("processes", ())]
+        version = min(versions) if versions else info.get("store", {}).get("version", 0)
+        self.records.report_inflight(self.owner, local_report(self.runtime.stats(), version,
+                                                              hosts, time.time()))
+
+    def resume_orphans(self, claims: dict[str, dict[str, Any]]) -> None:
+        now = time.time()
+        for host, claim in claims.items():
+            if host in self.running or now - float(claim.get("beat", 0)) < STALE_AFTER:
+                continue
+            record = self.records.deploy(str(claim.get("id")))
+            if record is None or record.get("state") != "running":
+                self.records.release(host, str(claim.get("id")))
+                continue
+            if self.records.claim(host, record["id"], self.owner, now, STALE_AFTER) is None:
+                log.warning("deploy %s of %s: resuming at step %s (its process %s went quiet)",
+                            record["id"], host, record.get("step"), claim.get("owner"))
+                record["owner"] = self.owner
+                self._spawn(record, resumed=True)
+
+    def start_watching(self) -> None:
+        self.watcher = threading.Thread(target=self.watch_loop, daemon=True,
+                                        name="deploy watch")
+        self.watcher.start()
+
+    def stop(self) -> None:
+        """Stop: running deploys are handed over (their claims' beat set to 0)."""
+        self.stopping.set()
+        for host, deploy_id in list(self.running.items()):
+            with contextlib.suppress(StoreError):  # else it goes stale by itself
+                self.records.claim(host, deploy_id, self.owner, 0.0, STALE_AFTER)
+        with contextlib.suppress(StoreError):
+            self.records.report_inflight(self.owner, None)
+
+
+class Busy(Exception):
+    """The host has a deploy running (its id)."""
+
+    def __init__(self, deploy_id: str) -> None:
+        super().__init__(deploy_id)
+        self.deploy_id = deploy_id
+
+
+class Run:
+    """One deploy's steps over its record."""
+
+    def __init__(self, deployer: Deployer, record: dict[str, Any], resumed: bool) -> None:
+        self.deployer = deployer
+        self.record = record
+        self.resumed = resumed
+        self.host = record["host"]
+        self.settings = record["settings"]
+
+    def steps(self) -> None:
+        step = STEPS.index(self.record.get("step") or "ready")
+        if step == 0:
+            if self.resumed:
+                raise DeployFailed("interrupted before the switch (the management process "
+                                   "restarted); nothing was switched")
+            self.ready()
+        if step <= 1:
+            self.switch()
+        if step <= 2:
+            self.warmup()
+        self.drain()
+
+    def begin(self, name: str, detail: str) -> None:
+        now = time.time()
+        steps = self.record["steps"]
+        if steps and steps[-1]["ended"] is None and steps[-1]["name"] != name:
+            steps[-1].update(ended=now, outcome=steps[-1]["outcome"] or "ok")
+        if not steps or steps[-1]["name"] != name:
+            steps.append({"name": name, "started": now, "ended": None, "outcome": None,
+                          "detail": detail})
+        self.record["step"] = name
+        self.deployer.save(self.record)
+
+    def end(self, outcome: str, detail: str) -> None:
+        self.record["steps"][-1].update(ended=time.time(), outcome=outcome, detail=detail)
+        self.deployer.save(self.record)
+
+    # 1. ready ----------------------------------------------------------------
+    def ready(self) -> None:
+        config, strict = check_config(self.record["before"])
+        deadline = time.monotonic() + float(self.settings["ready_timeout"])
+        pending = {a: 0 for a in addresses(self.record["to"])}
+        problems: dict[str, str] = {}
+        while pending:
+            for address in list(pending):
+                problem = probe(address, self.host, config, strict)
+                if problem is None:
+                    pending[address] += 1
+                    if pending[address] >= config.rise:
+                        del pending[address]
+                else:
+                    pending[address], problems[address] = 0, problem
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                why = "; ".join(f"{a}: {problems.get(a, 'not up yet')}" for a in pending)
+                raise DeployFailed(f"not ready after {self.settings['ready_timeout']:g}s "
+                                   f"({why}); nothing was switched")
+            self.deployer.pause(config.interval)
+        self.end("ok", f"{', '.join(addresses(self.record['to']))} up")
+
+    # 2. switch ---------------------------------------------------------------
+    def switch(self) -> None:
+        if self.resumed and self.record.get("since") is not None:
+            data = self.deployer.store.load()
+            rule = data.hosts.get(self.host) or {}
+            if (rule.get("draining") or {}).get("since") == self.record["since"] or \
+                    self._is_switched(rule):
+                self.end("ok", "switched (before the restart)")
+                return
+        self.record["since"] = time.time()
+        self.begin("switch", "one write of the rule")
+        for _ in range(10):
+            data = self.deployer.store.load()
+            if data.hosts.get(self.host) != self.record["before"]:
+                raise DeployFailed("the host's rule changed during the deploy; nothing "
+                                   "was switched")
+            rule = switched_rule(self.record["before"], self.record["to"],
+                                 self.record["since"], float(self.settings["warmup"]))
+            try:
+                version = self.deployer.write_rule(self.host, rule, data.version)
+            except VersionConflict:
+                continue  # another host changed meanwhile: check ours again
+            self.record["version"] = version
+            self.end("ok", f"version {version}")
+            return
+        raise DeployFailed("the table kept changing; nothing was switched")
+
+    def _is_switched(self, rule: dict[str, Any]) -> bool:
+        return rule.get("action") == "proxy" and "draining" not in rule and \
+            addresses(rule.get("backends", [])) == addresses(self.record["to"])
+
+    # 3. warmup ---------------------------------------------------------------
+    def warmup(self) -> None:
+        warmup = float(self.settings["warmup"])
+        end = float(self.record["since"]) + warmup
+        if not self.record["from"] or warmup <= 0:
+            return
+        self.begin("warmup", f"new backends ramp up over {warmup:g}s")
+        while time.time() < end:
+            self.deployer.pause(min(0.25, end - time.time()))
+        self.end("ok", f"{warmup:g}s")
+
+    # 4. drain ----------------------------------------------------------------
+    def drain(self) -> None:
+        draining = sorted(set(addresses(self.record["from"])) - set(addresses(self.record["to"])))
+        if not draining:
+            self.finish()
+            return
+        timeout = float(self.settings["drain_timeout"])
+        since = float(self.record["since"]) + float(self.settings["warmup"]) + DRAIN_SETTLE
+        self.begin("drain", f"waiting for {', '.join(draining)}")
+        deadline = max(time.time(), since) + timeout
+        counts = None
+        while True:
+            reports = self.deployer.records.inflight()
+            counts = in_flight(reports, self.host, draining, int(self.record["version"] or 0),
+                               since, time.time())
+            if counts is not None and not any(c["in_flight"] for c in counts.values()):
+                self.finish()
+                self.end("drained", f"{', '.join(draining)}: no request in flight")
+                return
+            if time.time() >= deadline:
+                break
+            self.deployer.pause(0.1)
+        self.finish()
+        left = ", ".join(f"{a}: {c['in_flight']} in flight ({c['tunnels']} WebSocket tunnels)"
+                         for a, c in (counts or {}).items() if c["in_flight"]) \
+            or "no balancer reported its counts"
+        self.record["warning"] = f"drain timed out after {timeout:g}s; still open: {left}"
+        self.record["remaining"] = counts
+        self.end("timeout", self.record["warning"])
+
+    def finish(self) -> None:
+        """Remove `draining` from the rule if it is still this deploy's."""
+        for _ in range(10):
+            data = self.deployer.store.load()
+            rule = data.hosts.get(self.host)
+            if not rule or (rule.get("draining") or {}).get("since") != self.record["since"]:
+                return
+            clean = {k: v for k, v in rule.items() if k != "draining"}
+            try:
+                self.deployer.write_rule(self.host, clean, data.version)
+                return
+            except VersionConflict:
+                continue
+        raise DeployFailed("the table kept changing; the old backends stay listed under "
+                           "'draining' (they get no new request)")
+
