@@ -19,7 +19,7 @@ from urllib.parse import quote
 from urllib.request import Request, urlopen
 
 from balancer.rules import ACTIONS
-from management import ctl_help
+from management import ctl_deploy, ctl_help
 from management.ctl_format import format_hosts, format_rule, format_stats
 
 DEFAULT_URL = "http://127.0.0.1:8081"
@@ -79,6 +79,7 @@ def build_parser() -> Parser:
                                "empty, an older copy restored, the routes file deleted), "
                                "write the table the workers serve back, at a version above "
                                "any served.")
+    ctl_deploy.add_parsers(sub, common, _host)
     return parser
 
 
@@ -239,6 +240,8 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
         path = "/api/v1/stats" + (f"/{quote(args.host, safe='*')}" if args.host else "")
         answer = client.call("GET", path)
         return answer, format_stats(answer)
+    if command in ("deploy", "rollback", "deploys"):
+        return ctl_deploy.run(args, client, CtlError)
     if command == "restore":
         answer = client.call("POST", "/api/v1/restore")
         return answer, _applied(answer, f"restored {answer['hosts']} hosts (served version "

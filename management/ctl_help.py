@@ -43,6 +43,7 @@ KEY_HELP: dict[str, str] = {
     "algorithm": "one of " + ", ".join(ALGORITHMS) + " (default round_robin)",
     "retries": "further tries on other backends, 0-10 (default 2)",
     "retry_timeout": "seconds for all tries together (default 15)",
+    "draining": "set by a deploy: the old backends, ramped down over warmup (docs/deploys.md)",
     "health": "active checks, one dotted key each: "
               + " ".join(f"health.{key}=..." for key in sorted(HEALTH_KEYS))
               + " (defaults path=/ interval=2 timeout=1 rise=2 fall=3)",

@@ -1,0 +1,145 @@
+"""`balancerctl deploy`, `rollback` and `deploys` (SPEC §10, docs/deploys.md).
+
+Invariants:
+* `deploy` and `rollback` follow the deploy until it ends (unless --no-wait),
+  printing one line per step as it starts and ends (not with --json), and
+  fail (`CtlError`: exit 1 and the reason) when the deploy fails.
+* The wait is bounded: the deploy's own timeouts plus `WAIT_MARGIN`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+POLL = 0.25
+WAIT_MARGIN = 60.0  # seconds beyond the deploy's own timeouts before giving up waiting
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser,
+                host: Callable[[argparse.ArgumentParser], None]) -> None:
+    deploy = sub.add_parser(
+        "deploy", parents=[common], help="move a host to new backends without a failed request",
+        description="Check the new backends until they answer, switch HOST's rule to them in "
+                    "one write, ramp them up over --warmup while the old ones get less, then "
+                    "wait until the old backends have no request in flight (drain). Shows "
+                    "each step; exits non-zero with the reason if one fails (the previous "
+                    "rule keeps serving).")
+    host(deploy)
+    deploy.add_argument("--backend", action="append", required=True, metavar="ADDR",
+                        help="a new backend address (repeatable)")
+    _timings(deploy)
+    rollback = sub.add_parser(
+        "rollback", parents=[common], help="deploy a host back to its previous backends",
+        description="Deploy HOST back to the backends its last finished deploy moved away "
+                    "from, with the same steps as deploy.")
+    host(rollback)
+    _timings(rollback)
+    sub.add_parser("deploys", parents=[common], help="recent deploys and their steps",
+                   description="The recent deploys of every host (kept in the store), "
+                               "newest first.")
+
+
+def _timings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ready-timeout", type=float, metavar="S",
+                        help="give up if the new backends are not up by then (default 60)")
+    parser.add_argument("--drain-timeout", type=float, metavar="S",
+                        help="stop waiting for the old backends' requests (default 30)")
+    parser.add_argument("--warmup", type=float, metavar="S",
+                        help="seconds over which the new backends ramp up (default 10)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="start the deploy and return (follow it with `deploys`)")
+
+
+def body_of(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if getattr(args, "backend", None):
+        body["backends"] = list(args.backend)
+    for key in ("ready_timeout", "drain_timeout", "warmup"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    return body
+
+
+def run(args: argparse.Namespace, client: Any, error: type[Exception]) -> tuple[Any, str]:
+    """`deploy`, `rollback` or `deploys`: (the API's answer, the text for people)."""
+    if args.command == "deploys":
+        answer = client.call("GET", "/api/v1/deploys")
+        return answer, format_deploys(answer.get("deploys", []))
+    path = f"/api/v1/hosts/{quote(args.host, safe='*')}/{args.command}"
+    record = client.call("POST", path, body_of(args))["deploy"]
+    if args.no_wait:
+        return {"deploy": record}, f"{record['kind']} {record['id']} of {record['host']} started"
+    show = None if getattr(args, "json", False) else Progress()
+    record = follow(client, record, show)
+    if record["state"] != "done":
+        step = record["steps"][-1]["name"] if record["steps"] else "?"
+        raise error(f"{record['kind']} {record['id']} of {record['host']} failed at step "
+                    f"{step}: {record['error']}")
+    text = f"{record['kind']} {record['id']} of {record['host']} done in " \
+           f"{record['ended'] - record['started']:.1f}s: {', '.join(map(str, record['to']))}"
+    if record.get("warning"):
+        text += f"\nwarning: {record['warning']}"
+    return {"deploy": record}, text
+
+
+def follow(client: Any, record: dict[str, Any], show: Progress | None) -> dict[str, Any]:
+    """Poll the deploy until it ends (bounded by its timeouts); the final record."""
+    settings = record["settings"]
+    deadline = time.monotonic() + sum(float(settings[k]) for k in
+                                      ("ready_timeout", "drain_timeout", "warmup")) + WAIT_MARGIN
+    while True:
+        if show is not None:
+            show.update(record)
+        if record["state"] != "running" or time.monotonic() > deadline:
+            return record
+        time.sleep(POLL)
+        record = client.call("GET", f"/api/v1/deploys/{quote(record['id'])}")["deploy"]
+
+
+class Progress:
+    """Prints each step's start and end once, as they appear in the record."""
+
+    def __init__(self) -> None:
+        self.printed: set[tuple[str, bool]] = set()
+
+    def update(self, record: dict[str, Any]) -> None:
+        for step in record["steps"]:
+            for done in (False, True):
+                key = (step["name"], done)
+                if key in self.printed or (done and step["ended"] is None):
+                    continue
+                self.printed.add(key)
+                print(_step_line(step, done), flush=True, file=sys.stdout)
+
+
+def _step_line(step: dict[str, Any], done: bool) -> str:
+    if not done:
+        return f"{step['name']:<7} ... {step['detail']}"
+    took = step["ended"] - step["started"]
+    return f"{step['name']:<7} {step['outcome']} in {took:.1f}s: {step['detail']}"
+
+
+def format_deploys(records: list[dict[str, Any]]) -> str:
+    """One line per deploy: when, host, state, step, from → to."""
+    if not records:
+        return "no deploys recorded"
+    lines = [f"{'STARTED':<19}  {'HOST':<24} {'KIND':<8} {'STATE':<8} {'STEP':<7} FROM -> TO"]
+    for r in records:
+        started = datetime.fromtimestamp(float(r.get("started", 0))).strftime("%Y-%m-%d %H:%M:%S")
+        moved = f"{_names(r.get('from'))} -> {_names(r.get('to'))}"
+        lines.append(f"{started:<19}  {r.get('host', ''):<24} {r.get('kind', ''):<8} "
+                     f"{r.get('state', ''):<8} {r.get('step') or '':<7} {moved}")
+        if r.get("error"):
+            lines.append(f"{'':<21}error: {r['error']}")
+    return "\n".join(lines)
+
+
+def _names(entries: Any) -> str:
+    out = [e if isinstance(e, str) else str(e.get("address")) for e in entries or []]
+    return ",".join(out) or "-"
