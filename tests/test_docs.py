@@ -296,7 +296,7 @@ def test_docs_are_all_linked_from_the_readme():
 
 # references complete -----------------------------------------------------------------
 
-PLACEHOLDERS = {"host": "HOST", "address": "ADDR", "name": "FILE"}
+PLACEHOLDERS = {"host": "HOST", "address": "ADDR", "name": "FILE", "deploy_id": "ID"}
 
 
 def test_api_reference_documents_every_route() -> None:
