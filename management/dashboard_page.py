@@ -27,11 +27,12 @@ PLACEHOLDER = '<script id="initial-state" type="application/json">null</script>'
 
 
 def initial_state(store: Store, runtime: Runtime) -> dict[str, Any] | None:
-    """``{"table", "stats", "info"}`` as the API would answer now, or None."""
+    """``{"table", "stats", "info", "deploys"}`` as the API would answer now, or None."""
     try:
         data = store.load()
         return {"table": {"version": data.version, "hosts": data.hosts},
-                "stats": stats_view(runtime.stats()), "info": runtime.info()}
+                "stats": stats_view(runtime.stats()), "info": runtime.info(),
+                "deploys": store.records().deploys()}
     except StoreError:
         return None
     except Exception:  # the page polls and shows the API's own error

@@ -595,3 +595,38 @@ def test_a_removed_host_leaves_the_page(make_site: Callable[..., Site], browser:
     site.api("PUT", "/api/v1/hosts/old.example.com", {"action": "empty", "status": 204})
     wait_for(browser, lambda d: text_of(d, host_card("old.example.com")), "the host back")
     assert text_of(browser, "#removed-line") == ""
+
+
+def test_a_running_deploy_shows_on_its_host_card_and_recent_deploys_below(
+        make_site: Callable[..., Site], browser: Any) -> None:
+    site = make_site(hosts={"app.example.com": WEB})
+    now = time.time()
+    records = site.store.records()
+    records.save_deploy({
+        "id": "d-old", "host": "app.example.com", "kind": "deploy", "state": "failed",
+        "step": "ready", "started": now - 600, "ended": now - 590,
+        "from": ["127.0.0.1:9001"], "to": ["127.0.0.1:9009"], "warning": None,
+        "error": "not ready after 10s (127.0.0.1:9009: connect: refused); nothing was switched",
+        "steps": [{"name": "ready", "started": now - 600, "ended": now - 590,
+                   "outcome": "failed", "detail": "refused"}]})
+    records.save_deploy({
+        "id": "d-now", "host": "app.example.com", "kind": "deploy", "state": "running",
+        "step": "drain", "started": now - 12, "ended": None, "error": None, "warning": None,
+        "from": ["127.0.0.1:9001"], "to": ["127.0.0.1:9003"],
+        "steps": [{"name": "ready", "started": now - 12, "ended": now - 10, "outcome": "ok",
+                   "detail": "up"},
+                  {"name": "drain", "started": now - 3, "ended": None, "outcome": None,
+                   "detail": "waiting for 127.0.0.1:9001"}]})
+    open_live(browser, site)
+    line = wait_for(browser, lambda d: text_of(d, host_card("app.example.com") + " .deploy-line"),
+                    "the running deploy on the host card")
+    assert "deploy: drain" in line and "127.0.0.1:9003" in line and "127.0.0.1:9001" in line
+    table = text_of(browser, ".deploys-table")
+    assert "d-now" not in table  # ids stay out of the way; rows carry them as data
+    rows = browser.find_elements("css selector", ".deploys-table tbody tr")
+    assert [r.get_attribute("data-deploy") for r in rows] == ["d-now", "d-old"]
+    assert "nothing was switched" in rows[1].text and "running" in rows[0].text
+    records.save_deploy({**records.deploy("d-now"), "state": "done", "ended": time.time()})
+    wait_for(browser, lambda d: not d.find_elements("css selector", ".deploy-line"),
+             "the deploy line to go once the deploy ended")
+    assert severe_logs(browser) == []

@@ -12,6 +12,7 @@
 import * as fmt from "./format.js";
 import {History} from "./history.js";
 import {banner, el, hostCard, hostKeys, removedLine, summaryTiles} from "./render.js";
+import {deployLine, recentDeploys, runningByHost} from "./deploys.js";
 
 const POLL_MS = 2000;
 const REQUEST_TIMEOUT_MS = 5000;
@@ -95,6 +96,16 @@ async function getInfo(now) {
   }
 }
 
+/** The recent deploys, or [] when this management app does not have them. */
+async function getDeploys() {
+  try {
+    return (await getJSON("api/v1/deploys")).deploys || [];
+  } catch (err) {
+    if (err.status !== 404) throw err;
+    return [];
+  }
+}
+
 function checkShape(table, stats) {
   if (!table || typeof table.hosts !== "object" || !stats || typeof stats.hosts !== "object") {
     throw new ApiError(0, "the API answered an unexpected document");
@@ -113,10 +124,10 @@ async function poll() {
   if (state.inFlight || state.needsToken) return;
   state.inFlight = true;
   try {
-    const [table, stats, info] = await Promise.all(
-      [getJSON("api/v1/hosts"), getJSON("api/v1/stats"), getInfo(Date.now())]);
+    const [table, stats, info, deploys] = await Promise.all(
+      [getJSON("api/v1/hosts"), getJSON("api/v1/stats"), getInfo(Date.now()), getDeploys()]);
     checkShape(table, stats);
-    if (!state.needsToken) onData(table, stats, info, Date.now());
+    if (!state.needsToken) onData(table, stats, info, Date.now(), deploys);
   } catch (err) {
     if (!state.needsToken) onFailure(err);
   } finally {
@@ -140,10 +151,10 @@ function trackRemoved(previous, hosts, now) {
   }
 }
 
-function onData(table, stats, info, now) {
+function onData(table, stats, info, now, deploys = []) {
   trackRemoved(state.view?.hosts, table.hosts, now);
   state.history.record(stats.hosts, now);
-  state.view = {version: table.version, hosts: table.hosts, stats, info,
+  state.view = {version: table.version, hosts: table.hosts, stats, info, deploys,
     storeReachable: isStoreReachable(stats, info)};
   state.lastOk = now;
   state.failure = null;
@@ -295,9 +306,14 @@ function renderData(now) {
   const filter = currentFilter();
   const keys = hostKeys(view.hosts, view.stats.hosts)
     .filter((key) => !filter || key.toLowerCase().includes(filter));
-  const cards = keys.map((key) => hostCard(key, view.hosts[key], view.stats.hosts[key],
-    state.history, now));
+  const running = runningByHost(view.deploys);
+  const cards = keys.map((key) => {
+    const card = hostCard(key, view.hosts[key], view.stats.hosts[key], state.history, now);
+    if (running.has(key)) card.querySelector(".host-head").after(deployLine(running.get(key), now));
+    return card;
+  });
   $("hosts").replaceChildren(...(cards.length ? cards : [emptyHosts(view)]));
+  $("deploys").replaceChildren(...[recentDeploys(view.deploys)].filter(Boolean));
   $("removed-line").replaceChildren(...[removedLine(state.removed, now)].filter(Boolean));
 }
 
@@ -323,7 +339,7 @@ function start() {
   setInterval(() => renderStatus(Date.now()), 1000);
   const embedded = embeddedState();
   if (embedded) {
-    onData(embedded.table, embedded.stats, embedded.info, Date.now());
+    onData(embedded.table, embedded.stats, embedded.info, Date.now(), embedded.deploys || []);
     schedule(POLL_MS);
   } else {
     renderStatus(Date.now());
