@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loadtest.scenarios import deploy as deploy_scenario
 from loadtest.verdict import ratio, verdict
 
 
@@ -91,6 +92,7 @@ SECTIONS = {
                  lambda rows: churn_table(rows, "rule_changes", "rule changes")),
     "failover": ("A backend killed under load",
                  lambda rows: churn_table(rows, "killed_after_s", "killed after s")),
+    "deploy": ("A deploy and a rollback under load (and the old way)", deploy_scenario.table),
 }
 
 

@@ -93,9 +93,10 @@ class Lab:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def start_backend(self, label: str = "backend") -> Target:
-        """A backend serving the page (nginx when installed, else built-in)."""
-        port = free_port()
+    def start_backend(self, label: str = "backend", port: int | None = None) -> Target:
+        """A backend serving the page (nginx when installed, else built-in), on `port`
+        (a free one by default)."""
+        port = port or free_port()
         dir = self._dir(label)
         if self.backend_kind == "nginx":
             conf = dir / "nginx.conf"

@@ -4,6 +4,8 @@ lines as they are; a missed target is said plainly."""
 
 from __future__ import annotations
 
+from loadtest.scenarios.deploy import goal_line as deploy_goal
+
 MAX_IDLE_BYTES = 15 * 1024
 
 
@@ -62,5 +64,7 @@ def verdict(results: dict) -> list[tuple[str, str]]:
     scenarios = results.get("scenarios", {})
     proxy = scenarios.get("proxy", {}).get("rows", [])
     idle = scenarios.get("idle", {}).get("rows", [])
-    return [_ratio_line(proxy, 1000, 2), _ratio_line(proxy, 5000, 3),
-            _errors_line(proxy, 5000), _idle_line(idle, 10000)]
+    lines = [_ratio_line(proxy, 1000, 2), _ratio_line(proxy, 5000, 3),
+             _errors_line(proxy, 5000), _idle_line(idle, 10000)]
+    deployed = deploy_goal(scenarios.get("deploy", {}).get("rows", []))
+    return lines + ([deployed] if deployed else [])

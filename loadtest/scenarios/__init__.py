@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from loadtest.scenarios import failover, idle, proxy, reconfig, spin, wsgi
+from loadtest.scenarios import deploy, failover, idle, proxy, reconfig, spin, wsgi
 
-SCENARIOS = {module.NAME: module for module in (proxy, wsgi, idle, spin, reconfig, failover)}
+SCENARIOS = {module.NAME: module for module in (proxy, wsgi, idle, spin, reconfig, failover,
+                                                deploy)}
