@@ -1,6 +1,8 @@
 """The built-in backend: a small gevent HTTP/1.1 server that answers every
 request with the suite's page. Used when nginx is not installed, and by the
-tests. Run it as ``python -m loadtest.backend --listen 127.0.0.1:PORT``.
+tests. Run it as ``python -m loadtest.backend --listen 127.0.0.1:PORT``;
+``--delay SECONDS`` makes every answer wait that long first (an app's time,
+so that requests are in flight when a backend goes: the `deploy` scenario).
 
 Invariants: keep-alive unless the client asks to close (or speaks HTTP/1.0
 without keep-alive); request bodies announced by Content-Length are read and
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -19,6 +22,7 @@ from loadtest.limits import raise_nofile
 from loadtest.page import PAGE
 
 MAX_HEAD = 65536
+DELAY = [0.0]  # seconds before each answer (set once by main)
 RESPONSE_KEEP = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
     b"Content-Length: %d\r\n\r\n" % len(PAGE)
@@ -65,6 +69,8 @@ def handle(sock, address) -> None:
                     return
                 buffer += chunk
             buffer = buffer[length:]
+            if DELAY[0]:
+                gevent.sleep(DELAY[0])
             sock.sendall(RESPONSE_KEEP if keep_alive else RESPONSE_CLOSE)
             if not keep_alive:
                 return
@@ -85,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: ``python -m loadtest.backend --listen HOST:PORT``."""
     parser = argparse.ArgumentParser(prog="python -m loadtest.backend")
     parser.add_argument("--listen", required=True, help="HOST:PORT to listen on")
+    parser.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long before each answer (default 0)")
     args = parser.parse_args(argv)
+    DELAY[0] = max(0.0, args.delay)
     host, _, port = args.listen.rpartition(":")
     serve(host or "127.0.0.1", int(port))
 

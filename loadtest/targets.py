@@ -93,12 +93,17 @@ class Lab:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def start_backend(self, label: str = "backend", port: int | None = None) -> Target:
+    def start_backend(self, label: str = "backend", port: int | None = None,
+                      delay: float = 0.0) -> Target:
         """A backend serving the page (nginx when installed, else built-in), on `port`
-        (a free one by default)."""
+        (a free one by default); with a `delay` (seconds before each answer), the
+        built-in one."""
         port = port or free_port()
         dir = self._dir(label)
-        if self.backend_kind == "nginx":
+        if delay:
+            argv = [sys.executable, "-m", "loadtest.backend", "--listen", f"{HOST}:{port}",
+                    "--delay", str(delay)]
+        elif self.backend_kind == "nginx":
             conf = dir / "nginx.conf"
             conf.write_text(configs.nginx_backend(dir, port, PAGE, self._nofile()))
             argv = _nginx_argv(dir, conf)

@@ -8,8 +8,9 @@ deploy began, so the ready step waits for it; A is stopped the moment the
 deploy reports drained), ``after``, ``rollback`` (A′ started on A's address,
 `POST .../rollback`, B stopped once drained) and ``after rollback``. Run with
 and without keep-alive, then the old way for comparison: ``PUT`` the rule to
-B and stop A at once. Goal: 0 failed requests and 0 socket errors through a
-deploy, its p99 within 2x of the steady state's.
+B and stop A at once. The backends are the built-in one taking `APP_TIME` per
+answer, so requests are in flight on A when it goes. Goal: 0 failed requests
+and 0 socket errors through a deploy, its p99 within 2x of the steady state's.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ B_DELAY = 1.5           # seconds after the deploy starts before B listens (--qu
 WARMUP = 2.0            # the deploy's warmup (--quick: 0.5)
 DRAIN_TIMEOUT = 20.0
 DEPLOY_LIMIT = 60.0     # seconds a deploy may take before the scenario gives up
+APP_TIME = 0.02         # seconds each backend takes per answer: requests are in flight
 
 
 def targets(env: RunEnv) -> list[str]:
@@ -74,7 +76,7 @@ def _with_a(env: RunEnv, name: str, body: Any) -> None:
     """Backend A and the balancer in front of it; everything started is stopped after."""
     lab, started = env.lab, []
     try:
-        a = lab.start_backend("a")
+        a = lab.start_backend("a", delay=APP_TIME)
         started.append(a)
         target = lab.start_proxy(name, [a])
         started.append(target)
@@ -186,7 +188,8 @@ def _deploy_run(env: RunEnv, target: Target, a: Target, keepalive: bool) -> None
         time.sleep(phase)
         phases.end("before")
         b_port = free_port()
-        thread, box = _later(b_delay(env), lambda: lab.start_backend("b", port=b_port))
+        thread, box = _later(b_delay(env), lambda: lab.start_backend("b", port=b_port,
+                                                                       delay=APP_TIME))
         deployed = _deploy(target, "deploy", {"backends": [f"{HOST}:{b_port}"],
                                               "warmup": warmup(env),
                                               "drain_timeout": DRAIN_TIMEOUT})
@@ -195,7 +198,7 @@ def _deploy_run(env: RunEnv, target: Target, a: Target, keepalive: bool) -> None
         phases.end("deploy")
         time.sleep(phase)
         phases.end("after")
-        a_again = lab.start_backend("a2", port=a.port)
+        a_again = lab.start_backend("a2", port=a.port, delay=APP_TIME)
         try:
             rolled = _deploy(target, "rollback", {"warmup": warmup(env),
                                                   "drain_timeout": DRAIN_TIMEOUT})
@@ -218,7 +221,7 @@ def _old_way(env: RunEnv, target: Target, a: Target) -> None:
     lab, phase = env.lab, phase_seconds(env)
     spec = LoadSpec(HOST, target.port, connections(env), duration=3600, keepalive=True,
                     timeout=REQUEST_TIMEOUT)
-    b = lab.start_backend("b")
+    b = lab.start_backend("b", delay=APP_TIME)
     try:
         with env.progress.step(f"deploy {target.name}: the old way", 2 * phase + 1), \
                 GeneratorRun(spec) as load:
