@@ -271,7 +271,7 @@ def test_quick_run_end_to_end(tmp_path):
     assert {r["keepalive"] for r in deploys} == {True, False}
     for row in deploys:
         assert [p["phase"] for p in row["phases"]] == [
-            "before", "deploy", "after", "rollback", "after rollback"]
+            "before", "deploy", "after", "A' starts", "rollback", "after rollback"]
         assert all(p["requests"] > 0 and p["error_total"] == 0 for p in row["phases"])
         assert set(row["deploy_steps_s"]) == {"ready", "switch", "warmup", "drain"}
         assert row["deploy_steps_s"]["ready"] >= 0.4  # B came up late: the ready step waited

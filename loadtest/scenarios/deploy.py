@@ -1,12 +1,13 @@
 """`deploy`: a host moved from backend A to B and back under steady load.
 
 Balancer only (`gevent`). One closed-loop load (100 connections; 10 with
---quick) runs through five phases, measured apart from the same generator's
+--quick) runs through six phases, measured apart from the same generator's
 counters: ``before`` (steady state), ``deploy`` (A → B with `POST
 /api/v1/hosts/*/deploy`; B starts listening only `B_DELAY` seconds after the
 deploy began, so the ready step waits for it; A is stopped the moment the
-deploy reports drained), ``after``, ``rollback`` (A′ started on A's address,
-`POST .../rollback`, B stopped once drained) and ``after rollback``. Run with
+deploy reports drained), ``after``, ``A' starts`` (A′ started on A's
+address), ``rollback`` (`POST .../rollback`, B stopped once drained) and
+``after rollback``. Run with
 and without keep-alive, then the old way for comparison: ``PUT`` the rule to
 B and stop A at once. The backends are the built-in one taking `APP_TIME` per
 answer, so requests are in flight on A when it goes. Goal: 0 failed requests
@@ -199,6 +200,7 @@ def _deploy_run(env: RunEnv, target: Target, a: Target, keepalive: bool) -> None
         time.sleep(phase)
         phases.end("after")
         a_again = lab.start_backend("a2", port=a.port, delay=APP_TIME)
+        phases.end("A' starts")  # its process start, apart from the rollback's own cost
         try:
             rolled = _deploy(target, "rollback", {"warmup": warmup(env),
                                                   "drain_timeout": DRAIN_TIMEOUT})
