@@ -335,3 +335,47 @@ def test_slow_start_ramps_the_new_backends_share_up() -> None:
     assert {done.pick("c", ()) for _ in range(200)} == {new}
     assert done.pick("c", (new,)) is None  # the old backends get no request, not even a retry
     assert late.pick("c", (new,)) is old  # while warming up they take a retry
+
+
+def test_a_websocket_tunnel_that_outlives_the_drain_timeout_is_counted_and_listed(
+        tmp_path: Path) -> None:
+    import websocket
+
+    from tests.test_websocket import WsEcho
+
+    old, new = WsEcho(), Backend("new")
+    lb = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [old.address]}})
+    try:
+        ws = websocket.create_connection(f"ws://127.0.0.1:{lb.port}/chat", host=HOST, timeout=5)
+        try:
+            wait_for(lambda: lb.host_stats(HOST)["backends"][old.address]["tunnels"] == 1,
+                     what="the tunnel counted")
+            record = finished(lb, deploy(lb, {"backends": [new.address], "warmup": 0,
+                                              "drain_timeout": 1})["id"])
+            ws.send("still here")
+            assert ws.recv() == "still here"  # the tunnel outlived the drain, untouched
+        finally:
+            ws.close()
+    finally:
+        lb.stop()
+        new.stop()
+        old.stop()
+    assert record["state"] == "done"  # the switch stands
+    drain = step(record, "drain")
+    assert drain["outcome"] == "timeout"
+    assert f"{old.address}: 1 in flight (1 WebSocket tunnels)" in record["warning"]
+    assert record["remaining"] == {old.address: {"in_flight": 1, "tunnels": 1}}
+
+
+def test_a_deploy_from_a_spin_rule_releases_the_held_requests_to_the_new_backends(
+        lb: Balancer, a_and_b: tuple[Backend, Backend]) -> None:
+    _, b = a_and_b
+    assert lb.api("PUT", f"/api/v1/hosts/{HOST}", {"action": "spin", "timeout": 30})[0] == 200
+    held, out = in_background(lambda: request(lb.port))
+    wait_for(lambda: lb.spinning(HOST) == 1, what="the request held")
+    record = finished(lb, deploy(lb, {"backends": [b.address], "warmup": 0})["id"])
+    held.join(10)
+    assert record["state"] == "done" and record["from"] == []
+    assert [s["name"] for s in record["steps"]] == ["ready", "switch"]
+    assert json.loads(out["result"][2])["backend"] == "b"
+    assert lb.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"] == proxy(b)
