@@ -249,21 +249,30 @@ class SlowStart(Balancer):
         self.next_share = now + SHARE_EVERY
 
     def is_warming(self) -> bool:
-        """Whether the old backends still get a share of new requests."""
-        now = time.monotonic()
-        if now >= self.next_share:
-            self.update_share(now)
+        """Whether the old backends still get a share of new requests (no clock read
+        once the warmup is over)."""
+        if self.share < 1.0:
+            now = time.monotonic()
+            if now >= self.next_share:
+                self.update_share(now)
         return self.share < 1.0
 
     def pick(self, client: str, tried: Sequence[Backend]) -> Backend | None:
         if not self.is_warming():
             return self.new.pick(client, tried)
-        if random() >= self.share:
+        if self.draw(client) >= self.share:
             backend = self.old.pick(client, tried)
             if backend is not None:
                 return backend
         backend = self.new.pick(client, tried)
         return backend if backend is not None else self.old.pick(client, tried)
+
+    def draw(self, client: str) -> float:
+        """A point in [0, 1): random per request, or fixed per client with ip_hash (a
+        client then moves to the new backends once, as the share passes its point)."""
+        if isinstance(self.new, IpHash):
+            return (hash64(client.encode()) & 0xFFFF) / 65536.0
+        return random()
 
 
 def hash64(data: bytes) -> int:

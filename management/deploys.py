@@ -135,7 +135,11 @@ class Deployer:
                 current.update(ended=time.time(), outcome="failed", detail=error)
         log.log(logging.WARNING if error else logging.INFO, "deploy %s of %s %s%s",
                 record["id"], record["host"], state, f": {error}" if error else "")
-        self.save(record)
+        try:
+            self.save(record)
+        except (DeployFailed, Interrupted):
+            log.error("deploy %s of %s: its end (%s) could not be recorded; the store is "
+                      "unavailable", record["id"], record["host"], state)
 
     def _release(self, record: dict[str, Any]) -> None:
         try:

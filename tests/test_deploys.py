@@ -315,7 +315,7 @@ def test_the_drain_waits_for_every_balancer_sharing_redis(
 
 
 def test_slow_start_ramps_the_new_backends_share_up() -> None:
-    from balancer.balancing import FIRST_SHARE, RoundRobin, SlowStart
+    from balancer.balancing import FIRST_SHARE, IpHash, RoundRobin, SlowStart
     from balancer.pool import Backend as PoolBackend
 
     def backend(port: int) -> PoolBackend:
@@ -335,6 +335,11 @@ def test_slow_start_ramps_the_new_backends_share_up() -> None:
     assert {done.pick("c", ()) for _ in range(200)} == {new}
     assert done.pick("c", (new,)) is None  # the old backends get no request, not even a retry
     assert late.pick("c", (new,)) is old  # while warming up they take a retry
+    sticky = SlowStart(IpHash([new], [1]), IpHash([old], [1]), started - 1.0, 2.0)
+    for client in ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"):
+        assert len({sticky.pick(client, ()) for _ in range(50)}) == 1  # ip_hash stays sticky
+    sides = {sticky.pick(f"10.0.1.{n}", ()) for n in range(200)}
+    assert sides == {new, old}
 
 
 def test_a_websocket_tunnel_that_outlives_the_drain_timeout_is_counted_and_listed(
