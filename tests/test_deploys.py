@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from management import ctl
-from tests.support import Backend, Balancer, request, wait_for
+from tests.support import Backend, Balancer, dead_address, request, wait_for
 
 HOST = "app.test"
 
@@ -384,3 +384,21 @@ def test_a_deploy_from_a_spin_rule_releases_the_held_requests_to_the_new_backend
     assert [s["name"] for s in record["steps"]] == ["ready", "switch"]
     assert json.loads(out["result"][2])["backend"] == "b"
     assert lb.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"] == proxy(b)
+
+
+def test_a_rule_changed_by_someone_else_during_the_deploy_is_not_overwritten(
+        lb: Balancer, a_and_b: tuple[Backend, Backend]) -> None:
+    a, b = a_and_b
+    late = dead_address()  # not listening yet: the deploy waits in its ready step
+    record = deploy(lb, {"backends": [late], "ready_timeout": 30})
+    operator = {**proxy(a, b), "retries": 1}
+    assert lb.api("PUT", f"/api/v1/hosts/{HOST}", operator)[0] == 200
+    started = Backend("late", port=int(late.rsplit(":", 1)[1]))
+    try:
+        record = finished(lb, record["id"])
+    finally:
+        started.stop()
+    assert record["state"] == "failed"
+    assert "changed during the deploy; nothing was switched" in record["error"]
+    assert lb.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"] == operator
+    assert lb.api("GET", "/api/v1/hosts")[1]["hosts"] == {HOST: operator}
