@@ -22,6 +22,7 @@ examples:
   balancerctl set app.example.com spin timeout=120
   balancerctl add-backend app.example.com 127.0.0.1:9003 --weight 2
   balancerctl --json stats app.example.com
+  balancerctl deploy app.example.com --backend 127.0.0.1:9004 --warmup 10
 
 Each command has --help; `balancerctl set --help` lists every action's keys.
 The management API listens on the balancer's [management] listen address
