@@ -14,6 +14,8 @@ Invariants:
   `store_lost` naming `balancerctl restore`; a whole-table PUT or a restore
   writes above every version known. Reads fall back on the served table, with
   a ``store_problem`` field, while the store is down or lost.
+* A deploy's writes (`management/deploys.py`) go through `write_rule`: the
+  same loss guard and read-your-writes as every one-host write.
 * With a token, every route needs ``Authorization: Bearer TOKEN`` except
   ``/healthz`` and the dashboard's static shell (``/``, ``/static/*``), which
   carries no data: the dashboard sends the token with each API call.

@@ -402,3 +402,55 @@ def test_a_rule_changed_by_someone_else_during_the_deploy_is_not_overwritten(
     assert "changed during the deploy; nothing was switched" in record["error"]
     assert lb.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"] == operator
     assert lb.api("GET", "/api/v1/hosts")[1]["hosts"] == {HOST: operator}
+
+
+# resuming (in process: a management process that stopped mid-deploy) --------------
+def resumable(tmp_path: Path, rule: dict[str, Any], step_name: str, since: float | None,
+              to: list[str]) -> tuple[Any, dict[str, Any]]:
+    from balancer.stores import open_store
+    from management.app import create_app
+
+    store = open_store(f"file:{tmp_path / 'routes.json'}")
+    app = create_app(store=store)
+    before = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
+    store.put_host(HOST, rule)
+    record = {"id": "d1", "host": HOST, "kind": "deploy", "from": before["backends"], "to": to,
+              "settings": {"ready_timeout": 5.0, "drain_timeout": 5.0, "warmup": 0.0},
+              "state": "running", "step": step_name, "started": time.time(), "ended": None,
+              "error": None, "warning": None, "before": before, "since": since,
+              "version": None, "owner": "gone",
+              "steps": [{"name": step_name, "started": time.time(), "ended": None,
+                         "outcome": None, "detail": ""}]}
+    store.records().save_deploy(record)
+    return app, record
+
+
+def test_resumed_before_the_switch_fails_cleanly(tmp_path: Path) -> None:
+    before = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
+    app, record = resumable(tmp_path, before, "ready", None, ["127.0.0.1:9002"])
+    app.deployer.run(record, resumed=True)
+    stored = app.store.records().deploy("d1")
+    assert stored["state"] == "failed" and "nothing was switched" in stored["error"]
+    assert app.store.load().hosts[HOST] == before
+
+
+def test_resumed_after_the_switch_write_carries_on_to_the_end(tmp_path: Path) -> None:
+    from management.deploy_steps import switched_rule
+
+    since = time.time() - 1
+    before = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
+    switched = switched_rule(before, ["127.0.0.1:9002"], since, 0.0)
+    assert switched["draining"]["backends"] == ["127.0.0.1:9001"]
+    app, record = resumable(tmp_path, switched, "switch", since, ["127.0.0.1:9002"])
+    assert app.store.records().claim(HOST, "d1", app.deployer.owner, time.time(), 5.0) is None
+    app.deployer.start_watching()  # publishes this (data-plane-less) balancer's counts
+    try:
+        app.deployer.run(record, resumed=True)
+    finally:
+        app.deployer.stop()
+    stored = app.store.records().deploy("d1")
+    assert stored["state"] == "done", stored
+    assert step(stored, "switch")["detail"] == "switched (before the restart)"
+    assert step(stored, "drain")["outcome"] == "drained"
+    assert app.store.load().hosts[HOST] == {"action": "proxy", "backends": ["127.0.0.1:9002"]}
+    assert app.store.records().claims() == {}
