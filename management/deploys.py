@@ -50,6 +50,7 @@ log = logging.getLogger("balancer.deploys")
 STALE_AFTER = 5.0   # seconds without a beat before another process resumes a deploy
 BEAT_EVERY = 1.0
 WATCH_EVERY = 0.25  # seconds between in-flight reports while a deploy runs
+IDLE_EVERY = 1.0    # seconds between looks for a deploy while none runs
 DRAIN_SETTLE = 0.5  # seconds after the warmup before the old backends' counts are trusted
 STEPS = ("ready", "switch", "warmup", "drain")
 
@@ -179,6 +180,7 @@ class Deployer:
         resume deploys whose owner went quiet."""
         reported = False
         while not self.stopping.is_set():
+            claims: dict[str, dict[str, Any]] = {}
             try:
                 claims = self.records.claims()
                 if claims:
@@ -192,7 +194,7 @@ class Deployer:
                 log.debug("deploy watch: %s", exc)
             except Exception:
                 log.exception("deploy watch failed")
-            self.stopping.wait(WATCH_EVERY)
+            self.stopping.wait(WATCH_EVERY if claims or self.running else IDLE_EVERY)
 
     def report(self, hosts: list[str]) -> None:
         info = self.runtime.info()
@@ -350,7 +352,10 @@ class Run:
             self.finish()
             return
         timeout = float(self.settings["drain_timeout"])
-        since = float(self.record["since"]) + float(self.settings["warmup"]) + DRAIN_SETTLE
+        # counts taken after the warmup, and late enough that every balancer (looking
+        # once every IDLE_EVERY) has seen the claim made when the deploy started
+        since = max(float(self.record["since"]) + float(self.settings["warmup"]),
+                    float(self.record["started"]) + IDLE_EVERY) + DRAIN_SETTLE
         self.begin("drain", f"waiting for {', '.join(draining)}")
         deadline = max(time.time(), since) + timeout
         counts = None

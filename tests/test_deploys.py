@@ -176,7 +176,7 @@ def test_a_backend_that_never_gets_ready_changes_nothing(
     a, _ = a_and_b
     sick = Backend("sick")
     try:
-        record = deploy(lb, {"backends": [f"{sick.address}"], "ready_timeout": 0.6})
+        record = deploy(lb, {"backends": [sick.address], "ready_timeout": 0.6, "warmup": 0})
         # the echo backend answers /status/503 for that path only: use a health path
         record = finished(lb, record["id"])
         assert record["state"] == "done"  # GET / < 500: ready at once
@@ -259,7 +259,7 @@ def test_balancerctl_deploy_shows_each_step_and_fails_with_the_reason(
                      "--ready-timeout", "0.3"])
     err = capsys.readouterr().err
     assert code == 1 and "failed at step ready" in err and "nothing was switched" in err
-    assert ctl.main(["--url", url, "--json", "rollback", HOST, "--no-wait"]) == 0
+    assert ctl.main(["--url", url, "--json", "rollback", HOST, "--no-wait", "--warmup", "0"]) == 0
     started = json.loads(capsys.readouterr().out)["deploy"]
     assert started["kind"] == "rollback"
     assert finished(lb, started["id"])["state"] == "done"
