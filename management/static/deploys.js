@@ -31,7 +31,8 @@ export function deployLine(record, now) {
     el("span", {class: "deploy-step"}, `${record.kind || "deploy"}: ${step}`),
     ` for ${seconds(since, now / 1000)} (started ${seconds(record.started, now / 1000)} ago)`,
     " · new ", el("span", {class: "deploy-backends"}, names(record.to)),
-    " · draining ", el("span", {class: "deploy-backends"}, names(record.from)),
+    step === "ready" || step === "switch" ? " · old " : " · draining ",
+    el("span", {class: "deploy-backends"}, names(record.from)),
     current && current.detail ? ` · ${current.detail}` : "");
 }
 
