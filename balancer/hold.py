@@ -8,8 +8,9 @@ Invariants:
   (`Holds`, one per worker); beyond that a request gets `Busy` (503 `busy`).
   A held request counts in its host's `spinning` statistic while held.
 * A held request waits on events (a table swap, a backend recovering), never
-  on a polling tick. Under gevent the client socket is watched as well, so a
-  client that hangs up is noticed at once and frees its slot (`ClientGone`).
+  on a polling tick (`balancer.netio.IO.wait_any`). Under gevent the client
+  socket is watched as well, so a client that hangs up is noticed at once and
+  frees its slot (`ClientGone`).
 * While held a request has no connection deadline (`disarm`); its own
   deadline bounds the wait. Before it is handed to the next action, the
   client deadline is armed again.
@@ -22,14 +23,12 @@ Invariants:
 from __future__ import annotations
 
 import math
-import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from balancer.errors import Busy, ClientGone, ShuttingDown
-from balancer.peek import CLOSED, READABLE, peek
+from balancer.errors import Busy, ShuttingDown
 
 
 class Holds:
@@ -95,64 +94,3 @@ def hand_over(route: Any, ex: Any, body: bytes | None) -> None:
         action.resume(ex, body)
     else:
         action.handle(ex)
-
-
-def wait_any(events: Sequence[Any], sock: socket.socket, timeout: float,
-             watch_client: bool) -> bool:
-    """Wait until one of `events` is set or `timeout` passes; returns whether
-    to keep watching the client.
-
-    Under gevent the client socket is watched too (when `watch_client`): a
-    hang-up raises ClientGone; a client that sent more data (pipelining) is
-    not watched any further. Elsewhere (the threaded baseline) only the first
-    event is awaited: callers keep their own backoff for the others.
-    """
-    if not _is_gevent():
-        events[0].wait(timeout)
-        return False
-    from gevent import get_hub
-    from gevent.event import Event
-
-    wake = Event()
-    client_stirred = []
-
-    def on_event(_event: Any) -> None:
-        wake.set()
-
-    def on_client() -> None:
-        client_stirred.append(True)
-        wake.set()
-
-    watcher = None
-    if watch_client:
-        watcher = get_hub().loop.io(sock.fileno(), 1)
-        watcher.start(on_client)
-    for event in events:
-        event.rawlink(on_event)
-    try:
-        wake.wait(timeout)
-    finally:
-        for event in events:
-            event.unlink(on_event)
-        if watcher is not None:
-            watcher.stop()
-            watcher.close()
-    if not client_stirred:
-        return watch_client
-    return not _client_readable(sock)
-
-
-def _is_gevent() -> bool:
-    try:
-        from gevent.monkey import is_module_patched
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        return False
-    return is_module_patched("socket")
-
-
-def _client_readable(sock: socket.socket) -> bool:
-    """True if the client sent more data; raises ClientGone if it hung up."""
-    state = peek(sock)
-    if state == CLOSED:
-        raise ClientGone("client closed while held")
-    return state == READABLE

@@ -33,20 +33,17 @@ Invariants:
   its own (`rest`); the owner's next write waits for it, `close` stops it.
 * At most BATCH_LIMIT writers wait in a batch; at most HOLD_LIMIT bytes per
   socket are held (a larger write is made at once).
-* Without an outbox (the threaded baseline's blocking sockets) every write
-  is made at once.
+* Only gevent's sockets have writers (`balancer.netio.EventedStream`); a
+  blocking socket's writes are made at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
-import weakref
 from typing import Any, Final
 
 from gevent import spawn
-
-from balancer.readiness import Readable, raw_socket
 
 HOLD_LIMIT: Final = 65536  # bytes held per socket; a larger write is made at once
 # Writers held at most per batch: a burst of greenlets (a thousand held requests
@@ -79,29 +76,10 @@ class Outbox:
             writer.flush()
 
 
-_OUTBOXES: Final[weakref.WeakKeyDictionary[Any, Outbox]] = weakref.WeakKeyDictionary()
-
-
-def outbox_for(hub: Any) -> Outbox:
-    """The outbox of `hub`'s loop (one per hub, made on first use)."""
-    outbox = _OUTBOXES.get(hub)
-    if outbox is None:
-        outbox = _OUTBOXES[hub] = Outbox(hub.loop)
-    return outbox
-
-
-def writer_for(sock: socket.socket, watcher: Readable | None) -> Writer:
-    """The writer of `sock`: with a `watcher` (gevent), on the OS socket and
-    with the outbox of the watcher's hub; without one, direct on `sock`."""
-    raw = raw_socket(sock, watcher)
-    return Writer(sock, raw, None if watcher is None else outbox_for(watcher.hub))
-
-
 def send_all(sock: socket.socket, raw: Any, data: bytes) -> None:
-    """`sock.sendall(data)`, with one plain `send` on `raw`
-    (`balancer.readiness.raw_socket`) first: under gevent, sendall queries
-    SO_SNDBUF on every call, a syscall a write that fits the socket buffer
-    does not need."""
+    """`sock.sendall(data)`, with one plain `send` on `raw` (the OS socket under
+    gevent's) first: under gevent, sendall queries SO_SNDBUF on every call, a
+    syscall a write that fits the socket buffer does not need."""
     try:
         sent = raw.send(data)
     except BlockingIOError:
@@ -115,7 +93,7 @@ class Writer:
 
     __slots__ = ("sock", "raw", "outbox", "held", "rest")
 
-    def __init__(self, sock: socket.socket, raw: Any, outbox: Outbox | None) -> None:
+    def __init__(self, sock: socket.socket, raw: Any, outbox: Outbox) -> None:
         self.sock = sock
         self.raw = raw
         self.outbox = outbox
@@ -131,15 +109,14 @@ class Writer:
     def write_last(self, data: bytes) -> None:
         """Send `data` by the end of this loop iteration: the caller's next step
         is to wait for its peer (or to close, which calls `finish`)."""
-        outbox = self.outbox
         held = self.held
-        if outbox is None or self.rest is not None or len(data) + len(held) > HOLD_LIMIT:
+        if self.rest is not None or len(data) + len(held) > HOLD_LIMIT:
             self.write(data)
         elif held:
             self.held = held + data
         else:
             self.held = data
-            outbox.add(self)
+            self.outbox.add(self)
 
     def finish(self) -> None:
         """Send what is held, now, from the calling greenlet. Raises OSError."""

@@ -33,14 +33,14 @@ from gevent.server import StreamServer
 from balancer.actions import ActionCompiler
 from balancer.actions.proxy import ProxyAction
 from balancer.addr import Address
-from balancer.connection import COARSE_CLOCK, Context, handle_client
+from balancer.connection import Context, handle_client
 from balancer.descriptors import ACCEPT_PAUSE, connection_cap, is_exhausted, is_skipped, soft_limit
 from balancer.failures import FailureReport
 from balancer.health import HealthChecks
 from balancer.http11 import Limits
+from balancer.netio import IO, GeventIO
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry
-from balancer.readiness import is_evented
 from balancer.rules import RuleError
 from balancer.settings import Settings
 from balancer.stats import Stats
@@ -150,11 +150,16 @@ def bind(address: Address, backlog: int = BACKLOG) -> socket.socket:
 
 
 class Worker:
-    """Everything one worker process runs; built from read-only settings."""
+    """Everything one worker process runs; built from read-only settings.
+
+    `io` is how it waits and moves bytes (`balancer.netio`): gevent's unless
+    given (the threaded baseline gives the blocking `IO`)."""
 
     def __init__(self, settings: Settings, store: Any,
-                 log_factory: Callable[[Settings], Any] | None = None) -> None:
+                 log_factory: Callable[[Settings], Any] | None = None,
+                 io: IO | None = None) -> None:
         self.settings = settings
+        self.io = io if io is not None else GeventIO()
         self.store = store
         self.stats = Stats()
         self.pages = Pages.load(settings.server.pages_dir)
@@ -164,7 +169,7 @@ class Worker:
         self.registry = BackendRegistry(connect_timeout=timeouts.backend_connect,
                                         fail_timeout=timeouts.fail_timeout,
                                         max_idle=self.max_connections,
-                                        evented=is_evented())
+                                        io=self.io)
         holder_ref: list = []
         self.compiler = ActionCompiler(registry=self.registry, pages=self.pages,
                                        stats=self.stats, holder_ref=holder_ref)
@@ -185,7 +190,6 @@ class Worker:
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
         self.servers: list[Listener] = []
         self.pool = EagerPool(self.max_connections)
-        self.connections: set = set()
         self.contexts: list[Context] = []
         self.draining = False  # stopped accepting; every response closes its connection
         self.stopping = False  # the watcher and the watchdog end
@@ -193,9 +197,8 @@ class Worker:
     def context(self, trusted: bool) -> Context:
         return Context(holder=self.holder, pages=self.pages, stats=self.stats,
                        access_log=self.access_log, trusted=trusted, limits=self.limits,
-                       timeouts=self.settings.timeouts,
-                       spin_max_waiting=self.settings.limits.spin_max_waiting,
-                       connections=self.connections)
+                       timeouts=self.settings.timeouts, io=self.io,
+                       spin_max_waiting=self.settings.limits.spin_max_waiting)
 
     # routing table -------------------------------------------------------
     def start_table(self) -> None:
@@ -391,25 +394,16 @@ class Worker:
         return self.max_connections
 
     def watchdog_loop(self) -> None:
-        """Raise TimeoutError in every connection whose deadline passed."""
+        """Raise TimeoutError in every connection whose deadline passed (and,
+        while draining, close idle keep-alive connections)."""
         tick = min(0.25, min(_waiting_timeouts(self.settings.timeouts)) / 4)
-        hub = gevent.get_hub()
+        io = self.io
         while not self.stopping:
             gevent.sleep(tick)
-            COARSE_CLOCK[0] = now = time.monotonic()
+            now = io.tick()
             if self.draining:
-                self.close_idle(now + DRAIN_IDLE)
-            for conn in [c for c in self.connections if c.deadline < now]:
-                conn.deadline = float("inf")
-                task = conn.task
-                if task is not None and not task.dead:
-                    hub.loop.run_callback(task.throw, TimeoutError("deadline passed"))
-
-    def close_idle(self, by: float) -> None:
-        """Make every idle keep-alive connection time out (and close) by `by`."""
-        for conn in self.connections:
-            if conn.idle and conn.deadline > by:
-                conn.deadline = by
+                io.close_idle(now + DRAIN_IDLE)
+            io.expire(now)
 
     def start(self) -> None:
         self.access_log.start()

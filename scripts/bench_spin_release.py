@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from balancer.actions import ActionCompiler  # noqa: E402
+from balancer.netio import GeventIO  # noqa: E402
 from balancer.pages import Pages  # noqa: E402
 from balancer.pool import BackendRegistry  # noqa: E402
 from balancer.stats import Stats  # noqa: E402
@@ -88,10 +89,11 @@ def measure_wake(held: int) -> dict[str, float]:
     route = holder.table.lookup(HOST.encode())
     pairs = socket_pairs(held)
     left: list[float] = []
+    io = GeventIO()
 
     def hold(sock: socket.socket) -> None:
         ctx = SimpleNamespace(spin_max_waiting=held)
-        conn = SimpleNamespace(sock=sock, ctx=ctx, disarm=lambda: None)
+        conn = SimpleNamespace(sock=sock, ctx=ctx, io=io, disarm=lambda: None)
         ex = SimpleNamespace(conn=conn, route=route, head=SimpleNamespace(host=HOST.encode()))
         with compiler.holds.held(ex):
             route.action.hold(ex)

@@ -37,7 +37,7 @@ from balancer.errors import (
     ProxyError,
     SpinTimeout,
 )
-from balancer.hold import Holds, hand_over, retry_after, wait_any
+from balancer.hold import Holds, hand_over, retry_after
 from balancer.pool import Backend
 from balancer.relay import forward
 from balancer.rules import backend_entries
@@ -196,8 +196,8 @@ class ProxyAction:
                 raise SpinTimeout(retry_after(self.spin_when_down))
             recovered = [b.recovered_event() for b in self.backends]
             wait = min(remaining, backoff * (0.5 + random.random() / 2))
-            watch_client = wait_any([changed, holds.closing_event(), *recovered], sock, wait,
-                                    watch_client)
+            watch_client = ex.conn.io.wait_any([changed, holds.closing_event(), *recovered],
+                                               sock, wait, watch_client)
             holds.check_open()
             backoff = min(backoff * 2, MAX_BACKOFF)
             if changed.is_set():

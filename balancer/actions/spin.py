@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from balancer.errors import SpinTimeout
-from balancer.hold import Holds, hand_over, retry_after, wait_any
+from balancer.hold import Holds, hand_over, retry_after
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -56,5 +56,5 @@ class SpinAction:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise SpinTimeout(retry_after(self.timeout))
-            watch_client = wait_any((changed, holds.closing_event()), sock, remaining,
-                                    watch_client)
+            watch_client = ex.conn.io.wait_any((changed, holds.closing_event()), sock,
+                                               remaining, watch_client)
