@@ -56,6 +56,7 @@ class Stream:
 
     def __init__(self, sock: Any) -> None:
         self.sock = sock
+        self.poller: Any = None  # select.poll of this socket alone, made by the first `park`
 
     def recv(self, size: int) -> bytes:
         """Up to `size` bytes (b"" at EOF); raises OSError, TimeoutError."""
@@ -87,12 +88,13 @@ class Stream:
 
     def park(self) -> None:
         """The connection goes idle (into a pool): from now on nothing may arrive."""
+        if self.poller is None:
+            self.poller = select.poll()
+            self.poller.register(self.sock.fileno(), select.POLLIN)
 
     def is_clean(self) -> bool:
         """Whether nothing arrived since `park` (no bytes, no EOF)."""
-        poller = select.poll()  # one syscall, whatever the socket's timeout
-        poller.register(self.sock.fileno(), select.POLLIN)
-        return not poller.poll(0)
+        return not self.poller.poll(0)  # one syscall, whatever the socket's timeout
 
     def close(self) -> None:
         """Close the socket (and whatever watches or writes it)."""

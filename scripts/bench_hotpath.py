@@ -123,8 +123,8 @@ def setup() -> object:
     ctx = worker.context(False)
     backend = next(iter(worker.registry.backends.values()))
     upstream = Upstream(io.stream(Backend(0)))
+    backend.release(upstream)
     upstream.since = float("inf")  # never expires
-    backend.idle.append(upstream)
     return ctx
 
 
