@@ -5,13 +5,13 @@ import time
 import gevent
 import pytest
 
-from balancer import accesslog
 from balancer.accesslog import (
     AccessLog,
     AccessLogError,
     format_combined,
     format_json,
     make_record,
+    records,
 )
 
 # 2026-10-10 13:55:36.250 UTC
@@ -65,9 +65,9 @@ def opened():
 
 def test_record_field_order():
     rec = record()
-    assert len(rec) == accesslog.FIELD_COUNT
-    assert rec[accesslog.TIME] == STAMP and rec[accesslog.STATUS] == 200
-    assert rec[accesslog.BACKEND] == "127.0.0.1:9001" and rec[accesslog.BACKEND_TIME] == 0.01
+    assert len(rec) == records.FIELD_COUNT
+    assert rec[records.TIME] == STAMP and rec[records.STATUS] == 200
+    assert rec[records.BACKEND] == "127.0.0.1:9001" and rec[records.BACKEND_TIME] == 0.01
 
 
 def test_combined_line(utc):
