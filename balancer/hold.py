@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from balancer.errors import Busy, ShuttingDown
+from balancer.table import Route
 
 
 class Holds:
@@ -81,16 +82,14 @@ def retry_after(timeout: float) -> int:
     return max(1, math.ceil(timeout / 4))
 
 
-def hand_over(route: Any, ex: Any, body: bytes | None) -> None:
+def hand_over(route: Route, ex: Any, body: bytes | None) -> None:
     """Apply `route` to a request that was held.
 
-    `body` is the request body if it was already read (buffered), else None;
-    actions that can use a buffered body take it through `resume`.
+    `body` is the request body if it was already read (buffered), else None.
     """
     conn = ex.conn
     conn.arm(conn.sock, conn.ctx.timeouts.client_idle)
-    action = route.action
-    if body is not None and hasattr(action, "resume"):
-        action.resume(ex, body)
+    if body is None:
+        route.action.handle(ex)
     else:
-        action.handle(ex)
+        route.action.resume(ex, body)

@@ -30,8 +30,7 @@ from gevent import getcurrent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from balancer.actions import ActionCompiler
-from balancer.actions.proxy import ProxyAction
+from balancer.actions import ActionCompiler, fallback_routes
 from balancer.addr import Address
 from balancer.connection import Context, handle_client
 from balancer.descriptors import ACCEPT_PAUSE, connection_cap, is_exhausted, is_skipped, soft_limit
@@ -170,11 +169,10 @@ class Worker:
                                         fail_timeout=timeouts.fail_timeout,
                                         max_idle=self.max_connections,
                                         io=self.io)
-        holder_ref: list = []
+        _, no_hosts = fallback_routes(self.pages, self.stats)
+        self.holder = TableHolder(RoutingTable(0, {}, no_hosts))
         self.compiler = ActionCompiler(registry=self.registry, pages=self.pages,
-                                       stats=self.stats, holder_ref=holder_ref)
-        self.holder = TableHolder(RoutingTable(0, {}, self.compiler.fallbacks()[1]))
-        holder_ref.append(self.holder)
+                                       stats=self.stats, holder=self.holder)
         self.health = HealthChecks(self.registry)  # active checks follow the table
         self.failure_report = FailureReport(self.stats)  # 502/504 summed up once a second
         self.loaded = False
@@ -236,7 +234,7 @@ class Worker:
                 # the table loaded at start (comparing 100,000 rules would stall the loop)
             try:
                 table = RoutingTable.build(data.version, data.hosts, self.compiler.compile,
-                                           self.compiler.fallbacks(), previous=current,
+                                           self.compiler.fallbacks, previous=current,
                                            pause=_pause)
             except RuleError as exc:
                 log.error("store version %s rejected, keeping version %s: %s",
@@ -255,7 +253,7 @@ class Worker:
             if change.base == current.version and self.store_problem is None:
                 try:
                     table = current.with_changes(change.version, change.hosts,
-                                                 self.compiler.compile, self.compiler.fallbacks())
+                                                 self.compiler.compile, self.compiler.fallbacks)
                 except RuleError as exc:
                     log.error("store version %s rejected, keeping version %s: %s",
                               change.version, current.version, "; ".join(exc.problems))
@@ -292,7 +290,7 @@ class Worker:
             for n, route in enumerate(new.routes.values()):
                 if n % PAUSE_EVERY == PAUSE_EVERY - 1:
                     _pause()
-                uses.update(_backend_keys(route))
+                uses.update(route.action.backend_keys())
                 self.health_rules += "health" in route.rule
             self.backend_uses = uses
             return set(self.registry.backends) - set(uses)
@@ -300,13 +298,13 @@ class Worker:
         for key in keys:
             before, after = old.route_for(key), new.route_for(key)
             if before is not None:
-                for backend in _backend_keys(before):
+                for backend in before.action.backend_keys():
                     self.backend_uses[backend] -= 1
                     if self.backend_uses[backend] <= 0:
                         del self.backend_uses[backend]
                         gone.add(backend)
             if after is not None:
-                self.backend_uses.update(_backend_keys(after))
+                self.backend_uses.update(after.action.backend_keys())
         return {b for b in gone if b not in self.backend_uses}
 
     def prune_unused(self) -> None:
@@ -331,9 +329,7 @@ class Worker:
             if route is None:
                 continue
             if prior is None or prior.action is not route.action:
-                action = route.action
-                named = action.backends if isinstance(action, ProxyAction) else ()
-                route.stats.keep_backends({backend.key for backend in named})
+                route.stats.keep_backends(set(route.action.backend_keys()))
 
     def reload(self) -> int:
         """Re-read the store now and apply it; returns the version served."""
@@ -440,13 +436,6 @@ class Worker:
 
 def _pause() -> None:
     time.sleep(COMPILE_PAUSE)  # gevent's sleep when patched: requests run meanwhile
-
-
-def _backend_keys(route: Any) -> list[str]:
-    action = route.action
-    if not isinstance(action, ProxyAction):
-        return []
-    return [backend.key for backend in action.backends]
 
 
 def _has_health(old: RoutingTable, new: RoutingTable, keys: Any) -> bool:

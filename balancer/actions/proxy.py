@@ -76,6 +76,9 @@ class ProxyAction:
             stats.source = backend
             self.backend_stats[backend.key] = stats
 
+    def backend_keys(self) -> list[str]:
+        return [backend.key for backend in self.backends]
+
     def handle(self, ex: Exchange) -> None:
         body = self.buffered_body(ex) if ex.head.has_body else None
         try:

@@ -15,7 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from balancer.errors import SpinTimeout
@@ -35,6 +35,9 @@ class SpinAction:
 
     def handle(self, ex: Any) -> None:
         self.resume(ex, None)
+
+    def backend_keys(self) -> Iterable[str]:
+        return ()
 
     def resume(self, ex: Any, body: bytes | None) -> None:
         """Hold `ex` (whose body, if already read, is `body`), then apply the next rule."""
