@@ -130,6 +130,20 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
     return tokens
 
 
+# Framing fields, read the same way from requests and responses --------------------
+def add_connection_tokens(tokens: frozenset[bytes], value: bytes) -> frozenset[bytes]:
+    """`tokens` and those of one more Connection field `value` (it may repeat)."""
+    more = connection_tokens(value.strip(b" \t"))
+    return tokens | more if tokens else more
+
+
+def is_chunked_only(chunked: bool, value: bytes) -> bool:
+    """Whether a message whose earlier Transfer-Encoding fields made it `chunked`
+    stays framed by a single, final ``chunked`` with one more field `value`:
+    any other coding, or a repeated field, cannot be framed safely (smuggling)."""
+    return not chunked and value.strip(b" \t").lower() == b"chunked"
+
+
 class _Parser:
     """Shared machinery of request and response parsing.
 
@@ -341,14 +355,13 @@ class RequestParser(_Parser):
                     self._fail(400, "repeated Host header")
                 host = value.rstrip(b" \t") or b"\0"
             elif lname == b"connection":
-                more = connection_tokens(value.rstrip(b" \t"))
-                tokens = tokens | more if tokens else more
+                tokens = add_connection_tokens(tokens, value)
             elif lname == b"content-length":
                 if content_length is not None:
                     self._fail(400, "repeated Content-Length")
                 content_length = int(value.rstrip(b" \t"))
             elif lname == b"transfer-encoding":
-                if chunked or value.rstrip(b" \t").lower() != b"chunked":
+                if not is_chunked_only(chunked, value):
                     self._fail(501, "unsupported Transfer-Encoding")
                 chunked = True
             elif lname == b"expect":
