@@ -85,11 +85,15 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Parser limits (SPEC §4)."""
+    """Parser limits (SPEC §4), with their defaults: declared here only, the
+    settings (`limits.*`) take theirs from `DEFAULT_LIMITS`."""
 
     max_request_line: int = 8192
     max_header_bytes: int = 65536
     max_headers: int = 100
+
+
+DEFAULT_LIMITS: Final = Limits()
 
 
 class RequestHead:
@@ -268,7 +272,7 @@ class _Parser:
 class RequestParser(_Parser):
     """Parses requests from a client; pipelined requests queue up in order."""
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         super().__init__(limits)
         self._line_room = limits.max_request_line - 10  # for method and target
         self._max_headers = limits.max_headers

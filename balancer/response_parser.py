@@ -36,6 +36,7 @@ import httptools
 
 from balancer.fields import field_keys, field_list, without_fields
 from balancer.http11 import (
+    DEFAULT_LIMITS,
     END,
     HOP_BY_HOP,
     Limits,
@@ -45,7 +46,6 @@ from balancer.http11 import (
 )
 
 _CRLFCRLF: Final = b"\r\n\r\n"
-DEFAULT_LIMITS: Final = Limits()
 
 
 class _Stop(Exception):
