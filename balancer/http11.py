@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import httptools
 
@@ -149,7 +149,7 @@ def is_chunked_only(chunked: bool, value: bytes) -> bool:
 
 
 class _Parser:
-    """Shared machinery of request and response parsing.
+    """The feed-level machinery of `RequestParser`: head limits, trailers.
 
     `on_header` collects each field of a head as a (name, lower name, value)
     triple in `_fields`, and the special ones (`SPECIAL`) in `_specials` too;
@@ -157,6 +157,7 @@ class _Parser:
     """
 
     events: deque
+    _hp: Any  # the httptools parser (None once closed)
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -202,7 +203,7 @@ class _Parser:
             if not self._line_done:
                 end = data.find(b"\n")
                 if fed + (len(data) if end < 0 else end) > self._line_max:
-                    self._fail(*self._line_too_long())
+                    self._fail(414, "request line too long")
                 self._line_done = end >= 0
                 if not fed:  # the head (or empty lines before it) begins here: LINE_ENDS
                     # (end >= 10: mypyc 2.4 fails on a bytes slice that starts past its end)
@@ -249,24 +250,9 @@ class _Parser:
         self._fields = []
         return tuple(fields)
 
-    def _line_too_long(self) -> tuple[int, str]:
-        return 414, "request line too long"
-
-    def resume(self) -> None:
-        """Continue parsing HTTP after an upgrade the peer did not accept."""
-        leftover, self.leftover, self.upgraded = self.leftover, b"", False
-        self._hp = self._new_parser()
-        self._fields = []
-        self._begin()
-        if leftover:
-            self.feed(leftover)
-
     def close(self) -> None:
         """Drop the httptools parser (it references this object: a cycle)."""
         self._hp = None
-
-    def _new_parser(self):  # pragma: no cover - overridden
-        raise NotImplementedError
 
 
 class RequestParser(_Parser):
@@ -286,6 +272,15 @@ class RequestParser(_Parser):
 
     def _new_parser(self) -> httptools.HttpRequestParser:
         return httptools.HttpRequestParser(self)
+
+    def resume(self) -> None:
+        """Continue parsing HTTP after an upgrade the peer did not accept."""
+        leftover, self.leftover, self.upgraded = self.leftover, b"", False
+        self._hp = self._new_parser()
+        self._fields = []
+        self._begin()
+        if leftover:
+            self.feed(leftover)
 
     # httptools callbacks (and `on_url`, `on_body` above) ----------------------
     def on_message_begin(self) -> None:
@@ -340,7 +335,7 @@ class RequestParser(_Parser):
         """Exact limits, for heads the feed-level counts could not bound (see `_Parser`)."""
         line = len(method) + len(url) + 10  # "M SP url SP HTTP/1.1"
         if line > self.limits.max_request_line:
-            self._fail(*self._line_too_long())
+            self._fail(414, "request line too long")
         if self._measure or self._head_bytes > self._head_max:
             size = line + 4 + sum(len(name) + len(value) + 4 for name, _, value in fields)
             if size > self._head_max:
