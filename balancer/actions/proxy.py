@@ -132,8 +132,7 @@ class ProxyAction:
         failure = self.attempt(ex, backend, body)
         if failure is None:
             return
-        head = ex.head
-        replayable = head.method in IDEMPOTENT and (body is not None or not head.has_body)
+        replayable = is_replayable(ex, body)
         tried = [backend]
         while True:
             retryable = isinstance(failure, ConnectError) or (replayable and not ex.started)
@@ -179,9 +178,7 @@ class ProxyAction:
         """Whether `failure` says the backends are down and the request can wait."""
         if isinstance(failure, ConnectError):
             return True  # nothing was sent
-        head = ex.head
-        replayable = head.method in IDEMPOTENT and (body is not None or not head.has_body)
-        return isinstance(failure, BackendClosed) and replayable and not ex.started
+        return isinstance(failure, BackendClosed) and is_replayable(ex, body) and not ex.started
 
     def hold_while_down(self, ex: Exchange, body: bytes | None) -> Any:
         """Retry until a backend answers (None) or the rule changes (the new route)."""
@@ -222,3 +219,10 @@ class ProxyAction:
                 raise
             return False
         return True
+
+
+def is_replayable(ex: Exchange, body: bytes | None) -> bool:
+    """Whether the request can be sent again: idempotent, and its body (if any)
+    in hand (`body`), not streamed."""
+    head = ex.head
+    return head.method in IDEMPOTENT and (body is not None or not head.has_body)
