@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from balancer.errors import Busy, ShuttingDown
-from balancer.table import Route
+from balancer.errors import Busy, ShuttingDown, SpinTimeout
+from balancer.table import Route, TableHolder
 
 
 class Holds:
@@ -80,6 +81,49 @@ class Holds:
 def retry_after(timeout: float) -> int:
     """The Retry-After seconds of a hold that timed out after `timeout`."""
     return max(1, math.ceil(timeout / 4))
+
+
+class Hold:
+    """One held request's loop state: its deadline, the table it follows, the
+    worker's `Holds` and whether its client is still watched (what `spin` and
+    `spin_when_down` share).
+
+    Each round: `lookup` (the route now, and the event the next swap sets,
+    taken first so that no swap is missed), `remaining` (raises SpinTimeout
+    at the deadline), `wait`. Both `lookup` and `wait` raise ShuttingDown
+    once the worker stops (`Holds.close`)."""
+
+    __slots__ = ("ex", "holder", "holds", "timeout", "deadline", "watch_client")
+
+    def __init__(self, ex: Any, holder: TableHolder, holds: Holds, timeout: float) -> None:
+        self.ex = ex
+        self.holder = holder
+        self.holds = holds
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.watch_client = True
+
+    def lookup(self) -> tuple[Route, threading.Event]:
+        """The route the request's host resolves to now, and the next swap's event."""
+        self.holds.check_open()
+        changed = self.holder.change_event()
+        return self.holder.table.lookup(self.ex.head.host), changed
+
+    def remaining(self) -> float:
+        """Seconds left to hold; raises SpinTimeout (504, Retry-After) when none."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise SpinTimeout(retry_after(self.timeout))
+        return remaining
+
+    def wait(self, events: Sequence[Any], seconds: float) -> None:
+        """Wait up to `seconds` for any of `events` or the worker stopping (the
+        worker's `IO.wait_any`, which watches the client while it can:
+        ClientGone if it hangs up)."""
+        conn, holds = self.ex.conn, self.holds
+        self.watch_client = conn.io.wait_any([*events, holds.closing_event()], conn.sock,
+                                             seconds, self.watch_client)
+        holds.check_open()
 
 
 def hand_over(route: Route, ex: Any, body: bytes | None) -> None:

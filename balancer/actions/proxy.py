@@ -35,9 +35,8 @@ from balancer.errors import (
     ConnectError,
     PayloadTooLarge,
     ProxyError,
-    SpinTimeout,
 )
-from balancer.hold import Holds, hand_over, retry_after
+from balancer.hold import Hold, Holds, hand_over
 from balancer.pool import Backend
 from balancer.relay import forward
 from balancer.rules import backend_entries
@@ -182,23 +181,16 @@ class ProxyAction:
 
     def hold_while_down(self, ex: Exchange, body: bytes | None) -> Any:
         """Retry until a backend answers (None) or the rule changes (the new route)."""
-        deadline = time.monotonic() + (self.spin_when_down or 0.0)
-        holder, host, sock = self.holder, ex.head.host, ex.conn.sock
-        backoff, watch_client, holds = FIRST_BACKOFF, True, self.holds
+        hold = Hold(ex, self.holder, self.holds, self.spin_when_down or 0.0)
+        backoff = FIRST_BACKOFF
         while True:
-            holds.check_open()
-            changed = holder.change_event()  # taken before the lookup: no swap is missed
-            route = holder.table.lookup(host)
+            route, changed = hold.lookup()
             if route.action is not self:
                 return route
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SpinTimeout(retry_after(self.spin_when_down))
+            remaining = hold.remaining()
             recovered = [b.recovered_event() for b in self.backends]
-            wait = min(remaining, backoff * (0.5 + random.random() / 2))
-            watch_client = ex.conn.io.wait_any([changed, holds.closing_event(), *recovered],
-                                               sock, wait, watch_client)
-            holds.check_open()
+            hold.wait([changed, *recovered],
+                      min(remaining, backoff * (0.5 + random.random() / 2)))
             backoff = min(backoff * 2, MAX_BACKOFF)
             if changed.is_set():
                 continue  # re-resolve the host first
