@@ -2,8 +2,7 @@
 
 A send to a peer asleep in ``epoll_wait`` wakes it, and waking a task on an
 idle CPU is dear (an inter-processor interrupt, a VM exit under a
-hypervisor): perf put 13 % of the worker's CPU in that wake-up
-(``sock_def_readable`` under ``send``) with wrk as the client. So the last
+hypervisor): it was the worker's single largest cost under wrk. So the last
 write a greenlet makes before it waits (a response's end, a request sent
 whole) is held, and the loop's callback phase (libev's prepare watcher, after
 every greenlet that was ready has run and before the next poll) makes all
@@ -13,16 +12,7 @@ before it sleeps again.
 A batch is at most BATCH_LIMIT writers: the one that fills it sends them all
 at once. Unbounded, a thousand held requests released together (spin) reached
 the backend only after the last greenlet had run, and the backend idled
-meanwhile: `scripts/bench_spin_release.py` (1,000 held, rule flipped to
-proxy) gave responses p50 181–203 ms, p99 218–234 ms after the swap, against
-p50 76–83, p99 120–127 ms without holding and p50 70, p99 113–116 ms with
-batches of 32.
-
-Measured with scripts/bench_proxy.py's set-up (wrk -t1 -c100, nginx, 4.5 KB
-page), 3 rounds each, per 1,000 requests: wrk's voluntary context switches
-681–699 without holding, 64–74 with it; nginx's 120–150, 52–56; the worker's
-CPU per request 45–56 → 31–33 µs in the kernel and 54–65 → 37–41 µs in user
-space (fewer wake-ups to handle on its own side too).
+meanwhile. What both cost and saved is measured in docs/performance.md.
 
 Invariants:
 * Bytes leave a socket in the order they were written: a direct `write`, and

@@ -15,8 +15,8 @@ request, one per wait. A readiness nobody waits for (pipelined bytes, or a
 peer that closed while the greenlet waits elsewhere) stops the watcher, so
 level-triggered epoll cannot spin on it; the next wait starts it again.
 
-Measured with the bare relay of scripts/bench_proxy.py (wrk -c100, 4.5 KB
-page): 114–135 µs of CPU per request with recv-first, 63–79 µs waiting first.
+What waiting first saves is measured in docs/ARCHITECTURE.md ("Hot path
+notes").
 
 An idle pooled backend connection keeps its watcher started too
 (`watch_idle`): a readiness nobody waits for then marks it `stirred` (the

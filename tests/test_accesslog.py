@@ -14,6 +14,8 @@ from balancer.accesslog import (
     records,
 )
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 # 2026-10-10 13:55:36.250 UTC
 STAMP = 1791640536.25
 

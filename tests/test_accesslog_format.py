@@ -16,6 +16,8 @@ from balancer.accesslog import AccessLog, fast, format_combined, format_json
 from balancer.accesslog import reference as reference_formats
 from balancer.accesslog.records import TARGET
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 SEED = 20261010
 COUNT = 4000
 FORMATS = {

@@ -15,6 +15,8 @@ from balancer.addr import parse_backend_addr
 from balancer.netio import IO, NEVER, EventedStream, GeventIO, Stream
 from balancer.pool import Backend, Upstream
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 DEADLINE = 5.0
 
 

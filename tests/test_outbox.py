@@ -14,6 +14,8 @@ from gevent import socket as gsocket
 from balancer.netio import EventedStream, GeventIO
 from balancer.outbox import BATCH_LIMIT, HOLD_LIMIT, Outbox, Writer, send_all
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 DEADLINE = 5.0
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from tests.support import Balancer, request
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 POISON = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"
 TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
                b"Content-Length: 15\r\n\r\nRequest Timeout")

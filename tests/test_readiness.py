@@ -12,6 +12,8 @@ import pytest
 
 from balancer.readiness import Readable
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 DEADLINE = 5.0
 
 

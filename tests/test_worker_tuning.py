@@ -20,6 +20,8 @@ from balancer.response_parser import ResponseParser
 from balancer.server import SHARED_ACCEPT_BATCH, EagerPool, Worker
 from balancer.settings import load_settings
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 
 class NoStore:
     """The part of the store interface a Worker touches before it starts."""
