@@ -131,6 +131,11 @@ class TableChecker:
         return problems
 
 
+def check_table(where: str, version: object, hosts: object) -> TableData:
+    """`TableChecker.check` without memory: validates the whole table."""
+    return TableChecker().check(where, version, hosts)
+
+
 class ProblemLog:
     """Logs each distinct store problem once, until the store recovers.
 
