@@ -16,8 +16,6 @@ import pytest
 
 from tests.support import Backend, Balancer, dead_address, in_threads, request, wait_for
 
-pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
-
 HOST = "app.test"
 SPIN = {"action": "spin", "timeout": 60}
 

@@ -21,8 +21,6 @@ import websocket  # websocket-client
 
 from tests.support import Backend, Balancer, split_responses, wait_for
 
-pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
-
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TEXT, BINARY, CLOSE = 0x1, 0x2, 0x8
 
