@@ -43,6 +43,7 @@ from balancer.workers import BOOT_ERROR, ChildEnv, ManagementChild, child_main, 
 
 log = logging.getLogger("balancer")
 
+STATUS_FILE = "arbiter.json"  # in the run directory; read by management.cluster
 WORKER, MANAGEMENT = "worker", "management"
 RUNNING, STOPPING, STOPPED = "RUNNING", "STOPPING", "STOPPED"
 NEVER = float("inf")
@@ -328,7 +329,7 @@ class Arbiter:
                   "workers": self.settings.effective_workers(),
                   "recent_crashes": self.backoff.recent(now),
                   "crash_loop": self.backoff.is_looping(now)}
-        path = os.path.join(self.bound.run_dir, "arbiter.json")
+        path = os.path.join(self.bound.run_dir, STATUS_FILE)
         with contextlib.suppress(OSError):
             with open(path + ".tmp", "w") as out:
                 json.dump(status, out)

@@ -7,9 +7,10 @@ Invariants:
   the next head is taken from the parser.
 * `ProxyError` and `ProtocolError` become pages here and nowhere else; once
   response bytes were sent, an error can only close the connection.
-* Written against the plain socket API (`recv`, `sendall`, `settimeout`), so
-  the threaded baseline runs the very same code on blocking sockets.
-* Every wait is bounded by `arm`: with socket timeouts (threaded baseline), or
+* Sockets are read and written through the worker's `balancer.netio.IO`
+  (`ctx.io`): its streams, its deadlines. The threaded baseline runs the very
+  same code with the blocking `IO`.
+* Every wait is bounded by `arm`: with socket timeouts (blocking `IO`), or
   under gevent by a per-connection deadline that the worker's watchdog
   enforces by raising TimeoutError in the overdue greenlet. gevent socket
   timeouts cost a timer per call; the watchdog costs one float per phase.
@@ -27,8 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
-from balancer.outbox import writer_for
-from balancer.readiness import Readable, receive, unwatch
+from balancer.netio import IO, NEVER
 from balancer.responses import local_response
 
 if TYPE_CHECKING:
@@ -39,10 +39,6 @@ if TYPE_CHECKING:
     from balancer.table import Route, TableHolder
 
 RECV_SIZE: Final = 65536
-NEVER: Final = float("inf")
-# time.monotonic() as of the watchdog's last tick: deadlines are enforced at
-# tick granularity, so arming against it is as exact and costs no call.
-COARSE_CLOCK: Final = [time.monotonic()]
 DRAIN_LIMIT: Final = 1 << 20  # bytes of an unused request body read to keep a connection alive
 
 PROTOCOL_PAGES: Final = {
@@ -59,8 +55,7 @@ class Context:
 
     def __init__(self, *, holder: TableHolder, pages: Pages, stats: Stats,
                  access_log: AccessLog, trusted: bool, limits: Limits,
-                 timeouts: TimeoutSettings, spin_max_waiting: int = 10000,
-                 connections: set | None = None) -> None:
+                 timeouts: TimeoutSettings, io: IO, spin_max_waiting: int = 10000) -> None:
         self.holder = holder
         self.pages = pages
         self.stats = stats
@@ -70,8 +65,7 @@ class Context:
         self.timeouts = timeouts
         self.spin_max_waiting = spin_max_waiting  # the cap is counted by balancer.hold
         self.request_ids = RequestIds()
-        # live connections, for the gevent watchdog; None = use socket timeouts
-        self.connections = connections
+        self.io = io  # the worker's I/O: streams and deadlines
         self.draining = False
 
 
@@ -114,12 +108,12 @@ class Exchange:
         the loop iteration (`balancer.outbox`; a client gone by then is found
         by the next read)."""
         self.started = True
-        writer = self.conn.writer
+        stream = self.conn.stream
         try:
             if last:
-                writer.write_last(data)
+                stream.write_last(data)
             else:
-                writer.write(data)
+                stream.write(data)
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         self.sent += len(data)
@@ -152,43 +146,35 @@ class Exchange:
 class ClientConnection:
     """Serves one client connection to the end."""
 
-    def __init__(self, sock: socket.socket, address: Any, ctx: Context,
-                 watcher: Readable | None = None) -> None:
+    def __init__(self, sock: socket.socket, address: Any, ctx: Context) -> None:
         self.sock = sock
-        self.watcher = watcher  # its read watcher (watchdog mode, balancer.readiness)
-        self.writer = writer_for(sock, watcher)
-        self.raw = self.writer.raw  # readiness.raw_socket: reads go there too
+        self.io = ctx.io
+        self.stream = ctx.io.stream(sock)
         self.client_ip = address[0] if isinstance(address, tuple) else str(address)
         self.client_ip_bytes = self.client_ip.encode()
         self.forwarded_fields = b""  # what balancer.forwarding says of this client, once made
         self.ctx = ctx
         self.parser = RequestParser(ctx.limits)
         self.events = self.parser.events
-        self.socket_timeouts = ctx.connections is None
-        self.deadline = NEVER
-        self.task: Any = None  # the greenlet serving this connection (watchdog mode)
+        self.deadline = NEVER  # enforced by the watchdog (gevent's `IO`)
+        self.task: Any = None  # the greenlet serving this connection (gevent's `IO`)
         # True only while waiting for the first byte of a request: closing the
         # connection then loses nothing (a draining worker does so)
         self.idle = False
 
     def close(self) -> None:
         """Send what is still held (within client_idle), then close everything."""
-        writer = self.writer
-        if writer.held or writer.rest is not None:
+        stream = self.stream
+        if stream.has_held():
             self.arm(self.sock, self.ctx.timeouts.client_idle)
             with contextlib.suppress(OSError, TimeoutError):
-                writer.finish()
-        writer.close()
+                stream.finish()
+        stream.close()
         self.parser.close()
-        unwatch(self.watcher)
-        self.sock.close()
 
     def arm(self, sock: socket.socket, seconds: float) -> None:
         """Bound the next waits on `sock` (and any other) to `seconds` from now."""
-        if self.socket_timeouts:
-            sock.settimeout(seconds)
-        else:
-            self.deadline = COARSE_CLOCK[0] + seconds
+        self.deadline = self.io.arm(sock, seconds)
 
     def disarm(self) -> None:
         """No deadline (a held request waits on its own timeout)."""
@@ -199,16 +185,14 @@ class ClientConnection:
         try:
             head = self.read_head(False)
             # after a response the next request is rarely there yet: wait first
-            wait_first = self.watcher is not None
             while head is not None and self.handle(head):
-                head = self.read_head(wait_first)
+                head = self.read_head(True)
         except ProtocolError as exc:
             self.reject(exc)
 
     def read_head(self, wait_first: bool) -> RequestHead | None:
         """The next request head, or None when the connection should close."""
-        events, sock, timeouts = self.events, self.sock, self.ctx.timeouts
-        raw, watcher = self.raw, self.watcher
+        events, sock, timeouts, stream = self.events, self.sock, self.ctx.timeouts, self.stream
         while events:
             event = events.popleft()
             if event is not END:  # END of a bodyless request stays until here
@@ -218,10 +202,10 @@ class ClientConnection:
         deadline = 0.0
         while True:
             try:
-                if wait_first and watcher is not None:
+                if wait_first:
                     wait_first = False
-                    watcher.wait()
-                data = receive(raw, watcher, RECV_SIZE)
+                    stream.wait_readable()
+                data = stream.recv(RECV_SIZE)
             except TimeoutError:
                 if deadline:
                     raise ProtocolError(408, "request head timeout") from None
@@ -307,7 +291,7 @@ class ClientConnection:
         data = local_response(page.status, page.body, page.content_type,
                               request_id=self.ctx.request_ids.next(), keep_alive=False)
         with contextlib.suppress(OSError):
-            self.writer.write(data)
+            self.stream.write(data)
 
     # request bodies ------------------------------------------------------
     def body_chunks(self) -> Iterator[bytes]:
@@ -321,7 +305,7 @@ class ClientConnection:
                 yield event
             self.arm(self.sock, self.ctx.timeouts.client_idle)
             try:
-                data = receive(self.raw, self.watcher, RECV_SIZE)
+                data = self.stream.recv(RECV_SIZE)
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
             if not data:
@@ -375,15 +359,10 @@ def access_record(ex: Exchange, elapsed: float) -> tuple:
 
 def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
     """Serve one accepted client connection to the end, then close it."""
-    stats, connections = ctx.stats, ctx.connections
+    stats, io = ctx.stats, ctx.io
     stats.open_connections += 1
-    conn = ClientConnection(sock, address, ctx,
-                            Readable(sock) if connections is not None else None)
-    if connections is not None:
-        from gevent import getcurrent
-
-        conn.task = getcurrent()
-        connections.add(conn)
+    conn = ClientConnection(sock, address, ctx)
+    io.attach(conn)
     try:
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -393,5 +372,4 @@ def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
     finally:
         conn.close()
         stats.open_connections -= 1
-        if connections is not None:
-            connections.discard(conn)
+        io.detach(conn)

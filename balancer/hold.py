@@ -8,8 +8,9 @@ Invariants:
   (`Holds`, one per worker); beyond that a request gets `Busy` (503 `busy`).
   A held request counts in its host's `spinning` statistic while held.
 * A held request waits on events (a table swap, a backend recovering), never
-  on a polling tick. Under gevent the client socket is watched as well, so a
-  client that hangs up is noticed at once and frees its slot (`ClientGone`).
+  on a polling tick (`balancer.netio.IO.wait_any`). Under gevent the client
+  socket is watched as well, so a client that hangs up is noticed at once and
+  frees its slot (`ClientGone`).
 * While held a request has no connection deadline (`disarm`); its own
   deadline bounds the wait. Before it is handed to the next action, the
   client deadline is armed again.
@@ -22,14 +23,14 @@ Invariants:
 from __future__ import annotations
 
 import math
-import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from balancer.errors import Busy, ClientGone, ShuttingDown
-from balancer.peek import CLOSED, READABLE, peek
+from balancer.errors import Busy, ShuttingDown, SpinTimeout
+from balancer.table import Route, TableHolder
 
 
 class Holds:
@@ -82,77 +83,57 @@ def retry_after(timeout: float) -> int:
     return max(1, math.ceil(timeout / 4))
 
 
-def hand_over(route: Any, ex: Any, body: bytes | None) -> None:
+class Hold:
+    """One held request's loop state: its deadline, the table it follows, the
+    worker's `Holds` and whether its client is still watched (what `spin` and
+    `spin_when_down` share).
+
+    Each round: `lookup` (the route now, and the event the next swap sets,
+    taken first so that no swap is missed), `remaining` (raises SpinTimeout
+    at the deadline), `wait`. Both `lookup` and `wait` raise ShuttingDown
+    once the worker stops (`Holds.close`)."""
+
+    __slots__ = ("ex", "holder", "holds", "timeout", "deadline", "watch_client")
+
+    def __init__(self, ex: Any, holder: TableHolder, holds: Holds, timeout: float) -> None:
+        self.ex = ex
+        self.holder = holder
+        self.holds = holds
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.watch_client = True
+
+    def lookup(self) -> tuple[Route, threading.Event]:
+        """The route the request's host resolves to now, and the next swap's event."""
+        self.holds.check_open()
+        changed = self.holder.change_event()
+        return self.holder.table.lookup(self.ex.head.host), changed
+
+    def remaining(self) -> float:
+        """Seconds left to hold; raises SpinTimeout (504, Retry-After) when none."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise SpinTimeout(retry_after(self.timeout))
+        return remaining
+
+    def wait(self, events: Sequence[Any], seconds: float) -> None:
+        """Wait up to `seconds` for any of `events` or the worker stopping (the
+        worker's `IO.wait_any`, which watches the client while it can:
+        ClientGone if it hangs up)."""
+        conn, holds = self.ex.conn, self.holds
+        self.watch_client = conn.io.wait_any([*events, holds.closing_event()], conn.sock,
+                                             seconds, self.watch_client)
+        holds.check_open()
+
+
+def hand_over(route: Route, ex: Any, body: bytes | None) -> None:
     """Apply `route` to a request that was held.
 
-    `body` is the request body if it was already read (buffered), else None;
-    actions that can use a buffered body take it through `resume`.
+    `body` is the request body if it was already read (buffered), else None.
     """
     conn = ex.conn
     conn.arm(conn.sock, conn.ctx.timeouts.client_idle)
-    action = route.action
-    if body is not None and hasattr(action, "resume"):
-        action.resume(ex, body)
+    if body is None:
+        route.action.handle(ex)
     else:
-        action.handle(ex)
-
-
-def wait_any(events: Sequence[Any], sock: socket.socket, timeout: float,
-             watch_client: bool) -> bool:
-    """Wait until one of `events` is set or `timeout` passes; returns whether
-    to keep watching the client.
-
-    Under gevent the client socket is watched too (when `watch_client`): a
-    hang-up raises ClientGone; a client that sent more data (pipelining) is
-    not watched any further. Elsewhere (the threaded baseline) only the first
-    event is awaited: callers keep their own backoff for the others.
-    """
-    if not _is_gevent():
-        events[0].wait(timeout)
-        return False
-    from gevent import get_hub
-    from gevent.event import Event
-
-    wake = Event()
-    client_stirred = []
-
-    def on_event(_event: Any) -> None:
-        wake.set()
-
-    def on_client() -> None:
-        client_stirred.append(True)
-        wake.set()
-
-    watcher = None
-    if watch_client:
-        watcher = get_hub().loop.io(sock.fileno(), 1)
-        watcher.start(on_client)
-    for event in events:
-        event.rawlink(on_event)
-    try:
-        wake.wait(timeout)
-    finally:
-        for event in events:
-            event.unlink(on_event)
-        if watcher is not None:
-            watcher.stop()
-            watcher.close()
-    if not client_stirred:
-        return watch_client
-    return not _client_readable(sock)
-
-
-def _is_gevent() -> bool:
-    try:
-        from gevent.monkey import is_module_patched
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        return False
-    return is_module_patched("socket")
-
-
-def _client_readable(sock: socket.socket) -> bool:
-    """True if the client sent more data; raises ClientGone if it hung up."""
-    state = peek(sock)
-    if state == CLOSED:
-        raise ClientGone("client closed while held")
-    return state == READABLE
+        route.action.resume(ex, body)

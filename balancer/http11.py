@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import httptools
 
@@ -85,11 +85,15 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Parser limits (SPEC §4)."""
+    """Parser limits (SPEC §4), with their defaults: declared here only, the
+    settings (`limits.*`) take theirs from `DEFAULT_LIMITS`."""
 
     max_request_line: int = 8192
     max_header_bytes: int = 65536
     max_headers: int = 100
+
+
+DEFAULT_LIMITS: Final = Limits()
 
 
 class RequestHead:
@@ -130,8 +134,22 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
     return tokens
 
 
+# Framing fields, read the same way from requests and responses --------------------
+def add_connection_tokens(tokens: frozenset[bytes], value: bytes) -> frozenset[bytes]:
+    """`tokens` and those of one more Connection field `value` (it may repeat)."""
+    more = connection_tokens(value.strip(b" \t"))
+    return tokens | more if tokens else more
+
+
+def is_chunked_only(chunked: bool, value: bytes) -> bool:
+    """Whether a message whose earlier Transfer-Encoding fields made it `chunked`
+    stays framed by a single, final ``chunked`` with one more field `value`:
+    any other coding, or a repeated field, cannot be framed safely (smuggling)."""
+    return not chunked and value.strip(b" \t").lower() == b"chunked"
+
+
 class _Parser:
-    """Shared machinery of request and response parsing.
+    """The feed-level machinery of `RequestParser`: head limits, trailers.
 
     `on_header` collects each field of a head as a (name, lower name, value)
     triple in `_fields`, and the special ones (`SPECIAL`) in `_specials` too;
@@ -139,6 +157,7 @@ class _Parser:
     """
 
     events: deque
+    _hp: Any  # the httptools parser (None once closed)
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -184,7 +203,7 @@ class _Parser:
             if not self._line_done:
                 end = data.find(b"\n")
                 if fed + (len(data) if end < 0 else end) > self._line_max:
-                    self._fail(*self._line_too_long())
+                    self._fail(414, "request line too long")
                 self._line_done = end >= 0
                 if not fed:  # the head (or empty lines before it) begins here: LINE_ENDS
                     # (end >= 10: mypyc 2.4 fails on a bytes slice that starts past its end)
@@ -231,30 +250,15 @@ class _Parser:
         self._fields = []
         return tuple(fields)
 
-    def _line_too_long(self) -> tuple[int, str]:
-        return 414, "request line too long"
-
-    def resume(self) -> None:
-        """Continue parsing HTTP after an upgrade the peer did not accept."""
-        leftover, self.leftover, self.upgraded = self.leftover, b"", False
-        self._hp = self._new_parser()
-        self._fields = []
-        self._begin()
-        if leftover:
-            self.feed(leftover)
-
     def close(self) -> None:
         """Drop the httptools parser (it references this object: a cycle)."""
         self._hp = None
-
-    def _new_parser(self):  # pragma: no cover - overridden
-        raise NotImplementedError
 
 
 class RequestParser(_Parser):
     """Parses requests from a client; pipelined requests queue up in order."""
 
-    def __init__(self, limits: Limits = Limits()) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         super().__init__(limits)
         self._line_room = limits.max_request_line - 10  # for method and target
         self._max_headers = limits.max_headers
@@ -268,6 +272,15 @@ class RequestParser(_Parser):
 
     def _new_parser(self) -> httptools.HttpRequestParser:
         return httptools.HttpRequestParser(self)
+
+    def resume(self) -> None:
+        """Continue parsing HTTP after an upgrade the peer did not accept."""
+        leftover, self.leftover, self.upgraded = self.leftover, b"", False
+        self._hp = self._new_parser()
+        self._fields = []
+        self._begin()
+        if leftover:
+            self.feed(leftover)
 
     # httptools callbacks (and `on_url`, `on_body` above) ----------------------
     def on_message_begin(self) -> None:
@@ -322,7 +335,7 @@ class RequestParser(_Parser):
         """Exact limits, for heads the feed-level counts could not bound (see `_Parser`)."""
         line = len(method) + len(url) + 10  # "M SP url SP HTTP/1.1"
         if line > self.limits.max_request_line:
-            self._fail(*self._line_too_long())
+            self._fail(414, "request line too long")
         if self._measure or self._head_bytes > self._head_max:
             size = line + 4 + sum(len(name) + len(value) + 4 for name, _, value in fields)
             if size > self._head_max:
@@ -341,14 +354,13 @@ class RequestParser(_Parser):
                     self._fail(400, "repeated Host header")
                 host = value.rstrip(b" \t") or b"\0"
             elif lname == b"connection":
-                more = connection_tokens(value.rstrip(b" \t"))
-                tokens = tokens | more if tokens else more
+                tokens = add_connection_tokens(tokens, value)
             elif lname == b"content-length":
                 if content_length is not None:
                     self._fail(400, "repeated Content-Length")
                 content_length = int(value.rstrip(b" \t"))
             elif lname == b"transfer-encoding":
-                if chunked or value.rstrip(b" \t").lower() != b"chunked":
+                if not is_chunked_only(chunked, value):
                     self._fail(501, "unsupported Transfer-Encoding")
                 chunked = True
             elif lname == b"expect":

@@ -2,8 +2,7 @@
 
 A send to a peer asleep in ``epoll_wait`` wakes it, and waking a task on an
 idle CPU is dear (an inter-processor interrupt, a VM exit under a
-hypervisor): perf put 13 % of the worker's CPU in that wake-up
-(``sock_def_readable`` under ``send``) with wrk as the client. So the last
+hypervisor): it was the worker's single largest cost under wrk. So the last
 write a greenlet makes before it waits (a response's end, a request sent
 whole) is held, and the loop's callback phase (libev's prepare watcher, after
 every greenlet that was ready has run and before the next poll) makes all
@@ -13,16 +12,7 @@ before it sleeps again.
 A batch is at most BATCH_LIMIT writers: the one that fills it sends them all
 at once. Unbounded, a thousand held requests released together (spin) reached
 the backend only after the last greenlet had run, and the backend idled
-meanwhile: `scripts/bench_spin_release.py` (1,000 held, rule flipped to
-proxy) gave responses p50 181–203 ms, p99 218–234 ms after the swap, against
-p50 76–83, p99 120–127 ms without holding and p50 70, p99 113–116 ms with
-batches of 32.
-
-Measured with scripts/bench_proxy.py's set-up (wrk -t1 -c100, nginx, 4.5 KB
-page), 3 rounds each, per 1,000 requests: wrk's voluntary context switches
-681–699 without holding, 64–74 with it; nginx's 120–150, 52–56; the worker's
-CPU per request 45–56 → 31–33 µs in the kernel and 54–65 → 37–41 µs in user
-space (fewer wake-ups to handle on its own side too).
+meanwhile. What both cost and saved is measured in docs/performance.md.
 
 Invariants:
 * Bytes leave a socket in the order they were written: a direct `write`, and
@@ -33,20 +23,17 @@ Invariants:
   its own (`rest`); the owner's next write waits for it, `close` stops it.
 * At most BATCH_LIMIT writers wait in a batch; at most HOLD_LIMIT bytes per
   socket are held (a larger write is made at once).
-* Without an outbox (the threaded baseline's blocking sockets) every write
-  is made at once.
+* Only gevent's sockets have writers (`balancer.netio.EventedStream`); a
+  blocking socket's writes are made at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
-import weakref
 from typing import Any, Final
 
 from gevent import spawn
-
-from balancer.readiness import Readable, raw_socket
 
 HOLD_LIMIT: Final = 65536  # bytes held per socket; a larger write is made at once
 # Writers held at most per batch: a burst of greenlets (a thousand held requests
@@ -79,29 +66,10 @@ class Outbox:
             writer.flush()
 
 
-_OUTBOXES: Final[weakref.WeakKeyDictionary[Any, Outbox]] = weakref.WeakKeyDictionary()
-
-
-def outbox_for(hub: Any) -> Outbox:
-    """The outbox of `hub`'s loop (one per hub, made on first use)."""
-    outbox = _OUTBOXES.get(hub)
-    if outbox is None:
-        outbox = _OUTBOXES[hub] = Outbox(hub.loop)
-    return outbox
-
-
-def writer_for(sock: socket.socket, watcher: Readable | None) -> Writer:
-    """The writer of `sock`: with a `watcher` (gevent), on the OS socket and
-    with the outbox of the watcher's hub; without one, direct on `sock`."""
-    raw = raw_socket(sock, watcher)
-    return Writer(sock, raw, None if watcher is None else outbox_for(watcher.hub))
-
-
 def send_all(sock: socket.socket, raw: Any, data: bytes) -> None:
-    """`sock.sendall(data)`, with one plain `send` on `raw`
-    (`balancer.readiness.raw_socket`) first: under gevent, sendall queries
-    SO_SNDBUF on every call, a syscall a write that fits the socket buffer
-    does not need."""
+    """`sock.sendall(data)`, with one plain `send` on `raw` (the OS socket under
+    gevent's) first: under gevent, sendall queries SO_SNDBUF on every call, a
+    syscall a write that fits the socket buffer does not need."""
     try:
         sent = raw.send(data)
     except BlockingIOError:
@@ -115,7 +83,7 @@ class Writer:
 
     __slots__ = ("sock", "raw", "outbox", "held", "rest")
 
-    def __init__(self, sock: socket.socket, raw: Any, outbox: Outbox | None) -> None:
+    def __init__(self, sock: socket.socket, raw: Any, outbox: Outbox) -> None:
         self.sock = sock
         self.raw = raw
         self.outbox = outbox
@@ -131,15 +99,14 @@ class Writer:
     def write_last(self, data: bytes) -> None:
         """Send `data` by the end of this loop iteration: the caller's next step
         is to wait for its peer (or to close, which calls `finish`)."""
-        outbox = self.outbox
         held = self.held
-        if outbox is None or self.rest is not None or len(data) + len(held) > HOLD_LIMIT:
+        if self.rest is not None or len(data) + len(held) > HOLD_LIMIT:
             self.write(data)
         elif held:
             self.held = held + data
         else:
             self.held = data
-            outbox.add(self)
+            self.outbox.add(self)
 
     def finish(self) -> None:
         """Send what is held, now, from the calling greenlet. Raises OSError."""

@@ -7,6 +7,10 @@ Invariants:
 * Pools do bookkeeping only: `acquire` hands out an idle connection or opens a
   new one; `release` returns a connection known to be at a message boundary.
   Socket errors on connect become `ConnectError` here, at the edge.
+* An idle connection on which anything arrived (a stray response, a `408`
+  before the backend closes, EOF) is closed, never handed out: those bytes
+  belong to no request (`balancer.netio.Stream.is_clean`, which costs no
+  syscall under gevent).
 * Passive health: `fall` consecutive failures mark the backend down for
   `fail_timeout` seconds; after that one request probes it (half-open) and
   its outcome decides. A probe that never reports back (its request was
@@ -21,10 +25,10 @@ Invariants:
   while every backend was down are released at once.
 * No locks: list append/pop are atomic, so the threaded baseline can share a
   pool with no more than a harmless race on counters.
-* A connection (`Upstream`) keeps what belongs to it for its whole life: the
-  socket, under gevent (`evented`) its read watcher (`balancer.readiness`,
-  None elsewhere), and the response parser that `balancer.relay` makes on
-  first use and reuses for every response. `Upstream.close` closes all three.
+* A connection (`Upstream`) keeps what belongs to it for its whole life: its
+  stream (the socket as the worker's `balancer.netio.IO` made it) and the
+  response parser that `balancer.relay` makes on first use and reuses for
+  every response. `Upstream.close` closes both.
 """
 
 from __future__ import annotations
@@ -38,9 +42,8 @@ from typing import Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError
-from balancer.outbox import writer_for
+from balancer.netio import IO, Stream
 from balancer.peek import OPEN, peek
-from balancer.readiness import Readable, unwatch
 from balancer.response_parser import ResponseParser
 
 log: Final = logging.getLogger("balancer.health")
@@ -52,21 +55,17 @@ PROBING: Final = "probing"
 class Upstream:
     """One connection to a backend and what lives as long as it does."""
 
-    __slots__ = ("sock", "raw", "watcher", "writer", "parser", "since")
+    __slots__ = ("sock", "stream", "parser", "since")
 
-    def __init__(self, sock: socket.socket, watcher: Readable | None) -> None:
-        self.sock = sock
-        self.watcher = watcher
-        self.writer = writer_for(sock, watcher)
-        self.raw = self.writer.raw  # readiness.raw_socket: reads go there too
+    def __init__(self, stream: Stream) -> None:
+        self.sock = stream.sock
+        self.stream = stream
         self.parser: ResponseParser | None = None  # made on first use
         self.since = 0.0  # when it went idle (monotonic)
 
     def close(self) -> None:
-        """Close the socket, its watcher, its writer and its parser."""
-        self.writer.close()
-        unwatch(self.watcher)
-        self.sock.close()
+        """Close the stream (socket, watcher, writer) and the parser."""
+        self.stream.close()
         if self.parser is not None:
             self.parser.close()
 
@@ -79,14 +78,14 @@ class Backend:
 
     def __init__(self, address: Address, *, connect_timeout: float, fail_timeout: float,
                  max_idle: int = 1024, idle_timeout: float = 30.0,
-                 evented: bool = False) -> None:
+                 io: IO | None = None) -> None:
         self.address = address
         self.key = str(address)
         self.connect_timeout = connect_timeout
         self.fail_timeout = fail_timeout
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self.evented = evented
+        self.io = io if io is not None else IO()
         self.idle: list[Upstream] = []
         self.is_literal = _is_ip_literal(address.host)
         self.in_flight = 0
@@ -100,7 +99,8 @@ class Backend:
 
     # pool ----------------------------------------------------------------
     def acquire(self) -> tuple[Upstream, bool]:
-        """(connection, reused): an idle connection or a new one; raises ConnectError."""
+        """(connection, reused): an idle connection nothing arrived on, or a new
+        one; raises ConnectError."""
         idle = self.idle
         if idle:
             oldest = time.monotonic() - self.idle_timeout
@@ -109,7 +109,7 @@ class Backend:
                     upstream = idle.pop()
                 except IndexError:
                     break
-                if upstream.since > oldest:
+                if upstream.since > oldest and upstream.stream.is_clean():
                     return upstream, True
                 upstream.close()
         return self.connect(), False
@@ -122,7 +122,7 @@ class Backend:
             raise ConnectError(f"{self.key}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)  # waits are bounded by the connection's `arm`
-        return Upstream(sock, Readable(sock) if self.evented else None)
+        return Upstream(self.io.stream(sock))
 
     def _open(self) -> socket.socket:
         addr = self.address
@@ -141,6 +141,7 @@ class Backend:
         """Keep `upstream` for reuse; at most `max_idle` are kept."""
         if len(self.idle) < self.max_idle:
             upstream.since = time.monotonic()
+            upstream.stream.park()
             self.idle.append(upstream)
         else:
             upstream.close()
@@ -249,11 +250,11 @@ class BackendRegistry:
     """The worker's backends by address; created on first mention at compile time."""
 
     def __init__(self, *, connect_timeout: float, fail_timeout: float,
-                 max_idle: int = 1024, evented: bool = False) -> None:
+                 max_idle: int = 1024, io: IO | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.fail_timeout = fail_timeout
         self.max_idle = max_idle
-        self.evented = evented
+        self.io = io if io is not None else IO()
         self.backends: dict[str, Backend] = {}
 
     def get(self, address: str) -> Backend:
@@ -263,7 +264,7 @@ class BackendRegistry:
         if backend is None:
             backend = self.backends[key] = Backend(
                 addr, connect_timeout=self.connect_timeout, fail_timeout=self.fail_timeout,
-                max_idle=self.max_idle, evented=self.evented)
+                max_idle=self.max_idle, io=self.io)
         return backend
 
     def prune(self, in_use: set[str]) -> None:

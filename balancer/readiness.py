@@ -15,13 +15,17 @@ request, one per wait. A readiness nobody waits for (pipelined bytes, or a
 peer that closed while the greenlet waits elsewhere) stops the watcher, so
 level-triggered epoll cannot spin on it; the next wait starts it again.
 
-Measured with the bare relay of scripts/bench_proxy.py (wrk -c100, 4.5 KB
-page): 114–135 µs of CPU per request with recv-first, 63–79 µs waiting first.
+What waiting first saves is measured in docs/ARCHITECTURE.md ("Hot path
+notes").
+
+An idle pooled backend connection keeps its watcher started too
+(`watch_idle`): a readiness nobody waits for then marks it `stirred` (the
+backend wrote or closed on a connection with no request), and the pool drops
+it instead of handing it to the next request (`balancer.netio`).
 
 Invariants:
-* Outside gevent a socket has no `Readable` (None: the threaded baseline's
-  blocking sockets wait in ``recv``); every caller treats None as "just read".
-* Whoever owns the socket closes its watcher (`unwatch`) when closing it.
+* Only gevent's sockets have a `Readable` (`balancer.netio.EventedStream`);
+  whoever owns the socket closes its watcher when closing it.
 * One greenlet at a time waits on a `Readable`. An exception thrown into it
   while it waits (the watchdog's TimeoutError) ends the wait, and the
   readiness then finds nobody waiting.
@@ -33,7 +37,6 @@ import socket
 from typing import Any, Final
 
 from gevent import get_hub, getcurrent
-from gevent.monkey import is_module_patched
 
 READ: Final = 1  # libev's EV_READ
 
@@ -41,12 +44,13 @@ READ: Final = 1  # libev's EV_READ
 class Readable:
     """A socket's read readiness, watched for the socket's whole life."""
 
-    __slots__ = ("io", "hub", "waiter")
+    __slots__ = ("io", "hub", "waiter", "stirred")
 
     def __init__(self, sock: socket.socket) -> None:
         self.hub = get_hub()
         self.io: Any = self.hub.loop.io(sock.fileno(), READ)  # None once closed
         self.waiter: Any = None  # the greenlet parked in `wait`
+        self.stirred = False  # readable while nobody waited (since `watch_idle`)
 
     def wait(self) -> None:
         """Park the current greenlet until the socket is readable."""
@@ -64,9 +68,23 @@ class Readable:
         waiter = self.waiter
         if waiter is None:
             self.io.stop()
+            self.stirred = True
             return
         self.waiter = None
         waiter.switch()
+
+    def watch_idle(self) -> None:
+        """Nobody will wait for a while and nothing should arrive meanwhile:
+        clear `stirred`, which any readiness from now on sets."""
+        self.stirred = False
+        io = self.io
+        if not io.active:
+            io.start(self._ready)
+
+    def is_quiet(self) -> bool:
+        """Whether nothing arrived since `watch_idle`: no readiness was seen,
+        and none waits for its callback in this loop iteration."""
+        return not self.stirred and not self.io.pending
 
     def close(self) -> None:
         """Stop watching for good (again: nothing happens)."""
@@ -77,36 +95,3 @@ class Readable:
     @property
     def closed(self) -> bool:
         return self.io is None
-
-
-def raw_socket(sock: socket.socket, watcher: Readable | None) -> Any:
-    """The socket to read and write: with a `watcher` (gevent), the OS socket
-    under gevent's, non-blocking; without one, `sock` itself.
-
-    The hot path calls it directly: gevent's ``recv`` and ``send`` are Python
-    wrappers, a frame each per call. Its reads then go through `receive`
-    (EAGAIN waits on the socket's `Readable`), its sends through
-    `balancer.outbox.send_all` (EAGAIN falls back to gevent's sendall)."""
-    return sock if watcher is None else getattr(sock, "_sock", sock)
-
-
-def receive(raw: Any, watcher: Readable | None, size: int) -> bytes:
-    """``raw.recv(size)``, waiting on `watcher` while no data is there yet."""
-    while True:
-        try:
-            return raw.recv(size)
-        except BlockingIOError:
-            if watcher is None:  # a blocking socket does not raise this
-                raise
-            watcher.wait()
-
-
-def is_evented() -> bool:
-    """Whether sockets are gevent's (this process is monkey-patched)."""
-    return is_module_patched("socket")
-
-
-def unwatch(watcher: Readable | None) -> None:
-    """Close a socket's `Readable` (None is fine)."""
-    if watcher is not None:
-        watcher.close()

@@ -23,10 +23,8 @@ from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout,
 from balancer.forwarding import LAST_CHUNK, last_chunk, request_head
 from balancer.http11 import END, ProtocolError
 from balancer.pool import Backend, Upstream
-from balancer.readiness import receive
 from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.tunnel import tunnel
-from balancer.turns import Turn
 
 RECV_SIZE: Final = 65536
 COALESCE_LIMIT: Final = 65536
@@ -58,7 +56,7 @@ def send_request(ex: Exchange, upstream: Upstream, body: bytes | None,
         return False
     if head.expect_continue and head.version == b"1.1":
         try:
-            ex.conn.writer.write(CONTINUE)
+            ex.conn.stream.write(CONTINUE)
         except OSError as exc:
             raise ClientGone(str(exc)) from None
     _stream_body(ex, upstream, chunked, max_body)
@@ -82,9 +80,9 @@ def _send_backend(upstream: Upstream, data: bytes, last: bool = False) -> None:
     awaited next, so they may be held (`balancer.outbox`)."""
     try:
         if last:
-            upstream.writer.write_last(data)
+            upstream.stream.write_last(data)
         else:
-            upstream.writer.write(data)
+            upstream.stream.write(data)
     except TimeoutError:
         raise BackendTimeout("backend did not accept the request in time") from None
     except OSError as exc:
@@ -94,7 +92,7 @@ def _send_backend(upstream: Upstream, data: bytes, last: bool = False) -> None:
 def _read_backend(upstream: Upstream) -> bytes:
     """Read once from the backend (waiting for data); maps every failure."""
     try:
-        return receive(upstream.raw, upstream.watcher, RECV_SIZE)
+        return upstream.stream.recv(RECV_SIZE)
     except TimeoutError:
         raise BackendTimeout("backend read timeout") from None
     except OSError as exc:
@@ -102,21 +100,18 @@ def _read_backend(upstream: Upstream) -> bytes:
 
 
 def _wait_backend(upstream: Upstream) -> None:
-    """Under gevent (a watcher), wait until the backend's socket is readable."""
-    if upstream.watcher is not None:
-        try:
-            upstream.watcher.wait()
-        except TimeoutError:
-            raise BackendTimeout("backend read timeout") from None
+    """Wait until the backend's socket is readable (`Stream.wait_readable`)."""
+    try:
+        upstream.stream.wait_readable()
+    except TimeoutError:
+        raise BackendTimeout("backend read timeout") from None
 
 
 def _read_ready(upstream: Upstream) -> bytes | None:
-    """Read once from the backend if data is there (None: it is not; a socket
-    without a watcher is blocking and always waits); maps every failure."""
+    """Read once from the backend if data is there (None: it is not, or a
+    blocking stream cannot tell without waiting); maps every failure."""
     try:
-        return upstream.raw.recv(RECV_SIZE)
-    except BlockingIOError:
-        return None
+        return upstream.stream.read_ready(RECV_SIZE)
     except TimeoutError:
         raise BackendTimeout("backend read timeout") from None
     except OSError as exc:
@@ -147,7 +142,7 @@ def read_response_head(ex: Exchange, upstream: Upstream, continued: bool = False
     100 when the balancer already sent its own (`continued`); an HTTP/1.0
     client never gets one.
 
-    Under gevent (a watcher), waits for the answer before the first read."""
+    Waits for the answer to be there before the first read (`Stream.wait_readable`)."""
     parser = upstream.parser
     for_head = ex.head.method == b"HEAD"
     if parser is None:
@@ -176,7 +171,7 @@ def _send_interim(ex: Exchange, rhead: ResponseHead) -> None:
     after it still gets its error page)."""
     data = rhead.status_line + rhead.forwarded + b"\r\n\r\n"
     try:
-        ex.conn.writer.write(data)
+        ex.conn.stream.write(data)
     except OSError as exc:
         raise ClientGone(str(exc)) from None
     ex.sent += len(data)
@@ -224,12 +219,10 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     # A small fixed-length response is sent in one piece when its parts come
     # together though the backend wrote them apart (nginx: head by writev, body
     # by sendfile); what came is sent before waiting for more (bug: a body
-    # dripped over 4 s held its head back for 4 s). Blocking sockets (the
+    # dripped over 4 s held its head back for 4 s). A blocking stream (the
     # threaded baseline) cannot try a read without waiting: nothing is held there.
-    hold = (rhead.content_length is not None and rhead.content_length <= COALESCE_LIMIT
-            and upstream.watcher is not None)
-    watcher = upstream.watcher
-    turn = Turn(None if watcher is None else watcher.hub)  # a slow reader yields its turn
+    hold = rhead.content_length is not None and rhead.content_length <= COALESCE_LIMIT
+    turn = conn.io.turn()  # a slow reader yields its turn
     while True:
         while events:
             event = events.popleft()
@@ -316,7 +309,7 @@ def _upgrade(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> None:
     assert parser is not None  # read_response_head made it
     ex.send(data + parser.leftover)
     try:
-        upstream.writer.finish()  # the request went out before its answer came
+        upstream.stream.finish()  # the request went out before its answer came
     except OSError as exc:
         raise BackendClosed(str(exc)) from None
     conn = ex.conn

@@ -35,10 +35,17 @@ from typing import Any, Final
 import httptools
 
 from balancer.fields import field_keys, field_list, without_fields
-from balancer.http11 import END, HOP_BY_HOP, Limits, ProtocolError, connection_tokens
+from balancer.http11 import (
+    DEFAULT_LIMITS,
+    END,
+    HOP_BY_HOP,
+    Limits,
+    ProtocolError,
+    add_connection_tokens,
+    is_chunked_only,
+)
 
 _CRLFCRLF: Final = b"\r\n\r\n"
-DEFAULT_LIMITS: Final = Limits()
 
 
 class _Stop(Exception):
@@ -107,10 +114,9 @@ class ResponseHead:
                     if kept is None:
                         kept = lines[:i]
                     if name == b"connection":
-                        more = connection_tokens(value.strip(b" \t"))
-                        tokens = tokens | more if tokens else more
+                        tokens = add_connection_tokens(tokens, value)
                     elif name == b"transfer-encoding":
-                        if chunked or value.strip(b" \t").lower() != b"chunked":
+                        if not is_chunked_only(chunked, value):
                             raise ProtocolError(
                                 502, "backend used a transfer coding other than chunked")
                         chunked = True

@@ -30,17 +30,16 @@ from gevent import getcurrent
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from balancer.actions import ActionCompiler
-from balancer.actions.proxy import ProxyAction
+from balancer.actions import ActionCompiler, fallback_routes
 from balancer.addr import Address
-from balancer.connection import COARSE_CLOCK, Context, handle_client
+from balancer.connection import Context, handle_client
 from balancer.descriptors import ACCEPT_PAUSE, connection_cap, is_exhausted, is_skipped, soft_limit
 from balancer.failures import FailureReport
 from balancer.health import HealthChecks
 from balancer.http11 import Limits
+from balancer.netio import IO, GeventIO
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry
-from balancer.readiness import is_evented
 from balancer.rules import RuleError
 from balancer.settings import Settings
 from balancer.stats import Stats
@@ -150,11 +149,16 @@ def bind(address: Address, backlog: int = BACKLOG) -> socket.socket:
 
 
 class Worker:
-    """Everything one worker process runs; built from read-only settings."""
+    """Everything one worker process runs; built from read-only settings.
+
+    `io` is how it waits and moves bytes (`balancer.netio`): gevent's unless
+    given (the threaded baseline gives the blocking `IO`)."""
 
     def __init__(self, settings: Settings, store: Any,
-                 log_factory: Callable[[Settings], Any] | None = None) -> None:
+                 log_factory: Callable[[Settings], Any] | None = None,
+                 io: IO | None = None) -> None:
         self.settings = settings
+        self.io = io if io is not None else GeventIO()
         self.store = store
         self.stats = Stats()
         self.pages = Pages.load(settings.server.pages_dir)
@@ -164,12 +168,11 @@ class Worker:
         self.registry = BackendRegistry(connect_timeout=timeouts.backend_connect,
                                         fail_timeout=timeouts.fail_timeout,
                                         max_idle=self.max_connections,
-                                        evented=is_evented())
-        holder_ref: list = []
+                                        io=self.io)
+        _, no_hosts = fallback_routes(self.pages, self.stats)
+        self.holder = TableHolder(RoutingTable(0, {}, no_hosts))
         self.compiler = ActionCompiler(registry=self.registry, pages=self.pages,
-                                       stats=self.stats, holder_ref=holder_ref)
-        self.holder = TableHolder(RoutingTable(0, {}, self.compiler.fallbacks()[1]))
-        holder_ref.append(self.holder)
+                                       stats=self.stats, holder=self.holder)
         self.health = HealthChecks(self.registry)  # active checks follow the table
         self.failure_report = FailureReport(self.stats)  # 502/504 summed up once a second
         self.loaded = False
@@ -185,7 +188,6 @@ class Worker:
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
         self.servers: list[Listener] = []
         self.pool = EagerPool(self.max_connections)
-        self.connections: set = set()
         self.contexts: list[Context] = []
         self.draining = False  # stopped accepting; every response closes its connection
         self.stopping = False  # the watcher and the watchdog end
@@ -193,9 +195,8 @@ class Worker:
     def context(self, trusted: bool) -> Context:
         return Context(holder=self.holder, pages=self.pages, stats=self.stats,
                        access_log=self.access_log, trusted=trusted, limits=self.limits,
-                       timeouts=self.settings.timeouts,
-                       spin_max_waiting=self.settings.limits.spin_max_waiting,
-                       connections=self.connections)
+                       timeouts=self.settings.timeouts, io=self.io,
+                       spin_max_waiting=self.settings.limits.spin_max_waiting)
 
     # routing table -------------------------------------------------------
     def start_table(self) -> None:
@@ -233,7 +234,7 @@ class Worker:
                 # the table loaded at start (comparing 100,000 rules would stall the loop)
             try:
                 table = RoutingTable.build(data.version, data.hosts, self.compiler.compile,
-                                           self.compiler.fallbacks(), previous=current,
+                                           self.compiler.fallbacks, previous=current,
                                            pause=_pause)
             except RuleError as exc:
                 log.error("store version %s rejected, keeping version %s: %s",
@@ -252,7 +253,7 @@ class Worker:
             if change.base == current.version and self.store_problem is None:
                 try:
                     table = current.with_changes(change.version, change.hosts,
-                                                 self.compiler.compile, self.compiler.fallbacks())
+                                                 self.compiler.compile, self.compiler.fallbacks)
                 except RuleError as exc:
                     log.error("store version %s rejected, keeping version %s: %s",
                               change.version, current.version, "; ".join(exc.problems))
@@ -289,7 +290,7 @@ class Worker:
             for n, route in enumerate(new.routes.values()):
                 if n % PAUSE_EVERY == PAUSE_EVERY - 1:
                     _pause()
-                uses.update(_backend_keys(route))
+                uses.update(route.action.backend_keys())
                 self.health_rules += "health" in route.rule
             self.backend_uses = uses
             return set(self.registry.backends) - set(uses)
@@ -297,13 +298,13 @@ class Worker:
         for key in keys:
             before, after = old.route_for(key), new.route_for(key)
             if before is not None:
-                for backend in _backend_keys(before):
+                for backend in before.action.backend_keys():
                     self.backend_uses[backend] -= 1
                     if self.backend_uses[backend] <= 0:
                         del self.backend_uses[backend]
                         gone.add(backend)
             if after is not None:
-                self.backend_uses.update(_backend_keys(after))
+                self.backend_uses.update(after.action.backend_keys())
         return {b for b in gone if b not in self.backend_uses}
 
     def prune_unused(self) -> None:
@@ -328,9 +329,7 @@ class Worker:
             if route is None:
                 continue
             if prior is None or prior.action is not route.action:
-                action = route.action
-                named = action.backends if isinstance(action, ProxyAction) else ()
-                route.stats.keep_backends({backend.key for backend in named})
+                route.stats.keep_backends(set(route.action.backend_keys()))
 
     def reload(self) -> int:
         """Re-read the store now and apply it; returns the version served."""
@@ -391,25 +390,16 @@ class Worker:
         return self.max_connections
 
     def watchdog_loop(self) -> None:
-        """Raise TimeoutError in every connection whose deadline passed."""
+        """Raise TimeoutError in every connection whose deadline passed (and,
+        while draining, close idle keep-alive connections)."""
         tick = min(0.25, min(_waiting_timeouts(self.settings.timeouts)) / 4)
-        hub = gevent.get_hub()
+        io = self.io
         while not self.stopping:
             gevent.sleep(tick)
-            COARSE_CLOCK[0] = now = time.monotonic()
+            now = io.tick()
             if self.draining:
-                self.close_idle(now + DRAIN_IDLE)
-            for conn in [c for c in self.connections if c.deadline < now]:
-                conn.deadline = float("inf")
-                task = conn.task
-                if task is not None and not task.dead:
-                    hub.loop.run_callback(task.throw, TimeoutError("deadline passed"))
-
-    def close_idle(self, by: float) -> None:
-        """Make every idle keep-alive connection time out (and close) by `by`."""
-        for conn in self.connections:
-            if conn.idle and conn.deadline > by:
-                conn.deadline = by
+                io.close_idle(now + DRAIN_IDLE)
+            io.expire(now)
 
     def start(self) -> None:
         self.access_log.start()
@@ -446,13 +436,6 @@ class Worker:
 
 def _pause() -> None:
     time.sleep(COMPILE_PAUSE)  # gevent's sleep when patched: requests run meanwhile
-
-
-def _backend_keys(route: Any) -> list[str]:
-    action = route.action
-    if not isinstance(action, ProxyAction):
-        return []
-    return [backend.key for backend in action.backends]
 
 
 def _has_health(old: RoutingTable, new: RoutingTable, keys: Any) -> bool:

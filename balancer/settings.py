@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 
 from balancer.addr import Address
+from balancer.http11 import DEFAULT_LIMITS
 from balancer.settings_kinds import (
     ADDRESS,
     ADDRESS_LIST,
@@ -112,7 +113,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("management.allowed_hosts", HOST_NAMES, [],
             "names the management API answers to in the Host header, besides its address"),
     Setting("store.url", StoreUrl(), "file:balancer-routes.json",
-            "routing store: file:PATH, redis://, rediss:// or redis+sentinel:// URL", "--store"),
+            "routing store: file:PATH, redis://, rediss://, unix:// or redis+sentinel:// URL",
+            "--store"),
     Setting("store.namespace", NAME, "balancer", "key prefix in the store"),
     Setting("store.resync_interval", POSITIVE, 5.0, "seconds between store version checks"),
     Setting("store.snapshot", SnapshotPath(), "",
@@ -126,9 +128,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("timeouts.tunnel_idle", POSITIVE, 3600.0, "seconds an upgraded tunnel may idle"),
     Setting("timeouts.graceful", POSITIVE, 30.0, "seconds to finish requests on shutdown"),
     Setting("timeouts.fail_timeout", POSITIVE, 10.0, "seconds a failed backend stays down"),
-    Setting("limits.max_request_line", Integer(64), 8192, "request line bytes (414 above)"),
-    Setting("limits.max_header_bytes", Integer(1024), 65536, "request head bytes (431 above)"),
-    Setting("limits.max_headers", Integer(1), 100, "request header count (431 above)"),
+    Setting("limits.max_request_line", Integer(64), DEFAULT_LIMITS.max_request_line,
+            "request line bytes (414 above)"),
+    Setting("limits.max_header_bytes", Integer(1024), DEFAULT_LIMITS.max_header_bytes,
+            "request head bytes (431 above)"),
+    Setting("limits.max_headers", Integer(1), DEFAULT_LIMITS.max_headers,
+            "request header count (431 above)"),
     Setting("limits.spin_max_waiting", Integer(1), 10000,
             "requests held by spin rules per worker (busy page above)"),
     Setting("log.access_log", TEXT, "", 'access log: "" off, "-" stdout, or a path',

@@ -16,8 +16,7 @@ import os
 import pwd
 
 from balancer.addr import HOSTNAME, AddrError, Address, parse_addr
-
-STORE_SCHEMES = ("file", "redis", "rediss", "redis+sentinel")
+from balancer.stores.urls import URL_FORMS, StoreUrlError, store_kind
 
 
 class Rejected(ValueError):
@@ -203,18 +202,18 @@ def _host_name(item: str) -> str | None:
 
 
 class StoreUrl(Kind):
-    """A store URL; only the scheme is checked here, the stores parse the rest."""
+    """A store URL; only the scheme is checked here (`balancer.stores.urls`),
+    the stores parse the rest."""
 
-    expected = "a store URL: file:PATH, redis://..., rediss://... or redis+sentinel://..."
+    expected = f"a store URL: {URL_FORMS}"
     metavar = "URL"
 
     def check(self, value: object, raw: object) -> str:
-        scheme, sep, rest = value.partition(":")
-        if not sep or scheme.lower() not in STORE_SCHEMES or not rest:
-            raise reject(self.expected, raw)
-        if scheme.lower() != "file" and not rest.startswith("//"):
-            raise reject(self.expected, raw)
-        return value
+        try:
+            store_kind(value)
+        except StoreUrlError:
+            raise reject(self.expected, raw) from None
+        return str(value)
 
 
 class SnapshotPath(Kind):

@@ -15,20 +15,42 @@ Invariants:
 * Lookup precedence (SPEC §3): exact name; the longest ``*.suffix`` key or
   the longest parent whose rule has ``subdomains: true``; ``*``; else the
   ``unknown`` route (404), or ``no-hosts`` (503) when the table is empty.
+* A route's action is an `Action` (`balancer.actions`, one per module); the
+  worker learns what it needs of a route from that interface (the backends
+  it names: `backend_keys`), never from an action's own attributes.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from balancer.rules import RuleError, normalize_host, validate_table
 from balancer.stats import HostStats
 
+if TYPE_CHECKING:
+    from balancer.connection import Exchange
+
 UNKNOWN_KEY: Final = "(unknown)"  # stats key of requests no rule matched
 PAUSE_EVERY: Final = 500  # hosts compiled between pauses (see `RoutingTable.build`)
 COMPACT_AT: Final = 1024  # changed keys kept in a table's overlay before a new base
+
+
+class Action(Protocol):
+    """What a compiled rule does with a request (`balancer.actions`)."""
+
+    rule: Mapping[str, Any]  # the rule it was compiled from (unchanged rule: same action)
+
+    def handle(self, ex: Exchange) -> None:
+        """Answer `ex`; errors are raised as the `ProxyError` family."""
+
+    def resume(self, ex: Exchange, body: bytes) -> None:
+        """Answer `ex`, a request handed over from a hold whose body was already
+        read (`body`)."""
+
+    def backend_keys(self) -> Iterable[str]:
+        """The addresses of the backends it sends requests to (none for most)."""
 
 
 class Route:
@@ -36,7 +58,8 @@ class Route:
 
     __slots__ = ("key", "rule", "action", "stats")
 
-    def __init__(self, key: str, rule: Mapping[str, Any], action: Any, stats: HostStats) -> None:
+    def __init__(self, key: str, rule: Mapping[str, Any], action: Action,
+                 stats: HostStats) -> None:
         self.key = key
         self.rule = rule
         self.action = action
@@ -46,8 +69,8 @@ class Route:
         return f"<Route {self.key} {self.rule.get('action')}>"
 
 
-# compile(key, rule, previous_action_or_None) -> action
-Compiler = Callable[[str, Mapping[str, Any], Any], Any]
+# compile(key, rule, previous_action_or_None) -> route
+Compiler = Callable[[str, Mapping[str, Any], Action | None], Route]
 
 
 class RoutingTable:

@@ -211,11 +211,11 @@ def tune_gc() -> None:
     Every in-flight request keeps a few container objects alive for a loop
     iteration or more (1.5 s at 5,000 busy connections), so with Python's
     default thresholds they survive young collections and trigger full ones
-    over every connection's objects again and again. Freezing what start-up
-    built and collecting the young generation every GC_THRESHOLDS[0]
-    allocations instead of 700 measured 4,962–7,217 → 7,632–8,049 req/s at
-    5,000 keep-alive connections (wrk, 3 alternated rounds); requests make no
-    reference cycles, so garbage still goes at once by reference counting.
+    over every connection's objects again and again. So start-up objects are
+    frozen and the young generation is collected every GC_THRESHOLDS[0]
+    allocations instead of 700 (measured in docs/ARCHITECTURE.md); requests
+    make no reference cycles, so garbage still goes at once by reference
+    counting.
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

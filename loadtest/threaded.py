@@ -4,10 +4,10 @@ client connection, on blocking sockets, without monkey-patching.
 ``python -m loadtest.threaded --listen 127.0.0.1:PORT --store file:routes.json``
 
 Invariants:
-* The request path is `balancer.connection.handle_client` with a `Context`
-  whose ``connections`` is None, so every wait is bounded by socket timeouts
-  (the handler's threaded mode); parsing, routing, actions, pools and relay
-  are the balancer's own modules, built by `balancer.server.Worker`.
+* The request path is `balancer.connection.handle_client` with the blocking
+  `balancer.netio.IO`, so every wait is bounded by socket timeouts; parsing,
+  routing, actions, pools and relay are the balancer's own modules, built by
+  `balancer.server.Worker`.
 * gevent is imported (the worker module needs it) but never patches anything
   and no hub runs: this process has no event loop.
 * The store watcher runs in its own thread; a table swap is one assignment.
@@ -23,6 +23,7 @@ from typing import Any
 
 from balancer.addr import parse_addr
 from balancer.connection import Context, handle_client
+from balancer.netio import IO
 from balancer.server import Worker, bind
 from balancer.settings import SettingsError, load_settings
 from loadtest import configs
@@ -30,12 +31,8 @@ from loadtest.limits import raise_nofile
 
 
 def threaded_context(worker: Worker) -> Context:
-    """A context sharing the worker's table, pools and stats, in socket-timeout mode."""
-    settings = worker.settings
-    return Context(holder=worker.holder, pages=worker.pages, stats=worker.stats,
-                   access_log=worker.access_log, trusted=False, limits=worker.limits,
-                   timeouts=settings.timeouts,
-                   spin_max_waiting=settings.limits.spin_max_waiting, connections=None)
+    """The context of the worker's listener (its table, pools, stats and `IO`)."""
+    return worker.context(False)
 
 
 def accept_loop(listener: socket.socket, ctx: Context, stop: threading.Event) -> None:
@@ -73,7 +70,7 @@ def build_worker(listen: str, store_url: str, config: str | None) -> tuple[Worke
         sys.exit("loadtest.threaded: " + "; ".join(exc.problems))
     except ValueError as exc:
         sys.exit(f"loadtest.threaded: store.url: {exc}")
-    worker = Worker(settings, store)
+    worker = Worker(settings, store, io=IO())
     worker.reload()
     return worker, settings
 

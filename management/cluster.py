@@ -32,11 +32,11 @@ from typing import Any
 import gevent
 from gevent.lock import Semaphore
 
+from balancer.arbiter import STATUS_FILE
 from balancer.control import RETIRED_GLOB, ask, ask_why, pid_of, run_dir_lock, worker_sockets
 from balancer.stats import Stats, merge_snapshots, only_known
 
 RETIRED_TOTAL = "retired-total.json"
-ARBITER_STATUS = "arbiter.json"
 
 
 class ClusterRuntime:
@@ -128,7 +128,7 @@ class ClusterRuntime:
         merged = self._merged(replies, retired)
         return {"workers": self.workers,
                 "processes": [process_info(r) for r in replies],
-                "arbiter": read_json(os.path.join(self.directory, ARBITER_STATUS)) or {},
+                "arbiter": read_json(os.path.join(self.directory, STATUS_FILE)) or {},
                 "store": {"kind": self.store.kind, "url": self.store.display_url,
                           "reachable": self.store.is_reachable(),
                           "version": merged.get("routing_version", 0),

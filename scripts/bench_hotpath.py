@@ -27,6 +27,7 @@ import argparse
 import gc
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from balancer.connection import ClientConnection  # noqa: E402
+from balancer.netio import IO  # noqa: E402
 from balancer.pool import Upstream  # noqa: E402
 from balancer.server import Worker  # noqa: E402
 from balancer.settings import load_settings  # noqa: E402
@@ -49,6 +51,8 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n"
             b"Connection: keep-alive\r\nETag: \"692d5a40-1194\"\r\nAccept-Ranges: bytes\r\n\r\n"
             % len(PAGE)) + PAGE
 PASSES = 5
+_IDLE = socket.socketpair()  # one end stands for the pooled backend connection's fd
+IDLE_FD = _IDLE[0].fileno()
 
 
 class Client:
@@ -79,6 +83,9 @@ class Client:
     def setsockopt(self, *args: object) -> None:
         pass
 
+    def fileno(self) -> int:
+        return IDLE_FD  # polled while pooled: nothing to read
+
 
 class Backend(Client):
     """A pooled backend connection that answers every request at once."""
@@ -106,16 +113,18 @@ class Store:
 
 
 def setup() -> object:
-    """A worker's listener context in socket-timeout mode, its one backend pooled."""
-    worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}), Store())
+    """A worker's listener context with the blocking `IO` (arm() sets scripted
+    socket timeouts), its one backend pooled."""
+    io = IO()
+    worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}), Store(),
+                    io=io)
     if not worker.apply(worker.store.load()):
         raise SystemExit("the table did not compile")
     ctx = worker.context(False)
-    ctx.connections = None  # no watchdog: arm() sets (scripted) socket timeouts
     backend = next(iter(worker.registry.backends.values()))
-    upstream = Upstream(Backend(0), None)
+    upstream = Upstream(io.stream(Backend(0)))
+    backend.release(upstream)
     upstream.since = float("inf")  # never expires
-    backend.idle.append(upstream)
     return ctx
 
 

@@ -39,7 +39,8 @@ import gevent  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from balancer.actions import ActionCompiler  # noqa: E402
+from balancer.actions import ActionCompiler, fallback_routes  # noqa: E402
+from balancer.netio import GeventIO  # noqa: E402
 from balancer.pages import Pages  # noqa: E402
 from balancer.pool import BackendRegistry  # noqa: E402
 from balancer.stats import Stats  # noqa: E402
@@ -74,24 +75,24 @@ def socket_pairs(count: int) -> list[tuple[socket.socket, socket.socket]]:
 
 
 def measure_wake(held: int) -> dict[str, float]:
-    holder_ref: list = []
+    pages, stats = Pages.load(), Stats()
+    holder = TableHolder(RoutingTable(0, {}, fallback_routes(pages, stats)[1]))
     compiler = ActionCompiler(registry=BackendRegistry(connect_timeout=1, fail_timeout=1),
-                              pages=Pages.load(), stats=Stats(), holder_ref=holder_ref)
-    holder = TableHolder(RoutingTable(0, {}, compiler.fallbacks()[1]))
-    holder_ref.append(holder)
+                              pages=pages, stats=stats, holder=holder)
 
     def build(version: int, rule: dict) -> RoutingTable:
         return RoutingTable.build(version, {HOST: rule}, compiler.compile,
-                                  compiler.fallbacks(), previous=holder.table)
+                                  compiler.fallbacks, previous=holder.table)
 
     holder.swap(build(1, SPIN))
     route = holder.table.lookup(HOST.encode())
     pairs = socket_pairs(held)
     left: list[float] = []
+    io = GeventIO()
 
     def hold(sock: socket.socket) -> None:
         ctx = SimpleNamespace(spin_max_waiting=held)
-        conn = SimpleNamespace(sock=sock, ctx=ctx, disarm=lambda: None)
+        conn = SimpleNamespace(sock=sock, ctx=ctx, io=io, disarm=lambda: None)
         ex = SimpleNamespace(conn=conn, route=route, head=SimpleNamespace(host=HOST.encode()))
         with compiler.holds.held(ex):
             route.action.hold(ex)

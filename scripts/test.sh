@@ -1,12 +1,20 @@
 #!/bin/sh
-# Install everything the test suite needs on a fresh Debian machine, then run it.
+# What CI runs (.ci/run) and the README's test command. Installs everything the
+# test suite needs on a fresh Debian machine, then checks, stopping at the
+# first failure:
+#   1. ruff, and mypy over the compiled modules (mypyc needs them to type-check);
+#   2. the whole suite on the compiled build (`pip install -e .` builds in place);
+#   3. the data plane's tests (`-m data_plane`) on the interpreted build: the
+#      same sources without their extensions, copied to a temporary directory,
+#      as `BALANCER_PURE=1` installs them (a compiled module once behaved
+#      differently from its source).
 # Debian packages when missing (CI runs as root, others through sudo):
 # redis-server, Chromium and the load-test tools, and what building the
 # package needs (gcc, the Python headers, python3-venv). Python packages from
 # PyPI into the active virtual environment, else ./.venv (the README's
 # install), else a new ./.venv when the system Python refuses pip installs
 # (PEP 668, Debian 12 / Ubuntu 24.04), else the python3 found. Extra arguments
-# go to pytest.
+# go to both pytest runs (e.g. `-k proxy`).
 set -eu
 cd "$(dirname "$0")/.."
 # nginx and haproxy live in /usr/sbin, which a normal user's PATH may lack.
@@ -55,4 +63,28 @@ else
     python=python3
 fi
 "$python" -m pip install --quiet --disable-pip-version-check -e '.[test,loadtest]'
-exec "$python" -m pytest -q "$@"
+case "$python" in  # a relative path would break once the data plane's run changes directory
+    */*) python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python") ;;
+esac
+
+echo "== ruff, mypy"
+"$python" -m ruff check .
+"$python" -m mypy
+
+build() {  # exits 0 if the sources in the current directory run compiled
+    "$python" -c 'from balancer import native; print(native.describe()); \
+exit(0 if native.compiled() else 1)'
+}
+
+echo "== the whole suite, compiled"
+build || { echo "scripts/test.sh: the build is not compiled (BALANCER_PURE set?)"; exit 1; }
+"$python" -m pytest -q "$@"
+
+echo "== the data plane's tests, interpreted"
+pure=$(mktemp -d)
+trap 'rm -rf "$pure"' EXIT INT TERM
+tar -cf - --exclude='*.so' --exclude=__pycache__ \
+    balancer management loadtest scripts tests setup.py pyproject.toml | tar -xf - -C "$pure"
+cd "$pure"
+if build; then echo "scripts/test.sh: the copy still runs compiled code"; exit 1; fi
+"$python" -m pytest -q -p no:cacheprovider -m data_plane "$@"

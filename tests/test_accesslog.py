@@ -5,14 +5,16 @@ import time
 import gevent
 import pytest
 
-from balancer import accesslog
 from balancer.accesslog import (
     AccessLog,
     AccessLogError,
     format_combined,
     format_json,
     make_record,
+    records,
 )
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 # 2026-10-10 13:55:36.250 UTC
 STAMP = 1791640536.25
@@ -65,9 +67,9 @@ def opened():
 
 def test_record_field_order():
     rec = record()
-    assert len(rec) == accesslog.FIELD_COUNT
-    assert rec[accesslog.TIME] == STAMP and rec[accesslog.STATUS] == 200
-    assert rec[accesslog.BACKEND] == "127.0.0.1:9001" and rec[accesslog.BACKEND_TIME] == 0.01
+    assert len(rec) == records.FIELD_COUNT
+    assert rec[records.TIME] == STAMP and rec[records.STATUS] == 200
+    assert rec[records.BACKEND] == "127.0.0.1:9001" and rec[records.BACKEND_TIME] == 0.01
 
 
 def test_combined_line(utc):

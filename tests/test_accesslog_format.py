@@ -12,14 +12,17 @@ from decimal import Decimal
 
 import pytest
 
-from balancer import accesslog
-from balancer.accesslog import AccessLog, format_combined, format_json
+from balancer.accesslog import AccessLog, fast, format_combined, format_json
+from balancer.accesslog import reference as reference_formats
+from balancer.accesslog.records import TARGET
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 SEED = 20261010
 COUNT = 4000
 FORMATS = {
-    "combined": (accesslog._combined_fast, accesslog._format_combined_escaped, format_combined),
-    "json": (accesslog._json_fast, accesslog._format_json_dumps, format_json),
+    "combined": (fast.combined_line, reference_formats.combined_line, format_combined),
+    "json": (fast.json_line, reference_formats.json_line, format_json),
 }
 # POSIX TZ strings (no tz database needed): one with an offset in seconds (ISO
 # writes +05:30:15, CLF +0530), and one with DST falling back on 2026-11-01 at
@@ -115,9 +118,9 @@ def zone(request, monkeypatch):
     """Run in a time zone, with the time caches empty (they are keyed by second only)."""
     monkeypatch.setenv("TZ", request.param)
     time.tzset()
-    monkeypatch.setattr(accesslog, "_stamp_cache", [None, ""])
-    monkeypatch.setattr(accesslog, "_combined_templates", [None, b"", b""])
-    monkeypatch.setattr(accesslog, "_json_template", [None, b""])
+    monkeypatch.setattr(reference_formats, "_stamp_cache", [None, ""])
+    monkeypatch.setattr(fast, "_combined_templates", [None, b"", b""])
+    monkeypatch.setattr(fast, "_json_template", [None, b""])
     yield request.param
     monkeypatch.undo()
     time.tzset()
@@ -209,10 +212,10 @@ def test_durations_round_as_the_reference(fmt, zone):
 
 def test_template_residues():
     """The residue check relies on the templates: the quotes and newline, nothing else."""
-    plain = accesslog._PLAIN
-    assert accesslog._COMBINED_RESIDUE == b'""""""\n'
-    assert accesslog._COMBINED_NO_BRT.translate(None, plain) == accesslog._COMBINED_RESIDUE
-    assert accesslog._JSON_RESIDUE == b'"' * 50 + b"\n"
+    plain = fast._PLAIN
+    assert fast._COMBINED_RESIDUE == b'""""""\n'
+    assert fast._COMBINED_NO_BRT.translate(None, plain) == fast._COMBINED_RESIDUE
+    assert fast._JSON_RESIDUE == b'"' * 50 + b"\n"
     assert bytes(range(256)).translate(None, plain) == bytes(
         [*range(0x20), 0x22, 0x5C, *range(0x7F, 0x100)])
 
@@ -223,10 +226,10 @@ def test_json_milliseconds_as_round_and_repr():
     values += [rng.uniform(0, 10 ** rng.randrange(-6, 9)) for _ in range(20000)]
     values += [999999999.9999994, 999999999.9999995, 0.0, -0.0]
     for value in values:
-        assert accesslog._ms_json(value) == json.dumps(round(value * 1000, 3)).encode(), value
+        assert fast._ms_json(value) == json.dumps(round(value * 1000, 3)).encode(), value
     for value in (-0.001, 1e9, float("inf"), float("nan")):
         with pytest.raises(ValueError):
-            accesslog._ms_json(value)
+            fast._ms_json(value)
 
 
 class Text(str):
@@ -241,7 +244,7 @@ class Data(bytes):
 
 class Indexed(tuple):
     def __getitem__(self, index):  # the reference indexes, the fast path must not iterate
-        return b"indexed" if index == accesslog.TARGET else super().__getitem__(index)
+        return b"indexed" if index == TARGET else super().__getitem__(index)
 
 
 UNUSUAL = (

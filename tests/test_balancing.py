@@ -17,6 +17,8 @@ from balancer.balancing import ALGORITHMS, IpHash, make_balancer
 from balancer.pool import DOWN, PROBING, UP, Backend, BackendRegistry
 from balancer.rules import ALGORITHMS as VALID_ALGORITHMS
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 
 def make_backends(n: int, first_port: int = 9001) -> list[Backend]:
     registry = BackendRegistry(connect_timeout=1.0, fail_timeout=10.0)

@@ -16,6 +16,8 @@ from balancer.fields import CLIENT_FIELDS
 from tests.rawpeer import RawBackend, client_exchange, head_fields
 from tests.support import Balancer, wait_for
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 SPOOF = "6.6.6.6"
 # What the issue saw forwarded, and what Werkzeug ProxyFix, Django, Rails/Rack,
 # Express, Symfony, ASP.NET and the client-IP libraries read.

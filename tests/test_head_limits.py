@@ -20,6 +20,8 @@ from tests.rawpeer import RawBackend, client_exchange
 from tests.support import Backend, Balancer
 from tests.test_http_corpus import splits
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 SMALL = Limits(max_request_line=128, max_header_bytes=1024, max_headers=10)
 DEFAULT = Limits()
 MORE = b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n"  # one read then holds more than the head

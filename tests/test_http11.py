@@ -17,6 +17,8 @@ from balancer.http11 import (
 )
 from balancer.response_parser import ResponseHead, ResponseParser
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 SMALL = Limits(max_request_line=64, max_header_bytes=192, max_headers=8)
 
 

@@ -26,6 +26,8 @@ import pytest
 from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
 from balancer.response_parser import ResponseHead, ResponseParser
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 HERE = Path(__file__).parent
 ESCAPES = {b"r": b"\r", b"n": b"\n", b"t": b"\t", b"0": b"\0", b"\\": b"\\"}
 ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|[rnt0\\])")

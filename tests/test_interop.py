@@ -16,6 +16,8 @@ import pytest
 from tests.rawpeer import RawBackend, client_exchange, head_fields
 from tests.support import Balancer, wait_for
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 WAIT = 10.0  # seconds any step may take before the test fails
 
 

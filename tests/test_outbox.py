@@ -11,31 +11,25 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from balancer.outbox import (
-    BATCH_LIMIT,
-    HOLD_LIMIT,
-    Outbox,
-    Writer,
-    outbox_for,
-    send_all,
-    writer_for,
-)
-from balancer.readiness import Readable, raw_socket
+from balancer.netio import EventedStream, GeventIO
+from balancer.outbox import BATCH_LIMIT, HOLD_LIMIT, Outbox, Writer, send_all
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 DEADLINE = 5.0
 
 
 @pytest.fixture
 def pair() -> Iterator[tuple[Writer, socket.socket, socket.socket]]:
-    """A writer on `a` (with the hub's outbox), and `b`, the other end."""
+    """The writer of `a`'s stream (with its worker's outbox), and `b`, the other end."""
     a, b = gsocket.socketpair()
-    watcher = Readable(a)
-    writer = writer_for(a, watcher)
-    assert writer.outbox is outbox_for(gevent.get_hub()) and writer.raw is not a
+    io = GeventIO()
+    stream = io.stream(a)
+    assert isinstance(stream, EventedStream)
+    writer = stream.writer
+    assert writer.outbox is io.outbox and writer.raw is not a
     yield writer, a, b
-    writer.close()
-    watcher.close()
-    a.close()
+    stream.close()
     b.close()
 
 
@@ -121,17 +115,6 @@ def test_a_write_over_the_limit_is_not_held(pair) -> None:
     assert reader.get(timeout=DEADLINE) == data
 
 
-def test_without_an_outbox_every_write_is_made_at_once() -> None:
-    a, b = socket.socketpair()
-    try:
-        writer = Writer(a, a, None)  # the threaded baseline: blocking sockets
-        writer.write_last(b"now")
-        assert writer.held == b"" and b.recv(3) == b"now"
-    finally:
-        a.close()
-        b.close()
-
-
 def test_a_flush_the_socket_takes_in_part_is_finished_in_order(pair) -> None:
     """A peer that does not read fills the buffer: the flush sends what fits,
     a greenlet sends the rest, and a later write waits for it."""
@@ -180,13 +163,13 @@ def test_close_drops_what_is_held_and_stops_a_send_in_progress(pair) -> None:
 def test_send_all_falls_back_to_gevents_sendall_when_the_buffer_fills() -> None:
     a, b = gsocket.socketpair()
     data = bytes(range(256)) * 40000  # 10 MB: far more than a socket buffer holds
-    reader, watcher = gevent.spawn(read_exactly, b, len(data)), Readable(a)
+    reader, stream = gevent.spawn(read_exactly, b, len(data)), GeventIO().stream(a)
+    assert isinstance(stream, EventedStream)
     try:
         with gevent.Timeout(DEADLINE * 4):
-            send_all(a, raw_socket(a, watcher), data)
+            send_all(a, stream.raw, data)  # the OS socket under gevent's: non-blocking
         assert reader.get(timeout=DEADLINE * 4) == data
     finally:
         reader.kill()
-        watcher.close()
-        a.close()
+        stream.close()
         b.close()

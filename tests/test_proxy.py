@@ -19,6 +19,8 @@ from tests.support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 
 @pytest.fixture
 def backends():

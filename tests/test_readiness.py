@@ -10,7 +10,9 @@ from collections.abc import Iterator
 import gevent
 import pytest
 
-from balancer.readiness import Readable, raw_socket, receive
+from balancer.readiness import Readable
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 DEADLINE = 5.0
 
@@ -77,30 +79,3 @@ def test_an_exception_thrown_into_the_waiter_ends_the_wait(pair) -> None:
     assert isinstance(waiter.exception, TimeoutError) and readable.waiter is None
     b.send(b"late")  # nobody waits any more: the watcher stops instead of waking a ghost
     assert until(lambda: not readable.io.active)
-
-
-# the OS socket under gevent's, read and written directly ------------------------
-def test_a_watched_socket_is_read_and_written_through_the_os_socket_under_gevents() -> None:
-    from gevent import socket as gsocket
-
-    a, b = gsocket.socketpair()
-    plain, other = socket.socketpair()
-    try:
-        watcher = Readable(a)
-        raw = raw_socket(a, watcher)
-        assert type(raw) is not type(a) and raw.fileno() == a.fileno()
-        assert raw.gettimeout() == 0.0  # non-blocking: EAGAIN instead of a wait
-        assert raw_socket(a, None) is a  # unwatched: the socket as it is
-        assert raw_socket(plain, None) is plain
-        watcher.close()
-    finally:
-        for s in (a, b, plain, other):
-            s.close()
-
-
-def test_receive_waits_on_the_readiness_when_no_data_is_there_yet(pair) -> None:
-    readable, a, b = pair
-    a.setblocking(False)
-    gevent.spawn_later(0.05, b.send, b"late")
-    with gevent.Timeout(DEADLINE):
-        assert receive(a, readable, 100) == b"late"

@@ -9,6 +9,8 @@ import pytest
 from balancer.http11 import END, ProtocolError
 from balancer.response_parser import ResponseParser
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 CHUNKED = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
 

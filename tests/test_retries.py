@@ -16,6 +16,8 @@ import pytest
 from balancer.actions.proxy import BUFFERED_BODY
 from tests.support import Backend, Balancer, EchoHandler, dead_address, request
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 
 class DropHandler(EchoHandler):
     """Reads the whole request, then closes without answering (a crashing app)."""

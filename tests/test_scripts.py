@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

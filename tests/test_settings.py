@@ -337,6 +337,7 @@ def test_the_example_message_from_the_brief():
 
 def test_good_store_urls_and_accounts(tmp_path):
     for url in ["file:/tmp/x.json", "redis://:pw@h:6379/0", "rediss://h:6380/1",
+                "unix:///run/redis/redis.sock?db=2",  # the Redis store takes it: so do settings
                 "redis+sentinel://a:26379,b:26379/mymaster/0"]:
         assert load(flags={"store.url": url}).store.url == url
     me = pwd.getpwuid(os.getuid()).pw_name

@@ -10,6 +10,8 @@ import pytest
 
 from tests.support import Backend, Balancer
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
 SIZE = 50 * 1024 * 1024
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 

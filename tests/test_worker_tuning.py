@@ -14,11 +14,13 @@ import pytest
 
 from balancer.addr import parse_backend_addr
 from balancer.errors import ConnectError
+from balancer.netio import IO, GeventIO
 from balancer.pool import Backend, Upstream
-from balancer.readiness import Readable
 from balancer.response_parser import ResponseParser
 from balancer.server import SHARED_ACCEPT_BATCH, EagerPool, Worker
 from balancer.settings import load_settings
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 
 class NoStore:
@@ -93,12 +95,12 @@ def backend(**kwargs: object) -> Backend:
 
 def test_a_released_connection_comes_back_with_its_watcher_and_parser() -> None:
     pool, (a, b) = backend(), socket.socketpair()
-    upstream = Upstream(a, watcher := Readable(a))
+    upstream = Upstream(stream := GeventIO().stream(a))
     upstream.parser = parser = ResponseParser()
     pool.release(upstream)
     back, reused = pool.acquire()
     assert reused and back is upstream
-    assert (back.sock, back.watcher, back.parser) == (a, watcher, parser)
+    assert (back.sock, back.stream, back.parser) == (a, stream, parser)
     a.close()
     b.close()
 
@@ -108,7 +110,8 @@ def test_closing_a_pooled_connection_closes_its_watcher(how: str) -> None:
     pool = backend(max_idle=0 if how == "over max_idle" else 4,
                    idle_timeout=0.0 if how == "expired" else 30.0)
     a, b = socket.socketpair()
-    upstream = Upstream(a, watcher := Readable(a))
+    upstream = Upstream(stream := GeventIO().stream(a))
+    watcher = stream.watcher
     upstream.parser = parser = ResponseParser()
     pool.release(upstream)
     if how == "close_idle":
@@ -125,9 +128,9 @@ def test_a_new_connection_has_a_watcher_only_under_gevent(evented: bool) -> None
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
         pool = Backend(parse_backend_addr(f"127.0.0.1:{port}"), connect_timeout=5,
-                       fail_timeout=1, evented=evented)
+                       fail_timeout=1, io=GeventIO() if evented else IO())
         upstream, reused = pool.acquire()
-        assert not reused and (upstream.watcher is not None) is evented
+        assert not reused and hasattr(upstream.stream, "watcher") is evented
         assert upstream.parser is None  # made by the relay on first use
         upstream.close()
         assert upstream.sock.fileno() == -1

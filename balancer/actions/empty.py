@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from balancer.actions.local import LocalAction
 
-class EmptyAction:
+
+class EmptyAction(LocalAction):
     """Answers with `status` and no body (Content-Length: 0)."""
 
     def __init__(self, rule: Mapping[str, Any]) -> None:

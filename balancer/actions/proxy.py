@@ -35,9 +35,8 @@ from balancer.errors import (
     ConnectError,
     PayloadTooLarge,
     ProxyError,
-    SpinTimeout,
 )
-from balancer.hold import Holds, hand_over, retry_after, wait_any
+from balancer.hold import Hold, Holds, hand_over
 from balancer.pool import Backend
 from balancer.relay import forward
 from balancer.rules import backend_entries
@@ -73,6 +72,9 @@ class ProxyAction:
             stats = host_stats.backend(backend.key)
             stats.source = backend
             self.backend_stats[backend.key] = stats
+
+    def backend_keys(self) -> list[str]:
+        return [backend.key for backend in self.backends]
 
     def handle(self, ex: Exchange) -> None:
         body = self.buffered_body(ex) if ex.head.has_body else None
@@ -127,8 +129,7 @@ class ProxyAction:
         failure = self.attempt(ex, backend, body)
         if failure is None:
             return
-        head = ex.head
-        replayable = head.method in IDEMPOTENT and (body is not None or not head.has_body)
+        replayable = is_replayable(ex, body)
         tried = [backend]
         while True:
             retryable = isinstance(failure, ConnectError) or (replayable and not ex.started)
@@ -179,29 +180,20 @@ class ProxyAction:
         """Whether `failure` says the backends are down and the request can wait."""
         if isinstance(failure, ConnectError):
             return True  # nothing was sent
-        head = ex.head
-        replayable = head.method in IDEMPOTENT and (body is not None or not head.has_body)
-        return isinstance(failure, BackendClosed) and replayable and not ex.started
+        return isinstance(failure, BackendClosed) and is_replayable(ex, body) and not ex.started
 
     def hold_while_down(self, ex: Exchange, body: bytes | None) -> Any:
         """Retry until a backend answers (None) or the rule changes (the new route)."""
-        deadline = time.monotonic() + (self.spin_when_down or 0.0)
-        holder, host, sock = self.holder, ex.head.host, ex.conn.sock
-        backoff, watch_client, holds = FIRST_BACKOFF, True, self.holds
+        hold = Hold(ex, self.holder, self.holds, self.spin_when_down or 0.0)
+        backoff = FIRST_BACKOFF
         while True:
-            holds.check_open()
-            changed = holder.change_event()  # taken before the lookup: no swap is missed
-            route = holder.table.lookup(host)
+            route, changed = hold.lookup()
             if route.action is not self:
                 return route
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SpinTimeout(retry_after(self.spin_when_down))
+            remaining = hold.remaining()
             recovered = [b.recovered_event() for b in self.backends]
-            wait = min(remaining, backoff * (0.5 + random.random() / 2))
-            watch_client = wait_any([changed, holds.closing_event(), *recovered], sock, wait,
-                                    watch_client)
-            holds.check_open()
+            hold.wait([changed, *recovered],
+                      min(remaining, backoff * (0.5 + random.random() / 2)))
             backoff = min(backoff * 2, MAX_BACKOFF)
             if changed.is_set():
                 continue  # re-resolve the host first
@@ -238,3 +230,10 @@ def compile_balancer(rule: Mapping[str, Any], registry: Any) -> Balancer:
     old = make_balancer(algorithm, [registry.get(address) for address, _ in old_entries],
                         [weight for _, weight in old_entries])
     return SlowStart(new, old, float(draining["since"]), float(draining["warmup"]))
+
+
+def is_replayable(ex: Exchange, body: bytes | None) -> bool:
+    """Whether the request can be sent again: idempotent, and its body (if any)
+    in hand (`body`), not streamed."""
+    head = ex.head
+    return head.method in IDEMPOTENT and (body is not None or not head.has_body)

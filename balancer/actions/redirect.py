@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from balancer.actions.local import LocalAction
 
-class RedirectAction:
+
+class RedirectAction(LocalAction):
     """`Location` is `to`, plus the request target when `keep_path` is true."""
 
     def __init__(self, rule: Mapping[str, Any]) -> None:

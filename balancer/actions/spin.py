@@ -14,12 +14,11 @@ Invariants:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from balancer.errors import SpinTimeout
-from balancer.hold import Holds, hand_over, retry_after, wait_any
+from balancer.hold import Hold, Holds, hand_over
+from balancer.table import Route
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -36,25 +35,20 @@ class SpinAction:
     def handle(self, ex: Any) -> None:
         self.resume(ex, None)
 
+    def backend_keys(self) -> Iterable[str]:
+        return ()
+
     def resume(self, ex: Any, body: bytes | None) -> None:
         """Hold `ex` (whose body, if already read, is `body`), then apply the next rule."""
         with self.holds.held(ex):
             route = self.hold(ex)
         hand_over(route, ex, body)
 
-    def hold(self, ex: Any) -> Any:
+    def hold(self, ex: Any) -> Route:
         """Wait until the host resolves to a non-spin route; return that route."""
-        deadline = time.monotonic() + self.timeout
-        holder, host, sock = self.holder, ex.head.host, ex.conn.sock
-        holds, watch_client = self.holds, True
+        hold = Hold(ex, self.holder, self.holds, self.timeout)
         while True:
-            holds.check_open()
-            changed = holder.change_event()  # taken before the lookup: no swap is missed
-            route = holder.table.lookup(host)
+            route, changed = hold.lookup()
             if not isinstance(route.action, SpinAction):
                 return route
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SpinTimeout(retry_after(self.timeout))
-            watch_client = wait_any((changed, holds.closing_event()), sock, remaining,
-                                    watch_client)
+            hold.wait((changed,), hold.remaining())

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from balancer.actions.local import LocalAction
+
 DEFAULT_TYPE = "text/html; charset=utf-8"
 
 
-class StaticAction:
+class StaticAction(LocalAction):
     """Answers every request with the same status, type and body."""
 
     def __init__(self, rule: Mapping[str, Any], pages: Any) -> None:

@@ -111,8 +111,11 @@ class FileRecords(Records):
             doc = {}  # unreadable: start over rather than block every deploy
         if not isinstance(doc, dict):
             doc = {}
-        return {key: doc.get(key) if isinstance(doc.get(key), dict) else {}
-                for key in ("deploys", "claims", "inflight")}
+        sections: dict[str, dict[str, Any]] = {}
+        for key in ("deploys", "claims", "inflight"):
+            value = doc.get(key)
+            sections[key] = value if isinstance(value, dict) else {}
+        return sections
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[dict[str, dict[str, Any]]]:

@@ -92,7 +92,7 @@ class _Seen:
     """Watcher state: the raw version last read, the version and table delivered
     (the table is None after a change was delivered), the backoff."""
 
-    version: str | None = None
+    version: bytes | str | None = None
     delivered: TableData | None = None
     delivered_version: int = -1
     delay: float = BACKOFF_FIRST
@@ -152,7 +152,7 @@ class RedisStore(Store):
                                    f"{exc}") from None
         return self._checker.check(where, version, hosts, raw_hosts)
 
-    def _version(self, raw: str | None) -> int:
+    def _version(self, raw: bytes | str | None) -> int:
         try:
             return int(raw or 0)
         except ValueError:

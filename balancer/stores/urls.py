@@ -1,6 +1,10 @@
-"""Store URLs: parsing ``redis+sentinel://`` and hiding passwords for display.
+"""Store URLs: which store a URL names, parsing ``redis+sentinel://``, and
+hiding passwords for display.
 
 Invariants:
+* The accepted schemes are declared here once (`FILE_SCHEME`,
+  `REDIS_SCHEMES`): the settings check URLs with `store_kind`, and
+  `balancer.stores.open_store` opens what it accepts.
 * `redact_url` never returns a password; everything else of the URL stays.
 * `parse_sentinel_url` either returns a complete `SentinelTarget` or raises
   `StoreUrlError` naming the URL and the part that is wrong.
@@ -12,7 +16,11 @@ from dataclasses import dataclass
 
 from balancer.addr import AddrError, parse_backend_addr
 
+FILE_SCHEME = "file:"
 SENTINEL_SCHEME = "redis+sentinel://"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
+URL_FORMS = ("file:PATH, redis://[:password@]host:port/db, rediss://..., "
+             "unix:///path/to/redis.sock, or redis+sentinel://host:port[,host:port]/service_name/db")
 SENTINEL_PORT = 26379
 SENTINEL_FORM = "redis+sentinel://[:password@]host:port[,host:port]/service_name/db"
 
@@ -30,6 +38,21 @@ class SentinelTarget:
     db: int
     username: str | None = None
     password: str | None = None
+
+
+def store_kind(url: object) -> str:
+    """"file" or "redis": the store `url` names by its scheme. Raises
+    `StoreUrlError` for an empty URL or any other scheme (the stores check the
+    rest when they open it)."""
+    if not isinstance(url, str) or not url.strip():
+        raise StoreUrlError(f"empty store URL; expected {URL_FORMS}")
+    if url.startswith(FILE_SCHEME):
+        if url in (FILE_SCHEME, FILE_SCHEME + "//"):
+            raise StoreUrlError(f"{url}: the file path is missing; expected file:PATH")
+        return "file"
+    if any(url.startswith(scheme) and len(url) > len(scheme) for scheme in REDIS_SCHEMES):
+        return "redis"
+    raise StoreUrlError(f"unsupported store URL {redact_url(url)!r}; expected {URL_FORMS}")
 
 
 def redact_url(url: str) -> str:

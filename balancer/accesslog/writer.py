@@ -1,0 +1,196 @@
+"""The access log's writer: records queued by the request path, written off it.
+
+The request path only appends a plain tuple (a record,
+`balancer.accesslog.records`) to a deque; the ``writer_loop`` greenlet
+formats and writes pending records every ``flush_interval`` seconds, or
+sooner once ``batch_size`` records wait. The write itself runs in gevent's
+thread pool, so a slow disk or a full stdout pipe delays the log, never the
+requests.
+
+Invariants:
+* ``log`` is an append and a length check, nothing else.
+* A record no formatter takes (a caller's bug) is skipped and reported once;
+  a failing write drops its batch, is reported once, and its recovery says how
+  many records were dropped. Nothing stops the writer but ``close``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import deque
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+
+from balancer.accesslog.formats import FORMATS, FORMATTERS, LINE_FORMATTERS
+
+STDOUT = "-"
+OFF = ""
+
+
+class AccessLogError(Exception):
+    """The access log cannot be used at all (bad format, cannot open the path)."""
+
+
+class AccessLog:
+    """Buffered access log. ``path``: "" off, "-" stdout, else a file (appended to).
+
+    Call ``start()`` in the worker (opens the path, starts ``writer_loop``),
+    ``log(record)`` per request, ``reopen()`` on SIGUSR1 and ``close()`` at exit.
+    """
+
+    def __init__(self, path: str, fmt: str = "combined", *,
+                 flush_interval: float = 0.2, batch_size: int = 1000) -> None:
+        if fmt not in FORMATTERS:
+            raise AccessLogError(f"access log format must be one of {', '.join(FORMATS)}, "
+                                 f"got {fmt!r}")
+        self.path = path
+        self.fmt = fmt
+        self.is_enabled = path != OFF
+        self._format_fast, self._format_reference = LINE_FORMATTERS[fmt]
+        self._flush_interval = flush_interval
+        self._batch_size = batch_size
+        self._pending: deque[Any] = deque()  # append/popleft are atomic: no lock needed
+        self._wake = gevent.event.Event()
+        self._writing = gevent.lock.Semaphore()  # one flush at a time (never on the hot path)
+        self._fd: int | None = None
+        self._writer: gevent.Greenlet | None = None
+        self._reopen_requested = False
+        self._is_failing = False
+        self._dropped = 0
+        self._has_reported_malformed = False
+        self._is_closed = not self.is_enabled  # off: `log` does nothing at all
+
+    def log(self, record: Any) -> None:
+        """Queue one record. Hot path: an append and a length check, nothing else."""
+        if self._is_closed:
+            return
+        pending = self._pending
+        pending.append(record)
+        if len(pending) == self._batch_size:
+            self._wake.set()
+
+    def start(self) -> None:
+        """Open the path and start ``writer_loop``; ``AccessLogError`` if it cannot be opened."""
+        if not self.is_enabled or self._writer is not None:
+            return
+        self._fd = self._open()
+        self._writer = gevent.spawn(self.writer_loop)
+
+    def writer_loop(self) -> None:
+        """Greenlet body: wake on the interval or a full batch, then ``flush``."""
+        while not self._is_closed:
+            self._wake.wait(self._flush_interval)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply a pending reopen, then format and write every queued record."""
+        if self._fd is None:
+            return
+        with self._writing:
+            if self._reopen_requested:
+                self._reopen_now()
+            batch = [self._pending.popleft() for _ in range(len(self._pending))]
+            if batch:
+                self._write(self._format_batch(batch))
+
+    def reopen(self) -> None:
+        """Ask the writer to reopen the path (logrotate, SIGUSR1); safe from a signal greenlet."""
+        self._reopen_requested = True
+        self._wake.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, stop the writer and close the file; ``log`` becomes a no-op."""
+        if self._is_closed:
+            return
+        self._is_closed = True
+        self._wake.set()
+        if self._writer is not None:
+            self._writer.join(timeout)
+            self._writer.kill(block=True, timeout=timeout)
+        self.flush()
+        fd, self._fd = self._fd, None
+        if fd is not None and self.path != STDOUT:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        state = "off" if not self.is_enabled else "open" if self._fd is not None else "closed"
+        return f"<AccessLog {self.path!r} {self.fmt} {state} pending={len(self._pending)}>"
+
+    def _open(self) -> int:
+        if self.path == STDOUT:
+            return sys.stdout.fileno()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            return os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            raise AccessLogError(
+                f"cannot open access log {self.path}: {exc.strerror or exc}") from None
+
+    def _reopen_now(self) -> None:
+        self._reopen_requested = False
+        if self.path == STDOUT:
+            return
+        try:
+            fd = self._open()
+        except AccessLogError as exc:
+            self._report(f"{exc}; still writing to the old file")
+            return
+        old, self._fd = self._fd, fd
+        if old is not None:
+            os.close(old)
+
+    def _format_batch(self, batch: list[Any]) -> bytes:
+        format_fast = self._format_fast
+        lines: list[bytes] = []
+        append = lines.append
+        for record in batch:
+            line = format_fast(record)
+            append(self._format_slowly(record) if line is None else line)
+        return b"".join(lines)
+
+    def _format_slowly(self, record: Any) -> bytes:
+        """A record the fast formatter declined: the reference line, or b"" if malformed."""
+        try:
+            return self._format_reference(record).encode("utf-8", "backslashreplace")
+        except Exception as exc:  # a caller's bug must not stop the log: tell once
+            if not self._has_reported_malformed:
+                self._has_reported_malformed = True
+                self._report(f"access log: skipping malformed records, first {record!r}: "
+                             f"{exc!r}")
+            return b""
+
+    def _write(self, data: bytes) -> None:
+        try:
+            gevent.get_hub().threadpool.apply(_write_all, (self._fd, data))
+        except OSError as exc:
+            self._dropped += data.count(b"\n")
+            if not self._is_failing:
+                self._is_failing = True
+                self._report(f"access log {self.path}: write failed ({exc.strerror or exc}); "
+                             "dropping records until writes succeed again")
+            return
+        if self._is_failing:
+            self._is_failing = False
+            self._report(f"access log {self.path}: writing again; "
+                         f"{self._dropped} records were dropped")
+            self._dropped = 0
+
+    @staticmethod
+    def _report(message: str) -> None:
+        try:
+            sys.stderr.write(f"balancer: {message}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):  # stderr gone too: nothing left to tell
+            pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (os.write may write part of it)."""
+    view, written = memoryview(data), 0
+    while written < len(data):
+        written += os.write(fd, view[written:])

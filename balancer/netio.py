@@ -1,0 +1,295 @@
+"""The I/O seam: how one worker waits and moves bytes, chosen once per worker.
+
+As httpcore passes a network backend to its connections, a worker passes one
+`IO` object to everything that touches a socket (the client connection, the
+backend pools, the relay, held requests), and they never ask which it is:
+
+* `GeventIO` (every worker of `balancer serve`): gevent's sockets. A
+  connection's waits are bounded by a deadline the worker's watchdog enforces
+  (`arm` returns it, `expire` throws TimeoutError into the overdue greenlet);
+  plain sockets become `EventedStream`s, which read and write the OS socket
+  under gevent's, wait for readability on a `balancer.readiness.Readable`
+  and hold a greenlet's last write for the loop's `balancer.outbox.Outbox`;
+  a relay that never has to wait yields its turn (`balancer.turns`).
+* `IO` itself (the threaded baseline, `loadtest.threaded`, and
+  scripts/bench_hotpath.py): blocking sockets, each wait bounded by the
+  socket's timeout; plain `Stream`s.
+
+A `Stream` is one socket as the proxy uses it. The plain `Stream` needs only
+the socket API (`recv`, `sendall`, `close`), so any socket-like object plugs
+in as one: a TLS socket is such an object (gevent's SSLSocket waits
+cooperatively in its own `recv` and `sendall`), while the `EventedStream`
+fast path, which reads and writes the file descriptor itself, is for plain
+sockets only, since an encrypted socket's bytes must go through its SSL object.
+
+Invariants:
+* A worker has exactly one `IO`; every stream of the worker comes from it.
+* Whoever owns a stream closes it (`close`): its socket, readiness watcher
+  and held writes go with it.
+* An idle pooled connection is `park`ed; `is_clean` is then False as soon as
+  anything (bytes or EOF) arrived on it, and such a connection is never used
+  again (a backend's stray response or `408` would reach the next client).
+  Under gevent the stream's readiness watcher notices it in the loop, with no
+  syscall per request; a blocking stream asks with one `poll`.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+from gevent import get_hub, getcurrent
+
+from balancer.errors import ClientGone
+from balancer.outbox import Outbox, Writer
+from balancer.peek import CLOSED, READABLE, peek
+from balancer.readiness import READ, Readable
+from balancer.turns import Turn
+
+NEVER: Final = float("inf")
+
+
+class Stream:
+    """A blocking socket (or any object with the socket API): every call is the
+    socket's own, and waits in it."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.poller: Any = None  # select.poll of this socket alone, made by the first `park`
+
+    def recv(self, size: int) -> bytes:
+        """Up to `size` bytes (b"" at EOF); raises OSError, TimeoutError."""
+        return self.sock.recv(size)
+
+    def read_ready(self, size: int) -> bytes | None:
+        """Up to `size` bytes if some are there now, else None (a blocking socket
+        cannot tell without waiting: always None)."""
+        return None
+
+    def wait_readable(self) -> None:
+        """Wait until a read would find data (a blocking read waits by itself)."""
+
+    def write(self, data: bytes) -> None:
+        """Send `data` now, after anything held. Raises OSError."""
+        self.sock.sendall(data)
+
+    def write_last(self, data: bytes) -> None:
+        """Send `data` by the end of the loop iteration: the caller's next step
+        is to wait for its peer (or to close, which sends what is held)."""
+        self.sock.sendall(data)
+
+    def has_held(self) -> bool:
+        """Whether bytes written with `write_last` are still to be sent."""
+        return False
+
+    def finish(self) -> None:
+        """Send what is held, now. Raises OSError."""
+
+    def park(self) -> None:
+        """The connection goes idle (into a pool): from now on nothing may arrive."""
+        if self.poller is None:
+            self.poller = select.poll()
+            self.poller.register(self.sock.fileno(), select.POLLIN)
+
+    def is_clean(self) -> bool:
+        """Whether nothing arrived since `park` (no bytes, no EOF)."""
+        return not self.poller.poll(0)  # one syscall, whatever the socket's timeout
+
+    def close(self) -> None:
+        """Close the socket (and whatever watches or writes it)."""
+        self.sock.close()
+
+
+class EventedStream(Stream):
+    """A gevent socket read and written through the OS socket under it.
+
+    gevent's ``recv`` and ``send`` are Python wrappers, a frame per call, and
+    its ``recv`` tries first and waits after EAGAIN: on the proxy's hot reads
+    (an answer right after a send) that try is a wasted syscall. So reads wait
+    on the socket's `Readable` first where data is not expected yet
+    (`wait_readable`) and read the OS socket; writes go through a `Writer`
+    (held writes, gevent's ``sendall`` when the buffer is full)."""
+
+    def __init__(self, sock: Any, watcher: Readable, outbox: Outbox) -> None:
+        super().__init__(sock)
+        self.watcher = watcher
+        self.raw: Any = getattr(sock, "_sock", sock)  # the OS socket, non-blocking
+        self.writer = Writer(sock, self.raw, outbox)
+
+    def recv(self, size: int) -> bytes:
+        while True:
+            try:
+                return self.raw.recv(size)
+            except BlockingIOError:
+                self.watcher.wait()
+
+    def read_ready(self, size: int) -> bytes | None:
+        try:
+            return self.raw.recv(size)
+        except BlockingIOError:
+            return None
+
+    def wait_readable(self) -> None:
+        self.watcher.wait()
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def write_last(self, data: bytes) -> None:
+        self.writer.write_last(data)
+
+    def has_held(self) -> bool:
+        writer = self.writer
+        return bool(writer.held) or writer.rest is not None
+
+    def finish(self) -> None:
+        self.writer.finish()
+
+    def park(self) -> None:
+        self.watcher.watch_idle()
+
+    def is_clean(self) -> bool:
+        return self.watcher.is_quiet()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.watcher.close()
+        self.sock.close()
+
+
+class IO:
+    """Blocking sockets (the threaded baseline): waits bounded by socket timeouts."""
+
+    def stream(self, sock: Any) -> Stream:
+        """The stream of a connected socket, for the socket's whole life."""
+        return Stream(sock)
+
+    def arm(self, sock: Any, seconds: float) -> float:
+        """Bound the next waits on `sock` to `seconds`; returns the deadline the
+        watchdog enforces (NEVER: the socket's timeout does it here)."""
+        sock.settimeout(seconds)
+        return NEVER
+
+    def turn(self) -> Turn:
+        """A relay's `balancer.turns.Turn` (with no loop, it never parks)."""
+        return Turn(None)
+
+    def attach(self, conn: Any) -> None:
+        """A client connection starts being served (by the calling thread)."""
+
+    def detach(self, conn: Any) -> None:
+        """The client connection is closed."""
+
+    # the watchdog's steps (socket timeouts bound every wait: nothing to enforce)
+    def tick(self) -> float:
+        """Advance the clock deadlines are armed against; returns it."""
+        return time.monotonic()
+
+    def expire(self, now: float) -> None:
+        """Raise TimeoutError in every connection whose deadline passed."""
+
+    def close_idle(self, by: float) -> None:
+        """Make every idle keep-alive connection time out (and close) by `by`."""
+
+    def wait_any(self, events: Sequence[Any], sock: Any, timeout: float,
+                 watch_client: bool) -> bool:
+        """Wait until one of `events` is set or `timeout` passes; returns whether
+        to keep watching the client socket `sock`. A blocking worker waits for
+        the first event only (callers keep their own backoff for the others)
+        and cannot watch the client."""
+        events[0].wait(timeout)
+        return False
+
+
+class GeventIO(IO):
+    """gevent's sockets in one hub: evented streams, one outbox, and the
+    deadlines of every client connection (enforced by `expire`)."""
+
+    def __init__(self) -> None:
+        self.hub: Any = get_hub()
+        self.outbox = Outbox(self.hub.loop)
+        # time.monotonic() as of the watchdog's last `tick`: deadlines are
+        # enforced at tick granularity, so arming against it is as exact and
+        # costs no call
+        self.now = time.monotonic()
+        self.connections: set[Any] = set()  # client connections being served
+
+    def stream(self, sock: Any) -> Stream:
+        return EventedStream(sock, Readable(sock), self.outbox)
+
+    def arm(self, sock: Any, seconds: float) -> float:
+        return self.now + seconds
+
+    def turn(self) -> Turn:
+        return Turn(self.hub)
+
+    def attach(self, conn: Any) -> None:
+        conn.task = getcurrent()
+        self.connections.add(conn)
+
+    def detach(self, conn: Any) -> None:
+        self.connections.discard(conn)
+
+    # the watchdog's steps ------------------------------------------------
+    def tick(self) -> float:
+        self.now = now = time.monotonic()
+        return now
+
+    def expire(self, now: float) -> None:
+        loop = self.hub.loop
+        for conn in [c for c in self.connections if c.deadline < now]:
+            conn.deadline = NEVER
+            task = conn.task
+            if task is not None and not task.dead:
+                loop.run_callback(task.throw, TimeoutError("deadline passed"))
+
+    def close_idle(self, by: float) -> None:
+        for conn in self.connections:
+            if conn.idle and conn.deadline > by:
+                conn.deadline = by
+
+    # held requests -------------------------------------------------------
+    def wait_any(self, events: Sequence[Any], sock: Any, timeout: float,
+                 watch_client: bool) -> bool:
+        """Wait for any of `events` (or `timeout`), watching the client socket
+        too while `watch_client`: a hang-up raises ClientGone; a client that
+        sent more data (pipelining) is not watched any further."""
+        from gevent.event import Event
+
+        wake = Event()
+        stirred: list[bool] = []
+
+        def on_event(_event: Any) -> None:
+            wake.set()
+
+        def on_client() -> None:
+            stirred.append(True)
+            wake.set()
+
+        watcher: Any = None
+        if watch_client:
+            watcher = self.hub.loop.io(sock.fileno(), READ)
+            watcher.start(on_client)
+        for event in events:
+            event.rawlink(on_event)
+        try:
+            wake.wait(timeout)
+        finally:
+            for event in events:
+                event.unlink(on_event)
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        if not stirred:
+            return watch_client
+        return not _client_readable(sock)
+
+
+def _client_readable(sock: Any) -> bool:
+    """True if the client sent more data; raises ClientGone if it hung up."""
+    state = peek(sock)
+    if state == CLOSED:
+        raise ClientGone("client closed while held")
+    return state == READABLE
