@@ -41,12 +41,12 @@ from balancer.http11 import Limits
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry
 from balancer.readiness import is_evented
-from balancer.rules import RuleError
+from balancer.rules import RuleError, normalize_host
 from balancer.settings import Settings
 from balancer.stats import Stats
 from balancer.stores.base import StoreError, TableChange, TableData
 from balancer.stores.snapshot import Snapshot, judge, snapshot_path
-from balancer.table import PAUSE_EVERY, RoutingTable, TableHolder
+from balancer.table import COMPACT_AT, PAUSE_EVERY, RoutingTable, TableHolder
 
 log = logging.getLogger("balancer")
 # Listen queue length: the kernel caps it at net.core.somaxconn. A short queue
@@ -231,6 +231,9 @@ class Worker:
             if self.loaded and data.version == current.version:
                 return True  # a version names one table: the watcher's first delivery repeats
                 # the table loaded at start (comparing 100,000 rules would stall the loop)
+            changes = self._diff(current, data.hosts) if self.loaded else None
+            if changes is not None:
+                return self.apply_change(TableChange(data.version, current.version, changes))
             try:
                 table = RoutingTable.build(data.version, data.hosts, self.compiler.compile,
                                            self.compiler.fallbacks(), previous=current,
@@ -260,6 +263,32 @@ class Worker:
                 self.install(table, change.hosts)
                 return True
             return self.apply(self.store.load())
+
+    def _diff(self, current: RoutingTable, hosts: Mapping[str, Any]
+              ) -> dict[str, Any] | None:
+        """The hosts a whole table changes from `current` (None for removed ones), in
+        slices; None when they are many (or some key is not a valid host): build it."""
+        changes: dict[str, Any] = {}
+        keys: set[str] = set()
+        for n, (host, rule) in enumerate(hosts.items()):
+            if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                _pause()
+            if not isinstance(host, str) or len(changes) > COMPACT_AT:
+                return None
+            key = normalize_host(host)
+            if key in keys:
+                return None  # names that collide once normalised: `build` reports them
+            keys.add(key)
+            route = current.route_for(key)
+            if route is None or route.rule != rule:
+                changes[key] = rule
+        if len(keys) - sum(1 for k in changes if current.route_for(k) is None) != current.size:
+            for n, key in enumerate(current.routes):
+                if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                    _pause()
+                if key not in keys:
+                    changes[key] = None
+        return changes if len(changes) <= COMPACT_AT else None
 
     def install(self, table: RoutingTable, changed: Mapping[str, Any] | None) -> None:
         """Swap `table` in and follow it: backend pools, health checks, counters."""
