@@ -53,6 +53,7 @@ POLL_INTERVAL = 0.25
 LOCK_TIMEOUT = 10.0
 LOCK_POLL = 0.005
 PEEK_BYTES = 64
+_RULE_ENCODER = json.JSONEncoder(sort_keys=True)  # one for every rule (json.dumps makes one each)
 DIRECT_GRACE = 0.2  # seconds a watcher waits for a write to arrive directly (`_told_directly`)
 _VERSION_FIRST = re.compile(rb'\s*\{\s*"version"\s*:\s*(\d{1,18})\s*,')
 
@@ -69,6 +70,7 @@ class FileStore(Store):
         self._reachable = True
         self._problem: str | None = None
         self._known: tuple[tuple[int, ...], TableData] | None = None
+        self._lines = _Lines()
         self._checker = TableChecker()
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
@@ -181,7 +183,7 @@ class FileStore(Store):
     def _write(self, data: TableData) -> None:
         """Atomically replace the file (temp file, fsync, rename, fsync dir)."""
         directory = os.path.dirname(self.path)
-        body = _encode(data)
+        body = self._lines.encode(data)
         try:
             mode = os.stat(self.path).st_mode & 0o777
         except OSError:
@@ -289,13 +291,25 @@ def _signature_of(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _encode(data: TableData) -> bytes:
-    """The file: the version first, then one host per line, sorted (diff-friendly, and
-    each rule goes through json's C encoder: an indented dump is ~10 times slower)."""
-    lines = [f"  {json.dumps(host)}: {json.dumps(data.hosts[host], sort_keys=True)}"
-             for host in sorted(data.hosts)]
-    inner = "\n" + ",\n".join(lines) + "\n" if lines else ""
-    return f'{{"version": {data.version}, "hosts": {{{inner}}}}}\n'.encode()
+class _Lines:
+    """The file's text: the version first, then one line per host in the table's order
+    (diff-friendly). A host's line is kept while its rule is the same object (a write
+    copies the table but keeps the rules it did not change), so a one-host write
+    encodes one rule, not the table."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, tuple[object, str]] = {}
+
+    def encode(self, data: TableData) -> bytes:
+        known, lines = self.lines, {}
+        for host, rule in data.hosts.items():
+            line = known.get(host)
+            if line is None or line[0] is not rule:
+                line = (rule, f"  {json.dumps(host)}: {_RULE_ENCODER.encode(rule)}")
+            lines[host] = line
+        self.lines = lines
+        inner = "\n" + ",\n".join(text for _, text in lines.values()) + "\n" if lines else ""
+        return f'{{"version": {data.version}, "hosts": {{{inner}}}}}\n'.encode()
 
 
 def _told_directly(version: int | None, served: Callable[[], int]) -> bool:
