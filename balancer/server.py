@@ -350,10 +350,10 @@ class Worker:
         """Drop the counters of the deleted hosts among `keys` (the changed ones)
         and of backends a changed rule no longer names, so no scrape reports them
         again."""
-        self.stats.forget_hosts({key for key in keys if key not in new.routes})
+        self.stats.forget_hosts({key for key in keys if new.route_for(key) is None})
         for key in keys:
-            route = new.routes.get(key)
-            prior = old.routes.get(key)
+            route = new.route_for(key)
+            prior = old.route_for(key)
             if route is None:
                 continue
             if prior is None or prior.action is not route.action:
