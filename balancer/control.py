@@ -100,7 +100,7 @@ class ControlServer:
             return self.apply(command[len("apply "):])
         if command == "version":
             return {"pid": os.getpid(), "version": worker.holder.table.version,
-                    "highest": worker.highest, "store_problem": worker.store_problem}
+                    "highest": worker.tables.highest, "store_problem": worker.tables.store_problem}
         if command == "reload":
             from balancer.stores.base import StoreError
 
@@ -110,8 +110,8 @@ class ControlServer:
                 return {"pid": os.getpid(), "error": str(exc)}
         if command == "stats":
             return {"pid": os.getpid(), "loaded": worker.loaded, "draining": worker.draining,
-                    "version": worker.holder.table.version, "highest": worker.highest,
-                    "started": self.started, "store_problem": worker.store_problem,
+                    "version": worker.holder.table.version, "highest": worker.tables.highest,
+                    "started": self.started, "store_problem": worker.tables.store_problem,
                     "stats": worker_snapshot(worker)}
         return {"pid": os.getpid(), "error": f"unknown command {command[:64]!r}; "
                                              f"commands are {', '.join(COMMANDS)}"}
@@ -124,19 +124,19 @@ class ControlServer:
         try:
             doc = json.loads(text)
             version, changes = int(doc["version"]), doc.get("hosts")
-            served = worker.catch_up(version, changes if isinstance(changes, dict) else None)
+            served = worker.tables.catch_up(version, changes if isinstance(changes, dict) else None)
         except (ValueError, KeyError, TypeError) as exc:
             return {"pid": os.getpid(), "error": f"apply: bad message: {exc}"}
         except StoreError as exc:
             return {"pid": os.getpid(), "version": worker.holder.table.version,
-                    "error": str(exc), "store_problem": worker.store_problem}
-        return {"pid": os.getpid(), "version": served, "store_problem": worker.store_problem}
+                    "error": str(exc), "store_problem": worker.tables.store_problem}
+        return {"pid": os.getpid(), "version": served, "store_problem": worker.tables.store_problem}
 
 
 def worker_snapshot(worker: Any) -> dict[str, Any]:
     """The worker's stats snapshot, with its own view of the store."""
     snapshot = worker.stats.snapshot()
-    usable = worker.store_problem is None and worker.store.last_error() is None
+    usable = worker.tables.store_problem is None and worker.store.last_error() is None
     snapshot["store_up"] = int(usable and worker.store.is_reachable())
     return snapshot
 

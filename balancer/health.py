@@ -60,8 +60,9 @@ def wanted_checks(table: Any) -> dict[str, CheckConfig]:
     from balancer.addr import parse_backend_addr
 
     wanted: dict[str, CheckConfig] = {}
-    for key in sorted(table.routes):
-        rule = table.routes[key].rule
+    routes = table.routes
+    for key in sorted(routes):
+        rule = routes[key].rule
         if rule.get("action") != "proxy" or "health" not in rule:
             continue
         config = CheckConfig.from_rule(rule["health"])

@@ -2,27 +2,16 @@
 
 The composition root of a gevent worker (the caller has monkey-patched).
 Configuration flows one way: store → `watch` (or the management process,
-directly over the control socket) → `Worker.apply` / `Worker.apply_change`
-(compile) → `TableHolder.swap`. A table that does not compile is reported
-and the last good one keeps serving.
-
-Invariants:
-* A store table older than the highest version this worker has known (its
-  own, or the snapshot's at start) never replaces the served table
-  (`balancer.stores.snapshot.judge`); `store_problem` says why until the
-  store is repaired.
-* Table updates run one at a time (`updating`); a change names the hosts it
-  changed and costs what changed; a whole table is compiled in slices.
+directly over the control socket) → the worker's `TableFollower`
+(`balancer.following`: loss guard, compile) → `TableHolder.swap`.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -35,17 +24,17 @@ from balancer.addr import Address
 from balancer.connection import Context, handle_client
 from balancer.descriptors import ACCEPT_PAUSE, connection_cap, is_exhausted, is_skipped, soft_limit
 from balancer.failures import FailureReport
+from balancer.following import TableFollower
 from balancer.health import HealthChecks
 from balancer.http11 import Limits
 from balancer.netio import IO, GeventIO
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry
-from balancer.rules import RuleError
 from balancer.settings import Settings
 from balancer.stats import Stats
-from balancer.stores.base import StoreError, TableChange, TableData
-from balancer.stores.snapshot import Snapshot, judge, snapshot_path
-from balancer.table import PAUSE_EVERY, RoutingTable, TableHolder
+from balancer.stores.base import TableChange, TableData
+from balancer.stores.snapshot import Snapshot, snapshot_path
+from balancer.table import RoutingTable, TableHolder
 
 log = logging.getLogger("balancer")
 # Listen queue length: the kernel caps it at net.core.somaxconn. A short queue
@@ -59,7 +48,6 @@ BACKLOG = 65535
 DRAIN_IDLE = 1.0
 HELD_ANSWER_TIME = 1.0  # seconds held requests get to send their 503 before the cut
 SHARED_ACCEPT_BATCH = 256  # accept() calls per wake-up when workers share a listener
-COMPILE_PAUSE = 0.0001  # seconds a big table's compile yields to requests between slices
 
 
 class EagerPool(Pool):
@@ -175,14 +163,10 @@ class Worker:
                                        stats=self.stats, holder=self.holder)
         self.health = HealthChecks(self.registry)  # active checks follow the table
         self.failure_report = FailureReport(self.stats)  # 502/504 summed up once a second
-        self.loaded = False
-        self.highest = 0  # the highest version known: a store behind it lost its table
-        self.store_problem: str | None = None  # why the store's table is not served
-        self.updating = threading.RLock()  # one table update at a time
-        self.backend_uses: Counter[str] = Counter()  # backend key → proxy routes naming it
-        self.unused: set[str] = set()  # backends no route names, forgotten once idle
-        self.health_rules = 0  # rules with active health checks (in the last whole table)
-        self.snapshot = Snapshot(snapshot_path(settings.store.snapshot, store), store.identity())
+        self.tables = TableFollower(store, self.holder, self.compiler, self.registry,
+                                    self.health, self.stats,
+                                    Snapshot(snapshot_path(settings.store.snapshot, store),
+                                             store.identity()))
         self.access_log = (log_factory or _access_log)(settings)
         limits = settings.limits
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
@@ -199,165 +183,23 @@ class Worker:
                        spin_max_waiting=self.settings.limits.spin_max_waiting)
 
     # routing table -------------------------------------------------------
-    def start_table(self) -> None:
-        """The first table: the store's, or the last good one (the snapshot) when the
-        store is unreachable or behind it. Raises `StoreError` when there is neither."""
-        saved = self.snapshot.load()
-        if saved is not None:
-            self.highest = saved.version
-            self.store.raise_floor(saved.version)
-        try:
-            data = self.store.load()
-        except StoreError as exc:
-            if saved is None:
-                raise
-            log.warning("store %s: %s; serving the last good table (version %d) from %s",
-                        self.store.display_url, exc, saved.version, self.snapshot.path)
-            self.apply(saved, judged=False)
-            return
-        if not self.apply(data) and saved is not None:
-            self.apply(saved, judged=False)
-
-    def apply(self, data: TableData, judged: bool = True) -> bool:
-        """Compile and install a whole table; False (and the old table) if it is
-        invalid or older than a version known (the store lost its table)."""
-        with self.updating:
-            if judged:
-                problem = judge(data, self.highest, self.store.display_url)
-                if problem is not None:
-                    self.store_problem = problem
-                    return False
-                self.store_problem = None
-            current = self.holder.table
-            if self.loaded and data.version == current.version:
-                return True  # a version names one table: the watcher's first delivery repeats
-                # the table loaded at start (comparing 100,000 rules would stall the loop)
-            try:
-                table = RoutingTable.build(data.version, data.hosts, self.compiler.compile,
-                                           self.compiler.fallbacks, previous=current,
-                                           pause=_pause)
-            except RuleError as exc:
-                log.error("store version %s rejected, keeping version %s: %s",
-                          data.version, current.version, "; ".join(exc.problems))
-                return False
-            self.install(table, None)
-            return True
-
-    def apply_change(self, change: TableChange) -> bool:
-        """Apply the hosts one or more writes changed; a change that does not follow
-        on the version served makes the whole table be read again."""
-        with self.updating:
-            current = self.holder.table
-            if change.version <= current.version:
-                return True
-            if change.base == current.version and self.store_problem is None:
-                try:
-                    table = current.with_changes(change.version, change.hosts,
-                                                 self.compiler.compile, self.compiler.fallbacks)
-                except RuleError as exc:
-                    log.error("store version %s rejected, keeping version %s: %s",
-                              change.version, current.version, "; ".join(exc.problems))
-                    return False
-                self.install(table, change.hosts)
-                return True
-            return self.apply(self.store.load())
-
-    def install(self, table: RoutingTable, changed: Mapping[str, Any] | None) -> None:
-        """Swap `table` in and follow it: backend pools, health checks, counters."""
-        old = self.holder.table
-        self.holder.swap(table)
-        self.highest = max(self.highest, table.version)
-        self.store.raise_floor(table.version)
-        keys = table.routes.keys() if changed is None else changed.keys()
-        self.unused |= self._count_backends(old, table, keys, full=changed is None)
-        self.prune_unused()
-        if changed is None and (self.health.checkers or self.health_rules) \
-                or changed is not None and _has_health(old, table, keys):
-            self.health.on_swap(old, table)
-        self.forget_removed(old, table, old.routes.keys() | keys if changed is None else keys)
-        self.loaded = True
-        stats = self.stats
-        stats.routing_version = table.version
-        stats.config_reloads += 1
-        stats.last_reload = time.time()
-
-    def _count_backends(self, old: RoutingTable, new: RoutingTable, keys: Any,
-                        full: bool) -> set[str]:
-        """Update `backend_uses` for the routes of `keys`; the backends no longer named."""
-        if full:
-            uses: Counter[str] = Counter()
-            self.health_rules = 0
-            for n, route in enumerate(new.routes.values()):
-                if n % PAUSE_EVERY == PAUSE_EVERY - 1:
-                    _pause()
-                uses.update(route.action.backend_keys())
-                self.health_rules += "health" in route.rule
-            self.backend_uses = uses
-            return set(self.registry.backends) - set(uses)
-        gone = set()
-        for key in keys:
-            before, after = old.route_for(key), new.route_for(key)
-            if before is not None:
-                for backend in before.action.backend_keys():
-                    self.backend_uses[backend] -= 1
-                    if self.backend_uses[backend] <= 0:
-                        del self.backend_uses[backend]
-                        gone.add(backend)
-            if after is not None:
-                self.backend_uses.update(after.action.backend_keys())
-        return {b for b in gone if b not in self.backend_uses}
-
-    def prune_unused(self) -> None:
-        """Forget backends no rule names any more once idle (closing their sockets)."""
-        backends = self.registry.backends
-        for key in list(self.unused):
-            backend = backends.get(key)
-            if key in self.backend_uses or backend is None:
-                self.unused.discard(key)
-            elif backend.is_idle:
-                backends.pop(key).close_idle()
-                self.unused.discard(key)
-
-    def forget_removed(self, old: RoutingTable, new: RoutingTable, keys: Any) -> None:
-        """Drop the counters of the deleted hosts among `keys` (the changed ones)
-        and of backends a changed rule no longer names, so no scrape reports them
-        again."""
-        self.stats.forget_hosts({key for key in keys if key not in new.routes})
-        for key in keys:
-            route = new.routes.get(key)
-            prior = old.routes.get(key)
-            if route is None:
-                continue
-            if prior is None or prior.action is not route.action:
-                route.stats.keep_backends(set(route.action.backend_keys()))
+    def apply(self, data: TableData | TableChange) -> bool:
+        """Install a whole table or a change the store delivered (`TableFollower`);
+        False if it is not served (invalid, or the store lost its table)."""
+        return self.tables.on_store(data)
 
     def reload(self) -> int:
         """Re-read the store now and apply it; returns the version served."""
-        self.apply(self.store.load())
-        return self.holder.table.version
+        return self.tables.reload()
 
-    def catch_up(self, version: int, changes: Mapping[str, Any] | None) -> int:
-        """The management process wrote `version` (changing `changes`, or the whole
-        table when None): serve it now; returns the version served."""
-        if changes is not None:
-            self.apply_change(TableChange(version, version - 1, changes))
-        elif self.holder.table.version < version:
-            self.reload()
-        return self.holder.table.version
-
-    def served_version(self) -> int:
-        return self.holder.table.version
+    @property
+    def loaded(self) -> bool:
+        return self.tables.loaded
 
     def watch_loop(self) -> None:
         """Follow the store until the worker stops."""
-        self.store.watch(self.on_store, lambda: self.stopping, self.served_version)
-
-    def on_store(self, item: TableData | TableChange) -> None:
-        """What the store's watcher delivers: a whole table or a change."""
-        if isinstance(item, TableChange):
-            self.apply_change(item)
-        else:
-            self.apply(item)
+        self.store.watch(self.tables.on_store, lambda: self.stopping,
+                         self.tables.served_version)
 
     # listeners -----------------------------------------------------------
     def listen(self, sockets: list[tuple[socket.socket, bool]]) -> None:
@@ -432,20 +274,6 @@ class Worker:
         self.health.stop()
         self.access_log.close()
         self.store.close()
-
-
-def _pause() -> None:
-    time.sleep(COMPILE_PAUSE)  # gevent's sleep when patched: requests run meanwhile
-
-
-def _has_health(old: RoutingTable, new: RoutingTable, keys: Any) -> bool:
-    """Whether a rule of `keys`, before or after, has active health checks."""
-    for key in keys:
-        for table in (old, new):
-            route = table.route_for(key)
-            if route is not None and "health" in route.rule:
-                return True
-    return False
 
 
 def _waiting_timeouts(timeouts: Any) -> list[float]:

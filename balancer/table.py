@@ -98,19 +98,23 @@ class RoutingTable:
         self.size = size if size >= 0 else len(routes)
         self._catch_all = self.route_for("*")
         self._cache: dict[bytes, Route] = {}
+        self._merged: dict[str, Route] | None = None
 
     @property
     def routes(self) -> dict[str, Route]:
-        """Key → route of every host (a merged copy when there is an overlay: O(table))."""
+        """Key → route of every host. With an overlay this is a merged copy, made at the
+        first use (O(table)); lookups and changes use `route_for`."""
         if not self._overlay:
             return self._base
-        merged = dict(self._base)
-        for key, route in self._overlay.items():
-            if route is None:
-                merged.pop(key, None)
-            else:
-                merged[key] = route
-        return merged
+        if self._merged is None:
+            merged = dict(self._base)
+            for key, route in self._overlay.items():
+                if route is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = route
+            self._merged = merged
+        return self._merged
 
     def route_for(self, key: str) -> Route | None:
         """The route of table key `key` (normalised), or None."""

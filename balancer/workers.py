@@ -227,9 +227,9 @@ def initial_load(worker: Any) -> None:
     from balancer.stores.base import StoreError
 
     try:
-        worker.start_table()
+        worker.tables.start_table()
     except StoreError as exc:
-        worker.store_problem = f"store {worker.store.display_url}: {exc}"
+        worker.tables.store_problem = f"store {worker.store.display_url}: {exc}"
         log.error("store %s: %s; serving the no-hosts page until it recovers",
                   worker.store.display_url, exc)
 

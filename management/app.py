@@ -186,7 +186,8 @@ class ManagementApp:
         except (StoreUnavailable, CorruptStore) as exc:
             if served is None:
                 raise
-            return served, f"{exc}; showing the table the workers serve (version {served.version})"
+            return served, f"{exc}; showing the table this balancer serves (version " \
+                f"{served.version})"
 
     def on_replace_hosts(self, request: Request) -> Response:
         condition = if_match(request)

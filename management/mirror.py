@@ -13,13 +13,14 @@ Invariants:
 * `table` is only replaced by a table at least as new as `highest`; the
   management API's own writes are noted at once (`note_write`), so the
   watcher's later delivery of the same version changes nothing.
-* The snapshot is rewritten at most once per `SAVE_EVERY` seconds, after a
-  change, and once more when the process stops.
+* The snapshot is rewritten after a change, at most once per `SAVE_EVERY`
+  seconds (longer for a big table), and once more when the process stops.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ from balancer.stores.snapshot import Snapshot, judge
 log = logging.getLogger("balancer.routes")
 
 SAVE_EVERY = 1.0  # seconds between snapshot writes while the table changes
+SAVE_SHARE = 20  # ... and at least this many times the last write's duration
 NAMES_LOGGED = 5  # host names listed in a version-change line
 
 
@@ -103,6 +105,11 @@ class Mirror:
             return
         if changes is not None and self.table is not None and version == self.version + 1:
             self._install(version, _changed(self.table.hosts, changes), changes)
+        elif changes is not None:
+            try:  # the watcher has not delivered a table yet (or missed one): read it
+                self.on_table(self.store.load())
+            except StoreError as exc:
+                log.debug("reading the table after a write failed: %s", exc)
         elif hosts is not None:
             self.problem = None  # a whole table at a new version repairs a lost store
             self._install(version, dict(hosts), None)
@@ -118,15 +125,18 @@ class Mirror:
 
     # the snapshot ----------------------------------------------------------
     def save_loop(self) -> None:
-        """Write the snapshot after each change, at most every `SAVE_EVERY` seconds."""
+        """Write the snapshot after each change, at most every `SAVE_EVERY` seconds, and
+        spending at most 1/`SAVE_SHARE` of the time writing it (a table of 100,000
+        hosts takes a few hundred ms to write, and this process answers the API)."""
         while True:
             self._dirty.wait()
             self._dirty.clear()
+            started = time.monotonic()
             if self.snapshot is not None and self.table is not None:
                 self.snapshot.save(self.table)
             if self.stopped:
                 return
-            gevent.sleep(SAVE_EVERY)
+            gevent.sleep(max(SAVE_EVERY, (time.monotonic() - started) * SAVE_SHARE))
 
 
 def _changed(hosts: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:

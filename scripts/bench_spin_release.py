@@ -1,7 +1,8 @@
 """Benchmark: how fast held (`spin`) requests are released by a rule change, and
 what a held request costs in memory.
 
-    python scripts/bench_spin_release.py [--held 1000] [--rounds 3]
+    python scripts/bench_spin_release.py [--held 1000] [--rounds 3] [--workers 1]
+                                         [--store file|redis]
 
 1. Wake (in this process, the real `SpinAction.hold` code): N greenlets hold
    requests on N real client sockets; the table is swapped; reported is the
@@ -14,8 +15,12 @@ what a held request costs in memory.
    its response on this host (kernel receive timestamp, SO_TIMESTAMPNS, so
    the client's own scheduling is not counted) minus the moment the worker
    swapped its table (`last_reload` of `/api/v1/info`, set right after the
-   swap, before any held request runs); the store's own delay (swap minus
-   flip); and the worker's RSS growth per held request.
+   swap, before any held request runs); for the API, also minus the moment
+   the write's answer arrived (read-your-writes: with several workers every
+   one swapped before that answer); the store's own delay (swap minus
+   flip); and the worker's RSS growth per held request. `--workers 2` and
+   `--store redis` (a redis-server on a free port) change the balancer; with
+   Redis only the API flips the rule.
 """
 
 from gevent import monkey
@@ -151,8 +156,9 @@ def one_round(bal: Balancer, backend: str, held: int, via: str, target: str) -> 
     else:
         new_rule = {"action": "static", "body": "released", "content_type": "text/plain"}
     bal.write_routes({HOST: SPIN})
-    wait_for(lambda: info(bal)["store"]["version"] == bal.api("GET", "/api/v1/hosts")[1]["version"],
-             what="the spin rule")
+    wait_for(lambda: {p["version"] for p in info(bal)["processes"]}
+             == {bal.api("GET", "/api/v1/hosts")[1]["version"]},
+             what="the spin rule served by every worker")
     pid = info(bal)["processes"][0]["pid"]
     idle_rss = rss_kib(pid)
     released: list[float] = []
@@ -163,59 +169,101 @@ def one_round(bal: Balancer, backend: str, held: int, via: str, target: str) -> 
     wait_for(lambda: bal.spinning(HOST) == held, timeout=60, what=f"{held} held")
     held_rss = rss_kib(pid)
     before = info(bal)["store"]["last_reload"]
-    written = time.time()
+    written = answered = time.time()
     if via == "file":
         bal.write_routes({HOST: new_rule})
     else:
         status, _ = bal.api("PUT", f"/api/v1/hosts/{HOST}", new_rule)
+        answered = time.time()
         assert status == 200, status
     wait_for(lambda: len(released) + len(failed) >= held, timeout=60, what="every answer")
     done.set()
     gevent.joinall(greenlets, timeout=60)
     swapped = info(bal)["store"]["last_reload"]
     assert swapped > before, "no swap seen"
+    after_answer = percentiles([(t - answered) * 1000 for t in released])
     return {"via": via, "target": target, "held": held, "failed": len(failed),
             "store_delay_ms": (swapped - written) * 1000,
             **percentiles([(t - swapped) * 1000 for t in released]),
+            **{f"answer_{k}": v for k, v in after_answer.items()},
             "rss_per_held_kib": (held_rss - idle_rss) / held}
 
 
-def end_to_end(held: int, rounds: int) -> list[dict]:
+def free_port() -> int:
     port = socket.create_server(("127.0.0.1", 0))
     number = port.getsockname()[1]
     port.close()
+    return number
+
+
+def vias(store: str) -> tuple[str, ...]:
+    return ("file", "api") if store == "file" else ("api",)
+
+
+def end_to_end(held: int, rounds: int, workers: int, store: str) -> list[dict]:
+    number = free_port()
     backend = subprocess.Popen([sys.executable, "-m", "loadtest.backend", "--listen",
                                 f"127.0.0.1:{number}"], cwd=ROOT)
-    bal = Balancer(Path(tempfile.mkdtemp()), {HOST: SPIN})
+    tmp = Path(tempfile.mkdtemp())
+    redis = None
+    args = ["--workers", str(workers)]
+    if store == "redis":
+        redis_port = free_port()
+        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind",
+                                  "127.0.0.1", "--save", "", "--appendonly", "no", "--dir",
+                                  str(tmp)], stdout=subprocess.DEVNULL)
+        wait_for(lambda: _accepts(redis_port), what="redis-server")
+        args += ["--store", f"redis://127.0.0.1:{redis_port}/0"]
+    bal = Balancer(tmp, {HOST: SPIN} if store == "file" else None, args=args)
     try:
+        if store == "redis":
+            bal.write_routes = lambda hosts: bal.api("PUT", "/api/v1/hosts", {"hosts": hosts})
         return [one_round(bal, f"127.0.0.1:{number}", held, via, target)
-                for _ in range(rounds) for via in ("file", "api")
+                for _ in range(rounds) for via in vias(store)
                 for target in ("proxy", "static")]
     finally:
         bal.stop()
         backend.terminate()
         backend.wait(5)
+        if redis is not None:
+            redis.terminate()
+            redis.wait(5)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--held", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--store", choices=("file", "redis"), default="file")
     args = parser.parse_args()
     wakes = [measure_wake(args.held) for _ in range(args.rounds)]
     for wake in wakes:
         print(json.dumps({"wake": {k: round(v, 2) for k, v in wake.items()}}))
-    results = end_to_end(args.held, args.rounds)
+    results = end_to_end(args.held, args.rounds, args.workers, args.store)
     for result in results:
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
                           for k, v in result.items()}))
     print(f"wake ({args.held} held): p50 {statistics.median(w['p50_ms'] for w in wakes):.1f} ms, "
           f"p99 {statistics.median(w['p99_ms'] for w in wakes):.1f} ms after the swap")
-    for via, target in [(v, t) for v in ("file", "api") for t in ("proxy", "static")]:
+    print(f"{args.workers} worker(s), {args.store} store")
+    for via, target in [(v, t) for v in vias(args.store) for t in ("proxy", "static")]:
         mine = [r for r in results if r["via"] == via and r["target"] == target]
+        answer = (f" (after the write's answer: p50 "
+                  f"{statistics.median(r['answer_p50_ms'] for r in mine):.1f} ms, p99 "
+                  f"{statistics.median(r['answer_p99_ms'] for r in mine):.1f} ms, worst round "
+                  f"{max(r['answer_p99_ms'] for r in mine):.1f} ms)" if via == "api" else "")
         print(f"{via} -> {target}: response p50 "
               f"{statistics.median(r['p50_ms'] for r in mine):.1f} ms, p99 "
-              f"{statistics.median(r['p99_ms'] for r in mine):.1f} ms after the swap; "
+              f"{statistics.median(r['p99_ms'] for r in mine):.1f} ms after the swap{answer}; "
               f"store delay {statistics.median(r['store_delay_ms'] for r in mine):.0f} ms; "
               f"{statistics.median(r['rss_per_held_kib'] for r in mine):.1f} KiB RSS per held "
               f"request; failures {sum(r['failed'] for r in mine)}")

@@ -54,6 +54,8 @@ POLL_INTERVAL = 0.25
 LOCK_TIMEOUT = 10.0
 LOCK_POLL = 0.005
 PEEK_BYTES = 64
+_RULE_ENCODER = json.JSONEncoder(sort_keys=True)  # one for every rule (json.dumps makes one each)
+DIRECT_GRACE = 0.2  # seconds a watcher waits for a write to arrive directly (`_told_directly`)
 _VERSION_FIRST = re.compile(rb'\s*\{\s*"version"\s*:\s*(\d{1,18})\s*,')
 
 
@@ -68,6 +70,8 @@ class FileStore(Store):
         self._lock_path = self.path + ".lock"
         self._reachable = True
         self._problem: str | None = None
+        self._known: tuple[tuple[int, ...], TableData] | None = None
+        self._lines = _Lines()
         self._checker = TableChecker()
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
@@ -80,6 +84,10 @@ class FileStore(Store):
     def load(self) -> TableData:
         try:
             with open(self.path, "rb") as f:
+                signature = _signature_of(os.fstat(f.fileno()))
+                if self._known is not None and self._known[0] == signature:
+                    self._reachable = True
+                    return self._known[1]  # the file this instance last read or wrote
                 raw = f.read()
         except OSError as exc:
             self._reachable = False
@@ -87,7 +95,13 @@ class FileStore(Store):
         self._reachable = True
         data = self._parse(raw)
         self.raise_floor(data.version)
+        self._remember(signature, data)
         return data
+
+    def _remember(self, signature: tuple[int, ...] | None, data: TableData) -> None:
+        """Keep `data` as the content of the file with `signature` (inode, size, mtime,
+        ctime): a write by this instance then costs no parse of the whole file."""
+        self._known = (signature, data) if signature is not None else None
 
     def _parse(self, raw: bytes) -> TableData:
         try:
@@ -174,8 +188,7 @@ class FileStore(Store):
     def _write(self, data: TableData) -> None:
         """Atomically replace the file (temp file, fsync, rename, fsync dir)."""
         directory = os.path.dirname(self.path)
-        body = (f'{{"version": {data.version}, "hosts": '
-                f'{json.dumps(data.hosts, indent=2, sort_keys=True)}}}\n').encode()
+        body = self._lines.encode(data)
         try:
             mode = os.stat(self.path).st_mode & 0o777
         except OSError:
@@ -195,6 +208,7 @@ class FileStore(Store):
                     os.unlink(tmp)
                 raise
             _fsync_dir(directory)
+            self._remember(self._signature(), data)
         except OSError as exc:
             raise StoreUnavailable(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
 
@@ -232,7 +246,7 @@ class FileStore(Store):
                 problems.report(self._problem)
             elif signature != seen:
                 seen = signature
-                if served is None or self._peek_version() != served():
+                if served is None or not _told_directly(self._peek_version(), served):
                     delivered = self._reread(delivered, on_change, problems)
                 elif self._problem is not None:
                     self._problem = None
@@ -275,7 +289,44 @@ class FileStore(Store):
             self._reachable = False
             return None
         self._reachable = True
-        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return _signature_of(st)
+
+
+def _signature_of(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _Lines:
+    """The file's text: the version first, then one line per host in the table's order
+    (diff-friendly). A host's line is kept while its rule is the same object (a write
+    copies the table but keeps the rules it did not change), so a one-host write
+    encodes one rule, not the table."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, tuple[object, str]] = {}
+
+    def encode(self, data: TableData) -> bytes:
+        known, lines = self.lines, {}
+        for host, rule in data.hosts.items():
+            line = known.get(host)
+            if line is None or line[0] is not rule:
+                line = (rule, f"  {json.dumps(host)}: {_RULE_ENCODER.encode(rule)}")
+            lines[host] = line
+        self.lines = lines
+        inner = "\n" + ",\n".join(text for _, text in lines.values()) + "\n" if lines else ""
+        return f'{{"version": {data.version}, "hosts": {{{inner}}}}}\n'.encode()
+
+
+def _told_directly(version: int | None, served: Callable[[], int]) -> bool:
+    """Whether the consumer serves `version` already, or does within `DIRECT_GRACE`
+    (the management process tells its workers of its own writes directly, right
+    after the rename: reading a big file for them would only repeat that)."""
+    if version is None or served() < 0:
+        return False  # nothing served yet: read it
+    deadline = time.monotonic() + DIRECT_GRACE
+    while served() < version and time.monotonic() < deadline:
+        time.sleep(DIRECT_GRACE / 20)
+    return served() == version
 
 
 def _try_lock(fd: int) -> bool:

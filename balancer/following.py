@@ -1,0 +1,256 @@
+"""A worker's routing table, following its store (SPEC §6) and the management
+process's direct messages: `TableFollower`.
+
+Configuration flows one way: store → `watch` (or the management process,
+over the worker's control socket) → `TableFollower.apply` / `apply_change`
+(compile) → `TableHolder.swap`. A table that does not compile is reported
+and the last good one keeps serving.
+
+Invariants:
+* A store table older than the highest version this worker has known (its
+  own, or the snapshot's at start) never replaces the served table
+  (`balancer.stores.snapshot.judge`); `store_problem` says why until the
+  store is repaired.
+* Table updates run one at a time (`updating`). A change names the hosts it
+  changed and costs what changed (`RoutingTable.with_changes`); a whole table
+  that differs in few hosts is applied as a change; otherwise it is compiled
+  in slices, pausing every `PAUSE_EVERY` hosts so requests keep flowing.
+* Backends no rule names any more are forgotten once idle, and the counters
+  of deleted hosts and removed backends go with the change that removed them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from balancer.rules import RuleError, normalize_host
+from balancer.stores.base import StoreError, TableChange, TableData
+from balancer.stores.snapshot import Snapshot, judge
+from balancer.table import COMPACT_AT, PAUSE_EVERY, RoutingTable, TableHolder
+
+log = logging.getLogger("balancer")
+COMPILE_PAUSE = 0.0001  # seconds a big table's compile yields to requests between slices
+
+
+class TableFollower:
+    """The table one worker serves, and how it follows the store."""
+
+    def __init__(self, store: Any, holder: TableHolder, compiler: Any, registry: Any,
+                 health: Any, stats: Any, snapshot: Snapshot) -> None:
+        self.store = store
+        self.holder = holder
+        self.compiler = compiler
+        self.registry = registry
+        self.health = health
+        self.stats = stats
+        self.snapshot = snapshot
+        self.loaded = False
+        self.highest = 0  # the highest version known: a store behind it lost its table
+        self.store_problem: str | None = None  # why the store's table is not served
+        self.updating = threading.RLock()  # one table update at a time
+        self.backend_uses: Counter[str] = Counter()  # backend key → proxy routes naming it
+        self.unused: set[str] = set()  # backends no route names, forgotten once idle
+        self.health_rules = 0  # rules with active health checks (in the last whole table)
+
+    def start_table(self) -> None:
+        """The first table: the store's, or the last good one (the snapshot) when the
+        store is unreachable or behind it. Raises `StoreError` when there is neither."""
+        saved = self.snapshot.load()
+        if saved is not None:
+            self.highest = saved.version
+            self.store.raise_floor(saved.version)
+        try:
+            data = self.store.load()
+        except StoreError as exc:
+            if saved is None:
+                raise
+            log.warning("store %s: %s; serving the last good table (version %d) from %s",
+                        self.store.display_url, exc, saved.version, self.snapshot.path)
+            self.apply(saved, judged=False)
+            return
+        if not self.apply(data) and saved is not None:
+            self.apply(saved, judged=False)
+
+    def apply(self, data: TableData, judged: bool = True) -> bool:
+        """Compile and install a whole table; False (and the old table) if it is
+        invalid or older than a version known (the store lost its table)."""
+        with self.updating:
+            if judged:
+                problem = judge(data, self.highest, self.store.display_url)
+                if problem is not None:
+                    self.store_problem = problem
+                    return False
+                self.store_problem = None
+            current = self.holder.table
+            if self.loaded and data.version == current.version:
+                return True  # a version names one table: the watcher's first delivery repeats
+                # the table loaded at start (comparing 100,000 rules would stall the loop)
+            changes = self._diff(current, data.hosts) if self.loaded else None
+            if changes is not None:
+                return self.apply_change(TableChange(data.version, current.version, changes))
+            try:
+                table = RoutingTable.build(data.version, data.hosts, self.compiler.compile,
+                                           self.compiler.fallbacks, previous=current,
+                                           pause=_pause)
+            except RuleError as exc:
+                log.error("store version %s rejected, keeping version %s: %s",
+                          data.version, current.version, "; ".join(exc.problems))
+                return False
+            self.install(table, None)
+            return True
+
+    def apply_change(self, change: TableChange) -> bool:
+        """Apply the hosts one or more writes changed; a change that does not follow
+        on the version served makes the whole table be read again."""
+        with self.updating:
+            current = self.holder.table
+            if change.version <= current.version:
+                return True
+            if change.base == current.version and self.store_problem is None:
+                try:
+                    table = current.with_changes(change.version, change.hosts,
+                                                 self.compiler.compile, self.compiler.fallbacks)
+                except RuleError as exc:
+                    log.error("store version %s rejected, keeping version %s: %s",
+                              change.version, current.version, "; ".join(exc.problems))
+                    return False
+                self.install(table, change.hosts)
+                return True
+            return self.apply(self.store.load())
+
+    def _diff(self, current: RoutingTable, hosts: Mapping[str, Any]
+              ) -> dict[str, Any] | None:
+        """The hosts a whole table changes from `current` (None for removed ones), in
+        slices; None when they are many (or some key is not a valid host): build it."""
+        changes: dict[str, Any] = {}
+        keys: set[str] = set()
+        for n, (host, rule) in enumerate(hosts.items()):
+            if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                _pause()
+            if not isinstance(host, str) or len(changes) > COMPACT_AT:
+                return None
+            key = normalize_host(host)
+            if key in keys:
+                return None  # names that collide once normalised: `build` reports them
+            keys.add(key)
+            route = current.route_for(key)
+            if route is None or route.rule != rule:
+                changes[key] = rule
+        if len(keys) - sum(1 for k in changes if current.route_for(k) is None) != current.size:
+            for n, key in enumerate(current.routes):
+                if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                    _pause()
+                if key not in keys:
+                    changes[key] = None
+        return changes if len(changes) <= COMPACT_AT else None
+
+    def install(self, table: RoutingTable, changed: Mapping[str, Any] | None) -> None:
+        """Swap `table` in and follow it: backend pools, health checks, counters."""
+        old = self.holder.table
+        self.holder.swap(table)
+        self.highest = max(self.highest, table.version)
+        self.store.raise_floor(table.version)
+        keys = table.routes.keys() if changed is None else changed.keys()
+        self.unused |= self._count_backends(old, table, keys, full=changed is None)
+        self.prune_unused()
+        if changed is None and (self.health.checkers or self.health_rules) \
+                or changed is not None and _has_health(old, table, keys):
+            self.health.on_swap(old, table)
+        self.forget_removed(old, table, old.routes.keys() | keys if changed is None else keys)
+        self.loaded = True
+        stats = self.stats
+        stats.routing_version = table.version
+        stats.config_reloads += 1
+        stats.last_reload = time.time()
+
+    def _count_backends(self, old: RoutingTable, new: RoutingTable, keys: Any,
+                        full: bool) -> set[str]:
+        """Update `backend_uses` for the routes of `keys`; the backends no longer named."""
+        if full:
+            uses: Counter[str] = Counter()
+            self.health_rules = 0
+            for n, route in enumerate(new.routes.values()):
+                if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                    _pause()
+                uses.update(route.action.backend_keys())
+                self.health_rules += "health" in route.rule
+            self.backend_uses = uses
+            return set(self.registry.backends) - set(uses)
+        gone = set()
+        for key in keys:
+            before, after = old.route_for(key), new.route_for(key)
+            if before is not None:
+                for backend in before.action.backend_keys():
+                    self.backend_uses[backend] -= 1
+                    if self.backend_uses[backend] <= 0:
+                        del self.backend_uses[backend]
+                        gone.add(backend)
+            if after is not None:
+                self.backend_uses.update(after.action.backend_keys())
+        return {b for b in gone if b not in self.backend_uses}
+
+    def prune_unused(self) -> None:
+        """Forget backends no rule names any more once idle (closing their sockets)."""
+        backends = self.registry.backends
+        for key in list(self.unused):
+            backend = backends.get(key)
+            if key in self.backend_uses or backend is None:
+                self.unused.discard(key)
+            elif backend.is_idle:
+                backends.pop(key).close_idle()
+                self.unused.discard(key)
+
+    def forget_removed(self, old: RoutingTable, new: RoutingTable, keys: Any) -> None:
+        """Drop the counters of the deleted hosts among `keys` (the changed ones)
+        and of backends a changed rule no longer names, so no scrape reports them
+        again."""
+        self.stats.forget_hosts({key for key in keys if new.route_for(key) is None})
+        for key in keys:
+            route = new.route_for(key)
+            prior = old.route_for(key)
+            if route is None:
+                continue
+            if prior is None or prior.action is not route.action:
+                route.stats.keep_backends(set(route.action.backend_keys()))
+
+    def reload(self) -> int:
+        """Re-read the store now and apply it; returns the version served."""
+        self.apply(self.store.load())
+        return self.holder.table.version
+
+    def catch_up(self, version: int, changes: Mapping[str, Any] | None) -> int:
+        """The management process wrote `version` (changing `changes`, or the whole
+        table when None): serve it now; returns the version served."""
+        if changes is not None:
+            self.apply_change(TableChange(version, version - 1, changes))
+        elif self.holder.table.version < version:
+            self.reload()
+        return self.holder.table.version
+
+    def served_version(self) -> int:
+        return self.holder.table.version
+
+    def on_store(self, item: TableData | TableChange) -> bool:
+        """What the store's watcher delivers: a whole table or a change."""
+        if isinstance(item, TableChange):
+            return self.apply_change(item)
+        return self.apply(item)
+
+
+def _pause() -> None:
+    time.sleep(COMPILE_PAUSE)  # gevent's sleep when patched: requests run meanwhile
+
+
+def _has_health(old: RoutingTable, new: RoutingTable, keys: Any) -> bool:
+    """Whether a rule of `keys`, before or after, has active health checks."""
+    for key in keys:
+        for table in (old, new):
+            route = table.route_for(key)
+            if route is not None and "health" in route.rule:
+                return True
+    return False
