@@ -45,8 +45,8 @@ Settings are read once at start and again on `SIGHUP`
 and `server.group` need a restart.
 
 Value forms: an `ADDR` is `host:port`, `[v6]:port` or `:port` (every
-interface). A list of addresses is a TOML array (`["127.0.0.1:8080",
-"[::1]:8080"]`), a repeated flag, or commas in the environment variable
+interface). A list is a TOML array (`["127.0.0.1:8080", "[::1]:8080"]`),
+a repeated flag, or commas in the environment variable
 (`BALANCER_SERVER_LISTEN=127.0.0.1:8080,[::1]:8080`). Seconds may be
 fractional. An annotated example file is
 [examples/balancer.toml](../examples/balancer.toml).
