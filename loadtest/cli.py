@@ -70,16 +70,26 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="loadtest", description="Benchmark the balancer "
                                   "against a threaded baseline, HAProxy and nginx on loopback.")
     commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    run = commands.add_parser("run", help="run scenarios and write a report")
-    run.add_argument("--scenario", action="append", choices=list(SCENARIOS),
-                     help="scenario to run (repeatable; default: all)")
-    run.add_argument("--targets", type=_csv("target", PROXY_TARGETS),
+    run = commands.add_parser(
+        "run", help="run scenarios and write a report",
+        description="Start the backends, the targets and the load generator on 127.0.0.1, "
+                    "run the scenarios and write report.md, results.json and PNG plots "
+                    "into --out. Targets: direct (the backend alone: the ceiling), gevent "
+                    "(the balancer), threaded (the same code, one OS thread per "
+                    "connection), haproxy and nginx (when installed). Run `loadtest "
+                    "preflight` first; docs/loadtest.md explains the scenarios and the "
+                    "report.")
+    run.add_argument("--scenario", action="append", choices=list(SCENARIOS), metavar="NAME",
+                     help=f"scenario to run: {', '.join(SCENARIOS)} "
+                          "(repeatable; default: all)")
+    run.add_argument("--targets", type=_csv("target", PROXY_TARGETS), metavar="LIST",
                      help=f"comma-separated targets (default: {','.join(PROXY_TARGETS)})")
-    run.add_argument("--concurrency", type=_csv("concurrency"),
+    run.add_argument("--concurrency", type=_csv("concurrency"), metavar="LIST",
                      help="comma-separated connection levels for proxy and wsgi "
                           "(default: proxy 100,1000,5000; wsgi 100,1000,5000,10000)")
-    run.add_argument("--duration", type=_positive, help="seconds per level (default 10)")
-    run.add_argument("--out", type=Path, help="output dir "
+    run.add_argument("--duration", type=_positive, metavar="SECONDS",
+                     help="seconds per level (default 10)")
+    run.add_argument("--out", type=Path, metavar="DIR", help="output dir "
                                               "(default: loadtest-results/<timestamp>/)")
     run.add_argument("--quick", action="store_true", help="tiny levels, 1 s each: < 1 minute")
     run.add_argument("--idle-connections", type=int, metavar="N",
