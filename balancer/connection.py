@@ -153,6 +153,7 @@ class ClientConnection:
         self.client_ip = address[0] if isinstance(address, tuple) else str(address)
         self.client_ip_bytes = self.client_ip.encode()
         self.forwarded_fields = b""  # what balancer.forwarding says of this client, once made
+        self.exchange: Exchange | None = None  # the request being handled
         self.ctx = ctx
         self.parser = RequestParser(ctx.limits)
         self.events = self.parser.events
@@ -237,8 +238,13 @@ class ClientConnection:
         ex = Exchange(self, head, route, request_id, start)
         if ctx.draining:
             ex.keep_alive = False
+        self.exchange = ex  # in flight (balancer.diagnosis reads it)
         try:
-            route.action.handle(ex)
+            limit = route.limit
+            if limit is None:
+                route.action.handle(ex)
+            else:
+                limit.run(ex)  # balancer.limits: the action, or 429
         except ProxyError as exc:
             self.fail(ex, exc)
         except ProtocolError as exc:
@@ -247,8 +253,10 @@ class ClientConnection:
             ex.keep_alive = False
             ex.status = ex.status or 499
         finally:
+            self.exchange = None
             elapsed = time.perf_counter() - start
             stats.finish(ex.status, ex.received, ex.sent, elapsed)
+            ctx.stats.top.note(ex, stats.paths)
             if ctx.access_log.is_enabled:
                 ctx.access_log.log(access_record(ex, elapsed))
         if ex.keep_alive and not ex.body_done:

@@ -14,6 +14,9 @@ sends one command line and reads one JSON reply until EOF:
   without reading the store) or ``{"version": N}`` (a whole table: the worker
   reads the store). This is how a write is live when the API answers
   (read-your-writes), whatever the store.
+* ``top JSON`` → ``{"pid", "counts": {KEY: [count, error]}, "sketch": {...}}`` and
+  ``inflight JSON`` → ``{"pid", "requests": [...], "left_out"}``: the worker's
+  heavy hitters and its requests open now (`balancer.diagnosis`).
 
 Invariants:
 * Nothing is exchanged per request: a snapshot is built from the worker's
@@ -41,7 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("stats", "reload", "version", "apply")
+COMMANDS = ("stats", "reload", "version", "apply", "top", "inflight")
 CONTROL_TIMEOUT = 2.0
 MAX_COMMAND = 4 * 1024 * 1024  # an `apply` carries one write's rules (the API takes 1 MiB)
 WORKER_GLOB = "worker-*.sock"
@@ -98,6 +101,8 @@ class ControlServer:
         worker = self.worker
         if command.startswith("apply "):
             return self.apply(command[len("apply "):])
+        if command.startswith(("top ", "inflight ")):
+            return self.diagnose(command)
         if command == "version":
             return {"pid": os.getpid(), "version": worker.holder.table.version,
                     "highest": worker.tables.highest, "store_problem": worker.tables.store_problem}
@@ -115,6 +120,23 @@ class ControlServer:
                     "stats": worker_snapshot(worker)}
         return {"pid": os.getpid(), "error": f"unknown command {command[:64]!r}; "
                                              f"commands are {', '.join(COMMANDS)}"}
+
+    def diagnose(self, command: str) -> dict[str, Any]:
+        """``top`` and ``inflight`` (see the module doc); a bad query is an error."""
+        from balancer import diagnosis
+        from balancer.sketch import describe
+
+        name, _, text = command.partition(" ")
+        try:
+            query = json.loads(text)
+            if not isinstance(query, dict):
+                raise diagnosis.BadQuery("the query must be a JSON object")
+            if name == "top":
+                return {"pid": os.getpid(), "counts": diagnosis.top(self.worker, query),
+                        "sketch": describe(self.worker.stats.top)}
+            return {"pid": os.getpid(), **diagnosis.inflight(self.worker, query)}
+        except (ValueError, diagnosis.BadQuery) as exc:
+            return {"pid": os.getpid(), "error": f"{name}: {exc}"}
 
     def apply(self, text: str) -> dict[str, Any]:
         """Serve the version the management process just wrote (see the module doc)."""

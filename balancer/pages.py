@@ -27,7 +27,7 @@ PAGE_STATUS: dict[str, int] = {
     "timeout": 504,                # backend or spin timeout
     "bad-gateway": 502,            # no backend could answer
     "maintenance": 503,            # for `static` rules: {"page": "maintenance"}
-    "busy": 503,                   # spin cap (limits.spin_max_waiting) reached
+    "busy": 503,                   # spin cap reached; a rule's limits answer it with 429
     "bad-request": 400,            # malformed or smuggling-prone request
     "uri-too-long": 414,           # request line over limits.max_request_line
     "headers-too-large": 431,      # head over limits.max_header_bytes / max_headers

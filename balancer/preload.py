@@ -31,7 +31,7 @@ MODULES = (
     "gevent.resolver.thread", "gevent.pywsgi", "gevent.util", "importlib.metadata",
     "zope.event", "encodings.idna", "_threading_local",
     # the children's own code
-    "balancer.accesslog", "balancer.control", "balancer.server",
+    "balancer.accesslog", "balancer.control", "balancer.diagnosis", "balancer.server",
     "balancer.stores.file", "balancer.stores.redis",
 )
 # imported by gevent.monkey depending on the Python version

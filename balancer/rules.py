@@ -30,7 +30,7 @@ MAX_HOST_LEN = 253
 MAX_HOLD = 86400   # seconds a request may be held (spin timeout, spin_when_down)
 MAX_CHECK = 3600   # seconds: the longest health check interval or timeout
 
-COMMON_KEYS = {"action", "subdomains"}
+COMMON_KEYS = {"action", "subdomains", "limits"}
 ACTION_KEYS = {
     "proxy": {"backends", "algorithm", "retries", "health", "spin_when_down",
               "max_body_bytes", "retry_timeout", "draining"},
@@ -41,6 +41,9 @@ ACTION_KEYS = {
 }
 HEALTH_KEYS = {"path", "interval", "timeout", "rise", "fall"}
 DRAINING_KEYS = {"backends", "since", "warmup"}
+LIMIT_KEYS = {"rate", "burst", "per", "max_connections_per_client"}
+LIMIT_PER = ("client", "host")
+MAX_RATE = 1_000_000  # requests per second (a limit, a burst)
 
 
 class RuleError(ValueError):
@@ -97,6 +100,8 @@ def validate_rule(rule: object) -> list[str]:
             problems.append(f"{key}: unknown field for action {action!r}")
     if "subdomains" in rule and not isinstance(rule["subdomains"], bool):
         problems.append("subdomains: must be true or false")
+    if "limits" in rule:
+        problems += validate_limits(rule["limits"])
     problems += VALIDATORS[action](rule)
     return problems
 
@@ -273,6 +278,29 @@ def _validate_proxy(rule: Mapping[str, Any]) -> list[str]:
         problems += _validate_health(rule["health"])
     if "draining" in rule:
         problems += _validate_draining(rule)
+    return problems
+
+
+def validate_limits(limits: object) -> list[str]:
+    """Problems with a rule's ``limits`` object (balancer.limits)."""
+    if not isinstance(limits, Mapping):
+        return ["limits: must be an object like {\"rate\": 10, \"burst\": 20}"]
+    problems = [f"limits.{k}: unknown field (fields are {', '.join(sorted(LIMIT_KEYS))})"
+                for k in limits if k not in LIMIT_KEYS]
+    problems += _positive_number(limits, "rate", "limits.")
+    problems += _at_most(limits, "rate", MAX_RATE, "requests per second", "limits.")
+    for key in ("burst", "max_connections_per_client"):
+        problems += _int_at_least(limits, key, 1, "limits.")
+        if _is_int(limits.get(key)) and limits[key] > MAX_RATE:
+            problems.append(f"limits.{key}: must be at most {MAX_RATE}, got {limits[key]!r}")
+    if "per" in limits and limits["per"] not in LIMIT_PER:
+        problems.append(f"limits.per: must be one of {', '.join(LIMIT_PER)}, "
+                        f"got {limits['per']!r}")
+    if "rate" not in limits and ("burst" in limits or "per" in limits):
+        problems.append("limits.rate: required with 'burst' or 'per' (requests per second)")
+    if not set(limits) & {"rate", "max_connections_per_client"}:
+        problems.append("limits: give 'rate' (requests per second) and/or "
+                        "'max_connections_per_client'")
     return problems
 
 

@@ -9,6 +9,7 @@ directly over the control socket) → the worker's `TableFollower`
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -27,10 +28,13 @@ from balancer.failures import FailureReport
 from balancer.following import TableFollower
 from balancer.health import HealthChecks
 from balancer.http11 import Limits
+from balancer.limits import FILE_NAME as LIMITS_FILE
+from balancer.limits import SharedBuckets
 from balancer.netio import IO, GeventIO
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry
 from balancer.settings import Settings
+from balancer.sketch import SLOT_SECONDS
 from balancer.stats import Stats
 from balancer.stores.base import TableChange, TableData
 from balancer.stores.snapshot import Snapshot, snapshot_path
@@ -144,7 +148,7 @@ class Worker:
 
     def __init__(self, settings: Settings, store: Any,
                  log_factory: Callable[[Settings], Any] | None = None,
-                 io: IO | None = None) -> None:
+                 io: IO | None = None, run_dir: str | None = None) -> None:
         self.settings = settings
         self.io = io if io is not None else GeventIO()
         self.store = store
@@ -159,8 +163,10 @@ class Worker:
                                         io=self.io)
         _, no_hosts = fallback_routes(self.pages, self.stats)
         self.holder = TableHolder(RoutingTable(0, {}, no_hosts))
+        # rules' limits: counters shared by every worker of the run directory
+        buckets = SharedBuckets(os.path.join(run_dir, LIMITS_FILE) if run_dir else None)
         self.compiler = ActionCompiler(registry=self.registry, pages=self.pages,
-                                       stats=self.stats, holder=self.holder)
+                                       stats=self.stats, holder=self.holder, buckets=buckets)
         self.health = HealthChecks(self.registry)  # active checks follow the table
         self.failure_report = FailureReport(self.stats)  # 502/504 summed up once a second
         self.tables = TableFollower(store, self.holder, self.compiler, self.registry,
@@ -248,6 +254,13 @@ class Worker:
         gevent.spawn(self.watch_loop)
         gevent.spawn(self.watchdog_loop)
         gevent.spawn(self.failure_report.report_loop, lambda: self.stopping)
+        gevent.spawn(self.rotate_loop)
+
+    def rotate_loop(self) -> None:
+        """Start the heavy hitters' next interval every `SLOT_SECONDS`."""
+        while not self.stopping:
+            gevent.sleep(SLOT_SECONDS / 10)
+            self.stats.top.rotate(time.monotonic(), self.stats.hosts)
 
     def release_held(self) -> None:
         """Answer every held request 503 now and hold no more (stopping for good)."""

@@ -56,14 +56,15 @@ class Action(Protocol):
 class Route:
     """One compiled rule: what a request for a matching host gets."""
 
-    __slots__ = ("key", "rule", "action", "stats")
+    __slots__ = ("key", "rule", "action", "stats", "limit")
 
     def __init__(self, key: str, rule: Mapping[str, Any], action: Action,
-                 stats: HostStats) -> None:
+                 stats: HostStats, limit: Any = None) -> None:
         self.key = key
         self.rule = rule
         self.action = action
         self.stats = stats
+        self.limit = limit  # the rule's `limits` (balancer.limits.Limit), or None
 
     def __repr__(self) -> str:
         return f"<Route {self.key} {self.rule.get('action')}>"

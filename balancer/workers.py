@@ -186,7 +186,7 @@ def run_worker(env: ChildEnv, listeners: list[tuple[Any, bool]]) -> int:
     settings = env.settings
     store = open_child_store(settings)
     store.quiet = True  # the management process reports store problems once
-    worker = Worker(settings, store)
+    worker = Worker(settings, store, run_dir=env.run_dir)
     initial_load(worker)
     try:
         worker.start()

@@ -43,9 +43,10 @@ from balancer.stores import (
     open_store,
 )
 from balancer.stores.snapshot import HOW_TO_FIX
-from management import dashboard_page, deploys_api, edits
+from management import dashboard_page, deploys_api, diagnosis, edits
 from management.deploys import Deployer
 from management.guard import Guard, guard_for
+from management.history import History
 from management.http import (
     ApiError,
     check_token,
@@ -96,12 +97,16 @@ URL_MAP = Map([
     Rule("/api/v1/restore", endpoint="restore", methods=["POST"]),
     Rule("/api/v1/info", endpoint="info", methods=["GET"]),
     *deploys_api.RULES,
+    Rule("/api/v1/top", endpoint="top", methods=["GET"]),
+    Rule("/api/v1/inflight", endpoint="inflight", methods=["GET"]),
+    Rule("/api/v1/history", endpoint="history", methods=["GET"]),
 ], strict_slashes=False, merge_slashes=False)
 
 
 def create_app(store: Store | None = None, runtime: Runtime | None = None,
                token: str | None = None, settings: Any = None,
-               mirror: Mirror | None = None) -> ManagementApp | Guard:
+               mirror: Mirror | None = None, history: History | None = None
+               ) -> ManagementApp | Guard:
     """The management WSGI app.
 
     Without a store, one is opened from `settings` (or, with no settings, from
@@ -122,7 +127,7 @@ def create_app(store: Store | None = None, runtime: Runtime | None = None,
                            settings.store.resync_interval)
     if token is None and settings is not None:
         token = settings.management.token or None
-    app = ManagementApp(store, runtime or StaticRuntime(store), token, mirror)
+    app = ManagementApp(store, runtime or StaticRuntime(store), token, mirror, history)
     return guard_for(app, settings) if standalone else app
 
 
@@ -130,13 +135,14 @@ class ManagementApp:
     """WSGI callable: routes requests of SPEC §5 to `on_<endpoint>` methods."""
 
     def __init__(self, store: Store, runtime: Runtime, token: str | None = None,
-                 mirror: Mirror | None = None) -> None:
+                 mirror: Mirror | None = None, history: History | None = None) -> None:
         self.store = store
         self.runtime = runtime
         self.token = token or None
         self.mirror = mirror or Mirror(store)  # not started: only this app's writes
         self.metrics = Metrics(runtime.stats)
         self.deployer = Deployer(store, runtime, self.write_rule)
+        self.history = history or History()  # sampled by the management process
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:
@@ -367,6 +373,15 @@ class ManagementApp:
         store["problem"] = self.mirror.problem or store.get("problem")
         return json_response(info)
 
+    def on_top(self, request: Request) -> Response:
+        return json_response(diagnosis.top(self.runtime, request.args))
+
+    def on_inflight(self, request: Request) -> Response:
+        return json_response(diagnosis.inflight(self.runtime, request.args))
+
+    def on_history(self, request: Request) -> Response:
+        return json_response(diagnosis.history(self.history, request.args))
+
     def on_healthz(self, request: Request) -> Response:
         return json_response({"status": "ok"})
 
@@ -389,7 +404,8 @@ class ManagementApp:
         index = STATIC_DIR / "index.html"
         if not index.is_file():
             return Response(FALLBACK_INDEX, content_type="text/html; charset=utf-8")
-        state = None if self.token else dashboard_page.initial_state(self.store, self.runtime)
+        state = None if self.token else dashboard_page.initial_state(self.store, self.runtime,
+                                                                        self.history)
         response = Response(dashboard_page.embed(index.read_text(), state),
                             content_type="text/html; charset=utf-8")
         response.headers["Cache-Control"] = "no-store"

@@ -15,12 +15,20 @@ import sys
 from email.message import Message
 from typing import Any, NoReturn
 from urllib.error import HTTPError, URLError
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 from urllib.request import Request, urlopen
 
+from balancer.diagnosis import BY
 from balancer.rules import ACTIONS
+from balancer.sketch import GROUPS
 from management import ctl_deploy, ctl_help
-from management.ctl_format import format_hosts, format_rule, format_stats
+from management.ctl_format import (
+    format_hosts,
+    format_inflight,
+    format_rule,
+    format_stats,
+    format_top,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8081"
 TIMEOUT = 30.0
@@ -70,6 +78,21 @@ def build_parser() -> Parser:
                            description="Requests, bytes and responses per host; state, "
                                        "in-flight requests and failures per backend.")
     stats.add_argument("host", nargs="?", metavar="HOST", help="only this host (default: all)")
+    top = sub.add_parser("top", parents=[common], help="the heaviest clients, hosts, paths "
+                         "or backends", description="The heaviest keys of a group over the "
+                         "last WINDOW seconds, summed over every worker.")
+    top.add_argument("--by", default="requests", choices=BY,
+                     help="what to rank by (default requests)")
+    top.add_argument("--group", default="client", choices=GROUPS,
+                     help="what to rank (default client)")
+    top.add_argument("--window", type=_finite, default=60.0,
+                     help="seconds, 1 to 300 (default 60)")
+    top.add_argument("--limit", type=int, default=10, help="keys shown, 1 to 100 (default 10)")
+    inflight = sub.add_parser("inflight", parents=[common], help="requests open for a while",
+                              description="The requests open for at least MIN_AGE seconds, "
+                                          "oldest first, on every worker.")
+    inflight.add_argument("--min-age", type=_finite, default=0.0, metavar="SECONDS",
+                          help="only requests open this long (default 0)")
     sub.add_parser("reload", parents=[common], help="make the balancer re-read its store",
                    description="Make every worker re-read the store now; prints the version "
                                "served.")
@@ -242,6 +265,14 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
         return answer, format_stats(answer)
     if command in ("deploy", "rollback", "deploys"):
         return ctl_deploy.run(args, client, CtlError)
+    if command == "top":
+        query = urlencode({"by": args.by, "group": args.group, "window": f"{args.window:g}",
+                           "limit": args.limit})
+        answer = client.call("GET", f"/api/v1/top?{query}")
+        return answer, format_top(answer)
+    if command == "inflight":
+        answer = client.call("GET", f"/api/v1/inflight?min_age={args.min_age:g}")
+        return answer, format_inflight(answer)
     if command == "restore":
         answer = client.call("POST", "/api/v1/restore")
         return answer, _applied(answer, f"restored {answer['hosts']} hosts (served version "

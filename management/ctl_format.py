@@ -77,24 +77,62 @@ def format_rule(answer: dict[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+PERCENTILES = ("p50", "p95", "p99")
+
+
+def _ms(seconds: Any) -> str:
+    """A latency for people: "12.5ms", "-" when there were no requests."""
+    return f"{seconds * 1000:.1f}ms" if _is_number(seconds) else "-"
+
+
 def format_stats(answer: dict[str, Any]) -> str:
     hosts = answer["hosts"] if "hosts" in answer else {answer.get("host", "?"): answer}
     rows, backend_rows = [], []
     for host, h in sorted(hosts.items()):
         r = h.get("responses", {})
+        latency = h.get("latency") or {}
         rows.append((host, h.get("open_requests", 0), h.get("completed_requests", 0),
                      h.get("bytes_received", 0), h.get("bytes_sent", 0), r.get("2xx", 0),
-                     r.get("3xx", 0), r.get("4xx", 0), r.get("5xx", 0)))
+                     r.get("3xx", 0), r.get("4xx", 0), r.get("5xx", 0), h.get("limited", 0),
+                     *(_ms(latency.get(p)) for p in PERCENTILES)))
         for address, b in sorted(h.get("backends", {}).items()):
+            latency = b.get("latency") or {}
             backend_rows.append((host, address, b.get("state", "?"), b.get("in_flight", 0),
-                                 b.get("failures", 0)))
+                                 b.get("failures", 0), *(_ms(latency.get(p)) for p in PERCENTILES)))
     if not rows:
         return "no traffic yet"
-    out = table(("HOST", "OPEN", "DONE", "RECEIVED", "SENT", "2XX", "3XX", "4XX", "5XX"), rows)
+    out = table(("HOST", "OPEN", "DONE", "RECEIVED", "SENT", "2XX", "3XX", "4XX", "5XX",
+                 "LIMITED", "P50", "P95", "P99"), rows)
     if backend_rows:
-        out += "\n\n" + table(("HOST", "BACKEND", "STATE", "IN-FLIGHT", "FAILURES"),
-                              backend_rows)
+        out += "\n\n" + table(("HOST", "BACKEND", "STATE", "IN-FLIGHT", "FAILURES",
+                               "P50", "P95", "P99"), backend_rows)
     if "open_connections" in answer:
         out += (f"\n\nopen connections {answer['open_connections']}, "
                 f"routing version {answer.get('routing_version')}")
+    return out
+
+
+def format_top(answer: dict[str, Any]) -> str:
+    rows = [(n, row["key"], row["count"], row["error"])
+            for n, row in enumerate(answer.get("top", []), 1)]
+    what = f"{answer.get('group')} by {answer.get('by')}"
+    if answer.get("by") != "in_flight":
+        what += f" over {answer.get('window', 0):g} s"
+    if not rows:
+        return f"nothing yet ({what})"
+    return table(("#", answer.get("group", "key").upper(), answer.get("by", "count").upper(),
+                  "±"), rows) + f"\n\n{what}, {answer.get('workers', 0)} worker(s)"
+
+
+def format_inflight(answer: dict[str, Any]) -> str:
+    requests = answer.get("requests", [])
+    if not requests:
+        return f"no request open for {answer.get('min_age', 0):g} s or more"
+    rows = [(f"{r['age']:.1f}s", r["host"], r["method"], r["path"], r["client"],
+             r.get("backend") or "-", r["bytes_sent"], r["bytes_received"], r["pid"])
+            for r in requests]
+    out = table(("AGE", "HOST", "METHOD", "PATH", "CLIENT", "BACKEND", "SENT", "RECEIVED",
+                 "PID"), rows)
+    if answer.get("left_out"):
+        out += f"\n\n{answer['left_out']} more not shown"
     return out

@@ -39,6 +39,8 @@ every problem is listed."""
 WIDTH = 79
 KEY_HELP: dict[str, str] = {
     "subdomains": "true: the rule also matches every name under HOST",
+    "limits": 'any action: {"rate": R, "burst": B, "per": "client"|"host", '
+              '"max_connections_per_client": N}; over a limit: 429 (docs/rules.md)',
     "backends": "backend addresses (or use --backend ADDR, repeatable); "
                 '{"address": ADDR, "weight": 1-1000} for a weight',
     "algorithm": "one of " + ", ".join(ALGORITHMS) + " (default round_robin)",

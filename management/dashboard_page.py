@@ -1,8 +1,11 @@
 """The dashboard page served with the current state in it, so its first paint has data.
 
 Invariants:
-* The state is the same three documents the page polls (``/api/v1/hosts``,
-  ``/api/v1/stats``, ``/api/v1/info``), taken when the page is requested.
+* The state is the documents the page polls (``/api/v1/hosts``, ``/api/v1/deploys``,
+  ``/api/v1/stats``, ``/api/v1/info``, the "what's heavy" panel's
+  ``/api/v1/top`` and ``/api/v1/inflight``) and the last five minutes of
+  ``/api/v1/history``, taken when the page is requested: the charts are full
+  on first paint.
 * It is embedded only when the management API has no token: the page itself
   is public, and with a token the data is fetched with the token as before.
 * It is inert JSON in a ``<script type="application/json">`` element with
@@ -15,29 +18,47 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from balancer.stores import Store, StoreError
+from management import diagnosis
 from management.runtime import Runtime
 from management.stats_view import stats_view
 
 log = logging.getLogger("balancer.management")
 
+CHART_SECONDS = 300  # the charts' window (management/static/history.js WINDOW_MS)
 PLACEHOLDER = '<script id="initial-state" type="application/json">null</script>'
 
 
-def initial_state(store: Store, runtime: Runtime) -> dict[str, Any] | None:
-    """``{"table", "stats", "info", "deploys"}`` as the API would answer now, or None."""
+def initial_state(store: Store, runtime: Runtime, history: Any = None
+                  ) -> dict[str, Any] | None:
+    """``{"table", "stats", "info", "deploys", "history", "heavy"}`` as the API
+    would answer now, or None."""
     try:
         data = store.load()
-        return {"table": {"version": data.version, "hosts": data.hosts},
-                "stats": stats_view(runtime.stats()), "info": runtime.info(),
-                "deploys": store.records().deploys()}
+        state = {"table": {"version": data.version, "hosts": data.hosts},
+                 "stats": stats_view(runtime.stats()), "info": runtime.info(),
+                 "deploys": store.records().deploys()}
+        if history is not None:
+            state["history"] = history.view(CHART_SECONDS, time.time())
+        state["heavy"] = heavy(runtime)
+        return state
     except StoreError:
         return None
     except Exception:  # the page polls and shows the API's own error
         log.exception("dashboard: the initial state could not be read")
         return None
+
+
+def heavy(runtime: Runtime) -> dict[str, Any]:
+    """What the "what's heavy" panel polls (management/static/heavy.js), by requests."""
+    tops = {group: diagnosis.top(runtime, {"by": "requests", "group": group,
+                                           "window": "60", "limit": "5"})
+            for group in ("client", "path", "backend")}
+    return {"measure": "requests", "tops": tops,
+            "slow": diagnosis.inflight(runtime, {"min_age": "5"})}
 
 
 def embed(page: str, state: dict[str, Any] | None) -> str:

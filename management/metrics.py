@@ -65,6 +65,8 @@ def _per_host(hosts: dict[str, Any]) -> Iterator[Any]:
                                       labels=["host"])
     spinning = GaugeMetricFamily("balancer_spinning_requests",
                                  "Requests held by a spin rule.", labels=["host"])
+    limited = CounterMetricFamily("balancer_limited_requests_total",
+                                  "Requests refused 429 by the rule's limits.", labels=["host"])
     for host, h in sorted(hosts.items()):
         for code, n in sorted(h.get("codes", {}).items()):
             requests.add_metric([host, str(code)], n)
@@ -75,7 +77,8 @@ def _per_host(hosts: dict[str, Any]) -> Iterator[Any]:
         sent.add_metric([host], h.get("bytes_sent", 0))
         open_requests.add_metric([host], h.get("open_requests", 0))
         spinning.add_metric([host], h.get("spinning", 0))
-    yield from (requests, duration, received, sent, open_requests, spinning)
+        limited.add_metric([host], h.get("limited", 0))
+    yield from (requests, duration, received, sent, open_requests, spinning, limited)
 
 
 def _per_backend(hosts: dict[str, Any]) -> Iterator[Any]:

@@ -9,6 +9,8 @@ plane never imports this package.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
 
 from balancer.descriptors import RESERVED, soft_limit
@@ -27,10 +29,14 @@ MANAGEMENT_DRAIN = 5.0  # seconds an old management process finishes API request
 
 def run_management(env: ChildEnv, sock: Any) -> int:
     """Serve the management API on `sock` until told to stop."""
+    import gevent
+
     from balancer.stores.snapshot import Snapshot, snapshot_path
     from management.app import create_app
     from management.cluster import ClusterRuntime
     from management.guard import Guard, HostPolicy
+    from management.history import FILE_NAME as HISTORY_FILE
+    from management.history import History
     from management.mirror import Mirror
     from management.server import MAX_CONNECTIONS, ManagementServer
 
@@ -41,16 +47,21 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     mirror.start()
     runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers(),
                              settings.management.apply_timeout, lambda: mirror.problem)
+    history = History(os.path.join(env.run_dir, HISTORY_FILE))
+    history.load()
     app = create_app(store=store, runtime=runtime, token=settings.management.token or None,
-                     settings=settings, mirror=mirror)
+                     settings=settings, mirror=mirror, history=history)
     hosts = HostPolicy(sock.getsockname()[0], settings.management.allowed_hosts)
     api = ManagementServer(sock, Guard(app, hosts), settings.timeouts,
                            settings.limits.max_header_bytes,
                            min(MAX_CONNECTIONS, soft_limit() - RESERVED))
     api.start()
     app.deployer.start_watching()  # resumes deploys a stopped process handed over
+    sampler = gevent.spawn(history_loop, history, runtime)
     report_ready(env)
     wait_for_stop(env)
+    sampler.kill()
+    save_history(history)  # before the drain: the next management process reads it
     app.deployer.stop()
     api.stop(timeout=min(MANAGEMENT_DRAIN, settings.timeouts.graceful))
     mirror.stop()
@@ -58,7 +69,29 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     return 0
 
 
+def history_loop(history: Any, runtime: Any) -> None:
+    """Sample the merged stats into the history every `history.INTERVAL` seconds."""
+    import gevent
+
+    from management.history import INTERVAL
+
+    while True:
+        gevent.sleep(INTERVAL - time.time() % INTERVAL)  # on the interval's boundary
+        try:
+            history.sample(runtime.stats(), time.time())
+        except Exception:  # the next sample tries again; the API keeps answering
+            log.exception("history: sampling the stats failed")
+
+
+def save_history(history: Any) -> None:
+    try:
+        history.save()
+    except OSError as exc:
+        log.error("history: cannot save to %s: %s", history.path, exc)
+
+
 # what the management process imports after fork (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
     "management.app", "management.cluster", "management.deploys", "management.guard",
+    "management.history",
     "management.mirror", "management.process", "management.server"))

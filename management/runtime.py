@@ -43,6 +43,10 @@ class Runtime(Protocol):
         """The highest version any worker has served or known."""
         ...
 
+    def ask_all(self, command: str) -> list[dict[str, Any]]:
+        """Every live worker's reply to a control command (`balancer.control`)."""
+        ...
+
     def info(self) -> dict[str, Any]:
         """``{"workers": N, "store": {"kind", "url" (redacted), "reachable",
         "version", "last_reload" (unix time, 0 if never)}}``."""
@@ -78,6 +82,9 @@ class StaticRuntime:
 
     def highest_version(self) -> int:
         return self.version
+
+    def ask_all(self, command: str) -> list[dict[str, Any]]:
+        return []  # no workers
 
     def is_ready(self) -> bool:
         """Ready once the store has been read (tried on first ask)."""

@@ -28,6 +28,7 @@ import pytest
 from balancer.stats import Stats
 from balancer.stores import Store, open_store
 from management.app import create_app
+from management.history import History
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -57,6 +58,8 @@ class ScriptedRuntime:
         self.store_up = True
         self.workers = 2
         self.last_reload = time.time() - 95
+        self.top: dict[tuple[str, str], dict[str, list[int]]] = {}  # (by, group) → counts
+        self.inflight: list[dict[str, Any]] = []
 
     @contextlib.contextmanager
     def edit(self) -> Iterator[Stats]:
@@ -74,6 +77,17 @@ class ScriptedRuntime:
 
     def reload(self) -> int:
         return self.store.load().version
+
+    def ask_all(self, command: str) -> list[dict[str, Any]]:
+        """Two workers' answers to `top` and `inflight` (management.diagnosis merges them)."""
+        name, _, text = command.partition(" ")
+        query = json.loads(text)
+        if name == "top":
+            counts = self.top.get((query["by"], query["group"]), {})
+            return [{"pid": 1, "counts": counts, "sketch": {"entries": 1, "bound": 9}},
+                    {"pid": 2, "counts": counts, "sketch": {"entries": 1, "bound": 9}}]
+        return [{"pid": 1, "requests": [r for r in self.inflight
+                                        if r["age"] >= query["min_age"]], "left_out": 0}]
 
     def is_ready(self) -> bool:
         return True
@@ -155,12 +169,14 @@ class ApiOutage:
 
 @pytest.fixture
 def make_site(tmp_path: Path, serve_wsgi: Callable[[Any], str]) -> Callable[..., Site]:
-    def make(token: str | None = None, hosts: dict[str, Any] | None = None) -> Site:
+    def make(token: str | None = None, hosts: dict[str, Any] | None = None,
+             history: History | None = None) -> Site:
         store = open_store("file:" + str(tmp_path / "routes.json"))
         if hosts:
             store.replace(hosts)
         runtime = ScriptedRuntime(store)
-        outage = ApiOutage(create_app(store=store, runtime=runtime, token=token))
+        outage = ApiOutage(create_app(store=store, runtime=runtime, token=token,
+                                      history=history))
         site = Site(serve_wsgi(outage), store, runtime, token)
         site.outage = outage
         return site
@@ -629,4 +645,55 @@ def test_a_running_deploy_shows_on_its_host_card_and_recent_deploys_below(
     records.save_deploy({**records.deploy("d-now"), "state": "done", "ended": time.time()})
     wait_for(browser, lambda d: not d.find_elements("css selector", ".deploy-line"),
              "the deploy line to go once the deploy ended")
+    assert severe_logs(browser) == []
+
+
+SLOW = {"host": "files.example.com", "rule": "files.example.com", "method": "GET",
+        "path": "/iso/big.iso", "client": "198.51.100.4", "backend": "10.0.0.5:8080",
+        "bytes_sent": 73400320, "bytes_received": 0, "age": 41.2, "status": 200,
+        "request_id": "r1"}
+
+
+def test_whats_heavy_latency_and_full_charts_on_first_paint(
+        make_site: Callable[..., Site], browser: Any, tmp_path: Path) -> None:
+    history = History()
+    start = time.time() - 120
+    for n in range(25):  # two minutes of the management process's samples
+        with_requests = Stats()
+        serve_requests(with_requests, "app.example.com", 50 * n)
+        history.sample(with_requests.snapshot(), start + 5 * n)
+    site = make_site(hosts={"app.example.com": WEB}, history=history)
+    site.runtime.top = {("requests", "client"): {"203.0.113.9": [900, 0], "10.0.0.7": [40, 2]},
+                        ("requests", "path"): {"app.example.com/api": [800, 0]},
+                        ("bytes", "client"): {"198.51.100.4": [5 << 20, 0]}}
+    site.runtime.inflight = [SLOW]
+    with site.runtime.edit() as stats:
+        serve_requests(stats, "app.example.com", 20, backend="127.0.0.1:9001")
+    site.outage.down = True  # the first paint alone: charts and panel from the embedded state
+    browser.get(site.url + "/")
+    card = host_card("app.example.com")
+    wait_for(browser, lambda d: text_of(d, card), "the host card")
+    points = browser.execute_script(
+        "return document.querySelectorAll(arguments[0]).length", card + " .chart-rps path")
+    assert points >= 2, "the requests/s chart is empty on first paint"
+    assert "17.5 ms" in text_of(browser, card + " .fig-p50")  # inside the 10-25 ms bucket
+    assert text_of(browser, card + " .chart-p99")
+    clients = text_of(browser, '[data-group="client"]')
+    assert clients.index("203.0.113.9") < clients.index("10.0.0.7")
+    assert "1800 req" in clients  # two workers' counts summed
+    assert "app.example.com/api" in text_of(browser, '[data-group="path"]')
+    slow = text_of(browser, "table.slow")
+    assert "/iso/big.iso" in slow and "41.2 s" in slow and "70.0 MiB" in slow
+    site.outage.down = False
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element("id", "heavy-by")).select_by_value("bytes")
+    wait_for(browser, lambda d: "10.0 MiB" in text_of(d, '[data-group="client"]'),
+             "the panel ranked by bytes")
+    browser.set_window_size(*PHONE)
+    width = browser.execute_script("return document.documentElement.scrollWidth")
+    assert width <= PHONE[0], "the page scrolls sideways on a phone"
+    shot = tmp_path / "dashboard-heavy-phone.png"
+    assert browser.save_screenshot(str(shot))
+    print(f"\nwhat's heavy on a phone: {shot}")
     assert severe_logs(browser) == []

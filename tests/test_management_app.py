@@ -280,11 +280,13 @@ def test_stats_shapes_follow_the_counters(store: FileStore,
     whole = call(base, "GET", "/api/v1/stats").json
     assert set(whole) >= {"hosts", "open_connections", "routing_version"}
     expected = {"open_requests": 1, "completed_requests": 2, "bytes_received": 150,
-                "bytes_sent": 2010, "spinning": 0,
+                "bytes_sent": 2010, "spinning": 0, "limited": 0,
                 "responses": {"1xx": 0, "2xx": 1, "3xx": 0, "4xx": 0, "5xx": 1},
+                "latency": {"p50": 0.01, "p95": 0.235, "p99": 0.247},
                 "backends": {"127.0.0.1:9001": {
                     "state": "down", "in_flight": 1, "tunnels": 0, "failures": 4,
-                    "outcomes": {"success": 0, "connect_error": 0, "timeout": 0, "error": 0}}}}
+                    "outcomes": {"success": 0, "connect_error": 0, "timeout": 0, "error": 0},
+                    "latency": {"p50": None, "p95": None, "p99": None}}}}
     assert whole["hosts"]["web.example.com"] == expected
     one = call(base, "GET", "/api/v1/stats/WEB.example.com").json
     assert one == {"host": "web.example.com", **expected}

@@ -20,6 +20,7 @@ SPEC_NAMES = {
     "balancer_backend_requests": "counter",
     "balancer_backend_up": "gauge",
     "balancer_spinning_requests": "gauge",
+    "balancer_limited_requests": "counter",
     "balancer_routing_version": "gauge",
     "balancer_config_reloads": "counter",
     "balancer_store_up": "gauge",

@@ -18,6 +18,7 @@ from balancer.actions.redirect import RedirectAction
 from balancer.actions.spin import SpinAction
 from balancer.actions.static import StaticAction
 from balancer.hold import Holds
+from balancer.limits import SharedBuckets, compile_limit
 from balancer.table import UNKNOWN_KEY, Action, Route, TableHolder
 
 
@@ -34,8 +35,10 @@ class ActionCompiler:
     """Compiles rules into routes for one worker; `holder` is the worker's table
     holder (held requests follow its swaps)."""
 
-    def __init__(self, *, registry: Any, pages: Any, stats: Any, holder: TableHolder) -> None:
+    def __init__(self, *, registry: Any, pages: Any, stats: Any, holder: TableHolder,
+                 buckets: SharedBuckets | None = None) -> None:
         self.registry = registry
+        self.buckets = buckets if buckets is not None else SharedBuckets()  # rules' limits
         self.pages = pages
         self.stats = stats
         self.holder = holder
@@ -47,7 +50,8 @@ class ActionCompiler:
         action = prior if prior is not None and prior.rule == rule else None
         if action is None:
             action = self.make_action(key, rule)
-        return Route(key, rule, action, self.stats.host(key))
+        return Route(key, rule, action, self.stats.host(key),
+                     compile_limit(key, rule, self.buckets, self.pages))
 
     def make_action(self, key: str, rule: Mapping[str, Any]) -> Action:
         kind = rule["action"]

@@ -40,6 +40,7 @@ from balancer.hold import Hold, Holds, hand_over
 from balancer.pool import Backend
 from balancer.relay import forward
 from balancer.rules import backend_entries
+from balancer.stats import BackendStats
 
 IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 DEFAULT_RETRIES: Final = 2
@@ -67,7 +68,7 @@ class ProxyAction:
         self.holder = holder
         self.holds = holds if holds is not None else Holds()
         self.next_probe = 0.0  # monotonic time before which held requests do not try
-        self.backend_stats = {}
+        self.backend_stats: dict[str, BackendStats] = {}
         for backend in self.backends:
             stats = host_stats.backend(backend.key)
             stats.source = backend
@@ -165,10 +166,13 @@ class ProxyAction:
             if upgrade:
                 stats.tunnels -= 1
         stats.outcomes["success"] += 1
+        stats.observe(ex.backend_time)
+        stats.bytes += ex.sent + ex.received
         backend.record_success()
         return None
 
-    def _failed(self, backend: Any, stats: Any, outcome: str, exc: ProxyError) -> ProxyError:
+    def _failed(self, backend: Any, stats: BackendStats, outcome: str,
+                exc: ProxyError) -> ProxyError:
         stats.outcomes[outcome] += 1
         stats.failures += 1
         backend.record_failure(self.fall, exc)

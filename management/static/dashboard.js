@@ -10,7 +10,8 @@
 //   and every request is bounded by REQUEST_TIMEOUT_MS.
 
 import * as fmt from "./format.js";
-import {History} from "./history.js";
+import {fetchHeavy, heavyPanel} from "./heavy.js";
+import {History, WINDOW_MS} from "./history.js";
 import {banner, el, hostCard, hostKeys, removedLine, summaryTiles} from "./render.js";
 import {deployLine, recentDeploys, runningByHost} from "./deploys.js";
 
@@ -20,6 +21,7 @@ const STALE_MS = 2 * POLL_MS + REQUEST_TIMEOUT_MS;
 const INFO_RETRY_MS = 60000;
 const TOKEN_KEY = "balancer.token";
 const REMOVED_MS = 10 * 60 * 1000; // a removed host is named for this long, then forgotten
+const HISTORY_EVERY = 5; // polls between reads of the server's history (latency charts)
 
 const state = {
   history: new History(),
@@ -32,6 +34,10 @@ const state = {
   infoMissingSince: 0, // /api/v1/info answered 404 (an older management app)
   removed: new Map(), // host -> when it left the table (ms), for REMOVED_MS
   bannerKey: "",
+  heavy: null, // the "what's heavy" panel's last answer (heavy.js), {missing} without the routes
+  measure: "requests", // what the panel ranks by
+  latency: null, // the last /api/v1/history answer (null: none, or an older app without it)
+  polls: 0,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -124,9 +130,12 @@ async function poll() {
   if (state.inFlight || state.needsToken) return;
   state.inFlight = true;
   try {
-    const [table, stats, info, deploys] = await Promise.all(
-      [getJSON("api/v1/hosts"), getJSON("api/v1/stats"), getInfo(Date.now()), getDeploys()]);
+    const [table, stats, info, deploys, heavy, latency] = await Promise.all(
+      [getJSON("api/v1/hosts"), getJSON("api/v1/stats"), getInfo(Date.now()), getDeploys(),
+        fetchHeavy(getJSON, state.measure), getHistory()]);
     checkShape(table, stats);
+    state.heavy = heavy;
+    state.latency = latency;
     if (!state.needsToken) onData(table, stats, info, Date.now(), deploys);
   } catch (err) {
     if (!state.needsToken) onFailure(err);
@@ -134,6 +143,19 @@ async function poll() {
     state.inFlight = false;
   }
   if (!state.needsToken) schedule(POLL_MS);
+}
+
+/** The server's history every HISTORY_EVERY polls (the last one in between); null
+ * when this management app has none. Its failure never fails the poll. */
+async function getHistory() {
+  state.polls += 1;
+  if (state.polls % HISTORY_EVERY !== 1 && state.latency) return state.latency;
+  try {
+    return await getJSON(`api/v1/history?since=${WINDOW_MS / 1000}`);
+  } catch (err) {
+    if (err.status === 401) throw err;
+    return state.latency;
+  }
 }
 
 function isStoreReachable(stats, info) {
@@ -308,13 +330,27 @@ function renderData(now) {
     .filter((key) => !filter || key.toLowerCase().includes(filter));
   const running = runningByHost(view.deploys);
   const cards = keys.map((key) => {
-    const card = hostCard(key, view.hosts[key], view.stats.hosts[key], state.history, now);
+    const card = hostCard(key, view.hosts[key], view.stats.hosts[key], state.history, now,
+      state.latency);
     if (running.has(key)) card.querySelector(".host-head").after(deployLine(running.get(key), now));
     return card;
   });
   $("hosts").replaceChildren(...(cards.length ? cards : [emptyHosts(view)]));
   $("deploys").replaceChildren(...[recentDeploys(view.deploys)].filter(Boolean));
   $("removed-line").replaceChildren(...[removedLine(state.removed, now)].filter(Boolean));
+  renderHeavy();
+}
+
+function renderHeavy() {
+  $("heavy").hidden = Boolean(state.heavy?.missing);
+  if (!state.heavy?.missing) $("heavy-body").replaceChildren(...heavyPanel(state.heavy));
+}
+
+function onMeasure() {
+  state.measure = $("heavy-by").value;
+  state.heavy = null;
+  renderHeavy();
+  if (!state.inFlight && !state.needsToken) schedule(0);
 }
 
 // ---- start ----------------------------------------------------------------------------
@@ -335,10 +371,17 @@ function start() {
   $("token-form").addEventListener("submit", onTokenSubmit);
   $("forget-token").addEventListener("click", onForgetToken);
   $("filter").addEventListener("input", () => renderData(state.lastOk));
+  $("heavy-by").addEventListener("change", onMeasure);
   $("forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
   setInterval(() => renderStatus(Date.now()), 1000);
   const embedded = embeddedState();
   if (embedded) {
+    if (embedded.history) {
+      state.history.seed(embedded.history, Date.now());
+      state.latency = embedded.history;
+      state.polls = 1;
+    }
+    if (embedded.heavy) state.heavy = embedded.heavy;
     onData(embedded.table, embedded.stats, embedded.info, Date.now(), embedded.deploys || []);
     schedule(POLL_MS);
   } else {

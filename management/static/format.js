@@ -22,6 +22,14 @@ export function rate(x) {
   return `${x < 10 ? x.toFixed(1) : Math.round(x)} req/s`;
 }
 
+/** A latency in seconds for people: "850 µs", "12.5 ms", "1.20 s". */
+export function duration(seconds) {
+  if (!isNumber(seconds)) return NONE;
+  if (seconds < 0.001) return `${Math.round(seconds * 1e6)} µs`;
+  if (seconds < 1) return `${(seconds * 1000).toFixed(seconds < 0.01 ? 2 : 1)} ms`;
+  return `${seconds.toFixed(2)} s`;
+}
+
 /** A percentage with one decimal. */
 export function percent(x) {
   if (!isNumber(x)) return NONE;

@@ -1,6 +1,8 @@
 // Per-host traffic history: the API sends counters; rates are ours to compute.
 //
 // Invariants:
+// * The series may start with the management process's own history (`seed`),
+//   each point as the server computed it for its 5 s interval.
 // * A point is made from two successful polls: requests/s is the delta of
 //   `completed_requests` over the elapsed time, error rate the share of 5xx
 //   among the requests completed in that interval (null when there were none).
@@ -49,10 +51,29 @@ export class History {
       this.series.set(key, {last: {t, ...now}, points: []});
       return;
     }
+    if (!series.last) { // seeded from the server's history: rates start at the next poll
+      series.last = {t, ...now};
+      return;
+    }
     series.points.push(pointBetween(series.last, now, t));
     series.last = {t, ...now};
     const oldest = t - WINDOW_MS;
     while (series.points.length && series.points[0].t < oldest) series.points.shift();
+  }
+
+  /** Start with the management process's history (`/api/v1/history`), so the
+   * charts are full at once; hosts already followed keep their own points. */
+  seed(doc, t) {
+    const times = (doc && doc.times) || [];
+    for (const [key, series] of Object.entries((doc && doc.hosts) || {})) {
+      if (this.series.has(key)) continue;
+      const points = times.map((seconds, i) => ({
+        t: seconds * 1000,
+        rps: series.rps[i],
+        errorPct: series.error_rate[i] === null ? null : 100 * series.error_rate[i],
+      })).filter((p) => p.t >= t - WINDOW_MS);
+      this.series.set(key, {last: null, points});
+    }
   }
 
   /** Points of the last five minutes, oldest first (empty if unknown). */

@@ -91,7 +91,7 @@ function isDown(state) {
 }
 
 function backendTable(rows) {
-  const head = el("tr", {}, ["backend", "weight", "state", "in flight", "failures"]
+  const head = el("tr", {}, ["backend", "weight", "state", "in flight", "failures", "p50 / p99"]
     .map((name) => el("th", {scope: "col"}, name)));
   const body = rows.map((row) => el("tr", {class: `backend backend-${row.state}`,
     "data-backend": row.address},
@@ -100,7 +100,8 @@ function backendTable(rows) {
   el("td", {class: `backend-state state-${row.state}`},
     badge(row.state, STATES[row.state].symbol, STATES[row.state].text)),
   el("td", {class: "num"}, fmt.count(row.stats?.in_flight, "req", "req")),
-  el("td", {class: "num"}, fmt.count(row.stats?.failures, "failure"))));
+  el("td", {class: "num"}, fmt.count(row.stats?.failures, "failure")),
+  el("td", {class: "num backend-latency"}, latencyPair(row.stats?.latency))));
   return el("table", {class: "backends"}, el("thead", {}, head), el("tbody", {}, body));
 }
 
@@ -119,6 +120,10 @@ export function hostHealth(rule, rows, hostStats) {
   return {kind: "up", symbol: "✓", text: "serving"};
 }
 
+function latencyPair(latency) {
+  return `${fmt.duration(latency?.p50)} / ${fmt.duration(latency?.p99)}`;
+}
+
 function figure(label, value, cls) {
   return el("div", {class: `figure ${cls || ""}`}, el("dt", {}, label), el("dd", {}, value));
 }
@@ -132,7 +137,10 @@ function hostFigures(hostStats, latest) {
     figure("open", fmt.count(s.open_requests, "req", "req"), "fig-open"),
     figure("spinning", fmt.count(s.spinning, "req", "req"), "fig-spinning"),
     figure("received", fmt.bytes(s.bytes_received), "fig-in"),
-    figure("sent", fmt.bytes(s.bytes_sent), "fig-out"));
+    figure("sent", fmt.bytes(s.bytes_sent), "fig-out"),
+    figure("p50", fmt.duration(s.latency?.p50), "fig-p50"),
+    figure("p99", fmt.duration(s.latency?.p99), "fig-p99"),
+    s.limited ? figure("limited", fmt.count(s.limited, "req", "req"), "fig-limited") : null);
 }
 
 function chart(points, field, options) {
@@ -146,11 +154,21 @@ function chart(points, field, options) {
       floor: options.floor, label, tone: options.tone}));
 }
 
-function hostCharts(points, now) {
+function hostCharts(points, latencyPoints, now) {
   return el("div", {class: "charts"},
     chart(points, "rps", {now, title: "requests/s", format: fmt.rate, floor: 1, tone: "rps"}),
     chart(points, "errorPct", {now, title: "5xx rate", format: fmt.percent, floor: 5,
-      tone: "errors"}));
+      tone: "errors"}),
+    latencyPoints.length ? chart(latencyPoints, "p99", {now, title: "p99 latency",
+      format: fmt.duration, floor: 0.01, tone: "latency"}) : null);
+}
+
+/** The p50/p99 points of `key` in a `/api/v1/history` answer (empty without one). */
+export function latencyPoints(doc, key) {
+  const series = doc?.hosts?.[key];
+  if (!series) return [];
+  return (doc.times || []).map((seconds, i) => ({t: seconds * 1000, p50: series.p50[i],
+    p99: series.p99[i]}));
 }
 
 function hostTitle(key) {
@@ -159,7 +177,7 @@ function hostTitle(key) {
 }
 
 /** The card of one host (or stats key) with its figures, charts and backends. */
-export function hostCard(key, rule, hostStats, history, now) {
+export function hostCard(key, rule, hostStats, history, now, latencyHistory = null) {
   const rows = backendRows(rule, hostStats);
   const health = hostHealth(rule, rows, hostStats);
   const action = rule ? rule.action : "404";
@@ -170,7 +188,7 @@ export function hostCard(key, rule, hostStats, history, now) {
       badge(health.kind, health.symbol, health.text)),
     rule ? el("p", {class: "rule"}, ruleSummary(rule)) : null,
     hostFigures(hostStats, history.latest(key)),
-    hostCharts(history.points(key), now),
+    hostCharts(history.points(key), latencyPoints(latencyHistory, key), now),
     rows.length ? backendTable(rows) : null);
 }
 

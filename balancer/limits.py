@@ -1,0 +1,176 @@
+"""Per-rule limits (`"limits"`), held for the whole balancer, not per worker.
+
+A rule's `rate` (requests per second) and `burst` are a token bucket kept as
+GCRA (one "theoretical arrival time" per key), `per` client or host; its
+`max_connections_per_client` caps a client's requests in progress. Over a
+limit a request gets the `busy` page with 429 and Retry-After.
+
+Invariants:
+* The counters live in `SharedBuckets`: a fixed-size hash table in a file of
+  the run directory that every worker maps (`mmap`, MAP_SHARED), so a limit
+  holds however many workers serve. Memory is fixed (`TABLE_SLOTS` keys at
+  once); a key finds its slot within `PROBES` places; when all are taken by
+  keys still limited, the one whose bucket refills soonest gives way.
+* No locks: a worker reads a slot and writes it back without a yield in
+  between (gevent), so only two workers deciding on the same key within the
+  same microsecond can both admit a request that only one should have.
+* Times are CLOCK_MONOTONIC, the same in every process of the machine.
+* A refused request is counted in its host's `limited` counter and the heavy
+  hitters' `limited` measure; it does not use up the bucket.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+import time
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from balancer.pages import Page, Pages
+from balancer.sketch import client_of
+
+TABLE_SLOTS = 1 << 16  # keys limited at once, over the whole balancer
+PROBES = 8
+SLOT = struct.Struct("<Qdq8x")  # key hash, theoretical arrival time, requests in progress
+TAT = struct.Struct("<d")
+OPEN = struct.Struct("<q")
+FILE_NAME = "limits.shm"
+MAX_RETRY_AFTER = 3600
+
+
+class SharedBuckets:
+    """The balancer-wide table of limit counters (see the module doc).
+
+    `path` None: an anonymous map, for a single process (tests, tools)."""
+
+    def __init__(self, path: str | None = None) -> None:
+        size = TABLE_SLOTS * SLOT.size
+        if path is None:
+            self.map = mmap.mmap(-1, size)
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+    def slot(self, key: bytes, now: float) -> int:
+        """The byte offset of `key`'s slot (claimed for it if it had none)."""
+        digest = (zlib.crc32(key) | zlib.adler32(key) << 32) or 1
+        start = digest & (TABLE_SLOTS - 1)
+        mem = self.map
+        free, soonest, soonest_at = -1, -1, math.inf
+        for i in range(PROBES):
+            offset = ((start + i) & (TABLE_SLOTS - 1)) * SLOT.size
+            held, tat, in_progress = SLOT.unpack_from(mem, offset)
+            if held == digest:
+                return offset
+            if free < 0 and (held == 0 or tat <= now and in_progress <= 0):
+                free = offset
+            elif in_progress <= 0 and tat < soonest_at:
+                soonest, soonest_at = offset, tat
+        offset = free if free >= 0 else soonest if soonest >= 0 else start * SLOT.size
+        SLOT.pack_into(mem, offset, digest, now, 0)
+        return offset
+
+    def take(self, offset: int, now: float, interval: float, tolerance: float) -> float:
+        """GCRA: 0.0 if a request may go now (and count it), else seconds to wait."""
+        tat = max(TAT.unpack_from(self.map, offset + 8)[0], now)
+        wait = tat - now - tolerance
+        if wait > 0:
+            return wait
+        TAT.pack_into(self.map, offset + 8, tat + interval)
+        return 0.0
+
+    def enter(self, offset: int, cap: int) -> bool:
+        """Count one more request in progress unless `cap` are."""
+        at = offset + 16
+        current = OPEN.unpack_from(self.map, at)[0]
+        if current >= cap:
+            return False
+        OPEN.pack_into(self.map, at, max(current, 0) + 1)
+        return True
+
+    def leave(self, offset: int) -> None:
+        at = offset + 16
+        OPEN.pack_into(self.map, at, max(OPEN.unpack_from(self.map, at)[0] - 1, 0))
+
+
+class Limit:
+    """One rule's limits, compiled with its route."""
+
+    def __init__(self, key: str, limits: Mapping[str, Any], buckets: SharedBuckets,
+                 page: Page) -> None:
+        self.key = key.encode()
+        self.buckets = buckets
+        self.page = too_many(page)
+        rate = limits.get("rate")
+        self.interval = 1.0 / rate if rate else 0.0
+        burst = limits.get("burst", default_burst(rate or 0))
+        self.tolerance = (burst - 1) * self.interval
+        self.per_client = limits.get("per", "client") == "client"
+        self.connections = limits.get("max_connections_per_client", 0)
+
+    def run(self, ex: Any) -> None:
+        """Hand `ex` to its route's action, or answer 429 when over a limit."""
+        client = client_of(ex)
+        now = time.monotonic()
+        buckets = self.buckets
+        if self.interval:
+            name = self.key + b"\0" + client.encode() if self.per_client else self.key
+            wait = buckets.take(buckets.slot(name, now), now, self.interval, self.tolerance)
+            if wait:
+                return self.refuse(ex, client, wait)
+        if not self.connections:
+            ex.route.action.handle(ex)
+            return
+        offset = buckets.slot(self.key + b"\1" + client.encode(), now)
+        if not buckets.enter(offset, self.connections):
+            return self.refuse(ex, client, 1.0)
+        try:
+            ex.route.action.handle(ex)
+        finally:
+            buckets.leave(offset)
+
+    def refuse(self, ex: Any, client: str, wait: float) -> None:
+        """The 429 answer (the `busy` page) and its counting."""
+        ex.route.stats.limited += 1
+        ex.conn.ctx.stats.top.note_limited(ex, client)
+        seconds = min(max(1, math.ceil(wait)), MAX_RETRY_AFTER)
+        ex.respond(429, self.page.body, self.page.content_type,
+                   ((b"Retry-After", b"%d" % seconds),))
+
+
+def default_burst(rate: float) -> int:
+    """A tenth of a second's worth of requests (at least 1): without it, requests
+    that arrive in small clumps (a page and its assets, a batch of pipelined
+    requests) lose a turn to a few milliseconds' jitter, and get less than `rate`."""
+    return max(1, math.ceil(rate / 10))
+
+
+def too_many(page: Page) -> Page:
+    """The `busy` page as a 429 says it: the built-in one's "503 Service
+    Unavailable" heading becomes "429 Too Many Requests" (an operator's own
+    busy.html is sent as it is)."""
+    body = page.body
+    for old, new in ((b"<title>503 Service Unavailable</title>",
+                      b"<title>429 Too Many Requests</title>"),
+                     (b"<span>503</span>Service Unavailable",
+                      b"<span>429</span>Too Many Requests")):
+        body = body.replace(old, new)
+    return Page(page.name, 429, body, page.content_type)
+
+
+def compile_limit(key: str, rule: Mapping[str, Any], buckets: SharedBuckets,
+                  pages: Pages) -> Limit | None:
+    """The rule's `Limit`, or None when it has no limits."""
+    limits = rule.get("limits")
+    if not limits:
+        return None
+    return Limit(key, limits, buckets, pages.get("busy"))

@@ -1,0 +1,265 @@
+"""Heavy hitters: which clients, hosts, paths and backends carry the traffic.
+
+Invariants:
+* Memory is bounded whatever the traffic. Clients and paths are counted in
+  `SpaceSaving` sketches of at most `CAPACITY` keys (Metwally et al.'s
+  Space-Saving: a new key takes the place of the smallest, inheriting its
+  count as its error), one per measure per `Slot`; a worker keeps `SLOTS` + 1
+  slots of `SLOT_SECONDS`: 100,000 distinct clients cost what 100 do. A key
+  with more than 1/`CAPACITY` of an interval's traffic is always there.
+* Hosts and backends are bounded by the routing table, and their counters
+  already exist (`balancer.stats`): `rotate` records each interval's
+  heaviest deltas of them (exact), so the hot path does nothing for them.
+* The hot path is `TopTalkers.note`, once per finished request: a dict
+  lookup and a native increment per measure for the client and the path, and
+  one dict lookup for the path's key (cached per host for `PATH_CACHE`
+  request targets).
+  Errors and limited requests touch their sketches only when they happen.
+  Nothing reads a clock: the worker's `rotate` starts the next interval.
+* Sketch counts are estimates from above: `count - error` is a lower bound.
+  `export` sums the intervals a window covers; the management process sums
+  the workers'.
+* On an internal (trusted) listener the client is the address the front
+  proxy appended to X-Forwarded-For (its last entry), else the peer.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from typing import Any, Final
+
+from balancer.connection import Exchange
+
+GROUPS: Final = ("client", "host", "path", "backend")
+MEASURES: Final = ("requests", "bytes", "errors", "limited")
+CAPACITY: Final = 64        # keys per sketch, and hosts or backends kept per interval
+SLOT_SECONDS: Final = 10.0  # one interval
+SLOTS: Final = 30           # intervals kept before the current one: windows up to 300 s
+PATH_PREFIX: Final = 48     # bytes of the path's first segment kept in a path key
+PATH_CACHE: Final = 256     # request targets whose path key a host remembers
+MAX_CLIENT: Final = 64      # bytes of an X-Forwarded-For entry taken as a client key
+NOTHING: Final = (0, 0, 0, 0)  # the counters of a host or backend not seen before
+
+
+class Entry:
+    """One key's counter in a sketch (native ints: counting allocates nothing)."""
+
+    def __init__(self, count: int, error: int) -> None:
+        self.count = count
+        self.error = error  # over-estimate of the count (inherited from the key replaced)
+
+
+class SpaceSaving:
+    """The heaviest keys of one measure, in `capacity` counters."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: dict[str, Entry] = {}
+        # the smallest keys with their counts as last sorted, smallest last
+        self.victims: list[tuple[str, int]] = []
+
+    def add(self, key: str, weight: int) -> None:
+        entry = self.entries.get(key)
+        if entry is not None:
+            entry.count += weight
+        elif len(self.entries) < self.capacity:
+            self.entries[key] = Entry(weight, 0)
+        else:
+            self.replace(key, weight)
+
+    def replace(self, key: str, weight: int) -> None:
+        """`key` takes the place of the smallest key (amortised: sorted once per
+        capacity/4 replacements; a victim counted since is skipped)."""
+        entries = self.entries
+        while True:
+            victims = self.victims
+            if not victims:
+                self.refill()
+                continue
+            try:
+                victim, recorded = victims.pop()
+            except IndexError:  # taken meanwhile by another thread (the threaded baseline)
+                continue
+            entry = entries.get(victim)
+            if entry is not None and entry.count == recorded:
+                break
+        entries.pop(victim, None)
+        entries[key] = Entry(recorded + weight, recorded)
+
+    def refill(self) -> None:
+        ordered = sorted(self.entries.items(), key=_count)[:max(1, self.capacity // 4)]
+        self.victims = [(key, entry.count) for key, entry in reversed(ordered)]
+
+    def counts(self) -> dict[str, list[int]]:
+        """KEY → [count, error]."""
+        return {key: [e.count, e.error] for key, e in self.entries.items()}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _count(item: tuple[str, Entry]) -> int:
+    return item[1].count
+
+
+class Slot:
+    """One interval: the client and path sketches of each measure, and the
+    heaviest host and backend deltas (filled when the interval ends)."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.requests = (SpaceSaving(CAPACITY), SpaceSaving(CAPACITY))  # client, path
+        self.bytes = (SpaceSaving(CAPACITY), SpaceSaving(CAPACITY))
+        self.errors = (SpaceSaving(CAPACITY), SpaceSaving(CAPACITY))
+        self.limited = (SpaceSaving(CAPACITY), SpaceSaving(CAPACITY))
+        self.exact: dict[str, dict[str, int]] = {}  # "measure group" → key → count
+
+    def sketch(self, measure: str, group: str) -> SpaceSaving:
+        pair = (self.requests if measure == "requests" else self.bytes if measure == "bytes"
+                else self.errors if measure == "errors" else self.limited)
+        return pair[0] if group == "client" else pair[1]
+
+    def entries(self) -> int:
+        return sum(len(s) for pair in (self.requests, self.bytes, self.errors, self.limited)
+                   for s in pair) + sum(len(d) for d in self.exact.values())
+
+
+class TopTalkers:
+    """One worker's heavy hitters over the last `SLOTS` intervals."""
+
+    def __init__(self, now: float = -1.0) -> None:
+        self.current = Slot(now if now >= 0 else time.monotonic())
+        self.slots: list[Slot] = [self.current]  # oldest first
+        self.totals: dict[str, tuple[int, ...]] = {}  # host or backend → counters at the start
+
+    def note(self, ex: Exchange, paths: dict[bytes, str]) -> None:
+        """Count one finished request (hot path); `paths` is its host's path-key cache."""
+        slot = self.current
+        client = client_of(ex)
+        target = ex.head.target
+        path = paths.get(target)
+        if path is None:
+            path = path_key(ex.route.key, target)
+            if len(paths) < PATH_CACHE:
+                paths[target] = path
+        requests = slot.requests
+        requests[0].add(client, 1)
+        requests[1].add(path, 1)
+        size = ex.sent + ex.received
+        if size:
+            sizes = slot.bytes
+            sizes[0].add(client, size)
+            sizes[1].add(path, size)
+        if ex.status >= 400:
+            errors = slot.errors
+            errors[0].add(client, 1)
+            errors[1].add(path, 1)
+
+    def note_limited(self, ex: Exchange, client: str) -> None:
+        """Count a request a limit refused (`note` counts it as a 429 as well)."""
+        limited = self.current.limited
+        limited[0].add(client, 1)
+        limited[1].add(path_key(ex.route.key, ex.head.target), 1)
+
+    def rotate(self, now: float, hosts: dict[str, Any]) -> None:
+        """End the current interval if it is `SLOT_SECONDS` old: record its host and
+        backend deltas (`hosts`: table key → HostStats) and start the next one."""
+        if now - self.current.start < SLOT_SECONDS:
+            return
+        self.current.exact = self.deltas(hosts, True)
+        self.current = Slot(now)
+        self.slots.append(self.current)
+        if len(self.slots) > SLOTS + 1:
+            del self.slots[0]
+
+    def deltas(self, hosts: dict[str, Any], keep: bool) -> dict[str, dict[str, int]]:
+        """The heaviest hosts and backends since the interval began, per measure
+        (`keep`: the interval ends, the counters now are the next one's start)."""
+        totals = _totals(hosts)
+        out: dict[str, dict[str, int]] = {}
+        for n, measure in enumerate(MEASURES):
+            for group in ("host", "backend"):
+                grown = {key[len(group) + 1:]: now[n] - self.totals.get(key, NOTHING)[n]
+                         for key, now in totals.items() if key.startswith(group + " ")}
+                heaviest = heapq.nlargest(CAPACITY, ((v, k) for k, v in grown.items() if v > 0))
+                out[f"{measure} {group}"] = {k: v for v, k in heaviest}
+        if keep:
+            self.totals = totals
+        return out
+
+    def export(self, measure: str, group: str, window: float, now: float,
+               hosts: dict[str, Any]) -> dict[str, list[int]]:
+        """KEY → [count, error] summed over the intervals that overlap the last
+        `window` seconds (the current one included)."""
+        out: dict[str, list[int]] = {}
+        exact = group in ("host", "backend")
+        for slot in self.slots:
+            if slot.start + SLOT_SECONDS <= now - window:
+                continue
+            if exact:
+                exact_counts = (slot.exact if slot is not self.current
+                                else self.deltas(hosts, False)).get(f"{measure} {group}", {})
+                counts = {key: [n, 0] for key, n in exact_counts.items()}
+            else:
+                counts = slot.sketch(measure, group).counts()
+            for key, (count, error) in counts.items():
+                entry = out.setdefault(key, [0, 0])
+                entry[0] += count
+                entry[1] += error
+        return out
+
+    def entries(self) -> int:
+        """Keys held in every interval (bounded: see the module doc)."""
+        return sum(slot.entries() for slot in self.slots)
+
+
+def _totals(hosts: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """"host KEY" / "backend ADDR" → cumulative (requests, bytes, errors, limited)."""
+    totals: dict[str, tuple[int, ...]] = {}
+    for key, h in list(hosts.items()):
+        errors = sum(n for code, n in h.codes.items() if code >= 400)
+        totals["host " + key] = (h.completed_requests, h.bytes_received + h.bytes_sent,
+                                 errors, h.limited)
+        for address, b in h.backends.items():
+            mine = (sum(b.outcomes.values()), b.bytes, b.failures, 0)
+            seen = totals.get("backend " + address)
+            totals["backend " + address] = mine if seen is None else tuple(
+                x + y for x, y in zip(seen, mine, strict=True))
+    return totals
+
+
+def client_of(ex: Exchange) -> str:
+    """The client of a request: the peer, or on a trusted listener the last
+    X-Forwarded-For entry (what the front proxy saw)."""
+    conn = ex.conn
+    if not conn.ctx.trusted:
+        return conn.client_ip
+    found = b""
+    for _, lname, value in ex.head.headers:
+        if lname == b"x-forwarded-for":
+            found = value
+    if found:
+        last = found.rpartition(b",")[2].strip()
+        if last and len(last) <= MAX_CLIENT:
+            return last.decode("latin-1")
+    return conn.client_ip
+
+
+def path_key(host: str, target: bytes) -> str:
+    """``HOST/SEGMENT``: the host and the first segment of the request path
+    (at most `PATH_PREFIX` bytes, no query)."""
+    end = min(len(target), PATH_PREFIX)
+    for stop in (b"/", b"?"):
+        at = target.find(stop, 1, end)
+        if at > 0:
+            end = at
+    if target[:1] != b"/":
+        return host + " " + target[:end].decode("latin-1")  # "*" or an absolute form
+    return host + target[:end].decode("latin-1")
+
+
+def describe(top: Any) -> dict[str, int]:
+    """How much the sketches hold (for the control socket: memory stays flat)."""
+    per_slot = len(MEASURES) * (2 * CAPACITY + 2 * CAPACITY)
+    return {"entries": top.entries(), "slots": len(top.slots), "bound": (SLOTS + 1) * per_slot}

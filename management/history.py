@@ -1,0 +1,197 @@
+"""One hour of traffic history at 5 s resolution, kept by the management process.
+
+Every `INTERVAL` seconds `History.sample` takes the merged stats (every
+worker's counters) and records, per host and for the whole balancer:
+requests/s, the 5xx share of the requests completed in the interval, and
+the p50/p99 latency of those requests (from the histograms' deltas).
+
+Invariants:
+* Memory is fixed per host: a ring of `POINTS` float32 values per series,
+  at most `MAX_HOSTS` hosts (the others are left out and counted); a host
+  that leaves the stats leaves the history.
+* A counter that went down (counters of a worker not yet folded, a host
+  re-added) yields a gap (null), never a negative rate.
+* It survives a reload of the workers and of the management process itself:
+  `save` writes the rings to the run directory (every `SAVE_EVERY` samples
+  and when the process stops), `load` reads them at start, and a file the
+  previous management process saved after this one loaded (it stops once
+  the new one is ready) is read once more during the first samples.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import math
+import os
+from array import array
+from typing import Any
+
+from management.latency import delta, quantile
+
+INTERVAL = 5.0
+POINTS = 720  # one hour
+MAX_HOSTS = 1000
+SERIES = ("rps", "error_rate", "p50", "p99")
+SAVE_EVERY = 6  # samples between saves (30 s)
+ADOPT_WITHIN = 4  # samples during which a newer saved file replaces this one's history
+FILE_NAME = "history.json"
+TOTAL = ""  # the ring key of the whole balancer
+
+
+def _ring() -> array:
+    return array("f", [math.nan]) * (POINTS * len(SERIES))
+
+
+class History:
+    """The rings of every host and of the whole balancer (see the module doc)."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self.times = array("d", [0.0]) * POINTS  # unix time of each point, 0 = none
+        self.head = 0  # the next point's index
+        self.rings: dict[str, array] = {}
+        self.last: dict[str, Any] = {}  # the previous sample's counters, per key
+        self.last_time = 0.0
+        self.samples = 0  # taken by this process
+        self.loaded_mtime = 0.0
+        self.left_out = 0  # hosts beyond MAX_HOSTS at the last sample
+
+    # recording -------------------------------------------------------------------
+    def sample(self, snapshot: dict[str, Any], now: float) -> None:
+        """Record one point from a merged stats snapshot taken at `now` (unix time)."""
+        hosts = snapshot.get("hosts", {})
+        keys = sorted(hosts)[:MAX_HOSTS]
+        self.left_out = max(0, len(hosts) - MAX_HOSTS)
+        counters = {key: _counters(hosts[key]) for key in keys}
+        counters[TOTAL] = _total(counters.values())
+        seconds = now - self.last_time if self.last_time else 0.0
+        i = self.head
+        for key in list(self.rings):
+            if key not in counters:
+                del self.rings[key]
+        for key, now_counters in counters.items():
+            ring = self.rings.get(key)
+            if ring is None:
+                ring = self.rings[key] = _ring()
+            values = _point(now_counters, self.last.get(key), seconds)
+            for s, value in enumerate(values):
+                ring[s * POINTS + i] = math.nan if value is None else value
+        self.times[i] = now
+        self.head = (i + 1) % POINTS
+        self.last, self.last_time = counters, now
+        self.samples += 1
+        if self.samples % SAVE_EVERY == 0:
+            self.save()
+        elif self.samples <= ADOPT_WITHIN:
+            self.adopt_newer()
+
+    # reading -----------------------------------------------------------------------
+    def view(self, since: float, now: float, host: str | None = None) -> dict[str, Any]:
+        """The points of the last `since` seconds, oldest first: ``{"interval",
+        "times", "total": {SERIES: [...]}, "hosts": {HOST: {SERIES: [...]}}}``."""
+        order = [(self.head + n) % POINTS for n in range(POINTS)]
+        picked = [i for i in order if self.times[i] and self.times[i] >= now - since]
+        hosts = [host] if host is not None else [k for k in self.rings if k != TOTAL]
+        return {"interval": INTERVAL, "times": [round(self.times[i], 3) for i in picked],
+                "total": self._series(TOTAL, picked),
+                "hosts": {k: self._series(k, picked) for k in sorted(hosts) if k in self.rings},
+                "hosts_left_out": self.left_out}
+
+    def _series(self, key: str, picked: list[int]) -> dict[str, list[float | None]]:
+        ring = self.rings.get(key)
+        if ring is None:
+            return {name: [None] * len(picked) for name in SERIES}
+        return {name: [_json(ring[s * POINTS + i]) for i in picked]
+                for s, name in enumerate(SERIES)}
+
+    # keeping it across reloads ------------------------------------------------------
+    def save(self) -> None:
+        """Write the rings to `path` (atomically); a failure is logged by the caller's loop."""
+        if self.path is None:
+            return
+        doc = {"format": 1, "points": POINTS, "series": list(SERIES), "head": self.head,
+               "times": _b64(self.times), "last_time": self.last_time, "last": self.last,
+               "rings": {k: _b64(r) for k, r in self.rings.items()}}
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as out:
+            json.dump(doc, out)
+        os.replace(tmp, self.path)
+
+    def load(self) -> bool:
+        """Read what a previous management process saved; False if there is nothing usable."""
+        if self.path is None:
+            return False
+        try:
+            mtime = os.stat(self.path).st_mtime
+            with open(self.path) as f:
+                doc = json.load(f)
+            if doc.get("points") != POINTS or doc.get("series") != list(SERIES):
+                return False
+            times = _unb64("d", doc["times"], POINTS)
+            rings = {k: _unb64("f", v, POINTS * len(SERIES)) for k, v in doc["rings"].items()}
+            head, last_time = int(doc["head"]) % POINTS, float(doc["last_time"])
+            last = doc["last"] if isinstance(doc.get("last"), dict) else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        self.times, self.rings, self.head = times, rings, head
+        self.last, self.last_time, self.loaded_mtime = last, last_time, mtime
+        return True
+
+    def adopt_newer(self) -> None:
+        """Early on, take a file saved after ours was loaded (the previous process's last)."""
+        with contextlib.suppress(OSError):
+            if self.path and os.stat(self.path).st_mtime > self.loaded_mtime + 1e-6:
+                samples = self.samples
+                if self.load():
+                    self.samples = samples
+
+
+def _counters(h: dict[str, Any]) -> dict[str, Any]:
+    return {"completed": h.get("completed_requests", 0),
+            "errors": h.get("responses", {}).get("5xx", 0),
+            "buckets": h.get("duration", {}).get("buckets") or []}
+
+
+def _total(all_counters: Any) -> dict[str, Any]:
+    total: dict[str, Any] = {"completed": 0, "errors": 0, "buckets": []}
+    for c in all_counters:
+        total["completed"] += c["completed"]
+        total["errors"] += c["errors"]
+        if not total["buckets"]:
+            total["buckets"] = [list(b) for b in c["buckets"]]
+        elif len(c["buckets"]) == len(total["buckets"]):
+            for mine, theirs in zip(total["buckets"], c["buckets"], strict=True):
+                mine[1] += theirs[1]
+    return total
+
+
+def _point(now: dict[str, Any], before: dict[str, Any] | None, seconds: float
+           ) -> tuple[float | None, ...]:
+    """(rps, error_rate, p50, p99) between two samples; None where unknown."""
+    if before is None or seconds <= 0:
+        return (None, None, None, None)
+    done = now["completed"] - before["completed"]
+    errors = now["errors"] - before["errors"]
+    if done < 0 or errors < 0:
+        return (None, None, None, None)
+    buckets = delta(now["buckets"], before.get("buckets"))
+    return (done / seconds, errors / done if done else None,
+            quantile(buckets, 0.5) if done else None, quantile(buckets, 0.99) if done else None)
+
+
+def _json(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 4)
+
+
+def _b64(values: array) -> str:
+    return base64.b64encode(values.tobytes()).decode()
+
+
+def _unb64(code: str, text: str, size: int) -> array:
+    values = array(code)
+    values.frombytes(base64.b64decode(text))
+    if len(values) != size:
+        raise ValueError("wrong size")
+    return values
