@@ -230,6 +230,7 @@ class GeventIO(IO):
         self.connections.add(conn)
 
     def detach(self, conn: Any) -> None:
+        conn.task = None  # its greenlet serves another connection next (balancer.serving)
         self.connections.discard(conn)
 
     # the watchdog's steps ------------------------------------------------
@@ -241,9 +242,8 @@ class GeventIO(IO):
         loop = self.hub.loop
         for conn in [c for c in self.connections if c.deadline < now]:
             conn.deadline = NEVER
-            task = conn.task
-            if task is not None and not task.dead:
-                loop.run_callback(task.throw, TimeoutError("deadline passed"))
+            if conn.task is not None:
+                loop.run_callback(_time_out, conn, conn.task)
 
     def close_idle(self, by: float) -> None:
         for conn in self.connections:
@@ -285,6 +285,13 @@ class GeventIO(IO):
         if not stirred:
             return watch_client
         return not _client_readable(sock)
+
+
+def _time_out(conn: Any, task: Any) -> None:
+    """Throw TimeoutError into `task` if it still serves `conn` (a greenlet goes
+    on to another connection once this one closed)."""
+    if conn.task is task and not task.dead:
+        task.throw(TimeoutError("deadline passed"))
 
 
 def _client_readable(sock: Any) -> bool:

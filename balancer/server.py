@@ -16,8 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent import getcurrent
-from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from balancer.actions import ActionCompiler, fallback_routes
@@ -33,6 +31,7 @@ from balancer.limits import SharedBuckets
 from balancer.netio import IO, GeventIO
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry
+from balancer.serving import Slots
 from balancer.settings import Settings
 from balancer.sketch import SLOT_SECONDS
 from balancer.stats import Stats
@@ -54,29 +53,17 @@ HELD_ANSWER_TIME = 1.0  # seconds held requests get to send their 503 before the
 SHARED_ACCEPT_BATCH = 256  # accept() calls per wake-up when workers share a listener
 
 
-class EagerPool(Pool):
-    """A connection pool whose greenlets start at once when an accept spawns them.
-
-    gevent starts a spawned greenlet from its callback queue, and runs queued
-    callbacks for at most its switch interval (5 ms) per loop iteration,
-    measured from the loop time cached before the iteration's I/O. Once that
-    I/O takes longer (230 ms at 5,000 busy connections) about 50 queued
-    greenlets start per iteration: a burst of 5,000 new connections took 10 s
-    to be served, and wrk counted their first requests as timeouts. An accept
-    runs in the hub, so switching straight into the new greenlet is safe; it
-    returns to the hub, and so to the accept loop, at its first wait.
-    """
-
-    def start(self, greenlet: Any) -> None:
-        self.add(greenlet)
-        if getcurrent() is greenlet.parent:
-            greenlet.switch()
-        else:
-            greenlet.start()
-
-
 class Listener(StreamServer):
-    """gevent's StreamServer whose accept outlives running out of descriptors.
+    """gevent's StreamServer that serves each connection in one of the worker's
+    `Slots` and whose accept outlives running out of descriptors.
+
+    Accepted connections start at once in a reused greenlet
+    (`balancer.serving`), not from gevent's callback queue, which runs for at
+    most the switch interval (5 ms) per loop iteration, measured from the loop
+    time cached before the iteration's I/O: once that I/O took 230 ms (5,000
+    busy connections) about 50 queued greenlets started per iteration, and a
+    burst of 5,000 new connections took 10 s to be served. While the slots are
+    full the listener stops accepting; the slot that frees resumes it.
 
     gevent logs a traceback for every failed accept (once a second under
     EMFILE, outside the log format) and retries within 10 ms. Here an
@@ -84,10 +71,19 @@ class Listener(StreamServer):
     seconds, as nginx does (`balancer.descriptors`).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, sock: socket.socket, handle: Callable[..., Any], slots: Slots) -> None:
+        super().__init__(sock, handle, spawn=None)
+        self.slots = slots
+        slots.on_free.append(self.resume)
         self.exhausted_since: float | None = None  # the episode under way
         self.pause_timer: Any = None
+
+    def full(self) -> bool:
+        return self.slots.is_full()
+
+    def do_handle(self, *args: Any) -> None:
+        """Serve an accepted (socket, address) in a slot (the handler closes the socket)."""
+        self.slots.start(self._handle, args)
 
     def do_read(self) -> Any:
         try:
@@ -108,7 +104,7 @@ class Listener(StreamServer):
             self.exhausted_since = time.monotonic()
             log.error("accept on %s failed: %s; pausing accepts for %.1f s at a time until "
                       "descriptors free up (%d connections open)", self.address,
-                      exc.strerror or exc, ACCEPT_PAUSE, len(self.pool or ()))
+                      exc.strerror or exc, ACCEPT_PAUSE, len(self.slots))
         self.stop_accepting()
         if self.pause_timer is None:
             self.pause_timer = gevent.get_hub().loop.timer(ACCEPT_PAUSE)
@@ -116,10 +112,12 @@ class Listener(StreamServer):
             self.pause_timer.start(self.resume)
 
     def resume(self) -> None:
-        if self.started:
+        if self.started and not self.full():
             self.start_accepting()
 
     def close(self) -> None:
+        if self.resume in self.slots.on_free:
+            self.slots.on_free.remove(self.resume)
         if self.pause_timer is not None:
             self.pause_timer.close()
             self.pause_timer = None
@@ -177,7 +175,7 @@ class Worker:
         limits = settings.limits
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
         self.servers: list[Listener] = []
-        self.pool = EagerPool(self.max_connections)
+        self.slots = Slots(self.max_connections)  # the greenlets serving clients
         self.contexts: list[Context] = []
         self.draining = False  # stopped accepting; every response closes its connection
         self.stopping = False  # the watcher and the watchdog end
@@ -213,7 +211,7 @@ class Worker:
         for sock, trusted in sockets:
             ctx = self.context(trusted)
             self.contexts.append(ctx)
-            server = Listener(sock, lambda s, a, c=ctx: handle_client(s, a, c), spawn=self.pool)
+            server = Listener(sock, lambda s, a, c=ctx: handle_client(s, a, c), self.slots)
             server.max_accept = self.accept_batch()
             server.start()
             self.servers.append(server)
@@ -277,13 +275,13 @@ class Worker:
             ctx.draining = True
         for server in self.servers:
             server.close()
-        self.pool.join(timeout=graceful)
+        self.slots.join(timeout=graceful)
         if self.compiler.holds.count:  # still held at the end of a reload's drain
             self.release_held()  # each gets its 503, never an empty reply
-            self.pool.join(timeout=HELD_ANSWER_TIME)
+            self.slots.join(timeout=HELD_ANSWER_TIME)
         self.stopping = True
         self.failure_report.report()  # the last second's 502/504
-        self.pool.kill(block=True, timeout=1)
+        self.slots.kill(timeout=1)
         self.health.stop()
         self.access_log.close()
         self.store.close()

@@ -1,6 +1,8 @@
-"""The balancer's per-request Python cost, without sockets, gevent or the kernel.
+"""The balancer's per-request Python cost, without sockets, gevent or the kernel;
+and (``--sockets``) the cost of a whole connection through a real gevent worker.
 
 ``python scripts/bench_hotpath.py [--requests 20000] [--instructions]``
+``python scripts/bench_hotpath.py --sockets close|keep-alive [--requests 1000] [--instructions]``
 
 One `ClientConnection` from a real `Worker` (file-store-shaped table: ``*`` →
 one backend) serves scripted sockets: the client socket hands out a wrk-like
@@ -17,11 +19,30 @@ else: no syscalls, no event loop.
   by the extra requests, so start-up cancels out. Deterministic to ~0.1 %:
   the figure to compare two versions of the code by.
 
+``--sockets MODE`` runs the real thing in this process instead: a gevent
+`Worker` (GeventIO, monkey-patched sockets) listening on loopback, in front
+of a keep-alive backend that a helper process (``--peer``, never under
+valgrind) runs along with a client making the requests one after another:
+``close``, a new connection per request (``Connection: close``: accept,
+greenlet, connection set-up, parse, proxy, close), or ``keep-alive``, every
+request on one connection. The difference of the two per-request figures is
+what a new connection costs the worker in user space (issue 21);
+``--instructions`` counts it under callgrind the same way (the client and
+the backend run outside valgrind, the kernel's share is not counted:
+``strace -c`` counts the syscalls).
+
 Used for issue 2's speed work; `scripts/bench_proxy.py` is the end-to-end
 benchmark (wrk, nginx, HAProxy).
 """
 
 from __future__ import annotations
+
+import sys
+
+if "--sockets" in sys.argv:  # a real gevent worker: patched before anything imports socket
+    from gevent import monkey
+
+    monkey.patch_all()
 
 import argparse
 import gc
@@ -29,7 +50,7 @@ import os
 import re
 import socket
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -98,9 +119,12 @@ class Store:
     display_url = "bench:"
     quiet = True
 
+    def __init__(self, backend: str = "127.0.0.1:9") -> None:
+        self.backend = backend
+
     def load(self) -> SimpleNamespace:
         return SimpleNamespace(version=1, hosts={
-            "*": {"action": "proxy", "backends": ["127.0.0.1:9"]}})
+            "*": {"action": "proxy", "backends": [self.backend]}})
 
     def identity(self) -> str:
         return "bench"
@@ -144,16 +168,109 @@ def run(requests: int) -> float:
     return best / requests * 1e6
 
 
-def instructions() -> float:
-    """Instructions per request under callgrind (difference of two run lengths)."""
+def instructions(extra: list[str], short: int, long: int, per: int) -> float:
+    """Instructions per request under callgrind: two runs of `short` and `long`
+    requests, the difference divided by the `per` extra requests it made."""
     counts = []
-    for requests in (100, 1100):
+    for requests in (short, long):
         out = subprocess.run(
             ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-             os.path.realpath(sys.executable), __file__, "--requests", str(requests)],
+             os.path.realpath(sys.executable), __file__, "--requests", str(requests), *extra],
             capture_output=True, text=True, check=True).stderr
         counts.append(int(re.search(r"Collected : (\d+)", out).group(1)))
-    return (counts[1] - counts[0]) / (1000 * PASSES)
+    return (counts[1] - counts[0]) / per
+
+
+# --sockets: a real gevent worker, its backend and client in a helper process -------
+CLOSE_REQUEST = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+PEER_TIMEOUT = 60.0  # seconds any helper socket waits (valgrind is ~50x slower)
+
+
+def run_sockets(mode: str, requests: int) -> float:
+    """µs per request through a gevent worker on loopback (wall clock, this process)."""
+    from gevent import subprocess as gsubprocess
+
+    from balancer.addr import parse_addr
+    from balancer.server import bind
+
+    peer = gsubprocess.Popen([sys.executable, __file__, "--peer", mode, str(requests)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    backend = int(peer.stdout.readline())
+    worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}),
+                    Store(f"127.0.0.1:{backend}"))
+    if not worker.apply(worker.store.load()):
+        raise SystemExit("the table did not compile")
+    listener = bind(parse_addr("127.0.0.1:0"))
+    worker.listen([(listener, False)])
+    gc.freeze()
+    start = time.perf_counter()
+    peer.stdin.write(b"%d\n" % listener.getsockname()[1])
+    peer.stdin.flush()
+    answered = int(peer.stdout.readline() or 0)
+    elapsed = time.perf_counter() - start
+    peer.wait()
+    if answered != requests:
+        raise SystemExit(f"only {answered} of {requests} requests answered")
+    return elapsed / requests * 1e6
+
+
+def peer(mode: str, requests: int) -> None:
+    """The helper: a keep-alive backend, then a client making `requests` requests
+    (stdout: the backend's port, then how many were answered whole)."""
+    backend = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=_backend_loop, args=(backend,), daemon=True).start()
+    print(backend.getsockname()[1], flush=True)
+    port = int(sys.stdin.readline())
+    answered = 0
+    if mode == "close":
+        for _ in range(requests):
+            with socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT) as conn:
+                conn.sendall(CLOSE_REQUEST)
+                answered += _read_to_eof(conn).endswith(PAGE)
+    else:
+        with socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT) as conn:
+            for _ in range(requests):
+                conn.sendall(REQUEST)
+                answered += _read_response(conn)
+    print(answered, flush=True)
+
+
+def _backend_loop(listener: socket.socket) -> None:
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=_answer_loop, args=(conn,), daemon=True).start()
+
+
+def _answer_loop(conn: socket.socket) -> None:
+    """Answer every request head on `conn` with RESPONSE (keep-alive)."""
+    buffer = b""
+    with conn:
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buffer += data
+            buffer = buffer.split(b"\r\n\r\n", 1)[1]
+            conn.sendall(RESPONSE)
+
+
+def _read_to_eof(conn: socket.socket) -> bytes:
+    pieces = []
+    while data := conn.recv(65536):
+        pieces.append(data)
+    return b"".join(pieces)
+
+
+def _read_response(conn: socket.socket) -> bool:
+    """Read one response whose body is the page; whether it came whole."""
+    data = b""
+    while not data.endswith(PAGE):
+        more = conn.recv(65536)
+        if not more:
+            return False
+        data += more
+    return True
 
 
 def main() -> None:
@@ -161,9 +278,21 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000, help="requests per pass")
     parser.add_argument("--instructions", action="store_true",
                         help="count instructions per request under callgrind")
+    parser.add_argument("--sockets", choices=("close", "keep-alive"),
+                        help="a real gevent worker on loopback; close: a new connection "
+                             "per request")
+    parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.instructions:
-        print(f"{instructions():,.0f} instructions per request")
+    if args.peer:
+        peer(args.peer[0], int(args.peer[1]))
+    elif args.sockets and args.instructions:
+        count = instructions(["--sockets", args.sockets], 200, 1200, 1000)
+        print(f"{count:,.0f} instructions per request ({args.sockets}, real sockets)")
+    elif args.sockets:
+        print(f"{run_sockets(args.sockets, args.requests):.2f} µs per request "
+              f"({args.sockets}, real sockets, wall clock)")
+    elif args.instructions:
+        print(f"{instructions([], 100, 1100, 1000 * PASSES):,.0f} instructions per request")
     else:
         print(f"{run(args.requests):.2f} µs per request (best of {PASSES} passes)")
 

@@ -10,6 +10,7 @@ import sys
 from types import SimpleNamespace
 
 import gevent
+import greenlet
 import pytest
 
 from balancer.addr import parse_backend_addr
@@ -17,7 +18,8 @@ from balancer.errors import ConnectError
 from balancer.netio import IO, GeventIO
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseParser
-from balancer.server import SHARED_ACCEPT_BATCH, EagerPool, Worker
+from balancer.server import SHARED_ACCEPT_BATCH, Worker
+from balancer.serving import Slots
 from balancer.settings import load_settings
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -42,34 +44,102 @@ def worker(**flags: object) -> Worker:
     return Worker(load_settings(flags=flags, env={}), NoStore())
 
 
-# accepted connections start at once ------------------------------------------------
-def test_a_greenlet_spawned_from_the_hub_runs_before_spawn_returns() -> None:
-    pool, order = EagerPool(10), []
+# accepted connections start at once, in greenlets kept for the next one -----------
+def test_a_connection_started_from_the_hub_runs_before_start_returns() -> None:
+    slots, order = Slots(10), []
 
     def accept() -> None:  # runs in the hub, as StreamServer's accept callback does
-        pool.spawn(order.append, "served")
-        order.append("spawn returned")
+        slots.start(order.append, ("served",))
+        order.append("start returned")
 
     gevent.get_hub().loop.run_callback(accept)
     gevent.sleep(0)
-    pool.join(timeout=5)
-    assert order == ["served", "spawn returned"]
+    assert slots.join(timeout=5)
+    assert order == ["served", "start returned"]
 
 
-def test_a_greenlet_spawned_elsewhere_starts_from_the_loop_as_usual() -> None:
-    pool, order = EagerPool(10), []
-    pool.spawn(order.append, "served")
-    order.append("spawn returned")
-    pool.join(timeout=5)
-    assert order == ["spawn returned", "served"]
+def test_a_connection_started_elsewhere_starts_from_the_loop() -> None:
+    slots, order = Slots(10), []
+    slots.start(order.append, ("served",))
+    order.append("start returned")
+    assert slots.join(timeout=5)
+    assert order == ["start returned", "served"]
 
 
-def test_the_eager_pool_still_counts_against_its_size() -> None:
-    pool = EagerPool(2)
-    blockers = [pool.spawn(gevent.sleep, 0.2) for _ in range(2)]
-    assert pool.full()
-    gevent.joinall(blockers, timeout=5)
-    assert not pool.full() and len(pool) == 0
+def test_slots_count_against_their_size_and_are_reused() -> None:
+    slots, seen = Slots(2), []
+
+    def serve(seconds: float) -> None:
+        seen.append(greenlet.getcurrent())
+        gevent.sleep(seconds)
+
+    for _ in range(2):
+        slots.start(serve, (0.05,))
+    gevent.sleep(0)
+    assert slots.is_full() and len(slots) == 2
+    assert slots.join(timeout=5)
+    assert not slots.is_full() and len(slots) == 0 and len(slots.idle) == 2
+    slots.start(serve, (0,))
+    assert slots.join(timeout=5)
+    assert seen[2] in seen[:2]  # a parked greenlet served the third connection
+    assert len(slots.idle) == 2
+
+
+def test_a_failing_handler_frees_its_slot_and_its_greenlet_serves_again() -> None:
+    slots, served = Slots(1), []
+
+    def boom() -> None:
+        raise ValueError("a bug in a handler")
+
+    gevent.get_hub().handle_error = lambda *args: served.append("reported")  # type: ignore
+    try:
+        slots.start(boom, ())
+        assert slots.join(timeout=5)
+        slots.start(served.append, ("next",))
+        assert slots.join(timeout=5)
+    finally:
+        del gevent.get_hub().handle_error
+    assert served == ["reported", "next"] and not slots.is_full()
+
+
+def test_a_late_timeout_for_an_ended_connection_is_dropped_while_parked() -> None:
+    slots, served = Slots(4), []
+    slots.start(served.append, ("first",))
+    assert slots.join(timeout=5)
+    parked = slots.idle[0]
+    gevent.get_hub().loop.run_callback(parked.throw, TimeoutError("deadline passed"))
+    gevent.sleep(0)
+    slots.start(served.append, ("second",))
+    assert slots.join(timeout=5)
+    assert served == ["first", "second"] and slots.idle == [parked]
+
+
+def test_kill_ends_served_and_parked_greenlets() -> None:
+    slots, ended = Slots(4), []
+
+    def serve() -> None:
+        try:
+            gevent.sleep(30)
+        finally:
+            ended.append("cleaned up")
+
+    slots.start(ended.append, ("served",))
+    assert slots.join(timeout=5)
+    parked = slots.idle[0]
+    slots.start(serve, ())
+    slots.start(serve, ())
+    gevent.sleep(0)
+    slots.kill(timeout=5)
+    assert ended == ["served", "cleaned up", "cleaned up"] and len(slots) == 0
+    assert parked.dead and not slots.idle
+
+
+def test_a_worker_keeps_at_most_keep_parked_greenlets() -> None:
+    slots = Slots(10, keep=1)
+    for _ in range(3):
+        slots.start(gevent.sleep, (0.01,))
+    assert slots.join(timeout=5)
+    assert len(slots.idle) == 1
 
 
 # accept batches and pool sizes ---------------------------------------------------

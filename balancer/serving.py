@@ -1,0 +1,118 @@
+"""The greenlets that serve client connections, kept from one connection to the next.
+
+A new connection used to cost a new gevent `Greenlet` in a `Pool`: the
+object, its link machinery, the pool's semaphore and set, a callback to
+discard it when it ended, and a fresh C stack plus (CPython 3.11) a 16 KiB
+frame data stack mapped and unmapped around it (an ``mmap``/``munmap`` pair
+per connection under ``strace``). Here a plain greenlet serves a connection,
+then parks in `Slots.idle` and serves the next one: accepting costs a switch.
+
+Invariants:
+* At most `size` connections are served at once (`is_full`); listeners stop
+  accepting while full and resume (`on_free`) as soon as a slot frees.
+* A greenlet serves one connection at a time: whatever it was told about its
+  last connection is over once that connection's handler returned (the
+  connection detaches from the worker's `IO` first, so the watchdog no longer
+  throws into it; a timeout thrown before that and delivered late is dropped
+  while the greenlet is parked).
+* At most `keep` greenlets are parked; past that a finished greenlet ends.
+* An accept runs in the hub: the greenlet starts at once and returns to the
+  hub at its first wait (see `start`); elsewhere it starts from the loop.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from gevent import get_hub, getcurrent
+from gevent.event import Event
+from greenlet import GreenletExit, greenlet
+
+KEEP_IDLE = 256  # parked greenlets kept for the next burst of connections
+
+
+class Slots:
+    """Up to `size` greenlets serving connections, reused from one to the next."""
+
+    def __init__(self, size: int, keep: int = KEEP_IDLE) -> None:
+        self.size = size
+        self.keep = keep
+        self.hub: Any = get_hub()
+        self.busy: set[greenlet] = set()  # greenlets serving a connection now
+        self.idle: list[greenlet] = []  # parked, each waiting for its next connection
+        self.on_free: list[Callable[[], None]] = []  # told when a full set frees a slot
+        self.empty = Event()  # set while nothing is being served
+        self.empty.set()
+
+    def __len__(self) -> int:
+        return len(self.busy)
+
+    def __repr__(self) -> str:
+        return f"<Slots busy={len(self.busy)}/{self.size} idle={len(self.idle)}>"
+
+    def is_full(self) -> bool:
+        return len(self.busy) >= self.size
+
+    def start(self, handle: Callable[..., Any], args: tuple) -> None:
+        """Serve `handle(*args)` in a parked greenlet, or a new one."""
+        task = self.idle.pop() if self.idle else greenlet(self._serve_loop, self.hub)
+        self.busy.add(task)
+        self.empty.clear()
+        if getcurrent() is self.hub:
+            task.switch(handle, args)
+        else:
+            self.hub.loop.run_callback(task.switch, handle, args)
+
+    def _serve_loop(self, handle: Callable[..., Any], args: tuple) -> None:
+        me = getcurrent()
+        while True:
+            try:
+                handle(*args)
+            except GreenletExit:
+                self._finished(me)
+                return
+            except BaseException:  # noqa: BLE001 - reported as gevent reports a greenlet's
+                self.hub.handle_error(me, *sys.exc_info())
+            self._finished(me)
+            if len(self.idle) >= self.keep:
+                return
+            self.idle.append(me)
+            handle, args = self._park()
+
+    def _park(self) -> tuple[Callable[..., Any], tuple]:
+        """Wait in the hub for the next connection (`start` switches it in)."""
+        while True:
+            try:
+                return self.hub.switch()
+            except TimeoutError:
+                continue  # the watchdog's throw for the connection that just ended
+
+    def _finished(self, task: greenlet) -> None:
+        busy = self.busy
+        was_full = len(busy) >= self.size
+        busy.discard(task)
+        if not busy:
+            self.empty.set()
+        if was_full:
+            for resume in self.on_free:
+                resume()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no connection is served (or `timeout`); whether none is."""
+        return self.empty.wait(timeout)
+
+    def kill(self, timeout: float = 1.0) -> None:
+        """End every connection being served (GreenletExit in each) and every
+        parked greenlet; waits up to `timeout` for the served ones to finish."""
+        idle, self.idle, self.keep = self.idle, [], 0
+        loop = self.hub.loop
+        for task in [*idle, *self.busy]:  # thrown from the hub: each returns to it
+            loop.run_callback(_end, task)
+        self.join(timeout)
+
+
+def _end(task: greenlet) -> None:
+    if not task.dead:
+        task.throw(GreenletExit)
