@@ -371,9 +371,7 @@ def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
     stats.open_connections += 1
     conn = ClientConnection(sock, address, ctx)
     io.attach(conn)
-    try:
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:  # TCP_NODELAY came with the socket: listeners have it (`balancer.server.bind`)
         conn.serve()
     except OSError:
         pass

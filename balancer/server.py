@@ -209,6 +209,9 @@ class Worker:
     def listen(self, sockets: list[tuple[socket.socket, bool]]) -> None:
         """Serve clients on already-bound sockets; (socket, trusted) pairs."""
         for sock, trusted in sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # accepted sockets inherit it: no setsockopt per connection
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             ctx = self.context(trusted)
             self.contexts.append(ctx)
             server = Listener(sock, lambda s, a, c=ctx: handle_client(s, a, c), self.slots)

@@ -216,3 +216,24 @@ def test_a_serving_worker_collects_less_often() -> None:
     threshold, wanted, frozen = json.loads(out)
     assert threshold == wanted and threshold[0] > 700
     assert frozen > 1000  # start-up objects moved out of every collection
+
+
+# TCP_NODELAY: set once on the listener, inherited by every accepted socket -------
+def test_listening_sets_nodelay_once_and_accepted_sockets_inherit_it() -> None:
+    w = worker()
+    listener = socket.create_server(("127.0.0.1", 0))  # made without TCP_NODELAY
+    assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    listener.setblocking(False)
+    w.listen([(listener, False)])
+    try:
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        probe = socket.create_server(("127.0.0.1", 0))
+        probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with socket.create_connection(probe.getsockname(), timeout=5):
+            accepted, _ = probe.accept()  # what the handler no longer sets itself
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            accepted.close()
+        probe.close()
+    finally:
+        for server in w.servers:
+            server.close()
