@@ -10,6 +10,9 @@ Invariants:
 * Sockets are read and written through the worker's `balancer.netio.IO`
   (`ctx.io`): its streams, its deadlines. The threaded baseline runs the very
   same code with the blocking `IO`.
+* Between requests, with nothing pipelined, a connection is parked where the
+  IO can (`GeventIO.park`): no greenlet waits for it, `resume_client` goes
+  on when it is readable and `expire_client` closes it at its deadline.
 * Every wait is bounded by `arm`: with socket timeouts (blocking `IO`), or
   under gevent by a per-connection deadline that the worker's watchdog
   enforces by raising TimeoutError in the overdue greenlet. gevent socket
@@ -158,7 +161,8 @@ class ClientConnection:
         self.parser = RequestParser(ctx.limits)
         self.events = self.parser.events
         self.deadline = NEVER  # enforced by the watchdog (gevent's `IO`)
-        self.task: Any = None  # the greenlet serving this connection (gevent's `IO`)
+        self.task: Any = None  # the greenlet serving this connection (gevent's `IO`);
+        # None while it is parked between requests
         # True only while waiting for the first byte of a request: closing the
         # connection then loses nothing (a draining worker does so)
         self.idle = False
@@ -181,15 +185,32 @@ class ClientConnection:
         """No deadline (a held request waits on its own timeout)."""
         self.deadline = NEVER
 
-    def serve(self) -> None:
-        """Handle requests until the client or a response closes the connection."""
+    def serve(self) -> bool:
+        """Handle requests until the client or a response closes the connection
+        (False), or until it waits for its next request parked (True: open,
+        with no task of its own until its next readiness; `IO.park`)."""
         try:
             head = self.read_head(False)
             # after a response the next request is rarely there yet: wait first
             while head is not None and self.handle(head):
+                if self.park():
+                    return True
                 head = self.read_head(True)
         except ProtocolError as exc:
             self.reject(exc)
+        return False
+
+    def park(self) -> bool:
+        """Between requests with none pipelined: wait parked (within client_idle)
+        if the IO can; whether it did."""
+        events = self.events
+        while events and events[0] is END:
+            events.popleft()
+        if events or self.parser.upgraded:
+            return False
+        self.arm(self.sock, self.ctx.timeouts.client_idle)
+        self.idle = True
+        return self.io.park(self)
 
     def read_head(self, wait_first: bool) -> RequestHead | None:
         """The next request head, or None when the connection should close."""
@@ -365,17 +386,42 @@ def access_record(ex: Exchange, elapsed: float) -> tuple:
             ex.request_id, ex.backend or None, elapsed, ex.backend_time or None)
 
 
-def handle_client(sock: socket.socket, address: Any, ctx: Context) -> None:
-    """Serve one accepted client connection to the end, then close it."""
-    stats, io = ctx.stats, ctx.io
-    stats.open_connections += 1
+def handle_client(sock: socket.socket, address: Any, ctx: Context) -> bool:
+    """Serve one accepted client connection until it closes (False) or is parked
+    between requests (True: `resume_client` goes on with it)."""
+    ctx.stats.open_connections += 1
+    # TCP_NODELAY came with the socket: listeners have it (`balancer.server.bind`)
     conn = ClientConnection(sock, address, ctx)
-    io.attach(conn)
-    try:  # TCP_NODELAY came with the socket: listeners have it (`balancer.server.bind`)
-        conn.serve()
+    ctx.io.attach(conn)
+    return run_client(conn)
+
+
+def resume_client(conn: ClientConnection) -> bool:
+    """Go on serving a parked connection, now readable (as `handle_client`)."""
+    conn.io.attach(conn)
+    return run_client(conn)
+
+
+def expire_client(conn: ClientConnection) -> bool:
+    """Close a parked connection whose client_idle passed (or that a drain ends)."""
+    conn.io.attach(conn)
+    end_client(conn)
+    return False
+
+
+def run_client(conn: ClientConnection) -> bool:
+    parked = False
+    try:
+        parked = conn.serve()
     except OSError:
         pass
     finally:
-        conn.close()
-        stats.open_connections -= 1
-        io.detach(conn)
+        if not parked:
+            end_client(conn)
+    return parked
+
+
+def end_client(conn: ClientConnection) -> None:
+    conn.close()
+    conn.ctx.stats.open_connections -= 1
+    conn.io.detach(conn)

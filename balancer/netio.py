@@ -26,6 +26,10 @@ Invariants:
 * A worker has exactly one `IO`; every stream of the worker comes from it.
 * Whoever owns a stream closes it (`close`): its socket, readiness watcher
   and held writes go with it.
+* Under gevent a keep-alive client connection waiting for its next request
+  is `park`ed: no greenlet (and no greenlet stack) is kept for it; its
+  readiness or its deadline hands it to a greenlet again. It still counts as
+  open (`connections`), and its deadline is enforced as any other's.
 * An idle pooled connection is `park`ed; `is_clean` is then False as soon as
   anything (bytes or EOF) arrived on it, and such a connection is never used
   again (a backend's stray response or `408` would reach the next client).
@@ -182,6 +186,11 @@ class IO:
     def detach(self, conn: Any) -> None:
         """The client connection is closed."""
 
+    def park(self, conn: Any) -> bool:
+        """Let the keep-alive connection `conn` wait for its next request with no
+        task of its own; False: this IO cannot, the caller waits itself."""
+        return False
+
     # the watchdog's steps (socket timeouts bound every wait: nothing to enforce)
     def tick(self) -> float:
         """Advance the clock deadlines are armed against; returns it."""
@@ -210,6 +219,11 @@ class GeventIO(IO):
     def __init__(self) -> None:
         self.hub: Any = get_hub()
         self.outbox = Outbox(self.hub.loop)
+        # runs (handler, args) in a greenlet (the worker's `balancer.serving.Slots.resume`);
+        # None: connections are never parked
+        self.resume: Any = None
+        self.on_wake: Any = None  # handler of a parked connection's next request
+        self.on_expire: Any = None  # handler of a parked connection that timed out
         # time.monotonic() as of the watchdog's last `tick`: deadlines are
         # enforced at tick granularity, so arming against it is as exact and
         # costs no call
@@ -233,6 +247,24 @@ class GeventIO(IO):
         conn.task = None  # its greenlet serves another connection next (balancer.serving)
         self.connections.discard(conn)
 
+    def park(self, conn: Any) -> bool:
+        """The connection's task ends; its next readiness (or its deadline) gives
+        it to a greenlet again (`on_wake` / `on_expire`, through `resume`). An
+        encrypted stream (no `Readable`) may hold decrypted bytes: never parked."""
+        stream = conn.stream
+        if self.resume is None or not isinstance(stream, EventedStream):
+            return False
+        conn.task = None
+        stream.watcher.park(self._wake, conn)
+        return True
+
+    def _wake(self, conn: Any) -> None:
+        self.resume(self.on_wake, (conn,))
+
+    def _expire_parked(self, conn: Any) -> None:
+        if conn.task is None and conn.stream.watcher.unpark():
+            self.resume(self.on_expire, (conn,))
+
     # the watchdog's steps ------------------------------------------------
     def tick(self) -> float:
         self.now = now = time.monotonic()
@@ -244,6 +276,8 @@ class GeventIO(IO):
             conn.deadline = NEVER
             if conn.task is not None:
                 loop.run_callback(_time_out, conn, conn.task)
+            else:  # parked
+                loop.run_callback(self._expire_parked, conn)
 
     def close_idle(self, by: float) -> None:
         for conn in self.connections:

@@ -18,6 +18,10 @@ level-triggered epoll cannot spin on it; the next wait starts it again.
 What waiting first saves is measured in docs/ARCHITECTURE.md ("Hot path
 notes").
 
+An idle keep-alive client connection is `park`ed: no greenlet waits for
+it; the readiness calls the function it was parked with (in the hub), which
+hands the connection to a greenlet again (`balancer.netio.GeventIO.park`).
+
 An idle pooled backend connection keeps its watcher started too
 (`watch_idle`): a readiness nobody waits for then marks it `stirred` (the
 backend wrote or closed on a connection with no request), and the pool drops
@@ -26,7 +30,8 @@ it instead of handing it to the next request (`balancer.netio`).
 Invariants:
 * Only gevent's sockets have a `Readable` (`balancer.netio.EventedStream`);
   whoever owns the socket closes its watcher when closing it.
-* One greenlet at a time waits on a `Readable`. An exception thrown into it
+* One greenlet at a time waits on a `Readable`, and only while it is not
+  parked. An exception thrown into it
   while it waits (the watchdog's TimeoutError) ends the wait, and the
   readiness then finds nobody waiting.
 """
@@ -44,13 +49,15 @@ READ: Final = 1  # libev's EV_READ
 class Readable:
     """A socket's read readiness, watched for the socket's whole life."""
 
-    __slots__ = ("io", "hub", "waiter", "stirred")
+    __slots__ = ("io", "hub", "waiter", "stirred", "on_ready", "ready_arg")
 
     def __init__(self, sock: socket.socket) -> None:
         self.hub = get_hub()
         self.io: Any = self.hub.loop.io(sock.fileno(), READ)  # None once closed
         self.waiter: Any = None  # the greenlet parked in `wait`
         self.stirred = False  # readable while nobody waited (since `watch_idle`)
+        self.on_ready: Any = None  # called with ready_arg at the readiness (`park`)
+        self.ready_arg: Any = None
 
     def wait(self) -> None:
         """Park the current greenlet until the socket is readable."""
@@ -64,14 +71,35 @@ class Readable:
             self.waiter = None
 
     def _ready(self) -> None:
-        """The loop's callback (in the hub): wake the waiter, or stop watching."""
+        """The loop's callback (in the hub): wake the waiter, call what the socket
+        was parked with, or stop watching."""
         waiter = self.waiter
         if waiter is None:
+            on_ready = self.on_ready
+            if on_ready is not None:
+                arg = self.ready_arg
+                self.on_ready = self.ready_arg = None
+                on_ready(arg)
+                return
             self.io.stop()
             self.stirred = True
             return
         self.waiter = None
         waiter.switch()
+
+    def park(self, on_ready: Any, arg: Any) -> None:
+        """Nobody waits, but the next readiness calls `on_ready(arg)` in the hub."""
+        self.on_ready = on_ready
+        self.ready_arg = arg
+        io = self.io
+        if not io.active:
+            io.start(self._ready)
+
+    def unpark(self) -> bool:
+        """Forget what `park` was told; whether it was still parked."""
+        parked = self.on_ready is not None
+        self.on_ready = self.ready_arg = None
+        return parked
 
     def watch_idle(self) -> None:
         """Nobody will wait for a while and nothing should arrive meanwhile:
@@ -88,6 +116,7 @@ class Readable:
 
     def close(self) -> None:
         """Stop watching for good (again: nothing happens)."""
+        self.on_ready = self.ready_arg = None
         if self.io is not None:
             self.io.close()
             self.io = None

@@ -20,7 +20,7 @@ from gevent.server import StreamServer
 
 from balancer.actions import ActionCompiler, fallback_routes
 from balancer.addr import Address
-from balancer.connection import Context, handle_client
+from balancer.connection import Context, expire_client, handle_client, resume_client
 from balancer.descriptors import ACCEPT_PAUSE, connection_cap, is_exhausted, is_skipped, soft_limit
 from balancer.failures import FailureReport
 from balancer.following import TableFollower
@@ -176,6 +176,10 @@ class Worker:
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
         self.servers: list[Listener] = []
         self.slots = Slots(self.max_connections)  # the greenlets serving clients
+        if isinstance(self.io, GeventIO):  # idle keep-alive connections wait with no greenlet
+            self.io.resume = self.slots.resume
+            self.io.on_wake = resume_client
+            self.io.on_expire = expire_client
         self.contexts: list[Context] = []
         self.draining = False  # stopped accepting; every response closes its connection
         self.stopping = False  # the watcher and the watchdog end

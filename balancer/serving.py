@@ -7,9 +7,15 @@ frame data stack mapped and unmapped around it (an ``mmap``/``munmap`` pair
 per connection under ``strace``). Here a plain greenlet serves a connection,
 then parks in `Slots.idle` and serves the next one: accepting costs a switch.
 
+A handler returns whether it left its connection open and parked (a
+keep-alive connection between requests, `balancer.netio.GeventIO.park`):
+such a connection holds no greenlet until `resume` hands it to one again.
+
 Invariants:
-* At most `size` connections are served at once (`is_full`); listeners stop
-  accepting while full and resume (`on_free`) as soon as a slot frees.
+* At most `size` connections are open at once (`is_full`), counted from
+  `start` until a handler returns without parking its connection (or
+  raises); listeners stop accepting while full and resume (`on_free`) as soon
+  as a connection closes.
 * A greenlet serves one connection at a time: whatever it was told about its
   last connection is over once that connection's handler returned (the
   connection detaches from the worker's `IO` first, so the watchdog no longer
@@ -23,10 +29,11 @@ Invariants:
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
-from gevent import get_hub, getcurrent
+from gevent import get_hub, getcurrent, sleep
 from gevent.event import Event
 from greenlet import GreenletExit, greenlet
 
@@ -40,26 +47,33 @@ class Slots:
         self.size = size
         self.keep = keep
         self.hub: Any = get_hub()
+        self.open = 0  # connections open: being served, or parked between requests
         self.busy: set[greenlet] = set()  # greenlets serving a connection now
         self.idle: list[greenlet] = []  # parked, each waiting for its next connection
         self.on_free: list[Callable[[], None]] = []  # told when a full set frees a slot
-        self.empty = Event()  # set while nothing is being served
+        self.empty = Event()  # set while no connection is open
         self.empty.set()
 
     def __len__(self) -> int:
-        return len(self.busy)
+        return self.open
 
     def __repr__(self) -> str:
-        return f"<Slots busy={len(self.busy)}/{self.size} idle={len(self.idle)}>"
+        return (f"<Slots open={self.open}/{self.size} busy={len(self.busy)} "
+                f"idle={len(self.idle)}>")
 
     def is_full(self) -> bool:
-        return len(self.busy) >= self.size
+        return self.open >= self.size
 
     def start(self, handle: Callable[..., Any], args: tuple) -> None:
-        """Serve `handle(*args)` in a parked greenlet, or a new one."""
+        """Serve a new connection: `handle(*args)` in a parked greenlet, or a new one."""
+        self.open += 1
+        self.empty.clear()
+        self.resume(handle, args)
+
+    def resume(self, handle: Callable[..., Any], args: tuple) -> None:
+        """Go on with an open connection: `handle(*args)` in a greenlet."""
         task = self.idle.pop() if self.idle else greenlet(self._serve_loop, self.hub)
         self.busy.add(task)
-        self.empty.clear()
         if getcurrent() is self.hub:
             task.switch(handle, args)
         else:
@@ -68,14 +82,15 @@ class Slots:
     def _serve_loop(self, handle: Callable[..., Any], args: tuple) -> None:
         me = getcurrent()
         while True:
+            parked = False
             try:
-                handle(*args)
+                parked = handle(*args)
             except GreenletExit:
-                self._finished(me)
+                self._finished(me, False)
                 return
             except BaseException:  # noqa: BLE001 - reported as gevent reports a greenlet's
                 self.hub.handle_error(me, *sys.exc_info())
-            self._finished(me)
+            self._finished(me, bool(parked))
             if len(self.idle) >= self.keep:
                 return
             self.idle.append(me)
@@ -89,28 +104,33 @@ class Slots:
             except TimeoutError:
                 continue  # the watchdog's throw for the connection that just ended
 
-    def _finished(self, task: greenlet) -> None:
-        busy = self.busy
-        was_full = len(busy) >= self.size
-        busy.discard(task)
-        if not busy:
+    def _finished(self, task: greenlet, parked: bool) -> None:
+        self.busy.discard(task)
+        if parked:
+            return
+        was_full = self.open >= self.size
+        self.open -= 1
+        if not self.open:
             self.empty.set()
         if was_full:
             for resume in self.on_free:
                 resume()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until no connection is served (or `timeout`); whether none is."""
+        """Wait until no connection is open (or `timeout`); whether none is."""
         return self.empty.wait(timeout)
 
     def kill(self, timeout: float = 1.0) -> None:
         """End every connection being served (GreenletExit in each) and every
-        parked greenlet; waits up to `timeout` for the served ones to finish."""
+        parked greenlet; waits up to `timeout` for the served ones to finish.
+        (Connections parked between requests are closed with the process.)"""
         idle, self.idle, self.keep = self.idle, [], 0
         loop = self.hub.loop
         for task in [*idle, *self.busy]:  # thrown from the hub: each returns to it
             loop.run_callback(_end, task)
-        self.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline:
+            sleep(0.01)
 
 
 def _end(task: greenlet) -> None:
