@@ -7,18 +7,22 @@ import json
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import gevent
+import gevent.socket as gsocket
 import greenlet
 import pytest
 
-from balancer.addr import parse_backend_addr
+from balancer.addr import parse_addr, parse_backend_addr
 from balancer.errors import ConnectError
 from balancer.netio import IO, GeventIO
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseParser
-from balancer.server import SHARED_ACCEPT_BATCH, Worker
+from balancer.server import SHARED_ACCEPT_BATCH, Worker, bind
 from balancer.serving import Slots
 from balancer.settings import load_settings
 
@@ -234,6 +238,130 @@ def test_listening_sets_nodelay_once_and_accepted_sockets_inherit_it() -> None:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
             accepted.close()
         probe.close()
+    finally:
+        for server in w.servers:
+            server.close()
+
+
+# idle keep-alive connections wait parked, with no greenlet -----------------------
+class StaticStore(NoStore):
+    def raise_floor(self, version: int) -> None:
+        pass
+
+    def load(self) -> SimpleNamespace:
+        return SimpleNamespace(version=1, hosts={
+            "*": {"action": "static", "status": 200, "body": "ok"}})
+
+
+GET = b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n"
+
+
+@pytest.fixture
+def served() -> Iterator[Worker]:
+    """A gevent worker answering 200 "ok" on a loopback listener, its watchdog running."""
+    w = Worker(load_settings(flags={"timeouts.client_idle": 0.6, "timeouts.client_header": 0.6},
+                             env={"BALANCER_STORE_SNAPSHOT": "off"}), StaticStore())
+    assert w.apply(w.store.load())
+    w.listen([(bind(parse_addr("127.0.0.1:0")), False)])
+    watchdog = gevent.spawn(w.watchdog_loop)
+    yield w
+    w.stopping = True
+    for server in w.servers:
+        server.close()
+    watchdog.join(timeout=5)
+
+
+def connect(w: Worker) -> gsocket.socket:
+    conn = gsocket.create_connection(w.servers[0].address, timeout=5)
+    conn.settimeout(5)
+    return conn
+
+
+def read_response(conn: gsocket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n\r\nok"):
+        more = conn.recv(65536)
+        assert more, f"closed after {data!r}"
+        data += more
+    return data
+
+
+def until(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.01)
+    return True
+
+
+def test_an_idle_keep_alive_connection_holds_no_greenlet_and_serves_its_next_request(
+        served: Worker) -> None:
+    slots = served.slots
+    conn = connect(served)
+    for _ in range(3):
+        conn.sendall(GET)
+        assert read_response(conn).startswith(b"HTTP/1.1 200")
+        assert until(lambda: not slots.busy)
+        assert slots.open == 1 and served.stats.open_connections == 1
+        (client,) = served.io.connections
+        assert client.task is None and client.idle
+    assert len(slots.idle) == 1  # one greenlet served all three requests
+    conn.close()
+    assert until(lambda: slots.open == 0 and served.stats.open_connections == 0)
+
+
+def test_a_parked_connection_is_closed_when_client_idle_passes(served: Worker) -> None:
+    conn = connect(served)
+    conn.sendall(GET)
+    read_response(conn)
+    started = time.monotonic()
+    assert conn.recv(100) == b""  # closed by the balancer, not by our timeout
+    assert 0.5 < time.monotonic() - started < 3
+    assert until(lambda: served.slots.open == 0 and not served.io.connections)
+
+
+def test_a_parked_connection_that_sends_half_a_head_gets_408(served: Worker) -> None:
+    conn = connect(served)
+    conn.sendall(GET)
+    read_response(conn)
+    conn.sendall(b"GET / HTTP/1.1\r\nHost: app")
+    data = b""
+    while more := conn.recv(65536):
+        data += more
+    assert data.startswith(b"HTTP/1.1 408")
+    assert until(lambda: served.slots.open == 0)
+
+
+def test_pipelined_requests_are_answered_before_the_connection_parks(served: Worker) -> None:
+    conn = connect(served)
+    conn.sendall(GET * 3)
+    data = b""
+    while data.count(b"\r\n\r\nok") < 3:
+        more = conn.recv(65536)
+        assert more
+        data += more
+    assert data.count(b"HTTP/1.1 200") == 3
+    assert until(lambda: not served.slots.busy and served.slots.open == 1)
+
+
+def test_a_full_worker_counts_parked_connections_and_resumes_accepting(tmp_path: Any) -> None:
+    w = Worker(load_settings(flags={"server.max_connections": 1},
+                             env={"BALANCER_STORE_SNAPSHOT": "off"}), StaticStore())
+    assert w.apply(w.store.load())
+    w.listen([(bind(parse_addr("127.0.0.1:0")), False)])
+    try:
+        first = connect(w)
+        first.sendall(GET)
+        read_response(first)
+        assert until(lambda: not w.slots.busy) and w.slots.is_full()
+        second = connect(w)  # queued by the kernel, not accepted while the first is open
+        second.sendall(GET)
+        gevent.sleep(0.2)
+        assert w.slots.open == 1
+        first.close()
+        assert read_response(second).startswith(b"HTTP/1.1 200")
+        second.close()
     finally:
         for server in w.servers:
             server.close()
