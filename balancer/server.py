@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gevent
@@ -218,7 +219,7 @@ class Worker:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             ctx = self.context(trusted)
             self.contexts.append(ctx)
-            server = Listener(sock, lambda s, a, c=ctx: handle_client(s, a, c), self.slots)
+            server = Listener(sock, partial(handle_client, ctx=ctx), self.slots)
             server.max_accept = self.accept_batch()
             server.start()
             self.servers.append(server)

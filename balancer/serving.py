@@ -31,13 +31,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from gevent import get_hub, getcurrent, sleep
 from gevent.event import Event
 from greenlet import GreenletExit, greenlet
 
-KEEP_IDLE = 256  # parked greenlets kept for the next burst of connections
+KEEP_IDLE: Final = 256  # parked greenlets kept for the next burst of connections
 
 
 class Slots:
@@ -84,13 +84,13 @@ class Slots:
         while True:
             parked = False
             try:
-                parked = handle(*args)
+                parked = bool(handle(*args))  # a handler that returns nothing closed its own
             except GreenletExit:
                 self._finished(me, False)
                 return
             except BaseException:  # noqa: BLE001 - reported as gevent reports a greenlet's
                 self.hub.handle_error(me, *sys.exc_info())
-            self._finished(me, bool(parked))
+            self._finished(me, parked)
             if len(self.idle) >= self.keep:
                 return
             self.idle.append(me)
