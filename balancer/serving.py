@@ -37,7 +37,7 @@ from gevent import get_hub, getcurrent, sleep
 from gevent.event import Event
 from greenlet import GreenletExit, greenlet
 
-KEEP_IDLE: Final = 256  # parked greenlets kept for the next burst of connections
+KEEP_IDLE: Final = 1024  # parked greenlets kept for the next burst of connections (see Slots)
 
 
 class Slots:
