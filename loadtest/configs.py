@@ -65,12 +65,13 @@ def nginx_proxy(dir: Path, port: int, backends: list[str], nofile: int) -> str:
     )
 
 
-def haproxy(port: int, backends: list[str], nofile: int, maxconn: int) -> str:
-    """HAProxy as a keep-alive reverse proxy in front of `backends` (round robin)."""
+def haproxy(port: int, backends: list[str], nofile: int, maxconn: int, threads: int = 1) -> str:
+    """HAProxy as a keep-alive reverse proxy in front of `backends` (round robin),
+    with `threads` threads (``nbthread``)."""
     servers = "".join(f"    server b{i} {addr}\n" for i, addr in enumerate(backends))
     return (
         "global\n"
-        f"    maxconn {maxconn}\n    ulimit-n {nofile}\n    nbthread 1\n"
+        f"    maxconn {maxconn}\n    ulimit-n {nofile}\n    nbthread {threads}\n"
         "defaults\n    mode http\n    option http-keep-alive\n"
         "    timeout connect 5s\n    timeout client 75s\n    timeout server 60s\n"
         f"    timeout http-keep-alive {KEEPALIVE_TIMEOUT}s\n    timeout http-request 10s\n"

@@ -1,7 +1,8 @@
 """Proxy speed against HAProxy: the benchmark of issues 2 and 4.
 
 ``python scripts/bench_proxy.py [--rounds 3] [--duration 8] [--connections 100[,1000]]
-[--modes keep-alive[,close]] [--targets direct,haproxy,bare,balancer,balancer-log]``
+[--modes keep-alive[,close]] [--targets direct,haproxy,bare,balancer,balancer-log]
+[--workers 1]``
 
 nginx (one worker) serves the suite's 4.5 KB page; every target proxies to
 it over keep-alive connections and is measured with
@@ -12,9 +13,11 @@ connection count in every client mode: ``keep-alive`` (wrk's default) and
 cost of accepting and closing). Targets:
 
 * ``direct``: nginx alone (the ceiling);
-* ``haproxy``: HAProxy ``nbthread 1``, ``http-reuse always``;
+* ``haproxy``: HAProxy ``nbthread 1`` (``nbthread N`` with ``--workers N``),
+  ``http-reuse always``;
 * ``bare``: scripts/bare_relay.py, gevent + httptools with no features;
-* ``balancer``: ``balancer serve --workers 1``, file store, access log off;
+* ``balancer``: ``balancer serve --workers 1`` (``--workers N``), file store,
+  access log off;
 * ``balancer-log``: the same with ``--access-log FILE`` and /metrics scraped
   every second (the "everything on" configuration of issue 4).
 
@@ -73,15 +76,17 @@ def start_nginx(procs: Processes, root: Path) -> Started:
     return Started(port, proc)
 
 
-def start_target(name: str, procs: Processes, root: Path, backend: int) -> Started:
-    """Start target `name` in front of nginx on `backend`."""
+def start_target(name: str, procs: Processes, root: Path, backend: int,
+                 workers: int = 1) -> Started:
+    """Start target `name` in front of nginx on `backend` (`workers` worker
+    processes, or HAProxy threads)."""
     port, dir = free_port(), root / name
     dir.mkdir()
     addr = f"{HOST}:{backend}"
     scrape_port = None
     if name == "haproxy":
         conf = dir / "haproxy.cfg"
-        conf.write_text(configs.haproxy(port, [addr], NOFILE, 2000))
+        conf.write_text(configs.haproxy(port, [addr], NOFILE, 2000, threads=workers))
         argv = ["haproxy", "-db", "-f", str(conf)]
     elif name == "bare":
         argv = [sys.executable, str(ROOT / "scripts" / "bare_relay.py"),
@@ -89,7 +94,7 @@ def start_target(name: str, procs: Processes, root: Path, backend: int) -> Start
     else:
         routes = RouteFile(dir / "routes.json", {"*": proxy_rule([addr])})
         mgmt = free_port()
-        argv = [sys.executable, "-m", "balancer", "serve", "--workers", "1",
+        argv = [sys.executable, "-m", "balancer", "serve", "--workers", str(workers),
                 "--listen", f"{HOST}:{port}", "--management", f"{HOST}:{mgmt}",
                 "--store", f"file:{routes.path}"]
         if name == "balancer-log":
@@ -155,7 +160,11 @@ def main() -> None:
     parser.add_argument("--modes", default="keep-alive",
                         help=f"comma-separated client modes, of {', '.join(MODES)}")
     parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--workers", type=int, default=1,
+                        help="balancer worker processes and HAProxy threads (nbthread)")
     args = parser.parse_args()
+    if args.workers < 1:
+        parser.error("--workers: at least 1")
     names = [n for n in args.targets.split(",") if n]
     unknown = set(names) - set(TARGETS)
     if unknown:
@@ -178,7 +187,7 @@ def main() -> None:
             started = {"direct": nginx}
             for name in names:
                 if name != "direct":
-                    started[name] = start_target(name, procs, root, nginx.port)
+                    started[name] = start_target(name, procs, root, nginx.port, args.workers)
             results = {(case, name): [] for case in cases for name in names}
             for round_ in range(1, args.rounds + 1):
                 for case, name in results:
