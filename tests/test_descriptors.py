@@ -86,6 +86,7 @@ import logging, os, sys
 from gevent import monkey; monkey.patch_all()
 import gevent
 from balancer.server import Listener, bind
+from balancer.serving import Slots
 from balancer.addr import Address
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -94,7 +95,7 @@ def answer(sock, address):
     sock.sendall(b"served\\n")
     sock.close()
 
-server = Listener(bind(Address("127.0.0.1", 0)), answer)
+server = Listener(bind(Address("127.0.0.1", 0)), answer, Slots(100))
 server.start()
 hogs = []
 try:
