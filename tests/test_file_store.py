@@ -63,6 +63,15 @@ def test_writes_are_whole_files_leaving_no_temp_files(tmp_path: Path) -> None:
     ('{"version": 3, "hosts": {"a.com": {"action": "teleport"}}}', "action: must be one of"),
     ('{"version": 3, "hosts": {"a.com": {"action": "proxy", "backends": ["x"]}}}',
      "backends[0]"),
+    pytest.param('{"version": 3, "hosts": {"a.com": {"action": "static", "status": %s}}}'
+                 % ("1" * 4400), "not valid JSON: Exceeds the limit (4300 digits)",
+                 id="huge-number"),  # ValueError, not JSONDecodeError
+    pytest.param('{"version": %s, "hosts": {}}' % ("9" * 5000), "not valid JSON",
+                 id="huge-version"),
+    pytest.param('{"version": 3, "hosts": {"a.com": %s}}' % ("[" * 100_000 + "]" * 100_000),
+                 "not valid JSON: nested too deeply", id="deep"),  # RecursionError
+    pytest.param('{"version": 3, "hosts": {"a.com": {"action": "static", "x": %s}}}'
+                 % ("[" * 500 + "]" * 500), "invalid table", id="nested-but-decodable"),
 ])
 def test_a_corrupt_file_names_the_path_and_the_reason(tmp_path: Path, content: str,
                                                       reason: str) -> None:

@@ -88,9 +88,23 @@ def test_corrupt_data_keeps_the_last_good_table(redis_server: RedisServer) -> No
         raw.hset(f"{ns}:hosts", "bad.example.com", json.dumps({"action": "nope"}))
         with pytest.raises(CorruptStore, match="action: must be one of"):
             store.load()
+        for hostile in ('{"action": "static", "status": %s}' % ("9" * 5000),  # ValueError
+                        "[" * 100_000 + "]" * 100_000):  # RecursionError
+            raw.hset(f"{ns}:hosts", "bad.example.com", hostile)
+            with pytest.raises(CorruptStore, match=r"hosts\[bad.example.com\] is not valid"):
+                store.load()
+        raw.set(f"{ns}:version", "9" * 5000)
+        with pytest.raises(CorruptStore, match=r"version is not an integer: '9{40}'\.\.\. "):
+            store.load()
+        raw.set(f"{ns}:version", "2")
         store.delete_host("bad.example.com")
         assert watcher.wait_version(3).hosts == {"web.example.com": WEB}
     assert [t.version for t in watcher.tables] == [1, 3]
+    assert store.records().deploys() == []  # hostile deploy records read as absent
+    raw.hset(f"{ns}:deploys", "d1", "[" * 100_000 + "]" * 100_000)
+    raw.hset(f"{ns}:claims", "a.example.com", '{"id": %s}' % ("9" * 5000))
+    assert store.records().deploys() == [] and store.records().claims() == {}
+    assert store.records().deploy("d1") is None
 
 
 def test_redis_down_keeps_the_table_and_a_restart_resyncs(

@@ -248,3 +248,54 @@ def test_a_stalled_worker_makes_the_write_answer_202(
     assert "no answer" in answer["lagging"][0]["reason"]
     wait_for(lambda: bal.version() == 2 and all(
         body_of(bal, "h0.test") == b"later" for _ in range(4)), what="the worker catching up")
+
+
+HOSTILE = {  # what a hand edit can hold that the JSON decoder refuses with other errors
+    "huge": '{"action": "static", "body": "x", "status": ' + "9" * 5000 + "}",  # ValueError
+    "deep": "[" * 100_000 + "]" * 100_000,  # RecursionError
+}
+
+
+@pytest.mark.parametrize("value", sorted(HOSTILE))
+@pytest.mark.parametrize("kind", ["file", "redis"])
+def test_a_hand_edited_huge_number_or_deep_nesting_is_a_corrupt_store(
+        redis_factory: Callable[[], RedisServer], balancers: Callable[..., Balancer],
+        kind: str, value: str) -> None:
+    """A 5,000-digit number or 100,000 nested lists in a hand-edited routes file or
+    Redis value: reported as a corrupt store, the last good table keeps serving,
+    listing shows the served table with the problem, a one-host write is refused
+    (file: 503 `store_corrupt`) or not applied (Redis: 202 naming the problem),
+    never a 500, and a whole-table PUT repairs it."""
+    rule = HOSTILE[value]
+    if kind == "file":
+        bal = balancers("file", [], None)
+        version = load_table(bal)
+        bal.routes.write_text(f'{{"version": {version + 1}, "hosts": {{"h0.test": {rule}}}}}')
+    else:
+        redis = redis_factory()
+        bal = balancers("redis", ["--store", redis.url])
+        version = load_table(bal)
+        raw = redis.client()
+        raw.hset("balancer:hosts", "h0.test", rule)
+        raw.incr("balancer:version")
+        raw.publish("balancer:changes", f"{version + 1} h0.test")  # the change path too
+    wait_for(lambda: "not valid JSON" in (store_info(bal)["problem"] or ""),
+             what="the corrupt store reported")
+    assert serves_all(bal)
+    assert bal.version() == version
+    assert store_up(bal) == 0
+    status, listed = bal.api("GET", "/api/v1/hosts")  # the served table, with the problem
+    assert status == 200 and listed["version"] == version
+    assert "not valid JSON" in listed["store_problem"]
+    status, answer = bal.api("PUT", "/api/v1/hosts/x.test", static("x"))
+    if kind == "file":  # the write reads the whole file: refused
+        assert status == 503 and answer["error"] == "store_corrupt", (status, answer)
+        assert "not valid JSON" in answer["message"]
+        repaired = version + 1  # above the highest version served, not the unreadable one
+    else:  # Redis writes one field; the workers cannot read the table and say why
+        assert status == 202 and answer["applied"] is False, (status, answer)
+        assert all("not valid JSON" in lag["reason"] for lag in answer["lagging"])
+        repaired = version + 3
+    assert bal.api("PUT", "/api/v1/hosts", {"hosts": HOSTS}) == (200, {"version": repaired})
+    wait_for(lambda: store_info(bal)["problem"] is None, what="the repaired store")
+    assert serves_all(bal)

@@ -12,7 +12,9 @@ Invariants:
   whole-table `replace` repairs it. A failed write (`StoreUnavailable`,
   `VersionConflict`, `StoreLost`) changes nothing.
 * `load` returns only tables that pass `validate_table`; anything else is a
-  `CorruptStore` naming where and why.
+  `CorruptStore` naming where and why, whatever a hand-edited value holds
+  (bad JSON or UTF-8, a number of 4,300+ digits, nesting deep enough to
+  exhaust the recursion limit: `unreadable_is_corrupt`).
 * `watch` is a loop body for its own greenlet (or thread): it delivers the
   first table it reads, then every change, through `on_change`, and never
   raises. While the store is unreachable it retries with backoff, keeps the
@@ -24,10 +26,11 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -132,6 +135,20 @@ class TableChecker:
         if len({normalize_host(h) for h in hosts if isinstance(h, str)}) != len(hosts):
             return validate_table(hosts)  # names that collide once normalised
         return problems
+
+
+@contextlib.contextmanager
+def unreadable_is_corrupt(what: str) -> Iterator[None]:
+    """Turn what decoding and checking a stored value can raise besides `CorruptStore`
+    into `CorruptStore` ("`what` is not valid JSON: why"): `ValueError` (bad JSON or
+    UTF-8, an integer of more than 4,300 digits) and `RecursionError` (deep nesting)."""
+    try:
+        yield
+    except RecursionError:
+        raise CorruptStore(f"{what} is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        why = str(exc).split("; use sys.", 1)[0]  # the int limit's advice is for programmers
+        raise CorruptStore(f"{what} is not valid JSON: {why}") from None
 
 
 def check_table(where: str, version: object, hosts: object) -> TableData:

@@ -43,6 +43,7 @@ from balancer.stores.base import (
     TableChecker,
     TableData,
     VersionConflict,
+    unreadable_is_corrupt,
     write_version,
 )
 from balancer.stores.records import FileRecords, Records
@@ -104,17 +105,15 @@ class FileStore(Store):
         self._known = (signature, data) if signature is not None else None
 
     def _parse(self, raw: bytes) -> TableData:
-        try:
+        with unreadable_is_corrupt(f"{self.path}: the file"):
             doc = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptStore(f"{self.path}: not valid JSON: {exc}") from exc
-        if not isinstance(doc, dict) or set(doc) != {"version", "hosts"}:
-            raise CorruptStore(f'{self.path}: expected an object {{"version": N, "hosts": '
-                               f'{{...}}}} with exactly those keys')
-        hosts = doc["hosts"]
-        texts = ({h: json.dumps(r, sort_keys=True) for h, r in hosts.items()}
-                 if isinstance(hosts, dict) else None)
-        return self._checker.check(self.path, doc["version"], hosts, texts)
+            if not isinstance(doc, dict) or set(doc) != {"version", "hosts"}:
+                raise CorruptStore(f'{self.path}: expected an object {{"version": N, '
+                                   f'"hosts": {{...}}}} with exactly those keys')
+            hosts = doc["hosts"]
+            texts = ({h: json.dumps(r, sort_keys=True) for h, r in hosts.items()}
+                     if isinstance(hosts, dict) else None)
+            return self._checker.check(self.path, doc["version"], hosts, texts)
 
     def identity(self) -> str:
         return f"file:{self.path}"

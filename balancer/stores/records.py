@@ -33,6 +33,9 @@ from redis.exceptions import WatchError
 from balancer.stores.base import StoreUnavailable
 
 MAX_DEPLOYS = 50
+# what decoding a hand-edited value can raise: bad JSON or UTF-8, an integer of
+# 4,300+ digits (ValueError), deep nesting (RecursionError)
+UNREADABLE = (ValueError, RecursionError)
 CLAIM_ATTEMPTS = 50
 
 
@@ -107,7 +110,7 @@ class FileRecords(Records):
                 doc = json.load(f)
         except FileNotFoundError:
             doc = {}
-        except (OSError, ValueError):
+        except (OSError, *UNREADABLE):
             doc = {}  # unreadable: start over rather than block every deploy
         if not isinstance(doc, dict):
             doc = {}
@@ -193,7 +196,7 @@ class RedisRecords(Records):
             raw = self.client.hgetall(key)
         found = {}
         for name, text in raw.items():
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(*UNREADABLE):
                 value = json.loads(text)
                 if isinstance(value, dict):
                     found[name] = value
@@ -215,7 +218,7 @@ class RedisRecords(Records):
             text = self.client.hget(self.deploys_key, deploy_id)
         try:
             value = json.loads(text) if text else None
-        except ValueError:
+        except UNREADABLE:
             return None
         return value if isinstance(value, dict) else None
 
@@ -229,7 +232,7 @@ class RedisRecords(Records):
                     text = pipe.hget(self.claims_key, host)
                     try:
                         held = json.loads(text) if text else None
-                    except ValueError:
+                    except UNREADABLE:
                         held = None
                     holder = decide_claim(held if isinstance(held, dict) else None,
                                           deploy_id, owner, now, stale_after)
@@ -277,6 +280,6 @@ def _claim_id(text: str | None) -> str | None:
     """The deploy id of a stored claim (None when absent or unreadable)."""
     try:
         held = json.loads(text) if text else None
-    except ValueError:
+    except UNREADABLE:
         return None
     return held.get("id") if isinstance(held, dict) else None

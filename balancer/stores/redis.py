@@ -54,6 +54,7 @@ from balancer.stores.base import (
     TableChecker,
     TableData,
     VersionConflict,
+    unreadable_is_corrupt,
     write_version,
 )
 from balancer.stores.records import Records, RedisRecords
@@ -145,19 +146,19 @@ class RedisStore(Store):
         for n, (host, text) in enumerate(raw_hosts.items()):
             if n % PAUSE_EVERY == PAUSE_EVERY - 1:
                 time.sleep(0)  # a big table: let the worker's other greenlets run
-            try:
+            with unreadable_is_corrupt(f"{where}: {self.hosts_key}[{host}]"):
                 hosts[host] = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise CorruptStore(f"{where}: {self.hosts_key}[{host}] is not valid JSON: "
-                                   f"{exc}") from None
-        return self._checker.check(where, version, hosts, raw_hosts)
+        with unreadable_is_corrupt(f"{where}: the table"):
+            return self._checker.check(where, version, hosts, raw_hosts)
 
     def _version(self, raw: bytes | str | None) -> int:
         try:
             return int(raw or 0)
         except ValueError:
+            shown = repr(raw) if raw is None or len(raw) <= 40 \
+                else f"{raw[:40]!r}... ({len(raw)} characters)"
             raise CorruptStore(f"{self.display_url}: {self.version_key} is not an integer: "
-                               f"{raw!r}") from None
+                               f"{shown}") from None
 
     def is_reachable(self) -> bool:
         """The watcher's view while one runs; otherwise a PING now."""
@@ -330,10 +331,10 @@ class RedisStore(Store):
                 continue
             try:
                 rules[host] = json.loads(text)
-            except json.JSONDecodeError:
-                return None
-            if validate_table({host: rules[host]}):
-                return None
+                if validate_table({host: rules[host]}):
+                    return None
+            except (ValueError, RecursionError):
+                return None  # unreadable: the whole table is read and reported
         self.raise_floor(version)
         return TableChange(version, base, rules)
 

@@ -74,8 +74,9 @@ class Snapshot:
                 doc = json.loads(f.read())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            log.warning("snapshot %s: cannot read it (%s); not using it", self.path, exc)
+        except (OSError, ValueError, RecursionError) as exc:
+            log.warning("snapshot %s: cannot read it (%s); not using it", self.path,
+                        "nested too deeply" if isinstance(exc, RecursionError) else exc)
             return None
         if not isinstance(doc, dict) or doc.get("store") != self.identity:
             log.warning("snapshot %s: saved for another store (%r, not %r); not using it",
