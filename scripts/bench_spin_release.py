@@ -2,12 +2,13 @@
 what a held request costs in memory.
 
     python scripts/bench_spin_release.py [--held 1000] [--rounds 3] [--workers 1]
-                                         [--store file|redis]
+                                         [--store file|redis] [--backend nginx|python]
+                                         [--no-wake]
 
 1. Wake (in this process, the real `SpinAction.hold` code): N greenlets hold
    requests on N real client sockets; the table is swapped; reported is the
    time from the swap to each request leaving its hold with the new route.
-2. End to end (a real `balancer serve`, one worker, file store, the built-in
+2. End to end (a real `balancer serve`, one worker, file store, an nginx
    backend): N keep-alive requests are held from a gevent client, then the
    rule is flipped through the file store and through the management API
    (`PUT /api/v1/hosts/HOST`), to `proxy` (each released request opens a
@@ -17,10 +18,14 @@ what a held request costs in memory.
    swapped its table (`last_reload` of `/api/v1/info`, set right after the
    swap, before any held request runs); for the API, also minus the moment
    the write's answer arrived (read-your-writes: with several workers every
-   one swapped before that answer); the store's own delay (swap minus
-   flip); and the worker's RSS growth per held request. `--workers 2` and
-   `--store redis` (a redis-server on a free port) change the balancer; with
-   Redis only the API flips the rule.
+   one swapped before that answer; an answer that comes late flatters this
+   figure, so the time from the moment the write was sent is given too); the
+   store's own delay (swap minus flip); and the worker's RSS growth per held
+   request. `--workers 2` and `--store redis` (a redis-server on a free port)
+   change the balancer; with Redis only the API flips the rule. `--backend
+   python` uses the single-process `loadtest.backend` instead of nginx: it
+   answers 1,000 new connections slower than the balancer releases them, so
+   the proxy figures then measure it.
 """
 
 from gevent import monkey
@@ -50,10 +55,12 @@ from balancer.pages import Pages  # noqa: E402
 from balancer.pool import BackendRegistry  # noqa: E402
 from balancer.stats import Stats  # noqa: E402
 from balancer.table import RoutingTable, TableHolder  # noqa: E402
+from loadtest import configs  # noqa: E402
 from tests.support import Balancer, wait_for  # noqa: E402
 
 HOST = "app.test"
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; SCM_TIMESTAMPNS is the same
+NOFILE = 4096  # the nginx backend's descriptors (bench_proxy's)
 REQUEST = b"GET /held HTTP/1.1\r\nHost: app.test\r\n\r\n"
 SPIN = {"action": "spin", "timeout": 300}
 
@@ -182,10 +189,12 @@ def one_round(bal: Balancer, backend: str, held: int, via: str, target: str) -> 
     swapped = info(bal)["store"]["last_reload"]
     assert swapped > before, "no swap seen"
     after_answer = percentiles([(t - answered) * 1000 for t in released])
+    after_sent = percentiles([(t - written) * 1000 for t in released])
     return {"via": via, "target": target, "held": held, "failed": len(failed),
             "store_delay_ms": (swapped - written) * 1000,
             **percentiles([(t - swapped) * 1000 for t in released]),
             **{f"answer_{k}": v for k, v in after_answer.items()},
+            **{f"sent_{k}": v for k, v in after_sent.items()},
             "rss_per_held_kib": (held_rss - idle_rss) / held}
 
 
@@ -200,11 +209,28 @@ def vias(store: str) -> tuple[str, ...]:
     return ("file", "api") if store == "file" else ("api",)
 
 
-def end_to_end(held: int, rounds: int, workers: int, store: str) -> list[dict]:
+def start_backend(kind: str, tmp: Path) -> tuple[int, subprocess.Popen]:
+    """The backend released requests go to: nginx (fast enough that the release is
+    what is measured) or the single-process Python one (`loadtest.backend`)."""
     number = free_port()
-    backend = subprocess.Popen([sys.executable, "-m", "loadtest.backend", "--listen",
-                                f"127.0.0.1:{number}"], cwd=ROOT)
+    if kind == "python":
+        proc = subprocess.Popen([sys.executable, "-m", "loadtest.backend", "--listen",
+                                 f"127.0.0.1:{number}"], cwd=ROOT)
+    else:
+        directory = tmp / "nginx"
+        directory.mkdir()
+        conf = directory / "nginx.conf"
+        conf.write_text(configs.nginx_backend(directory, number, b"released", NOFILE))
+        proc = subprocess.Popen(["nginx", "-p", str(directory), "-c", str(conf), "-e",
+                                 str(directory / "error.log"), "-g", "daemon off;"])
+    wait_for(lambda: _accepts(number), what=f"the {kind} backend")
+    return number, proc
+
+
+def end_to_end(held: int, rounds: int, workers: int, store: str,
+               backend_kind: str = "nginx") -> list[dict]:
     tmp = Path(tempfile.mkdtemp())
+    number, backend = start_backend(backend_kind, tmp)
     redis = None
     args = ["--workers", str(workers)]
     if store == "redis":
@@ -244,23 +270,33 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--store", choices=("file", "redis"), default="file")
+    parser.add_argument("--backend", choices=("nginx", "python"), default="nginx",
+                        help="what released proxy requests reach (default nginx: the "
+                             "single-process Python backend is slower than the release)")
+    parser.add_argument("--no-wake", action="store_true",
+                        help="skip the in-process wake measurement")
     args = parser.parse_args()
-    wakes = [measure_wake(args.held) for _ in range(args.rounds)]
+    wakes = [] if args.no_wake else [measure_wake(args.held) for _ in range(args.rounds)]
     for wake in wakes:
         print(json.dumps({"wake": {k: round(v, 2) for k, v in wake.items()}}))
-    results = end_to_end(args.held, args.rounds, args.workers, args.store)
+    results = end_to_end(args.held, args.rounds, args.workers, args.store, args.backend)
     for result in results:
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
                           for k, v in result.items()}))
-    print(f"wake ({args.held} held): p50 {statistics.median(w['p50_ms'] for w in wakes):.1f} ms, "
-          f"p99 {statistics.median(w['p99_ms'] for w in wakes):.1f} ms after the swap")
-    print(f"{args.workers} worker(s), {args.store} store")
+    if wakes:
+        print(f"wake ({args.held} held): p50 "
+              f"{statistics.median(w['p50_ms'] for w in wakes):.1f} ms, p99 "
+              f"{statistics.median(w['p99_ms'] for w in wakes):.1f} ms after the swap")
+    print(f"{args.workers} worker(s), {args.store} store, {args.backend} backend")
     for via, target in [(v, t) for v in vias(args.store) for t in ("proxy", "static")]:
         mine = [r for r in results if r["via"] == via and r["target"] == target]
         answer = (f" (after the write's answer: p50 "
                   f"{statistics.median(r['answer_p50_ms'] for r in mine):.1f} ms, p99 "
                   f"{statistics.median(r['answer_p99_ms'] for r in mine):.1f} ms, worst round "
-                  f"{max(r['answer_p99_ms'] for r in mine):.1f} ms)" if via == "api" else "")
+                  f"{max(r['answer_p99_ms'] for r in mine):.1f} ms; after the write was sent: "
+                  f"p50 {statistics.median(r['sent_p50_ms'] for r in mine):.1f} ms, p99 "
+                  f"{statistics.median(r['sent_p99_ms'] for r in mine):.1f} ms)"
+                  if via == "api" else "")
         print(f"{via} -> {target}: response p50 "
               f"{statistics.median(r['p50_ms'] for r in mine):.1f} ms, p99 "
               f"{statistics.median(r['p99_ms'] for r in mine):.1f} ms after the swap{answer}; "
