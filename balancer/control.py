@@ -8,7 +8,7 @@ sends one command line and reads one JSON reply until EOF:
   "store_problem", "stats": SNAPSHOT}``
 * ``reload`` → ``{"pid", "version"}`` or ``{"pid", "error": TEXT}``
 * ``version`` → ``{"pid", "version", "highest", "store_problem"}`` (cheap: no stats)
-* ``apply JSON`` → ``{"pid", "version", "store_problem"}`` once the worker serves
+* ``apply JSON`` → ``{"pid", "version", "highest", "store_problem"}`` once the worker serves
   the write the management process just made: JSON is ``{"version": N,
   "hosts": {HOST: RULE or null}}`` (the hosts one write changed, applied
   without reading the store) or ``{"version": N}`` (a whole table: the worker
@@ -152,7 +152,8 @@ class ControlServer:
         except StoreError as exc:
             return {"pid": os.getpid(), "version": worker.holder.table.version,
                     "error": str(exc), "store_problem": worker.tables.store_problem}
-        return {"pid": os.getpid(), "version": served, "store_problem": worker.tables.store_problem}
+        return {"pid": os.getpid(), "version": served, "highest": worker.tables.highest,
+                "store_problem": worker.tables.store_problem}
 
 
 def worker_snapshot(worker: Any) -> dict[str, Any]:

@@ -51,6 +51,8 @@ class ClusterRuntime:
         self.problem = problem or (lambda: None)  # the management process's view of the store
         self.retired = RetiredCounters(directory)
         self.mutex = Semaphore()  # the flock is per process: one greenlet holds it
+        self.highest = 0  # the highest version a worker reported (`highest_version`)
+        self.known_workers: set[int | None] = set()  # the pids that reported it
 
     def survey(self, command: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """Every live worker's answer to `command`, and the retired total, read together."""
@@ -105,6 +107,7 @@ class ClusterRuntime:
             if why == "gone":
                 continue  # exited meanwhile: it serves nobody
             served = reply.get("version") if reply else None
+            self._note_highest(reply)
             if isinstance(served, int) and served >= version:
                 continue
             reason = why or (reply or {}).get("error") or (reply or {}).get("store_problem") \
@@ -114,9 +117,23 @@ class ClusterRuntime:
         return lagging
 
     def highest_version(self) -> int:
-        """The highest version any worker has served or known (its snapshot)."""
-        replies = self.ask_all("version")
-        return max([r.get("highest", 0) for r in replies] + [0])
+        """The highest version any worker has served or known (its snapshot).
+
+        Each worker is asked once: afterwards its highest only moves with a table
+        this process wrote (noted from `publish`'s answers) or one its own mirror
+        reads from the store as well, so a write costs no extra round trip to
+        every worker. Versions never go back, so a gone worker's highest stays."""
+        pids = {pid_of(path) for path in worker_sockets(self.directory)}
+        if not pids <= self.known_workers:
+            for reply in self.ask_all("version"):
+                self._note_highest(reply)
+        return self.highest
+
+    def _note_highest(self, reply: dict[str, Any] | None) -> None:
+        """Remember a worker's highest version from its answer."""
+        if reply and isinstance(reply.get("pid"), int) and isinstance(reply.get("highest"), int):
+            self.known_workers.add(reply["pid"])
+            self.highest = max(self.highest, reply["highest"])
 
     def is_ready(self) -> bool:
         """Ready when at least one worker answers and every answering worker has a table."""
