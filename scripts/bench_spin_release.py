@@ -20,8 +20,10 @@ what a held request costs in memory.
    the write's answer arrived (read-your-writes: with several workers every
    one swapped before that answer; an answer that comes late flatters this
    figure, so the time from the moment the write was sent is given too); the
-   store's own delay (swap minus flip); and the worker's RSS growth per held
-   request. `--workers 2` and `--store redis` (a redis-server on a free port)
+   store's own delay (swap minus flip); the worker's RSS growth per held
+   request; and the CPU time all workers used from the flip to the last answer
+   (/proc: 10 ms ticks; it moves far less than the times when the machine is
+   shared). `--workers 2` and `--store redis` (a redis-server on a free port)
    change the balancer; with Redis only the API flips the rule. `--backend
    python` uses the single-process `loadtest.backend` instead of nginx: it
    answers 1,000 new connections slower than the balancer releases them, so
@@ -34,6 +36,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import struct  # noqa: E402
@@ -153,6 +156,16 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def cpu_ms(pids: list[int]) -> float:
+    """User + system CPU time the processes `pids` used so far, in ms."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total * 1000 / ticks
+
+
 def info(bal: Balancer) -> dict:
     return bal.api("GET", "/api/v1/info")[1]
 
@@ -166,7 +179,8 @@ def one_round(bal: Balancer, backend: str, held: int, via: str, target: str) -> 
     wait_for(lambda: {p["version"] for p in info(bal)["processes"]}
              == {bal.api("GET", "/api/v1/hosts")[1]["version"]},
              what="the spin rule served by every worker")
-    pid = info(bal)["processes"][0]["pid"]
+    pids = [p["pid"] for p in info(bal)["processes"]]
+    pid = pids[0]
     idle_rss = rss_kib(pid)
     released: list[float] = []
     failed: list[str] = []
@@ -176,6 +190,7 @@ def one_round(bal: Balancer, backend: str, held: int, via: str, target: str) -> 
     wait_for(lambda: bal.spinning(HOST) == held, timeout=60, what=f"{held} held")
     held_rss = rss_kib(pid)
     before = info(bal)["store"]["last_reload"]
+    cpu_before = cpu_ms(pids)
     written = answered = time.time()
     if via == "file":
         bal.write_routes({HOST: new_rule})
@@ -184,6 +199,7 @@ def one_round(bal: Balancer, backend: str, held: int, via: str, target: str) -> 
         answered = time.time()
         assert status == 200, status
     wait_for(lambda: len(released) + len(failed) >= held, timeout=60, what="every answer")
+    cpu = cpu_ms(pids) - cpu_before
     done.set()
     gevent.joinall(greenlets, timeout=60)
     swapped = info(bal)["store"]["last_reload"]
@@ -195,7 +211,8 @@ def one_round(bal: Balancer, backend: str, held: int, via: str, target: str) -> 
             **percentiles([(t - swapped) * 1000 for t in released]),
             **{f"answer_{k}": v for k, v in after_answer.items()},
             **{f"sent_{k}": v for k, v in after_sent.items()},
-            "rss_per_held_kib": (held_rss - idle_rss) / held}
+            "rss_per_held_kib": (held_rss - idle_rss) / held,
+            "worker_cpu_ms": cpu}
 
 
 def free_port() -> int:
@@ -302,7 +319,9 @@ def main() -> int:
               f"{statistics.median(r['p99_ms'] for r in mine):.1f} ms after the swap{answer}; "
               f"store delay {statistics.median(r['store_delay_ms'] for r in mine):.0f} ms; "
               f"{statistics.median(r['rss_per_held_kib'] for r in mine):.1f} KiB RSS per held "
-              f"request; failures {sum(r['failed'] for r in mine)}")
+              f"request; the workers' CPU from the flip to the last answer "
+              f"{statistics.median(r['worker_cpu_ms'] for r in mine):.0f} ms; "
+              f"failures {sum(r['failed'] for r in mine)}")
     return 0
 
 
