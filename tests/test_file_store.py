@@ -20,6 +20,7 @@ from balancer.stores import (
     open_store,
 )
 from balancer.stores.file import FileStore
+from balancer.stores.snapshot import Snapshot
 from tests.conftest import wait_until
 from tests.test_store_contract import GONE, WEB, Watcher
 
@@ -180,6 +181,7 @@ class CountingStore(FileStore):
 WRITER = """
 import sys
 from balancer.stores.file import FileStore
+from balancer.stores.snapshot import Snapshot
 store = FileStore(sys.argv[1])
 for i in range(int(sys.argv[3])):
     store.put_host(f"{sys.argv[2]}-{i}.example.com", {"action": "empty", "status": 204})
@@ -196,3 +198,16 @@ def test_two_writer_processes_never_lose_an_update(tmp_path: Path) -> None:
     data = FileStore(path).load()
     assert data.version == 120
     assert len(data.hosts) == 120
+
+
+@pytest.mark.parametrize("hosts", [
+    pytest.param("[" * 100_000 + "]" * 100_000, id="deep"),
+    pytest.param('{"a.com": {"action": "static", "status": %s}}' % ("9" * 5000), id="huge"),
+])
+def test_an_unreadable_snapshot_is_not_used(tmp_path: Path, hosts: str,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "last-good.json"
+    path.write_text('{"store": "file:x", "version": 3, "hosts": ' + hosts + "}")
+    with caplog.at_level(logging.WARNING):
+        assert Snapshot(str(path), "file:x").load() is None
+    assert "not using it" in caplog.text
