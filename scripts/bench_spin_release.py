@@ -21,13 +21,16 @@ what a held request costs in memory.
    one swapped before that answer; an answer that comes late flatters this
    figure, so the time from the moment the write was sent is given too); the
    store's own delay (swap minus flip); the worker's RSS growth per held
-   request; and the CPU time all workers used from the flip to the last answer
-   (/proc: 10 ms ticks; it moves far less than the times when the machine is
-   shared). `--workers 2` and `--store redis` (a redis-server on a free port)
-   change the balancer; with Redis only the API flips the rule. `--backend
-   python` uses the single-process `loadtest.backend` instead of nginx: it
-   answers 1,000 new connections slower than the balancer releases them, so
-   the proxy figures then measure it.
+   request; and the CPU time all workers used from the flip to the last
+   answer (/proc: 10 ms ticks; it moves far less than the times when the
+   machine is shared), with the share of the held requests the busiest worker
+   holds (workers share one listener: a burst of connections is split
+   unevenly, and the busiest worker's share of the release sets the tail).
+   `--workers 2` and `--store redis` (a redis-server on a free port) change
+   the balancer; with Redis only the API flips the rule. `--backend python`
+   uses the single-process `loadtest.backend` instead of nginx: it answers
+   1,000 new connections slower than the balancer releases them, so the
+   proxy figures then measure it.
 """
 
 from gevent import monkey
@@ -189,6 +192,7 @@ def one_round(bal: Balancer, backend: str, held: int, via: str, target: str) -> 
                  for _ in range(held)]
     wait_for(lambda: bal.spinning(HOST) == held, timeout=60, what=f"{held} held")
     held_rss = rss_kib(pid)
+    shares = [p["open_connections"] for p in info(bal)["processes"]]
     before = info(bal)["store"]["last_reload"]
     cpu_before = cpu_ms(pids)
     written = answered = time.time()
@@ -212,7 +216,7 @@ def one_round(bal: Balancer, backend: str, held: int, via: str, target: str) -> 
             **{f"answer_{k}": v for k, v in after_answer.items()},
             **{f"sent_{k}": v for k, v in after_sent.items()},
             "rss_per_held_kib": (held_rss - idle_rss) / held,
-            "worker_cpu_ms": cpu}
+            "worker_cpu_ms": cpu, "busiest_worker_share": max(shares) / max(1, sum(shares))}
 
 
 def free_port() -> int:
@@ -320,7 +324,9 @@ def main() -> int:
               f"store delay {statistics.median(r['store_delay_ms'] for r in mine):.0f} ms; "
               f"{statistics.median(r['rss_per_held_kib'] for r in mine):.1f} KiB RSS per held "
               f"request; the workers' CPU from the flip to the last answer "
-              f"{statistics.median(r['worker_cpu_ms'] for r in mine):.0f} ms; "
+              f"{statistics.median(r['worker_cpu_ms'] for r in mine):.0f} ms, the busiest "
+              f"worker holding {min(r['busiest_worker_share'] for r in mine):.0%}–"
+              f"{max(r['busiest_worker_share'] for r in mine):.0%} of the requests; "
               f"failures {sum(r['failed'] for r in mine)}")
     return 0
 
