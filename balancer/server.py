@@ -269,8 +269,20 @@ class Worker:
             self.stats.top.rotate(time.monotonic(), self.stats.hosts)
 
     def release_held(self) -> None:
-        """Answer every held request 503 now and hold no more (stopping for good)."""
+        """Answer every held request 503 now and hold no more (stopping for good).
+
+        The contexts are marked draining first, so that each 503 closes its
+        connection. Bug fixed: on SIGTERM this runs in the signal's greenlet
+        before `stop` sets `draining`; a `spin_when_down` request whose backoff
+        timer or connect failure resumed it in between saw the holds closed but
+        not the drain, and answered its 503 keep-alive (no `Connection: close`)."""
+        self.close_every_response()
         self.compiler.holds.close()
+
+    def close_every_response(self) -> None:
+        """From now on every response closes its connection."""
+        for ctx in self.contexts:
+            ctx.draining = True
 
     def stop(self, graceful: float) -> None:
         """Drain: stop accepting, answer in-flight requests (each response then
@@ -279,8 +291,7 @@ class Worker:
         `release_held`, called at once on SIGTERM and at the latest after
         `graceful` seconds; whatever is still open then is cut."""
         self.draining = True
-        for ctx in self.contexts:
-            ctx.draining = True
+        self.close_every_response()
         for server in self.servers:
             server.close()
         self.slots.join(timeout=graceful)
