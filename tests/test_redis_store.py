@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from balancer.stores import (
     open_store,
     redact_url,
 )
+from balancer.stores import redis as redis_store
 from balancer.stores.redis import RedisStore
 from balancer.stores.urls import SentinelTarget, parse_sentinel_url
 from tests.conftest import RedisServer, free_port, wait_until
@@ -132,6 +134,34 @@ def test_redis_down_keeps_the_table_and_a_restart_resyncs(
         assert follower.is_reachable()
         assert watcher.tables[-1].hosts == {"web.example.com": WEB, "b.example.com": GONE}
     assert [t.version for t in watcher.tables] == [1, 2]
+
+
+def test_any_contact_after_an_outage_clears_it_while_the_watcher_backs_off(
+        redis_factory: Callable[[], RedisServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    # /readyz (is_reachable) and balancer_store_up (last_error) must agree
+    # once the store answers again, before the watcher's backoff runs out
+    released = threading.Event()
+    monkeypatch.setattr(redis_store, "_sleep", lambda _seconds, stop: released.wait(10))
+    server = redis_factory()
+    ns = namespace()
+    store = RedisStore(server.url, ns, resync_interval=0.3, timeout=1.0)
+    store.put_host("web.example.com", WEB)
+    with Watcher(store) as watcher:
+        try:
+            watcher.wait_version(1)
+            server.stop()
+            wait_until(lambda: store.last_error(), timeout=5, message="the outage noticed")
+            assert not store.is_reachable()
+            assert "unreachable" in store.last_error()
+            server.start()
+            assert store.load().version == 1  # a contact that is not the watcher's
+            assert store.is_reachable()
+            assert store.last_error() is None
+        finally:
+            released.set()  # the watcher reconnects and catches up
+        store.put_host("b.example.com", GONE)
+        watcher.wait_version(2, timeout=8)
+    assert store.last_error() is None
 
 
 def test_no_keys_or_scan_commands_are_used(redis_factory: Callable[[], RedisServer]) -> None:

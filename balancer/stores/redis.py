@@ -119,7 +119,8 @@ class RedisStore(Store):
         self.client = connect(url, timeout)
         self._reachable = True
         self._watchers = 0
-        self._problem: str | None = None
+        self._problem: str | None = None  # the table read is corrupt
+        self._unreachable = ""  # why the store was last found unreachable
         self._checker = TableChecker()
 
     # reading ---------------------------------------------------------------
@@ -173,7 +174,16 @@ class RedisStore(Store):
         return self._reachable
 
     def last_error(self) -> str | None:
-        return self._problem
+        """The corrupt table, or why the store is unreachable while it is.
+
+        Derived from `_reachable`, so that it agrees with `is_reachable`: any
+        successful contact (the deploy watcher's, the API's) clears an outage,
+        not only the watcher's next reload. Bug fixed: after a Redis restart
+        /readyz said ready (reachable) while `balancer_store_up` stayed 0 until
+        the watcher's reconnect backoff (up to 5 s) ran out."""
+        if self._problem is not None:
+            return self._problem
+        return None if self._reachable else self._unreachable or None
 
     def records(self) -> Records:
         """Deploy records in hashes under the namespace (`RedisRecords`)."""
@@ -246,6 +256,7 @@ class RedisStore(Store):
             raise
         except (RedisError, OSError) as exc:
             self._reachable = False
+            self._unreachable = f"{self.display_url}: unreachable: {exc}"
             raise StoreUnavailable(f"{self.display_url}: cannot {what}: {exc}") from exc
         self._reachable = True
 
@@ -261,8 +272,8 @@ class RedisStore(Store):
                     self._follow(on_change, stop, seen, problems, served)
                 except (RedisError, OSError, StoreUnavailable) as exc:
                     self._reachable = False
-                    self._problem = f"{self.display_url}: unreachable: {exc}"
-                    problems.report(f"{self._problem}; keeping the last table and "
+                    self._unreachable = f"{self.display_url}: unreachable: {exc}"
+                    problems.report(f"{self._unreachable}; keeping the last table and "
                                     f"reconnecting with backoff")
                     _sleep(seen.delay * random.uniform(0.5, 1.0), stop)
                     seen.delay = min(seen.delay * 2, BACKOFF_CAP)
