@@ -3,6 +3,7 @@ speed changes are measured, so they must not rot)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -21,3 +22,19 @@ def test_bench_hotpath_proxies_every_scripted_request() -> None:
     assert out.returncode == 0, out.stderr
     match = re.fullmatch(r"([\d.]+) µs per request \(best of 5 passes\)\n", out.stdout)
     assert match and float(match.group(1)) > 0
+
+
+def test_bench_limits_measures_both_phases_and_the_abuser_is_held_to_its_limit() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_limits.py"),
+                          "--rounds", "1", "--duration", "3", "--clients", "4"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    phases = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [p.get("abuser") for p in phases[:2]] == [False, True]
+    for phase in phases[:2]:
+        assert phase["normal"]["statuses"] == {"200": 4 * 10 * 3}  # never limited
+    abuser = phases[1]["abuser_load"]
+    assert abuser["statuses"]["429"] > abuser["statuses"]["200"]
+    summary = phases[2]
+    assert summary["summary"] and summary["normal_p99_ms"]["without"] > 0
+    assert 50 <= summary["abuser_passed_per_s"]["mean"] <= 150  # loose: a loaded machine
