@@ -250,7 +250,8 @@ def _answers(request: Any, port: int) -> bool:
 def summary(phases: list[dict[str, Any]], opts: argparse.Namespace) -> dict[str, Any]:
     """Medians over the rounds of the normal clients' p50/p99, with and without."""
     def median(abused: bool, key: str) -> float:
-        return statistics.median(p["normal"][key] for p in phases if p["abuser"] == abused)
+        return round(statistics.median(p["normal"][key] for p in phases
+                                       if p["abuser"] == abused), 2)
 
     passed = [s for p in phases if p["abuser"]
               for s in p["abuser_load"]["passed_per_s"][1:-1]]  # whole seconds at full rate
