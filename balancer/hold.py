@@ -16,8 +16,10 @@ Invariants:
   client deadline is armed again.
 * When the worker stops (SIGTERM), `Holds.close` wakes every held request:
   each answers `ShuttingDown` (503 `maintenance` with Retry-After) at once,
-  and no new request is held. A worker replaced by a reload (SIGHUP) keeps
-  its held requests until their rule changes or its drain time runs out.
+  with `Connection: close` (the worker marks its responses closing before it
+  calls `close`: `Worker.release_held`), and no new request is held. A
+  worker replaced by a reload (SIGHUP) keeps its held requests until their
+  rule changes or its drain time runs out.
 """
 
 from __future__ import annotations
