@@ -77,7 +77,7 @@ class Child:
 class Bound:
     """What the arbiter bound before forking (kept for its whole life)."""
 
-    listeners: list[tuple[Any, bool]]   # (socket, trusted)
+    listeners: list[tuple[Any, str]]   # (socket, role: proxy, internal or tls)
     management: Any
     run_dir: str
     identity: Identity | None   # the identity the arbiter dropped to, if it did

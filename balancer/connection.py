@@ -58,7 +58,8 @@ class Context:
 
     def __init__(self, *, holder: TableHolder, pages: Pages, stats: Stats,
                  access_log: AccessLog, trusted: bool, limits: Limits,
-                 timeouts: TimeoutSettings, io: IO, spin_max_waiting: int = 10000) -> None:
+                 timeouts: TimeoutSettings, io: IO, spin_max_waiting: int = 10000,
+                 scheme: bytes = b"http") -> None:
         self.holder = holder
         self.pages = pages
         self.stats = stats
@@ -69,6 +70,7 @@ class Context:
         self.spin_max_waiting = spin_max_waiting  # the cap is counted by balancer.hold
         self.request_ids = RequestIds()
         self.io = io  # the worker's I/O: streams and deadlines
+        self.scheme = scheme  # b"https" on TLS listeners (X-Forwarded-Proto)
         self.draining = False
 
 

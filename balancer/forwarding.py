@@ -51,7 +51,7 @@ def request_head(ex: Exchange, chunked: bool) -> bytes:
     if conn.ctx.trusted:
         lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ",
                  host or ex.backend.encode(), b"\r\n"]
-        te = _trusted_fields(lines, head, tokens, conn.client_ip_bytes)
+        te = _trusted_fields(lines, head, tokens, conn.client_ip_bytes, conn.ctx.scheme)
     elif host:  # the usual request: one list, made whole
         lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", host,
                  b"\r\nX-Forwarded-Host: ", host, b"\r\n", _client_fields(conn)]
@@ -81,7 +81,8 @@ def _client_fields(conn: ClientConnection) -> bytes:
     if not fields:
         ip = conn.client_ip_bytes
         fields = conn.forwarded_fields = (b"X-Forwarded-For: " + ip + b"\r\nX-Real-IP: " + ip
-                                          + b"\r\nX-Forwarded-Proto: http\r\n")
+                                          + b"\r\nX-Forwarded-Proto: " + conn.ctx.scheme
+                                          + b"\r\n")
     return fields
 
 
@@ -99,7 +100,7 @@ def _external_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[by
 
 
 def _trusted_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[bytes],
-                    client_ip: bytes) -> bool:
+                    client_ip: bytes, scheme: bytes = b"http") -> bool:
     """The fields of a request from a trusted listener: X-Forwarded-For extended,
     the other forwarding fields kept (X-Forwarded-Proto, -Host and X-Real-IP
     added when missing). Returns whether the client takes trailers (TE)."""
@@ -121,7 +122,7 @@ def _trusted_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[byt
     if b"x-real-ip" not in seen:
         lines += (b"X-Real-IP: ", client_ip, b"\r\n")
     if b"x-forwarded-proto" not in seen:
-        lines.append(b"X-Forwarded-Proto: http\r\n")
+        lines += (b"X-Forwarded-Proto: ", scheme, b"\r\n")
     if b"x-forwarded-host" not in seen and head.host:
         lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
     return te

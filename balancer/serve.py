@@ -41,12 +41,12 @@ MANAGEMENT_GROUP = "balancer.management"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
-def bind_all(addresses: list[tuple[Address, bool]]) -> list[tuple[Any, bool]]:
-    """Bind every listener or exit naming the one that failed."""
+def bind_all(addresses: list[tuple[Address, str]]) -> list[tuple[Any, str]]:
+    """Bind every listener or exit naming the one that failed; (socket, role) pairs."""
     bound = []
-    for address, trusted in addresses:
+    for address, role in addresses:
         try:
-            bound.append((bind(address), trusted))
+            bound.append((bind(address), role))
         except OSError as exc:
             print(f"balancer: cannot listen on {address}: {exc.strerror or exc}",
                   file=sys.stderr)
@@ -60,9 +60,12 @@ def bound_name(sock: Any) -> str:
     return str(Address(host, port))
 
 
-def listener_addresses(settings: Settings) -> list[tuple[Address, bool]]:
+def listener_addresses(settings: Settings) -> list[tuple[Address, str]]:
+    """Every proxy listener and its role: "proxy", "internal" (trusted) or "tls"."""
     server = settings.server
-    return [(a, False) for a in server.listen] + [(a, True) for a in server.internal_listen]
+    return ([(a, "proxy") for a in server.listen]
+            + [(a, "internal") for a in server.internal_listen]
+            + [(a, "tls") for a in settings.tls.listen])
 
 
 def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> int:
@@ -85,7 +88,7 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
     if problem is not None:
         return fail(problem[1], problem[0])
     listeners = bind_all(listener_addresses(settings))
-    management = bind_all([(settings.management.listen, False)])[0][0]
+    management = bind_all([(settings.management.listen, "management")])[0][0]
     run_dir = make_run_dir(identity)
     try:
         try:
@@ -116,13 +119,13 @@ def load_management() -> ManagementChild:
     return child
 
 
-def announce(settings: Settings, listeners: list[tuple[Any, bool]], management: Any,
+def announce(settings: Settings, listeners: list[tuple[Any, str]], management: Any,
              limits: tuple[int, int]) -> None:
     """The lines that say the balancer serves (tests and scripts wait for them),
     and what the descriptor limit allows (`limits`: the soft limit before and
     after `raise_limit`)."""
-    for sock, trusted in listeners:
-        log.info("listening on %s for %s", bound_name(sock), "internal" if trusted else "proxy")
+    for sock, role in listeners:
+        log.info("listening on %s for %s", bound_name(sock), role)
     log.info("listening on %s for management", bound_name(management))
     log.info("store %s, %d worker(s)", redact_url(settings.store.url), settings.effective_workers())
     report = log.warning if native.stale() else log.info

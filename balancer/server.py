@@ -8,6 +8,7 @@ directly over the control socket) → the worker's `TableFollower`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -36,9 +37,10 @@ from balancer.serving import Slots
 from balancer.settings import Settings
 from balancer.sketch import SLOT_SECONDS
 from balancer.stats import Stats
-from balancer.stores.base import TableChange, TableData
+from balancer.stores.base import StoreError, TableChange, TableData
 from balancer.stores.snapshot import Snapshot, snapshot_path
 from balancer.table import RoutingTable, TableHolder
+from balancer.tls import TLSIO, TLSFront, follow
 
 log = logging.getLogger("balancer")
 # Listen queue length: the kernel caps it at net.core.somaxconn. A short queue
@@ -182,14 +184,18 @@ class Worker:
             self.io.on_wake = resume_client
             self.io.on_expire = expire_client
         self.contexts: list[Context] = []
+        self.tls: TLSFront | None = None  # with TLS listeners (`front`)
         self.draining = False  # stopped accepting; every response closes its connection
         self.stopping = False  # the watcher and the watchdog end
 
-    def context(self, trusted: bool) -> Context:
+    def context(self, role: str) -> Context:
+        """What the connections of one listener share; `role`: proxy, internal or tls."""
         return Context(holder=self.holder, pages=self.pages, stats=self.stats,
-                       access_log=self.access_log, trusted=trusted, limits=self.limits,
-                       timeouts=self.settings.timeouts, io=self.io,
-                       spin_max_waiting=self.settings.limits.spin_max_waiting)
+                       access_log=self.access_log, trusted=role == "internal",
+                       limits=self.limits, timeouts=self.settings.timeouts,
+                       io=TLSIO(self.io) if role == "tls" else self.io,
+                       spin_max_waiting=self.settings.limits.spin_max_waiting,
+                       scheme=b"https" if role == "tls" else b"http")
 
     # routing table -------------------------------------------------------
     def apply(self, data: TableData | TableChange) -> bool:
@@ -211,15 +217,17 @@ class Worker:
                          self.tables.served_version)
 
     # listeners -----------------------------------------------------------
-    def listen(self, sockets: list[tuple[socket.socket, bool]]) -> None:
-        """Serve clients on already-bound sockets; (socket, trusted) pairs."""
-        for sock, trusted in sockets:
+    def listen(self, sockets: list[tuple[socket.socket, str]]) -> None:
+        """Serve clients on already-bound sockets; (socket, role) pairs."""
+        for sock, role in sockets:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 # accepted sockets inherit it: no setsockopt per connection
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            ctx = self.context(trusted)
+            ctx = self.context(role)
             self.contexts.append(ctx)
-            server = Listener(sock, partial(handle_client, ctx=ctx), self.slots)
+            handler = (partial(self.front().serve, ctx=ctx, serve_client=handle_client)
+                       if role == "tls" else partial(handle_client, ctx=ctx))
+            server = Listener(sock, handler, self.slots)
             server.max_accept = self.accept_batch()
             server.start()
             self.servers.append(server)
@@ -242,6 +250,17 @@ class Worker:
         if self.settings.effective_workers() > 1:
             return SHARED_ACCEPT_BATCH
         return self.max_connections
+
+    def front(self) -> TLSFront:
+        """The TLS front (made with the first TLS listener), serving the store's
+        certificates from then on."""
+        if self.tls is None:
+            self.tls = TLSFront(self.settings.tls, self.stats.tls_handshakes)
+            certs = self.store.certs()
+            with contextlib.suppress(StoreError):
+                self.tls.update(certs.all())
+            gevent.spawn(follow, self.tls, certs, lambda: self.stopping)
+        return self.tls
 
     def watchdog_loop(self) -> None:
         """Raise TimeoutError in every connection whose deadline passed (and,

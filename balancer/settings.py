@@ -35,13 +35,16 @@ from balancer.http11 import DEFAULT_LIMITS
 from balancer.settings_kinds import (
     ADDRESS,
     ADDRESS_LIST,
+    CIPHER_LIST,
     HOST_NAMES,
+    MOZILLA_INTERMEDIATE,
     NAME,
     POSITIVE,
     TEXT,
     Account,
     Choice,
     Directory,
+    File,
     Integer,
     Kind,
     Rejected,
@@ -136,6 +139,18 @@ SETTINGS: tuple[Setting, ...] = (
             "request header count (431 above)"),
     Setting("limits.spin_max_waiting", Integer(1), 10000,
             "requests held by spin rules per worker (busy page above)"),
+    Setting("tls.listen", ADDRESS_LIST, [],
+            "HTTPS listener address (repeatable); certificates come from the store",
+            "--tls-listen"),
+    Setting("tls.default_host", TEXT, "",
+            "certificate served when the client sends no SNI name or one with no "
+            "certificate (\"\": such handshakes fail with unrecognized_name)"),
+    Setting("tls.min_version", Choice("1.2", "1.3"), "1.2", "lowest TLS version accepted"),
+    Setting("tls.ciphers", CIPHER_LIST, MOZILLA_INTERMEDIATE,
+            "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults); "
+            "the default is Mozilla's \"intermediate\" list"),
+    Setting("tls.backend_ca_bundle", File(), "",
+            "PEM file of CAs that https:// backends are verified against (\"\": the system CAs)"),
     Setting("log.access_log", TEXT, "", 'access log: "" off, "-" stdout, or a path',
             "--access-log", "PATH|-"),
     Setting("log.access_format", Choice("combined", "json"), "combined", "access log format"),
@@ -194,6 +209,15 @@ class LimitSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    listen: tuple[Address, ...]
+    default_host: str
+    min_version: str
+    ciphers: str
+    backend_ca_bundle: str
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     access_log: str
     access_format: str
@@ -209,6 +233,7 @@ class Settings:
     store: StoreSettings
     timeouts: TimeoutSettings
     limits: LimitSettings
+    tls: TlsSettings
     log: LogSettings
     config_path: str
 
@@ -219,7 +244,8 @@ class Settings:
 
 SECTION_CLASSES: dict[str, type] = {
     "server": ServerSettings, "management": ManagementSettings, "store": StoreSettings,
-    "timeouts": TimeoutSettings, "limits": LimitSettings, "log": LogSettings,
+    "timeouts": TimeoutSettings, "limits": LimitSettings, "tls": TlsSettings,
+    "log": LogSettings,
 }
 
 
@@ -365,9 +391,10 @@ def _cross_check(chosen: Mapping[str, tuple[object, str]]) -> list[str]:
     problems = []
     listen, listen_source = chosen["server.listen"]
     internal, _ = chosen["server.internal_listen"]
-    if not listen and not internal:
+    tls, _ = chosen["tls.listen"]
+    if not listen and not internal and not tls:
         problems.append(f"server.listen ({listen_source}): no listener; give at least one "
-                        "address in server.listen or server.internal_listen")
+                        "address in server.listen, server.internal_listen or tls.listen")
     management, management_source = chosen["management.listen"]
     token, _ = chosen["management.token"]
     if not management.is_loopback and not token:
@@ -381,7 +408,8 @@ def _cross_check(chosen: Mapping[str, tuple[object, str]]) -> list[str]:
 def _duplicate_addresses(chosen: Mapping[str, tuple[object, str]]) -> list[str]:
     problems = []
     seen: dict[Address, str] = {}
-    for name in ("server.listen", "server.internal_listen", "management.listen"):
+    for name in ("server.listen", "server.internal_listen", "tls.listen",
+                 "management.listen"):
         value, source = chosen[name]
         for addr in value if isinstance(value, tuple) else (value,):
             if addr.port != 0 and addr in seen:  # port 0 is a fresh port each time

@@ -243,6 +243,42 @@ class Directory(Kind):
         return value
 
 
+class File(Kind):
+    """"" (unset) or an existing readable file."""
+
+    expected = "an existing readable file"
+    metavar = "PATH"
+
+    def check(self, value: object, raw: object) -> str:
+        if value and not (os.path.isfile(value) and os.access(value, os.R_OK)):
+            raise reject(self.expected, raw)
+        return value
+
+
+class CipherList(Kind):
+    """An OpenSSL cipher list that selects at least one cipher."""
+
+    expected = "an OpenSSL cipher list selecting at least one cipher"
+    metavar = "CIPHERS"
+
+    def check(self, value: object, raw: object) -> str:
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+        except ssl.SSLError:
+            raise reject(self.expected, raw) from None
+        return value
+
+
+# Mozilla's "intermediate" TLS 1.2 ciphers (ssl-config.mozilla.org, guidelines 5.7)
+MOZILLA_INTERMEDIATE = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305"))
+
+
 class Account(Kind):
     """"" (unset), an existing user/group name, or a numeric id."""
 
@@ -269,3 +305,4 @@ POSITIVE = Number()
 ADDRESS = AddressKind()
 ADDRESS_LIST = AddressList()
 HOST_NAMES = HostNames()
+CIPHER_LIST = CipherList()

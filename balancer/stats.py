@@ -24,6 +24,7 @@ BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 BOUNDS: Final[list[float]] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                               60.0]
 OUTCOMES: Final = ("success", "connect_error", "timeout", "error")
+TLS_OUTCOMES: Final = ("ok", "no_certificate", "protocol_error", "timeout")
 STATE_RANK: Final = {"up": 0, "probing": 1, "down": 2}  # merging: the worst state wins
 
 
@@ -154,6 +155,7 @@ class Stats:
         self.last_reload = 0.0
         self.failing: dict[str, HostStats] = {}  # hosts with a 502/504 since the last report
         self.top = TopTalkers()  # heavy hitters (balancer.sketch); rotated by the worker
+        self.tls_handshakes = dict.fromkeys(TLS_OUTCOMES, 0)  # by outcome (balancer.tls)
 
     def note_failure(self, key: str, host: HostStats, cause: str, error: Any) -> None:
         """Count a 502/504 by its cause for the once-a-second report (no formatting)."""
@@ -182,6 +184,7 @@ class Stats:
             "config_reloads": self.config_reloads,
             "store_up": self.store_up,
             "last_reload": self.last_reload,
+            "tls_handshakes": dict(self.tls_handshakes),
             "hosts": {k: h.snapshot() for k, h in self.hosts.items()},
         }
 

@@ -177,7 +177,7 @@ def open_child_store(settings: Settings) -> Any:
 
 
 # proxy worker -------------------------------------------------------------------
-def run_worker(env: ChildEnv, listeners: list[tuple[Any, bool]]) -> int:
+def run_worker(env: ChildEnv, listeners: list[tuple[Any, str]]) -> int:
     """A proxy worker: serve the inherited listeners until told to stop."""
     from balancer.accesslog import AccessLogError
     from balancer.control import ControlServer, retire

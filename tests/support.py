@@ -228,7 +228,7 @@ def dead_address() -> str:
 
 
 # the balancer ------------------------------------------------------------------
-LISTEN_RE = re.compile(r"listening on (\S+) for (proxy|internal|management)")
+LISTEN_RE = re.compile(r"listening on (\S+) for (proxy|internal|tls|management)")
 
 
 class Balancer:

@@ -219,7 +219,7 @@ def test_argparse_flags_round_trip():
 def test_spec_flags_exist():
     flags = {s.flag for s in SETTINGS if s.flag}
     assert flags == {"--listen", "--internal-listen", "--management", "--store",
-                     "--workers", "--token", "--access-log"}
+                     "--workers", "--token", "--access-log", "--tls-listen"}
 
 
 # -- the config file --------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from balancer.rules import normalize_host, validate_table
 
 if TYPE_CHECKING:
+    from balancer.stores.certs import Certs
     from balancer.stores.records import Records
 
 PAUSE_EVERY = 2000  # hosts checked between yields to other greenlets
@@ -235,6 +236,10 @@ class Store(ABC):
     @abstractmethod
     def records(self) -> Records:
         """The deploy records kept beside the table (`balancer.stores.records`)."""
+
+    @abstractmethod
+    def certs(self) -> Certs:
+        """The TLS certificates kept beside the table (`balancer.stores.certs`)."""
 
     def last_error(self) -> str | None:
         """The current problem with the store (unreachable or corrupt), if any."""

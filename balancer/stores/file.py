@@ -46,6 +46,7 @@ from balancer.stores.base import (
     unreadable_is_corrupt,
     write_version,
 )
+from balancer.stores.certs import Certs, FileCerts
 from balancer.stores.records import FileRecords, Records
 from balancer.stores.snapshot import HOW_TO_FIX
 
@@ -128,6 +129,10 @@ class FileStore(Store):
     def records(self) -> Records:
         """Deploy records in ``PATH.deploys.json``, under the routes file's writer lock."""
         return FileRecords(self.path + ".deploys.json", self._locked)
+
+    def certs(self) -> Certs:
+        """Certificates in ``PATH.certs.json`` (mode 0600), under the writer lock."""
+        return FileCerts(self.path + ".certs.json", self._locked)
 
     # writing ---------------------------------------------------------------
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:

@@ -57,6 +57,7 @@ from balancer.stores.base import (
     unreadable_is_corrupt,
     write_version,
 )
+from balancer.stores.certs import Certs, RedisCerts
 from balancer.stores.records import Records, RedisRecords
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
@@ -188,6 +189,10 @@ class RedisStore(Store):
     def records(self) -> Records:
         """Deploy records in hashes under the namespace (`RedisRecords`)."""
         return RedisRecords(self.client, self.namespace, self._talking)
+
+    def certs(self) -> Certs:
+        """Certificates in ``NS:certs`` (`balancer.stores.certs.RedisCerts`)."""
+        return RedisCerts(self.client, self.namespace, self._talking)
 
     # writing ---------------------------------------------------------------
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:

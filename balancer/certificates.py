@@ -1,0 +1,139 @@
+"""Certificates as the store keeps them (SPEC §9): checked before they are stored.
+
+A record is ``{"chain": PEM, "key": PEM, "not_after": UNIX_TIME, "source": TEXT}``:
+the leaf certificate first in ``chain``, then its intermediates; ``key`` the
+leaf's private key (PEM, unencrypted).
+
+Invariants:
+* `check` refuses (`CertificateError`, with the reason) a key that does not
+  match the leaf, a leaf whose names (subjectAltName DNS entries, wildcards
+  included) do not cover the host, an expired or not yet valid leaf, and keys
+  other than RSA ≥ 2048 bits or ECDSA P-256/P-384.
+* No message, repr or log line made here contains the private key.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtensionOID
+
+MIN_RSA_BITS = 2048
+CURVES = ("secp256r1", "secp384r1")
+SOURCES = ("upload", "acme")
+
+
+class CertificateError(ValueError):
+    """Why a certificate cannot be stored or served (never containing the key)."""
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What a checked certificate says of itself (safe to show)."""
+
+    names: tuple[str, ...]
+    not_before: float
+    not_after: float
+    issuer: str
+    key_type: str
+
+
+def check(host: str, chain_pem: str, key_pem: str, now: float | None = None) -> CertificateInfo:
+    """The leaf's info if `chain_pem` + `key_pem` may serve `host`; else CertificateError."""
+    if not isinstance(chain_pem, str) or not isinstance(key_pem, str):
+        raise CertificateError("chain and key must be PEM text")
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem.encode())
+    except ValueError:
+        raise CertificateError("chain: not a PEM certificate chain") from None
+    try:
+        key: Any = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    except (ValueError, TypeError):
+        raise CertificateError("key: not an unencrypted PEM private key") from None
+    leaf = chain[0]
+    key_type = _key_type(key)
+    if leaf.public_key().public_bytes(serialization.Encoding.DER,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo) != \
+            key.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise CertificateError("key: does not match the chain's first certificate")
+    names = leaf_names(leaf)
+    if not covers(names, host):
+        raise CertificateError(f"chain: the certificate is for {', '.join(names) or 'no name'}, "
+                               f"not {host}")
+    now = time.time() if now is None else now
+    not_before = leaf.not_valid_before_utc.timestamp()
+    not_after = leaf.not_valid_after_utc.timestamp()
+    if not_after <= now:
+        raise CertificateError(f"chain: the certificate expired at "
+                               f"{leaf.not_valid_after_utc.isoformat()}")
+    if not_before > now:
+        raise CertificateError(f"chain: the certificate is not valid before "
+                               f"{leaf.not_valid_before_utc.isoformat()}")
+    return CertificateInfo(names, not_before, not_after, leaf.issuer.rfc4514_string(), key_type)
+
+
+def _key_type(key: Any) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise CertificateError(f"key: RSA keys must have at least {MIN_RSA_BITS} bits, "
+                                   f"this one has {key.key_size}")
+        return f"RSA {key.key_size}"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if key.curve.name not in CURVES:
+            raise CertificateError(f"key: ECDSA keys must be on P-256 or P-384, "
+                                   f"not {key.curve.name}")
+        return "ECDSA " + {"secp256r1": "P-256", "secp384r1": "P-384"}[key.curve.name]
+    raise CertificateError("key: must be RSA (2048 bits or more) or ECDSA P-256/P-384")
+
+
+def leaf_names(leaf: x509.Certificate) -> tuple[str, ...]:
+    """The DNS names of a certificate (subjectAltName; the CN when it has none)."""
+    try:
+        san: Any = leaf.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        return tuple(n.lower() for n in san.value.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        cns = leaf.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+        return tuple(str(cn.value).lower() for cn in cns)
+
+
+def covers(names: tuple[str, ...], host: str) -> bool:
+    """Whether a certificate for `names` is valid for `host` (one-label wildcards).
+    A stored wildcard host (``*.example.com``) needs the wildcard name itself."""
+    host = host.lower()
+    for name in names:
+        if name == host:
+            return True
+        if name.startswith("*.") and not host.startswith("*."):
+            first, _, rest = host.partition(".")
+            if first and rest == name[2:]:
+                return True
+    return False
+
+
+def public_record(host: str, record: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """What the API and `balancerctl cert list` show of a stored record: never the key."""
+    now = time.time() if now is None else now
+    shown: dict[str, Any] = {"host": host, "source": record.get("source", ""),
+                             "not_after": record.get("not_after")}
+    try:
+        leaf = x509.load_pem_x509_certificates(str(record.get("chain", "")).encode())[0]
+        shown["names"] = list(leaf_names(leaf))
+        shown["issuer"] = leaf.issuer.rfc4514_string()
+        shown["not_after"] = leaf.not_valid_after_utc.timestamp()
+    except (ValueError, IndexError):
+        shown["problem"] = "the stored chain cannot be read"
+    if isinstance(shown["not_after"], (int, float)):
+        shown["expires_in"] = round(shown["not_after"] - now)
+    return shown
+
+
+def make_record(host: str, chain_pem: str, key_pem: str, source: str = "upload") -> dict[str, Any]:
+    """A checked record ready for the store (CertificateError if it may not serve `host`)."""
+    info = check(host, chain_pem, key_pem)
+    return {"chain": chain_pem, "key": key_pem, "not_after": info.not_after, "source": source}

@@ -1,0 +1,232 @@
+"""TLS at the front door (SPEC §9): handshakes, certificates by SNI, TLS streams.
+
+A TLS listener's connection is handshaken in its own greenlet (the accept
+loop goes on), under one `client_header` deadline for the whole handshake;
+then the very same request path as plain HTTP serves it
+(`balancer.connection.handle_client`), through `TLSIO`, which makes the
+client socket a plain `balancer.netio.Stream` (the TLS socket's own
+``recv``/``sendall`` encrypt and wait cooperatively) and leaves every other
+step (deadlines, relay turns) to the worker's `IO`.
+
+Invariants:
+* Every handshake starts on one server context (`TLSFront.context`): its
+  session cache and ticket keys are the worker's, so sessions resume on the
+  worker that made them. The SNI callback then switches the connection to
+  the context of the host's certificate: exact name, then the wildcard
+  ``*.PARENT``, then ``tls.default_host``'s; none fails the handshake with
+  ``unrecognized_name``.
+* The certificates in force are one immutable mapping, swapped whole
+  (`update`): established connections keep the context they were made with.
+  A record that cannot be loaded is reported and skipped; it never takes
+  other hosts down.
+* Outcomes are plain counters in `Stats.tls_handshakes` (no metric calls).
+* Private keys reach OpenSSL through an anonymous memory file; they are never
+  written to disk, logged or kept in Python objects past loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import gevent
+
+from balancer.netio import IO, Stream
+from balancer.responses import local_response
+from balancer.turns import Turn
+
+log = logging.getLogger("balancer")
+
+ALPN: Final = ["http/1.1"]
+HANDSHAKE_RECORD: Final = 0x16  # the first byte of every TLS ClientHello
+VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+FOLLOW_INTERVAL: Final = 1.0  # seconds between looks at the store's certificates
+PLAIN_HTTP_BODY: Final = b"400 Bad Request: plain HTTP request was sent to HTTPS port\n"
+
+
+class TLSIO(IO):
+    """The worker's `IO` for TLS client sockets: plain streams, everything else
+    the worker's own (its deadlines, its connection set)."""
+
+    def __init__(self, io: IO) -> None:
+        self.io = io
+
+    def stream(self, sock: Any) -> Stream:
+        return Stream(sock)
+
+    def arm(self, sock: Any, seconds: float) -> float:
+        return self.io.arm(sock, seconds)
+
+    def turn(self) -> Turn:
+        return self.io.turn()
+
+    def attach(self, conn: Any) -> None:
+        self.io.attach(conn)
+
+    def detach(self, conn: Any) -> None:
+        self.io.detach(conn)
+
+    def wait_any(self, events: Sequence[Any], sock: Any, timeout: float,
+                 watch_client: bool) -> bool:
+        # a TLS socket's readability may be a TLS record, not a request byte:
+        # held requests on TLS listeners do not watch their client
+        self.io.wait_any(events, sock, timeout, False)
+        return False
+
+
+class TLSFront:
+    """The server contexts of one worker and the certificates they serve."""
+
+    def __init__(self, settings: Any, counts: dict[str, int]) -> None:
+        self.settings = settings
+        self.counts = counts  # outcome → handshakes (Stats.tls_handshakes)
+        self.context = self.new_context()
+        self.context.sni_callback = self.pick
+        self.by_host: Mapping[str, ssl.SSLContext] = {}
+        self.loaded: dict[str, tuple[str, ssl.SSLContext]] = {}  # host → (digest, context)
+        self.problems: dict[str, str] = {}  # host → why its certificate is not served
+
+    def new_context(self) -> ssl.SSLContext:
+        """A server context with the configured versions, ciphers and ALPN."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = VERSIONS[self.settings.min_version]
+        context.maximum_version = ssl.TLSVersion.TLSv1_3
+        context.set_ciphers(self.settings.ciphers)
+        context.set_alpn_protocols(ALPN)
+        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        return context
+
+    # certificates ------------------------------------------------------
+    def update(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        """Serve exactly `records` (HOST → store record) from now on."""
+        loaded: dict[str, tuple[str, ssl.SSLContext]] = {}
+        problems: dict[str, str] = {}
+        for host, record in records.items():
+            chain, key = str(record.get("chain", "")), str(record.get("key", ""))
+            digest = hashlib.sha256(f"{chain}\0{key}".encode()).hexdigest()
+            known = self.loaded.get(host)
+            if known is not None and known[0] == digest:
+                loaded[host] = known
+                continue
+            try:
+                loaded[host] = (digest, self.load(chain, key))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                problems[host] = _reason(exc)
+            time.sleep(0)  # many new certificates: let requests run between them
+        for host, reason in problems.items():
+            if self.problems.get(host) != reason:
+                log.error("certificate of %s not served: %s", host, reason)
+        self.problems = problems
+        self.loaded = loaded
+        self.by_host = {host: context for host, (_, context) in loaded.items()}
+
+    def load(self, chain: str, key: str) -> ssl.SSLContext:
+        """A context serving one certificate (PEM chain and key, via a memory file)."""
+        context = self.new_context()
+        fd = os.memfd_create("balancer-certificate", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, f"{key}\n{chain}\n".encode())
+            path = f"/proc/self/fd/{fd}"
+            context.load_cert_chain(path, path)
+        finally:
+            os.close(fd)
+        return context
+
+    def find(self, name: str | None) -> ssl.SSLContext | None:
+        """The context for an SNI name (exact, wildcard, then default_host)."""
+        by_host = self.by_host
+        for candidate in (name, self.settings.default_host or None):
+            if not candidate:
+                continue
+            candidate = candidate.lower().rstrip(".")
+            context = by_host.get(candidate)
+            if context is None:
+                context = by_host.get("*." + candidate.partition(".")[2])
+            if context is not None:
+                return context
+        return None
+
+    def pick(self, sslobj: Any, name: str | None, _context: ssl.SSLContext) -> int | None:
+        """The SNI callback: switch to the host's certificate or refuse the name."""
+        context = self.find(name)
+        if context is None:
+            self.counts["no_certificate"] += 1
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        sslobj.context = context
+        return None
+
+    # connections -------------------------------------------------------
+    def serve(self, sock: Any, address: Any, ctx: Any,
+              serve_client: Callable[[Any, Any, Any], bool]) -> bool:
+        """Handshake one accepted connection, then serve it with `serve_client`;
+        whether it was parked between requests (`TLSIO` never parks: False)."""
+        tls = self.handshake(sock, ctx)
+        if tls is None:
+            with contextlib.suppress(OSError):
+                sock.close()
+            return False
+        return serve_client(tls, address, ctx)
+
+    def handshake(self, sock: Any, ctx: Any) -> Any:
+        """The TLS socket after a finished handshake, or None (counted by outcome)."""
+        counts = self.counts
+        try:
+            with gevent.Timeout(ctx.timeouts.client_header, TimeoutError):
+                first = sock.recv(1, socket.MSG_PEEK)
+                if not first:
+                    return None  # connected and left: no handshake was tried
+                if first[0] != HANDSHAKE_RECORD:
+                    counts["protocol_error"] += 1
+                    _refuse_plain(sock, ctx)
+                    return None
+                tls = self.context.wrap_socket(sock, server_side=True,
+                                               do_handshake_on_connect=False)
+                tls.do_handshake()
+        except TimeoutError:
+            counts["timeout"] += 1
+            return None
+        except ssl.SSLError as exc:
+            if "UNRECOGNIZED_NAME" not in str(exc).upper():  # that one `pick` counted
+                counts["protocol_error"] += 1
+            return None
+        except OSError:
+            counts["protocol_error"] += 1
+            return None
+        counts["ok"] += 1
+        return tls
+
+
+def _refuse_plain(sock: Any, ctx: Any) -> None:
+    """Answer a plain-HTTP request on a TLS port with a 400 that says so (as nginx)."""
+    data = local_response(400, PLAIN_HTTP_BODY, b"text/plain; charset=utf-8",
+                          request_id=ctx.request_ids.next(), keep_alive=False)
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a certificate did not load, without any of its text."""
+    if isinstance(exc, ssl.SSLError):
+        return f"OpenSSL refused it ({exc.reason or exc.library or 'unknown reason'})"
+    return type(exc).__name__
+
+
+def follow(front: TLSFront, certs: Any, stop: Callable[[], bool],
+           interval: float = FOLLOW_INTERVAL) -> None:
+    """Serve the store's certificates, and each change to them, until `stop()`."""
+    seen: object = object()
+    while not stop():
+        with contextlib.suppress(Exception):
+            signature = certs.signature()
+            if signature != seen:
+                front.update(certs.all())
+                seen = signature
+        gevent.sleep(interval)

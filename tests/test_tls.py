@@ -1,0 +1,234 @@
+"""TLS listeners (SPEC §9) with real clients: Python ssl, openssl s_client, curl."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balancer.certificates import make_record
+from balancer.stores.file import FileStore
+from tests.support import Backend, Balancer, wait_for
+from tests.tlsca import TestCA
+
+CA = TestCA()
+
+
+def put_cert(routes: Path, host: str, *names: str) -> None:
+    """Store a certificate for `names` (default: `host`) under `host`."""
+    chain, key = CA.issue(*(names or (host,)))
+    FileStore(str(routes)).certs().put(host, make_record(host, chain, key))
+
+
+def client_context(tmp: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(CA.write(tmp)))
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def tls_connect(port: int, name: str | None, context: ssl.SSLContext,
+                session: Any = None) -> ssl.SSLSocket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return context.wrap_socket(sock, server_hostname=name, session=session)
+
+
+def https_get(port: int, host: str, context: ssl.SSLContext,
+              path: str = "/") -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    # SNI and certificate check against `host`, the connection to 127.0.0.1
+    conn.sock = tls_connect(port, host, context)
+    conn.request("GET", path, headers={"Host": host})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Backend]:
+    b = Backend("tls")
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tls")
+
+
+@pytest.fixture(scope="module")
+def front(tls_tmp: Path, backend: Backend) -> Iterator[Balancer]:
+    routes = tls_tmp / "routes.json"
+    hosts = {host: {"action": "proxy", "backends": [backend.address]}
+             for host in ("app.test", "*.wild.test", "other.test")}
+    routes.write_text(json.dumps({"version": 1, "hosts": hosts}))
+    put_cert(routes, "app.test")
+    put_cert(routes, "*.wild.test")
+    bal = Balancer(tls_tmp, args=["--tls-listen", "127.0.0.1:0"],
+                   config="[timeouts]\nclient_header = 1.0\n")
+    yield bal
+    bal.stop()
+
+
+def test_https_request_reaches_the_backend_with_forwarded_proto(front: Balancer,
+                                                                tls_tmp: Path) -> None:
+    status, _, body = https_get(front.ports["tls"], "app.test", client_context(tls_tmp))
+    assert status == 200
+    assert json.loads(body)["headers"]["X-Forwarded-Proto"] == "https"
+    # the plain listener still says http
+    conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+    conn.request("GET", "/", headers={"Host": "app.test"})
+    assert json.loads(conn.getresponse().read())["headers"]["X-Forwarded-Proto"] == "http"
+    conn.close()
+
+
+def test_sni_picks_exact_then_wildcard_and_refuses_unknown(front: Balancer, tls_tmp: Path) -> None:
+    context = client_context(tls_tmp)
+    with tls_connect(front.ports["tls"], "a.wild.test", context) as tls:
+        names = [v for _, v in tls.getpeercert()["subjectAltName"]]
+        assert names == ["*.wild.test"]
+        assert tls.selected_alpn_protocol() == "http/1.1"
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        tls_connect(front.ports["tls"], "other.test", context)
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        tls_connect(front.ports["tls"], None, ssl._create_unverified_context())
+
+
+def test_old_protocols_are_refused(front: Balancer) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client offer TLS 1.0/1.1
+    with pytest.raises(ssl.SSLError):
+        tls_connect(front.ports["tls"], "app.test", context)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_openssl_s_client_versions_sni_alpn(front: Balancer, tls_tmp: Path, version: str) -> None:
+    ca = CA.write(tls_tmp)
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{front.ports['tls']}", version,
+         "-servername", "app.test", "-alpn", "http/1.1", "-CAfile", str(ca),
+         "-verify_return_error", "-brief"],
+        input=b"", capture_output=True, timeout=20)
+    text = (out.stdout + out.stderr).decode()
+    assert "Verification: OK" in text, text
+    assert "ALPN protocol: http/1.1" in text or "ALPN" not in text, text
+    assert ("TLSv1.3" if version == "-tls1_3" else "TLSv1.2") in text, text
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_openssl_s_client_tls1_1_fails(front: Balancer) -> None:
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{front.ports['tls']}", "-tls1_1",
+         "-cipher", "DEFAULT:@SECLEVEL=0", "-servername", "app.test", "-brief"],
+        input=b"", capture_output=True, timeout=20)
+    assert out.returncode != 0
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_curl_resolve(front: Balancer, tls_tmp: Path) -> None:
+    port = front.ports["tls"]
+    out = subprocess.run(
+        ["curl", "-sS", "--cacert", str(CA.write(tls_tmp)), "--resolve",
+         f"app.test:{port}:127.0.0.1", f"https://app.test:{port}/hello", "-o", "-",
+         "-w", "\n%{http_code} %{http_version}"],
+        capture_output=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    body, _, status = out.stdout.decode().rpartition("\n")
+    assert status == "200 1.1"
+    assert json.loads(body)["path"] == "/hello"
+
+
+def test_plain_http_to_the_tls_port_gets_a_clear_400(front: Balancer) -> None:
+    with socket.create_connection(("127.0.0.1", front.ports["tls"]), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert b"plain HTTP request was sent to HTTPS port" in data
+
+
+def test_a_client_that_never_finishes_the_handshake_is_closed(front: Balancer) -> None:
+    for partial in (b"", b"\x16\x03\x01\x00\xff\x01"):  # nothing; half a ClientHello
+        with socket.create_connection(("127.0.0.1", front.ports["tls"]), timeout=5) as sock:
+            sock.sendall(partial)
+            start = time.monotonic()
+            assert sock.recv(100) == b""  # closed by the balancer, client_header = 1 s
+            assert 0.5 < time.monotonic() - start < 4
+
+
+def test_sessions_resume_within_a_worker(front: Balancer, tls_tmp: Path) -> None:
+    context = client_context(tls_tmp)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2  # the session is known at once
+    with tls_connect(front.ports["tls"], "app.test", context) as first:
+        session = first.session
+    with tls_connect(front.ports["tls"], "app.test", context, session) as second:
+        assert second.session_reused
+
+
+def test_certificates_change_without_restart_or_dropped_connections(
+        front: Balancer, tls_tmp: Path) -> None:
+    context = client_context(tls_tmp)
+    port = front.ports["tls"]
+    kept = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    kept.sock = tls_connect(port, "app.test", context)
+    kept.request("GET", "/", headers={"Host": "app.test"})
+    assert kept.getresponse().read()
+    put_cert(tls_tmp / "routes.json", "other.test")
+    wait_for(lambda: _handshakes(port, "other.test", context), timeout=10,
+             what="the new certificate to be served")
+    put_cert(tls_tmp / "routes.json", "app.test")  # replaced: new connections get it
+    kept.request("GET", "/again", headers={"Host": "app.test"})
+    resp = kept.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["path"] == "/again"
+    kept.close()
+    FileStore(str(tls_tmp / "routes.json")).certs().delete("other.test")
+    wait_for(lambda: not _handshakes(port, "other.test", context), timeout=10,
+             what="the deleted certificate to go")
+
+
+def _handshakes(port: int, name: str, context: ssl.SSLContext) -> bool:
+    try:
+        tls_connect(port, name, context).close()
+    except ssl.SSLError:
+        return False
+    return True
+
+
+def test_certs_file_is_private(tls_tmp: Path) -> None:
+    path = tls_tmp / "routes.json.certs.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_default_host_serves_unknown_names(tmp_path: Path, backend: Backend) -> None:
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps({"version": 1, "hosts": {
+        "app.test": {"action": "proxy", "backends": [backend.address]}}}))
+    put_cert(routes, "app.test")
+    bal = Balancer(tmp_path, args=["--tls-listen", "127.0.0.1:0"],
+                   config='[tls]\ndefault_host = "app.test"\n')
+    try:
+        context = ssl._create_unverified_context()
+        for name in ("unknown.test", None):
+            with tls_connect(bal.ports["tls"], name, context) as tls:
+                assert tls.getpeercert(binary_form=True)
+    finally:
+        bal.stop()

@@ -1,0 +1,70 @@
+"""A test certificate authority made with `cryptography`: a root, and leaf
+certificates (ECDSA P-256 by default) for any names, as PEM text."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+
+def _pem_key(key: Any) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+def _pem_cert(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class TestCA:
+    """A self-signed root that issues leaf certificates."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, name: str = "balancer test CA") -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(days=1))
+                     .not_valid_after(now + datetime.timedelta(days=3650))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                     .sign(self.key, hashes.SHA256()))
+        self.pem = _pem_cert(self.cert)
+
+    def write(self, directory: Path) -> Path:
+        """The root as a PEM file (for clients to trust)."""
+        path = directory / "test-ca.pem"
+        path.write_text(self.pem)
+        return path
+
+    def issue(self, *names: str, key: Any = None, days: float = 90,
+              start_days: float = -1) -> tuple[str, str]:
+        """(chain PEM, key PEM) of a leaf for `names` valid from `start_days` for `days`."""
+        key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        start = now + datetime.timedelta(days=start_days)
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+                .issuer_name(self.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                               False)
+                .sign(self.key, hashes.SHA256()))
+        return _pem_cert(cert) + self.pem, _pem_key(key)
+
+
+def rsa_key(bits: int) -> Any:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def ec_key(curve: Any) -> Any:
+    return ec.generate_private_key(curve)
