@@ -89,6 +89,7 @@ class Exchange:
     """One request and what has happened to it so far."""
 
     __slots__ = ("conn", "head", "route", "request_id", "start", "status", "sent", "received",
+                 "head_extra",
                  "backend", "backend_time", "keep_alive", "started", "body_done")
 
     def __init__(self, conn: ClientConnection, head: RequestHead, route: Route,
@@ -106,6 +107,7 @@ class Exchange:
         self.keep_alive = head.keep_alive
         self.started = False   # response bytes were sent to the client
         self.body_done = not head.has_body
+        self.head_extra = b""  # response fields of the rule (HSTS), b"\r\nName: value" each
 
     def send(self, data: bytes, last: bool = False) -> None:
         """Send response bytes to the client; a dead client raises ClientGone.
@@ -131,6 +133,8 @@ class Exchange:
         self.conn.discard_body(self)
         head = self.head
         self.status = status
+        if self.head_extra:
+            extra = (*extra, *_fields(self.head_extra))
         self.send(local_response(
             status, body, content_type, request_id=self.request_id,
             keep_alive=self.keep_alive, version=head.version,
@@ -372,6 +376,12 @@ class ClientConnection:
                 pass
         except (ClientGone, ProtocolError):
             ex.keep_alive = False
+
+
+def _fields(raw: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """``b"\r\nName: value"`` pieces as (name, value) pairs."""
+    pairs = (line.split(b": ", 1) for line in raw.split(b"\r\n") if line)
+    return tuple((name, value) for name, value in pairs)
 
 
 def access_record(ex: Exchange, elapsed: float) -> tuple:

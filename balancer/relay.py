@@ -180,7 +180,8 @@ def _send_interim(ex: Exchange, rhead: ResponseHead) -> None:
 def response_head(ex: Exchange, rhead: ResponseHead) -> tuple[bytes, int]:
     """The response head for the client and how its body is framed."""
     head = ex.head
-    lines = [rhead.status_line, rhead.forwarded, b"\r\nX-Request-Id: ", ex.request_id]
+    lines = [rhead.status_line, rhead.forwarded, ex.head_extra, b"\r\nX-Request-Id: ",
+             ex.request_id]
     if rhead.status == 101:
         lines.append(b"\r\nConnection: upgrade\r\nUpgrade: %s\r\n\r\n" % head.upgrade)
         return b"".join(lines), RAW

@@ -30,7 +30,8 @@ MAX_HOST_LEN = 253
 MAX_HOLD = 86400   # seconds a request may be held (spin timeout, spin_when_down)
 MAX_CHECK = 3600   # seconds: the longest health check interval or timeout
 
-COMMON_KEYS = {"action", "subdomains", "limits"}
+COMMON_KEYS = {"action", "subdomains", "limits", "https_redirect", "hsts"}
+MAX_HSTS = 63072000  # seconds: two years, the HSTS preload list's minimum and a sane ceiling
 ACTION_KEYS = {
     "proxy": {"backends", "algorithm", "retries", "health", "spin_when_down",
               "max_body_bytes", "retry_timeout", "draining"},
@@ -102,6 +103,9 @@ def validate_rule(rule: object) -> list[str]:
         problems.append("subdomains: must be true or false")
     if "limits" in rule:
         problems += validate_limits(rule["limits"])
+    if "https_redirect" in rule and not isinstance(rule["https_redirect"], bool):
+        problems.append("https_redirect: must be true or false")
+    problems += _int_at_least(rule, "hsts", 0) + _at_most(rule, "hsts", MAX_HSTS, "seconds")
     problems += VALIDATORS[action](rule)
     return problems
 

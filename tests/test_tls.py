@@ -18,7 +18,8 @@ import pytest
 
 from balancer.certificates import make_record
 from balancer.stores.file import FileStore
-from tests.support import Backend, Balancer, wait_for
+from balancer.rules import validate_rule
+from tests.support import Backend, Balancer, request, wait_for
 from tests.tlsca import TestCA
 
 CA = TestCA()
@@ -71,9 +72,14 @@ def front(tls_tmp: Path, backend: Backend) -> Iterator[Balancer]:
     routes = tls_tmp / "routes.json"
     hosts = {host: {"action": "proxy", "backends": [backend.address]}
              for host in ("app.test", "*.wild.test", "other.test")}
+    hosts["secure.test"] = {"action": "proxy", "backends": [backend.address],
+                            "https_redirect": True, "hsts": 31536000}
+    hosts["local.test"] = {"action": "static", "body": "hi", "hsts": 60}
     routes.write_text(json.dumps({"version": 1, "hosts": hosts}))
     put_cert(routes, "app.test")
     put_cert(routes, "*.wild.test")
+    put_cert(routes, "secure.test")
+    put_cert(routes, "local.test")
     bal = Balancer(tls_tmp, args=["--tls-listen", "127.0.0.1:0"],
                    config="[timeouts]\nclient_header = 1.0\n")
     yield bal
@@ -232,3 +238,31 @@ def test_default_host_serves_unknown_names(tmp_path: Path, backend: Backend) -> 
                 assert tls.getpeercert(binary_form=True)
     finally:
         bal.stop()
+
+
+def test_https_redirect_and_hsts(front: Balancer, tls_tmp: Path) -> None:
+    for host in ("secure.test", "secure.test:8080"):
+        status, headers, _ = request(front.port, path="/a/b?c=d", host=host)
+        assert status == 308
+        assert headers["location"] == "https://secure.test/a/b?c=d"
+    # ACME HTTP-01 challenges still reach their answer over plain HTTP
+    status, headers, body = request(front.port, path="/.well-known/acme-challenge/tok",
+                                    host="secure.test")
+    assert status == 200 and json.loads(body)["path"] == "/.well-known/acme-challenge/tok"
+    assert "strict-transport-security" not in headers
+    context = client_context(tls_tmp)
+    status, headers, body = https_get(front.ports["tls"], "secure.test", context, "/x")
+    assert status == 200 and json.loads(body)["headers"]["X-Forwarded-Proto"] == "https"
+    assert headers["strict-transport-security"] == "max-age=31536000"
+    status, headers, body = https_get(front.ports["tls"], "local.test", context)
+    assert (status, body) == (200, b"hi")
+    assert headers["strict-transport-security"] == "max-age=60"
+    status, headers, _ = request(front.port, host="local.test")
+    assert status == 200 and "strict-transport-security" not in headers
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("https_redirect", "yes"), ("hsts", -1), ("hsts", 1.5), ("hsts", True), ("hsts", 10**9)])
+def test_rule_fields_are_validated(field: str, value: object) -> None:
+    problems = validate_rule({"action": "static", "body": "x", field: value})
+    assert problems and problems[0].startswith(f"{field}: ")

@@ -15,6 +15,7 @@ from typing import Any
 from balancer.actions.empty import EmptyAction
 from balancer.actions.proxy import ProxyAction
 from balancer.actions.redirect import RedirectAction
+from balancer.actions.secure import secure
 from balancer.actions.spin import SpinAction
 from balancer.actions.static import StaticAction
 from balancer.hold import Holds
@@ -49,7 +50,7 @@ class ActionCompiler:
         """The route of table key `key` (reusing `prior` when the rule is unchanged)."""
         action = prior if prior is not None and prior.rule == rule else None
         if action is None:
-            action = self.make_action(key, rule)
+            action = secure(rule, self.make_action(key, rule))
         return Route(key, rule, action, self.stats.host(key),
                      compile_limit(key, rule, self.buckets, self.pages))
 

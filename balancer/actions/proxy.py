@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
+from balancer.actions.secure import core
 from balancer.balancing import Balancer, SlowStart, make_balancer
 from balancer.connection import Exchange
 from balancer.errors import (
@@ -192,7 +193,7 @@ class ProxyAction:
         backoff = FIRST_BACKOFF
         while True:
             route, changed = hold.lookup()
-            if route.action is not self:
+            if core(route.action) is not self:
                 return route
             remaining = hold.remaining()
             recovered = [b.recovered_event() for b in self.backends]

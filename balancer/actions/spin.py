@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from balancer.actions.secure import core
 from balancer.hold import Hold, Holds, hand_over
 from balancer.table import Route
 
@@ -49,6 +50,6 @@ class SpinAction:
         hold = Hold(ex, self.holder, self.holds, self.timeout)
         while True:
             route, changed = hold.lookup()
-            if not isinstance(route.action, SpinAction):
+            if not isinstance(core(route.action), SpinAction):
                 return route
             hold.wait((changed,), hold.remaining())
