@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from balancer.certificates import make_record
-from balancer.stores.file import FileStore
 from balancer.rules import validate_rule
+from balancer.stores.file import FileStore
 from tests.support import Backend, Balancer, request, wait_for
 from tests.tlsca import TestCA
 
