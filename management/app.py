@@ -43,7 +43,7 @@ from balancer.stores import (
     open_store,
 )
 from balancer.stores.snapshot import HOW_TO_FIX
-from management import dashboard_page, deploys_api, diagnosis, edits
+from management import certs_api, dashboard_page, deploys_api, diagnosis, edits
 from management.deploys import Deployer
 from management.guard import Guard, guard_for
 from management.history import History
@@ -100,6 +100,7 @@ URL_MAP = Map([
     Rule("/api/v1/top", endpoint="top", methods=["GET"]),
     Rule("/api/v1/inflight", endpoint="inflight", methods=["GET"]),
     Rule("/api/v1/history", endpoint="history", methods=["GET"]),
+    *certs_api.RULES,
 ], strict_slashes=False, merge_slashes=False)
 
 
@@ -140,7 +141,7 @@ class ManagementApp:
         self.runtime = runtime
         self.token = token or None
         self.mirror = mirror or Mirror(store)  # not started: only this app's writes
-        self.metrics = Metrics(runtime.stats)
+        self.metrics = Metrics(runtime.stats, lambda: certs_api.expiries(self.store))
         self.deployer = Deployer(store, runtime, self.write_rule)
         self.history = history or History()  # sampled by the management process
 
@@ -398,6 +399,16 @@ class ManagementApp:
 
     def on_metrics(self, request: Request) -> Response:
         return Response(self.metrics.render(), content_type=Metrics.content_type)
+
+    # certificates (management/certs_api.py) --------------------------------
+    def on_list_certs(self, request: Request) -> Response:
+        return json_response({"certs": certs_api.list_certs(self.store)})
+
+    def on_put_cert(self, request: Request, host: str) -> Response:
+        return json_response({"cert": certs_api.put_cert(self.store, host, read_json(request))})
+
+    def on_delete_cert(self, request: Request, host: str) -> Response:
+        return json_response({"deleted": certs_api.delete_cert(self.store, host)})
 
     # dashboard -------------------------------------------------------------
     def on_index(self, request: Request) -> Response:

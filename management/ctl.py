@@ -21,7 +21,7 @@ from urllib.request import Request, urlopen
 from balancer.diagnosis import BY
 from balancer.rules import ACTIONS
 from balancer.sketch import GROUPS
-from management import ctl_deploy, ctl_help
+from management import ctl_cert, ctl_deploy, ctl_help
 from management.ctl_format import (
     format_hosts,
     format_inflight,
@@ -103,6 +103,7 @@ def build_parser() -> Parser:
                                "write the table the workers serve back, at a version above "
                                "any served.")
     ctl_deploy.add_parsers(sub, common, _host)
+    ctl_cert.add_parsers(sub, common)
     return parser
 
 
@@ -273,6 +274,8 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
     if command == "inflight":
         answer = client.call("GET", f"/api/v1/inflight?min_age={args.min_age:g}")
         return answer, format_inflight(answer)
+    if command == "cert":
+        return ctl_cert.run(args, client, CtlError)
     if command == "restore":
         answer = client.call("POST", "/api/v1/restore")
         return answer, _applied(answer, f"restored {answer['hosts']} hosts (served version "

@@ -25,8 +25,10 @@ Snapshot = dict[str, Any]
 class SnapshotCollector(Collector):
     """Yields the SPEC §7 families from `snapshot()` on every collect."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot],
+                 expiries: Callable[[], dict[str, float]] | None = None) -> None:
         self.snapshot = snapshot
+        self.expiries = expiries
 
     def describe(self) -> list:
         return []  # no collect() at registration time
@@ -45,6 +47,25 @@ class SnapshotCollector(Collector):
                                   value=snap.get("config_reloads", 0))
         yield _gauge("balancer_store_up", "1 when the config store is reachable.",
                      snap.get("store_up", 0))
+        yield from self._tls(snap)
+
+    def _tls(self, snap: Snapshot) -> Iterator[Any]:
+        handshakes = CounterMetricFamily("balancer_tls_handshakes_total",
+                                         "TLS handshakes on TLS listeners, by outcome.",
+                                         labels=["outcome"])
+        for outcome, n in sorted(snap.get("tls_handshakes", {}).items()):
+            handshakes.add_metric([outcome], n)
+        yield handshakes
+        expiry = GaugeMetricFamily("balancer_certificate_expiry_seconds",
+                                   "Seconds until the stored certificate of a host expires "
+                                   "(negative once expired).", labels=["host"])
+        try:
+            found = self.expiries() if self.expiries is not None else {}
+        except Exception:  # the store is down: the other metrics still answer
+            found = {}
+        for host, seconds in sorted(found.items()):
+            expiry.add_metric([host], seconds)
+        yield expiry
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -111,9 +132,10 @@ class Metrics:
 
     content_type = "text/plain; version=0.0.4; charset=utf-8"
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot],
+                 expiries: Callable[[], dict[str, float]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SnapshotCollector(snapshot))
+        self.registry.register(SnapshotCollector(snapshot, expiries))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of the current snapshot."""

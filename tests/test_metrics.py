@@ -24,6 +24,8 @@ SPEC_NAMES = {
     "balancer_routing_version": "gauge",
     "balancer_config_reloads": "counter",
     "balancer_store_up": "gauge",
+    "balancer_tls_handshakes": "counter",
+    "balancer_certificate_expiry_seconds": "gauge",
 }
 
 

@@ -1,0 +1,75 @@
+"""The certificate routes of the management API (SPEC §9, docs/api.md).
+
+* ``GET /api/v1/certs`` → ``{"certs": [PUBLIC_RECORD...]}`` sorted by host
+* ``PUT /api/v1/certs/HOST`` ``{"chain": PEM, "key": PEM}`` → 200 ``{"cert": PUBLIC_RECORD}``;
+  400 `invalid_certificate` with the reason (key does not match, chain does not
+  cover HOST, expired, weak key, not PEM)
+* ``DELETE /api/v1/certs/HOST`` → 200 ``{"deleted": HOST}``; 404 when absent
+
+Invariants:
+* A public record (`balancer.certificates.public_record`) never holds the key;
+  no answer or log line made here does.
+* A refused upload changes nothing. Workers of every balancer on the store pick
+  a change up within a second (`balancer.tls.follow`), without a restart.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from werkzeug.routing import Rule
+
+from balancer.certificates import CertificateError, make_record, public_record
+from balancer.rules import normalize_host, validate_host
+from balancer.stores import Store
+from management.http import ApiError
+
+RULES = [
+    Rule("/api/v1/certs", endpoint="list_certs", methods=["GET"]),
+    Rule("/api/v1/certs/<host>", endpoint="put_cert", methods=["PUT"]),
+    Rule("/api/v1/certs/<host>", endpoint="delete_cert", methods=["DELETE"]),
+]
+
+
+def list_certs(store: Store) -> list[dict[str, Any]]:
+    """Every stored certificate as the API shows it (no keys), by host."""
+    now = time.time()
+    stored = sorted(store.certs().all().items())
+    return [public_record(host, record, now) for host, record in stored]
+
+
+def expiries(store: Store) -> dict[str, float]:
+    """HOST → seconds until its certificate expires (negative once expired)."""
+    return {c["host"]: c["expires_in"] for c in list_certs(store) if "expires_in" in c}
+
+
+def put_cert(store: Store, host: str, body: Any) -> dict[str, Any]:
+    """Check and store one certificate; its public record, or 400 naming the reason."""
+    key = _host(host)
+    if not isinstance(body, dict) or set(body) - {"chain", "key"} \
+            or not isinstance(body.get("chain"), str) or not isinstance(body.get("key"), str):
+        raise ApiError(400, "invalid_certificate",
+                       'expected {"chain": PEM text, "key": PEM text}')
+    try:
+        record = make_record(key, body["chain"], body["key"])
+    except CertificateError as exc:
+        raise ApiError(400, "invalid_certificate", f"certificate for {key} refused: {exc}",
+                       [str(exc)]) from None
+    store.certs().put(key, record)
+    return public_record(key, record)
+
+
+def delete_cert(store: Store, host: str) -> str:
+    key = _host(host)
+    if not store.certs().delete(key):
+        raise ApiError(404, "not_found", f"no certificate for host {key!r}")
+    return key
+
+
+def _host(host: str) -> str:
+    problems = validate_host(host)
+    if problems or host.strip() == "*":
+        raise ApiError(400, "invalid_host", problems[0] if problems
+                       else "a certificate needs a host name or *.suffix")
+    return normalize_host(host)

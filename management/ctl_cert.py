@@ -1,0 +1,91 @@
+"""`balancerctl cert list|set|delete` (SPEC §9, docs/tls.md).
+
+Invariants:
+* `set` reads the PEM files here and sends them to the API, which checks
+  them (`balancer.certificates`); a refusal prints the API's reason and exits 1.
+* Nothing printed contains a private key: the API never returns one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+SOON_DAYS = 14  # `list` flags certificates expiring within this many days
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    cert = sub.add_parser("cert", parents=[common], help="TLS certificates in the store",
+                          description="List, upload or delete the TLS certificates every "
+                                      "balancer on the store serves.",
+                          epilog="actions:\n  cert list\n"
+                                 "  cert set HOST --chain FILE --key FILE\n"
+                                 "  cert delete HOST",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION",
+                                  parser_class=type(cert))
+    actions.add_parser("list", parents=[common], help="every certificate and its expiry",
+                       description="Every stored certificate: names, expiry, source.")
+    put = actions.add_parser("set", parents=[common], help="upload a certificate for HOST",
+                             description="Store HOST's certificate: --chain is the PEM leaf "
+                                         "certificate then its intermediates, --key its "
+                                         "unencrypted PEM private key.")
+    put.add_argument("host", metavar="HOST", help="a host name or *.suffix")
+    put.add_argument("--chain", required=True, metavar="FILE", help="PEM certificate chain")
+    put.add_argument("--key", required=True, metavar="FILE", help="PEM private key")
+    delete = actions.add_parser("delete", parents=[common], help="remove HOST's certificate",
+                                description="Remove HOST's certificate from the store.")
+    delete.add_argument("host", metavar="HOST", help="a host name or *.suffix")
+
+
+def cert_path(host: str = "") -> str:
+    return "/api/v1/certs" + (f"/{quote(host, safe='*')}" if host else "")
+
+
+def run(args: argparse.Namespace, client: Any,
+        error: Callable[[str], Exception]) -> tuple[Any, str]:
+    """Do the `cert` action; returns (the API's answer, the text for people)."""
+    action = args.cert_command
+    if action == "list":
+        answer = client.call("GET", cert_path())
+        return answer, format_certs(answer.get("certs", []))
+    if action == "set":
+        body = {"chain": _read(args.chain, error), "key": _read(args.key, error)}
+        answer = client.call("PUT", cert_path(args.host), body)
+        return answer, f"{args.host}: certificate stored\n" + format_certs([answer["cert"]])
+    answer = client.call("DELETE", cert_path(args.host))
+    return answer, f"{args.host}: certificate deleted"
+
+
+def _read(path: str, error: Callable[[str], Exception]) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def format_certs(certs: list[dict[str, Any]], now: float | None = None) -> str:
+    """A table: host, expiry date, days left (flagged when soon), source, names."""
+    if not certs:
+        return "no certificates"
+    now = time.time() if now is None else now
+    rows = [("HOST", "EXPIRES (UTC)", "DAYS LEFT", "SOURCE", "NAMES")]
+    for cert in certs:
+        not_after = cert.get("not_after")
+        if isinstance(not_after, (int, float)):
+            expires = datetime.fromtimestamp(not_after, UTC).strftime("%Y-%m-%d %H:%M")
+            days = (not_after - now) / 86400
+            left = "EXPIRED" if days <= 0 else f"{days:.0f}" + (" SOON" if days < SOON_DAYS
+                                                                 else "")
+        else:
+            expires, left = "?", "?"
+        names = ", ".join(cert.get("names", [])) or cert.get("problem", "")
+        rows.append((cert.get("host", "?"), expires, left, cert.get("source", ""), names))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r[:4], widths, strict=True))
+                     + "  " + str(r[4]) for r in rows)

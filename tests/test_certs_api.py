@@ -1,0 +1,149 @@
+"""Certificates through the management API and `balancerctl cert` (SPEC §9):
+checked on upload, served by every worker without a restart, keys never shown."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from balancer.certificates import CertificateError, check, covers
+from tests.support import Backend, Balancer, wait_for
+from tests.test_ctl import ctl, ok
+from tests.test_tls import CA, _handshakes, client_context, https_get
+from tests.tlsca import ec_key, rsa_key
+
+
+def key_body(pem: str) -> str:
+    """A line from the middle of a PEM key: what must never show anywhere."""
+    return pem.strip().splitlines()[1]
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Backend]:
+    b = Backend("certs")
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def bal(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[Balancer]:
+    tmp = tmp_path_factory.mktemp("certs")
+    hosts = {"app.test": {"action": "proxy", "backends": [backend.address]},
+             "*.wild.test": {"action": "proxy", "backends": [backend.address]}}
+    b = Balancer(tmp, hosts, args=["--tls-listen", "127.0.0.1:0", "--workers", "2"])
+    yield b
+    b.stop()
+
+
+def test_upload_serves_on_every_worker_and_never_shows_the_key(bal: Balancer,
+                                                                tmp_path: Path) -> None:
+    chain, key = CA.issue("app.test")
+    status, answer = bal.api("PUT", "/api/v1/certs/app.test", {"chain": chain, "key": key})
+    assert status == 200, answer
+    assert answer["cert"]["host"] == "app.test" and answer["cert"]["names"] == ["app.test"]
+    assert answer["cert"]["source"] == "upload" and answer["cert"]["expires_in"] > 86400 * 80
+    assert "key" not in answer["cert"]
+    context = client_context(tmp_path)
+    port = bal.ports["tls"]
+    wait_for(lambda: _handshakes(port, "app.test", context), what="the uploaded certificate")
+    for _ in range(8):  # new connections spread over both workers: each serves it
+        assert https_get(port, "app.test", context)[0] == 200
+    status, listed = bal.api("GET", "/api/v1/certs")
+    assert status == 200 and [c["host"] for c in listed["certs"]] == ["app.test"]
+    metrics = _metrics(bal)
+    assert re.search(r'balancer_tls_handshakes_total\{outcome="ok"\} [1-9]', metrics)
+    expiry = re.search(r'balancer_certificate_expiry_seconds\{host="app.test"\} (\S+)', metrics)
+    assert expiry and float(expiry.group(1)) > 86400 * 80
+    secret = key_body(key)
+    for text in (str(listed), str(answer), metrics, bal.output(),
+                 ok("cert", "list", "--url", f"http://127.0.0.1:{bal.mport}"),
+                 ok("cert", "list", "--json", "--url", f"http://127.0.0.1:{bal.mport}")):
+        assert secret not in text
+
+
+def test_unknown_names_are_counted(bal: Balancer, tmp_path: Path) -> None:
+    with pytest.raises(ssl.SSLError):
+        https_get(bal.ports["tls"], "nobody.test", client_context(tmp_path))
+    wait_for(lambda: re.search(r'outcome="no_certificate"\} [1-9]', _metrics(bal)),
+             what="the no_certificate count")
+
+
+@pytest.mark.parametrize(("names", "key", "days", "start", "reason"), [
+    (("other.test",), None, 90, -1, "not app.test"),
+    (("app.test",), None, 1, -3, "expired"),
+    (("app.test",), None, 90, 2, "not valid before"),
+    (("app.test",), "rsa1024", 90, -1, "at least 2048"),
+    (("app.test",), "p521", 90, -1, "P-256 or P-384"),
+    (("app.test",), "mismatch", 90, -1, "does not match"),
+])
+def test_bad_uploads_are_refused_with_the_reason(bal: Balancer, names: tuple[str, ...],
+                                                 key: str | None, days: int, start: int,
+                                                 reason: str) -> None:
+    before = bal.api("GET", "/api/v1/certs")[1]
+    leaf_key = {"rsa1024": rsa_key(1024), "p521": ec_key(ec.SECP521R1())}.get(key or "")
+    chain, key_pem = CA.issue(*names, key=leaf_key, days=days, start_days=start)
+    if key == "mismatch":
+        key_pem = CA.issue("app.test")[1]
+    status, answer = bal.api("PUT", "/api/v1/certs/app.test", {"chain": chain, "key": key_pem})
+    assert status == 400 and answer["error"] == "invalid_certificate"
+    assert reason in answer["message"], answer
+    assert key_body(key_pem) not in str(answer)
+    assert bal.api("GET", "/api/v1/certs")[1] == before
+
+
+@pytest.mark.parametrize("body", [
+    {"chain": "not pem", "key": "not pem"}, {"chain": 1, "key": 2}, [], {"chain": "x"}])
+def test_malformed_uploads_are_refused(bal: Balancer, body: object) -> None:
+    status, answer = bal.api("PUT", "/api/v1/certs/app.test", body)
+    assert status == 400 and answer["error"] == "invalid_certificate", answer
+
+
+def test_ctl_set_list_delete(bal: Balancer, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{bal.mport}"
+    chain, key = CA.issue("*.wild.test")
+    (tmp_path / "chain.pem").write_text(chain)
+    (tmp_path / "key.pem").write_text(key)
+    out = ok("cert", "set", "*.wild.test", "--chain", str(tmp_path / "chain.pem"),
+             "--key", str(tmp_path / "key.pem"), "--url", url)
+    assert "*.wild.test: certificate stored" in out and key_body(key) not in out
+    listing = ok("cert", "list", "--url", url)
+    assert re.search(r"^\*\.wild\.test\s+\d{4}-\d\d-\d\d \d\d:\d\d\s+\d+\s+upload\s+\*\.wild\.test",
+                     listing, re.M), listing
+    context = client_context(tmp_path)
+    wait_for(lambda: _handshakes(bal.ports["tls"], "a.wild.test", context),
+             what="the wildcard certificate")
+    assert "certificate deleted" in ok("cert", "delete", "*.wild.test", "--url", url)
+    done = ctl("cert", "delete", "*.wild.test", "--url", url)
+    assert done.returncode == 1 and "no certificate" in done.stderr
+    wait_for(lambda: not _handshakes(bal.ports["tls"], "a.wild.test", context),
+             what="the deleted certificate to go")
+    (tmp_path / "bad.pem").write_text("nonsense")
+    done = ctl("cert", "set", "x.wild.test", "--chain", str(tmp_path / "bad.pem"),
+               "--key", str(tmp_path / "bad.pem"), "--url", url)
+    assert done.returncode == 1 and "not a PEM certificate chain" in done.stderr
+
+
+def test_names_cover_hosts() -> None:
+    assert covers(("*.example.com",), "a.example.com")
+    assert not covers(("*.example.com",), "a.b.example.com")
+    assert not covers(("*.example.com",), "example.com")
+    assert covers(("*.example.com",), "*.example.com")
+    assert not covers(("a.example.com",), "*.example.com")
+    chain, key = CA.issue("a.test", "b.test")
+    assert check("b.test", chain, key).names == ("a.test", "b.test")
+    with pytest.raises(CertificateError, match="not c.test"):
+        check("c.test", chain, key)
+
+
+def _metrics(bal: Balancer) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", bal.mport, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return text
