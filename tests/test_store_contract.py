@@ -240,3 +240,35 @@ def test_inflight_reports_are_published_and_withdrawn(make_store: Callable[[], S
                             "lb2": {"at": 2.0, "backends": {}}}
     a.report_inflight("lb1", None)
     assert set(b.inflight()) == {"lb2"}
+
+
+CERT = {"chain": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+        "key": "-----BEGIN PRIVATE KEY-----\ny\n-----END PRIVATE KEY-----\n",
+        "not_after": 1900000000.0, "source": "upload"}
+
+
+def test_certificates_are_shared_versioned_and_leave_the_table_alone(
+        make_store: Callable[[], Store]) -> None:
+    writer, reader = make_store(), make_store()
+    writer.put_host("web.test", WEB)
+    before = reader.certs().signature()
+    assert reader.certs().all() == {}
+    writer.certs().put("web.test", CERT)
+    writer.certs().put("*.wild.test", {**CERT, "source": "acme"})
+    assert reader.certs().all() == {"web.test": CERT, "*.wild.test": {**CERT, "source": "acme"}}
+    changed = reader.certs().signature()
+    assert changed != before
+    assert reader.certs().delete("web.test") is True
+    assert reader.certs().delete("web.test") is False
+    assert writer.certs().signature() not in (before, changed)
+    assert list(writer.certs().all()) == ["*.wild.test"]
+    assert reader.load() == TableData(1, {"web.test": WEB})
+
+
+def test_the_file_store_keeps_certificates_private(tmp_path: Path) -> None:
+    store = open_store(f"file:{tmp_path / 'routes.json'}", "ns")
+    store.certs().put("web.test", CERT)
+    path = tmp_path / "routes.json.certs.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    store.certs().put("web.test", {**CERT, "source": "x"})
+    assert path.stat().st_mode & 0o777 == 0o600
