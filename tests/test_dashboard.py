@@ -696,4 +696,27 @@ def test_whats_heavy_latency_and_full_charts_on_first_paint(
     shot = tmp_path / "dashboard-heavy-phone.png"
     assert browser.save_screenshot(str(shot))
     print(f"\nwhat's heavy on a phone: {shot}")
+def test_certificates_are_listed_soonest_first_expiring_ones_in_colour(
+        make_site: Callable[..., Site], browser: Any) -> None:
+    from balancer.certificates import make_record
+    from tests.test_tls import CA
+
+    site = make_site(hosts={"app.example.com": WEB})
+    certs = site.store.certs()
+    chain, key = CA.issue("app.example.com", days=365)
+    certs.put("app.example.com", make_record("app.example.com", chain, key))
+    chain, key = CA.issue("soon.example.com", days=6)
+    certs.put("soon.example.com", make_record("soon.example.com", chain, key))
+    open_live(browser, site)
+    wait_for(browser, lambda d: d.find_elements("css selector", ".certs-table tbody tr"),
+             "the certificates table")
+    rows = browser.find_elements("css selector", ".certs-table tbody tr")
+    assert [r.get_attribute("data-host") for r in rows] == ["soon.example.com",
+                                                            "app.example.com"]
+    assert "cert-soon" in rows[0].get_attribute("class")
+    assert "cert-ok" in rows[1].get_attribute("class")
+    soon = browser.find_element("css selector", ".cert-soon .cert-left")
+    ok = browser.find_element("css selector", ".cert-ok .cert-left")
+    assert soon.value_of_css_property("color") != ok.value_of_css_property("color")
+    assert key.splitlines()[1] not in browser.page_source
     assert severe_logs(browser) == []

@@ -13,6 +13,7 @@ import * as fmt from "./format.js";
 import {fetchHeavy, heavyPanel} from "./heavy.js";
 import {History, WINDOW_MS} from "./history.js";
 import {banner, el, hostCard, hostKeys, removedLine, summaryTiles} from "./render.js";
+import {certificatesTable} from "./certs.js";
 import {deployLine, recentDeploys, runningByHost} from "./deploys.js";
 
 const POLL_MS = 2000;
@@ -118,6 +119,16 @@ function checkShape(table, stats) {
   }
 }
 
+/** The stored TLS certificates, or [] when this management app does not have them. */
+async function getCerts() {
+  try {
+    return (await getJSON("api/v1/certs")).certs || [];
+  } catch (err) {
+    if (err.status !== 404) throw err;
+    return [];
+  }
+}
+
 // ---- polling --------------------------------------------------------------------
 
 function schedule(ms) {
@@ -130,13 +141,13 @@ async function poll() {
   if (state.inFlight || state.needsToken) return;
   state.inFlight = true;
   try {
-    const [table, stats, info, deploys, heavy, latency] = await Promise.all(
+    const [table, stats, info, deploys, heavy, latency, certs] = await Promise.all(
       [getJSON("api/v1/hosts"), getJSON("api/v1/stats"), getInfo(Date.now()), getDeploys(),
-        fetchHeavy(getJSON, state.measure), getHistory()]);
+        fetchHeavy(getJSON, state.measure), getHistory(), getCerts()]);
     checkShape(table, stats);
     state.heavy = heavy;
     state.latency = latency;
-    if (!state.needsToken) onData(table, stats, info, Date.now(), deploys);
+    if (!state.needsToken) onData(table, stats, info, Date.now(), deploys, certs);
   } catch (err) {
     if (!state.needsToken) onFailure(err);
   } finally {
@@ -173,10 +184,10 @@ function trackRemoved(previous, hosts, now) {
   }
 }
 
-function onData(table, stats, info, now, deploys = []) {
+function onData(table, stats, info, now, deploys = [], certs = []) {
   trackRemoved(state.view?.hosts, table.hosts, now);
   state.history.record(stats.hosts, now);
-  state.view = {version: table.version, hosts: table.hosts, stats, info, deploys,
+  state.view = {version: table.version, hosts: table.hosts, stats, info, deploys, certs,
     storeReachable: isStoreReachable(stats, info)};
   state.lastOk = now;
   state.failure = null;
@@ -337,6 +348,7 @@ function renderData(now) {
   });
   $("hosts").replaceChildren(...(cards.length ? cards : [emptyHosts(view)]));
   $("deploys").replaceChildren(...[recentDeploys(view.deploys)].filter(Boolean));
+  $("certs").replaceChildren(...[certificatesTable(view.certs, now)].filter(Boolean));
   $("removed-line").replaceChildren(...[removedLine(state.removed, now)].filter(Boolean));
   renderHeavy();
 }
