@@ -1,8 +1,8 @@
 """Proxy speed against HAProxy: the benchmark of issues 2 and 4.
 
 ``python scripts/bench_proxy.py [--rounds 3] [--duration 8] [--connections 100[,1000]]
-[--modes keep-alive[,close]] [--targets direct,haproxy,bare,balancer,balancer-log]
-[--workers 1]``
+[--modes keep-alive[,close]] [--targets direct,haproxy,bare,balancer,balancer-log,
+haproxy-tls,balancer-tls] [--workers 1]``
 
 nginx (one worker) serves the suite's 4.5 KB page; every target proxies to
 it over keep-alive connections and is measured with
@@ -19,7 +19,13 @@ cost of accepting and closing). Targets:
 * ``balancer``: ``balancer serve --workers 1`` (``--workers N``), file store,
   access log off;
 * ``balancer-log``: the same with ``--access-log FILE`` and /metrics scraped
-  every second (the "everything on" configuration of issue 4).
+  every second (the "everything on" configuration of issue 4);
+* ``haproxy-tls`` and ``balancer-tls``: HTTPS in front (TLS 1.3, the same
+  ECDSA P-256 certificate, made here with `cryptography`, and Mozilla's
+  intermediate ciphers), HAProxy ``nbthread 1`` against ``balancer --workers 1``
+  (N with ``--workers N``).
+  With ``close`` every request is a new TLS connection: wrk does a full
+  handshake each time (no session resumption), so req/s is handshakes/s.
 
 Besides requests/s it reports the CPU time each target used per request
 (µs, from /proc over the target's process tree, split into user space and
@@ -44,6 +50,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from balancer.certificates import make_record  # noqa: E402
+from balancer.settings_kinds import MOZILLA_INTERMEDIATE  # noqa: E402
+from balancer.stores.file import FileStore  # noqa: E402
 from loadtest import configs  # noqa: E402
 from loadtest.measure import cpu_split, process_tree  # noqa: E402
 from loadtest.page import PAGE  # noqa: E402
@@ -51,7 +60,9 @@ from loadtest.procs import Proc, Processes, free_port, wait_for_port  # noqa: E4
 from loadtest.routes import RouteFile, proxy_rule  # noqa: E402
 
 HOST = "127.0.0.1"
-TARGETS = ("direct", "haproxy", "bare", "balancer", "balancer-log")
+TARGETS = ("direct", "haproxy", "bare", "balancer", "balancer-log", "haproxy-tls",
+           "balancer-tls")
+TLS_NAME = "bench.test"  # the certificate's name, served to wrk (no SNI) as the default
 NOFILE = 4096
 
 
@@ -63,6 +74,7 @@ class Started:
     port: int
     proc: Proc
     scrape_port: int | None = None
+    scheme: str = "http"
 
 
 def start_nginx(procs: Processes, root: Path) -> Started:
@@ -84,9 +96,18 @@ def start_target(name: str, procs: Processes, root: Path, backend: int,
     dir.mkdir()
     addr = f"{HOST}:{backend}"
     scrape_port = None
-    if name == "haproxy":
+    scheme = "https" if name.endswith("-tls") else "http"
+    if name in ("haproxy", "haproxy-tls"):
         conf = dir / "haproxy.cfg"
-        conf.write_text(configs.haproxy(port, [addr], NOFILE, 2000, threads=workers))
+        text = configs.haproxy(port, [addr], NOFILE, 2000, threads=workers)
+        if scheme == "https":
+            pem = dir / "cert.pem"
+            chain, key = tls_certificate()
+            pem.write_text(chain + key)
+            text = text.replace(f"bind 127.0.0.1:{port}\n",
+                                f"bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1 "
+                                f"ssl-min-ver TLSv1.2 ciphers {MOZILLA_INTERMEDIATE}\n")
+        conf.write_text(text)
         argv = ["haproxy", "-db", "-f", str(conf)]
     elif name == "bare":
         argv = [sys.executable, str(ROOT / "scripts" / "bare_relay.py"),
@@ -97,12 +118,35 @@ def start_target(name: str, procs: Processes, root: Path, backend: int,
         argv = [sys.executable, "-m", "balancer", "serve", "--workers", str(workers),
                 "--listen", f"{HOST}:{port}", "--management", f"{HOST}:{mgmt}",
                 "--store", f"file:{routes.path}"]
+        if scheme == "https":
+            chain, key = tls_certificate()
+            FileStore(str(routes.path)).certs().put(TLS_NAME, make_record(TLS_NAME, chain, key))
+            plain, port = port, free_port()
+            argv[argv.index(f"{HOST}:{plain}")] = f"{HOST}:{free_port()}"
+            argv += ["--tls-listen", f"{HOST}:{port}"]
+            env_config = dir / "balancer.toml"
+            env_config.write_text(f'[tls]\ndefault_host = "{TLS_NAME}"\n')
+            argv += ["--config", str(env_config)]
         if name == "balancer-log":
             argv += ["--access-log", str(dir / "access.log")]
             scrape_port = mgmt
     proc = procs.start(name, argv)
     wait_for_port(proc, port)
-    return Started(port, proc, scrape_port)
+    return Started(port, proc, scrape_port, scheme)
+
+
+_CERTIFICATE: list[tuple[str, str]] = []
+
+
+def tls_certificate() -> tuple[str, str]:
+    """One self-signed ECDSA P-256 certificate for TLS_NAME (chain PEM, key PEM),
+    the same for every TLS target of the run."""
+    if not _CERTIFICATE:
+        from tests.tlsca import TestCA
+
+        chain, key = TestCA("bench CA").issue(TLS_NAME)
+        _CERTIFICATE.append((chain, key))
+    return _CERTIFICATE[0]
 
 
 def scrape_loop(port: int, stop: threading.Event) -> None:
@@ -117,11 +161,12 @@ def scrape_loop(port: int, stop: threading.Event) -> None:
 MODES = ("keep-alive", "close")
 
 
-def run_wrk(port: int, connections: int, duration: int, mode: str) -> tuple[float, str]:
+def run_wrk(port: int, connections: int, duration: int, mode: str,
+            scheme: str = "http") -> tuple[float, str]:
     header = ["-H", "Connection: close"] if mode == "close" else []
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", *header,
-         f"http://{HOST}:{port}/index.html"],
+         f"{scheme}://{HOST}:{port}/index.html"],
         capture_output=True, text=True, timeout=duration + 30, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
@@ -137,7 +182,7 @@ def measure(target: Started, connections: int, mode: str, duration: int) -> dict
                                    daemon=True)
         scraper.start()
     (user0, sys0), t0 = cpu_split(pids), time.monotonic()
-    rps, errors = run_wrk(target.port, connections, duration, mode)
+    rps, errors = run_wrk(target.port, connections, duration, mode, target.scheme)
     user1, sys1 = cpu_split(pids)
     user, system = user1 - user0, sys1 - sys0
     cpu = user + system
@@ -205,12 +250,12 @@ def main() -> None:
 
 def summarize(results: dict[tuple[tuple[int, str], str], list[dict]]) -> None:
     print("\nconns mode       target         median req/s   median µs CPU/req   "
-          "per-round ratio to haproxy")
+          "per-round ratio to haproxy (TLS targets: to haproxy-tls)")
     for (case, name), rows in results.items():
         rps = statistics.median(r["rps"] for r in rows)
         cpu = statistics.median(r["cpu_us"] for r in rows)
         ratios = ""
-        reference = results.get((case, "haproxy"))
+        reference = results.get((case, "haproxy-tls" if name.endswith("-tls") else "haproxy"))
         if reference:
             pairs = zip(rows, reference, strict=True)
             ratios = " ".join(f"{r['rps'] / h['rps']:.2f}" for r, h in pairs)
