@@ -334,3 +334,35 @@ def _client_readable(sock: Any) -> bool:
     if state == CLOSED:
         raise ClientGone("client closed while held")
     return state == READABLE
+
+
+class TLSIO(IO):
+    """The worker's `IO` for TLS client sockets (`balancer.tls`): plain streams,
+    everything else the worker's own (its deadlines, its connection set). Here,
+    not in `balancer.tls`, because an interpreted class cannot extend a
+    compiled one."""
+
+    def __init__(self, io: IO) -> None:
+        self.io = io
+
+    def stream(self, sock: Any) -> Stream:
+        return Stream(sock)
+
+    def arm(self, sock: Any, seconds: float) -> float:
+        return self.io.arm(sock, seconds)
+
+    def turn(self) -> Turn:
+        return self.io.turn()
+
+    def attach(self, conn: Any) -> None:
+        self.io.attach(conn)
+
+    def detach(self, conn: Any) -> None:
+        self.io.detach(conn)
+
+    def wait_any(self, events: Sequence[Any], sock: Any, timeout: float,
+                 watch_client: bool) -> bool:
+        # a TLS socket's readability may be a TLS record, not a request byte:
+        # held requests on TLS listeners do not watch their client
+        self.io.wait_any(events, sock, timeout, False)
+        return False

@@ -30,7 +30,7 @@ from balancer.health import HealthChecks
 from balancer.http11 import Limits
 from balancer.limits import FILE_NAME as LIMITS_FILE
 from balancer.limits import SharedBuckets
-from balancer.netio import IO, GeventIO
+from balancer.netio import IO, TLSIO, GeventIO
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry
 from balancer.serving import Slots
@@ -40,7 +40,7 @@ from balancer.stats import Stats
 from balancer.stores.base import StoreError, TableChange, TableData
 from balancer.stores.snapshot import Snapshot, snapshot_path
 from balancer.table import RoutingTable, TableHolder
-from balancer.tls import TLSIO, TLSFront, follow
+from balancer.tls import TLSFront, follow
 
 log = logging.getLogger("balancer")
 # Listen queue length: the kernel caps it at net.core.somaxconn. A short queue

@@ -3,7 +3,7 @@
 A TLS listener's connection is handshaken in its own greenlet (the accept
 loop goes on), under one `client_header` deadline for the whole handshake;
 then the very same request path as plain HTTP serves it
-(`balancer.connection.handle_client`), through `TLSIO`, which makes the
+(`balancer.connection.handle_client`), through `balancer.netio.TLSIO`, which makes the
 client socket a plain `balancer.netio.Stream` (the TLS socket's own
 ``recv``/``sendall`` encrypt and wait cooperatively) and leaves every other
 step (deadlines, relay turns) to the worker's `IO`.
@@ -33,14 +33,12 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import gevent
 
-from balancer.netio import IO, Stream
 from balancer.responses import local_response
-from balancer.turns import Turn
 
 log = logging.getLogger("balancer")
 
@@ -49,36 +47,6 @@ HANDSHAKE_RECORD: Final = 0x16  # the first byte of every TLS ClientHello
 VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 FOLLOW_INTERVAL: Final = 1.0  # seconds between looks at the store's certificates
 PLAIN_HTTP_BODY: Final = b"400 Bad Request: plain HTTP request was sent to HTTPS port\n"
-
-
-class TLSIO(IO):
-    """The worker's `IO` for TLS client sockets: plain streams, everything else
-    the worker's own (its deadlines, its connection set)."""
-
-    def __init__(self, io: IO) -> None:
-        self.io = io
-
-    def stream(self, sock: Any) -> Stream:
-        return Stream(sock)
-
-    def arm(self, sock: Any, seconds: float) -> float:
-        return self.io.arm(sock, seconds)
-
-    def turn(self) -> Turn:
-        return self.io.turn()
-
-    def attach(self, conn: Any) -> None:
-        self.io.attach(conn)
-
-    def detach(self, conn: Any) -> None:
-        self.io.detach(conn)
-
-    def wait_any(self, events: Sequence[Any], sock: Any, timeout: float,
-                 watch_client: bool) -> bool:
-        # a TLS socket's readability may be a TLS record, not a request byte:
-        # held requests on TLS listeners do not watch their client
-        self.io.wait_any(events, sock, timeout, False)
-        return False
 
 
 class TLSFront:
