@@ -21,6 +21,8 @@ in as one: a TLS socket is such an object (gevent's SSLSocket waits
 cooperatively in its own `recv` and `sendall`), while the `EventedStream`
 fast path, which reads and writes the file descriptor itself, is for plain
 sockets only, since an encrypted socket's bytes must go through its SSL object.
+A gevent worker's TLS client sockets (`TLSIO`) are `TLSStream`s: reads and
+writes go to the SSL object, waits to the socket's `Readable`.
 
 Invariants:
 * A worker has exactly one `IO`; every stream of the worker comes from it.
@@ -42,6 +44,7 @@ from __future__ import annotations
 import select
 import time
 from collections.abc import Sequence
+from ssl import SSLWantReadError, SSLWantWriteError, SSLZeroReturnError
 from typing import Any, Final
 
 from gevent import get_hub, getcurrent
@@ -336,6 +339,55 @@ def _client_readable(sock: Any) -> bool:
     return state == READABLE
 
 
+class TLSStream(Stream):
+    """A TLS socket (gevent's SSLSocket, handshake done) used through its SSL
+    object: a read waits on the socket's `Readable` only when OpenSSL needs more
+    bytes, a write goes to OpenSSL directly (gevent's ``sendall`` only when the
+    socket buffer is full)."""
+
+    def __init__(self, sock: Any, watcher: Readable) -> None:
+        super().__init__(sock)
+        self.obj: Any = sock._sslobj
+        self.watcher = watcher
+
+    def recv(self, size: int) -> bytes:
+        obj = self.obj
+        while True:
+            try:
+                return obj.read(size)
+            except SSLWantReadError:
+                self.watcher.wait()
+            except SSLZeroReturnError:
+                return b""
+
+    def read_ready(self, size: int) -> bytes | None:
+        try:
+            return self.obj.read(size)
+        except SSLWantReadError:
+            return None
+        except SSLZeroReturnError:
+            return b""
+
+    def wait_readable(self) -> None:
+        if not self.obj.pending():
+            self.watcher.wait()
+
+    def write(self, data: bytes) -> None:
+        try:
+            sent = self.obj.write(data)
+        except SSLWantWriteError:
+            sent = 0
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+    def write_last(self, data: bytes) -> None:
+        self.write(data)
+
+    def close(self) -> None:
+        self.watcher.close()
+        self.sock.close()
+
+
 class TLSIO(IO):
     """The worker's `IO` for TLS client sockets (`balancer.tls`): plain streams,
     everything else the worker's own (its deadlines, its connection set). Here,
@@ -346,6 +398,8 @@ class TLSIO(IO):
         self.io = io
 
     def stream(self, sock: Any) -> Stream:
+        if isinstance(self.io, GeventIO):
+            return TLSStream(sock, Readable(sock))
         return Stream(sock)
 
     def arm(self, sock: Any, seconds: float) -> float:

@@ -51,8 +51,10 @@ def test_upload_serves_on_every_worker_and_never_shows_the_key(bal: Balancer,
     assert "key" not in answer["cert"]
     context = client_context(tmp_path)
     port = bal.ports["tls"]
-    wait_for(lambda: _handshakes(port, "app.test", context), what="the uploaded certificate")
-    for _ in range(8):  # new connections spread over both workers: each serves it
+    # new connections spread over both workers; each picks the upload up within a second
+    wait_for(lambda: all(_handshakes(port, "app.test", context) for _ in range(8)),
+             what="the uploaded certificate on every worker")
+    for _ in range(8):
         assert https_get(port, "app.test", context)[0] == 200
     status, listed = bal.api("GET", "/api/v1/certs")
     assert status == 200 and [c["host"] for c in listed["certs"]] == ["app.test"]
