@@ -266,3 +266,21 @@ def test_https_redirect_and_hsts(front: Balancer, tls_tmp: Path) -> None:
 def test_rule_fields_are_validated(field: str, value: object) -> None:
     problems = validate_rule({"action": "static", "body": "x", field: value})
     assert problems and problems[0].startswith(f"{field}: ")
+
+
+def test_pipelined_requests_and_abrupt_clients_over_tls(front: Balancer, tls_tmp: Path) -> None:
+    context = client_context(tls_tmp)
+    port = front.ports["tls"]
+    with tls_connect(port, "app.test", context) as tls:
+        tls.sendall(b"GET /one HTTP/1.1\r\nHost: app.test\r\n\r\n"
+                    b"GET /two HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 ") == 2
+    assert data.index(b'"/one"') < data.index(b'"/two"')
+    for cut in (b"GET /half HTTP/1.1\r\nHost: app", b""):  # gone mid-head, gone idle
+        tls = tls_connect(port, "app.test", context)
+        tls.sendall(cut)
+        tls.close()  # no close_notify (Python's close does not send one): the TCP just ends
+    assert https_get(port, "app.test", context)[0] == 200
