@@ -696,6 +696,8 @@ def test_whats_heavy_latency_and_full_charts_on_first_paint(
     shot = tmp_path / "dashboard-heavy-phone.png"
     assert browser.save_screenshot(str(shot))
     print(f"\nwhat's heavy on a phone: {shot}")
+
+
 def test_certificates_are_listed_soonest_first_expiring_ones_in_colour(
         make_site: Callable[..., Site], browser: Any) -> None:
     from balancer.certificates import make_record
