@@ -44,7 +44,6 @@ from balancer.settings_kinds import (
     Account,
     Choice,
     Directory,
-    File,
     Integer,
     Kind,
     Rejected,
@@ -149,8 +148,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls.ciphers", CIPHER_LIST, MOZILLA_INTERMEDIATE,
             "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults); "
             "the default is Mozilla's \"intermediate\" list"),
-    Setting("tls.backend_ca_bundle", File(), "",
-            "PEM file of CAs that https:// backends are verified against (\"\": the system CAs)"),
     Setting("log.access_log", TEXT, "", 'access log: "" off, "-" stdout, or a path',
             "--access-log", "PATH|-"),
     Setting("log.access_format", Choice("combined", "json"), "combined", "access log format"),
@@ -214,7 +211,6 @@ class TlsSettings:
     default_host: str
     min_version: str
     ciphers: str
-    backend_ca_bundle: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,18 +243,6 @@ class Directory(Kind):
         return value
 
 
-class File(Kind):
-    """"" (unset) or an existing readable file."""
-
-    expected = "an existing readable file"
-    metavar = "PATH"
-
-    def check(self, value: object, raw: object) -> str:
-        if value and not (os.path.isfile(value) and os.access(value, os.R_OK)):
-            raise reject(self.expected, raw)
-        return value
-
-
 class CipherList(Kind):
     """An OpenSSL cipher list that selects at least one cipher."""
 
