@@ -11,7 +11,8 @@ Invariants:
   (`ctx.io`): its streams, its deadlines. The threaded baseline runs the very
   same code with the blocking `IO`.
 * Between requests, with nothing pipelined, a connection is parked where the
-  IO can (`GeventIO.park`): no greenlet waits for it, `resume_client` goes
+  IO can (`GeventIO.park`; at once when the worker is crowded, else after
+  PARK_AFTER idle): no greenlet waits for it, `resume_client` goes
   on when it is readable and `expire_client` closes it at its deadline.
 * Every wait is bounded by `arm`: with socket timeouts (blocking `IO`), or
   under gevent by a per-connection deadline that the worker's watchdog
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
-from balancer.netio import IO, NEVER
+from balancer.netio import IO, NEVER, ParkNow
 from balancer.responses import local_response
 
 if TYPE_CHECKING:
@@ -172,6 +173,7 @@ class ClientConnection:
         # True only while waiting for the first byte of a request: closing the
         # connection then loses nothing (a draining worker does so)
         self.idle = False
+        self.park_due = False  # the watchdog asked to park this idle connection
 
     def close(self) -> None:
         """Send what is still held (within client_idle), then close everything."""
@@ -197,8 +199,15 @@ class ClientConnection:
         with no task of its own until its next readiness; `IO.park`)."""
         try:
             head = self.read_head(False)
-            # after a response the next request is rarely there yet: wait first
-            while head is not None and self.handle(head):
+            while True:
+                # after a response the next request is rarely there yet: wait first
+                while head is not None and self.handle(head):
+                    if self.io.is_crowded() and self.park():
+                        return True
+                    head = self.read_head(True)
+                if not self.park_due:
+                    return False
+                self.park_due = False  # idle for PARK_AFTER: the watchdog said park
                 if self.park():
                     return True
                 head = self.read_head(True)
@@ -208,14 +217,16 @@ class ClientConnection:
 
     def park(self) -> bool:
         """Between requests with none pipelined: wait parked (within client_idle)
-        if the IO can; whether it did."""
+        if the IO can; whether it did. Right after a response when the worker is
+        crowded, else once the watchdog found it idle for PARK_AFTER."""
         events = self.events
         while events and events[0] is END:
             events.popleft()
         if events or self.parser.upgraded:
             return False
-        self.arm(self.sock, self.ctx.timeouts.client_idle)
-        self.idle = True
+        if not self.idle:  # straight after a response: the idle wait starts now
+            self.arm(self.sock, self.ctx.timeouts.client_idle)
+            self.idle = True
         return self.io.park(self)
 
     def read_head(self, wait_first: bool) -> RequestHead | None:
@@ -237,6 +248,9 @@ class ClientConnection:
             except TimeoutError:
                 if deadline:
                     raise ProtocolError(408, "request head timeout") from None
+                return None
+            except ParkNow:
+                self.park_due = True  # only thrown while idle: nothing of a head came
                 return None
             except OSError:
                 return None

@@ -19,7 +19,7 @@ import pytest
 
 from balancer.addr import parse_addr, parse_backend_addr
 from balancer.errors import ConnectError
-from balancer.netio import IO, GeventIO
+from balancer.netio import CROWDED, IO, GeventIO
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseParser
 from balancer.server import SHARED_ACCEPT_BATCH, Worker, bind
@@ -311,6 +311,40 @@ def test_an_idle_keep_alive_connection_holds_no_greenlet_and_serves_its_next_req
     assert until(lambda: slots.open == 0 and served.stats.open_connections == 0)
 
 
+def test_a_busy_connection_keeps_its_greenlet_until_idle_for_park_after(
+        served: Worker) -> None:
+    """Below CROWDED connections, a keep-alive connection waits in its greenlet
+    (no park and wake per request) and is parked only once idle a while."""
+    conn = connect(served)
+    conn.sendall(GET)
+    assert read_response(conn).startswith(b"HTTP/1.1 200")
+    (client,) = served.io.connections
+    assert client.task is not None  # straight after the answer: still in its greenlet
+    assert until(lambda: client.task is None and not served.slots.busy)  # then parked
+    conn.sendall(GET)
+    assert read_response(conn).startswith(b"HTTP/1.1 200")
+    conn.close()
+
+
+def test_a_crowded_worker_parks_every_connection_as_soon_as_it_answered(
+        served: Worker) -> None:
+    clients = [connect(served) for _ in range(CROWDED + 20)]
+    try:
+        assert until(lambda: len(served.io.connections) == len(clients), 10)
+        for conn in clients:
+            conn.sendall(GET)
+        for conn in clients:
+            assert read_response(conn).startswith(b"HTTP/1.1 200")
+        last = clients[-1]
+        last.sendall(GET)
+        assert read_response(last).startswith(b"HTTP/1.1 200")
+        # parked before its answer left (not PARK_AFTER later): no greenlet is busy
+        assert until(lambda: not served.slots.busy, 0.1)
+    finally:
+        for conn in clients:
+            conn.close()
+
+
 def test_a_parked_connection_is_closed_when_client_idle_passes(served: Worker) -> None:
     conn = connect(served)
     conn.sendall(GET)
@@ -346,10 +380,11 @@ def test_pipelined_requests_are_answered_before_the_connection_parks(served: Wor
 
 
 def test_a_full_worker_counts_parked_connections_and_resumes_accepting(tmp_path: Any) -> None:
-    w = Worker(load_settings(flags={"server.max_connections": 1},
+    w = Worker(load_settings(flags={"server.max_connections": 1, "timeouts.client_idle": 1.0},
                              env={"BALANCER_STORE_SNAPSHOT": "off"}), StaticStore())
     assert w.apply(w.store.load())
     w.listen([(bind(parse_addr("127.0.0.1:0")), False)])
+    watchdog = gevent.spawn(w.watchdog_loop)  # parks the idle connection
     try:
         first = connect(w)
         first.sendall(GET)
@@ -363,5 +398,7 @@ def test_a_full_worker_counts_parked_connections_and_resumes_accepting(tmp_path:
         assert read_response(second).startswith(b"HTTP/1.1 200")
         second.close()
     finally:
+        w.stopping = True
+        watchdog.join(timeout=5)
         for server in w.servers:
             server.close()
