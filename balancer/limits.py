@@ -11,12 +11,13 @@ Invariants:
   holds however many workers serve. Memory is fixed (`TABLE_SLOTS` keys at
   once); a key finds its slot within `PROBES` places; when all are taken by
   keys still limited, the one whose bucket refills soonest gives way.
-* No locks: a worker reads a slot and writes it back without a yield in
-  between (gevent), so only two workers deciding on the same key within the
-  same microsecond can both admit a request that only one should have. A
-  client whose pipelined batches reach several workers at once makes that
-  common: measured, up to about 5 % over the limit with 2 workers, none with
-  one (docs/performance.md, 2026-12-05).
+* Every decision (find or claim the key's slot, read it, write it back) holds
+  an exclusive record lock on that slot's bytes of the shared file (`fcntl`
+  F_SETLKW, released at once; the kernel drops it with a dead process), so two
+  workers never both admit a request only one should. Unlocked, a client whose
+  pipelined batches reached both workers at once got up to 10 % over its limit
+  with 2 workers. The lock costs two syscalls per request of a rule that has
+  limits, none for the others; an anonymous map (one process) takes none.
 * Times are CLOCK_MONOTONIC, the same in every process of the machine.
 * A refused request is counted in its host's `limited` counter and the heavy
   hitters' `limited` measure; it does not use up the bucket.
@@ -24,13 +25,15 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import mmap
 import os
 import struct
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from balancer.pages import Page, Pages
@@ -52,6 +55,7 @@ class SharedBuckets:
 
     def __init__(self, path: str | None = None) -> None:
         size = TABLE_SLOTS * SLOT.size
+        self.fd = -1  # the shared file, kept open for its record locks
         if path is None:
             self.map = mmap.mmap(-1, size)
             return
@@ -60,8 +64,25 @@ class SharedBuckets:
             if os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)
             self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self.fd = fd
+
+    @contextlib.contextmanager
+    def locked(self, key: bytes) -> Iterator[None]:
+        """Hold the record lock of `key`'s home slot: every process probing for
+        `key` starts there, so one decision on a key is made at a time."""
+        if self.fd < 0:
+            yield
+            return
+        digest = (zlib.crc32(key) | zlib.adler32(key) << 32) or 1
+        start = (digest & (TABLE_SLOTS - 1)) * SLOT.size
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, SLOT.size, start)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, SLOT.size, start)
 
     def slot(self, key: bytes, now: float) -> int:
         """The byte offset of `key`'s slot (claimed for it if it had none)."""
@@ -127,19 +148,24 @@ class Limit:
         buckets = self.buckets
         if self.interval:
             name = self.key + b"\0" + client.encode() if self.per_client else self.key
-            wait = buckets.take(buckets.slot(name, now), now, self.interval, self.tolerance)
+            with buckets.locked(name):
+                wait = buckets.take(buckets.slot(name, now), now, self.interval, self.tolerance)
             if wait:
                 return self.refuse(ex, client, wait)
         if not self.connections:
             ex.route.action.handle(ex)
             return
-        offset = buckets.slot(self.key + b"\1" + client.encode(), now)
-        if not buckets.enter(offset, self.connections):
+        key = self.key + b"\1" + client.encode()
+        with buckets.locked(key):
+            offset = buckets.slot(key, now)
+            entered = buckets.enter(offset, self.connections)
+        if not entered:
             return self.refuse(ex, client, 1.0)
         try:
             ex.route.action.handle(ex)
         finally:
-            buckets.leave(offset)
+            with buckets.locked(key):
+                buckets.leave(offset)
 
     def refuse(self, ex: Any, client: str, wait: float) -> None:
         """The 429 answer (the `busy` page) and its counting."""

@@ -324,6 +324,36 @@ def test_shared_buckets_are_one_table_across_maps(tmp_path: Path) -> None:
     assert one.take(a, now + 0.1, 0.1, 0.0) == 0.0
 
 
+HAMMER = """
+import sys, time
+from balancer.limits import SharedBuckets
+buckets, admitted = SharedBuckets(sys.argv[1]), 0
+start = float(sys.argv[2])
+while time.monotonic() < start:
+    pass
+while time.monotonic() < start + 1.0:
+    now = time.monotonic()
+    with buckets.locked(b"k"):
+        admitted += buckets.take(buckets.slot(b"k", now), now, 0.01, 0.0) == 0.0
+print(admitted)
+"""
+
+
+def test_two_processes_deciding_on_one_key_admit_no_more_than_the_limit(
+        tmp_path: Path) -> None:
+    """100/s for 1 s, decided back to back by two processes: at most 100 + 1 go
+    (unlocked, the read-modify-write race admitted ~13 % more)."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "limits.shm")
+    start = time.monotonic() + 0.5  # both spinning before the second begins
+    procs = [subprocess.Popen([sys.executable, "-c", HAMMER, path, repr(start)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    counts = [int(proc.communicate(timeout=30)[0]) for proc in procs]
+    assert all(counts) and sum(counts) <= 101, counts
+
+
 # units -------------------------------------------------------------------------------
 def test_space_saving_keeps_the_heavy_keys_in_bounded_memory() -> None:
     sketch = SpaceSaving(16)
