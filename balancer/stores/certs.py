@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+from balancer.stores.atomic import write_atomically
 from balancer.stores.base import StoreUnavailable
 
 FILE_MODE = 0o600
@@ -99,22 +99,9 @@ class FileCerts(Certs):
             return True
 
     def _write(self, certs: dict[str, Any]) -> None:
-        directory = os.path.dirname(self.path)
         body = json.dumps({"certs": certs}, indent=2, sort_keys=True).encode()
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.",
-                                       suffix=".tmp", dir=directory)  # created 0600
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    os.fchmod(f.fileno(), FILE_MODE)
-                    f.write(body)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_atomically(self.path, body, FILE_MODE)
         except OSError as exc:
             raise StoreUnavailable(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
 

@@ -29,11 +29,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from balancer.stores.atomic import write_atomically
 from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
@@ -198,19 +198,7 @@ class FileStore(Store):
         except OSError:
             mode = 0o644
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.",
-                                       suffix=".tmp", dir=directory)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(body)
-                    f.flush()
-                    os.fchmod(f.fileno(), mode)
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_atomically(self.path, body, mode)
             _fsync_dir(directory)
             self._remember(self._signature(), data)
         except OSError as exc:

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from redis.exceptions import WatchError
 
+from balancer.stores.atomic import write_atomically
 from balancer.stores.base import StoreUnavailable
 
 MAX_DEPLOYS = 50
@@ -128,19 +127,8 @@ class FileRecords(Records):
             self._write(doc)
 
     def _write(self, doc: dict[str, Any]) -> None:
-        directory = os.path.dirname(self.path)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".deploys.", suffix=".tmp", dir=directory)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_atomically(self.path, json.dumps(doc, sort_keys=True).encode())
         except OSError as exc:
             raise StoreUnavailable(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
 

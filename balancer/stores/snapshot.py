@@ -15,14 +15,13 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any
 
+from balancer.stores.atomic import write_atomically
 from balancer.stores.base import StoreError, TableData, check_table
 
 log = logging.getLogger("balancer.store")
@@ -96,19 +95,8 @@ class Snapshot:
         body = json.dumps({"store": self.identity, "version": data.version,
                            "saved": time.time(), "hosts": data.hosts},
                           separators=(",", ":")).encode()
-        directory = os.path.dirname(self.path)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".last-good.", suffix=".tmp", dir=directory)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(body)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_atomically(self.path, body)
         except OSError as exc:
             problem = f"snapshot {self.path}: cannot write it: {exc.strerror or exc}"
             if problem != self._write_problem:
