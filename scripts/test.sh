@@ -34,7 +34,8 @@ fi
 
 missing=""
 for pair in redis-server:redis-server chromium:chromium chromedriver:chromium-driver \
-            wrk:wrk nginx:nginx-light haproxy:haproxy gcc:gcc; do
+            wrk:wrk nginx:nginx-light haproxy:haproxy gcc:gcc openssl:openssl curl:curl \
+            prlimit:util-linux systemd-analyze:systemd; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
 python3 -c 'import os, sys, sysconfig

@@ -38,14 +38,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         time.sleep(interval)
 
 
-def redis_binary() -> str:
-    """The redis-server path; skips the test when missing (fails when CI=true)."""
-    path = shutil.which("redis-server")
+def required_tool(command: str, package: str) -> str:
+    """The path of `command`; skips the test when missing, fails when CI=true
+    (scripts/test.sh installs `package` there)."""
+    path = shutil.which(command)
     if path is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is required in CI (apt-get install redis-server)")
-        pytest.skip("redis-server is not installed")
+            pytest.fail(f"{command} is required in CI (apt-get install {package})")
+        pytest.skip(f"{command} is not installed ({package})")
     return path
+
+
+def redis_binary() -> str:
+    return required_tool("redis-server", "redis-server")
 
 
 class RedisServer:

@@ -10,26 +10,21 @@ from __future__ import annotations
 
 import select
 import selectors
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from balancer.descriptors import ACCEPT_PAUSE, RESERVED, connection_cap
+from tests.conftest import required_tool
 from tests.support import ROOT, Backend, Balancer, wait_for
 
 CLIENTS = 300
 
 
 def require_prlimit() -> str:
-    found = shutil.which("prlimit")
-    if found is None:
-        pytest.skip("prlimit (util-linux) not installed")
-    return found
+    return required_tool("prlimit", "util-linux")
 
 
 def many_requests(port: int, count: int, path: str, timeout: float = 30.0) -> list[bytes]:

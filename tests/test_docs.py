@@ -9,7 +9,6 @@ import functools
 import io
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from balancer.settings import SETTINGS, Setting, load_settings
 from balancer.settings_kinds import POSITIVE
 from loadtest import cli as loadtest_cli
 from management import ctl
+from tests.conftest import required_tool
 from tests.support import ROOT
 
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
@@ -85,9 +85,7 @@ def test_systemd_unit_runs_the_example_config(tmp_path):
     assert start[1:] == ["serve", "--config", "/etc/balancer/balancer.toml"]
     assert "--config" in _help("balancer", ["serve"])
     assert re.search(r"^ExecReload=/bin/kill -HUP \$MAINPID$", unit, re.M)
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = required_tool("systemd-analyze", "systemd")
     program = tmp_path / "balancer"
     program.write_text("#!/bin/sh\n")
     program.chmod(0o755)

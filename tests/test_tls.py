@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import socket
 import ssl
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 from balancer.certificates import make_record
 from balancer.rules import validate_rule
 from balancer.stores.file import FileStore
+from tests.conftest import required_tool
 from tests.support import Backend, Balancer, request, wait_for
 from tests.tlsca import TestCA
 
@@ -124,12 +124,12 @@ def test_old_protocols_are_refused(front: Balancer) -> None:
         tls_connect(front.ports["tls"], "app.test", context)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 @pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
 def test_openssl_s_client_versions_sni_alpn(front: Balancer, tls_tmp: Path, version: str) -> None:
     ca = CA.write(tls_tmp)
     out = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{front.ports['tls']}", version,
+        [required_tool("openssl", "openssl"), "s_client", "-connect",
+         f"127.0.0.1:{front.ports['tls']}", version,
          "-servername", "app.test", "-alpn", "http/1.1", "-CAfile", str(ca),
          "-verify_return_error", "-brief"],
         input=b"", capture_output=True, timeout=20)
@@ -139,20 +139,19 @@ def test_openssl_s_client_versions_sni_alpn(front: Balancer, tls_tmp: Path, vers
     assert ("TLSv1.3" if version == "-tls1_3" else "TLSv1.2") in text, text
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 def test_openssl_s_client_tls1_1_fails(front: Balancer) -> None:
     out = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{front.ports['tls']}", "-tls1_1",
+        [required_tool("openssl", "openssl"), "s_client", "-connect",
+         f"127.0.0.1:{front.ports['tls']}", "-tls1_1",
          "-cipher", "DEFAULT:@SECLEVEL=0", "-servername", "app.test", "-brief"],
         input=b"", capture_output=True, timeout=20)
     assert out.returncode != 0
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_curl_resolve(front: Balancer, tls_tmp: Path) -> None:
     port = front.ports["tls"]
     out = subprocess.run(
-        ["curl", "-sS", "--cacert", str(CA.write(tls_tmp)), "--resolve",
+        [required_tool("curl", "curl"), "-sS", "--cacert", str(CA.write(tls_tmp)), "--resolve",
          f"app.test:{port}:127.0.0.1", f"https://app.test:{port}/hello", "-o", "-",
          "-w", "\n%{http_code} %{http_version}"],
         capture_output=True, timeout=20)
