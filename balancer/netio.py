@@ -297,19 +297,18 @@ class GeventIO(IO):
         return now
 
     def expire(self, now: float) -> None:
-        loop = self.hub.loop
-        for conn in [c for c in self.connections if c.deadline < now]:
-            conn.deadline = NEVER
-            if conn.task is not None:
-                loop.run_callback(_time_out, conn, conn.task)
-            else:  # parked
-                loop.run_callback(self._expire_parked, conn)
-        if self.resume is None:
-            return
-        for conn in [c for c in self.connections if c.idle and c.task is not None
-                     and _idle_since(c) + min(PARK_AFTER, c.ctx.timeouts.client_idle / 2) < now
-                     and isinstance(c.stream, EventedStream)]:
-            loop.run_callback(_park_idle, conn, conn.task)
+        """Time out every connection whose deadline passed; ask a greenlet that
+        has waited PARK_AFTER for its connection's next request to park it."""
+        loop, parks = self.hub.loop, self.resume is not None
+        for conn in list(self.connections):
+            if conn.deadline < now:
+                conn.deadline = NEVER
+                if conn.task is not None:
+                    loop.run_callback(_time_out, conn, conn.task)
+                else:  # parked
+                    loop.run_callback(self._expire_parked, conn)
+            elif parks and conn.idle and conn.task is not None and _is_due_to_park(conn, now):
+                loop.run_callback(_park_idle, conn, conn.task)
 
     def close_idle(self, by: float) -> None:
         for conn in self.connections:
@@ -353,9 +352,12 @@ class GeventIO(IO):
         return not _client_readable(sock)
 
 
-def _idle_since(conn: Any) -> float:
-    """When `conn` began waiting for its next request (its deadline is client_idle on)."""
-    return float(conn.deadline - conn.ctx.timeouts.client_idle)
+def _is_due_to_park(conn: Any, now: float) -> bool:
+    """Whether idle `conn` has waited min(PARK_AFTER, client_idle / 2) in its
+    greenlet (its deadline is client_idle after the wait began)."""
+    idle = conn.ctx.timeouts.client_idle
+    return (isinstance(conn.stream, EventedStream)
+            and conn.deadline - idle + min(PARK_AFTER, idle / 2) < now)
 
 
 def _park_idle(conn: Any, task: Any) -> None:
