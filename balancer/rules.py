@@ -30,7 +30,8 @@ MAX_HOST_LEN = 253
 MAX_HOLD = 86400   # seconds a request may be held (spin timeout, spin_when_down)
 MAX_CHECK = 3600   # seconds: the longest health check interval or timeout
 
-COMMON_KEYS = {"action", "subdomains", "limits", "https_redirect", "hsts"}
+COMMON_KEYS = {"action", "subdomains", "limits", "https_redirect", "hsts", "tls"}
+TLS_MODES = ("acme",)  # "tls": "acme": a certificate issued and renewed by ACME (docs/tls.md)
 MAX_HSTS = 63072000  # seconds: two years, the HSTS preload list's minimum and a sane ceiling
 ACTION_KEYS = {
     "proxy": {"backends", "algorithm", "retries", "health", "spin_when_down",
@@ -83,8 +84,19 @@ def validate_table(hosts: object) -> list[str]:
             if key in seen:
                 problems.append(f"host {host!r}: duplicates {seen[key]!r}")
             seen[key] = host
-        problems += [f"{host}: {p}" for p in validate_rule(rule)]
+        problems += [f"{host}: {p}" for p in validate_rule(rule) + host_rule_problems(host, rule)]
     return problems
+
+
+def host_rule_problems(host: object, rule: object) -> list[str]:
+    """What a rule may not do for this host key: ACME (HTTP-01, TLS-ALPN-01) issues
+    certificates for exact names only; a wildcard needs DNS-01."""
+    if isinstance(rule, Mapping) and rule.get("tls") == "acme" and isinstance(host, str) \
+            and host.strip().startswith("*"):
+        return ['tls: "acme" needs an exact host name: ACME cannot issue a wildcard or '
+                'catch-all certificate over HTTP-01 or TLS-ALPN-01 (upload one with '
+                '`balancerctl cert set`)']
+    return []
 
 
 def validate_rule(rule: object) -> list[str]:
@@ -106,6 +118,8 @@ def validate_rule(rule: object) -> list[str]:
     if "https_redirect" in rule and not isinstance(rule["https_redirect"], bool):
         problems.append("https_redirect: must be true or false")
     problems += _int_at_least(rule, "hsts", 0) + _at_most(rule, "hsts", MAX_HSTS, "seconds")
+    if "tls" in rule and rule["tls"] not in TLS_MODES:
+        problems.append(f'tls: must be "acme" (a certificate issued by ACME), got {rule["tls"]!r}')
     problems += VALIDATORS[action](rule)
     return problems
 

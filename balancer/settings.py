@@ -36,9 +36,13 @@ from balancer.settings_kinds import (
     ADDRESS,
     ADDRESS_LIST,
     CIPHER_LIST,
+    ACME_URL,
+    EMAIL,
     HOST_NAMES,
+    LETS_ENCRYPT,
     MOZILLA_INTERMEDIATE,
     NAME,
+    PEM_FILE,
     POSITIVE,
     TEXT,
     Account,
@@ -148,6 +152,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls.ciphers", CIPHER_LIST, MOZILLA_INTERMEDIATE,
             "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults); "
             "the default is Mozilla's \"intermediate\" list"),
+    Setting("acme.directory", ACME_URL, LETS_ENCRYPT,
+            "ACME directory URL of the CA that issues certificates for rules with "
+            "\"tls\": \"acme\" (the default is Let's Encrypt's production CA)"),
+    Setting("acme.email", EMAIL, "",
+            "contact address of the ACME account (the CA's expiry and policy mail); "
+            "\"\" for none"),
+    Setting("acme.ca_bundle", PEM_FILE, "",
+            "PEM file of the CAs trusted for the ACME directory's HTTPS "
+            "(\"\": the system's); for a private or test CA"),
+    Setting("acme.renew_before", Integer(1), 30,
+            "days before a certificate's expiry when it is renewed"),
+    Setting("acme.challenge", Choice("http-01", "tls-alpn-01"), "http-01",
+            "how the CA checks a name: http-01 on the plain listeners (port 80), "
+            "tls-alpn-01 on the TLS listeners (port 443)"),
     Setting("log.access_log", TEXT, "", 'access log: "" off, "-" stdout, or a path',
             "--access-log", "PATH|-"),
     Setting("log.access_format", Choice("combined", "json"), "combined", "access log format"),
@@ -214,6 +232,15 @@ class TlsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AcmeSettings:
+    directory: str
+    email: str
+    ca_bundle: str
+    renew_before: int
+    challenge: str
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     access_log: str
     access_format: str
@@ -230,6 +257,7 @@ class Settings:
     timeouts: TimeoutSettings
     limits: LimitSettings
     tls: TlsSettings
+    acme: AcmeSettings
     log: LogSettings
     config_path: str
 
@@ -241,7 +269,7 @@ class Settings:
 SECTION_CLASSES: dict[str, type] = {
     "server": ServerSettings, "management": ManagementSettings, "store": StoreSettings,
     "timeouts": TimeoutSettings, "limits": LimitSettings, "tls": TlsSettings,
-    "log": LogSettings,
+    "acme": AcmeSettings, "log": LogSettings,
 }
 
 

@@ -267,6 +267,67 @@ MOZILLA_INTERMEDIATE = ":".join((
     "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305"))
 
 
+class AcmeUrl(Kind):
+    """An ACME directory URL: ``https://HOST[:PORT]/PATH`` (``http://`` only for a CA
+    on loopback, as a test CA may be)."""
+
+    expected = "an https:// URL of an ACME directory (http:// only on loopback)"
+    metavar = "URL"
+
+    def check(self, value: object, raw: object) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            host = parts.hostname or ""
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise reject(self.expected, raw) from None
+        loopback = host in ("localhost", "127.0.0.1", "::1")
+        if not host or any(c.isspace() for c in value) or not (
+                parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+            raise reject(self.expected, raw)
+        return value
+
+
+class Email(Kind):
+    """"" (none) or one e-mail address ``NAME@DOMAIN``."""
+
+    expected = 'an e-mail address (name@example.com) or ""'
+    metavar = "ADDRESS"
+
+    def check(self, value: object, raw: object) -> str:
+        if not value:
+            return value
+        name, at, domain = value.rpartition("@")
+        if not (at and name and "." in domain.strip(".") and value.isascii()
+                and value.isprintable() and not any(c.isspace() or c in "<>,;:" for c in value)):
+            raise reject(self.expected, raw)
+        return value
+
+
+class PemFile(Kind):
+    """"" (unset) or a readable file holding at least one PEM certificate."""
+
+    expected = '"" or a readable PEM file of CA certificates'
+    metavar = "FILE"
+
+    def check(self, value: object, raw: object) -> str:
+        if not value:
+            return value
+        try:
+            with open(value, "rb") as f:
+                text = f.read(1 << 20)
+        except OSError as exc:
+            raise Rejected(f"{value!r}: cannot read: {exc.strerror or exc}") from None
+        if b"-----BEGIN CERTIFICATE-----" not in text:
+            raise Rejected(f"{value!r}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        return value
+
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
 class Account(Kind):
     """"" (unset), an existing user/group name, or a numeric id."""
 
@@ -294,3 +355,6 @@ ADDRESS = AddressKind()
 ADDRESS_LIST = AddressList()
 HOST_NAMES = HostNames()
 CIPHER_LIST = CipherList()
+ACME_URL = AcmeUrl()
+EMAIL = Email()
+PEM_FILE = PemFile()

@@ -32,7 +32,13 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from balancer.rules import normalize_host, validate_host, validate_rule, validate_table
+from balancer.rules import (
+    host_rule_problems,
+    normalize_host,
+    validate_host,
+    validate_rule,
+    validate_table,
+)
 from balancer.stores import (
     CorruptStore,
     Store,
@@ -224,7 +230,7 @@ class ManagementApp:
     def on_put_host(self, request: Request, host: str) -> Response:
         condition = if_match(request)
         rule = read_json(request)
-        problems = validate_host(host) + validate_rule(rule)
+        problems = validate_host(host) + validate_rule(rule) + host_rule_problems(host, rule)
         if problems:
             raise _invalid(problems)
         key = normalize_host(host)

@@ -86,6 +86,8 @@ def action_keys_help() -> str:
             text = ACTION_KEY_HELP.get((action, key)) or KEY_HELP.get(key, "")
             lines.extend(_wrapped(f"{key:<15} {text}".rstrip()))
     lines.append("  every action: subdomains=true also matches every name under HOST")
+    lines.append("  every action: tls=acme gets HOST a certificate issued and renewed by ACME")
+    lines.append("                https_redirect=true hsts=SECONDS (docs/tls.md)")
     lines.append("")
     lines.append("examples:")
     lines.append("  balancerctl set app.example.com proxy --backend 127.0.0.1:9001 \\\n"

@@ -272,3 +272,92 @@ def test_the_file_store_keeps_certificates_private(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     store.certs().put("web.test", {**CERT, "source": "x"})
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+# ACME (balancer/stores/acme.py) ---------------------------------------------------
+def test_the_acme_account_is_made_once_and_shared(make_store: Callable[[], Store]) -> None:
+    first, second = make_store().acme(), make_store().acme()
+    assert first.account() is None
+    kept = first.keep_account({"key": "K1", "uri": ""})
+    assert kept == {"key": "K1", "uri": ""}
+    assert second.keep_account({"key": "K2", "uri": ""}) == kept  # the first one stays
+    second.set_account_uri("https://ca.test/acct/1")
+    assert first.account() == {"key": "K1", "uri": "https://ca.test/acct/1"}
+
+
+def test_one_issuer_holds_the_lock_until_it_lapses(make_store: Callable[[], Store]) -> None:
+    a, b = make_store().acme(), make_store().acme()
+    assert a.holder() is None
+    assert a.lock("issuer-a", 0.5) is True
+    assert b.lock("issuer-b", 0.5) is False
+    assert a.lock("issuer-a", 0.5) is True  # extended by its owner
+    held = b.holder()
+    assert held is not None and held["owner"] == "issuer-a"
+    b.unlock("issuer-b")  # not the owner: nothing happens
+    assert b.lock("issuer-b", 0.5) is False
+    wait_until(lambda: b.lock("issuer-b", 5.0), timeout=3, message="the lock to lapse")
+    assert a.lock("issuer-a", 5.0) is False  # lapsed: the old owner lost it
+    assert a.holder()["owner"] == "issuer-b"
+    b.unlock("issuer-b")
+    assert a.holder() is None
+    assert a.lock("issuer-a", 5.0) is True
+
+
+def test_racing_issuers_have_one_winner(make_store: Callable[[], Store]) -> None:
+    stores = [make_store().acme() for _ in range(6)]
+    won: list[str] = []
+    barrier = threading.Barrier(len(stores))
+
+    def race(n: int) -> None:
+        barrier.wait()
+        if stores[n].lock(f"issuer-{n}", 30):
+            won.append(f"issuer-{n}")
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(won) == 1
+    assert stores[0].holder()["owner"] == won[0]
+
+
+def test_challenges_and_states_are_shared_and_leave_the_table_alone(
+        make_store: Callable[[], Store]) -> None:
+    writer, reader = make_store(), make_store()
+    writer.put_host("web.test", WEB)
+    before = reader.acme().challenges_signature()
+    record = {"type": "http-01", "host": "web.test", "token": "tok",
+              "key_authorization": "tok.thumb", "expires": 1900000000.0}
+    writer.acme().put_challenge("http-01:tok", record)
+    assert reader.acme().challenges() == {"http-01:tok": record}
+    changed = reader.acme().challenges_signature()
+    assert changed != before
+    writer.acme().put_state("web.test", {"state": "pending"})
+    assert reader.acme().challenges_signature() == changed  # state is not a challenge
+    assert reader.acme().states() == {"web.test": {"state": "pending"}}
+    writer.acme().delete_challenge("http-01:tok")
+    writer.acme().delete_challenge("http-01:absent")
+    assert reader.acme().challenges() == {}
+    assert reader.acme().challenges_signature() not in (before, changed)
+    reader.acme().delete_state("web.test")
+    assert writer.acme().states() == {}
+    assert reader.load() == TableData(1, {"web.test": WEB})
+    assert reader.certs().all() == {}
+
+
+def test_the_file_store_keeps_acme_state_private(tmp_path: Path) -> None:
+    acme = open_store(f"file:{tmp_path / 'routes.json'}", "ns").acme()
+    acme.keep_account({"key": "secret", "uri": ""})
+    acme.put_challenge("tls-alpn-01:web.test", {"type": "tls-alpn-01"})
+    for name in ("routes.json.acme.json", "routes.json.challenges.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+
+
+def test_unreadable_acme_records_read_as_absent(tmp_path: Path) -> None:
+    acme = open_store(f"file:{tmp_path / 'routes.json'}", "ns").acme()
+    (tmp_path / "routes.json.acme.json").write_text("{not json")
+    (tmp_path / "routes.json.challenges.json").write_text('{"challenges": {"a": 1, "b": "x"}}')
+    assert acme.account() is None and acme.holder() is None and acme.states() == {}
+    assert acme.challenges() == {}
+    assert acme.lock("issuer", 5) is True  # and the file is whole again
+    assert acme.holder()["owner"] == "issuer"

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from balancer.rules import normalize_host, validate_table
 
 if TYPE_CHECKING:
+    from balancer.stores.acme import Acme
     from balancer.stores.certs import Certs
     from balancer.stores.records import Records
 
@@ -240,6 +241,10 @@ class Store(ABC):
     @abstractmethod
     def certs(self) -> Certs:
         """The TLS certificates kept beside the table (`balancer.stores.certs`)."""
+
+    @abstractmethod
+    def acme(self) -> Acme:
+        """ACME account, issuer lock, challenges and state (`balancer.stores.acme`)."""
 
     def last_error(self) -> str | None:
         """The current problem with the store (unreachable or corrupt), if any."""

@@ -46,6 +46,7 @@ from balancer.stores.base import (
     unreadable_is_corrupt,
     write_version,
 )
+from balancer.stores.acme import Acme, FileAcme
 from balancer.stores.certs import Certs, FileCerts
 from balancer.stores.records import FileRecords, Records
 from balancer.stores.snapshot import HOW_TO_FIX
@@ -133,6 +134,10 @@ class FileStore(Store):
     def certs(self) -> Certs:
         """Certificates in ``PATH.certs.json`` (mode 0600), under the writer lock."""
         return FileCerts(self.path + ".certs.json", self._locked)
+
+    def acme(self) -> Acme:
+        """ACME state in ``PATH.acme.json`` and ``PATH.challenges.json`` (mode 0600)."""
+        return FileAcme(self.path, self._locked)
 
     # writing ---------------------------------------------------------------
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:

@@ -57,6 +57,7 @@ from balancer.stores.base import (
     unreadable_is_corrupt,
     write_version,
 )
+from balancer.stores.acme import Acme, RedisAcme
 from balancer.stores.certs import Certs, RedisCerts
 from balancer.stores.records import Records, RedisRecords
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
@@ -193,6 +194,10 @@ class RedisStore(Store):
     def certs(self) -> Certs:
         """Certificates in ``NS:certs`` (`balancer.stores.certs.RedisCerts`)."""
         return RedisCerts(self.client, self.namespace, self._talking)
+
+    def acme(self) -> Acme:
+        """ACME account, lock, challenges and state under ``NS:acme-*`` (`RedisAcme`)."""
+        return RedisAcme(self.client, self.namespace, self._talking)
 
     # writing ---------------------------------------------------------------
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:

@@ -1,0 +1,324 @@
+"""ACME state kept in the store (SPEC §9, docs/tls.md), shared by every balancer.
+
+Four small collections, none of them read per request:
+* the account: ``{"key": JWK JSON, "uri": ACCOUNT URL or ""}``, made once by the first
+  issuer and reused by every later one (`keep_account` stores it only if none is);
+* the issuer lock: ``{"owner", "expires"}``: one management process of the cluster
+  issues at a time; the lock lapses at ``expires`` unless its owner extends it;
+* challenges: KEY → ``{"type": "http-01", "host", "token", "key_authorization",
+  "expires"}`` or ``{"type": "tls-alpn-01", "host", "chain", "key", "expires"}``,
+  what the data plane answers the CA with (`balancer.challenges`);
+* per-host state: HOST → ``{"state": "pending"|"issued"|"failed", ...}``, what the
+  API and the dashboard show, and the backoff of failed hosts.
+
+Storage:
+* Redis: ``NS:acme-account`` (JSON, ``SET NX``), ``NS:acme-lock`` (the owner,
+  ``SET NX PX``; extended and released by a script that checks the owner),
+  ``NS:acme-challenges`` (hash) with ``NS:acme-challenges-version`` raised in the
+  same transaction, ``NS:acme-state`` (hash).
+* File store: ``PATH.acme.json`` (account, lock, state) and
+  ``PATH.challenges.json`` (what workers poll), both mode 0600, written whole
+  (temp file, fsync, rename) under the routes file's writer lock, which also
+  makes taking the lock atomic.
+
+Invariants:
+* `lock` is atomic: of several owners asking at once exactly one gets a free or
+  lapsed lock; an owner extends only a lock it still holds.
+* None of these writes touches the routing table, its version or the certificates.
+* Reads and writes raise `StoreUnavailable` when the store cannot be reached;
+  an unreadable record reads as absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from balancer.stores.atomic import write_atomically
+from balancer.stores.base import StoreUnavailable
+
+FILE_MODE = 0o600
+UNREADABLE = (ValueError, RecursionError)
+SECTIONS = ("account", "lock", "state")
+
+
+class Acme(ABC):
+    """The ACME account, issuer lock, challenges and per-host state of one store."""
+
+    @abstractmethod
+    def account(self) -> dict[str, Any] | None:
+        """The stored account, or None."""
+
+    @abstractmethod
+    def keep_account(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Store `record` as the account unless one is stored; the account stored."""
+
+    @abstractmethod
+    def set_account_uri(self, uri: str) -> None:
+        """Note the account's URL at the CA (the key stays)."""
+
+    @abstractmethod
+    def lock(self, owner: str, ttl: float) -> bool:
+        """Take the issuer lock for `ttl` seconds when it is free or lapsed, or extend
+        it when `owner` holds it; whether `owner` holds it now."""
+
+    @abstractmethod
+    def unlock(self, owner: str) -> None:
+        """Release the lock if `owner` holds it."""
+
+    @abstractmethod
+    def holder(self) -> dict[str, Any] | None:
+        """``{"owner", "expires"}`` of the lock in force, or None."""
+
+    @abstractmethod
+    def put_challenge(self, key: str, record: dict[str, Any]) -> None:
+        """Publish one challenge answer."""
+
+    @abstractmethod
+    def delete_challenge(self, key: str) -> None:
+        """Withdraw one challenge answer (absent: nothing happens)."""
+
+    @abstractmethod
+    def challenges(self) -> dict[str, dict[str, Any]]:
+        """KEY → record for every published challenge."""
+
+    @abstractmethod
+    def challenges_signature(self) -> object:
+        """A cheap value that changes whenever a challenge is published or withdrawn."""
+
+    @abstractmethod
+    def put_state(self, host: str, record: dict[str, Any]) -> None:
+        """Record `host`'s issuance state."""
+
+    @abstractmethod
+    def delete_state(self, host: str) -> None:
+        """Forget `host`'s issuance state."""
+
+    @abstractmethod
+    def states(self) -> dict[str, dict[str, Any]]:
+        """HOST → state for every host the issuer has seen."""
+
+
+def _objects(raw: Any) -> dict[str, dict[str, Any]]:
+    """The JSON objects of a mapping of texts or objects (anything else is skipped)."""
+    found: dict[str, dict[str, Any]] = {}
+    if not isinstance(raw, dict):
+        return found
+    for name, value in raw.items():
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except UNREADABLE:
+                continue
+        if isinstance(value, dict):
+            found[name] = value
+    return found
+
+
+def decide_lock(held: Any, owner: str, now: float) -> bool:
+    """Whether `owner` may write the lock over `held`."""
+    if not isinstance(held, dict):
+        return True
+    if held.get("owner") == owner:
+        return True
+    expires = held.get("expires")
+    return not isinstance(expires, (int, float)) or expires <= now
+
+
+class FileAcme(Acme):
+    """ACME state in ``PATH.acme.json`` and ``PATH.challenges.json`` (mode 0600)."""
+
+    def __init__(self, routes_path: str, locked: Callable[[], Any]) -> None:
+        self.path = routes_path + ".acme.json"
+        self.challenges_path = routes_path + ".challenges.json"
+        self.locked = locked
+
+    def _read(self, path: str) -> dict[str, Any]:
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except UNREADABLE:
+            return {}  # unreadable: start over rather than stop issuing
+        except OSError as exc:
+            raise StoreUnavailable(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        return doc if isinstance(doc, dict) else {}
+
+    def _write(self, path: str, doc: dict[str, Any]) -> None:
+        try:
+            write_atomically(path, json.dumps(doc, sort_keys=True).encode(), FILE_MODE)
+        except OSError as exc:
+            raise StoreUnavailable(f"{path}: cannot write: {exc.strerror or exc}") from exc
+
+    @contextlib.contextmanager
+    def _changing(self, path: str) -> Iterator[dict[str, Any]]:
+        with self.locked():
+            doc = self._read(path)
+            yield doc
+            self._write(path, doc)
+
+    def account(self) -> dict[str, Any] | None:
+        found = self._read(self.path).get("account")
+        return found if isinstance(found, dict) else None
+
+    def keep_account(self, record: dict[str, Any]) -> dict[str, Any]:
+        with self._changing(self.path) as doc:
+            if not isinstance(doc.get("account"), dict):
+                doc["account"] = record
+            return dict(doc["account"])
+
+    def set_account_uri(self, uri: str) -> None:
+        with self._changing(self.path) as doc:
+            if isinstance(doc.get("account"), dict):
+                doc["account"]["uri"] = uri
+
+    def lock(self, owner: str, ttl: float) -> bool:
+        with self._changing(self.path) as doc:
+            now = time.time()
+            if not decide_lock(doc.get("lock"), owner, now):
+                return False
+            doc["lock"] = {"owner": owner, "expires": now + ttl}
+            return True
+
+    def unlock(self, owner: str) -> None:
+        with self._changing(self.path) as doc:
+            held = doc.get("lock")
+            if isinstance(held, dict) and held.get("owner") == owner:
+                del doc["lock"]
+
+    def holder(self) -> dict[str, Any] | None:
+        held = self._read(self.path).get("lock")
+        if not isinstance(held, dict) or decide_lock(held, "", time.time()):
+            return None
+        return held
+
+    def put_challenge(self, key: str, record: dict[str, Any]) -> None:
+        with self._changing(self.challenges_path) as doc:
+            doc.setdefault("challenges", {})[key] = record
+
+    def delete_challenge(self, key: str) -> None:
+        with self._changing(self.challenges_path) as doc:
+            found = doc.get("challenges")
+            if isinstance(found, dict):
+                found.pop(key, None)
+
+    def challenges(self) -> dict[str, dict[str, Any]]:
+        return _objects(self._read(self.challenges_path).get("challenges"))
+
+    def challenges_signature(self) -> object:
+        try:
+            st = os.stat(self.challenges_path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreUnavailable(f"{self.challenges_path}: {exc.strerror or exc}") from exc
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def put_state(self, host: str, record: dict[str, Any]) -> None:
+        with self._changing(self.path) as doc:
+            states = doc.get("state")
+            doc["state"] = {**(states if isinstance(states, dict) else {}), host: record}
+
+    def delete_state(self, host: str) -> None:
+        with self._changing(self.path) as doc:
+            states = doc.get("state")
+            if isinstance(states, dict):
+                states.pop(host, None)
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        return _objects(self._read(self.path).get("state"))
+
+
+# Redis: extend or release the lock only while `owner` holds it (one round trip, atomic)
+EXTEND = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+          "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
+RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+           "return redis.call('del', KEYS[1]) else return 0 end")
+
+
+class RedisAcme(Acme):
+    """ACME state under ``NS:acme-*`` keys (see the module doc)."""
+
+    def __init__(self, client: Any, namespace: str, talking: Callable[[str], Any]) -> None:
+        self.client = client
+        self.talking = talking
+        self.account_key = f"{namespace}:acme-account"
+        self.lock_key = f"{namespace}:acme-lock"
+        self.challenges_key = f"{namespace}:acme-challenges"
+        self.version_key = f"{namespace}:acme-challenges-version"
+        self.state_key = f"{namespace}:acme-state"
+
+    def account(self) -> dict[str, Any] | None:
+        with self.talking("read"):
+            text = self.client.get(self.account_key)
+        return _objects({"a": text}).get("a") if text else None
+
+    def keep_account(self, record: dict[str, Any]) -> dict[str, Any]:
+        with self.talking("write"):
+            self.client.set(self.account_key, json.dumps(record, sort_keys=True), nx=True)
+        return self.account() or record
+
+    def set_account_uri(self, uri: str) -> None:
+        found = self.account()
+        if found is not None:
+            with self.talking("write"):
+                self.client.set(self.account_key, json.dumps({**found, "uri": uri},
+                                                             sort_keys=True), xx=True)
+
+    def lock(self, owner: str, ttl: float) -> bool:
+        millis = max(1, int(ttl * 1000))
+        with self.talking("write"):
+            if self.client.set(self.lock_key, owner, nx=True, px=millis):
+                return True
+            return bool(self.client.eval(EXTEND, 1, self.lock_key, owner, millis))
+
+    def unlock(self, owner: str) -> None:
+        with self.talking("write"):
+            self.client.eval(RELEASE, 1, self.lock_key, owner)
+
+    def holder(self) -> dict[str, Any] | None:
+        with self.talking("read"), self.client.pipeline(transaction=True) as pipe:
+            pipe.get(self.lock_key)
+            pipe.pttl(self.lock_key)
+            owner, left = pipe.execute()
+        if owner is None or left is None or left < 0:
+            return None
+        return {"owner": owner, "expires": time.time() + left / 1000}
+
+    def put_challenge(self, key: str, record: dict[str, Any]) -> None:
+        with self.talking("write"), self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.challenges_key, key, json.dumps(record, sort_keys=True))
+            pipe.incr(self.version_key)
+            pipe.execute()
+
+    def delete_challenge(self, key: str) -> None:
+        with self.talking("write"), self.client.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.challenges_key, key)
+            pipe.incr(self.version_key)
+            pipe.execute()
+
+    def challenges(self) -> dict[str, dict[str, Any]]:
+        with self.talking("read"):
+            return _objects(self.client.hgetall(self.challenges_key))
+
+    def challenges_signature(self) -> object:
+        with self.talking("read"):
+            return self.client.get(self.version_key)
+
+    def put_state(self, host: str, record: dict[str, Any]) -> None:
+        with self.talking("write"):
+            self.client.hset(self.state_key, host, json.dumps(record, sort_keys=True))
+
+    def delete_state(self, host: str) -> None:
+        with self.talking("write"):
+            self.client.hdel(self.state_key, host)
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        with self.talking("read"):
+            return _objects(self.client.hgetall(self.state_key))
