@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from balancer.table import Route, TableHolder
 
 RECV_SIZE: Final = 65536
+ACME_PATH: Final = b"/.well-known/acme-challenge/"  # HTTP-01 (balancer.challenges)
 DRAIN_LIMIT: Final = 1 << 20  # bytes of an unused request body read to keep a connection alive
 
 PROTOCOL_PAGES: Final = {
@@ -60,7 +61,7 @@ class Context:
     def __init__(self, *, holder: TableHolder, pages: Pages, stats: Stats,
                  access_log: AccessLog, trusted: bool, limits: Limits,
                  timeouts: TimeoutSettings, io: IO, spin_max_waiting: int = 10000,
-                 scheme: bytes = b"http") -> None:
+                 scheme: bytes = b"http", challenges: Any = None) -> None:
         self.holder = holder
         self.pages = pages
         self.stats = stats
@@ -72,6 +73,9 @@ class Context:
         self.request_ids = RequestIds()
         self.io = io  # the worker's I/O: streams and deadlines
         self.scheme = scheme  # b"https" on TLS listeners (X-Forwarded-Proto)
+        # ACME HTTP-01 answers (balancer.challenges.Challenges), asked only for
+        # targets under ACME_PATH
+        self.challenges: Any = challenges
         self.draining = False
 
 
@@ -282,7 +286,9 @@ class ClientConnection:
         self.exchange = ex  # in flight (balancer.diagnosis reads it)
         try:
             limit = route.limit
-            if limit is None:
+            if head.target.startswith(ACME_PATH) and self.answer_challenge(ex):
+                pass  # an ACME HTTP-01 validation, answered before the rule
+            elif limit is None:
                 route.action.handle(ex)
             else:
                 limit.run(ex)  # balancer.limits: the action, or 429
@@ -305,6 +311,11 @@ class ClientConnection:
         if self.parser.upgraded and ex.keep_alive:
             self.parser.resume()  # the Upgrade was not accepted: the connection stays HTTP
         return ex.keep_alive
+
+    def answer_challenge(self, ex: Exchange) -> bool:
+        """Whether `ex` was an ACME HTTP-01 validation request, now answered."""
+        challenges = self.ctx.challenges
+        return challenges is not None and bool(challenges.answer(ex))
 
     def trusted_id(self, head: RequestHead) -> bytes:
         """The request's X-Request-Id (trusted listeners keep it), else a new one."""

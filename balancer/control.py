@@ -17,6 +17,9 @@ sends one command line and reads one JSON reply until EOF:
 * ``top JSON`` → ``{"pid", "counts": {KEY: [count, error]}, "sketch": {...}}`` and
   ``inflight JSON`` → ``{"pid", "requests": [...], "left_out"}``: the worker's
   heavy hitters and its requests open now (`balancer.diagnosis`).
+* ``challenges`` → ``{"pid", "challenges": N}`` once the worker serves the ACME
+  challenges the store holds now (the issuer just published one:
+  `balancer.challenges`), or ``{"pid", "error": TEXT}``.
 
 Invariants:
 * Nothing is exchanged per request: a snapshot is built from the worker's
@@ -44,7 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("stats", "reload", "version", "apply", "top", "inflight")
+COMMANDS = ("stats", "reload", "version", "apply", "top", "inflight", "challenges")
 CONTROL_TIMEOUT = 2.0
 MAX_COMMAND = 4 * 1024 * 1024  # an `apply` carries one write's rules (the API takes 1 MiB)
 WORKER_GLOB = "worker-*.sock"
@@ -111,6 +114,13 @@ class ControlServer:
 
             try:
                 return {"pid": os.getpid(), "version": worker.reload()}
+            except StoreError as exc:
+                return {"pid": os.getpid(), "error": str(exc)}
+        if command == "challenges":
+            from balancer.stores.base import StoreError
+
+            try:
+                return {"pid": os.getpid(), "challenges": worker.reload_challenges()}
             except StoreError as exc:
                 return {"pid": os.getpid(), "error": str(exc)}
         if command == "stats":

@@ -22,6 +22,8 @@ from gevent.server import StreamServer
 
 from balancer.actions import ActionCompiler, fallback_routes
 from balancer.addr import Address
+from balancer.challenges import Challenges
+from balancer.challenges import follow as follow_challenges
 from balancer.connection import Context, expire_client, handle_client, resume_client
 from balancer.descriptors import ACCEPT_PAUSE, connection_cap, is_exhausted, is_skipped, soft_limit
 from balancer.failures import FailureReport
@@ -185,6 +187,7 @@ class Worker:
             self.io.on_expire = expire_client
         self.contexts: list[Context] = []
         self.tls: TLSFront | None = None  # with TLS listeners (`front`)
+        self.challenges = Challenges()  # ACME answers, followed from the store
         self.draining = False  # stopped accepting; every response closes its connection
         self.stopping = False  # the watcher and the watchdog end
 
@@ -195,7 +198,8 @@ class Worker:
                        limits=self.limits, timeouts=self.settings.timeouts,
                        io=TLSIO(self.io) if role == "tls" else self.io,
                        spin_max_waiting=self.settings.limits.spin_max_waiting,
-                       scheme=b"https" if role == "tls" else b"http")
+                       scheme=b"https" if role == "tls" else b"http",
+                       challenges=self.challenges)
 
     # routing table -------------------------------------------------------
     def apply(self, data: TableData | TableChange) -> bool:
@@ -255,7 +259,7 @@ class Worker:
         """The TLS front (made with the first TLS listener), serving the store's
         certificates from then on."""
         if self.tls is None:
-            self.tls = TLSFront(self.settings.tls, self.stats.tls_handshakes)
+            self.tls = TLSFront(self.settings.tls, self.stats.tls_handshakes, self.challenges)
             certs = self.store.certs()
             with contextlib.suppress(StoreError):
                 self.tls.update(certs.all())
@@ -280,6 +284,13 @@ class Worker:
         gevent.spawn(self.watchdog_loop)
         gevent.spawn(self.failure_report.report_loop, lambda: self.stopping)
         gevent.spawn(self.rotate_loop)
+        gevent.spawn(follow_challenges, self.challenges, self.store.acme(), lambda: self.stopping)
+
+    def reload_challenges(self) -> int:
+        """Read the store's ACME challenges now (the issuer just published one);
+        how many are served."""
+        self.challenges.update(self.store.acme().challenges())
+        return len(self.challenges.tokens) + len(self.challenges.alpn)
 
     def rotate_loop(self) -> None:
         """Start the heavy hitters' next interval every `SLOT_SECONDS`."""

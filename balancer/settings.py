@@ -33,10 +33,10 @@ from dataclasses import dataclass, fields
 from balancer.addr import Address
 from balancer.http11 import DEFAULT_LIMITS
 from balancer.settings_kinds import (
+    ACME_URL,
     ADDRESS,
     ADDRESS_LIST,
     CIPHER_LIST,
-    ACME_URL,
     EMAIL,
     HOST_NAMES,
     LETS_ENCRYPT,

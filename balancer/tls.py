@@ -20,6 +20,9 @@ Invariants:
   A record that cannot be loaded is reported and skipped; it never takes
   other hosts down.
 * Outcomes are plain counters in `Stats.tls_handshakes` (no metric calls).
+* A ClientHello offering ``acme-tls/1`` for a name with a pending TLS-ALPN-01
+  challenge is answered with the challenge's context and closed after the
+  handshake (`balancer.challenges`); while none is pending, nothing is peeked.
 * Private keys reach OpenSSL through an anonymous memory file; they are never
   written to disk, logged or kept in Python objects past loading.
 """
@@ -52,9 +55,10 @@ PLAIN_HTTP_BODY: Final = b"400 Bad Request: plain HTTP request was sent to HTTPS
 class TLSFront:
     """The server contexts of one worker and the certificates they serve."""
 
-    def __init__(self, settings: Any, counts: dict[str, int]) -> None:
+    def __init__(self, settings: Any, counts: dict[str, int], challenges: Any = None) -> None:
         self.settings = settings
         self.counts = counts  # outcome → handshakes (Stats.tls_handshakes)
+        self.challenges = challenges  # TLS-ALPN-01 answers (`balancer.challenges`), if any
         self.context = self.new_context()
         self.context.sni_callback = self.pick
         self.by_host: Mapping[str, ssl.SSLContext] = {}
@@ -98,13 +102,7 @@ class TLSFront:
     def load(self, chain: str, key: str) -> ssl.SSLContext:
         """A context serving one certificate (PEM chain and key, via a memory file)."""
         context = self.new_context()
-        fd = os.memfd_create("balancer-certificate", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, f"{key}\n{chain}\n".encode())
-            path = f"/proc/self/fd/{fd}"
-            context.load_cert_chain(path, path)
-        finally:
-            os.close(fd)
+        load_pem(context, chain, key)
         return context
 
     def find(self, name: str | None) -> ssl.SSLContext | None:
@@ -154,9 +152,16 @@ class TLSFront:
                     counts["protocol_error"] += 1
                     _refuse_plain(sock, ctx)
                     return None
-                tls = self.context.wrap_socket(sock, server_side=True,
-                                               do_handshake_on_connect=False)
+                context = self.context
+                challenge = self.challenges.alpn_context(sock) if self.challenges else None
+                if challenge is not None:  # an ACME TLS-ALPN-01 validation (RFC 8737)
+                    context = challenge
+                tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                 tls.do_handshake()
+                if challenge is not None:
+                    counts["ok"] += 1
+                    tls.close()  # the validation ends with the handshake
+                    return None
         except TimeoutError:
             counts["timeout"] += 1
             return None
@@ -169,6 +174,17 @@ class TLSFront:
             return None
         counts["ok"] += 1
         return tls
+
+
+def load_pem(context: ssl.SSLContext, chain: str, key: str) -> None:
+    """Load a PEM chain and key into `context` through an anonymous memory file."""
+    fd = os.memfd_create("balancer-certificate", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, f"{key}\n{chain}\n".encode())
+        path = f"/proc/self/fd/{fd}"
+        context.load_cert_chain(path, path)
+    finally:
+        os.close(fd)
 
 
 def _refuse_plain(sock: Any, ctx: Any) -> None:

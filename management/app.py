@@ -49,7 +49,7 @@ from balancer.stores import (
     open_store,
 )
 from balancer.stores.snapshot import HOW_TO_FIX
-from management import certs_api, dashboard_page, deploys_api, diagnosis, edits
+from management import acme_api, certs_api, dashboard_page, deploys_api, diagnosis, edits
 from management.deploys import Deployer
 from management.guard import Guard, guard_for
 from management.history import History
@@ -107,13 +107,14 @@ URL_MAP = Map([
     Rule("/api/v1/inflight", endpoint="inflight", methods=["GET"]),
     Rule("/api/v1/history", endpoint="history", methods=["GET"]),
     *certs_api.RULES,
+    *acme_api.RULES,
 ], strict_slashes=False, merge_slashes=False)
 
 
 def create_app(store: Store | None = None, runtime: Runtime | None = None,
                token: str | None = None, settings: Any = None,
-               mirror: Mirror | None = None, history: History | None = None
-               ) -> ManagementApp | Guard:
+               mirror: Mirror | None = None, history: History | None = None,
+               issuer: Any = None) -> ManagementApp | Guard:
     """The management WSGI app.
 
     Without a store, one is opened from `settings` (or, with no settings, from
@@ -122,7 +123,9 @@ def create_app(store: Store | None = None, runtime: Runtime | None = None,
     it comes behind the browser rules of SPEC §5 (`management.guard`, with
     ``management.listen`` as its address). Without a runtime, a
     `StaticRuntime` (no data plane) is used. `token` defaults to
-    ``settings.management.token``.
+    ``settings.management.token``. `issuer` is the management process's ACME
+    issuer (`management.acme_issuer`); without one, ACME requests are only noted
+    in the store, for the issuer of a running balancer.
     """
     standalone = store is None
     if store is None:
@@ -134,7 +137,7 @@ def create_app(store: Store | None = None, runtime: Runtime | None = None,
                            settings.store.resync_interval)
     if token is None and settings is not None:
         token = settings.management.token or None
-    app = ManagementApp(store, runtime or StaticRuntime(store), token, mirror, history)
+    app = ManagementApp(store, runtime or StaticRuntime(store), token, mirror, history, issuer)
     return guard_for(app, settings) if standalone else app
 
 
@@ -142,8 +145,10 @@ class ManagementApp:
     """WSGI callable: routes requests of SPEC §5 to `on_<endpoint>` methods."""
 
     def __init__(self, store: Store, runtime: Runtime, token: str | None = None,
-                 mirror: Mirror | None = None, history: History | None = None) -> None:
+                 mirror: Mirror | None = None, history: History | None = None,
+                 issuer: Any = None) -> None:
         self.store = store
+        self.issuer = issuer  # ACME (management/acme_issuer.py), in the management process
         self.runtime = runtime
         self.token = token or None
         self.mirror = mirror or Mirror(store)  # not started: only this app's writes
@@ -408,13 +413,26 @@ class ManagementApp:
 
     # certificates (management/certs_api.py) --------------------------------
     def on_list_certs(self, request: Request) -> Response:
-        return json_response({"certs": certs_api.list_certs(self.store)})
+        acme = acme_api.host_states(self.store, self._readable()[0].hosts)
+        certs = [{**c, "acme": acme[c["host"]]} if c["host"] in acme else c
+                 for c in certs_api.list_certs(self.store)]
+        return json_response({"certs": certs, "acme": acme})
 
     def on_put_cert(self, request: Request, host: str) -> Response:
         return json_response({"cert": certs_api.put_cert(self.store, host, read_json(request))})
 
     def on_delete_cert(self, request: Request, host: str) -> Response:
         return json_response({"deleted": certs_api.delete_cert(self.store, host)})
+
+    # ACME (management/acme_api.py) -------------------------------------------
+    def on_acme(self, request: Request) -> Response:
+        hosts = self._readable()[0].hosts
+        return json_response(acme_api.acme_view(self.store, hosts, self.issuer))
+
+    def on_issue_cert(self, request: Request, host: str) -> Response:
+        hosts = self._readable()[0].hosts
+        return json_response(acme_api.request_issue(self.store, hosts, host, self.issuer),
+                             status=202)
 
     # dashboard -------------------------------------------------------------
     def on_index(self, request: Request) -> Response:

@@ -1,4 +1,4 @@
-"""`balancerctl cert list|set|delete` (SPEC §9, docs/tls.md).
+"""`balancerctl cert list|set|delete|issue` (SPEC §9, docs/tls.md).
 
 Invariants:
 * `set` reads the PEM files here and sends them to the API, which checks
@@ -24,7 +24,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                                       "balancer on the store serves.",
                           epilog="actions:\n  cert list\n"
                                  "  cert set HOST --chain FILE --key FILE\n"
-                                 "  cert delete HOST",
+                                 "  cert delete HOST\n"
+                                 "  cert issue HOST",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION",
                                   parser_class=type(cert))
@@ -40,6 +41,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     delete = actions.add_parser("delete", parents=[common], help="remove HOST's certificate",
                                 description="Remove HOST's certificate from the store.")
     delete.add_argument("host", metavar="HOST", help="a host name or *.suffix")
+    issue = actions.add_parser("issue", parents=[common],
+                               help="issue or renew HOST's ACME certificate now",
+                               description='Ask the ACME issuer for HOST\'s certificate now '
+                                           '(a rule with "tls": "acme"), whatever its '
+                                           'backoff; `cert list` shows the progress.')
+    issue.add_argument("host", metavar="HOST", help="a host whose rule has tls=acme")
 
 
 def cert_path(host: str = "") -> str:
@@ -52,7 +59,11 @@ def run(args: argparse.Namespace, client: Any,
     action = args.cert_command
     if action == "list":
         answer = client.call("GET", cert_path())
-        return answer, format_certs(answer.get("certs", []))
+        return answer, format_certs(answer.get("certs", []), acme=answer.get("acme"))
+    if action == "issue":
+        answer = client.call("POST", cert_path(args.host) + "/issue")
+        return answer, f"{answer['host']}: issuance requested\n" \
+            f"acme: {format_state(answer.get('acme') or {})}"
     if action == "set":
         body = {"chain": _read(args.chain, error), "key": _read(args.key, error)}
         answer = client.call("PUT", cert_path(args.host), body)
@@ -69,11 +80,44 @@ def _read(path: str, error: Callable[[str], Exception]) -> str:
         raise error(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def format_certs(certs: list[dict[str, Any]], now: float | None = None) -> str:
-    """A table: host, expiry date, days left (flagged when soon), source, names."""
+def format_state(state: dict[str, Any], now: float | None = None) -> str:
+    """An ACME state on one line: ``failed (attempt 2, next try in 10 min): REASON``."""
+    now = time.time() if now is None else now
+    name = str(state.get("state", "?"))
+    if name == "failed":
+        retry = state.get("next_retry")
+        wait = f", next try in {_span(retry - now)}" if isinstance(retry, (int, float)) else ""
+        return f"failed (attempt {state.get('attempts', '?')}{wait}): {state.get('reason', '')}"
+    if name == "pending":
+        return f"pending: {state.get('reason', '')}"
+    renew = state.get("renew_at")
+    return name + (f", renewal in {_span(renew - now)}" if isinstance(renew, (int, float))
+                   else "")
+
+
+def _span(seconds: float) -> str:
+    if seconds <= 0:
+        return "now"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def format_certs(certs: list[dict[str, Any]], now: float | None = None,
+                 acme: dict[str, Any] | None = None) -> str:
+    """A table: host, expiry date, days left (flagged when soon), source, names; then
+    the ACME state of each host whose rule has ``"tls": "acme"``."""
+    text = _cert_table(certs, time.time() if now is None else now)
+    if acme:
+        lines = [f"  {host}: {format_state(state, now)}" for host, state in sorted(acme.items())]
+        text += "\n\nACME\n" + "\n".join(lines)
+    return text
+
+
+def _cert_table(certs: list[dict[str, Any]], now: float) -> str:
     if not certs:
         return "no certificates"
-    now = time.time() if now is None else now
     rows = [("HOST", "EXPIRES (UTC)", "DAYS LEFT", "SOURCE", "NAMES")]
     for cert in certs:
         not_after = cert.get("not_after")

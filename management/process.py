@@ -32,6 +32,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     import gevent
 
     from balancer.stores.snapshot import Snapshot, snapshot_path
+    from management.acme_issuer import Issuer
     from management.app import create_app
     from management.cluster import ClusterRuntime
     from management.guard import Guard, HostPolicy
@@ -49,8 +50,9 @@ def run_management(env: ChildEnv, sock: Any) -> int:
                              settings.management.apply_timeout, lambda: mirror.problem)
     history = History(os.path.join(env.run_dir, HISTORY_FILE))
     history.load()
+    issuer = Issuer(settings, store, lambda: mirror.table, runtime)
     app = create_app(store=store, runtime=runtime, token=settings.management.token or None,
-                     settings=settings, mirror=mirror, history=history)
+                     settings=settings, mirror=mirror, history=history, issuer=issuer)
     hosts = HostPolicy(sock.getsockname()[0], settings.management.allowed_hosts)
     api = ManagementServer(sock, Guard(app, hosts), settings.timeouts,
                            settings.limits.max_header_bytes,
@@ -58,11 +60,13 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     api.start()
     app.deployer.start_watching()  # resumes deploys a stopped process handed over
     sampler = gevent.spawn(history_loop, history, runtime)
+    issuer.start()
     report_ready(env)
     wait_for_stop(env)
     sampler.kill()
     save_history(history)  # before the drain: the next management process reads it
     app.deployer.stop()
+    issuer.stop()  # hands the issuer lock over
     api.stop(timeout=min(MANAGEMENT_DRAIN, settings.timeouts.graceful))
     mirror.stop()
     store.close()
@@ -92,6 +96,7 @@ def save_history(history: Any) -> None:
 
 # what the management process imports after fork (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
+    "management.acme_api", "management.acme_ca", "management.acme_issuer",
     "management.app", "management.cluster", "management.deploys", "management.guard",
     "management.history",
     "management.mirror", "management.process", "management.server"))

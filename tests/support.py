@@ -232,20 +232,21 @@ LISTEN_RE = re.compile(r"listening on (\S+) for (proxy|internal|tls|management)"
 
 
 class Balancer:
-    """`balancer serve` in a subprocess with a file store in `tmp`; `prefix` is a
-    command that execs it (``["prlimit", "--nofile=256"]``)."""
+    """`balancer serve` in a subprocess with a file store in `tmp` (or `store`, a URL);
+    `prefix` is a command that execs it (``["prlimit", "--nofile=256"]``)."""
 
     def __init__(self, tmp: Path, hosts: dict[str, Any] | None = None, *,
                  args: list[str] | None = None, env: dict[str, str] | None = None,
                  internal: bool = False, config: str | None = None,
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, listen: str = "127.0.0.1:0",
+                 store: str | None = None) -> None:
         self.tmp = tmp
         self.routes = tmp / "routes.json"
         if hosts is not None:
             self.write_routes(hosts)
         argv = [*(prefix or []), sys.executable, "-m", "balancer", "serve",
-                "--listen", "127.0.0.1:0", "--management", "127.0.0.1:0",
-                "--store", f"file:{self.routes}"]
+                "--listen", listen, "--management", "127.0.0.1:0",
+                "--store", store or f"file:{self.routes}"]
         if internal:
             argv += ["--internal-listen", "127.0.0.1:0"]
         if config:

@@ -4,6 +4,7 @@ certificates (ECDSA P-256 by default) for any names, as PEM text."""
 from __future__ import annotations
 
 import datetime
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ class TestCA:
         return path
 
     def issue(self, *names: str, key: Any = None, days: float = 90,
-              start_days: float = -1) -> tuple[str, str]:
+              start_days: float = -1, ips: tuple[str, ...] = ()) -> tuple[str, str]:
         """(chain PEM, key PEM) of a leaf for `names` valid from `start_days` for `days`."""
         key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
@@ -56,8 +57,9 @@ class TestCA:
                 .issuer_name(self.cert.subject).public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
-                               False)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.DNSName(n) for n in names]
+                    + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]), False)
                 .sign(self.key, hashes.SHA256()))
         return _pem_cert(cert) + self.pem, _pem_key(key)
 

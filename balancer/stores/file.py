@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from balancer.stores.acme import Acme, FileAcme
 from balancer.stores.atomic import write_atomically
 from balancer.stores.base import (
     CorruptStore,
@@ -46,7 +47,6 @@ from balancer.stores.base import (
     unreadable_is_corrupt,
     write_version,
 )
-from balancer.stores.acme import Acme, FileAcme
 from balancer.stores.certs import Certs, FileCerts
 from balancer.stores.records import FileRecords, Records
 from balancer.stores.snapshot import HOW_TO_FIX

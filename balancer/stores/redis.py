@@ -44,6 +44,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from balancer.rules import validate_table
+from balancer.stores.acme import Acme, RedisAcme
 from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
@@ -57,7 +58,6 @@ from balancer.stores.base import (
     unreadable_is_corrupt,
     write_version,
 )
-from balancer.stores.acme import Acme, RedisAcme
 from balancer.stores.certs import Certs, RedisCerts
 from balancer.stores.records import Records, RedisRecords
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url

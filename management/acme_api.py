@@ -1,0 +1,82 @@
+"""The ACME routes of the management API (SPEC §9, docs/api.md, docs/tls.md).
+
+* ``GET /api/v1/acme`` → ``{"directory", "challenge", "renew_before", "email",
+  "account": {"registered", "uri", "key_thumbprint"}, "issuer": {"owner",
+  "expires", "this_balancer"} or null, "hosts": {HOST: STATE}}``: every host
+  whose rule has ``"tls": "acme"``, with its state (`management.acme_issuer`);
+  a host the issuer has not looked at yet is ``pending``.
+* ``POST /api/v1/certs/HOST/issue`` → 202 ``{"host", "acme": STATE}``: issue
+  (or renew) HOST's certificate now, whatever its backoff; 404 without a rule,
+  409 `not_acme` when the rule has no ``"tls": "acme"``.
+
+Invariants: no answer holds a private key (the account's or a certificate's);
+a request is noted in the store, so the balancer that holds the issuer lock
+acts on it, whichever balancer was asked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from werkzeug.routing import Rule
+
+from balancer.rules import normalize_host
+from management.acme_ca import describe_account
+from management.acme_issuer import acme_hosts, note_request
+from management.http import ApiError
+
+RULES = [
+    Rule("/api/v1/acme", endpoint="acme", methods=["GET"]),
+    Rule("/api/v1/certs/<host>/issue", endpoint="issue_cert", methods=["POST"]),
+]
+INTERNAL = ("attempted", "requested")  # bookkeeping of the issuer, not for people
+WAITING = {"state": "pending", "reason": "waiting for the issuer"}
+
+
+def host_states(store: Any, hosts: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """HOST → shown state for every ``"tls": "acme"`` host of the table."""
+    states = store.acme().states()
+    return {host: shown_state(states.get(host)) for host in acme_hosts(hosts)}
+
+
+def shown_state(state: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not state:
+        return dict(WAITING)
+    return {k: v for k, v in state.items() if k not in INTERNAL}
+
+
+def acme_view(store: Any, hosts: Mapping[str, Any], issuer: Any) -> dict[str, Any]:
+    """The answer of ``GET /api/v1/acme``."""
+    acme = store.acme()
+    holder = acme.holder()
+    view: dict[str, Any] = {"account": describe_account(acme.account()),
+                            "issuer": None, "hosts": host_states(store, hosts)}
+    if holder is not None:
+        view["issuer"] = {**holder, "this_balancer": issuer is not None
+                          and holder.get("owner") == issuer.owner}
+    if issuer is not None:
+        settings = issuer.settings
+        view.update(directory=settings.directory, challenge=settings.challenge,
+                    renew_before=settings.renew_before, email=settings.email)
+    return view
+
+
+def request_issue(store: Any, hosts: Mapping[str, Any], host: str, issuer: Any
+                  ) -> dict[str, Any]:
+    """Ask for HOST's certificate now; its state (see the module doc for errors)."""
+    key = normalize_host(host)
+    rule = hosts.get(key)
+    if rule is None:
+        raise ApiError(404, "not_found", f"no rule for host {key!r}")
+    if not isinstance(rule, Mapping) or rule.get("tls") != "acme":
+        raise ApiError(409, "not_acme",
+                       f'the rule of {key} has no "tls": "acme": ACME issues certificates '
+                       f'only for such rules (set tls=acme, or upload one with '
+                       f'`balancerctl cert set`)')
+    if issuer is not None:
+        state = issuer.request(key)
+    else:
+        state = note_request(store.acme(), key, time.time())
+    return {"host": key, "acme": shown_state(state)}

@@ -1,0 +1,306 @@
+"""The ACME issuer of the management process (SPEC §9, docs/tls.md).
+
+Every `CHECK_INTERVAL` seconds, at once when the table changes and when an
+operator asks (`request`), `step` runs: when the table has hosts with
+``"tls": "acme"``, take (or extend) the cluster's issuer lock in the store;
+holding it, issue a certificate for each such host that is due, one at a
+time, and store it with the other certificates (``source: "acme"``), which
+every worker of every balancer then serves (`balancer.tls.follow`).
+
+A host is due when it has no certificate, when its certificate expires
+within ``[acme] renew_before`` days, or when an operator asked
+(`balancerctl cert issue`), unless it failed and its backoff has not passed.
+
+Invariants:
+* One issuer acts per cluster: nothing is issued, published or stored
+  without the lock, which is extended while an issuance runs and released
+  when the process stops; a lock that is not extended lapses after
+  `LOCK_TTL` and another balancer's issuer takes over.
+* Per-host state lives in the store (`Acme.put_state`), so every balancer's
+  API shows the same thing and backoff survives a change of issuer:
+  ``pending`` (queued or running), ``issued``, ``failed`` (with ``reason``,
+  ``attempts`` and ``next_retry``). Failures back off exponentially from
+  `BACKOFF_FIRST` to `BACKOFF_MAX` seconds per host.
+* A failure for one host never stops the others, and nothing here raises
+  out of `run_loop`: a store or CA problem is logged and retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+from balancer.certificates import CertificateError, make_record, public_record
+from balancer.stores.base import StoreError
+from management.acme_ca import CA, IssueError
+
+log = logging.getLogger("balancer.acme")
+
+CHECK_INTERVAL = 10.0  # seconds between looks at what is due (sooner on a change)
+TICK = 1.0  # seconds between checks of the table's version and of requests
+LOCK_TTL = 60.0  # seconds the issuer lock lasts unless extended
+EXTEND_EVERY = LOCK_TTL / 4  # seconds between extensions while an issuance runs
+ISSUE_TIMEOUT = 180.0  # seconds one issuance may take, from order to certificate
+SPREAD_WAIT = 1.2  # seconds for other balancers to learn a challenge (they poll each second)
+BACKOFF_FIRST = 300.0  # seconds before the first retry of a failed host
+BACKOFF_MAX = 6 * 3600.0  # the longest wait between retries
+REISSUE_AFTER = 3600.0  # a certificate issued this recently is not renewed unasked
+DAY = 86400.0
+
+
+def acme_hosts(hosts: Mapping[str, Any]) -> list[str]:
+    """The table's hosts whose rule has ``"tls": "acme"`` (exact names only)."""
+    return sorted(h for h, rule in hosts.items()
+                  if isinstance(rule, Mapping) and rule.get("tls") == "acme"
+                  and not h.startswith("*"))
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before retry number `attempts` (1 = after the first failure)."""
+    return min(BACKOFF_FIRST * 2 ** max(0, min(attempts - 1, 30)), BACKOFF_MAX)
+
+
+def due(host: str, cert: Mapping[str, Any] | None, state: Mapping[str, Any] | None,
+        renew_before: int, now: float) -> str | None:
+    """Why `host` needs a certificate now, or None."""
+    state = state or {}
+    asked = state.get("requested")
+    if isinstance(asked, (int, float)) and asked > float(state.get("attempted", 0)):
+        return "requested by an operator"
+    retry = state.get("next_retry")
+    if state.get("state") == "failed" and isinstance(retry, (int, float)) and retry > now:
+        return None
+    if cert is None:
+        return "no certificate"
+    shown = public_record(host, dict(cert), now)
+    not_after = shown.get("not_after")
+    if "problem" in shown or not isinstance(not_after, (int, float)):
+        return "the stored certificate cannot be read"
+    if host not in shown.get("names", []):
+        return "the stored certificate does not name it"
+    if not_after - renew_before * DAY > now:
+        return None
+    issued = state.get("issued_at")
+    if isinstance(issued, (int, float)) and now - issued < REISSUE_AFTER:
+        return None  # renew_before is longer than the CA's certificates last
+    return f"expires {_when(not_after)}, within renew_before ({renew_before} days)"
+
+
+def note_request(acme: Any, host: str, now: float) -> dict[str, Any]:
+    """Note in the store that an operator asked for `host`'s certificate now."""
+    state = dict(acme.states().get(host) or {})
+    state.update(state="pending", requested=now, reason="requested by an operator")
+    state.pop("next_retry", None)
+    acme.put_state(host, state)
+    log.info("acme: issuance for %s requested by an operator", host)
+    return state
+
+
+class Issuer:
+    """Issues and renews the certificates of ``"tls": "acme"`` hosts for the cluster."""
+
+    def __init__(self, settings: Any, store: Any, table: Any, runtime: Any) -> None:
+        self.settings = settings.acme
+        self.store = store
+        self.acme = store.acme()
+        self.table = table  # () -> the hosts served (the management process's mirror)
+        self.runtime = runtime
+        self.ca = CA(self.settings, self.acme)
+        self.owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:6]}"
+        self.holding = False
+        self.stopped = False
+        self.wake = Event()
+        self.problem: str | None = None  # the last store problem, logged once
+        self.task: Any = None
+
+    # lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        self.task = gevent.spawn(self.run_loop)
+
+    def stop(self) -> None:
+        """Stop issuing and hand the lock over (a running issuance is cut short)."""
+        self.stopped = True
+        self.wake.set()
+        if self.task is not None:
+            self.task.kill(timeout=5)
+        if self.holding:
+            with suppress(StoreError):  # else it lapses by itself
+                self.acme.unlock(self.owner)
+            self.holding = False
+
+    def request(self, host: str) -> dict[str, Any]:
+        """An operator asks for `host` now (`balancerctl cert issue`): noted in the
+        store, so whichever balancer issues sees it; the host's state."""
+        state = note_request(self.acme, host, time.time())
+        self.wake.set()
+        return state
+
+    def run_loop(self) -> None:
+        last_version, last_step = None, 0.0
+        while not self.stopped:
+            version = getattr(self.table(), "version", None)
+            now = time.monotonic()
+            if self.wake.is_set() or version != last_version \
+                    or now - last_step >= CHECK_INTERVAL:
+                self.wake.clear()
+                last_version, last_step = version, now
+                self.safe_step()
+            self.wake.wait(TICK)
+
+    def safe_step(self) -> None:
+        try:
+            self.step()
+            if self.problem is not None:
+                log.warning("acme: the store is reachable again")
+                self.problem = None
+        except StoreError as exc:
+            if str(exc) != self.problem:
+                log.error("acme: %s; retrying", exc)
+                self.problem = str(exc)
+        except Exception:  # a bug must not end issuing for good
+            log.exception("acme: the issuer's step failed; retrying")
+
+    # one step -----------------------------------------------------------
+    def step(self) -> None:
+        """Take the lock if there is work, then issue what is due."""
+        data = self.table()
+        hosts = acme_hosts(data.hosts) if data is not None else []
+        if not hosts:
+            self.release()
+            return
+        if not self.take():
+            return
+        states = self.acme.states()
+        certs = self.store.certs().all()
+        for host in hosts:
+            if self.stopped or not self.take():
+                return
+            why = due(host, certs.get(host), states.get(host), self.settings.renew_before,
+                      time.time())
+            if why is not None:
+                self.issue(host, why, states.get(host) or {})
+            elif host not in states and host in certs:
+                self.note_issued(host, certs[host], None)  # issued before, or uploaded
+        self.forget(set(hosts), states)
+
+    def take(self) -> bool:
+        """Take or extend the lock; whether this issuer holds it."""
+        held = self.acme.lock(self.owner, LOCK_TTL)
+        if held and not self.holding:
+            log.info("acme: %s issues certificates for the cluster (took the lock)", self.owner)
+        elif not held and self.holding:
+            log.warning("acme: %s lost the issuer lock to another balancer", self.owner)
+        self.holding = held
+        return held
+
+    def release(self) -> None:
+        if self.holding:
+            self.acme.unlock(self.owner)
+            self.holding = False
+            log.info("acme: no host has \"tls\": \"acme\"; released the issuer lock")
+
+    def forget(self, hosts: set[str], states: Mapping[str, Any]) -> None:
+        """Drop the state of hosts that no longer ask for ACME."""
+        for host in states:
+            if host not in hosts:
+                self.acme.delete_state(host)
+
+    # one host -----------------------------------------------------------
+    def issue(self, host: str, why: str, state: dict[str, Any]) -> None:
+        attempts = int(state.get("attempts", 0) or 0)
+        now = time.time()
+        kind = self.settings.challenge
+        self.acme.put_state(host, {**state, "state": "pending", "reason": why,
+                                   "since": now, "attempted": now, "challenge": kind})
+        log.info("acme: issuing a certificate for %s (%s) from %s, %s", host, why,
+                 self.settings.directory, kind)
+        try:
+            with self.keeping_lock():
+                chain, key = self.ca.issue(host, kind, self.publish, self.withdraw,
+                                           self.spread, ISSUE_TIMEOUT)
+                record = make_record(host, chain, key, source="acme")
+                if not self.take():
+                    raise IssueError("lost the issuer lock before storing the certificate")
+                self.store.certs().put(host, record)
+        except (IssueError, CertificateError, StoreError) as exc:
+            self.note_failed(host, state, attempts + 1, str(exc), now)
+            return
+        self.note_issued(host, record, now)
+
+    def note_issued(self, host: str, record: Mapping[str, Any], attempted: float | None) -> None:
+        """Record `host`'s certificate as issued (just now when `attempted` is set)."""
+        shown = public_record(host, dict(record))
+        not_after = float(shown.get("not_after") or 0)
+        renew_at = not_after - self.settings.renew_before * DAY
+        state = {"state": "issued", "not_after": not_after, "renew_at": renew_at,
+                 "issuer": shown.get("issuer", ""), "attempts": 0}
+        if attempted is not None:
+            state.update(attempted=attempted, issued_at=time.time())
+        self.acme.put_state(host, state)
+        if attempted is not None:
+            log.info("acme: certificate for %s issued by %s, valid until %s; renewal from %s",
+                     host, shown.get("issuer", "?"), _when(not_after), _when(renew_at))
+
+    def note_failed(self, host: str, state: Mapping[str, Any], attempts: int, reason: str,
+                    now: float) -> None:
+        retry = now + backoff(attempts)
+        kept = {k: state[k] for k in ("issued_at", "not_after", "renew_at", "issuer")
+                if k in state}
+        self.acme.put_state(host, {**kept, "state": "failed", "reason": reason,
+                                   "attempts": attempts, "failed_at": now, "attempted": now,
+                                   "next_retry": retry, "challenge": self.settings.challenge})
+        log.error("acme: issuing a certificate for %s failed (attempt %d): %s; next try %s",
+                  host, attempts, reason, _when(retry))
+
+    @contextmanager
+    def keeping_lock(self) -> Iterator[None]:
+        """Extend the lock every `EXTEND_EVERY` seconds while the body runs."""
+        def extend_loop() -> None:
+            while True:
+                gevent.sleep(EXTEND_EVERY)
+                with suppress(StoreError):  # the body's own store calls report it
+                    self.take()
+
+        keeper = gevent.spawn(extend_loop)
+        try:
+            yield
+        finally:
+            keeper.kill(block=False)
+
+    # challenges ---------------------------------------------------------
+    def publish(self, name: str, record: dict[str, Any]) -> None:
+        self.acme.put_challenge(name, record)
+
+    def withdraw(self, name: str) -> None:
+        try:
+            self.acme.delete_challenge(name)
+        except StoreError as exc:
+            log.warning("acme: cannot withdraw challenge %s (it expires by itself): %s",
+                        name, exc)
+        self.tell_workers()
+
+    def spread(self) -> None:
+        """Once this balancer's workers serve the published challenges (told over
+        their control sockets), wait for other balancers, which poll each second."""
+        self.tell_workers()
+        gevent.sleep(SPREAD_WAIT)
+
+    def tell_workers(self) -> None:
+        for reply in self.runtime.ask_all("challenges"):
+            if "error" in reply:
+                log.warning("acme: worker %s cannot read the challenges: %s",
+                            reply.get("pid"), reply["error"])
+
+
+def _when(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
