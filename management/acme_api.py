@@ -23,7 +23,6 @@ from typing import Any
 from werkzeug.routing import Rule
 
 from balancer.rules import normalize_host
-from management.acme_ca import describe_account
 from management.acme_issuer import acme_hosts, note_request
 from management.http import ApiError
 
@@ -61,6 +60,22 @@ def acme_view(store: Any, hosts: Mapping[str, Any], issuer: Any) -> dict[str, An
         view.update(directory=settings.directory, challenge=settings.challenge,
                     renew_before=settings.renew_before, email=settings.email)
     return view
+
+
+def describe_account(stored: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the API may show of the account: never its key, only its thumbprint."""
+    if stored is None:
+        return {"registered": False}
+    import josepy as jose
+    from cryptography.hazmat.primitives import hashes
+
+    try:
+        key = jose.JWKRSA.json_loads(stored["key"])
+        thumbprint = jose.b64encode(key.thumbprint(hash_function=hashes.SHA256)).decode()
+    except (KeyError, TypeError, ValueError, jose.errors.DeserializationError):
+        thumbprint = "unreadable"
+    return {"registered": bool(stored.get("uri")), "uri": stored.get("uri", ""),
+            "key_thumbprint": thumbprint}
 
 
 def request_issue(store: Any, hosts: Mapping[str, Any], host: str, issuer: Any

@@ -253,17 +253,3 @@ def _first_line(exc: object) -> str:
     text = str(exc).strip() or type(exc).__name__
     line = text.splitlines()[0]
     return line[:300] + ("…" if len(line) > 300 else "")
-
-
-def describe_account(stored: dict[str, Any] | None) -> dict[str, Any]:
-    """What the API may show of the account (never its key)."""
-    if stored is None:
-        return {"registered": False}
-    key_id = ""
-    try:
-        key = jose.JWKRSA.json_loads(stored["key"])
-        key_id = jose.b64encode(key.thumbprint(hash_function=hashes.SHA256)).decode()
-    except (KeyError, TypeError, ValueError, jose.errors.DeserializationError):
-        key_id = "unreadable"
-    return {"registered": bool(stored.get("uri")), "uri": stored.get("uri", ""),
-            "key_thumbprint": key_id}

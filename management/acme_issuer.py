@@ -23,6 +23,10 @@ Invariants:
   `BACKOFF_FIRST` to `BACKOFF_MAX` seconds per host.
 * A failure for one host never stops the others, and nothing here raises
   out of `run_loop`: a store or CA problem is logged and retried.
+* `management.acme_ca` (the `acme` package, hence `requests` and `urllib3`) is
+  imported only in the management process, after gevent patched `ssl`: the
+  arbiter's preload (`balancer.preload`) must not import it, or urllib3 keeps
+  the unpatched ``SSLContext`` and every HTTPS request to the CA recurses.
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ from gevent.event import Event
 
 from balancer.certificates import CertificateError, make_record, public_record
 from balancer.stores.base import StoreError
-from management.acme_ca import CA, IssueError
 
 log = logging.getLogger("balancer.acme")
 
@@ -115,7 +118,7 @@ class Issuer:
         self.acme = store.acme()
         self.table = table  # () -> the hosts served (the management process's mirror)
         self.runtime = runtime
-        self.ca = CA(self.settings, self.acme)
+        self.ca: Any = None  # management.acme_ca.CA, made at `start` (see the module doc)
         self.owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:6]}"
         self.holding = False
         self.stopped = False
@@ -125,6 +128,9 @@ class Issuer:
 
     # lifecycle ----------------------------------------------------------
     def start(self) -> None:
+        from management.acme_ca import CA
+
+        self.ca = CA(self.settings, self.acme)
         self.task = gevent.spawn(self.run_loop)
 
     def stop(self) -> None:
@@ -217,6 +223,8 @@ class Issuer:
 
     # one host -----------------------------------------------------------
     def issue(self, host: str, why: str, state: dict[str, Any]) -> None:
+        from management.acme_ca import IssueError
+
         attempts = int(state.get("attempts", 0) or 0)
         now = time.time()
         kind = self.settings.challenge
