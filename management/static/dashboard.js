@@ -13,7 +13,7 @@ import * as fmt from "./format.js";
 import {fetchHeavy, heavyPanel} from "./heavy.js";
 import {History, WINDOW_MS} from "./history.js";
 import {banner, el, hostCard, hostKeys, removedLine, summaryTiles} from "./render.js";
-import {certificatesTable} from "./certs.js";
+import {certificatesTable, withAcme} from "./certs.js";
 import {deployLine, recentDeploys, runningByHost} from "./deploys.js";
 
 const POLL_MS = 2000;
@@ -119,10 +119,11 @@ function checkShape(table, stats) {
   }
 }
 
-/** The stored TLS certificates, or [] when this management app does not have them. */
+/** The stored TLS certificates (with their ACME state), and a row for each ACME host
+ * still without one; [] when this management app does not have them. */
 async function getCerts() {
   try {
-    return (await getJSON("api/v1/certs")).certs || [];
+    return withAcme(await getJSON("api/v1/certs"));
   } catch (err) {
     if (err.status !== 404) throw err;
     return [];
