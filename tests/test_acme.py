@@ -1,0 +1,245 @@
+"""ACME end to end (SPEC §9): real balancers issue and renew certificates from a
+real ACME server, Debian's pebble, which validates every challenge for real
+over loopback (tests/pebble.py): HTTP-01 on the plain listener, TLS-ALPN-01 on
+the TLS listener, renewal, failure with backoff, one issuer per cluster."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balancer.certificates import make_record
+from balancer.stores.file import FileStore
+from tests.pebble import Pebble, served_certificate
+from tests.support import Backend, Balancer, wait_for
+from tests.test_ctl import ctl
+from tests.test_tls import CA
+
+ISSUED_WITHIN = 40.0  # seconds: an issuance takes ~3 s; the issuer looks every 10 s
+
+
+@pytest.fixture(scope="module")
+def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pebble]:
+    server = Pebble(tmp_path_factory.mktemp("pebble"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Backend]:
+    b = Backend("acme-app")
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def pebble_root(pebble: Pebble, tmp_path: Path) -> str:
+    path = tmp_path / "pebble-root.pem"
+    path.write_text(pebble.roots())
+    return str(path)
+
+
+def acme_rule(backend: Backend, **extra: Any) -> dict[str, Any]:
+    return {"action": "proxy", "backends": [backend.address], "tls": "acme", **extra}
+
+
+def front(tmp: Path, pebble: Pebble, hosts: dict[str, Any], *, store: str | None = None,
+          on_pebble_ports: bool = True, **config: Any) -> Balancer:
+    """A balancer whose listeners are where pebble validates (or free ports)."""
+    listen = f"127.0.0.1:{pebble.http_port}" if on_pebble_ports else "127.0.0.1:0"
+    tls = f"127.0.0.1:{pebble.tls_port}" if on_pebble_ports else "127.0.0.1:0"
+    return Balancer(tmp, hosts, listen=listen, store=store, args=["--tls-listen", tls],
+                    config=pebble.config(**config))
+
+
+def state_of(bal: Balancer, host: str) -> dict[str, Any]:
+    return bal.api("GET", "/api/v1/acme")[1]["hosts"].get(host, {})
+
+
+def wait_state(bal: Balancer, host: str, state: str, timeout: float = ISSUED_WITHIN,
+               since: float = 0.0) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        found = state_of(bal, host)
+        stamp = found.get("issued_at") or found.get("failed_at") or 0
+        return found if found.get("state") == state and stamp >= since else None
+    return wait_for(reached, timeout, what=f"{host} {state}:\n{bal.output()[-3000:]}")
+
+
+def wait_served(port: int, name: str, root: str, issuer: str) -> dict[str, Any]:
+    """The certificate served for `name` once it is `issuer`'s (workers follow the
+    store's certificates within a second)."""
+    def served() -> dict[str, Any] | None:
+        try:
+            found = served_certificate(port, name, root)
+        except OSError:  # ssl.SSLError: not served yet (unknown name, or not verified)
+            return None
+        return found if found["issuer"] == issuer else None
+    return wait_for(served, 10, what=f"{name}'s certificate from {issuer}")
+
+
+def test_http01_issues_a_certificate_every_worker_serves(
+        tmp_path: Path, pebble: Pebble, backend: Backend, pebble_root: str) -> None:
+    bal = front(tmp_path, pebble, {"app.test": acme_rule(backend, https_redirect=True),
+                                   "plain.test": {"action": "empty", "status": 204}})
+    try:
+        state = wait_state(bal, "app.test", "issued")
+        assert state["issuer"].startswith("CN=Pebble Intermediate CA")
+        served = wait_served(pebble.tls_port, "app.test", pebble_root, state["issuer"])
+        assert abs(served["not_after"] - state["not_after"]) < 1
+        view = bal.api("GET", "/api/v1/acme")[1]
+        assert view["account"]["registered"] and view["issuer"]["this_balancer"]
+        assert list(view["hosts"]) == ["app.test"]  # plain.test asks for no certificate
+        assert (view["directory"], view["challenge"]) == (pebble.directory_url, "http-01")
+        certs = bal.api("GET", "/api/v1/certs")[1]
+        entry = next(c for c in certs["certs"] if c["host"] == "app.test")
+        assert entry["source"] == "acme" and entry["acme"]["state"] == "issued"
+        text = json.dumps([view, certs])
+        assert "PRIVATE KEY" not in text and '"d"' not in text  # no key, not the account's
+        listed = ctl("--url", f"http://127.0.0.1:{bal.mport}", "cert", "list")
+        assert listed.returncode == 0 and "app.test: issued, renewal in" in listed.stdout
+        log = bal.output()
+        assert "acme: issuing a certificate for app.test (no certificate)" in log
+        assert "acme: certificate for app.test issued by CN=Pebble" in log
+        thumbprint = view["account"]["key_thumbprint"]
+    finally:
+        bal.stop()
+    # a restarted balancer keeps the certificate and the account, issuing nothing
+    again = front(tmp_path, pebble, None)
+    try:
+        wait_for(lambda: "took the lock" in again.output(), 15, what="the issuer's first look")
+        time.sleep(1.0)  # what it would issue, it starts at once: nothing may start
+        assert "acme: issuing" not in again.output()
+        assert state_of(again, "app.test")["state"] == "issued"
+        assert again.api("GET", "/api/v1/acme")[1]["account"]["key_thumbprint"] == thumbprint
+        served_certificate(pebble.tls_port, "app.test", pebble_root)
+    finally:
+        again.stop()
+
+
+def test_tls_alpn01_issues_on_the_tls_listener(
+        tmp_path: Path, pebble: Pebble, backend: Backend, pebble_root: str) -> None:
+    bal = front(tmp_path, pebble, {"alpn.test": acme_rule(backend)}, challenge="tls-alpn-01")
+    try:
+        state = wait_state(bal, "alpn.test", "issued")
+        wait_served(pebble.tls_port, "alpn.test", pebble_root, state["issuer"])
+        assert "from " + pebble.directory_url + ", tls-alpn-01" in bal.output()
+    finally:
+        bal.stop()
+
+
+def test_a_certificate_inside_renew_before_is_renewed_once(
+        tmp_path: Path, pebble: Pebble, backend: Backend, pebble_root: str) -> None:
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps({"version": 1, "hosts": {"renew.test": acme_rule(backend)}}))
+    chain, key = CA.issue("renew.test", days=3)  # issued earlier, expiring in 2 days
+    FileStore(str(routes)).certs().put("renew.test", make_record("renew.test", chain, key,
+                                                                 "acme"))
+    # renew_before longer than pebble's 5-year certificates: renewed once, not in a loop
+    bal = front(tmp_path, pebble, None, renew_before=3650)
+    try:
+        first = wait_state(bal, "renew.test", "issued")
+        assert "(expires " in bal.output() and "within renew_before (3650 days)" in bal.output()
+        served = wait_served(pebble.tls_port, "renew.test", pebble_root, first["issuer"])
+        # the table changes (the issuer looks again at once): nothing is due yet
+        bal.api("PUT", "/api/v1/hosts/other.test", {"action": "empty", "status": 204})
+        time.sleep(2.5)
+        assert state_of(bal, "renew.test")["issued_at"] == first["issued_at"]
+        assert bal.output().count("acme: issuing a certificate for renew.test") == 1
+        # an operator asks: renewed now
+        asked = ctl("--url", f"http://127.0.0.1:{bal.mport}", "cert", "issue", "renew.test")
+        assert asked.returncode == 0 and "issuance requested" in asked.stdout
+        second = wait_state(bal, "renew.test", "issued", since=first["issued_at"] + 0.001)
+        assert second["not_after"] >= first["not_after"]
+        wait_for(lambda: served_certificate(pebble.tls_port, "renew.test", pebble_root)["serial"]
+                 != served["serial"], 10, what="the renewed certificate served")
+    finally:
+        bal.stop()
+
+
+def test_a_failing_host_backs_off_and_the_others_are_issued(
+        tmp_path: Path, pebble: Pebble, backend: Backend) -> None:
+    pebble.point("down.test", "127.0.0.2")  # the CA cannot reach this name's balancer
+    bal = front(tmp_path, pebble, {"down.test": acme_rule(backend), "up.test": acme_rule(backend)})
+    try:
+        failed = wait_state(bal, "down.test", "failed")
+        assert failed["attempts"] == 1
+        assert failed["next_retry"] - failed["failed_at"] == pytest.approx(300, abs=1)
+        assert failed["reason"].startswith("validation failed: down.test: connection")
+        wait_state(bal, "up.test", "issued")
+        assert "acme: issuing a certificate for down.test failed (attempt 1)" in bal.output()
+        certs = {c["host"] for c in bal.api("GET", "/api/v1/certs")[1]["certs"]}
+        assert certs == {"up.test"}
+        # the backoff holds: a change to the table makes the issuer look, not retry
+        bal.api("PUT", "/api/v1/hosts/other.test", {"action": "empty", "status": 204})
+        time.sleep(2.5)
+        assert state_of(bal, "down.test")["attempts"] == 1
+        # an operator's request retries at once; the next wait doubles
+        status, body = bal.api("POST", "/api/v1/certs/down.test/issue")
+        assert status == 202 and body["acme"]["state"] == "pending"
+        again = wait_state(bal, "down.test", "failed", since=failed["failed_at"] + 0.001)
+        assert again["attempts"] == 2
+        assert again["next_retry"] - again["failed_at"] == pytest.approx(600, abs=1)
+        listed = ctl("--url", f"http://127.0.0.1:{bal.mport}", "cert", "list").stdout
+        assert "down.test: failed (attempt 2, next try in 10 min): validation failed" in listed
+    finally:
+        bal.stop()
+
+
+def test_issue_requests_are_checked(tmp_path: Path, pebble: Pebble, backend: Backend) -> None:
+    bal = front(tmp_path, pebble, {"plain.test": {"action": "empty", "status": 204}},
+                on_pebble_ports=False)
+    try:
+        status, body = bal.api("POST", "/api/v1/certs/plain.test/issue")
+        assert (status, body["error"]) == (409, "not_acme")
+        status, body = bal.api("POST", "/api/v1/certs/nowhere.test/issue")
+        assert (status, body["error"]) == (404, "not_found")
+        status, body = bal.api("PUT", "/api/v1/hosts/*.wild.test", acme_rule(backend))
+        assert (status, body["error"]) == (400, "invalid_rule")
+        assert "exact host name" in body["details"][0]
+        done = ctl("--url", f"http://127.0.0.1:{bal.mport}", "cert", "issue", "plain.test")
+        assert done.returncode == 1 and 'has no "tls": "acme"' in done.stderr
+        assert bal.api("GET", "/api/v1/acme")[1]["issuer"] is None  # no work: no lock taken
+    finally:
+        bal.stop()
+
+
+def test_one_issuer_per_cluster(tmp_path: Path, pebble: Pebble, backend: Backend,
+                                redis_server: Any, pebble_root: str) -> None:
+    cluster = f'[store]\nnamespace = "acme-{uuid.uuid4().hex[:8]}"\n' + pebble.config()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Balancer(tmp_path / "a", None, listen=f"127.0.0.1:{pebble.http_port}",
+                 store=redis_server.url, config=cluster,
+                 args=["--tls-listen", f"127.0.0.1:{pebble.tls_port}"])
+    b = Balancer(tmp_path / "b", None, store=redis_server.url, config=cluster,
+                 args=["--tls-listen", "127.0.0.1:0"])
+    try:
+        status, _ = a.api("PUT", "/api/v1/hosts/cluster.test", acme_rule(backend))
+        assert status == 200
+        issued = wait_state(a, "cluster.test", "issued")
+        assert wait_state(b, "cluster.test", "issued") == issued  # one state, in the store
+        issuers = [bal.api("GET", "/api/v1/acme")[1]["issuer"] for bal in (a, b)]
+        assert issuers[0]["owner"] == issuers[1]["owner"]
+        assert sorted(i["this_balancer"] for i in issuers) == [False, True]
+        logs = [bal.output() for bal in (a, b)]
+        assert sum("acme: issuing a certificate for cluster.test" in log for log in logs) == 1
+        assert sum("took the lock" in log for log in logs) == 1
+        # both balancers serve the certificate, whichever issued it
+        for port in (pebble.tls_port, b.ports["tls"]):
+            wait_served(port, "cluster.test", pebble_root, issued["issuer"])
+        # the issuer stops: it hands the lock over, and the other one takes it
+        holder, other = (a, b) if issuers[0]["this_balancer"] else (b, a)
+        holder.stop()
+        assert other.api("POST", "/api/v1/certs/cluster.test/issue")[0] == 202
+        wait_for(lambda: "took the lock" in other.output(), 15, what="the lock taken over")
+    finally:
+        a.stop()
+        b.stop()
