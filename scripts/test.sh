@@ -9,7 +9,8 @@
 #      as `BALANCER_PURE=1` installs them (a compiled module once behaved
 #      differently from its source).
 # Debian packages when missing (CI runs as root, others through sudo):
-# redis-server, Chromium and the load-test tools, and what building the
+# redis-server, Chromium, the load-test tools, pebble (a test ACME CA, with its
+# pebble-challtestsrv DNS: tests/test_acme.py), and what building the
 # package needs (gcc, the Python headers, python3-venv). Python packages from
 # PyPI into the active virtual environment, else ./.venv (the README's
 # install), else a new ./.venv when the system Python refuses pip installs
@@ -35,7 +36,8 @@ fi
 missing=""
 for pair in redis-server:redis-server chromium:chromium chromedriver:chromium-driver \
             wrk:wrk nginx:nginx-light haproxy:haproxy gcc:gcc openssl:openssl curl:curl \
-            prlimit:util-linux systemd-analyze:systemd; do
+            prlimit:util-linux systemd-analyze:systemd pebble:pebble \
+            pebble-challtestsrv:pebble; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
 python3 -c 'import os, sys, sysconfig

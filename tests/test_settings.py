@@ -62,7 +62,19 @@ def test_defaults_are_the_spec_defaults():
     assert dataclasses.astuple(s.timeouts) == (10.0, 75.0, 5.0, 60.0, 3600.0, 30.0, 10.0)
     assert dataclasses.astuple(s.limits) == (8192, 65536, 100, 10000)
     assert dataclasses.astuple(s.log) == ("", "combined", "info")
+    assert dataclasses.astuple(s.acme) == (
+        "https://acme-v02.api.letsencrypt.org/directory", "", "", 30, "http-01")
     assert s.config_path == ""
+
+
+def test_acme_settings_from_the_file(config, tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    path = config(f'[acme]\ndirectory = "http://127.0.0.1:14000/dir"\nemail = "ops@example.com"'
+                  f'\nca_bundle = "{bundle}"\nrenew_before = 20\nchallenge = "tls-alpn-01"\n')
+    acme = load(config_path=path).acme
+    assert dataclasses.astuple(acme) == ("http://127.0.0.1:14000/dir", "ops@example.com",
+                                         str(bundle), 20, "tls-alpn-01")
 
 
 def test_every_dataclass_field_is_declared_once_in_the_table():
@@ -321,6 +333,20 @@ def test_wrong_type_in_file(config, line, problem):
          "must be an existing directory, got '/does/not/exist'"),
         ("BALANCER_SERVER_USER", "no-such-user-xyz", "must be an existing user name"),
         ("BALANCER_SERVER_GROUP", "no-such-group-xyz", "must be an existing group name"),
+        # [acme] (issue 18)
+        ("BALANCER_ACME_DIRECTORY", "ftp://ca.example/dir", "must be an https:// URL"),
+        ("BALANCER_ACME_DIRECTORY", "http://ca.example/dir", "(http:// only on loopback)"),
+        ("BALANCER_ACME_DIRECTORY", "https://", "must be an https:// URL"),
+        ("BALANCER_ACME_DIRECTORY", "https://ca.example:99999/dir", "must be an https:// URL"),
+        ("BALANCER_ACME_EMAIL", "ops", "must be an e-mail address"),
+        ("BALANCER_ACME_EMAIL", "ops@localhost", "must be an e-mail address"),
+        ("BALANCER_ACME_EMAIL", "a b@example.com", "must be an e-mail address"),
+        ("BALANCER_ACME_CA_BUNDLE", "/does/not/exist", "'/does/not/exist': cannot read"),
+        ("BALANCER_ACME_CA_BUNDLE", "/etc/hostname", "holds no PEM certificate"),
+        ("BALANCER_ACME_RENEW_BEFORE", "0", "must be an integer >= 1, got '0'"),
+        ("BALANCER_ACME_RENEW_BEFORE", "1.5", "must be an integer >= 1, got '1.5'"),
+        ("BALANCER_ACME_CHALLENGE", "dns-01",
+         "must be one of http-01, tls-alpn-01, got 'dns-01'"),
     ],
 )
 def test_bad_values_name_setting_and_source(var, text, expected):

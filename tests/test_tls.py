@@ -261,10 +261,23 @@ def test_https_redirect_and_hsts(front: Balancer, tls_tmp: Path) -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("https_redirect", "yes"), ("hsts", -1), ("hsts", 1.5), ("hsts", True), ("hsts", 10**9)])
+    ("https_redirect", "yes"), ("hsts", -1), ("hsts", 1.5), ("hsts", True), ("hsts", 10**9),
+    ("tls", "yes"), ("tls", True), ("tls", None), ("tls", "ACME")])
 def test_rule_fields_are_validated(field: str, value: object) -> None:
     problems = validate_rule({"action": "static", "body": "x", field: value})
     assert problems and problems[0].startswith(f"{field}: ")
+
+
+def test_tls_acme_is_for_exact_host_names_only() -> None:
+    from balancer.rules import validate_table
+
+    rule = {"action": "static", "body": "x", "tls": "acme"}
+    assert validate_rule(rule) == [] and validate_table({"app.test": rule}) == []
+    for host in ("*.app.test", "*"):
+        problems = validate_table({host: rule})
+        assert problems == [f'{host}: tls: "acme" needs an exact host name: ACME cannot issue a '
+                            f'wildcard or catch-all certificate over HTTP-01 or TLS-ALPN-01 '
+                            f'(upload one with `balancerctl cert set`)']
 
 
 def test_pipelined_requests_and_abrupt_clients_over_tls(front: Balancer, tls_tmp: Path) -> None:
