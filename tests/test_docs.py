@@ -247,7 +247,8 @@ def test_python_modules_shown_exist():
 
 def _slug(heading: str) -> str:
     """GitHub's anchor for a heading."""
-    text = re.sub(r"[`*_]|\[|\]|\(.*?\)", "", heading.strip().lower())
+    # a link's target goes, plain parentheses only lose their brackets
+    text = re.sub(r"[`*_]|\[|\]\(.*?\)|\]", "", heading.strip().lower())
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
