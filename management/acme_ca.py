@@ -14,6 +14,8 @@ Invariants:
 * Every published challenge is withdrawn when `issue` returns or raises.
 * Failures are `IssueError` with a one-line reason for the operator (the CA's
   problem detail when it gave one); no private key is ever in a reason.
+* HTTPS to the CA goes through gevent's patched `ssl` (`adopt_patched_ssl`):
+  the arbiter imports this module (and urllib3) before its children patch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +46,31 @@ CHALLENGE_TYPES = ("http-01", "tls-alpn-01")
 
 # publish(key, record) / withdraw(key): the issuer's side of a challenge
 Publish = Callable[[str, dict[str, Any]], None]
+
+
+def adopt_patched_ssl() -> None:
+    """Make urllib3 build gevent's SSLContext. The arbiter imports this module
+    before privileges drop (`balancer.preload`: a dropped user may not read the
+    Python installation), so urllib3 bound the stdlib ``ssl.SSLContext`` before
+    the management process monkey-patched `ssl`; an instance of that class
+    recurses forever in its ``minimum_version`` setter once `ssl.SSLContext`
+    is gevent's (gevent's "patching ssl after import" warning)."""
+    import ssl
+
+    import urllib3.util.ssl_ as urllib3_ssl
+
+    if urllib3_ssl.SSLContext is not ssl.SSLContext:
+        urllib3_ssl.SSLContext = ssl.SSLContext
+
+
+def system_cas() -> str | bool:
+    """The system's CA bundle (OpenSSL's default file), else True (requests' own).
+    The system's is what ``[acme] ca_bundle = ""`` promises, and it stays readable
+    after privileges drop, where a bundle inside the Python installation may not."""
+    import ssl
+
+    cafile = ssl.get_default_verify_paths().cafile
+    return cafile if cafile and os.access(cafile, os.R_OK) else True
 
 
 class IssueError(Exception):
@@ -90,7 +118,7 @@ class CA:
             return self.client
         settings = self.settings
         net = client.ClientNetwork(self.account_key(), user_agent=USER_AGENT,
-                                   verify_ssl=settings.ca_bundle or True,
+                                   verify_ssl=settings.ca_bundle or system_cas(),
                                    timeout=NETWORK_TIMEOUT)
         directory = client.ClientV2.get_directory(settings.directory, net)
         acme = client.ClientV2(directory, net)

@@ -23,10 +23,6 @@ Invariants:
   `BACKOFF_FIRST` to `BACKOFF_MAX` seconds per host.
 * A failure for one host never stops the others, and nothing here raises
   out of `run_loop`: a store or CA problem is logged and retried.
-* `management.acme_ca` (the `acme` package, hence `requests` and `urllib3`) is
-  imported only in the management process, after gevent patched `ssl`: the
-  arbiter's preload (`balancer.preload`) must not import it, or urllib3 keeps
-  the unpatched ``SSLContext`` and every HTTPS request to the CA recurses.
 """
 
 from __future__ import annotations
@@ -46,6 +42,7 @@ from gevent.event import Event
 
 from balancer.certificates import CertificateError, make_record, public_record
 from balancer.stores.base import StoreError
+from management.acme_ca import CA, IssueError, adopt_patched_ssl
 
 log = logging.getLogger("balancer.acme")
 
@@ -114,11 +111,13 @@ class Issuer:
 
     def __init__(self, settings: Any, store: Any, table: Any, runtime: Any) -> None:
         self.settings = settings.acme
+        self.listeners = {"http-01": settings.server.listen + settings.server.internal_listen,
+                          "tls-alpn-01": settings.tls.listen}
         self.store = store
         self.acme = store.acme()
         self.table = table  # () -> the hosts served (the management process's mirror)
         self.runtime = runtime
-        self.ca: Any = None  # management.acme_ca.CA, made at `start` (see the module doc)
+        self.ca = CA(self.settings, self.acme)
         self.owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:6]}"
         self.holding = False
         self.stopped = False
@@ -128,9 +127,13 @@ class Issuer:
 
     # lifecycle ----------------------------------------------------------
     def start(self) -> None:
-        from management.acme_ca import CA
-
-        self.ca = CA(self.settings, self.acme)
+        """Issue from now on (in the management process, after gevent patched `ssl`)."""
+        adopt_patched_ssl()
+        if not self.listeners[self.settings.challenge]:
+            log.warning("acme: challenge %s is answered on %s listeners, and this balancer "
+                        "has none: the CA must reach another balancer of the cluster",
+                        self.settings.challenge,
+                        "plain" if self.settings.challenge == "http-01" else "TLS")
         self.task = gevent.spawn(self.run_loop)
 
     def stop(self) -> None:
@@ -223,8 +226,6 @@ class Issuer:
 
     # one host -----------------------------------------------------------
     def issue(self, host: str, why: str, state: dict[str, Any]) -> None:
-        from management.acme_ca import IssueError
-
         attempts = int(state.get("attempts", 0) or 0)
         now = time.time()
         kind = self.settings.challenge

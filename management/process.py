@@ -96,7 +96,6 @@ def save_history(history: Any) -> None:
 
 # what the management process imports after fork (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
-    "management.acme_api", "management.acme_issuer", "management.app", "management.cluster",
-    "management.deploys", "management.guard",
-    "management.history",
+    "management.acme_api", "management.acme_ca", "management.acme_issuer", "management.app",
+    "management.cluster", "management.deploys", "management.guard", "management.history",
     "management.mirror", "management.process", "management.server"))
