@@ -722,3 +722,33 @@ def test_certificates_are_listed_soonest_first_expiring_ones_in_colour(
     assert soon.value_of_css_property("color") != ok.value_of_css_property("color")
     assert key.splitlines()[1] not in browser.page_source
     assert severe_logs(browser) == []
+
+
+def test_acme_hosts_show_their_state_with_or_without_a_certificate(
+        make_site: Callable[..., Site], browser: Any) -> None:
+    from balancer.certificates import make_record
+    from tests.test_tls import CA
+
+    acme = {**WEB, "tls": "acme"}
+    site = make_site(hosts={"app.example.com": acme, "new.example.com": acme,
+                            "down.example.com": acme})
+    chain, key = CA.issue("app.example.com", days=365)
+    site.store.certs().put("app.example.com",
+                           make_record("app.example.com", chain, key, "acme"))
+    states = site.store.acme()
+    states.put_state("app.example.com", {"state": "issued", "renew_at": time.time() + 9e6})
+    states.put_state("down.example.com", {
+        "state": "failed", "attempts": 2, "next_retry": time.time() + 600,
+        "reason": "validation failed: down.example.com: connection refused"})
+    open_live(browser, site)
+    wait_for(browser, lambda d: len(d.find_elements("css selector", ".certs-table tbody tr"))
+             == 3, "a row per ACME host")
+    cells = {row.get_attribute("data-host"): row.find_element("css selector", ".cert-acme")
+             for row in browser.find_elements("css selector", ".certs-table tbody tr")}
+    assert cells["app.example.com"].text == "issued"
+    assert cells["new.example.com"].text == "pending: waiting for the issuer"
+    assert cells["down.example.com"].text.startswith(
+        "failed (attempt 2, retry in 10 min): validation failed")
+    assert cells["down.example.com"].value_of_css_property("color") \
+        != cells["app.example.com"].value_of_css_property("color")
+    assert severe_logs(browser) == []
