@@ -138,19 +138,17 @@ def alpn_context(chain: str, key: str) -> ssl.SSLContext:
 def peek_hello(sock: socket.socket) -> tuple[str | None, list[str]] | None:
     """(SNI name, ALPN protocols) of the ClientHello waiting on `sock`, or None when
     it is not a whole ClientHello within one record (bounded: `PEEK_TRIES`)."""
-    seen = -1
     for _ in range(PEEK_TRIES):
         try:
             data = sock.recv(MAX_RECORD, socket.MSG_PEEK)
         except OSError:
             return None
+        if not data:
+            return None  # the client left
         parsed = parse_hello(data)
         if parsed is not NEED_MORE:
             return parsed  # type: ignore[return-value]
-        if len(data) == seen and not data:
-            return None
-        seen = len(data)
-        gevent.sleep(PEEK_WAIT)
+        gevent.sleep(PEEK_WAIT)  # the rest of the record is on its way
     return None
 
 
