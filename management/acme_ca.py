@@ -148,7 +148,8 @@ class CA:
         except errors.ValidationError as exc:
             raise IssueError(validation_reason(exc)) from None
         except messages.Error as exc:
-            self.client = None if exc.code in ("badNonce", "unauthorized") else self.client
+            if exc.code in ("badNonce", "unauthorized", "accountDoesNotExist"):
+                self.client = None  # register again next time
             raise IssueError(f"the CA refused: {problem_text(exc)}") from None
         except errors.TimeoutError:
             raise IssueError(f"the CA did not finish within {timeout:.0f}s") from None

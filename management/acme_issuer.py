@@ -75,7 +75,7 @@ def due(host: str, cert: Mapping[str, Any] | None, state: Mapping[str, Any] | No
     """Why `host` needs a certificate now, or None."""
     state = state or {}
     asked = state.get("requested")
-    if isinstance(asked, (int, float)) and asked > float(state.get("attempted", 0)):
+    if isinstance(asked, (int, float)) and asked > _number(state.get("attempted")):
         return "requested by an operator"
     retry = state.get("next_retry")
     if state.get("state") == "failed" and isinstance(retry, (int, float)) and retry > now:
@@ -226,7 +226,7 @@ class Issuer:
 
     # one host -----------------------------------------------------------
     def issue(self, host: str, why: str, state: dict[str, Any]) -> None:
-        attempts = int(state.get("attempts", 0) or 0)
+        attempts = int(_number(state.get("attempts")))
         now = time.time()
         kind = self.settings.challenge
         self.acme.put_state(host, {**state, "state": "pending", "reason": why,
@@ -309,6 +309,13 @@ class Issuer:
             if "error" in reply:
                 log.warning("acme: worker %s cannot read the challenges: %s",
                             reply.get("pid"), reply["error"])
+
+
+def _number(value: Any) -> float:
+    """A stored number, or 0 for anything else (a hand-edited or damaged state)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    return float(value) if abs(value) < 1e12 else 0.0
 
 
 def _when(unix: float) -> str:

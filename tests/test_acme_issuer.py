@@ -52,6 +52,13 @@ def test_backoff_and_requests_decide_before_expiry() -> None:
     assert due("a.test", record("a.test", 90), served, 30, now) is None
 
 
+def test_a_damaged_state_does_not_stop_issuing() -> None:
+    now = time.time()
+    for junk in ({"attempted": "x", "requested": "y"}, {"state": "failed", "next_retry": "z"},
+                 {"issued_at": None, "attempts": [1]}):
+        assert due("a.test", None, junk, 30, now) == "no certificate"
+
+
 def test_a_fresh_certificate_is_not_renewed_in_a_loop() -> None:
     now = time.time()
     fresh = {"state": "issued", "issued_at": now - 60}
