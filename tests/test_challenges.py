@@ -200,3 +200,28 @@ def test_challenges_update_keeps_only_good_unexpired_records() -> None:
     }, now)
     assert challenges.tokens == {TOKEN.encode(): ANSWER.encode()}
     assert challenges.alpn == {}
+
+
+def test_the_control_socket_makes_a_worker_serve_new_challenges_at_once(tmp_path: Path) -> None:
+    """The issuer's fast path: its management process tells every worker to read the
+    challenges now (`challenges` on the control socket), not within a second."""
+    from balancer.control import ControlServer
+    from balancer.server import Worker
+    from balancer.settings import load_settings
+
+    store = FileStore(str(tmp_path / "routes.json"))
+    worker = Worker(load_settings(env={}), store)
+    control = ControlServer(str(tmp_path), worker)
+    try:
+        store.acme().put_challenge(f"http-01:{TOKEN}", http01())
+        store.acme().put_challenge("tls-alpn-01:alpn.test", alpn01("alpn.test"))
+        assert worker.challenges.tokens == {}
+        reply = control.answer("challenges")
+        assert reply["challenges"] == 2
+        assert worker.challenges.tokens == {TOKEN.encode(): ANSWER.encode()}
+        assert list(worker.challenges.alpn) == ["alpn.test"]
+        store.acme().delete_challenge(f"http-01:{TOKEN}")
+        assert control.answer("challenges")["challenges"] == 1
+        assert worker.challenges.tokens == {}
+    finally:
+        control.close()
