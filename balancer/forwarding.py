@@ -23,7 +23,7 @@ from typing import Final
 
 from balancer.connection import ClientConnection, Exchange
 from balancer.fields import CLIENT_FIELDS, spellings
-from balancer.http11 import HOP_BY_HOP, RequestHead
+from balancer.http11 import HOP_BY_HOP, LAST_CHUNK, RequestHead
 
 # Never forwarded from a client on an external listener: hop-by-hop fields, and
 # every field saying who the client is or how it came (`balancer.fields.CLIENT_FIELDS`;
@@ -37,7 +37,6 @@ TRUSTED_KEPT: Final = frozenset((b"x-forwarded-proto", b"x-forwarded-host", b"x-
 # Not forwarded as request trailers: what only a head may carry (framing, routing)
 # and what describes the client.
 DROP_TRAILER: Final = DROP_EXTERNAL | {b"content-length"}
-LAST_CHUNK: Final = b"0\r\n\r\n"
 
 def request_head(ex: Exchange, chunked: bool) -> bytes:
     """The request head sent to the backend (always HTTP/1.1, keep-alive).

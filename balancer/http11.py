@@ -72,6 +72,7 @@ HOP_BY_HOP: Final = frozenset((
 ))
 Field = tuple[bytes, bytes, bytes]  # (name, lower-case name, value)
 NO_FIELDS: Final[tuple[Field, ...]] = ()
+LAST_CHUNK: Final = b"0\r\n\r\n"  # the end of a chunked body without trailers
 
 
 class ProtocolError(Exception):

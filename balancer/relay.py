@@ -5,6 +5,9 @@ Invariants:
 * The request head is rewritten in `balancer.forwarding`; response heads
   lose their hop-by-hop fields (and those named in Connection) in
   `balancer.response_parser`.
+* A chunked response's trailer fields reach HTTP/1.1 clients (whose response
+  stays chunked) with its `Trailer` field; an HTTP/1.0 client's response is
+  close-delimited, so they are dropped there (docs/headers.md).
 * Interim (1xx) responses reach HTTP/1.1 clients as they come; the response
   head, and what came of a body, go out before the relay waits for more.
 * Socket errors toward the backend become `BackendClosed`/`BackendTimeout`
@@ -20,8 +23,8 @@ from typing import Final
 
 from balancer.connection import Exchange
 from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
-from balancer.forwarding import LAST_CHUNK, last_chunk, request_head
-from balancer.http11 import END, ProtocolError
+from balancer.forwarding import last_chunk, request_head
+from balancer.http11 import END, LAST_CHUNK, ProtocolError
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.tunnel import tunnel
@@ -190,6 +193,8 @@ def response_head(ex: Exchange, rhead: ResponseHead) -> tuple[bytes, int]:
         if head.version == b"1.1":
             framing = CHUNK
             lines.append(b"\r\nTransfer-Encoding: chunked")
+            if rhead.announced:  # Trailer: what the trailers will be
+                lines.append(rhead.announced)
         else:
             framing = CLOSE
             ex.keep_alive = False
@@ -228,8 +233,8 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
         while events:
             event = events.popleft()
             if event is END:
-                if framing == CHUNK:
-                    out.append(LAST_CHUNK)
+                if framing == CHUNK:  # a chunked response's trailers go on (docs/headers.md)
+                    out.append(parser.last_chunk if rhead.chunked else LAST_CHUNK)
                 ex.send(b"".join(out), last=True)
                 return rhead.keep_alive and not parser.upgraded
             out.append(frame_chunk(event) if framing == CHUNK else event)

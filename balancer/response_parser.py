@@ -25,6 +25,12 @@ Invariants:
   make the connection not reusable (`keep_alive` False), instead of failing a
   response that is whole, and whether they came in its last read or later.
   Empty lines between messages are allowed.
+* A chunked response's trailer section is bounded like a head
+  (`max_header_bytes`, `max_headers`): body-phase reads that bring no body
+  byte count against it, and once the response is complete its trailer fields
+  are read back from the end of the bytes fed (llhttp validated them) into
+  `last_chunk`, without those only a head may carry (`TRAILER_DROPPED`).
+  Nothing of this runs for a response that is not chunked.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from balancer.http11 import (
     DEFAULT_LIMITS,
     END,
     HOP_BY_HOP,
+    LAST_CHUNK,
     Limits,
     ProtocolError,
     add_connection_tokens,
@@ -61,6 +68,17 @@ NOT_FORWARDED: Final = HOP_BY_HOP | {b"x-request-id"}
 _FIRST: Final = {name[0] for name in NOT_FORWARDED | {b"content-length"}}
 SPECIAL_FIRST: Final = bytes(bytes((b,)).lower()[0] in _FIRST for b in range(256))  # 0 or 1
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+# Body-phase bytes with no body byte in them may pass the trailer limit by this
+# much (chunk lines around the section) before the exact measure at the end.
+FRAMING_ROOM: Final = 4096
+# Never forwarded as response trailers (RFC 9110 §6.5.1): framing, routing,
+# response control data, payload processing and authentication fields, which
+# only a head may carry, and what is never forwarded at all.
+TRAILER_DROPPED: Final = NOT_FORWARDED | frozenset((
+    b"content-length", b"host", b"age", b"cache-control", b"expires", b"date",
+    b"location", b"retry-after", b"vary", b"warning", b"content-encoding",
+    b"content-type", b"content-range", b"authorization", b"set-cookie",
+    b"www-authenticate"))
 
 
 def _skip_empty_lines(buf: bytes) -> bytes:
@@ -79,7 +97,7 @@ class ResponseHead:
     """
 
     __slots__ = ("status", "status_line", "block", "content_length", "chunked",
-                 "keep_alive", "connection_tokens", "no_body", "forwarded")
+                 "keep_alive", "connection_tokens", "no_body", "forwarded", "announced")
 
     def __init__(self, status: int, head: bytes, keep_alive: bool, no_body: bool,
                  max_fields: int = DEFAULT_LIMITS.max_headers) -> None:
@@ -99,6 +117,7 @@ class ResponseHead:
         chunked = False
         tokens: frozenset[bytes] = _NO_TOKENS
         kept: list[bytes] | None = None  # the lines forwarded, once one was cut
+        announced = b""  # the Trailer fields, each with its CRLF before it
         for i in range(1, len(lines)):
             line = lines[i]
             if SPECIAL_FIRST[line[0]]:
@@ -120,6 +139,8 @@ class ResponseHead:
                             raise ProtocolError(
                                 502, "backend used a transfer coding other than chunked")
                         chunked = True
+                    elif name == b"trailer":
+                        announced += b"\r\n" + line
                     continue
             if kept is not None:
                 kept.append(line)
@@ -131,6 +152,8 @@ class ResponseHead:
         self.content_length = None if chunked else content_length
         self.chunked = chunked
         self.connection_tokens = tokens
+        # Forwarded with the trailers themselves, only when the client gets them.
+        self.announced = announced if chunked else b""
 
     @property
     def close_delimited(self) -> bool:
@@ -150,8 +173,9 @@ class ResponseParser:
 
     `for_head`: the request was HEAD."""
 
-    __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "_hp", "_parts",
-                 "_buffered", "_in_head", "_limit", "_max_fields", "_head", "_error")
+    __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "last_chunk",
+                 "_hp", "_parts", "_buffered", "_in_head", "_limit", "_max_fields", "_head",
+                 "_error", "_chunked", "_quiet", "_quiet_bytes")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False) -> None:
         self.events: deque = deque()
@@ -163,6 +187,11 @@ class ResponseParser:
         self.leftover = b""
         self._head: ResponseHead | None = None
         self._error: ProtocolError | None = None
+        # A chunked response's: the end of its body for the client, trailers and all.
+        self.last_chunk = LAST_CHUNK
+        self._chunked = False  # in the body of a chunked response: its trailers are watched
+        self._quiet: list[bytes] = []  # the reads since the last that brought body bytes
+        self._quiet_bytes = 0  # what those brought but the first (trailers, chunk framing)
         self.begin(for_head)
 
     def begin(self, for_head: bool = False) -> None:
@@ -197,6 +226,8 @@ class ResponseParser:
         if self._in_head:
             self._parts.append(data)
             self._buffered += len(data)
+        chunked_body = self._chunked
+        before = len(self.events) if chunked_body else 0
         try:
             self._hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -214,8 +245,77 @@ class ResponseParser:
             else:
                 raise ProtocolError(502, f"invalid response from backend: {exc}") from None
         else:
-            if self._in_head and self._buffered > self._limit:
-                self._bound_unfinished()
+            if self._in_head:
+                if self._buffered > self._limit:
+                    self._bound_unfinished()
+            elif self._chunked:
+                moved = not chunked_body or len(self.events) - (1 if self.complete else 0) > before
+                self._watch_trailers(data, moved)
+
+    def _watch_trailers(self, data: bytes, moved: bool) -> None:
+        """Bound and, once the response is complete, read its trailer section.
+        `moved`: this read brought body bytes (or the head)."""
+        quiet = self._quiet
+        if self.complete:
+            self._chunked = False
+            raw = data if moved or not quiet else b"".join(quiet) + data
+            quiet.clear()
+            self.last_chunk = self._trailer_chunk(raw)
+            return
+        if moved:
+            quiet.clear()
+            self._quiet_bytes = 0
+        else:
+            self._quiet_bytes += len(data)
+            if self._quiet_bytes > self._limit + FRAMING_ROOM:
+                self._hp = None
+                raise ProtocolError(502, "backend trailer section too large")
+        quiet.append(data)
+
+    def _trailer_chunk(self, raw: bytes) -> bytes:
+        """The last chunk for the client, with the trailer fields that end `raw`
+        (the bytes of a complete chunked response from its last read that brought
+        body bytes) but those in `TRAILER_DROPPED` or named by Connection.
+
+        Read backwards: the lines before the blank one are trailer fields (llhttp
+        checked each has a name and a colon) up to the last-chunk line, ``0``
+        and maybe extensions, which no field line can look like."""
+        fields: list[bytes] = []
+        size = 0
+        end = len(raw)
+        while end >= 2 and raw.endswith(b"\r\n", 0, end):
+            start = raw.rfind(b"\r\n", 0, end - 2) + 2  # 0 for the first line (rfind: -1)
+            line = raw[start:end - 2]
+            end = start
+            if not line:  # the blank line ending the message (or empty lines after it)
+                if fields:
+                    break
+                continue
+            if line[0] == 48 and line.lstrip(b"0")[:1] in (b"", b";", b" ", b"\t"):  # "0"
+                return self._kept_trailers(fields)
+            fields.append(line)
+            size += len(line) + 2
+            if size > self._limit or len(fields) > self._max_fields:
+                self._hp = None
+                raise ProtocolError(502, "backend trailer section too large")
+        return LAST_CHUNK  # not found whole (bytes followed the response): none forwarded
+
+    def _kept_trailers(self, fields: list[bytes]) -> bytes:
+        """The last chunk with `fields` (read backwards) that may be forwarded."""
+        if not fields:
+            return LAST_CHUNK
+        head = self._head
+        tokens = head.connection_tokens if head is not None else _NO_TOKENS
+        lines = [b"0"]
+        for i in range(len(fields) - 1, -1, -1):
+            line = fields[i]
+            name = line.partition(b":")[0].lower()
+            if name not in TRAILER_DROPPED and name not in tokens:
+                lines.append(line)
+        if len(lines) == 1:
+            return LAST_CHUNK
+        lines.append(b"\r\n")
+        return b"\r\n".join(lines)
 
     def feed_eof(self) -> None:
         """The backend closed: completes a close-delimited body, else raises."""
@@ -276,6 +376,10 @@ class ResponseParser:
             self._buffered = len(rest)
         self._in_head = False
         self.events.append(head)
+        if head.chunked and not no_body:
+            self._chunked = True
+            self.last_chunk = LAST_CHUNK
+            self._quiet.clear()
         if self.for_head and status >= 200:
             # llhttp cannot be told "no body follows" (HEAD); the message ends here,
             # and a body the backend sent anyway must not become events after END.

@@ -165,6 +165,82 @@ def test_empty_lines_before_a_response_do_not_grow_without_bound() -> None:
     assert parser.events[0].status == 204 and parser.complete
 
 
+# response trailers -------------------------------------------------------------
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+
+
+def trailers_of_size(size: int) -> bytes:
+    """A last chunk whose trailer fields (each with its CRLF) are `size` bytes."""
+    start = b"X-Pad: "
+    line = start + b"p" * (size - len(start) - 2)
+    return b"0\r\n" + line + b"\r\n\r\n"
+
+
+def last_chunk_of(chunks: list[bytes], limits: Limits) -> bytes:
+    parser = ResponseParser(limits)
+    for chunk in chunks:
+        parser.feed(chunk)
+    assert parser.complete
+    return parser.last_chunk
+
+
+@pytest.mark.parametrize("limits", [SMALL, DEFAULT], ids=["small", "default"])
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_response_trailer_bytes_at_the_limit(limits: Limits, delta: int) -> None:
+    trailers = trailers_of_size(limits.max_header_bytes + delta)
+    chosen = splits if limits is SMALL else few_splits
+    for chunks in chosen(CHUNKED + trailers, f"trailer-bytes{delta}"):
+        if delta <= 0:
+            assert last_chunk_of(chunks, limits) == trailers
+        else:
+            with pytest.raises(ProtocolError) as info:
+                last_chunk_of(chunks, limits)
+            assert info.value.status == 502
+
+
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_response_trailer_count_at_the_limit(delta: int) -> None:
+    trailers = b"0\r\n" + b"".join(b"X-%d: v\r\n" % i
+                                   for i in range(SMALL.max_headers + delta)) + b"\r\n"
+    for chunks in splits(CHUNKED + trailers, f"trailer-count{delta}"):
+        if delta <= 0:
+            assert last_chunk_of(chunks, SMALL) == trailers
+        else:
+            with pytest.raises(ProtocolError):
+                last_chunk_of(chunks, SMALL)
+
+
+def test_an_endless_trailer_section_is_cut_while_it_comes() -> None:
+    parser = ResponseParser(DEFAULT)
+    parser.feed(CHUNKED + b"0\r\nX-Big: ")
+    with pytest.raises(ProtocolError) as info:
+        for _ in range(1024):  # 1 MB in 1 KiB reads, never ending the field
+            parser.feed(b"a" * 1024)
+    assert info.value.status == 502 and not parser.complete
+
+
+@pytest.mark.parametrize("section, kept", [
+    (b"0\r\n\r\n", b"0\r\n\r\n"),
+    (b"0;ext=1\r\nServer-Timing: db;dur=53\r\n\r\n", b"0\r\nServer-Timing: db;dur=53\r\n\r\n"),
+    # what only a head may carry, hop-by-hop fields and X-Request-Id are dropped
+    (b"0\r\nSet-Cookie: a=b\r\nConnection: close\r\n"
+     b"X-Request-Id: 1\r\n0a: x\r\n\r\n", b"0\r\n0a: x\r\n\r\n"),
+    (b"0\r\nContent-Type: x\r\n\r\n", b"0\r\n\r\n"),
+])
+def test_response_trailers_kept(section: bytes, kept: bytes) -> None:
+    for chunks in splits(CHUNKED + section, "kept" + section.decode()):
+        assert last_chunk_of(chunks, DEFAULT) == kept
+
+
+def test_the_next_response_does_not_inherit_trailers() -> None:
+    parser = ResponseParser(DEFAULT)
+    parser.feed(CHUNKED + b"0\r\nX-A: 1\r\n\r\n")
+    assert parser.last_chunk == b"0\r\nX-A: 1\r\n\r\n"
+    parser.begin()
+    parser.feed(CHUNKED + b"0\r\n\r\n")
+    assert parser.complete and parser.last_chunk == b"0\r\n\r\n"
+
+
 # end to end --------------------------------------------------------------------
 @pytest.fixture
 def echo(tmp_path):

@@ -2,7 +2,9 @@
 raw backend and a scripted client: 1xx responses forwarded to HTTP/1.1 clients
 as they come; no Content-Length on a 204 (kept on a 304); a slow small body
 does not hold its head back; request trailers and `TE: trailers` reach the
-backend; an HTTP/1.0 request without Host; h2c upgrades dropped whole.
+backend; response trailers reach HTTP/1.1 clients (not HTTP/1.0 ones), and
+bad ones (too large, malformed) cut the response; an HTTP/1.0 request without
+Host; h2c upgrades dropped whole.
 """
 
 from __future__ import annotations
@@ -62,6 +64,23 @@ class Reader:
             assert chunk, f"closed before {marker!r}: {self.data[:300]!r}"
             self.data += chunk
         return self.data
+
+    def until_closed(self, timeout: float = WAIT) -> bytes:
+        """Everything until the balancer closes the connection (which it must)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"still open after {timeout} s: {self.data[-300:]!r}"
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                return self.data
+            if not chunk:
+                return self.data
+            self.data += chunk
 
     def close(self) -> None:
         self.sock.close()
@@ -199,6 +218,82 @@ def test_request_trailers_and_te_reach_the_backend(tmp_path, stack) -> None:
         assert ("te", "trailers") in fields and ("connection", "te") in fields
         end = request[request.rindex(b"\r\n0\r\n") + 2:]
         assert end == b"0\r\nX-Checksum: abc\r\n\r\n", end
+
+
+RESPONSE_HEAD = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                 b"Trailer: Server-Timing, X-Checksum\r\n\r\n5\r\nhello\r\n")
+TRAILERS = (b"0\r\nServer-Timing: db;dur=53\r\nContent-Type: text/evil\r\n"
+            b"X-Checksum: abc\r\n\r\n")
+FORWARDED_TRAILERS = b"0\r\nServer-Timing: db;dur=53\r\nX-Checksum: abc\r\n\r\n"
+
+
+def answer_with(*pieces: bytes):
+    """A backend script sending a response in these pieces (a read apart at most)."""
+    def script(conn: socket.socket, request: bytes) -> bool:
+        for piece in pieces:
+            conn.sendall(piece)
+        return True
+    return script
+
+
+def test_response_trailers_reach_an_http11_client(tmp_path, stack) -> None:
+    bal, backend = stack(tmp_path, answer_with(RESPONSE_HEAD, TRAILERS[:20], TRAILERS[20:]))
+    client = Reader(bal.port)
+    try:  # with TE: trailers, then without: an HTTP/1.1 client parses trailers either way
+        for te in (b"TE: trailers\r\nConnection: TE\r\n", b""):
+            client.data = b""
+            client.sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n" + te + b"\r\n")
+            data = client.until(b"\r\n0\r\n")
+            data = client.until(b"\r\n\r\n", timeout=WAIT) if data.endswith(b"0\r\n") else data
+            data = client.until(FORWARDED_TRAILERS)
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert b"\r\nTrailer: Server-Timing, X-Checksum" in head
+            assert b"\r\nTransfer-Encoding: chunked" in head
+            assert body == b"5\r\nhello\r\n" + FORWARDED_TRAILERS, body
+    finally:
+        client.close()
+    assert len(backend.connections) == 1  # the backend connection was reused
+
+
+def test_response_trailers_are_dropped_for_an_http10_client(tmp_path, stack) -> None:
+    bal, _ = stack(tmp_path, answer_with(RESPONSE_HEAD, TRAILERS))
+    client = Reader(bal.port)
+    try:
+        client.sock.sendall(b"GET / HTTP/1.0\r\nHost: app.test\r\nTE: trailers\r\n\r\n")
+        data = client.until_closed()
+    finally:
+        client.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in head
+    assert b"Trailer" not in head and b"Transfer-Encoding" not in head
+    assert body == b"hello"
+
+
+@pytest.mark.parametrize("trailers", [
+    b"0\r\n" + b"X-Big: " + b"a" * 1024 * 1024 + b"\r\n\r\n",  # 1 MB: over max_header_bytes
+    b"0\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n",  # max_headers
+    b"0\r\nX-Bad: a\nb\r\n\r\n",  # a bare LF
+    b"0\r\nX-Bad: a\rb\r\n\r\n",  # a bare CR
+    b"0\r\nNo colon here\r\n\r\n",
+    b"0\r\nX Bad: y\r\n\r\n",  # a space in the name
+], ids=["1MB", "101-fields", "bare-LF", "bare-CR", "no-colon", "bad-name"])
+def test_bad_response_trailers_cut_the_response(tmp_path, stack, trailers: bytes) -> None:
+    bal, _ = stack(tmp_path, answer_with(RESPONSE_HEAD, trailers))
+    client = Reader(bal.port)
+    try:  # Connection: close, so that a 502 page closes too
+        client.sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+        data = client.until_closed()
+    finally:
+        client.close()
+    assert b"X-Bad" not in data and b"X-Big" not in data
+    if data.startswith(b"HTTP/1.1 502 "):  # it all came in the head's read: a 502, then close
+        return
+    # the head and body went out; the response then ends without its last chunk,
+    # so the client knows it is incomplete
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and b"5\r\nhello\r\n" in data
+    assert not data.endswith(b"\r\n\r\n")
+    assert bal.api("GET", "/api/v1/stats")[0] == 200  # the balancer still serves
+    assert bal.proc.poll() is None
 
 
 # HTTP/1.0 without Host -------------------------------------------------------------
