@@ -5,9 +5,15 @@ arbiter's private run directory, mode 0700, owned by the run user). A client
 sends one command line and reads one JSON reply until EOF:
 
 * ``stats``  → ``{"pid", "loaded", "draining", "version", "highest", "started",
-  "store_problem", "stats": SNAPSHOT}``
+  "store_problem", "stats": SNAPSHOT}``, every host's counters; ``stats JSON``
+  the same with only some hosts' (`select_hosts`), costing those hosts only:
+  ``{"hosts": [KEY...]}`` those keys; ``{"after": KEY, "limit": N}`` the
+  first N keys above KEY in sorted order (and ``"more"``: whether any follow);
+  ``{"active": true, "hosts": [KEY...]}`` the hosts that have seen a request
+  and those keys. ``"totals": true`` adds ``"totals": {"open_requests",
+  "completed_requests"}`` over every host (recounted at most once a second).
 * ``reload`` → ``{"pid", "version"}`` or ``{"pid", "error": TEXT}``
-* ``version`` → ``{"pid", "version", "highest", "store_problem"}`` (cheap: no stats)
+* ``version`` → ``{"pid", "loaded", "version", "highest", "store_problem"}`` (cheap: no stats)
 * ``apply JSON`` → ``{"pid", "version", "highest", "store_problem"}`` once the worker serves
   the write the management process just made: JSON is ``{"version": N,
   "hosts": {HOST: RULE or null}}`` (the hosts one write changed, applied
@@ -53,6 +59,8 @@ MAX_COMMAND = 4 * 1024 * 1024  # an `apply` carries one write's rules (the API t
 WORKER_GLOB = "worker-*.sock"
 RETIRED_GLOB = "retired-*.json"
 LOCK_POLL = 0.005
+TOTALS_EVERY = 1.0  # seconds: how stale `stats {"totals": true}` may be
+MAX_PAGE = 10000  # hosts in one `stats {"after", "limit"}` answer
 
 
 def control_path(directory: str, pid: int) -> str:
@@ -74,6 +82,7 @@ class ControlServer:
         self.path = control_path(directory, os.getpid())
         self.worker = worker
         self.started = time.time()
+        self.counted: tuple[float, dict[str, int]] = (-TOTALS_EVERY, {})  # (when, totals)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket of a recycled pid
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -106,8 +115,11 @@ class ControlServer:
             return self.apply(command[len("apply "):])
         if command.startswith(("top ", "inflight ")):
             return self.diagnose(command)
+        if command.startswith("stats "):
+            return self.selected_stats(command[len("stats "):])
         if command == "version":
-            return {"pid": os.getpid(), "version": worker.holder.table.version,
+            return {"pid": os.getpid(), "loaded": worker.loaded,
+                    "version": worker.holder.table.version,
                     "highest": worker.tables.highest, "store_problem": worker.tables.store_problem}
         if command == "reload":
             from balancer.stores.base import StoreError
@@ -124,12 +136,38 @@ class ControlServer:
             except StoreError as exc:
                 return {"pid": os.getpid(), "error": str(exc)}
         if command == "stats":
-            return {"pid": os.getpid(), "loaded": worker.loaded, "draining": worker.draining,
-                    "version": worker.holder.table.version, "highest": worker.tables.highest,
-                    "started": self.started, "store_problem": worker.tables.store_problem,
-                    "stats": worker_snapshot(worker)}
+            return self.stats_reply(None)
         return {"pid": os.getpid(), "error": f"unknown command {command[:64]!r}; "
                                              f"commands are {', '.join(COMMANDS)}"}
+
+    def stats_reply(self, keys: list[str] | None) -> dict[str, Any]:
+        worker = self.worker
+        return {"pid": os.getpid(), "loaded": worker.loaded, "draining": worker.draining,
+                "version": worker.holder.table.version, "highest": worker.tables.highest,
+                "started": self.started, "store_problem": worker.tables.store_problem,
+                "stats": worker_snapshot(worker, keys)}
+
+    def selected_stats(self, text: str) -> dict[str, Any]:
+        """``stats JSON`` (see the module doc); a bad query is an error."""
+        try:
+            query = json.loads(text)
+            keys, more = select_hosts(self.worker.stats, query)
+        except (ValueError, TypeError) as exc:
+            return {"pid": os.getpid(), "error": f"stats: bad query: {exc}"}
+        reply = self.stats_reply(keys)
+        reply["more"] = more
+        if query.get("totals"):
+            reply["totals"] = self.totals()
+        return reply
+
+    def totals(self) -> dict[str, int]:
+        """Open and completed requests over every host, at most a second old."""
+        now = time.monotonic()
+        if now - self.counted[0] >= TOTALS_EVERY:
+            open_requests, completed = self.worker.stats.totals()
+            self.counted = (now, {"open_requests": open_requests,
+                                  "completed_requests": completed})
+        return self.counted[1]
 
     def diagnose(self, command: str) -> dict[str, Any]:
         """``top`` and ``inflight`` (see the module doc); a bad query is an error."""
@@ -166,9 +204,31 @@ class ControlServer:
                 "store_problem": worker.tables.store_problem}
 
 
-def worker_snapshot(worker: Any) -> dict[str, Any]:
-    """The worker's stats snapshot, with its own view of the store."""
-    snapshot = worker.stats.snapshot()
+def select_hosts(stats: Any, query: Any) -> tuple[list[str], bool]:
+    """The host keys a ``stats JSON`` query names, and whether a page has more
+    (see the module doc). Raises ValueError or TypeError for a bad query."""
+    if not isinstance(query, dict):
+        raise ValueError("the query must be a JSON object")
+    named = query.get("hosts", [])
+    if not isinstance(named, list) or not all(isinstance(k, str) for k in named):
+        raise ValueError("hosts must be a list of host keys")
+    if query.get("active"):
+        active = stats.active_keys()
+        seen = set(active)
+        return active + [k for k in named if k not in seen], False
+    if "limit" in query:
+        after, limit = query.get("after") or "", query["limit"]
+        if not isinstance(after, str) or not isinstance(limit, int) or \
+                not 0 < limit <= MAX_PAGE:
+            raise ValueError(f"after must be a host key and limit 1 to {MAX_PAGE}")
+        return stats.page(after, limit)
+    return named, False
+
+
+def worker_snapshot(worker: Any, keys: list[str] | None = None) -> dict[str, Any]:
+    """The worker's stats snapshot (of the hosts `keys` only, unless None),
+    with its own view of the store."""
+    snapshot = worker.stats.snapshot(keys)
     usable = worker.tables.store_problem is None and worker.store.last_error() is None
     snapshot["store_up"] = int(usable and worker.store.is_reachable())
     return snapshot
@@ -186,7 +246,8 @@ def write_retired(directory: str, worker: Any) -> None:
     path = retired_path(directory, os.getpid())
     tmp = path + ".tmp"
     with open(tmp, "w") as out:
-        json.dump(counters_only(worker_snapshot(worker)), out)
+        # idle hosts' counters are zeros: leaving them out changes no total
+        json.dump(counters_only(worker_snapshot(worker, worker.stats.active_keys())), out)
     os.replace(tmp, path)
 
 

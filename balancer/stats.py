@@ -14,6 +14,8 @@ Invariants:
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections.abc import Iterable
 from typing import Any, Final
 
 from balancer.sketch import TopTalkers
@@ -125,6 +127,20 @@ class HostStats:
         for address in [a for a in self.backends if a not in addresses]:
             del self.backends[address]
 
+    def is_idle(self) -> bool:
+        """Whether no request ever reached this host (its counters are all zero)."""
+        return not (self.completed_requests or self.open_requests or self.spinning
+                    or self.limited)
+
+    def brief(self) -> dict[str, Any]:
+        """An idle host's snapshot: its backends and their health states only
+        (every counter left out reads as zero, as in `merge_snapshots`)."""
+        backends: dict[str, Any] = {}
+        for address, b in self.backends.items():
+            state = b.source.health_state() if b.source is not None else "up"
+            backends[address] = {} if state == "up" else {"state": state}
+        return {"backends": backends}
+
     def snapshot(self) -> dict[str, Any]:
         responses = {f"{c}xx": 0 for c in range(1, 6)}
         for code, n in self.codes.items():
@@ -156,6 +172,7 @@ class Stats:
         self.failing: dict[str, HostStats] = {}  # hosts with a 502/504 since the last report
         self.top = TopTalkers()  # heavy hitters (balancer.sketch); rotated by the worker
         self.tls_handshakes = dict.fromkeys(TLS_OUTCOMES, 0)  # by outcome (balancer.tls)
+        self.order: list[str] | None = None  # `hosts`' keys sorted, until one comes or goes
 
     def note_failure(self, key: str, host: HostStats, cause: str, error: Any) -> None:
         """Count a 502/504 by its cause for the once-a-second report (no formatting)."""
@@ -169,15 +186,28 @@ class Stats:
         stats = self.hosts.get(key)
         if stats is None:
             stats = self.hosts[key] = HostStats()
+            self.order = None
         return stats
 
     def forget_hosts(self, keys: set[str]) -> None:
         """Forget the counters of deleted host keys (in-flight requests of theirs
         finish on the forgotten objects)."""
         for key in keys:
-            self.hosts.pop(key, None)
+            if self.hosts.pop(key, None) is not None:
+                self.order = None
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, keys: Iterable[str] | None = None) -> dict[str, Any]:
+        """Every counter; with `keys`, only those hosts' (the others are left out),
+        idle ones in `HostStats.brief` (the management process reads zeros there)."""
+        hosts = self.hosts
+        if keys is None:
+            chosen = {k: h.snapshot() for k, h in hosts.items()}
+        else:
+            chosen = {}
+            for k in keys:
+                h = hosts.get(k)
+                if h is not None:
+                    chosen[k] = h.brief() if h.is_idle() else h.snapshot()
         return {
             "open_connections": self.open_connections,
             "routing_version": self.routing_version,
@@ -185,20 +215,45 @@ class Stats:
             "store_up": self.store_up,
             "last_reload": self.last_reload,
             "tls_handshakes": dict(self.tls_handshakes),
-            "hosts": {k: h.snapshot() for k, h in self.hosts.items()},
+            "hosts": chosen,
         }
+
+    def page(self, after: str, limit: int) -> tuple[list[str], bool]:
+        """The first `limit` host keys above `after` in sorted order, and whether
+        more follow. The order is sorted once per change of the keys (at a table
+        swap), so a page costs its own hosts, not the table's."""
+        order = self.order
+        if order is None:
+            order = self.order = sorted(self.hosts)
+        start = bisect_right(order, after) if after else 0
+        return order[start:start + limit], start + limit < len(order)
+
+    def active_keys(self) -> list[str]:
+        """The hosts that have seen a request (the others' counters are all zero)."""
+        return [k for k, h in self.hosts.items() if not h.is_idle()]
+
+    def totals(self) -> tuple[int, int]:
+        """Open and completed requests over every host."""
+        open_requests = completed = 0
+        for h in self.hosts.values():
+            open_requests += h.open_requests
+            completed += h.completed_requests
+        return open_requests, completed
 
 
 _MAX_KEYS: Final = {"routing_version", "last_reload"}
 _MIN_KEYS: Final = {"store_up"}
 
 
-def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sum worker snapshots (max for versions, min for `store_up`)."""
+def merge_snapshots(snapshots: list[dict[str, Any]], in_place: bool = False
+                    ) -> dict[str, Any]:
+    """Sum worker snapshots (max for versions, min for `store_up`). `in_place`:
+    the first snapshot is the caller's to give (just decoded): the others are
+    summed into it instead of into a copy."""
     if not snapshots:
         return Stats().snapshot()
-    merged: dict[str, Any] = {}
-    for snap in snapshots:
+    merged: dict[str, Any] = snapshots[0] if in_place else {}
+    for snap in snapshots[1:] if in_place else snapshots:
         _merge_into(merged, snap)
     return merged
 
@@ -224,12 +279,14 @@ def _merge_into(into: dict[str, Any], other: dict[str, Any]) -> None:
 
 def only_known(snapshot: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
     """`snapshot` (retired workers' counters) cut to the hosts and backends that
-    `live` (the merged live workers) reports: deleted ones are not shown again."""
-    known = live.get("hosts", {})
+    `live` (the merged live workers) reports: deleted ones are not shown again.
+    Costs the hosts of `live` (a page of them, or the active ones)."""
+    retired = snapshot.get("hosts", {})
     hosts: dict[str, Any] = {}
-    for key, host in snapshot.get("hosts", {}).items():
-        if key in known:
-            backends = known[key].get("backends", {})
+    for key, known in live.get("hosts", {}).items():
+        host = retired.get(key)
+        if host is not None:
+            backends = known.get("backends", {})
             hosts[key] = {**host, "backends": {a: b for a, b in host.get("backends", {}).items()
                                                if a in backends}}
     return {**snapshot, "hosts": hosts}

@@ -66,7 +66,7 @@ from management.http import (
 from management.metrics import Metrics
 from management.mirror import Mirror
 from management.runtime import Runtime, StaticRuntime
-from management.stats_view import host_stats, stats_view
+from management.stats_view import host_stats, stats_select, stats_view
 
 log = logging.getLogger("balancer.management")
 
@@ -366,11 +366,11 @@ class ManagementApp:
 
     # data plane ------------------------------------------------------------
     def on_stats(self, request: Request) -> Response:
-        return json_response(stats_view(self.runtime.stats()))
+        return json_response(stats_view(self.runtime.stats(stats_select(request.args))))
 
     def on_host_stats(self, request: Request, host: str) -> Response:
         key = normalize_host(host)
-        found = self.runtime.stats().get("hosts", {}).get(key)
+        found = self.runtime.stats({"hosts": [key]}).get("hosts", {}).get(key)
         if found is None and key not in self.store.load().hosts:
             raise ApiError(404, "not_found", f"no statistics for host {key!r}")
         return json_response({"host": key, **host_stats(found or {})})

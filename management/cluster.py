@@ -37,6 +37,7 @@ from balancer.control import RETIRED_GLOB, ask, ask_why, pid_of, run_dir_lock, w
 from balancer.stats import Stats, merge_snapshots, only_known
 
 RETIRED_TOTAL = "retired-total.json"
+INFO_COMMAND = 'stats {"hosts": [], "totals": true}'  # no host's counters, each worker's totals
 
 
 class ClusterRuntime:
@@ -54,10 +55,14 @@ class ClusterRuntime:
         self.highest = 0  # the highest version a worker reported (`highest_version`)
         self.known_workers: set[int | None] = set()  # the pids that reported it
 
-    def survey(self, command: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-        """Every live worker's answer to `command`, and the retired total, read together."""
+    def survey(self, command: str | Callable[[dict[str, Any] | None], str]
+               ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """Every live worker's answer to `command` (or to the command made from the
+        retired total), and the retired total, read together."""
         with self.mutex, run_dir_lock(self.directory):
-            return self.ask_all(command), self.retired.snapshot()
+            retired = self.retired.snapshot()
+            return self.ask_all(command if isinstance(command, str) else command(retired)), \
+                retired
 
     def ask_all(self, command: str) -> list[dict[str, Any]]:
         """Every live worker's answer to `command` (workers that do not answer are left out)."""
@@ -65,15 +70,30 @@ class ClusterRuntime:
         gevent.joinall(jobs)
         return sorted((job.value for job in jobs if job.value), key=lambda r: r["pid"])
 
-    def stats(self) -> dict[str, Any]:
-        return self._merged(*self.survey("stats"))
+    def stats(self, select: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The merged snapshot: every host's, or those `select` names
+        (`management.runtime.Runtime.stats`)."""
+        if select is None:
+            return self._merged(*self.survey("stats"))
+        if select.get("active"):  # and the hosts retired workers counted
+            def command(retired: dict[str, Any] | None) -> str:
+                named = sorted((retired or {}).get("hosts", {}))
+                return "stats " + json.dumps({"active": True, "hosts": named})
+            return self._merged(*self.survey(command))
+        replies, retired = self.survey("stats " + json.dumps(select))
+        merged = self._merged(replies, retired)
+        if "limit" in select:
+            merged["next"] = page_end(merged, replies, select["limit"])
+        return merged
 
     def _merged(self, replies: list[dict[str, Any]], retired: dict[str, Any] | None
                 ) -> dict[str, Any]:
+        """The replies' snapshots summed (into the first reply's), with the retired
+        workers' counters of the hosts and backends they show."""
         snapshots = [r["stats"] for r in replies]
-        merged = merge_snapshots(snapshots)
+        merged = merge_snapshots(snapshots, in_place=True)  # the replies were just decoded
         if retired:  # counters of hosts and backends still served, never deleted ones
-            merged = merge_snapshots([merged, only_known(retired, merged)])
+            merged = merge_snapshots([merged, only_known(retired, merged)], in_place=True)
         own = int(self.store.is_reachable() and self.problem() is None
                   and self.store.last_error() is None)
         merged["store_up"] = min(merged.get("store_up", own), own) if snapshots else own
@@ -137,14 +157,17 @@ class ClusterRuntime:
 
     def is_ready(self) -> bool:
         """Ready when at least one worker answers and every answering worker has a table."""
-        replies = self.ask_all("stats")
-        return bool(replies) and all(r["loaded"] for r in replies)
+        replies = self.ask_all("version")
+        return bool(replies) and all(r.get("loaded") for r in replies)
 
     def info(self) -> dict[str, Any]:
-        replies, retired = self.survey("stats")
+        """Workers and store; costs no host's counters (each worker's totals are
+        at most a second old)."""
+        replies, retired = self.survey(INFO_COMMAND)
+        processes = [process_info(r) for r in replies]  # before merging sums into the first
         merged = self._merged(replies, retired)
         return {"workers": self.workers,
-                "processes": [process_info(r) for r in replies],
+                "processes": processes,
                 "arbiter": read_json(os.path.join(self.directory, STATUS_FILE)) or {},
                 "store": {"kind": self.store.kind, "url": self.store.display_url,
                           "reachable": self.store.is_reachable(),
@@ -163,16 +186,28 @@ class ClusterRuntime:
         return None
 
 
+def page_end(merged: dict[str, Any], replies: list[dict[str, Any]], limit: int) -> str | None:
+    """Cut a merged page of hosts to `limit` (workers serving different tables
+    may each add some); the key the next page starts after, or None at the end."""
+    hosts = merged.get("hosts", {})
+    keys = sorted(hosts)
+    if len(keys) > limit:
+        merged["hosts"] = {k: hosts[k] for k in keys[:limit]}
+        return keys[limit - 1]
+    if keys and any(r.get("more") for r in replies):
+        return keys[-1]
+    return None
+
+
 def process_info(reply: dict[str, Any]) -> dict[str, Any]:
-    """One worker's line in ``/api/v1/info``."""
-    stats = reply["stats"]
-    hosts = stats.get("hosts", {}).values()
+    """One worker's line in ``/api/v1/info`` (its answer to `INFO_COMMAND`)."""
+    totals = reply.get("totals", {})
     return {"pid": reply["pid"], "started": reply["started"], "loaded": reply["loaded"],
             "draining": reply["draining"], "version": reply["version"],
             "store_problem": reply.get("store_problem"),
-            "open_connections": stats.get("open_connections", 0),
-            "open_requests": sum(h.get("open_requests", 0) for h in hosts),
-            "completed_requests": sum(h.get("completed_requests", 0) for h in hosts)}
+            "open_connections": reply["stats"].get("open_connections", 0),
+            "open_requests": totals.get("open_requests", 0),
+            "completed_requests": totals.get("completed_requests", 0)}
 
 
 class RetiredCounters:

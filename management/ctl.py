@@ -32,6 +32,8 @@ from management.ctl_format import (
 
 DEFAULT_URL = "http://127.0.0.1:8081"
 TIMEOUT = 30.0
+STATS_PAGE = 10000  # hosts per `stats` page (the API's most)
+STATS_PAGES = 1000  # pages at most: 10 million hosts
 
 
 class CtlError(Exception):
@@ -261,8 +263,10 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
         return answer, _applied(answer, f"{args.host}: removed {args.address} "
                                         f"(version {answer['version']})")
     if command == "stats":
-        path = "/api/v1/stats" + (f"/{quote(args.host, safe='*')}" if args.host else "")
-        answer = client.call("GET", path)
+        if args.host:
+            answer = client.call("GET", f"/api/v1/stats/{quote(args.host, safe='*')}")
+        else:
+            answer = every_stats_page(client)
         return answer, format_stats(answer)
     if command in ("deploy", "rollback", "deploys"):
         return ctl_deploy.run(args, client, CtlError)
@@ -283,6 +287,19 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
                                         f"{answer['version']}")
     answer = client.call("POST", "/api/v1/reload")
     return answer, f"reloaded: version {answer['version']}"
+
+
+def every_stats_page(client: Any) -> dict[str, Any]:
+    """``/api/v1/stats`` page after page (`STATS_PAGE` hosts each), as one answer."""
+    answer = client.call("GET", f"/api/v1/stats?limit={STATS_PAGE}")
+    hosts = answer["hosts"]
+    for _ in range(STATS_PAGES):
+        if not answer.get("next"):
+            break
+        query = urlencode({"limit": STATS_PAGE, "after": answer["next"]})
+        answer = client.call("GET", f"/api/v1/stats?{query}")
+        hosts.update(answer["hosts"])
+    return {**answer, "hosts": hosts, "next": None}
 
 
 def _warned(answer: Any, text: str) -> str:

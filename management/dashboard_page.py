@@ -24,7 +24,7 @@ from typing import Any
 from balancer.stores import Store, StoreError
 from management import diagnosis
 from management.runtime import Runtime
-from management.stats_view import stats_view
+from management.stats_view import FIRST_PAGE, stats_view
 
 log = logging.getLogger("balancer.management")
 
@@ -39,7 +39,7 @@ def initial_state(store: Store, runtime: Runtime, history: Any = None
     try:
         data = store.load()
         state = {"table": {"version": data.version, "hosts": data.hosts},
-                 "stats": stats_view(runtime.stats()), "info": runtime.info(),
+                 "stats": stats_view(runtime.stats(FIRST_PAGE)), "info": runtime.info(),
                  "deploys": store.records().deploys()}
         if history is not None:
             state["history"] = history.view(CHART_SECONDS, time.time())

@@ -200,8 +200,8 @@ class Deployer:
         info = self.runtime.info()
         versions = [p.get("version", 0) for p in info.get("processes", ())]
         version = min(versions) if versions else info.get("store", {}).get("version", 0)
-        self.records.report_inflight(self.owner, local_report(self.runtime.stats(), version,
-                                                              hosts, time.time()))
+        stats = self.runtime.stats({"hosts": hosts})
+        self.records.report_inflight(self.owner, local_report(stats, version, hosts, time.time()))
 
     def resume_orphans(self, claims: dict[str, dict[str, Any]]) -> None:
         now = time.time()

@@ -63,6 +63,9 @@ class History:
         """Record one point from a merged stats snapshot taken at `now` (unix time)."""
         hosts = snapshot.get("hosts", {})
         keys = sorted(hosts)[:MAX_HOSTS]
+        # The snapshot holds the hosts that have seen a request (`Runtime.stats` with
+        # "active"): one the previous sample lacked, when it left none out, was idle.
+        idle = IDLE if not self.left_out else None
         self.left_out = max(0, len(hosts) - MAX_HOSTS)
         counters = {key: _counters(hosts[key]) for key in keys}
         counters[TOTAL] = _total(counters.values())
@@ -75,7 +78,7 @@ class History:
             ring = self.rings.get(key)
             if ring is None:
                 ring = self.rings[key] = _ring()
-            values = _point(now_counters, self.last.get(key), seconds)
+            values = _point(now_counters, self.last.get(key, idle), seconds)
             for s, value in enumerate(values):
                 ring[s * POINTS + i] = math.nan if value is None else value
         self.times[i] = now
@@ -165,6 +168,9 @@ def _total(all_counters: Any) -> dict[str, Any]:
             for mine, theirs in zip(total["buckets"], c["buckets"], strict=True):
                 mine[1] += theirs[1]
     return total
+
+
+IDLE: dict[str, Any] = {"completed": 0, "errors": 0, "buckets": []}  # a host without requests
 
 
 def _point(now: dict[str, Any], before: dict[str, Any] | None, seconds: float

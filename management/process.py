@@ -82,7 +82,7 @@ def history_loop(history: Any, runtime: Any) -> None:
     while True:
         gevent.sleep(INTERVAL - time.time() % INTERVAL)  # on the interval's boundary
         try:
-            history.sample(runtime.stats(), time.time())
+            history.sample(runtime.stats({"active": True}), time.time())
         except Exception:  # the next sample tries again; the API keeps answering
             log.exception("history: sampling the stats failed")
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from balancer.control import select_hosts
 from balancer.stats import Stats
 from balancer.stores.base import Store, StoreError
 
@@ -19,8 +20,13 @@ from balancer.stores.base import Store, StoreError
 class Runtime(Protocol):
     """The data plane as seen by the management API."""
 
-    def stats(self) -> dict[str, Any]:
-        """A merged stats snapshot of every worker (shape: docs/ARCHITECTURE.md)."""
+    def stats(self, select: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A merged stats snapshot of every worker (shape: docs/ARCHITECTURE.md):
+        of every host (None: what /metrics exports), or only those `select` names,
+        at the cost of those hosts: ``{"hosts": [KEY...]}``; ``{"after": KEY,
+        "limit": N}``, a page in key order, the snapshot then carrying ``"next"``
+        (the key the next page starts after, None at the end); ``{"active":
+        True}``, the hosts that have seen a request (`balancer.control`)."""
         ...
 
     def reload(self) -> int:
@@ -62,8 +68,8 @@ class StaticRuntime:
         self.last_reload = 0.0
         self.reloads = 0
 
-    def stats(self) -> dict[str, Any]:
-        snapshot = Stats().snapshot()
+    def stats(self, select: dict[str, Any] | None = None) -> dict[str, Any]:
+        snapshot = snapshot_of(Stats(), select)  # no data plane: no host has counters
         snapshot["routing_version"] = self.version
         snapshot["config_reloads"] = self.reloads
         snapshot["last_reload"] = self.last_reload
@@ -101,3 +107,14 @@ class StaticRuntime:
                           "reachable": self.store.is_reachable(), "version": self.version,
                           "last_reload": self.last_reload,
                           "problem": self.store.last_error()}}
+
+
+def snapshot_of(counters: Stats, select: dict[str, Any] | None) -> dict[str, Any]:
+    """One process's `counters` as `Runtime.stats` answers for `select`."""
+    if select is None:
+        return counters.snapshot()
+    keys, more = select_hosts(counters, select)
+    snapshot = counters.snapshot(keys)
+    if "limit" in select:
+        snapshot["next"] = keys[-1] if more and keys else None
+    return snapshot

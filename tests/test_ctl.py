@@ -103,6 +103,32 @@ def test_backends_and_reload(env: dict[str, str], store: FileStore) -> None:
     assert ok("reload", env=env).strip() == "reloaded: version 3"
 
 
+def test_stats_reads_every_page() -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from management.ctl import STATS_PAGE, every_stats_page
+
+    class Pages:
+        """The API's answers for 3 pages of hosts "a", "b", "c"."""
+
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        def call(self, method: str, path: str) -> dict[str, Any]:
+            query = parse_qs(urlsplit(path).query)
+            assert method == "GET" and query["limit"] == [str(STATS_PAGE)]
+            after = query.get("after", [""])[0]
+            self.asked.append(after)
+            following = {"": "a", "a": "b", "b": "c"}[after]
+            return {"routing_version": 1, "hosts": {following: {"completed_requests": 1}},
+                    "next": following if following != "c" else None}
+
+    client = Pages()
+    answer = every_stats_page(client)
+    assert client.asked == ["", "a", "b"]
+    assert list(answer["hosts"]) == ["a", "b", "c"] and answer["next"] is None
+
+
 def test_stats(env: dict[str, str]) -> None:
     assert ok("stats", env=env).strip() == "no traffic yet"
     ok("set", "web.example.com", "empty", "status=204", env=env)

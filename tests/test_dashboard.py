@@ -29,6 +29,7 @@ from balancer.stats import Stats
 from balancer.stores import Store, open_store
 from management.app import create_app
 from management.history import History
+from management.runtime import snapshot_of
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -66,11 +67,11 @@ class ScriptedRuntime:
         with self.lock:
             yield self.counters
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, select: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.failing:
             raise RuntimeError("scripted failure of the stats source")
         with self.lock:
-            snapshot = self.counters.snapshot()
+            snapshot = snapshot_of(self.counters, select)
         snapshot.update(routing_version=self.store.load().version, store_up=int(self.store_up),
                         config_reloads=3, last_reload=self.last_reload)
         return snapshot

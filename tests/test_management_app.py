@@ -17,6 +17,7 @@ from balancer.stores import Store, open_store
 from balancer.stores.file import FileStore
 from management import app as app_module
 from management.app import create_app
+from management.runtime import snapshot_of
 from tests.conftest import RedisServer
 
 WEB = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
@@ -73,8 +74,8 @@ class CountingRuntime:
         self.ready = True
         self.reloads = 0
 
-    def stats(self) -> dict[str, Any]:
-        return self.counters.snapshot()
+    def stats(self, select: dict[str, Any] | None = None) -> dict[str, Any]:
+        return snapshot_of(self.counters, select)
 
     def reload(self) -> int:
         self.reloads += 1
@@ -294,6 +295,36 @@ def test_stats_shapes_follow_the_counters(store: FileStore,
     call(base, "PUT", "/api/v1/hosts/quiet.example.com", GONE)
     quiet = call(base, "GET", "/api/v1/stats/quiet.example.com").json
     assert quiet["completed_requests"] == 0 and quiet["backends"] == {}
+
+
+def test_stats_come_in_pages_or_by_host(store: FileStore,
+                                        serve_wsgi: Callable[[Any], str]) -> None:
+    runtime = CountingRuntime(store)
+    keys = [f"app{i:02d}.example.com" for i in range(25)]
+    for key in keys:
+        runtime.counters.host(key).backend("127.0.0.1:9001")
+    runtime.counters.host("app03.example.com").finish(200, 1, 2, 0.01)
+    base = serve_wsgi(create_app(store=store, runtime=runtime))
+    seen, after = [], ""
+    for _ in range(10):  # 25 hosts, 10 a page: 3 pages
+        page = call(base, "GET", f"/api/v1/stats?limit=10&after={after}").json
+        seen += list(page["hosts"])
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert seen == keys
+    first = call(base, "GET", "/api/v1/stats").json  # the first PAGE_LIMIT hosts
+    assert list(first["hosts"]) == keys and first["next"] is None
+    # an idle host has the shape of a busy one
+    assert first["hosts"]["app04.example.com"]["backends"]["127.0.0.1:9001"]["outcomes"] == \
+        {"success": 0, "connect_error": 0, "timeout": 0, "error": 0}
+    assert first["hosts"]["app03.example.com"]["completed_requests"] == 1
+    named = call(base, "GET", "/api/v1/stats?host=APP03.example.com&host=app07.example.com"
+                              "&host=nobody.example.com").json
+    assert list(named["hosts"]) == ["app03.example.com", "app07.example.com"]
+    assert named["next"] is None
+    for bad in ("0", "x", "10001"):
+        assert_error(call(base, "GET", f"/api/v1/stats?limit={bad}"), 400, "bad_query")
 
 
 def test_reload_info_and_readiness(store: FileStore, serve_wsgi: Callable[[Any], str]) -> None:
