@@ -32,7 +32,7 @@ FIRST_PAGE: dict[str, Any] = {"after": "", "limit": PAGE_LIMIT}
 
 def stats_select(args: Mapping[str, Any]) -> dict[str, Any]:
     """The hosts a ``/api/v1/stats`` query asks for (a `Runtime.stats` select);
-    400 `bad_query` for a bad ``limit``."""
+    400 `bad_request` for a bad ``limit``."""
     named = args.getlist("host") if hasattr(args, "getlist") else []
     if named:
         return {"hosts": sorted({normalize_host(h) for h in named})}
@@ -42,7 +42,7 @@ def stats_select(args: Mapping[str, Any]) -> dict[str, Any]:
     except ValueError:
         limit = 0
     if not 0 < limit <= MAX_PAGE:
-        raise ApiError(400, "bad_query", f"limit: must be an integer from 1 to {MAX_PAGE}, "
+        raise ApiError(400, "bad_request", f"limit: must be an integer from 1 to {MAX_PAGE}, "
                                          f"got {text!r}")
     return {"after": normalize_host(args.get("after", "")), "limit": limit}
 
