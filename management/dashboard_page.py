@@ -19,15 +19,28 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
+
+from werkzeug.wrappers import Request, Response
 
 from balancer.stores import Store, StoreError
 from management import diagnosis
+from management.http import file_response
 from management.runtime import Runtime
 from management.stats_view import FIRST_PAGE, stats_view
 
 log = logging.getLogger("balancer.management")
 
+STATIC_DIR = Path(__file__).parent / "static"
+FALLBACK_INDEX = """<!doctype html>
+<html><head><meta charset="utf-8"><title>balancer</title></head>
+<body><h1>balancer management</h1>
+<p>The dashboard is not installed. The JSON API is at
+<a href="/api/v1/hosts">/api/v1/hosts</a>, <a href="/api/v1/stats">/api/v1/stats</a>,
+<a href="/api/v1/info">/api/v1/info</a>; metrics at <a href="/metrics">/metrics</a>.</p>
+</body></html>
+"""
 CHART_SECONDS = 300  # the charts' window (management/static/history.js WINDOW_MS)
 PLACEHOLDER = '<script id="initial-state" type="application/json">null</script>'
 
@@ -68,3 +81,27 @@ def embed(page: str, state: dict[str, Any] | None) -> str:
     data = (json.dumps(state, separators=(",", ":"), allow_nan=False)
             .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
     return page.replace(PLACEHOLDER, PLACEHOLDER.replace(">null<", f">{data}<"), 1)
+
+
+class DashboardRoutes:
+    """``/`` and ``/static/*`` (a part of `ManagementApp`): public, carrying no data
+    but the embedded state, which only a token-less API shows."""
+
+    store: Store
+    runtime: Runtime
+    history: Any
+    token: str | None
+
+    def on_index(self, request: Request) -> Response:
+        index = STATIC_DIR / "index.html"
+        if not index.is_file():
+            return Response(FALLBACK_INDEX, content_type="text/html; charset=utf-8")
+        state = None if self.token else initial_state(self.store, self.runtime,
+                                                                        self.history)
+        response = Response(embed(index.read_text(), state),
+                            content_type="text/html; charset=utf-8")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def on_static(self, request: Request, name: str) -> Response:
+        return file_response(STATIC_DIR, name)

@@ -18,10 +18,11 @@ import math
 from typing import Any
 
 from werkzeug.routing import Rule
+from werkzeug.wrappers import Request, Response
 
-from balancer.rules import MAX_HOLD, validate_rule
+from balancer.rules import MAX_HOLD, normalize_host, validate_rule
 from management.deploys import Busy, Deployer
-from management.http import ApiError
+from management.http import ApiError, json_response, read_json
 
 DEFAULTS = {"ready_timeout": 60.0, "drain_timeout": 30.0, "warmup": 10.0}
 MINIMUM = {"ready_timeout": 0.001, "drain_timeout": 0.001, "warmup": 0.0}
@@ -119,3 +120,23 @@ def find(app: Any, deploy_id: str) -> dict[str, Any]:
                        f"are kept)")
     return record
 
+
+class DeployRoutes:
+    """The `on_<endpoint>` methods of the deploy routes (a part of `ManagementApp`)."""
+
+    deployer: Deployer
+
+    def on_deploy(self, request: Request, host: str) -> Response:
+        record = deploy(self, normalize_host(host), read_json(request))
+        return json_response({"deploy": record}, status=202)
+
+    def on_rollback(self, request: Request, host: str) -> Response:
+        body = read_json(request) if request.content_length else None
+        record = rollback(self, normalize_host(host), body)
+        return json_response({"deploy": record}, status=202)
+
+    def on_list_deploys(self, request: Request) -> Response:
+        return json_response({"deploys": self.deployer.records.deploys()})
+
+    def on_get_deploy(self, request: Request, deploy_id: str) -> Response:
+        return json_response({"deploy": find(self, deploy_id)})

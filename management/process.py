@@ -98,4 +98,5 @@ def save_history(history: Any) -> None:
 CHILD = ManagementChild(run_management, modules=(
     "management.acme_api", "management.acme_ca", "management.acme_issuer", "management.app",
     "management.cluster", "management.deploys", "management.guard", "management.history",
+    "management.hosts_api", "management.status_api",
     "management.mirror", "management.process", "management.server"))

@@ -15,7 +15,7 @@ import pytest
 from balancer.stats import Stats
 from balancer.stores import Store, open_store
 from balancer.stores.file import FileStore
-from management import app as app_module
+from management import dashboard_page
 from management.app import create_app
 from management.runtime import snapshot_of
 from tests.conftest import RedisServer
@@ -380,7 +380,7 @@ def test_create_app_alone_reads_the_store_url_from_the_environment(
 # dashboard -----------------------------------------------------------------------
 def test_dashboard_and_static_files(base: str, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(app_module, "STATIC_DIR", tmp_path / "static")
+    monkeypatch.setattr(dashboard_page, "STATIC_DIR", tmp_path / "static")
     index = call(base, "GET", "/")
     assert index.status == 200 and b"/api/v1/hosts" in index.body  # the fallback page
     assert index.headers["Content-Type"].startswith("text/html")

@@ -1,0 +1,77 @@
+"""The data-plane routes of the management API (SPEC §5, §11): statistics,
+reload, info, diagnosis, history, health, readiness and metrics.
+
+Invariants: every answer comes from the runtime (the workers' control
+sockets) at the moment of the request, and costs what it shows, not the table
+(`management.stats_view`).
+"""
+
+from __future__ import annotations
+
+from werkzeug.wrappers import Request, Response
+
+from balancer.rules import normalize_host
+from balancer.stores import Store
+from management import diagnosis
+from management.history import History
+from management.http import ApiError, json_response, version_headers
+from management.metrics import Metrics
+from management.mirror import Mirror
+from management.runtime import Runtime
+from management.stats_view import host_stats, stats_select, stats_view
+
+
+class StatusRoutes:
+    """The `on_<endpoint>` methods of the data plane's routes (a part of `ManagementApp`)."""
+
+    store: Store
+    runtime: Runtime
+    mirror: Mirror
+    history: History
+    metrics: Metrics
+
+    def on_stats(self, request: Request) -> Response:
+        return json_response(stats_view(self.runtime.stats(stats_select(request.args))))
+
+    def on_host_stats(self, request: Request, host: str) -> Response:
+        key = normalize_host(host)
+        found = self.runtime.stats({"hosts": [key]}).get("hosts", {}).get(key)
+        if found is None and key not in self.store.load().hosts:
+            raise ApiError(404, "not_found", f"no statistics for host {key!r}")
+        return json_response({"host": key, **host_stats(found or {})})
+
+    def on_reload(self, request: Request) -> Response:
+        version = self.runtime.reload()
+        return json_response({"version": version}, headers=version_headers(version))
+
+    def on_info(self, request: Request) -> Response:
+        info = self.runtime.info()
+        store = info.setdefault("store", {})
+        store["problem"] = self.mirror.problem or store.get("problem")
+        return json_response(info)
+
+    def on_top(self, request: Request) -> Response:
+        return json_response(diagnosis.top(self.runtime, request.args))
+
+    def on_inflight(self, request: Request) -> Response:
+        return json_response(diagnosis.inflight(self.runtime, request.args))
+
+    def on_history(self, request: Request) -> Response:
+        return json_response(diagnosis.history(self.history, request.args))
+
+    def on_healthz(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    def on_readyz(self, request: Request) -> Response:
+        reasons = []
+        if not self.runtime.is_ready():
+            reasons.append("no routing table loaded yet")
+        if not self.store.is_reachable():
+            problem = self.store.last_error()
+            reasons.append(f"store unreachable: {problem}" if problem else "store unreachable")
+        if reasons:
+            return json_response({"ready": False, "reasons": reasons}, status=503)
+        return json_response({"ready": True, "reasons": []})
+
+    def on_metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), content_type=Metrics.content_type)
