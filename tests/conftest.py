@@ -176,6 +176,51 @@ def serve_wsgi() -> Iterator[Callable[[Any], str]]:
 
 
 # ---------------------------------------------------------------------------
+# the data plane: backends and balancers on loopback, stopped after the test
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def start_backend() -> Iterator[Callable[..., Any]]:
+    """``backend = start_backend(name="a", handler=...)``: a `tests.support.Backend`."""
+    from tests.support import Backend
+
+    started: list[Backend] = []
+
+    def start(name: str = "a", **kwargs: Any) -> Backend:
+        started.append(Backend(name, **kwargs))
+        return started[-1]
+    yield start
+    for backend in started:
+        backend.stop()
+
+
+@pytest.fixture
+def backend(start_backend: Callable[..., Any]) -> Any:
+    """One `tests.support.Backend` named "a"."""
+    return start_backend("a")
+
+
+@pytest.fixture
+def proxy_to(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``bal = proxy_to(backend, host="app.test", **Balancer_options)``: a balancer
+    (`tests.support.Balancer` in tmp_path) whose `host` proxies to `backend` (a
+    `Backend`, a `tests.rawpeer.RawBackend`: anything with `address` and `stop`).
+    Both are stopped after the test, the balancer first."""
+    from tests.support import Balancer
+
+    started: list[Any] = []
+
+    def start(backend: Any, host: str = "app.test", **options: Any) -> Balancer:
+        started.append(backend)
+        bal = Balancer(tmp_path, {host: {"action": "proxy", "backends": [backend.address]}},
+                       **options)
+        started.append(bal)
+        return bal
+    yield start
+    for peer in reversed(started):
+        peer.stop()
+
+
+# ---------------------------------------------------------------------------
 # compiled modules (setup.py): never test a build older than its sources
 # ---------------------------------------------------------------------------
 def pytest_sessionstart(session: pytest.Session) -> None:

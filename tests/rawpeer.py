@@ -51,6 +51,19 @@ def read_request(conn: socket.socket, inbound: bytearray | None = None) -> bytes
     return data
 
 
+def serve_each(listener: socket.socket, serve: Callable[[socket.socket], None]) -> None:
+    """Accept on `listener` (in a thread) until it is closed, and serve each
+    connection with `serve` in a thread of its own."""
+    def accept_loop() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept_loop, daemon=True).start()
+
+
 class RawBackend:
     """Accepts connections on 127.0.0.1:0 and serves each with `script`."""
 
@@ -62,23 +75,14 @@ class RawBackend:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.connections: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self.thread.start()
+        serve_each(self.listener, self._serve)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
     def _serve(self, conn: socket.socket) -> None:
+        self.connections.append(conn)
         conn.settimeout(self.timeout)
         with conn:
             while True:

@@ -45,6 +45,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
                          + (f" (last error: {last_exc!r})" if last_exc else ""))
 
 
+def loop_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Let this process's gevent loop run until `predicate()` holds; its last value
+    (falsy after `timeout` seconds)."""
+    import gevent
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        gevent.sleep(0.005)
+    return predicate()
+
+
 # scripted backends -------------------------------------------------------------
 class EchoHandler(BaseHTTPRequestHandler):
     """Answers with JSON describing the request; paths script misbehaviour."""

@@ -14,7 +14,7 @@ import pytest
 
 from balancer.fields import CLIENT_FIELDS
 from tests.rawpeer import RawBackend, client_exchange, head_fields
-from tests.support import Balancer, wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -42,13 +42,9 @@ def answer_ok(conn: socket.socket, request: bytes) -> bool:
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(proxy_to):
     backend = RawBackend(answer_ok)
-    bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.address]}},
-                   internal=True)
-    yield bal, backend
-    bal.stop()
-    backend.stop()
+    return proxy_to(backend, internal=True), backend
 
 
 def forged_request() -> bytes:

@@ -17,7 +17,6 @@ import pytest
 from balancer.http11 import END, Limits, ProtocolError, RequestParser
 from balancer.response_parser import ResponseParser
 from tests.rawpeer import RawBackend, client_exchange
-from tests.support import Backend, Balancer
 from tests.test_http_corpus import splits
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -243,12 +242,8 @@ def test_the_next_response_does_not_inherit_trailers() -> None:
 
 # end to end --------------------------------------------------------------------
 @pytest.fixture
-def echo(tmp_path):
-    backend = Backend("a")
-    bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.address]}})
-    yield bal, backend
-    bal.stop()
-    backend.stop()
+def echo(proxy_to, backend):
+    return proxy_to(backend), backend
 
 
 def send_in_pieces(port: int, data: bytes, piece: int) -> bytes:
@@ -289,19 +284,14 @@ def test_request_heads_through_the_balancer(echo) -> None:
     (b"".join(b"X-%d: v\r\n" % i for i in range(150)), b"502"),
     (b"".join(b"X-%d: v\r\n" % i for i in range(DEFAULT.max_headers - 1)), b"200"),
 ], ids=["70KB-field", "150-fields", "100-fields"])
-def test_response_heads_through_the_balancer(tmp_path, body: bytes, want: bytes) -> None:
+def test_response_heads_through_the_balancer(proxy_to, body: bytes, want: bytes) -> None:
     def script(conn: socket.socket, request: bytes) -> bool:
         data = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + body + b"\r\nok"
         for i in range(0, len(data), 4096):  # in many writes: split across reads
             conn.sendall(data[i:i + 4096])
         return True
 
-    backend = RawBackend(script)
-    bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.address]}})
-    try:
-        answer = client_exchange(bal.port, b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n",
-                                 until=b"\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 " + want), answer[:100]
-    finally:
-        bal.stop()
-        backend.stop()
+    bal = proxy_to(RawBackend(script))
+    answer = client_exchange(bal.port, b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n",
+                             until=b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 " + want), answer[:100]

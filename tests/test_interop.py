@@ -16,32 +16,20 @@ import time
 import pytest
 
 from tests.rawpeer import RawBackend, client_exchange, head_fields
-from tests.support import Balancer, wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 WAIT = 10.0  # seconds any step may take before the test fails
 
 
-def serve(tmp_path, script, host: str = "app.test"):
-    backend = RawBackend(script)
-    bal = Balancer(tmp_path, {host: {"action": "proxy", "backends": [backend.address]}})
-    return bal, backend
-
-
 @pytest.fixture
-def stack():
-    started = []
-
-    def start(tmp_path, script, host: str = "app.test"):
-        bal, backend = serve(tmp_path, script, host)
-        started.append((bal, backend))
-        return bal, backend
-
-    yield start
-    for bal, backend in started:
-        bal.stop()
-        backend.stop()
+def stack(proxy_to):
+    """``bal, backend = stack(script)``: a balancer in front of a `RawBackend`."""
+    def start(script, host: str = "app.test"):
+        backend = RawBackend(script)
+        return proxy_to(backend, host), backend
+    return start
 
 
 class Reader:
@@ -51,16 +39,23 @@ class Reader:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
         self.data = b""
 
+    def _recv(self, deadline: float, failure: str) -> bytes:
+        """One read before `deadline` (b"" once the balancer closed); else fails."""
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, failure
+            self.sock.settimeout(left)
+            try:
+                return self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                return b""
+
     def until(self, marker: bytes, timeout: float = WAIT) -> bytes:
         deadline = time.monotonic() + timeout
         while marker not in self.data:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {marker!r} in {self.data[:300]!r}"
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                continue
+            chunk = self._recv(deadline, f"no {marker!r} in {self.data[:300]!r}")
             assert chunk, f"closed before {marker!r}: {self.data[:300]!r}"
             self.data += chunk
         return self.data
@@ -68,19 +63,10 @@ class Reader:
     def until_closed(self, timeout: float = WAIT) -> bytes:
         """Everything until the balancer closes the connection (which it must)."""
         deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"still open after {timeout} s: {self.data[-300:]!r}"
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except ConnectionResetError:
-                return self.data
-            if not chunk:
-                return self.data
+        while chunk := self._recv(deadline, f"still open after {timeout} s: "
+                                            f"{self.data[-300:]!r}"):
             self.data += chunk
+        return self.data
 
     def close(self) -> None:
         self.sock.close()
@@ -96,9 +82,9 @@ def early_hints_then(go: threading.Event):
     return script
 
 
-def test_103_early_hints_reach_an_http11_client_before_the_response(tmp_path, stack) -> None:
+def test_103_early_hints_reach_an_http11_client_before_the_response(stack) -> None:
     go = threading.Event()
-    bal, _ = stack(tmp_path, early_hints_then(go))
+    bal, _ = stack(early_hints_then(go))
     client = Reader(bal.port)
     try:
         client.sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
@@ -112,10 +98,10 @@ def test_103_early_hints_reach_an_http11_client_before_the_response(tmp_path, st
         client.close()
 
 
-def test_an_http10_client_gets_no_1xx(tmp_path, stack) -> None:
+def test_an_http10_client_gets_no_1xx(stack) -> None:
     go = threading.Event()
     go.set()
-    bal, _ = stack(tmp_path, early_hints_then(go))
+    bal, _ = stack(early_hints_then(go))
     answer = client_exchange(bal.port, b"GET / HTTP/1.0\r\nHost: app.test\r\n\r\n",
                              until=b"\r\n\r\nok")
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b" 103 " not in answer
@@ -126,8 +112,8 @@ def continue_then_ok(conn: socket.socket, request: bytes) -> bool:
     return True
 
 
-def test_a_backends_100_is_forwarded_but_never_twice(tmp_path, stack) -> None:
-    bal, backend = stack(tmp_path, continue_then_ok)
+def test_a_backends_100_is_forwarded_but_never_twice(stack) -> None:
+    bal, backend = stack(continue_then_ok)
     head = (b"PUT / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n"
             b"Expect: 100-continue\r\n\r\n")
     # the body came with the head: the balancer sent no 100 of its own
@@ -148,12 +134,12 @@ def test_a_backends_100_is_forwarded_but_never_twice(tmp_path, stack) -> None:
 
 # 204 / 304 ---------------------------------------------------------------------
 @pytest.mark.parametrize(("status", "kept"), [(204, False), (304, True)])
-def test_content_length_on_bodyless_statuses(tmp_path, stack, status: int, kept: bool) -> None:
+def test_content_length_on_bodyless_statuses(stack, status: int, kept: bool) -> None:
     def script(conn: socket.socket, request: bytes) -> bool:
         conn.sendall(b"HTTP/1.1 %d X\r\nContent-Length: 1234\r\nETag: \"e\"\r\n\r\n" % status)
         return True
 
-    bal, _ = stack(tmp_path, script)
+    bal, _ = stack(script)
     client = Reader(bal.port)
     try:
         for _ in range(2):  # the connection stays usable: nothing was taken for a body
@@ -168,7 +154,7 @@ def test_content_length_on_bodyless_statuses(tmp_path, stack, status: int, kept:
 
 
 # a slow small body --------------------------------------------------------------
-def test_a_slow_small_body_does_not_hold_its_head_back(tmp_path, stack) -> None:
+def test_a_slow_small_body_does_not_hold_its_head_back(stack) -> None:
     go = threading.Event()
 
     def script(conn: socket.socket, request: bytes) -> bool:
@@ -178,7 +164,7 @@ def test_a_slow_small_body_does_not_hold_its_head_back(tmp_path, stack) -> None:
             conn.sendall(b"b" * 10)
         return True
 
-    bal, _ = stack(tmp_path, script)
+    bal, _ = stack(script)
     client = Reader(bal.port)
     try:
         client.sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
@@ -192,12 +178,12 @@ def test_a_slow_small_body_does_not_hold_its_head_back(tmp_path, stack) -> None:
 
 
 # trailers ------------------------------------------------------------------------
-def test_request_trailers_and_te_reach_the_backend(tmp_path, stack) -> None:
+def test_request_trailers_and_te_reach_the_backend(stack) -> None:
     def script(conn: socket.socket, request: bytes) -> bool:
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         return True
 
-    bal, backend = stack(tmp_path, script)
+    bal, backend = stack(script)
     head = (b"POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n"
             b"TE: trailers\r\nConnection: TE\r\n\r\n")
     trailers = (b"0\r\nX-Checksum: abc\r\nX_Real_IP: 6.6.6.6\r\n"
@@ -236,8 +222,8 @@ def answer_with(*pieces: bytes):
     return script
 
 
-def test_response_trailers_reach_an_http11_client(tmp_path, stack) -> None:
-    bal, backend = stack(tmp_path, answer_with(RESPONSE_HEAD, TRAILERS[:20], TRAILERS[20:]))
+def test_response_trailers_reach_an_http11_client(stack) -> None:
+    bal, backend = stack(answer_with(RESPONSE_HEAD, TRAILERS[:20], TRAILERS[20:]))
     client = Reader(bal.port)
     try:  # with TE: trailers, then without: an HTTP/1.1 client parses trailers either way
         for te in (b"TE: trailers\r\nConnection: TE\r\n", b""):
@@ -255,8 +241,8 @@ def test_response_trailers_reach_an_http11_client(tmp_path, stack) -> None:
     assert len(backend.connections) == 1  # the backend connection was reused
 
 
-def test_response_trailers_are_dropped_for_an_http10_client(tmp_path, stack) -> None:
-    bal, _ = stack(tmp_path, answer_with(RESPONSE_HEAD, TRAILERS))
+def test_response_trailers_are_dropped_for_an_http10_client(stack) -> None:
+    bal, _ = stack(answer_with(RESPONSE_HEAD, TRAILERS))
     client = Reader(bal.port)
     try:
         client.sock.sendall(b"GET / HTTP/1.0\r\nHost: app.test\r\nTE: trailers\r\n\r\n")
@@ -277,8 +263,8 @@ def test_response_trailers_are_dropped_for_an_http10_client(tmp_path, stack) -> 
     b"0\r\nNo colon here\r\n\r\n",
     b"0\r\nX Bad: y\r\n\r\n",  # a space in the name
 ], ids=["1MB", "101-fields", "bare-LF", "bare-CR", "no-colon", "bad-name"])
-def test_bad_response_trailers_cut_the_response(tmp_path, stack, trailers: bytes) -> None:
-    bal, _ = stack(tmp_path, answer_with(RESPONSE_HEAD, trailers))
+def test_bad_response_trailers_cut_the_response(stack, trailers: bytes) -> None:
+    bal, _ = stack(answer_with(RESPONSE_HEAD, trailers))
     client = Reader(bal.port)
     try:  # Connection: close, so that a 502 page closes too
         client.sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
@@ -297,12 +283,12 @@ def test_bad_response_trailers_cut_the_response(tmp_path, stack, trailers: bytes
 
 
 # HTTP/1.0 without Host -------------------------------------------------------------
-def test_an_http10_request_without_host_names_the_backend(tmp_path, stack) -> None:
+def test_an_http10_request_without_host_names_the_backend(stack) -> None:
     def script(conn: socket.socket, request: bytes) -> bool:
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         return True
 
-    bal, backend = stack(tmp_path, script, host="*")
+    bal, backend = stack(script, host="*")
     answer = client_exchange(bal.port, b"GET /old HTTP/1.0\r\n\r\n", until=b"ok")
     assert answer.startswith(b"HTTP/1.1 200")
     fields = head_fields(backend.requests[0])
@@ -312,12 +298,12 @@ def test_an_http10_request_without_host_names_the_backend(tmp_path, stack) -> No
 
 
 # h2c -------------------------------------------------------------------------------
-def test_an_h2c_upgrade_is_dropped_with_its_settings(tmp_path, stack) -> None:
+def test_an_h2c_upgrade_is_dropped_with_its_settings(stack) -> None:
     def script(conn: socket.socket, request: bytes) -> bool:
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         return True
 
-    bal, backend = stack(tmp_path, script)
+    bal, backend = stack(script)
     client = Reader(bal.port)
     try:
         client.sock.sendall(b"GET /1 HTTP/1.1\r\nHost: app.test\r\n"

@@ -4,8 +4,7 @@ pairs and gevent's real loop (blocking `IO` and `GeventIO` side by side)."""
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import gevent
 import pytest
@@ -14,20 +13,13 @@ from gevent import socket as gsocket
 from balancer.addr import parse_backend_addr
 from balancer.netio import IO, NEVER, EventedStream, GeventIO, Stream
 from balancer.pool import Backend, Upstream
+from tests.support import loop_until
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 DEADLINE = 5.0
 
 
-def until(predicate: Callable[[], bool]) -> bool:
-    """Let the loop run until `predicate()` holds (False after DEADLINE seconds)."""
-    end = time.monotonic() + DEADLINE
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        gevent.sleep(0.005)
-    return predicate()
 
 
 def make_io(kind: str) -> IO:
@@ -83,7 +75,7 @@ def test_a_parked_stream_is_clean_until_anything_arrives(pair, arrival: bytes) -
         b.send(arrival)
     else:
         b.close()  # EOF
-    assert until(lambda: not stream.is_clean())
+    assert loop_until(lambda: not stream.is_clean())
 
 
 def test_a_readiness_still_waiting_for_its_callback_already_counts() -> None:
@@ -101,7 +93,7 @@ def test_a_readiness_still_waiting_for_its_callback_already_counts() -> None:
         watcher.start(lambda other=other: seen.append(other.is_clean()))
     for _, b in pairs:
         b.send(b"x")
-    assert until(lambda: len(seen) >= 1)
+    assert loop_until(lambda: len(seen) >= 1)
     assert seen[0] is False  # the first callback saw the other's readiness pending
     for stream, (_, b) in zip((first, second), pairs, strict=True):
         stream.close()
@@ -116,12 +108,12 @@ def test_park_starts_a_watcher_that_a_readiness_stopped() -> None:
     stream.watcher.wait()
     stream.recv(100)
     b.send(b"more")  # nobody waits: the watcher stops (no spinning on level-triggered epoll)
-    assert until(lambda: not stream.watcher.io.active)
+    assert loop_until(lambda: not stream.watcher.io.active)
     stream.recv(100)
     stream.park()  # back in the pool: watched again, from a clean slate
     assert stream.watcher.io.active and stream.is_clean()
     b.send(b"POISON")
-    assert until(lambda: not stream.is_clean())
+    assert loop_until(lambda: not stream.is_clean())
     stream.close()
     b.close()
 
@@ -139,7 +131,7 @@ def test_the_pool_drops_an_idle_connection_the_backend_wrote_on(kind: str) -> No
         pool.release(upstream)  # the next acquire pops this one first
         peer.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
         peer.close()
-        assert until(lambda: not upstream.stream.is_clean())
+        assert loop_until(lambda: not upstream.stream.is_clean())
         back, reused = pool.acquire()
         assert reused and back is clean and upstream.sock.fileno() == -1
         back.close()
@@ -179,9 +171,9 @@ def test_expire_throws_timeout_into_an_overdue_connection_only() -> None:
             io.detach(conn)
 
     tasks = [gevent.spawn(serve, conn) for conn in (overdue, later)]
-    assert until(lambda: len(io.connections) == 2)
+    assert loop_until(lambda: len(io.connections) == 2)
     io.expire(io.tick())
-    assert until(lambda: tasks[0].dead)
+    assert loop_until(lambda: tasks[0].dead)
     assert len(errors) == 1 and overdue.deadline == NEVER and not tasks[1].dead
     tasks[1].kill()
     assert io.connections == set()

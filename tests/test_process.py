@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from balancer.backoff import Backoff
-from tests.support import Backend, Balancer, request, wait_for
+from tests.support import Balancer, request, wait_for
 
 HOST = "app.test"
 
@@ -152,13 +152,6 @@ def children_of(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry.name))
     return found
-
-
-@pytest.fixture
-def backend():
-    started = Backend("a")
-    yield started
-    started.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import time
 import pytest
 
 from tests.support import (
-    Backend,
     Balancer,
     dead_address,
     raw_exchange,
@@ -23,11 +22,8 @@ pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 
 @pytest.fixture
-def backends():
-    started = [Backend("a"), Backend("b"), Backend("c")]
-    yield started
-    for backend in started:
-        backend.stop()
+def backends(start_backend):
+    return [start_backend("a"), start_backend("b"), start_backend("c")]
 
 
 @pytest.fixture

@@ -4,13 +4,13 @@ life. Real socket pairs and gevent's real loop; nothing is mocked."""
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 
 import gevent
 import pytest
 
 from balancer.readiness import Readable
+from tests.support import loop_until
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -35,14 +35,6 @@ def wait_for(readable: Readable, sender: socket.socket, data: bytes) -> None:
         readable.wait()
 
 
-def until(predicate) -> bool:
-    """Let the loop run until `predicate()` holds (False after DEADLINE seconds)."""
-    end = time.monotonic() + DEADLINE
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        gevent.sleep(0.005)
-    return predicate()
 
 
 def test_a_wait_ends_when_the_socket_becomes_readable(pair) -> None:
@@ -64,7 +56,7 @@ def test_readiness_nobody_waits_for_stops_the_watcher_until_the_next_wait(pair) 
     wait_for(readable, b, b"1")
     a.recv(1)
     b.send(b"unread")  # e.g. a pipelined request while the greenlet is elsewhere
-    assert until(lambda: not readable.io.active)  # level-triggered: must not spin
+    assert loop_until(lambda: not readable.io.active)  # level-triggered: must not spin
     with gevent.Timeout(DEADLINE):
         readable.wait()  # the data is still there: the restarted watcher fires at once
     assert a.recv(16) == b"unread" and readable.io.active
@@ -73,9 +65,9 @@ def test_readiness_nobody_waits_for_stops_the_watcher_until_the_next_wait(pair) 
 def test_an_exception_thrown_into_the_waiter_ends_the_wait(pair) -> None:
     readable, _, b = pair
     waiter = gevent.spawn(readable.wait)
-    assert until(lambda: readable.waiter is waiter)
+    assert loop_until(lambda: readable.waiter is waiter)
     gevent.get_hub().loop.run_callback(waiter.throw, TimeoutError("deadline passed"))
     waiter.join(DEADLINE)
     assert isinstance(waiter.exception, TimeoutError) and readable.waiter is None
     b.send(b"late")  # nobody waits any more: the watcher stops instead of waking a ghost
-    assert until(lambda: not readable.io.active)
+    assert loop_until(lambda: not readable.io.active)

@@ -37,17 +37,13 @@ class SlowDropHandler(DropHandler):
 
 
 @pytest.fixture
-def dropper():
-    started = Backend("dropper", handler=DropHandler)
-    yield started
-    started.stop()
+def dropper(start_backend):
+    return start_backend("dropper", handler=DropHandler)
 
 
 @pytest.fixture
-def good():
-    started = Backend("good")
-    yield started
-    started.stop()
+def good(start_backend):
+    return start_backend("good")
 
 
 @pytest.fixture

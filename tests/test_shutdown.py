@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Backend, Balancer, dead_address, in_threads, request, wait_for
+from tests.support import Balancer, dead_address, in_threads, request, wait_for
 
 HOST = "app.test"
 SPIN = {"action": "spin", "timeout": 120}
@@ -27,10 +27,8 @@ HELD = 8
 
 
 @pytest.fixture
-def backend():
-    started = Backend("new")
-    yield started
-    started.stop()
+def backend(start_backend):
+    return start_backend("new")
 
 
 def hold(bal: Balancer, count: int = HELD) -> list[Future]:

@@ -8,7 +8,6 @@ backend that always has data ready; and, in-process, relays that never wait.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 
 from balancer.readiness import Readable
 from balancer.turns import BULK_TURNS, TURN_BYTES, Turn
+from tests.rawpeer import serve_each
 from tests.support import Backend, Balancer, request
 
 BIG = 4 * 1024 * 1024
@@ -32,15 +32,7 @@ class FastBackend:
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (BIG, b"x" * BIG)
-        threading.Thread(target=self.accept_loop, daemon=True).start()
-
-    def accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+        serve_each(self.listener, self.serve)
 
     def serve(self, conn: socket.socket) -> None:
         with conn:

@@ -21,13 +21,6 @@ SPIN = {"action": "spin", "timeout": 60}
 
 
 @pytest.fixture
-def backend():
-    started = Backend("a")
-    yield started
-    started.stop()
-
-
-@pytest.fixture
 def stop_after():
     """Balancers to stop after the test (also when it fails)."""
     started: list[Balancer] = []

@@ -19,6 +19,7 @@ import time
 import pytest
 import websocket  # websocket-client
 
+from tests.rawpeer import serve_each
 from tests.support import Backend, Balancer, split_responses, wait_for
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -92,15 +93,7 @@ class WsEcho:
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.handshakes: list[dict[str, str]] = []
         self.closed_by_peer = threading.Event()
-        threading.Thread(target=self.accept_loop, daemon=True).start()
-
-    def accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+        serve_each(self.listener, self.serve)
 
     def serve(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
