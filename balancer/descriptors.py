@@ -10,6 +10,10 @@ Invariants:
   stay free for the listeners, the store, the logs, control sockets and the
   event loop. `server.max_connections` is lowered to fit (`connection_cap`);
   the arbiter logs it once.
+* Idle pooled backend connections hold descriptors too: they get only what
+  the open clients leave of `connection_budget` (`balancer.pool.IdleBudget`),
+  and yield it back (the oldest closed) when a client needs a new backend
+  connection.
 * Accept failing for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS,
   ENOMEM) pauses accepting for `ACCEPT_PAUSE` seconds (nginx does the same)
   and logs one line per episode, never a traceback; an aborted connection is
@@ -51,9 +55,14 @@ def raise_limit() -> tuple[int, int]:
     return soft, soft
 
 
+def connection_budget(limit: int) -> int:
+    """The descriptors `limit` leaves for client and backend connections."""
+    return max(PER_CONNECTION, limit - RESERVED)
+
+
 def connection_cap(configured: int, limit: int) -> int:
     """Client connections per worker that `limit` descriptors allow, at most `configured`."""
-    return max(1, min(configured, (limit - RESERVED) // PER_CONNECTION))
+    return max(1, min(configured, connection_budget(limit) // PER_CONNECTION))
 
 
 def log_limits(configured: int, before: int, after: int) -> None:

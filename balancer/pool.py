@@ -25,6 +25,12 @@ Invariants:
   while every backend was down are released at once.
 * No locks: list append/pop are atomic, so the threaded baseline can share a
   pool with no more than a harmless race on counters.
+* Idle connections hold descriptors too: every backend's together keep only
+  what the worker's open clients leave of its descriptors (`IdleBudget`: each
+  client may hold two, itself and its backend connection, and one more client
+  may come). A connection released beyond that is closed, and a new backend
+  connection first closes the oldest idle ones the clients now need
+  (nginx reuses its keep-alive connections' slots the same way).
 * A connection (`Upstream`) keeps what belongs to it for its whole life: its
   stream (the socket as the worker's `balancer.netio.IO` made it) and the
   response parser that `balancer.relay` makes on first use and reuses for
@@ -38,7 +44,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Final
+from typing import Any, Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError
@@ -47,6 +53,8 @@ from balancer.peek import OPEN, peek
 from balancer.response_parser import ResponseParser
 
 log: Final = logging.getLogger("balancer.health")
+CLIENT_DESCRIPTORS: Final = 2  # a client connection and its backend connection
+UNBOUNDED: Final = 1 << 62
 UP: Final = "up"
 DOWN: Final = "down"
 PROBING: Final = "probing"
@@ -73,12 +81,57 @@ class Upstream:
         return f"<Upstream fd={self.sock.fileno()}>"
 
 
+class NoClients:
+    """The clients of a budget not told its worker's `Slots` (tests, the threaded baseline)."""
+
+    open = 0
+
+
+NO_CLIENTS: Final = NoClients()
+
+
+class IdleBudget:
+    """The descriptors a worker's idle pooled connections may hold, shared by its
+    backends: `descriptors` (what the limit leaves for clients and backend
+    connections, `balancer.descriptors.connection_budget`) but what its open
+    clients may need (`slots`: the worker's `Slots`, or anything with `open`)."""
+
+    __slots__ = ("descriptors", "idle", "slots", "backends")
+
+    def __init__(self, descriptors: int = UNBOUNDED) -> None:
+        self.descriptors = descriptors
+        self.idle = 0  # idle connections of every backend
+        self.slots: Any = NO_CLIENTS
+        self.backends: dict[str, Backend] = {}  # the registry's: where the idle ones are
+
+    def room(self, coming: int) -> int:
+        """How many idle connections there may be with `coming` more clients."""
+        return self.descriptors - CLIENT_DESCRIPTORS * (self.slots.open + coming)
+
+    def make_room(self) -> None:
+        """Before a new backend connection: close the oldest idle connections
+        the open clients need the descriptors of."""
+        while self.idle > self.room(0):
+            oldest: Backend | None = None
+            for backend in self.backends.values():
+                if backend.idle and (oldest is None or backend.idle[0].since
+                                     < oldest.idle[0].since):
+                    oldest = backend
+            if oldest is None:  # the rest are a removed backend's: closed when it is
+                return
+            self.idle -= 1
+            oldest.idle.pop(0).close()
+
+    def __repr__(self) -> str:
+        return f"<IdleBudget idle={self.idle} room={self.room(0)}>"
+
+
 class Backend:
     """One backend address: its idle connections and its passive health."""
 
     def __init__(self, address: Address, *, connect_timeout: float, fail_timeout: float,
                  max_idle: int = 1024, idle_timeout: float = 30.0,
-                 io: IO | None = None) -> None:
+                 io: IO | None = None, budget: IdleBudget | None = None) -> None:
         self.address = address
         self.key = str(address)
         self.connect_timeout = connect_timeout
@@ -87,6 +140,7 @@ class Backend:
         self.idle_timeout = idle_timeout
         self.io = io if io is not None else IO()
         self.idle: list[Upstream] = []
+        self.budget = budget if budget is not None else IdleBudget()
         self.is_literal = _is_ip_literal(address.host)
         self.in_flight = 0
         self.fails = 0
@@ -104,18 +158,24 @@ class Backend:
         idle = self.idle
         if idle:
             oldest = time.monotonic() - self.idle_timeout
+            budget = self.budget
             while idle:
                 try:
                     upstream = idle.pop()
                 except IndexError:
                     break
+                budget.idle -= 1
                 if upstream.since > oldest and upstream.stream.is_clean():
                     return upstream, True
                 upstream.close()
         return self.connect(), False
 
     def connect(self) -> Upstream:
-        """A new connection to the backend; errors become ConnectError."""
+        """A new connection to the backend (idle ones of any backend closed first
+        if the clients need their descriptors); errors become ConnectError."""
+        budget = self.budget
+        if budget.idle and budget.idle > budget.room(0):
+            budget.make_room()
         try:
             sock = self._open()
         except OSError as exc:
@@ -138,11 +198,15 @@ class Backend:
         return sock
 
     def release(self, upstream: Upstream) -> None:
-        """Keep `upstream` for reuse; at most `max_idle` are kept."""
-        if len(self.idle) < self.max_idle:
+        """Keep `upstream` for reuse: at most `max_idle`, and only while the
+        worker's idle connections fit in its descriptors (`IdleBudget`)."""
+        budget = self.budget  # `budget.room(1)`, inline: once per request
+        if len(self.idle) < self.max_idle and budget.idle < budget.descriptors - \
+                CLIENT_DESCRIPTORS * (budget.slots.open + 1):
             upstream.since = time.monotonic()
             upstream.stream.park()
             self.idle.append(upstream)
+            budget.idle += 1
         else:
             upstream.close()
 
@@ -157,6 +221,7 @@ class Backend:
             else:
                 keep.append(upstream)
         self.idle[:] = keep
+        self.budget.idle -= closed
         return closed
 
     @staticmethod
@@ -250,12 +315,14 @@ class BackendRegistry:
     """The worker's backends by address; created on first mention at compile time."""
 
     def __init__(self, *, connect_timeout: float, fail_timeout: float,
-                 max_idle: int = 1024, io: IO | None = None) -> None:
+                 max_idle: int = 1024, io: IO | None = None,
+                 budget: IdleBudget | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.fail_timeout = fail_timeout
         self.max_idle = max_idle
         self.io = io if io is not None else IO()
-        self.backends: dict[str, Backend] = {}
+        self.budget = budget if budget is not None else IdleBudget()
+        self.backends: dict[str, Backend] = self.budget.backends
 
     def get(self, address: str) -> Backend:
         addr = parse_backend_addr(address)
@@ -264,7 +331,7 @@ class BackendRegistry:
         if backend is None:
             backend = self.backends[key] = Backend(
                 addr, connect_timeout=self.connect_timeout, fail_timeout=self.fail_timeout,
-                max_idle=self.max_idle, io=self.io)
+                max_idle=self.max_idle, io=self.io, budget=self.budget)
         return backend
 
     def prune(self, in_use: set[str]) -> None:

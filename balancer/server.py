@@ -25,7 +25,14 @@ from balancer.addr import Address
 from balancer.challenges import Challenges
 from balancer.challenges import follow as follow_challenges
 from balancer.connection import Context, expire_client, handle_client, resume_client
-from balancer.descriptors import ACCEPT_PAUSE, connection_cap, is_exhausted, is_skipped, soft_limit
+from balancer.descriptors import (
+    ACCEPT_PAUSE,
+    connection_budget,
+    connection_cap,
+    is_exhausted,
+    is_skipped,
+    soft_limit,
+)
 from balancer.failures import FailureReport
 from balancer.following import TableFollower
 from balancer.health import HealthChecks
@@ -34,7 +41,7 @@ from balancer.limits import FILE_NAME as LIMITS_FILE
 from balancer.limits import SharedBuckets
 from balancer.netio import IO, TLSIO, GeventIO
 from balancer.pages import Pages
-from balancer.pool import BackendRegistry
+from balancer.pool import BackendRegistry, IdleBudget
 from balancer.serving import Slots
 from balancer.settings import Settings
 from balancer.sketch import SLOT_SECONDS
@@ -159,11 +166,14 @@ class Worker:
         self.pages = Pages.load(settings.server.pages_dir)
         timeouts = settings.timeouts
         # what the descriptor limit allows (balancer.descriptors; the arbiter logs it)
-        self.max_connections = connection_cap(settings.server.max_connections, soft_limit())
+        limit = soft_limit()
+        self.max_connections = connection_cap(settings.server.max_connections, limit)
+        # idle pooled connections get what the open clients leave of the descriptors
+        self.budget = IdleBudget(connection_budget(limit))
         self.registry = BackendRegistry(connect_timeout=timeouts.backend_connect,
                                         fail_timeout=timeouts.fail_timeout,
                                         max_idle=self.max_connections,
-                                        io=self.io)
+                                        io=self.io, budget=self.budget)
         _, no_hosts = fallback_routes(self.pages, self.stats)
         self.holder = TableHolder(RoutingTable(0, {}, no_hosts))
         # rules' limits: counters shared by every worker of the run directory
@@ -181,6 +191,7 @@ class Worker:
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
         self.servers: list[Listener] = []
         self.slots = Slots(self.max_connections)  # the greenlets serving clients
+        self.budget.slots = self.slots
         if isinstance(self.io, GeventIO):  # idle keep-alive connections wait with no greenlet
             self.io.resume = self.slots.resume
             self.io.on_wake = resume_client

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from balancer.descriptors import ACCEPT_PAUSE, RESERVED, connection_cap
 from tests.conftest import required_tool
@@ -27,14 +28,15 @@ def require_prlimit() -> str:
     return required_tool("prlimit", "util-linux")
 
 
-def many_requests(port: int, count: int, path: str, timeout: float = 30.0) -> list[bytes]:
+def many_requests(port: int, count: int, path: str, timeout: float = 30.0,
+                  host: str = "app.test") -> list[bytes]:
     """`count` concurrent requests (Connection: close), each on its own socket; the
     raw answers, b"" for a connection closed without one."""
     selector = selectors.DefaultSelector()
     answers: dict[int, bytes] = {}
     for index in range(count):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
                      .encode())
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, index)
@@ -74,6 +76,57 @@ def test_low_descriptor_limit_is_raised_and_caps_connections(tmp_path: Path) -> 
     finally:
         bal.stop()
         backend.stop()
+
+
+def test_idle_pooled_connections_yield_their_descriptors_to_clients(
+        tmp_path: Path, start_backend) -> None:
+    """Waves of clients to one backend after another: each wave leaves up to a cap's
+    worth of idle pooled connections, which must not starve the next wave's clients
+    and their new backend connections of descriptors (bug: 502s, "Too many open
+    files" on connect)."""
+    prlimit = require_prlimit()
+    backends = [start_backend(name) for name in ("a", "b", "c")]
+    hosts = {f"{b.name}.test": {"action": "proxy", "backends": [b.address]} for b in backends}
+    bal = Balancer(tmp_path, hosts, prefix=[prlimit, "--nofile=256:256"])
+    try:
+        cap = connection_cap(10000, 256)
+        for backend in backends:  # each wave holds `cap` clients and backend connections
+            answers = many_requests(bal.port, cap, "/slow?s=0.3", host=f"{backend.name}.test")
+            statuses = [answer[:12] for answer in answers]
+            assert statuses == [b"HTTP/1.1 200"] * cap, sorted(set(statuses))
+        assert "Too many open files" not in bal.output()
+        assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+
+
+def test_idle_connections_get_what_the_clients_leave() -> None:
+    from balancer.pool import BackendRegistry, IdleBudget
+
+    listeners = [socket.create_server(("127.0.0.1", 0), backlog=64) for _ in range(2)]
+    budget = IdleBudget(descriptors=10)
+    budget.slots = SimpleNamespace(open=2)  # the worker's Slots: two clients open
+    registry = BackendRegistry(connect_timeout=5, fail_timeout=10, budget=budget)
+    a, b = (registry.get(f"127.0.0.1:{lst.getsockname()[1]}") for lst in listeners)
+    try:
+        made = [a.connect() for _ in range(6)]
+        for upstream in made:
+            a.release(upstream)
+        # 10 descriptors, 2 clients and room for one more: 2 * 3 taken, 4 left to idle
+        assert budget.idle == len(a.idle) == 4
+        assert [u.sock.fileno() for u in made[4:]] == [-1, -1]  # closed, not kept
+        budget.slots.open = 4  # two more clients: only 2 idle may stay
+        fresh = b.connect()  # needs a descriptor: the oldest idle ones go first
+        assert budget.idle == len(a.idle) == 2 and a.idle == made[2:4]
+        assert made[0].sock.fileno() == made[1].sock.fileno() == -1
+        upstream, reused = a.acquire()
+        assert reused and budget.idle == 1
+        for u in (upstream, fresh):
+            u.close()
+        assert a.close_idle() == 1 and budget.idle == 0
+    finally:
+        for lst in listeners:
+            lst.close()
 
 
 CHILD = """
