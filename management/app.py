@@ -4,7 +4,8 @@ The routes are methods ``on_<endpoint>`` of `ManagementApp`, grouped by concern
 in the classes it is made of: `management.hosts_api` (the table),
 `management.status_api` (statistics, info, health, metrics),
 `management.deploys_api`, `management.dashboard_page` and, here, the
-certificates (`management.certs_api`). `URL_MAP` names every route.
+certificates and ACME (`management.certs_api`, `management.acme_api`).
+`URL_MAP` names every route.
 
 Invariants:
 * Errors become responses in one place (`ManagementApp.dispatch`):
