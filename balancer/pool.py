@@ -44,13 +44,14 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Final
+from typing import Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.errors import ConnectError
 from balancer.netio import IO, Stream
 from balancer.peek import OPEN, peek
 from balancer.response_parser import ResponseParser
+from balancer.serving import Slots
 
 log: Final = logging.getLogger("balancer.health")
 CLIENT_DESCRIPTORS: Final = 2  # a client connection and its backend connection
@@ -81,32 +82,25 @@ class Upstream:
         return f"<Upstream fd={self.sock.fileno()}>"
 
 
-class NoClients:
-    """The clients of a budget not told its worker's `Slots` (tests, the threaded baseline)."""
-
-    open = 0
-
-
-NO_CLIENTS: Final = NoClients()
-
-
 class IdleBudget:
     """The descriptors a worker's idle pooled connections may hold, shared by its
     backends: `descriptors` (what the limit leaves for clients and backend
     connections, `balancer.descriptors.connection_budget`) but what its open
-    clients may need (`slots`: the worker's `Slots`, or anything with `open`)."""
+    clients may need (`slots`: the worker's `Slots`; None counts no client)."""
 
     __slots__ = ("descriptors", "idle", "slots", "backends")
 
     def __init__(self, descriptors: int = UNBOUNDED) -> None:
         self.descriptors = descriptors
         self.idle = 0  # idle connections of every backend
-        self.slots: Any = NO_CLIENTS
+        self.slots: Slots | None = None
         self.backends: dict[str, Backend] = {}  # the registry's: where the idle ones are
 
     def room(self, coming: int) -> int:
         """How many idle connections there may be with `coming` more clients."""
-        return self.descriptors - CLIENT_DESCRIPTORS * (self.slots.open + coming)
+        slots = self.slots
+        clients = slots.open if slots is not None else 0
+        return self.descriptors - CLIENT_DESCRIPTORS * (clients + coming)
 
     def make_room(self) -> None:
         """Before a new backend connection: close the oldest idle connections
@@ -200,9 +194,10 @@ class Backend:
     def release(self, upstream: Upstream) -> None:
         """Keep `upstream` for reuse: at most `max_idle`, and only while the
         worker's idle connections fit in its descriptors (`IdleBudget`)."""
-        budget = self.budget  # `budget.room(1)`, inline: once per request
+        budget, slots = self.budget, self.budget.slots  # `budget.room(1)`, inline
+        clients = slots.open if slots is not None else 0
         if len(self.idle) < self.max_idle and budget.idle < budget.descriptors - \
-                CLIENT_DESCRIPTORS * (budget.slots.open + 1):
+                CLIENT_DESCRIPTORS * (clients + 1):
             upstream.since = time.monotonic()
             upstream.stream.park()
             self.idle.append(upstream)

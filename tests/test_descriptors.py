@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from balancer.descriptors import ACCEPT_PAUSE, RESERVED, connection_cap
 from tests.conftest import required_tool
@@ -102,10 +101,12 @@ def test_idle_pooled_connections_yield_their_descriptors_to_clients(
 
 def test_idle_connections_get_what_the_clients_leave() -> None:
     from balancer.pool import BackendRegistry, IdleBudget
+    from balancer.serving import Slots
 
     listeners = [socket.create_server(("127.0.0.1", 0), backlog=64) for _ in range(2)]
     budget = IdleBudget(descriptors=10)
-    budget.slots = SimpleNamespace(open=2)  # the worker's Slots: two clients open
+    budget.slots = Slots(100)
+    budget.slots.open = 2  # two clients open
     registry = BackendRegistry(connect_timeout=5, fail_timeout=10, budget=budget)
     a, b = (registry.get(f"127.0.0.1:{lst.getsockname()[1]}") for lst in listeners)
     try:
