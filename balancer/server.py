@@ -129,10 +129,13 @@ class Listener(StreamServer):
         super().close()
 
 
-def bind(address: Address, backlog: int = BACKLOG) -> socket.socket:
-    """A listening TCP socket on `address` (raises OSError naming nothing; callers do)."""
+def bind(address: Address, backlog: int = BACKLOG, reuseport: bool = False) -> socket.socket:
+    """A listening TCP socket on `address` (raises OSError naming nothing; callers do);
+    `reuseport`: one of a SO_REUSEPORT group (`balancer.listening`)."""
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if address.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     # accepted sockets inherit it: no Nagle delay on split writes (gevent's WSGI server)
