@@ -11,8 +11,13 @@ Invariants:
 * The arbiter never monkey-patches and never runs a gevent hub; every child
   patches after fork (`balancer.workers`).
 * The listening sockets were bound before forking and stay open here until
-  the arbiter stops: a dying worker never closes a listener, and connections
-  wait in the one shared accept queue for any live worker.
+  the arbiter stops: a dying worker never closes a listener. With one socket
+  per worker slot (SO_REUSEPORT, `balancer.listening`) a worker forked into a
+  slot again accepts from that slot's socket, where connections that came
+  meanwhile wait; with one shared socket they wait for any live worker.
+* Workers beyond `server.workers` (a reload lowered it) are retired only once
+  no new worker is starting: their sockets' connections are then taken by
+  the workers that serve those slots from now on.
 * A child of an older generation is told to drain only after its
   replacement reported ready; during a reload at most one replacement is
   starting at a time.
@@ -36,6 +41,7 @@ from typing import Any
 from balancer.backoff import Backoff
 from balancer.control import control_path
 from balancer.descriptors import log_limits, soft_limit
+from balancer.listening import Listeners
 from balancer.privileges import Identity
 from balancer.settings import Settings, SettingsError
 from balancer.startup import check_in_child, flush_std, keep_bound, kill_quietly, read_pipe
@@ -77,7 +83,7 @@ class Child:
 class Bound:
     """What the arbiter bound before forking (kept for its whole life)."""
 
-    listeners: list[tuple[Any, str]]   # (socket, role: proxy, internal or tls)
+    listeners: Listeners   # the proxy listeners: one socket per slot, or one shared
     management: Any
     run_dir: str
     identity: Identity | None   # the identity the arbiter dropped to, if it did
@@ -213,6 +219,8 @@ class Arbiter:
         wanted = self.settings.effective_workers()
         for kind, slot in [(MANAGEMENT, 0), *((WORKER, i) for i in range(wanted))]:
             self.manage_slot(kind, slot)
+        if self.is_starting():
+            return  # an excess worker's slots are served by a new one once it is ready
         for child in list(self.children.values()):
             if child.kind == WORKER and child.slot >= wanted and not child.draining:
                 self.drain(child)
@@ -239,12 +247,21 @@ class Arbiter:
         flush_std()
         pid = os.fork()
         if pid == 0:
-            if kind == WORKER:
-                child_main(lambda e: run_worker(e, self.bound.listeners), env)
-            child_main(lambda e: self.management.run(e, self.bound.management), env)
+            child_main(self.child_body(kind, slot), env)
         os.close(ready_w)
         self.children[pid] = Child(kind, slot, self.generation, pid, ready_r,
                                    self.settings.timeouts.graceful)
+
+    def child_body(self, kind: str, slot: int) -> Callable[[ChildEnv], int]:
+        """What a new child runs, keeping open only the listeners it serves."""
+        listeners, workers = self.bound.listeners, self.settings.effective_workers()
+        if kind == WORKER:
+            return lambda env: run_worker(env, listeners.keep(slot, workers))
+
+        def management(env: ChildEnv) -> int:
+            listeners.keep(None, workers)
+            return self.management.run(env, self.bound.management)
+        return management
 
     def child_env(self, ready_fd: int, own_fds: tuple[int, ...]) -> ChildEnv:
         return ChildEnv(self.settings, self.bound.run_dir, ready_fd, self.bound.identity,
@@ -296,6 +313,11 @@ class Arbiter:
         log.info("SIGHUP: settings re-read; replacing the management process and %d "
                  "worker(s) one by one (generation %d)", settings.effective_workers(),
                  self.generation)
+        slots = self.bound.listeners.slots
+        if 1 < slots < settings.effective_workers():
+            log.warning("SIGHUP: %d workers share the %d listening sockets per address "
+                        "bound at start; restart to give each its own",
+                        settings.effective_workers(), slots)
         limit = soft_limit()
         log_limits(settings.server.max_connections, limit, limit)  # a new cap, if any
         self.write_status()
@@ -306,8 +328,7 @@ class Arbiter:
             return
         first = self.state == RUNNING
         self.state = STOPPING
-        for sock, _ in self.bound.listeners:
-            sock.close()
+        self.bound.listeners.close()
         self.bound.management.close()
         if graceful:
             log.info("%s: stopping gracefully (up to %.0f s)", why,

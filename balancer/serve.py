@@ -2,7 +2,8 @@
 
 Steps: raise the descriptor limit (`balancer.descriptors`) → import what the
 children will use (`balancer.preload`) → check in a throwaway child that the
-store, pages and access log open (as the run user) → bind every listener (a
+store, pages and access log open (as the run user) → bind every listener (one
+socket per worker with SO_REUSEPORT, or one shared: `balancer.listening`; a
 bind failure exits non-zero naming the address) → create the private run
 directory → drop privileges → `Arbiter.run` forks the management process and
 the workers and keeps them alive until a stop signal. The ``listening on ADDR
@@ -28,9 +29,9 @@ from balancer import native
 from balancer.addr import Address
 from balancer.arbiter import Arbiter, Bound
 from balancer.descriptors import log_limits, raise_limit
+from balancer.listening import Listeners, bind_group, slot_count
 from balancer.preload import preload
 from balancer.privileges import Identity, PrivilegeError, drop_privileges, resolve
-from balancer.server import bind
 from balancer.settings import Settings
 from balancer.startup import check_in_child
 from balancer.stores.urls import redact_url
@@ -41,17 +42,18 @@ MANAGEMENT_GROUP = "balancer.management"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
-def bind_all(addresses: list[tuple[Address, str]]) -> list[tuple[Any, str]]:
-    """Bind every listener or exit naming the one that failed; (socket, role) pairs."""
-    bound = []
+def bind_all(addresses: list[tuple[Address, str]], slots: int = 1) -> Listeners:
+    """Bind every listener (`slots` sockets each, `balancer.listening`) or exit
+    naming the one that failed."""
+    groups = []
     for address, role in addresses:
         try:
-            bound.append((bind(address), role))
+            groups.append(bind_group(address, role, slots))
         except OSError as exc:
             print(f"balancer: cannot listen on {address}: {exc.strerror or exc}",
                   file=sys.stderr)
             raise SystemExit(1) from None
-    return bound
+    return Listeners(groups)
 
 
 def bound_name(sock: Any) -> str:
@@ -87,8 +89,9 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
     problem = check_in_child(settings, identity)
     if problem is not None:
         return fail(problem[1], problem[0])
-    listeners = bind_all(listener_addresses(settings))
-    management = bind_all([(settings.management.listen, "management")])[0][0]
+    slots = slot_count(settings.effective_workers(), settings.server.reuseport)
+    listeners = bind_all(listener_addresses(settings), slots)
+    management = bind_all([(settings.management.listen, "management")]).first()[0][0]
     run_dir = make_run_dir(identity)
     try:
         try:
@@ -119,18 +122,30 @@ def load_management() -> ManagementChild:
     return child
 
 
-def announce(settings: Settings, listeners: list[tuple[Any, str]], management: Any,
+def announce(settings: Settings, listeners: Listeners, management: Any,
              limits: tuple[int, int]) -> None:
     """The lines that say the balancer serves (tests and scripts wait for them),
     and what the descriptor limit allows (`limits`: the soft limit before and
     after `raise_limit`)."""
-    for sock, role in listeners:
+    for sock, role in listeners.first():
         log.info("listening on %s for %s", bound_name(sock), role)
     log.info("listening on %s for management", bound_name(management))
-    log.info("store %s, %d worker(s)", redact_url(settings.store.url), settings.effective_workers())
+    log.info("store %s, %d worker(s)%s", redact_url(settings.store.url),
+             settings.effective_workers(), sharing(settings, listeners))
     report = log.warning if native.stale() else log.info
     report("%s", native.describe())
     log_limits(settings.server.max_connections, *limits)
+
+
+def sharing(settings: Settings, listeners: Listeners) -> str:
+    """How the workers share the listeners, for the start-up line."""
+    if listeners.slots > 1:
+        return ", one listening socket per worker (SO_REUSEPORT)"
+    if settings.effective_workers() > 1:
+        why = "server.reuseport is false" if not settings.server.reuseport else \
+            "SO_REUSEPORT spreads connections only on Linux"
+        return f", sharing one listening socket ({why})"
+    return ""
 
 
 def make_run_dir(identity: Identity | None) -> str:

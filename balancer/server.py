@@ -136,10 +136,13 @@ class Listener(StreamServer):
         super().close()
 
 
-def bind(address: Address, backlog: int = BACKLOG) -> socket.socket:
-    """A listening TCP socket on `address` (raises OSError naming nothing; callers do)."""
+def bind(address: Address, backlog: int = BACKLOG, reuseport: bool = False) -> socket.socket:
+    """A listening TCP socket on `address` (raises OSError naming nothing; callers do);
+    `reuseport`: one of a SO_REUSEPORT group (`balancer.listening`)."""
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if address.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     # accepted sockets inherit it: no Nagle delay on split writes (gevent's WSGI server)
@@ -243,11 +246,11 @@ class Worker:
             handler = (partial(self.front().serve, ctx=ctx, serve_client=handle_client)
                        if role == "tls" else partial(handle_client, ctx=ctx))
             server = Listener(sock, handler, self.slots)
-            server.max_accept = self.accept_batch()
+            server.max_accept = self.accept_batch(sock)
             server.start()
             self.servers.append(server)
 
-    def accept_batch(self) -> int:
+    def accept_batch(self, sock: socket.socket | None = None) -> int:
         """Connections taken from the accept queue per wake-up of a listener.
 
         A wake-up comes once per loop iteration, and under load an iteration
@@ -260,9 +263,10 @@ class Worker:
         worker iterates more often and takes more. With 2 workers and a burst
         of 5,000, batches of 16 still left 700 unaccepted after 5 s (583 wrk
         timeouts); 256 took all within the first second (0 timeouts, the
-        connections split 2,356 / 2,644).
+        connections split 2,356 / 2,644). A worker's own SO_REUSEPORT socket
+        (`balancer.listening`) holds only its share: it takes every connection.
         """
-        if self.settings.effective_workers() > 1:
+        if self.settings.effective_workers() > 1 and not _is_reuseport(sock):
             return SHARED_ACCEPT_BATCH
         return self.max_connections
 
@@ -345,6 +349,13 @@ class Worker:
         self.health.stop()
         self.access_log.close()
         self.store.close()
+
+
+def _is_reuseport(sock: socket.socket | None) -> bool:
+    """Whether `sock` is one worker slot's own listening socket (SO_REUSEPORT)."""
+    option = getattr(socket, "SO_REUSEPORT", None)
+    return sock is not None and option is not None and \
+        bool(sock.getsockopt(socket.SOL_SOCKET, option))
 
 
 def _waiting_timeouts(timeouts: Any) -> list[float]:

@@ -36,6 +36,7 @@ from balancer.settings_kinds import (
     ACME_URL,
     ADDRESS,
     ADDRESS_LIST,
+    BOOLEAN,
     CIPHER_LIST,
     EMAIL,
     HOST_NAMES,
@@ -106,6 +107,10 @@ SETTINGS: tuple[Setting, ...] = (
             "--internal-listen"),
     Setting("server.workers", Integer(0), 1, "worker processes, 0 = one per core", "--workers"),
     Setting("server.max_connections", Integer(1), 10000, "open client connections per worker"),
+    Setting("server.reuseport", BOOLEAN, True,
+            "with several workers, one listening socket per worker (SO_REUSEPORT: the "
+            "kernel spreads new connections evenly; Linux only, elsewhere the workers "
+            "share one socket); false: every worker accepts from one shared socket"),
     Setting("server.user", Account("user"), "", "user to switch to after binding"),
     Setting("server.group", Account("group"), "", "group to switch to after binding"),
     Setting("server.pages_dir", Directory(), "", "directory of NAME.html built-in page overrides"),
@@ -183,6 +188,7 @@ class ServerSettings:
     internal_listen: tuple[Address, ...]
     workers: int
     max_connections: int
+    reuseport: bool
     user: str
     group: str
     pages_dir: str

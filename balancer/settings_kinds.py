@@ -92,6 +92,26 @@ class Integer(Kind):
         return value
 
 
+class Boolean(Kind):
+    """true or false; in the environment also 1/0, yes/no, on/off."""
+
+    expected = "true or false"
+    metavar = "BOOL"
+    types = (bool,)
+    WORDS = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}
+
+    def parse(self, raw: object, is_text: bool) -> object:
+        if is_text:
+            value = self.WORDS.get(str(raw).strip().lower())
+            if value is None:
+                raise reject(self.expected, raw)
+            return value
+        if not isinstance(raw, bool):
+            raise reject(self.expected, raw)
+        return raw
+
+
 class Choice(Kind):
     """One string out of a fixed set."""
 
@@ -349,6 +369,7 @@ class Account(Kind):
 
 
 TEXT = Kind()
+BOOLEAN = Boolean()
 NAME = Name()
 POSITIVE = Number()
 ADDRESS = AddressKind()

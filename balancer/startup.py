@@ -6,8 +6,8 @@ Invariants:
   itself never opens a store or a log file (no connection or descriptor of
   it leaks into the workers), and files the check creates belong to the
   user the workers run as.
-* What a reload cannot change (listen addresses, user, group) is kept from
-  the running settings, with a warning naming it.
+* What a reload cannot change (listen addresses, reuseport, user, group) is
+  kept from the running settings, with a warning naming it.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ CHECK_TIMEOUT = 30.0
 
 
 def keep_bound(old: Settings, new: Settings) -> Settings:
-    """`new`, with what a reload cannot change (addresses, user, group) kept from `old`."""
+    """`new`, with what a reload cannot change (addresses, reuseport, user, group)
+    kept from `old`."""
     fixed = {"server.listen": (old.server.listen, new.server.listen),
              "server.internal_listen": (old.server.internal_listen, new.server.internal_listen),
+             "server.reuseport": (old.server.reuseport, new.server.reuseport),
              "server.user": (old.server.user, new.server.user),
              "server.group": (old.server.group, new.server.group),
              "management.listen": (old.management.listen, new.management.listen)}
@@ -41,6 +43,7 @@ def keep_bound(old: Settings, new: Settings) -> Settings:
                     ", ".join(changed), "s" if len(changed) > 1 else "")
     server = replace(new.server, listen=old.server.listen,
                      internal_listen=old.server.internal_listen,
+                     reuseport=old.server.reuseport,
                      user=old.server.user, group=old.server.group)
     management = replace(new.management, listen=old.management.listen)
     return replace(new, server=server, management=management)

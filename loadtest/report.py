@@ -69,10 +69,12 @@ def idle_table(rows: list[dict]) -> str:
 
 def spin_table(rows: list[dict]) -> str:
     header = ["target", "held", "answered before flip", "ok after flip", "errors",
-              "first release ms", "last release ms", "rule changed via"]
+              "first release ms", "last release ms", "last after the answer ms",
+              "rule changed via"]
     return table(header, [[r["target"], r["held"], r["answered_before_flip"], r["ok"],
                            r["error_total"], _ms(r["first_release_ms"]),
-                           _ms(r["last_release_ms"]), r["rule_change_via"]] for r in rows])
+                           _ms(r["last_release_ms"]), _ms(r.get("last_after_answer_ms")),
+                           r["rule_change_via"]] for r in rows])
 
 
 def churn_table(rows: list[dict], extra: str, label: str) -> str:

@@ -192,10 +192,14 @@ def test_sighup_rereads_settings_and_replaces_workers_without_a_failed_request(
         bal.stop()
 
 
-def test_sigkill_of_a_worker_under_load_fails_no_request(cluster):
+def test_sigkill_of_a_worker_under_load_fails_no_request(tmp_path, backend):
     """The victim holds no client connection when it dies (it is stopped before
     the load starts): a worker's death must cost nothing but what it held, the
-    listener stays open, and the replacement takes new connections."""
+    listener stays open, and the replacement takes new connections. With one
+    shared socket (`reuseport = false`): with a socket per worker, the stopped
+    victim's share of new connections waits for it (tests/test_reuseport.py)."""
+    cluster = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
+                       args=["--workers", "2"], config="[server]\nreuseport = false\n")
     victim, survivor = wait_workers(cluster, 2)
     os.kill(victim, signal.SIGSTOP)
     load = Load(cluster.port, per_connection=10)
@@ -208,6 +212,7 @@ def test_sigkill_of_a_worker_under_load_fails_no_request(cluster):
                  timeout=20, what="the replacement to take new connections")
     finally:
         load.stop()
+        cluster.stop()
     assert load.failures == []
     assert "unexpectedly" in cluster.output()
 

@@ -154,6 +154,17 @@ def test_one_worker_takes_every_waiting_connection_per_wake_up() -> None:
 
 def test_workers_sharing_a_listener_take_a_few_each() -> None:
     assert worker(**{"server.workers": 2}).accept_batch() == SHARED_ACCEPT_BATCH
+    shared = bind(parse_addr("127.0.0.1:0"))
+    assert worker(**{"server.workers": 2}).accept_batch(shared) == SHARED_ACCEPT_BATCH
+    shared.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT")
+def test_a_worker_with_its_own_socket_takes_every_waiting_connection() -> None:
+    own = bind(parse_addr("127.0.0.1:0"), reuseport=True)
+    two = worker(**{"server.workers": 2, "server.max_connections": 1234})
+    assert two.accept_batch(own) == 1234
+    own.close()
 
 
 def test_backend_pools_keep_as_many_idle_connections_as_the_worker_has_clients() -> None:

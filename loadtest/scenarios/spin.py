@@ -2,8 +2,10 @@
 
 A host is switched to ``spin``; N clients each send one request to it and are
 held; after ``HOLD`` seconds the rule flips to ``proxy``. Every held request
-must then succeed; the report gives how long after the flip the first and
-the last were answered, and how many answered before the flip (should be 0).
+must then succeed; the report gives how long after the flip (the write sent)
+the first and the last were answered, the last also after the write's
+answer (read-your-writes: every worker serves the new rule by then), and how
+many answered before the flip (should be 0).
 Balancer targets only (gevent and threaded): HAProxy and nginx have no spin.
 """
 
@@ -76,6 +78,7 @@ def _flip(env: RunEnv, target, backends) -> None:
             early = run.total_done()
             flipped = time.time()
             target.routes.set_rule(SPIN_HOST, proxy_rule(addrs))
+            answered = time.time()  # the management API's answer (a file store: written)
             deadline = time.monotonic() + 30
             while run.total_done() < count and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -88,5 +91,6 @@ def _flip(env: RunEnv, target, backends) -> None:
         "error_total": result["error_total"],
         "first_release_ms": round((first / 1e6 - flipped) * 1000, 1) if first else None,
         "last_release_ms": round((last / 1e6 - flipped) * 1000, 1) if last else None,
+        "last_after_answer_ms": round((last / 1e6 - answered) * 1000, 1) if last else None,
         "rule_change_via": type(target.routes).__name__,
     })
