@@ -123,6 +123,7 @@ class Issuer:
         self.stopped = False
         self.wake = Event()
         self.problem: str | None = None  # the last store problem, logged once
+        self.outcomes = {"ok": 0, "failed": 0}  # issuances finished here (`/metrics`)
         self.task: Any = None
 
     # lifecycle ----------------------------------------------------------
@@ -242,8 +243,10 @@ class Issuer:
                     raise IssueError("lost the issuer lock before storing the certificate")
                 self.store.certs().put(host, record)
         except (IssueError, CertificateError, StoreError) as exc:
+            self.outcomes["failed"] += 1
             self.note_failed(host, state, attempts + 1, str(exc), now)
             return
+        self.outcomes["ok"] += 1
         self.note_issued(host, record, now)
 
     def note_issued(self, host: str, record: Mapping[str, Any], attempted: float | None) -> None:
