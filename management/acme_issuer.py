@@ -5,7 +5,8 @@ operator asks (`request`), `step` runs: when the table has hosts with
 ``"tls": "acme"``, take (or extend) the cluster's issuer lock in the store;
 holding it, issue a certificate for each such host that is due, one at a
 time, and store it with the other certificates (``source: "acme"``), which
-every worker of every balancer then serves (`balancer.tls.follow`).
+this balancer's workers serve at once (told over their control sockets) and
+every worker of every other balancer within a second (`balancer.tls.follow`).
 
 A host is due when it has no certificate, when its certificate expires
 within ``[acme] renew_before`` days, or when an operator asked
@@ -43,6 +44,7 @@ from gevent.event import Event
 from balancer.certificates import CertificateError, make_record, public_record
 from balancer.stores.base import StoreError
 from management.acme_ca import CA, IssueError, adopt_patched_ssl
+from management.certs_api import tell_workers
 
 log = logging.getLogger("balancer.acme")
 
@@ -242,6 +244,7 @@ class Issuer:
                 if not self.take():
                     raise IssueError("lost the issuer lock before storing the certificate")
                 self.store.certs().put(host, record)
+            tell_workers(self.runtime)  # this balancer's workers serve it now
         except (IssueError, CertificateError, StoreError) as exc:
             self.outcomes["failed"] += 1
             self.note_failed(host, state, attempts + 1, str(exc), now)

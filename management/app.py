@@ -172,10 +172,14 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         return json_response({"certs": certs, "acme": acme})
 
     def on_put_cert(self, request: Request, host: str) -> Response:
-        return json_response({"cert": certs_api.put_cert(self.store, host, read_json(request))})
+        stored = certs_api.put_cert(self.store, host, read_json(request))
+        certs_api.tell_workers(self.runtime)  # served when the answer arrives
+        return json_response({"cert": stored})
 
     def on_delete_cert(self, request: Request, host: str) -> Response:
-        return json_response({"deleted": certs_api.delete_cert(self.store, host)})
+        deleted = certs_api.delete_cert(self.store, host)
+        certs_api.tell_workers(self.runtime)
+        return json_response({"deleted": deleted})
 
     # ACME (management/acme_api.py) -------------------------------------------
     def on_acme(self, request: Request) -> Response:

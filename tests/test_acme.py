@@ -18,7 +18,9 @@ from balancer.certificates import make_record
 from balancer.stores.file import FileStore
 from tests.pebble import Pebble, served_certificate
 from tests.support import Backend, Balancer, wait_for
+from tests.test_certs_api import _metrics
 from tests.test_ctl import ctl
+from tests.test_metrics import samples
 from tests.test_tls import CA
 
 ISSUED_WITHIN = 40.0  # seconds: an issuance takes ~3 s; the issuer looks every 10 s
@@ -85,6 +87,13 @@ def wait_served(port: int, name: str, root: str, issuer: str) -> dict[str, Any]:
     return wait_for(served, 10, what=f"{name}'s certificate from {issuer}")
 
 
+def acme_metrics(bal: Balancer) -> dict[str, float]:
+    """The ``balancer_acme_*`` samples of `bal`'s /metrics, as {'NAME{LABEL}': value}."""
+    return {f"{name}{{{','.join(v for _, v in labels)}}}": value
+            for (name, labels), value in samples(_metrics(bal)).items()
+            if name.startswith("balancer_acme_")}
+
+
 def test_http01_issues_a_certificate_every_worker_serves(
         tmp_path: Path, pebble: Pebble, backend: Backend, pebble_root: str) -> None:
     bal = front(tmp_path, pebble, {"app.test": acme_rule(backend, https_redirect=True),
@@ -105,6 +114,14 @@ def test_http01_issues_a_certificate_every_worker_serves(
         assert "PRIVATE KEY" not in text and '"d"' not in text  # no key, not the account's
         listed = ctl("--url", f"http://127.0.0.1:{bal.mport}", "cert", "list")
         assert listed.returncode == 0 and "app.test: issued, renewal in" in listed.stdout
+        metrics = acme_metrics(bal)
+        assert metrics["balancer_acme_issuances_total{ok}"] == 1
+        assert metrics["balancer_acme_issuances_total{failed}"] == 0
+        assert (metrics["balancer_acme_hosts{issued}"], metrics["balancer_acme_hosts{pending}"]) \
+            == (1, 0)
+        to_renewal = state["renew_at"] - time.time()
+        assert metrics["balancer_acme_next_attempt_seconds{app.test}"] \
+            == pytest.approx(to_renewal, abs=30)
         log = bal.output()
         assert "acme: issuing a certificate for app.test (no certificate)" in log
         assert "acme: certificate for app.test issued by CN=Pebble" in log
@@ -175,6 +192,12 @@ def test_a_failing_host_backs_off_and_the_others_are_issued(
         assert failed["reason"].startswith("validation failed: down.test: connection")
         wait_state(bal, "up.test", "issued")
         assert "acme: issuing a certificate for down.test failed (attempt 1)" in bal.output()
+        metrics = acme_metrics(bal)
+        assert metrics["balancer_acme_issuances_total{failed}"] == 1
+        assert metrics["balancer_acme_issuances_total{ok}"] == 1
+        assert (metrics["balancer_acme_hosts{failed}"], metrics["balancer_acme_hosts{issued}"]) \
+            == (1, 1)
+        assert 200 < metrics["balancer_acme_next_attempt_seconds{down.test}"] <= 300
         certs = {c["host"] for c in bal.api("GET", "/api/v1/certs")[1]["certs"]}
         assert certs == {"up.test"}
         # the backoff holds: a change to the table makes the issuer look, not retry
