@@ -22,6 +22,9 @@ Invariants:
   ``pending`` (queued or running), ``issued``, ``failed`` (with ``reason``,
   ``attempts`` and ``next_retry``). Failures back off exponentially from
   `BACKOFF_FIRST` to `BACKOFF_MAX` seconds per host.
+* The CA is asked to validate once every live balancer serves the challenge
+  (`management.acme_spread`: at once with one balancer; Redis clusters wait
+  for the others' acknowledgements, at most `acme_spread.SPREAD_MAX`).
 * A failure for one host never stops the others, and nothing here raises
   out of `run_loop`: a store or CA problem is logged and retried.
 """
@@ -44,6 +47,7 @@ from gevent.event import Event
 from balancer.certificates import CertificateError, make_record, public_record
 from balancer.stores.base import StoreError
 from management.acme_ca import CA, IssueError, adopt_patched_ssl
+from management.acme_spread import ChallengeRelay
 from management.certs_api import tell_workers
 
 log = logging.getLogger("balancer.acme")
@@ -53,7 +57,6 @@ TICK = 1.0  # seconds between checks of the table's version and of requests
 LOCK_TTL = 60.0  # seconds the issuer lock lasts unless extended
 EXTEND_EVERY = LOCK_TTL / 4  # seconds between extensions while an issuance runs
 ISSUE_TIMEOUT = 180.0  # seconds one issuance may take, from order to certificate
-SPREAD_WAIT = 1.2  # seconds for other balancers to learn a challenge (they poll each second)
 BACKOFF_FIRST = 300.0  # seconds before the first retry of a failed host
 BACKOFF_MAX = 6 * 3600.0  # the longest wait between retries
 REISSUE_AFTER = 3600.0  # a certificate issued this recently is not renewed unasked
@@ -127,6 +130,8 @@ class Issuer:
         self.problem: str | None = None  # the last store problem, logged once
         self.outcomes = {"ok": 0, "failed": 0}  # issuances finished here (`/metrics`)
         self.task: Any = None
+        self.relay = ChallengeRelay(self.acme, runtime, self.owner, self.has_work)
+        self.relaying: Any = None
 
     # lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -138,13 +143,17 @@ class Issuer:
                         self.settings.challenge,
                         "plain" if self.settings.challenge == "http-01" else "TLS")
         self.task = gevent.spawn(self.run_loop)
+        self.relaying = gevent.spawn(self.relay.relay_loop, lambda: self.stopped)
 
     def stop(self) -> None:
         """Stop issuing and hand the lock over (a running issuance is cut short)."""
         self.stopped = True
         self.wake.set()
-        if self.task is not None:
-            self.task.kill(timeout=5)
+        for task in (self.task, self.relaying):
+            if task is not None:
+                task.kill(timeout=5)
+        with suppress(StoreError):  # else it goes stale by itself
+            self.relay.forget()
         if self.holding:
             with suppress(StoreError):  # else it lapses by itself
                 self.acme.unlock(self.owner)
@@ -156,6 +165,11 @@ class Issuer:
         state = note_request(self.acme, host, time.time())
         self.wake.set()
         return state
+
+    def has_work(self) -> bool:
+        """Whether the table has ``"tls": "acme"`` hosts."""
+        data = self.table()
+        return data is not None and bool(acme_hosts(data.hosts))
 
     def run_loop(self) -> None:
         last_version, last_step = None, 0.0
@@ -239,7 +253,7 @@ class Issuer:
         try:
             with self.keeping_lock():
                 chain, key = self.ca.issue(host, kind, self.publish, self.withdraw,
-                                           self.spread, ISSUE_TIMEOUT)
+                                           lambda: self.relay.spread(host), ISSUE_TIMEOUT)
                 record = make_record(host, chain, key, source="acme")
                 if not self.take():
                     raise IssueError("lost the issuer lock before storing the certificate")
@@ -302,19 +316,7 @@ class Issuer:
         except StoreError as exc:
             log.warning("acme: cannot withdraw challenge %s (it expires by itself): %s",
                         name, exc)
-        self.tell_workers()
-
-    def spread(self) -> None:
-        """Once this balancer's workers serve the published challenges (told over
-        their control sockets), wait for other balancers, which poll each second."""
-        self.tell_workers()
-        gevent.sleep(SPREAD_WAIT)
-
-    def tell_workers(self) -> None:
-        for reply in self.runtime.ask_all("challenges"):
-            if "error" in reply:
-                log.warning("acme: worker %s cannot read the challenges: %s",
-                            reply.get("pid"), reply["error"])
+        self.relay.tell_workers()
 
 
 def _number(value: Any) -> float:

@@ -125,6 +125,7 @@ def test_http01_issues_a_certificate_every_worker_serves(
         log = bal.output()
         assert "acme: issuing a certificate for app.test (no certificate)" in log
         assert "acme: certificate for app.test issued by CN=Pebble" in log
+        assert "the challenge for app.test is served by 1 balancer (0.0" in log  # no wait
         thumbprint = view["account"]["key_thumbprint"]
     finally:
         bal.stop()
@@ -255,6 +256,9 @@ def test_one_issuer_per_cluster(tmp_path: Path, pebble: Pebble, backend: Backend
         logs = [bal.output() for bal in (a, b)]
         assert sum("acme: issuing a certificate for cluster.test" in log for log in logs) == 1
         assert sum("took the lock" in log for log in logs) == 1
+        # the issuer asked the CA once the other balancer acknowledged the challenge
+        assert sum("the challenge for cluster.test is served by 2 balancers" in log
+                   for log in logs) == 1
         # both balancers serve the certificate, whichever issued it
         for port in (pebble.tls_port, b.ports["tls"]):
             wait_served(port, "cluster.test", pebble_root, issued["issuer"])
