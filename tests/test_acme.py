@@ -6,6 +6,12 @@ the TLS listener, renewal, failure with backoff, one issuer per cluster."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +23,7 @@ import pytest
 from balancer.certificates import make_record
 from balancer.stores.file import FileStore
 from tests.pebble import Pebble, served_certificate
-from tests.support import Backend, Balancer, wait_for
+from tests.support import ROOT, Backend, Balancer, wait_for
 from tests.test_certs_api import _metrics
 from tests.test_ctl import ctl
 from tests.test_metrics import samples
@@ -270,3 +276,68 @@ def test_one_issuer_per_cluster(tmp_path: Path, pebble: Pebble, backend: Backend
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+def test_issuance_as_a_dropped_user(pebble: Pebble, backend: Backend, pebble_root: str) -> None:
+    """`server.user = "nobody"`: the issuer runs after the drop, where the Python
+    installation may be unreadable (here under /root, mode 0700): every module
+    it uses is imported before, the CA bundle is read as the run user, the
+    store written as it."""
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="balancer-acme-priv-"))
+    try:
+        base.chmod(0o777)  # the run user writes the routes file and ACME's beside it
+        bundle = base / "pebble-api-ca.pem"
+        shutil.copy(pebble.ca_bundle, bundle)
+        bundle.chmod(0o644)
+        config = '[server]\nuser = "nobody"\n' + pebble.config().replace(
+            str(pebble.ca_bundle), str(bundle))
+        audit = base / "imports"
+        audit.mkdir(mode=0o777)
+        audit.chmod(0o777)
+        bal = Balancer(base, {"nobody.test": acme_rule(backend)},
+                       listen=f"127.0.0.1:{pebble.http_port}", config=config,
+                       args=["--tls-listen", f"127.0.0.1:{pebble.tls_port}"],
+                       prefix=["env", f"PYTHONPATH={ROOT}:{ROOT / 'tests' / 'import_audit'}",
+                               f"IMPORT_AUDIT_DIR={audit}"])
+        try:
+            state = wait_state(bal, "nobody.test", "issued")
+            wait_served(pebble.tls_port, "nobody.test", pebble_root, state["issuer"])
+            assert "running as nobody" in bal.output()
+            for name in ("routes.json.certs.json", "routes.json.acme.json"):
+                assert (base / name).stat().st_uid == nobody.pw_uid
+            assert "Traceback" not in bal.output()
+            for path in ("/api/v1/acme", "/metrics", "/api/v1/certs"):
+                assert bal.api("GET", path)[0] == 200
+            # nothing was imported after fork (the arbiter's own imports are preloading)
+            late = {p.name: p.read_text().split() for p in audit.glob("imports-*.txt")
+                    if p.name != f"imports-{bal.proc.pid}.txt"}
+            assert late == {}, late
+        finally:
+            bal.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+def test_a_ca_bundle_the_run_user_cannot_read_stops_the_start(pebble: Pebble) -> None:
+    tmp_path = Path(tempfile.mkdtemp(prefix="balancer-acme-priv-"))
+    tmp_path.chmod(0o777)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    bundle = private / "ca.pem"
+    shutil.copy(pebble.ca_bundle, bundle)
+    config = tmp_path / "b.toml"
+    config.write_text('[server]\nuser = "nobody"\n' + pebble.config().replace(
+        str(pebble.ca_bundle), str(bundle)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-m", "balancer", "serve", "--store",
+                           f"file:{tmp_path}/r.json", "--listen", "127.0.0.1:0",
+                           "--management", "127.0.0.1:0", "--config", str(config)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    assert done.returncode == 1, done.stderr
+    assert f"acme.ca_bundle: '{bundle}': cannot read as the run user" in done.stderr
+    assert "Permission denied" in done.stderr
