@@ -161,9 +161,17 @@ class CA:
             self.client = None
             raise IssueError(f"cannot reach the CA at {self.settings.directory}: "
                              f"{_first_line(exc)}") from None
-        except (errors.Error, ValueError, KeyError, TypeError) as exc:
+        except errors.ClientError as exc:
+            self.client = None
+            raise IssueError(client_reason(exc)) from None
+        except errors.Error as exc:
             self.client = None
             raise IssueError(f"ACME error: {type(exc).__name__}: {_first_line(exc)}") from None
+        except (jose.errors.Error, ValueError, KeyError, TypeError, AttributeError,
+                IndexError) as exc:  # an answer of the wrong shape: a broken or hostile CA
+            self.client = None
+            raise IssueError(f"the CA's answer is not what RFC 8555 describes "
+                             f"({type(exc).__name__}: {_first_line(exc)})") from None
 
     def _issue(self, host: str, kind: str, publish: Publish, withdraw: Callable[[str], None],
                spread: Callable[[], None], timeout: float) -> tuple[str, str]:
@@ -269,6 +277,24 @@ def validation_reason(exc: errors.ValidationError) -> str:
             if challb.error is not None:
                 parts.append(f"{name}: {problem_text(challb.error)}")
     return "validation failed: " + ("; ".join(parts) or "the CA gave no reason")
+
+
+def client_reason(exc: errors.ClientError) -> str:
+    """What the ACME client could not make sense of, on one line: an HTTP error
+    without an ACME problem document, or an answer that is not JSON."""
+    found = exc.args[0] if exc.args else None
+    if isinstance(found, tuple) and found:
+        found = found[0]  # (response, why its problem document is unreadable)
+    if isinstance(found, requests.Response):
+        kind = (found.headers.get("Content-Type") or "no Content-Type").split(";")[0]
+        method = found.request.method if found.request is not None else "request"
+        return (f"the CA answered HTTP {found.status_code} ({kind}, not an ACME problem "
+                f"document) to {method} {found.url}")
+    text = _first_line(exc)
+    prefix = "Unexpected response Content-Type: "
+    if text.startswith(prefix):
+        return f"the CA's answer is not JSON (Content-Type: {text[len(prefix):] or 'none'})"
+    return f"ACME error: {text}"
 
 
 def problem_text(problem: messages.Error) -> str:

@@ -25,6 +25,11 @@ Invariants:
 * The CA is asked to validate once every live balancer serves the challenge
   (`management.acme_spread`: at once with one balancer; Redis clusters wait
   for the others' acknowledgements, at most `acme_spread.SPREAD_MAX`).
+* One issuance is bounded (`ISSUE_TIMEOUT`, whatever the CA does) and cut
+  short (`management.acme_guard`) when the lock is lost, which leaves the
+  host's state and challenges to the new holder, or when the host's rule stops
+  asking for ACME, which stores nothing and forgets the state; neither counts
+  as a failure.
 * A failure for one host never stops the others, and nothing here raises
   out of `run_loop`: a store or CA problem is logged and retried.
 """
@@ -36,8 +41,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +52,7 @@ from gevent.event import Event
 from balancer.certificates import CertificateError, make_record, public_record
 from balancer.stores.base import StoreError
 from management.acme_ca import CA, IssueError, adopt_patched_ssl
+from management.acme_guard import Guard, Interrupted
 from management.acme_spread import ChallengeRelay
 from management.certs_api import tell_workers
 
@@ -250,21 +256,50 @@ class Issuer:
                                    "since": now, "attempted": now, "challenge": kind})
         log.info("acme: issuing a certificate for %s (%s) from %s, %s", host, why,
                  self.settings.directory, kind)
+        guard = Guard(self.take, lambda: self.wants(host), ISSUE_TIMEOUT, EXTEND_EVERY, LOCK_TTL)
         try:
-            with self.keeping_lock():
+            with guard:
                 chain, key = self.ca.issue(host, kind, self.publish, self.withdraw,
                                            lambda: self.relay.spread(host), ISSUE_TIMEOUT)
                 record = make_record(host, chain, key, source="acme")
-                if not self.take():
-                    raise IssueError("lost the issuer lock before storing the certificate")
+                self.check_still_wanted(host)
                 self.store.certs().put(host, record)
             tell_workers(self.runtime)  # this balancer's workers serve it now
+        except Interrupted as cut:
+            self.note_interrupted(host, cut)
+            return
         except (IssueError, CertificateError, StoreError) as exc:
             self.outcomes["failed"] += 1
             self.note_failed(host, state, attempts + 1, str(exc), now)
             return
         self.outcomes["ok"] += 1
         self.note_issued(host, record, now)
+
+    def wants(self, host: str) -> bool:
+        """Whether the table still has `host` with ``"tls": "acme"``."""
+        data = self.table()
+        return data is not None and host in acme_hosts({host: data.hosts.get(host)})
+
+    def check_still_wanted(self, host: str) -> None:
+        """Just before storing: the lock held and the rule still asking (whatever
+        the keeper saw last)."""
+        if not self.take():
+            raise Interrupted("another balancer took the issuer lock", True)
+        if not self.wants(host):
+            raise Interrupted('its rule no longer has "tls": "acme"', False)
+
+    def note_interrupted(self, host: str, cut: Interrupted) -> None:
+        """An issuance cut short is no failure: with the lock lost, the state is the
+        new issuer's; with the rule gone, there is no state to keep."""
+        if cut.lock_lost:
+            self.holding = False
+            log.warning("acme: issuing a certificate for %s stopped: %s; the balancer "
+                        "holding the lock takes over", host, cut.reason)
+            return
+        log.warning("acme: issuing a certificate for %s stopped: %s; nothing stored",
+                    host, cut.reason)
+        with suppress(StoreError):  # else `forget` drops it at the next step
+            self.acme.delete_state(host)
 
     def note_issued(self, host: str, record: Mapping[str, Any], attempted: float | None) -> None:
         """Record `host`'s certificate as issued (just now when `attempted` is set)."""
@@ -291,26 +326,13 @@ class Issuer:
         log.error("acme: issuing a certificate for %s failed (attempt %d): %s; next try %s",
                   host, attempts, reason, _when(retry))
 
-    @contextmanager
-    def keeping_lock(self) -> Iterator[None]:
-        """Extend the lock every `EXTEND_EVERY` seconds while the body runs."""
-        def extend_loop() -> None:
-            while True:
-                gevent.sleep(EXTEND_EVERY)
-                with suppress(StoreError):  # the body's own store calls report it
-                    self.take()
-
-        keeper = gevent.spawn(extend_loop)
-        try:
-            yield
-        finally:
-            keeper.kill(block=False)
-
     # challenges ---------------------------------------------------------
     def publish(self, name: str, record: dict[str, Any]) -> None:
         self.acme.put_challenge(name, record)
 
     def withdraw(self, name: str) -> None:
+        if not self.holding:
+            return  # the lock's new holder may have published under the same name
         try:
             self.acme.delete_challenge(name)
         except StoreError as exc:
