@@ -305,6 +305,8 @@ def problem_text(problem: messages.Error) -> str:
 
 
 def _first_line(exc: object) -> str:
+    """The first line of what the CA (or a library) said, at most 300 characters,
+    control characters (a terminal escape in a hostile CA's detail) shown as "?"."""
     text = str(exc).strip() or type(exc).__name__
-    line = text.splitlines()[0]
+    line = "".join(c if c.isprintable() else "?" for c in text.splitlines()[0])
     return line[:300] + ("…" if len(line) > 300 else "")
