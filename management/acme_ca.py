@@ -40,6 +40,7 @@ log = logging.getLogger("balancer.acme")
 
 USER_AGENT = "balancer (acme)"
 NETWORK_TIMEOUT = 30.0  # seconds per HTTP request to the CA
+MAX_ANSWER = 1 << 20  # bytes of one answer of the CA at most (a chain is a few KB)
 CHALLENGE_LIFE = 600.0  # seconds a published challenge is served at most
 ACME_IDENTIFIER = ObjectIdentifier("1.3.6.1.5.5.7.1.31")  # RFC 8737 §3
 CHALLENGE_TYPES = ("http-01", "tls-alpn-01")
@@ -120,6 +121,7 @@ class CA:
         net = client.ClientNetwork(self.account_key(), user_agent=USER_AGENT,
                                    verify_ssl=settings.ca_bundle or system_cas(),
                                    timeout=NETWORK_TIMEOUT)
+        net.session.hooks["response"].append(cap_answer)
         directory = client.ClientV2.get_directory(settings.directory, net)
         acme = client.ClientV2(directory, net)
         contact = {"email": settings.email} if settings.email else {}
@@ -203,6 +205,37 @@ class CA:
         if not order.fullchain_pem:
             raise IssueError("the CA finalized the order without a certificate")
         return order.fullchain_pem, key_pem.decode()
+
+
+def cap_answer(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+    """A requests response hook: the body (as decoded) may not pass `MAX_ANSWER`
+    bytes; a CA that floods (or a compression bomb) ends the issuance instead of
+    the management process's memory."""
+    response.raw = CappedBody(response.raw, MAX_ANSWER, f"{response.request.method} "
+                              f"{response.url}" if response.request is not None else "a request")
+    return response
+
+
+class CappedBody:
+    """A response's raw body (urllib3's) that refuses to grow past `limit` bytes."""
+
+    def __init__(self, raw: Any, limit: int, what: str) -> None:
+        self.raw = raw
+        self.limit = limit
+        self.what = what
+
+    def stream(self, amt: int = 65536, decode_content: bool | None = None) -> Any:
+        total = 0
+        for chunk in self.raw.stream(amt, decode_content=decode_content):
+            total += len(chunk)
+            if total > self.limit:
+                self.raw.close()
+                raise IssueError(f"the CA's answer to {self.what} is larger than "
+                                 f"{self.limit // 1024} KiB")
+            yield chunk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 def pick(authz: messages.AuthorizationResource, kind: str, host: str) -> messages.ChallengeBody:

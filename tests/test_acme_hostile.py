@@ -6,6 +6,7 @@ the issuance short without storing anything."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -68,8 +69,21 @@ class FakeCA:
             if self.mode == "hang":
                 self.held.append(conn)  # read, never answered, never closed
                 continue
+            if self.mode == "flood":
+                self.flood(conn)
+                continue
             conn.sendall(self.ANSWERS[self.mode])
             conn.close()
+
+    def flood(self, conn: socket.socket) -> None:
+        """A JSON answer that never ends, until the client goes (60 s at most)."""
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000000000\r\n\r\n[")
+        deadline = time.monotonic() + 60
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline:
+                conn.sendall(b"0," * 32768)
+        conn.close()
 
     def stop(self) -> None:
         self.listener.close()
@@ -98,6 +112,7 @@ def state_of(bal: Balancer, host: str) -> dict[str, Any]:
     ("problem", "the CA refused: serverInternal: the database is ?[31mon fire", 15),
     ("garbage", "the CA's answer is not JSON (Content-Type: application/json)", 15),
     ("shape", "the CA's answer is not what RFC 8555 describes (TypeError: ", 15),
+    ("flood", "the CA's answer to GET http://127.0.0.1:", 15),
     ("hang", "cannot reach the CA at http://127.0.0.1:", 45),
 ], indirect=["fake_ca"])
 def test_a_broken_ca_ends_in_failed_and_never_blocks_the_api(
@@ -115,6 +130,8 @@ def test_a_broken_ca_ends_in_failed_and_never_blocks_the_api(
         failed = wait_for(lambda: state_of(bal, "a.test").get("state") == "failed"
                           and state_of(bal, "a.test"), within, what=f"failed:\n{bal.output()}")
         assert failed["reason"].startswith(reason), failed["reason"]
+        if fake_ca.mode == "flood":
+            assert failed["reason"].endswith("/dir is larger than 1024 KiB")
         assert "\n" not in failed["reason"] and len(failed["reason"]) < 400
         assert failed["attempts"] == 1
         assert failed["next_retry"] - failed["failed_at"] == pytest.approx(300, abs=1)
