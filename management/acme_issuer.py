@@ -138,6 +138,7 @@ class Issuer:
         self.task: Any = None
         self.relay = ChallengeRelay(self.acme, runtime, self.owner, self.has_work)
         self.relaying: Any = None
+        self.work: tuple[Any, bool] = (None, False)  # (table version, has ACME hosts)
 
     # lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -173,9 +174,13 @@ class Issuer:
         return state
 
     def has_work(self) -> bool:
-        """Whether the table has ``"tls": "acme"`` hosts."""
+        """Whether the table has ``"tls": "acme"`` hosts (looked at once per version)."""
         data = self.table()
-        return data is not None and bool(acme_hosts(data.hosts))
+        if data is None:
+            return False
+        if self.work[0] != data.version:
+            self.work = (data.version, bool(acme_hosts(data.hosts)))
+        return self.work[1]
 
     def run_loop(self) -> None:
         last_version, last_step = None, 0.0

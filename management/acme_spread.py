@@ -2,7 +2,8 @@
 (docs/tls.md, "The lock and the challenge store").
 
 Every balancer's management process runs `ChallengeRelay.relay_loop`: it looks
-at the store's challenges signature every `RELAY_INTERVAL` seconds; on a change
+at the store's challenges signature every `RELAY_INTERVAL` seconds (every
+`IDLE_INTERVAL` while the table has no ``"tls": "acme"`` host); on a change
 it makes each of its own workers serve the challenges now (the control
 socket's ``challenges``), then acknowledges that signature in the store
 (`Acme.acknowledge`). While the table has ``"tls": "acme"`` hosts it
@@ -39,6 +40,7 @@ from balancer.stores.base import StoreError
 log = logging.getLogger("balancer.acme")
 
 RELAY_INTERVAL = 0.25  # seconds between looks at the challenges signature
+IDLE_INTERVAL = 1.0  # ... while no host asks for ACME (the workers look as often)
 HEARTBEAT = 10.0  # seconds between acknowledgements while ACME hosts exist
 LIVE_FOR = 3 * HEARTBEAT  # a balancer silent this long is not waited for
 FORGET_AFTER = 3600.0  # ... and this long, its acknowledgement is removed
@@ -83,7 +85,7 @@ class ChallengeRelay:
                 pass  # the workers' own look, and the issuer, report the store
             except Exception:  # a bug must not end the relay for good
                 log.exception("acme: relaying the challenges failed; retrying")
-            gevent.sleep(RELAY_INTERVAL)
+            gevent.sleep(RELAY_INTERVAL if self.has_work() else IDLE_INTERVAL)
 
     def look(self) -> None:
         """Serve and acknowledge a new signature; beat while there is ACME work."""
