@@ -196,3 +196,29 @@ def _metrics(bal: Balancer) -> str:
     text = conn.getresponse().read().decode()
     conn.close()
     return text
+
+
+def test_the_control_socket_makes_a_worker_serve_the_stored_certificates(tmp_path: Path) -> None:
+    """The management process's word after a certificate write (`certs` on the
+    control socket): the worker's TLS front serves the store's certificates now."""
+    from balancer.control import ControlServer
+    from balancer.server import Worker
+    from balancer.settings import load_settings
+    from balancer.stores.file import FileStore
+    from tests.test_tls import put_cert
+
+    store = FileStore(str(tmp_path / "routes.json"))
+    worker = Worker(load_settings(env={}), store)
+    control = ControlServer(str(tmp_path), worker)
+    try:
+        assert control.answer("certs")["certs"] == 0  # no TLS listener: nothing to serve
+        front = worker.front()
+        put_cert(tmp_path / "routes.json", "a.test")
+        assert front.find("a.test") is None
+        assert control.answer("certs")["certs"] == 1
+        assert front.find("a.test") is not None
+        store.certs().delete("a.test")
+        assert control.answer("certs")["certs"] == 0 and front.find("a.test") is None
+    finally:
+        worker.stopping = True
+        control.close()
