@@ -26,6 +26,9 @@ sends one command line and reads one JSON reply until EOF:
 * ``challenges`` → ``{"pid", "challenges": N}`` once the worker serves the ACME
   challenges the store holds now (the issuer just published one:
   `balancer.challenges`), or ``{"pid", "error": TEXT}``.
+* ``certs`` → ``{"pid", "certs": N}`` once the worker's TLS listeners serve the
+  certificates the store holds now (the management process just wrote one:
+  `balancer.tls.refresh`), or ``{"pid", "error": TEXT}``.
 
 Invariants:
 * Nothing is exchanged per request: a snapshot is built from the worker's
@@ -53,7 +56,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("stats", "reload", "version", "apply", "top", "inflight", "challenges")
+COMMANDS = ("stats", "reload", "version", "apply", "top", "inflight", "challenges", "certs")
 CONTROL_TIMEOUT = 2.0
 MAX_COMMAND = 4 * 1024 * 1024  # an `apply` carries one write's rules (the API takes 1 MiB)
 WORKER_GLOB = "worker-*.sock"
@@ -128,11 +131,12 @@ class ControlServer:
                 return {"pid": os.getpid(), "version": worker.reload()}
             except StoreError as exc:
                 return {"pid": os.getpid(), "error": str(exc)}
-        if command == "challenges":
+        if command in ("challenges", "certs"):
             from balancer.stores.base import StoreError
 
+            reread = worker.reload_challenges if command == "challenges" else worker.reload_certs
             try:
-                return {"pid": os.getpid(), "challenges": worker.reload_challenges()}
+                return {"pid": os.getpid(), command: reread()}
             except StoreError as exc:
                 return {"pid": os.getpid(), "error": str(exc)}
         if command == "stats":

@@ -49,7 +49,7 @@ from balancer.stats import Stats
 from balancer.stores.base import StoreError, TableChange, TableData
 from balancer.stores.snapshot import Snapshot, snapshot_path
 from balancer.table import RoutingTable, TableHolder
-from balancer.tls import TLSFront, follow
+from balancer.tls import TLSFront, follow, refresh
 
 log = logging.getLogger("balancer")
 # Listen queue length: the kernel caps it at net.core.somaxconn. A short queue
@@ -306,6 +306,14 @@ class Worker:
         how many are served."""
         self.challenges.update(self.store.acme().challenges())
         return len(self.challenges.tokens) + len(self.challenges.alpn)
+
+    def reload_certs(self) -> int:
+        """Serve the store's certificates now (the management process just wrote
+        one); how many are served (0 without TLS listeners)."""
+        if self.tls is None:
+            return 0
+        refresh(self.tls, self.store.certs())
+        return len(self.tls.by_host)
 
     def rotate_loop(self) -> None:
         """Start the heavy hitters' next interval every `SLOT_SECONDS`."""

@@ -17,6 +17,9 @@ Invariants:
   ``unrecognized_name``.
 * The certificates in force are one immutable mapping, swapped whole
   (`update`): established connections keep the context they were made with.
+  The store is read and swapped in by one `refresh` at a time (the once-a-second
+  `follow` and the control socket's ``certs`` command, which the management
+  process sends after each certificate it writes), so the last read is served.
   A record that cannot be loaded is reported and skipped; it never takes
   other hosts down.
 * Outcomes are plain counters in `Stats.tls_handshakes` (no metric calls).
@@ -40,6 +43,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import gevent
+from gevent.lock import Semaphore
 
 from balancer.responses import local_response
 
@@ -64,6 +68,7 @@ class TLSFront:
         self.by_host: Mapping[str, ssl.SSLContext] = {}
         self.loaded: dict[str, tuple[str, ssl.SSLContext]] = {}  # host → (digest, context)
         self.problems: dict[str, str] = {}  # host → why its certificate is not served
+        self.refreshing = Semaphore()  # one `refresh` at a time
 
     def new_context(self) -> ssl.SSLContext:
         """A server context with the configured versions, ciphers and ALPN."""
@@ -203,14 +208,22 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def refresh(front: TLSFront, certs: Any) -> object:
+    """Serve the store's certificates now; the store's certificate signature read
+    before them (raises `StoreError` when the store cannot be read)."""
+    with front.refreshing:  # a slower read never swaps in after a newer one
+        signature = certs.signature()
+        front.update(certs.all())
+        return signature
+
+
 def follow(front: TLSFront, certs: Any, stop: Callable[[], bool],
            interval: float = FOLLOW_INTERVAL) -> None:
-    """Serve the store's certificates, and each change to them, until `stop()`."""
+    """Serve the store's certificates, and each change to them, until `stop()`:
+    the safety net under the management process's direct word (`refresh`)."""
     seen: object = object()
     while not stop():
         with contextlib.suppress(Exception):
-            signature = certs.signature()
-            if signature != seen:
-                front.update(certs.all())
-                seen = signature
+            if certs.signature() != seen:
+                seen = refresh(front, certs)
         gevent.sleep(interval)

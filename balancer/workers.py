@@ -264,6 +264,20 @@ def check_startup(settings: Settings) -> None:
         access_log.close()
     except AccessLogError as exc:
         raise BootError(f"log.access_log: {exc}") from None
+    check_readable("acme.ca_bundle", settings.acme.ca_bundle)
+
+
+def check_readable(name: str, path: str) -> None:
+    """A file the management process reads after privileges drop (the ACME
+    issuer's CA bundle, at each issuance) must be readable by the run user."""
+    if not path:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise BootError(f"{name}: {path!r}: cannot read as the run user (uid {os.getuid()}): "
+                        f"{exc.strerror or exc}") from None
 
 
 def drop_for_check(identity: Identity | None) -> None:

@@ -32,6 +32,8 @@ RULES = [
 ]
 INTERNAL = ("attempted", "requested")  # bookkeeping of the issuer, not for people
 WAITING = {"state": "pending", "reason": "waiting for the issuer"}
+STATES = ("pending", "issued", "failed")
+OUTCOMES = ("ok", "failed")
 
 
 def host_states(store: Any, hosts: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -60,6 +62,25 @@ def acme_view(store: Any, hosts: Mapping[str, Any], issuer: Any) -> dict[str, An
         view.update(directory=settings.directory, challenge=settings.challenge,
                     renew_before=settings.renew_before, email=settings.email)
     return view
+
+
+def figures(store: Any, hosts: Mapping[str, Any], issuer: Any, now: float
+            ) -> dict[str, Any]:
+    """What ``/metrics`` shows of ACME (`management.metrics`): ``{"issuances":
+    {OUTCOME: N} (this process's issuer), "hosts": {STATE: N}, "next_attempt":
+    {HOST: SECONDS}}``; seconds until the issuer acts on a host again (its
+    renewal for ``issued``, its retry for ``failed``; 0 for ``pending``: due now)."""
+    counts = dict.fromkeys(STATES, 0)
+    next_attempt: dict[str, float] = {}
+    for host, state in host_states(store, hosts).items():
+        name = state.get("state")
+        counts[name if name in counts else "pending"] += 1
+        at = {"issued": state.get("renew_at"), "failed": state.get("next_retry")}.get(name)
+        usable = isinstance(at, (int, float)) and not isinstance(at, bool)
+        next_attempt[host] = max(0.0, float(at) - now) if usable else 0.0
+    done = getattr(issuer, "outcomes", None) or {}
+    return {"issuances": {o: int(done.get(o, 0)) for o in OUTCOMES}, "hosts": counts,
+            "next_attempt": next_attempt}
 
 
 def describe_account(stored: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ log = logging.getLogger("balancer.acme")
 
 USER_AGENT = "balancer (acme)"
 NETWORK_TIMEOUT = 30.0  # seconds per HTTP request to the CA
+MAX_ANSWER = 1 << 20  # bytes of one answer of the CA at most (a chain is a few KB)
 CHALLENGE_LIFE = 600.0  # seconds a published challenge is served at most
 ACME_IDENTIFIER = ObjectIdentifier("1.3.6.1.5.5.7.1.31")  # RFC 8737 §3
 CHALLENGE_TYPES = ("http-01", "tls-alpn-01")
@@ -120,6 +121,7 @@ class CA:
         net = client.ClientNetwork(self.account_key(), user_agent=USER_AGENT,
                                    verify_ssl=settings.ca_bundle or system_cas(),
                                    timeout=NETWORK_TIMEOUT)
+        net.session.hooks["response"].append(cap_answer)
         directory = client.ClientV2.get_directory(settings.directory, net)
         acme = client.ClientV2(directory, net)
         contact = {"email": settings.email} if settings.email else {}
@@ -161,9 +163,17 @@ class CA:
             self.client = None
             raise IssueError(f"cannot reach the CA at {self.settings.directory}: "
                              f"{_first_line(exc)}") from None
-        except (errors.Error, ValueError, KeyError, TypeError) as exc:
+        except errors.ClientError as exc:
+            self.client = None
+            raise IssueError(client_reason(exc)) from None
+        except errors.Error as exc:
             self.client = None
             raise IssueError(f"ACME error: {type(exc).__name__}: {_first_line(exc)}") from None
+        except (jose.errors.Error, ValueError, KeyError, TypeError, AttributeError,
+                IndexError) as exc:  # an answer of the wrong shape: a broken or hostile CA
+            self.client = None
+            raise IssueError(f"the CA's answer is not what RFC 8555 describes "
+                             f"({type(exc).__name__}: {_first_line(exc)})") from None
 
     def _issue(self, host: str, kind: str, publish: Publish, withdraw: Callable[[str], None],
                spread: Callable[[], None], timeout: float) -> tuple[str, str]:
@@ -195,6 +205,37 @@ class CA:
         if not order.fullchain_pem:
             raise IssueError("the CA finalized the order without a certificate")
         return order.fullchain_pem, key_pem.decode()
+
+
+def cap_answer(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+    """A requests response hook: the body (as decoded) may not pass `MAX_ANSWER`
+    bytes; a CA that floods (or a compression bomb) ends the issuance instead of
+    the management process's memory."""
+    response.raw = CappedBody(response.raw, MAX_ANSWER, f"{response.request.method} "
+                              f"{response.url}" if response.request is not None else "a request")
+    return response
+
+
+class CappedBody:
+    """A response's raw body (urllib3's) that refuses to grow past `limit` bytes."""
+
+    def __init__(self, raw: Any, limit: int, what: str) -> None:
+        self.raw = raw
+        self.limit = limit
+        self.what = what
+
+    def stream(self, amt: int = 65536, decode_content: bool | None = None) -> Any:
+        total = 0
+        for chunk in self.raw.stream(amt, decode_content=decode_content):
+            total += len(chunk)
+            if total > self.limit:
+                self.raw.close()
+                raise IssueError(f"the CA's answer to {self.what} is larger than "
+                                 f"{self.limit // 1024} KiB")
+            yield chunk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 def pick(authz: messages.AuthorizationResource, kind: str, host: str) -> messages.ChallengeBody:
@@ -271,6 +312,24 @@ def validation_reason(exc: errors.ValidationError) -> str:
     return "validation failed: " + ("; ".join(parts) or "the CA gave no reason")
 
 
+def client_reason(exc: errors.ClientError) -> str:
+    """What the ACME client could not make sense of, on one line: an HTTP error
+    without an ACME problem document, or an answer that is not JSON."""
+    found = exc.args[0] if exc.args else None
+    if isinstance(found, tuple) and found:
+        found = found[0]  # (response, why its problem document is unreadable)
+    if isinstance(found, requests.Response):
+        kind = (found.headers.get("Content-Type") or "no Content-Type").split(";")[0]
+        method = found.request.method if found.request is not None else "request"
+        return (f"the CA answered HTTP {found.status_code} ({kind}, not an ACME problem "
+                f"document) to {method} {found.url}")
+    text = _first_line(exc)
+    prefix = "Unexpected response Content-Type: "
+    if text.startswith(prefix):
+        return f"the CA's answer is not JSON (Content-Type: {text[len(prefix):] or 'none'})"
+    return f"ACME error: {text}"
+
+
 def problem_text(problem: messages.Error) -> str:
     """An ACME problem document as one line: ``type: detail``."""
     code = problem.code or (problem.typ or "error").rsplit(":", 1)[-1]
@@ -279,6 +338,8 @@ def problem_text(problem: messages.Error) -> str:
 
 
 def _first_line(exc: object) -> str:
+    """The first line of what the CA (or a library) said, at most 300 characters,
+    control characters (a terminal escape in a hostile CA's detail) shown as "?"."""
     text = str(exc).strip() or type(exc).__name__
-    line = text.splitlines()[0]
+    line = "".join(c if c.isprintable() else "?" for c in text.splitlines()[0])
     return line[:300] + ("…" if len(line) > 300 else "")

@@ -5,7 +5,8 @@ operator asks (`request`), `step` runs: when the table has hosts with
 ``"tls": "acme"``, take (or extend) the cluster's issuer lock in the store;
 holding it, issue a certificate for each such host that is due, one at a
 time, and store it with the other certificates (``source: "acme"``), which
-every worker of every balancer then serves (`balancer.tls.follow`).
+this balancer's workers serve at once (told over their control sockets) and
+every worker of every other balancer within a second (`balancer.tls.follow`).
 
 A host is due when it has no certificate, when its certificate expires
 within ``[acme] renew_before`` days, or when an operator asked
@@ -21,6 +22,14 @@ Invariants:
   ``pending`` (queued or running), ``issued``, ``failed`` (with ``reason``,
   ``attempts`` and ``next_retry``). Failures back off exponentially from
   `BACKOFF_FIRST` to `BACKOFF_MAX` seconds per host.
+* The CA is asked to validate once every live balancer serves the challenge
+  (`management.acme_spread`: at once with one balancer; Redis clusters wait
+  for the others' acknowledgements, at most `acme_spread.SPREAD_MAX`).
+* One issuance is bounded (`ISSUE_TIMEOUT`, whatever the CA does) and cut
+  short (`management.acme_guard`) when the lock is lost, which leaves the
+  host's state and challenges to the new holder, or when the host's rule stops
+  asking for ACME, which stores nothing and forgets the state; neither counts
+  as a failure.
 * A failure for one host never stops the others, and nothing here raises
   out of `run_loop`: a store or CA problem is logged and retried.
 """
@@ -32,8 +41,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +52,9 @@ from gevent.event import Event
 from balancer.certificates import CertificateError, make_record, public_record
 from balancer.stores.base import StoreError
 from management.acme_ca import CA, IssueError, adopt_patched_ssl
+from management.acme_guard import Guard, Interrupted
+from management.acme_spread import ChallengeRelay
+from management.certs_api import tell_workers
 
 log = logging.getLogger("balancer.acme")
 
@@ -51,7 +63,6 @@ TICK = 1.0  # seconds between checks of the table's version and of requests
 LOCK_TTL = 60.0  # seconds the issuer lock lasts unless extended
 EXTEND_EVERY = LOCK_TTL / 4  # seconds between extensions while an issuance runs
 ISSUE_TIMEOUT = 180.0  # seconds one issuance may take, from order to certificate
-SPREAD_WAIT = 1.2  # seconds for other balancers to learn a challenge (they poll each second)
 BACKOFF_FIRST = 300.0  # seconds before the first retry of a failed host
 BACKOFF_MAX = 6 * 3600.0  # the longest wait between retries
 REISSUE_AFTER = 3600.0  # a certificate issued this recently is not renewed unasked
@@ -123,7 +134,11 @@ class Issuer:
         self.stopped = False
         self.wake = Event()
         self.problem: str | None = None  # the last store problem, logged once
+        self.outcomes = {"ok": 0, "failed": 0}  # issuances finished here (`/metrics`)
         self.task: Any = None
+        self.relay = ChallengeRelay(self.acme, runtime, self.owner, self.has_work)
+        self.relaying: Any = None
+        self.work: tuple[Any, bool] = (None, False)  # (table version, has ACME hosts)
 
     # lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -135,13 +150,17 @@ class Issuer:
                         self.settings.challenge,
                         "plain" if self.settings.challenge == "http-01" else "TLS")
         self.task = gevent.spawn(self.run_loop)
+        self.relaying = gevent.spawn(self.relay.relay_loop, lambda: self.stopped)
 
     def stop(self) -> None:
         """Stop issuing and hand the lock over (a running issuance is cut short)."""
         self.stopped = True
         self.wake.set()
-        if self.task is not None:
-            self.task.kill(timeout=5)
+        for task in (self.task, self.relaying):
+            if task is not None:
+                task.kill(timeout=5)
+        with suppress(StoreError):  # else it goes stale by itself
+            self.relay.forget()
         if self.holding:
             with suppress(StoreError):  # else it lapses by itself
                 self.acme.unlock(self.owner)
@@ -153,6 +172,15 @@ class Issuer:
         state = note_request(self.acme, host, time.time())
         self.wake.set()
         return state
+
+    def has_work(self) -> bool:
+        """Whether the table has ``"tls": "acme"`` hosts (looked at once per version)."""
+        data = self.table()
+        if data is None:
+            return False
+        if self.work[0] != data.version:
+            self.work = (data.version, bool(acme_hosts(data.hosts)))
+        return self.work[1]
 
     def run_loop(self) -> None:
         last_version, last_step = None, 0.0
@@ -233,18 +261,50 @@ class Issuer:
                                    "since": now, "attempted": now, "challenge": kind})
         log.info("acme: issuing a certificate for %s (%s) from %s, %s", host, why,
                  self.settings.directory, kind)
+        guard = Guard(self.take, lambda: self.wants(host), ISSUE_TIMEOUT, EXTEND_EVERY, LOCK_TTL)
         try:
-            with self.keeping_lock():
+            with guard:
                 chain, key = self.ca.issue(host, kind, self.publish, self.withdraw,
-                                           self.spread, ISSUE_TIMEOUT)
+                                           lambda: self.relay.spread(host), ISSUE_TIMEOUT)
                 record = make_record(host, chain, key, source="acme")
-                if not self.take():
-                    raise IssueError("lost the issuer lock before storing the certificate")
+                self.check_still_wanted(host)
                 self.store.certs().put(host, record)
+            tell_workers(self.runtime)  # this balancer's workers serve it now
+        except Interrupted as cut:
+            self.note_interrupted(host, cut)
+            return
         except (IssueError, CertificateError, StoreError) as exc:
+            self.outcomes["failed"] += 1
             self.note_failed(host, state, attempts + 1, str(exc), now)
             return
+        self.outcomes["ok"] += 1
         self.note_issued(host, record, now)
+
+    def wants(self, host: str) -> bool:
+        """Whether the table still has `host` with ``"tls": "acme"``."""
+        data = self.table()
+        return data is not None and host in acme_hosts({host: data.hosts.get(host)})
+
+    def check_still_wanted(self, host: str) -> None:
+        """Just before storing: the lock held and the rule still asking (whatever
+        the keeper saw last)."""
+        if not self.take():
+            raise Interrupted("another balancer took the issuer lock", True)
+        if not self.wants(host):
+            raise Interrupted('its rule no longer has "tls": "acme"', False)
+
+    def note_interrupted(self, host: str, cut: Interrupted) -> None:
+        """An issuance cut short is no failure: with the lock lost, the state is the
+        new issuer's; with the rule gone, there is no state to keep."""
+        if cut.lock_lost:
+            self.holding = False
+            log.warning("acme: issuing a certificate for %s stopped: %s; the balancer "
+                        "holding the lock takes over", host, cut.reason)
+            return
+        log.warning("acme: issuing a certificate for %s stopped: %s; nothing stored",
+                    host, cut.reason)
+        with suppress(StoreError):  # else `forget` drops it at the next step
+            self.acme.delete_state(host)
 
     def note_issued(self, host: str, record: Mapping[str, Any], attempted: float | None) -> None:
         """Record `host`'s certificate as issued (just now when `attempted` is set)."""
@@ -271,44 +331,19 @@ class Issuer:
         log.error("acme: issuing a certificate for %s failed (attempt %d): %s; next try %s",
                   host, attempts, reason, _when(retry))
 
-    @contextmanager
-    def keeping_lock(self) -> Iterator[None]:
-        """Extend the lock every `EXTEND_EVERY` seconds while the body runs."""
-        def extend_loop() -> None:
-            while True:
-                gevent.sleep(EXTEND_EVERY)
-                with suppress(StoreError):  # the body's own store calls report it
-                    self.take()
-
-        keeper = gevent.spawn(extend_loop)
-        try:
-            yield
-        finally:
-            keeper.kill(block=False)
-
     # challenges ---------------------------------------------------------
     def publish(self, name: str, record: dict[str, Any]) -> None:
         self.acme.put_challenge(name, record)
 
     def withdraw(self, name: str) -> None:
+        if not self.holding:
+            return  # the lock's new holder may have published under the same name
         try:
             self.acme.delete_challenge(name)
         except StoreError as exc:
             log.warning("acme: cannot withdraw challenge %s (it expires by itself): %s",
                         name, exc)
-        self.tell_workers()
-
-    def spread(self) -> None:
-        """Once this balancer's workers serve the published challenges (told over
-        their control sockets), wait for other balancers, which poll each second."""
-        self.tell_workers()
-        gevent.sleep(SPREAD_WAIT)
-
-    def tell_workers(self) -> None:
-        for reply in self.runtime.ask_all("challenges"):
-            if "error" in reply:
-                log.warning("acme: worker %s cannot read the challenges: %s",
-                            reply.get("pid"), reply["error"])
+        self.relay.tell_workers()
 
 
 def _number(value: Any) -> float:

@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -129,7 +130,8 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         self.runtime = runtime
         self.token = token or None
         self.mirror = mirror or Mirror(store)  # not started: only this app's writes
-        self.metrics = Metrics(runtime.stats, lambda: certs_api.expiries(self.store))
+        self.metrics = Metrics(runtime.stats, lambda: certs_api.expiries(self.store),
+                               self.acme_figures)
         self.deployer = Deployer(store, runtime, self.write_rule)
         self.history = history or History()  # sampled by the management process
 
@@ -170,15 +172,24 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         return json_response({"certs": certs, "acme": acme})
 
     def on_put_cert(self, request: Request, host: str) -> Response:
-        return json_response({"cert": certs_api.put_cert(self.store, host, read_json(request))})
+        stored = certs_api.put_cert(self.store, host, read_json(request))
+        certs_api.tell_workers(self.runtime)  # served when the answer arrives
+        return json_response({"cert": stored})
 
     def on_delete_cert(self, request: Request, host: str) -> Response:
-        return json_response({"deleted": certs_api.delete_cert(self.store, host)})
+        deleted = certs_api.delete_cert(self.store, host)
+        certs_api.tell_workers(self.runtime)
+        return json_response({"deleted": deleted})
 
     # ACME (management/acme_api.py) -------------------------------------------
     def on_acme(self, request: Request) -> Response:
         hosts = self._readable()[0].hosts
         return json_response(acme_api.acme_view(self.store, hosts, self.issuer))
+
+    def acme_figures(self) -> dict[str, Any]:
+        """ACME's part of ``/metrics`` (`acme_api.figures`), read at scrape time."""
+        return acme_api.figures(self.store, self._readable()[0].hosts, self.issuer,
+                                time.time())
 
     def on_issue_cert(self, request: Request, host: str) -> Response:
         hosts = self._readable()[0].hosts

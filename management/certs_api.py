@@ -9,12 +9,15 @@
 Invariants:
 * A public record (`balancer.certificates.public_record`) never holds the key;
   no answer or log line made here does.
-* A refused upload changes nothing. Workers of every balancer on the store pick
-  a change up within a second (`balancer.tls.follow`), without a restart.
+* A refused upload changes nothing. A stored change is served by this
+  balancer's workers when the API answers (`tell_workers`: the control socket's
+  ``certs``), and by the workers of every other balancer on the store within a
+  second (`balancer.tls.follow`), without a restart.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -24,6 +27,8 @@ from balancer.certificates import CertificateError, make_record, public_record
 from balancer.rules import normalize_host, validate_host
 from balancer.stores import Store
 from management.http import ApiError
+
+log = logging.getLogger("balancer")
 
 RULES = [
     Rule("/api/v1/certs", endpoint="list_certs", methods=["GET"]),
@@ -73,3 +78,13 @@ def _host(host: str) -> str:
         raise ApiError(400, "invalid_host", problems[0] if problems
                        else "a certificate needs a host name or *.suffix")
     return normalize_host(host)
+
+
+def tell_workers(runtime: Any) -> None:
+    """Make every worker of this balancer serve the store's certificates now (a
+    certificate was just written); a worker that cannot is logged, and its
+    once-a-second look at the store catches up."""
+    for reply in runtime.ask_all("certs"):
+        if "error" in reply:
+            log.warning("certificates: worker %s cannot read them now (it looks again within "
+                        "a second): %s", reply.get("pid"), reply["error"])

@@ -26,9 +26,11 @@ class SnapshotCollector(Collector):
     """Yields the SPEC §7 families from `snapshot()` on every collect."""
 
     def __init__(self, snapshot: Callable[[], Snapshot],
-                 expiries: Callable[[], dict[str, float]] | None = None) -> None:
+                 expiries: Callable[[], dict[str, float]] | None = None,
+                 acme: Callable[[], dict[str, Any]] | None = None) -> None:
         self.snapshot = snapshot
         self.expiries = expiries
+        self.acme = acme  # `management.acme_api.figures`
 
     def describe(self) -> list:
         return []  # no collect() at registration time
@@ -48,6 +50,7 @@ class SnapshotCollector(Collector):
         yield _gauge("balancer_store_up", "1 when the config store is reachable.",
                      snap.get("store_up", 0))
         yield from self._tls(snap)
+        yield from self._acme()
 
     def _tls(self, snap: Snapshot) -> Iterator[Any]:
         handshakes = CounterMetricFamily("balancer_tls_handshakes_total",
@@ -66,6 +69,30 @@ class SnapshotCollector(Collector):
         for host, seconds in sorted(found.items()):
             expiry.add_metric([host], seconds)
         yield expiry
+
+    def _acme(self) -> Iterator[Any]:
+        try:
+            found: dict[str, Any] = self.acme() if self.acme is not None else {}
+        except Exception:  # the store is down: the other metrics still answer
+            found = {}
+        issuances = CounterMetricFamily("balancer_acme_issuances_total",
+                                        "ACME issuances this balancer's issuer finished, "
+                                        "by outcome.", labels=["outcome"])
+        for outcome in ("ok", "failed"):
+            issuances.add_metric([outcome], found.get("issuances", {}).get(outcome, 0))
+        yield issuances
+        hosts = GaugeMetricFamily("balancer_acme_hosts",
+                                  'Hosts whose rule has "tls": "acme", by issuance state.',
+                                  labels=["state"])
+        for state in ("pending", "issued", "failed"):
+            hosts.add_metric([state], found.get("hosts", {}).get(state, 0))
+        yield hosts
+        upcoming = GaugeMetricFamily("balancer_acme_next_attempt_seconds",
+                                     "Seconds until the ACME issuer acts on a host again "
+                                     "(renewal or retry; 0: due now).", labels=["host"])
+        for host, seconds in sorted(found.get("next_attempt", {}).items()):
+            upcoming.add_metric([host], seconds)
+        yield upcoming
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -133,9 +160,10 @@ class Metrics:
     content_type = "text/plain; version=0.0.4; charset=utf-8"
 
     def __init__(self, snapshot: Callable[[], Snapshot],
-                 expiries: Callable[[], dict[str, float]] | None = None) -> None:
+                 expiries: Callable[[], dict[str, float]] | None = None,
+                 acme: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SnapshotCollector(snapshot, expiries))
+        self.registry.register(SnapshotCollector(snapshot, expiries, acme))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of the current snapshot."""

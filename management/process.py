@@ -96,7 +96,10 @@ def save_history(history: Any) -> None:
 
 # what the management process imports after fork (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
-    "management.acme_api", "management.acme_ca", "management.acme_issuer", "management.app",
-    "management.cluster", "management.deploys", "management.guard", "management.history",
-    "management.hosts_api", "management.status_api",
-    "management.mirror", "management.process", "management.server"))
+    "management.acme_api", "management.acme_ca", "management.acme_issuer",
+    "management.acme_spread", "management.app", "management.cluster", "management.deploys",
+    "management.guard", "management.history", "management.hosts_api", "management.status_api",
+    "management.mirror", "management.process", "management.server",
+    # imported lazily by the ACME client: josepy's `default_backend()` and requests'
+    # .netrc lookup (found with an "import" audit hook during issuances)
+    "cryptography.hazmat.backends.openssl", "netrc", "shlex"))

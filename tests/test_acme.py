@@ -6,6 +6,12 @@ the TLS listener, renewal, failure with backoff, one issuer per cluster."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,8 +23,10 @@ import pytest
 from balancer.certificates import make_record
 from balancer.stores.file import FileStore
 from tests.pebble import Pebble, served_certificate
-from tests.support import Backend, Balancer, wait_for
+from tests.support import ROOT, Backend, Balancer, wait_for
+from tests.test_certs_api import _metrics
 from tests.test_ctl import ctl
+from tests.test_metrics import samples
 from tests.test_tls import CA
 
 ISSUED_WITHIN = 40.0  # seconds: an issuance takes ~3 s; the issuer looks every 10 s
@@ -85,6 +93,13 @@ def wait_served(port: int, name: str, root: str, issuer: str) -> dict[str, Any]:
     return wait_for(served, 10, what=f"{name}'s certificate from {issuer}")
 
 
+def acme_metrics(bal: Balancer) -> dict[str, float]:
+    """The ``balancer_acme_*`` samples of `bal`'s /metrics, as {'NAME{LABEL}': value}."""
+    return {f"{name}{{{','.join(v for _, v in labels)}}}": value
+            for (name, labels), value in samples(_metrics(bal)).items()
+            if name.startswith("balancer_acme_")}
+
+
 def test_http01_issues_a_certificate_every_worker_serves(
         tmp_path: Path, pebble: Pebble, backend: Backend, pebble_root: str) -> None:
     bal = front(tmp_path, pebble, {"app.test": acme_rule(backend, https_redirect=True),
@@ -92,7 +107,8 @@ def test_http01_issues_a_certificate_every_worker_serves(
     try:
         state = wait_state(bal, "app.test", "issued")
         assert state["issuer"].startswith("CN=Pebble Intermediate CA")
-        served = wait_served(pebble.tls_port, "app.test", pebble_root, state["issuer"])
+        served = served_certificate(pebble.tls_port, "app.test", pebble_root)  # at once
+        assert served["issuer"] == state["issuer"]
         assert abs(served["not_after"] - state["not_after"]) < 1
         view = bal.api("GET", "/api/v1/acme")[1]
         assert view["account"]["registered"] and view["issuer"]["this_balancer"]
@@ -105,9 +121,18 @@ def test_http01_issues_a_certificate_every_worker_serves(
         assert "PRIVATE KEY" not in text and '"d"' not in text  # no key, not the account's
         listed = ctl("--url", f"http://127.0.0.1:{bal.mport}", "cert", "list")
         assert listed.returncode == 0 and "app.test: issued, renewal in" in listed.stdout
+        metrics = acme_metrics(bal)
+        assert metrics["balancer_acme_issuances_total{ok}"] == 1
+        assert metrics["balancer_acme_issuances_total{failed}"] == 0
+        assert (metrics["balancer_acme_hosts{issued}"], metrics["balancer_acme_hosts{pending}"]) \
+            == (1, 0)
+        to_renewal = state["renew_at"] - time.time()
+        assert metrics["balancer_acme_next_attempt_seconds{app.test}"] \
+            == pytest.approx(to_renewal, abs=30)
         log = bal.output()
         assert "acme: issuing a certificate for app.test (no certificate)" in log
         assert "acme: certificate for app.test issued by CN=Pebble" in log
+        assert "the challenge for app.test is served by 1 balancer (0.0" in log  # no wait
         thumbprint = view["account"]["key_thumbprint"]
     finally:
         bal.stop()
@@ -158,8 +183,9 @@ def test_a_certificate_inside_renew_before_is_renewed_once(
         assert asked.returncode == 0 and "issuance requested" in asked.stdout
         second = wait_state(bal, "renew.test", "issued", since=first["issued_at"] + 0.001)
         assert second["not_after"] >= first["not_after"]
-        wait_for(lambda: served_certificate(pebble.tls_port, "renew.test", pebble_root)["serial"]
-                 != served["serial"], 10, what="the renewed certificate served")
+        # this balancer's workers were told before the state says issued: served at once
+        assert served_certificate(pebble.tls_port, "renew.test", pebble_root)["serial"] \
+            != served["serial"]
     finally:
         bal.stop()
 
@@ -175,6 +201,12 @@ def test_a_failing_host_backs_off_and_the_others_are_issued(
         assert failed["reason"].startswith("validation failed: down.test: connection")
         wait_state(bal, "up.test", "issued")
         assert "acme: issuing a certificate for down.test failed (attempt 1)" in bal.output()
+        metrics = acme_metrics(bal)
+        assert metrics["balancer_acme_issuances_total{failed}"] == 1
+        assert metrics["balancer_acme_issuances_total{ok}"] == 1
+        assert (metrics["balancer_acme_hosts{failed}"], metrics["balancer_acme_hosts{issued}"]) \
+            == (1, 1)
+        assert 200 < metrics["balancer_acme_next_attempt_seconds{down.test}"] <= 300
         certs = {c["host"] for c in bal.api("GET", "/api/v1/certs")[1]["certs"]}
         assert certs == {"up.test"}
         # the backoff holds: a change to the table makes the issuer look, not retry
@@ -232,6 +264,9 @@ def test_one_issuer_per_cluster(tmp_path: Path, pebble: Pebble, backend: Backend
         logs = [bal.output() for bal in (a, b)]
         assert sum("acme: issuing a certificate for cluster.test" in log for log in logs) == 1
         assert sum("took the lock" in log for log in logs) == 1
+        # the issuer asked the CA once the other balancer acknowledged the challenge
+        assert sum("the challenge for cluster.test is served by 2 balancers" in log
+                   for log in logs) == 1
         # both balancers serve the certificate, whichever issued it
         for port in (pebble.tls_port, b.ports["tls"]):
             wait_served(port, "cluster.test", pebble_root, issued["issuer"])
@@ -243,3 +278,68 @@ def test_one_issuer_per_cluster(tmp_path: Path, pebble: Pebble, backend: Backend
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+def test_issuance_as_a_dropped_user(pebble: Pebble, backend: Backend, pebble_root: str) -> None:
+    """`server.user = "nobody"`: the issuer runs after the drop, where the Python
+    installation may be unreadable (here under /root, mode 0700): every module
+    it uses is imported before, the CA bundle is read as the run user, the
+    store written as it."""
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="balancer-acme-priv-"))
+    try:
+        base.chmod(0o777)  # the run user writes the routes file and ACME's beside it
+        bundle = base / "pebble-api-ca.pem"
+        shutil.copy(pebble.ca_bundle, bundle)
+        bundle.chmod(0o644)
+        config = '[server]\nuser = "nobody"\n' + pebble.config().replace(
+            str(pebble.ca_bundle), str(bundle))
+        audit = base / "imports"
+        audit.mkdir(mode=0o777)
+        audit.chmod(0o777)
+        bal = Balancer(base, {"nobody.test": acme_rule(backend)},
+                       listen=f"127.0.0.1:{pebble.http_port}", config=config,
+                       args=["--tls-listen", f"127.0.0.1:{pebble.tls_port}"],
+                       prefix=["env", f"PYTHONPATH={ROOT}:{ROOT / 'tests' / 'import_audit'}",
+                               f"IMPORT_AUDIT_DIR={audit}"])
+        try:
+            state = wait_state(bal, "nobody.test", "issued")
+            wait_served(pebble.tls_port, "nobody.test", pebble_root, state["issuer"])
+            assert "running as nobody" in bal.output()
+            for name in ("routes.json.certs.json", "routes.json.acme.json"):
+                assert (base / name).stat().st_uid == nobody.pw_uid
+            assert "Traceback" not in bal.output()
+            for path in ("/api/v1/acme", "/metrics", "/api/v1/certs"):
+                assert bal.api("GET", path)[0] == 200
+            # nothing was imported after fork (the arbiter's own imports are preloading)
+            late = {p.name: p.read_text().split() for p in audit.glob("imports-*.txt")
+                    if p.name != f"imports-{bal.proc.pid}.txt"}
+            assert late == {}, late
+        finally:
+            bal.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+def test_a_ca_bundle_the_run_user_cannot_read_stops_the_start(pebble: Pebble) -> None:
+    tmp_path = Path(tempfile.mkdtemp(prefix="balancer-acme-priv-"))
+    tmp_path.chmod(0o777)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    bundle = private / "ca.pem"
+    shutil.copy(pebble.ca_bundle, bundle)
+    config = tmp_path / "b.toml"
+    config.write_text('[server]\nuser = "nobody"\n' + pebble.config().replace(
+        str(pebble.ca_bundle), str(bundle)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-m", "balancer", "serve", "--store",
+                           f"file:{tmp_path}/r.json", "--listen", "127.0.0.1:0",
+                           "--management", "127.0.0.1:0", "--config", str(config)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    assert done.returncode == 1, done.stderr
+    assert f"acme.ca_bundle: '{bundle}': cannot read as the run user" in done.stderr
+    assert "Permission denied" in done.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import re
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from balancer.certificates import CertificateError, check, covers
 from tests.support import Backend, Balancer, wait_for
 from tests.test_ctl import ctl, ok
-from tests.test_tls import CA, _handshakes, client_context, https_get
+from tests.test_tls import CA, _handshakes, client_context, https_get, tls_connect
 from tests.tlsca import ec_key, rsa_key
 
 
@@ -67,6 +68,52 @@ def test_upload_serves_on_every_worker_and_never_shows_the_key(bal: Balancer,
                  ok("cert", "list", "--url", f"http://127.0.0.1:{bal.mport}"),
                  ok("cert", "list", "--json", "--url", f"http://127.0.0.1:{bal.mport}")):
         assert secret not in text
+
+
+SERVED_WITHIN = 0.3  # seconds from the API's answer: the workers' own look is once a second
+
+
+def served_serial(port: int, name: str, context: ssl.SSLContext) -> int | None:
+    """The serial of the certificate a new connection gets for `name`, or None."""
+    from cryptography import x509
+
+    try:
+        with tls_connect(port, name, context) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except ssl.SSLError:
+        return None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def serves_at_once(port: int, name: str, context: ssl.SSLContext, serial: int | None,
+                   answered: float) -> None:
+    """Every new connection (several, over every worker) gets `serial` for `name`
+    within `SERVED_WITHIN` seconds of `answered`."""
+    deadline = answered + SERVED_WITHIN
+    while True:
+        got = [served_serial(port, name, context) for _ in range(6)]
+        if got == [serial] * 6:
+            return
+        assert time.monotonic() < deadline, (
+            f"{name}: {got} {time.monotonic() - answered:.3f}s after the API answered, "
+            f"expected {serial}")
+
+
+def test_a_written_certificate_is_served_when_the_api_answers(bal: Balancer,
+                                                               tmp_path: Path) -> None:
+    from cryptography import x509
+
+    context = client_context(tmp_path)
+    port = bal.ports["tls"]
+    for _ in range(2):  # a new host, then the same host's certificate replaced
+        chain, key = CA.issue("fresh.test")
+        status, _ = bal.api("PUT", "/api/v1/certs/fresh.test", {"chain": chain, "key": key})
+        answered = time.monotonic()
+        assert status == 200
+        serial = x509.load_pem_x509_certificate(chain.encode()).serial_number
+        serves_at_once(port, "fresh.test", context, serial, answered)
+    assert bal.api("DELETE", "/api/v1/certs/fresh.test")[0] == 200
+    serves_at_once(port, "fresh.test", context, None, time.monotonic())
 
 
 def test_unknown_names_are_counted(bal: Balancer, tmp_path: Path) -> None:
@@ -149,3 +196,29 @@ def _metrics(bal: Balancer) -> str:
     text = conn.getresponse().read().decode()
     conn.close()
     return text
+
+
+def test_the_control_socket_makes_a_worker_serve_the_stored_certificates(tmp_path: Path) -> None:
+    """The management process's word after a certificate write (`certs` on the
+    control socket): the worker's TLS front serves the store's certificates now."""
+    from balancer.control import ControlServer
+    from balancer.server import Worker
+    from balancer.settings import load_settings
+    from balancer.stores.file import FileStore
+    from tests.test_tls import put_cert
+
+    store = FileStore(str(tmp_path / "routes.json"))
+    worker = Worker(load_settings(env={}), store)
+    control = ControlServer(str(tmp_path), worker)
+    try:
+        assert control.answer("certs")["certs"] == 0  # no TLS listener: nothing to serve
+        front = worker.front()
+        put_cert(tmp_path / "routes.json", "a.test")
+        assert front.find("a.test") is None
+        assert control.answer("certs")["certs"] == 1
+        assert front.find("a.test") is not None
+        store.certs().delete("a.test")
+        assert control.answer("certs")["certs"] == 0 and front.find("a.test") is None
+    finally:
+        worker.stopping = True
+        control.close()

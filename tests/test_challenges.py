@@ -20,7 +20,7 @@ from balancer.challenges import NEED_MORE, Challenges, parse_hello
 from balancer.stores.file import FileStore
 from management.acme_ca import ACME_IDENTIFIER, alpn_certificate
 from tests.support import Backend, Balancer, raw_exchange, request, wait_for
-from tests.test_tls import client_context, put_cert
+from tests.test_tls import _handshakes, client_context, put_cert
 
 TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
 ANSWER = TOKEN + ".9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
@@ -52,7 +52,8 @@ def site(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator
              "secure.test": {"action": "proxy", "backends": [backend.address],
                              "https_redirect": True, "tls": "acme"}}
     bal = Balancer(tmp, hosts, args=["--tls-listen", "127.0.0.1:0"],
-                   config="[timeouts]\nclient_header = 1.0\n")
+                   config="[timeouts]\nclient_header = 1.0\n"
+                   '[acme]\ndirectory = "http://127.0.0.1:9/dir"\n')  # never a real CA
     put_cert(bal.routes, "alpn.test")
     acme = FileStore(str(bal.routes)).acme()
     acme.put_challenge(f"http-01:{TOKEN}", http01())
@@ -60,6 +61,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator
     acme.put_challenge("tls-alpn-01:alpn.test", alpn01("alpn.test"))
     wait_for(lambda: request(bal.port, path=f"/.well-known/acme-challenge/{TOKEN}")[2]
              == ANSWER.encode(), what="the challenge to be served (followed within a second)")
+    # written straight into the store: the workers' own look (once a second) serves it
+    wait_for(lambda: _handshakes(bal.ports["tls"], "alpn.test", client_context(tmp)),
+             what="alpn.test's certificate to be served")
     yield bal
     bal.stop()
 

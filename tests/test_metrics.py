@@ -26,6 +26,9 @@ SPEC_NAMES = {
     "balancer_store_up": "gauge",
     "balancer_tls_handshakes": "counter",
     "balancer_certificate_expiry_seconds": "gauge",
+    "balancer_acme_issuances": "counter",
+    "balancer_acme_hosts": "gauge",
+    "balancer_acme_next_attempt_seconds": "gauge",
 }
 
 
@@ -123,3 +126,41 @@ def test_label_values_are_escaped() -> None:
     stats.host('we"ird\\host').finish(200, 1, 1, 0.1)
     got = samples(render(stats.snapshot()))
     assert got[("balancer_requests_total", (("code", "200"), ("host", 'we"ird\\host')))] == 1
+
+
+class Issued:
+    outcomes = {"ok": 3, "failed": 2}
+
+
+def test_acme_figures_come_from_the_stored_states(tmp_path) -> None:
+    from balancer.stores.file import FileStore
+    from management.acme_api import figures
+
+    store = FileStore(str(tmp_path / "routes.json"))
+    acme = {"action": "empty", "status": 204, "tls": "acme"}
+    hosts = {f"{n}.test": acme for n in ("ok", "bad", "new", "junk")}
+    hosts["plain.test"] = {"action": "empty", "status": 204}
+    now = 1_000_000.0
+    store.acme().put_state("ok.test", {"state": "issued", "renew_at": now + 86400})
+    store.acme().put_state("bad.test", {"state": "failed", "next_retry": now + 300})
+    store.acme().put_state("junk.test", {"state": "weird", "next_retry": "x"})
+    store.acme().put_state("gone.test", {"state": "issued", "renew_at": now})  # no rule now
+    found = figures(store, hosts, Issued(), now)
+    assert found == {"issuances": {"ok": 3, "failed": 2},
+                     "hosts": {"pending": 2, "issued": 1, "failed": 1},
+                     "next_attempt": {"ok.test": 86400, "bad.test": 300, "new.test": 0,
+                                      "junk.test": 0}}
+    got = samples(Metrics(lambda: Stats().snapshot(), None,
+                          lambda: figures(store, hosts, Issued(), now)).render().decode())
+    assert got[("balancer_acme_issuances_total", (("outcome", "failed"),))] == 2
+    assert got[("balancer_acme_hosts", (("state", "pending"),))] == 2
+    assert got[("balancer_acme_next_attempt_seconds", (("host", "bad.test"),))] == 300
+    assert figures(store, hosts, None, now)["issuances"] == {"ok": 0, "failed": 0}
+
+
+def test_acme_metrics_are_zero_when_the_store_cannot_be_read() -> None:
+    def broken() -> dict:
+        raise OSError("store down")
+    got = samples(Metrics(lambda: Stats().snapshot(), None, broken).render().decode())
+    assert got[("balancer_acme_hosts", (("state", "issued"),))] == 0
+    assert got[("balancer_open_connections", ())] == 0  # the rest still answers

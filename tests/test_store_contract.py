@@ -345,6 +345,21 @@ def test_challenges_and_states_are_shared_and_leave_the_table_alone(
     assert reader.certs().all() == {}
 
 
+def test_acknowledgements_are_shared_and_leave_the_challenges_alone(
+        make_store: Callable[[], Store]) -> None:
+    a, b = make_store().acme(), make_store().acme()
+    signature = a.challenges_signature()
+    a.acknowledge("lb-a", {"signature": "7", "at": 100.0})
+    b.acknowledge("lb-b", {"signature": "6", "at": 99.0})
+    assert b.acknowledgements() == {"lb-a": {"signature": "7", "at": 100.0},
+                                    "lb-b": {"signature": "6", "at": 99.0}}
+    b.acknowledge("lb-b", {"signature": "7", "at": 101.0})
+    a.acknowledge("lb-a", None)
+    assert a.acknowledgements() == {"lb-b": {"signature": "7", "at": 101.0}}
+    a.acknowledge("absent", None)
+    assert a.challenges_signature() == signature  # workers do not re-read for an ack
+
+
 def test_the_file_store_keeps_acme_state_private(tmp_path: Path) -> None:
     acme = open_store(f"file:{tmp_path / 'routes.json'}", "ns").acme()
     acme.keep_account({"key": "secret", "uri": ""})

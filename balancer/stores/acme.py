@@ -1,6 +1,6 @@
 """ACME state kept in the store (SPEC §9, docs/tls.md), shared by every balancer.
 
-Four small collections, none of them read per request:
+Five small collections, none of them read per request:
 * the account: ``{"key": JWK JSON, "uri": ACCOUNT URL or ""}``, made once by the first
   issuer and reused by every later one (`keep_account` stores it only if none is);
 * the issuer lock: ``{"owner", "expires"}``: one management process of the cluster
@@ -9,14 +9,17 @@ Four small collections, none of them read per request:
   "expires"}`` or ``{"type": "tls-alpn-01", "host", "chain", "key", "expires"}``,
   what the data plane answers the CA with (`balancer.challenges`);
 * per-host state: HOST → ``{"state": "pending"|"issued"|"failed", ...}``, what the
-  API and the dashboard show, and the backoff of failed hosts.
+  API and the dashboard show, and the backoff of failed hosts;
+* acknowledgements: BALANCER → ``{"signature", "at"}``, the challenges signature
+  each balancer's workers serve and when it last said so (a heartbeat): the issuer
+  asks the CA once every live balancer serves what it published.
 
 Storage:
 * Redis: ``NS:acme-account`` (JSON, ``SET NX``), ``NS:acme-lock`` (the owner,
   ``SET NX PX``; extended and released by a script that checks the owner),
   ``NS:acme-challenges`` (hash) with ``NS:acme-challenges-version`` raised in the
-  same transaction, ``NS:acme-state`` (hash).
-* File store: ``PATH.acme.json`` (account, lock, state) and
+  same transaction, ``NS:acme-state`` (hash), ``NS:acme-seen`` (hash).
+* File store: ``PATH.acme.json`` (account, lock, state, acknowledgements) and
   ``PATH.challenges.json`` (what workers poll), both mode 0600, written whole
   (temp file, fsync, rename) under the routes file's writer lock, which also
   makes taking the lock atomic.
@@ -44,7 +47,6 @@ from balancer.stores.base import StoreUnavailable
 
 FILE_MODE = 0o600
 UNREADABLE = (ValueError, RecursionError)
-SECTIONS = ("account", "lock", "state")
 
 
 class Acme(ABC):
@@ -102,6 +104,15 @@ class Acme(ABC):
     @abstractmethod
     def states(self) -> dict[str, dict[str, Any]]:
         """HOST → state for every host the issuer has seen."""
+
+    @abstractmethod
+    def acknowledge(self, balancer: str, record: dict[str, Any] | None) -> None:
+        """Note that `balancer` serves the challenges as of ``record["signature"]``
+        (at ``record["at"]``); None forgets the balancer (it stops)."""
+
+    @abstractmethod
+    def acknowledgements(self) -> dict[str, dict[str, Any]]:
+        """BALANCER → its last acknowledgement."""
 
 
 def _objects(raw: Any) -> dict[str, dict[str, Any]]:
@@ -234,6 +245,19 @@ class FileAcme(Acme):
     def states(self) -> dict[str, dict[str, Any]]:
         return _objects(self._read(self.path).get("state"))
 
+    def acknowledge(self, balancer: str, record: dict[str, Any] | None) -> None:
+        with self._changing(self.path) as doc:
+            seen = doc.get("seen")
+            seen = dict(seen) if isinstance(seen, dict) else {}
+            if record is None:
+                seen.pop(balancer, None)
+            else:
+                seen[balancer] = record
+            doc["seen"] = seen
+
+    def acknowledgements(self) -> dict[str, dict[str, Any]]:
+        return _objects(self._read(self.path).get("seen"))
+
 
 # Redis: extend or release the lock only while `owner` holds it (one round trip, atomic)
 EXTEND = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
@@ -253,6 +277,7 @@ class RedisAcme(Acme):
         self.challenges_key = f"{namespace}:acme-challenges"
         self.version_key = f"{namespace}:acme-challenges-version"
         self.state_key = f"{namespace}:acme-state"
+        self.seen_key = f"{namespace}:acme-seen"
 
     def account(self) -> dict[str, Any] | None:
         with self.talking("read"):
@@ -322,3 +347,14 @@ class RedisAcme(Acme):
     def states(self) -> dict[str, dict[str, Any]]:
         with self.talking("read"):
             return _objects(self.client.hgetall(self.state_key))
+
+    def acknowledge(self, balancer: str, record: dict[str, Any] | None) -> None:
+        with self.talking("write"):
+            if record is None:
+                self.client.hdel(self.seen_key, balancer)
+            else:
+                self.client.hset(self.seen_key, balancer, json.dumps(record, sort_keys=True))
+
+    def acknowledgements(self) -> dict[str, dict[str, Any]]:
+        with self.talking("read"):
+            return _objects(self.client.hgetall(self.seen_key))

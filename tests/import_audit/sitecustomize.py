@@ -1,0 +1,23 @@
+"""Test aid (tests/test_acme.py): with this directory on PYTHONPATH and
+IMPORT_AUDIT_DIR set, every module a process imports is appended to
+IMPORT_AUDIT_DIR/imports-PID.txt. A child that dropped privileges may not be
+able to read the Python installation: whatever a child imports after fork
+must have been preloaded (`balancer.preload`)."""
+
+import os
+import sys
+
+_DIRECTORY = os.environ.get("IMPORT_AUDIT_DIR")
+
+
+def _note_import(event: str, args: tuple) -> None:
+    if event == "import" and args[0] not in sys.modules:
+        try:
+            with open(os.path.join(_DIRECTORY, f"imports-{os.getpid()}.txt"), "a") as f:
+                f.write(f"{args[0]}\n")
+        except OSError:  # (a file made before the drop): the import itself goes on
+            pass
+
+
+if _DIRECTORY:
+    sys.addaudithook(_note_import)

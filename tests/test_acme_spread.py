@@ -1,0 +1,104 @@
+"""How a published ACME challenge reaches every balancer before the CA is asked
+(management/acme_spread.py): balancers on one store (a real file store, shared
+as balancers on one machine share it) acknowledge what their workers serve; the
+issuer waits for the live ones only, and not past its bound."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+
+from balancer.stores.file import FileStore
+from management.acme_spread import FORGET_AFTER, LIVE_FOR, ChallengeRelay
+
+RECORD = {"type": "http-01", "host": "a.test", "token": "tok", "key_authorization": "tok.x",
+          "expires": 1900000000.0}
+
+
+class Workers:
+    """The control sockets' edge: what each worker answers to ``challenges``."""
+
+    def __init__(self, error: str | None = None) -> None:
+        self.asked = 0
+        self.error = error
+
+    def ask_all(self, command: str) -> list[dict[str, Any]]:
+        assert command == "challenges"
+        self.asked += 1
+        return [{"pid": 1, "error": self.error} if self.error else {"pid": 1, "challenges": 1}]
+
+
+def relay(tmp: Path, name: str, workers: Workers | None = None) -> ChallengeRelay:
+    acme = FileStore(str(tmp / "routes.json")).acme()
+    return ChallengeRelay(acme, workers or Workers(), name, lambda: True)
+
+
+def test_one_balancer_asks_the_ca_at_once(tmp_path: Path, caplog: Any) -> None:
+    workers = Workers()
+    issuer = relay(tmp_path, "lb-a", workers)
+    issuer.acme.put_challenge("http-01:tok", RECORD)
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, "balancer.acme"):
+        issuer.spread("a.test")
+    assert time.monotonic() - started < 0.2
+    assert workers.asked == 1
+    assert "served by 1 balancer (0.0" in caplog.text
+
+
+def test_the_issuer_waits_for_another_live_balancer(tmp_path: Path, caplog: Any) -> None:
+    issuer, other_workers = relay(tmp_path, "lb-a"), Workers()
+    other = relay(tmp_path, "lb-b", other_workers)
+    other.look()  # lb-b is alive: it acknowledged the challenges as they were
+    issuer.acme.put_challenge("http-01:tok", RECORD)
+    stop = False
+    follower = gevent.spawn(other.relay_loop, lambda: stop)
+    try:
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, "balancer.acme"):
+            issuer.spread("a.test")
+        took = time.monotonic() - started
+    finally:
+        stop = True
+        follower.join(2)
+    assert other_workers.asked == 2  # told at its first look, and after the publish
+    assert 0.0 < took < 1.0  # its next look (every 0.25 s), not a fixed wait
+    assert "served by 2 balancers" in caplog.text
+    acks = issuer.acme.acknowledgements()
+    assert acks["lb-a"]["signature"] == acks["lb-b"]["signature"]
+
+
+def test_a_balancer_that_stays_silent_is_waited_for_at_most_the_bound(
+        tmp_path: Path, caplog: Any) -> None:
+    issuer = relay(tmp_path, "lb-a")
+    issuer.spread_max = 0.3
+    relay(tmp_path, "lb-b", Workers(error="store down")).look()  # alive, cannot serve
+    relay(tmp_path, "lb-c").look()  # alive, then stops looking
+    issuer.acme.put_challenge("http-01:tok", RECORD)
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, "balancer.acme"):
+        issuer.spread("a.test")
+    assert 0.3 <= time.monotonic() - started < 1.0
+    assert "lb-c did not acknowledge the challenge for a.test" in caplog.text
+    assert "lb-b" not in caplog.text  # never acknowledged anything: not known to be alive
+    assert "served by 1 balancer" in caplog.text
+
+
+@pytest.mark.parametrize("age", [LIVE_FOR + 1, FORGET_AFTER + 1])
+def test_stopped_and_dead_balancers_are_not_waited_for(tmp_path: Path, age: float) -> None:
+    issuer = relay(tmp_path, "lb-a")
+    issuer.acme.acknowledge("lb-old", {"signature": "'gone'", "at": time.time() - age})
+    stopping = relay(tmp_path, "lb-b")
+    stopping.look()
+    stopping.forget()
+    issuer.acme.put_challenge("http-01:tok", RECORD)
+    started = time.monotonic()
+    issuer.spread("a.test")
+    assert time.monotonic() - started < 0.2
+    acks = issuer.acme.acknowledgements()
+    assert "lb-b" not in acks
+    assert ("lb-old" in acks) == (age < FORGET_AFTER)
