@@ -43,11 +43,13 @@ from __future__ import annotations
 
 import select
 import time
+from _socket import socket as RawSocket
 from collections.abc import Sequence
 from ssl import SSLWantReadError, SSLWantWriteError, SSLZeroReturnError
 from typing import Any, Final
 
 from gevent import get_hub, getcurrent
+from gevent.socket import socket as GeventSocket
 
 from balancer.errors import ClientGone
 from balancer.outbox import Outbox, Writer
@@ -114,26 +116,46 @@ class Stream:
         """Whether nothing arrived since `park` (no bytes, no EOF)."""
         return not self.poller.poll(0)  # one syscall, whatever the socket's timeout
 
+    def cooperative(self) -> Any:
+        """The socket, for code that wants the whole socket API (the tunnel)."""
+        return self.sock
+
     def close(self) -> None:
         """Close the socket (and whatever watches or writes it)."""
         self.sock.close()
 
 
 class EventedStream(Stream):
-    """A gevent socket read and written through the OS socket under it.
+    """A socket read and written as the OS socket, waiting in gevent's loop.
 
-    gevent's ``recv`` and ``send`` are Python wrappers, a frame per call, and
-    its ``recv`` tries first and waits after EAGAIN: on the proxy's hot reads
-    (an answer right after a send) that try is a wasted syscall. So reads wait
-    on the socket's `Readable` first where data is not expected yet
-    (`wait_readable`) and read the OS socket; writes go through a `Writer`
-    (held writes, gevent's ``sendall`` when the buffer is full)."""
+    `sock` is gevent's socket (backend connections) or the OS socket itself,
+    non-blocking (client connections accepted by `balancer.server.Listener`,
+    which makes no gevent socket per connection: no Python-level wrapper to
+    build and close, and no getsockname, ioctl and two fcntl calls for its
+    two io watchers). gevent's ``recv`` and ``send`` are Python wrappers, a
+    frame per call, and its ``recv`` tries first and waits after EAGAIN: on the
+    proxy's hot reads (an answer right after a send) that try is a wasted
+    syscall. So reads wait on the socket's `Readable` first where data is not
+    expected yet (`wait_readable`) and read the OS socket; writes go through a
+    `Writer` (held writes; a full buffer waits on the writer's own watcher)."""
 
     def __init__(self, sock: Any, watcher: Readable, outbox: Outbox) -> None:
         super().__init__(sock)
         self.watcher = watcher
-        self.raw: Any = getattr(sock, "_sock", sock)  # the OS socket, non-blocking
-        self.writer = Writer(sock, self.raw, outbox)
+        self.raw: Any = sock if isinstance(sock, RawSocket) else sock._sock  # non-blocking
+        self.writer = Writer(self.raw, outbox)
+
+    def cooperative(self) -> Any:
+        """The connection as gevent's socket (its blocking calls wait in the loop),
+        for code that wants the socket API (the tunnel); made once, closed by
+        `close`."""
+        sock = self.sock
+        if sock is self.raw:
+            raw = sock
+            sock = GeventSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+            self.sock = sock
+            self.raw = self.writer.raw = sock._sock
+        return sock
 
     def recv(self, size: int) -> bytes:
         while True:

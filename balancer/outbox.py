@@ -21,6 +21,10 @@ Invariants:
   it from its next read of that socket (EOF or an error), its next step.
 * A held write the socket takes only in part is finished by a greenlet of
   its own (`rest`); the owner's next write waits for it, `close` stops it.
+* A writer writes the OS socket only (an accepted client socket has no
+  gevent wrapper, `balancer.server.Listener`): when its buffer is full it
+  waits on a write watcher of its own, made at the first such wait and closed
+  with the writer, and a wait is ended only by the watchdog's throw.
 * At most BATCH_LIMIT writers wait in a batch; at most HOLD_LIMIT bytes per
   socket are held (a larger write is made at once).
 * Only gevent's sockets have writers (`balancer.netio.EventedStream`); a
@@ -30,11 +34,11 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import socket
 from typing import Any, Final
 
-from gevent import spawn
+from gevent import get_hub, spawn
 
+WRITE: Final = 2  # libev's EV_WRITE
 HOLD_LIMIT: Final = 65536  # bytes held per socket; a larger write is made at once
 # Writers held at most per batch: a burst of greenlets (a thousand held requests
 # released at once) must not keep the first of them from their peers until the
@@ -66,35 +70,52 @@ class Outbox:
             writer.flush()
 
 
-def send_all(sock: socket.socket, raw: Any, data: bytes) -> None:
-    """`sock.sendall(data)`, with one plain `send` on `raw` (the OS socket under
-    gevent's) first: under gevent, sendall queries SO_SNDBUF on every call, a
-    syscall a write that fits the socket buffer does not need."""
-    try:
-        sent = raw.send(data)
-    except BlockingIOError:
-        sent = 0
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
-
-
 class Writer:
     """The writes to one socket: direct, or held for the outbox."""
 
-    __slots__ = ("sock", "raw", "outbox", "held", "rest")
+    __slots__ = ("raw", "outbox", "held", "rest", "watcher")
 
-    def __init__(self, sock: socket.socket, raw: Any, outbox: Outbox) -> None:
-        self.sock = sock
-        self.raw = raw
+    def __init__(self, raw: Any, outbox: Outbox) -> None:
+        self.raw = raw  # the OS socket, non-blocking
         self.outbox = outbox
         self.held = b""  # bytes waiting for the outbox
         self.rest: Any = None  # the greenlet sending what a flush could not
+        self.watcher: Any = None  # the write watcher, made by the first full buffer
+
+    def writable(self) -> Any:
+        """The socket's write watcher (made now if this is the first full buffer)."""
+        watcher = self.watcher
+        if watcher is None:
+            watcher = self.watcher = self.outbox.loop.io(self.raw.fileno(), WRITE)
+        return watcher
+
+    def send(self, data: bytes) -> None:
+        """All of `data`, now: one ``send``, and only when the buffer could not take
+        it all, waits for the socket to be writable and sends the rest. (gevent's
+        ``sendall`` queried SO_SNDBUF on every call, a syscall a write that fits
+        the buffer does not need.) Raises OSError."""
+        raw = self.raw
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        writable, hub = self.writable(), get_hub()
+        while len(view):
+            hub.wait(writable)
+            try:
+                sent = raw.send(view)
+            except BlockingIOError:
+                continue
+            view = view[sent:]
 
     def write(self, data: bytes) -> None:
         """Send `data` now, after what is held. Raises OSError."""
         if self.held or self.rest is not None:
             self.finish()
-        send_all(self.sock, self.raw, data)
+        self.send(data)
 
     def write_last(self, data: bytes) -> None:
         """Send `data` by the end of this loop iteration: the caller's next step
@@ -117,7 +138,7 @@ class Writer:
         data = self.held
         if data:
             self.held = b""
-            send_all(self.sock, self.raw, data)
+            self.send(data)
 
     def flush(self) -> None:
         """The outbox's part (in the hub): one non-blocking send."""
@@ -136,12 +157,17 @@ class Writer:
 
     def _send_rest(self, data: bytes) -> None:
         with contextlib.suppress(OSError):  # the owner's next read or write finds it broken
-            self.sock.sendall(data)
+            self.send(data)
 
     def close(self) -> None:
-        """Drop what is held and stop a send in progress (the socket closes)."""
+        """Drop what is held, stop a send in progress and the write watcher (the
+        socket closes next)."""
         self.held = b""
         rest = self.rest
         if rest is not None:
             self.rest = None
             rest.kill(block=False)
+        watcher = self.watcher
+        if watcher is not None:
+            self.watcher = None
+            watcher.close()

@@ -13,12 +13,14 @@ import logging
 import os
 import socket
 import time
+from _socket import socket as RawSocket
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import gevent
 from gevent.server import StreamServer
+from gevent.socket import socket as GeventSocket
 
 from balancer.actions import ActionCompiler, fallback_routes
 from balancer.addr import Address
@@ -83,10 +85,12 @@ class Listener(StreamServer):
     seconds, as nginx does (`balancer.descriptors`).
     """
 
-    def __init__(self, sock: socket.socket, handle: Callable[..., Any], slots: Slots) -> None:
+    def __init__(self, sock: socket.socket, handle: Callable[..., Any], slots: Slots,
+                 plain: bool = False) -> None:
         super().__init__(sock, handle, spawn=None)
         self.slots = slots
         slots.on_free.append(self.resume)
+        self.plain = plain  # hand out OS sockets, not gevent's (see `do_read`)
         self.exhausted_since: float | None = None  # the episode under way
         self.pause_timer: Any = None
 
@@ -98,17 +102,36 @@ class Listener(StreamServer):
         self.slots.start(self._handle, args)
 
     def do_read(self) -> Any:
+        """One accepted (socket, address), or None (none waiting, or accept failed).
+
+        A `plain` listener hands out the OS socket, non-blocking, not gevent's
+        socket object: the connection's `balancer.netio.EventedStream` reads,
+        writes and waits on it itself, and gevent's wrapper cost a Python-level
+        set-up and close, two io watchers (an fcntl each) and a getsockname of
+        its own per connection (issue 21)."""
+        listener = self.socket
         try:
-            accepted = super().do_read()
+            fd, address = getattr(listener, "_sock", listener)._accept()
+        except BlockingIOError:
+            return None
         except OSError as exc:
             if is_exhausted(exc):
                 self.rest(exc)
             elif not is_skipped(exc):
                 raise
             return None
-        if accepted is not None and self.exhausted_since is not None:
+        if self.exhausted_since is not None:
             self.exhausted_since = None
-        return accepted
+        try:
+            if self.plain:
+                sock: Any = RawSocket(listener.family, socket.SOCK_STREAM, listener.proto, fd)
+                sock.setblocking(False)
+            else:
+                sock = GeventSocket(listener.family, socket.SOCK_STREAM, listener.proto, fileno=fd)
+        except OSError:
+            os.close(fd)
+            return None
+        return sock, address
 
     def rest(self, exc: OSError) -> None:
         """Stop accepting for ACCEPT_PAUSE seconds; log when an episode starts."""
@@ -245,7 +268,7 @@ class Worker:
             self.contexts.append(ctx)
             handler = (partial(self.front().serve, ctx=ctx, serve_client=handle_client)
                        if role == "tls" else partial(handle_client, ctx=ctx))
-            server = Listener(sock, handler, self.slots)
+            server = Listener(sock, handler, self.slots, plain=role != "tls")
             server.max_accept = self.accept_batch(sock)
             server.start()
             self.servers.append(server)

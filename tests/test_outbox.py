@@ -12,7 +12,7 @@ import pytest
 from gevent import socket as gsocket
 
 from balancer.netio import EventedStream, GeventIO
-from balancer.outbox import BATCH_LIMIT, HOLD_LIMIT, Outbox, Writer, send_all
+from balancer.outbox import BATCH_LIMIT, HOLD_LIMIT, Outbox, Writer
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -92,7 +92,7 @@ def test_a_full_batch_goes_out_at_once_without_waiting_for_the_loop() -> None:
     pairs = [gsocket.socketpair() for _ in range(BATCH_LIMIT)]
     outbox = Outbox(gevent.get_hub().loop)
     try:
-        writers = [Writer(a, a, outbox) for a, _ in pairs]
+        writers = [Writer(a._sock, outbox) for a, _ in pairs]
         for i, writer in enumerate(writers[:-1]):
             writer.write_last(b"%d" % i)
         assert all(pending(b) == b"" for _, b in pairs)  # held: the batch is not full
@@ -160,16 +160,39 @@ def test_close_drops_what_is_held_and_stops_a_send_in_progress(pair) -> None:
     assert rest.dead
 
 
-def test_send_all_falls_back_to_gevents_sendall_when_the_buffer_fills() -> None:
+def test_a_write_larger_than_the_buffer_waits_until_the_peer_reads_it_all() -> None:
+    """The writer's own write watcher: the OS socket is non-blocking, and a write
+    the buffer cannot take waits in the loop, not in the kernel."""
     a, b = gsocket.socketpair()
     data = bytes(range(256)) * 40000  # 10 MB: far more than a socket buffer holds
     reader, stream = gevent.spawn(read_exactly, b, len(data)), GeventIO().stream(a)
     assert isinstance(stream, EventedStream)
     try:
         with gevent.Timeout(DEADLINE * 4):
-            send_all(a, stream.raw, data)  # the OS socket under gevent's: non-blocking
+            stream.writer.send(data)
         assert reader.get(timeout=DEADLINE * 4) == data
+        assert stream.writer.watcher is not None  # it had to wait
     finally:
         reader.kill()
         stream.close()
         b.close()
+    assert stream.writer.watcher is None  # closed with the stream
+
+
+def test_an_accepted_os_socket_is_read_and_written_without_gevents_wrapper() -> None:
+    """What `balancer.server.Listener` hands out on plain listeners: the OS socket,
+    non-blocking; the stream writes past a full buffer and reads it all back."""
+    raw, b = socket.socketpair()  # the stdlib's: not gevent's
+    raw.setblocking(False)
+    stream = GeventIO().stream(raw)
+    assert isinstance(stream, EventedStream) and stream.raw is raw
+    data = b"z" * (4 << 20)
+    reader = gevent.spawn(read_exactly, gsocket.socket(fileno=b.detach()), len(data))
+    try:
+        with gevent.Timeout(DEADLINE * 4):
+            stream.write(data)
+        assert reader.get(timeout=DEADLINE * 4) == data
+    finally:
+        reader.kill()
+        stream.close()
+    assert raw.fileno() == -1
