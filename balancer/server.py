@@ -13,14 +13,12 @@ import logging
 import os
 import socket
 import time
-from _socket import socket as RawSocket
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import gevent
 from gevent.server import StreamServer
-from gevent.socket import socket as GeventSocket
 
 from balancer.actions import ActionCompiler, fallback_routes
 from balancer.addr import Address
@@ -65,6 +63,7 @@ BACKLOG = 65535
 DRAIN_IDLE = 1.0
 HELD_ANSWER_TIME = 1.0  # seconds held requests get to send their 503 before the cut
 SHARED_ACCEPT_BATCH = 256  # accept() calls per wake-up when workers share a listener
+SKIPPED_IN_A_ROW = 64  # aborted connections skipped per wake-up before the loop goes on
 
 
 class Listener(StreamServer):
@@ -101,37 +100,48 @@ class Listener(StreamServer):
         """Serve an accepted (socket, address) in a slot (the handler closes the socket)."""
         self.slots.start(self._handle, args)
 
-    def do_read(self) -> Any:
-        """One accepted (socket, address), or None (none waiting, or accept failed).
+    def _do_read(self) -> None:
+        """The listening socket is readable: accept what waits (the loop's callback).
 
-        A `plain` listener hands out the OS socket, non-blocking, not gevent's
+        A `plain` listener accepts in `Slots.accept` (compiled, no Python frame
+        per connection) and hands out the OS socket, non-blocking, not gevent's
         socket object: the connection's `balancer.netio.EventedStream` reads,
         writes and waits on it itself, and gevent's wrapper cost a Python-level
         set-up and close, two io watchers (an fcntl each) and a getsockname of
-        its own per connection (issue 21)."""
+        its own per connection (issue 21). Others (TLS) go through gevent's
+        loop and `do_read`, with gevent's sockets."""
+        if not self.plain:
+            super()._do_read()
+            return
         listener = self.socket
+        raw = getattr(listener, "_sock", listener)
+        handle, slots = self._handle, self.slots
+        for _ in range(SKIPPED_IN_A_ROW):
+            try:
+                if slots.accept(raw, handle, self.max_accept):
+                    self.exhausted_since = None
+            except OSError as exc:
+                if not is_skipped(exc):  # out of descriptors (or worse): pause
+                    self.rest(exc)
+                    return
+                continue  # that one connection was aborted: go on with the queue
+            break
+        if slots.is_full():
+            self.stop_accepting()  # the slot that frees resumes it (`resume`)
+
+    def do_read(self) -> Any:
+        """One accepted (gevent socket, address) or None (TLS listeners)."""
         try:
-            fd, address = getattr(listener, "_sock", listener)._accept()
-        except BlockingIOError:
-            return None
+            accepted = super().do_read()
         except OSError as exc:
             if is_exhausted(exc):
                 self.rest(exc)
             elif not is_skipped(exc):
                 raise
             return None
-        if self.exhausted_since is not None:
+        if accepted is not None and self.exhausted_since is not None:
             self.exhausted_since = None
-        try:
-            if self.plain:
-                sock: Any = RawSocket(listener.family, socket.SOCK_STREAM, listener.proto, fd)
-                sock.setblocking(False)
-            else:
-                sock = GeventSocket(listener.family, socket.SOCK_STREAM, listener.proto, fileno=fd)
-        except OSError:
-            os.close(fd)
-            return None
-        return sock, address
+        return accepted
 
     def rest(self, exc: OSError) -> None:
         """Stop accepting for ACCEPT_PAUSE seconds; log when an episode starts."""

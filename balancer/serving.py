@@ -24,12 +24,19 @@ Invariants:
 * At most `keep` greenlets are parked; past that a finished greenlet ends.
 * An accept runs in the hub: the greenlet starts at once and returns to the
   hub at its first wait (see `start`); elsewhere it starts from the loop.
+* `accept` takes connections while a slot is free and the accept queue is
+  not empty, at most `limit` per call; an accept error other than an empty
+  queue propagates to the listener (`balancer.server.Listener`), which knows
+  what to do with it (pause when out of descriptors, skip an aborted one).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from _socket import SOCK_STREAM
+from _socket import socket as RawSocket
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -78,6 +85,28 @@ class Slots:
             task.switch(handle, args)
         else:
             self.hub.loop.run_callback(task.switch, handle, args)
+
+    def accept(self, listener: Any, handle: Callable[..., Any], limit: int) -> int:
+        """Accept up to `limit` connections waiting on `listener` (an OS socket,
+        non-blocking) while a slot is free, and serve each as ``handle(sock,
+        address)``, `sock` the OS socket, non-blocking; returns how many.
+        Raises the OSError of a failed accept (not of an empty queue)."""
+        family, proto = listener.family, listener.proto
+        accepted = 0
+        while accepted < limit and self.open < self.size:
+            try:
+                fd, address = listener._accept()
+            except BlockingIOError:
+                break
+            accepted += 1
+            try:
+                sock = RawSocket(family, SOCK_STREAM, proto, fd)
+                sock.setblocking(False)
+            except OSError:
+                os.close(fd)  # gone before it could be set up: nothing to answer
+                continue
+            self.start(handle, (sock, address))
+        return accepted
 
     def _serve_loop(self, handle: Callable[..., Any], args: tuple) -> None:
         me = getcurrent()
