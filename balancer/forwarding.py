@@ -14,7 +14,8 @@ Invariants (docs/headers.md says the same for operators):
   (`ClientConnection.trusted_id`), replaced elsewhere.
 * An HTTP/1.0 request without Host gets the backend's address as Host (nginx's
   `$proxy_host`) and no X-Forwarded-Host.
-* Per request: one pass over the fields, one set lookup each.
+* Per request: one pass over the fields, one set lookup each (two when
+  Connection names a field that is not hop-by-hop anyway).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ TRUSTED_KEPT: Final = frozenset((b"x-forwarded-proto", b"x-forwarded-host", b"x-
 # Not forwarded as request trailers: what only a head may carry (framing, routing)
 # and what describes the client.
 DROP_TRAILER: Final = DROP_EXTERNAL | {b"content-length"}
+NOTHING: Final[frozenset[bytes]] = frozenset()
 
 def request_head(ex: Exchange, chunked: bool) -> bytes:
     """The request head sent to the backend (always HTTP/1.1, keep-alive).
@@ -88,10 +90,10 @@ def _client_fields(conn: ClientConnection) -> bytes:
 def _external_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[bytes]) -> bool:
     """The client's fields from an external listener, but its forwarding fields
     (`request_head` adds ours). Returns whether the client takes trailers (TE)."""
-    drop = DROP_EXTERNAL if not tokens or tokens <= DROP_EXTERNAL else DROP_EXTERNAL | tokens
+    drop, named = DROP_EXTERNAL, _named(tokens, DROP_EXTERNAL)
     te = False
     for name, lname, value in head.headers:
-        if lname not in drop:
+        if lname not in drop and lname not in named:
             lines += (name, b": ", value, b"\r\n")
         elif lname == b"te":
             te = b"trailers" in value.lower()
@@ -103,11 +105,11 @@ def _trusted_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[byt
     """The fields of a request from a trusted listener: X-Forwarded-For extended,
     the other forwarding fields kept (X-Forwarded-Proto, -Host and X-Real-IP
     added when missing). Returns whether the client takes trailers (TE)."""
-    drop = DROP_INTERNAL if not tokens or tokens <= DROP_INTERNAL else DROP_INTERNAL | tokens
+    drop, named = DROP_INTERNAL, _named(tokens, DROP_INTERNAL)
     forwarded_for, seen = [], set()
     te = False
     for name, lname, value in head.headers:
-        if lname in drop:
+        if lname in drop or lname in named:
             if lname == b"x-forwarded-for":
                 forwarded_for.append(value)
             elif lname == b"te":
@@ -125,6 +127,16 @@ def _trusted_fields(lines: list[bytes], head: RequestHead, tokens: frozenset[byt
     if b"x-forwarded-host" not in seen and head.host:
         lines += (b"X-Forwarded-Host: ", head.host, b"\r\n")
     return te
+
+
+def _named(tokens: frozenset[bytes], drop: frozenset[bytes]) -> frozenset[bytes]:
+    """The Connection options naming fields `drop` does not already drop. Not
+    ``drop | tokens``: a union copies the whole of `drop` (14k instructions for
+    every ``Connection: close`` request, a fifth of a new connection's cost in
+    Python, issue 21)."""
+    if not tokens or tokens <= drop:
+        return NOTHING
+    return tokens
 
 
 def last_chunk(head: RequestHead) -> bytes:
