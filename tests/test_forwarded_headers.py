@@ -97,3 +97,16 @@ def test_internal_listener_adds_what_is_missing(setup) -> None:
     values = dict(received(backend, 1))
     assert values["x-forwarded-for"] == values["x-real-ip"] == "127.0.0.1"
     assert values["x-forwarded-proto"] == "http" and values["x-forwarded-host"] == "app.test"
+
+
+@pytest.mark.parametrize("listener", ["proxy", "internal"])
+def test_fields_named_in_connection_are_not_forwarded(setup, listener) -> None:
+    """Connection's options name hop-by-hop fields of this hop (RFC 9110 §7.6.1),
+    looked up beside the listener's dropped fields."""
+    bal, backend = setup
+    port = bal.port if listener == "proxy" else bal.ports["internal"]
+    client_exchange(port, b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Secret: 1\r\nX-Kept: 2\r\n"
+                          b"X-Other: 3\r\nConnection: close, X-Secret,x-other\r\n\r\n")
+    names = [name for name, _ in received(backend, 1)]
+    assert "x-kept" in names
+    assert "x-secret" not in names and "x-other" not in names, names
