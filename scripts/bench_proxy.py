@@ -2,7 +2,7 @@
 
 ``python scripts/bench_proxy.py [--rounds 3] [--duration 8] [--connections 100[,1000]]
 [--modes keep-alive[,close]] [--targets direct,haproxy,bare,balancer,balancer-log,
-haproxy-tls,balancer-tls] [--workers 1]``
+haproxy-tls,balancer-tls,baseline] [--workers 1] [--baseline TREE]``
 
 nginx (one worker) serves the suite's 4.5 KB page; every target proxies to
 it over keep-alive connections and is measured with
@@ -26,11 +26,18 @@ cost of accepting and closing). Targets:
   (N with ``--workers N``).
   With ``close`` every request is a new TLS connection: wrk does a full
   handshake each time (no session resumption), so req/s is handshakes/s.
+* ``baseline``: ``balancer`` run from another tree (``--baseline TREE``, e.g.
+  a built copy of main), to compare two versions in the same run.
 
 Besides requests/s it reports the CPU time each target used per request
 (µs, from /proc over the target's process tree, split into user space and
 kernel), which moves much less than requests/s when other work shares the
-machine.
+machine, and at the end each target's peak memory: the peak resident set
+(VmHWM) of each of its processes over the whole run (a balancer's workers are
+its children that used the most CPU, the management process the other one,
+the arbiter the parent; forked processes share pages, so their peaks overlap)
+and the proportional set size (Pss, shared pages split) of the whole tree at
+the end.
 """
 
 from __future__ import annotations
@@ -54,14 +61,14 @@ from balancer.certificates import make_record  # noqa: E402
 from balancer.settings_kinds import MOZILLA_INTERMEDIATE  # noqa: E402
 from balancer.stores.file import FileStore  # noqa: E402
 from loadtest import configs  # noqa: E402
-from loadtest.measure import cpu_split, process_tree  # noqa: E402
+from loadtest.measure import _stat_fields, _status_kb, cpu_split, process_tree  # noqa: E402
 from loadtest.page import PAGE  # noqa: E402
 from loadtest.procs import Proc, Processes, free_port, wait_for_port  # noqa: E402
 from loadtest.routes import RouteFile, proxy_rule  # noqa: E402
 
 HOST = "127.0.0.1"
 TARGETS = ("direct", "haproxy", "bare", "balancer", "balancer-log", "haproxy-tls",
-           "balancer-tls")
+           "balancer-tls", "baseline")
 TLS_NAME = "bench.test"  # the certificate's name, served to wrk (no SNI) as the default
 NOFILE = 4096
 
@@ -89,9 +96,9 @@ def start_nginx(procs: Processes, root: Path) -> Started:
 
 
 def start_target(name: str, procs: Processes, root: Path, backend: int,
-                 workers: int = 1) -> Started:
+                 workers: int = 1, baseline: str | None = None) -> Started:
     """Start target `name` in front of nginx on `backend` (`workers` worker
-    processes, or HAProxy threads)."""
+    processes, or HAProxy threads; `baseline`: the tree the baseline runs from)."""
     port, dir = free_port(), root / name
     dir.mkdir()
     addr = f"{HOST}:{backend}"
@@ -130,7 +137,8 @@ def start_target(name: str, procs: Processes, root: Path, backend: int,
         if name == "balancer-log":
             argv += ["--access-log", str(dir / "access.log")]
             scrape_port = mgmt
-    proc = procs.start(name, argv)
+    env = {"PYTHONPATH": baseline} if name == "baseline" and baseline else None
+    proc = procs.start(name, argv, env)
     wait_for_port(proc, port)
     return Started(port, proc, scrape_port, scheme)
 
@@ -207,6 +215,8 @@ def main() -> None:
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--workers", type=int, default=1,
                         help="balancer worker processes and HAProxy threads (nbthread)")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="the source tree the baseline target runs from (PYTHONPATH)")
     args = parser.parse_args()
     if args.workers < 1:
         parser.error("--workers: at least 1")
@@ -214,6 +224,8 @@ def main() -> None:
     unknown = set(names) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; expected some of {TARGETS}")
+    if ("baseline" in names) != bool(args.baseline):
+        parser.error("the baseline target and --baseline TREE go together")
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes: expected some of {MODES}, got {args.modes!r}")
@@ -232,7 +244,8 @@ def main() -> None:
             started = {"direct": nginx}
             for name in names:
                 if name != "direct":
-                    started[name] = start_target(name, procs, root, nginx.port, args.workers)
+                    started[name] = start_target(name, procs, root, nginx.port, args.workers,
+                                                 args.baseline)
             results = {(case, name): [] for case in cases for name in names}
             for round_ in range(1, args.rounds + 1):
                 for case, name in results:
@@ -243,9 +256,43 @@ def main() -> None:
                           f"{figures['cpu_us']:6.1f} µs CPU/req (user {figures['user_us']:5.1f}, "
                           f"kernel {figures['sys_us']:5.1f})  {figures['core']:4.2f} cores "
                           f"{figures['errors']}", flush=True)
+            memory = {name: peak_memory(started[name], args.workers) for name in names}
         finally:
             procs.stop_all()
     summarize(results)
+    print("\npeak memory (MiB): VmHWM per process over the run; Pss of the whole tree at the end")
+    for name, (peaks, pss) in memory.items():
+        print(f"{name:13} " + ", ".join(f"{role} {kb / 1024:.1f}" for role, kb in peaks)
+              + f"; tree Pss {pss / 1024:.1f}")
+
+
+def peak_memory(target: Started, workers: int) -> tuple[list[tuple[str, int]], int]:
+    """[(role, VmHWM KiB)] of the target's processes, and the Pss (KiB) of the
+    whole tree now. Roles: the parent, then its children by CPU used (a
+    balancer's `workers` busiest children are its workers)."""
+    root, pids = target.proc.pid, process_tree(target.proc.pid)
+    children = sorted((pid for pid in pids if pid != root), key=_cpu_ticks, reverse=True)
+    roles = [("parent" if children else "process", root)]
+    roles += [("worker" if i < workers else "other child", pid)
+              for i, pid in enumerate(children)]
+    if len(children) == workers + 1:
+        roles = [("arbiter", root), *roles[1:-1], ("management", children[-1])]
+    return [(role, _status_kb(pid, "VmHWM")) for role, pid in roles], sum(map(_pss_kb, pids))
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[11]) + int(fields[12]) if fields else 0
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def summarize(results: dict[tuple[tuple[int, str], str], list[dict]]) -> None:
