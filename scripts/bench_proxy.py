@@ -137,7 +137,10 @@ def start_target(name: str, procs: Processes, root: Path, backend: int,
         if name == "balancer-log":
             argv += ["--access-log", str(dir / "access.log")]
             scrape_port = mgmt
-    env = {"PYTHONPATH": baseline} if name == "baseline" and baseline else None
+    env = None
+    if name == "baseline" and baseline:  # -P: not the current directory's tree first
+        argv.insert(1, "-P")
+        env = {"PYTHONPATH": baseline}
     proc = procs.start(name, argv, env)
     wait_for_port(proc, port)
     return Started(port, proc, scrape_port, scheme)
