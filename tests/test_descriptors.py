@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from balancer.descriptors import ACCEPT_PAUSE, RESERVED, connection_cap
 from tests.conftest import required_tool
 from tests.support import ROOT, Backend, Balancer, wait_for
@@ -144,7 +146,8 @@ def answer(sock, address):
     sock.sendall(b"served\\n")
     sock.close()
 
-server = Listener(bind(Address("127.0.0.1", 0)), answer, Slots(100))
+plain = sys.argv[1] == "plain"  # OS sockets through Slots.accept, or gevent's accept
+server = Listener(bind(Address("127.0.0.1", 0)), answer, Slots(100), plain=plain)
 server.start()
 hogs = []
 try:
@@ -162,9 +165,12 @@ hub.wait(hub.loop.io(0, 1))  # until the test closes stdin
 """
 
 
-def test_exhausted_accept_pauses_with_one_line_and_recovers() -> None:
+@pytest.mark.parametrize("kind", ["plain", "gevent"])
+def test_exhausted_accept_pauses_with_one_line_and_recovers(kind: str) -> None:
+    """Plain listeners accept in `Slots.accept` (OS sockets), TLS ones through
+    gevent's accept (`Listener.do_read`): both pause and recover."""
     require_prlimit()
-    child = subprocess.Popen([sys.executable, "-c", CHILD], cwd=ROOT, text=True,
+    child = subprocess.Popen([sys.executable, "-c", CHILD, kind], cwd=ROOT, text=True,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env={"PYTHONPATH": str(ROOT)},
                              preexec_fn=_low_limit)
