@@ -65,6 +65,8 @@ NO_FRAMING: Final = (None, False, False, False, b"", NO_TOKENS)
 # `connection_tokens` of the usual Connection values, without splitting them.
 COMMON_TOKENS: Final = {value: frozenset((value.lower(),)) for value in (
     b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")}
+# ASCII lower-casing as a `bytes.translate` table (mypyc calls translate directly)
+LOWER: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 HOP_BY_HOP: Final = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
@@ -184,7 +186,7 @@ class _Parser:
     def on_header(self, name: bytes, value: bytes) -> None:
         # Only collect here (one cheap call per header); the head is checked once it
         # is complete. After the head, fields are trailers: validated by llhttp, dropped.
-        lname = name.lower()
+        lname = name.translate(LOWER)  # a C call under mypyc; name.lower() is a method lookup
         field = (name, lname, value)
         self._fields.append(field)
         if lname in SPECIAL:

@@ -46,6 +46,7 @@ from balancer.http11 import (
     END,
     HOP_BY_HOP,
     LAST_CHUNK,
+    LOWER,
     Limits,
     ProtocolError,
     add_connection_tokens,
@@ -70,7 +71,6 @@ NOT_FORWARDED: Final = HOP_BY_HOP | {b"x-request-id"}
 # `startswith`, which mypyc compiles to C calls: `partition` and `lower` were
 # Python method calls (looked up by name), two per special line, ~6k instructions
 # per proxied response of nginx (Content-Type, Content-Length, Connection).
-_LOWER: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
 _PREFIXES: Final[tuple[tuple[bytes, ...], ...]] = tuple(
     tuple(sorted(name + b":" for name in NOT_FORWARDED | {b"content-length"}
                  if name[0] == bytes((b,)).lower()[0]))
@@ -130,7 +130,7 @@ class ResponseHead:
             line = lines[i]
             prefixes = _PREFIXES[line[0]]
             if prefixes:
-                name = _special(line.translate(_LOWER), prefixes)  # b"name:", or b""
+                name = _special(line.translate(LOWER), prefixes)  # b"name:", or b""
                 if name == b"content-length:":
                     content_length = int(line[15:])  # llhttp rejected duplicates
                     if status < 200 or status == 204:  # never sent on (RFC 9110 §8.6)
