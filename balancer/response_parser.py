@@ -147,7 +147,7 @@ class ResponseHead:
                             raise ProtocolError(
                                 502, "backend used a transfer coding other than chunked")
                         chunked = True
-                    elif name == b"trailer":
+                    elif name == b"trailer:":
                         announced += b"\r\n" + line
                     continue
             if kept is not None:
