@@ -41,13 +41,14 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import select
 import time
 from collections.abc import Sequence
 from ssl import SSLWantReadError, SSLWantWriteError, SSLZeroReturnError
 from typing import Any, Final
 
-from gevent import get_hub, getcurrent
+from gevent import Timeout, get_hub, getcurrent
 
 from balancer.errors import ClientGone
 from balancer.outbox import Outbox, Writer
@@ -56,6 +57,7 @@ from balancer.readiness import READ, Readable
 from balancer.turns import Turn
 
 NEVER: Final = float("inf")
+HELD_READ: Final = 65536  # bytes a held TLS client's readiness reads through OpenSSL
 # seconds (at most half of client_idle) a keep-alive connection waits for its
 # next request in its own greenlet before the watchdog parks it (no greenlet,
 # `GeventIO.park`): parking between every two requests of a busy connection cost
@@ -103,6 +105,19 @@ class Stream:
 
     def finish(self) -> None:
         """Send what is held, now. Raises OSError."""
+
+    def has_sent_more(self) -> bool:
+        """Asked of a held client's stream whose socket became readable: True if
+        the client sent more (pipelining: it is not watched any further), False
+        if nothing it sent can be read yet; raises ClientGone if it hung up."""
+        state = peek(self.sock)
+        if state == CLOSED:
+            raise ClientGone("client closed while held")
+        return state == READABLE
+
+    def unread(self) -> bytes:
+        """Bytes read from the socket that no reader has taken yet (b"": none)."""
+        return b""
 
     def park(self) -> None:
         """The connection goes idle (into a pool): from now on nothing may arrive."""
@@ -188,6 +203,15 @@ class IO:
         """The stream of a connected socket, for the socket's whole life."""
         return Stream(sock)
 
+    def tls_stream(self, sock: Any) -> Stream:
+        """The stream of a TLS socket whose handshake is done."""
+        return Stream(sock)
+
+    def bounded(self, seconds: float) -> Any:
+        """A context manager bounding what runs in it to `seconds` (TimeoutError);
+        here the socket timeouts bound each wait: it does nothing more."""
+        return contextlib.nullcontext()
+
     def arm(self, sock: Any, seconds: float) -> float:
         """Bound the next waits on `sock` to `seconds`; returns the deadline the
         watchdog enforces (NEVER: the socket's timeout does it here)."""
@@ -225,10 +249,10 @@ class IO:
     def close_idle(self, by: float) -> None:
         """Make every idle keep-alive connection time out (and close) by `by`."""
 
-    def wait_any(self, events: Sequence[Any], sock: Any, timeout: float,
+    def wait_any(self, events: Sequence[Any], stream: Stream, timeout: float,
                  watch_client: bool) -> bool:
         """Wait until one of `events` is set or `timeout` passes; returns whether
-        to keep watching the client socket `sock`. A blocking worker waits for
+        to keep watching the client's `stream`. A blocking worker waits for
         the first event only (callers keep their own backoff for the others)
         and cannot watch the client."""
         events[0].wait(timeout)
@@ -255,6 +279,12 @@ class GeventIO(IO):
 
     def stream(self, sock: Any) -> Stream:
         return EventedStream(sock, Readable(sock), self.outbox)
+
+    def tls_stream(self, sock: Any) -> Stream:
+        return TLSStream(sock, Readable(sock))
+
+    def bounded(self, seconds: float) -> Any:
+        return Timeout(seconds, TimeoutError)
 
     def arm(self, sock: Any, seconds: float) -> float:
         return self.now + seconds
@@ -316,11 +346,19 @@ class GeventIO(IO):
                 conn.deadline = by
 
     # held requests -------------------------------------------------------
-    def wait_any(self, events: Sequence[Any], sock: Any, timeout: float,
+    def wait_any(self, events: Sequence[Any], stream: Stream, timeout: float,
                  watch_client: bool) -> bool:
         """Wait for any of `events` (or `timeout`), watching the client socket
         too while `watch_client`: a hang-up raises ClientGone; a client that
         sent more data (pipelining) is not watched any further."""
+        if not self.wait_stirred(events, stream.sock, timeout, watch_client):
+            return watch_client
+        return not stream.has_sent_more()
+
+    def wait_stirred(self, events: Sequence[Any], sock: Any, timeout: float,
+                     watch_client: bool) -> bool:
+        """Wait for any of `events` (or `timeout`), or, while `watch_client`, for
+        the client socket to be readable; whether the client socket woke it."""
         from gevent.event import Event
 
         wake = Event()
@@ -347,9 +385,7 @@ class GeventIO(IO):
             if watcher is not None:
                 watcher.stop()
                 watcher.close()
-        if not stirred:
-            return watch_client
-        return not _client_readable(sock)
+        return bool(stirred)
 
 
 def _is_due_to_park(conn: Any, now: float) -> bool:
@@ -373,26 +409,31 @@ def _time_out(conn: Any, task: Any) -> None:
         task.throw(TimeoutError("deadline passed"))
 
 
-def _client_readable(sock: Any) -> bool:
-    """True if the client sent more data; raises ClientGone if it hung up."""
-    state = peek(sock)
-    if state == CLOSED:
-        raise ClientGone("client closed while held")
-    return state == READABLE
 
 
 class TLSStream(Stream):
     """A TLS socket (gevent's SSLSocket, handshake done) used through its SSL
     object: a read waits on the socket's `Readable` only when OpenSSL needs more
     bytes, a write goes to OpenSSL directly (gevent's ``sendall`` only when the
-    socket buffer is full)."""
+    socket buffer is full).
+
+    A TLS socket's readability is not a request byte: it may be a record that
+    is no data (a ticket, a key update, an alert), or half a record; and bytes
+    OpenSSL already decrypted (`pending`) leave the socket unreadable. So a held
+    client's readiness is judged by reading through OpenSSL
+    (`has_sent_more`), and what that read is kept for the next reader (`held`),
+    and an idle pooled connection is clean only if its socket stayed quiet and
+    OpenSSL holds nothing either (`is_clean`)."""
 
     def __init__(self, sock: Any, watcher: Readable) -> None:
         super().__init__(sock)
         self.obj: Any = sock._sslobj
         self.watcher = watcher
+        self.held = b""  # read while the client was held (`has_sent_more`), not yet taken
 
     def recv(self, size: int) -> bytes:
+        if self.held:
+            return self.unread()
         obj = self.obj
         while True:
             try:
@@ -403,6 +444,8 @@ class TLSStream(Stream):
                 return b""
 
     def read_ready(self, size: int) -> bytes | None:
+        if self.held:
+            return self.unread()
         try:
             return self.obj.read(size)
         except SSLWantReadError:
@@ -411,7 +454,7 @@ class TLSStream(Stream):
             return b""
 
     def wait_readable(self) -> None:
-        if not self.obj.pending():
+        if not self.held and not self.obj.pending():
             self.watcher.wait()
 
     def write(self, data: bytes) -> None:
@@ -424,6 +467,32 @@ class TLSStream(Stream):
 
     def write_last(self, data: bytes) -> None:
         self.write(data)
+
+    def has_sent_more(self) -> bool:
+        if self.held:
+            return True
+        try:
+            data = self.obj.read(HELD_READ)
+        except SSLWantReadError:
+            return False  # half a record, or a record that is no data
+        except SSLZeroReturnError:
+            raise ClientGone("client closed (close_notify) while held") from None
+        except OSError as exc:  # SSLError included: an unclean end, a reset
+            raise ClientGone(f"client connection failed while held: {exc}") from None
+        if not data:
+            raise ClientGone("client closed while held")
+        self.held = data
+        return True
+
+    def unread(self) -> bytes:
+        held, self.held = self.held, b""
+        return held
+
+    def park(self) -> None:
+        self.watcher.watch_idle()
+
+    def is_clean(self) -> bool:
+        return self.watcher.is_quiet() and not self.obj.pending()
 
     def close(self) -> None:
         self.watcher.close()
@@ -440,9 +509,13 @@ class TLSIO(IO):
         self.io = io
 
     def stream(self, sock: Any) -> Stream:
-        if isinstance(self.io, GeventIO):
-            return TLSStream(sock, Readable(sock))
-        return Stream(sock)
+        return self.io.tls_stream(sock)
+
+    def tls_stream(self, sock: Any) -> Stream:
+        return self.io.tls_stream(sock)
+
+    def bounded(self, seconds: float) -> Any:
+        return self.io.bounded(seconds)
 
     def arm(self, sock: Any, seconds: float) -> float:
         return self.io.arm(sock, seconds)
@@ -459,9 +532,6 @@ class TLSIO(IO):
     def is_crowded(self) -> bool:
         return False  # TLS streams are never parked
 
-    def wait_any(self, events: Sequence[Any], sock: Any, timeout: float,
+    def wait_any(self, events: Sequence[Any], stream: Stream, timeout: float,
                  watch_client: bool) -> bool:
-        # a TLS socket's readability may be a TLS record, not a request byte:
-        # held requests on TLS listeners do not watch their client
-        self.io.wait_any(events, sock, timeout, False)
-        return False
+        return self.io.wait_any(events, stream, timeout, watch_client)
