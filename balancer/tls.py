@@ -77,7 +77,11 @@ class TLSFront:
         context.maximum_version = ssl.TLSVersion.TLSv1_3
         context.set_ciphers(self.settings.ciphers)
         context.set_alpn_protocols(ALPN)
-        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        # a client's TCP close without close_notify is its end of stream, as
+        # nginx takes it (OpenSSL 3 would answer it with a decode_error alert
+        # and fail the connection: a half-closed WebSocket could not be answered)
+        context.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+                            | ssl.OP_IGNORE_UNEXPECTED_EOF)
         return context
 
     # certificates ------------------------------------------------------
