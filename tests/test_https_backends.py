@@ -200,3 +200,19 @@ def test_health_checks_speak_tls_and_verify(tmp: Path, good: TLSBackend,
                  what="the check's reason in the log")
     finally:
         bal.stop()
+
+
+def test_deploy_probes_speak_tls_and_verify(tmp: Path, good: TLSBackend,
+                                            untrusted: TLSBackend) -> None:
+    from balancer.backend_tls import BackendTLS
+    from management.deploy_steps import check_config, probe
+
+    tls = BackendTLS(str(CA.write(tmp)))
+    rule = {"action": "proxy", "backends": [good.url]}
+    config, strict = check_config(rule, "app.test")
+    assert probe(good.url, "app.test", config, strict, tls) is None
+    assert good.sni[-1] == "app.test"
+    problem = probe(untrusted.url, "app.test", config, strict, tls)
+    assert problem is not None and "certificate not trusted for 'app.test'" in problem
+    config, strict = check_config({**rule, "backend_tls_verify": False}, "app.test")
+    assert probe(untrusted.url, "app.test", config, strict, tls) is None
