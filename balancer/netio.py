@@ -45,13 +45,13 @@ import contextlib
 import select
 import time
 from collections.abc import Sequence
-from ssl import SSLWantReadError, SSLWantWriteError, SSLZeroReturnError
+from ssl import SSLWantReadError, SSLZeroReturnError
 from typing import Any, Final
 
 from gevent import Timeout, get_hub, getcurrent
 
 from balancer.errors import ClientGone
-from balancer.outbox import Outbox, Writer
+from balancer.outbox import Outbox, TLSWriter, Writer
 from balancer.peek import CLOSED, READABLE, peek
 from balancer.readiness import READ, Readable
 from balancer.turns import Turn
@@ -281,7 +281,7 @@ class GeventIO(IO):
         return EventedStream(sock, Readable(sock), self.outbox)
 
     def tls_stream(self, sock: Any) -> Stream:
-        return TLSStream(sock, Readable(sock))
+        return TLSStream(sock, Readable(sock), self.outbox)
 
     def bounded(self, seconds: float) -> Any:
         return Timeout(seconds, TimeoutError)
@@ -425,10 +425,11 @@ class TLSStream(Stream):
     and an idle pooled connection is clean only if its socket stayed quiet and
     OpenSSL holds nothing either (`is_clean`)."""
 
-    def __init__(self, sock: Any, watcher: Readable) -> None:
+    def __init__(self, sock: Any, watcher: Readable, outbox: Outbox) -> None:
         super().__init__(sock)
         self.obj: Any = sock._sslobj
         self.watcher = watcher
+        self.writer = TLSWriter(sock, self.obj, outbox)
         self.held = b""  # read while the client was held (`has_sent_more`), not yet taken
 
     def recv(self, size: int) -> bytes:
@@ -458,15 +459,17 @@ class TLSStream(Stream):
             self.watcher.wait()
 
     def write(self, data: bytes) -> None:
-        try:
-            sent = self.obj.write(data)
-        except SSLWantWriteError:
-            sent = 0
-        if sent < len(data):
-            self.sock.sendall(data[sent:])
+        self.writer.write(data)
 
     def write_last(self, data: bytes) -> None:
-        self.write(data)
+        self.writer.write_last(data)
+
+    def has_held(self) -> bool:
+        writer = self.writer
+        return bool(writer.held) or writer.rest is not None
+
+    def finish(self) -> None:
+        self.writer.finish()
 
     def has_sent_more(self) -> bool:
         if self.held:
@@ -495,6 +498,7 @@ class TLSStream(Stream):
         return self.watcher.is_quiet() and not self.obj.pending()
 
     def close(self) -> None:
+        self.writer.close()
         self.watcher.close()
         self.sock.close()
 

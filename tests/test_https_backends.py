@@ -179,6 +179,7 @@ def test_backend_closing_mid_response(bal: Balancer, good: TLSBackend) -> None:
         resp.read()
     conn.close()
     assert request(bal.port, host="app.test")[0] == 200  # and the next one is fine
+    assert backend_stats(bal, "app.test", good.url)["outcomes"]["error"] >= 1
 
 
 def test_health_checks_speak_tls_and_verify(tmp: Path, good: TLSBackend,

@@ -286,7 +286,8 @@ def test_stats_shapes_follow_the_counters(store: FileStore,
                 "latency": {"p50": 0.01, "p95": 0.235, "p99": 0.247},
                 "backends": {"127.0.0.1:9001": {
                     "state": "down", "in_flight": 1, "tunnels": 0, "failures": 4,
-                    "outcomes": {"success": 0, "connect_error": 0, "tls_error": 0, "timeout": 0, "error": 0},
+                    "outcomes": {"success": 0, "connect_error": 0, "tls_error": 0,
+                                 "timeout": 0, "error": 0},
                     "latency": {"p50": None, "p95": None, "p99": None}}}}
     assert whole["hosts"]["web.example.com"] == expected
     one = call(base, "GET", "/api/v1/stats/WEB.example.com").json

@@ -74,6 +74,7 @@ class TLSEchoHandler(EchoHandler):
         self.end_headers()
         self.wfile.write(b"x" * 500)
         self.wfile.flush()
+        time.sleep(float(query.get("after", "0.3")))  # the half that came is relayed first
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)
 
