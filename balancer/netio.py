@@ -119,6 +119,11 @@ class Stream:
         """Bytes read from the socket that no reader has taken yet (b"": none)."""
         return b""
 
+    def can_park(self) -> bool:
+        """Whether its connection may wait parked for its next request: its next
+        readiness would show everything it has to read (a blocking stream: no)."""
+        return False
+
     def park(self) -> None:
         """The connection goes idle (into a pool): from now on nothing may arrive."""
         if self.poller is None:
@@ -178,6 +183,9 @@ class EventedStream(Stream):
 
     def finish(self) -> None:
         self.writer.finish()
+
+    def can_park(self) -> bool:
+        return True
 
     def park(self) -> None:
         self.watcher.watch_idle()
@@ -305,10 +313,10 @@ class GeventIO(IO):
 
     def park(self, conn: Any) -> bool:
         """The connection's task ends; its next readiness (or its deadline) gives
-        it to a greenlet again (`on_wake` / `on_expire`, through `resume`). An
-        encrypted stream (no `Readable`) may hold decrypted bytes: never parked."""
+        it to a greenlet again (`on_wake` / `on_expire`, through `resume`). A TLS
+        stream is parked only while OpenSSL holds no decrypted byte (`can_park`)."""
         stream = conn.stream
-        if self.resume is None or not isinstance(stream, EventedStream):
+        if self.resume is None or not stream.can_park():
             return False
         conn.task = None
         stream.watcher.park(self._wake, conn)
@@ -392,7 +400,7 @@ def _is_due_to_park(conn: Any, now: float) -> bool:
     """Whether idle `conn` has waited min(PARK_AFTER, client_idle / 2) in its
     greenlet (its deadline is client_idle after the wait began)."""
     idle = conn.ctx.timeouts.client_idle
-    return (isinstance(conn.stream, EventedStream)
+    return (conn.stream.can_park()
             and conn.deadline - idle + min(PARK_AFTER, idle / 2) < now)
 
 
@@ -491,6 +499,9 @@ class TLSStream(Stream):
         held, self.held = self.held, b""
         return held
 
+    def can_park(self) -> bool:
+        return not self.held and not self.obj.pending()
+
     def park(self) -> None:
         self.watcher.watch_idle()
 
@@ -504,8 +515,9 @@ class TLSStream(Stream):
 
 
 class TLSIO(IO):
-    """The worker's `IO` for TLS client sockets (`balancer.tls`): plain streams,
-    everything else the worker's own (its deadlines, its connection set). Here,
+    """The worker's `IO` for TLS client sockets (`balancer.tls`): TLS streams,
+    everything else the worker's own (its deadlines, its connection set, parking
+    idle connections). Here,
     not in `balancer.tls`, because an interpreted class cannot extend a
     compiled one."""
 
@@ -534,7 +546,10 @@ class TLSIO(IO):
         self.io.detach(conn)
 
     def is_crowded(self) -> bool:
-        return False  # TLS streams are never parked
+        return self.io.is_crowded()
+
+    def park(self, conn: Any) -> bool:
+        return self.io.park(conn)
 
     def wait_any(self, events: Sequence[Any], stream: Stream, timeout: float,
                  watch_client: bool) -> bool:

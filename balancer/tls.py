@@ -141,7 +141,7 @@ class TLSFront:
     def serve(self, sock: Any, address: Any, ctx: Any,
               serve_client: Callable[[Any, Any, Any], bool]) -> bool:
         """Handshake one accepted connection, then serve it with `serve_client`;
-        whether it was parked between requests (`TLSIO` never parks: False)."""
+        whether it was parked between requests (`TLSIO` parks as plain HTTP does)."""
         tls = self.handshake(sock, ctx)
         if tls is None:
             with contextlib.suppress(OSError):
