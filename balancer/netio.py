@@ -21,8 +21,10 @@ in as one: a TLS socket is such an object (gevent's SSLSocket waits
 cooperatively in its own `recv` and `sendall`), while the `EventedStream`
 fast path, which reads and writes the file descriptor itself, is for plain
 sockets only, since an encrypted socket's bytes must go through its SSL object.
-A gevent worker's TLS client sockets (`TLSIO`) are `TLSStream`s: reads and
-writes go to the SSL object, waits to the socket's `Readable`.
+A gevent worker's TLS sockets (its TLS listeners' clients through `TLSIO`,
+its `https://` backends' connections: `tls_stream`) are `TLSStream`s: reads
+and writes go to the SSL object, waits to the socket's `Readable`, and a
+response's last write is held for the outbox as a plain socket's is.
 
 Invariants:
 * A worker has exactly one `IO`; every stream of the worker comes from it.
@@ -31,7 +33,13 @@ Invariants:
 * Under gevent a keep-alive client connection waiting for its next request
   is `park`ed: no greenlet (and no greenlet stack) is kept for it; its
   readiness or its deadline hands it to a greenlet again. It still counts as
-  open (`connections`), and its deadline is enforced as any other's.
+  open (`connections`), and its deadline is enforced as any other's. A TLS
+  connection is parked only while OpenSSL holds no decrypted byte, which no
+  readiness would announce (`Stream.can_park`).
+* A held client (`wait_any`) is watched while it can be: a readiness is
+  judged by the stream (`has_sent_more`): a plain socket is peeked at, a TLS
+  one read through OpenSSL (its readiness may be no request byte), and what
+  that read is kept for the next reader (`unread`).
 * An idle pooled connection is `park`ed; `is_clean` is then False as soon as
   anything (bytes or EOF) arrived on it, and such a connection is never used
   again (a backend's stray response or `408` would reach the next client).
@@ -422,8 +430,9 @@ def _time_out(conn: Any, task: Any) -> None:
 class TLSStream(Stream):
     """A TLS socket (gevent's SSLSocket, handshake done) used through its SSL
     object: a read waits on the socket's `Readable` only when OpenSSL needs more
-    bytes, a write goes to OpenSSL directly (gevent's ``sendall`` only when the
-    socket buffer is full).
+    bytes; writes go through a `balancer.outbox.TLSWriter` (one SSL_write each,
+    a response's last one held for the loop's outbox; gevent's ``sendall`` only
+    when the socket buffer is full).
 
     A TLS socket's readability is not a request byte: it may be a record that
     is no data (a ticket, a key update, an alert), or half a record; and bytes
