@@ -217,3 +217,32 @@ def test_deploy_probes_speak_tls_and_verify(tmp: Path, good: TLSBackend,
     assert problem is not None and "certificate not trusted for 'app.test'" in problem
     config, strict = check_config({**rule, "backend_tls_verify": False}, "app.test")
     assert probe(untrusted.url, "app.test", config, strict, tls) is None
+
+
+def test_a_streamed_body_on_a_reused_tls_connection(bal: Balancer, good: TLSBackend) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", bal.port, timeout=10)
+    for _ in range(2):  # the second one rides a pooled connection, checked before use
+        body = b"b" * 200_000  # over the buffered size: streamed to the backend
+        conn.request("POST", "/upload", body=body, headers={"Host": "app.test"})
+        resp = conn.getresponse()
+        seen = json.loads(resp.read())
+        assert resp.status == 200 and seen["body_len"] == len(body)
+    conn.close()
+
+
+def test_a_plain_http_backend_named_https_is_a_tls_error(bal: Balancer, tmp: Path) -> None:
+    from tests.support import Backend
+
+    plain = Backend("plain")
+    try:
+        hosts = json.loads(bal.routes.read_text())["hosts"]
+        bal.write_routes({**hosts, "plain.test": {"action": "proxy", "retries": 0,
+                                                  "backends": [f"https://{plain.address}"]}})
+        wait_for(lambda: request(bal.port, host="plain.test")[0] == 502,
+                 what="the rule served")
+        wait_for(lambda: "TLS handshake failed" in bal.output(), timeout=5,
+                 what="the cause in the failure summary")
+        outcomes = backend_stats(bal, "plain.test", f"https://{plain.address}")["outcomes"]
+        assert outcomes["tls_error"] >= 1
+    finally:
+        plain.stop()
