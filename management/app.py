@@ -74,7 +74,7 @@ URL_MAP = Map([
     Rule("/api/v1/hosts/<host>", endpoint="put_host", methods=["PUT"]),
     Rule("/api/v1/hosts/<host>", endpoint="delete_host", methods=["DELETE"]),
     Rule("/api/v1/hosts/<host>/backends", endpoint="add_backend", methods=["POST"]),
-    Rule("/api/v1/hosts/<host>/backends/<address>", endpoint="remove_backend",
+    Rule("/api/v1/hosts/<host>/backends/<path:address>", endpoint="remove_backend",
          methods=["DELETE"]),
     Rule("/api/v1/stats", endpoint="stats", methods=["GET"]),
     Rule("/api/v1/stats/<host>", endpoint="host_stats", methods=["GET"]),

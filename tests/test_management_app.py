@@ -228,6 +228,18 @@ def test_add_and_remove_backends(base: str) -> None:
     assert call(base, "GET", "/api/v1/hosts/web.example.com").json["rule"] == WEB
 
 
+def test_https_backends_are_added_and_removed_by_address(base: str) -> None:
+    call(base, "PUT", "/api/v1/hosts/web.example.com", WEB)
+    assert call(base, "POST", "/api/v1/hosts/web.example.com/backends",
+                {"address": "https://10.0.0.7:8443"}).json == {"version": 2}
+    for spelling in ("https://10.0.0.7:8443", quote("HTTPS://10.0.0.7:8443", safe="")):
+        call(base, "POST", "/api/v1/hosts/web.example.com/backends",
+             {"address": "https://10.0.0.7:8443"})
+        removed = call(base, "DELETE", "/api/v1/hosts/web.example.com/backends/" + spelling)
+        assert removed.status == 200, removed.json  # the address's "//" is part of it
+        assert call(base, "GET", "/api/v1/hosts/web.example.com").json["rule"] == WEB
+
+
 def test_backend_edit_errors(base: str) -> None:
     call(base, "PUT", "/api/v1/hosts/web.example.com", WEB)
     call(base, "PUT", "/api/v1/hosts/gone.example.com", GONE)
