@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import gevent
@@ -110,14 +109,28 @@ def test_a_parked_tls_connection_is_closed_when_client_idle_passes(served: Worke
     assert until(lambda: served.slots.open == 0 and not served.io.connections)
 
 
-def test_a_tls_connection_with_decrypted_bytes_waiting_is_not_parked() -> None:
-    from balancer.netio import TLSStream
+def test_a_tls_connection_with_decrypted_bytes_waiting_is_not_parked(tmp_path: Path) -> None:
+    from balancer.netio import GeventIO
 
-    stream = TLSStream.__new__(TLSStream)  # the predicate alone, on stand-ins
-    stream.held = b""
-    stream.obj = SimpleNamespace(pending=lambda: 5)
-    assert not stream.can_park()
-    stream.obj = SimpleNamespace(pending=lambda: 0)
-    assert stream.can_park()
-    stream.held = b"GET"
-    assert not stream.can_park()
+    chain, key = CA.issue("app.test")
+    pem = tmp_path / "server.pem"
+    pem.write_text(key + chain)
+    server_context = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(pem))
+    client_context = gssl.SSLContext(gssl.PROTOCOL_TLS_CLIENT)
+    client_context.load_verify_locations(str(CA.write(tmp_path)))
+    a, b = gsocket.socketpair()
+    server = gevent.spawn(server_context.wrap_socket, a, server_side=True)
+    client = client_context.wrap_socket(b, server_hostname="app.test")
+    tls = server.get(timeout=5)
+    stream = GeventIO().tls_stream(tls)
+    try:
+        assert stream.can_park()  # nothing decrypted, nothing held
+        client.sendall(GET)
+        assert stream.recv(4) == GET[:4]  # the rest of the record waits in OpenSSL
+        assert not stream.can_park()
+        assert stream.recv(65536) == GET[4:]
+        assert stream.can_park()
+    finally:
+        stream.close()
+        client.close()
