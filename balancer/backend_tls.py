@@ -17,7 +17,11 @@ Invariants:
 * A TLS connection is pooled under its pool key (`pool_key`): the name it
   was verified for, or ``!NAME`` when unverified; a pooled connection is
   only ever handed to a request of the same key, so a connection made (and
-  verified) for one host never carries another host's request.
+  verified) for one host never carries another host's request. The TLS
+  session a backend gave is kept per backend and pool key too, and the next
+  connection of that key resumes it (as nginx's ``proxy_ssl_session_reuse``
+  and HAProxy do by default): a session verified for one name is never
+  offered for another.
 * Every TLS failure becomes `BackendTLSError` (a `ConnectError`: nothing was
   sent, so it is retried on another backend and counts as a connect failure),
   its message saying what failed, for the operator log. The handshake is
@@ -76,10 +80,11 @@ class BackendTLS:
         return self.unverified
 
     def secure(self, sock: socket.socket, key: str, where: str, deadline: float,
-               bounded: Any) -> Any:
+               bounded: Any, session: Any = None) -> Any:
         """The TLS socket over connected `sock` for pool `key`, handshaken by
-        `deadline` (monotonic; `bounded(seconds)` bounds the whole handshake);
-        closes `sock` and raises BackendTLSError on any failure."""
+        `deadline` (monotonic; `bounded(seconds)` bounds the whole handshake),
+        resuming `session` if the backend still knows it; closes `sock` and
+        raises BackendTLSError on any failure."""
         verify = not key.startswith(UNVERIFIED)
         name = key if verify else key[len(UNVERIFIED):]
         try:
@@ -91,7 +96,8 @@ class BackendTLS:
                 raise BackendTLSError(f"{where}: TLS handshake timed out")
             sock.settimeout(remaining)
             tls = self.context(verify).wrap_socket(sock, server_hostname=name or None,
-                                                   do_handshake_on_connect=False)
+                                                   do_handshake_on_connect=False,
+                                                   session=session)
             with bounded(remaining):
                 tls.do_handshake()
         except BackendTLSError:

@@ -293,6 +293,8 @@ def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | 
         raise
     finally:
         backend.in_flight -= 1
+    if upstream.fresh:  # a new TLS connection answered: its session serves the next ones
+        backend.keep_session(upstream)
     if reusable:
         backend.release(upstream)
     else:

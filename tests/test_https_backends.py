@@ -246,3 +246,15 @@ def test_a_plain_http_backend_named_https_is_a_tls_error(bal: Balancer, tmp: Pat
         assert outcomes["tls_error"] >= 1
     finally:
         plain.stop()
+
+
+def test_new_backend_connections_resume_the_tls_session_of_their_name(
+        bal: Balancer, good: TLSBackend) -> None:
+    for host in ("c.wild.test", "c.wild.test", "c.wild.test", "d.wild.test"):
+        # the backend closes after each answer: every request connects anew
+        status, _, body = request(bal.port, path="/eof", host=host)
+        assert (status, body) == (200, b"until-close")
+    assert good.sni[-4:] == ["c.wild.test", "c.wild.test", "c.wild.test", "d.wild.test"]
+    # a full handshake, two resumed, and a full one for the other name
+    assert good.resumed[-4:] == [False, True, True, False]
+

@@ -43,6 +43,7 @@ class TLSBackendServer(BackendServer):
         except (OSError, ssl.SSLError):
             self.owner.failed_handshakes += 1  # type: ignore[attr-defined]
             return
+        self.owner.resumed.append(request.session_reused)  # type: ignore[attr-defined]
         super().finish_request(request, client_address)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -87,6 +88,7 @@ class TLSBackend(Backend):
         self.accepted = 0
         self.failed_handshakes = 0
         self.strays = 0  # stray 408s sent on idle connections (`act_stray`)
+        self.resumed: list[bool] = []  # per handshake: whether it resumed a session
         context = server_context(ca, tmp, *names)
         context.sni_callback = self._note_sni
         server = type("Server", (TLSBackendServer,), {"context": context})
