@@ -330,7 +330,7 @@ def test_stats_come_in_pages_or_by_host(store: FileStore,
     assert list(first["hosts"]) == keys and first["next"] is None
     # an idle host has the shape of a busy one
     assert first["hosts"]["app04.example.com"]["backends"]["127.0.0.1:9001"]["outcomes"] == \
-        {"success": 0, "connect_error": 0, "timeout": 0, "error": 0}
+        {"success": 0, "connect_error": 0, "tls_error": 0, "timeout": 0, "error": 0}
     assert first["hosts"]["app03.example.com"]["completed_requests"] == 1
     named = call(base, "GET", "/api/v1/stats?host=APP03.example.com&host=app07.example.com"
                               "&host=nobody.example.com").json
