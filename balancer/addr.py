@@ -6,7 +6,10 @@ Invariants kept by this module:
   (``::1``) and bracketed again only by ``str()``;
 * a host is either an IPv4 literal, an IPv6 literal, or a DNS name made of
   letters, digits, ``-``, ``_`` and ``.`` (no spaces, no scheme, no path);
-* ``:port`` (all interfaces) is stored as host ``0.0.0.0``.
+* ``:port`` (all interfaces) is stored as host ``0.0.0.0``;
+* only a backend address may say ``https://`` (`Address.tls`: the balancer
+  speaks TLS to it); ``str()`` gives it back with the scheme, so the text is
+  the backend's key everywhere (pools, statistics, rules).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import socket
 from dataclasses import dataclass
 
 ALL_INTERFACES = "0.0.0.0"
+HTTPS = "https://"  # the one scheme a backend address may carry
 
 HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_.])?")
 _DOTTED_DIGITS = re.compile(r"[0-9.]+")
@@ -33,6 +37,7 @@ class Address:
 
     host: str
     port: int
+    tls: bool = False  # a backend reached over TLS (``https://host:port``)
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -50,9 +55,10 @@ class Address:
             return False
 
     def __str__(self) -> str:
+        scheme = HTTPS if self.tls else ""
         if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+            return f"{scheme}[{self.host}]:{self.port}"
+        return f"{scheme}{self.host}:{self.port}"
 
 
 def parse_addr(text: str) -> Address:
@@ -67,13 +73,21 @@ def parse_addr(text: str) -> Address:
     return Address(host, port)
 
 
-def parse_backend_addr(text: str) -> Address:
-    """Parse a backend address: ``host:port`` or ``[v6]:port``; host required, port 1..65535."""
-    host, port_text = _split(text)
+def parse_backend_addr(text: str, allow_tls: bool = True) -> Address:
+    """Parse a backend address: ``host:port`` or ``[v6]:port``, either one after
+    ``https://`` (with `allow_tls`); host required, port 1..65535."""
+    tls = allow_tls and isinstance(text, str) and text[:len(HTTPS)].lower() == HTTPS
+    rest = text[len(HTTPS):] if tls else text
+    if tls and ":" not in rest.rpartition("]")[2]:
+        rest += ":443"  # https:// without a port: HTTPS's own
+    if isinstance(rest, str) and "://" in rest:
+        raise AddrError(f"invalid backend address {text!r}: the only scheme a backend takes "
+                        f"is https:// (a plain HTTP backend is just host:port)")
+    host, port_text = _split(rest)
     if host == "":
         raise AddrError(f"invalid backend address {text!r}: a host is required (host:port)")
     port = _parse_port(text, port_text, minimum=1)
-    return Address(host, port)
+    return Address(host, port, tls)
 
 
 def _split(text: str) -> tuple[str, str]:

@@ -23,6 +23,13 @@ class ConnectError(ProxyError):
     cause = "connect failed"
 
 
+class BackendTLSError(ConnectError):
+    """The TLS handshake with an https:// backend failed: an untrusted or
+    misnamed certificate, a protocol error or a timeout (nothing was sent)."""
+
+    cause = "backend TLS failed"
+
+
 class BackendClosed(ProxyError):
     """The backend closed or reset the connection before the response was complete."""
 

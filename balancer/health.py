@@ -16,7 +16,9 @@ Invariants:
   passive down mark and wakes requests held while the backend was down).
   A backend starts up; the first verdict needs `fall` failures.
 * A check passes when the backend answers `path` with a 2xx or 3xx status
-  within `timeout` seconds (connect included).
+  within `timeout` seconds (connect included). An https:// backend is checked
+  over TLS, its certificate verified for the rule's host as a request's would
+  be (`check_tls_key`); a certificate that fails is a failed check.
 * Each flip is logged once with its reason (the last failed check's problem:
   refused, timed out, status 503...).
 """
@@ -30,6 +32,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from balancer.addr import Address
+from balancer.backend_tls import UNVERIFIED, pool_key
+from balancer.errors import BackendTLSError
 from balancer.http11 import ProtocolError
 from balancer.pool import Backend
 from balancer.response_parser import ResponseParser
@@ -48,11 +53,21 @@ class CheckConfig:
     timeout: float = 1.0
     rise: int = 2
     fall: int = 3
+    tls_key: str = ""  # https:// backends: the pool key of the check's connection
 
     @classmethod
-    def from_rule(cls, health: Mapping[str, Any]) -> CheckConfig:
+    def from_rule(cls, health: Mapping[str, Any], tls_key: str = "") -> CheckConfig:
         return cls(**{k: health[k] for k in ("path", "interval", "timeout", "rise", "fall")
-                      if k in health})
+                      if k in health}, tls_key=tls_key)
+
+
+def check_tls_key(host: str, rule: Mapping[str, Any]) -> str:
+    """The pool key a check of the rule's https:// backends connects with: the
+    rule's host, verified as a request for it would be; a wildcard or
+    catch-all rule names no host: its checks verify nothing."""
+    if host.startswith("*"):
+        return pool_key(b"", False)
+    return pool_key(host.encode(), rule.get("backend_tls_verify", True))
 
 
 def wanted_checks(table: Any) -> dict[str, CheckConfig]:
@@ -65,9 +80,11 @@ def wanted_checks(table: Any) -> dict[str, CheckConfig]:
         rule = routes[key].rule
         if rule.get("action") != "proxy" or "health" not in rule:
             continue
-        config = CheckConfig.from_rule(rule["health"])
         for address, _ in backend_entries(rule):
-            address = str(parse_backend_addr(address))
+            parsed = parse_backend_addr(address)
+            config = CheckConfig.from_rule(rule["health"],
+                                           check_tls_key(key, rule) if parsed.tls else "")
+            address = str(parsed)
             known = wanted.get(address)
             if known is None or config.interval < known.interval:
                 wanted[address] = config
@@ -102,13 +119,15 @@ class Checker:
         config, address = self.config, self.backend.address
         deadline = time.monotonic() + config.timeout
         try:
-            sock = socket.create_connection((address.host, address.port), config.timeout)
+            sock = self.connect(deadline)
         except OSError as exc:
             return self.failed(f"connect: {exc.strerror or exc}")
+        except BackendTLSError as exc:
+            return self.failed(str(exc))
+        host = config.tls_key.lstrip(UNVERIFIED) or str(Address(address.host, address.port))
         try:
             sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: balancer-health\r\n"
-                         b"Connection: close\r\n\r\n" % (config.path.encode(),
-                                                         self.backend.key.encode()))
+                         b"Connection: close\r\n\r\n" % (config.path.encode(), host.encode()))
             status = read_status(sock, deadline)
         except OSError as exc:
             return self.failed(str(exc.strerror or exc) or type(exc).__name__)
@@ -117,6 +136,16 @@ class Checker:
         finally:
             sock.close()
         return 200 <= status < 400 or self.failed(f"GET {config.path} answered {status}")
+
+    def connect(self, deadline: float) -> Any:
+        """A connection to the backend (TLS for https://, as requests get it)."""
+        backend, config = self.backend, self.config
+        address = backend.address
+        sock = socket.create_connection((address.host, address.port), config.timeout)
+        if backend.tls is None:
+            return sock
+        return backend.tls.secure(sock, config.tls_key, backend.key, deadline,
+                                  backend.io.bounded)
 
     def failed(self, problem: str) -> bool:
         """Keep why the check failed (for the log line of a flip); returns False."""

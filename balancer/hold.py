@@ -123,7 +123,7 @@ class Hold:
         worker's `IO.wait_any`, which watches the client while it can:
         ClientGone if it hangs up)."""
         conn, holds = self.ex.conn, self.holds
-        self.watch_client = conn.io.wait_any([*events, holds.closing_event()], conn.sock,
+        self.watch_client = conn.io.wait_any([*events, holds.closing_event()], conn.stream,
                                              seconds, self.watch_client)
         holds.check_open()
 

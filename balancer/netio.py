@@ -21,8 +21,10 @@ in as one: a TLS socket is such an object (gevent's SSLSocket waits
 cooperatively in its own `recv` and `sendall`), while the `EventedStream`
 fast path, which reads and writes the file descriptor itself, is for plain
 sockets only, since an encrypted socket's bytes must go through its SSL object.
-A gevent worker's TLS client sockets (`TLSIO`) are `TLSStream`s: reads and
-writes go to the SSL object, waits to the socket's `Readable`.
+A gevent worker's TLS sockets (its TLS listeners' clients through `TLSIO`,
+its `https://` backends' connections: `tls_stream`) are `TLSStream`s: reads
+and writes go to the SSL object, waits to the socket's `Readable`, and a
+response's last write is held for the outbox as a plain socket's is.
 
 Invariants:
 * A worker has exactly one `IO`; every stream of the worker comes from it.
@@ -31,7 +33,13 @@ Invariants:
 * Under gevent a keep-alive client connection waiting for its next request
   is `park`ed: no greenlet (and no greenlet stack) is kept for it; its
   readiness or its deadline hands it to a greenlet again. It still counts as
-  open (`connections`), and its deadline is enforced as any other's.
+  open (`connections`), and its deadline is enforced as any other's. A TLS
+  connection is parked only while OpenSSL holds no decrypted byte, which no
+  readiness would announce (`Stream.can_park`).
+* A held client (`wait_any`) is watched while it can be: a readiness is
+  judged by the stream (`has_sent_more`): a plain socket is peeked at, a TLS
+  one read through OpenSSL (its readiness may be no request byte), and what
+  that read is kept for the next reader (`unread`).
 * An idle pooled connection is `park`ed; `is_clean` is then False as soon as
   anything (bytes or EOF) arrived on it, and such a connection is never used
   again (a backend's stray response or `408` would reach the next client).
@@ -41,23 +49,25 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import select
 import time
 from _socket import socket as RawSocket
 from collections.abc import Sequence
-from ssl import SSLWantReadError, SSLWantWriteError, SSLZeroReturnError
+from ssl import SSLWantReadError, SSLZeroReturnError
 from typing import Any, Final
 
-from gevent import get_hub, getcurrent
+from gevent import Timeout, get_hub, getcurrent
 from gevent.socket import socket as GeventSocket
 
 from balancer.errors import ClientGone
-from balancer.outbox import Outbox, Writer
+from balancer.outbox import Outbox, TLSWriter, Writer
 from balancer.peek import CLOSED, READABLE, peek
 from balancer.readiness import READ, Readable
 from balancer.turns import Turn
 
 NEVER: Final = float("inf")
+HELD_READ: Final = 65536  # bytes a held TLS client's readiness reads through OpenSSL
 # seconds (at most half of client_idle) a keep-alive connection waits for its
 # next request in its own greenlet before the watchdog parks it (no greenlet,
 # `GeventIO.park`): parking between every two requests of a busy connection cost
@@ -105,6 +115,24 @@ class Stream:
 
     def finish(self) -> None:
         """Send what is held, now. Raises OSError."""
+
+    def has_sent_more(self) -> bool:
+        """Asked of a held client's stream whose socket became readable: True if
+        the client sent more (pipelining: it is not watched any further), False
+        if nothing it sent can be read yet; raises ClientGone if it hung up."""
+        state = peek(self.sock)
+        if state == CLOSED:
+            raise ClientGone("client closed while held")
+        return state == READABLE
+
+    def unread(self) -> bytes:
+        """Bytes read from the socket that no reader has taken yet (b"": none)."""
+        return b""
+
+    def can_park(self) -> bool:
+        """Whether its connection may wait parked for its next request: its next
+        readiness would show everything it has to read (a blocking stream: no)."""
+        return False
 
     def park(self) -> None:
         """The connection goes idle (into a pool): from now on nothing may arrive."""
@@ -186,6 +214,9 @@ class EventedStream(Stream):
     def finish(self) -> None:
         self.writer.finish()
 
+    def can_park(self) -> bool:
+        return True
+
     def park(self) -> None:
         self.watcher.watch_idle()
 
@@ -209,6 +240,15 @@ class IO:
     def stream(self, sock: Any) -> Stream:
         """The stream of a connected socket, for the socket's whole life."""
         return Stream(sock)
+
+    def tls_stream(self, sock: Any) -> Stream:
+        """The stream of a TLS socket whose handshake is done."""
+        return Stream(sock)
+
+    def bounded(self, seconds: float) -> Any:
+        """A context manager bounding what runs in it to `seconds` (TimeoutError);
+        here the socket timeouts bound each wait: it does nothing more."""
+        return contextlib.nullcontext()
 
     def arm(self, sock: Any, seconds: float) -> float:
         """Bound the next waits on `sock` to `seconds`; returns the deadline the
@@ -247,10 +287,10 @@ class IO:
     def close_idle(self, by: float) -> None:
         """Make every idle keep-alive connection time out (and close) by `by`."""
 
-    def wait_any(self, events: Sequence[Any], sock: Any, timeout: float,
+    def wait_any(self, events: Sequence[Any], stream: Stream, timeout: float,
                  watch_client: bool) -> bool:
         """Wait until one of `events` is set or `timeout` passes; returns whether
-        to keep watching the client socket `sock`. A blocking worker waits for
+        to keep watching the client's `stream`. A blocking worker waits for
         the first event only (callers keep their own backoff for the others)
         and cannot watch the client."""
         events[0].wait(timeout)
@@ -278,6 +318,12 @@ class GeventIO(IO):
     def stream(self, sock: Any) -> Stream:
         return EventedStream(sock, Readable(sock), self.outbox)
 
+    def tls_stream(self, sock: Any) -> Stream:
+        return TLSStream(sock, Readable(sock), self.outbox)
+
+    def bounded(self, seconds: float) -> Any:
+        return Timeout(seconds, TimeoutError)
+
     def arm(self, sock: Any, seconds: float) -> float:
         return self.now + seconds
 
@@ -297,10 +343,10 @@ class GeventIO(IO):
 
     def park(self, conn: Any) -> bool:
         """The connection's task ends; its next readiness (or its deadline) gives
-        it to a greenlet again (`on_wake` / `on_expire`, through `resume`). An
-        encrypted stream (no `Readable`) may hold decrypted bytes: never parked."""
+        it to a greenlet again (`on_wake` / `on_expire`, through `resume`). A TLS
+        stream is parked only while OpenSSL holds no decrypted byte (`can_park`)."""
         stream = conn.stream
-        if self.resume is None or not isinstance(stream, EventedStream):
+        if self.resume is None or not stream.can_park():
             return False
         conn.task = None
         stream.watcher.park(self._wake, conn)
@@ -338,11 +384,19 @@ class GeventIO(IO):
                 conn.deadline = by
 
     # held requests -------------------------------------------------------
-    def wait_any(self, events: Sequence[Any], sock: Any, timeout: float,
+    def wait_any(self, events: Sequence[Any], stream: Stream, timeout: float,
                  watch_client: bool) -> bool:
         """Wait for any of `events` (or `timeout`), watching the client socket
         too while `watch_client`: a hang-up raises ClientGone; a client that
         sent more data (pipelining) is not watched any further."""
+        if not self.wait_stirred(events, stream.sock, timeout, watch_client):
+            return watch_client
+        return not stream.has_sent_more()
+
+    def wait_stirred(self, events: Sequence[Any], sock: Any, timeout: float,
+                     watch_client: bool) -> bool:
+        """Wait for any of `events` (or `timeout`), or, while `watch_client`, for
+        the client socket to be readable; whether the client socket woke it."""
         from gevent.event import Event
 
         wake = Event()
@@ -369,16 +423,14 @@ class GeventIO(IO):
             if watcher is not None:
                 watcher.stop()
                 watcher.close()
-        if not stirred:
-            return watch_client
-        return not _client_readable(sock)
+        return bool(stirred)
 
 
 def _is_due_to_park(conn: Any, now: float) -> bool:
     """Whether idle `conn` has waited min(PARK_AFTER, client_idle / 2) in its
     greenlet (its deadline is client_idle after the wait began)."""
     idle = conn.ctx.timeouts.client_idle
-    return (isinstance(conn.stream, EventedStream)
+    return (conn.stream.can_park()
             and conn.deadline - idle + min(PARK_AFTER, idle / 2) < now)
 
 
@@ -395,26 +447,33 @@ def _time_out(conn: Any, task: Any) -> None:
         task.throw(TimeoutError("deadline passed"))
 
 
-def _client_readable(sock: Any) -> bool:
-    """True if the client sent more data; raises ClientGone if it hung up."""
-    state = peek(sock)
-    if state == CLOSED:
-        raise ClientGone("client closed while held")
-    return state == READABLE
 
 
 class TLSStream(Stream):
     """A TLS socket (gevent's SSLSocket, handshake done) used through its SSL
     object: a read waits on the socket's `Readable` only when OpenSSL needs more
-    bytes, a write goes to OpenSSL directly (gevent's ``sendall`` only when the
-    socket buffer is full)."""
+    bytes; writes go through a `balancer.outbox.TLSWriter` (one SSL_write each,
+    a response's last one held for the loop's outbox; gevent's ``sendall`` only
+    when the socket buffer is full).
 
-    def __init__(self, sock: Any, watcher: Readable) -> None:
+    A TLS socket's readability is not a request byte: it may be a record that
+    is no data (a ticket, a key update, an alert), or half a record; and bytes
+    OpenSSL already decrypted (`pending`) leave the socket unreadable. So a held
+    client's readiness is judged by reading through OpenSSL
+    (`has_sent_more`), and what that read is kept for the next reader (`held`),
+    and an idle pooled connection is clean only if its socket stayed quiet and
+    OpenSSL holds nothing either (`is_clean`)."""
+
+    def __init__(self, sock: Any, watcher: Readable, outbox: Outbox) -> None:
         super().__init__(sock)
         self.obj: Any = sock._sslobj
         self.watcher = watcher
+        self.writer = TLSWriter(sock, self.obj, outbox)
+        self.held = b""  # read while the client was held (`has_sent_more`), not yet taken
 
     def recv(self, size: int) -> bytes:
+        if self.held:
+            return self.unread()
         obj = self.obj
         while True:
             try:
@@ -425,6 +484,8 @@ class TLSStream(Stream):
                 return b""
 
     def read_ready(self, size: int) -> bytes | None:
+        if self.held:
+            return self.unread()
         try:
             return self.obj.read(size)
         except SSLWantReadError:
@@ -433,28 +494,61 @@ class TLSStream(Stream):
             return b""
 
     def wait_readable(self) -> None:
-        if not self.obj.pending():
+        if not self.held and not self.obj.pending():
             self.watcher.wait()
 
     def write(self, data: bytes) -> None:
-        try:
-            sent = self.obj.write(data)
-        except SSLWantWriteError:
-            sent = 0
-        if sent < len(data):
-            self.sock.sendall(data[sent:])
+        self.writer.write(data)
 
     def write_last(self, data: bytes) -> None:
-        self.write(data)
+        self.writer.write_last(data)
+
+    def has_held(self) -> bool:
+        writer = self.writer
+        return bool(writer.held) or writer.rest is not None
+
+    def finish(self) -> None:
+        self.writer.finish()
+
+    def has_sent_more(self) -> bool:
+        if self.held:
+            return True
+        try:
+            data = self.obj.read(HELD_READ)
+        except SSLWantReadError:
+            return False  # half a record, or a record that is no data
+        except SSLZeroReturnError:
+            raise ClientGone("client closed (close_notify) while held") from None
+        except OSError as exc:  # SSLError included: an unclean end, a reset
+            raise ClientGone(f"client connection failed while held: {exc}") from None
+        if not data:
+            raise ClientGone("client closed while held")
+        self.held = data
+        return True
+
+    def unread(self) -> bytes:
+        held, self.held = self.held, b""
+        return held
+
+    def can_park(self) -> bool:
+        return not self.held and not self.obj.pending()
+
+    def park(self) -> None:
+        self.watcher.watch_idle()
+
+    def is_clean(self) -> bool:
+        return self.watcher.is_quiet() and not self.obj.pending()
 
     def close(self) -> None:
+        self.writer.close()
         self.watcher.close()
         self.sock.close()
 
 
 class TLSIO(IO):
-    """The worker's `IO` for TLS client sockets (`balancer.tls`): plain streams,
-    everything else the worker's own (its deadlines, its connection set). Here,
+    """The worker's `IO` for TLS client sockets (`balancer.tls`): TLS streams,
+    everything else the worker's own (its deadlines, its connection set, parking
+    idle connections). Here,
     not in `balancer.tls`, because an interpreted class cannot extend a
     compiled one."""
 
@@ -462,9 +556,13 @@ class TLSIO(IO):
         self.io = io
 
     def stream(self, sock: Any) -> Stream:
-        if isinstance(self.io, GeventIO):
-            return TLSStream(sock, Readable(sock))
-        return Stream(sock)
+        return self.io.tls_stream(sock)
+
+    def tls_stream(self, sock: Any) -> Stream:
+        return self.io.tls_stream(sock)
+
+    def bounded(self, seconds: float) -> Any:
+        return self.io.bounded(seconds)
 
     def arm(self, sock: Any, seconds: float) -> float:
         return self.io.arm(sock, seconds)
@@ -479,11 +577,11 @@ class TLSIO(IO):
         self.io.detach(conn)
 
     def is_crowded(self) -> bool:
-        return False  # TLS streams are never parked
+        return self.io.is_crowded()
 
-    def wait_any(self, events: Sequence[Any], sock: Any, timeout: float,
+    def park(self, conn: Any) -> bool:
+        return self.io.park(conn)
+
+    def wait_any(self, events: Sequence[Any], stream: Stream, timeout: float,
                  watch_client: bool) -> bool:
-        # a TLS socket's readability may be a TLS record, not a request byte:
-        # held requests on TLS listeners do not watch their client
-        self.io.wait_any(events, sock, timeout, False)
-        return False
+        return self.io.wait_any(events, stream, timeout, watch_client)

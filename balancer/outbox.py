@@ -27,13 +27,15 @@ Invariants:
   with the writer, and a wait is ended only by the watchdog's throw.
 * At most BATCH_LIMIT writers wait in a batch; at most HOLD_LIMIT bytes per
   socket are held (a larger write is made at once).
-* Only gevent's sockets have writers (`balancer.netio.EventedStream`); a
-  blocking socket's writes are made at once.
+* Only gevent's sockets have writers (`balancer.netio.EventedStream`, and
+  `balancer.netio.TLSStream` with a `TLSWriter`: plaintext held, encrypted
+  when sent); a blocking socket's writes are made at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+from ssl import SSLWantWriteError
 from typing import Any, Final
 
 from gevent import get_hub, spawn
@@ -171,3 +173,60 @@ class Writer:
         if watcher is not None:
             self.watcher = None
             watcher.close()
+
+
+def tls_send_all(sock: Any, obj: Any, data: bytes) -> None:
+    """`sock.sendall(data)` for a TLS socket: one SSL_write on its SSL object `obj`
+    first; a socket buffer that cannot take it all leaves gevent's ``sendall`` to
+    write the same bytes again (OpenSSL wants the retry to pass them whole)."""
+    try:
+        sent = obj.write(data)
+    except SSLWantWriteError:
+        sent = 0
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+class TLSWriter(Writer):
+    """The writes to one TLS socket (gevent's SSLSocket `sock`): plaintext is held,
+    and encrypted by its SSL object (`raw`) when sent, so that a held response
+    costs the same one SSL_write, made with the loop's other held writes. A full
+    buffer waits in gevent's ``sendall``, not on the writer's own watcher."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: Any, raw: Any, outbox: Outbox) -> None:
+        super().__init__(raw, outbox)
+        self.sock = sock
+
+    def write(self, data: bytes) -> None:
+        if self.held or self.rest is not None:
+            self.finish()
+        tls_send_all(self.sock, self.raw, data)
+
+    def finish(self) -> None:
+        rest = self.rest
+        if rest is not None:
+            rest.join()
+            self.rest = None
+        data = self.held
+        if data:
+            self.held = b""
+            tls_send_all(self.sock, self.raw, data)
+
+    def flush(self) -> None:
+        data = self.held
+        if not data:  # finished by its owner meanwhile
+            return
+        self.held = b""
+        try:
+            self.raw.write(data)
+        except SSLWantWriteError:  # nothing taken: the same bytes go again, whole
+            self.rest = spawn(self._send_rest, data)
+        except OSError:  # SSLError included
+            return
+
+    def _send_rest(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):  # the owner's next read or write finds it broken
+            self.sock.sendall(data)
+

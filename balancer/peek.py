@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _socket
 import socket
 
 OPEN, READABLE, CLOSED = "open", "readable", "closed"
@@ -23,4 +24,19 @@ def peek(sock: socket.socket) -> str:
         return CLOSED
     finally:
         sock.settimeout(timeout)
+    return READABLE if data else CLOSED
+
+
+def peek_under(sock: socket.socket) -> str:
+    """`peek` at the TCP socket under `sock` (a TLS socket: bypassing OpenSSL),
+    leaving the descriptor's blocking mode alone (MSG_DONTWAIT)."""
+    raw = _socket.socket(fileno=sock.fileno())  # the C socket: never gevent's
+    try:
+        data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return OPEN
+    except OSError:
+        return CLOSED
+    finally:
+        raw.detach()
     return READABLE if data else CLOSED

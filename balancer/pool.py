@@ -31,6 +31,10 @@ Invariants:
   may come). A connection released beyond that is closed, and a new backend
   connection first closes the oldest idle ones the clients now need
   (nginx reuses its keep-alive connections' slots the same way).
+* An https:// backend's connections are TLS (`balancer.backend_tls`): each is
+  pooled under its pool key (the name its certificate was verified for), and
+  handed out only to a request with the same key (`acquire_tls`); a plain
+  backend's pool is one list (`acquire`). TLS pools count in the same budget.
 * A connection (`Upstream`) keeps what belongs to it for its whole life: its
   stream (the socket as the worker's `balancer.netio.IO` made it) and the
   response parser that `balancer.relay` makes on first use and reuses for
@@ -47,9 +51,10 @@ import time
 from typing import Final
 
 from balancer.addr import Address, parse_backend_addr
+from balancer.backend_tls import BackendTLS, pool_key
 from balancer.errors import ConnectError
 from balancer.netio import IO, Stream
-from balancer.peek import OPEN, peek
+from balancer.peek import OPEN, peek, peek_under
 from balancer.response_parser import ResponseParser
 from balancer.serving import Slots
 
@@ -64,13 +69,15 @@ PROBING: Final = "probing"
 class Upstream:
     """One connection to a backend and what lives as long as it does."""
 
-    __slots__ = ("sock", "stream", "parser", "since")
+    __slots__ = ("sock", "stream", "parser", "since", "pool", "fresh")
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, pool: str = "") -> None:
         self.sock = stream.sock
         self.stream = stream
         self.parser: ResponseParser | None = None  # made on first use
         self.since = 0.0  # when it went idle (monotonic)
+        self.pool = pool  # "": plain; else the TLS pool key (`balancer.backend_tls.pool_key`)
+        self.fresh = bool(pool)  # a TLS connection whose session was not kept yet
 
     def close(self) -> None:
         """Close the stream (socket, watcher, writer) and the parser."""
@@ -106,15 +113,15 @@ class IdleBudget:
         """Before a new backend connection: close the oldest idle connections
         the open clients need the descriptors of."""
         while self.idle > self.room(0):
-            oldest: Backend | None = None
+            oldest: list[Upstream] | None = None
             for backend in self.backends.values():
-                if backend.idle and (oldest is None or backend.idle[0].since
-                                     < oldest.idle[0].since):
-                    oldest = backend
+                for idle in backend.idle_lists():
+                    if idle and (oldest is None or idle[0].since < oldest[0].since):
+                        oldest = idle
             if oldest is None:  # the rest are a removed backend's: closed when it is
                 return
             self.idle -= 1
-            oldest.idle.pop(0).close()
+            oldest.pop(0).close()
 
     def __repr__(self) -> str:
         return f"<IdleBudget idle={self.idle} room={self.room(0)}>"
@@ -125,7 +132,8 @@ class Backend:
 
     def __init__(self, address: Address, *, connect_timeout: float, fail_timeout: float,
                  max_idle: int = 1024, idle_timeout: float = 30.0,
-                 io: IO | None = None, budget: IdleBudget | None = None) -> None:
+                 io: IO | None = None, budget: IdleBudget | None = None,
+                 tls: BackendTLS | None = None) -> None:
         self.address = address
         self.key = str(address)
         self.connect_timeout = connect_timeout
@@ -135,6 +143,11 @@ class Backend:
         self.io = io if io is not None else IO()
         self.idle: list[Upstream] = []
         self.budget = budget if budget is not None else IdleBudget()
+        # an https:// backend's TLS contexts, its idle connections by pool key,
+        # and the TLS session of each key's last new connection (to resume)
+        self.tls: BackendTLS | None = tls if address.tls else None
+        self.idle_tls: dict[str, list[Upstream]] = {}
+        self.tls_sessions: dict[str, object] = {}
         self.is_literal = _is_ip_literal(address.host)
         self.in_flight = 0
         self.fails = 0
@@ -151,22 +164,63 @@ class Backend:
         one; raises ConnectError."""
         idle = self.idle
         if idle:
-            oldest = time.monotonic() - self.idle_timeout
-            budget = self.budget
-            while idle:
-                try:
-                    upstream = idle.pop()
-                except IndexError:
-                    break
-                budget.idle -= 1
-                if upstream.since > oldest and upstream.stream.is_clean():
-                    return upstream, True
-                upstream.close()
+            upstream = self._take(idle)
+            if upstream is not None:
+                return upstream, True
         return self.connect(), False
+
+    def acquire_tls(self, host: bytes, verify: bool) -> tuple[Upstream, bool]:
+        """`acquire` for an https:// backend and a request with Host `host`:
+        only a connection made (and verified) for the same name is reused."""
+        key = pool_key(host, verify)
+        idle = self.idle_tls.get(key)
+        if idle:
+            upstream = self._take(idle)
+            if upstream is not None:
+                return upstream, True
+        return self.connect_tls(key), False
+
+    def _take(self, idle: list[Upstream]) -> Upstream | None:
+        """The newest connection of `idle` that is neither too old nor stirred
+        (the others are closed on the way)."""
+        oldest = time.monotonic() - self.idle_timeout
+        budget = self.budget
+        while idle:
+            try:
+                upstream = idle.pop()
+            except IndexError:
+                break
+            budget.idle -= 1
+            if upstream.since > oldest and upstream.stream.is_clean():
+                return upstream
+            upstream.close()
+        return None
 
     def connect(self) -> Upstream:
         """A new connection to the backend (idle ones of any backend closed first
         if the clients need their descriptors); errors become ConnectError."""
+        return Upstream(self.io.stream(self._connected()))
+
+    def connect_tls(self, key: str) -> Upstream:
+        """A new TLS connection for pool `key`, handshaken within the connect
+        timeout, resuming the key's last session; errors become ConnectError
+        (BackendTLSError for TLS's own)."""
+        deadline = time.monotonic() + self.connect_timeout
+        tls = self.tls
+        assert tls is not None  # only https:// backends have pool keys
+        sock = tls.secure(self._connected(), key, self.key, deadline, self.io.bounded,
+                          self.tls_sessions.get(key))
+        sock.settimeout(None)  # waits are bounded by the connection's `arm`
+        return Upstream(self.io.tls_stream(sock), key)
+
+    def renew(self, upstream: Upstream) -> Upstream:
+        """A new connection like `upstream` (same backend, same pool)."""
+        if upstream.pool:
+            return self.connect_tls(upstream.pool)
+        return self.connect()
+
+    def _connected(self) -> socket.socket:
+        """A connected TCP socket to the backend; errors become ConnectError."""
         budget = self.budget
         if budget.idle and budget.idle > budget.room(0):
             budget.make_room()
@@ -176,7 +230,7 @@ class Backend:
             raise ConnectError(f"{self.key}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)  # waits are bounded by the connection's `arm`
-        return Upstream(self.io.stream(sock))
+        return sock
 
     def _open(self) -> socket.socket:
         addr = self.address
@@ -192,37 +246,53 @@ class Backend:
         return sock
 
     def release(self, upstream: Upstream) -> None:
-        """Keep `upstream` for reuse: at most `max_idle`, and only while the
-        worker's idle connections fit in its descriptors (`IdleBudget`)."""
+        """Keep `upstream` for reuse: at most `max_idle` (per TLS pool key), and
+        only while the worker's idle connections fit in its descriptors
+        (`IdleBudget`)."""
+        idle = self.idle
+        if upstream.pool:
+            idle = self.idle_tls.setdefault(upstream.pool, [])
         budget, slots = self.budget, self.budget.slots  # `budget.room(1)`, inline
         clients = slots.open if slots is not None else 0
-        if len(self.idle) < self.max_idle and budget.idle < budget.descriptors - \
+        if len(idle) < self.max_idle and budget.idle < budget.descriptors - \
                 CLIENT_DESCRIPTORS * (clients + 1):
             upstream.since = time.monotonic()
             upstream.stream.park()
-            self.idle.append(upstream)
+            idle.append(upstream)
             budget.idle += 1
         else:
             upstream.close()
 
+    def keep_session(self, upstream: Upstream) -> None:
+        """Keep the TLS session of `upstream` for the next connection of its pool
+        (after its first answer: a TLS 1.3 session ticket has come by then)."""
+        upstream.fresh = False
+        session = upstream.sock.session
+        if session is not None:
+            self.tls_sessions[upstream.pool] = session
+
+    def idle_lists(self) -> list[list[Upstream]]:
+        """Every list of idle connections: the plain pool and the TLS pools."""
+        return [self.idle, *self.idle_tls.values()]
+
     def close_idle(self, older_than: float = 0.0) -> int:
         """Close idle connections unused for `older_than` seconds; returns how many."""
         cutoff = time.monotonic() - older_than
-        keep, closed = [], 0
-        for upstream in self.idle:
-            if upstream.since <= cutoff:
-                upstream.close()
-                closed += 1
-            else:
-                keep.append(upstream)
-        self.idle[:] = keep
+        closed = _close_older(self.idle, cutoff)
+        for key, idle in list(self.idle_tls.items()):
+            closed += _close_older(idle, cutoff)
+            if not idle:
+                del self.idle_tls[key]
         self.budget.idle -= closed
         return closed
 
     @staticmethod
-    def is_open(sock: socket.socket) -> bool:
-        """True if an idle pooled socket has not been closed by the backend."""
-        return peek(sock) == OPEN
+    def is_open(upstream: Upstream) -> bool:
+        """True if an idle pooled connection has not been closed by the backend
+        (for TLS: nothing waits in OpenSSL or on the TCP socket under it)."""
+        if upstream.pool:
+            return upstream.stream.is_clean() and peek_under(upstream.sock) == OPEN
+        return peek(upstream.sock) == OPEN
 
     # passive health ------------------------------------------------------
     def is_available(self) -> bool:
@@ -294,8 +364,23 @@ class Backend:
         return self.in_flight == 0
 
     def __repr__(self) -> str:
+        idle = len(self.idle) + sum(len(pool) for pool in self.idle_tls.values())
         return (f"<Backend {self.key} {self.state} in_flight={self.in_flight} "
-                f"idle={len(self.idle)} fails={self.fails}>")
+                f"idle={idle} fails={self.fails}>")
+
+
+def _close_older(idle: list[Upstream], cutoff: float) -> int:
+    """Close the connections of `idle` idle since `cutoff` or before; how many."""
+    keep: list[Upstream] = []
+    closed = 0
+    for upstream in idle:
+        if upstream.since <= cutoff:
+            upstream.close()
+            closed += 1
+        else:
+            keep.append(upstream)
+    idle[:] = keep
+    return closed
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -311,11 +396,12 @@ class BackendRegistry:
 
     def __init__(self, *, connect_timeout: float, fail_timeout: float,
                  max_idle: int = 1024, io: IO | None = None,
-                 budget: IdleBudget | None = None) -> None:
+                 budget: IdleBudget | None = None, ca_bundle: str = "") -> None:
         self.connect_timeout = connect_timeout
         self.fail_timeout = fail_timeout
         self.max_idle = max_idle
         self.io = io if io is not None else IO()
+        self.tls = BackendTLS(ca_bundle)  # contexts made when an https:// backend connects
         self.budget = budget if budget is not None else IdleBudget()
         self.backends: dict[str, Backend] = self.budget.backends
 
@@ -326,7 +412,7 @@ class BackendRegistry:
         if backend is None:
             backend = self.backends[key] = Backend(
                 addr, connect_timeout=self.connect_timeout, fail_timeout=self.fail_timeout,
-                max_idle=self.max_idle, io=self.io, budget=self.budget)
+                max_idle=self.max_idle, io=self.io, budget=self.budget, tls=self.tls)
         return backend
 
     def prune(self, in_use: set[str]) -> None:

@@ -254,16 +254,21 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
         _feed(parser, got)
 
 
-def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | None) -> None:
+def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | None,
+            verify: bool = True) -> None:
     """Do the whole exchange with `backend`; raises the ProxyError family on failure.
+    `verify`: an https:// backend's certificate is verified (`balancer.backend_tls`).
 
     A pooled connection that turns out closed before the response began is
     replaced by a fresh one, transparently, when the request can be replayed.
     """
-    upstream, reused = backend.acquire()
-    if reused and body is None and not ex.body_done and not backend.is_open(upstream.sock):
+    if backend.tls is None:
+        upstream, reused = backend.acquire()
+    else:
+        upstream, reused = backend.acquire_tls(ex.head.host, verify)
+    if reused and body is None and not ex.body_done and not backend.is_open(upstream):
         upstream.close()
-        upstream, reused = backend.connect(), False
+        upstream, reused = backend.renew(upstream), False
     backend.in_flight += 1
     started = time.perf_counter()
     try:
@@ -273,7 +278,7 @@ def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | 
             upstream.close()
             if not reused or (body is None and ex.head.has_body):
                 raise  # a fresh connection failed, or the streamed body is gone
-            upstream = backend.connect()
+            upstream = backend.renew(upstream)
             rhead = exchange(ex, upstream, body, max_body)
         ex.backend_time = time.perf_counter() - started
         if rhead.status == 101:
@@ -288,6 +293,8 @@ def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | 
         raise
     finally:
         backend.in_flight -= 1
+    if upstream.fresh:  # a new TLS connection answered: its session serves the next ones
+        backend.keep_session(upstream)
     if reusable:
         backend.release(upstream)
     else:
@@ -319,7 +326,7 @@ def _upgrade(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> None:
     except OSError as exc:
         raise BackendClosed(str(exc)) from None
     conn = ex.conn
-    client_leftover = conn.parser.leftover
+    client_leftover = conn.parser.leftover + conn.stream.unread()
     ex.keep_alive = False
     ex.body_done = True
     conn.disarm()

@@ -35,7 +35,7 @@ TLS_MODES = ("acme",)  # "tls": "acme": a certificate issued and renewed by ACME
 MAX_HSTS = 63072000  # seconds: two years, the HSTS preload list's minimum and a sane ceiling
 ACTION_KEYS = {
     "proxy": {"backends", "algorithm", "retries", "health", "spin_when_down",
-              "max_body_bytes", "retry_timeout", "draining"},
+              "max_body_bytes", "retry_timeout", "draining", "backend_tls_verify"},
     "spin": {"timeout"},
     "static": {"status", "body", "content_type", "page"},
     "redirect": {"to", "status", "keep_path"},
@@ -211,7 +211,8 @@ def _validate_backend(i: int, entry: object) -> list[str]:
             return [f"{where}.address: must be a string 'host:port'"]
         address = given
     else:
-        return [f"{where}: must be 'host:port' or {{\"address\": ..., \"weight\": N}}"]
+        return [f"{where}: must be 'host:port', 'https://host:port' or "
+                f"{{\"address\": ..., \"weight\": N}}"]
     try:
         parse_backend_addr(address)
     except AddrError as exc:
@@ -292,6 +293,8 @@ def _validate_proxy(rule: Mapping[str, Any]) -> list[str]:
     problems += _at_most(rule, "spin_when_down", MAX_HOLD, "seconds")
     problems += _positive_number(rule, "retry_timeout")
     problems += _int_at_least(rule, "max_body_bytes", 0)
+    if "backend_tls_verify" in rule and not isinstance(rule["backend_tls_verify"], bool):
+        problems.append("backend_tls_verify: must be true or false")
     if "health" in rule:
         problems += _validate_health(rule["health"])
     if "draining" in rule:

@@ -209,7 +209,8 @@ class Worker:
         self.registry = BackendRegistry(connect_timeout=timeouts.backend_connect,
                                         fail_timeout=timeouts.fail_timeout,
                                         max_idle=self.max_connections,
-                                        io=self.io, budget=self.budget)
+                                        io=self.io, budget=self.budget,
+                                        ca_bundle=settings.tls.backend_ca_bundle)
         _, no_hosts = fallback_routes(self.pages, self.stats)
         self.holder = TableHolder(RoutingTable(0, {}, no_hosts))
         # rules' limits: counters shared by every worker of the run directory

@@ -157,6 +157,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls.ciphers", CIPHER_LIST, MOZILLA_INTERMEDIATE,
             "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults); "
             "the default is Mozilla's \"intermediate\" list"),
+    Setting("tls.backend_ca_bundle", PEM_FILE, "",
+            "PEM file of the CAs that https:// backends' certificates are verified "
+            "against (\"\": the system's CAs; a file replaces them)"),
     Setting("acme.directory", ACME_URL, LETS_ENCRYPT,
             "ACME directory URL of the CA that issues certificates for rules with "
             "\"tls\": \"acme\" (the default is Let's Encrypt's production CA)"),
@@ -235,6 +238,7 @@ class TlsSettings:
     default_host: str
     min_version: str
     ciphers: str
+    backend_ca_bundle: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 # floats anew on each use; it cannot be built from BUCKETS at import when compiled)
 BOUNDS: Final[list[float]] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                               60.0]
-OUTCOMES: Final = ("success", "connect_error", "timeout", "error")
+OUTCOMES: Final = ("success", "connect_error", "tls_error", "timeout", "error")
 TLS_OUTCOMES: Final = ("ok", "no_certificate", "protocol_error", "timeout")
 STATE_RANK: Final = {"up": 0, "probing": 1, "down": 2}  # merging: the worst state wins
 

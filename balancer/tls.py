@@ -77,7 +77,11 @@ class TLSFront:
         context.maximum_version = ssl.TLSVersion.TLSv1_3
         context.set_ciphers(self.settings.ciphers)
         context.set_alpn_protocols(ALPN)
-        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        # a client's TCP close without close_notify is its end of stream, as
+        # nginx takes it (OpenSSL 3 would answer it with a decode_error alert
+        # and fail the connection: a half-closed WebSocket could not be answered)
+        context.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+                            | ssl.OP_IGNORE_UNEXPECTED_EOF)
         return context
 
     # certificates ------------------------------------------------------
@@ -137,7 +141,7 @@ class TLSFront:
     def serve(self, sock: Any, address: Any, ctx: Any,
               serve_client: Callable[[Any, Any, Any], bool]) -> bool:
         """Handshake one accepted connection, then serve it with `serve_client`;
-        whether it was parked between requests (`TLSIO` never parks: False)."""
+        whether it was parked between requests (`TLSIO` parks as plain HTTP does)."""
         tls = self.handshake(sock, ctx)
         if tls is None:
             with contextlib.suppress(OSError):

@@ -7,17 +7,34 @@ Invariants:
   (SHUT_WR) and the other direction keeps flowing; the tunnel ends when both
   directions ended, when the tunnel saw no byte in either direction for
   `idle` seconds, or when a socket failed (both are then shut down).
-* Both sockets are the caller's to close.
+* Both sockets are the caller's to close. Either may be TLS (a TLS listener's
+  client, an https:// backend): only ``recv``, ``sendall`` and ``settimeout``
+  are called on them, and ends are TCP shutdowns under TLS (`shutdown`).
 """
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import socket
 import threading
 import time
 
 RECV_SIZE = 65536
+
+
+def shutdown(sock: socket.socket, how: int) -> None:
+    """shutdown(2) on the TCP socket under `sock`, TLS or not (errors ignored).
+
+    An SSL socket's own ``shutdown`` drops its SSL object, and every read after
+    it would return ciphertext: a TLS peer whose other direction ended gets a
+    TCP FIN with no close_notify (WebSocket has its own closing handshake)."""
+    raw = _socket.socket(fileno=sock.fileno())  # the C socket: never gevent's
+    try:
+        with contextlib.suppress(OSError):
+            raw.shutdown(how)
+    finally:
+        raw.detach()
 
 
 class _Activity:
@@ -44,7 +61,7 @@ def _pump(src: socket.socket, dst: socket.socket, idle: float, activity: _Activi
                 src.settimeout(idle - quiet)  # the other direction was busy meanwhile
                 continue
             if not data:
-                dst.shutdown(socket.SHUT_WR)
+                shutdown(dst, socket.SHUT_WR)
                 return
             activity.last = time.monotonic()
             dst.sendall(data)
@@ -52,8 +69,7 @@ def _pump(src: socket.socket, dst: socket.socket, idle: float, activity: _Activi
     except OSError:
         # idle timeout, reset or a failed send: tear down both directions
         for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            shutdown(sock, socket.SHUT_RDWR)
     finally:
         done.set()
 
@@ -72,8 +88,7 @@ def tunnel(client: socket.socket, backend: socket.socket, client_leftover: bytes
     _pump(backend, client, idle, activity, 0, threading.Event())
     while not upstream_done.wait(idle):
         if time.monotonic() - activity.last >= idle:
-            with contextlib.suppress(OSError):
-                client.shutdown(socket.SHUT_RDWR)
+            shutdown(client, socket.SHUT_RDWR)
             upstream_done.wait(idle)
             break
     return activity.counts[0], activity.counts[1]

@@ -28,6 +28,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
+from balancer.backend_tls import BackendTLS
 from balancer.stores import (
     CorruptStore,
     Store,
@@ -73,7 +74,7 @@ URL_MAP = Map([
     Rule("/api/v1/hosts/<host>", endpoint="put_host", methods=["PUT"]),
     Rule("/api/v1/hosts/<host>", endpoint="delete_host", methods=["DELETE"]),
     Rule("/api/v1/hosts/<host>/backends", endpoint="add_backend", methods=["POST"]),
-    Rule("/api/v1/hosts/<host>/backends/<address>", endpoint="remove_backend",
+    Rule("/api/v1/hosts/<host>/backends/<path:address>", endpoint="remove_backend",
          methods=["DELETE"]),
     Rule("/api/v1/stats", endpoint="stats", methods=["GET"]),
     Rule("/api/v1/stats/<host>", endpoint="host_stats", methods=["GET"]),
@@ -115,7 +116,8 @@ def create_app(store: Store | None = None, runtime: Runtime | None = None,
                            settings.store.resync_interval)
     if token is None and settings is not None:
         token = settings.management.token or None
-    app = ManagementApp(store, runtime or StaticRuntime(store), token, mirror, history, issuer)
+    app = ManagementApp(store, runtime or StaticRuntime(store), token, mirror, history, issuer,
+                        settings.tls.backend_ca_bundle if settings is not None else "")
     return guard_for(app, settings) if standalone else app
 
 
@@ -124,7 +126,7 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
 
     def __init__(self, store: Store, runtime: Runtime, token: str | None = None,
                  mirror: Mirror | None = None, history: History | None = None,
-                 issuer: Any = None) -> None:
+                 issuer: Any = None, backend_ca_bundle: str = "") -> None:
         self.store = store
         self.issuer = issuer  # ACME (management/acme_issuer.py), in the management process
         self.runtime = runtime
@@ -132,7 +134,8 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         self.mirror = mirror or Mirror(store)  # not started: only this app's writes
         self.metrics = Metrics(runtime.stats, lambda: certs_api.expiries(self.store),
                                self.acme_figures)
-        self.deployer = Deployer(store, runtime, self.write_rule)
+        self.deployer = Deployer(store, runtime, self.write_rule,
+                                 BackendTLS(backend_ca_bundle))  # deploys probe https:// too
         self.history = history or History()  # sampled by the management process
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]

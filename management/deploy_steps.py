@@ -2,7 +2,7 @@
 
 * `probe`: one readiness check of a new backend: the rule's `health` (a 2xx or
   3xx to its path, as the active checks) or, without one, ``GET /`` answering
-  below 500.
+  below 500; over TLS for an https:// backend, verified as a request's would be.
 * `switched_rule`: the rule a deploy writes in its one switch: the new
   backends, and the old ones under `draining` (they share new requests while
   the new ones warm up, then get none).
@@ -15,13 +15,16 @@ Invariants: nothing here writes to the store or the routing table.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from balancer.addr import parse_backend_addr
-from balancer.health import CheckConfig, read_status
+from balancer.addr import Address, parse_backend_addr
+from balancer.backend_tls import BackendTLS, pool_key
+from balancer.errors import BackendTLSError
+from balancer.health import CheckConfig, check_tls_key, read_status
 from balancer.http11 import ProtocolError
 from balancer.rules import backend_entries
 
@@ -31,26 +34,36 @@ PROBE_TIMEOUT = 1.0  # seconds per check without a `health`
 PROBE_EVERY = 0.25   # seconds between checks at most (a `health.interval` that is shorter wins)
 
 
-def check_config(rule: Mapping[str, Any]) -> tuple[CheckConfig, bool]:
+def check_config(rule: Mapping[str, Any], host: str = "*") -> tuple[CheckConfig, bool]:
     """How the new backends are checked: the rule's health (True: 2xx/3xx needed)
     or ``GET /`` below 500."""
     health = rule.get("health") if rule.get("action") == "proxy" else None
     if isinstance(health, Mapping):
-        config = CheckConfig.from_rule(health)
+        config = CheckConfig.from_rule(health, check_tls_key(host, rule))
         return CheckConfig(config.path, min(config.interval, PROBE_EVERY), config.timeout,
-                           config.rise, config.fall), True
-    return CheckConfig("/", PROBE_EVERY, PROBE_TIMEOUT, DEPLOY_RISE, 1), False
+                           config.rise, config.fall, config.tls_key), True
+    return CheckConfig("/", PROBE_EVERY, PROBE_TIMEOUT, DEPLOY_RISE, 1,
+                       check_tls_key(host, rule)), False
 
 
-def probe(address: str, host: str, config: CheckConfig, strict: bool) -> str | None:
-    """One check of `address`: None when it passes, else what went wrong."""
+def probe(address: str, host: str, config: CheckConfig, strict: bool,
+          tls: BackendTLS | None = None) -> str | None:
+    """One check of `address`: None when it passes, else what went wrong. An
+    https:// backend is checked over TLS (`tls`, default: the system's CAs), its
+    certificate verified for `host` as a request's would be."""
     target = parse_backend_addr(address)
+    plain = str(Address(target.host, target.port))
     deadline = time.monotonic() + config.timeout
     try:
         sock = socket.create_connection((target.host, target.port), config.timeout)
+        if target.tls:
+            sock = (tls or BackendTLS()).secure(sock, config.tls_key or pool_key(b"", False),
+                                                plain, deadline, contextlib.nullcontext)
     except OSError as exc:
         return f"connect: {exc.strerror or exc}"
-    name = address if host.startswith("*") else host
+    except BackendTLSError as exc:
+        return str(exc)
+    name = plain if host.startswith("*") else host
     try:
         sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: balancer-deploy\r\n"
                      b"Connection: close\r\n\r\n" % (config.path.encode(), name.encode()))

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from balancer.backend_tls import BackendTLS
 from balancer.stores import StoreError, VersionConflict
 from management.deploy_steps import (
     addresses,
@@ -67,8 +68,10 @@ class Deployer:
     """Starts, runs, resumes and reports deploys for one management process."""
 
     def __init__(self, store: Any, runtime: Any,
-                 write_rule: Callable[[str, dict[str, Any], int], int]) -> None:
+                 write_rule: Callable[[str, dict[str, Any], int], int],
+                 tls: BackendTLS | None = None) -> None:
         self.store = store
+        self.tls = tls or BackendTLS()  # how https:// backends are probed
         self.records = store.records()
         self.runtime = runtime
         self.write_rule = write_rule  # (host, rule, if_version) -> version, published
@@ -281,13 +284,13 @@ class Run:
 
     # 1. ready ----------------------------------------------------------------
     def ready(self) -> None:
-        config, strict = check_config(self.record["before"])
+        config, strict = check_config(self.record["before"], self.host)
         deadline = time.monotonic() + float(self.settings["ready_timeout"])
         pending = {a: 0 for a in addresses(self.record["to"])}
         problems: dict[str, str] = {}
         while pending:
             for address in list(pending):
-                problem = probe(address, self.host, config, strict)
+                problem = probe(address, self.host, config, strict, self.deployer.tls)
                 if problem is None:
                     pending[address] += 1
                     if pending[address] >= config.rise:

@@ -195,12 +195,12 @@ class Backend:
     """A threaded HTTP/1.1 backend on 127.0.0.1:0 that echoes requests as JSON."""
 
     def __init__(self, name: str = "b", handler: type[BaseHTTPRequestHandler] = EchoHandler,
-                 port: int = 0) -> None:
+                 port: int = 0, server: type[BackendServer] = BackendServer) -> None:
         self.name = name
         self.count = 0
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.connections: set[socket.socket] = set()  # open client connections (EchoHandler)
-        self.httpd = BackendServer(("127.0.0.1", port), handler)
+        self.httpd = server(("127.0.0.1", port), handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self  # type: ignore[attr-defined]
         self.port = self.httpd.server_address[1]

@@ -228,6 +228,18 @@ def test_add_and_remove_backends(base: str) -> None:
     assert call(base, "GET", "/api/v1/hosts/web.example.com").json["rule"] == WEB
 
 
+def test_https_backends_are_added_and_removed_by_address(base: str) -> None:
+    call(base, "PUT", "/api/v1/hosts/web.example.com", WEB)
+    assert call(base, "POST", "/api/v1/hosts/web.example.com/backends",
+                {"address": "https://10.0.0.7:8443"}).json == {"version": 2}
+    for spelling in ("https://10.0.0.7:8443", quote("HTTPS://10.0.0.7:8443", safe="")):
+        call(base, "POST", "/api/v1/hosts/web.example.com/backends",
+             {"address": "https://10.0.0.7:8443"})
+        removed = call(base, "DELETE", "/api/v1/hosts/web.example.com/backends/" + spelling)
+        assert removed.status == 200, removed.json  # the address's "//" is part of it
+        assert call(base, "GET", "/api/v1/hosts/web.example.com").json["rule"] == WEB
+
+
 def test_backend_edit_errors(base: str) -> None:
     call(base, "PUT", "/api/v1/hosts/web.example.com", WEB)
     call(base, "PUT", "/api/v1/hosts/gone.example.com", GONE)
@@ -286,7 +298,8 @@ def test_stats_shapes_follow_the_counters(store: FileStore,
                 "latency": {"p50": 0.01, "p95": 0.235, "p99": 0.247},
                 "backends": {"127.0.0.1:9001": {
                     "state": "down", "in_flight": 1, "tunnels": 0, "failures": 4,
-                    "outcomes": {"success": 0, "connect_error": 0, "timeout": 0, "error": 0},
+                    "outcomes": {"success": 0, "connect_error": 0, "tls_error": 0,
+                                 "timeout": 0, "error": 0},
                     "latency": {"p50": None, "p95": None, "p99": None}}}}
     assert whole["hosts"]["web.example.com"] == expected
     one = call(base, "GET", "/api/v1/stats/WEB.example.com").json
@@ -317,7 +330,7 @@ def test_stats_come_in_pages_or_by_host(store: FileStore,
     assert list(first["hosts"]) == keys and first["next"] is None
     # an idle host has the shape of a busy one
     assert first["hosts"]["app04.example.com"]["backends"]["127.0.0.1:9001"]["outcomes"] == \
-        {"success": 0, "connect_error": 0, "timeout": 0, "error": 0}
+        {"success": 0, "connect_error": 0, "tls_error": 0, "timeout": 0, "error": 0}
     assert first["hosts"]["app03.example.com"]["completed_requests"] == 1
     named = call(base, "GET", "/api/v1/stats?host=APP03.example.com&host=app07.example.com"
                               "&host=nobody.example.com").json

@@ -93,7 +93,7 @@ def test_brief_and_full_snapshots_merge_to_the_shape_of_a_busy_host() -> None:
     alone = stats_view(brief)["hosts"]["a.test"]
     assert alone["completed_requests"] == 0
     assert alone["backends"]["127.0.0.1:9"]["outcomes"] == {
-        "success": 0, "connect_error": 0, "timeout": 0, "error": 0}
+        "success": 0, "connect_error": 0, "tls_error": 0, "timeout": 0, "error": 0}
 
 
 def test_pages_of_workers_serving_different_tables_are_cut_to_the_limit() -> None:

@@ -218,7 +218,7 @@ def _handshakes(port: int, name: str, context: ssl.SSLContext) -> bool:
     return True
 
 
-def test_certs_file_is_private(tls_tmp: Path) -> None:
+def test_certs_file_is_private(front: Balancer, tls_tmp: Path) -> None:  # front wrote it
     path = tls_tmp / "routes.json.certs.json"
     assert path.stat().st_mode & 0o777 == 0o600
 

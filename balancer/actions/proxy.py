@@ -33,6 +33,7 @@ from balancer.errors import (
     BackendClosed,
     BackendProtocolError,
     BackendTimeout,
+    BackendTLSError,
     ConnectError,
     PayloadTooLarge,
     ProxyError,
@@ -66,6 +67,7 @@ class ProxyAction:
         self.max_body = rule.get("max_body_bytes")
         self.fall = rule.get("health", {}).get("fall", DEFAULT_FALL)
         self.spin_when_down = rule.get("spin_when_down")
+        self.verify = rule.get("backend_tls_verify", True)  # for https:// backends
         self.holder = holder
         self.holds = holds if holds is not None else Holds()
         self.next_probe = 0.0  # monotonic time before which held requests do not try
@@ -155,7 +157,9 @@ class ProxyAction:
         if upgrade:
             stats.tunnels += 1
         try:
-            forward(ex, backend, body, self.max_body)
+            forward(ex, backend, body, self.max_body, self.verify)
+        except BackendTLSError as exc:
+            return self._failed(backend, stats, "tls_error", exc)
         except ConnectError as exc:
             return self._failed(backend, stats, "connect_error", exc)
         except BackendTimeout as exc:

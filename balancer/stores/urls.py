@@ -105,7 +105,7 @@ def _parse_sentinels(shown: str, hosts: str) -> tuple[tuple[str, int], ...]:
     for item in hosts.split(","):
         text = item if item.rsplit("]", 1)[-1].count(":") else f"{item}:{SENTINEL_PORT}"
         try:
-            address = parse_backend_addr(text)
+            address = parse_backend_addr(text, allow_tls=False)
         except AddrError as exc:
             raise StoreUrlError(f"{shown}: sentinel {item!r}: {exc}") from None
         out.append((address.host, address.port))

@@ -1,0 +1,132 @@
+"""TLS toward `https://` backends: the client contexts, the name verified, the handshake.
+
+A backend written ``https://host:port`` is reached over TLS. Its certificate
+is verified by default, against the system's CAs or `tls.backend_ca_bundle`
+(which then replaces them), and must name the host the request was for: the
+request's Host (port stripped), which is also the SNI name sent. That is
+the name in the rule's key for an exact rule, and the name the client asked
+for under a wildcard or catch-all rule. The backend's own address, an IP or
+a DNS name, is only where the connection goes (as HAProxy's ``verify
+required`` with ``sni req.hdr(host)``): the certificate an app serves names
+the app. A rule with ``"backend_tls_verify": false`` verifies nothing (and
+still sends SNI).
+
+Invariants:
+* One `BackendTLS` per worker, its contexts made once (the CA bundle is
+  read when the first https:// backend connects).
+* A TLS connection is pooled under its pool key (`pool_key`): the name it
+  was verified for, or ``!NAME`` when unverified; a pooled connection is
+  only ever handed to a request of the same key, so a connection made (and
+  verified) for one host never carries another host's request. The TLS
+  session a backend gave is kept per backend and pool key too, and the next
+  connection of that key resumes it (as nginx's ``proxy_ssl_session_reuse``
+  and HAProxy do by default): a session verified for one name is never
+  offered for another.
+* Every TLS failure becomes `BackendTLSError` (a `ConnectError`: nothing was
+  sent, so it is retried on another backend and counts as a connect failure),
+  its message saying what failed, for the operator log. The handshake is
+  bounded by `timeouts.backend_connect`, from the start of the connect.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from typing import Any, Final
+
+from balancer.errors import BackendTLSError
+
+ALPN: Final = ["http/1.1"]
+UNVERIFIED: Final = "!"  # prefix of the pool key of an unverified connection
+
+
+def request_name(host: bytes) -> str:
+    """The name a request's Host field (any case, port allowed) names; "" for none."""
+    host = host.strip().lower()
+    if host.startswith(b"["):  # an IPv6 literal: no SNI, verified as an IP address
+        end = host.find(b"]")
+        host = host[1:end] if end > 0 else host
+    else:
+        host = host.rpartition(b":")[0] if b":" in host else host
+    return host.rstrip(b".").replace(b"\0", b"").decode("ascii", "replace")
+
+
+def pool_key(host: bytes, verify: bool) -> str:
+    """The pool a TLS connection for a request with Host `host` belongs to."""
+    name = request_name(host)
+    return name if verify else UNVERIFIED + name
+
+
+class BackendTLS:
+    """The worker's client contexts for https:// backends."""
+
+    def __init__(self, ca_bundle: str = "") -> None:
+        self.ca_bundle = ca_bundle
+        self.verified: ssl.SSLContext | None = None  # made on first use
+        self.unverified: ssl.SSLContext | None = None
+
+    def context(self, verify: bool) -> ssl.SSLContext:
+        """The context verifying certificates and names, or the one that does not."""
+        if verify:
+            if self.verified is None:
+                self.verified = _client_context(self.ca_bundle)
+            return self.verified
+        if self.unverified is None:
+            context = _client_context("")
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            self.unverified = context
+        return self.unverified
+
+    def secure(self, sock: socket.socket, key: str, where: str, deadline: float,
+               bounded: Any, session: Any = None) -> Any:
+        """The TLS socket over connected `sock` for pool `key`, handshaken by
+        `deadline` (monotonic; `bounded(seconds)` bounds the whole handshake),
+        resuming `session` if the backend still knows it; closes `sock` and
+        raises BackendTLSError on any failure."""
+        verify = not key.startswith(UNVERIFIED)
+        name = key if verify else key[len(UNVERIFIED):]
+        try:
+            if verify and not name:
+                raise BackendTLSError(f"{where}: TLS: the request has no Host to verify "
+                                      f"the certificate against")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BackendTLSError(f"{where}: TLS handshake timed out")
+            sock.settimeout(remaining)
+            tls = self.context(verify).wrap_socket(sock, server_hostname=name or None,
+                                                   do_handshake_on_connect=False,
+                                                   session=session)
+            with bounded(remaining):
+                tls.do_handshake()
+        except BackendTLSError:
+            sock.close()
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise BackendTLSError(f"{where}: TLS: certificate not trusted for {name!r}: "
+                                  f"{exc.verify_message or exc.reason}") from None
+        except TimeoutError:
+            sock.close()
+            raise BackendTLSError(f"{where}: TLS handshake timed out") from None
+        except ssl.SSLError as exc:
+            sock.close()
+            message = str(exc) if "timed out" in str(exc) else (exc.reason or str(exc))
+            raise BackendTLSError(f"{where}: TLS handshake failed: {message}") from None
+        except (OSError, ValueError) as exc:
+            sock.close()
+            raise BackendTLSError(f"{where}: TLS handshake failed: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
+        return tls
+
+
+def _client_context(ca_bundle: str) -> ssl.SSLContext:
+    """A client context: TLS 1.2 or newer, HTTP/1.1 by ALPN, the given CAs (or the system's)."""
+    context = ssl.create_default_context(cafile=ca_bundle or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(ALPN)
+    # a backend's TCP close without close_notify ends its stream (HTTP framing
+    # tells a cut response; a close-delimited body ends there, as over plain TCP)
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    return context

@@ -1,0 +1,260 @@
+"""https:// backends (SPEC §9): TLS to real backends, verified for the request's host."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balancer.addr import AddrError, parse_backend_addr
+from balancer.rules import validate_rule
+from tests.support import Balancer, request, wait_for
+from tests.tlsbackend import SilentServer, TLSBackend
+from tests.tlsca import TestCA
+
+CA = TestCA()
+OTHER_CA = TestCA("some other CA")
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("https-backends")
+
+
+@pytest.fixture(scope="module")
+def good(tmp: Path) -> Iterator[TLSBackend]:
+    backend = TLSBackend(CA, tmp, "app.test", "*.wild.test", "checked.test", name="good")
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture(scope="module")
+def untrusted(tmp: Path) -> Iterator[TLSBackend]:
+    backend = TLSBackend(OTHER_CA, tmp, "badca.test", name="untrusted")
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture(scope="module")
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def bal(tmp: Path, good: TLSBackend, untrusted: TLSBackend,
+        silent: SilentServer) -> Iterator[Balancer]:
+    def proxy(*urls: str, **extra: Any) -> dict[str, Any]:
+        return {"action": "proxy", "backends": list(urls), **extra}
+
+    hosts = {
+        "app.test": proxy(good.url),
+        "*.wild.test": proxy(good.url),
+        "badname.test": proxy(good.url, retries=0),
+        "noverify.test": proxy(good.url, backend_tls_verify=False),
+        "badca.test": proxy(untrusted.url, retries=0),
+        "noverify-ca.test": proxy(untrusted.url, backend_tls_verify=False),
+        "silent.test": proxy(f"https://{silent.address}", retries=0),
+    }
+    config = (f'[tls]\nbackend_ca_bundle = "{CA.write(tmp)}"\n'
+              "[timeouts]\nbackend_connect = 1.0\n")
+    balancer = Balancer(tmp, hosts, config=config)
+    yield balancer
+    balancer.stop()
+
+
+def backend_stats(bal: Balancer, host: str, backend: str) -> dict[str, Any]:
+    return bal.host_stats(host)["backends"][backend]
+
+
+def test_backend_addresses_take_https() -> None:
+    assert str(parse_backend_addr("HTTPS://127.0.0.1:8443")) == "https://127.0.0.1:8443"
+    assert str(parse_backend_addr("https://[::1]:9")) == "https://[::1]:9"
+    assert str(parse_backend_addr("https://app.internal")) == "https://app.internal:443"
+    assert not parse_backend_addr("127.0.0.1:80").tls
+    for bad in ("http://127.0.0.1:80", "https://", "https://a b:1", "ftp://x:1"):
+        with pytest.raises(AddrError):
+            parse_backend_addr(bad)
+    assert validate_rule({"action": "proxy", "backends": ["https://127.0.0.1:1"],
+                          "backend_tls_verify": False}) == []
+    assert validate_rule({"action": "proxy", "backends": ["https://127.0.0.1:1"],
+                          "backend_tls_verify": "no"}) == [
+        "backend_tls_verify: must be true or false"]
+    problems = validate_rule({"action": "proxy", "backends": ["http://127.0.0.1:1"]})
+    assert problems and "only scheme" in problems[0]
+
+
+def test_verified_backend_gets_sni_of_the_host(bal: Balancer, good: TLSBackend) -> None:
+    before = len(good.sni)
+    status, _, body = request(bal.port, path="/hello", host="app.test")
+    assert status == 200, body
+    seen = json.loads(body)
+    assert seen["path"] == "/hello" and seen["headers"]["Host"] == "app.test"
+    assert seen["headers"]["X-Forwarded-Proto"] == "http"
+    assert good.sni[before:] == ["app.test"]
+    outcomes = backend_stats(bal, "app.test", good.url)["outcomes"]
+    assert outcomes["success"] >= 1 and outcomes["tls_error"] == 0
+
+
+def test_keep_alive_connections_are_reused_per_name(bal: Balancer, good: TLSBackend) -> None:
+    request(bal.port, host="a.wild.test")  # a pooled connection for a.wild.test
+    accepted = good.accepted
+    for _ in range(5):
+        assert request(bal.port, host="a.wild.test")[0] == 200
+    assert good.accepted == accepted  # all five on the pooled connection
+    status, _, body = request(bal.port, host="B.Wild.Test:8080")
+    assert status == 200
+    # another name never rides a connection verified for the first one
+    assert good.accepted == accepted + 1 and good.sni[-1] == "b.wild.test"
+
+
+def test_untrusted_certificate_is_502_with_a_clear_cause(bal: Balancer,
+                                                         untrusted: TLSBackend) -> None:
+    status, _, body = request(bal.port, host="badca.test")
+    assert status == 502 and b"<html" in body
+    assert backend_stats(bal, "badca.test", untrusted.url)["outcomes"]["tls_error"] >= 1
+    wait_for(lambda: "badca.test: 1 request answered 502/504" in bal.output(), timeout=5,
+             what="the failure summary")
+    line = next(line for line in bal.output().splitlines()
+                if "badca.test: 1 request answered 502/504" in line)
+    assert "backend TLS failed" in line
+    assert "certificate not trusted for 'badca.test'" in line
+    assert "BEGIN" not in bal.output()  # no certificate or key text in the log
+
+
+def test_certificate_for_another_name_is_502(bal: Balancer, good: TLSBackend) -> None:
+    status, _, _ = request(bal.port, host="badname.test")
+    assert status == 502
+    wait_for(lambda: "certificate not trusted for 'badname.test'" in bal.output(), timeout=5,
+             what="the failure summary")
+    assert "Hostname mismatch" in bal.output() or "hostname" in bal.output().lower()
+
+
+def test_verification_can_be_turned_off_per_rule(bal: Balancer, good: TLSBackend,
+                                                 untrusted: TLSBackend) -> None:
+    for host, backend in (("noverify.test", good), ("noverify-ca.test", untrusted)):
+        status, _, body = request(bal.port, host=host)
+        assert status == 200, body
+        assert backend.sni[-1] == host  # SNI is sent all the same
+
+
+def test_handshake_timeout_is_bounded_by_backend_connect(bal: Balancer) -> None:
+    import time
+
+    start = time.monotonic()
+    status, _, _ = request(bal.port, host="silent.test")
+    assert status == 502
+    assert 0.8 < time.monotonic() - start < 3.5  # backend_connect = 1 s
+    wait_for(lambda: "TLS handshake timed out" in bal.output(), timeout=5,
+             what="the timeout in the failure summary")
+
+
+def test_stray_bytes_on_an_idle_tls_connection_poison_it(bal: Balancer,
+                                                         good: TLSBackend) -> None:
+    strays = good.strays
+    conn = http.client.HTTPConnection("127.0.0.1", bal.port, timeout=10)
+    conn.request("GET", "/stray?after=0.1", headers={"Host": "app.test"})
+    assert conn.getresponse().read()
+    accepted = good.accepted
+    wait_for(lambda: good.strays > strays, what="the stray 408 on the idle connection")
+    # the 408 the backend sent while the connection idled reaches no one
+    conn.request("GET", "/after", headers={"Host": "app.test"})
+    resp = conn.getresponse()
+    assert (resp.status, json.loads(resp.read())["path"]) == (200, "/after")
+    assert good.accepted == accepted + 1  # on a fresh backend connection
+    conn.close()
+
+
+def test_backend_closing_mid_response(bal: Balancer, good: TLSBackend) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", bal.port, timeout=10)
+    conn.request("GET", "/cut", headers={"Host": "app.test"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+    conn.close()
+    assert request(bal.port, host="app.test")[0] == 200  # and the next one is fine
+    assert backend_stats(bal, "app.test", good.url)["outcomes"]["error"] >= 1
+
+
+def test_health_checks_speak_tls_and_verify(tmp: Path, good: TLSBackend,
+                                            untrusted: TLSBackend) -> None:
+    health = {"path": "/", "interval": 0.1, "timeout": 1.0, "fall": 1, "rise": 1}
+    hosts = {"checked.test": {"action": "proxy", "backends": [good.url], "health": health},
+             "badca.test": {"action": "proxy", "backends": [untrusted.url], "health": health}}
+    directory = tmp / "health"
+    directory.mkdir()
+    bal = Balancer(directory, hosts, config=f'[tls]\nbackend_ca_bundle = "{CA.write(tmp)}"\n')
+    try:
+        sni = len(good.sni)
+        wait_for(lambda: len(good.sni) > sni + 2, what="health checks over TLS")
+        assert set(good.sni[sni:]) == {"checked.test"}
+        wait_for(lambda: backend_stats(bal, "badca.test", untrusted.url)["state"] == "down",
+                 what="the untrusted backend checked down")
+        assert backend_stats(bal, "checked.test", good.url)["state"] == "up"
+        wait_for(lambda: "certificate not trusted for 'badca.test'" in bal.output(),
+                 what="the check's reason in the log")
+    finally:
+        bal.stop()
+
+
+def test_deploy_probes_speak_tls_and_verify(tmp: Path, good: TLSBackend,
+                                            untrusted: TLSBackend) -> None:
+    from balancer.backend_tls import BackendTLS
+    from management.deploy_steps import check_config, probe
+
+    tls = BackendTLS(str(CA.write(tmp)))
+    rule = {"action": "proxy", "backends": [good.url]}
+    config, strict = check_config(rule, "app.test")
+    assert probe(good.url, "app.test", config, strict, tls) is None
+    assert good.sni[-1] == "app.test"
+    problem = probe(untrusted.url, "app.test", config, strict, tls)
+    assert problem is not None and "certificate not trusted for 'app.test'" in problem
+    config, strict = check_config({**rule, "backend_tls_verify": False}, "app.test")
+    assert probe(untrusted.url, "app.test", config, strict, tls) is None
+
+
+def test_a_streamed_body_on_a_reused_tls_connection(bal: Balancer, good: TLSBackend) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", bal.port, timeout=10)
+    for _ in range(2):  # the second one rides a pooled connection, checked before use
+        body = b"b" * 200_000  # over the buffered size: streamed to the backend
+        conn.request("POST", "/upload", body=body, headers={"Host": "app.test"})
+        resp = conn.getresponse()
+        seen = json.loads(resp.read())
+        assert resp.status == 200 and seen["body_len"] == len(body)
+    conn.close()
+
+
+def test_a_plain_http_backend_named_https_is_a_tls_error(bal: Balancer, tmp: Path) -> None:
+    from tests.support import Backend
+
+    plain = Backend("plain")
+    try:
+        hosts = json.loads(bal.routes.read_text())["hosts"]
+        bal.write_routes({**hosts, "plain.test": {"action": "proxy", "retries": 0,
+                                                  "backends": [f"https://{plain.address}"]}})
+        wait_for(lambda: request(bal.port, host="plain.test")[0] == 502,
+                 what="the rule served")
+        wait_for(lambda: "TLS handshake failed" in bal.output(), timeout=5,
+                 what="the cause in the failure summary")
+        outcomes = backend_stats(bal, "plain.test", f"https://{plain.address}")["outcomes"]
+        assert outcomes["tls_error"] >= 1
+    finally:
+        plain.stop()
+
+
+def test_new_backend_connections_resume_the_tls_session_of_their_name(
+        bal: Balancer, good: TLSBackend) -> None:
+    for host in ("c.wild.test", "c.wild.test", "c.wild.test", "d.wild.test"):
+        # the backend closes after each answer: every request connects anew
+        status, _, body = request(bal.port, path="/eof", host=host)
+        assert (status, body) == (200, b"until-close")
+    assert good.sni[-4:] == ["c.wild.test", "c.wild.test", "c.wild.test", "d.wild.test"]
+    # a full handshake, two resumed, and a full one for the other name
+    assert good.resumed[-4:] == [False, True, True, False]
+
