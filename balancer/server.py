@@ -310,8 +310,8 @@ class Worker:
         if self.tls is None:
             self.tls = TLSFront(self.settings.tls, self.stats.tls_handshakes, self.challenges)
             certs = self.store.certs()
-            with contextlib.suppress(StoreError):
-                self.tls.update(certs.all())
+            with contextlib.suppress(StoreError):  # `follow` reports it and keeps trying
+                self.tls.update(certs.all(), certs.damaged)
             gevent.spawn(follow, self.tls, certs, lambda: self.stopping)
         return self.tls
 

@@ -20,8 +20,10 @@ Invariants:
   The store is read and swapped in by one `refresh` at a time (the once-a-second
   `follow` and the control socket's ``certs`` command, which the management
   process sends after each certificate it writes), so the last read is served.
-  A record that cannot be loaded is reported and skipped; it never takes
-  other hosts down.
+  A record that cannot be loaded (or is damaged in the store) is reported
+  and skipped; it never takes other hosts down. A store whose certificates
+  cannot be read as a whole (`CertsCorrupt`, `CertsLost`: a damaged or deleted
+  certs file, a flushed Redis) swaps nothing: the certificates served stay.
 * Outcomes are plain counters in `Stats.tls_handshakes` (no metric calls).
 * A ClientHello offering ``acme-tls/1`` for a name with a pending TLS-ALPN-01
   challenge is answered with the challenge's context and closed after the
@@ -46,6 +48,7 @@ import gevent
 from gevent.lock import Semaphore
 
 from balancer.responses import local_response
+from balancer.stores.base import ProblemLog, StoreError
 
 log = logging.getLogger("balancer")
 
@@ -85,10 +88,15 @@ class TLSFront:
         return context
 
     # certificates ------------------------------------------------------
-    def update(self, records: Mapping[str, Mapping[str, Any]]) -> None:
-        """Serve exactly `records` (HOST → store record) from now on."""
+    def update(self, records: Mapping[str, Mapping[str, Any]],
+               damaged: Mapping[str, str] | None = None) -> None:
+        """Serve exactly `records` (HOST → store record) from now on; `damaged`
+        (HOST → why) names stored records that cannot be read, reported as not served."""
         loaded: dict[str, tuple[str, ssl.SSLContext]] = {}
-        problems: dict[str, str] = {}
+        problems: dict[str, str] = dict(damaged or {})
+        for host in problems:  # damaged in the store: what was served of it stays
+            if host in self.loaded:
+                loaded[host] = self.loaded[host]
         for host, record in records.items():
             chain, key = str(record.get("chain", "")), str(record.get("key", ""))
             digest = hashlib.sha256(f"{chain}\0{key}".encode()).hexdigest()
@@ -217,7 +225,7 @@ def refresh(front: TLSFront, certs: Any) -> object:
     before them (raises `StoreError` when the store cannot be read)."""
     with front.refreshing:  # a slower read never swaps in after a newer one
         signature = certs.signature()
-        front.update(certs.all())
+        front.update(certs.all(), certs.damaged)
         return signature
 
 
@@ -226,8 +234,14 @@ def follow(front: TLSFront, certs: Any, stop: Callable[[], bool],
     """Serve the store's certificates, and each change to them, until `stop()`:
     the safety net under the management process's direct word (`refresh`)."""
     seen: object = object()
+    problems = ProblemLog(log, quiet=True)  # the management process logs it for all
     while not stop():
-        with contextlib.suppress(Exception):
+        try:
             if certs.signature() != seen:
                 seen = refresh(front, certs)
+                problems.clear("certificates: the store is readable again")
+        except StoreError as exc:
+            problems.report(f"certificates: {exc}")
+        except Exception:
+            log.exception("certificates: reading the store failed; keeping those served")
         gevent.sleep(interval)

@@ -37,8 +37,10 @@ from balancer.stores import (
     VersionConflict,
     open_store,
 )
+from balancer.stores.certs import CertsCorrupt, CertsLost
 from balancer.stores.snapshot import HOW_TO_FIX
 from management import acme_api, certs_api, deploys_api
+from management.certs_watch import CertsWatch
 from management.dashboard_page import DashboardRoutes
 from management.deploys import Deployer
 from management.deploys_api import DeployRoutes
@@ -93,7 +95,8 @@ URL_MAP = Map([
 def create_app(store: Store | None = None, runtime: Runtime | None = None,
                token: str | None = None, settings: Any = None,
                mirror: Mirror | None = None, history: History | None = None,
-               issuer: Any = None) -> ManagementApp | Guard:
+               issuer: Any = None, certs_watch: CertsWatch | None = None
+               ) -> ManagementApp | Guard:
     """The management WSGI app.
 
     Without a store, one is opened from `settings` (or, with no settings, from
@@ -104,7 +107,8 @@ def create_app(store: Store | None = None, runtime: Runtime | None = None,
     `StaticRuntime` (no data plane) is used. `token` defaults to
     ``settings.management.token``. `issuer` is the management process's ACME
     issuer (`management.acme_issuer`); without one, ACME requests are only noted
-    in the store, for the issuer of a running balancer.
+    in the store, for the issuer of a running balancer. `certs_watch` is the
+    management process's watch on the store's certificates (`management.certs_watch`).
     """
     standalone = store is None
     if store is None:
@@ -117,7 +121,8 @@ def create_app(store: Store | None = None, runtime: Runtime | None = None,
     if token is None and settings is not None:
         token = settings.management.token or None
     app = ManagementApp(store, runtime or StaticRuntime(store), token, mirror, history, issuer,
-                        settings.tls.backend_ca_bundle if settings is not None else "")
+                        settings.tls.backend_ca_bundle if settings is not None else "",
+                        certs_watch)
     return guard_for(app, settings) if standalone else app
 
 
@@ -126,8 +131,10 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
 
     def __init__(self, store: Store, runtime: Runtime, token: str | None = None,
                  mirror: Mirror | None = None, history: History | None = None,
-                 issuer: Any = None, backend_ca_bundle: str = "") -> None:
+                 issuer: Any = None, backend_ca_bundle: str = "",
+                 certs_watch: CertsWatch | None = None) -> None:
         self.store = store
+        self.certs_watch = certs_watch or CertsWatch(store)  # not started: reads on demand
         self.issuer = issuer  # ACME (management/acme_issuer.py), in the management process
         self.runtime = runtime
         self.token = token or None
@@ -151,7 +158,8 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
             return getattr(self, f"on_{endpoint}")(request, **args)
         except ApiError as exc:
             return error_response(exc)
-        except (StoreUnavailable, CorruptStore, VersionConflict, StoreLost) as exc:
+        except (StoreUnavailable, CorruptStore, VersionConflict, StoreLost, CertsCorrupt,
+                CertsLost) as exc:
             return error_response(_store_error(exc))
         except MethodNotAllowed as exc:
             allowed = ", ".join(sorted(exc.valid_methods or ()))
@@ -170,9 +178,18 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
     # certificates (management/certs_api.py) --------------------------------
     def on_list_certs(self, request: Request) -> Response:
         acme = acme_api.host_states(self.store, self._readable()[0].hosts)
-        certs = [{**c, "acme": acme[c["host"]]} if c["host"] in acme else c
-                 for c in certs_api.list_certs(self.store)]
-        return json_response({"certs": certs, "acme": acme})
+        listed, problem = certs_api.list_certs(self.store)
+        certs = [{**c, "acme": acme[c["host"]]} if c["host"] in acme else c for c in listed]
+        body: dict[str, Any] = {"certs": certs, "acme": acme}
+        if problem is not None:
+            body["problem"] = problem
+        return json_response(body)
+
+    def on_restore_certs(self, request: Request) -> Response:
+        restored = certs_api.restore_certs(self.store, self.certs_watch.problem)
+        certs_api.tell_workers(self.runtime)
+        self.certs_watch.look()
+        return json_response({"restored": restored})
 
     def on_put_cert(self, request: Request, host: str) -> Response:
         stored = certs_api.put_cert(self.store, host, read_json(request))
@@ -205,6 +222,10 @@ def _is_public(path: str) -> bool:
 
 
 def _store_error(exc: Exception) -> ApiError:
+    if isinstance(exc, CertsCorrupt):
+        return ApiError(503, "certs_corrupt", str(exc))
+    if isinstance(exc, CertsLost):
+        return ApiError(503, "certs_lost", str(exc))
     if isinstance(exc, VersionConflict):
         return ApiError(412, "version_conflict", f"{exc}; re-read it and retry",
                         [f"current version: {exc.current}"], version_headers(exc.current))

@@ -5,11 +5,19 @@
   400 `invalid_certificate` with the reason (key does not match, chain does not
   cover HOST, expired, weak key, not PEM)
 * ``DELETE /api/v1/certs/HOST`` → 200 ``{"deleted": HOST}``; 404 when absent
+* ``POST /api/v1/certs/restore`` → 200 ``{"restored": N}``: writes the certificates
+  last read in good order back over a damaged or lost store
+  (`management.certs_watch`); 409 `nothing_to_restore` when the store's
+  certificates are readable or none were ever read
+* While the store's certificates cannot be read as a whole, writes answer 503
+  `certs_corrupt` (damaged file) or `certs_lost` (deleted file, flushed Redis),
+  and the list shows the certificates last read, with ``problem``.
 
 Invariants:
 * A public record (`balancer.certificates.public_record`) never holds the key;
   no answer or log line made here does.
-* A refused upload changes nothing. A stored change is served by this
+* A refused upload changes nothing; so does any write while the store's
+  certificates are damaged or lost (`balancer.stores.certs`). A stored change is served by this
   balancer's workers when the API answers (`tell_workers`: the control socket's
   ``certs``), and by the workers of every other balancer on the store within a
   second (`balancer.tls.follow`), without a restart.
@@ -26,6 +34,7 @@ from werkzeug.routing import Rule
 from balancer.certificates import CertificateError, make_record, public_record
 from balancer.rules import normalize_host, validate_host
 from balancer.stores import Store
+from balancer.stores.certs import CertsCorrupt, CertsLost
 from management.http import ApiError
 
 log = logging.getLogger("balancer")
@@ -34,19 +43,56 @@ RULES = [
     Rule("/api/v1/certs", endpoint="list_certs", methods=["GET"]),
     Rule("/api/v1/certs/<host>", endpoint="put_cert", methods=["PUT"]),
     Rule("/api/v1/certs/<host>", endpoint="delete_cert", methods=["DELETE"]),
+    Rule("/api/v1/certs/restore", endpoint="restore_certs", methods=["POST"]),
 ]
 
 
-def list_certs(store: Store) -> list[dict[str, Any]]:
-    """Every stored certificate as the API shows it (no keys), by host."""
+def list_certs(store: Store) -> tuple[list[dict[str, Any]], str | None]:
+    """Every stored certificate as the API shows it (no keys), by host, and the
+    store's problem: while its certificates cannot be read as a whole, those
+    last read in good order (what the workers serve). A damaged record is
+    listed with its ``problem``."""
     now = time.time()
-    stored = sorted(store.certs().all().items())
-    return [public_record(host, record, now) for host, record in stored]
+    certs = store.certs()
+    problem = None
+    try:
+        stored = certs.all()
+    except (CertsCorrupt, CertsLost) as exc:
+        stored, problem = dict(certs.last_good or {}), str(exc)
+    shown = {host: public_record(host, record, now) for host, record in stored.items()}
+    for host, why in certs.damaged.items():
+        shown.setdefault(host, {"host": host, "problem": why})
+    return [shown[host] for host in sorted(shown)], problem
 
 
 def expiries(store: Store) -> dict[str, float]:
     """HOST → seconds until its certificate expires (negative once expired)."""
-    return {c["host"]: c["expires_in"] for c in list_certs(store) if "expires_in" in c}
+    return {c["host"]: c["expires_in"] for c in list_certs(store)[0] if "expires_in" in c}
+
+
+def restore_certs(store: Store, problem: str | None) -> int:
+    """Write the certificates last read in good order back over a damaged or lost
+    store; how many. 409 `nothing_to_restore` when there is nothing to repair."""
+    certs = store.certs()
+    if problem is None:
+        try:
+            certs.all()
+        except (CertsCorrupt, CertsLost) as exc:
+            problem = str(exc)
+    if problem is None:
+        raise ApiError(409, "nothing_to_restore", "the store's certificates are readable: "
+                       "there is nothing to restore")
+    if certs.last_good is None:
+        raise ApiError(409, "nothing_to_restore",
+                       "this balancer's management process has read no certificates in "
+                       "good order since it started; restore the certificates file (or "
+                       "Redis) from a backup, or upload each certificate again after "
+                       "repairing the store by hand (docs/tls.md)")
+    records = dict(certs.last_good)
+    certs.restore(records)
+    log.warning("certificates: restored %d certificates to the store (it was: %s)",
+                len(records), problem)
+    return len(records)
 
 
 def put_cert(store: Store, host: str, body: Any) -> dict[str, Any]:

@@ -34,6 +34,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     from balancer.stores.snapshot import Snapshot, snapshot_path
     from management.acme_issuer import Issuer
     from management.app import create_app
+    from management.certs_watch import CertsWatch
     from management.cluster import ClusterRuntime
     from management.guard import Guard, HostPolicy
     from management.history import FILE_NAME as HISTORY_FILE
@@ -46,13 +47,16 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     mirror = Mirror(store, Snapshot(snapshot_path(settings.store.snapshot, store),
                                     store.identity()))
     mirror.start()
+    certs_watch = CertsWatch(store)
+    certs_watch.start()
     runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers(),
                              settings.management.apply_timeout, lambda: mirror.problem)
     history = History(os.path.join(env.run_dir, HISTORY_FILE))
     history.load()
     issuer = Issuer(settings, store, lambda: mirror.table, runtime)
     app = create_app(store=store, runtime=runtime, token=settings.management.token or None,
-                     settings=settings, mirror=mirror, history=history, issuer=issuer)
+                     settings=settings, mirror=mirror, history=history, issuer=issuer,
+                     certs_watch=certs_watch)
     hosts = HostPolicy(sock.getsockname()[0], settings.management.allowed_hosts)
     api = ManagementServer(sock, Guard(app, hosts), settings.timeouts,
                            settings.limits.max_header_bytes,
@@ -69,6 +73,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     issuer.stop()  # hands the issuer lock over
     api.stop(timeout=min(MANAGEMENT_DRAIN, settings.timeouts.graceful))
     mirror.stop()
+    certs_watch.stop()
     store.close()
     return 0
 
@@ -97,7 +102,8 @@ def save_history(history: Any) -> None:
 # what the management process imports after fork (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
     "management.acme_api", "management.acme_ca", "management.acme_issuer",
-    "management.acme_spread", "management.app", "management.cluster", "management.deploys",
+    "management.acme_spread", "management.app", "management.certs_watch", "management.cluster",
+    "management.deploys",
     "management.guard", "management.history", "management.hosts_api", "management.status_api",
     "management.mirror", "management.process", "management.server",
     # imported lazily by the ACME client: josepy's `default_backend()` and requests'

@@ -13,6 +13,7 @@ from werkzeug.wrappers import Request, Response
 from balancer.rules import normalize_host
 from balancer.stores import Store
 from management import diagnosis
+from management.certs_watch import CertsWatch
 from management.history import History
 from management.http import ApiError, json_response, version_headers
 from management.metrics import Metrics
@@ -27,6 +28,7 @@ class StatusRoutes:
     store: Store
     runtime: Runtime
     mirror: Mirror
+    certs_watch: CertsWatch
     history: History
     metrics: Metrics
 
@@ -48,6 +50,7 @@ class StatusRoutes:
         info = self.runtime.info()
         store = info.setdefault("store", {})
         store["problem"] = self.mirror.problem or store.get("problem")
+        store["certs_problem"] = self.certs_watch.problem
         return json_response(info)
 
     def on_top(self, request: Request) -> Response:

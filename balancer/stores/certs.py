@@ -11,31 +11,71 @@ HOST → record ``{"chain", "key", "not_after", "source"}`` (`balancer.certifica
 Invariants:
 * Writers check records with `balancer.certificates` first; this module
   only persists them. A write never touches the routing table or its version.
-* Reads raise `StoreUnavailable` when the store cannot be reached; a record
-  that is not a JSON object is skipped (it cannot be served anyway).
+* Reads raise `StoreUnavailable` when the store cannot be reached. A store
+  that comes back damaged or lost never reads as "no certificates" (which
+  would make every worker drop every certificate): a certs file that cannot
+  be parsed or has the wrong shape is `CertsCorrupt`; a certs file deleted
+  after this object saw it, or a ``NS:certs-version`` below the highest this
+  object saw (FLUSHDB, Redis restarted empty or from an older copy), is
+  `CertsLost`. Writes are refused the same way (a one-certificate write would
+  otherwise replace the lost rest); only `restore` or an operator's repair of
+  the file ends it.
+* One damaged record (not JSON, not an object, no ``chain``/``key`` text) is
+  left out of `all` and named in `damaged` with the reason; it never takes the
+  other hosts down, and writes keep it as stored.
+* No error message or reason quotes stored text: private keys never reach a
+  log line or an API answer through this module.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from balancer.stores.atomic import write_atomically
-from balancer.stores.base import StoreUnavailable
+from balancer.stores.base import StoreError, StoreUnavailable
 
 FILE_MODE = 0o600
+HOW_TO_FIX = ("run `balancerctl restore` (POST /api/v1/restore) to write back the "
+              "certificates this balancer last read, or repair the store by hand "
+              "(docs/tls.md, \"When the certificate store is damaged\")")
+
+
+class CertsCorrupt(StoreError):
+    """The stored certificates cannot be read as a whole; nothing is served from them
+    and nothing is written to them."""
+
+
+class CertsLost(StoreError):
+    """The store lost certificates it held (file deleted, Redis flushed or restored
+    from an older copy); nothing is served from it and one-host writes are refused."""
 
 
 class Certs(ABC):
-    """The certificates of one store."""
+    """The certificates of one store.
+
+    `damaged` names the records the last `all` left out (HOST → reason);
+    `last_good` is what the last successful `all` read, when `keep` is set
+    (the management process: `restore` writes it back)."""
+
+    def __init__(self) -> None:
+        self.damaged: dict[str, str] = {}
+        self.keep = False
+        self.last_good: dict[str, dict[str, Any]] | None = None
 
     @abstractmethod
+    def _all(self) -> dict[str, Any]:
+        """HOST → stored value (record or text), or `CertsCorrupt` / `CertsLost`."""
+
     def all(self) -> dict[str, dict[str, Any]]:
-        """HOST → record for every stored certificate."""
+        """HOST → record for every stored certificate that can be read."""
+        found, self.damaged = _records(self._all())
+        if self.keep:
+            self.last_good = found
+        return found
 
     @abstractmethod
     def put(self, host: str, record: dict[str, Any]) -> None:
@@ -46,43 +86,73 @@ class Certs(ABC):
         """Remove the certificate of `host`; whether there was one."""
 
     @abstractmethod
+    def restore(self, records: Mapping[str, dict[str, Any]]) -> None:
+        """Replace every stored certificate with `records` (repairs a damaged or
+        lost store)."""
+
+    @abstractmethod
     def signature(self) -> object:
         """A cheap value that changes whenever any certificate changes."""
 
 
-def _records(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    found = {}
+def _records(raw: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The records that can be served, and HOST → why for those that cannot."""
+    found: dict[str, dict[str, Any]] = {}
+    damaged: dict[str, str] = {}
     for host, value in raw.items():
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
+        if isinstance(value, (str, bytes)):
+            try:
                 value = json.loads(value)
-        if isinstance(value, dict):
+            except (ValueError, RecursionError):
+                damaged[host] = "the stored record is not JSON"
+                continue
+        if not isinstance(value, dict):
+            damaged[host] = "the stored record is not a JSON object"
+        elif not isinstance(value.get("chain"), str) or not isinstance(value.get("key"), str):
+            damaged[host] = 'the stored record has no "chain" or "key" text'
+        else:
             found[host] = value
-    return found
+    return found, damaged
 
 
 class FileCerts(Certs):
-    """Certificates in one JSON file (mode 0600), written whole under the writer lock."""
+    """Certificates in one JSON file (mode 0600), written whole under the writer lock.
+
+    The file is only created by a write; once this object has seen it, a missing
+    file is `CertsLost` (deleted under a running balancer), never "no certificates"."""
 
     def __init__(self, path: str, locked: Callable[[], Any]) -> None:
+        super().__init__()
         self.path = path
         self.locked = locked
+        self.seen = False  # the file existed at some read or write of this object
+
+    def _all(self) -> dict[str, Any]:
+        return self._read()
 
     def _read(self) -> dict[str, Any]:
         try:
-            with open(self.path) as f:
-                doc = json.load(f)
+            with open(self.path, "rb") as f:
+                doc = json.loads(f.read())
         except FileNotFoundError:
+            if self.seen:
+                raise CertsLost(f"{self.path}: the certificates file was deleted while its "
+                                f"certificates were served; keeping the certificates "
+                                f"served. To fix it, {HOW_TO_FIX}") from None
             return {}
-        except ValueError:
-            return {}
+        except (ValueError, RecursionError) as exc:
+            raise CertsCorrupt(self._corrupt(_why(exc))) from None
         except OSError as exc:
             raise StoreUnavailable(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
         certs = doc.get("certs") if isinstance(doc, dict) else None
-        return certs if isinstance(certs, dict) else {}
+        if not isinstance(certs, dict) or set(doc) != {"certs"}:
+            raise CertsCorrupt(self._corrupt('expected an object {"certs": {HOST: record}}'))
+        self.seen = True
+        return certs
 
-    def all(self) -> dict[str, dict[str, Any]]:
-        return _records(self._read())
+    def _corrupt(self, why: str) -> str:
+        return (f"{self.path}: the certificates file cannot be read ({why}); keeping the "
+                f"certificates served and refusing certificate writes. To fix it, {HOW_TO_FIX}")
 
     def put(self, host: str, record: dict[str, Any]) -> None:
         with self.locked():
@@ -98,12 +168,17 @@ class FileCerts(Certs):
             self._write(certs)
             return True
 
+    def restore(self, records: Mapping[str, dict[str, Any]]) -> None:
+        with self.locked():
+            self._write(dict(records))
+
     def _write(self, certs: dict[str, Any]) -> None:
         body = json.dumps({"certs": certs}, indent=2, sort_keys=True).encode()
         try:
             write_atomically(self.path, body, FILE_MODE)
         except OSError as exc:
             raise StoreUnavailable(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+        self.seen = True
 
     def signature(self) -> object:
         try:
@@ -115,33 +190,98 @@ class FileCerts(Certs):
         return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _why(exc: BaseException) -> str:
+    """A parse error's reason without the text it quotes (a private key might be there)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return "not UTF-8 JSON"
+
+
+# Redis: each write checks the counter against the highest this object saw, in
+# the same atomic step (a write onto a flushed store would leave one certificate).
+_WRITE = """
+local v = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if v < tonumber(ARGV[1]) then return {-1, v} end
+local changed
+if ARGV[2] == 'put' then changed = redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+else changed = redis.call('HDEL', KEYS[1], ARGV[3]) end
+return {redis.call('INCR', KEYS[2]), changed}
+"""
+_RESTORE = """
+local v = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+redis.call('DEL', KEYS[1])
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local n = math.max(v, tonumber(ARGV[1])) + 1
+redis.call('SET', KEYS[2], n)
+return n
+"""
+
+
 class RedisCerts(Certs):
     """Certificates in the hash ``NS:certs``; ``NS:certs-version`` counts changes."""
 
     def __init__(self, client: Any, namespace: str, talking: Callable[[str], Any]) -> None:
+        super().__init__()
         self.client = client
         self.talking = talking
         self.key = f"{namespace}:certs"
         self.version_key = f"{namespace}:certs-version"
+        self.highest = 0  # the highest certs-version this object saw
+        self._write = client.register_script(_WRITE)
+        self._restore = client.register_script(_RESTORE)
 
-    def all(self) -> dict[str, dict[str, Any]]:
-        with self.talking("read"):
-            raw = self.client.hgetall(self.key)
-        return _records(raw)
+    def _all(self) -> dict[str, Any]:
+        with self.talking("read"), self.client.pipeline(transaction=True) as pipe:
+            pipe.get(self.version_key)
+            pipe.hgetall(self.key)
+            version, raw = pipe.execute()
+        self._judge(_counter(version))
+        return {_text(k): v for k, v in raw.items()}
+
+    def _judge(self, version: int) -> None:
+        if version < self.highest:
+            raise CertsLost(f"{self.version_key} is at {version} but this balancer has read "
+                            f"certificates at {self.highest}: Redis lost its certificates "
+                            f"(flushed, restarted empty or restored from an older copy); "
+                            f"keeping the certificates served and refusing certificate "
+                            f"writes. To fix it, {HOW_TO_FIX}")
+        self.highest = version
 
     def put(self, host: str, record: dict[str, Any]) -> None:
-        with self.talking("write"), self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(self.key, host, json.dumps(record, sort_keys=True))
-            pipe.incr(self.version_key)
-            pipe.execute()
+        self._change("put", host, json.dumps(record, sort_keys=True))
 
     def delete(self, host: str) -> bool:
-        with self.talking("write"), self.client.pipeline(transaction=True) as pipe:
-            pipe.hdel(self.key, host)
-            pipe.incr(self.version_key)
-            removed, _ = pipe.execute()
-        return bool(removed)
+        return bool(self._change("delete", host, ""))
+
+    def _change(self, what: str, host: str, value: str) -> int:
+        with self.talking("write"):
+            version, changed = self._write(keys=[self.key, self.version_key],
+                                           args=[self.highest, what, host, value])
+        if version < 0:
+            self._judge(changed)  # raises CertsLost
+        self.highest = max(self.highest, version)
+        return int(changed)
+
+    def restore(self, records: Mapping[str, dict[str, Any]]) -> None:
+        args: list[Any] = [self.highest]
+        for host, record in records.items():
+            args += [host, json.dumps(record, sort_keys=True)]
+        with self.talking("write"):
+            self.highest = int(self._restore(keys=[self.key, self.version_key], args=args))
 
     def signature(self) -> object:
         with self.talking("read"):
             return self.client.get(self.version_key)
+
+
+def _counter(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

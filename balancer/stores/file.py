@@ -76,6 +76,7 @@ class FileStore(Store):
         self._known: tuple[tuple[int, ...], TableData] | None = None
         self._lines = _Lines()
         self._checker = TableChecker()
+        self._certs: FileCerts | None = None
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
             raise StoreUnavailable(f"{self.path}: the directory {directory} does not exist")
@@ -132,8 +133,11 @@ class FileStore(Store):
         return FileRecords(self.path + ".deploys.json", self._locked)
 
     def certs(self) -> Certs:
-        """Certificates in ``PATH.certs.json`` (mode 0600), under the writer lock."""
-        return FileCerts(self.path + ".certs.json", self._locked)
+        """Certificates in ``PATH.certs.json`` (mode 0600), under the writer lock: one
+        object per store, which remembers what it saw (`FileCerts`, the loss guard)."""
+        if self._certs is None:
+            self._certs = FileCerts(self.path + ".certs.json", self._locked)
+        return self._certs
 
     def acme(self) -> Acme:
         """ACME state in ``PATH.acme.json`` and ``PATH.challenges.json`` (mode 0600)."""

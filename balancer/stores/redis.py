@@ -124,6 +124,7 @@ class RedisStore(Store):
         self._problem: str | None = None  # the table read is corrupt
         self._unreachable = ""  # why the store was last found unreachable
         self._checker = TableChecker()
+        self._certs: RedisCerts | None = None
 
     # reading ---------------------------------------------------------------
     def identity(self) -> str:
@@ -192,8 +193,11 @@ class RedisStore(Store):
         return RedisRecords(self.client, self.namespace, self._talking)
 
     def certs(self) -> Certs:
-        """Certificates in ``NS:certs`` (`balancer.stores.certs.RedisCerts`)."""
-        return RedisCerts(self.client, self.namespace, self._talking)
+        """Certificates in ``NS:certs`` (`balancer.stores.certs.RedisCerts`): one object
+        per store, which remembers the highest certs version it saw (the loss guard)."""
+        if self._certs is None:
+            self._certs = RedisCerts(self.client, self.namespace, self._talking)
+        return self._certs
 
     def acme(self) -> Acme:
         """ACME account, lock, challenges and state under ``NS:acme-*`` (`RedisAcme`)."""
