@@ -61,8 +61,8 @@ class CertsWatch:
         """Read the certificates if they changed (or while they cannot be read)."""
         try:
             signature = self.certs.signature()
-            if signature == self._seen and self.problem is None:
-                return
+            if signature == self._seen and signature is not None and self.problem is None:
+                return  # unchanged (no file / no counter is read each time: lost?)
             self.certs.all()
         except (CertsCorrupt, CertsLost) as exc:
             self.problem = str(exc)

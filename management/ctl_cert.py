@@ -1,4 +1,4 @@
-"""`balancerctl cert list|set|delete|issue` (SPEC §9, docs/tls.md).
+"""`balancerctl cert list|set|delete|issue|restore` (SPEC §9, docs/tls.md).
 
 Invariants:
 * `set` reads the PEM files here and sends them to the API, which checks
@@ -25,7 +25,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                           epilog="actions:\n  cert list\n"
                                  "  cert set HOST --chain FILE --key FILE\n"
                                  "  cert delete HOST\n"
-                                 "  cert issue HOST",
+                                 "  cert issue HOST\n"
+                                 "  cert restore",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION",
                                   parser_class=type(cert))
@@ -47,6 +48,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                                            '(a rule with "tls": "acme"), whatever its '
                                            'backoff; `cert list` shows the progress.')
     issue.add_argument("host", metavar="HOST", help="a host whose rule has tls=acme")
+    actions.add_parser("restore", parents=[common],
+                       help="write the certificates last read back to a damaged store",
+                       description="When the store's certificates are damaged or lost (a "
+                                   "corrupt or deleted certs file, a flushed Redis), write "
+                                   "back the certificates the management process last read "
+                                   "in good order (what the workers serve).")
 
 
 def cert_path(host: str = "") -> str:
@@ -59,7 +66,13 @@ def run(args: argparse.Namespace, client: Any,
     action = args.cert_command
     if action == "list":
         answer = client.call("GET", cert_path())
-        return answer, format_certs(answer.get("certs", []), acme=answer.get("acme"))
+        text = format_certs(answer.get("certs", []), acme=answer.get("acme"))
+        if answer.get("problem"):
+            text = f"warning: {answer['problem']}\nshowing the certificates last read:\n{text}"
+        return answer, text
+    if action == "restore":
+        answer = client.call("POST", cert_path("restore"))
+        return answer, f"restored {answer['restored']} certificates to the store"
     if action == "issue":
         answer = client.call("POST", cert_path(args.host) + "/issue")
         return answer, f"{answer['host']}: issuance requested\n" \

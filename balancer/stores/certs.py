@@ -73,9 +73,18 @@ class Certs(ABC):
     def all(self) -> dict[str, dict[str, Any]]:
         """HOST → record for every stored certificate that can be read."""
         found, self.damaged = _records(self._all())
-        if self.keep:
-            self.last_good = found
+        if self.keep:  # a damaged record keeps its last good version (as workers do)
+            before = self.last_good or {}
+            self.last_good = {**{h: before[h] for h in self.damaged if h in before}, **found}
         return found
+
+    def note(self, host: str, record: dict[str, Any] | None) -> None:
+        """Keep `last_good` current after a write of this object (None: deleted)."""
+        if self.keep and self.last_good is not None:
+            if record is None:
+                self.last_good.pop(host, None)
+            else:
+                self.last_good[host] = record
 
     @abstractmethod
     def put(self, host: str, record: dict[str, Any]) -> None:
@@ -159,6 +168,7 @@ class FileCerts(Certs):
             certs = self._read()
             certs[host] = record
             self._write(certs)
+        self.note(host, record)
 
     def delete(self, host: str) -> bool:
         with self.locked():
@@ -166,7 +176,8 @@ class FileCerts(Certs):
             if certs.pop(host, None) is None:
                 return False
             self._write(certs)
-            return True
+        self.note(host, None)
+        return True
 
     def restore(self, records: Mapping[str, dict[str, Any]]) -> None:
         with self.locked():
@@ -251,9 +262,12 @@ class RedisCerts(Certs):
 
     def put(self, host: str, record: dict[str, Any]) -> None:
         self._change("put", host, json.dumps(record, sort_keys=True))
+        self.note(host, record)
 
     def delete(self, host: str) -> bool:
-        return bool(self._change("delete", host, ""))
+        removed = bool(self._change("delete", host, ""))
+        self.note(host, None)
+        return removed
 
     def _change(self, what: str, host: str, value: str) -> int:
         with self.talking("write"):

@@ -1,0 +1,225 @@
+"""A damaged or lost certificate store never takes certificates down (SPEC §9, docs/tls.md).
+
+Real balancers with TLS listeners: the certs file is corrupted or deleted under
+them, or Redis gets a garbage record or is flushed; every host's handshake must
+keep succeeding, certificate writes are refused until the store is repaired or
+restored, and no private key reaches the log or an API answer.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RedisServer
+from tests.support import Backend, Balancer, wait_for
+from tests.test_tls import CA, client_context, tls_connect
+
+HOSTS = ("a.test", "b.test", "c.test")
+STEADY = 2.5  # seconds (over two of the workers' looks at the store) hosts must stay served
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Backend]:
+    b = Backend("certs-damage")
+    yield b
+    b.stop()
+
+
+def start(tmp: Path, backend: Backend, args: list[str] | None = None) -> Balancer:
+    hosts = {h: {"action": "proxy", "backends": [backend.address]} for h in (*HOSTS, "new.test")}
+    bal = Balancer(tmp, hosts, args=["--tls-listen", "127.0.0.1:0", "--workers", "2",
+                                     *(args or [])])
+    for host in HOSTS:
+        assert put(bal, host)[0] == 200
+    return bal
+
+
+def put(bal: Balancer, host: str) -> tuple[int, Any]:
+    chain, key = CA.issue(host)
+    return bal.api("PUT", f"/api/v1/certs/{host}", {"chain": chain, "key": key})
+
+
+def served(bal: Balancer, context: ssl.SSLContext, host: str) -> bool:
+    try:
+        tls_connect(bal.ports["tls"], host, context).close()
+    except ssl.SSLError:
+        return False
+    return True
+
+
+def all_served_for(bal: Balancer, context: ssl.SSLContext, hosts: tuple[str, ...],
+                   seconds: float = STEADY) -> None:
+    """Every host handshakes, on many connections (both workers), for `seconds`."""
+    deadline = time.monotonic() + seconds
+    rounds = 0
+    while time.monotonic() < deadline and rounds < 1000:
+        rounds += 1
+        for host in hosts:
+            assert served(bal, context, host), f"{host} not served after {rounds} rounds"
+
+
+def certs_problem(bal: Balancer) -> str | None:
+    return bal.api("GET", "/api/v1/info")[1]["store"]["certs_problem"]
+
+
+def no_key_leaked(bal: Balancer, *answers: Any) -> None:
+    for text in (bal.output(), *(json.dumps(a) for a in answers)):
+        assert "PRIVATE KEY" not in text
+
+
+DAMAGE = {
+    "truncated": lambda raw: raw[: len(raw) // 2],
+    "garbage": lambda raw: b"\x00\xffnot json at all",
+    "wrong shape": lambda raw: b'[{"certs": {}}]',
+    "certs not an object": lambda raw: b'{"certs": ["a.test"]}',
+    "extra keys": lambda raw: b'{"certs": {}, "hosts": {}}',
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_certs_file_keeps_every_certificate_served(
+        tmp_path: Path, backend: Backend, damage: str) -> None:
+    bal = start(tmp_path, backend)
+    try:
+        context = client_context(tmp_path)
+        path = tmp_path / "routes.json.certs.json"
+        good = path.read_bytes()
+        path.write_bytes(DAMAGE[damage](good))
+        damaged = path.read_bytes()
+        wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem in /api/v1/info")
+        all_served_for(bal, context, HOSTS)
+        status, answer = put(bal, "new.test")
+        assert (status, answer["error"]) == (503, "certs_corrupt"), answer
+        status, deleted = bal.api("DELETE", "/api/v1/certs/a.test")
+        assert (status, deleted["error"]) == (503, "certs_corrupt")
+        assert path.read_bytes() == damaged  # nothing written over it
+        status, listed = bal.api("GET", "/api/v1/certs")
+        assert status == 200 and [c["host"] for c in listed["certs"]] == list(HOSTS)
+        assert "cannot be read" in listed["problem"]
+        path.write_bytes(good)  # the operator repairs it
+        wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the problem to clear")
+        assert put(bal, "new.test")[0] == 200
+        assert sorted(json.loads(path.read_bytes())["certs"]) == sorted((*HOSTS, "new.test"))
+        all_served_for(bal, context, (*HOSTS, "new.test"), seconds=0)
+        assert bal.output().count("the certificates file cannot be read") == 1  # logged once
+        no_key_leaked(bal, answer, deleted, listed)
+    finally:
+        bal.stop()
+
+
+def test_restore_writes_back_the_certificates_last_read(tmp_path: Path, backend: Backend,
+                                                        ) -> None:
+    bal = start(tmp_path, backend)
+    try:
+        context = client_context(tmp_path)
+        path = tmp_path / "routes.json.certs.json"
+        status, answer = bal.api("POST", "/api/v1/certs/restore")
+        assert (status, answer["error"]) == (409, "nothing_to_restore")  # nothing damaged
+        wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the watch to read")
+        path.write_bytes(b'{"certs": {"a.test": ')
+        wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
+        status, answer = bal.api("POST", "/api/v1/certs/restore")
+        assert (status, answer) == (200, {"restored": 3})
+        assert sorted(json.loads(path.read_bytes())["certs"]) == list(HOSTS)
+        assert path.stat().st_mode & 0o777 == 0o600
+        wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the problem to clear")
+        assert put(bal, "new.test")[0] == 200
+        all_served_for(bal, context, (*HOSTS, "new.test"), seconds=0)
+        no_key_leaked(bal, answer)
+    finally:
+        bal.stop()
+
+
+def test_a_deleted_certs_file_is_lost_not_empty(tmp_path: Path, backend: Backend) -> None:
+    bal = start(tmp_path, backend)
+    try:
+        context = client_context(tmp_path)
+        path = tmp_path / "routes.json.certs.json"
+        path.unlink()
+        wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
+        assert "deleted" in (certs_problem(bal) or "")
+        all_served_for(bal, context, HOSTS)
+        status, answer = put(bal, "new.test")
+        assert (status, answer["error"]) == (503, "certs_lost")
+        assert not path.exists()  # not rewritten with one certificate
+        assert bal.api("POST", "/api/v1/certs/restore") == (200, {"restored": 3})
+        assert put(bal, "new.test")[0] == 200
+        assert sorted(json.loads(path.read_bytes())["certs"]) == sorted((*HOSTS, "new.test"))
+        no_key_leaked(bal, answer)
+    finally:
+        bal.stop()
+
+
+def test_one_damaged_record_never_takes_the_others_down(tmp_path: Path,
+                                                        backend: Backend) -> None:
+    bal = start(tmp_path, backend)
+    try:
+        context = client_context(tmp_path)
+        path = tmp_path / "routes.json.certs.json"
+        doc = json.loads(path.read_bytes())
+        _, new_key = CA.issue("new.test")
+        doc["certs"]["b.test"] = {"chain": 5}  # a record missing its text
+        doc["certs"]["new.test"] = {"chain": "-----BEGIN CERTIFICATE-----\nbroken\n",
+                                    "key": new_key}  # unparsable PEM, with a real key
+        doc["certs"]["c.test"] = ["not", "an object"]
+        path.write_text(json.dumps(doc))
+        wait_for(lambda: "certificate of new.test" in bal.output(), timeout=10,
+                 what="the damaged record to be logged")
+        # a.test served; b.test and c.test keep the certificates workers loaded before
+        all_served_for(bal, context, HOSTS)
+        assert not served(bal, context, "new.test")
+        status, listed = bal.api("GET", "/api/v1/certs")
+        problems = {c["host"]: c.get("problem") for c in listed["certs"]}
+        assert status == 200 and "problem" not in listed
+        assert problems["b.test"] == 'the stored record has no "chain" or "key" text'
+        assert problems["c.test"] == "the stored record is not a JSON object"
+        assert problems["a.test"] is None
+        assert put(bal, "d.test")[0] == 200  # writes work and keep the damaged records
+        kept = json.loads(path.read_bytes())["certs"]
+        assert kept["b.test"] == {"chain": 5} and kept["c.test"] == ["not", "an object"]
+        assert put(bal, "b.test")[0] == 200  # an upload repairs a record
+        no_key_leaked(bal, listed)
+    finally:
+        bal.stop()
+
+
+@pytest.fixture
+def redis_bal(tmp_path: Path, backend: Backend,
+              redis_factory: Callable[[], RedisServer]) -> Iterator[tuple[Balancer, Any]]:
+    redis = redis_factory()
+    bal = start(tmp_path, backend, ["--store", redis.url])
+    yield bal, redis.client()
+    bal.stop()
+
+
+def test_redis_garbage_record_and_flushdb(tmp_path: Path,
+                                          redis_bal: tuple[Balancer, Any]) -> None:
+    bal, client = redis_bal
+    context = client_context(tmp_path)
+    client.hset("balancer:certs", "b.test", "{garbage")
+    client.incr("balancer:certs-version")
+    wait_for(lambda: "certificate of b.test" in bal.output(), timeout=10,
+             what="the garbage record to be logged")
+    all_served_for(bal, context, HOSTS)
+    version = int(client.get("balancer:certs-version"))
+    client.flushdb()
+    wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
+    assert "Redis lost its certificates" in (certs_problem(bal) or "")
+    all_served_for(bal, context, HOSTS)
+    status, answer = put(bal, "new.test")
+    assert (status, answer["error"]) == (503, "certs_lost")
+    assert client.hlen("balancer:certs") == 0  # refused: nothing written
+    status, answer = bal.api("POST", "/api/v1/certs/restore")
+    assert (status, answer) == (200, {"restored": 3})  # b.test as it was before the garbage
+    assert int(client.get("balancer:certs-version")) > version
+    wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the problem to clear")
+    assert put(bal, "new.test")[0] == 200
+    all_served_for(bal, context, (*HOSTS, "new.test"), seconds=0)
+    no_key_leaked(bal, answer)
