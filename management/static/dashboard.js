@@ -289,6 +289,10 @@ function currentBanners(now) {
     return [["warn", "Store unreachable.", `The ${where} cannot be reached${problem}: ` +
       `${serving}; route changes will not apply until it is back.`]];
   }
+  const certsProblem = state.view?.info?.store?.certs_problem;
+  if (certsProblem) {
+    return [["error", "Certificate store problem.", sentence(certsProblem)]];
+  }
   return [];
 }
 
