@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -10,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from balancer.stores import Store, TableChange, TableData, VersionConflict, open_store
+from balancer.stores.certs import CertsCorrupt, CertsLost, RedisCerts
+from balancer.stores.file import FileStore
 from tests.conftest import RedisServer, wait_until
 
 WEB = {"action": "proxy", "backends": ["127.0.0.1:9001", {"address": "[::1]:9002", "weight": 3}]}
@@ -263,6 +267,78 @@ def test_certificates_are_shared_versioned_and_leave_the_table_alone(
     assert writer.certs().signature() not in (before, changed)
     assert list(writer.certs().all()) == ["*.wild.test"]
     assert reader.load() == TableData(1, {"web.test": WEB})
+
+
+def _lose_certs(store: Store) -> None:
+    """What an accident does: the certs file deleted, or Redis flushed of them."""
+    if isinstance(store, FileStore):
+        os.unlink(store.path + ".certs.json")
+    else:
+        certs = store.certs()
+        assert isinstance(certs, RedisCerts)
+        store.client.delete(certs.key, certs.version_key)  # type: ignore[attr-defined]
+
+
+def _damage_record(store: Store, host: str) -> None:
+    if isinstance(store, FileStore):
+        path = Path(store.path + ".certs.json")
+        doc = json.loads(path.read_text())
+        doc["certs"][host] = {"chain": 1}
+        path.write_text(json.dumps(doc))
+    else:
+        certs = store.certs()
+        assert isinstance(certs, RedisCerts)
+        store.client.hset(certs.key, host, "{not json")  # type: ignore[attr-defined]
+        store.client.incr(certs.version_key)  # type: ignore[attr-defined]
+
+
+def test_lost_certificates_are_never_read_as_none_and_refuse_writes(
+        make_store: Callable[[], Store]) -> None:
+    writer, reader = make_store(), make_store()
+    writer.certs().keep = True
+    writer.certs().put("a.test", CERT)
+    writer.certs().put("b.test", CERT)
+    assert sorted(reader.certs().all()) == ["a.test", "b.test"]
+    assert sorted(writer.certs().all()) == ["a.test", "b.test"]
+    _lose_certs(writer)
+    with pytest.raises(CertsLost):
+        reader.certs().all()
+    with pytest.raises(CertsLost):
+        writer.certs().put("c.test", CERT)  # would leave one certificate
+    with pytest.raises(CertsLost):
+        writer.certs().delete("a.test")
+    assert make_store().certs().all() == {}  # nothing was written
+    writer.certs().restore(dict(writer.certs().last_good or {}))
+    assert sorted(reader.certs().all()) == ["a.test", "b.test"]
+    reader.certs().put("c.test", CERT)
+    assert sorted(writer.certs().all()) == ["a.test", "b.test", "c.test"]
+
+
+def test_one_damaged_record_is_left_out_and_named(make_store: Callable[[], Store]) -> None:
+    writer, reader = make_store(), make_store()
+    writer.certs().put("a.test", CERT)
+    writer.certs().put("b.test", CERT)
+    _damage_record(writer, "b.test")
+    assert list(reader.certs().all()) == ["a.test"]
+    assert reader.certs().damaged["b.test"].startswith("the stored record")
+    reader.certs().put("c.test", CERT)  # writes go on and keep the damaged record
+    assert sorted(reader.certs().all()) == ["a.test", "c.test"]
+    assert list(reader.certs().damaged) == ["b.test"]
+
+
+@pytest.mark.parametrize("text", [b"", b'{"certs": {"a.test": ', b"\xff\xfe", b"[]",
+                                  b'{"certs": []}', b'{"certs": {}, "x": 1}', b"[" * 100000])
+def test_a_damaged_certs_file_is_corrupt_never_empty(tmp_path: Path, text: bytes) -> None:
+    store = open_store(f"file:{tmp_path / 'routes.json'}", "ns")
+    store.certs().put("a.test", CERT)
+    path = tmp_path / "routes.json.certs.json"
+    path.write_bytes(text)
+    with pytest.raises(CertsCorrupt) as caught:
+        open_store(f"file:{tmp_path / 'routes.json'}", "ns").certs().all()
+    assert "PRIVATE" not in str(caught.value)
+    with pytest.raises(CertsCorrupt):
+        store.certs().put("b.test", CERT)
+    assert path.read_bytes() == text
 
 
 def test_the_file_store_keeps_certificates_private(tmp_path: Path) -> None:
