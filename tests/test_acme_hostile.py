@@ -264,3 +264,21 @@ def test_a_ca_that_never_finishes_is_cut_at_the_deadline(
     assert state["reason"] == "the CA did not finish within 1s (slow or hanging answers)"
     assert issuer.acme.challenges() == {}
     assert issuer.outcomes == {"ok": 0, "failed": 1}
+
+
+def test_a_certs_file_damaged_mid_issuance_is_not_overwritten(issuer: Any) -> None:
+    from balancer.stores.certs import CertsCorrupt
+
+    path = Path(issuer.store.path + ".certs.json")
+    issuer.store.certs().put("other.test", {"chain": "c", "key": "k"})
+
+    def damage() -> None:
+        path.write_bytes(b'{"certs": {"other.test": ')
+
+    run_issue(issuer, SlowCA(0.2), damage)
+    assert path.read_bytes() == b'{"certs": {"other.test": '  # refused, not rewritten
+    assert issuer.outcomes == {"ok": 0, "failed": 1}
+    assert "cannot be read" in issuer.acme.states()["a.test"]["reason"]
+    with pytest.raises(CertsCorrupt):
+        issuer.step()  # and no issuance starts while it is damaged
+    assert issuer.outcomes == {"ok": 0, "failed": 1}
