@@ -9,6 +9,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -66,10 +67,9 @@ def run(args: argparse.Namespace, client: Any,
     action = args.cert_command
     if action == "list":
         answer = client.call("GET", cert_path())
-        text = format_certs(answer.get("certs", []), acme=answer.get("acme"))
-        if answer.get("problem"):
-            text = f"warning: {answer['problem']}\nshowing the certificates last read:\n{text}"
-        return answer, text
+        if answer.get("problem"):  # the certificates last read, not the store's (as `list`)
+            print(f"balancerctl: warning: {answer['problem']}", file=sys.stderr)
+        return answer, format_certs(answer.get("certs", []), acme=answer.get("acme"))
     if action == "restore":
         answer = client.call("POST", cert_path("restore"))
         return answer, f"restored {answer['restored']} certificates to the store"

@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import RedisServer
 from tests.support import Backend, Balancer, wait_for
+from tests.test_ctl import ctl, ok
 from tests.test_tls import CA, client_context, tls_connect
 
 HOSTS = ("a.test", "b.test", "c.test")
@@ -149,7 +150,11 @@ def test_a_deleted_certs_file_is_lost_not_empty(tmp_path: Path, backend: Backend
         status, answer = put(bal, "new.test")
         assert (status, answer["error"]) == (503, "certs_lost")
         assert not path.exists()  # not rewritten with one certificate
-        assert bal.api("POST", "/api/v1/certs/restore") == (200, {"restored": 3})
+        url = f"--url=http://127.0.0.1:{bal.mport}"
+        listed = ctl("cert", "list", url)
+        assert listed.returncode == 0 and all(host in listed.stdout for host in HOSTS)
+        assert listed.stderr.startswith("balancerctl: warning: ") and "deleted" in listed.stderr
+        assert ok("cert", "restore", url) == "restored 3 certificates to the store\n"
         assert put(bal, "new.test")[0] == 200
         assert sorted(json.loads(path.read_bytes())["certs"]) == sorted((*HOSTS, "new.test"))
         no_key_leaked(bal, answer)
