@@ -110,7 +110,12 @@ class TLSFront:
                 problems[host] = _reason(exc)
             time.sleep(0)  # many new certificates: let requests run between them
         for host, reason in problems.items():
-            if self.problems.get(host) != reason:
+            if self.problems.get(host) == reason:
+                continue
+            if damaged and host in damaged:  # the management process logs it once
+                log.debug("certificate of %s: %s; %s", host, reason,
+                          "keeping the one loaded before" if host in loaded else "not served")
+            else:
                 log.error("certificate of %s not served: %s", host, reason)
         self.problems = problems
         self.loaded = loaded

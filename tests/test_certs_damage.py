@@ -212,6 +212,7 @@ def test_redis_garbage_record_and_flushdb(tmp_path: Path,
     client.incr("balancer:certs-version")
     wait_for(lambda: "certificate of b.test" in bal.output(), timeout=10,
              what="the garbage record to be logged")
+    assert bal.output().count("certificate of b.test: the stored record is not JSON") == 1
     all_served_for(bal, context, HOSTS)
     version = int(client.get("balancer:certs-version"))
     client.flushdb()
