@@ -40,7 +40,8 @@ def test_a_worker_answers_a_page_named_hosts_or_its_active_hosts(tmp_path: Path)
     server, stats = control_for(tmp_path, 1000)
     try:
         busy = stats.hosts["app0500.test"]
-        busy.open_requests += 1  # a request came, and was answered
+        busy.open_requests += 1  # a request came (noted as ClientConnection.handle does)
+        stats.mark("app0500.test", busy)
         busy.finish(200, 1, 2, 0.01)
         page = server.answer('stats {"after": "app0100.test", "limit": 10}')
         assert list(page["stats"]["hosts"]) == [f"app{i:04d}.test" for i in range(101, 111)]
