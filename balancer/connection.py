@@ -284,6 +284,8 @@ class ClientConnection:
         route = ctx.holder.table.lookup(head.host)
         stats = route.stats
         stats.open_requests += 1
+        if not stats.marked:  # the host's first request of the heavy-hitter interval
+            ctx.stats.mark(route.key, stats)
         request_id = self.trusted_id(head) if ctx.trusted else ctx.request_ids.next()
         ex = Exchange(self, head, route, request_id, start)
         if ctx.draining:

@@ -32,7 +32,9 @@ sends one command line and reads one JSON reply until EOF:
 
 Invariants:
 * Nothing is exchanged per request: a snapshot is built from the worker's
-  plain counters only when asked (at scrape time).
+  plain counters only when asked (at scrape time), `SLICE` hosts at a time
+  (built, then encoded), the worker's loop running in between: a big answer
+  never stalls live requests for long.
 * A worker that exits gracefully leaves its final counters in
   ``DIR/retired-PID.json`` (gauges zeroed), so cluster totals never go
   backwards across a reload.
@@ -52,7 +54,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,7 @@ RETIRED_GLOB = "retired-*.json"
 LOCK_POLL = 0.005
 TOTALS_EVERY = 1.0  # seconds: how stale `stats {"totals": true}` may be
 MAX_PAGE = 10000  # hosts in one `stats {"after", "limit"}` answer
+SLICE = 100  # hosts snapshotted or encoded between two turns of the worker's loop
 
 
 def control_path(directory: str, pid: int) -> str:
@@ -106,7 +109,7 @@ class ControlServer:
         try:
             sock.settimeout(CONTROL_TIMEOUT)
             command = _read_command(sock)
-            sock.sendall(json.dumps(self.answer(command)).encode())
+            sock.sendall(encode(self.answer(command), _turn))
         except OSError:
             pass
         finally:
@@ -149,7 +152,7 @@ class ControlServer:
         return {"pid": os.getpid(), "loaded": worker.loaded, "draining": worker.draining,
                 "version": worker.holder.table.version, "highest": worker.tables.highest,
                 "started": self.started, "store_problem": worker.tables.store_problem,
-                "stats": worker_snapshot(worker, keys)}
+                "stats": worker_snapshot(worker, keys, _turn)}
 
     def selected_stats(self, text: str) -> dict[str, Any]:
         """``stats JSON`` (see the module doc); a bad query is an error."""
@@ -229,13 +232,49 @@ def select_hosts(stats: Any, query: Any) -> tuple[list[str], bool]:
     return named, False
 
 
-def worker_snapshot(worker: Any, keys: list[str] | None = None) -> dict[str, Any]:
+def worker_snapshot(worker: Any, keys: list[str] | None = None,
+                    pause: Callable[[], None] | None = None) -> dict[str, Any]:
     """The worker's stats snapshot (of the hosts `keys` only, unless None),
-    with its own view of the store."""
-    snapshot = worker.stats.snapshot(keys)
+    with its own view of the store; with `pause`, built `SLICE` hosts at a
+    time, calling `pause` in between (the worker's loop turns)."""
+    if keys is None or pause is None or len(keys) <= SLICE:
+        snapshot = worker.stats.snapshot(keys)
+    else:
+        snapshot = worker.stats.snapshot(keys[:SLICE])
+        for start in range(SLICE, len(keys), SLICE):
+            pause()
+            snapshot["hosts"].update(worker.stats.snapshot(keys[start:start + SLICE])["hosts"])
     usable = worker.tables.store_problem is None and worker.store.last_error() is None
     snapshot["store_up"] = int(usable and worker.store.is_reachable())
     return snapshot
+
+
+def encode(reply: dict[str, Any], pause: Callable[[], None]) -> bytes:
+    """`reply` as JSON; a snapshot of many hosts is encoded `SLICE` hosts at a
+    time, calling `pause` in between (the same bytes as one `json.dumps`)."""
+    hosts = reply.get("stats", {}).get("hosts")
+    if not hosts or len(hosts) <= SLICE:
+        return json.dumps(reply).encode()
+    reply["stats"]["hosts"] = {}
+    head, _, tail = json.dumps(reply).partition('"hosts": {}')
+    reply["stats"]["hosts"] = hosts
+    keys = list(hosts)
+    parts = [head.encode(), b'"hosts": {']
+    for start in range(0, len(keys), SLICE):
+        if start:
+            pause()
+            parts.append(b", ")
+        part = json.dumps({k: hosts[k] for k in keys[start:start + SLICE]})
+        parts.append(part[1:-1].encode())
+    parts += [b"}", tail.encode()]
+    return b"".join(parts)
+
+
+def _turn() -> None:
+    """Let the worker's loop run (requests) between two slices of a big answer."""
+    import gevent
+
+    gevent.sleep(0)
 
 
 def retire(directory: str, worker: Any, control: ControlServer) -> None:

@@ -50,7 +50,7 @@ def top(worker: Any, query: dict[str, Any]) -> dict[str, list[int]]:
     by, group, window = check_top(query.get("by"), query.get("group"), query.get("window"))
     if by == "in_flight":
         return in_flight_by(worker, group)
-    return worker.stats.top.export(by, group, window, time.monotonic(), worker.stats.hosts)
+    return worker.stats.top.export(by, group, window, time.monotonic(), worker.stats)
 
 
 def in_flight_by(worker: Any, group: str) -> dict[str, list[int]]:

@@ -353,7 +353,7 @@ class Worker:
         """Start the heavy hitters' next interval every `SLOT_SECONDS`."""
         while not self.stopping:
             gevent.sleep(SLOT_SECONDS / 10)
-            self.stats.top.rotate(time.monotonic(), self.stats.hosts)
+            self.stats.top.rotate(time.monotonic(), self.stats)
 
     def release_held(self) -> None:
         """Answer every held request 503 now and hold no more (stopping for good).

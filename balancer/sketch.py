@@ -10,6 +10,9 @@ Invariants:
 * Hosts and backends are bounded by the routing table, and their counters
   already exist (`balancer.stats`): `rotate` records each interval's
   heaviest deltas of them (exact), so the hot path does nothing for them.
+  It visits only the hosts a request began on in the interval (`Stats.dirty`,
+  with the backends they name), never the whole table: each host and
+  backend keeps its totals at the interval's start (`seen`).
 * The hot path is `TopTalkers.note`, once per finished request: a dict
   lookup and a native increment per measure for the client and the path, and
   one dict lookup for the path's key (cached per host for `PATH_CACHE`
@@ -131,7 +134,6 @@ class TopTalkers:
     def __init__(self, now: float = -1.0) -> None:
         self.current = Slot(now if now >= 0 else time.monotonic())
         self.slots: list[Slot] = [self.current]  # oldest first
-        self.totals: dict[str, tuple[int, ...]] = {}  # host or backend → counters at the start
 
     def note(self, ex: Exchange, paths: dict[bytes, str]) -> None:
         """Count one finished request (hot path); `paths` is its host's path-key cache."""
@@ -162,34 +164,34 @@ class TopTalkers:
         limited[0].add(client, 1)
         limited[1].add(path_key(ex.route.key, ex.head.target), 1)
 
-    def rotate(self, now: float, hosts: dict[str, Any]) -> None:
+    def rotate(self, now: float, stats: Any) -> None:
         """End the current interval if it is `SLOT_SECONDS` old: record its host and
-        backend deltas (`hosts`: table key → HostStats) and start the next one."""
+        backend deltas (`stats`: the worker's `balancer.stats.Stats`, whose dirty
+        hosts are the only ones visited) and start the next one."""
         if now - self.current.start < SLOT_SECONDS:
             return
-        self.current.exact = self.deltas(hosts, True)
+        self.current.exact = self.deltas(stats.dirty, True)
+        stats.settle()
         self.current = Slot(now)
         self.slots.append(self.current)
         if len(self.slots) > SLOTS + 1:
             del self.slots[0]
 
-    def deltas(self, hosts: dict[str, Any], keep: bool) -> dict[str, dict[str, int]]:
-        """The heaviest hosts and backends since the interval began, per measure
-        (`keep`: the interval ends, the counters now are the next one's start)."""
-        totals = _totals(hosts)
+    def deltas(self, dirty: dict[str, Any], keep: bool) -> dict[str, dict[str, int]]:
+        """The heaviest hosts and backends since the interval began, per measure,
+        from the hosts a request began on (`dirty`: key → HostStats; `keep`: the
+        interval ends, the counters now are the next one's start)."""
+        grown = _grown(dirty, keep)
         out: dict[str, dict[str, int]] = {}
         for n, measure in enumerate(MEASURES):
             for group in ("host", "backend"):
-                grown = {key[len(group) + 1:]: now[n] - self.totals.get(key, NOTHING)[n]
-                         for key, now in totals.items() if key.startswith(group + " ")}
-                heaviest = heapq.nlargest(CAPACITY, ((v, k) for k, v in grown.items() if v > 0))
+                heaviest = heapq.nlargest(CAPACITY, ((v[n], k) for k, v in grown[group].items()
+                                                     if v[n] > 0))
                 out[f"{measure} {group}"] = {k: v for v, k in heaviest}
-        if keep:
-            self.totals = totals
         return out
 
     def export(self, measure: str, group: str, window: float, now: float,
-               hosts: dict[str, Any]) -> dict[str, list[int]]:
+               stats: Any) -> dict[str, list[int]]:
         """KEY → [count, error] summed over the intervals that overlap the last
         `window` seconds (the current one included)."""
         out: dict[str, list[int]] = {}
@@ -199,7 +201,7 @@ class TopTalkers:
                 continue
             if exact:
                 exact_counts = (slot.exact if slot is not self.current
-                                else self.deltas(hosts, False)).get(f"{measure} {group}", {})
+                                else self.deltas(stats.dirty, False)).get(f"{measure} {group}", {})
                 counts = {key: [n, 0] for key, n in exact_counts.items()}
             else:
                 counts = slot.sketch(measure, group).counts()
@@ -214,19 +216,34 @@ class TopTalkers:
         return sum(slot.entries() for slot in self.slots)
 
 
-def _totals(hosts: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """"host KEY" / "backend ADDR" → cumulative (requests, bytes, errors, limited)."""
-    totals: dict[str, tuple[int, ...]] = {}
-    for key, h in list(hosts.items()):
+def _grown(dirty: dict[str, Any], keep: bool) -> dict[str, dict[str, tuple[int, ...]]]:
+    """"host" / "backend" → KEY or ADDR → growth of (requests, bytes, errors,
+    limited) since `seen`, over the `dirty` hosts and their backends (a backend
+    several hosts name sums theirs); `keep`: `seen` becomes now."""
+    hosts: dict[str, tuple[int, ...]] = {}
+    backends: dict[str, tuple[int, ...]] = {}
+    for key, h in list(dirty.items()):
         errors = sum(n for code, n in h.codes.items() if code >= 400)
-        totals["host " + key] = (h.completed_requests, h.bytes_received + h.bytes_sent,
-                                 errors, h.limited)
+        now = (h.completed_requests, h.bytes_received + h.bytes_sent, errors, h.limited)
+        hosts[key] = _minus(now, h.seen)
+        if keep:
+            h.seen = now
         for address, b in h.backends.items():
             mine = (sum(b.outcomes.values()), b.bytes, b.failures, 0)
-            seen = totals.get("backend " + address)
-            totals["backend " + address] = mine if seen is None else tuple(
-                x + y for x, y in zip(seen, mine, strict=True))
-    return totals
+            grown = _minus(mine, b.seen)
+            if keep:
+                b.seen = mine
+            seen = backends.get(address)
+            backends[address] = grown if seen is None else _plus(seen, grown)
+    return {"host": hosts, "backend": backends}
+
+
+def _minus(now: tuple[int, ...], then: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x - y for x, y in zip(now, then, strict=True))
+
+
+def _plus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x + y for x, y in zip(a, b, strict=True))
 
 
 def client_of(ex: Exchange) -> str:

@@ -10,6 +10,13 @@ Invariants:
   counters of a deleted host (`forget_hosts`) and of a backend its rule no
   longer names (`HostStats.keep_backends`) when the table is swapped.
 * A backend's merged state is the worst of the workers' (down > probing > up).
+* Nothing on a timer walks every host: a host is `mark`ed once per
+  heavy-hitter interval, when a request to it begins (one flag read per
+  request), into `Stats.dirty`; `TopTalkers.rotate` visits those only and
+  `settle` moves them to `Stats.active` (every host that has seen a request,
+  or whose backends an active check watches: what `/metrics` shows). A host
+  with a request still open stays dirty, so every counter change happens
+  while its host is dirty.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from typing import Any, Final
 
-from balancer.sketch import TopTalkers
+from balancer.sketch import NOTHING, TopTalkers
 
 BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # BUCKETS again, iterated by `bucket_of` without boxing (mypyc boxes a Final tuple of
@@ -34,7 +41,7 @@ class BackendStats:
     """Counters of one backend address as seen by one host."""
 
     __slots__ = ("address", "in_flight", "tunnels", "failures", "outcomes", "source", "hist",
-                 "duration_sum", "bytes")
+                 "duration_sum", "bytes", "seen")
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -46,6 +53,7 @@ class BackendStats:
         self.hist = [0] * (len(BUCKETS) + 1)  # time to the response head, successes only
         self.duration_sum = 0.0
         self.bytes = 0  # received and sent by the requests it answered (heavy hitters)
+        self.seen: tuple[int, ...] = NOTHING  # the heavy hitters' totals at the interval's start
 
     def observe(self, seconds: float) -> None:
         """Count one answered request's time to its response head (hot path)."""
@@ -87,7 +95,7 @@ class HostStats:
 
     __slots__ = ("open_requests", "completed_requests", "bytes_received", "bytes_sent",
                  "codes", "hist", "duration_sum", "spinning", "backends", "causes",
-                 "last_failure", "limited", "paths")
+                 "last_failure", "limited", "paths", "marked", "seen")
 
     def __init__(self) -> None:
         self.open_requests = 0
@@ -103,6 +111,8 @@ class HostStats:
         self.last_failure: Any = None  # the last of them (an exception, formatted only to log)
         self.limited = 0  # requests a rule's limits refused (429)
         self.paths: dict[bytes, str] = {}  # request target → heavy-hitter path key (bounded)
+        self.marked = False  # in `Stats.dirty`: a request began in this heavy-hitter interval
+        self.seen: tuple[int, ...] = NOTHING  # the heavy hitters' totals at the interval's start
 
     def finish(self, status: int, received: int, sent: int, seconds: float) -> None:
         """Count one completed request (hot path)."""
@@ -173,6 +183,8 @@ class Stats:
         self.top = TopTalkers()  # heavy hitters (balancer.sketch); rotated by the worker
         self.tls_handshakes = dict.fromkeys(TLS_OUTCOMES, 0)  # by outcome (balancer.tls)
         self.order: list[str] | None = None  # `hosts`' keys sorted, until one comes or goes
+        self.dirty: dict[str, HostStats] = {}  # hosts a request began on this interval
+        self.active: dict[str, HostStats] = {}  # hosts that ever had one (or are watched)
 
     def note_failure(self, key: str, host: HostStats, cause: str, error: Any) -> None:
         """Count a 502/504 by its cause for the once-a-second report (no formatting)."""
@@ -189,12 +201,37 @@ class Stats:
             self.order = None
         return stats
 
+    def mark(self, key: str, host: HostStats) -> None:
+        """Note that a request to `key` began (the first of this heavy-hitter
+        interval: the caller checked `host.marked`). A forgotten host (a request
+        that began before its deletion) is not noted again."""
+        if self.hosts.get(key) is host:
+            host.marked = True
+            self.dirty[key] = host
+
+    def watch(self, key: str) -> None:
+        """Count `key` as active before any request (its backends' health is
+        checked actively: their state changes without traffic)."""
+        self.active[key] = self.host(key)
+
+    def settle(self) -> dict[str, HostStats]:
+        """End the interval's dirty set (`TopTalkers.rotate`): its hosts become
+        active; those with a request still open stay dirty. Returns the ended set."""
+        ended = self.dirty
+        self.active.update(ended)
+        self.dirty = {k: h for k, h in ended.items() if h.open_requests > 0}
+        for host in ended.values():
+            host.marked = host.open_requests > 0
+        return ended
+
     def forget_hosts(self, keys: set[str]) -> None:
         """Forget the counters of deleted host keys (in-flight requests of theirs
         finish on the forgotten objects)."""
         for key in keys:
             if self.hosts.pop(key, None) is not None:
                 self.order = None
+            self.dirty.pop(key, None)
+            self.active.pop(key, None)
 
     def snapshot(self, keys: Iterable[str] | None = None) -> dict[str, Any]:
         """Every counter; with `keys`, only those hosts' (the others are left out),
@@ -229,13 +266,17 @@ class Stats:
         return order[start:start + limit], start + limit < len(order)
 
     def active_keys(self) -> list[str]:
-        """The hosts that have seen a request (the others' counters are all zero)."""
-        return [k for k, h in self.hosts.items() if not h.is_idle()]
+        """The hosts that have seen a request (the others' counters are all zero),
+        and the watched ones: costs those hosts, not the table."""
+        active = self.active
+        active.update(self.dirty)
+        return list(active)
 
     def totals(self) -> tuple[int, int]:
         """Open and completed requests over every host."""
         open_requests = completed = 0
-        for h in self.hosts.values():
+        self.active_keys()  # idle hosts count zero: the active ones are enough
+        for h in self.active.values():
             open_requests += h.open_requests
             completed += h.completed_requests
         return open_requests, completed

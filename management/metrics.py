@@ -6,6 +6,10 @@ Invariants:
   into metric families when Prometheus scrapes.
 * Every metric name of SPEC §7 is always exposed, even with no traffic.
 * Each app has its own `CollectorRegistry`; nothing is registered globally.
+* A scrape costs the hosts that have seen a request (`METRICS_SELECT`), not
+  the table: an idle host's counters are all zero and it has no series
+  until its first request (its backends' `balancer_backend_up` too, unless
+  an active health check watches them).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 Snapshot = dict[str, Any]
+METRICS_SELECT: dict[str, Any] = {"active": True}  # the `Runtime.stats` select of a scrape
 
 
 class SnapshotCollector(Collector):

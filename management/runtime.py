@@ -22,11 +22,12 @@ class Runtime(Protocol):
 
     def stats(self, select: dict[str, Any] | None = None) -> dict[str, Any]:
         """A merged stats snapshot of every worker (shape: docs/ARCHITECTURE.md):
-        of every host (None: what /metrics exports), or only those `select` names,
+        of every host (None), or only those `select` names,
         at the cost of those hosts: ``{"hosts": [KEY...]}``; ``{"after": KEY,
         "limit": N}``, a page in key order, the snapshot then carrying ``"next"``
         (the key the next page starts after, None at the end); ``{"active":
-        True}``, the hosts that have seen a request (`balancer.control`)."""
+        True}``, the hosts that have seen a request or are health-checked (what
+        /metrics exports: `balancer.control`)."""
         ...
 
     def reload(self) -> int:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from balancer.certificates import make_record
 from management.acme_ca import ACME_IDENTIFIER, alpn_certificate, key_authorization
-from management.acme_issuer import BACKOFF_FIRST, BACKOFF_MAX, acme_hosts, backoff, due
+from management.acme_issuer import BACKOFF_FIRST, BACKOFF_MAX, AcmeHosts, acme_hosts, backoff, due
 from management.ctl_cert import format_state
 from tests.test_tls import CA
 
@@ -99,3 +99,27 @@ def test_states_for_people() -> None:
         == "pending: no certificate"
     failed = {"state": "failed", "attempts": 2, "next_retry": now + 600, "reason": "boom"}
     assert format_state(failed, now) == "failed (attempt 2, next try in 10 min): boom"
+
+
+def test_the_acme_hosts_are_found_again_only_when_the_table_changes() -> None:
+    """The issuer's look every CHECK_INTERVAL costs nothing while the table is
+    the same object (the mirror replaces it on each change)."""
+    from types import SimpleNamespace
+
+    class Counted(dict):
+        walks = 0
+
+        def items(self):  # type: ignore[override]
+            Counted.walks += 1
+            return super().items()
+
+    hosts = Counted({f"h{n}.test": {"action": "static"} for n in range(20000)})
+    hosts["secure.test"] = {"action": "static", "tls": "acme"}
+    table = SimpleNamespace(version=1, hosts=hosts)
+    found = AcmeHosts()
+    for _ in range(5):
+        assert found.of(table) == ["secure.test"]
+    assert Counted.walks == 1
+    changed = SimpleNamespace(version=2, hosts=Counted({"other.test": {"tls": "acme"}}))
+    assert found.of(changed) == ["other.test"] and Counted.walks == 2
+    assert found.of(None) == []

@@ -447,23 +447,82 @@ def test_hosts_and_backends_are_counted_exactly_per_interval() -> None:
     def serve(n: int, status: int = 200) -> None:
         for _ in range(n):
             host.open_requests += 1
+            if not host.marked:  # as ClientConnection.handle does
+                stats.mark("a.test", host)
             host.finish(status, 0, 100, 0.01)
             backend.outcomes["success"] += 1
             backend.bytes += 100
 
     top = TopTalkers(0.0)
     serve(3)
-    assert top.export("requests", "host", 60, 5.0, stats.hosts) == {"a.test": [3, 0]}
-    top.rotate(10.0, stats.hosts)  # the first interval ends
+    assert top.export("requests", "host", 60, 5.0, stats) == {"a.test": [3, 0]}
+    top.rotate(10.0, stats)  # the first interval ends
     serve(2, 503)
-    assert top.export("requests", "host", 60, 12.0, stats.hosts) == {"a.test": [5, 0]}
-    assert top.export("requests", "host", 1, 12.0, stats.hosts) == {"a.test": [2, 0]}
-    assert top.export("errors", "host", 60, 12.0, stats.hosts) == {"a.test": [2, 0]}
-    assert top.export("bytes", "backend", 60, 12.0, stats.hosts) == {"10.0.0.1:80": [500, 0]}
+    assert top.export("requests", "host", 60, 12.0, stats) == {"a.test": [5, 0]}
+    assert top.export("requests", "host", 1, 12.0, stats) == {"a.test": [2, 0]}
+    assert top.export("errors", "host", 60, 12.0, stats) == {"a.test": [2, 0]}
+    assert top.export("bytes", "backend", 60, 12.0, stats) == {"10.0.0.1:80": [500, 0]}
     for n in range(40):  # a full window later only the last intervals count
-        top.rotate(20.0 + 10 * n, stats.hosts)
-    assert top.export("requests", "host", 300, 420.0, stats.hosts) == {}
+        top.rotate(20.0 + 10 * n, stats)
+    assert top.export("requests", "host", 300, 420.0, stats) == {}
     assert len(top.slots) <= 31
+
+
+def test_rotation_visits_only_the_hosts_with_traffic() -> None:
+    """A rotation costs the hosts a request began on in the interval, not the
+    table: with 20,000 idle hosts it reads the counters of the 2 busy ones
+    (counted by the attributes it reads), and a request still open at the
+    rotation keeps its host in the next interval's set."""
+    from balancer.sketch import TopTalkers
+    from balancer.stats import HostStats, Stats
+
+    reads = 0
+
+    class Counted(HostStats):
+        __slots__ = ()
+
+        def __getattribute__(self, name: str) -> object:
+            nonlocal reads
+            if name == "codes":  # read once per host a rotation looks at
+                reads += 1
+            return object.__getattribute__(self, name)
+
+    stats = Stats()
+    for n in range(20000):
+        stats.hosts[f"h{n}.test"] = Counted()
+    top = TopTalkers(0.0)
+    busy, open_one = stats.hosts["h7.test"], stats.hosts["h9.test"]
+    for key, host in (("h7.test", busy), ("h9.test", open_one)):
+        host.open_requests += 1
+        stats.mark(key, host)
+    busy.finish(200, 10, 10, 0.01)  # h9's request stays open
+    reads = 0
+    top.rotate(10.0, stats)
+    assert reads == 2
+    assert top.slots[0].exact["requests host"] == {"h7.test": 1}
+    assert set(stats.dirty) == {"h9.test"} and open_one.marked and not busy.marked
+    assert sorted(stats.active_keys()) == ["h7.test", "h9.test"]
+    open_one.finish(200, 0, 0, 0.01)  # finishes in the next interval: counted there
+    reads = 0
+    top.rotate(20.0, stats)
+    assert reads == 1
+    assert top.slots[1].exact["requests host"] == {"h9.test": 1}
+    assert stats.dirty == {}
+    top.rotate(30.0, stats)
+    assert reads == 1
+
+
+def test_a_deleted_host_is_neither_dirty_nor_active_again() -> None:
+    from balancer.stats import Stats
+
+    stats = Stats()
+    host = stats.host("gone.test")
+    stats.mark("gone.test", host)
+    stats.forget_hosts({"gone.test"})
+    stats.mark("gone.test", host)  # a request that began before the deletion
+    assert stats.active_keys() == [] and stats.dirty == {}
+    again = stats.host("gone.test")
+    assert not again.marked and again.seen == (0, 0, 0, 0)
 
 
 def test_histogram_buckets_are_found_as_bisect_finds_them() -> None:

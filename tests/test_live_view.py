@@ -113,6 +113,30 @@ def test_removed_backends_and_deleted_hosts_leave_the_next_scrape(tmp_path, back
         bal.stop()
 
 
+def test_a_scrape_shows_the_hosts_that_had_traffic_not_the_whole_table(tmp_path, backends):
+    """A host's series appear with its first request; idle hosts have none
+    (their counters are zeros), except the backends an active check watches."""
+    a, dead = backends("a"), dead_address()
+    table = {f"idle{n:04d}.test": proxy(a.address) for n in range(2000)}
+    table[HOST] = proxy(a.address)
+    table[OTHER] = {**proxy(dead), "health": {"path": "/", "interval": 0.2, "timeout": 0.5,
+                                              "fall": 1, "rise": 1}}
+    bal = Balancer(tmp_path, table)
+    try:
+        assert request(bal.port, host=HOST)[0] == 200
+        text = scrape(bal)
+        assert f'balancer_requests_total{{code="200",host="{HOST}"}} 1.0' in text
+        assert "idle" not in text
+        assert backend_up(text, HOST, a.address) == 1
+        assert wait_for(lambda: backend_up(scrape(bal), OTHER, dead) == 0)
+        assert request(bal.port, host="idle0042.test")[0] == 200
+        text = scrape(bal)
+        assert backend_up(text, "idle0042.test", a.address) == 1
+        assert len(re.findall(r'host="idle', text)) == len(re.findall(r'host="idle0042', text))
+    finally:
+        bal.stop()
+
+
 def test_retired_workers_counters_never_bring_back_a_deleted_host(tmp_path, backends):
     a, b = backends("a"), backends("b")
     bal = Balancer(tmp_path, {HOST: proxy(a.address, b.address), OTHER: proxy(a.address)},

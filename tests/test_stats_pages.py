@@ -40,7 +40,8 @@ def test_a_worker_answers_a_page_named_hosts_or_its_active_hosts(tmp_path: Path)
     server, stats = control_for(tmp_path, 1000)
     try:
         busy = stats.hosts["app0500.test"]
-        busy.open_requests += 1  # a request came, and was answered
+        busy.open_requests += 1  # a request came (noted as ClientConnection.handle does)
+        stats.mark("app0500.test", busy)
         busy.finish(200, 1, 2, 0.01)
         page = server.answer('stats {"after": "app0100.test", "limit": 10}')
         assert list(page["stats"]["hosts"]) == [f"app{i:04d}.test" for i in range(101, 111)]
@@ -61,6 +62,48 @@ def test_a_worker_answers_a_page_named_hosts_or_its_active_hosts(tmp_path: Path)
             assert "error" in server.answer(bad), bad
         assert server.answer("version")["loaded"] is True
     finally:
+        server.close()
+
+
+def test_a_big_answer_lets_the_workers_loop_run_between_slices(tmp_path: Path) -> None:
+    """The active hosts of a scrape are snapshotted and encoded `SLICE` at a
+    time, the worker's loop running in between (a greenlet counting its turns
+    runs at least once per slice), and the answer is the same."""
+    import gevent
+    import gevent.socket
+
+    from balancer.control import SLICE
+
+    server, stats = control_for(tmp_path, 5000)
+    for key, host in stats.hosts.items():
+        host.open_requests += 1
+        stats.mark(key, host)
+        host.finish(200, 1, 2, 0.01)
+    turns = 0
+
+    def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            gevent.sleep(0)
+
+    ours, theirs = gevent.socket.socketpair()
+    ours.settimeout(30)
+    answering = gevent.spawn(server.handle, theirs, None)
+    counter = gevent.spawn(count_turns)
+    try:
+        ours.sendall(b'stats {"active": true}\n')
+        data = b""
+        while chunk := ours.recv(65536):
+            data += chunk
+        answering.join(timeout=30)
+        reply = json.loads(data)
+        assert len(reply["stats"]["hosts"]) == 5000
+        assert reply["stats"]["hosts"]["app0042.test"]["completed_requests"] == 1
+        assert turns >= 2 * (5000 // SLICE - 1)  # built, then encoded, in slices
+    finally:
+        counter.kill()
+        ours.close()
         server.close()
 
 

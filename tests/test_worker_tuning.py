@@ -19,7 +19,7 @@ import pytest
 
 from balancer.addr import parse_addr, parse_backend_addr
 from balancer.errors import ConnectError
-from balancer.netio import CROWDED, IO, GeventIO
+from balancer.netio import CROWDED, IO, PARK_AFTER, GeventIO
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseParser
 from balancer.server import SHARED_ACCEPT_BATCH, Worker, bind
@@ -267,18 +267,32 @@ class StaticStore(NoStore):
 GET = b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n"
 
 
+CLIENT_IDLE = 0.6  # the test workers' client_idle (and client_header)
+PARKS_AFTER = min(PARK_AFTER, CLIENT_IDLE / 2)  # idle in its greenlet before it parks
+
+
 @pytest.fixture
-def served() -> Iterator[Worker]:
-    """A gevent worker answering 200 "ok" on a loopback listener, its watchdog running."""
-    w = Worker(load_settings(flags={"timeouts.client_idle": 0.6, "timeouts.client_header": 0.6},
+def unwatched() -> Iterator[Worker]:
+    """A gevent worker answering 200 "ok" on a loopback listener, with no
+    watchdog: nothing times out or parks for being idle unless the test calls
+    `IO.expire` itself, so a slow machine cannot change what it sees."""
+    w = Worker(load_settings(flags={"timeouts.client_idle": CLIENT_IDLE,
+                                    "timeouts.client_header": CLIENT_IDLE},
                              env={"BALANCER_STORE_SNAPSHOT": "off"}), StaticStore())
     assert w.apply(w.store.load())
     w.listen([(bind(parse_addr("127.0.0.1:0")), False)])
-    watchdog = gevent.spawn(w.watchdog_loop)
     yield w
     w.stopping = True
     for server in w.servers:
         server.close()
+
+
+@pytest.fixture
+def served(unwatched: Worker) -> Iterator[Worker]:
+    """The same worker with its watchdog running."""
+    watchdog = gevent.spawn(unwatched.watchdog_loop)
+    yield unwatched
+    unwatched.stopping = True
     watchdog.join(timeout=5)
 
 
@@ -307,41 +321,52 @@ def until(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
 
 
 def test_an_idle_keep_alive_connection_holds_no_greenlet_and_serves_its_next_request(
-        served: Worker) -> None:
-    slots = served.slots
-    conn = connect(served)
+        unwatched: Worker) -> None:
+    slots = unwatched.slots
+    conn = connect(unwatched)
     for _ in range(3):
         conn.sendall(GET)
         assert read_response(conn).startswith(b"HTTP/1.1 200")
+        (client,) = unwatched.io.connections
+        assert until(lambda c=client: c.idle)
+        unwatched.io.expire(client.deadline - CLIENT_IDLE + PARKS_AFTER + 0.01)  # idle a while
         assert until(lambda: not slots.busy)
-        assert slots.open == 1 and served.stats.open_connections == 1
-        (client,) = served.io.connections
+        assert slots.open == 1 and unwatched.stats.open_connections == 1
         assert client.task is None and client.idle
     assert len(slots.idle) == 1  # one greenlet served all three requests
     conn.close()
-    assert until(lambda: slots.open == 0 and served.stats.open_connections == 0)
+    assert until(lambda: slots.open == 0 and unwatched.stats.open_connections == 0)
 
 
 def test_a_busy_connection_keeps_its_greenlet_until_idle_for_park_after(
-        served: Worker) -> None:
+        unwatched: Worker) -> None:
     """Below CROWDED connections, a keep-alive connection waits in its greenlet
-    (no park and wake per request) and is parked only once idle a while."""
-    conn = connect(served)
+    (no park and wake per request) and is parked only once idle a while: the
+    watchdog's steps are taken by hand, at the clock readings that decide."""
+    conn = connect(unwatched)
     conn.sendall(GET)
     assert read_response(conn).startswith(b"HTTP/1.1 200")
-    (client,) = served.io.connections
-    assert client.task is not None  # straight after the answer: still in its greenlet
-    assert until(lambda: client.task is None and not served.slots.busy)  # then parked
+    (client,) = unwatched.io.connections
+    assert until(lambda: client.idle)
+    assert client.task is not None  # after the answer: still in its greenlet
+    began = client.deadline - CLIENT_IDLE  # when its idle wait began (watchdog clock)
+    unwatched.io.expire(began + PARKS_AFTER - 0.01)  # not idle long enough yet
+    gevent.sleep(0)
+    assert client.task is not None and unwatched.slots.busy
+    unwatched.io.expire(began + PARKS_AFTER + 0.01)
+    assert until(lambda: client.task is None and not unwatched.slots.busy)  # then parked
     conn.sendall(GET)
     assert read_response(conn).startswith(b"HTTP/1.1 200")
     conn.close()
 
 
 def test_a_crowded_worker_parks_every_connection_as_soon_as_it_answered(
-        served: Worker) -> None:
-    clients = [connect(served) for _ in range(CROWDED + 20)]
+        unwatched: Worker) -> None:
+    """With no watchdog nothing parks for being idle (nor times out while the
+    connections are made): a connection that parks did so as it answered."""
+    clients = [connect(unwatched) for _ in range(CROWDED + 20)]
     try:
-        assert until(lambda: len(served.io.connections) == len(clients), 10)
+        assert until(lambda: len(unwatched.io.connections) == len(clients), 30)
         for conn in clients:
             conn.sendall(GET)
         for conn in clients:
@@ -349,20 +374,24 @@ def test_a_crowded_worker_parks_every_connection_as_soon_as_it_answered(
         last = clients[-1]
         last.sendall(GET)
         assert read_response(last).startswith(b"HTTP/1.1 200")
-        # parked before its answer left (not PARK_AFTER later): no greenlet is busy
-        assert until(lambda: not served.slots.busy, 0.1)
+        assert until(lambda: not unwatched.slots.busy)
+        assert all(c.task is None for c in unwatched.io.connections)
     finally:
         for conn in clients:
             conn.close()
 
 
 def test_a_parked_connection_is_closed_when_client_idle_passes(served: Worker) -> None:
+    before = served.io.now  # the watchdog's clock, which deadlines count from
     conn = connect(served)
     conn.sendall(GET)
     read_response(conn)
-    started = time.monotonic()
-    assert conn.recv(100) == b""  # closed by the balancer, not by our timeout
-    assert 0.5 < time.monotonic() - started < 3
+    (client,) = served.io.connections
+    assert until(lambda: client.idle)
+    deadline = client.deadline
+    assert deadline >= before + CLIENT_IDLE  # client_idle from after the request came
+    assert conn.recv(100) == b""  # closed by the balancer, not by our timeout (5 s)
+    assert time.monotonic() > deadline  # not before client_idle passed
     assert until(lambda: served.slots.open == 0 and not served.io.connections)
 
 

@@ -57,6 +57,8 @@ class ActionCompiler:
     def make_action(self, key: str, rule: Mapping[str, Any]) -> Action:
         kind = rule["action"]
         if kind == "proxy":
+            if "health" in rule:  # its backends' state changes without traffic: on /metrics
+                self.stats.watch(key)
             return ProxyAction(rule, self.registry, self.stats.host(key), self.holder, self.holds)
         if kind == "spin":
             return SpinAction(rule, self.holder, self.holds)

@@ -1,0 +1,208 @@
+"""What a big table costs when nothing happens, and what a scrape costs a live request.
+
+``python scripts/bench_scrape.py [--hosts 100000] [--active 1000] [--workers 1]
+[--idle 30] [--duration 10]``
+
+A real ``balancer serve`` over a file store of `--hosts` proxy hosts (their
+backend is never asked) plus a static host for the probe. `--active` of the
+hosts get one request each first (static hosts of their own), as a
+production table has some hosts with traffic and many without. Then:
+
+1. idle: no request, no scrape, for `--idle` seconds: the CPU seconds the
+   worker(s) and the management process used (timers walking the table);
+2. probe: one client sends requests back to back over a keep-alive
+   connection to the static host, for `--duration` seconds: its latency;
+3. probe + scrape: the same while another client fetches ``/metrics`` in a
+   loop: the probe's latency again (a stalled worker shows in p99 and max),
+   the scrapes' time and size.
+
+Run it under ``flock /tmp/bench.lock``; with ``PYTHONPATH`` pointing at a
+compiled copy to measure the compiled data plane (the balancer runs from a
+temporary directory: ``python -m`` would otherwise import the balancer of the
+working directory first). Prints the data plane it ran (interpreted or compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from loadtest.procs import Processes, free_port, wait_for_port  # noqa: E402
+
+HOST = "127.0.0.1"
+PROBE = "probe.example"
+SERVING = re.compile(r"worker (\d+) serving routing version")
+PLANE = re.compile(r"data plane (compiled|interpreted)")
+TICKS = 100  # clock ticks a second (/proc/PID/stat's utime and stime)
+
+
+def fill(path: Path, hosts: int, active: int) -> None:
+    dead = f"{HOST}:{free_port()}"  # never connected to: no request goes there
+    table: dict[str, object] = {f"h{n}.example": {"action": "proxy", "backends": [dead]}
+                                for n in range(hosts)}
+    for n in range(active):
+        table[f"a{n}.example"] = {"action": "static", "body": f"site {n}"}
+    table[PROBE] = {"action": "static", "body": "probe"}
+    path.write_text(json.dumps({"version": 1, "hosts": table}))
+
+
+def start(procs: Processes, tmp: Path, args: argparse.Namespace) -> tuple[int, int, int]:
+    """The balancer: (proxy port, management port, arbiter pid)."""
+    fill(tmp / "routes.json", args.hosts, args.active)
+    port, mgmt = free_port(), free_port()
+    proc = procs.start("big", [sys.executable, "-m", "balancer", "serve",
+                               "--workers", str(args.workers), "--listen", f"{HOST}:{port}",
+                               "--management", f"{HOST}:{mgmt}",
+                               "--store", f"file:{tmp / 'routes.json'}"])
+    wait_for_port(proc, port, timeout=300)
+    wait_for_port(proc, mgmt, timeout=300)
+    return port, mgmt, proc.pid
+
+
+def workers_serving(log: Path, count: int, timeout: float = 300.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted({int(pid) for pid in SERVING.findall(log.read_text(errors="replace"))})
+        if len(found) >= count:
+            return found
+        time.sleep(0.2)
+    raise SystemExit("the workers did not load their table")
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        out += [int(child), *descendants(int(child))]
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def check_workers(mgmt: int, count: int, log: Path) -> None:
+    """The management process sees `count` workers (else their counters are not measured)."""
+    conn = http.client.HTTPConnection(HOST, mgmt, timeout=60)
+    conn.request("GET", "/api/v1/info")
+    info = json.loads(conn.getresponse().read())
+    if len(info.get("processes", [])) != count:
+        raise SystemExit(f"the management process sees {info.get('processes')}, not {count} "
+                         f"workers:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def warm(port: int, active: int) -> None:
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    for n in range(active):
+        conn.request("GET", "/", headers={"Host": f"a{n}.example"})
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise SystemExit(f"a{n}.example: {response.status}")
+
+
+def probe(port: int, stop: threading.Event, times: list[float]) -> None:
+    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+    while not stop.is_set():
+        started = time.perf_counter()
+        conn.request("GET", "/", headers={"Host": PROBE})
+        conn.getresponse().read()
+        times.append((time.perf_counter() - started) * 1000)
+
+
+def scraper(mgmt: int, stop: threading.Event, times: list[float], sizes: list[int]) -> None:
+    conn = http.client.HTTPConnection(HOST, mgmt, timeout=300)
+    while not stop.is_set():
+        started = time.perf_counter()
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise SystemExit(f"/metrics: {response.status}")
+        times.append((time.perf_counter() - started) * 1000)
+        sizes.append(len(body))
+
+
+def run(port: int, mgmt: int | None, duration: float) -> tuple[list[float], list[float], list[int]]:
+    stop = threading.Event()
+    probes: list[float] = []
+    scrapes: list[float] = []
+    sizes: list[int] = []
+    threads = [threading.Thread(target=probe, args=(port, stop, probes))]
+    if mgmt is not None:
+        threads.append(threading.Thread(target=scraper, args=(mgmt, stop, scrapes, sizes)))
+    for thread in threads:
+        thread.start()
+    time.sleep(duration)
+    stop.set()
+    for thread in threads:
+        thread.join(300)
+    return probes, scrapes, sizes
+
+
+def summary(times: list[float]) -> str:
+    if not times:
+        return "n 0"
+    ordered = sorted(times)
+    n = len(ordered)
+    return (f"n {n}  p50 {statistics.median(ordered):.2f}  "
+            f"p99 {ordered[min(n - 1, int(n * 0.99))]:.2f}  max {ordered[-1]:.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", type=int, default=100000)
+    parser.add_argument("--active", type=int, default=1000, help="hosts given one request")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--idle", type=float, default=30.0, help="seconds measured idle")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of each probe")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-scrape-") as tmp:
+        # `python -m` puts its working directory first on sys.path: run from the
+        # temporary one, so that PYTHONPATH (or the installed package) decides what runs
+        os.chdir(tmp)
+        procs = Processes(Path(tmp) / "logs")
+        try:
+            port, mgmt, arbiter = start(procs, Path(tmp), args)
+            workers = workers_serving(procs.log_dir / "big.log", args.workers)
+            management = [arbiter] + [p for p in descendants(arbiter) if p not in workers]
+            warm(port, args.active)
+            check_workers(mgmt, args.workers, procs.log_dir / "big.log")
+            plane = PLANE.search((procs.log_dir / "big.log").read_text(errors="replace"))
+            watched = workers + management
+            before = {pid: cpu_seconds(pid) for pid in watched}
+            time.sleep(args.idle)
+            idle = {pid: cpu_seconds(pid) - before[pid] for pid in watched}
+            alone = run(port, None, args.duration)[0]
+            probes, scrapes, sizes = run(port, mgmt, args.duration)
+        finally:
+            procs.stop_all()
+            os.chdir(ROOT)
+    print(f"{args.hosts} hosts ({args.active} with traffic), {args.workers} worker(s), "
+          f"data plane {plane.group(1) if plane else '?'}, "
+          f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}")
+    for pid in workers:
+        print(f"  idle {args.idle:g} s: worker {pid} used {idle[pid]:.2f} s CPU")
+    for pid in management:
+        print(f"  idle {args.idle:g} s: process {pid} (arbiter or management) used "
+              f"{idle[pid]:.2f} s CPU")
+    print(f"  live request, no scrape:     {summary(alone)}")
+    print(f"  live request, scraping:      {summary(probes)}")
+    print(f"  /metrics scrape:             {summary(scrapes)}; "
+          f"{(sizes[-1] if sizes else 0) / 1024:.0f} KiB")
+
+
+if __name__ == "__main__":
+    main()
