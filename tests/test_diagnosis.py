@@ -470,46 +470,38 @@ def test_hosts_and_backends_are_counted_exactly_per_interval() -> None:
 
 def test_rotation_visits_only_the_hosts_with_traffic() -> None:
     """A rotation costs the hosts a request began on in the interval, not the
-    table: with 20,000 idle hosts it reads the counters of the 2 busy ones
-    (counted by the attributes it reads), and a request still open at the
-    rotation keeps its host in the next interval's set."""
+    table: with 20,000 idle hosts, counters that moved on hosts no request was
+    marked on (a walk of the table would find them) are not looked at, and a
+    request still open at the rotation keeps its host in the next interval's
+    set. (Observed through what the rotation records: HostStats is compiled in
+    CI, so it cannot be subclassed to count attribute reads.)"""
     from balancer.sketch import TopTalkers
-    from balancer.stats import HostStats, Stats
-
-    reads = 0
-
-    class Counted(HostStats):
-        __slots__ = ()
-
-        def __getattribute__(self, name: str) -> object:
-            nonlocal reads
-            if name == "codes":  # read once per host a rotation looks at
-                reads += 1
-            return object.__getattribute__(self, name)
+    from balancer.stats import Stats
 
     stats = Stats()
     for n in range(20000):
-        stats.hosts[f"h{n}.test"] = Counted()
+        stats.host(f"h{n}.test")
     top = TopTalkers(0.0)
     busy, open_one = stats.hosts["h7.test"], stats.hosts["h9.test"]
     for key, host in (("h7.test", busy), ("h9.test", open_one)):
         host.open_requests += 1
         stats.mark(key, host)
     busy.finish(200, 10, 10, 0.01)  # h9's request stays open
-    reads = 0
+    unvisited = stats.hosts["h5.test"]  # moved, never marked: only a walk sees it
+    unvisited.open_requests += 1
+    unvisited.finish(200, 10, 10, 0.01)
     top.rotate(10.0, stats)
-    assert reads == 2
     assert top.slots[0].exact["requests host"] == {"h7.test": 1}
     assert set(stats.dirty) == {"h9.test"} and open_one.marked and not busy.marked
     assert sorted(stats.active_keys()) == ["h7.test", "h9.test"]
     open_one.finish(200, 0, 0, 0.01)  # finishes in the next interval: counted there
-    reads = 0
+    unvisited.open_requests += 1
+    unvisited.finish(200, 10, 10, 0.01)
     top.rotate(20.0, stats)
-    assert reads == 1
     assert top.slots[1].exact["requests host"] == {"h9.test": 1}
     assert stats.dirty == {}
     top.rotate(30.0, stats)
-    assert reads == 1
+    assert top.slots[2].exact["requests host"] == {}
 
 
 def test_a_deleted_host_is_neither_dirty_nor_active_again() -> None:

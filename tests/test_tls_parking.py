@@ -30,6 +30,7 @@ class Certs:
     def __init__(self) -> None:
         chain, key = CA.issue("app.test")
         self.records = {"app.test": make_record("app.test", chain, key)}
+        self.damaged: dict[str, str] = {}  # the records `all` left out (none here)
 
     def all(self) -> dict[str, Any]:
         return self.records
