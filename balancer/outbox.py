@@ -199,20 +199,9 @@ class TLSWriter(Writer):
         super().__init__(raw, outbox)
         self.sock = sock
 
-    def write(self, data: bytes) -> None:
-        if self.held or self.rest is not None:
-            self.finish()
+    def send(self, data: bytes) -> None:
+        """All of `data`, now (`write` and `finish` send through it)."""
         tls_send_all(self.sock, self.raw, data)
-
-    def finish(self) -> None:
-        rest = self.rest
-        if rest is not None:
-            rest.join()
-            self.rest = None
-        data = self.held
-        if data:
-            self.held = b""
-            tls_send_all(self.sock, self.raw, data)
 
     def flush(self) -> None:
         data = self.held
