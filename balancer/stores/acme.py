@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from balancer.stores.atomic import write_atomically
+from balancer.stores.atomic import file_signature, write_atomically
 from balancer.stores.base import StoreUnavailable
 
 FILE_MODE = 0o600
@@ -223,13 +222,7 @@ class FileAcme(Acme):
         return _objects(self._read(self.challenges_path).get("challenges"))
 
     def challenges_signature(self) -> object:
-        try:
-            st = os.stat(self.challenges_path)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StoreUnavailable(f"{self.challenges_path}: {exc.strerror or exc}") from exc
-        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return file_signature(self.challenges_path)
 
     def put_state(self, host: str, record: dict[str, Any]) -> None:
         with self._changing(self.path) as doc:

@@ -30,12 +30,11 @@ Invariants:
 from __future__ import annotations
 
 import json
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from balancer.stores.atomic import write_atomically
+from balancer.stores.atomic import file_signature, write_atomically
 from balancer.stores.base import StoreError, StoreUnavailable
 
 FILE_MODE = 0o600
@@ -192,13 +191,7 @@ class FileCerts(Certs):
         self.seen = True
 
     def signature(self) -> object:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StoreUnavailable(f"{self.path}: {exc.strerror or exc}") from exc
-        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return file_signature(self.path)
 
 
 def _why(exc: BaseException) -> str:
