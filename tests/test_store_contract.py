@@ -301,8 +301,9 @@ def test_lost_certificates_are_never_read_as_none_and_refuse_writes(
     assert sorted(reader.certs().all()) == ["a.test", "b.test"]
     assert sorted(writer.certs().all()) == ["a.test", "b.test"]
     _lose_certs(writer)
-    with pytest.raises(CertsLost):
+    with pytest.raises(CertsLost) as caught:
         reader.certs().all()
+    assert "`balancerctl cert restore` (POST /api/v1/certs/restore)" in str(caught.value)
     with pytest.raises(CertsLost):
         writer.certs().put("c.test", CERT)  # would leave one certificate
     with pytest.raises(CertsLost):
@@ -336,6 +337,8 @@ def test_a_damaged_certs_file_is_corrupt_never_empty(tmp_path: Path, text: bytes
     with pytest.raises(CertsCorrupt) as caught:
         open_store(f"file:{tmp_path / 'routes.json'}", "ns").certs().all()
     assert "PRIVATE" not in str(caught.value)
+    # the certificates' own restore, not the routing table's `balancerctl restore`
+    assert "`balancerctl cert restore` (POST /api/v1/certs/restore)" in str(caught.value)
     with pytest.raises(CertsCorrupt):
         store.certs().put("b.test", CERT)
     assert path.read_bytes() == text

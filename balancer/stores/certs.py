@@ -38,7 +38,7 @@ from balancer.stores.atomic import file_signature, write_atomically
 from balancer.stores.base import StoreError, StoreUnavailable
 
 FILE_MODE = 0o600
-HOW_TO_FIX = ("run `balancerctl restore` (POST /api/v1/restore) to write back the "
+HOW_TO_FIX = ("run `balancerctl cert restore` (POST /api/v1/certs/restore) to write back the "
               "certificates this balancer last read, or repair the store by hand "
               "(docs/tls.md, \"When the certificate store is damaged\")")
 
