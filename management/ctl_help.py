@@ -38,9 +38,6 @@ every problem is listed."""
 
 WIDTH = 79
 KEY_HELP: dict[str, str] = {
-    "subdomains": "true: the rule also matches every name under HOST",
-    "limits": 'any action: {"rate": R, "burst": B, "per": "client"|"host", '
-              '"max_connections_per_client": N}; over a limit: 429 (docs/rules.md)',
     "backends": "backend addresses (or use --backend ADDR, repeatable); "
                 '{"address": ADDR, "weight": 1-1000} for a weight',
     "algorithm": "one of " + ", ".join(ALGORITHMS) + " (default round_robin)",
@@ -52,6 +49,8 @@ KEY_HELP: dict[str, str] = {
               + " (defaults path=/ interval=2 timeout=1 rise=2 fall=3)",
     "spin_when_down": "seconds to hold requests while every backend refuses",
     "max_body_bytes": "largest request body; above it 413",
+    "backend_tls_verify": "false: do not verify https:// backends' certificates "
+                          "(default true; docs/tls.md)",
     "timeout": "seconds to hold a request (default 120); 504 after",
     "status": "the HTTP status, 200-599 (default 200, or the page's own)",
     "body": "the response body (or page=NAME)",
@@ -88,6 +87,9 @@ def action_keys_help() -> str:
     lines.append("  every action: subdomains=true also matches every name under HOST")
     lines.append("  every action: tls=acme gets HOST a certificate issued and renewed by ACME")
     lines.append("                https_redirect=true hsts=SECONDS (docs/tls.md)")
+    lines.append("  every action: limits.rate=R limits.burst=B limits.per=client|host")
+    lines.append("                limits.max_connections_per_client=N (over a limit: 429;")
+    lines.append("                docs/rules.md)")
     lines.append("")
     lines.append("examples:")
     lines.append("  balancerctl set app.example.com proxy --backend 127.0.0.1:9001 \\\n"

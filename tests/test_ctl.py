@@ -185,17 +185,19 @@ def test_help_describes_positional_arguments() -> None:
 
 
 def test_set_help_lists_every_key_of_every_action() -> None:
-    from balancer.rules import ACTION_KEYS, ACTIONS, HEALTH_KEYS
+    from balancer.rules import ACTION_KEYS, ACTIONS, COMMON_KEYS, HEALTH_KEYS
 
     text = ok("set", "--help")
     epilog = text.split("actions and their keys:")[1]
     blocks = dict(re.findall(r"^  (\w+): .*\n((?:    .*\n)+)", epilog, re.M))
     assert set(blocks) == set(ACTIONS)
     for action in ACTIONS:
-        keys = {line.split()[0] for line in blocks[action].splitlines()
-                if not line.startswith(" " * 20)}
-        assert keys == ACTION_KEYS[action] - {"action", "subdomains"}, action
-    assert "subdomains=true" in epilog
+        lines = [line for line in blocks[action].splitlines() if not line.startswith(" " * 20)]
+        assert {line.split()[0] for line in lines} == ACTION_KEYS[action] - {"action",
+                                                                            "subdomains"}, action
+        assert all(len(line.split()) > 1 for line in lines), f"{action}: a key has no help"
+    for key in COMMON_KEYS - {"action"}:
+        assert f" {key}=" in epilog or f" {key}." in epilog, key
     assert all(f"health.{key}=" in text for key in HEALTH_KEYS)
 
 
