@@ -16,6 +16,7 @@ Nothing here monkey-patches: every child does after fork (`balancer.workers`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ from balancer.descriptors import log_limits, raise_limit
 from balancer.listening import Listeners, bind_group, slot_count
 from balancer.preload import preload
 from balancer.privileges import Identity, PrivilegeError, drop_privileges, resolve
-from balancer.settings import Settings
+from balancer.settings import BY_NAME, Settings
 from balancer.startup import check_in_child
 from balancer.stores.urls import redact_url
 from balancer.workers import ManagementChild
@@ -42,18 +43,36 @@ MANAGEMENT_GROUP = "balancer.management"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
+ROLE_SETTINGS = {"proxy": "server.listen", "internal": "server.internal_listen",
+                 "tls": "tls.listen", "management": "management.listen"}
+BIND_HINTS = {
+    errno.EADDRINUSE: "another process listens there: stop it, or give another address",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE; or give another address",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address; give another one",
+}
+
+
 def bind_all(addresses: list[tuple[Address, str]], slots: int = 1) -> Listeners:
     """Bind every listener (`slots` sockets each, `balancer.listening`) or exit
-    naming the one that failed."""
+    naming the one that failed and its setting."""
     groups = []
     for address, role in addresses:
         try:
             groups.append(bind_group(address, role, slots))
         except OSError as exc:
-            print(f"balancer: cannot listen on {address}: {exc.strerror or exc}",
-                  file=sys.stderr)
+            print(f"balancer: {bind_problem(address, role, exc)}", file=sys.stderr)
             raise SystemExit(1) from None
     return Listeners(groups)
+
+
+def bind_problem(address: Address, role: str, exc: OSError) -> str:
+    """``SETTING: cannot listen on ADDR: REASON (what to do: flag, env, file key)``."""
+    setting = BY_NAME[ROLE_SETTINGS[role]]
+    where = ", ".join(filter(None, (setting.flag, setting.env,
+                                    f"[{setting.section}] {setting.key}")))
+    hint = BIND_HINTS.get(exc.errno or 0, "give another address")
+    return (f"{setting.name}: cannot listen on {address}: {exc.strerror or exc} "
+            f"({hint}: {where})")
 
 
 def bound_name(sock: Any) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import json
 import math
 import os
 import pwd
@@ -38,6 +39,9 @@ class Kind:
         """Return the typed value for ``raw`` or raise ``Rejected``."""
         if is_text:
             return self.check(self.convert(raw), raw)
+        if isinstance(raw, str) and list in self.types:  # `listen = "a:1"` in TOML
+            raise Rejected(f"must be {self.expected}, got {raw!r}: a TOML array, "
+                           f"[{json.dumps(raw)}]")
         if isinstance(raw, bool) or not isinstance(raw, self.types):
             raise reject(self.expected, raw)
         return self.check(raw, raw)

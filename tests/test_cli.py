@@ -48,7 +48,23 @@ def test_unbindable_listener_exits_naming_it(tmp_path):
     finally:
         taken.close()
     assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert f"server.listen: cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_a_taken_management_address_names_its_setting(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        result = run_serve(["--listen", "127.0.0.1:0", "--management", f"127.0.0.1:{port}",
+                            "--store", f"file:{tmp_path}/r.json"], tmp_path)
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert (f"balancer: management.listen: cannot listen on 127.0.0.1:{port}: Address already "
+            f"in use (another process listens there: stop it, or give another address: "
+            f"--management, BALANCER_MANAGEMENT_LISTEN, [management] listen)") in result.stderr
 
 
 def test_bad_config_file_value(tmp_path):

@@ -451,7 +451,9 @@ def test_unbindable_listener_exits_before_forking(tmp_path):
         taken.close()
     assert result.returncode == 1
     problems = [line for line in result.stderr.splitlines() if line.startswith("balancer:")]
-    assert problems == [f"balancer: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert problems == [f"balancer: server.listen: cannot listen on 127.0.0.1:{port}: Address "
+                        f"already in use (another process listens there: stop it, or give "
+                        f"another address: --listen, BALANCER_SERVER_LISTEN, [server] listen)"]
     assert "Traceback" not in result.stderr
 
 

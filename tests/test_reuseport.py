@@ -217,8 +217,8 @@ def test_a_port_held_with_so_reuseport_by_another_process_still_refuses(tmp_path
     finally:
         taken.close()
     assert result.returncode == 1
-    assert f"balancer: cannot listen on 127.0.0.1:{port}: Address already in use" \
-        in result.stderr
+    assert (f"balancer: server.listen: cannot listen on 127.0.0.1:{port}: Address already in "
+            f"use") in result.stderr
 
 
 def test_slots_of_gives_every_socket_a_worker():

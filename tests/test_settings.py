@@ -277,7 +277,8 @@ def test_top_level_key_is_not_a_section(config):
         ("[server]\nworkers = true", "server.workers ({}): must be an integer >= 0, got True"),
         ("[server]\nworkers = 1.5", "server.workers ({}): must be an integer >= 0, got 1.5"),
         ('[server]\nlisten = "127.0.0.1:1"',
-         "server.listen ({}): must be a list of addresses, got '127.0.0.1:1'"),
+         "server.listen ({}): must be a list of addresses, got '127.0.0.1:1': a TOML array, "
+         '["127.0.0.1:1"]'),
         ("[server]\nlisten = [8080]",
          "server.listen ({}): must be a list of address strings, got [8080]"),
         ("[management]\ntoken = 1234", "management.token ({}): must be a string, got 1234"),
