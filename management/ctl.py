@@ -160,7 +160,9 @@ class Client:
                                                  exc.headers)) from None
             raise CtlError(_api_error(exc)) from None
         except URLError as exc:
-            raise CtlError(f"cannot reach {self.url}: {_reason(exc.reason)}") from None
+            raise CtlError(f"cannot reach {self.url}: {_reason(exc.reason)} (is `balancer "
+                           f"serve` running? --url or BALANCER_URL names its [management] "
+                           f"listen address, default {DEFAULT_URL})") from None
         except (OSError, ValueError) as exc:
             raise CtlError(f"{self.url}: {_reason(exc)}") from None
 
@@ -184,6 +186,13 @@ def _reason(reason: object) -> str:
     return str(reason) or type(reason).__name__
 
 
+HINTS = {  # what to do about an API error that is the client's set-up, not the request
+    "unauthorized": " (give the balancer's [management] token with --token or BALANCER_TOKEN)",
+    "host_not_allowed": " (use the management address as the balancer binds it, or add the "
+                        "name to its [management] allowed_hosts)",
+}
+
+
 def _api_error(exc: HTTPError) -> str:
     """``404 not_found: no rule for host 'x'`` plus details, on one line."""
     try:
@@ -191,7 +200,7 @@ def _api_error(exc: HTTPError) -> str:
         text = f"{exc.code} {body['error']}: {body['message']}"
         if body.get("details"):
             text += " (" + "; ".join(str(d) for d in body["details"]) + ")"
-        return text
+        return text + HINTS.get(body["error"], "")
     except (ValueError, KeyError, TypeError):
         return f"{exc.code} {exc.reason}"
 

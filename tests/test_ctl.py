@@ -148,11 +148,13 @@ def test_error_exits(url: str, env: dict[str, str]) -> None:
     assert "400 invalid_rule" in line and "backends[0]" in line and "retries" in line
     assert "404 not_found" in fails("get", "nobody.example.com", env=env)
     assert "404 not_found" in fails("delete", "nobody.example.com", env=env)
-    assert "401 unauthorized" in fails("list", env={"BALANCER_URL": url})
-    assert "401 unauthorized" in fails("--token", "wrong", "list", env=env)
+    for line in (fails("list", env={"BALANCER_URL": url}),
+                 fails("--token", "wrong", "list", env=env)):
+        assert "401 unauthorized" in line and "--token or BALANCER_TOKEN" in line, line
     port = free_port()
     line = fails("list", env={"BALANCER_URL": f"http://127.0.0.1:{port}"})
     assert f"cannot reach http://127.0.0.1:{port}" in line and "refused" in line
+    assert "is `balancer serve` running?" in line and "BALANCER_URL" in line
     assert "expected key=value" in fails("set", "a.example.com", "empty", "status", env=env)
     assert "invalid choice" in fails("set", "a.example.com", "teleport", env=env)
     assert "invalid choice" in fails("frobnicate", env=env)
@@ -221,3 +223,21 @@ def test_url_of_the_proxy_gets_a_hint(tmp_path: Path) -> None:
         assert "version" in ok("list", env={"BALANCER_URL": managed})
     finally:
         balancer.stop()
+
+
+def test_a_refused_host_header_says_what_to_change() -> None:
+    from email.message import Message
+    from io import BytesIO
+    from urllib.error import HTTPError
+
+    from management.ctl import _api_error
+
+    body = {"error": "host_not_allowed", "message": "Host 'lb.internal' is not allowed",
+            "details": []}
+    headers = Message()
+    headers["Content-Type"] = "application/json"
+    exc = HTTPError("http://lb.internal:8081/api/v1/hosts", 403, "Forbidden", headers,
+                    BytesIO(json.dumps(body).encode()))
+    assert _api_error(exc) == ("403 host_not_allowed: Host 'lb.internal' is not allowed (use "
+                               "the management address as the balancer binds it, or add the "
+                               "name to its [management] allowed_hosts)")
