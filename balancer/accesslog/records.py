@@ -10,7 +10,8 @@ path does, `balancer.connection.access_record`); text fields take ``str``,
     METHOD, TARGET, PROTOCOL    e.g. "GET", "/a?b=1", "HTTP/1.1"
     STATUS          int status sent to the client
     BYTES_SENT      int bytes sent to the client (head and body)
-    BYTES_RECEIVED  int bytes received from the client (head and body)
+    BYTES_RECEIVED  int request body bytes received from the client (chunked framing
+                    removed; the head is not counted), plus what it sent through a tunnel
     REFERER, USER_AGENT         request header values, or None
     REQUEST_ID      the X-Request-Id used
     BACKEND         backend address ("10.0.0.5:9001"), or None if none was used
