@@ -98,6 +98,23 @@ def test_systemd_unit_runs_the_example_config(tmp_path):
     assert not problems and result.returncode == 0, result.stdout + result.stderr
 
 
+def test_compose_services_reach_the_management_api_by_name():
+    """A `balancerctl --url http://SERVICE:8081` of docker-compose.yml sends
+    `Host: SERVICE`: the balancers must answer to that name (no Docker engine
+    runs the file here, so its settings are checked as the balancer reads them)."""
+    from management.guard import HostPolicy
+
+    text = (ROOT / "docker-compose.yml").read_text()
+    env = dict(re.findall(r"^ {4}(BALANCER_MANAGEMENT_[A-Z_]+): \"([^\"$]*)", text, re.M))
+    env["BALANCER_MANAGEMENT_TOKEN"] = "a token"
+    settings = load_settings(env=env)
+    bound = settings.management.listen
+    policy = HostPolicy(bound.host, settings.management.allowed_hosts)
+    names = set(re.findall(r'"http://([a-z0-9-]+):8081"', text))
+    assert names, "the compose file no longer calls the API by a service name"
+    assert all(policy.allows(name) for name in names), (names, env)
+
+
 # commands and flags ---------------------------------------------------------------
 
 def _help(command: str, args: list[str]) -> str:
