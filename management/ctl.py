@@ -188,8 +188,6 @@ def _reason(reason: object) -> str:
 
 HINTS = {  # what to do about an API error that is the client's set-up, not the request
     "unauthorized": " (give the balancer's [management] token with --token or BALANCER_TOKEN)",
-    "host_not_allowed": " (use the management address as the balancer binds it, or add the "
-                        "name to its [management] allowed_hosts)",
 }
 
 

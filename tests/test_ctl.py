@@ -224,20 +224,3 @@ def test_url_of_the_proxy_gets_a_hint(tmp_path: Path) -> None:
     finally:
         balancer.stop()
 
-
-def test_a_refused_host_header_says_what_to_change() -> None:
-    from email.message import Message
-    from io import BytesIO
-    from urllib.error import HTTPError
-
-    from management.ctl import _api_error
-
-    body = {"error": "host_not_allowed", "message": "Host 'lb.internal' is not allowed",
-            "details": []}
-    headers = Message()
-    headers["Content-Type"] = "application/json"
-    exc = HTTPError("http://lb.internal:8081/api/v1/hosts", 403, "Forbidden", headers,
-                    BytesIO(json.dumps(body).encode()))
-    assert _api_error(exc) == ("403 host_not_allowed: Host 'lb.internal' is not allowed (use "
-                               "the management address as the balancer binds it, or add the "
-                               "name to its [management] allowed_hosts)")
