@@ -339,8 +339,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             setting.flag, dest=setting.name, default=None,
             action="append" if repeat else "store", metavar=setting.metavar,
-            help=f"{setting.help} [env {setting.env}, file {setting.name}]",
+            help=f"{setting.help} [default {_shown(setting.default)}; env {setting.env}, "
+                 f"file {setting.name}]",
         )
+
+
+def _shown(default: object) -> str:
+    """A default as ``--help`` shows it: a list's items, "none" for nothing."""
+    if isinstance(default, list | tuple):
+        return ", ".join(str(item) for item in default) or "none"
+    return str(default) if default != "" else "none"
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, object]:

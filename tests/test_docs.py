@@ -190,6 +190,17 @@ def test_readme_shows_the_set_up_and_the_new_commands():
     assert {"--idle-connections", "--generator", "--quick"} <= flags
 
 
+def test_serve_help_gives_each_flag_its_default_env_and_key():
+    text = " ".join(_help("balancer", ["serve"]).split()).replace("- ", "-")  # wrapped at "-"
+    for default, env, key in (("127.0.0.1:8080", "BALANCER_SERVER_LISTEN", "server.listen"),
+                              ("127.0.0.1:8081", "BALANCER_MANAGEMENT_LISTEN",
+                               "management.listen"),
+                              ("file:balancer-routes.json", "BALANCER_STORE_URL", "store.url"),
+                              ("1", "BALANCER_SERVER_WORKERS", "server.workers"),
+                              ("none", "BALANCER_MANAGEMENT_TOKEN", "management.token")):
+        assert f"[default {default}; env {env}, file {key}]" in text, key
+
+
 def test_every_command_and_flag_shown_exists():
     checked = 0
     for where, command, words in _commands_shown():
