@@ -32,7 +32,10 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     actions = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION",
                                   parser_class=type(cert))
     actions.add_parser("list", parents=[common], help="every certificate and its expiry",
-                       description="Every stored certificate: names, expiry, source.")
+                       description="Every stored certificate: host, expiry (UTC), days "
+                                   "left, source, names; then the ACME state of every host "
+                                   "whose rule has tls=acme (issued, pending, failed and "
+                                   "why).")
     put = actions.add_parser("set", parents=[common], help="upload a certificate for HOST",
                              description="Store HOST's certificate: --chain is the PEM leaf "
                                          "certificate then its intermediates, --key its "
