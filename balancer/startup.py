@@ -29,14 +29,15 @@ CHECK_TIMEOUT = 30.0
 
 
 def keep_bound(old: Settings, new: Settings) -> Settings:
-    """`new`, with what a reload cannot change (addresses, reuseport, user, group)
-    kept from `old`."""
+    """`new`, with what a reload cannot change (every listen address, reuseport,
+    user, group) kept from `old`."""
     fixed = {"server.listen": (old.server.listen, new.server.listen),
              "server.internal_listen": (old.server.internal_listen, new.server.internal_listen),
              "server.reuseport": (old.server.reuseport, new.server.reuseport),
              "server.user": (old.server.user, new.server.user),
              "server.group": (old.server.group, new.server.group),
-             "management.listen": (old.management.listen, new.management.listen)}
+             "management.listen": (old.management.listen, new.management.listen),
+             "tls.listen": (old.tls.listen, new.tls.listen)}
     changed = [name for name, (was, now) in fixed.items() if was != now]
     if changed:
         log.warning("SIGHUP: %s changed; that needs a restart, keeping the running value%s",
@@ -46,7 +47,8 @@ def keep_bound(old: Settings, new: Settings) -> Settings:
                      reuseport=old.server.reuseport,
                      user=old.server.user, group=old.server.group)
     management = replace(new.management, listen=old.management.listen)
-    return replace(new, server=server, management=management)
+    tls = replace(new.tls, listen=old.tls.listen)
+    return replace(new, server=server, management=management, tls=tls)
 
 
 def check_in_child(settings: Settings, identity: Identity | None,

@@ -452,3 +452,20 @@ def test_management_allowed_hosts(config):
         "must be a list of host name strings, got [1]")
     assert "must be a list of host names" in one_problem(
         config_path=config('[management]\nallowed_hosts = "x"\n'))
+
+
+def test_a_reload_keeps_every_address_bound_at_start(caplog):
+    from balancer.startup import keep_bound
+
+    old = load_settings(env={})
+    new = load_settings(env={"BALANCER_TLS_LISTEN": "127.0.0.1:8443",
+                             "BALANCER_MANAGEMENT_LISTEN": "127.0.0.1:9081",
+                             "BALANCER_SERVER_REUSEPORT": "false",
+                             "BALANCER_TIMEOUTS_BACKEND_READ": "7"})
+    with caplog.at_level("WARNING", logger="balancer"):
+        kept = keep_bound(old, new)
+    assert kept.tls.listen == () and kept.management.listen == old.management.listen
+    assert kept.server.reuseport is True
+    assert kept.timeouts.backend_read == 7.0  # what a reload may change, changes
+    assert ("SIGHUP: server.reuseport, management.listen, tls.listen changed; that needs a "
+            "restart, keeping the running values") in caplog.text
