@@ -41,8 +41,9 @@ with status 2 and one line per problem naming the setting and where it came
 from, e.g.
 `balancer: timeouts.backend_read (BALANCER_TIMEOUTS_BACKEND_READ): must be a number > 0, got 'abc'`.
 Settings are read once at start and again on `SIGHUP`
-([operations.md](operations.md#signals)); listen addresses, `server.user`
-and `server.group` need a restart.
+([operations.md](operations.md#signals)); every listen address,
+`server.reuseport`, `server.user` and `server.group` need a restart (a reload
+that changes one logs a warning and keeps the running value).
 
 Value forms: an `ADDR` is `host:port`, `[v6]:port` or `:port` (every
 interface). A list is a TOML array (`["127.0.0.1:8080", "[::1]:8080"]`),
