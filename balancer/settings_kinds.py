@@ -17,7 +17,13 @@ import os
 import pwd
 
 from balancer.addr import HOSTNAME, AddrError, Address, parse_addr
-from balancer.stores.urls import URL_FORMS, StoreUrlError, store_kind
+from balancer.stores.urls import (
+    URL_FORMS,
+    StoreUrlError,
+    redact_url,
+    redis_db_problem,
+    store_kind,
+)
 
 
 class Rejected(ValueError):
@@ -226,17 +232,22 @@ def _host_name(item: str) -> str | None:
 
 
 class StoreUrl(Kind):
-    """A store URL; only the scheme is checked here (`balancer.stores.urls`),
-    the stores parse the rest."""
+    """A store URL; the scheme and a Redis URL's database are checked here
+    (`balancer.stores.urls`), the stores parse the rest. A password never
+    appears in a message."""
 
     expected = f"a store URL: {URL_FORMS}"
     metavar = "URL"
 
     def check(self, value: object, raw: object) -> str:
+        shown = redact_url(raw) if isinstance(raw, str) else raw
         try:
             store_kind(value)
         except StoreUrlError:
-            raise reject(self.expected, raw) from None
+            raise reject(self.expected, shown) from None
+        problem = redis_db_problem(str(value))
+        if problem:
+            raise Rejected(f"{problem}, in {shown!r}")
         return str(value)
 
 

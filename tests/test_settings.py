@@ -319,6 +319,12 @@ def test_wrong_type_in_file(config, line, problem):
         ("BALANCER_STORE_URL", "redis:x", "must be a store URL"),
         ("BALANCER_STORE_URL", "file:", "must be a store URL"),
         ("BALANCER_STORE_URL", "balancer-routes.json", "must be a store URL"),
+        ("BALANCER_STORE_URL", "redis://:secret@127.0.0.1:6379/O",
+         "the database after the host must be a number (redis://host:port/DB), got 'O', "
+         "in 'redis://:***@127.0.0.1:6379/O'"),
+        ("BALANCER_STORE_URL", "rediss://h:6380/one?ssl_cert_reqs=none",
+         "must be a number (redis://host:port/DB), got 'one'"),
+        ("BALANCER_STORE_URL", "redus://:secret@h:1/0", "got 'redus://:***@h:1/0'"),
         ("BALANCER_SERVER_LISTEN", "127.0.0.1", "invalid address '127.0.0.1': missing ':port'"),
         ("BALANCER_SERVER_LISTEN", "127.0.0.1:1,", "invalid address '': missing ':port'"),
         ("BALANCER_SERVER_INTERNAL_LISTEN", "[::1]:99999", "port must be 0..65535, got 99999"),

@@ -55,6 +55,17 @@ def store_kind(url: object) -> str:
     raise StoreUrlError(f"unsupported store URL {redact_url(url)!r}; expected {URL_FORMS}")
 
 
+def redis_db_problem(url: str) -> str | None:
+    """Why the database of a ``redis://`` or ``rediss://`` URL is not a number, or
+    None. (redis-py would take ``redis://host/O`` silently as database 0.)"""
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    db = url.split("://", 1)[1].partition("/")[2].split("?")[0].split("#")[0].strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        return f"the database after the host must be a number (redis://host:port/DB), got {db!r}"
+    return None
+
+
 def redact_url(url: str) -> str:
     """`url` with the password (if any) replaced by ``***``."""
     scheme, sep, rest = url.partition("://")
