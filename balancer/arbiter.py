@@ -42,6 +42,7 @@ from balancer.backoff import Backoff
 from balancer.control import control_path
 from balancer.descriptors import log_limits, soft_limit
 from balancer.listening import Listeners
+from balancer.preload import PreloadError, freeze, needed, preload
 from balancer.privileges import Identity
 from balancer.settings import Settings, SettingsError
 from balancer.startup import check_in_child, flush_std, keep_bound, kill_quietly, read_pipe
@@ -245,6 +246,7 @@ class Arbiter:
         ready_r, ready_w = os.pipe()
         env = self.child_env(ready_w, (ready_r,))
         flush_std()
+        freeze()  # the arbiter's objects stay shared with the child (`balancer.preload`)
         pid = os.fork()
         if pid == 0:
             child_main(self.child_body(kind, slot), env)
@@ -303,6 +305,11 @@ class Arbiter:
             settings = keep_bound(self.settings, self.reload_settings())
         except SettingsError as exc:
             log.error("SIGHUP: keeping the running settings: %s", "; ".join(exc.problems))
+            return
+        try:  # a store of another kind: its module (after a drop: if still readable)
+            preload(needed(settings, self.management.modules, self.bound.identity is not None))
+        except PreloadError as exc:
+            log.error("SIGHUP: keeping the running settings: %s; restart to use them", exc)
             return
         problem = check_in_child(settings, self.bound.identity, self.arbiter_fds())
         if problem is not None:

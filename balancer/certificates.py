@@ -10,18 +10,19 @@ Invariants:
   included) do not cover the host, an expired or not yet valid leaf, and keys
   other than RSA ≥ 2048 bits or ECDSA P-256/P-384.
 * No message, repr or log line made here contains the private key.
+* `cryptography` (~15 MiB) is imported by the functions that parse, at their
+  first call: the management process imports this module always and a
+  certificate only when one is stored or uploaded (`balancer.preload`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtensionOID
+if TYPE_CHECKING:
+    from cryptography import x509
 
 MIN_RSA_BITS = 2048
 CURVES = ("secp256r1", "secp384r1")
@@ -47,6 +48,9 @@ def check(host: str, chain_pem: str, key_pem: str, now: float | None = None) -> 
     """The leaf's info if `chain_pem` + `key_pem` may serve `host`; else CertificateError."""
     if not isinstance(chain_pem, str) or not isinstance(key_pem, str):
         raise CertificateError("chain and key must be PEM text")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         chain = x509.load_pem_x509_certificates(chain_pem.encode())
     except ValueError:
@@ -79,6 +83,8 @@ def check(host: str, chain_pem: str, key_pem: str, now: float | None = None) -> 
 
 
 def _key_type(key: Any) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < MIN_RSA_BITS:
             raise CertificateError(f"key: RSA keys must have at least {MIN_RSA_BITS} bits, "
@@ -94,6 +100,9 @@ def _key_type(key: Any) -> str:
 
 def leaf_names(leaf: x509.Certificate) -> tuple[str, ...]:
     """The DNS names of a certificate (subjectAltName; the CN when it has none)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtensionOID
+
     try:
         san: Any = leaf.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
         return tuple(n.lower() for n in san.value.get_values_for_type(x509.DNSName))
@@ -119,6 +128,8 @@ def covers(names: tuple[str, ...], host: str) -> bool:
 def public_record(host: str, record: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """What the API and `balancerctl cert list` show of a stored record: never the key."""
     now = time.time() if now is None else now
+    from cryptography import x509
+
     shown: dict[str, Any] = {"host": host, "source": record.get("source", ""),
                              "not_after": record.get("not_after")}
     try:

@@ -1,10 +1,27 @@
-"""Import, before privileges drop, every module the arbiter's children use.
+"""Import, before the first fork, the modules the arbiter's children share.
+
+What the arbiter imports is shared by every child it forks (copy-on-write),
+and ready at once in a replacement worker; what it imports but a child never
+uses still counts in that child's resident set (its pages are mapped). So
+the arbiter imports the data plane every child runs (gevent, the worker's
+code, and only the store the settings name: no `redis` on a file store),
+and the management process imports its own modules (werkzeug,
+prometheus-client, the ACME client and cryptography when it first needs
+them) after fork, where only it pays for them.
 
 A process that dropped root may be unable to read the Python installation
-(a Python under /root, mode 0700, is common), so the arbiter imports its
-children's modules while it still can; children inherit them through fork.
-This also makes a replacement worker ready sooner and shares the modules'
-memory between workers (copy-on-write).
+(a Python under /root, mode 0700, is common): when the arbiter drops
+privileges (`server.user` as root), nothing can be imported after the drop,
+so it also imports every module the management process may need later
+(`ManagementChild.modules`: the ACME client is needed whenever a rule asks
+for a certificate). A reload whose settings need a module the arbiter
+cannot import then is refused (`preload` raises `PreloadError`).
+
+Before each fork the arbiter freezes its objects (`freeze`): the garbage
+collector of a child then never visits them, and the pages they live on
+stay shared with the arbiter instead of being copied into every child by
+its first full collection (docs/performance.md: 105 → 71 MiB for an idle
+tree with one worker).
 
 Invariants:
 * Importing is not patching: the arbiter still never monkey-patches, and
@@ -12,18 +29,24 @@ Invariants:
   import time that a child would use after patching (checked for these
   modules: werkzeug's and prometheus-client's module-level locks are only held
   without a greenlet switch).
-* The list is what a worker and the management process import after fork
+* The lists are what a worker and the management process import after fork
   (measured by diffing `sys.modules`); `tests/test_process.py` runs a whole
-  cluster as `nobody` to keep it honest.
+  cluster as `nobody` to keep them honest, and `tests/test_memory.py` checks
+  that the arbiter and a worker hold none of the management process's
+  modules when privileges are not dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import warnings
 
-MODULES = (
+from balancer.settings import Settings
+from balancer.stores.urls import store_kind
+
+DATA_PLANE = (
     # gevent.monkey.patch_all and a running hub (its plugin scan, thread pool, resolver)
     "gevent.monkey", "gevent.events", "gevent.socket", "gevent.ssl", "gevent.select",
     "gevent.selectors", "gevent.signal", "gevent.subprocess", "gevent.thread",
@@ -32,20 +55,41 @@ MODULES = (
     "zope.event", "encodings.idna", "_threading_local",
     # the children's own code
     "balancer.accesslog", "balancer.control", "balancer.diagnosis", "balancer.server",
-    "balancer.stores.file", "balancer.stores.redis",
 )
+STORES = {"file": ("balancer.stores.file",), "redis": ("balancer.stores.redis",)}
 # imported by gevent.monkey depending on the Python version
 OPTIONAL = ("gevent.monkey._patch_thread_common", "gevent.monkey._patch_thread_lt313",
             "gevent.monkey._patch_thread_gte313")
 
 
-def preload(extra: tuple[str, ...] = ()) -> None:
-    """Import `MODULES`, `extra` (the management process's) and whichever `OPTIONAL` exist."""
-    for name in (*MODULES, *extra):
-        importlib.import_module(name)
+class PreloadError(Exception):
+    """A module the settings need cannot be imported (after the drop: unreadable)."""
+
+
+def needed(settings: Settings, management: tuple[str, ...], dropping: bool) -> tuple[str, ...]:
+    """The modules the arbiter imports for `settings`: the data plane with its
+    store, plus the management process's (`management`) when `dropping`."""
+    return (*DATA_PLANE, *STORES[store_kind(settings.store.url)],
+            *(management if dropping else ()))
+
+
+def preload(names: tuple[str, ...]) -> None:
+    """Import `names` and whichever `OPTIONAL` exist; `PreloadError` names the
+    first that cannot be imported."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise PreloadError(f"cannot import {name}: {exc}") from None
     for name in OPTIONAL:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+
+
+def freeze() -> None:
+    """Before a fork: move every object the arbiter holds out of the collector's
+    reach, so that no child's collection writes to (and copies) their pages."""
+    gc.freeze()
 
 
 def quiet_patch_warnings() -> None:

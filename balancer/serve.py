@@ -1,7 +1,8 @@
 """`balancer serve`: check, bind, drop privileges, then hand over to the arbiter.
 
 Steps: raise the descriptor limit (`balancer.descriptors`) → import what the
-children will use (`balancer.preload`) → check in a throwaway child that the
+children share (`balancer.preload`: the data plane and its store; the
+management process's modules too when privileges will drop) → check in a throwaway child that the
 store, pages and access log open (as the run user) → bind every listener (one
 socket per worker with SO_REUSEPORT, or one shared: `balancer.listening`; a
 bind failure exits non-zero naming the address) → create the private run
@@ -31,7 +32,7 @@ from balancer.addr import Address
 from balancer.arbiter import Arbiter, Bound
 from balancer.descriptors import log_limits, raise_limit
 from balancer.listening import Listeners, bind_group, slot_count
-from balancer.preload import preload
+from balancer.preload import PreloadError, needed, preload
 from balancer.privileges import Identity, PrivilegeError, drop_privileges, resolve
 from balancer.settings import BY_NAME, Settings
 from balancer.startup import check_in_child
@@ -104,7 +105,11 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
         management_child = load_management()
     except LookupError as exc:
         return fail(str(exc), 1)
-    preload(management_child.modules)
+    dropping = identity is not None and os.geteuid() == 0
+    try:
+        preload(needed(settings, management_child.modules, dropping))
+    except PreloadError as exc:
+        return fail(str(exc), 1)
     problem = check_in_child(settings, identity)
     if problem is not None:
         return fail(problem[1], problem[0])

@@ -67,7 +67,8 @@ class ManagementChild:
     point and hands it to the arbiter."""
 
     run: Callable[[ChildEnv, Any], int]  # the child's body, on the inherited management socket
-    modules: tuple[str, ...] = ()        # imported before privileges drop (`balancer.preload`)
+    modules: tuple[str, ...] = ()        # imported by the arbiter when privileges drop
+    #                                      (`balancer.preload`)
 
 
 @dataclass(frozen=True)

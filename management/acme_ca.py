@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from management.acme_guard import IssueError
+
 log = logging.getLogger("balancer.acme")
 
 USER_AGENT = "balancer (acme)"
@@ -50,9 +52,9 @@ Publish = Callable[[str, dict[str, Any]], None]
 
 
 def adopt_patched_ssl() -> None:
-    """Make urllib3 build gevent's SSLContext. The arbiter imports this module
-    before privileges drop (`balancer.preload`: a dropped user may not read the
-    Python installation), so urllib3 bound the stdlib ``ssl.SSLContext`` before
+    """Make urllib3 build gevent's SSLContext. When privileges drop, the arbiter
+    imports this module before (`balancer.preload`: a dropped user may not read
+    the Python installation), so urllib3 bound the stdlib ``ssl.SSLContext`` before
     the management process monkey-patched `ssl`; an instance of that class
     recurses forever in its ``minimum_version`` setter once `ssl.SSLContext`
     is gevent's (gevent's "patching ssl after import" warning)."""
@@ -72,10 +74,6 @@ def system_cas() -> str | bool:
 
     cafile = ssl.get_default_verify_paths().cafile
     return cafile if cafile and os.access(cafile, os.R_OK) else True
-
-
-class IssueError(Exception):
-    """Issuance failed; the message is the operator's reason."""
 
 
 class EmptyResponse(jose.JSONDeSerializable):

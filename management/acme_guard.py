@@ -30,9 +30,13 @@ from typing import Any
 import gevent
 
 from balancer.stores.base import StoreError
-from management.acme_ca import IssueError
 
 LOOK_EVERY = 1.0  # seconds between the keeper's looks at the rule
+
+
+class IssueError(Exception):
+    """Issuance failed; the message is the operator's reason (raised by
+    `management.acme_ca` too, which is imported only once a balancer issues)."""
 
 
 class Interrupted(BaseException):

@@ -51,8 +51,7 @@ from gevent.event import Event
 
 from balancer.certificates import CertificateError, make_record, public_record
 from balancer.stores.base import StoreError
-from management.acme_ca import CA, IssueError, adopt_patched_ssl
-from management.acme_guard import Guard, Interrupted
+from management.acme_guard import Guard, Interrupted, IssueError
 from management.acme_spread import ChallengeRelay
 from management.certs_api import tell_workers
 
@@ -144,7 +143,7 @@ class Issuer:
         self.acme = store.acme()
         self.table = table  # () -> the hosts served (the management process's mirror)
         self.runtime = runtime
-        self.ca = CA(self.settings, self.acme)
+        self.ca: Any = None  # made at the first issuance (`authority`)
         self.owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:6]}"
         self.holding = False
         self.stopped = False
@@ -159,7 +158,6 @@ class Issuer:
     # lifecycle ----------------------------------------------------------
     def start(self) -> None:
         """Issue from now on (in the management process, after gevent patched `ssl`)."""
-        adopt_patched_ssl()
         if not self.listeners[self.settings.challenge]:
             log.warning("acme: challenge %s is answered on %s listeners, and this balancer "
                         "has none: the CA must reach another balancer of the cluster",
@@ -181,6 +179,17 @@ class Issuer:
             with suppress(StoreError):  # else it lapses by itself
                 self.acme.unlock(self.owner)
             self.holding = False
+
+    def authority(self) -> Any:
+        """The CA's client (`management.acme_ca.CA`), made at the first issuance:
+        the ACME client, requests and josepy (~15 MiB) are imported only by a
+        management process that issues (`balancer.preload`)."""
+        if self.ca is None:
+            from management.acme_ca import CA, adopt_patched_ssl
+
+            adopt_patched_ssl()
+            self.ca = CA(self.settings, self.acme)
+        return self.ca
 
     def request(self, host: str) -> dict[str, Any]:
         """An operator asks for `host` now (`balancerctl cert issue`): noted in the
@@ -274,7 +283,7 @@ class Issuer:
         guard = Guard(self.take, lambda: self.wants(host), ISSUE_TIMEOUT, EXTEND_EVERY, LOCK_TTL)
         try:
             with guard:
-                chain, key = self.ca.issue(host, kind, self.publish, self.withdraw,
+                chain, key = self.authority().issue(host, kind, self.publish, self.withdraw,
                                            lambda: self.relay.spread(host), ISSUE_TIMEOUT)
                 record = make_record(host, chain, key, source="acme")
                 self.check_still_wanted(host)

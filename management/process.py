@@ -99,7 +99,8 @@ def save_history(history: Any) -> None:
         log.error("history: cannot save to %s: %s", history.path, exc)
 
 
-# what the management process imports after fork (see `balancer.preload`)
+# what the management process imports after fork: the arbiter imports them before when
+# privileges drop (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
     "management.acme_api", "management.acme_ca", "management.acme_issuer",
     "management.acme_spread", "management.app", "management.certs_watch", "management.cluster",

@@ -59,7 +59,8 @@ from balancer.stores.base import (
     write_version,
 )
 from balancer.stores.certs import Certs, RedisCerts
-from balancer.stores.records import Records, RedisRecords
+from balancer.stores.records import Records
+from balancer.stores.redis_records import RedisRecords
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
 log = logging.getLogger("balancer.store.redis")
