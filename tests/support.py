@@ -245,8 +245,9 @@ LISTEN_RE = re.compile(r"listening on (\S+) for (proxy|internal|tls|management)"
 
 
 class Balancer:
-    """`balancer serve` in a subprocess with a file store in `tmp` (or `store`, a URL);
-    `prefix` is a command that execs it (``["prlimit", "--nofile=256"]``)."""
+    """`balancer serve` in a subprocess with a file store in `tmp` (or `store`, a URL;
+    ``""``: none on the command line, the config names it, and a reload may change
+    it); `prefix` is a command that execs it (``["prlimit", "--nofile=256"]``)."""
 
     def __init__(self, tmp: Path, hosts: dict[str, Any] | None = None, *,
                  args: list[str] | None = None, env: dict[str, str] | None = None,
@@ -258,8 +259,9 @@ class Balancer:
         if hosts is not None:
             self.write_routes(hosts)
         argv = [*(prefix or []), sys.executable, "-m", "balancer", "serve",
-                "--listen", listen, "--management", "127.0.0.1:0",
-                "--store", store or f"file:{self.routes}"]
+                "--listen", listen, "--management", "127.0.0.1:0"]
+        if store != "":
+            argv += ["--store", store or f"file:{self.routes}"]
         if internal:
             argv += ["--internal-listen", "127.0.0.1:0"]
         if config:

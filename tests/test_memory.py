@@ -1,0 +1,170 @@
+"""What each process of `balancer serve` imports, which is most of its memory
+(`balancer.preload`, docs/performance.md): the arbiter and the workers never
+import the management process's modules, nor `redis` on a file store; the
+management process imports cryptography only once a certificate needs it,
+the ACME client only once it issues. The processes are real: an import
+audit hook (tests/import_audit) writes what each one imports to a file per
+pid, after fork included."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from balancer.preload import DATA_PLANE, needed
+from balancer.settings import load_settings
+from management.process import CHILD
+from tests.support import ROOT, Backend, Balancer, request, wait_for
+from tests.tlsca import TestCA
+
+HOST = "app.test"
+MANAGEMENT_ONLY = {"werkzeug", "prometheus_client", "management", "acme", "josepy",
+                   "requests", "cryptography"}
+REDIS = {"redis", "hiredis"}
+ON_FIRST_USE = {"acme", "josepy", "requests", "cryptography"}  # management, lazily
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    b = Backend("memory")
+    yield b
+    b.stop()
+
+
+def imported(audit: Path, pid: int) -> set[str]:
+    """The modules process `pid` imported itself (nothing: it found them all loaded)."""
+    path = audit / f"imports-{pid}.txt"
+    return set(path.read_text().split()) if path.exists() else set()
+
+
+def packages(modules: set[str]) -> set[str]:
+    return {name.split(".")[0] for name in modules}
+
+
+def children(pid: int) -> set[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return {int(p) for p in text.split()}
+
+
+def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backend) -> None:
+    audit = tmp_path / "imports"
+    audit.mkdir()
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
+                   args=["--workers", "2"],
+                   prefix=["env", f"PYTHONPATH={ROOT}:{ROOT / 'tests' / 'import_audit'}",
+                           f"IMPORT_AUDIT_DIR={audit}"])
+    try:
+        assert request(bal.port, host=HOST)[0] == 200
+        for path in ("/metrics", "/api/v1/stats", "/api/v1/certs", "/api/v1/acme"):
+            assert bal.api("GET", path)[0] == 200, path
+        workers = {p["pid"] for p in wait_for(lambda: bal.api("GET", "/api/v1/info")[1],
+                                              what="info")["processes"]}
+        arbiter = bal.proc.pid
+        (management,) = children(arbiter) - workers
+        assert len(workers) == 2
+
+        loaded = imported(audit, arbiter)
+        assert "balancer.server" in loaded  # the data plane, shared with every child
+        assert not packages(loaded) & (MANAGEMENT_ONLY | REDIS), sorted(loaded)
+        for worker in workers:
+            assert not packages(imported(audit, worker)) & (MANAGEMENT_ONLY | REDIS)
+        own = packages(imported(audit, management))
+        assert {"werkzeug", "prometheus_client", "management"} <= own  # after fork
+        assert not own & (ON_FIRST_USE | REDIS), sorted(own)
+
+        chain, key = TestCA().issue(HOST)  # a certificate: now cryptography is needed
+        assert bal.api("PUT", f"/api/v1/certs/{HOST}", {"chain": chain, "key": key})[0] == 200
+        own = packages(imported(audit, management))
+        assert "cryptography" in own and not own & {"acme", "josepy", "requests"}
+        assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+
+
+def test_the_arbiter_loads_the_configured_store_and_management_only_when_dropping() -> None:
+    on_file = needed(load_settings({}, {}, None), CHILD.modules, dropping=False)
+    assert set(DATA_PLANE) <= set(on_file) and "balancer.stores.file" in on_file
+    assert "balancer.stores.redis" not in on_file and "management.app" not in on_file
+    on_redis = needed(load_settings({"store.url": "redis://127.0.0.1:1/0"}, {}, None),
+                      CHILD.modules, dropping=False)
+    assert "balancer.stores.redis" in on_redis and "balancer.stores.file" not in on_redis
+    dropping = needed(load_settings({}, {}, None), CHILD.modules, dropping=True)
+    assert set(CHILD.modules) <= set(dropping)
+
+
+def readable_by_others(path: Path) -> bool:
+    """Whether any user can read `path` (its directories searchable by all)."""
+    return bool(path.stat().st_mode & 0o004) and \
+        all(d.stat().st_mode & 0o001 for d in path.parents)
+
+
+def reload_to(bal: Balancer, config: str) -> None:
+    (bal.tmp / "balancer.toml").write_text(config)
+    bal.proc.send_signal(signal.SIGHUP)
+
+
+def test_a_reload_to_the_redis_store_imports_it(tmp_path: Path, backend: Backend,
+                                                 redis_server: Any) -> None:
+    """Started on a file store (no `redis` anywhere), reloaded onto Redis: the
+    arbiter imports it then, and the new workers and management process use it."""
+    audit = tmp_path / "imports"
+    audit.mkdir()
+    config = f'[store]\nurl = "file:{tmp_path / "routes.json"}"\n'
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
+                   config=config, store="",
+                   prefix=["env", f"PYTHONPATH={ROOT}:{ROOT / 'tests' / 'import_audit'}",
+                           f"IMPORT_AUDIT_DIR={audit}"])
+    try:
+        assert request(bal.port, host=HOST)[0] == 200
+        assert not packages(imported(audit, bal.proc.pid)) & REDIS
+        reload_to(bal, f'[store]\nurl = "{redis_server.url}"\nnamespace = "memory-reload"\n')
+        wait_for(lambda: bal.api("GET", "/api/v1/info")[1]["store"]["kind"] == "redis",
+                 timeout=20, what="the new management process")
+        assert "redis" in packages(imported(audit, bal.proc.pid))
+        rule = {"action": "empty", "status": 204}
+        table = {"hosts": {"r.test": rule}}  # whole: the new store is behind the served table
+        wait_for(lambda: bal.api("PUT", "/api/v1/hosts", table)[0] == 200, timeout=20,
+                 what="a write through the new management process")
+        wait_for(lambda: request(bal.port, host="r.test")[0] == 204, timeout=20,
+                 what="the rule served from Redis")
+        assert redis_server.client().keys("memory-reload:*")
+        assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+def test_a_reload_to_a_store_the_dropped_arbiter_cannot_import_is_refused(
+        backend: Backend) -> None:
+    """Dropped to `nobody`, the arbiter may no longer read the Python installation
+    (here under /root, mode 0700): a reload onto Redis, whose module it did not
+    import at start (a file store), keeps the running settings and says why."""
+    if readable_by_others(Path(redis.__file__)):
+        pytest.skip("the redis package is readable by any user here")
+    base = Path(tempfile.mkdtemp(prefix="balancer-memory-"))
+    try:
+        base.chmod(0o777)  # the run user writes the routes file here
+        config = f'[server]\nuser = "nobody"\n[store]\nurl = "file:{base / "routes.json"}"\n'
+        bal = Balancer(base, {HOST: {"action": "proxy", "backends": [backend.address]}},
+                       config=config, store="")
+        try:
+            reload_to(bal, config.replace(f"file:{base / 'routes.json'}",
+                                          "redis://127.0.0.1:1/0"))
+            wait_for(lambda: "SIGHUP: keeping the running settings: cannot import "
+                             "balancer.stores.redis" in bal.output(), timeout=10,
+                     what="the reload refused")
+            assert request(bal.port, host=HOST)[0] == 200
+            assert bal.api("GET", "/api/v1/info")[1]["arbiter"]["generation"] == 1
+            assert "Traceback" not in bal.output()
+        finally:
+            bal.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
