@@ -38,3 +38,14 @@ def test_bench_limits_measures_both_phases_and_the_abuser_is_held_to_its_limit()
     summary = phases[2]
     assert summary["summary"] and summary["normal_p99_ms"]["without"] > 0
     assert 50 <= summary["abuser_passed_per_s"]["mean"] <= 150  # loose: a loaded machine
+
+
+def test_bench_memory_reports_every_process_and_the_requests_in_flight() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_memory.py"),
+                          "--in-flight", "20"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    roles = re.findall(r"^(arbiter|worker|management) +\d+: Rss +([\d.]+) MiB", out.stdout, re.M)
+    assert sorted(role for role, _ in roles) == ["arbiter", "management", "worker"], out.stdout
+    assert all(float(rss) > 5 for _, rss in roles)
+    assert re.search(r"^tree Pss [\d.]+ MiB$", out.stdout, re.M)
+    assert re.search(r"with 20 requests in flight: -?[\d.]+ KiB each$", out.stdout, re.M)
