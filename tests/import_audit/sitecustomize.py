@@ -1,8 +1,9 @@
-"""Test aid (tests/test_acme.py): with this directory on PYTHONPATH and
-IMPORT_AUDIT_DIR set, every module a process imports is appended to
-IMPORT_AUDIT_DIR/imports-PID.txt. A child that dropped privileges may not be
-able to read the Python installation: whatever a child imports after fork
-must have been preloaded (`balancer.preload`)."""
+"""Test aid (tests/test_acme.py, tests/test_memory.py): with this directory on
+PYTHONPATH and IMPORT_AUDIT_DIR set, every module a process imports is
+appended to IMPORT_AUDIT_DIR/imports-PID.txt. A child that dropped privileges
+may not be able to read the Python installation: whatever a child imports
+after fork must have been preloaded (`balancer.preload`); without a drop, each
+process must import only what it uses (its memory)."""
 
 import os
 import sys
