@@ -9,7 +9,8 @@ Invariants:
 * Signal handlers only queue: the C handler writes the signal number to the
   wake-up pipe (`signal.set_wakeup_fd`); the loop reads the numbers and acts.
 * The arbiter never monkey-patches and never runs a gevent hub; every child
-  patches after fork (`balancer.workers`).
+  patches after fork (`balancer.workers`). It freezes its objects before each
+  fork (`balancer.preload.freeze`), so the children keep sharing their pages.
 * The listening sockets were bound before forking and stay open here until
   the arbiter stops: a dying worker never closes a listener. With one socket
   per worker slot (SO_REUSEPORT, `balancer.listening`) a worker forked into a

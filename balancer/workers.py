@@ -3,7 +3,8 @@ check, and the frame (`child_main`, `ChildEnv`, `ManagementChild`) that the
 management process (`management.process`, handed over by the composition root
 `balancer.serve`) runs in too.
 
-Each child starts unpatched (the arbiter imported its modules but never
+Each child starts unpatched (the arbiter imported the data plane, and the
+management process's modules too when privileges drop, but never
 monkey-patched, see `balancer.preload`), forgets the arbiter's signal
 handlers, monkey-patches, then builds its own objects (store connection,
 `Worker`, WSGI server) from the settings.
