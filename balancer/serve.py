@@ -2,10 +2,11 @@
 
 Steps: raise the descriptor limit (`balancer.descriptors`) → import what the
 children share (`balancer.preload`: the data plane and its store; the
-management process's modules too when privileges will drop) → check in a throwaway child that the
-store, pages and access log open (as the run user) → bind every listener (one
-socket per worker with SO_REUSEPORT, or one shared: `balancer.listening`; a
-bind failure exits non-zero naming the address) → create the private run
+management process's modules too when privileges will drop) → check in a
+throwaway child that the store, pages and access log open (as the run user)
+→ bind every listener (one socket per worker with SO_REUSEPORT, or one
+shared: `balancer.listening`; a bind failure exits non-zero naming the
+address) → create the private run
 directory → drop privileges → `Arbiter.run` forks the management process and
 the workers and keeps them alive until a stop signal. The ``listening on ADDR
 for proxy|internal|management`` lines are logged once every child first is

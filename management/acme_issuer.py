@@ -185,8 +185,10 @@ class Issuer:
         the ACME client, requests and josepy (~15 MiB) are imported only by a
         management process that issues (`balancer.preload`)."""
         if self.ca is None:
-            from management.acme_ca import CA, adopt_patched_ssl
-
+            try:
+                from management.acme_ca import CA, adopt_patched_ssl
+            except ImportError as exc:  # a failure of this host's issuance, retried
+                raise IssueError(f"the ACME client cannot be imported: {exc}") from None
             adopt_patched_ssl()
             self.ca = CA(self.settings, self.acme)
         return self.ca
@@ -282,9 +284,10 @@ class Issuer:
                  self.settings.directory, kind)
         guard = Guard(self.take, lambda: self.wants(host), ISSUE_TIMEOUT, EXTEND_EVERY, LOCK_TTL)
         try:
+            ca = self.authority()  # imported outside the guard's deadline
             with guard:
-                chain, key = self.authority().issue(host, kind, self.publish, self.withdraw,
-                                           lambda: self.relay.spread(host), ISSUE_TIMEOUT)
+                chain, key = ca.issue(host, kind, self.publish, self.withdraw,
+                                      lambda: self.relay.spread(host), ISSUE_TIMEOUT)
                 record = make_record(host, chain, key, source="acme")
                 self.check_still_wanted(host)
                 self.store.certs().put(host, record)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -282,3 +283,17 @@ def test_a_certs_file_damaged_mid_issuance_is_not_overwritten(issuer: Any) -> No
     with pytest.raises(CertsCorrupt):
         issuer.step()  # and no issuance starts while it is damaged
     assert issuer.outcomes == {"ok": 0, "failed": 1}
+
+
+def test_an_acme_client_that_cannot_be_imported_fails_the_issuance_with_the_reason(
+        issuer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ACME client is imported at the first issuance (`Issuer.authority`): a
+    broken install is this host's failure, retried with backoff, not a crash."""
+    monkeypatch.setitem(sys.modules, "management.acme_ca", None)  # import raises ImportError
+    assert issuer.take()
+    issuer.issue("a.test", "no certificate", {})
+    state = issuer.acme.states()["a.test"]
+    assert state["state"] == "failed" and state["attempts"] == 1
+    assert state["reason"].startswith("the ACME client cannot be imported")
+    assert issuer.outcomes == {"ok": 0, "failed": 1} and issuer.ca is None
+    assert issuer.store.certs().all() == {}
