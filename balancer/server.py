@@ -36,13 +36,14 @@ from balancer.descriptors import (
 from balancer.failures import FailureReport
 from balancer.following import TableFollower
 from balancer.health import HealthChecks
+from balancer.heap import release as release_heap
 from balancer.http11 import Limits
 from balancer.limits import FILE_NAME as LIMITS_FILE
 from balancer.limits import SharedBuckets
 from balancer.netio import IO, TLSIO, GeventIO
 from balancer.pages import Pages
 from balancer.pool import BackendRegistry, IdleBudget
-from balancer.serving import Slots
+from balancer.serving import KEEP_QUIET, Slots
 from balancer.settings import Settings
 from balancer.sketch import SLOT_SECONDS
 from balancer.stats import Stats
@@ -63,6 +64,7 @@ BACKLOG = 65535
 DRAIN_IDLE = 1.0
 HELD_ANSWER_TIME = 1.0  # seconds held requests get to send their 503 before the cut
 SHARED_ACCEPT_BATCH = 256  # accept() calls per wake-up when workers share a listener
+QUIET_EVERY = 10.0  # seconds between looks for a burst's parked greenlets (`quiet_loop`)
 SKIPPED_IN_A_ROW = 64  # aborted connections skipped per wake-up before the loop goes on
 
 
@@ -333,6 +335,7 @@ class Worker:
         gevent.spawn(self.watchdog_loop)
         gevent.spawn(self.failure_report.report_loop, lambda: self.stopping)
         gevent.spawn(self.rotate_loop)
+        gevent.spawn(self.quiet_loop)
         gevent.spawn(follow_challenges, self.challenges, self.store.acme(), lambda: self.stopping)
 
     def reload_challenges(self) -> int:
@@ -348,6 +351,17 @@ class Worker:
             return 0
         refresh(self.tls, self.store.certs())
         return len(self.tls.by_host)
+
+    def quiet_loop(self) -> None:
+        """Once a burst is over (at most KEEP_QUIET / 4 connections served when
+        looked at), end the parked greenlets beyond KEEP_QUIET and give what
+        they held back to the system: ~16 KiB per request in flight otherwise
+        stays with the worker (docs/performance.md)."""
+        while not self.stopping:
+            gevent.sleep(QUIET_EVERY)
+            if len(self.slots.busy) <= KEEP_QUIET // 4 and self.slots.shrink(KEEP_QUIET):
+                gevent.sleep(0.1)  # the ended greenlets go first (from the loop)
+                release_heap()
 
     def rotate_loop(self) -> None:
         """Start the heavy hitters' next interval every `SLOT_SECONDS`."""

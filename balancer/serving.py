@@ -22,6 +22,8 @@ Invariants:
   throws into it; a timeout thrown before that and delivered late is dropped
   while the greenlet is parked).
 * At most `keep` greenlets are parked; past that a finished greenlet ends.
+  `shrink` ends the oldest parked ones once a burst is over (the worker's
+  `quiet_loop`): each holds its saved C stack and its frame stack chunk.
 * An accept runs in the hub: the greenlet starts at once and returns to the
   hub at its first wait (see `start`); elsewhere it starts from the loop.
 * `accept` takes connections while a slot is free and the accept queue is
@@ -45,6 +47,7 @@ from gevent.event import Event
 from greenlet import GreenletExit, greenlet
 
 KEEP_IDLE: Final = 1024  # parked greenlets kept for the next burst of connections (see Slots)
+KEEP_QUIET: Final = 64  # parked greenlets kept once a burst is over (see `Slots.shrink`)
 
 
 class Slots:
@@ -144,6 +147,19 @@ class Slots:
         if was_full:
             for resume in self.on_free:
                 resume()
+
+    def shrink(self, keep: int = KEEP_QUIET) -> int:
+        """End the parked greenlets beyond `keep`, the longest parked first (from
+        the loop, as `kill` ends them); how many will end."""
+        cut = len(self.idle) - keep
+        if cut <= 0:
+            return 0
+        ending = self.idle[:cut]
+        del self.idle[:cut]
+        loop = self.hub.loop
+        for task in ending:
+            loop.run_callback(_end, task)
+        return cut
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no connection is open (or `timeout`); whether none is."""

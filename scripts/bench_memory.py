@@ -1,6 +1,6 @@
 """The balancer's memory per process, idle and with requests in flight.
 
-``python scripts/bench_memory.py [--workers 1] [--in-flight 1000] [--user nobody]``
+``python scripts/bench_memory.py [--workers 1] [--in-flight 1000 [--after 12]] [--user nobody]``
 
 Starts ``balancer serve`` (file store, the tree on PYTHONPATH: run it from a
 compiled copy for compiled figures), reads ``/metrics`` and ``/api/v1/stats``
@@ -9,7 +9,9 @@ once, then prints each process's Rss, Pss and Private_Dirty
 balancer costs the machine, pages shared between processes counted once.
 With ``--in-flight N`` it then holds N requests in flight (a backend that
 reads them and answers only at the end) and prints the worker's growth per
-request. ``--user`` runs it as `server.user` (needs root).
+request, and with ``--after S`` its Rss S seconds after they ended (a worker
+gives a burst's memory back once it is quiet: `Worker.quiet_loop`, every 10
+s). ``--user`` runs it as `server.user` (needs root).
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def report(arbiter: int, workers: set[int]) -> None:
     print(f"tree Pss {sum(rollup(p)['Pss'] for p in pids) / 1024:.1f} MiB")
 
 
-def hold(port: int, worker: int, backend: Backend, count: int) -> None:
+def hold(port: int, worker: int, backend: Backend, count: int, after: float) -> None:
     before = rollup(worker)["Rss"]
     clients = []
     for _ in range(count):
@@ -120,13 +122,18 @@ def hold(port: int, worker: int, backend: Backend, count: int) -> None:
           f"{(during - before) / max(1, len(backend.held)):.1f} KiB each")
     backend.answer()
     for client in clients:
+        client.recv(4096)  # the answer: the request is over
         client.close()
+    if after:
+        time.sleep(after)
+        print(f"worker Rss {rollup(worker)['Rss'] / 1024:.1f} MiB {after:g} s after they ended")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--in-flight", type=int, default=0, metavar="N")
+    parser.add_argument("--after", type=float, default=0.0, metavar="S")
     parser.add_argument("--user", default="", help="server.user (as root)")
     args = parser.parse_args()
     backend = Backend()
@@ -141,7 +148,7 @@ def main() -> None:
             time.sleep(1.0)
             report(proc.pid, workers)
             if args.in_flight:
-                hold(port, min(workers), backend, args.in_flight)
+                hold(port, min(workers), backend, args.in_flight, args.after)
         finally:
             proc.terminate()
             proc.wait(15)

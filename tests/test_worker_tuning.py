@@ -4,6 +4,7 @@ accept batches, pool sizes, read watchers, and the garbage-collector setting."""
 from __future__ import annotations
 
 import json
+import platform
 import socket
 import subprocess
 import sys
@@ -104,6 +105,31 @@ def test_a_failing_handler_frees_its_slot_and_its_greenlet_serves_again() -> Non
     finally:
         del gevent.get_hub().handle_error
     assert served == ["reported", "next"] and not slots.is_full()
+
+
+def test_shrink_ends_the_longest_parked_greenlets_and_the_rest_serve_on() -> None:
+    """After a burst (`Worker.quiet_loop`): the parked greenlets beyond `keep` end,
+    the oldest first; the kept ones serve the next connections."""
+    slots, served = Slots(10), []
+    for _ in range(6):
+        slots.start(gevent.sleep, (0.01,))
+    assert slots.join(timeout=5) and len(slots.idle) == 6
+    parked = list(slots.idle)
+    assert slots.shrink(2) == 4 and slots.idle == parked[4:]
+    assert slots.shrink(2) == 0
+    gevent.sleep(0)  # they end from the loop
+    assert all(task.dead for task in parked[:4]) and not any(t.dead for t in parked[4:])
+    slots.start(lambda: served.append(greenlet.getcurrent()), ())
+    assert slots.join(timeout=5)
+    assert served[0] in parked[4:] and len(slots.idle) == 2 and len(slots) == 0
+
+
+def test_the_heap_is_given_back_where_the_c_library_can() -> None:
+    from balancer import heap
+
+    assert heap.release() == (heap._TRIM is not None)
+    if platform.libc_ver()[0] == "glibc":
+        assert heap._TRIM is not None  # glibc has malloc_trim
 
 
 def test_a_late_timeout_for_an_ended_connection_is_dropped_while_parked() -> None:
