@@ -49,7 +49,7 @@ from balancer.stats import Stats
 from balancer.stores.base import StoreError, TableChange, TableData
 from balancer.stores.snapshot import Snapshot, snapshot_path
 from balancer.table import RoutingTable, TableHolder
-from balancer.tls import TLSFront, follow, refresh
+from balancer.tls import TLSFront, fill, follow, refresh
 
 log = logging.getLogger("balancer")
 # Listen queue length: the kernel caps it at net.core.somaxconn. A short queue
@@ -348,6 +348,21 @@ class Worker:
             return 0
         refresh(self.tls, self.store.certs())
         return len(self.tls.by_host)
+
+    def missing_certs(self, hosts: list[str]) -> list[str]:
+        """Those of `hosts` whose certificate this worker's TLS listeners do not
+        serve (none without TLS listeners: it needs none)."""
+        if self.tls is None:
+            return []
+        loaded = self.tls.loaded
+        return [host for host in hosts if host not in loaded]
+
+    def fill_certs(self, signature: str, records: dict[str, dict[str, Any]]) -> int:
+        """Serve certificates the store hides from this worker (`balancer.tls.fill`);
+        how many were added."""
+        if self.tls is None:
+            return 0
+        return fill(self.tls, self.store.certs(), signature, records)
 
     def rotate_loop(self) -> None:
         """Start the heavy hitters' next interval every `SLOT_SECONDS`."""
