@@ -151,10 +151,12 @@ class Listener(StreamServer):
                       "descriptors free up (%d connections open)", self.address,
                       exc.strerror or exc, ACCEPT_PAUSE, len(self.slots))
         self.stop_accepting()
-        if self.pause_timer is None:
-            self.pause_timer = gevent.get_hub().loop.timer(ACCEPT_PAUSE)
-        if not self.pause_timer.active:
-            self.pause_timer.start(self.resume)
+        if self.pause_timer is not None and self.pause_timer.active:
+            return
+        if self.pause_timer is not None:  # a gevent timer started again once it fired
+            self.pause_timer.close()      # fires at once: accepts retried in a busy loop
+        self.pause_timer = gevent.get_hub().loop.timer(ACCEPT_PAUSE)
+        self.pause_timer.start(self.resume)
 
     def resume(self) -> None:
         if self.started and not self.full():
