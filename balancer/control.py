@@ -29,6 +29,13 @@ sends one command line and reads one JSON reply until EOF:
 * ``certs`` → ``{"pid", "certs": N}`` once the worker's TLS listeners serve the
   certificates the store holds now (the management process just wrote one:
   `balancer.tls.refresh`), or ``{"pid", "error": TEXT}``.
+* ``certs-missing JSON`` → ``{"pid", "missing": [HOST...]}``: which of the
+  hosts JSON names (``{"hosts": [HOST...]}``) the worker's TLS listeners serve
+  no certificate of; ``certs-fill JSON`` → ``{"pid", "added": N}``: JSON is
+  ``{"signature": TEXT, "hosts": {HOST: RECORD}}``, certificates the store
+  cannot give while it is damaged, which the management process hands to a
+  worker that misses them (`balancer.tls.fill`; private keys travel only over
+  this socket, in the run directory, never to a file).
 
 Invariants:
 * Nothing is exchanged per request: a snapshot is built from the worker's
@@ -58,7 +65,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("stats", "reload", "version", "apply", "top", "inflight", "challenges", "certs")
+COMMANDS = ("stats", "reload", "version", "apply", "top", "inflight", "challenges", "certs",
+            "certs-missing", "certs-fill")
 CONTROL_TIMEOUT = 2.0
 MAX_COMMAND = 4 * 1024 * 1024  # an `apply` carries one write's rules (the API takes 1 MiB)
 WORKER_GLOB = "worker-*.sock"
@@ -121,6 +129,8 @@ class ControlServer:
             return self.apply(command[len("apply "):])
         if command.startswith(("top ", "inflight ")):
             return self.diagnose(command)
+        if command.startswith(("certs-missing ", "certs-fill ")):
+            return self.certs_gap(command)
         if command.startswith("stats "):
             return self.selected_stats(command[len("stats "):])
         if command == "version":
@@ -175,6 +185,28 @@ class ControlServer:
             self.counted = (now, {"open_requests": open_requests,
                                   "completed_requests": completed})
         return self.counted[1]
+
+    def certs_gap(self, command: str) -> dict[str, Any]:
+        """``certs-missing`` and ``certs-fill`` (see the module doc); a bad one is an error."""
+        from balancer.stores.base import StoreError
+
+        name, _, text = command.partition(" ")
+        try:
+            query = json.loads(text)
+            if name == "certs-missing":
+                hosts = query["hosts"]
+                if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+                    raise ValueError("hosts must be a list of host names")
+                return {"pid": os.getpid(), "missing": self.worker.missing_certs(hosts)}
+            signature, records = query["signature"], query["hosts"]
+            if not isinstance(signature, str) or not isinstance(records, dict) \
+                    or not all(isinstance(r, dict) for r in records.values()):
+                raise ValueError("expected {\"signature\": TEXT, \"hosts\": {HOST: RECORD}}")
+            return {"pid": os.getpid(), "added": self.worker.fill_certs(signature, records)}
+        except (ValueError, TypeError, KeyError) as exc:
+            return {"pid": os.getpid(), "error": f"{name}: bad query: {exc!r}"[:200]}
+        except StoreError as exc:
+            return {"pid": os.getpid(), "error": str(exc)}
 
     def diagnose(self, command: str) -> dict[str, Any]:
         """``top`` and ``inflight`` (see the module doc); a bad query is an error."""

@@ -153,7 +153,40 @@ class Stream:
         self.sock.close()
 
 
-class EventedStream(Stream):
+class WatchedStream(Stream):
+    """What the gevent worker's streams share (`EventedStream`, `TLSStream`):
+    waits and parking on the socket's `Readable`, writes through a
+    `balancer.outbox.Writer` (a `TLSWriter` for TLS: its `send` is the SSL
+    object's); each closes all three."""
+
+    def __init__(self, sock: Any, watcher: Readable, writer: Writer) -> None:
+        super().__init__(sock)
+        self.watcher = watcher
+        self.writer = writer
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def write_last(self, data: bytes) -> None:
+        self.writer.write_last(data)
+
+    def has_held(self) -> bool:
+        writer = self.writer
+        return bool(writer.held) or writer.rest is not None
+
+    def finish(self) -> None:
+        self.writer.finish()
+
+    def park(self) -> None:
+        self.watcher.watch_idle()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.watcher.close()
+        self.sock.close()
+
+
+class EventedStream(WatchedStream):
     """A socket read and written as the OS socket, waiting in gevent's loop.
 
     `sock` is gevent's socket (backend connections) or the OS socket itself,
@@ -168,10 +201,9 @@ class EventedStream(Stream):
     `Writer` (held writes; a full buffer waits on the writer's own watcher)."""
 
     def __init__(self, sock: Any, watcher: Readable, outbox: Outbox) -> None:
-        super().__init__(sock)
-        self.watcher = watcher
-        self.raw: Any = sock if isinstance(sock, RawSocket) else sock._sock  # non-blocking
-        self.writer = Writer(self.raw, outbox)
+        raw: Any = sock if isinstance(sock, RawSocket) else sock._sock  # non-blocking
+        super().__init__(sock, watcher, Writer(raw, outbox))
+        self.raw = raw
 
     def cooperative(self) -> Any:
         """The connection as gevent's socket (its blocking calls wait in the loop),
@@ -201,32 +233,11 @@ class EventedStream(Stream):
     def wait_readable(self) -> None:
         self.watcher.wait()
 
-    def write(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    def write_last(self, data: bytes) -> None:
-        self.writer.write_last(data)
-
-    def has_held(self) -> bool:
-        writer = self.writer
-        return bool(writer.held) or writer.rest is not None
-
-    def finish(self) -> None:
-        self.writer.finish()
-
     def can_park(self) -> bool:
         return True
 
-    def park(self) -> None:
-        self.watcher.watch_idle()
-
     def is_clean(self) -> bool:
         return self.watcher.is_quiet()
-
-    def close(self) -> None:
-        self.writer.close()
-        self.watcher.close()
-        self.sock.close()
 
 
 class ParkNow(Exception):
@@ -447,9 +458,7 @@ def _time_out(conn: Any, task: Any) -> None:
         task.throw(TimeoutError("deadline passed"))
 
 
-
-
-class TLSStream(Stream):
+class TLSStream(WatchedStream):
     """A TLS socket (gevent's SSLSocket, handshake done) used through its SSL
     object: a read waits on the socket's `Readable` only when OpenSSL needs more
     bytes; writes go through a `balancer.outbox.TLSWriter` (one SSL_write each,
@@ -465,10 +474,9 @@ class TLSStream(Stream):
     OpenSSL holds nothing either (`is_clean`)."""
 
     def __init__(self, sock: Any, watcher: Readable, outbox: Outbox) -> None:
-        super().__init__(sock)
-        self.obj: Any = sock._sslobj
-        self.watcher = watcher
-        self.writer = TLSWriter(sock, self.obj, outbox)
+        obj: Any = sock._sslobj
+        super().__init__(sock, watcher, TLSWriter(sock, obj, outbox))
+        self.obj = obj
         self.held = b""  # read while the client was held (`has_sent_more`), not yet taken
 
     def recv(self, size: int) -> bytes:
@@ -497,19 +505,6 @@ class TLSStream(Stream):
         if not self.held and not self.obj.pending():
             self.watcher.wait()
 
-    def write(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    def write_last(self, data: bytes) -> None:
-        self.writer.write_last(data)
-
-    def has_held(self) -> bool:
-        writer = self.writer
-        return bool(writer.held) or writer.rest is not None
-
-    def finish(self) -> None:
-        self.writer.finish()
-
     def has_sent_more(self) -> bool:
         if self.held:
             return True
@@ -533,16 +528,8 @@ class TLSStream(Stream):
     def can_park(self) -> bool:
         return not self.held and not self.obj.pending()
 
-    def park(self) -> None:
-        self.watcher.watch_idle()
-
     def is_clean(self) -> bool:
         return self.watcher.is_quiet() and not self.obj.pending()
-
-    def close(self) -> None:
-        self.writer.close()
-        self.watcher.close()
-        self.sock.close()
 
 
 class TLSIO(IO):

@@ -50,7 +50,7 @@ from balancer.stats import Stats
 from balancer.stores.base import StoreError, TableChange, TableData
 from balancer.stores.snapshot import Snapshot, snapshot_path
 from balancer.table import RoutingTable, TableHolder
-from balancer.tls import TLSFront, follow, refresh
+from balancer.tls import TLSFront, fill, follow, refresh
 
 log = logging.getLogger("balancer")
 # Listen queue length: the kernel caps it at net.core.somaxconn. A short queue
@@ -153,10 +153,12 @@ class Listener(StreamServer):
                       "descriptors free up (%d connections open)", self.address,
                       exc.strerror or exc, ACCEPT_PAUSE, len(self.slots))
         self.stop_accepting()
-        if self.pause_timer is None:
-            self.pause_timer = gevent.get_hub().loop.timer(ACCEPT_PAUSE)
-        if not self.pause_timer.active:
-            self.pause_timer.start(self.resume)
+        if self.pause_timer is not None and self.pause_timer.active:
+            return
+        if self.pause_timer is not None:  # a gevent timer started again once it fired
+            self.pause_timer.close()      # fires at once: accepts retried in a busy loop
+        self.pause_timer = gevent.get_hub().loop.timer(ACCEPT_PAUSE)
+        self.pause_timer.start(self.resume)
 
     def resume(self) -> None:
         if self.started and not self.full():
@@ -362,6 +364,21 @@ class Worker:
             if len(self.slots.busy) <= KEEP_QUIET // 4 and self.slots.shrink(KEEP_QUIET):
                 gevent.sleep(0.1)  # the ended greenlets go first (from the loop)
                 release_heap()
+
+    def missing_certs(self, hosts: list[str]) -> list[str]:
+        """Those of `hosts` whose certificate this worker's TLS listeners do not
+        serve (none without TLS listeners: it needs none)."""
+        if self.tls is None:
+            return []
+        loaded = self.tls.loaded
+        return [host for host in hosts if host not in loaded]
+
+    def fill_certs(self, signature: str, records: dict[str, dict[str, Any]]) -> int:
+        """Serve certificates the store hides from this worker (`balancer.tls.fill`);
+        how many were added."""
+        if self.tls is None:
+            return 0
+        return fill(self.tls, self.store.certs(), signature, records)
 
     def rotate_loop(self) -> None:
         """Start the heavy hitters' next interval every `SLOT_SECONDS`."""

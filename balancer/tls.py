@@ -24,6 +24,9 @@ Invariants:
   and skipped; it never takes other hosts down. A store whose certificates
   cannot be read as a whole (`CertsCorrupt`, `CertsLost`: a damaged or deleted
   certs file, a flushed Redis) swaps nothing: the certificates served stay.
+  A worker started meanwhile gets what the store hides from the management
+  process (`fill`, the control socket's ``certs-fill``), which only adds hosts
+  it serves none of, and only while the store is unchanged since.
 * Outcomes are plain counters in `Stats.tls_handshakes` (no metric calls).
 * A ClientHello offering ``acme-tls/1`` for a name with a pending TLS-ALPN-01
   challenge is answered with the challenge's context and closed after the
@@ -98,17 +101,10 @@ class TLSFront:
             if host in self.loaded:
                 loaded[host] = self.loaded[host]
         for host, record in records.items():
-            chain, key = str(record.get("chain", "")), str(record.get("key", ""))
-            digest = hashlib.sha256(f"{chain}\0{key}".encode()).hexdigest()
-            known = self.loaded.get(host)
-            if known is not None and known[0] == digest:
-                loaded[host] = known
-                continue
             try:
-                loaded[host] = (digest, self.load(chain, key))
+                loaded[host] = self.made(record, self.loaded.get(host))
             except (ssl.SSLError, OSError, ValueError) as exc:
                 problems[host] = _reason(exc)
-            time.sleep(0)  # many new certificates: let requests run between them
         for host, reason in problems.items():
             if self.problems.get(host) == reason:
                 continue
@@ -120,6 +116,37 @@ class TLSFront:
         self.problems = problems
         self.loaded = loaded
         self.by_host = {host: context for host, (_, context) in loaded.items()}
+
+    def add(self, records: Mapping[str, Mapping[str, Any]]) -> int:
+        """Serve `records` too, for the hosts this worker serves no certificate of
+        (those it serves are left as they are); how many were added."""
+        loaded = dict(self.loaded)
+        problems = dict(self.problems)
+        for host, record in records.items():
+            if host in loaded:
+                continue
+            try:
+                loaded[host] = self.made(record, None)
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                log.error("certificate of %s not served: %s", host, _reason(exc))
+                continue
+            problems.pop(host, None)
+        added = len(loaded) - len(self.loaded)
+        self.problems = problems
+        self.loaded = loaded
+        self.by_host = {host: context for host, (_, context) in loaded.items()}
+        return added
+
+    def made(self, record: Mapping[str, Any],
+             known: tuple[str, ssl.SSLContext] | None) -> tuple[str, ssl.SSLContext]:
+        """(digest, context) serving one store record: `known` when it is of the
+        same chain and key, else a new context (raises what `load` raises)."""
+        chain, key = str(record.get("chain", "")), str(record.get("key", ""))
+        digest = hashlib.sha256(f"{chain}\0{key}".encode()).hexdigest()
+        if known is not None and known[0] == digest:
+            return known
+        time.sleep(0)  # many new certificates: let requests run between them
+        return digest, self.load(chain, key)
 
     def load(self, chain: str, key: str) -> ssl.SSLContext:
         """A context serving one certificate (PEM chain and key, via a memory file)."""
@@ -232,6 +259,20 @@ def refresh(front: TLSFront, certs: Any) -> object:
         signature = certs.signature()
         front.update(certs.all(), certs.damaged)
         return signature
+
+
+def fill(front: TLSFront, certs: Any, signature: str,
+         records: Mapping[str, Mapping[str, Any]]) -> int:
+    """Serve `records`, certificates the management process last read in good
+    order and the store cannot give now, for the hosts this worker serves none
+    of (a worker started while the store is damaged); how many were added.
+    Only while the store is still as the management process found it damaged
+    (`signature`: the repr of its certificate signature then): once it changed,
+    what it holds is for `follow` to read."""
+    with front.refreshing:
+        if repr(certs.signature()) != signature:
+            return 0
+        return front.add(records)
 
 
 def follow(front: TLSFront, certs: Any, stop: Callable[[], bool],

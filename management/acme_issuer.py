@@ -32,6 +32,10 @@ Invariants:
   as a failure.
 * A failure for one host never stops the others, and nothing here raises
   out of `run_loop`: a store or CA problem is logged and retried.
+* `passes` counts the steps finished (whatever they did), and
+  `passed_version` is the table version the last one began on: what was
+  due then has been issued, or has failed, when both show
+  (``GET /api/v1/acme`` → ``passes``).
 """
 
 from __future__ import annotations
@@ -150,6 +154,8 @@ class Issuer:
         self.wake = Event()
         self.problem: str | None = None  # the last store problem, logged once
         self.outcomes = {"ok": 0, "failed": 0}  # issuances finished here (`/metrics`)
+        self.passes = 0  # steps finished (`GET /api/v1/acme`)
+        self.passed_version: int | None = None  # the table version the last step began on
         self.task: Any = None
         self.relay = ChallengeRelay(self.acme, runtime, self.owner, self.has_work)
         self.relaying: Any = None
@@ -214,6 +220,8 @@ class Issuer:
                 self.wake.clear()
                 last_version, last_step = version, now
                 self.safe_step()
+                self.passes += 1
+                self.passed_version = version
             self.wake.wait(TICK)
 
     def safe_step(self) -> None:

@@ -5,7 +5,10 @@ Workers keep serving their certificates when the store's cannot be read
 balancer says so once, at error level, with what to do, and where the API and
 the dashboard read it (`problem`: ``store.certs_problem`` in ``/api/v1/info``).
 It also keeps the certificates last read in good order (`Certs.last_good`),
-which `POST /api/v1/restore` writes back when the store lost or damaged them.
+which `POST /api/v1/restore` writes back when the store lost or damaged them,
+and which it hands to this balancer's workers that miss them meanwhile
+(`spread`: a worker started while the store is damaged, by a crash or a
+reload, would otherwise serve none of them).
 
 Invariants:
 * It reads through the store's one `Certs` object, the same one the API's
@@ -13,49 +16,86 @@ Invariants:
   covers those writes from the first second of the process.
 * Each distinct problem, and each damaged record, is logged once; the log and
   `problem` never quote stored text (no private key can reach them).
+* A management process started while the store is damaged (a reload) has read
+  nothing in good order: it takes what the store hides from the one it
+  replaces, still running then (`take_over`: ``DIR/certs-management-PID.sock``,
+  which answers only while the store is damaged, and only as it judged it).
+* While the store is damaged, each look asks every worker which of the hosts
+  the damage hides it serves no certificate of (``certs-missing``) and sends
+  it those (``certs-fill``, `FILL_BATCH` at a time) with the store's signature
+  as judged: a worker takes them only while the store is still as it was
+  then, and only for hosts it serves none of. Keys travel over the control
+  sockets only (the run directory, mode 0700), never to a file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import socket
+from pathlib import Path
 from typing import Any
 
 import gevent
 
+from balancer.control import ask, ask_why, pid_of, worker_sockets
 from balancer.stores.base import ProblemLog, Store, StoreError
 from balancer.stores.certs import CertsCorrupt, CertsLost
 
 log = logging.getLogger("balancer.certs")
 
 INTERVAL = 1.0  # seconds between looks at the store's certificates (as workers)
+FILL_BATCH = 100  # certificates per ``certs-fill`` (~5 KB each; a command takes 4 MiB)
+HANDOVER_GLOB = "certs-management-*.sock"  # in the run directory (`take_over`)
+HANDOVER_TIMEOUT = 5.0  # seconds to answer a successor (a big answer: many keys)
+
+
+def handover_path(run_dir: str, pid: int) -> str:
+    return os.path.join(run_dir, f"certs-management-{pid}.sock")
 
 
 class CertsWatch:
     """The state of the store's certificates as the management process last read it."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, run_dir: str | None = None) -> None:
         self.certs = store.certs()
         self.certs.keep = True
+        self.run_dir = run_dir  # the workers' control sockets (`spread`); None: no workers
         self.problem: str | None = None  # why the certificates cannot be read as a whole
+        self.judged = ""  # the repr of the store's signature when last read (`spread`)
         self.stopped = False
         self._seen: object = object()
         self._damaged: dict[str, str] = {}
         self._log = ProblemLog(log)
         self._task: Any = None
+        self._server: Any = None
 
     def start(self) -> None:
         self.look()
+        if self.run_dir is not None:
+            self.take_over()
+            self.serve()
         self._task = gevent.spawn(self.run)
 
     def stop(self) -> None:
         self.stopped = True
         if self._task is not None:
             self._task.kill()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(OSError):
+                os.unlink(handover_path(str(self.run_dir), os.getpid()))
 
     def run(self) -> None:
         while not self.stopped:
             gevent.sleep(INTERVAL)
             self.look()
+            try:
+                self.spread()
+            except Exception:  # the next look tries again
+                log.exception("certificates: handing them to the workers failed")
 
     def look(self) -> None:
         """Read the certificates if they changed (or while they cannot be read)."""
@@ -63,6 +103,7 @@ class CertsWatch:
             signature = self.certs.signature()
             if signature == self._seen and signature is not None and self.problem is None:
                 return  # unchanged (no file / no counter is read each time: lost?)
+            self.judged = repr(signature)
             self.certs.all()
         except (CertsCorrupt, CertsLost) as exc:
             self.problem = str(exc)
@@ -80,7 +121,90 @@ class CertsWatch:
         for host, why in damaged.items():
             if self._damaged.get(host) != why:
                 log.error("certificate of %s: %s; workers keep the one they served, if "
-                          "any (a new worker serves none); the other hosts are served. "
-                          "Upload it again (PUT /api/v1/certs/%s) or delete it",
-                          host, why, host)
+                          "any (a new worker gets the one this process last read); the "
+                          "other hosts are served. Upload it again (PUT /api/v1/certs/%s) "
+                          "or delete it", host, why, host)
         self._damaged = dict(damaged)
+
+    def hidden(self) -> dict[str, dict[str, Any]]:
+        """HOST → record last read in good order, for the hosts the store's damage
+        hides now: all of them while it cannot be read as a whole, else those of
+        its damaged records."""
+        last_good = self.certs.last_good or {}
+        if self.problem is not None:
+            return dict(last_good)
+        return {host: last_good[host] for host in self._damaged if host in last_good}
+
+    def spread(self) -> None:
+        """Hand each worker the hidden certificates it serves none of (see the
+        module doc); a worker that is gone or does not answer is asked again at
+        the next look."""
+        hidden = self.hidden()
+        if not hidden or self.run_dir is None:
+            return
+        query = "certs-missing " + json.dumps({"hosts": sorted(hidden)})
+        for path in worker_sockets(self.run_dir):
+            reply = ask(path, query) or {}
+            missing = [host for host in reply.get("missing", ()) if host in hidden]
+            added = 0
+            for start in range(0, len(missing), FILL_BATCH):
+                batch = {host: hidden[host] for host in missing[start:start + FILL_BATCH]}
+                answer = ask(path, "certs-fill " + json.dumps({"signature": self.judged,
+                                                               "hosts": batch})) or {}
+                added += int(answer.get("added", 0))
+            if added:
+                log.warning("certificates: worker %s lacked %d certificates the damaged "
+                            "store cannot give; handed it those this process last read in "
+                            "good order (the store still needs repairing)", pid_of(path), added)
+
+    # the handover between management processes -------------------------------------
+    def serve(self) -> None:
+        """Answer successors on ``DIR/certs-management-PID.sock`` (see the module doc)."""
+        from gevent.server import StreamServer
+
+        path = handover_path(str(self.run_dir), os.getpid())
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale socket of a recycled pid
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(4)
+        self._server = StreamServer(listener, self.hand_over)
+        self._server.start()
+
+    def hand_over(self, sock: socket.socket, _address: Any) -> None:
+        try:
+            sock.settimeout(HANDOVER_TIMEOUT)
+            sock.recv(64)  # the question (one line); the answer is the same for any
+            sock.sendall(json.dumps({"signature": self.judged,
+                                     "certs": self.hidden()}).encode())
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def take_over(self) -> None:
+        """Take the certificates the damaged store hides, and this process never read
+        in good order, from the management process this one replaces."""
+        if self.problem is None and not self._damaged:
+            return
+        own = handover_path(str(self.run_dir), os.getpid())
+        for path in sorted(str(p) for p in Path(str(self.run_dir)).glob(HANDOVER_GLOB)):
+            if path == own:
+                continue
+            reply, why = ask_why(path, "last-good", HANDOVER_TIMEOUT)
+            if why == "gone":
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # its process ended without removing it
+            if reply and reply.get("signature") == self.judged and reply.get("certs"):
+                self.adopt(reply["certs"], pid_of(path))
+
+    def adopt(self, records: dict[str, dict[str, Any]], pid: int | None) -> None:
+        last_good = dict(self.certs.last_good or {})
+        hidden = records if self.problem is not None else \
+            {host: records[host] for host in self._damaged if host in records}
+        taken = {host: record for host, record in hidden.items() if host not in last_good}
+        if taken:
+            self.certs.last_good = {**last_good, **taken}
+            log.warning("certificates: took %d certificates the damaged store cannot give "
+                        "from management process %s, which read them in good order (the "
+                        "store still needs repairing)", len(taken), pid)

@@ -47,7 +47,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     mirror = Mirror(store, Snapshot(snapshot_path(settings.store.snapshot, store),
                                     store.identity()))
     mirror.start()
-    certs_watch = CertsWatch(store)
+    certs_watch = CertsWatch(store, env.run_dir)
     certs_watch.start()
     runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers(),
                              settings.management.apply_timeout, lambda: mirror.problem)

@@ -10,7 +10,13 @@ connection to one host (the probe), another makes `--rate` single-host writes
 a second through the management API. Printed: the probe's latency
 (p50/p99/max, and requests answered), the writes' latency at the API, the
 worker's RSS with the big table against an empty one (memory per host), and
-for the file store the size of the routes file.
+for the file store the size of the routes file, and the data plane that ran
+(interpreted or compiled).
+
+Run it under ``flock /tmp/bench.lock``; with ``PYTHONPATH`` pointing at a
+compiled copy to measure the compiled data plane (the balancers run from a
+temporary directory: ``python -m`` would otherwise import the balancer of the
+working directory first, whatever ``PYTHONPATH`` says).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from loadtest.procs import Processes, free_port, wait_for_port  # noqa: E402
 
 HOST = "127.0.0.1"
 SERVING = re.compile(r"worker (\d+) serving routing version")
+PLANE = re.compile(r"data plane (compiled|interpreted)")
 
 
 def rule(n: int) -> dict:
@@ -145,12 +152,16 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-changes-") as tmp:
+        # `python -m` puts its working directory first on sys.path: run from the
+        # temporary one, so that PYTHONPATH (or the installed package) decides what runs
+        os.chdir(tmp)
         procs = Processes(Path(tmp) / "logs")
         try:
             start(procs, Path(tmp), args.store, 0, "empty")
             empty_rss = worker_rss(procs.log_dir / "empty.log")
             port, mgmt = start(procs, Path(tmp), args.store, args.hosts, "big")
             big_rss = worker_rss(procs.log_dir / "big.log")
+            plane = PLANE.search((procs.log_dir / "big.log").read_text(errors="replace"))
             stop = threading.Event()
             probes: list[float] = []
             writes: list[float] = []
@@ -164,9 +175,11 @@ def main() -> None:
                 thread.join(30)
         finally:
             procs.stop_all()
+            os.chdir(ROOT)
         size = os.path.getsize(Path(tmp) / "big" / "routes.json") if args.store == "file" else 0
     print(f"{args.store} store, {args.hosts} hosts, {args.rate:g} one-host writes/s, "
-          f"{args.duration:g} s, one worker")
+          f"{args.duration:g} s, one worker, data plane {plane.group(1) if plane else '?'}, "
+          f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}")
     print(f"  live request (probe): {summary(probes)}")
     print(f"  write at the API:     {summary(writes)}")
     per_host = (big_rss - empty_rss) / max(1, args.hosts)

@@ -81,6 +81,16 @@ def wait_state(bal: Balancer, host: str, state: str, timeout: float = ISSUED_WIT
     return wait_for(reached, timeout, what=f"{host} {state}:\n{bal.output()[-3000:]}")
 
 
+def wait_pass(bal: Balancer, version: int = 0) -> dict[str, Any]:
+    """The issuer's passes once it finished one that began on table `version` or a
+    later one (any pass for 0): what was due then was issued or failed in it."""
+    def passed() -> dict[str, Any] | None:
+        found = bal.api("GET", "/api/v1/acme")[1]["passes"]
+        done = found["count"] and (found["table_version"] or 0) >= version
+        return found if done else None
+    return wait_for(passed, 15, what=f"an issuer pass on version {version}")
+
+
 def wait_served(port: int, name: str, root: str, issuer: str) -> dict[str, Any]:
     """The certificate served for `name` once it is `issuer`'s (workers follow the
     store's certificates within a second)."""
@@ -139,9 +149,8 @@ def test_http01_issues_a_certificate_every_worker_serves(
     # a restarted balancer keeps the certificate and the account, issuing nothing
     again = front(tmp_path, pebble, None)
     try:
-        wait_for(lambda: "took the lock" in again.output(), 15, what="the issuer's first look")
-        time.sleep(1.0)  # what it would issue, it starts at once: nothing may start
-        assert "acme: issuing" not in again.output()
+        wait_pass(again)  # what it would issue, it issues in its first pass
+        assert "took the lock" in again.output() and "acme: issuing" not in again.output()
         assert state_of(again, "app.test")["state"] == "issued"
         assert again.api("GET", "/api/v1/acme")[1]["account"]["key_thumbprint"] == thumbprint
         served_certificate(pebble.tls_port, "app.test", pebble_root)
@@ -174,8 +183,8 @@ def test_a_certificate_inside_renew_before_is_renewed_once(
         assert "(expires " in bal.output() and "within renew_before (3650 days)" in bal.output()
         served = wait_served(pebble.tls_port, "renew.test", pebble_root, first["issuer"])
         # the table changes (the issuer looks again at once): nothing is due yet
-        bal.api("PUT", "/api/v1/hosts/other.test", {"action": "empty", "status": 204})
-        time.sleep(2.5)
+        changed = bal.api("PUT", "/api/v1/hosts/other.test", {"action": "empty", "status": 204})
+        wait_pass(bal, changed[1]["version"])
         assert state_of(bal, "renew.test")["issued_at"] == first["issued_at"]
         assert bal.output().count("acme: issuing a certificate for renew.test") == 1
         # an operator asks: renewed now
@@ -210,8 +219,8 @@ def test_a_failing_host_backs_off_and_the_others_are_issued(
         certs = {c["host"] for c in bal.api("GET", "/api/v1/certs")[1]["certs"]}
         assert certs == {"up.test"}
         # the backoff holds: a change to the table makes the issuer look, not retry
-        bal.api("PUT", "/api/v1/hosts/other.test", {"action": "empty", "status": 204})
-        time.sleep(2.5)
+        changed = bal.api("PUT", "/api/v1/hosts/other.test", {"action": "empty", "status": 204})
+        wait_pass(bal, changed[1]["version"])
         assert state_of(bal, "down.test")["attempts"] == 1
         # an operator's request retries at once; the next wait doubles
         status, body = bal.api("POST", "/api/v1/certs/down.test/issue")

@@ -4,6 +4,7 @@ checked on upload, served by every worker without a restart, keys never shown.""
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import ssl
 import time
@@ -227,6 +228,52 @@ def test_the_control_socket_makes_a_worker_serve_the_stored_certificates(tmp_pat
         assert front.find("a.test") is not None
         store.certs().delete("a.test")
         assert control.answer("certs")["certs"] == 0 and front.find("a.test") is None
+    finally:
+        worker.stopping = True
+        control.close()
+
+
+def test_certs_fill_adds_only_missing_hosts_while_the_store_is_as_judged(tmp_path: Path,
+                                                                           ) -> None:
+    """``certs-missing`` / ``certs-fill`` on the control socket (a worker started while
+    the store is damaged): the records are served only while the store's signature is
+    the one the management process judged, only for hosts the worker serves none of;
+    a bad query is an error reply that quotes nothing of it."""
+    from balancer.control import ControlServer
+    from balancer.server import Worker
+    from balancer.settings import load_settings
+    from balancer.stores.file import FileStore
+    from tests.test_tls import put_cert
+
+    routes = tmp_path / "routes.json"
+    store = FileStore(str(routes))
+    worker = Worker(load_settings(env={}), store)
+    control = ControlServer(str(tmp_path), worker)
+    try:
+        missing = "certs-missing " + json.dumps({"hosts": ["a.test", "b.test"]})
+        assert control.answer(missing)["missing"] == []  # no TLS listener: needs none
+        front = worker.front()
+        put_cert(routes, "a.test")
+        control.answer("certs")
+        assert control.answer(missing)["missing"] == ["b.test"]
+        served_a = front.find("a.test")
+        chain, key = CA.issue("b.test")
+        other_chain, other_key = CA.issue("a.test")
+        records = {"a.test": {"chain": other_chain, "key": other_key},
+                   "b.test": {"chain": chain, "key": key}}
+        stale = "certs-fill " + json.dumps({"signature": "(1, 2)", "hosts": records})
+        assert control.answer(stale)["added"] == 0 and front.find("b.test") is None
+        signature = repr(store.certs().signature())
+        fill = "certs-fill " + json.dumps({"signature": signature, "hosts": records})
+        assert control.answer(fill)["added"] == 1
+        assert front.find("b.test") is not None and front.find("a.test") is served_a
+        assert control.answer(missing)["missing"] == []
+        for bad in ("certs-fill {", "certs-fill []", 'certs-fill {"signature": 1, "hosts": {}}',
+                    'certs-missing {"hosts": "a.test"}',
+                    'certs-fill {"signature": "x", "hosts": {"a.test": "' + key[:40] + '"}}'):
+            answer = control.answer(bad)
+            assert "bad query" in answer["error"] and "PRIVATE" not in answer["error"], bad
+        assert front.find("b.test") is not None
     finally:
         worker.stopping = True
         control.close()

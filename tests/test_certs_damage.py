@@ -2,13 +2,17 @@
 
 Real balancers with TLS listeners: the certs file is corrupted or deleted under
 them, or Redis gets a garbage record or is flushed; every host's handshake must
-keep succeeding, certificate writes are refused until the store is repaired or
+keep succeeding, on the workers that served them and on workers started since
+(SIGKILLed and replaced: the management process hands them the certificates it
+last read), certificate writes are refused until the store is repaired or
 restored, and no private key reaches the log or an API answer.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +24,7 @@ import pytest
 from tests.conftest import RedisServer
 from tests.support import Backend, Balancer, wait_for
 from tests.test_ctl import ctl, ok
+from tests.test_process import wait_workers
 from tests.test_tls import CA, client_context, tls_connect
 
 HOSTS = ("a.test", "b.test", "c.test")
@@ -64,6 +69,23 @@ def all_served_for(bal: Balancer, context: ssl.SSLContext, hosts: tuple[str, ...
         rounds += 1
         for host in hosts:
             assert served(bal, context, host), f"{host} not served after {rounds} rounds"
+
+
+def replace_workers(bal: Balancer) -> list[int]:
+    """SIGKILL every worker; the pids of their replacements once they serve."""
+    victims = set(wait_workers(bal, 2))
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    return wait_workers(bal, 2, replacing=victims)
+
+
+def all_served_soon(bal: Balancer, context: ssl.SSLContext, hosts: tuple[str, ...],
+                    timeout: float = 10.0) -> None:
+    """Within `timeout`, every host handshakes (its own certificate, verified) on 20
+    connections in a row: both workers, whichever the kernel gives each one to."""
+    def twenty_rounds() -> bool:
+        return all(served(bal, context, host) for _ in range(20) for host in hosts)
+    wait_for(twenty_rounds, timeout=timeout, interval=0.1, what=f"{hosts} served")
 
 
 def certs_problem(bal: Balancer) -> str | None:
@@ -111,6 +133,42 @@ def test_a_damaged_certs_file_keeps_every_certificate_served(
         all_served_for(bal, context, (*HOSTS, "new.test"), seconds=0)
         assert bal.output().count("the certificates file cannot be read") == 1  # logged once
         no_key_leaked(bal, answer, deleted, listed)
+    finally:
+        bal.stop()
+
+
+def test_workers_started_while_the_certs_file_is_damaged_serve_the_last_read(
+        tmp_path: Path, backend: Backend) -> None:
+    bal = start(tmp_path, backend)
+    try:
+        context = client_context(tmp_path)
+        path = tmp_path / "routes.json.certs.json"
+        good = path.read_bytes()
+        path.write_bytes(good[: len(good) // 2])
+        wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
+        replace_workers(bal)
+        all_served_soon(bal, context, HOSTS)
+        assert "cannot be read" in (certs_problem(bal) or "")  # still damaged, still said
+        assert "lacked 3 certificates the damaged store cannot give" in bal.output()
+        status, answer = put(bal, "new.test")
+        assert (status, answer["error"]) == (503, "certs_corrupt")
+        # a reload replaces the management process too: the new one takes them over
+        old = set(wait_workers(bal, 2))
+        bal.proc.send_signal(signal.SIGHUP)
+        wait_workers(bal, 2, replacing=old)
+        all_served_soon(bal, context, HOSTS)
+        assert "took 3 certificates the damaged store cannot give" in bal.output()
+        assert "cannot be read" in (certs_problem(bal) or "")
+        assert bal.api("POST", "/api/v1/certs/restore") == (200, {"restored": 3})
+        wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the problem to clear")
+        doc = json.loads(good)  # then a.test is removed from the store by hand
+        del doc["certs"]["a.test"]
+        path.write_text(json.dumps(doc))
+        wait_for(lambda: not served(bal, context, "a.test")
+                 and not served(bal, context, "a.test"), timeout=10,
+                 what="the repaired store's certificates alone to be served")
+        all_served_for(bal, context, HOSTS[1:], seconds=0)
+        no_key_leaked(bal, answer)
     finally:
         bal.stop()
 
@@ -189,6 +247,9 @@ def test_one_damaged_record_never_takes_the_others_down(tmp_path: Path,
         assert put(bal, "d.test")[0] == 200  # writes work and keep the damaged records
         kept = json.loads(path.read_bytes())["certs"]
         assert kept["b.test"] == {"chain": 5} and kept["c.test"] == ["not", "an object"]
+        replace_workers(bal)  # new workers get b.test and c.test from the management process
+        all_served_soon(bal, context, HOSTS)
+        assert not served(bal, context, "new.test")  # never read in good order
         assert put(bal, "b.test")[0] == 200  # an upload repairs a record
         no_key_leaked(bal, listed)
     finally:
@@ -219,6 +280,8 @@ def test_redis_garbage_record_and_flushdb(tmp_path: Path,
     wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
     assert "Redis lost its certificates" in (certs_problem(bal) or "")
     all_served_for(bal, context, HOSTS)
+    replace_workers(bal)
+    all_served_soon(bal, context, HOSTS)
     status, answer = put(bal, "new.test")
     assert (status, answer["error"]) == (503, "certs_lost")
     assert client.hlen("balancer:certs") == 0  # refused: nothing written

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -123,19 +125,52 @@ def lb(tmp_path: Path, a_and_b: tuple[Backend, Backend]) -> Iterator[Balancer]:
     balancer.stop()
 
 
+class NotReady:
+    """A backend that is not ready yet: every request (a deploy's probe) answered
+    503 and counted, on a port the real backend takes over after `stop`."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.probes = 0
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # stopped
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+                    self.probes += 1
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self.listener.close()
+        self.thread.join(5)
+
+
 def test_a_deploy_under_load_fails_no_request_and_lets_a_finish_what_it_started(
         tmp_path: Path, lb: Balancer, a_and_b: tuple[Backend, Backend]) -> None:
     a, _ = a_and_b
-    reserved = Backend("reserved")  # B's port, listened on later (B slow to be ready)
-    b_port = reserved.port
-    reserved.stop()
+    not_ready = NotReady()  # B's port: B answers 503 until it is ready
+    b_port = not_ready.port
     slow, slow_out = in_background(lambda: request(lb.port, path="/slow?s=2"))
     wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
     with Load(lb.port) as load:
         record = deploy(lb, {"backends": [f"127.0.0.1:{b_port}"], "warmup": 0.5,
                              "drain_timeout": 20})
-        time.sleep(0.6)  # B is not ready yet: the deploy must wait for it
+        # B is not ready yet: the deploy probes it (0.25 s apart) and must wait for it
+        wait_for(lambda: not_ready.probes >= 3, what="three probes of B answered 503")
         assert lb.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"] == proxy(a)
+        not_ready.stop()
         b = Backend("b", port=b_port)
         try:
             record = finished(lb, record["id"])

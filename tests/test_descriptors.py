@@ -8,6 +8,7 @@ facing more concurrent clients than it has descriptors for, and a bare
 
 from __future__ import annotations
 
+import os
 import select
 import selectors
 import socket
@@ -133,7 +134,7 @@ def test_idle_connections_get_what_the_clients_leave() -> None:
 
 
 CHILD = """
-import logging, os, sys
+import logging, os, sys, time
 from gevent import monkey; monkey.patch_all()
 import gevent
 from balancer.server import Listener, bind
@@ -148,6 +149,13 @@ def answer(sock, address):
 
 plain = sys.argv[1] == "plain"  # OS sockets through Slots.accept, or gevent's accept
 server = Listener(bind(Address("127.0.0.1", 0)), answer, Slots(100), plain=plain)
+resume = server.resume
+
+def resume_and_say():  # each end of a pause (a try follows), for the test to count
+    print("resumed", time.monotonic(), flush=True)
+    resume()
+
+server.resume = resume_and_say
 server.start()
 hogs = []
 try:
@@ -179,7 +187,11 @@ def test_exhausted_accept_pauses_with_one_line_and_recovers(kind: str) -> None:
         clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(5)]
         first = _line_within(child, 10.0)
         assert "accept on" in first and "Too many open files" in first, first
-        time.sleep(2 * ACCEPT_PAUSE + 0.2)  # stay exhausted across two more tries
+        # three pauses end, ACCEPT_PAUSE apart (not a retry loop): the two tries
+        # between them failed too, logging nothing more
+        pauses = _lines_within(child.stdout.fileno(), 3, 3 * ACCEPT_PAUSE + 10.0)  # type: ignore[union-attr]
+        ends = [float(line.split()[1]) for line in pauses[:3]]
+        assert ends[1] - ends[0] >= 0.9 * ACCEPT_PAUSE <= ends[2] - ends[1], pauses[:10]
         child.stdin.write("free\n")  # type: ignore[union-attr]
         child.stdin.flush()  # type: ignore[union-attr]
         for sock in clients:
@@ -198,6 +210,19 @@ def _line_within(child: subprocess.Popen, timeout: float) -> str:
     ready, _, _ = select.select([child.stderr], [], [], timeout)
     assert ready, f"no log line within {timeout} s"
     return child.stderr.readline()  # type: ignore[union-attr]
+
+
+def _lines_within(fd: int, count: int, timeout: float) -> list[str]:
+    """At least `count` lines read from `fd` (nothing buffered it before), failing
+    after `timeout` seconds."""
+    data, deadline = b"", time.monotonic() + timeout
+    while data.count(b"\n") < count:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([fd], [], [], left)[0], f"{data!r} after {timeout} s"
+        chunk = os.read(fd, 4096)
+        assert chunk, f"the child closed its output after {data!r}"
+        data += chunk
+    return data.decode().splitlines()
 
 
 def _low_limit() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -337,6 +338,13 @@ def read_response(conn: gsocket.socket) -> bytes:
     return data
 
 
+def accept_queue(listener: socket.socket) -> int:
+    """Connections waiting in a listening socket's accept queue (Linux: TCP_INFO's
+    tcpi_unacked is the listener's backlog)."""
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("I", info, 24)[0]
+
+
 def until(predicate: Callable[[], bool], seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while not predicate():
@@ -458,8 +466,10 @@ def test_a_full_worker_counts_parked_connections_and_resumes_accepting(tmp_path:
         assert until(lambda: not w.slots.busy) and w.slots.is_full()
         second = connect(w)  # queued by the kernel, not accepted while the first is open
         second.sendall(GET)
-        gevent.sleep(0.2)
-        assert w.slots.open == 1
+        listener = w.servers[0].socket
+        assert until(lambda: accept_queue(listener) == 1)
+        gevent.idle()  # the loop polled: an accepting listener would have taken it
+        assert w.slots.open == 1 and accept_queue(listener) == 1
         first.close()
         assert read_response(second).startswith(b"HTTP/1.1 200")
         second.close()
