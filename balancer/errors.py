@@ -42,6 +42,12 @@ class BackendProtocolError(ProxyError):
     cause = "invalid response"
 
 
+class BackendAnswered(Exception):
+    """The backend sent its final response while the request body was still
+    going out (`balancer.relay`): the body is cut there and that response
+    relayed. Never leaves the relay."""
+
+
 class BackendTimeout(ProxyError):
     """The backend did not answer within `backend_read`."""
 

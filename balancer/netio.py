@@ -53,7 +53,7 @@ import contextlib
 import select
 import time
 from _socket import socket as RawSocket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ssl import SSLWantReadError, SSLZeroReturnError
 from typing import Any, Final
 
@@ -144,6 +144,16 @@ class Stream:
         """Whether nothing arrived since `park` (no bytes, no EOF)."""
         return not self.poller.poll(0)  # one syscall, whatever the socket's timeout
 
+    def watch(self, judge: Callable[[], BaseException | None]) -> None:
+        """Until `unwatch`, while the calling greenlet does other things (a
+        backend's stream while the request body goes out): at each readiness
+        nobody reads, call `judge()` in the event loop, and throw the exception
+        it returns into that greenlet (None: watch on). A blocking stream
+        cannot: nothing happens."""
+
+    def unwatch(self) -> None:
+        """Stop what `watch` started (a readiness then calls nothing)."""
+
     def cooperative(self) -> Any:
         """The socket, for code that wants the whole socket API (the tunnel)."""
         return self.sock
@@ -179,6 +189,12 @@ class WatchedStream(Stream):
 
     def park(self) -> None:
         self.watcher.watch_idle()
+
+    def watch(self, judge: Callable[[], BaseException | None]) -> None:
+        self.watcher.park(_judge_readiness, (self.watcher, judge, getcurrent()))
+
+    def unwatch(self) -> None:
+        self.watcher.unpark()
 
     def close(self) -> None:
         self.writer.close()
@@ -449,6 +465,18 @@ def _park_idle(conn: Any, task: Any) -> None:
     """Throw ParkNow into `task` if it still waits, idle, for `conn`'s next request."""
     if conn.idle and conn.task is task and not task.dead:
         task.throw(ParkNow())
+
+
+def _judge_readiness(arg: Any) -> None:
+    """A watched stream's readiness (`Stream.watch`), in the hub: throw what
+    the judge returns into the watching greenlet, or watch on."""
+    watcher, judge, task = arg
+    exc = judge()
+    if exc is None:
+        if not watcher.closed:
+            watcher.park(_judge_readiness, arg)
+    elif not task.dead:
+        task.throw(exc)
 
 
 def _time_out(conn: Any, task: Any) -> None:

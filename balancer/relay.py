@@ -19,10 +19,18 @@ Invariants:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Final
 
 from balancer.connection import Exchange
-from balancer.errors import BackendClosed, BackendProtocolError, BackendTimeout, ClientGone
+from balancer.errors import (
+    BackendAnswered,
+    BackendClosed,
+    BackendProtocolError,
+    BackendTimeout,
+    ClientGone,
+    ProxyError,
+)
 from balancer.forwarding import last_chunk, request_head
 from balancer.http11 import END, LAST_CHUNK, ProtocolError
 from balancer.pool import Backend, Upstream
@@ -68,14 +76,67 @@ def send_request(ex: Exchange, upstream: Upstream, body: bytes | None,
 
 def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
                  max_body: int | None) -> None:
+    """Send the body as it comes, until it ends or the backend answers first:
+    an early 401 or 413, after which it may close or stop reading (RFC 9112
+    §9.3: a client watches for one while it sends). The rest of the body is
+    then neither read nor sent, and the client's connection closes after that
+    answer. (The threaded baseline's blocking streams cannot watch: there only
+    an answer found when a send fails counts.)"""
     from balancer.errors import PayloadTooLarge
 
-    for chunk in ex.body_chunks():
-        if max_body is not None and ex.received > max_body:
-            raise PayloadTooLarge("request body over max_body_bytes")
-        _send_backend(upstream, frame_chunk(chunk) if chunked else chunk)
-    if chunked:
-        _send_backend(upstream, last_chunk(ex.head))
+    stream = upstream.stream
+    stream.watch(_judge_answer(upstream))
+    try:
+        for chunk in ex.body_chunks():
+            if max_body is not None and ex.received > max_body:
+                raise PayloadTooLarge("request body over max_body_bytes")
+            _send_body(upstream, frame_chunk(chunk) if chunked else chunk)
+        if chunked:
+            _send_body(upstream, last_chunk(ex.head))
+        return
+    except BackendAnswered:
+        ex.keep_alive = False
+    finally:
+        stream.unwatch()
+
+
+def _send_body(upstream: Upstream, data: bytes) -> None:
+    """Send a piece of the request body; raises BackendAnswered if the backend
+    closed after answering."""
+    try:
+        _send_backend(upstream, data)
+    except BackendClosed:
+        if _answered_early(upstream):
+            raise BackendAnswered() from None
+        raise
+
+
+def _judge_answer(upstream: Upstream) -> Callable[[], BaseException | None]:
+    """What a backend's readiness while the body goes out means (`Stream.watch`):
+    BackendAnswered, a ProxyError (it closed, or sent no HTTP), or None."""
+    def judge() -> BaseException | None:
+        try:
+            return BackendAnswered() if _answered_early(upstream) else None
+        except ProxyError as exc:
+            return exc
+    return judge
+
+
+def _answered_early(upstream: Upstream) -> bool:
+    """Read what the backend sent while the request body was still going out:
+    whether a final response head came (then its connection is not reused: the
+    request was cut short); else the bytes wait in the parser. Raises
+    BackendClosed if it closed, BackendProtocolError if it sent no HTTP."""
+    parser = upstream.parser
+    assert parser is not None  # `exchange` began it
+    data = _read_ready(upstream)
+    if data is not None:
+        _feed(parser, data)
+        for event in parser.events:
+            if isinstance(event, ResponseHead) and (event.status >= 200 or event.status == 101):
+                event.keep_alive = False
+                return True
+    return False
 
 
 def _send_backend(upstream: Upstream, data: bytes, last: bool = False) -> None:
@@ -145,15 +206,13 @@ def read_response_head(ex: Exchange, upstream: Upstream, continued: bool = False
     100 when the balancer already sent its own (`continued`); an HTTP/1.0
     client never gets one.
 
-    Waits for the answer to be there before the first read (`Stream.wait_readable`)."""
+    Waits for the answer to be there before the first read (`Stream.wait_readable`),
+    unless part of it came while the body was sent (`_answered_early`)."""
     parser = upstream.parser
-    for_head = ex.head.method == b"HEAD"
-    if parser is None:
-        parser = upstream.parser = ResponseParser(ex.conn.ctx.limits, for_head)
-    else:
-        parser.begin(for_head)
+    assert parser is not None  # `exchange` began it
     events = parser.events
-    _wait_backend(upstream)
+    if not events:
+        _wait_backend(upstream)
     while True:
         while not events:
             _recv_backend(upstream, parser)
@@ -212,7 +271,7 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     ex.status = rhead.status
     data, framing = response_head(ex, rhead)
     sock, parser = upstream.sock, upstream.parser
-    assert parser is not None  # read_response_head made it
+    assert parser is not None  # `exchange` made it
     events = parser.events
     if parser.complete and framing == RAW:  # all of it came with the head: one send
         events.pop()  # END
@@ -307,6 +366,13 @@ def exchange(ex: Exchange, upstream: Upstream, body: bytes | None,
     conn, sock = ex.conn, upstream.sock
     timeout = conn.ctx.timeouts.backend_read
     conn.arm(sock, timeout)
+    # begun before the request goes: an answer may come while its body streams
+    parser = upstream.parser
+    for_head = ex.head.method == b"HEAD"
+    if parser is None:
+        upstream.parser = ResponseParser(conn.ctx.limits, for_head)
+    else:
+        parser.begin(for_head)
     streamed = send_request(ex, upstream, body, max_body)
     if streamed:  # reading the client's body armed the client's timeout
         conn.arm(sock, timeout)
@@ -319,7 +385,7 @@ def _upgrade(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> None:
     ex.status = 101
     data, _ = response_head(ex, rhead)
     parser = upstream.parser
-    assert parser is not None  # read_response_head made it
+    assert parser is not None  # `exchange` made it
     ex.send(data + parser.leftover)
     try:
         upstream.stream.finish()  # the request went out before its answer came

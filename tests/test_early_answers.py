@@ -1,0 +1,182 @@
+"""A backend that answers before the request body is all sent (an upload refused
+with 401 or 413 after its head, RFC 9112 §9.3), through a real balancer: the
+client gets that answer, not a 502 (the backend closed while the body went
+out) nor a 504 (it stopped reading); its connection closes after it (the rest
+of its body is not read), and the backend's connection is never reused.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.rawpeer import serve_each
+from tests.support import Balancer
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
+WAIT = 10.0  # seconds any step may take before the test fails
+BLOCK = b"x" * 65536
+TOO_BIG = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"
+
+
+class EarlyBackend:
+    """Reads a request head only, answers `answer`, then closes (`close`) or
+    keeps the connection open without reading another byte."""
+
+    def __init__(self, answer: bytes, close: bool) -> None:
+        self.answer = answer
+        self.close = close
+        self.accepted = 0
+        self.stopped = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        serve_each(self.listener, self._serve)
+
+    def _serve(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        conn.settimeout(WAIT)
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            conn.sendall(self.answer)
+            if not self.close:
+                self.stopped.wait(WAIT)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+
+
+def upload(port: int, host: bytes, framing: bytes) -> tuple[bytes, float]:
+    """Send a 50 MB body (as fast as it goes) while reading the answer until the
+    balancer closes; returns the answer and how long it took."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    chunked = framing.startswith(b"Transfer-Encoding")
+    block = b"10000\r\n" + BLOCK + b"\r\n" if chunked else BLOCK
+    done = threading.Event()
+
+    def pump() -> None:
+        try:
+            for _ in range(800):  # 50 MB, bounded
+                if done.is_set():
+                    return
+                sock.sendall(block)
+        except OSError:
+            return
+
+    sock.sendall(b"POST /upload HTTP/1.1\r\nHost: " + host + b"\r\n" + framing + b"\r\n\r\n")
+    started = time.monotonic()
+    sender = threading.Thread(target=pump, daemon=True)
+    sender.start()
+    data = b""
+    try:
+        while time.monotonic() - started < WAIT:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        done.set()
+        sock.close()
+        sender.join(WAIT)
+    return data, time.monotonic() - started
+
+
+class ContinueBackend(EarlyBackend):
+    """Answers 100 Continue after the head (unasked: IIS does), reads the whole
+    Content-Length body, then answers 200 with its length."""
+
+    def _serve(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        conn.settimeout(WAIT)
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                body += chunk
+            got = b"%d" % len(body)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(got), got))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory):
+    """One balancer: close.test's backend answers 413 early and closes,
+    stop.test's answers it and stops reading, iis.test's sends 100 unasked."""
+    backends = {"close.test": EarlyBackend(TOO_BIG, close=True),
+                "stop.test": EarlyBackend(TOO_BIG, close=False),
+                "iis.test": ContinueBackend(b"", close=True)}
+    bal = Balancer(tmp_path_factory.mktemp("early"),
+                   {host: {"action": "proxy", "backends": [backend.address]}
+                    for host, backend in backends.items()},
+                   config="[timeouts]\nbackend_read = 30.0\n")
+    yield bal, backends
+    bal.stop()
+    for backend in backends.values():
+        backend.stop()
+
+
+def get(port: int, host: bytes) -> bytes:
+    """A GET with Connection: close; the whole answer."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(("host", "framing"), [
+    (b"close.test", b"Content-Length: 52428800"),
+    (b"stop.test", b"Transfer-Encoding: chunked"),
+], ids=["closes-length", "stops-reading-chunked"])
+def test_an_answer_before_the_body_reaches_the_client(site, host: bytes, framing: bytes) -> None:
+    bal, backends = site
+    backend = backends[host.decode()]
+    accepted = backend.accepted
+    data, took = upload(bal.port, host, framing)
+    assert data.startswith(b"HTTP/1.1 413 Payload Too Large\r\n"), data[:200]
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"\r\nConnection: close" in head and body == b"too big!"
+    assert took < WAIT  # not the 30 s backend_read
+    # the next request gets a new backend connection, never the cut one
+    assert get(bal.port, host).startswith(b"HTTP/1.1 413 ")
+    assert backend.accepted == accepted + 2
+
+
+def test_an_unasked_100_while_the_body_goes_leaves_the_upload_whole(site) -> None:
+    bal, _ = site
+    sock = socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT)
+    try:
+        sock.sendall(b"PUT / HTTP/1.1\r\nHost: iis.test\r\nContent-Length: 3145728\r\n\r\n")
+        for _ in range(48):
+            sock.sendall(BLOCK)
+        answer = b""
+        while not answer.endswith(b"\r\n\r\n3145728"):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), answer
+    assert b"Connection: close" not in answer
