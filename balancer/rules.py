@@ -65,10 +65,23 @@ def validate_host(host: object) -> list[str]:
     """Problems with a routing-table key (empty when it is fine)."""
     if not isinstance(host, str) or not host:
         return ["host: must be a non-empty string"]
+    if not host.isascii():  # checked before lower(): "\u212a" (KELVIN SIGN) lowers to "k"
+        return [f"host {host!r}: not ASCII{_ascii_form(host)}"]
     key = normalize_host(host)
     if len(key) > MAX_HOST_LEN or not HOST_RE.match(key):
         return [f"host {host!r}: not a valid host name, '*.suffix' or '*'"]
     return []
+
+
+def _ascii_form(host: str) -> str:
+    """A hint naming the ASCII (IDNA, punycode) form of an internationalized name."""
+    try:
+        ascii_name = host.strip().rstrip(".").encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return ""
+    if not HOST_RE.match(ascii_name):
+        return ""
+    return f"; an internationalized name is written in its ASCII form, {ascii_name!r}"
 
 
 def validate_table(hosts: object) -> list[str]:

@@ -8,7 +8,8 @@ Invariants:
   larger body is answered 413 before any of it is parsed.
 * A body is strict JSON: NaN, Infinity and numbers too large for a float are
   400 `invalid_json`, and so is nesting deeper than `MAX_DEPTH`, checked
-  before parsing (a body of 100,000 ``[`` never reaches the parser's recursion).
+  before parsing (a body of 100,000 ``[`` never reaches the parser's recursion),
+  and a name twice in one object (the last would win silently).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def version_headers(version: int) -> dict[str, str]:
 
 def read_json(request: Request) -> Any:
     """The JSON body, or `ApiError` 413 `payload_too_large` / 400 `invalid_json`
-    (not JSON, not UTF-8, NaN or Infinity, nested deeper than `MAX_DEPTH`)."""
+    (not JSON, not UTF-8, NaN or Infinity, nested deeper than `MAX_DEPTH`, a
+    name twice in one object)."""
     length = request.content_length
     if length is not None and length > MAX_BODY:
         raise _too_large()
@@ -80,7 +82,7 @@ def read_json(request: Request) -> Any:
     check_depth(raw)
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_no_constant,
-                          parse_float=_finite_float)
+                          parse_float=_finite_float, object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as exc:
         raise ApiError(400, "invalid_json", f"the body is not UTF-8: {exc}") from None
     except json.JSONDecodeError as exc:
@@ -103,6 +105,20 @@ def check_depth(raw: bytes) -> None:
         if depth > MAX_DEPTH:
             raise ApiError(400, "invalid_json",
                            f"the body nests arrays and objects deeper than {MAX_DEPTH} levels")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose names are unique (RFC 8259 §4), else `ApiError` 400
+    `invalid_json`: a parser that kept the first of two values would read
+    another rule or table than the one written (json keeps the last)."""
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise ApiError(400, "invalid_json",
+                           f"the body has the name {name!r} twice in one object; "
+                           "names must be unique")
+        seen.add(name)
+    return dict(pairs)
 
 
 def _no_constant(name: str) -> Any:

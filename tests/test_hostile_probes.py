@@ -6,11 +6,18 @@ and fixed, so each fails without its fix.
   §3.2 has none in a request, and a cache or router behind the balancer could
   read the path otherwise than the backend (HAProxy 2.8.2 and later refuse it).
 * ``*`` is a target of OPTIONS only (RFC 9112 §3.2.4): ``GET *`` gets a 400.
+* Management API: a JSON name twice in one object is a 400 `invalid_json`
+  (json kept the last value silently: a reviewer reading the first saw another
+  rule), and a non-ASCII host name a 400 naming its ASCII form (it was lowered
+  first, and ``\u212a.test``, KELVIN SIGN, became ``k.test``).
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import socket
+from urllib.parse import quote
 
 import pytest
 
@@ -61,3 +68,46 @@ def test_options_asterisk_and_plain_targets_still_pass(site) -> None:
                                  b"Connection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:80]
         assert backend.requests[-1].startswith(line + b"\r\n")
+
+
+def write(bal: Balancer, method: str, path: str, raw: bytes) -> tuple[int, dict]:
+    """A management write with a raw JSON body."""
+    conn = http.client.HTTPConnection("127.0.0.1", bal.mport, timeout=10)
+    try:
+        conn.request(method, path, body=raw, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("path", "raw", "twice"), [
+    ("/api/v1/hosts/dup.test",
+     b'{"action": "static", "status": 200, "body": "a", "body": "b"}', "body"),
+    ("/api/v1/hosts",
+     b'{"hosts": {"app.test": {"action": "empty", "status": 204}, "app.test": '
+     b'{"action": "empty", "status": 403}}}', "app.test"),
+], ids=["rule", "table"])
+def test_a_json_name_twice_is_refused_and_changes_nothing(site, path: str, raw: bytes,
+                                                          twice: str) -> None:
+    bal, _ = site
+    before = bal.api("GET", "/api/v1/hosts")[1]
+    status, body = write(bal, "PUT", path, raw)
+    assert status == 400 and body["error"] == "invalid_json", body
+    assert repr(twice) in body["message"] and "twice" in body["message"]
+    assert bal.api("GET", "/api/v1/hosts")[1] == before
+
+
+@pytest.mark.parametrize(("host", "ascii_form"), [
+    ("\u212a.test", "k.test"),  # KELVIN SIGN: lower() made it ASCII "k"
+    ("b\u00fccher.test", "xn--bcher-kva.test"),
+])
+def test_a_non_ascii_host_is_refused_naming_its_ascii_form(site, host: str,
+                                                          ascii_form: str) -> None:
+    bal, _ = site
+    before = bal.api("GET", "/api/v1/hosts")[1]
+    status, body = write(bal, "PUT", "/api/v1/hosts/" + quote(host),
+                         b'{"action": "empty", "status": 204}')
+    assert status == 400 and body["error"] == "invalid_rule", body
+    assert "not ASCII" in body["details"][0] and repr(ascii_form) in body["details"][0]
+    assert bal.api("GET", "/api/v1/hosts")[1] == before
