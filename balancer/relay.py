@@ -244,8 +244,9 @@ def response_head(ex: Exchange, rhead: ResponseHead) -> tuple[bytes, int]:
     head = ex.head
     lines = [rhead.status_line, rhead.forwarded, ex.head_extra, b"\r\nX-Request-Id: ",
              ex.request_id]
-    if rhead.status == 101:
-        lines.append(b"\r\nConnection: upgrade\r\nUpgrade: %s\r\n\r\n" % head.upgrade)
+    if rhead.status == 101:  # Upgrade: what the backend switched to, of what was offered
+        lines.append(b"\r\nConnection: upgrade\r\nUpgrade: %s\r\n\r\n"
+                     % (rhead.upgrade or head.upgrade))
         return b"".join(lines), RAW
     framing = RAW
     if not rhead.no_body and rhead.content_length is None:
@@ -343,6 +344,8 @@ def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | 
         if rhead.status == 101:
             if not ex.head.upgrade:
                 raise BackendProtocolError("101 Switching Protocols to a request without Upgrade")
+            if not is_offered(rhead.upgrade, ex.head.upgrade):
+                raise BackendProtocolError("101 Switching Protocols to a protocol not offered")
             _upgrade(ex, upstream, rhead)
             upstream.close()
             return
@@ -378,6 +381,15 @@ def exchange(ex: Exchange, upstream: Upstream, body: bytes | None,
         conn.arm(sock, timeout)
     # a streamed body behind Expect: 100-continue got the balancer's own 100
     return read_response_head(ex, upstream, streamed and ex.head.expect_continue)
+
+
+def is_offered(chosen: bytes, offered: bytes) -> bool:
+    """Whether every protocol of a 101's Upgrade was in the request's (RFC 9110
+    §7.8: a server must not switch to another; through a tunnel a client could
+    then speak, say, h2c to the backend past the balancer's per-request rules)."""
+    asked = {token.strip().lower() for token in offered.split(b",")}
+    asked |= {token.partition(b"/")[0] for token in asked}  # "foo" of "foo/2" too
+    return all(token.strip().lower() in asked for token in chosen.split(b","))
 
 
 def _upgrade(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> None:

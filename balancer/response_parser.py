@@ -105,7 +105,8 @@ class ResponseHead:
     """
 
     __slots__ = ("status", "status_line", "block", "content_length", "chunked",
-                 "keep_alive", "connection_tokens", "no_body", "forwarded", "announced")
+                 "keep_alive", "connection_tokens", "no_body", "forwarded", "announced",
+                 "upgrade")
 
     def __init__(self, status: int, head: bytes, keep_alive: bool, no_body: bool,
                  max_fields: int = DEFAULT_LIMITS.max_headers) -> None:
@@ -126,6 +127,7 @@ class ResponseHead:
         tokens: frozenset[bytes] = _NO_TOKENS
         kept: list[bytes] | None = None  # the lines forwarded, once one was cut
         announced = b""  # the Trailer fields, each with its CRLF before it
+        upgrade = b""  # the protocols a 101 switches to (its Upgrade fields)
         for i in range(1, len(lines)):
             line = lines[i]
             prefixes = _PREFIXES[line[0]]
@@ -149,6 +151,9 @@ class ResponseHead:
                         chunked = True
                     elif name == b"trailer:":
                         announced += b"\r\n" + line
+                    elif name == b"upgrade:" and status == 101:
+                        value = line[8:].strip(b" \t")
+                        upgrade = upgrade + b", " + value if upgrade else value
                     continue
             if kept is not None:
                 kept.append(line)
@@ -162,6 +167,7 @@ class ResponseHead:
         self.connection_tokens = tokens
         # Forwarded with the trailers themselves, only when the client gets them.
         self.announced = announced if chunked else b""
+        self.upgrade = upgrade
 
     @property
     def close_delimited(self) -> bool:

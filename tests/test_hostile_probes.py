@@ -6,6 +6,9 @@ and fixed, so each fails without its fix.
   §3.2 has none in a request, and a cache or router behind the balancer could
   read the path otherwise than the backend (HAProxy 2.8.2 and later refuse it).
 * ``*`` is a target of OPTIONS only (RFC 9112 §3.2.4): ``GET *`` gets a 400.
+* A 101 reaches the client with the backend's ``Upgrade`` (it carried the
+  client's offer, ``foo/2, websocket`` for ``websocket``), and a 101 to a
+  protocol the client did not offer is a 502 (RFC 9110 §7.8), not a tunnel.
 * Management API: a JSON name twice in one object is a 400 `invalid_json`
   (json kept the last value silently: a reviewer reading the first saw another
   rule), and a non-ASCII host name a 400 naming its ASCII form (it was lowered
@@ -30,6 +33,12 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 def answer_ok(conn: socket.socket, request: bytes) -> bool:
+    """200 "ok"; to ``GET /switch/PROTOCOLS`` a 101 with ``Upgrade: PROTOCOLS``."""
+    if request.startswith(b"GET /switch/"):
+        chosen = request.split(b" ", 2)[1][len(b"/switch/"):].replace(b"%20", b" ")
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: " + chosen + b"\r\n\r\n")
+        return False
     conn.sendall(OK)
     return True
 
@@ -111,3 +120,33 @@ def test_a_non_ascii_host_is_refused_naming_its_ascii_form(site, host: str,
     assert status == 400 and body["error"] == "invalid_rule", body
     assert "not ASCII" in body["details"][0] and repr(ascii_form) in body["details"][0]
     assert bal.api("GET", "/api/v1/hosts")[1] == before
+
+
+def switch(port: int, offered: bytes, chosen: bytes) -> bytes:
+    """An upgrade request offering `offered` to a backend that switches to `chosen`."""
+    return client_exchange(port, b"GET /switch/" + chosen.replace(b" ", b"%20") +
+                           b" HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\n"
+                           b"Upgrade: " + offered + b"\r\n\r\n", until=b"\r\n\r\n")
+
+
+@pytest.mark.parametrize(("offered", "chosen"), [
+    (b"foo/2, websocket", b"websocket"),
+    (b"websocket", b"WebSocket"),
+    (b"foo/2", b"foo"),
+])
+def test_a_101_names_what_the_backend_switched_to(site, offered: bytes, chosen: bytes) -> None:
+    bal, _ = site
+    answer = switch(bal.port, offered, chosen)
+    assert answer.startswith(b"HTTP/1.1 101 "), answer[:80]
+    assert b"\r\nUpgrade: " + chosen + b"\r\n" in answer
+
+
+@pytest.mark.parametrize(("offered", "chosen"), [
+    (b"websocket", b"h2c"),
+    (b"h2c, websocket", b"h2c"),  # the balancer never offers h2c (it drops it)
+    (b"websocket", b"websocket, evil"),
+])
+def test_a_101_to_a_protocol_not_offered_is_a_bad_gateway(site, offered: bytes,
+                                                          chosen: bytes) -> None:
+    bal, _ = site
+    assert switch(bal.port, offered, chosen).startswith(b"HTTP/1.1 502 ")
