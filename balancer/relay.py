@@ -80,17 +80,22 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
     an early 401 or 413, after which it may close or stop reading (RFC 9112
     §9.3: a client watches for one while it sends). The rest of the body is
     then neither read nor sent, and the client's connection closes after that
-    answer. (The threaded baseline's blocking streams cannot watch: there only
-    an answer found when a send fails counts.)"""
+    answer. An upload that never waits yields its turn like a response
+    (`balancer.turns`): the loop runs between turns, which is when an answer is
+    seen (a TLS connection whose send failed cannot be read any more). (The
+    threaded baseline's blocking streams cannot watch: there only an answer
+    found when a send fails counts.)"""
     from balancer.errors import PayloadTooLarge
 
     stream = upstream.stream
     stream.watch(_judge_answer(upstream))
+    turn = ex.conn.io.turn()  # a fast upload yields its turn (the loop sees the answer then)
     try:
         for chunk in ex.body_chunks():
             if max_body is not None and ex.received > max_body:
                 raise PayloadTooLarge("request body over max_body_bytes")
             _send_body(upstream, frame_chunk(chunk) if chunked else chunk)
+            turn.spend(len(chunk))
         if chunked:
             _send_body(upstream, last_chunk(ex.head))
         return

@@ -8,6 +8,7 @@ of its body is not read), and the backend's connection is never reused.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 
@@ -15,6 +16,8 @@ import pytest
 
 from tests.rawpeer import serve_each
 from tests.support import Balancer
+from tests.tlsbackend import server_context
+from tests.tlsca import TestCA
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -27,9 +30,10 @@ class EarlyBackend:
     """Reads a request head only, answers `answer`, then closes (`close`) or
     keeps the connection open without reading another byte."""
 
-    def __init__(self, answer: bytes, close: bool) -> None:
+    def __init__(self, answer: bytes, close: bool, context: ssl.SSLContext | None = None) -> None:
         self.answer = answer
         self.close = close
+        self.context = context  # serves HTTPS with it
         self.accepted = 0
         self.stopped = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -39,6 +43,11 @@ class EarlyBackend:
     def _serve(self, conn: socket.socket) -> None:
         self.accepted += 1
         conn.settimeout(WAIT)
+        if self.context is not None:
+            try:
+                conn = self.context.wrap_socket(conn, server_side=True)
+            except OSError:
+                return
         with conn:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -119,14 +128,20 @@ class ContinueBackend(EarlyBackend):
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory):
     """One balancer: close.test's backend answers 413 early and closes,
-    stop.test's answers it and stops reading, iis.test's sends 100 unasked."""
+    stop.test's answers it and stops reading, tls.test's (HTTPS) answers and
+    closes, iis.test's sends 100 unasked."""
+    tmp = tmp_path_factory.mktemp("early")
+    ca = TestCA()
     backends = {"close.test": EarlyBackend(TOO_BIG, close=True),
                 "stop.test": EarlyBackend(TOO_BIG, close=False),
+                "tls.test": EarlyBackend(TOO_BIG, close=True,
+                                         context=server_context(ca, tmp, "tls.test")),
                 "iis.test": ContinueBackend(b"", close=True)}
-    bal = Balancer(tmp_path_factory.mktemp("early"),
-                   {host: {"action": "proxy", "backends": [backend.address]}
-                    for host, backend in backends.items()},
-                   config="[timeouts]\nbackend_read = 30.0\n")
+    hosts = {host: {"action": "proxy", "backends": [backend.address]}
+             for host, backend in backends.items()}
+    hosts["tls.test"]["backends"] = ["https://" + backends["tls.test"].address]
+    bal = Balancer(tmp, hosts, config=f'[tls]\nbackend_ca_bundle = "{ca.write(tmp)}"\n'
+                                      "[timeouts]\nbackend_read = 30.0\n")
     yield bal, backends
     bal.stop()
     for backend in backends.values():
@@ -149,7 +164,8 @@ def get(port: int, host: bytes) -> bytes:
 @pytest.mark.parametrize(("host", "framing"), [
     (b"close.test", b"Content-Length: 52428800"),
     (b"stop.test", b"Transfer-Encoding: chunked"),
-], ids=["closes-length", "stops-reading-chunked"])
+    (b"tls.test", b"Content-Length: 52428800"),  # a TLS send that failed reads nothing more
+], ids=["closes-length", "stops-reading-chunked", "https-closes-length"])
 def test_an_answer_before_the_body_reaches_the_client(site, host: bytes, framing: bytes) -> None:
     bal, backends = site
     backend = backends[host.decode()]
