@@ -100,7 +100,8 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
             _send_body(upstream, last_chunk(ex.head))
         return
     except BackendAnswered:
-        ex.keep_alive = False
+        if not ex.body_done:  # the rest of the body is still coming
+            ex.keep_alive = False
     finally:
         stream.unwatch()
 
