@@ -144,12 +144,12 @@ class Stream:
         """Whether nothing arrived since `park` (no bytes, no EOF)."""
         return not self.poller.poll(0)  # one syscall, whatever the socket's timeout
 
-    def watch(self, judge: Callable[[], BaseException | None]) -> None:
+    def watch(self, judge: Callable[[], BaseException | bool]) -> None:
         """Until `unwatch`, while the calling greenlet does other things (a
         backend's stream while the request body goes out): at each readiness
         nobody reads, call `judge()` in the event loop, and throw the exception
-        it returns into that greenlet (None: watch on). A blocking stream
-        cannot: nothing happens."""
+        it returns into that greenlet (True: watch on; False: stop watching).
+        A blocking stream cannot: nothing happens."""
 
     def unwatch(self) -> None:
         """Stop what `watch` started (a readiness then calls nothing)."""
@@ -190,7 +190,7 @@ class WatchedStream(Stream):
     def park(self) -> None:
         self.watcher.watch_idle()
 
-    def watch(self, judge: Callable[[], BaseException | None]) -> None:
+    def watch(self, judge: Callable[[], BaseException | bool]) -> None:
         self.watcher.park(_judge_readiness, (self.watcher, judge, getcurrent()))
 
     def unwatch(self) -> None:
@@ -471,12 +471,12 @@ def _judge_readiness(arg: Any) -> None:
     """A watched stream's readiness (`Stream.watch`), in the hub: throw what
     the judge returns into the watching greenlet, or watch on."""
     watcher, judge, task = arg
-    exc = judge()
-    if exc is None:
+    verdict = judge()
+    if verdict is True:
         if not watcher.closed:
             watcher.park(_judge_readiness, arg)
-    elif not task.dead:
-        task.throw(exc)
+    elif verdict is not False and not task.dead:
+        task.throw(verdict)
 
 
 def _time_out(conn: Any, task: Any) -> None:

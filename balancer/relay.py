@@ -76,20 +76,24 @@ def send_request(ex: Exchange, upstream: Upstream, body: bytes | None,
 
 def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
                  max_body: int | None) -> None:
-    """Send the body as it comes, until it ends or the backend answers first:
-    an early 401 or 413, after which it may close or stop reading (RFC 9112
-    §9.3: a client watches for one while it sends). The rest of the body is
-    then neither read nor sent, and the client's connection closes after that
-    answer. An upload that never waits yields its turn like a response
+    """Send the body as it comes, until it ends or the backend refuses it first:
+    an early error (401, 413...) or an answer that closes, after which it may
+    close or stop reading (RFC 9112 §9.3: a client watches for one while it
+    sends and stops sending). The rest of the body is then neither read nor
+    sent, and the client's connection closes after that answer. An early
+    success that keeps the connection (a backend that answers first and reads
+    on) gets the whole body first; nothing more of it is read meanwhile.
+
+    An upload that never waits yields its turn like a response
     (`balancer.turns`): the loop runs between turns, which is when an answer is
-    seen (a TLS connection whose send failed cannot be read any more). (The
+    seen (a TLS connection whose send failed cannot be read any more). The
     threaded baseline's blocking streams cannot watch: there only an answer
-    found when a send fails counts.)"""
+    found when a send fails counts."""
     from balancer.errors import PayloadTooLarge
 
     stream = upstream.stream
     stream.watch(_judge_answer(upstream))
-    turn = ex.conn.io.turn()  # a fast upload yields its turn (the loop sees the answer then)
+    turn = ex.conn.io.turn()
     try:
         for chunk in ex.body_chunks():
             if max_body is not None and ex.received > max_body:
@@ -112,37 +116,55 @@ def _send_body(upstream: Upstream, data: bytes) -> None:
     try:
         _send_backend(upstream, data)
     except BackendClosed:
-        if _answered_early(upstream):
-            raise BackendAnswered() from None
-        raise
+        parser = upstream.parser
+        assert parser is not None  # `exchange` began it
+        rhead = _final_head(parser)
+        if rhead is None:
+            rhead = _read_early(upstream, parser)
+        if rhead is None:
+            raise
+        rhead.keep_alive = False  # the request was cut short: never reused
+        raise BackendAnswered() from None
 
 
-def _judge_answer(upstream: Upstream) -> Callable[[], BaseException | None]:
+def _judge_answer(upstream: Upstream) -> Callable[[], BaseException | bool]:
     """What a backend's readiness while the body goes out means (`Stream.watch`):
-    BackendAnswered, a ProxyError (it closed, or sent no HTTP), or None."""
-    def judge() -> BaseException | None:
+    BackendAnswered (a refusal), a ProxyError (it closed, or sent no HTTP),
+    True (nothing final yet: watch on) or False (an early success: the body
+    goes on, and nothing more is read until it went)."""
+    parser = upstream.parser
+    assert parser is not None  # `exchange` began it
+
+    def judge() -> BaseException | bool:
         try:
-            return BackendAnswered() if _answered_early(upstream) else None
+            rhead = _read_early(upstream, parser)
         except ProxyError as exc:
             return exc
+        if rhead is None:
+            return True
+        if rhead.status >= 400 or not rhead.keep_alive:
+            rhead.keep_alive = False  # the request was cut short: never reused
+            return BackendAnswered()
+        return False
     return judge
 
 
-def _answered_early(upstream: Upstream) -> bool:
+def _read_early(upstream: Upstream, parser: ResponseParser) -> ResponseHead | None:
     """Read what the backend sent while the request body was still going out:
-    whether a final response head came (then its connection is not reused: the
-    request was cut short); else the bytes wait in the parser. Raises
+    the final response head if it came (the bytes wait in the parser). Raises
     BackendClosed if it closed, BackendProtocolError if it sent no HTTP."""
-    parser = upstream.parser
-    assert parser is not None  # `exchange` began it
     data = _read_ready(upstream)
     if data is not None:
         _feed(parser, data)
-        for event in parser.events:
-            if isinstance(event, ResponseHead) and (event.status >= 200 or event.status == 101):
-                event.keep_alive = False
-                return True
-    return False
+    return _final_head(parser)
+
+
+def _final_head(parser: ResponseParser) -> ResponseHead | None:
+    """The final (or 101) response head among the parsed events, if any."""
+    for event in parser.events:
+        if isinstance(event, ResponseHead) and (event.status >= 200 or event.status == 101):
+            return event
+    return None
 
 
 def _send_backend(upstream: Upstream, data: bytes, last: bool = False) -> None:
@@ -213,7 +235,7 @@ def read_response_head(ex: Exchange, upstream: Upstream, continued: bool = False
     client never gets one.
 
     Waits for the answer to be there before the first read (`Stream.wait_readable`),
-    unless part of it came while the body was sent (`_answered_early`)."""
+    unless part of it came while the body was sent (`_read_early`)."""
     parser = upstream.parser
     assert parser is not None  # `exchange` began it
     events = parser.events

@@ -2,7 +2,9 @@
 with 401 or 413 after its head, RFC 9112 §9.3), through a real balancer: the
 client gets that answer, not a 502 (the backend closed while the body went
 out) nor a 504 (it stopped reading); its connection closes after it (the rest
-of its body is not read), and the backend's connection is never reused.
+of its body is not read), and the backend's connection is never reused. An
+early success that keeps the connection (a backend that answers first and
+reads on) still gets the whole body, and an unasked 100 changes nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 import pytest
 
 from tests.rawpeer import serve_each
-from tests.support import Balancer
+from tests.support import Balancer, wait_for
 from tests.tlsbackend import server_context
 from tests.tlsca import TestCA
 
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 WAIT = 10.0  # seconds any step may take before the test fails
 BLOCK = b"x" * 65536
+CREATED = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
 TOO_BIG = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"
 
 
@@ -102,9 +105,14 @@ def upload(port: int, host: bytes, framing: bytes) -> tuple[bytes, float]:
     return data, time.monotonic() - started
 
 
-class ContinueBackend(EarlyBackend):
-    """Answers 100 Continue after the head (unasked: IIS does), reads the whole
-    Content-Length body, then answers 200 with its length."""
+class ReadingBackend(EarlyBackend):
+    """Answers `answer` after the head, then reads the whole Content-Length body
+    (noting its length in `got`) and answers `then` % that length, if any."""
+
+    def __init__(self, answer: bytes, then: bytes = b"") -> None:
+        super().__init__(answer, close=True)
+        self.then = then
+        self.got: list[int] = []
 
     def _serve(self, conn: socket.socket) -> None:
         self.accepted += 1
@@ -113,30 +121,36 @@ class ContinueBackend(EarlyBackend):
             data = b""
             while b"\r\n\r\n" not in data:
                 data += conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            conn.sendall(self.answer)
             head, _, body = data.partition(b"\r\n\r\n")
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            while len(body) < length:
+            received = len(body)
+            while received < length:
                 chunk = conn.recv(65536)
                 if not chunk:
                     return
-                body += chunk
-            got = b"%d" % len(body)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(got), got))
+                received += len(chunk)
+            self.got.append(received)
+            if self.then:
+                got = b"%d" % received
+                conn.sendall(self.then % (len(got), got))
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory):
     """One balancer: close.test's backend answers 413 early and closes,
     stop.test's answers it and stops reading, tls.test's (HTTPS) answers and
-    closes, iis.test's sends 100 unasked."""
+    closes, iis.test's sends 100 unasked, duplex.test's answers 201 at once
+    and reads on."""
     tmp = tmp_path_factory.mktemp("early")
     ca = TestCA()
     backends = {"close.test": EarlyBackend(TOO_BIG, close=True),
                 "stop.test": EarlyBackend(TOO_BIG, close=False),
                 "tls.test": EarlyBackend(TOO_BIG, close=True,
                                          context=server_context(ca, tmp, "tls.test")),
-                "iis.test": ContinueBackend(b"", close=True)}
+                "iis.test": ReadingBackend(b"HTTP/1.1 100 Continue\r\n\r\n",
+                                           b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"),
+                "duplex.test": ReadingBackend(CREATED)}
     hosts = {host: {"action": "proxy", "backends": [backend.address]}
              for host, backend in backends.items()}
     hosts["tls.test"]["backends"] = ["https://" + backends["tls.test"].address]
@@ -196,3 +210,22 @@ def test_an_unasked_100_while_the_body_goes_leaves_the_upload_whole(site) -> Non
         sock.close()
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), answer
     assert b"Connection: close" not in answer
+
+
+def test_an_early_success_that_reads_on_gets_the_whole_body(site) -> None:
+    bal, backends = site
+    sock = socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT)
+    try:
+        sock.sendall(b"PUT / HTTP/1.1\r\nHost: duplex.test\r\nContent-Length: 3145728\r\n\r\n")
+        for _ in range(48):
+            sock.sendall(BLOCK)
+        answer = b""
+        while not answer.endswith(b"\r\n\r\nok"):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 201 Created\r\n") and b"Connection: close" not in answer
+    wait_for(lambda: backends["duplex.test"].got, WAIT, what="the whole body at the backend")
+    assert backends["duplex.test"].got == [3145728]
