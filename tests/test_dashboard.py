@@ -31,10 +31,6 @@ from management.app import create_app
 from management.history import History
 from management.runtime import snapshot_of
 
-# one process runs the module (scripts/test.sh: --dist loadgroup), so its Chromium
-# (the module's `chromium` fixture) starts once, not once per test process
-pytestmark = pytest.mark.xdist_group("dashboard_chromium")
-
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
