@@ -48,6 +48,7 @@ class Mirror:
         self.problem: str | None = None  # the store lost its table (see `judge`)
         self.stopped = False
         self._dirty = Event()
+        self._stopping = Event()  # wakes the snapshot loop's pause at once on stop
         self._tasks: list[Any] = []
 
     @property
@@ -66,6 +67,7 @@ class Mirror:
 
     def stop(self) -> None:
         self.stopped = True
+        self._stopping.set()
         self._dirty.set()
         gevent.joinall(self._tasks, timeout=5)
 
@@ -136,7 +138,7 @@ class Mirror:
                 self.snapshot.save(self.table)
             if self.stopped:
                 return
-            gevent.sleep(max(SAVE_EVERY, (time.monotonic() - started) * SAVE_SHARE))
+            self._stopping.wait(max(SAVE_EVERY, (time.monotonic() - started) * SAVE_SHARE))
 
 
 def _changed(hosts: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -70,10 +70,12 @@ case "$python" in  # a relative path would break once the data plane's run chang
     */*) python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python") ;;
 esac
 
-# Two test processes (pytest-xdist): the tests mostly wait on real sockets and
-# timers (about 4 of 11 minutes were CPU when run one at a time), so two share
-# the 2 cores well and keep the suite inside its 10-minute budget.
-JOBS=${BALANCER_TEST_JOBS:-2}
+# Four test processes (pytest-xdist) even on 2 cores: the tests mostly wait on
+# real sockets, subprocesses and timers (four use about half of 2 cores). Work
+# is handed out one test at a time (`loadgroup`), the tests marked `slow` first
+# (tests/conftest.py), and the load generators (`xdist_group("load_generators")`)
+# run one after the other on one process, never beside each other.
+JOBS=${BALANCER_TEST_JOBS:-4}
 
 echo "== ruff, mypy"
 "$python" -m ruff check .
@@ -86,7 +88,7 @@ exit(0 if native.compiled() else 1)'
 
 echo "== the whole suite, compiled"
 build || { echo "scripts/test.sh: the build is not compiled (BALANCER_PURE set?)"; exit 1; }
-"$python" -m pytest -q -n "$JOBS" "$@"
+"$python" -m pytest -q -n "$JOBS" --dist loadgroup "$@"
 
 echo "== the data plane's tests, interpreted"
 pure=$(mktemp -d)
@@ -95,4 +97,4 @@ tar -cf - --exclude='*.so' --exclude=__pycache__ \
     balancer management loadtest scripts tests setup.py pyproject.toml | tar -xf - -C "$pure"
 cd "$pure"
 if build; then echo "scripts/test.sh: the copy still runs compiled code"; exit 1; fi
-"$python" -m pytest -q -p no:cacheprovider -n "$JOBS" -m data_plane "$@"
+"$python" -m pytest -q -p no:cacheprovider -n "$JOBS" --dist loadgroup -m data_plane "$@"

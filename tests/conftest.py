@@ -221,6 +221,18 @@ def proxy_to(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
 
 # ---------------------------------------------------------------------------
+# parallel runs (pytest-xdist, scripts/test.sh): the slowest tests first
+# ---------------------------------------------------------------------------
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, tests marked `slow` run first (in their collected order, as the
+    others), so that parallel workers never end waiting on one long test. Every
+    worker sorts the same collection the same way, as xdist requires; a run in one
+    process keeps each module's tests together (its module fixtures start once)."""
+    if hasattr(config, "workerinput"):  # an xdist worker
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+# ---------------------------------------------------------------------------
 # compiled modules (setup.py): never test a build older than its sources
 # ---------------------------------------------------------------------------
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -186,6 +186,9 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.connection.shutdown(socket.SHUT_RDWR)
 
 
+POLL = 0.02  # seconds between a backend's checks for `stop` (socketserver's default: 0.5)
+
+
 class BackendServer(ThreadingHTTPServer):
     # the listen queue: socketserver's 5 drops the connects of a burst
     request_queue_size = 1024
@@ -204,7 +207,9 @@ class Backend:
         self.httpd.daemon_threads = True
         self.httpd.owner = self  # type: ignore[attr-defined]
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # a short poll: `stop` (socketserver's shutdown) waits for the loop to notice
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(POLL,),
+                                       daemon=True)
         self.thread.start()
 
     @property

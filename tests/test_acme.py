@@ -169,6 +169,7 @@ def test_tls_alpn01_issues_on_the_tls_listener(
         bal.stop()
 
 
+@pytest.mark.slow
 def test_a_certificate_inside_renew_before_is_renewed_once(
         tmp_path: Path, pebble: Pebble, backend: Backend, pebble_root: str) -> None:
     routes = tmp_path / "routes.json"

@@ -114,7 +114,8 @@ def state_of(bal: Balancer, host: str) -> dict[str, Any]:
     ("garbage", "the CA's answer is not JSON (Content-Type: application/json)", 15),
     ("shape", "the CA's answer is not what RFC 8555 describes (TypeError: ", 15),
     ("flood", "the CA's answer to GET http://127.0.0.1:", 15),
-    ("hang", "cannot reach the CA at http://127.0.0.1:", 45),
+    pytest.param("hang", "cannot reach the CA at http://127.0.0.1:", 45,
+                 marks=pytest.mark.slow),  # the CA client's 30 s read timeout
 ], indirect=["fake_ca"])
 def test_a_broken_ca_ends_in_failed_and_never_blocks_the_api(
         tmp_path: Path, fake_ca: FakeCA, reason: str, within: float) -> None:

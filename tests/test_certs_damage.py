@@ -196,6 +196,7 @@ def test_restore_writes_back_the_certificates_last_read(tmp_path: Path, backend:
         bal.stop()
 
 
+@pytest.mark.slow
 def test_a_deleted_certs_file_is_lost_not_empty(tmp_path: Path, backend: Backend) -> None:
     bal = start(tmp_path, backend)
     try:

@@ -64,6 +64,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator
     # written straight into the store: the workers' own look (once a second) serves it
     wait_for(lambda: _handshakes(bal.ports["tls"], "alpn.test", client_context(tmp)),
              what="alpn.test's certificate to be served")
+    # the workers may have read the challenges before the tls-alpn-01 one was written
+    wait_for(lambda: _answers_alpn01(bal.ports["tls"], "alpn.test"),
+             what="alpn.test's tls-alpn-01 challenge to be answered")
     yield bal
     bal.stop()
 
@@ -114,6 +117,11 @@ def alpn_connect(port: int, name: str, protocols: list[str]) -> ssl.SSLSocket:
     context.set_alpn_protocols(protocols)
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     return context.wrap_socket(sock, server_hostname=name)
+
+
+def _answers_alpn01(port: int, name: str) -> bool:
+    with alpn_connect(port, name, ["acme-tls/1"]) as tls:
+        return tls.selected_alpn_protocol() == "acme-tls/1"
 
 
 def test_tls_alpn01_answers_only_clients_offering_acme_tls(site: Balancer, tmp_path: Path) -> None:

@@ -409,6 +409,7 @@ def test_rates_come_from_counter_deltas(make_site: Callable[..., Site], browser:
                               "1 host", "2 hosts", "—"]
 
 
+@pytest.mark.slow
 def test_screenshot(make_site: Callable[..., Site], browser: Any, tmp_path: Path) -> None:
     site = make_site(hosts={
         "app.example.com": {**WEB, "health": {"path": "/healthz"}},

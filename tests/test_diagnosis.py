@@ -381,6 +381,7 @@ def test_quantiles_interpolate_inside_a_bucket() -> None:
 
 
 # history -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_history_survives_a_reload(tmp_path: Path) -> None:
     bal = Balancer(tmp_path, {"app.test": {"action": "empty", "status": 204}})
     try:

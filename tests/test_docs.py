@@ -201,6 +201,7 @@ def test_serve_help_gives_each_flag_its_default_env_and_key():
         assert f"[default {default}; env {env}, file {key}]" in text, key
 
 
+@pytest.mark.slow
 def test_every_command_and_flag_shown_exists():
     checked = 0
     for where, command, words in _commands_shown():

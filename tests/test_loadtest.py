@@ -241,6 +241,8 @@ def test_bad_options_are_named():
         assert word in proc.stderr
 
 
+@pytest.mark.xdist_group("load_generators")  # one CPU-hungry run at a time (scripts/test.sh)
+@pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
     run_id = uuid.uuid4().hex
     out = tmp_path / "run"
@@ -286,6 +288,7 @@ def test_quick_run_end_to_end(tmp_path):
 
 @pytest.mark.skipif(not (shutil.which("haproxy") and shutil.which("nginx")),
                     reason="haproxy or nginx is not installed")
+@pytest.mark.xdist_group("load_generators")
 def test_quick_run_against_haproxy_and_nginx(tmp_path):
     run_id = uuid.uuid4().hex
     # a relative --out (bug: nginx, run with its own prefix, could not open its log)
@@ -310,6 +313,7 @@ def test_a_wrong_answer_is_reported_by_target_name(backend):
         check(Target("squid", backend.port, None), timeout=0.5)
 
 
+@pytest.mark.xdist_group("load_generators")
 def test_interrupted_run_leaves_no_process_and_keeps_partial_results(tmp_path):
     run_id = uuid.uuid4().hex
     # Also: without matplotlib the run says so once and skips the plots.

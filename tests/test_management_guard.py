@@ -197,6 +197,7 @@ class EvilPage(BaseHTTPRequestHandler):
         self.wfile.write(self.page)
 
 
+@pytest.mark.slow
 def test_page_on_another_port_cannot_add_a_backend_in_chromium(tmp_path: Path,
                                                               chromium: Any) -> None:
     bal = Balancer(tmp_path, {"app.test": APP})

@@ -74,6 +74,7 @@ def authorised_get(port: int) -> tuple[int, float]:
     return response.status, time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_slowloris_leaves_room_for_the_operator_and_is_closed(bal: Balancer) -> None:
     count = MAX_CONNECTIONS + 150
     half_sent = []

@@ -163,6 +163,7 @@ def cluster(tmp_path, backend):
 
 
 # reload, crash, stop ------------------------------------------------------------
+@pytest.mark.slow
 def test_sighup_rereads_settings_and_replaces_workers_without_a_failed_request(
         tmp_path, backend):
     config = "[server]\nworkers = 2\n"

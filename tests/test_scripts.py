@@ -24,6 +24,8 @@ def test_bench_hotpath_proxies_every_scripted_request() -> None:
     assert match and float(match.group(1)) > 0
 
 
+@pytest.mark.xdist_group("load_generators")  # one CPU-hungry run at a time (scripts/test.sh)
+@pytest.mark.slow
 def test_bench_limits_measures_both_phases_and_the_abuser_is_held_to_its_limit() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_limits.py"),
                           "--rounds", "1", "--duration", "3", "--clients", "4"],

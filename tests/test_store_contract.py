@@ -8,6 +8,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,12 +50,12 @@ class Watcher:
     """Runs `store.watch` in a thread and records every table it delivers (a
     `TableChange` is applied on the table before it, as a worker does)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, served: Callable[[], int] | None = None) -> None:
         self.tables: list[TableData] = []
         self.changes: list[TableChange] = []
         self.stopped = False
         self.thread = threading.Thread(target=store.watch,
-                                       args=(self.deliver, lambda: self.stopped))
+                                       args=(self.deliver, lambda: self.stopped, served))
 
     def deliver(self, item: TableData | TableChange) -> None:
         if isinstance(item, TableData):
@@ -150,6 +151,51 @@ def test_watch_delivers_the_first_table_then_every_change_within_a_second(
         assert watcher.wait_version(2).hosts == {"web.example.com": WEB, "b.example.com": GONE}
         writer.delete_host("web.example.com")
         assert watcher.wait_version(3).hosts == {"b.example.com": GONE}
+
+
+def put_back(store: Store, copy: bytes | dict[str, Any]) -> None:
+    """Put an older copy of the table back, as an operator restoring a backup does
+    (the Redis store's announced on its channel, as `balancerctl` never would)."""
+    if isinstance(store, FileStore):
+        staged = Path(store.path).with_suffix(".restored")
+        staged.write_bytes(copy)
+        os.replace(staged, store.path)
+        return
+    with store.client.pipeline(transaction=True) as pipe:
+        pipe.delete(store.hosts_key).hset(store.hosts_key, mapping=copy["hosts"])
+        pipe.set(store.version_key, copy["version"])
+        pipe.publish(store.channel, copy["version"]).execute()
+
+
+def copy_of(store: Store) -> bytes | dict[str, Any]:
+    if isinstance(store, FileStore):
+        return Path(store.path).read_bytes()
+    return {"hosts": store.client.hgetall(store.hosts_key),
+            "version": store.client.get(store.version_key)}
+
+
+def test_an_older_copy_put_back_reaches_a_consumer_told_of_the_newer_writes(
+        make_store: Callable[[], Store]) -> None:
+    """A balancer's workers and management process are told of its own writes
+    directly, before the store's message: a copy of the table the watcher had
+    delivered before those writes, put back, is still delivered (and judged a
+    loss by the consumer), not taken for the table it already has."""
+    writer, follower = make_store(), make_store()
+    served = [-1]  # the version the consumer serves (-1: none yet)
+    with Watcher(follower, lambda: served[0]) as watcher:
+        served[0] = watcher.wait_version(0).version
+        writer.replace({"web.example.com": WEB})
+        served[0] = watcher.wait_version(1).version  # the watcher delivered this table
+        old = copy_of(writer)
+        for version in (2, 3):
+            served[0] = version  # told directly, as the management process tells workers
+            assert writer.put_host("b.example.com", {**GONE, "status": 400 + version}) \
+                == version
+        delivered = len(watcher.tables)
+        put_back(writer, old)
+        wait_until(lambda: len(watcher.tables) > delivered, timeout=3,
+                   message="the older copy delivered")
+        assert watcher.tables[-1] == TableData(1, {"web.example.com": WEB})
 
 
 def test_watch_returns_promptly_when_stopped(store: Store) -> None:

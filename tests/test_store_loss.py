@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from balancer.stores.base import TableData
 from tests.conftest import RedisServer
 from tests.support import ROOT, Balancer, request, wait_for
 
@@ -299,3 +301,38 @@ def test_a_hand_edited_huge_number_or_deep_nesting_is_a_corrupt_store(
     assert bal.api("PUT", "/api/v1/hosts", {"hosts": HOSTS}) == (200, {"version": repaired})
     wait_for(lambda: store_info(bal)["problem"] is None, what="the repaired store")
     assert serves_all(bal)
+
+
+class QuietStore:
+    """A store that never changes (only the edge the mirror's watcher needs)."""
+
+    display_url = "quiet:"
+
+    def watch(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
+              served: Callable[[], int]) -> None:
+        import gevent
+
+        while not stop():
+            gevent.sleep(0.01)
+
+    def raise_floor(self, version: int) -> None:
+        pass
+
+
+def test_a_stopping_mirror_saves_its_last_table_at_once(tmp_path: Path) -> None:
+    """The snapshot loop pauses `SAVE_EVERY` between saves; a stop ends the pause
+    (a balancer's stop used to wait it out) and still saves the last table."""
+    from balancer.stores.snapshot import Snapshot
+    from management.mirror import SAVE_EVERY, Mirror
+    from tests.support import loop_until
+
+    snapshot = Snapshot(str(tmp_path / "last-good.json"), "quiet:")
+    mirror = Mirror(QuietStore(), snapshot)  # type: ignore[arg-type]
+    mirror.start()
+    mirror.note_write(1, None, HOSTS)
+    assert loop_until(lambda: snapshot.load() is not None), "the first save"
+    mirror.note_write(2, {"h0.test": None})  # during the pause after the first save
+    started = time.monotonic()
+    mirror.stop()
+    assert time.monotonic() - started < SAVE_EVERY * 0.9
+    assert snapshot.load() == TableData(2, {h: r for h, r in HOSTS.items() if h != "h0.test"})

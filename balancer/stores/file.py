@@ -248,7 +248,7 @@ class FileStore(Store):
             elif signature != seen:
                 seen = signature
                 if served is None or not _told_directly(self._peek_version(), served):
-                    delivered = self._reread(delivered, on_change, problems)
+                    delivered = self._reread(delivered, on_change, problems, served)
                 elif self._problem is not None:
                     self._problem = None
                     problems.clear(f"{self.path}: readable again")
@@ -265,8 +265,10 @@ class FileStore(Store):
         return int(match.group(1)) if match else None
 
     def _reread(self, delivered: TableData | None, on_change: Callable[[TableData], None],
-                problems: ProblemLog) -> TableData | None:
-        """Load after a change; deliver it if it differs. Returns the table now in force."""
+                problems: ProblemLog, served: Callable[[], int] | None) -> TableData | None:
+        """Load after a change; deliver it if it differs, or is behind the version the
+        consumer serves (an older copy put back: the consumer judges the loss). Returns
+        the table now in force."""
         try:
             data = self.load()
         except (CorruptStore, StoreUnavailable) as exc:
@@ -275,7 +277,7 @@ class FileStore(Store):
             return delivered
         self._problem = None
         problems.clear(f"{self.path}: readable again (version {data.version})")
-        if data == delivered:
+        if data == delivered and (served is None or data.version >= served()):
             return delivered
         try:
             on_change(data)

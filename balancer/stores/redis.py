@@ -302,7 +302,7 @@ class RedisStore(Store):
         try:
             pubsub.subscribe(self.channel)
             if not self._serves_already(seen, served):
-                self._reload(on_change, seen, problems)
+                self._reload(on_change, seen, problems, served)
             seen.delay = BACKOFF_FIRST
             next_check = time.monotonic() + self.resync_interval
             while not stop():
@@ -327,11 +327,11 @@ class RedisStore(Store):
             seen.version = str(base)  # told directly already: nothing to read
             return
         if named is None or named[0] != base + 1 or self._problem is not None:
-            self._reload(on_change, seen, problems)
+            self._reload(on_change, seen, problems, served)
             return
         change = self._read_hosts(base, named[1], named[2])
         if change is None:
-            self._reload(on_change, seen, problems)
+            self._reload(on_change, seen, problems, served)
             return
         seen.version, seen.delivered_version, seen.delivered = str(change.version), \
             change.version, None
@@ -389,10 +389,10 @@ class RedisStore(Store):
             return
         log.info("%s: version moved to %s without a message; resyncing",
                  self.display_url, version)
-        self._reload(on_change, seen, problems)
+        self._reload(on_change, seen, problems, served)
 
     def _reload(self, on_change: Callable[[Any], None], seen: _Seen,
-                problems: ProblemLog) -> None:
+                problems: ProblemLog, served: Callable[[], int] | None) -> None:
         raw_hosts, raw_version = self._read_raw()
         seen.version = raw_version
         try:
@@ -403,9 +403,11 @@ class RedisStore(Store):
             return
         self._problem = None
         problems.clear(f"{self.display_url}: back to normal at version {data.version}")
-        if data == seen.delivered or (seen.delivered is None
-                                      and data.version == seen.delivered_version):
-            return
+        behind = served is not None and data.version < served()
+        if not behind and (data == seen.delivered or (
+                seen.delivered is None and data.version == seen.delivered_version)):
+            return  # a store behind the consumer's version (told directly) is always
+            # delivered, even as the table delivered before: the consumer judges the loss
         seen.delivered, seen.delivered_version = data, data.version
         try:
             on_change(data)
