@@ -323,15 +323,18 @@ def test_interrupted_run_leaves_no_process_and_keeps_partial_results(tmp_path):
     env = loadtest_env(run_id)
     env["PYTHONPATH"] = str(stub.parent) + os.pathsep + env["PYTHONPATH"]
     proc = subprocess.Popen(
+        # three targets: after the first row two remain (6 s or more), so a loaded
+        # machine cannot finish the run before it is interrupted
         [sys.executable, "-m", "loadtest", "run", "--scenario", "proxy", "--targets",
-         "direct,gevent", "--concurrency", "5", "--duration", "3", "--generator", "builtin",
-         "--out", str(tmp_path)],
+         "direct,gevent,threaded", "--concurrency", "5", "--duration", "3",
+         "--generator", "builtin", "--out", str(tmp_path)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # interrupt once the first row is in
             results = tmp_path / "results.json"
-            if results.exists() and json.loads(results.read_text())["scenarios"]:
+            if results.exists() and json.loads(results.read_text())["scenarios"].get(
+                    "proxy", {}).get("rows"):
                 break
             time.sleep(0.1)
         # the run has children to clean up (its own environment carries the id too)
