@@ -289,7 +289,10 @@ class RequestParser(_Parser):
         self._url_parts: list[bytes] = []  # of the current head's target; emptied with it
         self._head: RequestHead | None = None  # the last head parsed (trailers go there)
         self.on_url = self._url_parts.append
-        self.on_body = self.events.append
+        # `events.append`, bound once (deque's methods are looked up by name on every
+        # call from compiled code); httptools calls it for each body piece itself
+        self._push: Any = self.events.append
+        self.on_body = self._push
         self._hp = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser:
@@ -350,7 +353,7 @@ class RequestParser(_Parser):
         self._head = head = RequestHead(
             method, target, version, fields, host, content_length, chunked, has_body,
             keep_alive, expect_continue, upgrade, tokens)
-        self.events.append(head)
+        self._push(head)
 
     def _check_sizes(self, method: bytes, url: bytes,
                      fields: list[tuple[bytes, bytes, bytes]]) -> None:
@@ -450,7 +453,7 @@ class RequestParser(_Parser):
             trailers = self._check_trailers()
             if self._head is not None:
                 self._head.trailers = trailers
-        self.events.append(END)
+        self._push(END)
         self._begin()
         # Bug: bytes after it used to become a 400 (or 414/431) for an answerable request.
         self._closed = not self._keep_alive

@@ -223,10 +223,15 @@ class ResponseParser:
 
     __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "last_chunk",
                  "_hp", "_parts", "_buffered", "_in_head", "_limit", "_max_fields", "_head",
-                 "_error", "_chunked", "_quiet", "_quiet_bytes")
+                 "_error", "_chunked", "_quiet", "_quiet_bytes", "on_body", "_push")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False) -> None:
         self.events: deque = deque()
+        # `events.append`, bound once: deque's methods are looked up by name on every
+        # call from compiled code. httptools calls it for each body piece itself
+        # (`on_body`), without a Python frame.
+        self._push: Any = self.events.append
+        self.on_body: Any = self._push
         self._limit = limits.max_header_bytes  # status line to the blank line
         self._max_fields = limits.max_headers
         self._parts: list[bytes] = []  # what was fed since the head began (joined once)
@@ -371,7 +376,7 @@ class ResponseParser:
             return
         head = self._head
         if not self._in_head and head is not None and head.close_delimited:
-            self.events.append(END)
+            self._push(END)
             self.complete = True
             self._hp = None  # the connection is over
             return
@@ -428,7 +433,7 @@ class ResponseParser:
             parts.append(rest)
             self._buffered = len(rest)
         self._in_head = False
-        self.events.append(head)
+        self._push(head)
         if head.chunked and not no_body:
             self._chunked = True
             self.last_chunk = LAST_CHUNK
@@ -441,15 +446,12 @@ class ResponseParser:
                 head.keep_alive = False
             raise _Stop
 
-    def on_body(self, body: bytes) -> None:
-        self.events.append(body)
-
     def on_message_complete(self) -> None:
         if not self.complete:
             self._finish()
 
     def _finish(self) -> None:
-        self.events.append(END)
+        self._push(END)
         head = self._head
         status = head.status if head is not None else 0
         self.complete = status >= 200 or status == 101
