@@ -23,7 +23,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import socket
 import time
@@ -45,6 +44,7 @@ if TYPE_CHECKING:
 RECV_SIZE: Final = 65536
 ACME_PATH: Final = b"/.well-known/acme-challenge/"  # HTTP-01 (balancer.challenges)
 DOT: Final = 46  # b"."
+HEX_BYTE: Final = tuple(b"%02x" % i for i in range(256))  # a request id's last two digits
 DRAIN_LIMIT: Final = 1 << 20  # bytes of an unused request body read to keep a connection alive
 
 PROTOCOL_PAGES: Final = {
@@ -81,14 +81,23 @@ class Context:
 
 
 class RequestIds:
-    """Unique request ids: a random per-process prefix and a counter."""
+    """Unique request ids: a random per-process prefix and a counter in hex, at
+    least 8 digits (``b"%s%08x" % (prefix, count)``). Its last two digits come
+    from a table and the rest is formatted once per 256 ids: bytes formatting
+    cost ~1,600 instructions per request."""
 
     def __init__(self) -> None:
         self.prefix = os.urandom(6).hex().encode()
-        self.counter = itertools.count(1)
+        self.count = 0
+        self.high = self.prefix + b"000000"  # the prefix and count >> 8, "%06x"
 
     def next(self) -> bytes:
-        return b"%s%08x" % (self.prefix, next(self.counter))
+        count = self.count + 1
+        self.count = count
+        low = count & 255
+        if not low:
+            self.high = b"%s%06x" % (self.prefix, count >> 8)
+        return self.high + HEX_BYTE[low]
 
 
 class Exchange:

@@ -53,7 +53,9 @@ VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ou
 # When a head begins at a feed boundary, the first LF of that feed ends its request line,
 # or one of the empty lines before it, which never end so. A line llhttp accepts ends with
 # its version and CRLF, or (HTTP/0.9) with a target, which holds no space.
-LINE_ENDS: Final = {b" HTTP/1.1\r\n": b"1.1", b" HTTP/1.0\r\n": b"1.0"}
+# (Compared, not looked up in a dict: hashing the new slice cost ~400 instructions.)
+LINE_END_11: Final = b" HTTP/1.1\r\n"
+LINE_END_10: Final = b" HTTP/1.0\r\n"
 # RFC 3986 reg-name / IP-literal characters and ":" port: anything else in Host is a 400.
 HOST_CHARS: Final = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                      b"-._~%!$&'()*+,;=:[]")
@@ -156,6 +158,19 @@ def is_chunked_only(chunked: bool, value: bytes) -> bool:
     return not chunked and value.strip(b" \t").lower() == b"chunked"
 
 
+def _line_version(data: bytes, end: int) -> bytes | None:
+    """The version of a request line that ends at `end` (its LF) in `data`, when it
+    ends with LINE_END_11 or LINE_END_10, else None (llhttp's is asked)."""
+    if end < 10:  # (mypyc 2.4 fails on a bytes slice that starts past its end)
+        return None
+    tail = data[end - 10:end + 1]
+    if tail == LINE_END_11:
+        return b"1.1"
+    if tail == LINE_END_10:
+        return b"1.0"
+    return None
+
+
 class _Parser:
     """The feed-level machinery of `RequestParser`: head limits, trailers.
 
@@ -213,9 +228,8 @@ class _Parser:
                 if fed + (len(data) if end < 0 else end) > self._line_max:
                     self._fail(414, "request line too long")
                 self._line_done = end >= 0
-                if not fed:  # the head (or empty lines before it) begins here: LINE_ENDS
-                    # (end >= 10: mypyc 2.4 fails on a bytes slice that starts past its end)
-                    self._version = LINE_ENDS.get(data[end - 10:end + 1]) if end >= 10 else None
+                if not fed:  # the head (or empty lines before it) begins here: LINE_END_*
+                    self._version = _line_version(data, end)
             self._head_bytes = fed + len(data)
         else:
             events = self.events
@@ -275,7 +289,10 @@ class RequestParser(_Parser):
         self._url_parts: list[bytes] = []  # of the current head's target; emptied with it
         self._head: RequestHead | None = None  # the last head parsed (trailers go there)
         self.on_url = self._url_parts.append
-        self.on_body = self.events.append
+        # `events.append`, bound once (deque's methods are looked up by name on every
+        # call from compiled code); httptools calls it for each body piece itself
+        self._push: Any = self.events.append
+        self.on_body = self._push
         self._hp = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser:
@@ -336,7 +353,7 @@ class RequestParser(_Parser):
         self._head = head = RequestHead(
             method, target, version, fields, host, content_length, chunked, has_body,
             keep_alive, expect_continue, upgrade, tokens)
-        self.events.append(head)
+        self._push(head)
 
     def _check_sizes(self, method: bytes, url: bytes,
                      fields: list[tuple[bytes, bytes, bytes]]) -> None:
@@ -436,7 +453,7 @@ class RequestParser(_Parser):
             trailers = self._check_trailers()
             if self._head is not None:
                 self._head.trailers = trailers
-        self.events.append(END)
+        self._push(END)
         self._begin()
         # Bug: bytes after it used to become a 400 (or 414/431) for an answerable request.
         self._closed = not self._keep_alive

@@ -42,8 +42,15 @@ import socket
 from typing import Any, Final
 
 from gevent import get_hub, getcurrent
+from gevent.exceptions import BlockingSwitchOutError
+from greenlet import greenlet
 
 READ: Final = 1  # libev's EV_READ
+# greenlet's own switch, called as SWITCH(target): no method looked up by name per
+# call, and for the hub none of gevent's `Hub.switch` wrapper (its `switch_out`
+# lookup on the current greenlet, which only the hub itself has: `wait` refuses
+# to run in the hub as that wrapper would). Two of each per proxied request.
+SWITCH: Final[Any] = greenlet.switch
 
 
 class Readable:
@@ -64,9 +71,13 @@ class Readable:
         io = self.io
         if not io.active:
             io.start(self._ready)
-        self.waiter = getcurrent()
+        current, hub = getcurrent(), self.hub
+        if current is hub:
+            raise BlockingSwitchOutError(
+                "Impossible to call blocking function in the event loop callback")
+        self.waiter = current
         try:
-            self.hub.switch()
+            SWITCH(hub)
         finally:
             self.waiter = None
 
@@ -85,7 +96,7 @@ class Readable:
             self.stirred = True
             return
         self.waiter = None
-        waiter.switch()
+        SWITCH(waiter)
 
     def park(self, on_ready: Any, arg: Any) -> None:
         """Nobody waits, but the next readiness calls `on_ready(arg)` in the hub."""

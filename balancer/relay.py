@@ -303,9 +303,14 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     assert parser is not None  # `exchange` made it
     events = parser.events
     if parser.complete and framing == RAW:  # all of it came with the head: one send
-        events.pop()  # END
-        events.appendleft(data)
-        ex.send(b"".join(events), last=True)
+        count = len(events)  # the body's pieces and END
+        if count == 2:  # the usual: one piece (no deque method called by name)
+            data += events[0]
+        elif count > 2:
+            events.pop()  # END
+            events.appendleft(data)
+            data = b"".join(events)
+        ex.send(data, last=True)
         events.clear()
         return rhead.keep_alive and not parser.upgraded
     out = [data]

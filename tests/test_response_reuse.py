@@ -90,3 +90,50 @@ def test_close_drops_the_llhttp_parser() -> None:
     parser = ResponseParser()
     parser.close()
     assert parser._hp is None
+
+
+NGINX = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\nConnection: keep-alive, "
+         b"X-Secret\r\nX-Secret: s\r\nETag: \"1\"\r\n\r\nok")
+
+
+def head_fields(head: object) -> tuple:
+    return tuple(getattr(head, name) for name in (
+        "status", "status_line", "block", "forwarded", "content_length", "chunked",
+        "connection_tokens", "announced", "upgrade", "no_body", "keep_alive"))
+
+
+@pytest.mark.parametrize("second", [
+    NGINX,  # the same bytes: read from the last head
+    NGINX.replace(b"Content-Length: 2", b"Content-Length: 02"),  # one byte apart: read again
+    NGINX.replace(b"200 OK", b"201 Created"),
+    NGINX.replace(b"keep-alive, X-Secret", b"close"),
+    CHUNKED,
+])
+def test_a_head_read_after_another_is_what_a_fresh_parser_reads(second: bytes) -> None:
+    """The same bytes give the same head (its fields taken from the last one),
+    and every other head is read for itself, whatever came before."""
+    parser = ResponseParser()
+    parser.feed(NGINX)
+    first = parser.events[0]
+    first.keep_alive = False  # the only field changed after: not carried to the next
+    parser.begin()
+    parser.feed(second)
+    fresh = ResponseParser()
+    fresh.feed(second)
+    assert head_fields(parser.events[0]) == head_fields(fresh.events[0])
+    assert events_of(parser) == events_of(fresh)
+    assert parser.events[0].forwarded == fresh.events[0].forwarded
+    assert b"X-Secret" not in first.forwarded
+
+
+def test_a_head_response_after_the_same_bytes_has_no_body() -> None:
+    """HEAD and GET answers can be the same bytes: `no_body` is not taken from the last."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+    parser = ResponseParser()
+    parser.feed(head + b"ok")
+    parser.begin(for_head=True)
+    parser.feed(head)
+    assert events_of(parser) == [200, END] and parser.events[0].no_body
+    parser.begin()
+    parser.feed(head + b"ok")
+    assert events_of(parser) == [200, b"ok", END] and not parser.events[0].no_body
