@@ -212,38 +212,33 @@ def test_an_answer_before_the_body_reaches_the_client(site, host: bytes, framing
     assert backend.accepted == accepted + 2
 
 
-def test_an_unasked_100_while_the_body_goes_leaves_the_upload_whole(site) -> None:
-    bal, _ = site
-    sock = socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT)
+def put_3mb(port: int, host: bytes, last: bytes) -> bytes:
+    """PUT a 3 MiB body in full, then read until the answer ends with `last`."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
     try:
-        sock.sendall(b"PUT / HTTP/1.1\r\nHost: iis.test\r\nContent-Length: 3145728\r\n\r\n")
+        sock.sendall(b"PUT / HTTP/1.1\r\nHost: " + host + b"\r\nContent-Length: 3145728\r\n\r\n")
         for _ in range(48):
             sock.sendall(BLOCK)
         answer = b""
-        while not answer.endswith(b"\r\n\r\n3145728"):
+        while not answer.endswith(last):
             chunk = sock.recv(65536)
             assert chunk, answer
             answer += chunk
+        return answer
     finally:
         sock.close()
+
+
+def test_an_unasked_100_while_the_body_goes_leaves_the_upload_whole(site) -> None:
+    bal, _ = site
+    answer = put_3mb(bal.port, b"iis.test", b"\r\n\r\n3145728")
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), answer
     assert b"Connection: close" not in answer
 
 
 def test_an_early_success_that_reads_on_gets_the_whole_body(site) -> None:
     bal, backends = site
-    sock = socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT)
-    try:
-        sock.sendall(b"PUT / HTTP/1.1\r\nHost: duplex.test\r\nContent-Length: 3145728\r\n\r\n")
-        for _ in range(48):
-            sock.sendall(BLOCK)
-        answer = b""
-        while not answer.endswith(b"\r\n\r\nok"):
-            chunk = sock.recv(65536)
-            assert chunk, answer
-            answer += chunk
-    finally:
-        sock.close()
+    answer = put_3mb(bal.port, b"duplex.test", b"\r\n\r\nok")
     assert answer.startswith(b"HTTP/1.1 201 Created\r\n") and b"Connection: close" not in answer
     wait_for(lambda: backends["duplex.test"].got, WAIT, what="the whole body at the backend")
     assert backends["duplex.test"].got == [3145728]
