@@ -11,6 +11,13 @@ Invariants:
   before the backend closes, EOF) is closed, never handed out: those bytes
   belong to no request (`balancer.netio.Stream.is_clean`, which costs no
   syscall under gevent).
+* An idle connection is kept at most `idle_timeout` seconds
+  (`timeouts.backend_idle`). The worker's sweep (`BackendRegistry.sweep`, off
+  the request path) closes those past it and those on which anything arrived,
+  plain and TLS, so a backend that gets no more traffic gets its connections
+  back (and none stays in CLOSE_WAIT) within `sweep_every` of the deadline;
+  `acquire` skips them meanwhile. `IdleBudget.idle` counts what the lists hold:
+  a connection leaves its list and the count together, with no switch between.
 * Passive health: `fall` consecutive failures mark the backend down for
   `fail_timeout` seconds; after that one request probes it (half-open) and
   its outcome decides. A probe that never reports back (its request was
@@ -61,6 +68,7 @@ from balancer.serving import Slots
 log: Final = logging.getLogger("balancer.health")
 CLIENT_DESCRIPTORS: Final = 2  # a client connection and its backend connection
 UNBOUNDED: Final = 1 << 62
+SWEEP_EVERY: Final = 5.0  # seconds between sweeps of idle connections, at most
 UP: Final = "up"
 DOWN: Final = "down"
 PROBING: Final = "probing"
@@ -275,6 +283,20 @@ class Backend:
         """Every list of idle connections: the plain pool and the TLS pools."""
         return [self.idle, *self.idle_tls.values()]
 
+    def sweep(self, now: float) -> int:
+        """Close the idle connections past `idle_timeout` at `now` (monotonic) and
+        those on which anything arrived; returns how many."""
+        oldest = now - self.idle_timeout
+        stale = _take_stale(self.idle, oldest)
+        for key, idle in list(self.idle_tls.items()):
+            stale += _take_stale(idle, oldest)
+            if not idle:
+                del self.idle_tls[key]
+        self.budget.idle -= len(stale)
+        for upstream in stale:  # out of the lists first: closing may switch greenlets
+            upstream.close()
+        return len(stale)
+
     def close_idle(self, older_than: float = 0.0) -> int:
         """Close idle connections unused for `older_than` seconds; returns how many."""
         cutoff = time.monotonic() - older_than
@@ -383,6 +405,21 @@ def _close_older(idle: list[Upstream], cutoff: float) -> int:
     return closed
 
 
+def _take_stale(idle: list[Upstream], oldest: float) -> list[Upstream]:
+    """Remove from `idle` (in place) the connections idle since `oldest` or
+    before and those on which anything arrived; the removed ones."""
+    keep: list[Upstream] = []
+    stale: list[Upstream] = []
+    for upstream in idle:
+        if upstream.since > oldest and upstream.stream.is_clean():
+            keep.append(upstream)
+        else:
+            stale.append(upstream)
+    if stale:
+        idle[:] = keep
+    return stale
+
+
 def _is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -395,11 +432,14 @@ class BackendRegistry:
     """The worker's backends by address; created on first mention at compile time."""
 
     def __init__(self, *, connect_timeout: float, fail_timeout: float,
-                 max_idle: int = 1024, io: IO | None = None,
+                 max_idle: int = 1024, idle_timeout: float = 30.0, io: IO | None = None,
                  budget: IdleBudget | None = None, ca_bundle: str = "") -> None:
         self.connect_timeout = connect_timeout
         self.fail_timeout = fail_timeout
         self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        # seconds between sweeps: an idle connection is closed at most this late
+        self.sweep_every = min(SWEEP_EVERY, idle_timeout / 4)
         self.io = io if io is not None else IO()
         self.tls = BackendTLS(ca_bundle)  # contexts made when an https:// backend connects
         self.budget = budget if budget is not None else IdleBudget()
@@ -412,8 +452,17 @@ class BackendRegistry:
         if backend is None:
             backend = self.backends[key] = Backend(
                 addr, connect_timeout=self.connect_timeout, fail_timeout=self.fail_timeout,
-                max_idle=self.max_idle, io=self.io, budget=self.budget, tls=self.tls)
+                max_idle=self.max_idle, idle_timeout=self.idle_timeout, io=self.io,
+                budget=self.budget, tls=self.tls)
         return backend
+
+    def sweep(self) -> int:
+        """Close every backend's idle connections past their idle timeout or on
+        which anything arrived (`Backend.sweep`); how many."""
+        if not self.budget.idle:
+            return 0
+        now = time.monotonic()
+        return sum(backend.sweep(now) for backend in list(self.backends.values()))
 
     def prune(self, in_use: set[str]) -> None:
         """Forget backends no rule names any more (closing their idle sockets)."""

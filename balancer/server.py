@@ -213,6 +213,7 @@ class Worker:
         self.registry = BackendRegistry(connect_timeout=timeouts.backend_connect,
                                         fail_timeout=timeouts.fail_timeout,
                                         max_idle=self.max_connections,
+                                        idle_timeout=timeouts.backend_idle,
                                         io=self.io, budget=self.budget,
                                         ca_bundle=settings.tls.backend_ca_bundle)
         _, no_hosts = fallback_routes(self.pages, self.stats)
@@ -338,6 +339,7 @@ class Worker:
         gevent.spawn(self.failure_report.report_loop, lambda: self.stopping)
         gevent.spawn(self.rotate_loop)
         gevent.spawn(self.quiet_loop)
+        gevent.spawn(self.sweep_loop)
         gevent.spawn(follow_challenges, self.challenges, self.store.acme(), lambda: self.stopping)
 
     def reload_challenges(self) -> int:
@@ -364,6 +366,14 @@ class Worker:
             if len(self.slots.busy) <= KEEP_QUIET // 4 and self.slots.shrink(KEEP_QUIET):
                 gevent.sleep(0.1)  # the ended greenlets go first (from the loop)
                 release_heap()
+
+    def sweep_loop(self) -> None:
+        """Close idle pooled backend connections past `timeouts.backend_idle` or
+        closed by their backend (`BackendRegistry.sweep`), off the request path."""
+        registry = self.registry
+        while not self.stopping:
+            gevent.sleep(registry.sweep_every)
+            registry.sweep()
 
     def missing_certs(self, hosts: list[str]) -> list[str]:
         """Those of `hosts` whose certificate this worker's TLS listeners do not

@@ -136,6 +136,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("timeouts.client_idle", POSITIVE, 75.0, "seconds a keep-alive client may idle"),
     Setting("timeouts.backend_connect", POSITIVE, 5.0, "seconds to connect to a backend"),
     Setting("timeouts.backend_read", POSITIVE, 60.0, "seconds between backend reads"),
+    Setting("timeouts.backend_idle", POSITIVE, 30.0,
+            "seconds an idle pooled backend connection is kept (closed after)"),
     Setting("timeouts.tunnel_idle", POSITIVE, 3600.0, "seconds an upgraded tunnel may idle"),
     Setting("timeouts.graceful", POSITIVE, 30.0, "seconds to finish requests on shutdown"),
     Setting("timeouts.fail_timeout", POSITIVE, 10.0, "seconds a failed backend stays down"),
@@ -219,6 +221,7 @@ class TimeoutSettings:
     client_idle: float
     backend_connect: float
     backend_read: float
+    backend_idle: float
     tunnel_idle: float
     graceful: float
     fail_timeout: float
