@@ -1,0 +1,185 @@
+"""Idle pooled backend connections are closed by the worker's sweep, not kept
+until the next request: those past `timeouts.backend_idle`, and those on which
+the backend wrote or closed (no CLOSE_WAIT left). A raw-socket backend that
+counts its open connections, a real balancer, real clients; and the sweep's
+bookkeeping (plain and TLS lists, `IdleBudget.idle`) on real sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.support import Balancer, in_threads, request, wait_for
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
+BURST = 20  # concurrent requests: as many backend connections pooled at once
+STRAY = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"
+CLOSE_WAIT = "08"  # the state column of /proc/net/tcp
+
+
+class CountingBackend:
+    """Answers keep-alive requests; `/burst` requests are answered only once
+    BURST of them arrived (so each has its own connection). Counts the
+    connections open (until the balancer closes them) and, after a response,
+    optionally `after`s the idle connection: "close" (FIN) or "stray" (bytes)."""
+
+    def __init__(self, after: str = "") -> None:
+        self.after = after
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=BURST * 2)
+        self.port = self.listener.getsockname()[1]
+        self.barrier = threading.Barrier(BURST)
+        self.lock = threading.Lock()
+        self.accepted = 0
+        self.open = 0
+        self.idle_for: list[float] = []  # last response to the balancer's close, seconds
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+                self.open += 1
+            threading.Thread(target=self.serve, args=(sock,), daemon=True).start()
+
+    def serve(self, sock: socket.socket) -> None:
+        sock.settimeout(20)
+        answered = 0.0
+        with sock, contextlib.suppress(OSError):
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:  # the balancer closed it
+                    self.idle_for.append(time.monotonic() - answered)
+                    break
+                data += chunk
+                if b"\r\n\r\n" not in data:
+                    continue
+                head, _, data = data.partition(b"\r\n\r\n")
+                if head.split(b" ", 2)[1] == b"/burst":
+                    with contextlib.suppress(threading.BrokenBarrierError):
+                        self.barrier.wait(10)
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                answered = time.monotonic()
+                if self.after:
+                    time.sleep(0.1)  # the connection is in the pool by now
+                    if self.after == "close":
+                        break
+                    sock.sendall(STRAY)
+        with self.lock:
+            self.open -= 1
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def close_waits(port: int) -> int:
+    """Loopback TCP connections to `port` in CLOSE_WAIT (the backend closed,
+    its peer did not)."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == CLOSE_WAIT:
+                count += 1
+    return count
+
+
+def burst(bal: Balancer) -> None:
+    answers = [f.result(20) for f in in_threads(BURST, lambda: request(bal.port, path="/burst"))]
+    assert [(status, body) for status, _, body in answers] == [(200, b"ok")] * BURST
+
+
+def test_idle_connections_past_the_idle_timeout_are_closed(tmp_path) -> None:
+    backend = CountingBackend()
+    bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.address]}},
+                   args=["--workers", "1"], config="[timeouts]\nbackend_idle = 1.0\n")
+    try:
+        burst(bal)
+        assert backend.accepted == BURST
+        wait_for(lambda: backend.open == 0, timeout=5,
+                 what="the balancer to close its idle connections")
+        assert len(backend.idle_for) == BURST
+        assert min(backend.idle_for) >= 0.95, backend.idle_for  # kept for backend_idle
+        status, _, body = request(bal.port, path="/after")  # still served, on a new one
+        assert (status, body) == (200, b"ok")
+        assert backend.accepted == BURST + 1
+        assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+        backend.close()
+
+
+@pytest.mark.parametrize("after", ["close", "stray"])
+def test_idle_connections_the_backend_closed_or_wrote_on_are_closed(tmp_path,
+                                                                    after: str) -> None:
+    backend = CountingBackend(after)
+    # long enough that only what arrived can have closed them in time
+    bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.address]}},
+                   args=["--workers", "1"], config="[timeouts]\nbackend_idle = 4.0\n")
+    try:
+        burst(bal)
+        start = time.monotonic()
+        wait_for(lambda: backend.open == 0 and close_waits(backend.port) == 0, timeout=3,
+                 what="no connection left open or in CLOSE_WAIT")
+        assert time.monotonic() - start < 3.5  # 1 s sweeps, before the 4 s idle timeout
+        status, _, body = request(bal.port, path="/after")
+        assert (status, body) == (200, b"ok")
+        assert backend.accepted == BURST + 1  # none of the stirred ones was reused
+        assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+        backend.close()
+
+
+def test_the_sweep_keeps_the_idle_count_right_in_plain_and_tls_lists() -> None:
+    from balancer.pool import BackendRegistry, IdleBudget, Upstream
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+    budget = IdleBudget()
+    registry = BackendRegistry(connect_timeout=5, fail_timeout=10, idle_timeout=1.0,
+                               budget=budget)
+    backend = registry.get(f"127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        plain = [backend.connect() for _ in range(3)]
+        tls = [Upstream(backend.connect().stream, "app.test") for _ in range(2)]
+        peers = {}
+        for _ in range(5):
+            sock, address = listener.accept()
+            peers[address] = sock
+        for upstream in plain + tls:
+            backend.release(upstream)
+        assert budget.idle == 5 and len(backend.idle_tls["app.test"]) == 2
+        assert registry.sweep() == 0  # fresh and quiet: all kept
+        plain[0].since -= 2.0  # past the idle timeout
+        peers[plain[1].sock.getsockname()].close()  # EOF while idle
+        peers[tls[0].sock.getsockname()].sendall(STRAY)  # bytes while idle
+        tls[1].since -= 2.0
+        swept = [0]
+
+        def sweep() -> bool:
+            swept[0] += registry.sweep()
+            return swept[0] == 4
+        wait_for(sweep, timeout=2, what="the sweep")
+        assert budget.idle == 1 and backend.idle == [plain[2]]
+        assert "app.test" not in backend.idle_tls  # an empty TLS list goes
+        assert [u.sock.fileno() for u in (plain[0], plain[1], *tls)] == [-1] * 4
+        upstream, reused = backend.acquire()
+        assert reused and upstream is plain[2] and budget.idle == 0
+        upstream.close()
+    finally:
+        listener.close()
+        for sock in peers.values():
+            sock.close()
