@@ -183,3 +183,28 @@ def test_the_sweep_keeps_the_idle_count_right_in_plain_and_tls_lists() -> None:
         listener.close()
         for sock in peers.values():
             sock.close()
+
+
+def test_idle_tls_connections_past_the_idle_timeout_are_closed(tmp_path) -> None:
+    from tests.tlsbackend import TLSBackend
+    from tests.tlsca import TestCA
+
+    ca = TestCA()
+    backend = TLSBackend(ca, tmp_path, "app.test", name="tls")
+    config = (f'[tls]\nbackend_ca_bundle = "{ca.write(tmp_path)}"\n'
+              "[timeouts]\nbackend_idle = 1.0\n")
+    bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.url]}},
+                   args=["--workers", "1"], config=config)
+    try:
+        answers = [f.result(20)
+                   for f in in_threads(4, lambda: request(bal.port, path="/slow?s=0.3"))]
+        assert [status for status, _, _ in answers] == [200] * 4
+        assert backend.accepted >= 2 and backend.connections  # several, pooled
+        wait_for(lambda: not backend.connections, timeout=5,
+                 what="the balancer to close its idle TLS connections")
+        accepted = backend.accepted
+        assert request(bal.port)[0] == 200  # still served, on a new one
+        assert backend.accepted == accepted + 1
+    finally:
+        bal.stop()
+        backend.stop()
