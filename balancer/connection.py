@@ -446,7 +446,7 @@ def handle_client(sock: socket.socket, address: Any, ctx: Context) -> bool:
     """Serve one accepted client connection until it closes (False) or is parked
     between requests (True: `resume_client` goes on with it)."""
     ctx.stats.open_connections += 1
-    # TCP_NODELAY came with the socket: listeners have it (`balancer.server.bind`)
+    # TCP_NODELAY came with the socket: listeners have it (`balancer.accepting.bind`)
     conn = ClientConnection(sock, address, ctx)
     ctx.io.attach(conn)
     return run_client(conn)

@@ -34,8 +34,8 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from balancer.accepting import bind
 from balancer.addr import Address
-from balancer.server import bind
 
 Pairs = list[tuple[socket.socket, str]]  # (socket, role: proxy, internal or tls)
 

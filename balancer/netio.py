@@ -206,7 +206,7 @@ class EventedStream(WatchedStream):
     """A socket read and written as the OS socket, waiting in gevent's loop.
 
     `sock` is gevent's socket (backend connections) or the OS socket itself,
-    non-blocking (client connections accepted by `balancer.server.Listener`,
+    non-blocking (client connections accepted by `balancer.accepting.Listener`,
     which makes no gevent socket per connection: no Python-level wrapper to
     build and close, and no getsockname, ioctl and two fcntl calls for its
     two io watchers). gevent's ``recv`` and ``send`` are Python wrappers, a

@@ -22,7 +22,7 @@ Invariants:
 * A held write the socket takes only in part is finished by a greenlet of
   its own (`rest`); the owner's next write waits for it, `close` stops it.
 * A writer writes the OS socket only (an accepted client socket has no
-  gevent wrapper, `balancer.server.Listener`): when its buffer is full it
+  gevent wrapper, `balancer.accepting.Listener`): when its buffer is full it
   waits on a write watcher of its own, made at the first such wait and closed
   with the writer, and a wait is ended only by the watchdog's throw.
 * At most BATCH_LIMIT writers wait in a batch; at most HOLD_LIMIT bytes per

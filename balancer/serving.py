@@ -28,7 +28,7 @@ Invariants:
   hub at its first wait (see `start`); elsewhere it starts from the loop.
 * `accept` takes connections while a slot is free and the accept queue is
   not empty, at most `limit` per call; an accept error other than an empty
-  queue propagates to the listener (`balancer.server.Listener`), which knows
+  queue propagates to the listener (`balancer.accepting.Listener`), which knows
   what to do with it (pause when out of descriptors, skip an aborted one).
 """
 

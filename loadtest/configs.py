@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-BACKLOG = 65535  # as the balancer (balancer.server.BACKLOG); the kernel caps it at somaxconn
+BACKLOG = 65535  # as the balancer (balancer.accepting.BACKLOG); the kernel caps it at somaxconn
 KEEPALIVE_TIMEOUT = 75
 
 

@@ -21,10 +21,11 @@ import sys
 import threading
 from typing import Any
 
+from balancer.accepting import bind
 from balancer.addr import parse_addr
 from balancer.connection import Context, handle_client
 from balancer.netio import IO
-from balancer.server import Worker, bind
+from balancer.server import Worker
 from balancer.settings import SettingsError, load_settings
 from loadtest import configs
 from loadtest.limits import raise_nofile

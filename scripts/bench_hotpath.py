@@ -190,8 +190,8 @@ def run_sockets(mode: str, requests: int) -> float:
     """µs per request through a gevent worker on loopback (wall clock, this process)."""
     from gevent import subprocess as gsubprocess
 
+    from balancer.accepting import bind
     from balancer.addr import parse_addr
-    from balancer.server import bind
 
     peer = gsubprocess.Popen([sys.executable, __file__, "--peer", mode, str(requests)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)

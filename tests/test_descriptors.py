@@ -3,7 +3,7 @@ under it, and an accept that runs out pausing with one log line, never a traceba
 
 Hostile conditions: a balancer started with a low RLIMIT_NOFILE (`prlimit`)
 facing more concurrent clients than it has descriptors for, and a bare
-`balancer.server.Listener` in a child whose descriptors are all taken.
+`balancer.accepting.Listener` in a child whose descriptors are all taken.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ CHILD = """
 import logging, os, sys, time
 from gevent import monkey; monkey.patch_all()
 import gevent
-from balancer.server import Listener, bind
+from balancer.accepting import Listener, bind
 from balancer.serving import Slots
 from balancer.addr import Address
 

@@ -180,7 +180,7 @@ def test_a_write_larger_than_the_buffer_waits_until_the_peer_reads_it_all() -> N
 
 
 def test_an_accepted_os_socket_is_read_and_written_without_gevents_wrapper() -> None:
-    """What `balancer.server.Listener` hands out on plain listeners: the OS socket,
+    """What `balancer.accepting.Listener` hands out on plain listeners: the OS socket,
     non-blocking; the stream writes past a full buffer and reads it all back."""
     raw, b = socket.socketpair()  # the stdlib's: not gevent's
     raw.setblocking(False)

@@ -14,9 +14,10 @@ import gevent.ssl as gssl
 import pytest
 
 import balancer.tls
+from balancer.accepting import bind
 from balancer.addr import parse_addr
 from balancer.certificates import make_record
-from balancer.server import Worker, bind
+from balancer.server import Worker
 from balancer.settings import load_settings
 from tests.test_worker_tuning import GET, StaticStore, until
 from tests.tlsca import TestCA

@@ -19,12 +19,13 @@ import gevent.socket as gsocket
 import greenlet
 import pytest
 
+from balancer.accepting import bind
 from balancer.addr import parse_addr, parse_backend_addr
 from balancer.errors import ConnectError
 from balancer.netio import CROWDED, IO, PARK_AFTER, GeventIO
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseParser
-from balancer.server import SHARED_ACCEPT_BATCH, Worker, bind
+from balancer.server import SHARED_ACCEPT_BATCH, Worker
 from balancer.serving import Slots
 from balancer.settings import load_settings
 
