@@ -48,8 +48,9 @@ SET_DESCRIPTION = """\
 Set HOST's rule to ACTION with the given keys (replacing the whole rule).
 key=value pairs are parsed as JSON when they parse (status=503,
 keep_path=true, backends='["a:1","b:2"]') and as text otherwise; a dotted key
-(health.path=/up) sets a nested field. The rule is validated by the balancer:
-every problem is listed."""
+(health.path=/up) sets a nested field. A key the action does not have is a
+usage error (exit 2); the values are validated by the balancer: every problem
+is listed (exit 1)."""
 
 WIDTH = 79
 KEY_HELP: dict[str, str] = {
