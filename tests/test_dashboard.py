@@ -162,7 +162,8 @@ class ApiOutage:
         self.calls += 1
         if not self.down:
             return self.app(environ, start_response)
-        body = b'{"error":"store_unavailable","message":"scripted outage","details":[]}'
+        body = (b'{"error":"store_unavailable","message":"scripted outage",'
+                b'"details":["redis: connection refused",{"not":"text"}]}')
         start_response("503 Service Unavailable", [("Content-Type", "application/json"),
                                                    ("Content-Length", str(len(body)))])
         return [body]
@@ -548,6 +549,8 @@ def test_first_paint_shows_the_data_before_any_poll(make_site: Callable[..., Sit
     assert calls_by_then == 0, "the first paint waited for a poll"
     # the first poll fails (the scripted outage): the page says so instead of going blank
     wait_for(browser, lambda d: "Stale" in text_of(d, "#status"), "the failed poll")
+    assert "scripted outage: redis: connection refused" in text_of(browser, "#banners")
+    assert "object" not in text_of(browser, "#banners")  # only text details are shown
     assert text_of(browser, host_card("app.example.com"))
     print(f"\nfirst paint: {shot}")
 
