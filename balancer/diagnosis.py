@@ -27,7 +27,11 @@ MAX_PATH = 256  # characters of a request path shown (no query string)
 
 
 class BadQuery(ValueError):
-    """A top or inflight query the worker cannot answer; the message says why."""
+    """A top or inflight query the worker cannot answer; `problems` lists every reason."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
 
 
 def check_top(by: object, group: object, window: object) -> tuple[str, str, float]:
@@ -41,7 +45,7 @@ def check_top(by: object, group: object, window: object) -> tuple[str, str, floa
             or not 0 < window <= MAX_WINDOW):
         problems.append(f"window: must be seconds from 1 to {MAX_WINDOW:g}, got {window!r}")
     if problems:
-        raise BadQuery("; ".join(problems))
+        raise BadQuery(*problems)
     return str(by), str(group), float(window)  # type: ignore[arg-type]
 
 

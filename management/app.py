@@ -170,7 +170,9 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         except NotFound:
             return error_response(ApiError(404, "not_found", f"no route {request.path}"))
         except HTTPException as exc:
-            return error_response(ApiError(exc.code or 400, "bad_request", exc.description or ""))
+            return error_response(ApiError(exc.code or 400, "bad_request",
+                                           "the request could not be read",
+                                           [exc.description or exc.name]))
         except Exception:
             log.exception("management %s %s failed", request.method, request.path)
             return error_response(ApiError(500, "internal_error",

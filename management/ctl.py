@@ -19,7 +19,14 @@ from urllib.parse import quote, urlencode
 from urllib.request import Request, urlopen
 
 from balancer.diagnosis import BY
-from balancer.rules import ACTIONS
+from balancer.rules import (
+    ACTION_KEYS,
+    ACTIONS,
+    COMMON_KEYS,
+    DRAINING_KEYS,
+    HEALTH_KEYS,
+    LIMIT_KEYS,
+)
 from balancer.sketch import GROUPS
 from management import ctl_cert, ctl_deploy, ctl_help
 from management.ctl_format import (
@@ -38,6 +45,10 @@ STATS_PAGES = 1000  # pages at most: 10 million hosts
 
 class CtlError(Exception):
     """A failure to report as ``balancerctl: <message>``."""
+
+
+class UsageError(CtlError):
+    """A command line that cannot be a request: reported as argparse does, exit 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -87,13 +98,13 @@ def build_parser() -> Parser:
                      help="what to rank by (default requests)")
     top.add_argument("--group", default="client", choices=GROUPS,
                      help="what to rank (default client)")
-    top.add_argument("--window", type=_finite, default=60.0,
+    top.add_argument("--window", type=ctl_help.finite, default=60.0,
                      help="seconds, 1 to 300 (default 60)")
     top.add_argument("--limit", type=int, default=10, help="keys shown, 1 to 100 (default 10)")
     inflight = sub.add_parser("inflight", parents=[common], help="requests open for a while",
                               description="The requests open for at least MIN_AGE seconds, "
                                           "oldest first, on every worker.")
-    inflight.add_argument("--min-age", type=_finite, default=0.0, metavar="SECONDS",
+    inflight.add_argument("--min-age", type=ctl_help.finite, default=0.0, metavar="SECONDS",
                           help="only requests open this long (default 0)")
     sub.add_parser("reload", parents=[common], help="make the balancer re-read its store",
                    description="Make every worker re-read the store now; prints the version "
@@ -133,7 +144,7 @@ class Client:
 
     def __init__(self, url: str, token: str | None) -> None:
         if not url.startswith(("http://", "https://")):
-            raise CtlError(f"--url {url!r}: expected http://HOST:PORT or https://HOST:PORT")
+            raise UsageError(f"--url {url!r}: expected http://HOST:PORT or https://HOST:PORT")
         self.url = url.rstrip("/")
         self.token = token
 
@@ -203,25 +214,53 @@ def _api_error(exc: HTTPError) -> str:
         return f"{exc.code} {exc.reason}"
 
 
-def parse_fields(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs to a dict: JSON values when they parse, text otherwise."""
+def parse_fields(pairs: list[str], action: str | None = None) -> dict[str, Any]:
+    """``key=value`` pairs to a dict: JSON values when they parse, text otherwise.
+
+    `UsageError` for a pair without ``=`` or a key, a key `action` does not
+    have (`balancer.rules` keys; deeper checks are the API's), or a key set both
+    as a value and as an object."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
-            raise CtlError(f"expected key=value, got {pair!r}")
+            raise UsageError(f"expected key=value, got {pair!r}")
+        *parents, leaf = key.split(".")
+        if not all(parents) or not leaf:
+            raise UsageError(f"{key}: a dotted key needs a name on each side of every dot")
+        if action is not None:
+            _check_key(action, key.split("."))
         try:
             value = json.loads(text, parse_constant=_refuse, parse_float=_finite)
         except ValueError:  # NaN and Infinity stay text: the API names the field it refuses
             value = text
-        *parents, leaf = key.split(".")
         node = out
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise CtlError(f"{key}: {part} is both a value and an object")
+                raise UsageError(f"{key}: {part} is both a value and an object")
+        if isinstance(node.get(leaf), dict):
+            raise UsageError(f"{key}: {leaf} is both an object and a value")
         node[leaf] = value
     return out
+
+
+NESTED_KEYS = {"health": HEALTH_KEYS, "limits": LIMIT_KEYS, "draining": DRAINING_KEYS}
+
+
+def _check_key(action: str, parts: list[str]) -> None:
+    """`UsageError` unless `parts` (a dotted key) names a key of `action`'s rules."""
+    allowed = (COMMON_KEYS | ACTION_KEYS[action]) - {"action"}
+    if parts[0] not in allowed:
+        raise UsageError(f"{parts[0]}: unknown key for action {action!r}; its keys: "
+                         + ", ".join(sorted(allowed)))
+    nested = NESTED_KEYS.get(parts[0])
+    if len(parts) > 1 and (nested is None or len(parts) > 2):
+        raise UsageError(f"{'.'.join(parts)}: {parts[0]} has no keys"
+                         if nested is None else f"{'.'.join(parts)}: too many dots")
+    if nested is not None and len(parts) == 2 and parts[1] not in nested:
+        raise UsageError(f"{'.'.join(parts)}: unknown key of {parts[0]}; its keys: "
+                         + ", ".join(sorted(nested)))
 
 
 def _refuse(name: str) -> Any:
@@ -250,7 +289,7 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
         answer = client.call("GET", host_path(args.host))
         return answer, _warned(answer, format_rule(answer))
     if command == "set":
-        rule = {"action": args.action, **parse_fields(args.fields)}
+        rule = {"action": args.action, **parse_fields(args.fields, args.action)}
         if args.backend:
             rule["backends"] = list(rule.get("backends", [])) + args.backend
         answer = client.call("PUT", host_path(args.host), rule)
@@ -331,14 +370,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "set":  # key=value pairs may follow --backend options
-        args.fields += [e for e in extra if "=" in e and not e.startswith("-")]
-        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+        args.fields += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     url = getattr(args, "url", None) or os.environ.get("BALANCER_URL") or DEFAULT_URL
     token = getattr(args, "token", None) or os.environ.get("BALANCER_TOKEN") or None
     try:
         answer, text = run(args, Client(url, token))
+    except UsageError as exc:
+        command = " ".join(filter(None, ("balancerctl", args.command)))
+        print(f"balancerctl: {exc} (see {command} --help)", file=sys.stderr)
+        return 2
     except CtlError as exc:
         print(f"balancerctl: {exc}", file=sys.stderr)
         return 1

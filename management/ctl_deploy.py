@@ -17,6 +17,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
+from management import ctl_help
+
 POLL = 0.25
 WAIT_MARGIN = 60.0  # seconds beyond the deploy's own timeouts before giving up waiting
 
@@ -46,11 +48,11 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser,
 
 
 def _timings(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ready-timeout", type=float, metavar="S",
+    parser.add_argument("--ready-timeout", type=ctl_help.finite, metavar="S",
                         help="give up if the new backends are not up by then (default 60)")
-    parser.add_argument("--drain-timeout", type=float, metavar="S",
+    parser.add_argument("--drain-timeout", type=ctl_help.finite, metavar="S",
                         help="stop waiting for the old backends' requests (default 30)")
-    parser.add_argument("--warmup", type=float, metavar="S",
+    parser.add_argument("--warmup", type=ctl_help.finite, metavar="S",
                         help="seconds over which the new backends ramp up (default 10)")
     parser.add_argument("--no-wait", action="store_true",
                         help="start the deploy and return (follow it with `deploys`)")

@@ -1,4 +1,5 @@
-"""Help texts of `balancerctl`: what each command's arguments are, each action's keys.
+"""Help texts of `balancerctl`: what each command's arguments are, each action's keys,
+and the argument types that refuse a bad option value as a usage error (exit 2).
 
 Invariant: `action_keys_help` lists every key `balancer.rules` accepts for an
 action (from ``ACTION_KEYS``), so a key added to the validator shows up in
@@ -7,9 +8,23 @@ action (from ``ACTION_KEYS``), so a key added to the validator shows up in
 
 from __future__ import annotations
 
+import argparse
+import math
 import textwrap
 
 from balancer.rules import ACTION_KEYS, ACTIONS, ALGORITHMS, COMMON_KEYS, HEALTH_KEYS
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number (`float` alone lets nan and inf through)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
 
 DESCRIPTION = "Change and inspect a running balancer's routing table through its management API."
 
@@ -33,8 +48,9 @@ SET_DESCRIPTION = """\
 Set HOST's rule to ACTION with the given keys (replacing the whole rule).
 key=value pairs are parsed as JSON when they parse (status=503,
 keep_path=true, backends='["a:1","b:2"]') and as text otherwise; a dotted key
-(health.path=/up) sets a nested field. The rule is validated by the balancer:
-every problem is listed."""
+(health.path=/up) sets a nested field. A key the action does not have is a
+usage error (exit 2); the values are validated by the balancer: every problem
+is listed (exit 1)."""
 
 WIDTH = 79
 KEY_HELP: dict[str, str] = {

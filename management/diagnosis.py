@@ -24,7 +24,7 @@ from typing import Any
 from balancer.diagnosis import MAX_INFLIGHT, BadQuery, check_top
 from balancer.rules import normalize_host
 from management.history import INTERVAL, POINTS
-from management.http import ApiError
+from management.http import bad_request
 
 HISTORY_SPAN = INTERVAL * POINTS  # seconds of history kept
 DEFAULT_LIMIT = 10
@@ -38,7 +38,8 @@ def _ask(runtime: Any, command: str, query: dict[str, Any]) -> list[dict[str, An
     return ask_all(command + " " + json.dumps(query, separators=(",", ":")))
 
 
-def _number(args: Any, name: str, default: float) -> float:
+def _number(args: Any, name: str, default: float, problems: list[str]) -> float:
+    """Query parameter `name` as a finite number; `default` (and a problem) if it is not."""
     text = args.get(name)
     if text is None:
         return default
@@ -47,24 +48,25 @@ def _number(args: Any, name: str, default: float) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise ApiError(400, "bad_request", f"{name}: must be a number, got {text!r}")
+        problems.append(f"{name}: must be a number, got {text!r}")
+        return default
     return value
 
 
 def top(runtime: Any, args: Any) -> dict[str, Any]:
     """The body of ``GET /api/v1/top`` for the query string `args`."""
     by, group = args.get("by", "requests"), args.get("group", "client")
-    window = _number(args, "window", 60.0)
-    limit = _number(args, "limit", float(DEFAULT_LIMIT))
-    problems = []
+    problems: list[str] = []
+    window = _number(args, "window", 60.0, problems)
+    limit = _number(args, "limit", float(DEFAULT_LIMIT), problems)
     try:
         by, group, window = check_top(by, group, window)
     except BadQuery as exc:
-        problems.append(str(exc))
+        problems += exc.problems
     if not limit.is_integer() or not 1 <= limit <= MAX_LIMIT:
         problems.append(f"limit: must be an integer from 1 to {MAX_LIMIT}, got {args['limit']!r}")
     if problems:
-        raise ApiError(400, "bad_request", "; ".join(problems))
+        raise bad_request(problems)
     replies = _ask(runtime, "top", {"by": by, "group": group, "window": window})
     merged: dict[str, list[int]] = {}
     for reply in replies:
@@ -88,9 +90,12 @@ def _sketch(replies: list[dict[str, Any]]) -> dict[str, int]:
 
 def inflight(runtime: Any, args: Any) -> dict[str, Any]:
     """The body of ``GET /api/v1/inflight`` for the query string `args`."""
-    min_age = _number(args, "min_age", 0.0)
+    problems: list[str] = []
+    min_age = _number(args, "min_age", 0.0, problems)
     if min_age < 0:
-        raise ApiError(400, "bad_request", f"min_age: must be >= 0 seconds, got {min_age:g}")
+        problems.append(f"min_age: must be >= 0 seconds, got {min_age:g}")
+    if problems:
+        raise bad_request(problems)
     replies = _ask(runtime, "inflight", {"min_age": min_age})
     found = [{**request, "pid": reply["pid"]} for reply in replies
              for request in reply.get("requests", [])]
@@ -101,9 +106,12 @@ def inflight(runtime: Any, args: Any) -> dict[str, Any]:
 
 def history(kept: Any, args: Any) -> dict[str, Any]:
     """The body of ``GET /api/v1/history`` (`kept`: the management process's `History`)."""
-    since = _number(args, "since", HISTORY_SPAN)
+    problems: list[str] = []
+    since = _number(args, "since", HISTORY_SPAN, problems)
     if not 0 < since <= HISTORY_SPAN:
-        raise ApiError(400, "bad_request",
-                       f"since: must be seconds from 1 to {HISTORY_SPAN:g}, got {args['since']!r}")
+        problems.append(f"since: must be seconds from 1 to {HISTORY_SPAN:g}, "
+                        f"got {args['since']!r}")
+    if problems:
+        raise bad_request(problems)
     host = args.get("host")
     return kept.view(since, time.time(), normalize_host(host) if host else None)

@@ -47,6 +47,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def bad_request(problems: list[str], what: str = "the query") -> ApiError:
+    """400 `bad_request`: `details` lists every problem, `message` says how many
+    (the shape of `invalid_rule`)."""
+    n = len(problems)
+    return ApiError(400, "bad_request", f"{what} is invalid ({n} problem{'s' if n != 1 else ''})",
+                    problems)
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
                   ) -> Response:
     data = json.dumps(body, indent=None, separators=(",", ":"), allow_nan=False)

@@ -155,7 +155,8 @@ class ManagementHandler(WSGIHandler):
         except HeadTimeout:
             return ApiError(408, "request_timeout", "the request body arrived too slowly")
         except (OSError, ValueError) as exc:
-            return ApiError(400, "bad_request", f"the request body could not be read: {exc}")
+            return ApiError(400, "bad_request", "the request body could not be read",
+                            [": ".join(map(str, exc.args)) or type(exc).__name__])
         if len(data) > MAX_BODY:
             return _too_large()
         env["wsgi.input"] = io.BytesIO(data)

@@ -20,7 +20,7 @@ from typing import Any
 from balancer.control import MAX_PAGE
 from balancer.rules import normalize_host
 from balancer.stats import OUTCOMES
-from management.http import ApiError
+from management.http import bad_request
 from management.latency import percentiles
 
 HOST_COUNTERS = ("open_requests", "completed_requests", "bytes_received", "bytes_sent",
@@ -42,8 +42,7 @@ def stats_select(args: Mapping[str, Any]) -> dict[str, Any]:
     except ValueError:
         limit = 0
     if not 0 < limit <= MAX_PAGE:
-        raise ApiError(400, "bad_request", f"limit: must be an integer from 1 to {MAX_PAGE}, "
-                                         f"got {text!r}")
+        raise bad_request([f"limit: must be an integer from 1 to {MAX_PAGE}, got {text!r}"])
     return {"after": normalize_host(args.get("after", "")), "limit": limit}
 
 

@@ -39,10 +39,10 @@ def ok(*args: str, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-def fails(*args: str, env: dict[str, str] | None = None) -> str:
-    """The one stderr line of a failing run."""
+def fails(*args: str, env: dict[str, str] | None = None, code: int = 1) -> str:
+    """The one stderr line of a run failing with exit status `code` (2: usage)."""
     done = ctl(*args, env=env)
-    assert done.returncode != 0
+    assert done.returncode == code, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("balancerctl: ")
@@ -155,10 +155,41 @@ def test_error_exits(url: str, env: dict[str, str]) -> None:
     line = fails("list", env={"BALANCER_URL": f"http://127.0.0.1:{port}"})
     assert f"cannot reach http://127.0.0.1:{port}" in line and "refused" in line
     assert "is `balancer serve` running?" in line and "BALANCER_URL" in line
-    assert "expected key=value" in fails("set", "a.example.com", "empty", "status", env=env)
-    assert "invalid choice" in fails("set", "a.example.com", "teleport", env=env)
-    assert "invalid choice" in fails("frobnicate", env=env)
-    assert "expected http://HOST:PORT" in fails("--url", "nonsense", "list")
+    assert "invalid choice" in fails("set", "a.example.com", "teleport", env=env, code=2)
+    assert "invalid choice" in fails("frobnicate", env=env, code=2)
+    assert "expected http://HOST:PORT" in fails("--url", "nonsense", "list", code=2)
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["set", "a.example.com", "empty", "status"], "expected key=value, got 'status'"),
+    (["set", "a.example.com", "proxy", "--backend", "127.0.0.1:1", "retries"],
+     "expected key=value, got 'retries'"),
+    (["set", "a.example.com", "empty", "=204"], "expected key=value, got '=204'"),
+    (["set", "a.example.com", "empty", "colour=red"], "colour: unknown key for action 'empty'"),
+    (["set", "a.example.com", "spin", "status=204"], "status: unknown key for action 'spin'"),
+    (["set", "a.example.com", "proxy", "health.colour=1"], "health.colour: unknown key of health"),
+    (["set", "a.example.com", "proxy", "health..path=/"], "health..path: a dotted key needs"),
+    (["set", "a.example.com", "spin", "timeout.x=1"], "timeout.x: timeout has no keys"),
+    (["set", "a.example.com", "proxy", "health=1", "health.path=/"],
+     "health is both a value and an object"),
+    (["top", "--window", "inf"], "argument --window: expected a finite number, got 'inf'"),
+    (["top", "--limit", "ten"], "argument --limit: invalid int value: 'ten'"),
+    (["inflight", "--min-age", "nan"], "argument --min-age: expected a finite number"),
+    (["deploy", "a.example.com", "--backend", "127.0.0.1:1", "--warmup", "nan"],
+     "argument --warmup: expected a finite number, got 'nan'"),
+    (["add-backend", "a.example.com", "127.0.0.1:1", "--weight", "x"],
+     "argument --weight: invalid int value: 'x'"),
+])
+def test_usage_errors_exit_2_naming_the_problem_and_send_nothing(
+        argv: list[str], named: str, env: dict[str, str], store: FileStore) -> None:
+    line = fails(*argv, env=env, code=2)
+    assert named in line and line.endswith("--help)"), line
+    assert store.load().hosts == {}  # the API never saw a request
+
+
+def test_an_api_refusal_keeps_exit_1(env: dict[str, str]) -> None:
+    line = fails("set", "a.example.com", "empty", "status=teapot", env=env)
+    assert "400 invalid_rule" in line and "status" in line
 
 
 def test_values_parse_as_json_when_they_can() -> None:

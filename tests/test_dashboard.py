@@ -162,7 +162,8 @@ class ApiOutage:
         self.calls += 1
         if not self.down:
             return self.app(environ, start_response)
-        body = b'{"error":"store_unavailable","message":"scripted outage","details":[]}'
+        body = (b'{"error":"store_unavailable","message":"scripted outage",'
+                b'"details":["redis: connection refused",{"not":"text"}]}')
         start_response("503 Service Unavailable", [("Content-Type", "application/json"),
                                                    ("Content-Length", str(len(body)))])
         return [body]
@@ -548,6 +549,8 @@ def test_first_paint_shows_the_data_before_any_poll(make_site: Callable[..., Sit
     assert calls_by_then == 0, "the first paint waited for a poll"
     # the first poll fails (the scripted outage): the page says so instead of going blank
     wait_for(browser, lambda d: "Stale" in text_of(d, "#status"), "the failed poll")
+    assert "scripted outage: redis: connection refused" in text_of(browser, "#banners")
+    assert "object" not in text_of(browser, "#banners")  # only text details are shown
     assert text_of(browser, host_card("app.example.com"))
     print(f"\nfirst paint: {shot}")
 
@@ -594,6 +597,30 @@ def test_backend_addresses_stay_on_one_line(make_site: Callable[..., Site],
         overflow = browser.execute_script(
             "return document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0
+
+
+def test_short_addresses_are_whole_at_1280_px(make_site: Callable[..., Site],
+                                               browser: Any) -> None:
+    """An IPv4 address and port (up to 21 characters) is never cut on a 1280 px
+    screen; a longer one is cut with an ellipsis and its title is the whole address."""
+    widest_v4 = "192.168.100.200:65535"
+    site = make_site(hosts={**FIRST_SIGHT, "v4.example.com": {
+        "action": "proxy", "backends": [widest_v4, "10.0.0.1:80"]}})
+    browser.set_window_size(1280, 900)
+    open_live(browser, site)
+    cells = browser.execute_script("""
+        return [...document.querySelectorAll("td.backend-address")].map((td) => ({
+          text: td.textContent, title: td.title, cut: td.scrollWidth > td.clientWidth,
+          spill: td.closest("table").getBoundingClientRect().right
+                 - td.closest("article").getBoundingClientRect().right}));""")
+    assert {c["text"] for c in cells} == {"127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003",
+                                          LONG_V6, widest_v4, "10.0.0.1:80"}, cells
+    for cell in cells:
+        assert cell["title"] == cell["text"]
+        assert cell["cut"] == (len(cell["text"]) > len(widest_v4)), cell
+        assert cell["spill"] <= 0, f"the table of {cell['text']} spills out of its card"
+    assert browser.execute_script(
+        "return document.documentElement.scrollWidth - window.innerWidth") <= 0
 
 
 def test_a_removed_host_leaves_the_page(make_site: Callable[..., Site], browser: Any) -> None:
@@ -754,3 +781,4 @@ def test_acme_hosts_show_their_state_with_or_without_a_certificate(
     assert cells["down.example.com"].value_of_css_property("color") \
         != cells["app.example.com"].value_of_css_property("color")
     assert severe_logs(browser) == []
+

@@ -110,6 +110,19 @@ def ctl(bal: Balancer, *argv: str) -> str:
     return out.getvalue()
 
 
+def fails(bal: Balancer, *argv: str) -> str:
+    """`balancerctl` against `bal`, refused by the API (exit 1): its stderr."""
+    import io
+    from contextlib import redirect_stderr
+
+    from management.ctl import main
+
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert main(["--url", f"http://127.0.0.1:{bal.mport}", *argv]) == 1
+    return err.getvalue()
+
+
 def test_an_abusive_client_is_the_top_client_within_one_window(empty_balancer) -> None:
     bal = empty_balancer
     normal = [from_client(f"10.0.{i // 250}.{i % 250}") for i in range(200) for _ in range(3)]
@@ -214,12 +227,18 @@ def test_latency_percentiles_per_host_and_backend(tmp_path: Path) -> None:
 def test_bad_queries_are_refused_with_every_problem(empty_balancer) -> None:
     bal = empty_balancer
     status, body = bal.api("GET", "/api/v1/top?by=cpu&group=planet&window=9999&limit=0")
-    assert status == 400
-    for name in ("by:", "group:", "window:", "limit:"):
-        assert name in body["message"]
-    assert bal.api("GET", "/api/v1/top?window=nan")[0] == 400
-    assert bal.api("GET", "/api/v1/inflight?min_age=-1")[0] == 400
-    assert bal.api("GET", "/api/v1/history?since=0")[0] == 400
+    assert status == 400 and body["error"] == "bad_request"
+    assert body["message"] == "the query is invalid (4 problems)"
+    assert [d.split(":")[0] for d in body["details"]] == ["by", "group", "window", "limit"]
+    for query, named in (("top?window=nan&limit=x", ["window", "limit"]),
+                         ("inflight?min_age=-1", ["min_age"]),
+                         ("history?since=0", ["since"]), ("stats?limit=0", ["limit"])):
+        status, body = bal.api("GET", f"/api/v1/{query}")
+        assert status == 400 and body["error"] == "bad_request", (query, body)
+        assert body["message"].startswith("the query is invalid"), body
+        assert [d.split(":")[0] for d in body["details"]] == named, body
+    assert "400 bad_request: the query is invalid (1 problem) (min_age: must be >= 0" in (
+        fails(bal, "inflight", "--min-age", "-1"))
 
 
 # limits ------------------------------------------------------------------------------

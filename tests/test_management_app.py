@@ -337,7 +337,8 @@ def test_stats_come_in_pages_or_by_host(store: FileStore,
     assert list(named["hosts"]) == ["app03.example.com", "app07.example.com"]
     assert named["next"] is None
     for bad in ("0", "x", "10001"):
-        assert_error(call(base, "GET", f"/api/v1/stats?limit={bad}"), 400, "bad_request")
+        body = assert_error(call(base, "GET", f"/api/v1/stats?limit={bad}"), 400, "bad_request")
+        assert body["details"] == [f"limit: must be an integer from 1 to 10000, got {bad!r}"]
 
 
 def test_reload_info_and_readiness(store: FileStore, serve_wsgi: Callable[[Any], str]) -> None:

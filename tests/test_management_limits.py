@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -164,3 +165,18 @@ def test_a_slow_body_gets_408(bal: Balancer) -> None:
     assert elapsed < HEADER_TIMEOUT + 1.5, elapsed
     assert bal.api("GET", "/api/v1/hosts", headers={"Authorization": f"Bearer {TOKEN}"}
                    )[1]["hosts"] == {}
+
+
+def test_a_broken_chunked_body_gets_400_with_the_problem_in_details(bal: Balancer) -> None:
+    with connect(bal.mport) as sock:
+        sock.sendall(b"PUT /api/v1/hosts/a.test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"zz\r\n{}\r\n0\r\n\r\n")
+        data = read_all(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), data[:200]
+    answer = json.loads(body)
+    assert answer["error"] == "bad_request"
+    assert answer["message"] == "the request body could not be read"
+    assert len(answer["details"]) == 1 and "Non-hex data" in answer["details"][0], answer

@@ -62,7 +62,10 @@ function requestHeaders() {
 async function errorMessage(response) {
   try {
     const body = await response.json();
-    return body.message || body.error || `HTTP ${response.status}`;
+    const details = Array.isArray(body.details)
+      ? body.details.filter((d) => typeof d === "string") : [];
+    const message = body.message || body.error || `HTTP ${response.status}`;
+    return details.length ? `${message}: ${details.join("; ")}` : message;
   } catch {
     return `HTTP ${response.status} ${response.statusText}`.trim();
   }
