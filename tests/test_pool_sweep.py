@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.rawpeer import serve_each
 from tests.support import Balancer, in_threads, request, wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -37,24 +38,16 @@ class CountingBackend:
         self.accepted = 0
         self.open = 0
         self.idle_for: list[float] = []  # last response to the balancer's close, seconds
-        threading.Thread(target=self.accept_loop, daemon=True).start()
+        serve_each(self.listener, self.serve)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def accept_loop(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.accepted += 1
-                self.open += 1
-            threading.Thread(target=self.serve, args=(sock,), daemon=True).start()
-
     def serve(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.accepted += 1
+            self.open += 1
         sock.settimeout(20)
         answered = 0.0
         with sock, contextlib.suppress(OSError):

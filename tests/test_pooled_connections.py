@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.rawpeer import serve_each
 from tests.support import Balancer, request
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -36,23 +37,17 @@ class StrayBackend:
         self.served: list[tuple[int, bytes]] = []  # (connection, path)
         self.strayed = threading.Event()  # the stray write was made
         self.closed_by_peer = threading.Event()  # the balancer closed the stray connection
-        threading.Thread(target=self.accept_loop, daemon=True).start()
+        self.lock = threading.Lock()
+        serve_each(self.listener, self.serve)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def accept_loop(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
+    def serve(self, sock: socket.socket) -> None:
+        with self.lock:
             self.connections += 1
-            threading.Thread(target=self.serve, args=(sock, self.connections),
-                             daemon=True).start()
-
-    def serve(self, sock: socket.socket, number: int) -> None:
+            number = self.connections
         sock.settimeout(10)
         with sock:
             with contextlib.suppress(OSError):  # a reset: closed with POISON unread
