@@ -14,6 +14,7 @@ buckets from 1 µs to 100 s), so its percentiles are exact to within 2%.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 HIST_STEP = math.log(1.04)
@@ -70,3 +71,13 @@ def error_rate(row: dict) -> float:
     attempts = row.get("requests", 0) + row.get("errors", {}).get("connect", 0) \
         + row.get("errors", {}).get("read", 0) + row.get("errors", {}).get("timeout", 0)
     return row.get("error_total", 0) / attempts if attempts else 0.0
+
+
+def latency_line(times_ms: Sequence[float]) -> str:
+    """One line of latencies in milliseconds: count, p50, p99 and max."""
+    if not times_ms:
+        return "n 0"
+    ordered = sorted(times_ms)
+    n = len(ordered)
+    return (f"n {n}  p50 {statistics.median(ordered):.2f}  "
+            f"p99 {ordered[min(n - 1, int(n * 0.99))]:.2f}  max {ordered[-1]:.2f} ms")

@@ -29,7 +29,6 @@ import http.client
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
 import threading
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loadtest.procs import Processes, free_port, wait_for_port  # noqa: E402
+from loadtest.results import latency_line  # noqa: E402
 
 HOST = "127.0.0.1"
 PROBE = "probe.example"
@@ -152,15 +152,6 @@ def run(port: int, mgmt: int | None, duration: float) -> tuple[list[float], list
     return probes, scrapes, sizes
 
 
-def summary(times: list[float]) -> str:
-    if not times:
-        return "n 0"
-    ordered = sorted(times)
-    n = len(ordered)
-    return (f"n {n}  p50 {statistics.median(ordered):.2f}  "
-            f"p99 {ordered[min(n - 1, int(n * 0.99))]:.2f}  max {ordered[-1]:.2f} ms")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=100000)
@@ -198,9 +189,9 @@ def main() -> None:
     for pid in management:
         print(f"  idle {args.idle:g} s: process {pid} (arbiter or management) used "
               f"{idle[pid]:.2f} s CPU")
-    print(f"  live request, no scrape:     {summary(alone)}")
-    print(f"  live request, scraping:      {summary(probes)}")
-    print(f"  /metrics scrape:             {summary(scrapes)}; "
+    print(f"  live request, no scrape:     {latency_line(alone)}")
+    print(f"  live request, scraping:      {latency_line(probes)}")
+    print(f"  /metrics scrape:             {latency_line(scrapes)}; "
           f"{(sizes[-1] if sizes else 0) / 1024:.0f} KiB")
 
 

@@ -26,7 +26,6 @@ import http.client
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
 import threading
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loadtest.procs import Processes, free_port, wait_for_port  # noqa: E402
+from loadtest.results import latency_line  # noqa: E402
 
 HOST = "127.0.0.1"
 SERVING = re.compile(r"worker (\d+) serving routing version")
@@ -137,13 +137,6 @@ def writer(mgmt: int, rate: float, stop: threading.Event, times: list[float]) ->
         time.sleep(max(0.0, next_at - time.perf_counter()))
 
 
-def summary(times: list[float]) -> str:
-    ordered = sorted(times)
-    n = len(ordered)
-    return (f"n {n}  p50 {statistics.median(ordered):.2f}  "
-            f"p99 {ordered[min(n - 1, int(n * 0.99))]:.2f}  max {ordered[-1]:.2f} ms")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=10000)
@@ -180,8 +173,8 @@ def main() -> None:
     print(f"{args.store} store, {args.hosts} hosts, {args.rate:g} one-host writes/s, "
           f"{args.duration:g} s, one worker, data plane {plane.group(1) if plane else '?'}, "
           f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}")
-    print(f"  live request (probe): {summary(probes)}")
-    print(f"  write at the API:     {summary(writes)}")
+    print(f"  live request (probe): {latency_line(probes)}")
+    print(f"  write at the API:     {latency_line(writes)}")
     per_host = (big_rss - empty_rss) / max(1, args.hosts)
     print(f"  worker RSS: {big_rss / 2**20:.1f} MiB with the table, {empty_rss / 2**20:.1f} MiB "
           f"empty: {per_host:.0f} bytes per host")
