@@ -11,6 +11,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import httptools
 
@@ -48,6 +49,17 @@ def read_request(conn: socket.socket, inbound: bytearray | None = None) -> bytes
             parser.feed_data(chunk)
         except httptools.HttpParserUpgrade:
             return data
+    return data
+
+
+def read_until(conn: Any, end: bytes) -> bytes:
+    """Read from `conn` (any socket-like object) until what came ends with `end`;
+    a close before that fails the test."""
+    data = b""
+    while not data.endswith(end):
+        more = conn.recv(65536)
+        assert more, f"closed after {data!r}"
+        data += more
     return data
 
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.rawpeer import serve_each
+from tests.rawpeer import read_until, serve_each
 from tests.support import Balancer, wait_for
 from tests.tlsbackend import server_context
 from tests.tlsca import TestCA
@@ -219,12 +219,7 @@ def put_3mb(port: int, host: bytes, last: bytes) -> bytes:
         sock.sendall(b"PUT / HTTP/1.1\r\nHost: " + host + b"\r\nContent-Length: 3145728\r\n\r\n")
         for _ in range(48):
             sock.sendall(BLOCK)
-        answer = b""
-        while not answer.endswith(last):
-            chunk = sock.recv(65536)
-            assert chunk, answer
-            answer += chunk
-        return answer
+        return read_until(sock, last)
     finally:
         sock.close()
 

@@ -19,6 +19,7 @@ from balancer.addr import parse_addr
 from balancer.certificates import make_record
 from balancer.server import Worker
 from balancer.settings import load_settings
+from tests.rawpeer import read_until
 from tests.test_worker_tuning import GET, StaticStore, until
 from tests.tlsca import TestCA
 
@@ -70,12 +71,7 @@ def connect(w: Worker, tmp: Path) -> Any:
 
 
 def read_response(conn: Any) -> bytes:
-    data = b""
-    while not data.endswith(b"\r\n\r\nok"):
-        more = conn.recv(65536)
-        assert more, f"closed after {data!r}"
-        data += more
-    return data
+    return read_until(conn, b"\r\n\r\nok")
 
 
 def test_an_idle_tls_connection_parks_and_serves_its_next_request(served: Worker,

@@ -28,6 +28,7 @@ from balancer.response_parser import ResponseParser
 from balancer.server import SHARED_ACCEPT_BATCH, Worker
 from balancer.serving import Slots
 from balancer.settings import load_settings
+from tests.rawpeer import read_until
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -331,12 +332,7 @@ def connect(w: Worker) -> gsocket.socket:
 
 
 def read_response(conn: gsocket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\r\n\r\nok"):
-        more = conn.recv(65536)
-        assert more, f"closed after {data!r}"
-        data += more
-    return data
+    return read_until(conn, b"\r\n\r\nok")
 
 
 def accept_queue(listener: socket.socket) -> int:
