@@ -210,12 +210,8 @@ class TLSWriter(Writer):
         self.held = b""
         try:
             self.raw.write(data)
-        except SSLWantWriteError:  # nothing taken: the same bytes go again, whole
+        except SSLWantWriteError:  # nothing taken: `send` retries the same bytes, whole
             self.rest = spawn(self._send_rest, data)
         except OSError:  # SSLError included
             return
-
-    def _send_rest(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):  # the owner's next read or write finds it broken
-            self.sock.sendall(data)
 
