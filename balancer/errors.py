@@ -43,9 +43,9 @@ class BackendProtocolError(ProxyError):
 
 
 class BackendAnswered(Exception):
-    """The backend refused the request body while it was still going out (an
-    early error, or an answer that closes: `balancer.relay`): the body is cut
-    there and that response relayed. Never leaves the relay."""
+    """The backend answered before the request body was all sent (a complete
+    response, an early error, or an answer that closes: `balancer.relay`): the
+    body is cut there and that response relayed. Never leaves the relay."""
 
 
 class BackendTimeout(ProxyError):

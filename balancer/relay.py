@@ -43,6 +43,7 @@ RAW: Final = 0  # how the response body is framed toward the client
 CHUNK: Final = 1
 CLOSE: Final = 2
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+EARLY_LIMIT: Final = 65536  # body bytes of an early success read while the request's go
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -76,13 +77,15 @@ def send_request(ex: Exchange, upstream: Upstream, body: bytes | None,
 
 def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
                  max_body: int | None) -> None:
-    """Send the body as it comes, until it ends or the backend refuses it first:
-    an early error (401, 413...) or an answer that closes, after which it may
-    close or stop reading (RFC 9112 §9.3: a client watches for one while it
-    sends and stops sending). The rest of the body is then neither read nor
-    sent, and the client's connection closes after that answer. An early
-    success that keeps the connection (a backend that answers first and reads
-    on) gets the whole body first; nothing more of it is read meanwhile.
+    """Send the body as it comes, until it ends or the backend answers first
+    with a complete response, an error (401, 413...) or an answer that closes,
+    after which it may close or stop reading (RFC 9112 §9.3: a client watches
+    for one while it sends and stops sending; nginx and HAProxy send such an
+    answer on). The rest of the body is then neither read nor sent, and the
+    client's connection closes after that answer. An early success still
+    coming (its head, part of its body) is read on while the body goes, up to
+    `EARLY_LIMIT` bytes; past them nothing more of it is read until the body
+    went (the backend then reads the whole body before it answers in full).
 
     An upload that never waits yields its turn like a response
     (`balancer.turns`): the loop runs between turns, which is when an answer is
@@ -129,9 +132,10 @@ def _send_body(upstream: Upstream, data: bytes) -> None:
 
 def _judge_answer(upstream: Upstream) -> Callable[[], BaseException | bool]:
     """What a backend's readiness while the body goes out means (`Stream.watch`):
-    BackendAnswered (a refusal), a ProxyError (it closed, or sent no HTTP),
-    True (nothing final yet: watch on) or False (an early success: the body
-    goes on, and nothing more is read until it went)."""
+    BackendAnswered (a complete answer, a refusal or an answer that closes), a
+    ProxyError (it closed, or sent no HTTP), True (nothing final, or a success
+    still coming: watch on) or False (a 101, or a success past `EARLY_LIMIT`:
+    the body goes on, and nothing more is read until it went)."""
     parser = upstream.parser
     assert parser is not None  # `exchange` began it
 
@@ -142,11 +146,17 @@ def _judge_answer(upstream: Upstream) -> Callable[[], BaseException | bool]:
             return exc
         if rhead is None:
             return True
-        if rhead.status >= 400 or not rhead.keep_alive:
+        if rhead.status >= 400 or not rhead.keep_alive or (parser.complete
+                                                           and rhead.status != 101):
             rhead.keep_alive = False  # the request was cut short: never reused
             return BackendAnswered()
-        return False
+        return rhead.status != 101 and _held(parser) <= EARLY_LIMIT
     return judge
+
+
+def _held(parser: ResponseParser) -> int:
+    """How many body bytes of an early answer wait in `parser`."""
+    return sum(len(event) for event in parser.events if isinstance(event, bytes))
 
 
 def _read_early(upstream: Upstream, parser: ResponseParser) -> ResponseHead | None:

@@ -1,10 +1,11 @@
 """A backend that answers before the request body is all sent (an upload refused
-with 401 or 413 after its head, RFC 9112 §9.3), through a real balancer: the
-client gets that answer, not a 502 (the backend closed while the body went
-out) nor a 504 (it stopped reading); its connection closes after it (the rest
-of its body is not read), and the backend's connection is never reused. An
-early success that keeps the connection (a backend that answers first and
-reads on) still gets the whole body, and an unasked 100 changes nothing.
+with 401 or 413 after its head, RFC 9112 §9.3, or a complete 200 at once),
+through a real balancer: the client gets that answer, not a 502 (the backend
+closed while the body went out) nor a 504 (it stopped reading); its
+connection closes after it (the rest of its body is not read), and the
+backend's connection is never reused. An early success still coming (its
+head at once, its body once the backend read the whole upload) gets the
+whole body, and an unasked 100 changes nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 WAIT = 10.0  # seconds any step may take before the test fails
 BLOCK = b"x" * 65536
-CREATED = b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
 TOO_BIG = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!"
+TAKEN = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\ntaken"
 
 
 class EarlyBackend:
@@ -125,7 +126,8 @@ def upload(port: int, host: bytes, framing: bytes) -> tuple[bytes, float]:
 
 class ReadingBackend(EarlyBackend):
     """Answers `answer` after the head, then reads the whole Content-Length body
-    (noting its length in `got`) and answers `then` % that length, if any."""
+    (noting its length in `got`) and sends `then` % {"got": that length as
+    digits, "size": their count}, if any."""
 
     def __init__(self, answer: bytes, then: bytes = b"") -> None:
         super().__init__(answer, close=True)
@@ -151,24 +153,32 @@ class ReadingBackend(EarlyBackend):
             self.got.append(received)
             if self.then:
                 got = b"%d" % received
-                conn.sendall(self.then % (len(got), got))
+                conn.sendall(self.then % {b"got": got, b"size": len(got)})
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory):
     """One balancer: close.test's backend answers 413 early and closes,
     stop.test's answers it and stops reading, tls.test's (HTTPS) answers and
-    closes once the balancer does (lingering), iis.test's sends 100 unasked,
-    duplex.test's answers 201 at once and reads on."""
+    closes once the balancer does (lingering), ok-stop.test's, ok-stop2.test's
+    and ok-close.test's answer 200 (complete) early and stop reading or close
+    (a backend that stops reading serves one test: the pooled connection of
+    its `get` never reads again),
+    iis.test's sends 100 unasked, duplex.test's sends a 201 head at once, reads
+    the whole body and then sends the 201's body."""
     tmp = tmp_path_factory.mktemp("early")
     ca = TestCA()
     backends = {"close.test": EarlyBackend(TOO_BIG, close=True),
                 "stop.test": EarlyBackend(TOO_BIG, close=False),
                 "tls.test": EarlyBackend(TOO_BIG, close=True, linger=True,
                                          context=server_context(ca, tmp, "tls.test")),
-                "iis.test": ReadingBackend(b"HTTP/1.1 100 Continue\r\n\r\n",
-                                           b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"),
-                "duplex.test": ReadingBackend(CREATED)}
+                "iis.test": ReadingBackend(b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\n"
+                                           b"Content-Length: %(size)d\r\n\r\n%(got)s"),
+                "ok-stop.test": EarlyBackend(TAKEN, close=False),
+                "ok-stop2.test": EarlyBackend(TAKEN, close=False),
+                "ok-close.test": EarlyBackend(TAKEN, close=True),
+                "duplex.test": ReadingBackend(b"HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\n",
+                                              b"%(got)s")}
     hosts = {host: {"action": "proxy", "backends": [backend.address]}
              for host, backend in backends.items()}
     hosts["tls.test"]["backends"] = ["https://" + backends["tls.test"].address]
@@ -193,22 +203,28 @@ def get(port: int, host: bytes) -> bytes:
         sock.close()
 
 
-@pytest.mark.parametrize(("host", "framing"), [
-    (b"close.test", b"Content-Length: 52428800"),
-    (b"stop.test", b"Transfer-Encoding: chunked"),
-    (b"tls.test", b"Content-Length: 52428800"),
-], ids=["closes-length", "stops-reading-chunked", "https-lingers-length"])
-def test_an_answer_before_the_body_reaches_the_client(site, host: bytes, framing: bytes) -> None:
+@pytest.mark.parametrize(("host", "framing", "answer"), [
+    (b"close.test", b"Content-Length: 52428800", TOO_BIG),
+    (b"stop.test", b"Transfer-Encoding: chunked", TOO_BIG),
+    (b"tls.test", b"Content-Length: 52428800", TOO_BIG),
+    (b"ok-stop.test", b"Content-Length: 52428800", TAKEN),
+    (b"ok-stop2.test", b"Transfer-Encoding: chunked", TAKEN),
+    (b"ok-close.test", b"Content-Length: 52428800", TAKEN),
+], ids=["closes-length", "stops-reading-chunked", "https-lingers-length",
+        "200-stops-reading-length", "200-stops-reading-chunked", "200-closes-length"])
+def test_an_answer_before_the_body_reaches_the_client(site, host: bytes, framing: bytes,
+                                                      answer: bytes) -> None:
     bal, backends = site
     backend = backends[host.decode()]
     accepted = backend.accepted
     data, took = upload(bal.port, host, framing)
-    assert data.startswith(b"HTTP/1.1 413 Payload Too Large\r\n"), data[:200]
+    status, _, expected = answer.partition(b"\r\n")
+    assert data.startswith(status + b"\r\n"), data[:200]
     head, _, body = data.partition(b"\r\n\r\n")
-    assert b"\r\nConnection: close" in head and body == b"too big!"
+    assert b"\r\nConnection: close" in head and body == expected.partition(b"\r\n\r\n")[2]
     assert took < WAIT  # not the 30 s backend_read
     # the next request gets a new backend connection, never the cut one
-    assert get(bal.port, host).startswith(b"HTTP/1.1 413 ")
+    assert get(bal.port, host).startswith(status + b"\r\n")
     assert backend.accepted == accepted + 2
 
 
@@ -231,9 +247,9 @@ def test_an_unasked_100_while_the_body_goes_leaves_the_upload_whole(site) -> Non
     assert b"Connection: close" not in answer
 
 
-def test_an_early_success_that_reads_on_gets_the_whole_body(site) -> None:
+def test_an_early_success_still_coming_gets_the_whole_body(site) -> None:
     bal, backends = site
-    answer = put_3mb(bal.port, b"duplex.test", b"\r\n\r\nok")
+    answer = put_3mb(bal.port, b"duplex.test", b"\r\n\r\n3145728")
     assert answer.startswith(b"HTTP/1.1 201 Created\r\n") and b"Connection: close" not in answer
     wait_for(lambda: backends["duplex.test"].got, WAIT, what="the whole body at the backend")
     assert backends["duplex.test"].got == [3145728]
