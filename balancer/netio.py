@@ -154,6 +154,12 @@ class Stream:
     def unwatch(self) -> None:
         """Stop what `watch` started (a readiness then calls nothing)."""
 
+    def on_stirred(self, callback: Callable[[], None]) -> None:
+        """For the stream's whole life: call `callback()` in the event loop at
+        each readiness nobody waits for or watches (a pooled connection's
+        backend wrote or closed while it was idle, `park`). A blocking stream
+        cannot: nothing happens (the pool's sweep finds it)."""
+
     def cooperative(self) -> Any:
         """The socket, for code that wants the whole socket API (the tunnel)."""
         return self.sock
@@ -195,6 +201,9 @@ class WatchedStream(Stream):
 
     def unwatch(self) -> None:
         self.watcher.unpark()
+
+    def on_stirred(self, callback: Callable[[], None]) -> None:
+        self.watcher.on_stir = callback
 
     def close(self) -> None:
         self.writer.close()

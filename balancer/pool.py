@@ -55,6 +55,8 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Final
 
 from balancer.addr import Address, parse_backend_addr
@@ -141,7 +143,8 @@ class Backend:
     def __init__(self, address: Address, *, connect_timeout: float, fail_timeout: float,
                  max_idle: int = 1024, idle_timeout: float = 30.0,
                  io: IO | None = None, budget: IdleBudget | None = None,
-                 tls: BackendTLS | None = None) -> None:
+                 tls: BackendTLS | None = None,
+                 notice: Callable[[Backend, Upstream], None] | None = None) -> None:
         self.address = address
         self.key = str(address)
         self.connect_timeout = connect_timeout
@@ -157,6 +160,8 @@ class Backend:
         self.idle_tls: dict[str, list[Upstream]] = {}
         self.tls_sessions: dict[str, object] = {}
         self.is_literal = _is_ip_literal(address.host)
+        # called in the event loop when a connection is stirred (`Stream.on_stirred`)
+        self.notice = notice
         self.in_flight = 0
         self.fails = 0
         self.down_until = 0.0
@@ -207,7 +212,7 @@ class Backend:
     def connect(self) -> Upstream:
         """A new connection to the backend (idle ones of any backend closed first
         if the clients need their descriptors); errors become ConnectError."""
-        return Upstream(self.io.stream(self._connected()))
+        return self._noticed(Upstream(self.io.stream(self._connected())))
 
     def connect_tls(self, key: str) -> Upstream:
         """A new TLS connection for pool `key`, handshaken within the connect
@@ -219,7 +224,14 @@ class Backend:
         sock = tls.secure(self._connected(), key, self.key, deadline, self.io.bounded,
                           self.tls_sessions.get(key))
         sock.settimeout(None)  # waits are bounded by the connection's `arm`
-        return Upstream(self.io.tls_stream(sock), key)
+        return self._noticed(Upstream(self.io.tls_stream(sock), key))
+
+    def _noticed(self, upstream: Upstream) -> Upstream:
+        """`upstream`, whose readiness nobody waits for calls `notice`."""
+        notice = self.notice
+        if notice is not None:
+            upstream.stream.on_stirred(partial(notice, self, upstream))
+        return upstream
 
     def renew(self, upstream: Upstream) -> Upstream:
         """A new connection like `upstream` (same backend, same pool)."""
@@ -296,6 +308,19 @@ class Backend:
         for upstream in stale:  # out of the lists first: closing may switch greenlets
             upstream.close()
         return len(stale)
+
+    def drop(self, upstream: Upstream) -> bool:
+        """Close `upstream` if it is idle here and anything arrived on it (the
+        backend closed or wrote); whether it was."""
+        idle = self.idle_tls.get(upstream.pool) if upstream.pool else self.idle
+        if idle is None or upstream not in idle or upstream.stream.is_clean():
+            return False  # taken, swept or released again since
+        idle.remove(upstream)
+        self.budget.idle -= 1
+        if not idle and upstream.pool:
+            del self.idle_tls[upstream.pool]
+        upstream.close()
+        return True
 
     def close_idle(self, older_than: float = 0.0) -> int:
         """Close idle connections unused for `older_than` seconds; returns how many."""
@@ -444,6 +469,10 @@ class BackendRegistry:
         self.tls = BackendTLS(ca_bundle)  # contexts made when an https:// backend connects
         self.budget = budget if budget is not None else IdleBudget()
         self.backends: dict[str, Backend] = self.budget.backends
+        # the worker's sweep loop sets it: called in the event loop when a
+        # connection is queued in `stirred` (None: nothing is queued)
+        self.wake: Callable[[], None] | None = None
+        self.stirred: list[tuple[Backend, Upstream]] = []
 
     def get(self, address: str) -> Backend:
         addr = parse_backend_addr(address)
@@ -453,8 +482,28 @@ class BackendRegistry:
             backend = self.backends[key] = Backend(
                 addr, connect_timeout=self.connect_timeout, fail_timeout=self.fail_timeout,
                 max_idle=self.max_idle, idle_timeout=self.idle_timeout, io=self.io,
-                budget=self.budget, tls=self.tls)
+                budget=self.budget, tls=self.tls, notice=self.notice)
         return backend
+
+    def notice(self, backend: Backend, upstream: Upstream) -> None:
+        """A readiness of `upstream` nobody waited for (in the event loop): if it
+        may be idle (its last response complete), queue it for `drop_stirred`
+        and wake the sweep loop."""
+        wake, parser = self.wake, upstream.parser
+        if wake is None or parser is None or not parser.complete or parser.upgraded:
+            return  # in use: its relay reads what came
+        self.stirred.append((backend, upstream))
+        wake()
+
+    def drop_stirred(self) -> int:
+        """Close the queued connections still idle that the backend closed or
+        wrote on (`Backend.drop`); how many."""
+        stirred, self.stirred = self.stirred, []
+        closed = 0
+        for backend, upstream in stirred:
+            if backend.drop(upstream):
+                closed += 1
+        return closed
 
     def sweep(self) -> int:
         """Close every backend's idle connections past their idle timeout or on

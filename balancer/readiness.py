@@ -25,7 +25,11 @@ hands the connection to a greenlet again (`balancer.netio.GeventIO.park`).
 An idle pooled backend connection keeps its watcher started too
 (`watch_idle`): a readiness nobody waits for then marks it `stirred` (the
 backend wrote or closed on a connection with no request), and the pool drops
-it instead of handing it to the next request (`balancer.netio`).
+it instead of handing it to the next request (`balancer.netio`). Such a
+readiness also calls the socket's `on_stir`, if it has one (set once per
+backend connection: the pool closes a stirred idle connection at once,
+`balancer.pool.BackendRegistry.notice`); nothing is set or cleared when a
+connection is taken or released.
 
 Invariants:
 * Only gevent's sockets have a `Readable` (`balancer.netio.EventedStream`);
@@ -56,7 +60,7 @@ SWITCH: Final[Any] = greenlet.switch
 class Readable:
     """A socket's read readiness, watched for the socket's whole life."""
 
-    __slots__ = ("io", "hub", "waiter", "stirred", "on_ready", "ready_arg")
+    __slots__ = ("io", "hub", "waiter", "stirred", "on_ready", "ready_arg", "on_stir")
 
     def __init__(self, sock: socket.socket) -> None:
         self.hub = get_hub()
@@ -65,6 +69,8 @@ class Readable:
         self.stirred = False  # readable while nobody waited (since `watch_idle`)
         self.on_ready: Any = None  # called with ready_arg at the readiness (`park`)
         self.ready_arg: Any = None
+        # called (in the hub, no argument) at a readiness nobody waited for
+        self.on_stir: Any = None
 
     def wait(self) -> None:
         """Park the current greenlet until the socket is readable."""
@@ -94,6 +100,9 @@ class Readable:
                 return
             self.io.stop()
             self.stirred = True
+            on_stir = self.on_stir
+            if on_stir is not None:
+                on_stir()
             return
         self.waiter = None
         SWITCH(waiter)
@@ -127,7 +136,7 @@ class Readable:
 
     def close(self) -> None:
         """Stop watching for good (again: nothing happens)."""
-        self.on_ready = self.ready_arg = None
+        self.on_ready = self.ready_arg = self.on_stir = None
         if self.io is not None:
             self.io.close()
             self.io = None

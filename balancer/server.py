@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 import gevent
+from gevent.event import Event
 
 from balancer.accepting import Listener
 from balancer.actions import ActionCompiler, fallback_routes
@@ -233,11 +234,20 @@ class Worker:
 
     def sweep_loop(self) -> None:
         """Close idle pooled backend connections past `timeouts.backend_idle` or
-        closed by their backend (`BackendRegistry.sweep`), off the request path."""
-        registry = self.registry
+        closed by their backend (`BackendRegistry.sweep`), off the request path;
+        at once those whose backend closed or wrote while they were idle
+        (`BackendRegistry.drop_stirred`, woken by `BackendRegistry.notice`)."""
+        registry, stirred = self.registry, Event()
+        registry.wake = stirred.set
+        due = time.monotonic() + registry.sweep_every
         while not self.stopping:
-            gevent.sleep(registry.sweep_every)
-            registry.sweep()
+            stirred.wait(max(0.0, due - time.monotonic()))
+            if stirred.is_set():
+                stirred.clear()
+                registry.drop_stirred()
+            if time.monotonic() >= due:
+                registry.sweep()
+                due = time.monotonic() + registry.sweep_every
 
     def missing_certs(self, hosts: list[str]) -> list[str]:
         """Those of `hosts` whose certificate this worker's TLS listeners do not

@@ -1,8 +1,9 @@
-"""Idle pooled backend connections are closed by the worker's sweep, not kept
-until the next request: those past `timeouts.backend_idle`, and those on which
-the backend wrote or closed (no CLOSE_WAIT left). A raw-socket backend that
-counts its open connections, a real balancer, real clients; and the sweep's
-bookkeeping (plain and TLS lists, `IdleBudget.idle`) on real sockets."""
+"""Idle pooled backend connections are closed by the worker, not kept until
+the next request: those past `timeouts.backend_idle` by its sweep, and those
+on which the backend wrote or closed at once (no CLOSE_WAIT left), long before
+the next sweep. A raw-socket backend that counts its open connections, a real
+balancer, real clients; and the sweep's bookkeeping (plain and TLS lists,
+`IdleBudget.idle`) on real sockets."""
 
 from __future__ import annotations
 
@@ -116,18 +117,20 @@ def test_idle_connections_past_the_idle_timeout_are_closed(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("after", ["close", "stray"])
-def test_idle_connections_the_backend_closed_or_wrote_on_are_closed(tmp_path,
-                                                                    after: str) -> None:
+def test_idle_connections_the_backend_closed_or_wrote_on_are_closed_at_once(
+        tmp_path, after: str) -> None:
     backend = CountingBackend(after)
-    # long enough that only what arrived can have closed them in time
+    # backend_idle 30 s: the sweep runs every 5 s, so only what arrived can
+    # have closed them within a second
     bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.address]}},
-                   args=["--workers", "1"], config="[timeouts]\nbackend_idle = 4.0\n")
+                   args=["--workers", "1"])
     try:
         burst(bal)
         start = time.monotonic()
-        wait_for(lambda: backend.open == 0 and close_waits(backend.port) == 0, timeout=3,
+        wait_for(lambda: backend.open == 0 and close_waits(backend.port) == 0, timeout=5,
                  what="no connection left open or in CLOSE_WAIT")
-        assert time.monotonic() - start < 3.5  # 1 s sweeps, before the 4 s idle timeout
+        # the backend acts 0.1 s after answering
+        assert time.monotonic() - start < 1.2, time.monotonic() - start
         status, _, body = request(bal.port, path="/after")
         assert (status, body) == (200, b"ok")
         assert backend.accepted == BURST + 1  # none of the stirred ones was reused
@@ -198,6 +201,30 @@ def test_idle_tls_connections_past_the_idle_timeout_are_closed(tmp_path) -> None
         accepted = backend.accepted
         assert request(bal.port)[0] == 200  # still served, on a new one
         assert backend.accepted == accepted + 1
+    finally:
+        bal.stop()
+        backend.stop()
+
+
+def test_an_idle_tls_connection_the_backend_wrote_on_is_closed_at_once(tmp_path) -> None:
+    from tests.tlsbackend import TLSBackend
+    from tests.tlsca import TestCA
+
+    ca = TestCA()
+    backend = TLSBackend(ca, tmp_path, "app.test", name="tls")
+    config = f'[tls]\nbackend_ca_bundle = "{ca.write(tmp_path)}"\n'  # sweeps every 5 s
+    bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.url]}},
+                   args=["--workers", "1"], config=config)
+    try:
+        assert request(bal.port, path="/stray?after=0.2")[0] == 200
+        assert len(backend.connections) == 1  # pooled
+        wait_for(lambda: backend.strays == 1, timeout=5, what="the stray 408 while idle")
+        start = time.monotonic()
+        wait_for(lambda: not backend.connections, timeout=5,
+                 what="the balancer to close the stirred TLS connection")
+        assert time.monotonic() - start < 1.0, time.monotonic() - start
+        assert request(bal.port)[0] == 200
+        assert backend.accepted == 2  # the stirred one was not reused
     finally:
         bal.stop()
         backend.stop()
