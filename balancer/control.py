@@ -36,6 +36,13 @@ sends one command line and reads one JSON reply until EOF:
   cannot give while it is damaged, which the management process hands to a
   worker that misses them (`balancer.tls.fill`; private keys travel only over
   this socket, in the run directory, never to a file).
+* ``certs-collect JSON`` → ``{"pid", "certs": {HOST: RECORD}}``: JSON is
+  ``{"signature": TEXT}``; the records of the certificates the worker serves
+  that the store hides now (all it serves while the store's certificates
+  cannot be read as a whole, else those of its damaged records), none once
+  the store's signature is no longer TEXT: a management process restarted
+  while the store is damaged, with no predecessor to take them from,
+  collects them so (`balancer.tls.collect`).
 
 Invariants:
 * Nothing is exchanged per request: a snapshot is built from the worker's
@@ -66,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 COMMANDS = ("stats", "reload", "version", "apply", "top", "inflight", "challenges", "certs",
-            "certs-missing", "certs-fill")
+            "certs-missing", "certs-fill", "certs-collect")
 CONTROL_TIMEOUT = 2.0
 MAX_COMMAND = 4 * 1024 * 1024  # an `apply` carries one write's rules (the API takes 1 MiB)
 WORKER_GLOB = "worker-*.sock"
@@ -129,7 +136,7 @@ class ControlServer:
             return self.apply(command[len("apply "):])
         if command.startswith(("top ", "inflight ")):
             return self.diagnose(command)
-        if command.startswith(("certs-missing ", "certs-fill ")):
+        if command.startswith(("certs-missing ", "certs-fill ", "certs-collect ")):
             return self.certs_gap(command)
         if command.startswith("stats "):
             return self.selected_stats(command[len("stats "):])
@@ -187,12 +194,18 @@ class ControlServer:
         return self.counted[1]
 
     def certs_gap(self, command: str) -> dict[str, Any]:
-        """``certs-missing`` and ``certs-fill`` (see the module doc); a bad one is an error."""
+        """``certs-missing``, ``certs-fill`` and ``certs-collect`` (see the module
+        doc); a bad one is an error."""
         from balancer.stores.base import StoreError
 
         name, _, text = command.partition(" ")
         try:
             query = json.loads(text)
+            if name == "certs-collect":
+                signature = query["signature"]
+                if not isinstance(signature, str):
+                    raise ValueError("expected {\"signature\": TEXT}")
+                return {"pid": os.getpid(), "certs": self.worker.collect_certs(signature)}
             if name == "certs-missing":
                 hosts = query["hosts"]
                 if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):

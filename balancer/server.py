@@ -43,7 +43,7 @@ from balancer.stats import Stats
 from balancer.stores.base import StoreError, TableChange, TableData
 from balancer.stores.snapshot import Snapshot, snapshot_path
 from balancer.table import RoutingTable, TableHolder
-from balancer.tls import TLSFront, fill, follow, refresh
+from balancer.tls import TLSFront, collect, fill, follow, refresh
 
 log = logging.getLogger("balancer")
 # While draining, a keep-alive connection idle this long is closed. Not at
@@ -263,6 +263,13 @@ class Worker:
         if self.tls is None:
             return 0
         return fill(self.tls, self.store.certs(), signature, records)
+
+    def collect_certs(self, signature: str) -> dict[str, Any]:
+        """The records of the certificates this worker serves that the store hides
+        (`balancer.tls.collect`): for a management process with none to hand over."""
+        if self.tls is None:
+            return {}
+        return collect(self.tls, self.store.certs(), signature)
 
     def rotate_loop(self) -> None:
         """Start the heavy hitters' next interval every `SLOT_SECONDS`."""

@@ -26,13 +26,20 @@ Invariants:
   certs file, a flushed Redis) swaps nothing: the certificates served stay.
   A worker started meanwhile gets what the store hides from the management
   process (`fill`, the control socket's ``certs-fill``), which only adds hosts
-  it serves none of, and only while the store is unchanged since.
+  it serves none of, and only while the store is unchanged since. A
+  management process started meanwhile with no predecessor to take them from
+  (restarted after its own crash) collects them from the workers (`collect`,
+  ``certs-collect``): a worker hands out the records of the certificates it
+  serves that the store hides, as it judges the store itself, and only while
+  the store is as that management process found it.
 * Outcomes are plain counters in `Stats.tls_handshakes` (no metric calls).
 * A ClientHello offering ``acme-tls/1`` for a name with a pending TLS-ALPN-01
   challenge is answered with the challenge's context and closed after the
   handshake (`balancer.challenges`); while none is pending, nothing is peeked.
 * Private keys reach OpenSSL through an anonymous memory file; they are never
-  written to disk, logged or kept in Python objects past loading.
+  written to disk or logged. Each certificate served keeps the store record it
+  was loaded from (`TLSFront.records`), for `collect` only: the store's
+  records, in this process's memory, as the management process keeps its own.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from gevent.lock import Semaphore
 
 from balancer.responses import local_response
 from balancer.stores.base import ProblemLog, StoreError
+from balancer.stores.certs import CertsCorrupt, CertsLost
 
 log = logging.getLogger("balancer")
 
@@ -73,6 +81,8 @@ class TLSFront:
         self.context.sni_callback = self.pick
         self.by_host: Mapping[str, ssl.SSLContext] = {}
         self.loaded: dict[str, tuple[str, ssl.SSLContext]] = {}  # host → (digest, context)
+        # host → the record its context was loaded from (`collect`), replaced with `loaded`
+        self.records: Mapping[str, Mapping[str, Any]] = {}
         self.problems: dict[str, str] = {}  # host → why its certificate is not served
         self.refreshing = Semaphore()  # one `refresh` at a time
 
@@ -96,13 +106,16 @@ class TLSFront:
         """Serve exactly `records` (HOST → store record) from now on; `damaged`
         (HOST → why) names stored records that cannot be read, reported as not served."""
         loaded: dict[str, tuple[str, ssl.SSLContext]] = {}
+        kept: dict[str, Mapping[str, Any]] = {}
         problems: dict[str, str] = dict(damaged or {})
         for host in problems:  # damaged in the store: what was served of it stays
             if host in self.loaded:
                 loaded[host] = self.loaded[host]
+                kept[host] = self.records[host]
         for host, record in records.items():
             try:
                 loaded[host] = self.made(record, self.loaded.get(host))
+                kept[host] = record
             except (ssl.SSLError, OSError, ValueError) as exc:
                 problems[host] = _reason(exc)
         for host, reason in problems.items():
@@ -115,12 +128,14 @@ class TLSFront:
                 log.error("certificate of %s not served: %s", host, reason)
         self.problems = problems
         self.loaded = loaded
+        self.records = kept
         self.by_host = {host: context for host, (_, context) in loaded.items()}
 
     def add(self, records: Mapping[str, Mapping[str, Any]]) -> int:
         """Serve `records` too, for the hosts this worker serves no certificate of
         (those it serves are left as they are); how many were added."""
         loaded = dict(self.loaded)
+        kept = dict(self.records)
         problems = dict(self.problems)
         for host, record in records.items():
             if host in loaded:
@@ -130,10 +145,12 @@ class TLSFront:
             except (ssl.SSLError, OSError, ValueError) as exc:
                 log.error("certificate of %s not served: %s", host, _reason(exc))
                 continue
+            kept[host] = record
             problems.pop(host, None)
         added = len(loaded) - len(self.loaded)
         self.problems = problems
         self.loaded = loaded
+        self.records = kept
         self.by_host = {host: context for host, (_, context) in loaded.items()}
         return added
 
@@ -273,6 +290,24 @@ def fill(front: TLSFront, certs: Any, signature: str,
         if repr(certs.signature()) != signature:
             return 0
         return front.add(records)
+
+
+def collect(front: TLSFront, certs: Any, signature: str) -> dict[str, Mapping[str, Any]]:
+    """HOST → record of the certificates this worker serves that the store hides
+    now, as this worker reads it: every one while its certificates cannot be
+    read as a whole, else those of its damaged records; none once the store
+    is no longer as the management process that asks found it (`signature`:
+    the repr of its certificate signature then). Raises `StoreError` when the
+    store cannot be reached."""
+    with front.refreshing:
+        if repr(certs.signature()) != signature:
+            return {}
+        records = front.records
+        try:
+            certs.all()
+        except (CertsCorrupt, CertsLost):
+            return dict(records)
+        return {host: records[host] for host in certs.damaged if host in records}
 
 
 def follow(front: TLSFront, certs: Any, stop: Callable[[], bool],

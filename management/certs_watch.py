@@ -20,6 +20,11 @@ Invariants:
   nothing in good order: it takes what the store hides from the one it
   replaces, still running then (`take_over`: ``DIR/certs-management-PID.sock``,
   which answers only while the store is damaged, and only as it judged it).
+  Restarted after its own crash, it has no predecessor: it collects them
+  from the workers, which still serve them (`collect`: ``certs-collect``,
+  answered only while the store is as this process judged it, for the hosts
+  the worker itself finds hidden), at start and at each look until a worker
+  answered. What it read itself, or took over, is never replaced.
 * While the store is damaged, each look asks every worker which of the hosts
   the damage hides it serves no certificate of (``certs-missing``) and sends
   it those (``certs-fill``, `FILL_BATCH` at a time) with the store's signature
@@ -71,11 +76,13 @@ class CertsWatch:
         self._log = ProblemLog(log)
         self._task: Any = None
         self._server: Any = None
+        self.collected = False  # a worker answered `collect` (asked while damaged)
 
     def start(self) -> None:
         self.look()
         if self.run_dir is not None:
             self.take_over()
+            self.collect()
             self.serve()
         self._task = gevent.spawn(self.run)
 
@@ -93,6 +100,8 @@ class CertsWatch:
             gevent.sleep(INTERVAL)
             self.look()
             try:
+                if not self.collected:
+                    self.collect()
                 self.spread()
             except Exception:  # the next look tries again
                 log.exception("certificates: handing them to the workers failed")
@@ -196,9 +205,30 @@ class CertsWatch:
                 with contextlib.suppress(OSError):
                     os.unlink(path)  # its process ended without removing it
             if reply and reply.get("signature") == self.judged and reply.get("certs"):
-                self.adopt(reply["certs"], pid_of(path))
+                self.adopt(reply["certs"], f"management process {pid_of(path)}, which read "
+                                           "them in good order")
 
-    def adopt(self, records: dict[str, dict[str, Any]], pid: int | None) -> None:
+    def collect(self) -> None:
+        """While the store is damaged, take the certificates it hides, and this
+        process has not read nor taken over, from the workers that serve them
+        (a management process restarted after its own crash); the latest of
+        each host's (`not_after`) when workers differ."""
+        if self.problem is None and not self._damaged:
+            return
+        query = "certs-collect " + json.dumps({"signature": self.judged})
+        found: dict[str, dict[str, Any]] = {}
+        for path in worker_sockets(str(self.run_dir)):
+            certs = (ask(path, query, HANDOVER_TIMEOUT) or {}).get("certs")
+            if not isinstance(certs, dict):
+                continue
+            self.collected = True
+            for host, record in certs.items():
+                if isinstance(record, dict) and _later(record, found.get(host)):
+                    found[host] = record
+        if found:
+            self.adopt(found, "the workers, which serve them")
+
+    def adopt(self, records: dict[str, dict[str, Any]], source: str) -> None:
         last_good = dict(self.certs.last_good or {})
         hidden = records if self.problem is not None else \
             {host: records[host] for host in self._damaged if host in records}
@@ -206,5 +236,14 @@ class CertsWatch:
         if taken:
             self.certs.last_good = {**last_good, **taken}
             log.warning("certificates: took %d certificates the damaged store cannot give "
-                        "from management process %s, which read them in good order (the "
-                        "store still needs repairing)", len(taken), pid)
+                        "from %s (the store still needs repairing)", len(taken), source)
+
+
+def _later(record: dict[str, Any], than: dict[str, Any] | None) -> bool:
+    """Whether `record` expires later than `than` (None: there is none)."""
+    if than is None:
+        return True
+    try:
+        return float(record.get("not_after", 0)) > float(than.get("not_after", 0))
+    except (TypeError, ValueError):
+        return False

@@ -4,7 +4,8 @@ Real balancers with TLS listeners: the certs file is corrupted or deleted under
 them, or Redis gets a garbage record or is flushed; every host's handshake must
 keep succeeding, on the workers that served them and on workers started since
 (SIGKILLed and replaced: the management process hands them the certificates it
-last read), certificate writes are refused until the store is repaired or
+last read, or, restarted after its own crash, collected from the workers),
+certificate writes are refused until the store is repaired or
 restored, and no private key reaches the log or an API answer.
 """
 
@@ -21,10 +22,12 @@ from typing import Any
 
 import pytest
 
+from balancer.control import ask
 from tests.conftest import RedisServer
 from tests.support import Backend, Balancer, wait_for
 from tests.test_ctl import ctl, ok
-from tests.test_process import wait_workers
+from tests.test_process import children_of, wait_workers
+from tests.test_reuseport import management_pid
 from tests.test_tls import CA, client_context, tls_connect
 
 HOSTS = ("a.test", "b.test", "c.test")
@@ -169,6 +172,81 @@ def test_workers_started_while_the_certs_file_is_damaged_serve_the_last_read(
                  what="the repaired store's certificates alone to be served")
         all_served_for(bal, context, HOSTS[1:], seconds=0)
         no_key_leaked(bal, answer)
+    finally:
+        bal.stop()
+
+
+def control_socket(pid: int) -> str:
+    """The path of worker `pid`'s control socket (in the balancer's run directory)."""
+    with open("/proc/net/unix") as table:
+        for line in table:
+            path = line.split()[-1]
+            if path.endswith(f"/worker-{pid}.sock"):
+                return path
+    raise AssertionError(f"no control socket for worker {pid}")
+
+
+def restart_management(bal: Balancer) -> int:
+    """SIGKILL the management process; the pid of the one the arbiter starts
+    instead, once its API answers."""
+    killed = management_pid(bal)
+    os.kill(killed, signal.SIGKILL)
+
+    def restarted() -> int | None:
+        try:
+            pid = management_pid(bal)
+        except (OSError, StopIteration, KeyError, ValueError):
+            return None  # its API does not answer yet
+        return pid if pid != killed and pid in children_of(bal.proc.pid) else None
+    return wait_for(restarted, timeout=20, interval=0.2, what="a new management process")
+
+
+def test_a_management_process_restarted_after_its_crash_collects_them_from_the_workers(
+        tmp_path: Path, backend: Backend) -> None:
+    bal = start(tmp_path, backend)
+    try:
+        context = client_context(tmp_path)
+        path = tmp_path / "routes.json.certs.json"
+        good = path.read_bytes()
+        path.write_bytes(good[: len(good) // 2])
+        wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
+        restart_management(bal)  # it never read them, and has no predecessor
+        wait_for(lambda: "took 3 certificates the damaged store cannot give from the workers"
+                 in bal.output(), timeout=10, what="the certificates collected")
+        assert "cannot be read" in (certs_problem(bal) or "")
+        worker = control_socket(wait_workers(bal, 2)[0])
+        # keys leave a worker only while the store is as the asker judged it
+        assert ask(worker, 'certs-collect {"signature": "stale"}')["certs"] == {}
+        assert "bad query" in ask(worker, "certs-collect []")["error"]
+        replace_workers(bal)  # new workers get them from the new management process
+        all_served_soon(bal, context, HOSTS)
+        url = f"--url=http://127.0.0.1:{bal.mport}"
+        assert ok("cert", "restore", url) == "restored 3 certificates to the store\n"
+        assert json.loads(path.read_bytes()) == json.loads(good)  # the very records
+        wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the problem to clear")
+        assert put(bal, "new.test")[0] == 200
+        no_key_leaked(bal)
+    finally:
+        bal.stop()
+
+
+def test_after_a_crash_a_damaged_record_is_collected_from_the_workers(
+        tmp_path: Path, backend: Backend) -> None:
+    bal = start(tmp_path, backend)
+    try:
+        context = client_context(tmp_path)
+        path = tmp_path / "routes.json.certs.json"
+        doc = json.loads(path.read_bytes())
+        doc["certs"]["b.test"] = ["not", "an object"]
+        path.write_text(json.dumps(doc))
+        wait_for(lambda: "certificate of b.test" in bal.output(), timeout=10,
+                 what="the damaged record to be logged")
+        restart_management(bal)
+        wait_for(lambda: "took 1 certificates the damaged store cannot give from the workers"
+                 in bal.output(), timeout=10, what="the damaged record collected")
+        replace_workers(bal)
+        all_served_soon(bal, context, HOSTS)
+        no_key_leaked(bal)
     finally:
         bal.stop()
 
