@@ -240,14 +240,17 @@ class Worker:
         registry, stirred = self.registry, Event()
         registry.wake = stirred.set
         due = time.monotonic() + registry.sweep_every
-        while not self.stopping:
-            stirred.wait(max(0.0, due - time.monotonic()))
-            if stirred.is_set():
-                stirred.clear()
-                registry.drop_stirred()
-            if time.monotonic() >= due:
-                registry.sweep()
-                due = time.monotonic() + registry.sweep_every
+        try:
+            while not self.stopping:
+                stirred.wait(max(0.0, due - time.monotonic()))
+                if stirred.is_set():
+                    stirred.clear()
+                    registry.drop_stirred()
+                if time.monotonic() >= due:
+                    registry.sweep()
+                    due = time.monotonic() + registry.sweep_every
+        finally:
+            registry.wake = None  # nothing is queued any more
 
     def missing_certs(self, hosts: list[str]) -> list[str]:
         """Those of `hosts` whose certificate this worker's TLS listeners do not
