@@ -71,6 +71,9 @@ log: Final = logging.getLogger("balancer.health")
 CLIENT_DESCRIPTORS: Final = 2  # a client connection and its backend connection
 UNBOUNDED: Final = 1 << 62
 SWEEP_EVERY: Final = 5.0  # seconds between sweeps of idle connections, at most
+# seconds the sweep loop waits, once woken, for more stirred connections: each
+# backend's idle lists are gone through once for all of them (`drop_stirred`)
+STIRRED_DELAY: Final = 0.05
 UP: Final = "up"
 DOWN: Final = "down"
 PROBING: Final = "probing"
@@ -309,18 +312,27 @@ class Backend:
             upstream.close()
         return len(stale)
 
-    def drop(self, upstream: Upstream) -> bool:
-        """Close `upstream` if it is idle here and anything arrived on it (the
-        backend closed or wrote); whether it was."""
-        idle = self.idle_tls.get(upstream.pool) if upstream.pool else self.idle
-        if idle is None or upstream not in idle or upstream.stream.is_clean():
-            return False  # taken, swept or released again since
-        idle.remove(upstream)
-        self.budget.idle -= 1
-        if not idle and upstream.pool:
-            del self.idle_tls[upstream.pool]
-        upstream.close()
-        return True
+    def drop(self, stirred: set[Upstream]) -> int:
+        """Close the connections of `stirred` still idle here on which anything
+        arrived (the backend closed or wrote; not those taken, swept or released
+        again since); how many. One pass over each idle list, however many
+        there are (a backend that restarts closes them all at once)."""
+        gone: list[Upstream] = []
+        for key, idle in [("", self.idle), *self.idle_tls.items()]:
+            keep: list[Upstream] = []
+            for upstream in idle:
+                if upstream in stirred and not upstream.stream.is_clean():
+                    gone.append(upstream)
+                else:
+                    keep.append(upstream)
+            if len(keep) < len(idle):
+                idle[:] = keep
+                if key and not keep:
+                    del self.idle_tls[key]
+        self.budget.idle -= len(gone)
+        for upstream in gone:  # out of the lists first: closing may switch greenlets
+            upstream.close()
+        return len(gone)
 
     def close_idle(self, older_than: float = 0.0) -> int:
         """Close idle connections unused for `older_than` seconds; returns how many."""
@@ -497,12 +509,14 @@ class BackendRegistry:
 
     def drop_stirred(self) -> int:
         """Close the queued connections still idle that the backend closed or
-        wrote on (`Backend.drop`); how many."""
+        wrote on (`Backend.drop`: one pass per backend); how many."""
         stirred, self.stirred = self.stirred, []
-        closed = 0
+        by_backend: dict[str, tuple[Backend, set[Upstream]]] = {}
         for backend, upstream in stirred:
-            if backend.drop(upstream):
-                closed += 1
+            by_backend.setdefault(backend.key, (backend, set()))[1].add(upstream)
+        closed = 0
+        for backend, upstreams in by_backend.values():
+            closed += backend.drop(upstreams)
         return closed
 
     def sweep(self) -> int:

@@ -35,7 +35,7 @@ from balancer.limits import FILE_NAME as LIMITS_FILE
 from balancer.limits import SharedBuckets
 from balancer.netio import IO, TLSIO, GeventIO
 from balancer.pages import Pages
-from balancer.pool import BackendRegistry, IdleBudget
+from balancer.pool import STIRRED_DELAY, BackendRegistry, IdleBudget
 from balancer.serving import KEEP_QUIET, Slots
 from balancer.settings import Settings
 from balancer.sketch import SLOT_SECONDS
@@ -244,6 +244,7 @@ class Worker:
             while not self.stopping:
                 stirred.wait(max(0.0, due - time.monotonic()))
                 if stirred.is_set():
+                    gevent.sleep(STIRRED_DELAY)  # those stirred together: one pass
                     stirred.clear()
                     registry.drop_stirred()
                 if time.monotonic() >= due:

@@ -181,6 +181,39 @@ def test_the_sweep_keeps_the_idle_count_right_in_plain_and_tls_lists() -> None:
             sock.close()
 
 
+def test_dropping_stirred_connections_keeps_the_idle_count_right() -> None:
+    from balancer.pool import BackendRegistry, IdleBudget, Upstream
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+    budget = IdleBudget()
+    registry = BackendRegistry(connect_timeout=5, fail_timeout=10, budget=budget)
+    backend = registry.get(f"127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        plain = [backend.connect() for _ in range(3)]
+        tls = [Upstream(backend.connect().stream, "app.test")]
+        peers = [listener.accept()[0] for _ in range(4)]
+        for upstream in plain + tls:
+            backend.release(upstream)
+        by_port = {peer.getpeername()[1]: peer for peer in peers}
+        for upstream in (plain[0], plain[2], tls[0]):  # the backend closes these (EOF)
+            by_port[upstream.sock.getsockname()[1]].close()
+        closed = (plain[0], plain[2], tls[0])
+        wait_for(lambda: not any(u.stream.is_clean() for u in closed), timeout=2,
+                 what="the EOFs")
+        stirred = {plain[0], plain[1], plain[2], tls[0]}  # plain[1]: quiet, kept
+        taken, _ = backend.acquire()  # the newest, plain[2], is closed on the way
+        assert taken is plain[1] and plain[2].sock.fileno() == -1 and budget.idle == 2
+        assert backend.drop(stirred) == 2  # plain[0] and tls[0]; plain[2] went already
+        assert budget.idle == 0 and backend.idle == [] and "app.test" not in backend.idle_tls
+        backend.release(taken)
+        assert backend.drop(stirred) == 0 and backend.idle == [plain[1]]  # quiet: kept
+        taken.close()
+    finally:
+        listener.close()
+        for peer in peers:
+            peer.close()
+
+
 def test_idle_tls_connections_past_the_idle_timeout_are_closed(tmp_path) -> None:
     from tests.tlsbackend import TLSBackend
     from tests.tlsca import TestCA
