@@ -42,7 +42,9 @@ import contextlib
 import gc
 import importlib
 import warnings
+from typing import Any
 
+from balancer.heap import release
 from balancer.settings import Settings
 from balancer.stores.urls import store_kind
 
@@ -74,8 +76,9 @@ def needed(settings: Settings, management: tuple[str, ...], dropping: bool) -> t
 
 
 def preload(names: tuple[str, ...]) -> None:
-    """Import `names` and whichever `OPTIONAL` exist; `PreloadError` names the
-    first that cannot be imported."""
+    """Import `names` and whichever `OPTIONAL` exist, and resolve gevent's
+    plugins (`resolve_gevent_plugins`); `PreloadError` names the first module
+    that cannot be imported."""
     for name in names:
         try:
             importlib.import_module(name)
@@ -84,6 +87,7 @@ def preload(names: tuple[str, ...]) -> None:
     for name in OPTIONAL:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    resolve_gevent_plugins()
 
 
 def freeze() -> None:
@@ -95,6 +99,38 @@ def freeze() -> None:
     children's memory was the same either way)."""
     gc.collect()
     gc.freeze()
+    release()
+
+
+def resolve_gevent_plugins() -> None:
+    """In the arbiter: find gevent's plugins (entry points) once, so that a
+    child's `monkey.patch_all` calls the same ones without scanning every
+    installed distribution's metadata for each of its events.
+
+    gevent looks its plugins up again for every event patching emits (one
+    per patched module); in a child that ran code and allocated over pages
+    it shares with the arbiter, copying 2.4 MiB of them into each child
+    (docs/performance.md). The lookup is gevent's own (`EntryPoint` objects,
+    loaded and called in the child as gevent does); only a group not looked
+    up here is still looked up when its event comes."""
+    from importlib import metadata
+
+    import gevent.events
+
+    groups = {cls.ENTRY_POINT_NAME for cls in vars(gevent.events).values()
+              if isinstance(cls, type) and isinstance(getattr(cls, "ENTRY_POINT_NAME", None),
+                                                      str)}
+    found = {group: tuple(metadata.entry_points(group=group)) for group in sorted(groups)}
+    notify = gevent.events.notify
+
+    def notify_and_call_entry_points(event: Any) -> None:
+        notify(event)
+        group = event.ENTRY_POINT_NAME
+        plugins = found[group] if group in found else metadata.entry_points(group=group)
+        for plugin in plugins:
+            plugin.load()(event)
+
+    gevent.events.notify_and_call_entry_points = notify_and_call_entry_points
 
 
 def quiet_patch_warnings() -> None:

@@ -65,6 +65,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     app.deployer.start_watching()  # resumes deploys a stopped process handed over
     sampler = gevent.spawn(history_loop, history, runtime)
     issuer.start()
+    settle()
     report_ready(env)
     wait_for_stop(env)
     sampler.kill()
@@ -76,6 +77,18 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     certs_watch.stop()
     store.close()
     return 0
+
+
+def settle() -> None:
+    """Once set up: keep the start-up's objects out of every later collection
+    and give the heap's freed pages back."""
+    import gc
+
+    from balancer.heap import release
+
+    gc.collect()
+    gc.freeze()
+    release()
 
 
 def history_loop(history: Any, runtime: Any) -> None:
