@@ -55,7 +55,6 @@ from management.http import (
     read_json,
     version_headers,
 )
-from management.metrics import METRICS_SELECT, Metrics
 from management.mirror import Mirror
 from management.runtime import Runtime, StaticRuntime
 from management.status_api import StatusRoutes
@@ -139,9 +138,7 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         self.runtime = runtime
         self.token = token or None
         self.mirror = mirror or Mirror(store)  # not started: only this app's writes
-        # per-host series for the hosts that have seen a request (or are health-checked)
-        self.metrics = Metrics(lambda: runtime.stats(METRICS_SELECT),
-                               lambda: certs_api.expiries(self.store), self.acme_figures)
+        self.metrics = None  # made at the first scrape (`StatusRoutes.exporter`)
         self.deployer = Deployer(store, runtime, self.write_rule,
                                  BackendTLS(backend_ca_bundle))  # deploys probe https:// too
         self.history = history or History()  # sampled by the management process

@@ -118,7 +118,8 @@ CHILD = ManagementChild(run_management, modules=(
     "management.acme_api", "management.acme_ca", "management.acme_issuer",
     "management.acme_spread", "management.app", "management.certs_watch", "management.cluster",
     "management.deploys",
-    "management.guard", "management.history", "management.hosts_api", "management.status_api",
+    "management.guard", "management.history", "management.hosts_api", "management.metrics",
+    "management.status_api",
     "management.mirror", "management.process", "management.server",
     # imported lazily by the ACME client: josepy's `default_backend()` and requests'
     # .netrc lookup (found with an "import" audit hook during issuances)

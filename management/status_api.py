@@ -1,25 +1,35 @@
 """The data-plane routes of the management API (SPEC §5, §11): statistics,
 reload, info, diagnosis, history, health, readiness and metrics.
 
-Invariants: every answer comes from the runtime (the workers' control
-sockets) at the moment of the request, and costs what it shows, not the table
-(`management.stats_view`).
+Invariants:
+* Every answer comes from the runtime (the workers' control sockets) at the
+  moment of the request, and costs what it shows, not the table
+  (`management.stats_view`).
+* prometheus-client is imported at the first scrape (`StatusRoutes.exporter`),
+  so a management process nobody scrapes never holds it (`balancer.preload`);
+  an exporter that cannot be imported answers 503 ``metrics_unavailable``
+  and the next scrape tries again.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
 
 from werkzeug.wrappers import Request, Response
 
 from balancer.rules import normalize_host
 from balancer.stores import Store
-from management import diagnosis
+from management import certs_api, diagnosis
 from management.certs_watch import CertsWatch
 from management.history import History
 from management.http import ApiError, json_response, version_headers
-from management.metrics import Metrics
 from management.mirror import Mirror
 from management.runtime import Runtime
 from management.stats_view import host_stats, stats_select, stats_view
+
+log = logging.getLogger("balancer.management")
 
 
 class StatusRoutes:
@@ -30,7 +40,8 @@ class StatusRoutes:
     mirror: Mirror
     certs_watch: CertsWatch
     history: History
-    metrics: Metrics
+    metrics: Any  # `management.metrics.Metrics`, made by `exporter` at the first scrape
+    acme_figures: Callable[[], dict[str, Any]]
 
     def on_stats(self, request: Request) -> Response:
         return json_response(stats_view(self.runtime.stats(stats_select(request.args))))
@@ -77,4 +88,21 @@ class StatusRoutes:
         return json_response({"ready": True, "reasons": []})
 
     def on_metrics(self, request: Request) -> Response:
-        return Response(self.metrics.render(), content_type=Metrics.content_type)
+        metrics = self.exporter()
+        return Response(metrics.render(), content_type=metrics.content_type)
+
+    def exporter(self) -> Any:
+        """The Prometheus exporter (`management.metrics.Metrics`), made at the
+        first scrape: per-host series for the hosts that have seen a request (or
+        are health-checked), the certificates' expiries and ACME's figures."""
+        if self.metrics is None:
+            try:
+                from management.metrics import METRICS_SELECT, Metrics
+            except ImportError as exc:  # a broken installation: every other route still works
+                log.error("metrics: cannot import the Prometheus exporter: %s", exc)
+                raise ApiError(503, "metrics_unavailable",
+                               f"the Prometheus exporter cannot be imported: {exc}") from None
+            runtime = self.runtime
+            self.metrics = Metrics(lambda: runtime.stats(METRICS_SELECT),
+                                   lambda: certs_api.expiries(self.store), self.acme_figures)
+        return self.metrics
