@@ -2,15 +2,19 @@
 (`balancer.preload`, docs/performance.md): the arbiter and the workers never
 import the management process's modules, nor `redis` on a file store; the
 management process imports cryptography only once a certificate needs it,
-the ACME client only once it issues. The processes are real: an import
-audit hook (tests/import_audit) writes what each one imports to a file per
-pid, after fork included."""
+the ACME client only once it issues, prometheus-client only once it is
+scraped; no child scans the installed packages' metadata for gevent's
+plugins (the arbiter found them). The processes are real: an audit hook
+(tests/import_audit) writes what each one imports, and which entry points
+files it reads, to a file per pid, after fork included."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +33,8 @@ HOST = "app.test"
 MANAGEMENT_ONLY = {"werkzeug", "prometheus_client", "management", "acme", "josepy",
                    "requests", "cryptography"}
 REDIS = {"redis", "hiredis"}
-ON_FIRST_USE = {"acme", "josepy", "requests", "cryptography"}  # management, lazily
+ON_FIRST_USE = {"acme", "josepy", "requests", "cryptography",  # management, lazily
+                "prometheus_client"}
 
 
 @pytest.fixture
@@ -39,9 +44,10 @@ def backend() -> Iterator[Backend]:
     b.stop()
 
 
-def imported(audit: Path, pid: int) -> set[str]:
-    """The modules process `pid` imported itself (nothing: it found them all loaded)."""
-    path = audit / f"imports-{pid}.txt"
+def imported(audit: Path, pid: int, kind: str = "imports") -> set[str]:
+    """The modules process `pid` imported itself (nothing: it found them all
+    loaded); with `kind` "metadata", the entry points files it read."""
+    path = audit / f"{kind}-{pid}.txt"
     return set(path.read_text().split()) if path.exists() else set()
 
 
@@ -63,13 +69,19 @@ def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backe
                            f"IMPORT_AUDIT_DIR={audit}"])
     try:
         assert request(bal.port, host=HOST)[0] == 200
-        for path in ("/metrics", "/api/v1/stats", "/api/v1/certs", "/api/v1/acme"):
+        for path in ("/api/v1/stats", "/api/v1/certs", "/api/v1/acme"):
             assert bal.api("GET", path)[0] == 200, path
         workers = {p["pid"] for p in wait_for(lambda: bal.api("GET", "/api/v1/info")[1],
                                               what="info")["processes"]}
         arbiter = bal.proc.pid
         (management,) = children(arbiter) - workers
         assert len(workers) == 2
+        assert "prometheus_client" not in packages(imported(audit, management))
+        status, metrics = bal.api("GET", "/metrics")  # the first scrape imports it
+        assert status == 200 and b"balancer_requests_total" in metrics, metrics
+        assert "prometheus_client" in packages(imported(audit, management))
+        for child in (*workers, management):  # gevent's plugins: found by the arbiter
+            assert not imported(audit, child, "metadata"), child
 
         loaded = imported(audit, arbiter)
         # the data plane, shared with every child (what `balancer.server` imports:
@@ -80,7 +92,7 @@ def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backe
             assert not packages(imported(audit, worker)) & (MANAGEMENT_ONLY | REDIS)
         own = packages(imported(audit, management))
         assert {"werkzeug", "prometheus_client", "management"} <= own  # after fork
-        assert not own & (ON_FIRST_USE | REDIS), sorted(own)
+        assert not own & ((ON_FIRST_USE - {"prometheus_client"}) | REDIS), sorted(own)
 
         chain, key = TestCA().issue(HOST)  # a certificate: now cryptography is needed
         assert bal.api("PUT", f"/api/v1/certs/{HOST}", {"chain": chain, "key": key})[0] == 200
@@ -170,3 +182,57 @@ def test_a_reload_to_a_store_the_dropped_arbiter_cannot_import_is_refused(
             bal.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+PATCH_ALL = """
+import sys, warnings
+from balancer.preload import resolve_gevent_plugins
+if sys.argv[1] == "resolved":
+    resolve_gevent_plugins()
+read = []
+sys.addaudithook(lambda event, args: read.append(args[0]) if event == "open"
+                 and str(args[0]).endswith("entry_points.txt") else None)
+from gevent import monkey
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    monkey.patch_all(os=False)  # gevent's own plugin warns about signal without os
+print(len(read), any("signal but not os" in str(w.message) for w in caught))
+"""
+
+
+@pytest.mark.parametrize("how", ["resolved", "scanned"])
+def test_patching_calls_the_plugins_the_arbiter_resolved(how: str) -> None:
+    """`monkey.patch_all` after `resolve_gevent_plugins` still calls gevent's
+    plugins (its own warns when signal is patched without os) and reads no
+    package's metadata; without it, each of its events scans every package."""
+    done = subprocess.run([sys.executable, "-c", PATCH_ALL, how], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    read, warned = done.stdout.split()
+    assert warned == "True"
+    assert (int(read) == 0) == (how == "resolved"), read
+
+
+def test_a_scrape_without_an_importable_exporter_is_answered_503(tmp_path: Path,
+                                                                  backend: Backend) -> None:
+    """prometheus-client cannot be imported (here a broken package shadows it):
+    the first scrape answers 503 metrics_unavailable, says why in the log, and
+    the management process goes on answering, a second scrape too."""
+    broken = tmp_path / "shadow" / "prometheus_client"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("a broken installation")\n')
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
+                   prefix=["env", f"PYTHONPATH={ROOT}:{broken.parent}"])
+    try:
+        for _ in range(2):
+            status, body = bal.api("GET", "/metrics")
+            assert status == 503 and body["error"] == "metrics_unavailable", body
+            assert "a broken installation" in body["message"]
+        assert bal.api("GET", "/api/v1/stats")[0] == 200
+        assert request(bal.port, host=HOST)[0] == 200
+        wait_for(lambda: "metrics: cannot import the Prometheus exporter: a broken "
+                         "installation" in bal.output(), what="the log line")
+        assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()

@@ -1,6 +1,8 @@
 """Test aid (tests/test_acme.py, tests/test_memory.py): with this directory on
 PYTHONPATH and IMPORT_AUDIT_DIR set, every module a process imports is
-appended to IMPORT_AUDIT_DIR/imports-PID.txt. A child that dropped privileges
+appended to IMPORT_AUDIT_DIR/imports-PID.txt, and every distribution's
+entry_points.txt it reads (a scan of the installed packages' metadata) to
+IMPORT_AUDIT_DIR/metadata-PID.txt. A child that dropped privileges
 may not be able to read the Python installation: whatever a child imports
 after fork must have been preloaded (`balancer.preload`); without a drop, each
 process must import only what it uses (its memory)."""
@@ -11,14 +13,20 @@ import sys
 _DIRECTORY = os.environ.get("IMPORT_AUDIT_DIR")
 
 
-def _note_import(event: str, args: tuple) -> None:
+def _note(kind: str, line: str) -> None:
+    try:
+        with open(os.path.join(_DIRECTORY, f"{kind}-{os.getpid()}.txt"), "a") as f:
+            f.write(f"{line}\n")
+    except OSError:  # (a file made before the drop): the import itself goes on
+        pass
+
+
+def _audit(event: str, args: tuple) -> None:
     if event == "import" and args[0] not in sys.modules:
-        try:
-            with open(os.path.join(_DIRECTORY, f"imports-{os.getpid()}.txt"), "a") as f:
-                f.write(f"{args[0]}\n")
-        except OSError:  # (a file made before the drop): the import itself goes on
-            pass
+        _note("imports", args[0])
+    elif event == "open" and str(args[0]).endswith("entry_points.txt"):
+        _note("metadata", str(args[0]))
 
 
 if _DIRECTORY:
-    sys.addaudithook(_note_import)
+    sys.addaudithook(_audit)
