@@ -1,12 +1,16 @@
 """The balancer's memory per process, idle and with requests in flight.
 
-``python scripts/bench_memory.py [--workers 1] [--in-flight 1000 [--after 12]] [--user nobody]``
+``python scripts/bench_memory.py [--workers 1] [--no-scrape] [--in-flight 1000 [--after 12]]
+[--user nobody]``
 
 Starts ``balancer serve`` (file store, the tree on PYTHONPATH: run it from a
 compiled copy for compiled figures), reads ``/metrics`` and ``/api/v1/stats``
-once, then prints each process's Rss, Pss and Private_Dirty
-(``/proc/PID/smaps_rollup``) and the whole tree's Pss: the memory the
-balancer costs the machine, pages shared between processes counted once.
+once (not with ``--no-scrape``), then prints each process's Rss, Pss and
+Private_Dirty (``/proc/PID/smaps_rollup``) and the whole tree's Pss: the
+memory the balancer costs the machine, pages shared between processes
+counted once. Its part in anonymous memory (Pss_Anon: the processes' own
+objects and copies) moves less from run to run than the whole, whose
+shared libraries' pages are split with every other process mapping them.
 With ``--in-flight N`` it then holds N requests in flight (a backend that
 reads them and answers only at the end) and prints the worker's growth per
 request, and with ``--after S`` its Rss S seconds after they ended (a worker
@@ -102,7 +106,10 @@ def report(arbiter: int, workers: set[int]) -> None:
         f = rollup(pid)
         print(f"{role:10} {pid:>7}: Rss {f['Rss'] / 1024:5.1f} MiB, Pss {f['Pss'] / 1024:5.1f}, "
               f"Private_Dirty {f['Private_Dirty'] / 1024:5.1f}")
-    print(f"tree Pss {sum(rollup(p)['Pss'] for p in pids) / 1024:.1f} MiB")
+    tree = [rollup(p) for p in pids]
+    print(f"tree Pss {sum(f['Pss'] for f in tree) / 1024:.1f} MiB, Pss_Anon "
+          f"{sum(f['Pss_Anon'] for f in tree) / 1024:.1f}, Private_Dirty "
+          f"{sum(f['Private_Dirty'] for f in tree) / 1024:.1f}")
 
 
 def hold(port: int, worker: int, backend: Backend, count: int, after: float) -> None:
@@ -132,6 +139,8 @@ def hold(port: int, worker: int, backend: Backend, count: int, after: float) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--no-scrape", action="store_true",
+                        help="read neither /metrics nor /api/v1/stats first")
     parser.add_argument("--in-flight", type=int, default=0, metavar="N")
     parser.add_argument("--after", type=float, default=0.0, metavar="S")
     parser.add_argument("--user", default="", help="server.user (as root)")
@@ -140,7 +149,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         proc, port, mgmt = start(args, Path(tmp), backend)
         try:
-            for path in ("/metrics", "/api/v1/stats"):
+            for path in () if args.no_scrape else ("/metrics", "/api/v1/stats"):
                 urllib.request.urlopen(f"http://{HOST}:{mgmt}{path}", timeout=10).read()
             info = json.loads(urllib.request.urlopen(f"http://{HOST}:{mgmt}/api/v1/info",
                                                      timeout=10).read())
