@@ -49,5 +49,7 @@ def test_bench_memory_reports_every_process_and_the_requests_in_flight() -> None
     roles = re.findall(r"^(arbiter|worker|management) +\d+: Rss +([\d.]+) MiB", out.stdout, re.M)
     assert sorted(role for role, _ in roles) == ["arbiter", "management", "worker"], out.stdout
     assert all(float(rss) > 5 for _, rss in roles)
-    assert re.search(r"^tree Pss [\d.]+ MiB$", out.stdout, re.M)
+    tree = re.search(r"^tree Pss ([\d.]+) MiB, Pss_Anon ([\d.]+), Private_Dirty ([\d.]+)$",
+                     out.stdout, re.M)
+    assert tree and float(tree[1]) >= float(tree[2]) > 0 and float(tree[3]) > 0, out.stdout
     assert re.search(r"with 20 requests in flight: -?[\d.]+ KiB each$", out.stdout, re.M)
