@@ -1,4 +1,6 @@
-"""Giving freed memory back to the system after a burst (the worker's `quiet_loop`).
+"""Giving freed memory back to the system: after a burst (the worker's
+`quiet_loop`), in the arbiter before each fork (`balancer.preload.freeze`) and
+in the management process once set up (`management.process.settle`).
 
 glibc's malloc keeps the pages of freed blocks inside its heap: a burst's
 saved greenlet stacks and buffers, once freed, stay in the worker's resident
@@ -6,8 +8,8 @@ set. `release` asks it (``malloc_trim(0)``) to return every wholly free page;
 a C library without it (musl) makes `release` do nothing.
 
 Invariants:
-* Called only when many blocks were just freed, never per request: it walks
-  the heap (about a millisecond for a worker's).
+* Called only when many blocks were just freed or before pages are shared,
+  never per request: it walks the heap (about a millisecond for a worker's).
 """
 
 from __future__ import annotations
