@@ -26,7 +26,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from balancer.errors import ClientGone, ProxyError
@@ -46,6 +46,9 @@ ACME_PATH: Final = b"/.well-known/acme-challenge/"  # HTTP-01 (balancer.challeng
 DOT: Final = 46  # b"."
 HEX_BYTE: Final = tuple(b"%02x" % i for i in range(256))  # a request id's last two digits
 DRAIN_LIMIT: Final = 1 << 20  # bytes of an unused request body read to keep a connection alive
+# time.perf_counter, held in a static: ``time.perf_counter()`` looks the function up
+# on the module by name on every call (~250 instructions; four calls per request)
+PERF_COUNTER: Final[Callable[[], float]] = time.perf_counter
 
 PROTOCOL_PAGES: Final = {
     400: "bad-request", 408: "request-timeout", 413: "payload-too-large",
@@ -289,7 +292,7 @@ class ClientConnection:
     def handle(self, head: RequestHead) -> bool:
         """Route and answer one request; returns whether to keep the connection."""
         ctx = self.ctx
-        start = time.perf_counter()
+        start = PERF_COUNTER()
         route = ctx.holder.table.lookup(head.host)
         stats = route.stats
         stats.open_requests += 1
@@ -320,7 +323,7 @@ class ClientConnection:
             ex.status = ex.status or 499
         finally:
             self.exchange = None
-            elapsed = time.perf_counter() - start
+            elapsed = PERF_COUNTER() - start
             stats.finish(ex.status, ex.received, ex.sent, elapsed)
             ctx.stats.top.note(ex, stats.paths)
             if ctx.access_log.is_enabled:

@@ -18,11 +18,10 @@ Invariants:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Final
 
-from balancer.connection import Exchange
+from balancer.connection import PERF_COUNTER, Exchange
 from balancer.errors import (
     BackendAnswered,
     BackendClosed,
@@ -373,7 +372,7 @@ def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | 
         upstream.close()
         upstream, reused = backend.renew(upstream), False
     backend.in_flight += 1
-    started = time.perf_counter()
+    started = PERF_COUNTER()
     try:
         try:
             rhead = exchange(ex, upstream, body, max_body)
@@ -383,7 +382,7 @@ def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | 
                 raise  # a fresh connection failed, or the streamed body is gone
             upstream = backend.renew(upstream)
             rhead = exchange(ex, upstream, body, max_body)
-        ex.backend_time = time.perf_counter() - started
+        ex.backend_time = PERF_COUNTER() - started
         if rhead.status == 101:
             if not ex.head.upgrade:
                 raise BackendProtocolError("101 Switching Protocols to a request without Upgrade")
