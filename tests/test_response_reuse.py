@@ -107,6 +107,8 @@ def head_fields(head: object) -> tuple:
     NGINX.replace(b"Content-Length: 2", b"Content-Length: 02"),  # one byte apart: read again
     NGINX.replace(b"200 OK", b"201 Created"),
     NGINX.replace(b"keep-alive, X-Secret", b"close"),
+    NGINX.replace(b"\r\n\r\nok", b"\r\nX-More: 1\r\n\r\nok"),  # the last head, then more
+    b"\r\n" + NGINX,  # an empty line before the same head
     CHUNKED,
 ])
 def test_a_head_read_after_another_is_what_a_fresh_parser_reads(second: bytes) -> None:
@@ -137,3 +139,30 @@ def test_a_head_response_after_the_same_bytes_has_no_body() -> None:
     parser.begin()
     parser.feed(head + b"ok")
     assert events_of(parser) == [200, b"ok", END] and not parser.events[0].no_body
+
+
+@pytest.mark.parametrize("response", [
+    NGINX,
+    NGINX.replace(b"keep-alive, X-Secret", b"close"),
+    NGINX.replace(b"HTTP/1.1", b"HTTP/1.0").replace(b"keep-alive, X-Secret", b"X-Secret"),
+    NGINX.replace(b"HTTP/1.1", b"HTTP/1.0"),  # 1.0 with keep-alive
+    b"HTTP/1.1 200 OK\r\nServer: x\r\n\r\nclose-delimited",
+])
+def test_a_repeated_head_keeps_what_llhttp_said_of_it(response: bytes) -> None:
+    """A head whose bytes repeat the last one's (split over reads or not) has its
+    status and keep-alive from the last reading, as a fresh parser reads them."""
+    fresh = ResponseParser()
+    fresh.feed(response)
+    parser = ResponseParser()
+    for pieces in ([response], [response[:20], response[20:]]):
+        parser.begin()
+        for piece in pieces:
+            parser.feed(piece)
+        if not parser.complete:
+            parser.feed_eof()
+            fresh.feed_eof()
+        assert head_fields(parser.events[0]) == head_fields(fresh.events[0])
+        assert events_of(parser) == events_of(fresh)
+        if not parser.events[0].keep_alive:
+            parser.close()  # llhttp takes nothing more after such a response: begin makes another
+        parser.events[0].keep_alive = not parser.events[0].keep_alive  # changed after: not kept
