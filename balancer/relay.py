@@ -253,13 +253,13 @@ def read_response_head(ex: Exchange, upstream: Upstream, continued: bool = False
     while True:
         while not events:
             _recv_backend(upstream, parser)
-        rhead = events.popleft()
+        rhead: ResponseHead = events.pop(0)
         if rhead.status >= 200 or rhead.status == 101:
             return rhead
         while True:  # an interim response has no body: its END follows
             while not events:
                 _recv_backend(upstream, parser)
-            if events.popleft() is END:
+            if events.pop(0) is END:
                 break
         if ex.head.version == b"1.1" and not (continued and rhead.status == 100):
             _send_interim(ex, rhead)
@@ -313,11 +313,11 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     events = parser.events
     if parser.complete and framing == RAW:  # all of it came with the head: one send
         count = len(events)  # the body's pieces and END
-        if count == 2:  # the usual: one piece (no deque method called by name)
+        if count == 2:  # the usual: one piece
             data += events[0]
         elif count > 2:
             events.pop()  # END
-            events.appendleft(data)
+            events.insert(0, data)
             data = b"".join(events)
         ex.send(data, last=True)
         events.clear()
@@ -332,14 +332,15 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     hold = rhead.content_length is not None and rhead.content_length <= COALESCE_LIMIT
     turn = conn.io.turn()  # a slow reader yields its turn
     while True:
-        while events:
-            event = events.popleft()
+        for event in events:
             if event is END:
                 if framing == CHUNK:  # a chunked response's trailers go on (docs/headers.md)
                     out.append(parser.last_chunk if rhead.chunked else LAST_CHUNK)
+                events.clear()
                 ex.send(b"".join(out), last=True)
                 return rhead.keep_alive and not parser.upgraded
             out.append(frame_chunk(event) if framing == CHUNK else event)
+        events.clear()
         conn.arm(sock, timeouts.backend_read)
         got = _read_ready(upstream) if hold else None
         if got is None:

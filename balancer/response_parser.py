@@ -1,9 +1,10 @@
 """Sans-IO parsing of backend responses over httptools (llhttp).
 
-Events, in order, in `events`: a `ResponseHead`, `bytes` body pieces
-(framing removed), `END`. 1xx interim responses give their own head and END
-before the final one; a 101 completes the parser with `upgraded` set and the
-bytes after the head in `leftover`.
+Events, in order, in the list `events` (a list, not a deque: mypyc compiles a
+list's operations to C calls, a deque's are Python calls by name): a
+`ResponseHead`, `bytes` body pieces (framing removed), `END`. 1xx interim
+responses give their own head and END before the final one; a 101 completes
+the parser with `upgraded` set and the bytes after the head in `leftover`.
 
 Invariants:
 * llhttp validates every byte; this module registers no per-field callback.
@@ -35,7 +36,6 @@ Invariants:
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Final
 
 import httptools
@@ -231,16 +231,13 @@ class ResponseParser:
 
     __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "last_chunk",
                  "_hp", "_parts", "_buffered", "_in_head", "_limit", "_max_fields", "_head",
-                 "_error", "_chunked", "_quiet", "_quiet_bytes", "on_body", "_push",
-                 "_keep_alive")
+                 "_error", "_chunked", "_quiet", "_quiet_bytes", "on_body", "_keep_alive")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False) -> None:
-        self.events: deque = deque()
-        # `events.append`, bound once: deque's methods are looked up by name on every
-        # call from compiled code. httptools calls it for each body piece itself
-        # (`on_body`), without a Python frame.
-        self._push: Any = self.events.append
-        self.on_body: Any = self._push
+        self.events: list[Any] = []
+        # `events.append`, bound once: httptools calls it for each body piece itself,
+        # without a Python frame
+        self.on_body: Any = self.events.append
         self._limit = limits.max_header_bytes  # status line to the blank line
         self._max_fields = limits.max_headers
         self._parts: list[bytes] = []  # what was fed since the head began (joined once)
@@ -386,7 +383,7 @@ class ResponseParser:
             return
         head = self._head
         if not self._in_head and head is not None and head.close_delimited:
-            self._push(END)
+            self.events.append(END)
             self.complete = True
             self._hp = None  # the connection is over
             return
@@ -440,7 +437,7 @@ class ResponseParser:
             parts.append(rest)
             self._buffered = len(rest)
         self._in_head = False
-        self._push(head)
+        self.events.append(head)
         if head.chunked and not no_body:
             self._chunked = True
             self.last_chunk = LAST_CHUNK
@@ -475,7 +472,7 @@ class ResponseParser:
             self._finish()
 
     def _finish(self) -> None:
-        self._push(END)
+        self.events.append(END)
         head = self._head
         status = head.status if head is not None else 0
         self.complete = status >= 200 or status == 101
