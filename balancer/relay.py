@@ -278,13 +278,19 @@ def _send_interim(ex: Exchange, rhead: ResponseHead) -> None:
 
 def response_head(ex: Exchange, rhead: ResponseHead) -> tuple[bytes, int]:
     """The response head for the client and how its body is framed."""
+    lines, framing = head_pieces(ex, rhead)
+    return b"".join(lines), framing
+
+
+def head_pieces(ex: Exchange, rhead: ResponseHead) -> tuple[list[bytes], int]:
+    """`response_head`'s bytes in pieces, to be joined with what follows them."""
     head = ex.head
     lines = [rhead.status_line, rhead.forwarded, ex.head_extra, b"\r\nX-Request-Id: ",
              ex.request_id]
     if rhead.status == 101:  # Upgrade: what the backend switched to, of what was offered
         lines.append(b"\r\nConnection: upgrade\r\nUpgrade: %s\r\n\r\n"
                      % (rhead.upgrade or head.upgrade))
-        return b"".join(lines), RAW
+        return lines, RAW
     framing = RAW
     if not rhead.no_body and rhead.content_length is None:
         if head.version == b"1.1":
@@ -301,28 +307,22 @@ def response_head(ex: Exchange, rhead: ResponseHead) -> tuple[bytes, int]:
         lines.append(b"\r\nConnection: keep-alive\r\n\r\n")
     else:
         lines.append(b"\r\n\r\n")
-    return b"".join(lines), framing
+    return lines, framing
 
 
 def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> bool:
     """Send the response to the client; returns whether `upstream` can be pooled."""
     ex.status = rhead.status
-    data, framing = response_head(ex, rhead)
+    out, framing = head_pieces(ex, rhead)  # what goes next, joined at each send
     sock, parser = upstream.sock, upstream.parser
     assert parser is not None  # `exchange` made it
     events = parser.events
     if parser.complete and framing == RAW:  # all of it came with the head: one send
-        count = len(events)  # the body's pieces and END
-        if count == 2:  # the usual: one piece
-            data += events[0]
-        elif count > 2:
-            events.pop()  # END
-            events.insert(0, data)
-            data = b"".join(events)
-        ex.send(data, last=True)
+        events.pop()  # END
+        out.extend(events)  # the body's pieces
         events.clear()
+        ex.send(b"".join(out), last=True)
         return rhead.keep_alive and not parser.upgraded
-    out = [data]
     conn, timeouts = ex.conn, ex.conn.ctx.timeouts
     # A small fixed-length response is sent in one piece when its parts come
     # together though the backend wrote them apart (nginx: head by writev, body
