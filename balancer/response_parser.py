@@ -8,7 +8,12 @@ the parser with `upgraded` set and the bytes after the head in `leftover`.
 
 Invariants:
 * llhttp validates every byte; this module registers no per-field callback.
-  The head's field block is kept raw (see `balancer.fields`) and forwarded
+  Once: a read that is a whole response whose head repeats the last one's
+  byte for byte, with a Content-Length body and nothing after it, is taken
+  without llhttp (`_take_repeat`): llhttp would read the same head, pass over
+  the body's bytes (it does not look at them) and end at a message boundary,
+  where it already is. The events are the same.
+* The head's field block is kept raw (see `balancer.fields`) and forwarded
   with hop-by-hop fields cut out, which costs a few substring searches.
 * `ProtocolError` is the only exception (status 502: the backend is at fault).
 * A head (status line to the blank line) is at most `max_header_bytes` and
@@ -284,6 +289,8 @@ class ResponseParser:
                 head.keep_alive = False  # empty lines aside
             return
         if self._in_head:
+            if not self._parts and self._take_repeat(data):
+                return
             self._parts.append(data)
             self._buffered += len(data)
         chunked_body = self._chunked
@@ -311,6 +318,32 @@ class ResponseParser:
             elif self._chunked:
                 moved = not chunked_body or len(self.events) - (1 if self.complete else 0) > before
                 self._watch_trailers(data, moved)
+
+    def _take_repeat(self, data: bytes) -> bool:
+        """Take `data` whole without llhttp if it is a response whose head repeats
+        the last one's, which llhttp read as keep-alive, final and with a body of
+        Content-Length bytes, and nothing else (llhttp's parser is at a message
+        boundary, and would be again); whether it did. Skips ~4,000 instructions
+        of llhttp and its callbacks per response of a backend that repeats itself."""
+        last = self._head
+        if last is None or self._hp is None or self.for_head or not self._keep_alive:
+            return False
+        status, length, raw = last.status, last.content_length, last.raw
+        if length is None or status < 200 or status == 204 or status == 304:
+            return False
+        end = len(raw) + 4
+        if len(data) != end + length or not _repeats(data, raw):
+            return False
+        head = ResponseHead(status, raw, True, False, self._max_fields, last)
+        self._head = head
+        events = self.events
+        events.append(head)
+        if length:
+            events.append(data[end:])
+        events.append(END)
+        self.complete = True
+        self._in_head = False
+        return True
 
     def _watch_trailers(self, data: bytes, moved: bool) -> None:
         """Bound and, once the response is complete, read its trailer section.

@@ -166,3 +166,93 @@ def test_a_repeated_head_keeps_what_llhttp_said_of_it(response: bytes) -> None:
         if not parser.events[0].keep_alive:
             parser.close()  # llhttp takes nothing more after such a response: begin makes another
         parser.events[0].keep_alive = not parser.events[0].keep_alive  # changed after: not kept
+
+
+class CountedFeeds:
+    """llhttp's parser, counting what it was fed."""
+
+    def __init__(self, hp: object) -> None:
+        self.hp = hp
+        self.fed = 0
+
+    def feed_data(self, data: bytes) -> None:
+        self.fed += 1
+        self.hp.feed_data(data)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.hp, name)
+
+
+def after_nginx(second: list[bytes], for_head: bool = False) -> tuple[list, int]:
+    """The events of the reads `second` after NGINX on one parser, and how many
+    of them llhttp was fed; each against a fresh parser's (all through llhttp)."""
+    parser = ResponseParser()
+    parser.feed(NGINX)
+    counted = CountedFeeds(parser._hp)
+    parser._hp = counted
+    parser.begin(for_head)
+    fresh = ResponseParser(for_head=for_head)
+    for piece in second:
+        parser.feed(piece)
+        fresh.feed(piece)
+    assert events_of(parser) == events_of(fresh)
+    assert head_fields(parser.events[0]) == head_fields(fresh.events[0])
+    assert parser.complete == fresh.complete
+    return events_of(parser), counted.fed
+
+
+def test_a_whole_repeated_response_is_taken_without_llhttp() -> None:
+    events, fed = after_nginx([NGINX])
+    assert (events, fed) == ([200, b"ok", END], 0)
+
+
+@pytest.mark.parametrize(("second", "for_head"), [
+    ([NGINX + b"x"], False),  # a byte after it: llhttp stops reuse
+    ([NGINX[:-1], NGINX[-1:]], False),  # the body in two reads
+    ([NGINX[:30], NGINX[30:]], False),  # the head in two reads
+    ([b"\r\n" + NGINX], False),  # an empty line first
+    ([NGINX[:-2]], False),  # not whole yet
+    ([NGINX[:-2]], True),  # HEAD: no body, whatever the Content-Length
+    ([NGINX.replace(b"Content-Length: 2", b"Content-Length: 3") + b"!"], False),
+    ([b"HTTP/1.1 100 Continue\r\n\r\n" + NGINX], False),
+    ([CHUNKED], False),
+])
+def test_other_responses_after_a_head_go_through_llhttp(second: list[bytes],
+                                                        for_head: bool) -> None:
+    _, fed = after_nginx(second, for_head)
+    assert fed == len(second)
+
+
+@pytest.mark.parametrize("response", [
+    NGINX.replace(b"200 OK", b"204 No Content").replace(b"Content-Length: 2\r\n", b"")[:-2],
+    NGINX.replace(b"200 OK", b"304 Not Modified")[:-2],  # a 304 keeps its Content-Length
+    NGINX.replace(b"200 OK", b"304 Not Modified"),  # ...and bytes after it are no body
+    NGINX.replace(b"200 OK", b"204 No Content"),  # nor after a 204 that has one
+    NGINX.replace(b"keep-alive, X-Secret", b"close"),
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+])
+def test_a_repeated_response_llhttp_must_see_goes_through_it(response: bytes) -> None:
+    """No body by status, a last response, a chunked body: read by llhttp each time."""
+    parser = ResponseParser()
+    parser.feed(response)
+    for _ in range(2):
+        if not parser.events[0].keep_alive:
+            parser.close()  # llhttp takes nothing after `Connection: close`: begin makes another
+        parser.begin()
+        counted = CountedFeeds(parser._hp)
+        parser._hp = counted
+        parser.feed(response)
+        fresh = ResponseParser()
+        fresh.feed(response)
+        assert events_of(parser) == events_of(fresh) and parser.complete
+        assert counted.fed == 1
+
+
+def test_llhttp_reads_on_after_a_response_taken_without_it() -> None:
+    parser = ResponseParser()
+    for response in (NGINX, NGINX, CHUNKED, NGINX, NGINX, OK):
+        parser.begin()
+        parser.feed(response)
+        fresh = ResponseParser()
+        fresh.feed(response)
+        assert events_of(parser) == events_of(fresh) and parser.complete
