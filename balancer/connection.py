@@ -73,6 +73,10 @@ class Context:
         self.trusted = trusted
         self.limits = limits
         self.timeouts = timeouts
+        # the two read on every keep-alive request, as native floats (an attribute of
+        # the settings object is looked up by name)
+        self.client_idle: float = timeouts.client_idle
+        self.backend_read: float = timeouts.backend_read
         self.spin_max_waiting = spin_max_waiting  # the cap is counted by balancer.hold
         self.request_ids = RequestIds()
         self.io = io  # the worker's I/O: streams and deadlines
@@ -246,18 +250,18 @@ class ClientConnection:
         if events or self.parser.upgraded:
             return False
         if not self.idle:  # straight after a response: the idle wait starts now
-            self.arm(self.sock, self.ctx.timeouts.client_idle)
+            self.arm(self.sock, self.ctx.client_idle)
             self.idle = True
         return self.io.park(self)
 
     def read_head(self, wait_first: bool) -> RequestHead | None:
         """The next request head, or None when the connection should close."""
-        events, sock, timeouts, stream = self.events, self.sock, self.ctx.timeouts, self.stream
+        events, sock, ctx, stream = self.events, self.sock, self.ctx, self.stream
         while events:
             event = events.popleft()
             if event is not END:  # END of a bodyless request stays until here
                 return event
-        self.arm(sock, timeouts.client_idle)
+        self.arm(sock, ctx.client_idle)
         self.idle = True
         deadline = 0.0
         while True:
@@ -286,7 +290,7 @@ class ClientConnection:
             # part of a head: the rest must come within client_header of its first byte
             now = time.monotonic()
             if not deadline:
-                deadline = now + timeouts.client_header
+                deadline = now + ctx.timeouts.client_header
             self.arm(sock, max(deadline - now, 0.001))
 
     def handle(self, head: RequestHead) -> bool:

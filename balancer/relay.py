@@ -410,7 +410,7 @@ def exchange(ex: Exchange, upstream: Upstream, body: bytes | None,
              max_body: int | None) -> ResponseHead:
     """Send the request on `upstream` and read the response head."""
     conn, sock = ex.conn, upstream.sock
-    timeout = conn.ctx.timeouts.backend_read
+    timeout = conn.ctx.backend_read
     conn.arm(sock, timeout)
     # begun before the request goes: an answer may come while its body streams
     parser = upstream.parser
