@@ -8,11 +8,13 @@ the parser with `upgraded` set and the bytes after the head in `leftover`.
 
 Invariants:
 * llhttp validates every byte; this module registers no per-field callback.
-  Once: a read that is a whole response whose head repeats the last one's
-  byte for byte, with a Content-Length body and nothing after it, is taken
-  without llhttp (`_take_repeat`): llhttp would read the same head, pass over
-  the body's bytes (it does not look at them) and end at a message boundary,
-  where it already is. The events are the same.
+  Once: a response whose first read begins with a head that repeats the last
+  one's byte for byte, which llhttp read as final, keep-alive and with a
+  Content-Length body, is taken without llhttp (`_take_repeat`, `_take_body`):
+  llhttp would read the same head, count the body's bytes without looking at
+  them and end at a message boundary, where it already is. The events are
+  the same, and bytes after the body are judged as `feed` judges those after
+  a complete response.
 * The head's field block is kept raw (see `balancer.fields`) and forwarded
   with hop-by-hop fields cut out, which costs a few substring searches.
 * `ProtocolError` is the only exception (status 502: the backend is at fault).
@@ -236,7 +238,8 @@ class ResponseParser:
 
     __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "last_chunk",
                  "_hp", "_parts", "_buffered", "_in_head", "_limit", "_max_fields", "_head",
-                 "_error", "_chunked", "_quiet", "_quiet_bytes", "on_body", "_keep_alive")
+                 "_error", "_chunked", "_quiet", "_quiet_bytes", "on_body", "_keep_alive",
+                 "_rest")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False) -> None:
         self.events: list[Any] = []
@@ -251,6 +254,7 @@ class ResponseParser:
         self.leftover = b""
         self._head: ResponseHead | None = None
         self._keep_alive = False  # llhttp's keep-alive for `_head` (whose own may change)
+        self._rest = 0  # body bytes still due of a response llhttp does not read (`_take_repeat`)
         self._error: ProtocolError | None = None
         # A chunked response's: the end of its body for the client, trailers and all.
         self.last_chunk = LAST_CHUNK
@@ -269,6 +273,7 @@ class ResponseParser:
         self._buffered = 0
         self.for_head = for_head
         self._in_head = True
+        self._rest = 0
         if self._hp is None:
             self._hp = httptools.HttpResponseParser(self)
 
@@ -287,6 +292,9 @@ class ResponseParser:
             head = self._head
             if head is not None and not self.upgraded and data.strip(b"\r\n"):  # as llhttp,
                 head.keep_alive = False  # empty lines aside
+            return
+        if self._rest:
+            self._take_body(data)
             return
         if self._in_head:
             if not self._parts and self._take_repeat(data):
@@ -320,30 +328,46 @@ class ResponseParser:
                 self._watch_trailers(data, moved)
 
     def _take_repeat(self, data: bytes) -> bool:
-        """Take `data` whole without llhttp if it is a response whose head repeats
-        the last one's, which llhttp read as keep-alive, final and with a body of
-        Content-Length bytes, and nothing else (llhttp's parser is at a message
-        boundary, and would be again); whether it did. Skips ~4,000 instructions
-        of llhttp and its callbacks per response of a backend that repeats itself."""
+        """Take the first read of a response without llhttp if it begins with a head
+        that repeats the last one's, which llhttp read as final, keep-alive and
+        with a body of Content-Length bytes (llhttp's parser is at a message
+        boundary, and stays there); whether it did. Skips ~4,000 instructions of
+        llhttp and its callbacks per response of a backend that repeats itself."""
         last = self._head
         if last is None or self._hp is None or self.for_head or not self._keep_alive:
             return False
         status, length, raw = last.status, last.content_length, last.raw
         if length is None or status < 200 or status == 204 or status == 304:
             return False
-        end = len(raw) + 4
-        if len(data) != end + length or not _repeats(data, raw):
+        if not _repeats(data, raw):
             return False
         head = ResponseHead(status, raw, True, False, self._max_fields, last)
         self._head = head
-        events = self.events
-        events.append(head)
-        if length:
-            events.append(data[end:])
-        events.append(END)
-        self.complete = True
+        self.events.append(head)
         self._in_head = False
+        self._rest = length
+        end = len(raw) + 4
+        if len(data) > end or not length:
+            self._take_body(data[end:])
         return True
+
+    def _take_body(self, data: bytes) -> None:
+        """Body bytes of a response `_take_repeat` took: the `_rest` still due end it,
+        and what follows them is judged by `feed` (as llhttp would)."""
+        rest = self._rest
+        events = self.events
+        if len(data) < rest:
+            if data:
+                events.append(data)
+                self._rest = rest - len(data)
+            return
+        if rest:
+            events.append(data if len(data) == rest else data[:rest])
+        events.append(END)
+        self._rest = 0
+        self.complete = True
+        if len(data) > rest:
+            self.feed(data[rest:])
 
     def _watch_trailers(self, data: bytes, moved: bool) -> None:
         """Bound and, once the response is complete, read its trailer section.

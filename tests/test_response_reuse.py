@@ -183,11 +183,12 @@ class CountedFeeds:
         return getattr(self.hp, name)
 
 
-def after_nginx(second: list[bytes], for_head: bool = False) -> tuple[list, int]:
-    """The events of the reads `second` after NGINX on one parser, and how many
-    of them llhttp was fed; each against a fresh parser's (all through llhttp)."""
+def read_after(first: bytes, second: list[bytes], for_head: bool = False) -> tuple[list, int]:
+    """The events of the reads `second` after the response `first` on one parser,
+    and how many of them llhttp was fed; each checked against a fresh parser's
+    (all through llhttp), the head's keep-alive included."""
     parser = ResponseParser()
-    parser.feed(NGINX)
+    parser.feed(first)
     counted = CountedFeeds(parser._hp)
     parser._hp = counted
     parser.begin(for_head)
@@ -195,23 +196,43 @@ def after_nginx(second: list[bytes], for_head: bool = False) -> tuple[list, int]
     for piece in second:
         parser.feed(piece)
         fresh.feed(piece)
-    assert events_of(parser) == events_of(fresh)
+        assert events_of(parser) == events_of(fresh)
+        assert parser.complete == fresh.complete
     assert head_fields(parser.events[0]) == head_fields(fresh.events[0])
-    assert parser.complete == fresh.complete
     return events_of(parser), counted.fed
 
 
-def test_a_whole_repeated_response_is_taken_without_llhttp() -> None:
-    events, fed = after_nginx([NGINX])
-    assert (events, fed) == ([200, b"ok", END], 0)
+EMPTY = NGINX.replace(b"Content-Length: 2", b"Content-Length: 0")[:-2]
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    (NGINX, [NGINX]),
+    (NGINX, [NGINX[:-2], NGINX[-2:]]),  # the head alone, then the body
+    (NGINX, [NGINX[:-1], NGINX[-1:]]),  # the body in two reads
+    (NGINX, [NGINX[:-1], NGINX[-1:] + b"\r\n"]),  # an empty line after: still reusable
+    (NGINX, [NGINX + b"x"]),  # a byte after it: not reusable
+    (NGINX, [NGINX[:-1], NGINX[-1:] + b"HTTP/1.1 200"]),
+    (EMPTY, [EMPTY]),
+    (EMPTY, [EMPTY + b"HTTP/1.1"]),
+])
+def test_a_repeated_head_and_its_body_are_taken_without_llhttp(first: bytes,
+                                                                second: list[bytes]) -> None:
+    events, fed = read_after(first, second)
+    assert fed == 0 and events[-1] is END
+
+
+def test_a_body_cut_short_fails_without_llhttp_too() -> None:
+    parser = ResponseParser()
+    parser.feed(NGINX)
+    parser.begin()
+    parser.feed(NGINX[:-1])
+    with pytest.raises(ProtocolError, match="mid-response"):
+        parser.feed_eof()
 
 
 @pytest.mark.parametrize(("second", "for_head"), [
-    ([NGINX + b"x"], False),  # a byte after it: llhttp stops reuse
-    ([NGINX[:-1], NGINX[-1:]], False),  # the body in two reads
     ([NGINX[:30], NGINX[30:]], False),  # the head in two reads
     ([b"\r\n" + NGINX], False),  # an empty line first
-    ([NGINX[:-2]], False),  # not whole yet
     ([NGINX[:-2]], True),  # HEAD: no body, whatever the Content-Length
     ([NGINX.replace(b"Content-Length: 2", b"Content-Length: 3") + b"!"], False),
     ([b"HTTP/1.1 100 Continue\r\n\r\n" + NGINX], False),
@@ -219,7 +240,7 @@ def test_a_whole_repeated_response_is_taken_without_llhttp() -> None:
 ])
 def test_other_responses_after_a_head_go_through_llhttp(second: list[bytes],
                                                         for_head: bool) -> None:
-    _, fed = after_nginx(second, for_head)
+    _, fed = read_after(NGINX, second, for_head)
     assert fed == len(second)
 
 
