@@ -16,8 +16,9 @@ else: no syscalls, no event loop.
   by 20 %);
 * ``--instructions``: instructions per request under callgrind (valgrind
   must be installed): two runs of different lengths, the difference divided
-  by the extra requests, so start-up cancels out. Deterministic to ~0.1 %:
-  the figure to compare two versions of the code by.
+  by the extra requests, so start-up cancels out. Deterministic to ~0.1 %
+  (the runs fix PYTHONHASHSEED, 0 unless set): the figure to compare two
+  versions of the code by.
 
 ``--sockets MODE`` runs the real thing in this process instead: a gevent
 `Worker` (GeventIO, monkey-patched sockets) listening on loopback, in front
@@ -172,11 +173,14 @@ def instructions(extra: list[str], short: int, long: int, per: int) -> float:
     """Instructions per request under callgrind: two runs of `short` and `long`
     requests, the difference divided by the `per` extra requests it made."""
     counts = []
+    # str hashes, and so dict probe sequences, change with each process's hash seed:
+    # up to 3 % between two runs unless it is fixed (then within ~10 instructions)
+    env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
     for requests in (short, long):
         out = subprocess.run(
             ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
              os.path.realpath(sys.executable), __file__, "--requests", str(requests), *extra],
-            capture_output=True, text=True, check=True).stderr
+            capture_output=True, text=True, check=True, env=env).stderr
         counts.append(int(re.search(r"Collected : (\d+)", out).group(1)))
     return (counts[1] - counts[0]) / per
 
