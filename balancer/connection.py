@@ -4,7 +4,9 @@ Invariants:
 * Every request is routed on its own against the table snapshot current
   when its head was parsed (keep-alive and pipelining included).
 * Responses leave in request order: a request is answered completely before
-  the next head is taken from the parser.
+  the next head is taken from the parser. A malformed request read together
+  with complete ones before it is answered after them (`broken`), as nginx
+  and HAProxy do: its error page is never taken for their answer.
 * `ProxyError` and `ProtocolError` become pages here and nowhere else; once
   response bytes were sent, an error can only close the connection.
 * Sockets are read and written through the worker's `balancer.netio.IO`
@@ -195,6 +197,9 @@ class ClientConnection:
         # connection then loses nothing (a draining worker does so)
         self.idle = False
         self.park_due = False  # the watchdog asked to park this idle connection
+        # the error of a malformed request that came after complete ones in the same
+        # read: raised once they are answered (`defer`)
+        self.broken: ProtocolError | None = None
 
     def close(self) -> None:
         """Send what is still held (within client_idle), then close everything.
@@ -247,7 +252,7 @@ class ClientConnection:
         events = self.events
         while events and events[0] is END:
             events.popleft()
-        if events or self.parser.upgraded:
+        if events or self.parser.upgraded or self.broken is not None:
             return False
         if not self.idle:  # straight after a response: the idle wait starts now
             self.arm(self.sock, self.ctx.client_idle)
@@ -261,6 +266,8 @@ class ClientConnection:
             event = events.popleft()
             if event is not END:  # END of a bodyless request stays until here
                 return event
+        if self.broken is not None:  # the requests read before it are answered
+            raise self.broken
         self.arm(sock, ctx.client_idle)
         self.idle = True
         deadline = 0.0
@@ -282,7 +289,10 @@ class ClientConnection:
             if not data:
                 return None
             self.idle = False
-            self.parser.feed(data)
+            try:
+                self.parser.feed(data)
+            except ProtocolError as exc:
+                self.defer(exc)
             while events and events[0] is END:
                 events.popleft()
             if events:
@@ -396,7 +406,25 @@ class ClientConnection:
                 raise ClientGone(str(exc)) from None
             if not data:
                 raise ClientGone("client closed during the request body")
-            self.parser.feed(data)
+            try:
+                self.parser.feed(data)
+            except ProtocolError as exc:
+                self.defer(exc)
+
+    def defer(self, exc: ProtocolError) -> None:
+        """A read brought a malformed request: if whole requests came before it,
+        they are answered first (`broken` is raised once they were, and what came
+        of the next request is dropped), else `exc` is raised now. (Bug: the
+        error page went out at once, as if it answered the first request.)"""
+        events = self.events
+        complete = len(events)
+        while complete and events[complete - 1] is not END:
+            complete -= 1
+        if not complete:
+            raise exc
+        for _ in range(len(events) - complete):
+            events.pop()
+        self.broken = exc
 
     def buffered_body(self) -> bytes | None:
         """The whole body if it already arrived with the head, else None (leaves it)."""

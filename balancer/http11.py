@@ -340,7 +340,7 @@ class RequestParser(_Parser):
         if url[:1] == b"/" and HASH not in url:
             target = url
         else:
-            host, target = self._other_target(method, url, host)
+            host, target = self._other_target(method, url, host, version)
         if not host or 0 in host.translate(NOT_HOST_TO_NUL):
             self._check_host(host, version)
         if version == b"1.0":
@@ -399,17 +399,22 @@ class RequestParser(_Parser):
         has_body = chunked or bool(content_length)
         return host, content_length, chunked, has_body, expect_continue, upgrade, tokens
 
-    def _other_target(self, method: bytes, url: bytes, host: bytes) -> tuple[bytes, bytes]:
+    def _other_target(self, method: bytes, url: bytes, host: bytes,
+                      version: bytes) -> tuple[bytes, bytes]:
         """The host and target of a request whose target is not a plain origin-form:
-        ``OPTIONS *`` (RFC 9112 §3.2.4: no other method), or absolute-form. A
-        fragment is in no request target (§3.2): a cache or router behind could
-        read ``/index.html#.png`` otherwise than the backend (HAProxy refuses it)."""
+        ``OPTIONS *`` (RFC 9112 §3.2.4: no other method), or absolute-form, which
+        an HTTP/1.1 request sends with a Host all the same (§3.2: else a 400;
+        bug: it was served). A fragment is in no request target (§3.2): a cache
+        or router behind could read ``/index.html#.png`` otherwise than the
+        backend (HAProxy refuses it)."""
         if HASH in url:
             self._fail(400, "fragment in the request target")
         if url == b"*":
             if method != b"OPTIONS":
                 self._fail(400, "* is a target of OPTIONS only")
             return host, url
+        if not host and version == b"1.1":
+            self._fail(400, "missing Host header")
         return self._absolute_form(url)
 
     def _absolute_form(self, url: bytes) -> tuple[bytes, bytes]:

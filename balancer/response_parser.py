@@ -73,6 +73,10 @@ class _Stop(Exception):
 # name: most fields of a response (Date, Server, ETag...) cost one
 # table lookup.
 NOT_FORWARDED: Final = HOP_BY_HOP | {b"x-request-id"}
+# What a response's Connection may not remove: Content-Length frames the body
+# the client gets (bug: "Connection: close, Content-Length" sent it unframed,
+# and the client read the next response on the connection as its body).
+NEVER_NAMED: Final = HOP_BY_HOP | {b"content-length"}
 # Per first byte of a field line (either case), the lower-case "name:" prefixes of
 # the special fields starting with it. A line is matched with `translate` and
 # `startswith`, which mypyc compiles to C calls: `partition` and `lower` were
@@ -201,7 +205,7 @@ class ResponseHead:
         if kept is not None:
             block = b"\r\n".join(kept)
         if tokens and not tokens <= HOP_BY_HOP:  # fields named by Connection are hop-by-hop too
-            block = without_fields(block, block.lower(), field_keys(tokens - HOP_BY_HOP))
+            block = without_fields(block, block.lower(), field_keys(tokens - NEVER_NAMED))
         self.forwarded = block
         self.content_length = None if chunked else content_length
         self.chunked = chunked

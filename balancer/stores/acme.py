@@ -41,7 +41,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from balancer.stores.atomic import file_signature, write_atomically
+from balancer.stores.atomic import file_signature, open_regular, write_atomically
 from balancer.stores.base import StoreUnavailable
 
 FILE_MODE = 0o600
@@ -150,7 +150,7 @@ class FileAcme(Acme):
 
     def _read(self, path: str) -> dict[str, Any]:
         try:
-            with open(path) as f:
+            with open_regular(path, "r") as f:
                 doc = json.load(f)
         except FileNotFoundError:
             return {}

@@ -5,8 +5,11 @@ which a reader sees that a file changed."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
+from typing import IO, Any
 
 from balancer.stores.base import StoreUnavailable
 
@@ -29,6 +32,23 @@ def write_atomically(path: str, body: bytes, mode: int | None = None) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def open_regular(path: str, mode: str = "rb") -> IO[Any]:
+    """`open(path, mode)` to read a store's file, refusing anything but a regular
+    file (a symlink to one is followed). Bug: a FIFO put in its place blocked
+    the process opening it (every worker and the management process: no request
+    was answered) until a writer came, and a device such as /dev/zero was read
+    until memory ran out. Raises OSError (FileNotFoundError when missing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return open(fd, mode)  # noqa: SIM115 - the caller's `with` closes it
 
 
 def file_signature(path: str) -> tuple[int, ...] | None:

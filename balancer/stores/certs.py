@@ -34,7 +34,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from balancer.stores.atomic import file_signature, write_atomically
+from balancer.stores.atomic import file_signature, open_regular, write_atomically
 from balancer.stores.base import StoreError, StoreUnavailable
 
 FILE_MODE = 0o600
@@ -140,7 +140,7 @@ class FileCerts(Certs):
 
     def _read(self) -> dict[str, Any]:
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
             if self.seen:

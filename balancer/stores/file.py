@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from balancer.stores.acme import Acme, FileAcme
-from balancer.stores.atomic import write_atomically
+from balancer.stores.atomic import open_regular, write_atomically
 from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
@@ -87,7 +87,7 @@ class FileStore(Store):
     # reading ---------------------------------------------------------------
     def load(self) -> TableData:
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 signature = _signature_of(os.fstat(f.fileno()))
                 if self._known is not None and self._known[0] == signature:
                     self._reachable = True
@@ -257,7 +257,7 @@ class FileStore(Store):
     def _peek_version(self) -> int | None:
         """The version at the start of the file (as this store writes it), or None."""
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 head = f.read(PEEK_BYTES)
         except OSError:
             return None

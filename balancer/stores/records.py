@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from balancer.stores.atomic import write_atomically
+from balancer.stores.atomic import open_regular, write_atomically
 from balancer.stores.base import StoreUnavailable
 
 MAX_DEPLOYS = 50
@@ -103,7 +103,7 @@ class FileRecords(Records):
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
-            with open(self.path) as f:
+            with open_regular(self.path, "r") as f:
                 doc = json.load(f)
         except FileNotFoundError:
             doc = {}

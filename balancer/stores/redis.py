@@ -71,6 +71,10 @@ BACKOFF_CAP = 5.0
 WRITE_ATTEMPTS = 50       # optimistic-lock retries for writes without if_version
 DRAIN_MAX = 1000          # queued messages folded into one reload
 PAUSE_EVERY = 2000        # hosts parsed between yields to other greenlets (a big reload)
+# Redis counts (INCR) up to 2**63 - 1: a version it cannot count past is corrupt.
+# (Bug: a hand-set 10**22 was served, became every balancer's floor for versions,
+# and no write, not even a whole-table PUT, could ever go above it.)
+VERSION_LIMIT = 2**63 - 1
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
@@ -158,12 +162,15 @@ class RedisStore(Store):
 
     def _version(self, raw: bytes | str | None) -> int:
         try:
-            return int(raw or 0)
+            version = int(raw or 0)
         except ValueError:
-            shown = repr(raw) if raw is None or len(raw) <= 40 \
-                else f"{raw[:40]!r}... ({len(raw)} characters)"
-            raise CorruptStore(f"{self.display_url}: {self.version_key} is not an integer: "
-                               f"{shown}") from None
+            version = -1
+        if 0 <= version < VERSION_LIMIT:
+            return version
+        shown = repr(raw) if raw is None or len(raw) <= 40 \
+            else f"{raw[:40]!r}... ({len(raw)} characters)"
+        raise CorruptStore(f"{self.display_url}: {self.version_key} is not an integer from 0 "
+                           f"to {VERSION_LIMIT - 1}: {shown}")
 
     def is_reachable(self) -> bool:
         """The watcher's view while one runs; otherwise a PING now."""
@@ -285,6 +292,11 @@ class RedisStore(Store):
             while not stop():
                 try:
                     self._follow(on_change, stop, seen, problems, served)
+                except CorruptStore as exc:  # bug: the watcher ended on a bad version
+                    self._problem = str(exc)
+                    problems.report(f"{exc}; keeping the last good table")
+                    _sleep(seen.delay * random.uniform(0.5, 1.0), stop)
+                    seen.delay = min(seen.delay * 2, BACKOFF_CAP)
                 except (RedisError, OSError, StoreUnavailable) as exc:
                     self._reachable = False
                     self._unreachable = f"{self.display_url}: unreachable: {exc}"

@@ -21,7 +21,7 @@ import os
 import time
 from typing import Any
 
-from balancer.stores.atomic import write_atomically
+from balancer.stores.atomic import open_regular, write_atomically
 from balancer.stores.base import StoreError, TableData, check_table
 
 log = logging.getLogger("balancer.store")
@@ -69,7 +69,7 @@ class Snapshot:
         if self.path is None:
             return None
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
             return None

@@ -1,0 +1,198 @@
+"""Hostile-peer probes, third outside round: message framing between a client,
+the balancer and a scripted raw backend that records every byte it gets.
+
+Defects found and fixed (each test fails without its fix):
+
+* ``Connection: Content-Length`` from a client dropped the request's
+  Content-Length while its body went on as it came: the backend read the body
+  as the next request on a pooled connection (request smuggling). From a
+  backend it sent the response without its length to a keep-alive client,
+  which then read the next response as its body.
+* A valid request pipelined before a malformed one in the same read was never
+  answered: the 400 for the second reached the client as the answer to the
+  first (RFC 9112 §9.3.2: responses in the order of the requests).
+* An HTTP/1.1 request in absolute form without Host was served (RFC 9112 §3.2:
+  a server must answer 400 to any HTTP/1.1 request without it).
+
+The other probes pin behaviour that was already right, where a regression
+would smuggle or desynchronise (cheap: one balancer for the module).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from tests.rawpeer import RawBackend, client_exchange
+from tests.support import Balancer, wait_for
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
+WAIT = 10.0
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+# what the backend answers, by request target (else OK)
+ANSWERS = {
+    b"/conn-names-length": b"HTTP/1.1 200 OK\r\nConnection: close, Content-Length\r\n"
+                           b"Content-Length: 5\r\n\r\nhello",
+    b"/204-with-body": b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\n"
+                       b"Content-Length: 8\r\n\r\nSMUGGLED",
+    b"/304-with-body": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 8\r\n\r\nSMUGGLED",
+    b"/head-with-body": b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED",
+    b"/twice": OK + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED",
+    b"/cl-and-te": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n"
+                   b"\r\n3\r\nabc\r\n0\r\n\r\n",
+}
+
+
+def answer(conn: socket.socket, request: bytes) -> bool:
+    """The scripted answer to `request` (keeps the connection)."""
+    target = request.split(b" ", 2)[1]
+    conn.sendall(ANSWERS.get(target, OK))
+    return True
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory):
+    """``bal, backend``: app.test proxies to a recording `RawBackend`;
+    other.test answers "other" itself."""
+    backend = RawBackend(answer)
+    bal = Balancer(tmp_path_factory.mktemp("framing"),
+                   {"app.test": {"action": "proxy", "backends": [backend.address]},
+                    "other.test": {"action": "static", "status": 200, "body": "other"}})
+    yield bal, backend
+    bal.stop()
+    backend.stop()
+
+
+def statuses(answer: bytes) -> list[bytes]:
+    """The status codes of the responses in `answer`, in order."""
+    return [part[:3] for part in answer.split(b"HTTP/1.1 ")[1:]]
+
+
+def get(target: bytes, host: bytes = b"app.test", more: bytes = b"") -> bytes:
+    return b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + more + b"\r\n"
+
+
+def test_connection_naming_content_length_keeps_the_request_body_framed(site) -> None:
+    bal, backend = site
+    smuggled = get(b"/smuggled")
+    before = len(backend.requests)
+    answer = client_exchange(bal.port, b"POST /upload HTTP/1.1\r\nHost: app.test\r\n"
+                             b"Connection: Content-Length\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(smuggled), smuggled), until=b"\r\n\r\nok")
+    assert statuses(answer) == [b"200"], answer
+    wait_for(lambda: len(backend.requests) > before, WAIT, what="the request at the backend")
+    time.sleep(0.2)  # a smuggled request would follow at once on the same connection
+    got = backend.requests[before:]
+    assert len(got) == 1 and got[0].endswith(b"\r\n\r\n" + smuggled), got
+    assert b"\r\nContent-Length: %d\r\n" % len(smuggled) in got[0]
+
+
+def test_connection_naming_content_length_keeps_the_response_framed(site) -> None:
+    bal, _ = site
+    answer = client_exchange(bal.port, get(b"/conn-names-length") + get(b"/next"),
+                             until=b"\r\n\r\nok")
+    first, _, _ = answer.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Length: 5" in first, answer
+    assert statuses(answer) == [b"200", b"200"] and b"\r\n\r\nhelloHTTP/1.1 200" in answer
+
+
+def test_a_valid_request_before_a_malformed_one_in_the_same_read_is_answered(site) -> None:
+    bal, backend = site
+    before = len(backend.requests)
+    answer = client_exchange(bal.port, get(b"/first") + b"GET /bad HTTP/1.1\r\n"
+                             b"Host: app.test\r\nBad Name: x\r\n\r\n" + get(b"/third"))
+    assert statuses(answer) == [b"200", b"400"], answer
+    assert answer.endswith(b"</html>\n") or b"Connection: close" in answer
+    assert [r.split(b" ", 2)[1] for r in backend.requests[before:]] == [b"/first"]
+
+
+@pytest.mark.parametrize(("data", "want", "forwarded"), [
+    # a smuggling attempt after a valid request: the valid one only reaches the backend
+    (get(b"/1") + b"POST /2 HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + get(b"/smuggled"),
+     [b"200", b"400"], [b"/1"]),
+    # a valid request with a body, then garbage
+    (b"POST /1 HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\n\r\nabc\x00\x01\r\n\r\n",
+     [b"200", b"400"], [b"/1"]),
+    # a local answer, then an obs-fold
+    (get(b"/1", b"other.test") + b"GET /2 HTTP/1.1\r\nHost: app.test\r\nX: a\r\n b\r\n\r\n",
+     [b"200", b"400"], []),
+    # the malformed body of the first request: nothing of it is forwarded
+    (b"POST /1 HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+     + get(b"/2"), [b"400"], []),
+    # three good ones, in order
+    (get(b"/1") + get(b"/2", b"other.test") + get(b"/3", more=b"Connection: close\r\n"),
+     [b"200", b"200", b"200"], [b"/1", b"/3"]),
+], ids=["cl-te-after-good", "garbage-after-body", "obs-fold-after-local", "bad-chunk-first",
+        "three-good"])
+def test_pipelines_are_answered_in_order_up_to_the_first_bad_request(
+        site, data: bytes, want: list[bytes], forwarded: list[bytes]) -> None:
+    bal, backend = site
+    before = len(backend.requests)
+    answer = client_exchange(bal.port, data)
+    assert statuses(answer) == want, answer
+    assert [r.split(b" ", 2)[1] for r in backend.requests[before:]] == forwarded
+
+
+def test_an_absolute_form_request_without_host_is_refused(site) -> None:
+    bal, backend = site
+    before = len(backend.requests)
+    answer = client_exchange(bal.port, b"GET http://app.test/x HTTP/1.1\r\n\r\n")
+    assert statuses(answer) == [b"400"], answer
+    assert len(backend.requests) == before
+    # HTTP/1.0 needs no Host; with one, the target's authority routes (RFC 9112 §3.2.2)
+    answer = client_exchange(bal.port, b"GET http://app.test/x HTTP/1.0\r\n\r\n")
+    assert statuses(answer) == [b"200"], answer
+    answer = client_exchange(bal.port, b"GET http://other.test/x HTTP/1.1\r\n"
+                             b"Host: app.test\r\nConnection: close\r\n\r\n")
+    assert answer.endswith(b"\r\n\r\nother"), answer
+
+
+@pytest.mark.parametrize(("target", "status"), [
+    (b"/204-with-body", b"204"), (b"/304-with-body", b"304"), (b"/twice", b"200")])
+def test_bytes_a_backend_adds_after_a_response_reach_no_one(site, target: bytes,
+                                                            status: bytes) -> None:
+    """A body after a 204 or 304, or a second response nobody asked for: the
+    client's next request gets its own answer, never those bytes."""
+    bal, _ = site
+    sock = socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT)
+    with sock:
+        for path in (target, b"/next"):
+            sock.sendall(get(path))
+            time.sleep(0.1)  # let the extra bytes arrive before the next request
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"ok"):
+            more = sock.recv(65536)
+            assert more, data
+            data += more
+    assert b"SMUGGLED" not in data, data
+    assert statuses(data) == [status, b"200"], data
+
+
+def test_a_head_response_with_a_body_and_both_framings(site) -> None:
+    bal, _ = site
+    answer = client_exchange(bal.port, b"HEAD /head-with-body HTTP/1.1\r\nHost: app.test\r\n"
+                             b"\r\n" + get(b"/next"), until=b"\r\n\r\nok")
+    assert statuses(answer) == [b"200", b"200"] and b"SMUGGLED" not in answer, answer
+    answer = client_exchange(bal.port, get(b"/cl-and-te"), until=b"</html>")
+    assert statuses(answer) == [b"502"], answer  # as nginx; never two framings forwarded
+
+
+def test_a_request_dripped_byte_by_byte_and_a_half_close(site) -> None:
+    bal, backend = site
+    data = (b"POST /drip HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;ext=1\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n")
+    before = len(backend.requests)
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT) as sock:
+        for i in range(len(data)):
+            sock.sendall(data[i:i + 1])
+        sock.shutdown(socket.SHUT_WR)  # the answer still comes
+        answer = b""
+        while more := sock.recv(65536):
+            answer += more
+    assert statuses(answer) == [b"200"], answer
+    forwarded = backend.requests[before]
+    assert forwarded.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n"), forwarded

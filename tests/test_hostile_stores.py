@@ -1,0 +1,142 @@
+"""Hostile stores, third outside round: what an operator's mistake or a damaged
+store puts where the routing table lives, against a real balancer. Each case a
+defect found and fixed (each test fails without its fix):
+
+* A FIFO in place of the routes file blocked every process that opened it (the
+  worker: no request answered; the management process: no API) until a writer
+  came; a symlink to a device (/dev/zero) was read until memory ran out (8 GB
+  per process in a minute). Now it is "not a regular file": reported, and the
+  last good table keeps serving.
+* A Redis version that is not a number ended the store watcher of every worker
+  and of the management process for good: after a repair no change made
+  elsewhere was ever applied. A version Redis cannot count past (10**22) was
+  served and became every balancer's floor: no write could go above it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RedisServer
+from tests.support import Balancer, request, wait_for
+
+WAIT = 10.0
+STATIC = {"action": "static", "status": 200, "body": "hi"}
+
+
+def problem(bal: Balancer) -> str:
+    """The store problem the management API reports ("" when none)."""
+    return bal.api("GET", "/api/v1/info")[1]["store"]["problem"] or ""
+
+
+def serves(bal: Balancer, host: str = "app.test", body: bytes = b"hi") -> bool:
+    status, _, got = request(bal.port, host=host, timeout=5)
+    return status == 200 and got == body
+
+
+def test_a_routes_file_that_is_a_fifo_or_a_device_is_refused(tmp_path: Path) -> None:
+    bal = Balancer(tmp_path, {"app.test": STATIC})
+    try:
+        os.unlink(bal.routes)
+        os.mkfifo(bal.routes)
+        wait_for(lambda: "not a regular file" in problem(bal), WAIT, what="the FIFO reported")
+        assert serves(bal)
+        os.unlink(bal.routes)
+        os.symlink("/dev/zero", bal.routes)
+        wait_for(lambda: "not a regular file" in problem(bal) and serves(bal), WAIT,
+                 what="the device reported")
+        status, answer = bal.api("PUT", "/api/v1/hosts/b.test", STATIC)
+        assert status == 503 and "not a regular file" in answer["message"], answer
+        os.unlink(bal.routes)
+        bal.write_routes({"app.test": {**STATIC, "body": "back"}}, version=2)
+        wait_for(lambda: problem(bal) == "" and serves(bal, body=b"back"), WAIT,
+                 what="the regular file read again")
+    finally:
+        release_readers(bal.routes)
+        bal.stop()
+
+
+def release_readers(path: Path) -> None:
+    """If `path` is a FIFO, open and close its writing end: a process blocked
+    opening it to read goes on (and can stop) instead of waiting forever."""
+    if path.is_fifo():
+        with contextlib.suppress(OSError):  # ENXIO: nobody has it open to read
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def finishes(call: Callable[[], Any]) -> Any:
+    """`call()` in a thread: its value, failing the test if it blocks past WAIT."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(_outcome(call)), daemon=True)
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive(), "blocked opening a FIFO"
+    return out[0]
+
+
+def _outcome(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - the outcome is what the test looks at
+        return exc
+
+
+def test_the_files_beside_the_routes_file_refuse_a_fifo(tmp_path: Path) -> None:
+    from balancer.stores.base import StoreUnavailable
+    from balancer.stores.file import FileStore
+    from balancer.stores.snapshot import Snapshot
+
+    store = FileStore(str(tmp_path / "routes.json"))
+    for suffix in (".certs.json", ".deploys.json", ".acme.json"):
+        os.mkfifo(store.path + suffix)
+    os.mkfifo(tmp_path / "snapshot.json")
+    got = finishes(lambda: store.certs().all())
+    assert isinstance(got, StoreUnavailable) and "not a regular file" in str(got), got
+    assert finishes(lambda: store.records().deploys()) == []  # unreadable: none
+    got = finishes(lambda: store.acme().account())
+    assert isinstance(got, StoreUnavailable) and "not a regular file" in str(got), got
+    assert finishes(Snapshot(str(tmp_path / "snapshot.json"), store.identity()).load) is None
+
+
+@pytest.fixture
+def redis_site(redis_factory: Callable[[], RedisServer], tmp_path: Path):
+    """``bal, raw``: a balancer on a private Redis serving app.test; raw: a client."""
+    redis = redis_factory()
+    bal = Balancer(tmp_path, None, store=redis.url)
+    assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+    yield bal, redis.client()
+    bal.stop()
+
+
+def publish_change(raw: Any, host: str, body: str) -> None:
+    """A write made elsewhere (another balancer's), as the Redis store makes it."""
+    version = raw.incr("balancer:version")
+    raw.hset("balancer:hosts", host, json.dumps({**STATIC, "body": body}))
+    raw.publish("balancer:changes", f"{version} {host}")
+
+
+@pytest.mark.parametrize("bad", ["abc", str(10**22), "-5"])
+def test_a_redis_version_that_is_no_count_is_reported_and_followed_after(
+        redis_site: tuple[Balancer, Any], bad: str) -> None:
+    bal, raw = redis_site
+    good = raw.get("balancer:version")
+    raw.set("balancer:version", bad)
+    raw.publish("balancer:changes", bad)
+    wait_for(lambda: "is not an integer from 0 to" in problem(bal), WAIT,
+             what="the version reported")
+    assert serves(bal)
+    assert bal.version() == int(good)
+    raw.set("balancer:version", good)  # repaired by hand
+    publish_change(raw, "new.test", "new")  # then changed elsewhere: followed
+    wait_for(lambda: serves(bal, "new.test", b"new"), WAIT, what="the change applied")
+    wait_for(lambda: problem(bal) == "", WAIT, what="the problem cleared")
+    version = int(good) + 2  # above the change, never above the bad version
+    assert bal.api("PUT", "/api/v1/hosts/b.test", STATIC) == (200, {"version": version})
