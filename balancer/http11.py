@@ -45,7 +45,8 @@ import httptools
 
 END: Final = object()  # sentinel event: the current message is complete
 
-REQUEST_SPECIAL: Final = frozenset((b"host", b"expect", b"upgrade"))
+# Proxy-Connection: llhttp reads it as Connection (its keep-alive); we forward neither.
+REQUEST_SPECIAL: Final = frozenset((b"host", b"expect", b"upgrade", b"proxy-connection"))
 FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 SPECIAL: Final = REQUEST_SPECIAL | FRAMING
 VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ours; others get 505
@@ -158,6 +159,13 @@ def is_chunked_only(chunked: bool, value: bytes) -> bool:
     return not chunked and value.strip(b" \t").lower() == b"chunked"
 
 
+def _host_value(value: bytes) -> bytes:
+    """A Host field's value without trailing blanks; NUL when empty (a 400 later)."""
+    if value and value[-1] != 32 and value[-1] != 9:  # (rstrip is a method call)
+        return value
+    return value.rstrip(b" \t") or b"\0"
+
+
 def _line_version(data: bytes, end: int) -> bytes | None:
     """The version of a request line that ends at `end` (its LF) in `data`, when it
     ends with LINE_END_11 or LINE_END_10, else None (llhttp's is asked)."""
@@ -187,6 +195,10 @@ class _Parser:
         self._head_max = limits.max_header_bytes  # request line and fields
         self._line_max = limits.max_request_line + 1  # + 1: the CR ending the line
         self.events = deque()
+        # `events.append`, bound once (deque's methods are looked up by name on every
+        # call from compiled code); httptools calls it for each body piece itself
+        self._push: Any = self.events.append
+        self._head: RequestHead | None = None  # the last head parsed (trailers go there)
         self.upgraded = False
         self.leftover = b""
         self._error: ProtocolError | None = None
@@ -287,12 +299,8 @@ class RequestParser(_Parser):
         self._keep_alive = True
         # httptools calls these C methods itself, without a Python frame per piece.
         self._url_parts: list[bytes] = []  # of the current head's target; emptied with it
-        self._head: RequestHead | None = None  # the last head parsed (trailers go there)
         self.on_url = self._url_parts.append
-        # `events.append`, bound once (deque's methods are looked up by name on every
-        # call from compiled code); httptools calls it for each body piece itself
-        self._push: Any = self.events.append
-        self.on_body = self._push
+        self.on_body = self._push  # httptools calls `events.append` itself
         self._hp = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser:
@@ -326,8 +334,9 @@ class RequestParser(_Parser):
             self._fail(431, "too many headers")
         self._fields = []  # the trailers, if any
         specials = self._specials
-        if len(specials) == 1 and specials[0][1] == b"host":  # the usual head
-            host = specials[0][2].rstrip(b" \t") or b"\0"
+        usual = len(specials) == 1 and specials[0][1] == b"host"
+        if usual:  # no framing, Connection, Upgrade or Expect field
+            host = _host_value(specials[0][2])
             content_length, chunked, has_body, expect_continue, upgrade, tokens = NO_FRAMING
         else:
             (host, content_length, chunked, has_body, expect_continue, upgrade,
@@ -347,8 +356,12 @@ class RequestParser(_Parser):
             if chunked:
                 self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
             expect_continue = False  # RFC 9110 §10.1.1: ignored in HTTP/1.0
-        upgrade = self._check_upgrade(upgrade, has_body) if hp.should_upgrade() else b""
-        self._keep_alive = keep_alive = hp.should_keep_alive()
+        if usual:  # what llhttp would say without Upgrade and (Proxy-)Connection fields
+            keep_alive = version == b"1.1"
+        else:
+            upgrade = self._check_upgrade(upgrade, has_body) if hp.should_upgrade() else b""
+            keep_alive = hp.should_keep_alive()
+        self._keep_alive = keep_alive
         self._in_head = False
         self._head = head = RequestHead(
             method, target, version, fields, host, content_length, chunked, has_body,
@@ -377,7 +390,9 @@ class RequestParser(_Parser):
             if lname == b"host":
                 if host:
                     self._fail(400, "repeated Host header")
-                host = value.rstrip(b" \t") or b"\0"
+                host = _host_value(value)
+            elif lname == b"proxy-connection":
+                continue  # llhttp's keep-alive reads it
             elif lname == b"connection":
                 tokens = add_connection_tokens(tokens, value)
             elif lname == b"content-length":
