@@ -33,6 +33,13 @@ Invariants:
   body over as tunnel data, so such a request is rejected.
 * Bytes after a request that closes the connection are ignored (RFC 9112
   §9.6); the caller closes after answering it.
+* A `RequestHead` is never changed once queued, but for the trailers of a
+  chunked request. A feed that was exactly one whole bodyless keep-alive head,
+  fed between messages, is remembered with that head (`repeat_head`): the same
+  bytes fed again between messages queue the same head object and `END`
+  without llhttp (what llhttp and the checks would give again: their state
+  between messages does not depend on the messages before). Any other feed
+  forgets it until the parser is between messages at a feed boundary again.
 """
 
 from __future__ import annotations
@@ -83,6 +90,11 @@ HOP_BY_HOP: Final = frozenset((
 Field = tuple[bytes, bytes, bytes]  # (name, lower-case name, value)
 NO_FIELDS: Final[tuple[Field, ...]] = ()
 LAST_CHUNK: Final = b"0\r\n\r\n"  # the end of a chunked body without trailers
+# A feed of at most this many bytes that was exactly one whole bodyless keep-alive
+# head is remembered (`RequestParser.repeat_head`): the same bytes again give it again.
+REPEAT_MAX: Final = 1024
+CR: Final = 13
+LF: Final = 10
 
 
 class ProtocolError(Exception):
@@ -199,6 +211,10 @@ class _Parser:
         # call from compiled code); httptools calls it for each body piece itself
         self._push: Any = self.events.append
         self._head: RequestHead | None = None  # the last head parsed (trailers go there)
+        # llhttp is between messages and every byte fed so far was parsed whole
+        self._between = True
+        self._repeat = b""  # the last feed that was exactly `repeat_head`'s bytes
+        self.repeat_head: RequestHead | None = None  # what `_repeat` fed again gives
         self.upgraded = False
         self.leftover = b""
         self._error: ProtocolError | None = None
@@ -230,9 +246,16 @@ class _Parser:
 
     def feed(self, data: bytes) -> None:
         """Parse `data`; events are appended to `events`. Raises ProtocolError."""
+        between, repeat = self._between, self.repeat_head
+        if between and repeat is not None and data == self._repeat:  # again: module doc
+            self._push(repeat)
+            self._push(END)
+            return
         if self._closed:
             return
+        self._between = False
         in_head = self._in_head
+        before = len(self.events)
         if in_head:
             fed = self._head_bytes
             if not self._line_done:
@@ -260,11 +283,27 @@ class _Parser:
         if self._in_head:
             if self._head_bytes > self._head_max:
                 raise ProtocolError(431, "request head too large")
+            if between:
+                self._remember(data, before)
             return
         if not in_head:
             self._quiet_bytes = self._quiet_bytes + len(data) if quiet == len(events) else 0
         if self._quiet_bytes or self._fields:
             self._check_quiet()
+
+    def _remember(self, data: bytes, before: int) -> None:
+        """After a feed that began between messages: if `data` was exactly one whole
+        bodyless keep-alive head (it queued that head and END, and ends the head
+        with CRLF CRLF: no byte of a next message follows), remember it."""
+        events, head, size = self.events, self._head, len(data)
+        if (head is None or len(events) != before + 2 or events[before] is not head
+                or size > REPEAT_MAX or size < 4 or data[size - 1] != LF
+                or data[size - 2] != CR or data[size - 3] != LF or data[size - 4] != CR
+                or not head.keep_alive or head.has_body or head.upgrade or self.upgraded):
+            self._repeat, self.repeat_head = b"", None
+            return
+        self._between = True
+        self._repeat, self.repeat_head = data, head
 
     def _check_quiet(self) -> None:
         """Bound body-phase bytes that produced no event: chunk framing, trailers.
@@ -287,6 +326,7 @@ class _Parser:
     def close(self) -> None:
         """Drop the httptools parser (it references this object: a cycle)."""
         self._hp = None
+        self._between = False
 
 
 class RequestParser(_Parser):
@@ -310,6 +350,7 @@ class RequestParser(_Parser):
         """Continue parsing HTTP after an upgrade the peer did not accept."""
         leftover, self.leftover, self.upgraded = self.leftover, b"", False
         self._hp = self._new_parser()
+        self._between = False  # (no head to repeat: an Upgrade head is never remembered)
         self._fields = []
         self._begin()
         if leftover:
