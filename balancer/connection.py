@@ -186,6 +186,9 @@ class ClientConnection:
         self.client_ip = address[0] if isinstance(address, tuple) else str(address)
         self.client_ip_bytes = self.client_ip.encode()
         self.forwarded_fields = b""  # what balancer.forwarding says of this client, once made
+        # balancer.forwarding's rewrite of the parser's `repeat_head`: (head, the bytes
+        # before the request id, those after it)
+        self.forwarded: tuple[RequestHead, bytes, bytes] | None = None
         self.exchange: Exchange | None = None  # the request being handled
         self.ctx = ctx
         self.parser = RequestParser(ctx.limits)

@@ -15,7 +15,10 @@ Invariants (docs/headers.md says the same for operators):
 * An HTTP/1.0 request without Host gets the backend's address as Host (nginx's
   `$proxy_host`) and no X-Forwarded-Host.
 * Per request: one pass over the fields, one set lookup each (two when
-  Connection names a field that is not hop-by-hop anyway).
+  Connection names a field that is not hop-by-hop anyway). A head the parser
+  gives again for the same bytes (`RequestParser.repeat_head`, with a Host) is
+  rewritten once per connection: the request id is the only part that changes
+  (`ClientConnection.forwarded`: the bytes before it and after it).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ NOTHING: Final[frozenset[bytes]] = frozenset()
 # Content-Length must too (bug: "Connection: Content-Length" sent the body
 # unframed, and the backend read it as the next request: smuggling).
 FRAMES_BODY: Final = frozenset((b"content-length",))
+END_OF_HEAD: Final = b"\r\n\r\n"  # the request id's line end and the blank line
 
 def request_head(ex: Exchange, chunked: bool) -> bytes:
     """The request head sent to the backend (always HTTP/1.1, keep-alive).
@@ -51,6 +55,9 @@ def request_head(ex: Exchange, chunked: bool) -> bytes:
     default `$proxy_host`), and gets no X-Forwarded-Host. `TE: trailers` is
     forwarded (with its Connection option); other transfer codings are not."""
     head, conn = ex.head, ex.conn
+    forwarded = conn.forwarded
+    if forwarded is not None and forwarded[0] is head and not chunked:
+        return b"".join((forwarded[1], ex.request_id, forwarded[2]))
     tokens = head.connection_tokens
     host = head.host
     if conn.ctx.trusted:
@@ -65,7 +72,22 @@ def request_head(ex: Exchange, chunked: bool) -> bytes:
         lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", ex.backend.encode(),
                  b"\r\n", _client_fields(conn)]
         te = _external_fields(lines, head, tokens)
-    lines += (b"X-Request-Id: ", ex.request_id, b"\r\n")
+    lines.append(b"X-Request-Id: ")
+    after = _after_id(head, te, chunked)
+    if host and not chunked and head is conn.parser.repeat_head:  # see the module doc
+        before = b"".join(lines)
+        conn.forwarded = (head, before, after)
+        return b"".join((before, ex.request_id, after))
+    lines += (ex.request_id, after)
+    return b"".join(lines)
+
+
+def _after_id(head: RequestHead, te: bool, chunked: bool) -> bytes:
+    """The end of a forwarded head after its request id: Connection, TE and
+    Transfer-Encoding when needed, and the blank line."""
+    if not (head.upgrade or te or chunked):
+        return END_OF_HEAD
+    lines = [b"\r\n"]
     if head.upgrade:
         lines.append(b"Connection: upgrade%s\r\nUpgrade: %s\r\n"
                      % (b", te" if te else b"", head.upgrade))
