@@ -193,6 +193,9 @@ class ClientConnection:
         self.ctx = ctx
         self.parser = RequestParser(ctx.limits)
         self.events = self.parser.events
+        # `events.popleft`, bound once (deque's methods are looked up by name on every
+        # call from compiled code)
+        self.next_event: Any = self.events.popleft
         self.deadline = NEVER  # enforced by the watchdog (gevent's `IO`)
         self.task: Any = None  # the greenlet serving this connection (gevent's `IO`);
         # None while it is parked between requests
@@ -254,7 +257,7 @@ class ClientConnection:
         crowded, else once the watchdog found it idle for PARK_AFTER."""
         events = self.events
         while events and events[0] is END:
-            events.popleft()
+            self.next_event()
         if events or self.parser.upgraded or self.broken is not None:
             return False
         if not self.idle:  # straight after a response: the idle wait starts now
@@ -265,8 +268,9 @@ class ClientConnection:
     def read_head(self, wait_first: bool) -> RequestHead | None:
         """The next request head, or None when the connection should close."""
         events, sock, ctx, stream = self.events, self.sock, self.ctx, self.stream
+        next_event = self.next_event
         while events:
-            event = events.popleft()
+            event = next_event()
             if event is not END:  # END of a bodyless request stays until here
                 return event
         if self.broken is not None:  # the requests read before it are answered
@@ -296,10 +300,10 @@ class ClientConnection:
                 self.parser.feed(data)
             except ProtocolError as exc:
                 self.defer(exc)
-            while events and events[0] is END:
-                events.popleft()
-            if events:
-                return events.popleft()
+            while events:
+                event = next_event()
+                if event is not END:
+                    return event
             # part of a head: the rest must come within client_header of its first byte
             now = time.monotonic()
             if not deadline:
