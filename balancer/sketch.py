@@ -229,7 +229,7 @@ def _grown(dirty: dict[str, Any], keep: bool) -> dict[str, dict[str, tuple[int, 
         if keep:
             h.seen = now
         for address, b in h.backends.items():
-            mine = (sum(b.outcomes.values()), b.bytes, b.failures, 0)
+            mine = (b.finished(), b.bytes, b.failures, 0)
             grown = _minus(mine, b.seen)
             if keep:
                 b.seen = mine

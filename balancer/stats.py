@@ -33,6 +33,7 @@ BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 BOUNDS: Final[list[float]] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                               60.0]
 OUTCOMES: Final = ("success", "connect_error", "tls_error", "timeout", "error")
+FAILURES: Final = OUTCOMES[1:]  # `BackendStats.outcomes`' keys ("success" is `successes`)
 TLS_OUTCOMES: Final = ("ok", "no_certificate", "protocol_error", "timeout")
 STATE_RANK: Final = {"up": 0, "probing": 1, "down": 2}  # merging: the worst state wins
 
@@ -40,20 +41,26 @@ STATE_RANK: Final = {"up": 0, "probing": 1, "down": 2}  # merging: the worst sta
 class BackendStats:
     """Counters of one backend address as seen by one host."""
 
-    __slots__ = ("address", "in_flight", "tunnels", "failures", "outcomes", "source", "hist",
-                 "duration_sum", "bytes", "seen")
+    __slots__ = ("address", "in_flight", "tunnels", "failures", "successes", "outcomes",
+                 "source", "hist", "duration_sum", "bytes", "seen")
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.in_flight = 0
         self.tunnels = 0  # of in_flight: requests asking to upgrade (WebSocket tunnels)
         self.failures = 0
-        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        # the outcome "success", a native int (a dict item costs ~500 instructions)
+        self.successes = 0
+        self.outcomes = dict.fromkeys(FAILURES, 0)  # the other outcomes
         self.source: Any = None  # the pool's Backend: its `health_state()` is the truth
         self.hist = [0] * (len(BUCKETS) + 1)  # time to the response head, successes only
         self.duration_sum = 0.0
         self.bytes = 0  # received and sent by the requests it answered (heavy hitters)
         self.seen: tuple[int, ...] = NOTHING  # the heavy hitters' totals at the interval's start
+
+    def finished(self) -> int:
+        """Requests it answered or failed (every outcome)."""
+        return self.successes + sum(self.outcomes.values())
 
     def observe(self, seconds: float) -> None:
         """Count one answered request's time to its response head (hot path)."""
@@ -65,7 +72,7 @@ class BackendStats:
         state = self.source.health_state() if self.source is not None else "up"
         return {"state": state, "in_flight": self.in_flight, "tunnels": self.tunnels,
                 "failures": self.failures,
-                "outcomes": dict(self.outcomes),
+                "outcomes": {"success": self.successes, **self.outcomes},
                 "duration": histogram(self.hist, self.duration_sum)}
 
 

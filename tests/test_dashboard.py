@@ -123,7 +123,7 @@ def serve_requests(stats: Stats, key: str, n: int, status: int = 200,
         host.open_requests += 1
         host.finish(status, 420, 5300, 0.012)
         if backend is not None:
-            host.backend(backend).outcomes["success"] += 1
+            host.backend(backend).successes += 1
 
 
 class Site:

@@ -470,7 +470,7 @@ def test_hosts_and_backends_are_counted_exactly_per_interval() -> None:
             if not host.marked:  # as ClientConnection.handle does
                 stats.mark("a.test", host)
             host.finish(status, 0, 100, 0.01)
-            backend.outcomes["success"] += 1
+            backend.successes += 1
             backend.bytes += 100
 
     top = TopTalkers(0.0)

@@ -57,7 +57,7 @@ def worker_with_traffic() -> Stats:
     host.finish(503, 10, 20, 2.0)
     host.spinning = 1
     backend = host.backend("127.0.0.1:9001")
-    backend.outcomes["success"] = 3
+    backend.successes = 3
     backend.outcomes["connect_error"] = 1
     return stats
 

@@ -170,7 +170,7 @@ class ProxyAction:
             stats.in_flight -= 1
             if upgrade:
                 stats.tunnels -= 1
-        stats.outcomes["success"] += 1
+        stats.successes += 1
         stats.observe(ex.backend_time)
         stats.bytes += ex.sent + ex.received
         backend.record_success()
