@@ -3,6 +3,7 @@ and (``--sockets``) the cost of a whole connection through a real gevent worker.
 
 ``python scripts/bench_hotpath.py [--requests 20000] [--instructions]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive [--requests 1000] [--instructions]``
+``python scripts/bench_hotpath.py --sockets keep-alive --vary [--requests 1000] [--instructions]``
 
 One `ClientConnection` from a real `Worker` (file-store-shaped table: ``*`` →
 one backend) serves scripted sockets: the client socket hands out a wrk-like
@@ -30,7 +31,11 @@ request on one connection. The difference of the two per-request figures is
 what a new connection costs the worker in user space (issue 21);
 ``--instructions`` counts it under callgrind the same way (the client and
 the backend run outside valgrind, the kernel's share is not counted:
-``strace -c`` counts the syscalls).
+``strace -c`` counts the syscalls). wrk sends the same head byte for byte
+every time, and so does the client here, which the parser and the forwarded
+head's rewrite remember (`RequestParser.repeat_head`); ``--vary`` makes every
+request's target differ (``/index.html?N``), as a browser's do, so that every
+head is parsed and rewritten whole.
 
 Used for issue 2's speed work; `scripts/bench_proxy.py` is the end-to-end
 benchmark (wrk, nginx, HAProxy).
@@ -190,14 +195,15 @@ CLOSE_REQUEST = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
 PEER_TIMEOUT = 60.0  # seconds any helper socket waits (valgrind is ~50x slower)
 
 
-def run_sockets(mode: str, requests: int) -> float:
+def run_sockets(mode: str, requests: int, vary: bool = False) -> float:
     """µs per request through a gevent worker on loopback (wall clock, this process)."""
     from gevent import subprocess as gsubprocess
 
     from balancer.accepting import bind
     from balancer.addr import parse_addr
 
-    peer = gsubprocess.Popen([sys.executable, __file__, "--peer", mode, str(requests)],
+    peer = gsubprocess.Popen([sys.executable, __file__, "--peer", mode, str(requests),
+                              *(["--vary"] if vary else [])],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     backend = int(peer.stdout.readline())
     worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}),
@@ -218,9 +224,10 @@ def run_sockets(mode: str, requests: int) -> float:
     return elapsed / requests * 1e6
 
 
-def peer(mode: str, requests: int) -> None:
+def peer(mode: str, requests: int, vary: bool = False) -> None:
     """The helper: a keep-alive backend, then a client making `requests` requests
-    (stdout: the backend's port, then how many were answered whole)."""
+    (stdout: the backend's port, then how many were answered whole); `vary`: each
+    request's target differs."""
     backend = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_backend_loop, args=(backend,), daemon=True).start()
     print(backend.getsockname()[1], flush=True)
@@ -233,8 +240,8 @@ def peer(mode: str, requests: int) -> None:
                 answered += _read_to_eof(conn).endswith(PAGE)
     else:
         with socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT) as conn:
-            for _ in range(requests):
-                conn.sendall(REQUEST)
+            for n in range(requests):
+                conn.sendall(REQUEST.replace(b".html", b".html?%d" % n) if vary else REQUEST)
                 answered += _read_response(conn)
     print(answered, flush=True)
 
@@ -285,16 +292,21 @@ def main() -> None:
     parser.add_argument("--sockets", choices=("close", "keep-alive"),
                         help="a real gevent worker on loopback; close: a new connection "
                              "per request")
+    parser.add_argument("--vary", action="store_true",
+                        help="with --sockets keep-alive: every request's target differs "
+                             "(no head repeats)")
     parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    varied = ["--vary"] if args.vary else []
     if args.peer:
-        peer(args.peer[0], int(args.peer[1]))
+        peer(args.peer[0], int(args.peer[1]), args.vary)
     elif args.sockets and args.instructions:
-        count = instructions(["--sockets", args.sockets], 200, 1200, 1000)
-        print(f"{count:,.0f} instructions per request ({args.sockets}, real sockets)")
+        count = instructions(["--sockets", args.sockets, *varied], 200, 1200, 1000)
+        print(f"{count:,.0f} instructions per request ({args.sockets}{', varied' * args.vary}, "
+              "real sockets)")
     elif args.sockets:
-        print(f"{run_sockets(args.sockets, args.requests):.2f} µs per request "
-              f"({args.sockets}, real sockets, wall clock)")
+        print(f"{run_sockets(args.sockets, args.requests, args.vary):.2f} µs per request "
+              f"({args.sockets}{', varied' * args.vary}, real sockets, wall clock)")
     elif args.instructions:
         print(f"{instructions([], 100, 1100, 1000 * PASSES):,.0f} instructions per request")
     else:

@@ -24,6 +24,16 @@ def test_bench_hotpath_proxies_every_scripted_request() -> None:
     assert match and float(match.group(1)) > 0
 
 
+def test_bench_hotpath_varied_keep_alive_requests_are_all_answered() -> None:
+    """--vary: a different target per request (the peer fails the run on a lost one)."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hotpath.py"),
+                          "--sockets", "keep-alive", "--vary", "--requests", "100"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"[\d.]+ µs per request \(keep-alive, varied, real sockets, "
+                        r"wall clock\)\n", out.stdout), out.stdout
+
+
 @pytest.mark.xdist_group("load_generators")  # one CPU-hungry run at a time (scripts/test.sh)
 @pytest.mark.slow
 def test_bench_limits_measures_both_phases_and_the_abuser_is_held_to_its_limit() -> None:
