@@ -101,7 +101,7 @@ class HostStats:
     """Counters of one routing-table key."""
 
     __slots__ = ("open_requests", "completed_requests", "bytes_received", "bytes_sent",
-                 "codes", "hist", "duration_sum", "spinning", "backends", "causes",
+                 "ok", "codes", "hist", "duration_sum", "spinning", "backends", "causes",
                  "last_failure", "limited", "paths", "marked", "seen")
 
     def __init__(self) -> None:
@@ -109,7 +109,8 @@ class HostStats:
         self.completed_requests = 0
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.codes: dict[int, int] = {}
+        self.ok = 0  # responses of status 200: a native int (a dict item costs ~400 instructions)
+        self.codes: dict[int, int] = {}  # responses of any other status
         self.hist = [0] * (len(BUCKETS) + 1)
         self.duration_sum = 0.0
         self.spinning = 0
@@ -127,11 +128,18 @@ class HostStats:
         self.completed_requests += 1
         self.bytes_received += received
         self.bytes_sent += sent
-        codes = self.codes
-        codes[status] = codes.get(status, 0) + 1
+        if status == 200:
+            self.ok += 1
+        else:
+            codes = self.codes
+            codes[status] = codes.get(status, 0) + 1
         hist, index = self.hist, bucket_of(seconds)
         hist[index] = hist[index] + 1
         self.duration_sum += seconds
+
+    def statuses(self) -> dict[int, int]:
+        """Responses by status code."""
+        return {200: self.ok, **self.codes} if self.ok else dict(self.codes)
 
     def backend(self, address: str) -> BackendStats:
         stats = self.backends.get(address)
@@ -160,7 +168,8 @@ class HostStats:
 
     def snapshot(self) -> dict[str, Any]:
         responses = {f"{c}xx": 0 for c in range(1, 6)}
-        for code, n in self.codes.items():
+        codes = self.statuses()
+        for code, n in codes.items():
             responses[f"{code // 100}xx"] = responses.get(f"{code // 100}xx", 0) + n
         return {
             "open_requests": self.open_requests,
@@ -168,7 +177,7 @@ class HostStats:
             "bytes_received": self.bytes_received,
             "bytes_sent": self.bytes_sent,
             "responses": responses,
-            "codes": {str(c): n for c, n in self.codes.items()},
+            "codes": {str(c): n for c, n in codes.items()},
             "duration": histogram(self.hist, self.duration_sum),
             "spinning": self.spinning,
             "limited": self.limited,
