@@ -254,7 +254,9 @@ class ClientConnection:
     def park(self) -> bool:
         """Between requests with none pipelined: wait parked (within client_idle)
         if the IO can; whether it did. Right after a response when the worker is
-        crowded, else once the watchdog found it idle for PARK_AFTER."""
+        crowded, else once the watchdog found it idle for PARK_AFTER. A parked
+        connection keeps no repeated head (`RequestParser.repeat_head`) nor its
+        rewrite: idle, or one of very many, it holds as little memory as it can."""
         events = self.events
         while events and events[0] is END:
             self.next_event()
@@ -263,6 +265,8 @@ class ClientConnection:
         if not self.idle:  # straight after a response: the idle wait starts now
             self.arm(self.sock, self.ctx.client_idle)
             self.idle = True
+        self.forwarded = None
+        self.parser.forget_repeat()
         return self.io.park(self)
 
     def read_head(self, wait_first: bool) -> RequestHead | None:

@@ -323,6 +323,10 @@ class _Parser:
         self._fields = []
         return tuple(fields)
 
+    def forget_repeat(self) -> None:
+        """Keep no repeated head (memory): the next whole one is remembered again."""
+        self._repeat, self.repeat_head = b"", None
+
     def close(self) -> None:
         """Drop the httptools parser (it references this object: a cycle)."""
         self._hp = None

@@ -7,10 +7,15 @@ either way, but for the request id."""
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
 
 import pytest
 
+from balancer.connection import ClientConnection
 from balancer.http11 import END, REPEAT_MAX, ProtocolError, RequestHead, RequestParser
+from balancer.netio import IO
+from balancer.server import Worker
+from balancer.settings import load_settings
 from tests.rawpeer import RawBackend, read_until
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -170,3 +175,43 @@ def test_a_trusted_clients_request_id_is_kept_in_a_repeated_head(proxy_to) -> No
             conn.sendall(data)
             read_until(conn, b"ok")
     assert [r.count(b"X-Request-Id: abc123\r\n") for r in backend.requests] == [1, 1, 1]
+
+
+# parked connections ---------------------------------------------------------------------
+class Store:
+    """A file-store-shaped table with one proxy rule (as scripts/bench_hotpath.py)."""
+
+    display_url = "test:"
+    quiet = True
+
+    def load(self) -> SimpleNamespace:
+        return SimpleNamespace(version=1, hosts={
+            "*": {"action": "proxy", "backends": ["127.0.0.1:9"]}})
+
+    def identity(self) -> str:
+        return "test"
+
+    def raise_floor(self, version: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_parking_connection_keeps_no_repeated_head_nor_its_rewrite() -> None:
+    worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}), Store(),
+                    io=IO())
+    assert worker.apply(worker.store.load())
+    left, right = socket.socketpair()
+    with left, right:
+        conn = ClientConnection(left, ("127.0.0.1", 1), worker.context("proxy"))
+        conn.parser.feed(GET)
+        head = conn.read_head(False)
+        conn.forwarded = (head, b"before", b"after")
+        assert conn.parser.repeat_head is head
+        conn.park()  # (the blocking IO cannot park: the memory is given back anyway)
+        assert conn.forwarded is None and conn.parser.repeat_head is None
+        conn.parser.feed(GET)  # parsed whole, and remembered again
+        again = conn.read_head(False)
+        assert again is not head and same(again, head) and conn.parser.repeat_head is again
+        conn.parser.close()
