@@ -343,6 +343,7 @@ class RequestParser(_Parser):
         self._keep_alive = True
         # httptools calls these C methods itself, without a Python frame per piece.
         self._url_parts: list[bytes] = []  # of the current head's target; emptied with it
+        self._valid_host: bytes | None = None  # the last Host found valid (not empty)
         self.on_url = self._url_parts.append
         self.on_body = self._push  # httptools calls `events.append` itself
         self._hp = self._new_parser()
@@ -395,8 +396,11 @@ class RequestParser(_Parser):
             target = url
         else:
             host, target = self._other_target(method, url, host, version)
-        if not host or 0 in host.translate(NOT_HOST_TO_NUL):
-            self._check_host(host, version)
+        if host != self._valid_host:  # (a keep-alive client's Host is checked once)
+            if host and 0 not in host.translate(NOT_HOST_TO_NUL):
+                self._valid_host = host
+            else:
+                self._check_host(host, version)
         if version == b"1.0":
             if chunked:
                 self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")

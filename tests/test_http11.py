@@ -322,6 +322,25 @@ def test_host_bytes_outside_rfc_3986_are_refused() -> None:
             assert info.value.status == 400, byte
 
 
+@pytest.mark.parametrize(("host", "status"), [
+    (b"Host: a b\r\n", 400), (b"Host:\r\n", 400), (b"Host: \t\r\n", 400), (b"", 400),
+    (b"Host: b.test\r\n", None), (b"Host: a.test \r\n", None),
+])
+def test_a_host_after_a_valid_one_is_checked_again_unless_it_is_the_same(
+        host: bytes, status: int | None) -> None:
+    """The parser remembers the last valid Host (a keep-alive client repeats it)."""
+    parser = RequestParser()
+    parser.feed(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    request = b"GET /next HTTP/1.1\r\n" + host + b"\r\n"
+    if status is None:
+        parser.feed(request)
+        assert parser.events[2].host == host[6:].strip()
+    else:
+        with pytest.raises(ProtocolError) as info:
+            parser.feed(request)
+        assert info.value.status == status
+
+
 def test_connection_tokens_of_usual_values_are_the_split_ones() -> None:
     for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"):
         assert connection_tokens(value) == frozenset({value.lower()})
