@@ -42,7 +42,9 @@ SLOTS: Final = 30           # intervals kept before the current one: windows up 
 PATH_PREFIX: Final = 48     # bytes of the path's first segment kept in a path key
 PATH_CACHE: Final = 256     # request targets whose path key a host remembers
 MAX_CLIENT: Final = 64      # bytes of an X-Forwarded-For entry taken as a client key
-NOTHING: Final = (0, 0, 0, 0)  # the counters of a host or backend not seen before
+NOTHING: Final = (0, 0, 0, 0)
+SLASH: Final = 47  # b"/"
+QUERY: Final = 63  # b"?"  # the counters of a host or backend not seen before
 
 
 class Entry:
@@ -267,11 +269,12 @@ def path_key(host: str, target: bytes) -> str:
     """``HOST/SEGMENT``: the host and the first segment of the request path
     (at most `PATH_PREFIX` bytes, no query)."""
     end = min(len(target), PATH_PREFIX)
-    for stop in (b"/", b"?"):
-        at = target.find(stop, 1, end)
-        if at > 0:
-            end = at
-    if target[:1] != b"/":
+    for i in range(1, end):  # to the first "/" or "?" (a native loop: find is a method call)
+        byte = target[i]
+        if byte in (SLASH, QUERY):
+            end = i
+            break
+    if not target or target[0] != SLASH:
         return host + " " + target[:end].decode("latin-1")  # "*" or an absolute form
     return host + target[:end].decode("latin-1")
 

@@ -7,6 +7,7 @@ their front proxy sends on the internal listener. Load is bounded and short.
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import socket
 import threading
@@ -390,6 +391,26 @@ def test_path_keys_are_the_host_and_a_bounded_first_segment() -> None:
     assert path_key("a.test", b"/?q") == "a.test/"
     assert path_key("a.test", b"/" + b"x" * 500) == "a.test/" + "x" * 47
     assert path_key("a.test", b"*") == "a.test *"
+
+
+def test_path_keys_are_those_of_the_first_stop_found_by_find() -> None:
+    """`path_key` scans natively; `find` for "/" then "?" says the same."""
+    def by_find(host: str, target: bytes) -> str:
+        end = min(len(target), 48)
+        for stop in (b"/", b"?"):
+            at = target.find(stop, 1, end)
+            if at > 0:
+                end = at
+        sep = "" if target[:1] == b"/" else " "
+        return host + sep + target[:end].decode("latin-1")
+
+    rng = random.Random(21)
+    targets = [b"/", b"//", b"/?", b"/a?b/c", b"/a/b?c", b"*", b"/" + b"y" * 47 + b"/z",
+               b"/" + b"y" * 46 + b"?z", b"/" + b"y" * 47 + b"?z", b"http://h/x?y"]
+    targets += [b"/" + bytes(rng.choice(b"ab/?") for _ in range(rng.randrange(60)))
+                for _ in range(500)]
+    for target in targets:
+        assert path_key("a.test", target) == by_find("a.test", target), target
 
 
 def test_quantiles_interpolate_inside_a_bucket() -> None:
