@@ -17,7 +17,8 @@ Invariants (docs/headers.md says the same for operators):
 * Per request: one pass over the fields, one set lookup each (two when
   Connection names a field that is not hop-by-hop anyway). A head the parser
   gives again for the same bytes (`RequestParser.repeat_head`, with a Host) is
-  rewritten once per connection: the request id is the only part that changes
+  rewritten once per connection, once it was given again (a head sent only once
+  costs no second join): the request id is the only part that changes
   (`ClientConnection.forwarded`: the bytes before it and after it).
 """
 
@@ -74,7 +75,8 @@ def request_head(ex: Exchange, chunked: bool) -> bytes:
         te = _external_fields(lines, head, tokens)
     lines.append(b"X-Request-Id: ")
     after = _after_id(head, te, chunked)
-    if host and not chunked and head is conn.parser.repeat_head:  # see the module doc
+    parser = conn.parser
+    if host and not chunked and head is parser.repeat_head and parser.repeats:  # module doc
         before = b"".join(lines)
         conn.forwarded = (head, before, after)
         return b"".join((before, ex.request_id, after))

@@ -215,6 +215,7 @@ class _Parser:
         self._between = True
         self._repeat = b""  # the last feed that was exactly `repeat_head`'s bytes
         self.repeat_head: RequestHead | None = None  # what `_repeat` fed again gives
+        self.repeats = 0  # how many times it was given again
         self.upgraded = False
         self.leftover = b""
         self._error: ProtocolError | None = None
@@ -248,6 +249,7 @@ class _Parser:
         """Parse `data`; events are appended to `events`. Raises ProtocolError."""
         between, repeat = self._between, self.repeat_head
         if between and repeat is not None and data == self._repeat:  # again: module doc
+            self.repeats += 1
             self._push(repeat)
             self._push(END)
             return
@@ -293,12 +295,14 @@ class _Parser:
 
     def _remember(self, data: bytes, before: int) -> None:
         """After a feed that began between messages: if `data` was exactly one whole
-        bodyless keep-alive head (it queued that head and END, and ends the head
-        with CRLF CRLF: no byte of a next message follows), remember it."""
-        events, head, size = self.events, self._head, len(data)
-        if (head is None or len(events) != before + 2 or events[before] is not head
-                or size > REPEAT_MAX or size < 4 or data[size - 1] != LF
-                or data[size - 2] != CR or data[size - 3] != LF or data[size - 4] != CR
+        bodyless keep-alive head (it queued two events and ended in a head: that
+        head, the last parsed, and END; and it ends the head with CRLF CRLF: no byte
+        of a next message follows), remember it."""
+        head, size = self._head, len(data)
+        self.repeats = 0
+        if (head is None or len(self.events) != before + 2 or size > REPEAT_MAX or size < 4
+                or data[size - 1] != LF or data[size - 2] != CR
+                or data[size - 3] != LF or data[size - 4] != CR
                 or not head.keep_alive or head.has_body or head.upgrade or self.upgraded):
             self._repeat, self.repeat_head = b"", None
             return
@@ -325,7 +329,7 @@ class _Parser:
 
     def forget_repeat(self) -> None:
         """Keep no repeated head (memory): the next whole one is remembered again."""
-        self._repeat, self.repeat_head = b"", None
+        self._repeat, self.repeat_head, self.repeats = b"", None, 0
 
     def close(self) -> None:
         """Drop the httptools parser (it references this object: a cycle)."""
