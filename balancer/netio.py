@@ -50,10 +50,14 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import os
 import select
+import socket
 import time
+from _socket import SO_ERROR, SOCK_STREAM, SOL_SOCKET
 from _socket import socket as RawSocket
 from collections.abc import Callable, Sequence
+from errno import EINPROGRESS
 from ssl import SSLWantReadError, SSLZeroReturnError
 from typing import Any, Final
 
@@ -63,7 +67,7 @@ from gevent.socket import socket as GeventSocket
 from balancer.errors import ClientGone
 from balancer.outbox import Outbox, TLSWriter, Writer
 from balancer.peek import CLOSED, READABLE, peek
-from balancer.readiness import READ, Readable
+from balancer.readiness import READ, SWITCH, WRITE, Readable
 from balancer.turns import Turn
 
 NEVER: Final = float("inf")
@@ -281,6 +285,20 @@ class IO:
         """The stream of a TLS socket whose handshake is done."""
         return Stream(sock)
 
+    def connect(self, family: int, address: tuple[str, int], timeout: float) -> Any:
+        """A TCP socket connected to `address` within `timeout` seconds, for
+        `stream` (raises OSError, TimeoutError). Here the socket module's
+        (blocking), with no timeout once connected: `arm` sets them."""
+        sock = socket.socket(family, SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
+
     def bounded(self, seconds: float) -> Any:
         """A context manager bounding what runs in it to `seconds` (TimeoutError);
         here the socket timeouts bound each wait: it does nothing more."""
@@ -356,6 +374,38 @@ class GeventIO(IO):
 
     def tls_stream(self, sock: Any) -> Stream:
         return TLSStream(sock, Readable(sock), self.outbox)
+
+    def connect(self, family: int, address: tuple[str, int], timeout: float) -> Any:
+        """The OS socket, non-blocking, as clients' are (no gevent socket: no
+        Python code runs in the greenlet, whose frame stack chunk and gevent's
+        watchers, timeout and wrapper cost ~5 KiB per request in flight that
+        opened a connection: docs/performance.md)."""
+        sock = RawSocket(family, SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            err = sock.connect_ex(address)
+            if err == EINPROGRESS:
+                if not self.wait_writable(sock.fileno(), timeout):
+                    raise TimeoutError("timed out")
+                err = sock.getsockopt(SOL_SOCKET, SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def wait_writable(self, fd: int, timeout: float) -> bool:
+        """Wait until `fd` is writable (True) or `timeout` seconds passed (False)."""
+        loop, hub, current = self.hub.loop, self.hub, getcurrent()
+        io, timer = loop.io(fd, WRITE), loop.timer(timeout)
+        try:
+            io.start(SWITCH, current, True)
+            timer.start(SWITCH, current, False, update=True)  # from now, not the loop's last
+            return bool(SWITCH(hub))
+        finally:
+            io.close()
+            timer.close()
 
     def bounded(self, seconds: float) -> Any:
         return Timeout(seconds, TimeoutError)
@@ -584,6 +634,9 @@ class TLSIO(IO):
 
     def tls_stream(self, sock: Any) -> Stream:
         return self.io.tls_stream(sock)
+
+    def connect(self, family: int, address: tuple[str, int], timeout: float) -> Any:
+        return self.io.connect(family, address, timeout)
 
     def bounded(self, seconds: float) -> Any:
         return self.io.bounded(seconds)

@@ -168,6 +168,7 @@ class Backend:
         self.is_literal = _is_ip_literal(address.host)
         # called in the event loop when a connection is stirred (`Stream.on_stirred`)
         self.notice = notice
+        self.family = address.family  # (a property of the interpreted Address)
         self.in_flight = 0
         self.fails = 0
         self.down_until = 0.0
@@ -227,7 +228,7 @@ class Backend:
         deadline = time.monotonic() + self.connect_timeout
         tls = self.tls
         assert tls is not None  # only https:// backends have pool keys
-        sock = tls.secure(self._connected(), key, self.key, deadline, self.io.bounded,
+        sock = tls.secure(self._connected(True), key, self.key, deadline, self.io.bounded,
                           self.tls_sessions.get(key))
         sock.settimeout(None)  # waits are bounded by the connection's `arm`
         return self._noticed(Upstream(self.io.tls_stream(sock), key))
@@ -245,30 +246,37 @@ class Backend:
             return self.connect_tls(upstream.pool)
         return self.connect()
 
-    def _connected(self) -> socket.socket:
-        """A connected TCP socket to the backend; errors become ConnectError."""
+    def _connected(self, tls: bool = False) -> socket.socket:
+        """A connected TCP socket to the backend (the socket module's for `tls`:
+        gevent's SSL wraps it); errors become ConnectError."""
         budget = self.budget
         if budget.idle and budget.idle > budget.room(0):
             budget.make_room()
         try:
-            sock = self._open()
+            sock = self._open(tls)
         except OSError as exc:
             raise ConnectError(f"{self.key}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(None)  # waits are bounded by the connection's `arm`
         return sock
 
-    def _open(self) -> socket.socket:
+    def _open(self, tls: bool) -> socket.socket:
+        """Connect: an IP address through the worker's `IO` (gevent's: the OS
+        socket, non-blocking), a name (resolved every time, in gevent's
+        resolver) and a TLS connection with the socket module's socket."""
         addr = self.address
-        if not self.is_literal:  # a name: resolve (in gevent's resolver) every time
-            return socket.create_connection((addr.host, addr.port), self.connect_timeout)
-        sock = socket.socket(addr.family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.connect_timeout)
-            sock.connect((addr.host, addr.port))
-        except BaseException:
-            sock.close()
-            raise
+        if self.is_literal and not tls:
+            return self.io.connect(self.family, (addr.host, addr.port), self.connect_timeout)
+        if self.is_literal:
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.connect_timeout)
+                sock.connect((addr.host, addr.port))
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((addr.host, addr.port), self.connect_timeout)
+        sock.settimeout(None)  # waits are bounded by the connection's `arm`
         return sock
 
     def release(self, upstream: Upstream) -> None:

@@ -451,7 +451,7 @@ def _upgrade(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> None:
     ex.keep_alive = False
     ex.body_done = True
     conn.disarm()
-    sent, received = tunnel(conn.stream.cooperative(), upstream.sock, client_leftover,
-                            conn.ctx.timeouts.tunnel_idle)
+    sent, received = tunnel(conn.stream.cooperative(), upstream.stream.cooperative(),
+                            client_leftover, conn.ctx.timeouts.tunnel_idle)
     ex.sent += sent
     ex.received += received

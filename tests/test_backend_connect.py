@@ -1,0 +1,116 @@
+"""A backend connection's connect (`balancer.pool.Backend.connect` through the
+worker's `IO.connect`): under gevent the OS socket, non-blocking, waited for
+in the loop with no gevent socket and no Python code in the greenlet
+(docs/performance.md, "requests in flight"); with the blocking `IO` the
+socket module's. Same outcomes both ways: a connection, a refusal, a
+timeout, each as `ConnectError` naming the backend."""
+
+from __future__ import annotations
+
+import _socket
+import socket
+import time
+from collections.abc import Iterator
+
+import gevent
+import pytest
+
+from balancer.addr import parse_backend_addr
+from balancer.errors import ConnectError
+from balancer.netio import IO, GeventIO
+from balancer.pool import Backend
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
+CONNECT_TIMEOUT = 0.3
+
+
+def backend(kind: str, port: int) -> Backend:
+    return Backend(parse_backend_addr(f"127.0.0.1:{port}"), connect_timeout=CONNECT_TIMEOUT,
+                   fail_timeout=1.0, io=GeventIO() if kind == "gevent" else IO())
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    sock = socket.create_server(("127.0.0.1", 0))
+    yield sock
+    sock.close()
+
+
+@pytest.mark.parametrize("kind", ["blocking", "gevent"])
+def test_a_connection_is_made_and_works(kind: str, listener: socket.socket) -> None:
+    b = backend(kind, listener.getsockname()[1])
+    upstream = b.connect()
+    peer, _ = listener.accept()
+    try:
+        if kind == "gevent":  # the OS socket itself, non-blocking, Nagle off
+            assert type(upstream.sock) is _socket.socket
+            assert upstream.sock.gettimeout() == 0.0
+        assert upstream.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        upstream.stream.write(b"ping")
+        upstream.stream.finish()
+        assert peer.recv(10) == b"ping"
+        peer.sendall(b"pong")
+        upstream.stream.wait_readable()
+        assert upstream.stream.recv(10) == b"pong"
+    finally:
+        upstream.close()
+        peer.close()
+
+
+@pytest.mark.parametrize("kind", ["blocking", "gevent"])
+def test_a_refused_connection_is_a_connect_error(kind: str, listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    listener.close()
+    with pytest.raises(ConnectError, match=f"127.0.0.1:{port}: Connection refused"):
+        backend(kind, port).connect()
+
+
+@pytest.mark.parametrize("kind", ["blocking", "gevent"])
+def test_a_connect_that_hangs_times_out(kind: str) -> None:
+    """A listener whose accept queue is full drops the SYN: connect hangs."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))  # fills the queue of one
+    ticks: list[float] = []
+    ticker = gevent.spawn(lambda: [ticks.append(time.monotonic()) or gevent.sleep(0.02)
+                                   for _ in range(1000)])
+    try:
+        start = time.monotonic()
+        with pytest.raises(ConnectError, match=f"127.0.0.1:{port}: timed out"):
+            backend(kind, port).connect()
+        elapsed = time.monotonic() - start
+        assert CONNECT_TIMEOUT - 0.05 < elapsed < CONNECT_TIMEOUT + 2.0
+        if kind == "gevent":  # the loop ran meanwhile: only the greenlet waited
+            assert len([t for t in ticks if start < t < start + elapsed]) >= 5
+    finally:
+        ticker.kill()
+        queued.close()
+        full.close()
+
+
+def test_a_wait_for_a_connection_cut_short_leaves_nothing_watching() -> None:
+    """An exception thrown into the waiting greenlet (the watchdog's
+    TimeoutError) ends the wait: the socket closes, its watchers stop."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))
+    b = Backend(parse_backend_addr(f"127.0.0.1:{port}"), connect_timeout=30.0,
+                fail_timeout=1.0, io=GeventIO())
+    try:
+        task = gevent.spawn(b.connect)
+        gevent.sleep(0.05)
+        hub = gevent.get_hub()
+        active = hub.loop.activecnt
+        # thrown from the hub, as `netio._time_out` does
+        hub.loop.run_callback(task.throw, TimeoutError("deadline passed"))
+        with pytest.raises(ConnectError, match="deadline passed"):
+            task.get(timeout=5)
+        assert hub.loop.activecnt <= active - 2  # its io watcher and its timer
+    finally:
+        queued.close()
+        full.close()
