@@ -192,10 +192,7 @@ class ClientConnection:
         self.exchange: Exchange | None = None  # the request being handled
         self.ctx = ctx
         self.parser = RequestParser(ctx.limits)
-        self.events = self.parser.events
-        # `events.popleft`, bound once (deque's methods are looked up by name on every
-        # call from compiled code)
-        self.next_event: Any = self.events.popleft
+        self.events = self.parser.events  # a list: `pop(0)` is a C call under mypyc
         self.deadline = NEVER  # enforced by the watchdog (gevent's `IO`)
         self.task: Any = None  # the greenlet serving this connection (gevent's `IO`);
         # None while it is parked between requests
@@ -259,7 +256,7 @@ class ClientConnection:
         rewrite: idle, or one of very many, it holds as little memory as it can."""
         events = self.events
         while events and events[0] is END:
-            self.next_event()
+            events.pop(0)
         if events or self.parser.upgraded or self.broken is not None:
             return False
         if not self.idle:  # straight after a response: the idle wait starts now
@@ -272,9 +269,8 @@ class ClientConnection:
     def read_head(self, wait_first: bool) -> RequestHead | None:
         """The next request head, or None when the connection should close."""
         events, sock, ctx, stream = self.events, self.sock, self.ctx, self.stream
-        next_event = self.next_event
         while events:
-            event = next_event()
+            event = events.pop(0)
             if event is not END:  # END of a bodyless request stays until here
                 return event
         if self.broken is not None:  # the requests read before it are answered
@@ -305,7 +301,7 @@ class ClientConnection:
             except ProtocolError as exc:
                 self.defer(exc)
             while events:
-                event = next_event()
+                event = events.pop(0)
                 if event is not END:
                     return event
             # part of a head: the rest must come within client_header of its first byte
@@ -406,7 +402,7 @@ class ClientConnection:
         events = self.events
         while True:
             while events:
-                event = events.popleft()
+                event = events.pop(0)
                 if event is END:
                     return
                 yield event
@@ -444,7 +440,7 @@ class ClientConnection:
         for event in events:
             if event is END:
                 for _ in range(len(pieces) + 1):
-                    events.popleft()
+                    events.pop(0)
                 return b"".join(pieces)
             if not isinstance(event, bytes):
                 break

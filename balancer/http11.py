@@ -44,7 +44,6 @@ Invariants:
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -199,16 +198,15 @@ class _Parser:
     after the head, `_fields` collects the chunked-body trailers.
     """
 
-    events: deque
+    events: list  # in order; a list, not a deque: an empty deque holds a 528-byte block
     _hp: Any  # the httptools parser (None once closed)
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._head_max = limits.max_header_bytes  # request line and fields
         self._line_max = limits.max_request_line + 1  # + 1: the CR ending the line
-        self.events = deque()
-        # `events.append`, bound once (deque's methods are looked up by name on every
-        # call from compiled code); httptools calls it for each body piece itself
+        self.events = []
+        # `events.append`, bound once; httptools calls it for each body piece itself
         self._push: Any = self.events.append
         self._head: RequestHead | None = None  # the last head parsed (trailers go there)
         # llhttp is between messages and every byte fed so far was parsed whole
@@ -419,7 +417,7 @@ class RequestParser(_Parser):
         self._head = head = RequestHead(
             method, target, version, fields, host, content_length, chunked, has_body,
             keep_alive, expect_continue, upgrade, tokens)
-        self._push(head)
+        self.events.append(head)
 
     def _check_sizes(self, method: bytes, url: bytes,
                      fields: list[tuple[bytes, bytes, bytes]]) -> None:
@@ -526,7 +524,7 @@ class RequestParser(_Parser):
             trailers = self._check_trailers()
             if self._head is not None:
                 self._head.trailers = trailers
-        self._push(END)
+        self.events.append(END)
         self._begin()
         # Bug: bytes after it used to become a 400 (or 414/431) for an answerable request.
         self._closed = not self._keep_alive

@@ -159,15 +159,15 @@ def test_resume_after_a_refused_upgrade_parses_what_followed_the_head() -> None:
     parser = RequestParser()
     parser.feed(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
                 b"GET /next HTTP/1.1\r\nHo")
-    head = parser.events.popleft()
+    head = parser.events.pop(0)
     assert (head.upgrade, parser.upgraded, parser.leftover) == (
         b"websocket", True, b"GET /next HTTP/1.1\r\nHo")
-    assert parser.events.popleft() is END
+    assert parser.events.pop(0) is END
     parser.resume()
     assert not parser.upgraded and parser.leftover == b""
     parser.feed(b"st: h\r\n\r\n")
-    assert parser.events.popleft().target == b"/next"
-    assert parser.events.popleft() is END
+    assert parser.events.pop(0).target == b"/next"
+    assert parser.events.pop(0) is END
 
 
 def test_nothing_is_parsed_after_a_request_that_closes_the_connection() -> None:
