@@ -88,6 +88,13 @@ class Context:
         self.challenges: Any = challenges
         self.draining = False
 
+    def serve(self, sock: socket.socket, address: Any) -> bool:
+        """`handle_client` for a connection of this listener: what the worker's
+        `balancer.serving.Slots` call (a bound method: no `functools.partial`,
+        whose call copied its keywords into a new dict and added three C frames
+        to the greenlet's stack, for as long as the connection was served)."""
+        return handle_client(sock, address, self)
+
 
 class RequestIds:
     """Unique request ids: a random per-process prefix and a counter in hex, at

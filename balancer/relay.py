@@ -248,8 +248,11 @@ def read_response_head(ex: Exchange, upstream: Upstream, continued: bool = False
     parser = upstream.parser
     assert parser is not None  # `exchange` began it
     events = parser.events
-    if not events:
-        _wait_backend(upstream)
+    if not events:  # `_wait_backend`, inline: one C frame less saved with the greenlet
+        try:
+            upstream.stream.wait_readable()
+        except TimeoutError:
+            raise BackendTimeout("backend read timeout") from None
     while True:
         while not events:
             _recv_backend(upstream, parser)

@@ -148,7 +148,7 @@ class Worker:
             ctx = self.context(role)
             self.contexts.append(ctx)
             handler = (partial(self.front().serve, ctx=ctx, serve_client=handle_client)
-                       if role == "tls" else partial(handle_client, ctx=ctx))
+                       if role == "tls" else ctx.serve)
             server = Listener(sock, handler, self.slots, plain=role != "tls")
             server.max_accept = self.accept_batch(sock)
             server.start()
