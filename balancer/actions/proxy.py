@@ -158,11 +158,14 @@ class ProxyAction:
             stats.tunnels += 1
         try:
             forward(ex, backend, body, self.max_body, self.verify)
-        except ProxyError as exc:  # one handler: a smaller C frame, kept while waiting
-            outcome = backend_outcome(exc)
-            if not outcome:
-                raise
-            return self._failed(backend, stats, outcome, exc)
+        except BackendTLSError as exc:
+            return self._failed(backend, stats, "tls_error", exc)
+        except ConnectError as exc:
+            return self._failed(backend, stats, "connect_error", exc)
+        except BackendTimeout as exc:
+            return self._failed(backend, stats, "timeout", exc)
+        except (BackendClosed, BackendProtocolError) as exc:
+            return self._failed(backend, stats, "error", exc)
         finally:
             stats.in_flight -= 1
             if upgrade:
@@ -236,20 +239,6 @@ def compile_balancer(rule: Mapping[str, Any], registry: Any) -> Balancer:
     old = make_balancer(algorithm, [registry.get(address) for address, _ in old_entries],
                         [weight for _, weight in old_entries])
     return SlowStart(new, old, float(draining["since"]), float(draining["warmup"]))
-
-
-def backend_outcome(exc: ProxyError) -> str:
-    """What a failed try counts as against its backend ("": not the backend's
-    failure, e.g. PayloadTooLarge)."""
-    if isinstance(exc, BackendTLSError):
-        return "tls_error"
-    if isinstance(exc, ConnectError):
-        return "connect_error"
-    if isinstance(exc, BackendTimeout):
-        return "timeout"
-    if isinstance(exc, (BackendClosed, BackendProtocolError)):
-        return "error"
-    return ""
 
 
 def is_replayable(ex: Exchange, body: bytes | None) -> bool:
