@@ -65,9 +65,9 @@ from gevent import Timeout, get_hub, getcurrent
 from gevent.socket import socket as GeventSocket
 
 from balancer.errors import ClientGone
-from balancer.outbox import Outbox, TLSWriter, Writer
+from balancer.outbox import WRITE, Outbox, TLSWriter, Writer
 from balancer.peek import CLOSED, READABLE, peek
-from balancer.readiness import READ, SWITCH, WRITE, Readable
+from balancer.readiness import READ, SWITCH, Readable
 from balancer.turns import Turn
 
 NEVER: Final = float("inf")

@@ -50,7 +50,6 @@ from gevent.exceptions import BlockingSwitchOutError
 from greenlet import greenlet
 
 READ: Final = 1  # libev's EV_READ
-WRITE: Final = 2  # libev's EV_WRITE
 # greenlet's own switch, called as SWITCH(target): no method looked up by name per
 # call, and for the hub none of gevent's `Hub.switch` wrapper (its `switch_out`
 # lookup on the current greenlet, which only the hub itself has: `wait` refuses
