@@ -32,8 +32,9 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from balancer.errors import ClientGone, ProxyError
-from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
+from balancer.http11 import END, Limits, ProtocolError, RequestCallbacks, RequestHead, RequestParser
 from balancer.netio import IO, NEVER, ParkNow
+from balancer.response_parser import ResponseCallbacks
 from balancer.responses import local_response
 
 if TYPE_CHECKING:
@@ -67,7 +68,8 @@ class Context:
     def __init__(self, *, holder: TableHolder, pages: Pages, stats: Stats,
                  access_log: AccessLog, trusted: bool, limits: Limits,
                  timeouts: TimeoutSettings, io: IO, spin_max_waiting: int = 10000,
-                 scheme: bytes = b"http", challenges: Any = None) -> None:
+                 scheme: bytes = b"http", challenges: Any = None,
+                 shared_callbacks: bool = False) -> None:
         self.holder = holder
         self.pages = pages
         self.stats = stats
@@ -87,6 +89,11 @@ class Context:
         # targets under ACME_PATH
         self.challenges: Any = challenges
         self.draining = False
+        # httptools' callbacks, shared by the listener's parsers when one thread
+        # feeds them all (gevent's: `balancer.http11.RequestCallbacks`); None: each
+        # parser has its own (the threaded baseline)
+        self.request_callbacks = RequestCallbacks() if shared_callbacks else None
+        self.response_callbacks = ResponseCallbacks() if shared_callbacks else None
 
     def serve(self, sock: socket.socket, address: Any) -> bool:
         """`handle_client` for a connection of this listener: what the worker's
@@ -201,7 +208,7 @@ class ClientConnection:
         self.forwarded: tuple[RequestHead, bytes, bytes] | None = None
         self.exchange: Exchange | None = None  # the request being handled
         self.ctx = ctx
-        self.parser = RequestParser(ctx.limits)
+        self.parser = RequestParser(ctx.limits, ctx.request_callbacks)
         self.events = self.parser.events  # a list: `pop(0)` is a C call under mypyc
         self.deadline = NEVER  # enforced by the watchdog (gevent's `IO`)
         self.task: Any = None  # the greenlet serving this connection (gevent's `IO`);

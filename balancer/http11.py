@@ -45,7 +45,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, cast
 
 import httptools
 
@@ -199,6 +199,7 @@ class _Parser:
     """
 
     events: list  # in order; a list, not a deque: an empty deque holds a 528-byte block
+    _callbacks: RequestCallbacks  # httptools' protocol object (`RequestCallbacks`)
     _hp: Any  # the httptools parser (None once closed)
 
     def __init__(self, limits: Limits) -> None:
@@ -269,6 +270,8 @@ class _Parser:
         else:
             events = self.events
             quiet = len(events)
+        callbacks = self._callbacks
+        callbacks.parser = cast(RequestParser, self)  # the only kind of `_Parser`
         try:
             self._hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -280,6 +283,7 @@ class _Parser:
             if self._closed:  # llhttp refuses bytes after "Connection: close"
                 return
             raise ProtocolError(400, str(exc)) from None
+        callbacks.parser = None  # (after an error it is kept until the next feed)
         if self._in_head:
             if self._head_bytes > self._head_max:
                 raise ProtocolError(431, "request head too large")
@@ -335,23 +339,68 @@ class _Parser:
         self._between = False
 
 
+class RequestCallbacks:
+    """httptools' protocol object for request parsers: each callback goes to the
+    parser being fed (`parser`, set by `feed` around httptools' ``feed_data``).
+
+    httptools binds a protocol's callbacks when a parser is made: bound to the
+    `RequestParser` itself they were six bound methods per connection (72 bytes
+    each, and a reference cycle). A gevent worker's parsers share one of these
+    (`balancer.connection.Context.request_callbacks`): one thread, and a feed
+    runs to its end without switching greenlets, so the parser being fed is the
+    one called back. Elsewhere (the threaded baseline) each parser has its own."""
+
+    def __init__(self) -> None:
+        self.parser: RequestParser | None = None
+
+    def on_message_begin(self) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.on_message_begin()
+
+    def on_url(self, part: bytes) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser._url_parts.append(part)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.events.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.on_message_complete()
+
+
 class RequestParser(_Parser):
     """Parses requests from a client; pipelined requests queue up in order."""
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS,
+                 callbacks: RequestCallbacks | None = None) -> None:
         super().__init__(limits)
+        # httptools calls back through this (shared by a worker's parsers: `RequestCallbacks`)
+        self._callbacks = callbacks if callbacks is not None else RequestCallbacks()
         self._line_room = limits.max_request_line - 10  # for method and target
         self._max_headers = limits.max_headers
         self._keep_alive = True
-        # httptools calls these C methods itself, without a Python frame per piece.
         self._url_parts: list[bytes] = []  # of the current head's target; emptied with it
         self._valid_host: bytes | None = None  # the last Host found valid (not empty)
-        self.on_url = self._url_parts.append
-        self.on_body = self._push  # httptools calls `events.append` itself
         self._hp = self._new_parser()
 
     def _new_parser(self) -> httptools.HttpRequestParser:
-        return httptools.HttpRequestParser(self)
+        return httptools.HttpRequestParser(self._callbacks)
 
     def resume(self) -> None:
         """Continue parsing HTTP after an upgrade the peer did not accept."""
@@ -363,7 +412,7 @@ class RequestParser(_Parser):
         if leftover:
             self.feed(leftover)
 
-    # httptools callbacks (and `on_url`, `on_body` above) ----------------------
+    # httptools callbacks, through `RequestCallbacks` -------------------------
     def on_message_begin(self) -> None:
         if not self._head_bytes:
             # Began inside the feed that completed the previous request, so the

@@ -419,7 +419,7 @@ def exchange(ex: Exchange, upstream: Upstream, body: bytes | None,
     parser = upstream.parser
     for_head = ex.head.method == b"HEAD"
     if parser is None:
-        upstream.parser = ResponseParser(conn.ctx.limits, for_head)
+        upstream.parser = ResponseParser(conn.ctx.limits, for_head, conn.ctx.response_callbacks)
     else:
         parser.begin(for_head)
     streamed = send_request(ex, upstream, body, max_body)

@@ -235,6 +235,37 @@ def _special(low: bytes, prefixes: tuple[bytes, ...]) -> bytes:
     return b""
 
 
+class ResponseCallbacks:
+    """httptools' protocol object for response parsers, as
+    `balancer.http11.RequestCallbacks` is for requests: the callbacks go to the
+    parser being fed (`parser`); a gevent worker's parsers share one
+    (`balancer.connection.Context.response_callbacks`) instead of four bound
+    methods per backend connection."""
+
+    def __init__(self) -> None:
+        self.parser: ResponseParser | None = None
+
+    def on_message_begin(self) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.events.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.on_message_complete()
+
+
 class ResponseParser:
     """Parses the responses of one backend connection, one `begin` at a time.
 
@@ -242,14 +273,14 @@ class ResponseParser:
 
     __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "last_chunk",
                  "_hp", "_parts", "_buffered", "_in_head", "_limit", "_max_fields", "_head",
-                 "_error", "_chunked", "_quiet", "_quiet_bytes", "on_body", "_keep_alive",
+                 "_error", "_chunked", "_quiet", "_quiet_bytes", "_callbacks", "_keep_alive",
                  "_rest")
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False,
+                 callbacks: ResponseCallbacks | None = None) -> None:
         self.events: list[Any] = []
-        # `events.append`, bound once: httptools calls it for each body piece itself,
-        # without a Python frame
-        self.on_body: Any = self.events.append
+        # httptools calls back through this (shared by a worker's parsers)
+        self._callbacks = callbacks if callbacks is not None else ResponseCallbacks()
         self._limit = limits.max_header_bytes  # status line to the blank line
         self._max_fields = limits.max_headers
         self._parts: list[bytes] = []  # what was fed since the head began (joined once)
@@ -279,10 +310,10 @@ class ResponseParser:
         self._in_head = True
         self._rest = 0
         if self._hp is None:
-            self._hp = httptools.HttpResponseParser(self)
+            self._hp = httptools.HttpResponseParser(self._callbacks)
 
     def close(self) -> None:
-        """Drop the llhttp parser (and the reference cycle through it)."""
+        """Drop the llhttp parser."""
         self._hp = None
 
     @property
@@ -307,6 +338,8 @@ class ResponseParser:
             self._buffered += len(data)
         chunked_body = self._chunked
         before = len(self.events) if chunked_body else 0
+        callbacks = self._callbacks
+        callbacks.parser = self
         try:
             self._hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -324,6 +357,7 @@ class ResponseParser:
             else:
                 raise ProtocolError(502, f"invalid response from backend: {exc}") from None
         else:
+            callbacks.parser = None  # (after an error it is kept until the next feed)
             if self._in_head:
                 if self._buffered > self._limit:
                     self._bound_unfinished()

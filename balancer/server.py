@@ -117,7 +117,8 @@ class Worker:
                        io=TLSIO(self.io) if role == "tls" else self.io,
                        spin_max_waiting=self.settings.limits.spin_max_waiting,
                        scheme=b"https" if role == "tls" else b"http",
-                       challenges=self.challenges)
+                       challenges=self.challenges,
+                       shared_callbacks=isinstance(self.io, GeventIO))
 
     # routing table -------------------------------------------------------
     def apply(self, data: TableData | TableChange) -> bool:
