@@ -244,23 +244,29 @@ class ResponseCallbacks:
 
     def __init__(self) -> None:
         self.parser: ResponseParser | None = None
+        # bound once: httptools takes each by name (`getattr`) for every parser it
+        # makes, and a method looked up is a new bound object each time
+        self.on_message_begin: Any = self._on_message_begin
+        self.on_headers_complete: Any = self._on_headers_complete
+        self.on_body: Any = self._on_body
+        self.on_message_complete: Any = self._on_message_complete
 
-    def on_message_begin(self) -> None:
+    def _on_message_begin(self) -> None:
         parser = self.parser
         assert parser is not None  # httptools calls back only within a feed
         parser.on_message_begin()
 
-    def on_headers_complete(self) -> None:
+    def _on_headers_complete(self) -> None:
         parser = self.parser
         assert parser is not None  # httptools calls back only within a feed
         parser.on_headers_complete()
 
-    def on_body(self, body: bytes) -> None:
+    def _on_body(self, body: bytes) -> None:
         parser = self.parser
         assert parser is not None  # httptools calls back only within a feed
         parser.events.append(body)
 
-    def on_message_complete(self) -> None:
+    def _on_message_complete(self) -> None:
         parser = self.parser
         assert parser is not None  # httptools calls back only within a feed
         parser.on_message_complete()
