@@ -525,14 +525,17 @@ def expire_client(conn: ClientConnection) -> bool:
 
 
 def run_client(conn: ClientConnection) -> bool:
-    parked = False
+    """Serve `conn` until it closes (ended here) or parks. (No try/finally: mypyc's
+    is a bigger C frame, and this one is saved with every waiting greenlet.)"""
     try:
         parked = conn.serve()
     except OSError:
-        pass
-    finally:
-        if not parked:
-            end_client(conn)
+        parked = False
+    except BaseException:
+        end_client(conn)
+        raise
+    if not parked:
+        end_client(conn)
     return parked
 
 
