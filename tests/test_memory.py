@@ -243,8 +243,8 @@ def test_a_scrape_without_an_importable_exporter_is_answered_503(tmp_path: Path,
 # A request in flight: what a worker holds per request waiting for its backend
 # (docs/performance.md, "requests in flight"). This test measured 15.4 KiB
 # compiled and 13.4 interpreted before the backend connection became the OS
-# socket (main 0c62f12), 8.3 and 9.9 after: the bound fails the old code
-# either way, with room for noise (three runs moved by 0.05).
+# socket (main 0c62f12), 6.8 and 9.5 after this night's work: the bound fails
+# the old code either way, with room for noise (repeated runs moved by 0.05).
 IN_FLIGHT = 400
 IN_FLIGHT_BOUND_KIB = 12.0
 
