@@ -225,7 +225,7 @@ class Worker:
     def quiet_loop(self) -> None:
         """Once a burst is over (at most KEEP_QUIET / 4 connections served when
         looked at), end the parked greenlets beyond KEEP_QUIET and give what
-        they held back to the system: what a request in flight used (~8 KiB,
+        they held back to the system: what a request in flight used (~8.5 KiB,
         docs/performance.md) otherwise stays with the worker."""
         while not self.stopping:
             gevent.sleep(QUIET_EVERY)
