@@ -68,6 +68,7 @@ from balancer.errors import ClientGone
 from balancer.outbox import WRITE, Outbox, TLSWriter, Writer
 from balancer.peek import CLOSED, READABLE, peek
 from balancer.readiness import READ, SWITCH, Readable
+from balancer.sockcalls import recv_now
 from balancer.turns import Turn
 
 NEVER: Final = float("inf")
@@ -226,8 +227,9 @@ class EventedStream(WatchedStream):
     frame per call, and its ``recv`` tries first and waits after EAGAIN: on the
     proxy's hot reads (an answer right after a send) that try is a wasted
     syscall. So reads wait on the socket's `Readable` first where data is not
-    expected yet (`wait_readable`) and read the OS socket; writes go through a
-    `Writer` (held writes; a full buffer waits on the writer's own watcher)."""
+    expected yet (`wait_readable`) and read the OS socket (`balancer.sockcalls`:
+    no exception when nothing is there); writes go through a `Writer` (held
+    writes; a full buffer waits on the writer's own watcher)."""
 
     def __init__(self, sock: Any, watcher: Readable, outbox: Outbox) -> None:
         raw: Any = sock if isinstance(sock, RawSocket) else sock._sock  # non-blocking
@@ -248,16 +250,13 @@ class EventedStream(WatchedStream):
 
     def recv(self, size: int) -> bytes:
         while True:
-            try:
-                return self.raw.recv(size)
-            except BlockingIOError:
-                self.watcher.wait()
+            data = recv_now(self.raw, size)
+            if data is not None:
+                return data
+            self.watcher.wait()
 
     def read_ready(self, size: int) -> bytes | None:
-        try:
-            return self.raw.recv(size)
-        except BlockingIOError:
-            return None
+        return recv_now(self.raw, size)
 
     def wait_readable(self) -> None:
         self.watcher.wait()

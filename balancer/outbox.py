@@ -40,6 +40,8 @@ from typing import Any, Final
 
 from gevent import get_hub, spawn
 
+from balancer.sockcalls import send_now
+
 WRITE: Final = 2  # libev's EV_WRITE
 HOLD_LIMIT: Final = 65536  # bytes held per socket; a larger write is made at once
 # Writers held at most per batch: a burst of greenlets (a thousand held requests
@@ -101,22 +103,14 @@ class Writer:
         ``sendall`` queried SO_SNDBUF on every call, a syscall a write that fits
         the buffer does not need.) Raises OSError."""
         raw = self.raw
-        sent: int
-        try:
-            sent = raw.send(data)
-        except BlockingIOError:
-            sent = 0
+        sent = send_now(raw, data)
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
         writable, hub = self.writable(), get_hub()
         while len(view):
             hub.wait(writable)
-            try:
-                sent = raw.send(view)
-            except BlockingIOError:
-                continue
-            view = view[sent:]
+            view = view[send_now(raw, view):]
 
     def write(self, data: bytes) -> None:
         """Send `data` now, after what is held. Raises OSError."""
@@ -155,9 +149,7 @@ class Writer:
         self.held = b""
         sent: int
         try:
-            sent = self.raw.send(data)
-        except BlockingIOError:
-            sent = 0
+            sent = send_now(self.raw, data)
         except OSError:
             return
         if sent < len(data):

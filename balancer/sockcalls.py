@@ -1,0 +1,62 @@
+"""The data plane's socket calls on non-blocking sockets, picked once at import.
+
+`recv_now` and `send_now` are what `balancer.netio.EventedStream` and
+`balancer.outbox.Writer` read and write the OS socket with. In a compiled
+build (setup.py, not under ``BALANCER_PURE=1``) they are the C extension
+`balancer._sockio`'s functions, which make the syscall without releasing the
+GIL (a worker's data plane is one thread, and a non-blocking syscall never
+blocks), take their arguments without a tuple, and read into one reusable
+buffer before copying exactly what came; elsewhere (an interpreted
+install, or an extension that will not load) their Python equivalents
+below, which behave the same. What the C calls save is measured in
+docs/performance.md ("socket calls without the GIL").
+
+Invariants:
+* Both take the socket object (`_socket.socket` or a subclass), never its
+  descriptor: a closed socket fails with EBADF (OSError), whichever is used.
+* Neither blocks or raises BlockingIOError: nothing to read now is None,
+  a full send buffer is 0 bytes sent.
+* Every other failure is the OSError ``sock.recv`` / ``sock.send`` raises
+  (errno and subclass: ConnectionResetError, BrokenPipeError, ...); a call
+  interrupted by a signal runs the signal handlers and is retried.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any, Final
+
+Recv = Callable[[Any, int], "bytes | None"]
+Send = Callable[[Any, "bytes | memoryview"], int]
+
+
+def recv_py(sock: socket.socket, size: int) -> bytes | None:
+    """Up to `size` bytes now (b"" at EOF), None if none can be read now."""
+    try:
+        return sock.recv(size)
+    except BlockingIOError:
+        return None
+
+
+def send_py(sock: socket.socket, data: bytes | memoryview) -> int:
+    """How many bytes of `data` the socket took now (0: its buffer is full)."""
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+
+
+def _extension() -> Any:
+    """`balancer._sockio`, or None where it was not built or will not load."""
+    try:
+        from balancer import _sockio
+    except ImportError:
+        return None
+    return _sockio
+
+
+_SOCKIO: Final = _extension()
+NATIVE: Final = _SOCKIO is not None  # the C calls are used
+recv_now: Final[Recv] = recv_py if _SOCKIO is None else _SOCKIO.recv
+send_now: Final[Send] = send_py if _SOCKIO is None else _SOCKIO.send

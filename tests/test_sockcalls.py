@@ -1,0 +1,291 @@
+"""`balancer.sockcalls`: the C calls (`balancer._sockio`) and their Python
+equivalents behave alike on real loopback sockets, against hostile peers.
+
+Every test runs once per implementation: "python" always, "c" where the
+extension is built (a compiled build without it fails: setup.py builds both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import select
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from gevent import socket as gsocket
+
+from balancer import native, sockcalls
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
+DEADLINE = 5.0
+Calls = tuple[Callable[[Any, int], bytes | None], Callable[[Any, Any], int]]
+
+
+def c_calls() -> Calls:
+    try:
+        from balancer import _sockio
+    except ImportError:
+        if native.compiled():
+            pytest.fail("a compiled build without balancer._sockio (setup.py builds both)")
+        pytest.skip("balancer._sockio is not built (interpreted install)")
+    return _sockio.recv, _sockio.send
+
+
+@pytest.fixture(params=["python", "c"])
+def calls(request: pytest.FixtureRequest) -> Calls:
+    """(recv, send) of one implementation."""
+    if request.param == "python":
+        return sockcalls.recv_py, sockcalls.send_py
+    return c_calls()
+
+
+@pytest.fixture
+def tcp() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected loopback TCP pair: ours (non-blocking) and the peer (blocking)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname(), timeout=DEADLINE)
+        peer, _ = listener.accept()
+    ours.setblocking(False)
+    peer.settimeout(DEADLINE)
+    yield ours, peer
+    ours.close()
+    peer.close()
+
+
+def readable(sock: socket.socket) -> None:
+    """Wait until `sock` is readable (data, EOF or an error), at most DEADLINE."""
+    if not select.select([sock], [], [], DEADLINE)[0]:
+        raise AssertionError("the socket never became readable")
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(size - len(data), 1 << 20))
+        assert chunk, "EOF before every byte came"
+        data += chunk
+    return bytes(data)
+
+
+def reset_by(peer: socket.socket) -> None:
+    """Close `peer` with an RST (SO_LINGER 0) instead of a FIN."""
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+
+
+def test_the_c_calls_are_used_wherever_they_are_built() -> None:
+    try:
+        from balancer import _sockio
+    except ImportError:
+        assert not native.compiled(), "a compiled build without balancer._sockio"
+        assert not sockcalls.NATIVE
+        assert (sockcalls.recv_now, sockcalls.send_now) == (sockcalls.recv_py, sockcalls.send_py)
+        return
+    assert sockcalls.NATIVE
+    assert (sockcalls.recv_now, sockcalls.send_now) == (_sockio.recv, _sockio.send)
+
+
+def test_bytes_then_eof(calls: Calls, tcp) -> None:
+    recv, send = calls
+    ours, peer = tcp
+    assert send(ours, b"request") == 7 and read_exactly(peer, 7) == b"request"
+    peer.sendall(b"answer")
+    readable(ours)
+    data = recv(ours, 65536)
+    assert data == b"answer" and type(data) is bytes
+    peer.shutdown(socket.SHUT_WR)
+    readable(ours)
+    assert recv(ours, 65536) == b""
+    assert recv(ours, 65536) == b""  # EOF stays EOF
+
+
+def test_nothing_to_read_is_none_and_a_full_buffer_is_zero(calls: Calls, tcp) -> None:
+    recv, send = calls
+    ours, peer = tcp
+    assert recv(ours, 65536) is None
+    chunk, total = b"x" * 65536, 0
+    for _ in range(10_000):  # the buffers fill well before 655 MB
+        sent = send(ours, chunk)
+        if sent == 0:
+            break
+        total += sent
+    else:
+        raise AssertionError("the send buffer never filled")
+    assert total > 0
+    assert read_exactly(peer, total) == b"x" * total  # nothing lost or doubled
+
+
+def test_a_huge_send_is_partial_and_its_rest_goes_from_a_memoryview(calls: Calls, tcp) -> None:
+    recv, send = calls
+    ours, peer = tcp
+    data = bytes(range(256)) * (32 << 12)  # 32 MB: more than both buffers hold
+    sent = send(ours, data)
+    assert 0 < sent < len(data)
+    assert read_exactly(peer, sent) == data[:sent]
+    view = memoryview(data)[sent:]
+    for _ in range(100):  # a few sends each time the peer drains
+        got = send(ours, view[:65536])
+        if got:
+            break
+        time.sleep(0.01)
+    assert got and read_exactly(peer, got) == data[sent:sent + got]
+
+
+def test_reads_larger_than_the_buffer_are_sized_exactly(calls: Calls, tcp) -> None:
+    recv, _ = calls
+    ours, peer = tcp
+    data = bytes(range(256)) * 600  # 153,600 bytes
+    peer.sendall(data)
+    got = bytearray()
+    deadline = time.monotonic() + DEADLINE
+    while len(got) < len(data) and time.monotonic() < deadline:
+        readable(ours)
+        chunk = recv(ours, 1 << 20)  # beyond _sockio's 64 KB buffer
+        assert chunk is not None and type(chunk) is bytes
+        got += chunk
+    assert got == data
+
+
+def test_a_small_read_takes_only_what_was_asked(calls: Calls, tcp) -> None:
+    recv, _ = calls
+    ours, peer = tcp
+    peer.sendall(b"0123456789")
+    readable(ours)
+    assert recv(ours, 4) == b"0123"
+    assert recv(ours, 100) == b"456789"
+    with pytest.raises(ValueError, match="negative buffersize"):
+        recv(ours, -1)
+
+
+def test_a_reset_peer_is_connection_reset_then_broken_pipe(calls: Calls, tcp) -> None:
+    recv, send = calls
+    ours, peer = tcp
+    reset_by(peer)
+    readable(ours)
+    with pytest.raises(ConnectionResetError) as reset:
+        recv(ours, 65536)
+    assert reset.value.errno == errno.ECONNRESET
+    assert recv(ours, 65536) == b""  # the error is reported once, then EOF
+    with pytest.raises(BrokenPipeError) as broken:
+        send(ours, b"late")
+    assert broken.value.errno == errno.EPIPE
+
+
+def test_a_send_to_a_reset_peer_is_connection_reset(calls: Calls, tcp) -> None:
+    _, send = calls
+    ours, peer = tcp
+    reset_by(peer)
+    readable(ours)
+    with pytest.raises(ConnectionResetError):
+        send(ours, b"late")
+
+
+def test_a_write_after_shutdown_is_a_broken_pipe_not_a_signal(calls: Calls, tcp) -> None:
+    _, send = calls
+    ours, _ = tcp
+    ours.shutdown(socket.SHUT_WR)
+    with pytest.raises(BrokenPipeError) as broken:
+        send(ours, b"after")
+    assert broken.value.errno == errno.EPIPE
+
+
+def test_a_closed_socket_is_ebadf_never_another_descriptor(calls: Calls, tcp) -> None:
+    recv, send = calls
+    ours, peer = tcp
+    ours.close()
+    other, other_peer = socket.socketpair()  # likely reuses the closed descriptor number
+    try:
+        other_peer.sendall(b"not yours")
+        for call in (lambda: recv(ours, 100), lambda: send(ours, b"x")):
+            with pytest.raises(OSError) as closed:
+                call()
+            assert closed.value.errno == errno.EBADF
+        assert other.recv(100) == b"not yours"  # untouched by the failed calls
+    finally:
+        other.close()
+        other_peer.close()
+
+
+def test_geventss_os_socket_is_accepted(calls: Calls) -> None:
+    recv, send = calls
+    a, b = gsocket.socketpair()
+    try:
+        raw = a._sock  # a subclass of _socket.socket, non-blocking
+        assert send(raw, b"ping") == 4
+        assert b.recv(10) == b"ping"
+        assert recv(raw, 10) is None
+        b.sendall(b"pong")
+        readable(raw)
+        assert recv(raw, 10) == b"pong"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_not_a_socket_is_refused() -> None:
+    recv, send = c_calls()
+    with pytest.raises(TypeError):
+        recv(3, 10)
+    with pytest.raises(TypeError):
+        send(object(), b"x")
+    with socket.socket() as sock, pytest.raises(TypeError, match="exactly 2 arguments"):
+        recv(sock)  # type: ignore[call-arg]
+
+
+def test_signals_during_the_calls_lose_nothing(calls: Calls, tcp) -> None:
+    """SIGPROF every 200 µs of CPU while 16 MB go through: every byte arrives once,
+    the handler runs, and its exception surfaces where Python code would see it.
+    (SIGPROF: pytest-timeout's timer is SIGALRM's.) The calls pass MSG_DONTWAIT,
+    so a signal cannot interrupt their syscall (EINTR) itself: it lands between
+    calls, as it would with the socket module's."""
+    recv, send = calls
+    ours, peer = tcp
+    peer.setblocking(False)
+    fired = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        fired.append(signum)
+
+    previous = signal.signal(signal.SIGPROF, on_signal)
+    signal.setitimer(signal.ITIMER_PROF, 0.0002, 0.0002)
+    try:
+        data = bytes(range(256)) * (1 << 16)
+        offset, got = 0, bytearray()
+        deadline = time.monotonic() + DEADLINE
+        while len(got) < len(data):
+            assert time.monotonic() < deadline, "the transfer stalled"
+            if offset < len(data):
+                offset += send(ours, memoryview(data)[offset:offset + 262144])
+            with contextlib.suppress(BlockingIOError):
+                got += peer.recv(1 << 20)
+        assert got == data
+        peer.sendall(b"end")
+        echoed = None
+        while echoed is None:
+            assert time.monotonic() < deadline, "the answer never came"
+            echoed = recv(ours, 10)
+        assert echoed == b"end"
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+    assert fired
+
+    def raises(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGPROF, raises)
+    try:
+        signal.setitimer(signal.ITIMER_PROF, 0.001)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(10_000_000):
+                recv(ours, 10)
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
