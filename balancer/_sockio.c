@@ -1,10 +1,12 @@
-/* balancer._sockio: recv and send on a non-blocking socket without releasing
- * the GIL (the seam that picks these or their Python equivalents is
+/* balancer._sockio: recv, send and accept on non-blocking sockets without
+ * releasing the GIL (the seam that picks these or their Python equivalents is
  * balancer/sockcalls.py; docs/ARCHITECTURE.md, "The socket calls").
  *
- * The socket module's recv and send release and re-take the GIL around every
- * syscall, parse their arguments from a tuple, and recv allocates a bytes
- * object of the size asked for and shrinks it after.  A worker's data plane
+ * The socket module's recv, send and _accept release and re-take the GIL
+ * around every syscall, parse their arguments from a tuple, and recv
+ * allocates a bytes object of the size asked for and shrinks it after; an
+ * accepted descriptor then costs a socket object and an ioctl to make it
+ * non-blocking (accept4 here makes it non-blocking at once).  A worker's data plane
  * runs in one thread and calls these on non-blocking sockets only (every
  * call passes MSG_DONTWAIT: none can block, whatever the socket's mode), so
  * holding the GIL across the syscall costs nobody anything.
@@ -22,16 +24,20 @@
  * (PyErr_SetFromErrno picks ConnectionResetError, BrokenPipeError, ...), a
  * syscall interrupted by a signal runs the Python signal handlers (their
  * exception propagates) and is retried.  Two outcomes differ on purpose:
- * EAGAIN is not raised (recv returns None, send returns 0), which saves the
- * callers an exception per empty read; and send passes MSG_NOSIGNAL (Python
+ * EAGAIN is not raised (recv and accept return None, send returns 0), which
+ * saves the callers an exception per empty read or accept queue; and send passes MSG_NOSIGNAL (Python
  * ignores SIGPIPE anyway: either way a closed peer is EPIPE, BrokenPipeError).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 /* The head of CPython's PySocketSockObject (Modules/socketmodule.h). */
 typedef struct {
@@ -194,9 +200,100 @@ sockio_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(sent);
 }
 
+/* The peer's address as the socket module gives it: (host, port) for IPv4,
+ * (host, port, flowinfo, scope_id) for IPv6; any other family through the
+ * socket object's own getpeername(). */
+static PyObject *
+address_of(PyObject *sock, const struct sockaddr_storage *addr)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (addr->ss_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)addr;
+        if (inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host)) == NULL) {
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        return Py_BuildValue("(si)", host, (int)ntohs(in->sin_port));
+    }
+    if (addr->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)addr;
+        if (inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host)) == NULL) {
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        return Py_BuildValue("(siII)", host, (int)ntohs(in6->sin6_port),
+                             (unsigned int)ntohl(in6->sin6_flowinfo),
+                             (unsigned int)in6->sin6_scope_id);
+    }
+    return PyObject_CallMethod(sock, "getpeername", NULL);
+}
+
+PyDoc_STRVAR(accept_doc,
+"accept(listener, proto, /)\n--\n\n"
+"The next connection waiting on the listening socket listener, as (socket,\n"
+"address), the socket non-blocking (as listener._accept() then\n"
+"socket.socket(family, SOCK_STREAM, proto, fd).setblocking(False) make it, with\n"
+"one syscall instead of two); None if none waits now. Raises OSError as\n"
+"listener._accept() does.");
+
+static PyObject *
+sockio_accept(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        wrong_count("accept", nargs);
+        return NULL;
+    }
+    int listener = fd_of(args[0]);
+    if (listener == -2) {
+        return NULL;
+    }
+    long proto = PyLong_AsLong(args[1]);
+    if (proto == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (proto < INT_MIN || proto > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "proto out of range");
+        return NULL;
+    }
+    struct sockaddr_storage addr;
+    int fd;
+    for (;;) {
+        socklen_t length = sizeof(addr);
+        fd = accept4(listener, (struct sockaddr *)&addr, &length, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            break;
+        }
+        int verdict = failed();
+        if (verdict != 1) {
+            return verdict == 0 ? Py_NewRef(Py_None) : NULL;
+        }
+    }
+    /* SOCK_NONBLOCK in the type: the socket module sets a timeout of 0 with no
+     * syscall (the descriptor is non-blocking already) */
+    PyObject *sock = PyObject_CallFunction((PyObject *)socket_type, "iiii", (int)addr.ss_family,
+                                           SOCK_STREAM | SOCK_NONBLOCK, (int)proto, fd);
+    if (sock == NULL) {
+        close(fd);
+        return NULL;
+    }
+    PyObject *address = address_of(sock, &addr);
+    if (address == NULL) {
+        Py_DECREF(sock);  /* closes the descriptor */
+        return NULL;
+    }
+    PyObject *pair = PyTuple_New(2);
+    if (pair == NULL) {
+        Py_DECREF(sock);
+        Py_DECREF(address);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, sock);
+    PyTuple_SET_ITEM(pair, 1, address);
+    return pair;
+}
+
 static PyMethodDef methods[] = {
     {"recv", (PyCFunction)(void (*)(void))sockio_recv, METH_FASTCALL, recv_doc},
     {"send", (PyCFunction)(void (*)(void))sockio_send, METH_FASTCALL, send_doc},
+    {"accept", (PyCFunction)(void (*)(void))sockio_accept, METH_FASTCALL, accept_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -34,17 +34,16 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from _socket import SOCK_STREAM
-from _socket import socket as RawSocket
 from collections.abc import Callable
 from typing import Any, Final
 
 from gevent import get_hub, getcurrent, sleep
 from gevent.event import Event
 from greenlet import GreenletExit, greenlet
+
+from balancer.sockcalls import accept_now
 
 KEEP_IDLE: Final = 1024  # parked greenlets kept for the next burst of connections (see Slots)
 KEEP_QUIET: Final = 64  # parked greenlets kept once a burst is over (see `Slots.shrink`)
@@ -95,21 +94,14 @@ class Slots:
         non-blocking) while a slot is free, and serve each as ``handle(sock,
         address)``, `sock` the OS socket, non-blocking; returns how many.
         Raises the OSError of a failed accept (not of an empty queue)."""
-        family, proto = listener.family, listener.proto
+        proto = listener.proto
         accepted = 0
         while accepted < limit and self.open < self.size:
-            try:
-                fd, address = listener._accept()
-            except BlockingIOError:
+            connection = accept_now(listener, proto)
+            if connection is None:
                 break
             accepted += 1
-            try:
-                sock = RawSocket(family, SOCK_STREAM, proto, fd)
-                sock.setblocking(False)
-            except OSError:
-                os.close(fd)  # gone before it could be set up: nothing to answer
-                continue
-            self.start(handle, (sock, address))
+            self.start(handle, connection)
         return accepted
 
     def _serve_loop(self, handle: Callable[..., Any], args: tuple) -> None:

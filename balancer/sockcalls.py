@@ -1,12 +1,14 @@
 """The data plane's socket calls on non-blocking sockets, picked once at import.
 
 `recv_now` and `send_now` are what `balancer.netio.EventedStream` and
-`balancer.outbox.Writer` read and write the OS socket with. In a compiled
+`balancer.outbox.Writer` read and write the OS socket with, `accept_now` what
+`balancer.serving.Slots.accept` accepts client connections with. In a compiled
 build (setup.py, not under ``BALANCER_PURE=1``) they are the C extension
 `balancer._sockio`'s functions, which make the syscall without releasing the
 GIL (a worker's data plane is one thread, and a non-blocking syscall never
-blocks), take their arguments without a tuple, and read into one reusable
-buffer before copying exactly what came; elsewhere (an interpreted
+blocks), take their arguments without a tuple, read into one reusable
+buffer before copying exactly what came, and accept a connection
+non-blocking at once (accept4, no ioctl after); elsewhere (an interpreted
 install, or an extension that will not load) their Python equivalents
 below, which behave the same. What the C calls save is measured in
 docs/performance.md ("socket calls without the GIL").
@@ -14,9 +16,12 @@ docs/performance.md ("socket calls without the GIL").
 Invariants:
 * Both take the socket object (`_socket.socket` or a subclass), never its
   descriptor: a closed socket fails with EBADF (OSError), whichever is used.
-* Neither blocks or raises BlockingIOError: nothing to read now is None,
-  a full send buffer is 0 bytes sent.
-* Every other failure is the OSError ``sock.recv`` / ``sock.send`` raises
+* None blocks or raises BlockingIOError: nothing to read now is None, a
+  full send buffer is 0 bytes sent, an empty accept queue is None.
+* An accepted socket is an OS socket (`_socket.socket`), non-blocking, with
+  its address as ``listener._accept()`` gives it.
+* Every other failure is the OSError ``sock.recv`` / ``sock.send`` /
+  ``listener._accept()`` raises
   (errno and subclass: ConnectionResetError, BrokenPipeError, ...); a call
   interrupted by a signal runs the signal handlers and is retried.
 """
@@ -24,11 +29,14 @@ Invariants:
 from __future__ import annotations
 
 import socket
+from _socket import SOCK_STREAM
+from _socket import socket as RawSocket
 from collections.abc import Callable
 from typing import Any, Final
 
 Recv = Callable[[Any, int], "bytes | None"]
 Send = Callable[[Any, "bytes | memoryview"], int]
+Accept = Callable[[Any, int], "tuple[RawSocket, Any] | None"]
 
 
 def recv_py(sock: socket.socket, size: int) -> bytes | None:
@@ -47,6 +55,23 @@ def send_py(sock: socket.socket, data: bytes | memoryview) -> int:
         return 0
 
 
+def accept_py(listener: RawSocket, proto: int) -> tuple[RawSocket, Any] | None:
+    """The next connection waiting on `listener` as (OS socket, non-blocking,
+    address), None if none waits now."""
+    while True:
+        try:
+            fd, address = listener._accept()  # type: ignore[attr-defined]
+        except BlockingIOError:
+            return None
+        sock = RawSocket(listener.family, SOCK_STREAM, proto, fd)  # no syscall: all given
+        try:
+            sock.setblocking(False)
+        except OSError:
+            sock.close()  # gone before it could be set up: nothing to answer
+            continue
+        return sock, address
+
+
 def _extension() -> Any:
     """`balancer._sockio`, or None where it was not built or will not load."""
     try:
@@ -60,3 +85,4 @@ _SOCKIO: Final = _extension()
 NATIVE: Final = _SOCKIO is not None  # the C calls are used
 recv_now: Final[Recv] = recv_py if _SOCKIO is None else _SOCKIO.recv
 send_now: Final[Send] = send_py if _SOCKIO is None else _SOCKIO.send
+accept_now: Final[Accept] = accept_py if _SOCKIO is None else _SOCKIO.accept

@@ -1,5 +1,6 @@
 """`balancer.sockcalls`: the C calls (`balancer._sockio`) and their Python
-equivalents behave alike on real loopback sockets, against hostile peers.
+equivalents behave alike on real loopback sockets, against hostile peers
+(exhausted descriptors at accept: tests/test_descriptors.py).
 
 Every test runs once per implementation: "python" always, "c" where the
 extension is built (a compiled build without it fails: setup.py builds both).
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import os
 import select
 import signal
 import socket
 import struct
 import time
+from _socket import socket as RawSocket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,16 +30,22 @@ pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 DEADLINE = 5.0
 Calls = tuple[Callable[[Any, int], bytes | None], Callable[[Any, Any], int]]
+Accept = Callable[[Any, int], tuple[Any, Any] | None]
 
 
-def c_calls() -> Calls:
+def sockio() -> Any:
     try:
         from balancer import _sockio
     except ImportError:
         if native.compiled():
             pytest.fail("a compiled build without balancer._sockio (setup.py builds both)")
         pytest.skip("balancer._sockio is not built (interpreted install)")
-    return _sockio.recv, _sockio.send
+    return _sockio
+
+
+def c_calls() -> Calls:
+    module = sockio()
+    return module.recv, module.send
 
 
 @pytest.fixture(params=["python", "c"])
@@ -44,6 +54,12 @@ def calls(request: pytest.FixtureRequest) -> Calls:
     if request.param == "python":
         return sockcalls.recv_py, sockcalls.send_py
     return c_calls()
+
+
+@pytest.fixture(params=["python", "c"])
+def accept(request: pytest.FixtureRequest) -> Accept:
+    """accept of one implementation."""
+    return sockcalls.accept_py if request.param == "python" else sockio().accept
 
 
 @pytest.fixture
@@ -86,10 +102,12 @@ def test_the_c_calls_are_used_wherever_they_are_built() -> None:
     except ImportError:
         assert not native.compiled(), "a compiled build without balancer._sockio"
         assert not sockcalls.NATIVE
-        assert (sockcalls.recv_now, sockcalls.send_now) == (sockcalls.recv_py, sockcalls.send_py)
+        assert (sockcalls.recv_now, sockcalls.send_now, sockcalls.accept_now) == (
+            sockcalls.recv_py, sockcalls.send_py, sockcalls.accept_py)
         return
     assert sockcalls.NATIVE
-    assert (sockcalls.recv_now, sockcalls.send_now) == (_sockio.recv, _sockio.send)
+    assert (sockcalls.recv_now, sockcalls.send_now, sockcalls.accept_now) == (
+        _sockio.recv, _sockio.send, _sockio.accept)
 
 
 def test_bytes_then_eof(calls: Calls, tcp) -> None:
@@ -289,3 +307,65 @@ def test_signals_during_the_calls_lose_nothing(calls: Calls, tcp) -> None:
     finally:
         signal.setitimer(signal.ITIMER_PROF, 0)
         signal.signal(signal.SIGPROF, previous)
+
+
+def listening(host: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family)
+    listener.setblocking(False)
+    return listener
+
+
+def accepted(accept: Accept, listener: socket.socket) -> tuple[Any, Any]:
+    readable(listener)
+    got = accept(listener, listener.proto)
+    assert got is not None
+    return got
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_accept_hands_out_a_non_blocking_os_socket_and_its_address(
+        accept: Accept, host: str) -> None:
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        listener = listening(host)
+    except OSError as exc:
+        pytest.skip(f"no {host} here: {exc}")
+    with listener, socket.create_connection(listener.getsockname()[:2], timeout=DEADLINE) as client:
+        sock, address = accepted(accept, listener)
+        try:
+            assert address == client.getsockname() and type(address) is tuple
+            assert type(sock) is RawSocket and sock.family == listener.family
+            assert sock.type == socket.SOCK_STREAM and sock.proto == listener.proto
+            assert sock.gettimeout() == 0.0
+            assert fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+            assert fcntl.fcntl(sock.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            client.sendall(b"hello")
+            readable(sock)
+            assert sock.recv(10) == b"hello"
+        finally:
+            sock.close()  # an OS socket is no context manager
+        assert accept(listener, listener.proto) is None  # the queue is empty
+
+
+def test_a_connection_reset_before_accept_is_handed_out_and_reads_as_reset(
+        accept: Accept) -> None:
+    with listening("127.0.0.1") as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=DEADLINE)
+        reset_by(client)
+        sock, _ = accepted(accept, listener)
+        try:
+            readable(sock)
+            with pytest.raises(ConnectionResetError):
+                sock.recv(10)
+        finally:
+            sock.close()
+
+
+def test_accept_on_a_closed_listener_is_ebadf(accept: Accept) -> None:
+    listener = listening("127.0.0.1")
+    listener.close()
+    with pytest.raises(OSError) as closed:
+        accept(listener, 0)
+    assert closed.value.errno == errno.EBADF
