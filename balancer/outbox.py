@@ -110,7 +110,11 @@ class Writer:
         writable, hub = self.writable(), get_hub()
         while len(view):
             hub.wait(writable)
-            view = view[send_now(raw, view):]
+            # two statements: mypyc 2.4.1 compiles ``view[send_now(raw, view):]``
+            # into two calls of send_now, slicing by the second's result (bytes
+            # that went out were sent again)
+            sent = send_now(raw, view)
+            view = view[sent:]
 
     def write(self, data: bytes) -> None:
         """Send `data` now, after what is held. Raises OSError."""
