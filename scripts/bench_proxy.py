@@ -1,7 +1,7 @@
 """Proxy speed against HAProxy: the benchmark of issues 2 and 4.
 
 ``python scripts/bench_proxy.py [--rounds 3] [--duration 8] [--connections 100[,1000]]
-[--modes keep-alive[,close]] [--targets direct,haproxy,bare,balancer,balancer-log,
+[--modes keep-alive[,close][,varied]] [--targets direct,haproxy,bare,balancer,balancer-log,
 haproxy-tls,balancer-tls,baseline] [--workers 1] [--baseline TREE]``
 
 nginx (one worker) serves the suite's 4.5 KB page; every target proxies to
@@ -10,7 +10,9 @@ it over keep-alive connections and is measured with
 that a noisy machine shifts them all alike. Each round runs every listed
 connection count in every client mode: ``keep-alive`` (wrk's default) and
 ``close`` (``Connection: close``: a new client connection per request, the
-cost of accepting and closing). Targets:
+cost of accepting and closing), and on request ``varied`` (keep-alive, each
+request a different target through a wrk Lua script: no request head repeats
+the one before it on its connection). Targets:
 
 * ``direct``: nginx alone (the ceiling);
 * ``haproxy``: HAProxy ``nbthread 1`` (``nbthread N`` with ``--workers N``),
@@ -169,12 +171,25 @@ def scrape_loop(port: int, stop: threading.Event) -> None:
             print(f"  scrape failed: {exc}", file=sys.stderr)
 
 
-MODES = ("keep-alive", "close")
+MODES = ("keep-alive", "close", "varied")
+# `varied`: keep-alive, every request a different target (a counter in the query), so
+# that no request head repeats the one before on its connection and every head is
+# parsed and rewritten whole (the balancer remembers a connection's repeated head).
+VARIED_SCRIPT = """counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "/index.html?n=" .. counter)
+end
+"""
 
 
 def run_wrk(port: int, connections: int, duration: int, mode: str,
             scheme: str = "http") -> tuple[float, str]:
     header = ["-H", "Connection: close"] if mode == "close" else []
+    if mode == "varied":
+        script = Path(tempfile.gettempdir()) / "bench_proxy_varied.lua"
+        script.write_text(VARIED_SCRIPT)
+        header = ["-s", str(script)]
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", *header,
          f"{scheme}://{HOST}:{port}/index.html"],
