@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,11 @@ def test_http01_issues_a_certificate_every_worker_serves(
         log = bal.output()
         assert "acme: issuing a certificate for app.test (no certificate)" in log
         assert "acme: certificate for app.test issued by CN=Pebble" in log
-        assert "the challenge for app.test is served by 1 balancer (0.0" in log  # no wait
+        spread = re.search(r"challenge for app\.test is served by 1 balancer \(([\d.]+) s\)", log)
+        # one balancer alone does not wait for others' acknowledgements (it used to
+        # wait 1.2 s); telling its own workers takes well under a second even on a
+        # loaded machine (it took 0.1 s or more there, so the bound is not tighter)
+        assert spread is not None and float(spread.group(1)) < 0.6, log
         thumbprint = view["account"]["key_thumbprint"]
     finally:
         bal.stop()
