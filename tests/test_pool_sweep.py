@@ -27,7 +27,8 @@ CLOSE_WAIT = "08"  # the state column of /proc/net/tcp
 class CountingBackend:
     """Answers keep-alive requests; `/burst` requests are answered only once
     BURST of them arrived (so each has its own connection). Counts the
-    connections open (until the balancer closes them) and, after a response,
+    connections open (until the balancer closes them) and, once the test sets
+    `answered` (every client had its response: the connection is pooled),
     optionally `after`s the idle connection: "close" (FIN) or "stray" (bytes)."""
 
     def __init__(self, after: str = "") -> None:
@@ -35,6 +36,7 @@ class CountingBackend:
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=BURST * 2)
         self.port = self.listener.getsockname()[1]
         self.barrier = threading.Barrier(BURST)
+        self.answered = threading.Event()
         self.lock = threading.Lock()
         self.accepted = 0
         self.open = 0
@@ -68,7 +70,7 @@ class CountingBackend:
                 sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 answered = time.monotonic()
                 if self.after:
-                    time.sleep(0.1)  # the connection is in the pool by now
+                    assert self.answered.wait(20), "the test never set `answered`"
                     if self.after == "close":
                         break
                     sock.sendall(STRAY)
@@ -127,9 +129,9 @@ def test_idle_connections_the_backend_closed_or_wrote_on_are_closed_at_once(
     try:
         burst(bal)
         start = time.monotonic()
+        backend.answered.set()  # the backend acts now, on pooled connections
         wait_for(lambda: backend.open == 0 and close_waits(backend.port) == 0, timeout=5,
                  what="no connection left open or in CLOSE_WAIT")
-        # the backend acts 0.1 s after answering
         assert time.monotonic() - start < 1.2, time.monotonic() - start
         status, _, body = request(bal.port, path="/after")
         assert (status, body) == (200, b"ok")
