@@ -101,10 +101,14 @@ def test_a_wait_for_a_connection_cut_short_leaves_nothing_watching() -> None:
     queued = socket.create_connection(("127.0.0.1", port))
     b = Backend(parse_backend_addr(f"127.0.0.1:{port}"), connect_timeout=30.0,
                 fail_timeout=1.0, io=GeventIO())
+    hub = gevent.get_hub()
+    before = hub.loop.activecnt
     try:
         task = gevent.spawn(b.connect)
-        gevent.sleep(0.05)
-        hub = gevent.get_hub()
+        deadline = time.monotonic() + 5
+        while hub.loop.activecnt < before + 2:  # until its io watcher and timer wait
+            assert time.monotonic() < deadline, "the connect never started waiting"
+            gevent.sleep(0)
         active = hub.loop.activecnt
         # thrown from the hub, as `netio._time_out` does
         hub.loop.run_callback(task.throw, TimeoutError("deadline passed"))
