@@ -313,48 +313,36 @@ class Backend:
         """Close the idle connections past `idle_timeout` at `now` (monotonic) and
         those on which anything arrived; returns how many."""
         oldest = now - self.idle_timeout
-        stale = _take_stale(self.idle, oldest)
-        for key, idle in list(self.idle_tls.items()):
-            stale += _take_stale(idle, oldest)
-            if not idle:
-                del self.idle_tls[key]
-        self.budget.idle -= len(stale)
-        for upstream in stale:  # out of the lists first: closing may switch greenlets
-            upstream.close()
-        return len(stale)
+        return self._close_where(lambda u: u.since <= oldest or not u.stream.is_clean())
 
     def drop(self, stirred: set[Upstream]) -> int:
         """Close the connections of `stirred` still idle here on which anything
         arrived (the backend closed or wrote; not those taken, swept or released
         again since); how many. One pass over each idle list, however many
         there are (a backend that restarts closes them all at once)."""
-        gone: list[Upstream] = []
-        for key, idle in [("", self.idle), *self.idle_tls.items()]:
-            keep: list[Upstream] = []
-            for upstream in idle:
-                if upstream in stirred and not upstream.stream.is_clean():
-                    gone.append(upstream)
-                else:
-                    keep.append(upstream)
-            if len(keep) < len(idle):
-                idle[:] = keep
-                if key and not keep:
-                    del self.idle_tls[key]
-        self.budget.idle -= len(gone)
-        for upstream in gone:  # out of the lists first: closing may switch greenlets
-            upstream.close()
-        return len(gone)
+        return self._close_where(lambda u: u in stirred and not u.stream.is_clean())
 
     def close_idle(self, older_than: float = 0.0) -> int:
         """Close idle connections unused for `older_than` seconds; returns how many."""
         cutoff = time.monotonic() - older_than
-        closed = _close_older(self.idle, cutoff)
-        for key, idle in list(self.idle_tls.items()):
-            closed += _close_older(idle, cutoff)
-            if not idle:
+        return self._close_where(lambda u: u.since <= cutoff)
+
+    def _close_where(self, doomed: Callable[[Upstream], bool]) -> int:
+        """Close the idle connections (plain and TLS) for which `doomed` holds, in
+        one pass over each list; an emptied TLS list goes. How many."""
+        gone: list[Upstream] = []
+        for key, idle in [("", self.idle), *self.idle_tls.items()]:
+            keep: list[Upstream] = []
+            for upstream in idle:
+                (gone if doomed(upstream) else keep).append(upstream)
+            if len(keep) < len(idle):
+                idle[:] = keep
+            if key and not keep:
                 del self.idle_tls[key]
-        self.budget.idle -= closed
-        return closed
+        self.budget.idle -= len(gone)
+        for upstream in gone:  # out of the lists first: closing may switch greenlets
+            upstream.close()
+        return len(gone)
 
     @staticmethod
     def is_open(upstream: Upstream) -> bool:
@@ -437,35 +425,6 @@ class Backend:
         idle = len(self.idle) + sum(len(pool) for pool in self.idle_tls.values())
         return (f"<Backend {self.key} {self.state} in_flight={self.in_flight} "
                 f"idle={idle} fails={self.fails}>")
-
-
-def _close_older(idle: list[Upstream], cutoff: float) -> int:
-    """Close the connections of `idle` idle since `cutoff` or before; how many."""
-    keep: list[Upstream] = []
-    closed = 0
-    for upstream in idle:
-        if upstream.since <= cutoff:
-            upstream.close()
-            closed += 1
-        else:
-            keep.append(upstream)
-    idle[:] = keep
-    return closed
-
-
-def _take_stale(idle: list[Upstream], oldest: float) -> list[Upstream]:
-    """Remove from `idle` (in place) the connections idle since `oldest` or
-    before and those on which anything arrived; the removed ones."""
-    keep: list[Upstream] = []
-    stale: list[Upstream] = []
-    for upstream in idle:
-        if upstream.since > oldest and upstream.stream.is_clean():
-            keep.append(upstream)
-        else:
-            stale.append(upstream)
-    if stale:
-        idle[:] = keep
-    return stale
 
 
 def _is_ip_literal(host: str) -> bool:
