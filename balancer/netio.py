@@ -268,6 +268,21 @@ class EventedStream(WatchedStream):
         return self.watcher.is_quiet()
 
 
+def connect_blocking(family: int, address: tuple[str, int], timeout: float) -> Any:
+    """The socket module's socket (gevent's once patched) connected to `address`
+    within `timeout` seconds, with no timeout once connected (raises OSError,
+    TimeoutError)."""
+    sock = socket.socket(family, SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock
+
+
 class ParkNow(Exception):
     """Thrown by the watchdog into a greenlet that has waited PARK_AFTER seconds
     for its connection's next request: the connection goes on parked (`GeventIO.park`)."""
@@ -288,15 +303,7 @@ class IO:
         """A TCP socket connected to `address` within `timeout` seconds, for
         `stream` (raises OSError, TimeoutError). Here the socket module's
         (blocking), with no timeout once connected: `arm` sets them."""
-        sock = socket.socket(family, SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(address)
-        except BaseException:
-            sock.close()
-            raise
-        sock.settimeout(None)
-        return sock
+        return connect_blocking(family, address, timeout)
 
     def bounded(self, seconds: float) -> Any:
         """A context manager bounding what runs in it to `seconds` (TimeoutError);

@@ -62,7 +62,7 @@ from typing import Final
 from balancer.addr import Address, parse_backend_addr
 from balancer.backend_tls import BackendTLS, pool_key
 from balancer.errors import ConnectError
-from balancer.netio import IO, Stream
+from balancer.netio import IO, Stream, connect_blocking
 from balancer.peek import OPEN, peek, peek_under
 from balancer.response_parser import ResponseParser
 from balancer.serving import Slots
@@ -267,15 +267,8 @@ class Backend:
         if self.is_literal and not tls:
             return self.io.connect(self.family, (addr.host, addr.port), self.connect_timeout)
         if self.is_literal:
-            sock = socket.socket(self.family, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(self.connect_timeout)
-                sock.connect((addr.host, addr.port))
-            except BaseException:
-                sock.close()
-                raise
-        else:
-            sock = socket.create_connection((addr.host, addr.port), self.connect_timeout)
+            return connect_blocking(self.family, (addr.host, addr.port), self.connect_timeout)
+        sock = socket.create_connection((addr.host, addr.port), self.connect_timeout)
         sock.settimeout(None)  # waits are bounded by the connection's `arm`
         return sock
 
