@@ -64,11 +64,16 @@ fd_of(PyObject *sock)
     return ((SocketHead *)sock)->sock_fd;
 }
 
+/* The descriptor of name()'s first argument, checking it and that two were
+ * given; -2 with the exception set. */
 static int
-wrong_count(const char *name, Py_ssize_t nargs)
+fd_arg(const char *name, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyErr_Format(PyExc_TypeError, "%s() takes exactly 2 arguments (%zd given)", name, nargs);
-    return -1;
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly 2 arguments (%zd given)", name, nargs);
+        return -2;
+    }
+    return fd_of(args[0]);
 }
 
 /* A syscall failed with errno: 1 to retry (EINTR, no handler raised), 0 for
@@ -118,11 +123,7 @@ PyDoc_STRVAR(recv_doc,
 static PyObject *
 sockio_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        wrong_count("recv", nargs);
-        return NULL;
-    }
-    int fd = fd_of(args[0]);
+    int fd = fd_arg("recv", args, nargs);
     if (fd == -2) {
         return NULL;
     }
@@ -158,11 +159,7 @@ PyDoc_STRVAR(send_doc,
 static PyObject *
 sockio_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        wrong_count("send", nargs);
-        return NULL;
-    }
-    int fd = fd_of(args[0]);
+    int fd = fd_arg("send", args, nargs);
     if (fd == -2) {
         return NULL;
     }
@@ -237,11 +234,7 @@ PyDoc_STRVAR(accept_doc,
 static PyObject *
 sockio_accept(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        wrong_count("accept", nargs);
-        return NULL;
-    }
-    int listener = fd_of(args[0]);
+    int listener = fd_arg("accept", args, nargs);
     if (listener == -2) {
         return NULL;
     }
