@@ -474,13 +474,10 @@ class BackendRegistry:
         """Close the queued connections still idle that the backend closed or
         wrote on (`Backend.drop`: one pass per backend); how many."""
         stirred, self.stirred = self.stirred, []
-        by_backend: dict[str, tuple[Backend, set[Upstream]]] = {}
+        by_backend: dict[Backend, set[Upstream]] = {}
         for backend, upstream in stirred:
-            by_backend.setdefault(backend.key, (backend, set()))[1].add(upstream)
-        closed = 0
-        for backend, upstreams in by_backend.values():
-            closed += backend.drop(upstreams)
-        return closed
+            by_backend.setdefault(backend, set()).add(upstream)
+        return sum(backend.drop(upstreams) for backend, upstreams in by_backend.items())
 
     def sweep(self) -> int:
         """Close every backend's idle connections past their idle timeout or on
