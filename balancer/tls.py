@@ -126,10 +126,7 @@ class TLSFront:
                           "keeping the one loaded before" if host in loaded else "not served")
             else:
                 log.error("certificate of %s not served: %s", host, reason)
-        self.problems = problems
-        self.loaded = loaded
-        self.records = kept
-        self.by_host = {host: context for host, (_, context) in loaded.items()}
+        self.swap(loaded, kept, problems)
 
     def add(self, records: Mapping[str, Mapping[str, Any]]) -> int:
         """Serve `records` too, for the hosts this worker serves no certificate of
@@ -148,11 +145,17 @@ class TLSFront:
             kept[host] = record
             problems.pop(host, None)
         added = len(loaded) - len(self.loaded)
+        self.swap(loaded, kept, problems)
+        return added
+
+    def swap(self, loaded: dict[str, tuple[str, ssl.SSLContext]],
+             kept: dict[str, Mapping[str, Any]], problems: dict[str, str]) -> None:
+        """Serve `loaded` (HOST → (digest, context)) from now on, loaded from the
+        records `kept`; `problems` names the hosts not served and why."""
         self.problems = problems
         self.loaded = loaded
         self.records = kept
         self.by_host = {host: context for host, (_, context) in loaded.items()}
-        return added
 
     def made(self, record: Mapping[str, Any],
              known: tuple[str, ssl.SSLContext] | None) -> tuple[str, ssl.SSLContext]:

@@ -139,10 +139,13 @@ class CertsWatch:
         """HOST → record last read in good order, for the hosts the store's damage
         hides now: all of them while it cannot be read as a whole, else those of
         its damaged records."""
-        last_good = self.certs.last_good or {}
+        return self.hidden_of(self.certs.last_good or {})
+
+    def hidden_of(self, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Those of `records` (HOST → record) the store's damage hides now."""
         if self.problem is not None:
-            return dict(last_good)
-        return {host: last_good[host] for host in self._damaged if host in last_good}
+            return dict(records)
+        return {host: records[host] for host in self._damaged if host in records}
 
     def spread(self) -> None:
         """Hand each worker the hidden certificates it serves none of (see the
@@ -230,9 +233,8 @@ class CertsWatch:
 
     def adopt(self, records: dict[str, dict[str, Any]], source: str) -> None:
         last_good = dict(self.certs.last_good or {})
-        hidden = records if self.problem is not None else \
-            {host: records[host] for host in self._damaged if host in records}
-        taken = {host: record for host, record in hidden.items() if host not in last_good}
+        taken = {host: record for host, record in self.hidden_of(records).items()
+                 if host not in last_good}
         if taken:
             self.certs.last_good = {**last_good, **taken}
             log.warning("certificates: took %d certificates the damaged store cannot give "

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from balancer.descriptors import RESERVED, soft_limit
+from balancer.preload import freeze
 from balancer.workers import (
     ChildEnv,
     ManagementChild,
@@ -65,7 +66,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     app.deployer.start_watching()  # resumes deploys a stopped process handed over
     sampler = gevent.spawn(history_loop, history, runtime)
     issuer.start()
-    settle()
+    freeze()  # once set up: start-up objects out of every later collection
     report_ready(env)
     wait_for_stop(env)
     sampler.kill()
@@ -77,18 +78,6 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     certs_watch.stop()
     store.close()
     return 0
-
-
-def settle() -> None:
-    """Once set up: keep the start-up's objects out of every later collection
-    and give the heap's freed pages back."""
-    import gc
-
-    from balancer.heap import release
-
-    gc.collect()
-    gc.freeze()
-    release()
 
 
 def history_loop(history: Any, runtime: Any) -> None:

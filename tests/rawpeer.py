@@ -63,6 +63,18 @@ def read_until(conn: Any, end: bytes) -> bytes:
     return data
 
 
+def read_through(conn: Any, marker: bytes = b"\r\n\r\n") -> bytes | None:
+    """Read from `conn` until `marker` has come (a head's end by default); what
+    came, which may go past it, or None when the peer closed before."""
+    data = b""
+    while marker not in data:
+        more = conn.recv(65536)
+        if not more:
+            return None
+        data += more
+    return data
+
+
 def serve_each(listener: socket.socket, serve: Callable[[socket.socket], None]) -> None:
     """Accept on `listener` (in a thread) until it is closed, and serve each
     connection with `serve` in a thread of its own."""

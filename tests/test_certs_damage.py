@@ -95,6 +95,14 @@ def certs_problem(bal: Balancer) -> str | None:
     return bal.api("GET", "/api/v1/info")[1]["store"]["certs_problem"]
 
 
+def truncate(bal: Balancer, path: Path) -> bytes:
+    """Cut the certs file at `path` in half; its good bytes, once `bal` says so."""
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
+    return good
+
+
 def no_key_leaked(bal: Balancer, *answers: Any) -> None:
     for text in (bal.output(), *(json.dumps(a) for a in answers)):
         assert "PRIVATE KEY" not in text
@@ -146,9 +154,7 @@ def test_workers_started_while_the_certs_file_is_damaged_serve_the_last_read(
     try:
         context = client_context(tmp_path)
         path = tmp_path / "routes.json.certs.json"
-        good = path.read_bytes()
-        path.write_bytes(good[: len(good) // 2])
-        wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
+        good = truncate(bal, path)
         replace_workers(bal)
         all_served_soon(bal, context, HOSTS)
         assert "cannot be read" in (certs_problem(bal) or "")  # still damaged, still said
@@ -186,9 +192,10 @@ def control_socket(pid: int) -> str:
     raise AssertionError(f"no control socket for worker {pid}")
 
 
-def restart_management(bal: Balancer) -> int:
-    """SIGKILL the management process; the pid of the one the arbiter starts
-    instead, once its API answers."""
+def restart_management(bal: Balancer, collected: int) -> None:
+    """SIGKILL the management process; return once the one the arbiter starts
+    instead answers its API and says it took `collected` certificates from the
+    workers."""
     killed = management_pid(bal)
     os.kill(killed, signal.SIGKILL)
 
@@ -198,7 +205,9 @@ def restart_management(bal: Balancer) -> int:
         except (OSError, StopIteration, KeyError, ValueError):
             return None  # its API does not answer yet
         return pid if pid != killed and pid in children_of(bal.proc.pid) else None
-    return wait_for(restarted, timeout=20, interval=0.2, what="a new management process")
+    wait_for(restarted, timeout=20, interval=0.2, what="a new management process")
+    took = f"took {collected} certificates the damaged store cannot give from the workers"
+    wait_for(lambda: took in bal.output(), timeout=10, what="the certificates collected")
 
 
 def test_a_management_process_restarted_after_its_crash_collects_them_from_the_workers(
@@ -207,12 +216,8 @@ def test_a_management_process_restarted_after_its_crash_collects_them_from_the_w
     try:
         context = client_context(tmp_path)
         path = tmp_path / "routes.json.certs.json"
-        good = path.read_bytes()
-        path.write_bytes(good[: len(good) // 2])
-        wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
-        restart_management(bal)  # it never read them, and has no predecessor
-        wait_for(lambda: "took 3 certificates the damaged store cannot give from the workers"
-                 in bal.output(), timeout=10, what="the certificates collected")
+        good = truncate(bal, path)
+        restart_management(bal, collected=3)  # it never read them, has no predecessor
         assert "cannot be read" in (certs_problem(bal) or "")
         worker = control_socket(wait_workers(bal, 2)[0])
         # keys leave a worker only while the store is as the asker judged it
@@ -241,9 +246,7 @@ def test_after_a_crash_a_damaged_record_is_collected_from_the_workers(
         path.write_text(json.dumps(doc))
         wait_for(lambda: "certificate of b.test" in bal.output(), timeout=10,
                  what="the damaged record to be logged")
-        restart_management(bal)
-        wait_for(lambda: "took 1 certificates the damaged store cannot give from the workers"
-                 in bal.output(), timeout=10, what="the damaged record collected")
+        restart_management(bal, collected=1)
         replace_workers(bal)
         all_served_soon(bal, context, HOSTS)
         no_key_leaked(bal)

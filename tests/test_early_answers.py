@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.rawpeer import read_until, serve_each
+from tests.rawpeer import read_through, read_until, serve_each
 from tests.support import Balancer, wait_for
 from tests.tlsbackend import server_context
 from tests.tlsca import TestCA
@@ -59,12 +59,8 @@ class EarlyBackend:
             except OSError:
                 return
         with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                head += chunk
+            if read_through(conn) is None:
+                return
             conn.sendall(self.answer)
             if not self.close:
                 self.stopped.wait(WAIT)
@@ -138,9 +134,9 @@ class ReadingBackend(EarlyBackend):
         self.accepted += 1
         conn.settimeout(WAIT)
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
+            data = read_through(conn)
+            if data is None:
+                return
             conn.sendall(self.answer)
             head, _, body = data.partition(b"\r\n\r\n")
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])

@@ -16,7 +16,7 @@ import pytest
 
 from balancer.http11 import END, Limits, ProtocolError, RequestParser
 from balancer.response_parser import ResponseParser
-from tests.rawpeer import RawBackend, client_exchange
+from tests.rawpeer import RawBackend, client_exchange, read_through
 from tests.test_http_corpus import splits
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -254,12 +254,7 @@ def send_in_pieces(port: int, data: bytes, piece: int) -> bytes:
                 sock.sendall(data[i:i + piece])
         except OSError:
             pass  # refused part-way: the answer is already there
-        answer = b""
-        while b"\r\n" not in answer:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
+        answer = read_through(sock, b"\r\n") or b""  # closed first: no status line
     return answer.partition(b"\r\n")[0]
 
 
