@@ -347,6 +347,7 @@ def redis_bal(tmp_path: Path, backend: Backend,
     bal.stop()
 
 
+@pytest.mark.slow  # ~8 s: runs first (scripts/test.sh)
 def test_redis_garbage_record_and_flushdb(tmp_path: Path,
                                           redis_bal: tuple[Balancer, Any]) -> None:
     bal, client = redis_bal
