@@ -207,8 +207,6 @@ class _Parser:
         self._head_max = limits.max_header_bytes  # request line and fields
         self._line_max = limits.max_request_line + 1  # + 1: the CR ending the line
         self.events = []
-        # `events.append`, bound once; httptools calls it for each body piece itself
-        self._push: Any = self.events.append
         self._head: RequestHead | None = None  # the last head parsed (trailers go there)
         # llhttp is between messages and every byte fed so far was parsed whole
         self._between = True
@@ -249,8 +247,9 @@ class _Parser:
         between, repeat = self._between, self.repeat_head
         if between and repeat is not None and data == self._repeat:  # again: module doc
             self.repeats += 1
-            self._push(repeat)
-            self._push(END)
+            events = self.events
+            events.append(repeat)
+            events.append(END)
             return
         if self._closed:
             return

@@ -42,9 +42,9 @@ SLOTS: Final = 30           # intervals kept before the current one: windows up 
 PATH_PREFIX: Final = 48     # bytes of the path's first segment kept in a path key
 PATH_CACHE: Final = 256     # request targets whose path key a host remembers
 MAX_CLIENT: Final = 64      # bytes of an X-Forwarded-For entry taken as a client key
-NOTHING: Final = (0, 0, 0, 0)
+NOTHING: Final = (0, 0, 0, 0)  # the counters of a host or backend not seen before
 SLASH: Final = 47  # b"/"
-QUERY: Final = 63  # b"?"  # the counters of a host or backend not seen before
+QUERY: Final = 63  # b"?"
 
 
 class Entry:

@@ -21,7 +21,6 @@ would smuggle or desynchronise (cheap: one balancer for the module).
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
@@ -83,10 +82,13 @@ def test_connection_naming_content_length_keeps_the_request_body_framed(site) ->
                              b"Connection: Content-Length\r\nContent-Length: %d\r\n\r\n%s"
                              % (len(smuggled), smuggled), until=b"\r\n\r\nok")
     assert statuses(answer) == [b"200"], answer
-    wait_for(lambda: len(backend.requests) > before, WAIT, what="the request at the backend")
-    time.sleep(0.2)  # a smuggled request would follow at once on the same connection
+    # A smuggled request would reach the backend before one sent after the answer.
+    after = client_exchange(bal.port, get(b"/after"), until=b"\r\n\r\nok")
+    assert statuses(after) == [b"200"], after
+    wait_for(lambda: any(r.startswith(b"GET /after ") for r in backend.requests[before:]),
+             WAIT, what="the request after it at the backend")
     got = backend.requests[before:]
-    assert len(got) == 1 and got[0].endswith(b"\r\n\r\n" + smuggled), got
+    assert len(got) == 2 and got[0].endswith(b"\r\n\r\n" + smuggled), got
     assert b"\r\nContent-Length: %d\r\n" % len(smuggled) in got[0]
 
 
@@ -159,15 +161,17 @@ def test_bytes_a_backend_adds_after_a_response_reach_no_one(site, target: bytes,
     client's next request gets its own answer, never those bytes."""
     bal, _ = site
     sock = socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT)
+    data = b""
     with sock:
-        for path in (target, b"/next"):
+        # Each answer is read before the next request goes: the backend wrote its
+        # extra bytes with it, so they are at the balancer by then.
+        for count, path in enumerate((target, b"/next"), 1):
             sock.sendall(get(path))
-            time.sleep(0.1)  # let the extra bytes arrive before the next request
-        data = b""
-        while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"ok"):
-            more = sock.recv(65536)
-            assert more, data
-            data += more
+            end = b"ok" if path in (b"/twice", b"/next") else b"\r\n\r\n"
+            while data.count(b"HTTP/1.1 ") < count or not data.endswith(end):
+                more = sock.recv(65536)
+                assert more, data
+                data += more
     assert b"SMUGGLED" not in data, data
     assert statuses(data) == [status, b"200"], data
 
