@@ -29,6 +29,12 @@ HOST_RE = re.compile(rf"^(\*|(\*\.)?{_LABEL}(\.{_LABEL})*\.?)$")
 MAX_HOST_LEN = 253
 MAX_HOLD = 86400   # seconds a request may be held (spin timeout, spin_when_down)
 MAX_CHECK = 3600   # seconds: the longest health check interval or timeout
+# The shortest health check interval and timeout, in seconds. Each worker checks each
+# address on its own: below 0.1 s a check interval is a worker hammering its backend
+# (1e-9 ran checks back to back, spinning the worker's CPU); a check given less than
+# 10 ms cannot connect and be answered even on loopback under load, so it only ever fails.
+MIN_CHECK_INTERVAL = 0.1
+MIN_CHECK_TIMEOUT = 0.01
 
 COMMON_KEYS = {"action", "subdomains", "limits", "https_redirect", "hsts", "tls"}
 TLS_MODES = ("acme",)  # "tls": "acme": a certificate issued and renewed by ACME (docs/tls.md)
@@ -190,6 +196,14 @@ def _at_most(rule: Mapping[str, Any], key: str, high: float, unit: str,
     return []
 
 
+def _number_between(rule: Mapping[str, Any], key: str, low: float, high: float, unit: str,
+                    prefix: str = "") -> list[str]:
+    if key in rule and (not _is_number(rule[key]) or not low <= rule[key] <= high):
+        return [f"{prefix}{key}: must be a finite number from {low:g} to {high:g} {unit}, "
+                f"got {rule[key]!r}"]
+    return []
+
+
 def _status(rule: Mapping[str, Any], allowed: Callable[[int], bool], text: str) -> list[str]:
     status = rule.get("status")
     if status is not None and (not _is_int(status) or not allowed(status)):
@@ -286,9 +300,8 @@ def _validate_health(health: object) -> list[str]:
     else:
         problems += _header_text(health, "path", "/", "a path", "health check's request line",
                                  "health.")
-    for key in ("interval", "timeout"):
-        problems += _positive_number(health, key, "health.")
-        problems += _at_most(health, key, MAX_CHECK, "seconds", "health.")
+    for key, low in (("interval", MIN_CHECK_INTERVAL), ("timeout", MIN_CHECK_TIMEOUT)):
+        problems += _number_between(health, key, low, MAX_CHECK, "seconds", "health.")
     problems += _int_at_least(health, "rise", 1, "health.")
     problems += _int_at_least(health, "fall", 1, "health.")
     return problems

@@ -62,7 +62,8 @@ KEY_HELP: dict[str, str] = {
     "draining": "set by a deploy: the old backends, ramped down over warmup (docs/deploys.md)",
     "health": "active checks, one dotted key each: "
               + " ".join(f"health.{key}=..." for key in sorted(HEALTH_KEYS))
-              + " (defaults path=/ interval=2 timeout=1 rise=2 fall=3)",
+              + " (defaults path=/ interval=2 timeout=1 rise=2 fall=3; seconds: interval "
+              "0.1-3600, timeout 0.01-3600)",
     "spin_when_down": "seconds to hold requests while every backend refuses",
     "max_body_bytes": "largest request body; above it 413",
     "backend_tls_verify": "false: do not verify https:// backends' certificates "

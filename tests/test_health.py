@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -10,6 +11,7 @@ import pytest
 from balancer.health import CheckConfig, Checker, HealthChecks, read_status, wanted_checks
 from balancer.pool import Backend as PoolBackend
 from balancer.pool import BackendRegistry
+from tests.conftest import RedisServer
 from tests.support import Backend, Balancer, EchoHandler, dead_address, request, wait_for
 
 HOST = "app.test"
@@ -132,6 +134,52 @@ def test_one_checker_per_address_and_stopped_with_its_rule(tmp_path, stop_after)
     wait_for(lambda: time.monotonic() - start >= 3.0, timeout=3, interval=0.1,
              what="another second")
     assert len(app.checks) <= settled + 1  # at most one check was already under way
+
+
+# a careless or hostile operator -------------------------------------------------
+BACK_TO_BACK = {**FAST_CHECKS, "interval": 1e-9}
+
+
+def check_rate(backend: Backend, seconds: float) -> float:
+    """Checks per second the backend gets over the next `seconds`."""
+    start, count = time.monotonic(), len(backend.checks)  # type: ignore[attr-defined]
+    wait_for(lambda: time.monotonic() - start >= seconds, timeout=seconds + 1, interval=0.05,
+             what="the window")
+    return (len(backend.checks) - count) / (time.monotonic() - start)  # type: ignore[attr-defined]
+
+
+def store_problem(bal: Balancer) -> str:
+    return bal.api("GET", "/api/v1/info")[1]["store"]["problem"] or ""
+
+
+@pytest.mark.parametrize("kind", ["file", "redis"])
+def test_a_check_interval_below_the_floor_is_refused_and_a_stored_one_is_corrupt(
+        tmp_path, stop_after, redis_factory, kind):
+    """Bug: health.interval 1e-9 was accepted (through the API, or written into the
+    store by hand) and every worker ran its checks back to back."""
+    app = scripted("app")
+    stop_after(app)
+    redis: RedisServer | None = redis_factory() if kind == "redis" else None
+    bal = Balancer(tmp_path, None, store=redis.url if redis else None)
+    stop_after(bal)
+    good = {"action": "proxy", "backends": [app.address], "health": FAST_CHECKS}
+    assert bal.api("PUT", f"/api/v1/hosts/{HOST}", good)[0] == 200
+    status, answer = bal.api("PUT", f"/api/v1/hosts/{HOST}", {**good, "health": BACK_TO_BACK})
+    assert status == 400 and answer["error"] == "invalid_rule", answer
+    assert answer["details"] == ["health.interval: must be a finite number from 0.1 to 3600 "
+                                 "seconds, got 1e-09"]
+    if redis is None:
+        bal.write_routes({HOST: {**good, "health": BACK_TO_BACK}})
+    else:
+        raw = redis.client()
+        version = raw.incr("balancer:version")
+        raw.hset("balancer:hosts", HOST, json.dumps({**good, "health": BACK_TO_BACK}))
+        raw.publish("balancer:changes", f"{version} {HOST}")
+    wait_for(lambda: "health.interval: must be a finite number from 0.1" in store_problem(bal),
+             what="the stored rule reported")
+    assert request(bal.port, host=HOST)[0] == 200  # the last good table still serves
+    assert check_rate(app, 1.0) <= 15  # every 0.1 s (10/s), never back to back
+    assert bal.proc.poll() is None
 
 
 # passive health ----------------------------------------------------------------

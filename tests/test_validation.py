@@ -57,6 +57,23 @@ def test_health_numbers_are_finite(key: str, value: float) -> None:
     assert validate_rule(backend)
 
 
+@pytest.mark.parametrize("key,low,below", [("interval", 0.1, [1e-9, 0.09]),
+                                           ("timeout", 0.01, [1e-9, 0.009])])
+def test_health_interval_and_timeout_have_a_floor(key: str, low: float,
+                                                  below: list[float]) -> None:
+    """Bug: health.interval 1e-9 was accepted; every worker then checked back to back."""
+    for value in [*below, 0, -1, True, False, "1", None, [], 3601]:
+        rule = {"action": "proxy", "backends": ["127.0.0.1:1"], "health": {key: value}}
+        assert validate_rule(rule) == [f"health.{key}: must be a finite number from {low:g} "
+                                       f"to 3600 seconds, got {value!r}"]
+    for value in (low, 1, 3600):
+        assert validate_rule({"action": "proxy", "backends": ["127.0.0.1:1"],
+                              "health": {key: value}}) == []
+    # a timeout longer than the interval is fine: checks never overlap
+    assert validate_rule({"action": "proxy", "backends": ["127.0.0.1:1"],
+                          "health": {"interval": 0.1, "timeout": 5}}) == []
+
+
 HEADER_FIELDS = [
     ({"action": "redirect"}, "to", "Location header"),
     ({"action": "static", "body": "x"}, "content_type", "Content-Type header"),
