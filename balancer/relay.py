@@ -8,8 +8,10 @@ Invariants:
 * A chunked response's trailer fields reach HTTP/1.1 clients (whose response
   stays chunked) with its `Trailer` field; an HTTP/1.0 client's response is
   close-delimited, so they are dropped there (docs/headers.md).
-* Interim (1xx) responses reach HTTP/1.1 clients as they come; the response
-  head, and what came of a body, go out before the relay waits for more.
+* Interim (1xx) responses reach HTTP/1.1 clients as they come, at most
+  `MAX_INTERIM` per request (a backend sending them without end is a bad
+  response: 502); the response head, and what came of a body, go out before
+  the relay waits for more.
 * Socket errors toward the backend become `BackendClosed`/`BackendTimeout`
   here; toward the client `ClientGone` (raised by `Exchange.send`).
 * A backend connection goes back to its pool only at a message boundary of
@@ -43,6 +45,10 @@ CHUNK: Final = 1
 CLOSE: Final = 2
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 EARLY_LIMIT: Final = 65536  # body bytes of an early success read while the request's go
+# Interim (1xx) responses one request may get: a 100 Continue and a few 103 Early Hints
+# are what servers send. Bug: a backend sending 1xx heads without end kept the request
+# (each head a read within backend_read), its client and a worker busy forever.
+MAX_INTERIM: Final = 32
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -143,14 +149,21 @@ def _judge_answer(upstream: Upstream) -> Callable[[], BaseException | bool]:
             rhead = _read_early(upstream, parser)
         except ProxyError as exc:
             return exc
-        if rhead is None:
-            return True
+        if rhead is None:  # nothing final: interim heads wait in the parser, bounded
+            return True if _interims(parser) <= MAX_INTERIM else BackendProtocolError(
+                f"more than {MAX_INTERIM} interim (1xx) responses")
         if rhead.status >= 400 or not rhead.keep_alive or (parser.complete
                                                            and rhead.status != 101):
             rhead.keep_alive = False  # the request was cut short: never reused
             return BackendAnswered()
         return rhead.status != 101 and _held(parser) <= EARLY_LIMIT
     return judge
+
+
+def _interims(parser: ResponseParser) -> int:
+    """How many interim (1xx) heads of an early answer wait in `parser`."""
+    return sum(1 for event in parser.events
+               if isinstance(event, ResponseHead) and event.status < 200 and event.status != 101)
 
 
 def _held(parser: ResponseParser) -> int:
@@ -253,12 +266,16 @@ def read_response_head(ex: Exchange, upstream: Upstream, continued: bool = False
             upstream.stream.wait_readable()
         except TimeoutError:
             raise BackendTimeout("backend read timeout") from None
+    interim = 0
     while True:
         while not events:
             _recv_backend(upstream, parser)
         rhead: ResponseHead = events.pop(0)
         if rhead.status >= 200 or rhead.status == 101:
             return rhead
+        interim += 1
+        if interim > MAX_INTERIM:
+            raise BackendProtocolError(f"more than {MAX_INTERIM} interim (1xx) responses")
         while True:  # an interim response has no body: its END follows
             while not events:
                 _recv_backend(upstream, parser)

@@ -13,6 +13,9 @@ Defects found and fixed (each test fails without its fix):
   first (RFC 9112 §9.3.2: responses in the order of the requests).
 * An HTTP/1.1 request in absolute form without Host was served (RFC 9112 §3.2:
   a server must answer 400 to any HTTP/1.1 request without it).
+* A backend sending interim (1xx) heads without end kept the request, its client
+  and a worker busy for as long as it went on, and pushed every head to the
+  client: now the 33rd interim response of a request is a bad response (502).
 
 The other probes pin behaviour that was already right, where a regression
 would smuggle or desynchronise (cheap: one balancer for the module).
@@ -20,11 +23,14 @@ would smuggle or desynchronise (cheap: one balancer for the module).
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
+import time
 
 import pytest
 
-from tests.rawpeer import RawBackend, client_exchange
+from tests.rawpeer import RawBackend, client_exchange, read_through, serve_each
 from tests.support import Balancer, wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -45,11 +51,34 @@ ANSWERS = {
 }
 
 
+# /endless-1xx: interim heads until the balancer stops reading (then a final answer,
+# so that a balancer that forwards them all still ends the test: by failing it)
+INTERIMS = (b"HTTP/1.1 100 Continue\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+ENDLESS_FOR = 3.0  # seconds
+endless_ended = threading.Event()
+
+
 def answer(conn: socket.socket, request: bytes) -> bool:
     """The scripted answer to `request` (keeps the connection)."""
     target = request.split(b" ", 2)[1]
+    if target == b"/endless-1xx":
+        return send_interims(conn)
     conn.sendall(ANSWERS.get(target, OK))
     return True
+
+
+def send_interims(conn: socket.socket) -> bool:
+    """Interim heads for ENDLESS_FOR seconds or until the balancer closes."""
+    endless_ended.clear()
+    end = time.monotonic() + ENDLESS_FOR
+    try:
+        while time.monotonic() < end:
+            conn.sendall(INTERIMS[0] + INTERIMS[1] * 20)
+        conn.sendall(OK)
+    finally:
+        endless_ended.set()  # the balancer closed (OSError) or the time ran out
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +229,58 @@ def test_a_request_dripped_byte_by_byte_and_a_half_close(site) -> None:
     assert statuses(answer) == [b"200"], answer
     forwarded = backend.requests[before]
     assert forwarded.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n"), forwarded
+
+
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+def test_a_backend_sending_interim_responses_without_end_is_a_bad_gateway(
+        site, version: bytes) -> None:
+    bal, _ = site
+
+    def errors() -> int:
+        backends = bal.host_stats("app.test")["backends"]
+        return sum(b["outcomes"]["error"] for b in backends.values())
+
+    before = errors()
+    started = time.monotonic()
+    answer = client_exchange(bal.port, b"GET /endless-1xx HTTP/" + version
+                             + b"\r\nHost: app.test\r\n\r\n", until=b"</html>")
+    assert time.monotonic() - started < ENDLESS_FOR, "the balancer waited for the backend"
+    codes = statuses(answer.replace(b"HTTP/1.0 ", b"HTTP/1.1 "))
+    sent = ([b"100"] + [b"103"] * 20) * 2
+    forwarded = sent[:32] if version == b"1.1" else []  # an HTTP/1.0 client never gets one
+    assert codes == [*forwarded, b"502"], answer[-300:]
+    assert endless_ended.wait(WAIT), "the backend connection was kept open"
+    wait_for(lambda: errors() == before + 1, WAIT, what="the failure counted")
+    again = client_exchange(bal.port, get(b"/next", more=b"Connection: close\r\n"))
+    assert statuses(again) == [b"200"], again
+
+
+def test_interim_responses_while_the_request_body_goes_are_bounded_too(site) -> None:
+    """The same backend answering a streamed upload: the heads waited in the
+    worker's memory, unbounded, for as long as the client took to send it."""
+    bal, _ = site
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(WAIT)
+            if read_through(conn) is not None:  # the head: then 1xx while the body goes
+                with contextlib.suppress(OSError):  # the balancer closed
+                    send_interims(conn)
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    serve_each(listener, serve)
+    rule = {"action": "proxy", "backends": [f"127.0.0.1:{listener.getsockname()[1]}"]}
+    try:
+        assert bal.api("PUT", "/api/v1/hosts/upload.test", rule)[0] == 200
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT) as sock:
+            # over 64 KiB: streamed; over 1 MiB: not drained after the answer; and never all
+            # sent (the client stalls)
+            sock.sendall(b"POST /up HTTP/1.1\r\nHost: upload.test\r\n"
+                         b"Content-Length: 10000000\r\n\r\n" + b"x" * 100_000)
+            answer = read_through(sock, b"</html>")
+        assert time.monotonic() - started < ENDLESS_FOR, "the balancer waited for the backend"
+        assert answer is not None and statuses(answer) == [b"502"], answer
+        assert endless_ended.wait(WAIT), "the backend connection was kept open"
+    finally:
+        listener.close()
