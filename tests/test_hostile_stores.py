@@ -140,3 +140,56 @@ def test_a_redis_version_that_is_no_count_is_reported_and_followed_after(
     wait_for(lambda: problem(bal) == "", WAIT, what="the problem cleared")
     version = int(good) + 2  # above the change, never above the bad version
     assert bal.api("PUT", "/api/v1/hosts/b.test", STATIC) == (200, {"version": version})
+
+
+def store_up(bal: Balancer) -> str:
+    metrics = bal.api("GET", "/metrics")[1].decode()
+    return next(line.split()[1] for line in metrics.splitlines()
+                if line.startswith("balancer_store_up "))
+
+
+def test_a_redis_key_of_the_wrong_type_is_a_corrupt_store(
+        redis_site: tuple[Balancer, Any]) -> None:
+    """Bug: WRONGTYPE was reported as "unreachable"; a one-host write onto a hosts key
+    that was no hash raised the version and announced it (Redis does not roll back the
+    INCR and PUBLISH of an EXEC whose HSET failed); a certs key was never reported."""
+    bal, raw = redis_site
+    good = raw.get("balancer:version")
+    raw.delete("balancer:hosts")
+    raw.set("balancer:hosts", "x")
+    raw.publish("balancer:changes", good)  # look again now
+    wrong = "balancer:hosts is a string, not a hash"
+    wait_for(lambda: wrong in problem(bal), WAIT, what="the hosts key reported")
+    assert "unreachable" not in problem(bal)
+    assert serves(bal)  # the last good table rides it out
+    wait_for(lambda: store_up(bal) == "0.0", WAIT, what="balancer_store_up 0")
+    status, answer = bal.api("PUT", "/api/v1/hosts/b.test", STATIC)
+    assert (status, answer["error"]) == (503, "store_corrupt") and wrong in answer["message"]
+    assert raw.get("balancer:version") == good  # the failed write announced nothing
+    assert bal.output().count(wrong) == 1  # logged once, by the management process
+    # a whole-table write replaces the key: repaired
+    assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+    wait_for(lambda: problem(bal) == "" and store_up(bal) == "1.0", WAIT,
+             what="the repair seen")
+    version = raw.get("balancer:version")
+    raw.delete("balancer:version")
+    raw.lpush("balancer:version", version)
+    raw.publish("balancer:changes", version)
+    wait_for(lambda: "balancer:version is a list, not a string" in problem(bal), WAIT,
+             what="the version key reported")
+    status, answer = bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})
+    assert (status, answer["error"]) == (503, "store_corrupt"), answer
+    assert serves(bal)
+    raw.delete("balancer:version")  # repaired by hand
+    raw.set("balancer:version", version)
+    publish_change(raw, "new.test", "new")
+    wait_for(lambda: serves(bal, "new.test", b"new") and problem(bal) == "", WAIT,
+             what="the change after the repair")
+    raw.set("balancer:certs", "x")
+    certs_problem = "balancer:certs is a string, not a hash"
+    wait_for(lambda: certs_problem in (bal.api("GET", "/api/v1/info")[1]["store"]
+                                       ["certs_problem"] or ""), WAIT, what="the certs key")
+    status, answer = bal.api("DELETE", "/api/v1/certs/app.test")
+    assert (status, answer["error"]) == (503, "certs_corrupt") and certs_problem in \
+        answer["message"], answer
+    assert serves(bal) and problem(bal) == ""

@@ -76,6 +76,35 @@ def test_a_lost_message_is_caught_up_by_the_resync_tick(redis_server: RedisServe
         assert watcher.wait_version(1, timeout=2).hosts == {"web.example.com": WEB}
 
 
+@pytest.mark.parametrize(("key", "make", "kind", "want"), [
+    ("hosts", lambda raw, key: raw.set(key, "x"), "string", "hash"),
+    ("hosts", lambda raw, key: raw.sadd(key, "x"), "set", "hash"),
+    ("version", lambda raw, key: raw.lpush(key, "1"), "list", "string"),
+    ("version", lambda raw, key: raw.hset(key, "v", "1"), "hash", "string"),
+], ids=["hosts-string", "hosts-set", "version-list", "version-hash"])
+def test_a_key_of_the_wrong_type_is_corrupt_not_unreachable(
+        redis_server: RedisServer, key: str, make: Callable, kind: str, want: str) -> None:
+    ns = namespace()
+    store = RedisStore(redis_server.url, ns)
+    store.put_host("web.example.com", WEB)
+    raw = redis_server.client()
+    raw.delete(f"{ns}:{key}")
+    make(raw, f"{ns}:{key}")
+    wrong = f"{ns}:{key} is a {kind}, not a {want}"
+    for call in (store.load, lambda: store.put_host("b.example.com", WEB),
+                 lambda: store.delete_host("web.example.com")):
+        with pytest.raises(CorruptStore, match=wrong):
+            call()
+    assert raw.type(f"{ns}:version") != "string" or raw.get(f"{ns}:version") == "1"
+    assert store.is_reachable()  # Redis answers: not an outage
+    if key == "hosts":  # a whole-table write replaces the key
+        assert store.replace({"web.example.com": WEB}) == 2
+        assert store.load() == TableData(2, {"web.example.com": WEB})
+    else:  # the version cannot be read: repaired by hand
+        with pytest.raises(CorruptStore, match=wrong):
+            store.replace({"web.example.com": WEB})
+
+
 def test_corrupt_data_keeps_the_last_good_table(redis_server: RedisServer) -> None:
     ns = namespace()
     store = RedisStore(redis_server.url, ns)

@@ -29,13 +29,14 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from balancer.stores.atomic import file_signature, open_regular, write_atomically
-from balancer.stores.base import StoreError, StoreUnavailable
+from balancer.stores.base import CorruptStore, StoreError, StoreUnavailable
 
 FILE_MODE = 0o600
 HOW_TO_FIX = ("run `balancerctl cert restore` (POST /api/v1/certs/restore) to write back the "
@@ -236,8 +237,19 @@ class RedisCerts(Certs):
         self._write = client.register_script(_WRITE)
         self._restore = client.register_script(_RESTORE)
 
+    @contextlib.contextmanager
+    def _talking(self, what: str) -> Iterator[None]:
+        """The store's `talking`; a key of the wrong type (``SET NS:certs x``: the
+        store's `CorruptStore`) is `CertsCorrupt` here."""
+        try:
+            with self.talking(what):
+                yield
+        except CorruptStore as exc:
+            raise CertsCorrupt(f"{exc}; keeping the certificates served and refusing "
+                               f"certificate writes. To fix it, {HOW_TO_FIX}") from None
+
     def _all(self) -> dict[str, Any]:
-        with self.talking("read"), self.client.pipeline(transaction=True) as pipe:
+        with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
             pipe.get(self.version_key)
             pipe.hgetall(self.key)
             version, raw = pipe.execute()
@@ -263,7 +275,7 @@ class RedisCerts(Certs):
         return removed
 
     def _change(self, what: str, host: str, value: str) -> int:
-        with self.talking("write"):
+        with self._talking("write"):
             version, changed = self._write(keys=[self.key, self.version_key],
                                            args=[self.highest, what, host, value])
         if version < 0:
@@ -275,11 +287,11 @@ class RedisCerts(Certs):
         args: list[Any] = [self.highest]
         for host, record in records.items():
             args += [host, json.dumps(record, sort_keys=True)]
-        with self.talking("write"):
+        with self._talking("write"):
             self.highest = int(self._restore(keys=[self.key, self.version_key], args=args))
 
     def signature(self) -> object:
-        with self.talking("read"):
+        with self._talking("read"):
             return self.client.get(self.version_key)
 
 

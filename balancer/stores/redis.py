@@ -24,6 +24,13 @@ Invariants:
   the same with 100 or 100,000 hosts.
 * Every socket operation has a timeout, so a dead Redis fails a write with
   `StoreUnavailable` in about `timeout` seconds, never hangs it.
+* A key of another type than the store keeps there (``SET NS:hosts x``,
+  ``LPUSH NS:version 1``: Redis answers ``WRONGTYPE``) is damaged data, a
+  `CorruptStore` naming the key, never "unreachable". A one-host write checks
+  that ``NS:hosts`` is a hash before its ``MULTI`` (Redis does not roll back:
+  the ``HSET`` failed inside ``EXEC`` while the ``INCR`` and ``PUBLISH`` went
+  through, announcing a version that changed nothing); a whole-table write
+  replaces the key, so it repairs it.
 """
 
 from __future__ import annotations
@@ -75,6 +82,13 @@ PAUSE_EVERY = 2000        # hosts parsed between yields to other greenlets (a bi
 # (Bug: a hand-set 10**22 was served, became every balancer's floor for versions,
 # and no write, not even a whole-table PUT, could ever go above it.)
 VERSION_LIMIT = 2**63 - 1
+HASH_OR_NOTHING = ("hash", "none")
+
+
+def is_wrong_type(exc: BaseException) -> bool:
+    """Whether Redis refused a command for the type of the key it named (``WRONGTYPE``,
+    also from inside a pipeline or a script): the data is damaged, not unreachable."""
+    return isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc)
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
@@ -223,8 +237,13 @@ class RedisStore(Store):
 
     def put_host(self, host: str, rule: Mapping[str, Any], if_version: int | None = None) -> int:
         encoded = json.dumps(rule, sort_keys=True)
+
+        def check(pipe: Any) -> None:  # an HSET failing inside EXEC would not stop the INCR
+            kind = pipe.type(self.hosts_key)
+            if kind not in HASH_OR_NOTHING:
+                raise self._wrong_type_found([(self.hosts_key, "hash", kind)])
         return self._write(lambda pipe: pipe.hset(self.hosts_key, host, encoded), if_version,
-                           named=host)
+                           check, named=host)
 
     def delete_host(self, host: str, if_version: int | None = None) -> int:
         def check(pipe: Any) -> None:
@@ -277,10 +296,40 @@ class RedisStore(Store):
         except WatchError:
             raise
         except (RedisError, OSError) as exc:
+            if is_wrong_type(exc):
+                self._reachable = True
+                raise self._wrong_type(exc) from None
             self._reachable = False
             self._unreachable = f"{self.display_url}: unreachable: {exc}"
             raise StoreUnavailable(f"{self.display_url}: cannot {what}: {exc}") from exc
         self._reachable = True
+
+    def _wrong_type(self, exc: BaseException) -> CorruptStore:
+        """The `CorruptStore` for a ``WRONGTYPE`` answer: which of the table's and the
+        certificates' keys hold another type (one more round trip, on this error only),
+        else Redis's own words (a pipeline's name the command and the key)."""
+        expected = {self.hosts_key: "hash", self.version_key: "string",
+                    f"{self.namespace}:certs": "hash",
+                    f"{self.namespace}:certs-version": "string"}
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in expected:
+                    pipe.type(key)
+                kinds = pipe.execute()
+        except (RedisError, OSError):
+            kinds = ["none"] * len(expected)
+        found = [(key, want, kind) for (key, want), kind in zip(expected.items(), kinds,
+                                                               strict=True)
+                 if kind not in (want, "none")]
+        if found:
+            return self._wrong_type_found(found)
+        return CorruptStore(f"{self.display_url}: a key under {self.namespace}: holds another "
+                            f"type of value than the balancer keeps there: {exc}")
+
+    def _wrong_type_found(self, found: list[tuple[str, str, str]]) -> CorruptStore:
+        named = "; ".join(f"{key} is a {kind}, not a {want}" for key, want, kind in found)
+        return CorruptStore(f"{self.display_url}: {named} (something other than a balancer "
+                            f"wrote it)")
 
     # watching --------------------------------------------------------------
     def watch(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
