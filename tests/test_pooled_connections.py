@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 
 import pytest
 
@@ -21,13 +20,12 @@ pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 POISON = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"
 TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
                b"Content-Length: 15\r\n\r\nRequest Timeout")
-STRAY_DELAY = 0.3  # seconds between a response and the stray write
-
 
 class StrayBackend:
     """Answers each request with its path and connection number; after the first
-    connection's first response it waits STRAY_DELAY s, then does `stray`
-    ("poison", "408" or "eof") on that idle connection."""
+    connection's first response, once the test sets `pooled` (its client has the
+    response, so the balancer has parked the connection in its pool), it does
+    `stray` ("poison", "408" or "eof") on that idle connection."""
 
     def __init__(self, stray: str) -> None:
         self.stray = stray
@@ -35,6 +33,7 @@ class StrayBackend:
         self.port = self.listener.getsockname()[1]
         self.connections = 0
         self.served: list[tuple[int, bytes]] = []  # (connection, path)
+        self.pooled = threading.Event()  # set by the test: the first connection is idle
         self.strayed = threading.Event()  # the stray write was made
         self.closed_by_peer = threading.Event()  # the balancer closed the stray connection
         self.lock = threading.Lock()
@@ -74,7 +73,7 @@ class StrayBackend:
                 self.misbehave(sock)
 
     def misbehave(self, sock: socket.socket) -> None:
-        time.sleep(STRAY_DELAY)  # scripted: the connection sits idle in the pool meanwhile
+        assert self.pooled.wait(10), "the test never set `pooled`"
         if self.stray == "poison":
             sock.sendall(POISON)
         elif self.stray == "408":
@@ -97,6 +96,10 @@ def test_bytes_on_an_idle_pooled_connection_never_reach_the_next_client(tmp_path
     try:
         status, _, body = request(bal.port, path="/a")
         assert (status, body) == (200, b"conn 1 /a")
+        # The balancer read the whole response before the client got it, and parks the
+        # connection in the pool before it next waits: what the backend sends from now
+        # on arrives on an idle pooled connection.
+        backend.pooled.set()
         assert backend.strayed.wait(10)
         status, headers, body = request(bal.port, path="/b")  # another client
         assert (status, body) == (200, b"conn 2 /b"), body
