@@ -16,6 +16,11 @@ Invariants:
   IO can (`GeventIO.park`; at once when the worker is crowded, else after
   PARK_AFTER idle): no greenlet waits for it, `resume_client` goes
   on when it is readable and `expire_client` closes it at its deadline.
+* A connection closed after a response while its client may still be sending
+  (`linger`: a body not all read, bytes after the request, a refused head, a
+  keep-alive the balancer ends) lingers (`balancer.lingering`: half-closed,
+  parked, what still comes read and dropped, within bounds) so that the client
+  reads its response instead of a reset; any other close is immediate.
 * Every wait is bounded by `arm`: with socket timeouts (blocking `IO`), or
   under gevent by a per-connection deadline that the worker's watchdog
   enforces by raising TimeoutError in the overdue greenlet. gevent socket
@@ -49,6 +54,10 @@ ACME_PATH: Final = b"/.well-known/acme-challenge/"  # HTTP-01 (balancer.challeng
 DOT: Final = 46  # b"."
 HEX_BYTE: Final = tuple(b"%02x" % i for i in range(256))  # a request id's last two digits
 DRAIN_LIMIT: Final = 1 << 20  # bytes of an unused request body read to keep a connection alive
+# `ClientConnection.linger`: what its close does (balancer.lingering)
+CLOSE: Final = 0  # close at once
+LINGER: Final = 1  # linger, if the worker can: the client may still be sending
+LINGERING: Final = 2  # lingering now (counted in `Stats.lingering_connections`)
 # time.perf_counter, held in a static: ``time.perf_counter()`` looks the function up
 # on the module by name on every call (~250 instructions; four calls per request)
 PERF_COUNTER: Final[Callable[[], float]] = time.perf_counter
@@ -69,7 +78,7 @@ class Context:
                  access_log: AccessLog, trusted: bool, limits: Limits,
                  timeouts: TimeoutSettings, io: IO, spin_max_waiting: int = 10000,
                  scheme: bytes = b"http", challenges: Any = None,
-                 shared_callbacks: bool = False) -> None:
+                 shared_callbacks: bool = False, lingering: Any = None) -> None:
         self.holder = holder
         self.pages = pages
         self.stats = stats
@@ -94,6 +103,8 @@ class Context:
         # parser has its own (the threaded baseline)
         self.request_callbacks = RequestCallbacks() if shared_callbacks else None
         self.response_callbacks = ResponseCallbacks() if shared_callbacks else None
+        # the worker's `balancer.lingering.Lingering`; None: connections never linger
+        self.lingering: Any = lingering
 
     def serve(self, sock: socket.socket, address: Any) -> bool:
         """`handle_client` for a connection of this listener: what the worker's
@@ -220,6 +231,7 @@ class ClientConnection:
         # the error of a malformed request that came after complete ones in the same
         # read: raised once they are answered (`defer`)
         self.broken: ProtocolError | None = None
+        self.linger = CLOSE  # what closing it does: CLOSE, LINGER or LINGERING
 
     def close(self) -> None:
         """Send what is still held (within client_idle), then close everything.
@@ -366,11 +378,22 @@ class ClientConnection:
             ctx.stats.top.note(ex, stats.paths)
             if ctx.access_log.is_enabled:
                 ctx.access_log.log(access_record(ex, elapsed))
+        if not ex.keep_alive and ex.started and self.may_send_more(ex):
+            self.linger = LINGER
         if ex.keep_alive and not ex.body_done:
             self.discard_body(ex)
         if self.parser.upgraded and ex.keep_alive:
             self.parser.resume()  # the Upgrade was not accepted: the connection stays HTTP
         return ex.keep_alive
+
+    def may_send_more(self, ex: Exchange) -> bool:
+        """After a response that closes the connection: whether its client may
+        still be sending (closing at once could reset it before it read the
+        response): the request body was not all read, bytes came after the
+        request, or the client asked to keep the connection (its next request
+        may be on its way: RFC 9112 §9.6). Not after a tunnel."""
+        return ex.status != 101 and (not ex.body_done or ex.head.keep_alive
+                                     or bool(self.events) or self.broken is not None)
 
     def answer_challenge(self, ex: Exchange) -> bool:
         """Whether `ex` was an ACME HTTP-01 validation request, now answered."""
@@ -394,7 +417,8 @@ class ClientConnection:
             return
         if isinstance(exc, ProtocolError):
             ex.keep_alive = False
-            ex.body_done = True
+            ex.body_done = True  # not to be read on: its framing broke
+            self.linger = LINGER  # the rest of it may be on its way
             page = PROTOCOL_PAGES.get(exc.status, "bad-request")
             extra: tuple[tuple[bytes, bytes], ...] = ()
         else:
@@ -412,6 +436,8 @@ class ClientConnection:
                               request_id=self.ctx.request_ids.next(), keep_alive=False)
         with contextlib.suppress(OSError):
             self.stream.write(data)
+            if exc.status != 408:  # a client too slow to send its head is not waited for
+                self.linger = LINGER  # the rest of the head, its body may be on the way
 
     # request bodies ------------------------------------------------------
     def body_chunks(self) -> Iterator[bytes]:
@@ -468,12 +494,12 @@ class ClientConnection:
         """Skip an unused request body, or give up keep-alive if it is too large."""
         if ex.body_done:
             return
-        ex.body_done = True
         head = ex.head
         small = head.content_length is not None and head.content_length <= DRAIN_LIMIT
         if not small or head.expect_continue:
-            ex.keep_alive = False
+            ex.keep_alive = False  # (the body stays unread: the connection lingers)
             return
+        ex.body_done = True
         try:
             for _ in self.body_chunks():
                 pass
@@ -528,7 +554,7 @@ def run_client(conn: ClientConnection) -> bool:
     """Serve `conn` until it closes (ended here) or parks. (No try/finally: mypyc's
     is a bigger C frame, and this one is saved with every waiting greenlet.)"""
     try:
-        parked = conn.serve()
+        parked = conn.serve() or (conn.linger == LINGER and linger(conn))
     except OSError:
         parked = False
     except BaseException:
@@ -539,7 +565,20 @@ def run_client(conn: ClientConnection) -> bool:
     return parked
 
 
+def linger(conn: ClientConnection) -> bool:
+    """Let `conn`, answered, linger before it closes (`balancer.lingering`):
+    whether it does (it is parked: `end_client` closes it later)."""
+    lingering = conn.ctx.lingering
+    if lingering is None or not lingering.start(conn):
+        conn.linger = CLOSE
+        return False
+    conn.linger = LINGERING
+    return True
+
+
 def end_client(conn: ClientConnection) -> None:
+    if conn.linger == LINGERING:
+        conn.ctx.stats.lingering_connections -= 1
     conn.close()
     conn.ctx.stats.open_connections -= 1
     conn.io.detach(conn)

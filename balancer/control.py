@@ -341,7 +341,8 @@ def write_retired(directory: str, worker: Any) -> None:
 
 def counters_only(snapshot: dict[str, Any]) -> dict[str, Any]:
     """`snapshot` with every gauge set to its neutral value for `merge_snapshots`."""
-    snapshot.update(open_connections=0, routing_version=0, store_up=1, last_reload=0.0)
+    snapshot.update(open_connections=0, lingering_connections=0, routing_version=0,
+                    store_up=1, last_reload=0.0)
     for host in snapshot.get("hosts", {}).values():
         host.update(open_requests=0, spinning=0)
         for backend in host.get("backends", {}).values():

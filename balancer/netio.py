@@ -336,6 +336,16 @@ class IO:
         soon as it has answered (instead of after PARK_AFTER idle)."""
         return False
 
+    def linger(self, conn: Any, on_ready: Callable[[Any], None], arg: Any) -> bool:
+        """Keep the client connection `conn`, answered and half-closed, open with
+        no task of its own: `on_ready(arg)` is called in the loop at its next
+        readiness, and its deadline is enforced as a parked one's (`on_expire`
+        closes it). False: this IO cannot (the caller closes it now)."""
+        return False
+
+    def close_parked(self, conn: Any) -> None:
+        """Close `conn`, parked or lingering, from the loop (through `on_expire`)."""
+
     # the watchdog's steps (socket timeouts bound every wait: nothing to enforce)
     def tick(self) -> float:
         """Advance the clock deadlines are armed against; returns it."""
@@ -443,6 +453,17 @@ class GeventIO(IO):
         conn.task = None
         stream.watcher.park(self._wake, conn)
         return True
+
+    def linger(self, conn: Any, on_ready: Callable[[Any], None], arg: Any) -> bool:
+        if self.resume is None:
+            return False
+        conn.task = None
+        conn.stream.watcher.park(on_ready, arg)
+        return True
+
+    def close_parked(self, conn: Any) -> None:
+        conn.deadline = NEVER
+        self.resume(self.on_expire, (conn,))
 
     def _wake(self, conn: Any) -> None:
         self.resume(self.on_wake, (conn,))
@@ -664,6 +685,12 @@ class TLSIO(IO):
 
     def park(self, conn: Any) -> bool:
         return self.io.park(conn)
+
+    def linger(self, conn: Any, on_ready: Callable[[Any], None], arg: Any) -> bool:
+        return self.io.linger(conn, on_ready, arg)
+
+    def close_parked(self, conn: Any) -> None:
+        self.io.close_parked(conn)
 
     def wait_any(self, events: Sequence[Any], stream: Stream, timeout: float,
                  watch_client: bool) -> bool:

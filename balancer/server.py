@@ -33,6 +33,7 @@ from balancer.heap import release as release_heap
 from balancer.http11 import Limits
 from balancer.limits import FILE_NAME as LIMITS_FILE
 from balancer.limits import SharedBuckets
+from balancer.lingering import Lingering
 from balancer.netio import IO, TLSIO, GeventIO
 from balancer.pages import Pages
 from balancer.pool import STIRRED_DELAY, BackendRegistry, IdleBudget
@@ -97,6 +98,9 @@ class Worker:
         limits = settings.limits
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)
         self.servers: list[Listener] = []
+        # closing connections whose client may still be sending read on, within bounds
+        self.lingering = Lingering(timeouts.linger, timeouts.linger_idle,
+                                   limits.max_linger_bytes, self.stats)
         self.slots = Slots(self.max_connections)  # the greenlets serving clients
         self.budget.slots = self.slots
         if isinstance(self.io, GeventIO):  # idle keep-alive connections wait with no greenlet
@@ -118,7 +122,8 @@ class Worker:
                        spin_max_waiting=self.settings.limits.spin_max_waiting,
                        scheme=b"https" if role == "tls" else b"http",
                        challenges=self.challenges,
-                       shared_callbacks=isinstance(self.io, GeventIO))
+                       shared_callbacks=isinstance(self.io, GeventIO),
+                       lingering=self.lingering)
 
     # routing table -------------------------------------------------------
     def apply(self, data: TableData | TableChange) -> bool:
@@ -330,7 +335,7 @@ def _is_reuseport(sock: socket.socket | None) -> bool:
 def _waiting_timeouts(timeouts: Any) -> list[float]:
     """The values of the timeouts that bound client and backend waits."""
     return [timeouts.client_header, timeouts.client_idle, timeouts.backend_connect,
-            timeouts.backend_read]
+            timeouts.backend_read, timeouts.linger_idle]
 
 
 def _access_log(settings: Settings) -> Any:

@@ -62,11 +62,14 @@ class Kind:
 
 
 class Number(Kind):
-    """A finite float greater than zero (seconds)."""
+    """A finite float greater than zero (seconds), or with `zero` at or above it."""
 
-    expected = "a number > 0"
     metavar = "SECONDS"
     types = (int, float)
+
+    def __init__(self, zero: bool = False) -> None:
+        self.zero = zero
+        self.expected = "a number >= 0" if zero else "a number > 0"
 
     def convert(self, text: str) -> object:
         try:
@@ -75,7 +78,7 @@ class Number(Kind):
             raise reject(self.expected, text) from None
 
     def check(self, value: object, raw: object) -> float:
-        if not (math.isfinite(value) and value > 0):
+        if not (math.isfinite(value) and (value > 0 or (self.zero and value == 0))):
             raise reject(self.expected, raw)
         return float(value)
 
@@ -387,6 +390,7 @@ TEXT = Kind()
 BOOLEAN = Boolean()
 NAME = Name()
 POSITIVE = Number()
+NON_NEGATIVE = Number(zero=True)
 ADDRESS = AddressKind()
 ADDRESS_LIST = AddressList()
 HOST_NAMES = HostNames()

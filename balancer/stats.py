@@ -191,6 +191,9 @@ class Stats:
     def __init__(self) -> None:
         self.hosts: dict[str, HostStats] = {}
         self.open_connections = 0
+        # of those, closing connections reading what their client still sends
+        # (balancer.lingering)
+        self.lingering_connections = 0
         self.routing_version = 0
         self.config_reloads = 0
         self.store_up = 1
@@ -263,6 +266,7 @@ class Stats:
                     chosen[k] = h.brief() if h.is_idle() else h.snapshot()
         return {
             "open_connections": self.open_connections,
+            "lingering_connections": self.lingering_connections,
             "routing_version": self.routing_version,
             "config_reloads": self.config_reloads,
             "store_up": self.store_up,

@@ -57,6 +57,7 @@ from typing import Any, Final
 import gevent
 from gevent.lock import Semaphore
 
+from balancer.lingering import discard_waiting
 from balancer.responses import local_response
 from balancer.stores.base import ProblemLog, StoreError
 from balancer.stores.certs import CertsCorrupt, CertsLost
@@ -263,6 +264,7 @@ def _refuse_plain(sock: Any, ctx: Any) -> None:
     with contextlib.suppress(OSError):
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
+        discard_waiting(getattr(sock, "_sock", sock))  # its request, unread: a close would reset
 
 
 def _reason(exc: BaseException) -> str:

@@ -47,6 +47,10 @@ class SnapshotCollector(Collector):
         yield from _per_backend(hosts)
         yield _gauge("balancer_open_connections", "Client connections open now.",
                      snap.get("open_connections", 0))
+        yield _gauge("balancer_lingering_connections",
+                     "Of the open client connections, those closing after their response "
+                     "that read and discard what the client still sends (lingering close).",
+                     snap.get("lingering_connections", 0))
         yield _gauge("balancer_routing_version", "Version of the routing table being served.",
                      snap.get("routing_version", 0))
         yield CounterMetricFamily("balancer_config_reloads_total",

@@ -52,6 +52,7 @@ def stats_view(snapshot: dict[str, Any]) -> dict[str, Any]:
         "routing_version": snapshot.get("routing_version", 0),
         "config_reloads": snapshot.get("config_reloads", 0),
         "open_connections": snapshot.get("open_connections", 0),
+        "lingering_connections": snapshot.get("lingering_connections", 0),
         "store_up": snapshot.get("store_up", 0),
         "hosts": {host: host_stats(h) for host, h in sorted(snapshot.get("hosts", {}).items())},
         "next": snapshot.get("next"),
