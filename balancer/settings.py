@@ -43,6 +43,7 @@ from balancer.settings_kinds import (
     LETS_ENCRYPT,
     MOZILLA_INTERMEDIATE,
     NAME,
+    NON_NEGATIVE,
     PEM_FILE,
     POSITIVE,
     TEXT,
@@ -141,6 +142,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("timeouts.tunnel_idle", POSITIVE, 3600.0, "seconds an upgraded tunnel may idle"),
     Setting("timeouts.graceful", POSITIVE, 30.0, "seconds to finish requests on shutdown"),
     Setting("timeouts.fail_timeout", POSITIVE, 10.0, "seconds a failed backend stays down"),
+    Setting("timeouts.linger", NON_NEGATIVE, 30.0,
+            "seconds at most that a connection closed after its response, while the "
+            "client may still be sending, reads and discards what it sends so that the "
+            "client reads the response before the close (lingering close); 0: close at once"),
+    Setting("timeouts.linger_idle", POSITIVE, 5.0,
+            "seconds without a byte from the client that end a lingering close"),
     Setting("limits.max_request_line", Integer(64), DEFAULT_LIMITS.max_request_line,
             "request line bytes (414 above)"),
     Setting("limits.max_header_bytes", Integer(1024), DEFAULT_LIMITS.max_header_bytes,
@@ -149,6 +156,9 @@ SETTINGS: tuple[Setting, ...] = (
             "request header count (431 above)"),
     Setting("limits.spin_max_waiting", Integer(1), 10000,
             "requests held by spin rules per worker (busy page above)"),
+    Setting("limits.max_linger_bytes", Integer(0), 64 << 20,
+            "bytes a lingering close reads and discards at most (the connection is "
+            "then closed whatever still comes)"),
     Setting("tls.listen", ADDRESS_LIST, [],
             "HTTPS listener address (repeatable); certificates come from the store",
             "--tls-listen"),
@@ -225,6 +235,8 @@ class TimeoutSettings:
     tunnel_idle: float
     graceful: float
     fail_timeout: float
+    linger: float
+    linger_idle: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +245,7 @@ class LimitSettings:
     max_header_bytes: int
     max_headers: int
     spin_max_waiting: int
+    max_linger_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
