@@ -16,6 +16,7 @@ SPEC_NAMES = {
     "balancer_bytes_received": "counter",
     "balancer_bytes_sent": "counter",
     "balancer_open_connections": "gauge",
+    "balancer_lingering_connections": "gauge",
     "balancer_open_requests": "gauge",
     "balancer_backend_requests": "counter",
     "balancer_backend_up": "gauge",

@@ -59,8 +59,9 @@ def test_defaults_are_the_spec_defaults():
     assert s.store.url == "file:balancer-routes.json"
     assert s.store.namespace == "balancer"
     assert s.store.resync_interval == 5.0
-    assert dataclasses.astuple(s.timeouts) == (10.0, 75.0, 5.0, 60.0, 30.0, 3600.0, 30.0, 10.0)
-    assert dataclasses.astuple(s.limits) == (8192, 65536, 100, 10000)
+    assert dataclasses.astuple(s.timeouts) == (10.0, 75.0, 5.0, 60.0, 30.0, 3600.0, 30.0, 10.0,
+                                               30.0, 5.0)
+    assert dataclasses.astuple(s.limits) == (8192, 65536, 100, 10000, 64 << 20)
     assert dataclasses.astuple(s.log) == ("", "combined", "info")
     assert dataclasses.astuple(s.acme) == (
         "https://acme-v02.api.letsencrypt.org/directory", "", "", 30, "http-01")
@@ -90,6 +91,11 @@ def test_env_names_are_derived_from_the_setting_name():
     env = {s.name: s.env for s in SETTINGS}
     assert env["timeouts.backend_read"] == "BALANCER_TIMEOUTS_BACKEND_READ"
     assert env["server.internal_listen"] == "BALANCER_SERVER_INTERNAL_LISTEN"
+
+
+def test_linger_zero_turns_lingering_close_off():
+    assert load(env={"BALANCER_TIMEOUTS_LINGER": "0"}).timeouts.linger == 0.0
+    assert load(env={"BALANCER_LIMITS_MAX_LINGER_BYTES": "0"}).limits.max_linger_bytes == 0
 
 
 def test_settings_are_frozen():
@@ -304,6 +310,10 @@ def test_wrong_type_in_file(config, line, problem):
         ("BALANCER_TIMEOUTS_BACKEND_CONNECT", "", "must be a number > 0, got ''"),
         ("BALANCER_TIMEOUTS_FAIL_TIMEOUT", "0.0", "must be a number > 0, got '0.0'"),
         ("BALANCER_STORE_RESYNC_INTERVAL", "0", "must be a number > 0, got '0'"),
+        ("BALANCER_TIMEOUTS_LINGER", "-1", "must be a number >= 0, got '-1'"),
+        ("BALANCER_TIMEOUTS_LINGER", "inf", "must be a number >= 0, got 'inf'"),
+        ("BALANCER_TIMEOUTS_LINGER_IDLE", "0", "must be a number > 0, got '0'"),
+        ("BALANCER_LIMITS_MAX_LINGER_BYTES", "-1", "must be an integer >= 0, got '-1'"),
         ("BALANCER_SERVER_WORKERS", "-1", "must be an integer >= 0, got '-1'"),
         ("BALANCER_SERVER_WORKERS", "two", "must be an integer >= 0, got 'two'"),
         ("BALANCER_SERVER_MAX_CONNECTIONS", "0", "must be an integer >= 1, got '0'"),
