@@ -389,11 +389,13 @@ class ClientConnection:
     def may_send_more(self, ex: Exchange) -> bool:
         """After a response that closes the connection: whether its client may
         still be sending (closing at once could reset it before it read the
-        response): the request body was not all read, bytes came after the
-        request, or the client asked to keep the connection (its next request
-        may be on its way: RFC 9112 §9.6). Not after a tunnel."""
+        response): the request body was not all read, or the client asked to
+        keep the connection (its next request may be on its way: RFC 9112 §9.6;
+        a malformed one may have come already, `broken`). Not after a tunnel.
+        (A `Connection: close` request read whole never lingers: the parser
+        takes nothing after it, and the END it leaves in `events` is no byte.)"""
         return ex.status != 101 and (not ex.body_done or ex.head.keep_alive
-                                     or bool(self.events) or self.broken is not None)
+                                     or self.broken is not None)
 
     def answer_challenge(self, ex: Exchange) -> bool:
         """Whether `ex` was an ACME HTTP-01 validation request, now answered."""

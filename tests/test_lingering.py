@@ -221,6 +221,18 @@ def test_a_lingering_connection_is_an_open_connection_until_the_client_closes(
     assert metric(site, "balancer_lingering_connections") == 0
 
 
+def test_a_connection_close_request_read_whole_closes_at_once(site: Balancer) -> None:
+    with connect(site, False, "static.test") as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: static.test\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        assert answer.endswith(b"static answer")
+        # the client stays: a lingering connection would stay too (linger_idle, 5 s)
+        wait_for(lambda: stats(site)["open_connections"] == 0, 2.5, what="closed")
+        assert stats(site)["lingering_connections"] == 0
+
+
 def hostile(bal: Balancer, piece: bytes, pace: float) -> tuple[bytes, float, BaseException]:
     """A client that sends `piece` every `pace` seconds and never stops (for WAIT
     seconds at most); returns the answer it read, the seconds from that answer
