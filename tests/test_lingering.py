@@ -32,7 +32,7 @@ import pytest
 from balancer.certificates import make_record
 from balancer.stores.file import FileStore
 from tests.rawpeer import read_through, serve_each
-from tests.support import Balancer, request, wait_for
+from tests.support import Balancer, dead_address, request, wait_for
 from tests.tlsca import TestCA
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -98,6 +98,10 @@ def routes(tmp: Path, backend: EarlyBackend, sink: SinkBackend) -> dict[str, Any
         "limit.test": {"action": "proxy", "backends": [backend.address],
                        "max_body_bytes": 1000},
         "static.test": {"action": "static", "body": "static answer"},
+        "dead.test": {"action": "proxy", "backends": [dead_address()]},
+        # one request per 1,000 s for the whole rule: the first one uses it up
+        "limited.test": {"action": "static", "body": "static answer",
+                         "limits": {"rate": 0.001, "burst": 1, "per": "host"}},
     }
     path = tmp / "routes.json"
     path.write_text(json.dumps({"version": 1, "hosts": hosts}))
@@ -169,6 +173,12 @@ CASES = {
     "static-unread-body": ("static.test", post_head("static.test",
                                                     "Transfer-Encoding: chunked"),
                            [CHUNK] * BODY_BLOCKS, b"HTTP/1.1 200 OK\r\n", b"static answer"),
+    # the backend cannot be reached: 502, the chunked body unread
+    "bad-gateway": ("dead.test", post_head("dead.test", "Transfer-Encoding: chunked"),
+                    [CHUNK] * BODY_BLOCKS, b"HTTP/1.1 502 ", b"</html>\n"),
+    # the rule's limits: 429 (once the first request used the bucket up)
+    "rate-limited": ("limited.test", post_head("limited.test", LENGTH), [BLOCK] * BODY_BLOCKS,
+                     b"HTTP/1.1 429 ", b"</html>\n"),
     # the chunk framing breaks after the first chunk: 400
     "broken-chunk-framing": ("sink.test", post_head("sink.test", "Transfer-Encoding: chunked"),
                              [CHUNK, b"zz\r\n"] + [BLOCK] * BODY_BLOCKS,
@@ -184,6 +194,8 @@ CASES = {
 def test_a_client_sending_its_whole_body_first_reads_the_answer_then_eof(
         site: Balancer, case: str, tls: bool) -> None:
     host, head, body, status, end = CASES[case]
+    if case == "rate-limited":  # use the bucket up (the first of these tests gets a 200)
+        request(site.port, host=host, timeout=WAIT)
     with connect(site, tls, host) as sock:
         answer = send_all_then_read(sock, head, body)
     assert answer.startswith(status), answer[:300]
