@@ -341,3 +341,32 @@ def test_a_draining_worker_cuts_lingering_connections(tmp_path: Path, backend: E
     finally:
         bal.stop()
     assert took < 4.0, took  # DRAIN_IDLE (1 s), not linger_idle (5 s) nor linger (30 s)
+
+
+class CrowdedIO:
+    """An IO whose worker is crowded (more than 1,024 connections)."""
+
+    def is_crowded(self) -> bool:
+        return True
+
+
+class Answered:
+    """What `Lingering.start` is handed: an answered connection (a socketpair's end)."""
+
+    def __init__(self, sock: socket.socket, io: Any) -> None:
+        self.sock = sock
+        self.io = io
+
+
+@pytest.mark.parametrize(("total", "crowded"), [(0.0, False), (30.0, True)],
+                         ids=["linger-0", "crowded"])
+def test_no_lingering_when_off_or_crowded(total: float, crowded: bool) -> None:
+    from balancer.lingering import Lingering
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        io = CrowdedIO() if crowded else None
+        assert not Lingering(total, 5.0, 1 << 20, None).start(Answered(ours, io))
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):  # no half-close: the caller closes at once
+            theirs.recv(1)
