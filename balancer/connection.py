@@ -17,7 +17,7 @@ Invariants:
   PARK_AFTER idle): no greenlet waits for it, `resume_client` goes
   on when it is readable and `expire_client` closes it at its deadline.
 * A connection closed after a response while its client may still be sending
-  (`linger`: a body not all read, bytes after the request, a refused head, a
+  (`linger`: a body not all read or whose framing broke, a refused head, a
   keep-alive the balancer ends) lingers (`balancer.lingering`: half-closed,
   parked, what still comes read and dropped, within bounds) so that the client
   reads its response instead of a reset; any other close is immediate.
