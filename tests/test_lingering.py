@@ -21,6 +21,7 @@ import json
 import signal
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -217,9 +218,21 @@ def metric(bal: Balancer, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_a_lingering_connection_is_an_open_connection_until_the_client_closes(
-        site: Balancer) -> None:
-    with connect(site, False, "early.test") as sock:
+def end(sock: socket.socket, how: str) -> None:
+    """The client ends its side: closes, half-closes (and stays) or resets."""
+    if how == "half-close":
+        sock.shutdown(socket.SHUT_WR)
+        return
+    if how == "reset":  # SO_LINGER 0: the close sends a TCP reset
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("how", ["close", "half-close", "reset"])
+def test_a_lingering_connection_is_an_open_connection_until_the_client_ends_it(
+        site: Balancer, how: str, tls: bool) -> None:
+    with connect(site, tls, "early.test") as sock:
         sock.sendall(post_head("early.test", LENGTH) + BLOCK)
         answer = read_through(sock, b"too big!")
         assert answer is not None and answer.startswith(b"HTTP/1.1 413 ")
@@ -229,7 +242,10 @@ def test_a_lingering_connection_is_an_open_connection_until_the_client_closes(
         assert stats(site)["open_connections"] >= 1
         assert metric(site, "balancer_lingering_connections") == 1
         assert metric(site, "balancer_open_connections") >= 1
-    wait_for(lambda: stats(site)["lingering_connections"] == 0, WAIT, what="lingering ended")
+        end(sock, how)
+        # at once: well before linger_idle (5 s) would end it
+        wait_for(lambda: stats(site)["lingering_connections"] == 0, 2.5,
+                 what="lingering ended by the client")
     assert metric(site, "balancer_lingering_connections") == 0
 
 
