@@ -337,9 +337,12 @@ def test_a_silent_client_is_closed_after_linger_idle(tight: Balancer) -> None:
         answer = read_through(sock, b"too big!")
         assert answer is not None and answer.startswith(b"HTTP/1.1 413 ")
         assert sock.recv(65536) == b""  # the balancer's FIN; the client stays, silent
+        answered = time.monotonic()
         wait_for(lambda: stats(tight)["lingering_connections"] == 1, WAIT, what="lingering")
-        wait_for(lambda: stats(tight)["lingering_connections"] == 0, TIGHT_IDLE + 2.0,
+        wait_for(lambda: stats(tight)["lingering_connections"] == 0, TIGHT_LINGER + 2.0,
                  what="closed after linger_idle")
+        # linger_idle (0.75 s) ended it, not linger (2 s; the watchdog ticks every 0.19 s)
+        assert time.monotonic() - answered < TIGHT_LINGER - 0.25
 
 
 def test_a_draining_worker_cuts_lingering_connections(tmp_path: Path, backend: EarlyBackend,
