@@ -13,9 +13,14 @@ Invariants:
   (`ctx.io`): its streams, its deadlines. The threaded baseline runs the very
   same code with the blocking `IO`.
 * Between requests, with nothing pipelined, a connection is parked where the
-  IO can (`GeventIO.park`; at once when the worker is crowded, else after
-  PARK_AFTER idle): no greenlet waits for it, `resume_client` goes
-  on when it is readable and `expire_client` closes it at its deadline.
+  IO can (`GeventIO.park`; at once after a request the hub serves or when
+  the worker is crowded, else after PARK_AFTER idle): no greenlet waits for
+  it, `resume_client` goes on when it is readable and `expire_client`
+  closes it at its deadline.
+* The hub (`balancer.inline`) serves a parked connection's common request
+  with these same steps (`take`, `begin`, `finish`, `conclude`, `park`);
+  whatever it leaves is a state `serve` goes on from: bytes in the parser
+  (`head_due`, `broken`), or the `exchange` in flight (`proceed`).
 * A connection closed after a response while its client may still be sending
   (`linger`: a body not all read or whose framing broke, a refused head, a
   keep-alive the balancer ends) lingers (`balancer.lingering`: half-closed,
@@ -142,7 +147,7 @@ class Exchange:
 
     __slots__ = ("conn", "head", "route", "request_id", "start", "status", "sent", "received",
                  "head_extra",
-                 "backend", "backend_time", "keep_alive", "started", "body_done")
+                 "backend", "backend_time", "keep_alive", "started", "body_done", "flight")
 
     def __init__(self, conn: ClientConnection, head: RequestHead, route: Route,
                  request_id: bytes, start: float) -> None:
@@ -160,6 +165,9 @@ class Exchange:
         self.started = False   # response bytes were sent to the client
         self.body_done = not head.has_body
         self.head_extra = b""  # response fields of the rule (HSTS), b"\r\nName: value" each
+        # a try on a backend that `balancer.inline` began in the hub and left to the
+        # action to go on with (`balancer.relay.Flight`); None: none
+        self.flight: Any = None
 
     def send(self, data: bytes, last: bool = False) -> None:
         """Send response bytes to the client; a dead client raises ClientGone.
@@ -232,6 +240,9 @@ class ClientConnection:
         # read: raised once they are answered (`defer`)
         self.broken: ProtocolError | None = None
         self.linger = CLOSE  # what closing it does: CLOSE, LINGER or LINGERING
+        # part of a head came: the rest must come by then (time.monotonic; 0.0: no
+        # head begun), from its first byte (client_header)
+        self.head_due = 0.0
 
     def close(self) -> None:
         """Send what is still held (within client_idle), then close everything.
@@ -260,12 +271,20 @@ class ClientConnection:
         (False), or until it waits for its next request parked (True: open,
         with no task of its own until its next readiness; `IO.park`)."""
         try:
-            head = self.read_head(False)
+            ex = self.exchange  # one the hub began (`balancer.inline`), to go on with
+            head = self.read_head(False) if ex is None else None
             while True:
-                # after a response the next request is rarely there yet: wait first
-                while head is not None and self.handle(head):
-                    if self.io.is_crowded() and self.park():
+                while True:
+                    if ex is None:
+                        if head is None:
+                            break
+                        ex = self.begin(head)
+                    if not self.proceed(ex):
+                        return False
+                    if self.io.parks_at_once(ex) and self.park(self.io.is_crowded()):
                         return True
+                    ex = None
+                    # after a response the next request is rarely there yet: wait first
                     head = self.read_head(True)
                 if not self.park_due:
                     return False
@@ -277,12 +296,15 @@ class ClientConnection:
             self.reject(exc)
         return False
 
-    def park(self) -> bool:
+    def park(self, forget: bool = True) -> bool:
         """Between requests with none pipelined: wait parked (within client_idle)
-        if the IO can; whether it did. Right after a response when the worker is
-        crowded, else once the watchdog found it idle for PARK_AFTER. A parked
-        connection keeps no repeated head (`RequestParser.repeat_head`) nor its
-        rewrite: idle, or one of very many, it holds as little memory as it can."""
+        if the IO can; whether it did. Right after a response when the IO says so
+        (`IO.parks_at_once`: its hub serves the next request, or the worker is
+        crowded), else once the watchdog found it idle for PARK_AFTER. With
+        `forget`, it keeps no repeated head (`RequestParser.repeat_head`) nor its
+        rewrite: idle, or one of very many, it holds as little memory as it can
+        (one parked right after a response forgets them once idle for PARK_AFTER,
+        `GeventIO.expire`)."""
         events = self.events
         while events and events[0] is END:
             events.pop(0)
@@ -291,22 +313,33 @@ class ClientConnection:
         if not self.idle:  # straight after a response: the idle wait starts now
             self.arm(self.sock, self.ctx.client_idle)
             self.idle = True
+        if forget:
+            self.forget()
+        return self.io.park(self)
+
+    def forget(self) -> None:
+        """Keep no repeated head nor its rewrite (memory; parsed whole next time)."""
         self.forwarded = None
         self.parser.forget_repeat()
-        return self.io.park(self)
+
+    def remembers(self) -> bool:
+        """Whether it keeps a repeated head or its rewrite (`forget`)."""
+        return self.forwarded is not None or self.parser.repeat_head is not None
 
     def read_head(self, wait_first: bool) -> RequestHead | None:
         """The next request head, or None when the connection should close."""
-        events, sock, ctx, stream = self.events, self.sock, self.ctx, self.stream
+        events, sock, stream = self.events, self.sock, self.stream
         while events:
             event = events.pop(0)
             if event is not END:  # END of a bodyless request stays until here
                 return event
         if self.broken is not None:  # the requests read before it are answered
             raise self.broken
-        self.arm(sock, ctx.client_idle)
-        self.idle = True
-        deadline = 0.0
+        if self.head_due:  # part of a head came (read in the hub: `balancer.inline`)
+            self.arm(sock, max(self.head_due - time.monotonic(), 0.001))
+        else:
+            self.arm(sock, self.ctx.client_idle)
+            self.idle = True
         while True:
             try:
                 if wait_first:
@@ -314,7 +347,7 @@ class ClientConnection:
                     stream.wait_readable()
                 data = stream.recv(RECV_SIZE)
             except TimeoutError:
-                if deadline:
+                if self.head_due:
                     raise ProtocolError(408, "request head timeout") from None
                 return None
             except ParkNow:
@@ -324,23 +357,38 @@ class ClientConnection:
                 return None
             if not data:
                 return None
-            self.idle = False
-            try:
-                self.parser.feed(data)
-            except ProtocolError as exc:
-                self.defer(exc)
-            while events:
-                event = events.pop(0)
-                if event is not END:
-                    return event
-            # part of a head: the rest must come within client_header of its first byte
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + ctx.timeouts.client_header
-            self.arm(sock, max(deadline - now, 0.001))
+            head = self.take(data)
+            if head is not None:
+                return head
+            self.arm(sock, max(self.head_due - time.monotonic(), 0.001))
+
+    def take(self, data: bytes) -> RequestHead | None:
+        """Parse `data`, read from the client: the next request head if it is
+        complete now, else None (then part of a head came: the rest must come
+        within client_header of its first byte, `head_due`). Raises the
+        ProtocolError of a malformed request that no complete one came before."""
+        self.idle = False
+        try:
+            self.parser.feed(data)
+        except ProtocolError as exc:
+            self.defer(exc)
+        events = self.events
+        while events:
+            event = events.pop(0)
+            if event is not END:
+                self.head_due = 0.0
+                return event
+        if not self.head_due:
+            self.head_due = time.monotonic() + self.ctx.timeouts.client_header
+        return None
 
     def handle(self, head: RequestHead) -> bool:
         """Route and answer one request; returns whether to keep the connection."""
+        return self.proceed(self.begin(head))
+
+    def begin(self, head: RequestHead) -> Exchange:
+        """The exchange of request `head`: routed, counted, with its id; in flight
+        from now on (`exchange`) until `finish`."""
         ctx = self.ctx
         start = PERF_COUNTER()
         route = ctx.holder.table.lookup(head.host)
@@ -353,12 +401,16 @@ class ClientConnection:
         if ctx.draining:
             ex.keep_alive = False
         self.exchange = ex  # in flight (balancer.diagnosis reads it)
+        return ex
+
+    def proceed(self, ex: Exchange) -> bool:
+        """Answer the exchange in flight (`begin`): the rule's action (which goes on
+        with a try the hub began, `Exchange.flight`), every error made a response
+        here; `finish` and `conclude` it. Whether to keep the connection."""
+        route = ex.route
         try:
             limit = route.limit
-            target = head.target
-            # "/." first (one byte read: bytes.startswith is a method call in mypyc)
-            if len(target) > 1 and target[1] == DOT and target.startswith(ACME_PATH) \
-                    and self.answer_challenge(ex):
+            if is_challenge(ex.head.target) and self.answer_challenge(ex):
                 pass  # an ACME HTTP-01 validation, answered before the rule
             elif limit is None:
                 route.action.handle(ex)
@@ -372,12 +424,24 @@ class ClientConnection:
             ex.keep_alive = False
             ex.status = ex.status or 499
         finally:
-            self.exchange = None
-            elapsed = PERF_COUNTER() - start
-            stats.finish(ex.status, ex.received, ex.sent, elapsed)
-            ctx.stats.top.note(ex, stats.paths)
-            if ctx.access_log.is_enabled:
-                ctx.access_log.log(access_record(ex, elapsed))
+            self.finish(ex)
+        return self.conclude(ex)
+
+    def finish(self, ex: Exchange) -> None:
+        """The exchange is over (answered, or failed): counted, noted, logged."""
+        ctx = self.ctx
+        self.exchange = None
+        elapsed = PERF_COUNTER() - ex.start
+        stats = ex.route.stats
+        stats.finish(ex.status, ex.received, ex.sent, elapsed)
+        ctx.stats.top.note(ex, stats.paths)
+        if ctx.access_log.is_enabled:
+            ctx.access_log.log(access_record(ex, elapsed))
+
+    def conclude(self, ex: Exchange) -> bool:
+        """After a finished exchange: whether to keep the connection (an unused
+        request body skipped first; a refused Upgrade leaves it HTTP; one that
+        closes lingers if its client may still be sending)."""
         if not ex.keep_alive and ex.started and self.may_send_more(ex):
             self.linger = LINGER
         if ex.keep_alive and not ex.body_done:
@@ -507,6 +571,12 @@ class ClientConnection:
                 pass
         except (ClientGone, ProtocolError):
             ex.keep_alive = False
+
+
+def is_challenge(target: bytes) -> bool:
+    """Whether `target` is under ACME_PATH (an ACME HTTP-01 validation's)."""
+    # "/." first (one byte read: bytes.startswith is a method call in mypyc)
+    return len(target) > 1 and target[1] == DOT and target.startswith(ACME_PATH)
 
 
 def _fields(raw: bytes) -> tuple[tuple[bytes, bytes], ...]:

@@ -32,8 +32,12 @@ Invariants:
   and held writes go with it.
 * Under gevent a keep-alive client connection waiting for its next request
   is `park`ed: no greenlet (and no greenlet stack) is kept for it; its
-  readiness or its deadline hands it to a greenlet again. It still counts as
-  open (`connections`), and its deadline is enforced as any other's. A TLS
+  readiness is first offered to the hub (`serve_ready`, `balancer.inline`),
+  which serves the common request itself or hands the connection to a
+  greenlet (`hand_off`) from where it stopped; its deadline hands it to a
+  greenlet too (`on_expire`, or for a request the hub serves `on_overdue`
+  and then a TimeoutError in the greenlet). It still counts as open
+  (`connections`), and its deadline is enforced as any other's. A TLS
   connection is parked only while OpenSSL holds no decrypted byte, which no
   readiness would announce (`Stream.can_park`).
 * A held client (`wait_any`) is watched while it can be: a readiness is
@@ -336,6 +340,11 @@ class IO:
         soon as it has answered (instead of after PARK_AFTER idle)."""
         return False
 
+    def parks_at_once(self, ex: Any) -> bool:
+        """Whether a client connection that has answered the exchange `ex` (and
+        has nothing after it) should park at once: when the worker is crowded."""
+        return self.is_crowded()
+
     def linger(self, conn: Any, on_ready: Callable[[Any], None], arg: Any) -> bool:
         """Keep the client connection `conn`, answered and half-closed, open with
         no task of its own: `on_ready(arg)` is called in the loop at its next
@@ -379,6 +388,14 @@ class GeventIO(IO):
         self.resume: Any = None
         self.on_wake: Any = None  # handler of a parked connection's next request
         self.on_expire: Any = None  # handler of a parked connection that timed out
+        # called in the hub, before `on_wake`, with a parked plain connection that is
+        # readable: whether it served the request there (`balancer.inline`); None: never
+        self.serve_ready: Any = None
+        # called in the hub with a connection whose request the hub serves and whose
+        # deadline passed (`balancer.inline`)
+        self.on_overdue: Any = None
+        # called with a finished exchange: whether the hub would have served it
+        self.servable: Any = None
         # time.monotonic() as of the watchdog's last `tick`: deadlines are
         # enforced at tick granularity, so arming against it is as exact and
         # costs no call
@@ -443,6 +460,12 @@ class GeventIO(IO):
     def is_crowded(self) -> bool:
         return len(self.connections) > CROWDED
 
+    def parks_at_once(self, ex: Any) -> bool:
+        """Also after a request of the kind the hub serves (`servable`): parked,
+        the connection costs no switch if its next request is one too."""
+        return len(self.connections) > CROWDED or \
+            (self.servable is not None and self.servable(ex))
+
     def park(self, conn: Any) -> bool:
         """The connection's task ends; its next readiness (or its deadline) gives
         it to a greenlet again (`on_wake` / `on_expire`, through `resume`). A TLS
@@ -466,11 +489,26 @@ class GeventIO(IO):
         self.resume(self.on_expire, (conn,))
 
     def _wake(self, conn: Any) -> None:
+        serve = self.serve_ready
+        if serve is None or not serve(conn):
+            self.resume(self.on_wake, (conn,))
+
+    def hand_off(self, conn: Any) -> None:
+        """Go on serving `conn`, which has no task, in a greenlet (`on_wake`): it
+        continues from where the hub left it (`balancer.inline`)."""
         self.resume(self.on_wake, (conn,))
 
     def _expire_parked(self, conn: Any) -> None:
-        if conn.task is None and conn.stream.watcher.unpark():
+        task = conn.task  # (not `conn.task is not None`: mypy would narrow `conn.task`
+        if task is not None:  # to None below, and mypyc check it is None at run time)
+            return
+        if conn.stream.watcher.unpark():
             self.resume(self.on_expire, (conn,))
+        elif self.on_overdue is not None and self.on_overdue(conn):
+            # a request the hub serves: a greenlet waits for its answer instead, and
+            # times out there as any other
+            self.hand_off(conn)
+            _time_out(conn, conn.task)
 
     # the watchdog's steps ------------------------------------------------
     def tick(self) -> float:
@@ -488,8 +526,11 @@ class GeventIO(IO):
                     loop.run_callback(_time_out, conn, conn.task)
                 else:  # parked
                     loop.run_callback(self._expire_parked, conn)
-            elif parks and conn.idle and conn.task is not None and _is_due_to_park(conn, now):
-                loop.run_callback(_park_idle, conn, conn.task)
+            elif parks and conn.idle and _is_due_to_park(conn, now):
+                if conn.task is not None:
+                    loop.run_callback(_park_idle, conn, conn.task)
+                elif conn.remembers():  # parked at once (`parks_at_once`): now idle
+                    conn.forget()
 
     def close_idle(self, by: float) -> None:
         for conn in self.connections:
@@ -682,6 +723,9 @@ class TLSIO(IO):
 
     def is_crowded(self) -> bool:
         return self.io.is_crowded()
+
+    def parks_at_once(self, ex: Any) -> bool:
+        return self.io.parks_at_once(ex)
 
     def park(self, conn: Any) -> bool:
         return self.io.park(conn)

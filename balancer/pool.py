@@ -182,12 +182,16 @@ class Backend:
     def acquire(self) -> tuple[Upstream, bool]:
         """(connection, reused): an idle connection nothing arrived on, or a new
         one; raises ConnectError."""
-        idle = self.idle
-        if idle:
-            upstream = self._take(idle)
-            if upstream is not None:
-                return upstream, True
+        upstream = self.acquire_idle()
+        if upstream is not None:
+            return upstream, True
         return self.connect(), False
+
+    def acquire_idle(self) -> Upstream | None:
+        """An idle connection nothing arrived on, or None (`acquire` without
+        connecting: what the hub may take, `balancer.inline`)."""
+        idle = self.idle
+        return self._take(idle) if idle else None
 
     def acquire_tls(self, host: bytes, verify: bool) -> tuple[Upstream, bool]:
         """`acquire` for an https:// backend and a request with Host `host`:

@@ -16,6 +16,10 @@ Invariants:
   here; toward the client `ClientGone` (raised by `Exchange.send`).
 * A backend connection goes back to its pool only at a message boundary of
   a complete, keep-alive response.
+* One try on one backend is a `Flight`: `arrive` takes it from start to end;
+  the hub (`balancer.inline`) may take it as far as its answer's relay with
+  these same steps (`dispatch`, `take_ready`, `deliver`, `land`), and a
+  greenlet goes on from wherever it stopped (`arrive`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from balancer.forwarding import last_chunk, request_head
 from balancer.http11 import END, LAST_CHUNK, ProtocolError
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseHead, ResponseParser
+from balancer.stats import BackendStats
 from balancer.tunnel import tunnel
 
 RECV_SIZE: Final = 65536
@@ -377,14 +382,76 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
         _feed(parser, got)
 
 
-def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | None,
-            verify: bool = True) -> None:
-    """Do the whole exchange with `backend`; raises the ProxyError family on failure.
-    `verify`: an https:// backend's certificate is verified (`balancer.backend_tls`).
+class Flight:
+    """One try of a request on one backend (`balancer.actions.proxy` makes them,
+    `arrive` takes one to its end). The hub (`balancer.inline`) begins one for
+    a request it serves (a pooled connection taken, the request sent) and, when
+    it cannot end it there, leaves it on the exchange (`Exchange.flight`) for
+    `arrive` to go on with, in a greenlet, from where it stopped."""
+
+    __slots__ = ("backend", "stats", "upstream", "reused", "started", "sent", "error")
+
+    def __init__(self, backend: Backend, stats: BackendStats) -> None:
+        self.backend = backend
+        self.stats = stats  # the backend's counters in the rule's host
+        self.upstream: Upstream | None = None  # the connection, once taken (`board`)
+        self.reused = False  # taken from the pool
+        self.started = 0.0  # PERF_COUNTER() when it was taken
+        self.sent = False  # the request went whole: its answer is what comes next
+        # what reading the answer raised in the hub, raised again by `arrive`
+        self.error: ProxyError | None = None
+
+    def board(self, upstream: Upstream, reused: bool) -> None:
+        """Take `upstream` for this try: in flight on its backend from now on."""
+        self.upstream = upstream
+        self.reused = reused
+        self.backend.in_flight += 1
+        self.started = PERF_COUNTER()
+
+
+def arrive(ex: Exchange, flight: Flight, body: bytes | None, max_body: int | None,
+           verify: bool = True) -> None:
+    """Take `flight` to its end from where it is: a connection taken, the request
+    sent, the answer read and relayed, the connection pooled or closed. Raises
+    the ProxyError family on failure. `verify`: an https:// backend's
+    certificate is verified (`balancer.backend_tls`).
 
     A pooled connection that turns out closed before the response began is
     replaced by a fresh one, transparently, when the request can be replayed.
     """
+    backend, upstream = flight.backend, flight.upstream
+    if upstream is None:
+        upstream = _take(ex, flight, body, verify)
+    # no `finally`: mypyc makes a smaller C frame without, and this frame is saved
+    # with every greenlet waiting for its backend
+    try:
+        try:
+            error = flight.error
+            if error is not None:  # what the hub's read of the answer raised
+                flight.error = None
+                raise error
+            if flight.sent:  # by the hub: the answer is next
+                rhead = read_response_head(ex, upstream)
+            else:
+                rhead = exchange(ex, upstream, body, max_body)
+        except BackendClosed:
+            upstream.close()
+            if not flight.reused or (body is None and ex.head.has_body):
+                raise  # a fresh connection failed, or the streamed body is gone
+            upstream = backend.renew(upstream)
+            rhead = exchange(ex, upstream, body, max_body)
+        reusable = deliver(ex, flight, upstream, rhead)
+    except BaseException:
+        backend.in_flight -= 1
+        upstream.close()
+        raise
+    land(flight, upstream, rhead, reusable)
+
+
+def _take(ex: Exchange, flight: Flight, body: bytes | None, verify: bool) -> Upstream:
+    """A connection for `flight`: pooled (checked open when the request has a body
+    to stream), else new; raises ConnectError."""
+    backend = flight.backend
     if backend.tls is None:
         upstream, reused = backend.acquire()
     else:
@@ -392,33 +459,27 @@ def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | 
     if reused and body is None and not ex.body_done and not backend.is_open(upstream):
         upstream.close()
         upstream, reused = backend.renew(upstream), False
-    backend.in_flight += 1
-    started = PERF_COUNTER()
-    # no `finally`: mypyc makes a smaller C frame without, and this frame is saved
-    # with every greenlet waiting for its backend
-    try:
-        try:
-            rhead = exchange(ex, upstream, body, max_body)
-        except BackendClosed:
-            upstream.close()
-            if not reused or (body is None and ex.head.has_body):
-                raise  # a fresh connection failed, or the streamed body is gone
-            upstream = backend.renew(upstream)
-            rhead = exchange(ex, upstream, body, max_body)
-        ex.backend_time = PERF_COUNTER() - started
-        if rhead.status == 101:
-            if not ex.head.upgrade:
-                raise BackendProtocolError("101 Switching Protocols to a request without Upgrade")
-            if not is_offered(rhead.upgrade, ex.head.upgrade):
-                raise BackendProtocolError("101 Switching Protocols to a protocol not offered")
-            _upgrade(ex, upstream, rhead)
-            reusable = False
-        else:
-            reusable = relay_response(ex, upstream, rhead) and not ex.head.upgrade
-    except BaseException:
-        backend.in_flight -= 1
-        upstream.close()
-        raise
+    flight.board(upstream, reused)
+    return upstream
+
+
+def deliver(ex: Exchange, flight: Flight, upstream: Upstream, rhead: ResponseHead) -> bool:
+    """Relay the answer whose head is `rhead` (or tunnel after a 101); whether
+    `upstream` can go back to its pool."""
+    ex.backend_time = PERF_COUNTER() - flight.started
+    if rhead.status == 101:
+        if not ex.head.upgrade:
+            raise BackendProtocolError("101 Switching Protocols to a request without Upgrade")
+        if not is_offered(rhead.upgrade, ex.head.upgrade):
+            raise BackendProtocolError("101 Switching Protocols to a protocol not offered")
+        _upgrade(ex, upstream, rhead)
+        return False
+    return relay_response(ex, upstream, rhead) and not ex.head.upgrade
+
+
+def land(flight: Flight, upstream: Upstream, rhead: ResponseHead, reusable: bool) -> None:
+    """The try answered: `upstream` back to its pool, or closed."""
+    backend = flight.backend
     backend.in_flight -= 1
     if rhead.status == 101:  # the tunnel is over
         upstream.close()
@@ -431,13 +492,13 @@ def forward(ex: Exchange, backend: Backend, body: bytes | None, max_body: int | 
         upstream.close()
 
 
-def exchange(ex: Exchange, upstream: Upstream, body: bytes | None,
-             max_body: int | None) -> ResponseHead:
-    """Send the request on `upstream` and read the response head."""
+def dispatch(ex: Exchange, upstream: Upstream, body: bytes | None,
+             max_body: int | None) -> bool:
+    """Send the request on `upstream` (its response parser begun first: an answer
+    may come while a body streams); whether the body streamed."""
     conn, sock = ex.conn, upstream.sock
     timeout = conn.ctx.backend_read
     conn.arm(sock, timeout)
-    # begun before the request goes: an answer may come while its body streams
     parser = upstream.parser
     for_head = ex.head.method == b"HEAD"
     if parser is None:
@@ -447,8 +508,27 @@ def exchange(ex: Exchange, upstream: Upstream, body: bytes | None,
     streamed = send_request(ex, upstream, body, max_body)
     if streamed:  # reading the client's body armed the client's timeout
         conn.arm(sock, timeout)
+    return streamed
+
+
+def exchange(ex: Exchange, upstream: Upstream, body: bytes | None,
+             max_body: int | None) -> ResponseHead:
+    """Send the request on `upstream` and read the response head."""
+    streamed = dispatch(ex, upstream, body, max_body)
     # a streamed body behind Expect: 100-continue got the balancer's own 100
     return read_response_head(ex, upstream, streamed and ex.head.expect_continue)
+
+
+def take_ready(upstream: Upstream) -> bool:
+    """Parse what the backend sent if something is there (False: nothing was);
+    raises the ProxyError family as a read in `read_response_head` would."""
+    data = _read_ready(upstream)
+    if data is None:
+        return False
+    parser = upstream.parser
+    assert parser is not None  # `dispatch` began it
+    _feed(parser, data)
+    return True
 
 
 def is_offered(chosen: bytes, offered: bytes) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from balancer import inline
 from balancer.accepting import Listener
 from balancer.actions import ActionCompiler, fallback_routes
 from balancer.challenges import Challenges
@@ -107,6 +108,9 @@ class Worker:
             self.io.resume = self.slots.resume
             self.io.on_wake = resume_client
             self.io.on_expire = expire_client
+            self.io.serve_ready = inline.serve_ready  # a keep-alive request in the hub
+            self.io.on_overdue = inline.overdue
+            self.io.servable = inline.servable
         self.contexts: list[Context] = []
         self.tls: TLSFront | None = None  # with TLS listeners (`front`)
         self.challenges = Challenges()  # ACME answers, followed from the store

@@ -40,7 +40,7 @@ from balancer.errors import (
 )
 from balancer.hold import Hold, Holds, hand_over
 from balancer.pool import Backend
-from balancer.relay import forward
+from balancer.relay import Flight, arrive
 from balancer.rules import backend_entries
 from balancer.stats import BackendStats
 
@@ -124,13 +124,17 @@ class ProxyAction:
             hand_over(route, ex, body)
 
     def forward_with_retries(self, ex: Exchange, body: bytes | None, since: float) -> None:
-        """Try backends until one answers; raises the last failure.
+        """Try backends until one answers; raises the last failure. The first try
+        is the one the hub began (`Exchange.flight`, `balancer.inline`), if any.
 
         `since` (perf_counter) starts the `retry_timeout` budget."""
-        backend = self.balancer.pick(ex.conn.client_ip, ())
-        if backend is None:
-            raise ConnectError("no backend to try")
-        failure = self.attempt(ex, backend, body)
+        flight = ex.flight
+        if flight is None:
+            flight = self.first_try(ex)
+            if flight is None:
+                raise ConnectError("no backend to try")
+        backend = flight.backend
+        failure = self.attempt(ex, flight, body)
         if failure is None:
             return
         replayable = is_replayable(ex, body)
@@ -144,35 +148,56 @@ class ProxyAction:
             if backend is None:
                 raise failure
             tried.append(backend)
-            failure = self.attempt(ex, backend, body)
+            failure = self.attempt(ex, self.start_try(ex, backend), body)
             if failure is None:
                 return
 
-    def attempt(self, ex: Exchange, backend: Backend, body: bytes | None) -> ProxyError | None:
-        """One try on `backend`: None on success, else the failure (already counted)."""
+    def first_try(self, ex: Exchange) -> Flight | None:
+        """The first try of `ex` (`start_try` on the backend picked for it), or None
+        when there is no backend to try."""
+        backend = self.balancer.pick(ex.conn.client_ip, ())
+        if backend is None:
+            return None
+        return self.start_try(ex, backend)
+
+    def start_try(self, ex: Exchange, backend: Backend) -> Flight:
+        """A try of `ex` on `backend`, counted in flight from now on."""
         stats = self.backend_stats[backend.key]
         ex.backend = backend.key
         stats.in_flight += 1
-        upgrade = ex.head.upgrade
-        if upgrade:
+        if ex.head.upgrade:
             stats.tunnels += 1
+        return Flight(backend, stats)
+
+    def attempt(self, ex: Exchange, flight: Flight, body: bytes | None) -> ProxyError | None:
+        """Take the try `flight` to its end (`start_try` began it, or the hub took it
+        further: `Exchange.flight`): None on success, else the failure (already
+        counted)."""
+        ex.flight = None  # from now on this try is the action's alone
+        backend, stats = flight.backend, flight.stats
         # One handler and no `finally`: mypyc makes a smaller C frame of it, and this
         # frame is saved with every greenlet waiting for its backend.
         try:
-            forward(ex, backend, body, self.max_body, self.verify)
+            arrive(ex, flight, body, self.max_body, self.verify)
         except BaseException as exc:
             stats.in_flight -= 1
-            if upgrade:
+            if ex.head.upgrade:
                 stats.tunnels -= 1
             return self._failure(backend, stats, exc)
+        self.landed(ex, flight)
+        return None
+
+    @staticmethod
+    def landed(ex: Exchange, flight: Flight) -> None:
+        """The try `flight` answered `ex`: counted as its backend's success."""
+        stats = flight.stats
         stats.in_flight -= 1
-        if upgrade:
+        if ex.head.upgrade:
             stats.tunnels -= 1
         stats.successes += 1
         stats.observe(ex.backend_time)
         stats.bytes += ex.sent + ex.received
-        backend.record_success()
-        return None
+        flight.backend.record_success()
 
     def _failure(self, backend: Backend, stats: BackendStats,
                  exc: BaseException) -> ProxyError:
