@@ -42,7 +42,15 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from balancer.errors import ClientGone, ProxyError
-from balancer.http11 import END, Limits, ProtocolError, RequestCallbacks, RequestHead, RequestParser
+from balancer.http11 import (
+    END,
+    Limits,
+    ProtocolError,
+    RequestCallbacks,
+    RequestHead,
+    RequestParser,
+    mark_value,
+)
 from balancer.netio import IO, NEVER, ParkNow
 from balancer.response_parser import ResponseCallbacks
 from balancer.responses import local_response
@@ -468,9 +476,11 @@ class ClientConnection:
 
     def trusted_id(self, head: RequestHead) -> bytes:
         """The request's X-Request-Id (trusted listeners keep it), else a new one."""
-        for _, lname, value in head.headers:
-            if lname == b"x-request-id" and value:
-                return value
+        for mark in head.marks:
+            if mark[0] == b"x-request-id":
+                value = mark_value(head, mark)
+                if value:
+                    return value
         return self.ctx.request_ids.next()
 
     def fail(self, ex: Exchange, exc: ProxyError | ProtocolError) -> None:
@@ -588,12 +598,7 @@ def _fields(raw: bytes) -> tuple[tuple[bytes, bytes], ...]:
 def access_record(ex: Exchange, elapsed: float) -> tuple:
     """The access log record of a finished exchange (balancer.accesslog field order)."""
     head = ex.head
-    referer = agent = None
-    for _, lname, value in head.headers:
-        if lname == b"referer":
-            referer = value
-        elif lname == b"user-agent":
-            agent = value
+    referer, agent = head.field(b"referer"), head.field(b"user-agent")
     return (time.time() - elapsed, ex.conn.client_ip, head.host, head.method, head.target,
             b"HTTP/" + head.version, ex.status, ex.sent, ex.received, referer, agent,
             ex.request_id, ex.backend or None, elapsed, ex.backend_time or None)

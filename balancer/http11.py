@@ -49,6 +49,8 @@ from typing import Any, Final, NoReturn, cast
 
 import httptools
 
+from balancer.fields import CLIENT_FIELDS, spellings
+
 END: Final = object()  # sentinel event: the current message is complete
 
 # Proxy-Connection: llhttp reads it as Connection (its keep-alive); we forward neither.
@@ -63,6 +65,8 @@ VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ou
 # (Compared, not looked up in a dict: hashing the new slice cost ~400 instructions.)
 LINE_END_11: Final = b" HTTP/1.1\r\n"
 LINE_END_10: Final = b" HTTP/1.0\r\n"
+VERSION_11: Final = b" HTTP/1.1"  # the end of a request line before its CRLF
+VERSION_10: Final = b" HTTP/1.0"
 # RFC 3986 reg-name / IP-literal characters and ":" port: anything else in Host is a 400.
 HOST_CHARS: Final = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                      b"-._~%!$&'()*+,;=:[]")
@@ -74,8 +78,6 @@ NOT_HOST_TO_NUL: Final = bytes(b if b in HOST_CHARS else 0 for b in range(256))
 # instructions per request, bench_hotpath --instructions).
 HASH: Final = ord("#")
 NO_TOKENS: Final[frozenset[bytes]] = frozenset()
-# What `RequestParser._scan` returns but the host, when Host is the only special field.
-NO_FRAMING: Final = (None, False, False, False, b"", NO_TOKENS)
 # `connection_tokens` of the usual Connection values, without splitting them.
 COMMON_TOKENS: Final = {value: frozenset((value.lower(),)) for value in (
     b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")}
@@ -87,6 +89,26 @@ HOP_BY_HOP: Final = frozenset((
     b"http2-settings",  # RFC 9113 §3.2.1 (HTTP/1.1 Upgrade to h2c): connection-specific
 ))
 Field = tuple[bytes, bytes, bytes]  # (name, lower-case name, value)
+Mark = tuple[bytes, int, int]  # a field of a head's block: (lower-case name, start, end)
+# The fields a head's `marks` locate: those the parser checks (`SPECIAL`) and those
+# balancer.forwarding drops, extends or keeps (hop-by-hop, the client fields in
+# both spellings, X-Request-Id), so that no consumer reads the whole block.
+MARKED: Final = (SPECIAL | HOP_BY_HOP | CLIENT_FIELDS
+                 | spellings((b"x-request-id", b"x-forwarded-for")))
+
+
+def _first_two(names: frozenset[bytes]) -> bytes:
+    """A table of 65,536 bytes: 1 at ``first << 8 | second`` for the first two bytes,
+    in either case, of each of `names` (all at least two bytes long)."""
+    table = bytearray(65536)
+    for name in names:
+        for a in {name[0], bytes((name[0],)).upper()[0]}:
+            for b in {name[1], bytes((name[1],)).upper()[0]}:
+                table[a << 8 | b] = 1
+    return bytes(table)
+
+
+MAYBE_MARKED: Final = _first_two(MARKED)
 NO_FIELDS: Final[tuple[Field, ...]] = ()
 LAST_CHUNK: Final = b"0\r\n\r\n"  # the end of a chunked body without trailers
 # A feed of at most this many bytes that was exactly one whole bodyless keep-alive
@@ -94,6 +116,8 @@ LAST_CHUNK: Final = b"0\r\n\r\n"  # the end of a chunked body without trailers
 REPEAT_MAX: Final = 1024
 CR: Final = 13
 LF: Final = 10
+SP: Final = 32
+TAB: Final = 9
 
 
 class ProtocolError(Exception):
@@ -119,21 +143,25 @@ DEFAULT_LIMITS: Final = Limits()
 
 
 class RequestHead:
-    """A parsed request head. `headers` keeps (name, lower-case name, value) as received."""
+    """A parsed request head. `block` is its field block as received (each field
+    after a CRLF, `balancer.fields`), `marks` the fields of it the balancer acts on
+    (`MARKED`): (lower-case name, start, end) with `block[start:end]` the CRLF and
+    the field. `headers` lists every field, read from the block on demand."""
 
-    __slots__ = ("method", "target", "version", "headers", "host", "content_length",
+    __slots__ = ("method", "target", "version", "block", "marks", "host", "content_length",
                  "chunked", "has_body", "keep_alive", "expect_continue", "upgrade",
                  "connection_tokens", "trailers")
 
-    def __init__(self, method: bytes, target: bytes, version: bytes,
-                 headers: list[tuple[bytes, bytes, bytes]], host: bytes,
+    def __init__(self, method: bytes, target: bytes, version: bytes, block: bytes,
+                 marks: list[Mark], host: bytes,
                  content_length: int | None, chunked: bool, has_body: bool, keep_alive: bool,
                  expect_continue: bool, upgrade: bytes, connection_tokens: frozenset[bytes]
                  ) -> None:
         self.method = method
         self.target = target
         self.version = version
-        self.headers = headers
+        self.block = block
+        self.marks = marks
         self.host = host
         self.content_length = content_length
         self.chunked = chunked
@@ -144,8 +172,62 @@ class RequestHead:
         self.connection_tokens = connection_tokens
         self.trailers = NO_FIELDS  # a chunked body's trailer fields, once it is complete
 
+    @property
+    def headers(self) -> list[Field]:
+        """(name, lower-case name, value) of every field, in order (off the hot path:
+        made at each call). Values as llhttp gives them: no blanks before them."""
+        fields = []
+        for line in self.block.split(b"\r\n"):
+            if line:
+                name, _, value = line.partition(b":")
+                fields.append((name, name.translate(LOWER), value.lstrip(b" \t")))
+        return fields
+
+    def field(self, lname: bytes) -> bytes | None:
+        """The value of the last field named `lname` (lower-case), or None (off the hot
+        path: the block is lower-cased and searched)."""
+        block = self.block
+        key = b"\r\n" + lname + b":"
+        start = block.translate(LOWER).rfind(key)
+        if start < 0:
+            return None
+        end = block.find(b"\r\n", start + 2)
+        return _value(block, start + len(key), len(block) if end < 0 else end)
+
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode()} {self.target!r} host={self.host!r}>"
+
+
+def mark_value(head: RequestHead, mark: Mark) -> bytes:
+    """The value of one of `head.marks` (no blanks before it, as llhttp's)."""
+    lname, start, end = mark
+    return _value(head.block, start + 3 + len(lname), end)
+
+
+def _value(block: bytes, start: int, end: int) -> bytes:
+    """`block[start:end]` without the blanks it begins with (a native loop: lstrip is
+    a method call)."""
+    while start < end and (block[start] == SP or block[start] == TAB):
+        start += 1
+    return block[start:end]
+
+
+def _marks(block: bytes) -> tuple[list[Mark], int]:
+    """The `MARKED` fields of `block` (see `RequestHead.marks`) and how many fields
+    it has. A field whose first two bytes begin no marked name (most: Accept,
+    Cookie's "co" does) costs a table lookup; the others one search for the colon."""
+    marks: list[Mark] = []
+    lines = block.split(b"\r\n")  # [b"", field, field...]: each line has its name and ":"
+    pos = 0
+    for i in range(1, len(lines)):
+        line = lines[i]
+        end = pos + 2 + len(line)
+        if MAYBE_MARKED[(line[0] << 8) | line[1]]:
+            lname = line[:line.find(b":")].translate(LOWER)
+            if lname in MARKED:
+                marks.append((lname, pos, end))
+        pos = end
+    return marks, len(lines) - 1
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -190,16 +272,31 @@ def _line_version(data: bytes, end: int) -> bytes | None:
     return None
 
 
-class _Parser:
-    """The feed-level machinery of `RequestParser`: head limits, trailers.
+class _Switch(Exception):
+    """Raised in `on_headers_complete` to stop llhttp at a chunked request's head:
+    the parser goes on with field callbacks (`RequestParser._to_fields`)."""
 
-    `on_header` collects each field of a head as a (name, lower name, value)
-    triple in `_fields`, and the special ones (`SPECIAL`) in `_specials` too;
-    after the head, `_fields` collects the chunked-body trailers.
+
+class _Parser:
+    """The feed-level machinery of `RequestParser`: head limits, where heads begin,
+    trailers.
+
+    Two ways to read a head, one llhttp parser at a time:
+    * raw (the usual): llhttp validates and calls back only at the head's end, a
+      body piece and the message's end; the head's bytes are found in what was
+      fed since it began (`_parts`, the first from `_start`), which is known
+      because every message before it ended at a known place: at its head's end,
+      or Content-Length bytes later (`_at`, `_body_left`).
+    * fields (`_fielded`): llhttp also calls `on_header` per field, collected as a
+      (name, lower name, value) triple in `_fields`, and after a chunked head its
+      trailers. A chunked body's end cannot be found without its chunk framing,
+      so a head with Transfer-Encoding is read again this way from its first byte,
+      and the parser stays so until a message ends with a feed (a head is then
+      known to begin at the next feed's first byte, and a raw parser takes over).
     """
 
     events: list  # in order; a list, not a deque: an empty deque holds a 528-byte block
-    _callbacks: RequestCallbacks  # httptools' protocol object (`RequestCallbacks`)
+    _callbacks: RequestCallbacks  # httptools' protocol object for raw heads
     _hp: Any  # the httptools parser (None once closed)
 
     def __init__(self, limits: Limits) -> None:
@@ -218,25 +315,29 @@ class _Parser:
         self._error: ProtocolError | None = None
         self._closed = False  # a request that closes the connection is complete
         self._fields: list[tuple[bytes, bytes, bytes]] = []
+        self._fielded = False  # llhttp calls back per field (see the class doc)
+        self._idle = False  # (fields) a message ended and no next one began since
+        self._parts: list[bytes] = []  # (raw) the feeds since the head began
+        self._start = 0  # where in `_parts[0]` it began
+        self._feed = b""  # the bytes being fed (during `feed`)
+        self._at = 0  # (raw) where in `_feed` the current message's body begins
+        self._body_left = 0  # (raw) body bytes from `_at` to the message's end
+        self._replay = b""  # (raw) a head to read again with field callbacks, and after it
+        self._switching = False
         self._begin()
 
     def _begin(self) -> None:
         self._in_head = True
         self._head_bytes = 0  # bytes fed since the head began at a feed boundary
         self._line_done = False
-        self._measure = False  # the counts missed part of this head: measure it exactly
+        self._measure = False  # (fields) the counts missed part of this head: measure it
         self._quiet_bytes = 0  # body-phase bytes that produced no event (framing, trailers)
-        self._specials: list[tuple[bytes, bytes, bytes]] = []
-        self._version: bytes | None = None  # read from the request line in `feed`, or None
+        self._version: bytes | None = None  # (fields) read from the request line in `feed`
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Only collect here (one cheap call per header); the head is checked once it
-        # is complete. After the head, fields are trailers: validated by llhttp, dropped.
-        lname = name.translate(LOWER)  # a C call under mypyc; name.lower() is a method lookup
-        field = (name, lname, value)
-        self._fields.append(field)
-        if lname in SPECIAL:
-            self._specials.append(field)
+        # (fields) Only collect here; the head is checked once it is complete.
+        # After the head, fields are trailers: validated by llhttp, checked at the end.
+        self._fields.append((name, name.translate(LOWER), value))
 
     def _fail(self, status: int, reason: str) -> NoReturn:
         self._error = ProtocolError(status, reason)
@@ -255,6 +356,7 @@ class _Parser:
             return
         self._between = False
         in_head = self._in_head
+        fielded = self._fielded
         before = len(self.events)
         if in_head:
             fed = self._head_bytes
@@ -263,13 +365,17 @@ class _Parser:
                 if fed + (len(data) if end < 0 else end) > self._line_max:
                     self._fail(414, "request line too long")
                 self._line_done = end >= 0
-                if not fed:  # the head (or empty lines before it) begins here: LINE_END_*
+                if not fed and fielded:  # the head (or empty lines before it) begins here
                     self._version = _line_version(data, end)
             self._head_bytes = fed + len(data)
+            if not fielded:
+                self._parts.append(data)
         else:
             events = self.events
             quiet = len(events)
-        callbacks = self._callbacks
+        self._feed = data
+        self._at = 0
+        callbacks = self._callbacks.fields if fielded else self._callbacks
         callbacks.parser = cast(RequestParser, self)  # the only kind of `_Parser`
         try:
             self._hp.feed_data(data)
@@ -277,12 +383,21 @@ class _Parser:
             self.upgraded = True
             self.leftover = data[exc.args[0]:]
         except httptools.HttpParserError as exc:
+            if self._switching:  # a chunked head: read again with field callbacks
+                self._to_fields()
+                return
             if self._error is not None:
                 raise self._error from None
             if self._closed:  # llhttp refuses bytes after "Connection: close"
                 return
             raise ProtocolError(400, str(exc)) from None
         callbacks.parser = None  # (after an error it is kept until the next feed)
+        self._feed = b""
+        if fielded:
+            if self._idle and not self._closed and not self.upgraded:
+                self._to_raw()
+        elif not self._in_head:  # in a body framed by Content-Length
+            self._body_left -= len(data) - self._at
         if self._in_head:
             if self._head_bytes > self._head_max:
                 raise ProtocolError(431, "request head too large")
@@ -293,6 +408,26 @@ class _Parser:
             self._quiet_bytes = self._quiet_bytes + len(data) if quiet == len(events) else 0
         if self._quiet_bytes or self._fields:
             self._check_quiet()
+
+    def _to_fields(self) -> None:
+        """Read the head `on_headers_complete` stopped at again, and what followed it
+        in the feed, with a parser that calls back per field (see the class doc)."""
+        replay, self._replay, self._switching = self._replay, b"", False
+        self._callbacks.parser = None
+        self._feed = b""
+        self._hp = httptools.HttpRequestParser(self._callbacks.fields)
+        self._fielded = True
+        self._parts = []
+        self._fields = []
+        self._begin()
+        self.feed(replay)
+
+    def _to_raw(self) -> None:
+        """A message ended with the last feed (fields): a raw parser reads the next."""
+        self._hp = self._new_parser()
+        self._fielded = self._idle = False
+        self._parts = []
+        self._start = 0
 
     def _remember(self, data: bytes, before: int) -> None:
         """After a feed that began between messages: if `data` was exactly one whole
@@ -336,44 +471,23 @@ class _Parser:
         """Drop the httptools parser (it references this object: a cycle)."""
         self._hp = None
         self._between = False
+        self._parts = []
+
+    def _new_parser(self) -> httptools.HttpRequestParser:
+        return httptools.HttpRequestParser(self._callbacks)
 
 
-class RequestCallbacks:
-    """httptools' protocol object for request parsers: each callback goes to the
-    parser being fed (`parser`, set by `feed` around httptools' ``feed_data``).
-
-    httptools binds a protocol's callbacks when a parser is made: bound to the
-    `RequestParser` itself they were six bound methods per connection (72 bytes
-    each, and a reference cycle). A gevent worker's parsers share one of these
-    (`balancer.connection.Context.request_callbacks`): one thread, and a feed
-    runs to its end without switching greenlets, so the parser being fed is the
-    one called back. Elsewhere (the threaded baseline) each parser has its own."""
+class _Callbacks:
+    """What both kinds of protocol object call back: each callback goes to the
+    parser being fed (`parser`, set by `feed` around httptools' ``feed_data``)."""
 
     def __init__(self) -> None:
         self.parser: RequestParser | None = None
         # bound once: httptools takes each by name (`getattr`) for every parser it
         # makes, and a method looked up is a new bound object each time
-        self.on_message_begin: Any = self._on_message_begin
-        self.on_url: Any = self._on_url
-        self.on_header: Any = self._on_header
         self.on_headers_complete: Any = self._on_headers_complete
         self.on_body: Any = self._on_body
         self.on_message_complete: Any = self._on_message_complete
-
-    def _on_message_begin(self) -> None:
-        parser = self.parser
-        assert parser is not None  # httptools calls back only within a feed
-        parser.on_message_begin()
-
-    def _on_url(self, part: bytes) -> None:
-        parser = self.parser
-        assert parser is not None  # httptools calls back only within a feed
-        parser._url_parts.append(part)
-
-    def _on_header(self, name: bytes, value: bytes) -> None:
-        parser = self.parser
-        assert parser is not None  # httptools calls back only within a feed
-        parser.on_header(name, value)
 
     def _on_headers_complete(self) -> None:
         parser = self.parser
@@ -391,36 +505,80 @@ class RequestCallbacks:
         parser.on_message_complete()
 
 
+class FieldCallbacks(_Callbacks):
+    """The protocol object of a parser that reads heads field by field (chunked
+    requests and what follows them in the same feeds: `_Parser`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_message_begin: Any = self._on_message_begin
+        self.on_url: Any = self._on_url
+        self.on_header: Any = self._on_header
+
+    def _on_message_begin(self) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.on_message_begin()
+
+    def _on_url(self, part: bytes) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser._url_parts.append(part)
+
+    def _on_header(self, name: bytes, value: bytes) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.on_header(name, value)
+
+
+class RequestCallbacks(_Callbacks):
+    """httptools' protocol object for request parsers reading raw heads: it has no
+    ``on_header`` (nor ``on_url``, ``on_message_begin``), so httptools makes no
+    bytes and no call per field; `fields` is the one for field by field reading.
+
+    httptools binds a protocol's callbacks when a parser is made: bound to the
+    `RequestParser` itself they were six bound methods per connection (72 bytes
+    each, and a reference cycle). A gevent worker's parsers share one of these
+    (`balancer.connection.Context.request_callbacks`): one thread, and a feed
+    runs to its end without switching greenlets, so the parser being fed is the
+    one called back. Elsewhere (the threaded baseline) each parser has its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields = FieldCallbacks()
+
+
 class RequestParser(_Parser):
     """Parses requests from a client; pipelined requests queue up in order."""
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS,
                  callbacks: RequestCallbacks | None = None) -> None:
-        super().__init__(limits)
         # httptools calls back through this (shared by a worker's parsers: `RequestCallbacks`)
         self._callbacks = callbacks if callbacks is not None else RequestCallbacks()
+        super().__init__(limits)
         self._line_room = limits.max_request_line - 10  # for method and target
         self._max_headers = limits.max_headers
         self._keep_alive = True
-        self._url_parts: list[bytes] = []  # of the current head's target; emptied with it
+        self._url_parts: list[bytes] = []  # (fields) of the current head's target
         self._valid_host: bytes | None = None  # the last Host found valid (not empty)
         self._hp = self._new_parser()
-
-    def _new_parser(self) -> httptools.HttpRequestParser:
-        return httptools.HttpRequestParser(self._callbacks)
 
     def resume(self) -> None:
         """Continue parsing HTTP after an upgrade the peer did not accept."""
         leftover, self.leftover, self.upgraded = self.leftover, b"", False
         self._hp = self._new_parser()
+        self._fielded = self._idle = False
         self._between = False  # (no head to repeat: an Upgrade head is never remembered)
         self._fields = []
+        self._parts = []
+        self._start = 0
         self._begin()
         if leftover:
             self.feed(leftover)
 
-    # httptools callbacks, through `RequestCallbacks` -------------------------
-    def on_message_begin(self) -> None:
+    # httptools callbacks, through `RequestCallbacks` / `FieldCallbacks` ----------
+    def on_message_begin(self) -> None:  # (fields)
+        self._idle = False
         if not self._head_bytes:
             # Began inside the feed that completed the previous request, so the
             # feed-level counts missed its start: measured in `_check_sizes`.
@@ -428,24 +586,25 @@ class RequestParser(_Parser):
 
     def on_headers_complete(self) -> None:
         """Check the head, in the order of the errors it can raise, and queue it."""
-        hp, fields, parts = self._hp, self._fields, self._url_parts
-        method, url = hp.get_method(), b"".join(parts)
-        parts.clear()
-        if (len(method) + len(url) > self._line_room or self._measure
-                or self._head_bytes > self._head_max):
-            self._check_sizes(method, url, fields)
-        if len(fields) > self._max_headers:
+        if self._fielded:
+            method, url, version, block = self._field_head()
+        else:
+            method, url, version, block = self._raw_head()
+        marks, count = _marks(block)
+        if not self._fielded:
+            for mark in marks:
+                if mark[0] == b"transfer-encoding":  # class doc
+                    parts = self._parts
+                    self._replay = b"".join(parts)[self._start:] if len(parts) > 1 else (
+                        parts[0][self._start:])
+                    self._switching = True
+                    raise _Switch
+            self._parts = []
+        if count > self._max_headers:
             self._fail(431, "too many headers")
         self._fields = []  # the trailers, if any
-        specials = self._specials
-        usual = len(specials) == 1 and specials[0][1] == b"host"
-        if usual:  # no framing, Connection, Upgrade or Expect field
-            host = _host_value(specials[0][2])
-            content_length, chunked, has_body, expect_continue, upgrade, tokens = NO_FRAMING
-        else:
-            (host, content_length, chunked, has_body, expect_continue, upgrade,
-             tokens) = self._scan()
-        version = self._version or VERSIONS.get(hp.get_http_version())
+        (plain, host, content_length, chunked, has_body, expect_continue, upgrade,
+         tokens) = self._scan(block, marks)
         if version is None:
             self._fail(505, "HTTP version not supported")
         if method == b"CONNECT":
@@ -463,17 +622,76 @@ class RequestParser(_Parser):
             if chunked:
                 self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
             expect_continue = False  # RFC 9110 §10.1.1: ignored in HTTP/1.0
-        if usual:  # what llhttp would say without Upgrade and (Proxy-)Connection fields
+        hp = self._hp
+        if plain:  # what llhttp would say without Upgrade and (Proxy-)Connection fields
             keep_alive = version == b"1.1"
         else:
             upgrade = self._check_upgrade(upgrade, has_body) if hp.should_upgrade() else b""
             keep_alive = hp.should_keep_alive()
         self._keep_alive = keep_alive
         self._in_head = False
+        self._body_left = content_length or 0
         self._head = head = RequestHead(
-            method, target, version, fields, host, content_length, chunked, has_body,
+            method, target, version, block, marks, host, content_length, chunked, has_body,
             keep_alive, expect_continue, upgrade, tokens)
         self.events.append(head)
+
+    def _raw_head(self) -> tuple[bytes, bytes, bytes | None, bytes]:
+        """Method, target, version (None: not HTTP/1.0 or 1.1) and field block of the
+        head that just ended, read from the bytes fed since it began (`_Parser`);
+        `_at` is set to its end in the current feed. Raises the size limits' errors."""
+        parts, feed = self._parts, self._feed
+        if len(parts) == 1:
+            buf, s = parts[0], self._start
+        else:
+            if self._start:
+                parts[0] = parts[0][self._start:]
+                self._start = 0
+            buf, s = b"".join(parts), 0
+        size = len(buf)
+        while s < size and (buf[s] == CR or buf[s] == LF):  # empty lines llhttp skips
+            s += 1
+        line_end = buf.find(b"\r\n", s)
+        end = buf.find(b"\r\n\r\n", line_end) if line_end > s else -1
+        after = end + 4 - (size - len(feed))  # the head's end in the current feed
+        if end < 0 or not 0 <= after <= len(feed):  # (HTTP/0.9: a line alone)
+            if VERSIONS.get(self._hp.get_http_version()) is None:
+                self._fail(505, "HTTP version not supported")
+            self._fail(400, "request head not found")  # (llhttp read another: never)
+        self._at = after
+        if line_end - s > self.limits.max_request_line:
+            self._fail(414, "request line too long")
+        if end + 4 - s > self._head_max:
+            self._fail(431, "request head too large")
+        method_end = buf.find(b" ", s, line_end)
+        last = line_end - 9  # before " HTTP/1.1"
+        tail = buf[last:line_end] if method_end > s and last > method_end else b""
+        version = b"1.1" if tail == VERSION_11 else b"1.0" if tail == VERSION_10 else None
+        if version is None:  # (HTTP/0.9, 2.0, RTSP/1.0: llhttp takes them)
+            self._fail(505, "HTTP version not supported")
+        first = method_end + 1
+        while buf[first] == SP:  # llhttp takes several spaces between the parts
+            first += 1
+        while last > first and buf[last - 1] == SP:
+            last -= 1
+        return buf[s:method_end], buf[first:last], version, buf[line_end:end]
+
+    def _field_head(self) -> tuple[bytes, bytes, bytes | None, bytes]:
+        """Method, target, version and field block of a head read field by field."""
+        hp, fields, parts = self._hp, self._fields, self._url_parts
+        method, url = hp.get_method(), b"".join(parts)
+        parts.clear()
+        if (len(method) + len(url) > self._line_room or self._measure
+                or self._head_bytes > self._head_max):
+            self._check_sizes(method, url, fields)
+        pieces = []
+        for name, _, value in fields:
+            pieces.append(b"\r\n")
+            pieces.append(name)
+            pieces.append(b": ")
+            pieces.append(value)
+        version = self._version or VERSIONS.get(hp.get_http_version())
+        return method, url, version, b"".join(pieces)
 
     def _check_sizes(self, method: bytes, url: bytes,
                      fields: list[tuple[bytes, bytes, bytes]]) -> None:
@@ -486,14 +704,21 @@ class RequestParser(_Parser):
             if size > self._head_max:
                 self._fail(431, "request head too large")
 
-    def _scan(self) -> tuple[bytes, int | None, bool, bool, bool, bytes, frozenset[bytes]]:
-        """Check the special fields of the head, in order; returns what they set: host,
-        content_length, chunked, has_body, expect_continue, upgrade, connection_tokens."""
+    def _scan(self, block: bytes, marks: list[Mark]
+              ) -> tuple[bool, bytes, int | None, bool, bool, bool, bytes, frozenset[bytes]]:
+        """Check the special fields of the head, in order; returns whether Host was the
+        only one, and what they set: host, content_length, chunked, has_body,
+        expect_continue, upgrade, connection_tokens."""
         host = upgrade = b""
         content_length = None
         chunked = expect_continue = False
         tokens = NO_TOKENS
-        for _, lname, value in self._specials:
+        specials = 0
+        for lname, start, end in marks:
+            if lname not in SPECIAL:
+                continue
+            specials += 1
+            value = _value(block, start + 3 + len(lname), end)
             if lname == b"host":
                 if host:
                     self._fail(400, "repeated Host header")
@@ -519,7 +744,8 @@ class RequestParser(_Parser):
         if chunked:
             content_length = None
         has_body = chunked or bool(content_length)
-        return host, content_length, chunked, has_body, expect_continue, upgrade, tokens
+        plain = specials == 1 and bool(host)
+        return plain, host, content_length, chunked, has_body, expect_continue, upgrade, tokens
 
     def _other_target(self, method: bytes, url: bytes, host: bytes,
                       version: bytes) -> tuple[bytes, bytes]:
@@ -584,3 +810,14 @@ class RequestParser(_Parser):
         self._begin()
         # Bug: bytes after it used to become a 400 (or 414/431) for an answerable request.
         self._closed = not self._keep_alive
+        if self._fielded:
+            self._idle = True
+            return
+        feed, start = self._feed, self._at + self._body_left  # the next message's start
+        if start < len(feed):
+            self._parts = [feed]
+            self._start = start
+            self._line_done = True  # (the feed-level counts miss its start)
+        else:
+            self._parts = []
+            self._start = 0

@@ -33,6 +33,7 @@ import time
 from typing import Any, Final
 
 from balancer.connection import Exchange
+from balancer.http11 import mark_value
 
 GROUPS: Final = ("client", "host", "path", "backend")
 MEASURES: Final = ("requests", "bytes", "errors", "limited")
@@ -255,9 +256,10 @@ def client_of(ex: Exchange) -> str:
     if not conn.ctx.trusted:
         return conn.client_ip
     found = b""
-    for _, lname, value in ex.head.headers:
-        if lname == b"x-forwarded-for":
-            found = value
+    head = ex.head
+    for mark in head.marks:
+        if mark[0] == b"x-forwarded-for":
+            found = mark_value(head, mark)
     if found:
         last = found.rpartition(b",")[2].strip()
         if last and len(last) <= MAX_CLIENT:

@@ -1,7 +1,7 @@
 """Request heads whose forwarded bytes are compared with what the balancer sent
 before request heads were kept as raw field blocks (tests/test_raw_request_fields.py;
-tests/data/forwarded_heads.json was made by `python -m tests.forward_cases OUT` with
-the per-field parser's code on the path)."""
+tests/data/forwarded_heads.json was made by `main(OUT)` with the per-field
+parser's code, main 8448700, first on the path)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ BROWSER = (b"Host: app.test\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:12
 CASES: dict[str, bytes] = {
     "host only": G + b"Host: app.test\r\n\r\n",
     "browser": G + BROWSER + b"\r\n",
-    "case kept": G + b"hOsT: app.test\r\nx-LOWER: a\r\nX-UPPER: B\r\nCoNNecTion: Keep-Alive\r\n\r\n",
+    "case kept": G + b"hOsT: app.test\r\nx-LOWER: a\r\nX-UPPER: B\r\n"
+                     b"CoNNecTion: Keep-Alive\r\n\r\n",
     "repeated fields": G + b"Host: app.test\r\nX-A: 1\r\nAccept: a\r\nX-A: 2\r\nAccept: b\r\n"
                            b"Cookie: c=1\r\nCookie: d=2\r\n\r\n",
-    "empty values": G + b"Host: app.test\r\nX-Empty:\r\nX-Blank: \r\nX-After: v\r\n\r\n",
+    "empty values": G + b"Host: app.test\r\nX-Blank: \r\nX-After: v\r\nX-Blank2: \r\n\r\n",
     "like special": G + b"Host: app.test\r\nX-Host: x\r\nHostname: h\r\nHosts: hs\r\n"
                         b"Content-Lengths: 9\r\nX-Content-Length: 7\r\nConnections: c\r\n"
                         b"Transfer-Encodings: gzip\r\nExpect-CT: e\r\nUpgrades: u\r\n"
@@ -91,7 +92,8 @@ CASES: dict[str, bytes] = {
                                   + G + b"Host: app.test\r\n\r\n",
     # refused
     "two hosts": G + b"Host: app.test\r\nHost: app.test\r\n\r\n",
-    "two content lengths": P + b"Host: app.test\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nab",
+    "two content lengths": P + b"Host: app.test\r\nContent-Length: 1\r\n"
+                               b"Content-Length: 1\r\n\r\nab",
     "cl and te": P + b"Host: app.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
     "te twice": P + b"Host: app.test\r\nTransfer-Encoding: chunked\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -121,12 +123,14 @@ CASES: dict[str, bytes] = {
 BLANKS: dict[str, bytes] = {
     "tabs": G + b"Host:\tapp.test\r\nX-Tab:\tv\r\nX-Trail: v \t\r\nX-Both: \t v\t \r\n"
                 b"X-None:x\r\n\r\n",
+    "empty value without a blank": G + b"Host: app.test\r\nX-Empty:\r\nX-After: v\r\n\r\n",
 }
 
 
-def forwarded(data: bytes, trusted: bool) -> list:
-    """What a backend gets for `data` fed whole: per request, its head (and the
-    end of a chunked body: `last_chunk`), as latin-1 text; or the refusal's status."""
+def forwarded(data: bytes | list[bytes], trusted: bool) -> list:
+    """What a backend gets for `data` fed whole (or in the pieces of a list): per
+    request, its head (and the end of a chunked body: `last_chunk`), as latin-1
+    text; body pieces; END; or the refusal's status."""
     from balancer.connection import ClientConnection, Exchange
     from balancer.forwarding import last_chunk, request_head
     from balancer.http11 import END, ProtocolError, RequestHead, RequestParser
@@ -135,7 +139,8 @@ def forwarded(data: bytes, trusted: bool) -> list:
     out: list = []
     parser = RequestParser()
     try:
-        parser.feed(data)
+        for piece in data if isinstance(data, list) else [data]:
+            parser.feed(piece)
     except ProtocolError as exc:
         out.append(exc.status)
     for event in parser.events:

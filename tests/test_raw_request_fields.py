@@ -1,0 +1,183 @@
+"""Request heads kept as raw field blocks (issue 21): what a backend gets is
+what it got when the parser called back per field, byte for byte, however the
+client's bytes were split (tests/data/forwarded_heads.json, made with the
+per-field parser: tests/forward_cases.py). The one difference: a field's blanks
+after its colon go as the client sent them (`BLANKS`), where the per-field
+parser wrote ``Name: value``."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from balancer.http11 import END, ProtocolError, RequestHead, RequestParser
+from tests.forward_cases import BLANKS, CASES, forwarded
+from tests.rawpeer import RawBackend, read_until
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
+GOLDEN = json.loads((Path(__file__).parent / "data" / "forwarded_heads.json").read_text())
+LARGE = 2048  # cases longer than this are split at fewer places
+
+
+def split_feeds(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def forwarded_in(pieces: list[bytes], trusted: bool) -> list:
+    """`forward_cases.forwarded`, with the bytes fed in `pieces`."""
+    return forwarded(pieces, trusted)
+
+
+def cut_points(data: bytes) -> range | list[int]:
+    if len(data) <= LARGE:
+        return range(1, len(data))
+    end = data.find(b"\r\n\r\n")
+    return sorted({*range(1, len(data), 997), *range(max(1, end - 8), min(len(data), end + 8))})
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_backend_gets_the_same_bytes_split_anywhere(name: str) -> None:
+    data = CASES[name]
+    for role in ("external", "trusted"):
+        want = GOLDEN[name][role]
+        assert forwarded_in([data], role == "trusted") == want
+        for cut in cut_points(data):
+            got = forwarded_in(split_feeds(data, [cut]), role == "trusted")
+            assert got == merged_bodies(want, got), (name, role, cut)
+
+
+def merged_bodies(want: list, got: list) -> list:
+    """`want` with its body pieces as `got` split them (a body's pieces follow the feeds)."""
+    if [x for x in want if not isinstance(x, str) or x.startswith(("GET", "POST", "OPTIONS"))
+            or x == "END"] != [x for x in got if not isinstance(x, str)
+                               or x.startswith(("GET", "POST", "OPTIONS")) or x == "END"]:
+        return want
+    return got if "".join(x for x in got if isinstance(x, str)) == "".join(
+        x for x in want if isinstance(x, str)) else want
+
+
+def test_small_heads_fed_a_byte_at_a_time() -> None:
+    for name in ("browser", "pipelined", "pipelined after a body", "pipelined after chunked",
+                 "chunked with crlfs in data", "empty lines before", "like special"):
+        data = CASES[name]
+        got = forwarded_in([data[i:i + 1] for i in range(len(data))], False)
+        assert "".join(x for x in got if isinstance(x, str)) == "".join(
+            x for x in GOLDEN[name]["external"] if isinstance(x, str)), name
+
+
+def test_three_way_splits_of_pipelined_heads() -> None:
+    data = CASES["pipelined after a body"]
+    want = "".join(GOLDEN["pipelined after a body"]["external"])
+    for a in range(1, len(data), 3):
+        for b in range(a + 1, len(data), 5):
+            got = forwarded_in(split_feeds(data, [a, b]), False)
+            assert "".join(x for x in got if isinstance(x, str)) == want, (a, b)
+
+
+@pytest.mark.parametrize("name", sorted(BLANKS))
+def test_blanks_after_the_colon_go_as_the_client_sent_them(name: str) -> None:
+    data = BLANKS[name]
+    for role in ("external", "trusted"):
+        got = forwarded_in([data], role == "trusted")
+        assert re.sub(r"\r\n([!-9;-~]+):[ \t]*", r"\r\n\1: ", got[0]) == GOLDEN[name][role][0]
+        for line in data.split(b"\r\n")[1:]:
+            if line and not line.lower().startswith(b"host:"):
+                assert b"\r\n" + line + b"\r\n" in got[0].encode("latin-1")
+
+
+def test_a_head_keeps_its_block_and_lists_its_fields_on_demand() -> None:
+    parser = RequestParser()
+    parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-A:  v \t\r\nx-a:\r\nX-Host: h\r\n\r\n")
+    head = parser.events[0]
+    assert head.block == b"\r\nHost: a\r\nX-A:  v \t\r\nx-a:\r\nX-Host: h"
+    assert head.marks == [(b"host", 0, 9)]
+    assert head.headers == [(b"Host", b"host", b"a"), (b"X-A", b"x-a", b"v \t"),
+                            (b"x-a", b"x-a", b""), (b"X-Host", b"x-host", b"h")]
+    assert head.field(b"x-a") == b"" and head.field(b"x-b") is None
+
+
+def test_httptools_calls_no_field_callback_for_a_raw_head() -> None:
+    """The raw parser's protocol object has no on_header, on_url nor
+    on_message_begin: httptools then makes no bytes and no call for them."""
+    from balancer.http11 import RequestCallbacks
+    callbacks = RequestCallbacks()
+    for name in ("on_header", "on_url", "on_message_begin"):
+        assert getattr(callbacks, name, None) is None
+        assert getattr(callbacks.fields, name) is not None
+
+
+def test_rtsp_and_http_2_request_lines_are_refused() -> None:
+    for line in (b"GET / RTSP/1.0", b"GET / HTTP/2.0", b"GET /"):
+        with pytest.raises(ProtocolError) as caught:
+            RequestParser().feed(line + b"\r\nHost: a\r\n\r\n")
+        assert caught.value.status == 505, line
+
+
+def test_spaces_between_the_request_lines_parts() -> None:
+    parser = RequestParser()
+    parser.feed(b"GET   /a?b   HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = parser.events[0]
+    assert (head.method, head.target, head.version) == (b"GET", b"/a?b", b"1.1")
+
+
+def test_a_chunked_request_then_raw_heads_again() -> None:
+    """After a chunked request whose end came with a feed, the next head is raw again;
+    until then (a pipelined head in the same feed) heads are read field by field."""
+    parser = RequestParser()
+    chunked = CASES["chunked"]
+    parser.feed(chunked + b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\nGET /y HTTP/1.1\r\n")
+    assert parser._fielded
+    parser.feed(b"Host: app.test\r\n\r\n")
+    assert not parser._fielded
+    parser.feed(b"GET /z HTTP/1.1\r\nHost: app.test\r\nX-Z: 1\r\n\r\n")
+    heads = [e for e in parser.events if isinstance(e, RequestHead)]
+    assert [h.target for h in heads] == [b"/up", b"/x", b"/y", b"/z"]
+    assert heads[3].block == b"\r\nHost: app.test\r\nX-Z: 1"
+    assert parser.events[-1] is END
+
+
+def test_a_chunked_body_with_heads_inside_is_not_read_as_heads() -> None:
+    """Chunk data that looks like a head (and a blank line) stays body."""
+    inner = b"GET /evil HTTP/1.1\r\nHost: evil\r\nContent-Length: 5\r\n\r\n"
+    data = (b"POST /up HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % len(inner) + inner + b"\r\n0\r\n\r\n"
+            + b"GET /ok HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    for cut in range(1, len(data)):
+        parser = RequestParser()
+        parser.feed(data[:cut])
+        parser.feed(data[cut:])
+        heads = [e for e in parser.events if isinstance(e, RequestHead)]
+        body = b"".join(e for e in parser.events if isinstance(e, bytes))
+        assert [h.target for h in heads] == [b"/up", b"/ok"] and body == inner, cut
+
+
+# through the balancer -----------------------------------------------------------------
+def answer_ok(conn: socket.socket, request: bytes) -> bool:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    return True
+
+
+@pytest.mark.parametrize("internal", [False, True])
+def test_a_real_backend_gets_the_same_bytes(proxy_to, internal) -> None:
+    backend = RawBackend(answer_ok)
+    bal = proxy_to(backend, internal=internal)
+    role = "trusted" if internal else "external"
+    names = ("browser", "client fields", "repeated fields", "like special", "connection names")
+    with socket.create_connection(("127.0.0.1", bal.ports["internal" if internal else "proxy"]),
+                                  timeout=10) as conn:
+        for name in names:
+            data = CASES[name]
+            for piece in (data[:7], data[7:40], data[40:]):  # split across reads
+                conn.sendall(piece)
+            read_until(conn, b"ok")
+    assert len(backend.requests) == len(names)
+    for name, got in zip(names, backend.requests, strict=True):
+        want = GOLDEN[name][role][0].split("|")[0].encode("latin-1")
+        got = re.sub(rb"X-Request-Id: [^\r]*", b"X-Request-Id: RID", got)
+        assert got == want.replace(b"192.0.2.7", b"127.0.0.1"), name
