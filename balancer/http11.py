@@ -78,6 +78,8 @@ NOT_HOST_TO_NUL: Final = bytes(b if b in HOST_CHARS else 0 for b in range(256))
 # instructions per request, bench_hotpath --instructions).
 HASH: Final = ord("#")
 NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+# What `RequestParser._scan` returns but the host, when Host is the only special field.
+NO_FRAMING: Final = (None, False, False, False, b"", NO_TOKENS)
 # `connection_tokens` of the usual Connection values, without splitting them.
 COMMON_TOKENS: Final = {value: frozenset((value.lower(),)) for value in (
     b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")}
@@ -118,6 +120,8 @@ CR: Final = 13
 LF: Final = 10
 SP: Final = 32
 TAB: Final = 9
+COLON: Final = 58
+CRLFCRLF: Final = b"\r\n\r\n"  # the end of a head
 
 
 class ProtocolError(Exception):
@@ -212,22 +216,27 @@ def _value(block: bytes, start: int, end: int) -> bytes:
     return block[start:end]
 
 
-def _marks(block: bytes) -> tuple[list[Mark], int]:
-    """The `MARKED` fields of `block` (see `RequestHead.marks`) and how many fields
-    it has. A field whose first two bytes begin no marked name (most: Accept,
-    Cookie's "co" does) costs a table lookup; the others one search for the colon."""
+def _marks(lines: list[bytes], blank: int) -> list[Mark]:
+    """The `MARKED` fields (see `RequestHead.marks`) of a block split at its CRLFs:
+    `lines[1:blank]` (`lines[0]`, what was before the first, is not a field). A field whose first
+    two bytes begin no marked name (Accept, Referer, Sec-*...) costs a table
+    lookup; the others a native loop to the colon, a slice and a set lookup."""
     marks: list[Mark] = []
-    lines = block.split(b"\r\n")  # [b"", field, field...]: each line has its name and ":"
     pos = 0
-    for i in range(1, len(lines)):
-        line = lines[i]
+    for i in range(1, blank):
+        line = lines[i]  # a name, ":" and a value (llhttp checked)
         end = pos + 2 + len(line)
-        if MAYBE_MARKED[(line[0] << 8) | line[1]]:
-            lname = line[:line.find(b":")].translate(LOWER)
+        if line.startswith(b"Host:"):  # (the usual spelling: no slice nor set lookup)
+            marks.append((b"host", pos, end))
+        elif MAYBE_MARKED[(line[0] << 8) | line[1]]:
+            colon = 1
+            while line[colon] != COLON:
+                colon += 1
+            lname = line[:colon].translate(LOWER)
             if lname in MARKED:
                 marks.append((lname, pos, end))
         pos = end
-    return marks, len(lines) - 1
+    return marks
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -360,22 +369,18 @@ class _Parser:
         before = len(self.events)
         if in_head:
             fed = self._head_bytes
-            if not self._line_done:
-                end = data.find(b"\n")
-                if fed + (len(data) if end < 0 else end) > self._line_max:
-                    self._fail(414, "request line too long")
-                self._line_done = end >= 0
-                if not fed and fielded:  # the head (or empty lines before it) begins here
-                    self._version = _line_version(data, end)
-            self._head_bytes = fed + len(data)
-            if not fielded:
+            if fielded:
+                if not self._line_done:
+                    self._check_line(fed, data)
+            else:
                 self._parts.append(data)
+            self._head_bytes = fed + len(data)
         else:
             events = self.events
             quiet = len(events)
         self._feed = data
         self._at = 0
-        callbacks = self._callbacks.fields if fielded else self._callbacks
+        callbacks: _Callbacks = self._callbacks.fields if fielded else self._callbacks
         callbacks.parser = cast(RequestParser, self)  # the only kind of `_Parser`
         try:
             self._hp.feed_data(data)
@@ -398,6 +403,10 @@ class _Parser:
                 self._to_raw()
         elif not self._in_head:  # in a body framed by Content-Length
             self._body_left -= len(data) - self._at
+        elif in_head and len(self.events) == before and not self._line_done:
+            # (raw) an unfinished head's line, bounded after llhttp read it (a whole
+            # head is measured exactly, without this search)
+            self._check_line(self._head_bytes - len(data), data)
         if self._in_head:
             if self._head_bytes > self._head_max:
                 raise ProtocolError(431, "request head too large")
@@ -408,6 +417,15 @@ class _Parser:
             self._quiet_bytes = self._quiet_bytes + len(data) if quiet == len(events) else 0
         if self._quiet_bytes or self._fields:
             self._check_quiet()
+
+    def _check_line(self, fed: int, data: bytes) -> None:
+        """The request line of a head of which `fed` bytes came before `data`."""
+        end = data.find(b"\n")
+        if fed + (len(data) if end < 0 else end) > self._line_max:
+            self._fail(414, "request line too long")
+        self._line_done = end >= 0
+        if not fed:  # the head (or empty lines before it) begins here
+            self._version = _line_version(data, end)
 
     def _to_fields(self) -> None:
         """Read the head `on_headers_complete` stopped at again, and what followed it
@@ -587,10 +605,11 @@ class RequestParser(_Parser):
     def on_headers_complete(self) -> None:
         """Check the head, in the order of the errors it can raise, and queue it."""
         if self._fielded:
-            method, url, version, block = self._field_head()
+            method, url, version, lines, blank, block = self._field_head()
         else:
-            method, url, version, block = self._raw_head()
-        marks, count = _marks(block)
+            method, url, version, lines, blank, block = self._raw_head()
+        marks = _marks(lines, blank)
+        count = blank - 1
         if not self._fielded:
             for mark in marks:
                 if mark[0] == b"transfer-encoding":  # class doc
@@ -603,8 +622,13 @@ class RequestParser(_Parser):
         if count > self._max_headers:
             self._fail(431, "too many headers")
         self._fields = []  # the trailers, if any
-        (plain, host, content_length, chunked, has_body, expect_continue, upgrade,
-         tokens) = self._scan(block, marks)
+        if len(marks) == 1 and marks[0][0] == b"host":  # the usual head: no framing,
+            mark = marks[0]  # Connection, Upgrade or Expect field
+            plain, host = True, _host_value(_value(block, mark[1] + 7, mark[2]))
+            content_length, chunked, has_body, expect_continue, upgrade, tokens = NO_FRAMING
+        else:
+            (plain, host, content_length, chunked, has_body, expect_continue, upgrade,
+             tokens) = self._scan(block, marks)
         if version is None:
             self._fail(505, "HTTP version not supported")
         if method == b"CONNECT":
@@ -636,62 +660,76 @@ class RequestParser(_Parser):
             keep_alive, expect_continue, upgrade, tokens)
         self.events.append(head)
 
-    def _raw_head(self) -> tuple[bytes, bytes, bytes | None, bytes]:
-        """Method, target, version (None: not HTTP/1.0 or 1.1) and field block of the
-        head that just ended, read from the bytes fed since it began (`_Parser`);
-        `_at` is set to its end in the current feed. Raises the size limits' errors."""
+    def _raw_head(self) -> tuple[bytes, bytes, bytes | None, list[bytes], int, bytes]:
+        """Method, target, version (None: not HTTP/1.0 or 1.1), lines (the request
+        line, then each field, then what follows the head) with the index of its
+        blank line, and field block of the head that just ended, read
+        from the bytes fed since it began (`_Parser`); `_at` is set to its end in
+        the current feed. Raises the size limits' errors. (Searches are `partition`
+        and `split`, which take their argument directly: `find` parses a tuple of
+        arguments, ~700 instructions a call.)"""
         parts, feed = self._parts, self._feed
-        if len(parts) == 1:
-            buf, s = parts[0], self._start
-        else:
-            if self._start:
-                parts[0] = parts[0][self._start:]
-                self._start = 0
-            buf, s = b"".join(parts), 0
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        start = self._start
         size = len(buf)
-        while s < size and (buf[s] == CR or buf[s] == LF):  # empty lines llhttp skips
-            s += 1
-        line_end = buf.find(b"\r\n", s)
-        end = buf.find(b"\r\n\r\n", line_end) if line_end > s else -1
-        after = end + 4 - (size - len(feed))  # the head's end in the current feed
-        if end < 0 or not 0 <= after <= len(feed):  # (HTTP/0.9: a line alone)
+        while start < size and (buf[start] == CR or buf[start] == LF):  # llhttp skips them
+            start += 1
+        if start:
+            buf = buf[start:]
+        # split at CRLFs up to the field limit (a body after the head stays one piece):
+        # [request line, field..., b"" (the blank line), what follows]
+        lines = buf.split(b"\r\n", self._max_headers + 2)
+        blank = 1
+        count = len(lines)
+        while blank < count and len(lines[blank]):
+            blank += 1
+        if blank == count:  # no blank line in the split (HTTP/0.9: a line alone)
             if VERSIONS.get(self._hp.get_http_version()) is None:
                 self._fail(505, "HTTP version not supported")
+            self._fail(431, "too many headers")
+        line = lines[0]
+        length = len(line)
+        end = length  # the head's bytes but its blank line
+        for i in range(1, blank):
+            end += 2 + len(lines[i])
+        after = len(feed) - (len(buf) - end - 4)  # the head's end in the current feed
+        if after < 0:
             self._fail(400, "request head not found")  # (llhttp read another: never)
         self._at = after
-        if line_end - s > self.limits.max_request_line:
+        if length > self.limits.max_request_line:
             self._fail(414, "request line too long")
-        if end + 4 - s > self._head_max:
+        if end + 4 > self._head_max:
             self._fail(431, "request head too large")
-        method_end = buf.find(b" ", s, line_end)
-        last = line_end - 9  # before " HTTP/1.1"
-        tail = buf[last:line_end] if method_end > s and last > method_end else b""
-        version = b"1.1" if tail == VERSION_11 else b"1.0" if tail == VERSION_10 else None
-        if version is None:  # (HTTP/0.9, 2.0, RTSP/1.0: llhttp takes them)
+        if line.endswith(VERSION_11):
+            version = b"1.1"
+        elif line.endswith(VERSION_10):
+            version = b"1.0"
+        else:  # (HTTP/0.9, 2.0, RTSP/1.0: llhttp takes them)
             self._fail(505, "HTTP version not supported")
-        first = method_end + 1
-        while buf[first] == SP:  # llhttp takes several spaces between the parts
+        method_end = 0
+        while line[method_end] != SP:  # (native loops: a method has a few bytes)
+            method_end += 1
+        first, last = method_end + 1, length - 9  # before " HTTP/1.1"
+        while line[first] == SP:  # llhttp takes several spaces between the parts
             first += 1
-        while last > first and buf[last - 1] == SP:
+        while last > first and line[last - 1] == SP:
             last -= 1
-        return buf[s:method_end], buf[first:last], version, buf[line_end:end]
+        return line[:method_end], line[first:last], version, lines, blank, buf[length:end]
 
-    def _field_head(self) -> tuple[bytes, bytes, bytes | None, bytes]:
-        """Method, target, version and field block of a head read field by field."""
+    def _field_head(self) -> tuple[bytes, bytes, bytes | None, list[bytes], int, bytes]:
+        """Method, target, version, lines (b"", then each field) and field block of a
+        head read field by field."""
         hp, fields, parts = self._hp, self._fields, self._url_parts
         method, url = hp.get_method(), b"".join(parts)
         parts.clear()
         if (len(method) + len(url) > self._line_room or self._measure
                 or self._head_bytes > self._head_max):
             self._check_sizes(method, url, fields)
-        pieces = []
+        lines = [b""]
         for name, _, value in fields:
-            pieces.append(b"\r\n")
-            pieces.append(name)
-            pieces.append(b": ")
-            pieces.append(value)
+            lines.append(name + b": " + value)
         version = self._version or VERSIONS.get(hp.get_http_version())
-        return method, url, version, b"".join(pieces)
+        return method, url, version, lines, len(lines), b"\r\n".join(lines)
 
     def _check_sizes(self, method: bytes, url: bytes,
                      fields: list[tuple[bytes, bytes, bytes]]) -> None:
