@@ -3,7 +3,8 @@ and (``--sockets``) the cost of a whole connection through a real gevent worker.
 
 ``python scripts/bench_hotpath.py [--requests 20000] [--instructions]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive [--requests 1000] [--instructions]``
-``python scripts/bench_hotpath.py --sockets keep-alive --vary [--requests 1000] [--instructions]``
+``python scripts/bench_hotpath.py --sockets keep-alive --vary [--browser] [--requests 1000]
+[--instructions]``
 
 One `ClientConnection` from a real `Worker` (file-store-shaped table: ``*`` →
 one backend) serves scripted sockets: the client socket hands out a wrk-like
@@ -35,7 +36,8 @@ the backend run outside valgrind, the kernel's share is not counted:
 every time, and so does the client here, which the parser and the forwarded
 head's rewrite remember (`RequestParser.repeat_head`); ``--vary`` makes every
 request's target differ (``/index.html?N``), as a browser's do, so that every
-head is parsed and rewritten whole.
+head is parsed and rewritten whole; ``--browser`` sends a browser's head
+(Firefox's fields: 14 beside Host, 611 bytes) instead of wrk's (Host alone).
 
 Used for issue 2's speed work; `scripts/bench_proxy.py` is the end-to-end
 benchmark (wrk, nginx, HAProxy).
@@ -72,6 +74,18 @@ from balancer.settings import load_settings  # noqa: E402
 from loadtest.page import PAGE  # noqa: E402
 
 REQUEST = b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:19000\r\n\r\n"
+# Firefox's request for a page (`--browser`)
+BROWSER_REQUEST = (
+    b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:19000\r\n"
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0\r\n"
+    b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,"
+    b"image/webp,*/*;q=0.8\r\nAccept-Language: en-US,en;q=0.5\r\n"
+    b"Accept-Encoding: gzip, deflate, br\r\nReferer: http://127.0.0.1:19000/\r\n"
+    b"Connection: keep-alive\r\nCookie: session=8f2a9c41d7e3b605; theme=dark; "
+    b"_ga=GA1.1.1234567890.1701800000\r\nUpgrade-Insecure-Requests: 1\r\n"
+    b"Sec-Fetch-Dest: document\r\nSec-Fetch-Mode: navigate\r\n"
+    b"Sec-Fetch-Site: same-origin\r\nSec-Fetch-User: ?1\r\nPriority: u=0, i\r\n"
+    b"Cache-Control: max-age=0\r\n\r\n")
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n"
             b"Date: Tue, 01 Dec 2026 09:00:00 GMT\r\nContent-Type: text/html\r\n"
             b"Content-Length: %d\r\nLast-Modified: Tue, 01 Dec 2026 08:00:00 GMT\r\n"
@@ -195,15 +209,14 @@ CLOSE_REQUEST = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
 PEER_TIMEOUT = 60.0  # seconds any helper socket waits (valgrind is ~50x slower)
 
 
-def run_sockets(mode: str, requests: int, vary: bool = False) -> float:
+def run_sockets(mode: str, requests: int, vary: list[str]) -> float:
     """µs per request through a gevent worker on loopback (wall clock, this process)."""
     from gevent import subprocess as gsubprocess
 
     from balancer.accepting import bind
     from balancer.addr import parse_addr
 
-    peer = gsubprocess.Popen([sys.executable, __file__, "--peer", mode, str(requests),
-                              *(["--vary"] if vary else [])],
+    peer = gsubprocess.Popen([sys.executable, __file__, "--peer", mode, str(requests), *vary],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     backend = int(peer.stdout.readline())
     worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}),
@@ -224,10 +237,10 @@ def run_sockets(mode: str, requests: int, vary: bool = False) -> float:
     return elapsed / requests * 1e6
 
 
-def peer(mode: str, requests: int, vary: bool = False) -> None:
+def peer(mode: str, requests: int, vary: bool = False, browser: bool = False) -> None:
     """The helper: a keep-alive backend, then a client making `requests` requests
     (stdout: the backend's port, then how many were answered whole); `vary`: each
-    request's target differs."""
+    request's target differs; `browser`: a browser's head."""
     backend = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_backend_loop, args=(backend,), daemon=True).start()
     print(backend.getsockname()[1], flush=True)
@@ -241,7 +254,8 @@ def peer(mode: str, requests: int, vary: bool = False) -> None:
     else:
         with socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT) as conn:
             for n in range(requests):
-                conn.sendall(REQUEST.replace(b".html", b".html?%d" % n) if vary else REQUEST)
+                head = BROWSER_REQUEST if browser else REQUEST
+                conn.sendall(head.replace(b".html", b".html?%d" % n) if vary else head)
                 answered += _read_response(conn)
     print(answered, flush=True)
 
@@ -295,18 +309,20 @@ def main() -> None:
     parser.add_argument("--vary", action="store_true",
                         help="with --sockets keep-alive: every request's target differs "
                              "(no head repeats)")
+    parser.add_argument("--browser", action="store_true",
+                        help="with --vary: a browser's head (14 fields beside Host)")
     parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    varied = ["--vary"] if args.vary else []
+    varied = (["--vary"] if args.vary else []) + (["--browser"] if args.browser else [])
+    kind = ", varied" * args.vary + ", browser" * args.browser
     if args.peer:
-        peer(args.peer[0], int(args.peer[1]), args.vary)
+        peer(args.peer[0], int(args.peer[1]), args.vary, args.browser)
     elif args.sockets and args.instructions:
         count = instructions(["--sockets", args.sockets, *varied], 200, 1200, 1000)
-        print(f"{count:,.0f} instructions per request ({args.sockets}{', varied' * args.vary}, "
-              "real sockets)")
+        print(f"{count:,.0f} instructions per request ({args.sockets}{kind}, real sockets)")
     elif args.sockets:
-        print(f"{run_sockets(args.sockets, args.requests, args.vary):.2f} µs per request "
-              f"({args.sockets}{', varied' * args.vary}, real sockets, wall clock)")
+        print(f"{run_sockets(args.sockets, args.requests, varied):.2f} µs per request "
+              f"({args.sockets}{kind}, real sockets, wall clock)")
     elif args.instructions:
         print(f"{instructions([], 100, 1100, 1000 * PASSES):,.0f} instructions per request")
     else:
