@@ -14,8 +14,11 @@ Invariants (docs/headers.md says the same for operators):
   (`ClientConnection.trusted_id`), replaced elsewhere.
 * An HTTP/1.0 request without Host gets the backend's address as Host (nginx's
   `$proxy_host`) and no X-Forwarded-Host.
-* Per request: one pass over the fields, one set lookup each (two when
-  Connection names a field that is not hop-by-hop anyway). A head the parser
+* Per request: the client's field block (`RequestHead.block`) is forwarded as
+  it came, but cut where its marks (`RequestHead.marks`: the fields any
+  listener drops, keeps or extends) name a field to drop, one set lookup per
+  mark; a field Connection names that has no mark is cut by a search (rare).
+  The blanks after a field's colon go as the client sent them. A head the parser
   gives again for the same bytes (`RequestParser.repeat_head`, with a Host) is
   rewritten once per connection, once it was given again (a head sent only once
   costs no second join): the request id is the only part that changes

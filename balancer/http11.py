@@ -8,6 +8,14 @@ No sockets here: a parser takes bytes through `feed` and appends events to
 * `END` when the message is complete.
 
 Invariants:
+* llhttp validates every byte of a request. A head is kept as its raw field
+  block (`RequestHead.block`, see `balancer.fields`), found in the bytes fed:
+  llhttp calls back once per head, not per field (its parser's protocol object,
+  `RequestCallbacks`, has no ``on_header``), and the fields the balancer acts
+  on are located once (`RequestHead.marks`, `MARKED`). A chunked request, whose
+  end cannot be found without its chunk framing, and the requests after it in
+  the same feeds are read with per-field callbacks instead (`FieldCallbacks`),
+  into a block of the same form (``Name: value``).
 * `ProtocolError` is the only exception `feed` raises; it carries the status
   to answer (client side) and the parser is unusable afterwards.
 * Nothing that could be smuggled passes: conflicting or repeated

@@ -127,45 +127,85 @@ BLANKS: dict[str, bytes] = {
 }
 
 
+class _Store:
+    """A file-store-shaped table: every host proxied to one backend."""
+
+    display_url = "test:"
+    quiet = True
+
+    def load(self) -> SimpleNamespace:
+        return SimpleNamespace(version=1, hosts={
+            "*": {"action": "proxy", "backends": ["10.1.1.1:80"]}})
+
+    def identity(self) -> str:
+        return "test"
+
+    def raise_floor(self, version: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_WORKERS: list = []
+
+
+def _worker():
+    """One worker for every call (the blocking IO: no gevent)."""
+    if not _WORKERS:
+        from balancer.netio import IO
+        from balancer.server import Worker
+        from balancer.settings import load_settings
+
+        worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}),
+                        _Store(), io=IO())
+        assert worker.apply(worker.store.load())
+        _WORKERS.append(worker)
+    return _WORKERS[0]
+
+
 def forwarded(data: bytes | list[bytes], trusted: bool) -> list:
     """What a backend gets for `data` fed whole (or in the pieces of a list): per
     request, its head (and the end of a chunked body: `last_chunk`), as latin-1
-    text; body pieces; END; or the refusal's status."""
+    text; body pieces; END; or the refusal's status. Real objects (a worker's
+    connection and exchanges), so that it runs compiled too."""
+    import socket
+
     from balancer.connection import ClientConnection, Exchange
     from balancer.forwarding import last_chunk, request_head
-    from balancer.http11 import END, ProtocolError, RequestHead, RequestParser
+    from balancer.http11 import END, ProtocolError, RequestHead
 
-    conn = SimpleNamespace(trusted=trusted)
-    out: list = []
-    parser = RequestParser()
-    try:
-        for piece in data if isinstance(data, list) else [data]:
-            parser.feed(piece)
-    except ProtocolError as exc:
-        out.append(exc.status)
-    for event in parser.events:
-        if isinstance(event, RequestHead):
-            out.append(_one(event, conn, ClientConnection, Exchange, request_head, last_chunk))
-        elif event is END:
-            out.append("END")
-        else:
-            out.append(event.decode("latin-1"))
+    worker = _worker()
+    left, right = socket.socketpair()
+    with left, right:
+        conn = ClientConnection(left, ("192.0.2.7", 1),
+                                worker.context("internal" if trusted else "proxy"))
+        parser = conn.parser
+        out: list = []
+        try:
+            for piece in data if isinstance(data, list) else [data]:
+                parser.feed(piece)
+        except ProtocolError as exc:
+            out.append(exc.status)
+        for event in parser.events:
+            if isinstance(event, RequestHead):
+                route = worker.context("proxy").holder.table.lookup(event.host or b"x")
+                ex = Exchange(conn, event, route, b"RID", 0.0)
+                ex.backend = "10.1.1.1:80"
+                text = request_head(ex, event.chunked)
+                if trusted:  # the request id a trusted client's X-Request-Id gives
+                    rid = conn.trusted_id(event)
+                    sent = [v for _, lname, v in event.headers if lname == b"x-request-id"]
+                    text += b"|" + (rid if rid in sent else b"RID")
+                if event.chunked:
+                    text += b"|" + last_chunk(event)
+                out.append(text.decode("latin-1"))
+            elif event is END:
+                out.append("END")
+            else:
+                out.append(event.decode("latin-1"))
+        parser.close()
     return out
-
-
-def _one(head, conn, client_cls, exchange_cls, request_head, last_chunk) -> str:
-    fake = SimpleNamespace(
-        forwarded=None, forwarded_fields=b"", client_ip_bytes=b"192.0.2.7",
-        ctx=SimpleNamespace(trusted=conn.trusted, scheme=b"http"),
-        parser=SimpleNamespace(repeat_head=None, repeats=0))
-    ex = SimpleNamespace(head=head, conn=fake, request_id=b"RID", backend="10.1.1.1:80")
-    data = request_head(ex, head.chunked)
-    if conn.trusted:  # the request id a trusted client's X-Request-Id gives
-        ids = SimpleNamespace(ctx=SimpleNamespace(request_ids=SimpleNamespace(next=lambda: b"RID")))
-        data += b"|" + client_cls.trusted_id(ids, head)
-    if head.chunked:
-        data += b"|" + last_chunk(head)
-    return data.decode("latin-1")
 
 
 def main(path: str) -> None:
