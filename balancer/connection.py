@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import (
     END,
+    LOWER,
     Limits,
     ProtocolError,
     RequestCallbacks,
@@ -598,7 +599,8 @@ def _fields(raw: bytes) -> tuple[tuple[bytes, bytes], ...]:
 def access_record(ex: Exchange, elapsed: float) -> tuple:
     """The access log record of a finished exchange (balancer.accesslog field order)."""
     head = ex.head
-    referer, agent = head.field(b"referer"), head.field(b"user-agent")
+    lower = head.block.translate(LOWER)  # (one copy for both searches)
+    referer, agent = head.field(b"referer", lower), head.field(b"user-agent", lower)
     return (time.time() - elapsed, ex.conn.client_ip, head.host, head.method, head.target,
             b"HTTP/" + head.version, ex.status, ex.sent, ex.received, referer, agent,
             ex.request_id, ex.backend or None, elapsed, ex.backend_time or None)

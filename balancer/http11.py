@@ -129,7 +129,6 @@ LF: Final = 10
 SP: Final = 32
 TAB: Final = 9
 COLON: Final = 58
-CRLFCRLF: Final = b"\r\n\r\n"  # the end of a head
 
 
 class ProtocolError(Exception):
@@ -195,12 +194,12 @@ class RequestHead:
                 fields.append((name, name.translate(LOWER), value.lstrip(b" \t")))
         return fields
 
-    def field(self, lname: bytes) -> bytes | None:
+    def field(self, lname: bytes, lower: bytes = b"") -> bytes | None:
         """The value of the last field named `lname` (lower-case), or None (off the hot
-        path: the block is lower-cased and searched)."""
+        path: the block is searched, lower-cased here unless `lower` is that copy)."""
         block = self.block
         key = b"\r\n" + lname + b":"
-        start = block.translate(LOWER).rfind(key)
+        start = (lower or block.translate(LOWER)).rfind(key)
         if start < 0:
             return None
         end = block.find(b"\r\n", start + 2)
