@@ -121,6 +121,8 @@ def _first_two(names: frozenset[bytes]) -> bytes:
 MAYBE_MARKED: Final = _first_two(MARKED)
 NO_FIELDS: Final[tuple[Field, ...]] = ()
 LAST_CHUNK: Final = b"0\r\n\r\n"  # the end of a chunked body without trailers
+# The bytes a head that begins inside a feed is first looked for in (`_raw_head`).
+WINDOW: Final = 4096
 # A feed of at most this many bytes that was exactly one whole bodyless keep-alive
 # head is remembered (`RequestParser.repeat_head`): the same bytes again give it again.
 REPEAT_MAX: Final = 1024
@@ -672,34 +674,43 @@ class RequestParser(_Parser):
         line, then each field, then what follows the head) with the index of its
         blank line, and field block of the head that just ended, read
         from the bytes fed since it began (`_Parser`); `_at` is set to its end in
-        the current feed. Raises the size limits' errors. (Searches are `partition`
-        and `split`, which take their argument directly: `find` parses a tuple of
-        arguments, ~700 instructions a call.)"""
+        the current feed. Raises the size limits' errors. (One `split`, which takes
+        its arguments directly: `find` parses a tuple of them, ~700 instructions a
+        call.)"""
         parts, feed = self._parts, self._feed
         buf = parts[0] if len(parts) == 1 else b"".join(parts)
         start = self._start
-        size = len(buf)
-        while start < size and (buf[start] == CR or buf[start] == LF):  # llhttp skips them
+        total = len(buf)
+        while start < total and (buf[start] == CR or buf[start] == LF):  # llhttp skips them
             start += 1
-        if start:
-            buf = buf[start:]
         # split at CRLFs up to the field limit (a body after the head stays one piece):
-        # [request line, field..., b"" (the blank line), what follows]
-        lines = buf.split(b"\r\n", self._max_headers + 2)
-        blank = 1
-        count = len(lines)
-        while blank < count and len(lines[blank]):
-            blank += 1
+        # [request line, field..., b"" (the blank line), what follows]; a head that does
+        # not begin the bytes is split from a copy of the next 4 KiB first, then of all
+        # the head may be (pipelined heads: no copy of the whole rest for each)
+        room = total - start
+        size = room if not start else min(room, WINDOW)
+        while True:
+            window = buf if size == total else buf[start:start + size]
+            lines = window.split(b"\r\n", self._max_headers + 2)
+            blank = 1
+            count = len(lines)
+            while blank < count and len(lines[blank]):
+                blank += 1
+            if blank < count or size == room or size >= self._head_max + 4:
+                break
+            size = min(room, self._head_max + 4)
         if blank == count:  # no blank line in the split (HTTP/0.9: a line alone)
             if VERSIONS.get(self._hp.get_http_version()) is None:
                 self._fail(505, "HTTP version not supported")
-            self._fail(431, "too many headers")
+            if count > self._max_headers + 2:  # the split's limit
+                self._fail(431, "too many headers")
+            self._fail(431, "request head too large")
         line = lines[0]
         length = len(line)
         end = length  # the head's bytes but its blank line
         for i in range(1, blank):
             end += 2 + len(lines[i])
-        after = len(feed) - (len(buf) - end - 4)  # the head's end in the current feed
+        after = len(feed) - (total - start - end - 4)  # the head's end in the current feed
         if after < 0:
             self._fail(400, "request head not found")  # (llhttp read another: never)
         self._at = after
@@ -721,7 +732,7 @@ class RequestParser(_Parser):
             first += 1
         while last > first and line[last - 1] == SP:
             last -= 1
-        return line[:method_end], line[first:last], version, lines, blank, buf[length:end]
+        return line[:method_end], line[first:last], version, lines, blank, window[length:end]
 
     def _field_head(self) -> tuple[bytes, bytes, bytes | None, list[bytes], int, bytes]:
         """Method, target, version, lines (b"", then each field) and field block of a

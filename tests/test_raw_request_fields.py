@@ -157,6 +157,30 @@ def test_a_chunked_body_with_heads_inside_is_not_read_as_heads() -> None:
         assert [h.target for h in heads] == [b"/up", b"/ok"] and body == inner, cut
 
 
+def test_many_pipelined_heads_in_one_feed() -> None:
+    """2,000 heads in one feed (each found in a 4 KiB window, not in a copy of the
+    rest), then one whose head is larger than the window."""
+    heads = [b"GET /%d HTTP/1.1\r\nHost: app.test\r\nX-N: %d\r\n\r\n" % (n, n)
+             for n in range(2000)]
+    big = b"GET /big HTTP/1.1\r\nHost: app.test\r\nX-Pad: " + b"p" * 9000 + b"\r\n\r\n"
+    parser = RequestParser()
+    parser.feed(b"".join(heads) + big + heads[0])
+    found = [e for e in parser.events if isinstance(e, RequestHead)]
+    assert [h.target for h in found] == [b"/%d" % n for n in range(2000)] + [b"/big", b"/0"]
+    assert found[1999].block == b"\r\nHost: app.test\r\nX-N: 1999"
+    assert found[2000].block.endswith(b"p" * 9000)
+
+
+def test_a_pipelined_head_too_large_or_with_too_many_fields() -> None:
+    for extra, status in ((b"X-Pad: " + b"p" * 70000 + b"\r\n", 431),
+                          (b"".join(b"X-%d: v\r\n" % i for i in range(120)), 431)):
+        parser = RequestParser()
+        with pytest.raises(ProtocolError) as caught:
+            parser.feed(CASES["host only"] + b"GET / HTTP/1.1\r\nHost: a\r\n" + extra + b"\r\n")
+        assert caught.value.status == status
+        assert isinstance(parser.events[0], RequestHead)
+
+
 # through the balancer -----------------------------------------------------------------
 def answer_ok(conn: socket.socket, request: bytes) -> bool:
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
