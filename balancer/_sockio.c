@@ -1,4 +1,4 @@
-/* balancer._sockio: recv, send and accept on non-blocking sockets without
+/* balancer._sockio: recv, send, send_span and accept on non-blocking sockets without
  * releasing the GIL (the seam that picks these or their Python equivalents is
  * balancer/sockcalls.py; docs/ARCHITECTURE.md, "The socket calls").
  *
@@ -11,7 +11,12 @@
  * call passes MSG_DONTWAIT: none can block, whatever the socket's mode), so
  * holding the GIL across the syscall costs nobody anything.
  *
- * Both take the socket object (a _socket.socket, or a subclass: gevent's
+ * send_span sends a response's head and its body in one sendmsg, the body as
+ * it lies in the bytes object it was read into ((data, start): the body after
+ * the backend's own head; balancer/spans.py): neither is sliced out or
+ * joined to the other in user space (docs/ARCHITECTURE.md, "Hot path notes").
+ *
+ * All take the socket object (a _socket.socket, or a subclass: gevent's
  * `_sock`), never a file descriptor: its descriptor is read from the object
  * at every call, so a closed socket (descriptor -1) fails with EBADF as the
  * socket module's calls do, and never reaches a descriptor number reused
@@ -24,9 +29,10 @@
  * (PyErr_SetFromErrno picks ConnectionResetError, BrokenPipeError, ...), a
  * syscall interrupted by a signal runs the Python signal handlers (their
  * exception propagates) and is retried.  Two outcomes differ on purpose:
- * EAGAIN is not raised (recv and accept return None, send returns 0), which
- * saves the callers an exception per empty read or accept queue; and send passes MSG_NOSIGNAL (Python
- * ignores SIGPIPE anyway: either way a closed peer is EPIPE, BrokenPipeError).
+ * EAGAIN is not raised (recv and accept return None, send and send_span 0), which
+ * saves the callers an exception per empty read or accept queue; and send and
+ * send_span pass MSG_NOSIGNAL (Python ignores SIGPIPE anyway: either way a
+ * closed peer is EPIPE, BrokenPipeError).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -37,6 +43,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 /* The head of CPython's PySocketSockObject (Modules/socketmodule.h). */
@@ -197,6 +204,64 @@ sockio_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(sent);
 }
 
+PyDoc_STRVAR(send_span_doc,
+"send_span(sock, head, span, /)\n--\n\n"
+"Send what the non-blocking socket sock takes now of head (bytes) followed by\n"
+"data[start:] of span, a (data, start) tuple of bytes and int, in one sendmsg\n"
+"and without copying either; returns how many bytes, 0 if its buffer is full.\n"
+"Raises OSError as sock.sendmsg does, ValueError if start is not within data.");
+
+static PyObject *
+sockio_send_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "send_span() takes exactly 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int fd = fd_of(args[0]);
+    if (fd == -2) {
+        return NULL;
+    }
+    PyObject *head = args[1], *span = args[2];
+    if (!PyBytes_Check(head)) {
+        PyErr_Format(PyExc_TypeError, "send_span() head must be bytes, not %.200s",
+                     Py_TYPE(head)->tp_name);
+        return NULL;
+    }
+    if (!PyTuple_Check(span) || PyTuple_GET_SIZE(span) != 2
+            || !PyBytes_Check(PyTuple_GET_ITEM(span, 0))) {
+        PyErr_SetString(PyExc_TypeError, "send_span() span must be a (bytes, start) tuple");
+        return NULL;
+    }
+    PyObject *data = PyTuple_GET_ITEM(span, 0);
+    Py_ssize_t start = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 1));
+    if (start == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (start < 0 || start > PyBytes_GET_SIZE(data)) {
+        PyErr_SetString(PyExc_ValueError, "send_span() start out of its bytes");
+        return NULL;
+    }
+    struct iovec iov[2];
+    iov[0].iov_base = PyBytes_AS_STRING(head);
+    iov[0].iov_len = (size_t)PyBytes_GET_SIZE(head);
+    iov[1].iov_base = PyBytes_AS_STRING(data) + start;
+    iov[1].iov_len = (size_t)(PyBytes_GET_SIZE(data) - start);
+    struct msghdr message = {0};
+    message.msg_iov = iov;
+    message.msg_iovlen = 2;
+    for (;;) {
+        ssize_t sent = sendmsg(fd, &message, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent >= 0) {
+            return PyLong_FromSsize_t(sent);
+        }
+        int verdict = failed();
+        if (verdict != 1) {
+            return verdict == 0 ? PyLong_FromLong(0) : NULL;
+        }
+    }
+}
+
 /* The peer's address as the socket module gives it: (host, port) for IPv4,
  * (host, port, flowinfo, scope_id) for IPv6; any other family through the
  * socket object's own getpeername(). */
@@ -286,6 +351,7 @@ sockio_accept(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef methods[] = {
     {"recv", (PyCFunction)(void (*)(void))sockio_recv, METH_FASTCALL, recv_doc},
     {"send", (PyCFunction)(void (*)(void))sockio_send, METH_FASTCALL, send_doc},
+    {"send_span", (PyCFunction)(void (*)(void))sockio_send_span, METH_FASTCALL, send_span_doc},
     {"accept", (PyCFunction)(void (*)(void))sockio_accept, METH_FASTCALL, accept_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -366,7 +432,7 @@ static PyModuleDef_Slot slots[] = {
 static struct PyModuleDef sockio_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "balancer._sockio",
-    .m_doc = "recv and send on non-blocking sockets without releasing the GIL "
+    .m_doc = "recv, send, send_span and accept on non-blocking sockets without releasing the GIL "
              "(balancer.sockcalls picks them)",
     .m_size = 0,
     .m_methods = methods,

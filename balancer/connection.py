@@ -55,6 +55,7 @@ from balancer.http11 import (
 from balancer.netio import IO, NEVER, ParkNow
 from balancer.response_parser import ResponseCallbacks
 from balancer.responses import local_response
+from balancer.spans import Span, span_size
 
 if TYPE_CHECKING:
     from balancer.accesslog import AccessLog
@@ -193,6 +194,20 @@ class Exchange:
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         self.sent += len(data)
+
+    def send_span(self, head: bytes, span: Span, last: bool = False) -> None:
+        """`send` of `head` then the bytes of `span`, which are not copied out
+        (nor joined to `head`) where the stream can send both at once."""
+        self.started = True
+        stream = self.conn.stream
+        try:
+            if last:
+                stream.write_last_span(head, span)
+            else:
+                stream.write_span(head, span)
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+        self.sent += len(head) + span_size(span)
 
     def respond(self, status: int, body: bytes, content_type: bytes,
                 extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:

@@ -221,7 +221,7 @@ def _size(ex: Exchange, rhead: ResponseHead) -> int:
 
 def _can_hold(writer: Writer, size: int) -> bool:
     """Whether a held write of `size` more bytes is only held (never waits)."""
-    return writer.rest is None and len(writer.held) + size <= HOLD_LIMIT
+    return writer.rest is None and writer.held_size() + size <= HOLD_LIMIT
 
 
 def _fault(conn: ClientConnection) -> None:

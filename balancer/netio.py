@@ -73,6 +73,7 @@ from balancer.outbox import WRITE, Outbox, TLSWriter, Writer
 from balancer.peek import CLOSED, READABLE, peek
 from balancer.readiness import READ, SWITCH, Readable
 from balancer.sockcalls import recv_now
+from balancer.spans import Span, span_joined
 from balancer.turns import Turn
 
 NEVER: Final = float("inf")
@@ -117,6 +118,14 @@ class Stream:
         """Send `data` by the end of the loop iteration: the caller's next step
         is to wait for its peer (or to close, which sends what is held)."""
         self.sock.sendall(data)
+
+    def write_span(self, head: bytes, span: Span) -> None:
+        """`write` of `head` then `span`'s bytes (a blocking socket: joined)."""
+        self.sock.sendall(span_joined(head, span))
+
+    def write_last_span(self, head: bytes, span: Span) -> None:
+        """`write_last` of `head` then `span`'s bytes."""
+        self.sock.sendall(span_joined(head, span))
 
     def has_held(self) -> bool:
         """Whether bytes written with `write_last` are still to be sent."""
@@ -194,6 +203,12 @@ class WatchedStream(Stream):
 
     def write_last(self, data: bytes) -> None:
         self.writer.write_last(data)
+
+    def write_span(self, head: bytes, span: Span) -> None:
+        self.writer.write_span(head, span)
+
+    def write_last_span(self, head: bytes, span: Span) -> None:
+        self.writer.write_last_span(head, span)
 
     def has_held(self) -> bool:
         writer = self.writer

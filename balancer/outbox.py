@@ -17,6 +17,11 @@ meanwhile. What both cost and saved is measured in docs/performance.md.
 Invariants:
 * Bytes leave a socket in the order they were written: a direct `write`, and
   `finish`, first send what is held.
+* A response's head and its body as it was read (a `balancer.spans.Span`,
+  `write_last_span`) are held side by side and sent by one sendmsg: the body
+  is neither sliced out of its read nor joined to the head. Behind other
+  held bytes, or on a TLS socket, they are joined instead (a copy, as any
+  write).
 * A held write that fails (the peer is gone) is dropped; its owner learns of
   it from its next read of that socket (EOF or an error), its next step.
 * A held write the socket takes only in part is finished by a greenlet of
@@ -40,7 +45,8 @@ from typing import Any, Final
 
 from gevent import get_hub, spawn
 
-from balancer.sockcalls import send_now
+from balancer.sockcalls import send_now, send_span_now
+from balancer.spans import Span, span_joined, span_size, unsent
 
 WRITE: Final = 2  # libev's EV_WRITE
 HOLD_LIMIT: Final = 65536  # bytes held per socket; a larger write is made at once
@@ -81,14 +87,22 @@ class Outbox:
 class Writer:
     """The writes to one socket: direct, or held for the outbox."""
 
-    __slots__ = ("raw", "outbox", "held", "rest", "watcher")
+    __slots__ = ("raw", "outbox", "held", "tail", "rest", "watcher")
 
     def __init__(self, raw: Any, outbox: Outbox) -> None:
         self.raw = raw  # the OS socket, non-blocking
         self.outbox = outbox
         self.held = b""  # bytes waiting for the outbox
+        # and after them (`write_last_span`; only ever after some), bytes waiting
+        # where they were read
+        self.tail: Span | None = None
         self.rest: Any = None  # the greenlet sending what a flush could not
         self.watcher: Any = None  # the write watcher, made by the first full buffer
+
+    def held_size(self) -> int:
+        """How many bytes are held (a held span's included)."""
+        tail = self.tail
+        return len(self.held) if tail is None else len(self.held) + span_size(tail)
 
     def writable(self) -> Any:
         """The socket's write watcher (made now if this is the first full buffer)."""
@@ -102,11 +116,21 @@ class Writer:
         it all, waits for the socket to be writable and sends the rest. (gevent's
         ``sendall`` queried SO_SNDBUF on every call, a syscall a write that fits
         the buffer does not need.) Raises OSError."""
+        sent = send_now(self.raw, data)
+        if sent < len(data):
+            self._send_after(memoryview(data)[sent:])
+
+    def send_span(self, head: bytes, span: Span) -> None:
+        """`send` of `head` then `span`'s bytes, the first try one sendmsg of both
+        (`balancer.sockcalls.send_span_now`: neither copied). Raises OSError."""
+        sent = send_span_now(self.raw, head, span)
+        if sent < len(head) + span_size(span):
+            self._send_after(memoryview(unsent(head, span, sent)))
+
+    def _send_after(self, view: memoryview) -> None:
+        """The rest of a send the socket's buffer could not take: waits until it
+        is writable and sends, until all went."""
         raw = self.raw
-        sent = send_now(raw, data)
-        if sent == len(data):
-            return
-        view = memoryview(data)[sent:]
         writable, hub = self.writable(), get_hub()
         while len(view):
             hub.wait(writable)
@@ -122,16 +146,38 @@ class Writer:
             self.finish()
         self.send(data)
 
+    def write_span(self, head: bytes, span: Span) -> None:
+        """`write` of `head` then `span`'s bytes, in one syscall. Raises OSError."""
+        if self.held or self.rest is not None:
+            self.finish()
+        self.send_span(head, span)
+
     def write_last(self, data: bytes) -> None:
         """Send `data` by the end of this loop iteration: the caller's next step
         is to wait for its peer (or to close, which calls `finish`)."""
         held = self.held
+        tail = self.tail
+        if tail is not None:  # bytes behind a span: all joined (pipelined responses)
+            self.tail = None
+            held = self.held = span_joined(held, tail)
         if self.rest is not None or len(data) + len(held) > HOLD_LIMIT:
             self.write(data)
         elif held:
             self.held = held + data
         else:
             self.held = data
+            self.outbox.add(self)
+
+    def write_last_span(self, head: bytes, span: Span) -> None:
+        """`write_last` of `head` then `span`'s bytes: held as they are, and sent
+        by one sendmsg of both (`flush`)."""
+        if self.held or not head:  # behind other held bytes: joined to them
+            self.write_last(span_joined(head, span))
+        elif self.rest is not None or len(head) + span_size(span) > HOLD_LIMIT:
+            self.write_span(head, span)
+        else:
+            self.held = head
+            self.tail = span
             self.outbox.add(self)
 
     def finish(self) -> None:
@@ -143,7 +189,12 @@ class Writer:
         data = self.held
         if data:
             self.held = b""
-            self.send(data)
+            tail = self.tail
+            if tail is None:
+                self.send(data)
+            else:
+                self.tail = None
+                self.send_span(data, tail)
 
     def flush(self) -> None:
         """The outbox's part (in the hub): one non-blocking send."""
@@ -151,13 +202,23 @@ class Writer:
         if not data:  # finished by its owner meanwhile
             return
         self.held = b""
+        tail = self.tail
         sent: int
+        if tail is None:
+            try:
+                sent = send_now(self.raw, data)
+            except OSError:
+                return
+            if sent < len(data):
+                self.rest = spawn(self._send_rest, data[sent:])
+            return
+        self.tail = None
         try:
-            sent = send_now(self.raw, data)
+            sent = send_span_now(self.raw, data, tail)
         except OSError:
             return
-        if sent < len(data):
-            self.rest = spawn(self._send_rest, data[sent:])
+        if sent < len(data) + span_size(tail):
+            self.rest = spawn(self._send_rest, unsent(data, tail, sent))
 
     def _send_rest(self, data: bytes) -> None:
         with contextlib.suppress(OSError):  # the owner's next read or write finds it broken
@@ -167,6 +228,7 @@ class Writer:
         """Drop what is held, stop a send in progress and the write watcher (the
         socket closes next)."""
         self.held = b""
+        self.tail = None
         rest = self.rest
         if rest is not None:
             self.rest = None
@@ -204,6 +266,14 @@ class TLSWriter(Writer):
     def send(self, data: bytes) -> None:
         """All of `data`, now (`write` and `finish` send through it)."""
         tls_send_all(self.sock, self.raw, data)
+
+    def write_span(self, head: bytes, span: Span) -> None:
+        """`write` of the two joined: one SSL_write (its record is made of a copy anyway)."""
+        self.write(span_joined(head, span))
+
+    def write_last_span(self, head: bytes, span: Span) -> None:
+        """`write_last` of the two joined (a `TLSWriter` never holds a span)."""
+        self.write_last(span_joined(head, span))
 
     def flush(self) -> None:
         data = self.held

@@ -25,7 +25,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from balancer.connection import PERF_COUNTER, Exchange
 from balancer.errors import (
@@ -40,6 +40,7 @@ from balancer.forwarding import last_chunk, request_head
 from balancer.http11 import END, LAST_CHUNK, ProtocolError
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseHead, ResponseParser
+from balancer.spans import piece_size, span_bytes, span_size
 from balancer.stats import BackendStats
 from balancer.tunnel import tunnel
 
@@ -54,6 +55,9 @@ EARLY_LIMIT: Final = 65536  # body bytes of an early success read while the requ
 # are what servers send. Bug: a backend sending 1xx heads without end kept the request
 # (each head a read within backend_read), its client and a worker busy forever.
 MAX_INTERIM: Final = 32
+# A body piece this large goes out beside the head instead of being joined to it:
+# below, the join (a small pymalloc copy) costs less than a second buffer.
+TAIL_MIN: Final = 512
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -173,7 +177,8 @@ def _interims(parser: ResponseParser) -> int:
 
 def _held(parser: ResponseParser) -> int:
     """How many body bytes of an early answer wait in `parser`."""
-    return sum(len(event) for event in parser.events if isinstance(event, bytes))
+    return sum(piece_size(event) for event in parser.events
+               if isinstance(event, (bytes, tuple)))
 
 
 def _read_early(upstream: Upstream, parser: ResponseParser) -> ResponseHead | None:
@@ -344,9 +349,12 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     events = parser.events
     if parser.complete and framing == RAW:  # all of it came with the head: one send
         events.pop()  # END
-        out.extend(events)  # the body's pieces
+        if len(events) == 1:  # the body in one piece (or none)
+            out.append(events[0])
+        else:
+            out.extend([span_bytes(piece) for piece in events])
         events.clear()
-        ex.send(b"".join(out), last=True)
+        _send_out(ex, out, True)
         return rhead.keep_alive and not parser.upgraded
     conn, timeouts = ex.conn, ex.conn.ctx.timeouts
     # A small fixed-length response is sent in one piece when its parts come
@@ -362,24 +370,50 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
                 if framing == CHUNK:  # a chunked response's trailers go on (docs/headers.md)
                     out.append(parser.last_chunk if rhead.chunked else LAST_CHUNK)
                 events.clear()
-                ex.send(b"".join(out), last=True)
+                _send_out(ex, out, True)
                 return rhead.keep_alive and not parser.upgraded
-            out.append(frame_chunk(event) if framing == CHUNK else event)
+            if framing == CHUNK:
+                out.append(frame_chunk(span_bytes(event)))
+                continue
+            if out and isinstance(out[-1], tuple):  # a span is only ever the last piece
+                out[-1] = span_bytes(out[-1])
+            out.append(event)
         events.clear()
         conn.arm(sock, timeouts.backend_read)
         got = _read_ready(upstream) if hold else None
         if got is None:
             if out:
                 conn.arm(conn.sock, timeouts.client_idle)
-                data = b"".join(out)
-                ex.send(data)
+                sent = _send_out(ex, out, False)
                 out = []
-                turn.spend(len(data))
+                turn.spend(sent)
                 conn.arm(sock, timeouts.backend_read)
             if hold:
                 _wait_backend(upstream)  # it was not there: recv again only once readable
             got = _read_backend(upstream)
         _feed(parser, got)
+
+
+def _send_out(ex: Exchange, out: list[Any], last: bool) -> int:
+    """Send `out` (bytes, the last piece maybe a span) to the client in one write;
+    how many bytes. A last piece that is a span, or bytes of `TAIL_MIN` or
+    more after others, goes beside the others joined instead of being copied
+    onto them (`Exchange.send_span`: one sendmsg of both)."""
+    if out:
+        tail = out[-1]
+        if isinstance(tail, tuple):
+            out.pop()
+            head = b"".join(out)
+            ex.send_span(head, tail, last)
+            return len(head) + span_size(tail)
+        if len(out) > 1 and len(tail) >= TAIL_MIN:
+            out.pop()
+            head = b"".join(out)
+            ex.send_span(head, (tail, 0), last)
+            return len(head) + len(tail)
+    data = b"".join(out)
+    ex.send(data, last)
+    return len(data)
 
 
 class Flight:

@@ -2,7 +2,10 @@
 
 Events, in order, in the list `events` (a list, not a deque: mypyc compiles a
 list's operations to C calls, a deque's are Python calls by name): a
-`ResponseHead`, `bytes` body pieces (framing removed), `END`. 1xx interim
+`ResponseHead`, body pieces (framing removed), `END`. A body piece is
+`bytes`, or a `balancer.spans.Span` ``(data, start)`` when it is the end of
+a larger read (`_take_body`: the body after a repeated head, which is sent
+from where it lies instead of being sliced out; `span_bytes` copies it). 1xx interim
 responses give their own head and END before the final one; a 101 completes
 the parser with `upgraded` set and the bytes after the head in `leftover`.
 
@@ -392,26 +395,33 @@ class ResponseParser:
         self._rest = length
         end = len(raw) + 4
         if len(data) > end or not length:
-            self._take_body(data[end:])
+            self._take_body(data, end)
         return True
 
-    def _take_body(self, data: bytes) -> None:
-        """Body bytes of a response `_take_repeat` took: the `_rest` still due end it,
-        and what follows them is judged by `feed` (as llhttp would)."""
+    def _take_body(self, data: bytes, start: int = 0) -> None:
+        """Body bytes of a response `_take_repeat` took, from `start` in `data`: the
+        `_rest` still due end it, and what follows them is judged by `feed` (as
+        llhttp would). Bytes to the end of `data` after `start` become a span of
+        it (`balancer.spans`), not a slice: the body after its head leaves from
+        the read it came in (`balancer.relay`)."""
         rest = self._rest
         events = self.events
-        if len(data) < rest:
-            if data:
-                events.append(data)
-                self._rest = rest - len(data)
+        size = len(data) - start
+        if size < rest:
+            if size:
+                events.append((data, start) if start else data)
+                self._rest = rest - size
             return
         if rest:
-            events.append(data if len(data) == rest else data[:rest])
+            if size > rest:  # bytes follow (the connection is not reused): sliced
+                events.append(data[start:start + rest])
+            else:
+                events.append((data, start) if start else data)
         events.append(END)
         self._rest = 0
         self.complete = True
-        if len(data) > rest:
-            self.feed(data[rest:])
+        if size > rest:
+            self.feed(data[start + rest:])
 
     def _watch_trailers(self, data: bytes, moved: bool) -> None:
         """Bound and, once the response is complete, read its trailer section.

@@ -1,7 +1,10 @@
 """The data plane's socket calls on non-blocking sockets, picked once at import.
 
 `recv_now` and `send_now` are what `balancer.netio.EventedStream` and
-`balancer.outbox.Writer` read and write the OS socket with, `accept_now` what
+`balancer.outbox.Writer` read and write the OS socket with, `send_span_now`
+what a writer sends a response's head and its body with in one syscall, the
+body a `balancer.spans.Span` of the bytes it was read into (not sliced out
+or joined to the head: no copy, no allocation), `accept_now` what
 `balancer.serving.Slots.accept` accepts client connections with. In a compiled
 build (setup.py, not under ``BALANCER_PURE=1``) they are the C extension
 `balancer._sockio`'s functions, which make the syscall without releasing the
@@ -18,6 +21,9 @@ Invariants:
   descriptor: a closed socket fails with EBADF (OSError), whichever is used.
 * None blocks or raises BlockingIOError: nothing to read now is None, a
   full send buffer is 0 bytes sent, an empty accept queue is None.
+* `send_span_now(sock, head, (data, start))` sends what `send_now` would of
+  ``head + data[start:]`` (the count covers both, in that order), in one
+  sendmsg; a start outside `data` is a ValueError.
 * An accepted socket is an OS socket (`_socket.socket`), non-blocking, with
   its address as ``listener._accept()`` gives it.
 * Every other failure is the OSError ``sock.recv`` / ``sock.send`` /
@@ -34,8 +40,11 @@ from _socket import socket as RawSocket
 from collections.abc import Callable
 from typing import Any, Final
 
+from balancer.spans import Span
+
 Recv = Callable[[Any, int], "bytes | None"]
 Send = Callable[[Any, "bytes | memoryview"], int]
+SendSpan = Callable[[Any, bytes, Span], int]
 Accept = Callable[[Any, int], "tuple[RawSocket, Any] | None"]
 
 
@@ -51,6 +60,18 @@ def send_py(sock: socket.socket, data: bytes | memoryview) -> int:
     """How many bytes of `data` the socket took now (0: its buffer is full)."""
     try:
         return sock.send(data)
+    except BlockingIOError:
+        return 0
+
+
+def send_span_py(sock: socket.socket, head: bytes, span: Span) -> int:
+    """How many bytes of `head` and then of `span`'s the socket took now, in one
+    sendmsg (0: its buffer is full)."""
+    data, start = span
+    if not 0 <= start <= len(data):
+        raise ValueError("send_span() start out of its bytes")
+    try:
+        return sock.sendmsg((head, memoryview(data)[start:]))
     except BlockingIOError:
         return 0
 
@@ -85,4 +106,5 @@ _SOCKIO: Final = _extension()
 NATIVE: Final = _SOCKIO is not None  # the C calls are used
 recv_now: Final[Recv] = recv_py if _SOCKIO is None else _SOCKIO.recv
 send_now: Final[Send] = send_py if _SOCKIO is None else _SOCKIO.send
+send_span_now: Final[SendSpan] = send_span_py if _SOCKIO is None else _SOCKIO.send_span
 accept_now: Final[Accept] = accept_py if _SOCKIO is None else _SOCKIO.accept

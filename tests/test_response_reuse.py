@@ -8,6 +8,7 @@ import pytest
 
 from balancer.http11 import END, ProtocolError
 from balancer.response_parser import ResponseParser
+from balancer.spans import span_bytes
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -16,9 +17,11 @@ CHUNKED = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r
 
 
 def events_of(parser: ResponseParser) -> list:
-    """Statuses of heads, body pieces joined, END."""
+    """Statuses of heads, body pieces joined (spans of a read copied out), END."""
     out: list = []
     for event in parser.events:
+        if isinstance(event, tuple):
+            event = span_bytes(event)
         if isinstance(event, bytes) and out and isinstance(out[-1], bytes):
             out[-1] += event
         else:
