@@ -11,7 +11,7 @@ import gevent
 import pytest
 from gevent import socket as gsocket
 
-from balancer.netio import EventedStream, GeventIO
+from balancer.netio import IO, EventedStream, GeventIO
 from balancer.outbox import BATCH_LIMIT, HOLD_LIMIT, Outbox, Writer
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -196,3 +196,114 @@ def test_an_accepted_os_socket_is_read_and_written_without_gevents_wrapper() -> 
         reader.kill()
         stream.close()
     assert raw.fileno() == -1
+
+
+# a head and the end of a read (`balancer.spans`), sent side by side -----------------
+READ = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"  # the backend's read
+START = READ.index(b"body")
+
+
+def test_a_held_head_and_span_go_out_in_one_flush_the_read_not_copied(pair) -> None:
+    writer, a, b = pair
+    writer.write_last_span(b"HEAD|", (READ, START))
+    assert writer.held == b"HEAD|" and writer.tail is not None
+    assert writer.tail[0] is READ  # the read itself is held, not a slice of it
+    assert pending(b) == b""
+    gevent.sleep(0)
+    assert read_exactly(b, 9) == b"HEAD|body"
+    assert writer.held == b"" and writer.tail is None
+
+
+def test_writes_after_a_held_span_join_it_in_order(pair) -> None:
+    writer, a, b = pair
+    writer.write_last_span(b"one|", (READ, START))
+    writer.write_last(b",two")  # a pipelined second response
+    writer.write_last_span(b",three|", (READ, START))  # behind held bytes: joined too
+    assert writer.held == b"one|body,two,three|body" and writer.tail is None
+    gevent.sleep(0)
+    assert read_exactly(b, 23) == b"one|body,two,three|body"
+
+
+def test_a_direct_write_and_finish_send_a_held_span_first(pair) -> None:
+    writer, a, b = pair
+    writer.write_last_span(b"first|", (READ, START))
+    writer.write(b",second")
+    assert pending(b) == b"first|body,second" and writer.tail is None
+    writer.write_last_span(b"third|", (READ, START))
+    writer.finish()
+    assert pending(b) == b"third|body" and writer.held == b"" and writer.tail is None
+    writer.write_span(b"now|", (READ, START))  # not held
+    assert pending(b) == b"now|body"
+
+
+def test_a_span_over_the_limit_is_sent_at_once(pair) -> None:
+    writer, a, b = pair
+    data = b"x" * 100 + bytes(range(256)) * (HOLD_LIMIT // 256 + 1)
+    reader = gevent.spawn(read_exactly, b, 5 + len(data) - 100)
+    writer.write_last_span(b"head|", (data, 100))
+    assert writer.held == b"" and writer.tail is None
+    assert reader.get(timeout=DEADLINE) == b"head|" + data[100:]
+
+
+@pytest.mark.parametrize("head_size", [10, 20000])  # the flush stops in the body, in the head
+def test_a_span_the_socket_takes_in_part_is_finished_in_order(pair, head_size: int) -> None:
+    """A slow reader: the flush's sendmsg takes part of head and span, a greenlet
+    sends the rest, and a later write waits for it."""
+    writer, a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    head = bytes(range(97, 123)) * (head_size // 26 + 1)
+    data = b"skip" + bytes(range(256)) * 150  # 38,400 bytes after the start: held
+    writer.write_last_span(head, (data, 4))
+    assert writer.tail is not None
+    gevent.sleep(0)
+    assert writer.rest is not None and writer.tail is None  # the flush sent only part
+    expected = head + data[4:] + b"after"
+    reader = gevent.spawn(read_exactly, b, len(expected))
+    writer.write(b"after")
+    assert reader.get(timeout=DEADLINE) == expected
+    assert writer.rest is None
+
+
+def test_a_direct_span_larger_than_the_buffer_waits_until_the_peer_reads_it_all() -> None:
+    a, b = gsocket.socketpair()
+    head, data = b"head|", b"skip" + bytes(range(256)) * 40000  # 10 MB
+    reader, stream = gevent.spawn(read_exactly, b, len(head) + len(data) - 4), GeventIO().stream(a)
+    try:
+        with gevent.Timeout(DEADLINE * 4):
+            stream.write_span(head, (data, 4))
+        assert reader.get(timeout=DEADLINE * 4) == head + data[4:]
+    finally:
+        reader.kill()
+        stream.close()
+        b.close()
+
+
+def test_close_drops_a_held_span(pair) -> None:
+    writer, a, b = pair
+    writer.write_last_span(b"never|", (READ, START))
+    writer.close()
+    assert writer.held == b"" and writer.tail is None
+    gevent.sleep(0)
+    assert pending(b) == b""
+
+
+def test_a_held_span_to_a_gone_peer_is_dropped(pair) -> None:
+    writer, a, b = pair
+    b.close()
+    writer.write_last_span(b"nobody|", (READ, START))
+    gevent.sleep(0)
+    assert writer.held == b"" and writer.tail is None and writer.rest is None
+
+
+def test_a_blocking_stream_sends_a_span_joined() -> None:
+    a, b = socket.socketpair()
+    stream = IO().stream(a)
+    try:
+        stream.write_span(b"one|", (READ, START))
+        stream.write_last_span(b",two|", (READ, 0))
+        expected = b"one|body,two|" + READ
+        assert read_exactly(b, len(expected)) == expected
+    finally:
+        stream.close()
+        b.close()

@@ -62,6 +62,12 @@ def accept(request: pytest.FixtureRequest) -> Accept:
     return sockcalls.accept_py if request.param == "python" else sockio().accept
 
 
+@pytest.fixture(params=["python", "c"])
+def send_span(request: pytest.FixtureRequest) -> Callable[[Any, bytes, tuple], int]:
+    """send_span of one implementation."""
+    return sockcalls.send_span_py if request.param == "python" else sockio().send_span
+
+
 @pytest.fixture
 def tcp() -> Iterator[tuple[socket.socket, socket.socket]]:
     """A connected loopback TCP pair: ours (non-blocking) and the peer (blocking)."""
@@ -103,17 +109,95 @@ def reset_by(peer: socket.socket) -> None:
 
 
 def test_the_c_calls_are_used_wherever_they_are_built() -> None:
+    seam = (sockcalls.recv_now, sockcalls.send_now, sockcalls.send_span_now,
+            sockcalls.accept_now)
     try:
         from balancer import _sockio
     except ImportError:
         assert not native.compiled(), "a compiled build without balancer._sockio"
         assert not sockcalls.NATIVE
-        assert (sockcalls.recv_now, sockcalls.send_now, sockcalls.accept_now) == (
-            sockcalls.recv_py, sockcalls.send_py, sockcalls.accept_py)
+        assert seam == (sockcalls.recv_py, sockcalls.send_py, sockcalls.send_span_py,
+                        sockcalls.accept_py)
         return
     assert sockcalls.NATIVE
-    assert (sockcalls.recv_now, sockcalls.send_now, sockcalls.accept_now) == (
-        _sockio.recv, _sockio.send, _sockio.accept)
+    assert seam == (_sockio.recv, _sockio.send, _sockio.send_span, _sockio.accept)
+
+
+# send_span: a head and the end of a read in one sendmsg --------------------------------
+READ = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789"  # as a backend's read
+
+
+@pytest.mark.parametrize("start", [0, 1, READ.index(b"0123"), len(READ) - 1, len(READ)])
+@pytest.mark.parametrize("head", [b"", b"H", b"HTTP/1.1 200 OK\r\nX-Request-Id: r\r\n\r\n"])
+def test_send_span_sends_the_head_then_the_read_from_start(send_span, tcp, head: bytes,
+                                                          start: int) -> None:
+    ours, peer = tcp
+    expected = head + READ[start:]
+    assert send_span(ours, head, (READ, start)) == len(expected)
+    if expected:
+        assert read_exactly(peer, len(expected)) == expected
+    assert send_span(ours, b"end", (READ, len(READ))) == 3  # nothing more came between
+    assert read_exactly(peer, 3) == b"end"
+
+
+def test_send_span_into_a_full_buffer_takes_part_then_nothing(send_span, tcp) -> None:
+    """What a full buffer takes of a span: part of it (in order, nothing doubled),
+    then 0 once it is full, never BlockingIOError."""
+    ours, peer = tcp
+    head = b"head:"
+    data = b"skipped" + bytes(range(256)) * 4096  # 1 MB after a 7-byte start
+    sent_total, pieces = 0, []
+    for _ in range(1_000):  # the buffers fill after a few MB
+        sent = send_span(ours, head, (data, 7))
+        if sent == 0:
+            break
+        pieces.append(sent)
+        sent_total += sent
+    else:
+        raise AssertionError("the send buffer never filled")
+    assert sent_total > 0
+    got = read_exactly(peer, sent_total)
+    whole = head + data[7:]
+    offset = 0
+    for sent in pieces:  # each call sent a prefix of head + span, in order
+        assert got[offset:offset + sent] == whole[:sent]
+        offset += sent
+
+
+@pytest.mark.parametrize("span", [(READ, -1), (READ, len(READ) + 1)])
+def test_a_start_outside_the_read_is_a_value_error(send_span, tcp, span) -> None:
+    ours, peer = tcp
+    with pytest.raises(ValueError, match="start out of its bytes"):
+        send_span(ours, b"head", span)
+    assert send_span(ours, b"x", (READ, len(READ))) == 1  # nothing went before
+    assert read_exactly(peer, 1) == b"x"
+
+
+def test_a_span_to_a_gone_peer_fails_as_send_does(send_span, tcp) -> None:
+    ours, peer = tcp
+    reset_by(peer)
+    readable(ours)
+    with pytest.raises(ConnectionResetError):
+        send_span(ours, b"late", (READ, 0))
+    with pytest.raises(BrokenPipeError) as broken:
+        send_span(ours, b"later", (READ, 0))
+    assert broken.value.errno == errno.EPIPE
+    ours.close()
+    with pytest.raises(OSError) as closed:
+        send_span(ours, b"closed", (READ, 0))
+    assert closed.value.errno == errno.EBADF
+
+
+def test_send_span_refuses_what_is_not_a_head_and_a_span() -> None:
+    send_span = sockio().send_span
+    with socket.socket() as sock:
+        for args in [(sock, b"h", [READ, 0]), (sock, b"h", (READ,)), (sock, b"h", (READ, 0, 1)),
+                     (sock, "h", (READ, 0)), (sock, b"h", (bytearray(READ), 0)),
+                     (3, b"h", (READ, 0))]:
+            with pytest.raises(TypeError):
+                send_span(*args)
+        with pytest.raises(TypeError, match="exactly 3 arguments"):
+            send_span(sock, b"h")
 
 
 def test_bytes_then_eof(calls: Calls, tcp) -> None:
