@@ -48,6 +48,12 @@ class BackendAnswered(Exception):
     body is cut there and that response relayed. Never leaves the relay."""
 
 
+class HubFault(ProxyError):
+    """A bug in a step of a request served in the hub (`balancer.inline._fault`):
+    the try on its backend connection fails with a 502. Not the backend's
+    failure (not counted against it), not retried."""
+
+
 class BackendTimeout(ProxyError):
     """The backend did not answer within `backend_read`."""
 

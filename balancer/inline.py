@@ -44,6 +44,11 @@ Invariants:
   always; when the watchdog finds it passed, `overdue` stops the backend
   wait and the worker hands it to a greenlet, which waits again and gets the
   watchdog's TimeoutError there (`GeventIO._expire_parked`).
+* A bug raised in these steps (`_fault`) ends the request as the greenlet
+  path ends a failed one: a try on a taken backend connection fails
+  (`HubFault`: a 502, the connection closed), a request not tried yet is
+  served by the greenlet; what `finish`, `landed` and `land` release is
+  released once. The connection is closed only when the hand-off fails.
 * A connection parked again here keeps its repeated head
   (`RequestParser.repeat_head`) unless the worker is crowded; the watchdog
   makes it forget it once idle for PARK_AFTER, as it parks a greenlet's.
@@ -56,7 +61,7 @@ from typing import Any, Final
 
 from balancer.actions.proxy import ProxyAction
 from balancer.connection import ClientConnection, Exchange, is_challenge
-from balancer.errors import ProxyError
+from balancer.errors import HubFault, ProxyError
 from balancer.http11 import ProtocolError
 from balancer.netio import EventedStream
 from balancer.outbox import HOLD_LIMIT, Writer
@@ -188,8 +193,9 @@ def _land(conn: ClientConnection) -> None:
         io.hand_off(conn)
         return
     events.pop(0)
-    ex.flight = None
-    land(flight, upstream, rhead, deliver(ex, flight, upstream, rhead))
+    reusable = deliver(ex, flight, upstream, rhead)
+    ex.flight = None  # (after `deliver`: a fault before this point fails the try, `_fault`)
+    land(flight, upstream, rhead, reusable)
     ProxyAction.landed(ex, flight)
     conn.finish(ex)
     if not conn.conclude(ex):
@@ -225,11 +231,30 @@ def _can_hold(writer: Writer, size: int) -> bool:
 
 
 def _fault(conn: ClientConnection) -> None:
-    """A bug: log it, close the backend connection of the request and the
-    client connection (in a greenlet)."""
-    log.exception("serving a request in the hub failed; closing its connection")
-    ex = conn.exchange
-    if ex is not None and ex.flight is not None and ex.flight.upstream is not None:
-        ex.flight.upstream.close()
+    """A bug: log it and end the request as the greenlet path ends a failed one,
+    so that what its steps opened is released once (`ClientConnection.finish`,
+    `ProxyAction.attempt`, `balancer.relay.arrive`). A try on a taken backend
+    connection fails with HubFault (502, or closed if the answer began; the
+    connection closed, not counted against the backend); one before that, or a
+    request not yet tried, is served by the greenlet from where it is. Closed
+    only when nothing is in flight or the hand-off itself fails."""
+    log.exception("serving a request in the hub failed; a greenlet ends it")
     io: Any = conn.io
+    ex = conn.exchange
+    try:
+        if ex is not None:
+            flight = ex.flight
+            if flight is not None and flight.upstream is not None:
+                flight.upstream.stream.watcher.unpark()  # its readiness is not awaited
+                flight.error = HubFault()  # raised by `arrive` where its read would be
+            elif flight is None and ex.started:  # after its answer (`land`, `landed`)
+                ex.keep_alive = False
+                conn.finish(ex)
+                io.close_parked(conn)
+                return
+            io.hand_off(conn)
+            return
+    except Exception:  # noqa: BLE001 - closed below
+        log.exception("handing a failed request to a greenlet failed; closing it")
     io.close_parked(conn)
+

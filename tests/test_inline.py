@@ -24,6 +24,7 @@ import gevent.socket as gsocket
 import gevent.ssl as gssl
 import pytest
 
+import balancer.inline
 import balancer.tls
 from balancer.accepting import bind
 from balancer.addr import parse_addr
@@ -594,3 +595,52 @@ def test_tls_connections_are_not_served_in_the_hub(make: Make, backend: Scripted
         w.stopping = True
         for server in w.servers:
             server.close()
+
+
+# a bug in the hub's steps ---------------------------------------------------------
+@pytest.mark.parametrize(("name", "status"), [("dispatch", 502), ("take_ready", 502),
+                                              ("deliver", 502), ("servable", 200)])
+def test_a_fault_in_the_hub_releases_what_the_request_holds(
+        make: Make, backend: ScriptedBackend, monkeypatch: pytest.MonkeyPatch,
+        name: str, status: int) -> None:
+    """Once: a try on a taken backend connection fails with a 502 from a greenlet
+    (the connection closed); a request not yet tried is served by the greenlet.
+    Its counters come back to zero, once, and the next request is the hub's."""
+    w = make()
+    sock = connect(w)
+    warm(w, sock)
+    real = getattr(balancer.inline, name)
+    faults: list[str] = []
+
+    def once(*args: Any) -> Any:
+        if not faults:
+            faults.append(name)
+            raise RuntimeError("a bug")
+        return real(*args)
+
+    monkeypatch.setattr(balancer.inline, name, once)
+    sock.sendall(get("/faulty"))
+    got, _, body = response(sock)
+    assert faults == [name] and got == status
+    assert backend.paths().count(b"/faulty") == (0 if name == "dispatch" else 1)  # never twice
+    assert until(lambda: parked(w))
+    route = w.contexts[0].holder.table.lookup(b"app.test")
+    stats = w.stats.snapshot()["hosts"]["app.test"]
+    assert stats["open_requests"] == 0 and stats["completed_requests"] == 2
+    (bstats,) = stats["backends"].values()
+    assert bstats["in_flight"] == 0 and bstats["failures"] == 0
+    assert [b.in_flight for b in route.action.backends] == [0]
+    sock.sendall(get("/after"))  # (a new backend connection after a 502: it was closed)
+    assert response(sock)[0] == 200
+    assert until(lambda: parked(w))
+    backend.release.clear()
+    sent = len(backend.requests)
+    sock.sendall(get("/hold"))  # served in the hub again
+    assert until(lambda: len(backend.requests) == sent + 1) and in_hub(w)
+    backend.release.set()
+    assert response(sock)[0] == 200
+    assert until(lambda: parked(w))
+    stats = w.stats.snapshot()["hosts"]["app.test"]
+    assert stats["open_requests"] == 0 and stats["completed_requests"] == 4
+    sock.close()
+    assert until(lambda: w.slots.open == 0 and w.stats.open_connections == 0)
