@@ -46,7 +46,8 @@ def ok(body: bytes) -> bytes:
 class ScriptedBackend:
     """Answers by path: /hold waits for `release`; /silent never answers; /close
     closes a reused connection unanswered (answers on a fresh one); /chunked,
-    /big, /split (head, then the body 0.2 s later), /interim (a 100 first),
+    /big, /extra (an answer, then 0.1 s later another unasked), /split (head,
+    then the body 0.2 s later), /interim (a 100 first),
     /sized-SIZE-N (SIZE bytes), /upgrade (101, then echoes); anything else
     200 "conn N PATH"."""
 
@@ -54,6 +55,7 @@ class ScriptedBackend:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.release = threading.Event()
+        self.extra_sent = threading.Event()
         self.lock = threading.Lock()
         self.connections = 0
         self.requests: list[tuple[int, bytes]] = []  # (connection number, raw request)
@@ -83,6 +85,12 @@ class ScriptedBackend:
             return False
         elif path == b"/close" and answered:
             return False
+        elif path == b"/extra":  # bytes after a whole answer, once it is pooled
+            sock.sendall(ok(b"extra"))
+            time.sleep(0.1)
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\njunk")
+            self.extra_sent.set()
+            return True
         elif path == b"/chunked":
             sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                          b"5\r\nhello\r\n0\r\n\r\n")
@@ -644,3 +652,40 @@ def test_a_fault_in_the_hub_releases_what_the_request_holds(
     assert stats["open_requests"] == 0 and stats["completed_requests"] == 4
     sock.close()
     assert until(lambda: w.slots.open == 0 and w.stats.open_connections == 0)
+
+
+# hostile peers ------------------------------------------------------------------
+def test_a_request_sent_while_the_previous_waits_in_the_hub_is_answered_after_it(
+        make: Make, backend: ScriptedBackend) -> None:
+    w = make()
+    sock = connect(w)
+    warm(w, sock)
+    backend.release.clear()
+    sock.sendall(get("/hold"))
+    assert until(lambda: len(backend.requests) == 2) and in_hub(w)
+    sock.sendall(get("/next"))  # not read until /hold is answered
+    assert in_hub(w) and len(backend.requests) == 2
+    backend.release.set()
+    assert response(sock)[2] == b"conn 1 /hold"
+    assert response(sock)[2] == b"conn 1 /next"
+    assert until(lambda: parked(w))
+    assert backend.paths() == [b"/first", b"/hold", b"/next"]
+    sock.close()
+
+
+def test_a_backend_writing_after_its_answer_loses_its_pooled_connection(
+        make: Make, backend: ScriptedBackend) -> None:
+    """ScriptedBackend: /extra sends a second, unasked answer after the first."""
+    w = make()
+    sock = connect(w)
+    warm(w, sock)
+    sock.sendall(get("/extra"))
+    assert response(sock)[2] == b"extra"
+    assert until(lambda: parked(w) and backend.extra_sent.is_set())
+    for n in range(2):
+        sock.sendall(get(f"/after-{n}"))  # never the unasked answer
+        assert response(sock)[2] == f"conn 2 /after-{n}".encode()
+        assert until(lambda: parked(w))
+    stats = w.stats.snapshot()["hosts"]["app.test"]
+    assert stats["open_requests"] == 0 and stats["responses"]["2xx"] == 4
+    sock.close()
