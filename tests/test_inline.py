@@ -689,3 +689,20 @@ def test_a_backend_writing_after_its_answer_loses_its_pooled_connection(
     stats = w.stats.snapshot()["hosts"]["app.test"]
     assert stats["open_requests"] == 0 and stats["responses"]["2xx"] == 4
     sock.close()
+
+
+def test_a_client_gone_while_its_backend_is_silent_is_released_at_the_deadline(
+        make: Make, backend: ScriptedBackend) -> None:
+    w = make(**{"timeouts.backend_read": 0.5})
+    sock = connect(w)
+    warm(w, sock)
+    sock.sendall(get("/silent"))
+    assert until(lambda: len(backend.requests) == 2) and in_hub(w)
+    sock.close()  # nothing reads the client while it waits: the deadline ends it
+    assert until(lambda: w.slots.open == 0 and w.stats.open_connections == 0)
+    stats = w.stats.snapshot()["hosts"]["app.test"]
+    assert stats["open_requests"] == 0 and stats["completed_requests"] == 2
+    (bstats,) = stats["backends"].values()
+    assert bstats["in_flight"] == 0
+    route = w.contexts[0].holder.table.lookup(b"app.test")
+    assert [b.in_flight for b in route.action.backends] == [0]
