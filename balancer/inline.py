@@ -60,7 +60,7 @@ import logging
 from typing import Any, Final
 
 from balancer.actions.proxy import ProxyAction
-from balancer.connection import ClientConnection, Exchange, is_challenge
+from balancer.connection import RECV_SIZE, ClientConnection, Exchange, is_challenge
 from balancer.errors import HubFault, ProxyError
 from balancer.http11 import ProtocolError
 from balancer.netio import EventedStream
@@ -69,7 +69,6 @@ from balancer.relay import Flight, deliver, dispatch, land, take_ready
 from balancer.response_parser import ResponseHead
 
 log: Final = logging.getLogger("balancer.inline")
-RECV_SIZE: Final = 65536
 # bytes of a read whose request the hub serves: the head sent on is at most about
 # twice as long (Host again in X-Forwarded-Host, the balancer's fields), so it is
 # always held whole
