@@ -718,6 +718,8 @@ class RequestParser(_Parser):
             self._fail(414, "request line too long")
         if end + 4 > self._head_max:
             self._fail(431, "request head too large")
+        if b"\n" in line:  # an HTTP/0.9 line ending in a bare LF: the next line, with its
+            self._fail(505, "HTTP version not supported")  # field, is not this one's end
         if line.endswith(VERSION_11):
             version = b"1.1"
         elif line.endswith(VERSION_10):

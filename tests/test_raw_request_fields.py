@@ -119,6 +119,19 @@ def test_rtsp_and_http_2_request_lines_are_refused() -> None:
         assert caught.value.status == 505, line
 
 
+def test_an_http_0_9_line_ending_in_a_bare_lf_is_refused() -> None:
+    """llhttp ends an HTTP/0.9 request line at a bare LF and reads fields after it:
+    split at CRLFs, that line and the next field looked like one HTTP/1.1 request
+    line (a target with a LF in it, forwarded; the field in it hidden from the marks)."""
+    for data in (b"GET /a\nX: HTTP/1.1\r\nHost: a\r\n\r\n",
+                 b"GET /a\nConnection: x HTTP/1.1\r\nHost: a\r\n\r\n"):
+        for prefix in (b"", CASES["host only"]):  # the head beginning a feed, or pipelined
+            parser = RequestParser()
+            with pytest.raises(ProtocolError) as caught:
+                parser.feed(prefix + data)
+            assert caught.value.status == 505, (prefix, data)
+
+
 def test_spaces_between_the_request_lines_parts() -> None:
     parser = RequestParser()
     parser.feed(b"GET   /a?b   HTTP/1.1\r\nHost: a\r\n\r\n")
