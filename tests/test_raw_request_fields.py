@@ -7,11 +7,14 @@ parser wrote ``Name: value``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import re
 import socket
 from pathlib import Path
 
+import httptools
 import pytest
 
 from balancer.http11 import END, ProtocolError, RequestHead, RequestParser
@@ -130,6 +133,61 @@ def test_an_http_0_9_line_ending_in_a_bare_lf_is_refused() -> None:
             with pytest.raises(ProtocolError) as caught:
                 parser.feed(prefix + data)
             assert caught.value.status == 505, (prefix, data)
+
+
+class _PerField:
+    """A reference: what llhttp itself reads, field by field (trailers not counted)."""
+
+    def __init__(self) -> None:
+        self.heads: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+        self.url, self.fields, self.in_head = b"", [], True
+
+    def on_message_begin(self) -> None:
+        self.url, self.fields, self.in_head = b"", [], True
+
+    def on_url(self, part: bytes) -> None:
+        self.url += part
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_head:
+            self.fields.append((name.lower(), value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.heads.append((self.url, self.fields))
+        self.in_head = False
+
+
+def test_heads_are_what_llhttp_read_for_mutated_pipelines() -> None:
+    """Pipelined requests (bodyless, Content-Length, chunked, empty lines between) with
+    bytes inserted and fed in three pieces: every head the parser gives has the target
+    and fields llhttp read at that place (none hidden in another line, none invented)."""
+    bases = (b"GET /a HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\n",
+             b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+             b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"3\r\nabc\r\n0\r\n\r\n", b"\r\n", b"GET /z\n")  # (HTTP/0.9, a bare LF)
+    inserts = (b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b" HTTP/1.1", b"X: y HTTP/1.1\r\n",
+               b"Transfer-Encoding: chunked", b"Content-Length: 3", b"Connection: x",
+               b"Host: b", b"abc", b"0\r\n\r\n", b"\r\n\r\n")
+    rng = random.Random(21)
+    compared = 0
+    for _ in range(1500):
+        data = bytearray(b"".join(rng.choice(bases) for _ in range(rng.randint(1, 4))))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data) + 1)
+            data[at:at] = rng.choice(inserts)
+        reference = _PerField()
+        with contextlib.suppress(httptools.HttpParserError):
+            httptools.HttpRequestParser(reference).feed_data(bytes(data))
+        cuts = sorted(rng.sample(range(1, len(data)), 2))
+        parser = RequestParser()
+        with contextlib.suppress(ProtocolError):
+            for piece in split_feeds(bytes(data), cuts):
+                parser.feed(piece)
+        heads = [(e.target, [(n, v.strip(b" \t")) for _, n, v in e.headers])
+                 for e in parser.events if isinstance(e, RequestHead)]
+        assert heads == reference.heads[:len(heads)], (bytes(data), cuts)
+        compared += len(heads)
+    assert compared > 400  # (a third of the mutated pipelines give heads to compare)
 
 
 def test_spaces_between_the_request_lines_parts() -> None:
