@@ -17,7 +17,7 @@ from pathlib import Path
 import httptools
 import pytest
 
-from balancer.http11 import END, ProtocolError, RequestHead, RequestParser
+from balancer.http11 import END, WINDOW, ProtocolError, RequestHead, RequestParser
 from tests.forward_cases import BLANKS, CASES, forwarded
 from tests.rawpeer import RawBackend, read_until
 
@@ -158,7 +158,7 @@ class _PerField:
 
 
 def test_heads_are_what_llhttp_read_for_mutated_pipelines() -> None:
-    """Pipelined requests (bodyless, Content-Length, chunked, empty lines between) with
+    """Pipelined requests (bodyless, Content-Length, chunked, long, empty lines between) with
     bytes inserted and fed in three pieces: every head the parser gives has the target
     and fields llhttp read at that place (none hidden in another line, none invented)."""
     bases = (b"GET /a HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\n",
@@ -171,7 +171,9 @@ def test_heads_are_what_llhttp_read_for_mutated_pipelines() -> None:
     rng = random.Random(21)
     compared = 0
     for _ in range(1500):
-        data = bytearray(b"".join(rng.choice(bases) for _ in range(rng.randint(1, 4))))
+        long = (b"GET /w HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"p" * (WINDOW - 35 + rng.randint(-9, 9))
+                + b"\r\nX: y\r\n\r\n")  # (a pipelined head across its 4 KiB window's end)
+        data = bytearray(b"".join(rng.choice((*bases, long)) for _ in range(rng.randint(1, 4))))
         for _ in range(rng.randint(1, 3)):
             at = rng.randrange(len(data) + 1)
             data[at:at] = rng.choice(inserts)
