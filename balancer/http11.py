@@ -694,12 +694,15 @@ class RequestParser(_Parser):
             lines = window.split(b"\r\n", self._max_headers + 2)
             blank = 1
             count = len(lines)
-            while blank < count and len(lines[blank]):
+            # (the last piece of a window that ends before the bytes do may go on
+            # past it: empty, it is a field's CRLF there, not the blank line)
+            ends = count if size == room else count - 1
+            while blank < ends and len(lines[blank]):
                 blank += 1
-            if blank < count or size == room or size >= self._head_max + 4:
+            if blank < ends or size == room or size >= self._head_max + 4:
                 break
             size = min(room, self._head_max + 4)
-        if blank == count:  # no blank line in the split (HTTP/0.9: a line alone)
+        if blank >= ends:  # no blank line in the split (HTTP/0.9: a line alone)
             if VERSIONS.get(self._hp.get_http_version()) is None:
                 self._fail(505, "HTTP version not supported")
             if count > self._max_headers + 2:  # the split's limit
@@ -718,6 +721,8 @@ class RequestParser(_Parser):
             self._fail(414, "request line too long")
         if end + 4 > self._head_max:
             self._fail(431, "request head too large")
+        if b"\n" in line:  # an HTTP/0.9 line ending in a bare LF: the next line, with its
+            self._fail(505, "HTTP version not supported")  # field, is not this one's end
         if line.endswith(VERSION_11):
             version = b"1.1"
         elif line.endswith(VERSION_10):

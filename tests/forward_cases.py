@@ -1,7 +1,14 @@
 """Request heads whose forwarded bytes are compared with what the balancer sent
 before request heads were kept as raw field blocks (tests/test_raw_request_fields.py;
 tests/data/forwarded_heads.json was made by `main(OUT)` with the per-field
-parser's code, main 8448700, first on the path)."""
+parser's code, main 8448700, first on the path). To make it again (a case added)::
+
+    mkdir /tmp/old && git archive 8448700 balancer | tar -x -C /tmp/old
+    PYTHONPATH=/tmp/old python3 tests/forward_cases.py tests/data/forwarded_heads.json
+
+Where the forwarding policy itself changes, the file is made with the new code
+instead (``PYTHONPATH=.``) and the difference reviewed: it is then a record of
+what the backend gets, no longer a comparison with the per-field parser."""
 
 from __future__ import annotations
 

@@ -7,14 +7,17 @@ parser wrote ``Name: value``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import re
 import socket
 from pathlib import Path
 
+import httptools
 import pytest
 
-from balancer.http11 import END, ProtocolError, RequestHead, RequestParser
+from balancer.http11 import END, WINDOW, ProtocolError, RequestHead, RequestParser
 from tests.forward_cases import BLANKS, CASES, forwarded
 from tests.rawpeer import RawBackend, read_until
 
@@ -119,6 +122,76 @@ def test_rtsp_and_http_2_request_lines_are_refused() -> None:
         assert caught.value.status == 505, line
 
 
+def test_an_http_0_9_line_ending_in_a_bare_lf_is_refused() -> None:
+    """llhttp ends an HTTP/0.9 request line at a bare LF and reads fields after it:
+    split at CRLFs, that line and the next field looked like one HTTP/1.1 request
+    line (a target with a LF in it, forwarded; the field in it hidden from the marks)."""
+    for data in (b"GET /a\nX: HTTP/1.1\r\nHost: a\r\n\r\n",
+                 b"GET /a\nConnection: x HTTP/1.1\r\nHost: a\r\n\r\n"):
+        for prefix in (b"", CASES["host only"]):  # the head beginning a feed, or pipelined
+            parser = RequestParser()
+            with pytest.raises(ProtocolError) as caught:
+                parser.feed(prefix + data)
+            assert caught.value.status == 505, (prefix, data)
+
+
+class _PerField:
+    """A reference: what llhttp itself reads, field by field (trailers not counted)."""
+
+    def __init__(self) -> None:
+        self.heads: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+        self.url, self.fields, self.in_head = b"", [], True
+
+    def on_message_begin(self) -> None:
+        self.url, self.fields, self.in_head = b"", [], True
+
+    def on_url(self, part: bytes) -> None:
+        self.url += part
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_head:
+            self.fields.append((name.lower(), value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.heads.append((self.url, self.fields))
+        self.in_head = False
+
+
+def test_heads_are_what_llhttp_read_for_mutated_pipelines() -> None:
+    """Pipelined requests (bodyless, Content-Length, chunked, long, empty lines between) with
+    bytes inserted and fed in three pieces: every head the parser gives has the target
+    and fields llhttp read at that place (none hidden in another line, none invented)."""
+    bases = (b"GET /a HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\n",
+             b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+             b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"3\r\nabc\r\n0\r\n\r\n", b"\r\n", b"GET /z\n")  # (HTTP/0.9, a bare LF)
+    inserts = (b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b" HTTP/1.1", b"X: y HTTP/1.1\r\n",
+               b"Transfer-Encoding: chunked", b"Content-Length: 3", b"Connection: x",
+               b"Host: b", b"abc", b"0\r\n\r\n", b"\r\n\r\n")
+    rng = random.Random(21)
+    compared = 0
+    for _ in range(1500):
+        long = (b"GET /w HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"p" * (WINDOW - 35 + rng.randint(-9, 9))
+                + b"\r\nX: y\r\n\r\n")  # (a pipelined head across its 4 KiB window's end)
+        data = bytearray(b"".join(rng.choice((*bases, long)) for _ in range(rng.randint(1, 4))))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data) + 1)
+            data[at:at] = rng.choice(inserts)
+        reference = _PerField()
+        with contextlib.suppress(httptools.HttpParserError):
+            httptools.HttpRequestParser(reference).feed_data(bytes(data))
+        cuts = sorted(rng.sample(range(1, len(data)), 2))
+        parser = RequestParser()
+        with contextlib.suppress(ProtocolError):
+            for piece in split_feeds(bytes(data), cuts):
+                parser.feed(piece)
+        heads = [(e.target, [(n, v.strip(b" \t")) for _, n, v in e.headers])
+                 for e in parser.events if isinstance(e, RequestHead)]
+        assert heads == reference.heads[:len(heads)], (bytes(data), cuts)
+        compared += len(heads)
+    assert compared > 400  # (a third of the mutated pipelines give heads to compare)
+
+
 def test_spaces_between_the_request_lines_parts() -> None:
     parser = RequestParser()
     parser.feed(b"GET   /a?b   HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -169,6 +242,35 @@ def test_many_pipelined_heads_in_one_feed() -> None:
     assert [h.target for h in found] == [b"/%d" % n for n in range(2000)] + [b"/big", b"/0"]
     assert found[1999].block == b"\r\nHost: app.test\r\nX-N: 1999"
     assert found[2000].block.endswith(b"p" * 9000)
+
+
+@pytest.mark.parametrize("after", [b"Transfer-Encoding: chunked\r\n", b"Host: b\r\n",
+                                   b"Content-Length: 5\r\n", b"X-Forwarded-For: 6.6.6.6\r\n"])
+def test_a_pipelined_head_whose_window_ends_after_a_field(after: bytes) -> None:
+    """The 4 KiB a pipelined head is first looked for in end just after a field's CRLF:
+    the empty piece after it is not the head's blank line (the fields after the window
+    were lost: a chunked head given as bodyless, its body read as the next request's)."""
+    line = b"GET /2 HTTP/1.1\r\nHost: a\r\n"
+    pad = b"X-Pad: " + b"p" * (4096 - len(line) - 9) + b"\r\n"
+    head = line + pad + after + b"\r\n"
+    body = b"5\r\nhello\r\n0\r\n\r\n" if b"chunked" in after else b"hello" * (b"5" in after)
+    data = CASES["host only"] + head + body + CASES["host only"]
+    assert data.find(pad) + len(pad) == len(CASES["host only"]) + 4096  # the window's end
+    reference = _PerField()
+    httptools.HttpRequestParser(reference).feed_data(data)
+    parser = RequestParser()
+    try:
+        parser.feed(data)
+    except ProtocolError as exc:
+        assert exc.status == 400 and b"Host: b" in after  # (the repeated Host)
+    heads = [e for e in parser.events if isinstance(e, RequestHead)]
+    assert [(h.target, [(n, v) for _, n, v in h.headers]) for h in heads] == reference.heads[
+        :len(heads)]
+    if b"Host: b" not in after:
+        assert len(heads) == 3 and heads[1].block.endswith(b"\r\n" + after[:-2])
+        framed = b"chunked" in after or b"Content-Length" in after
+        assert b"".join(e for e in parser.events if isinstance(e, bytes)) == (
+            b"hello" if framed else b"")
 
 
 def test_a_pipelined_head_too_large_or_with_too_many_fields() -> None:
