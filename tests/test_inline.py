@@ -618,6 +618,13 @@ def test_tls_connections_are_not_served_in_the_hub(make: Make, backend: Scripted
 
 
 # a bug in the hub's steps ---------------------------------------------------------
+# The faults are injected by replacing functions in `balancer.inline`'s namespace,
+# which compiled code does not look up (mypyc calls them directly): this runs in the
+# suite's interpreted pass (scripts/test.sh, `-m data_plane`), not the compiled one.
+COMPILED = not balancer.inline.__file__.endswith(".py")
+
+
+@pytest.mark.skipif(COMPILED, reason="patches module globals: runs in the interpreted pass")
 @pytest.mark.parametrize(("name", "status"), [("dispatch", 502), ("take_ready", 502),
                                               ("deliver", 502), ("servable", 200)])
 def test_a_fault_in_the_hub_releases_what_the_request_holds(
