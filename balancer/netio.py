@@ -48,7 +48,10 @@ Invariants:
   anything (bytes or EOF) arrived on it, and such a connection is never used
   again (a backend's stray response or `408` would reach the next client).
   Under gevent the stream's readiness watcher notices it in the loop, with no
-  syscall per request; a blocking stream asks with one `poll`.
+  syscall per request; a blocking stream asks with one `poll`. A readiness
+  is not trusted alone: one may come from before the connection went idle
+  (the relay read the bytes without waiting for it), so a stirred stream's
+  socket is peeked at (`nothing_came`) and only bytes or EOF make it unclean.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ from gevent.socket import socket as GeventSocket
 
 from balancer.errors import ClientGone
 from balancer.outbox import WRITE, Outbox, TLSWriter, Writer
-from balancer.peek import CLOSED, READABLE, peek
+from balancer.peek import CLOSED, OPEN, READABLE, peek, peek_under
 from balancer.readiness import READ, SWITCH, Readable
 from balancer.sockcalls import recv_now
 from balancer.spans import Span, span_joined
@@ -284,7 +287,21 @@ class EventedStream(WatchedStream):
         return True
 
     def is_clean(self) -> bool:
-        return self.watcher.is_quiet()
+        watcher = self.watcher
+        return watcher.is_quiet() or nothing_came(watcher, self.raw)
+
+
+def nothing_came(watcher: Readable, sock: Any) -> bool:
+    """Whether an idle connection whose `watcher` saw a readiness is clean after
+    all: its socket, peeked at without waiting, has neither bytes nor EOF (the
+    readiness came from before it went idle: the relay read the bytes it
+    announced without waiting for it, while its callback was still to come).
+    If so it is watched afresh (`Readable.rewatch_idle`). Only a readiness
+    costs the syscall: a quiet connection's `is_clean` makes none."""
+    if watcher.closed or peek_under(sock) != OPEN:
+        return False
+    watcher.rewatch_idle()
+    return True
 
 
 def connect_blocking(family: int, address: tuple[str, int], timeout: float) -> Any:
@@ -699,7 +716,9 @@ class TLSStream(WatchedStream):
         return not self.held and not self.obj.pending()
 
     def is_clean(self) -> bool:
-        return self.watcher.is_quiet() and not self.obj.pending()
+        watcher = self.watcher
+        return not self.obj.pending() and (
+            watcher.is_quiet() or nothing_came(watcher, self.sock))
 
 
 class TLSIO(IO):

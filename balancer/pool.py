@@ -466,11 +466,14 @@ class BackendRegistry:
 
     def notice(self, backend: Backend, upstream: Upstream) -> None:
         """A readiness of `upstream` nobody waited for (in the event loop): if it
-        may be idle (its last response complete), queue it for `drop_stirred`
-        and wake the sweep loop."""
+        may be idle (its last response complete) and bytes or EOF did arrive
+        (`Stream.is_clean`: a late readiness from its last read is not enough),
+        queue it for `drop_stirred` and wake the sweep loop."""
         wake, parser = self.wake, upstream.parser
         if wake is None or parser is None or not parser.complete or parser.upgraded:
             return  # in use: its relay reads what came
+        if upstream.stream.is_clean():
+            return  # a readiness from before it went idle: nothing came (watched afresh)
         self.stirred.append((backend, upstream))
         wake()
 

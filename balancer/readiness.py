@@ -24,8 +24,10 @@ hands the connection to a greenlet again (`balancer.netio.GeventIO.park`).
 
 An idle pooled backend connection keeps its watcher started too
 (`watch_idle`): a readiness nobody waits for then marks it `stirred` (the
-backend wrote or closed on a connection with no request), and the pool drops
-it instead of handing it to the next request (`balancer.netio`). Such a
+backend wrote or closed on a connection with no request, or a readiness
+from before it went idle arrived late), and the pool drops it instead of
+handing it to the next request if the socket, peeked at, shows bytes or
+EOF (`balancer.netio`); else it watches afresh (`rewatch_idle`). Such a
 readiness also calls the socket's `on_stir`, if it has one (set once per
 backend connection: the pool closes a stirred idle connection at once,
 `balancer.pool.BackendRegistry.notice`); nothing is set or cleared when a
@@ -130,9 +132,21 @@ class Readable:
             io.start(self._ready)
 
     def is_quiet(self) -> bool:
-        """Whether nothing arrived since `watch_idle`: no readiness was seen,
-        and none waits for its callback in this loop iteration."""
+        """Whether no readiness came since `watch_idle`: none was seen, and none
+        waits for its callback in this loop iteration (a readiness is only a
+        hint: the socket says whether anything arrived, `rewatch_idle`)."""
         return not self.stirred and not self.io.pending
+
+    def rewatch_idle(self) -> None:
+        """`watch_idle` again after a readiness found nothing to read (it came
+        from before: the bytes it announced were read with no wait for it):
+        its callback, if still to come in this loop iteration, is dropped
+        (stopping a libev watcher clears its pending event), and a readiness
+        from now on sets `stirred` again."""
+        io = self.io
+        io.stop()
+        self.stirred = False
+        io.start(self._ready)
 
     def close(self) -> None:
         """Stop watching for good (again: nothing happens)."""

@@ -100,6 +100,42 @@ def test_a_readiness_still_waiting_for_its_callback_already_counts() -> None:
         b.close()
 
 
+def test_a_late_readiness_of_bytes_read_before_park_leaves_the_stream_clean() -> None:
+    """The relay may read a response's last bytes whose readiness the loop
+    already polled, its callback still to come; the connection goes back to
+    its pool (`park`) and then the callback runs: nothing arrived while idle,
+    so the stream is clean (the socket is peeked at), watched afresh, and
+    what arrives later still counts."""
+    io = GeventIO()
+    observed = []
+    for helper_first in (True, False):  # the loop's callback order: either side
+        (a, b), (c, d) = gsocket.socketpair(), gsocket.socketpair()
+        stream = io.stream(a)
+        stream.park()
+        seen: list[bool] = []
+
+        def relay(stream: Stream = stream, seen: list[bool] = seen, c=c) -> None:
+            c.recv(100)
+            seen.append(stream.watcher.io.pending)  # the stream's callback still to come
+            assert stream.read_ready(100) == b"tail"  # read with no wait for it
+            stream.park()
+        helper = gevent.get_hub().loop.io(c.fileno(), 1)  # the relay's turn, polled together
+        helper.start(relay)
+        for sender in ((d, b) if helper_first else (b, d)):
+            sender.send(b"tail")
+        assert loop_until(lambda seen=seen: bool(seen))
+        gevent.idle()  # the stream's own callback, if it was still to come, ran
+        observed.append(seen[0])
+        assert stream.is_clean() and stream.watcher.io.active
+        b.send(b"POISON")
+        assert loop_until(lambda stream=stream: not stream.is_clean())
+        helper.close()
+        for sock in (b, c, d):
+            sock.close()
+        stream.close()
+    assert any(observed)  # once at least, the callback came after the park
+
+
 def test_park_starts_a_watcher_that_a_readiness_stopped() -> None:
     a, b = gsocket.socketpair()
     stream = GeventIO().stream(a)
