@@ -8,6 +8,7 @@ timeout, each as `ConnectError` naming the backend."""
 from __future__ import annotations
 
 import _socket
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -74,6 +75,7 @@ def test_a_connect_that_hangs_times_out(kind: str) -> None:
     full.listen(0)
     port = full.getsockname()[1]
     queued = socket.create_connection(("127.0.0.1", port))  # fills the queue of one
+    assert select.select([full], [], [], 5)[0], "the first connection never queued"
     ticks: list[float] = []
     ticker = gevent.spawn(lambda: [ticks.append(time.monotonic()) or gevent.sleep(0.02)
                                    for _ in range(1000)])
@@ -99,6 +101,9 @@ def test_a_wait_for_a_connection_cut_short_leaves_nothing_watching() -> None:
     full.listen(0)
     port = full.getsockname()[1]
     queued = socket.create_connection(("127.0.0.1", port))
+    # the queue is full only once the server side took the handshake's last ACK (the
+    # listener is readable): before, a second SYN is answered and its connect succeeds
+    assert select.select([full], [], [], 5)[0], "the first connection never queued"
     b = Backend(parse_backend_addr(f"127.0.0.1:{port}"), connect_timeout=30.0,
                 fail_timeout=1.0, io=GeventIO())
     hub = gevent.get_hub()
