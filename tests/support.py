@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -405,3 +406,26 @@ def split_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
         out.append((status, headers, rest[:length]))
         data = rest[length:]
     return out
+
+
+class TableStore:
+    """The part of the store interface an in-process worker uses: `hosts` as
+    version `version` (tests that build a `balancer.worker` Worker themselves)."""
+
+    display_url = "test"
+
+    def __init__(self, hosts: dict[str, Any]) -> None:
+        self.hosts = hosts
+        self.version = 1
+
+    def load(self) -> SimpleNamespace:
+        return SimpleNamespace(version=self.version, hosts=self.hosts)
+
+    def identity(self) -> str:
+        return self.display_url
+
+    def raise_floor(self, version: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

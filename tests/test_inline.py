@@ -32,7 +32,7 @@ from balancer.connection import ClientConnection
 from balancer.server import Worker
 from balancer.settings import load_settings
 from tests.rawpeer import read_request, serve_each
-from tests.support import Balancer, wait_for
+from tests.support import Balancer, TableStore, wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -129,28 +129,6 @@ class ScriptedBackend:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-class Store:
-    """The part of the store interface a worker uses: `hosts` as version `version`."""
-
-    display_url = "test"
-
-    def __init__(self, hosts: dict[str, Any]) -> None:
-        self.hosts = hosts
-        self.version = 1
-
-    def load(self) -> SimpleNamespace:
-        return SimpleNamespace(version=self.version, hosts=self.hosts)
-
-    def identity(self) -> str:
-        return self.display_url
-
-    def raise_floor(self, version: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def backend() -> Iterator[ScriptedBackend]:
     b = ScriptedBackend()
@@ -171,7 +149,7 @@ def make(backend: ScriptedBackend) -> Iterator[Make]:
                     "timeouts.backend_read": 3.0, **flags}
         rule = {"action": "proxy", "backends": [backend.address]}
         w = Worker(load_settings(flags=settings, env={"BALANCER_STORE_SNAPSHOT": "off"}),
-                   Store({"app.test": rule}))
+                   TableStore({"app.test": rule}))
         assert w.apply(w.store.load())
         w.listen([(bind(parse_addr("127.0.0.1:0")), False)])
         made.append((w, gevent.spawn(w.watchdog_loop)))

@@ -7,7 +7,6 @@ either way, but for the request id."""
 from __future__ import annotations
 
 import socket
-from types import SimpleNamespace
 
 import pytest
 
@@ -17,6 +16,7 @@ from balancer.netio import IO
 from balancer.server import Worker
 from balancer.settings import load_settings
 from tests.rawpeer import RawBackend, read_until
+from tests.support import TableStore
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -189,28 +189,9 @@ def test_a_trusted_clients_request_id_is_kept_in_a_repeated_head(proxy_to) -> No
 
 
 # parked connections ---------------------------------------------------------------------
-class Store:
-    """A file-store-shaped table with one proxy rule (as scripts/bench_hotpath.py)."""
-
-    display_url = "test:"
-    quiet = True
-
-    def load(self) -> SimpleNamespace:
-        return SimpleNamespace(version=1, hosts={
-            "*": {"action": "proxy", "backends": ["127.0.0.1:9"]}})
-
-    def identity(self) -> str:
-        return "test"
-
-    def raise_floor(self, version: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def test_a_parking_connection_keeps_no_repeated_head_nor_its_rewrite() -> None:
-    worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}), Store(),
+    store = TableStore({"*": {"action": "proxy", "backends": ["127.0.0.1:9"]}})
+    worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}), store,
                     io=IO())
     assert worker.apply(worker.store.load())
     left, right = socket.socketpair()
