@@ -319,6 +319,24 @@ def connect_blocking(family: int, address: tuple[str, int], timeout: float) -> A
     return sock
 
 
+def connect_outcome(sock: Any) -> int:
+    """How the non-blocking connect of `sock` ended: 0 connected, an errno
+    refused or failed, -1 still in progress. Asked when its timer fired: a loop
+    stalled past the connect timeout (a loaded machine) runs the expired timer
+    before the readiness polled in the same iteration (libev invokes the
+    iteration's callbacks last queued first), so a connect made long ago was
+    given up as timed out (bug: the backend saw a connection closed unused and
+    the request on the next one)."""
+    err: int = sock.getsockopt(SOL_SOCKET, SO_ERROR)
+    if err:
+        return err
+    try:
+        sock.getpeername()
+    except OSError:  # ENOTCONN: no outcome yet
+        return -1
+    return 0
+
+
 class ParkNow(Exception):
     """Thrown by the watchdog into a greenlet that has waited PARK_AFTER seconds
     for its connection's next request: the connection goes on parked (`GeventIO.park`)."""
@@ -450,9 +468,12 @@ class GeventIO(IO):
             sock.setblocking(False)
             err = sock.connect_ex(address)
             if err == EINPROGRESS:
-                if not self.wait_writable(sock.fileno(), timeout):
-                    raise TimeoutError("timed out")
-                err = sock.getsockopt(SOL_SOCKET, SO_ERROR)
+                if self.wait_writable(sock.fileno(), timeout):
+                    err = sock.getsockopt(SOL_SOCKET, SO_ERROR)
+                else:  # the timer came first: the connect may have ended all the same
+                    err = connect_outcome(sock)
+                    if err < 0:
+                        raise TimeoutError("timed out")
             if err:
                 raise OSError(err, os.strerror(err))
         except BaseException:

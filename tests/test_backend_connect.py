@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import gevent
+import gevent.monkey
 import pytest
 
 from balancer.addr import parse_backend_addr
@@ -54,6 +55,28 @@ def test_a_connection_is_made_and_works(kind: str, listener: socket.socket) -> N
         peer.sendall(b"pong")
         upstream.stream.wait_readable()
         assert upstream.stream.recv(10) == b"pong"
+    finally:
+        upstream.close()
+        peer.close()
+
+
+def test_a_connect_made_while_the_loop_stalled_past_its_timeout_is_kept(
+        listener: socket.socket) -> None:
+    """A loop stalled past the connect timeout (a loaded machine) runs the
+    expired timer before the readiness polled with it; the connect, made long
+    before, is a connection (bug: a ConnectError, and the backend saw a
+    connection closed unused, the request on the next one)."""
+    stall = gevent.monkey.get_original("time", "sleep")
+    gevent.spawn(stall, CONNECT_TIMEOUT * 2)  # runs once the connect waits
+    start = time.monotonic()
+    upstream = backend("gevent", listener.getsockname()[1]).connect()
+    assert time.monotonic() - start > CONNECT_TIMEOUT  # the loop did stall past it
+    peer, _ = listener.accept()
+    try:
+        assert not select.select([listener], [], [], 0)[0], "a second connection was made"
+        upstream.stream.write(b"ping")
+        upstream.stream.finish()
+        assert peer.recv(10) == b"ping"
     finally:
         upstream.close()
         peer.close()
