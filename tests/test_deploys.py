@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from management import ctl
-from tests.support import Backend, Balancer, dead_address, request, wait_for
+from tests.support import Backend, Balancer, dead_address, request, revive_port, wait_for
 
 HOST = "app.test"
 
@@ -429,7 +429,7 @@ def test_a_rule_changed_by_someone_else_during_the_deploy_is_not_overwritten(
     record = deploy(lb, {"backends": [late], "ready_timeout": 30})
     operator = {**proxy(a, b), "retries": 1}
     assert lb.api("PUT", f"/api/v1/hosts/{HOST}", operator)[0] == 200
-    started = Backend("late", port=int(late.rsplit(":", 1)[1]))
+    started = Backend("late", port=revive_port(late))
     try:
         record = finished(lb, record["id"])
     finally:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from balancer.stats import Stats, merge_snapshots, only_known
-from tests.support import ROOT, Backend, Balancer, dead_address, request, wait_for
+from tests.support import ROOT, Backend, Balancer, dead_address, request, revive_port, wait_for
 
 HOST = "app.test"
 OTHER = "other.test"
@@ -78,7 +78,7 @@ def test_a_failed_backend_is_down_until_a_request_to_it_succeeds(tmp_path, backe
         assert backend_up(scrape(bal), HOST, good.address) == 1
         [row] = [line for line in ctl_stats(bal).splitlines() if dead in line]
         assert row.split()[2] == "down", row
-        backends("revived", port=int(dead.rsplit(":", 1)[1]))
+        backends("revived", port=revive_port(dead))
 
         def probed_up() -> bool:
             request(bal.port, host=HOST)

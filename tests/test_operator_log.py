@@ -10,7 +10,15 @@ import time
 from balancer.errors import ConnectError
 from balancer.failures import MAX_LINES, FailureReport
 from balancer.stats import Stats
-from tests.support import Backend, Balancer, dead_address, in_threads, request, wait_for
+from tests.support import (
+    Backend,
+    Balancer,
+    dead_address,
+    in_threads,
+    request,
+    revive_port,
+    wait_for,
+)
 
 HOST = "app.test"
 SUMMARY = re.compile(r"balancer\.failures\[\d+\]: (\S+): (\d+) requests? answered 502/504 in "
@@ -63,8 +71,9 @@ def test_a_backend_coming_back_is_logged_up_again(tmp_path):
         for _ in range(3):
             assert request(bal.port, host=HOST)[0] == 502
         wait_for(lambda: f"backend {dead} is down" in bal.output(), what="the down line")
-        revived = Backend("revived", port=int(dead.rsplit(":", 1)[1]))
-        wait_for(lambda: request(bal.port, host=HOST)[0] == 200, timeout=5,
+        revived = Backend("revived", port=revive_port(dead))
+        # fail_timeout (0.5 s) and one request: 10 s leaves a loaded machine room
+        wait_for(lambda: request(bal.port, host=HOST)[0] == 200, timeout=10,
                  what="the backend to answer again")
         wait_for(lambda: re.search(rf"INFO balancer.health\[\d+\]: backend {re.escape(dead)} "
                                    r"is up again: a request succeeded after [\d.]+ s down",
