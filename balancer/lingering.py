@@ -30,7 +30,10 @@ Invariants:
   worker's `Slots`, `Stats.open_connections`, the listeners' cap) and is
   counted in `Stats.lingering_connections` too, until `end_client` closes it;
   its deadline (the next `linger_idle`, at most the end of `linger`) is the
-  watchdog's as any parked connection's (`expire_client` closes it).
+  watchdog's as any parked connection's (`expire_client` closes it), armed
+  from the clock at each readiness; a deadline passed with bytes waiting is
+  left to the readiness (`netio.has_come`), whose `drain` closes the
+  connection itself once `linger` (or a drain's cut) has passed.
 * It is `idle`: a draining worker closes it within DRAIN_IDLE like an idle
   keep-alive connection, and no read extends its deadline while the worker
   drains. A crowded worker (`IO.is_crowded`) does not linger at all.
@@ -41,6 +44,7 @@ Invariants:
 from __future__ import annotations
 
 import socket
+import time
 from _socket import socket as RawSocket
 from typing import Any, Final
 
@@ -119,9 +123,16 @@ def drain(state: Linger) -> None:
             conn.io.close_parked(conn)
             return
     state.left = left
-    deadline = min(conn.io.arm(conn.sock, state.lingering.idle), state.end)
+    # from the clock, not the watchdog's last tick (`IO.arm`): after a stall (a loaded
+    # machine) that tick is older than linger_idle, so a deadline armed from it had
+    # passed already (bug: a client that sent in time was cut at the next tick)
+    now = time.monotonic()
+    deadline = min(now + state.lingering.idle, state.end)
     if conn.ctx.draining:  # a draining worker's cut (`close_idle`) stands
         deadline = min(deadline, conn.deadline)
+    if deadline <= now:  # past `linger` or the drain's cut: the watchdog leaves it to us
+        conn.io.close_parked(conn)
+        return
     conn.deadline = deadline
     conn.io.linger(conn, drain, state)
 

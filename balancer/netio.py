@@ -40,6 +40,10 @@ Invariants:
   (`connections`), and its deadline is enforced as any other's. A TLS
   connection is parked only while OpenSSL holds no decrypted byte, which no
   readiness would announce (`Stream.can_park`).
+* Events before timers: a parked connection whose deadline passed while bytes
+  or EOF wait on its socket is left to its readiness (`has_come`), which sees
+  to it with the clock as it is then (after a stall the watchdog's tick can
+  run first).
 * A held client (`wait_any`) is watched while it can be: a readiness is
   judged by the stream (`has_sent_more`): a plain socket is peeked at, a TLS
   one read through OpenSSL (its readiness may be no request byte), and what
@@ -319,6 +323,18 @@ def connect_blocking(family: int, address: tuple[str, int], timeout: float) -> A
     return sock
 
 
+def has_come(conn: Any) -> bool:
+    """Whether bytes or EOF wait on the socket of `conn`, parked on it (not a
+    request the hub waits for a backend for): its readiness, due now or at the
+    next poll, sees to it with the clock as it is then. As nginx, events before
+    timers: after a stall (a loaded machine) the watchdog's tick can come
+    before the readiness polled with it, or in an iteration that polled none,
+    and judge a deadline the client kept (bug: a lingering client that sent
+    all along was cut as silent for `linger_idle` as soon as the worker ran
+    again). One peek per passed deadline, none per tick."""
+    return conn.stream.watcher.is_parked() and peek_under(conn.sock) != OPEN
+
+
 def connect_outcome(sock: Any) -> int:
     """How the non-blocking connect of `sock` ended: 0 connected, an errno
     refused or failed, -1 still in progress. Asked when its timer fired: a loop
@@ -574,10 +590,11 @@ class GeventIO(IO):
         loop, parks = self.hub.loop, self.resume is not None
         for conn in list(self.connections):
             if conn.deadline < now:
-                conn.deadline = NEVER
                 if conn.task is not None:
+                    conn.deadline = NEVER
                     loop.run_callback(_time_out, conn, conn.task)
-                else:  # parked
+                elif not has_come(conn):  # parked, and nothing to see to first
+                    conn.deadline = NEVER
                     loop.run_callback(self._expire_parked, conn)
             elif parks and conn.idle and _is_due_to_park(conn, now):
                 if conn.task is not None:

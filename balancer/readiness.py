@@ -137,6 +137,11 @@ class Readable:
         hint: the socket says whether anything arrived, `rewatch_idle`)."""
         return not self.stirred and not self.io.pending
 
+    def is_parked(self) -> bool:
+        """Whether the next readiness calls what `park` was told."""
+        io = self.io
+        return self.on_ready is not None and io is not None and bool(io.active)
+
     def rewatch_idle(self) -> None:
         """`watch_idle` again after a readiness found nothing to read (it came
         from before: the bytes it announced were read with no wait for it):

@@ -18,6 +18,7 @@ connections (stats, metrics) until they end; a draining worker cuts them.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import ssl
@@ -343,6 +344,53 @@ def test_a_silent_client_is_closed_after_linger_idle(tight: Balancer) -> None:
                  what="closed after linger_idle")
         # linger_idle (0.75 s) ended it, not linger (2 s; the watchdog ticks every 0.19 s)
         assert time.monotonic() - answered < TIGHT_LINGER - 0.25
+
+
+def test_a_client_sending_all_along_outlives_a_worker_stall_past_linger_idle(
+        tmp_path: Path, backend: EarlyBackend, sink: SinkBackend) -> None:
+    """A loaded machine: the worker gets no CPU for longer than `linger_idle`
+    while its lingering client goes on sending. Running again, it reads what
+    came before it judges the silence (bug: the watchdog's tick came first, or
+    the readiness armed from the tick before the stall, and the client was cut
+    at once)."""
+    idle = 1.0
+    bal = Balancer(tmp_path, routes(tmp_path, backend, sink),
+                   config=f"[timeouts]\nlinger_idle = {idle}\n")  # linger: 30 s
+    sock = connect(bal, False, "static.test")
+    sending = threading.Event()
+    ended: list[OSError] = []
+
+    def pump() -> None:
+        while sending.is_set():
+            try:
+                sock.sendall(b"y" * 1024)
+            except OSError as exc:
+                ended.append(exc)
+                return
+            time.sleep(0.02)  # a trickle, not waiting for anything
+
+    sender = threading.Thread(target=pump, daemon=True)
+    try:
+        [worker] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+        sock.sendall(post_head("static.test", "Content-Length: 1000000000000"))
+        assert (read_through(sock, b"static answer") or b"").startswith(b"HTTP/1.1 200 ")
+        wait_for(lambda: stats(bal)["lingering_connections"] == 1, WAIT, what="lingering")
+        sending.set()
+        sender.start()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            time.sleep(2.5 * idle)  # the stall itself, not a wait for anything
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        # the worker answers this after its first ticks since the stall
+        assert stats(bal)["lingering_connections"] == 1
+        assert not ended, ended
+    finally:
+        sending.clear()
+        if sender.is_alive():
+            sender.join(WAIT)
+        sock.close()
+        bal.stop()
 
 
 def test_a_draining_worker_cuts_lingering_connections(tmp_path: Path, backend: EarlyBackend,
