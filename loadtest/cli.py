@@ -21,7 +21,7 @@ from pathlib import Path
 from loadtest import plots, report
 from loadtest.limits import raise_nofile
 from loadtest.preflight import preflight
-from loadtest.procs import Processes, install_signal_handlers
+from loadtest.procs import Interrupts, Processes
 from loadtest.progress import Progress
 from loadtest.scenarios import SCENARIOS
 from loadtest.scenarios.common import REQUEST_TIMEOUT, RunEnv
@@ -120,7 +120,8 @@ def available_targets(wanted: list[str], notes: list[str]) -> list[str]:
     return found
 
 
-def build_env(args: argparse.Namespace, out: Path, procs: Processes) -> RunEnv:
+def build_env(args: argparse.Namespace, out: Path, procs: Processes,
+              interrupts: Interrupts) -> RunEnv:
     notes: list[str] = []
     nofile, _ = raise_nofile()
     generator = choose_generator(args.generator)
@@ -146,6 +147,7 @@ def build_env(args: argparse.Namespace, out: Path, procs: Processes) -> RunEnv:
             "targets": targets, "notes": notes}
     results = Results(out / "results.json", meta)
     return RunEnv(out=out, procs=procs, lab=lab, results=results, progress=Progress(1),
+                  interrupts=interrupts,
                   targets=targets, levels=args.concurrency, duration=duration,
                   quick=args.quick, generator=generator, idle_connections=idle, notes=notes)
 
@@ -179,9 +181,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # (bug: a relative --out made every nginx fail to open its error log)
     out = (args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    install_signal_handlers()
+    interrupts = Interrupts()
+    interrupts.install()
     procs = Processes(out / "logs")
-    env = build_env(args, out, procs)
+    env = build_env(args, out, procs, interrupts)
     for note in env.notes:
         print(f"loadtest: {note}", file=sys.stderr)
     interrupted = False
@@ -192,6 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\nloadtest: interrupted; stopping every process", file=sys.stderr)
     finally:
         procs.stop_all()
+    interrupted = interrupted or bool(interrupts.received)
     finish(env, interrupted)
     return 130 if interrupted else 0
 

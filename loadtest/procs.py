@@ -3,8 +3,9 @@
 Invariants:
 * Each child runs in its own session (process group), so stopping it also stops
   whatever it forked (nginx workers, haproxy threads, generator workers).
-* `Processes.stop_all()` runs on normal exit, on SIGINT/SIGTERM (through
-  `KeyboardInterrupt`) and from `atexit`; it is idempotent and bounded in time.
+* `Processes.stop_all()` runs on normal exit, on SIGINT/SIGTERM/SIGHUP (through
+  `KeyboardInterrupt`, never lost: `Interrupts`) and from `atexit`; it is
+  idempotent and bounded in time.
 * Every child inherits ``LOADTEST_RUN_ID`` so a leak can be found from outside.
 """
 
@@ -138,10 +139,31 @@ def wait_for_port(proc: Proc, port: int, timeout: float = 15.0, host: str = "127
                      f"{proc.log_tail()}")
 
 
-def install_signal_handlers() -> None:
-    """Make SIGTERM and SIGHUP behave like Ctrl-C so cleanup runs the same way."""
-    def _interrupt(signum: int, frame: object) -> None:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupts:
+    """The signals that stop a run (Ctrl-C, SIGTERM, SIGHUP), each noted and then
+    raised as `KeyboardInterrupt`, so cleanup runs the same way for all.
+
+    Noted first because Python drops an exception raised while a finalizer runs
+    (a `__del__`, a weakref callback: multiprocessing frees a generator's shared
+    arrays so), printing "Exception ignored": the run went on and exited 0 (a
+    loaded CI run). `check` raises a noted interrupt again (every step of a run
+    calls it), and the run's exit status reads `received`."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.interrupt)
+
+    def interrupt(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a stop signal came (its first raise may be lost)."""
+        if self.received:
+            raise KeyboardInterrupt(f"signal {self.received[0]}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loadtest.gen import GeneratorError, LoadSpec, run_load
 from loadtest.measure import UsageWindow
-from loadtest.procs import Processes, StartError
+from loadtest.procs import Interrupts, Processes, StartError
 from loadtest.progress import Progress
 from loadtest.store import Results
 from loadtest.targets import HOST, Lab, Target, TargetError, check
@@ -34,6 +34,7 @@ class RunEnv:
     lab: Lab
     results: Results
     progress: Progress
+    interrupts: Interrupts
     targets: list[str]
     levels: list[int] | None
     duration: float
@@ -41,6 +42,11 @@ class RunEnv:
     generator: str
     idle_connections: int
     notes: list[str] = field(default_factory=list)
+
+    def step(self, label: str, estimate: float) -> contextlib.AbstractContextManager[None]:
+        """One step of the run (`Progress.step`), begun only if no stop signal came."""
+        self.interrupts.check()
+        return self.progress.step(label, estimate)
 
     def load(self, target: Target, connections: int, *, keepalive: bool = True,
              duration: float | None = None, host_header: str | None = None,

@@ -181,7 +181,7 @@ def _deploy_run(env: RunEnv, target: Target, a: Target, keepalive: bool) -> None
     spec = LoadSpec(HOST, target.port, connections(env), duration=3600, keepalive=keepalive,
                     timeout=REQUEST_TIMEOUT)
     label = f"deploy {target.name} {'keep-alive' if keepalive else 'close'}"
-    with env.progress.step(label, 3 * phase + 2 * (b_delay(env) + warmup(env) + 2)), \
+    with env.step(label, 3 * phase + 2 * (b_delay(env) + warmup(env) + 2)), \
             GeneratorRun(spec) as load:
         load.wait_ready(timeout=30)
         load.go()
@@ -225,7 +225,7 @@ def _old_way(env: RunEnv, target: Target, a: Target) -> None:
                     timeout=REQUEST_TIMEOUT)
     b = lab.start_backend("b", delay=APP_TIME)
     try:
-        with env.progress.step(f"deploy {target.name}: the old way", 2 * phase + 1), \
+        with env.step(f"deploy {target.name}: the old way", 2 * phase + 1), \
                 GeneratorRun(spec) as load:
             load.wait_ready(timeout=30)
             load.go()

@@ -38,7 +38,7 @@ def _kill_one(env: RunEnv, target, backends) -> None:
         except Exception as exc:  # re-raised in the scenario's thread
             box["error"] = exc
 
-    with env.progress.step(f"failover {target.name}", step_estimate(env) + 2):
+    with env.step(f"failover {target.name}", step_estimate(env) + 2):
         loader = threading.Thread(target=load, daemon=True)
         loader.start()
         loader.join(timeout=env.duration / 3)

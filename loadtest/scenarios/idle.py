@@ -48,7 +48,7 @@ def _spec(env: RunEnv, target) -> LoadSpec:
 
 def _hold(env: RunEnv, target) -> None:
     count = env.idle_connections
-    with env.progress.step(f"idle {target.name}: {count} idle + {LIVE_CONNECTIONS} live",
+    with env.step(f"idle {target.name}: {count} idle + {LIVE_CONNECTIONS} live",
                            step_estimate(env) + 4 + count / 1000):
         pids = process_tree(target.proc.pid)
         base_kb = rss_kb(pids)

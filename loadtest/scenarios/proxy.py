@@ -32,7 +32,7 @@ def _sweep(env: RunEnv, target) -> None:
     for keepalive in (True, False):
         for connections in levels(env):
             mode = "keep-alive" if keepalive else "close"
-            with env.progress.step(f"proxy {target.name} c={connections} {mode}",
+            with env.step(f"proxy {target.name} c={connections} {mode}",
                                    step_estimate(env, connections)):
                 row = env.load(target, connections, keepalive=keepalive)
                 env.results.add_row(NAME, row)
@@ -46,7 +46,7 @@ def _ceiling(env: RunEnv, target) -> None:
     if other is None:
         return
     connections = min(CEILING_LEVEL, max(levels(env)))
-    with env.progress.step(f"generator ceiling ({other}) against direct",
+    with env.step(f"generator ceiling ({other}) against direct",
                            step_estimate(env)):
         row = env.load(target, connections, generator=other)
         row["ceiling"] = True

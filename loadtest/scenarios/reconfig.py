@@ -36,7 +36,7 @@ def _churn(env: RunEnv, target, backends) -> None:
     a, b = (f"{HOST}:{x.port}" for x in backends)
     rules = [proxy_rule([b]), proxy_rule([a, b]), proxy_rule([a])]
     box: dict = {}
-    with env.progress.step(f"reconfig {target.name}", step_estimate(env) + 2):
+    with env.step(f"reconfig {target.name}", step_estimate(env) + 2):
         loader = threading.Thread(
             target=lambda: box.update(row=_safe_load(env, target, box)), daemon=True)
         loader.start()

@@ -65,7 +65,7 @@ def wait_until_held(port: int, host: str, timeout: float = 10.0) -> None:
 def _flip(env: RunEnv, target, backends) -> None:
     count = held_count(env)
     addrs = [f"{HOST}:{b.port}" for b in backends]
-    with env.progress.step(f"spin {target.name}: {count} held requests",
+    with env.step(f"spin {target.name}: {count} held requests",
                            hold_seconds(env) + 3):
         target.routes.set_rule(SPIN_HOST, {"action": "spin", "timeout": SPIN_TIMEOUT})
         wait_until_held(target.port, SPIN_HOST)

@@ -31,7 +31,7 @@ def run(env: RunEnv) -> None:
             try:
                 check(target)
                 for connections in levels(env):
-                    with env.progress.step(f"wsgi {name} c={connections}",
+                    with env.step(f"wsgi {name} c={connections}",
                                            step_estimate(env, connections)):
                         env.results.add_row(NAME, env.load(target, connections))
             finally:
