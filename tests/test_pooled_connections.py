@@ -44,18 +44,24 @@ class StrayBackend:
         return f"127.0.0.1:{self.port}"
 
     def serve(self, sock: socket.socket) -> None:
-        with self.lock:
-            self.connections += 1
-            number = self.connections
         sock.settimeout(10)
+        numbered: list[int] = []  # the connection's number, once its first request came
         with sock:
             with contextlib.suppress(OSError):  # a reset: closed with POISON unread
-                self.answer(sock, number)
-            if number == 1 and self.strayed.is_set():
+                self.answer(sock, numbered)
+            if numbered == [1] and self.strayed.is_set():
                 self.closed_by_peer.set()
 
-    def answer(self, sock: socket.socket, number: int) -> None:
-        """Answer requests until EOF (or the stray, unless it leaves the connection open)."""
+    def number(self) -> int:
+        with self.lock:
+            self.connections += 1
+            return self.connections
+
+    def answer(self, sock: socket.socket, numbered: list[int]) -> None:
+        """Answer requests until EOF (or the stray, unless it leaves the connection
+        open). The connection is numbered at its first request, not at accept: one
+        with no request is no balancer's (under `pytest -n 4`, another test's probe
+        of a port it had picked and left free, which this backend then bound)."""
         data = b""
         while True:
             while b"\r\n\r\n" not in data:
@@ -64,6 +70,9 @@ class StrayBackend:
                     return
                 data += chunk
             head, _, data = data.partition(b"\r\n\r\n")
+            if not numbered:
+                numbered.append(self.number())
+            number = numbered[0]
             path = head.split(b" ", 2)[1]
             self.served.append((number, path))
             body = b"conn %d %s" % (number, path)
