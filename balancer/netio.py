@@ -341,8 +341,8 @@ def connect_outcome(sock: Any) -> int:
     stalled past the connect timeout (a loaded machine) runs the expired timer
     before the readiness polled in the same iteration (libev invokes the
     iteration's callbacks last queued first), so a connect made long ago was
-    given up as timed out (bug: the backend saw a connection closed unused and
-    the request on the next one)."""
+    given up as timed out (bug: a ConnectError, so a 502 from a rule with one
+    backend, and the backend saw a connection closed unused)."""
     err: int = sock.getsockopt(SOL_SOCKET, SO_ERROR)
     if err:
         return err

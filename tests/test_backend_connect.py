@@ -64,8 +64,8 @@ def test_a_connect_made_while_the_loop_stalled_past_its_timeout_is_kept(
         listener: socket.socket) -> None:
     """A loop stalled past the connect timeout (a loaded machine) runs the
     expired timer before the readiness polled with it; the connect, made long
-    before, is a connection (bug: a ConnectError, and the backend saw a
-    connection closed unused, the request on the next one)."""
+    before, is a connection (bug: a ConnectError, so a 502 from a rule with one
+    backend, and the backend saw a connection closed unused)."""
     stall = gevent.monkey.get_original("time", "sleep")
     gevent.spawn(stall, CONNECT_TIMEOUT * 2)  # runs once the connect waits
     start = time.monotonic()
