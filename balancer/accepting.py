@@ -1,9 +1,12 @@
 """The worker's listening sockets and what accepts on them.
 
 Invariants:
-* Each accepted connection is served in one of the worker's `Slots`; a full
-  worker stops accepting (`Listener.full`), so the kernel's queue (or another
-  worker's socket) holds what it cannot take yet.
+* Each accepted connection holds one of the worker's `Slots`: a plain one
+  starts parked with no greenlet (`parked`: `Slots.admit`, its first request
+  served in the hub like a keep-alive one, `balancer.inline`), a TLS one in a
+  greenlet (its handshake); a full worker stops accepting (`Listener.full`),
+  so the kernel's queue (or another worker's socket) holds what it cannot
+  take yet.
 * Accept outlives running out of descriptors: an exhausted accept logs one
   line per episode and rests `ACCEPT_PAUSE` seconds on a fresh timer (a
   fired gevent timer started again fires at once); aborted connections are
@@ -53,11 +56,13 @@ class Listener(StreamServer):
     """
 
     def __init__(self, sock: socket.socket, handle: Callable[..., Any], slots: Slots,
-                 plain: bool = False) -> None:
+                 plain: bool = False, parked: bool = False) -> None:
         super().__init__(sock, handle, spawn=None)
         self.slots = slots
         slots.on_free.append(self.resume)
         self.plain = plain  # hand out OS sockets, not gevent's (see `do_read`)
+        # with `plain`: `handle` runs in the hub, no greenlet (`Slots.admit`)
+        self.parked = parked
         self.exhausted_since: float | None = None  # the episode under way
         self.pause_timer: Any = None
 
@@ -76,17 +81,20 @@ class Listener(StreamServer):
         socket object: the connection's `balancer.netio.EventedStream` reads,
         writes and waits on it itself, and gevent's wrapper cost a Python-level
         set-up and close, two io watchers (an fcntl each) and a getsockname of
-        its own per connection (issue 21). Others (TLS) go through gevent's
-        loop and `do_read`, with gevent's sockets."""
+        its own per connection (issue 21). A `parked` one gives each to its
+        handler in the hub (`Slots.admit`): it starts parked, with no greenlet.
+        Others (TLS) go through gevent's loop and `do_read`, with gevent's
+        sockets."""
         if not self.plain:
             super()._do_read()
             return
         listener = self.socket
         raw = getattr(listener, "_sock", listener)
         handle, slots = self._handle, self.slots
+        accept = slots.admit if self.parked else slots.accept
         for _ in range(SKIPPED_IN_A_ROW):
             try:
-                if slots.accept(raw, handle, self.max_accept):
+                if accept(raw, handle, self.max_accept):
                     self.exhausted_since = None
             except OSError as exc:
                 if not is_skipped(exc):  # out of descriptors (or worse): pause

@@ -17,6 +17,10 @@ Invariants:
   the worker is crowded, else after PARK_AFTER idle): no greenlet waits for
   it, `resume_client` goes on when it is readable and `expire_client`
   closes it at its deadline.
+* A new plain connection starts parked (`Context.start`, under gevent): its
+  first request is waited for and served as a keep-alive connection's next.
+  A TLS one (and every one of the threaded baseline) starts in its own task
+  (`handle_client`), which reads it.
 * The hub (`balancer.inline`) serves a parked connection's common request
   with these same steps (`take`, `begin`, `finish`, `conclude`, `park`);
   whatever it leaves is a state `serve` goes on from: bytes in the parser
@@ -130,6 +134,26 @@ class Context:
         conn = ClientConnection(sock, address, self)
         self.io.attach(conn)
         return run_client(conn)
+
+    def start(self, sock: socket.socket, address: Any) -> None:
+        """A new connection of this (plain) listener, just accepted, in the hub (the
+        worker's `Slots.admit` counted it open; gevent only): it waits for its
+        first request parked, with no greenlet, as a keep-alive connection waits
+        for its next (`idle`, within client_idle: a draining worker closes it),
+        and that request goes to the hub first (`GeventIO.start`). A greenlet
+        started here read at once and then waited the same way; now one serves
+        the connection only when the hub hands it over (`balancer.inline`)."""
+        io: Any = self.io
+        try:
+            conn = ClientConnection(sock, address, self)
+        except BaseException:
+            sock.close()
+            io.on_closed()
+            raise
+        self.stats.open_connections += 1
+        conn.arm(sock, self.client_idle)
+        conn.idle = True
+        io.start(conn)
 
 
 class RequestIds:
@@ -638,8 +662,12 @@ def resume_client(conn: ClientConnection) -> bool:
 
 
 def expire_client(conn: ClientConnection) -> bool:
-    """Close a parked connection whose client_idle passed (or that a drain ends)."""
+    """Close a parked connection whose client_idle passed (or that a drain ends),
+    or one the hub answered and closes (`GeventIO.close_parked`): it lingers if
+    its client may still be sending (`linger`), as `run_client`'s would."""
     conn.io.attach(conn)
+    if conn.linger == LINGER and linger(conn):
+        return True
     end_client(conn)
     return False
 

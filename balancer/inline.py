@@ -60,7 +60,14 @@ import logging
 from typing import Any, Final
 
 from balancer.actions.proxy import ProxyAction
-from balancer.connection import RECV_SIZE, ClientConnection, Exchange, is_challenge
+from balancer.connection import (
+    CLOSE,
+    RECV_SIZE,
+    ClientConnection,
+    Exchange,
+    end_client,
+    is_challenge,
+)
 from balancer.errors import HubFault, ProxyError
 from balancer.http11 import ProtocolError
 from balancer.netio import EventedStream
@@ -77,23 +84,45 @@ MARGIN: Final = 256  # bytes a response head may grow by on its way (request id,
 
 
 def serve_ready(conn: ClientConnection) -> bool:
-    """`GeventIO.serve_ready`: parked `conn` is readable (in the hub). False:
-    nothing was read, a greenlet goes on as before; True: the request is served
-    here, or on its way here, or handed to a greenlet from where it stopped."""
+    """`GeventIO.serve_ready`: parked `conn` is readable (in the hub). False: a
+    greenlet goes on as before (a send of it is in progress); True: the request
+    is served here, or on its way here, or handed to a greenlet from where it
+    stopped; or nothing came after all (parked again), or the client closed
+    or reset the connection (closed, as its greenlet would: nothing to answer)."""
     stream = conn.stream
     if not isinstance(stream, EventedStream) or not _can_hold(stream.writer, 0):
         return False
+    _arrive(conn, stream)
+    return True
+
+
+def serve_new(conn: ClientConnection) -> None:
+    """`GeventIO.serve_new`: `conn` was just accepted (in the hub; open, idle, no
+    task): its first request is served as `serve_ready` serves a parked
+    connection's next, if it is there already (a client sends it right after
+    its handshake); else it is parked until it comes."""
+    stream = conn.stream
+    assert isinstance(stream, EventedStream)  # a plain listener's (`Context.start`)
+    _arrive(conn, stream)
+
+
+def _arrive(conn: ClientConnection, stream: EventedStream) -> None:
+    """Read what `conn`, which waits for a request with no task, sent: serve it,
+    park on if nothing came, close on EOF or an error (what `read_head` ends on)."""
     try:
         data = stream.read_ready(RECV_SIZE)
     except OSError:
-        return False  # the greenlet's read finds the connection closed
+        data = b""  # a reset: gone
+    if data is None:  # nothing yet
+        conn.io.park(conn)
+        return
     if not data:
-        return False  # nothing yet, or the client closed: the greenlet sees it too
+        _close(conn)
+        return
     try:
         _serve(conn, data)
     except Exception:  # noqa: BLE001 - a bug here must not leave the connection stuck
         _fault(conn)
-    return True
 
 
 def _serve(conn: ClientConnection, data: bytes) -> None:
@@ -110,7 +139,7 @@ def _serve(conn: ClientConnection, data: bytes) -> None:
         return
     ex = conn.begin(head)
     action = ex.route.action
-    if len(conn.events) != 1 or len(data) > HEAD_MAX or not servable(ex) \
+    if len(conn.events) != 1 or len(data) > HEAD_MAX or not serves(ex) \
             or not isinstance(action, ProxyAction):
         io.hand_off(conn)
         return
@@ -125,8 +154,16 @@ def servable(ex: Exchange) -> bool:
     request in its greenlet, as a park, a wake and a hand-off per request would
     cost more than the switches saved): a keep-alive request with no body and
     no upgrade on a plain connection, for a plain `proxy` rule with no limits."""
+    return ex.keep_alive and serves(ex)
+
+
+def serves(ex: Exchange) -> bool:
+    """Whether the hub serves `ex`'s request: `servable` but for keep-alive (a
+    request that closes its connection, `Connection: close` or HTTP/1.0 or a
+    draining worker's, is served here too: the connection is closed after it,
+    `_close`)."""
     head, route = ex.head, ex.route
-    return (ex.keep_alive and not head.has_body and not head.upgrade
+    return (not head.has_body and not head.upgrade
             and route.limit is None and isinstance(route.action, ProxyAction)
             and isinstance(ex.conn.stream, EventedStream) and not is_challenge(head.target))
 
@@ -198,9 +235,28 @@ def _land(conn: ClientConnection) -> None:
     ProxyAction.landed(ex, flight)
     conn.finish(ex)
     if not conn.conclude(ex):
-        io.close_parked(conn)
+        _close(conn)
     elif not conn.park(conn.io.is_crowded()):
         io.hand_off(conn)
+
+
+def _close(conn: ClientConnection) -> None:
+    """Close `conn`, which has no task (its last answer closes it, or its client
+    closed): here if nothing is left to wait for, that is, it does not linger
+    and what is held of its answer went at once (one send, as the outbox's);
+    else a greenlet closes it (`GeventIO.close_parked`: `expire_client` sends
+    the rest and lingers, as `run_client` would)."""
+    stream = conn.stream
+    if conn.linger == CLOSE and isinstance(stream, EventedStream):
+        writer = stream.writer
+        if writer.rest is None:
+            writer.flush()  # a failed send is dropped: the client is gone
+            if writer.rest is None:
+                end_client(conn)
+                io: Any = conn.io
+                io.on_closed()
+                return
+    conn.io.close_parked(conn)
 
 
 def overdue(conn: ClientConnection) -> bool:

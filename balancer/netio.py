@@ -44,6 +44,11 @@ Invariants:
   or EOF wait on its socket is left to its readiness (`has_come`), which sees
   to it with the clock as it is then (after a stall the watchdog's tick can
   run first).
+* A new plain client connection starts parked (`start`, from the accept, in
+  the hub): waiting for its first request is waiting for a keep-alive one's
+  next (`idle`, within client_idle), and that request goes to the hub first
+  too (`serve_new`, then `serve_ready`). A TLS connection starts in a greenlet
+  (its handshake).
 * A held client (`wait_any`) is watched while it can be: a readiness is
   judged by the stream (`has_sent_more`): a plain socket is peeked at, a TLS
   one read through OpenSSL (its readiness may be no request byte), and what
@@ -462,6 +467,12 @@ class GeventIO(IO):
         self.on_overdue: Any = None
         # called with a finished exchange: whether the hub would have served it
         self.servable: Any = None
+        # called in the hub with a new plain connection (`start`): parks it or serves
+        # its first request there (`balancer.inline`)
+        self.serve_new: Any = None
+        # told when a connection with no task is closed in the hub (the worker's
+        # `balancer.serving.Slots.leave`: its slot frees)
+        self.on_closed: Any = None
         # time.monotonic() as of the watchdog's last `tick`: deadlines are
         # enforced at tick granularity, so arming against it is as exact and
         # costs no call
@@ -525,6 +536,14 @@ class GeventIO(IO):
     def detach(self, conn: Any) -> None:
         conn.task = None  # its greenlet serves another connection next (balancer.serving)
         self.connections.discard(conn)
+
+    def start(self, conn: Any) -> None:
+        """A new plain client connection, just accepted (in the hub): open with no
+        task, its first request served at once if it is there, else parked until
+        it comes (`serve_new`, `balancer.inline`)."""
+        conn.task = None
+        self.connections.add(conn)
+        self.serve_new(conn)
 
     def is_crowded(self) -> bool:
         return len(self.connections) > CROWDED

@@ -109,6 +109,8 @@ class Worker:
             self.io.on_wake = resume_client
             self.io.on_expire = expire_client
             self.io.serve_ready = inline.serve_ready  # a keep-alive request in the hub
+            self.io.serve_new = inline.serve_new  # and a new connection's first one
+            self.io.on_closed = self.slots.leave  # a connection closed in the hub
             self.io.on_overdue = inline.overdue
             self.io.servable = inline.servable
         self.contexts: list[Context] = []
@@ -157,9 +159,13 @@ class Worker:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             ctx = self.context(role)
             self.contexts.append(ctx)
-            handler = (partial(self.front().serve, ctx=ctx, serve_client=handle_client)
-                       if role == "tls" else ctx.serve)
-            server = Listener(sock, handler, self.slots, plain=role != "tls")
+            if role == "tls":  # its handshake in a greenlet
+                server = Listener(sock, partial(self.front().serve, ctx=ctx,
+                                                serve_client=handle_client), self.slots)
+            else:  # under gevent, parked at once: its first request served in the hub
+                gevent_io = isinstance(self.io, GeventIO)
+                server = Listener(sock, ctx.start if gevent_io else ctx.serve, self.slots,
+                                  plain=True, parked=gevent_io)
             server.max_accept = self.accept_batch(sock)
             server.start()
             self.servers.append(server)

@@ -26,10 +26,15 @@ Invariants:
   `quiet_loop`): each holds its saved C stack and its frame stack chunk.
 * An accept runs in the hub: the greenlet starts at once and returns to the
   hub at its first wait (see `start`); elsewhere it starts from the loop.
-* `accept` takes connections while a slot is free and the accept queue is
-  not empty, at most `limit` per call; an accept error other than an empty
-  queue propagates to the listener (`balancer.accepting.Listener`), which knows
-  what to do with it (pause when out of descriptors, skip an aborted one).
+* A plain connection starts with no greenlet (`admit`): it is counted open
+  (`enter`) and its handler runs in the hub, where it is parked or served
+  (`balancer.inline.serve_new`). Whoever closes an open connection frees its
+  slot once: a greenlet's handler by returning without parking it, the hub by
+  `leave`.
+* `accept` and `admit` take connections while a slot is free and the accept
+  queue is not empty, at most `limit` per call; an accept error other than an
+  empty queue propagates to the listener (`balancer.accepting.Listener`), which
+  knows what to do with it (pause when out of descriptors, skip an aborted one).
 """
 
 from __future__ import annotations
@@ -76,9 +81,24 @@ class Slots:
 
     def start(self, handle: Callable[..., Any], args: tuple) -> None:
         """Serve a new connection: `handle(*args)` in a parked greenlet, or a new one."""
+        self.enter()
+        self.resume(handle, args)
+
+    def enter(self) -> None:
+        """Count a new connection open (no greenlet serves it yet: `admit`)."""
         self.open += 1
         self.empty.clear()
-        self.resume(handle, args)
+
+    def leave(self) -> None:
+        """An open connection closed, not by a greenlet's handler (in the hub): its
+        slot frees (a full set's listeners resume)."""
+        was_full = self.open >= self.size
+        self.open -= 1
+        if not self.open:
+            self.empty.set()
+        if was_full:
+            for resume in self.on_free:
+                resume()
 
     def resume(self, handle: Callable[..., Any], args: tuple) -> None:
         """Go on with an open connection: `handle(*args)` in a greenlet."""
@@ -102,6 +122,22 @@ class Slots:
                 break
             accepted += 1
             self.start(handle, connection)
+        return accepted
+
+    def admit(self, listener: Any, handle: Callable[..., Any], limit: int) -> int:
+        """`accept`, but each connection is counted open and given to ``handle(sock,
+        address)`` at once, in the hub, with no greenlet (the handler parks it
+        or serves its first request there, `balancer.connection.Context.start`);
+        what closes it later frees its slot (`leave`, or a greenlet's handler)."""
+        proto = listener.proto
+        accepted = 0
+        while accepted < limit and self.open < self.size:
+            connection = accept_now(listener, proto)
+            if connection is None:
+                break
+            accepted += 1
+            self.enter()
+            handle(*connection)
         return accepted
 
     def _serve_loop(self, handle: Callable[..., Any], args: tuple) -> None:
@@ -131,15 +167,8 @@ class Slots:
 
     def _finished(self, task: greenlet, parked: bool) -> None:
         self.busy.discard(task)
-        if parked:
-            return
-        was_full = self.open >= self.size
-        self.open -= 1
-        if not self.open:
-            self.empty.set()
-        if was_full:
-            for resume in self.on_free:
-                resume()
+        if not parked:
+            self.leave()
 
     def shrink(self, keep: int = KEEP_QUIET) -> int:
         """End the parked greenlets beyond `keep`, the longest parked first (from

@@ -628,7 +628,7 @@ COMPILED = not balancer.inline.__file__.endswith(".py")
 
 @pytest.mark.skipif(COMPILED, reason="patches module globals: runs in the interpreted pass")
 @pytest.mark.parametrize(("name", "status"), [("dispatch", 502), ("take_ready", 502),
-                                              ("deliver", 502), ("servable", 200)])
+                                              ("deliver", 502), ("serves", 200)])
 def test_a_fault_in_the_hub_releases_what_the_request_holds(
         make: Make, backend: ScriptedBackend, monkeypatch: pytest.MonkeyPatch,
         name: str, status: int) -> None:
