@@ -131,7 +131,11 @@ def _serve(conn: ClientConnection, data: bytes) -> None:
     try:
         head = conn.take(data)
     except ProtocolError as exc:
-        conn.broken = exc  # raised by the greenlet's `read_head`: answered, closed
+        # raised by the greenlet's `read_head`: answered, closed. No complete request
+        # came before it (`defer`), but the head of the one it broke may have (a
+        # chunked body's bad framing): dropped, never served (bug: it was)
+        conn.events.clear()
+        conn.broken = exc
         io.hand_off(conn)
         return
     if head is None:  # part of a head

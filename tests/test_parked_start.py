@@ -398,3 +398,26 @@ def test_a_draining_worker_closes_fresh_connections(make: Make,
     assert stopper.dead and w.slots.open == 0 and w.stats.open_connections == 0
     with pytest.raises(OSError):  # no longer listening
         gsocket.create_connection(w.servers[0].address, timeout=1).recv(1)
+
+
+@pytest.mark.parametrize("when", ["first", "after-a-request"])
+def test_a_head_with_a_broken_chunked_body_in_its_read_is_refused(
+        make: Make, backend: ScriptedBackend, when: str) -> None:
+    """The read's bad chunk framing raises before any complete request: 400 and a
+    close, the head it broke never forwarded (bug: the hub's hand-off left that
+    head in the parser's events, and the greenlet served it, waiting for a body)."""
+    w = make()
+    pooled(w)
+    sock = connect(w)
+    if when == "after-a-request":
+        sock.sendall(get("/before"))
+        assert response(sock)[2] == b"conn 1 /before"
+        assert until(lambda: parked(w))
+    sock.sendall(b"POST /broken HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n"
+                 b"\r\nzz\r\n" + get("/next"))
+    status, fields, _ = response(sock)
+    assert status == 400 and fields["connection"] == "close"
+    assert closed_by_worker(sock) == b""
+    assert b"/broken" not in backend.paths() and b"/next" not in backend.paths()
+    sock.close()
+    assert until(lambda: all_closed(w))
