@@ -1,16 +1,25 @@
-"""Keep-alive requests served in the hub, with no greenlet switch (gevent only).
+"""Requests served in the hub, with no greenlet switch (gevent only).
 
 A keep-alive connection waiting for its next request is parked
-(`balancer.netio.GeventIO.park`): no greenlet waits for it. When it becomes
-readable, `serve_ready` runs in the hub, from the readiness callback, and
-serves the common case there: one whole bodyless keep-alive head, nothing
-after it, routed to a plain `proxy` rule with no limits, a pooled idle
-connection to the picked backend. It parses and routes the head, sends the
-request on that connection (held for the outbox, as a greenlet's last write
-is) and parks the backend connection's readiness in turn (`backend_ready`).
-When the backend answers with a whole fixed-length response, that is
-relayed (held for the outbox), the connection goes back to its pool, the
-exchange is counted and logged, and the client connection is parked again.
+(`balancer.netio.GeventIO.park`): no greenlet waits for it, and so is a new
+plain connection waiting for its first (`balancer.connection.Context.start`,
+from the accept). When it becomes readable, `serve_ready` runs in the hub,
+from the readiness callback (for a new connection `serve_new` reads at once,
+from the accept: a client sends its request right after the handshake), and
+serves the common case there: one whole bodyless head, nothing after it,
+routed to a plain `proxy` rule with no limits, a pooled idle connection to
+the picked backend. A request that closes its connection (`Connection:
+close`, HTTP/1.0, a draining worker's) is such a case too: after its answer
+the connection is closed in the hub (`_close`) if it does not linger and
+the answer went in one send, else by a greenlet (`GeventIO.close_parked`).
+A client's EOF or reset on a parked connection closes it in the hub.
+
+`_serve` parses and routes the head, sends the request on that connection
+(held for the outbox, as a greenlet's last write is) and parks the backend
+connection's readiness in turn (`backend_ready`). When the backend answers
+with a whole fixed-length response, that is relayed (held for the outbox),
+the connection goes back to its pool, the exchange is counted and logged,
+and the client connection is parked again (or closed).
 Waiting in a greenlet instead cost four switches per request (the wait for
 the client's next request and for the backend's answer, each out and back
 in), ~4,300 instructions of ~34,500 (docs/performance.md).
@@ -25,8 +34,16 @@ on.
 Invariants:
 * Nothing here waits. Writes are only held (`balancer.outbox`), and only
   when they fit the writer's hold (`_can_hold`: no send in progress, within
-  HOLD_LIMIT); reads are made only after a readiness, and find nothing at
-  worst.
+  HOLD_LIMIT), or, before a close, made with one non-blocking send; reads
+  are made only after a readiness (or an accept), and find nothing at worst
+  (the connection parks again).
+* A connection closed here frees its slot (`GeventIO.on_closed`, the
+  worker's `Slots.leave`) and its counters (`end_client`) once, as a
+  greenlet's handler returning False does; one that lingers is a greenlet's.
+* A new connection's first request is served exactly as a parked
+  connection's next: the same deadline (client_idle, `idle`, until a byte
+  comes; then client_header from that byte, in the greenlet it is handed
+  to), the same hand-offs.
 * Any other case, at any step, hands the connection to a greenlet
   (`GeventIO.hand_off`), which goes on from exactly that state with the normal
   code (`ClientConnection.serve`): bytes read are in the parser (a partial

@@ -6,6 +6,9 @@ discard it when it ended, and a fresh C stack plus (CPython 3.11) a 16 KiB
 frame data stack mapped and unmapped around it (an ``mmap``/``munmap`` pair
 per connection under ``strace``). Here a plain greenlet serves a connection,
 then parks in `Slots.idle` and serves the next one: accepting costs a switch.
+And a plain listener's new connection (a gevent worker's) takes no greenlet at
+all (`admit`): it starts parked, and its first request is served in the hub
+(`balancer.inline`) unless that hands it to a greenlet (`resume`).
 
 A handler returns whether it left its connection open and parked (a
 keep-alive connection between requests, `balancer.netio.GeventIO.park`):
