@@ -110,3 +110,17 @@ def test_fields_named_in_connection_are_not_forwarded(setup, listener) -> None:
     names = [name for name, _ in received(backend, 1)]
     assert "x-kept" in names
     assert "x-secret" not in names and "x-other" not in names, names
+
+
+@pytest.mark.parametrize(("connection", "kept"), [("close", False), ("keep-alive", True)])
+def test_a_close_field_goes_when_connection_close_names_it(setup, connection: str,
+                                                           kept: bool) -> None:
+    """`Close` is a marked name (the forwarded head is cut at its marks): a field
+    of that name, in any case, goes with `Connection: close` and stays otherwise."""
+    bal, backend = setup
+    client_exchange(bal.port, b"GET / HTTP/1.1\r\nHost: app.test\r\nClose: 1\r\nX-Kept: 2\r\n"
+                              b"CLOSE: 3\r\nConnection: %s\r\n\r\n" % connection.encode(),
+                    until=b"\r\n\r\n")
+    names = [name for name, _ in received(backend, 1)]
+    assert "x-kept" in names
+    assert names.count("close") == (2 if kept else 0), names
