@@ -421,3 +421,20 @@ def test_a_head_with_a_broken_chunked_body_in_its_read_is_refused(
     assert b"/broken" not in backend.paths() and b"/next" not in backend.paths()
     sock.close()
     assert until(lambda: all_closed(w))
+
+
+@pytest.mark.parametrize("extra", ["", "Connection: close\r\n"])
+def test_a_request_then_a_half_close_is_answered_then_closed(
+        make: Make, backend: ScriptedBackend, extra: str,
+        switches: Callable[[Any], list[int]]) -> None:
+    w = make()
+    pooled(w)
+    ran = switches(w)
+    sock = connect(w)
+    sock.sendall(get("/half-closed", extra))
+    sock.sock.shutdown(socket.SHUT_WR)  # its FIN right behind the request
+    assert response(sock)[2] == b"conn 1 /half-closed"
+    assert closed_by_worker(sock) == b""
+    assert until(lambda: all_closed(w))
+    assert ran == [0]
+    assert_released(w, completed=2)
