@@ -224,7 +224,8 @@ def test_a_client_that_sends_nothing_is_closed_at_client_idle(make: Make,
     assert until(lambda: parked(w))
     sock.sock.settimeout(5)
     assert closed_by_worker(sock) == b""  # no answer: closed
-    assert 0.9 < time.monotonic() - started < 3.0
+    # (deadlines are armed against the watchdog's last tick: up to a tick early)
+    assert 0.7 < time.monotonic() - started < 3.0
     assert until(lambda: all_closed(w))
     assert ran[0] > 0  # the watchdog's close, in a greenlet as before
 
@@ -246,11 +247,11 @@ def test_a_head_sent_slowly_gets_408_after_client_header(make: Make, backend: Sc
             except OSError:
                 break  # answered and closed
             gevent.sleep(0.1)
-            if time.monotonic() - started > 2:
+            if time.monotonic() - started > 3:
                 break
     status, fields, _ = response(sock)
     assert status == 408 and fields["connection"] == "close"
-    assert 0.5 < time.monotonic() - started < 2.0
+    assert 0.4 < time.monotonic() - started < 3.0  # (armed against the last tick)
     assert closed_by_worker(sock) == b""
     assert until(lambda: all_closed(w))
     assert backend.paths() == []
