@@ -827,6 +827,12 @@ class TLSIO(IO):
     def close_parked(self, conn: Any) -> None:
         self.io.close_parked(conn)
 
+    def hand_off(self, conn: Any) -> None:
+        """`GeventIO.hand_off` (the hub serves a TLS connection's requests too,
+        `balancer.inline`; only a gevent worker's connections are handed off)."""
+        io: Any = self.io
+        io.hand_off(conn)
+
     def wait_any(self, events: Sequence[Any], stream: Stream, timeout: float,
                  watch_client: bool) -> bool:
         return self.io.wait_any(events, stream, timeout, watch_client)

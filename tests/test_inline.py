@@ -16,12 +16,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import gevent
 import gevent.socket as gsocket
-import gevent.ssl as gssl
 import pytest
 
 import balancer.inline
@@ -585,38 +583,6 @@ def test_a_draining_worker_closes_a_parked_connection_after_its_next_answer(
     assert sock.recv(10) == b""
     stopper.join(timeout=10)
     assert stopper.dead and w.slots.open == 0
-
-
-def test_tls_connections_are_not_served_in_the_hub(make: Make, backend: ScriptedBackend,
-                                                   tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_tls_parking import CA, TLSStore
-
-    monkeypatch.setattr(balancer.tls, "ssl", gssl)  # cooperative handshakes and I/O
-    rule = {"action": "proxy", "backends": [backend.address]}
-    store = TLSStore()
-    store.load = lambda: SimpleNamespace(version=1, hosts={"app.test": rule})  # type: ignore
-    w = Worker(load_settings(flags={"timeouts.client_idle": 5.0},
-                             env={"BALANCER_STORE_SNAPSHOT": "off"}), store)
-    assert w.apply(w.store.load())
-    w.listen([(bind(parse_addr("127.0.0.1:0")), "tls")])
-    context = gssl.SSLContext(gssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(str(CA.write(tmp_path)))
-    raw = gsocket.create_connection(w.servers[0].address, timeout=5)
-    sock = Client(context.wrap_socket(raw, server_hostname="app.test"))
-    try:
-        sock.sendall(get("/first"))
-        assert response(sock)[2] == b"conn 1 /first"
-        backend.release.clear()
-        sock.sendall(get("/hold"))
-        assert until(lambda: handed_over(w))  # a greenlet's, as before
-        backend.release.set()
-        assert response(sock)[2] == b"conn 1 /hold"
-    finally:
-        sock.close()
-        w.stopping = True
-        for server in w.servers:
-            server.close()
 
 
 # a bug in the hub's steps ---------------------------------------------------------
