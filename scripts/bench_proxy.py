@@ -2,7 +2,7 @@
 
 ``python scripts/bench_proxy.py [--rounds 3] [--duration 8] [--connections 100[,1000]]
 [--modes keep-alive[,close][,varied]] [--targets direct,haproxy,bare,balancer,balancer-log,
-haproxy-tls,balancer-tls,baseline] [--workers 1] [--baseline TREE]``
+haproxy-tls,balancer-tls,baseline,baseline-tls] [--workers 1] [--baseline TREE]``
 
 nginx (one worker) serves the suite's 4.5 KB page; every target proxies to
 it over keep-alive connections and is measured with
@@ -29,7 +29,8 @@ the one before it on its connection). Targets:
   With ``close`` every request is a new TLS connection: wrk does a full
   handshake each time (no session resumption), so req/s is handshakes/s.
 * ``baseline``: ``balancer`` run from another tree (``--baseline TREE``, e.g.
-  a built copy of main), to compare two versions in the same run.
+  a built copy of main), to compare two versions in the same run;
+  ``baseline-tls``: ``balancer-tls`` run from that tree.
 
 Besides requests/s it reports the CPU time each target used per request
 (µs, from /proc over the target's process tree, split into user space and
@@ -70,7 +71,7 @@ from loadtest.routes import RouteFile, proxy_rule  # noqa: E402
 
 HOST = "127.0.0.1"
 TARGETS = ("direct", "haproxy", "bare", "balancer", "balancer-log", "haproxy-tls",
-           "balancer-tls", "baseline")
+           "balancer-tls", "baseline", "baseline-tls")
 TLS_NAME = "bench.test"  # the certificate's name, served to wrk (no SNI) as the default
 NOFILE = 4096
 
@@ -140,7 +141,7 @@ def start_target(name: str, procs: Processes, root: Path, backend: int,
             argv += ["--access-log", str(dir / "access.log")]
             scrape_port = mgmt
     env = None
-    if name == "baseline" and baseline:  # -P: not the current directory's tree first
+    if name.startswith("baseline") and baseline:  # -P: not the current directory's tree first
         argv.insert(1, "-P")
         env = {"PYTHONPATH": baseline}
     proc = procs.start(name, argv, env)
@@ -242,8 +243,8 @@ def main() -> None:
     unknown = set(names) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; expected some of {TARGETS}")
-    if ("baseline" in names) != bool(args.baseline):
-        parser.error("the baseline target and --baseline TREE go together")
+    if any(n.startswith("baseline") for n in names) != bool(args.baseline):
+        parser.error("the baseline targets and --baseline TREE go together")
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes: expected some of {MODES}, got {args.modes!r}")
