@@ -5,6 +5,8 @@ and (``--sockets``) the cost of a whole connection through a real gevent worker.
 ``python scripts/bench_hotpath.py --sockets close|keep-alive [--requests 1000] [--instructions]``
 ``python scripts/bench_hotpath.py --sockets keep-alive --vary [--browser] [--requests 1000]
 [--instructions]``
+``python scripts/bench_hotpath.py --sockets close|keep-alive --tls [--requests 1000]
+[--instructions]``
 
 One `ClientConnection` from a real `Worker` (file-store-shaped table: ``*`` →
 one backend) serves scripted sockets: the client socket hands out a wrk-like
@@ -38,6 +40,10 @@ head's rewrite remember (`RequestParser.repeat_head`); ``--vary`` makes every
 request's target differ (``/index.html?N``), as a browser's do, so that every
 head is parsed and rewritten whole; ``--browser`` sends a browser's head
 (Firefox's fields: 14 beside Host, 611 bytes) instead of wrk's (Host alone).
+``--tls`` puts a TLS listener in front (TLS 1.3, an ECDSA P-256 certificate
+made with `cryptography`, as `scripts/bench_proxy.py`'s): the client is the
+helper's `ssl` socket, and the worker's OpenSSL work (a full handshake per
+request with ``close``) is counted with the rest.
 
 Used for issue 2's speed work; `scripts/bench_proxy.py` is the end-to-end
 benchmark (wrk, nginx, HAProxy).
@@ -142,6 +148,15 @@ class Store:
     def __init__(self, backend: str = "127.0.0.1:9") -> None:
         self.backend = backend
 
+    def certs(self) -> SimpleNamespace:
+        """The certificate of `--tls` (any name: it is the default host's)."""
+        from balancer.certificates import make_record
+        from tests.tlsca import TestCA
+
+        chain, key = TestCA("bench CA").issue(TLS_NAME)
+        records = {TLS_NAME: make_record(TLS_NAME, chain, key)}
+        return SimpleNamespace(all=lambda: records, signature=lambda: 1, damaged={})
+
     def load(self) -> SimpleNamespace:
         return SimpleNamespace(version=1, hosts={
             "*": {"action": "proxy", "backends": [self.backend]}})
@@ -207,24 +222,27 @@ def instructions(extra: list[str], short: int, long: int, per: int) -> float:
 # --sockets: a real gevent worker, its backend and client in a helper process -------
 CLOSE_REQUEST = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
 PEER_TIMEOUT = 60.0  # seconds any helper socket waits (valgrind is ~50x slower)
+TLS_NAME = "bench.test"  # `--tls`: the certificate's name, served as the default host's
 
 
-def run_sockets(mode: str, requests: int, vary: list[str]) -> float:
+def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False) -> float:
     """µs per request through a gevent worker on loopback (wall clock, this process)."""
     from gevent import subprocess as gsubprocess
 
     from balancer.accepting import bind
     from balancer.addr import parse_addr
 
-    peer = gsubprocess.Popen([sys.executable, __file__, "--peer", mode, str(requests), *vary],
+    peer = gsubprocess.Popen([sys.executable, __file__, "--peer", mode, str(requests), *vary,
+                              *(["--tls"] if tls else [])],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     backend = int(peer.stdout.readline())
-    worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}),
+    flags = {"tls.default_host": TLS_NAME} if tls else {}
+    worker = Worker(load_settings(flags=flags, env={"BALANCER_STORE_SNAPSHOT": "off"}),
                     Store(f"127.0.0.1:{backend}"))
     if not worker.apply(worker.store.load()):
         raise SystemExit("the table did not compile")
     listener = bind(parse_addr("127.0.0.1:0"))
-    worker.listen([(listener, False)])
+    worker.listen([(listener, "tls" if tls else False)])
     gc.freeze()
     start = time.perf_counter()
     peer.stdin.write(b"%d\n" % listener.getsockname()[1])
@@ -237,27 +255,44 @@ def run_sockets(mode: str, requests: int, vary: list[str]) -> float:
     return elapsed / requests * 1e6
 
 
-def peer(mode: str, requests: int, vary: bool = False, browser: bool = False) -> None:
+def peer(mode: str, requests: int, vary: bool = False, browser: bool = False,
+         tls: bool = False) -> None:
     """The helper: a keep-alive backend, then a client making `requests` requests
     (stdout: the backend's port, then how many were answered whole); `vary`: each
-    request's target differs; `browser`: a browser's head."""
+    request's target differs; `browser`: a browser's head; `tls`: over TLS."""
     backend = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_backend_loop, args=(backend,), daemon=True).start()
     print(backend.getsockname()[1], flush=True)
     port = int(sys.stdin.readline())
     answered = 0
+    connect = _tls_connect if tls else _connect
     if mode == "close":
         for _ in range(requests):
-            with socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT) as conn:
+            with connect(port) as conn:
                 conn.sendall(CLOSE_REQUEST)
                 answered += _read_to_eof(conn).endswith(PAGE)
     else:
-        with socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT) as conn:
+        with connect(port) as conn:
             for n in range(requests):
                 head = BROWSER_REQUEST if browser else REQUEST
                 conn.sendall(head.replace(b".html", b".html?%d" % n) if vary else head)
                 answered += _read_response(conn)
     print(answered, flush=True)
+
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT)
+
+
+def _tls_connect(port: int) -> socket.socket:
+    """A TLS 1.3 connection (nothing verified: the bench's own certificate)."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context.wrap_socket(_connect(port))
 
 
 def _backend_loop(listener: socket.socket) -> None:
@@ -311,17 +346,21 @@ def main() -> None:
                              "(no head repeats)")
     parser.add_argument("--browser", action="store_true",
                         help="with --vary: a browser's head (14 fields beside Host)")
+    parser.add_argument("--tls", action="store_true",
+                        help="with --sockets: a TLS listener (a full handshake per request "
+                             "with close)")
     parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     varied = (["--vary"] if args.vary else []) + (["--browser"] if args.browser else [])
-    kind = ", varied" * args.vary + ", browser" * args.browser
+    kind = ", varied" * args.vary + ", browser" * args.browser + ", TLS" * args.tls
     if args.peer:
-        peer(args.peer[0], int(args.peer[1]), args.vary, args.browser)
+        peer(args.peer[0], int(args.peer[1]), args.vary, args.browser, args.tls)
     elif args.sockets and args.instructions:
-        count = instructions(["--sockets", args.sockets, *varied], 200, 1200, 1000)
+        count = instructions(["--sockets", args.sockets, *varied, *["--tls"] * args.tls],
+                             200, 1200, 1000)
         print(f"{count:,.0f} instructions per request ({args.sockets}{kind}, real sockets)")
     elif args.sockets:
-        print(f"{run_sockets(args.sockets, args.requests, varied):.2f} µs per request "
+        print(f"{run_sockets(args.sockets, args.requests, varied, args.tls):.2f} µs per request "
               f"({args.sockets}{kind}, real sockets, wall clock)")
     elif args.instructions:
         print(f"{instructions([], 100, 1100, 1000 * PASSES):,.0f} instructions per request")

@@ -34,6 +34,17 @@ def test_bench_hotpath_varied_keep_alive_requests_are_all_answered() -> None:
                         r"wall clock\)\n", out.stdout), out.stdout
 
 
+@pytest.mark.parametrize("mode", ["keep-alive", "close"])
+def test_bench_hotpath_tls_requests_are_all_answered(mode: str) -> None:
+    """--tls: the worker's TLS listener (the peer fails the run on a lost answer)."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hotpath.py"),
+                          "--sockets", mode, "--tls", "--requests", "50"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(rf"[\d.]+ µs per request \({mode}, TLS, real sockets, "
+                        r"wall clock\)\n", out.stdout), out.stdout
+
+
 @pytest.mark.xdist_group("load_generators")  # one CPU-hungry run at a time (scripts/test.sh)
 @pytest.mark.slow
 def test_bench_limits_measures_both_phases_and_the_abuser_is_held_to_its_limit() -> None:
