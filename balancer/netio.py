@@ -39,7 +39,8 @@ Invariants:
   and then a TimeoutError in the greenlet). It still counts as open
   (`connections`), and its deadline is enforced as any other's. A TLS
   connection is parked only while OpenSSL holds no decrypted byte, which no
-  readiness would announce (`Stream.can_park`).
+  readiness would announce (`Stream.can_park`); the hub reads its readiness
+  through OpenSSL (`TLSStream.read_ready`) and serves it as a plain one.
 * Events before timers: a parked connection whose deadline passed while bytes
   or EOF wait on its socket is left to its readiness (`has_come`), which sees
   to it with the clock as it is then (after a stall the watchdog's tick can
@@ -459,8 +460,9 @@ class GeventIO(IO):
         self.resume: Any = None
         self.on_wake: Any = None  # handler of a parked connection's next request
         self.on_expire: Any = None  # handler of a parked connection that timed out
-        # called in the hub, before `on_wake`, with a parked plain connection that is
-        # readable: whether it served the request there (`balancer.inline`); None: never
+        # called in the hub, before `on_wake`, with a parked connection (plain or TLS)
+        # that is readable: whether it served the request there, or left it parked or
+        # closed (`balancer.inline`); False: `on_wake`; None: never
         self.serve_ready: Any = None
         # called in the hub with a connection whose request the hub serves and whose
         # deadline passed (`balancer.inline`)

@@ -26,6 +26,11 @@ Invariants:
   it from its next read of that socket (EOF or an error), its next step.
 * A held write the socket takes only in part is finished by a greenlet of
   its own (`rest`); the owner's next write waits for it, `close` stops it.
+  A TLS write is never taken in part: CPython sets no partial-write mode, so
+  `SSL_write` sends every record or raises SSLWantWrite, having sent some
+  (OpenSSL keeps count); it is then given again the very same bytes, whole
+  (`TLSWriter.flush` → `_send_rest`, `tls_send_all` → gevent's `sendall`),
+  never a slice of them.
 * A writer writes the OS socket only (an accepted client socket has no
   gevent wrapper, `balancer.accepting.Listener`): when its buffer is full it
   waits on a write watcher of its own, made at the first such wait and closed

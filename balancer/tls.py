@@ -4,9 +4,10 @@ A TLS listener's connection is handshaken in its own greenlet (the accept
 loop goes on), under one `client_header` deadline for the whole handshake;
 then the very same request path as plain HTTP serves it
 (`balancer.connection.handle_client`), through `balancer.netio.TLSIO`, which makes the
-client socket a plain `balancer.netio.Stream` (the TLS socket's own
-``recv``/``sendall`` encrypt and wait cooperatively) and leaves every other
-step (deadlines, relay turns) to the worker's `IO`.
+client socket a `balancer.netio.TLSStream` (reads and writes through its SSL
+object, waits on its readiness, writes held for the outbox) and leaves every
+other step (deadlines, relay turns, parking, and the hub's keep-alive path,
+`balancer.inline`) to the worker's `IO`.
 
 Invariants:
 * Every handshake starts on one server context (`TLSFront.context`): its
