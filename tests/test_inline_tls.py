@@ -410,7 +410,7 @@ def test_a_client_leaving_while_the_hub_waits_for_its_answer(
     b"\x17\x03\x03\x00\x20" + b"\x00" * 32,  # application data that does not decrypt
     b"\x15\x03\x03\x00\x02\x02\x28",  # a plaintext alert after the handshake
     b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n",  # not a record at all
-])
+], ids=["undecryptable", "plaintext-alert", "not-a-record"])
 def test_garbage_records_close_a_parked_connection(tls_worker: Any, backend: ScriptedBackend,
                                                    tmp_path: Path, garbage: bytes) -> None:
     w = tls_worker()
