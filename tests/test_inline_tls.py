@@ -302,6 +302,26 @@ def test_bytes_left_decrypted_in_openssl_are_read_by_a_greenlet(
     sock.close()
 
 
+def test_a_request_sent_while_the_previous_waits_in_the_hub_is_answered_after_it(
+        tls_worker: Any, backend: ScriptedBackend, tmp_path: Path) -> None:
+    """Its record stays in the socket (nothing reads it through OpenSSL) until
+    the first answer is out and the connection parks again."""
+    w = tls_worker()
+    sock = connect(w, tmp_path)
+    warm(w, sock)
+    backend.release.clear()
+    sock.sendall(get("/hold"))
+    assert until(lambda: len(backend.requests) == 2) and in_hub(w)
+    sock.sendall(get("/next"))
+    assert in_hub(w) and len(backend.requests) == 2
+    backend.release.set()
+    assert response(sock)[2] == b"conn 1 /hold"
+    assert response(sock)[2] == b"conn 1 /next"
+    assert until(lambda: parked(w))
+    assert backend.paths() == [b"/first", b"/hold", b"/next"]
+    sock.close()
+
+
 def test_a_request_split_across_records_is_handed_over(
         tls_worker: Any, backend: ScriptedBackend, tmp_path: Path) -> None:
     w = tls_worker()
