@@ -538,3 +538,35 @@ def test_renegotiation_is_refused_and_key_updates_are_served(
         proc.wait()
     assert until(lambda: gone(w))
     assert_released(w, completed=1 if command == b"R" else 4)
+
+
+# closing after an answer the hub relayed ------------------------------------------
+@pytest.mark.parametrize("case", ["connection-close", "draining"])
+def test_an_answer_that_closes_the_connection_is_sent_whole_then_closed(
+        tls_worker: Any, backend: ScriptedBackend, tmp_path: Path, case: str) -> None:
+    """`Connection: close`, or a draining worker: the answer (held, encrypted by
+    the outbox or by the greenlet that closes the connection) arrives whole,
+    then the end of the stream; counted once."""
+    w = tls_worker()
+    sock = connect(w, tmp_path)
+    warm(w, sock)
+    stopper = None
+    if case == "draining":
+        backend.release.clear()
+        sock.sendall(get("/hold"))
+        assert until(lambda: len(backend.requests) == 2) and in_hub(w)
+        stopper = gevent.spawn(w.stop, 10.0)  # a request in flight in the hub: answered
+        assert until(lambda: w.draining)
+        backend.release.set()
+        assert response(sock)[2] == b"conn 1 /hold"
+        sock.sendall(get("/last"))  # began while draining: answered, then closed
+    else:
+        sock.sendall(get("/last", "Connection: close\r\n"))
+    status, fields, body = response(sock)
+    assert (status, body, fields["connection"]) == (200, b"conn 1 /last", "close")
+    assert sock.recv(10) == b""
+    if stopper is not None:
+        stopper.join(timeout=10)
+        assert stopper.dead
+    assert until(lambda: gone(w))
+    assert_released(w, completed=3 if case == "draining" else 2)
