@@ -198,6 +198,15 @@ def start_backend() -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture
+def held_port() -> Iterator[HeldPort]:
+    """A `loadtest.procs.HeldPort` for this test: a server that stops and starts
+    again on one port listens on ``held_port.port`` (``Backend(port=...)``), so
+    no other test's server takes the port between the two."""
+    with HeldPort() as held:
+        yield held
+
+
+@pytest.fixture
 def backend(start_backend: Callable[..., Any]) -> Any:
     """One `tests.support.Backend` named "a"."""
     return start_backend("a")
