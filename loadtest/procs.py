@@ -7,6 +7,8 @@ Invariants:
   `KeyboardInterrupt`, never lost: `Interrupts`) and from `atexit`; it is
   idempotent and bounded in time.
 * Every child inherits ``LOADTEST_RUN_ID`` so a leak can be found from outside.
+* A port picked for a child (`free_port`) stays held by this process (`HeldPort`)
+  until it exits, so a child restarted on it finds it still free.
 """
 
 from __future__ import annotations
@@ -117,15 +119,58 @@ def stop_group(popen: subprocess.Popen, timeout: float) -> None:
         popen.wait(timeout=timeout)
 
 
+class HeldPort:
+    """A loopback TCP port kept for a server this process starts: bound with
+    SO_REUSEADDR, never listening, until `release`.
+
+    While it is held (Linux, checked in tests/test_loadtest.py): no other bind
+    to port 0 and no connection's source port gets it, and connecting to it is
+    refused; yet a server that sets SO_REUSEADDR itself can listen there, stop,
+    and listen there again (redis-server and sentinel, pebble and
+    pebble-challtestsrv over TCP, nginx, haproxy, the balancer, gevent and
+    socketserver servers all do). A server without SO_REUSEADDR gets
+    EADDRINUSE, and UDP is not held at all. A port picked by binding to 0 and
+    closing at once was free for anyone until its server bound it: under
+    ``pytest -n 4`` another test's server could take it (and answer)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, 0))
+        self.port: int = self._sock.getsockname()[1]
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def release(self) -> None:
+        """Give the port back to everyone (again: nothing)."""
+        self._sock.close()
+
+    def __enter__(self) -> HeldPort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# the ports `free_port` holds until this process exits
+_KEPT: list[HeldPort] = []
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port for a server this process starts, held (`HeldPort`) until this
+    process exits: for one run (``loadtest run``, a bench script), whose
+    servers may stop and start again on it."""
+    held = HeldPort(host)
+    _KEPT.append(held)
+    return held.port
 
 
 def wait_for_port(proc: Proc, port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
-    """Wait until `port` accepts connections; StartError if `proc` dies or time runs out."""
+    """Wait until `port` accepts connections; StartError if `proc` dies or time runs out.
+    With `port` from `free_port` no one else's bind to port 0 can have taken it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.is_running():

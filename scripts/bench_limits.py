@@ -215,10 +215,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     opts = parser.parse_args()
 
-    from tests.support import Balancer, dead_address, request, revive_port, wait_for
+    from loadtest.procs import free_port
+    from tests.support import Balancer, request, wait_for
 
-    backend_address = dead_address()
-    revive_port(backend_address)  # free now: the backend binds it
+    backend_address = f"127.0.0.1:{free_port()}"  # held: the backend listens beside
     backend = subprocess.Popen([sys.executable, "-m", "loadtest.backend", "--listen",
                                 backend_address], cwd=ROOT)
     rule = {"action": "proxy", "backends": [backend_address],

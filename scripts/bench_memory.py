@@ -32,13 +32,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from loadtest.procs import free_port
+
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def rollup(pid: int) -> dict[str, int]:

@@ -64,6 +64,7 @@ from balancer.pool import BackendRegistry  # noqa: E402
 from balancer.stats import Stats  # noqa: E402
 from balancer.table import RoutingTable, TableHolder  # noqa: E402
 from loadtest import configs  # noqa: E402
+from loadtest.procs import free_port  # noqa: E402
 from tests.support import Balancer, wait_for  # noqa: E402
 
 HOST = "app.test"
@@ -225,13 +226,6 @@ def one_round(bal: Balancer, backend: str, held: int, via: str, target: str) -> 
             "worker_cpu_ms": sum(cpu), "busiest_worker_cpu_ms": max(cpu),
             "cpu_us_per_request": sum(cpu) * 1000 / held,
             "busiest_worker_share": max(shares) / max(1, sum(shares))}
-
-
-def free_port() -> int:
-    port = socket.create_server(("127.0.0.1", 0))
-    number = port.getsockname()[1]
-    port.close()
-    return number
 
 
 def vias(store: str) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from balancer.certificates import make_record  # noqa: E402
 from balancer.stores.file import FileStore  # noqa: E402
 from loadtest.measure import process_tree  # noqa: E402
+from loadtest.procs import free_port  # noqa: E402
 from tests.tlsca import TestCA  # noqa: E402
 
 NAME = "bench.test"
@@ -53,12 +54,6 @@ def wait_port(port: int, deadline: float) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"port {port} not listening")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def open_idle(port: int, count: int, context: ssl.SSLContext | None) -> list[socket.socket]:

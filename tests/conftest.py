@@ -17,12 +17,7 @@ from typing import Any
 
 import pytest
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for servers that cannot bind port 0)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from loadtest.procs import HeldPort
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02,
@@ -54,13 +49,16 @@ def redis_binary() -> str:
 
 
 class RedisServer:
-    """A redis-server process on a fixed free port, persisting to an AOF in `directory`
-    so it can be stopped and restarted with its data."""
+    """A redis-server process on a fixed port, persisting to an AOF in `directory`
+    so it can be stopped and restarted with its data. The port is held
+    (`HeldPort`: redis-server listens with SO_REUSEADDR beside it) until `close`,
+    so no other test's server takes it while this one is stopped."""
 
     def __init__(self, directory: Path) -> None:
         self.binary = redis_binary()
         self.directory = directory
-        self.port = free_port()
+        self.held = HeldPort()
+        self.port = self.held.port
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -95,6 +93,11 @@ class RedisServer:
             self.proc.wait(timeout=10)
         self.proc = None
 
+    def close(self) -> None:
+        """Stop for good: the port is given back."""
+        self.stop()
+        self.held.release()
+
     def client(self) -> Any:
         import redis
 
@@ -104,9 +107,11 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One redis-server for the session; tests isolate themselves by namespace."""
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.start()
+    finally:
+        server.close()
 
 
 @pytest.fixture
@@ -115,12 +120,11 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
     servers: list[RedisServer] = []
 
     def make() -> RedisServer:
-        server = RedisServer(tmp_path / f"redis{len(servers)}").start()
-        servers.append(server)
-        return server
+        servers.append(RedisServer(tmp_path / f"redis{len(servers)}"))
+        return servers[-1].start()
     yield make
     for server in servers:
-        server.stop()
+        server.close()
 
 
 class LiveWsgi:
@@ -191,6 +195,15 @@ def start_backend() -> Iterator[Callable[..., Any]]:
     yield start
     for backend in started:
         backend.stop()
+
+
+@pytest.fixture
+def held_port() -> Iterator[HeldPort]:
+    """A `loadtest.procs.HeldPort` for this test: a server that stops and starts
+    again on one port listens on ``held_port.port`` (``Backend(port=...)``), so
+    no other test's server takes the port between the two."""
+    with HeldPort() as held:
+        yield held
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from loadtest.procs import HeldPort
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -237,27 +239,26 @@ def in_threads(count: int, call: Callable[[], Any]) -> list[Future]:
     return futures
 
 
-# the sockets holding `dead_address` ports, by address
-_DEAD: dict[str, socket.socket] = {}
+# the held ports of `dead_address`es, by address
+_DEAD: dict[str, HeldPort] = {}
 
 
 def dead_address() -> str:
     """An address where nothing listens (connections are refused) until
-    `revive_port` gives it back: its port stays bound, never listening, so no
-    other bind to port 0 and no connection's source port takes it meanwhile
-    (a port closed at once was free for anyone: under `pytest -n 4` another
-    test's backend came to listen there, and answered)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    address = f"127.0.0.1:{sock.getsockname()[1]}"
-    _DEAD[address] = sock
-    return address
+    `revive_port` gives it back: its port stays held (`HeldPort`), so no other
+    bind to port 0 and no connection's source port takes it meanwhile (a port
+    closed at once was free for anyone: under `pytest -n 4` another test's
+    backend came to listen there, and answered)."""
+    held = HeldPort()
+    _DEAD[held.address] = held
+    return held.address
 
 
 def revive_port(address: str) -> int:
     """The port of the `dead_address` `address`, given back to be listened on now."""
-    _DEAD.pop(address).close()
-    return int(address.rsplit(":", 1)[1])
+    held = _DEAD.pop(address)
+    held.release()
+    return held.port
 
 
 # the balancer ------------------------------------------------------------------

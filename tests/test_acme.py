@@ -10,6 +10,7 @@ import os
 import pwd
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -358,3 +359,16 @@ def test_a_ca_bundle_the_run_user_cannot_read_stops_the_start(pebble: Pebble) ->
     assert done.returncode == 1, done.stderr
     assert f"acme.ca_bundle: '{bundle}': cannot read as the run user" in done.stderr
     assert "Permission denied" in done.stderr
+
+
+def test_challtestsrv_starts_on_a_fresh_dns_port_when_its_udp_side_is_taken(
+        tmp_path: Path) -> None:
+    server = Pebble(tmp_path)
+    taken = server.dns_port  # held on TCP only: anyone may bind it on UDP
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        try:
+            server.start()
+            assert server.dns_port != taken and server.answers_dns()
+        finally:
+            server.stop()

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from balancer.stores.file import FileStore
+from loadtest.procs import HeldPort
 from management.app import create_app
 from management.ctl import parse_fields
-from tests.conftest import free_port
 from tests.support import Balancer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,9 +151,9 @@ def test_error_exits(url: str, env: dict[str, str]) -> None:
     for line in (fails("list", env={"BALANCER_URL": url}),
                  fails("--token", "wrong", "list", env=env)):
         assert "401 unauthorized" in line and "--token or BALANCER_TOKEN" in line, line
-    port = free_port()
-    line = fails("list", env={"BALANCER_URL": f"http://127.0.0.1:{port}"})
-    assert f"cannot reach http://127.0.0.1:{port}" in line and "refused" in line
+    with HeldPort() as nobody:  # connections refused
+        line = fails("list", env={"BALANCER_URL": f"http://{nobody.address}"})
+    assert f"cannot reach http://{nobody.address}" in line and "refused" in line
     assert "is `balancer serve` running?" in line and "BALANCER_URL" in line
     assert "invalid choice" in fails("set", "a.example.com", "teleport", env=env, code=2)
     assert "invalid choice" in fails("frobnicate", env=env, code=2)

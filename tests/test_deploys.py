@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from loadtest.procs import HeldPort
 from management import ctl
 from tests.support import Backend, Balancer, dead_address, request, revive_port, wait_for
 
@@ -112,10 +113,12 @@ class Load:
 
 @pytest.fixture
 def a_and_b() -> Iterator[tuple[Backend, Backend]]:
-    a, b = Backend("a"), Backend("b")
-    yield a, b
-    for backend in (a, b):
-        backend.stop()
+    """A (on a held port: the rollback test starts A' there) and B."""
+    with HeldPort() as held:
+        a, b = Backend("a", port=held.port), Backend("b")
+        yield a, b
+        for backend in (a, b):
+            backend.stop()
 
 
 @pytest.fixture
@@ -127,11 +130,11 @@ def lb(tmp_path: Path, a_and_b: tuple[Backend, Backend]) -> Iterator[Balancer]:
 
 class NotReady:
     """A backend that is not ready yet: every request (a deploy's probe) answered
-    503 and counted, on a port the real backend takes over after `stop`."""
+    503 and counted, on the held `port` the real backend takes over after `stop`."""
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+    def __init__(self, port: HeldPort) -> None:
+        self.listener = socket.create_server(("127.0.0.1", port.port))  # SO_REUSEADDR
+        self.port = port.port
         self.probes = 0
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
@@ -158,9 +161,10 @@ class NotReady:
 
 
 def test_a_deploy_under_load_fails_no_request_and_lets_a_finish_what_it_started(
-        tmp_path: Path, lb: Balancer, a_and_b: tuple[Backend, Backend]) -> None:
+        tmp_path: Path, lb: Balancer, a_and_b: tuple[Backend, Backend],
+        held_port: HeldPort) -> None:
     a, _ = a_and_b
-    not_ready = NotReady()  # B's port: B answers 503 until it is ready
+    not_ready = NotReady(held_port)  # B's port: B answers 503 until it is ready
     b_port = not_ready.port
     slow, slow_out = in_background(lambda: request(lb.port, path="/slow?s=2"))
     wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")

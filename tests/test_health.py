@@ -70,9 +70,9 @@ def test_down_after_fall_failed_checks_and_up_after_rise(tmp_path, stop_after):
     assert len([c for c in checks_since(app, well_since) if not c[1]]) >= FAST_CHECKS["rise"]
 
 
-def test_killed_backend_marked_down_and_back_when_restarted(tmp_path, stop_after):
-    app = scripted("app")
-    port = app.port
+def test_killed_backend_marked_down_and_back_when_restarted(tmp_path, stop_after, held_port):
+    port = held_port.port
+    app = scripted("app", port=port)
     bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [app.address],
                                      "health": FAST_CHECKS}})
     stop_after(bal)

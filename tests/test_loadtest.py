@@ -22,7 +22,7 @@ import pytest
 
 from loadtest.gen import GeneratorRun, LoadSpec, run_load
 from loadtest.preflight import Check, check_sysctl
-from loadtest.procs import RUN_ID_ENV, STOP_SIGNALS, Interrupts
+from loadtest.procs import RUN_ID_ENV, STOP_SIGNALS, HeldPort, Interrupts
 from loadtest.progress import Progress
 from loadtest.results import bucket_of, percentile_us
 from loadtest.scenarios.common import RunEnv
@@ -159,10 +159,8 @@ def test_builtin_generator_holds_idle_connections_and_verifies_them(backend):
 
 
 def test_builtin_generator_counts_refused_connections_as_connect_errors():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # bound, never listening: connections are refused
-        row = run_load(LoadSpec("127.0.0.1", port, 2, duration=0.5, processes=1))
+    with HeldPort() as held:  # connections are refused
+        row = run_load(LoadSpec("127.0.0.1", held.port, 2, duration=0.5, processes=1))
     assert row["requests"] == 0
     assert row["errors"]["connect"] > 0
 

@@ -23,7 +23,8 @@ from balancer.stores import (
 from balancer.stores import redis as redis_store
 from balancer.stores.redis import RedisStore
 from balancer.stores.urls import SentinelTarget, parse_sentinel_url
-from tests.conftest import RedisServer, free_port, wait_until
+from loadtest.procs import HeldPort
+from tests.conftest import RedisServer, wait_until
 from tests.test_store_contract import GONE, WEB, Watcher
 
 
@@ -258,21 +259,21 @@ def test_redact_url_hides_only_the_password() -> None:
 def test_a_store_through_a_real_sentinel(redis_factory: Callable[[], RedisServer],
                                          tmp_path: Path) -> None:
     master = redis_factory()
-    port = free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                    f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n")
-    sentinel = subprocess.Popen([master.binary, str(conf), "--sentinel"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        store = open_store(f"redis+sentinel://127.0.0.1:{port}/mymaster/0", namespace())
-        version = wait_until(lambda: _try_write(store), timeout=10, message="sentinel")
-        assert version == 1
-        assert store.load().hosts == {"web.example.com": WEB}
-        assert master.client().hlen(f"{store.namespace}:hosts") == 1
-    finally:
-        sentinel.terminate()
-        sentinel.wait(10)
+    with HeldPort() as held:  # the sentinel listens beside it (SO_REUSEADDR)
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {held.port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                        f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n")
+        sentinel = subprocess.Popen([master.binary, str(conf), "--sentinel"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            store = open_store(f"redis+sentinel://{held.address}/mymaster/0", namespace())
+            version = wait_until(lambda: _try_write(store), timeout=10, message="sentinel")
+            assert version == 1
+            assert store.load().hosts == {"web.example.com": WEB}
+            assert master.client().hlen(f"{store.namespace}:hosts") == 1
+        finally:
+            sentinel.terminate()
+            sentinel.wait(10)
 
 
 def _try_write(store: RedisStore) -> int | None:

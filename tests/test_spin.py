@@ -134,10 +134,10 @@ def test_disconnecting_held_client_frees_its_slot(tmp_path, stop_after, hold_raw
 
 
 # spin_when_down -------------------------------------------------------------------
-def test_hold_while_down_across_a_backend_restart(tmp_path, stop_after):
+def test_hold_while_down_across_a_backend_restart(tmp_path, stop_after, held_port):
     """Requests keep flowing while the only backend restarts in place: none fails."""
-    old = Backend("old")
-    port = old.port
+    port = held_port.port
+    old = Backend("old", port=port)
     bal = Balancer(tmp_path, {HOST: proxy(old, spin_when_down=20)})
     stop_after(bal)
     results: list = []
