@@ -12,10 +12,14 @@ Invariants:
   block (`RequestHead.block`, see `balancer.fields`), found in the bytes fed:
   llhttp calls back once per head, not per field (its parser's protocol object,
   `RequestCallbacks`, has no ``on_header``), and the fields the balancer acts
-  on are located once (`RequestHead.marks`, `MARKED`). A chunked request, whose
-  end cannot be found without its chunk framing, and the requests after it in
-  the same feeds are read with per-field callbacks instead (`FieldCallbacks`),
-  into a block of the same form (``Name: value``).
+  on are located once (`RequestHead.marks`, `MARKED`). A chunked request is read
+  again with per-field callbacks from its first byte (`FieldCallbacks`, for its
+  trailers), into a block of the same form (``Name: value``), up to its end; the
+  requests after it are raw heads again.
+* Every request line is read by one function, `RequestParser._request_line`,
+  from the bytes: a chunked head is read raw first, so the same checks (505 for
+  any version but HTTP/1.0 and HTTP/1.1, RTSP and HTTP/0.9 included) hold
+  whichever way its fields and the heads after it are read.
 * `ProtocolError` is the only exception `feed` raises; it carries the status
   to answer (client side) and the parser is unusable afterwards.
 * Nothing that could be smuggled passes: conflicting or repeated
@@ -65,14 +69,7 @@ END: Final = object()  # sentinel event: the current message is complete
 REQUEST_SPECIAL: Final = frozenset((b"host", b"expect", b"upgrade", b"proxy-connection"))
 FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 SPECIAL: Final = REQUEST_SPECIAL | FRAMING
-VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ours; others get 505
-# The version of a request line that ends so, read from the bytes (asking llhttp costs more).
-# When a head begins at a feed boundary, the first LF of that feed ends its request line,
-# or one of the empty lines before it, which never end so. A line llhttp accepts ends with
-# its version and CRLF, or (HTTP/0.9) with a target, which holds no space.
-# (Compared, not looked up in a dict: hashing the new slice cost ~400 instructions.)
-LINE_END_11: Final = b" HTTP/1.1\r\n"
-LINE_END_10: Final = b" HTTP/1.0\r\n"
+VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ours (a line alone)
 VERSION_11: Final = b" HTTP/1.1"  # the end of a request line before its CRLF
 VERSION_10: Final = b" HTTP/1.0"
 # RFC 3986 reg-name / IP-literal characters and ":" port: anything else in Host is a 400.
@@ -281,19 +278,6 @@ def _host_value(value: bytes) -> bytes:
     return value.rstrip(b" \t") or b"\0"
 
 
-def _line_version(data: bytes, end: int) -> bytes | None:
-    """The version of a request line that ends at `end` (its LF) in `data`, when it
-    ends with LINE_END_11 or LINE_END_10, else None (llhttp's is asked)."""
-    if end < 10:  # (mypyc 2.4 fails on a bytes slice that starts past its end)
-        return None
-    tail = data[end - 10:end + 1]
-    if tail == LINE_END_11:
-        return b"1.1"
-    if tail == LINE_END_10:
-        return b"1.0"
-    return None
-
-
 class _Switch(Exception):
     """Raised in `on_headers_complete` to stop llhttp at a chunked request's head:
     the parser goes on with field callbacks (`RequestParser._to_fields`)."""
@@ -311,10 +295,13 @@ class _Parser:
       or Content-Length bytes later (`_at`, `_body_left`).
     * fields (`_fielded`): llhttp also calls `on_header` per field, collected as a
       (name, lower name, value) triple in `_fields`, and after a chunked head its
-      trailers. A chunked body's end cannot be found without its chunk framing,
-      so a head with Transfer-Encoding is read again this way from its first byte,
-      and the parser stays so until a message ends with a feed (a head is then
-      known to begin at the next feed's first byte, and a raw parser takes over).
+      trailers. A head with Transfer-Encoding (its request line read raw first:
+      `_line`) is read again this way from its first byte, up to its message's
+      end, where a raw parser takes over. llhttp ends a chunked message only
+      right after a CRLF CRLF (the last chunk's line and the empty line ending
+      the trailers: it refuses a bare LF), so the field parser is fed in pieces
+      that end there (`_feed_fields`): the piece in which the message ended ends
+      where it ended, and the bytes after it go to the raw parser.
     """
 
     events: list  # in order; a list, not a deque: an empty deque holds a 528-byte block
@@ -338,7 +325,8 @@ class _Parser:
         self._closed = False  # a request that closes the connection is complete
         self._fields: list[tuple[bytes, bytes, bytes]] = []
         self._fielded = False  # llhttp calls back per field (see the class doc)
-        self._idle = False  # (fields) a message ended and no next one began since
+        self._idle = False  # (fields) the message ended
+        self._tail = b""  # (fields) the last 3 bytes fed (a CRLF CRLF across feeds)
         self._parts: list[bytes] = []  # (raw) the feeds since the head began
         self._start = 0  # where in `_parts[0]` it began
         self._feed = b""  # the bytes being fed (during `feed`)
@@ -352,9 +340,7 @@ class _Parser:
         self._in_head = True
         self._head_bytes = 0  # bytes fed since the head began at a feed boundary
         self._line_done = False
-        self._measure = False  # (fields) the counts missed part of this head: measure it
         self._quiet_bytes = 0  # body-phase bytes that produced no event (framing, trailers)
-        self._version: bytes | None = None  # (fields) read from the request line in `feed`
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # (fields) Only collect here; the head is checked once it is complete.
@@ -381,13 +367,9 @@ class _Parser:
         fielded = self._fielded
         before = len(self.events)
         if in_head:
-            fed = self._head_bytes
-            if fielded:
-                if not self._line_done:
-                    self._check_line(fed, data)
-            else:
+            if not fielded:  # (fields: the head, read raw first, is known whole)
                 self._parts.append(data)
-            self._head_bytes = fed + len(data)
+            self._head_bytes += len(data)
         else:
             events = self.events
             quiet = len(events)
@@ -395,8 +377,12 @@ class _Parser:
         self._at = 0
         callbacks: _Callbacks = self._callbacks.fields if fielded else self._callbacks
         callbacks.parser = cast(RequestParser, self)  # the only kind of `_Parser`
+        end = -1  # (fields) where in `data` the message ended
         try:
-            self._hp.feed_data(data)
+            if fielded:
+                end = self._feed_fields(data)
+            else:
+                self._hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.upgraded = True
             self.leftover = data[exc.args[0]:]
@@ -412,8 +398,11 @@ class _Parser:
         callbacks.parser = None  # (after an error it is kept until the next feed)
         self._feed = b""
         if fielded:
-            if self._idle and not self._closed and not self.upgraded:
+            if end >= 0 and not self._closed and not self.upgraded:
                 self._to_raw()
+                if end < len(data):  # the next request, read raw from here
+                    self.feed(data[end:])
+                    return
         elif not self._in_head:  # in a body framed by Content-Length
             self._body_left -= len(data) - self._at
         elif in_head and len(self.events) == before and not self._line_done:
@@ -437,8 +426,54 @@ class _Parser:
         if fed + (len(data) if end < 0 else end) > self._line_max:
             self._fail(414, "request line too long")
         self._line_done = end >= 0
-        if not fed:  # the head (or empty lines before it) begins here
-            self._version = _line_version(data, end)
+
+    def _feed_fields(self, data: bytes) -> int:
+        """Feed `data` to the field parser in pieces that end after a CRLF CRLF (the
+        class doc); returns where in `data` the message ended, or -1 if it goes on."""
+        hp, tail = self._hp, self._tail
+        found = tail + data
+        at, skip = 0, len(tail)
+        first = len(self.events)
+        pos = found.find(b"\r\n\r\n")
+        try:
+            while pos >= 0:
+                end = pos + 4 - skip
+                if end > at:
+                    hp.feed_data(data[at:end])
+                    at = end
+                    if self._idle:
+                        break
+                pos = found.find(b"\r\n\r\n", pos + 1)
+            else:
+                if at < len(data):
+                    hp.feed_data(data[at:] if at else data)
+                    at = len(data)
+                self._tail = found[-3:]
+                if self._idle:  # (never: a chunked message ends after a CRLF CRLF)
+                    self._fail(400, "chunked message end not found")
+        except httptools.HttpParserUpgrade as exc:  # (never: a chunked Upgrade is a 400)
+            raise httptools.HttpParserUpgrade(at + exc.args[0]) from None
+        if at < len(data) or len(self.events) > first + 1:
+            self._join_body(first)
+        return at if self._idle else -1
+
+    def _join_body(self, first: int) -> None:
+        """One body piece for each run of them the pieces of one feed gave from
+        `events[first]` on (as one `feed_data` of the feed would have given them)."""
+        events = self.events
+        merged: list = []
+        run: list[bytes] = []
+        for event in events[first:]:
+            if type(event) is bytes:
+                run.append(event)
+                continue
+            if run:
+                merged.append(b"".join(run))
+                run = []
+            merged.append(event)
+        if run:
+            merged.append(b"".join(run))
+        events[first:] = merged
 
     def _to_fields(self) -> None:
         """Read the head `on_headers_complete` stopped at again, and what followed it
@@ -448,13 +483,14 @@ class _Parser:
         self._feed = b""
         self._hp = httptools.HttpRequestParser(self._callbacks.fields)
         self._fielded = True
+        self._tail = b""
         self._parts = []
         self._fields = []
         self._begin()
         self.feed(replay)
 
     def _to_raw(self) -> None:
-        """A message ended with the last feed (fields): a raw parser reads the next."""
+        """The chunked message ended (fields): a raw parser reads the next."""
         self._hp = self._new_parser()
         self._fielded = self._idle = False
         self._parts = []
@@ -537,24 +573,12 @@ class _Callbacks:
 
 
 class FieldCallbacks(_Callbacks):
-    """The protocol object of a parser that reads heads field by field (chunked
-    requests and what follows them in the same feeds: `_Parser`)."""
+    """The protocol object of a parser that reads a chunked request's fields and
+    trailers field by field (`_Parser`); its request line was read raw."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.on_message_begin: Any = self._on_message_begin
-        self.on_url: Any = self._on_url
         self.on_header: Any = self._on_header
-
-    def _on_message_begin(self) -> None:
-        parser = self.parser
-        assert parser is not None  # httptools calls back only within a feed
-        parser.on_message_begin()
-
-    def _on_url(self, part: bytes) -> None:
-        parser = self.parser
-        assert parser is not None  # httptools calls back only within a feed
-        parser._url_parts.append(part)
 
     def _on_header(self, name: bytes, value: bytes) -> None:
         parser = self.parser
@@ -587,10 +611,9 @@ class RequestParser(_Parser):
         # httptools calls back through this (shared by a worker's parsers: `RequestCallbacks`)
         self._callbacks = callbacks if callbacks is not None else RequestCallbacks()
         super().__init__(limits)
-        self._line_room = limits.max_request_line - 10  # for method and target
         self._max_headers = limits.max_headers
         self._keep_alive = True
-        self._url_parts: list[bytes] = []  # (fields) of the current head's target
+        self._line = (b"", b"", b"")  # (fields) method, target, version read raw
         self._valid_host: bytes | None = None  # the last Host found valid (not empty)
         self._hp = self._new_parser()
 
@@ -608,13 +631,6 @@ class RequestParser(_Parser):
             self.feed(leftover)
 
     # httptools callbacks, through `RequestCallbacks` / `FieldCallbacks` ----------
-    def on_message_begin(self) -> None:  # (fields)
-        self._idle = False
-        if not self._head_bytes:
-            # Began inside the feed that completed the previous request, so the
-            # feed-level counts missed its start: measured in `_check_sizes`.
-            self._line_done = self._measure = True
-
     def on_headers_complete(self) -> None:
         """Check the head, in the order of the errors it can raise, and queue it."""
         if self._fielded:
@@ -626,6 +642,7 @@ class RequestParser(_Parser):
         if not self._fielded:
             for mark in marks:
                 if mark[0] == b"transfer-encoding":  # class doc
+                    self._line = (method, url, version)
                     parts = self._parts
                     self._replay = b"".join(parts)[self._start:] if len(parts) > 1 else (
                         parts[0][self._start:])
@@ -642,8 +659,6 @@ class RequestParser(_Parser):
         else:
             (plain, host, content_length, chunked, has_body, expect_continue, upgrade,
              tokens) = self._scan(block, marks)
-        if version is None:
-            self._fail(505, "HTTP version not supported")
         if method == b"CONNECT":
             self._fail(501, "CONNECT is not supported")
         if url[:1] == b"/" and HASH not in url:
@@ -673,8 +688,8 @@ class RequestParser(_Parser):
             keep_alive, expect_continue, upgrade, tokens)
         self.events.append(head)
 
-    def _raw_head(self) -> tuple[bytes, bytes, bytes | None, list[bytes], int, bytes]:
-        """Method, target, version (None: not HTTP/1.0 or 1.1), lines (the request
+    def _raw_head(self) -> tuple[bytes, bytes, bytes, list[bytes], int, bytes]:
+        """Method, target, version (`_request_line`), lines (the request
         line, then each field, then what follows the head) with the index of its
         blank line, and field block of the head that just ended, read
         from the bytes fed since it began (`_Parser`); `_at` is set to its end in
@@ -725,49 +740,41 @@ class RequestParser(_Parser):
             self._fail(414, "request line too long")
         if end + 4 > self._head_max:
             self._fail(431, "request head too large")
+        method, target, version = self._request_line(line)
+        return method, target, version, lines, blank, window[length:end]
+
+    def _request_line(self, line: bytes) -> tuple[bytes, bytes, bytes]:
+        """Method, target and version of a request `line` llhttp accepted (without its
+        CRLF): every head's, whichever way its fields are read (module doc). 505 for
+        any version but HTTP/1.1 and HTTP/1.0: llhttp takes HTTP/0.9, HTTP/2.0,
+        RTSP/1.0 and ICE/1.0 (SOURCE) too."""
         if b"\n" in line:  # an HTTP/0.9 line ending in a bare LF: the next line, with its
             self._fail(505, "HTTP version not supported")  # field, is not this one's end
         if line.endswith(VERSION_11):
             version = b"1.1"
         elif line.endswith(VERSION_10):
             version = b"1.0"
-        else:  # (HTTP/0.9, 2.0, RTSP/1.0: llhttp takes them)
+        else:
             self._fail(505, "HTTP version not supported")
         method_end = 0
         while line[method_end] != SP:  # (native loops: a method has a few bytes)
             method_end += 1
-        first, last = method_end + 1, length - 9  # before " HTTP/1.1"
+        first, last = method_end + 1, len(line) - 9  # before " HTTP/1.1"
         while line[first] == SP:  # llhttp takes several spaces between the parts
             first += 1
         while last > first and line[last - 1] == SP:
             last -= 1
-        return line[:method_end], line[first:last], version, lines, blank, window[length:end]
+        return line[:method_end], line[first:last], version
 
-    def _field_head(self) -> tuple[bytes, bytes, bytes | None, list[bytes], int, bytes]:
-        """Method, target, version, lines (b"", then each field) and field block of a
-        head read field by field."""
-        hp, fields, parts = self._hp, self._fields, self._url_parts
-        method, url = hp.get_method(), b"".join(parts)
-        parts.clear()
-        if (len(method) + len(url) > self._line_room or self._measure
-                or self._head_bytes > self._head_max):
-            self._check_sizes(method, url, fields)
+    def _field_head(self) -> tuple[bytes, bytes, bytes, list[bytes], int, bytes]:
+        """Method, target, version (read raw: `_line`), lines (b"", then each field)
+        and field block of a chunked head read again field by field (its sizes were
+        measured raw)."""
         lines = [b""]
-        for name, _, value in fields:
+        for name, _, value in self._fields:
             lines.append(name + b": " + value)
-        version = self._version or VERSIONS.get(hp.get_http_version())
-        return method, url, version, lines, len(lines), b"\r\n".join(lines)
-
-    def _check_sizes(self, method: bytes, url: bytes,
-                     fields: list[tuple[bytes, bytes, bytes]]) -> None:
-        """Exact limits, for heads the feed-level counts could not bound (see `_Parser`)."""
-        line = len(method) + len(url) + 10  # "M SP url SP HTTP/1.1"
-        if line > self.limits.max_request_line:
-            self._fail(414, "request line too long")
-        if self._measure or self._head_bytes > self._head_max:
-            size = line + 4 + sum(len(name) + len(value) + 4 for name, _, value in fields)
-            if size > self._head_max:
-                self._fail(431, "request head too large")
+        method, target, version = self._line
+        return method, target, version, lines, len(lines), b"\r\n".join(lines)
 
     def _scan(self, block: bytes, marks: list[Mark]
               ) -> tuple[bool, bytes, int | None, bool, bool, bool, bytes, frozenset[bytes]]:

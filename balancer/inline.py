@@ -76,7 +76,9 @@ Invariants:
   path ends a failed one: a try on a taken backend connection fails
   (`HubFault`: a 502, the connection closed), a request not tried yet is
   served by the greenlet; what `finish`, `landed` and `land` release is
-  released once. The connection is closed only when the hand-off fails.
+  released once (`ProxyAction.landed` releases a try's counts whatever raises
+  in it; a fault after it finishes the exchange and closes the connection).
+  The connection is closed only when the hand-off fails.
 * A connection parked again here keeps its repeated head
   (`RequestParser.repeat_head`) unless the worker is crowded; the watchdog
   makes it forget it once idle for PARK_AFTER, as it parks a greenlet's.
@@ -101,7 +103,7 @@ from balancer.errors import HubFault, ProxyError
 from balancer.http11 import ProtocolError
 from balancer.netio import EventedStream, TLSStream
 from balancer.outbox import HOLD_LIMIT, Writer
-from balancer.relay import Flight, deliver, dispatch, land, take_ready
+from balancer.relay import Flight, deliver, dispatch, take_ready
 from balancer.response_parser import ResponseHead
 
 log: Final = logging.getLogger("balancer.inline")
@@ -300,10 +302,9 @@ def _land(conn: ClientConnection) -> None:
         io.hand_off(conn)
         return
     events.pop(0)
-    reusable = deliver(ex, flight, upstream, rhead)
+    deliver(ex, flight, upstream, rhead)
     ex.flight = None  # (after `deliver`: a fault before this point fails the try, `_fault`)
-    land(flight, upstream, rhead, reusable)
-    ProxyAction.landed(ex, flight)
+    ProxyAction.landed(ex, flight)  # (what the try holds is released there, once)
     conn.finish(ex)
     if not conn.conclude(ex):
         _close(conn)

@@ -16,10 +16,13 @@ Invariants:
   here; toward the client `ClientGone` (raised by `Exchange.send`).
 * A backend connection goes back to its pool only at a message boundary of
   a complete, keep-alive response.
-* One try on one backend is a `Flight`: `arrive` takes it from start to end;
-  the hub (`balancer.inline`) may take it as far as its answer's relay with
-  these same steps (`dispatch`, `take_ready`, `deliver`, `land`), and a
-  greenlet goes on from wherever it stopped (`arrive`).
+* One try on one backend is a `Flight`: `arrive` takes it from start to its
+  answer; the hub (`balancer.inline`) may take it as far as its answer's
+  relay with these same steps (`dispatch`, `take_ready`, `deliver`), and a
+  greenlet goes on from wherever it stopped (`arrive`). A try that answered
+  is landed by `ProxyAction.landed` on both paths (`land` within it), which
+  releases what the try holds (its backend's `in_flight`, the rule's counts,
+  the connection: pooled or closed) once, whatever raises there.
 """
 
 from __future__ import annotations
@@ -423,7 +426,8 @@ class Flight:
     it cannot end it there, leaves it on the exchange (`Exchange.flight`) for
     `arrive` to go on with, in a greenlet, from where it stopped."""
 
-    __slots__ = ("backend", "stats", "upstream", "reused", "started", "sent", "error")
+    __slots__ = ("backend", "stats", "upstream", "reused", "started", "sent", "error",
+                 "answer", "reusable")
 
     def __init__(self, backend: Backend, stats: BackendStats) -> None:
         self.backend = backend
@@ -434,6 +438,8 @@ class Flight:
         self.sent = False  # the request went whole: its answer is what comes next
         # what reading the answer raised in the hub, raised again by `arrive`
         self.error: ProxyError | None = None
+        self.answer: ResponseHead | None = None  # the answer's head, once relayed (`deliver`)
+        self.reusable = False  # ... and whether `upstream` can go back to its pool then
 
     def board(self, upstream: Upstream, reused: bool) -> None:
         """Take `upstream` for this try: in flight on its backend from now on."""
@@ -445,10 +451,12 @@ class Flight:
 
 def arrive(ex: Exchange, flight: Flight, body: bytes | None, max_body: int | None,
            verify: bool = True) -> None:
-    """Take `flight` to its end from where it is: a connection taken, the request
-    sent, the answer read and relayed, the connection pooled or closed. Raises
-    the ProxyError family on failure. `verify`: an https:// backend's
-    certificate is verified (`balancer.backend_tls`).
+    """Take `flight` from where it is to its answer: a connection taken, the request
+    sent, the answer read and relayed (`deliver`); the caller then lands it
+    (`ProxyAction.landed`, which pools or closes the connection: `land`). Raises
+    the ProxyError family on failure, the connection closed and no longer in
+    flight on its backend. `verify`: an https:// backend's certificate is
+    verified (`balancer.backend_tls`).
 
     A pooled connection that turns out closed before the response began is
     replaced by a fresh one, transparently, when the request can be replayed.
@@ -474,12 +482,11 @@ def arrive(ex: Exchange, flight: Flight, body: bytes | None, max_body: int | Non
                 raise  # a fresh connection failed, or the streamed body is gone
             upstream = backend.renew(upstream)
             rhead = exchange(ex, upstream, body, max_body)
-        reusable = deliver(ex, flight, upstream, rhead)
+        deliver(ex, flight, upstream, rhead)
     except BaseException:
         backend.in_flight -= 1
         upstream.close()
         raise
-    land(flight, upstream, rhead, reusable)
 
 
 def _take(ex: Exchange, flight: Flight, body: bytes | None, verify: bool) -> Upstream:
@@ -497,33 +504,40 @@ def _take(ex: Exchange, flight: Flight, body: bytes | None, verify: bool) -> Ups
     return upstream
 
 
-def deliver(ex: Exchange, flight: Flight, upstream: Upstream, rhead: ResponseHead) -> bool:
-    """Relay the answer whose head is `rhead` (or tunnel after a 101); whether
-    `upstream` can go back to its pool."""
+def deliver(ex: Exchange, flight: Flight, upstream: Upstream, rhead: ResponseHead) -> None:
+    """Relay the answer whose head is `rhead` on `upstream` (or tunnel after a 101),
+    noted on `flight` for `land`: `upstream`, `answer` and `reusable` (whether the
+    connection can go back to its pool)."""
     ex.backend_time = PERF_COUNTER() - flight.started
+    flight.upstream, flight.answer = upstream, rhead
     if rhead.status == 101:
         if not ex.head.upgrade:
             raise BackendProtocolError("101 Switching Protocols to a request without Upgrade")
         if not is_offered(rhead.upgrade, ex.head.upgrade):
             raise BackendProtocolError("101 Switching Protocols to a protocol not offered")
         _upgrade(ex, upstream, rhead)
-        return False
-    return relay_response(ex, upstream, rhead) and not ex.head.upgrade
+        return  # (the tunnel is over: never reusable)
+    flight.reusable = relay_response(ex, upstream, rhead) and not ex.head.upgrade
 
 
-def land(flight: Flight, upstream: Upstream, rhead: ResponseHead, reusable: bool) -> None:
-    """The try answered: `upstream` back to its pool, or closed."""
-    backend = flight.backend
-    backend.in_flight -= 1
-    if rhead.status == 101:  # the tunnel is over
+def land(flight: Flight) -> None:
+    """The try answered (`deliver`): no longer in flight on its backend, and its
+    connection back to its pool, or closed, whatever raises on the way (a bug:
+    the connection is then closed, never left open out of the pool)."""
+    backend, upstream, answer = flight.backend, flight.upstream, flight.answer
+    assert upstream is not None and answer is not None  # `deliver` noted them
+    backend.in_flight -= 1  # (first: nothing before it can raise)
+    try:
+        # a new TLS connection answered: its session serves the next ones (not a tunnel's)
+        if upstream.fresh and answer.status != 101:
+            backend.keep_session(upstream)
+        if flight.reusable:
+            backend.release(upstream)
+            return
+    except BaseException:
         upstream.close()
-        return
-    if upstream.fresh:  # a new TLS connection answered: its session serves the next ones
-        backend.keep_session(upstream)
-    if reusable:
-        backend.release(upstream)
-    else:
-        upstream.close()
+        raise
+    upstream.close()
 
 
 def dispatch(ex: Exchange, upstream: Upstream, body: bytes | None,

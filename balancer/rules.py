@@ -35,6 +35,10 @@ MAX_CHECK = 3600   # seconds: the longest health check interval or timeout
 # 10 ms cannot connect and be answered even on loopback under load, so it only ever fails.
 MIN_CHECK_INTERVAL = 0.1
 MIN_CHECK_TIMEOUT = 0.01
+# health field → its floor. A rule written through the API below one is refused; one
+# stored by an earlier version (which took any number > 0) is loaded raised to it
+# (`balancer.stores.floors`).
+CHECK_FLOORS = (("interval", MIN_CHECK_INTERVAL), ("timeout", MIN_CHECK_TIMEOUT))
 
 COMMON_KEYS = {"action", "subdomains", "limits", "https_redirect", "hsts", "tls"}
 TLS_MODES = ("acme",)  # "tls": "acme": a certificate issued and renewed by ACME (docs/tls.md)
@@ -300,7 +304,7 @@ def _validate_health(health: object) -> list[str]:
     else:
         problems += _header_text(health, "path", "/", "a path", "health check's request line",
                                  "health.")
-    for key, low in (("interval", MIN_CHECK_INTERVAL), ("timeout", MIN_CHECK_TIMEOUT)):
+    for key, low in CHECK_FLOORS:
         problems += _number_between(health, key, low, MAX_CHECK, "seconds", "health.")
     problems += _int_at_least(health, "rise", 1, "health.")
     problems += _int_at_least(health, "fall", 1, "health.")

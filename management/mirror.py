@@ -5,14 +5,18 @@ is what the management API falls back on when the store cannot be trusted:
 `GET /api/v1/hosts` while the store is down or lost its table, and
 `POST /api/v1/restore`, which writes it back. It keeps the local snapshot
 (`balancer.stores.snapshot`) and writes the operator's log lines about the
-table: one per version change, with hosts added/changed/removed, and one when
+table: one per version change, with hosts added/changed/removed, one when
 the store loses its table or is repaired (workers log those at debug level:
-the balancer reports each once).
+the balancer reports each once), and one per table loaded that holds health
+values below today's floors, loaded raised (`raised`, shown by `/api/v1/info`:
+`balancer.stores.floors`).
 
 Invariants:
 * `table` is only replaced by a table at least as new as `highest`; the
   management API's own writes are noted at once (`note_write`), so the
   watcher's later delivery of the same version changes nothing.
+* `raised` is what the table served holds raised: set by each whole table
+  loaded, and a host written since (a change, validated at its floor) drops out.
 * The snapshot is rewritten after a change, at most once per `SAVE_EVERY`
   seconds (longer for a big table), and once more when the process stops.
 """
@@ -28,6 +32,7 @@ import gevent
 from gevent.event import Event
 
 from balancer.stores.base import Store, StoreError, TableChange, TableData
+from balancer.stores.floors import Raised
 from balancer.stores.snapshot import Snapshot, judge
 
 log = logging.getLogger("balancer.routes")
@@ -35,6 +40,7 @@ log = logging.getLogger("balancer.routes")
 SAVE_EVERY = 1.0  # seconds between snapshot writes while the table changes
 SAVE_SHARE = 20  # ... and at least this many times the last write's duration
 NAMES_LOGGED = 5  # host names listed in a version-change line
+RAISED_LOGGED = 20  # raised values listed in a line about them
 
 
 class Mirror:
@@ -46,6 +52,7 @@ class Mirror:
         self.table: TableData | None = None
         self.highest = 0
         self.problem: str | None = None  # the store lost its table (see `judge`)
+        self.raised: tuple[Raised, ...] = ()  # health values used raised to their floor
         self.stopped = False
         self._dirty = Event()
         self._stopping = Event()  # wakes the snapshot loop's pause at once on stop
@@ -96,8 +103,11 @@ class Mirror:
                         data.version)
             self.problem = None
         if self.table is not None and data == self.table:
+            if data.raised != self.raised:  # (the same table, from the snapshot first)
+                self._note_raised(data.version, data.raised)
             return
         self._install(data.version, dict(data.hosts), None)
+        self._note_raised(data.version, data.raised)
 
     def note_write(self, version: int, changes: Mapping[str, Any] | None,
                    hosts: Mapping[str, Any] | None = None) -> None:
@@ -123,7 +133,23 @@ class Mirror:
         self.highest = max(self.highest, version)
         self.store.raise_floor(version)
         self._dirty.set()
+        if changes is None:  # a whole table (`on_table` then says what it raised)
+            self.raised = ()
+        elif self.raised:
+            self.raised = tuple(r for r in self.raised if r.host not in changes)
         log_change(old, self.table, changes)
+
+    def _note_raised(self, version: int, raised: tuple[Raised, ...]) -> None:
+        """A whole table loaded at `version` with these values raised: log them."""
+        self.raised = raised
+        if raised:
+            listed = ", ".join(str(r) for r in raised[:RAISED_LOGGED])
+            more = len(raised) - RAISED_LOGGED
+            log.warning("routing table version %d: %d stored health check value(s) below "
+                        "the floor (health.interval 0.1 s, health.timeout 0.01 s), used "
+                        "raised to it: %s%s. An earlier version stored them; the API "
+                        "refuses them: write these rules again at or above the floor",
+                        version, len(raised), listed, f" and {more} more" if more > 0 else "")
 
     # the snapshot ----------------------------------------------------------
     def save_loop(self) -> None:

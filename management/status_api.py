@@ -62,6 +62,10 @@ class StatusRoutes:
         store = info.setdefault("store", {})
         store["problem"] = self.mirror.problem or store.get("problem")
         store["certs_problem"] = self.certs_watch.problem
+        # (the management process's mirror follows the store; the app alone has the
+        # store's last load)
+        raised = self.mirror.raised if self.mirror.table is not None else self.store.raised()
+        store["raised"] = [r._asdict() for r in raised]
         return json_response(info)
 
     def on_top(self, request: Request) -> Response:

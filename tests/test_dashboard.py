@@ -373,6 +373,22 @@ def test_store_down_is_announced(make_site: Callable[..., Site], browser: Any) -
     assert "unreachable" in text_of(browser, '[data-tile="store"]')
 
 
+def test_health_values_raised_from_the_store_are_announced(make_site: Callable[..., Site],
+                                                            browser: Any, tmp_path: Path) -> None:
+    """A table an earlier version stored with a check interval below the floor is served
+    with it raised (docs/rules.md): the dashboard says which, until the rule is written."""
+    old = {**WEB, "health": {"interval": 0.05}}
+    (tmp_path / "routes.json").write_text(json.dumps({"version": 4,
+                                                      "hosts": {"app.example.com": old}}))
+    site = make_site()
+    open_live(browser, site)
+    banner = wait_for(browser, lambda d: text_of(d, "#banners"), "the raised values banner")
+    assert "Health check values raised" in banner
+    assert "app.example.com health.interval 0.05 s → 0.1 s" in banner
+    site.api("PUT", "/api/v1/hosts/app.example.com", {**WEB, "health": {"interval": 0.1}})
+    wait_for(browser, lambda d: text_of(d, "#banners") == "", "the banner gone")
+
+
 RATES_SCRIPT = """
 const done = arguments[arguments.length - 1];
 Promise.all([import("/static/history.js"), import("/static/format.js")]).then(([h, f]) => {

@@ -27,6 +27,7 @@ import balancer.tls
 from balancer.accepting import bind
 from balancer.addr import parse_addr
 from balancer.connection import ClientConnection
+from balancer.pool import Backend as PoolBackend
 from balancer.server import Worker
 from balancer.settings import load_settings
 from tests.rawpeer import read_request, serve_each
@@ -56,6 +57,7 @@ class ScriptedBackend:
         self.extra_sent = threading.Event()
         self.lock = threading.Lock()
         self.connections = 0
+        self.ended = 0  # connections the balancer closed (or this backend did)
         self.requests: list[tuple[int, bytes]] = []  # (connection number, raw request)
         self.socks: list[socket.socket] = []
         serve_each(self.listener, self.serve)
@@ -67,12 +69,16 @@ class ScriptedBackend:
             self.socks.append(sock)
         sock.settimeout(10)
         answered = 0
-        with sock, contextlib.suppress(OSError):
-            while request := read_request(sock):
-                self.requests.append((number, request))
-                if not self.answer(sock, number, request, answered):
-                    return
-                answered += 1
+        try:
+            with sock, contextlib.suppress(OSError):
+                while request := read_request(sock):
+                    self.requests.append((number, request))
+                    if not self.answer(sock, number, request, answered):
+                        return
+                    answered += 1
+        finally:
+            with self.lock:
+                self.ended += 1
 
     def answer(self, sock: socket.socket, number: int, request: bytes, answered: int) -> bool:
         path = request.split(b" ", 2)[1]
@@ -636,6 +642,51 @@ def test_a_fault_in_the_hub_releases_what_the_request_holds(
     assert stats["open_requests"] == 0 and stats["completed_requests"] == 4
     sock.close()
     assert until(lambda: w.slots.open == 0 and w.stats.open_connections == 0)
+
+
+@pytest.mark.skipif(COMPILED, reason="patches a class's methods: runs in the interpreted pass")
+@pytest.mark.parametrize("path", ["hub", "greenlet"])
+@pytest.mark.parametrize("step", ["release", "record_success"])
+def test_a_fault_after_the_answer_releases_what_the_try_holds_once(
+        make: Make, backend: ScriptedBackend, monkeypatch: pytest.MonkeyPatch,
+        path: str, step: str) -> None:
+    """Bug: a step of `land` raising in the hub (the pool's `release`) skipped
+    `landed`: the rule's in-flight count of the backend stayed up for good (a
+    deploy's drain then waits its whole timeout), and the backend connection was
+    left open out of its pool. Whatever raises after the answer went out (in
+    `land`: `release`; in `landed`: `record_success`), on either path: the client
+    has its answer and the connection closes (a bug ends it), the try's counts
+    come back to zero once, the backend connection is pooled or closed."""
+    w = make()
+    sock = connect(w)
+    if path == "hub":
+        warm(w, sock)  # the connection's next request is the hub's
+    real = getattr(PoolBackend, step)
+    faults: list[str] = []
+
+    def once(self: PoolBackend, *args: Any) -> Any:
+        if not faults:
+            faults.append(step)
+            raise RuntimeError("a bug")
+        return real(self, *args)
+
+    monkeypatch.setattr(PoolBackend, step, once)
+    sock.sendall(get("/faulty"))
+    status, _, body = response(sock)
+    assert faults == [step] and (status, body) == (200, b"conn 1 /faulty")
+    assert sock.recv(1) == b""  # closed after its answer
+    assert until(lambda: w.slots.open == 0 and w.stats.open_connections == 0)
+    assert_released(w, completed=2 if path == "hub" else 1)
+    if step == "release":  # closed, not left open out of the pool
+        assert until(lambda: backend.ended == backend.connections == 1)
+    else:  # pooled (its answer was whole), and used by the next request
+        assert backend.ended == 0
+        sock = connect(w)
+        sock.sendall(get("/next"))
+        assert response(sock)[2] == b"conn 1 /next"
+        sock.close()
+        assert until(lambda: w.slots.open == 0)
+        assert_released(w, completed=3 if path == "hub" else 2)
 
 
 # hostile peers ------------------------------------------------------------------

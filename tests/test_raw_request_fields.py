@@ -107,12 +107,13 @@ def test_a_head_keeps_its_block_and_lists_its_fields_on_demand() -> None:
 
 def test_httptools_calls_no_field_callback_for_a_raw_head() -> None:
     """The raw parser's protocol object has no on_header, on_url nor
-    on_message_begin: httptools then makes no bytes and no call for them."""
+    on_message_begin: httptools then makes no bytes and no call for them. The
+    field parser's has on_header only (every request line is read raw)."""
     from balancer.http11 import RequestCallbacks
     callbacks = RequestCallbacks()
     for name in ("on_header", "on_url", "on_message_begin"):
         assert getattr(callbacks, name, None) is None
-        assert getattr(callbacks.fields, name) is not None
+        assert (getattr(callbacks.fields, name, None) is not None) == (name == "on_header")
 
 
 def test_rtsp_and_http_2_request_lines_are_refused() -> None:
@@ -200,17 +201,17 @@ def test_spaces_between_the_request_lines_parts() -> None:
 
 
 def test_a_chunked_request_then_raw_heads_again() -> None:
-    """After a chunked request whose end came with a feed, the next head is raw again;
-    until then (a pipelined head in the same feed) heads are read field by field."""
+    """After a chunked request, the next head is raw again, in the same feed too
+    (its block as the client sent it, blanks included)."""
     parser = RequestParser()
     chunked = CASES["chunked"]
-    parser.feed(chunked + b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\nGET /y HTTP/1.1\r\n")
-    assert parser._fielded
-    parser.feed(b"Host: app.test\r\n\r\n")
+    parser.feed(chunked + b"GET /x HTTP/1.1\r\nHost:  app.test\r\n\r\nGET /y HTTP/1.1\r\n")
     assert not parser._fielded
+    parser.feed(b"Host: app.test\r\n\r\n")
     parser.feed(b"GET /z HTTP/1.1\r\nHost: app.test\r\nX-Z: 1\r\n\r\n")
     heads = [e for e in parser.events if isinstance(e, RequestHead)]
     assert [h.target for h in heads] == [b"/up", b"/x", b"/y", b"/z"]
+    assert heads[1].block == b"\r\nHost:  app.test"
     assert heads[3].block == b"\r\nHost: app.test\r\nX-Z: 1"
     assert parser.events[-1] is END
 

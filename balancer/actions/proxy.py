@@ -40,7 +40,7 @@ from balancer.errors import (
 )
 from balancer.hold import Hold, Holds, hand_over
 from balancer.pool import Backend
-from balancer.relay import Flight, arrive
+from balancer.relay import Flight, arrive, land
 from balancer.rules import backend_entries
 from balancer.stats import BackendStats
 
@@ -189,11 +189,21 @@ class ProxyAction:
 
     @staticmethod
     def landed(ex: Exchange, flight: Flight) -> None:
-        """The try `flight` answered `ex`: counted as its backend's success."""
+        """The try `flight` answered `ex` (`arrive`, or the hub's `deliver`): landed
+        (`land`: its connection pooled or closed, no longer in flight on its
+        backend) and counted as its backend's success. Both paths end a try that
+        answered here, so what it holds is released once whatever raises: `land`
+        releases the backend's count first, and the rule's counts are released in
+        the `finally` (a bug raised here ends the request without a retry: the
+        greenlet's `attempt` calls this outside its handler, the hub's `_fault`
+        finishes an exchange whose flight was taken off it)."""
         stats = flight.stats
-        stats.in_flight -= 1
-        if ex.head.upgrade:
-            stats.tunnels -= 1
+        try:
+            land(flight)
+        finally:
+            stats.in_flight -= 1
+            if ex.head.upgrade:
+                stats.tunnels -= 1
         stats.successes += 1
         stats.observe(ex.backend_time)
         stats.bytes += ex.sent + ex.received

@@ -14,7 +14,9 @@ Invariants:
 * `load` returns only tables that pass `validate_table`; anything else is a
   `CorruptStore` naming where and why, whatever a hand-edited value holds
   (bad JSON or UTF-8, a number of 4,300+ digits, nesting deep enough to
-  exhaust the recursion limit: `unreadable_is_corrupt`).
+  exhaust the recursion limit: `unreadable_is_corrupt`). A health value an
+  earlier version stored below today's floor is loaded raised to it, and
+  said in `TableData.raised` (`balancer.stores.floors`).
 * `watch` is a loop body for its own greenlet (or thread): it delivers the
   first table it reads, then every change, through `on_change`, and never
   raises. While the store is unreachable it retries with backoff, keeps the
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from balancer.rules import normalize_host, validate_table
+from balancer.stores.floors import Raised, raise_rule, raise_to_floors
 
 if TYPE_CHECKING:
     from balancer.stores.acme import Acme
@@ -50,6 +53,8 @@ class TableData:
 
     version: int
     hosts: Mapping[str, Any] = field(default_factory=dict)
+    # stored values below a floor, loaded raised (`hosts` holds the values used)
+    raised: tuple[Raised, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,9 @@ class TableChecker:
     change costs one rule's validation, not N)."""
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, str], list[str]] = {}
+        # (host, rule text) → the problems of its rule and what `raise_rule` raised
+        self._known: dict[tuple[str, str], tuple[list[str], tuple[Raised, ...]]] = {}
+        self.raised: tuple[Raised, ...] = ()  # what the last table checked held raised
 
     def check(self, where: str, version: object, hosts: object,
               texts: Mapping[str, str] | None = None) -> TableData:
@@ -112,31 +119,45 @@ class TableChecker:
         it the whole table is validated."""
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise CorruptStore(f"{where}: version must be an integer >= 0, got {version!r}")
-        if texts is None or not isinstance(hosts, Mapping):
+        raised: tuple[Raised, ...] = ()
+        if not isinstance(hosts, Mapping):
+            problems = validate_table(hosts)
+        elif texts is None:
+            hosts, raised = raise_to_floors(hosts)
             problems = validate_table(hosts)
         else:
-            problems = self._problems(hosts, texts)
+            hosts, raised, problems = self._checked(hosts, texts)
         if problems:
             raise CorruptStore(f"{where}: invalid table: {'; '.join(problems)}")
         assert isinstance(hosts, Mapping)
-        return TableData(version, dict(hosts))
+        self.raised = raised
+        return TableData(version, dict(hosts), raised)
 
-    def _problems(self, hosts: Mapping[str, Any], texts: Mapping[str, str]) -> list[str]:
-        known: dict[tuple[str, str], list[str]] = {}
+    def _checked(self, hosts: Mapping[str, Any], texts: Mapping[str, str]
+                 ) -> tuple[dict[str, Any], tuple[Raised, ...], list[str]]:
+        """The rules used (`raise_rule`), what was raised, and every problem."""
+        known: dict[tuple[str, str], tuple[list[str], tuple[Raised, ...]]] = {}
         problems: list[str] = []
+        used: dict[str, Any] = {}
+        raised: list[Raised] = []
         for n, (host, rule) in enumerate(hosts.items()):
             if n % PAUSE_EVERY == PAUSE_EVERY - 1:
                 time.sleep(0)  # a big table: let the other greenlets (requests) run
             key = (host, texts[host])
             found = self._known.get(key)
             if found is None:
-                found = validate_table({host: rule})
+                rule, lifted = raise_rule(str(host), rule)
+                found = (validate_table({host: rule}), lifted)
+            elif found[1]:  # (a copy of this load's rule, raised again)
+                rule = raise_rule(str(host), rule)[0]
             known[key] = found
-            problems += found
+            problems += found[0]
+            used[host] = rule
+            raised += found[1]
         self._known = known  # only the current table is remembered
         if len({normalize_host(h) for h in hosts if isinstance(h, str)}) != len(hosts):
-            return validate_table(hosts)  # names that collide once normalised
-        return problems
+            problems = validate_table(used)  # names that collide once normalised
+        return used, tuple(raised), problems
 
 
 @contextlib.contextmanager
@@ -249,6 +270,10 @@ class Store(ABC):
     def last_error(self) -> str | None:
         """The current problem with the store (unreachable or corrupt), if any."""
         return None
+
+    def raised(self) -> tuple[Raised, ...]:
+        """What the last table loaded held below a floor, used raised (module doc)."""
+        return ()
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections; a running `watch` ends at its next `stop()` check."""

@@ -48,6 +48,7 @@ from balancer.stores.base import (
     write_version,
 )
 from balancer.stores.certs import Certs, FileCerts
+from balancer.stores.floors import Raised
 from balancer.stores.records import FileRecords, Records
 from balancer.stores.snapshot import HOW_TO_FIX
 
@@ -124,6 +125,9 @@ class FileStore(Store):
     def is_reachable(self) -> bool:
         self._reachable = os.access(self.path, os.R_OK)
         return self._reachable
+
+    def raised(self) -> tuple[Raised, ...]:
+        return self._checker.raised
 
     def last_error(self) -> str | None:
         return self._problem

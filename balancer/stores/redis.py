@@ -66,6 +66,7 @@ from balancer.stores.base import (
     write_version,
 )
 from balancer.stores.certs import Certs, RedisCerts
+from balancer.stores.floors import Raised
 from balancer.stores.records import Records
 from balancer.stores.redis_records import RedisRecords
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
@@ -197,6 +198,9 @@ class RedisStore(Store):
         else:
             self._reachable = True
         return self._reachable
+
+    def raised(self) -> tuple[Raised, ...]:
+        return self._checker.raised
 
     def last_error(self) -> str | None:
         """The corrupt table, or why the store is unreachable while it is.

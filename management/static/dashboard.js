@@ -296,6 +296,15 @@ function currentBanners(now) {
   if (certsProblem) {
     return [["error", "Certificate store problem.", sentence(certsProblem)]];
   }
+  const raised = state.view?.info?.store?.raised;
+  if (raised?.length) {
+    // stored by an earlier version below today's floors: served raised to them
+    const listed = raised.slice(0, 3).map((r) => `${r.host} ${r.field} ${r.stored} s → ${r.used} s`);
+    const more = raised.length > 3 ? ` and ${raised.length - 3} more` : "";
+    return [["warn", "Health check values raised.", "The stored table holds health check " +
+      `values below the floor, used raised to it: ${listed.join(", ")}${more}. ` +
+      "Write these rules again at or above the floor."]];
+  }
   return [];
 }
 

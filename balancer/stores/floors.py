@@ -1,0 +1,72 @@
+"""Stored rules below today's floors (issue 21's leftovers).
+
+`health.interval` and `health.timeout` have floors (`balancer.rules.CHECK_FLOORS`):
+a rule written through the API below one is refused (400 `invalid_rule`), but
+earlier versions took any number > 0, so a table they stored may hold smaller
+values. Refusing that table whole would leave an upgraded balancer serving only
+`no-hosts`; instead such a value is loaded raised to its floor, as a proxy keeps
+serving a config it can make sense of (nginx and HAProxy clamp such values).
+
+Invariants:
+* Only a finite number > 0 below its floor is raised; anything else (a string,
+  0, a negative number, NaN) stays as stored and fails validation as before.
+* The stored table is never changed here: a copy of each raised rule is made,
+  and every raise is listed (`Raised`) for the operator's log line and the
+  management API's ``/api/v1/info`` (`management.mirror.Mirror.raised`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from balancer.rules import CHECK_FLOORS
+
+
+class Raised(NamedTuple):
+    """A stored value below its floor, and the value used instead."""
+
+    host: str
+    field: str  # "health.interval" or "health.timeout"
+    stored: float
+    used: float
+
+    def __str__(self) -> str:
+        return f"{self.host} {self.field} {self.stored!r} -> {self.used!r}"
+
+
+def _below_floor(value: object, floor: float) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and 0 < value < floor)
+
+
+def raise_rule(host: str, rule: Any) -> tuple[Any, tuple[Raised, ...]]:
+    """`rule` with each health value below its floor raised to it (the same object
+    when none is), and what was raised."""
+    health = rule.get("health") if isinstance(rule, Mapping) else None
+    if not isinstance(health, Mapping):
+        return rule, ()
+    low = [(key, floor) for key, floor in CHECK_FLOORS if _below_floor(health.get(key), floor)]
+    if not low:
+        return rule, ()
+    fixed = dict(health)
+    for key, floor in low:
+        fixed[key] = floor
+    return {**rule, "health": fixed}, tuple(
+        Raised(host, f"health.{key}", health[key], floor) for key, floor in low)
+
+
+def raise_to_floors(hosts: Mapping[str, Any]) -> tuple[Mapping[str, Any], tuple[Raised, ...]]:
+    """`hosts` with `raise_rule` applied to each rule (the same mapping when nothing
+    is raised), and what was raised."""
+    raised: list[Raised] = []
+    copy: dict[str, Any] | None = None
+    for host, rule in hosts.items():
+        used, found = raise_rule(str(host), rule)
+        if found:
+            if copy is None:
+                copy = dict(hosts)
+            copy[host] = used
+            raised += found
+    return (hosts if copy is None else copy), tuple(raised)
