@@ -100,8 +100,11 @@ def report(arbiter: int, workers: set[int]) -> None:
     for pid in pids:
         role = "arbiter" if pid == arbiter else "worker" if pid in workers else "management"
         f = rollup(pid)
-        print(f"{role:10} {pid:>7}: Rss {f['Rss'] / 1024:5.1f} MiB, Pss {f['Pss'] / 1024:5.1f}, "
-              f"Private_Dirty {f['Private_Dirty'] / 1024:5.1f}")
+        private = f["Private_Clean"] + f["Private_Dirty"]
+        shared = f["Shared_Clean"] + f["Shared_Dirty"]
+        print(f"{role:10} {pid:>7}: Rss {f['Rss'] / 1024:5.1f} MiB, Pss {f['Pss'] / 1024:5.1f} "
+              f"(Pss_Anon {f['Pss_Anon'] / 1024:5.1f}), Private {private / 1024:5.1f} "
+              f"(Private_Dirty {f['Private_Dirty'] / 1024:5.1f}), Shared {shared / 1024:5.1f}")
     tree = [rollup(p) for p in pids]
     print(f"tree Pss {sum(f['Pss'] for f in tree) / 1024:.1f} MiB, Pss_Anon "
           f"{sum(f['Pss_Anon'] for f in tree) / 1024:.1f}, Private_Dirty "

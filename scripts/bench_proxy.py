@@ -280,15 +280,24 @@ def main() -> None:
             procs.stop_all()
     summarize(results)
     print("\npeak memory (MiB): VmHWM per process over the run; Pss of the whole tree at the end")
-    for name, (peaks, pss) in memory.items():
+    for name, (peaks, pss, _) in memory.items():
         print(f"{name:13} " + ", ".join(f"{role} {kb / 1024:.1f}" for role, kb in peaks)
               + f"; tree Pss {pss / 1024:.1f}")
+    print("\nmemory at the end (MiB): per process Pss (its anonymous part), Private, Shared")
+    for name, (_, _, ends) in memory.items():
+        print(f"{name:13} " + ", ".join(
+            f"{role} {f['Pss'] / 1024:.1f} ({f['Pss_Anon'] / 1024:.1f}) / "
+            f"{f['Private'] / 1024:.1f} / {f['Shared'] / 1024:.1f}" for role, f in ends))
 
 
-def peak_memory(target: Started, workers: int) -> tuple[list[tuple[str, int]], int]:
-    """[(role, VmHWM KiB)] of the target's processes, and the Pss (KiB) of the
-    whole tree now. Roles: the parent, then its children by CPU used (a
-    balancer's `workers` busiest children are its workers)."""
+Memory = tuple[list[tuple[str, int]], int, list[tuple[str, dict[str, int]]]]
+
+
+def peak_memory(target: Started, workers: int) -> Memory:
+    """[(role, VmHWM KiB)] of the target's processes, the Pss (KiB) of the
+    whole tree now, and [(role, smaps_rollup KiB now)]. Roles: the parent, then
+    its children by CPU used (a balancer's `workers` busiest children are its
+    workers)."""
     root, pids = target.proc.pid, process_tree(target.proc.pid)
     children = sorted((pid for pid in pids if pid != root), key=_cpu_ticks, reverse=True)
     roles = [("parent" if children else "process", root)]
@@ -296,12 +305,30 @@ def peak_memory(target: Started, workers: int) -> tuple[list[tuple[str, int]], i
               for i, pid in enumerate(children)]
     if len(children) == workers + 1:
         roles = [("arbiter", root), *roles[1:-1], ("management", children[-1])]
-    return [(role, _status_kb(pid, "VmHWM")) for role, pid in roles], sum(map(_pss_kb, pids))
+    ends = [(role, _rollup_kb(pid)) for role, pid in roles]
+    return ([(role, _status_kb(pid, "VmHWM")) for role, pid in roles], sum(map(_pss_kb, pids)),
+            ends)
 
 
 def _cpu_ticks(pid: int) -> int:
     fields = _stat_fields(pid)
     return int(fields[11]) + int(fields[12]) if fields else 0
+
+
+def _rollup_kb(pid: int) -> dict[str, int]:
+    """Pss, Pss_Anon, Private and Shared (KiB) of `pid` now (zeros when it is gone)."""
+    fields = dict.fromkeys(("Pss", "Pss_Anon", "Private_Clean", "Private_Dirty",
+                            "Shared_Clean", "Shared_Dirty"), 0)
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, value = line.split(":")
+            if name in fields:
+                fields[name] = int(value.split()[0])
+    except (OSError, ValueError):
+        pass
+    return {"Pss": fields["Pss"], "Pss_Anon": fields["Pss_Anon"],
+            "Private": fields["Private_Clean"] + fields["Private_Dirty"],
+            "Shared": fields["Shared_Clean"] + fields["Shared_Dirty"]}
 
 
 def _pss_kb(pid: int) -> int:
