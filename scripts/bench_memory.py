@@ -15,7 +15,9 @@ With ``--in-flight N`` it then holds N requests in flight (a backend that
 reads them and answers only at the end) and prints the worker's growth per
 request, and with ``--after S`` its Rss S seconds after they ended (a worker
 gives a burst's memory back once it is quiet: `Worker.quiet_loop`, every 10
-s). ``--user`` runs it as `server.user` (needs root).
+s). ``--user`` runs it as `server.user` (needs root). Run it from a directory
+without a ``balancer`` package (e.g. /tmp): ``python -m balancer`` puts the
+working directory on the path before PYTHONPATH.
 """
 
 from __future__ import annotations
