@@ -3,7 +3,8 @@
 import the management process's modules, nor `redis` on a file store; the
 management process imports cryptography only once a certificate needs it,
 the ACME client only once it issues, prometheus-client only once it is
-scraped; no child scans the installed packages' metadata for gevent's
+scraped, and werkzeug without its development server and test client
+(`management.lean_werkzeug`); no child scans the installed packages' metadata for gevent's
 plugins (the arbiter found them). The processes are real: an audit hook
 (tests/import_audit) writes what each one imports, and which entry points
 files it reads, to a file per pid, after fork included."""
