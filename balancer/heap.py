@@ -1,6 +1,7 @@
 """Giving freed memory back to the system: after a burst (the worker's
 `quiet_loop`), in the arbiter before each fork (`balancer.preload.freeze`) and
-in the management process once set up (`management.process.settle`).
+in the management process once set up (`management.process.run_management`
+through `freeze`).
 
 glibc's malloc keeps the pages of freed blocks inside its heap: a burst's
 saved greenlet stacks and buffers, once freed, stay in the worker's resident

@@ -15,7 +15,9 @@ With ``--in-flight N`` it then holds N requests in flight (a backend that
 reads them and answers only at the end) and prints the worker's growth per
 request, and with ``--after S`` its Rss S seconds after they ended (a worker
 gives a burst's memory back once it is quiet: `Worker.quiet_loop`, every 10
-s). ``--user`` runs it as `server.user` (needs root).
+s). ``--user`` runs it as `server.user` (needs root). Run it from a directory
+without a ``balancer`` package (e.g. /tmp): ``python -m balancer`` puts the
+working directory on the path before PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -100,8 +102,11 @@ def report(arbiter: int, workers: set[int]) -> None:
     for pid in pids:
         role = "arbiter" if pid == arbiter else "worker" if pid in workers else "management"
         f = rollup(pid)
-        print(f"{role:10} {pid:>7}: Rss {f['Rss'] / 1024:5.1f} MiB, Pss {f['Pss'] / 1024:5.1f}, "
-              f"Private_Dirty {f['Private_Dirty'] / 1024:5.1f}")
+        private = f["Private_Clean"] + f["Private_Dirty"]
+        shared = f["Shared_Clean"] + f["Shared_Dirty"]
+        print(f"{role:10} {pid:>7}: Rss {f['Rss'] / 1024:5.1f} MiB, Pss {f['Pss'] / 1024:5.1f} "
+              f"(Pss_Anon {f['Pss_Anon'] / 1024:5.1f}), Private {private / 1024:5.1f} "
+              f"(Private_Dirty {f['Private_Dirty'] / 1024:5.1f}), Shared {shared / 1024:5.1f}")
     tree = [rollup(p) for p in pids]
     print(f"tree Pss {sum(f['Pss'] for f in tree) / 1024:.1f} MiB, Pss_Anon "
           f"{sum(f['Pss_Anon'] for f in tree) / 1024:.1f}, Private_Dirty "

@@ -2,7 +2,7 @@
 
 ``python scripts/bench_proxy.py [--rounds 3] [--duration 8] [--connections 100[,1000]]
 [--modes keep-alive[,close][,varied]] [--targets direct,haproxy,bare,balancer,balancer-log,
-haproxy-tls,balancer-tls,baseline,baseline-tls] [--workers 1] [--baseline TREE]``
+haproxy-tls,balancer-tls,baseline,baseline-tls] [--workers 1] [--baseline TREE] [--settle S]``
 
 nginx (one worker) serves the suite's 4.5 KB page; every target proxies to
 it over keep-alive connections and is measured with
@@ -40,7 +40,13 @@ machine, and at the end each target's peak memory: the peak resident set
 its children that used the most CPU, the management process the other one,
 the arbiter the parent; forked processes share pages, so their peaks overlap)
 and the proportional set size (Pss, shared pages split) of the whole tree at
-the end.
+the end, with each process's Pss, its anonymous part (Pss_Anon), Private and
+Shared (``/proc/PID/smaps_rollup``); with ``--settle S`` read again S seconds
+later (a quiet worker gives a burst's memory back every 10 s).
+
+Run it from a directory without a ``balancer`` package (e.g. /tmp): ``python
+-m balancer`` puts the working directory first on the path, before
+PYTHONPATH, so a source tree there would be served instead of a compiled copy.
 """
 
 from __future__ import annotations
@@ -236,6 +242,8 @@ def main() -> None:
                         help="balancer worker processes and HAProxy threads (nbthread)")
     parser.add_argument("--baseline", metavar="TREE",
                         help="the source tree the baseline target runs from (PYTHONPATH)")
+    parser.add_argument("--settle", type=float, default=0.0, metavar="S",
+                        help="also read each process's memory S seconds after the last round")
     args = parser.parse_args()
     if args.workers < 1:
         parser.error("--workers: at least 1")
@@ -276,19 +284,39 @@ def main() -> None:
                           f"kernel {figures['sys_us']:5.1f})  {figures['core']:4.2f} cores "
                           f"{figures['errors']}", flush=True)
             memory = {name: peak_memory(started[name], args.workers) for name in names}
+            if args.settle:
+                time.sleep(args.settle)
+                settled = {name: peak_memory(started[name], args.workers) for name in names}
         finally:
             procs.stop_all()
     summarize(results)
     print("\npeak memory (MiB): VmHWM per process over the run; Pss of the whole tree at the end")
-    for name, (peaks, pss) in memory.items():
+    for name, (peaks, pss, _) in memory.items():
         print(f"{name:13} " + ", ".join(f"{role} {kb / 1024:.1f}" for role, kb in peaks)
+              + f"; tree Pss {pss / 1024:.1f}")
+    print_ends("at the end", memory)
+    if args.settle:
+        print_ends(f"{args.settle:g} s after the end", settled)
+
+
+def print_ends(when: str, memory: dict[str, Memory]) -> None:
+    print(f"\nmemory {when} (MiB): per process Pss (its anonymous part) / Private / Shared; "
+          f"the tree's Pss")
+    for name, (_, pss, ends) in memory.items():
+        print(f"{name:13} " + ", ".join(
+            f"{role} {f['Pss'] / 1024:.1f} ({f['Pss_Anon'] / 1024:.1f}) / "
+            f"{f['Private'] / 1024:.1f} / {f['Shared'] / 1024:.1f}" for role, f in ends)
               + f"; tree Pss {pss / 1024:.1f}")
 
 
-def peak_memory(target: Started, workers: int) -> tuple[list[tuple[str, int]], int]:
-    """[(role, VmHWM KiB)] of the target's processes, and the Pss (KiB) of the
-    whole tree now. Roles: the parent, then its children by CPU used (a
-    balancer's `workers` busiest children are its workers)."""
+Memory = tuple[list[tuple[str, int]], int, list[tuple[str, dict[str, int]]]]
+
+
+def peak_memory(target: Started, workers: int) -> Memory:
+    """[(role, VmHWM KiB)] of the target's processes, the Pss (KiB) of the
+    whole tree now, and [(role, smaps_rollup KiB now)]. Roles: the parent, then
+    its children by CPU used (a balancer's `workers` busiest children are its
+    workers)."""
     root, pids = target.proc.pid, process_tree(target.proc.pid)
     children = sorted((pid for pid in pids if pid != root), key=_cpu_ticks, reverse=True)
     roles = [("parent" if children else "process", root)]
@@ -296,12 +324,30 @@ def peak_memory(target: Started, workers: int) -> tuple[list[tuple[str, int]], i
               for i, pid in enumerate(children)]
     if len(children) == workers + 1:
         roles = [("arbiter", root), *roles[1:-1], ("management", children[-1])]
-    return [(role, _status_kb(pid, "VmHWM")) for role, pid in roles], sum(map(_pss_kb, pids))
+    ends = [(role, _rollup_kb(pid)) for role, pid in roles]
+    return ([(role, _status_kb(pid, "VmHWM")) for role, pid in roles], sum(map(_pss_kb, pids)),
+            ends)
 
 
 def _cpu_ticks(pid: int) -> int:
     fields = _stat_fields(pid)
     return int(fields[11]) + int(fields[12]) if fields else 0
+
+
+def _rollup_kb(pid: int) -> dict[str, int]:
+    """Pss, Pss_Anon, Private and Shared (KiB) of `pid` now (zeros when it is gone)."""
+    fields = dict.fromkeys(("Pss", "Pss_Anon", "Private_Clean", "Private_Dirty",
+                            "Shared_Clean", "Shared_Dirty"), 0)
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, value = line.split(":")
+            if name in fields:
+                fields[name] = int(value.split()[0])
+    except (OSError, ValueError):
+        pass
+    return {"Pss": fields["Pss"], "Pss_Anon": fields["Pss_Anon"],
+            "Private": fields["Private_Clean"] + fields["Private_Dirty"],
+            "Shared": fields["Shared_Clean"] + fields["Shared_Dirty"]}
 
 
 def _pss_kb(pid: int) -> int:
