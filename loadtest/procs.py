@@ -123,7 +123,7 @@ class HeldPort:
     """A loopback TCP port kept for a server this process starts: bound with
     SO_REUSEADDR, never listening, until `release`.
 
-    While it is held (Linux, checked in tests/test_loadtest.py): no other bind
+    While it is held (Linux, checked in tests/test_held_ports.py): no other bind
     to port 0 and no connection's source port gets it, and connecting to it is
     refused; yet a server that sets SO_REUSEADDR itself can listen there, stop,
     and listen there again (redis-server and sentinel, pebble and
