@@ -10,7 +10,10 @@ new pages and copies of the arbiter's (the names it interns): these cost it
 about 1 MiB until the first `/metrics` scrape, whose prometheus-client
 imports `http.server` itself (docs/performance.md, 2026-12-06). werkzeug's submodules import
 each other by module, never from the package's namespace, so the package
-needs only its path.
+needs only its path (checked for 3.0.0 and 3.1.8, pyproject's ``werkzeug>=3.0``
+has no upper bound: only 3.0's `werkzeug.testapp`, never imported here, reads
+``__version__`` from it). A release that breaks this fails
+tests/test_memory.py, which imports the app and starts a management process so.
 
 Invariants:
 * Only in the management process (and in the arbiter before it forks it, when
