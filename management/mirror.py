@@ -31,6 +31,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from balancer.rules import CHECK_FLOORS
 from balancer.stores.base import Store, StoreError, TableChange, TableData
 from balancer.stores.floors import Raised
 from balancer.stores.snapshot import Snapshot, judge
@@ -41,6 +42,7 @@ SAVE_EVERY = 1.0  # seconds between snapshot writes while the table changes
 SAVE_SHARE = 20  # ... and at least this many times the last write's duration
 NAMES_LOGGED = 5  # host names listed in a version-change line
 RAISED_LOGGED = 20  # raised values listed in a line about them
+FLOORS = ", ".join(f"health.{key} {floor:g} s" for key, floor in CHECK_FLOORS)
 
 
 class Mirror:
@@ -146,10 +148,10 @@ class Mirror:
             listed = ", ".join(str(r) for r in raised[:RAISED_LOGGED])
             more = len(raised) - RAISED_LOGGED
             log.warning("routing table version %d: %d stored health check value(s) below "
-                        "the floor (health.interval 0.1 s, health.timeout 0.01 s), used "
-                        "raised to it: %s%s. An earlier version stored them; the API "
-                        "refuses them: write these rules again at or above the floor",
-                        version, len(raised), listed, f" and {more} more" if more > 0 else "")
+                        "the floor (%s), used raised to it: %s%s. An earlier version stored "
+                        "them; the API refuses them: write these rules again at or above the "
+                        "floor", version, len(raised), FLOORS, listed,
+                        f" and {more} more" if more > 0 else "")
 
     # the snapshot ----------------------------------------------------------
     def save_loop(self) -> None:
