@@ -325,8 +325,8 @@ def peak_memory(target: Started, workers: int) -> Memory:
     if len(children) == workers + 1:
         roles = [("arbiter", root), *roles[1:-1], ("management", children[-1])]
     ends = [(role, _rollup_kb(pid)) for role, pid in roles]
-    return ([(role, _status_kb(pid, "VmHWM")) for role, pid in roles], sum(map(_pss_kb, pids)),
-            ends)
+    return ([(role, _status_kb(pid, "VmHWM")) for role, pid in roles],
+            sum(_rollup_kb(pid)["Pss"] for pid in pids), ends)
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -348,16 +348,6 @@ def _rollup_kb(pid: int) -> dict[str, int]:
     return {"Pss": fields["Pss"], "Pss_Anon": fields["Pss_Anon"],
             "Private": fields["Private_Clean"] + fields["Private_Dirty"],
             "Shared": fields["Shared_Clean"] + fields["Shared_Dirty"]}
-
-
-def _pss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def summarize(results: dict[tuple[tuple[int, str], str], list[dict]]) -> None:
