@@ -239,26 +239,24 @@ def in_threads(count: int, call: Callable[[], Any]) -> list[Future]:
     return futures
 
 
-# the held ports of `dead_address`es, by address
-_DEAD: dict[str, HeldPort] = {}
+# the ports of `dead_address`es, held until this process exits
+_DEAD: list[HeldPort] = []
 
 
 def dead_address() -> str:
-    """An address where nothing listens (connections are refused) until
-    `revive_port` gives it back: its port stays held (`HeldPort`), so no other
-    bind to port 0 and no connection's source port takes it meanwhile (a port
-    closed at once was free for anyone: under `pytest -n 4` another test's
-    backend came to listen there, and answered)."""
-    held = HeldPort()
-    _DEAD[held.address] = held
-    return held.address
+    """An address where nothing listens (connections are refused): its port
+    stays held (`HeldPort`), so no other bind to port 0 and no connection's
+    source port takes it (a port closed at once was free for anyone: under
+    `pytest -n 4` another test's backend came to listen there, and answered)."""
+    _DEAD.append(HeldPort())
+    return _DEAD[-1].address
 
 
 def revive_port(address: str) -> int:
-    """The port of the `dead_address` `address`, given back to be listened on now."""
-    held = _DEAD.pop(address)
-    held.release()
-    return held.port
+    """The port of the `dead_address` `address`, for a server to listen on now:
+    one that sets SO_REUSEADDR (as `Backend` does) listens beside the holder,
+    which keeps the port from everyone else before, meanwhile and after."""
+    return int(address.rsplit(":", 1)[1])
 
 
 # the balancer ------------------------------------------------------------------
