@@ -21,6 +21,7 @@ from balancer.addr import parse_backend_addr
 from balancer.errors import ConnectError
 from balancer.netio import IO, GeventIO
 from balancer.pool import Backend
+from loadtest.procs import HeldPort
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -83,9 +84,8 @@ def test_a_connect_made_while_the_loop_stalled_past_its_timeout_is_kept(
 
 
 @pytest.mark.parametrize("kind", ["blocking", "gevent"])
-def test_a_refused_connection_is_a_connect_error(kind: str, listener: socket.socket) -> None:
-    port = listener.getsockname()[1]
-    listener.close()
+def test_a_refused_connection_is_a_connect_error(kind: str, held_port: HeldPort) -> None:
+    port = held_port.port  # bound, never listening: refused, and no one else's meanwhile
     with pytest.raises(ConnectError, match=f"127.0.0.1:{port}: Connection refused"):
         backend(kind, port).connect()
 
