@@ -167,16 +167,16 @@ def _serve_tls(conn: ClientConnection, stream: TLSStream) -> bool:
     key update) leaves it parked, or closes it if its deadline passed (the
     watchdog leaves that to a readiness while bytes wait: `netio.has_come`); an
     error or the end of its stream (close_notify, a TCP end) closes it as the
-    greenlet's read would; a read
-    OpenSSL cannot make without a write (SSLWantWrite), a held write still
-    going out, or decrypted bytes left in OpenSSL go to the greenlet, which
-    reads as before."""
+    greenlet's read would; a read OpenSSL cannot make without a write
+    (SSLWantWrite), a held write still going out, or decrypted bytes left in
+    OpenSSL go to the greenlet, which reads as before."""
     if not _can_hold(stream.writer, 0):
         return False
     try:
         data = stream.read_ready(RECV_SIZE)
     except SSLWantWriteError:
-        return False  # the greenlet's read waits for what OpenSSL wants
+        return False  # the greenlet's read, as before (`TLSStream.recv` waits for reads
+        # only: a write OpenSSL still cannot make there fails it, and the connection closes)
     except OSError:  # SSLError included: a bad record, an alert, a reset
         data = b""  # what the greenlet's `read_head` ends on
     if data is None:  # nothing for the parser: a readiness will come for the rest
