@@ -59,7 +59,8 @@ Invariants:
   `https://` backend) runs the greenlet path's code.
 * A TLS client (`_serve_tls`) is read once through OpenSSL, non-blocking,
   and only while none of its writes is in progress: no decrypted byte (half
-  a record, a record with no data) leaves it parked; an SSL error or the end
+  a record, a record with no data) leaves it parked (closed past its
+  deadline, which the watchdog left to the readiness); an SSL error or the end
   of its stream closes it (`_close`: through a greenlet, `close_parked`), as
   the greenlet's read would; a read that wants a write (SSLWantWrite) and a
   read after which OpenSSL still holds decrypted bytes (kept in
@@ -87,6 +88,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 from ssl import SSLWantWriteError
 from typing import Any, Final
 
@@ -162,20 +164,25 @@ def _arrive(conn: ClientConnection, stream: EventedStream) -> None:
 def _serve_tls(conn: ClientConnection, stream: TLSStream) -> bool:
     """`serve_ready` of a parked TLS connection: one non-blocking read through
     OpenSSL. Nothing decrypted (half a record, or a record that is no data: a
-    key update) leaves it parked; an error or the end of its stream
-    (close_notify, a TCP end) closes it as the greenlet's read would; a read
-    OpenSSL cannot make without a write (SSLWantWrite), a held write still
-    going out, or decrypted bytes left in OpenSSL go to the greenlet, which
-    reads as before."""
+    key update) leaves it parked, or closes it if its deadline passed (the
+    watchdog leaves that to a readiness while bytes wait: `netio.has_come`); an
+    error or the end of its stream (close_notify, a TCP end) closes it as the
+    greenlet's read would; a read OpenSSL cannot make without a write
+    (SSLWantWrite), a held write still going out, or decrypted bytes left in
+    OpenSSL go to the greenlet, which reads as before."""
     if not _can_hold(stream.writer, 0):
         return False
     try:
         data = stream.read_ready(RECV_SIZE)
     except SSLWantWriteError:
-        return False  # the greenlet's read waits for what OpenSSL wants
+        return False  # the greenlet's read, as before (`TLSStream.recv` waits for reads
+        # only: a write OpenSSL still cannot make there fails it, and the connection closes)
     except OSError:  # SSLError included: a bad record, an alert, a reset
         data = b""  # what the greenlet's `read_head` ends on
     if data is None:  # nothing for the parser: a readiness will come for the rest
+        if conn.deadline < time.monotonic():  # left to this readiness (`netio.has_come`):
+            conn.io.close_parked(conn)  # closed as the watchdog would, else a client
+            return True  # sending records with no data all along stays open
         return conn.io.park(conn)  # (False never: nothing was decrypted)
     if not data:
         _close(conn)

@@ -372,6 +372,30 @@ def test_half_a_record_leaves_the_connection_parked(
     sock.close()
 
 
+
+def test_records_with_no_data_past_the_deadline_close_the_connection(
+        tls_worker: Any, backend: ScriptedBackend, tmp_path: Path) -> None:
+    """The watchdog leaves a parked connection whose deadline passed to its
+    readiness while bytes wait on its socket (`netio.has_come`); a TLS client
+    sending all along bytes that decrypt to nothing (half a record here) would
+    stay open for ever if that readiness parked it again. With the watchdog
+    stopped, only the readiness can close it."""
+    w = tls_worker()
+    sock = BioClient(w, tmp_path)
+    warm(w, sock)
+    conn = client_of(w)
+    w.stopping = True
+    tick = w.io.now
+    assert until(lambda: w.io.now != tick)  # its last tick: the watchdog has ended
+    assert parked(w)
+    conn.deadline = time.monotonic() - 1  # client_idle passed
+    sock.sock.sendall(sock.records(get("/late"))[:3])  # half a record header
+    assert until(lambda: gone(w))
+    assert sock.sock.recv(100) == b""
+    assert backend.paths() == [b"/first"]
+    sock.close()
+
+
 # clients that leave, or break the stream -----------------------------------------
 @pytest.mark.parametrize("notify", [True, False])
 def test_a_client_leaving_mid_request_is_closed(tls_worker: Any, backend: ScriptedBackend,
