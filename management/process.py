@@ -32,7 +32,6 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     """Serve the management API on `sock` until told to stop."""
     import gevent
 
-    import management.lean_werkzeug  # noqa: F401 - first: werkzeug without its dev server
     from balancer.stores.snapshot import Snapshot, snapshot_path
     from management.acme_issuer import Issuer
     from management.app import create_app
@@ -105,7 +104,6 @@ def save_history(history: Any) -> None:
 # what the management process imports after fork: the arbiter imports them before when
 # privileges drop (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
-    "management.lean_werkzeug",  # first, as in `run_management`
     "management.acme_api", "management.acme_ca", "management.acme_issuer",
     "management.acme_spread", "management.app", "management.certs_watch", "management.cluster",
     "management.deploys",

@@ -3,8 +3,7 @@
 import the management process's modules, nor `redis` on a file store; the
 management process imports cryptography only once a certificate needs it,
 the ACME client only once it issues, prometheus-client only once it is
-scraped, and werkzeug without its development server and test client
-(`management.lean_werkzeug`); no child scans the installed packages' metadata for gevent's
+scraped; no child scans the installed packages' metadata for gevent's
 plugins (the arbiter found them). The processes are real: an audit hook
 (tests/import_audit) writes what each one imports, and which entry points
 files it reads, to a file per pid, after fork included."""
@@ -36,7 +35,6 @@ HOST = "app.test"
 MANAGEMENT_ONLY = {"werkzeug", "prometheus_client", "management", "acme", "josepy",
                    "requests", "cryptography"}
 REDIS = {"redis", "hiredis"}
-WERKZEUG_UNUSED = {"werkzeug.serving", "werkzeug.test"}  # (http.server: prometheus-client)
 ON_FIRST_USE = {"acme", "josepy", "requests", "cryptography",  # management, lazily
                 "prometheus_client"}
 
@@ -97,8 +95,6 @@ def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backe
         own = packages(imported(audit, management))
         assert {"werkzeug", "prometheus_client", "management"} <= own  # after fork
         assert not own & ((ON_FIRST_USE - {"prometheus_client"}) | REDIS), sorted(own)
-        # werkzeug without its development server and test client (`management.lean_werkzeug`)
-        assert not imported(audit, management) & WERKZEUG_UNUSED
 
         chain, key = TestCA().issue(HOST)  # a certificate: now cryptography is needed
         assert bal.api("PUT", f"/api/v1/certs/{HOST}", {"chain": chain, "key": key})[0] == 200
@@ -218,36 +214,6 @@ def test_patching_calls_the_plugins_the_arbiter_resolved(how: str) -> None:
     read, warned = done.stdout.split()
     assert warned == "True"
     assert (int(read) == 0) == (how == "resolved"), read
-
-
-LEAN_WERKZEUG = """
-import sys
-import management.lean_werkzeug
-from management.app import create_app
-from werkzeug.test import Client  # imported on request, as ever
-from balancer.stores.file import FileStore
-client = Client(create_app(FileStore(sys.argv[1])))
-print(client.get("/api/v1/hosts").status_code, "werkzeug.serving" in sys.modules)
-"""
-
-
-def test_the_management_app_runs_on_werkzeug_without_its_init(tmp_path: Path) -> None:
-    """`management.lean_werkzeug` first: the app's modules import and answer;
-    werkzeug's development server is never imported (the test client is, on
-    request); a `werkzeug` that is not a package fails as an ImportError naming it."""
-    done = subprocess.run([sys.executable, "-c", LEAN_WERKZEUG, str(tmp_path / "routes.json")],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["200", "False"]
-    shadow = tmp_path / "shadow"
-    shadow.mkdir()
-    (shadow / "werkzeug.py").write_text("")  # found, but not a package
-    done = subprocess.run([sys.executable, "-c", "import management.lean_werkzeug"],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": f"{shadow}:{ROOT}"})
-    assert done.returncode == 1
-    assert "ImportError: No module named 'werkzeug'" in done.stderr, done.stderr
 
 
 def test_a_scrape_without_an_importable_exporter_is_answered_503(tmp_path: Path,
