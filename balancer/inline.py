@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import logging
 import time
+from errno import EINPROGRESS
 from ssl import SSLWantWriteError
 from typing import Any, Final
 
@@ -101,10 +102,11 @@ from balancer.connection import (
     end_client,
     is_challenge,
 )
-from balancer.errors import HubFault, ProxyError
+from balancer.errors import ConnectError, HubFault, ProxyError
 from balancer.http11 import ProtocolError
 from balancer.netio import EventedStream, TLSStream
 from balancer.outbox import HOLD_LIMIT, Writer
+from balancer.pool import Upstream
 from balancer.relay import Flight, deliver, dispatch, take_ready
 from balancer.response_parser import ResponseHead
 
@@ -249,15 +251,73 @@ def serves(ex: Exchange) -> bool:
 
 
 def _depart(ex: Exchange, flight: Flight) -> bool:
-    """Send the request on an idle pooled connection of the picked backend and
-    wait for its answer here; False: the greenlet goes on with `flight`."""
+    """Send the request on an idle pooled connection of the picked backend, or
+    on a new one (`_connect`), and wait for its answer here; False: the
+    greenlet goes on with `flight`."""
     backend = flight.backend
     if backend.tls is not None:
         return False
     upstream = backend.acquire_idle()
     if upstream is None:
-        return False
+        return _connect(ex, flight)
     flight.board(upstream, True)
+    return _send(ex, flight, upstream)
+
+
+def _connect(ex: Exchange, flight: Flight) -> bool:
+    """Open a new connection to the picked backend as `Backend.connect` does,
+    cut at its steps: begun here (`start_connect`), its end awaited in the
+    loop (`connect_ready`) within the backend's connect timeout. A backend
+    named by a host name (resolved in a greenlet) is the greenlet's; a failed
+    connect is the greenlet's to count and retry (`Flight.error`: False)."""
+    backend = flight.backend
+    if not backend.is_literal:
+        return False
+    try:
+        sock, err = backend.start_connect()
+    except ConnectError as exc:
+        flight.error = exc
+        return False
+    if err != EINPROGRESS:  # connected, or refused, at once
+        return _connected(ex, flight, sock, err)
+    io: Any = backend.io  # the worker's `GeventIO` (a TLS client's `conn.io` is a `TLSIO`)
+    flight.connecting = io.await_connect(sock, backend.connect_timeout, connect_ready, ex.conn)
+    return True
+
+
+def connect_ready(conn: ClientConnection, err: int) -> None:
+    """The connect of the request `conn` waits for ended with `err` (in the hub,
+    `balancer.netio.Connecting`): send the request on it, or hand over."""
+    try:
+        ex = conn.exchange
+        assert ex is not None  # `_serve` began it
+        flight: Flight = ex.flight
+        connecting = flight.connecting
+        assert connecting is not None  # `_connect` began it
+        flight.connecting = None
+        if not _connected(ex, flight, connecting.sock, err):
+            io: Any = conn.io
+            io.hand_off(conn)
+    except Exception:  # noqa: BLE001 - a bug here must not leave the connection stuck
+        _fault(conn)
+
+
+def _connected(ex: Exchange, flight: Flight, sock: Any, err: int) -> bool:
+    """The new connection's connect ended with `err`: send the request on it
+    (`_send`); False: a greenlet goes on (with `Flight.error`, the connect's
+    ConnectError, if it failed)."""
+    try:
+        upstream = flight.backend.end_connect(sock, err)
+    except ConnectError as exc:
+        flight.error = exc
+        return False
+    flight.board(upstream, False)
+    return _send(ex, flight, upstream)
+
+
+def _send(ex: Exchange, flight: Flight, upstream: Upstream) -> bool:
+    """Send the request on `upstream`, taken for `flight`, and wait for its
+    answer here (`backend_ready`); False: the greenlet goes on with `flight`."""
     stream = upstream.stream
     if not isinstance(stream, EventedStream) or not _can_hold(stream.writer, HEAD_MAX * 2):
         return False
@@ -347,7 +407,12 @@ def overdue(conn: ClientConnection) -> bool:
     if ex is None:
         return False
     flight = ex.flight
-    if flight is None or flight.upstream is None:
+    if flight is None:
+        return False
+    connecting = flight.connecting
+    if connecting is not None:  # a greenlet waits for the rest of the connect
+        return connecting.stop()
+    if flight.upstream is None:
         return False
     stream: Any = flight.upstream.stream
     return bool(stream.watcher.unpark())
@@ -378,7 +443,9 @@ def _fault(conn: ClientConnection) -> None:
     try:
         if ex is not None:
             flight = ex.flight
-            if flight is not None and flight.upstream is not None:
+            if flight is not None and flight.connecting is not None:
+                flight.connecting.stop()  # a greenlet waits for the rest of the connect
+            elif flight is not None and flight.upstream is not None:
                 flight.upstream.stream.watcher.unpark()  # its readiness is not awaited
                 flight.error = HubFault()  # raised by `arrive` where its read would be
             elif flight is None and ex.started:  # after its answer (`land`, `landed`)

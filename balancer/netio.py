@@ -359,6 +359,65 @@ def connect_outcome(sock: Any) -> int:
     return 0
 
 
+def begin_connect(family: int, address: tuple[str, int]) -> tuple[Any, int]:
+    """A connect's first step (`GeventIO.connect`; the hub's, `balancer.inline`):
+    the OS socket, non-blocking, its connect to `address` begun, and how that
+    went (`connect_ex`: 0 connected, EINPROGRESS, or an errno)."""
+    sock = RawSocket(family, SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        return sock, sock.connect_ex(address)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def connect_ended(err: int) -> None:
+    """A connect's last step: raise what its outcome `err` means (-1, as
+    `connect_outcome`'s: still in progress at its timeout, TimeoutError; an
+    errno: OSError); 0: connected."""
+    if err < 0:
+        raise TimeoutError("timed out")
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+class Connecting:
+    """A connect the hub waits for (`GeventIO.await_connect`): a write watcher
+    and a timer in the loop, whichever fires first ends both and calls
+    `then(arg, outcome)`. `stop` gives the wait up (the connect goes on, a
+    greenlet waits for the rest: `GeventIO.complete_connect` until `by`)."""
+
+    __slots__ = ("sock", "by", "watcher", "timer", "then", "arg")
+
+    def __init__(self, loop: Any, sock: Any, timeout: float,
+                 then: Callable[[Any, int], None], arg: Any) -> None:
+        self.sock = sock
+        self.by = time.monotonic() + timeout  # when the connect times out
+        self.then = then
+        self.arg = arg
+        self.watcher: Any = loop.io(sock.fileno(), WRITE)
+        self.timer: Any = loop.timer(timeout)
+        self.watcher.start(self._ended, True)
+        self.timer.start(self._ended, False, update=True)  # from now, as `wait_writable`
+
+    def _ended(self, writable: bool) -> None:
+        if self.stop():
+            sock = self.sock
+            err = sock.getsockopt(SOL_SOCKET, SO_ERROR) if writable else connect_outcome(sock)
+            self.then(self.arg, err)
+
+    def stop(self) -> bool:
+        """Stop waiting; whether the wait was still on."""
+        watcher = self.watcher
+        if watcher is None:
+            return False
+        watcher.close()
+        self.timer.close()
+        self.watcher = self.timer = None
+        return True
+
+
 class ParkNow(Exception):
     """Thrown by the watchdog into a greenlet that has waited PARK_AFTER seconds
     for its connection's next request: the connection goes on parked (`GeventIO.park`)."""
@@ -492,23 +551,33 @@ class GeventIO(IO):
         Python code runs in the greenlet, whose frame stack chunk and gevent's
         watchers, timeout and wrapper cost ~5 KiB per request in flight that
         opened a connection: docs/performance.md)."""
-        sock = RawSocket(family, SOCK_STREAM)
+        sock, err = begin_connect(family, address)
+        return self.complete_connect(sock, err, timeout)
+
+    def complete_connect(self, sock: Any, err: int, timeout: float) -> Any:
+        """`connect`'s rest: wait at most `timeout` seconds for the connect of
+        `sock`, begun with outcome `err` (`begin_connect`'s), to end; `sock`
+        connected, or closed and OSError, TimeoutError raised (`connect_ended`).
+        A greenlet goes on here with a connect the hub began (`balancer.inline`)."""
         try:
-            sock.setblocking(False)
-            err = sock.connect_ex(address)
             if err == EINPROGRESS:
                 if self.wait_writable(sock.fileno(), timeout):
                     err = sock.getsockopt(SOL_SOCKET, SO_ERROR)
                 else:  # the timer came first: the connect may have ended all the same
                     err = connect_outcome(sock)
-                    if err < 0:
-                        raise TimeoutError("timed out")
-            if err:
-                raise OSError(err, os.strerror(err))
+            connect_ended(err)
         except BaseException:
             sock.close()
             raise
         return sock
+
+    def await_connect(self, sock: Any, timeout: float, then: Callable[[Any, int], None],
+                      arg: Any) -> Connecting:
+        """Wait in the hub, with no greenlet, for the connect of `sock` (begun,
+        in progress) to end within `timeout` seconds: `then(arg, outcome)` is
+        called in the loop with its `connect_outcome` (-1: timed out), as
+        `complete_connect` would judge it."""
+        return Connecting(self.hub.loop, sock, timeout, then, arg)
 
     def wait_writable(self, fd: int, timeout: float) -> bool:
         """Wait until `fd` is writable (True) or `timeout` seconds passed (False)."""

@@ -56,13 +56,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from errno import EINPROGRESS
 from functools import partial
-from typing import Final
+from typing import Any, Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.backend_tls import BackendTLS, pool_key
 from balancer.errors import ConnectError
-from balancer.netio import IO, Stream, connect_blocking
+from balancer.netio import IO, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
 from balancer.response_parser import ResponseParser
 from balancer.serving import Slots
@@ -223,7 +224,46 @@ class Backend:
     def connect(self) -> Upstream:
         """A new connection to the backend (idle ones of any backend closed first
         if the clients need their descriptors); errors become ConnectError."""
-        return self._noticed(Upstream(self.io.stream(self._connected())))
+        return self._upstream(self._connected())
+
+    def start_connect(self) -> tuple[socket.socket, int]:
+        """`connect`'s first step, with no wait (the hub's, `balancer.inline`: only
+        for a plain backend named by an IP address, under gevent): idle ones
+        closed first as `connect` does, then the socket and how its connect
+        went so far (`balancer.netio.begin_connect`). Raises ConnectError; the
+        rest is `end_connect` or, in a greenlet, `resume_connect`."""
+        self._make_room()
+        addr = self.address
+        try:
+            return begin_connect(self.family, (addr.host, addr.port))
+        except OSError as exc:
+            raise self._connect_error(exc) from None
+
+    def end_connect(self, sock: socket.socket, err: int) -> Upstream:
+        """`connect`'s last step for a connect `start_connect` began, which ended
+        with `err` (`balancer.netio.connect_outcome`'s): the connection, or
+        ConnectError as `connect` raises it (`sock` closed)."""
+        try:
+            connect_ended(err)
+        except OSError as exc:
+            sock.close()
+            raise self._connect_error(exc) from None
+        return self._upstream(_nodelay(sock))
+
+    def resume_connect(self, sock: socket.socket, by: float) -> Upstream:
+        """`connect`'s rest, in a greenlet, for a connect `start_connect` began and
+        the hub stopped waiting for: it waits until `by` (monotonic), its
+        connect timeout, as `connect` does; ConnectError as `connect` raises it."""
+        io: Any = self.io
+        try:
+            io.complete_connect(sock, EINPROGRESS, by - MONOTONIC())
+        except OSError as exc:
+            raise self._connect_error(exc) from None
+        return self._upstream(_nodelay(sock))
+
+    def _upstream(self, sock: socket.socket) -> Upstream:
+        """The connection of connected `sock`."""
+        return self._noticed(Upstream(self.io.stream(sock)))
 
     def connect_tls(self, key: str) -> Upstream:
         """A new TLS connection for pool `key`, handshaken within the connect
@@ -253,15 +293,23 @@ class Backend:
     def _connected(self, tls: bool = False) -> socket.socket:
         """A connected TCP socket to the backend (the socket module's for `tls`:
         gevent's SSL wraps it); errors become ConnectError."""
-        budget = self.budget
-        if budget.idle and budget.idle > budget.room(0):
-            budget.make_room()
+        self._make_room()
         try:
             sock = self._open(tls)
         except OSError as exc:
-            raise ConnectError(f"{self.key}: {exc.strerror or exc}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+            raise self._connect_error(exc) from None
+        return _nodelay(sock)
+
+    def _make_room(self) -> None:
+        """Before a new connection: idle ones closed if the clients need their
+        descriptors (`IdleBudget.make_room`)."""
+        budget = self.budget
+        if budget.idle and budget.idle > budget.room(0):
+            budget.make_room()
+
+    def _connect_error(self, exc: OSError) -> ConnectError:
+        """The ConnectError of a connect that raised `exc`."""
+        return ConnectError(f"{self.key}: {exc.strerror or exc}")
 
     def _open(self, tls: bool) -> socket.socket:
         """Connect: an IP address through the worker's `IO` (gevent's: the OS
@@ -422,6 +470,12 @@ class Backend:
         idle = len(self.idle) + sum(len(pool) for pool in self.idle_tls.values())
         return (f"<Backend {self.key} {self.state} in_flight={self.in_flight} "
                 f"idle={idle} fails={self.fails}>")
+
+
+def _nodelay(sock: socket.socket) -> socket.socket:
+    """`sock`, a new backend connection's, with Nagle's algorithm off."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def _is_ip_literal(host: str) -> bool:

@@ -18,8 +18,11 @@ Invariants:
   a complete, keep-alive response.
 * One try on one backend is a `Flight`: `arrive` takes it from start to its
   answer; the hub (`balancer.inline`) may take it as far as its answer's
-  relay with these same steps (`dispatch`, `take_ready`, `deliver`), and a
-  greenlet goes on from wherever it stopped (`arrive`). A try that answered
+  relay with these same steps (a new connection's `Backend.start_connect`
+  and `end_connect`, `dispatch`, `take_ready`, `deliver`), and a greenlet
+  goes on from wherever it stopped (`arrive`): a connect still in progress
+  (`Flight.connecting`) or failed, or a read that failed (`Flight.error`,
+  raised once where the greenlet's own step would raise). A try that answered
   is landed by `ProxyAction.landed` on both paths (`land` within it), which
   releases what the try holds (its backend's `in_flight`, the rule's counts,
   the connection: pooled or closed) once, whatever raises there.
@@ -41,6 +44,7 @@ from balancer.errors import (
 )
 from balancer.forwarding import last_chunk, request_head
 from balancer.http11 import END, LAST_CHUNK, ProtocolError
+from balancer.netio import Connecting
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.spans import piece_size, span_bytes, span_size
@@ -427,7 +431,7 @@ class Flight:
     `arrive` to go on with, in a greenlet, from where it stopped."""
 
     __slots__ = ("backend", "stats", "upstream", "reused", "started", "sent", "error",
-                 "answer", "reusable")
+                 "answer", "reusable", "connecting")
 
     def __init__(self, backend: Backend, stats: BackendStats) -> None:
         self.backend = backend
@@ -436,10 +440,14 @@ class Flight:
         self.reused = False  # taken from the pool
         self.started = 0.0  # PERF_COUNTER() when it was taken
         self.sent = False  # the request went whole: its answer is what comes next
-        # what reading the answer raised in the hub, raised again by `arrive`
+        # what the hub's connect (no `upstream` then) or its read of the answer
+        # raised, raised again by `arrive` where the greenlet's would have been
         self.error: ProxyError | None = None
         self.answer: ResponseHead | None = None  # the answer's head, once relayed (`deliver`)
         self.reusable = False  # ... and whether `upstream` can go back to its pool then
+        # a new connection's connect the hub began and stopped waiting for (no
+        # `upstream` yet): `arrive` waits for the rest of its connect timeout
+        self.connecting: Connecting | None = None
 
     def board(self, upstream: Upstream, reused: bool) -> None:
         """Take `upstream` for this try: in flight on its backend from now on."""
@@ -491,8 +499,21 @@ def arrive(ex: Exchange, flight: Flight, body: bytes | None, max_body: int | Non
 
 def _take(ex: Exchange, flight: Flight, body: bytes | None, verify: bool) -> Upstream:
     """A connection for `flight`: pooled (checked open when the request has a body
-    to stream), else new; raises ConnectError."""
+    to stream), else new; raises ConnectError. A connect the hub began goes on
+    from where it is: it failed (`Flight.error`, raised here, where the
+    connect's is, and counted once by the action), or it is still in progress
+    (`Flight.connecting`: waited for until its timeout)."""
     backend = flight.backend
+    error = flight.error
+    if error is not None:
+        flight.error = None
+        raise error
+    connecting = flight.connecting
+    if connecting is not None:
+        flight.connecting = None
+        upstream = backend.resume_connect(connecting.sock, connecting.by)
+        flight.board(upstream, False)
+        return upstream
     if backend.tls is None:
         upstream, reused = backend.acquire()
     else:
