@@ -1,0 +1,301 @@
+"""The hub opens a new backend connection itself when the pool has none idle
+(`balancer.inline._connect`): a non-blocking connect awaited in the loop, the
+request sent on it from there. Every way a connect or a fresh connection
+fails ends exactly as on the greenlet path: the same status, backend
+counters, health and access-log record.
+
+The greenlet path to compare with is the same request sent in two pieces:
+the hub reads a partial head and hands the connection over, and the greenlet
+serves the whole request (connect included) with the normal code. The same
+in-process worker and scripted backend as tests/test_inline.py;
+`greenlet.settrace` counts the switches into the worker's connection
+greenlets (tests/test_parked_start.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import select
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+
+from balancer.accepting import bind
+from balancer.addr import parse_addr
+from balancer.server import Worker
+from balancer.settings import load_settings
+from tests import test_inline, test_parked_start
+from tests.rawpeer import serve_each
+from tests.support import TableStore, dead_address, revive_port
+from tests.test_inline import (
+    Client,
+    ScriptedBackend,
+    assert_released,
+    connect,
+    get,
+    response,
+    until,
+)
+from tests.test_parked_start import all_closed
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+backend = test_inline.backend  # the fixtures: a scripted backend, a worker in front of it
+make = test_inline.make
+switches = test_parked_start.switches
+
+CONNECT_TIMEOUT = 0.3
+ON = ["hub", "greenlet"]  # who connects: the hub, or a greenlet (the head sent in two pieces)
+
+
+@pytest.fixture
+def make_to(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Start a gevent worker proxying app.test to `address` (one backend, passive
+    health only), its access log in JSON at `tmp_path`/`name`."""
+    made: list[tuple[Worker, Any]] = []
+
+    def start(address: str, name: str) -> Worker:
+        settings = {"timeouts.client_idle": 5.0, "timeouts.client_header": 2.0,
+                    "timeouts.backend_read": 3.0, "timeouts.backend_connect": CONNECT_TIMEOUT,
+                    "log.access_log": str(tmp_path / name), "log.access_format": "json"}
+        rule = {"action": "proxy", "backends": [address]}
+        w = Worker(load_settings(flags=settings, env={"BALANCER_STORE_SNAPSHOT": "off"}),
+                   TableStore({"app.test": rule}))
+        assert w.apply(w.store.load())
+        w.listen([(bind(parse_addr("127.0.0.1:0")), False)])
+        w.access_log.start()
+        made.append((w, gevent.spawn(w.watchdog_loop)))
+        return w
+
+    yield start
+    for w, watchdog in made:
+        w.stopping = True
+        for server in w.servers:
+            server.close()
+        watchdog.join(timeout=5)
+
+
+def outcome(w: Worker, sock: Client, status: int, tmp_path: Path, name: str) -> dict[str, Any]:
+    """What a failed request ended in: its status, the backend's counters and
+    health, its access-log record (times and ids left out)."""
+    sock.close()
+    assert until(lambda: all_closed(w))
+    stats = w.stats.snapshot()["hosts"]["app.test"]
+    (bstats,) = stats["backends"].values()
+    route = w.contexts[0].holder.table.lookup(b"app.test")
+    (b,) = route.action.backends
+    w.access_log.close()
+    (record,) = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+    return {"status": status, "state": bstats["state"], "failures": bstats["failures"],
+            "outcomes": bstats["outcomes"], "in_flight": (bstats["in_flight"], b.in_flight),
+            "open": stats["open_requests"], "completed": stats["completed_requests"],
+            "fails": b.fails, "idle": len(b.idle),
+            "log": {k: record[k] for k in ("status", "backend", "target", "method")}}
+
+
+def compare(make_to: Callable[..., Worker], tmp_path: Path, address: str,
+            switches: Callable[[Any], list[int]],
+            pinch: Callable[[], Any] = contextlib.nullcontext) -> dict[str, Any]:
+    """The outcome of one failed GET on a fresh worker for `address`, connected by
+    the hub (one greenlet switch: the hand-off of the failure) and by a greenlet (its head sent in two pieces: the hub
+    hands the partial head over, the greenlet does the rest): the same; the
+    hub's is returned. `pinch` is entered around the request's last bytes."""
+    seen = {}
+    for on in ON:
+        w = make_to(address, on)
+        ran = switches(w)
+        sock = connect(w)
+        assert until(lambda w=w: len(w.io.connections) == 1)  # accepted
+        rest = get("/try")
+        if on == "greenlet":
+            sock.sendall(rest[:20])
+            rest = rest[20:]
+            assert until(lambda w=w: any(c.task is not None for c in w.io.connections))
+        with pinch():
+            sock.sendall(rest)
+            status = response(sock)[0]
+        seen[on] = outcome(w, sock, status, tmp_path, on)
+        # the hub connected: one switch, into the greenlet that the failure is handed
+        # to (it writes the 502); the greenlet path's connect is its own
+        assert (ran == [1]) if on == "hub" else ran[0] > 1
+    assert seen["hub"] == seen["greenlet"]
+    return seen["hub"]
+
+
+# served in the hub ---------------------------------------------------------------
+def test_a_cold_pool_is_connected_and_served_in_the_hub(
+        make: Callable[..., Worker], backend: ScriptedBackend,
+        switches: Callable[[Any], list[int]]) -> None:
+    w = make()
+    ran = switches(w)
+    socks = [connect(w) for _ in range(3)]
+    backend.release.clear()
+    for sock in socks:  # three at once: three connections opened
+        sock.sendall(get("/hold"))
+    assert until(lambda: len(backend.requests) == 3)
+    assert all(c.task is None and c.exchange is not None for c in w.io.connections)
+    backend.release.set()
+    for sock in socks:
+        assert response(sock)[0] == 200
+    assert backend.connections == 3
+    socks[0].sendall(get("/again"))  # a pooled one now
+    assert response(socks[0])[2].startswith(b"conn ")
+    assert backend.connections == 3
+    for sock in socks:
+        sock.close()
+    assert until(lambda: all_closed(w))
+    assert ran == [0]
+    assert_released(w, completed=4)
+    route = w.contexts[0].holder.table.lookup(b"app.test")
+    assert len(route.action.backends[0].idle) == 3
+
+
+def test_a_new_connection_has_nagle_off_like_the_greenlet_s(
+        make: Callable[..., Worker], backend: ScriptedBackend) -> None:
+    w = make()
+    sock = connect(w)
+    sock.sendall(get("/one"))
+    assert response(sock)[0] == 200
+    route = w.contexts[0].holder.table.lookup(b"app.test")
+    (upstream,) = route.action.backends[0].idle
+    assert upstream.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert upstream.sock.gettimeout() == 0.0
+    sock.close()
+
+
+# failures: as the greenlet path ends them -----------------------------------------
+def test_a_refused_connect_is_a_502_counted_once(
+        make_to: Callable[..., Worker], tmp_path: Path,
+        switches: Callable[[Any], list[int]]) -> None:
+    address = dead_address()
+    try:
+        seen = compare(make_to, tmp_path, address, switches)
+    finally:
+        revive_port(address)
+    assert seen["status"] == 502 and seen["state"] == "up" and seen["fails"] == 1
+    assert seen["failures"] == 1 and seen["outcomes"]["connect_error"] == 1
+    assert seen["in_flight"] == (0, 0) and seen["open"] == 0 and seen["completed"] == 1
+    assert seen["log"]["status"] == 502 and seen["log"]["backend"] == address
+
+
+def test_a_connect_that_times_out_is_a_502_after_the_connect_timeout(
+        make_to: Callable[..., Worker], tmp_path: Path,
+        switches: Callable[[Any], list[int]]) -> None:
+    """A listener whose accept queue is full drops the SYN: the connect hangs
+    until `timeouts.backend_connect` (as tests/test_backend_connect.py)."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    address = f"127.0.0.1:{full.getsockname()[1]}"
+    queued = socket.create_connection(full.getsockname())
+    assert select.select([full], [], [], 5)[0], "the first connection never queued"
+    try:
+        seen = compare(make_to, tmp_path, address, switches)
+    finally:
+        queued.close()
+        full.close()
+    assert seen["status"] == 502 and seen["state"] == "up" and seen["fails"] == 1
+    assert seen["failures"] == 1 and seen["outcomes"]["connect_error"] == 1
+    assert seen["in_flight"] == (0, 0) and seen["completed"] == 1
+
+
+def closing_backend(linger: bool) -> tuple[socket.socket, str]:
+    """A backend that accepts and closes at once (`linger`: with a reset)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(sock: socket.socket) -> None:
+        if linger:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    serve_each(listener, serve)
+    return listener, f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("linger", [False, True], ids=["closes", "resets"])
+def test_a_backend_that_closes_or_resets_at_once_is_a_502_counted_once(
+        make_to: Callable[..., Worker], tmp_path: Path, linger: bool,
+        switches: Callable[[Any], list[int]]) -> None:
+    listener, address = closing_backend(linger)
+    try:
+        seen = compare(make_to, tmp_path, address, switches)
+    finally:
+        listener.close()
+    assert seen["status"] == 502 and seen["state"] == "up" and seen["fails"] == 1
+    assert seen["failures"] == 1 and seen["outcomes"]["error"] == 1
+    assert seen["outcomes"]["connect_error"] == 0
+    assert seen["in_flight"] == (0, 0) and seen["completed"] == 1 and seen["idle"] == 0
+
+
+def test_no_descriptor_left_for_the_connection_is_a_502_counted_once(
+        make_to: Callable[..., Worker], tmp_path: Path,
+        switches: Callable[[Any], list[int]]) -> None:
+    """The process's descriptor limit reached (EMFILE): the backend connection's
+    socket cannot be made; a ConnectError, as the greenlet's connect raises it."""
+    address = dead_address()
+
+    @contextlib.contextmanager
+    def no_descriptors() -> Iterator[None]:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        probe = os.open(os.devnull, os.O_RDONLY)  # the lowest free descriptor
+        os.close(probe)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    try:
+        seen = compare(make_to, tmp_path, address, switches, no_descriptors)
+    finally:
+        revive_port(address)
+    assert seen["status"] == 502 and seen["state"] == "up" and seen["fails"] == 1
+    assert seen["failures"] == 1 and seen["outcomes"]["connect_error"] == 1
+    assert seen["in_flight"] == (0, 0) and seen["completed"] == 1
+
+
+def test_a_client_deadline_during_the_connect_goes_on_in_a_greenlet(
+        make_to: Callable[..., Worker], tmp_path: Path,
+        switches: Callable[[Any], list[int]]) -> None:
+    """The client's deadline passes while the hub waits for the connect: a
+    greenlet takes the connect over (the watchdog's TimeoutError there, as
+    the greenlet path gets it); the request ends once, nothing leaks."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    address = f"127.0.0.1:{full.getsockname()[1]}"
+    queued = socket.create_connection(full.getsockname())
+    assert select.select([full], [], [], 5)[0], "the first connection never queued"
+    try:
+        w = make_to(address, "overdue")
+        sock = connect(w)
+        sock.sendall(get("/try"))
+        assert until(lambda: any(c.exchange is not None for c in w.io.connections))
+        (conn,) = w.io.connections
+        flight = conn.exchange.flight
+        assert flight is not None and flight.connecting is not None
+        conn.deadline = 0.0  # overdue at the watchdog's next tick
+        assert until(lambda: conn.task is not None or conn.exchange is None)
+        status, _, _ = response(sock)
+        assert status in (502, 504)
+        with contextlib.suppress(OSError):
+            sock.close()
+        assert until(lambda: all_closed(w))
+        assert_released_any(w)
+    finally:
+        queued.close()
+        full.close()
+
+
+def assert_released_any(w: Worker) -> None:
+    stats = w.stats.snapshot()["hosts"]["app.test"]
+    assert stats["open_requests"] == 0 and stats["completed_requests"] == 1
+    (bstats,) = stats["backends"].values()
+    assert bstats["in_flight"] == 0
+    route = w.contexts[0].holder.table.lookup(b"app.test")
+    assert [b.in_flight for b in route.action.backends] == [0]
