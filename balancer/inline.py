@@ -8,7 +8,10 @@ from the readiness callback (for a new connection `serve_new` reads at once,
 from the accept: a client sends its request right after the handshake), and
 serves the common case there: one whole bodyless head, nothing after it,
 routed to a plain `proxy` rule with no limits, a pooled idle connection to
-the picked backend. A request that closes its connection (`Connection:
+the picked backend, or else a new one the hub opens itself (`_connect`: the
+steps of `Backend.connect`, `start_connect` and `end_connect`, with the
+connect's end awaited in the loop, `connect_ready`, within the backend's
+connect timeout). A request that closes its connection (`Connection:
 close`, HTTP/1.0, a draining worker's) is such a case too: after its answer
 the connection is closed in the hub (`_close`) if it does not linger and
 the answer went in one send, else by a greenlet (`GeventIO.close_parked`).
@@ -50,11 +53,15 @@ Invariants:
   head keeps its `head_due`, a malformed one is `broken`), a request head
   taken is an `exchange` in flight (`ClientConnection.proceed`), a try begun
   on a backend is its `Exchange.flight` (`balancer.relay.arrive`: a
-  connection still to take, a request still to send, or an answer to read,
-  with what its read raised in `Flight.error`). So every uncommon case
-  (a body, a split or pipelined head, a closing or HTTP/1.0 request, an
-  upgrade, a limit or another action, no idle pooled connection, a pooled
-  connection the backend closed (the normal retry), a partial, interim,
+  connection still to take, a connect still in progress (`Flight.connecting`:
+  the greenlet waits until its connect timeout), a request still to send, or
+  an answer to read, with what the hub's connect or read raised in
+  `Flight.error`, raised once where the greenlet's own step would have, so
+  a failed connect is counted once and retried or answered 502 once). So
+  every uncommon case (a body, a split or pipelined head, a closing or
+  HTTP/1.0 request, an upgrade, a limit or another action, a connect refused
+  or timed out or out of descriptors, a backend named by a host name, a
+  pooled connection the backend closed (the normal retry), a partial, interim,
   chunked or large response, a client whose writes are behind, an
   `https://` backend) runs the greenlet path's code.
 * A TLS client (`_serve_tls`) is read once through OpenSSL, non-blocking,
@@ -71,8 +78,9 @@ Invariants:
   first request is a greenlet's, after its handshake.
 * A request in flight here has no task: its deadline is the connection's as
   always; when the watchdog finds it passed, `overdue` stops the backend
-  wait and the worker hands it to a greenlet, which waits again and gets the
-  watchdog's TimeoutError there (`GeventIO._expire_parked`).
+  wait (or the connect's: a greenlet waits for the rest of it) and the
+  worker hands it to a greenlet, which waits again and gets the watchdog's
+  TimeoutError there (`GeventIO._expire_parked`).
 * A bug raised in these steps (`_fault`) ends the request as the greenlet
   path ends a failed one: a try on a taken backend connection fails
   (`HubFault`: a 502, the connection closed), a request not tried yet is
