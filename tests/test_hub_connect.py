@@ -35,7 +35,6 @@ from tests import test_inline, test_parked_start
 from tests.rawpeer import serve_each
 from tests.support import TableStore, dead_address, revive_port
 from tests.test_inline import (
-    Client,
     ScriptedBackend,
     assert_released,
     connect,
@@ -81,49 +80,56 @@ def make_to(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
         watchdog.join(timeout=5)
 
 
-def outcome(w: Worker, sock: Client, status: int, tmp_path: Path, name: str) -> dict[str, Any]:
-    """What a failed request ended in: its status, the backend's counters and
-    health, its access-log record (times and ids left out)."""
-    sock.close()
+def outcome(w: Worker, statuses: list[int], tmp_path: Path, name: str) -> dict[str, Any]:
+    """What failed requests ended in: their statuses, the backend's counters and
+    health, their access-log records (times and ids left out)."""
     assert until(lambda: all_closed(w))
     stats = w.stats.snapshot()["hosts"]["app.test"]
     (bstats,) = stats["backends"].values()
     route = w.contexts[0].holder.table.lookup(b"app.test")
     (b,) = route.action.backends
     w.access_log.close()
-    (record,) = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
-    return {"status": status, "state": bstats["state"], "failures": bstats["failures"],
+    records = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+    return {"status": statuses[0] if len(statuses) == 1 else statuses,
+            "state": bstats["state"], "failures": bstats["failures"],
             "outcomes": bstats["outcomes"], "in_flight": (bstats["in_flight"], b.in_flight),
             "open": stats["open_requests"], "completed": stats["completed_requests"],
             "fails": b.fails, "idle": len(b.idle),
-            "log": {k: record[k] for k in ("status", "backend", "target", "method")}}
+            "log": [{k: r[k] for k in ("status", "backend", "target", "method")}
+                    for r in records]}
 
 
 def compare(make_to: Callable[..., Worker], tmp_path: Path, address: str,
             switches: Callable[[Any], list[int]],
-            pinch: Callable[[], Any] = contextlib.nullcontext) -> dict[str, Any]:
-    """The outcome of one failed GET on a fresh worker for `address`, connected by
-    the hub (one greenlet switch: the hand-off of the failure) and by a greenlet (its head sent in two pieces: the hub
-    hands the partial head over, the greenlet does the rest): the same; the
-    hub's is returned. `pinch` is entered around the request's last bytes."""
+            pinch: Callable[[], Any] = contextlib.nullcontext,
+            requests: int = 1) -> dict[str, Any]:
+    """The outcome of `requests` failed GETs (each on a new connection) on a fresh
+    worker for `address`, connected by the hub (one greenlet switch each: the
+    hand-off of the failure) and by a greenlet (its head sent in two pieces:
+    the hub hands the partial head over, the greenlet does the rest): the
+    same; the hub's is returned. `pinch` is entered around the last bytes."""
     seen = {}
     for on in ON:
         w = make_to(address, on)
         ran = switches(w)
-        sock = connect(w)
-        assert until(lambda w=w: len(w.io.connections) == 1)  # accepted
-        rest = get("/try")
-        if on == "greenlet":
-            sock.sendall(rest[:20])
-            rest = rest[20:]
-            assert until(lambda w=w: any(c.task is not None for c in w.io.connections))
-        with pinch():
-            sock.sendall(rest)
-            status = response(sock)[0]
-        seen[on] = outcome(w, sock, status, tmp_path, on)
-        # the hub connected: one switch, into the greenlet that the failure is handed
-        # to (it writes the 502); the greenlet path's connect is its own
-        assert (ran == [1]) if on == "hub" else ran[0] > 1
+        statuses = []
+        for _ in range(requests):
+            sock = connect(w)
+            assert until(lambda w=w: len(w.io.connections) == 1)  # accepted
+            rest = get("/try")
+            if on == "greenlet":
+                sock.sendall(rest[:20])
+                rest = rest[20:]
+                assert until(lambda w=w: any(c.task is not None for c in w.io.connections))
+            with pinch():
+                sock.sendall(rest)
+                statuses.append(response(sock)[0])
+            sock.close()
+            assert until(lambda w=w: all_closed(w))
+        seen[on] = outcome(w, statuses, tmp_path, on)
+        # the hub connected: one switch per request, into the greenlet the failure is
+        # handed to (it writes the 502); the greenlet path's connect is its own
+        assert (ran == [requests]) if on == "hub" else ran[0] > requests
     assert seen["hub"] == seen["greenlet"]
     return seen["hub"]
 
@@ -181,7 +187,23 @@ def test_a_refused_connect_is_a_502_counted_once(
     assert seen["status"] == 502 and seen["state"] == "up" and seen["fails"] == 1
     assert seen["failures"] == 1 and seen["outcomes"]["connect_error"] == 1
     assert seen["in_flight"] == (0, 0) and seen["open"] == 0 and seen["completed"] == 1
-    assert seen["log"]["status"] == 502 and seen["log"]["backend"] == address
+    assert seen["log"] == [{"status": 502, "backend": address, "target": "/try",
+                            "method": "GET"}]
+
+
+def test_refused_connects_mark_the_backend_down_after_fall_failures(
+        make_to: Callable[..., Worker], tmp_path: Path,
+        switches: Callable[[Any], list[int]]) -> None:
+    """`fall` (3) connect failures in a row mark the backend down, as the greenlet
+    path does; the fourth request finds no backend to try (502, no connect)."""
+    address = dead_address()
+    try:
+        seen = compare(make_to, tmp_path, address, switches, requests=3)
+    finally:
+        revive_port(address)
+    assert seen["status"] == [502] * 3 and seen["state"] == "down" and seen["fails"] == 3
+    assert seen["failures"] == 3 and seen["outcomes"]["connect_error"] == 3
+    assert seen["in_flight"] == (0, 0) and seen["completed"] == 3
 
 
 def test_a_connect_that_times_out_is_a_502_after_the_connect_timeout(
