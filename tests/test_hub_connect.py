@@ -228,11 +228,16 @@ def test_a_connect_that_times_out_is_a_502_after_the_connect_timeout(
 
 
 def closing_backend(linger: bool) -> tuple[socket.socket, str]:
-    """A backend that accepts and closes at once (`linger`: with a reset)."""
+    """A backend that accepts and closes at once, or (`linger`) resets once the
+    request came (a reset at once races the connect's end: the connect fails,
+    ECONNRESET, or the request does, on either path)."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve(sock: socket.socket) -> None:
         if linger:
+            sock.settimeout(5)
+            with contextlib.suppress(OSError):
+                sock.recv(65536)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
     serve_each(listener, serve)
