@@ -229,6 +229,23 @@ def test_a_parked_tls_connection_s_requests_are_served_in_the_hub(
     assert all(r["status"] == 200 and r["request_id"] for r in records)
 
 
+def test_a_tls_client_s_request_with_no_pooled_connection_is_connected_in_the_hub(
+        tls_worker: Any, backend: ScriptedBackend, tmp_path: Path) -> None:
+    """The pool emptied: the hub opens the backend connection itself
+    (`inline._connect`, tests/test_hub_connect.py) for a TLS client's request
+    too, and waits for the answer with no greenlet."""
+    w = tls_worker()
+    sock = connect(w, tmp_path)
+    warm(w, sock)
+    route = w.contexts[0].holder.table.lookup(b"app.test")
+    assert route.action.backends[0].close_idle() == 1  # no idle connection left
+    served_in_hub(w, backend, sock)
+    assert backend.connections == 2 and backend.requests[-1][0] == 2  # a new one
+    assert_released(w, completed=2)
+    sock.close()
+    assert until(lambda: gone(w))
+
+
 def test_a_client_offering_only_h2_gets_no_alpn_and_is_served_in_the_hub(
         tls_worker: Any, backend: ScriptedBackend, tmp_path: Path) -> None:
     w = tls_worker()
