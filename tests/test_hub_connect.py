@@ -33,7 +33,7 @@ from balancer.server import Worker
 from balancer.settings import load_settings
 from tests import test_inline, test_parked_start
 from tests.rawpeer import serve_each
-from tests.support import TableStore, dead_address, revive_port
+from tests.support import TableStore, dead_address
 from tests.test_inline import (
     ScriptedBackend,
     assert_released,
@@ -180,10 +180,7 @@ def test_a_refused_connect_is_a_502_counted_once(
         make_to: Callable[..., Worker], tmp_path: Path,
         switches: Callable[[Any], list[int]]) -> None:
     address = dead_address()
-    try:
-        seen = compare(make_to, tmp_path, address, switches)
-    finally:
-        revive_port(address)
+    seen = compare(make_to, tmp_path, address, switches)
     assert seen["status"] == 502 and seen["state"] == "up" and seen["fails"] == 1
     assert seen["failures"] == 1 and seen["outcomes"]["connect_error"] == 1
     assert seen["in_flight"] == (0, 0) and seen["open"] == 0 and seen["completed"] == 1
@@ -197,10 +194,7 @@ def test_refused_connects_mark_the_backend_down_after_fall_failures(
     """`fall` (3) connect failures in a row mark the backend down, as the greenlet
     path does; the fourth request finds no backend to try (502, no connect)."""
     address = dead_address()
-    try:
-        seen = compare(make_to, tmp_path, address, switches, requests=3)
-    finally:
-        revive_port(address)
+    seen = compare(make_to, tmp_path, address, switches, requests=3)
     assert seen["status"] == [502] * 3 and seen["state"] == "down" and seen["fails"] == 3
     assert seen["failures"] == 3 and seen["outcomes"]["connect_error"] == 3
     assert seen["in_flight"] == (0, 0) and seen["completed"] == 3
@@ -277,10 +271,7 @@ def test_no_descriptor_left_for_the_connection_is_a_502_counted_once(
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-    try:
-        seen = compare(make_to, tmp_path, address, switches, no_descriptors)
-    finally:
-        revive_port(address)
+    seen = compare(make_to, tmp_path, address, switches, no_descriptors)
     assert seen["status"] == 502 and seen["state"] == "up" and seen["fails"] == 1
     assert seen["failures"] == 1 and seen["outcomes"]["connect_error"] == 1
     assert seen["in_flight"] == (0, 0) and seen["completed"] == 1
