@@ -2,7 +2,7 @@
 
 Invariants:
 * Each accepted connection holds one of the worker's `Slots`: a plain one
-  starts parked with no greenlet (`parked`: `Slots.admit`, its first request
+  starts parked with no greenlet (`parked`: `Slots.accept` with `parked`, its first request
   served in the hub like a keep-alive one, `balancer.inline`), a TLS one in a
   greenlet (its handshake); a full worker stops accepting (`Listener.full`),
   so the kernel's queue (or another worker's socket) holds what it cannot
@@ -61,7 +61,7 @@ class Listener(StreamServer):
         self.slots = slots
         slots.on_free.append(self.resume)
         self.plain = plain  # hand out OS sockets, not gevent's (see `do_read`)
-        # with `plain`: `handle` runs in the hub, no greenlet (`Slots.admit`)
+        # with `plain`: `handle` runs in the hub, no greenlet (`Slots.accept` with `parked`)
         self.parked = parked
         self.exhausted_since: float | None = None  # the episode under way
         self.pause_timer: Any = None
@@ -82,7 +82,7 @@ class Listener(StreamServer):
         writes and waits on it itself, and gevent's wrapper cost a Python-level
         set-up and close, two io watchers (an fcntl each) and a getsockname of
         its own per connection (issue 21). A `parked` one gives each to its
-        handler in the hub (`Slots.admit`): it starts parked, with no greenlet.
+        handler in the hub (`Slots.accept` with `parked`): it starts parked, with no greenlet.
         Others (TLS) go through gevent's loop and `do_read`, with gevent's
         sockets."""
         if not self.plain:
@@ -91,10 +91,10 @@ class Listener(StreamServer):
         listener = self.socket
         raw = getattr(listener, "_sock", listener)
         handle, slots = self._handle, self.slots
-        accept = slots.admit if self.parked else slots.accept
+        parked = self.parked
         for _ in range(SKIPPED_IN_A_ROW):
             try:
-                if accept(raw, handle, self.max_accept):
+                if slots.accept(raw, handle, self.max_accept, parked):
                     self.exhausted_since = None
             except OSError as exc:
                 if not is_skipped(exc):  # out of descriptors (or worse): pause

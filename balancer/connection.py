@@ -137,7 +137,7 @@ class Context:
 
     def start(self, sock: socket.socket, address: Any) -> None:
         """A new connection of this (plain) listener, just accepted, in the hub (the
-        worker's `Slots.admit` counted it open; gevent only): it waits for its
+        worker's `Slots.accept` counted it open; gevent only): it waits for its
         first request parked, with no greenlet, as a keep-alive connection waits
         for its next (`idle`, within client_idle: a draining worker closes it),
         and that request goes to the hub first (`GeventIO.start`). A greenlet

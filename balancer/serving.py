@@ -7,7 +7,7 @@ frame data stack mapped and unmapped around it (an ``mmap``/``munmap`` pair
 per connection under ``strace``). Here a plain greenlet serves a connection,
 then parks in `Slots.idle` and serves the next one: accepting costs a switch.
 And a plain listener's new connection (a gevent worker's) takes no greenlet at
-all (`admit`): it starts parked, and its first request is served in the hub
+all (`accept` with `parked`): it starts parked, and its first request is served in the hub
 (`balancer.inline`) unless that hands it to a greenlet (`resume`).
 
 A handler returns whether it left its connection open and parked (a
@@ -29,12 +29,12 @@ Invariants:
   `quiet_loop`): each holds its saved C stack and its frame stack chunk.
 * An accept runs in the hub: the greenlet starts at once and returns to the
   hub at its first wait (see `start`); elsewhere it starts from the loop.
-* A plain connection starts with no greenlet (`admit`): it is counted open
+* A plain connection starts with no greenlet (`accept` with `parked`): it is counted open
   (`enter`) and its handler runs in the hub, where it is parked or served
   (`balancer.inline.serve_new`). Whoever closes an open connection frees its
   slot once: a greenlet's handler by returning without parking it, the hub by
   `leave`.
-* `accept` and `admit` take connections while a slot is free and the accept
+* `accept` takes connections while a slot is free and the accept
   queue is not empty, at most `limit` per call; an accept error other than an
   empty queue propagates to the listener (`balancer.accepting.Listener`), which
   knows what to do with it (pause when out of descriptors, skip an aborted one).
@@ -88,7 +88,7 @@ class Slots:
         self.resume(handle, args)
 
     def enter(self) -> None:
-        """Count a new connection open (no greenlet serves it yet: `admit`)."""
+        """Count a new connection open (no greenlet serves it yet: `accept` with `parked`)."""
         self.open += 1
         self.empty.clear()
 
@@ -112,10 +112,16 @@ class Slots:
         else:
             self.hub.loop.run_callback(task.switch, handle, args)
 
-    def accept(self, listener: Any, handle: Callable[..., Any], limit: int) -> int:
+    def accept(self, listener: Any, handle: Callable[..., Any], limit: int,
+               parked: bool = False) -> int:
         """Accept up to `limit` connections waiting on `listener` (an OS socket,
         non-blocking) while a slot is free, and serve each as ``handle(sock,
         address)``, `sock` the OS socket, non-blocking; returns how many.
+        `parked`: each is counted open and given to `handle` at once,
+        in the hub, with no greenlet (the handler parks it or serves its first
+        request there, `balancer.connection.Context.start`); what closes it
+        later frees its slot (`leave`, or a greenlet's handler). Otherwise each
+        starts in a greenlet (`start`).
         Raises the OSError of a failed accept (not of an empty queue)."""
         proto = listener.proto
         accepted = 0
@@ -124,23 +130,11 @@ class Slots:
             if connection is None:
                 break
             accepted += 1
-            self.start(handle, connection)
-        return accepted
-
-    def admit(self, listener: Any, handle: Callable[..., Any], limit: int) -> int:
-        """`accept`, but each connection is counted open and given to ``handle(sock,
-        address)`` at once, in the hub, with no greenlet (the handler parks it
-        or serves its first request there, `balancer.connection.Context.start`);
-        what closes it later frees its slot (`leave`, or a greenlet's handler)."""
-        proto = listener.proto
-        accepted = 0
-        while accepted < limit and self.open < self.size:
-            connection = accept_now(listener, proto)
-            if connection is None:
-                break
-            accepted += 1
-            self.enter()
-            handle(*connection)
+            if parked:
+                self.enter()
+                handle(*connection)
+            else:
+                self.start(handle, connection)
         return accepted
 
     def _serve_loop(self, handle: Callable[..., Any], args: tuple) -> None:
