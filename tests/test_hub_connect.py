@@ -39,6 +39,7 @@ from tests.test_inline import (
     assert_released,
     connect,
     get,
+    parked,
     response,
     until,
 )
@@ -317,3 +318,43 @@ def assert_released_any(w: Worker) -> None:
     assert bstats["in_flight"] == 0
     route = w.contexts[0].holder.table.lookup(b"app.test")
     assert [b.in_flight for b in route.action.backends] == [0]
+
+
+# the descriptor budget ------------------------------------------------------------
+@pytest.mark.parametrize("on", ON)
+def test_a_new_connection_makes_room_among_the_idle_ones_first(
+        backend: ScriptedBackend, switches: Callable[[Any], list[int]], on: str) -> None:
+    """The worker's idle connections exceed what its open clients leave them
+    (`IdleBudget`): a new connection, to another backend, closes the oldest
+    idle one first (`make_room`), in the hub as in a greenlet."""
+    other = ScriptedBackend()
+    rules = {"app.test": {"action": "proxy", "backends": [backend.address]},
+             "other.test": {"action": "proxy", "backends": [other.address]}}
+    w = Worker(load_settings(flags={"timeouts.client_idle": 5.0},
+                             env={"BALANCER_STORE_SNAPSHOT": "off"}), TableStore(rules))
+    assert w.apply(w.store.load())
+    w.listen([(bind(parse_addr("127.0.0.1:0")), False)])
+    try:
+        sock = connect(w)
+        sock.sendall(get("/one"))  # app.test's backend: one idle connection
+        assert response(sock)[0] == 200
+        assert until(lambda: w.budget.idle == 1 and parked(w))
+        # one client open: room for no idle connection but its own
+        w.budget.descriptors = 2 * w.slots.open
+        ran = switches(w)
+        rest = get("/two").replace(b"app.test", b"other.test")
+        if on == "greenlet":
+            sock.sendall(rest[:20])
+            rest = rest[20:]
+            assert until(lambda: any(c.task is not None for c in w.io.connections))
+        sock.sendall(rest)
+        assert response(sock)[2] == b"conn 1 /two"
+        assert until(lambda: backend.ended == backend.connections == 1)  # closed first
+        assert (ran == [0]) if on == "hub" else ran[0] > 0
+        sock.close()
+        assert until(lambda: all_closed(w))
+    finally:
+        w.stopping = True
+        for server in w.servers:
+            server.close()
+        other.close()
