@@ -28,6 +28,7 @@ from typing import Any
 import gevent
 import pytest
 
+import balancer.inline
 from balancer.accepting import bind
 from balancer.addr import parse_addr
 from balancer.server import Worker
@@ -36,6 +37,7 @@ from tests import test_inline, test_parked_start
 from tests.rawpeer import serve_each
 from tests.support import TableStore, dead_address
 from tests.test_inline import (
+    COMPILED,
     ScriptedBackend,
     assert_released,
     connect,
@@ -366,3 +368,77 @@ def test_a_new_connection_makes_room_among_the_idle_ones_first(
         for server in w.servers:
             server.close()
         other.close()
+
+
+# a bug in the hub's connect --------------------------------------------------------
+# Injected by replacing functions in `balancer.inline`'s namespace, which compiled
+# code does not look up: these run in the suite's interpreted pass (as
+# tests/test_inline.py's faults).
+@pytest.mark.skipif(COMPILED, reason="patches module globals: runs in the interpreted pass")
+def test_a_fault_while_the_hub_connects_hands_the_connect_to_a_greenlet(
+        make: Callable[..., Worker], backend: ScriptedBackend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug raised once the hub began a connect (`_fault` with `Flight.connecting`):
+    its wait stops, a greenlet waits for the rest of that same connect and sends
+    the request on it, once; nothing stays in flight, the next request is the
+    hub's on the pooled connection."""
+    w = make()
+    real = balancer.inline._connect
+    faults: list[bool] = []
+
+    def once(ex: Any, flight: Any) -> bool:
+        waits = real(ex, flight)
+        if not faults:
+            faults.append(flight.connecting is not None)
+            raise RuntimeError("a bug")
+        return waits
+
+    monkeypatch.setattr(balancer.inline, "_connect", once)
+    sock = connect(w)
+    sock.sendall(get("/faulty"))
+    assert response(sock)[2] == b"conn 1 /faulty"
+    assert faults == [True]  # the connect was in progress, awaited in the loop
+    assert backend.connections == 1 and backend.paths() == [b"/faulty"]  # sent once
+    assert until(lambda: parked(w))
+    assert_released(w, completed=1)
+    (bstats,) = w.stats.snapshot()["hosts"]["app.test"]["backends"].values()
+    assert bstats["failures"] == 0
+    sock.sendall(get("/after"))
+    assert response(sock)[2] == b"conn 1 /after"
+    sock.close()
+    assert until(lambda: all_closed(w))
+    assert_released(w, completed=2)
+
+
+@pytest.mark.skipif(COMPILED, reason="patches module globals: runs in the interpreted pass")
+def test_a_fault_sending_on_the_new_connection_is_a_502_not_the_backend_s(
+        make: Callable[..., Worker], backend: ScriptedBackend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug raised once the connect ended (`connect_ready`) and the new connection
+    was taken: the try fails (HubFault, 502) in a greenlet, the connection is
+    closed, never sent the request, and the backend is not blamed."""
+    w = make()
+    real = balancer.inline.dispatch
+    faults: list[str] = []
+
+    def once(*args: Any) -> Any:
+        if not faults:
+            faults.append("dispatch")
+            raise RuntimeError("a bug")
+        return real(*args)
+
+    monkeypatch.setattr(balancer.inline, "dispatch", once)
+    sock = connect(w)
+    sock.sendall(get("/faulty"))
+    assert response(sock)[0] == 502
+    assert faults == ["dispatch"] and backend.paths() == []
+    assert until(lambda: backend.ended == backend.connections == 1)  # closed
+    assert until(lambda: parked(w))
+    assert_released(w, completed=1)
+    (bstats,) = w.stats.snapshot()["hosts"]["app.test"]["backends"].values()
+    assert bstats["failures"] == 0
+    sock.sendall(get("/after"))  # a new connection, in the hub again
+    assert response(sock)[2] == b"conn 2 /after"
+    sock.close()
+    assert until(lambda: all_closed(w))
+    assert_released(w, completed=2)
