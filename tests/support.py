@@ -442,3 +442,43 @@ class TableStore:
 
     def close(self) -> None:
         pass
+
+
+# what an in-process worker's requests may take, unless a test says otherwise
+WORKER_TIMEOUTS = {"timeouts.client_idle": 5.0, "timeouts.client_header": 0.6,
+                   "timeouts.backend_read": 3.0}
+
+
+class InProcessWorkers:
+    """gevent workers (`balancer.server.Worker`) built in the test's own process,
+    each on a fresh loopback listener (`kind`: False plain, "tls") with its
+    watchdog running, its access log started when the settings name one;
+    `close` stops them all."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[Any, Any]] = []
+
+    def start(self, store: Any, flags: dict[str, Any], kind: Any = False) -> Any:
+        import gevent
+
+        from balancer.accepting import bind
+        from balancer.addr import parse_addr
+        from balancer.server import Worker
+        from balancer.settings import load_settings
+
+        settings = load_settings(flags={**WORKER_TIMEOUTS, **flags},
+                                 env={"BALANCER_STORE_SNAPSHOT": "off"})
+        w = Worker(settings, store)
+        assert w.apply(w.store.load())
+        w.listen([(bind(parse_addr("127.0.0.1:0")), kind)])
+        if "log.access_log" in flags:
+            w.access_log.start()
+        self.made.append((w, gevent.spawn(w.watchdog_loop)))
+        return w
+
+    def close(self) -> None:
+        for w, watchdog in self.made:
+            w.stopping = True
+            for server in w.servers:
+                server.close()
+            watchdog.join(timeout=5)

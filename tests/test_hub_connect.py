@@ -25,17 +25,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import gevent
 import pytest
 
 import balancer.inline
-from balancer.accepting import bind
-from balancer.addr import parse_addr
 from balancer.server import Worker
-from balancer.settings import load_settings
 from tests import test_inline, test_parked_start
 from tests.rawpeer import serve_each
-from tests.support import TableStore, dead_address
+from tests.support import InProcessWorkers, TableStore, dead_address
 from tests.test_inline import (
     COMPILED,
     ScriptedBackend,
@@ -61,27 +57,16 @@ ON = ["hub", "greenlet"]  # who connects: the hub, or a greenlet (the head sent 
 def make_to(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     """Start a gevent worker proxying app.test to `address` (one backend, passive
     health only), its access log in JSON at `tmp_path`/`name`."""
-    made: list[tuple[Worker, Any]] = []
+    workers = InProcessWorkers()
 
     def start(address: str, name: str, connect_timeout: float = CONNECT_TIMEOUT) -> Worker:
-        settings = {"timeouts.client_idle": 5.0, "timeouts.client_header": 2.0,
-                    "timeouts.backend_read": 3.0, "timeouts.backend_connect": connect_timeout,
+        settings = {"timeouts.client_header": 2.0, "timeouts.backend_connect": connect_timeout,
                     "log.access_log": str(tmp_path / name), "log.access_format": "json"}
         rule = {"action": "proxy", "backends": [address]}
-        w = Worker(load_settings(flags=settings, env={"BALANCER_STORE_SNAPSHOT": "off"}),
-                   TableStore({"app.test": rule}))
-        assert w.apply(w.store.load())
-        w.listen([(bind(parse_addr("127.0.0.1:0")), False)])
-        w.access_log.start()
-        made.append((w, gevent.spawn(w.watchdog_loop)))
-        return w
+        return workers.start(TableStore({"app.test": rule}), settings)
 
     yield start
-    for w, watchdog in made:
-        w.stopping = True
-        for server in w.servers:
-            server.close()
-        watchdog.join(timeout=5)
+    workers.close()
 
 
 def outcome(w: Worker, statuses: list[int], tmp_path: Path, name: str) -> dict[str, Any]:
@@ -340,10 +325,8 @@ def test_a_new_connection_makes_room_among_the_idle_ones_first(
     other = ScriptedBackend()
     rules = {"app.test": {"action": "proxy", "backends": [backend.address]},
              "other.test": {"action": "proxy", "backends": [other.address]}}
-    w = Worker(load_settings(flags={"timeouts.client_idle": 5.0},
-                             env={"BALANCER_STORE_SNAPSHOT": "off"}), TableStore(rules))
-    assert w.apply(w.store.load())
-    w.listen([(bind(parse_addr("127.0.0.1:0")), False)])
+    workers = InProcessWorkers()
+    w = workers.start(TableStore(rules), {"timeouts.client_header": 2.0})
     try:
         sock = connect(w)
         sock.sendall(get("/one"))  # app.test's backend: one idle connection
@@ -364,9 +347,7 @@ def test_a_new_connection_makes_room_among_the_idle_ones_first(
         sock.close()
         assert until(lambda: all_closed(w))
     finally:
-        w.stopping = True
-        for server in w.servers:
-            server.close()
+        workers.close()
         other.close()
 
 

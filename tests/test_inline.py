@@ -24,14 +24,11 @@ import pytest
 
 import balancer.inline
 import balancer.tls
-from balancer.accepting import bind
-from balancer.addr import parse_addr
 from balancer.connection import ClientConnection
 from balancer.pool import Backend as PoolBackend
 from balancer.server import Worker
-from balancer.settings import load_settings
 from tests.rawpeer import read_request, serve_each
-from tests.support import Balancer, TableStore, wait_for
+from tests.support import Balancer, InProcessWorkers, TableStore, wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -146,25 +143,14 @@ Make = Callable[..., Worker]
 @pytest.fixture
 def make(backend: ScriptedBackend) -> Iterator[Make]:
     """Start a gevent worker proxying app.test to `backend` (its watchdog running)."""
-    made: list[tuple[Worker, Any]] = []
+    workers = InProcessWorkers()
 
     def start(**flags: Any) -> Worker:
-        settings = {"timeouts.client_idle": 5.0, "timeouts.client_header": 0.6,
-                    "timeouts.backend_read": 3.0, **flags}
         rule = {"action": "proxy", "backends": [backend.address]}
-        w = Worker(load_settings(flags=settings, env={"BALANCER_STORE_SNAPSHOT": "off"}),
-                   TableStore({"app.test": rule}))
-        assert w.apply(w.store.load())
-        w.listen([(bind(parse_addr("127.0.0.1:0")), False)])
-        made.append((w, gevent.spawn(w.watchdog_loop)))
-        return w
+        return workers.start(TableStore({"app.test": rule}), flags)
 
     yield start
-    for w, watchdog in made:
-        w.stopping = True
-        for server in w.servers:
-            server.close()
-        watchdog.join(timeout=5)
+    workers.close()
 
 
 def until(predicate: Callable[[], Any], seconds: float = 5.0) -> bool:

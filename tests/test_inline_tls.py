@@ -27,12 +27,9 @@ import pytest
 
 import balancer.inline
 import balancer.tls
-from balancer.accepting import bind
-from balancer.addr import parse_addr
 from balancer.certificates import make_record
 from balancer.server import Worker
-from balancer.settings import load_settings
-from tests.support import TableStore
+from tests.support import InProcessWorkers, TableStore
 from tests.test_inline import (
     Client as PlainClient,
 )
@@ -84,25 +81,14 @@ def backend() -> Iterator[ScriptedBackend]:
 def tls_worker(backend: ScriptedBackend, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Start a gevent worker with a TLS listener proxying app.test to `backend`."""
     monkeypatch.setattr(balancer.tls, "ssl", gssl)  # cooperative handshakes and I/O
-    made: list[tuple[Worker, Any]] = []
+    workers = InProcessWorkers()
 
     def start(**flags: Any) -> Worker:
-        settings = {"timeouts.client_idle": 5.0, "timeouts.client_header": 0.6,
-                    "timeouts.backend_read": 3.0, **flags}
         rule = {"action": "proxy", "backends": [backend.address]}
-        w = Worker(load_settings(flags=settings, env={"BALANCER_STORE_SNAPSHOT": "off"}),
-                   TLSTableStore({"app.test": rule}))
-        assert w.apply(w.store.load())
-        w.listen([(bind(parse_addr("127.0.0.1:0")), "tls")])
-        made.append((w, gevent.spawn(w.watchdog_loop)))
-        return w
+        return workers.start(TLSTableStore({"app.test": rule}), flags, "tls")
 
     yield start
-    for w, watchdog in made:
-        w.stopping = True
-        for server in w.servers:
-            server.close()
-        watchdog.join(timeout=5)
+    workers.close()
 
 
 def context(tmp: Path, alpn: list[str] | None = None) -> ssl.SSLContext:
