@@ -418,14 +418,11 @@ def test_a_client_gone_before_its_answer_leaves_nothing_behind(make: Make,
     other.close()
 
 
-def test_a_slow_reader_s_answers_are_sent_in_order_by_greenlets(make: Make,
-                                                                backend: ScriptedBackend) -> None:
-    """Answers the client does not read fill its socket: the outbox's flush
-    leaves the rest to a greenlet, and the hub hands over while that runs.
-    ScriptedBackend: /sized-SIZE-N answers SIZE bytes."""
-    w = make()
-    sock = connect(w, rcvbuf=4096)
-    warm(w, sock)
+def fill_unread(w: Worker, sock: Any, backend: ScriptedBackend) -> None:
+    """Ask for 60,000-byte answers (`sock` reads none: a small receive buffer)
+    until they fill its socket, the rest of one left to a greenlet or the
+    writer; then one more while that is sent; read them all, in order, whole;
+    the connection parks again."""
     writer = client_of(w).stream.writer
     sent = 0
     while not (w.slots.busy or writer.rest is not None):  # until the socket is full
@@ -438,6 +435,17 @@ def test_a_slow_reader_s_answers_are_sent_in_order_by_greenlets(make: Make,
     for _ in range(sent + 1):
         assert response(sock)[2] == b"z" * 60000
     assert until(lambda: parked(w))
+
+
+def test_a_slow_reader_s_answers_are_sent_in_order_by_greenlets(make: Make,
+                                                                backend: ScriptedBackend) -> None:
+    """Answers the client does not read fill its socket: the outbox's flush
+    leaves the rest to a greenlet, and the hub hands over while that runs.
+    ScriptedBackend: /sized-SIZE-N answers SIZE bytes."""
+    w = make()
+    sock = connect(w, rcvbuf=4096)
+    warm(w, sock)
+    fill_unread(w, sock, backend)
     sock.close()
 
 

@@ -37,6 +37,7 @@ from tests.test_inline import (
     ScriptedBackend,
     assert_released,
     client_of,
+    fill_unread,
     get,
     in_hub,
     parked,
@@ -492,18 +493,7 @@ def test_a_slow_reader_s_answers_arrive_whole_and_in_order(tls_worker: Any,
     w = tls_worker()
     sock = connect(w, tmp_path, rcvbuf=4096)
     warm(w, sock)
-    writer = client_of(w).stream.writer
-    sent = 0
-    while not (w.slots.busy or writer.rest is not None):  # until the socket is full
-        assert sent < 300
-        sock.sendall(get(f"/sized-60000-{sent}"))  # each held whole, then sent
-        sent += 1
-        assert until(lambda count=sent: len(backend.requests) == count + 1)
-        gevent.sleep(0.01)
-    sock.sendall(get("/sized-60000-after"))  # comes while the rest is still sent
-    for _ in range(sent + 1):
-        assert response(sock)[2] == b"z" * 60000
-    assert until(lambda: parked(w))
+    fill_unread(w, sock, backend)
     sock.sendall(get("/big"))  # larger than the outbox holds: handed over
     assert len(response(sock)[2]) == 200_000
     assert until(lambda: parked(w))
