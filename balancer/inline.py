@@ -69,13 +69,15 @@ Invariants:
   a record, a record with no data) leaves it parked (closed past its
   deadline, which the watchdog left to the readiness); an SSL error or the end
   of its stream closes it (`_close`: through a greenlet, `close_parked`), as
-  the greenlet's read would; a read that wants a write (SSLWantWrite) and a
+  the greenlet's read would; a read that wants a write (SSLWantWrite: the
+  greenlet waits for the socket to be writable and reads again) and a
   read after which OpenSSL still holds decrypted bytes (kept in
   `TLSStream.held`: no readiness would announce the rest) go to the
   greenlet. Its answer is held in plaintext and encrypted by the outbox
   (`balancer.outbox.TLSWriter`), which gives a write the socket cannot take
-  whole to a greenlet that retries the same bytes. A new TLS connection's
-  first request is a greenlet's, after its handshake.
+  whole, or that OpenSSL can make only after a read (SSLWantRead), to a
+  greenlet that retries the same bytes. A new TLS connection's first
+  request is a greenlet's, after its handshake.
 * A request in flight here has no task: its deadline is the connection's as
   always; when the watchdog finds it passed, `overdue` stops the backend
   wait (or the connect's: a greenlet waits for the rest of it) and the
@@ -185,8 +187,8 @@ def _serve_tls(conn: ClientConnection, stream: TLSStream) -> bool:
     try:
         data = stream.read_ready(RECV_SIZE)
     except SSLWantWriteError:
-        return False  # the greenlet's read, as before (`TLSStream.recv` waits for reads
-        # only: a write OpenSSL still cannot make there fails it, and the connection closes)
+        return False  # the greenlet's read, as before (`TLSStream.recv` waits until the
+        # socket takes OpenSSL's write, then reads again)
     except OSError:  # SSLError included: a bad record, an alert, a reset
         data = b""  # what the greenlet's `read_head` ends on
     if data is None:  # nothing for the parser: a readiness will come for the rest

@@ -75,7 +75,7 @@ from _socket import SO_ERROR, SOCK_STREAM, SOL_SOCKET
 from _socket import socket as RawSocket
 from collections.abc import Callable, Sequence
 from errno import EINPROGRESS
-from ssl import SSLWantReadError, SSLZeroReturnError
+from ssl import SSLWantReadError, SSLWantWriteError, SSLZeroReturnError
 from typing import Any, Final
 
 from gevent import Timeout, get_hub, getcurrent
@@ -776,9 +776,11 @@ def _time_out(conn: Any, task: Any) -> None:
 class TLSStream(WatchedStream):
     """A TLS socket (gevent's SSLSocket, handshake done) used through its SSL
     object: a read waits on the socket's `Readable` only when OpenSSL needs more
-    bytes; writes go through a `balancer.outbox.TLSWriter` (one SSL_write each,
-    a response's last one held for the loop's outbox; gevent's ``sendall`` only
-    when the socket buffer is full).
+    bytes, and for the socket to be writable when OpenSSL must first write what
+    the socket cannot take yet (on the writer's watcher); writes go through a
+    `balancer.outbox.TLSWriter` (one SSL_write each, a response's last one held
+    for the loop's outbox; gevent's ``sendall`` only when the socket buffer is
+    full or OpenSSL must read first).
 
     A TLS socket's readability is not a request byte: it may be a record that
     is no data (a ticket, a key update, an alert), or half a record; and bytes
@@ -803,6 +805,9 @@ class TLSStream(WatchedStream):
                 return obj.read(size)
             except SSLWantReadError:
                 self.watcher.wait()
+            except SSLWantWriteError:  # OpenSSL must write first (a handshake message,
+                # an alert) and the socket is full: the read again once it is writable
+                get_hub().wait(self.writer.writable())
             except SSLZeroReturnError:
                 return b""
 

@@ -28,9 +28,12 @@ Invariants:
   its own (`rest`); the owner's next write waits for it, `close` stops it.
   A TLS write is never taken in part: CPython sets no partial-write mode, so
   `SSL_write` sends every record or raises SSLWantWrite, having sent some
-  (OpenSSL keeps count); it is then given again the very same bytes, whole
-  (`TLSWriter.flush` → `_send_rest`, `tls_send_all` → gevent's `sendall`),
-  never a slice of them.
+  (OpenSSL keeps count), or SSLWantRead, OpenSSL having to read before it
+  can write (a handshake in progress: a TLS 1.2 backend's renegotiation);
+  it is then given again the very same bytes, whole, once the socket is
+  writable or readable as it asked (`TLSWriter.flush` → `_send_rest`,
+  `tls_send_all` → gevent's `sendall`, which waits for either), never a
+  slice of them, and never dropped.
 * A writer writes the OS socket only (an accepted client socket has no
   gevent wrapper, `balancer.accepting.Listener`): when its buffer is full it
   waits on a write watcher of its own, made at the first such wait and closed
@@ -45,7 +48,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-from ssl import SSLWantWriteError
+from ssl import SSLWantReadError, SSLWantWriteError
 from typing import Any, Final
 
 from gevent import get_hub, spawn
@@ -246,11 +249,13 @@ class Writer:
 
 def tls_send_all(sock: Any, obj: Any, data: bytes) -> None:
     """`sock.sendall(data)` for a TLS socket: one SSL_write on its SSL object `obj`
-    first; a socket buffer that cannot take it all leaves gevent's ``sendall`` to
-    write the same bytes again (OpenSSL wants the retry to pass them whole)."""
+    first; a socket buffer that cannot take it all (SSLWantWrite), or OpenSSL
+    having to read first (SSLWantRead), leaves gevent's ``sendall`` to write the
+    same bytes again once the socket is writable, or readable (OpenSSL wants the
+    retry to pass them whole). Raises OSError."""
     try:
         sent = obj.write(data)
-    except SSLWantWriteError:
+    except (SSLWantWriteError, SSLWantReadError):
         sent = 0
     if sent < len(data):
         sock.sendall(data[sent:])
@@ -260,7 +265,8 @@ class TLSWriter(Writer):
     """The writes to one TLS socket (gevent's SSLSocket `sock`): plaintext is held,
     and encrypted by its SSL object (`raw`) when sent, so that a held response
     costs the same one SSL_write, made with the loop's other held writes. A full
-    buffer waits in gevent's ``sendall``, not on the writer's own watcher."""
+    buffer, or OpenSSL wanting to read first, waits in gevent's ``sendall``, not
+    on the writer's own watcher."""
 
     __slots__ = ("sock",)
 
@@ -271,6 +277,15 @@ class TLSWriter(Writer):
     def send(self, data: bytes) -> None:
         """All of `data`, now (`write` and `finish` send through it)."""
         tls_send_all(self.sock, self.raw, data)
+
+    def writable(self) -> Any:
+        """The socket's write watcher, made now if this is the first wait: only a
+        read that OpenSSL cannot make before a write waits on it
+        (`balancer.netio.TLSStream.recv`); the writer's own waits are gevent's."""
+        watcher = self.watcher
+        if watcher is None:
+            watcher = self.watcher = self.outbox.loop.io(self.sock.fileno(), WRITE)
+        return watcher
 
     def write_span(self, head: bytes, span: Span) -> None:
         """`write` of the two joined: one SSL_write (its record is made of a copy anyway)."""
@@ -287,8 +302,10 @@ class TLSWriter(Writer):
         self.held = b""
         try:
             self.raw.write(data)
-        except SSLWantWriteError:  # nothing taken: `send` retries the same bytes, whole
+        except (SSLWantWriteError, SSLWantReadError):  # not taken whole (the socket is
+            # full, or OpenSSL must read first): `send` retries the same bytes, whole,
+            # once the socket is writable, or readable
             self.rest = spawn(self._send_rest, data)
-        except OSError:  # SSLError included
+        except OSError:  # SSLError included: the connection is broken
             return
 
