@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import ssl
 import time
@@ -499,6 +500,113 @@ def test_a_slow_reader_s_answers_arrive_whole_and_in_order(tls_worker: Any,
     assert until(lambda: parked(w))
     served_in_hub(w, backend, sock)
     sock.close()
+
+
+# OpenSSL's want-errors the other way round ----------------------------------------
+class Wanting:
+    """The connection's SSL object as OpenSSL is while a handshake message is in
+    progress (a TLS 1.2 peer's renegotiation; no client of the ssl module can
+    start one): its `method` ("write" or "read") raises `error` while OpenSSL
+    could not go on (SSLWantRead: no byte came since it asked; SSLWantWrite: the
+    socket cannot take a byte), then everything is the real object's. Installed
+    where the stream, its writer and gevent's socket hold the real one."""
+
+    def __init__(self, conn: Any, method: str, error: type[ssl.SSLError]) -> None:
+        stream = conn.stream
+        self.real = stream.obj
+        self.fd = stream.sock.fileno()
+        self.method = method
+        self.error = error
+        self.raised = 0  # the times it raised
+        self.armed = True
+        stream.obj = stream.writer.raw = stream.sock._sslobj = self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def read(self, *args: Any) -> Any:
+        if self.method == "read":
+            self.want()
+        elif self.raised:  # the bytes OpenSSL waited for came (this read takes them)
+            self.armed = False
+        return self.real.read(*args)
+
+    def write(self, data: Any) -> Any:
+        if self.method == "write":
+            self.want()
+        return self.real.write(data)
+
+    def want(self) -> None:
+        if not self.armed:
+            return
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN if self.error is ssl.SSLWantReadError
+                        else select.POLLOUT)
+        if poller.poll(0):
+            self.armed = False
+            return
+        self.raised += 1
+        raise self.error("The operation did not complete")
+
+
+@pytest.mark.parametrize("path", ["/held", "/big"], ids=["held-by-the-outbox", "direct"])
+def test_an_answer_openssl_can_write_only_after_a_read_goes_out_whole_once_readable(
+        tls_worker: Any, backend: ScriptedBackend, tmp_path: Path, path: str) -> None:
+    """SSL_write raising SSLWantRead (OpenSSL must read before it writes): the
+    same bytes are written again once the socket is readable, neither dropped
+    (the outbox's flush dropped a held answer) nor failing the connection (a
+    direct write did); the client's next request, which makes it readable, is
+    answered after it."""
+    w = tls_worker()
+    sock = connect(w, tmp_path)
+    warm(w, sock)
+    obj = Wanting(client_of(w), "write", ssl.SSLWantReadError)
+    sock.sendall(get(path))
+    assert until(lambda: obj.raised > 0)  # the answer waits for a byte from the client
+    sock.sendall(get("/next"))
+    status, _, body = response(sock)
+    assert (status, body) == (200, b"x" * 200_000 if path == "/big" else b"conn 1 /held")
+    assert response(sock)[2] == b"conn 1 /next"
+    assert until(lambda: parked(w))
+    served_in_hub(w, backend, sock)
+    sock.close()
+    assert until(lambda: gone(w))
+    assert_released(w, completed=4)
+
+
+def test_a_read_openssl_can_make_only_after_a_write_waits_until_the_socket_is_writable(
+        tls_worker: Any, backend: ScriptedBackend, tmp_path: Path) -> None:
+    """SSL_read raising SSLWantWrite (OpenSSL must first write what the full
+    socket cannot take): the greenlet waits for the socket to be writable, not
+    readable, and reads again (the connection closed). A client that reads none
+    of its answers fills the socket, a greenlet finishing the last held one;
+    its next request comes meanwhile."""
+    w = tls_worker()
+    sock = connect(w, tmp_path, rcvbuf=4096)
+    warm(w, sock)
+    conn = client_of(w)
+    sent = 0
+    while conn.stream.writer.rest is None:  # until the socket is full
+        assert sent < 300
+        sock.sendall(get(f"/sized-60000-{sent}"))  # each held whole, then sent
+        sent += 1
+        assert until(lambda count=sent: len(backend.requests) == count + 1)
+        gevent.sleep(0.01)
+    obj = Wanting(conn, "read", ssl.SSLWantWriteError)
+    sock.sendall(get("/after"))
+    assert until(lambda: obj.raised > 0)
+    assert until(lambda: conn.stream.writer.watcher is not None
+                 and conn.stream.writer.watcher.active)  # waits for writability
+    assert len(backend.requests) == sent + 1  # not read yet
+    for _ in range(sent):
+        assert response(sock)[2] == b"z" * 60000
+    assert response(sock)[2] == b"conn 1 /after"
+    assert obj.raised == 1  # read again only once the socket was writable
+    assert until(lambda: parked(w))
+    served_in_hub(w, backend, sock)
+    sock.close()
+    assert until(lambda: gone(w))
+    assert_released(w, completed=sent + 3)
 
 
 # renegotiation and key updates (openssl s_client: the ssl module has neither) -----
