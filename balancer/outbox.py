@@ -29,7 +29,7 @@ Invariants:
   A TLS write is never taken in part: CPython sets no partial-write mode, so
   `SSL_write` sends every record or raises SSLWantWrite, having sent some
   (OpenSSL keeps count), or SSLWantRead, OpenSSL having to read before it
-  can write (a handshake in progress: a TLS 1.2 backend's renegotiation);
+  can write (a handshake in progress, as in a TLS 1.2 renegotiation);
   it is then given again the very same bytes, whole, once the socket is
   writable or readable as it asked (`TLSWriter.flush` → `_send_rest`,
   `tls_send_all` → gevent's `sendall`, which waits for either), never a

@@ -621,8 +621,9 @@ def test_renegotiation_is_refused_and_key_updates_are_served(
         tls_worker: Any, backend: ScriptedBackend, tmp_path: Path, version: str,
         command: bytes) -> None:
     """s_client's R (a TLS 1.2 renegotiation: refused, the connection is served
-    on), K and k (TLS 1.3 key updates, K asking the balancer to update its own
-    keys too: an SSL_read that writes, made in the hub)."""
+    on), K and k (TLS 1.3 key updates, read in the hub; K asks the balancer to
+    update its own keys too, which OpenSSL 3.0 does with its next write, not
+    from the SSL_read that took the request)."""
     w = tls_worker()
     host, port = w.servers[0].address[:2]
     proc = gsubprocess.Popen(
