@@ -298,6 +298,10 @@ class ClientConnection:
         closes after its response, and suppress is three Python-level calls.)"""
         stream = self.stream
         if stream.has_held():
+            # no longer waiting for a request: the watchdog must time this wait out,
+            # not ask it to park (bug: its ParkNow escaped, and a client that never
+            # read again kept the connection open for ever)
+            self.idle = False
             self.arm(self.sock, self.ctx.timeouts.client_idle)
             try:  # noqa: SIM105 - see above
                 stream.finish()

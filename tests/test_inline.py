@@ -437,6 +437,36 @@ def fill_unread(w: Worker, sock: Any, backend: ScriptedBackend) -> None:
     assert until(lambda: parked(w))
 
 
+def fill_until_sending(w: Worker, sock: Any, backend: ScriptedBackend) -> int:
+    """Ask for 60,000-byte answers (`sock` reads none: a small receive buffer),
+    each held whole, until one fills its socket and a greenlet sends its rest;
+    how many were asked for."""
+    writer = client_of(w).stream.writer
+    sent = 0
+    while writer.rest is None:
+        assert sent < 300
+        sock.sendall(get(f"/sized-60000-{sent}"))
+        sent += 1
+        assert until(lambda count=sent: len(backend.requests) == count + 1)
+        gevent.sleep(0.01)
+    return sent
+
+
+def test_a_client_that_stops_reading_is_closed_at_its_idle_deadline(
+        make: Make, backend: ScriptedBackend) -> None:
+    """Answers fill the socket of a client that never reads again: at its idle
+    deadline the connection closes, the send in progress given up (bug: the
+    closing greenlet waited for that send, the watchdog asked it to park, and
+    its ParkNow left the connection open for ever)."""
+    w = make(**{"timeouts.client_idle": 0.5})
+    sock = connect(w, rcvbuf=4096)
+    warm(w, sock)
+    fill_until_sending(w, sock, backend)
+    assert until(lambda: w.slots.open == 0 and w.stats.open_connections == 0
+                 and not w.io.connections)
+    sock.close()
+
+
 def test_a_slow_reader_s_answers_are_sent_in_order_by_greenlets(make: Make,
                                                                 backend: ScriptedBackend) -> None:
     """Answers the client does not read fill its socket: the outbox's flush

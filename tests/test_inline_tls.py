@@ -39,6 +39,7 @@ from tests.test_inline import (
     assert_released,
     client_of,
     fill_unread,
+    fill_until_sending,
     get,
     in_hub,
     parked,
@@ -574,6 +575,35 @@ def test_an_answer_openssl_can_write_only_after_a_read_goes_out_whole_once_reada
     assert_released(w, completed=4)
 
 
+def test_an_answer_waiting_for_bytes_that_never_come_ends_with_the_connection_s_deadline(
+        tls_worker: Any, backend: ScriptedBackend, tmp_path: Path) -> None:
+    """A client that never sends what OpenSSL waits for before it can write: the
+    connection is closed at its idle deadline, the send given up with it."""
+    w = tls_worker(**{"timeouts.client_idle": 0.5})
+    sock = connect(w, tmp_path)
+    warm(w, sock)
+    obj = Wanting(client_of(w), "write", ssl.SSLWantReadError)
+    sock.sendall(get("/held"))
+    assert until(lambda: obj.raised > 0)
+    assert until(lambda: gone(w))
+    with contextlib.suppress(ssl.SSLError):  # an end without close_notify
+        assert sock.recv(100) == b""
+    sock.close()
+    assert_released(w, completed=2)
+
+
+def test_a_client_that_stops_reading_is_closed_at_its_idle_deadline(
+        tls_worker: Any, backend: ScriptedBackend, tmp_path: Path) -> None:
+    """As over plain HTTP (tests/test_inline.py): a TLS client whose answers
+    fill its socket and that never reads again is closed at its idle deadline."""
+    w = tls_worker(**{"timeouts.client_idle": 0.5})
+    sock = connect(w, tmp_path, rcvbuf=4096)
+    warm(w, sock)
+    fill_until_sending(w, sock, backend)
+    assert until(lambda: gone(w))
+    sock.close()
+
+
 def test_a_read_openssl_can_make_only_after_a_write_waits_until_the_socket_is_writable(
         tls_worker: Any, backend: ScriptedBackend, tmp_path: Path) -> None:
     """SSL_read raising SSLWantWrite (OpenSSL must first write what the full
@@ -585,13 +615,7 @@ def test_a_read_openssl_can_make_only_after_a_write_waits_until_the_socket_is_wr
     sock = connect(w, tmp_path, rcvbuf=4096)
     warm(w, sock)
     conn = client_of(w)
-    sent = 0
-    while conn.stream.writer.rest is None:  # until the socket is full
-        assert sent < 300
-        sock.sendall(get(f"/sized-60000-{sent}"))  # each held whole, then sent
-        sent += 1
-        assert until(lambda count=sent: len(backend.requests) == count + 1)
-        gevent.sleep(0.01)
+    sent = fill_until_sending(w, sock, backend)  # the socket is full
     obj = Wanting(conn, "read", ssl.SSLWantWriteError)
     sock.sendall(get("/after"))
     assert until(lambda: obj.raised > 0)
