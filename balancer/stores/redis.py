@@ -95,7 +95,8 @@ def is_wrong_type(exc: BaseException) -> bool:
 def connect(url: str, timeout: float) -> redis.Redis:
     """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``."""
     options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
-                               "retry": Retry(NoBackoff(), 0), "decode_responses": True}
+                               "retry": Retry(NoBackoff(), 0), "decode_responses": True,
+                               "encoding_errors": "surrogateescape"}
     if url.startswith(SENTINEL_SCHEME):
         target = parse_sentinel_url(url)
         sentinel = Sentinel(list(target.sentinels),
@@ -170,8 +171,8 @@ class RedisStore(Store):
         for n, (host, text) in enumerate(raw_hosts.items()):
             if n % PAUSE_EVERY == PAUSE_EVERY - 1:
                 time.sleep(0)  # a big table: let the worker's other greenlets run
-            with unreadable_is_corrupt(f"{where}: {self.hosts_key}[{host}]"):
-                hosts[host] = json.loads(text)
+            with unreadable_is_corrupt(f"{where}: {self.hosts_key}[{printable(host)}]"):
+                hosts[host] = json.loads(utf8(text, host))
         with unreadable_is_corrupt(f"{where}: the table"):
             return self._checker.check(where, version, hosts, raw_hosts)
 
@@ -421,7 +422,7 @@ class RedisStore(Store):
                 rules[host] = None
                 continue
             try:
-                rules[host] = json.loads(text)
+                rules[host] = json.loads(utf8(text, host))
                 if validate_table({host: rules[host]}):
                     return None
             except (ValueError, RecursionError):
@@ -509,6 +510,24 @@ def _named_changes(messages: list[Any]) -> tuple[int, int, list[str]] | None:
     if versions != list(range(versions[0], versions[0] + len(versions))):
         return None
     return versions[0], versions[-1], list(hosts)
+
+
+def utf8(text: str, host: str = "") -> str:
+    """`text` as Redis holds it, or ValueError when it (or `host`, the field it is
+    under) has bytes that are not UTF-8: the client decodes those as surrogates."""
+    for what, value in (("the host name", host), ("the value", text)):
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            byte = ord(value[exc.start]) - 0xDC00
+            raise ValueError(f"{what} is not UTF-8 (byte 0x{byte:02x} at position "
+                             f"{exc.start})") from None
+    return text
+
+
+def printable(text: str) -> str:
+    """`text` printable whatever its bytes (``\\xff`` for a byte that is not UTF-8)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _sleep(seconds: float, stop: Callable[[], bool]) -> None:

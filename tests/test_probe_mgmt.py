@@ -1,0 +1,180 @@
+"""Outside probe of the management plane, the stores and the operator's tools,
+against a real balancer. Each case a defect found and fixed (each test fails
+without its fix):
+
+* One byte that is not UTF-8 in Redis (``HSET NS:hosts "\\xff.test" ...``, from
+  any other program) raised ``UnicodeDecodeError`` out of the store watcher of
+  every worker and of the management process: they stopped following the store
+  for good, reporting nothing (``/readyz`` ready, ``balancer_store_up`` 1), and
+  ``GET /api/v1/hosts`` answered 500. Now it is a corrupt store naming the key.
+* A routes file that is a symlink (documented as followed) was replaced by a
+  regular file at the first write: the file it named stayed at the old table.
+* A routes file cut short at the version served was never reported, and a
+  problem reported before was cleared as "readable again".
+* ``balancerctl --url http://[::1:8081`` ended in a traceback; a port of 99999
+  said "Connection refused"; a token no HTTP client can send was tried.
+* ``management.token`` with a control character, spaces at its ends or a
+  non-ASCII letter was taken: no request could ever match it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balancer.settings import SettingsError, load_settings
+from management.ctl import main as ctl_main
+from tests.conftest import RedisServer
+from tests.support import Balancer, request, wait_for
+
+WAIT = 10.0
+STATIC = {"action": "static", "status": 200, "body": "hi"}
+
+
+def problem(bal: Balancer) -> str:
+    """The store problem the management API reports ("" when none)."""
+    return bal.api("GET", "/api/v1/info")[1]["store"]["problem"] or ""
+
+
+def serves(bal: Balancer, host: str = "app.test", body: bytes = b"hi") -> bool:
+    status, _, got = request(bal.port, host=host, timeout=5)
+    return status == 200 and got == body
+
+
+# Redis: bytes that are not UTF-8 ----------------------------------------------------
+@pytest.fixture
+def redis_site(redis_factory: Callable[[], RedisServer], tmp_path: Path
+               ) -> Iterator[tuple[Balancer, Any]]:
+    """``bal, raw``: a balancer on a private Redis serving app.test; raw: a bytes client."""
+    import redis
+
+    server = redis_factory()
+    bal = Balancer(tmp_path, None, store=server.url)
+    assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+    raw = redis.Redis.from_url(server.url, socket_timeout=5)
+    yield bal, raw
+    raw.close()
+    bal.stop()
+
+
+def publish_change(raw: Any, host: bytes, value: bytes) -> int:
+    """A write made elsewhere, as the Redis store makes it (one transaction); the new
+    version."""
+    version = int(raw.get("balancer:version")) + 1
+    with raw.pipeline(transaction=True) as pipe:
+        pipe.hset("balancer:hosts", host, value)
+        pipe.set("balancer:version", version)
+        pipe.publish("balancer:changes", b"%d %s" % (version, host))
+        pipe.execute()
+    return version
+
+
+def test_bytes_that_are_not_utf8_in_redis_are_a_corrupt_store_and_the_watch_goes_on(
+        redis_site: tuple[Balancer, Any]) -> None:
+    bal, raw = redis_site
+    rule = json.dumps(STATIC).encode()
+    publish_change(raw, b"\xff.test", rule)
+    named = "balancer:hosts[\\xff.test] is not valid JSON: the host name is not UTF-8 (byte 0xff"
+    wait_for(lambda: named in problem(bal), WAIT, what="the host name reported")
+    status, answer = bal.api("GET", "/api/v1/hosts")  # was a 500
+    assert status == 200 and named in answer["store_problem"], answer
+    assert list(answer["hosts"]) == ["app.test"] and serves(bal)
+    raw.hdel("balancer:hosts", b"\xff.test")
+    publish_change(raw, b"bad.test", b'{"action": "static", "status": 200, "body": "\xfe"}')
+    wait_for(lambda: "balancer:hosts[bad.test] is not valid JSON: the value is not UTF-8 "
+                     "(byte 0xfe" in problem(bal), WAIT, what="the value reported")
+    raw.hdel("balancer:hosts", b"bad.test")
+    raw.publish("balancer:changes", b"\xff\xfe garbage")  # a message of bytes
+    # every watcher still follows the store: a change made elsewhere is served
+    publish_change(raw, b"new.test", json.dumps({**STATIC, "body": "new"}).encode())
+    wait_for(lambda: serves(bal, "new.test", b"new") and problem(bal) == "", WAIT,
+             what="the change after the repair")
+    assert "Traceback" not in bal.output()
+
+
+# the file store ---------------------------------------------------------------------
+def test_a_symlinked_routes_file_stays_a_link_and_its_file_is_written(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "routes.json").write_text(json.dumps({"version": 1, "hosts": {"app.test": STATIC}}))
+    link = tmp_path / "routes-link.json"
+    link.symlink_to(real / "routes.json")
+    bal = Balancer(tmp_path, store=f"file:{link}")
+    try:
+        assert serves(bal)
+        assert bal.api("PUT", "/api/v1/hosts/b.test", STATIC) == (200, {"version": 2})
+        assert link.is_symlink(), "the write replaced the link by a file"
+        assert set(json.loads((real / "routes.json").read_text())["hosts"]) == {
+            "app.test", "b.test"}
+        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"c.test": STATIC}})[0] == 200
+        assert link.is_symlink()
+        assert list(json.loads((real / "routes.json").read_text())["hosts"]) == ["c.test"]
+        assert [p.name for p in real.iterdir() if p.name.endswith(".tmp")] == []
+    finally:
+        bal.stop()
+
+
+def test_a_routes_file_cut_short_at_the_served_version_is_reported(tmp_path: Path) -> None:
+    bal = Balancer(tmp_path, {"app.test": STATIC})
+    try:
+        assert bal.api("PUT", "/api/v1/hosts/b.test", STATIC)[0] == 200
+        whole = bal.routes.read_bytes()
+        bal.routes.write_bytes(b'{"version": 9, "hosts": {"\xff": 1}}')  # corrupt, reported
+        wait_for(lambda: "not valid JSON" in problem(bal), WAIT, what="the corrupt file")
+        bal.routes.write_bytes(whole[:len(whole) // 2])  # the version served, cut short
+        wait_for(lambda: "Unterminated" in problem(bal) or "Expecting" in problem(bal), WAIT,
+                 what="the cut file reported, not cleared as readable")
+        bal.routes.write_bytes(whole)
+        wait_for(lambda: problem(bal) == "", WAIT, what="the whole file back")
+        bal.routes.write_bytes(whole[:-10])  # cut short with no problem before
+        wait_for(lambda: "not valid JSON" in problem(bal), WAIT, what="the cut file reported")
+        assert serves(bal) and serves(bal, "b.test")
+    finally:
+        bal.stop()
+
+
+# the operator's tools ---------------------------------------------------------------
+@pytest.mark.parametrize(("args", "said"), [
+    (["--url", "http://[::1:8081"], "Invalid IPv6 URL"),
+    (["--url", "http://127.0.0.1:99999"], "Port out of range"),
+    (["--url", "http://:8081"], "expected http://HOST:PORT"),
+    (["--url", "http://127.0.0.1:1", "--token", "a\nb"], "--token (or BALANCER_TOKEN)"),
+    (["--url", "http://127.0.0.1:1", "--token", " t"], "--token (or BALANCER_TOKEN)"),
+])
+def test_balancerctl_refuses_a_malformed_url_or_token_with_exit_2(
+        args: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl_main([*args, "list"]) == 2
+    assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("token", "found"), [
+    ("secret\n", "a control character"), (" secret", "spaces at an end"),
+    ("sécret", "not ASCII")])
+def test_a_management_token_no_client_can_send_is_refused_unshown(token: str,
+                                                                  found: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(flags={"management.token": token}, env={})
+    (message,) = info.value.problems
+    assert message.startswith("management.token (--token): must be visible ASCII")
+    assert found in message and token.strip() not in message
+    assert load_settings(flags={"management.token": "a b"}, env={}).management.token == "a b"
+
+
+def test_env_token_with_a_newline_exits_2(tmp_path: Path) -> None:
+    """As `balancer serve` sees a token read with its newline (``$(cat file)`` keeps none,
+    an env file may)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BALANCER_MANAGEMENT_TOKEN": "secret\n",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "balancer", "serve", "--store",
+                           f"file:{tmp_path / 'r.json'}"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2
+    assert "management.token (BALANCER_MANAGEMENT_TOKEN): must be visible ASCII" in done.stderr
