@@ -16,7 +16,11 @@ from balancer.stores.base import StoreUnavailable
 
 def write_atomically(path: str, body: bytes, mode: int | None = None) -> None:
     """Replace `path` with `body`: a temporary file beside it (created 0600, then
-    `mode` if given), written, fsynced and renamed over `path`. Raises OSError."""
+    `mode` if given), written, fsynced and renamed over `path`. A symlink is
+    followed: the file it names is replaced and the link kept (bug: the first
+    write put a regular file in place of the link, so the file the link named,
+    which other readers may use, silently stayed at the old table). Raises OSError."""
+    path = os.path.realpath(path)
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=directory)

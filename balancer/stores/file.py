@@ -14,7 +14,8 @@ Invariants:
   problem and the last good table stays in force. The file starts with its
   version (``{"version": N, "hosts": ...``), so a watcher whose consumer
   already serves version N (told directly by the management process) skips
-  parsing a big table it has.
+  parsing a big table it has, unless the file does not end with ``}`` (cut
+  short) or a problem is being reported: only a whole read clears one.
 * A missing file (deleted under a running balancer) is a lost table once any
   version was known (`Store.floor`): a one-host write is `StoreLost`; only a
   whole-table `replace` writes the file again, above the floor.
@@ -204,7 +205,7 @@ class FileStore(Store):
 
     def _write(self, data: TableData) -> None:
         """Atomically replace the file (temp file, fsync, rename, fsync dir)."""
-        directory = os.path.dirname(self.path)
+        directory = os.path.dirname(os.path.realpath(self.path))  # a link: its target's
         body = self._lines.encode(data)
         try:
             mode = os.stat(self.path).st_mode & 0o777
@@ -251,22 +252,26 @@ class FileStore(Store):
                 problems.report(self._problem)
             elif signature != seen:
                 seen = signature
-                if served is None or not _told_directly(self._peek_version(), served):
+                if (served is None or self._problem is not None
+                        or not _told_directly(self._peek_version(), served)):
                     delivered = self._reread(delivered, on_change, problems, served)
-                elif self._problem is not None:
-                    self._problem = None
-                    problems.clear(f"{self.path}: readable again")
             time.sleep(POLL_INTERVAL)
 
     def _peek_version(self) -> int | None:
-        """The version at the start of the file (as this store writes it), or None."""
+        """The version at the start of the file (as this store writes it), or None;
+        None too when the file does not end as this store ends it, with ``}``.
+        Bug: a file cut short (truncated by a full disk or an interrupted copy) at
+        the version served was taken as read, unreported, and a problem reported
+        before it was cleared as "readable again"."""
         try:
             with open_regular(self.path) as f:
                 head = f.read(PEEK_BYTES)
+                f.seek(max(0, os.fstat(f.fileno()).st_size - PEEK_BYTES))
+                tail = f.read(PEEK_BYTES)
         except OSError:
             return None
         match = _VERSION_FIRST.match(head)
-        return int(match.group(1)) if match else None
+        return int(match.group(1)) if match and tail.rstrip().endswith(b"}") else None
 
     def _reread(self, delivered: TableData | None, on_change: Callable[[TableData], None],
                 problems: ProblemLog, served: Callable[[], int] | None) -> TableData | None:
