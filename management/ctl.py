@@ -15,7 +15,7 @@ import sys
 from email.message import Message
 from typing import Any, NoReturn
 from urllib.error import HTTPError, URLError
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 from urllib.request import Request, urlopen
 
 from balancer.diagnosis import BY
@@ -143,9 +143,10 @@ class Client:
     """JSON over HTTP to the management API, errors turned into `CtlError`."""
 
     def __init__(self, url: str, token: str | None) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise UsageError(f"--url {url!r}: expected http://HOST:PORT or https://HOST:PORT")
-        self.url = url.rstrip("/")
+        self.url = _checked_url(url)
+        if token and not _is_sendable(token):
+            raise UsageError("--token (or BALANCER_TOKEN): a bearer token is visible ASCII, "
+                             "without spaces at its ends or control characters")
         self.token = token
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
@@ -185,6 +186,25 @@ class Client:
                 f"this looks like the proxy (or another server), not the management API; "
                 f"use --url or BALANCER_URL with the balancer's [management] listen address "
                 f"(default {DEFAULT_URL})")
+
+
+def _checked_url(url: str) -> str:
+    """`url` without a trailing slash, or `UsageError` unless it is http(s)://HOST[:PORT]
+    (bug: ``http://[::1:8081`` or a port of 99999 ended in a traceback or a misleading
+    "Connection refused")."""
+    expected = "expected http://HOST:PORT or https://HOST:PORT"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError as exc:
+        raise UsageError(f"--url {url!r}: {exc}; {expected}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--url {url!r}: {expected}")
+    return url.rstrip("/")
+
+
+def _is_sendable(token: str) -> bool:
+    return token.isascii() and token.isprintable() and token == token.strip()
 
 
 def _is_json(headers: Message) -> bool:
