@@ -47,6 +47,7 @@ from balancer.settings_kinds import (
     PEM_FILE,
     POSITIVE,
     TEXT,
+    TOKEN,
     Account,
     Choice,
     Directory,
@@ -117,7 +118,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.pages_dir", Directory(), "", "directory of NAME.html built-in page overrides"),
     Setting("management.listen", ADDRESS, "127.0.0.1:8081",
             "management API address", "--management"),
-    Setting("management.token", TEXT, "",
+    Setting("management.token", TOKEN, "",
             "bearer token for the management API: every route but /healthz and the "
             "dashboard page needs it, /metrics included", "--token", "TOKEN"),
     Setting("management.apply_timeout", POSITIVE, 2.0,

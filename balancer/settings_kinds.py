@@ -386,7 +386,30 @@ class Account(Kind):
         return value
 
 
+class Token(Kind):
+    """A bearer token: "" (none), or visible ASCII without spaces at its ends, as a
+    client sends it in ``Authorization: Bearer TOKEN``. Bug: a token with a control
+    character, a space at an end or a non-ASCII letter was taken, and no request
+    could match it. The message never shows the token."""
+
+    expected = "visible ASCII (spaces only inside), as a bearer token is sent"
+
+    def check(self, value: object, raw: object) -> object:
+        if not isinstance(value, str) or not value:
+            return value
+        if not value.isascii():
+            found = "a character that is not ASCII"
+        elif not value.isprintable():
+            found = "a control character"
+        elif value != value.strip():
+            found = "spaces at an end"
+        else:
+            return value
+        raise Rejected(f"must be {self.expected}; the token given has {found}")
+
+
 TEXT = Kind()
+TOKEN = Token()
 BOOLEAN = Boolean()
 NAME = Name()
 POSITIVE = Number()
