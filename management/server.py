@@ -17,6 +17,8 @@ Invariants (SPEC §5: "header timeout, connection cap, body limits"):
   connections in exactly that state), so an operator's request gets in
   however many half-sent requests are open; when every connection is inside
   a request, the new one is closed.
+* A head that frames its body ambiguously (`framing_problem`) is answered
+  400 and the connection closed, as a malformed one.
 * Refused or malformed requests never log a traceback.
 """
 
@@ -110,7 +112,11 @@ class ManagementHandler(WSGIHandler):
 
     def MessageClass(self, fp: Any, *args: Any) -> Any:  # noqa: N802 - gevent's name
         budget = self.server.max_header_bytes - len(self.requestline)
-        return super().MessageClass(BoundedHead(fp, budget), *args)
+        headers = super().MessageClass(BoundedHead(fp, budget), *args)
+        problem = framing_problem(headers)
+        if problem:
+            raise ValueError(problem)  # a bare 400, and the connection closed
+        return headers
 
     def _handle_client_error(self, ex: BaseException) -> Any:
         """A malformed, too large or too slow head: answered and closed, never a traceback."""
@@ -218,6 +224,23 @@ class ManagementServer(WSGIServer):
     def forget(self, handler: ManagementHandler) -> None:
         self.heads.pop(handler, None)
         self.open.discard(handler)
+
+
+def framing_problem(headers: Any) -> str:
+    """Why a request head frames its body ambiguously ("" when it does not): a
+    ``Transfer-Encoding`` other than ``chunked`` alone, one beside a
+    ``Content-Length``, or a ``Content-Length`` twice or not digits (RFC 9112 §6).
+    Bug: gevent read ``Content-Length: 5`` + ``Content-Length: 40`` as 5,
+    ``5_0`` as 50, ``gzip, chunked`` as no body, and kept the connection open
+    after one with both: behind a reverse proxy that framed it the other way,
+    the rest of the body was taken as the next request (smuggling)."""
+    codings = headers.get_all("Transfer-Encoding") or []
+    lengths = [value.strip() for value in headers.get_all("Content-Length") or []]
+    if codings and (lengths or len(codings) > 1 or codings[0].strip().lower() != "chunked"):
+        return "Transfer-Encoding must be chunked alone, without Content-Length"
+    if len(lengths) > 1 or (lengths and not (lengths[0].isascii() and lengths[0].isdigit())):
+        return "Content-Length must be given once, in digits"
+    return ""
 
 
 def _too_large() -> ApiError:

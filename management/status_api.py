@@ -93,7 +93,8 @@ class StatusRoutes:
 
     def on_metrics(self, request: Request) -> Response:
         metrics = self.exporter()
-        return Response(metrics.render(), content_type=metrics.content_type)
+        return Response(metrics.render(), content_type=metrics.content_type,
+                        headers={"Cache-Control": "no-store"})  # live figures, as every answer
 
     def exporter(self) -> Any:
         """The Prometheus exporter (`management.metrics.Metrics`), made at the

@@ -368,6 +368,7 @@ def test_metrics_are_served_as_prometheus_text(base: str) -> None:
     reply = call(base, "GET", "/metrics")
     assert reply.status == 200
     assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert reply.headers["Cache-Control"] == "no-store"  # as documented for every answer
     assert b"balancer_store_up 1.0" in reply.body
 
 

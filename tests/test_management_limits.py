@@ -21,6 +21,7 @@ from tests.support import Balancer, wait_for
 
 TOKEN = "limits-s3cret"
 HEADER_TIMEOUT = 1.5
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CONFIG = f"""
 [management]
 token = "{TOKEN}"
@@ -180,3 +181,31 @@ def test_a_broken_chunked_body_gets_400_with_the_problem_in_details(bal: Balance
     assert answer["error"] == "bad_request"
     assert answer["message"] == "the request body could not be read"
     assert len(answer["details"]) == 1 and "Non-hex data" in answer["details"][0], answer
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked",
+    b"Content-Length: 5\r\nContent-Length: 40",
+    b"Content-Length: 4_0",
+    b"Content-Length: +40",
+    b"Transfer-Encoding: gzip, chunked",
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+])
+def test_an_ambiguously_framed_body_gets_400_and_the_connection_closed(
+        bal: Balancer, framing: bytes) -> None:
+    """Bug: gevent took the first of two Content-Lengths, read ``4_0`` as 40 and
+    ``gzip, chunked`` as no body, and kept the connection open: the body's rest,
+    here a second request hidden in the first's chunked body, was then served."""
+    hidden = (b"DELETE /api/v1/hosts/keep.test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+              b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    rule = {"action": "static", "status": 200, "body": "kept"}
+    assert bal.api("PUT", "/api/v1/hosts/keep.test", rule, AUTH)[0] == 200
+    body = b"0\r\n\r\n" + hidden  # `0\r\n\r\n` ends a chunked body; 5 bytes
+    with connect(bal.mport) as sock:
+        sock.sendall(b"PUT /api/v1/hosts/keep.test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\n" + framing + b"\r\n\r\n" + body)
+        data = read_all(sock)
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data[:200]
+    assert data.count(b"HTTP/1.1") == 1  # closed: nothing after it was read as a request
+    assert bal.api("GET", "/api/v1/hosts/keep.test", headers=AUTH)[0] == 200
