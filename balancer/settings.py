@@ -119,7 +119,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("management.listen", ADDRESS, "127.0.0.1:8081",
             "management API address", "--management"),
     Setting("management.token", TOKEN, "",
-            "bearer token for the management API: every route but /healthz and the "
+            "bearer token for the management API (visible ASCII): every route but /healthz and the "
             "dashboard page needs it, /metrics included", "--token", "TOKEN"),
     Setting("management.apply_timeout", POSITIVE, 2.0,
             "seconds a write waits for every worker to serve it (202 past it)"),

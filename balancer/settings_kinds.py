@@ -392,7 +392,6 @@ class Token(Kind):
     character, a space at an end or a non-ASCII letter was taken, and no request
     could match it. The message never shows the token."""
 
-    expected = "visible ASCII (spaces only inside), as a bearer token is sent"
 
     def check(self, value: object, raw: object) -> object:
         if not isinstance(value, str) or not value:
@@ -405,7 +404,8 @@ class Token(Kind):
             found = "spaces at an end"
         else:
             return value
-        raise Rejected(f"must be {self.expected}; the token given has {found}")
+        raise Rejected("must be visible ASCII (spaces only inside), as a bearer token is "
+                       f"sent; the token given has {found}")
 
 
 TEXT = Kind()
