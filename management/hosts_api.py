@@ -201,6 +201,24 @@ class HostRoutes:
                                  headers=version_headers(version))
         return json_response(body, headers=version_headers(version))
 
+    def _restorable(self, served: TableData) -> int | None:
+        """The store's version, for the conditional write of a restore (None when the
+        store cannot be read: damaged or deleted, which a restore repairs); 409
+        `nothing_to_restore` when the store holds a table at or above the version
+        served. Bug: a restore on a healthy store that was ahead (another balancer's
+        write not yet applied here) wrote the older served table over it."""
+        try:
+            current = self.store.load()
+        except (StoreUnavailable, CorruptStore):
+            return None
+        if current.version < served.version:
+            return current.version
+        raise ApiError(409, "nothing_to_restore",
+                       f"the store holds version {current.version}, not behind the table "
+                       f"this balancer serves (version {served.version}): it lost nothing, "
+                       f"and a restore would undo the writes since; PUT a whole table to "
+                       f"/api/v1/hosts to replace it")
+
     def on_restore(self, request: Request) -> Response:
         """Write the table the workers serve back to the store, above every version
         known: the operator's answer to a store that lost its table."""
@@ -211,7 +229,7 @@ class HostRoutes:
                            "it started and has no snapshot; PUT a whole table to "
                            "/api/v1/hosts instead")
         self._raise_floor()
-        version = self.store.replace(served.hosts)
+        version = self.store.replace(served.hosts, self._restorable(served))
         log.warning("restore: wrote the served table (version %d, %d hosts) back to store %s "
                     "as version %d", served.version, len(served.hosts), self.store.display_url,
                     version)

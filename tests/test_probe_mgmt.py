@@ -11,6 +11,9 @@ without its fix):
   regular file at the first write: the file it named stayed at the old table.
 * A routes file cut short at the version served was never reported, and a
   problem reported before was cleared as "readable again".
+* ``balancerctl restore`` on a healthy store that was ahead of the table served
+  (a write another balancer made, not applied here yet) wrote the older served
+  table over it: that write was lost. Now 409 ``nothing_to_restore``.
 * 20 backend adds at once to one host on Redis (instances registering at boot)
   failed a quarter of them with 503 "the table kept changing": the retries of
   the read-modify-write raced one another again at once, 10 times.
@@ -110,6 +113,33 @@ def test_concurrent_backend_adds_on_redis_all_land(redis_site: tuple[Balancer, A
     assert sorted(f.result()[0] for f in answers) == [200] * 20, [f.result() for f in answers]
     backends = bal.api("GET", "/api/v1/hosts/pool.test")[1]["rule"]["backends"]
     assert len(backends) == 21 and added == []
+
+
+def test_a_restore_never_writes_the_served_table_over_a_store_ahead_of_it(
+        redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
+    server = redis_factory()
+    bal = Balancer(tmp_path, None, store=server.url,
+                   env={"BALANCER_STORE_RESYNC_INTERVAL": "600"})  # no catching up by itself
+    raw = server.client()
+    try:
+        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}}) == (
+            200, {"version": 1})
+        with raw.pipeline(transaction=True) as pipe:  # another balancer's write, unheard
+            pipe.hset("balancer:hosts", "newer.test", json.dumps(STATIC))
+            pipe.incr("balancer:version")
+            pipe.execute()
+        status, answer = bal.api("POST", "/api/v1/restore")
+        assert (status, answer["error"]) == (409, "nothing_to_restore"), answer
+        assert "the store holds version 2, not behind the table this balancer serves " \
+               "(version 1)" in answer["message"]
+        assert raw.hgetall("balancer:hosts").keys() == {"app.test", "newer.test"}
+        assert raw.get("balancer:version") == "2"
+        raw.flushall()  # lost: now a restore writes the served table back
+        assert bal.api("POST", "/api/v1/restore") == (
+            200, {"version": 3, "restored_from": 1, "hosts": 1})
+        assert raw.hgetall("balancer:hosts").keys() == {"app.test"}
+    finally:
+        bal.stop()
 
 
 # the file store ---------------------------------------------------------------------
