@@ -166,12 +166,14 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
     watcher.kill(block=False)
 
 
-def open_child_store(settings: Settings) -> Any:
+def open_child_store(settings: Settings, strict: bool = True) -> Any:
+    """The store, `BootError` when it cannot be opened; not `strict` in a child that
+    serves (a file store whose directory went away opens, and its reads report it)."""
     from balancer.stores import StoreError, open_store
 
     try:
         return open_store(settings.store.url, settings.store.namespace,
-                          settings.store.resync_interval)
+                          settings.store.resync_interval, strict)
     except ValueError as exc:
         raise BootError(f"store.url: {exc}", 2) from None
     except StoreError as exc:
@@ -186,7 +188,7 @@ def run_worker(env: ChildEnv, listeners: list[tuple[Any, str]]) -> int:
     from balancer.server import Worker
 
     settings = env.settings
-    store = open_child_store(settings)
+    store = open_child_store(settings, strict=False)
     store.quiet = True  # the management process reports store problems once
     worker = Worker(settings, store, run_dir=env.run_dir)
     initial_load(worker)

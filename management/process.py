@@ -44,7 +44,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     from management.server import MAX_CONNECTIONS, ManagementServer
 
     settings = env.settings
-    store = open_child_store(settings)
+    store = open_child_store(settings, strict=False)
     mirror = Mirror(store, Snapshot(snapshot_path(settings.store.snapshot, store),
                                     store.identity()))
     mirror.start()

@@ -17,6 +17,11 @@ without its fix):
 * 20 backend adds at once to one host on Redis (instances registering at boot)
   failed a quarter of them with 503 "the table kept changing": the retries of
   the read-modify-write raced one another again at once, 10 times.
+* With the routes file's directory deleted (or its disk remounted read-only),
+  a worker or management process that died could not be replaced: each
+  replacement exited at once (a crash loop; that slot served nothing, the API
+  was gone). Now it starts and reports the store; at start the same path is
+  still a bad setting (exit 2), and so is a path that is a directory.
 * ``balancerctl --url http://[::1:8081`` ended in a traceback; a port of 99999
   said "Connection refused"; a token no HTTP client can send was tried.
 * ``management.token`` with a control character, spaces at its ends or a
@@ -162,6 +167,47 @@ def test_a_symlinked_routes_file_stays_a_link_and_its_file_is_written(tmp_path: 
         assert [p.name for p in real.iterdir() if p.name.endswith(".tmp")] == []
     finally:
         bal.stop()
+
+
+def test_a_worker_replaced_while_the_store_directory_is_gone_serves(tmp_path: Path) -> None:
+    import signal
+
+    store = tmp_path / "store"
+    store.mkdir()
+    bal = Balancer(tmp_path, store=f"file:{store / 'routes.json'}")
+    try:
+        assert bal.api("PUT", "/api/v1/hosts/app.test", STATIC)[0] == 200
+        store.rename(tmp_path / "gone")
+        wait_for(lambda: "deleted?" in problem(bal), WAIT, what="the loss reported")
+        (pid,) = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+        os.kill(pid, signal.SIGKILL)
+
+        def replaced() -> bool:
+            info = bal.api("GET", "/api/v1/info")[1]
+            return [p["pid"] != pid for p in info["processes"]] == [True]
+        wait_for(replaced, WAIT, what="a new worker")
+        assert request(bal.port, host="app.test", timeout=5)[0] == 503  # serving: no table
+        assert bal.api("GET", "/api/v1/info")[1]["arbiter"]["recent_crashes"] == 1
+        store.mkdir()  # the operator puts it back, and the table
+        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+        assert serves(bal)
+    finally:
+        bal.stop()
+
+
+@pytest.mark.parametrize("where", ["missing/routes.json", "."])
+def test_a_store_path_that_cannot_be_the_routes_file_exits_2_at_start(
+        tmp_path: Path, where: str) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-m", "balancer", "serve", "--listen", "127.0.0.1:0",
+                           "--management", "127.0.0.1:0", "--store", f"file:{tmp_path / where}"],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    said = "does not exist" if "missing" in where else "is a directory; name the routes file"
+    assert said in done.stderr
 
 
 def test_a_routes_file_cut_short_at_the_served_version_is_reported(tmp_path: Path) -> None:

@@ -23,9 +23,10 @@ __all__ = ["CorruptStore", "Store", "StoreError", "StoreLost", "StoreUnavailable
            "redact_url"]
 
 
-def open_store(url: str, namespace: str = "balancer", resync_interval: float = 5.0) -> Store:
+def open_store(url: str, namespace: str = "balancer", resync_interval: float = 5.0,
+               strict: bool = True) -> Store:
     """The store a URL names. Raises `StoreUrlError` (a ValueError) for a bad URL,
-    including a file path whose file cannot be created."""
+    including, when `strict`, a file path whose file cannot be created (`FileStore`)."""
     if store_kind(url) == "file":
         from balancer.stores.file import FileStore
 
@@ -33,7 +34,7 @@ def open_store(url: str, namespace: str = "balancer", resync_interval: float = 5
         if path.startswith("//"):
             path = path[2:]
         try:
-            return FileStore(path)
+            return FileStore(path, strict)
         except StoreUnavailable as exc:
             raise StoreUrlError(str(exc)) from None
     from balancer.stores.redis import RedisStore

@@ -69,7 +69,14 @@ class FileStore(Store):
 
     kind = "file"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, strict: bool = True) -> None:
+        """`strict` (start-up, a reload's check): `StoreUnavailable` when the file
+        cannot be created (its directory missing or read-only) or the path is a
+        directory. Not strict (a worker or management process started while the
+        balancer runs): the store opens anyway and reports what its reads find.
+        Bug: with the directory deleted, or the disk remounted read-only, no
+        replacement of a crashed worker or management process could start (a
+        crash loop: that slot served nothing, the API was gone)."""
         self.path = os.path.abspath(path)
         self.display_url = f"file:{path}"
         self._lock_path = self.path + ".lock"
@@ -79,9 +86,20 @@ class FileStore(Store):
         self._lines = _Lines()
         self._checker = TableChecker()
         self._certs: FileCerts | None = None
+        try:
+            self._create_if_missing()
+        except StoreUnavailable:
+            if strict:
+                raise
+            self._reachable = False
+
+    def _create_if_missing(self) -> None:
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
             raise StoreUnavailable(f"{self.path}: the directory {directory} does not exist")
+        if os.path.isdir(self.path):
+            raise StoreUnavailable(f"{self.path} is a directory; name the routes file "
+                                   f"(file:{os.path.join(self.path, 'balancer-routes.json')})")
         with self._locked():
             if not os.path.exists(self.path):
                 self._write(TableData(0, {}))
