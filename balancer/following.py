@@ -9,8 +9,9 @@ and the last good one keeps serving.
 Invariants:
 * A store table older than the highest version this worker has known (its
   own, or the snapshot's at start) never replaces the served table
-  (`balancer.stores.snapshot.judge`); `store_problem` says why until the
-  store is repaired.
+  (`balancer.stores.snapshot.judge`), nor does, at start, another table at the
+  snapshot's own version (`rewritten`: the store was changed without raising
+  it); `store_problem` says why until the store is repaired.
 * Table updates run one at a time (`updating`). A change names the hosts it
   changed and costs what changed (`RoutingTable.with_changes`); a whole table
   that differs in few hosts is applied as a change; otherwise it is compiled
@@ -30,7 +31,7 @@ from typing import Any
 
 from balancer.rules import RuleError, normalize_host
 from balancer.stores.base import StoreError, TableChange, TableData
-from balancer.stores.snapshot import Snapshot, judge
+from balancer.stores.snapshot import Snapshot, judge, rewritten
 from balancer.table import COMPACT_AT, PAUSE_EVERY, RoutingTable, TableHolder
 
 log = logging.getLogger("balancer")
@@ -71,6 +72,11 @@ class TableFollower:
                 raise
             log.warning("store %s: %s; serving the last good table (version %d) from %s",
                         self.store.display_url, exc, saved.version, self.snapshot.path)
+            self.apply(saved, judged=False)
+            return
+        problem = rewritten(data, saved, self.store.display_url)
+        if problem is not None and saved is not None:  # damaged at the version saved
+            self.store_problem = problem
             self.apply(saved, judged=False)
             return
         if not self.apply(data) and saved is not None:

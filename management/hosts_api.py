@@ -35,6 +35,7 @@ from balancer.rules import (
     validate_table,
 )
 from balancer.stores import CorruptStore, Store, StoreUnavailable, TableData, VersionConflict
+from balancer.stores.snapshot import rewritten
 from management import edits
 from management.http import ApiError, if_match, json_response, read_json, version_headers
 from management.mirror import Mirror
@@ -70,12 +71,16 @@ class HostRoutes:
         if self.mirror.problem and served is not None:
             return served, self.mirror.problem
         try:
-            return self.store.load(), None
+            data = self.store.load()
         except (StoreUnavailable, CorruptStore) as exc:
             if served is None:
                 raise
             return served, f"{exc}; showing the table this balancer serves (version " \
                 f"{served.version})"
+        if served is not None and rewritten(data, served, self.store.display_url):
+            self.mirror.on_table(data)  # judged and reported there, as the watcher's
+            return served, self.mirror.problem
+        return data, None
 
     def on_replace_hosts(self, request: Request) -> Response:
         condition = if_match(request)
@@ -205,14 +210,16 @@ class HostRoutes:
         """The store's version, for the conditional write of a restore (None when the
         store cannot be read: damaged or deleted, which a restore repairs); 409
         `nothing_to_restore` when the store holds a table at or above the version
-        served. Bug: a restore on a healthy store that was ahead (another balancer's
-        write not yet applied here) wrote the older served table over it."""
+        served, and the management process found nothing wrong with it. Bug: a
+        restore on a healthy store that was ahead (another balancer's write not yet
+        applied here) wrote the older served table over it."""
         try:
             current = self.store.load()
         except (StoreUnavailable, CorruptStore):
             return None
-        if current.version < served.version:
-            return current.version
+        if (current.version < served.version or self.mirror.problem
+                or rewritten(current, served, self.store.display_url)):
+            return current.version  # behind, judged lost, or another table at its version
         raise ApiError(409, "nothing_to_restore",
                        f"the store holds version {current.version}, not behind the table "
                        f"this balancer serves (version {served.version}): it lost nothing, "

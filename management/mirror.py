@@ -12,7 +12,8 @@ values below today's floors, loaded raised (`raised`, shown by `/api/v1/info`:
 `balancer.stores.floors`).
 
 Invariants:
-* `table` is only replaced by a table at least as new as `highest`; the
+* `table` is only replaced by a table at least as new as `highest`, never by
+  another table at its own version (`rewritten`: the store was damaged); the
   management API's own writes are noted at once (`note_write`), so the
   watcher's later delivery of the same version changes nothing.
 * `raised` is what the table served holds raised: set by each whole table
@@ -34,7 +35,7 @@ from gevent.event import Event
 from balancer.rules import CHECK_FLOORS
 from balancer.stores.base import Store, StoreError, TableChange, TableData
 from balancer.stores.floors import Raised
-from balancer.stores.snapshot import Snapshot, judge
+from balancer.stores.snapshot import Snapshot, judge, rewritten
 
 log = logging.getLogger("balancer.routes")
 
@@ -94,7 +95,8 @@ class Mirror:
         self.on_table(item)
 
     def on_table(self, data: TableData) -> None:
-        problem = judge(data, self.highest, self.store.display_url)
+        problem = judge(data, self.highest, self.store.display_url) or rewritten(
+            data, self.table, self.store.display_url)
         if problem is not None:
             if problem != self.problem:
                 log.error("%s", problem)

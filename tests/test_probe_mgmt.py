@@ -14,6 +14,11 @@ without its fix):
 * ``balancerctl restore`` on a healthy store that was ahead of the table served
   (a write another balancer made, not applied here yet) wrote the older served
   table over it: that write was lost. Now 409 ``nothing_to_restore``.
+* ``DEL NS:hosts`` with the version kept (or Redis evicting the hash under a
+  ``maxmemory-policy``) was taken as that version's table: the API showed no
+  hosts, the snapshot kept none, and a worker started afterwards served none.
+  Now it is reported as a store changed without raising its version, the
+  served table is kept (by a new worker too) and a restore writes it back.
 * 20 backend adds at once to one host on Redis (instances registering at boot)
   failed a quarter of them with 503 "the table kept changing": the retries of
   the read-modify-write raced one another again at once, 10 times.
@@ -106,6 +111,38 @@ def test_bytes_that_are_not_utf8_in_redis_are_a_corrupt_store_and_the_watch_goes
     wait_for(lambda: serves(bal, "new.test", b"new") and problem(bal) == "", WAIT,
              what="the change after the repair")
     assert "Traceback" not in bal.output()
+
+
+def test_a_redis_table_changed_without_its_version_is_not_taken(
+        redis_site: tuple[Balancer, Any]) -> None:
+    import signal
+
+    bal, raw = redis_site
+    assert bal.api("PUT", "/api/v1/hosts/b.test", STATIC) == (200, {"version": 2})
+    snapshot = bal.tmp / "balancer-balancer.last-good.json"
+    wait_for(lambda: json.loads(snapshot.read_text())["version"] == 2, WAIT,
+             what="the snapshot of version 2")
+    raw.delete("balancer:hosts")  # as an eviction does: the version key stays
+    said = "holds another table at version 2 (0 hosts) than the one this balancer serves"
+    (pid,) = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+    os.kill(pid, signal.SIGKILL)  # a worker started now serves the served table
+    wait_for(lambda: [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+             not in ([], [pid]), WAIT, what="a new worker")
+    wait_for(lambda: serves(bal, "b.test"), WAIT, what="the new worker serving b.test")
+    worker = bal.api("GET", "/api/v1/info")[1]["processes"][0]
+    assert said in worker["store_problem"]
+    # the management process finds it at its next whole read (here the API's)
+    answer = bal.api("GET", "/api/v1/hosts")[1]
+    assert list(answer["hosts"]) == ["app.test", "b.test"] and said in answer["store_problem"]
+    assert said in problem(bal)
+    status, answer = bal.api("PUT", "/api/v1/hosts/c.test", STATIC)
+    assert (status, answer["error"]) == (409, "store_lost"), answer
+    assert bal.api("POST", "/api/v1/restore") == (
+        200, {"version": 3, "restored_from": 2, "hosts": 2})
+    assert sorted(raw.hkeys("balancer:hosts")) == [b"app.test", b"b.test"]
+    wait_for(lambda: problem(bal) == "", WAIT, what="the repair seen")
+    wait_for(lambda: bal.api("GET", "/api/v1/info")[1]["processes"][0]["store_problem"]
+             is None, WAIT, what="the worker's problem cleared")
 
 
 def test_concurrent_backend_adds_on_redis_all_land(redis_site: tuple[Balancer, Any]) -> None:

@@ -41,6 +41,22 @@ def judge(data: TableData, highest: int, where: str) -> str | None:
             f"copy, or its file deleted). Keeping the served table; {HOW_TO_FIX}")
 
 
+def rewritten(data: TableData, served: TableData | None, where: str) -> str | None:
+    """The problem when `data` is another table at the version of `served`: every
+    write raises the version, so the store was changed some other way. Bug: ``DEL
+    NS:hosts`` (or Redis evicting the hash under a ``maxmemory-policy``, keeping the
+    small version key) was taken as that version's table: the management API showed
+    it, the snapshot kept it, and a worker started afterwards served it (no hosts)."""
+    if served is None or data.version != served.version or data == served:
+        return None
+    return (f"store {where} holds another table at version {data.version} "
+            f"({len(data.hosts)} hosts) than the one this balancer serves at that version "
+            f"({len(served.hosts)} hosts): it was changed without raising the version (a "
+            f"hand edit that kept it, a key deleted, or evicted by Redis's "
+            f"maxmemory-policy). Keeping the served table; raise the version of a hand "
+            f"edit, or {HOW_TO_FIX}")
+
+
 def snapshot_path(setting: str, store: Any) -> str | None:
     """The snapshot file for `store`: the `store.snapshot` setting, or the default
     beside the routes file (file store) or in the working directory (Redis); None
