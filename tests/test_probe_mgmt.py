@@ -27,6 +27,9 @@ without its fix):
   replacement exited at once (a crash loop; that slot served nothing, the API
   was gone). Now it starts and reports the store; at start the same path is
   still a bad setting (exit 2), and so is a path that is a directory.
+* A Redis that wants a password the URL lacks was reported in Redis's words
+  only ("HELLO must be called with the client already authenticated..."); the
+  report now says to give it in ``store.url``.
 * ``balancerctl --url http://[::1:8081`` ended in a traceback; a port of 99999
   said "Connection refused"; a token no HTTP client can send was tried.
 * ``management.token`` with a control character, spaces at its ends or a
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -182,6 +186,25 @@ def test_a_restore_never_writes_the_served_table_over_a_store_ahead_of_it(
         assert raw.hgetall("balancer:hosts").keys() == {"app.test"}
     finally:
         bal.stop()
+
+
+def test_a_redis_password_missing_or_wrong_says_where_it_goes(
+        redis_factory: Callable[[], RedisServer]) -> None:
+    from balancer.stores import StoreUnavailable
+    from balancer.stores.redis import RedisStore
+
+    server = redis_factory()
+    server.client().config_set("requirepass", "s3cret")
+    hint = "give it in store.url, redis://[user]:PASSWORD@host:port/db"
+    for url in (server.url, server.url.replace("redis://", "redis://:wrong@")):
+        store = RedisStore(url)
+        with pytest.raises(StoreUnavailable, match=re.escape(hint)) as info:
+            store.load()
+        assert "wrong" not in str(info.value) and hint in (store.last_error() or "")
+        store.close()
+    good = RedisStore(server.url.replace("redis://", "redis://:s3cret@"))
+    assert good.load().version == 0
+    good.close()
 
 
 # the file store ---------------------------------------------------------------------

@@ -305,8 +305,8 @@ class RedisStore(Store):
                 self._reachable = True
                 raise self._wrong_type(exc) from None
             self._reachable = False
-            self._unreachable = f"{self.display_url}: unreachable: {exc}"
-            raise StoreUnavailable(f"{self.display_url}: cannot {what}: {exc}") from exc
+            self._unreachable = f"{self.display_url}: unreachable: {why(exc)}"
+            raise StoreUnavailable(f"{self.display_url}: cannot {what}: {why(exc)}") from exc
         self._reachable = True
 
     def _wrong_type(self, exc: BaseException) -> CorruptStore:
@@ -353,7 +353,7 @@ class RedisStore(Store):
                     seen.delay = min(seen.delay * 2, BACKOFF_CAP)
                 except (RedisError, OSError, StoreUnavailable) as exc:
                     self._reachable = False
-                    self._unreachable = f"{self.display_url}: unreachable: {exc}"
+                    self._unreachable = f"{self.display_url}: unreachable: {why(exc)}"
                     problems.report(f"{self._unreachable}; keeping the last table and "
                                     f"reconnecting with backoff")
                     _sleep(seen.delay * random.uniform(0.5, 1.0), stop)
@@ -510,6 +510,16 @@ def _named_changes(messages: list[Any]) -> tuple[int, int, list[str]] | None:
     if versions != list(range(versions[0], versions[0] + len(versions))):
         return None
     return versions[0], versions[-1], list(hosts)
+
+
+def why(exc: BaseException) -> str:
+    """What went wrong talking to Redis, with what to do when it is the password
+    (Redis's own words, "HELLO must be called with the client already
+    authenticated...", do not say that store.url lacks one)."""
+    if isinstance(exc, redis.AuthenticationError):
+        return (f"{exc} (Redis refused this client's password, or it has none: give it in "
+                f"store.url, redis://[user]:PASSWORD@host:port/db)")
+    return str(exc)
 
 
 def utf8(text: str, host: str = "") -> str:
