@@ -136,8 +136,8 @@ class History:
             rings = {k: _unb64("f", v, POINTS * len(SERIES)) for k, v in doc["rings"].items()}
             head, last_time = int(doc["head"]) % POINTS, float(doc["last_time"])
             last = doc["last"] if isinstance(doc.get("last"), dict) else {}
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False  # (AttributeError: a JSON list or string, not the object saved)
         self.times, self.rings, self.head = times, rings, head
         self.last, self.last_time, self.loaded_mtime = last, last_time, mtime
         return True

@@ -30,6 +30,8 @@ without its fix):
 * A Redis that wants a password the URL lacks was reported in Redis's words
   only ("HELLO must be called with the client already authenticated..."); the
   report now says to give it in ``store.url``.
+* A history file (the management process's run directory) holding a JSON
+  list or string raised AttributeError out of the management process's start.
 * ``balancerctl --url http://[::1:8081`` ended in a traceback; a port of 99999
   said "Connection refused"; a token no HTTP client can send was tried.
 * ``management.token`` with a control character, spaces at its ends or a
@@ -287,6 +289,16 @@ def test_a_routes_file_cut_short_at_the_served_version_is_reported(tmp_path: Pat
         assert serves(bal) and serves(bal, "b.test")
     finally:
         bal.stop()
+
+
+@pytest.mark.parametrize("saved", ["[]", '"x"', '{"points": 720, "series": ["rps", '
+                                   '"error_rate", "p50", "p99"], "rings": []}'])
+def test_a_damaged_history_file_is_ignored(tmp_path: Path, saved: str) -> None:
+    from management.history import History
+
+    path = tmp_path / "history.json"
+    path.write_text(saved)
+    assert History(str(path)).load() is False
 
 
 # the operator's tools ---------------------------------------------------------------
