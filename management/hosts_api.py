@@ -78,8 +78,8 @@ class HostRoutes:
             return served, f"{exc}; showing the table this balancer serves (version " \
                 f"{served.version})"
         if served is not None and rewritten(data, served, self.store.display_url):
-            self.mirror.on_table(data)  # judged and reported there, as the watcher's
-            return served, self.mirror.problem
+            self.mirror.on_table(data)  # judged there (read again: a race, or damage?)
+            return self.mirror.table or served, self.mirror.problem
         return data, None
 
     def on_replace_hosts(self, request: Request) -> Response:

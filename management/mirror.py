@@ -95,8 +95,12 @@ class Mirror:
         self.on_table(item)
 
     def on_table(self, data: TableData) -> None:
-        problem = judge(data, self.highest, self.store.display_url) or rewritten(
-            data, self.table, self.store.display_url)
+        problem = self._problem_of(data)
+        if problem is not None and self.problem is None:
+            again = self._read_again()  # a damaged store, or a read that raced a write?
+            if again is None:
+                return
+            data, problem = again, self._problem_of(again)
         if problem is not None:
             if problem != self.problem:
                 log.error("%s", problem)
@@ -112,6 +116,29 @@ class Mirror:
             return
         self._install(data.version, dict(data.hosts), None)
         self._note_raised(data.version, data.raised)
+
+    def _problem_of(self, data: TableData) -> str | None:
+        return judge(data, self.highest, self.store.display_url) or rewritten(
+            data, self.table, self.store.display_url)
+
+    def _read_again(self) -> TableData | None:
+        """The store's table read now, to judge; None when this read raced a write.
+
+        A table behind the version served (or another one at its version) is a
+        damaged store, or a read that began before a write this process noted
+        since: the API's writes are noted at once, and run beside the watcher
+        (bug: 20 concurrent backend edits left "the store lost its table" for
+        good, and every later one-host write answered 409 `store_lost`). A read
+        that began after version `known` was noted and is behind it is a loss."""
+        known = self.highest
+        try:
+            data = self.store.load()
+        except StoreError as exc:
+            log.debug("reading the table again failed: %s", exc)
+            return None
+        if known <= data.version < self.highest:
+            return None  # another write was noted while reading: stale again, not lost
+        return data
 
     def note_write(self, version: int, changes: Mapping[str, Any] | None,
                    hosts: Mapping[str, Any] | None = None) -> None:

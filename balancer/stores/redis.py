@@ -263,17 +263,21 @@ class RedisStore(Store):
         it (with the `named` host of a one-host write); the new version."""
         with self._talking("write"):
             for _ in range(WRITE_ATTEMPTS):
+                # the floor as it was before the read: another greenlet's write may
+                # raise it while this one reads (bug: a one-host write that raced one
+                # then saw the store "behind" it, answered 409 store_lost)
+                floor = self.floor
                 with self.client.pipeline(transaction=True) as pipe:
                     pipe.watch(self.version_key, self.hosts_key)
                     current = self._version(pipe.get(self.version_key))
                     if if_version is not None and if_version != current:
                         raise VersionConflict(current)
-                    if named is not None and current < self.floor:
+                    if named is not None and current < floor:
                         raise StoreLost(f"{self.display_url} {self.namespace}", current,
-                                        self.floor)
+                                        floor)
                     if check is not None:
                         check(pipe)
-                    new = write_version(current, self.floor)
+                    new = write_version(current, floor)
                     pipe.multi()
                     change(pipe)
                     if new == current + 1:
