@@ -231,12 +231,13 @@ def framing_problem(headers: Any) -> str:
     ``Transfer-Encoding`` other than ``chunked`` alone, one beside a
     ``Content-Length``, or a ``Content-Length`` twice or not digits (RFC 9112 §6).
     Bug: gevent read ``Content-Length: 5`` + ``Content-Length: 40`` as 5,
-    ``5_0`` as 50, ``gzip, chunked`` as no body, and kept the connection open
-    after one with both: behind a reverse proxy that framed it the other way,
-    the rest of the body was taken as the next request (smuggling)."""
+    ``5_0`` as 50, ``gzip, chunked`` (or ``chunked`` and a space) as no body,
+    and kept the connection open after one with both: behind a reverse proxy
+    that framed it the other way, the rest of the body was taken as the next
+    request (smuggling)."""
     codings = headers.get_all("Transfer-Encoding") or []
     lengths = [value.strip() for value in headers.get_all("Content-Length") or []]
-    if codings and (lengths or len(codings) > 1 or codings[0].strip().lower() != "chunked"):
+    if codings and (lengths or len(codings) > 1 or codings[0].lower() != "chunked"):
         return "Transfer-Encoding must be chunked alone, without Content-Length"
     if len(lengths) > 1 or (lengths and not (lengths[0].isascii() and lengths[0].isdigit())):
         return "Content-Length must be given once, in digits"

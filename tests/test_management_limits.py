@@ -189,6 +189,7 @@ def test_a_broken_chunked_body_gets_400_with_the_problem_in_details(bal: Balance
     b"Content-Length: 4_0",
     b"Content-Length: +40",
     b"Transfer-Encoding: gzip, chunked",
+    b"Transfer-Encoding: chunked ",
     b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
 ])
 def test_an_ambiguously_framed_body_gets_400_and_the_connection_closed(
