@@ -38,7 +38,8 @@ Invariants:
   head (`RequestHead.trailers`) once the message is complete.
 * An ``Upgrade: h2c`` is no upgrade here (no HTTP/2 behind a proxy of HTTP/1.x,
   as HAProxy and nginx): the token is removed, and HTTP2-Settings, its
-  companion, is hop-by-hop.
+  companion, is hop-by-hop. Nor is an ``Upgrade`` in an HTTP/1.0 request
+  (RFC 9110 §7.8: ignored there): the field is cut, the request answered.
 * After an Upgrade head, parsing pauses: `upgraded` is set and `leftover`
   holds the bytes after the head. `resume()` continues as HTTP (the backend
   refused the upgrade). An Upgrade request has no body: llhttp would hand the
@@ -679,6 +680,8 @@ class RequestParser(_Parser):
             keep_alive = version == b"1.1"
         else:
             upgrade = self._check_upgrade(upgrade, has_body) if hp.should_upgrade() else b""
+            if version == b"1.0":  # RFC 9110 §7.8: ignored in HTTP/1.0 (bug: a tunnel,
+                upgrade = b""  # and a 101, a 1xx no HTTP/1.0 client may get, §15.2)
             keep_alive = hp.should_keep_alive()
         self._keep_alive = keep_alive
         self._in_head = False

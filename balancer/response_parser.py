@@ -41,6 +41,7 @@ Invariants:
   byte count against it, and once the response is complete its trailer fields
   are read back from the end of the bytes fed (llhttp validated them) into
   `last_chunk`, without those only a head may carry (`TRAILER_DROPPED`).
+  A `Connection` trailer field makes the connection not reusable.
   Nothing of this runs for a response that is not chunked.
 """
 
@@ -483,6 +484,10 @@ class ResponseParser:
             name = line.partition(b":")[0].lower()
             if name not in TRAILER_DROPPED and name not in tokens:
                 lines.append(line)
+            elif name == b"connection" and head is not None:
+                # llhttp reads it as a head's: after "close" its parser refuses the
+                # next response (bug: pooled, and that request got a 502)
+                head.keep_alive = False
         if len(lines) == 1:
             return LAST_CHUNK
         lines.append(b"\r\n")
