@@ -16,7 +16,7 @@ Invariants:
 * The hot path is `TopTalkers.note`, once per finished request: a dict
   lookup and a native increment per measure for the client and the path, and
   one dict lookup for the path's key (cached per host for `PATH_CACHE`
-  request targets).
+  request targets of at most `PATH_CACHE_TARGET` bytes: 64 KiB per host).
   Errors and limited requests touch their sketches only when they happen.
   Nothing reads a clock: the worker's `rotate` starts the next interval.
 * Sketch counts are estimates from above: `count - error` is a lower bound.
@@ -42,6 +42,8 @@ SLOT_SECONDS: Final = 10.0  # one interval
 SLOTS: Final = 30           # intervals kept before the current one: windows up to 300 s
 PATH_PREFIX: Final = 48     # bytes of the path's first segment kept in a path key
 PATH_CACHE: Final = 256     # request targets whose path key a host remembers
+PATH_CACHE_TARGET: Final = 256  # bytes of the longest target remembered (bug: any
+# length, up to limits.max_request_line: 2 MB per host, never freed, for 256 long ones)
 MAX_CLIENT: Final = 64      # bytes of an X-Forwarded-For entry taken as a client key
 NOTHING: Final = (0, 0, 0, 0)  # the counters of a host or backend not seen before
 SLASH: Final = 47  # b"/"
@@ -146,7 +148,7 @@ class TopTalkers:
         path = paths.get(target)
         if path is None:
             path = path_key(ex.route.key, target)
-            if len(paths) < PATH_CACHE:
+            if len(paths) < PATH_CACHE and len(target) <= PATH_CACHE_TARGET:
                 paths[target] = path
         requests = slot.requests
         requests[0].add(client, 1)

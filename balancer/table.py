@@ -18,6 +18,10 @@ Invariants:
 * A route's action is an `Action` (`balancer.actions`, one per module); the
   worker learns what it needs of a route from that interface (the backends
   it names: `backend_keys`), never from an action's own attributes.
+* `lookup` remembers the route of up to `CACHED_HOSTS` Host values of at most
+  `CACHED_HOST_BYTES` each (a name of 253 bytes and a port): at most ~3 MB
+  whatever clients send (bug: any length, and 10,000 Host values of 60 KB
+  each, sent in a few seconds, held 600 MB until the next table).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ if TYPE_CHECKING:
 UNKNOWN_KEY: Final = "(unknown)"  # stats key of requests no rule matched
 PAUSE_EVERY: Final = 500  # hosts compiled between pauses (see `RoutingTable.build`)
 COMPACT_AT: Final = 1024  # changed keys kept in a table's overlay before a new base
+CACHED_HOSTS: Final = 10000  # Host values whose route `lookup` remembers
+CACHED_HOST_BYTES: Final = 300  # the longest Host value remembered
 
 
 class Action(Protocol):
@@ -187,7 +193,7 @@ class RoutingTable:
         route = self._cache.get(host)
         if route is None:
             route = self._resolve(host)
-            if len(self._cache) < 10000:
+            if len(self._cache) < CACHED_HOSTS and len(host) <= CACHED_HOST_BYTES:
                 self._cache[host] = route
         return route
 

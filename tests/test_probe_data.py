@@ -14,6 +14,7 @@ and fixed, so each fails without its fix.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,62 @@ def test_a_connection_trailer_closes_the_backend_connection(site) -> None:
                 assert not got.startswith(b"HTTP/1.1 502 "), got[:80]
             assert got.startswith(b"HTTP/1.1 200 OK\r\n"), got
             assert b"Connection: close" not in got  # not forwarded, the client's stays open
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def worker_pid(bal: Balancer) -> int:
+    (process,) = bal.api("GET", "/api/v1/info")[1]["processes"]
+    return process["pid"]
+
+
+def answered(sock: socket.socket, heads: list[bytes], status: bytes) -> None:
+    """Send `heads` pipelined on `sock` and read one `status` answer for each."""
+    sock.sendall(b"".join(heads))
+    got = b""
+    while got.count(status) < len(heads):
+        more = sock.recv(1 << 20)
+        assert more, got[-200:]
+        got += more
+
+
+# Each case sends ~60 MB of keys the worker would keep (the bug: RSS grew by
+# as much); the bound leaves room for the worker's own noise.
+GROWTH_BOUND_KIB = 16 * 1024
+
+
+def test_long_host_values_are_not_remembered(tmp_path: Path) -> None:
+    bal = Balancer(tmp_path, {"app.test": {"action": "empty", "status": 204}})
+    try:
+        pid = worker_pid(bal)
+        with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+            answered(sock, [b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n"], b" 204 ")
+            before = rss_kib(pid)
+            for batch in range(10):  # each a distinct Host of 60 KB: 404s (no such site)
+                answered(sock, [b"GET / HTTP/1.1\r\nHost: %06d%s\r\n\r\n"
+                                % (batch * 100 + i, b"a" * 60000) for i in range(100)],
+                         b" 404 ")
+            assert rss_kib(pid) - before < GROWTH_BOUND_KIB
+    finally:
+        bal.stop()
+
+
+def test_long_request_targets_are_not_remembered_per_host(tmp_path: Path) -> None:
+    hosts = [b"h%d.test" % i for i in range(30)]
+    bal = Balancer(tmp_path, {h.decode(): {"action": "empty", "status": 204} for h in hosts})
+    try:
+        pid = worker_pid(bal)
+        with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+            answered(sock, [b"GET / HTTP/1.1\r\nHost: h0.test\r\n\r\n"], b" 204 ")
+            before = rss_kib(pid)
+            for host in hosts:  # 256 distinct targets of 8,000 bytes each
+                answered(sock, [b"GET /%03d%s HTTP/1.1\r\nHost: %s\r\n\r\n"
+                                % (i, b"a" * 8000, host) for i in range(256)], b" 204 ")
+            assert rss_kib(pid) - before < GROWTH_BOUND_KIB
+    finally:
+        bal.stop()
