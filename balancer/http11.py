@@ -69,7 +69,11 @@ END: Final = object()  # sentinel event: the current message is complete
 # Proxy-Connection: llhttp reads it as Connection (its keep-alive); we forward neither.
 REQUEST_SPECIAL: Final = frozenset((b"host", b"expect", b"upgrade", b"proxy-connection"))
 FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-SPECIAL: Final = REQUEST_SPECIAL | FRAMING
+# Content_Length, Transfer_Encoding: CGI-style servers (Rack's Puma, WSGI, PHP) read
+# them as the framing fields they spell; one a backend frames the body by, and the
+# balancer not, smuggles a request past it (CVE-2026-68006's class): refused (400)
+UNDERSCORE_FRAMING: Final = spellings((b"content-length", b"transfer-encoding")) - FRAMING
+SPECIAL: Final = REQUEST_SPECIAL | FRAMING | UNDERSCORE_FRAMING
 VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ours (a line alone)
 VERSION_11: Final = b" HTTP/1.1"  # the end of a request line before its CRLF
 VERSION_10: Final = b" HTTP/1.0"
@@ -814,8 +818,10 @@ class RequestParser(_Parser):
                 if value.strip().lower() != b"100-continue":
                     self._fail(417, "unsupported Expect")
                 expect_continue = True
-            else:
+            elif lname == b"upgrade":
                 upgrade = value.strip()
+            else:  # UNDERSCORE_FRAMING
+                self._fail(400, "framing field spelt with an underscore")
         if chunked:
             content_length = None
         has_body = chunked or bool(content_length)

@@ -95,6 +95,20 @@ def test_a_connection_trailer_closes_the_backend_connection(site) -> None:
             assert b"Connection: close" not in got  # not forwarded, the client's stays open
 
 
+@pytest.mark.parametrize("fields", [
+    b"Transfer_Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello",
+    b"Content_Length: 5\r\n\r\nhello",
+    b"Transfer-Encoding: chunked\r\nCONTENT_length: 5\r\n\r\n0\r\n\r\n",
+], ids=["te-beside-cl", "cl-alone", "cl-beside-chunked"])
+def test_framing_fields_spelt_with_an_underscore_are_refused(site, fields: bytes) -> None:
+    bal, backend = site
+    before = len(backend.inbound)
+    answer = client_exchange(bal.port, b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n"
+                             b"POST / HTTP/1.1\r\nHost: app.test\r\n" + fields)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:80]  # the one before
+    assert b"HTTP/1.1 400 Bad Request\r\n" in answer and b"\r\nConnection: close\r\n" in answer
+    assert b"POST" not in backend.inbound[before:]  # nothing of it reached the backend
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -1,0 +1,4 @@
+"""Content_Length (any case) beside a chunked body: a CGI-style backend reads it as
+Content-Length."""
+
+status = 400
