@@ -43,6 +43,8 @@ def local_response(status: int, body: bytes, content_type: bytes, *, request_id:
                    extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
     """A complete response: head, and body unless `head_only`."""
     lines = [b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (status, reason(status), http_date())]
+    if status == 205:  # Reset Content: never content (RFC 9110 §15.3.6)
+        body = b""
     if status not in (204, 304):
         if content_type:
             lines.append(b"Content-Type: %s\r\n" % content_type)

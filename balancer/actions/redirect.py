@@ -19,5 +19,10 @@ class RedirectAction(LocalAction):
         self.to = to.rstrip(b"/") if self.keep_path else to
 
     def handle(self, ex: Any) -> None:
-        location = self.to + ex.head.target if self.keep_path else self.to
+        if not self.keep_path:
+            location = self.to
+        elif self.to:
+            location = self.to + ex.head.target
+        else:  # `to` "/": a target "//evil.example/x" must not become a host
+            location = b"/" + ex.head.target.lstrip(b"/")
         ex.respond(self.status, b"", b"", ((b"Location", location),))
