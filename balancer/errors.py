@@ -61,6 +61,22 @@ class BackendTimeout(ProxyError):
     cause = "backend timeout"
 
 
+class ConnectOverdue(ProxyError):
+    """The client connection's own deadline (`ClientConnection.arm`, enforced by
+    the watchdog: `balancer.netio.Overdue`) passed while a connection to the
+    backend was still being made, before the backend's connect timeout. The
+    deadline was armed before the request reached the backend (its client's
+    wait for the head, its body's last read, an earlier try's backend_read)
+    and left the connect less than `backend_connect`: a 504 as a backend
+    timeout, but not the backend's failure (not counted against it, its
+    health untouched), not retried on another backend, never held
+    (`spin_when_down`): the request is out of time, not its backend out of
+    service. Nothing was sent."""
+
+    page = "timeout"
+    cause = "deadline passed while connecting"
+
+
 class SpinTimeout(ProxyError):
     """A held request was still spinning at its timeout."""
 

@@ -6,7 +6,8 @@ backend pools, the relay, held requests), and they never ask which it is:
 
 * `GeventIO` (every worker of `balancer serve`): gevent's sockets. A
   connection's waits are bounded by a deadline the worker's watchdog enforces
-  (`arm` returns it, `expire` throws TimeoutError into the overdue greenlet);
+  (`arm` returns it, `expire` throws TimeoutError, `Overdue`, into the overdue
+  greenlet);
   plain sockets become `EventedStream`s, which read and write the OS socket
   under gevent's, wait for readability on a `balancer.readiness.Readable`
   and hold a greenlet's last write for the loop's `balancer.outbox.Outbox`;
@@ -418,6 +419,13 @@ class Connecting:
         return True
 
 
+class Overdue(TimeoutError):
+    """The watchdog's TimeoutError (`GeventIO.expire`): the connection's own
+    deadline passed, thrown into the greenlet serving it wherever it waits. A
+    wait with a timeout of its own (a backend connect's) tells the two apart
+    by this class, and only when one is raised (`balancer.pool`)."""
+
+
 class ParkNow(Exception):
     """Thrown by the watchdog into a greenlet that has waited PARK_AFTER seconds
     for its connection's next request: the connection goes on parked (`GeventIO.park`)."""
@@ -767,10 +775,10 @@ def _judge_readiness(arg: Any) -> None:
 
 
 def _time_out(conn: Any, task: Any) -> None:
-    """Throw TimeoutError into `task` if it still serves `conn` (a greenlet goes
-    on to another connection once this one closed)."""
+    """Throw Overdue into `task` if it still serves `conn` (a greenlet goes on
+    to another connection once this one closed)."""
     if conn.task is task and not task.dead:
-        task.throw(TimeoutError("deadline passed"))
+        task.throw(Overdue("deadline passed"))
 
 
 class TLSStream(WatchedStream):
