@@ -37,8 +37,7 @@ import ssl
 import time
 from typing import Any, Final
 
-from balancer.errors import BackendTLSError
-from balancer.netio import Overdue
+from balancer.errors import BackendTLSError, Overdue
 
 ALPN: Final = ["http/1.1"]
 UNVERIFIED: Final = "!"  # prefix of the pool key of an unverified connection

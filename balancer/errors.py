@@ -63,7 +63,7 @@ class BackendTimeout(ProxyError):
 
 class ConnectOverdue(ProxyError):
     """The client connection's own deadline (`ClientConnection.arm`, enforced by
-    the watchdog: `balancer.netio.Overdue`) passed while a connection to the
+    the watchdog: `Overdue`) passed while a connection to the
     backend was still being made, before the backend's connect timeout. The
     deadline was armed before the request reached the backend (its client's
     wait for the head, its body's last read, an earlier try's backend_read)
@@ -106,6 +106,15 @@ class PayloadTooLarge(ProxyError):
     """The request body exceeds the rule's `max_body_bytes`."""
 
     page = "payload-too-large"
+
+
+class Overdue(TimeoutError):
+    """The watchdog's TimeoutError (`balancer.netio.GeventIO.expire`): a client
+    connection's own deadline passed, thrown into the greenlet serving it
+    wherever it waits. A wait with a timeout of its own (a backend connect's)
+    tells the two apart by this class, only once one is raised
+    (`balancer.pool`). (Here, not in the compiled `netio`: mypyc compiles no
+    subclass of TimeoutError.)"""
 
 
 class ClientGone(Exception):

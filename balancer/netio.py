@@ -82,7 +82,7 @@ from typing import Any, Final
 from gevent import Timeout, get_hub, getcurrent
 from gevent.socket import socket as GeventSocket
 
-from balancer.errors import ClientGone
+from balancer.errors import ClientGone, Overdue
 from balancer.outbox import WRITE, Outbox, TLSWriter, Writer
 from balancer.peek import CLOSED, OPEN, READABLE, peek, peek_under
 from balancer.readiness import READ, SWITCH, Readable
@@ -417,13 +417,6 @@ class Connecting:
         self.timer.close()
         self.watcher = self.timer = None
         return True
-
-
-class Overdue(TimeoutError):
-    """The watchdog's TimeoutError (`GeventIO.expire`): the connection's own
-    deadline passed, thrown into the greenlet serving it wherever it waits. A
-    wait with a timeout of its own (a backend connect's) tells the two apart
-    by this class, and only when one is raised (`balancer.pool`)."""
 
 
 class ParkNow(Exception):

@@ -64,8 +64,8 @@ from typing import Any, Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.backend_tls import BackendTLS, pool_key
-from balancer.errors import ConnectError, ConnectOverdue, ProxyError
-from balancer.netio import IO, Overdue, Stream, begin_connect, connect_blocking, connect_ended
+from balancer.errors import ConnectError, ConnectOverdue, Overdue, ProxyError
+from balancer.netio import IO, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
 from balancer.response_parser import ResponseParser
 from balancer.serving import Slots

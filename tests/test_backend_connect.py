@@ -18,8 +18,8 @@ import gevent.monkey
 import pytest
 
 from balancer.addr import parse_backend_addr
-from balancer.errors import ConnectError, ConnectOverdue
-from balancer.netio import IO, GeventIO, Overdue
+from balancer.errors import ConnectError, ConnectOverdue, Overdue
+from balancer.netio import IO, GeventIO
 from balancer.pool import Backend
 from loadtest.procs import HeldPort
 
