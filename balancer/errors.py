@@ -63,8 +63,8 @@ class BackendTimeout(ProxyError):
 
 class ConnectOverdue(ProxyError):
     """The client connection's own deadline (`ClientConnection.arm`, enforced by
-    the watchdog: `Overdue`) passed while a connection to the
-    backend was still being made, before the backend's connect timeout. The
+    the watchdog: `Overdue`) passed while a connection to the backend was
+    still being made, before the backend's connect timeout. The
     deadline was armed before the request reached the backend (its client's
     wait for the head, its body's last read, an earlier try's backend_read)
     and left the connect less than `backend_connect`: a 504 as a backend

@@ -6,12 +6,12 @@ backend pools, the relay, held requests), and they never ask which it is:
 
 * `GeventIO` (every worker of `balancer serve`): gevent's sockets. A
   connection's waits are bounded by a deadline the worker's watchdog enforces
-  (`arm` returns it, `expire` throws TimeoutError, `Overdue`, into the overdue
-  greenlet);
-  plain sockets become `EventedStream`s, which read and write the OS socket
-  under gevent's, wait for readability on a `balancer.readiness.Readable`
-  and hold a greenlet's last write for the loop's `balancer.outbox.Outbox`;
-  a relay that never has to wait yields its turn (`balancer.turns`).
+  (`arm` returns it, `expire` throws TimeoutError, `balancer.errors.Overdue`,
+  into the overdue greenlet); plain sockets become `EventedStream`s, which
+  read and write the OS socket under gevent's, wait for readability on a
+  `balancer.readiness.Readable` and hold a greenlet's last write for the
+  loop's `balancer.outbox.Outbox`; a relay that never has to wait yields its
+  turn (`balancer.turns`).
 * `IO` itself (the threaded baseline, `loadtest.threaded`, and
   scripts/bench_hotpath.py): blocking sockets, each wait bounded by the
   socket's timeout; plain `Stream`s.
