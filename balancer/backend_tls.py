@@ -25,7 +25,9 @@ Invariants:
 * Every TLS failure becomes `BackendTLSError` (a `ConnectError`: nothing was
   sent, so it is retried on another backend and counts as a connect failure),
   its message saying what failed, for the operator log. The handshake is
-  bounded by `timeouts.backend_connect`, from the start of the connect.
+  bounded by `timeouts.backend_connect`, from the start of the connect; the
+  watchdog's `Overdue` (the client connection's deadline passed first) is no
+  TLS failure: `Backend.connect_tls` makes it a `ConnectOverdue`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import ssl
 import time
 from typing import Any, Final
 
-from balancer.errors import BackendTLSError
+from balancer.errors import BackendTLSError, Overdue
 
 ALPN: Final = ["http/1.1"]
 UNVERIFIED: Final = "!"  # prefix of the pool key of an unverified connection
@@ -84,7 +86,8 @@ class BackendTLS:
         """The TLS socket over connected `sock` for pool `key`, handshaken by
         `deadline` (monotonic; `bounded(seconds)` bounds the whole handshake),
         resuming `session` if the backend still knows it; closes `sock` and
-        raises BackendTLSError on any failure."""
+        raises BackendTLSError on any failure but the watchdog's `Overdue`, raised
+        as is (the client connection's deadline passed: `Backend.connect_tls`)."""
         verify = not key.startswith(UNVERIFIED)
         name = key if verify else key[len(UNVERIFIED):]
         try:
@@ -98,8 +101,15 @@ class BackendTLS:
             tls = self.context(verify).wrap_socket(sock, server_hostname=name or None,
                                                    do_handshake_on_connect=False,
                                                    session=session)
-            with bounded(remaining):
-                tls.do_handshake()
+            try:
+                with bounded(remaining):
+                    tls.do_handshake()
+            except BaseException:
+                # `tls` took `sock`'s descriptor over (closing `sock` closes nothing).
+                # Bug: it stayed open for as long as the error was kept (the backend's
+                # `last_error`, the failure report's last), its frame with it
+                tls.close()
+                raise
         except BackendTLSError:
             sock.close()
             raise
@@ -107,6 +117,9 @@ class BackendTLS:
             sock.close()
             raise BackendTLSError(f"{where}: TLS: certificate not trusted for {name!r}: "
                                   f"{exc.verify_message or exc.reason}") from None
+        except Overdue:  # the watchdog's, not the handshake's: the caller's to map
+            sock.close()
+            raise
         except TimeoutError:
             sock.close()
             raise BackendTLSError(f"{where}: TLS handshake timed out") from None

@@ -61,6 +61,22 @@ class BackendTimeout(ProxyError):
     cause = "backend timeout"
 
 
+class ConnectOverdue(ProxyError):
+    """The client connection's own deadline (`ClientConnection.arm`, enforced by
+    the watchdog: `Overdue`) passed while a connection to the backend was
+    still being made, before the backend's connect timeout. The
+    deadline was armed before the request reached the backend (its client's
+    wait for the head, its body's last read, an earlier try's backend_read)
+    and left the connect less than `backend_connect`: a 504 as a backend
+    timeout, but not the backend's failure (not counted against it, its
+    health untouched), not retried on another backend, never held
+    (`spin_when_down`): the request is out of time, not its backend out of
+    service. Nothing was sent."""
+
+    page = "timeout"
+    cause = "deadline passed while connecting"
+
+
 class SpinTimeout(ProxyError):
     """A held request was still spinning at its timeout."""
 
@@ -90,6 +106,15 @@ class PayloadTooLarge(ProxyError):
     """The request body exceeds the rule's `max_body_bytes`."""
 
     page = "payload-too-large"
+
+
+class Overdue(TimeoutError):
+    """The watchdog's TimeoutError (`balancer.netio.GeventIO.expire`): a client
+    connection's own deadline passed, thrown into the greenlet serving it
+    wherever it waits. A wait with a timeout of its own (a backend connect's)
+    tells the two apart by this class, only once one is raised
+    (`balancer.pool`). (Here, not in the compiled `netio`: mypyc compiles no
+    subclass of TimeoutError.)"""
 
 
 class ClientGone(Exception):

@@ -82,7 +82,9 @@ Invariants:
   always; when the watchdog finds it passed, `overdue` stops the backend
   wait (or the connect's: a greenlet waits for the rest of it) and the
   worker hands it to a greenlet, which waits again and gets the watchdog's
-  TimeoutError there (`GeventIO._expire_parked`).
+  TimeoutError there (`GeventIO._expire_parked`): a connect's wait makes it
+  a `ConnectOverdue` (504, not the backend's failure), as the greenlet
+  path's own connect does.
 * A bug raised in these steps (`_fault`) ends the request as the greenlet
   path ends a failed one: a try on a taken backend connection fails
   (`HubFault`: a 502, the connection closed), a request not tried yet is

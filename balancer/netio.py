@@ -6,11 +6,12 @@ backend pools, the relay, held requests), and they never ask which it is:
 
 * `GeventIO` (every worker of `balancer serve`): gevent's sockets. A
   connection's waits are bounded by a deadline the worker's watchdog enforces
-  (`arm` returns it, `expire` throws TimeoutError into the overdue greenlet);
-  plain sockets become `EventedStream`s, which read and write the OS socket
-  under gevent's, wait for readability on a `balancer.readiness.Readable`
-  and hold a greenlet's last write for the loop's `balancer.outbox.Outbox`;
-  a relay that never has to wait yields its turn (`balancer.turns`).
+  (`arm` returns it, `expire` throws TimeoutError, `balancer.errors.Overdue`,
+  into the overdue greenlet); plain sockets become `EventedStream`s, which
+  read and write the OS socket under gevent's, wait for readability on a
+  `balancer.readiness.Readable` and hold a greenlet's last write for the
+  loop's `balancer.outbox.Outbox`; a relay that never has to wait yields its
+  turn (`balancer.turns`).
 * `IO` itself (the threaded baseline, `loadtest.threaded`, and
   scripts/bench_hotpath.py): blocking sockets, each wait bounded by the
   socket's timeout; plain `Stream`s.
@@ -81,7 +82,7 @@ from typing import Any, Final
 from gevent import Timeout, get_hub, getcurrent
 from gevent.socket import socket as GeventSocket
 
-from balancer.errors import ClientGone
+from balancer.errors import ClientGone, Overdue
 from balancer.outbox import WRITE, Outbox, TLSWriter, Writer
 from balancer.peek import CLOSED, OPEN, READABLE, peek, peek_under
 from balancer.readiness import READ, SWITCH, Readable
@@ -767,10 +768,10 @@ def _judge_readiness(arg: Any) -> None:
 
 
 def _time_out(conn: Any, task: Any) -> None:
-    """Throw TimeoutError into `task` if it still serves `conn` (a greenlet goes
-    on to another connection once this one closed)."""
+    """Throw Overdue into `task` if it still serves `conn` (a greenlet goes on
+    to another connection once this one closed)."""
     if conn.task is task and not task.dead:
-        task.throw(TimeoutError("deadline passed"))
+        task.throw(Overdue("deadline passed"))
 
 
 class TLSStream(WatchedStream):

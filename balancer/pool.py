@@ -6,7 +6,9 @@ Invariants:
   rule changes and are never keyed by list position.
 * Pools do bookkeeping only: `acquire` hands out an idle connection or opens a
   new one; `release` returns a connection known to be at a message boundary.
-  Socket errors on connect become `ConnectError` here, at the edge.
+  Socket errors on connect become `ConnectError` here, at the edge; the
+  watchdog's `Overdue` (the client connection's deadline) thrown into a
+  connect's wait, `ConnectOverdue`, which is not the backend's failure.
 * An idle connection on which anything arrived (a stray response, a `408`
   before the backend closes, EOF) is closed, never handed out: those bytes
   belong to no request (`balancer.netio.Stream.is_clean`, which costs no
@@ -62,7 +64,7 @@ from typing import Any, Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.backend_tls import BackendTLS, pool_key
-from balancer.errors import ConnectError
+from balancer.errors import ConnectError, ConnectOverdue, Overdue, ProxyError
 from balancer.netio import IO, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
 from balancer.response_parser import ResponseParser
@@ -268,12 +270,15 @@ class Backend:
     def connect_tls(self, key: str) -> Upstream:
         """A new TLS connection for pool `key`, handshaken within the connect
         timeout, resuming the key's last session; errors become ConnectError
-        (BackendTLSError for TLS's own)."""
+        (BackendTLSError for TLS's own, ConnectOverdue for the watchdog's)."""
         deadline = time.monotonic() + self.connect_timeout
         tls = self.tls
         assert tls is not None  # only https:// backends have pool keys
-        sock = tls.secure(self._connected(True), key, self.key, deadline, self.io.bounded,
-                          self.tls_sessions.get(key))
+        try:
+            sock = tls.secure(self._connected(True), key, self.key, deadline, self.io.bounded,
+                              self.tls_sessions.get(key))
+        except Overdue as exc:  # (`secure` closed the socket)
+            raise self._connect_error(exc) from None
         sock.settimeout(None)  # waits are bounded by the connection's `arm`
         return self._noticed(Upstream(self.io.tls_stream(sock), key))
 
@@ -307,8 +312,13 @@ class Backend:
         if budget.idle and budget.idle > budget.room(0):
             budget.make_room()
 
-    def _connect_error(self, exc: OSError) -> ConnectError:
-        """The ConnectError of a connect that raised `exc`."""
+    def _connect_error(self, exc: OSError) -> ProxyError:
+        """The ConnectError of a connect that raised `exc`, or ConnectOverdue if
+        that is the watchdog's (`Overdue`: the client connection's deadline
+        passed first, not the connect timeout), told apart only once raised."""
+        if isinstance(exc, Overdue):
+            return ConnectOverdue(f"{self.key}: the request's deadline passed while "
+                                  f"connecting")
         return ConnectError(f"{self.key}: {exc.strerror or exc}")
 
     def _open(self, tls: bool) -> socket.socket:

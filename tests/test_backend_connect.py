@@ -18,7 +18,7 @@ import gevent.monkey
 import pytest
 
 from balancer.addr import parse_backend_addr
-from balancer.errors import ConnectError
+from balancer.errors import ConnectError, ConnectOverdue, Overdue
 from balancer.netio import IO, GeventIO
 from balancer.pool import Backend
 from loadtest.procs import HeldPort
@@ -117,8 +117,9 @@ def test_a_connect_that_hangs_times_out(kind: str) -> None:
 
 
 def test_a_wait_for_a_connection_cut_short_leaves_nothing_watching() -> None:
-    """An exception thrown into the waiting greenlet (the watchdog's
-    TimeoutError) ends the wait: the socket closes, its watchers stop."""
+    """An exception thrown into the waiting greenlet (the watchdog's `Overdue`:
+    the client connection's deadline) ends the wait: the socket closes, its
+    watchers stop, and it is a ConnectOverdue, not the backend's ConnectError."""
     full = socket.socket()
     full.bind(("127.0.0.1", 0))
     full.listen(0)
@@ -140,8 +141,8 @@ def test_a_wait_for_a_connection_cut_short_leaves_nothing_watching() -> None:
             gevent.sleep(0)
         active = hub.loop.activecnt
         # thrown from the hub, as `netio._time_out` does
-        hub.loop.run_callback(task.throw, TimeoutError("deadline passed"))
-        with pytest.raises(ConnectError, match="deadline passed"):
+        hub.loop.run_callback(task.throw, Overdue("deadline passed"))
+        with pytest.raises(ConnectOverdue, match="deadline passed while connecting"):
             task.get(timeout=5)
         assert hub.loop.activecnt <= active - 2  # its io watcher and its timer
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,8 @@ def test_verification_can_be_turned_off_per_rule(bal: Balancer, good: TLSBackend
         assert backend.sni[-1] == host  # SNI is sent all the same
 
 
-def test_handshake_timeout_is_bounded_by_backend_connect(bal: Balancer) -> None:
+def test_handshake_timeout_is_bounded_by_backend_connect(bal: Balancer,
+                                                        silent: SilentServer) -> None:
     import time
 
     start = time.monotonic()
@@ -152,6 +154,46 @@ def test_handshake_timeout_is_bounded_by_backend_connect(bal: Balancer) -> None:
     assert 0.8 < time.monotonic() - start < 3.5  # backend_connect = 1 s
     wait_for(lambda: "TLS handshake timed out" in bal.output(), timeout=5,
              what="the timeout in the failure summary")
+    assert_closed(silent.held[-1])
+
+
+def assert_closed(held: socket.socket) -> None:
+    """The balancer closed its side of `held` (a `SilentServer`'s connection): what
+    it sent (a ClientHello) is followed by EOF. Bug: the TLS socket took the
+    descriptor over and stayed open while the error was kept (the backend's
+    last error, the failure report's)."""
+    held.settimeout(5)
+    while held.recv(65536):
+        pass
+
+
+def test_a_client_deadline_during_the_handshake_is_a_504_not_a_tls_error(
+        tmp_path: Path) -> None:
+    """The client connection's deadline (client_idle from the accept, 0.5 s) passes
+    while the backend's handshake hangs, within its connect timeout (10 s):
+    the `timeout` page (504), not the backend's failure (no `tls_error`, no
+    failure counted), the connection to it closed (as the plain connect's:
+    tests/test_hub_connect.py)."""
+    import time
+
+    silent = SilentServer()
+    backend = f"https://{silent.address}"
+    balancer = Balancer(tmp_path, {"silent.test": {
+        "action": "proxy", "backends": [backend], "backend_tls_verify": False}},
+        config="[timeouts]\nbackend_connect = 10.0\nclient_idle = 0.5\n")
+    try:
+        start = time.monotonic()
+        status, _, _ = request(balancer.port, host="silent.test")
+        assert status == 504 and 0.4 < time.monotonic() - start < 5
+        assert_closed(silent.held[-1])
+        stats = balancer.host_stats("silent.test")["backends"][backend]
+        assert stats["failures"] == 0 and stats["in_flight"] == 0 and stats["state"] == "up"
+        assert sum(stats["outcomes"].values()) == 0
+        wait_for(lambda: "deadline passed while connecting" in balancer.output(), timeout=5,
+                 what="the cause in the failure summary")
+    finally:
+        balancer.stop()
+        silent.stop()
 
 
 def test_stray_bytes_on_an_idle_tls_connection_poison_it(bal: Balancer,

@@ -55,28 +55,38 @@ ON = ["hub", "greenlet"]  # who connects: the hub, or a greenlet (the head sent 
 
 @pytest.fixture
 def make_to(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    """Start a gevent worker proxying app.test to `address` (one backend, passive
-    health only), its access log in JSON at `tmp_path`/`name`."""
+    """Start a gevent worker proxying app.test to `address` (or to each of a list,
+    round robin; passive health only), its access log in JSON at
+    `tmp_path`/`name`; `flags`: more settings."""
     workers = InProcessWorkers()
 
-    def start(address: str, name: str, connect_timeout: float = CONNECT_TIMEOUT) -> Worker:
+    def start(address: str | list[str], name: str, connect_timeout: float = CONNECT_TIMEOUT,
+              **flags: Any) -> Worker:
         settings = {"timeouts.client_header": 2.0, "timeouts.backend_connect": connect_timeout,
-                    "log.access_log": str(tmp_path / name), "log.access_format": "json"}
-        rule = {"action": "proxy", "backends": [address]}
+                    "log.access_log": str(tmp_path / name), "log.access_format": "json",
+                    **flags}
+        backends = address if isinstance(address, list) else [address]
+        rule = {"action": "proxy", "backends": backends}
         return workers.start(TableStore({"app.test": rule}), settings)
 
     yield start
     workers.close()
 
 
-def outcome(w: Worker, statuses: list[int], tmp_path: Path, name: str) -> dict[str, Any]:
+def outcome(w: Worker, statuses: list[int], tmp_path: Path, name: str,
+            address: str = "") -> dict[str, Any]:
     """What failed requests ended in: their statuses, the backend's counters and
-    health, their access-log records (times and ids left out)."""
+    health (the rule's one backend, or the one at `address`), their access-log
+    records (times and ids left out)."""
     assert until(lambda: all_closed(w))
     stats = w.stats.snapshot()["hosts"]["app.test"]
-    (bstats,) = stats["backends"].values()
     route = w.contexts[0].holder.table.lookup(b"app.test")
-    (b,) = route.action.backends
+    if address:
+        bstats = stats["backends"][address]
+        (b,) = [b for b in route.action.backends if b.key == address]
+    else:
+        (bstats,) = stats["backends"].values()
+        (b,) = route.action.backends
     w.access_log.close()
     records = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
     return {"status": statuses[0] if len(statuses) == 1 else statuses,
@@ -189,22 +199,40 @@ def test_refused_connects_mark_the_backend_down_after_fall_failures(
     assert seen["in_flight"] == (0, 0) and seen["completed"] == 3
 
 
+@contextlib.contextmanager
+def never_accepting() -> Iterator[int]:
+    """The port of a listener whose accept queue is full: it drops every SYN, so
+    a connect to it hangs until its timeout (as tests/test_backend_connect.py)."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    queued = socket.create_connection(full.getsockname())
+    try:
+        # the queue is full only once the listener took the handshake's last ACK
+        assert select.select([full], [], [], 5)[0], "the first connection never queued"
+        yield full.getsockname()[1]
+    finally:
+        queued.close()
+        full.close()
+
+
+def sockets_to(port: int, state: str) -> int:
+    """How many TCP sockets of this host are in `state` (/proc/net/tcp's hex code:
+    "02" SYN_SENT, a connect in progress; "01" ESTABLISHED) toward loopback
+    `port` (the backend side's own sockets have it as their local port)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines
+               if line.split()[3] == state and int(line.split()[2].split(":")[1], 16) == port)
+
+
 def test_a_connect_that_times_out_is_a_502_after_the_connect_timeout(
         make_to: Callable[..., Worker], tmp_path: Path,
         switches: Callable[[Any], list[int]]) -> None:
     """A listener whose accept queue is full drops the SYN: the connect hangs
-    until `timeouts.backend_connect` (as tests/test_backend_connect.py)."""
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    address = f"127.0.0.1:{full.getsockname()[1]}"
-    queued = socket.create_connection(full.getsockname())
-    assert select.select([full], [], [], 5)[0], "the first connection never queued"
-    try:
+    until `timeouts.backend_connect`."""
+    with never_accepting() as port:
+        address = f"127.0.0.1:{port}"
         seen = compare(make_to, tmp_path, address, switches)
-    finally:
-        queued.close()
-        full.close()
     assert seen["status"] == 502 and seen["state"] == "up" and seen["fails"] == 1
     assert seen["failures"] == 1 and seen["outcomes"]["connect_error"] == 1
     assert seen["in_flight"] == (0, 0) and seen["completed"] == 1
@@ -266,53 +294,102 @@ def test_no_descriptor_left_for_the_connection_is_a_502_counted_once(
     assert seen["in_flight"] == (0, 0) and seen["completed"] == 1
 
 
-def test_a_client_deadline_during_the_connect_ends_as_on_the_greenlet_path(
+def send_in(sock: Any, conn: Any, on: str, request: bytes) -> None:
+    """Send `request` on `sock` whole (the hub takes it), or (`on` "greenlet") in
+    two pieces: the hub hands the partial head to a greenlet, which reads the rest."""
+    if on == "greenlet":
+        sock.sendall(request[:20])
+        request = request[20:]
+        assert until(lambda: conn.task is not None)
+    sock.sendall(request)
+
+
+NOTHING_COUNTED: dict[str, Any] = {
+    "state": "up", "fails": 0, "failures": 0, "in_flight": (0, 0), "open": 0, "idle": 0,
+    "outcomes": {"success": 0, "connect_error": 0, "tls_error": 0, "timeout": 0, "error": 0}}
+
+
+def test_a_client_deadline_during_the_connect_is_a_504_not_the_backend_s(
         make_to: Callable[..., Worker], tmp_path: Path) -> None:
-    """The client's deadline passes while the hub waits for the connect: a
-    greenlet takes the connect over and gets the watchdog's TimeoutError there
-    at once (not at the connect timeout, 10 s), as the greenlet path does; the
-    request ends once, as the greenlet path ends it (status, counters, health,
-    log), nothing leaks."""
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    address = f"127.0.0.1:{full.getsockname()[1]}"
-    queued = socket.create_connection(full.getsockname())
-    assert select.select([full], [], [], 5)[0], "the first connection never queued"
+    """The client connection's deadline passes while the hub waits for the
+    connect: a greenlet takes the connect over and gets the watchdog's
+    `Overdue` there at once (not at the connect timeout, 10 s), as the
+    greenlet path does. Both end it the same (status, counters, health, log):
+    the `timeout` page (504), as a deadline passed while waiting for an
+    answer; not the backend's failure: `fall` (3) such requests leave it up
+    with no failure counted; the half-open socket closed, nothing leaks."""
     seen = {}
-    try:
+    with never_accepting() as port:
+        address = f"127.0.0.1:{port}"
         for on in ON:
             w = make_to(address, on, connect_timeout=10.0)
+            statuses = []
+            for _ in range(3):
+                sock = connect(w)
+                sock.sock.settimeout(15)
+                assert until(lambda w=w: len(w.io.connections) == 1)  # accepted
+                (conn,) = w.io.connections
+                send_in(sock, conn, on, get("/try"))
+                # its head taken: from there the connect is all a bodyless GET waits for
+                assert until(lambda conn=conn: conn.exchange is not None)
+                if on == "hub":
+                    assert conn.task is None and conn.exchange.flight.connecting is not None
+                assert until(lambda: sockets_to(port, "02") == 1)  # connecting
+                conn.deadline = 0.0  # overdue at the watchdog's next tick
+                began = time.monotonic()
+                statuses.append(response(sock)[0])
+                assert time.monotonic() - began < 5, "answered at the connect timeout"
+                assert until(lambda: sockets_to(port, "02") == 0)  # the connect's socket closed
+                sock.close()
+                assert until(lambda w=w: all_closed(w))
+            seen[on] = outcome(w, statuses, tmp_path, on)
+    assert seen["hub"] == seen["greenlet"]
+    hub = seen["hub"]
+    assert hub["status"] == [504] * 3 and hub["completed"] == 3
+    assert {k: hub[k] for k in NOTHING_COUNTED} == NOTHING_COUNTED
+    assert hub["log"] == [{"status": 504, "backend": address, "target": "/try",
+                           "method": "GET"}] * 3
+
+
+@pytest.mark.parametrize("on", ON)
+def test_a_deadline_armed_before_the_request_cuts_its_connect_with_no_retry(
+        make_to: Callable[..., Worker], tmp_path: Path, on: str) -> None:
+    """What the deadline is when a request reaches a backend: the one armed
+    while the balancer waited for the request. In the hub, client_idle from
+    the accept (`Context.start`); in a greenlet, after a head sent in two
+    pieces, client_header from its first byte (`read_head`). Both 0.5 s here,
+    the connect timeout 10 s: the deadline passes while the connect hangs.
+    The client gets the 504 then; the rule's other backend, which would
+    answer, is not tried; neither backend has anything counted."""
+    live = test_inline.ScriptedBackend()
+    try:
+        with never_accepting() as port:
+            address = f"127.0.0.1:{port}"
+            # round robin: the first request goes to the first backend
+            w = make_to([address, live.address], on, connect_timeout=10.0,
+                        **{"timeouts.client_idle": 0.5, "timeouts.client_header": 0.5})
+            began = time.monotonic()
             sock = connect(w)
             sock.sock.settimeout(15)
-            assert until(lambda w=w: len(w.io.connections) == 1)  # accepted
+            assert until(lambda: len(w.io.connections) == 1)  # accepted
             (conn,) = w.io.connections
-            rest = get("/try")
-            if on == "greenlet":
-                sock.sendall(rest[:20])
-                rest = rest[20:]
-                assert until(lambda conn=conn: conn.task is not None)
-            sock.sendall(rest)
-            # its head taken: from there the connect is all a bodyless GET waits for
-            assert until(lambda conn=conn: conn.exchange is not None)
-            if on == "hub":
-                assert conn.task is None and conn.exchange.flight.connecting is not None
-            conn.deadline = 0.0  # overdue at the watchdog's next tick
-            began = time.monotonic()
-            status, _, _ = response(sock)
-            assert time.monotonic() - began < 5, "answered at the connect timeout"
-            with contextlib.suppress(OSError):
-                sock.close()
-            seen[on] = outcome(w, [status], tmp_path, on)
+            send_in(sock, conn, on, get("/try"))
+            assert until(lambda: sockets_to(port, "02") == 1)  # connecting
+            status = response(sock)[0]
+            elapsed = time.monotonic() - began
+            assert until(lambda: sockets_to(port, "02") == 0)
+            sock.close()
+            seen = outcome(w, [status], tmp_path, on, address)
     finally:
-        queued.close()
-        full.close()
-    assert seen["hub"] == seen["greenlet"]
-    # the greenlet path's: the watchdog's TimeoutError, thrown into the connect's
-    # wait, fails that connect (a ConnectError, counted against the backend)
-    assert seen["hub"]["status"] == 502 and seen["hub"]["outcomes"]["connect_error"] == 1
-    assert seen["hub"]["in_flight"] == (0, 0) and seen["hub"]["open"] == 0
-    assert seen["hub"]["completed"] == 1
+        live.close()
+    assert status == 504 and 0.4 < elapsed < 5, elapsed
+    assert {k: seen[k] for k in NOTHING_COUNTED} == NOTHING_COUNTED
+    assert seen["log"] == [{"status": 504, "backend": address, "target": "/try",
+                            "method": "GET"}]
+    assert live.connections == 0  # not retried
+    other = w.stats.snapshot()["hosts"]["app.test"]["backends"][live.address]
+    assert other["in_flight"] == 0 and other["failures"] == 0
+    assert sum(other["outcomes"].values()) == 0
 
 
 # the descriptor budget ------------------------------------------------------------

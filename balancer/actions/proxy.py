@@ -5,7 +5,9 @@ Invariants:
   within `retry_timeout` seconds in all.
 * Connect failures are always retried. After bytes were sent, only
   idempotent requests whose body was not streamed are retried, and only
-  while nothing was sent to the client.
+  while nothing was sent to the client. A connect that the client
+  connection's own deadline cut (`ConnectOverdue`) is not the backend's
+  failure: neither counted against it nor retried (a 504).
 * A Content-Length body of up to `BUFFERED_BODY` bytes is read whole before
   any backend sees the request (as nginx buffers request bodies), so that it
   can be replayed however its bytes arrived; a larger body, a chunked one or
@@ -212,7 +214,7 @@ class ProxyAction:
     def _failure(self, backend: Backend, stats: BackendStats,
                  exc: BaseException) -> ProxyError:
         """The failure of a try, counted against `backend`; raises `exc` again if it
-        is not the backend's (the client's, a timeout of the whole request...)."""
+        is not the backend's (the client's, a ConnectOverdue, a bug...)."""
         if isinstance(exc, BackendTLSError):
             return self._failed(backend, stats, "tls_error", exc)
         if isinstance(exc, ConnectError):
