@@ -35,6 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from loadtest.procs import free_port
+from loadtest.reaper import guarded_popen
 
 HOST = "127.0.0.1"
 
@@ -88,7 +89,7 @@ def start(args: argparse.Namespace, tmp: Path, backend: Backend) -> tuple[subpro
         config = tmp / "balancer.toml"
         config.write_text(f'[server]\nuser = "{args.user}"\n')
         argv += ["--config", str(config)]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    proc = guarded_popen(argv, stderr=subprocess.PIPE, text=True)  # gone if this one is
     assert proc.stderr is not None
     while "for management" not in (line := proc.stderr.readline()):
         if not line:

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from loadtest.procs import HeldPort
+from loadtest.reaper import guarded_popen, release
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -293,8 +294,10 @@ class Balancer:
         full_env["PYTHONPATH"] = str(ROOT)
         self.log_path = tmp / "balancer.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=full_env)
+        # stopped by loadtest.reaper's watcher if this process dies first (a bench
+        # script or a test run killed with SIGKILL)
+        self.proc = guarded_popen(argv, cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
+                                  env=full_env)
         self.ports: dict[str, int] = {}
         wait_for(self._read_ports, timeout=20, what="balancer to listen")
 
@@ -363,6 +366,7 @@ class Balancer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        release(self.proc)
         self.log.close()
         return self.proc.returncode
 

@@ -60,7 +60,7 @@ def environ_has(pid: int, needle: bytes) -> bool:
 
 def run_processes(run_id: str) -> list[int]:
     """Live processes other than this one with the run's id in their environment
-    (the run's children and its watcher; nginx rewrites its workers' copy)."""
+    (the run's children and its watcher; nginx writes its titles over its copy)."""
     needle = f"{RUN_ID_ENV}={run_id}".encode()
     return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid()
             and live(int(e)) and environ_has(int(e), needle)]
