@@ -34,8 +34,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from loadtest.procs import free_port
-from loadtest.reaper import guarded_popen
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this tree's loadtest (the balancer comes from PYTHONPATH)
+
+from loadtest.procs import free_port  # noqa: E402
+from loadtest.reaper import guarded_popen  # noqa: E402
 
 HOST = "127.0.0.1"
 
