@@ -193,9 +193,21 @@ class EchoHandler(BaseHTTPRequestHandler):
 POLL = 0.02  # seconds between a backend's checks for `stop` (socketserver's default: 0.5)
 
 
+# what a backend's write raises when its client (the balancer) has left: a
+# timeout, a client abort or a retry gave up on the answer
+CLIENT_LEFT = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
 class BackendServer(ThreadingHTTPServer):
     # the listen queue: socketserver's 5 drops the connects of a burst
     request_queue_size = 1024
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints every handler's exception with its traceback: a
+        client that left is routine (and was noise in the CI log), anything else
+        is printed."""
+        if not isinstance(sys.exc_info()[1], CLIENT_LEFT):
+            super().handle_error(request, client_address)
 
 
 class Backend:
