@@ -3,6 +3,9 @@
 Invariants:
 * Each child runs in its own session (process group), so stopping it also stops
   whatever it forked (nginx workers, haproxy threads, generator workers).
+* No child outlives this process, even one killed with SIGKILL: each is started
+  with `loadtest.reaper.guarded_popen`, whose watcher stops the groups still
+  running once this process is gone (whichever thread started them).
 * `Processes.stop_all()` runs on normal exit, on SIGINT/SIGTERM/SIGHUP (through
   `KeyboardInterrupt`, never lost: `Interrupts`) and from `atexit`; it is
   idempotent and bounded in time.
@@ -23,6 +26,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from loadtest.reaper import guarded_popen, release
 
 RUN_ID_ENV = "LOADTEST_RUN_ID"
 
@@ -77,7 +82,7 @@ class Processes:
         full_env[RUN_ID_ENV] = self.run_id
         with open(log_path, "ab") as log:
             try:
-                popen = subprocess.Popen(
+                popen = guarded_popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env=full_env, start_new_session=True,
                 )
@@ -90,6 +95,7 @@ class Processes:
     def stop(self, proc: Proc, timeout: float = 5.0) -> None:
         """SIGTERM the process group, SIGKILL it after `timeout` seconds."""
         stop_group(proc.popen, timeout)
+        release(proc.popen)
         if proc in self.procs:
             self.procs.remove(proc)
 

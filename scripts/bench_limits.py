@@ -176,8 +176,10 @@ def run_load(argv: list[str]) -> None:
 
 # the orchestration -------------------------------------------------------------
 def spawn_load(*args: Any) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, *map(str, args)],
-                            stdout=subprocess.PIPE, text=True)
+    from loadtest.reaper import guarded_popen
+
+    return guarded_popen([sys.executable, __file__, *map(str, args)],
+                         stdout=subprocess.PIPE, text=True)
 
 
 def collect(proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
@@ -216,11 +218,12 @@ def main() -> None:
     opts = parser.parse_args()
 
     from loadtest.procs import free_port
+    from loadtest.reaper import guarded_popen
     from tests.support import Balancer, request, wait_for
 
     backend_address = f"127.0.0.1:{free_port()}"  # held: the backend listens beside
-    backend = subprocess.Popen([sys.executable, "-m", "loadtest.backend", "--listen",
-                                backend_address], cwd=ROOT)
+    backend = guarded_popen([sys.executable, "-m", "loadtest.backend", "--listen",
+                             backend_address], cwd=ROOT)
     rule = {"action": "proxy", "backends": [backend_address],
             "limits": {"rate": opts.limit, "per": "client"}}
     bal = Balancer(Path(tempfile.mkdtemp()), {HOST: rule},

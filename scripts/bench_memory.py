@@ -34,7 +34,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from loadtest.procs import free_port
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this tree's loadtest (the balancer comes from PYTHONPATH)
+
+from loadtest.procs import free_port  # noqa: E402
+from loadtest.reaper import guarded_popen  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -88,7 +92,7 @@ def start(args: argparse.Namespace, tmp: Path, backend: Backend) -> tuple[subpro
         config = tmp / "balancer.toml"
         config.write_text(f'[server]\nuser = "{args.user}"\n')
         argv += ["--config", str(config)]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    proc = guarded_popen(argv, stderr=subprocess.PIPE, text=True)  # gone if this one is
     assert proc.stderr is not None
     while "for management" not in (line := proc.stderr.readline()):
         if not line:

@@ -65,6 +65,7 @@ from balancer.stats import Stats  # noqa: E402
 from balancer.table import RoutingTable, TableHolder  # noqa: E402
 from loadtest import configs  # noqa: E402
 from loadtest.procs import free_port  # noqa: E402
+from loadtest.reaper import guarded_popen  # noqa: E402
 from tests.support import Balancer, wait_for  # noqa: E402
 
 HOST = "app.test"
@@ -237,15 +238,17 @@ def start_backend(kind: str, tmp: Path) -> tuple[int, subprocess.Popen]:
     what is measured) or the single-process Python one (`loadtest.backend`)."""
     number = free_port()
     if kind == "python":
-        proc = subprocess.Popen([sys.executable, "-m", "loadtest.backend", "--listen",
-                                 f"127.0.0.1:{number}"], cwd=ROOT)
+        proc = guarded_popen([sys.executable, "-m", "loadtest.backend", "--listen",
+                              f"127.0.0.1:{number}"], cwd=ROOT)
     else:
         directory = tmp / "nginx"
         directory.mkdir()
         conf = directory / "nginx.conf"
         conf.write_text(configs.nginx_backend(directory, number, b"released", NOFILE))
-        proc = subprocess.Popen(["nginx", "-p", str(directory), "-c", str(conf), "-e",
-                                 str(directory / "error.log"), "-g", "daemon off;"])
+        # a group of its own: the watcher stops the worker too (it outlives a killed master)
+        proc = guarded_popen(["nginx", "-p", str(directory), "-c", str(conf), "-e",
+                              str(directory / "error.log"), "-g", "daemon off;"],
+                             start_new_session=True)
     wait_for(lambda: _accepts(number), what=f"the {kind} backend")
     return number, proc
 
@@ -258,9 +261,9 @@ def end_to_end(held: int, rounds: int, workers: int, store: str,
     args = ["--workers", str(workers)]
     if store == "redis":
         redis_port = free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind",
-                                  "127.0.0.1", "--save", "", "--appendonly", "no", "--dir",
-                                  str(tmp)], stdout=subprocess.DEVNULL)
+        redis = guarded_popen(["redis-server", "--port", str(redis_port), "--bind",
+                               "127.0.0.1", "--save", "", "--appendonly", "no", "--dir",
+                               str(tmp)], stdout=subprocess.DEVNULL)
         wait_for(lambda: _accepts(redis_port), what="redis-server")
         args += ["--store", f"redis://127.0.0.1:{redis_port}/0"]
     bal = Balancer(tmp, {HOST: SPIN} if store == "file" else None, args=args)

@@ -31,6 +31,7 @@ from balancer.certificates import make_record  # noqa: E402
 from balancer.stores.file import FileStore  # noqa: E402
 from loadtest.measure import process_tree  # noqa: E402
 from loadtest.procs import free_port  # noqa: E402
+from loadtest.reaper import guarded_popen  # noqa: E402
 from tests.tlsca import TestCA  # noqa: E402
 
 NAME = "bench.test"
@@ -97,7 +98,7 @@ def main() -> None:
         FileStore(str(routes)).certs().put(NAME, make_record(NAME, *ca.issue(NAME)))
         plain, tls = free_port(), free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.Popen(
+        proc = guarded_popen(
             [sys.executable, "-m", "balancer", "serve", "--workers", "1",
              "--listen", f"127.0.0.1:{plain}", "--tls-listen", f"127.0.0.1:{tls}",
              "--management", f"127.0.0.1:{free_port()}", "--store", f"file:{routes}"],

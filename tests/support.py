@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from loadtest.procs import HeldPort
+from loadtest.reaper import guarded_popen, release
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,9 +193,21 @@ class EchoHandler(BaseHTTPRequestHandler):
 POLL = 0.02  # seconds between a backend's checks for `stop` (socketserver's default: 0.5)
 
 
+# what a backend's write raises when its client (the balancer) has left: a
+# timeout, a client abort or a retry gave up on the answer
+CLIENT_LEFT = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
 class BackendServer(ThreadingHTTPServer):
     # the listen queue: socketserver's 5 drops the connects of a burst
     request_queue_size = 1024
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints every handler's exception with its traceback: a
+        client that left is routine (and was noise in the CI log), anything else
+        is printed."""
+        if not isinstance(sys.exc_info()[1], CLIENT_LEFT):
+            super().handle_error(request, client_address)
 
 
 class Backend:
@@ -293,8 +306,10 @@ class Balancer:
         full_env["PYTHONPATH"] = str(ROOT)
         self.log_path = tmp / "balancer.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=full_env)
+        # stopped by loadtest.reaper's watcher if this process dies first (a bench
+        # script or a test run killed with SIGKILL)
+        self.proc = guarded_popen(argv, cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
+                                  env=full_env)
         self.ports: dict[str, int] = {}
         wait_for(self._read_ports, timeout=20, what="balancer to listen")
 
@@ -363,6 +378,7 @@ class Balancer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        release(self.proc)
         self.log.close()
         return self.proc.returncode
 

@@ -1,0 +1,121 @@
+"""A run killed with SIGKILL leaves nothing running: `loadtest.reaper`'s watcher
+stops what it started, whole process groups, whichever thread started them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from loadtest.procs import RUN_ID_ENV
+from loadtest.reaper import GRACE, group_members, stat_fields
+from tests.support import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# a group leader whose child ignores SIGTERM: only the SIGKILL after GRACE stops it
+STUBBORN = """
+import signal, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                  "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('deaf', flush=True); "
+                  "time.sleep(60)"])
+time.sleep(60)
+"""
+
+# the run: a loadtest backend (nginx, master and worker, when installed) started
+# from a thread that has ended by the time the run is killed, then STUBBORN
+RUN = """
+import sys, threading, time
+from pathlib import Path
+from loadtest.procs import Processes
+from loadtest.targets import Lab
+
+procs = Processes(Path(sys.argv[1]) / "logs")
+lab = Lab(Path(sys.argv[1]), procs, 1024)
+box = []
+thread = threading.Thread(target=lambda: box.append(lab.start_backend()))
+thread.start()
+thread.join()
+procs.start("stubborn", [sys.executable, "-c", sys.argv[2]])
+print(lab.backend_kind, *(p.pid for p in procs.procs), flush=True)
+time.sleep(60)
+"""
+
+
+def live(pid: int) -> bool:
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def environ_has(pid: int, needle: bytes) -> bool:
+    try:
+        return needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def run_processes(run_id: str) -> list[int]:
+    """Live processes other than this one with the run's id in their environment
+    (the run's children and its watcher; nginx writes its titles over its copy)."""
+    needle = f"{RUN_ID_ENV}={run_id}".encode()
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid()
+            and live(int(e)) and environ_has(int(e), needle)]
+
+
+def test_a_run_killed_with_sigkill_leaves_no_process(tmp_path: Path) -> None:
+    run_id = uuid.uuid4().hex
+    env = {**os.environ, RUN_ID_ENV: run_id,
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.Popen([sys.executable, "-c", RUN, str(tmp_path), STUBBORN], env=env,
+                           stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    groups: list[int] = []
+    try:
+        kind, *pids = (run.stdout.readline() if run.stdout else "").split()
+        groups = [int(p) for p in pids]
+        assert len(groups) == 2, f"the run did not start its processes ({kind!r})"
+        backend, stubborn = groups
+        if kind == "nginx":  # the master forks its worker: both in the group
+            wait_for(lambda: len(group_members(backend)) == 2, timeout=5, what="nginx's worker")
+        wait_for(lambda: "deaf" in (tmp_path / "logs" / "stubborn.log").read_text(),
+                 timeout=5, what="the stubborn child")
+        assert len(group_members(stubborn)) == 2
+        run.kill()
+        run.wait(5)
+        killed = time.monotonic()
+        wait_for(lambda: not any(group_members(g) for g in groups) and not run_processes(run_id),
+                 timeout=GRACE + 3, interval=0.05, what="every process of the killed run to end")
+        # the stubborn child needed the SIGKILL: so none came early
+        assert time.monotonic() - killed >= GRACE * 0.9
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(5)
+        for group in groups:
+            for pid in group_members(group):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_watcher_signals_only_what_is_still_listed(tmp_path: Path) -> None:
+    """A child stopped by the run is unlisted; one sharing the run's group (as
+    `tests.support.Balancer`'s) gets the signal alone, not the group."""
+    watcher = subprocess.Popen([sys.executable, "-I", str(ROOT / "loadtest" / "reaper.py")],
+                               stdin=subprocess.PIPE, start_new_session=True)
+    sleep = [sys.executable, "-c", "import time; time.sleep(30)"]
+    unlisted = subprocess.Popen(sleep, start_new_session=True)
+    beside = subprocess.Popen(sleep)  # in this test's own group
+    try:
+        assert watcher.stdin is not None
+        watcher.stdin.write(b"+%d\n+%d\n-%d\n" % (unlisted.pid, beside.pid, unlisted.pid))
+        watcher.stdin.close()  # as when the run dies
+        assert beside.wait(GRACE + 3) == -signal.SIGTERM
+        assert watcher.wait(GRACE + 3) == 0
+        assert unlisted.poll() is None
+    finally:
+        for child in (watcher, unlisted, beside):
+            if child.poll() is None:
+                child.kill()
+                child.wait(5)
