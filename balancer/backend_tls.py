@@ -22,6 +22,13 @@ Invariants:
   connection of that key resumes it (as nginx's ``proxy_ssl_session_reuse``
   and HAProxy do by default): a session verified for one name is never
   offered for another.
+* Verification is the same on every Python version: OpenSSL's chain checks
+  as HAProxy and nginx make them. Python 3.13's `create_default_context` adds
+  ``VERIFY_X509_STRICT`` (refusing, say, a private CA's certificate without an
+  Authority Key Identifier, which 3.11 and 3.12 accept) and
+  ``VERIFY_X509_PARTIAL_CHAIN`` (an intermediate in the bundle as a trust
+  anchor): both are cleared (`VERSION_FLAGS`), so upgrading Python never turns
+  a working backend into a 502.
 * Every TLS failure becomes `BackendTLSError` (a `ConnectError`: nothing was
   sent, so it is retried on another backend and counts as a connect failure),
   its message saying what failed, for the operator log. The handshake is
@@ -41,6 +48,8 @@ from balancer.errors import BackendTLSError, Overdue
 
 ALPN: Final = ["http/1.1"]
 UNVERIFIED: Final = "!"  # prefix of the pool key of an unverified connection
+# what Python 3.13's create_default_context adds to the verify flags (module docstring)
+VERSION_FLAGS: Final = ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
 
 
 def request_name(host: bytes) -> str:
@@ -137,6 +146,7 @@ class BackendTLS:
 def _client_context(ca_bundle: str) -> ssl.SSLContext:
     """A client context: TLS 1.2 or newer, HTTP/1.1 by ALPN, the given CAs (or the system's)."""
     context = ssl.create_default_context(cafile=ca_bundle or None)
+    context.verify_flags &= ~VERSION_FLAGS  # as on Python 3.11 and 3.12
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(ALPN)
     # a backend's TCP close without close_notify ends its stream (HTTP framing

@@ -19,6 +19,8 @@ from tests.tlsca import TestCA
 
 CA = TestCA()
 OTHER_CA = TestCA("some other CA")
+# a minimal private CA: no key identifiers (refused by Python 3.13's VERIFY_X509_STRICT)
+BARE_CA = TestCA("a minimal private CA", bare=True)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,13 @@ def untrusted(tmp: Path) -> Iterator[TLSBackend]:
 
 
 @pytest.fixture(scope="module")
+def bare(tmp: Path) -> Iterator[TLSBackend]:
+    backend = TLSBackend(BARE_CA, tmp, "bare.test", name="bare")
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture(scope="module")
 def silent() -> Iterator[SilentServer]:
     server = SilentServer()
     yield server
@@ -48,7 +57,7 @@ def silent() -> Iterator[SilentServer]:
 
 
 @pytest.fixture(scope="module")
-def bal(tmp: Path, good: TLSBackend, untrusted: TLSBackend,
+def bal(tmp: Path, good: TLSBackend, untrusted: TLSBackend, bare: TLSBackend,
         silent: SilentServer) -> Iterator[Balancer]:
     def proxy(*urls: str, **extra: Any) -> dict[str, Any]:
         return {"action": "proxy", "backends": list(urls), **extra}
@@ -61,8 +70,11 @@ def bal(tmp: Path, good: TLSBackend, untrusted: TLSBackend,
         "badca.test": proxy(untrusted.url, retries=0),
         "noverify-ca.test": proxy(untrusted.url, backend_tls_verify=False),
         "silent.test": proxy(f"https://{silent.address}", retries=0),
+        "bare.test": proxy(bare.url, retries=0),
     }
-    config = (f'[tls]\nbackend_ca_bundle = "{CA.write(tmp)}"\n'
+    bundle = tmp / "backend-cas.pem"
+    bundle.write_text(CA.pem + BARE_CA.pem)
+    config = (f'[tls]\nbackend_ca_bundle = "{bundle}"\n'
               "[timeouts]\nbackend_connect = 1.0\n")
     balancer = Balancer(tmp, hosts, config=config)
     yield balancer
@@ -100,6 +112,21 @@ def test_verified_backend_gets_sni_of_the_host(bal: Balancer, good: TLSBackend) 
     assert good.sni[before:] == ["app.test"]
     outcomes = backend_stats(bal, "app.test", good.url)["outcomes"]
     assert outcomes["success"] >= 1 and outcomes["tls_error"] == 0
+
+
+def test_a_certificate_without_key_identifiers_is_trusted_on_every_python(
+        bal: Balancer, bare: TLSBackend) -> None:
+    """A minimal private CA's certificate passes as on Python 3.11, also on 3.13,
+    whose default context would refuse it ("Missing Authority Key Identifier")."""
+    from cryptography import x509
+
+    leaf = x509.load_pem_x509_certificate(BARE_CA.issue("bare.test")[0].encode())
+    with pytest.raises(x509.ExtensionNotFound):
+        leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    status, _, body = request(bal.port, host="bare.test")
+    assert status == 200, body
+    assert bare.sni[-1] == "bare.test"
+    assert backend_stats(bal, "bare.test", bare.url)["outcomes"]["tls_error"] == 0
 
 
 def test_keep_alive_connections_are_reused_per_name(bal: Balancer, good: TLSBackend) -> None:
