@@ -342,6 +342,10 @@ class Balancer:
         tmp.write_text(json.dumps({"version": version, "hosts": hosts}))
         os.replace(tmp, self.routes)
 
+    def store_problem(self) -> str:
+        """The store problem the management API reports ("" when none)."""
+        return self.api("GET", "/api/v1/info")[1]["store"]["problem"] or ""
+
     def api(self, method: str, path: str, body: Any = None,
             headers: dict[str, str] | None = None) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.mport, timeout=10)

@@ -148,10 +148,6 @@ def check_rate(backend: Backend, seconds: float) -> float:
     return (len(backend.checks) - count) / (time.monotonic() - start)  # type: ignore[attr-defined]
 
 
-def store_problem(bal: Balancer) -> str:
-    return bal.api("GET", "/api/v1/info")[1]["store"]["problem"] or ""
-
-
 OLD_CHECKS = {**FAST_CHECKS, "interval": 0.5, "timeout": 0.005}  # a timeout under the floor
 
 
@@ -239,7 +235,7 @@ def test_a_stored_check_value_that_is_no_number_above_0_is_still_a_corrupt_store
     assert bal.api("PUT", f"/api/v1/hosts/{HOST}", good)[0] == 200
     store_old_table(redis, tmp_path, {HOST: {**good, "health": {**FAST_CHECKS, "interval": 0}}},
                     5)
-    wait_for(lambda: "health.interval: must be a finite number from 0.1" in store_problem(bal),
+    wait_for(lambda: "health.interval: must be a finite number from 0.1" in bal.store_problem(),
              what="the stored rule reported")
     assert request(bal.port, host=HOST)[0] == 200  # the last good table still serves
     assert raised_values(bal) == []

@@ -32,11 +32,6 @@ WAIT = 10.0
 STATIC = {"action": "static", "status": 200, "body": "hi"}
 
 
-def problem(bal: Balancer) -> str:
-    """The store problem the management API reports ("" when none)."""
-    return bal.api("GET", "/api/v1/info")[1]["store"]["problem"] or ""
-
-
 def serves(bal: Balancer, host: str = "app.test", body: bytes = b"hi") -> bool:
     status, _, got = request(bal.port, host=host, timeout=5)
     return status == 200 and got == body
@@ -47,17 +42,18 @@ def test_a_routes_file_that_is_a_fifo_or_a_device_is_refused(tmp_path: Path) -> 
     try:
         os.unlink(bal.routes)
         os.mkfifo(bal.routes)
-        wait_for(lambda: "not a regular file" in problem(bal), WAIT, what="the FIFO reported")
+        wait_for(lambda: "not a regular file" in bal.store_problem(),
+                 WAIT, what="the FIFO reported")
         assert serves(bal)
         os.unlink(bal.routes)
         os.symlink("/dev/zero", bal.routes)
-        wait_for(lambda: "not a regular file" in problem(bal) and serves(bal), WAIT,
+        wait_for(lambda: "not a regular file" in bal.store_problem() and serves(bal), WAIT,
                  what="the device reported")
         status, answer = bal.api("PUT", "/api/v1/hosts/b.test", STATIC)
         assert status == 503 and "not a regular file" in answer["message"], answer
         os.unlink(bal.routes)
         bal.write_routes({"app.test": {**STATIC, "body": "back"}}, version=2)
-        wait_for(lambda: problem(bal) == "" and serves(bal, body=b"back"), WAIT,
+        wait_for(lambda: bal.store_problem() == "" and serves(bal, body=b"back"), WAIT,
                  what="the regular file read again")
     finally:
         release_readers(bal.routes)
@@ -130,14 +126,14 @@ def test_a_redis_version_that_is_no_count_is_reported_and_followed_after(
     good = raw.get("balancer:version")
     raw.set("balancer:version", bad)
     raw.publish("balancer:changes", bad)
-    wait_for(lambda: "is not an integer from 0 to" in problem(bal), WAIT,
+    wait_for(lambda: "is not an integer from 0 to" in bal.store_problem(), WAIT,
              what="the version reported")
     assert serves(bal)
     assert bal.version() == int(good)
     raw.set("balancer:version", good)  # repaired by hand
     publish_change(raw, "new.test", "new")  # then changed elsewhere: followed
     wait_for(lambda: serves(bal, "new.test", b"new"), WAIT, what="the change applied")
-    wait_for(lambda: problem(bal) == "", WAIT, what="the problem cleared")
+    wait_for(lambda: bal.store_problem() == "", WAIT, what="the problem cleared")
     version = int(good) + 2  # above the change, never above the bad version
     assert bal.api("PUT", "/api/v1/hosts/b.test", STATIC) == (200, {"version": version})
 
@@ -159,8 +155,8 @@ def test_a_redis_key_of_the_wrong_type_is_a_corrupt_store(
     raw.set("balancer:hosts", "x")
     raw.publish("balancer:changes", good)  # look again now
     wrong = "balancer:hosts is a string, not a hash"
-    wait_for(lambda: wrong in problem(bal), WAIT, what="the hosts key reported")
-    assert "unreachable" not in problem(bal)
+    wait_for(lambda: wrong in bal.store_problem(), WAIT, what="the hosts key reported")
+    assert "unreachable" not in bal.store_problem()
     assert serves(bal)  # the last good table rides it out
     wait_for(lambda: store_up(bal) == "0.0", WAIT, what="balancer_store_up 0")
     status, answer = bal.api("PUT", "/api/v1/hosts/b.test", STATIC)
@@ -169,13 +165,13 @@ def test_a_redis_key_of_the_wrong_type_is_a_corrupt_store(
     assert bal.output().count(wrong) == 1  # logged once, by the management process
     # a whole-table write replaces the key: repaired
     assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
-    wait_for(lambda: problem(bal) == "" and store_up(bal) == "1.0", WAIT,
+    wait_for(lambda: bal.store_problem() == "" and store_up(bal) == "1.0", WAIT,
              what="the repair seen")
     version = raw.get("balancer:version")
     raw.delete("balancer:version")
     raw.lpush("balancer:version", version)
     raw.publish("balancer:changes", version)
-    wait_for(lambda: "balancer:version is a list, not a string" in problem(bal), WAIT,
+    wait_for(lambda: "balancer:version is a list, not a string" in bal.store_problem(), WAIT,
              what="the version key reported")
     status, answer = bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})
     assert (status, answer["error"]) == (503, "store_corrupt"), answer
@@ -183,7 +179,7 @@ def test_a_redis_key_of_the_wrong_type_is_a_corrupt_store(
     raw.delete("balancer:version")  # repaired by hand
     raw.set("balancer:version", version)
     publish_change(raw, "new.test", "new")
-    wait_for(lambda: serves(bal, "new.test", b"new") and problem(bal) == "", WAIT,
+    wait_for(lambda: serves(bal, "new.test", b"new") and bal.store_problem() == "", WAIT,
              what="the change after the repair")
     raw.set("balancer:certs", "x")
     certs_problem = "balancer:certs is a string, not a hash"
@@ -192,4 +188,4 @@ def test_a_redis_key_of_the_wrong_type_is_a_corrupt_store(
     status, answer = bal.api("DELETE", "/api/v1/certs/app.test")
     assert (status, answer["error"]) == (503, "certs_corrupt") and certs_problem in \
         answer["message"], answer
-    assert serves(bal) and problem(bal) == ""
+    assert serves(bal) and bal.store_problem() == ""

@@ -63,11 +63,6 @@ WAIT = 10.0
 STATIC = {"action": "static", "status": 200, "body": "hi"}
 
 
-def problem(bal: Balancer) -> str:
-    """The store problem the management API reports ("" when none)."""
-    return bal.api("GET", "/api/v1/info")[1]["store"]["problem"] or ""
-
-
 def serves(bal: Balancer, host: str = "app.test", body: bytes = b"hi") -> bool:
     status, _, got = request(bal.port, host=host, timeout=5)
     return status == 200 and got == body
@@ -107,19 +102,19 @@ def test_bytes_that_are_not_utf8_in_redis_are_a_corrupt_store_and_the_watch_goes
     rule = json.dumps(STATIC).encode()
     publish_change(raw, b"\xff.test", rule)
     named = "balancer:hosts[\\xff.test] is not valid JSON: the host name is not UTF-8 (byte 0xff"
-    wait_for(lambda: named in problem(bal), WAIT, what="the host name reported")
+    wait_for(lambda: named in bal.store_problem(), WAIT, what="the host name reported")
     status, answer = bal.api("GET", "/api/v1/hosts")  # was a 500
     assert status == 200 and named in answer["store_problem"], answer
     assert list(answer["hosts"]) == ["app.test"] and serves(bal)
     raw.hdel("balancer:hosts", b"\xff.test")
     publish_change(raw, b"bad.test", b'{"action": "static", "status": 200, "body": "\xfe"}')
     wait_for(lambda: "balancer:hosts[bad.test] is not valid JSON: the value is not UTF-8 "
-                     "(byte 0xfe" in problem(bal), WAIT, what="the value reported")
+                     "(byte 0xfe" in bal.store_problem(), WAIT, what="the value reported")
     raw.hdel("balancer:hosts", b"bad.test")
     raw.publish("balancer:changes", b"\xff\xfe garbage")  # a message of bytes
     # every watcher still follows the store: a change made elsewhere is served
     publish_change(raw, b"new.test", json.dumps({**STATIC, "body": "new"}).encode())
-    wait_for(lambda: serves(bal, "new.test", b"new") and problem(bal) == "", WAIT,
+    wait_for(lambda: serves(bal, "new.test", b"new") and bal.store_problem() == "", WAIT,
              what="the change after the repair")
     assert "Traceback" not in bal.output()
 
@@ -145,13 +140,13 @@ def test_a_redis_table_changed_without_its_version_is_not_taken(
     # the management process finds it at its next whole read (here the API's)
     answer = bal.api("GET", "/api/v1/hosts")[1]
     assert list(answer["hosts"]) == ["app.test", "b.test"] and said in answer["store_problem"]
-    assert said in problem(bal)
+    assert said in bal.store_problem()
     status, answer = bal.api("PUT", "/api/v1/hosts/c.test", STATIC)
     assert (status, answer["error"]) == (409, "store_lost"), answer
     assert bal.api("POST", "/api/v1/restore") == (
         200, {"version": 3, "restored_from": 2, "hosts": 2})
     assert sorted(raw.hkeys("balancer:hosts")) == [b"app.test", b"b.test"]
-    wait_for(lambda: problem(bal) == "", WAIT, what="the repair seen")
+    wait_for(lambda: bal.store_problem() == "", WAIT, what="the repair seen")
     wait_for(lambda: bal.api("GET", "/api/v1/info")[1]["processes"][0]["store_problem"]
              is None, WAIT, what="the worker's problem cleared")
 
@@ -168,7 +163,7 @@ def test_concurrent_backend_adds_on_redis_all_land(redis_site: tuple[Balancer, A
         assert [f.result()[0] for f in answers] == [200] * 20, [f.result() for f in answers]
         backends = bal.api("GET", f"/api/v1/hosts/{host}")[1]["rule"]["backends"]
         assert len(backends) == 21 and added == []
-    assert problem(bal) == ""  # no race was taken for a store that lost its table
+    assert bal.store_problem() == ""  # no race was taken for a store that lost its table
     assert bal.api("PUT", "/api/v1/hosts/after.test", STATIC)[0] == 200
 
 
@@ -251,7 +246,7 @@ def test_a_worker_replaced_while_the_store_directory_is_gone_serves(tmp_path: Pa
     try:
         assert bal.api("PUT", "/api/v1/hosts/app.test", STATIC)[0] == 200
         store.rename(tmp_path / "gone")
-        wait_for(lambda: "deleted?" in problem(bal), WAIT, what="the loss reported")
+        wait_for(lambda: "deleted?" in bal.store_problem(), WAIT, what="the loss reported")
         (pid,) = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
         os.kill(pid, signal.SIGKILL)
 
@@ -289,14 +284,15 @@ def test_a_routes_file_cut_short_at_the_served_version_is_reported(tmp_path: Pat
         assert bal.api("PUT", "/api/v1/hosts/b.test", STATIC)[0] == 200
         whole = bal.routes.read_bytes()
         bal.routes.write_bytes(b'{"version": 9, "hosts": {"\xff": 1}}')  # corrupt, reported
-        wait_for(lambda: "not valid JSON" in problem(bal), WAIT, what="the corrupt file")
+        wait_for(lambda: "not valid JSON" in bal.store_problem(), WAIT, what="the corrupt file")
         bal.routes.write_bytes(whole[:len(whole) // 2])  # the version served, cut short
-        wait_for(lambda: "Unterminated" in problem(bal) or "Expecting" in problem(bal), WAIT,
-                 what="the cut file reported, not cleared as readable")
+        wait_for(lambda: any(word in bal.store_problem() for word in ("Unterminated", "Expecting")),
+                 WAIT, what="the cut file reported, not cleared as readable")
         bal.routes.write_bytes(whole)
-        wait_for(lambda: problem(bal) == "", WAIT, what="the whole file back")
+        wait_for(lambda: bal.store_problem() == "", WAIT, what="the whole file back")
         bal.routes.write_bytes(whole[:-10])  # cut short with no problem before
-        wait_for(lambda: "not valid JSON" in problem(bal), WAIT, what="the cut file reported")
+        wait_for(lambda: "not valid JSON" in bal.store_problem(),
+                 WAIT, what="the cut file reported")
         assert serves(bal) and serves(bal, "b.test")
     finally:
         bal.stop()
