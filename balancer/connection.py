@@ -59,7 +59,7 @@ from balancer.http11 import (
 from balancer.netio import IO, NEVER, ParkNow
 from balancer.response_parser import ResponseCallbacks
 from balancer.responses import local_response
-from balancer.spans import Span, span_size
+from balancer.spans import Piece, Span, join_pieces, piece_size, span_size
 
 if TYPE_CHECKING:
     from balancer.accesslog import AccessLog
@@ -252,10 +252,10 @@ class Exchange:
         page = self.conn.ctx.pages.get(name)
         self.respond(page.status, page.body, page.content_type, extra)
 
-    def body_chunks(self) -> Iterator[bytes]:
-        """The request body as it arrives (framing removed)."""
+    def body_chunks(self) -> Iterator[Piece]:
+        """The request body as it arrives (framing removed): bytes or spans."""
         for chunk in self.conn.body_chunks():
-            self.received += len(chunk)
+            self.received += piece_size(chunk)
             yield chunk
         self.body_done = True
 
@@ -560,8 +560,9 @@ class ClientConnection:
                 self.linger = LINGER  # the rest of the head, its body may be on the way
 
     # request bodies ------------------------------------------------------
-    def body_chunks(self) -> Iterator[bytes]:
-        """Body pieces of the current request, reading the socket as needed."""
+    def body_chunks(self) -> Iterator[Piece]:
+        """Body pieces (bytes or spans: `balancer.http11`) of the current request,
+        reading the socket as needed."""
         events = self.events
         while True:
             while events:
@@ -596,18 +597,18 @@ class ClientConnection:
             events.pop()
         self.broken = exc
 
-    def buffered_body(self) -> bytes | None:
-        """The whole body if it already arrived with the head, else None (leaves it)."""
+    def buffered_body(self) -> Piece | None:
+        """The whole body if it already arrived with the head, else None (leaves it):
+        its one piece as it came (bytes or a span of the head's read), or several
+        joined."""
         events = self.events
-        pieces: list[bytes] = []
-        for event in events:
+        for count, event in enumerate(events):
             if event is END:
-                for _ in range(len(pieces) + 1):
-                    events.pop(0)
-                return b"".join(pieces)
-            if not isinstance(event, bytes):
+                pieces = events[:count]
+                del events[:count + 1]
+                return pieces[0] if count == 1 else join_pieces(pieces)
+            if isinstance(event, RequestHead):
                 break
-            pieces.append(event)
         return None
 
     def discard_body(self, ex: Exchange) -> None:

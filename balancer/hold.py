@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from balancer.errors import Busy, ShuttingDown, SpinTimeout
+from balancer.spans import Piece
 from balancer.table import Route, TableHolder
 
 
@@ -128,10 +129,11 @@ class Hold:
         holds.check_open()
 
 
-def hand_over(route: Route, ex: Any, body: bytes | None) -> None:
+def hand_over(route: Route, ex: Any, body: Piece | None) -> None:
     """Apply `route` to a request that was held.
 
-    `body` is the request body if it was already read (buffered), else None.
+    `body` is the request body if it was already read (buffered: bytes, or a
+    `balancer.spans.Span` of the read it came in), else None.
     """
     conn = ex.conn
     conn.arm(conn.sock, conn.ctx.timeouts.client_idle)

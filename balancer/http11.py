@@ -4,7 +4,9 @@ No sockets here: a parser takes bytes through `feed` and appends events to
 `events`, in order:
 
 * a `RequestHead` / `ResponseHead` when a message head is complete,
-* `bytes` for each piece of decoded body (framing already removed),
+* a body piece for each piece of decoded body (framing already removed): `bytes`,
+  or a `balancer.spans.Span` (the bytes of a read from where the body begins in it
+  to its end),
 * `END` when the message is complete.
 
 Invariants:
@@ -29,6 +31,16 @@ Invariants:
   a fragment (``#``) in the target, ``*`` but with OPTIONS.
 * Memory is bounded: an unfinished head never grows past the configured
   limits, and body bytes are handed out as they arrive.
+* A Content-Length body is not copied out of the reads it came in: llhttp
+  counts its bytes with no callback (`RequestCallbacks` has no ``on_body``),
+  and the parser, which knows where the body begins and how much of it is left
+  (`_at`, `_body_left`), queues each read's part: the read itself when all of it
+  is body, a span ``(read, start)`` when the body begins inside it (after its
+  head) and goes on to its end, and a slice only when another message follows
+  it in the same read (pipelining). A chunked body is decoded by llhttp, a
+  `bytes` per chunk (`FieldCallbacks.on_body`). The head's bytes are split at
+  CRLFs without the body behind them (`_raw_head`): a large feed is searched
+  for the head's end first.
 * Limits do not depend on how the bytes were split: the feed-level counts
   bound an unfinished head (memory), and a completed head whose counts could
   be off (it began inside a feed, or that feed was large) is measured exactly.
@@ -408,8 +420,11 @@ class _Parser:
                 if end < len(data):  # the next request, read raw from here
                     self.feed(data[end:])
                     return
-        elif not self._in_head:  # in a body framed by Content-Length
-            self._body_left -= len(data) - self._at
+        elif not self._in_head:  # in a body framed by Content-Length: its piece here
+            at = self._at
+            if at < len(data) and self._body_left:  # (not after an Upgrade head)
+                self.events.append((data, at) if at else data)
+            self._body_left -= len(data) - at
         elif in_head and len(self.events) == before and not self._line_done:
             # (raw) an unfinished head's line, bounded after llhttp read it (a whole
             # head is measured exactly, without this search)
@@ -556,20 +571,16 @@ class _Callbacks:
     def __init__(self) -> None:
         self.parser: RequestParser | None = None
         # bound once: httptools takes each by name (`getattr`) for every parser it
-        # makes, and a method looked up is a new bound object each time
+        # makes, and a method looked up is a new bound object each time. No
+        # ``on_body``: a raw parser's bodies have a Content-Length, queued by
+        # `_Parser.feed` without a copy (module doc); `FieldCallbacks` has one.
         self.on_headers_complete: Any = self._on_headers_complete
-        self.on_body: Any = self._on_body
         self.on_message_complete: Any = self._on_message_complete
 
     def _on_headers_complete(self) -> None:
         parser = self.parser
         assert parser is not None  # httptools calls back only within a feed
         parser.on_headers_complete()
-
-    def _on_body(self, body: bytes) -> None:
-        parser = self.parser
-        assert parser is not None  # httptools calls back only within a feed
-        parser.events.append(body)
 
     def _on_message_complete(self) -> None:
         parser = self.parser
@@ -584,11 +595,17 @@ class FieldCallbacks(_Callbacks):
     def __init__(self) -> None:
         super().__init__()
         self.on_header: Any = self._on_header
+        self.on_body: Any = self._on_body  # a chunked body's decoded pieces
 
     def _on_header(self, name: bytes, value: bytes) -> None:
         parser = self.parser
         assert parser is not None  # httptools calls back only within a feed
         parser.on_header(name, value)
+
+    def _on_body(self, body: bytes) -> None:
+        parser = self.parser
+        assert parser is not None  # httptools calls back only within a feed
+        parser.events.append(body)
 
 
 class RequestCallbacks(_Callbacks):
@@ -715,6 +732,10 @@ class RequestParser(_Parser):
         # the head may be (pipelined heads: no copy of the whole rest for each)
         room = total - start
         size = room if not start else min(room, WINDOW)
+        if room > WINDOW:  # a body may follow: split the head alone (no copy of the rest)
+            found = buf.find(b"\r\n\r\n", start, start + self._head_max + 4)
+            if found >= 0:
+                size = found + 4 - start
         while True:
             window = buf if size == total else buf[start:start + size]
             lines = window.split(b"\r\n", self._max_headers + 2)
@@ -882,11 +903,22 @@ class RequestParser(_Parser):
                                  if token and token.lower() != b"h2c")
         return upgrade
 
+    def _last_piece(self) -> Any:
+        """The piece of the current feed that ends a Content-Length body (module
+        doc): the feed, a span of it, or a slice when a message follows."""
+        feed, at = self._feed, self._at
+        end = at + self._body_left
+        if end == len(feed):
+            return (feed, at) if at else feed
+        return feed[at:end]
+
     def on_message_complete(self) -> None:
         if self._fields:  # trailer fields
             trailers = self._check_trailers()
             if self._head is not None:
                 self._head.trailers = trailers
+        if self._body_left and not self._fielded:  # a Content-Length body's last piece
+            self.events.append(self._last_piece())
         self.events.append(END)
         self._begin()
         # Bug: bytes after it used to become a 400 (or 414/431) for an answerable request.

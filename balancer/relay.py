@@ -47,7 +47,7 @@ from balancer.http11 import END, LAST_CHUNK, ProtocolError
 from balancer.netio import Connecting
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseHead, ResponseParser
-from balancer.spans import piece_size, span_bytes, span_size
+from balancer.spans import Piece, Span, piece_size, span_bytes, span_joined, span_size
 from balancer.stats import BackendStats
 from balancer.tunnel import tunnel
 
@@ -71,18 +71,23 @@ def frame_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def send_request(ex: Exchange, upstream: Upstream, body: bytes | None,
+def send_request(ex: Exchange, upstream: Upstream, body: Piece | None,
                  max_body: int | None) -> bool:
-    """Send the request; `body` is the whole body when in hand, else it is streamed
-    (returns True then)."""
+    """Send the request; `body` is the whole body when in hand (bytes or a span),
+    else it is streamed (returns True then). A Content-Length body of `TAIL_MIN`
+    bytes or more goes beside the head, not joined to it (one sendmsg of both)."""
     head = ex.head
     chunked = head.chunked
     data = request_head(ex, chunked)
     if body is not None:
         if chunked:
-            data += (frame_chunk(body) if body else b"") + last_chunk(head)
+            raw = span_bytes(body)
+            data += (frame_chunk(raw) if raw else b"") + last_chunk(head)
+        elif piece_size(body) >= TAIL_MIN:
+            _send_backend_span(upstream, data, body if isinstance(body, tuple) else (body, 0))
+            return False
         else:
-            data += body
+            data = span_joined(data, body) if isinstance(body, tuple) else data + body
     whole = body is not None or ex.body_done
     _send_backend(upstream, data, whole)
     if whole:
@@ -122,8 +127,8 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
         for chunk in ex.body_chunks():
             if max_body is not None and ex.received > max_body:
                 raise PayloadTooLarge("request body over max_body_bytes")
-            _send_body(upstream, frame_chunk(chunk) if chunked else chunk)
-            turn.spend(len(chunk))
+            _send_body(upstream, frame_chunk(span_bytes(chunk)) if chunked else chunk)
+            turn.spend(piece_size(chunk))
         if chunked:
             _send_body(upstream, last_chunk(ex.head))
         return
@@ -134,11 +139,14 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
         stream.unwatch()
 
 
-def _send_body(upstream: Upstream, data: bytes) -> None:
-    """Send a piece of the request body; raises BackendAnswered if the backend
-    closed after answering."""
+def _send_body(upstream: Upstream, data: Piece) -> None:
+    """Send a piece of the request body (a span: from where it is); raises
+    BackendAnswered if the backend closed after answering."""
     try:
-        _send_backend(upstream, data)
+        if isinstance(data, tuple):
+            _send_backend_span(upstream, b"", data, False)
+        else:
+            _send_backend(upstream, data)
     except BackendClosed:
         parser = upstream.parser
         assert parser is not None  # `exchange` began it
@@ -214,6 +222,19 @@ def _send_backend(upstream: Upstream, data: bytes, last: bool = False) -> None:
             upstream.stream.write_last(data)
         else:
             upstream.stream.write(data)
+    except TimeoutError:
+        raise BackendTimeout("backend did not accept the request in time") from None
+    except OSError as exc:
+        raise BackendClosed(str(exc)) from None
+
+
+def _send_backend_span(upstream: Upstream, head: bytes, span: Span, last: bool = True) -> None:
+    """`_send_backend` of `head` then `span`'s bytes, side by side (`Stream.write_span`)."""
+    try:
+        if last:
+            upstream.stream.write_last_span(head, span)
+        else:
+            upstream.stream.write_span(head, span)
     except TimeoutError:
         raise BackendTimeout("backend did not accept the request in time") from None
     except OSError as exc:
@@ -457,7 +478,7 @@ class Flight:
         self.started = PERF_COUNTER()
 
 
-def arrive(ex: Exchange, flight: Flight, body: bytes | None, max_body: int | None,
+def arrive(ex: Exchange, flight: Flight, body: Piece | None, max_body: int | None,
            verify: bool = True) -> None:
     """Take `flight` from where it is to its answer: a connection taken, the request
     sent, the answer read and relayed (`deliver`); the caller then lands it
@@ -497,7 +518,7 @@ def arrive(ex: Exchange, flight: Flight, body: bytes | None, max_body: int | Non
         raise
 
 
-def _take(ex: Exchange, flight: Flight, body: bytes | None, verify: bool) -> Upstream:
+def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Upstream:
     """A connection for `flight`: pooled (checked open when the request has a body
     to stream), else new; raises ConnectError. A connect the hub began goes on
     from where it is: it failed (`Flight.error`, raised here, where the
@@ -561,7 +582,7 @@ def land(flight: Flight) -> None:
     upstream.close()
 
 
-def dispatch(ex: Exchange, upstream: Upstream, body: bytes | None,
+def dispatch(ex: Exchange, upstream: Upstream, body: Piece | None,
              max_body: int | None) -> bool:
     """Send the request on `upstream` (its response parser begun first: an answer
     may come while a body streams); whether the body streamed."""
@@ -580,7 +601,7 @@ def dispatch(ex: Exchange, upstream: Upstream, body: bytes | None,
     return streamed
 
 
-def exchange(ex: Exchange, upstream: Upstream, body: bytes | None,
+def exchange(ex: Exchange, upstream: Upstream, body: Piece | None,
              max_body: int | None) -> ResponseHead:
     """Send the request on `upstream` and read the response head."""
     streamed = dispatch(ex, upstream, body, max_body)

@@ -1,5 +1,9 @@
 """Spans: bytes left where they were read, to be sent without being copied out.
 
+Responses and request bodies both use them: a Content-Length request body that
+came in the head's read is a span of that read (`balancer.http11`), sent
+beside the backend's head (`balancer.relay.send_request`).
+
 A response whose head repeats the last one's, read whole in one recv, is
 the head the backend sent and the body behind it in one bytes object. The
 client gets another head; instead of slicing the body out (a copy, and a
@@ -26,6 +30,8 @@ from typing import Any
 
 # (data: bytes, start: int): data[start:]. Variable-length to mypy, so boxed to mypyc.
 Span = tuple[Any, ...]
+# A body piece: bytes, or a Span.
+Piece = bytes | Span
 
 
 def span_size(span: Span) -> int:
@@ -67,3 +73,10 @@ def unsent(head: bytes, span: Span, sent: int) -> bytes:
     if sent < size:
         return head[sent:] + data[start:]
     return data[start + sent - size:]
+
+
+def join_pieces(pieces: list[Any]) -> bytes:
+    """Body pieces (bytes or spans) as one bytes object: one copy of each, a
+    span's read through a memoryview (not sliced out first)."""
+    return b"".join([memoryview(piece[0])[piece[1]:] if isinstance(piece, tuple) else piece
+                     for piece in pieces])

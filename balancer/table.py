@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from balancer.rules import RuleError, normalize_host, validate_table
+from balancer.spans import Piece
 from balancer.stats import HostStats
 
 if TYPE_CHECKING:
@@ -51,9 +52,9 @@ class Action(Protocol):
     def handle(self, ex: Exchange) -> None:
         """Answer `ex`; errors are raised as the `ProxyError` family."""
 
-    def resume(self, ex: Exchange, body: bytes) -> None:
+    def resume(self, ex: Exchange, body: Piece) -> None:
         """Answer `ex`, a request handed over from a hold whose body was already
-        read (`body`)."""
+        read (`body`: bytes, or a `balancer.spans.Span`)."""
 
     def backend_keys(self) -> Iterable[str]:
         """The addresses of the backends it sends requests to (none for most)."""

@@ -7,6 +7,8 @@ and (``--sockets``) the cost of a whole connection through a real gevent worker.
 [--instructions]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive --tls [--requests 1000]
 [--instructions]``
+``python scripts/bench_hotpath.py --sockets close|keep-alive --body SIZE [--requests 1000]
+[--instructions]``
 
 One `ClientConnection` from a real `Worker` (file-store-shaped table: ``*`` →
 one backend) serves scripted sockets: the client socket hands out a wrk-like
@@ -44,6 +46,13 @@ head is parsed and rewritten whole; ``--browser`` sends a browser's head
 made with `cryptography`, as `scripts/bench_proxy.py`'s): the client is the
 helper's `ssl` socket, and the worker's OpenSSL work (a full handshake per
 request with ``close``) is counted with the rest.
+``--body SIZE`` (bytes; ``K``/``M`` suffixes: 200, 16K, 10M) makes every request a
+``POST`` with a Content-Length body of that size, sent with its head in one
+``sendall`` (a small body comes in the head's read, a large one streams), which
+the backend reads whole before it answers; the wall-clock run also prints the
+worker's CPU time (user + system, this process: the helper is another) per
+request. ``--instructions`` with a body of 1 MiB or more makes 2 and 12 requests
+instead of 200 and 1,200.
 
 Used for issue 2's speed work; `scripts/bench_proxy.py` is the end-to-end
 benchmark (wrk, nginx, HAProxy).
@@ -221,12 +230,32 @@ def instructions(extra: list[str], short: int, long: int, per: int) -> float:
 
 # --sockets: a real gevent worker, its backend and client in a helper process -------
 CLOSE_REQUEST = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+# `--body`: a JSON API client's POST head (its Content-Length filled in per size)
+POST_HEAD = (b"POST /api/items HTTP/1.1\r\nHost: 127.0.0.1:19000\r\n"
+             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n")
+LARGE_BODY = 1 << 20  # `--instructions` makes fewer requests with a body this large
 PEER_TIMEOUT = 60.0  # seconds any helper socket waits (valgrind is ~50x slower)
 TLS_NAME = "bench.test"  # `--tls`: the certificate's name, served as the default host's
 
 
+def body_size(text: str) -> int:
+    """`--body`'s SIZE: bytes, or with a K / M suffix (KiB, MiB)."""
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:].upper(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def post_request(size: int, close: bool) -> bytes:
+    """`--body`'s request: POST_HEAD and `size` bytes of JSON-ish body."""
+    head = POST_HEAD % size
+    if close:
+        head = head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    unit = b'{"id": 12345, "name": "item", "tags": ["a", "b"]},'
+    return head + (unit * (size // len(unit) + 1))[:size]
+
+
 def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False) -> float:
-    """µs per request through a gevent worker on loopback (wall clock, this process)."""
+    """µs per request through a gevent worker on loopback (wall clock, this process);
+    with `--body`, prints the worker's CPU µs per request too."""
     from gevent import subprocess as gsubprocess
 
     from balancer.accepting import bind
@@ -244,22 +273,27 @@ def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False) ->
     listener = bind(parse_addr("127.0.0.1:0"))
     worker.listen([(listener, "tls" if tls else False)])
     gc.freeze()
+    cpu = time.process_time()
     start = time.perf_counter()
     peer.stdin.write(b"%d\n" % listener.getsockname()[1])
     peer.stdin.flush()
     answered = int(peer.stdout.readline() or 0)
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     peer.wait()
     if answered != requests:
         raise SystemExit(f"only {answered} of {requests} requests answered")
+    if "--body" in vary:
+        print(f"{cpu / requests * 1e6:.2f} µs of worker CPU per request (user + system)")
     return elapsed / requests * 1e6
 
 
 def peer(mode: str, requests: int, vary: bool = False, browser: bool = False,
-         tls: bool = False) -> None:
+         tls: bool = False, body: int | None = None) -> None:
     """The helper: a keep-alive backend, then a client making `requests` requests
     (stdout: the backend's port, then how many were answered whole); `vary`: each
-    request's target differs; `browser`: a browser's head; `tls`: over TLS."""
+    request's target differs; `browser`: a browser's head; `tls`: over TLS;
+    `body`: POSTs with a body of that many bytes."""
     backend = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_backend_loop, args=(backend,), daemon=True).start()
     print(backend.getsockname()[1], flush=True)
@@ -267,14 +301,16 @@ def peer(mode: str, requests: int, vary: bool = False, browser: bool = False,
     answered = 0
     connect = _tls_connect if tls else _connect
     if mode == "close":
+        request = CLOSE_REQUEST if body is None else post_request(body, True)
         for _ in range(requests):
             with connect(port) as conn:
-                conn.sendall(CLOSE_REQUEST)
+                conn.sendall(request)
                 answered += _read_to_eof(conn).endswith(PAGE)
     else:
+        head = (BROWSER_REQUEST if browser else REQUEST) if body is None else (
+            post_request(body, False))
         with connect(port) as conn:
             for n in range(requests):
-                head = BROWSER_REQUEST if browser else REQUEST
                 conn.sendall(head.replace(b".html", b".html?%d" % n) if vary else head)
                 answered += _read_response(conn)
     print(answered, flush=True)
@@ -302,7 +338,8 @@ def _backend_loop(listener: socket.socket) -> None:
 
 
 def _answer_loop(conn: socket.socket) -> None:
-    """Answer every request head on `conn` with RESPONSE (keep-alive)."""
+    """Answer every request on `conn` with RESPONSE (keep-alive), once its head
+    and its Content-Length body are read."""
     buffer = b""
     with conn:
         while True:
@@ -311,7 +348,15 @@ def _answer_loop(conn: socket.socket) -> None:
                 if not data:
                     return
                 buffer += data
-            buffer = buffer.split(b"\r\n\r\n", 1)[1]
+            head, buffer = buffer.split(b"\r\n\r\n", 1)
+            found = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+            left = int(found.group(1)) - len(buffer) if found else 0
+            while left > 0:
+                data = conn.recv(min(left, 1 << 20))
+                if not data:
+                    return
+                left -= len(data)
+            buffer = buffer[len(buffer) + left:] if left < 0 else b""
             conn.sendall(RESPONSE)
 
 
@@ -349,15 +394,22 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true",
                         help="with --sockets: a TLS listener (a full handshake per request "
                              "with close)")
+    parser.add_argument("--body", metavar="SIZE",
+                        help="with --sockets: POST requests with a Content-Length body of "
+                             "SIZE bytes (K, M: KiB, MiB)")
     parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    varied = (["--vary"] if args.vary else []) + (["--browser"] if args.browser else [])
-    kind = ", varied" * args.vary + ", browser" * args.browser + ", TLS" * args.tls
+    body = None if args.body is None else body_size(args.body)
+    varied = ((["--vary"] if args.vary else []) + (["--browser"] if args.browser else [])
+              + ([] if body is None else ["--body", str(body)]))
+    kind = (", varied" * args.vary + ", browser" * args.browser + ", TLS" * args.tls
+            + ("" if body is None else f", POST body of {body:,} bytes"))
     if args.peer:
-        peer(args.peer[0], int(args.peer[1]), args.vary, args.browser, args.tls)
+        peer(args.peer[0], int(args.peer[1]), args.vary, args.browser, args.tls, body)
     elif args.sockets and args.instructions:
+        short, long = (2, 12) if body is not None and body >= LARGE_BODY else (200, 1200)
         count = instructions(["--sockets", args.sockets, *varied, *["--tls"] * args.tls],
-                             200, 1200, 1000)
+                             short, long, long - short)
         print(f"{count:,.0f} instructions per request ({args.sockets}{kind}, real sockets)")
     elif args.sockets:
         print(f"{run_sockets(args.sockets, args.requests, varied, args.tls):.2f} µs per request "

@@ -181,6 +181,7 @@ def forwarded(data: bytes | list[bytes], trusted: bool) -> list:
     from balancer.connection import ClientConnection, Exchange
     from balancer.forwarding import last_chunk, request_head
     from balancer.http11 import END, ProtocolError, RequestHead
+    from balancer.spans import span_bytes
 
     worker = _worker()
     left, right = socket.socketpair()
@@ -210,7 +211,7 @@ def forwarded(data: bytes | list[bytes], trusted: bool) -> list:
             elif event is END:
                 out.append("END")
             else:
-                out.append(event.decode("latin-1"))
+                out.append(span_bytes(event).decode("latin-1"))  # bytes or a span
         parser.close()
     return out
 

@@ -25,6 +25,7 @@ import pytest
 
 from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
 from balancer.response_parser import ResponseHead, ResponseParser
+from balancer.spans import span_bytes
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -117,9 +118,9 @@ def messages(events, view) -> list[dict]:
         if event is END:
             assert out and not out[-1]["complete"], "END without an open message"
             out[-1]["complete"] = True
-        elif isinstance(event, bytes):
+        elif isinstance(event, (bytes, tuple)):  # a body piece: bytes or a span
             assert out and not out[-1]["complete"], "body bytes outside a message"
-            out[-1]["body"] += event
+            out[-1]["body"] += span_bytes(event)
         else:
             assert not out or out[-1]["complete"], "a head inside an unfinished message"
             out.append({**view(event), "body": b"", "complete": False})

@@ -45,6 +45,20 @@ def test_bench_hotpath_tls_requests_are_all_answered(mode: str) -> None:
                         r"wall clock\)\n", out.stdout), out.stdout
 
 
+@pytest.mark.parametrize("mode, size, shown", [("keep-alive", "16K", "16,384"),
+                                                ("close", "200", "200")])
+def test_bench_hotpath_posts_bodies(mode: str, size: str, shown: str) -> None:
+    """--body: POSTs with a Content-Length body the backend reads whole (the peer
+    fails the run on a lost answer); the worker's CPU per request is shown too."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hotpath.py"),
+                          "--sockets", mode, "--body", size, "--requests", "30"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(rf"[\d.]+ µs of worker CPU per request \(user \+ system\)\n"
+                        rf"[\d.]+ µs per request \({mode}, POST body of {shown} bytes, "
+                        r"real sockets, wall clock\)\n", out.stdout), out.stdout
+
+
 @pytest.mark.xdist_group("load_generators")  # one CPU-hungry run at a time (scripts/test.sh)
 @pytest.mark.slow
 def test_bench_limits_measures_both_phases_and_the_abuser_is_held_to_its_limit() -> None:

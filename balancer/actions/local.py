@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from balancer.spans import Piece
+
 
 class LocalAction:
     """An action that answers without a backend and never holds a request."""
@@ -12,7 +14,7 @@ class LocalAction:
     def handle(self, ex: Any) -> None:
         raise NotImplementedError
 
-    def resume(self, ex: Any, body: bytes) -> None:
+    def resume(self, ex: Any, body: Piece) -> None:
         """A request handed over from a hold: its body is not needed here."""
         self.handle(ex)
 

@@ -44,6 +44,7 @@ from balancer.hold import Hold, Holds, hand_over
 from balancer.pool import Backend
 from balancer.relay import Flight, arrive, land
 from balancer.rules import backend_entries
+from balancer.spans import Piece, join_pieces, piece_size
 from balancer.stats import BackendStats
 
 IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
@@ -89,7 +90,7 @@ class ProxyAction:
         except ProxyError as failure:
             self.when_failed(ex, body, failure)
 
-    def buffered_body(self, ex: Exchange) -> bytes | None:
+    def buffered_body(self, ex: Exchange) -> Piece | None:
         """The whole request body if it came with the head or is small enough to
         wait for (`BUFFERED_BODY`); None: it streams. Raises PayloadTooLarge over
         `max_body_bytes`."""
@@ -98,25 +99,25 @@ class ProxyAction:
             raise PayloadTooLarge("Content-Length over max_body_bytes")
         body = ex.conn.buffered_body()
         if body is not None:
-            ex.received += len(body)
+            ex.received += piece_size(body)
             ex.body_done = True
         elif (head.content_length is not None and head.content_length <= BUFFERED_BODY
               and not head.expect_continue):
-            body = b"".join(ex.body_chunks())  # the rest is on its way: wait for it
-        if body is not None and max_body is not None and len(body) > max_body:
+            body = join_pieces(list(ex.body_chunks()))  # the rest is on its way: wait for it
+        if body is not None and max_body is not None and piece_size(body) > max_body:
             raise PayloadTooLarge("body over max_body_bytes")
         return body
 
-    def resume(self, ex: Exchange, body: bytes | None) -> None:
+    def resume(self, ex: Exchange, body: Piece | None) -> None:
         """Forward a request handed over from a hold, its body already read (`body`)."""
-        if body is not None and self.max_body is not None and len(body) > self.max_body:
+        if body is not None and self.max_body is not None and piece_size(body) > self.max_body:
             raise PayloadTooLarge("body over max_body_bytes")
         try:
             self.forward_with_retries(ex, body, time.perf_counter())
         except ProxyError as failure:
             self.when_failed(ex, body, failure)
 
-    def when_failed(self, ex: Exchange, body: bytes | None, failure: ProxyError) -> None:
+    def when_failed(self, ex: Exchange, body: Piece | None, failure: ProxyError) -> None:
         """Every try failed: hold the request (`spin_when_down`) or raise `failure`."""
         if self.spin_when_down is None or not self.is_down(failure, ex, body):
             raise failure
@@ -125,7 +126,7 @@ class ProxyAction:
         if route is not None:
             hand_over(route, ex, body)
 
-    def forward_with_retries(self, ex: Exchange, body: bytes | None, since: float) -> None:
+    def forward_with_retries(self, ex: Exchange, body: Piece | None, since: float) -> None:
         """Try backends until one answers; raises the last failure. The first try
         is the one the hub began (`Exchange.flight`, `balancer.inline`), if any.
 
@@ -171,7 +172,7 @@ class ProxyAction:
             stats.tunnels += 1
         return Flight(backend, stats)
 
-    def attempt(self, ex: Exchange, flight: Flight, body: bytes | None) -> ProxyError | None:
+    def attempt(self, ex: Exchange, flight: Flight, body: Piece | None) -> ProxyError | None:
         """Take the try `flight` to its end (`start_try` began it, or the hub took it
         further: `Exchange.flight`): None on success, else the failure (already
         counted)."""
@@ -234,13 +235,13 @@ class ProxyAction:
 
     # spin_when_down ------------------------------------------------------
     @staticmethod
-    def is_down(failure: ProxyError, ex: Exchange, body: bytes | None) -> bool:
+    def is_down(failure: ProxyError, ex: Exchange, body: Piece | None) -> bool:
         """Whether `failure` says the backends are down and the request can wait."""
         if isinstance(failure, ConnectError):
             return True  # nothing was sent
         return isinstance(failure, BackendClosed) and is_replayable(ex, body) and not ex.started
 
-    def hold_while_down(self, ex: Exchange, body: bytes | None) -> Any:
+    def hold_while_down(self, ex: Exchange, body: Piece | None) -> Any:
         """Retry until a backend answers (None) or the rule changes (the new route)."""
         hold = Hold(ex, self.holder, self.holds, self.spin_when_down or 0.0)
         backoff = FIRST_BACKOFF
@@ -262,7 +263,7 @@ class ProxyAction:
                 return None
             ex.conn.disarm()
 
-    def try_again(self, ex: Exchange, body: bytes | None) -> bool:
+    def try_again(self, ex: Exchange, body: Piece | None) -> bool:
         """One more round over the backends; True once answered. Raises a
         failure the request cannot wait out."""
         try:
@@ -290,7 +291,7 @@ def compile_balancer(rule: Mapping[str, Any], registry: Any) -> Balancer:
     return SlowStart(new, old, float(draining["since"]), float(draining["warmup"]))
 
 
-def is_replayable(ex: Exchange, body: bytes | None) -> bool:
+def is_replayable(ex: Exchange, body: Piece | None) -> bool:
     """Whether the request can be sent again: idempotent, and its body (if any)
     in hand (`body`), not streamed."""
     head = ex.head

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from balancer.spans import Piece
+
 ACME_PATH = b"/.well-known/acme-challenge/"
 
 
@@ -35,7 +37,7 @@ class SecureAction:
         if self.secured(ex):
             self.inner.handle(ex)
 
-    def resume(self, ex: Any, body: bytes) -> None:
+    def resume(self, ex: Any, body: Piece) -> None:
         if self.secured(ex):
             self.inner.resume(ex, body)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from balancer.actions.secure import core
 from balancer.hold import Hold, Holds, hand_over
+from balancer.spans import Piece
 from balancer.table import Route
 
 DEFAULT_TIMEOUT = 120.0
@@ -39,7 +40,7 @@ class SpinAction:
     def backend_keys(self) -> Iterable[str]:
         return ()
 
-    def resume(self, ex: Any, body: bytes | None) -> None:
+    def resume(self, ex: Any, body: Piece | None) -> None:
         """Hold `ex` (whose body, if already read, is `body`), then apply the next rule."""
         with self.holds.held(ex):
             route = self.hold(ex)
