@@ -3,8 +3,11 @@
 A run (``loadtest run``, a bench script, a test) starts its processes with
 `guarded_popen`. The first call starts the watcher: ``python -I reaper.py``, in
 its own session, reading a pipe whose only writer is the run. Each guarded
-child writes ``+PID`` into it itself, after fork and before exec (so no kill
-of the run can fall between the start and the line); the run writes ``-PID``
+child lists itself in it, after fork and before exec (so no kill of the run
+can fall between the start and the line): ``+PID START LEADER``, its start
+time and whether it leads its process group, read by the child itself, so the
+entry names it however late the watcher reads the line (after the child
+exited and was reaped, its PID taken by another process); the run writes ``-PID``
 once it has stopped that child (`release`). End of file on the pipe means the
 run is gone, however: it exited, or was killed with SIGKILL and no cleanup of
 its own ran. Every process still listed then gets SIGTERM (its whole process
@@ -21,7 +24,7 @@ Invariants:
 * The pipe's write end is close-on-exec and the run's alone, so end of file
   comes exactly when the run is gone (a child holds it only until its exec).
 * The watcher signals only the processes listed: each entry keeps the start
-  time read from ``/proc/PID/stat`` when it was listed, and a PID that now
+  time the child read from ``/proc/self/stat`` before its exec, and a PID that now
   names another process is skipped. A listed group leader that is gone may
   still have members: Linux reuses no number that a live group still uses as
   its id, so signalling that group reaches only them.
@@ -79,10 +82,21 @@ class Listed:
 
     @classmethod
     def read(cls, pid: int) -> Listed | None:
+        """Process `pid` as ``/proc`` shows it now (None if gone)."""
         fields = stat_fields(pid)
         if fields is None:
             return None
         return cls(pid, fields[19], fields[2] == str(pid))
+
+    @classmethod
+    def parse(cls, line: bytes) -> Listed:
+        """The entry a ``+PID START LEADER`` line lists (ValueError if malformed)."""
+        pid, started, leader = line[1:].split()
+        return cls(int(pid), started.decode(), leader == b"1")
+
+    def line(self) -> bytes:
+        """The ``+PID START LEADER`` line that lists this process with the watcher."""
+        return b"+%d %s %d\n" % (self.pid, self.started.encode(), self.leader)
 
     def is_same(self) -> bool | None:
         """True: the PID is still this process; False: another one's; None: no one's."""
@@ -109,13 +123,11 @@ def read_list(stream: BinaryIO) -> dict[int, Listed]:
     listed: dict[int, Listed] = {}
     for line in stream:
         with contextlib.suppress(ValueError):
-            pid = int(line[1:])
             if line.startswith(b"+"):
-                entry = Listed.read(pid)
-                if entry is not None:
-                    listed[pid] = entry
+                entry = Listed.parse(line)
+                listed[entry.pid] = entry
             elif line.startswith(b"-"):
-                listed.pop(pid, None)
+                listed.pop(int(line[1:]), None)
     return listed
 
 
@@ -140,7 +152,9 @@ def watch() -> None:
 # --- the run's side -----------------------------------------------------------------
 def _enlist(fd: int) -> None:
     """In the child, between fork and exec: list it with the watcher."""
-    os.write(fd, b"+%d\n" % os.getpid())
+    entry = Listed.read(os.getpid())
+    assert entry is not None  # this process's own /proc entry
+    os.write(fd, entry.line())
 
 
 class Reaper:
@@ -186,7 +200,8 @@ class Reaper:
             os.close(read)
         self._owner = os.getpid()
         for pid in self._children:  # not reaped, so the PID is still theirs
-            os.write(self._fd, b"+%d\n" % pid)
+            if (entry := Listed.read(pid)) is not None:
+                os.write(self._fd, entry.line())
         return self._fd
 
 

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from loadtest.procs import RUN_ID_ENV
-from loadtest.reaper import GRACE, group_members, stat_fields
+from loadtest.reaper import GRACE, Listed, group_members, stat_fields
 from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,23 +99,71 @@ def test_a_run_killed_with_sigkill_leaves_no_process(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def start_watcher() -> subprocess.Popen:
+    """A watcher whose run is this test: the run's end of the pipe is its stdin."""
+    return subprocess.Popen([sys.executable, "-I", str(ROOT / "loadtest" / "reaper.py")],
+                            stdin=subprocess.PIPE, start_new_session=True)
+
+
+def listing(pid: int) -> bytes:
+    """The line child `pid` writes into the pipe before its exec."""
+    entry = Listed.read(pid)
+    assert entry is not None, f"{pid} is gone"
+    return entry.line()
+
+
 def test_the_watcher_signals_only_what_is_still_listed(tmp_path: Path) -> None:
     """A child stopped by the run is unlisted; one sharing the run's group (as
     `tests.support.Balancer`'s) gets the signal alone, not the group."""
-    watcher = subprocess.Popen([sys.executable, "-I", str(ROOT / "loadtest" / "reaper.py")],
-                               stdin=subprocess.PIPE, start_new_session=True)
+    watcher = start_watcher()
     sleep = [sys.executable, "-c", "import time; time.sleep(30)"]
     unlisted = subprocess.Popen(sleep, start_new_session=True)
     beside = subprocess.Popen(sleep)  # in this test's own group
     try:
         assert watcher.stdin is not None
-        watcher.stdin.write(b"+%d\n+%d\n-%d\n" % (unlisted.pid, beside.pid, unlisted.pid))
+        watcher.stdin.write(listing(unlisted.pid) + listing(beside.pid)
+                            + b"-%d\n" % unlisted.pid)
         watcher.stdin.close()  # as when the run dies
         assert beside.wait(GRACE + 3) == -signal.SIGTERM
         assert watcher.wait(GRACE + 3) == 0
         assert unlisted.poll() is None
     finally:
         for child in (watcher, unlisted, beside):
+            if child.poll() is None:
+                child.kill()
+                child.wait(5)
+
+
+# a group leader that forks a member and exits at once (as a daemonizing server)
+FORK_AND_EXIT = """
+import subprocess, sys
+member = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+print(member.pid, flush=True)
+"""
+
+
+def test_a_group_is_stopped_though_its_leader_was_reaped_before_the_watcher_read_it() -> None:
+    """The child lists itself with its start time and group: a watcher that reads
+    the line late (busy, or still starting) still stops the group, after the
+    leader exited and the run reaped it (its /proc entry gone, its PID free)."""
+    watcher = start_watcher()
+    leader = subprocess.Popen([sys.executable, "-c", FORK_AND_EXIT], stdout=subprocess.PIPE,
+                              start_new_session=True)
+    member = 0
+    try:
+        line = listing(leader.pid)  # as the leader wrote it before its exec
+        member = int(leader.stdout.readline()) if leader.stdout else 0
+        assert leader.wait(10) == 0 and stat_fields(leader.pid) is None
+        assert watcher.stdin is not None
+        watcher.stdin.write(line)
+        watcher.stdin.close()  # the run is gone
+        wait_for(lambda: not live(member), timeout=GRACE + 3, interval=0.05,
+                 what="the reaped leader's group member to be stopped")
+        assert watcher.wait(GRACE + 3) == 0
+    finally:
+        if member and live(member):
+            os.kill(member, signal.SIGKILL)
+        for child in (watcher, leader):
             if child.poll() is None:
                 child.kill()
                 child.wait(5)
