@@ -167,3 +167,40 @@ def test_a_group_is_stopped_though_its_leader_was_reaped_before_the_watcher_read
             if child.poll() is None:
                 child.kill()
                 child.wait(5)
+
+
+# the run: a guarded child, then its watcher dies, then another guarded child
+RESTARTED = """
+import sys, time
+from loadtest.reaper import REAPER, guarded_popen
+sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+first = guarded_popen(sleep, start_new_session=True)
+REAPER._watcher.kill()
+REAPER._watcher.wait()
+second = guarded_popen(sleep)
+print(first.pid, second.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_watcher_that_died_is_replaced_with_every_child_still_listed() -> None:
+    """The next guarded start after the watcher died starts another, which is
+    told of the children started before (the first stops with the run too)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.Popen([sys.executable, "-c", RESTARTED], env=env, stdout=subprocess.PIPE,
+                           text=True)
+    pids: list[int] = []
+    try:
+        pids = [int(p) for p in (run.stdout.readline() if run.stdout else "").split()]
+        assert len(pids) == 2 and all(live(p) for p in pids), pids
+        run.kill()
+        run.wait(5)
+        wait_for(lambda: not any(live(p) for p in pids), timeout=GRACE + 3, interval=0.05,
+                 what="both children of the killed run to end")
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(5)
+        for pid in pids:
+            if live(pid):
+                os.kill(pid, signal.SIGKILL)
