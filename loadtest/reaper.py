@@ -23,6 +23,10 @@ running (checked with nginx 1.22), as the master's SIGKILL leaves the group.
 Invariants:
 * The pipe's write end is close-on-exec and the run's alone, so end of file
   comes exactly when the run is gone (a child holds it only until its exec).
+  A fork of the run that never execs holds it until it exits, and delays
+  the watcher until then: ``multiprocessing``'s fork start (Linux's default
+  before Python 3.14), which only `scripts/bench_slow_read.py` uses, for
+  readers that stop by themselves after its ``--duration``.
 * The watcher signals only the processes listed: each entry keeps the start
   time the child read from ``/proc/self/stat`` before its exec, and a PID that now
   names another process is skipped. A listed group leader that is gone may
