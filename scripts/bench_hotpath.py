@@ -239,9 +239,13 @@ TLS_NAME = "bench.test"  # `--tls`: the certificate's name, served as the defaul
 
 
 def body_size(text: str) -> int:
-    """`--body`'s SIZE: bytes, or with a K / M suffix (KiB, MiB)."""
+    """`--body`'s SIZE: bytes, or with a K / M suffix (KiB, MiB); ValueError
+    (argparse's usage error) if it is not a size."""
     scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:].upper(), 1)
-    return int(text[:-1] if scale > 1 else text) * scale
+    size = int(text[:-1] if scale > 1 else text) * scale
+    if size < 0:
+        raise ValueError(f"negative size {text!r}")
+    return size
 
 
 def post_request(size: int, close: bool) -> bytes:
@@ -394,12 +398,12 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true",
                         help="with --sockets: a TLS listener (a full handshake per request "
                              "with close)")
-    parser.add_argument("--body", metavar="SIZE",
+    parser.add_argument("--body", metavar="SIZE", type=body_size,
                         help="with --sockets: POST requests with a Content-Length body of "
                              "SIZE bytes (K, M: KiB, MiB)")
     parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    body = None if args.body is None else body_size(args.body)
+    body = args.body
     varied = ((["--vary"] if args.vary else []) + (["--browser"] if args.browser else [])
               + ([] if body is None else ["--body", str(body)]))
     kind = (", varied" * args.vary + ", browser" * args.browser + ", TLS" * args.tls

@@ -59,6 +59,15 @@ def test_bench_hotpath_posts_bodies(mode: str, size: str, shown: str) -> None:
                         r"real sockets, wall clock\)\n", out.stdout), out.stdout
 
 
+@pytest.mark.parametrize("size", ["16Q", "-1"])
+def test_bench_hotpath_refuses_a_body_size_that_is_not_one(size: str) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hotpath.py"),
+                          "--sockets", "keep-alive", f"--body={size}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "argument --body: invalid body_size value" in out.stderr, (
+        out.returncode, out.stderr)
+
+
 @pytest.mark.xdist_group("load_generators")  # one CPU-hungry run at a time (scripts/test.sh)
 @pytest.mark.slow
 def test_bench_limits_measures_both_phases_and_the_abuser_is_held_to_its_limit() -> None:
