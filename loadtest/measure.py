@@ -8,16 +8,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loadtest.reaper import stat_fields
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: split after the last ')'.
-    return text[text.rindex(")") + 2:].split()
 
 
 def process_tree(root: int) -> list[int]:
@@ -26,7 +19,7 @@ def process_tree(root: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        fields = _stat_fields(int(entry))
+        fields = stat_fields(int(entry))
         if fields:
             children.setdefault(int(fields[1]), []).append(int(entry))
     found, todo = [], [root]
@@ -46,7 +39,7 @@ def cpu_split(pids: list[int]) -> tuple[float, float]:
     """(user, system) CPU seconds used so far by `pids`."""
     user = system = 0
     for pid in pids:
-        fields = _stat_fields(pid)
+        fields = stat_fields(pid)
         if fields:
             user += int(fields[11])  # utime
             system += int(fields[12])  # stime

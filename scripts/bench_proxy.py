@@ -70,9 +70,10 @@ from balancer.certificates import make_record  # noqa: E402
 from balancer.settings_kinds import MOZILLA_INTERMEDIATE  # noqa: E402
 from balancer.stores.file import FileStore  # noqa: E402
 from loadtest import configs  # noqa: E402
-from loadtest.measure import _stat_fields, _status_kb, cpu_split, process_tree  # noqa: E402
+from loadtest.measure import _status_kb, cpu_split, process_tree  # noqa: E402
 from loadtest.page import PAGE  # noqa: E402
 from loadtest.procs import Proc, Processes, free_port, wait_for_port  # noqa: E402
+from loadtest.reaper import stat_fields  # noqa: E402
 from loadtest.routes import RouteFile, proxy_rule  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -330,7 +331,7 @@ def peak_memory(target: Started, workers: int) -> Memory:
 
 
 def _cpu_ticks(pid: int) -> int:
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return int(fields[11]) + int(fields[12]) if fields else 0
 
 
