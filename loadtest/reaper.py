@@ -5,15 +5,15 @@ A run (``loadtest run``, a bench script, a test) starts its processes with
 its own session, reading a pipe whose only writer is the run. Each guarded
 child lists itself in it, after fork and before exec (so no kill of the run
 can fall between the start and the line): ``+PID START LEADER``, its start
-time and whether it leads its process group, read by the child itself, so the
-entry names it however late the watcher reads the line (after the child
-exited and was reaped, its PID taken by another process); the run writes ``-PID``
-once it has stopped that child (`release`). End of file on the pipe means the
-run is gone, however: it exited, or was killed with SIGKILL and no cleanup of
-its own ran. Every process still listed then gets SIGTERM (its whole process
-group when it leads one: nginx's and the balancer's workers, whatever they
-forked), SIGKILL after `GRACE` seconds if anything is left, and the watcher
-exits.
+time, read by the child itself, and whether its Popen was asked for a group
+of its own, so the entry names it however late the watcher reads the line
+(after the child exited and was reaped, its PID taken by another process); the
+run writes ``-PID`` once it has stopped that child (`release`). End of file on
+the pipe means the run is gone, however: it exited, or was killed with SIGKILL
+and no cleanup of its own ran. Every process still listed then gets SIGTERM
+(its whole process group when it leads one: nginx's and the balancer's
+workers, whatever they forked), SIGKILL after `GRACE` seconds if anything is
+left, and the watcher exits.
 
 Why not ``PR_SET_PDEATHSIG``: it fires when the *thread* that forked the child
 exits (the deploy scenario starts a backend from a short-lived thread), and
@@ -28,10 +28,13 @@ Invariants:
   before Python 3.14), which only `scripts/bench_slow_read.py` uses, for
   readers that stop by themselves after its ``--duration``.
 * The watcher signals only the processes listed: each entry keeps the start
-  time the child read from ``/proc/self/stat`` before its exec, and a PID that now
-  names another process is skipped. A listed group leader that is gone may
+  time the child read from ``/proc/self/stat`` before its exec, and a PID
+  that now names another process is skipped. A listed group leader that is gone may
   still have members: Linux reuses no number that a live group still uses as
-  its id, so signalling that group reaches only them.
+  its id, so signalling that group reaches only them. So the run releases
+  each leader it stops (`Processes.stop`): a leader reaped and never
+  released leaves its number listed, which may name another group once the
+  PIDs wrap (as `loadtest.procs.stop_group` would signal it too).
 * A child not in a group of its own (``tests.support.Balancer`` shares the
   test's) gets the signal alone, never its group.
 * This file runs on its own (``-I``: standard library only, whatever the
@@ -154,11 +157,13 @@ def watch() -> None:
 
 
 # --- the run's side -----------------------------------------------------------------
-def _enlist(fd: int) -> None:
-    """In the child, between fork and exec: list it with the watcher."""
-    entry = Listed.read(os.getpid())
-    assert entry is not None  # this process's own /proc entry
-    os.write(fd, entry.line())
+def _enlist(fd: int, leader: bool) -> None:
+    """In the child, between fork and exec: list it with the watcher. `leader`:
+    it leads a group of its own by its exec, as its Popen was asked (the
+    standard library's makes the session before this call, gevent's after)."""
+    fields = stat_fields(os.getpid())
+    assert fields is not None  # this process's own /proc entry
+    os.write(fd, Listed(os.getpid(), fields[19], leader).line())
 
 
 class Reaper:
@@ -176,7 +181,9 @@ class Reaper:
         """`subprocess.Popen` of a child the watcher stops if this process dies."""
         with self._lock:
             fd = self._ensure()
-            child = subprocess.Popen(argv, preexec_fn=functools.partial(_enlist, fd), **kwargs)
+            leader = bool(kwargs.get("start_new_session")) or kwargs.get("process_group") == 0
+            child = subprocess.Popen(argv, preexec_fn=functools.partial(_enlist, fd, leader),
+                                     **kwargs)
             self._children[child.pid] = child
             return child
 

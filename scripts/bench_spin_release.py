@@ -65,7 +65,7 @@ from balancer.stats import Stats  # noqa: E402
 from balancer.table import RoutingTable, TableHolder  # noqa: E402
 from loadtest import configs  # noqa: E402
 from loadtest.procs import free_port  # noqa: E402
-from loadtest.reaper import guarded_popen  # noqa: E402
+from loadtest.reaper import guarded_popen, release  # noqa: E402
 from tests.support import Balancer, wait_for  # noqa: E402
 
 HOST = "app.test"
@@ -277,6 +277,7 @@ def end_to_end(held: int, rounds: int, workers: int, store: str,
         bal.stop()
         backend.terminate()
         backend.wait(5)
+        release(backend)  # nginx leads a group: its number must not stay listed
         if redis is not None:
             redis.terminate()
             redis.wait(5)

@@ -204,3 +204,38 @@ def test_a_watcher_that_died_is_replaced_with_every_child_still_listed() -> None
         for pid in pids:
             if live(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# a run whose subprocess is gevent's (monkey-patched, as scripts/bench_spin_release.py):
+# its Popen makes the new session after the child has listed itself
+GEVENT_RUN = """
+from gevent import monkey
+monkey.patch_all()
+import sys, time
+from loadtest.reaper import guarded_popen
+leader = guarded_popen([sys.executable, "-c", "import subprocess, sys, time; "
+                        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                        "time.sleep(60)"], start_new_session=True)
+print(leader.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_group_started_by_gevents_popen_is_stopped_whole() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.Popen([sys.executable, "-c", GEVENT_RUN], env=env, stdout=subprocess.PIPE,
+                           text=True)
+    group = 0
+    try:
+        group = int(run.stdout.readline() if run.stdout else 0)
+        wait_for(lambda: len(group_members(group)) == 2, timeout=5, what="the leader's child")
+        run.kill()
+        run.wait(5)
+        wait_for(lambda: not group_members(group), timeout=GRACE + 3, interval=0.05,
+                 what="the whole group of the killed run's child to end")
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(5)
+        for pid in group_members(group) if group else []:
+            os.kill(pid, signal.SIGKILL)
