@@ -29,9 +29,9 @@ Invariants:
   readers that stop by themselves after its ``--duration``.
 * The watcher signals only the processes listed: each entry keeps the start
   time the child read from ``/proc/self/stat`` before its exec, and a PID
-  that now names another process is skipped. A listed group leader that is gone may
-  still have members: Linux reuses no number that a live group still uses as
-  its id, so signalling that group reaches only them. So the run releases
+  that now names another process is skipped. A listed group leader that is
+  gone may still have members: Linux reuses no number that a live group still
+  uses as its id, so signalling that group reaches only them. So the run releases
   each leader it stops (`Processes.stop`): a leader reaped and never
   released leaves its number listed, which may name another group once the
   PIDs wrap (as `loadtest.procs.stop_group` would signal it too).
