@@ -315,7 +315,7 @@ def nothing_came(watcher: Readable, sock: Any) -> bool:
     return True
 
 
-def connect_blocking(family: int, address: tuple[str, int], timeout: float) -> Any:
+def connect_blocking(family: int, address: tuple[Any, ...], timeout: float) -> Any:
     """The socket module's socket (gevent's once patched) connected to `address`
     within `timeout` seconds, with no timeout once connected (raises OSError,
     TimeoutError)."""

@@ -330,9 +330,7 @@ class Backend:
             return self.io.connect(self.family, (addr.host, addr.port), self.connect_timeout)
         if self.is_literal:
             return connect_blocking(self.family, (addr.host, addr.port), self.connect_timeout)
-        sock = socket.create_connection((addr.host, addr.port), self.connect_timeout)
-        sock.settimeout(None)  # waits are bounded by the connection's `arm`
-        return sock
+        return _connect_name(addr.host, addr.port, self.connect_timeout)
 
     def release(self, upstream: Upstream) -> None:
         """Keep `upstream` for reuse: at most `max_idle` (per TLS pool key), and
@@ -480,6 +478,24 @@ class Backend:
         idle = len(self.idle) + sum(len(pool) for pool in self.idle_tls.values())
         return (f"<Backend {self.key} {self.state} in_flight={self.in_flight} "
                 f"idle={idle} fails={self.fails}>")
+
+
+def _connect_name(host: str, port: int, timeout: float) -> socket.socket:
+    """`socket.create_connection`: each of `host`'s addresses in turn, each within
+    `timeout`, the last one's error raised; but the watchdog's `Overdue`, raised
+    at once (gevent's took it for that address's failure and tried the next,
+    with no deadline left: the watchdog throws once, and that address's failure
+    was counted against the backend). No timeout once connected: waits are
+    bounded by the connection's `arm`."""
+    error: OSError = OSError(f"{host}: no address")
+    for family, _, _, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        try:
+            return connect_blocking(family, address, timeout)
+        except Overdue:
+            raise
+        except OSError as exc:
+            error = exc
+    raise error
 
 
 def _nodelay(sock: socket.socket) -> socket.socket:

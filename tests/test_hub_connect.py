@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import gevent.socket
 import pytest
 
 import balancer.inline
@@ -390,6 +391,48 @@ def test_a_deadline_armed_before_the_request_cuts_its_connect_with_no_retry(
     other = w.stats.snapshot()["hosts"]["app.test"]["backends"][live.address]
     assert other["in_flight"] == 0 and other["failures"] == 0
     assert sum(other["outcomes"].values()) == 0
+
+
+def test_a_deadline_during_a_named_backend_s_connect_tries_none_of_its_other_addresses(
+        make_to: Callable[..., Worker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend by name (a greenlet connects to each of its addresses in turn,
+    `balancer.pool._connect_name`): the client deadline passes during the connect
+    to its first address. A 504, not a try of its next address (bug: gevent's
+    `create_connection` took the `Overdue` for the first address's failure and
+    connected to the next one, the request's deadline gone), nothing counted."""
+    live = test_inline.ScriptedBackend()
+    resolve = socket.getaddrinfo
+    try:
+        with never_accepting() as port:
+            live_port = int(live.address.rsplit(":", 1)[1])
+
+            def addresses(host: Any, *args: Any, **kwargs: Any) -> Any:
+                if host != "two.test":
+                    return resolve(host, *args, **kwargs)
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p))
+                        for p in (port, live_port)]
+
+            monkeypatch.setattr(socket, "getaddrinfo", addresses)
+            # gevent's socket, as in a worker (`monkey.patch_all`; this process has none)
+            monkeypatch.setattr(socket, "socket", gevent.socket.socket)
+            address = f"two.test:{port}"
+            w = make_to(address, "named", connect_timeout=10.0,
+                        **{"timeouts.client_idle": 0.5, "timeouts.client_header": 0.5})
+            began = time.monotonic()
+            sock = connect(w)
+            sock.sock.settimeout(15)
+            sock.sendall(get("/try"))
+            assert until(lambda: sockets_to(port, "02") == 1)  # connecting
+            status = response(sock)[0]
+            elapsed = time.monotonic() - began
+            assert until(lambda: sockets_to(port, "02") == 0)
+            sock.close()
+            seen = outcome(w, [status], tmp_path, "named")
+    finally:
+        live.close()
+    assert status == 504 and 0.4 < elapsed < 5, elapsed
+    assert {k: seen[k] for k in NOTHING_COUNTED} == NOTHING_COUNTED
+    assert live.connections == 0  # its next address not tried
 
 
 # the descriptor budget ------------------------------------------------------------

@@ -7,6 +7,7 @@ starts on the first backend again; the tests below rely on that order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import time
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from balancer.actions.proxy import BUFFERED_BODY
+from balancer.relay import TAIL_MIN
 from tests.support import Backend, Balancer, EchoHandler, dead_address, request
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -74,6 +76,19 @@ def test_put_with_a_buffered_body_is_replayed(bal, dropper, good):
     statuses = [request(bal.port, "PUT", "/p", host="put.test", body=b"x" * 100)[0]
                 for _ in range(2)]
     assert statuses == [200, 200] and dropper.count == 2 and good.count == 2
+
+
+def test_a_body_that_came_with_its_head_is_replayed_byte_for_byte(bal, dropper, good):
+    """A body of `TAIL_MIN` bytes or more in its head's read is kept as a span of
+    that read and sent beside the head (`balancer.relay.send_request`): the
+    retry sends the very same bytes again, once the first try sent them."""
+    body = bytes(range(256)) * 16 + b"\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert len(body) >= TAIL_MIN
+    status, _, answer = request(bal.port, "PUT", "/p", host="put.test", body=body)
+    assert status == 200 and dropper.count == 1 and good.count == 1
+    echoed = json.loads(answer)
+    assert (echoed["path"], echoed["body_len"], echoed["body_sha"]) == (
+        "/p", len(body), hashlib.sha256(body).hexdigest())
 
 
 def put_with_a_late_body(port: int, host: str, body: bytes) -> bytes:

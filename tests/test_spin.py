@@ -7,6 +7,7 @@ worker sees within 0.25 s.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import threading
@@ -188,7 +189,7 @@ def test_held_while_down_then_handed_to_the_new_rule_with_its_body(tmp_path, bac
                                                                       stop_after):
     bal = Balancer(tmp_path, {HOST: proxy(dead_address(), spin_when_down=30)})
     stop_after(bal)
-    payload = b"0123456789" * 50
+    payload = b"0123456789" * 500  # over TAIL_MIN: a span of its head's read, resent
     post = in_threads(1, lambda: request(bal.port, "POST", "/upload", host=HOST, body=payload,
                                          timeout=20))[0]
     wait_for(lambda: bal.spinning(HOST) == 1, what="the POST to be held")
@@ -196,6 +197,7 @@ def test_held_while_down_then_handed_to_the_new_rule_with_its_body(tmp_path, bac
     status, _, body = post.result(timeout=10)
     echoed = json.loads(body)
     assert status == 200 and echoed["method"] == "POST" and echoed["body_len"] == len(payload)
+    assert echoed["body_sha"] == hashlib.sha256(payload).hexdigest()
 
 
 def test_without_spin_when_down_a_dead_host_is_502_at_once(tmp_path, stop_after):
