@@ -386,23 +386,26 @@ class Account(Kind):
         return value
 
 
-class Token(Kind):
-    """A bearer token: "" (none), or visible ASCII without spaces at its ends, as a
-    client sends it in ``Authorization: Bearer TOKEN``. Bug: a token with a control
-    character, a space at an end or a non-ASCII letter was taken, and no request
-    could match it. The message never shows the token."""
+def token_problem(token: str) -> str | None:
+    """What makes `token` one no client can send in ``Authorization: Bearer TOKEN``
+    (None when it is visible ASCII without spaces at its ends); never the token."""
+    if not token.isascii():
+        return "a character that is not ASCII"
+    if not token.isprintable():
+        return "a control character"
+    if token != token.strip():
+        return "spaces at an end"
+    return None
 
+
+class Token(Kind):
+    """A bearer token: "" (none), or one a client can send (`token_problem`). Bug: a
+    token with a control character, a space at an end or a non-ASCII letter was
+    taken, and no request could match it. The message never shows the token."""
 
     def check(self, value: object, raw: object) -> object:
-        if not isinstance(value, str) or not value:
-            return value
-        if not value.isascii():
-            found = "a character that is not ASCII"
-        elif not value.isprintable():
-            found = "a control character"
-        elif value != value.strip():
-            found = "spaces at an end"
-        else:
+        found = token_problem(value) if isinstance(value, str) and value else None
+        if found is None:
             return value
         raise Rejected("must be visible ASCII (spaces only inside), as a bearer token is "
                        f"sent; the token given has {found}")

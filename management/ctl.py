@@ -27,6 +27,7 @@ from balancer.rules import (
     HEALTH_KEYS,
     LIMIT_KEYS,
 )
+from balancer.settings_kinds import token_problem
 from balancer.sketch import GROUPS
 from management import ctl_cert, ctl_deploy, ctl_help
 from management.ctl_format import (
@@ -144,9 +145,10 @@ class Client:
 
     def __init__(self, url: str, token: str | None) -> None:
         self.url = _checked_url(url)
-        if token and not _is_sendable(token):
-            raise UsageError("--token (or BALANCER_TOKEN): a bearer token is visible ASCII, "
-                             "without spaces at its ends or control characters")
+        found = token_problem(token) if token else None
+        if found is not None:
+            raise UsageError("--token (or BALANCER_TOKEN): a bearer token is visible ASCII "
+                             f"(spaces only inside); the token given has {found}")
         self.token = token
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
@@ -201,10 +203,6 @@ def _checked_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--url {url!r}: {expected}")
     return url.rstrip("/")
-
-
-def _is_sendable(token: str) -> bool:
-    return token.isascii() and token.isprintable() and token == token.strip()
 
 
 def _is_json(headers: Message) -> bool:
