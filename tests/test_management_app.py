@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 
 from balancer.stats import Stats
-from balancer.stores import Store, open_store
+from balancer.stores import Store, VersionConflict, open_store
 from balancer.stores.file import FileStore
 from management import dashboard_page
 from management.app import create_app
@@ -255,6 +255,37 @@ def test_backend_edit_errors(base: str) -> None:
     body = assert_error(call(base, "DELETE", path + "/127.0.0.1:9001"), 400, "invalid_rule")
     assert "backends: must be a non-empty list" in body["details"][0]
     assert call(base, "GET", "/api/v1/hosts").json["version"] == 2
+
+
+
+class AlwaysRaced(FileStore):
+    """A store on which every one-host write loses a race with another writer."""
+
+    writes = 0
+
+    def put_host(self, host: str, rule: Any, if_version: int | None = None) -> int:
+        self.writes += 1
+        raise VersionConflict(self.load().version)
+
+
+def test_a_backend_edit_that_always_races_gives_up_after_bounded_pauses(
+        tmp_path: Path, serve_wsgi: Callable[[Any], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bounded in count and time: 20 attempts, the 19 pauses between them random up
+    to a cap that doubles from 5 ms to 0.25 s (3.6 s at most), none after the last."""
+    import random
+
+    store = AlwaysRaced(str(tmp_path / "routes.json"))
+    store.replace({"web.example.com": WEB})
+    base = serve_wsgi(create_app(store=store))
+    caps: list[float] = []
+    monkeypatch.setattr(random, "uniform", lambda low, high: caps.append(high) or 0.0)
+    reply = call(base, "POST", "/api/v1/hosts/web.example.com/backends",
+                 {"address": "127.0.0.1:2"})
+    body = assert_error(reply, 503, "store_unavailable")
+    assert "kept changing during 20 attempts" in body["message"]
+    assert store.writes == 20
+    assert caps == [min(0.25, 0.005 * 2 ** n) for n in range(19)]
+    assert sum(caps) < 3.6
 
 
 # auth -----------------------------------------------------------------------------
