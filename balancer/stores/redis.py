@@ -171,8 +171,11 @@ class RedisStore(Store):
         for n, (host, text) in enumerate(raw_hosts.items()):
             if n % PAUSE_EVERY == PAUSE_EVERY - 1:
                 time.sleep(0)  # a big table: let the worker's other greenlets run
-            with unreadable_is_corrupt(f"{where}: {self.hosts_key}[{printable(host)}]"):
+            try:
                 hosts[host] = json.loads(utf8(text, host))
+            except (ValueError, RecursionError):  # the field named only then, not per host
+                with unreadable_is_corrupt(f"{where}: {self.hosts_key}[{printable(host)}]"):
+                    raise
         with unreadable_is_corrupt(f"{where}: the table"):
             return self._checker.check(where, version, hosts, raw_hosts)
 
