@@ -196,6 +196,35 @@ def test_a_restore_never_writes_the_served_table_over_a_store_ahead_of_it(
         bal.stop()
 
 
+
+def test_a_balancer_restarted_onto_an_emptied_redis_restores_its_snapshot(
+        redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
+    """The restore refusal (a store not behind) never blocks the restore of a table
+    that only the snapshot still holds: the store is behind it."""
+    server = redis_factory()
+    raw = server.client()
+    bal = Balancer(tmp_path, None, store=server.url)
+    try:
+        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+        assert bal.api("PUT", "/api/v1/hosts/b.test", STATIC) == (200, {"version": 2})
+        snapshot = tmp_path / "balancer-balancer.last-good.json"
+        wait_for(lambda: snapshot.exists() and json.loads(snapshot.read_text())["version"]
+                 == 2, WAIT, what="the snapshot of version 2")
+    finally:
+        bal.stop()
+    raw.flushall()  # while the balancer is down
+    bal = Balancer(tmp_path, None, store=server.url)
+    try:
+        assert serves(bal) and serves(bal, "b.test")
+        wait_for(lambda: "lost its table" in bal.store_problem(), WAIT, what="the loss")
+        assert bal.api("POST", "/api/v1/restore") == (
+            200, {"version": 3, "restored_from": 2, "hosts": 2})
+        assert raw.hgetall("balancer:hosts").keys() == {"app.test", "b.test"}
+        wait_for(lambda: bal.store_problem() == "", WAIT, what="the repair seen")
+    finally:
+        bal.stop()
+
+
 def test_a_redis_password_missing_or_wrong_says_where_it_goes(
         redis_factory: Callable[[], RedisServer]) -> None:
     from balancer.stores import StoreUnavailable
