@@ -319,9 +319,12 @@ def test_a_routes_file_cut_short_at_the_served_version_is_reported(tmp_path: Pat
                  WAIT, what="the cut file reported, not cleared as readable")
         bal.routes.write_bytes(whole)
         wait_for(lambda: bal.store_problem() == "", WAIT, what="the whole file back")
-        bal.routes.write_bytes(whole[:-10])  # cut short with no problem before
-        wait_for(lambda: "not valid JSON" in bal.store_problem(),
-                 WAIT, what="the cut file reported")
+        for cut in (whole[:-10], whole[:-len(b"\n}}\n")]):  # (the latter: after a rule's })
+            bal.routes.write_bytes(cut)  # cut short with no problem before
+            wait_for(lambda: "not valid JSON" in bal.store_problem(),
+                     WAIT, what="the cut file reported")
+            bal.routes.write_bytes(whole)
+            wait_for(lambda: bal.store_problem() == "", WAIT, what="the whole file back")
         assert serves(bal) and serves(bal, "b.test")
     finally:
         bal.stop()

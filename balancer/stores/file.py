@@ -14,8 +14,8 @@ Invariants:
   problem and the last good table stays in force. The file starts with its
   version (``{"version": N, "hosts": ...``), so a watcher whose consumer
   already serves version N (told directly by the management process) skips
-  parsing a big table it has, unless the file does not end with ``}`` (cut
-  short) or a problem is being reported: only a whole read clears one.
+  parsing a big table it has, unless the file does not end as this store ends
+  it (cut short) or a problem is being reported: only a whole read clears one.
 * A missing file (deleted under a running balancer) is a lost table once any
   version was known (`Store.floor`): a one-host write is `StoreLost`; only a
   whole-table `replace` writes the file again, above the floor.
@@ -62,6 +62,7 @@ PEEK_BYTES = 64
 _RULE_ENCODER = json.JSONEncoder(sort_keys=True)  # one for every rule (json.dumps makes one each)
 DIRECT_GRACE = 0.2  # seconds a watcher waits for a write to arrive directly (`_told_directly`)
 _VERSION_FIRST = re.compile(rb'\s*\{\s*"version"\s*:\s*(\d{1,18})\s*,')
+_ENDS = (b"\n}}\n", b'"hosts": {}}\n')  # how `_Lines.encode` ends a table, or an empty one
 
 
 class FileStore(Store):
@@ -277,10 +278,11 @@ class FileStore(Store):
 
     def _peek_version(self) -> int | None:
         """The version at the start of the file (as this store writes it), or None;
-        None too when the file does not end as this store ends it, with ``}``.
-        Bug: a file cut short (truncated by a full disk or an interrupted copy) at
-        the version served was taken as read, unreported, and a problem reported
-        before it was cleared as "readable again"."""
+        None too when the file does not end as this store ends it (`_ENDS`: a rule
+        is one line, so only the whole file ends so). Bug: a file cut short
+        (truncated by a full disk or an interrupted copy) at the version served was
+        taken as read, unreported, and a problem reported before it was cleared as
+        "readable again"; so was one cut just after a rule's ``}``."""
         try:
             with open_regular(self.path) as f:
                 head = f.read(PEEK_BYTES)
@@ -289,7 +291,7 @@ class FileStore(Store):
         except OSError:
             return None
         match = _VERSION_FIRST.match(head)
-        return int(match.group(1)) if match and tail.rstrip().endswith(b"}") else None
+        return int(match.group(1)) if match and tail.endswith(_ENDS) else None
 
     def _reread(self, delivered: TableData | None, on_change: Callable[[TableData], None],
                 problems: ProblemLog, served: Callable[[], int] | None) -> TableData | None:
