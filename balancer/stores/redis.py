@@ -532,6 +532,8 @@ def why(exc: BaseException) -> str:
 def utf8(text: str, host: str = "") -> str:
     """`text` as Redis holds it, or ValueError when it (or `host`, the field it is
     under) has bytes that are not UTF-8: the client decodes those as surrogates."""
+    if text.isascii() and host.isascii():  # O(1), as most are: nothing to encode per load
+        return text
     for what, value in (("the host name", host), ("the value", text)):
         try:
             value.encode()
