@@ -211,17 +211,18 @@ class HostRoutes:
     def _restorable(self, served: TableData) -> int | None:
         """The store's version, for the conditional write of a restore (None when the
         store cannot be read: damaged or deleted, which a restore repairs); 409
-        `nothing_to_restore` when the store holds a table at or above the version
-        served, and the management process found nothing wrong with it. Bug: a
-        restore on a healthy store that was ahead (another balancer's write not yet
-        applied here) wrote the older served table over it."""
+        `nothing_to_restore` when the store holds the table served or a newer one
+        (judged on this read, as the mirror judges: a loss it reported may be
+        stale). Bug: a restore on a store that was ahead (another balancer's
+        write, or its restore and writes since, not yet applied here) wrote the
+        older served table over it."""
         try:
             current = self.store.load()
         except (StoreUnavailable, CorruptStore):
             return None
-        if (current.version < served.version or self.mirror.problem
+        if (current.version < served.version
                 or rewritten(current, served, self.store.display_url)):
-            return current.version  # behind, judged lost, or another table at its version
+            return current.version  # behind, or another table at its version
         raise ApiError(409, "nothing_to_restore",
                        f"the store holds version {current.version}, not behind the table "
                        f"this balancer serves (version {served.version}): it lost nothing, "

@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 
 from balancer.stats import Stats
-from balancer.stores import Store, VersionConflict, open_store
+from balancer.stores import Store, TableData, VersionConflict, open_store
 from balancer.stores.file import FileStore
 from management import dashboard_page
 from management.app import create_app
@@ -286,6 +286,28 @@ def test_a_backend_edit_that_always_races_gives_up_after_bounded_pauses(
     assert store.writes == 20
     assert caps == [min(0.25, 0.005 * 2 ** n) for n in range(19)]
     assert sum(caps) < 3.6
+
+
+
+def test_a_restore_is_refused_onto_a_store_written_ahead_while_the_loss_was_still_reported(
+        store: FileStore, serve_wsgi: Callable[[Any], str]) -> None:
+    """The loss this process reported is stale: another balancer restored the store,
+    and wrote since, before this process's watcher saw it. The store is ahead of the
+    table served: a restore would undo that write (as on a healthy store)."""
+    from management.mirror import Mirror
+
+    mirror = Mirror(store)  # not started: its watcher has not seen the writes below
+    served = TableData(5, {"web.example.com": WEB})
+    mirror.table, mirror.highest = served, served.version
+    mirror.problem = "store lost its table (reported before the repair)"
+    base = serve_wsgi(create_app(store=store, mirror=mirror))
+    other = FileStore(store.path)  # another balancer: its restore, then a write
+    other.raise_floor(5)
+    other.replace({"web.example.com": WEB})
+    assert other.put_host("gone.example.com", GONE) == 7
+    body = assert_error(call(base, "POST", "/api/v1/restore"), 409, "nothing_to_restore")
+    assert "the store holds version 7, not behind" in body["message"]
+    assert store.load() == TableData(7, {"web.example.com": WEB, "gone.example.com": GONE})
 
 
 # auth -----------------------------------------------------------------------------
