@@ -119,7 +119,7 @@ from balancer.http11 import ProtocolError
 from balancer.netio import EventedStream, TLSStream
 from balancer.outbox import HOLD_LIMIT, Writer
 from balancer.pool import Upstream
-from balancer.relay import Flight, deliver, dispatch, take_ready
+from balancer.relay import Flight, arm_connect, deliver, dispatch, take_ready
 from balancer.response_parser import ResponseHead
 
 log: Final = logging.getLogger("balancer.inline")
@@ -279,12 +279,14 @@ def _depart(ex: Exchange, flight: Flight) -> bool:
 def _connect(ex: Exchange, flight: Flight) -> bool:
     """Open a new connection to the picked backend as `Backend.connect` does,
     cut at its steps: begun here (`start_connect`), its end awaited in the
-    loop (`connect_ready`) within the backend's connect timeout. A backend
+    loop (`connect_ready`) within the backend's connect timeout, the client
+    connection's deadline armed to its bound first (`arm_connect`). A backend
     named by a host name (resolved in a greenlet) is the greenlet's; a failed
     connect is the greenlet's to count and retry (`Flight.error`: False)."""
     backend = flight.backend
     if not backend.is_literal:
         return False
+    arm_connect(ex, backend)  # as the greenlet's `_take` does
     try:
         sock, err = backend.start_connect()
     except ConnectError as exc:

@@ -9,6 +9,12 @@ Invariants:
   Socket errors on connect become `ConnectError` here, at the edge; the
   watchdog's `Overdue` (the client connection's deadline) thrown into a
   connect's wait, `ConnectOverdue`, which is not the backend's failure.
+* A new connection for a request is bounded by the connect timeout (a TLS
+  handshake included: `connect_tls`); the caller arms the client
+  connection's deadline to `connect_bound` first (`balancer.relay.arm_connect`),
+  so the connect's own timeout fires first and is the backend's failure, and
+  the deadline cuts only what it does not bound (a name's resolution, a name's
+  next addresses). A pooled connection is taken with no arming.
 * An idle connection on which anything arrived (a stray response, a `408`
   before the backend closes, EOF) is closed, never handed out: those bytes
   belong to no request (`balancer.netio.Stream.is_clean`, which costs no
@@ -83,6 +89,10 @@ PROBING: Final = "probing"
 # time.monotonic in a static: ``time.monotonic()`` looks it up on the module by name
 # (twice per proxied request: `Backend._take` and `Backend.release`)
 MONOTONIC: Final[Callable[[], float]] = time.monotonic
+# seconds the client connection's deadline is armed past a new connection's
+# connect timeout: more than the watchdog's tick (0.25 s at most), so the connect's
+# own timeout normally fires first
+CONNECT_MARGIN: Final = 0.5
 
 
 class Upstream:
@@ -157,6 +167,8 @@ class Backend:
         self.address = address
         self.key = str(address)
         self.connect_timeout = connect_timeout
+        # what the client connection's deadline is armed to for a new connection
+        self.connect_bound = connect_timeout + CONNECT_MARGIN
         self.fail_timeout = fail_timeout
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
@@ -200,12 +212,15 @@ class Backend:
         """`acquire` for an https:// backend and a request with Host `host`:
         only a connection made (and verified) for the same name is reused."""
         key = pool_key(host, verify)
-        idle = self.idle_tls.get(key)
-        if idle:
-            upstream = self._take(idle)
-            if upstream is not None:
-                return upstream, True
+        upstream = self.acquire_idle_tls(key)
+        if upstream is not None:
+            return upstream, True
         return self.connect_tls(key), False
+
+    def acquire_idle_tls(self, key: str) -> Upstream | None:
+        """`acquire_idle` for TLS pool `key` (`balancer.backend_tls.pool_key`)."""
+        idle = self.idle_tls.get(key)
+        return self._take(idle) if idle else None
 
     def _take(self, idle: list[Upstream]) -> Upstream | None:
         """The newest connection of `idle` that is neither too old nor stirred

@@ -26,6 +26,10 @@ Invariants:
   is landed by `ProxyAction.landed` on both paths (`land` within it), which
   releases what the try holds (its backend's `in_flight`, the rule's counts,
   the connection: pooled or closed) once, whatever raises there.
+* A new backend connection for a request (both paths, and a pooled one's
+  replacement) is begun with the client connection's deadline armed to the
+  connect's own bound (`arm_connect`), never the one left from waiting for
+  the request; a pooled connection costs no arming.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
+from balancer.backend_tls import pool_key
 from balancer.connection import PERF_COUNTER, Exchange
 from balancer.errors import (
     BackendAnswered,
@@ -509,7 +514,7 @@ def arrive(ex: Exchange, flight: Flight, body: Piece | None, max_body: int | Non
             upstream.close()
             if not flight.reused or (body is None and ex.head.has_body):
                 raise  # a fresh connection failed, or the streamed body is gone
-            upstream = backend.renew(upstream)
+            upstream = renew(ex, backend, upstream)
             rhead = exchange(ex, upstream, body, max_body)
         deliver(ex, flight, upstream, rhead)
     except BaseException:
@@ -530,20 +535,44 @@ def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Ups
         flight.error = None
         raise error
     connecting = flight.connecting
-    if connecting is not None:
+    if connecting is not None:  # (its deadline armed by the hub: `inline._connect`)
         flight.connecting = None
         upstream = backend.resume_connect(connecting.sock, connecting.by)
         flight.board(upstream, False)
         return upstream
-    if backend.tls is None:
-        upstream, reused = backend.acquire()
+    key = "" if backend.tls is None else pool_key(ex.head.host, verify)
+    idle = backend.acquire_idle_tls(key) if key else backend.acquire_idle()
+    if idle is None:
+        arm_connect(ex, backend)
+        upstream = backend.connect_tls(key) if key else backend.connect()
+    elif body is None and not ex.body_done and not backend.is_open(idle):
+        idle.close()
+        upstream = renew(ex, backend, idle)
     else:
-        upstream, reused = backend.acquire_tls(ex.head.host, verify)
-    if reused and body is None and not ex.body_done and not backend.is_open(upstream):
-        upstream.close()
-        upstream, reused = backend.renew(upstream), False
-    flight.board(upstream, reused)
+        flight.board(idle, True)
+        return idle
+    flight.board(upstream, False)
     return upstream
+
+
+def arm_connect(ex: Exchange, backend: Backend) -> None:
+    """Before a new connection to `backend` for `ex` (never for a pooled one): the
+    client connection's deadline armed to the connect's own bound
+    (`Backend.connect_bound`), not left at what it was while the request came
+    (client_idle since the connection went idle, client_header since the head's
+    first byte). The connect timeout then fires first (the backend's failure);
+    the deadline cuts only what it does not bound (`ConnectOverdue`). What
+    follows arms again: the request sent (backend_read), the body's reads
+    (client_idle)."""
+    conn = ex.conn
+    conn.arm(conn.sock, backend.connect_bound)
+
+
+def renew(ex: Exchange, backend: Backend, upstream: Upstream) -> Upstream:
+    """A new connection like `upstream` (`Backend.renew`) for `ex`, its deadline
+    armed first (`arm_connect`)."""
+    arm_connect(ex, backend)
+    return backend.renew(upstream)
 
 
 def deliver(ex: Exchange, flight: Flight, upstream: Upstream, rhead: ResponseHead) -> None:
