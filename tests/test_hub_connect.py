@@ -352,72 +352,221 @@ def test_a_client_deadline_during_the_connect_is_a_504_not_the_backend_s(
                            "method": "GET"}] * 3
 
 
+@contextlib.contextmanager
+def slow_accepting() -> Iterator[tuple[int, Callable[[], None]]]:
+    """(port, drain) of a listener whose accept queue is full, as `never_accepting`'s,
+    until `drain` empties it: the SYN dropped meanwhile is sent again (about 1 s
+    after the first) and connects then; each connection is answered 200 "ok"."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    queued = socket.create_connection(full.getsockname())
+
+    def answer(sock: socket.socket) -> None:
+        sock.settimeout(5)
+        with contextlib.suppress(OSError), sock:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                more = sock.recv(65536)
+                if not more:
+                    return
+                data += more
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            while sock.recv(65536):
+                pass
+
+    def drain() -> None:
+        first, _ = full.accept()  # the one queued: the queue has room again
+        first.close()
+        serve_each(full, answer)
+
+    try:
+        assert select.select([full], [], [], 5)[0], "the first connection never queued"
+        yield full.getsockname()[1], drain
+    finally:
+        queued.close()
+        full.close()
+
+
 @pytest.mark.parametrize("on", ON)
-def test_a_deadline_armed_before_the_request_cuts_its_connect_with_no_retry(
+def test_a_request_late_in_its_connection_s_deadline_gets_a_whole_connect(
         make_to: Callable[..., Worker], tmp_path: Path, on: str) -> None:
-    """What the deadline is when a request reaches a backend: the one armed
-    while the balancer waited for the request. In the hub, client_idle from
-    the accept (`Context.start`); in a greenlet, after a head sent in two
-    pieces, client_header from its first byte (`read_head`). Both 0.5 s here,
-    the connect timeout 10 s: the deadline passes while the connect hangs.
-    The client gets the 504 then; the rule's other backend, which would
-    answer, is not tried; neither backend has anything counted."""
+    """A connection idle 0.8 s of its client_idle (1 s; armed from the accept as
+    from a keep-alive connection's last response), then a request
+    (the hub's; or a head dripped in two pieces, the greenlet's: client_header
+    0.5 s from its first byte) to a backend whose accept is slow (about 1 s:
+    its SYN dropped once) but within the connect timeout (2 s). The deadline
+    left from waiting for the request no longer cuts the connect (a 504 at
+    1 s / 1.3 s before): a new connection arms it to the connect timeout and
+    its margin (`arm_connect`), and the request gets its 200."""
+    with slow_accepting() as (port, drain):
+        w = make_to(f"127.0.0.1:{port}", on, connect_timeout=2.0,
+                    **{"timeouts.client_idle": 1.0, "timeouts.client_header": 0.5})
+        sock = connect(w)
+        sock.sock.settimeout(15)
+        assert until(lambda: len(w.io.connections) == 1)  # accepted: idle, as after a request
+        (conn,) = w.io.connections
+        gevent.sleep(0.8)  # idle: what the client does, not a synchronisation
+        send_in(sock, conn, on, get("/late"))
+        assert until(lambda: sockets_to(port, "02") == 1)  # connecting: its SYN dropped
+        gevent.sleep(0.3)
+        drain()
+        status, _, body = response(sock)
+        sock.close()
+        seen = outcome(w, [status], tmp_path, on)
+    assert (status, body) == (200, b"ok")
+    assert seen["failures"] == 0 and seen["outcomes"]["success"] == 1
+
+
+@pytest.mark.parametrize("on", ON)
+def test_a_deadline_armed_before_the_request_no_longer_cuts_its_connect(
+        make_to: Callable[..., Worker], tmp_path: Path, on: str) -> None:
+    """The deadline armed while the balancer waited for the request (client_idle
+    from the accept in the hub; client_header from a head's first byte in a
+    greenlet; both 0.5 s) passes while the connect hangs: the connect goes on
+    to its own timeout (1 s), the backend's failure (counted), and the
+    request is retried on the rule's other backend, which answers (before,
+    the deadline cut the connect: a 504 and no retry)."""
     live = test_inline.ScriptedBackend()
     try:
         with never_accepting() as port:
             address = f"127.0.0.1:{port}"
             # round robin: the first request goes to the first backend
-            w = make_to([address, live.address], on, connect_timeout=10.0,
+            w = make_to([address, live.address], on, connect_timeout=1.0,
                         **{"timeouts.client_idle": 0.5, "timeouts.client_header": 0.5})
-            began = time.monotonic()
             sock = connect(w)
             sock.sock.settimeout(15)
             assert until(lambda: len(w.io.connections) == 1)  # accepted
             (conn,) = w.io.connections
             send_in(sock, conn, on, get("/try"))
             assert until(lambda: sockets_to(port, "02") == 1)  # connecting
-            status = response(sock)[0]
+            began = time.monotonic()
+            status, _, body = response(sock)
             elapsed = time.monotonic() - began
             assert until(lambda: sockets_to(port, "02") == 0)
             sock.close()
             seen = outcome(w, [status], tmp_path, on, address)
     finally:
         live.close()
-    assert status == 504 and 0.4 < elapsed < 5, elapsed
+    assert (status, body) == (200, b"conn 1 /try") and 0.8 < elapsed < 5, elapsed
+    assert seen["failures"] == 1 and seen["outcomes"]["connect_error"] == 1
+    assert seen["in_flight"] == (0, 0) and seen["fails"] == 1
+    assert live.connections == 1
+
+
+def test_a_body_streamed_on_a_new_connection_gets_client_idle_between_its_reads(
+        make_to: Callable[..., Worker], tmp_path: Path) -> None:
+    """After a new connection's connect (its deadline armed to 0.3 s + 0.5 s), a
+    body streamed to it gets client_idle (3 s) between its reads, as before:
+    the client pauses 1.2 s mid-body and the request still gets its 200."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    heads: list[bytes] = []
+    got: list[bytes] = []
+
+    def answer(sock: socket.socket) -> None:
+        sock.settimeout(5)
+        with contextlib.suppress(OSError), sock:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            heads.append(data)
+            while not data.endswith(b"\r\n0\r\n\r\n"):
+                more = sock.recv(65536)
+                if not more:
+                    return
+                data += more
+            got.append(data.partition(b"\r\n\r\n")[2])
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            while sock.recv(65536):
+                pass
+
+    serve_each(listener, answer)
+    try:
+        w = make_to(f"127.0.0.1:{listener.getsockname()[1]}", "body",
+                    **{"timeouts.client_idle": 3.0})
+        sock = connect(w)
+        sock.sock.settimeout(15)
+        # chunked: streamed as it comes (a small Content-Length body is read whole first)
+        head = b"POST /up HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        sock.sendall(head + b"5\r\n12345\r\n")
+        assert until(lambda: len(heads) == 1)  # connected, the head and what came sent
+        gevent.sleep(1.2)  # the client pauses mid-body (past the connect's bound)
+        sock.sendall(b"5\r\n67890\r\n0\r\n\r\n")
+        status, _, body = response(sock)
+        sock.close()
+    finally:
+        listener.close()
+    assert (status, body) == (200, b"ok")
+    assert got == [b"5\r\n12345\r\n5\r\n67890\r\n0\r\n\r\n"]
+
+
+def named(monkeypatch: pytest.MonkeyPatch, name: str,
+          addresses: Callable[[], list[tuple[str, int]]]) -> None:
+    """Resolve `name` to `addresses()` (called in the resolving greenlet), with
+    gevent's socket, as in a worker (`monkey.patch_all`; this process has none)."""
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != name:
+            return resolve(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", a) for a in addresses()]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "socket", gevent.socket.socket)
+
+
+def test_a_name_resolution_that_hangs_is_cut_by_the_deadline_a_504(
+        make_to: Callable[..., Worker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the connect timeout does not bound: a backend by name whose resolution
+    hangs. The deadline armed for the connect (its timeout, 0.3 s, and the
+    margin, 0.5 s) cuts it: a 504 (`ConnectOverdue`), nothing counted against
+    the backend, not retried."""
+    live = test_inline.ScriptedBackend()
+    live_port = int(live.address.rsplit(":", 1)[1])
+
+    def hangs() -> list[tuple[str, int]]:
+        gevent.sleep(10)  # the resolver's answer that does not come
+        return [("127.0.0.1", live_port)]
+
+    named(monkeypatch, "hangs.test", hangs)
+    try:
+        w = make_to(f"hangs.test:{live_port}", "hangs", connect_timeout=0.3,
+                    **{"timeouts.client_idle": 5.0})
+        began = time.monotonic()
+        sock = connect(w)
+        sock.sock.settimeout(15)
+        sock.sendall(get("/try"))
+        status = response(sock)[0]
+        elapsed = time.monotonic() - began
+        sock.close()
+        seen = outcome(w, [status], tmp_path, "hangs")
+    finally:
+        live.close()
+    assert status == 504 and 0.7 < elapsed < 3, elapsed
     assert {k: seen[k] for k in NOTHING_COUNTED} == NOTHING_COUNTED
-    assert seen["log"] == [{"status": 504, "backend": address, "target": "/try",
-                            "method": "GET"}]
-    assert live.connections == 0  # not retried
-    other = w.stats.snapshot()["hosts"]["app.test"]["backends"][live.address]
-    assert other["in_flight"] == 0 and other["failures"] == 0
-    assert sum(other["outcomes"].values()) == 0
+    assert seen["log"] == [{"status": 504, "backend": f"hangs.test:{live_port}",
+                            "target": "/try", "method": "GET"}]
+    assert live.connections == 0
 
 
 def test_a_deadline_during_a_named_backend_s_connect_tries_none_of_its_other_addresses(
         make_to: Callable[..., Worker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A backend by name (a greenlet connects to each of its addresses in turn,
-    `balancer.pool._connect_name`): the client deadline passes during the connect
-    to its first address. A 504, not a try of its next address (bug: gevent's
-    `create_connection` took the `Overdue` for the first address's failure and
-    connected to the next one, the request's deadline gone), nothing counted."""
+    `balancer.pool._connect_name`, each within the connect timeout, 1 s): its
+    first two addresses hang, the third answers. The deadline armed for the
+    connect (1.5 s) passes during the second's: a 504, not a try of the third
+    (bug: gevent's `create_connection` took the `Overdue` for that address's
+    failure and connected to the next one, the request's deadline gone),
+    nothing counted."""
     live = test_inline.ScriptedBackend()
-    resolve = socket.getaddrinfo
     try:
         with never_accepting() as port:
             live_port = int(live.address.rsplit(":", 1)[1])
-
-            def addresses(host: Any, *args: Any, **kwargs: Any) -> Any:
-                if host != "two.test":
-                    return resolve(host, *args, **kwargs)
-                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p))
-                        for p in (port, live_port)]
-
-            monkeypatch.setattr(socket, "getaddrinfo", addresses)
-            # gevent's socket, as in a worker (`monkey.patch_all`; this process has none)
-            monkeypatch.setattr(socket, "socket", gevent.socket.socket)
-            address = f"two.test:{port}"
-            w = make_to(address, "named", connect_timeout=10.0,
-                        **{"timeouts.client_idle": 0.5, "timeouts.client_header": 0.5})
+            named(monkeypatch, "three.test",
+                  lambda: [("127.0.0.1", port), ("127.0.0.1", port), ("127.0.0.1", live_port)])
+            address = f"three.test:{port}"
+            w = make_to(address, "named", connect_timeout=1.0,
+                        **{"timeouts.client_idle": 5.0})
             began = time.monotonic()
             sock = connect(w)
             sock.sock.settimeout(15)
@@ -430,9 +579,9 @@ def test_a_deadline_during_a_named_backend_s_connect_tries_none_of_its_other_add
             seen = outcome(w, [status], tmp_path, "named")
     finally:
         live.close()
-    assert status == 504 and 0.4 < elapsed < 5, elapsed
+    assert status == 504 and 1.2 < elapsed < 4, elapsed
     assert {k: seen[k] for k in NOTHING_COUNTED} == NOTHING_COUNTED
-    assert live.connections == 0  # its next address not tried
+    assert live.connections == 0  # its third address not tried
 
 
 # the descriptor budget ------------------------------------------------------------
