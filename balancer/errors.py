@@ -64,14 +64,14 @@ class BackendTimeout(ProxyError):
 class ConnectOverdue(ProxyError):
     """The client connection's own deadline (`ClientConnection.arm`, enforced by
     the watchdog: `Overdue`) passed while a connection to the backend was
-    still being made, before the backend's connect timeout. The
-    deadline was armed before the request reached the backend (its client's
-    wait for the head, its body's last read, an earlier try's backend_read)
-    and left the connect less than `backend_connect`: a 504 as a backend
-    timeout, but not the backend's failure (not counted against it, its
-    health untouched), not retried on another backend, never held
-    (`spin_when_down`): the request is out of time, not its backend out of
-    service. Nothing was sent."""
+    still being made, before the backend's connect timeout. A new connection
+    arms it to the connect timeout and a margin (`balancer.relay.arm_connect`),
+    so it passes only in what that timeout does not bound (a backend name's
+    resolution, its addresses tried in turn): a 504 as a backend timeout, but
+    not the backend's failure (not counted against it, its health untouched),
+    not retried on another backend, never held (`spin_when_down`): the
+    request is out of time, not its backend out of service. Nothing was
+    sent."""
 
     page = "timeout"
     cause = "deadline passed while connecting"
