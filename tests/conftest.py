@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from loadtest.procs import HeldPort
+from loadtest.reaper import guarded_popen, release
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02,
@@ -67,7 +68,7 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
+        self.proc = guarded_popen(  # never outlives a killed test run
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
              "--appendfsync", "always", "--daemonize", "no",
@@ -91,6 +92,8 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+        if self.proc is not None:
+            release(self.proc)
         self.proc = None
 
     def close(self) -> None:
