@@ -719,6 +719,13 @@ def test_a_request_sent_while_the_previous_waits_in_the_hub_is_answered_after_it
     w = make()
     sock = connect(w)
     warm(w, sock)
+    next_waits_for_hold(w, sock, backend)
+    sock.close()
+
+
+def next_waits_for_hold(w: Worker, sock: Any, backend: ScriptedBackend) -> None:
+    """On a warmed connection: /next, sent while /hold waits in the hub, is not
+    read until /hold is answered, then answered after it, and the connection parks."""
     backend.release.clear()
     sock.sendall(get("/hold"))
     assert until(lambda: len(backend.requests) == 2) and in_hub(w)
@@ -729,7 +736,6 @@ def test_a_request_sent_while_the_previous_waits_in_the_hub_is_answered_after_it
     assert response(sock)[2] == b"conn 1 /next"
     assert until(lambda: parked(w))
     assert backend.paths() == [b"/first", b"/hold", b"/next"]
-    sock.close()
 
 
 def test_a_backend_writing_after_its_answer_loses_its_pooled_connection(

@@ -42,6 +42,7 @@ from tests.test_inline import (
     fill_until_sending,
     get,
     in_hub,
+    next_waits_for_hold,
     parked,
     response,
     until,
@@ -315,16 +316,7 @@ def test_a_request_sent_while_the_previous_waits_in_the_hub_is_answered_after_it
     w = tls_worker()
     sock = connect(w, tmp_path)
     warm(w, sock)
-    backend.release.clear()
-    sock.sendall(get("/hold"))
-    assert until(lambda: len(backend.requests) == 2) and in_hub(w)
-    sock.sendall(get("/next"))
-    assert in_hub(w) and len(backend.requests) == 2
-    backend.release.set()
-    assert response(sock)[2] == b"conn 1 /hold"
-    assert response(sock)[2] == b"conn 1 /next"
-    assert until(lambda: parked(w))
-    assert backend.paths() == [b"/first", b"/hold", b"/next"]
+    next_waits_for_hold(w, sock, backend)
     sock.close()
 
 
