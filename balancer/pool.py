@@ -4,8 +4,9 @@ Invariants:
 * One `Backend` per address per worker, shared by every host and every table
   version that names it (`BackendRegistry`), so pools and dead marks survive
   rule changes and are never keyed by list position.
-* Pools do bookkeeping only: `acquire` hands out an idle connection or opens a
-  new one; `release` returns a connection known to be at a message boundary.
+* Pools do bookkeeping only: `acquire_idle` hands out an idle connection,
+  `connect` opens a new one; `release` returns a connection known to be at a
+  message boundary.
   Socket errors on connect become `ConnectError` here, at the edge; the
   watchdog's `Overdue` (the client connection's deadline) thrown into a
   connect's wait, `ConnectOverdue`, which is not the backend's failure.
@@ -24,7 +25,7 @@ Invariants:
   the request path) closes those past it and those on which anything arrived,
   plain and TLS, so a backend that gets no more traffic gets its connections
   back (and none stays in CLOSE_WAIT) within `sweep_every` of the deadline;
-  `acquire` skips them meanwhile. `IdleBudget.idle` counts what the lists hold:
+  `acquire_idle` skips them meanwhile. `IdleBudget.idle` counts what the lists hold:
   a connection leaves its list and the count together, with no switch between.
 * Passive health: `fall` consecutive failures mark the backend down for
   `fail_timeout` seconds; after that one request probes it (half-open) and
@@ -48,8 +49,8 @@ Invariants:
   (nginx reuses its keep-alive connections' slots the same way).
 * An https:// backend's connections are TLS (`balancer.backend_tls`): each is
   pooled under its pool key (the name its certificate was verified for), and
-  handed out only to a request with the same key (`acquire_tls`); a plain
-  backend's pool is one list (`acquire`). TLS pools count in the same budget.
+  handed out only to a request with the same key (`acquire_idle_tls`); a
+  plain backend's pool is one list (`acquire_idle`). TLS pools count in the same budget.
 * A connection (`Upstream`) keeps what belongs to it for its whole life: its
   stream (the socket as the worker's `balancer.netio.IO` made it) and the
   response parser that `balancer.relay` makes on first use and reuses for
@@ -69,7 +70,7 @@ from functools import partial
 from typing import Any, Final
 
 from balancer.addr import Address, parse_backend_addr
-from balancer.backend_tls import BackendTLS, pool_key
+from balancer.backend_tls import BackendTLS
 from balancer.errors import ConnectError, ConnectOverdue, Overdue, ProxyError
 from balancer.netio import IO, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
@@ -194,31 +195,15 @@ class Backend:
         self._recovered = threading.Event()
 
     # pool ----------------------------------------------------------------
-    def acquire(self) -> tuple[Upstream, bool]:
-        """(connection, reused): an idle connection nothing arrived on, or a new
-        one; raises ConnectError."""
-        upstream = self.acquire_idle()
-        if upstream is not None:
-            return upstream, True
-        return self.connect(), False
-
     def acquire_idle(self) -> Upstream | None:
-        """An idle connection nothing arrived on, or None (`acquire` without
-        connecting: what the hub may take, `balancer.inline`)."""
+        """An idle connection nothing arrived on, or None (the caller connects:
+        `balancer.relay`, or the hub, `balancer.inline`)."""
         idle = self.idle
         return self._take(idle) if idle else None
 
-    def acquire_tls(self, host: bytes, verify: bool) -> tuple[Upstream, bool]:
-        """`acquire` for an https:// backend and a request with Host `host`:
-        only a connection made (and verified) for the same name is reused."""
-        key = pool_key(host, verify)
-        upstream = self.acquire_idle_tls(key)
-        if upstream is not None:
-            return upstream, True
-        return self.connect_tls(key), False
-
     def acquire_idle_tls(self, key: str) -> Upstream | None:
-        """`acquire_idle` for TLS pool `key` (`balancer.backend_tls.pool_key`)."""
+        """`acquire_idle` for TLS pool `key` (`balancer.backend_tls.pool_key`: only
+        a connection made, and verified, for the request's name is reused)."""
         idle = self.idle_tls.get(key)
         return self._take(idle) if idle else None
 

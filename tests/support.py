@@ -502,3 +502,11 @@ class InProcessWorkers:
             for server in w.servers:
                 server.close()
             watchdog.join(timeout=5)
+
+
+def acquire(backend: Any) -> tuple[Any, bool]:
+    """(connection, reused) of a `balancer.pool.Backend`: an idle one, else a new one,
+    as a request's `balancer.relay._take` does (without its deadline)."""
+    idle = backend.acquire_idle()
+    return (idle, True) if idle is not None else (backend.connect(), False)
+

@@ -21,7 +21,7 @@ import pytest
 
 from balancer.descriptors import ACCEPT_PAUSE, RESERVED, connection_cap
 from tests.conftest import required_tool
-from tests.support import ROOT, Backend, Balancer, wait_for
+from tests.support import ROOT, Backend, Balancer, acquire, wait_for
 
 CLIENTS = 300
 
@@ -123,7 +123,7 @@ def test_idle_connections_get_what_the_clients_leave() -> None:
         fresh = b.connect()  # needs a descriptor: the oldest idle ones go first
         assert budget.idle == len(a.idle) == 2 and a.idle == made[2:4]
         assert made[0].sock.fileno() == made[1].sock.fileno() == -1
-        upstream, reused = a.acquire()
+        upstream, reused = acquire(a)
         assert reused and budget.idle == 1
         for u in (upstream, fresh):
             u.close()

@@ -13,7 +13,7 @@ from gevent import socket as gsocket
 from balancer.addr import parse_backend_addr
 from balancer.netio import IO, NEVER, EventedStream, GeventIO, Stream
 from balancer.pool import Backend, Upstream
-from tests.support import loop_until
+from tests.support import acquire, loop_until
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -160,15 +160,15 @@ def test_the_pool_drops_an_idle_connection_the_backend_wrote_on(kind: str) -> No
         port = listener.getsockname()[1]
         pool = Backend(parse_backend_addr(f"127.0.0.1:{port}"), connect_timeout=5,
                        fail_timeout=1, io=make_io(kind))
-        upstream, _ = pool.acquire()
+        upstream, _ = acquire(pool)
         peer, _ = listener.accept()
-        clean, _ = pool.acquire()
+        clean, _ = acquire(pool)
         pool.release(clean)
         pool.release(upstream)  # the next acquire pops this one first
         peer.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
         peer.close()
         assert loop_until(lambda: not upstream.stream.is_clean())
-        back, reused = pool.acquire()
+        back, reused = acquire(pool)
         assert reused and back is clean and upstream.sock.fileno() == -1
         back.close()
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.rawpeer import serve_each
-from tests.support import Balancer, in_threads, request, wait_for
+from tests.support import Balancer, acquire, in_threads, request, wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -174,7 +174,7 @@ def test_the_sweep_keeps_the_idle_count_right_in_plain_and_tls_lists() -> None:
         assert budget.idle == 1 and backend.idle == [plain[2]]
         assert "app.test" not in backend.idle_tls  # an empty TLS list goes
         assert [u.sock.fileno() for u in (plain[0], plain[1], *tls)] == [-1] * 4
-        upstream, reused = backend.acquire()
+        upstream, reused = acquire(backend)
         assert reused and upstream is plain[2] and budget.idle == 0
         upstream.close()
     finally:
@@ -203,7 +203,7 @@ def test_dropping_stirred_connections_keeps_the_idle_count_right() -> None:
         wait_for(lambda: not any(u.stream.is_clean() for u in closed), timeout=2,
                  what="the EOFs")
         stirred = {plain[0], plain[1], plain[2], tls[0]}  # plain[1]: quiet, kept
-        taken, _ = backend.acquire()  # the newest, plain[2], is closed on the way
+        taken, _ = acquire(backend)  # the newest, plain[2], is closed on the way
         assert taken is plain[1] and plain[2].sock.fileno() == -1 and budget.idle == 2
         assert backend.drop(stirred) == 2  # plain[0] and tls[0]; plain[2] went already
         assert budget.idle == 0 and backend.idle == [] and "app.test" not in backend.idle_tls

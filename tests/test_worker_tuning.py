@@ -29,6 +29,7 @@ from balancer.server import SHARED_ACCEPT_BATCH, Worker
 from balancer.serving import Slots
 from balancer.settings import load_settings
 from tests.rawpeer import read_until
+from tests.support import acquire
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -212,7 +213,7 @@ def test_a_released_connection_comes_back_with_its_watcher_and_parser() -> None:
     upstream = Upstream(stream := GeventIO().stream(a))
     upstream.parser = parser = ResponseParser()
     pool.release(upstream)
-    back, reused = pool.acquire()
+    back, reused = acquire(pool)
     assert reused and back is upstream
     assert (back.sock, back.stream, back.parser) == (a, stream, parser)
     a.close()
@@ -232,7 +233,7 @@ def test_closing_a_pooled_connection_closes_its_watcher(how: str) -> None:
         assert pool.close_idle() == 1
     elif how == "expired":
         with pytest.raises(ConnectError, match="127.0.0.1:9"):
-            pool.acquire()  # the expired one is dropped, then nothing listens on :9
+            acquire(pool)  # the expired one is dropped, then nothing listens on :9
     assert watcher.closed and parser.closed and a.fileno() == -1 and pool.idle == []
     b.close()
 
@@ -243,7 +244,7 @@ def test_a_new_connection_has_a_watcher_only_under_gevent(evented: bool) -> None
         port = listener.getsockname()[1]
         pool = Backend(parse_backend_addr(f"127.0.0.1:{port}"), connect_timeout=5,
                        fail_timeout=1, io=GeventIO() if evented else IO())
-        upstream, reused = pool.acquire()
+        upstream, reused = acquire(pool)
         assert not reused and hasattr(upstream.stream, "watcher") is evented
         assert upstream.parser is None  # made by the relay on first use
         upstream.close()
