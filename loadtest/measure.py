@@ -1,9 +1,18 @@
-"""CPU and memory of a target, read from /proc (the process and its descendants)."""
+"""CPU and memory of a target, read from /proc (the process and its descendants).
+
+Memory is reported two ways: the sum of each process's peak resident set
+(VmHWM), which counts a page shared by forked processes once in each of
+them, and the tree's proportional set size (Pss: a shared page split between
+the processes mapping it), which is what the tree costs the machine and the
+fair figure for comparing a forked tree with a single process. The kernel
+keeps no peak Pss, so `UsageWindow` samples it while the load runs.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +75,31 @@ def peak_rss_kb(pids: list[int]) -> int:
     return sum(_status_kb(pid, "VmHWM") for pid in pids)
 
 
+ROLLUP_FIELDS = ("Rss", "Pss", "Pss_Anon", "Private_Clean", "Private_Dirty",
+                 "Shared_Clean", "Shared_Dirty")
+
+
+def rollup_kb(pid: int) -> dict[str, int]:
+    """`ROLLUP_FIELDS` of ``/proc/PID/smaps_rollup`` (KiB) now, plus Private and
+    Shared (clean and dirty together); zeros when the process is gone."""
+    fields = dict.fromkeys(ROLLUP_FIELDS, 0)
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, value = line.split(":")
+            if name in fields:
+                fields[name] = int(value.split()[0])
+    except (OSError, ValueError):
+        pass
+    fields["Private"] = fields["Private_Clean"] + fields["Private_Dirty"]
+    fields["Shared"] = fields["Shared_Clean"] + fields["Shared_Dirty"]
+    return fields
+
+
+def pss_kb(pids: list[int]) -> int:
+    """The proportional set size (Pss) of `pids` together now, in KiB."""
+    return sum(rollup_kb(pid)["Pss"] for pid in pids)
+
+
 def reset_peak(pids: list[int]) -> bool:
     """Reset VmHWM to the current RSS (clear_refs 5); False where not allowed."""
     done = True
@@ -84,15 +118,24 @@ def machine_jiffies() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+PSS_EVERY = 0.5  # seconds between two samples of the tree's Pss
+
+
 @dataclass
 class UsageWindow:
-    """CPU % (of one core) and peak RSS of a process tree over a measured window."""
+    """CPU % (of one core), peak RSS and peak Pss of a process tree over a
+    measured window. The Pss is sampled every `PSS_EVERY` seconds by a thread
+    (reading smaps_rollup walks the page tables: about a millisecond for the
+    balancer's tree), from `begin` to `end`."""
 
     root: int
     started: float = 0.0
     cpu_start: float = 0.0
     peak_is_window: bool = False
     machine_start: tuple[int, int] = (0, 0)
+    peak_pss: int = 0
+    stopped: threading.Event | None = None
+    sampler: threading.Thread | None = None
 
     def begin(self) -> None:
         self.machine_start = machine_jiffies()
@@ -100,11 +143,27 @@ class UsageWindow:
         self.peak_is_window = reset_peak(pids)
         self.cpu_start = cpu_seconds(pids)
         self.started = time.monotonic()
+        self.peak_pss = pss_kb(pids)
+        self.stopped = threading.Event()
+        self.sampler = threading.Thread(target=self._sample, args=(self.stopped,), daemon=True)
+        self.sampler.start()
+
+    def _sample(self, stopped: threading.Event) -> None:
+        while not stopped.wait(PSS_EVERY):
+            self.peak_pss = max(self.peak_pss, pss_kb(process_tree(self.root)))
+
+    def _stop_sampling(self) -> None:
+        if self.stopped and self.sampler:
+            self.stopped.set()
+            self.sampler.join(timeout=5.0)
 
     def end(self) -> dict[str, float | int | bool]:
-        """Figures since `begin`: cpu_percent, peak_rss_kb, rss_kb, and how busy the
-        whole machine was (to spot a run disturbed by other work)."""
+        """Figures since `begin`: cpu_percent, peak_rss_kb (VmHWM summed),
+        peak_pss_kb (the tree's, sampled), rss_kb, and how busy the whole
+        machine was (to spot a run disturbed by other work)."""
+        self._stop_sampling()
         pids = process_tree(self.root)
+        self.peak_pss = max(self.peak_pss, pss_kb(pids))
         elapsed = max(time.monotonic() - self.started, 1e-6)
         cpu = 0.0
         with contextlib.suppress(ValueError):
@@ -114,6 +173,7 @@ class UsageWindow:
         total -= self.machine_start[1]
         machine = (os.cpu_count() or 1) * busy / total if total > 0 else 0.0
         return {"cpu_percent": round(cpu, 1), "peak_rss_kb": peak_rss_kb(pids),
+                "peak_pss_kb": self.peak_pss,
                 "rss_kb": rss_kb(pids), "peak_is_window": self.peak_is_window,
                 # all CPUs together (target, generator and anything else running)
                 "machine_busy_cores": round(machine, 2),

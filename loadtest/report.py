@@ -30,14 +30,14 @@ def table(header: list[str], lines: list[list[str]]) -> str:
 
 def sweep_table(rows: list[dict]) -> str:
     header = ["target", "conns", "keep-alive", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
-              "errors conn/read/timeout/non-2xx", "CPU %", "peak RSS MB", "busy cores",
-              "generator"]
+              "errors conn/read/timeout/non-2xx", "CPU %", "peak RSS MB", "peak Pss MB",
+              "busy cores", "generator"]
     lines = [[r["target"] + (" (ceiling)" if r.get("ceiling") else ""), r["connections"],
               "yes" if r["keepalive"] else "no", f"{r['rps']:.0f}",
               _ms(r["latency_ms"]["p50"]), _ms(r["latency_ms"]["p90"]),
               _ms(r["latency_ms"]["p99"]), _ms(r["latency_ms"]["max"]), _errors(r),
               r.get("cpu_percent", "–"), _mb(r.get("peak_rss_kb")),
-              r.get("machine_busy_cores", "–"), r["generator"]]
+              _mb(r.get("peak_pss_kb")), r.get("machine_busy_cores", "–"), r["generator"]]
              for r in rows]
     return table(header, lines)
 

@@ -37,19 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this tree's loadtest (the balancer comes from PYTHONPATH)
 
+from loadtest.measure import rollup_kb as rollup  # noqa: E402
 from loadtest.procs import free_port  # noqa: E402
 from loadtest.reaper import guarded_popen  # noqa: E402
 
 HOST = "127.0.0.1"
-
-
-def rollup(pid: int) -> dict[str, int]:
-    """smaps_rollup's fields (KiB) of process `pid`."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        name, value = line.split(":")
-        fields[name] = int(value.split()[0])
-    return fields
 
 
 def children(pid: int) -> list[int]:
@@ -106,11 +98,9 @@ def report(arbiter: int, workers: set[int]) -> None:
     for pid in pids:
         role = "arbiter" if pid == arbiter else "worker" if pid in workers else "management"
         f = rollup(pid)
-        private = f["Private_Clean"] + f["Private_Dirty"]
-        shared = f["Shared_Clean"] + f["Shared_Dirty"]
         print(f"{role:10} {pid:>7}: Rss {f['Rss'] / 1024:5.1f} MiB, Pss {f['Pss'] / 1024:5.1f} "
-              f"(Pss_Anon {f['Pss_Anon'] / 1024:5.1f}), Private {private / 1024:5.1f} "
-              f"(Private_Dirty {f['Private_Dirty'] / 1024:5.1f}), Shared {shared / 1024:5.1f}")
+              f"(Pss_Anon {f['Pss_Anon'] / 1024:5.1f}), Private {f['Private'] / 1024:5.1f} "
+              f"(Private_Dirty {f['Private_Dirty'] / 1024:5.1f}), Shared {f['Shared'] / 1024:5.1f}")
     tree = [rollup(p) for p in pids]
     print(f"tree Pss {sum(f['Pss'] for f in tree) / 1024:.1f} MiB, Pss_Anon "
           f"{sum(f['Pss_Anon'] for f in tree) / 1024:.1f}, Private_Dirty "

@@ -70,7 +70,7 @@ from balancer.certificates import make_record  # noqa: E402
 from balancer.settings_kinds import MOZILLA_INTERMEDIATE  # noqa: E402
 from balancer.stores.file import FileStore  # noqa: E402
 from loadtest import configs  # noqa: E402
-from loadtest.measure import _status_kb, cpu_split, process_tree  # noqa: E402
+from loadtest.measure import _status_kb, cpu_split, process_tree, rollup_kb  # noqa: E402
 from loadtest.page import PAGE  # noqa: E402
 from loadtest.procs import Proc, Processes, free_port, wait_for_port  # noqa: E402
 from loadtest.reaper import stat_fields  # noqa: E402
@@ -325,30 +325,14 @@ def peak_memory(target: Started, workers: int) -> Memory:
               for i, pid in enumerate(children)]
     if len(children) == workers + 1:
         roles = [("arbiter", root), *roles[1:-1], ("management", children[-1])]
-    ends = [(role, _rollup_kb(pid)) for role, pid in roles]
+    ends = [(role, rollup_kb(pid)) for role, pid in roles]
     return ([(role, _status_kb(pid, "VmHWM")) for role, pid in roles],
-            sum(_rollup_kb(pid)["Pss"] for pid in pids), ends)
+            sum(rollup_kb(pid)["Pss"] for pid in pids), ends)
 
 
 def _cpu_ticks(pid: int) -> int:
     fields = stat_fields(pid)
     return int(fields[11]) + int(fields[12]) if fields else 0
-
-
-def _rollup_kb(pid: int) -> dict[str, int]:
-    """Pss, Pss_Anon, Private and Shared (KiB) of `pid` now (zeros when it is gone)."""
-    fields = dict.fromkeys(("Pss", "Pss_Anon", "Private_Clean", "Private_Dirty",
-                            "Shared_Clean", "Shared_Dirty"), 0)
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-            name, value = line.split(":")
-            if name in fields:
-                fields[name] = int(value.split()[0])
-    except (OSError, ValueError):
-        pass
-    return {"Pss": fields["Pss"], "Pss_Anon": fields["Pss_Anon"],
-            "Private": fields["Private_Clean"] + fields["Private_Dirty"],
-            "Shared": fields["Shared_Clean"] + fields["Shared_Dirty"]}
 
 
 def summarize(results: dict[tuple[tuple[int, str], str], list[dict]]) -> None:

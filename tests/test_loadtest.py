@@ -268,6 +268,8 @@ def test_quick_run_end_to_end(tmp_path):
         for row in rows:
             assert row["rps"] > 0 and row["error_total"] == 0
             assert row["cpu_percent"] > 0 and row["peak_rss_kb"] > 0
+            # a page shared within the tree counts whole in each VmHWM, split in the Pss
+            assert 0 < row["peak_pss_kb"] < row["peak_rss_kb"]
     assert {r["target"] for r in scenarios["wsgi"]["rows"]} == {"gevent-wsgi", "threaded-wsgi"}
     for row in scenarios["idle"]["rows"]:
         assert row["held"] == row["alive_after"] == 200
