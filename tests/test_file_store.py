@@ -73,6 +73,21 @@ def test_writes_are_whole_files_leaving_no_temp_files(tmp_path: Path) -> None:
                  "not valid JSON: nested too deeply", id="deep"),  # RecursionError
     pytest.param('{"version": 3, "hosts": {"a.com": {"action": "static", "x": %s}}}'
                  % ("[" * 500 + "]" * 500), "invalid table", id="nested-but-decodable"),
+    # a key named twice: json kept the last one, silently
+    pytest.param('{"version": 3, "hosts": {"a.com": {"action": "empty", "status": 403},\n'
+                 ' "b.com": {"action": "empty"}, "a.com": {"action": "empty"}}}',
+                 'the host "a.com" is listed twice in "hosts"', id="host-twice"),
+    pytest.param('{"version": 3, "hosts": {"a.com": {"action": "proxy", "backends": ["1.2.3.4:80"],'
+                 ' "backends": ["1.2.3.5:80"]}}}',
+                 'the rule of "a.com" has the key "backends" twice (keep', id="rule-key-twice"),
+    pytest.param('{"version": 3, "hosts": {"a.com": {"action": "proxy", "backends": '
+                 '[{"address": "1.2.3.4:80", "weight": 1, "weight": 5}]}}}',
+                 'the rule of "a.com" has the key "weight" twice (in "backends"[0])',
+                 id="nested-key-twice"),
+    pytest.param('{"version": 3, "hosts": {"a.com": {"action": "empty", "\\u0061ction": "x"}}}',
+                 'the rule of "a.com" has the key "action" twice', id="escaped-key-twice"),
+    pytest.param('{"version": 3, "version": 4, "hosts": {}}',
+                 'the key "version" appears twice', id="version-twice"),
 ])
 def test_a_corrupt_file_names_the_path_and_the_reason(tmp_path: Path, content: str,
                                                       reason: str) -> None:

@@ -11,6 +11,10 @@ defect found and fixed (each test fails without its fix):
   and of the management process for good: after a repair no change made
   elsewhere was ever applied. A version Redis cannot count past (10**22) was
   served and became every balancer's floor: no write could go above it.
+* A host listed twice in a hand-edited routes file (or a key named twice in a
+  rule, in the file or in a Redis field) was served as its last copy, silently:
+  Python's json keeps the last of repeated keys. Now it is a corrupt store
+  naming the key.
 """
 
 from __future__ import annotations
@@ -189,3 +193,60 @@ def test_a_redis_key_of_the_wrong_type_is_a_corrupt_store(
     assert (status, answer["error"]) == (503, "certs_corrupt") and certs_problem in \
         answer["message"], answer
     assert serves(bal) and bal.store_problem() == ""
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".edit")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def test_a_host_listed_twice_by_hand_is_a_corrupt_file(tmp_path: Path) -> None:
+    """Bug: Python's json kept the last of a host listed twice in a hand-edited routes
+    file, and the balancer served it without a word. Now it is a corrupt file: named,
+    reported, the last good table serving; at start-up too (from the snapshot)."""
+    first = Balancer(tmp_path, {"app.test": STATIC})
+    twice = ('{"version": 5, "hosts": {\n"app.test": {"action": "static", "body": "one"},\n'
+             '"app.test": {"action": "static", "body": "two"}}}\n')
+    named = 'the host "app.test" is listed twice in "hosts"'
+    try:
+        wait_for(lambda: serves(first), WAIT, what="the first table")
+        snapshot = Path(f"{first.routes}.last-good")
+        wait_for(snapshot.exists, WAIT, what="the snapshot")
+        write_text_atomically(first.routes, twice)
+        wait_for(lambda: named in first.store_problem(), WAIT, what="the host named")
+        assert serves(first) and first.version() == 1
+        assert float(store_up(first)) == 0
+        status, answer = first.api("PUT", "/api/v1/hosts/b.test", STATIC)
+        assert status == 503 and answer["error"] == "store_corrupt", answer
+        assert named in answer["message"]
+    finally:
+        first.stop()
+    again = Balancer(tmp_path, None)  # started on the same file: the snapshot serves
+    try:
+        wait_for(lambda: named in again.store_problem(), WAIT, what="the host named at start")
+        assert serves(again) and again.version() == 1
+        assert named in again.output()
+        write_text_atomically(first.routes, twice.replace('"two"', '"hi"').replace(
+            '"app.test": {"action": "static", "body": "one"},\n', ""))
+        wait_for(lambda: again.store_problem() == "" and again.version() == 5, WAIT,
+                 what="the repaired file served")
+        assert serves(again)
+    finally:
+        again.stop()
+
+
+def test_a_redis_rule_naming_a_key_twice_is_a_corrupt_store(
+        redis_site: tuple[Balancer, Any]) -> None:
+    """A hash field cannot repeat, but the JSON in it can: json kept the last key."""
+    bal, raw = redis_site
+    version = raw.incr("balancer:version")
+    raw.hset("balancer:hosts", "app.test",
+             '{"action": "static", "body": "one", "body": "two"}')
+    raw.publish("balancer:changes", f"{version} app.test")
+    named = 'balancer:hosts[app.test] has the key "body" twice'
+    wait_for(lambda: named in bal.store_problem(), WAIT, what="the key named")
+    assert serves(bal) and bal.version() == version - 1
+    publish_change(raw, "app.test", "fixed")  # rewritten by another balancer: followed
+    wait_for(lambda: serves(bal, body=b"fixed") and bal.store_problem() == "", WAIT,
+             what="the repaired rule served")

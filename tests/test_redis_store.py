@@ -125,6 +125,14 @@ def test_corrupt_data_keeps_the_last_good_table(redis_server: RedisServer) -> No
             raw.hset(f"{ns}:hosts", "bad.example.com", hostile)
             with pytest.raises(CorruptStore, match=r"hosts\[bad.example.com\] is not valid"):
                 store.load()
+        # a hash field cannot repeat, but the JSON in it can name a key twice: json kept
+        # the last one silently
+        raw.hset(f"{ns}:hosts", "bad.example.com",
+                 '{"action": "proxy", "backends": [{"address": "127.0.0.1:1", '
+                 '"weight": 1, "weight": 9}]}')
+        with pytest.raises(CorruptStore, match=r'hosts\[bad.example.com\] has the key '
+                                               r'"weight" twice \(in "backends"\[0\]\)'):
+            store.load()
         raw.set(f"{ns}:version", "9" * 5000)
         with pytest.raises(CorruptStore,
                            match=r"version is not an integer from 0 to \d+: '9{40}'\.\.\. "):

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from balancer.stores import strict_json
 from balancer.stores.acme import Acme, FileAcme
 from balancer.stores.atomic import open_regular, write_atomically
 from balancer.stores.base import (
@@ -130,7 +131,10 @@ class FileStore(Store):
 
     def _parse(self, raw: bytes) -> TableData:
         with unreadable_is_corrupt(f"{self.path}: the file"):
-            doc = json.loads(raw)
+            try:
+                doc = strict_json.loads(raw)
+            except strict_json.DuplicateKey as exc:
+                raise CorruptStore(f"{self.path}: {_repeated(exc)}") from None
             if not isinstance(doc, dict) or set(doc) != {"version", "hosts"}:
                 raise CorruptStore(f'{self.path}: expected an object {{"version": N, '
                                    f'"hosts": {{...}}}} with exactly those keys')
@@ -322,6 +326,18 @@ class FileStore(Store):
             return None
         self._reachable = True
         return _signature_of(st)
+
+
+def _repeated(exc: strict_json.DuplicateKey) -> str:
+    """What a key named twice in the file is, by where it is (bug: Python's json kept
+    the last of a host listed twice in a hand-edited file, and served it silently)."""
+    path, key = exc.path, json.dumps(exc.key)
+    if path == ("hosts",):
+        return f"the host {key} is listed twice in \"hosts\" (keep one of them)"
+    if len(path) >= 2 and path[0] == "hosts":
+        return (f"the rule of {json.dumps(path[1])} has the key {key} "
+                f"twice{strict_json.where_in(path[2:])} (keep one of them)")
+    return f"{exc} (keep one of them)"
 
 
 def _signature_of(st: os.stat_result) -> tuple[int, ...]:

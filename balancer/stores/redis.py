@@ -51,6 +51,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from balancer.rules import validate_table
+from balancer.stores import strict_json
 from balancer.stores.acme import Acme, RedisAcme
 from balancer.stores.base import (
     CorruptStore,
@@ -172,7 +173,11 @@ class RedisStore(Store):
             if n % PAUSE_EVERY == PAUSE_EVERY - 1:
                 time.sleep(0)  # a big table: let the worker's other greenlets run
             try:
-                hosts[host] = json.loads(utf8(text, host))
+                hosts[host] = strict_json.loads(utf8(text, host))
+            except strict_json.DuplicateKey as exc:
+                raise CorruptStore(f"{where}: {self.hosts_key}[{printable(host)}] has the key "
+                                   f"{json.dumps(exc.key)} twice"
+                                   f"{strict_json.where_in(exc.path)}") from None
             except (ValueError, RecursionError):  # the field named only then, not per host
                 with unreadable_is_corrupt(f"{where}: {self.hosts_key}[{printable(host)}]"):
                     raise
@@ -429,7 +434,7 @@ class RedisStore(Store):
                 rules[host] = None
                 continue
             try:
-                rules[host] = json.loads(utf8(text, host))
+                rules[host] = strict_json.loads(utf8(text, host))
                 if validate_table({host: rules[host]}):
                     return None
             except (ValueError, RecursionError):
