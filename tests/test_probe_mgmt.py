@@ -9,6 +9,8 @@ without its fix):
   ``GET /api/v1/hosts`` answered 500. Now it is a corrupt store naming the key.
 * A routes file that is a symlink (documented as followed) was replaced by a
   regular file at the first write: the file it named stayed at the old table.
+* Two balancers reaching one routes file through different symlinks took
+  different lock files (``LINK.lock``): their writes could lose one another's.
 * A routes file cut short at the version served was never reported, and a
   problem reported before was cleared as "readable again".
 * ``balancerctl restore`` on a healthy store that was ahead of the table served
@@ -264,6 +266,44 @@ def test_a_symlinked_routes_file_stays_a_link_and_its_file_is_written(tmp_path: 
         assert [p.name for p in real.iterdir() if p.name.endswith(".tmp")] == []
     finally:
         bal.stop()
+
+
+def test_two_balancers_through_two_symlinks_share_the_writer_lock(tmp_path: Path) -> None:
+    """Bug: the lock was ``LINK.lock`` beside each link, so two balancers reaching one
+    routes file through different links wrote it unlocked against each other."""
+    import fcntl
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    real = tmp_path / "data" / "routes.json"
+    real.parent.mkdir()
+    real.write_text(json.dumps({"version": 1, "hosts": {"app.test": STATIC}}))
+    sites = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "routes.json").symlink_to(real)
+        sites.append(Balancer(tmp_path / name, store=f"file:{tmp_path / name / 'routes.json'}"))
+    lock = os.open(f"{real}.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a third writer holds the file's lock
+            held = [pool.submit(bal.api, "PUT", f"/api/v1/hosts/{name}.test", STATIC)
+                    for bal, name in zip(sites, "ab", strict=True)]
+            assert wait(held, timeout=0.5).done == set(), "a write went past the lock"
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            assert sorted(f.result()[1]["version"] for f in held) == [2, 3]
+            many = [pool.submit(bal.api, "PUT", f"/api/v1/hosts/h{n}.test", STATIC)
+                    for n in range(20) for bal in [sites[n % 2]]]
+            assert all(f.result()[0] == 200 for f in many)
+        table = json.loads(real.read_text())
+        assert table["version"] == 23, "a write was lost"
+        assert set(table["hosts"]) == {"app.test", "a.test", "b.test",
+                                       *(f"h{n}.test" for n in range(20))}
+        assert all((tmp_path / name / "routes.json").is_symlink() for name in "ab")
+        assert not (tmp_path / "a" / "routes.json.lock").exists()
+    finally:
+        os.close(lock)
+        for bal in sites:
+            bal.stop()
 
 
 def test_a_worker_replaced_while_the_store_directory_is_gone_serves(tmp_path: Path) -> None:

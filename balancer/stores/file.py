@@ -7,8 +7,10 @@ Invariants:
   table, never a mix.
 * Writers hold an exclusive `flock` on the sidecar ``PATH.lock`` from the
   read to the rename, so concurrent writers (any number of processes) never
-  lose an update. The lock is polled, never blocked on, so a gevent worker
-  keeps serving while it waits.
+  lose an update. ``PATH`` is the real path, symlinks resolved at each lock:
+  writers reaching one file through different links share its lock. The
+  lock is polled, never blocked on, so a gevent worker keeps serving while
+  it waits.
 * `watch` re-reads the file when its (inode, size, mtime, ctime) changes,
   polled every `POLL_INTERVAL`; a corrupt file is reported once per distinct
   problem and the last good table stays in force. The file starts with its
@@ -81,7 +83,6 @@ class FileStore(Store):
         crash loop: that slot served nothing, the API was gone)."""
         self.path = os.path.abspath(path)
         self.display_url = f"file:{path}"
-        self._lock_path = self.path + ".lock"
         self._reachable = True
         self._problem: str | None = None
         self._known: tuple[tuple[int, ...], TableData] | None = None
@@ -241,19 +242,26 @@ class FileStore(Store):
         except OSError as exc:
             raise StoreUnavailable(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
 
+    def lock_path(self) -> str:
+        """The writer lock beside the file the path names now, symlinks resolved (bug:
+        two balancers reaching one file through different links locked ``LINK.lock``
+        each, so their writes could lose one another's)."""
+        return os.path.realpath(self.path) + ".lock"
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Hold the exclusive writer lock (polled so gevent keeps running)."""
+        lock_path = self.lock_path()
         try:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StoreUnavailable(
-                f"{self._lock_path}: cannot open lock file: {exc.strerror or exc}") from exc
+                f"{lock_path}: cannot open lock file: {exc.strerror or exc}") from exc
         try:
             deadline = time.monotonic() + LOCK_TIMEOUT
             while not _try_lock(fd):
                 if time.monotonic() > deadline:
-                    raise StoreUnavailable(f"{self._lock_path}: another writer held the lock "
+                    raise StoreUnavailable(f"{lock_path}: another writer held the lock "
                                            f"for more than {LOCK_TIMEOUT:.0f}s")
                 time.sleep(LOCK_POLL)
             yield
