@@ -7,6 +7,11 @@ over the worker's control socket) → `TableFollower.apply` / `apply_change`
 and the last good one keeps serving.
 
 Invariants:
+* A worker started while its store cannot be read (down, corrupt, its
+  directory gone) serves the snapshot's table (`Snapshot.load`: the newest of
+  `store.snapshot` and the run directory's copy, which a worker the arbiter
+  starts again always has) and says so in `store_problem` until the store's
+  first table is applied (`unconfirmed`: read whole, even at the version served).
 * A store table older than the highest version this worker has known (its
   own, or the snapshot's at start) never replaces the served table
   (`balancer.stores.snapshot.judge`), nor does, at start, another table at the
@@ -53,6 +58,9 @@ class TableFollower:
         self.loaded = False
         self.highest = 0  # the highest version known: a store behind it lost its table
         self.store_problem: str | None = None  # why the store's table is not served
+        # started from the snapshot, the store unreadable: its first table is read whole
+        # (even at the version served) to confirm it and clear `store_problem`
+        self.unconfirmed = False
         self.updating = threading.RLock()  # one table update at a time
         self.backend_uses: Counter[str] = Counter()  # backend key → proxy routes naming it
         self.unused: set[str] = set()  # backends no route names, forgotten once idle
@@ -70,9 +78,13 @@ class TableFollower:
         except StoreError as exc:
             if saved is None:
                 raise
-            log.warning("store %s: %s; serving the last good table (version %d) from %s",
-                        self.store.display_url, exc, saved.version, self.snapshot.path)
+            self.store_problem = (f"store {self.store.display_url}: {exc}; serving the last "
+                                  f"good table, which may be stale (version {saved.version}, "
+                                  f"from {self.snapshot.describe()}), until the store can "
+                                  f"be read")
+            log.warning("%s", self.store_problem)
             self.apply(saved, judged=False)
+            self.unconfirmed = True
             return
         problem = rewritten(data, saved, self.store.display_url)
         if problem is not None and saved is not None:  # damaged at the version saved
@@ -92,6 +104,7 @@ class TableFollower:
                     self.store_problem = problem
                     return False
                 self.store_problem = None
+                self.unconfirmed = False
             current = self.holder.table
             if self.loaded and data.version == current.version:
                 return True  # a version names one table: the watcher's first delivery repeats
@@ -239,7 +252,10 @@ class TableFollower:
         return self.holder.table.version
 
     def served_version(self) -> int:
-        return self.holder.table.version
+        """What the store's watcher may skip reading (-1: nothing, read it whole). Bug:
+        a worker started from the snapshot while Redis was down never cleared its
+        store problem once Redis was back at that version (the watcher skipped it)."""
+        return -1 if self.unconfirmed else self.holder.table.version
 
     def on_store(self, item: TableData | TableChange) -> bool:
         """What the store's watcher delivers: a whole table or a change."""

@@ -43,7 +43,7 @@ from balancer.settings import Settings
 from balancer.sketch import SLOT_SECONDS
 from balancer.stats import Stats
 from balancer.stores.base import StoreError, TableChange, TableData
-from balancer.stores.snapshot import Snapshot, snapshot_path
+from balancer.stores.snapshot import Snapshot
 from balancer.table import RoutingTable, TableHolder
 from balancer.tls import TLSFront, collect, fill, follow, refresh
 
@@ -93,8 +93,7 @@ class Worker:
         self.failure_report = FailureReport(self.stats)  # 502/504 summed up once a second
         self.tables = TableFollower(store, self.holder, self.compiler, self.registry,
                                     self.health, self.stats,
-                                    Snapshot(snapshot_path(settings.store.snapshot, store),
-                                             store.identity()))
+                                    Snapshot.of(settings.store.snapshot, store, run_dir))
         self.access_log = (log_factory or _access_log)(settings)
         limits = settings.limits
         self.limits = Limits(limits.max_request_line, limits.max_header_bytes, limits.max_headers)

@@ -133,7 +133,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("store.snapshot", SnapshotPath(), "",
             'local copy of the last good table, served when the store is unreachable or '
             'lost at start: a path, "" for beside the routes file (file store) or '
-            'balancer-NAMESPACE.last-good.json in the working directory (Redis), or "off"'),
+            'balancer-NAMESPACE.last-good.json in the working directory (Redis), or "off" '
+            '(a copy in the run directory is kept whatever this says: docs/stores.md)'),
     Setting("timeouts.client_header", POSITIVE, 10.0, "seconds to receive a request head"),
     Setting("timeouts.client_idle", POSITIVE, 75.0, "seconds a keep-alive client may idle"),
     Setting("timeouts.backend_connect", POSITIVE, 5.0, "seconds to connect to a backend"),

@@ -32,7 +32,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     """Serve the management API on `sock` until told to stop."""
     import gevent
 
-    from balancer.stores.snapshot import Snapshot, snapshot_path
+    from balancer.stores.snapshot import Snapshot
     from management.acme_issuer import Issuer
     from management.app import create_app
     from management.certs_watch import CertsWatch
@@ -45,8 +45,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
 
     settings = env.settings
     store = open_child_store(settings, strict=False)
-    mirror = Mirror(store, Snapshot(snapshot_path(settings.store.snapshot, store),
-                                    store.identity()))
+    mirror = Mirror(store, Snapshot.of(settings.store.snapshot, store, env.run_dir))
     mirror.start()
     certs_watch = CertsWatch(store, env.run_dir)
     certs_watch.start()

@@ -387,6 +387,16 @@ class Balancer:
         return self.proc.returncode
 
 
+def control_socket(pid: int) -> str:
+    """The path of worker `pid`'s control socket (in the balancer's run directory)."""
+    with open("/proc/net/unix") as table:
+        for line in table:
+            path = line.split()[-1]
+            if path.endswith(f"/worker-{pid}.sock"):
+                return path
+    raise AssertionError(f"no control socket for worker {pid}")
+
+
 # clients -----------------------------------------------------------------------
 def request(port: int, method: str = "GET", path: str = "/", host: str = "app.test",
             body: bytes | None = None, headers: dict[str, str] | None = None,

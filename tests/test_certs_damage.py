@@ -24,7 +24,7 @@ import pytest
 
 from balancer.control import ask
 from tests.conftest import RedisServer
-from tests.support import Backend, Balancer, wait_for
+from tests.support import Backend, Balancer, control_socket, wait_for
 from tests.test_ctl import ctl, ok
 from tests.test_process import children_of, wait_workers
 from tests.test_reuseport import management_pid
@@ -180,16 +180,6 @@ def test_workers_started_while_the_certs_file_is_damaged_serve_the_last_read(
         no_key_leaked(bal, answer)
     finally:
         bal.stop()
-
-
-def control_socket(pid: int) -> str:
-    """The path of worker `pid`'s control socket (in the balancer's run directory)."""
-    with open("/proc/net/unix") as table:
-        for line in table:
-            path = line.split()[-1]
-            if path.endswith(f"/worker-{pid}.sock"):
-                return path
-    raise AssertionError(f"no control socket for worker {pid}")
 
 
 def restart_management(bal: Balancer, collected: int) -> None:

@@ -59,7 +59,7 @@ import pytest
 from balancer.settings import SettingsError, load_settings
 from management.ctl import main as ctl_main
 from tests.conftest import RedisServer
-from tests.support import Balancer, in_threads, request, wait_for
+from tests.support import Balancer, control_socket, in_threads, request, wait_for
 
 WAIT = 10.0
 STATIC = {"action": "static", "status": 200, "body": "hi"}
@@ -314,16 +314,20 @@ def test_a_worker_replaced_while_the_store_directory_is_gone_serves(tmp_path: Pa
     bal = Balancer(tmp_path, store=f"file:{store / 'routes.json'}")
     try:
         assert bal.api("PUT", "/api/v1/hosts/app.test", STATIC)[0] == 200
+        (pid,) = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+        run_dir = Path(control_socket(pid)).parent
+        wait_for(lambda: [json.loads(p.read_text())["version"]
+                          for p in run_dir.glob("last-good-*.json")] == [1], WAIT,
+                 what="the snapshot's copy in the run directory")
         store.rename(tmp_path / "gone")
         wait_for(lambda: "deleted?" in bal.store_problem(), WAIT, what="the loss reported")
-        (pid,) = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
         os.kill(pid, signal.SIGKILL)
 
         def replaced() -> bool:
             info = bal.api("GET", "/api/v1/info")[1]
             return [p["pid"] != pid for p in info["processes"]] == [True]
         wait_for(replaced, WAIT, what="a new worker")
-        assert request(bal.port, host="app.test", timeout=5)[0] == 503  # serving: no table
+        assert serves(bal)  # the last good table (test_restart_unreadable_store.py)
         assert bal.api("GET", "/api/v1/info")[1]["arbiter"]["recent_crashes"] == 1
         store.mkdir()  # the operator puts it back, and the table
         assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200

@@ -11,10 +11,17 @@ Invariants:
   It is written atomically (temp file, fsync, rename) by the management
   process, and read by every process at start: a balancer started while its
   store is unreachable (or lost) serves the last table it knew.
+* Besides the file `store.snapshot` names (which may be ``off``, or beside a
+  routes file whose directory is gone), the management process keeps a copy
+  in the balancer's private run directory (`run_copy_path`), whatever that
+  setting: a worker or management process the arbiter starts again (a crash,
+  a reload) while the store cannot be read serves the table its siblings
+  serve, not the no-hosts page. `load` takes the newest of the two.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -72,52 +79,95 @@ def snapshot_path(setting: str, store: Any) -> str | None:
     return os.path.abspath(f"balancer-{namespace}.last-good.json")
 
 
-class Snapshot:
-    """The last good table of one store, kept in a local file."""
+def run_copy_path(run_dir: str, identity: str) -> str:
+    """The snapshot's copy in the run directory, named after the store (a reload that
+    changes `store.url` runs two management processes side by side for a while)."""
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return os.path.join(run_dir, f"last-good-{digest}.json")
 
-    def __init__(self, path: str | None, identity: str) -> None:
+
+class Snapshot:
+    """The last good table of one store, kept in a local file (`path`, None when
+    ``off``) and, in a running balancer, in its run directory (`run_copy`)."""
+
+    def __init__(self, path: str | None, identity: str, run_copy: str | None = None) -> None:
         self.path = path
         self.identity = identity
-        self._write_problem: str | None = None
+        self.run_copy = run_copy
+        self.loaded_from: str | None = None  # the file `load` took its table from
+        self._write_problems: dict[str, str] = {}
+
+    @classmethod
+    def of(cls, setting: str, store: Any, run_dir: str | None) -> Snapshot:
+        """The snapshot of `store` for the `store.snapshot` setting, with its copy in
+        `run_dir` (None: a process outside a balancer's process tree, no copy)."""
+        identity = store.identity()
+        return cls(snapshot_path(setting, store), identity,
+                   run_copy_path(run_dir, identity) if run_dir else None)
+
+    def files(self) -> list[str]:
+        return [p for p in (self.path, self.run_copy) if p is not None]
 
     def load(self) -> TableData | None:
-        """The table saved for this store, or None (missing, unreadable, another store's)."""
-        if self.path is None:
+        """The newest table saved for this store, or None (missing, unreadable, another
+        store's); `loaded_from` says which file it came from."""
+        found = [(data, path) for path in self.files()
+                 if (data := self._load(path)) is not None]
+        if not found:
             return None
+        data, self.loaded_from = max(found, key=lambda f: f[0].version)
+        return data
+
+    def describe(self) -> str:
+        """Where the loaded table came from and how old it is, for a store problem."""
         try:
-            with open_regular(self.path) as f:
+            age = f", saved {time.time() - os.stat(str(self.loaded_from)).st_mtime:.0f} s ago"
+        except OSError:
+            age = ""
+        return f"{self.loaded_from}{age}"
+
+    def _load(self, path: str) -> TableData | None:
+        try:
+            with open_regular(path) as f:
                 doc = json.loads(f.read())
         except FileNotFoundError:
             return None
         except (OSError, ValueError, RecursionError) as exc:
-            log.warning("snapshot %s: cannot read it (%s); not using it", self.path,
+            log.warning("snapshot %s: cannot read it (%s); not using it", path,
                         "nested too deeply" if isinstance(exc, RecursionError) else exc)
             return None
         if not isinstance(doc, dict) or doc.get("store") != self.identity:
             log.warning("snapshot %s: saved for another store (%r, not %r); not using it",
-                        self.path, doc.get("store") if isinstance(doc, dict) else None,
+                        path, doc.get("store") if isinstance(doc, dict) else None,
                         self.identity)
             return None
         try:
-            return check_table(self.path, doc.get("version"), doc.get("hosts"))
+            return check_table(path, doc.get("version"), doc.get("hosts"))
         except StoreError as exc:
-            log.warning("snapshot %s: %s; not using it", self.path, exc)
+            log.warning("snapshot %s: %s; not using it", path, exc)
             return None
 
     def save(self, data: TableData) -> None:
-        """Replace the file atomically; a failure is logged once, never raised."""
-        if self.path is None:
+        """Replace the files atomically; a failure is logged once, never raised."""
+        if not self.files():
             return
         body = json.dumps({"store": self.identity, "version": data.version,
                            "saved": time.time(), "hosts": data.hosts},
                           separators=(",", ":")).encode()
-        try:
-            write_atomically(self.path, body)
-        except OSError as exc:
-            problem = f"snapshot {self.path}: cannot write it: {exc.strerror or exc}"
-            if problem != self._write_problem:
-                log.error("%s (a restart while the store is unreachable would start with "
-                          "no table; set store.snapshot to a writable path)", problem)
-            self._write_problem = problem
-            return
-        self._write_problem = None
+        for path in self.files():
+            try:
+                write_atomically(path, body)
+            except OSError as exc:
+                self._note_problem(path, f"snapshot {path}: cannot write it: "
+                                         f"{exc.strerror or exc}")
+                continue
+            self._write_problems.pop(path, None)
+
+    def _note_problem(self, path: str, problem: str) -> None:
+        if self._write_problems.get(path) != problem:
+            advice = ("a process started again while the store cannot be read has "
+                      "only store.snapshot to start from" if path == self.run_copy else
+                      "a restart while the store is unreachable would start with no "
+                      "table; set store.snapshot to a writable path")
+            log.error("%s (%s)", problem, advice)
+        self._write_problems[path] = problem
