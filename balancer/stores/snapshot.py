@@ -110,13 +110,25 @@ class Snapshot:
 
     def load(self) -> TableData | None:
         """The newest table saved for this store, or None (missing, unreadable, another
-        store's); `loaded_from` says which file it came from."""
-        found = [(data, path) for path in self.files()
-                 if (data := self._load(path)) is not None]
-        if not found:
-            return None
-        data, self.loaded_from = max(found, key=lambda f: f[0].version)
-        return data
+        store's); `loaded_from` says which file it came from. Both files hold the same
+        bytes after a save: then one is decoded, and only the newest is validated."""
+        texts: list[tuple[bytes, str]] = []
+        for path in self.files():
+            raw = self._read(path)
+            if raw is not None and all(raw != seen for seen, _ in texts):
+                texts.append((raw, path))
+        docs = [(doc, path) for raw, path in texts if (doc := self._decode(raw, path))]
+        docs.sort(key=lambda d: d[0]["version"] if isinstance(d[0]["version"], int) else -1,
+                  reverse=True)
+        for doc, path in docs:
+            try:
+                data = check_table(path, doc["version"], doc["hosts"])
+            except StoreError as exc:
+                log.warning("snapshot %s: %s; not using it", path, exc)
+                continue
+            self.loaded_from = path
+            return data
+        return None
 
     def describe(self) -> str:
         """Where the loaded table came from and how old it is, for a store problem."""
@@ -126,13 +138,22 @@ class Snapshot:
             age = ""
         return f"{self.loaded_from}{age}"
 
-    def _load(self, path: str) -> TableData | None:
+    @staticmethod
+    def _read(path: str) -> bytes | None:
         try:
             with open_regular(path) as f:
-                doc = json.loads(f.read())
+                return f.read()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, RecursionError) as exc:
+        except OSError as exc:
+            log.warning("snapshot %s: cannot read it (%s); not using it", path, exc)
+            return None
+
+    def _decode(self, raw: bytes, path: str) -> dict[str, Any] | None:
+        """The saved document when it is this store's, else None (logged)."""
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
             log.warning("snapshot %s: cannot read it (%s); not using it", path,
                         "nested too deeply" if isinstance(exc, RecursionError) else exc)
             return None
@@ -141,11 +162,7 @@ class Snapshot:
                         path, doc.get("store") if isinstance(doc, dict) else None,
                         self.identity)
             return None
-        try:
-            return check_table(path, doc.get("version"), doc.get("hosts"))
-        except StoreError as exc:
-            log.warning("snapshot %s: %s; not using it", path, exc)
-            return None
+        return {"version": doc.get("version"), "hosts": doc.get("hosts")}
 
     def save(self, data: TableData) -> None:
         """Replace the files atomically; a failure is logged once, never raised."""
