@@ -19,7 +19,9 @@ Invariants:
 * `raised` is what the table served holds raised: set by each whole table
   loaded, and a host written since (a change, validated at its floor) drops out.
 * The snapshot is rewritten after a change, at most once per `SAVE_EVERY`
-  seconds (longer for a big table), and once more when the process stops.
+  seconds (longer for a big table), once more when the process stops, and at
+  start when one of its files (the run directory's copy) lacks the table
+  loaded.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class Mirror:
         if saved is not None:
             self.table, self.highest = saved, saved.version
             self.store.raise_floor(saved.version)
+            if self.snapshot is not None and self.snapshot.partial:
+                self._dirty.set()  # bug: a store at the saved table left the run copy unwritten
         self._tasks = [gevent.spawn(self.store.watch, self.on_store, lambda: self.stopped,
                                     lambda: self.version),
                        gevent.spawn(self.save_loop)]

@@ -121,3 +121,31 @@ def test_a_run_directory_gone_costs_only_its_copy(tmp_path: Path,
     assert json.loads(setting.read_text())["version"] == 2
     assert caplog.text.count("cannot write it") == 1  # logged once
     assert "only store.snapshot to start from" in caplog.text
+
+
+def test_a_balancer_started_on_its_snapshot_copies_it_at_once(tmp_path: Path) -> None:
+    """Bug: the copy was written only after a change, so a balancer restarted onto a
+    store at its snapshot's table had none: a worker killed after the routes file's
+    directory went (with the snapshot beside it) served no table."""
+    directory = tmp_path / "store"
+    directory.mkdir()
+    url = f"file:{directory / 'routes.json'}"
+    first = Balancer(tmp_path, store=url)
+    try:
+        version = first.api("PUT", "/api/v1/hosts", {"hosts": HOSTS})[1]["version"]
+        snapshot = directory / "routes.json.last-good"
+        wait_for(lambda: snapshot.exists() and json.loads(snapshot.read_text())["version"]
+                 == version, WAIT, what="the snapshot")
+    finally:
+        first.stop()
+    again = Balancer(tmp_path, store=url)
+    try:
+        (pid,) = wait_workers(again, 1)
+        wait_for(lambda: saved_version(pid) == version, WAIT, what="the run directory's copy")
+        directory.rename(tmp_path / "gone")
+        wait_for(again.store_problem, WAIT, what="the store problem reported")
+        os.kill(pid, signal.SIGKILL)
+        wait_workers(again, 1, replacing={pid})
+        assert serves_all(again)
+    finally:
+        again.stop()

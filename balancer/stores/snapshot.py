@@ -95,6 +95,7 @@ class Snapshot:
         self.identity = identity
         self.run_copy = run_copy
         self.loaded_from: str | None = None  # the file `load` took its table from
+        self.partial = False  # a file lacked what `load` found: the next save writes it
         self._write_problems: dict[str, str] = {}
 
     @classmethod
@@ -127,6 +128,7 @@ class Snapshot:
                 log.warning("snapshot %s: %s; not using it", path, exc)
                 continue
             self.loaded_from = path
+            self.partial = len(texts) < len(self.files())
             return data
         return None
 
