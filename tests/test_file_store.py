@@ -215,6 +215,26 @@ def test_two_writer_processes_never_lose_an_update(tmp_path: Path) -> None:
     assert len(data.hosts) == 120
 
 
+def test_the_writer_lock_follows_symlinks_to_the_file_they_name_now(tmp_path: Path) -> None:
+    first, second = tmp_path / "one" / "routes.json", tmp_path / "two" / "routes.json"
+    for real in (first, second):
+        real.parent.mkdir()
+        FileStore(str(real))
+    links = [tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"]
+    links[0].symlink_to(first)
+    links[1].symlink_to(links[0])  # a link to a link
+    links[2].symlink_to(second)
+    stores = [FileStore(str(link)) for link in links]
+    assert {s.lock_path() for s in stores[:2]} == {f"{first}.lock"}
+    assert stores[2].lock_path() == f"{second}.lock"
+    links[2].unlink()
+    links[2].symlink_to(first)  # retargeted under a running store: its lock follows
+    assert stores[2].lock_path() == f"{first}.lock"
+    assert [s.put_host(f"h{n}.example.com", WEB) for n, s in enumerate(stores)] == [1, 2, 3]
+    assert all(link.is_symlink() for link in links)
+    assert not any(p.name.endswith(".lock") for p in tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("hosts", [
     pytest.param("[" * 100_000 + "]" * 100_000, id="deep"),
     pytest.param('{"a.com": {"action": "static", "status": %s}}' % ("9" * 5000), id="huge"),
