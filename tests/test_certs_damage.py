@@ -108,7 +108,18 @@ def no_key_leaked(bal: Balancer, *answers: Any) -> None:
         assert "PRIVATE KEY" not in text
 
 
+def host_twice(raw: bytes) -> bytes:
+    """The first host listed again with the second's record (json kept the last copy:
+    the first host was served the second's certificate)."""
+    certs = json.loads(raw)["certs"]
+    first, second = list(certs)[:2]
+    items = [*certs.items(), (first, certs[second])]
+    listed = ", ".join(f"{json.dumps(h)}: {json.dumps(r)}" for h, r in items)
+    return b'{"certs": {' + listed.encode() + b"}}"
+
+
 DAMAGE = {
+    "host twice": host_twice,
     "truncated": lambda raw: raw[: len(raw) // 2],
     "garbage": lambda raw: b"\x00\xffnot json at all",
     "wrong shape": lambda raw: b'[{"certs": {}}]',

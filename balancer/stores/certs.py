@@ -35,6 +35,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from balancer.stores import strict_json
 from balancer.stores.atomic import file_signature, open_regular, write_atomically
 from balancer.stores.base import CorruptStore, StoreError, StoreUnavailable
 
@@ -111,7 +112,10 @@ def _records(raw: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[st
     for host, value in raw.items():
         if isinstance(value, (str, bytes)):
             try:
-                value = json.loads(value)
+                value = strict_json.loads(value)
+            except strict_json.DuplicateKey as exc:
+                damaged[host] = f"the stored record is damaged: {exc}"
+                continue
             except (ValueError, RecursionError):
                 damaged[host] = "the stored record is not JSON"
                 continue
@@ -142,7 +146,7 @@ class FileCerts(Certs):
     def _read(self) -> dict[str, Any]:
         try:
             with open_regular(self.path) as f:
-                doc = json.loads(f.read())
+                doc = strict_json.loads(f.read())
         except FileNotFoundError:
             if self.seen:
                 raise CertsLost(f"{self.path}: the certificates file was deleted while its "
@@ -201,6 +205,8 @@ def _why(exc: BaseException) -> str:
         return f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
     if isinstance(exc, RecursionError):
         return "nested too deeply"
+    if isinstance(exc, strict_json.DuplicateKey):
+        return str(exc)  # names a key (a host, "chain"), never a value
     return "not UTF-8 JSON"
 
 
