@@ -6,9 +6,13 @@ leaf's private key (PEM, unencrypted).
 
 Invariants:
 * `check` refuses (`CertificateError`, with the reason) a key that does not
-  match the leaf, a leaf whose names (subjectAltName DNS entries, wildcards
-  included) do not cover the host, an expired or not yet valid leaf, and keys
-  other than RSA ≥ 2048 bits or ECDSA P-256/P-384.
+  match the leaf, a chain whose certificates are not each issued by the next
+  (the leaf first, then its issuer, ...: TLS 1.2 clients need that order), a
+  leaf whose names (subjectAltName DNS entries, wildcards included) do not
+  cover the host, an expired or not yet valid leaf, an encrypted key, a chain
+  holding a private key or a block that is no whole certificate (a file cut
+  short), and keys other than RSA ≥ 2048 bits or ECDSA
+  P-256/P-384.
 * No message, repr or log line made here contains the private key.
 * `cryptography` (~15 MiB) is imported by the functions that parse, at their
   first call: the management process imports this module always and a
@@ -49,23 +53,22 @@ def check(host: str, chain_pem: str, key_pem: str, now: float | None = None) -> 
     if not isinstance(chain_pem, str) or not isinstance(key_pem, str):
         raise CertificateError("chain and key must be PEM text")
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
 
+    if "PRIVATE KEY-----" in chain_pem:
+        raise CertificateError("chain: holds a private key; give the certificates only "
+                               "(the key goes in key)")
     try:
         chain = x509.load_pem_x509_certificates(chain_pem.encode())
     except ValueError:
         raise CertificateError("chain: not a PEM certificate chain") from None
-    try:
-        key: Any = serialization.load_pem_private_key(key_pem.encode(), password=None)
-    except (ValueError, TypeError):
-        raise CertificateError("key: not an unencrypted PEM private key") from None
-    leaf = chain[0]
+    begun = chain_pem.count("-----BEGIN ")
+    if begun != len(chain):  # the PEM reader skips a cut or foreign block silently
+        raise CertificateError(f"chain: {begun} PEM blocks, of which {len(chain)} whole "
+                               f"certificates (is the file cut short?)")
+    key = _private_key(key_pem)
     key_type = _key_type(key)
-    if leaf.public_key().public_bytes(serialization.Encoding.DER,
-                                      serialization.PublicFormat.SubjectPublicKeyInfo) != \
-            key.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo):
-        raise CertificateError("key: does not match the chain's first certificate")
+    _check_order(chain, _spki(key.public_key()))
+    leaf = chain[0]
     names = leaf_names(leaf)
     if not covers(names, host):
         raise CertificateError(f"chain: the certificate is for {', '.join(names) or 'no name'}, "
@@ -80,6 +83,56 @@ def check(host: str, chain_pem: str, key_pem: str, now: float | None = None) -> 
         raise CertificateError(f"chain: the certificate is not valid before "
                                f"{leaf.not_valid_before_utc.isoformat()}")
     return CertificateInfo(names, not_before, not_after, leaf.issuer.rfc4514_string(), key_type)
+
+
+def _private_key(key_pem: str) -> Any:
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        return serialization.load_pem_private_key(key_pem.encode(), password=None)
+    except TypeError:  # "Password was not given but private key is encrypted"
+        raise CertificateError("key: the private key is encrypted; give it unencrypted "
+                               "(openssl pkey -in KEY -out PLAIN_KEY)") from None
+    except ValueError:
+        raise CertificateError("key: not an unencrypted PEM private key") from None
+
+
+def _spki(public_key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return bytes(public_key.public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _check_order(chain: list[x509.Certificate], key_spki: bytes) -> None:
+    """The key's certificate first, then each certificate's issuer (a root at the
+    end may be there or not); CertificateError naming the first one out of place."""
+    if _spki(chain[0].public_key()) != key_spki:
+        for number, cert in enumerate(chain[1:], 2):
+            if _spki(cert.public_key()) == key_spki:
+                raise CertificateError(f"chain: the certificate the key matches is number "
+                                       f"{number} of {len(chain)}; put it first, then the "
+                                       f"certificate that issued it, and so on")
+        raise CertificateError("key: does not match the chain's first certificate")
+    for number, (cert, issuer) in enumerate(zip(chain, chain[1:], strict=False), 1):
+        if not _issued_by(cert, issuer):
+            raise CertificateError(
+                f"chain: certificate {number + 1} ({issuer.subject.rfc4514_string()}) did not "
+                f"issue certificate {number} ({cert.subject.rfc4514_string()}); give the "
+                f"leaf first, then the certificate that issued it, and so on")
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether `issuer` signed `cert` (True when its key type cannot be checked here)."""
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, InvalidSignature):
+        return False
+    except (TypeError, UnsupportedAlgorithm):
+        return True
+    return True
 
 
 def _key_type(key: Any) -> str:

@@ -13,7 +13,14 @@ Invariants:
   every issuer of the cluster, now or later, uses the same account.
 * Every published challenge is withdrawn when `issue` returns or raises.
 * Failures are `IssueError` with a one-line reason for the operator (the CA's
-  problem detail when it gave one); no private key is ever in a reason.
+  problem detail when it gave one); no private key is ever in a reason. Whatever
+  the CA answers, nothing else leaves `CA.issue` (but the issuer's
+  interruptions, which are BaseExceptions).
+* The CA is polled at most once every `POLL_MIN` seconds (`CA.pace` reads its
+  ``Retry-After`` for the ACME client), and the wait a 429 or 503 asks for is
+  kept in `IssueError.retry_after`.
+* Only the ordered name is validated: an authorization for another name ends
+  the issuance before anything is published.
 * HTTPS to the CA goes through gevent's patched `ssl` (`adopt_patched_ssl`):
   the arbiter imports this module (and urllib3) before its children patch.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -43,6 +51,8 @@ log = logging.getLogger("balancer.acme")
 USER_AGENT = "balancer (acme)"
 NETWORK_TIMEOUT = 30.0  # seconds per HTTP request to the CA
 MAX_ANSWER = 1 << 20  # bytes of one answer of the CA at most (a chain is a few KB)
+POLL_MIN = 1  # seconds between two polls of the CA at least, whatever its Retry-After
+WAIT_MAX = 86400  # seconds: a longer Retry-After reads as this
 CHALLENGE_LIFE = 600.0  # seconds a published challenge is served at most
 ACME_IDENTIFIER = ObjectIdentifier("1.3.6.1.5.5.7.1.31")  # RFC 8737 §3
 CHALLENGE_TYPES = ("http-01", "tls-alpn-01")
@@ -94,6 +104,7 @@ class CA:
         self.settings = settings
         self.acme_store = acme_store
         self.client: client.ClientV2 | None = None
+        self.asked_wait: float | None = None  # Retry-After of this issuance's 429/503
 
     # account ------------------------------------------------------------
     def account_key(self) -> jose.JWKRSA:
@@ -119,7 +130,7 @@ class CA:
         net = client.ClientNetwork(self.account_key(), user_agent=USER_AGENT,
                                    verify_ssl=settings.ca_bundle or system_cas(),
                                    timeout=NETWORK_TIMEOUT)
-        net.session.hooks["response"].append(cap_answer)
+        net.session.hooks["response"].extend((cap_answer, self.pace))
         directory = client.ClientV2.get_directory(settings.directory, net)
         acme = client.ClientV2(directory, net)
         contact = {"email": settings.email} if settings.email else {}
@@ -141,6 +152,7 @@ class CA:
               spread: Callable[[], None], timeout: float) -> tuple[str, str]:
         """(chain PEM, key PEM) of a new certificate for `host`, validated by
         `kind`; `spread()` returns once every balancer can answer what was published."""
+        self.asked_wait = None
         try:
             return self._issue(host, kind, publish, withdraw, spread, timeout)
         except IssueError:
@@ -150,7 +162,9 @@ class CA:
         except messages.Error as exc:
             if exc.code in ("badNonce", "unauthorized", "accountDoesNotExist"):
                 self.client = None  # register again next time
-            raise IssueError(f"the CA refused: {problem_text(exc)}") from None
+            wait = self.asked_wait
+            raise IssueError(f"the CA refused: {problem_text(exc)}" + (
+                f"; the CA asks to wait {wait:.0f} s" if wait else ""), wait) from None
         except errors.TimeoutError:
             raise IssueError(f"the CA did not finish within {timeout:.0f}s") from None
         except requests.exceptions.SSLError as exc:
@@ -172,6 +186,29 @@ class CA:
             self.client = None
             raise IssueError(f"the CA's answer is not what RFC 8555 describes "
                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 (the ACME client's own surprise: still
+            # this host's failure, backed off, not a step that fails and is redone at once)
+            self.client = None
+            log.warning("acme: the ACME client failed unexpectedly", exc_info=True)
+            raise IssueError(f"the ACME client failed ({type(exc).__name__}: "
+                             f"{_first_line(exc)})") from None
+
+    def pace(self, response: requests.Response, *args: Any, **kwargs: Any
+             ) -> requests.Response:
+        """A requests response hook: make the ``Retry-After`` the ACME client obeys
+        whole seconds from `POLL_MIN` to `WAIT_MAX` (it polls an order again when
+        the CA says: ``0`` or a date past made it ask ~200 times a second until
+        the deadline; ``10**30`` overflowed its date arithmetic), and note what a
+        429 or 503 asks (`asked_wait`)."""
+        value = response.headers.get("Retry-After")
+        if value is None:
+            return response
+        seconds = retry_after(value, time.time())
+        wait = min(max(POLL_MIN, seconds if seconds is not None else POLL_MIN), WAIT_MAX)
+        response.headers["Retry-After"] = str(wait)
+        if response.status_code in (429, 503):
+            self.asked_wait = wait
+        return response
 
     def _issue(self, host: str, kind: str, publish: Publish, withdraw: Callable[[str], None],
                spread: Callable[[], None], timeout: float) -> tuple[str, str]:
@@ -182,6 +219,11 @@ class CA:
                                     serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         order = acme.new_order(crypto_util.make_csr(key_pem, [host]))
+        for authz in order.authorizations:
+            name = authz.body.identifier.value
+            if not isinstance(name, str) or name.lower().rstrip(".") != host:
+                raise IssueError(f"the CA asks to validate {_first_line(name)}, not {host} "
+                                 f"(the only name ordered)")
         published: list[tuple[str, messages.ChallengeBody]] = []
         try:
             for authz in order.authorizations:
@@ -234,6 +276,24 @@ class CappedBody:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)
+
+
+def retry_after(value: str, now: float) -> int | None:
+    """The whole seconds a ``Retry-After`` field asks to wait (RFC 9110 §10.2.3:
+    delay-seconds or an HTTP date, rounded up; negative for a date past), or None
+    when it is neither."""
+    from email.utils import parsedate_to_datetime
+
+    value = value.strip()
+    if value.isdigit():
+        return int(value[:12])  # (more digits than a CA means: clamped by the caller)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return math.ceil(when.timestamp() - now)
 
 
 def pick(authz: messages.AuthorizationResource, kind: str, host: str) -> messages.ChallengeBody:

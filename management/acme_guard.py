@@ -36,7 +36,13 @@ LOOK_EVERY = 1.0  # seconds between the keeper's looks at the rule
 
 class IssueError(Exception):
     """Issuance failed; the message is the operator's reason (raised by
-    `management.acme_ca` too, which is imported only once a balancer issues)."""
+    `management.acme_ca` too, which is imported only once a balancer issues).
+    `retry_after`: the seconds the CA asked to wait (``Retry-After`` of a 429 or
+    503), or None."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 class Interrupted(BaseException):

@@ -21,7 +21,8 @@ Invariants:
   API shows the same thing and backoff survives a change of issuer:
   ``pending`` (queued or running), ``issued``, ``failed`` (with ``reason``,
   ``attempts`` and ``next_retry``). Failures back off exponentially from
-  `BACKOFF_FIRST` to `BACKOFF_MAX` seconds per host.
+  `BACKOFF_FIRST` to `BACKOFF_MAX` seconds per host, or wait what the CA asked
+  (a rate limit's ``Retry-After``) when that is longer, `BACKOFF_MAX` at most.
 * The CA is asked to validate once every live balancer serves the challenge
   (`management.acme_spread`: at once with one balancer; Redis clusters wait
   for the others' acknowledgements, at most `acme_spread.SPREAD_MAX`).
@@ -296,16 +297,17 @@ class Issuer:
             with guard:
                 chain, key = ca.issue(host, kind, self.publish, self.withdraw,
                                       lambda: self.relay.spread(host), ISSUE_TIMEOUT)
-                record = make_record(host, chain, key, source="acme")
+                record = servable(host, chain, key)
                 self.check_still_wanted(host)
                 self.store.certs().put(host, record)
             tell_workers(self.runtime)  # this balancer's workers serve it now
         except Interrupted as cut:
             self.note_interrupted(host, cut)
             return
-        except (IssueError, CertificateError, StoreError) as exc:
+        except (IssueError, StoreError) as exc:
             self.outcomes["failed"] += 1
-            self.note_failed(host, state, attempts + 1, str(exc), now)
+            self.note_failed(host, state, attempts + 1, str(exc), now,
+                             getattr(exc, "retry_after", None))
             return
         self.outcomes["ok"] += 1
         self.note_issued(host, record, now)
@@ -351,8 +353,10 @@ class Issuer:
                      host, shown.get("issuer", "?"), _when(not_after), _when(renew_at))
 
     def note_failed(self, host: str, state: Mapping[str, Any], attempts: int, reason: str,
-                    now: float) -> None:
-        retry = now + backoff(attempts)
+                    now: float, asked: float | None = None) -> None:
+        """Record the failure; the next try after the backoff, or after what the CA
+        asked to wait (`asked`, a 429's Retry-After) when longer, `BACKOFF_MAX` at most."""
+        retry = now + max(backoff(attempts), min(asked or 0.0, BACKOFF_MAX))
         kept = {k: state[k] for k in ("issued_at", "not_after", "renew_at", "issuer")
                 if k in state}
         self.acme.put_state(host, {**kept, "state": "failed", "reason": reason,
@@ -374,6 +378,16 @@ class Issuer:
             log.warning("acme: cannot withdraw challenge %s (it expires by itself): %s",
                         name, exc)
         self.relay.tell_workers()
+
+
+def servable(host: str, chain: str, key: str) -> dict[str, Any]:
+    """The store record of what the CA issued; IssueError when it cannot serve
+    `host` (`balancer.certificates.check`: a chain for another name or key, out of
+    order, expired, not PEM)."""
+    try:
+        return make_record(host, chain, key, source="acme")
+    except CertificateError as exc:
+        raise IssueError(f"the CA's certificate cannot be served: {exc}") from None
 
 
 def _number(value: Any) -> float:

@@ -1,8 +1,9 @@
 """`balancerctl cert list|set|delete|issue|restore` (SPEC §9, docs/tls.md).
 
 Invariants:
-* `set` reads the PEM files here and sends them to the API, which checks
-  them (`balancer.certificates`); a refusal prints the API's reason and exits 1.
+* `set` reads the PEM files here (UTF-8, `MAX_FILE` bytes at most) and sends
+  them to the API, which checks them (`balancer.certificates`); a refusal prints
+  the API's reason and exits 1.
 * Nothing printed contains a private key: the API never returns one.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 SOON_DAYS = 14  # `list` flags certificates expiring within this many days
+MAX_FILE = 1 << 20  # bytes of a --chain or --key file at most (the API's body limit)
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -89,11 +91,21 @@ def run(args: argparse.Namespace, client: Any,
 
 
 def _read(path: str, error: Callable[[str], Exception]) -> str:
+    """A PEM file's text: at most `MAX_FILE` bytes (the API's own limit on a body;
+    ``/dev/zero`` or a wrong file given by mistake is not read whole), UTF-8."""
     try:
-        with open(path) as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE + 1)
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE:
+        raise error(f"cannot read {path}: larger than {MAX_FILE // 1024} KiB (a PEM "
+                    f"certificate chain or key is a few KiB)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"cannot read {path}: not UTF-8 text (byte {exc.start}); "
+                    f"PEM files are ASCII") from None
 
 
 def format_state(state: dict[str, Any], now: float | None = None) -> str:

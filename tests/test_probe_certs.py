@@ -1,0 +1,266 @@
+"""Hostile probes of the certificate side (SPEC §9): a scripted ACME CA that
+misbehaves where pebble cannot (tests/acmefake.py), hostile HTTP-01 clients,
+and bad certificates through the API and `balancerctl`. Each must end in a
+clear reason, store nothing wrong, and back off within bounds.
+
+The ACME probes run the real issuer (management/acme_issuer.py) and ACME client
+(management/acme_ca.py) in this process against the scripted CA over loopback,
+on a real file store; only the workers' control sockets are stand-ins."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.acmefake import RETRY_AFTER, FakeAcme
+
+ACME = {"action": "empty", "status": 204, "tls": "acme"}
+
+
+class Workers:
+    def ask_all(self, command: str) -> list[dict[str, Any]]:
+        return [{"pid": 1, command: 0}]
+
+
+@pytest.fixture
+def fake(request: pytest.FixtureRequest) -> Iterator[FakeAcme]:
+    ca = FakeAcme(request.param)
+    yield ca
+    ca.stop()
+
+
+@pytest.fixture
+def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ACME client's 1 s waits between polls take 0.02 s (for the probes that
+    do not measure how often the CA is polled)."""
+    import types
+
+    import acme.client
+
+    monkeypatch.setattr(acme.client, "time",
+                        types.SimpleNamespace(sleep=lambda seconds: time.sleep(seconds / 50)))
+
+
+def make_issuer(tmp_path: Path, ca: FakeAcme) -> Any:
+    from balancer.settings import load_settings
+    from balancer.stores.base import TableData
+    from balancer.stores.file import FileStore
+    from management import acme_issuer
+
+    store = FileStore(str(tmp_path / "routes.json"))
+    data = TableData(1, {"a.test": ACME})
+    settings = load_settings({"acme.directory": ca.url}, env={})
+    made = acme_issuer.Issuer(settings, store, lambda: data, Workers())
+    assert made.take()
+    return made
+
+
+def issue(tmp_path: Path, ca: FakeAcme) -> tuple[Any, dict[str, Any]]:
+    """Issue a.test once against `ca`: (the issuer, the host's state after)."""
+    issuer = make_issuer(tmp_path, ca)
+    try:
+        issuer.issue("a.test", "no certificate", {})
+    finally:
+        issuer.stopped = True
+    return issuer, issuer.acme.states()["a.test"]
+
+
+def failed(issuer: Any, state: dict[str, Any]) -> str:
+    """The reason of a failure, after checking what every failure must be."""
+    assert state["state"] == "failed", state
+    assert issuer.outcomes == {"ok": 0, "failed": 1}
+    assert issuer.store.certs().all() == {}  # nothing stored
+    assert issuer.acme.challenges() == {}  # withdrawn
+    assert "\n" not in state["reason"] and len(state["reason"]) < 400
+    return str(state["reason"])
+
+
+@pytest.mark.usefixtures("quick_polls")
+@pytest.mark.parametrize("fake", ["ok", "redirect"], indirect=True)
+def test_the_scripted_ca_issues(tmp_path: Path, fake: FakeAcme) -> None:
+    issuer, state = issue(tmp_path, fake)
+    assert state["state"] == "issued", state
+    assert list(issuer.store.certs().all()) == ["a.test"]
+
+
+@pytest.mark.usefixtures("quick_polls")
+@pytest.mark.parametrize(("fake", "reason"), [
+    ("mismatch", "the CA's certificate cannot be served: key: does not match"),
+    ("other-name", "the CA's certificate cannot be served: chain: the certificate is for "
+                   "other.test, not a.test"),
+    ("root-first", "the CA's certificate cannot be served: chain: the certificate the key "
+                   "matches is number 2 of 2; put it first"),
+    ("not-pem", "the CA's certificate cannot be served: chain: not a PEM certificate chain"),
+    ("foreign-authz", "the CA asks to validate victim.test, not a.test"),
+    ("bad-nonce", "the CA refused: badNonce: "),
+    ("redirect-loop", "cannot reach the CA at "),
+], indirect=["fake"])
+def test_a_ca_that_answers_wrong_ends_in_failed_with_the_reason(
+        tmp_path: Path, fake: FakeAcme, reason: str) -> None:
+    issuer, state = issue(tmp_path, fake)
+    assert failed(issuer, state).startswith(reason), state["reason"]
+    assert state["next_retry"] - state["failed_at"] == pytest.approx(300, abs=1)
+    assert sum(fake.requests.values()) < 40, fake.requests  # no loop against the CA
+
+
+@pytest.mark.parametrize("fake", ["rate-limit"], indirect=True)
+def test_a_rate_limited_issuance_waits_what_the_ca_asks(tmp_path: Path, fake: FakeAcme) -> None:
+    issuer, state = issue(tmp_path, fake)
+    reason = failed(issuer, state)
+    assert reason.startswith("the CA refused: rateLimited: too many certificates"), reason
+    assert f"the CA asks to wait {RETRY_AFTER} s" in reason
+    assert state["next_retry"] - state["failed_at"] == pytest.approx(RETRY_AFTER, abs=1)
+    assert fake.requests["/newOrder"] == 1
+
+
+@pytest.mark.parametrize("fake", ["processing", "huge-wait"], indirect=True)
+def test_an_order_that_never_becomes_valid_is_cut_and_polled_gently(
+        tmp_path: Path, fake: FakeAcme, monkeypatch: pytest.MonkeyPatch) -> None:
+    from management import acme_issuer
+
+    monkeypatch.setattr(acme_issuer, "ISSUE_TIMEOUT", 1.5)
+    started = time.monotonic()
+    issuer, state = issue(tmp_path, fake)
+    assert time.monotonic() - started < 4
+    assert failed(issuer, state) == "the CA did not finish within 2s"
+    polled = fake.requests["/authz/1" if fake.mode == "pending" else "/order/1"]
+    assert 1 <= polled <= 3, fake.requests  # once a second, whatever Retry-After says
+
+
+# the certificates API and balancerctl ---------------------------------------
+@pytest.fixture(scope="module")
+def bal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.support import Balancer
+
+    b = Balancer(tmp_path_factory.mktemp("probecerts"),
+                 {"app.test": {"action": "empty", "status": 204}},
+                 args=["--tls-listen", "127.0.0.1:0"])
+    yield b
+    b.stop()
+
+
+def leaf_only(chain: str) -> str:
+    end = "-----END CERTIFICATE-----\n"
+    return chain[:chain.index(end) + len(end)]
+
+
+def encrypted(key_pem: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.BestAvailableEncryption(b"secret")).decode()
+
+
+def bad_uploads() -> list[tuple[str, str, str, str]]:
+    """(what, chain, key, the reason expected) of uploads every one refused."""
+    from tests.test_tls import CA
+    from tests.tlsca import TestCA
+
+    chain, key = CA.issue("app.test")
+    leaf = leaf_only(chain)
+    return [
+        ("root first", CA.pem + leaf, key,
+         "chain: the certificate the key matches is number 2 of 2; put it first"),
+        ("a stranger's root", leaf + TestCA("stranger CA").pem, key,
+         "chain: certificate 2 (CN=stranger CA) did not issue certificate 1 (CN=app.test)"),
+        ("the leaf twice", leaf + chain, key,
+         "chain: certificate 2 (CN=app.test) did not issue certificate 1"),
+        ("encrypted key", chain, encrypted(key), "key: the private key is encrypted"),
+        ("key inside the chain", chain + key, key, "chain: holds a private key"),
+        ("key for the chain", key, key, "chain: holds a private key"),
+        ("truncated chain", chain[:len(chain) * 3 // 4], key,
+         "chain: 2 PEM blocks, of which 1 whole certificates (is the file cut short?)"),
+        ("truncated leaf", chain[:len(chain) // 4], key, "chain: not a PEM certificate chain"),
+        ("truncated key", chain, key[:len(key) // 2], "key: not an unencrypted PEM private key"),
+        ("chain as the key", chain, chain, "key: not an unencrypted PEM private key"),
+    ]
+
+
+def test_bad_certificates_are_refused_naming_the_cause(bal: Any) -> None:
+    from tests.test_certs_api import key_body
+
+    for what, chain, key, reason in bad_uploads():
+        status, answer = bal.api("PUT", "/api/v1/certs/app.test", {"chain": chain, "key": key})
+        assert (status, answer["error"]) == (400, "invalid_certificate"), what
+        assert reason in answer["message"], (what, answer)
+        assert key_body(key) not in str(answer) or what == "key for the chain", what
+    assert bal.api("GET", "/api/v1/certs") == (200, {"certs": [], "acme": {}})
+    assert "Traceback" not in bal.output()
+
+
+def test_browser_huge_and_binary_uploads_are_refused(bal: Any) -> None:
+    from tests.test_tls import CA
+
+    chain, key = CA.issue("app.test")
+    body = json.dumps({"chain": chain, "key": key}).encode()
+    for headers, expected in [
+        ({"Content-Type": "text/plain"}, (415, "unsupported_media_type")),  # a form's fetch
+        ({"Content-Type": "application/json", "Origin": "https://evil.example"},
+         (403, "cross_origin")),
+        ({"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"},
+         (403, "cross_origin")),
+        ({"Content-Type": "application/json", "Host": "evil.example"},
+         (403, "host_not_allowed")),  # DNS rebinding
+    ]:
+        status, answer = raw_api(bal, body, headers)
+        assert (status, answer["error"]) == expected, headers
+    huge = json.dumps({"chain": chain + "A" * 10_000_000, "key": key}).encode()
+    status, answer = raw_api(bal, huge, {"Content-Type": "application/json"})
+    assert (status, answer["error"]) == (413, "payload_too_large")
+    latin = b'{"chain": "\xe9\xe9", "key": "\xff"}'
+    status, answer = raw_api(bal, latin, {"Content-Type": "application/json"})
+    assert (status, answer["error"]) == (400, "invalid_json"), answer
+    assert bal.api("GET", "/api/v1/certs") == (200, {"certs": [], "acme": {}})
+
+
+def raw_api(bal: Any, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    """PUT app.test's certificate with exactly `body` and `headers` (no Content-Type
+    added); a refusal before the body is read may close the connection under it."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", bal.mport, timeout=10)
+    try:
+        conn.putrequest("PUT", "/api/v1/certs/app.test", skip_host="Host" in headers)
+        for name, value in {"Content-Length": str(len(body)), **headers}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        with contextlib.suppress(ConnectionError):
+            conn.send(body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_ctl_refuses_unreadable_files_with_the_reason(bal: Any, tmp_path: Path) -> None:
+    from tests.test_ctl import ctl
+    from tests.test_tls import CA
+
+    chain, key = CA.issue("app.test")
+    files = {"chain": tmp_path / "chain.pem", "key": tmp_path / "key.pem",
+             "latin": tmp_path / "latin.pem", "huge": tmp_path / "huge.pem"}
+    files["chain"].write_text(chain)
+    files["key"].write_text(key)
+    files["latin"].write_bytes(b"\xe9t\xe9 " + chain.encode())
+    files["huge"].write_text(chain + "A" * 10_000_000)
+    url = f"http://127.0.0.1:{bal.mport}"
+    for chain_file, key_file, reason in [
+        ("latin", "key", f"cannot read {files['latin']}: not UTF-8 text"),
+        ("chain", "latin", f"cannot read {files['latin']}: not UTF-8 text"),
+        ("huge", "key", f"cannot read {files['huge']}: larger than 1024 KiB (a PEM"),
+        ("/dev/zero", "key", "cannot read /dev/zero: larger than 1024 KiB"),
+        ("chain", str(tmp_path), f"cannot read {tmp_path}: Is a directory"),
+    ]:
+        done = ctl("cert", "set", "app.test", "--chain", str(files.get(chain_file, chain_file)),
+                   "--key", str(files.get(key_file, key_file)), "--url", url)
+        assert done.returncode == 1, done
+        assert done.stderr.startswith(f"balancerctl: {reason}"), (reason, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert bal.api("GET", "/api/v1/certs") == (200, {"certs": [], "acme": {}})
