@@ -5,10 +5,11 @@ The management process's issuer publishes challenges in the store
 and at once on the control socket's ``challenges`` command) into one
 `Challenges` per worker:
 
-* HTTP-01: ``GET /.well-known/acme-challenge/TOKEN`` on any listener is
-  answered 200 with the key authorization, before the rule's action
-  (`answer`). A token that is not published goes to the rule as usual (an app
-  behind the balancer may answer its own challenges).
+* HTTP-01: ``GET /.well-known/acme-challenge/TOKEN`` on any listener, with the
+  ``Host`` the challenge is for, is answered 200 with the key authorization,
+  before the rule's action (`answer`), as Traefik and Caddy do. A token that
+  is not published, or asked for under another name, goes to the rule as
+  usual (an app behind the balancer may answer its own challenges).
 * TLS-ALPN-01 (RFC 8737): a ClientHello that offers the ALPN protocol
   ``acme-tls/1`` for a name with a published challenge gets that challenge's
   self-signed certificate, and the connection ends after the handshake
@@ -38,6 +39,8 @@ from typing import Any, Final
 
 import gevent
 
+from balancer.table import host_name
+
 log = logging.getLogger("balancer")
 
 ACME_PATH: Final = b"/.well-known/acme-challenge/"
@@ -54,14 +57,15 @@ class Challenges:
     """The challenge answers one worker serves (see the module doc)."""
 
     def __init__(self) -> None:
-        self.tokens: dict[bytes, bytes] = {}  # HTTP-01: token → key authorization
+        self.tokens: dict[bytes, tuple[bytes, bytes]] = {}  # HTTP-01: token → (host,
+        # key authorization)
         self.alpn: dict[str, ssl.SSLContext] = {}  # TLS-ALPN-01: host → its context
         self.loaded: dict[str, tuple[str, ssl.SSLContext]] = {}  # host → (digest, context)
 
     def update(self, records: Mapping[str, Mapping[str, Any]], now: float | None = None) -> None:
         """Serve exactly the unexpired `records` (KEY → store record) from now on."""
         now = time.time() if now is None else now
-        tokens: dict[bytes, bytes] = {}
+        tokens: dict[bytes, tuple[bytes, bytes]] = {}
         loaded: dict[str, tuple[str, ssl.SSLContext]] = {}
         for record in records.values():
             expires = record.get("expires")
@@ -70,9 +74,11 @@ class Challenges:
             kind = record.get("type")
             if kind == "http-01":
                 token, answer = record.get("token"), record.get("key_authorization")
+                host = record.get("host")
                 if isinstance(token, str) and TOKEN_RE.fullmatch(token) \
-                        and isinstance(answer, str) and answer.isascii():
-                    tokens[token.encode()] = answer.encode()
+                        and isinstance(answer, str) and answer.isascii() \
+                        and isinstance(host, str) and host.isascii():
+                    tokens[token.encode()] = (host_name(host.encode()), answer.encode())
             elif kind == "tls-alpn-01":
                 self._load_alpn(record, loaded)
         self.tokens = tokens
@@ -98,14 +104,15 @@ class Challenges:
 
     def answer(self, ex: Any) -> bool:
         """Answer an HTTP-01 validation request; False when `ex` is not one (its
-        target starts with `ACME_PATH`: the caller checked)."""
+        target starts with `ACME_PATH`: the caller checked): not a GET or HEAD, a
+        token not published, or a Host other than the challenge's."""
         head = ex.head
         if head.method != b"GET" and head.method != b"HEAD":
             return False
         found = self.tokens.get(head.target[len(ACME_PATH):])
-        if found is None:
+        if found is None or host_name(head.host) != found[0]:
             return False
-        ex.respond(200, found, b"application/octet-stream")
+        ex.respond(200, found[1], b"application/octet-stream")
         return True
 
     def alpn_context(self, sock: socket.socket) -> ssl.SSLContext | None:

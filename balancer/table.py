@@ -199,7 +199,7 @@ class RoutingTable:
         return route
 
     def _resolve(self, host: bytes) -> Route:
-        name = _strip_port(host.lower()).rstrip(b".")
+        name = host_name(host)
         if self._overlay:
             return self._resolve_over(name)
         route = self._exact.get(name)
@@ -242,6 +242,12 @@ class RoutingTable:
 
     def __repr__(self) -> str:
         return f"<RoutingTable v{self.version} {self.size} hosts>"
+
+
+def host_name(host: bytes) -> bytes:
+    """The name a Host field's value is routed by: lower case, without its port
+    or a trailing dot."""
+    return _strip_port(host.lower()).rstrip(b".")
 
 
 def _strip_port(host: bytes) -> bytes:

@@ -73,12 +73,45 @@ def site(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator
 
 def test_http01_tokens_are_answered_before_the_rule_on_every_listener(site: Balancer) -> None:
     path = f"/.well-known/acme-challenge/{TOKEN}"
-    for host in ("app.test", "secure.test", "no-such-host.test"):  # redirect, no rule
+    for host in ("app.test", "APP.test.", f"app.test:{site.port}"):  # as the CA may write it
         status, headers, body = request(site.port, path=path, host=host)
         assert (status, body) == (200, ANSWER.encode()), host
         assert headers["content-type"] == "application/octet-stream"
     status, headers, body = request(site.port, "HEAD", path=path)
     assert status == 200 and body == b"" and headers["content-length"] == str(len(ANSWER))
+    # an https_redirect rule, or no rule at all, answers its own challenges first
+    acme = FileStore(str(site.routes)).acme()
+    for host in ("secure.test", "no-rule.test"):
+        acme.put_challenge(f"http-01:tok-{host[:2]}", {**http01(f"tok-{host[:2]}"), "host": host})
+    for host in ("secure.test", "no-rule.test"):
+        wait_for(lambda h=host: request(site.port, path=f"/.well-known/acme-challenge/tok-"
+                                        f"{h[:2]}", host=h)[2] == ANSWER.encode(),
+                 what=f"{host}'s challenge answered")
+
+
+def test_a_token_asked_for_under_another_name_goes_to_the_rule(site: Balancer) -> None:
+    """A token is answered only for the name the CA validates (Traefik and Caddy
+    do the same): a scanner probing other names, IPs or no Host gets the rule's
+    answer, never the key authorization."""
+    path = f"/.well-known/acme-challenge/{TOKEN}"
+    for host in ("secure.test", "no-such-host.test", "127.0.0.1", "app.test.evil.example",
+                 "app.testx", "xapp.test", "app.test:80@evil"):
+        status, _, body = request(site.port, path=path, host=host)
+        assert ANSWER.encode() not in body, host
+        assert status in (200, 308, 400, 404) and (status != 200 or b'"path"' in body), host
+    data = raw_exchange(site.port, f"GET {path} HTTP/1.0\r\n\r\n".encode())  # no Host
+    assert ANSWER.encode() not in data and data.startswith(b"HTTP/1.1 404 ")
+    # many such probes cost nothing and leave the real answer in place
+    with socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock:
+        sock.sendall(b"".join(f"GET {path} HTTP/1.1\r\nHost: n{i}.test\r\n\r\n".encode()
+                              for i in range(200)))
+        got = b""
+        while got.count(b"HTTP/1.1 404 ") < 200:  # no rule for these names
+            chunk = sock.recv(65536)
+            assert chunk, got[-200:]
+            got += chunk
+    assert ANSWER.encode() not in got
+    assert request(site.port, path=path)[2] == ANSWER.encode()
 
 
 def test_other_acme_paths_go_to_the_rule(site: Balancer) -> None:
@@ -208,9 +241,10 @@ def test_challenges_update_keeps_only_good_unexpired_records() -> None:
         "b": http01("bad token!", "x"),  # not base64url: never served
         "c": {**http01("expired"), "expires": now - 1},
         "d": {"type": "http-01", "token": "t"},  # no answer, no expiry
+        "e": {**http01("nohost"), "host": None},  # no name to answer for
         "f": {**alpn01("alpn.test"), "key": "-----BEGIN PRIVATE KEY-----\nbad\n"},
     }, now)
-    assert challenges.tokens == {TOKEN.encode(): ANSWER.encode()}
+    assert challenges.tokens == {TOKEN.encode(): (b"app.test", ANSWER.encode())}
     assert challenges.alpn == {}
 
 
@@ -230,7 +264,7 @@ def test_the_control_socket_makes_a_worker_serve_new_challenges_at_once(tmp_path
         assert worker.challenges.tokens == {}
         reply = control.answer("challenges")
         assert reply["challenges"] == 2
-        assert worker.challenges.tokens == {TOKEN.encode(): ANSWER.encode()}
+        assert worker.challenges.tokens == {TOKEN.encode(): (b"app.test", ANSWER.encode())}
         assert list(worker.challenges.alpn) == ["alpn.test"]
         store.acme().delete_challenge(f"http-01:{TOKEN}")
         assert control.answer("challenges")["challenges"] == 1

@@ -375,7 +375,9 @@ def test_other_requests_are_handed_over_and_answered(make: Make, backend: Script
         assert response(sock)[2] == b"conn 1 /p1"
         assert response(sock)[2] == b"conn 1 /p2"
     elif case == "challenge":  # an ACME HTTP-01 validation: answered by the worker
-        w.challenges.tokens[b"token"] = b"token.key"
+        w.challenges.update({"http-01:token": {
+            "type": "http-01", "host": "app.test", "token": "token",
+            "key_authorization": "token.key", "expires": time.time() + 600}})
         sock.sendall(get("/.well-known/acme-challenge/token"))
         assert response(sock)[:3:2] == (200, b"token.key")
         assert backend.paths() == [b"/first"]
