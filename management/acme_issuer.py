@@ -71,6 +71,7 @@ BACKOFF_FIRST = 300.0  # seconds before the first retry of a failed host
 BACKOFF_MAX = 6 * 3600.0  # the longest wait between retries
 REISSUE_AFTER = 3600.0  # a certificate issued this recently is not renewed unasked
 DAY = 86400.0
+CLOCK_SKEW = 300.0  # seconds the clocks of a cluster's balancers may differ
 
 
 def acme_hosts(hosts: Mapping[str, Any]) -> list[str]:
@@ -103,13 +104,16 @@ def backoff(attempts: int) -> float:
 
 def due(host: str, cert: Mapping[str, Any] | None, state: Mapping[str, Any] | None,
         renew_before: int, now: float) -> str | None:
-    """Why `host` needs a certificate now, or None."""
+    """Why `host` needs a certificate now, or None. A time in the state that
+    cannot be true (a request or issuance in the future, a retry further than
+    the longest backoff: a damaged or hand-edited store) is ignored: it would
+    otherwise issue in a loop or never again."""
     state = state or {}
-    asked = state.get("requested")
-    if isinstance(asked, (int, float)) and asked > _number(state.get("attempted")):
+    asked = _moment(state.get("requested"), now + CLOCK_SKEW)
+    if asked is not None and asked > _number(state.get("attempted")):
         return "requested by an operator"
-    retry = state.get("next_retry")
-    if state.get("state") == "failed" and isinstance(retry, (int, float)) and retry > now:
+    retry = _moment(state.get("next_retry"), now + BACKOFF_MAX + CLOCK_SKEW)
+    if state.get("state") == "failed" and retry is not None and retry > now:
         return None
     if cert is None:
         return "no certificate"
@@ -121,8 +125,8 @@ def due(host: str, cert: Mapping[str, Any] | None, state: Mapping[str, Any] | No
         return "the stored certificate does not name it"
     if not_after - renew_before * DAY > now:
         return None
-    issued = state.get("issued_at")
-    if isinstance(issued, (int, float)) and now - issued < REISSUE_AFTER:
+    issued = _moment(state.get("issued_at"), now + CLOCK_SKEW)
+    if issued is not None and now - issued < REISSUE_AFTER:
         return None  # renew_before is longer than the CA's certificates last
     return f"expires {_when(not_after)}, within renew_before ({renew_before} days)"
 
@@ -388,6 +392,13 @@ def servable(host: str, chain: str, key: str) -> dict[str, Any]:
         return make_record(host, chain, key, source="acme")
     except CertificateError as exc:
         raise IssueError(f"the CA's certificate cannot be served: {exc}") from None
+
+
+def _moment(value: Any, latest: float) -> float | None:
+    """A stored time (UNIX seconds) no later than `latest`, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value <= latest:
+        return None  # (NaN compares false)
+    return float(value)
 
 
 def _number(value: Any) -> float:

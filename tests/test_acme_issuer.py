@@ -59,6 +59,21 @@ def test_a_damaged_state_does_not_stop_issuing() -> None:
         assert due("a.test", None, junk, 30, now) == "no certificate"
 
 
+def test_a_state_with_impossible_times_neither_loops_nor_stops_issuing() -> None:
+    """A damaged or hand-edited state: a retry further than the longest backoff
+    (or infinite), an issuance or an operator's request in the future."""
+    now = time.time()
+    for retry in (now + BACKOFF_MAX + 3600, 1e18, float("inf"), float("nan")):
+        failed = {"state": "failed", "next_retry": retry, "attempted": now - 10}
+        assert due("a.test", None, failed, 30, now) == "no certificate", retry
+    assert due("a.test", None, {"state": "failed", "next_retry": now + BACKOFF_MAX},
+               30, now) is None  # the longest backoff itself is kept
+    future = {"state": "issued", "issued_at": 1e18}
+    assert due("a.test", record("a.test", 10), future, 30, now).startswith("expires ")
+    asked = {"state": "issued", "requested": 1e18, "attempted": now}
+    assert due("a.test", record("a.test", 90), asked, 30, now) is None
+
+
 def test_a_fresh_certificate_is_not_renewed_in_a_loop() -> None:
     now = time.time()
     fresh = {"state": "issued", "issued_at": now - 60}
