@@ -22,7 +22,8 @@ Invariants:
   `follow` and the control socket's ``certs`` command, which the management
   process sends after each certificate it writes), so the last read is served.
   A record that cannot be loaded (or is damaged in the store) is reported
-  and skipped; it never takes other hosts down. A store whose certificates
+  and skipped; it never takes other hosts down, and the host keeps the
+  certificate loaded before, if any. A store whose certificates
   cannot be read as a whole (`CertsCorrupt`, `CertsLost`: a damaged or deleted
   certs file, a flushed Redis) swaps nothing: the certificates served stay.
   A worker started meanwhile gets what the store hides from the management
@@ -120,15 +121,27 @@ class TLSFront:
                 kept[host] = record
             except (ssl.SSLError, OSError, ValueError) as exc:
                 problems[host] = _reason(exc)
+                if host in self.loaded:  # a record OpenSSL refuses loses nothing either
+                    loaded[host] = self.loaded[host]
+                    kept[host] = self.records[host]
+        self.report(problems, loaded, damaged or {})
+        self.swap(loaded, kept, problems)
+
+    def report(self, problems: Mapping[str, str], loaded: Mapping[str, Any],
+               damaged: Mapping[str, str]) -> None:
+        """Log each new reason a host's certificate in the store is not served (once),
+        and each host whose certificate in the store is served again."""
         for host, reason in problems.items():
             if self.problems.get(host) == reason:
                 continue
-            if damaged and host in damaged:  # the management process logs it once
-                log.debug("certificate of %s: %s; %s", host, reason,
-                          "keeping the one loaded before" if host in loaded else "not served")
+            kept = "; keeping the one loaded before" if host in loaded else ""
+            if host in damaged:  # the management process logs it once
+                log.debug("certificate of %s: %s%s", host, reason, kept)
             else:
-                log.error("certificate of %s not served: %s", host, reason)
-        self.swap(loaded, kept, problems)
+                log.error("certificate of %s not served: %s%s", host, reason, kept)
+        for host in self.problems.keys() - problems.keys():
+            if host in loaded:
+                log.info("certificate of %s is served again", host)
 
     def add(self, records: Mapping[str, Mapping[str, Any]]) -> int:
         """Serve `records` too, for the hosts this worker serves no certificate of

@@ -264,3 +264,45 @@ def test_ctl_refuses_unreadable_files_with_the_reason(bal: Any, tmp_path: Path) 
         assert done.stderr.startswith(f"balancerctl: {reason}"), (reason, done.stderr)
         assert "Traceback" not in done.stderr
     assert bal.api("GET", "/api/v1/certs") == (200, {"certs": [], "acme": {}})
+
+
+# the store's certificates replaced under the workers --------------------------
+def test_a_record_openssl_refuses_keeps_the_certificate_served_before(tmp_path: Path) -> None:
+    """Written straight into the store (a hand edit, a tool, a half-done migration):
+    the chain of a.test with another key. Workers keep the a.test certificate they
+    loaded before, and say why they do not serve the new one."""
+    from tests.support import Balancer
+    from tests.test_certs_damage import all_served_for, served
+    from tests.test_tls import CA, client_context
+
+    hosts = {h: {"action": "empty", "status": 204} for h in ("a.test", "b.test")}
+    bal = Balancer(tmp_path, hosts, args=["--tls-listen", "127.0.0.1:0", "--workers", "2"])
+    try:
+        for host in hosts:
+            chain, key = CA.issue(host)
+            assert bal.api("PUT", f"/api/v1/certs/{host}", {"chain": chain, "key": key})[0] == 200
+        context = client_context(tmp_path)
+        path = tmp_path / "routes.json.certs.json"
+        doc = json.loads(path.read_text())
+        doc["certs"]["a.test"]["chain"] = CA.issue("a.test")[0]  # not for the stored key
+        path.write_text(json.dumps(doc))
+        wait_for_log(bal, "certificate of a.test not served: ", workers=2)
+        all_served_for(bal, context, ("a.test", "b.test"), seconds=0.5)
+        line = next(ln for ln in bal.output().splitlines() if "certificate of a.test" in ln)
+        assert line.endswith("; keeping the one loaded before"), line
+        assert "PRIVATE KEY" not in bal.output()
+        chain, key = CA.issue("a.test")  # repaired by hand: served at once
+        doc["certs"]["a.test"] = {"chain": chain, "key": key, "source": "upload"}
+        path.write_text(json.dumps(doc))
+        wait_for_log(bal, "certificate of a.test is served again")
+        assert served(bal, context, "a.test")
+    finally:
+        bal.stop()
+
+
+def wait_for_log(bal: Any, text: str, workers: int = 1) -> None:
+    """Until `text` is in the log `workers` times (each worker says it once)."""
+    from tests.support import wait_for
+
+    wait_for(lambda: bal.output().count(text) >= workers, timeout=10,
+             what=f"the log to say {text!r} {workers} times")
