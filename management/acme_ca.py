@@ -169,7 +169,7 @@ class CA:
             raise IssueError(f"the CA did not finish within {timeout:.0f}s") from None
         except requests.exceptions.SSLError as exc:
             self.client = None
-            raise IssueError(f"cannot verify the CA's HTTPS certificate ({_first_line(exc)}); "
+            raise IssueError(f"cannot verify the CA's HTTPS certificate ({tls_reason(exc)}); "
                              f"set [acme] ca_bundle for a private CA") from None
         except (requests.exceptions.RequestException, OSError) as exc:
             self.client = None
@@ -386,6 +386,24 @@ def client_reason(exc: errors.ClientError) -> str:
     if text.startswith(prefix):
         return f"the CA's answer is not JSON (Content-Type: {text[len(prefix):] or 'none'})"
     return f"ACME error: {text}"
+
+
+def tls_reason(exc: BaseException) -> str:
+    """OpenSSL's reason inside what requests raised (urllib3's retry error holds
+    an SSLError holding it), else the first line of its text."""
+    import ssl
+
+    found: object = exc
+    for _ in range(8):
+        if isinstance(found, ssl.SSLCertVerificationError):
+            return _first_line(found.verify_message or found)
+        if not isinstance(found, BaseException):
+            break
+        inner = getattr(found, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in found.args if isinstance(a, BaseException)), None)
+        found = inner if inner is not None else found.__cause__
+    return _first_line(exc)
 
 
 def problem_text(problem: messages.Error) -> str:

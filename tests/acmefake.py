@@ -29,9 +29,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import ssl
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -52,14 +54,20 @@ def unb64(text: str) -> bytes:
 class FakeAcme:
     """The CA on 127.0.0.1 (`url` is its directory); `stop` when done."""
 
-    def __init__(self, mode: str = "ok") -> None:
+    def __init__(self, mode: str = "ok", tls: Path | None = None) -> None:
+        """`tls`: a directory where to write the CA of its HTTPS certificate
+        (`ca_bundle`); plain HTTP without."""
         self.mode = mode
         self.requests: Counter[str] = Counter()
         self.nonces = 0
         self.host = ""  # the name ordered
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
         self.server.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        scheme = "http"
+        if tls is not None:
+            scheme = "https"
+            self.ca_bundle = self.serve_tls(tls)
+        self.base = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
                                        daemon=True)
         self.thread.start()
@@ -67,6 +75,19 @@ class FakeAcme:
     @property
     def url(self) -> str:
         return self.base + ("/start" if self.mode.startswith("redirect") else "/dir")
+
+    def serve_tls(self, directory: Path) -> Path:
+        """Answer over TLS with a certificate for 127.0.0.1 from a CA of its own;
+        that CA's PEM file."""
+        from tests.tlsca import TestCA
+
+        ca = TestCA("fake ACME API CA")
+        chain, key = ca.issue("localhost", ips=("127.0.0.1",))
+        (directory / "fake-acme.pem").write_text(chain + key)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(directory / "fake-acme.pem")
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        return ca.write(directory)
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -47,7 +47,7 @@ def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
                         types.SimpleNamespace(sleep=lambda seconds: time.sleep(seconds / 50)))
 
 
-def make_issuer(tmp_path: Path, ca: FakeAcme) -> Any:
+def make_issuer(tmp_path: Path, ca: FakeAcme, **settings: str) -> Any:
     from balancer.settings import load_settings
     from balancer.stores.base import TableData
     from balancer.stores.file import FileStore
@@ -55,19 +55,20 @@ def make_issuer(tmp_path: Path, ca: FakeAcme) -> Any:
 
     store = FileStore(str(tmp_path / "routes.json"))
     data = TableData(1, {"a.test": ACME})
-    settings = load_settings({"acme.directory": ca.url}, env={})
-    made = acme_issuer.Issuer(settings, store, lambda: data, Workers())
+    made = acme_issuer.Issuer(load_settings({"acme.directory": ca.url, **settings}, env={}),
+                              store, lambda: data, Workers())
     assert made.take()
     return made
 
 
-def issue(tmp_path: Path, ca: FakeAcme) -> tuple[Any, dict[str, Any]]:
+def issue(tmp_path: Path, ca: FakeAcme, **settings: str) -> tuple[Any, dict[str, Any]]:
     """Issue a.test once against `ca`: (the issuer, the host's state after)."""
-    issuer = make_issuer(tmp_path, ca)
+    issuer = make_issuer(tmp_path, ca, **settings)
     try:
         issuer.issue("a.test", "no certificate", {})
     finally:
         issuer.stopped = True
+        issuer.acme.unlock(issuer.owner)
     return issuer, issuer.acme.states()["a.test"]
 
 
@@ -107,6 +108,31 @@ def test_a_ca_that_answers_wrong_ends_in_failed_with_the_reason(
     assert failed(issuer, state).startswith(reason), state["reason"]
     assert state["next_retry"] - state["failed_at"] == pytest.approx(300, abs=1)
     assert sum(fake.requests.values()) < 40, fake.requests  # no loop against the CA
+
+
+@pytest.mark.usefixtures("quick_polls")
+def test_a_ca_over_https_is_verified(tmp_path: Path) -> None:
+    ca = FakeAcme("ok", tls=tmp_path)
+    try:
+        issuer, state = issue(tmp_path, ca)  # the system's CAs: not this one
+        reason = failed(issuer, state)
+        assert reason == ("cannot verify the CA's HTTPS certificate (self-signed certificate "
+                          "in certificate chain); set [acme] ca_bundle for a private CA")
+        assert sum(ca.requests.values()) == 0
+        issuer, state = issue(tmp_path, ca, **{"acme.ca_bundle": str(ca.ca_bundle)})
+        assert state["state"] == "issued", state
+    finally:
+        ca.stop()
+
+
+@pytest.mark.parametrize("fake", ["ok"], indirect=True)
+def test_a_damaged_account_key_fails_with_what_to_do(tmp_path: Path, fake: FakeAcme) -> None:
+    (tmp_path / "routes.json.acme.json").write_text(
+        json.dumps({"account": {"key": '{"kty": "RSA", "n": "garbage"}', "uri": ""}}))
+    issuer, state = issue(tmp_path, fake)
+    assert failed(issuer, state) == ("the stored ACME account key cannot be read; delete the "
+                                     "store's ACME account to make a new one")
+    assert sum(fake.requests.values()) == 0
 
 
 @pytest.mark.parametrize("fake", ["rate-limit"], indirect=True)
