@@ -332,3 +332,32 @@ def wait_for_log(bal: Any, text: str, workers: int = 1) -> None:
 
     wait_for(lambda: bal.output().count(text) >= workers, timeout=10,
              what=f"the log to say {text!r} {workers} times")
+
+
+@pytest.mark.parametrize("fake", ["rate-limit"], indirect=True)
+def test_a_rate_limited_balancer_shows_the_wait_and_keeps_serving(tmp_path: Path,
+                                                                  fake: FakeAcme) -> None:
+    """The same through a running balancer: its API, metrics and log say why and
+    when, and its certificate in place keeps being served."""
+    import re
+
+    from tests.support import Balancer, wait_for
+    from tests.test_certs_damage import served
+    from tests.test_tls import client_context, put_cert
+
+    put_cert(tmp_path / "routes.json", "a.test")  # uploaded before: not due
+    bal = Balancer(tmp_path, {"a.test": ACME}, args=["--tls-listen", "127.0.0.1:0"],
+                   config=f'[acme]\ndirectory = "{fake.url}"\n')
+    try:
+        status, _ = bal.api("POST", "/api/v1/certs/a.test/issue")
+        assert status == 202
+        state = wait_for(lambda: (s := bal.api("GET", "/api/v1/acme")[1]["hosts"]["a.test"])
+                         ["state"] == "failed" and s, timeout=15, what="the failure")
+        assert state["reason"].endswith("; the CA asks to wait 3600 s"), state
+        metrics = bal.api("GET", "/metrics")[1].decode()
+        wait = re.search(r'balancer_acme_next_attempt_seconds\{host="a.test"\} (\S+)', metrics)
+        assert wait and 3500 < float(wait.group(1)) <= 3600, metrics
+        assert served(bal, client_context(tmp_path), "a.test")
+        assert "rateLimited" in bal.output() and "Traceback" not in bal.output()
+    finally:
+        bal.stop()
