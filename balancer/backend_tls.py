@@ -12,8 +12,12 @@ the app. A rule with ``"backend_tls_verify": false`` verifies nothing (and
 still sends SNI).
 
 Invariants:
-* One `BackendTLS` per worker, its contexts made once (the CA bundle is
-  read when the first https:// backend connects).
+* One `BackendTLS` per worker, its contexts made once, when the first
+  https:// backend connects. The CA bundle's text is read when the worker
+  starts (settings do not change after the start: a bundle deleted, cut or
+  replaced later changes nothing), parsed into the context then; a bundle the
+  worker cannot read or OpenSSL cannot load fails every verified connection
+  with the reason, naming the file, never the backend.
 * A TLS connection is pooled under its pool key (`pool_key`): the name it
   was verified for, or ``!NAME`` when unverified; a pooled connection is
   only ever handed to a request of the same key, so a connection made (and
@@ -74,17 +78,26 @@ class BackendTLS:
 
     def __init__(self, ca_bundle: str = "") -> None:
         self.ca_bundle = ca_bundle
+        self.cas, self.cas_problem = read_bundle(ca_bundle)
         self.verified: ssl.SSLContext | None = None  # made on first use
         self.unverified: ssl.SSLContext | None = None
 
     def context(self, verify: bool) -> ssl.SSLContext:
-        """The context verifying certificates and names, or the one that does not."""
+        """The context verifying certificates and names, or the one that does not
+        (BackendTLSError when the CA bundle cannot be loaded)."""
         if verify:
             if self.verified is None:
-                self.verified = _client_context(self.ca_bundle)
+                if self.cas_problem:
+                    raise BackendTLSError(self.cas_problem)
+                try:
+                    self.verified = _client_context(self.cas)
+                except (ssl.SSLError, ValueError) as exc:
+                    self.cas_problem = (f"TLS: tls.backend_ca_bundle {self.ca_bundle}: OpenSSL "
+                                        f"cannot load it ({getattr(exc, 'reason', None) or exc})")
+                    raise BackendTLSError(self.cas_problem) from None
             return self.verified
         if self.unverified is None:
-            context = _client_context("")
+            context = _client_context(None)
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
             self.unverified = context
@@ -107,9 +120,12 @@ class BackendTLS:
             if remaining <= 0:
                 raise BackendTLSError(f"{where}: TLS handshake timed out")
             sock.settimeout(remaining)
-            tls = self.context(verify).wrap_socket(sock, server_hostname=name or None,
-                                                   do_handshake_on_connect=False,
-                                                   session=session)
+            try:
+                context = self.context(verify)
+            except BackendTLSError as exc:
+                raise BackendTLSError(f"{where}: {exc}") from None
+            tls = context.wrap_socket(sock, server_hostname=name or None,
+                                      do_handshake_on_connect=False, session=session)
             try:
                 with bounded(remaining):
                     tls.do_handshake()
@@ -143,9 +159,23 @@ class BackendTLS:
         return tls
 
 
-def _client_context(ca_bundle: str) -> ssl.SSLContext:
-    """A client context: TLS 1.2 or newer, HTTP/1.1 by ALPN, the given CAs (or the system's)."""
-    context = ssl.create_default_context(cafile=ca_bundle or None)
+def read_bundle(path: str) -> tuple[str | None, str]:
+    """(the PEM text of the CA bundle at `path`, "") or (None, why it cannot be
+    read); (None, "") when no bundle is set (the system's CAs)."""
+    if not path:
+        return None, ""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("ascii"), ""
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, (f"TLS: tls.backend_ca_bundle {path} cannot be read: "
+                      f"{getattr(exc, 'strerror', None) or 'not PEM text'}")
+
+
+def _client_context(cas: str | None) -> ssl.SSLContext:
+    """A client context: TLS 1.2 or newer, HTTP/1.1 by ALPN, the CAs of the PEM
+    text `cas` (or the system's)."""
+    context = ssl.create_default_context(cadata=cas)
     context.verify_flags &= ~VERSION_FLAGS  # as on Python 3.11 and 3.12
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(ALPN)

@@ -361,3 +361,45 @@ def test_a_rate_limited_balancer_shows_the_wait_and_keeps_serving(tmp_path: Path
         assert "rateLimited" in bal.output() and "Traceback" not in bal.output()
     finally:
         bal.stop()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_backend_ca_bundle_damaged_at_runtime(tmp_path: Path, damage: str) -> None:
+    """`tls.backend_ca_bundle` deleted or cut after the start: the CAs read at the
+    start keep verifying https:// backends; nothing is read per request."""
+    from tests.support import Balancer, request
+    from tests.test_https_backends import CA as BACKEND_CA
+    from tests.tlsbackend import TLSBackend
+
+    backend = TLSBackend(BACKEND_CA, tmp_path, "app.test")
+    bundle = tmp_path / "backend-cas.pem"
+    bundle.write_text(BACKEND_CA.pem)
+    bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.url]}},
+                   config=f'[tls]\nbackend_ca_bundle = "{bundle}"\n', args=["--workers", "2"])
+    try:
+        if damage == "deleted":
+            bundle.unlink()
+        else:
+            bundle.write_text(BACKEND_CA.pem[:100])
+        for _ in range(6):  # both workers
+            status, _, body = request(bal.port, path="/x")
+            assert status == 200, (body, bal.output()[-2000:])
+    finally:
+        bal.stop()
+        backend.stop()
+
+
+def test_a_backend_ca_bundle_a_worker_cannot_load_names_the_file(tmp_path: Path) -> None:
+    from balancer.backend_tls import BackendTLS
+    from balancer.errors import BackendTLSError
+
+    missing = BackendTLS(str(tmp_path / "gone.pem"))
+    with pytest.raises(BackendTLSError, match=r"^TLS: tls.backend_ca_bundle \S+/gone.pem "
+                                              r"cannot be read: No such file or directory$"):
+        missing.context(True)
+    assert missing.context(False)  # rules that verify nothing are not concerned
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    for _ in range(2):  # the reason stays
+        with pytest.raises(BackendTLSError, match=r"bad.pem: OpenSSL cannot load it \("):
+            BackendTLS(str(bad)).context(True)
