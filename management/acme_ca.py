@@ -153,6 +153,7 @@ class CA:
         """(chain PEM, key PEM) of a new certificate for `host`, validated by
         `kind`; `spread()` returns once every balancer can answer what was published."""
         self.asked_wait = None
+        self.check_bundle()
         try:
             return self._issue(host, kind, publish, withdraw, spread, timeout)
         except IssueError:
@@ -192,6 +193,18 @@ class CA:
             log.warning("acme: the ACME client failed unexpectedly", exc_info=True)
             raise IssueError(f"the ACME client failed ({type(exc).__name__}: "
                              f"{_first_line(exc)})") from None
+
+    def check_bundle(self) -> None:
+        """IssueError naming `[acme] ca_bundle` when it cannot be read now (requests
+        reads it at each new connection to the CA; it said "cannot reach the CA")."""
+        path = self.settings.ca_bundle
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise IssueError(f"[acme] ca_bundle {path} cannot be read: "
+                                 f"{exc.strerror or exc}") from None
 
     def pace(self, response: requests.Response, *args: Any, **kwargs: Any
              ) -> requests.Response:

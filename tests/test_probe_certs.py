@@ -121,6 +121,11 @@ def test_a_ca_over_https_is_verified(tmp_path: Path) -> None:
         assert sum(ca.requests.values()) == 0
         issuer, state = issue(tmp_path, ca, **{"acme.ca_bundle": str(ca.ca_bundle)})
         assert state["state"] == "issued", state
+        issuer = make_issuer(tmp_path, ca, **{"acme.ca_bundle": str(ca.ca_bundle)})
+        ca.ca_bundle.unlink()  # after the start
+        issuer.issue("a.test", "renew", {})
+        assert issuer.acme.states()["a.test"]["reason"] == (
+            f"[acme] ca_bundle {ca.ca_bundle} cannot be read: No such file or directory")
     finally:
         ca.stop()
 
@@ -363,8 +368,7 @@ def test_a_rate_limited_balancer_shows_the_wait_and_keeps_serving(tmp_path: Path
         bal.stop()
 
 
-@pytest.mark.parametrize("damage", ["deleted", "truncated"])
-def test_a_backend_ca_bundle_damaged_at_runtime(tmp_path: Path, damage: str) -> None:
+def test_a_backend_ca_bundle_damaged_at_runtime(tmp_path: Path) -> None:
     """`tls.backend_ca_bundle` deleted or cut after the start: the CAs read at the
     start keep verifying https:// backends; nothing is read per request."""
     from tests.support import Balancer, request
@@ -377,13 +381,12 @@ def test_a_backend_ca_bundle_damaged_at_runtime(tmp_path: Path, damage: str) -> 
     bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.url]}},
                    config=f'[tls]\nbackend_ca_bundle = "{bundle}"\n', args=["--workers", "2"])
     try:
-        if damage == "deleted":
+        bundle.write_text(BACKEND_CA.pem[:100])  # cut, then deleted
+        for _ in range(2):
+            for _ in range(6):  # both workers
+                status, _, body = request(bal.port, path="/x")
+                assert status == 200, (body, bal.output()[-2000:])
             bundle.unlink()
-        else:
-            bundle.write_text(BACKEND_CA.pem[:100])
-        for _ in range(6):  # both workers
-            status, _, body = request(bal.port, path="/x")
-            assert status == 200, (body, bal.output()[-2000:])
     finally:
         bal.stop()
         backend.stop()
