@@ -153,6 +153,17 @@ class CA:
         """(chain PEM, key PEM) of a new certificate for `host`, validated by
         `kind`; `spread()` returns once every balancer can answer what was published."""
         self.asked_wait = None
+        try:
+            return self.converse(host, kind, publish, withdraw, spread, timeout)
+        except IssueError as exc:
+            wait = self.asked_wait
+            if wait is None or exc.retry_after is not None:
+                raise
+            raise IssueError(f"{exc}; the CA asks to wait {wait} s", wait) from None
+
+    def converse(self, host: str, kind: str, publish: Publish, withdraw: Callable[[str], None],
+                 spread: Callable[[], None], timeout: float) -> tuple[str, str]:
+        """`issue`, whatever goes wrong an `IssueError` with the operator's reason."""
         self.check_bundle()
         try:
             return self._issue(host, kind, publish, withdraw, spread, timeout)
@@ -163,9 +174,7 @@ class CA:
         except messages.Error as exc:
             if exc.code in ("badNonce", "unauthorized", "accountDoesNotExist"):
                 self.client = None  # register again next time
-            wait = self.asked_wait
-            raise IssueError(f"the CA refused: {problem_text(exc)}" + (
-                f"; the CA asks to wait {wait:.0f} s" if wait else ""), wait) from None
+            raise IssueError(f"the CA refused: {problem_text(exc)}") from None
         except errors.TimeoutError:
             raise IssueError(f"the CA did not finish within {timeout:.0f}s") from None
         except requests.exceptions.SSLError as exc:

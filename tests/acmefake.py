@@ -17,6 +17,8 @@ otherwise:
   with ``Retry-After: 0`` (a client that obeys polls in a loop);
 * ``huge-wait``: the same, asking ``Retry-After: 10**30``;
 * ``foreign-authz``: the order's authorization is for ``victim.test``;
+* ``maintenance``: the directory answers 503 (an HTML page) with
+  ``Retry-After: 600``;
 * ``redirect``: the directory URL answers 301 to the real directory;
 * ``redirect-loop``: the directory URL redirects to itself.
 
@@ -109,6 +111,9 @@ class FakeAcme:
                 if self.path == "/start":
                     target = "/start" if ca.mode == "redirect-loop" else "/dir"
                     self.reply(301, b"", "text/plain", {"Location": ca.base + target})
+                elif self.path == "/dir" and ca.mode == "maintenance":
+                    self.reply(503, b"<h1>Down for maintenance</h1>", "text/html",
+                               {"Retry-After": "600"})
                 elif self.path == "/dir":
                     self.json(200, {name: f"{ca.base}/{name}" for name in
                                     ("newNonce", "newAccount", "newOrder", "revokeCert",

@@ -140,14 +140,19 @@ def test_a_damaged_account_key_fails_with_what_to_do(tmp_path: Path, fake: FakeA
     assert sum(fake.requests.values()) == 0
 
 
-@pytest.mark.parametrize("fake", ["rate-limit"], indirect=True)
-def test_a_rate_limited_issuance_waits_what_the_ca_asks(tmp_path: Path, fake: FakeAcme) -> None:
+@pytest.mark.parametrize(("fake", "reason", "wait"), [
+    ("rate-limit", "the CA refused: rateLimited: too many certificates already issued",
+     RETRY_AFTER),
+    ("maintenance", "the CA answered HTTP 503 (text/html, not an ACME problem document) to "
+                    "GET http://127.0.0.1:", 600),
+], indirect=["fake"])
+def test_a_ca_asking_to_wait_is_waited_for(tmp_path: Path, fake: FakeAcme, reason: str,
+                                           wait: int) -> None:
     issuer, state = issue(tmp_path, fake)
-    reason = failed(issuer, state)
-    assert reason.startswith("the CA refused: rateLimited: too many certificates"), reason
-    assert f"the CA asks to wait {RETRY_AFTER} s" in reason
-    assert state["next_retry"] - state["failed_at"] == pytest.approx(RETRY_AFTER, abs=1)
-    assert fake.requests["/newOrder"] == 1
+    said = failed(issuer, state)
+    assert said.startswith(reason) and said.endswith(f"; the CA asks to wait {wait} s"), said
+    assert state["next_retry"] - state["failed_at"] == pytest.approx(wait, abs=1)
+    assert sum(fake.requests.values()) <= 4, fake.requests
 
 
 @pytest.mark.parametrize("fake", ["processing", "huge-wait"], indirect=True)
@@ -406,3 +411,25 @@ def test_a_backend_ca_bundle_a_worker_cannot_load_names_the_file(tmp_path: Path)
     for _ in range(2):  # the reason stays
         with pytest.raises(BackendTLSError, match=r"bad.pem: OpenSSL cannot load it \("):
             BackendTLS(str(bad)).context(True)
+
+
+def test_retry_after_is_read_and_bounded(tmp_path: Path) -> None:
+    from email.utils import formatdate
+
+    from management.acme_ca import retry_after
+    from management.acme_issuer import BACKOFF_MAX
+
+    now = time.time()
+    assert retry_after("120", now) == 120
+    assert retry_after(formatdate(now + 90, usegmt=True), now) in (90, 91)
+    assert retry_after("Thu, 01 Jan 1970 00:00:00 GMT", now) < 0
+    for junk in ("soon", "-5", "1.5", "", "Mon, 99 Foo 2026"):
+        assert retry_after(junk, now) is None, junk
+    assert retry_after("9" * 5000, now) == int("9" * 12)  # no int() of 5000 digits
+    ca = FakeAcme("ok")
+    try:
+        issuer = make_issuer(tmp_path, ca)
+        issuer.note_failed("a.test", {}, 1, "the CA refused", now, 10**9)
+        assert issuer.acme.states()["a.test"]["next_retry"] == now + BACKOFF_MAX
+    finally:
+        ca.stop()
