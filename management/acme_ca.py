@@ -30,7 +30,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -44,13 +43,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from management.acme_answers import (
+    cap_answer,
+    client_reason,
+    first_line,
+    problem_text,
+    retry_after,
+    tls_reason,
+    validation_reason,
+)
 from management.acme_guard import IssueError
 
 log = logging.getLogger("balancer.acme")
 
 USER_AGENT = "balancer (acme)"
 NETWORK_TIMEOUT = 30.0  # seconds per HTTP request to the CA
-MAX_ANSWER = 1 << 20  # bytes of one answer of the CA at most (a chain is a few KB)
 POLL_MIN = 1  # seconds between two polls of the CA at least, whatever its Retry-After
 WAIT_MAX = 86400  # seconds: a longer Retry-After reads as this
 CHALLENGE_LIFE = 600.0  # seconds a published challenge is served at most
@@ -184,24 +191,24 @@ class CA:
         except (requests.exceptions.RequestException, OSError) as exc:
             self.client = None
             raise IssueError(f"cannot reach the CA at {self.settings.directory}: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
         except errors.ClientError as exc:
             self.client = None
             raise IssueError(client_reason(exc)) from None
         except errors.Error as exc:
             self.client = None
-            raise IssueError(f"ACME error: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise IssueError(f"ACME error: {type(exc).__name__}: {first_line(exc)}") from None
         except (jose.errors.Error, ValueError, KeyError, TypeError, AttributeError,
                 IndexError) as exc:  # an answer of the wrong shape: a broken or hostile CA
             self.client = None
             raise IssueError(f"the CA's answer is not what RFC 8555 describes "
-                             f"({type(exc).__name__}: {_first_line(exc)})") from None
+                             f"({type(exc).__name__}: {first_line(exc)})") from None
         except Exception as exc:  # noqa: BLE001 (the ACME client's own surprise: still
             # this host's failure, backed off, not a step that fails and is redone at once)
             self.client = None
             log.warning("acme: the ACME client failed unexpectedly", exc_info=True)
             raise IssueError(f"the ACME client failed ({type(exc).__name__}: "
-                             f"{_first_line(exc)})") from None
+                             f"{first_line(exc)})") from None
 
     def check_bundle(self) -> None:
         """IssueError naming `[acme] ca_bundle` when it cannot be read now (requests
@@ -244,7 +251,7 @@ class CA:
         for authz in order.authorizations:
             name = authz.body.identifier.value
             if not isinstance(name, str) or name.lower().rstrip(".") != host:
-                raise IssueError(f"the CA asks to validate {_first_line(name)}, not {host} "
+                raise IssueError(f"the CA asks to validate {first_line(name)}, not {host} "
                                  f"(the only name ordered)")
         published: list[tuple[str, messages.ChallengeBody]] = []
         try:
@@ -267,55 +274,6 @@ class CA:
         if not order.fullchain_pem:
             raise IssueError("the CA finalized the order without a certificate")
         return order.fullchain_pem, key_pem.decode()
-
-
-def cap_answer(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
-    """A requests response hook: the body (as decoded) may not pass `MAX_ANSWER`
-    bytes; a CA that floods (or a compression bomb) ends the issuance instead of
-    the management process's memory."""
-    response.raw = CappedBody(response.raw, MAX_ANSWER, f"{response.request.method} "
-                              f"{response.url}" if response.request is not None else "a request")
-    return response
-
-
-class CappedBody:
-    """A response's raw body (urllib3's) that refuses to grow past `limit` bytes."""
-
-    def __init__(self, raw: Any, limit: int, what: str) -> None:
-        self.raw = raw
-        self.limit = limit
-        self.what = what
-
-    def stream(self, amt: int = 65536, decode_content: bool | None = None) -> Any:
-        total = 0
-        for chunk in self.raw.stream(amt, decode_content=decode_content):
-            total += len(chunk)
-            if total > self.limit:
-                self.raw.close()
-                raise IssueError(f"the CA's answer to {self.what} is larger than "
-                                 f"{self.limit // 1024} KiB")
-            yield chunk
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.raw, name)
-
-
-def retry_after(value: str, now: float) -> int | None:
-    """The whole seconds a ``Retry-After`` field asks to wait (RFC 9110 §10.2.3:
-    delay-seconds or an HTTP date, rounded up; negative for a date past), or None
-    when it is neither."""
-    from email.utils import parsedate_to_datetime
-
-    value = value.strip()
-    if value.isdigit():
-        return int(value[:12])  # (more digits than a CA means: clamped by the caller)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return math.ceil(when.timestamp() - now)
 
 
 def pick(authz: messages.AuthorizationResource, kind: str, host: str) -> messages.ChallengeBody:
@@ -380,64 +338,3 @@ def alpn_certificate(host: str, answer: str) -> tuple[str, str]:
             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption()).decode())
 
-
-def validation_reason(exc: errors.ValidationError) -> str:
-    """What the CA said of each failed challenge, on one line."""
-    parts = []
-    for authzr in exc.failed_authzrs:
-        name = authzr.body.identifier.value
-        for challb in authzr.body.challenges:
-            if challb.error is not None:
-                parts.append(f"{name}: {problem_text(challb.error)}")
-    return "validation failed: " + ("; ".join(parts) or "the CA gave no reason")
-
-
-def client_reason(exc: errors.ClientError) -> str:
-    """What the ACME client could not make sense of, on one line: an HTTP error
-    without an ACME problem document, or an answer that is not JSON."""
-    found = exc.args[0] if exc.args else None
-    if isinstance(found, tuple) and found:
-        found = found[0]  # (response, why its problem document is unreadable)
-    if isinstance(found, requests.Response):
-        kind = (found.headers.get("Content-Type") or "no Content-Type").split(";")[0]
-        method = found.request.method if found.request is not None else "request"
-        return (f"the CA answered HTTP {found.status_code} ({kind}, not an ACME problem "
-                f"document) to {method} {found.url}")
-    text = _first_line(exc)
-    prefix = "Unexpected response Content-Type: "
-    if text.startswith(prefix):
-        return f"the CA's answer is not JSON (Content-Type: {text[len(prefix):] or 'none'})"
-    return f"ACME error: {text}"
-
-
-def tls_reason(exc: BaseException) -> str:
-    """OpenSSL's reason inside what requests raised (urllib3's retry error holds
-    an SSLError holding it), else the first line of its text."""
-    import ssl
-
-    found: object = exc
-    for _ in range(8):
-        if isinstance(found, ssl.SSLCertVerificationError):
-            return _first_line(found.verify_message or found)
-        if not isinstance(found, BaseException):
-            break
-        inner = getattr(found, "reason", None)
-        if not isinstance(inner, BaseException):
-            inner = next((a for a in found.args if isinstance(a, BaseException)), None)
-        found = inner if inner is not None else found.__cause__
-    return _first_line(exc)
-
-
-def problem_text(problem: messages.Error) -> str:
-    """An ACME problem document as one line: ``type: detail``."""
-    code = problem.code or (problem.typ or "error").rsplit(":", 1)[-1]
-    detail = problem.detail or problem.title or ""
-    return _first_line(f"{code}: {detail}" if detail else code)
-
-
-def _first_line(exc: object) -> str:
-    """The first line of what the CA (or a library) said, at most 300 characters,
-    control characters (a terminal escape in a hostile CA's detail) shown as "?"."""
-    text = str(exc).strip() or type(exc).__name__
-    line = "".join(c if c.isprintable() else "?" for c in text.splitlines()[0])
-    return line[:300] + ("…" if len(line) > 300 else "")

@@ -103,7 +103,8 @@ def save_history(history: Any) -> None:
 # what the management process imports after fork: the arbiter imports them before when
 # privileges drop (see `balancer.preload`)
 CHILD = ManagementChild(run_management, modules=(
-    "management.acme_api", "management.acme_ca", "management.acme_issuer",
+    "management.acme_answers", "management.acme_api", "management.acme_ca",
+    "management.acme_issuer",
     "management.acme_spread", "management.app", "management.certs_watch", "management.cluster",
     "management.deploys",
     "management.guard", "management.history", "management.hosts_api", "management.metrics",
