@@ -19,6 +19,7 @@ otherwise:
 * ``foreign-authz``: the order's authorization is for ``victim.test``;
 * ``maintenance``: the directory answers 503 (an HTML page) with
   ``Retry-After: 600``;
+* ``bad-token``: the challenge's token is ``../../etc/passwd``;
 * ``redirect``: the directory URL answers 301 to the real directory;
 * ``redirect-loop``: the directory URL redirects to itself.
 
@@ -196,7 +197,8 @@ class FakeAcme:
 
     def challenge(self, status: str) -> dict[str, Any]:
         return {"type": "http-01", "url": f"{self.base}/chall/1", "status": status,
-                "token": b64(hashlib.sha256(self.mode.encode()).digest())}
+                "token": "../../etc/passwd" if self.mode == "bad-token"
+                else b64(hashlib.sha256(self.mode.encode()).digest())}
 
     def chain(self) -> bytes:
         from tests.test_tls import CA

@@ -99,6 +99,7 @@ def test_the_scripted_ca_issues(tmp_path: Path, fake: FakeAcme) -> None:
                    "matches is number 2 of 2; put it first"),
     ("not-pem", "the CA's certificate cannot be served: chain: not a PEM certificate chain"),
     ("foreign-authz", "the CA asks to validate victim.test, not a.test"),
+    ("bad-token", "the CA's answer is not what RFC 8555 describes (DeserializationError: "),
     ("bad-nonce", "the CA refused: badNonce: "),
     ("redirect-loop", "cannot reach the CA at "),
 ], indirect=["fake"])
