@@ -57,8 +57,8 @@ class Challenges:
     """The challenge answers one worker serves (see the module doc)."""
 
     def __init__(self) -> None:
-        self.tokens: dict[bytes, tuple[bytes, bytes]] = {}  # HTTP-01: token → (host,
-        # key authorization)
+        # HTTP-01: token → (the host it is for, as `host_name` writes it; key authorization)
+        self.tokens: dict[bytes, tuple[bytes, bytes]] = {}
         self.alpn: dict[str, ssl.SSLContext] = {}  # TLS-ALPN-01: host → its context
         self.loaded: dict[str, tuple[str, ssl.SSLContext]] = {}  # host → (digest, context)
 

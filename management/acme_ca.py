@@ -203,8 +203,8 @@ class CA:
             self.client = None
             raise IssueError(f"the CA's answer is not what RFC 8555 describes "
                              f"({type(exc).__name__}: {first_line(exc)})") from None
-        except Exception as exc:  # noqa: BLE001 (the ACME client's own surprise: still
-            # this host's failure, backed off, not a step that fails and is redone at once)
+        except Exception as exc:  # the ACME client's own surprise (an OverflowError): still
+            # this host's failure, backed off, not a step that fails and is redone at once
             self.client = None
             log.warning("acme: the ACME client failed unexpectedly", exc_info=True)
             raise IssueError(f"the ACME client failed ({type(exc).__name__}: "
