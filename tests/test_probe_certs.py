@@ -19,13 +19,7 @@ from typing import Any
 import pytest
 
 from tests.acmefake import RETRY_AFTER, FakeAcme
-
-ACME = {"action": "empty", "status": 204, "tls": "acme"}
-
-
-class Workers:
-    def ask_all(self, command: str) -> list[dict[str, Any]]:
-        return [{"pid": 1, command: 0}]
+from tests.test_acme_hostile import ACME, Workers
 
 
 @pytest.fixture
