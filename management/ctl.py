@@ -40,6 +40,9 @@ from management.ctl_format import (
 
 DEFAULT_URL = "http://127.0.0.1:8081"
 TIMEOUT = 30.0
+# the management API's body limit (`management.http.MAX_BODY`, not imported: werkzeug);
+# a larger body is answered 413 before it is read, and the client sees a broken pipe
+MAX_BODY = 1024 * 1024
 STATS_PAGE = 10000  # hosts per `stats` page (the API's most)
 STATS_PAGES = 1000  # pages at most: 10 million hosts
 
@@ -156,6 +159,9 @@ class Client:
             data = None if body is None else json.dumps(body, allow_nan=False).encode()
         except ValueError as exc:
             raise CtlError(f"cannot send {body!r}: {exc}") from None
+        if data is not None and len(data) > MAX_BODY:
+            raise CtlError(f"the request is {len(data)} bytes; the management API takes "
+                           f"{MAX_BODY} at most")
         request = Request(self.url + path, data=data, method=method)
         request.add_header("Accept", "application/json")
         if data is not None:

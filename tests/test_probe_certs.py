@@ -281,12 +281,15 @@ def test_ctl_refuses_unreadable_files_with_the_reason(bal: Any, tmp_path: Path) 
     files["key"].write_text(key)
     files["latin"].write_bytes(b"\xe9t\xe9 " + chain.encode())
     files["huge"].write_text(chain + "A" * 10_000_000)
+    files["big"] = tmp_path / "big.pem"
+    files["big"].write_text(chain + "#" * 900_000)
     url = f"http://127.0.0.1:{bal.mport}"
     for chain_file, key_file, reason in [
         ("latin", "key", f"cannot read {files['latin']}: not UTF-8 text"),
         ("chain", "latin", f"cannot read {files['latin']}: not UTF-8 text"),
         ("huge", "key", f"cannot read {files['huge']}: larger than 1024 KiB (a PEM"),
         ("/dev/zero", "key", "cannot read /dev/zero: larger than 1024 KiB"),
+        ("big", "big", "the request is "),  # two files of 900 KB: too much together
         ("chain", str(tmp_path), f"cannot read {tmp_path}: Is a directory"),
     ]:
         done = ctl("cert", "set", "app.test", "--chain", str(files.get(chain_file, chain_file)),
@@ -428,3 +431,9 @@ def test_retry_after_is_read_and_bounded(tmp_path: Path) -> None:
         assert issuer.acme.states()["a.test"]["next_retry"] == now + BACKOFF_MAX
     finally:
         ca.stop()
+
+
+def test_balancerctl_knows_the_apis_body_limit() -> None:
+    from management import ctl, http
+
+    assert ctl.MAX_BODY == http.MAX_BODY
