@@ -126,6 +126,15 @@ def test_a_ca_over_https_is_verified(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fake", ["ok"], indirect=True)
+def test_a_challenge_the_ca_does_not_offer_says_what_to_change(tmp_path: Path,
+                                                                fake: FakeAcme) -> None:
+    issuer, state = issue(tmp_path, fake, **{"acme.challenge": "tls-alpn-01"})
+    assert failed(issuer, state) == ("the CA offers no tls-alpn-01 challenge for a.test "
+                                     "(offered: http-01); change [acme] challenge")
+    assert fake.requests["/chall/1"] == 0  # nothing asked to validate
+
+
+@pytest.mark.parametrize("fake", ["ok"], indirect=True)
 def test_a_damaged_account_key_fails_with_what_to_do(tmp_path: Path, fake: FakeAcme) -> None:
     (tmp_path / "routes.json.acme.json").write_text(
         json.dumps({"account": {"key": '{"kty": "RSA", "n": "garbage"}', "uri": ""}}))
