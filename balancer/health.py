@@ -16,7 +16,8 @@ Invariants:
   passive down mark and wakes requests held while the backend was down).
   A backend starts up; the first verdict needs `fall` failures.
 * A check passes when the backend answers `path` with a 2xx or 3xx status
-  within `timeout` seconds (connect included). An https:// backend is checked
+  within `timeout` seconds (connect included); interim 1xx answers before it
+  are passed over, a 101 fails. An https:// backend is checked
   over TLS, its certificate verified for the rule's host as a request's would
   be (`check_tls_key`); a certificate that fails is a failed check.
 * Each flip is logged once with its reason (the last failed check's problem:
@@ -37,7 +38,7 @@ from balancer.backend_tls import UNVERIFIED, pool_key
 from balancer.errors import BackendTLSError
 from balancer.http11 import ProtocolError
 from balancer.pool import Backend
-from balancer.response_parser import ResponseParser
+from balancer.response_parser import ResponseParser, final_head
 from balancer.rules import backend_entries
 
 log = logging.getLogger("balancer.health")
@@ -186,9 +187,12 @@ class Checker:
 
 
 def read_status(sock: socket.socket, deadline: float) -> int:
-    """The status of the response on `sock`, read by `deadline` (raises OSError)."""
+    """The status of the final response on `sock` (or of a 101), read by
+    `deadline` (raises OSError, ProtocolError). Interim 1xx answers (100, 103
+    Early Hints) are passed over, as a request's relay passes them on (bug: a
+    backend sending 103 before its 200 failed every check)."""
     parser = ResponseParser()
-    while not parser.events:
+    while (head := final_head(parser)) is None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("health check timed out")
@@ -198,7 +202,7 @@ def read_status(sock: socket.socket, deadline: float) -> int:
             parser.feed_eof()
         else:
             parser.feed(data)
-    return parser.events[0].status
+    return head.status
 
 
 class HealthChecks:

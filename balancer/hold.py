@@ -10,7 +10,12 @@ Invariants:
 * A held request waits on events (a table swap, a backend recovering), never
   on a polling tick (`balancer.netio.IO.wait_any`). Under gevent the client
   socket is watched as well, so a client that hangs up is noticed at once and
-  frees its slot (`ClientGone`).
+  frees its slot (`ClientGone`). A client that sent more while held (a body,
+  a pipelined request) is no longer watched (its bytes stay unread for the
+  next rule); its hang-up is then noticed within `GONE_CHECK` seconds from
+  the kernel's TCP state (`balancer.peek.has_hung_up`): before, its slot and
+  socket stayed held until the hold's own timeout (bug: a client could fill
+  the cap with POSTs it hung up on, at no cost of its own).
 * While held a request has no connection deadline (`disarm`); its own
   deadline bounds the wait. Before it is handed to the next action, the
   client deadline is armed again.
@@ -31,9 +36,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from balancer.errors import Busy, ShuttingDown, SpinTimeout
+from balancer.errors import Busy, ClientGone, ShuttingDown, SpinTimeout
+from balancer.peek import has_hung_up
 from balancer.spans import Piece
 from balancer.table import Route, TableHolder
+
+GONE_CHECK = 1.0  # seconds between looks at an unwatched held client's TCP state
 
 
 class Holds:
@@ -122,11 +130,16 @@ class Hold:
     def wait(self, events: Sequence[Any], seconds: float) -> None:
         """Wait up to `seconds` for any of `events` or the worker stopping (the
         worker's `IO.wait_any`, which watches the client while it can:
-        ClientGone if it hangs up)."""
+        ClientGone if it hangs up; once it is not watched, its TCP state is
+        looked at every `GONE_CHECK` seconds instead)."""
         conn, holds = self.ex.conn, self.holds
+        if not self.watch_client:
+            seconds = min(seconds, GONE_CHECK)
         self.watch_client = conn.io.wait_any([*events, holds.closing_event()], conn.stream,
                                              seconds, self.watch_client)
         holds.check_open()
+        if not self.watch_client and has_hung_up(conn.sock):
+            raise ClientGone("client closed while held, after sending more")
 
 
 def hand_over(route: Route, ex: Any, body: Piece | None) -> None:

@@ -21,6 +21,11 @@ Invariants:
 * Times are CLOCK_MONOTONIC, the same in every process of the machine.
 * A refused request is counted in its host's `limited` counter and the heavy
   hitters' `limited` measure; it does not use up the bucket.
+* A client is limited by its IPv4 address, or by the /64 of its IPv6 address
+  (`client_key`; an IPv4-mapped one by its IPv4 address): the smallest block
+  a network hands one subscriber (RFC 6177), whose 2**64 addresses each
+  drew a bucket of its own before (bug: one client dodged every per-client
+  limit by changing the address it sent from within its /64).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import fcntl
 import math
 import mmap
 import os
+import socket
 import struct
 import time
 import zlib
@@ -46,6 +52,7 @@ TAT = struct.Struct("<d")
 OPEN = struct.Struct("<q")
 FILE_NAME = "limits.shm"
 MAX_RETRY_AFTER = 3600
+V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
 
 
 class SharedBuckets:
@@ -147,7 +154,7 @@ class Limit:
         now = time.monotonic()
         buckets = self.buckets
         if self.interval:
-            name = self.key + b"\0" + client.encode() if self.per_client else self.key
+            name = self.key + b"\0" + client_key(client) if self.per_client else self.key
             with buckets.locked(name):
                 wait = buckets.take(buckets.slot(name, now), now, self.interval, self.tolerance)
             if wait:
@@ -155,7 +162,7 @@ class Limit:
         if not self.connections:
             ex.route.action.handle(ex)
             return
-        key = self.key + b"\1" + client.encode()
+        key = self.key + b"\1" + client_key(client)
         with buckets.locked(key):
             offset = buckets.slot(key, now)
             entered = buckets.enter(offset, self.connections)
@@ -174,6 +181,21 @@ class Limit:
         seconds = min(max(1, math.ceil(wait)), MAX_RETRY_AFTER)
         ex.respond(429, self.page.body, self.page.content_type,
                    ((b"Retry-After", b"%d" % seconds),))
+
+
+def client_key(client: str) -> bytes:
+    """What `client` (an address, or what a trusted front proxy said) is limited
+    by: an IPv4 address as it is, an IPv6 address's /64 (its first 8 bytes), an
+    IPv4-mapped IPv6 address's IPv4 address; anything else as it is."""
+    if ":" not in client:
+        return client.encode()
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, client)
+    except OSError:  # a zone id, or no address at all
+        return client.encode()
+    if packed[:12] == V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:]).encode()
+    return packed[:8] + b"/64"
 
 
 def default_burst(rate: float) -> int:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import _socket
 import socket
 
+TCP_INFO = getattr(socket, "TCP_INFO", -1)  # Linux's; -1: getsockopt fails (OSError)
+
 OPEN, READABLE, CLOSED = "open", "readable", "closed"
+# tcpi_state values (linux/tcp_states.h) of a connection whose peer ended its side
+TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8
 
 
 def peek(sock: socket.socket) -> str:
@@ -40,3 +44,15 @@ def peek_under(sock: socket.socket) -> str:
     finally:
         raw.detach()
     return READABLE if data else CLOSED
+
+
+def has_hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of TCP socket `sock` closed or reset its side, even
+    with bytes it sent still unread (a peek sees those, never the EOF behind
+    them): the kernel's TCP state (TCP_INFO), CLOSE_WAIT or CLOSE. False
+    where the kernel tells no TCP state (not Linux, not TCP)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)
+    except OSError:
+        return False
+    return bool(info) and info[0] in (TCP_CLOSE, TCP_CLOSE_WAIT)

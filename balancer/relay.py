@@ -51,7 +51,7 @@ from balancer.forwarding import last_chunk, request_head
 from balancer.http11 import END, LAST_CHUNK, ProtocolError
 from balancer.netio import Connecting
 from balancer.pool import Backend, Upstream
-from balancer.response_parser import ResponseHead, ResponseParser
+from balancer.response_parser import ResponseHead, ResponseParser, final_head
 from balancer.spans import Piece, Span, piece_size, span_bytes, span_joined, span_size
 from balancer.stats import BackendStats
 from balancer.tunnel import tunnel
@@ -155,7 +155,7 @@ def _send_body(upstream: Upstream, data: Piece) -> None:
     except BackendClosed:
         parser = upstream.parser
         assert parser is not None  # `exchange` began it
-        rhead = _final_head(parser)
+        rhead = final_head(parser)
         if rhead is None:
             rhead = _read_early(upstream, parser)
         if rhead is None:
@@ -208,15 +208,7 @@ def _read_early(upstream: Upstream, parser: ResponseParser) -> ResponseHead | No
     data = _read_ready(upstream)
     if data is not None:
         _feed(parser, data)
-    return _final_head(parser)
-
-
-def _final_head(parser: ResponseParser) -> ResponseHead | None:
-    """The final (or 101) response head among the parsed events, if any."""
-    for event in parser.events:
-        if isinstance(event, ResponseHead) and (event.status >= 200 or event.status == 101):
-            return event
-    return None
+    return final_head(parser)
 
 
 def _send_backend(upstream: Upstream, data: bytes, last: bool = False) -> None:

@@ -593,3 +593,12 @@ class ResponseParser:
         status = head.status if head is not None else 0
         self.complete = status >= 200 or status == 101
         self._in_head = not self.complete
+
+
+def final_head(parser: ResponseParser) -> ResponseHead | None:
+    """The final (or 101) response head among `parser`'s events, if any (the
+    interim 1xx heads before it passed over)."""
+    for event in parser.events:
+        if isinstance(event, ResponseHead) and (event.status >= 200 or event.status == 101):
+            return event
+    return None

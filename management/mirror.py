@@ -34,7 +34,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from balancer.rules import CHECK_FLOORS
+from balancer.rules import RULE_FLOORS
 from balancer.stores.base import Store, StoreError, TableChange, TableData
 from balancer.stores.floors import Raised
 from balancer.stores.snapshot import Snapshot, judge, rewritten
@@ -45,7 +45,8 @@ SAVE_EVERY = 1.0  # seconds between snapshot writes while the table changes
 SAVE_SHARE = 20  # ... and at least this many times the last write's duration
 NAMES_LOGGED = 5  # host names listed in a version-change line
 RAISED_LOGGED = 20  # raised values listed in a line about them
-FLOORS = ", ".join(f"health.{key} {floor:g} s" for key, floor in CHECK_FLOORS)
+FLOORS = ", ".join(f"{section}.{key} {floor:g} {unit}"
+                   for section, key, floor, unit in RULE_FLOORS)
 
 
 class Mirror:
@@ -180,7 +181,7 @@ class Mirror:
         if raised:
             listed = ", ".join(str(r) for r in raised[:RAISED_LOGGED])
             more = len(raised) - RAISED_LOGGED
-            log.warning("routing table version %d: %d stored health check value(s) below "
+            log.warning("routing table version %d: %d stored value(s) below "
                         "the floor (%s), used raised to it: %s%s. An earlier version stored "
                         "them; the API refuses them: write these rules again at or above the "
                         "floor", version, len(raised), FLOORS, listed,

@@ -1,11 +1,12 @@
 """Stored rules below today's floors (issue 21's leftovers).
 
-`health.interval` and `health.timeout` have floors (`balancer.rules.CHECK_FLOORS`):
-a rule written through the API below one is refused (400 `invalid_rule`), but
-earlier versions took any number > 0, so a table they stored may hold smaller
-values. Refusing that table whole would leave an upgraded balancer serving only
-`no-hosts`; instead such a value is loaded raised to its floor, as a proxy keeps
-serving a config it can make sense of (nginx and HAProxy clamp such values).
+`health.interval`, `health.timeout` and `limits.rate` have floors
+(`balancer.rules.RULE_FLOORS`): a rule written through the API below one is
+refused (400 `invalid_rule`), but earlier versions took any number > 0, so a
+table they stored may hold smaller values. Refusing that table whole would
+leave an upgraded balancer serving only `no-hosts`; instead such a value is
+loaded raised to its floor, as a proxy keeps serving a config it can make
+sense of (nginx and HAProxy clamp such values).
 
 Invariants:
 * Only a finite number > 0 below its floor is raised; anything else (a string,
@@ -21,14 +22,14 @@ import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from balancer.rules import CHECK_FLOORS
+from balancer.rules import RULE_FLOORS
 
 
 class Raised(NamedTuple):
     """A stored value below its floor, and the value used instead."""
 
     host: str
-    field: str  # "health.interval" or "health.timeout"
+    field: str  # "health.interval", "health.timeout" or "limits.rate"
     stored: float
     used: float
 
@@ -42,19 +43,17 @@ def _below_floor(value: object, floor: float) -> bool:
 
 
 def raise_rule(host: str, rule: Any) -> tuple[Any, tuple[Raised, ...]]:
-    """`rule` with each health value below its floor raised to it (the same object
+    """`rule` with each value below its floor raised to it (the same object
     when none is), and what was raised."""
-    health = rule.get("health") if isinstance(rule, Mapping) else None
-    if not isinstance(health, Mapping):
+    if not isinstance(rule, Mapping):
         return rule, ()
-    low = [(key, floor) for key, floor in CHECK_FLOORS if _below_floor(health.get(key), floor)]
-    if not low:
-        return rule, ()
-    fixed = dict(health)
-    for key, floor in low:
-        fixed[key] = floor
-    return {**rule, "health": fixed}, tuple(
-        Raised(host, f"health.{key}", health[key], floor) for key, floor in low)
+    raised: list[Raised] = []
+    for section, key, floor, _ in RULE_FLOORS:
+        part = rule.get(section)
+        if isinstance(part, Mapping) and _below_floor(part.get(key), floor):
+            raised.append(Raised(host, f"{section}.{key}", part[key], floor))
+            rule = {**rule, section: {**part, key: floor}}
+    return rule, tuple(raised)
 
 
 def raise_to_floors(hosts: Mapping[str, Any]) -> tuple[Mapping[str, Any], tuple[Raised, ...]]:
