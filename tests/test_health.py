@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from balancer.health import CheckConfig, Checker, HealthChecks, read_status, wan
 from balancer.pool import Backend as PoolBackend
 from balancer.pool import BackendRegistry
 from tests.conftest import RedisServer
+from tests.rawpeer import RawBackend, read_request, serve_each
 from tests.support import Backend, Balancer, EchoHandler, dead_address, request, wait_for
 
 HOST = "app.test"
@@ -364,3 +366,87 @@ def test_health_checks_start_retune_and_stop():
     assert spawned[1].killed and not spawned[0].killed
     checks.stop()
     assert spawned[0].killed and not registry.get("10.0.0.1:80").checked_down
+
+
+# hostile and broken backends against one check ------------------------------------
+def _answer(*pieces: bytes, pause: float = 0.0) -> object:
+    """A RawBackend script writing `pieces` with `pause` seconds before each."""
+    def script(conn: socket.socket, _request: bytes) -> bool:
+        for piece in pieces:
+            time.sleep(pause)
+            conn.sendall(piece)
+        return False
+    return script
+
+
+def _reset(conn: socket.socket, _request: bytes) -> bool:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return False  # closed with SO_LINGER 0: an RST
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize(("script", "healthy", "problem"), [
+    (_answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n", OK), True, ""),
+    (_answer(b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n"), True, ""),
+    (_answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\n\r\n"), False, "answered 503"),
+    (_answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"), False, "Upgrade"),
+    (_answer(OK, pause=0.2), True, ""),  # slow, within the timeout
+    (_answer(OK, pause=1.5), False, "timed out"),
+    (_answer(b"HTTP/1.1 2", b"0", b"0", b" OK\r\n", OK[17:], pause=0.35), False, "timed out"),
+    (_answer(b"\x00\xff garbage\r\n\r\n"), False, "invalid response"),
+    (_answer(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000), False, "invalid response"),
+    (_answer(b"HTTP/1.1 200 OK\r\nContent-Le"), False, "invalid response"),  # then EOF
+    (_reset, False, "reset"),
+], ids=["103-then-200", "100-then-204", "100-then-503", "101", "slow-200", "too-slow-200",
+        "trickled-status", "garbage", "endless-head", "cut-head", "reset"])
+def test_a_check_judges_each_answer_within_its_timeout(script, healthy, problem):
+    """Bug: a 103 Early Hints (or 100) before the 200 failed every check."""
+    app = RawBackend(script)
+    try:
+        checker = Checker(pool_backend(app.address), CheckConfig(path="/healthz", timeout=1.0))
+        started = time.monotonic()
+        assert checker.check_once() is healthy, checker.problem
+        assert time.monotonic() - started < 1.5  # never past its timeout (and some slack)
+        assert problem in checker.problem
+        assert app.requests and app.requests[0].startswith(b"GET /healthz HTTP/1.1\r\n")
+    finally:
+        app.stop()
+
+
+def test_a_named_backend_is_resolved_again_for_each_check(monkeypatch):
+    """A backend named by DNS follows its name: each check (as each new
+    connection of a request) resolves it again, so a name moved to another
+    address is checked there from the next check on. Two loopback addresses
+    stand for the old and the new machine, on one port; the resolver is the
+    edge that is scripted."""
+    new = socket.create_server(("127.0.0.2", 0))
+    port = new.getsockname()[1]
+    checked: list[bytes] = []
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            checked.append(read_request(conn))
+            conn.sendall(OK)
+
+    serve_each(new, serve)
+    where = ["127.0.0.3"]  # nothing listens there on that port: refused
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        return real(where[0] if host == "app.internal" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    try:
+        checker = Checker(pool_backend(f"app.internal:{port}"),
+                          CheckConfig(path="/healthz", timeout=1.0, fall=1, rise=1))
+        checker.record(checker.check_once())
+        assert checker.backend.checked_down and "connect" in checker.problem
+        assert not checked
+        where[0] = "127.0.0.2"  # the name moved
+        checker.record(checker.check_once())
+        assert not checker.backend.checked_down
+        assert checked[0].startswith(b"GET /healthz HTTP/1.1\r\nHost: app.internal:")
+    finally:
+        new.close()
