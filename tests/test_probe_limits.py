@@ -1,0 +1,182 @@
+"""Hostile probes of per-rule limits and of `server.max_connections`, through
+real sockets: forwarding fields that name another client, the addresses of
+one IPv6 /64, connections that never send a byte, rates no bucket can keep
+(NaN, infinities, 0, 5e-324), and a flood of silent connections against a
+worker's connection cap.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from balancer.limits import client_key
+from tests.support import Backend, Balancer, request, wait_for
+
+HOST = "app.test"
+ONE = {"action": "empty", "status": 204, "limits": {"rate": 0.01, "burst": 1}}
+
+
+@pytest.fixture(scope="module")
+def bal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
+    """One request per client per 100 s: a second one from the same client is a 429."""
+    balancer = Balancer(tmp_path_factory.mktemp("limits"), {HOST: ONE}, internal=True)
+    yield balancer
+    balancer.stop()
+
+
+def status(port: int, headers: dict[str, str]) -> int:
+    return request(port, host=HOST, headers=headers)[0]
+
+
+@pytest.mark.parametrize("fields", [
+    {"X-Forwarded-For": "192.0.2.{n}"},
+    {"X-Forwarded-For": "192.0.2.{n}, 198.51.100.{n}"},
+    {"X-Real-IP": "192.0.2.{n}"},
+    {"Forwarded": "for=192.0.2.{n}"},
+    {"Forwarded": 'for="[2001:db8::{n}]"'},
+    {"X-Forwarded-For": "2001:db8:{n}::1"},
+], ids=["xff", "xff-list", "x-real-ip", "forwarded", "forwarded-v6", "xff-v6"])
+def test_forwarding_fields_on_an_external_listener_dodge_no_limit(bal: Balancer,
+                                                                   fields) -> None:
+    """The peer is the client on an external listener, whatever it says it forwards:
+    its first request of the test's round uses its bucket (the module's other
+    cases may have used it already), every later one is refused."""
+    first = {k: v.format(n=1) for k, v in fields.items()}
+    assert status(bal.port, first) in (204, 429)
+    for n in range(2, 6):
+        assert status(bal.port, {k: v.format(n=n) for k, v in fields.items()}) == 429
+
+
+@pytest.mark.parametrize(("first", "second", "same"), [
+    ("2001:db8:a::1", "2001:db8:a::2", True),
+    ("2001:db8:b::1", "2001:db8:b:0:ffff:ffff:ffff:ffff", True),
+    ("2001:db8:c::1", "2001:db8:c:1::1", False),  # the next /64
+    ("::ffff:192.0.2.77", "192.0.2.77", True),  # IPv4-mapped: its IPv4 address
+    ("192.0.2.78", "192.0.2.79", False),
+])
+def test_one_ipv6_64_is_one_client(bal: Balancer, first: str, second: str,
+                                   same: bool) -> None:
+    """Bug: each address of a /64 had a bucket of its own, so one client (a /64 is
+    one subscriber's, RFC 6177) dodged every per-client limit. The addresses come
+    through the internal listener (a trusted front proxy's X-Forwarded-For): the
+    loopback has one IPv6 address only."""
+    port = bal.ports["internal"]
+    assert status(port, {"X-Forwarded-For": first}) == 204
+    assert status(port, {"X-Forwarded-For": second}) == (429 if same else 204)
+
+
+def test_client_keys() -> None:
+    assert client_key("192.0.2.1") == b"192.0.2.1"
+    assert client_key("2001:db8::1") == client_key("2001:db8::abcd:1") != client_key("::1")
+    assert client_key("::ffff:192.0.2.1") == b"192.0.2.1"
+    assert client_key("fe80::1%eth0") == b"fe80::1%eth0"  # a zone: as it is
+    assert client_key("unknown") == b"unknown"
+
+
+def test_silent_connections_take_no_place_of_max_connections_per_client(
+        tmp_path: Path) -> None:
+    """`max_connections_per_client` counts requests in progress: 20 connections
+    that never send a byte leave the client its request, and a second request
+    while one is in progress is refused."""
+    backend = Backend()
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address],
+                                     "limits": {"max_connections_per_client": 1}}})
+    silent = [socket.create_connection(("127.0.0.1", bal.port)) for _ in range(20)]
+    try:
+        wait_for(lambda: bal.api("GET", "/api/v1/stats")[1]["open_connections"] >= 20,
+                 what="the silent connections accepted")
+        assert request(bal.port, host=HOST)[0] == 200
+        slow = threading.Thread(target=request, args=(bal.port,),
+                                kwargs={"host": HOST, "path": "/slow?s=1"})
+        slow.start()
+        wait_for(lambda: bal.api("GET", "/api/v1/inflight")[1]["requests"], what="in progress")
+        assert request(bal.port, host=HOST)[0] == 429
+        slow.join(10)
+        assert request(bal.port, host=HOST)[0] == 200
+    finally:
+        for sock in silent:
+            sock.close()
+        bal.stop()
+        backend.stop()
+
+
+@pytest.mark.parametrize("rate", ["NaN", "Infinity", "-Infinity", "0", "-1", "5e-324",
+                                  "1e-308", "0.0009", "1e400", "1000001", "true", '"10"'])
+def test_a_rate_no_bucket_can_keep_is_refused_by_the_api(bal: Balancer, rate: str) -> None:
+    """Bug: 5e-324 passed (> 0) and made 1 / rate infinite, the bucket's
+    tolerance NaN, and the limit let everything through."""
+    body = b'{"action": "empty", "status": 204, "limits": {"rate": ' + rate.encode() + b"}}"
+    conn = http.client.HTTPConnection("127.0.0.1", bal.mport, timeout=10)
+    conn.request("PUT", "/api/v1/hosts/bad.test", body=body,
+                 headers={"Content-Type": "application/json"})
+    answer = conn.getresponse()
+    data = json.loads(answer.read())
+    conn.close()
+    assert answer.status == 400, data
+    assert any(d.startswith("limits.rate: must be a finite number from 0.001 to 1e+06")
+               for d in data.get("details", [])) or data["error"] == "invalid_json", data
+    assert bal.api("GET", "/api/v1/hosts/bad.test")[0] == 404
+
+
+def test_a_stored_rate_below_the_floor_is_served_raised(tmp_path: Path) -> None:
+    """A table an earlier version stored with such a rate is served with the rate
+    raised to 0.001/s (one request per 1,000 s: the second is refused), and
+    said in /api/v1/info, not refused whole as a corrupt store."""
+    bal = Balancer(tmp_path, {HOST: {"action": "empty", "status": 204,
+                                     "limits": {"rate": 5e-324}}})
+    try:
+        assert [request(bal.port, host=HOST)[0] for _ in range(2)] == [204, 429]
+        store = bal.api("GET", "/api/v1/info")[1]["store"]
+        assert store["problem"] is None
+        assert store["raised"] == [{"host": HOST, "field": "limits.rate", "stored": 5e-324,
+                                    "used": 0.001}]
+    finally:
+        bal.stop()
+
+
+def test_a_flood_of_silent_connections_pauses_accept_and_it_resumes(tmp_path: Path) -> None:
+    """`server.max_connections` 20, 60 connections that never send a byte: the
+    worker holds 20 at a time (the others wait in the listen queue), closes
+    each at `client_idle`, takes the next; a request behind them is served, and
+    every descriptor comes back."""
+    bal = Balancer(tmp_path, {HOST: {"action": "empty", "status": 204}},
+                   env={"BALANCER_SERVER_MAX_CONNECTIONS": "20",
+                        "BALANCER_TIMEOUTS_CLIENT_IDLE": "1"})
+    pid = bal.api("GET", "/api/v1/info")[1]["processes"][0]["pid"]
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    peaks: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peaks.append(bal.api("GET", "/api/v1/stats")[1]["open_connections"])
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    silent = [socket.create_connection(("127.0.0.1", bal.port)) for _ in range(60)]
+    try:
+        started = time.monotonic()
+        assert request(bal.port, host=HOST, timeout=15)[0] == 204
+        waited = time.monotonic() - started
+        assert 1 <= waited < 10  # three rounds of 20 closed at client_idle went first
+        closed = sum(1 for sock in silent if sock.recv(1) == b"")
+        assert closed == 60
+    finally:
+        done.set()
+        sampler.join(10)
+        for sock in silent:
+            sock.close()
+    assert max(peaks) <= 20 and max(peaks) >= 15
+    wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds, what=f"back to {fds} fds")
+    assert request(bal.port, host=HOST)[0] == 204
+    bal.stop()
