@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from balancer.errors import Busy, ClientGone, ShuttingDown, SpinTimeout
+from balancer.limits import act
 from balancer.peek import has_hung_up
 from balancer.spans import Piece
 from balancer.table import Route, TableHolder
@@ -150,7 +151,7 @@ def hand_over(route: Route, ex: Any, body: Piece | None) -> None:
     """
     conn = ex.conn
     conn.arm(conn.sock, conn.ctx.timeouts.client_idle)
-    if body is None:
-        route.action.handle(ex)
+    if route.limit is not None:
+        route.limit.apply(ex, route, body)  # its limits, as a request arriving now meets
     else:
-        route.action.resume(ex, body)
+        act(ex, route, body)

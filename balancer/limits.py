@@ -21,6 +21,10 @@ Invariants:
 * Times are CLOCK_MONOTONIC, the same in every process of the machine.
 * A refused request is counted in its host's `limited` counter and the heavy
   hitters' `limited` measure; it does not use up the bucket.
+* A request released from a hold meets the limits of the rule it is released
+  to (`Limit.apply`), as a request arriving then would (bug: they were
+  skipped, so what a client sent during a deploy's `spin` went through
+  whatever its rate).
 * A client is limited by its IPv4 address, or by the /64 of its IPv6 address
   (`client_key`; an IPv4-mapped one by its IPv4 address): the smallest block
   a network hands one subscriber (RFC 6177), whose 2**64 addresses each
@@ -44,6 +48,7 @@ from typing import Any
 
 from balancer.pages import Page, Pages
 from balancer.sketch import client_of
+from balancer.spans import Piece
 
 TABLE_SLOTS = 1 << 16  # keys limited at once, over the whole balancer
 PROBES = 8
@@ -150,6 +155,11 @@ class Limit:
 
     def run(self, ex: Any) -> None:
         """Hand `ex` to its route's action, or answer 429 when over a limit."""
+        self.apply(ex, ex.route, None)
+
+    def apply(self, ex: Any, route: Any, body: Piece | None) -> None:
+        """Hand `ex` to `route`'s action (`resume` with `body`, when a hold read
+        it: `balancer.hold.hand_over`), or answer 429 when over a limit."""
         client = client_of(ex)
         now = time.monotonic()
         buckets = self.buckets
@@ -158,29 +168,37 @@ class Limit:
             with buckets.locked(name):
                 wait = buckets.take(buckets.slot(name, now), now, self.interval, self.tolerance)
             if wait:
-                return self.refuse(ex, client, wait)
+                return self.refuse(ex, route, client, wait)
         if not self.connections:
-            ex.route.action.handle(ex)
+            act(ex, route, body)
             return
         key = self.key + b"\1" + client_key(client)
         with buckets.locked(key):
             offset = buckets.slot(key, now)
             entered = buckets.enter(offset, self.connections)
         if not entered:
-            return self.refuse(ex, client, 1.0)
+            return self.refuse(ex, route, client, 1.0)
         try:
-            ex.route.action.handle(ex)
+            act(ex, route, body)
         finally:
             with buckets.locked(key):
                 buckets.leave(offset)
 
-    def refuse(self, ex: Any, client: str, wait: float) -> None:
+    def refuse(self, ex: Any, route: Any, client: str, wait: float) -> None:
         """The 429 answer (the `busy` page) and its counting."""
-        ex.route.stats.limited += 1
+        route.stats.limited += 1
         ex.conn.ctx.stats.top.note_limited(ex, client)
         seconds = min(max(1, math.ceil(wait)), MAX_RETRY_AFTER)
         ex.respond(429, self.page.body, self.page.content_type,
                    ((b"Retry-After", b"%d" % seconds),))
+
+
+def act(ex: Any, route: Any, body: Piece | None) -> None:
+    """`route`'s action on `ex`: `handle`, or `resume` with the body a hold read."""
+    if body is None:
+        route.action.handle(ex)
+    else:
+        route.action.resume(ex, body)
 
 
 def client_key(client: str) -> bytes:
