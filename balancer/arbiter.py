@@ -24,6 +24,8 @@ Invariants:
   starting at a time.
 * A child that exits unasked is replaced with backoff; repeated exits are
   reported as a crash loop and slow down, they never spin.
+* The requests a worker that exited still counted against rules' limits
+  (its journal: `balancer.limits.reclaim`) are given back when it is reaped.
 """
 
 from __future__ import annotations
@@ -194,6 +196,12 @@ class Arbiter:
             os.unlink(control_path(self.bound.run_dir, child.pid))
         how = f"exited with code {code}" if code >= 0 else \
             f"was killed by {signal.Signals(-code).name}"
+        from balancer.limits import FILE_NAME, reclaim  # the data plane's (preloaded)
+
+        given = reclaim(os.path.join(self.bound.run_dir, FILE_NAME), child.pid)
+        if given:
+            log.warning("%s %s with %d request(s) in progress under a "
+                        "max_connections_per_client limit: given back", child, how, given)
         if child.draining or self.state != RUNNING:
             log.info("%s %s", child, how)
             return

@@ -19,6 +19,10 @@ Invariants:
   with 2 workers. The lock costs two syscalls per request of a rule that has
   limits, none for the others; an anonymous map (one process) takes none.
 * Times are CLOCK_MONOTONIC, the same in every process of the machine.
+* Each worker journals its own requests in progress per slot (a file of its
+  own beside the shared one); when it exits, however, the arbiter gives back
+  what its journal still holds (`reclaim`), so a killed worker never leaves a
+  client locked out by its `max_connections_per_client`.
 * A refused request is counted in its host's `limited` counter and the heavy
   hitters' `limited` measure; it does not use up the bucket.
 * A request released from a hold meets the limits of the rule it is released
@@ -57,29 +61,38 @@ TAT = struct.Struct("<d")
 OPEN = struct.Struct("<q")
 FILE_NAME = "limits.shm"
 MAX_RETRY_AFTER = 3600
+COUNT = struct.Struct("<i")  # a journal's entry: one process's requests in progress in a slot
 V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
 
 
 class SharedBuckets:
     """The balancer-wide table of limit counters (see the module doc).
 
-    `path` None: an anonymous map, for a single process (tests, tools)."""
+    `path` None: an anonymous map, for a single process (tests, tools); else
+    with `journal` this process also keeps its own requests in progress per
+    slot in its journal, `journal_path(path, pid)` (what `reclaim` gives back
+    when it is gone)."""
 
-    def __init__(self, path: str | None = None) -> None:
-        size = TABLE_SLOTS * SLOT.size
+    def __init__(self, path: str | None = None, journal: bool = True) -> None:
         self.fd = -1  # the shared file, kept open for its record locks
+        self.journal: mmap.mmap | None = None
         if path is None:
-            self.map = mmap.mmap(-1, size)
+            self.map = mmap.mmap(-1, TABLE_SLOTS * SLOT.size)
             return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size != size:
-                os.ftruncate(fd, size)
-            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
+        self.fd, self.map = _shared_map(path, TABLE_SLOTS * SLOT.size)
+        if journal:
+            journal_fd, self.journal = _shared_map(journal_path(path, os.getpid()),
+                                                   TABLE_SLOTS * COUNT.size)
+            os.close(journal_fd)
+
+    def close(self) -> None:
+        """Unmap and close (a process done with the table)."""
+        for mapped in (self.map, self.journal):
+            if mapped is not None:
+                mapped.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     @contextlib.contextmanager
     def locked(self, key: bytes) -> Iterator[None]:
@@ -131,11 +144,36 @@ class SharedBuckets:
         if current >= cap:
             return False
         OPEN.pack_into(self.map, at, max(current, 0) + 1)
+        self.note(offset, 1)
         return True
 
     def leave(self, offset: int) -> None:
         at = offset + 16
         OPEN.pack_into(self.map, at, max(OPEN.unpack_from(self.map, at)[0] - 1, 0))
+        self.note(offset, -1)
+
+    def give_back(self, counts: list[int]) -> None:
+        """Take `counts` (a gone process's journal: per slot, its requests in
+        progress) off the slots' counts, each under its key's lock."""
+        for index, count in enumerate(counts):
+            if count <= 0:
+                continue
+            offset = index * SLOT.size
+            digest = SLOT.unpack_from(self.map, offset)[0]
+            home = (digest & (TABLE_SLOTS - 1)) * SLOT.size
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, SLOT.size, home)
+            try:
+                at = offset + 16
+                OPEN.pack_into(self.map, at, max(OPEN.unpack_from(self.map, at)[0] - count, 0))
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, SLOT.size, home)
+
+    def note(self, offset: int, change: int) -> None:
+        """Keep this process's own count of the slot at `offset` in its journal."""
+        journal = self.journal
+        if journal is not None:
+            at = offset // SLOT.size * COUNT.size
+            COUNT.pack_into(journal, at, COUNT.unpack_from(journal, at)[0] + change)
 
 
 class Limit:
@@ -243,3 +281,49 @@ def compile_limit(key: str, rule: Mapping[str, Any], buckets: SharedBuckets,
     if not limits:
         return None
     return Limit(key, limits, buckets, pages.get("busy"))
+
+
+def journal_path(path: str, pid: int) -> str:
+    """The journal of process `pid` beside the shared file `path`."""
+    return f"{path}.{pid}"
+
+
+def _shared_map(path: str, size: int) -> tuple[int, mmap.mmap]:
+    """The file `path` (made `size` bytes long, zeros: sparse) open and mapped shared."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def reclaim(path: str, pid: int) -> int:
+    """Give back the requests in progress that process `pid`, gone, still counted
+    in the shared file `path` (its journal's), and delete its journal; how many.
+
+    Called by the arbiter for each worker that exits (`balancer.arbiter`): one
+    killed (a crash, the OOM killer, a drain's end) left its requests counted
+    for good, and a client at its `max_connections_per_client` got 429 for
+    every request after (bug). The journal is claimed by a rename first, so it
+    is given back once."""
+    claimed = journal_path(path, pid) + ".reclaimed"
+    try:
+        os.rename(journal_path(path, pid), claimed)
+    except OSError:
+        return 0  # none (not a worker, or given back already)
+    try:
+        with open(claimed, "rb") as file:
+            counts = [count for (count,) in COUNT.iter_unpack(file.read())]
+        given = sum(count for count in counts if count > 0)
+        if given:
+            buckets = SharedBuckets(path, journal=False)
+            try:
+                buckets.give_back(counts)
+            finally:
+                buckets.close()
+        return given
+    finally:
+        os.unlink(claimed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -180,3 +181,41 @@ def test_a_flood_of_silent_connections_pauses_accept_and_it_resumes(tmp_path: Pa
     wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds, what=f"back to {fds} fds")
     assert request(bal.port, host=HOST)[0] == 204
     bal.stop()
+
+
+def test_a_killed_workers_requests_in_progress_are_given_back(tmp_path: Path) -> None:
+    """Bug: a worker killed with requests in progress (a crash, the OOM killer)
+    left them counted in the shared table for good: a client at its
+    `max_connections_per_client` got 429 for every request after, from every
+    worker. The arbiter gives back what the dead worker's journal held."""
+    backend = Backend()
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address],
+                                     "limits": {"max_connections_per_client": 1}}})
+    slow = socket.create_connection(("127.0.0.1", bal.port), timeout=10)
+    try:
+        slow.sendall(b"GET /slow?s=30 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        wait_for(lambda: bal.api("GET", "/api/v1/inflight")[1]["requests"], what="in progress")
+        assert request(bal.port, host=HOST)[0] == 429
+        (old,) = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+        os.kill(old, signal.SIGKILL)
+        assert slow.recv(100) == b""  # its connection died with it
+        wait_for(lambda: [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+                 not in ([], [old]), timeout=15, what="a new worker")
+        assert [request(bal.port, host=HOST)[0] for _ in range(3)] == [200] * 3
+        wait_for(lambda: "1 request(s) in progress under a max_connections_per_client "
+                         "limit: given back" in bal.output(), what="the log line")
+        assert not [name for name in os.listdir(run_dir(bal)) if name.endswith(f".{old}")]
+    finally:
+        slow.close()
+        bal.stop()
+        backend.stop()
+
+
+def run_dir(bal: Balancer) -> str:
+    """The balancer's run directory (where the workers' control sockets are)."""
+    (worker,) = bal.api("GET", "/api/v1/info")[1]["processes"]
+    for fd in os.listdir(f"/proc/{worker['pid']}/fd"):
+        target = os.readlink(f"/proc/{worker['pid']}/fd/{fd}")
+        if target.endswith("/limits.shm"):
+            return os.path.dirname(target)
+    raise AssertionError("no limits.shm open in the worker")
