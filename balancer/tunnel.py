@@ -28,8 +28,14 @@ def shutdown(sock: socket.socket, how: int) -> None:
 
     An SSL socket's own ``shutdown`` drops its SSL object, and every read after
     it would return ciphertext: a TLS peer whose other direction ended gets a
-    TCP FIN with no close_notify (WebSocket has its own closing handshake)."""
-    raw = _socket.socket(fileno=sock.fileno())  # the C socket: never gevent's
+    TCP FIN with no close_notify (WebSocket has its own closing handshake).
+    A socket closed already is left alone: a stopping worker closes the
+    connections still open when its drain ends, a tunnel's under its pumps
+    (bug: a pump then died with "negative file descriptor" and a traceback)."""
+    fileno = sock.fileno()
+    if fileno < 0:
+        return
+    raw = _socket.socket(fileno=fileno)  # the C socket: never gevent's
     try:
         with contextlib.suppress(OSError):
             raw.shutdown(how)

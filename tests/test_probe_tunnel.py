@@ -9,6 +9,7 @@ back, and it keeps serving.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -190,3 +191,24 @@ def test_a_101_to_an_http_1_0_request_is_a_bad_gateway(site) -> None:
     sock.close()
     assert data.startswith(b"HTTP/1.1 502 ") and b" 101 " not in data
     all_back(bal, backend, before)
+
+
+def test_a_tunnel_open_at_sigterm_ends_with_the_drain_cleanly(tmp_path) -> None:
+    """Bug: the worker closes the connections still open when its drain ends,
+    a tunnel's under its pumps; a pump then died with "negative file
+    descriptor" and a traceback in the log."""
+    backend = Scripted()
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
+                   env={"BALANCER_TIMEOUTS_GRACEFUL": "1"})
+    try:
+        sock = upgrade(bal, "/silent")
+        assert read_through(sock) is not None
+        bal.proc.send_signal(signal.SIGTERM)
+        rest, took = until_closed(sock)
+        sock.close()
+        assert rest == b"" and took < 5
+        assert bal.proc.wait(10) == 0
+        assert "Traceback" not in bal.output() and "Error" not in bal.output()
+    finally:
+        bal.stop()
+        backend.stop()
