@@ -17,6 +17,7 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -233,3 +234,27 @@ def test_requests_released_from_a_hold_meet_the_new_rules_limits(bal: Balancer, 
     assert statuses == [204, 429, 429]
     for sock in socks:
         sock.close()
+
+
+def test_a_tls_client_leaving_after_sending_more_while_held_frees_its_slot(
+        tmp_path: Path) -> None:
+    """Under TLS the bytes sent while held are read through OpenSSL and kept for
+    the next rule (the watch stops); the hang-up after them is noticed from the
+    TCP state, as a plain client's."""
+    from tests.test_tls import client_context, put_cert, tls_connect
+
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps({"version": 1, "hosts": {HOST: SPIN}}))
+    put_cert(routes, HOST)
+    bal = Balancer(tmp_path, args=["--tls-listen", "127.0.0.1:0"])
+    try:
+        tls = tls_connect(bal.ports["tls"], HOST, client_context(tmp_path))
+        tls.sendall(b"POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 8\r\n\r\n")
+        wait_for(lambda: bal.spinning(HOST) == 1, what="held")
+        tls.sendall(b"bodybody")
+        wait_for(lambda: bal.api("GET", "/api/v1/inflight?min_age=0.3")[1]["requests"],
+                 what="the bytes to reach the worker")
+        tls.close()
+        wait_for(lambda: bal.spinning(HOST) == 0, timeout=2.5, what="the slot freed")
+    finally:
+        bal.stop()
