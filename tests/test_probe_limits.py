@@ -91,7 +91,7 @@ def test_silent_connections_take_no_place_of_max_connections_per_client(
     backend = Backend()
     bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address],
                                      "limits": {"max_connections_per_client": 1}}})
-    silent = [socket.create_connection(("127.0.0.1", bal.port)) for _ in range(20)]
+    silent = [socket.create_connection(("127.0.0.1", bal.port), timeout=10) for _ in range(20)]
     try:
         wait_for(lambda: bal.api("GET", "/api/v1/stats")[1]["open_connections"] >= 20,
                  what="the silent connections accepted")
@@ -152,6 +152,13 @@ def test_a_flood_of_silent_connections_pauses_accept_and_it_resumes(tmp_path: Pa
     bal = Balancer(tmp_path, {HOST: {"action": "empty", "status": 204}},
                    env={"BALANCER_SERVER_MAX_CONNECTIONS": "20",
                         "BALANCER_TIMEOUTS_CLIENT_IDLE": "1"})
+    try:
+        flood(bal)
+    finally:
+        bal.stop()
+
+
+def flood(bal: Balancer) -> None:
     pid = bal.api("GET", "/api/v1/info")[1]["processes"][0]["pid"]
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     peaks: list[int] = []
@@ -164,7 +171,7 @@ def test_a_flood_of_silent_connections_pauses_accept_and_it_resumes(tmp_path: Pa
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    silent = [socket.create_connection(("127.0.0.1", bal.port)) for _ in range(60)]
+    silent = [socket.create_connection(("127.0.0.1", bal.port), timeout=10) for _ in range(60)]
     try:
         started = time.monotonic()
         assert request(bal.port, host=HOST, timeout=15)[0] == 204
@@ -180,7 +187,6 @@ def test_a_flood_of_silent_connections_pauses_accept_and_it_resumes(tmp_path: Pa
     assert max(peaks) <= 20 and max(peaks) >= 15
     wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds, what=f"back to {fds} fds")
     assert request(bal.port, host=HOST)[0] == 204
-    bal.stop()
 
 
 def test_a_killed_workers_requests_in_progress_are_given_back(tmp_path: Path) -> None:
