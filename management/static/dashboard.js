@@ -299,10 +299,15 @@ function currentBanners(now) {
   const raised = state.view?.info?.store?.raised;
   if (raised?.length) {
     // stored by an earlier version below today's floors: served raised to them
-    const listed = raised.slice(0, 3).map((r) => `${r.host} ${r.field} ${r.stored} s → ${r.used} s`);
+    // health.* are seconds, limits.rate requests per second
+    const unit = (r) => (r.field.startsWith("health.") ? "s" : "/s");
+    const listed = raised.slice(0, 3).map(
+      (r) => `${r.host} ${r.field} ${r.stored} ${unit(r)} → ${r.used} ${unit(r)}`);
     const more = raised.length > 3 ? ` and ${raised.length - 3} more` : "";
-    return [["warn", "Health check values raised.", "The stored table holds health check " +
-      `values below the floor, used raised to it: ${listed.join(", ")}${more}. ` +
+    const health = raised.every((r) => r.field.startsWith("health."));
+    return [["warn", health ? "Health check values raised." : "Stored rule values raised.",
+      `The stored table holds ${health ? "health check " : ""}values below the floor, ` +
+      `used raised to it: ${listed.join(", ")}${more}. ` +
       "Write these rules again at or above the floor."]];
   }
   return [];
