@@ -7,9 +7,9 @@ is what the management API falls back on when the store cannot be trusted:
 (`balancer.stores.snapshot`) and writes the operator's log lines about the
 table: one per version change, with hosts added/changed/removed, one when
 the store loses its table or is repaired (workers log those at debug level:
-the balancer reports each once), and one per table loaded that holds health
-values below today's floors, loaded raised (`raised`, shown by `/api/v1/info`:
-`balancer.stores.floors`).
+the balancer reports each once), and one per table loaded that holds
+values below today's floors (health check times, `limits.rate`), loaded
+raised (`raised`, shown by `/api/v1/info`: `balancer.stores.floors`).
 
 Invariants:
 * `table` is only replaced by a table at least as new as `highest`, never by
@@ -58,7 +58,7 @@ class Mirror:
         self.table: TableData | None = None
         self.highest = 0
         self.problem: str | None = None  # the store lost its table (see `judge`)
-        self.raised: tuple[Raised, ...] = ()  # health values used raised to their floor
+        self.raised: tuple[Raised, ...] = ()  # stored values used raised to their floor
         self.stopped = False
         self._dirty = Event()
         self._stopping = Event()  # wakes the snapshot loop's pause at once on stop
