@@ -42,7 +42,7 @@ from management.deploy_steps import (
     check_config,
     in_flight,
     local_report,
-    probe,
+    probe_all,
     switched_rule,
 )
 
@@ -289,8 +289,9 @@ class Run:
         pending = {a: 0 for a in addresses(self.record["to"])}
         problems: dict[str, str] = {}
         while pending:
-            for address in list(pending):
-                problem = probe(address, self.host, config, strict, self.deployer.tls)
+            found = probe_all(list(pending), self.host, config, strict, self.deployer.tls,
+                              deadline)
+            for address, problem in found.items():
                 if problem is None:
                     pending[address] += 1
                     if pending[address] >= config.rise:
