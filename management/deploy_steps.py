@@ -81,6 +81,8 @@ def probe(address: str, host: str, config: CheckConfig, strict: bool,
         if target.tls:
             sock = (tls or BackendTLS()).secure(sock, config.tls_key or pool_key(b"", False),
                                                 plain, deadline, contextlib.nullcontext)
+    except TimeoutError:
+        return f"connect: no answer within {timeout:.3g}s"
     except OSError as exc:
         return f"connect: {exc.strerror or exc}"
     except BackendTLSError as exc:
@@ -90,6 +92,8 @@ def probe(address: str, host: str, config: CheckConfig, strict: bool,
         sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: balancer-deploy\r\n"
                      b"Connection: close\r\n\r\n" % (config.path.encode(), name.encode()))
         status = read_status(sock, deadline)
+    except TimeoutError:
+        return f"no answer within {timeout:.3g}s"
     except OSError as exc:
         return str(exc.strerror or exc) or type(exc).__name__
     except ProtocolError as exc:

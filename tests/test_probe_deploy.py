@@ -115,8 +115,35 @@ def test_backends_that_accept_and_never_answer_fail_the_deploy_at_its_ready_time
         for peer in hung:
             peer.stop()
     assert record["state"] == "failed", record
-    assert "not ready after 1s" in record["error"] and "timed out" in record["error"]
+    assert "not ready after 1s" in record["error"] and "no answer within" in record["error"]
     assert all(h.address in record["error"] for h in hung)
     assert took < 3.5, f"the ready step took {took:.1f}s for a ready_timeout of 1s"
     assert rule_of(lb) == before
     assert json.loads(request(lb.port)[2])["backend"] == "a"
+
+
+def test_flapping_dying_and_slow_backends_never_count_as_ready(lb: Balancer, a: Backend) -> None:
+    """With `health.rise` 2, a backend must answer well twice in a row: one that
+    flaps (200, 503, ...), answers 200 then closes every later connection, or
+    answers just over the check's timeout is never ready; one just under is."""
+    flapping, dying = Scripted("ok", "503", "ok", "503", "ok", "503"), Scripted("ok", "close")
+    over, under = Scripted("slow:0.7"), Scripted("slow:0.1")
+    health = {"path": "/", "timeout": 0.4, "interval": 0.1, "rise": 2}
+    assert lb.api("PUT", f"/api/v1/hosts/{HOST}", {**proxy(a), "health": health})[0] == 200
+    before = rule_of(lb)
+    try:
+        record = finished(lb, deploy(lb, {"backends": [flapping.address, dying.address,
+                                                       over.address], "ready_timeout": 1.2})["id"])
+        assert record["state"] == "failed", record
+        error = record["error"]
+        assert f"{flapping.address}: GET / answered 503" in error
+        assert f"{dying.address}: invalid response: backend closed the connection" in error
+        assert f"{over.address}: no answer within " in error
+        assert rule_of(lb) == before and flapping.seen >= 3 and dying.seen >= 2
+        record = finished(lb, deploy(lb, {"backends": [under.address], "warmup": 0,
+                                          "ready_timeout": 5})["id"])
+        assert record["state"] == "done", record
+        assert rule_of(lb)["backends"] == [under.address]
+    finally:
+        for peer in (flapping, dying, over, under):
+            peer.stop()
