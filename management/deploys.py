@@ -18,6 +18,10 @@ Invariants:
   `STALE_AFTER` seconds (its process died) is taken over by a management
   process that resumes the deploy. A process that stops hands its claims
   over at once (beat 0).
+* A store outage (`StoreUnavailable`) is waited out for `STORE_PATIENCE`
+  seconds at every step's store call (`Deployer.patiently`); only a longer
+  one fails the deploy. A switch write whose answer was lost is recognised
+  by its `since` on the next look, never taken for someone else's change.
 * While any host is claimed, every balancer publishes its in-flight counts
   on the claimed hosts' backends (`watch_loop`); the drain waits on all of
   them.
@@ -36,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from balancer.backend_tls import BackendTLS
-from balancer.stores import StoreError, VersionConflict
+from balancer.stores import StoreError, StoreUnavailable, VersionConflict
 from management.deploy_steps import (
     addresses,
     check_config,
@@ -53,6 +57,8 @@ BEAT_EVERY = 1.0
 WATCH_EVERY = 0.25  # seconds between in-flight reports while a deploy runs
 IDLE_EVERY = 1.0    # seconds between looks for a deploy while none runs
 DRAIN_SETTLE = 0.5  # seconds after the warmup before the old backends' counts are trusted
+STORE_PATIENCE = 30.0  # seconds a deploy waits for an unavailable store before it fails
+STORE_RETRY = 0.2      # seconds between its attempts meanwhile
 STEPS = ("ready", "switch", "warmup", "drain")
 
 
@@ -121,7 +127,8 @@ class Deployer:
                      host)
             return
         except DeployFailed as exc:
-            self._end(record, "failed", str(exc))
+            switched = " (after the switch: the new backends serve)" if record["version"] else ""
+            self._end(record, "failed", f"{exc}{switched}")
         except Exception as exc:  # a bug or a store failure: end cleanly, never half-way
             log.exception("deploy %s of %s failed", record["id"], host)
             self._end(record, "failed", f"internal error: {exc}")
@@ -153,15 +160,23 @@ class Deployer:
                         record["id"], record["host"], exc, STALE_AFTER)
 
     def save(self, record: dict[str, Any]) -> None:
-        """Store the record; a store hiccup is retried until the process stops."""
-        for _ in range(50):
+        """Store the record (an outage waited out, `patiently`)."""
+        self.patiently(record, "save its record", lambda: self.records.save_deploy(record))
+
+    def patiently(self, record: dict[str, Any], what: str, call: Callable[[], Any]) -> Any:
+        """`call()`, tried again while the store is unavailable, for up to
+        `STORE_PATIENCE` seconds (then `DeployFailed`) or until this process stops
+        (`Interrupted`)."""
+        give_up = time.monotonic() + STORE_PATIENCE
+        while True:
             try:
-                self.records.save_deploy(record)
-                return
-            except StoreError as exc:
-                log.warning("deploy %s: cannot save its record: %s", record["id"], exc)
-                self.pause(0.2)
-        raise DeployFailed("cannot save the deploy record: the store is unavailable")
+                return call()
+            except StoreUnavailable as exc:
+                if time.monotonic() >= give_up:
+                    raise DeployFailed(f"cannot {what}: the store is unavailable ({exc})") \
+                        from None
+                log.warning("deploy %s: cannot %s: %s (trying again)", record["id"], what, exc)
+                self.pause(STORE_RETRY)
 
     def pause(self, seconds: float) -> None:
         """Wait, or raise `Interrupted` when this process is stopping."""
@@ -300,17 +315,17 @@ class Run:
                     pending[address], problems[address] = 0, problem
             if not pending:
                 break
+            self.deployer.pause(min(config.interval, max(0.0, deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 why = "; ".join(f"{a}: {problems.get(a, 'not up yet')}" for a in pending)
                 raise DeployFailed(f"not ready after {self.settings['ready_timeout']:g}s "
                                    f"({why}); nothing was switched")
-            self.deployer.pause(config.interval)
         self.end("ok", f"{', '.join(addresses(self.record['to']))} up")
 
     # 2. switch ---------------------------------------------------------------
     def switch(self) -> None:
         if self.resumed and self.record.get("since") is not None:
-            data = self.deployer.store.load()
+            data = self.load()
             rule = data.hosts.get(self.host) or {}
             if (rule.get("draining") or {}).get("since") == self.record["since"] or \
                     self._is_switched(rule):
@@ -318,21 +333,34 @@ class Run:
                 return
         self.record["since"] = time.time()
         self.begin("switch", "one write of the rule")
+        rule = switched_rule(self.record["before"], self.record["to"], self.record["since"],
+                             float(self.settings["warmup"]))
         for _ in range(10):
-            data = self.deployer.store.load()
+            data = self.load()
+            if data.hosts.get(self.host) == rule:  # written, its answer lost in an outage
+                self.record["version"] = data.version
+                self.end("ok", f"version {data.version}")
+                return
             if data.hosts.get(self.host) != self.record["before"]:
                 raise DeployFailed("the host's rule changed during the deploy; nothing "
                                    "was switched")
-            rule = switched_rule(self.record["before"], self.record["to"],
-                                 self.record["since"], float(self.settings["warmup"]))
             try:
-                version = self.deployer.write_rule(self.host, rule, data.version)
+                version = self.write(rule, data.version)
             except VersionConflict:
-                continue  # another host changed meanwhile: check ours again
+                continue  # another host changed meanwhile (or our write landed): look again
             self.record["version"] = version
             self.end("ok", f"version {version}")
             return
         raise DeployFailed("the table kept changing; nothing was switched")
+
+    def load(self) -> Any:
+        """The store's table, an outage waited out."""
+        return self.deployer.patiently(self.record, "read the table", self.deployer.store.load)
+
+    def write(self, rule: dict[str, Any], if_version: int) -> int:
+        """Write the host's `rule` if the table is at `if_version`, an outage waited out."""
+        return int(self.deployer.patiently(self.record, "write the rule", lambda: (
+            self.deployer.write_rule(self.host, rule, if_version))))
 
     def _is_switched(self, rule: dict[str, Any]) -> bool:
         return rule.get("action") == "proxy" and "draining" not in rule and \
@@ -364,7 +392,8 @@ class Run:
         deadline = max(time.time(), since) + timeout
         counts = None
         while True:
-            reports = self.deployer.records.inflight()
+            reports = self.deployer.patiently(self.record, "read the in-flight counts",
+                                              self.deployer.records.inflight)
             counts = in_flight(reports, self.host, draining, int(self.record["version"] or 0),
                                since, time.time())
             if counts is not None and not any(c["in_flight"] for c in counts.values()):
@@ -385,13 +414,13 @@ class Run:
     def finish(self) -> None:
         """Remove `draining` from the rule if it is still this deploy's."""
         for _ in range(10):
-            data = self.deployer.store.load()
+            data = self.load()
             rule = data.hosts.get(self.host)
             if not rule or (rule.get("draining") or {}).get("since") != self.record["since"]:
                 return
             clean = {k: v for k, v in rule.items() if k != "draining"}
             try:
-                self.deployer.write_rule(self.host, clean, data.version)
+                self.write(clean, data.version)
                 return
             except VersionConflict:
                 continue

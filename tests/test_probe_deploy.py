@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import signal
 import socket
@@ -147,3 +148,134 @@ def test_flapping_dying_and_slow_backends_never_count_as_ready(lb: Balancer, a: 
     finally:
         for peer in (flapping, dying, over, under):
             peer.stop()
+
+
+# 2. operators racing, and the management process dying ----------------------------
+def post_deploy(port: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", f"/api/v1/hosts/{HOST}/deploy", body=json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    answer = json.loads(response.read())
+    conn.close()
+    return response.status, answer
+
+
+def management_pids(lb: Balancer) -> list[int]:
+    import re
+    return [int(p) for p in re.findall(r"management (\d+) ready", lb.output())]
+
+
+def test_operators_racing_on_two_balancers_sharing_redis_start_one_deploy(
+        tmp_path: Path, redis_server: Any) -> None:
+    a, b = Backend("a"), Scripted("503")  # B never ready: the winner's deploy stays running
+    config = f'[store]\nnamespace = "race-{time.time_ns()}"\n'
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    store = ["--store", redis_server.url]
+    first = Balancer(tmp_path / "one", args=store, config=config)
+    second = Balancer(tmp_path / "two", args=store, config=config)
+    try:
+        assert first.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
+        body = {"backends": [b.address], "ready_timeout": 1.5}
+        ports = [first.mport, second.mport] * 8
+        turn = itertools.count()
+        answers = [f.result() for f in in_threads(len(ports), lambda: post_deploy(
+            ports[next(turn) % len(ports)], body))]
+        started = [answer["deploy"] for status, answer in answers if status == 202]
+        refused = [answer for status, answer in answers if status == 409]
+        assert len(started) == 1 and len(refused) == len(ports) - 1, answers
+        assert {r["error"] for r in refused} == {"deploy_in_progress"}
+        assert all(started[0]["id"] in r["message"] for r in refused)
+        record = finished(second, started[0]["id"])
+        assert record["state"] == "failed" and "nothing was switched" in record["error"]
+        assert second.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"] == proxy(a)
+        assert len(first.api("GET", "/api/v1/deploys")[1]["deploys"]) == 1
+    finally:
+        first.stop()
+        second.stop()
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.slow  # the claim of a killed process goes stale after STALE_AFTER (5 s)
+def test_a_management_process_killed_mid_drain_is_replaced_and_the_deploy_finishes(
+        lb: Balancer, a: Backend) -> None:
+    b = Backend("b")
+    try:
+        slow, out = in_background(lambda: request(lb.port, path="/slow?s=6"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 30})
+        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
+                 == "drain", what="the drain")
+        killed = management_pids(lb)[-1]
+        import os
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: len(management_pids(lb)) == 2, timeout=15,
+                 what="the arbiter to start a new management process")
+        status, answer = post_deploy(lb.mport, {"backends": [a.address]})
+        assert status == 409 and record["id"] in answer["message"], answer  # still claimed
+        wait_for(lambda: "resuming at step drain" in lb.output(), timeout=15,
+                 what="the new management process to resume the deploy")
+        record = finished(lb, record["id"])
+        slow.join(10)
+    finally:
+        b.stop()
+    assert record["state"] == "done", record
+    assert step(record, "drain")["outcome"] == "drained"
+    assert step(record, "drain")["ended"] >= out["done_at"] - 0.05
+    assert out["result"][0] == 200 and json.loads(out["result"][2])["backend"] == "a"
+    assert rule_of(lb) == proxy(b)
+    assert lb.proc.poll() is None
+
+
+@pytest.mark.slow  # the claim of a killed process goes stale after STALE_AFTER (5 s)
+def test_a_management_process_killed_in_the_ready_step_changes_nothing(
+        lb: Balancer, a: Backend) -> None:
+    not_ready, b = Scripted("503"), Backend("b")
+    try:
+        record = deploy(lb, {"backends": [not_ready.address], "ready_timeout": 60})
+        wait_for(lambda: not_ready.seen >= 2, what="the new backend probed")
+        import os
+        os.kill(management_pids(lb)[-1], signal.SIGKILL)
+        record = finished(lb, record["id"], timeout=20)
+        assert record["state"] == "failed", record
+        assert "interrupted before the switch" in record["error"]
+        assert rule_of(lb) == proxy(a)
+        again = finished(lb, deploy(lb, {"backends": [b.address], "warmup": 0})["id"])
+        assert again["state"] == "done", again
+        assert rule_of(lb) == proxy(b)
+    finally:
+        not_ready.stop()
+        b.stop()
+
+
+# 3. the store going away -------------------------------------------------------------
+def test_redis_going_away_during_the_drain_delays_the_deploy_and_it_finishes(
+        tmp_path: Path, redis_factory: Any) -> None:
+    redis = redis_factory()
+    a, b = Backend("a"), Backend("b")
+    lb = Balancer(tmp_path, args=["--store", redis.url])
+    try:
+        assert lb.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
+        slow, out = in_background(lambda: request(lb.port, path="/slow?s=3"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 30})
+        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
+                 == "drain", what="the drain")
+        redis.stop()
+        status, answer = post_deploy(lb.mport, {"backends": [a.address]})
+        assert status == 503 and answer["error"] == "store_unavailable", answer
+        assert json.loads(request(lb.port)[2])["backend"] == "b"  # the data plane serves on
+        wait_for(lambda: "cannot read the in-flight counts" in lb.output(),
+                 what="the deploy to meet the outage")
+        redis.start()
+        record = finished(lb, record["id"], timeout=20)
+        slow.join(10)
+    finally:
+        lb.stop()
+        a.stop()
+        b.stop()
+    assert record["state"] == "done", record
+    assert step(record, "drain")["outcome"] == "drained"
+    assert out["result"][0] == 200
