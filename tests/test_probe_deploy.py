@@ -279,3 +279,61 @@ def test_redis_going_away_during_the_drain_delays_the_deploy_and_it_finishes(
     assert record["state"] == "done", record
     assert step(record, "drain")["outcome"] == "drained"
     assert out["result"][0] == 200
+
+
+# 4. malformed bodies and the host changing under the deploy -----------------------------
+def post_raw(lb: Balancer, what: str, data: bytes) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", lb.mport, timeout=10)
+    conn.request("POST", f"/api/v1/hosts/{HOST}/{what}", body=data,
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    answer = json.loads(response.read())
+    conn.close()
+    return response.status, answer
+
+
+def test_malformed_deploy_bodies_are_refused_with_the_reason_and_start_nothing(
+        lb: Balancer, a: Backend) -> None:
+    good = json.dumps(a.address)
+    cases = [
+        (b'{"backends": [%s], "ready_timeout": NaN}', "invalid_json", "NaN is not a number"),
+        (b'{"backends": [%s], "warmup": 1e309}', "invalid_json", "too large"),
+        (b'{"backends": [%s], "warmup": 1' + b"0" * 5000 + b"}", "invalid_json",
+         "an integer of 5001 digits is too large"),
+        (b'{"backends": [%s], "drain_timeout": -5}', "invalid_deploy", "drain_timeout"),
+        (b'{"backends": [%s], "ready_timeout": 0}', "invalid_deploy", "ready_timeout"),
+        (b'{"backends": [%s], "warmup": 86401}', "invalid_deploy", "at most 86400"),
+        (b'{"backends": [%s], "warmup": true}', "invalid_deploy", "warmup"),
+        (b'{"backends": [%s], "warmup": "10"}', "invalid_deploy", "warmup"),
+        (b'{"backends": [%s], "ready_timeout": null}', "invalid_deploy", "ready_timeout"),
+        (b'{"backends": [%s], "health": {}}', "invalid_deploy", "health: unknown field"),
+        (b'{"backends": [%s], "backends": []}', "invalid_json", "twice"),
+        (b'{"backends": %s}', "invalid_deploy", "backends"),
+        (b'{"backends": [{"address": %s, "weight": 1e400}]}', "invalid_json", "too large"),
+        (b'{"backends": [{"address": %s, "weight": 0}]}', "invalid_deploy", "weight"),
+        (b'{"backends": [%s, %s]}', "invalid_deploy", "duplicate"),
+        (b'[%s]', "invalid_deploy", "body: must be"),
+    ]
+    for template, error, reason in cases:
+        data = template.replace(b"%s", good.encode())
+        status, answer = post_raw(lb, "deploy", data)
+        assert status == 400 and answer["error"] == error, (data[:80], answer)
+        assert reason in answer["message"] + " ".join(answer["details"]), (data[:80], answer)
+    status, answer = post_raw(lb, "rollback", b'{"backends": [], "warmup": -1}')
+    assert status == 400 and len(answer["details"]) == 2, answer
+    assert lb.api("GET", "/api/v1/deploys")[1]["deploys"] == []
+    assert rule_of(lb) == proxy(a) and lb.proc.poll() is None
+
+
+def test_a_host_deleted_during_the_ready_step_is_not_brought_back(lb: Balancer) -> None:
+    late = Scripted("503", "503", "ok")
+    try:
+        record = deploy(lb, {"backends": [late.address], "ready_timeout": 10})
+        wait_for(lambda: late.seen >= 1, what="the first probe")
+        assert lb.api("DELETE", f"/api/v1/hosts/{HOST}")[0] == 200
+        record = finished(lb, record["id"])
+    finally:
+        late.stop()
+    assert record["state"] == "failed" and "changed during the deploy" in record["error"]
+    assert lb.api("GET", f"/api/v1/hosts/{HOST}")[0] == 404
+    assert lb.api("GET", "/api/v1/hosts")[1]["hosts"] == {}
