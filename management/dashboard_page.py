@@ -101,6 +101,8 @@ class DashboardRoutes:
         response = Response(embed(index.read_text(), state),
                             content_type="text/html; charset=utf-8")
         response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"  # no page frames the dashboard
         return response
 
     def on_static(self, request: Request, name: str) -> Response:

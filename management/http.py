@@ -61,6 +61,7 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     data = json.dumps(body, indent=None, separators=(",", ":"), allow_nan=False)
     response = Response(data + "\n", status=status, mimetype="application/json")
     response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Content-Type-Options"] = "nosniff"  # JSON is never taken for a page
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
