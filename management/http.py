@@ -7,7 +7,8 @@ Invariants:
 * A request body is read at most `MAX_BODY` bytes (+1 to detect excess); a
   larger body is answered 413 before any of it is parsed.
 * A body is strict JSON: NaN, Infinity, numbers too large for a float and
-  integers longer than `MAX_INT_DIGITS` digits are 400 `invalid_json`, and so is nesting deeper than `MAX_DEPTH`, checked
+  integers longer than `MAX_INT_DIGITS` digits are 400 `invalid_json`, and so
+  is nesting deeper than `MAX_DEPTH`, checked
   before parsing (a body of 100,000 ``[`` never reaches the parser's recursion),
   and a name twice in one object (the last would win silently).
 """

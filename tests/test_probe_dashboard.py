@@ -16,20 +16,14 @@ from typing import Any
 
 import pytest
 
+from tests import test_dashboard
 from tests.support import Backend, Balancer, split_responses
 from tests.support import wait_for as wait_until
-from tests.test_dashboard import (  # noqa: F401 - fixtures used by name
-    SLOW,
-    Site,
-    browser,
-    chromium,
-    host_card,
-    make_site,
-    open_live,
-    severe_logs,
-    text_of,
-    wait_for,
-)
+from tests.test_dashboard import SLOW, Site, host_card, open_live, severe_logs, text_of, wait_for
+
+# the dashboard tests' fixtures: a management app over a scripted runtime, and Chromium
+chromium, browser, make_site = (test_dashboard.chromium, test_dashboard.browser,
+                                test_dashboard.make_site)
 
 XSS_CLIENT = '<img src=x onerror="window.__xss=1">'
 XSS_PATH = "/<svg/onload=window.__xss=2>"
