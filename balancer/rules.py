@@ -56,6 +56,8 @@ DRAINING_KEYS = {"backends", "since", "warmup"}
 LIMIT_KEYS = {"rate", "burst", "per", "max_connections_per_client"}
 LIMIT_PER = ("client", "host")
 MAX_RATE = 1_000_000  # requests per second (a limit, a burst)
+MIN_RATE = 1e-6  # requests per second: one in 11.6 days (1 / 5e-324 was an infinite
+#                  interval, and `take` then admitted every request: no limit at all)
 
 
 class RuleError(ValueError):
@@ -338,8 +340,8 @@ def validate_limits(limits: object) -> list[str]:
         return ["limits: must be an object like {\"rate\": 10, \"burst\": 20}"]
     problems = [f"limits.{k}: unknown field (fields are {', '.join(sorted(LIMIT_KEYS))})"
                 for k in limits if k not in LIMIT_KEYS]
-    problems += _positive_number(limits, "rate", "limits.")
-    problems += _at_most(limits, "rate", MAX_RATE, "requests per second", "limits.")
+    problems += _number_between(limits, "rate", MIN_RATE, MAX_RATE, "requests per second",
+                                "limits.")
     for key in ("burst", "max_connections_per_client"):
         problems += _int_at_least(limits, key, 1, "limits.")
         if _is_int(limits.get(key)) and limits[key] > MAX_RATE:

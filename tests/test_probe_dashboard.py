@@ -225,3 +225,22 @@ def test_in_flight_with_a_huge_min_age_is_empty_and_many_clients_stay_in_the_ske
         assert 0 < answer["sketch"]["entries"] <= answer["sketch"]["bound"]
         assert len(answer["top"]) <= 64  # the sketch's keys, though 1,600 were seen
         assert all(t["count"] - t["error"] <= 1 for t in answer["top"])  # one request each
+
+
+# 5. limits at their edges -----------------------------------------------------------------
+def test_a_rate_too_small_to_hold_is_refused_and_the_smallest_one_holds(
+        lb: Balancer) -> None:
+    from tests.support import request
+
+    for rate in (5e-324, 1e-309, 1e-7):  # 1 / rate overflowed: an infinite interval let all in
+        status, answer = lb.api("PUT", "/api/v1/hosts/lim.test", {
+            "action": "empty", "status": 204, "limits": {"rate": rate}})
+        assert status == 400 and answer["error"] == "invalid_rule", answer
+        assert any("limits.rate: must be a finite number from 1e-06" in d
+                   for d in answer["details"]), answer
+    assert lb.api("PUT", "/api/v1/hosts/lim.test", {
+        "action": "empty", "status": 204, "limits": {"rate": 1e-6}})[0] == 200
+    lb.wait_version(lb.api("GET", "/api/v1/hosts")[1]["version"])
+    answers = [request(lb.port, host="lim.test") for _ in range(3)]
+    assert [a[0] for a in answers] == [204, 429, 429]
+    assert answers[1][1]["retry-after"] == "3600"
