@@ -337,3 +337,44 @@ def test_a_host_deleted_during_the_ready_step_is_not_brought_back(lb: Balancer) 
     assert record["state"] == "failed" and "changed during the deploy" in record["error"]
     assert lb.api("GET", f"/api/v1/hosts/{HOST}")[0] == 404
     assert lb.api("GET", "/api/v1/hosts")[1]["hosts"] == {}
+
+
+# 5. the drain against long requests and other operators ------------------------------------
+def test_a_request_longer_than_the_drain_timeout_is_listed_and_finishes_untouched(
+        lb: Balancer, a: Backend) -> None:
+    b = Backend("b")
+    try:
+        slow, out = in_background(lambda: request(lb.port, path="/slow?s=4"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        record = finished(lb, deploy(lb, {"backends": [b.address], "warmup": 0,
+                                          "drain_timeout": 0.5})["id"])
+        assert record["state"] == "done", record
+        assert step(record, "drain")["outcome"] == "timeout"
+        assert f"{a.address}: 1 in flight (0 WebSocket tunnels)" in record["warning"]
+        assert "done_at" not in out  # still running at the deploy's end
+        slow.join(10)
+    finally:
+        b.stop()
+    assert out["result"][0] == 200 and json.loads(out["result"][2])["backend"] == "a"
+    assert rule_of(lb) == proxy(b)  # `draining` removed: the old backend gets nothing
+
+
+def test_a_rule_replaced_by_another_operator_during_the_drain_is_kept(
+        lb: Balancer, a: Backend) -> None:
+    b, c = Backend("b"), Backend("c")
+    try:
+        slow, _ = in_background(lambda: request(lb.port, path="/slow?s=2"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 20})
+        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
+                 == "drain", what="the drain")
+        operator = {**proxy(c), "retries": 1}
+        assert lb.api("PUT", f"/api/v1/hosts/{HOST}", operator)[0] == 200
+        record = finished(lb, record["id"])
+        slow.join(10)
+        assert rule_of(lb) == operator  # the end of the drain wrote nothing over it
+        assert json.loads(request(lb.port)[2])["backend"] == "c"
+    finally:
+        b.stop()
+        c.stop()
+    assert record["state"] == "done", record
