@@ -263,3 +263,32 @@ def test_control_bytes_from_clients_reach_balancerctl_tables_escaped(
     out = capsys.readouterr().out
     assert "10.0.0.1\\x9b31m" in out, out
     assert not any(0x80 <= ord(ch) < 0xa0 or ch == "\x1b" for ch in out), out
+
+
+# 7. a worker that does not answer ---------------------------------------------------------------
+def test_a_stopped_worker_costs_the_page_one_ask_timeout_not_one_per_part(
+        tmp_path: Path, backend: Backend) -> None:
+    import os
+    import re
+    import signal
+    import time
+
+    lb = Balancer(tmp_path, {"*": {"action": "proxy", "backends": [backend.address]}},
+                  args=["--workers", "2"])
+    stopped = None
+    try:
+        wait_until(lambda: len(re.findall(r"worker (\d+) ready", lb.output())) == 2,
+                   what="two workers")
+        stopped = int(re.findall(r"worker (\d+) ready", lb.output())[0])
+        os.kill(stopped, signal.SIGSTOP)
+        started = time.monotonic()
+        status, _, page = get(lb.mport, "/")
+        took = time.monotonic() - started
+        assert status == 200
+        state = json.loads(embedded_state(page.decode()))
+        assert state["heavy"]["tops"]["client"]["workers"] == 1  # the other one answered
+        assert took < 8, f"the page took {took:.1f}s (six asks one after the other: 12 s)"
+    finally:
+        if stopped:
+            os.kill(stopped, signal.SIGCONT)
+        lb.stop()
