@@ -111,7 +111,7 @@ def _sketch(replies: list[dict[str, Any]]) -> dict[str, int]:
 def inflight(runtime: Any, args: Any) -> dict[str, Any]:
     """The body of ``GET /api/v1/inflight`` for the query string `args`."""
     problems: list[str] = []
-    min_age = _number(args, "min_age", 0.0, problems)
+    min_age = _number(args, "min_age", 0.0, problems) + 0.0  # -0 is 0
     if min_age < 0:
         problems.append(f"min_age: must be >= 0 seconds, got {min_age:g}")
     if problems:
