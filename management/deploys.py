@@ -74,6 +74,8 @@ class Deployer:
               kind: str = "deploy") -> dict[str, Any]:
         """Claim `host` and start a deploy of it to `to` from its `rule`; the new
         record. Raises `Busy` (with the id holding the host)."""
+        if host in self.running:  # its claim may have been lost with damaged records
+            raise Busy(self.running[host])
         deploy_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         holder = self.records.claim(host, deploy_id, self.owner, time.time(), STALE_AFTER)
         if holder is not None:
@@ -167,12 +169,19 @@ class Deployer:
             raise Interrupted()
 
     def beat_loop(self, record: dict[str, Any]) -> None:
+        told = None  # the other deploy whose claim on the host was already logged
         while self.running.get(record["host"]) == record["id"] and not self.stopping.is_set():
             try:
-                self.records.claim(record["host"], record["id"], self.owner, time.time(),
-                                   STALE_AFTER)
+                holder = self.records.claim(record["host"], record["id"], self.owner,
+                                            time.time(), STALE_AFTER)
             except StoreError as exc:
                 log.warning("deploy %s: cannot renew its claim: %s", record["id"], exc)
+            else:
+                if holder not in (None, told):  # its claim was lost (damaged records)
+                    log.error("deploy %s of %s: deploy %s claimed the host meanwhile; the "
+                              "one that switches first wins, the other fails", record["id"],
+                              record["host"], holder)
+                    told = holder
             self.stopping.wait(BEAT_EVERY)
 
     # every balancer ----------------------------------------------------------

@@ -378,3 +378,22 @@ def test_a_rule_replaced_by_another_operator_during_the_drain_is_kept(
         b.stop()
         c.stop()
     assert record["state"] == "done", record
+
+
+def test_damaged_deploy_records_are_reported_and_never_let_a_second_deploy_of_the_host_start(
+        tmp_path: Path, lb: Balancer) -> None:
+    not_ready = Scripted("503")
+    try:
+        first = deploy(lb, {"backends": [not_ready.address], "ready_timeout": 2})
+        records = tmp_path / "routes.json.deploys.json"
+        assert records.is_file()
+        for _ in range(5):  # (the first deploy's next beat, within 1 s, writes its claim back)
+            records.write_text("{damaged")  # a hand edit, a full disk, a bad restore
+            status, answer = post_deploy(lb.mport, {"backends": [not_ready.address]})
+            assert status == 409 and first["id"] in answer["message"], answer
+        record = finished(lb, first["id"])
+    finally:
+        not_ready.stop()
+    assert record["state"] == "failed" and "nothing was switched" in record["error"]
+    assert "cannot be read" in lb.output() and "starting them over" in lb.output()
+    assert [d["id"] for d in lb.api("GET", "/api/v1/deploys")[1]["deploys"]] == [first["id"]]
