@@ -3,7 +3,8 @@ warmup → drain, run by a `management.deploys.Deployer` in its own thread.
 
 Invariants (the `Deployer`'s, step by step):
 * ready writes nothing to the table; the new backends are checked at once and
-  the step ends by `ready_timeout` whatever they do (`deploy_steps.probe_all`).
+  the step ends by `ready_timeout` after the deploy started whatever they do
+  (`deploy_steps.probe_all`), resumed by another process or not.
 * switch is one conditional write of the host's rule, made only while the rule
   is still the one the deploy started from; a write whose answer was lost is
   recognised by its rule (its `since`), never taken for someone else's change.
@@ -50,9 +51,6 @@ class Run:
     def steps(self) -> None:
         step = STEPS.index(self.record.get("step") or "ready")
         if step == 0:
-            if self.resumed:
-                raise DeployFailed("interrupted before the switch (the management process "
-                                   "restarted); nothing was switched")
             self.ready()
         if step <= 1:
             self.switch()
@@ -77,8 +75,15 @@ class Run:
 
     # 1. ready ----------------------------------------------------------------
     def ready(self) -> None:
+        """Check the new backends until each is up, by `ready_timeout` after the
+        deploy started (a resumed deploy checks them again for the time left)."""
         config, strict = check_config(self.record["before"], self.host)
-        deadline = time.monotonic() + float(self.settings["ready_timeout"])
+        timeout = float(self.settings["ready_timeout"])
+        left = float(self.record["started"]) + timeout - time.time() if self.resumed else timeout
+        if left <= 0:
+            raise DeployFailed(f"not ready after {timeout:g}s (the management process "
+                               f"restarted during the ready step); nothing was switched")
+        deadline = time.monotonic() + left
         pending = {a: 0 for a in addresses(self.record["to"])}
         problems: dict[str, str] = {}
         while pending:

@@ -5,8 +5,10 @@ store (`balancer.stores.records`), so every balancer and dashboard sees it,
 and a claim on its host, so one deploy per host runs at a time.
 
 Invariants:
-* Before the switch nothing is written to the table: a deploy that fails or
-  is interrupted there leaves the previous rule serving.
+* Before the switch nothing is written to the table: a deploy that fails
+  there leaves the previous rule serving, and one interrupted there is
+  resumed by checking its new backends again, for what is left of its
+  `ready_timeout`.
 * The switch is one conditional write of the host's rule (`switched_rule`),
   made only while the rule is still the one the deploy started from; the
   record names the switch (`since`) before it is written, so a resumed
