@@ -42,7 +42,7 @@ def check_top(by: object, group: object, window: object) -> tuple[str, str, floa
     if group not in GROUPS:
         problems.append(f"group: must be one of {', '.join(GROUPS)}, got {group!r}")
     if (isinstance(window, bool) or not isinstance(window, int | float)
-            or not 0 < window <= MAX_WINDOW):
+            or not 1 <= window <= MAX_WINDOW):
         problems.append(f"window: must be seconds from 1 to {MAX_WINDOW:g}, got {window!r}")
     if problems:
         raise BadQuery(*problems)

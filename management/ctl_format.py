@@ -8,8 +8,9 @@ from typing import Any
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned columns separated by two spaces; numbers right-aligned."""
-    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    """Left-aligned columns separated by two spaces; numbers right-aligned. A
+    cell's control characters are escaped (`shown`)."""
+    cells = [list(map(shown, header))] + [[shown(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     numeric = [all(_is_number(row[i]) for row in rows) and bool(rows)
                for i in range(len(header))]
@@ -19,6 +20,14 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
                                                                        strict=True)]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
+
+
+def shown(value: Any) -> str:
+    """`value` as text for a terminal: a control character (C0, DEL, C1 such as
+    U+009B, the one-byte CSI: a client's X-Forwarded-For or path bytes 0x80-0xff
+    arrive as Latin-1) is escaped, so none reaches the operator's terminal as is."""
+    text = str(value)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _is_number(value: Any) -> bool:

@@ -3,6 +3,10 @@
 * `probe`: one readiness check of a new backend: the rule's `health` (a 2xx or
   3xx to its path, as the active checks) or, without one, ``GET /`` answering
   below 500; over TLS for an https:// backend, verified as a request's would be.
+  `probe_all` checks every pending backend at once (at most `PROBE_PARALLEL`
+  at a time), none past the ready step's deadline: a backend that accepts and
+  never answers costs the step no more than its `ready_timeout`, however long
+  the health check's own timeout and however many such backends.
 * `switched_rule`: the rule a deploy writes in its one switch: the new
   backends, and the old ones under `draining` (they share new requests while
   the new ones warm up, then get none).
@@ -19,6 +23,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from balancer.addr import Address, parse_backend_addr
@@ -32,6 +37,7 @@ REPORT_FRESH = 3.0   # seconds: an older in-flight report is a balancer gone awa
 DEPLOY_RISE = 1      # good answers in a row without a `health` (with one: its `rise`)
 PROBE_TIMEOUT = 1.0  # seconds per check without a `health`
 PROBE_EVERY = 0.25   # seconds between checks at most (a `health.interval` that is shorter wins)
+PROBE_PARALLEL = 32  # checks of one deploy's backends running at once
 
 
 def check_config(rule: Mapping[str, Any], host: str = "*") -> tuple[CheckConfig, bool]:
@@ -46,19 +52,37 @@ def check_config(rule: Mapping[str, Any], host: str = "*") -> tuple[CheckConfig,
                        check_tls_key(host, rule)), False
 
 
+def probe_all(pending: list[str], host: str, config: CheckConfig, strict: bool,
+              tls: BackendTLS | None, until: float) -> dict[str, str | None]:
+    """One `probe` of each address in `pending`, at once, none past `until`
+    (a `time.monotonic` deadline): address → None (it passed) or the problem."""
+    with ThreadPoolExecutor(min(PROBE_PARALLEL, max(1, len(pending))),
+                            thread_name_prefix="deploy probe") as pool:
+        found = pool.map(lambda a: probe(a, host, config, strict, tls, until), pending)
+        return dict(zip(pending, found, strict=True))
+
+
 def probe(address: str, host: str, config: CheckConfig, strict: bool,
-          tls: BackendTLS | None = None) -> str | None:
+          tls: BackendTLS | None = None, until: float | None = None) -> str | None:
     """One check of `address`: None when it passes, else what went wrong. An
     https:// backend is checked over TLS (`tls`, default: the system's CAs), its
-    certificate verified for `host` as a request's would be."""
+    certificate verified for `host` as a request's would be. The check gives up
+    at `config.timeout`, or at `until` (a `time.monotonic` deadline) if sooner."""
     target = parse_backend_addr(address)
     plain = str(Address(target.host, target.port))
     deadline = time.monotonic() + config.timeout
+    if until is not None and until < deadline:
+        deadline = until
+    timeout = deadline - time.monotonic()
+    if timeout <= 0:
+        return "timed out (the ready timeout ran out before this check)"
     try:
-        sock = socket.create_connection((target.host, target.port), config.timeout)
+        sock = socket.create_connection((target.host, target.port), timeout)
         if target.tls:
             sock = (tls or BackendTLS()).secure(sock, config.tls_key or pool_key(b"", False),
                                                 plain, deadline, contextlib.nullcontext)
+    except TimeoutError:
+        return f"connect: no answer within {timeout:.3g}s"
     except OSError as exc:
         return f"connect: {exc.strerror or exc}"
     except BackendTLSError as exc:
@@ -68,6 +92,8 @@ def probe(address: str, host: str, config: CheckConfig, strict: bool,
         sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: balancer-deploy\r\n"
                      b"Connection: close\r\n\r\n" % (config.path.encode(), name.encode()))
         status = read_status(sock, deadline)
+    except TimeoutError:
+        return f"no answer within {timeout:.3g}s"
     except OSError as exc:
         return str(exc.strerror or exc) or type(exc).__name__
     except ProtocolError as exc:

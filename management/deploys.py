@@ -5,8 +5,10 @@ store (`balancer.stores.records`), so every balancer and dashboard sees it,
 and a claim on its host, so one deploy per host runs at a time.
 
 Invariants:
-* Before the switch nothing is written to the table: a deploy that fails or
-  is interrupted there leaves the previous rule serving.
+* Before the switch nothing is written to the table: a deploy that fails
+  there leaves the previous rule serving, and one interrupted there is
+  resumed by checking its new backends again, for what is left of its
+  `ready_timeout`.
 * The switch is one conditional write of the host's rule (`switched_rule`),
   made only while the rule is still the one the deploy started from; the
   record names the switch (`since`) before it is written, so a resumed
@@ -18,6 +20,10 @@ Invariants:
   `STALE_AFTER` seconds (its process died) is taken over by a management
   process that resumes the deploy. A process that stops hands its claims
   over at once (beat 0).
+* A store outage (`StoreUnavailable`) is waited out for `STORE_PATIENCE`
+  seconds at every step's store call (`Deployer.patiently`); only a longer
+  one fails the deploy. A switch write whose answer was lost is recognised
+  by its `since` on the next look, never taken for someone else's change.
 * While any host is claimed, every balancer publishes its in-flight counts
   on the claimed hosts' backends (`watch_loop`); the drain waits on all of
   them.
@@ -36,32 +42,17 @@ from collections.abc import Callable
 from typing import Any
 
 from balancer.backend_tls import BackendTLS
-from balancer.stores import StoreError, VersionConflict
-from management.deploy_steps import (
-    addresses,
-    check_config,
-    in_flight,
-    local_report,
-    probe,
-    switched_rule,
-)
+from balancer.stores import StoreError, StoreUnavailable
+from management.deploy_run import IDLE_EVERY, DeployFailed, Interrupted, Run
+from management.deploy_steps import addresses, local_report
 
 log = logging.getLogger("balancer.deploys")
 
 STALE_AFTER = 5.0   # seconds without a beat before another process resumes a deploy
 BEAT_EVERY = 1.0
 WATCH_EVERY = 0.25  # seconds between in-flight reports while a deploy runs
-IDLE_EVERY = 1.0    # seconds between looks for a deploy while none runs
-DRAIN_SETTLE = 0.5  # seconds after the warmup before the old backends' counts are trusted
-STEPS = ("ready", "switch", "warmup", "drain")
-
-
-class DeployFailed(Exception):
-    """A step failed: the deploy ends with this reason."""
-
-
-class Interrupted(Exception):
-    """This process is stopping: the deploy is handed over, not ended."""
+STORE_PATIENCE = 30.0  # seconds a deploy waits for an unavailable store before it fails
+STORE_RETRY = 0.2      # seconds between its attempts meanwhile
 
 
 class Deployer:
@@ -85,6 +76,8 @@ class Deployer:
               kind: str = "deploy") -> dict[str, Any]:
         """Claim `host` and start a deploy of it to `to` from its `rule`; the new
         record. Raises `Busy` (with the id holding the host)."""
+        if host in self.running:  # its claim may have been lost with damaged records
+            raise Busy(self.running[host])
         deploy_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         holder = self.records.claim(host, deploy_id, self.owner, time.time(), STALE_AFTER)
         if holder is not None:
@@ -121,7 +114,8 @@ class Deployer:
                      host)
             return
         except DeployFailed as exc:
-            self._end(record, "failed", str(exc))
+            switched = " (after the switch: the new backends serve)" if record["version"] else ""
+            self._end(record, "failed", f"{exc}{switched}")
         except Exception as exc:  # a bug or a store failure: end cleanly, never half-way
             log.exception("deploy %s of %s failed", record["id"], host)
             self._end(record, "failed", f"internal error: {exc}")
@@ -153,15 +147,23 @@ class Deployer:
                         record["id"], record["host"], exc, STALE_AFTER)
 
     def save(self, record: dict[str, Any]) -> None:
-        """Store the record; a store hiccup is retried until the process stops."""
-        for _ in range(50):
+        """Store the record (an outage waited out, `patiently`)."""
+        self.patiently(record, "save its record", lambda: self.records.save_deploy(record))
+
+    def patiently(self, record: dict[str, Any], what: str, call: Callable[[], Any]) -> Any:
+        """`call()`, tried again while the store is unavailable, for up to
+        `STORE_PATIENCE` seconds (then `DeployFailed`) or until this process stops
+        (`Interrupted`)."""
+        give_up = time.monotonic() + STORE_PATIENCE
+        while True:
             try:
-                self.records.save_deploy(record)
-                return
-            except StoreError as exc:
-                log.warning("deploy %s: cannot save its record: %s", record["id"], exc)
-                self.pause(0.2)
-        raise DeployFailed("cannot save the deploy record: the store is unavailable")
+                return call()
+            except StoreUnavailable as exc:
+                if time.monotonic() >= give_up:
+                    raise DeployFailed(f"cannot {what}: the store is unavailable ({exc})") \
+                        from None
+                log.warning("deploy %s: cannot %s: %s (trying again)", record["id"], what, exc)
+                self.pause(STORE_RETRY)
 
     def pause(self, seconds: float) -> None:
         """Wait, or raise `Interrupted` when this process is stopping."""
@@ -169,12 +171,19 @@ class Deployer:
             raise Interrupted()
 
     def beat_loop(self, record: dict[str, Any]) -> None:
+        told = None  # the other deploy whose claim on the host was already logged
         while self.running.get(record["host"]) == record["id"] and not self.stopping.is_set():
             try:
-                self.records.claim(record["host"], record["id"], self.owner, time.time(),
-                                   STALE_AFTER)
+                holder = self.records.claim(record["host"], record["id"], self.owner,
+                                            time.time(), STALE_AFTER)
             except StoreError as exc:
                 log.warning("deploy %s: cannot renew its claim: %s", record["id"], exc)
+            else:
+                if holder not in (None, told):  # its claim was lost (damaged records)
+                    log.error("deploy %s of %s: deploy %s claimed the host meanwhile; the "
+                              "one that switches first wins, the other fails", record["id"],
+                              record["host"], holder)
+                    told = holder
             self.stopping.wait(BEAT_EVERY)
 
     # every balancer ----------------------------------------------------------
@@ -242,158 +251,3 @@ class Busy(Exception):
     def __init__(self, deploy_id: str) -> None:
         super().__init__(deploy_id)
         self.deploy_id = deploy_id
-
-
-class Run:
-    """One deploy's steps over its record."""
-
-    def __init__(self, deployer: Deployer, record: dict[str, Any], resumed: bool) -> None:
-        self.deployer = deployer
-        self.record = record
-        self.resumed = resumed
-        self.host = record["host"]
-        self.settings = record["settings"]
-
-    def steps(self) -> None:
-        step = STEPS.index(self.record.get("step") or "ready")
-        if step == 0:
-            if self.resumed:
-                raise DeployFailed("interrupted before the switch (the management process "
-                                   "restarted); nothing was switched")
-            self.ready()
-        if step <= 1:
-            self.switch()
-        if step <= 2:
-            self.warmup()
-        self.drain()
-
-    def begin(self, name: str, detail: str) -> None:
-        now = time.time()
-        steps = self.record["steps"]
-        if steps and steps[-1]["ended"] is None and steps[-1]["name"] != name:
-            steps[-1].update(ended=now, outcome=steps[-1]["outcome"] or "ok")
-        if not steps or steps[-1]["name"] != name:
-            steps.append({"name": name, "started": now, "ended": None, "outcome": None,
-                          "detail": detail})
-        self.record["step"] = name
-        self.deployer.save(self.record)
-
-    def end(self, outcome: str, detail: str) -> None:
-        self.record["steps"][-1].update(ended=time.time(), outcome=outcome, detail=detail)
-        self.deployer.save(self.record)
-
-    # 1. ready ----------------------------------------------------------------
-    def ready(self) -> None:
-        config, strict = check_config(self.record["before"], self.host)
-        deadline = time.monotonic() + float(self.settings["ready_timeout"])
-        pending = {a: 0 for a in addresses(self.record["to"])}
-        problems: dict[str, str] = {}
-        while pending:
-            for address in list(pending):
-                problem = probe(address, self.host, config, strict, self.deployer.tls)
-                if problem is None:
-                    pending[address] += 1
-                    if pending[address] >= config.rise:
-                        del pending[address]
-                else:
-                    pending[address], problems[address] = 0, problem
-            if not pending:
-                break
-            if time.monotonic() >= deadline:
-                why = "; ".join(f"{a}: {problems.get(a, 'not up yet')}" for a in pending)
-                raise DeployFailed(f"not ready after {self.settings['ready_timeout']:g}s "
-                                   f"({why}); nothing was switched")
-            self.deployer.pause(config.interval)
-        self.end("ok", f"{', '.join(addresses(self.record['to']))} up")
-
-    # 2. switch ---------------------------------------------------------------
-    def switch(self) -> None:
-        if self.resumed and self.record.get("since") is not None:
-            data = self.deployer.store.load()
-            rule = data.hosts.get(self.host) or {}
-            if (rule.get("draining") or {}).get("since") == self.record["since"] or \
-                    self._is_switched(rule):
-                self.end("ok", "switched (before the restart)")
-                return
-        self.record["since"] = time.time()
-        self.begin("switch", "one write of the rule")
-        for _ in range(10):
-            data = self.deployer.store.load()
-            if data.hosts.get(self.host) != self.record["before"]:
-                raise DeployFailed("the host's rule changed during the deploy; nothing "
-                                   "was switched")
-            rule = switched_rule(self.record["before"], self.record["to"],
-                                 self.record["since"], float(self.settings["warmup"]))
-            try:
-                version = self.deployer.write_rule(self.host, rule, data.version)
-            except VersionConflict:
-                continue  # another host changed meanwhile: check ours again
-            self.record["version"] = version
-            self.end("ok", f"version {version}")
-            return
-        raise DeployFailed("the table kept changing; nothing was switched")
-
-    def _is_switched(self, rule: dict[str, Any]) -> bool:
-        return rule.get("action") == "proxy" and "draining" not in rule and \
-            addresses(rule.get("backends", [])) == addresses(self.record["to"])
-
-    # 3. warmup ---------------------------------------------------------------
-    def warmup(self) -> None:
-        warmup = float(self.settings["warmup"])
-        end = float(self.record["since"]) + warmup
-        if not self.record["from"] or warmup <= 0:
-            return
-        self.begin("warmup", f"new backends ramp up over {warmup:g}s")
-        while time.time() < end:
-            self.deployer.pause(min(0.25, end - time.time()))
-        self.end("ok", f"{warmup:g}s")
-
-    # 4. drain ----------------------------------------------------------------
-    def drain(self) -> None:
-        draining = sorted(set(addresses(self.record["from"])) - set(addresses(self.record["to"])))
-        if not draining:
-            self.finish()
-            return
-        timeout = float(self.settings["drain_timeout"])
-        # counts taken after the warmup, and late enough that every balancer (looking
-        # once every IDLE_EVERY) has seen the claim made when the deploy started
-        since = max(float(self.record["since"]) + float(self.settings["warmup"]),
-                    float(self.record["started"]) + IDLE_EVERY) + DRAIN_SETTLE
-        self.begin("drain", f"waiting for {', '.join(draining)}")
-        deadline = max(time.time(), since) + timeout
-        counts = None
-        while True:
-            reports = self.deployer.records.inflight()
-            counts = in_flight(reports, self.host, draining, int(self.record["version"] or 0),
-                               since, time.time())
-            if counts is not None and not any(c["in_flight"] for c in counts.values()):
-                self.finish()
-                self.end("drained", f"{', '.join(draining)}: no request in flight")
-                return
-            if time.time() >= deadline:
-                break
-            self.deployer.pause(0.1)
-        self.finish()
-        left = ", ".join(f"{a}: {c['in_flight']} in flight ({c['tunnels']} WebSocket tunnels)"
-                         for a, c in (counts or {}).items() if c["in_flight"]) \
-            or "no balancer reported its counts"
-        self.record["warning"] = f"drain timed out after {timeout:g}s; still open: {left}"
-        self.record["remaining"] = counts
-        self.end("timeout", self.record["warning"])
-
-    def finish(self) -> None:
-        """Remove `draining` from the rule if it is still this deploy's."""
-        for _ in range(10):
-            data = self.deployer.store.load()
-            rule = data.hosts.get(self.host)
-            if not rule or (rule.get("draining") or {}).get("since") != self.record["since"]:
-                return
-            clean = {k: v for k, v in rule.items() if k != "draining"}
-            try:
-                self.deployer.write_rule(self.host, clean, data.version)
-                return
-            except VersionConflict:
-                continue
-        raise DeployFailed("the table kept changing; the old backends stay listed under "
-                           "'draining' (they get no new request)")
-

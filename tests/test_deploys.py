@@ -465,12 +465,14 @@ def resumable(tmp_path: Path, rule: dict[str, Any], step_name: str, since: float
     return app, record
 
 
-def test_resumed_before_the_switch_fails_cleanly(tmp_path: Path) -> None:
+def test_resumed_in_the_ready_step_after_its_timeout_fails_cleanly(tmp_path: Path) -> None:
     before = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
     app, record = resumable(tmp_path, before, "ready", None, ["127.0.0.1:9002"])
+    record["started"] = time.time() - 6  # its ready_timeout (5 s) ran out meanwhile
     app.deployer.run(record, resumed=True)
     stored = app.store.records().deploy("d1")
     assert stored["state"] == "failed" and "nothing was switched" in stored["error"]
+    assert "restarted during the ready step" in stored["error"]
     assert app.store.load().hosts[HOST] == before
 
 

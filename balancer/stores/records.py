@@ -15,13 +15,18 @@ Invariants:
   beat is older than `stale_after`.
 * None of these writes touches the routing table or its version.
 * Reads and writes raise `StoreUnavailable` when the store cannot be reached,
-  `CorruptStore` never: an unreadable record collection reads as empty.
+  `CorruptStore` never: an unreadable record collection reads as empty (a
+  deploy is never blocked by damaged records), and the write that starts the
+  file store's records over logs what was lost. A management process never
+  starts a second deploy of a host it runs one of, claims or not
+  (`management.deploys.Deployer.start`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,6 +39,8 @@ MAX_DEPLOYS = 50
 # 4,300+ digits (ValueError), deep nesting (RecursionError)
 UNREADABLE = (ValueError, RecursionError)
 CLAIM_ATTEMPTS = 50
+
+log = logging.getLogger("balancer.deploys")
 
 
 class Records(ABC):
@@ -102,26 +109,34 @@ class FileRecords(Records):
         self.locked = locked
 
     def _read(self) -> dict[str, dict[str, Any]]:
+        return self._read_why()[0]
+
+    def _read_why(self) -> tuple[dict[str, dict[str, Any]], str]:
+        """The sections, and what made the file unreadable ("" when nothing did)."""
+        problem = ""
         try:
             with open_regular(self.path, "r") as f:
                 doc = json.load(f)
         except FileNotFoundError:
             doc = {}
-        except (OSError, *UNREADABLE):
-            doc = {}  # unreadable: start over rather than block every deploy
+        except (OSError, *UNREADABLE) as exc:
+            doc, problem = {}, str(exc)  # start over rather than block every deploy
         if not isinstance(doc, dict):
-            doc = {}
+            doc, problem = {}, problem or "not a JSON object"
         sections: dict[str, dict[str, Any]] = {}
         for key in ("deploys", "claims", "inflight"):
             value = doc.get(key)
             sections[key] = value if isinstance(value, dict) else {}
-        return sections
+        return sections, problem
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[dict[str, dict[str, Any]]]:
         with self.locked():
-            doc = self._read()
+            doc, problem = self._read_why()
             yield doc
+            if problem:
+                log.error("deploy records %s cannot be read (%s): starting them over; the "
+                          "deploy records and host claims it held are lost", self.path, problem)
             self._write(doc)
 
     def _write(self, doc: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@
 //   header; it is never put in a URL. A 401 forgets it and asks again.
 // * Polls never overlap: the next one is scheduled when the last one ends,
 //   and every request is bounded by REQUEST_TIMEOUT_MS.
+// * At most MAX_CARDS host cards are drawn, whatever the size of the table: a
+//   page of 100,000 hosts stays live (a line says how many the filter can find).
 
 import * as fmt from "./format.js";
 import {fetchHeavy, heavyPanel} from "./heavy.js";
@@ -23,6 +25,7 @@ const INFO_RETRY_MS = 60000;
 const TOKEN_KEY = "balancer.token";
 const REMOVED_MS = 10 * 60 * 1000; // a removed host is named for this long, then forgotten
 const HISTORY_EVERY = 5; // polls between reads of the server's history (latency charts)
+const MAX_CARDS = 100; // host cards drawn at most (in host order); the filter finds the others
 
 const state = {
   history: new History(),
@@ -354,6 +357,13 @@ function emptyHosts(view) {
     el("code", {}, "balancerctl set HOST proxy --backend ADDR"), ".");
 }
 
+/** "100 of 20,000 hosts shown" when the cards were cut at MAX_CARDS, else null. */
+function moreHosts(shown, matching) {
+  if (shown >= matching) return null;
+  return el("p", {class: "more-hosts", id: "more-hosts"},
+    `${shown} of ${matching.toLocaleString("en")} hosts shown: type in the filter to find the others.`);
+}
+
 function renderData(now) {
   const view = state.view;
   if (!view) return;
@@ -362,13 +372,14 @@ function renderData(now) {
   const keys = hostKeys(view.hosts, view.stats.hosts)
     .filter((key) => !filter || key.toLowerCase().includes(filter));
   const running = runningByHost(view.deploys);
-  const cards = keys.map((key) => {
+  const cards = keys.slice(0, MAX_CARDS).map((key) => {
     const card = hostCard(key, view.hosts[key], view.stats.hosts[key], state.history, now,
       state.latency);
     if (running.has(key)) card.querySelector(".host-head").after(deployLine(running.get(key), now));
     return card;
   });
-  $("hosts").replaceChildren(...(cards.length ? cards : [emptyHosts(view)]));
+  $("hosts").replaceChildren(...(cards.length ? cards : [emptyHosts(view)]),
+    ...[moreHosts(cards.length, keys.length)].filter(Boolean));
   $("deploys").replaceChildren(...[recentDeploys(view.deploys)].filter(Boolean));
   $("certs").replaceChildren(...[certificatesTable(view.certs, now)].filter(Boolean));
   $("removed-line").replaceChildren(...[removedLine(state.removed, now)].filter(Boolean));

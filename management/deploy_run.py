@@ -1,0 +1,212 @@
+"""One deploy's steps over its record (SPEC §10, docs/deploys.md): ready → switch →
+warmup → drain, run by a `management.deploys.Deployer` in its own thread.
+
+Invariants (the `Deployer`'s, step by step):
+* ready writes nothing to the table; the new backends are checked at once and
+  the step ends by `ready_timeout` after the deploy started whatever they do
+  (`deploy_steps.probe_all`), resumed by another process or not.
+* switch is one conditional write of the host's rule, made only while the rule
+  is still the one the deploy started from; a write whose answer was lost is
+  recognised by its rule (its `since`), never taken for someone else's change.
+* warmup only waits; drain waits for every live balancer's in-flight counts on
+  the old backends to reach zero, or `drain_timeout`, then removes `draining`
+  from the rule if it is still this deploy's.
+* Every store call goes through `Deployer.patiently` (an outage waited out).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from balancer.stores import VersionConflict
+from management.deploy_steps import addresses, check_config, in_flight, probe_all, switched_rule
+
+IDLE_EVERY = 1.0    # seconds between looks for a deploy while none runs (`Deployer.watch_loop`)
+DRAIN_SETTLE = 0.5  # seconds after the warmup before the old backends' counts are trusted
+STEPS = ("ready", "switch", "warmup", "drain")
+
+if TYPE_CHECKING:
+    from management.deploys import Deployer
+
+
+class DeployFailed(Exception):
+    """A step failed: the deploy ends with this reason."""
+
+
+class Interrupted(Exception):
+    """This process is stopping: the deploy is handed over, not ended."""
+
+
+class Run:
+    """One deploy's steps over its record."""
+
+    def __init__(self, deployer: Deployer, record: dict[str, Any], resumed: bool) -> None:
+        self.deployer = deployer
+        self.record = record
+        self.resumed = resumed
+        self.host = record["host"]
+        self.settings = record["settings"]
+
+    def steps(self) -> None:
+        step = STEPS.index(self.record.get("step") or "ready")
+        if step == 0:
+            self.ready()
+        if step <= 1:
+            self.switch()
+        if step <= 2:
+            self.warmup()
+        self.drain()
+
+    def begin(self, name: str, detail: str) -> None:
+        now = time.time()
+        steps = self.record["steps"]
+        if steps and steps[-1]["ended"] is None and steps[-1]["name"] != name:
+            steps[-1].update(ended=now, outcome=steps[-1]["outcome"] or "ok")
+        if not steps or steps[-1]["name"] != name:
+            steps.append({"name": name, "started": now, "ended": None, "outcome": None,
+                          "detail": detail})
+        self.record["step"] = name
+        self.deployer.save(self.record)
+
+    def end(self, outcome: str, detail: str) -> None:
+        self.record["steps"][-1].update(ended=time.time(), outcome=outcome, detail=detail)
+        self.deployer.save(self.record)
+
+    # 1. ready ----------------------------------------------------------------
+    def ready(self) -> None:
+        """Check the new backends until each is up, by `ready_timeout` after the
+        deploy started (a resumed deploy checks them again for the time left)."""
+        config, strict = check_config(self.record["before"], self.host)
+        timeout = float(self.settings["ready_timeout"])
+        left = float(self.record["started"]) + timeout - time.time() if self.resumed else timeout
+        if left <= 0:
+            raise DeployFailed(f"not ready after {timeout:g}s (the management process "
+                               f"restarted during the ready step); nothing was switched")
+        deadline = time.monotonic() + left
+        pending = {a: 0 for a in addresses(self.record["to"])}
+        problems: dict[str, str] = {}
+        while pending:
+            found = probe_all(list(pending), self.host, config, strict, self.deployer.tls,
+                              deadline)
+            for address, problem in found.items():
+                if problem is None:
+                    pending[address] += 1
+                    if pending[address] >= config.rise:
+                        del pending[address]
+                else:
+                    pending[address], problems[address] = 0, problem
+            if not pending:
+                break
+            self.deployer.pause(min(config.interval, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                why = "; ".join(f"{a}: {problems.get(a, 'not up yet')}" for a in pending)
+                raise DeployFailed(f"not ready after {self.settings['ready_timeout']:g}s "
+                                   f"({why}); nothing was switched")
+        self.end("ok", f"{', '.join(addresses(self.record['to']))} up")
+
+    # 2. switch ---------------------------------------------------------------
+    def switch(self) -> None:
+        if self.resumed and self.record.get("since") is not None:
+            data = self.load()
+            rule = data.hosts.get(self.host) or {}
+            if (rule.get("draining") or {}).get("since") == self.record["since"] or \
+                    self._is_switched(rule):
+                self.end("ok", "switched (before the restart)")
+                return
+        self.record["since"] = time.time()
+        self.begin("switch", "one write of the rule")
+        rule = switched_rule(self.record["before"], self.record["to"], self.record["since"],
+                             float(self.settings["warmup"]))
+        for _ in range(10):
+            data = self.load()
+            if data.hosts.get(self.host) == rule:  # written, its answer lost in an outage
+                self.record["version"] = data.version
+                self.end("ok", f"version {data.version}")
+                return
+            if data.hosts.get(self.host) != self.record["before"]:
+                raise DeployFailed("the host's rule changed during the deploy; nothing "
+                                   "was switched")
+            try:
+                version = self.write(rule, data.version)
+            except VersionConflict:
+                continue  # another host changed meanwhile (or our write landed): look again
+            self.record["version"] = version
+            self.end("ok", f"version {version}")
+            return
+        raise DeployFailed("the table kept changing; nothing was switched")
+
+    def load(self) -> Any:
+        """The store's table, an outage waited out."""
+        return self.deployer.patiently(self.record, "read the table", self.deployer.store.load)
+
+    def write(self, rule: dict[str, Any], if_version: int) -> int:
+        """Write the host's `rule` if the table is at `if_version`, an outage waited out."""
+        return int(self.deployer.patiently(self.record, "write the rule", lambda: (
+            self.deployer.write_rule(self.host, rule, if_version))))
+
+    def _is_switched(self, rule: dict[str, Any]) -> bool:
+        return rule.get("action") == "proxy" and "draining" not in rule and \
+            addresses(rule.get("backends", [])) == addresses(self.record["to"])
+
+    # 3. warmup ---------------------------------------------------------------
+    def warmup(self) -> None:
+        warmup = float(self.settings["warmup"])
+        end = float(self.record["since"]) + warmup
+        if not self.record["from"] or warmup <= 0:
+            return
+        self.begin("warmup", f"new backends ramp up over {warmup:g}s")
+        while time.time() < end:
+            self.deployer.pause(min(0.25, end - time.time()))
+        self.end("ok", f"{warmup:g}s")
+
+    # 4. drain ----------------------------------------------------------------
+    def drain(self) -> None:
+        draining = sorted(set(addresses(self.record["from"])) - set(addresses(self.record["to"])))
+        if not draining:
+            self.finish()
+            return
+        timeout = float(self.settings["drain_timeout"])
+        # counts taken after the warmup, and late enough that every balancer (looking
+        # once every IDLE_EVERY) has seen the claim made when the deploy started
+        since = max(float(self.record["since"]) + float(self.settings["warmup"]),
+                    float(self.record["started"]) + IDLE_EVERY) + DRAIN_SETTLE
+        self.begin("drain", f"waiting for {', '.join(draining)}")
+        deadline = max(time.time(), since) + timeout
+        counts = None
+        while True:
+            reports = self.deployer.patiently(self.record, "read the in-flight counts",
+                                              self.deployer.records.inflight)
+            counts = in_flight(reports, self.host, draining, int(self.record["version"] or 0),
+                               since, time.time())
+            if counts is not None and not any(c["in_flight"] for c in counts.values()):
+                self.finish()
+                self.end("drained", f"{', '.join(draining)}: no request in flight")
+                return
+            if time.time() >= deadline:
+                break
+            self.deployer.pause(0.1)
+        self.finish()
+        left = ", ".join(f"{a}: {c['in_flight']} in flight ({c['tunnels']} WebSocket tunnels)"
+                         for a, c in (counts or {}).items() if c["in_flight"]) \
+            or "no balancer reported its counts"
+        self.record["warning"] = f"drain timed out after {timeout:g}s; still open: {left}"
+        self.record["remaining"] = counts
+        self.end("timeout", self.record["warning"])
+
+    def finish(self) -> None:
+        """Remove `draining` from the rule if it is still this deploy's."""
+        for _ in range(10):
+            data = self.load()
+            rule = data.hosts.get(self.host)
+            if not rule or (rule.get("draining") or {}).get("since") != self.record["since"]:
+                return
+            clean = {k: v for k, v in rule.items() if k != "draining"}
+            try:
+                self.write(clean, data.version)
+                return
+            except VersionConflict:
+                continue
+        raise DeployFailed("the table kept changing; the old backends stay listed under "
+                           "'draining' (they get no new request)")
+

@@ -1,0 +1,403 @@
+"""Hostile probes of deploys (SPEC §10): scripted backends that flap, hang or die
+during the ready step, operators racing and changing the host under a deploy,
+the management process killed mid-deploy, the store going away, malformed
+bodies. Real balancers, real sockets, real Redis.
+
+Every case ends with the balancer still running and the host's rule either the
+one it had (the deploy changed nothing) or the deploy's (it finished).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import itertools
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import Backend, Balancer, in_threads, request, wait_for
+from tests.test_deploys import HOST, deploy, finished, in_background, proxy, step
+
+ANSWERS = {
+    "ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    "503": b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+}
+
+
+class Scripted:
+    """A backend that answers its connections by a script, one entry per
+    connection (the last one repeats): ``ok`` (200), ``503``, ``hang`` (reads
+    the request, never answers, holds the connection until stopped), ``close``
+    (closes without a byte) or ``slow:S`` (a 200 after S seconds)."""
+
+    def __init__(self, *script: str) -> None:
+        self.script = list(script)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.seen = 0
+        self.stopped = threading.Event()
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self.accept_loop, daemon=True)
+        self.thread.start()
+
+    def accept_loop(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            what = self.script[min(self.seen, len(self.script) - 1)]
+            self.seen += 1
+            threading.Thread(target=self.answer, args=(conn, what), daemon=True).start()
+
+    def answer(self, conn: socket.socket, what: str) -> None:
+        with contextlib.suppress(OSError):
+            conn.settimeout(10)
+            conn.recv(65536)
+            if what == "hang":
+                self.held.append(conn)
+                self.stopped.wait(30)
+            elif what.startswith("slow:"):
+                self.stopped.wait(float(what[5:]))
+                conn.sendall(ANSWERS["ok"])
+            elif what != "close":
+                conn.sendall(ANSWERS[what])
+        conn.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def a() -> Iterator[Backend]:
+    backend = Backend("a")
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture
+def lb(tmp_path: Path, a: Backend) -> Iterator[Balancer]:
+    balancer = Balancer(tmp_path, {HOST: proxy(a)})
+    yield balancer
+    balancer.stop()
+
+
+def rule_of(lb: Balancer) -> dict[str, Any]:
+    return lb.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"]
+
+
+# 1. the ready step against hostile backends --------------------------------------
+def test_backends_that_accept_and_never_answer_fail_the_deploy_at_its_ready_timeout(
+        lb: Balancer, a: Backend) -> None:
+    """A hung backend must not stretch the ready step past `ready_timeout` by the
+    health check's own (longer) timeout, once per backend."""
+    hung = [Scripted("hang"), Scripted("hang"), Scripted("hang")]
+    assert lb.api("PUT", f"/api/v1/hosts/{HOST}",
+                  {**proxy(a), "health": {"path": "/", "timeout": 30, "rise": 1}})[0] == 200
+    before = rule_of(lb)
+    try:
+        started = time.monotonic()
+        record = deploy(lb, {"backends": [h.address for h in hung], "ready_timeout": 1})
+        record = finished(lb, record["id"], timeout=10)
+        took = time.monotonic() - started
+    finally:
+        for peer in hung:
+            peer.stop()
+    assert record["state"] == "failed", record
+    assert "not ready after 1s" in record["error"] and "no answer within" in record["error"]
+    assert all(h.address in record["error"] for h in hung)
+    assert took < 3.5, f"the ready step took {took:.1f}s for a ready_timeout of 1s"
+    assert rule_of(lb) == before
+    assert json.loads(request(lb.port)[2])["backend"] == "a"
+
+
+def test_flapping_dying_and_slow_backends_never_count_as_ready(lb: Balancer, a: Backend) -> None:
+    """With `health.rise` 2, a backend must answer well twice in a row: one that
+    flaps (200, 503, ...), answers 200 then closes every later connection, or
+    answers just over the check's timeout is never ready; one just under is."""
+    flapping, dying = Scripted("ok", "503", "ok", "503", "ok", "503"), Scripted("ok", "close")
+    over, under = Scripted("slow:0.7"), Scripted("slow:0.1")
+    health = {"path": "/", "timeout": 0.4, "interval": 0.1, "rise": 2}
+    assert lb.api("PUT", f"/api/v1/hosts/{HOST}", {**proxy(a), "health": health})[0] == 200
+    before = rule_of(lb)
+    try:
+        record = finished(lb, deploy(lb, {"backends": [flapping.address, dying.address,
+                                                       over.address], "ready_timeout": 1.2})["id"])
+        assert record["state"] == "failed", record
+        error = record["error"]
+        assert f"{flapping.address}: GET / answered 503" in error
+        assert f"{dying.address}: invalid response: backend closed the connection" in error
+        assert f"{over.address}: no answer within " in error
+        assert rule_of(lb) == before and flapping.seen >= 3 and dying.seen >= 2
+        record = finished(lb, deploy(lb, {"backends": [under.address], "warmup": 0,
+                                          "ready_timeout": 5})["id"])
+        assert record["state"] == "done", record
+        assert rule_of(lb)["backends"] == [under.address]
+    finally:
+        for peer in (flapping, dying, over, under):
+            peer.stop()
+
+
+# 2. operators racing, and the management process dying ----------------------------
+def post_deploy(port: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", f"/api/v1/hosts/{HOST}/deploy", body=json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    answer = json.loads(response.read())
+    conn.close()
+    return response.status, answer
+
+
+def management_pids(lb: Balancer) -> list[int]:
+    import re
+    return [int(p) for p in re.findall(r"management (\d+) ready", lb.output())]
+
+
+def test_operators_racing_on_two_balancers_sharing_redis_start_one_deploy(
+        tmp_path: Path, redis_server: Any) -> None:
+    a, b = Backend("a"), Scripted("503")  # B never ready: the winner's deploy stays running
+    config = f'[store]\nnamespace = "race-{time.time_ns()}"\n'
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    store = ["--store", redis_server.url]
+    first = Balancer(tmp_path / "one", args=store, config=config)
+    second = Balancer(tmp_path / "two", args=store, config=config)
+    try:
+        assert first.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
+        body = {"backends": [b.address], "ready_timeout": 1.5}
+        ports = [first.mport, second.mport] * 8
+        turn = itertools.count()
+        answers = [f.result() for f in in_threads(len(ports), lambda: post_deploy(
+            ports[next(turn) % len(ports)], body))]
+        started = [answer["deploy"] for status, answer in answers if status == 202]
+        refused = [answer for status, answer in answers if status == 409]
+        assert len(started) == 1 and len(refused) == len(ports) - 1, answers
+        assert {r["error"] for r in refused} == {"deploy_in_progress"}
+        assert all(started[0]["id"] in r["message"] for r in refused)
+        record = finished(second, started[0]["id"])
+        assert record["state"] == "failed" and "nothing was switched" in record["error"]
+        assert second.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"] == proxy(a)
+        assert len(first.api("GET", "/api/v1/deploys")[1]["deploys"]) == 1
+    finally:
+        first.stop()
+        second.stop()
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.slow  # the claim of a killed process goes stale after STALE_AFTER (5 s)
+def test_a_management_process_killed_mid_drain_is_replaced_and_the_deploy_finishes(
+        lb: Balancer, a: Backend) -> None:
+    b = Backend("b")
+    try:
+        slow, out = in_background(lambda: request(lb.port, path="/slow?s=6"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 30})
+        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
+                 == "drain", what="the drain")
+        killed = management_pids(lb)[-1]
+        import os
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: len(management_pids(lb)) == 2, timeout=15,
+                 what="the arbiter to start a new management process")
+        status, answer = post_deploy(lb.mport, {"backends": [a.address]})
+        assert status == 409 and record["id"] in answer["message"], answer  # still claimed
+        wait_for(lambda: "resuming at step drain" in lb.output(), timeout=15,
+                 what="the new management process to resume the deploy")
+        record = finished(lb, record["id"])
+        slow.join(10)
+    finally:
+        b.stop()
+    assert record["state"] == "done", record
+    assert step(record, "drain")["outcome"] == "drained"
+    assert step(record, "drain")["ended"] >= out["done_at"] - 0.05
+    assert out["result"][0] == 200 and json.loads(out["result"][2])["backend"] == "a"
+    assert rule_of(lb) == proxy(b)
+    assert lb.proc.poll() is None
+
+
+@pytest.mark.slow  # the claim of a killed process goes stale after STALE_AFTER (5 s)
+def test_a_management_process_killed_in_the_ready_step_is_resumed_there(
+        lb: Balancer, a: Backend) -> None:
+    """Killed while the new backend is not ready yet: the new management process
+    checks it again for what is left of ready_timeout, and switches once it is up."""
+    late = Scripted("503")
+    try:
+        record = deploy(lb, {"backends": [late.address], "ready_timeout": 30, "warmup": 0})
+        wait_for(lambda: late.seen >= 2, what="the new backend probed")
+        import os
+        os.kill(management_pids(lb)[-1], signal.SIGKILL)
+        wait_for(lambda: len(management_pids(lb)) == 2, timeout=15,
+                 what="the arbiter to start a new management process")
+        assert rule_of(lb) == proxy(a)
+        late.script = ["ok"]  # the new version is up now
+        wait_for(lambda: "resuming at step ready" in lb.output(), timeout=15,
+                 what="the new management process to resume the deploy")
+        record = finished(lb, record["id"], timeout=20)
+    finally:
+        late.stop()
+    assert record["state"] == "done", record
+    assert [s["name"] for s in record["steps"]] == ["ready", "switch", "drain"]
+    assert rule_of(lb) == {"action": "proxy", "backends": [late.address]}
+
+
+# 3. the store going away -------------------------------------------------------------
+def test_redis_going_away_during_the_drain_delays_the_deploy_and_it_finishes(
+        tmp_path: Path, redis_factory: Any) -> None:
+    redis = redis_factory()
+    a, b = Backend("a"), Backend("b")
+    lb = Balancer(tmp_path, args=["--store", redis.url])
+    try:
+        assert lb.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
+        slow, out = in_background(lambda: request(lb.port, path="/slow?s=3"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 30})
+        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
+                 == "drain", what="the drain")
+        redis.stop()
+        status, answer = post_deploy(lb.mport, {"backends": [a.address]})
+        assert status == 503 and answer["error"] == "store_unavailable", answer
+        assert json.loads(request(lb.port)[2])["backend"] == "b"  # the data plane serves on
+        wait_for(lambda: "cannot read the in-flight counts" in lb.output(),
+                 what="the deploy to meet the outage")
+        redis.start()
+        record = finished(lb, record["id"], timeout=20)
+        slow.join(10)
+    finally:
+        lb.stop()
+        a.stop()
+        b.stop()
+    assert record["state"] == "done", record
+    assert step(record, "drain")["outcome"] == "drained"
+    assert out["result"][0] == 200
+
+
+# 4. malformed bodies and the host changing under the deploy -----------------------------
+def post_raw(lb: Balancer, what: str, data: bytes) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", lb.mport, timeout=10)
+    conn.request("POST", f"/api/v1/hosts/{HOST}/{what}", body=data,
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    answer = json.loads(response.read())
+    conn.close()
+    return response.status, answer
+
+
+def test_malformed_deploy_bodies_are_refused_with_the_reason_and_start_nothing(
+        lb: Balancer, a: Backend) -> None:
+    good = json.dumps(a.address)
+    cases = [
+        (b'{"backends": [%s], "ready_timeout": NaN}', "invalid_json", "NaN is not a number"),
+        (b'{"backends": [%s], "warmup": 1e309}', "invalid_json", "too large"),
+        (b'{"backends": [%s], "warmup": 1' + b"0" * 5000 + b"}", "invalid_json",
+         "an integer of 5001 digits is too large"),
+        (b'{"backends": [%s], "drain_timeout": -5}', "invalid_deploy", "drain_timeout"),
+        (b'{"backends": [%s], "ready_timeout": 0}', "invalid_deploy", "ready_timeout"),
+        (b'{"backends": [%s], "warmup": 86401}', "invalid_deploy", "at most 86400"),
+        (b'{"backends": [%s], "warmup": true}', "invalid_deploy", "warmup"),
+        (b'{"backends": [%s], "warmup": "10"}', "invalid_deploy", "warmup"),
+        (b'{"backends": [%s], "ready_timeout": null}', "invalid_deploy", "ready_timeout"),
+        (b'{"backends": [%s], "health": {}}', "invalid_deploy", "health: unknown field"),
+        (b'{"backends": [%s], "backends": []}', "invalid_json", "twice"),
+        (b'{"backends": %s}', "invalid_deploy", "backends"),
+        (b'{"backends": [{"address": %s, "weight": 1e400}]}', "invalid_json", "too large"),
+        (b'{"backends": [{"address": %s, "weight": 0}]}', "invalid_deploy", "weight"),
+        (b'{"backends": [%s, %s]}', "invalid_deploy", "duplicate"),
+        (b'[%s]', "invalid_deploy", "body: must be"),
+    ]
+    for template, error, reason in cases:
+        data = template.replace(b"%s", good.encode())
+        status, answer = post_raw(lb, "deploy", data)
+        assert status == 400 and answer["error"] == error, (data[:80], answer)
+        assert reason in answer["message"] + " ".join(answer["details"]), (data[:80], answer)
+    status, answer = post_raw(lb, "rollback", b'{"backends": [], "warmup": -1}')
+    assert status == 400 and len(answer["details"]) == 2, answer
+    assert lb.api("GET", "/api/v1/deploys")[1]["deploys"] == []
+    assert rule_of(lb) == proxy(a) and lb.proc.poll() is None
+
+
+def test_a_host_deleted_during_the_ready_step_is_not_brought_back(lb: Balancer) -> None:
+    late = Scripted("503", "503", "ok")
+    try:
+        record = deploy(lb, {"backends": [late.address], "ready_timeout": 10})
+        wait_for(lambda: late.seen >= 1, what="the first probe")
+        assert lb.api("DELETE", f"/api/v1/hosts/{HOST}")[0] == 200
+        record = finished(lb, record["id"])
+    finally:
+        late.stop()
+    assert record["state"] == "failed" and "changed during the deploy" in record["error"]
+    assert lb.api("GET", f"/api/v1/hosts/{HOST}")[0] == 404
+    assert lb.api("GET", "/api/v1/hosts")[1]["hosts"] == {}
+
+
+# 5. the drain against long requests and other operators ------------------------------------
+def test_a_request_longer_than_the_drain_timeout_is_listed_and_finishes_untouched(
+        lb: Balancer, a: Backend) -> None:
+    b = Backend("b")
+    try:
+        slow, out = in_background(lambda: request(lb.port, path="/slow?s=4"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        record = finished(lb, deploy(lb, {"backends": [b.address], "warmup": 0,
+                                          "drain_timeout": 0.5})["id"])
+        assert record["state"] == "done", record
+        assert step(record, "drain")["outcome"] == "timeout"
+        assert f"{a.address}: 1 in flight (0 WebSocket tunnels)" in record["warning"]
+        assert "done_at" not in out  # still running at the deploy's end
+        slow.join(10)
+    finally:
+        b.stop()
+    assert out["result"][0] == 200 and json.loads(out["result"][2])["backend"] == "a"
+    assert rule_of(lb) == proxy(b)  # `draining` removed: the old backend gets nothing
+
+
+def test_a_rule_replaced_by_another_operator_during_the_drain_is_kept(
+        lb: Balancer, a: Backend) -> None:
+    b, c = Backend("b"), Backend("c")
+    try:
+        slow, _ = in_background(lambda: request(lb.port, path="/slow?s=2"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 20})
+        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
+                 == "drain", what="the drain")
+        operator = {**proxy(c), "retries": 1}
+        assert lb.api("PUT", f"/api/v1/hosts/{HOST}", operator)[0] == 200
+        record = finished(lb, record["id"])
+        slow.join(10)
+        assert rule_of(lb) == operator  # the end of the drain wrote nothing over it
+        assert json.loads(request(lb.port)[2])["backend"] == "c"
+    finally:
+        b.stop()
+        c.stop()
+    assert record["state"] == "done", record
+
+
+def test_damaged_deploy_records_are_reported_and_never_let_a_second_deploy_of_the_host_start(
+        tmp_path: Path, lb: Balancer) -> None:
+    not_ready = Scripted("503")
+    try:
+        first = deploy(lb, {"backends": [not_ready.address], "ready_timeout": 2})
+        records = tmp_path / "routes.json.deploys.json"
+        assert records.is_file()
+        for _ in range(5):  # (the first deploy's next beat, within 1 s, writes its claim back)
+            records.write_text("{damaged")  # a hand edit, a full disk, a bad restore
+            status, answer = post_deploy(lb.mport, {"backends": [not_ready.address]})
+            assert status == 409 and first["id"] in answer["message"], answer
+        record = finished(lb, first["id"])
+    finally:
+        not_ready.stop()
+    assert record["state"] == "failed" and "nothing was switched" in record["error"]
+    assert "cannot be read" in lb.output() and "starting them over" in lb.output()
+    assert [d["id"] for d in lb.api("GET", "/api/v1/deploys")[1]["deploys"]] == [first["id"]]
