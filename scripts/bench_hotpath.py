@@ -7,8 +7,8 @@ and (``--sockets``) the cost of a whole connection through a real gevent worker.
 [--instructions]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive --tls [--requests 1000]
 [--instructions]``
-``python scripts/bench_hotpath.py --sockets close|keep-alive --body SIZE [--requests 1000]
-[--instructions]``
+``python scripts/bench_hotpath.py --sockets close|keep-alive --body SIZE [--chunked [CHUNK]]
+[--requests 1000] [--instructions]``
 
 One `ClientConnection` from a real `Worker` (file-store-shaped table: ``*`` →
 one backend) serves scripted sockets: the client socket hands out a wrk-like
@@ -52,7 +52,10 @@ request with ``close``) is counted with the rest.
 the backend reads whole before it answers; the wall-clock run also prints the
 worker's CPU time (user + system, this process: the helper is another) per
 request. ``--instructions`` with a body of 1 MiB or more makes 2 and 12 requests
-instead of 200 and 1,200.
+instead of 200 and 1,200. ``--chunked`` sends that body with ``Transfer-Encoding:
+chunked`` instead, in chunks of CHUNK bytes (16K unless given; the last may be
+shorter), head and whole body in one ``sendall`` as well; the backend reads the
+chunked body to its last chunk.
 
 Used for issue 2's speed work; `scripts/bench_proxy.py` is the end-to-end
 benchmark (wrk, nginx, HAProxy).
@@ -248,13 +251,20 @@ def body_size(text: str) -> int:
     return size
 
 
-def post_request(size: int, close: bool) -> bytes:
-    """`--body`'s request: POST_HEAD and `size` bytes of JSON-ish body."""
+def post_request(size: int, close: bool, chunk: int = 0) -> bytes:
+    """`--body`'s request: POST_HEAD and `size` bytes of JSON-ish body; with
+    `chunk`, the body chunked in pieces of that many bytes (`--chunked`)."""
     head = POST_HEAD % size
     if close:
         head = head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
     unit = b'{"id": 12345, "name": "item", "tags": ["a", "b"]},'
-    return head + (unit * (size // len(unit) + 1))[:size]
+    body = (unit * (size // len(unit) + 1))[:size]
+    if not chunk:
+        return head + body
+    head = head.replace(b"Content-Length: %d" % size, b"Transfer-Encoding: chunked")
+    framed = [b"%x\r\n%s\r\n" % (len(body[at:at + chunk]), body[at:at + chunk])
+              for at in range(0, size, chunk)]
+    return head + b"".join(framed) + b"0\r\n\r\n"
 
 
 def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False) -> float:
@@ -293,11 +303,11 @@ def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False) ->
 
 
 def peer(mode: str, requests: int, vary: bool = False, browser: bool = False,
-         tls: bool = False, body: int | None = None) -> None:
+         tls: bool = False, body: int | None = None, chunk: int = 0) -> None:
     """The helper: a keep-alive backend, then a client making `requests` requests
     (stdout: the backend's port, then how many were answered whole); `vary`: each
     request's target differs; `browser`: a browser's head; `tls`: over TLS;
-    `body`: POSTs with a body of that many bytes."""
+    `body`: POSTs with a body of that many bytes (`chunk`: chunked, chunks of that size)."""
     backend = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_backend_loop, args=(backend,), daemon=True).start()
     print(backend.getsockname()[1], flush=True)
@@ -305,14 +315,14 @@ def peer(mode: str, requests: int, vary: bool = False, browser: bool = False,
     answered = 0
     connect = _tls_connect if tls else _connect
     if mode == "close":
-        request = CLOSE_REQUEST if body is None else post_request(body, True)
+        request = CLOSE_REQUEST if body is None else post_request(body, True, chunk)
         for _ in range(requests):
             with connect(port) as conn:
                 conn.sendall(request)
                 answered += _read_to_eof(conn).endswith(PAGE)
     else:
         head = (BROWSER_REQUEST if browser else REQUEST) if body is None else (
-            post_request(body, False))
+            post_request(body, False, chunk))
         with connect(port) as conn:
             for n in range(requests):
                 conn.sendall(head.replace(b".html", b".html?%d" % n) if vary else head)
@@ -343,7 +353,7 @@ def _backend_loop(listener: socket.socket) -> None:
 
 def _answer_loop(conn: socket.socket) -> None:
     """Answer every request on `conn` with RESPONSE (keep-alive), once its head
-    and its Content-Length body are read."""
+    and its Content-Length or chunked body are read."""
     buffer = b""
     with conn:
         while True:
@@ -353,6 +363,10 @@ def _answer_loop(conn: socket.socket) -> None:
                     return
                 buffer += data
             head, buffer = buffer.split(b"\r\n\r\n", 1)
+            if b"\r\ntransfer-encoding: chunked" in head.lower():
+                buffer = _read_chunked(conn, buffer)
+                conn.sendall(RESPONSE)
+                continue
             found = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
             left = int(found.group(1)) - len(buffer) if found else 0
             while left > 0:
@@ -362,6 +376,29 @@ def _answer_loop(conn: socket.socket) -> None:
                 left -= len(data)
             buffer = buffer[len(buffer) + left:] if left < 0 else b""
             conn.sendall(RESPONSE)
+
+
+def _read_chunked(conn: socket.socket, buffer: bytes) -> bytes:
+    """Read a chunked body (no trailers) that begins with `buffer`; returns what
+    follows it. Raises ConnectionError if the connection closes first."""
+    at = 0
+    while True:
+        while (end := buffer.find(b"\r\n", at)) < 0:
+            buffer = buffer[at:] + _recv(conn)
+            at = 0
+        size = int(buffer[at:end].split(b";")[0], 16)
+        at = end + 2 + size + 2  # the chunk's data and its CRLF (the last: the empty line)
+        while len(buffer) < at:
+            buffer += _recv(conn)
+        if not size:
+            return buffer[at:]
+
+
+def _recv(conn: socket.socket) -> bytes:
+    data = conn.recv(1 << 20)
+    if not data:
+        raise ConnectionError("the balancer closed during a chunked body")
+    return data
 
 
 def _read_to_eof(conn: socket.socket) -> bytes:
@@ -401,15 +438,23 @@ def main() -> None:
     parser.add_argument("--body", metavar="SIZE", type=body_size,
                         help="with --sockets: POST requests with a Content-Length body of "
                              "SIZE bytes (K, M: KiB, MiB)")
+    parser.add_argument("--chunked", metavar="CHUNK", type=body_size, nargs="?", const=16384,
+                        default=0, help="with --body: send it chunked, in chunks of CHUNK "
+                                        "bytes (16K unless given)")
     parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     body = args.body
     varied = ((["--vary"] if args.vary else []) + (["--browser"] if args.browser else [])
-              + ([] if body is None else ["--body", str(body)]))
+              + ([] if body is None else ["--body", str(body)])
+              + (["--chunked", str(args.chunked)] if args.chunked else []))
     kind = (", varied" * args.vary + ", browser" * args.browser + ", TLS" * args.tls
-            + ("" if body is None else f", POST body of {body:,} bytes"))
+            + ("" if body is None else f", POST body of {body:,} bytes")
+            + (f", chunked by {args.chunked:,}" if args.chunked else ""))
+    if args.chunked and body is None:
+        parser.error("--chunked needs --body")
     if args.peer:
-        peer(args.peer[0], int(args.peer[1]), args.vary, args.browser, args.tls, body)
+        peer(args.peer[0], int(args.peer[1]), args.vary, args.browser, args.tls, body,
+             args.chunked)
     elif args.sockets and args.instructions:
         short, long = (2, 12) if body is not None and body >= LARGE_BODY else (200, 1200)
         count = instructions(["--sockets", args.sockets, *varied, *["--tls"] * args.tls],
