@@ -253,11 +253,21 @@ class Exchange:
         self.respond(page.status, page.body, page.content_type, extra)
 
     def body_chunks(self) -> Iterator[Piece]:
-        """The request body as it arrives (framing removed): bytes or spans."""
+        """The request body as it arrives, bytes or spans: a Content-Length body's
+        bytes, a chunked body's framing (`balancer.chunks`)."""
         for chunk in self.conn.body_chunks():
-            self.received += piece_size(chunk)
+            self.count_body(chunk)
             yield chunk
         self.body_done = True
+
+    def count_body(self, piece: Piece) -> None:
+        """Count a body piece in `received`: its bytes, or for a chunked body the
+        data bytes read so far (framing removed, as the access log says)."""
+        chunks = self.head.chunks
+        if chunks is None:
+            self.received += piece_size(piece)
+        else:
+            self.received = chunks.decoded
 
 
 class ClientConnection:

@@ -74,6 +74,7 @@ from typing import Any, Final, NoReturn, cast
 
 import httptools
 
+from balancer.chunks import LAST_CHUNK, ChunkedBody
 from balancer.fields import CLIENT_FIELDS, spellings
 
 END: Final = object()  # sentinel event: the current message is complete
@@ -138,7 +139,6 @@ def _first_two(names: frozenset[bytes]) -> bytes:
 
 MAYBE_MARKED: Final = _first_two(MARKED)
 NO_FIELDS: Final[tuple[Field, ...]] = ()
-LAST_CHUNK: Final = b"0\r\n\r\n"  # the end of a chunked body without trailers
 # The bytes a head that begins inside a feed is first looked for in (`_raw_head`).
 WINDOW: Final = 4096
 # A feed of at most this many bytes that was exactly one whole bodyless keep-alive
@@ -181,7 +181,7 @@ class RequestHead:
 
     __slots__ = ("method", "target", "version", "block", "marks", "host", "content_length",
                  "chunked", "has_body", "keep_alive", "expect_continue", "upgrade",
-                 "connection_tokens", "trailers")
+                 "connection_tokens", "trailers", "chunks")
 
     def __init__(self, method: bytes, target: bytes, version: bytes, block: bytes,
                  marks: list[Mark], host: bytes,
@@ -202,6 +202,7 @@ class RequestHead:
         self.upgrade = upgrade
         self.connection_tokens = connection_tokens
         self.trailers = NO_FIELDS  # a chunked body's trailer fields, once it is complete
+        self.chunks: ChunkedBody | None = None  # a chunked body's framing (sizes, bytes)
 
     @property
     def headers(self) -> list[Field]:
@@ -227,6 +228,13 @@ class RequestHead:
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode()} {self.target!r} host={self.host!r}>"
+
+
+def declared_body(head: RequestHead) -> int:
+    """The body bytes `head` announced: its Content-Length, or the sizes of its
+    chunks whose size line was read so far (the limits are checked against it)."""
+    chunks = head.chunks
+    return chunks.declared if chunks is not None else head.content_length or 0
 
 
 def mark_value(head: RequestHead, mark: Mark) -> bytes:
@@ -343,7 +351,10 @@ class _Parser:
         self._fields: list[tuple[bytes, bytes, bytes]] = []
         self._fielded = False  # llhttp calls back per field (see the class doc)
         self._idle = False  # (fields) the message ended
-        self._tail = b""  # (fields) the last 3 bytes fed (a CRLF CRLF across feeds)
+        self._body: ChunkedBody | None = None  # (fields) the chunked body's framing
+        self._body_at = 0  # (fields) where its body begins in the next feed (the replay's)
+        self._pieces: list = []  # (fields) the pieces of the feed llhttp is parsing
+        self._ending = False  # (fields) llhttp is fed the byte the framing ends at
         self._parts: list[bytes] = []  # (raw) the feeds since the head began
         self._start = 0  # where in `_parts[0]` it began
         self._feed = b""  # the bytes being fed (during `feed`)
@@ -397,7 +408,7 @@ class _Parser:
         end = -1  # (fields) where in `data` the message ended
         try:
             if fielded:
-                end = self._feed_fields(data)
+                end = self._feed_chunked(data)
             else:
                 self._hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -447,53 +458,33 @@ class _Parser:
             self._fail(414, "request line too long")
         self._line_done = end >= 0
 
-    def _feed_fields(self, data: bytes) -> int:
-        """Feed `data` to the field parser in pieces that end after a CRLF CRLF (the
-        class doc); returns where in `data` the message ended, or -1 if it goes on."""
-        hp, tail = self._hp, self._tail
-        found = tail + data
-        at, skip = 0, len(tail)
-        first = len(self.events)
-        pos = found.find(b"\r\n\r\n")
-        try:
-            while pos >= 0:
-                end = pos + 4 - skip
-                if end > at:
-                    hp.feed_data(data[at:end])
-                    at = end
-                    if self._idle:
-                        break
-                pos = found.find(b"\r\n\r\n", pos + 1)
-            else:
-                if at < len(data):
-                    hp.feed_data(data[at:] if at else data)
-                    at = len(data)
-                self._tail = found[-3:]
-                if self._idle:  # (never: a chunked message ends after a CRLF CRLF)
-                    self._fail(400, "chunked message end not found")
-        except httptools.HttpParserUpgrade as exc:  # (never: a chunked Upgrade is a 400)
-            raise httptools.HttpParserUpgrade(at + exc.args[0]) from None
-        if at < len(data) or len(self.events) > first + 1:
-            self._join_body(first)
-        return at if self._idle else -1
-
-    def _join_body(self, first: int) -> None:
-        """One body piece for each run of them the pieces of one feed gave from
-        `events[first]` on (as one `feed_data` of the feed would have given them)."""
-        events = self.events
-        merged: list = []
-        run: list[bytes] = []
-        for event in events[first:]:
-            if type(event) is bytes:
-                run.append(event)
-                continue
-            if run:
-                merged.append(b"".join(run))
-                run = []
-            merged.append(event)
-        if run:
-            merged.append(b"".join(run))
-        events[first:] = merged
+    def _feed_chunked(self, data: bytes) -> int:
+        """Feed `data` to the field parser, its chunked body located first
+        (`balancer.chunks`): llhttp must end the message exactly where the framing
+        does (at its last byte, not before) or not at all if it goes on (else a
+        400), and only then are its pieces queued. Returns where in `data` the
+        message ended, or -1 if it goes on."""
+        body, hp = self._body, self._hp
+        assert body is not None  # (fields) set with the field parser
+        pieces: list = []
+        end = body.scan(data, self._body_at, pieces)
+        self._body_at = 0
+        self._pieces = pieces
+        self._ending = False
+        if end < 0:
+            hp.feed_data(data)
+        else:
+            view = memoryview(data)
+            if end > 1:
+                hp.feed_data(view[:end - 1])
+            self._ending = True  # (`on_message_complete` refuses to end the message before)
+            hp.feed_data(view[end - 1:end])
+            if not self._idle:
+                self._fail(400, "chunked body framing not understood")
+        if self._pieces:  # (the message goes on: its pieces so far)
+            self.events.extend(pieces)
+            self._pieces = []
+        return end
 
     def _to_fields(self) -> None:
         """Read the head `on_headers_complete` stopped at again, and what followed it
@@ -503,7 +494,7 @@ class _Parser:
         self._feed = b""
         self._hp = httptools.HttpRequestParser(self._callbacks.fields)
         self._fielded = True
-        self._tail = b""
+        self._body = ChunkedBody()
         self._parts = []
         self._fields = []
         self._begin()
@@ -594,18 +585,12 @@ class FieldCallbacks(_Callbacks):
 
     def __init__(self) -> None:
         super().__init__()
-        self.on_header: Any = self._on_header
-        self.on_body: Any = self._on_body  # a chunked body's decoded pieces
+        self.on_header: Any = self._on_header  # (no ``on_body``: `balancer.chunks`)
 
     def _on_header(self, name: bytes, value: bytes) -> None:
         parser = self.parser
         assert parser is not None  # httptools calls back only within a feed
         parser.on_header(name, value)
-
-    def _on_body(self, body: bytes) -> None:
-        parser = self.parser
-        assert parser is not None  # httptools calls back only within a feed
-        parser.events.append(body)
 
 
 class RequestCallbacks(_Callbacks):
@@ -666,8 +651,9 @@ class RequestParser(_Parser):
                 if mark[0] == b"transfer-encoding":  # class doc
                     self._line = (method, url, version)
                     parts = self._parts
-                    self._replay = b"".join(parts)[self._start:] if len(parts) > 1 else (
+                    self._replay = replay = b"".join(parts)[self._start:] if len(parts) > 1 else (
                         parts[0][self._start:])
+                    self._body_at = len(replay) - (len(self._feed) - self._at)
                     self._switching = True
                     raise _Switch
             self._parts = []
@@ -710,6 +696,8 @@ class RequestParser(_Parser):
         self._head = head = RequestHead(
             method, target, version, block, marks, host, content_length, chunked, has_body,
             keep_alive, expect_continue, upgrade, tokens)
+        if self._fielded:
+            head.chunks = self._body
         self.events.append(head)
 
     def _raw_head(self) -> tuple[bytes, bytes, bytes, list[bytes], int, bytes]:
@@ -903,6 +891,26 @@ class RequestParser(_Parser):
                                  if token and token.lower() != b"h2c")
         return upgrade
 
+    def _end_chunked(self) -> None:
+        """(fields) The chunked message ends where its framing did (`_feed_chunked`):
+        its trailers go on its head, its last pieces and `END` are queued."""
+        if not self._ending:  # llhttp ended it before: never, but never forwarded
+            self._fail(400, "chunked body framing not understood")
+        trailers = self._check_trailers() if self._fields else NO_FIELDS
+        body = self._body
+        assert body is not None and self._head is not None  # (fields) set with the head
+        events = self.events
+        events.extend(self._pieces)
+        self._pieces = []
+        if trailers:
+            self._head.trailers = trailers  # `forwarding.last_chunk` ends the body then
+        elif not body.whole_end:
+            events.append(LAST_CHUNK)
+        events.append(END)
+        self._begin()
+        self._closed = not self._keep_alive
+        self._idle = True
+
     def _last_piece(self) -> Any:
         """The piece of the current feed that ends a Content-Length body (module
         doc): the feed, a span of it, or a slice when a message follows."""
@@ -913,19 +921,15 @@ class RequestParser(_Parser):
         return feed[at:end]
 
     def on_message_complete(self) -> None:
-        if self._fields:  # trailer fields
-            trailers = self._check_trailers()
-            if self._head is not None:
-                self._head.trailers = trailers
-        if self._body_left and not self._fielded:  # a Content-Length body's last piece
+        if self._fielded:
+            self._end_chunked()
+            return
+        if self._body_left:  # a Content-Length body's last piece
             self.events.append(self._last_piece())
         self.events.append(END)
         self._begin()
         # Bug: bytes after it used to become a 400 (or 414/431) for an answerable request.
         self._closed = not self._keep_alive
-        if self._fielded:
-            self._idle = True
-            return
         feed, start = self._feed, self._at + self._body_left  # the next message's start
         if start < len(feed):
             self._parts = [feed]

@@ -48,7 +48,7 @@ from balancer.errors import (
     ProxyError,
 )
 from balancer.forwarding import last_chunk, request_head
-from balancer.http11 import END, LAST_CHUNK, ProtocolError
+from balancer.http11 import END, LAST_CHUNK, ProtocolError, declared_body
 from balancer.netio import Connecting
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseHead, ResponseParser, final_head
@@ -79,15 +79,15 @@ def frame_chunk(data: bytes) -> bytes:
 def send_request(ex: Exchange, upstream: Upstream, body: Piece | None,
                  max_body: int | None) -> bool:
     """Send the request; `body` is the whole body when in hand (bytes or a span),
-    else it is streamed (returns True then). A Content-Length body of `TAIL_MIN`
-    bytes or more goes beside the head, not joined to it (one sendmsg of both)."""
+    else it is streamed (returns True then). A body of `TAIL_MIN` bytes or more
+    goes beside the head, not joined to it (one sendmsg of both). A chunked body's
+    pieces are its framing (`balancer.chunks`), sent as they are."""
     head = ex.head
     chunked = head.chunked
     data = request_head(ex, chunked)
     if body is not None:
-        if chunked:
-            raw = span_bytes(body)
-            data += (frame_chunk(raw) if raw else b"") + last_chunk(head)
+        if head.trailers:  # (chunked) its pieces end before its last chunk
+            data += span_bytes(body) + last_chunk(head)
         elif piece_size(body) >= TAIL_MIN:
             _send_backend_span(upstream, data, body if isinstance(body, tuple) else (body, 0))
             return False
@@ -130,11 +130,11 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
     turn = ex.conn.io.turn()
     try:
         for chunk in ex.body_chunks():
-            if max_body is not None and ex.received > max_body:
-                raise PayloadTooLarge("request body over max_body_bytes")
-            _send_body(upstream, frame_chunk(span_bytes(chunk)) if chunked else chunk)
+            if max_body is not None and declared_body(ex.head) > max_body:  # (chunked)
+                raise PayloadTooLarge("chunk sizes over max_body_bytes")
+            _send_body(upstream, chunk)
             turn.spend(piece_size(chunk))
-        if chunked:
+        if chunked and ex.head.trailers:  # (its pieces end before its last chunk)
             _send_body(upstream, last_chunk(ex.head))
         return
     except BackendAnswered:

@@ -174,14 +174,16 @@ def _worker():
 def forwarded(data: bytes | list[bytes], trusted: bool) -> list:
     """What a backend gets for `data` fed whole (or in the pieces of a list): per
     request, its head (and the end of a chunked body: `last_chunk`), as latin-1
-    text; body pieces; END; or the refusal's status. Real objects (a worker's
-    connection and exchanges), so that it runs compiled too."""
+    text; body pieces (a chunked body's, forwarded as its framing, read strictly
+    and given whole: `tests.support.unchunk`); END; or the refusal's status. Real
+    objects (a worker's connection and exchanges), so that it runs compiled too."""
     import socket
 
     from balancer.connection import ClientConnection, Exchange
     from balancer.forwarding import last_chunk, request_head
     from balancer.http11 import END, ProtocolError, RequestHead
     from balancer.spans import span_bytes
+    from tests.support import unchunk
 
     worker = _worker()
     left, right = socket.socketpair()
@@ -195,8 +197,18 @@ def forwarded(data: bytes | list[bytes], trusted: bool) -> list:
                 parser.feed(piece)
         except ProtocolError as exc:
             out.append(exc.status)
+        chunked: RequestHead | None = None
+        framed = b""
         for event in parser.events:
+            if chunked is not None and (event is END or isinstance(event, (bytes, tuple))):
+                if event is not END:
+                    framed += span_bytes(event)
+                    continue
+                body = unchunk(framed + (last_chunk(chunked) if chunked.trailers else b""))
+                out += [body.decode("latin-1")] if body else []
+                chunked, framed = None, b""
             if isinstance(event, RequestHead):
+                chunked = event if event.chunked else None
                 route = worker.context("proxy").holder.table.lookup(event.host or b"x")
                 ex = Exchange(conn, event, route, b"RID", 0.0)
                 ex.backend = "10.1.1.1:80"

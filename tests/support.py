@@ -434,6 +434,31 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0, until_close: bool
         sock.close()
 
 
+CANONICAL_SIZE = re.compile(rb"(0|[1-9a-fA-F][0-9a-fA-F]*)\r\n")
+
+
+def unchunk(framed: bytes) -> bytes:
+    """The data of a chunked body as the balancer forwards it, read strictly: every
+    size line canonical (hex digits, no leading zero, no extension, CRLF), each
+    chunk's data followed by CRLF, the last chunk's trailer lines, the empty line,
+    and nothing after. AssertionError for anything else."""
+    data, at = [], 0
+    while True:
+        line = CANONICAL_SIZE.match(framed, at)
+        assert line, f"not a canonical size line at {at}: {framed[at:at + 40]!r}"
+        size = int(line.group(1), 16)
+        at = line.end()
+        if not size:
+            break
+        data.append(framed[at:at + size])
+        assert framed[at + size:at + size + 2] == b"\r\n", f"no CRLF after the chunk at {at}"
+        at += size + 2
+    while (end := framed.find(b"\r\n", at)) > at:  # trailer fields
+        at = end + 2
+    assert end == at and end + 2 == len(framed), f"bytes after the body: {framed[at:]!r}"
+    return b"".join(data)
+
+
 def split_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     """Split a byte stream of Content-Length framed responses."""
     out = []

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from balancer.forwarding import last_chunk
 from balancer.http11 import END, Limits, ProtocolError, RequestHead, RequestParser
 from balancer.response_parser import ResponseHead, ResponseParser
 from balancer.spans import span_bytes
+from tests.support import unchunk
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -112,18 +114,25 @@ def response_view(head: ResponseHead) -> dict:
 
 
 def messages(events, view) -> list[dict]:
-    """Events folded into messages: head attributes + joined body + whether END came."""
+    """Events folded into messages: head attributes + joined body + whether END came.
+    A chunked request's body pieces are its framing, as forwarded: read strictly,
+    with the trailers the relay sends after it (`unchunk`)."""
     out: list[dict] = []
+    head = None
     for event in events:
         if event is END:
             assert out and not out[-1]["complete"], "END without an open message"
             out[-1]["complete"] = True
+            if isinstance(head, RequestHead) and head.chunked:
+                end = last_chunk(head) if head.trailers else b""
+                out[-1]["body"] = unchunk(out[-1]["body"] + end)
         elif isinstance(event, (bytes, tuple)):  # a body piece: bytes or a span
             assert out and not out[-1]["complete"], "body bytes outside a message"
             out[-1]["body"] += span_bytes(event)
         else:
             assert not out or out[-1]["complete"], "a head inside an unfinished message"
             out.append({**view(event), "body": b"", "complete": False})
+            head = event
     return out
 
 

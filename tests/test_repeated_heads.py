@@ -34,7 +34,7 @@ def fresh(data: bytes) -> list:
 # every attribute of a RequestHead (compiled, the class has no __slots__ to read)
 ATTRIBUTES = ("method", "target", "version", "block", "marks", "host", "content_length", "chunked",
               "has_body", "keep_alive", "expect_continue", "upgrade", "connection_tokens",
-              "trailers")
+              "trailers", "chunks")
 
 
 def same(a: RequestHead, b: RequestHead) -> bool:

@@ -41,10 +41,11 @@ from balancer.errors import (
     ProxyError,
 )
 from balancer.hold import Hold, Holds, hand_over
+from balancer.http11 import declared_body
 from balancer.pool import Backend
 from balancer.relay import Flight, arrive, land
 from balancer.rules import backend_entries
-from balancer.spans import Piece, join_pieces, piece_size
+from balancer.spans import Piece, join_pieces
 from balancer.stats import BackendStats
 
 IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
@@ -95,22 +96,23 @@ class ProxyAction:
         wait for (`BUFFERED_BODY`); None: it streams. Raises PayloadTooLarge over
         `max_body_bytes`."""
         head, max_body = ex.head, self.max_body
-        if max_body is not None and (head.content_length or 0) > max_body:
-            raise PayloadTooLarge("Content-Length over max_body_bytes")
+        if max_body is not None and declared_body(head) > max_body:
+            raise PayloadTooLarge("Content-Length or chunk sizes over max_body_bytes")
         body = ex.conn.buffered_body()
         if body is not None:
-            ex.received += piece_size(body)
+            ex.count_body(body)
             ex.body_done = True
         elif (head.content_length is not None and head.content_length <= BUFFERED_BODY
               and not head.expect_continue):
             body = join_pieces(list(ex.body_chunks()))  # the rest is on its way: wait for it
-        if body is not None and max_body is not None and piece_size(body) > max_body:
+        if body is not None and max_body is not None and declared_body(head) > max_body:
             raise PayloadTooLarge("body over max_body_bytes")
         return body
 
     def resume(self, ex: Exchange, body: Piece | None) -> None:
         """Forward a request handed over from a hold, its body already read (`body`)."""
-        if body is not None and self.max_body is not None and piece_size(body) > self.max_body:
+        if body is not None and self.max_body is not None and (
+                declared_body(ex.head) > self.max_body):
             raise PayloadTooLarge("body over max_body_bytes")
         try:
             self.forward_with_retries(ex, body, time.perf_counter())
