@@ -15,7 +15,16 @@ import time
 
 import pytest
 
-from tests.support import Backend, Balancer, dead_address, in_threads, request, wait_for
+from tests.support import (
+    Backend,
+    Balancer,
+    dead_address,
+    in_threads,
+    raw_exchange,
+    request,
+    split_responses,
+    wait_for,
+)
 
 HOST = "app.test"
 SPIN = {"action": "spin", "timeout": 60}
@@ -195,6 +204,25 @@ def test_held_while_down_then_handed_to_the_new_rule_with_its_body(tmp_path, bac
     wait_for(lambda: bal.spinning(HOST) == 1, what="the POST to be held")
     bal.write_routes({HOST: proxy(backend)})
     status, _, body = post.result(timeout=10)
+    echoed = json.loads(body)
+    assert status == 200 and echoed["method"] == "POST" and echoed["body_len"] == len(payload)
+    assert echoed["body_sha"] == hashlib.sha256(payload).hexdigest()
+
+
+def test_a_held_chunked_body_is_handed_to_the_new_rule_whole(tmp_path, backend, stop_after):
+    """A chunked body that came with its head is kept as its framing (a span of the
+    read, its extension's size line rewritten) while held, and sent whole after."""
+    bal = Balancer(tmp_path, {HOST: proxy(dead_address(), spin_when_down=30)})
+    stop_after(bal)
+    payload = b"0123456789" * 500
+    framed = b"7d0;x=y\r\n" + payload[:2000] + b"\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+        len(payload) - 2000, payload[2000:])
+    post = in_threads(1, lambda: raw_exchange(
+        bal.port, b"POST /upload HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%s" % (HOST.encode(), framed), timeout=20))[0]
+    wait_for(lambda: bal.spinning(HOST) == 1, what="the POST to be held")
+    bal.write_routes({HOST: proxy(backend)})
+    [(status, _, body)] = split_responses(post.result(timeout=20))
     echoed = json.loads(body)
     assert status == 200 and echoed["method"] == "POST" and echoed["body_len"] == len(payload)
     assert echoed["body_sha"] == hashlib.sha256(payload).hexdigest()
