@@ -4,9 +4,9 @@ No sockets here: a parser takes bytes through `feed` and appends events to
 `events`, in order:
 
 * a `RequestHead` / `ResponseHead` when a message head is complete,
-* a body piece for each piece of decoded body (framing already removed): `bytes`,
-  or a `balancer.spans.Span` (the bytes of a read from where the body begins in it
-  to its end),
+* a body piece for each piece of body: `bytes`, or a `balancer.spans.Span` (the
+  bytes of a read from where the body begins in it to its end): a Content-Length
+  body's bytes, a chunked body's framing as it is forwarded (`balancer.chunks`),
 * `END` when the message is complete.
 
 Invariants:
@@ -37,8 +37,10 @@ Invariants:
   (`_at`, `_body_left`), queues each read's part: the read itself when all of it
   is body, a span ``(read, start)`` when the body begins inside it (after its
   head) and goes on to its end, and a slice only when another message follows
-  it in the same read (pipelining). A chunked body is decoded by llhttp, a
-  `bytes` per chunk (`FieldCallbacks.on_body`). The head's bytes are split at
+  it in the same read (pipelining). Nor is a chunked body decoded: its framing
+  is located in each read (`balancer.chunks`) before llhttp checks the same
+  bytes, and queued as pieces of the reads, its size lines rewritten where they
+  are not canonical (`FieldCallbacks` has no ``on_body``). The head's bytes are split at
   CRLFs without the body behind them (`_raw_head`): a large feed is searched
   for the head's end first.
 * Limits do not depend on how the bytes were split: the feed-level counts
@@ -322,11 +324,10 @@ class _Parser:
       (name, lower name, value) triple in `_fields`, and after a chunked head its
       trailers. A head with Transfer-Encoding (its request line read raw first:
       `_line`) is read again this way from its first byte, up to its message's
-      end, where a raw parser takes over. llhttp ends a chunked message only
-      right after a CRLF CRLF (the last chunk's line and the empty line ending
-      the trailers: it refuses a bare LF), so the field parser is fed in pieces
-      that end there (`_feed_fields`): the piece in which the message ended ends
-      where it ended, and the bytes after it go to the raw parser.
+      end, where a raw parser takes over. Where that end is, `balancer.chunks`
+      finds in each read before llhttp parses it (`_feed_chunked`): llhttp is
+      fed up to there, must end the message on its last byte (else a 400), and
+      the bytes after it go to the raw parser.
     """
 
     events: list  # in order; a list, not a deque: an empty deque holds a 528-byte block
@@ -649,13 +650,7 @@ class RequestParser(_Parser):
         if not self._fielded:
             for mark in marks:
                 if mark[0] == b"transfer-encoding":  # class doc
-                    self._line = (method, url, version)
-                    parts = self._parts
-                    self._replay = replay = b"".join(parts)[self._start:] if len(parts) > 1 else (
-                        parts[0][self._start:])
-                    self._body_at = len(replay) - (len(self._feed) - self._at)
-                    self._switching = True
-                    raise _Switch
+                    self._switch(method, url, version)
             self._parts = []
         if count > self._max_headers:
             self._fail(431, "too many headers")
@@ -699,6 +694,20 @@ class RequestParser(_Parser):
         if self._fielded:
             head.chunks = self._body
         self.events.append(head)
+
+    def _switch(self, method: bytes, url: bytes, version: bytes) -> NoReturn:
+        """Stop llhttp at a raw head with Transfer-Encoding: it is read again, and
+        what followed it, with field callbacks (`_Parser`); its body begins
+        `_body_at` bytes into that replay."""
+        self._line = (method, url, version)
+        parts = self._parts
+        replay = b"".join(parts) if len(parts) > 1 else parts[0]
+        if self._start:  # (mypyc copies a whole slice too: the body with it)
+            replay = replay[self._start:]
+        self._replay = replay
+        self._body_at = len(replay) - (len(self._feed) - self._at)
+        self._switching = True
+        raise _Switch
 
     def _raw_head(self) -> tuple[bytes, bytes, bytes, list[bytes], int, bytes]:
         """Method, target, version (`_request_line`), lines (the request
