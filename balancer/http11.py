@@ -525,13 +525,14 @@ class _Parser:
         self._repeat, self.repeat_head = data, head
 
     def _check_quiet(self) -> None:
-        """Bound body-phase bytes that produced no event: chunk framing, trailers.
+        """Bound body-phase bytes that produced no event: a chunk size line (its
+        extensions), trailers.
 
         httptools buffers a trailer field whole until it ends (bug: unbounded, with
         quadratic copies); complete trailer fields are kept until the message ends.
         """
         if self._quiet_bytes > self._head_max or len(self._fields) > self.limits.max_headers:
-            self._fail(431, "chunked trailer section too large")
+            self._fail(431, "chunk size line or trailer section too large")
 
     def _check_trailers(self) -> tuple[Field, ...]:
         """The trailer fields of the message that ends; 431 over the head limits."""

@@ -6,6 +6,7 @@ data is sent (as nginx), and the backend never sees it."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest
@@ -148,6 +149,24 @@ def test_bad_framing_after_good_chunks_ends_the_request(site) -> None:
     assert answer_ is not None and statuses(answer_) == [b"400"], answer_
     assert bytes(backend.inbound[seen:]).endswith(b"\r\n\r\n5\r\nhello\r\n")
     assert len(backend.requests) == before
+
+
+def test_an_endless_chunk_extension_is_refused_not_buffered(site) -> None:
+    """A size line whose extension never ends (llhttp takes any length of it): 431
+    once the head's limit (64 KiB) of it came (`_check_quiet`), none of it kept
+    nor forwarded."""
+    bal, backend = site
+    seen = len(backend.inbound)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT) as sock:
+        sock.sendall(post() + b"5;a=")
+        with contextlib.suppress(OSError):  # (the balancer may close while it is sent)
+            while sent < 1 << 20:
+                sock.sendall(b"b" * 16384)
+                sent += 16384
+        answer_ = read_answers(sock, 1)
+    assert statuses(answer_) == [b"431"], answer_  # (the rest read and dropped: lingering)
+    assert bytes(backend.inbound[seen:]).partition(b"\r\n\r\n")[2] == b""
 
 
 def test_framing_split_at_every_byte(site) -> None:
