@@ -28,13 +28,14 @@ def answer(conn: socket.socket, request: bytes) -> bool:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory):
-    """``bal, backend``: app.test and limit.test (max_body_bytes LIMIT) proxy to a
-    recording `RawBackend`."""
+    """``bal, backend``: app.test, limit.test (max_body_bytes LIMIT) and count.test
+    (its own counters) proxy to a recording `RawBackend`."""
     backend = RawBackend(answer)
     bal = Balancer(tmp_path_factory.mktemp("chunked"),
                    {"app.test": {"action": "proxy", "backends": [backend.address]},
                     "limit.test": {"action": "proxy", "backends": [backend.address],
-                                   "max_body_bytes": LIMIT}})
+                                   "max_body_bytes": LIMIT},
+                    "count.test": {"action": "proxy", "backends": [backend.address]}})
     yield bal, backend
     bal.stop()
     backend.stop()
@@ -184,6 +185,21 @@ def test_framing_split_at_every_byte(site) -> None:
     assert statuses(answer_) == [b"200", b"200"], answer_
     body = body_at_backend(backend.requests[before])
     assert unchunk(body) == b"abc" + b"z" * 26 and body.endswith(b"0\r\nX-Sum: 1\r\n\r\n")
+
+
+def test_bytes_received_count_the_data_without_the_framing(site) -> None:
+    """The body goes on as its framing, but `bytes_received` counts its data
+    (docs/api.md), however the reads and size lines were cut."""
+    bal, _ = site
+    framed = (b"0100;e=1\r\n" + b"a" * 256 + b"\r\n2bc\r\n" + b"b" * 700
+              + b"\r\n0\r\nX-Sum: 1\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT) as sock:
+        sock.sendall(post(b"count.test") + framed[:7])  # (a size line cut)
+        sock.sendall(framed[7:])
+        assert statuses(read_answers(sock, 1)) == [b"200"]
+    assert exchange(bal, post(b"count.test") + b"2c\r\n" + b"c" * 44 + b"\r\n0\r\n\r\n")
+    wait_for(lambda: bal.host_stats("count.test").get("bytes_received") == 1000, WAIT,
+             what="1,000 body bytes counted")
 
 
 # max_body_bytes at the size line ------------------------------------------------
