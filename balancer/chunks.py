@@ -120,8 +120,8 @@ class ChunkedBody:
                 found = self._trailers_end(data, pos)
                 self.state, self.left = (DONE, 0) if found >= 0 else (TRAILERS, 0)
                 return found
-            else:  # DONE: (never: the parser reads no more of this body)
-                break
+            else:  # DONE (never: the parser reads no more of this body): nothing goes on
+                return -1
         self.state, self.left = state, left
         _piece(data, run, end, pieces)
         return -1

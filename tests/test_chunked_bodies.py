@@ -11,6 +11,7 @@ import socket
 
 import pytest
 
+from balancer.http11 import END, RequestParser
 from tests.rawpeer import RawBackend, read_through
 from tests.support import Balancer, unchunk, wait_for
 
@@ -76,6 +77,23 @@ def body_at_backend(request: bytes) -> bytes:
     head, _, body = request.partition(b"\r\n\r\n")
     assert b"\r\nTransfer-Encoding: chunked" in head, head
     return body
+
+
+def test_a_canonical_body_is_its_reads_not_copies() -> None:
+    """The pieces of a body whose framing may go as it came are the reads (or
+    spans of them) themselves; only what a rewritten size line splits, or the
+    next request cuts off, is a slice."""
+    head = post()
+    first, second = head + b"5\r\nhello\r\n", b"3\r\nabc\r\n0\r\n\r\n"
+    parser = RequestParser()
+    parser.feed(first)
+    parser.feed(second)
+    pieces = parser.events[1:-1]
+    assert pieces[0] == (first, len(head)) and pieces[0][0] is first
+    assert pieces[1] is second and parser.events[-1] is END
+    third = head + b"5;x\r\nhello\r\n0\r\n\r\n" + get(b"/next")
+    parser.feed(third)
+    assert parser.events[5:8] == [b"5\r\n", b"hello\r\n0\r\n\r\n", END]
 
 
 def test_canonical_framing_goes_on_byte_for_byte(site) -> None:
