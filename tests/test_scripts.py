@@ -59,6 +59,25 @@ def test_bench_hotpath_posts_bodies(mode: str, size: str, shown: str) -> None:
                         r"real sockets, wall clock\)\n", out.stdout), out.stdout
 
 
+@pytest.mark.parametrize("mode, chunk, shown", [("keep-alive", [], "16,384"),
+                                                 ("close", ["1K"], "1,024")])
+def test_bench_hotpath_posts_chunked_bodies(mode: str, chunk: list, shown: str) -> None:
+    """--chunked: the same bodies chunked (the backend reads them to their last
+    chunk: a body the balancer framed wrongly stalls the run, which then fails)."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hotpath.py"),
+                          "--sockets", mode, "--body", "40K", "--chunked", *chunk,
+                          "--requests", "20"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(rf"[\d.]+ µs of worker CPU per request \(user \+ system\)\n"
+                        rf"[\d.]+ µs per request \({mode}, POST body of 40,960 bytes, "
+                        rf"chunked by {shown}, real sockets, wall clock\)\n",
+                        out.stdout), out.stdout
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hotpath.py"),
+                              "--sockets", mode, "--chunked"], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and "--chunked needs --body" in missing.stderr
+
+
 @pytest.mark.parametrize("size", ["16Q", "-1"])
 def test_bench_hotpath_refuses_a_body_size_that_is_not_one(size: str) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hotpath.py"),
