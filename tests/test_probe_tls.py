@@ -163,7 +163,7 @@ class RenegotiatingBackend:
         self.context.use_certificate_chain_file(str(pem))
         self.context.use_privatekey_file(str(pem))
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.outcomes: list[str] = []
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
