@@ -48,6 +48,7 @@ pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 CA = TestCA()
 HEADER_SECONDS = 1.0  # timeouts.client_header: the handshake's deadline
+RECV_TIMEOUT = struct.pack("ll", 5, 0)  # SO_RCVTIMEO of pyOpenSSL's (blocking) sockets
 
 
 # the listener's side ------------------------------------------------------------
@@ -113,11 +114,11 @@ def handshakes(bal: Balancer) -> dict[str, float]:
 
 
 def counted(bal: Balancer, before: dict[str, float], outcome: str, count: int = 1) -> None:
-    """`count` more handshakes of `outcome` than `before`, and no other change."""
+    """`count` more handshakes of `outcome` than `before`, and no other failure."""
     def moved() -> bool:
         now = handshakes(bal)
         return all(now.get(k, 0) - before.get(k, 0) == (count if k == outcome else 0)
-                   for k in set(now) | set(before) | {outcome})
+                   for k in (set(now) | set(before) | {outcome}) - {"ok"} | {outcome})
     wait_for(moved, timeout=5, what=f"{count} more {outcome} handshake(s)")
 
 
@@ -174,8 +175,8 @@ class RenegotiatingBackend:
                 threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
-        sock.settimeout(5)
-        conn = SSL.Connection(self.context, sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, RECV_TIMEOUT)  # blocking:
+        conn = SSL.Connection(self.context, sock)  # pyOpenSSL does not wait
         conn.set_accept_state()
         try:
             conn.do_handshake()
@@ -326,3 +327,111 @@ def test_alpn_without_http_1_1_gets_no_answer_and_is_served(site: Any, offer: li
     status, chosen = https_get(bal, tmp, alpn=offer)
     assert status == b"HTTP/1.1 200 OK"
     assert chosen == ("http/1.1" if "http/1.1" in offer else None)
+
+
+# after the handshake ------------------------------------------------------------------
+def test_a_client_that_renegotiates_gets_the_alert_and_the_worker_serves_on(site: Any) -> None:
+    """A TLS 1.2 client's renegotiation (a new ClientHello after a request) is
+    refused with the no_renegotiation alert; the connection is not served on
+    by the client (OpenSSL gives up its renegotiation), nothing is left open."""
+    bal, tmp, _ = site
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    context.load_verify_locations(str(CA.write(tmp)))
+    context.set_verify(SSL.VERIFY_PEER, lambda *_: True)
+    raw = socket.create_connection(("127.0.0.1", bal.ports["tls"]))  # blocking (pyOpenSSL
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, RECV_TIMEOUT)  # waits)
+    conn = SSL.Connection(context, raw)
+    conn.set_tlsext_host_name(b"app.test")
+    conn.set_connect_state()
+    conn.do_handshake()
+    conn.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    assert conn.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    assert conn.renegotiate()
+    try:
+        with pytest.raises(SSL.Error, match="no renegotiation"):
+            conn.do_handshake()
+    finally:
+        raw.close()
+    wait_for(lambda: open_connections(bal) == 0, timeout=5, what="the connection closed")
+    serves(bal, tmp)
+
+
+def test_a_record_cut_short_then_the_end_closes_after_the_whole_requests(site: Any) -> None:
+    """A request whole, then half of the next request's record and the TCP end:
+    the first is answered, the half record is dropped and the connection closed."""
+    bal, tmp, _ = site
+    obj = client_context(tmp).wrap_bio(incoming := ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
+                                       server_hostname="app.test")
+    with socket.create_connection(("127.0.0.1", bal.ports["tls"]), timeout=5) as sock:
+        for _ in range(10):
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        sock.sendall(outgoing.read())
+        obj.write(b"GET /whole HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        whole = outgoing.read()
+        obj.write(b"GET /cut HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        cut = outgoing.read()
+        sock.sendall(whole + cut[:len(cut) // 2])
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while more := sock.recv(65536):
+                data += more
+    incoming.write(data)
+    answers = b""
+    with contextlib.suppress(ssl.SSLError):  # the end: with or without close_notify
+        while more := obj.read(65536):
+            answers += more
+    assert answers.count(b"HTTP/1.1 ") == 1 and b'"/whole"' in answers, answers[:300]
+    wait_for(lambda: open_connections(bal) == 0, timeout=5, what="the connection closed")
+    serves(bal, tmp)
+
+
+def test_many_hanging_handshakes_do_not_starve_requests(site: Any) -> None:
+    """80 connections each sending half a ClientHello, then nothing: requests on
+    both listeners are answered meanwhile, and each hanging one is closed at
+    the handshake deadline and counted."""
+    bal, tmp, _ = site
+    half = hello(tmp)[:100]
+    before = handshakes(bal)
+    hanging = []
+    try:
+        for _ in range(80):
+            sock = socket.create_connection(("127.0.0.1", bal.ports["tls"]), timeout=5)
+            sock.sendall(half)
+            hanging.append(sock)
+        start = time.monotonic()
+        serves(bal, tmp)
+        assert time.monotonic() - start < HEADER_SECONDS / 2  # long before their deadline
+        for sock in hanging:
+            assert sock.recv(100) == b""  # closed by the balancer
+        assert time.monotonic() - start < HEADER_SECONDS + 2
+    finally:
+        for sock in hanging:
+            sock.close()
+    counted(bal, before, "timeout", 80)
+    serves(bal, tmp)
+
+
+# the backend's side -------------------------------------------------------------------
+def test_a_backend_that_renegotiates_is_refused_with_a_502(site: Any) -> None:
+    """Its HelloRequest gets the no_renegotiation alert (as from nginx and
+    HAProxy), which an OpenSSL backend ends with a fatal alert: the request gets
+    a 502 whose cause the operator log words, the connection is closed, never
+    pooled, and the next request makes a new one."""
+    bal, tmp, reneg = site
+    for n in (1, 2):
+        status, _, body = request(bal.port, host="reneg.test")
+        assert status == 502, body[:200]
+        wait_for(lambda n=n: len(reneg.outcomes) == n, timeout=5, what="the backend's end")
+        assert "no renegotiation" in reneg.outcomes[-1]
+    wait_for(lambda: "reneg.test: " in bal.output(), timeout=5, what="the operator log's line")
+    assert ("backend closed the connection (last: TLS: sslv3 alert handshake failure "
+            "(the backend renegotiated; renegotiation is refused))") in bal.output()
+    wait_for(lambda: open_connections(bal) == 0, timeout=5, what="the connections closed")
+    serves(bal, tmp)
