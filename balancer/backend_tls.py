@@ -183,10 +183,11 @@ def read_failure(exc: OSError) -> str:
     """Why a read from (or write to) a backend failed, for `BackendClosed`: an
     SSLError in words, naming what a handshake failure on an established
     connection is (the backend's renegotiation, refused); anything else as is."""
-    if not isinstance(exc, ssl.SSLError) or not exc.reason:
+    reason = getattr(exc, "reason", None)  # (an SSLError made in Python has none)
+    if not isinstance(exc, ssl.SSLError) or not reason:
         return str(exc)
-    words = exc.reason.lower().replace("_", " ")
-    if exc.reason.endswith("ALERT_HANDSHAKE_FAILURE"):  # the only handshake after the
+    words = reason.lower().replace("_", " ")
+    if reason.endswith("ALERT_HANDSHAKE_FAILURE"):  # the only handshake after the
         # first is a renegotiation: the backend's, which our alert refused
         return f"TLS: {words} (the backend renegotiated; renegotiation is refused)"
     return f"TLS: {words}"

@@ -32,7 +32,11 @@ import balancer.hold
 import balancer.inline
 import balancer.table
 import balancer.tls
+from balancer import relay
 from balancer.certificates import make_record
+from balancer.netio import GeventIO
+from balancer.pool import Upstream
+from balancer.response_parser import ResponseParser
 from balancer.server import Worker
 from tests.support import InProcessWorkers, TableStore
 from tests.test_inline import (
@@ -664,6 +668,58 @@ def test_a_held_client_s_read_that_must_write_first_keeps_it_held(
     assert until(lambda: parked(w))
     sock.close()
     assert until(lambda: gone(w))
+
+
+def test_a_backend_read_that_must_write_first_waits_until_the_socket_is_writable(
+        tmp_path: Path) -> None:
+    """The relay's reads of an https:// backend's answer raising SSLWantWrite (the
+    socket toward the backend full of a request it has not read yet) are not
+    the backend gone (bug: BackendClosed, a 502): the hub's `take_ready` hands
+    the try to a greenlet (True, nothing parsed), the request body's watch
+    stops reading (False), and the greenlet's read waits until the socket is
+    writable, then reads the answer."""
+    pem = tmp_path / "backend.pem"
+    pem.write_text(KEY + CHAIN)
+    server_context = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(pem))
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepting = gevent.spawn(lambda: server_context.wrap_socket(listener.accept()[0],
+                                                                server_side=True))
+    tls = context(tmp_path).wrap_socket(gsocket.create_connection(listener.getsockname()),
+                                        server_hostname="app.test")
+    server = accepting.get(timeout=5)
+    stream = GeventIO().tls_stream(tls)
+    upstream = Upstream(stream, "app.test")
+    upstream.parser = parser = ResponseParser()
+    try:
+        for _ in range(2000):  # a request the backend reads none of fills the socket
+            try:
+                stream.obj.write(b"x" * 65536)
+            except ssl.SSLWantWriteError:
+                break
+        else:
+            raise AssertionError("the socket never filled")
+        server.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        poller = select.poll()
+        poller.register(tls.fileno(), select.POLLIN)
+        assert until(lambda: poller.poll(0))
+        obj = Wanting(stream, "read", ssl.SSLWantWriteError)
+        assert relay.take_ready(upstream) is True and not parser.events  # the hub's
+        assert relay._judge_answer(upstream)() is False  # the body's watch
+        reader = gevent.spawn(relay._read_on, upstream)  # a greenlet's
+        assert until(lambda: stream.writer.watcher is not None and stream.writer.watcher.active)
+        assert not reader.ready() and obj.raised == 3
+        draining = gevent.spawn(lambda: [server.recv(65536) for _ in range(2000)
+                                         if not reader.ready()])
+        assert reader.get(timeout=5) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        assert obj.raised == 3  # read again only once the socket was writable
+        draining.kill()
+    finally:
+        upstream.close()
+        server.close()
+        listener.close()
 
 
 # renegotiation and key updates (openssl s_client: the ssl module has neither) -----
