@@ -281,17 +281,18 @@ def _read_ready(upstream: Upstream) -> bytes | None:
         raise BackendClosed(read_failure(exc)) from None
 
 
-def _read_on(upstream: Upstream) -> bytes | None:
-    """`_read_ready` in a greenlet: after SSLWantWrite, wait until the socket
-    is writable (OpenSSL's write then goes out) and read again."""
+def _read_after_write(upstream: Upstream) -> bytes | None:
+    """`_read_ready` again, in a greenlet, after it raised SSLWantWrite: once the
+    socket is writable (OpenSSL's write then goes out), as often as it asks."""
     while True:
+        try:
+            upstream.stream.wait_writable()
+        except TimeoutError:
+            raise BackendTimeout("backend read timeout") from None
         try:
             return _read_ready(upstream)
         except SSLWantWriteError:
-            try:
-                upstream.stream.wait_writable()
-            except TimeoutError:
-                raise BackendTimeout("backend read timeout") from None
+            continue
 
 
 def _feed(parser: ResponseParser, data: bytes) -> None:
@@ -432,7 +433,10 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
             out.append(event)
         events.clear()
         conn.arm(sock, timeouts.backend_read)
-        got = _read_on(upstream) if hold else None
+        try:
+            got = _read_ready(upstream) if hold else None
+        except SSLWantWriteError:
+            got = _read_after_write(upstream)
         if got is None:
             if out:
                 conn.arm(conn.sock, timeouts.client_idle)
