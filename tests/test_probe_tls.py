@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import ssl
@@ -241,11 +242,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Balancer, P
     echo.stop()
 
 
-def test_site_serves(site: Any) -> None:
-    bal, tmp, _ = site
-    serves(bal, tmp)
-
-
 # bytes that are no ClientHello ------------------------------------------------------
 @pytest.mark.parametrize(("data", "alerted"), [
     (b"\x00\xff\xfe garbage \x01\x02" * 8, False),  # binary: no TLS, no HTTP
@@ -445,6 +441,8 @@ def test_a_backend_that_renegotiates_is_refused_with_a_502(site: Any) -> None:
     a 502 whose cause the operator log words, the connection is closed, never
     pooled, and the next request makes a new one."""
     bal, tmp, reneg = site
+    worker = re.findall(r"worker (\d+) ready", bal.output())[-1]
+    fds = len(os.listdir(f"/proc/{worker}/fd"))
     for n in (1, 2):
         status, _, body = request(bal.port, host="reneg.test")
         assert status == 502, body[:200]
@@ -454,4 +452,6 @@ def test_a_backend_that_renegotiates_is_refused_with_a_502(site: Any) -> None:
     assert ("backend closed the connection (last: TLS: sslv3 alert handshake failure "
             "(the backend renegotiated; renegotiation is refused))") in bal.output()
     wait_for(lambda: open_connections(bal) == 0, timeout=5, what="the connections closed")
+    wait_for(lambda: len(os.listdir(f"/proc/{worker}/fd")) <= fds, timeout=5,
+             what="no more descriptors in the worker: none pooled, none left open")
     serves(bal, tmp)
