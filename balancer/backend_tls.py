@@ -33,7 +33,14 @@ Invariants:
   ``VERIFY_X509_PARTIAL_CHAIN`` (an intermediate in the bundle as a trust
   anchor): both are cleared (`VERSION_FLAGS`), so upgrading Python never turns
   a working backend into a 502.
-* Every TLS failure becomes `BackendTLSError` (a `ConnectError`: nothing was
+* A backend never renegotiates: a TLS 1.2 HelloRequest is answered with the
+  ``no_renegotiation`` alert (as nginx and HAProxy, which set
+  ``SSL_OP_NO_RENEGOTIATION`` on their backend connections too); a backend
+  that insists fails the connection with an alert, which the relay's read
+  reports as `read_failure` words it (`BackendClosed`: 502, never pooled).
+  A connection that renegotiated could present another certificate than the
+  one verified (and would cost a handshake per request).
+* Every TLS failure of the handshake becomes `BackendTLSError` (a `ConnectError`: nothing was
   sent, so it is retried on another backend and counts as a connect failure),
   its message saying what failed, for the operator log. The handshake is
   bounded by `timeouts.backend_connect`, from the start of the connect; the
@@ -172,6 +179,20 @@ def read_bundle(path: str) -> tuple[str | None, str]:
                       f"{getattr(exc, 'strerror', None) or 'not PEM text'}")
 
 
+def read_failure(exc: OSError) -> str:
+    """Why a read from (or write to) a backend failed, for `BackendClosed`: an
+    SSLError in words, naming what a handshake failure on an established
+    connection is (the backend's renegotiation, refused); anything else as is."""
+    reason = getattr(exc, "reason", None)  # (an SSLError made in Python has none)
+    if not isinstance(exc, ssl.SSLError) or not reason:
+        return str(exc)
+    words = reason.lower().replace("_", " ")
+    if reason.endswith("ALERT_HANDSHAKE_FAILURE"):  # the only handshake after the
+        # first is a renegotiation: the backend's, which our alert refused
+        return f"TLS: {words} (the backend renegotiated; renegotiation is refused)"
+    return f"TLS: {words}"
+
+
 def _client_context(cas: str | None) -> ssl.SSLContext:
     """A client context: TLS 1.2 or newer, HTTP/1.1 by ALPN, the CAs of the PEM
     text `cas` (or the system's)."""
@@ -180,6 +201,8 @@ def _client_context(cas: str | None) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(ALPN)
     # a backend's TCP close without close_notify ends its stream (HTTP framing
-    # tells a cut response; a close-delimited body ends there, as over plain TCP)
-    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    # tells a cut response; a close-delimited body ends there, as over plain TCP);
+    # a TLS 1.2 backend's renegotiation (HelloRequest) is refused with the
+    # no_renegotiation alert, as nginx and HAProxy refuse it (`read_failure`)
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF | ssl.OP_NO_RENEGOTIATION
     return context

@@ -124,6 +124,11 @@ class Stream:
     def wait_readable(self) -> None:
         """Wait until a read would find data (a blocking read waits by itself)."""
 
+    def wait_writable(self) -> None:
+        """Wait until the socket takes a write: after a TLS read that OpenSSL can
+        make only once a write of its own went out (`read_ready` raising
+        SSLWantWrite; a blocking stream's never does: nothing to wait for)."""
+
     def write(self, data: bytes) -> None:
         """Send `data` now, after anything held. Raises OSError."""
         self.sock.sendall(data)
@@ -808,7 +813,7 @@ class TLSStream(WatchedStream):
                 self.watcher.wait()
             except SSLWantWriteError:  # OpenSSL must write first (a handshake message,
                 # an alert) and the socket is full: the read again once it is writable
-                get_hub().wait(self.writer.writable())
+                self.wait_writable()
             except SSLZeroReturnError:
                 return b""
 
@@ -826,6 +831,9 @@ class TLSStream(WatchedStream):
         if not self.held and not self.obj.pending():
             self.watcher.wait()
 
+    def wait_writable(self) -> None:
+        get_hub().wait(self.writer.writable())
+
     def has_sent_more(self) -> bool:
         if self.held:
             return True
@@ -833,6 +841,13 @@ class TLSStream(WatchedStream):
             data = self.obj.read(HELD_READ)
         except SSLWantReadError:
             return False  # half a record, or a record that is no data
+        except SSLWantWriteError:  # OpenSSL must first write (its answer to a key
+            # update, a renegotiation's refusal) what the full socket cannot take.
+            # Bug: taken as the client gone (a 499). Not waited for here (a client
+            # that reads nothing would hold up the release): the client is not
+            # watched any further, as after pipelining, and the next read or write
+            # waits for the socket to be writable
+            return True
         except SSLZeroReturnError:
             raise ClientGone("client closed (close_notify) while held") from None
         except OSError as exc:  # SSLError included: an unclean end, a reset

@@ -35,9 +35,10 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable
+from ssl import SSLWantWriteError
 from typing import Any, Final
 
-from balancer.backend_tls import pool_key
+from balancer.backend_tls import pool_key, read_failure
 from balancer.connection import PERF_COUNTER, Exchange
 from balancer.errors import (
     BackendAnswered,
@@ -152,12 +153,15 @@ def _send_body(upstream: Upstream, data: Piece) -> None:
             _send_backend_span(upstream, b"", data, False)
         else:
             _send_backend(upstream, data)
-    except BackendClosed:
+    except BackendClosed as exc:
         parser = upstream.parser
         assert parser is not None  # `exchange` began it
         rhead = final_head(parser)
         if rhead is None:
-            rhead = _read_early(upstream, parser)
+            try:
+                rhead = _read_early(upstream, parser)
+            except SSLWantWriteError:  # no answer to read: OpenSSL must write first
+                raise exc from None
         if rhead is None:
             raise
         rhead.keep_alive = False  # the request was cut short: never reused
@@ -168,14 +172,17 @@ def _judge_answer(upstream: Upstream) -> Callable[[], BaseException | bool]:
     """What a backend's readiness while the body goes out means (`Stream.watch`):
     BackendAnswered (a complete answer, a refusal or an answer that closes), a
     ProxyError (it closed, or sent no HTTP), True (nothing final, or a success
-    still coming: watch on) or False (a 101, or a success past `EARLY_LIMIT`:
-    the body goes on, and nothing more is read until it went)."""
+    still coming: watch on) or False (a 101, a success past `EARLY_LIMIT`, or
+    a read OpenSSL can make only after a write: the body goes on, and nothing
+    more is read until it went)."""
     parser = upstream.parser
     assert parser is not None  # `exchange` began it
 
     def judge() -> BaseException | bool:
         try:
             rhead = _read_early(upstream, parser)
+        except SSLWantWriteError:  # OpenSSL must write first and the socket is full:
+            return False  # the body's next write (a greenlet's) waits for it and makes it
         except ProxyError as exc:
             return exc
         if rhead is None:  # nothing final: interim heads wait in the parser, bounded
@@ -204,7 +211,8 @@ def _held(parser: ResponseParser) -> int:
 def _read_early(upstream: Upstream, parser: ResponseParser) -> ResponseHead | None:
     """Read what the backend sent while the request body was still going out:
     the final response head if it came (the bytes wait in the parser). Raises
-    BackendClosed if it closed, BackendProtocolError if it sent no HTTP."""
+    BackendClosed if it closed, BackendProtocolError if it sent no HTTP,
+    SSLWantWriteError as `_read_ready`."""
     data = _read_ready(upstream)
     if data is not None:
         _feed(parser, data)
@@ -222,7 +230,7 @@ def _send_backend(upstream: Upstream, data: bytes, last: bool = False) -> None:
     except TimeoutError:
         raise BackendTimeout("backend did not accept the request in time") from None
     except OSError as exc:
-        raise BackendClosed(str(exc)) from None
+        raise BackendClosed(read_failure(exc)) from None
 
 
 def _send_backend_span(upstream: Upstream, head: bytes, span: Span, last: bool = True) -> None:
@@ -235,7 +243,7 @@ def _send_backend_span(upstream: Upstream, head: bytes, span: Span, last: bool =
     except TimeoutError:
         raise BackendTimeout("backend did not accept the request in time") from None
     except OSError as exc:
-        raise BackendClosed(str(exc)) from None
+        raise BackendClosed(read_failure(exc)) from None
 
 
 def _read_backend(upstream: Upstream) -> bytes:
@@ -245,7 +253,7 @@ def _read_backend(upstream: Upstream) -> bytes:
     except TimeoutError:
         raise BackendTimeout("backend read timeout") from None
     except OSError as exc:
-        raise BackendClosed(str(exc)) from None
+        raise BackendClosed(read_failure(exc)) from None
 
 
 def _wait_backend(upstream: Upstream) -> None:
@@ -258,13 +266,33 @@ def _wait_backend(upstream: Upstream) -> None:
 
 def _read_ready(upstream: Upstream) -> bytes | None:
     """Read once from the backend if data is there (None: it is not, or a
-    blocking stream cannot tell without waiting); maps every failure."""
+    blocking stream cannot tell without waiting); maps every failure but
+    SSLWantWriteError, raised as is: a TLS read that OpenSSL can make only
+    after a write the full socket cannot take yet (its answer to a TLS 1.3
+    key update, its refusal of a renegotiation). Bug: that was taken as the
+    backend gone (a 502); each caller waits for writability its own way."""
     try:
         return upstream.stream.read_ready(RECV_SIZE)
+    except SSLWantWriteError:
+        raise
     except TimeoutError:
         raise BackendTimeout("backend read timeout") from None
     except OSError as exc:
-        raise BackendClosed(str(exc)) from None
+        raise BackendClosed(read_failure(exc)) from None
+
+
+def _read_after_write(upstream: Upstream) -> bytes | None:
+    """`_read_ready` again, in a greenlet, after it raised SSLWantWrite: once the
+    socket is writable (OpenSSL's write then goes out), as often as it asks."""
+    while True:
+        try:
+            upstream.stream.wait_writable()
+        except TimeoutError:
+            raise BackendTimeout("backend read timeout") from None
+        try:
+            return _read_ready(upstream)
+        except SSLWantWriteError:
+            continue
 
 
 def _feed(parser: ResponseParser, data: bytes) -> None:
@@ -405,7 +433,10 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
             out.append(event)
         events.clear()
         conn.arm(sock, timeouts.backend_read)
-        got = _read_ready(upstream) if hold else None
+        try:
+            got = _read_ready(upstream) if hold else None
+        except SSLWantWriteError:
+            got = _read_after_write(upstream)
         if got is None:
             if out:
                 conn.arm(conn.sock, timeouts.client_idle)
@@ -631,9 +662,14 @@ def exchange(ex: Exchange, upstream: Upstream, body: Piece | None,
 
 
 def take_ready(upstream: Upstream) -> bool:
-    """Parse what the backend sent if something is there (False: nothing was);
-    raises the ProxyError family as a read in `read_response_head` would."""
-    data = _read_ready(upstream)
+    """Parse what the backend sent if something is there (False: nothing was;
+    True with nothing parsed when OpenSSL must write before it reads, which
+    the hub cannot wait for); raises the ProxyError family as a read in
+    `read_response_head` would."""
+    try:
+        data = _read_ready(upstream)
+    except SSLWantWriteError:  # a greenlet waits for the socket to be writable:
+        return True  # nothing parsed, so `inline._land` hands the try over
     if data is None:
         return False
     parser = upstream.parser
@@ -661,7 +697,7 @@ def _upgrade(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> None:
     try:
         upstream.stream.finish()  # the request went out before its answer came
     except OSError as exc:
-        raise BackendClosed(str(exc)) from None
+        raise BackendClosed(read_failure(exc)) from None
     conn = ex.conn
     client_leftover = conn.parser.leftover + conn.stream.unread()
     ex.keep_alive = False

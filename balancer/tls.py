@@ -34,7 +34,13 @@ Invariants:
   ``certs-collect``): a worker hands out the records of the certificates it
   serves that the store hides, as it judges the store itself, and only while
   the store is as that management process found it.
-* Outcomes are plain counters in `Stats.tls_handshakes` (no metric calls).
+* Outcomes are plain counters in `Stats.tls_handshakes` (no metric calls),
+  one per connection that tried a handshake: a name `pick` refused is
+  ``no_certificate`` only; bytes that are no TLS record are a
+  ``protocol_error`` (a plain-HTTP request among them gets a 400 that says
+  so, anything else is closed). An SNI name CPython cannot decode (not
+  ASCII) fails the handshake before `pick` and is no log line
+  (`quiet_undecodable_names`).
 * A ClientHello offering ``acme-tls/1`` for a name with a pending TLS-ALPN-01
   challenge is answered with the challenge's context and closed after the
   handshake (`balancer.challenges`); while none is pending, nothing is peeked.
@@ -52,7 +58,9 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -88,6 +96,9 @@ class TLSFront:
         self.records: Mapping[str, Mapping[str, Any]] = {}
         self.problems: dict[str, str] = {}  # host → why its certificate is not served
         self.refreshing = Semaphore()  # one `refresh` at a time
+        # TLS sockets whose SNI name `pick` refused (counted there), while they live
+        self.refused: weakref.WeakSet[Any] = weakref.WeakSet()
+        quiet_undecodable_names()
 
     def new_context(self) -> ssl.SSLContext:
         """A server context with the configured versions, ciphers and ALPN."""
@@ -208,6 +219,7 @@ class TLSFront:
         context = self.find(name)
         if context is None:
             self.counts["no_certificate"] += 1
+            self.refused.add(sslobj)  # its failed handshake is counted here
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         sslobj.context = context
         return None
@@ -227,6 +239,7 @@ class TLSFront:
     def handshake(self, sock: Any, ctx: Any) -> Any:
         """The TLS socket after a finished handshake, or None (counted by outcome)."""
         counts = self.counts
+        tls = None
         try:
             with gevent.Timeout(ctx.timeouts.client_header, TimeoutError):
                 first = sock.recv(1, socket.MSG_PEEK)
@@ -234,7 +247,8 @@ class TLSFront:
                     return None  # connected and left: no handshake was tried
                 if first[0] != HANDSHAKE_RECORD:
                     counts["protocol_error"] += 1
-                    _refuse_plain(sock, ctx)
+                    if first.isupper():  # a request line's method: plain HTTP.
+                        _refuse_plain(sock, ctx)  # Bug: any byte got this page
                     return None
                 context = self.context
                 challenge = self.challenges.alpn_context(sock) if self.challenges else None
@@ -249,8 +263,10 @@ class TLSFront:
         except TimeoutError:
             counts["timeout"] += 1
             return None
-        except ssl.SSLError as exc:
-            if "UNRECOGNIZED_NAME" not in str(exc).upper():  # that one `pick` counted
+        except ssl.SSLError:
+            # Bug: a name `pick` refused was counted twice (OpenSSL's reason is
+            # CALLBACK_FAILED, whose text the count looked for no name in)
+            if tls is None or tls not in self.refused:
                 counts["protocol_error"] += 1
             return None
         except OSError:
@@ -258,6 +274,28 @@ class TLSFront:
             return None
         counts["ok"] += 1
         return tls
+
+
+class _QuietNames:
+    """`sys.unraisablehook` but for SNI names that are not ASCII: CPython's SNI
+    callback cannot decode one (before `TLSFront.pick` is called), reports the
+    UnicodeDecodeError as "unraisable" and fails the handshake, which is counted
+    (`protocol_error`). Bug: each such handshake printed a traceback to the log
+    (a client could fill it)."""
+
+    def __init__(self, hook: Callable[[Any], object]) -> None:
+        self.hook = hook
+
+    def __call__(self, unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, UnicodeDecodeError)
+                and isinstance(unraisable.object, bytes)):  # the name CPython could not decode
+            self.hook(unraisable)
+
+
+def quiet_undecodable_names() -> None:
+    """Install `_QuietNames` over the process's unraisable hook (once)."""
+    if not isinstance(sys.unraisablehook, _QuietNames):
+        sys.unraisablehook = _QuietNames(sys.unraisablehook)
 
 
 def load_pem(context: ssl.SSLContext, chain: str, key: str) -> None:

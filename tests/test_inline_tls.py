@@ -18,17 +18,25 @@ import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.socket as gsocket
 import gevent.ssl as gssl
 import gevent.subprocess as gsubprocess
 import pytest
 
+import balancer.hold
 import balancer.inline
+import balancer.table
 import balancer.tls
+from balancer import relay
 from balancer.certificates import make_record
+from balancer.netio import GeventIO
+from balancer.pool import Upstream
+from balancer.response_parser import ResponseParser
 from balancer.server import Worker
 from tests.support import InProcessWorkers, TableStore
 from tests.test_inline import (
@@ -87,9 +95,12 @@ def tls_worker(backend: ScriptedBackend, monkeypatch: pytest.MonkeyPatch) -> Ite
     monkeypatch.setattr(balancer.tls, "ssl", gssl)  # cooperative handshakes and I/O
     workers = InProcessWorkers()
 
-    def start(**flags: Any) -> Worker:
-        rule = {"action": "proxy", "backends": [backend.address]}
-        return workers.start(TLSTableStore({"app.test": rule}), flags, "tls")
+    def start(spin: float = 0.0, **flags: Any) -> Worker:
+        """`spin`: spin.test holds requests that long too (app.test's certificate)."""
+        hosts: dict[str, Any] = {"app.test": {"action": "proxy", "backends": [backend.address]}}
+        if spin:
+            hosts["spin.test"] = {"action": "spin", "timeout": spin}
+        return workers.start(TLSTableStore(hosts), flags, "tls")
 
     yield start
     workers.close()
@@ -504,8 +515,7 @@ class Wanting:
     socket cannot take a byte), then everything is the real object's. Installed
     where the stream, its writer and gevent's socket hold the real one."""
 
-    def __init__(self, conn: Any, method: str, error: type[ssl.SSLError]) -> None:
-        stream = conn.stream
+    def __init__(self, stream: Any, method: str, error: type[ssl.SSLError]) -> None:
         self.real = stream.obj
         self.fd = stream.sock.fileno()
         self.method = method
@@ -553,7 +563,7 @@ def test_an_answer_openssl_can_write_only_after_a_read_goes_out_whole_once_reada
     w = tls_worker()
     sock = connect(w, tmp_path)
     warm(w, sock)
-    obj = Wanting(client_of(w), "write", ssl.SSLWantReadError)
+    obj = Wanting(client_of(w).stream, "write", ssl.SSLWantReadError)
     sock.sendall(get(path))
     assert until(lambda: obj.raised > 0)  # the answer waits for a byte from the client
     sock.sendall(get("/next"))
@@ -574,7 +584,7 @@ def test_an_answer_waiting_for_bytes_that_never_come_ends_with_the_connection_s_
     w = tls_worker(**{"timeouts.client_idle": 0.5})
     sock = connect(w, tmp_path)
     warm(w, sock)
-    obj = Wanting(client_of(w), "write", ssl.SSLWantReadError)
+    obj = Wanting(client_of(w).stream, "write", ssl.SSLWantReadError)
     sock.sendall(get("/held"))
     assert until(lambda: obj.raised > 0)
     assert until(lambda: gone(w))
@@ -608,7 +618,7 @@ def test_a_read_openssl_can_make_only_after_a_write_waits_until_the_socket_is_wr
     warm(w, sock)
     conn = client_of(w)
     sent = fill_until_sending(w, sock, backend)  # the socket is full
-    obj = Wanting(conn, "read", ssl.SSLWantWriteError)
+    obj = Wanting(conn.stream, "read", ssl.SSLWantWriteError)
     sock.sendall(get("/after"))
     assert until(lambda: obj.raised > 0)
     assert until(lambda: conn.stream.writer.watcher is not None
@@ -623,6 +633,97 @@ def test_a_read_openssl_can_make_only_after_a_write_waits_until_the_socket_is_wr
     sock.close()
     assert until(lambda: gone(w))
     assert_released(w, completed=sent + 3)
+
+
+@pytest.mark.skipif(COMPILED, reason="patches module globals: runs in the interpreted pass")
+def test_a_held_client_s_read_that_must_write_first_keeps_it_held(
+        tls_worker: Any, backend: ScriptedBackend, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SSL_read raising SSLWantWrite while a request is held (`has_sent_more`,
+    the held client's socket full of answers it has not read): the client is
+    not taken as gone (bug: the hold ended as a 499, its answer never sent),
+    it is watched no more (as after pipelining) and its next request, read
+    after the hold, is answered after the held one. (The worker's holds wait
+    on gevent's events, as in a monkey-patched worker.)"""
+    for module in (balancer.table, balancer.hold):
+        monkeypatch.setattr(module, "threading", SimpleNamespace(Event=gevent.event.Event))
+    w = tls_worker(spin=1.0)
+    sock = connect(w, tmp_path, rcvbuf=4096)
+    warm(w, sock)
+    conn = client_of(w)
+    sent = fill_until_sending(w, sock, backend)  # the socket is full
+    spin = w.stats.host("spin.test")
+    sock.sendall(get("/held").replace(b"app.test", b"spin.test"))
+    assert until(lambda: spin.spinning == 1)
+    obj = Wanting(conn.stream, "read", ssl.SSLWantWriteError)
+    sock.sendall(get("/after"))  # the held client's socket stirs
+    assert until(lambda: obj.raised > 0)
+    # a 499 would end the hold within the loop's next turns: it stays
+    assert not until(lambda: spin.spinning != 1 or 499 in spin.codes, seconds=0.1)
+    for _ in range(sent):
+        assert response(sock)[2] == b"z" * 60000
+    status, _, _ = response(sock)
+    assert status == 504  # the hold ran its time (1 s)
+    assert response(sock)[2] == b"conn 1 /after"
+    assert until(lambda: parked(w))
+    sock.close()
+    assert until(lambda: gone(w))
+
+
+def test_a_backend_read_that_must_write_first_waits_until_the_socket_is_writable(
+        tmp_path: Path) -> None:
+    """The relay's reads of an https:// backend's answer raising SSLWantWrite (the
+    socket toward the backend full of a request it has not read yet) are not
+    the backend gone (bug: BackendClosed, a 502): the hub's `take_ready` hands
+    the try to a greenlet (True, nothing parsed), the request body's watch
+    stops reading (False), and the greenlet's read waits until the socket is
+    writable, then reads the answer."""
+    pem = tmp_path / "backend.pem"
+    pem.write_text(KEY + CHAIN)
+    server_context = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(pem))
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepting = gevent.spawn(lambda: server_context.wrap_socket(listener.accept()[0],
+                                                                server_side=True))
+    tls = context(tmp_path).wrap_socket(gsocket.create_connection(listener.getsockname()),
+                                        server_hostname="app.test")
+    server = accepting.get(timeout=5)
+    stream = GeventIO().tls_stream(tls)
+    upstream = Upstream(stream, "app.test")
+    upstream.parser = parser = ResponseParser()
+    try:
+        for _ in range(2000):  # a request the backend reads none of fills the socket
+            try:
+                stream.obj.write(b"x" * 65536)
+            except ssl.SSLWantWriteError:
+                break
+        else:
+            raise AssertionError("the socket never filled")
+        server.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        poller = select.poll()
+        poller.register(tls.fileno(), select.POLLIN)
+        assert until(lambda: poller.poll(0))
+        obj = Wanting(stream, "read", ssl.SSLWantWriteError)
+        assert relay.take_ready(upstream) is True and not parser.events  # the hub's
+        assert relay._judge_answer(upstream)() is False  # the body's watch
+        reader = gevent.spawn(relay._read_after_write, upstream)  # a greenlet's
+        assert until(lambda: stream.writer.watcher is not None and stream.writer.watcher.active)
+        assert not reader.ready() and obj.raised == 2
+
+        def drain() -> None:  # the backend reads the request at last
+            for _ in range(2000):
+                server.recv(65536)
+
+        draining = gevent.spawn(drain)
+        assert reader.get(timeout=5) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        assert obj.raised == 2  # read again only once the socket was writable
+        draining.kill()
+    finally:
+        upstream.close()
+        server.close()
+        listener.close()
 
 
 # renegotiation and key updates (openssl s_client: the ssl module has neither) -----
