@@ -227,26 +227,7 @@ def test_in_flight_with_a_huge_min_age_is_empty_and_many_clients_stay_in_the_ske
         assert all(t["count"] - t["error"] <= 1 for t in answer["top"])  # one request each
 
 
-# 5. limits at their edges -----------------------------------------------------------------
-def test_a_rate_too_small_to_hold_is_refused_and_the_smallest_one_holds(
-        lb: Balancer) -> None:
-    from tests.support import request
-
-    for rate in (5e-324, 1e-309, 1e-4):  # 1 / rate overflowed: an infinite interval let all in
-        status, answer = lb.api("PUT", "/api/v1/hosts/lim.test", {
-            "action": "empty", "status": 204, "limits": {"rate": rate}})
-        assert status == 400 and answer["error"] == "invalid_rule", answer
-        assert any("limits.rate: must be a finite number from 0.001" in d
-                   for d in answer["details"]), answer
-    assert lb.api("PUT", "/api/v1/hosts/lim.test", {
-        "action": "empty", "status": 204, "limits": {"rate": 0.001}})[0] == 200
-    lb.wait_version(lb.api("GET", "/api/v1/hosts")[1]["version"])
-    answers = [request(lb.port, host="lim.test") for _ in range(3)]
-    assert [a[0] for a in answers] == [204, 429, 429]
-    assert answers[1][1]["retry-after"] == "1000"  # one request in 1,000 s
-
-
-# 6. the terminal: balancerctl's tables --------------------------------------------------------
+# 5. the terminal: balancerctl's tables --------------------------------------------------------
 def test_control_bytes_from_clients_reach_balancerctl_tables_escaped(
         lb: Balancer, capsys: pytest.CaptureFixture[str]) -> None:
     from management import ctl
@@ -265,7 +246,7 @@ def test_control_bytes_from_clients_reach_balancerctl_tables_escaped(
     assert not any(0x80 <= ord(ch) < 0xa0 or ch == "\x1b" for ch in out), out
 
 
-# 7. a worker that does not answer ---------------------------------------------------------------
+# 6. a worker that does not answer ---------------------------------------------------------------
 def test_a_stopped_worker_costs_the_page_one_ask_timeout_not_one_per_part(
         tmp_path: Path, backend: Backend) -> None:
     import os

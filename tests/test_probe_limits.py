@@ -111,7 +111,8 @@ def test_silent_connections_take_no_place_of_max_connections_per_client(
 
 
 @pytest.mark.parametrize("rate", ["NaN", "Infinity", "-Infinity", "0", "-1", "5e-324",
-                                  "1e-308", "0.0009", "1e400", "1000001", "true", '"10"'])
+                                  "1e-309", "1e-308", "1e-4", "0.0009", "1e400", "1000001",
+                                  "true", '"10"'])
 def test_a_rate_no_bucket_can_keep_is_refused_by_the_api(bal: Balancer, rate: str) -> None:
     """Bug: 5e-324 passed (> 0) and made 1 / rate infinite, the bucket's
     tolerance NaN, and the limit let everything through."""
@@ -126,6 +127,21 @@ def test_a_rate_no_bucket_can_keep_is_refused_by_the_api(bal: Balancer, rate: st
     assert any(d.startswith("limits.rate: must be a finite number from 0.001 to 1e+06")
                for d in data.get("details", [])) or data["error"] == "invalid_json", data
     assert bal.api("GET", "/api/v1/hosts/bad.test")[0] == 404
+
+
+def test_the_floor_rate_is_taken_and_holds(bal: Balancer) -> None:
+    """0.001/s itself is a rule the API takes: one request per 1,000 s, the next
+    ones refused with the whole wait in Retry-After."""
+    status, answer = bal.api("PUT", "/api/v1/hosts/floor.test", {
+        "action": "empty", "status": 204, "limits": {"rate": 0.001}})
+    assert status == 200, answer
+    try:
+        bal.wait_version(answer["version"])
+        answers = [request(bal.port, host="floor.test") for _ in range(3)]
+        assert [a[0] for a in answers] == [204, 429, 429]
+        assert answers[1][1]["retry-after"] == "1000"
+    finally:
+        assert bal.api("DELETE", "/api/v1/hosts/floor.test")[0] == 200
 
 
 def test_a_stored_rate_below_the_floor_is_served_raised(tmp_path: Path) -> None:
