@@ -101,10 +101,13 @@ def test_the_newest_snapshot_of_the_two_is_served(tmp_path: Path) -> None:
     Snapshot(None, "file:x", copy).save(newer)
     both = Snapshot(str(setting), "file:x", copy)
     assert both.load() == newer and both.loaded_from == copy
+    assert both.partial  # the setting's file holds an older table
     both.save(older)  # written to both
     assert Snapshot(None, "file:x", copy).load() == older
+    assert both.load() == older and not both.partial  # alike: nothing to write at start
     Path(copy).write_text('{"store": "file:x", "version": 9, "hosts": {"a": 1}}')  # hostile
     assert both.load() == older and both.loaded_from == str(setting)
+    assert both.partial
     os.unlink(copy)
     os.mkfifo(copy)  # never blocks the reader
     assert both.load() == older

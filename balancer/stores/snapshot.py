@@ -114,9 +114,13 @@ class Snapshot:
         store's); `loaded_from` says which file it came from. Both files hold the same
         bytes after a save: then one is decoded, and only the newest is validated."""
         texts: list[tuple[bytes, str]] = []
+        read = 0
         for path in self.files():
             raw = self._read(path)
-            if raw is not None and all(raw != seen for seen, _ in texts):
+            if raw is None:
+                continue
+            read += 1
+            if all(raw != seen for seen, _ in texts):
                 texts.append((raw, path))
         docs = [(doc, path) for raw, path in texts if (doc := self._decode(raw, path))]
         docs.sort(key=lambda d: d[0]["version"] if isinstance(d[0]["version"], int) else -1,
@@ -128,7 +132,9 @@ class Snapshot:
                 log.warning("snapshot %s: %s; not using it", path, exc)
                 continue
             self.loaded_from = path
-            self.partial = len(texts) < len(self.files())
+            # every file holds the bytes it came from only when all were read alike
+            # (bug: two files alike counted as one, a copy lacking, at every start)
+            self.partial = read < len(self.files()) or len(texts) > 1
             return data
         return None
 
