@@ -14,9 +14,10 @@ Invariants:
 * `load` returns only tables that pass `validate_table`; anything else is a
   `CorruptStore` naming where and why, whatever a hand-edited value holds
   (bad JSON or UTF-8, a number of 4,300+ digits, nesting deep enough to
-  exhaust the recursion limit: `unreadable_is_corrupt`). A health value an
-  earlier version stored below today's floor is loaded raised to it, and
-  said in `TableData.raised` (`balancer.stores.floors`).
+  exhaust the recursion limit: `unreadable_is_corrupt`). A value (health
+  check times, `limits.rate`) an earlier version stored below today's floor
+  is loaded raised to it, and said in `TableData.raised`
+  (`balancer.stores.floors`).
 * `watch` is a loop body for its own greenlet (or thread): it delivers the
   first table it reads, then every change, through `on_change`, and never
   raises. While the store is unreachable it retries with backoff, keeps the
