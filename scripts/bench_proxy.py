@@ -70,7 +70,7 @@ from balancer.certificates import make_record  # noqa: E402
 from balancer.settings_kinds import MOZILLA_INTERMEDIATE  # noqa: E402
 from balancer.stores.file import FileStore  # noqa: E402
 from loadtest import configs  # noqa: E402
-from loadtest.measure import _status_kb, cpu_split, process_tree, rollup_kb  # noqa: E402
+from loadtest.measure import _status_kb, cpu_split, process_tree, pss_kb, rollup_kb  # noqa: E402
 from loadtest.page import PAGE  # noqa: E402
 from loadtest.procs import Proc, Processes, free_port, wait_for_port  # noqa: E402
 from loadtest.reaper import stat_fields  # noqa: E402
@@ -327,7 +327,7 @@ def peak_memory(target: Started, workers: int) -> Memory:
         roles = [("arbiter", root), *roles[1:-1], ("management", children[-1])]
     ends = [(role, rollup_kb(pid)) for role, pid in roles]
     return ([(role, _status_kb(pid, "VmHWM")) for role, pid in roles],
-            sum(rollup_kb(pid)["Pss"] for pid in pids), ends)
+            pss_kb(pids), ends)
 
 
 def _cpu_ticks(pid: int) -> int:
