@@ -11,7 +11,8 @@ import socket
 
 import pytest
 
-from balancer.http11 import END, RequestParser
+from balancer.chunks import TOO_LARGE, ChunkedBody
+from balancer.http11 import END, ProtocolError, RequestParser
 from tests.rawpeer import RawBackend, read_through
 from tests.support import Balancer, unchunk, wait_for
 
@@ -186,6 +187,28 @@ def test_an_endless_chunk_extension_is_refused_not_buffered(site) -> None:
         answer_ = read_answers(sock, 1)
     assert statuses(answer_) == [b"431"], answer_  # (the rest read and dropped: lingering)
     assert bytes(backend.inbound[seen:]).partition(b"\r\n\r\n")[2] == b""
+
+
+@pytest.mark.parametrize(("line", "value"), [
+    (b"f" * 16, (1 << 64) - 1),  # the largest llhttp takes: exact
+    (b"0" * 1000 + b"3e9", 0x3E9),  # leading zeros: any number of them
+    (b"1" + b"0" * 16, TOO_LARGE),
+    (b"f" * 65536, TOO_LARGE),  # (bug: a bignum of 256 Kibit, shifted per digit)
+], ids=lambda x: repr(x[:20]) if isinstance(x, bytes) else hex(x))
+def test_a_size_past_64_bits_stops_growing(line: bytes, value: int) -> None:
+    """A size line of more hex digits than 64 bits hold (llhttp refuses it: a 400)
+    costs no more than its length: past 64 bits its size stays `TOO_LARGE`,
+    exact below, cut across reads or not."""
+    for cut in (len(line), len(line) // 2):
+        body = ChunkedBody()
+        assert body.scan(line[:cut], 0, []) == -1
+        body.scan(line[cut:] + b"\r\n", 0, [])
+        assert body.value == body.declared == value
+    parser = RequestParser()
+    if value == TOO_LARGE:
+        with pytest.raises(ProtocolError) as refused:
+            parser.feed(post() + line + b"\r\n")
+        assert refused.value.status == 400
 
 
 def test_framing_split_at_every_byte(site) -> None:
