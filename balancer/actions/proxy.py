@@ -94,7 +94,9 @@ class ProxyAction:
     def buffered_body(self, ex: Exchange) -> Piece | None:
         """The whole request body if it came with the head or is small enough to
         wait for (`BUFFERED_BODY`); None: it streams. Raises PayloadTooLarge over
-        `max_body_bytes`."""
+        `max_body_bytes`, checked once, before the body is taken: a chunked body in
+        hand has all its sizes declared already, and one waited for has a
+        Content-Length (no body is larger than it says)."""
         head, max_body = ex.head, self.max_body
         if max_body is not None and declared_body(head) > max_body:
             raise PayloadTooLarge("Content-Length or chunk sizes over max_body_bytes")
@@ -105,8 +107,6 @@ class ProxyAction:
         elif (head.content_length is not None and head.content_length <= BUFFERED_BODY
               and not head.expect_continue):
             body = join_pieces(list(ex.body_chunks()))  # the rest is on its way: wait for it
-        if body is not None and max_body is not None and declared_body(head) > max_body:
-            raise PayloadTooLarge("body over max_body_bytes")
         return body
 
     def resume(self, ex: Exchange, body: Piece | None) -> None:
