@@ -84,9 +84,11 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from balancer.chunks import LAST_CHUNK  # noqa: E402
 from balancer.connection import ClientConnection  # noqa: E402
 from balancer.netio import IO  # noqa: E402
 from balancer.pool import Upstream  # noqa: E402
+from balancer.relay import frame_chunk  # noqa: E402
 from balancer.server import Worker  # noqa: E402
 from balancer.settings import load_settings  # noqa: E402
 from loadtest.page import PAGE  # noqa: E402
@@ -262,9 +264,8 @@ def post_request(size: int, close: bool, chunk: int = 0) -> bytes:
     if not chunk:
         return head + body
     head = head.replace(b"Content-Length: %d" % size, b"Transfer-Encoding: chunked")
-    framed = [b"%x\r\n%s\r\n" % (len(body[at:at + chunk]), body[at:at + chunk])
-              for at in range(0, size, chunk)]
-    return head + b"".join(framed) + b"0\r\n\r\n"
+    framed = [frame_chunk(body[at:at + chunk]) for at in range(0, size, chunk)]
+    return head + b"".join(framed) + LAST_CHUNK
 
 
 def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False) -> float:
