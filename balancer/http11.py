@@ -354,7 +354,6 @@ class _Parser:
         self._idle = False  # (fields) the message ended
         self._body: ChunkedBody | None = None  # (fields) the chunked body's framing
         self._body_at = 0  # (fields) where its body begins in the next feed (the replay's)
-        self._pieces: list = []  # (fields) the pieces of the feed llhttp is parsing
         self._ending = False  # (fields) llhttp is fed the byte the framing ends at
         self._parts: list[bytes] = []  # (raw) the feeds since the head began
         self._start = 0  # where in `_parts[0]` it began
@@ -463,14 +462,15 @@ class _Parser:
         """Feed `data` to the field parser, its chunked body located first
         (`balancer.chunks`): llhttp must end the message exactly where the framing
         does (at its last byte, not before) or not at all if it goes on (else a
-        400), and only then are its pieces queued. Returns where in `data` the
-        message ended, or -1 if it goes on."""
+        400), and only then are its pieces queued (after its head, which llhttp
+        may have queued; then `LAST_CHUNK` unless the framing had it or trailers
+        end it, and `END`). Returns where in `data` the message ended, or -1 if it
+        goes on."""
         body, hp = self._body, self._hp
         assert body is not None  # (fields) set with the field parser
         pieces: list = []
         end = body.scan(data, self._body_at, pieces)
         self._body_at = 0
-        self._pieces = pieces
         self._ending = False
         if end < 0:
             hp.feed_data(data)
@@ -482,9 +482,14 @@ class _Parser:
             hp.feed_data(view[end - 1:end])
             if not self._idle:
                 self._fail(400, "chunked body framing not understood")
-        if self._pieces:  # (the message goes on: its pieces so far)
-            self.events.extend(pieces)
-            self._pieces = []
+        events = self.events
+        events.extend(pieces)
+        if end >= 0:  # (`_end_chunked` ended the message)
+            head = self._head
+            assert head is not None  # (fields) set with the head
+            if not head.trailers and not body.whole_end:
+                events.append(LAST_CHUNK)  # (trailers: `forwarding.last_chunk` ends the body)
+            events.append(END)
         return end
 
     def _to_fields(self) -> None:
@@ -902,21 +907,14 @@ class RequestParser(_Parser):
         return upgrade
 
     def _end_chunked(self) -> None:
-        """(fields) The chunked message ends where its framing did (`_feed_chunked`):
-        its trailers go on its head, its last pieces and `END` are queued."""
+        """(fields) The chunked message ends where its framing did: its trailers go
+        on its head (`_feed_chunked` then queues its last pieces and `END`)."""
         if not self._ending:  # llhttp ended it before: never, but never forwarded
             self._fail(400, "chunked body framing not understood")
-        trailers = self._check_trailers() if self._fields else NO_FIELDS
-        body = self._body
-        assert body is not None and self._head is not None  # (fields) set with the head
-        events = self.events
-        events.extend(self._pieces)
-        self._pieces = []
-        if trailers:
-            self._head.trailers = trailers  # `forwarding.last_chunk` ends the body then
-        elif not body.whole_end:
-            events.append(LAST_CHUNK)
-        events.append(END)
+        if self._fields:
+            head = self._head
+            assert head is not None  # (fields) set with the head
+            head.trailers = self._check_trailers()
         self._begin()
         self._closed = not self._keep_alive
         self._idle = True
