@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.rawpeer import serve_each
 from tests.support import Backend, Balancer, in_threads, request, wait_for
 from tests.test_deploys import HOST, deploy, finished, in_background, proxy, step
 
@@ -42,28 +43,18 @@ class Scripted:
         self.script = list(script)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.seen = 0
+        self.seen = 0  # connections accepted
+        self.turns = itertools.count()
         self.stopped = threading.Event()
-        self.held: list[socket.socket] = []
-        self.thread = threading.Thread(target=self.accept_loop, daemon=True)
-        self.thread.start()
+        serve_each(self.listener, self.answer)
 
-    def accept_loop(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            what = self.script[min(self.seen, len(self.script) - 1)]
-            self.seen += 1
-            threading.Thread(target=self.answer, args=(conn, what), daemon=True).start()
-
-    def answer(self, conn: socket.socket, what: str) -> None:
+    def answer(self, conn: socket.socket) -> None:
+        self.seen = turn = next(self.turns) + 1
+        what = self.script[min(turn, len(self.script)) - 1]
         with contextlib.suppress(OSError):
             conn.settimeout(10)
             conn.recv(65536)
             if what == "hang":
-                self.held.append(conn)
                 self.stopped.wait(30)
             elif what.startswith("slow:"):
                 self.stopped.wait(float(what[5:]))
@@ -77,7 +68,6 @@ class Scripted:
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
-        self.thread.join(5)
 
 
 @pytest.fixture
