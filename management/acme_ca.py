@@ -164,7 +164,7 @@ class CA:
             return self.converse(host, kind, publish, withdraw, spread, timeout)
         except IssueError as exc:
             wait = self.asked_wait
-            if wait is None or exc.retry_after is not None:
+            if wait is None:  # (`converse` never sets `retry_after` itself)
                 raise
             raise IssueError(f"{exc}; the CA asks to wait {wait} s", wait) from None
 

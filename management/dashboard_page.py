@@ -12,9 +12,9 @@ Invariants:
   ``<``, ``>`` and ``&`` escaped, so no host name or rule body can close the
   element or become markup. A state that cannot be read (store down, stats
   failing) is left out: the page then polls, and reports the failure itself.
-* The workers are asked for the state's parts at once (`ASKS` at a time): a
-  worker that does not answer costs the page one ask's timeout (2 s), not
-  one per part (six: 13 s).
+* The workers are asked for the state's parts at once (one greenlet each, as
+  `management.cluster` asks the workers): a worker that does not answer costs
+  the page one ask's timeout (2 s), not one per part (six: 13 s).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import gevent
 from werkzeug.wrappers import Request, Response
 
 from balancer.stores import Store, StoreError
@@ -49,7 +49,6 @@ FALLBACK_INDEX = """<!doctype html>
 CHART_SECONDS = 300  # the charts' window (management/static/history.js WINDOW_MS)
 PLACEHOLDER = '<script id="initial-state" type="application/json">null</script>'
 HEAVY_GROUPS = ("client", "path", "backend")
-ASKS = 6  # the parts asked of the workers: stats, info, three tops, in-flight
 
 
 def initial_state(store: Store, runtime: Runtime, history: Any = None
@@ -82,9 +81,9 @@ def from_workers(runtime: Runtime) -> dict[str, Any]:
         "stats": lambda: stats_view(runtime.stats(FIRST_PAGE)), "info": runtime.info,
         "slow": lambda: diagnosis.inflight(runtime, {"min_age": "5"}),
         **{group: top(group) for group in HEAVY_GROUPS}}
-    with ThreadPoolExecutor(ASKS, thread_name_prefix="dashboard") as pool:
-        asked = {name: pool.submit(ask) for name, ask in asks.items()}
-        found = {name: future.result() for name, future in asked.items()}
+    asked = {name: gevent.spawn(ask) for name, ask in asks.items()}
+    gevent.joinall(list(asked.values()), raise_error=True)
+    found = {name: job.value for name, job in asked.items()}
     return {"stats": found["stats"], "info": found["info"],
             "heavy": {"measure": "requests", "slow": found["slow"],
                       "tops": {group: found[group] for group in HEAVY_GROUPS}}}

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 RETRY_AFTER = 3600  # what `rate-limit` asks, in seconds
@@ -205,26 +204,7 @@ class FakeAcme:
 
         if self.mode == "not-pem":
             return b"<html><body>Certificate ready!</body></html>"
-        key = ec.generate_private_key(ec.SECP256R1()) if self.mode == "mismatch" \
+        key = ec.generate_private_key(ec.SECP256R1()).public_key() if self.mode == "mismatch" \
             else self.csr.public_key()
-        name = "other.test" if self.mode == "other-name" else self.host
-        leaf, root = sign(CA, name, key.public_key() if self.mode == "mismatch" else key)
-        return (root + leaf if self.mode == "root-first" else leaf + root).encode()
-
-
-def sign(ca: Any, name: str, public_key: Any) -> tuple[str, str]:
-    """(leaf PEM, root PEM): `ca` certifies `public_key` for `name` for 90 days."""
-    import datetime
-
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca.cert.subject).public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=90))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
-            .sign(ca.key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM).decode(), ca.pem
+        leaf = CA.certify(key, "other.test" if self.mode == "other-name" else self.host)
+        return (CA.pem + leaf if self.mode == "root-first" else leaf + CA.pem).encode()

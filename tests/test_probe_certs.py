@@ -159,7 +159,7 @@ def test_a_ca_asking_to_wait_is_waited_for(tmp_path: Path, fake: FakeAcme, reaso
     assert sum(fake.requests.values()) <= 4, fake.requests
 
 
-@pytest.mark.parametrize("fake", ["processing", "huge-wait"], indirect=True)
+@pytest.mark.parametrize("fake", ["pending", "processing", "huge-wait"], indirect=True)
 def test_an_order_that_never_becomes_valid_is_cut_and_polled_gently(
         tmp_path: Path, fake: FakeAcme, monkeypatch: pytest.MonkeyPatch) -> None:
     from management import acme_issuer
@@ -423,7 +423,7 @@ def test_a_backend_ca_bundle_a_worker_cannot_load_names_the_file(tmp_path: Path)
 def test_retry_after_is_read_and_bounded(tmp_path: Path) -> None:
     from email.utils import formatdate
 
-    from management.acme_ca import retry_after
+    from management.acme_answers import retry_after
     from management.acme_issuer import BACKOFF_MAX
 
     now = time.time()

@@ -7,9 +7,8 @@ history. Real balancers and real sockets; the page in a real headless Chromium.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests import test_dashboard
-from tests.support import Backend, Balancer, split_responses
+from tests.support import Backend, Balancer, in_threads, raw_exchange, split_responses
 from tests.support import wait_for as wait_until
 from tests.test_dashboard import SLOW, Site, host_card, open_live, severe_logs, text_of, wait_for
 
@@ -61,11 +60,7 @@ def hostile_traffic(lb: Balancer, count: int = 5) -> None:
     raw = (f"GET {XSS_PATH} HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: {XSS_CLIENT}\r\n"
            f"Connection: close\r\n\r\n").encode()
     for _ in range(count):
-        with socket.create_connection(("127.0.0.1", lb.ports["internal"]), timeout=5) as sock:
-            sock.sendall(raw)
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
+        data = raw_exchange(lb.ports["internal"], raw)
         assert split_responses(data)[0][0] == 200, data[:200]
 
 
@@ -208,14 +203,10 @@ def test_in_flight_with_a_huge_min_age_is_empty_and_many_clients_stay_in_the_ske
         for n in range(first, first + 400):  # 1,600 distinct clients, one request each
             raw = (f"GET /p{n} HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 10.9.{n // 250}."
                    f"{n % 250}\r\n\r\n").encode()
-            with socket.create_connection(("127.0.0.1", lb.ports["internal"]), timeout=5) as s:
-                s.sendall(raw)
-                s.recv(65536)
-    threads = [threading.Thread(target=burst, args=(k * 400,)) for k in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+            raw_exchange(lb.ports["internal"], raw, until_close=False)
+    firsts = itertools.count(0, 400)
+    for sent in in_threads(4, lambda: burst(next(firsts))):
+        sent.result(60)
     def top(group: str) -> dict[str, Any]:
         return json.loads(get(lb.mport, f"/api/v1/top?group={group}&limit=100")[2])
     wait_until(lambda: sum(t["count"] for t in top("client")["top"]) >= 1600,
@@ -235,9 +226,7 @@ def test_control_bytes_from_clients_reach_balancerctl_tables_escaped(
     raw = (b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 10.0.0.1\x9b31m\r\n"
            b"Connection: close\r\n\r\n")  # 0x9b: obs-text in a header value, CSI in Latin-1
     # (bytes 0x80-0xff in a path are refused 400 by the parser: only headers carry them)
-    with socket.create_connection(("127.0.0.1", lb.ports["internal"]), timeout=5) as sock:
-        sock.sendall(raw)
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    assert raw_exchange(lb.ports["internal"], raw).startswith(b"HTTP/1.1 200")
     url = f"http://127.0.0.1:{lb.mport}"
     wait_until(lambda: json.loads(get(lb.mport, "/api/v1/top")[2])["top"], what="the client")
     assert ctl.main(["--url", url, "top"]) == 0

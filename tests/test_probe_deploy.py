@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.rawpeer import serve_each
 from tests.support import Backend, Balancer, in_threads, request, wait_for
 from tests.test_deploys import HOST, deploy, finished, in_background, proxy, step
 
@@ -42,28 +43,18 @@ class Scripted:
         self.script = list(script)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.seen = 0
+        self.seen = 0  # connections accepted
+        self.turns = itertools.count()
         self.stopped = threading.Event()
-        self.held: list[socket.socket] = []
-        self.thread = threading.Thread(target=self.accept_loop, daemon=True)
-        self.thread.start()
+        serve_each(self.listener, self.answer)
 
-    def accept_loop(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            what = self.script[min(self.seen, len(self.script) - 1)]
-            self.seen += 1
-            threading.Thread(target=self.answer, args=(conn, what), daemon=True).start()
-
-    def answer(self, conn: socket.socket, what: str) -> None:
+    def answer(self, conn: socket.socket) -> None:
+        self.seen = turn = next(self.turns) + 1
+        what = self.script[min(turn, len(self.script)) - 1]
         with contextlib.suppress(OSError):
             conn.settimeout(10)
             conn.recv(65536)
             if what == "hang":
-                self.held.append(conn)
                 self.stopped.wait(30)
             elif what.startswith("slow:"):
                 self.stopped.wait(float(what[5:]))
@@ -77,7 +68,6 @@ class Scripted:
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
-        self.thread.join(5)
 
 
 @pytest.fixture
@@ -151,14 +141,9 @@ def test_flapping_dying_and_slow_backends_never_count_as_ready(lb: Balancer, a: 
 
 
 # 2. operators racing, and the management process dying ----------------------------
-def post_deploy(port: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("POST", f"/api/v1/hosts/{HOST}/deploy", body=json.dumps(body).encode(),
-                 headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    answer = json.loads(response.read())
-    conn.close()
-    return response.status, answer
+def post_deploy(lb: Balancer, body: dict[str, Any]) -> tuple[int, Any]:
+    """(status, answer) of a deploy of HOST asked of `lb`, whatever the answer."""
+    return lb.api("POST", f"/api/v1/hosts/{HOST}/deploy", body)
 
 
 def management_pids(lb: Balancer) -> list[int]:
@@ -178,13 +163,13 @@ def test_operators_racing_on_two_balancers_sharing_redis_start_one_deploy(
     try:
         assert first.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
         body = {"backends": [b.address], "ready_timeout": 1.5}
-        ports = [first.mport, second.mport] * 8
+        lbs = [first, second] * 8
         turn = itertools.count()
-        answers = [f.result() for f in in_threads(len(ports), lambda: post_deploy(
-            ports[next(turn) % len(ports)], body))]
+        answers = [f.result() for f in in_threads(len(lbs), lambda: post_deploy(
+            lbs[next(turn) % len(lbs)], body))]
         started = [answer["deploy"] for status, answer in answers if status == 202]
         refused = [answer for status, answer in answers if status == 409]
-        assert len(started) == 1 and len(refused) == len(ports) - 1, answers
+        assert len(started) == 1 and len(refused) == len(lbs) - 1, answers
         assert {r["error"] for r in refused} == {"deploy_in_progress"}
         assert all(started[0]["id"] in r["message"] for r in refused)
         record = finished(second, started[0]["id"])
@@ -213,7 +198,7 @@ def test_a_management_process_killed_mid_drain_is_replaced_and_the_deploy_finish
         os.kill(killed, signal.SIGKILL)
         wait_for(lambda: len(management_pids(lb)) == 2, timeout=15,
                  what="the arbiter to start a new management process")
-        status, answer = post_deploy(lb.mport, {"backends": [a.address]})
+        status, answer = post_deploy(lb, {"backends": [a.address]})
         assert status == 409 and record["id"] in answer["message"], answer  # still claimed
         wait_for(lambda: "resuming at step drain" in lb.output(), timeout=15,
                  what="the new management process to resume the deploy")
@@ -268,7 +253,7 @@ def test_redis_going_away_during_the_drain_delays_the_deploy_and_it_finishes(
         wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
                  == "drain", what="the drain")
         redis.stop()
-        status, answer = post_deploy(lb.mport, {"backends": [a.address]})
+        status, answer = post_deploy(lb, {"backends": [a.address]})
         assert status == 503 and answer["error"] == "store_unavailable", answer
         assert json.loads(request(lb.port)[2])["backend"] == "b"  # the data plane serves on
         wait_for(lambda: "cannot read the in-flight counts" in lb.output(),
@@ -393,7 +378,7 @@ def test_damaged_deploy_records_are_reported_and_never_let_a_second_deploy_of_th
         assert records.is_file()
         for _ in range(5):  # (the first deploy's next beat, within 1 s, writes its claim back)
             records.write_text("{damaged")  # a hand edit, a full disk, a bad restore
-            status, answer = post_deploy(lb.mport, {"backends": [not_ready.address]})
+            status, answer = post_deploy(lb, {"backends": [not_ready.address]})
             assert status == 409 and first["id"] in answer["message"], answer
         record = finished(lb, first["id"])
     finally:

@@ -68,11 +68,17 @@ class TestCA:
               start_days: float = -1, ips: tuple[str, ...] = ()) -> tuple[str, str]:
         """(chain PEM, key PEM) of a leaf for `names` valid from `start_days` for `days`."""
         key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
+        leaf = self.certify(key.public_key(), *names, days=days, start_days=start_days, ips=ips)
+        return leaf + self.pem, _pem_key(key)
+
+    def certify(self, public_key: Any, *names: str, days: float = 90, start_days: float = -1,
+                ips: tuple[str, ...] = ()) -> str:
+        """The PEM of a leaf certifying `public_key` (a CSR's, say) for `names`."""
         now = datetime.datetime.now(datetime.UTC)
         start = now + datetime.timedelta(days=start_days)
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-                   .issuer_name(self.cert.subject).public_key(key.public_key())
+                   .issuer_name(self.cert.subject).public_key(public_key)
                    .serial_number(x509.random_serial_number())
                    .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
                    .add_extension(x509.SubjectAlternativeName(
@@ -81,8 +87,7 @@ class TestCA:
         if not self.bare:
             builder = builder.add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False)
-        cert = builder.sign(self.key, hashes.SHA256())
-        return _pem_cert(cert) + self.pem, _pem_key(key)
+        return _pem_cert(builder.sign(self.key, hashes.SHA256()))
 
 
 def rsa_key(bits: int) -> Any:
