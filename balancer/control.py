@@ -53,6 +53,10 @@ Invariants:
   ``DIR/retired-PID.json`` (gauges zeroed), so cluster totals never go
   backwards across a reload.
 * A missing or dead socket is skipped, never an error: workers come and go.
+* Every command gets one JSON reply: a bad one, or one whose values no check
+  foresaw (`safe_answer`), an ``{"pid", "error"}``; the worker goes on. A
+  command line is read within `CONTROL_TIMEOUT` of the connection, in all (a
+  silent or trickling client is cut then), and up to `MAX_COMMAND` bytes.
 * A worker's counters are either live (its socket is listed) or retired,
   never both: retiring (write the file, remove the socket) and reading
   (list, ask, fold the retired files) hold the run directory's lock. The
