@@ -337,6 +337,32 @@ def test_hostile_names_through_the_api_never_reach_the_operator_log_raw(tmp_path
         bal.stop()
 
 
+@pytest.mark.parametrize("raw, status", [
+    (b"GET /\x1b[31m\x00\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404),
+    (b"GET /api/v1/hosts/a\x1b[31m HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 404),
+    (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\x1b[2J\r\n\r\n", 403),
+    (b"GET /api/v1/stats?host=\x1b\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"GET /api/v1/top?by=\xc3 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"GET /api/v1/info HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \x1b\xff\r\n\r\n",
+     401),
+], ids=["path", "host-name", "Host", "query", "query-cut-utf8", "token"])
+def test_hostile_bytes_to_the_management_api_are_answered_and_logged_escaped(
+        tmp_path, backend, raw, status):
+    bal = Balancer(tmp_path, routes(backend), args=["--workers", "1"],
+                   env={"BALANCER_MANAGEMENT_TOKEN": TOKEN} if status == 401 else None)
+    try:
+        reply = raw_exchange(bal.mport, raw.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:200]
+        body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+        assert all(0x20 <= ord(c) < 0x7F for c in json.dumps(body))
+        assert status != 400 or "not UTF-8" in body["details"][0]
+        out = bal.log_path.read_bytes()
+        assert all(b == 0x0A or 0x20 <= b < 0x7F for b in out), out[-2000:]
+        no_traceback(bal)
+    finally:
+        bal.stop()
+
+
 # metrics cardinality ---------------------------------------------------------------
 def exchange_many(port: int, heads: list[bytes]) -> None:
     """Send each head on one keep-alive connection and read its answer."""
