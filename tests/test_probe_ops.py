@@ -158,6 +158,23 @@ def test_a_worker_killed_again_and_again_restarts_with_a_bounded_logged_backoff(
         bal.stop()
 
 
+def test_a_killed_arbiter_takes_its_children_along(tmp_path, backend):
+    """SIGKILL of the arbiter (an OOM kill, `kill -9` of the wrong pid): its
+    workers and management process notice and stop, none is left serving."""
+    bal = Balancer(tmp_path, routes(backend), args=["--workers", "2"])
+    try:
+        wait_workers(bal, 2)
+        children = children_of(bal.proc.pid)
+        assert len(children) == 3
+        os.kill(bal.proc.pid, signal.SIGKILL)
+        bal.proc.wait(5)
+        wait_for(lambda: all(map(is_gone, children)), timeout=10,
+                 what="every child of the killed arbiter to exit")
+        assert bal.output().count("is gone; stopping") == 3
+    finally:
+        bal.stop()
+
+
 # control sockets ----------------------------------------------------------------
 def control_exchange(path: str, payload: bytes, timeout: float = 10.0) -> bytes:
     """What a worker's control socket answers `payload` (b"" if it closes)."""
