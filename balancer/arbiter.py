@@ -7,7 +7,9 @@ overstayed its deadline).
 
 Invariants:
 * Signal handlers only queue: the C handler writes the signal number to the
-  wake-up pipe (`signal.set_wakeup_fd`); the loop reads the numbers and acts.
+  wake-up pipe (`signal.set_wakeup_fd`); the loop reads the numbers and acts,
+  once per signal number per turn: a burst of SIGHUPs costs one reload per
+  turn of the loop, and the children converge on the last generation.
 * The arbiter never monkey-patches and never runs a gevent hub; every child
   patches after fork (`balancer.workers`). It freezes its objects before each
   fork (`balancer.preload.freeze`), so the children keep sharing their pages.
@@ -120,7 +122,9 @@ class Arbiter:
                  self.settings.effective_workers())
         self.manage()
         while self.state != STOPPED:
-            for signum in self.wait(self.next_timeout()):
+            # a signal repeated while the loop was busy acts once (a SIGHUP storm
+            # is one reload per turn, not one per signal)
+            for signum in dict.fromkeys(self.wait(self.next_timeout())):
                 self.handle(signum)
             self.reap()
             self.manage()

@@ -560,14 +560,24 @@ class ClientConnection:
             ex.keep_alive = False
 
     def reject(self, exc: ProtocolError) -> None:
-        """Answer a malformed request head and close (no routing happened)."""
-        page = self.ctx.pages.get(PROTOCOL_PAGES.get(exc.status, "bad-request"))
+        """Answer a malformed request head and close (no routing happened); it
+        is logged with what is known: client, status, bytes, request id (the
+        head's fields are not read: the access log shows them as missing)."""
+        ctx = self.ctx
+        page = ctx.pages.get(PROTOCOL_PAGES.get(exc.status, "bad-request"))
+        request_id = ctx.request_ids.next()
         data = local_response(page.status, page.body, page.content_type,
-                              request_id=self.ctx.request_ids.next(), keep_alive=False)
+                              request_id=request_id, keep_alive=False)
+        sent = 0
         with contextlib.suppress(OSError):
             self.stream.write(data)
+            sent = len(data)
             if exc.status != 408:  # a client too slow to send its head is not waited for
                 self.linger = LINGER  # the rest of the head, its body may be on the way
+        if ctx.access_log.is_enabled:
+            ctx.access_log.log((time.time(), self.client_ip, None, None, None, None,
+                                page.status, sent, 0, None, None, request_id, None, 0.0,
+                                None))
 
     # request bodies ------------------------------------------------------
     def body_chunks(self) -> Iterator[Piece]:

@@ -53,6 +53,10 @@ Invariants:
   ``DIR/retired-PID.json`` (gauges zeroed), so cluster totals never go
   backwards across a reload.
 * A missing or dead socket is skipped, never an error: workers come and go.
+* Every command gets one JSON reply: a bad one, or one whose values no check
+  foresaw (`safe_answer`), an ``{"pid", "error"}``; the worker goes on. A
+  command line is read within `CONTROL_TIMEOUT` of the connection, in all (a
+  silent or trickling client is cut then), and up to `MAX_COMMAND` bytes.
 * A worker's counters are either live (its socket is listed) or retired,
   never both: retiring (write the file, remove the socket) and reading
   (list, ask, fold the retired files) hold the run directory's lock. The
@@ -65,12 +69,15 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("balancer")
 
 COMMANDS = ("stats", "reload", "version", "apply", "top", "inflight", "challenges", "certs",
             "certs-missing", "certs-fill", "certs-collect")
@@ -122,13 +129,23 @@ class ControlServer:
 
     def handle(self, sock: socket.socket, address: Any) -> None:
         try:
+            command = _read_command(sock, time.monotonic() + CONTROL_TIMEOUT)
             sock.settimeout(CONTROL_TIMEOUT)
-            command = _read_command(sock)
-            sock.sendall(encode(self.answer(command), _turn))
+            sock.sendall(encode(self.safe_answer(command), _turn))
         except OSError:
             pass
         finally:
             sock.close()
+
+    def safe_answer(self, command: str) -> dict[str, Any]:
+        """`answer`, and for a command no check foresaw, an error reply naming
+        what failed (the worker goes on; the reply is still one JSON object)."""
+        try:
+            return self.answer(command)
+        except Exception as exc:  # noqa: BLE001 - the one place a command's failure is told
+            name = command.partition(" ")[0][:32]
+            log.warning("control command %r failed: %s", name, _short(exc))
+            return {"pid": os.getpid(), "error": f"{name}: failed: {_short(exc)}"}
 
     def answer(self, command: str) -> dict[str, Any]:
         worker = self.worker
@@ -245,7 +262,9 @@ class ControlServer:
         worker = self.worker
         try:
             doc = json.loads(text)
-            version, changes = int(doc["version"]), doc.get("hosts")
+            version, changes = doc["version"], doc.get("hosts")
+            if type(version) is not int or version < 0:
+                raise ValueError(f"version must be a whole number, got {str(version)[:32]}")
             served = worker.tables.catch_up(version, changes if isinstance(changes, dict) else None)
         except (ValueError, KeyError, TypeError) as exc:
             return {"pid": os.getpid(), "error": f"apply: bad message: {exc}"}
@@ -370,10 +389,21 @@ def run_dir_lock(directory: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _read_command(sock: socket.socket) -> str:
+def _short(exc: BaseException) -> str:
+    """An exception as one short printable line (for a reply and the log)."""
+    return repr(exc)[:200].encode("ascii", "backslashreplace").decode()
+
+
+def _read_command(sock: socket.socket, deadline: float) -> str:
+    """The first line a client sends (at most `MAX_COMMAND` bytes), read until
+    `deadline` in all: a client trickling bytes cannot hold a slot longer."""
     chunks: list[bytes] = []
     size = 0
     while size < MAX_COMMAND:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("control command not sent in time")
+        sock.settimeout(left)
         chunk = sock.recv(65536)
         if not chunk:
             break

@@ -49,6 +49,7 @@ from management.history import History
 from management.hosts_api import HostRoutes
 from management.http import (
     ApiError,
+    check_query,
     check_token,
     error_response,
     json_response,
@@ -152,6 +153,7 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         try:
             if not _is_public(request.path):
                 check_token(request, self.token)
+            check_query(request)
             endpoint, args = URL_MAP.bind_to_environ(request.environ).match()
             return getattr(self, f"on_{endpoint}")(request, **args)
         except ApiError as exc:

@@ -57,6 +57,15 @@ def bad_request(problems: list[str], what: str = "the query") -> ApiError:
                     problems)
 
 
+def check_query(request: Request) -> None:
+    """`bad_request` for a query string with raw bytes that are not UTF-8
+    (werkzeug decodes it strictly: each route's `request.args` would raise)."""
+    try:
+        request.query_string.decode()
+    except UnicodeDecodeError:
+        raise bad_request(["the query string is not UTF-8 (percent-encode its bytes)"]) from None
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
                   ) -> Response:
     data = json.dumps(body, indent=None, separators=(",", ":"), allow_nan=False)
