@@ -121,6 +121,7 @@ class _Seen:
     delivered: TableData | None = None
     delivered_version: int = -1
     delay: float = BACKOFF_FIRST
+    stranger_told: bool = False  # a message that is no version was logged
 
 
 class RedisStore(Store):
@@ -275,7 +276,8 @@ class RedisStore(Store):
                 # raise it while this one reads (bug: a one-host write that raced one
                 # then saw the store "behind" it, answered 409 store_lost)
                 floor = self.floor
-                with self.client.pipeline(transaction=True) as pipe:
+                with self.client.pipeline(transaction=True) as pipe, \
+                        _nothing_sent_on_lost_connection():
                     pipe.watch(self.version_key, self.hosts_key)
                     current = self._version(pipe.get(self.version_key))
                     if if_version is not None and if_version != current:
@@ -295,12 +297,26 @@ class RedisStore(Store):
                     pipe.publish(self.channel, f"{new} {named}" if named else str(new))
                     try:
                         pipe.execute()
-                    except WatchError:
+                    except WatchError as exc:
+                        if is_lost_connection(exc):
+                            raise self._unanswered(exc) from exc
                         continue  # another writer won; re-read and try again
                     self.raise_floor(new)
                     return new
         raise StoreUnavailable(f"{self.display_url}: gave up after {WRITE_ATTEMPTS} "
                                f"conflicting concurrent writes")
+
+    def _unanswered(self, exc: WatchError) -> StoreUnavailable:
+        """The error for an ``EXEC`` sent without an answer (a timeout: Redis paused or
+        busy; the connection cut): it may still run, so the write is not retried (bug:
+        it was taken for a race and retried up to 50 times, 2 s each, a management
+        request hanging as long as Redis stayed paused)."""
+        self._reachable = False
+        cause = why(exc.__context__) if exc.__context__ is not None else str(exc)
+        self._unreachable = f"{self.display_url}: unreachable: {cause}"
+        return StoreUnavailable(f"{self.display_url}: the write was sent but Redis did not "
+                                f"answer ({cause}): it may still be applied; read the "
+                                f"table before writing again")
 
     @contextlib.contextmanager
     def _talking(self, what: str) -> Iterator[None]:
@@ -316,6 +332,10 @@ class RedisStore(Store):
             if is_wrong_type(exc):
                 self._reachable = True
                 raise self._wrong_type(exc) from None
+            if is_refusal(exc):  # Redis answered: reachable, and the reason is its own
+                self._reachable = True
+                raise StoreUnavailable(f"{self.display_url}: Redis refused to {what}: "
+                                       f"{refusal(exc)}") from exc
             self._reachable = False
             self._unreachable = f"{self.display_url}: unreachable: {why(exc)}"
             raise StoreUnavailable(f"{self.display_url}: cannot {what}: {why(exc)}") from exc
@@ -405,11 +425,14 @@ class RedisStore(Store):
             seen.version = str(base)  # told directly already: nothing to read
             return
         if named is None or named[0] != base + 1 or self._problem is not None:
+            if self._problem is None and not self._moved(messages, seen, base):
+                return
             self._reload(on_change, seen, problems, served)
             return
         change = self._read_hosts(base, named[1], named[2])
-        if change is None:
-            self._reload(on_change, seen, problems, served)
+        if change is None:  # announced but not there (or not valid: the reload says)
+            if self._moved(messages, seen, base):
+                self._reload(on_change, seen, problems, served)
             return
         seen.version, seen.delivered_version, seen.delivered = str(change.version), \
             change.version, None
@@ -418,6 +441,22 @@ class RedisStore(Store):
         except Exception:
             log.exception("applying version %s from %s failed", change.version,
                           self.display_url)
+
+    def _moved(self, messages: list[Any], seen: _Seen, base: int) -> bool:
+        """Whether the version moved from the one read or served: one ``GET`` before
+        a whole reload for messages that cannot be applied by name. Bug: any message
+        on ``NS:changes`` (``PUBLISH balancer:changes hello``, from anyone) made every
+        worker of every balancer read and compile the whole table."""
+        stranger = next((m for m in messages if not _is_version_message(m)), None)
+        if stranger is not None and not seen.stranger_told:
+            seen.stranger_told = True
+            log.log(logging.DEBUG if self.quiet else logging.WARNING,
+                    "%s: a message on %s that is not a version (%s): only the store's "
+                    "version is trusted; another program publishes on this channel",
+                    self.display_url, self.channel, printable(str(stranger.get("data")))[:80])
+        with self._talking("read"):
+            raw = self.client.get(self.version_key)
+        return raw not in (seen.version, str(base))
 
     def _read_hosts(self, base: int, version: int, hosts: list[str]) -> TableChange | None:
         """The named hosts' rules at `version` or later; None when the store is not there
@@ -507,6 +546,11 @@ def _drain(pubsub: Any) -> list[Any]:
     return queued
 
 
+def _is_version_message(message: Any) -> bool:
+    words = str(message.get("data", "")).split()
+    return bool(words) and words[0].isdecimal()
+
+
 def _named_changes(messages: list[Any]) -> tuple[int, int, list[str]] | None:
     """(first version, last version, hosts) when every message names its hosts and
     the versions are consecutive; None otherwise (reload the whole table)."""
@@ -522,6 +566,41 @@ def _named_changes(messages: list[Any]) -> tuple[int, int, list[str]] | None:
     if versions != list(range(versions[0], versions[0] + len(versions))):
         return None
     return versions[0], versions[-1], list(hosts)
+
+
+def is_lost_connection(exc: WatchError) -> bool:
+    """Whether redis-py raised `exc` for a connection lost (or timed out) while keys
+    were watched, not for a watched key that changed: it raises `WatchError` for both."""
+    return isinstance(exc.__context__, (RedisError, OSError)) \
+        and not isinstance(exc.__context__, WatchError)
+
+
+@contextlib.contextmanager
+def _nothing_sent_on_lost_connection() -> Iterator[None]:
+    """A connection lost before ``EXEC`` was sent (while reading the version or
+    checking the hash) is the error it was: nothing was written, nothing to retry."""
+    try:
+        yield
+    except WatchError as exc:
+        context = exc.__context__
+        if context is not None and is_lost_connection(exc):
+            raise context from None
+        raise
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether Redis answered with an error (``OOM`` under ``maxmemory``, ``READONLY``
+    from a replica, ``MISCONF`` after a failed save...): it is reachable, and the
+    command changed nothing (a refused command in ``MULTI`` aborts the ``EXEC``)."""
+    return isinstance(exc, redis.ResponseError) and not is_wrong_type(exc)
+
+
+def refusal(exc: BaseException) -> str:
+    """Redis's reason, without redis-py's "Command # 1 (HSET ...) of pipeline caused
+    error: " prefix (which would echo the rule)."""
+    text = str(exc)
+    _, sep, reason = text.partition(" of pipeline caused error: ")
+    return reason if sep else text
 
 
 def why(exc: BaseException) -> str:
