@@ -425,8 +425,9 @@ class RedisStore(Store):
             seen.version = str(base)  # told directly already: nothing to read
             return
         if named is None or named[0] != base + 1 or self._problem is not None:
-            if self._problem is None and not self._moved(messages, seen, base):
-                return
+            if self._problem is None and not any(map(_is_bare_version, messages)) \
+                    and not self._moved(messages, seen, base):
+                return  # a bare version asks for a whole reload: honoured, as always
             self._reload(on_change, seen, problems, served)
             return
         change = self._read_hosts(base, named[1], named[2])
@@ -444,9 +445,10 @@ class RedisStore(Store):
 
     def _moved(self, messages: list[Any], seen: _Seen, base: int) -> bool:
         """Whether the version moved from the one read or served: one ``GET`` before
-        a whole reload for messages that cannot be applied by name. Bug: any message
-        on ``NS:changes`` (``PUBLISH balancer:changes hello``, from anyone) made every
-        worker of every balancer read and compile the whole table."""
+        a whole reload for messages that are no version, or announce one the store
+        does not hold. Bug: any such message on ``NS:changes`` (``PUBLISH
+        balancer:changes hello``, from anyone) made every worker of every balancer
+        read the whole table."""
         stranger = next((m for m in messages if not _is_version_message(m)), None)
         if stranger is not None and not seen.stranger_told:
             seen.stranger_told = True
@@ -549,6 +551,10 @@ def _drain(pubsub: Any) -> list[Any]:
 def _is_version_message(message: Any) -> bool:
     words = str(message.get("data", "")).split()
     return bool(words) and words[0].isdecimal()
+
+
+def _is_bare_version(message: Any) -> bool:
+    return str(message.get("data", "")).strip().isdecimal()
 
 
 def _named_changes(messages: list[Any]) -> tuple[int, int, list[str]] | None:
