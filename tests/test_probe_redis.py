@@ -25,6 +25,7 @@ fix), or a behaviour pinned:
 from __future__ import annotations
 
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,8 @@ import pytest
 
 from balancer.stores import StoreUnavailable
 from balancer.stores.redis import RedisStore
+from loadtest.procs import HeldPort
+from loadtest.reaper import guarded_popen, release
 from tests.conftest import RedisServer, wait_until
 from tests.support import Balancer, request, wait_for
 
@@ -227,3 +230,96 @@ def test_maxclients_reached_is_a_clear_outage_then_recovers(
         raw.config_set("maxclients", "10000")
     assert store.put_host("app.test", STATIC) == 1
     assert store.last_error() is None
+
+
+# a sentinel failover during a write burst -------------------------------------------
+@pytest.fixture
+def sentinel_pair(redis_factory: Callable[[], RedisServer], tmp_path: Path
+                  ) -> Iterator[tuple[RedisServer, RedisServer, Any, str]]:
+    """``master, replica, sentinel client, store URL``: one sentinel watching a master
+    and its (synced) replica."""
+    import redis
+
+    master = redis_factory()
+    replica = redis_factory()
+    replica.stop()
+    replica.start("--replicaof", "127.0.0.1", str(master.port))
+    wait_until(lambda: replica.client().info("replication")["master_link_status"] == "up",
+               timeout=WAIT, message="the replica synced")
+    with HeldPort() as held:  # the sentinel listens beside it (SO_REUSEADDR)
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {held.port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                        f"sentinel monitor mm 127.0.0.1 {master.port} 1\n"
+                        "sentinel down-after-milliseconds mm 1000\n"
+                        "sentinel failover-timeout mm 5000\n")
+        sentinel = guarded_popen([master.binary, str(conf), "--sentinel"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=held.port, decode_responses=True, socket_timeout=5)
+        try:
+            wait_until(lambda: _sees_replica(client), timeout=WAIT,
+                       message="the sentinel seeing the replica")
+            yield master, replica, client, f"redis+sentinel://{held.address}/mm/0"
+        finally:
+            client.close()
+            sentinel.terminate()
+            sentinel.wait(10)
+            release(sentinel)
+
+
+def _sees_replica(client: Any) -> bool:
+    try:
+        return int(client.sentinel_master("mm")["num-slaves"]) >= 1
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+def _role(server: RedisServer) -> str:
+    return str(server.client().info("replication")["role"])
+
+
+@pytest.mark.slow
+def test_a_sentinel_failover_during_a_write_burst_loses_no_answered_write(
+        sentinel_pair: tuple[RedisServer, RedisServer, Any, str], tmp_path: Path) -> None:
+    master, replica, sentinel, url = sentinel_pair
+    bal = Balancer(tmp_path, None, store=url,
+                   env={"BALANCER_STORE_RESYNC_INTERVAL": "0.5"})
+    try:
+        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+        answered: list[str] = []
+        refused: list[int] = []
+
+        def burst() -> None:
+            for n in range(400):  # until writes are refused (store_lost), or 400
+                status, answer = bal.api("PUT", f"/api/v1/hosts/h{n}.test",
+                                         {**STATIC, "body": f"h{n}"})
+                if status == 200:
+                    answered.append(f"h{n}.test")
+                    continue
+                assert status in (409, 503), answer
+                refused.append(status)
+                if len(refused) >= 5:
+                    return
+        writer = threading.Thread(target=burst)
+        writer.start()
+        wait_until(lambda: len(answered) >= 10, timeout=WAIT, message="writes under way")
+        assert sentinel.execute_command("SENTINEL", "FAILOVER", "mm") in (True, "OK", b"OK")
+        writer.join(30)
+        assert not writer.is_alive()
+        wait_until(lambda: int(sentinel.sentinel_get_master_addr_by_name("mm")[1])
+                   == replica.port, timeout=WAIT, message="the sentinels naming the replica")
+        # every write answered 200 is served, whatever the new master holds
+        for host in answered[-5:] + answered[:5]:
+            assert serves(bal, host, host.split(".")[0].encode()), host
+        new_master = replica.client()
+        if not set(answered) <= set(new_master.hkeys("balancer:hosts")):
+            wait_for(lambda: "lost its table" in bal.store_problem(), WAIT,
+                     what="the writes the old master took reported lost")
+            status, answer = bal.api("POST", "/api/v1/restore")
+            assert status == 200, answer
+        assert set(answered) <= set(new_master.hkeys("balancer:hosts"))
+        status, answer = bal.api("PUT", "/api/v1/hosts/after.test", NEW)
+        assert status == 200, answer
+        assert serves(bal, "after.test", b"new")
+        wait_for(lambda: bal.store_problem() == "", WAIT, what="the store back to normal")
+    finally:
+        bal.stop()

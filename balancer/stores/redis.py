@@ -23,7 +23,14 @@ Invariants:
   applied by reading only those hosts (``HMGET``), so a one-host change costs
   the same with 100 or 100,000 hosts.
 * Every socket operation has a timeout, so a dead Redis fails a write with
-  `StoreUnavailable` in about `timeout` seconds, never hangs it.
+  `StoreUnavailable` in about `timeout` seconds, never hangs it. A write whose
+  ``EXEC`` was sent and not answered is never retried (it may still run): the
+  error says so. Redis refusing a command (``OOM``, ``READONLY``, ``MISCONF``)
+  is a `StoreUnavailable` quoting it, and the store stays reachable.
+* Through Sentinel, writes and resync ticks ask the sentinels for the master
+  first (`_master_moved`): pooled connections to a demoted master are dropped.
+* A message on the channel that is no version, or names a version the store
+  does not hold, costs one ``GET``; only a bare version asks for a whole read.
 * A key of another type than the store keeps there (``SET NS:hosts x``,
   ``LPUSH NS:version 1``: Redis answers ``WRONGTYPE``) is damaged data, a
   `CorruptStore` naming the key, never "unreachable". A one-host write checks
@@ -48,7 +55,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from balancer.rules import validate_table
 from balancer.stores import strict_json
@@ -271,6 +278,7 @@ class RedisStore(Store):
         """Run `change` in one WATCH/MULTI/EXEC that moves the version up and PUBLISHes
         it (with the `named` host of a one-host write); the new version."""
         with self._talking("write"):
+            self._master_moved()
             for _ in range(WRITE_ATTEMPTS):
                 # the floor as it was before the read: another greenlet's write may
                 # raise it while this one reads (bug: a one-host write that raced one
@@ -305,6 +313,23 @@ class RedisStore(Store):
                     return new
         raise StoreUnavailable(f"{self.display_url}: gave up after {WRITE_ATTEMPTS} "
                                f"conflicting concurrent writes")
+
+    def _master_moved(self) -> bool:
+        """Through Sentinel, whether the sentinels name another master than the pooled
+        connections talk to (which are then dropped: redis-py asks the sentinels only
+        for a new connection). Bug: after ``SENTINEL FAILOVER`` the old master answered
+        writes for up to 10 s (until the sentinels demote it), every one lost with its
+        data, and watchers kept reading it. Sentinels that do not answer are no news:
+        the master may be fine, and it says so itself when it is not."""
+        pool = self.client.connection_pool
+        if not isinstance(pool, SentinelConnectionPool):
+            return False
+        before = pool.master_address
+        try:
+            return pool.get_master_address() != before and before is not None
+        except (RedisError, OSError) as exc:
+            log.debug("%s: no sentinel answered: %s", self.display_url, exc)
+            return False
 
     def _unanswered(self, exc: WatchError) -> StoreUnavailable:
         """The error for an ``EXEC`` sent without an answer (a timeout: Redis paused or
@@ -410,6 +435,10 @@ class RedisStore(Store):
                     self._catch_up(messages, on_change, seen, problems, served)
                     next_check = time.monotonic() + self.resync_interval
                 elif time.monotonic() >= next_check:
+                    if self._master_moved():
+                        log.info("%s: the sentinels name a new master; following it",
+                                 self.display_url)
+                        return  # subscribe again, to the new master
                     self._resync(on_change, seen, problems, served)
                     next_check = time.monotonic() + self.resync_interval
         finally:
