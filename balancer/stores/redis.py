@@ -76,6 +76,16 @@ from balancer.stores.base import (
 from balancer.stores.certs import Certs, RedisCerts
 from balancer.stores.floors import Raised
 from balancer.stores.records import Records
+from balancer.stores.redis_answers import (
+    is_lost_connection,
+    is_refusal,
+    is_wrong_type,
+    nothing_sent_on_lost_connection,
+    printable,
+    refusal,
+    utf8,
+    why,
+)
 from balancer.stores.redis_records import RedisRecords
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
@@ -92,12 +102,6 @@ PAUSE_EVERY = 2000        # hosts parsed between yields to other greenlets (a bi
 # and no write, not even a whole-table PUT, could ever go above it.)
 VERSION_LIMIT = 2**63 - 1
 HASH_OR_NOTHING = ("hash", "none")
-
-
-def is_wrong_type(exc: BaseException) -> bool:
-    """Whether Redis refused a command for the type of the key it named (``WRONGTYPE``,
-    also from inside a pipeline or a script): the data is damaged, not unreachable."""
-    return isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc)
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
@@ -285,7 +289,7 @@ class RedisStore(Store):
                 # then saw the store "behind" it, answered 409 store_lost)
                 floor = self.floor
                 with self.client.pipeline(transaction=True) as pipe, \
-                        _nothing_sent_on_lost_connection():
+                        nothing_sent_on_lost_connection():
                     pipe.watch(self.version_key, self.hosts_key)
                     current = self._version(pipe.get(self.version_key))
                     if if_version is not None and if_version != current:
@@ -601,71 +605,6 @@ def _named_changes(messages: list[Any]) -> tuple[int, int, list[str]] | None:
     if versions != list(range(versions[0], versions[0] + len(versions))):
         return None
     return versions[0], versions[-1], list(hosts)
-
-
-def is_lost_connection(exc: WatchError) -> bool:
-    """Whether redis-py raised `exc` for a connection lost (or timed out) while keys
-    were watched, not for a watched key that changed: it raises `WatchError` for both."""
-    return isinstance(exc.__context__, (RedisError, OSError)) \
-        and not isinstance(exc.__context__, WatchError)
-
-
-@contextlib.contextmanager
-def _nothing_sent_on_lost_connection() -> Iterator[None]:
-    """A connection lost before ``EXEC`` was sent (while reading the version or
-    checking the hash) is the error it was: nothing was written, nothing to retry."""
-    try:
-        yield
-    except WatchError as exc:
-        context = exc.__context__
-        if context is not None and is_lost_connection(exc):
-            raise context from None
-        raise
-
-
-def is_refusal(exc: BaseException) -> bool:
-    """Whether Redis answered with an error (``OOM`` under ``maxmemory``, ``READONLY``
-    from a replica, ``MISCONF`` after a failed save...): it is reachable, and the
-    command changed nothing (a refused command in ``MULTI`` aborts the ``EXEC``)."""
-    return isinstance(exc, redis.ResponseError) and not is_wrong_type(exc)
-
-
-def refusal(exc: BaseException) -> str:
-    """Redis's reason, without redis-py's "Command # 1 (HSET ...) of pipeline caused
-    error: " prefix (which would echo the rule)."""
-    text = str(exc)
-    _, sep, reason = text.partition(" of pipeline caused error: ")
-    return reason if sep else text
-
-
-def why(exc: BaseException) -> str:
-    """What went wrong talking to Redis, with what to do when it is the password
-    (Redis's own words, "HELLO must be called with the client already
-    authenticated...", do not say that store.url lacks one)."""
-    if isinstance(exc, redis.AuthenticationError):
-        return (f"{exc} (Redis refused this client's password, or it has none: give it in "
-                f"store.url, redis://[user]:PASSWORD@host:port/db)")
-    return str(exc)
-
-
-def utf8(text: str, host: str = "") -> str:
-    """`text` as Redis holds it, or ValueError when it (or `host`, the field it is
-    under) has bytes that are not UTF-8: the client decodes those as surrogates."""
-    if text.isascii() and host.isascii():  # O(1), as most are: nothing to encode per load
-        return text
-    for what, value in (("the host name", host), ("the value", text)):
-        try:
-            value.encode()
-        except UnicodeEncodeError as exc:
-            byte = ord(value[exc.start]) - 0xDC00
-            raise ValueError(f"{what} is not UTF-8 (byte 0x{byte:02x} at position "
-                             f"{exc.start})") from None
-    return text
-
-
-def printable(text: str) -> str:
-    """`text` printable whatever its bytes (``\\xff`` for a byte that is not UTF-8)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _sleep(seconds: float, stop: Callable[[], bool]) -> None:
