@@ -232,6 +232,28 @@ def test_maxclients_reached_is_a_clear_outage_then_recovers(
     assert store.last_error() is None
 
 
+def test_a_password_set_on_a_running_redis_is_reported_and_undoing_it_recovers(
+        site: tuple[Balancer, RedisServer]) -> None:
+    bal, server = site
+    raw = server.client()
+    raw.ping()  # authenticated before the password: this connection keeps working
+    raw.config_set("requirepass", "s3cret")
+    try:
+        assert bal.api("PUT", "/api/v1/hosts/b.test", NEW)[0] == 200  # open connections
+        raw.client_kill_filter(_type="pubsub")
+        raw.client_kill_filter(_type="normal", skipme=True)
+        hint = "give it in store.url"
+        wait_for(lambda: hint in bal.store_problem(), WAIT, what="the password reported")
+        status, answer = bal.api("PUT", "/api/v1/hosts/c.test", NEW)
+        assert status == 503 and hint in answer["message"], answer
+        assert serves(bal) and serves(bal, "b.test", b"new")
+    finally:
+        raw.config_set("requirepass", "")
+    wait_for(lambda: bal.store_problem() == "", WAIT, what="the store back")
+    assert bal.api("PUT", "/api/v1/hosts/c.test", NEW)[0] == 200
+    assert serves(bal, "c.test", b"new")
+
+
 # a sentinel failover during a write burst -------------------------------------------
 @pytest.fixture
 def sentinel_pair(redis_factory: Callable[[], RedisServer], tmp_path: Path
