@@ -166,8 +166,9 @@ def test_the_watch_recovers_from_a_killed_pubsub_connection_and_misses_nothing(
     bal, server = site
     raw = server.client()
     for round_ in range(2):
-        killed = raw.client_kill_filter(_type="pubsub")
-        assert killed >= 2  # the management process's watcher and the worker's
+        wait_until(lambda: subscribers(raw) >= 2, timeout=WAIT,
+                   message="the management process's watcher and the worker's subscribed")
+        assert raw.client_kill_filter(_type="pubsub") >= 2
         body = f"elsewhere {round_}"
         version = raw.incr("balancer:version")  # a write made at once, elsewhere
         raw.hset("balancer:hosts", "c.test", f'{{"action": "static", "body": "{body}"}}')
@@ -176,6 +177,10 @@ def test_the_watch_recovers_from_a_killed_pubsub_connection_and_misses_nothing(
                  what="the change made while the watchers reconnected")
     wait_for(lambda: bal.store_problem() == "", WAIT, what="the store back to normal")
     assert bal.proc.poll() is None
+
+
+def subscribers(raw: Any) -> int:
+    return int(dict(raw.pubsub_numsub("balancer:changes")).get("balancer:changes", 0))
 
 
 def test_garbage_on_the_channel_costs_no_reload_and_real_changes_still_apply(
