@@ -66,15 +66,18 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def start(self, *options: str, wait: bool = True) -> RedisServer:
+        """Start (again) with its data; `options` are more redis-server flags
+        (``"--replicaof", "127.0.0.1", "6379"``); `wait` for a PONG."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = guarded_popen(  # never outlives a killed test run
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
              "--appendfsync", "always", "--daemonize", "no",
-             "--logfile", str(self.directory / "redis.log")],
+             "--logfile", str(self.directory / "redis.log"), *options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self.is_up, timeout=10, message=f"redis-server on port {self.port}")
+        if wait:
+            wait_until(self.is_up, timeout=10, message=f"redis-server on port {self.port}")
         return self
 
     def is_up(self) -> bool:

@@ -23,7 +23,14 @@ Invariants:
   applied by reading only those hosts (``HMGET``), so a one-host change costs
   the same with 100 or 100,000 hosts.
 * Every socket operation has a timeout, so a dead Redis fails a write with
-  `StoreUnavailable` in about `timeout` seconds, never hangs it.
+  `StoreUnavailable` in about `timeout` seconds, never hangs it. A write whose
+  ``EXEC`` was sent and not answered is never retried (it may still run): the
+  error says so. Redis refusing a command (``OOM``, ``READONLY``, ``MISCONF``)
+  is a `StoreUnavailable` quoting it, and the store stays reachable.
+* Through Sentinel, writes and resync ticks ask the sentinels for the master
+  first (`_master_moved`): pooled connections to a demoted master are dropped.
+* A message on the channel that is no version, or names a version the store
+  does not hold, costs one ``GET``; only a bare version asks for a whole read.
 * A key of another type than the store keeps there (``SET NS:hosts x``,
   ``LPUSH NS:version 1``: Redis answers ``WRONGTYPE``) is damaged data, a
   `CorruptStore` naming the key, never "unreachable". A one-host write checks
@@ -48,7 +55,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from balancer.rules import validate_table
 from balancer.stores import strict_json
@@ -69,6 +76,16 @@ from balancer.stores.base import (
 from balancer.stores.certs import Certs, RedisCerts
 from balancer.stores.floors import Raised
 from balancer.stores.records import Records
+from balancer.stores.redis_answers import (
+    is_lost_connection,
+    is_refusal,
+    is_wrong_type,
+    nothing_sent_on_lost_connection,
+    printable,
+    refusal,
+    utf8,
+    why,
+)
 from balancer.stores.redis_records import RedisRecords
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
@@ -85,12 +102,6 @@ PAUSE_EVERY = 2000        # hosts parsed between yields to other greenlets (a bi
 # and no write, not even a whole-table PUT, could ever go above it.)
 VERSION_LIMIT = 2**63 - 1
 HASH_OR_NOTHING = ("hash", "none")
-
-
-def is_wrong_type(exc: BaseException) -> bool:
-    """Whether Redis refused a command for the type of the key it named (``WRONGTYPE``,
-    also from inside a pipeline or a script): the data is damaged, not unreachable."""
-    return isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc)
 
 
 def connect(url: str, timeout: float) -> redis.Redis:
@@ -121,6 +132,7 @@ class _Seen:
     delivered: TableData | None = None
     delivered_version: int = -1
     delay: float = BACKOFF_FIRST
+    stranger_told: bool = False  # a message that is no version was logged
 
 
 class RedisStore(Store):
@@ -270,12 +282,14 @@ class RedisStore(Store):
         """Run `change` in one WATCH/MULTI/EXEC that moves the version up and PUBLISHes
         it (with the `named` host of a one-host write); the new version."""
         with self._talking("write"):
+            self._master_moved()
             for _ in range(WRITE_ATTEMPTS):
                 # the floor as it was before the read: another greenlet's write may
                 # raise it while this one reads (bug: a one-host write that raced one
                 # then saw the store "behind" it, answered 409 store_lost)
                 floor = self.floor
-                with self.client.pipeline(transaction=True) as pipe:
+                with self.client.pipeline(transaction=True) as pipe, \
+                        nothing_sent_on_lost_connection():
                     pipe.watch(self.version_key, self.hosts_key)
                     current = self._version(pipe.get(self.version_key))
                     if if_version is not None and if_version != current:
@@ -295,12 +309,43 @@ class RedisStore(Store):
                     pipe.publish(self.channel, f"{new} {named}" if named else str(new))
                     try:
                         pipe.execute()
-                    except WatchError:
+                    except WatchError as exc:
+                        if is_lost_connection(exc):
+                            raise self._unanswered(exc) from exc
                         continue  # another writer won; re-read and try again
                     self.raise_floor(new)
                     return new
         raise StoreUnavailable(f"{self.display_url}: gave up after {WRITE_ATTEMPTS} "
                                f"conflicting concurrent writes")
+
+    def _master_moved(self) -> bool:
+        """Through Sentinel, whether the sentinels name another master than the pooled
+        connections talk to (which are then dropped: redis-py asks the sentinels only
+        for a new connection). Bug: after ``SENTINEL FAILOVER`` the old master answered
+        writes for up to 10 s (until the sentinels demote it), every one lost with its
+        data, and watchers kept reading it. Sentinels that do not answer are no news:
+        the master may be fine, and it says so itself when it is not."""
+        pool = self.client.connection_pool
+        if not isinstance(pool, SentinelConnectionPool):
+            return False
+        before = pool.master_address
+        try:
+            return pool.get_master_address() != before and before is not None
+        except (RedisError, OSError) as exc:
+            log.debug("%s: no sentinel answered: %s", self.display_url, exc)
+            return False
+
+    def _unanswered(self, exc: WatchError) -> StoreUnavailable:
+        """The error for an ``EXEC`` sent without an answer (a timeout: Redis paused or
+        busy; the connection cut): it may still run, so the write is not retried (bug:
+        it was taken for a race and retried up to 50 times, 2 s each, a management
+        request hanging as long as Redis stayed paused)."""
+        self._reachable = False
+        cause = why(exc.__context__) if exc.__context__ is not None else str(exc)
+        self._unreachable = f"{self.display_url}: unreachable: {cause}"
+        return StoreUnavailable(f"{self.display_url}: the write was sent but Redis did not "
+                                f"answer ({cause}): it may still be applied; read the "
+                                f"table before writing again")
 
     @contextlib.contextmanager
     def _talking(self, what: str) -> Iterator[None]:
@@ -316,6 +361,10 @@ class RedisStore(Store):
             if is_wrong_type(exc):
                 self._reachable = True
                 raise self._wrong_type(exc) from None
+            if is_refusal(exc):  # Redis answered: reachable, and the reason is its own
+                self._reachable = True
+                raise StoreUnavailable(f"{self.display_url}: Redis refused to {what}: "
+                                       f"{refusal(exc)}") from exc
             self._reachable = False
             self._unreachable = f"{self.display_url}: unreachable: {why(exc)}"
             raise StoreUnavailable(f"{self.display_url}: cannot {what}: {why(exc)}") from exc
@@ -390,6 +439,10 @@ class RedisStore(Store):
                     self._catch_up(messages, on_change, seen, problems, served)
                     next_check = time.monotonic() + self.resync_interval
                 elif time.monotonic() >= next_check:
+                    if self._master_moved():
+                        log.info("%s: the sentinels name a new master; following it",
+                                 self.display_url)
+                        return  # subscribe again, to the new master
                     self._resync(on_change, seen, problems, served)
                     next_check = time.monotonic() + self.resync_interval
         finally:
@@ -405,11 +458,15 @@ class RedisStore(Store):
             seen.version = str(base)  # told directly already: nothing to read
             return
         if named is None or named[0] != base + 1 or self._problem is not None:
+            if self._problem is None and not any(map(_is_bare_version, messages)) \
+                    and not self._moved(messages, seen, base):
+                return  # a bare version asks for a whole reload: honoured, as always
             self._reload(on_change, seen, problems, served)
             return
         change = self._read_hosts(base, named[1], named[2])
-        if change is None:
-            self._reload(on_change, seen, problems, served)
+        if change is None:  # announced but not there (or not valid: the reload says)
+            if self._moved(messages, seen, base):
+                self._reload(on_change, seen, problems, served)
             return
         seen.version, seen.delivered_version, seen.delivered = str(change.version), \
             change.version, None
@@ -418,6 +475,23 @@ class RedisStore(Store):
         except Exception:
             log.exception("applying version %s from %s failed", change.version,
                           self.display_url)
+
+    def _moved(self, messages: list[Any], seen: _Seen, base: int) -> bool:
+        """Whether the version moved from the one read or served: one ``GET`` before
+        a whole reload for messages that are no version, or announce one the store
+        does not hold. Bug: any such message on ``NS:changes`` (``PUBLISH
+        balancer:changes hello``, from anyone) made every worker of every balancer
+        read the whole table."""
+        stranger = next((m for m in messages if not _is_version_message(m)), None)
+        if stranger is not None and not seen.stranger_told:
+            seen.stranger_told = True
+            log.log(logging.DEBUG if self.quiet else logging.WARNING,
+                    "%s: a message on %s that is not a version (%s): only the store's "
+                    "version is trusted; another program publishes on this channel",
+                    self.display_url, self.channel, printable(str(stranger.get("data")))[:80])
+        with self._talking("read"):
+            raw = self.client.get(self.version_key)
+        return raw not in (seen.version, str(base))
 
     def _read_hosts(self, base: int, version: int, hosts: list[str]) -> TableChange | None:
         """The named hosts' rules at `version` or later; None when the store is not there
@@ -507,6 +581,15 @@ def _drain(pubsub: Any) -> list[Any]:
     return queued
 
 
+def _is_version_message(message: Any) -> bool:
+    words = str(message.get("data", "")).split()
+    return bool(words) and words[0].isdecimal()
+
+
+def _is_bare_version(message: Any) -> bool:
+    return str(message.get("data", "")).strip().isdecimal()
+
+
 def _named_changes(messages: list[Any]) -> tuple[int, int, list[str]] | None:
     """(first version, last version, hosts) when every message names its hosts and
     the versions are consecutive; None otherwise (reload the whole table)."""
@@ -522,36 +605,6 @@ def _named_changes(messages: list[Any]) -> tuple[int, int, list[str]] | None:
     if versions != list(range(versions[0], versions[0] + len(versions))):
         return None
     return versions[0], versions[-1], list(hosts)
-
-
-def why(exc: BaseException) -> str:
-    """What went wrong talking to Redis, with what to do when it is the password
-    (Redis's own words, "HELLO must be called with the client already
-    authenticated...", do not say that store.url lacks one)."""
-    if isinstance(exc, redis.AuthenticationError):
-        return (f"{exc} (Redis refused this client's password, or it has none: give it in "
-                f"store.url, redis://[user]:PASSWORD@host:port/db)")
-    return str(exc)
-
-
-def utf8(text: str, host: str = "") -> str:
-    """`text` as Redis holds it, or ValueError when it (or `host`, the field it is
-    under) has bytes that are not UTF-8: the client decodes those as surrogates."""
-    if text.isascii() and host.isascii():  # O(1), as most are: nothing to encode per load
-        return text
-    for what, value in (("the host name", host), ("the value", text)):
-        try:
-            value.encode()
-        except UnicodeEncodeError as exc:
-            byte = ord(value[exc.start]) - 0xDC00
-            raise ValueError(f"{what} is not UTF-8 (byte 0x{byte:02x} at position "
-                             f"{exc.start})") from None
-    return text
-
-
-def printable(text: str) -> str:
-    """`text` printable whatever its bytes (``\\xff`` for a byte that is not UTF-8)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _sleep(seconds: float, stop: Callable[[], bool]) -> None:

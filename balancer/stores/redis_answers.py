@@ -1,0 +1,91 @@
+"""What Redis's answers mean to the Redis store (`balancer.stores.redis`): damaged
+data, a refusal, a connection lost while keys were watched, and the words to
+report them in.
+
+Invariants:
+* ``WRONGTYPE`` is damaged data, never an outage; any other error Redis answers
+  (``OOM``, ``READONLY``, ``MISCONF``, ``NOREPLICAS``...) is a refusal: Redis is
+  reachable, and a refused command inside ``MULTI`` aborts the whole ``EXEC``.
+* redis-py raises `WatchError` both for a watched key that changed (a race: retry)
+  and for a connection lost while watching (not a race: never retried); only the
+  exception it was raised from tells them apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import redis
+from redis.exceptions import RedisError, WatchError
+
+
+def is_wrong_type(exc: BaseException) -> bool:
+    """Whether Redis refused a command for the type of the key it named (``WRONGTYPE``,
+    also from inside a pipeline or a script): the data is damaged, not unreachable."""
+    return isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc)
+
+
+def is_lost_connection(exc: WatchError) -> bool:
+    """Whether redis-py raised `exc` for a connection lost (or timed out) while keys
+    were watched, not for a watched key that changed: it raises `WatchError` for both."""
+    return isinstance(exc.__context__, (RedisError, OSError)) \
+        and not isinstance(exc.__context__, WatchError)
+
+
+@contextlib.contextmanager
+def nothing_sent_on_lost_connection() -> Iterator[None]:
+    """A connection lost before ``EXEC`` was sent (while reading the version or
+    checking the hash) is the error it was: nothing was written, nothing to retry."""
+    try:
+        yield
+    except WatchError as exc:
+        context = exc.__context__
+        if context is not None and is_lost_connection(exc):
+            raise context from None
+        raise
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether Redis answered with an error (``OOM`` under ``maxmemory``, ``READONLY``
+    from a replica, ``MISCONF`` after a failed save...): it is reachable, and the
+    command changed nothing (a refused command in ``MULTI`` aborts the ``EXEC``)."""
+    return isinstance(exc, redis.ResponseError) and not is_wrong_type(exc)
+
+
+def refusal(exc: BaseException) -> str:
+    """Redis's reason, without redis-py's "Command # 1 (HSET ...) of pipeline caused
+    error: " prefix (which would echo the rule)."""
+    text = str(exc)
+    _, sep, reason = text.partition(" of pipeline caused error: ")
+    return reason if sep else text
+
+
+def why(exc: BaseException) -> str:
+    """What went wrong talking to Redis, with what to do when it is the password
+    (Redis's own words, "HELLO must be called with the client already
+    authenticated...", do not say that store.url lacks one)."""
+    if isinstance(exc, redis.AuthenticationError):
+        return (f"{exc} (Redis refused this client's password, or it has none: give it in "
+                f"store.url, redis://[user]:PASSWORD@host:port/db)")
+    return str(exc)
+
+
+def utf8(text: str, host: str = "") -> str:
+    """`text` as Redis holds it, or ValueError when it (or `host`, the field it is
+    under) has bytes that are not UTF-8: the client decodes those as surrogates."""
+    if text.isascii() and host.isascii():  # O(1), as most are: nothing to encode per load
+        return text
+    for what, value in (("the host name", host), ("the value", text)):
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            byte = ord(value[exc.start]) - 0xDC00
+            raise ValueError(f"{what} is not UTF-8 (byte 0x{byte:02x} at position "
+                             f"{exc.start})") from None
+    return text
+
+
+def printable(text: str) -> str:
+    """`text` printable whatever its bytes (``\\xff`` for a byte that is not UTF-8)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
