@@ -42,8 +42,9 @@ FIELD_COUNT: Final = 15
 
 
 def make_record(
-    started: float, client: str, host: str | bytes, method: str | bytes, target: str | bytes,
-    protocol: str | bytes, status: int, bytes_sent: int, bytes_received: int,
+    started: float, client: str, host: str | bytes | None, method: str | bytes | None,
+    target: str | bytes | None, protocol: str | bytes | None, status: int, bytes_sent: int,
+    bytes_received: int,
     referer: str | bytes | None, user_agent: str | bytes | None, request_id: str | bytes | None,
     backend: str | None, duration: float, backend_time: float | None,
 ) -> tuple:
