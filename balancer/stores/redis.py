@@ -77,9 +77,9 @@ from balancer.stores.certs import Certs, RedisCerts
 from balancer.stores.floors import Raised
 from balancer.stores.records import Records
 from balancer.stores.redis_answers import (
-    is_lost_connection,
     is_refusal,
     is_wrong_type,
+    lost_connection,
     nothing_sent_on_lost_connection,
     printable,
     refusal,
@@ -310,8 +310,9 @@ class RedisStore(Store):
                     try:
                         pipe.execute()
                     except WatchError as exc:
-                        if is_lost_connection(exc):
-                            raise self._unanswered(exc) from exc
+                        lost = lost_connection(exc)
+                        if lost is not None:
+                            raise self._unanswered(lost) from exc
                         continue  # another writer won; re-read and try again
                     self.raise_floor(new)
                     return new
@@ -335,13 +336,13 @@ class RedisStore(Store):
             log.debug("%s: no sentinel answered: %s", self.display_url, exc)
             return False
 
-    def _unanswered(self, exc: WatchError) -> StoreUnavailable:
-        """The error for an ``EXEC`` sent without an answer (a timeout: Redis paused or
-        busy; the connection cut): it may still run, so the write is not retried (bug:
-        it was taken for a race and retried up to 50 times, 2 s each, a management
-        request hanging as long as Redis stayed paused)."""
+    def _unanswered(self, lost: BaseException) -> StoreUnavailable:
+        """The error for an ``EXEC`` sent without an answer (`lost`: a timeout, Redis
+        paused or busy; the connection cut): it may still run, so the write is not
+        retried (bug: it was taken for a race and retried up to 50 times, 2 s each, a
+        management request hanging as long as Redis stayed paused)."""
         self._reachable = False
-        cause = why(exc.__context__) if exc.__context__ is not None else str(exc)
+        cause = why(lost)
         self._unreachable = f"{self.display_url}: unreachable: {cause}"
         return StoreUnavailable(f"{self.display_url}: the write was sent but Redis did not "
                                 f"answer ({cause}): it may still be applied; read the "

@@ -26,11 +26,14 @@ def is_wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc)
 
 
-def is_lost_connection(exc: WatchError) -> bool:
-    """Whether redis-py raised `exc` for a connection lost (or timed out) while keys
-    were watched, not for a watched key that changed: it raises `WatchError` for both."""
-    return isinstance(exc.__context__, (RedisError, OSError)) \
-        and not isinstance(exc.__context__, WatchError)
+def lost_connection(exc: WatchError) -> BaseException | None:
+    """The error of a connection lost (or timed out) while keys were watched, that
+    redis-py raised `exc` for; None when `exc` is a watched key that changed (it
+    raises `WatchError` for both)."""
+    context = exc.__context__
+    if isinstance(context, (RedisError, OSError)) and not isinstance(context, WatchError):
+        return context
+    return None
 
 
 @contextlib.contextmanager
@@ -40,9 +43,9 @@ def nothing_sent_on_lost_connection() -> Iterator[None]:
     try:
         yield
     except WatchError as exc:
-        context = exc.__context__
-        if context is not None and is_lost_connection(exc):
-            raise context from None
+        lost = lost_connection(exc)
+        if lost is not None:
+            raise lost from None
         raise
 
 
