@@ -459,10 +459,11 @@ class RedisStore(Store):
             seen.version = str(base)  # told directly already: nothing to read
             return
         if named is None or named[0] != base + 1 or self._problem is not None:
-            if self._problem is None and not any(map(_is_bare_version, messages)) \
-                    and not self._moved(messages, seen, base):
-                return  # a bare version asks for a whole reload: honoured, as always
-            self._reload(on_change, seen, problems, served)
+            # a bare version asks for a whole reload: honoured, as always; anything
+            # else only once the version is seen to have moved
+            if self._problem is not None or any(map(_is_bare_version, messages)) \
+                    or self._moved(messages, seen, base):
+                self._reload(on_change, seen, problems, served)
             return
         change = self._read_hosts(base, named[1], named[2])
         if change is None:  # announced but not there (or not valid: the reload says)
