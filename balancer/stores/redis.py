@@ -16,12 +16,9 @@ Invariants:
 * Reads are ``HGETALL`` + ``GET`` in one transaction, so a table and its
   version always belong together. No ``KEYS``/``SCAN``, and nothing here runs
   per proxied request: balancers keep the whole table in memory.
-* `watch` subscribes before it reads, so no change between the read and the
-  subscription is missed; it re-checks the version every `resync_interval`
-  in case a message was lost, and reconnects with capped exponential backoff.
-  Messages that name hosts and follow on the version the consumer serves are
-  applied by reading only those hosts (``HMGET``), so a one-host change costs
-  the same with 100 or 100,000 hosts.
+* Watching (following the table through ``NS:changes``) is
+  `balancer.stores.redis_watch`; what Redis's answers mean is
+  `balancer.stores.redis_answers`.
 * Every socket operation has a timeout, so a dead Redis fails a write with
   `StoreUnavailable` in about `timeout` seconds, never hangs it. A write whose
   ``EXEC`` was sent and not answered is never retried (it may still run): the
@@ -29,8 +26,6 @@ Invariants:
   is a `StoreUnavailable` quoting it, and the store stays reachable.
 * Through Sentinel, writes and resync ticks ask the sentinels for the master
   first (`_master_moved`): pooled connections to a demoted master are dropped.
-* A message on the channel that is no version, or names a version the store
-  does not hold, costs one ``GET``; only a bare version asks for a whole read.
 * A key of another type than the store keeps there (``SET NS:hosts x``,
   ``LPUSH NS:version 1``: Redis answers ``WRONGTYPE``) is damaged data, a
   `CorruptStore` naming the key, never "unreachable". A one-host write checks
@@ -45,10 +40,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -57,16 +50,13 @@ from redis.exceptions import RedisError, WatchError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from balancer.rules import validate_table
 from balancer.stores import strict_json
 from balancer.stores.acme import Acme, RedisAcme
 from balancer.stores.base import (
     CorruptStore,
-    ProblemLog,
     Store,
     StoreLost,
     StoreUnavailable,
-    TableChange,
     TableChecker,
     TableData,
     VersionConflict,
@@ -87,15 +77,12 @@ from balancer.stores.redis_answers import (
     why,
 )
 from balancer.stores.redis_records import RedisRecords
+from balancer.stores.redis_watch import RedisWatching
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
 log = logging.getLogger("balancer.store.redis")
 
-WAIT_TICK = 0.25          # longest wait for a message before checking stop() again
-BACKOFF_FIRST = 0.1
-BACKOFF_CAP = 5.0
 WRITE_ATTEMPTS = 50       # optimistic-lock retries for writes without if_version
-DRAIN_MAX = 1000          # queued messages folded into one reload
 PAUSE_EVERY = 2000        # hosts parsed between yields to other greenlets (a big reload)
 # Redis counts (INCR) up to 2**63 - 1: a version it cannot count past is corrupt.
 # (Bug: a hand-set 10**22 was served, became every balancer's floor for versions,
@@ -123,19 +110,7 @@ def connect(url: str, timeout: float) -> redis.Redis:
         raise StoreUrlError(f"{redact_url(url)}: {exc}") from None
 
 
-@dataclass
-class _Seen:
-    """Watcher state: the raw version last read, the version and table delivered
-    (the table is None after a change was delivered), the backoff."""
-
-    version: bytes | str | None = None
-    delivered: TableData | None = None
-    delivered_version: int = -1
-    delay: float = BACKOFF_FIRST
-    stranger_told: bool = False  # a message that is no version was logged
-
-
-class RedisStore(Store):
+class RedisStore(RedisWatching, Store):
     """The routing table in Redis, shared by every balancer using the namespace."""
 
     kind = "redis"
@@ -398,218 +373,5 @@ class RedisStore(Store):
         return CorruptStore(f"{self.display_url}: {named} (something other than a balancer "
                             f"wrote it)")
 
-    # watching --------------------------------------------------------------
-    def watch(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
-              served: Callable[[], int] | None = None) -> None:
-        problems = ProblemLog(log, self.quiet)
-        seen = _Seen()
-        self._watchers += 1
-        try:
-            while not stop():
-                try:
-                    self._follow(on_change, stop, seen, problems, served)
-                except CorruptStore as exc:  # bug: the watcher ended on a bad version
-                    self._problem = str(exc)
-                    problems.report(f"{exc}; keeping the last good table")
-                    _sleep(seen.delay * random.uniform(0.5, 1.0), stop)
-                    seen.delay = min(seen.delay * 2, BACKOFF_CAP)
-                except (RedisError, OSError, StoreUnavailable) as exc:
-                    self._reachable = False
-                    self._unreachable = f"{self.display_url}: unreachable: {why(exc)}"
-                    problems.report(f"{self._unreachable}; keeping the last table and "
-                                    f"reconnecting with backoff")
-                    _sleep(seen.delay * random.uniform(0.5, 1.0), stop)
-                    seen.delay = min(seen.delay * 2, BACKOFF_CAP)
-        finally:
-            self._watchers -= 1
-
-    def _follow(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
-                seen: _Seen, problems: ProblemLog, served: Callable[[], int] | None) -> None:
-        """Subscribe, load, then apply messages and resync ticks until `stop()`."""
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(self.channel)
-            if not self._serves_already(seen, served):
-                self._reload(on_change, seen, problems, served)
-            seen.delay = BACKOFF_FIRST
-            next_check = time.monotonic() + self.resync_interval
-            while not stop():
-                message = pubsub.get_message(timeout=WAIT_TICK)
-                if message is not None:
-                    messages = [message, *_drain(pubsub)]
-                    self._catch_up(messages, on_change, seen, problems, served)
-                    next_check = time.monotonic() + self.resync_interval
-                elif time.monotonic() >= next_check:
-                    if self._master_moved():
-                        log.info("%s: the sentinels name a new master; following it",
-                                 self.display_url)
-                        return  # subscribe again, to the new master
-                    self._resync(on_change, seen, problems, served)
-                    next_check = time.monotonic() + self.resync_interval
-        finally:
-            pubsub.close()
-
-    def _catch_up(self, messages: list[Any], on_change: Callable[[Any], None], seen: _Seen,
-                  problems: ProblemLog, served: Callable[[], int] | None) -> None:
-        """Apply what `messages` announce: only the hosts they name when they follow on
-        the version served, else the whole table."""
-        base = max(seen.delivered_version, served() if served is not None else -1)
-        named = _named_changes(messages)
-        if named is not None and named[1] <= base:
-            seen.version = str(base)  # told directly already: nothing to read
-            return
-        if named is None or named[0] != base + 1 or self._problem is not None:
-            # a bare version asks for a whole reload: honoured, as always; anything
-            # else only once the version is seen to have moved
-            if self._problem is not None or any(map(_is_bare_version, messages)) \
-                    or self._moved(messages, seen, base):
-                self._reload(on_change, seen, problems, served)
-            return
-        change = self._read_hosts(base, named[1], named[2])
-        if change is None:  # announced but not there (or not valid: the reload says)
-            if self._moved(messages, seen, base):
-                self._reload(on_change, seen, problems, served)
-            return
-        seen.version, seen.delivered_version, seen.delivered = str(change.version), \
-            change.version, None
-        try:
-            on_change(change)
-        except Exception:
-            log.exception("applying version %s from %s failed", change.version,
-                          self.display_url)
-
-    def _moved(self, messages: list[Any], seen: _Seen, base: int) -> bool:
-        """Whether the version moved from the one read or served: one ``GET`` before
-        a whole reload for messages that are no version, or announce one the store
-        does not hold. Bug: any such message on ``NS:changes`` (``PUBLISH
-        balancer:changes hello``, from anyone) made every worker of every balancer
-        read the whole table."""
-        stranger = next((m for m in messages if not _is_version_message(m)), None)
-        if stranger is not None and not seen.stranger_told:
-            seen.stranger_told = True
-            log.log(logging.DEBUG if self.quiet else logging.WARNING,
-                    "%s: a message on %s that is not a version (%s): only the store's "
-                    "version is trusted; another program publishes on this channel",
-                    self.display_url, self.channel, printable(str(stranger.get("data")))[:80])
-        with self._talking("read"):
-            raw = self.client.get(self.version_key)
-        return raw not in (seen.version, str(base))
-
-    def _read_hosts(self, base: int, version: int, hosts: list[str]) -> TableChange | None:
-        """The named hosts' rules at `version` or later; None when the store is not there
-        (behind, or a rule that does not validate: the whole reload reports it)."""
-        with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
-            pipe.hmget(self.hosts_key, hosts)
-            pipe.get(self.version_key)
-            texts, raw_version = pipe.execute()
-        if self._version(raw_version) < version:
-            return None
-        rules: dict[str, Any] = {}
-        for host, text in zip(hosts, texts, strict=True):
-            if text is None:
-                rules[host] = None
-                continue
-            try:
-                rules[host] = strict_json.loads(utf8(text, host))
-                if validate_table({host: rules[host]}):
-                    return None
-            except (ValueError, RecursionError):
-                return None  # unreadable: the whole table is read and reported
-        self.raise_floor(version)
-        return TableChange(version, base, rules)
-
-    def _serves_already(self, seen: _Seen, served: Callable[[], int] | None) -> bool:
-        """Whether the consumer serves the version the store is at (loaded at start,
-        or kept across a reconnect): then the whole table need not be read again."""
-        if served is None:
-            return False
-        with self._talking("read"):
-            raw = self.client.get(self.version_key)
-        if self._version(raw) != served():
-            return False
-        seen.version, seen.delivered_version = raw, served()
-        self._problem = None
-        return True
-
-    def _resync(self, on_change: Callable[[Any], None], seen: _Seen,
-                problems: ProblemLog, served: Callable[[], int] | None) -> None:
-        """Reload if the version moved without a message reaching us."""
-        with self._talking("read"):
-            version = self.client.get(self.version_key)
-        if version == seen.version:
-            return
-        if served is not None and version is not None and version == str(served()):
-            seen.version = version  # applied from a direct message
-            return
-        log.info("%s: version moved to %s without a message; resyncing",
-                 self.display_url, version)
-        self._reload(on_change, seen, problems, served)
-
-    def _reload(self, on_change: Callable[[Any], None], seen: _Seen,
-                problems: ProblemLog, served: Callable[[], int] | None) -> None:
-        raw_hosts, raw_version = self._read_raw()
-        seen.version = raw_version
-        try:
-            data = self._parse(raw_hosts, raw_version)
-        except CorruptStore as exc:
-            self._problem = str(exc)
-            problems.report(f"{exc}; keeping the last good table")
-            return
-        self._problem = None
-        problems.clear(f"{self.display_url}: back to normal at version {data.version}")
-        behind = served is not None and data.version < served()
-        if not behind and (data == seen.delivered or (
-                seen.delivered is None and data.version == seen.delivered_version)):
-            return  # a store behind the consumer's version (told directly) is always
-            # delivered, even as the table delivered before: the consumer judges the loss
-        seen.delivered, seen.delivered_version = data, data.version
-        try:
-            on_change(data)
-        except Exception:
-            log.exception("applying version %s from %s failed", data.version, self.display_url)
-
     def close(self) -> None:
         self.client.close()
-
-
-def _drain(pubsub: Any) -> list[Any]:
-    """The messages already queued: one read covers them all."""
-    queued = []
-    for _ in range(DRAIN_MAX):
-        message = pubsub.get_message(timeout=0)
-        if message is None:
-            break
-        queued.append(message)
-    return queued
-
-
-def _is_version_message(message: Any) -> bool:
-    words = str(message.get("data", "")).split()
-    return bool(words) and words[0].isdecimal()
-
-
-def _is_bare_version(message: Any) -> bool:
-    return str(message.get("data", "")).strip().isdecimal()
-
-
-def _named_changes(messages: list[Any]) -> tuple[int, int, list[str]] | None:
-    """(first version, last version, hosts) when every message names its hosts and
-    the versions are consecutive; None otherwise (reload the whole table)."""
-    versions: list[int] = []
-    hosts: dict[str, None] = {}
-    for message in messages:
-        words = str(message.get("data", "")).split()
-        if len(words) < 2 or not words[0].isdecimal():
-            return None
-        versions.append(int(words[0]))
-        hosts.update(dict.fromkeys(words[1:]))
-    versions.sort()
-    if versions != list(range(versions[0], versions[0] + len(versions))):
-        return None
-    return versions[0], versions[-1], list(hosts)
-
-
-def _sleep(seconds: float, stop: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + seconds
-    while not stop() and time.monotonic() < deadline:
-        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
