@@ -143,9 +143,9 @@ class ControlServer:
         try:
             return self.answer(command)
         except Exception as exc:  # noqa: BLE001 - the one place a command's failure is told
-            name = command.partition(" ")[0][:32]
-            log.warning("control command %r failed: %s", name, _short(exc))
-            return {"pid": os.getpid(), "error": f"{name}: failed: {_short(exc)}"}
+            name, what = command.partition(" ")[0][:32], _short(exc)
+            log.warning("control command %r failed: %s", name, what)
+            return {"pid": os.getpid(), "error": f"{name}: failed: {what}"}
 
     def answer(self, command: str) -> dict[str, Any]:
         worker = self.worker
