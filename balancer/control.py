@@ -57,6 +57,9 @@ Invariants:
   foresaw (`safe_answer`), an ``{"pid", "error"}``; the worker goes on. A
   command line is read within `CONTROL_TIMEOUT` of the connection, in all (a
   silent or trickling client is cut then), and up to `MAX_COMMAND` bytes.
+* An ask whose client has closed its end by the time its command is read is
+  dropped unanswered: asks that gave up while the worker was stopped or busy
+  cost nothing when it resumes.
 * A worker's counters are either live (its socket is listed) or retired,
   never both: retiring (write the file, remove the socket) and reading
   (list, ask, fold the retired files) hold the run directory's lock. The
@@ -131,6 +134,8 @@ class ControlServer:
         try:
             command = _read_command(sock, time.monotonic() + CONTROL_TIMEOUT)
             sock.settimeout(CONTROL_TIMEOUT)
+            if _hung_up(sock):
+                return  # an ask given up while this worker was stopped or busy
             sock.sendall(encode(self.safe_answer(command), _turn))
         except OSError:
             pass
@@ -387,6 +392,17 @@ def run_dir_lock(directory: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the client closed its end already (it sends one line, then only reads)."""
+    sock.settimeout(0.0)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    finally:
+        sock.settimeout(CONTROL_TIMEOUT)
 
 
 def _short(exc: BaseException) -> str:
