@@ -1,0 +1,109 @@
+"""A worker that does not answer its control socket (SIGSTOP) costs the
+management API one timeout, not one per call (`management.silent`).
+
+A real balancer with 2 workers; one is stopped with SIGSTOP and always
+continued (SIGCONT) in a `finally`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from balancer.control import CONTROL_TIMEOUT, _hung_up, _read_command, ask
+from tests.support import Balancer, control_socket, wait_for
+
+RULE = {"action": "empty", "status": 204}
+QUICK = 1.0  # seconds a call may take once the stopped worker is known (loaded machine)
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[tuple[Balancer, int]]:
+    bal = Balancer(tmp_path, {"app.test": RULE}, args=["--workers", "2"])
+    try:
+        wait_for(lambda: len(bal.api("GET", "/api/v1/info")[1]["processes"]) == 2, 20,
+                 what="two workers")
+        yield bal, bal.api("GET", "/api/v1/info")[1]["processes"][0]["pid"]
+    finally:
+        bal.stop()
+
+
+def timed(bal: Balancer, method: str, path: str, body: object = None) -> tuple[float, int, dict]:
+    started = time.monotonic()
+    status, doc = bal.api(method, path, body)
+    return time.monotonic() - started, status, doc
+
+
+def lagging_pids(doc: dict) -> list[int]:
+    return [entry["pid"] for entry in doc.get("lagging", [])]
+
+
+def test_a_stopped_worker_is_skipped_and_named_until_it_answers(two_workers):
+    bal, pid = two_workers
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        took, status, doc = timed(bal, "GET", "/api/v1/stats")  # the one call that waits
+        assert status == 200 and lagging_pids(doc) == [pid], doc
+        for path in ("/api/v1/stats", "/api/v1/info", "/api/v1/top", "/api/v1/inflight"):
+            took, status, doc = timed(bal, "GET", path)
+            assert status == 200 and took < QUICK, (path, took, doc)
+            assert lagging_pids(doc) == [pid], (path, doc)
+            assert "not answering" in doc["lagging"][0]["reason"]
+        info = bal.api("GET", "/api/v1/info")[1]
+        assert [p["pid"] for p in info["processes"]] != [pid] and len(info["processes"]) == 1
+        took, status, doc = timed(bal, "PUT", "/api/v1/hosts/new.test", RULE)
+        assert status == 202 and took < QUICK, (took, doc)
+        assert doc["applied"] is False and lagging_pids(doc) == [pid], doc  # never claimed
+        took, status, _ = timed(bal, "GET", "/metrics")
+        assert status == 200 and took < QUICK, took
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # the background probe brings it back: no restart, no call has to wait first
+    wait_for(lambda: len(bal.api("GET", "/api/v1/info")[1]["processes"]) == 2, 10,
+             what="the continued worker to answer again")
+    status, doc = bal.api("GET", "/api/v1/stats")
+    assert status == 200 and "lagging" not in doc, doc
+    status, doc = bal.api("PUT", "/api/v1/hosts/after.test", RULE)
+    assert status == 200 and "applied" not in doc, doc
+    reply = ask(control_socket(pid), "version")
+    assert reply and reply["version"] >= doc["version"], reply
+
+
+def test_a_worker_drops_an_ask_whose_client_gave_up():
+    """What lets a resumed worker skip the asks queued while it was stopped."""
+    for sent, closed, dropped in ((b"stats\n", True, True), (b"stats\n", False, False),
+                                  (b"", True, True)):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            theirs.sendall(sent)
+            if closed:
+                theirs.close()
+            if sent:
+                assert _read_command(ours) == "stats"
+            assert _hung_up(ours) is dropped, (sent, closed)
+            assert ours.gettimeout() == CONTROL_TIMEOUT  # the answer is still bounded
+        finally:
+            ours.close()
+            theirs.close()
+
+
+def test_a_resumed_worker_answers_after_asks_given_up_while_stopped(two_workers):
+    bal, pid = two_workers
+    path = control_socket(pid)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(10):  # each queued in the backlog, then given up
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(2.0)
+                sock.connect(path)
+                sock.sendall(b"stats\n")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    reply = wait_for(lambda: ask(path, "version"), 10, what="the continued worker")
+    assert reply["pid"] == pid and reply["loaded"]
