@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +28,8 @@ from typing import Any
 import gevent
 
 from balancer.control import ask_why, pid_of
+
+log = logging.getLogger("balancer.management")
 
 PROBE_FIRST = 0.5  # seconds the first probe of a silent worker waits
 PROBE_LAST = 30.0  # and the longest any probe waits
@@ -60,6 +63,8 @@ class SilentWorkers:
             return
         if path not in self.silent:
             self.silent[path] = (asked, why)
+            log.warning("worker %s does not answer its control socket (%s): the management "
+                        "API leaves it out until it answers again", pid_of(path), why)
             if path not in self.probers:
                 self.probers[path] = gevent.spawn(self._probe, path)
 
@@ -72,6 +77,8 @@ class SilentWorkers:
                 reply, why = ask_why(path, "version", wait)
                 if reply is not None:
                     self.on_answer(reply)
+                    log.warning("worker %s answers again after %.1fs", pid_of(path),
+                                time.time() - self.silent.get(path, (time.time(), ""))[0])
                 if reply is not None or why == "gone" or not os.path.exists(path):
                     self.silent.pop(path, None)
                     return

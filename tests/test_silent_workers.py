@@ -73,6 +73,8 @@ def test_a_stopped_worker_is_skipped_and_named_until_it_answers(two_workers):
     assert status == 200 and "applied" not in doc, doc
     reply = ask(control_socket(pid), "version")
     assert reply and reply["version"] >= doc["version"], reply
+    wait_for(lambda: f"worker {pid} answers again" in bal.output(), 5, what="the log line")
+    assert f"worker {pid} does not answer its control socket" in bal.output()
 
 
 def test_a_worker_drops_an_ask_whose_client_gave_up():
