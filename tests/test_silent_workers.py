@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +19,11 @@ from pathlib import Path
 import pytest
 
 from balancer.control import CONTROL_TIMEOUT, _hung_up, _read_command, ask
-from tests.support import Balancer, control_socket, wait_for
+from tests.support import ROOT, Balancer, control_socket, wait_for
 
 RULE = {"action": "empty", "status": 204}
+CTL_ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")},
+           "PYTHONPATH": str(ROOT)}
 QUICK = 1.0  # seconds a call may take once the stopped worker is known (loaded machine)
 
 
@@ -55,6 +59,13 @@ def test_a_stopped_worker_is_skipped_and_named_until_it_answers(two_workers):
             assert status == 200 and took < QUICK, (path, took, doc)
             assert lagging_pids(doc) == [pid], (path, doc)
             assert "not answering" in doc["lagging"][0]["reason"]
+        status, doc = bal.api("GET", "/api/v1/stats/app.test")
+        assert status == 200 and lagging_pids(doc) == [pid], doc
+        done = subprocess.run([sys.executable, "-m", "management.ctl", "--url",
+                               f"http://127.0.0.1:{bal.mport}", "stats"], env=CTL_ENV,
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and "app.test" in done.stdout, done
+        assert f"warning: without worker(s) {pid} (not answering for" in done.stderr, done
         info = bal.api("GET", "/api/v1/info")[1]
         assert [p["pid"] for p in info["processes"]] != [pid] and len(info["processes"]) == 1
         took, status, doc = timed(bal, "PUT", "/api/v1/hosts/new.test", RULE)
