@@ -133,8 +133,9 @@ def inflight(runtime: Any, args: Any) -> dict[str, Any]:
                               "left_out": left_out})
 
 
-def history(kept: Any, args: Any) -> dict[str, Any]:
-    """The body of ``GET /api/v1/history`` (`kept`: the management process's `History`)."""
+def history(kept: Any, args: Any) -> bytes:
+    """The body of ``GET /api/v1/history`` as JSON (`kept`: the management process's
+    `History`, which encodes a query once per sample)."""
     problems: list[str] = []
     since = _number(args, "since", HISTORY_SPAN, problems)
     if not 1 <= since <= HISTORY_SPAN:
@@ -145,4 +146,4 @@ def history(kept: Any, args: Any) -> dict[str, Any]:
         problems.append(f"host: must be a host name of the routing table, got {shown(host)}")
     if problems:
         raise bad_request(problems)
-    return kept.view(since, time.time(), normalize_host(host) if host else None)
+    return kept.encoded_view(since, time.time(), normalize_host(host) if host else None)

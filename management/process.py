@@ -51,7 +51,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     certs_watch.start()
     runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers(),
                              settings.management.apply_timeout, lambda: mirror.problem)
-    history = History(os.path.join(env.run_dir, HISTORY_FILE))
+    history = History(os.path.join(env.run_dir, HISTORY_FILE), lambda: gevent.sleep(0))
     history.load()
     issuer = Issuer(settings, store, lambda: mirror.table, runtime)
     app = create_app(store=store, runtime=runtime, token=settings.management.token or None,
