@@ -61,7 +61,7 @@ class History:
         self.path = path
         self.pause = pause  # lets other requests run during a big encoding (gevent)
         self.generation = 0  # changes with every sample and load: the cache's key
-        self.cache: dict[Any, bytes] = {}  # (generation, picked, host) → encoded view
+        self.cache: dict[Any, bytes] = {}  # (generation, picked, host) → bytes, till a sample
         self.building: dict[Any, Any] = {}  # the same → the `gevent.event.Event` of its build
         self.times = array("d", [0.0]) * POINTS  # unix time of each point, 0 = none
         self.head = 0  # the next point's index
@@ -98,6 +98,7 @@ class History:
         self.times[i] = now
         self.head = (i + 1) % POINTS
         self.generation += 1
+        self.cache = {}
         self.last, self.last_time = counters, now
         self.samples += 1
         if self.samples % SAVE_EVERY == 0:
@@ -142,7 +143,6 @@ class History:
         finally:
             del self.building[key]
             done.set()
-        self.cache = {k: v for k, v in self.cache.items() if k[0] == self.generation}
         if key[0] == self.generation and \
                 sum(map(len, self.cache.values())) + len(body) <= CACHE_BYTES:
             self.cache[key] = body
@@ -197,6 +197,7 @@ class History:
             return False  # (AttributeError: a JSON list or string, not the object saved)
         self.times, self.rings, self.head = times, rings, head
         self.generation += 1
+        self.cache = {}
         self.last, self.last_time, self.loaded_mtime = last, last_time, mtime
         return True
 
