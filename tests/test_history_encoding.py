@@ -8,7 +8,7 @@ import json
 
 import gevent
 
-from management.history import HOSTS_PER_PAUSE, History
+from management.history import HOSTS_PER_PAUSE, History, hub_turn
 from management.http import json_response
 
 HOSTS = HOSTS_PER_PAUSE * 2 + 7  # several slices, the last one short
@@ -81,3 +81,22 @@ def test_concurrent_askers_share_one_encoding():
     gevent.joinall(jobs, timeout=10)
     assert all(job.successful() for job in jobs)
     assert len({id(job.value) for job in jobs}) == 1 and encoded == [1]
+
+
+def test_the_management_process_timers_run_between_slices():
+    kept = filled(10, pause=hub_turn)
+    ticks = []
+
+    def ticker() -> None:
+        while True:
+            gevent.sleep(0.0005)
+            ticks.append(1)
+
+    tick = gevent.spawn(ticker)
+    try:
+        gevent.sleep(0.01)
+        ticks.clear()
+        kept.encoded_view(3600, START + 50)  # (not a greenlet: the hub runs only at pauses)
+        assert ticks, "no timer ran during the build"
+    finally:
+        tick.kill()
