@@ -53,8 +53,9 @@ Invariants:
   ``DIR/retired-PID.json`` (gauges zeroed), so cluster totals never go
   backwards across a reload.
 * A missing or dead socket is skipped, never an error: workers come and go.
-* Every command gets one JSON reply: a bad one, or one whose values no check
-  foresaw (`safe_answer`), an ``{"pid", "error"}``; the worker goes on. A
+* Every command whose client still waits gets one JSON reply: a bad one, or
+  one whose values no check foresaw (`safe_answer`), an ``{"pid",
+  "error"}``; the worker goes on. A
   command line is read within `CONTROL_TIMEOUT` of the connection, in all (a
   silent or trickling client is cut then), and up to `MAX_COMMAND` bytes.
 * An ask whose client has closed its end by the time its command is read is

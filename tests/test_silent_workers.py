@@ -98,7 +98,7 @@ def test_a_worker_drops_an_ask_whose_client_gave_up():
             if closed:
                 theirs.close()
             if sent:
-                assert _read_command(ours) == "stats"
+                assert _read_command(ours, time.monotonic() + 1.0) == "stats"
             assert _hung_up(ours) is dropped, (sent, closed)
             assert ours.gettimeout() == CONTROL_TIMEOUT  # the answer is still bounded
         finally:
