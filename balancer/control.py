@@ -396,14 +396,15 @@ def run_dir_lock(directory: str) -> Iterator[None]:
 
 
 def _hung_up(sock: socket.socket) -> bool:
-    """Whether the client closed its end already (it sends one line, then only reads)."""
-    sock.settimeout(0.0)
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    finally:
-        sock.settimeout(CONTROL_TIMEOUT)
+    """Whether the client closed its connection already (POLLHUP: gone, not just
+    done sending, as after ``shutdown(SHUT_WR)``); asked without waiting."""
+    import select
+
+    from gevent.monkey import get_original
+
+    poll = get_original("select", "poll")()  # the process's own, patched or not
+    poll.register(sock.fileno(), select.POLLHUP)
+    return any(events & select.POLLHUP for _, events in poll.poll(0))
 
 
 def _short(exc: BaseException) -> str:
