@@ -53,10 +53,14 @@ Invariants:
   ``DIR/retired-PID.json`` (gauges zeroed), so cluster totals never go
   backwards across a reload.
 * A missing or dead socket is skipped, never an error: workers come and go.
-* Every command gets one JSON reply: a bad one, or one whose values no check
-  foresaw (`safe_answer`), an ``{"pid", "error"}``; the worker goes on. A
+* Every command whose client still waits gets one JSON reply: a bad one, or
+  one whose values no check foresaw (`safe_answer`), an ``{"pid",
+  "error"}``; the worker goes on. A
   command line is read within `CONTROL_TIMEOUT` of the connection, in all (a
   silent or trickling client is cut then), and up to `MAX_COMMAND` bytes.
+* An ask whose client has closed its end by the time its command is read is
+  dropped unanswered: asks that gave up while the worker was stopped or busy
+  cost nothing when it resumes.
 * A worker's counters are either live (its socket is listed) or retired,
   never both: retiring (write the file, remove the socket) and reading
   (list, ask, fold the retired files) hold the run directory's lock. The
@@ -131,6 +135,8 @@ class ControlServer:
         try:
             command = _read_command(sock, time.monotonic() + CONTROL_TIMEOUT)
             sock.settimeout(CONTROL_TIMEOUT)
+            if _hung_up(sock):
+                return  # an ask given up while this worker was stopped or busy
             sock.sendall(encode(self.safe_answer(command), _turn))
         except OSError:
             pass
@@ -387,6 +393,18 @@ def run_dir_lock(directory: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the client closed its connection already (POLLHUP: gone, not just
+    done sending, as after ``shutdown(SHUT_WR)``); asked without waiting."""
+    import select
+
+    from gevent.monkey import get_original
+
+    poll = get_original("select", "poll")()  # the process's own, patched or not
+    poll.register(sock.fileno(), select.POLLHUP)
+    return any(events & select.POLLHUP for _, events in poll.poll(0))
 
 
 def _short(exc: BaseException) -> str:

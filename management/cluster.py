@@ -18,6 +18,10 @@ Invariants:
   directory's lock (`control.run_dir_lock`), so a worker that exits is counted
   once, and two management processes (old and new, during a reload) never
   fold a retired worker twice. One greenlet at a time takes that lock.
+* A worker that does not answer (stopped, hung) is asked no more until it
+  answers a probe again (`management.silent`): calls answer at once with the
+  other workers' figures and name it in ``lagging``; a write never counts it
+  as having applied.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,8 +38,9 @@ import gevent
 from gevent.lock import Semaphore
 
 from balancer.arbiter import STATUS_FILE
-from balancer.control import RETIRED_GLOB, ask, ask_why, pid_of, run_dir_lock, worker_sockets
+from balancer.control import RETIRED_GLOB, ask_why, pid_of, run_dir_lock, worker_sockets
 from balancer.stats import Stats, merge_snapshots, only_known
+from management.silent import SilentWorkers
 
 RETIRED_TOTAL = "retired-total.json"
 INFO_COMMAND = 'stats {"hosts": [], "totals": true}'  # no host's counters, each worker's totals
@@ -54,6 +60,7 @@ class ClusterRuntime:
         self.mutex = Semaphore()  # the flock is per process: one greenlet holds it
         self.highest = 0  # the highest version a worker reported (`highest_version`)
         self.known_workers: set[int | None] = set()  # the pids that reported it
+        self.silent = SilentWorkers(self._note_highest)
 
     def survey(self, command: str | Callable[[dict[str, Any] | None], str]
                ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -65,10 +72,23 @@ class ClusterRuntime:
                 retired
 
     def ask_all(self, command: str) -> list[dict[str, Any]]:
-        """Every live worker's answer to `command` (workers that do not answer are left out)."""
-        jobs = [gevent.spawn(ask, path, command) for path in worker_sockets(self.directory)]
+        """Every live worker's answer to `command` (workers that do not answer are
+        left out, and silent ones not asked: `lagging` names them)."""
+        paths = self.silent.answering(worker_sockets(self.directory))
+        asked = time.time()
+        jobs = [gevent.spawn(ask_why, path, command) for path in paths]
         gevent.joinall(jobs)
-        return sorted((job.value for job in jobs if job.value), key=lambda r: r["pid"])
+        replies = []
+        for path, job in zip(paths, jobs, strict=True):
+            reply, why = job.value if job.successful() else (None, "no answer")
+            self.silent.note(path, reply, why, asked)
+            if reply:
+                replies.append(reply)
+        return sorted(replies, key=lambda r: r["pid"])
+
+    def lagging(self) -> list[dict[str, Any]]:
+        """The live workers not answering now: ``{"pid", "version": None, "reason"}``."""
+        return self.silent.lagging(worker_sockets(self.directory))
 
     def stats(self, select: dict[str, Any] | None = None) -> dict[str, Any]:
         """The merged snapshot: every host's, or those `select` names
@@ -97,6 +117,9 @@ class ClusterRuntime:
         own = int(self.store.is_reachable() and self.problem() is None
                   and self.store.last_error() is None)
         merged["store_up"] = min(merged.get("store_up", own), own) if snapshots else own
+        lagging = self.lagging()
+        if lagging:
+            merged["lagging"] = lagging
         return merged
 
     def reload(self) -> int:
@@ -118,12 +141,15 @@ class ClusterRuntime:
         body = {"version": version} if changes is None else {"version": version,
                                                               "hosts": dict(changes)}
         command = "apply " + json.dumps(body, separators=(",", ":"))
-        paths = worker_sockets(self.directory)
+        every = worker_sockets(self.directory)
+        paths = self.silent.answering(every)
+        asked = time.time()
         jobs = [gevent.spawn(ask_why, path, command, self.apply_timeout) for path in paths]
         gevent.joinall(jobs, timeout=self.apply_timeout + 1.0)
-        lagging = []
+        lagging = self.silent.lagging(every)  # never asked: not applied
         for path, job in zip(paths, jobs, strict=True):
             reply, why = job.value if job.successful() else (None, "no answer")
+            self.silent.note(path, reply, why, asked)
             if why == "gone":
                 continue  # exited meanwhile: it serves nobody
             served = reply.get("version") if reply else None
@@ -143,7 +169,7 @@ class ClusterRuntime:
         this process wrote (noted from `publish`'s answers) or one its own mirror
         reads from the store as well, so a write costs no extra round trip to
         every worker. Versions never go back, so a gone worker's highest stays."""
-        pids = {pid_of(path) for path in worker_sockets(self.directory)}
+        pids = {pid_of(path) for path in self.silent.answering(worker_sockets(self.directory))}
         if not pids <= self.known_workers:
             for reply in self.ask_all("version"):
                 self._note_highest(reply)
@@ -168,6 +194,7 @@ class ClusterRuntime:
         merged = self._merged(replies, retired)
         return {"workers": self.workers,
                 "processes": processes,
+                **({"lagging": merged["lagging"]} if "lagging" in merged else {}),
                 "arbiter": read_json(os.path.join(self.directory, STATUS_FILE)) or {},
                 "store": {"kind": self.store.kind, "url": self.store.display_url,
                           "reachable": self.store.is_reachable(),

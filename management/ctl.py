@@ -337,17 +337,17 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
             answer = client.call("GET", f"/api/v1/stats/{quote(args.host, safe='*')}")
         else:
             answer = every_stats_page(client)
-        return answer, format_stats(answer)
+        return answer, _partial(answer, format_stats(answer))
     if command in ("deploy", "rollback", "deploys"):
         return ctl_deploy.run(args, client, CtlError)
     if command == "top":
         query = urlencode({"by": args.by, "group": args.group, "window": f"{args.window:g}",
                            "limit": args.limit})
         answer = client.call("GET", f"/api/v1/top?{query}")
-        return answer, format_top(answer)
+        return answer, _partial(answer, format_top(answer))
     if command == "inflight":
         answer = client.call("GET", f"/api/v1/inflight?min_age={args.min_age:g}")
-        return answer, format_inflight(answer)
+        return answer, _partial(answer, format_inflight(answer))
     if command == "cert":
         return ctl_cert.run(args, client, CtlError)
     if command == "restore":
@@ -377,6 +377,16 @@ def _warned(answer: Any, text: str) -> str:
     problem = answer.get("store_problem") if isinstance(answer, dict) else None
     if problem:
         print(f"balancerctl: warning: {problem}", file=sys.stderr)
+    return text
+
+
+def _partial(answer: Any, text: str) -> str:
+    """`text`, after a warning on stderr naming the workers left out (they do not answer)."""
+    lagging = answer.get("lagging") if isinstance(answer, dict) else None
+    if lagging:
+        print("balancerctl: warning: without worker(s) "
+              + ", ".join(f"{w.get('pid')} ({w.get('reason')})" for w in lagging),
+              file=sys.stderr)
     return text
 
 

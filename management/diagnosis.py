@@ -45,6 +45,13 @@ def _ask(runtime: Any, command: str, query: dict[str, Any]) -> list[dict[str, An
     return ask_all(command + " " + json.dumps(query, separators=(",", ":")))
 
 
+def _lagging(runtime: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with ``"lagging"``: the workers left out because they do not answer, if any."""
+    lagging = getattr(runtime, "lagging", None)  # only a runtime with workers has some
+    found = lagging() if lagging is not None else []
+    return {**body, "lagging": found} if found else body
+
+
 def shown(text: str) -> str:
     """`text` quoted for a problem, cut at `SHOWN` characters."""
     return repr(text if len(text) <= SHOWN else text[:SHOWN] + "...")
@@ -95,10 +102,11 @@ def top(runtime: Any, args: Any) -> dict[str, Any]:
             entry[0] += count
             entry[1] += error
     ranked = sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[0]))[:int(limit)]
-    return {"by": by, "group": group, "window": window, "workers": len(replies),
-            "top": [{"key": key, "count": count, "error": error}
-                    for key, (count, error) in ranked],
-            "sketch": _sketch(replies)}
+    return _lagging(runtime, {"by": by, "group": group, "window": window,
+                              "workers": len(replies),
+                              "top": [{"key": key, "count": count, "error": error}
+                                      for key, (count, error) in ranked],
+                              "sketch": _sketch(replies)})
 
 
 def _sketch(replies: list[dict[str, Any]]) -> dict[str, int]:
@@ -121,11 +129,13 @@ def inflight(runtime: Any, args: Any) -> dict[str, Any]:
              for request in reply.get("requests", [])]
     found.sort(key=lambda r: -r["age"])
     left_out = sum(r.get("left_out", 0) for r in replies) + max(0, len(found) - MAX_INFLIGHT)
-    return {"min_age": min_age, "requests": found[:MAX_INFLIGHT], "left_out": left_out}
+    return _lagging(runtime, {"min_age": min_age, "requests": found[:MAX_INFLIGHT],
+                              "left_out": left_out})
 
 
-def history(kept: Any, args: Any) -> dict[str, Any]:
-    """The body of ``GET /api/v1/history`` (`kept`: the management process's `History`)."""
+def history(kept: Any, args: Any) -> bytes:
+    """The body of ``GET /api/v1/history`` as JSON (`kept`: the management process's
+    `History`, which encodes a query once per sample)."""
     problems: list[str] = []
     since = _number(args, "since", HISTORY_SPAN, problems)
     if not 1 <= since <= HISTORY_SPAN:
@@ -136,4 +146,4 @@ def history(kept: Any, args: Any) -> dict[str, Any]:
         problems.append(f"host: must be a host name of the routing table, got {shown(host)}")
     if problems:
         raise bad_request(problems)
-    return kept.view(since, time.time(), normalize_host(host) if host else None)
+    return kept.encoded_view(since, time.time(), normalize_host(host) if host else None)

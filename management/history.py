@@ -16,6 +16,13 @@ Invariants:
   and when the process stops), `load` reads them at start, and a file the
   previous management process saved after this one loaded (it stops once
   the new one is ready) is read once more during the first samples.
+* ``GET /api/v1/history`` costs one encoding per sample and query, not one
+  per request (an hour of 1,000 hosts is ~13 MB of JSON): `encoded_view`
+  keeps the bytes of each query answered since the last sample (at most
+  `CACHE_BYTES` in all), and builds them `HOSTS_PER_PAUSE` hosts at a time
+  from a copy of the rings, calling `pause` in between (the management
+  process's loop runs other requests; concurrent askers of the same query
+  wait for the one build). The bytes are those of the view's compact JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import math
 import os
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 from management.latency import delta, quantile
@@ -38,6 +46,8 @@ SAVE_EVERY = 6  # samples between saves (30 s)
 ADOPT_WITHIN = 4  # samples during which a newer saved file replaces this one's history
 FILE_NAME = "history.json"
 TOTAL = ""  # the ring key of the whole balancer
+CACHE_BYTES = 32 * 1024 * 1024  # encoded views kept until the next sample
+HOSTS_PER_PAUSE = 50  # hosts encoded between two calls of `pause`
 
 
 def _ring() -> array:
@@ -47,8 +57,12 @@ def _ring() -> array:
 class History:
     """The rings of every host and of the whole balancer (see the module doc)."""
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, pause: Callable[[], None] | None = None) -> None:
         self.path = path
+        self.pause = pause  # lets other requests run during a big encoding (gevent)
+        self.generation = 0  # changes with every sample and load: the cache's key
+        self.cache: dict[Any, bytes] = {}  # (generation, picked, host) → bytes, till a sample
+        self.building: dict[Any, Any] = {}  # the same → the `gevent.event.Event` of its build
         self.times = array("d", [0.0]) * POINTS  # unix time of each point, 0 = none
         self.head = 0  # the next point's index
         self.rings: dict[str, array] = {}
@@ -83,6 +97,8 @@ class History:
                 ring[s * POINTS + i] = math.nan if value is None else value
         self.times[i] = now
         self.head = (i + 1) % POINTS
+        self.generation += 1
+        self.cache = {}
         self.last, self.last_time = counters, now
         self.samples += 1
         if self.samples % SAVE_EVERY == 0:
@@ -94,20 +110,61 @@ class History:
     def view(self, since: float, now: float, host: str | None = None) -> dict[str, Any]:
         """The points of the last `since` seconds, oldest first: ``{"interval",
         "times", "total": {SERIES: [...]}, "hosts": {HOST: {SERIES: [...]}}}``."""
-        order = [(self.head + n) % POINTS for n in range(POINTS)]
-        picked = [i for i in order if self.times[i] and self.times[i] >= now - since]
+        picked = self._picked(since, now)
         hosts = [host] if host is not None else [k for k in self.rings if k != TOTAL]
         return {"interval": INTERVAL, "times": [round(self.times[i], 3) for i in picked],
                 "total": self._series(TOTAL, picked),
                 "hosts": {k: self._series(k, picked) for k in sorted(hosts) if k in self.rings},
                 "hosts_left_out": self.left_out}
 
+    def _picked(self, since: float, now: float) -> list[int]:
+        """The ring indexes of the points of the last `since` seconds, oldest first."""
+        order = [(self.head + n) % POINTS for n in range(POINTS)]
+        return [i for i in order if self.times[i] and self.times[i] >= now - since]
+
     def _series(self, key: str, picked: list[int]) -> dict[str, list[float | None]]:
-        ring = self.rings.get(key)
-        if ring is None:
-            return {name: [None] * len(picked) for name in SERIES}
-        return {name: [_json(ring[s * POINTS + i]) for i in picked]
-                for s, name in enumerate(SERIES)}
+        return _series_of(self.rings.get(key), picked)
+
+    def encoded_view(self, since: float, now: float, host: str | None = None) -> bytes:
+        """`view` as compact JSON (and a newline), built once per sample and query."""
+        key = (self.generation, tuple(self._picked(since, now)), host)
+        while key not in self.cache and key in self.building:
+            self.building[key].wait()  # another request builds it: wait for its bytes
+        body = self.cache.get(key)
+        if body is not None:
+            return body
+        if self.pause is None:
+            return self._encode(key[1], host)
+        from gevent.event import Event
+
+        self.building[key] = done = Event()
+        try:
+            body = self._encode(key[1], host)
+        finally:
+            del self.building[key]
+            done.set()
+        if key[0] == self.generation and \
+                sum(map(len, self.cache.values())) + len(body) <= CACHE_BYTES:
+            self.cache[key] = body
+        return body
+
+    def _encode(self, picked: tuple[int, ...], host: str | None) -> bytes:
+        """`view`'s JSON for the points `picked`, from a copy of the rings taken first
+        (a sample may come during a pause), `HOSTS_PER_PAUSE` hosts at a time."""
+        keys = [host] if host is not None else sorted(k for k in self.rings if k != TOTAL)
+        rings = {k: self.rings[k][:] for k in keys if k in self.rings}
+        head = {"interval": INTERVAL, "times": [round(self.times[i], 3) for i in picked],
+                "total": self._series(TOTAL, list(picked)), "hosts": {},
+                "hosts_left_out": self.left_out}
+        before, _, after = _dumps(head).partition('"hosts":{}')
+        parts = [before, '"hosts":{']
+        for n, key in enumerate(rings):
+            if n and n % HOSTS_PER_PAUSE == 0 and self.pause is not None:
+                self.pause()
+            parts.append(("," if n else "") + _dumps(key) + ":"
+                         + _dumps(_series_of(rings[key], picked)))
+        parts += ["}", after, "\n"]
+        return "".join(parts).encode()
 
     # keeping it across reloads ------------------------------------------------------
     def save(self) -> None:
@@ -139,6 +196,8 @@ class History:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False  # (AttributeError: a JSON list or string, not the object saved)
         self.times, self.rings, self.head = times, rings, head
+        self.generation += 1
+        self.cache = {}
         self.last, self.last_time, self.loaded_mtime = last, last_time, mtime
         return True
 
@@ -187,8 +246,29 @@ def _point(now: dict[str, Any], before: dict[str, Any] | None, seconds: float
             quantile(buckets, 0.5) if done else None, quantile(buckets, 0.99) if done else None)
 
 
-def _json(value: float) -> float | None:
-    return None if math.isnan(value) else round(value, 4)
+def hub_turn() -> None:
+    """The management process's `pause`: a 1 ms sleep, so that the gevent loop
+    polls (timers and sockets); ``gevent.sleep(0)`` only runs greenlets already
+    ready, and a build of 1,000 hosts stalled every timer for 0.5 s with it."""
+    import gevent
+
+    gevent.sleep(0.001)
+
+
+def _series_of(ring: array | None, picked: Any) -> dict[str, list[float | None]]:
+    """The series of one ring at the points `picked` (all null without a ring)."""
+    if ring is None:
+        return {name: [None] * len(picked) for name in SERIES}
+    series = {}
+    for s, name in enumerate(SERIES):
+        values = ring[s * POINTS:(s + 1) * POINTS].tolist()
+        series[name] = [None if v != v else round(v, 4) for v in map(values.__getitem__, picked)]
+    return series
+
+
+def _dumps(value: Any) -> str:
+    """`value` as the API's compact JSON (`management.http.json_response`)."""
+    return json.dumps(value, indent=None, separators=(",", ":"), allow_nan=False)
 
 
 def _b64(values: array) -> str:

@@ -68,8 +68,10 @@ def check_query(request: Request) -> None:
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
                   ) -> Response:
-    data = json.dumps(body, indent=None, separators=(",", ":"), allow_nan=False)
-    response = Response(data + "\n", status=status, mimetype="application/json")
+    """`body` as compact JSON and a newline (`bytes`: that JSON already encoded)."""
+    data = body if isinstance(body, bytes) else \
+        json.dumps(body, indent=None, separators=(",", ":"), allow_nan=False) + "\n"
+    response = Response(data, status=status, mimetype="application/json")
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"  # JSON is never taken for a page
     for name, value in (headers or {}).items():

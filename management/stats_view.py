@@ -47,8 +47,9 @@ def stats_select(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def stats_view(snapshot: dict[str, Any]) -> dict[str, Any]:
-    """The whole ``/api/v1/stats`` body (``"next"``: null after the last page)."""
-    return {
+    """The whole ``/api/v1/stats`` body (``"next"``: null after the last page;
+    ``"lagging"``: the workers left out because they do not answer, when any)."""
+    view = {
         "routing_version": snapshot.get("routing_version", 0),
         "config_reloads": snapshot.get("config_reloads", 0),
         "open_connections": snapshot.get("open_connections", 0),
@@ -57,6 +58,9 @@ def stats_view(snapshot: dict[str, Any]) -> dict[str, Any]:
         "hosts": {host: host_stats(h) for host, h in sorted(snapshot.get("hosts", {}).items())},
         "next": snapshot.get("next"),
     }
+    if snapshot.get("lagging"):
+        view["lagging"] = snapshot["lagging"]
+    return view
 
 
 def host_stats(h: dict[str, Any]) -> dict[str, Any]:

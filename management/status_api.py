@@ -48,10 +48,12 @@ class StatusRoutes:
 
     def on_host_stats(self, request: Request, host: str) -> Response:
         key = normalize_host(host)
-        found = self.runtime.stats({"hosts": [key]}).get("hosts", {}).get(key)
+        snapshot = self.runtime.stats({"hosts": [key]})
+        found = snapshot.get("hosts", {}).get(key)
         if found is None and key not in self.store.load().hosts:
             raise ApiError(404, "not_found", f"no statistics for host {key!r}")
-        return json_response({"host": key, **host_stats(found or {})})
+        lagging = {"lagging": snapshot["lagging"]} if snapshot.get("lagging") else {}
+        return json_response({"host": key, **host_stats(found or {}), **lagging})
 
     def on_reload(self, request: Request) -> Response:
         version = self.runtime.reload()
