@@ -41,6 +41,7 @@ from balancer.stores.certs import CertsCorrupt, CertsLost
 from balancer.stores.snapshot import HOW_TO_FIX
 from management import acme_api, certs_api, deploys_api
 from management.certs_watch import CertsWatch
+from management.conditional import TableCache
 from management.dashboard_page import DashboardRoutes
 from management.deploys import Deployer
 from management.deploys_api import DeployRoutes
@@ -139,6 +140,7 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         self.runtime = runtime
         self.token = token or None
         self.mirror = mirror or Mirror(store)  # not started: only this app's writes
+        self.table_cache = TableCache()  # the last table read, encoded once
         self.metrics = None  # made at the first scrape (`StatusRoutes.exporter`)
         self.deployer = Deployer(store, runtime, self.write_rule,
                                  BackendTLS(backend_ca_bundle))  # deploys probe https:// too

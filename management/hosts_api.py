@@ -13,6 +13,11 @@ Invariants (with `management.app`'s):
   `store_lost` naming `balancerctl restore`; a whole-table PUT or a restore
   writes above every version known. Reads fall back on the served table, with
   a ``store_problem`` field, while the store is down or lost.
+* ``GET /api/v1/hosts`` and ``GET /api/v1/hosts/HOST`` answer 304 to an
+  ``If-None-Match`` naming the table's version (`management.conditional`),
+  never while a ``store_problem`` is shown (that answer differs at the same
+  version). The store's table is read whole, and the list's body encoded, once
+  per version (`TableCache`); an unchanged table costs one version read.
 * A deploy's writes (`management/deploys.py`) go through `write_rule`: the
   same loss guard and read-your-writes as every one-host write.
 """
@@ -37,7 +42,14 @@ from balancer.rules import (
 from balancer.stores import CorruptStore, Store, StoreUnavailable, TableData, VersionConflict
 from balancer.stores.snapshot import rewritten
 from management import edits
-from management.http import ApiError, if_match, json_response, read_json, version_headers
+from management.conditional import TableCache, list_body, none_match, not_modified
+from management.http import (
+    ApiError,
+    if_match,
+    json_response,
+    read_json,
+    version_headers,
+)
 from management.mirror import Mirror
 from management.runtime import Runtime
 
@@ -57,21 +69,29 @@ class HostRoutes:
     store: Store
     runtime: Runtime
     mirror: Mirror
+    table_cache: TableCache
 
     def on_list_hosts(self, request: Request) -> Response:
         data, problem = self._readable()
-        body: dict[str, Any] = {"version": data.version, "hosts": data.hosts}
+        headers = version_headers(data.version)
         if problem:
-            body["store_problem"] = problem
-        return json_response(body, headers=version_headers(data.version))
+            return json_response({**list_body(data), "store_problem": problem},
+                                 headers=headers)
+        if none_match(request, data.version):
+            return not_modified(headers)
+        return json_response(self.table_cache.body(data), headers=headers)
 
     def _readable(self) -> tuple[TableData, str | None]:
         """The store's table; the table served (and why) when the store lost its table
-        or cannot be read but this process knows the served one."""
+        or cannot be read but this process knows the served one. The store's table is
+        read whole only when its version moved since the last read (`TableCache`)."""
         served = self.mirror.table
         if self.mirror.problem and served is not None:
             return served, self.mirror.problem
         try:
+            kept = self.table_cache.at(self.store.current_version())
+            if kept is not None:
+                return kept, None
             data = self.store.load()
         except (StoreUnavailable, CorruptStore) as exc:
             if served is None:
@@ -81,6 +101,7 @@ class HostRoutes:
         if served is not None and rewritten(data, served, self.store.display_url):
             self.mirror.on_table(data)  # judged there (read again: a race, or damage?)
             return self.mirror.table or served, self.mirror.problem
+        self.table_cache.keep(data)
         return data, None
 
     def on_replace_hosts(self, request: Request) -> Response:
@@ -103,10 +124,13 @@ class HostRoutes:
         data, problem = self._readable()
         if key not in data.hosts:
             raise _no_host(key)
+        headers = version_headers(data.version)
+        if problem is None and none_match(request, data.version):
+            return not_modified(headers)
         body = {"host": key, "rule": data.hosts[key], "version": data.version}
         if problem:
             body["store_problem"] = problem
-        return json_response(body, headers=version_headers(data.version))
+        return json_response(body, headers=headers)
 
     def on_put_host(self, request: Request, host: str) -> Response:
         condition = if_match(request)

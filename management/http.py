@@ -66,11 +66,17 @@ def check_query(request: Request) -> None:
         raise bad_request(["the query string is not UTF-8 (percent-encode its bytes)"]) from None
 
 
+def encode_json(body: Any) -> bytes:
+    """A JSON answer's body: compact, strict (no NaN), ending with a newline."""
+    return (json.dumps(body, indent=None, separators=(",", ":"), allow_nan=False)
+            + "\n").encode()
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
                   ) -> Response:
-    """`body` as compact JSON and a newline (`bytes`: that JSON already encoded)."""
-    data = body if isinstance(body, bytes) else \
-        json.dumps(body, indent=None, separators=(",", ":"), allow_nan=False) + "\n"
+    """`body` as compact JSON and a newline (`bytes`: that JSON already encoded,
+    e.g. by `encode_json`)."""
+    data = body if isinstance(body, bytes) else encode_json(body)
     response = Response(data, status=status, mimetype="application/json")
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"  # JSON is never taken for a page

@@ -232,6 +232,12 @@ class Store(ABC):
     def load(self) -> TableData:
         """The whole table now. Raises StoreUnavailable or CorruptStore."""
 
+    def current_version(self) -> int:
+        """The table's version now, without reading the table where the store can
+        (Redis: one ``GET``); the file store's `load` is cheap while the file is
+        unchanged. Raises StoreUnavailable or CorruptStore."""
+        return self.load().version
+
     @abstractmethod
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:
         """Replace the whole table atomically; returns the new version."""

@@ -145,6 +145,10 @@ class RedisStore(RedisWatching, Store):
         self.raise_floor(data.version)
         return data
 
+    def current_version(self) -> int:
+        with self._talking("read"):
+            return self._version(self.client.get(self.version_key))
+
     def _read_raw(self) -> tuple[dict[str, str], str | None]:
         with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.hosts_key)
