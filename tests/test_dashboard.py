@@ -149,17 +149,24 @@ class Site:
 
 class ApiOutage:
     """WSGI middleware: while `down`, every ``/api/v1/*`` call fails with 503 (the
-    dashboard page itself is still served); `calls` counts the API calls made."""
+    dashboard page itself is still served); `calls` counts the API calls made, and
+    `table_polls` lists each ``/api/v1/hosts`` poll's If-None-Match and status."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self.down = False
         self.calls = 0
+        self.table_polls: list[tuple[str | None, int]] = []
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if not environ["PATH_INFO"].startswith("/api/"):
             return self.app(environ, start_response)
         self.calls += 1
+        if not self.down and environ["PATH_INFO"] == "/api/v1/hosts":
+            def noted(status: str, headers: Any, *rest: Any) -> Any:
+                self.table_polls.append((environ.get("HTTP_IF_NONE_MATCH"), int(status[:3])))
+                return start_response(status, headers, *rest)
+            return self.app(environ, noted)
         if not self.down:
             return self.app(environ, start_response)
         body = (b'{"error":"store_unavailable","message":"scripted outage",'
@@ -290,6 +297,22 @@ def test_host_added_through_the_api_appears_without_reload(make_site: Callable[.
                     "the new host's card")
     assert "redirect" in card.lower() and "https://elsewhere.example" in card
     assert browser.execute_script("return window.__sameDocument") is True, "the page reloaded"
+
+
+def test_an_unchanged_table_is_polled_with_if_none_match(make_site: Callable[..., Site],
+                                                         browser: Any) -> None:
+    """Each poll names the table held (the embedded one first); a 304 keeps it, a
+    change is drawn and its version named next."""
+    site = make_site(hosts={"app.example.com": WEB})
+    open_live(browser, site)
+    polls = site.outage.table_polls if site.outage else []
+    wait_for(browser, lambda d: ('"1"', 304) in polls, "a poll answered 304")
+    assert polls[0] == ('"1"', 304), polls  # the embedded table's version
+    site.api("PUT", "/api/v1/hosts/new.example.com", {"action": "empty", "status": 410})
+    wait_for(browser, lambda d: text_of(d, host_card("new.example.com")), "the new host's card")
+    wait_for(browser, lambda d: ('"2"', 304) in polls, "the new version named")
+    assert text_of(browser, host_card("app.example.com")), "the table kept on 304 was lost"
+    assert "Live" in text_of(browser, "#status") and severe_logs(browser) == []
 
 
 def test_backend_going_down_is_shown_down(make_site: Callable[..., Site], browser: Any) -> None:

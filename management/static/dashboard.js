@@ -8,6 +8,8 @@
 //   header; it is never put in a URL. A 401 forgets it and asks again.
 // * Polls never overlap: the next one is scheduled when the last one ends,
 //   and every request is bounded by REQUEST_TIMEOUT_MS.
+// * The table is polled with If-None-Match naming the version last answered; a 304
+//   keeps the table held, which is the table at that version.
 // * At most MAX_CARDS host cards are drawn, whatever the size of the table: a
 //   page of 100,000 hosts stays live (a line says how many the filter can find).
 
@@ -30,6 +32,7 @@ const MAX_CARDS = 100; // host cards drawn at most (in host order); the filter f
 const state = {
   history: new History(),
   view: null, // the last good answer: {version, hosts, stats, info, storeReachable}
+  table: null, // the last /api/v1/hosts answer and its ETag: {etag, table}, for If-None-Match
   lastOk: 0, // when it arrived (ms since the epoch)
   failure: null, // {kind, title, text} of the latest poll, null after a success
   timer: null,
@@ -76,13 +79,21 @@ async function errorMessage(response) {
 
 /** GET a JSON document relative to the page; raises ApiError on any failure. */
 async function getJSON(path) {
+  return (await ask(path)).body;
+}
+
+/** GET `path` with `extra` headers: {status, etag, body}, body null on a 304 (which
+ * only a request with If-None-Match gets: the browser's cache is not used). */
+async function ask(path, extra = {}) {
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), REQUEST_TIMEOUT_MS);
   try {
-    const response = await fetch(path, {headers: requestHeaders(), signal: controller.signal,
-      cache: "no-store"});
+    const response = await fetch(path, {headers: {...requestHeaders(), ...extra},
+      signal: controller.signal, cache: "no-store"});
+    const etag = response.headers.get("ETag");
+    if (response.status === 304) return {status: 304, etag, body: null};
     if (!response.ok) throw new ApiError(response.status, await errorMessage(response));
-    return await response.json();
+    return {status: response.status, etag, body: await response.json()};
   } catch (err) {
     if (err instanceof ApiError) throw err;
     if (controller.signal.aborted) {
@@ -93,6 +104,19 @@ async function getJSON(path) {
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** /api/v1/hosts, asked with If-None-Match naming the table kept: the table kept when
+ * the API answers 304 Not Modified (an unchanged table costs no transfer nor parse). */
+async function getTable() {
+  const kept = state.table;
+  const answer = await ask("api/v1/hosts", kept ? {"If-None-Match": kept.etag} : {});
+  if (answer.status === 304) {
+    if (!kept) throw new ApiError(0, "api/v1/hosts: 304 Not Modified to an unconditional GET");
+    return kept.table;
+  }
+  state.table = answer.etag ? {etag: answer.etag, table: answer.body} : null;
+  return answer.body;
 }
 
 /** /api/v1/info, or null when this management app does not have it. */
@@ -149,7 +173,7 @@ async function poll() {
   state.inFlight = true;
   try {
     const [table, stats, info, deploys, heavy, latency, certs] = await Promise.all(
-      [getJSON("api/v1/hosts"), getJSON("api/v1/stats"), getInfo(Date.now()), getDeploys(),
+      [getTable(), getJSON("api/v1/stats"), getInfo(Date.now()), getDeploys(),
         fetchHeavy(getJSON, state.measure), getHistory(), getCerts()]);
     checkShape(table, stats);
     state.heavy = heavy;
@@ -427,6 +451,8 @@ function start() {
       state.polls = 1;
     }
     if (embedded.heavy) state.heavy = embedded.heavy;
+    // the embedded table is the API's at its version, whose ETag is "N" (docs/api.md)
+    state.table = {etag: `"${embedded.table.version}"`, table: embedded.table};
     onData(embedded.table, embedded.stats, embedded.info, Date.now(), embedded.deploys || []);
     schedule(POLL_MS);
   } else {
