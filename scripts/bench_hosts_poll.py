@@ -120,6 +120,8 @@ def main() -> None:
                                  json.dumps({"hosts": table(args.hosts)}).encode())[0]
                 assert status in (200, 202), status
             pids = management_pids(proc.pid, mgmt)
+            names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                     .decode(errors="replace")[:60] for pid in pids}
             status, headers, body = request(conn, "GET", "/api/v1/hosts")
             etag = headers.get("ETag", "")
 
@@ -151,6 +153,7 @@ def main() -> None:
     print(f"{args.hosts} hosts, {args.store} store, {args.polls} polls each, "
           f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}; first answer {status}, "
           f"{len(body) / 1e6:.1f} MB, ETag {etag or '(none)'}; a stale If-None-Match: {last}")
+    print("  measured: " + "; ".join(f"{pid} {name}" for pid, name in names.items()))
     for name, (cpu_ms, wall_ms, size) in rows:
         print(f"  {name:28} {cpu_ms:7.1f} ms CPU/poll  {wall_ms:7.1f} ms wall/poll  "
               f"{size / 1e6:.2f} MB")
