@@ -8,9 +8,9 @@ Invariants:
   ``W/"N"`` and ``"N"`` both match version N; ``*`` matches any table; a tag is
   compared as text (``"012"`` is not version 12, a tag of another server never
   matches).
-* A malformed header is 400 `invalid_header`, read in one pass over at most
-  the header's length (bounded by the listener's ``limits.max_header_bytes``):
-  no backtracking, however many tags it lists.
+* A malformed header is 400 `invalid_header`. A header is read in time linear
+  in its length (bounded by the listener's ``limits.max_header_bytes``),
+  however many tags or empty members it lists.
 * `TableCache` keeps one table, read from the store without a problem, and its
   ``GET /api/v1/hosts`` body, encoded at most once per table kept.
 """
@@ -25,8 +25,8 @@ from werkzeug.wrappers import Request, Response
 from balancer.stores import TableData
 from management.http import ApiError, encode_json
 
-# one list member: an entity-tag (or an empty member), then a comma or the end
-_MEMBER = re.compile(r'[ \t]*(?:(?:W/)?"([\x21\x23-\x7e\x80-\xff]*)"[ \t]*)?(?:,|\Z)')
+# empty list members, then one entity-tag (or none), then a comma or the end
+_MEMBER = re.compile(r'[ \t,]*(?:(?:W/)?"([\x21\x23-\x7e\x80-\xff]*)"[ \t]*)?(?:,|\Z)')
 SHOWN = 60  # characters of a bad header quoted in the error
 
 
