@@ -131,7 +131,8 @@ def main() -> None:
             def conditional() -> int:
                 status, _, data = request(conn, "GET", "/api/v1/hosts",
                                           {"If-None-Match": etag})
-                return status * 0 + len(data)
+                answered.add(status)
+                return len(data)
 
             def changed() -> int:
                 rule = {"action": "static", "body": str(time.monotonic())}
@@ -143,6 +144,7 @@ def main() -> None:
                 return size
 
             changed_cpu: list[float] = []
+            answered: set[int] = set()
             rows = [("plain GET, unchanged", measure(pids, args.polls, plain)),
                     ("If-None-Match, unchanged", measure(pids, args.polls, conditional))]
             measure(pids, args.polls, changed)
@@ -152,7 +154,8 @@ def main() -> None:
             os.chdir(ROOT)
     print(f"{args.hosts} hosts, {args.store} store, {args.polls} polls each, "
           f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}; first answer {status}, "
-          f"{len(body) / 1e6:.1f} MB, ETag {etag or '(none)'}; a stale If-None-Match: {last}")
+          f"{len(body) / 1e6:.1f} MB, ETag {etag or '(none)'}; If-None-Match answered "
+          f"{sorted(answered)}, a stale one {last}")
     print("  measured: " + "; ".join(f"{pid} {name}" for pid, name in names.items()))
     for name, (cpu_ms, wall_ms, size) in rows:
         print(f"  {name:28} {cpu_ms:7.1f} ms CPU/poll  {wall_ms:7.1f} ms wall/poll  "

@@ -4,6 +4,7 @@ speed changes are measured, so they must not rot)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -116,3 +117,15 @@ def test_bench_memory_reports_every_process_and_the_requests_in_flight() -> None
                      out.stdout, re.M)
     assert tree and float(tree[1]) >= float(tree[2]) > 0 and float(tree[3]) > 0, out.stdout
     assert re.search(r"with 20 requests in flight: -?[\d.]+ KiB each$", out.stdout, re.M)
+
+
+def test_bench_hosts_poll_measures_plain_and_conditional_polls() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hosts_poll.py"),
+                          "--hosts", "300", "--polls", "3"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert re.search(r'first answer 200, [\d.]+ MB, ETag "1"; If-None-Match answered \[304\], '
+                     r"a stale one 200$", out.stdout, re.M), out.stdout
+    rows = re.findall(r"^  (plain GET|If-None-Match|GET after).* ([\d.]+) ms CPU/poll", out.stdout,
+                      re.M)
+    assert [name for name, _ in rows] == ["plain GET", "If-None-Match", "GET after"], out.stdout
