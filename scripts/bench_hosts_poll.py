@@ -86,11 +86,17 @@ def request(conn: http.client.HTTPConnection, method: str, path: str,
 
 
 def management_pids(arbiter: int, mgmt: int) -> list[int]:
-    """The arbiter and the management process (the workers serve no management request)."""
+    """The arbiter and the management process (the workers serve no management
+    request), once the worker answers with its table loaded."""
     conn = http.client.HTTPConnection(HOST, mgmt, timeout=60)
-    info = json.loads(request(conn, "GET", "/api/v1/info")[2])
-    workers = {p["pid"] for p in info.get("processes", [])}
-    return [arbiter] + [p for p in descendants(arbiter) if p not in workers]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        info = json.loads(request(conn, "GET", "/api/v1/info")[2])
+        workers = {p["pid"] for p in info.get("processes", []) if p.get("loaded")}
+        if workers:
+            return [arbiter] + [p for p in descendants(arbiter) if p not in workers]
+        time.sleep(0.5)
+    raise SystemExit("the worker did not load its table")
 
 
 def measure(pids: list[int], polls: int, step: object) -> tuple[float, float, int]:
