@@ -341,10 +341,11 @@ def encode(reply: dict[str, Any], pause: Callable[[], None]) -> bytes:
 
 
 def _turn() -> None:
-    """Let the worker's loop run (requests) between two slices of a big answer."""
-    import gevent
+    """Let the worker's loop go round (requests, timers) between two slices of a
+    big answer (`balancer.turns.turn`)."""
+    from balancer.turns import turn
 
-    gevent.sleep(0)
+    turn()
 
 
 def retire(directory: str, worker: Any, control: ControlServer) -> None:

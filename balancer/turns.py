@@ -21,6 +21,8 @@ Invariants:
 * A parked relay that gets an exception thrown in (its deadline) leaves the
   queue harmlessly: it waits on a `Waiter`, which ignores a late wake-up.
 * Without a loop (the threaded baseline's blocking sockets) nothing parks.
+* `turn` parks a long job (a big control answer, the history's encoding)
+  between two slices the same way: one loop iteration, poll included.
 """
 
 from __future__ import annotations
@@ -103,3 +105,14 @@ class Turn:
             self.bulk.park()  # type: ignore[union-attr]
             self.iteration = loop.iteration
             self.moved = 0
+
+
+def turn() -> None:
+    """Let the current hub's loop go round once (a poll: sockets, timers) before
+    the caller goes on, parked as a relay is: the pause of a long job between
+    two slices (a big stats answer, the history's encoding). ``gevent.sleep(0)``
+    is no such pause: the hub runs queued callbacks 50 at a time, looking at
+    the clock only between batches, so up to 50 pauses ran without a poll."""
+    from gevent import get_hub
+
+    bulk_for(get_hub()).park()
