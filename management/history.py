@@ -59,7 +59,7 @@ class History:
 
     def __init__(self, path: str | None = None, pause: Callable[[], None] | None = None) -> None:
         self.path = path
-        self.pause = pause  # lets other requests run during a big encoding (gevent)
+        self.pause = pause  # lets other requests run during a big encoding (`balancer.turns.turn`)
         self.generation = 0  # changes with every sample and load: the cache's key
         self.cache: dict[Any, bytes] = {}  # (generation, picked, host) → bytes, till a sample
         self.building: dict[Any, Any] = {}  # the same → the `gevent.event.Event` of its build
@@ -244,15 +244,6 @@ def _point(now: dict[str, Any], before: dict[str, Any] | None, seconds: float
     buckets = delta(now["buckets"], before.get("buckets"))
     return (done / seconds, errors / done if done else None,
             quantile(buckets, 0.5) if done else None, quantile(buckets, 0.99) if done else None)
-
-
-def hub_turn() -> None:
-    """The management process's `pause`: a 1 ms sleep, so that the gevent loop
-    polls (timers and sockets); ``gevent.sleep(0)`` only runs greenlets already
-    ready, and a build of 1,000 hosts stalled every timer for 0.5 s with it."""
-    import gevent
-
-    gevent.sleep(0.001)
 
 
 def _series_of(ring: array | None, picked: Any) -> dict[str, list[float | None]]:

@@ -33,13 +33,14 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     import gevent
 
     from balancer.stores.snapshot import Snapshot
+    from balancer.turns import turn
     from management.acme_issuer import Issuer
     from management.app import create_app
     from management.certs_watch import CertsWatch
     from management.cluster import ClusterRuntime
     from management.guard import Guard, HostPolicy
     from management.history import FILE_NAME as HISTORY_FILE
-    from management.history import History, hub_turn
+    from management.history import History
     from management.mirror import Mirror
     from management.server import MAX_CONNECTIONS, ManagementServer
 
@@ -51,7 +52,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     certs_watch.start()
     runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers(),
                              settings.management.apply_timeout, lambda: mirror.problem)
-    history = History(os.path.join(env.run_dir, HISTORY_FILE), hub_turn)
+    history = History(os.path.join(env.run_dir, HISTORY_FILE), turn)
     history.load()
     issuer = Issuer(settings, store, lambda: mirror.table, runtime)
     app = create_app(store=store, runtime=runtime, token=settings.management.token or None,

@@ -8,7 +8,8 @@ import json
 
 import gevent
 
-from management.history import HOSTS_PER_PAUSE, History, hub_turn
+from balancer.turns import turn
+from management.history import HOSTS_PER_PAUSE, History
 from management.http import json_response
 
 HOSTS = HOSTS_PER_PAUSE * 2 + 7  # several slices, the last one short
@@ -83,20 +84,30 @@ def test_concurrent_askers_share_one_encoding():
     assert len({id(job.value) for job in jobs}) == 1 and encoded == [1]
 
 
-def test_the_management_process_timers_run_between_slices():
-    kept = filled(10, pause=hub_turn)
-    ticks = []
+def test_the_management_process_serves_sockets_and_timers_between_slices():
+    """Its pause lets the loop poll: a request that arrived and a timer that is
+    due are served during the build (``gevent.sleep(0)`` served neither)."""
+    import gevent.socket
 
-    def ticker() -> None:
-        while True:
-            gevent.sleep(0.0005)
-            ticks.append(1)
+    kept = filled(10, pause=turn)
+    served: list[str] = []
+    ready, peer = gevent.socket.socketpair()
 
-    tick = gevent.spawn(ticker)
+    def reader() -> None:
+        ready.recv(16)
+        served.append("socket")
+
+    waiting = gevent.spawn(reader)
+    gevent.sleep(0.01)  # it blocks in recv
+    assert not served
+    peer.sendall(b"GET")  # a request arrives
+    due = gevent.get_hub().loop.timer(0)
+    due.start(served.append, "timer")
     try:
-        gevent.sleep(0.01)
-        ticks.clear()
         kept.encoded_view(3600, START + 50)  # (not a greenlet: the hub runs only at pauses)
-        assert ticks, "no timer ran during the build"
+        assert sorted(served) == ["socket", "timer"], served
     finally:
-        tick.kill()
+        due.stop()
+        waiting.kill()
+        ready.close()
+        peer.close()
