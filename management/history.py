@@ -133,8 +133,6 @@ class History:
         body = self.cache.get(key)
         if body is not None:
             return body
-        if self.pause is None:
-            return self._encode(key[1], host)
         from gevent.event import Event
 
         self.building[key] = done = Event()
