@@ -384,19 +384,20 @@ def _partial(answer: Any, text: str) -> str:
     """`text`, after a warning on stderr naming the workers left out (they do not answer)."""
     lagging = answer.get("lagging") if isinstance(answer, dict) else None
     if lagging:
-        print("balancerctl: warning: without worker(s) "
-              + ", ".join(f"{w.get('pid')} ({w.get('reason')})" for w in lagging),
-              file=sys.stderr)
+        print(f"balancerctl: warning: without worker(s) {_workers(lagging)}", file=sys.stderr)
     return text
 
 
 def _applied(answer: Any, text: str) -> str:
     """`text`, plus which workers do not serve the write yet (a 202 answer)."""
     if isinstance(answer, dict) and answer.get("applied") is False:
-        lagging = ", ".join(f"{w.get('pid')} ({w.get('reason')})"
-                            for w in answer.get("lagging", []))
-        text += f"\nwarning: not yet served by worker(s) {lagging}"
+        text += f"\nwarning: not yet served by worker(s) {_workers(answer.get('lagging', []))}"
     return text
+
+
+def _workers(lagging: list[dict[str, Any]]) -> str:
+    """The workers of a ``lagging`` list, as ``PID (REASON), ...``."""
+    return ", ".join(f"{w.get('pid')} ({w.get('reason')})" for w in lagging)
 
 
 def main(argv: list[str] | None = None) -> int:
