@@ -146,6 +146,9 @@ WINDOW: Final = 4096
 # A feed of at most this many bytes that was exactly one whole bodyless keep-alive
 # head is remembered (`RequestParser.repeat_head`): the same bytes again give it again.
 REPEAT_MAX: Final = 1024
+# What a chunked body's parser reads before the body (`_Parser._to_body`): llhttp
+# parses a body only after a head, and the real one was checked by the raw parser.
+BODY_HEAD: Final = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
 CR: Final = 13
 LF: Final = 10
 SP: Final = 32
@@ -305,11 +308,6 @@ def _host_value(value: bytes) -> bytes:
     return value.rstrip(b" \t") or b"\0"
 
 
-class _Switch(Exception):
-    """Raised in `on_headers_complete` to stop llhttp at a chunked request's head:
-    the parser goes on with field callbacks (`RequestParser._to_fields`)."""
-
-
 class _Parser:
     """The feed-level machinery of `RequestParser`: head limits, where heads begin,
     trailers.
@@ -360,8 +358,7 @@ class _Parser:
         self._feed = b""  # the bytes being fed (during `feed`)
         self._at = 0  # (raw) where in `_feed` the current message's body begins
         self._body_left = 0  # (raw) body bytes from `_at` to the message's end
-        self._replay = b""  # (raw) a head to read again with field callbacks, and after it
-        self._switching = False
+        self._switching = False  # (raw) a chunked head ended in the feed: `_to_body`
         self._begin()
 
     def _begin(self) -> None:
@@ -412,11 +409,14 @@ class _Parser:
             else:
                 self._hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            if self._switching:  # (bytes after a chunked head: the body parser reads them)
+                self._to_body(data)
+                return
             self.upgraded = True
             self.leftover = data[exc.args[0]:]
         except httptools.HttpParserError as exc:
-            if self._switching:  # a chunked head: read again with field callbacks
-                self._to_fields()
+            if self._switching:  # (the same)
+                self._to_body(data)
                 return
             if self._error is not None:
                 raise self._error from None
@@ -424,6 +424,9 @@ class _Parser:
                 return
             raise ProtocolError(400, str(exc)) from None
         callbacks.parser = None  # (after an error it is kept until the next feed)
+        if self._switching:  # a chunked head ended in `data`: its body parser reads on
+            self._to_body(data)
+            return
         self._feed = b""
         if fielded:
             if end >= 0 and not self._closed and not self.upgraded:
@@ -469,15 +472,16 @@ class _Parser:
         body, hp = self._body, self._hp
         assert body is not None  # (fields) set with the field parser
         pieces: list = []
-        end = body.scan(data, self._body_at, pieces)
+        start = self._body_at  # (the head before it was read by the raw parser)
+        end = body.scan(data, start, pieces)
         self._body_at = 0
         self._ending = False
         if end < 0:
-            hp.feed_data(data)
+            hp.feed_data(memoryview(data)[start:] if start else data)
         else:
             view = memoryview(data)
-            if end > 1:
-                hp.feed_data(view[:end - 1])
+            if end - 1 > start:
+                hp.feed_data(view[start:end - 1])
             self._ending = True  # (`on_message_complete` refuses to end the message before)
             hp.feed_data(view[end - 1:end])
             if not self._idle:
@@ -492,19 +496,23 @@ class _Parser:
             events.append(END)
         return end
 
-    def _to_fields(self) -> None:
-        """Read the head `on_headers_complete` stopped at again, and what followed it
-        in the feed, with a parser that calls back per field (see the class doc)."""
-        replay, self._replay, self._switching = self._replay, b"", False
+    def _to_body(self, data: bytes) -> None:
+        """After a chunked head ended in `data` (raw, `_switching`): the raw parser,
+        which read on past it, is dropped (what it made of the rest was ignored), and
+        a body parser, with field callbacks for the trailers, reads the body from
+        `_body_at` in `data` (see the class doc)."""
+        self._switching = False
         self._callbacks.parser = None
         self._feed = b""
-        self._hp = httptools.HttpRequestParser(self._callbacks.fields)
+        callbacks = self._callbacks.fields
+        hp = self._hp = httptools.HttpRequestParser(callbacks)
         self._fielded = True
-        self._body = ChunkedBody()
+        callbacks.parser = cast(RequestParser, self)
+        hp.feed_data(BODY_HEAD)  # (its head is ignored: `on_headers_complete`)
+        callbacks.parser = None
         self._parts = []
         self._fields = []
-        self._begin()
-        self.feed(replay)
+        self.feed(data)
 
     def _to_raw(self) -> None:
         """The chunked message ended (fields): a raw parser reads the next."""
@@ -627,7 +635,6 @@ class RequestParser(_Parser):
         super().__init__(limits)
         self._max_headers = limits.max_headers
         self._keep_alive = True
-        self._line = (b"", b"", b"")  # (fields) method, target, version read raw
         self._valid_host: bytes | None = None  # the last Host found valid (not empty)
         self._hp = self._new_parser()
 
@@ -647,17 +654,12 @@ class RequestParser(_Parser):
     # httptools callbacks, through `RequestCallbacks` / `FieldCallbacks` ----------
     def on_headers_complete(self) -> None:
         """Check the head, in the order of the errors it can raise, and queue it."""
-        if self._fielded:
-            method, url, version, lines, blank, block = self._field_head()
-        else:
-            method, url, version, lines, blank, block = self._raw_head()
+        if self._fielded or self._switching:  # `BODY_HEAD`, or after a chunked head
+            return
+        method, url, version, lines, blank, block = self._raw_head()
         marks = _marks(lines, blank)
         count = blank - 1
-        if not self._fielded:
-            for mark in marks:
-                if mark[0] == b"transfer-encoding":  # class doc
-                    self._switch(method, url, version)
-            self._parts = []
+        self._parts = []
         if count > self._max_headers:
             self._fail(431, "too many headers")
         self._fields = []  # the trailers, if any
@@ -697,23 +699,11 @@ class RequestParser(_Parser):
         self._head = head = RequestHead(
             method, target, version, block, marks, host, content_length, chunked, has_body,
             keep_alive, expect_continue, upgrade, tokens)
-        if self._fielded:
-            head.chunks = self._body
+        if chunked:  # its body is read by another parser (class doc), from here
+            self._body = head.chunks = ChunkedBody()
+            self._body_at = self._at
+            self._switching = True
         self.events.append(head)
-
-    def _switch(self, method: bytes, url: bytes, version: bytes) -> NoReturn:
-        """Stop llhttp at a raw head with Transfer-Encoding: it is read again, and
-        what followed it, with field callbacks (`_Parser`); its body begins
-        `_body_at` bytes into that replay."""
-        self._line = (method, url, version)
-        parts = self._parts
-        replay = b"".join(parts) if len(parts) > 1 else parts[0]
-        if self._start:  # (mypyc copies a whole slice too: the body with it)
-            replay = replay[self._start:]
-        self._replay = replay
-        self._body_at = len(replay) - (len(self._feed) - self._at)
-        self._switching = True
-        raise _Switch
 
     def _raw_head(self) -> tuple[bytes, bytes, bytes, list[bytes], int, bytes]:
         """Method, target, version (`_request_line`), lines (the request
@@ -796,16 +786,6 @@ class RequestParser(_Parser):
         while last > first and line[last - 1] == SP:
             last -= 1
         return line[:method_end], line[first:last], version
-
-    def _field_head(self) -> tuple[bytes, bytes, bytes, list[bytes], int, bytes]:
-        """Method, target, version (read raw: `_line`), lines (b"", then each field)
-        and field block of a chunked head read again field by field (its sizes were
-        measured raw)."""
-        lines = [b""]
-        for name, _, value in self._fields:
-            lines.append(name + b": " + value)
-        method, target, version = self._line
-        return method, target, version, lines, len(lines), b"\r\n".join(lines)
 
     def _scan(self, block: bytes, marks: list[Mark]
               ) -> tuple[bool, bytes, int | None, bool, bool, bool, bytes, frozenset[bytes]]:
@@ -931,6 +911,8 @@ class RequestParser(_Parser):
     def on_message_complete(self) -> None:
         if self._fielded:
             self._end_chunked()
+            return
+        if self._switching:  # the raw parser after a chunked head: ignored
             return
         if self._body_left:  # a Content-Length body's last piece
             self.events.append(self._last_piece())
