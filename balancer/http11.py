@@ -14,14 +14,13 @@ Invariants:
   block (`RequestHead.block`, see `balancer.fields`), found in the bytes fed:
   llhttp calls back once per head, not per field (its parser's protocol object,
   `RequestCallbacks`, has no ``on_header``), and the fields the balancer acts
-  on are located once (`RequestHead.marks`, `MARKED`). A chunked request is read
-  again with per-field callbacks from its first byte (`FieldCallbacks`, for its
-  trailers), into a block of the same form (``Name: value``), up to its end; the
-  requests after it are raw heads again.
+  on are located once (`RequestHead.marks`, `MARKED`). A chunked request's head
+  too: its body (and trailers) is read by a second parser with per-field
+  callbacks (`FieldCallbacks`, for its trailers), up to its end; the requests
+  after it are raw heads again.
 * Every request line is read by one function, `RequestParser._request_line`,
-  from the bytes: a chunked head is read raw first, so the same checks (505 for
-  any version but HTTP/1.0 and HTTP/1.1, RTSP and HTTP/0.9 included) hold
-  whichever way its fields and the heads after it are read.
+  from the bytes, so the same checks (505 for any version but HTTP/1.0 and
+  HTTP/1.1, RTSP and HTTP/0.9 included) hold for every head.
 * `ProtocolError` is the only exception `feed` raises; it carries the status
   to answer (client side) and the parser is unusable afterwards.
 * Nothing that could be smuggled passes: conflicting or repeated
@@ -318,14 +317,21 @@ class _Parser:
       fed since it began (`_parts`, the first from `_start`), which is known
       because every message before it ended at a known place: at its head's end,
       or Content-Length bytes later (`_at`, `_body_left`).
-    * fields (`_fielded`): llhttp also calls `on_header` per field, collected as a
-      (name, lower name, value) triple in `_fields`, and after a chunked head its
-      trailers. A head with Transfer-Encoding (its request line read raw first:
-      `_line`) is read again this way from its first byte, up to its message's
-      end, where a raw parser takes over. Where that end is, `balancer.chunks`
-      finds in each read before llhttp parses it (`_feed_chunked`): llhttp is
-      fed up to there, must end the message on its last byte (else a 400), and
-      the bytes after it go to the raw parser.
+    * body (`_fielded`): a chunked request's head is read raw, and checked and
+      queued as any other; the raw parser, which reads on past it in the same
+      feed, is then ignored (`_switching`: its callbacks return at once, its
+      errors are dropped) and dropped after that feed. A new parser, with
+      per-field callbacks (its trailers, collected as (name, lower name, value)
+      triples in `_fields`), reads `BODY_HEAD` (a fixed chunked head: llhttp
+      parses a body only after a head) and then the body from its first byte
+      (`_body_at`), up to the message's end, where a raw parser takes over.
+      Where that end is, `balancer.chunks` finds in each read before llhttp
+      parses it (`_feed_chunked`): llhttp is fed up to there, must end the
+      message on its last byte (else a 400), and the bytes after it go to the
+      raw parser. So the body's framing is checked by llhttp exactly as if the
+      head had gone before it (a chunked body's parse depends on nothing in the
+      head but its Transfer-Encoding; the fields that could change it, an
+      Upgrade, a Content-Length beside it, HTTP/1.0, are refused with the head).
     """
 
     events: list  # in order; a list, not a deque: an empty deque holds a 528-byte block
@@ -351,7 +357,7 @@ class _Parser:
         self._fielded = False  # llhttp calls back per field (see the class doc)
         self._idle = False  # (fields) the message ended
         self._body: ChunkedBody | None = None  # (fields) the chunked body's framing
-        self._body_at = 0  # (fields) where its body begins in the next feed (the replay's)
+        self._body_at = 0  # (fields) where its body begins in the next feed
         self._ending = False  # (fields) llhttp is fed the byte the framing ends at
         self._parts: list[bytes] = []  # (raw) the feeds since the head began
         self._start = 0  # where in `_parts[0]` it began
@@ -392,8 +398,7 @@ class _Parser:
         fielded = self._fielded
         before = len(self.events)
         if in_head:
-            if not fielded:  # (fields: the head, read raw first, is known whole)
-                self._parts.append(data)
+            self._parts.append(data)  # (never fielded: that parser reads bodies only)
             self._head_bytes += len(data)
         else:
             events = self.events
@@ -595,8 +600,8 @@ class _Callbacks:
 
 
 class FieldCallbacks(_Callbacks):
-    """The protocol object of a parser that reads a chunked request's fields and
-    trailers field by field (`_Parser`); its request line was read raw."""
+    """The protocol object of a parser that reads a chunked request's body and its
+    trailers field by field (`_Parser`), after `BODY_HEAD`; its head was read raw."""
 
     def __init__(self) -> None:
         super().__init__()
