@@ -13,7 +13,7 @@ Invariants:
 * llhttp validates every byte of a request. A head is kept as its raw field
   block (`RequestHead.block`, see `balancer.fields`), found in the bytes fed:
   llhttp calls back once per head, not per field (its parser's protocol object,
-  `RequestCallbacks`: its ``on_header`` is None), and the fields the balancer acts
+  `RequestCallbacks`, has no ``on_header``), and the fields the balancer acts
   on are located once (`RequestHead.marks`, `MARKED`). A chunked request's head
   too: its body (and trailers) is read by a second parser with per-field
   callbacks (`FieldCallbacks`, for its trailers), up to its end; the requests
@@ -31,7 +31,7 @@ Invariants:
 * Memory is bounded: an unfinished head never grows past the configured
   limits, and body bytes are handed out as they arrive.
 * A Content-Length body is not copied out of the reads it came in: llhttp
-  counts its bytes with no callback (`RequestCallbacks`: its ``on_body`` is None),
+  counts its bytes with no callback (`RequestCallbacks` has no ``on_body``),
   and the parser, which knows where the body begins and how much of it is left
   (`_at`, `_body_left`), queues each read's part: the read itself when all of it
   is body, a span ``(read, start)`` when the body begins inside it (after its
@@ -39,7 +39,7 @@ Invariants:
   it in the same read (pipelining). Nor is a chunked body decoded: its framing
   is located in each read (`balancer.chunks`) before llhttp checks the same
   bytes, and queued as pieces of the reads, its size lines rewritten where they
-  are not canonical (`FieldCallbacks`' ``on_body`` is None). The head's bytes are split at
+  are not canonical (`FieldCallbacks` has no ``on_body``). The head's bytes are split at
   CRLFs without the body behind them (`_raw_head`): a large feed is searched
   for the head's end first.
 * Limits do not depend on how the bytes were split: the feed-level counts
@@ -584,19 +584,9 @@ class _Callbacks:
         # bound once: httptools takes each by name (`getattr`) for every parser it
         # makes, and a method looked up is a new bound object each time. No
         # ``on_body``: a raw parser's bodies have a Content-Length, queued by
-        # `_Parser.feed` without a copy (module doc), nor `FieldCallbacks`'s.
+        # `_Parser.feed` without a copy (module doc); `FieldCallbacks` has one.
         self.on_headers_complete: Any = self._on_headers_complete
         self.on_message_complete: Any = self._on_message_complete
-        # The callbacks not wanted are None rather than missing: httptools'
-        # ``getattr(protocol, name, None)`` for a missing one raises and clears an
-        # AttributeError, ~1,000 instructions each, six per parser it makes (one
-        # per connection, two per chunked request).
-        self.on_header: Any = None
-        self.on_url: Any = None
-        self.on_body: Any = None
-        self.on_message_begin: Any = None
-        self.on_chunk_header: Any = None
-        self.on_chunk_complete: Any = None
 
     def _on_headers_complete(self) -> None:
         parser = self.parser
@@ -615,7 +605,7 @@ class FieldCallbacks(_Callbacks):
 
     def __init__(self) -> None:
         super().__init__()
-        self.on_header = self._on_header  # (no ``on_body``: `balancer.chunks`)
+        self.on_header: Any = self._on_header  # (no ``on_body``: `balancer.chunks`)
 
     def _on_header(self, name: bytes, value: bytes) -> None:
         parser = self.parser
@@ -624,8 +614,8 @@ class FieldCallbacks(_Callbacks):
 
 
 class RequestCallbacks(_Callbacks):
-    """httptools' protocol object for request parsers reading raw heads: its
-    ``on_header`` is None (and ``on_url``, ``on_message_begin``), so httptools makes no
+    """httptools' protocol object for request parsers reading raw heads: it has no
+    ``on_header`` (nor ``on_url``, ``on_message_begin``), so httptools makes no
     bytes and no call per field; `fields` is the one for field by field reading.
 
     httptools binds a protocol's callbacks when a parser is made: bound to the
