@@ -379,6 +379,22 @@ def test_a_chunked_head_is_its_raw_block_as_a_content_length_heads_is() -> None:
         assert caught.value.status == 400
 
 
+def test_an_upgrade_pipelined_in_a_chunked_heads_read_pauses_after_its_body() -> None:
+    """The raw parser reads on past a chunked head (ignored): an Upgrade head after
+    the body in the same read stops it there; the body parser ends the chunked
+    message, then the Upgrade head pauses parsing with the bytes after it."""
+    data = (b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+            b"tunnel bytes")
+    parser = RequestParser()
+    parser.feed(data)
+    heads = [e for e in parser.events if isinstance(e, RequestHead)]
+    assert [h.target for h in heads] == [b"/a", b"/ws"]
+    assert parser.events.count(END) == 2
+    assert parser.upgraded and parser.leftover == b"tunnel bytes"
+
+
 @pytest.mark.parametrize(("upgrade", "left"), [
     (b"h2c", b""), (b"H2C", b""), (b"h2c, websocket", b"websocket"), (b"websocket", b"websocket"),
 ])
