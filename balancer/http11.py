@@ -148,6 +148,7 @@ REPEAT_MAX: Final = 1024
 # What a chunked body's parser reads before the body (`_Parser._to_body`): llhttp
 # parses a body only after a head, and the real one was checked by the raw parser.
 BODY_HEAD: Final = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+NO_CALLBACKS: Final = object()  # httptools' protocol object for a parser that calls back nothing
 CR: Final = 13
 LF: Final = 10
 SP: Final = 32
@@ -332,6 +333,9 @@ class _Parser:
       head had gone before it (a chunked body's parse depends on nothing in the
       head but its Transfer-Encoding; the fields that could change it, an
       Upgrade, a Content-Length beside it, HTTP/1.0, are refused with the head).
+      llhttp judges the head's framing fields after its callback returned: an
+      error from the ignored raw parser is checked against the head alone
+      (`_check_chunked_head`), a 400 when the head is the cause.
     """
 
     events: list  # in order; a list, not a deque: an empty deque holds a 528-byte block
@@ -365,6 +369,7 @@ class _Parser:
         self._at = 0  # (raw) where in `_feed` the current message's body begins
         self._body_left = 0  # (raw) body bytes from `_at` to the message's end
         self._switching = False  # (raw) a chunked head ended in the feed: `_to_body`
+        self._head_line = b""  # (raw) the request line of the last chunked head
         self._begin()
 
     def _begin(self) -> None:
@@ -420,7 +425,8 @@ class _Parser:
             self.upgraded = True
             self.leftover = data[exc.args[0]:]
         except httptools.HttpParserError as exc:
-            if self._switching:  # (the same)
+            if self._switching:  # (the same, once the head is known to be llhttp's)
+                self._check_chunked_head()
                 self._to_body(data)
                 return
             if self._error is not None:
@@ -518,6 +524,21 @@ class _Parser:
         self._parts = []
         self._fields = []
         self.feed(data)
+
+    def _check_chunked_head(self) -> None:
+        """The raw parser refused something after a chunked head it called back for:
+        if it was the head itself (llhttp checks the framing fields once the head's
+        callback returned: a Transfer-Encoding it does not read as chunked, such as
+        ``chunked<TAB>``), a 400; else (the body, or the bytes after it) the body
+        parser and the raw parser after it find it again. (Errors only: a new parser
+        reads the head alone.)"""
+        head = self._head
+        assert head is not None  # (switching) set with the head
+        try:
+            httptools.HttpRequestParser(NO_CALLBACKS).feed_data(
+                self._head_line + head.block + b"\r\n\r\n")
+        except httptools.HttpParserError as exc:
+            self._fail(400, str(exc))
 
     def _to_raw(self) -> None:
         """The chunked message ended (fields): a raw parser reads the next."""
@@ -705,6 +726,7 @@ class RequestParser(_Parser):
             method, target, version, block, marks, host, content_length, chunked, has_body,
             keep_alive, expect_continue, upgrade, tokens)
         if chunked:  # its body is read by another parser (class doc), from here
+            self._head_line = lines[0]  # (`_check_chunked_head`)
             self._body = head.chunks = ChunkedBody()
             self._body_at = self._at
             self._switching = True
