@@ -14,14 +14,13 @@ Invariants:
   block (`RequestHead.block`, see `balancer.fields`), found in the bytes fed:
   llhttp calls back once per head, not per field (its parser's protocol object,
   `RequestCallbacks`, has no ``on_header``), and the fields the balancer acts
-  on are located once (`RequestHead.marks`, `MARKED`). A chunked request is read
-  again with per-field callbacks from its first byte (`FieldCallbacks`, for its
-  trailers), into a block of the same form (``Name: value``), up to its end; the
-  requests after it are raw heads again.
+  on are located once (`RequestHead.marks`, `MARKED`). A chunked request's head
+  too: its body (and trailers) is read by a second parser with per-field
+  callbacks (`FieldCallbacks`, for its trailers), up to its end; the requests
+  after it are raw heads again.
 * Every request line is read by one function, `RequestParser._request_line`,
-  from the bytes: a chunked head is read raw first, so the same checks (505 for
-  any version but HTTP/1.0 and HTTP/1.1, RTSP and HTTP/0.9 included) hold
-  whichever way its fields and the heads after it are read.
+  from the bytes, so the same checks (505 for any version but HTTP/1.0 and
+  HTTP/1.1, RTSP and HTTP/0.9 included) hold for every head.
 * `ProtocolError` is the only exception `feed` raises; it carries the status
   to answer (client side) and the parser is unusable afterwards.
 * Nothing that could be smuggled passes: conflicting or repeated
@@ -146,6 +145,10 @@ WINDOW: Final = 4096
 # A feed of at most this many bytes that was exactly one whole bodyless keep-alive
 # head is remembered (`RequestParser.repeat_head`): the same bytes again give it again.
 REPEAT_MAX: Final = 1024
+# What a chunked body's parser reads before the body (`_Parser._to_body`): llhttp
+# parses a body only after a head, and the real one was checked by the raw parser.
+BODY_HEAD: Final = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+NO_CALLBACKS: Final = object()  # httptools' protocol object for a parser that calls back nothing
 CR: Final = 13
 LF: Final = 10
 SP: Final = 32
@@ -305,11 +308,6 @@ def _host_value(value: bytes) -> bytes:
     return value.rstrip(b" \t") or b"\0"
 
 
-class _Switch(Exception):
-    """Raised in `on_headers_complete` to stop llhttp at a chunked request's head:
-    the parser goes on with field callbacks (`RequestParser._to_fields`)."""
-
-
 class _Parser:
     """The feed-level machinery of `RequestParser`: head limits, where heads begin,
     trailers.
@@ -320,14 +318,24 @@ class _Parser:
       fed since it began (`_parts`, the first from `_start`), which is known
       because every message before it ended at a known place: at its head's end,
       or Content-Length bytes later (`_at`, `_body_left`).
-    * fields (`_fielded`): llhttp also calls `on_header` per field, collected as a
-      (name, lower name, value) triple in `_fields`, and after a chunked head its
-      trailers. A head with Transfer-Encoding (its request line read raw first:
-      `_line`) is read again this way from its first byte, up to its message's
-      end, where a raw parser takes over. Where that end is, `balancer.chunks`
-      finds in each read before llhttp parses it (`_feed_chunked`): llhttp is
-      fed up to there, must end the message on its last byte (else a 400), and
-      the bytes after it go to the raw parser.
+    * body (`_fielded`): a chunked request's head is read raw, and checked and
+      queued as any other; the raw parser, which reads on past it in the same
+      feed, is then ignored (`_switching`: its callbacks return at once, its
+      errors are dropped) and dropped after that feed. A new parser, with
+      per-field callbacks (its trailers, collected as (name, lower name, value)
+      triples in `_fields`), reads `BODY_HEAD` (a fixed chunked head: llhttp
+      parses a body only after a head) and then the body from its first byte
+      (`_body_at`), up to the message's end, where a raw parser takes over.
+      Where that end is, `balancer.chunks` finds in each read before llhttp
+      parses it (`_feed_chunked`): llhttp is fed up to there, must end the
+      message on its last byte (else a 400), and the bytes after it go to the
+      raw parser. So the body's framing is checked by llhttp exactly as if the
+      head had gone before it (a chunked body's parse depends on nothing in the
+      head but its Transfer-Encoding; the fields that could change it, an
+      Upgrade, a Content-Length beside it, HTTP/1.0, are refused with the head).
+      llhttp judges the head's framing fields after its callback returned: an
+      error from the ignored raw parser is checked against the head alone
+      (`_check_chunked_head`), a 400 when the head is the cause.
     """
 
     events: list  # in order; a list, not a deque: an empty deque holds a 528-byte block
@@ -353,15 +361,15 @@ class _Parser:
         self._fielded = False  # llhttp calls back per field (see the class doc)
         self._idle = False  # (fields) the message ended
         self._body: ChunkedBody | None = None  # (fields) the chunked body's framing
-        self._body_at = 0  # (fields) where its body begins in the next feed (the replay's)
+        self._body_at = 0  # (fields) where its body begins in the next feed
         self._ending = False  # (fields) llhttp is fed the byte the framing ends at
         self._parts: list[bytes] = []  # (raw) the feeds since the head began
         self._start = 0  # where in `_parts[0]` it began
         self._feed = b""  # the bytes being fed (during `feed`)
         self._at = 0  # (raw) where in `_feed` the current message's body begins
         self._body_left = 0  # (raw) body bytes from `_at` to the message's end
-        self._replay = b""  # (raw) a head to read again with field callbacks, and after it
-        self._switching = False
+        self._switching = False  # (raw) a chunked head ended in the feed: `_to_body`
+        self._head_line = b""  # (raw) the request line of the last chunked head
         self._begin()
 
     def _begin(self) -> None:
@@ -395,8 +403,7 @@ class _Parser:
         fielded = self._fielded
         before = len(self.events)
         if in_head:
-            if not fielded:  # (fields: the head, read raw first, is known whole)
-                self._parts.append(data)
+            self._parts.append(data)  # (never fielded: that parser reads bodies only)
             self._head_bytes += len(data)
         else:
             events = self.events
@@ -412,11 +419,15 @@ class _Parser:
             else:
                 self._hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            if self._switching:  # (bytes after a chunked head: the body parser reads them)
+                self._to_body(data)
+                return
             self.upgraded = True
             self.leftover = data[exc.args[0]:]
         except httptools.HttpParserError as exc:
-            if self._switching:  # a chunked head: read again with field callbacks
-                self._to_fields()
+            if self._switching:  # (the same, once the head is known to be llhttp's)
+                self._check_chunked_head()
+                self._to_body(data)
                 return
             if self._error is not None:
                 raise self._error from None
@@ -424,6 +435,9 @@ class _Parser:
                 return
             raise ProtocolError(400, str(exc)) from None
         callbacks.parser = None  # (after an error it is kept until the next feed)
+        if self._switching:  # a chunked head ended in `data`: its body parser reads on
+            self._to_body(data)
+            return
         self._feed = b""
         if fielded:
             if end >= 0 and not self._closed and not self.upgraded:
@@ -469,15 +483,16 @@ class _Parser:
         body, hp = self._body, self._hp
         assert body is not None  # (fields) set with the field parser
         pieces: list = []
-        end = body.scan(data, self._body_at, pieces)
+        start = self._body_at  # (the head before it was read by the raw parser)
+        end = body.scan(data, start, pieces)
         self._body_at = 0
         self._ending = False
         if end < 0:
-            hp.feed_data(data)
+            hp.feed_data(memoryview(data)[start:] if start else data)
         else:
             view = memoryview(data)
-            if end > 1:
-                hp.feed_data(view[:end - 1])
+            if end - 1 > start:
+                hp.feed_data(view[start:end - 1])
             self._ending = True  # (`on_message_complete` refuses to end the message before)
             hp.feed_data(view[end - 1:end])
             if not self._idle:
@@ -492,19 +507,38 @@ class _Parser:
             events.append(END)
         return end
 
-    def _to_fields(self) -> None:
-        """Read the head `on_headers_complete` stopped at again, and what followed it
-        in the feed, with a parser that calls back per field (see the class doc)."""
-        replay, self._replay, self._switching = self._replay, b"", False
+    def _to_body(self, data: bytes) -> None:
+        """After a chunked head ended in `data` (raw, `_switching`): the raw parser,
+        which read on past it, is dropped (what it made of the rest was ignored), and
+        a body parser, with field callbacks for the trailers, reads the body from
+        `_body_at` in `data` (see the class doc)."""
+        self._switching = False
         self._callbacks.parser = None
         self._feed = b""
-        self._hp = httptools.HttpRequestParser(self._callbacks.fields)
+        callbacks = self._callbacks.fields
+        hp = self._hp = httptools.HttpRequestParser(callbacks)
         self._fielded = True
-        self._body = ChunkedBody()
+        callbacks.parser = cast(RequestParser, self)
+        hp.feed_data(BODY_HEAD)  # (its head is ignored: `on_headers_complete`)
+        callbacks.parser = None
         self._parts = []
         self._fields = []
-        self._begin()
-        self.feed(replay)
+        self.feed(data)
+
+    def _check_chunked_head(self) -> None:
+        """The raw parser refused something after a chunked head it called back for:
+        if it was the head itself (llhttp checks the framing fields once the head's
+        callback returned: a Transfer-Encoding it does not read as chunked, such as
+        ``chunked<TAB>``), a 400; else (the body, or the bytes after it) the body
+        parser and the raw parser after it find it again. (Errors only: a new parser
+        reads the head alone.)"""
+        head = self._head
+        assert head is not None  # (switching) set with the head
+        try:
+            httptools.HttpRequestParser(NO_CALLBACKS).feed_data(
+                self._head_line + head.block + b"\r\n\r\n")
+        except httptools.HttpParserError as exc:
+            self._fail(400, str(exc))
 
     def _to_raw(self) -> None:
         """The chunked message ended (fields): a raw parser reads the next."""
@@ -587,8 +621,8 @@ class _Callbacks:
 
 
 class FieldCallbacks(_Callbacks):
-    """The protocol object of a parser that reads a chunked request's fields and
-    trailers field by field (`_Parser`); its request line was read raw."""
+    """The protocol object of a parser that reads a chunked request's body and its
+    trailers field by field (`_Parser`), after `BODY_HEAD`; its head was read raw."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -627,7 +661,6 @@ class RequestParser(_Parser):
         super().__init__(limits)
         self._max_headers = limits.max_headers
         self._keep_alive = True
-        self._line = (b"", b"", b"")  # (fields) method, target, version read raw
         self._valid_host: bytes | None = None  # the last Host found valid (not empty)
         self._hp = self._new_parser()
 
@@ -647,17 +680,12 @@ class RequestParser(_Parser):
     # httptools callbacks, through `RequestCallbacks` / `FieldCallbacks` ----------
     def on_headers_complete(self) -> None:
         """Check the head, in the order of the errors it can raise, and queue it."""
-        if self._fielded:
-            method, url, version, lines, blank, block = self._field_head()
-        else:
-            method, url, version, lines, blank, block = self._raw_head()
+        if self._fielded or self._switching:  # `BODY_HEAD`, or after a chunked head
+            return
+        method, url, version, lines, blank, block = self._raw_head()
         marks = _marks(lines, blank)
         count = blank - 1
-        if not self._fielded:
-            for mark in marks:
-                if mark[0] == b"transfer-encoding":  # class doc
-                    self._switch(method, url, version)
-            self._parts = []
+        self._parts = []
         if count > self._max_headers:
             self._fail(431, "too many headers")
         self._fields = []  # the trailers, if any
@@ -697,23 +725,12 @@ class RequestParser(_Parser):
         self._head = head = RequestHead(
             method, target, version, block, marks, host, content_length, chunked, has_body,
             keep_alive, expect_continue, upgrade, tokens)
-        if self._fielded:
-            head.chunks = self._body
+        if chunked:  # its body is read by another parser (class doc), from here
+            self._head_line = lines[0]  # (`_check_chunked_head`)
+            self._body = head.chunks = ChunkedBody()
+            self._body_at = self._at
+            self._switching = True
         self.events.append(head)
-
-    def _switch(self, method: bytes, url: bytes, version: bytes) -> NoReturn:
-        """Stop llhttp at a raw head with Transfer-Encoding: it is read again, and
-        what followed it, with field callbacks (`_Parser`); its body begins
-        `_body_at` bytes into that replay."""
-        self._line = (method, url, version)
-        parts = self._parts
-        replay = b"".join(parts) if len(parts) > 1 else parts[0]
-        if self._start:  # (mypyc copies a whole slice too: the body with it)
-            replay = replay[self._start:]
-        self._replay = replay
-        self._body_at = len(replay) - (len(self._feed) - self._at)
-        self._switching = True
-        raise _Switch
 
     def _raw_head(self) -> tuple[bytes, bytes, bytes, list[bytes], int, bytes]:
         """Method, target, version (`_request_line`), lines (the request
@@ -796,16 +813,6 @@ class RequestParser(_Parser):
         while last > first and line[last - 1] == SP:
             last -= 1
         return line[:method_end], line[first:last], version
-
-    def _field_head(self) -> tuple[bytes, bytes, bytes, list[bytes], int, bytes]:
-        """Method, target, version (read raw: `_line`), lines (b"", then each field)
-        and field block of a chunked head read again field by field (its sizes were
-        measured raw)."""
-        lines = [b""]
-        for name, _, value in self._fields:
-            lines.append(name + b": " + value)
-        method, target, version = self._line
-        return method, target, version, lines, len(lines), b"\r\n".join(lines)
 
     def _scan(self, block: bytes, marks: list[Mark]
               ) -> tuple[bool, bytes, int | None, bool, bool, bool, bytes, frozenset[bytes]]:
@@ -931,6 +938,8 @@ class RequestParser(_Parser):
     def on_message_complete(self) -> None:
         if self._fielded:
             self._end_chunked()
+            return
+        if self._switching:  # the raw parser after a chunked head: ignored
             return
         if self._body_left:  # a Content-Length body's last piece
             self.events.append(self._last_piece())

@@ -362,6 +362,39 @@ def test_trailers_are_kept_on_their_request_head_in_every_split() -> None:
         assert heads[1].trailers == ()
 
 
+def test_a_chunked_head_is_its_raw_block_as_a_content_length_heads_is() -> None:
+    """A chunked head is read raw once (as a Content-Length head): its block is the
+    fields as they came, not rebuilt from per-field callbacks; and the body's
+    framing is still checked by llhttp in every split, bad bytes right after the
+    head included."""
+    head = b"POST /a HTTP/1.1\r\nHost: h\r\nX-A:b \r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"3\r\nabc\r\n0\r\n\r\n"
+    for size in (None, 1, 7, len(head)):
+        events = feed_all(RequestParser(), head + body, size)
+        assert events[0].block == b"\r\nHost: h\r\nX-A:b \r\nTransfer-Encoding: chunked"
+        assert unchunk(b"".join(span_bytes(e) for e in events[1:-1])) == b"abc"
+        assert events[-1] is END
+        with pytest.raises(ProtocolError) as caught:
+            feed_all(RequestParser(), head + b"3\r\nabcX\r\n0\r\n\r\n", size)
+        assert caught.value.status == 400
+
+
+def test_an_upgrade_pipelined_in_a_chunked_heads_read_pauses_after_its_body() -> None:
+    """The raw parser reads on past a chunked head (ignored): an Upgrade head after
+    the body in the same read stops it there; the body parser ends the chunked
+    message, then the Upgrade head pauses parsing with the bytes after it."""
+    data = (b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+            b"tunnel bytes")
+    parser = RequestParser()
+    parser.feed(data)
+    heads = [e for e in parser.events if isinstance(e, RequestHead)]
+    assert [h.target for h in heads] == [b"/a", b"/ws"]
+    assert parser.events.count(END) == 2
+    assert parser.upgraded and parser.leftover == b"tunnel bytes"
+
+
 @pytest.mark.parametrize(("upgrade", "left"), [
     (b"h2c", b""), (b"H2C", b""), (b"h2c, websocket", b"websocket"), (b"websocket", b"websocket"),
 ])
