@@ -62,6 +62,38 @@ def loop_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
     return predicate()
 
 
+def polls_during(build: Callable[[], object]) -> None:
+    """Assert that this process's gevent loop polls while `build()` runs (not only
+    switches to ready greenlets): a request that arrived on a socket and a timer
+    that is due are both served before `build` returns. ``gevent.sleep(0)`` as the
+    pause between a long job's slices serves neither (it ran up to 50 slices
+    without polling)."""
+    import gevent
+    import gevent.socket
+
+    served: list[str] = []
+    ready, peer = gevent.socket.socketpair()
+
+    def reader() -> None:
+        ready.recv(16)
+        served.append("socket")
+
+    waiting = gevent.spawn(reader)
+    gevent.sleep(0.01)  # it blocks in recv (nothing else runs the hub below)
+    assert not served
+    peer.sendall(b"GET")  # a request arrives
+    due = gevent.get_hub().loop.timer(0)
+    due.start(served.append, "timer")
+    try:
+        build()  # not a greenlet: the hub runs only at its pauses
+        assert sorted(served) == ["socket", "timer"], served
+    finally:
+        due.stop()
+        waiting.kill()
+        ready.close()
+        peer.close()
+
+
 # scripted backends -------------------------------------------------------------
 class EchoHandler(BaseHTTPRequestHandler):
     """Answers with JSON describing the request; paths script misbehaviour."""
