@@ -299,6 +299,7 @@ def test_host_added_through_the_api_appears_without_reload(make_site: Callable[.
     assert browser.execute_script("return window.__sameDocument") is True, "the page reloaded"
 
 
+@pytest.mark.slow  # three 2 s polls in Chromium: 6-8 s
 def test_an_unchanged_table_is_polled_with_if_none_match(make_site: Callable[..., Site],
                                                          browser: Any) -> None:
     """Each poll names the table held (the embedded one first); a 304 keeps it, a
