@@ -12,11 +12,8 @@ import argparse
 import json
 import os
 import sys
-from email.message import Message
 from typing import Any, NoReturn
-from urllib.error import HTTPError, URLError
-from urllib.parse import quote, urlencode, urlsplit
-from urllib.request import Request, urlopen
+from urllib.parse import quote, urlencode
 
 from balancer.diagnosis import BY
 from balancer.rules import (
@@ -27,32 +24,31 @@ from balancer.rules import (
     HEALTH_KEYS,
     LIMIT_KEYS,
 )
-from balancer.settings_kinds import token_problem
 from balancer.sketch import GROUPS
 from management import ctl_cert, ctl_deploy, ctl_help
+from management.ctl_client import (
+    DEFAULT_URL,
+    MAX_ANSWER,
+    TIMEOUT,
+    Client,
+    CtlError,
+    UsageError,
+    finite_float,
+    refuse_constant,
+)
 from management.ctl_format import (
     format_hosts,
     format_inflight,
     format_rule,
     format_stats,
     format_top,
+    shown,
+    terminal,
+    warn,
 )
 
-DEFAULT_URL = "http://127.0.0.1:8081"
-TIMEOUT = 30.0
-# the management API's body limit (`management.http.MAX_BODY`, not imported: werkzeug);
-# a larger body is answered 413 before it is read, and the client sees a broken pipe
-MAX_BODY = 1024 * 1024
 STATS_PAGE = 10000  # hosts per `stats` page (the API's most)
 STATS_PAGES = 1000  # pages at most: 10 million hosts
-
-
-class CtlError(Exception):
-    """A failure to report as ``balancerctl: <message>``."""
-
-
-class UsageError(CtlError):
-    """A command line that cannot be a request: reported as argparse does, exit 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,6 +64,9 @@ def build_parser() -> Parser:
                              f"(default $BALANCER_URL or {DEFAULT_URL})")
     common.add_argument("--token", default=argparse.SUPPRESS,
                         help="bearer token (default $BALANCER_TOKEN)")
+    common.add_argument("--timeout", type=ctl_help.seconds, default=argparse.SUPPRESS,
+                        metavar="SECONDS", help="give up on an API call after this long in "
+                                                f"all (default {TIMEOUT:g})")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the API's JSON instead of a table")
     parser = Parser(prog="balancerctl", parents=[common], description=ctl_help.DESCRIPTION,
@@ -143,101 +142,6 @@ def _add_set(sub: Any, common: Parser) -> None:
                      help="the rule's other keys (below)")
 
 
-class Client:
-    """JSON over HTTP to the management API, errors turned into `CtlError`."""
-
-    def __init__(self, url: str, token: str | None) -> None:
-        self.url = _checked_url(url)
-        found = token_problem(token) if token else None
-        if found is not None:
-            raise UsageError("--token (or BALANCER_TOKEN): a bearer token is visible ASCII "
-                             f"(spaces only inside); the token given has {found}")
-        self.token = token
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        try:
-            data = None if body is None else json.dumps(body, allow_nan=False).encode()
-        except ValueError as exc:
-            raise CtlError(f"cannot send {body!r}: {exc}") from None
-        if data is not None and len(data) > MAX_BODY:
-            raise CtlError(f"the request is {len(data)} bytes; the management API takes "
-                           f"{MAX_BODY} at most")
-        request = Request(self.url + path, data=data, method=method)
-        request.add_header("Accept", "application/json")
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urlopen(request, timeout=TIMEOUT) as response:
-                if not _is_json(response.headers):
-                    raise CtlError(self._not_the_api(f"{response.status} {response.reason}",
-                                                     response.headers))
-                return json.loads(response.read() or b"null")
-        except HTTPError as exc:
-            if not _is_json(exc.headers):
-                raise CtlError(self._not_the_api(f"{exc.code} {exc.reason}",
-                                                 exc.headers)) from None
-            raise CtlError(_api_error(exc)) from None
-        except URLError as exc:
-            raise CtlError(f"cannot reach {self.url}: {_reason(exc.reason)} (is `balancer "
-                           f"serve` running? --url or BALANCER_URL names its [management] "
-                           f"listen address, default {DEFAULT_URL})") from None
-        except (OSError, ValueError) as exc:
-            raise CtlError(f"{self.url}: {_reason(exc)}") from None
-
-
-    def _not_the_api(self, status: str, headers: Message) -> str:
-        """The hint for an answer that is not the management API's JSON."""
-        kind = headers.get_content_type() if headers.get("Content-Type") else "no content type"
-        return (f"{self.url} answered {status} with {kind}, not the management API's JSON: "
-                f"this looks like the proxy (or another server), not the management API; "
-                f"use --url or BALANCER_URL with the balancer's [management] listen address "
-                f"(default {DEFAULT_URL})")
-
-
-def _checked_url(url: str) -> str:
-    """`url` without a trailing slash, or `UsageError` unless it is http(s)://HOST[:PORT]
-    (bug: ``http://[::1:8081`` or a port of 99999 ended in a traceback or a misleading
-    "Connection refused")."""
-    expected = "expected http://HOST:PORT or https://HOST:PORT"
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError when out of range
-    except ValueError as exc:
-        raise UsageError(f"--url {url!r}: {exc}; {expected}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--url {url!r}: {expected}")
-    return url.rstrip("/")
-
-
-def _is_json(headers: Message) -> bool:
-    return headers.get_content_type() == "application/json"
-
-
-def _reason(reason: object) -> str:
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror
-    return str(reason) or type(reason).__name__
-
-
-HINTS = {  # what to do about an API error that is the client's set-up, not the request
-    "unauthorized": " (give the balancer's [management] token with --token or BALANCER_TOKEN)",
-}
-
-
-def _api_error(exc: HTTPError) -> str:
-    """``404 not_found: no rule for host 'x'`` plus details, on one line."""
-    try:
-        body = json.loads(exc.read())
-        text = f"{exc.code} {body['error']}: {body['message']}"
-        if body.get("details"):
-            text += " (" + "; ".join(str(d) for d in body["details"]) + ")"
-        return text + HINTS.get(body["error"], "")
-    except (ValueError, KeyError, TypeError):
-        return f"{exc.code} {exc.reason}"
-
-
 def parse_fields(pairs: list[str], action: str | None = None) -> dict[str, Any]:
     """``key=value`` pairs to a dict: JSON values when they parse, text otherwise.
 
@@ -255,7 +159,8 @@ def parse_fields(pairs: list[str], action: str | None = None) -> dict[str, Any]:
         if action is not None:
             _check_key(action, key.split("."))
         try:
-            value = json.loads(text, parse_constant=_refuse, parse_float=_finite)
+            value = json.loads(text, parse_constant=refuse_constant,
+                               parse_float=finite_float)
         except ValueError:  # NaN and Infinity stay text: the API names the field it refuses
             value = text
         node = out
@@ -287,17 +192,6 @@ def _check_key(action: str, parts: list[str]) -> None:
                          + ", ".join(sorted(nested)))
 
 
-def _refuse(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"{text} is not a finite number")
-    return value
-
-
 def host_path(host: str, *rest: str) -> str:
     parts = ["/api/v1/hosts", quote(host, safe="*")] + [quote(p, safe="[]:") for p in rest]
     return "/".join(parts)
@@ -317,21 +211,19 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
         if args.backend:
             rule["backends"] = list(rule.get("backends", [])) + args.backend
         answer = client.call("PUT", host_path(args.host), rule)
-        return answer, _applied(answer, f"{args.host}: {args.action} (version {answer['version']})")
+        return answer, _done(answer, f"{args.host}: {args.action}")
     if command == "delete":
         answer = client.call("DELETE", host_path(args.host))
-        return answer, _applied(answer, f"{args.host}: deleted (version {answer['version']})")
+        return answer, _done(answer, f"{args.host}: deleted")
     if command == "add-backend":
         body: dict[str, Any] = {"address": args.address}
         if args.weight is not None:
             body["weight"] = args.weight
         answer = client.call("POST", host_path(args.host, "backends"), body)
-        return answer, _applied(answer, f"{args.host}: added {args.address} "
-                                        f"(version {answer['version']})")
+        return answer, _done(answer, f"{args.host}: added {args.address}")
     if command == "remove-backend":
         answer = client.call("DELETE", host_path(args.host, "backends", args.address))
-        return answer, _applied(answer, f"{args.host}: removed {args.address} "
-                                        f"(version {answer['version']})")
+        return answer, _done(answer, f"{args.host}: removed {args.address}")
     if command == "stats":
         if args.host:
             answer = client.call("GET", f"/api/v1/stats/{quote(args.host, safe='*')}")
@@ -352,21 +244,34 @@ def run(args: argparse.Namespace, client: Client) -> tuple[Any, str]:
         return ctl_cert.run(args, client, CtlError)
     if command == "restore":
         answer = client.call("POST", "/api/v1/restore")
-        return answer, _applied(answer, f"restored {answer['hosts']} hosts (served version "
-                                        f"{answer['restored_from']}) as version "
-                                        f"{answer['version']}")
+        return answer, _applied(answer, f"restored {shown(answer['hosts'])} hosts (served "
+                                        f"version {shown(answer['restored_from'])}) as "
+                                        f"version {shown(answer['version'])}")
     answer = client.call("POST", "/api/v1/reload")
-    return answer, f"reloaded: version {answer['version']}"
+    return answer, f"reloaded: version {shown(answer['version'])}"
 
 
 def every_stats_page(client: Any) -> dict[str, Any]:
-    """``/api/v1/stats`` page after page (`STATS_PAGE` hosts each), as one answer."""
+    """``/api/v1/stats`` page after page (`STATS_PAGE` hosts each), as one answer: at
+    most `MAX_ANSWER` bytes of pages in all, each page's ``next`` above the last
+    (bug: a server repeating its ``next`` or sending pages without end was followed
+    for `STATS_PAGES` pages, each kept)."""
+    start = client.received
     answer = client.call("GET", f"/api/v1/stats?limit={STATS_PAGE}")
-    hosts = answer["hosts"]
+    hosts, after = answer["hosts"], ""
     for _ in range(STATS_PAGES):
-        if not answer.get("next"):
+        following = answer.get("next")
+        if not following:
             break
-        query = urlencode({"limit": STATS_PAGE, "after": answer["next"]})
+        if not isinstance(following, str) or following <= after:
+            raise CtlError(f"{client.url}: its stats pages do not advance (after {after!r} "
+                           f"comes {following!r})")
+        if client.received - start > MAX_ANSWER:
+            raise CtlError(f"{client.url}: its stats pages go on past the "
+                           f"{MAX_ANSWER >> 20} MiB balancerctl reads (`balancerctl stats "
+                           f"HOST` shows one host)")
+        after = following
+        query = urlencode({"limit": STATS_PAGE, "after": after})
         answer = client.call("GET", f"/api/v1/stats?{query}")
         hosts.update(answer["hosts"])
     return {**answer, "hosts": hosts, "next": None}
@@ -376,7 +281,7 @@ def _warned(answer: Any, text: str) -> str:
     """`text`, after a warning on stderr when the answer is the served table, not the store's."""
     problem = answer.get("store_problem") if isinstance(answer, dict) else None
     if problem:
-        print(f"balancerctl: warning: {problem}", file=sys.stderr)
+        warn(problem)
     return text
 
 
@@ -384,8 +289,13 @@ def _partial(answer: Any, text: str) -> str:
     """`text`, after a warning on stderr naming the workers left out (they do not answer)."""
     lagging = answer.get("lagging") if isinstance(answer, dict) else None
     if lagging:
-        print(f"balancerctl: warning: without worker(s) {_workers(lagging)}", file=sys.stderr)
+        warn(f"without worker(s) {_workers(lagging)}")
     return text
+
+
+def _done(answer: dict[str, Any], what: str) -> str:
+    """``WHAT (version N)`` for a write's answer, with `_applied`'s warning."""
+    return _applied(answer, f"{what} (version {shown(answer['version'])})")
 
 
 def _applied(answer: Any, text: str) -> str:
@@ -397,7 +307,7 @@ def _applied(answer: Any, text: str) -> str:
 
 def _workers(lagging: list[dict[str, Any]]) -> str:
     """The workers of a ``lagging`` list, as ``PID (REASON), ...``."""
-    return ", ".join(f"{w.get('pid')} ({w.get('reason')})" for w in lagging)
+    return ", ".join(f"{shown(w.get('pid'))} ({shown(w.get('reason'))})" for w in lagging)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,19 +322,30 @@ def main(argv: list[str] | None = None) -> int:
     url = getattr(args, "url", None) or os.environ.get("BALANCER_URL") or DEFAULT_URL
     token = getattr(args, "token", None) or os.environ.get("BALANCER_TOKEN") or None
     try:
-        answer, text = run(args, Client(url, token))
+        answer, text = run(args, Client(url, token, getattr(args, "timeout", TIMEOUT)))
     except UsageError as exc:
         command = " ".join(filter(None, ("balancerctl", args.command)))
-        print(f"balancerctl: {exc} (see {command} --help)", file=sys.stderr)
+        print(f"balancerctl: {shown(exc)} (see {command} --help)", file=sys.stderr)
         return 2
     except CtlError as exc:
-        print(f"balancerctl: {exc}", file=sys.stderr)
+        print(f"balancerctl: {shown(exc)}", file=sys.stderr)
         return 1
-    if getattr(args, "json", False):
+    except MISSHAPEN as exc:  # bug: a traceback for an answer of another shape
+        print(f"balancerctl: {shown(url)} answered JSON of a shape the management API "
+              f"does not answer ({shown(exc)}): is --url the management API of this "
+              f"balancerctl's version?", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):  # (JSON text is ASCII: control characters escaped)
         print(json.dumps(answer, indent=2, sort_keys=True))
     else:
-        print(text)
+        print(terminal(text))
     return 0
+
+
+# what reading an answer of another shape raises: a field missing (KeyError), a list for an
+# object (AttributeError), text for a number (TypeError, ValueError in a format), a timestamp
+# out of range (OverflowError)
+MISSHAPEN = (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
+
+from management.ctl_format import shown, warn
 
 SOON_DAYS = 14  # `list` flags certificates expiring within this many days
 MAX_FILE = 1 << 20  # bytes of a --chain or --key file at most (the API's body limit)
@@ -73,14 +74,14 @@ def run(args: argparse.Namespace, client: Any,
     if action == "list":
         answer = client.call("GET", cert_path())
         if answer.get("problem"):  # the certificates last read, not the store's (as `list`)
-            print(f"balancerctl: warning: {answer['problem']}", file=sys.stderr)
+            warn(answer["problem"])
         return answer, format_certs(answer.get("certs", []), acme=answer.get("acme"))
     if action == "restore":
         answer = client.call("POST", cert_path("restore"))
-        return answer, f"restored {answer['restored']} certificates to the store"
+        return answer, f"restored {shown(answer['restored'])} certificates to the store"
     if action == "issue":
         answer = client.call("POST", cert_path(args.host) + "/issue")
-        return answer, f"{answer['host']}: issuance requested\n" \
+        return answer, f"{shown(answer['host'])}: issuance requested\n" \
             f"acme: {format_state(answer.get('acme') or {})}"
     if action == "set":
         body = {"chain": _read(args.chain, error), "key": _read(args.key, error)}
@@ -111,13 +112,14 @@ def _read(path: str, error: Callable[[str], Exception]) -> str:
 def format_state(state: dict[str, Any], now: float | None = None) -> str:
     """An ACME state on one line: ``failed (attempt 2, next try in 10 min): REASON``."""
     now = time.time() if now is None else now
-    name = str(state.get("state", "?"))
+    name = shown(state.get("state", "?"))
+    reason = shown(state.get("reason", ""))
     if name == "failed":
         retry = state.get("next_retry")
         wait = f", next try in {_span(retry - now)}" if isinstance(retry, (int, float)) else ""
-        return f"failed (attempt {state.get('attempts', '?')}{wait}): {state.get('reason', '')}"
+        return f"failed (attempt {shown(state.get('attempts', '?'))}{wait}): {reason}"
     if name == "pending":
-        return f"pending: {state.get('reason', '')}"
+        return f"pending: {reason}"
     renew = state.get("renew_at")
     return name + (f", renewal in {_span(renew - now)}" if isinstance(renew, (int, float))
                    else "")
@@ -138,7 +140,8 @@ def format_certs(certs: list[dict[str, Any]], now: float | None = None,
     the ACME state of each host whose rule has ``"tls": "acme"``."""
     text = _cert_table(certs, time.time() if now is None else now)
     if acme:
-        lines = [f"  {host}: {format_state(state, now)}" for host, state in sorted(acme.items())]
+        lines = [f"  {shown(host)}: {format_state(state, now)}"
+                 for host, state in sorted(acme.items())]
         text += "\n\nACME\n" + "\n".join(lines)
     return text
 
@@ -146,7 +149,7 @@ def format_certs(certs: list[dict[str, Any]], now: float | None = None,
 def _cert_table(certs: list[dict[str, Any]], now: float) -> str:
     if not certs:
         return "no certificates"
-    rows = [("HOST", "EXPIRES (UTC)", "DAYS LEFT", "SOURCE", "NAMES")]
+    rows: list[list[str]] = [["HOST", "EXPIRES (UTC)", "DAYS LEFT", "SOURCE", "NAMES"]]
     for cert in certs:
         not_after = cert.get("not_after")
         if isinstance(not_after, (int, float)):
@@ -157,7 +160,8 @@ def _cert_table(certs: list[dict[str, Any]], now: float) -> str:
         else:
             expires, left = "?", "?"
         names = ", ".join(cert.get("names", [])) or cert.get("problem", "")
-        rows.append((cert.get("host", "?"), expires, left, cert.get("source", ""), names))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r[:4], widths, strict=True))
-                     + "  " + str(r[4]) for r in rows)
+        rows.append([shown(c) for c in (cert.get("host", "?"), expires, left,
+                                        cert.get("source", ""), names)])
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True))
+                     + "  " + r[4] for r in rows)

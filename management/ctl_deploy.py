@@ -17,7 +17,9 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
+from balancer.rules import MAX_HOLD
 from management import ctl_help
+from management.ctl_format import shown
 
 POLL = 0.25
 WAIT_MARGIN = 60.0  # seconds beyond the deploy's own timeouts before giving up waiting
@@ -76,24 +78,27 @@ def run(args: argparse.Namespace, client: Any, error: type[Exception]) -> tuple[
     path = f"/api/v1/hosts/{quote(args.host, safe='*')}/{args.command}"
     record = client.call("POST", path, body_of(args))["deploy"]
     if args.no_wait:
-        return {"deploy": record}, f"{record['kind']} {record['id']} of {record['host']} started"
+        return {"deploy": record}, f"{_named(record)} started"
     show = None if getattr(args, "json", False) else Progress()
     record = follow(client, record, show)
     if record["state"] != "done":
         step = record["steps"][-1]["name"] if record["steps"] else "?"
-        raise error(f"{record['kind']} {record['id']} of {record['host']} failed at step "
-                    f"{step}: {record['error']}")
-    text = f"{record['kind']} {record['id']} of {record['host']} done in " \
-           f"{record['ended'] - record['started']:.1f}s: {', '.join(map(str, record['to']))}"
+        raise error(f"{_named(record)} failed at step {step}: {record['error']}")
+    text = f"{_named(record)} done in {record['ended'] - record['started']:.1f}s: " \
+           f"{shown(', '.join(map(str, record['to'])))}"
     if record.get("warning"):
-        text += f"\nwarning: {record['warning']}"
+        text += f"\nwarning: {shown(record['warning'])}"
     return {"deploy": record}, text
+
+
+def _named(record: dict[str, Any]) -> str:
+    """``deploy ID of HOST``."""
+    return f"{shown(record['kind'])} {shown(record['id'])} of {shown(record['host'])}"
 
 
 def follow(client: Any, record: dict[str, Any], show: Progress | None) -> dict[str, Any]:
     """Poll the deploy until it ends (bounded by its timeouts); the final record."""
-    settings = record["settings"]
-    deadline = time.monotonic() + sum(float(settings[k]) for k in
+    deadline = time.monotonic() + sum(_timing(record["settings"], k) for k in
                                       ("ready_timeout", "drain_timeout", "warmup")) + WAIT_MARGIN
     while True:
         if show is not None:
@@ -102,6 +107,15 @@ def follow(client: Any, record: dict[str, Any], show: Progress | None) -> dict[s
             return record
         time.sleep(POLL)
         record = client.call("GET", f"/api/v1/deploys/{quote(record['id'])}")["deploy"]
+
+
+def _timing(settings: dict[str, Any], key: str) -> float:
+    """A deploy's timing, as the API bounds it (bug: a server's ``1e999`` or ``NaN``
+    made the wait endless)."""
+    value = float(settings[key])
+    if not 0 <= value <= MAX_HOLD:
+        raise ValueError(f"the deploy's {key} is {value}, not 0 to {MAX_HOLD} seconds")
+    return value
 
 
 class Progress:
@@ -117,7 +131,7 @@ class Progress:
                 if key in self.printed or (done and step["ended"] is None):
                     continue
                 self.printed.add(key)
-                print(_step_line(step, done), flush=True, file=sys.stdout)
+                print(shown(_step_line(step, done)), flush=True, file=sys.stdout)
 
 
 def _step_line(step: dict[str, Any], done: bool) -> str:
@@ -135,10 +149,11 @@ def format_deploys(records: list[dict[str, Any]]) -> str:
     for r in records:
         started = datetime.fromtimestamp(float(r.get("started", 0))).strftime("%Y-%m-%d %H:%M:%S")
         moved = f"{_names(r.get('from'))} -> {_names(r.get('to'))}"
-        lines.append(f"{started:<19}  {r.get('host', ''):<24} {r.get('kind', ''):<8} "
-                     f"{r.get('state', ''):<8} {r.get('step') or '':<7} {moved}")
+        lines.append(f"{started:<19}  {shown(r.get('host', '')):<24} "
+                     f"{shown(r.get('kind', '')):<8} {shown(r.get('state', '')):<8} "
+                     f"{shown(r.get('step') or ''):<7} {shown(moved)}")
         if r.get("error"):
-            lines.append(f"{'':<21}error: {r['error']}")
+            lines.append(f"{'':<21}error: {shown(r['error'])}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,20 @@ def shown(value: Any) -> str:
     arrive as Latin-1) is escaped, so none reaches the operator's terminal as is."""
     text = str(value)
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def terminal(text: str) -> str:
+    """`text`, lines kept, with each line holding a control character escaped
+    (`shown`): whatever a formatter missed, nothing from a hostile server's
+    answer reaches the terminal as is."""
+    if text.isprintable():
+        return text
+    return "\n".join(line if line.isprintable() else shown(line) for line in text.split("\n"))
+
+
+def warn(message: Any) -> None:
+    """``balancerctl: warning: MESSAGE`` on stderr, one line (`shown`)."""
+    print(f"balancerctl: warning: {shown(message)}", file=sys.stderr)
 
 
 def _is_number(value: Any) -> bool:
@@ -63,11 +78,11 @@ def _backend(entry: Any) -> str:
 def format_hosts(answer: dict[str, Any]) -> str:
     hosts = answer.get("hosts", {})
     if not hosts:
-        return f"no hosts (version {answer.get('version')})"
+        return f"no hosts (version {shown(answer.get('version'))})"
     rows = [(host, rule.get("action", "?") + (" +sub" if rule.get("subdomains") else ""),
              summary(rule)) for host, rule in sorted(hosts.items())]
     return (table(("HOST", "ACTION", "TARGET"), rows)
-            + f"\n\nversion {answer.get('version')}, {len(hosts)} host(s)")
+            + f"\n\nversion {shown(answer.get('version'))}, {len(hosts)} host(s)")
 
 
 def format_rule(answer: dict[str, Any]) -> str:
@@ -82,8 +97,9 @@ def format_rule(answer: dict[str, Any]) -> str:
             # none reaches the operator's terminal (ESC sequences) as is
             value = json.dumps(value, sort_keys=True)
         rows.append((key, value))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    shown_rows = [(shown(k), shown(v)) for k, v in rows]
+    width = max(len(k) for k, _ in shown_rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in shown_rows)
 
 
 PERCENTILES = ("p50", "p95", "p99")
@@ -116,21 +132,21 @@ def format_stats(answer: dict[str, Any]) -> str:
         out += "\n\n" + table(("HOST", "BACKEND", "STATE", "IN-FLIGHT", "FAILURES",
                                "P50", "P95", "P99"), backend_rows)
     if "open_connections" in answer:
-        out += (f"\n\nopen connections {answer['open_connections']}, "
-                f"routing version {answer.get('routing_version')}")
+        out += (f"\n\nopen connections {shown(answer['open_connections'])}, "
+                f"routing version {shown(answer.get('routing_version'))}")
     return out
 
 
 def format_top(answer: dict[str, Any]) -> str:
     rows = [(n, row["key"], row["count"], row["error"])
             for n, row in enumerate(answer.get("top", []), 1)]
-    what = f"{answer.get('group')} by {answer.get('by')}"
+    what = f"{shown(answer.get('group'))} by {shown(answer.get('by'))}"
     if answer.get("by") != "in_flight":
         what += f" over {answer.get('window', 0):g} s"
     if not rows:
         return f"nothing yet ({what})"
     return table(("#", answer.get("group", "key").upper(), answer.get("by", "count").upper(),
-                  "±"), rows) + f"\n\n{what}, {answer.get('workers', 0)} worker(s)"
+                  "±"), rows) + f"\n\n{what}, {shown(answer.get('workers', 0))} worker(s)"
 
 
 def format_inflight(answer: dict[str, Any]) -> str:
@@ -143,5 +159,5 @@ def format_inflight(answer: dict[str, Any]) -> str:
     out = table(("AGE", "HOST", "METHOD", "PATH", "CLIENT", "BACKEND", "SENT", "RECEIVED",
                  "PID"), rows)
     if answer.get("left_out"):
-        out += f"\n\n{answer['left_out']} more not shown"
+        out += f"\n\n{shown(answer['left_out'])} more not shown"
     return out

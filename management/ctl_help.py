@@ -26,6 +26,15 @@ def finite(text: str) -> float:
     return value
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a time limit, more than 0 and at most a day."""
+    value = finite(text)
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 and at most 86400, "
+                                         f"got {text!r}")
+    return value
+
+
 DESCRIPTION = "Change and inspect a running balancer's routing table through its management API."
 
 EPILOG = """\

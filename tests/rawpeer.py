@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -89,11 +90,14 @@ def serve_each(listener: socket.socket, serve: Callable[[socket.socket], None]) 
 
 
 class RawBackend:
-    """Accepts connections on 127.0.0.1:0 and serves each with `script`."""
+    """Accepts connections on 127.0.0.1:0 and serves each with `script` (over TLS
+    with `tls`, a server context: a handshake that fails ends the connection)."""
 
-    def __init__(self, script: Script, timeout: float = 10.0) -> None:
+    def __init__(self, script: Script, timeout: float = 10.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.script = script
         self.timeout = timeout
+        self.tls = tls
         self.requests: list[bytes] = []  # each whole request, once complete
         self.inbound = bytearray()  # every byte received, as it comes
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -108,6 +112,13 @@ class RawBackend:
     def _serve(self, conn: socket.socket) -> None:
         self.connections.append(conn)
         conn.settimeout(self.timeout)
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                conn.close()
+                return
+            self.connections.append(conn)
         with conn:
             while True:
                 request = read_request(conn, self.inbound)

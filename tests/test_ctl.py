@@ -113,6 +113,7 @@ def test_stats_reads_every_page() -> None:
 
         def __init__(self) -> None:
             self.asked: list[str] = []
+            self.url, self.received = "http://fake", 0
 
         def call(self, method: str, path: str) -> dict[str, Any]:
             query = parse_qs(urlsplit(path).query)

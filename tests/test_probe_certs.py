@@ -443,6 +443,6 @@ def test_retry_after_is_read_and_bounded(tmp_path: Path) -> None:
 
 
 def test_balancerctl_knows_the_apis_body_limit() -> None:
-    from management import ctl, http
+    from management import ctl_client, http
 
-    assert ctl.MAX_BODY == http.MAX_BODY
+    assert ctl_client.MAX_BODY == http.MAX_BODY
