@@ -78,13 +78,13 @@ def run(args: argparse.Namespace, client: Any, error: type[Exception]) -> tuple[
     path = f"/api/v1/hosts/{quote(args.host, safe='*')}/{args.command}"
     record = client.call("POST", path, body_of(args))["deploy"]
     if args.no_wait:
-        return {"deploy": record}, f"{_named(record)} started"
+        return {"deploy": record}, f"{shown(_named(record))} started"
     show = None if getattr(args, "json", False) else Progress()
     record = follow(client, record, show)
     if record["state"] != "done":
         step = record["steps"][-1]["name"] if record["steps"] else "?"
         raise error(f"{_named(record)} failed at step {step}: {record['error']}")
-    text = f"{_named(record)} done in {record['ended'] - record['started']:.1f}s: " \
+    text = f"{shown(_named(record))} done in {record['ended'] - record['started']:.1f}s: " \
            f"{shown(', '.join(map(str, record['to'])))}"
     if record.get("warning"):
         text += f"\nwarning: {shown(record['warning'])}"
@@ -92,8 +92,8 @@ def run(args: argparse.Namespace, client: Any, error: type[Exception]) -> tuple[
 
 
 def _named(record: dict[str, Any]) -> str:
-    """``deploy ID of HOST``."""
-    return f"{shown(record['kind'])} {shown(record['id'])} of {shown(record['host'])}"
+    """``deploy ID of HOST`` (as the answer has it: `shown` by the caller)."""
+    return f"{record['kind']} {record['id']} of {record['host']}"
 
 
 def follow(client: Any, record: dict[str, Any], show: Progress | None) -> dict[str, Any]:
