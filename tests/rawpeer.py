@@ -11,6 +11,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +88,17 @@ def serve_each(listener: socket.socket, serve: Callable[[socket.socket], None]) 
                 return
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
     threading.Thread(target=accept_loop, daemon=True).start()
+
+
+def sending(*pieces: bytes, pause: float = 0.0) -> Script:
+    """A `RawBackend` script that writes `pieces`, `pause` seconds before each, and
+    closes."""
+    def script(conn: socket.socket, _request: bytes) -> bool:
+        for piece in pieces:
+            time.sleep(pause)
+            conn.sendall(piece)
+        return False
+    return script
 
 
 class RawBackend:

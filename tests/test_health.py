@@ -13,7 +13,7 @@ from balancer.health import CheckConfig, Checker, HealthChecks, read_status, wan
 from balancer.pool import Backend as PoolBackend
 from balancer.pool import BackendRegistry
 from tests.conftest import RedisServer
-from tests.rawpeer import RawBackend, read_request, serve_each
+from tests.rawpeer import RawBackend, read_request, sending, serve_each
 from tests.support import Backend, Balancer, EchoHandler, dead_address, request, wait_for
 
 HOST = "app.test"
@@ -369,16 +369,6 @@ def test_health_checks_start_retune_and_stop():
 
 
 # hostile and broken backends against one check ------------------------------------
-def _answer(*pieces: bytes, pause: float = 0.0) -> object:
-    """A RawBackend script writing `pieces` with `pause` seconds before each."""
-    def script(conn: socket.socket, _request: bytes) -> bool:
-        for piece in pieces:
-            time.sleep(pause)
-            conn.sendall(piece)
-        return False
-    return script
-
-
 def _reset(conn: socket.socket, _request: bytes) -> bool:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     return False  # closed with SO_LINGER 0: an RST
@@ -388,16 +378,16 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 
 @pytest.mark.parametrize(("script", "healthy", "problem"), [
-    (_answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n", OK), True, ""),
-    (_answer(b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n"), True, ""),
-    (_answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\n\r\n"), False, "answered 503"),
-    (_answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"), False, "Upgrade"),
-    (_answer(OK, pause=0.2), True, ""),  # slow, within the timeout
-    (_answer(OK, pause=1.5), False, "timed out"),
-    (_answer(b"HTTP/1.1 2", b"0", b"0", b" OK\r\n", OK[17:], pause=0.35), False, "timed out"),
-    (_answer(b"\x00\xff garbage\r\n\r\n"), False, "invalid response"),
-    (_answer(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000), False, "invalid response"),
-    (_answer(b"HTTP/1.1 200 OK\r\nContent-Le"), False, "invalid response"),  # then EOF
+    (sending(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n", OK), True, ""),
+    (sending(b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 204 No Content\r\n\r\n"), True, ""),
+    (sending(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\n\r\n"), False, "answered 503"),
+    (sending(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"), False, "Upgrade"),
+    (sending(OK, pause=0.2), True, ""),  # slow, within the timeout
+    (sending(OK, pause=1.5), False, "timed out"),
+    (sending(b"HTTP/1.1 2", b"0", b"0", b" OK\r\n", OK[17:], pause=0.35), False, "timed out"),
+    (sending(b"\x00\xff garbage\r\n\r\n"), False, "invalid response"),
+    (sending(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000), False, "invalid response"),
+    (sending(b"HTTP/1.1 200 OK\r\nContent-Le"), False, "invalid response"),  # then EOF
     (_reset, False, "reset"),
 ], ids=["103-then-200", "100-then-204", "100-then-503", "101", "slow-200", "too-slow-200",
         "trickled-status", "garbage", "endless-head", "cut-head", "reset"])
