@@ -124,6 +124,9 @@ def checked_url(url: str) -> str:
         raise UsageError(f"--url {url!r}: {exc}; {expected}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--url {url!r}: {expected}")
+    if parts.query or parts.fragment or not url.isprintable() or " " in url:
+        raise UsageError(f"--url {url!r}: a query, a fragment, spaces or control "
+                         f"characters cannot be part of the API's address; {expected}")
     return url.rstrip("/")
 
 

@@ -56,11 +56,13 @@ def exchange(url: str, method: str, path: str, body: bytes | None, headers: dict
     answer, its body at most `limit` bytes, within `timeout` seconds in all (the
     connection itself: `timeout` for each of the host's addresses tried)."""
     parts = urlsplit(url)
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    host = parts.hostname or ""
+    tls = ssl.create_default_context() if parts.scheme == "https" else None
+    conn = (http.client.HTTPConnection(host, parts.port, timeout=timeout) if tls is None else
+            http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=tls))
     watchdog = Watchdog(timeout)
     try:
-        conn.sock = _connect(host, port, parts.scheme == "https", watchdog)
+        conn.sock = _connect(conn.host, conn.port, tls, watchdog)  # (never its own connect)
         try:
             conn.request(method, parts.path.rstrip("/") + path, body=body, headers=headers)
             response = conn.getresponse()
@@ -75,7 +77,8 @@ def exchange(url: str, method: str, path: str, body: bytes | None, headers: dict
         conn.close()
 
 
-def _connect(host: str, port: int, tls: bool, watchdog: Watchdog) -> socket.socket:
+def _connect(host: str, port: int, tls: ssl.SSLContext | None,
+             watchdog: Watchdog) -> socket.socket:
     """A connection to `host`, under `watchdog` from the moment it is made (a TLS
     handshake included), or `Unreachable`."""
     try:
@@ -85,10 +88,10 @@ def _connect(host: str, port: int, tls: bool, watchdog: Watchdog) -> socket.sock
     except OSError as exc:
         raise Unreachable(exc.strerror or str(exc) or type(exc).__name__) from None
     watchdog.watch(sock)
-    if not tls:
+    if tls is None:
         return sock
     try:
-        return ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        return tls.wrap_socket(sock, server_hostname=host)
     except OSError as exc:
         raise Unanswered(_tls_failure(exc, watchdog)) from None
 

@@ -159,6 +159,7 @@ def test_error_exits(url: str, env: dict[str, str]) -> None:
     assert "invalid choice" in fails("set", "a.example.com", "teleport", env=env, code=2)
     assert "invalid choice" in fails("frobnicate", env=env, code=2)
     assert "expected http://HOST:PORT" in fails("--url", "nonsense", "list", code=2)
+    assert "a query, a fragment" in fails("--url", "http://127.0.0.1:1/?x=1", "list", code=2)
 
 
 @pytest.mark.parametrize(("argv", "named"), [
