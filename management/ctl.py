@@ -2,8 +2,12 @@
 
 Invariants:
 * Every failure ends the same way: one line ``balancerctl: <reason>`` on
-  stderr and a non-zero exit (1 for errors, 2 for usage).
+  stderr and a non-zero exit (1 for errors, 2 for usage), whatever the server
+  at ``--url`` answers (`management.ctl_client`; an answer of another shape
+  than the command reads is `MISSHAPEN`).
 * ``--json`` prints the API's JSON answer unchanged; otherwise a table.
+* Nothing from an answer reaches the terminal as is: the fields a line shows
+  are `shown` (escaped), and the whole text passes `terminal` before printing.
 """
 
 from __future__ import annotations
@@ -310,6 +314,12 @@ def _workers(lagging: list[dict[str, Any]]) -> str:
     return ", ".join(f"{shown(w.get('pid'))} ({shown(w.get('reason'))})" for w in lagging)
 
 
+# what reading an answer of another shape raises: a field missing (KeyError), a list for an
+# object (AttributeError), text for a number (TypeError, ValueError in a format), a timestamp
+# out of range (OverflowError)
+MISSHAPEN = (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``balancerctl`` console script."""
     parser = build_parser()
@@ -341,11 +351,6 @@ def main(argv: list[str] | None = None) -> int:
         print(terminal(text))
     return 0
 
-
-# what reading an answer of another shape raises: a field missing (KeyError), a list for an
-# object (AttributeError), text for a number (TypeError, ValueError in a format), a timestamp
-# out of range (OverflowError)
-MISSHAPEN = (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError)
 
 
 if __name__ == "__main__":
