@@ -372,7 +372,7 @@ def counters_only(snapshot: dict[str, Any]) -> dict[str, Any]:
     for host in snapshot.get("hosts", {}).values():
         host.update(open_requests=0, spinning=0)
         for backend in host.get("backends", {}).values():
-            backend.update(state="up", in_flight=0)
+            backend.update(state="up", in_flight=0, tunnels=0)
     return snapshot
 
 
@@ -443,6 +443,12 @@ def ask_why(path: str, command: str, timeout: float = CONTROL_TIMEOUT
             ) -> tuple[dict[str, Any] | None, str]:
     """(reply, "") or (None, why): "gone" when no worker listens there any more
     (it exited), else what went wrong ("no answer within 2.0s"...)."""
+    return decoded(*ask_raw(path, command, timeout))
+
+
+def ask_raw(path: str, command: str, timeout: float = CONTROL_TIMEOUT
+            ) -> tuple[bytes | None, str]:
+    """`ask_why`'s reply as the bytes the worker sent (not decoded)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -454,13 +460,23 @@ def ask_why(path: str, command: str, timeout: float = CONTROL_TIMEOUT
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-        return json.loads(b"".join(chunks)), ""
+        return b"".join(chunks), ""
     except TimeoutError:
         return None, f"no answer within {timeout:g}s"
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         return None, f"no usable answer: {exc}"
     finally:
         sock.close()
+
+
+def decoded(raw: bytes | None, why: str) -> tuple[dict[str, Any] | None, str]:
+    """`ask_raw`'s answer as `ask_why`'s."""
+    if raw is None:
+        return None, why
+    try:
+        return json.loads(raw), ""
+    except ValueError as exc:
+        return None, f"no usable answer: {exc}"
 
 
 def pid_of(path: str) -> int | None:

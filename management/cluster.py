@@ -26,23 +26,22 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import gevent
 from gevent.lock import Semaphore
 
 from balancer.arbiter import STATUS_FILE
-from balancer.control import RETIRED_GLOB, ask_why, pid_of, run_dir_lock, worker_sockets
-from balancer.stats import Stats, merge_snapshots, only_known
+from balancer.control import ask_raw, ask_why, decoded, pid_of, run_dir_lock, worker_sockets
+from balancer.stats import merge_snapshots, only_known
+from management.kept import HeldCounters, RetiredCounters, read_json
 from management.silent import SilentWorkers
 
-RETIRED_TOTAL = "retired-total.json"
+Kept = tuple[dict[str, Any] | None, list[dict[str, Any]]]  # retired total, held counters
 INFO_COMMAND = 'stats {"hosts": [], "totals": true}'  # no host's counters, each worker's totals
 
 
@@ -57,34 +56,53 @@ class ClusterRuntime:
         self.apply_timeout = apply_timeout
         self.problem = problem or (lambda: None)  # the management process's view of the store
         self.retired = RetiredCounters(directory)
+        self.held = HeldCounters(self.retired)
         self.mutex = Semaphore()  # the flock is per process: one greenlet holds it
         self.highest = 0  # the highest version a worker reported (`highest_version`)
         self.known_workers: set[int | None] = set()  # the pids that reported it
         self.silent = SilentWorkers(self._note_highest)
 
-    def survey(self, command: str | Callable[[dict[str, Any] | None], str]
-               ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    def survey(self, command: str | Callable[[list[str]], str], complete: bool = False
+               ) -> tuple[list[dict[str, Any]], Kept]:
         """Every live worker's answer to `command` (or to the command made from the
-        retired total), and the retired total, read together."""
+        hosts the kept counters name), and the counters kept for the workers that
+        exited or do not answer, read together. `complete`: the command asks
+        for every host a worker counted (its answer is held: `HeldCounters`)."""
         with self.mutex, run_dir_lock(self.directory):
+            listed = worker_sockets(self.directory)
+            self.held.retire_gone(listed)
             retired = self.retired.snapshot()
-            return self.ask_all(command if isinstance(command, str) else command(retired)), \
-                retired
+            if not isinstance(command, str):
+                held = self.held.missing(self.silent.silent, ())
+                command = command(sorted({host for kept in (retired, *held) if kept
+                                          for host in kept.get("hosts", {})}))
+            replies, answered = self.asked(listed, command, complete)
+            return replies, (retired, self.held.missing(listed, answered))
 
     def ask_all(self, command: str) -> list[dict[str, Any]]:
         """Every live worker's answer to `command` (workers that do not answer are
         left out, and silent ones not asked: `lagging` names them)."""
-        paths = self.silent.answering(worker_sockets(self.directory))
+        return self.asked(worker_sockets(self.directory), command)[0]
+
+    def asked(self, listed: list[str], command: str, complete: bool = False
+              ) -> tuple[list[dict[str, Any]], set[str]]:
+        """`ask_all` of the `listed` sockets, and the paths that answered (a
+        `complete` command's answers are held)."""
+        paths = self.silent.answering(listed)
         asked = time.time()
-        jobs = [gevent.spawn(ask_why, path, command) for path in paths]
+        jobs = [gevent.spawn(ask_raw, path, command) for path in paths]
         gevent.joinall(jobs)
-        replies = []
+        replies, answered = [], set()
         for path, job in zip(paths, jobs, strict=True):
-            reply, why = job.value if job.successful() else (None, "no answer")
+            raw, why = job.value if job.successful() else (None, "no answer")
+            reply, why = decoded(raw, why)
             self.silent.note(path, reply, why, asked)
             if reply:
                 replies.append(reply)
-        return sorted(replies, key=lambda r: r["pid"])
+                answered.add(path)
+                if complete and raw is not None and "stats" in reply:
+                    self.held.keep(path, raw)
+        return sorted(replies, key=lambda r: r["pid"]), answered
 
     def lagging(self) -> list[dict[str, Any]]:
         """The live workers not answering now: ``{"pid", "version": None, "reason"}``."""
@@ -94,24 +112,27 @@ class ClusterRuntime:
         """The merged snapshot: every host's, or those `select` names
         (`management.runtime.Runtime.stats`)."""
         if select is None:
-            return self._merged(*self.survey("stats"))
-        if select.get("active"):  # and the hosts retired workers counted
-            def command(retired: dict[str, Any] | None) -> str:
-                named = sorted((retired or {}).get("hosts", {}))
-                return "stats " + json.dumps({"active": True, "hosts": named})
-            return self._merged(*self.survey(command))
-        replies, retired = self.survey("stats " + json.dumps(select))
-        merged = self._merged(replies, retired)
+            return self._merged(*self.survey("stats", complete=True))
+        if select.get("active"):  # and the hosts of the counters kept
+            def command(kept: list[str]) -> str:
+                return "stats " + json.dumps({"active": True, "hosts": kept})
+            return self._merged(*self.survey(command, complete=True))
+        replies, kept = self.survey("stats " + json.dumps(select))
+        merged = self._merged(replies, kept)
         if "limit" in select:
             merged["next"] = page_end(merged, replies, select["limit"])
         return merged
 
-    def _merged(self, replies: list[dict[str, Any]], retired: dict[str, Any] | None
-                ) -> dict[str, Any]:
-        """The replies' snapshots summed (into the first reply's), with the retired
-        workers' counters of the hosts and backends they show."""
+    def _merged(self, replies: list[dict[str, Any]], kept: Kept) -> dict[str, Any]:
+        """The replies' snapshots summed (into the first reply's), with the counters
+        kept (held, then retired) of the hosts and backends they show; with no
+        reply, the held counters whole."""
         snapshots = [r["stats"] for r in replies]
         merged = merge_snapshots(snapshots, in_place=True)  # the replies were just decoded
+        retired, held = kept
+        if held:  # of workers listed but not answering: never of deleted hosts
+            cut = [only_known(h, merged) for h in held] if snapshots else held
+            merged = merge_snapshots([merged, *cut], in_place=True)
         if retired:  # counters of hosts and backends still served, never deleted ones
             merged = merge_snapshots([merged, only_known(retired, merged)], in_place=True)
         own = int(self.store.is_reachable() and self.problem() is None
@@ -189,9 +210,9 @@ class ClusterRuntime:
     def info(self) -> dict[str, Any]:
         """Workers and store; costs no host's counters (each worker's totals are
         at most a second old)."""
-        replies, retired = self.survey(INFO_COMMAND)
+        replies, kept = self.survey(INFO_COMMAND)
         processes = [process_info(r) for r in replies]  # before merging sums into the first
-        merged = self._merged(replies, retired)
+        merged = self._merged(replies, kept)
         return {"workers": self.workers,
                 "processes": processes,
                 **({"lagging": merged["lagging"]} if "lagging" in merged else {}),
@@ -235,50 +256,3 @@ def process_info(reply: dict[str, Any]) -> dict[str, Any]:
             "open_connections": reply["stats"].get("open_connections", 0),
             "open_requests": totals.get("open_requests", 0),
             "completed_requests": totals.get("completed_requests", 0)}
-
-
-class RetiredCounters:
-    """The summed counters of workers that exited gracefully (see `control.write_retired`)."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = Path(directory)
-        self.total_path = self.directory / RETIRED_TOTAL
-        self.cached: tuple[Any, dict[str, Any] | None] = (None, None)
-
-    def snapshot(self) -> dict[str, Any] | None:
-        """The retired total after folding in workers that exited since the last call
-        (the caller holds the run directory's lock)."""
-        pending = [p for p in sorted(self.directory.glob(RETIRED_GLOB))
-                   if p.name != RETIRED_TOTAL]
-        if pending:
-            self._fold(pending)
-        return self._read_total()
-
-    def _fold(self, pending: list[Path]) -> None:
-        total = read_json(str(self.total_path))
-        parts = ([total] if total else []) + [s for s in map(read_json, map(str, pending)) if s]
-        tmp = self.total_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(merge_snapshots(parts) if parts else Stats().snapshot()))
-        os.replace(tmp, self.total_path)
-        for path in pending:
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-    def _read_total(self) -> dict[str, Any] | None:
-        try:
-            st = self.total_path.stat()
-        except FileNotFoundError:
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self.cached[0] != key:
-            self.cached = (key, read_json(str(self.total_path)))
-        return self.cached[1]
-
-
-def read_json(path: str) -> Any:
-    """The JSON in `path`, or None if it is missing or unreadable."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None

@@ -1,0 +1,149 @@
+"""Counters the management process keeps for workers it cannot ask.
+
+Two kinds, both counters only (every gauge at its neutral value:
+`balancer.control.counters_only`), so the cluster's sums never go down while
+the process tree lives:
+
+* retired: the final counters of workers that exited, summed in
+  ``DIR/retired-total.json`` (`RetiredCounters`). A worker that exits
+  gracefully writes its own ``DIR/retired-PID.json``; for one that died
+  without (killed, crashed) the management process writes its held counters
+  there.
+* held: each live worker's last complete answer (`HeldCounters`: its reply to
+  a ``stats`` of every host or of the active ones, kept as the bytes it sent),
+  counted in place of its live counters while it does not answer (stopped,
+  hung, or dead and not yet replaced).
+
+Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
+* A worker's counters are counted once: live (it answered), held (listed, no
+  answer) or retired (its socket is gone). A held worker whose socket went is
+  retired from its held counters unless it retired itself: its
+  ``retired-PID.json`` is still pending, or its pid is among those the total
+  has folded (``"folded"``: another management process, during a reload, may
+  have folded it first).
+* Held counters never replace newer ones: a worker's held bytes change only
+  with its next complete answer; they are decoded only while it is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Collection, Iterable
+from pathlib import Path
+from typing import Any
+
+from balancer.control import RETIRED_GLOB, counters_only, pid_of, retired_path
+from balancer.stats import Stats, merge_snapshots
+
+RETIRED_TOTAL = "retired-total.json"
+FOLDED = "folded"  # the total's list of the pids folded into it (the latest `FOLDED_KEPT`)
+FOLDED_KEPT = 1024  # a pid matters until each management process saw its socket go
+
+
+class RetiredCounters:
+    """The summed counters of workers that exited (see `control.write_retired`)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+        self.total_path = self.directory / RETIRED_TOTAL
+        self.cached: tuple[Any, dict[str, Any] | None, tuple[int, ...]] = (None, None, ())
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The retired total after folding in workers that exited since the last call."""
+        pending = [p for p in sorted(self.directory.glob(RETIRED_GLOB))
+                   if p.name != RETIRED_TOTAL]
+        if pending:
+            self._fold(pending)
+        return self._read_total()[0]
+
+    def has_retired(self, pid: int) -> bool:
+        """Whether worker `pid`'s counters are retired (pending or folded)."""
+        return os.path.exists(retired_path(str(self.directory), pid)) \
+            or pid in self._read_total()[1]
+
+    def _fold(self, pending: list[Path]) -> None:
+        total, folded = self._read_total()
+        parts = ([total] if total else []) + [s for s in map(read_json, map(str, pending)) if s]
+        merged = merge_snapshots(parts) if parts else Stats().snapshot()
+        pids = [pid for pid in map(pid_of, map(str, pending)) if pid is not None]
+        merged[FOLDED] = [*folded, *pids][-FOLDED_KEPT:]
+        tmp = self.total_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(merged))
+        os.replace(tmp, self.total_path)
+        for path in pending:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _read_total(self) -> tuple[dict[str, Any] | None, tuple[int, ...]]:
+        """The total's counters (without ``"folded"``) and the pids it folded."""
+        try:
+            st = self.total_path.stat()
+        except FileNotFoundError:
+            return None, ()
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self.cached[0] != key:
+            total = read_json(str(self.total_path))
+            folded = total.pop(FOLDED, []) if isinstance(total, dict) else []
+            self.cached = (key, total, tuple(folded))
+        return self.cached[1], self.cached[2]
+
+
+class HeldCounters:
+    """Each live worker's last complete answer (control socket path → bytes)."""
+
+    def __init__(self, retired: RetiredCounters) -> None:
+        self.retired = retired
+        self.raw: dict[str, bytes] = {}
+        self.decoded: dict[str, dict[str, Any]] = {}  # of the missing workers only
+
+    def keep(self, path: str, raw: bytes) -> None:
+        """Remember `raw`, worker `path`'s answer to a ``stats`` of every host
+        (or of every host it counted: the active ones)."""
+        self.raw[path] = raw
+        self.decoded.pop(path, None)
+
+    def missing(self, listed: Iterable[str], answered: Collection[str]
+                ) -> list[dict[str, Any]]:
+        """The held counters of the `listed` workers not in `answered` (paths)."""
+        wanted = [path for path in listed if path not in answered and path in self.raw]
+        self.decoded = {path: self.decoded.get(path) or self._decode(path) for path in wanted}
+        return [snapshot for snapshot in self.decoded.values() if snapshot]
+
+    def retire_gone(self, listed: Collection[str]) -> None:
+        """Forget the workers whose socket went; retire the counters of those
+        that did not retire theirs (killed, crashed) from what they held."""
+        for path in [path for path in self.raw if path not in listed]:
+            pid = pid_of(path)
+            if pid is not None and not self.retired.has_retired(pid):
+                snapshot = self.decoded.get(path) or self._decode(path)
+                if snapshot:
+                    write_json(retired_path(str(self.retired.directory), pid), snapshot)
+            self.raw.pop(path)
+            self.decoded.pop(path, None)
+
+    def _decode(self, path: str) -> dict[str, Any]:
+        """The counters of worker `path`'s held answer ({} if unusable)."""
+        try:
+            stats = json.loads(self.raw[path])["stats"]
+        except (ValueError, KeyError, TypeError):
+            return {}
+        return counters_only(stats) if isinstance(stats, dict) else {}
+
+
+def write_json(path: str, value: Any) -> None:
+    """Write `value` to `path` atomically (a reader sees all of it or nothing)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as out:
+        json.dump(value, out)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+    """The JSON in `path`, or None if it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,175 @@
+"""Counters never go down while the process tree lives (`management.kept`): a
+worker that does not answer counts with its last known counters, and one that
+dies without retiring its own is retired from them, once.
+
+A real balancer with 2 workers proxying to a real backend; `/metrics` is
+scraped over and over while a worker is stopped (SIGSTOP), continued, killed
+while stopped and killed while answering. A stopped worker is always
+continued in a `finally`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import Balancer, request, wait_for
+
+HOST = "app.test"
+COUNTERS = ("_total", "_bucket", "_count", "_sum")  # a histogram's series are counters too
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture
+def two_busy_workers(tmp_path, backend) -> Iterator[tuple[Balancer, list[int], int]]:
+    """A balancer whose 2 workers both answered requests; their pids and the
+    number of requests sent (all of them counted in `/metrics`)."""
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
+                   args=["--workers", "2"])
+    try:
+        pids = wait_for(lambda: worker_pids(bal) if len(worker_pids(bal)) == 2 else None,
+                        20, what="two workers")
+        sent = send_until_both_counted(bal)
+        yield bal, pids, sent
+    finally:
+        for pid in worker_pids(bal, quiet=True):
+            with_signal(pid, signal.SIGCONT)
+        bal.stop()
+
+
+def worker_pids(bal: Balancer, quiet: bool = False) -> list[int]:
+    try:
+        return sorted(p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"])
+    except (OSError, KeyError, ValueError):
+        if quiet:
+            return []
+        raise
+
+
+def with_signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def send_until_both_counted(bal: Balancer, before: int = 0) -> int:
+    """Requests on fresh connections (spread over the workers) until each worker
+    counted some; the number sent, once `/metrics` counts every one (and
+    `before`)."""
+    sent = 0
+
+    def both_counted() -> bool:
+        nonlocal sent
+        for _ in range(10):
+            assert request(bal.port, host=HOST)[0] == 200
+            sent += 1
+        processes = bal.api("GET", "/api/v1/info")[1]["processes"]
+        return len(processes) == 2 and all(p["completed_requests"] for p in processes)
+
+    wait_for(both_counted, 20, interval=0.2, what="requests counted by both workers")
+    wait_for(lambda: requests_total(scrape(bal)) == before + sent, 10,
+             what="every request counted")
+    return sent
+
+
+def scrape(bal: Balancer) -> Series:
+    """`/metrics`' counter series: {(name, sorted labels): value}."""
+    conn = http.client.HTTPConnection("127.0.0.1", bal.mport, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.endswith(COUNTERS)}
+
+
+def requests_total(series: Series) -> float:
+    return sum(v for (name, labels), v in series.items()
+               if name == "balancer_requests_total" and ("host", HOST) in labels)
+
+
+class NeverDown:
+    """Scrapes `/metrics` and fails at the first counter series that went down
+    or went away since the scrape before."""
+
+    def __init__(self, bal: Balancer) -> None:
+        self.bal = bal
+        self.last = scrape(bal)
+        self.fallen: dict[Any, tuple[float, float | None]] = {}
+
+    def scrape(self) -> Series:
+        now = scrape(self.bal)
+        self.fallen.update({key: (value, now.get(key)) for key, value in self.last.items()
+                            if now.get(key, -1.0) < value})
+        assert not self.fallen, f"counter series went down or away: {self.fallen}"
+        self.last = now
+        return now
+
+    def until(self, done: Any, timeout: float, what: str) -> Series:
+        """Scrape (checking each) until `done(series)` holds; its last series."""
+        def check() -> Series | None:
+            series = self.scrape()
+            return series if done(series) else None
+        found = wait_for(lambda: self.fallen or check(), timeout, interval=0.05, what=what)
+        assert not self.fallen, f"counter series went down or away: {self.fallen}"
+        return found
+
+
+def stats_total(bal: Balancer) -> tuple[int, list[int]]:
+    """`/api/v1/stats`' completed requests of HOST and the pids it names lagging."""
+    doc = bal.api("GET", "/api/v1/stats")[1]
+    return (doc["hosts"][HOST]["completed_requests"],
+            [entry["pid"] for entry in doc.get("lagging", [])])
+
+
+def test_a_stopped_worker_keeps_its_counters_until_it_answers_again(two_busy_workers):
+    bal, pids, sent = two_busy_workers
+    stopped = pids[0]
+    watch = NeverDown(bal)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        watch.until(lambda s: stats_total(bal) == (sent, [stopped]), 15,
+                    what="/api/v1/stats naming the stopped worker with every request")
+        for _ in range(5):  # the stopped worker's last counters stay in the sums
+            assert requests_total(watch.scrape()) == sent
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    watch.until(lambda s: stats_total(bal) == (sent, []), 15,
+                what="the continued worker back in the answers")
+    more = send_until_both_counted(bal, sent)
+    assert requests_total(watch.scrape()) == sent + more  # its own counters again, once
+
+
+def test_a_worker_killed_while_stopped_is_counted_once(two_busy_workers):
+    bal, pids, sent = two_busy_workers
+    stopped, other = pids
+    watch = NeverDown(bal)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        watch.until(lambda s: stats_total(bal)[1] == [stopped], 15,
+                    what="the stopped worker named lagging")
+    finally:
+        os.kill(stopped, signal.SIGKILL)  # a stopped process dies of SIGKILL at once
+    replaced = watch.until(lambda s: len(set(worker_pids(bal)) - {stopped, other}) == 1
+                           and stats_total(bal)[1] == [], 20, what="its replacement")
+    assert requests_total(replaced) == sent == stats_total(bal)[0]  # retired once, never twice
+    # a worker killed while answering: retired from its last counters too
+    os.kill(other, signal.SIGKILL)
+    watch.until(lambda s: other not in worker_pids(bal) and len(worker_pids(bal)) == 2, 20,
+                what="the second replacement")
+    for _ in range(5):
+        assert requests_total(watch.scrape()) == sent
+    more = send_until_both_counted(bal, sent)
+    assert requests_total(watch.scrape()) == sent + more == stats_total(bal)[0]
