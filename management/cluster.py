@@ -2,9 +2,11 @@
 
 Runs in the management process. Every call asks the workers' control
 sockets (`balancer.control`) at that moment, all at once, and merges the
-answers with `merge_snapshots`; counters of workers that already exited
-gracefully are folded in from the run directory, so totals never go
-backwards across a reload.
+answers with `merge_snapshots`; the counters kept for workers that cannot
+answer (`management.kept`: those that exited, from the run directory, and
+the last complete answer of those that do not answer now) are folded in, so
+counters never go backwards while the process tree lives: not across a
+reload, a worker's crash, or a stopped worker.
 
 Invariants:
 * Stats are exact at scrape time: no worker pushes anything periodically.
@@ -12,16 +14,18 @@ Invariants:
   socket's ``apply``), whatever the store, and counts as applied once each
   worker answers that it serves the new version; the store's own messages
   and polling are the safety net for changes made elsewhere.
-* Only hosts and backends a live worker reports are shown: retired counters
-  fold into those, and a deleted host's go away with it.
-* Live answers and the retired total are read together under the run
+* Only hosts and backends a live worker reports are shown: kept counters
+  fold into those, and a deleted host's go away with it. A survey of the
+  active hosts names the hosts of the kept counters, so the workers report
+  them (idle) too.
+* Live answers and the kept counters are read together under the run
   directory's lock (`control.run_dir_lock`), so a worker that exits is counted
   once, and two management processes (old and new, during a reload) never
   fold a retired worker twice. One greenlet at a time takes that lock.
 * A worker that does not answer (stopped, hung) is asked no more until it
   answers a probe again (`management.silent`): calls answer at once with the
-  other workers' figures and name it in ``lagging``; a write never counts it
-  as having applied.
+  other workers' figures and its held counters (gauges left out), and name it
+  in ``lagging``; a write never counts it as having applied.
 """
 
 from __future__ import annotations
@@ -72,12 +76,26 @@ class ClusterRuntime:
             listed = worker_sockets(self.directory)
             self.held.retire_gone(listed)
             retired = self.retired.snapshot()
+            named: set[str] | None = None
             if not isinstance(command, str):
-                held = self.held.missing(self.silent.silent, ())
-                command = command(sorted({host for kept in (retired, *held) if kept
-                                          for host in kept.get("hosts", {})}))
+                named = kept_hosts(retired, *self.held.missing(self.silent.silent, ()))
+                command = command(sorted(named))
             replies, answered = self.asked(listed, command, complete)
-            return replies, (retired, self.held.missing(listed, answered))
+            held = self.held.missing(listed, answered)
+            unnamed = kept_hosts(*held) - named if named is not None else set()
+            if unnamed and replies:  # hosts only a worker found silent just now counted
+                self.add_hosts(replies, answered, sorted(unnamed))
+            return replies, (retired, held)
+
+    def add_hosts(self, replies: list[dict[str, Any]], answered: set[str],
+                  hosts: list[str]) -> None:
+        """Add to each reply of an active survey its worker's entries of `hosts`
+        (idle there: only held counters make them shown)."""
+        more = {r["pid"]: r["stats"]["hosts"] for r in
+                self.asked(sorted(answered), "stats " + json.dumps({"hosts": hosts}))[0]
+                if "stats" in r}
+        for reply in replies:
+            reply["stats"]["hosts"] = {**more.get(reply["pid"], {}), **reply["stats"]["hosts"]}
 
     def ask_all(self, command: str) -> list[dict[str, Any]]:
         """Every live worker's answer to `command` (workers that do not answer are
@@ -232,6 +250,11 @@ class ClusterRuntime:
         if not self.store.is_reachable():
             return f"store {self.store.display_url} is unreachable"
         return None
+
+
+def kept_hosts(*kept: dict[str, Any] | None) -> set[str]:
+    """The hosts counted in `kept` (retired or held snapshots)."""
+    return {host for snapshot in kept if snapshot for host in snapshot.get("hosts", {})}
 
 
 def page_end(merged: dict[str, Any], replies: list[dict[str, Any]], limit: int) -> str | None:

@@ -11,6 +11,7 @@ continued in a `finally`.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -19,9 +20,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Balancer, request, wait_for
+from balancer.control import ask
+from tests.support import Balancer, control_socket, request, wait_for
 
 HOST = "app.test"
+ONLY = "only.test"  # a host only the first worker of `two_busy_workers` served
 COUNTERS = ("_total", "_bucket", "_count", "_sum")  # a histogram's series are counters too
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -29,35 +32,32 @@ Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 @pytest.fixture
 def two_busy_workers(tmp_path, backend) -> Iterator[tuple[Balancer, list[int], int]]:
-    """A balancer whose 2 workers both answered requests; their pids and the
-    number of requests sent (all of them counted in `/metrics`)."""
-    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
-                   args=["--workers", "2"])
+    """A balancer whose 2 workers both answered requests to HOST; their pids (the
+    first one's the only worker that served ONLY) and the number of requests to
+    HOST (all of them counted in `/metrics`)."""
+    rule = {"action": "proxy", "backends": [backend.address]}
+    bal = Balancer(tmp_path, {HOST: rule, ONLY: rule}, args=["--workers", "2"])
     try:
         pids = wait_for(lambda: worker_pids(bal) if len(worker_pids(bal)) == 2 else None,
                         20, what="two workers")
+        assert request(bal.port, host=ONLY)[0] == 200
+        served = wait_for(lambda: [pid for pid in pids if counted(pid, ONLY)], 10,
+                          what=f"the worker that served {ONLY}")
         sent = send_until_both_counted(bal)
-        yield bal, pids, sent
+        yield bal, served + [pid for pid in pids if pid not in served], sent
     finally:
-        for pid in worker_pids(bal, quiet=True):
-            with_signal(pid, signal.SIGCONT)
         bal.stop()
 
 
-def worker_pids(bal: Balancer, quiet: bool = False) -> list[int]:
-    try:
-        return sorted(p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"])
-    except (OSError, KeyError, ValueError):
-        if quiet:
-            return []
-        raise
+def worker_pids(bal: Balancer) -> list[int]:
+    """The pids of the workers that answer."""
+    return sorted(p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"])
 
 
-def with_signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+def counted(pid: int, host: str) -> int:
+    """The requests worker `pid` completed for `host` (asked on its control socket)."""
+    reply = ask(control_socket(pid), "stats " + json.dumps({"hosts": [host]}))
+    return reply["stats"]["hosts"].get(host, {}).get("completed_requests", 0) if reply else 0
 
 
 def send_until_both_counted(bal: Balancer, before: int = 0) -> int:
@@ -173,3 +173,41 @@ def test_a_worker_killed_while_stopped_is_counted_once(two_busy_workers):
         assert requests_total(watch.scrape()) == sent
     more = send_until_both_counted(bal, sent)
     assert requests_total(watch.scrape()) == sent + more == stats_total(bal)[0]
+
+
+def test_two_management_processes_retire_a_dead_worker_once(tmp_path):
+    """During a reload the old and the new management process both hold a
+    worker's counters; whichever sees its socket go first retires them (or
+    folds the file the worker wrote itself), the other only forgets them."""
+    from balancer.control import control_path, retired_path
+    from balancer.stats import Stats
+    from management.kept import HeldCounters, RetiredCounters, write_json
+
+    def held_by_both(pid: int, completed: int) -> tuple[HeldCounters, HeldCounters]:
+        stats = Stats()
+        for _ in range(completed):
+            stats.host(HOST).finish(200, 1, 1, 0.001)
+        raw = json.dumps({"pid": pid, "stats": stats.snapshot()}).encode()
+        pair = HeldCounters(RetiredCounters(str(tmp_path))), \
+            HeldCounters(RetiredCounters(str(tmp_path)))
+        for held in pair:
+            held.keep(control_path(str(tmp_path), pid), raw)
+        return pair
+
+    def total() -> int:
+        snapshot = RetiredCounters(str(tmp_path)).snapshot() or {}
+        return snapshot.get("hosts", {}).get(HOST, {}).get("completed_requests", 0)
+
+    old, new = held_by_both(101, 3)  # killed: no file of its own
+    old.retire_gone([])
+    assert old.retired.snapshot() and total() == 3  # folded by the old one
+    new.retire_gone([])
+    assert total() == 3 and not new.raw
+    old, new = held_by_both(102, 4)  # exited gracefully: wrote its final counters
+    final = Stats()
+    for _ in range(5):
+        final.host(HOST).finish(200, 1, 1, 0.001)
+    write_json(retired_path(str(tmp_path), 102), final.snapshot())
+    new.retired.snapshot()  # the new one folds the worker's file first
+    old.retire_gone([])
+    assert total() == 3 + 5 and not old.raw
