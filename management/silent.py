@@ -3,7 +3,8 @@
 A worker stopped (``SIGSTOP``) or hung accepts nothing: every ask waits its
 whole timeout, and asks that give up stay queued in its socket's backlog. So
 the management process remembers such a worker as silent and its asks skip it:
-the API answers at once with the others' figures and names it (``lagging``).
+the API answers at once with the others' figures (and its last known
+counters: `management.kept`) and names it (``lagging``).
 
 Invariants:
 * A worker is silent from a failed ask (no answer in time, or none usable)
