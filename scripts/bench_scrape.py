@@ -14,7 +14,8 @@ production table has some hosts with traffic and many without. Then:
    connection to the static host, for `--duration` seconds: its latency;
 3. probe + scrape: the same while another client fetches ``/metrics`` in a
    loop: the probe's latency again (a stalled worker shows in p99 and max),
-   the scrapes' time and size.
+   the scrapes' time and size, and the Pss of the arbiter and the management
+   process after them.
 
 Run it under ``flock /tmp/bench.lock``; with ``PYTHONPATH`` pointing at a
 compiled copy to measure the compiled data plane (the balancer runs from a
@@ -103,6 +104,14 @@ def check_workers(mgmt: int, count: int, log: Path) -> None:
                          f"workers:\n{log.read_text(errors='replace')[-3000:]}")
 
 
+def pss_mib(pid: int) -> float:
+    """The process's proportional set size (``/proc/PID/smaps_rollup``), MiB."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def warm(port: int, active: int) -> None:
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
     for n in range(active):
@@ -178,6 +187,7 @@ def main() -> None:
             idle = {pid: cpu_seconds(pid) - before[pid] for pid in watched}
             alone = run(port, None, args.duration)[0]
             probes, scrapes, sizes = run(port, mgmt, args.duration)
+            pss = {pid: pss_mib(pid) for pid in management}
         finally:
             procs.stop_all()
             os.chdir(ROOT)
@@ -188,7 +198,7 @@ def main() -> None:
         print(f"  idle {args.idle:g} s: worker {pid} used {idle[pid]:.2f} s CPU")
     for pid in management:
         print(f"  idle {args.idle:g} s: process {pid} (arbiter or management) used "
-              f"{idle[pid]:.2f} s CPU")
+              f"{idle[pid]:.2f} s CPU; Pss after the scrapes {pss[pid]:.1f} MiB")
     print(f"  live request, no scrape:     {latency_line(alone)}")
     print(f"  live request, scraping:      {latency_line(probes)}")
     print(f"  /metrics scrape:             {latency_line(scrapes)}; "

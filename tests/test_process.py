@@ -500,6 +500,7 @@ def test_retired_counters_are_neutral_gauges():
     host.open_requests = 1
     host.finish(200, 10, 20, 0.001)
     host.backend("127.0.0.1:1").in_flight = 2
+    host.backend("127.0.0.1:1").tunnels = 1  # of in_flight: a gauge too
     stats.open_connections, stats.routing_version, stats.store_up = 3, 7, 0
     live = Stats().snapshot() | {"routing_version": 9, "store_up": 1}
     merged = merge_snapshots([live, counters_only(json.loads(json.dumps(stats.snapshot())))])
@@ -508,6 +509,7 @@ def test_retired_counters_are_neutral_gauges():
     assert merged["hosts"][HOST]["completed_requests"] == 1
     assert merged["hosts"][HOST]["open_requests"] == 0
     assert merged["hosts"][HOST]["backends"]["127.0.0.1:1"]["in_flight"] == 0
+    assert merged["hosts"][HOST]["backends"]["127.0.0.1:1"]["tunnels"] == 0
 
 
 def test_identity_resolution():
