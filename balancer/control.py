@@ -316,6 +316,7 @@ def worker_snapshot(worker: Any, keys: list[str] | None = None,
             snapshot["hosts"].update(worker.stats.snapshot(keys[start:start + SLICE])["hosts"])
     usable = worker.tables.store_problem is None and worker.store.last_error() is None
     snapshot["store_up"] = int(usable and worker.store.is_reachable())
+    snapshot["access_log_dropped"] = worker.access_log.dropped_total
     return snapshot
 
 

@@ -11,7 +11,15 @@ Invariants:
 * ``log`` is an append and a length check, nothing else.
 * A record no formatter takes (a caller's bug) is skipped and reported once;
   a failing write drops its batch, is reported once, and its recovery says how
-  many records were dropped. Nothing stops the writer but ``close``.
+  many records were dropped (`dropped_total` counts them all, for
+  ``balancer_access_log_dropped_records_total``). Nothing stops the writer but
+  ``close``.
+* The write in the thread pool never raises: its OSError comes back as a
+  value. Bug: gevent's pool printed a traceback for every failed batch (five
+  a second per worker with the disk full or stdout a closed pipe), and with
+  stderr a closed pipe too, printing it failed and the batch's result never
+  came: ``close`` waited its whole timeout twice, so the worker was killed
+  at the end of ``timeouts.graceful`` instead of stopping.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ class AccessLog:
         self._reopen_requested = False
         self._is_failing = False
         self._dropped = 0
+        self.dropped_total = 0  # records dropped by failed writes, ever (a counter)
         self._has_reported_malformed = False
         self._is_closed = not self.is_enabled  # off: `log` does nothing at all
 
@@ -165,10 +174,11 @@ class AccessLog:
             return b""
 
     def _write(self, data: bytes) -> None:
-        try:
-            gevent.get_hub().threadpool.apply(_write_all, (self._fd, data))
-        except OSError as exc:
-            self._dropped += data.count(b"\n")
+        exc = gevent.get_hub().threadpool.apply(_write_all, (self._fd, data))
+        if exc is not None:
+            lost = data.count(b"\n")
+            self._dropped += lost
+            self.dropped_total += lost
             if not self._is_failing:
                 self._is_failing = True
                 self._report(f"access log {self.path}: write failed ({exc.strerror or exc}); "
@@ -189,8 +199,14 @@ class AccessLog:
             pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to ``fd`` (os.write may write part of it)."""
+def _write_all(fd: int, data: bytes) -> OSError | None:
+    """Write all of ``data`` to ``fd`` (os.write may write part of it); the
+    OSError that stopped it (ENOSPC, EFBIG past RLIMIT_FSIZE: SIGXFSZ is
+    ignored, as Python starts; EPIPE), or None."""
     view, written = memoryview(data), 0
-    while written < len(data):
-        written += os.write(fd, view[written:])
+    try:
+        while written < len(data):
+            written += os.write(fd, view[written:])
+    except OSError as exc:
+        return exc
+    return None
