@@ -141,3 +141,41 @@ def test_a_balancer_started_with_stdout_closed_serves(tmp_path: Path) -> None:
     finally:
         bal.stop()
     assert "Traceback" not in bal.output()
+
+
+# the routes file ------------------------------------------------------------------
+def peak_memory_kib(pid: int) -> int:
+    """Process `pid`'s peak resident memory (VmHWM), in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def test_a_huge_routes_file_is_refused_unread_and_a_whole_table_repairs_it(
+        tmp_path: Path) -> None:
+    """A 1 GiB sparse file in place of the routes file (a log or a dump written to
+    the wrong path): reported corrupt at once, the last good table served, no
+    process reads it (each read it whole before, and held it twice: 2 GB of
+    memory apiece and half a minute without serving)."""
+    bal = Balancer(tmp_path, {"app.test": STATIC})
+    try:
+        huge = tmp_path / "huge.tmp"
+        with open(huge, "wb") as f:
+            f.write(b'{"version": 9, "hosts": {')
+            f.truncate(1 << 30)
+        os.replace(huge, bal.routes)
+        wait_for(lambda: "more than the 256 MiB" in bal.store_problem(), WAIT,
+                 what="the huge file reported")
+        assert request(bal.port)[2] == b"hi"
+        for kind in ("worker", "management"):
+            assert peak_memory_kib(child_pid(bal, kind)) < 200 * 1024
+        status, answer = bal.api("PUT", "/api/v1/hosts", {"hosts": {
+            "app.test": {**STATIC, "body": "repaired"}}})
+        assert status == 200, answer
+        wait_for(lambda: request(bal.port)[2] == b"repaired" and bal.store_problem() == "",
+                 WAIT, what="the repaired table served")
+        assert bal.routes.stat().st_size < 4096
+    finally:
+        bal.stop()

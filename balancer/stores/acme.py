@@ -41,7 +41,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from balancer.stores.atomic import file_signature, open_regular, write_atomically
+from balancer.stores.atomic import file_signature, read_regular, write_atomically
 from balancer.stores.base import StoreUnavailable
 
 FILE_MODE = 0o600
@@ -150,8 +150,7 @@ class FileAcme(Acme):
 
     def _read(self, path: str) -> dict[str, Any]:
         try:
-            with open_regular(path, "r") as f:
-                doc = json.load(f)
+            doc = json.loads(read_regular(path))
         except FileNotFoundError:
             return {}
         except UNREADABLE:

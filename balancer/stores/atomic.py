@@ -1,6 +1,7 @@
 """Replacing a store's file atomically: readers see the old file or the new one,
-never a part, and a crash leaves no temporary file behind; and the signature by
-which a reader sees that a file changed."""
+never a part, and a crash leaves no temporary file behind; reading one, never
+more than `MAX_FILE_BYTES`; and the signature by which a reader sees that a
+file changed."""
 
 from __future__ import annotations
 
@@ -13,13 +14,27 @@ from typing import IO, Any
 
 from balancer.stores.base import StoreUnavailable
 
+# the most a store's file may hold: 40 times the routes file of 100,000 hosts (6 MiB)
+MAX_FILE_BYTES = 256 << 20
+
+
+class TooLarge(ValueError):
+    """A store's file holds more than `MAX_FILE_BYTES`: none this balancer wrote."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"{size} bytes, more than the {MAX_FILE_BYTES >> 20} MiB a store's "
+                         f"file may hold")
+
 
 def write_atomically(path: str, body: bytes, mode: int | None = None) -> None:
     """Replace `path` with `body`: a temporary file beside it (created 0600, then
     `mode` if given), written, fsynced and renamed over `path`. A symlink is
     followed: the file it names is replaced and the link kept (bug: the first
     write put a regular file in place of the link, so the file the link named,
-    which other readers may use, silently stayed at the old table). Raises OSError."""
+    which other readers may use, silently stayed at the old table). Raises OSError;
+    EFBIG, writing nothing, for a body over `MAX_FILE_BYTES` (no reader would take it)."""
+    if len(body) > MAX_FILE_BYTES:
+        raise OSError(errno.EFBIG, str(TooLarge(len(body))), path)
     path = os.path.realpath(path)
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
@@ -53,6 +68,28 @@ def open_regular(path: str, mode: str = "rb") -> IO[Any]:
         os.close(fd)
         raise
     return open(fd, mode)  # noqa: SIM115 - the caller's `with` closes it
+
+
+def read_capped(f: IO[bytes]) -> bytes:
+    """What the open file `f` holds; `TooLarge`, reading nothing, when that is more
+    than `MAX_FILE_BYTES`. Bug: a huge routes file (a 2 GiB sparse file, a log
+    written to the wrong path) was read whole by the management process and
+    every worker, each at once: 4 GB of memory apiece and a minute without
+    serving (a worker reads its store in its loop) before it was found corrupt."""
+    size = os.fstat(f.fileno()).st_size
+    if size > MAX_FILE_BYTES:
+        raise TooLarge(size)
+    data = f.read(MAX_FILE_BYTES + 1)  # it may grow after the fstat
+    if len(data) > MAX_FILE_BYTES:
+        raise TooLarge(len(data))
+    return data
+
+
+def read_regular(path: str) -> bytes:
+    """What the regular file `path` holds (`open_regular`, `read_capped`).
+    Raises OSError, or `TooLarge` (a ValueError, as a file that is no JSON)."""
+    with open_regular(path) as f:
+        return read_capped(f)
 
 
 def file_signature(path: str) -> tuple[int, ...] | None:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from balancer.stores import strict_json
-from balancer.stores.atomic import file_signature, open_regular, write_atomically
+from balancer.stores.atomic import TooLarge, file_signature, read_regular, write_atomically
 from balancer.stores.base import CorruptStore, StoreError, StoreUnavailable
 
 FILE_MODE = 0o600
@@ -145,8 +145,7 @@ class FileCerts(Certs):
 
     def _read(self) -> dict[str, Any]:
         try:
-            with open_regular(self.path) as f:
-                doc = strict_json.loads(f.read())
+            doc = strict_json.loads(read_regular(self.path))
         except FileNotFoundError:
             if self.seen:
                 raise CertsLost(f"{self.path}: the certificates file was deleted while its "
@@ -207,6 +206,8 @@ def _why(exc: BaseException) -> str:
         return "nested too deeply"
     if isinstance(exc, strict_json.DuplicateKey):
         return str(exc)  # names a key (a host, "chain"), never a value
+    if isinstance(exc, TooLarge):
+        return str(exc)
     return "not UTF-8 JSON"
 
 

@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from balancer.stores.atomic import open_regular, write_atomically
+from balancer.stores.atomic import read_regular, write_atomically
 from balancer.stores.base import StoreUnavailable
 
 MAX_DEPLOYS = 50
@@ -115,8 +115,7 @@ class FileRecords(Records):
         """The sections, and what made the file unreadable ("" when nothing did)."""
         problem = ""
         try:
-            with open_regular(self.path, "r") as f:
-                doc = json.load(f)
+            doc = json.loads(read_regular(self.path))
         except FileNotFoundError:
             doc = {}
         except (OSError, *UNREADABLE) as exc:
