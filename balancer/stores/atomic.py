@@ -12,7 +12,7 @@ import stat
 import tempfile
 from typing import IO, Any
 
-from balancer.stores.base import StoreUnavailable
+from balancer.stores.base import StoreFull, StoreUnavailable
 
 # the most a store's file may hold: 40 times the routes file of 100,000 hosts (6 MiB)
 MAX_FILE_BYTES = 256 << 20
@@ -51,6 +51,35 @@ def write_atomically(path: str, body: bytes, mode: int | None = None) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# what a write's errno means when the file has no room, and where to look
+NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the user's disk quota is used up",
+    errno.EFBIG: "over the process's file size limit: ulimit -f, systemd LimitFSIZE=",
+}
+
+
+def write_store_file(path: str, body: bytes, mode: int | None = None) -> None:
+    """`write_atomically`, its OSError turned into the store error: `StoreFull`
+    when the file found no room, `StoreUnavailable` otherwise; either way the old
+    file is intact and no temporary file is left."""
+    try:
+        write_atomically(path, body, mode)
+    except OSError as exc:
+        raise cannot_write(path, exc) from exc
+
+
+def cannot_write(path: str, exc: OSError) -> StoreUnavailable:
+    """The store error of a failed write of `path`, naming the cause (the one place
+    a write's errno is looked at). Bug: a full disk was a 503 "store unavailable"
+    like an unreachable store, and a file size limit said only "File too large"."""
+    why = f"{path}: cannot write: {exc.strerror or exc}"
+    if exc.errno in NO_ROOM:
+        own = exc.strerror == os.strerror(exc.errno)  # not a reason of ours (`TooLarge`)
+        return StoreFull(f"{why} ({NO_ROOM[exc.errno]})" if own else why)
+    return StoreUnavailable(why)
 
 
 def open_regular(path: str, mode: str = "rb") -> IO[Any]:

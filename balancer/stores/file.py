@@ -38,7 +38,13 @@ from typing import Any
 
 from balancer.stores import strict_json
 from balancer.stores.acme import Acme, FileAcme
-from balancer.stores.atomic import TooLarge, open_regular, read_capped, write_atomically
+from balancer.stores.atomic import (
+    TooLarge,
+    cannot_write,
+    open_regular,
+    read_capped,
+    write_atomically,
+)
 from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
@@ -242,7 +248,7 @@ class FileStore(Store):
             _fsync_dir(directory)
             self._remember(self._signature(), data)
         except OSError as exc:
-            raise StoreUnavailable(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+            raise cannot_write(self.path, exc) from exc
 
     def lock_path(self) -> str:
         """The writer lock beside the file the path names now, symlinks resolved (bug:
