@@ -19,8 +19,13 @@ import os
 import re
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
 
 from tests.support import Balancer, request, wait_for
 
@@ -179,3 +184,119 @@ def test_a_huge_routes_file_is_refused_unread_and_a_whole_table_repairs_it(
         assert bal.routes.stat().st_size < 4096
     finally:
         bal.stop()
+
+
+# the file store's writes ----------------------------------------------------------
+def leftovers(directory: Path) -> list[str]:
+    """Temporary files of atomic writes left in `directory`."""
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_store_writes_past_the_file_size_limit_are_507_and_change_nothing(
+        tmp_path: Path, backend: Any) -> None:
+    """The management process's file size limit lowered below every file it would
+    write (as a full disk, ENOSPC, would): a rule, a certificate and a deploy are
+    each refused with 507 `store_full` naming the cause; the files stay as they
+    were, no temporary file is left, the worker serves the old table; with room
+    again the same write succeeds."""
+    from tests.test_tls import CA
+
+    bal = Balancer(tmp_path, {"app.test": STATIC})
+    try:
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()
+                  and p.name.startswith("routes.json")}
+        management = child_pid(bal, "management")
+        limit_file_size(management, 64)
+        chain, key = CA.issue("app.test")
+        for method, path, body in (
+                ("PUT", "/api/v1/hosts/b.test", STATIC),
+                ("PUT", "/api/v1/hosts", {"hosts": {"b.test": STATIC}}),
+                ("PUT", "/api/v1/certs/app.test", {"chain": chain, "key": key}),
+                ("POST", "/api/v1/hosts/app.test/deploy", {"backends": [backend.address]})):
+            status, answer = bal.api(method, path, body)
+            assert status == 507 and answer["error"] == "store_full", (path, answer)
+            assert "file size limit" in answer["message"], answer
+        after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()
+                 and p.name.startswith("routes.json")}
+        assert {n: b for n, b in after.items() if n in before} == before
+        assert not set(after) - set(before) - {"routes.json.acme.json"}, after.keys()
+        assert leftovers(tmp_path) == []
+        assert request(bal.port, host="b.test")[0] == 404
+        limit_file_size(management, None)
+        status, answer = bal.api("PUT", "/api/v1/hosts/b.test", STATIC)
+        assert status == 200, answer
+        assert request(bal.port, host="b.test")[0] == 200
+    finally:
+        bal.stop()
+
+
+def test_a_store_file_write_over_the_cap_is_refused_before_writing(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """A table that would make a routes file no reader takes (`MAX_FILE_BYTES`,
+    lowered here) is refused whole: the file keeps the last table."""
+    from balancer.stores import StoreFull, atomic
+    from balancer.stores.file import FileStore
+
+    store = FileStore(str(tmp_path / "routes.json"))
+    store.put_host("a.test", STATIC)
+    kept = (tmp_path / "routes.json").read_bytes()
+    monkeypatch.setattr(atomic, "MAX_FILE_BYTES", 1000)
+    try:
+        store.replace({f"h{i}.test": STATIC for i in range(50)})
+    except StoreFull as exc:
+        assert "more than the" in str(exc) and "LimitFSIZE" not in str(exc), exc
+    else:
+        raise AssertionError("written")
+    assert (tmp_path / "routes.json").read_bytes() == kept
+    assert leftovers(tmp_path) == []
+
+
+# the wall clock ---------------------------------------------------------------------
+class FakeDeployer:
+    """What a deploy's `Run` asks of its `Deployer` in the warmup and drain steps: no
+    balancer reports in-flight counts, the table no longer names the host."""
+
+    def __init__(self) -> None:
+        self.records = SimpleNamespace(inflight=dict)
+        self.store = SimpleNamespace(load=lambda: SimpleNamespace(version=2, hosts={}))
+
+    def patiently(self, record: dict[str, Any], what: str, call: Any) -> Any:
+        return call()
+
+    def pause(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def save(self, record: dict[str, Any]) -> None:
+        pass
+
+
+def deploy_step_seconds(monkeypatch: Any, step: str, jump: float) -> float:
+    """How long a deploy's `step` ("warmup" or "drain", each set to 0.5 s) waits
+    when the wall clock jumps by `jump` seconds 0.1 s after it began; at most WAIT."""
+    from management import deploy_run
+
+    now = time.time()
+    record = {"id": "d1", "host": "app.test", "from": ["127.0.0.1:1"],
+              "to": ["127.0.0.1:2"], "since": now, "started": now, "version": 2,
+              "steps": [], "settings": {"warmup": 0.5, "drain_timeout": 0.5}}
+    if step == "drain":
+        record["since"] = record["started"] = now - 10  # the warmup is over
+    started = time.monotonic()
+    monkeypatch.setattr(deploy_run, "time", SimpleNamespace(
+        time=lambda: time.time() + (jump if time.monotonic() > started + 0.1 else 0.0),
+        monotonic=time.monotonic))
+    run = deploy_run.Run(FakeDeployer(), record, resumed=False)  # type: ignore[arg-type]
+    waiting = threading.Thread(target=getattr(run, step), daemon=True)
+    waiting.start()
+    waiting.join(WAIT)
+    assert not waiting.is_alive(), f"the {step} waited past {WAIT} s"
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("step", ["warmup", "drain"])
+def test_a_deploy_step_waits_its_time_whatever_the_wall_clock_does(
+        monkeypatch: Any, step: str) -> None:
+    """Set back an hour while the step waits, it waited an hour more; set ahead,
+    it ended there. Now each waits its 0.5 s on the monotonic clock."""
+    for jump in (-3600.0, 3600.0):
+        assert 0.4 < deploy_step_seconds(monkeypatch, step, jump) < 3.0, (step, jump)
