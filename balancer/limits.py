@@ -62,6 +62,7 @@ OPEN = struct.Struct("<q")
 FILE_NAME = "limits.shm"
 MAX_RETRY_AFTER = 3600
 COUNT = struct.Struct("<i")  # a journal's entry: one process's requests in progress in a slot
+TABLE_BYTES = TABLE_SLOTS * SLOT.size  # the shared file's size (2 MiB; a journal's is smaller)
 V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
 
 
@@ -77,9 +78,9 @@ class SharedBuckets:
         self.fd = -1  # the shared file, kept open for its record locks
         self.journal: mmap.mmap | None = None
         if path is None:
-            self.map = mmap.mmap(-1, TABLE_SLOTS * SLOT.size)
+            self.map = mmap.mmap(-1, TABLE_BYTES)
             return
-        self.fd, self.map = _shared_map(path, TABLE_SLOTS * SLOT.size)
+        self.fd, self.map = _shared_map(path, TABLE_BYTES)
         if journal:
             journal_fd, self.journal = _shared_map(journal_path(path, os.getpid()),
                                                    TABLE_SLOTS * COUNT.size)

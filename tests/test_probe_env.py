@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import subprocess
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Balancer, request, wait_for
+from tests.support import ROOT, Balancer, request, wait_for
 
 WAIT = 10.0
 STATIC = {"action": "static", "status": 200, "body": "hi"}
@@ -300,3 +301,25 @@ def test_a_deploy_step_waits_its_time_whatever_the_wall_clock_does(
     it ended there. Now each waits its 0.5 s on the monotonic clock."""
     for jump in (-3600.0, 3600.0):
         assert 0.4 < deploy_step_seconds(monkeypatch, step, jump) < 3.0, (step, jump)
+
+
+# the file size limit at start -----------------------------------------------------
+def test_a_file_size_limit_too_low_for_the_workers_is_refused_at_start(
+        tmp_path: Path) -> None:
+    """Under ``ulimit -f`` of 1 MiB no worker could make its shared limits table
+    (2 MiB): each died at its start, again and again, while the balancer said it
+    was listening. Now `balancer serve` exits at once, naming the limit."""
+    def limited() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")},
+           "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "balancer", "serve", "--listen", "127.0.0.1:0",
+         "--management", "127.0.0.1:0", "--store", f"file:{tmp_path / 'routes.json'}"],
+        cwd=tmp_path, env=env, preexec_fn=limited, capture_output=True, text=True,
+        timeout=2 * WAIT)
+    assert done.returncode == 1, done.stderr
+    assert "the file size limit is 1048576 bytes" in done.stderr, done.stderr
+    assert "listening on" not in done.stderr
