@@ -323,3 +323,23 @@ def test_a_file_size_limit_too_low_for_the_workers_is_refused_at_start(
     assert done.returncode == 1, done.stderr
     assert "the file size limit is 1048576 bytes" in done.stderr, done.stderr
     assert "listening on" not in done.stderr
+
+
+def test_acme_heartbeats_keep_their_pace_when_the_wall_clock_is_set_back(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """A balancer acknowledges the challenges every HEARTBEAT seconds, so issuers
+    know it is alive. Its wall clock set back an hour, it did not beat for an hour
+    (issuers stopped waiting for it); the beat is due by the monotonic clock now."""
+    from balancer.stores.file import FileStore
+    from management import acme_spread
+    from tests.test_acme_spread import Workers
+
+    acme = FileStore(str(tmp_path / "routes.json")).acme()
+    relay = acme_spread.ChallengeRelay(acme, Workers(), "lb-a", lambda: True)
+    relay.look()
+    first = acme.acknowledgements()["lb-a"]["at"]
+    elapsed = acme_spread.HEARTBEAT  # the next beat is due
+    monkeypatch.setattr(acme_spread, "time", SimpleNamespace(
+        time=lambda: time.time() - 3600, monotonic=lambda: time.monotonic() + elapsed))
+    relay.look()
+    assert acme.acknowledgements()["lb-a"]["at"] < first - 3000  # acknowledged again
