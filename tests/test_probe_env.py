@@ -2,8 +2,8 @@
 disk that fills up or a file size limit (RLIMIT_FSIZE, lowered on one running
 process with prlimit, so nothing else of the test run is limited) under the
 access log and under the file store's writes, a routes file swapped for a huge
-one, stdout and stderr closed or a closed pipe. Each case a defect found and
-fixed (each test fails without its fix):
+one, stdout and stderr closed or a closed pipe, the wall clock jumping. Each
+case a defect found and fixed (each test fails without its fix):
 
 * A failed access log write (ENOSPC, EFBIG, EPIPE) printed gevent's traceback
   for every batch (five a second per worker), and with stderr a closed pipe
@@ -11,6 +11,20 @@ fixed (each test fails without its fix):
   Now: one line when it starts failing, one when it writes again, the
   records dropped meanwhile in ``balancer_access_log_dropped_records_total``.
 * Started with stdout closed, `balancer serve` died before serving.
+* A full disk or the file size limit made a store write a 503 like an
+  unreachable store, and a file size limit said only "File too large": now
+  507 `store_full` naming the cause (nothing changed, as before).
+* A huge routes file (1 GiB sparse) was read whole by every process: GBs of
+  memory each, the management API stuck. Now refused by its size, unread.
+* Under a file size limit below 2 MiB every worker died at its start (the
+  shared limits table), again and again, while the balancer said it listened.
+  Now `balancer serve` refuses to start, naming the limit.
+* A deploy's warmup and drain, and ACME's heartbeat, waited on the wall clock:
+  set back an hour, they waited an hour more.
+
+What held, probed by hand (docs/operations.md): a read-only file system under
+the routes file (503 naming EROFS, nothing changed), a directory in place of
+the routes file ("not a regular file"), and SIGXFSZ, which Python ignores.
 """
 
 from __future__ import annotations
@@ -80,6 +94,7 @@ def serve_some(bal: Balancer, count: int) -> None:
 
 
 # the access log -------------------------------------------------------------------
+@pytest.mark.data_plane  # the access log's writer is compiled: run interpreted too
 def test_an_access_log_past_the_file_size_limit_is_reported_once_and_resumes(
         tmp_path: Path) -> None:
     """The worker's file size limit lowered to the log's size: every write fails
@@ -114,6 +129,7 @@ def test_an_access_log_past_the_file_size_limit_is_reported_once_and_resumes(
         bal.stop()
 
 
+@pytest.mark.data_plane
 def test_stdout_and_stderr_a_closed_pipe_serve_and_stop_at_once(tmp_path: Path) -> None:
     """``balancer serve --access-log - 2>&1 | head``: the reader gone, every write
     to stdout or stderr is EPIPE. Requests are served by the same worker, and
