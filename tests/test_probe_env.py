@@ -180,7 +180,7 @@ def test_a_huge_routes_file_is_refused_unread_and_a_whole_table_repairs_it(
     """A 1 GiB sparse file in place of the routes file (a log or a dump written to
     the wrong path): reported corrupt at once, the last good table served, no
     process reads it (each read it whole before, and held it twice: 2 GB of
-    memory apiece and half a minute without serving)."""
+    memory apiece, the management API stuck, requests held up to 10 s)."""
     bal = Balancer(tmp_path, {"app.test": STATIC})
     try:
         huge = tmp_path / "huge.tmp"
