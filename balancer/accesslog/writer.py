@@ -17,9 +17,9 @@ Invariants:
 * The write in the thread pool never raises: its OSError comes back as a
   value. Bug: gevent's pool printed a traceback for every failed batch (five
   a second per worker with the disk full or stdout a closed pipe), and with
-  stderr a closed pipe too, printing it failed and the batch's result never
-  came: ``close`` waited its whole timeout twice, so the worker was killed
-  at the end of ``timeouts.graceful`` instead of stopping.
+  stderr a closed pipe too, printing it failed inside gevent's loop and the
+  batch's result never came: the writer hung, and a stopping worker waited
+  for it (5 s, or until the arbiter killed it at ``timeouts.graceful``).
 """
 
 from __future__ import annotations
