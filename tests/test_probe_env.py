@@ -97,17 +97,19 @@ def serve_some(bal: Balancer, count: int) -> None:
 @pytest.mark.data_plane  # the access log's writer is compiled: run interpreted too
 def test_an_access_log_past_the_file_size_limit_is_reported_once_and_resumes(
         tmp_path: Path) -> None:
-    """The worker's file size limit lowered to the log's size: every write fails
-    with EFBIG while requests are served; raised again, the log goes on."""
+    """The worker's file size limit lowered to 10 bytes past the log's end: the
+    next write is cut short there (a record torn), then every write fails with
+    EFBIG while requests are served; raised again, the log goes on, its next
+    record on a line of its own (it was glued to the torn one)."""
     log = tmp_path / "access.log"
     bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--access-log", str(log)])
     try:
         serve_some(bal, 1)
         wait_for(lambda: log.stat().st_size > 0, WAIT, what="the first line")
         # room for the operator log (stderr is a file here too); the access log is
-        # grown (sparse) to the limit, so its next write is past it
+        # grown (sparse) to 10 bytes short of the limit
         limit = bal.log_path.stat().st_size + (1 << 20)
-        os.truncate(log, limit)
+        os.truncate(log, limit - 10)
         worker = child_pid(bal, "worker")
         limit_file_size(worker, limit)
         for dropped in (10, 20, 30):  # three batches, each failing on its own
@@ -122,7 +124,11 @@ def test_an_access_log_past_the_file_size_limit_is_reported_once_and_resumes(
         serve_some(bal, 1)
         wait_for(lambda: "writing again; 30 records were dropped" in bal.output(), WAIT,
                  what="the recovery line")
-        assert log.stat().st_size > limit
+        with open(log, "rb") as f:
+            f.seek(limit - 10)
+            torn, *after = f.read().decode().split("\n")
+        assert len(torn) == 10 and after[-1] == "", (torn, after)
+        assert after[:-1] and all(line.startswith("app.test 127.0.0.1 ") for line in after[:-1])
         assert metric(bal, "balancer_access_log_dropped_records_total") == 30
         assert child_pid(bal, "worker") == worker and "exited" not in bal.output()
     finally:

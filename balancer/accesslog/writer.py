@@ -20,6 +20,11 @@ Invariants:
   stderr a closed pipe too, printing it failed inside gevent's loop and the
   batch's result never came: the writer hung, and a stopping worker waited
   for it (5 s, or until the arbiter killed it at ``timeouts.graceful``).
+* Every record after a failure starts a line: a write cut short (the disk
+  filled, or the file size limit came, in the middle of a batch) leaves the
+  file ending in part of a record, and the next write that succeeds starts
+  with a line break (bug: the first record after the recovery was glued to
+  the torn one, one garbled line).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import deque
-from typing import Any
+from typing import Any, Final
 
 import gevent
 import gevent.event
@@ -37,6 +42,7 @@ from balancer.accesslog.formats import FORMATS, FORMATTERS, LINE_FORMATTERS
 
 STDOUT = "-"
 OFF = ""
+NEWLINE: Final = ord("\n")
 
 
 class AccessLogError(Exception):
@@ -68,6 +74,7 @@ class AccessLog:
         self._writer: gevent.Greenlet | None = None
         self._reopen_requested = False
         self._is_failing = False
+        self._is_torn = False  # the file ends in part of a record (a write cut short)
         self._dropped = 0
         self.dropped_total = 0  # records dropped by failed writes, ever (a counter)
         self._has_reported_malformed = False
@@ -152,6 +159,8 @@ class AccessLog:
         old, self._fd = self._fd, fd
         if old is not None:
             os.close(old)
+        if os.fstat(fd).st_size == 0:
+            self._is_torn = False  # a new file (rotated): nothing to finish
 
     def _format_batch(self, batch: list[Any]) -> bytes:
         format_fast = self._format_fast
@@ -174,9 +183,13 @@ class AccessLog:
             return b""
 
     def _write(self, data: bytes) -> None:
-        exc = gevent.get_hub().threadpool.apply(_write_all, (self._fd, data))
+        finish = b"\n" if self._is_torn else b""  # ends the torn record's line
+        data = finish + data
+        written, exc = gevent.get_hub().threadpool.apply(_write_all, (self._fd, data))
+        if written:
+            self._is_torn = data[written - 1] != NEWLINE
         if exc is not None:
-            lost = data.count(b"\n")
+            lost = data.count(b"\n", max(written, len(finish)))  # records not written whole
             self._dropped += lost
             self.dropped_total += lost
             if not self._is_failing:
@@ -199,14 +212,14 @@ class AccessLog:
             pass
 
 
-def _write_all(fd: int, data: bytes) -> OSError | None:
-    """Write all of ``data`` to ``fd`` (os.write may write part of it); the
-    OSError that stopped it (ENOSPC, EFBIG past RLIMIT_FSIZE: SIGXFSZ is
-    ignored, as Python starts; EPIPE), or None."""
+def _write_all(fd: int, data: bytes) -> tuple[int, OSError | None]:
+    """Write all of ``data`` to ``fd`` (os.write may write part of it): how many
+    bytes were written, and the OSError that stopped it (ENOSPC, EFBIG past
+    RLIMIT_FSIZE: SIGXFSZ is ignored, as Python starts; EPIPE), or None."""
     view, written = memoryview(data), 0
     try:
         while written < len(data):
             written += os.write(fd, view[written:])
     except OSError as exc:
-        return exc
-    return None
+        return written, exc
+    return written, None
