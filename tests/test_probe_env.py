@@ -365,3 +365,73 @@ def test_acme_heartbeats_keep_their_pace_when_the_wall_clock_is_set_back(
         time=lambda: time.time() - 3600, monotonic=lambda: time.monotonic() + elapsed))
     relay.look()
     assert acme.acknowledgements()["lb-a"]["at"] < first - 3000  # acknowledged again
+
+
+# the run directory's file system full ----------------------------------------------
+def test_the_shared_limits_files_have_their_blocks_when_made(tmp_path: Path) -> None:
+    """The shared table of `limits` and a worker's journal are mapped files in the
+    run directory. They were sparse: with its file system full (/tmp or /run on a
+    full tmpfs) the first request whose key touched a new page killed its worker
+    with SIGBUS, again after each restart. Now every block is allocated when the
+    file is made (found by hand on a full tmpfs: 300 limited clients, no crash)."""
+    from balancer.limits import TABLE_BYTES, SharedBuckets, journal_path
+
+    path = tmp_path / "limits.shm"
+    buckets = SharedBuckets(str(path))
+    try:
+        for made, size in ((path, TABLE_BYTES),
+                           (Path(journal_path(str(path), os.getpid())), TABLE_BYTES // 8)):
+            assert made.stat().st_blocks * 512 >= size, made
+    finally:
+        buckets.close()
+
+
+def test_shared_limits_that_cannot_be_made_hold_per_worker(
+        tmp_path: Path, monkeypatch: Any, caplog: Any) -> None:
+    """No room to make the shared table: the worker serves with limits of its own
+    (logged), instead of failing to start."""
+    import errno
+
+    from balancer.limits import SharedBuckets
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    buckets = SharedBuckets(str(tmp_path / "limits.shm"))
+    try:
+        offset = buckets.slot(b"client", 1000.0)
+        assert buckets.take(offset, 1000.0, 0.1, 0.0) == 0.0
+        assert buckets.take(offset, 1000.0, 0.1, 0.0) == pytest.approx(0.1)
+    finally:
+        buckets.close()
+    assert "cannot make the shared table" in caplog.text
+    assert "No space left on device" in caplog.text
+
+
+def test_a_history_save_that_finds_no_room_is_one_line_and_leaves_no_part(
+        tmp_path: Path, monkeypatch: Any, caplog: Any) -> None:
+    """The management process saves its history to the run directory every 30 s.
+    With no room there, each failure raised out of the sampling loop (a traceback
+    every 30 s) and left its part written (on the full file system)."""
+    import errno
+    import json
+
+    from management import history
+
+    def no_room(doc: Any, out: Any) -> None:
+        out.write('{"format": 1, "points": ')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    caplog.set_level("INFO", "balancer.history")
+    kept = history.History(str(tmp_path / "history.json"))
+    monkeypatch.setattr(json, "dump", no_room)
+    for n in range(3 * history.SAVE_EVERY):  # three saves
+        kept.sample({"hosts": {}}, 1000.0 + n * history.INTERVAL)
+    assert caplog.text.count("history: cannot save") == 1, caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    for n in range(history.SAVE_EVERY):
+        kept.sample({"hosts": {}}, 2000.0 + n * history.INTERVAL)
+    assert "saved to" in caplog.text and (tmp_path / "history.json").exists()
+    assert caplog.text.count("history: cannot save") == 1
