@@ -21,6 +21,12 @@ case a defect found and fixed (each test fails without its fix):
   Now `balancer serve` refuses to start, naming the limit.
 * A deploy's warmup and drain, and ACME's heartbeat, waited on the wall clock:
   set back an hour, they waited an hour more.
+* With the run directory's file system full (a tmpfs /tmp): a request under a
+  rule's `limits` killed its worker with SIGBUS (the shared table's file was
+  sparse, mapped), again after each restart; the history's save raised a
+  traceback every 30 s and left its part written; a stopping worker died with
+  a traceback leaving its part written. Found on a real full tmpfs (tests
+  cannot mount one); the tests check what prevents each.
 
 What held, probed by hand (docs/operations.md): a read-only file system under
 the routes file (503 naming EROFS, nothing changed), a directory in place of
@@ -435,3 +441,27 @@ def test_a_history_save_that_finds_no_room_is_one_line_and_leaves_no_part(
         kept.sample({"hosts": {}}, 2000.0 + n * history.INTERVAL)
     assert "saved to" in caplog.text and (tmp_path / "history.json").exists()
     assert caplog.text.count("history: cannot save") == 1
+
+
+def test_a_retiring_worker_without_room_for_its_counters_says_so(
+        tmp_path: Path, monkeypatch: Any, caplog: Any) -> None:
+    """A worker that stops leaves its counters in the run directory for the
+    management process. With no room there it died with a traceback (exit 1) and
+    left its part written; now it logs what is lost and exits as usual."""
+    import errno
+
+    from balancer.control import write_retired
+    from balancer.stats import Stats
+
+    worker = SimpleNamespace(
+        stats=Stats(), tables=SimpleNamespace(store_problem=None),
+        store=SimpleNamespace(last_error=lambda: None, is_reachable=lambda: True),
+        access_log=SimpleNamespace(dropped_total=0))
+
+    def no_room(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", no_room)
+    write_retired(str(tmp_path), worker)
+    assert "cannot leave this worker's counters" in caplog.text
+    assert list(tmp_path.iterdir()) == []
