@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from balancer.settings import Settings, SettingsError, add_flags, flag_values, load_settings
@@ -29,7 +30,30 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+STD_STREAMS = ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w"))
+
+
+def keep_std_open() -> None:
+    """Descriptors 0, 1 and 2 open, on /dev/null when they were closed, and
+    `sys.stdin`/`stdout`/`stderr` set. Bug: started with stdout closed (``>&-``,
+    a supervisor that closes it), `sys.stdout` was None and `balancer serve`
+    died before serving; and with 1 or 2 closed the first file or socket the
+    balancer opened took that number, so the operator log or the access log
+    (``-``) would have been written into it."""
+    for fd, name, mode in STD_STREAMS:
+        try:
+            os.fstat(fd)
+        except OSError:  # closed: the lowest free number, since 0..fd-1 are open now
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - for life
+
+
 def main(argv: list[str] | None = None) -> int:
+    keep_std_open()
     args = parser().parse_args(argv)
     try:
         settings = load_settings(flag_values(args), config_path=args.config)

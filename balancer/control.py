@@ -316,6 +316,7 @@ def worker_snapshot(worker: Any, keys: list[str] | None = None,
             snapshot["hosts"].update(worker.stats.snapshot(keys[start:start + SLICE])["hosts"])
     usable = worker.tables.store_problem is None and worker.store.last_error() is None
     snapshot["store_up"] = int(usable and worker.store.is_reachable())
+    snapshot["access_log_dropped"] = worker.access_log.dropped_total
     return snapshot
 
 
@@ -356,13 +357,22 @@ def retire(directory: str, worker: Any, control: ControlServer) -> None:
 
 
 def write_retired(directory: str, worker: Any) -> None:
-    """Leave the counters of an exiting worker for the management process to keep."""
+    """Leave the counters of an exiting worker for the management process to keep.
+    Bug: with the run directory's file system full the worker exited with a
+    traceback (code 1) and left its part written; now one line says what is lost."""
     path = retired_path(directory, os.getpid())
     tmp = path + ".tmp"
-    with open(tmp, "w") as out:
-        # idle hosts' counters are zeros: leaving them out changes no total
-        json.dump(counters_only(worker_snapshot(worker, worker.stats.active_keys())), out)
-    os.replace(tmp, path)
+    # idle hosts' counters are zeros: leaving them out changes no total
+    body = json.dumps(counters_only(worker_snapshot(worker, worker.stats.active_keys())))
+    try:
+        with open(tmp, "w") as out:
+            out.write(body)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        log.error("cannot leave this worker's counters in %s: %s; the totals of "
+                  "/api/v1/stats and /metrics lose them", path, exc.strerror or exc)
 
 
 def counters_only(snapshot: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,13 @@ Invariants:
   with 2 workers. The lock costs two syscalls per request of a rule that has
   limits, none for the others; an anonymous map (one process) takes none.
 * Times are CLOCK_MONOTONIC, the same in every process of the machine.
+* The shared file and the journals have every block allocated when they are
+  made (`posix_fallocate`), so a write to the map never needs one. Bug: they
+  were sparse, and with the run directory's file system full (/tmp or /run
+  on a full tmpfs) the first request to touch a new page killed its worker
+  with SIGBUS, and each one started again (a crash loop). A file that cannot
+  be made is logged, and the worker keeps its limits in memory of its own:
+  per worker, not balancer-wide, until it starts again with room.
 * Each worker journals its own requests in progress per slot (a file of its
   own beside the shared one); when it exits, however, the arbiter gives back
   what its journal still holds (`reclaim`), so a killed worker never leaves a
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
 import mmap
 import os
@@ -54,6 +62,8 @@ from balancer.pages import Page, Pages
 from balancer.sketch import client_of
 from balancer.spans import Piece
 
+log = logging.getLogger("balancer.limits")
+
 TABLE_SLOTS = 1 << 16  # keys limited at once, over the whole balancer
 PROBES = 8
 SLOT = struct.Struct("<Qdq8x")  # key hash, theoretical arrival time, requests in progress
@@ -62,6 +72,7 @@ OPEN = struct.Struct("<q")
 FILE_NAME = "limits.shm"
 MAX_RETRY_AFTER = 3600
 COUNT = struct.Struct("<i")  # a journal's entry: one process's requests in progress in a slot
+TABLE_BYTES = TABLE_SLOTS * SLOT.size  # the shared file's size (2 MiB; a journal's is smaller)
 V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
 
 
@@ -76,14 +87,18 @@ class SharedBuckets:
     def __init__(self, path: str | None = None, journal: bool = True) -> None:
         self.fd = -1  # the shared file, kept open for its record locks
         self.journal: mmap.mmap | None = None
-        if path is None:
-            self.map = mmap.mmap(-1, TABLE_SLOTS * SLOT.size)
-            return
-        self.fd, self.map = _shared_map(path, TABLE_SLOTS * SLOT.size)
-        if journal:
-            journal_fd, self.journal = _shared_map(journal_path(path, os.getpid()),
-                                                   TABLE_SLOTS * COUNT.size)
-            os.close(journal_fd)
+        if path is not None:
+            try:
+                self.fd, self.map = _shared_map(path, TABLE_BYTES)
+            except OSError as exc:
+                log.error("limits: cannot make the shared table %s: %s; each rule's limits "
+                          "hold per worker, not for the whole balancer, until this worker "
+                          "starts again with room", path, exc.strerror or exc)
+            else:
+                if journal:
+                    self.journal = _journal(journal_path(path, os.getpid()))
+                return
+        self.map = mmap.mmap(-1, TABLE_BYTES)
 
     def close(self) -> None:
         """Unmap and close (a process done with the table)."""
@@ -288,12 +303,25 @@ def journal_path(path: str, pid: int) -> str:
     return f"{path}.{pid}"
 
 
+def _journal(path: str) -> mmap.mmap | None:
+    """This process's journal at `path`, mapped; None (logged) if it cannot be made."""
+    try:
+        fd, journal = _shared_map(path, TABLE_SLOTS * COUNT.size)
+    except OSError as exc:
+        log.error("limits: cannot make the journal %s: %s; if this worker is killed, its "
+                  "requests in progress stay counted against max_connections_per_client",
+                  path, exc.strerror or exc)
+        return None
+    os.close(fd)
+    return journal
+
+
 def _shared_map(path: str, size: int) -> tuple[int, mmap.mmap]:
-    """The file `path` (made `size` bytes long, zeros: sparse) open and mapped shared."""
+    """The file `path` (made at least `size` bytes long, zeros, every block
+    allocated: see the module doc) open and mapped shared. Raises OSError."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if os.fstat(fd).st_size != size:
-            os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
         return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.close(fd)

@@ -30,6 +30,7 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 import traceback
@@ -269,6 +270,22 @@ def check_startup(settings: Settings) -> None:
     except AccessLogError as exc:
         raise BootError(f"log.access_log: {exc}") from None
     check_readable("acme.ca_bundle", settings.acme.ca_bundle)
+    check_file_size_limit()
+
+
+def check_file_size_limit() -> None:
+    """The file size limit (RLIMIT_FSIZE) leaves room for the workers' shared table
+    of `limits` in the run directory. Bug: under a lower one (``ulimit -f``,
+    systemd ``LimitFSIZE=``) every worker died at its start, again and again,
+    while the balancer announced it was listening: no request was answered."""
+    from balancer.limits import FILE_NAME, TABLE_BYTES
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY and soft < TABLE_BYTES:
+        raise BootError(f"the file size limit is {soft} bytes (ulimit -f, systemd "
+                        f"LimitFSIZE=): the workers share a {TABLE_BYTES >> 20} MiB file "
+                        f"({FILE_NAME}, in the run directory); raise the limit to at least "
+                        f"{TABLE_BYTES >> 20} MiB, or remove it")
 
 
 def check_readable(name: str, path: str) -> None:

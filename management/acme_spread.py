@@ -74,7 +74,7 @@ class ChallengeRelay:
         self.name = name  # this balancer in the acknowledgements (the issuer's owner)
         self.has_work = has_work  # whether the table has ACME hosts (heartbeats)
         self.seen: str | None = None  # the signature this balancer's workers serve
-        self.beat = 0.0  # when it last acknowledged
+        self.beat = -HEARTBEAT  # when it last acknowledged (monotonic: `look`)
         self.spread_max = SPREAD_MAX
 
     def relay_loop(self, stopped: Callable[[], bool]) -> None:
@@ -93,7 +93,7 @@ class ChallengeRelay:
         if signature != self.seen:
             if self.tell_workers():
                 self.acknowledge(signature)
-        elif time.time() - self.beat >= HEARTBEAT and self.has_work():
+        elif time.monotonic() - self.beat >= HEARTBEAT and self.has_work():
             self.acknowledge(signature)
 
     def tell_workers(self) -> bool:
@@ -107,9 +107,13 @@ class ChallengeRelay:
         return served
 
     def acknowledge(self, signature: str) -> None:
-        now = time.time()
-        self.acme.acknowledge(self.name, {"signature": signature, "at": now})
-        self.seen, self.beat = signature, now
+        """Record `signature` as served, at the wall clock's time (the issuers of
+        other balancers compare it with theirs); the next heartbeat is due
+        `HEARTBEAT` seconds on the monotonic clock from now. Bug: it was due by
+        the wall clock: set back an hour, this balancer did not beat for an hour,
+        and every issuer stopped waiting for it to serve a challenge."""
+        self.acme.acknowledge(self.name, {"signature": signature, "at": time.time()})
+        self.seen, self.beat = signature, time.monotonic()
 
     def forget(self) -> None:
         """This balancer stops: not waited for any more."""

@@ -32,6 +32,7 @@ from balancer.backend_tls import BackendTLS
 from balancer.stores import (
     CorruptStore,
     Store,
+    StoreFull,
     StoreLost,
     StoreUnavailable,
     VersionConflict,
@@ -237,4 +238,6 @@ def _store_error(exc: Exception) -> ApiError:
         return ApiError(409, "store_lost", str(exc))
     if isinstance(exc, CorruptStore):
         return ApiError(503, "store_corrupt", f"{exc}; fix the store, or {HOW_TO_FIX}")
+    if isinstance(exc, StoreFull):
+        return ApiError(507, "store_full", f"{exc}; nothing was written")
     return ApiError(503, "store_unavailable", str(exc))

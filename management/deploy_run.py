@@ -12,6 +12,10 @@ Invariants (the `Deployer`'s, step by step):
   the old backends to reach zero, or `drain_timeout`, then removes `draining`
   from the rule if it is still this deploy's.
 * Every store call goes through `Deployer.patiently` (an outage waited out).
+* A step's times are the record's wall-clock times (any process may resume
+  the deploy), but a step waits on the monotonic clock (`local_deadline`),
+  never longer than the step's own setting: a wall clock set back or ahead
+  while it waits changes nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +32,15 @@ STEPS = ("ready", "switch", "warmup", "drain")
 
 if TYPE_CHECKING:
     from management.deploys import Deployer
+
+
+def local_deadline(at: float, longest: float) -> float:
+    """The monotonic deadline of the wall-clock time `at`, at most `longest` seconds
+    from now. Bug: the warmup and drain waited on the wall clock: set back an hour
+    (NTP's first sync, an operator's `date`), a deploy waited an hour more, its host
+    claimed all along (409 for the next deploy); set ahead, the drain ended at once
+    with requests still in flight on the old backends."""
+    return time.monotonic() + min(max(0.0, at - time.time()), longest)
 
 
 class DeployFailed(Exception):
@@ -79,7 +92,8 @@ class Run:
         deploy started (a resumed deploy checks them again for the time left)."""
         config, strict = check_config(self.record["before"], self.host)
         timeout = float(self.settings["ready_timeout"])
-        left = float(self.record["started"]) + timeout - time.time() if self.resumed else timeout
+        left = min(float(self.record["started"]) + timeout - time.time(), timeout) \
+            if self.resumed else timeout
         if left <= 0:
             raise DeployFailed(f"not ready after {timeout:g}s (the management process "
                                f"restarted during the ready step); nothing was switched")
@@ -156,8 +170,9 @@ class Run:
         if not self.record["from"] or warmup <= 0:
             return
         self.begin("warmup", f"new backends ramp up over {warmup:g}s")
-        while time.time() < end:
-            self.deployer.pause(min(0.25, end - time.time()))
+        deadline = local_deadline(end, warmup)
+        while (left := deadline - time.monotonic()) > 0:
+            self.deployer.pause(min(0.25, left))
         self.end("ok", f"{warmup:g}s")
 
     # 4. drain ----------------------------------------------------------------
@@ -172,7 +187,8 @@ class Run:
         since = max(float(self.record["since"]) + float(self.settings["warmup"]),
                     float(self.record["started"]) + IDLE_EVERY) + DRAIN_SETTLE
         self.begin("drain", f"waiting for {', '.join(draining)}")
-        deadline = max(time.time(), since) + timeout
+        longest = float(self.settings["warmup"]) + IDLE_EVERY + DRAIN_SETTLE + timeout
+        deadline = local_deadline(max(time.time(), since) + timeout, longest)
         counts = None
         while True:
             reports = self.deployer.patiently(self.record, "read the in-flight counts",
@@ -183,7 +199,7 @@ class Run:
                 self.finish()
                 self.end("drained", f"{', '.join(draining)}: no request in flight")
                 return
-            if time.time() >= deadline:
+            if time.monotonic() >= deadline:
                 break
             self.deployer.pause(0.1)
         self.finish()

@@ -13,7 +13,9 @@ Invariants:
   re-added) yields a gap (null), never a negative rate.
 * It survives a reload of the workers and of the management process itself:
   `save` writes the rings to the run directory (every `SAVE_EVERY` samples
-  and when the process stops), `load` reads them at start, and a file the
+  and when the process stops; a periodic save that fails is logged once
+  until one succeeds, its temporary file removed), `load` reads them at
+  start, and a file the
   previous management process saved after this one loaded (it stops once
   the new one is ready) is read once more during the first samples.
 * ``GET /api/v1/history`` costs one encoding per sample and query, not one
@@ -30,6 +32,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import math
 import os
 from array import array
@@ -48,6 +51,9 @@ FILE_NAME = "history.json"
 TOTAL = ""  # the ring key of the whole balancer
 CACHE_BYTES = 32 * 1024 * 1024  # encoded views kept until the next sample
 HOSTS_PER_PAUSE = 50  # hosts encoded between two calls of `pause`
+
+
+log = logging.getLogger("balancer.history")
 
 
 def _ring() -> array:
@@ -71,6 +77,7 @@ class History:
         self.samples = 0  # taken by this process
         self.loaded_mtime = 0.0
         self.left_out = 0  # hosts beyond MAX_HOSTS at the last sample
+        self.save_problem: str | None = None  # why the last periodic save failed
 
     # recording -------------------------------------------------------------------
     def sample(self, snapshot: dict[str, Any], now: float) -> None:
@@ -102,7 +109,7 @@ class History:
         self.last, self.last_time = counters, now
         self.samples += 1
         if self.samples % SAVE_EVERY == 0:
-            self.save()
+            self.save_in_passing()
         elif self.samples <= ADOPT_WITHIN:
             self.adopt_newer()
 
@@ -173,9 +180,29 @@ class History:
                "times": _b64(self.times), "last_time": self.last_time, "last": self.last,
                "rings": {k: _b64(r) for k, r in self.rings.items()}}
         tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as out:
-            json.dump(doc, out)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as out:
+                json.dump(doc, out)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk: its part is no use
+                os.unlink(tmp)
+            raise
+
+    def save_in_passing(self) -> None:
+        """The periodic save. Bug: a failed one (the run directory's file system
+        full) logged its traceback every 30 s, and left its part written."""
+        try:
+            self.save()
+        except OSError as exc:
+            if self.save_problem is None:
+                log.error("history: cannot save to %s: %s; trying again every %.0f s",
+                          self.path, exc.strerror or exc, SAVE_EVERY * INTERVAL)
+            self.save_problem = str(exc)
+            return
+        if self.save_problem is not None:
+            log.info("history: saved to %s again", self.path)
+            self.save_problem = None
 
     def load(self) -> bool:
         """Read what a previous management process saved; False if there is nothing usable."""

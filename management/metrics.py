@@ -58,6 +58,10 @@ class SnapshotCollector(Collector):
                                   value=snap.get("config_reloads", 0))
         yield _gauge("balancer_store_up", "1 when the config store is reachable.",
                      snap.get("store_up", 0))
+        yield CounterMetricFamily("balancer_access_log_dropped_records_total",
+                                  "Access log records dropped because writing them failed "
+                                  "(disk full, file size limit, closed pipe).",
+                                  value=snap.get("access_log_dropped", 0))
         yield from self._tls(snap)
         yield from self._acme()
 

@@ -11,7 +11,20 @@ Invariants:
 * ``log`` is an append and a length check, nothing else.
 * A record no formatter takes (a caller's bug) is skipped and reported once;
   a failing write drops its batch, is reported once, and its recovery says how
-  many records were dropped. Nothing stops the writer but ``close``.
+  many records were dropped (`dropped_total` counts them all, for
+  ``balancer_access_log_dropped_records_total``). Nothing stops the writer but
+  ``close``.
+* The write in the thread pool never raises: its OSError comes back as a
+  value. Bug: gevent's pool printed a traceback for every failed batch (five
+  a second per worker with the disk full or stdout a closed pipe), and with
+  stderr a closed pipe too, printing it failed inside gevent's loop and the
+  batch's result never came: the writer hung, and a stopping worker waited
+  for it (5 s, or until the arbiter killed it at ``timeouts.graceful``).
+* Every record after a failure starts a line: a write cut short (the disk
+  filled, or the file size limit came, in the middle of a batch) leaves the
+  file ending in part of a record, and the next write that succeeds starts
+  with a line break (bug: the first record after the recovery was glued to
+  the torn one, one garbled line).
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import deque
-from typing import Any
+from typing import Any, Final
 
 import gevent
 import gevent.event
@@ -29,6 +42,7 @@ from balancer.accesslog.formats import FORMATS, FORMATTERS, LINE_FORMATTERS
 
 STDOUT = "-"
 OFF = ""
+NEWLINE: Final = ord("\n")
 
 
 class AccessLogError(Exception):
@@ -60,7 +74,9 @@ class AccessLog:
         self._writer: gevent.Greenlet | None = None
         self._reopen_requested = False
         self._is_failing = False
+        self._is_torn = False  # the file ends in part of a record (a write cut short)
         self._dropped = 0
+        self.dropped_total = 0  # records dropped by failed writes, ever (a counter)
         self._has_reported_malformed = False
         self._is_closed = not self.is_enabled  # off: `log` does nothing at all
 
@@ -143,6 +159,8 @@ class AccessLog:
         old, self._fd = self._fd, fd
         if old is not None:
             os.close(old)
+        if os.fstat(fd).st_size == 0:
+            self._is_torn = False  # a new file (rotated): nothing to finish
 
     def _format_batch(self, batch: list[Any]) -> bytes:
         format_fast = self._format_fast
@@ -165,10 +183,15 @@ class AccessLog:
             return b""
 
     def _write(self, data: bytes) -> None:
-        try:
-            gevent.get_hub().threadpool.apply(_write_all, (self._fd, data))
-        except OSError as exc:
-            self._dropped += data.count(b"\n")
+        finish = b"\n" if self._is_torn else b""  # ends the torn record's line
+        data = finish + data
+        written, exc = gevent.get_hub().threadpool.apply(_write_all, (self._fd, data))
+        if written:
+            self._is_torn = data[written - 1] != NEWLINE
+        if exc is not None:
+            lost = data.count(b"\n", max(written, len(finish)))  # records not written whole
+            self._dropped += lost
+            self.dropped_total += lost
             if not self._is_failing:
                 self._is_failing = True
                 self._report(f"access log {self.path}: write failed ({exc.strerror or exc}); "
@@ -189,8 +212,14 @@ class AccessLog:
             pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to ``fd`` (os.write may write part of it)."""
+def _write_all(fd: int, data: bytes) -> tuple[int, OSError | None]:
+    """Write all of ``data`` to ``fd`` (os.write may write part of it): how many
+    bytes were written, and the OSError that stopped it (ENOSPC, EFBIG past
+    RLIMIT_FSIZE: SIGXFSZ is ignored, as Python starts; EPIPE), or None."""
     view, written = memoryview(data), 0
-    while written < len(data):
-        written += os.write(fd, view[written:])
+    try:
+        while written < len(data):
+            written += os.write(fd, view[written:])
+    except OSError as exc:
+        return written, exc
+    return written, None

@@ -10,6 +10,7 @@ from balancer.stores.base import (
     CorruptStore,
     Store,
     StoreError,
+    StoreFull,
     StoreLost,
     StoreUnavailable,
     TableChange,
@@ -18,7 +19,7 @@ from balancer.stores.base import (
 )
 from balancer.stores.urls import FILE_SCHEME, StoreUrlError, redact_url, store_kind
 
-__all__ = ["CorruptStore", "Store", "StoreError", "StoreLost", "StoreUnavailable",
+__all__ = ["CorruptStore", "Store", "StoreError", "StoreFull", "StoreLost", "StoreUnavailable",
            "StoreUrlError", "TableChange", "TableData", "VersionConflict", "open_store",
            "redact_url"]
 

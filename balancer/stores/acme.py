@@ -41,7 +41,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from balancer.stores.atomic import file_signature, open_regular, write_atomically
+from balancer.stores.atomic import file_signature, read_regular, write_store_file
 from balancer.stores.base import StoreUnavailable
 
 FILE_MODE = 0o600
@@ -150,8 +150,7 @@ class FileAcme(Acme):
 
     def _read(self, path: str) -> dict[str, Any]:
         try:
-            with open_regular(path, "r") as f:
-                doc = json.load(f)
+            doc = json.loads(read_regular(path))
         except FileNotFoundError:
             return {}
         except UNREADABLE:
@@ -161,10 +160,7 @@ class FileAcme(Acme):
         return doc if isinstance(doc, dict) else {}
 
     def _write(self, path: str, doc: dict[str, Any]) -> None:
-        try:
-            write_atomically(path, json.dumps(doc, sort_keys=True).encode(), FILE_MODE)
-        except OSError as exc:
-            raise StoreUnavailable(f"{path}: cannot write: {exc.strerror or exc}") from exc
+        write_store_file(path, json.dumps(doc, sort_keys=True).encode(), FILE_MODE)
 
     @contextlib.contextmanager
     def _changing(self, path: str) -> Iterator[dict[str, Any]]:

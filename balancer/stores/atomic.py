@@ -1,6 +1,7 @@
 """Replacing a store's file atomically: readers see the old file or the new one,
-never a part, and a crash leaves no temporary file behind; and the signature by
-which a reader sees that a file changed."""
+never a part, and a crash leaves no temporary file behind; reading one, never
+more than `MAX_FILE_BYTES`; and the signature by which a reader sees that a
+file changed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ import stat
 import tempfile
 from typing import IO, Any
 
-from balancer.stores.base import StoreUnavailable
+from balancer.stores.base import StoreFull, StoreUnavailable
+
+# the most a store's file may hold: 40 times the routes file of 100,000 hosts (6 MiB)
+MAX_FILE_BYTES = 256 << 20
+
+
+class TooLarge(ValueError):
+    """A store's file holds more than `MAX_FILE_BYTES`: none this balancer wrote."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"{size} bytes, more than the {MAX_FILE_BYTES >> 20} MiB a store's "
+                         f"file may hold")
 
 
 def write_atomically(path: str, body: bytes, mode: int | None = None) -> None:
@@ -19,7 +31,10 @@ def write_atomically(path: str, body: bytes, mode: int | None = None) -> None:
     `mode` if given), written, fsynced and renamed over `path`. A symlink is
     followed: the file it names is replaced and the link kept (bug: the first
     write put a regular file in place of the link, so the file the link named,
-    which other readers may use, silently stayed at the old table). Raises OSError."""
+    which other readers may use, silently stayed at the old table). Raises OSError;
+    EFBIG, writing nothing, for a body over `MAX_FILE_BYTES` (no reader would take it)."""
+    if len(body) > MAX_FILE_BYTES:
+        raise OSError(errno.EFBIG, str(TooLarge(len(body))), path)
     path = os.path.realpath(path)
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
@@ -38,6 +53,35 @@ def write_atomically(path: str, body: bytes, mode: int | None = None) -> None:
         raise
 
 
+# what a write's errno means when the file has no room, and where to look
+NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the user's disk quota is used up",
+    errno.EFBIG: "over the process's file size limit: ulimit -f, systemd LimitFSIZE=",
+}
+
+
+def write_store_file(path: str, body: bytes, mode: int | None = None) -> None:
+    """`write_atomically`, its OSError turned into the store error: `StoreFull`
+    when the file found no room, `StoreUnavailable` otherwise; either way the old
+    file is intact and no temporary file is left."""
+    try:
+        write_atomically(path, body, mode)
+    except OSError as exc:
+        raise cannot_write(path, exc) from exc
+
+
+def cannot_write(path: str, exc: OSError) -> StoreUnavailable:
+    """The store error of a failed write of `path`, naming the cause (the one place
+    a write's errno is looked at). Bug: a full disk was a 503 "store unavailable"
+    like an unreachable store, and a file size limit said only "File too large"."""
+    why = f"{path}: cannot write: {exc.strerror or exc}"
+    if exc.errno in NO_ROOM:
+        own = exc.strerror == os.strerror(exc.errno)  # not a reason of ours (`TooLarge`)
+        return StoreFull(f"{why} ({NO_ROOM[exc.errno]})" if own else why)
+    return StoreUnavailable(why)
+
+
 def open_regular(path: str, mode: str = "rb") -> IO[Any]:
     """`open(path, mode)` to read a store's file, refusing anything but a regular
     file (a symlink to one is followed). Bug: a FIFO put in its place blocked
@@ -53,6 +97,29 @@ def open_regular(path: str, mode: str = "rb") -> IO[Any]:
         os.close(fd)
         raise
     return open(fd, mode)  # noqa: SIM115 - the caller's `with` closes it
+
+
+def read_capped(f: IO[bytes]) -> bytes:
+    """What the open file `f` holds; `TooLarge`, reading nothing, when that is more
+    than `MAX_FILE_BYTES`. Bug: a huge routes file (a 2 GiB sparse file, a log
+    written to the wrong path) was read whole by the management process and
+    every worker, each at once, before it was found corrupt: 4 GB of memory
+    apiece and 50 s for 2 GiB; a worker reads its store in its loop, so a 1 GiB
+    file held its requests up to 10 s."""
+    size = os.fstat(f.fileno()).st_size
+    if size > MAX_FILE_BYTES:
+        raise TooLarge(size)
+    data = f.read(MAX_FILE_BYTES + 1)  # it may grow after the fstat
+    if len(data) > MAX_FILE_BYTES:
+        raise TooLarge(len(data))
+    return data
+
+
+def read_regular(path: str) -> bytes:
+    """What the regular file `path` holds (`open_regular`, `read_capped`).
+    Raises OSError, or `TooLarge` (a ValueError, as a file that is no JSON)."""
+    with open_regular(path) as f:
+        return read_capped(f)
 
 
 def file_signature(path: str) -> tuple[int, ...] | None:

@@ -76,6 +76,11 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached or refused the write; nothing changed."""
 
 
+class StoreFull(StoreUnavailable):
+    """The write found no room (the disk full, a quota, the file size limit);
+    nothing changed."""
+
+
 class VersionConflict(StoreError):
     """An `If-Match` version no longer matches."""
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from balancer.stores import strict_json
-from balancer.stores.atomic import file_signature, open_regular, write_atomically
+from balancer.stores.atomic import TooLarge, file_signature, read_regular, write_store_file
 from balancer.stores.base import CorruptStore, StoreError, StoreUnavailable
 
 FILE_MODE = 0o600
@@ -145,8 +145,7 @@ class FileCerts(Certs):
 
     def _read(self) -> dict[str, Any]:
         try:
-            with open_regular(self.path) as f:
-                doc = strict_json.loads(f.read())
+            doc = strict_json.loads(read_regular(self.path))
         except FileNotFoundError:
             if self.seen:
                 raise CertsLost(f"{self.path}: the certificates file was deleted while its "
@@ -189,10 +188,7 @@ class FileCerts(Certs):
 
     def _write(self, certs: dict[str, Any]) -> None:
         body = json.dumps({"certs": certs}, indent=2, sort_keys=True).encode()
-        try:
-            write_atomically(self.path, body, FILE_MODE)
-        except OSError as exc:
-            raise StoreUnavailable(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+        write_store_file(self.path, body, FILE_MODE)
         self.seen = True
 
     def signature(self) -> object:
@@ -207,6 +203,8 @@ def _why(exc: BaseException) -> str:
         return "nested too deeply"
     if isinstance(exc, strict_json.DuplicateKey):
         return str(exc)  # names a key (a host, "chain"), never a value
+    if isinstance(exc, TooLarge):
+        return str(exc)
     return "not UTF-8 JSON"
 
 

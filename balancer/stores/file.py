@@ -38,7 +38,13 @@ from typing import Any
 
 from balancer.stores import strict_json
 from balancer.stores.acme import Acme, FileAcme
-from balancer.stores.atomic import open_regular, write_atomically
+from balancer.stores.atomic import (
+    TooLarge,
+    cannot_write,
+    open_regular,
+    read_capped,
+    write_atomically,
+)
 from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
@@ -115,10 +121,12 @@ class FileStore(Store):
                 if self._known is not None and self._known[0] == signature:
                     self._reachable = True
                     return self._known[1]  # the file this instance last read or wrote
-                raw = f.read()
+                raw = read_capped(f)
         except OSError as exc:
             self._reachable = False
             raise StoreUnavailable(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
+        except TooLarge as exc:  # a regular file of another content: repaired by a write
+            raise CorruptStore(f"{self.path}: the file is {exc}") from None
         self._reachable = True
         data = self._parse(raw)
         self.raise_floor(data.version)
@@ -240,7 +248,7 @@ class FileStore(Store):
             _fsync_dir(directory)
             self._remember(self._signature(), data)
         except OSError as exc:
-            raise StoreUnavailable(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+            raise cannot_write(self.path, exc) from exc
 
     def lock_path(self) -> str:
         """The writer lock beside the file the path names now, symlinks resolved (bug:

@@ -31,8 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from balancer.stores.atomic import open_regular, write_atomically
-from balancer.stores.base import StoreUnavailable
+from balancer.stores.atomic import read_regular, write_store_file
 
 MAX_DEPLOYS = 50
 # what decoding a hand-edited value can raise: bad JSON or UTF-8, an integer of
@@ -115,8 +114,7 @@ class FileRecords(Records):
         """The sections, and what made the file unreadable ("" when nothing did)."""
         problem = ""
         try:
-            with open_regular(self.path, "r") as f:
-                doc = json.load(f)
+            doc = json.loads(read_regular(self.path))
         except FileNotFoundError:
             doc = {}
         except (OSError, *UNREADABLE) as exc:
@@ -140,10 +138,7 @@ class FileRecords(Records):
             self._write(doc)
 
     def _write(self, doc: dict[str, Any]) -> None:
-        try:
-            write_atomically(self.path, json.dumps(doc, sort_keys=True).encode())
-        except OSError as exc:
-            raise StoreUnavailable(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
+        write_store_file(self.path, json.dumps(doc, sort_keys=True).encode())
 
     def save_deploy(self, record: dict[str, Any]) -> None:
         with self._changing() as doc:

@@ -28,7 +28,7 @@ import os
 import time
 from typing import Any
 
-from balancer.stores.atomic import open_regular, write_atomically
+from balancer.stores.atomic import TooLarge, read_regular, write_atomically
 from balancer.stores.base import StoreError, TableData, check_table
 
 log = logging.getLogger("balancer.store")
@@ -149,11 +149,10 @@ class Snapshot:
     @staticmethod
     def _read(path: str) -> bytes | None:
         try:
-            with open_regular(path) as f:
-                return f.read()
+            return read_regular(path)
         except FileNotFoundError:
             return None
-        except OSError as exc:
+        except (OSError, TooLarge) as exc:
             log.warning("snapshot %s: cannot read it (%s); not using it", path, exc)
             return None
 
