@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from balancer.accesslog.records import make_record
+from balancer.clients import client_key
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import (
     END,
@@ -280,6 +281,7 @@ class ClientConnection:
         self.stream = ctx.io.stream(sock)
         self.client_ip = address[0] if isinstance(address, tuple) else str(address)
         self.client_ip_bytes = self.client_ip.encode()
+        self.client_key = client_key(self.client_ip)  # what limits and heavy hitters count
         self.forwarded_fields = b""  # what balancer.forwarding says of this client, once made
         # balancer.forwarding's rewrite of the parser's `repeat_head`: (head, the bytes
         # before the request id, those after it)

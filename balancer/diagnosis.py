@@ -18,7 +18,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from balancer.sketch import GROUPS, MEASURES, SLOT_SECONDS, SLOTS, client_of, path_key
+from balancer.sketch import (
+    GROUPS,
+    MEASURES,
+    SLOT_SECONDS,
+    SLOTS,
+    client_address,
+    client_of,
+    path_key,
+)
 
 BY = (*MEASURES, "in_flight")
 MAX_WINDOW = SLOT_SECONDS * SLOTS
@@ -98,7 +106,7 @@ def describe(ex: Any, now: float) -> dict[str, Any]:
     path = head.target.split(b"?", 1)[0].decode("latin-1")
     return {"host": head.host.decode("latin-1"), "rule": ex.route.key,
             "method": head.method.decode("latin-1"),
-            "path": path[:MAX_PATH], "client": client_of(ex), "backend": ex.backend or None,
+            "path": path[:MAX_PATH], "client": client_address(ex), "backend": ex.backend or None,
             "bytes_sent": ex.sent, "bytes_received": ex.received,
             "age": round(now - ex.start, 3), "status": ex.status or None,
             "request_id": ex.request_id.decode("latin-1")}

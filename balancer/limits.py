@@ -37,10 +37,11 @@ Invariants:
   skipped, so what a client sent during a deploy's `spin` went through
   whatever its rate).
 * A client is limited by its IPv4 address, or by the /64 of its IPv6 address
-  (`client_key`; an IPv4-mapped one by its IPv4 address): the smallest block
-  a network hands one subscriber (RFC 6177), whose 2**64 addresses each
-  drew a bucket of its own before (bug: one client dodged every per-client
-  limit by changing the address it sent from within its /64).
+  (`balancer.clients.client_key`, as the heavy hitters count it; an IPv4-mapped
+  one by its IPv4 address): the smallest block a network hands one subscriber
+  (RFC 6177), whose 2**64 addresses each drew a bucket of its own before (bug:
+  one client dodged every per-client limit by changing the address it sent
+  from within its /64).
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ import logging
 import math
 import mmap
 import os
-import socket
 import struct
 import time
 import zlib
@@ -73,7 +73,6 @@ FILE_NAME = "limits.shm"
 MAX_RETRY_AFTER = 3600
 COUNT = struct.Struct("<i")  # a journal's entry: one process's requests in progress in a slot
 TABLE_BYTES = TABLE_SLOTS * SLOT.size  # the shared file's size (2 MiB; a journal's is smaller)
-V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
 
 
 class SharedBuckets:
@@ -217,7 +216,7 @@ class Limit:
         now = time.monotonic()
         buckets = self.buckets
         if self.interval:
-            name = self.key + b"\0" + client_key(client) if self.per_client else self.key
+            name = self.key + b"\0" + client.encode() if self.per_client else self.key
             with buckets.locked(name):
                 wait = buckets.take(buckets.slot(name, now), now, self.interval, self.tolerance)
             if wait:
@@ -225,7 +224,7 @@ class Limit:
         if not self.connections:
             act(ex, route, body)
             return
-        key = self.key + b"\1" + client_key(client)
+        key = self.key + b"\1" + client.encode()
         with buckets.locked(key):
             offset = buckets.slot(key, now)
             entered = buckets.enter(offset, self.connections)
@@ -252,21 +251,6 @@ def act(ex: Any, route: Any, body: Piece | None) -> None:
         route.action.handle(ex)
     else:
         route.action.resume(ex, body)
-
-
-def client_key(client: str) -> bytes:
-    """What `client` (an address, or what a trusted front proxy said) is limited
-    by: an IPv4 address as it is, an IPv6 address's /64 (its first 8 bytes), an
-    IPv4-mapped IPv6 address's IPv4 address; anything else as it is."""
-    if ":" not in client:
-        return client.encode()
-    try:
-        packed = socket.inet_pton(socket.AF_INET6, client)
-    except OSError:  # a zone id, or no address at all
-        return client.encode()
-    if packed[:12] == V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, packed[12:]).encode()
-    return packed[:8] + b"/64"
 
 
 def default_burst(rate: float) -> int:

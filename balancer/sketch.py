@@ -23,7 +23,9 @@ Invariants:
   `export` sums the intervals a window covers; the management process sums
   the workers'.
 * On an internal (trusted) listener the client is the address the front
-  proxy appended to X-Forwarded-For (its last entry), else the peer.
+  proxy appended to X-Forwarded-For (its last entry), else the peer; either is
+  counted by its key, as the limits hold it (`balancer.clients`: an IPv6
+  address's /64).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import heapq
 import time
 from typing import Any, Final
 
+from balancer.clients import client_key
 from balancer.connection import Exchange
 from balancer.http11 import mark_value
 
@@ -252,21 +255,33 @@ def _plus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def client_of(ex: Exchange) -> str:
-    """The client of a request: the peer, or on a trusted listener the last
-    X-Forwarded-For entry (what the front proxy saw)."""
+    """The client a request is counted (and limited) by: the key
+    (`balancer.clients.client_key`: an IPv6 address's /64) of its peer, or on
+    a trusted listener of the last X-Forwarded-For entry (what the front proxy saw)."""
     conn = ex.conn
     if not conn.ctx.trusted:
-        return conn.client_ip
+        return conn.client_key
+    forwarded = forwarded_client(ex)
+    return client_key(forwarded) if forwarded else conn.client_key
+
+
+def client_address(ex: Exchange) -> str:
+    """The address of a request's client, as `client_of` finds it, not keyed."""
+    conn = ex.conn
+    forwarded = forwarded_client(ex) if conn.ctx.trusted else ""
+    return forwarded or conn.client_ip
+
+
+def forwarded_client(ex: Exchange) -> str:
+    """The last X-Forwarded-For entry of the request ("" for none, or one longer
+    than `MAX_CLIENT` bytes)."""
     found = b""
     head = ex.head
     for mark in head.marks:
         if mark[0] == b"x-forwarded-for":
             found = mark_value(head, mark)
-    if found:
-        last = found.rpartition(b",")[2].strip()
-        if last and len(last) <= MAX_CLIENT:
-            return last.decode("latin-1")
-    return conn.client_ip
+    last = found.rpartition(b",")[2].strip()
+    return last.decode("latin-1") if len(last) <= MAX_CLIENT else ""
 
 
 def path_key(host: str, target: bytes) -> str:

@@ -287,6 +287,36 @@ def test_a_limit_holds_for_the_whole_balancer(tmp_path: Path) -> None:
         bal.stop()
 
 
+def clients(bal: Balancer, by: str) -> dict[str, int]:
+    """The top clients by `by`: KEY → count."""
+    return {row["key"]: row["count"] for row in top(bal, by, "client")["top"]}
+
+
+def test_ipv6_clients_are_counted_by_their_64_as_the_limits_hold_them(tmp_path: Path) -> None:
+    """Bug: the heavy hitters counted an IPv6 client per address while the limits
+    hold it by its /64: a host rotating its addresses within its /64, limited as
+    one client, was spread thin over the top clients. Both key it the same
+    (`balancer.clients`): the /64, an IPv4-mapped address as its IPv4 address.
+    Forwarded addresses on the internal listener, and the IPv6 peer itself."""
+    bal = Balancer(tmp_path, {"app.test": {"action": "empty", "status": 204,
+                                           "limits": {"rate": 0.01, "burst": 1}}},
+                   listen="[::1]:0", internal=True)
+    try:
+        rotating = [from_client(f"2001:db8:1:2::{n:x}") for n in range(1, 6)]
+        mapped = [from_client("::ffff:192.0.2.7"), from_client("192.0.2.7")]
+        assert pipelined(bal.ports["internal"], rotating + mapped) == [204] + [429] * 4 + [204, 429]
+        with socket.create_connection(("::1", bal.port), timeout=10) as sock:  # the peer: ::1
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 204 ")
+        expected = {"2001:db8:1:2::/64": 5, "192.0.2.7": 2, "::/64": 1}
+        wait_for(lambda: clients(bal, "requests") == expected, timeout=10,
+                 what=f"the requests counted by client as {expected}")
+        assert clients(bal, "limited") == {"2001:db8:1:2::/64": 4, "192.0.2.7": 1}
+        assert clients(bal, "errors") == {"2001:db8:1:2::/64": 4, "192.0.2.7": 1}
+    finally:
+        bal.stop()
+
+
 def test_a_refused_request_gets_the_busy_page_with_429_and_retry_after(tmp_path: Path) -> None:
     bal = Balancer(tmp_path, {"app.test": {"action": "empty", "status": 204,
                                            "limits": {"rate": 0.5, "burst": 2}}})

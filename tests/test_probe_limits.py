@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer.limits import client_key
+from balancer.clients import client_key
 from tests.support import Backend, Balancer, request, wait_for
 
 HOST = "app.test"
@@ -76,11 +76,13 @@ def test_one_ipv6_64_is_one_client(bal: Balancer, first: str, second: str,
 
 
 def test_client_keys() -> None:
-    assert client_key("192.0.2.1") == b"192.0.2.1"
-    assert client_key("2001:db8::1") == client_key("2001:db8::abcd:1") != client_key("::1")
-    assert client_key("::ffff:192.0.2.1") == b"192.0.2.1"
-    assert client_key("fe80::1%eth0") == b"fe80::1%eth0"  # a zone: as it is
-    assert client_key("unknown") == b"unknown"
+    assert client_key("192.0.2.1") == "192.0.2.1"
+    assert client_key("2001:db8::1") == client_key("2001:db8::abcd:1") == "2001:db8::/64"
+    assert client_key("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert client_key("::1") == "::/64"
+    assert client_key("::ffff:192.0.2.1") == "192.0.2.1"
+    assert client_key("fe80::1%eth0") == "fe80::1%eth0"  # a zone: as it is
+    assert client_key("unknown") == "unknown"
 
 
 def test_silent_connections_take_no_place_of_max_connections_per_client(
