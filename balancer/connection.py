@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-from balancer.accesslog.records import make_record
+from balancer.accesslog.records import refused_record
 from balancer.clients import client_key
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import (
@@ -578,11 +578,8 @@ class ClientConnection:
             if exc.status != 408:  # a client too slow to send its head is not waited for
                 self.linger = LINGER  # the rest of the head, its body may be on the way
         if ctx.access_log.is_enabled:
-            ctx.access_log.log(make_record(
-                time.time(), self.client_ip, host=None, method=None, target=None,
-                protocol=None, status=page.status, bytes_sent=sent, bytes_received=0,
-                referer=None, user_agent=None, request_id=request_id, backend=None,
-                duration=0.0, backend_time=None))
+            ctx.access_log.log(refused_record(time.time(), self.client_ip, page.status, sent,
+                                              request_id))
 
     # request bodies ------------------------------------------------------
     def body_chunks(self) -> Iterator[Piece]:

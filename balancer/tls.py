@@ -67,6 +67,7 @@ from typing import Any, Final
 import gevent
 from gevent.lock import Semaphore
 
+from balancer.accesslog.records import refused_record
 from balancer.lingering import discard_waiting
 from balancer.responses import local_response
 from balancer.stores.base import ProblemLog, StoreError
@@ -229,15 +230,16 @@ class TLSFront:
               serve_client: Callable[[Any, Any, Any], bool]) -> bool:
         """Handshake one accepted connection, then serve it with `serve_client`;
         whether it was parked between requests (`TLSIO` parks as plain HTTP does)."""
-        tls = self.handshake(sock, ctx)
+        tls = self.handshake(sock, address, ctx)
         if tls is None:
             with contextlib.suppress(OSError):
                 sock.close()
             return False
         return serve_client(tls, address, ctx)
 
-    def handshake(self, sock: Any, ctx: Any) -> Any:
-        """The TLS socket after a finished handshake, or None (counted by outcome)."""
+    def handshake(self, sock: Any, address: Any, ctx: Any) -> Any:
+        """The TLS socket after a finished handshake, or None (counted by outcome);
+        `address` is the client's (`accept`'s)."""
         counts = self.counts
         tls = None
         try:
@@ -248,7 +250,7 @@ class TLSFront:
                 if first[0] != HANDSHAKE_RECORD:
                     counts["protocol_error"] += 1
                     if first.isupper():  # a request line's method: plain HTTP.
-                        _refuse_plain(sock, ctx)  # Bug: any byte got this page
+                        _refuse_plain(sock, address, ctx)  # Bug: any byte got this page
                     return None
                 context = self.context
                 challenge = self.challenges.alpn_context(sock) if self.challenges else None
@@ -309,14 +311,22 @@ def load_pem(context: ssl.SSLContext, chain: str, key: str) -> None:
         os.close(fd)
 
 
-def _refuse_plain(sock: Any, ctx: Any) -> None:
-    """Answer a plain-HTTP request on a TLS port with a 400 that says so (as nginx)."""
+def _refuse_plain(sock: Any, address: Any, ctx: Any) -> None:
+    """Answer a plain-HTTP request on a TLS port with a 400 that says so (as nginx),
+    and log it as a malformed request is (`refused_record`: none of its bytes).
+    Bug: it was in no access log line."""
+    request_id = ctx.request_ids.next()
     data = local_response(400, PLAIN_HTTP_BODY, b"text/plain; charset=utf-8",
-                          request_id=ctx.request_ids.next(), keep_alive=False)
+                          request_id=request_id, keep_alive=False)
+    sent = 0
     with contextlib.suppress(OSError):
         sock.sendall(data)
+        sent = len(data)
         sock.shutdown(socket.SHUT_WR)
         discard_waiting(getattr(sock, "_sock", sock))  # its request, unread: a close would reset
+    if ctx.access_log.is_enabled:
+        client = address[0] if isinstance(address, tuple) else str(address)
+        ctx.access_log.log(refused_record(time.time(), client, 400, sent, request_id))
 
 
 def _reason(exc: BaseException) -> str:

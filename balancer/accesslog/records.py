@@ -51,3 +51,15 @@ def make_record(
     """Build a record tuple in the documented field order."""
     return (started, client, host, method, target, protocol, status, bytes_sent, bytes_received,
             referer, user_agent, request_id, backend, duration, backend_time)
+
+
+def refused_record(started: float, client: str, status: int, bytes_sent: int,
+                   request_id: str | bytes) -> tuple:
+    """The record of a request refused before its head was read as one (a
+    malformed head, plain HTTP on a TLS port): its client, status, bytes sent
+    and request id; its host, request line, referer and user agent missing,
+    never its raw bytes."""
+    return make_record(started, client, host=None, method=None, target=None, protocol=None,
+                       status=status, bytes_sent=bytes_sent, bytes_received=0, referer=None,
+                       user_agent=None, request_id=request_id, backend=None, duration=0.0,
+                       backend_time=None)
