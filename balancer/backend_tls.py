@@ -35,11 +35,23 @@ Invariants:
   a working backend into a 502.
 * A backend never renegotiates: a TLS 1.2 HelloRequest is answered with the
   ``no_renegotiation`` alert (as nginx and HAProxy, which set
-  ``SSL_OP_NO_RENEGOTIATION`` on their backend connections too); a backend
-  that insists fails the connection with an alert, which the relay's read
-  reports as `read_failure` words it (`BackendClosed`: 502, never pooled).
-  A connection that renegotiated could present another certificate than the
-  one verified (and would cost a handshake per request).
+  ``SSL_OP_NO_RENEGOTIATION`` on their backend connections too), and the
+  connection ends there: the HelloRequest, seen by the message callback of a
+  TLS 1.2 connection's context (`_watch`), shuts the socket's reading, so the
+  read under way ends at once with `RenegotiationRefused` (`TLSStream.ended`;
+  the relay's `BackendClosed`: 502, never pooled),
+  whether the backend honours the refusal or not. Bug: one that ignored it
+  (waiting for a ClientHello, or asking again) held the request until
+  `timeouts.backend_read` (504). A connection that renegotiated could present
+  another certificate than the one verified (and would cost a handshake per
+  request).
+* The message callback costs a Python call per TLS record, so only TLS 1.2
+  connections have it (TLS 1.3 has no renegotiation): each verify mode has
+  a pair of contexts, `quiet` and `watched`, and a connection is moved to the
+  one its version needs when its handshake ends (`secure`). A session is
+  bound to the context of the connection it was taken from (the ssl module
+  resumes it only there), so a session is kept with its context
+  (`keepable`) and resumed in it.
 * Every TLS failure of the handshake becomes `BackendTLSError` (a `ConnectError`: nothing was
   sent, so it is retried on another backend and counts as a connect failure),
   its message saying what failed, for the operator log. The handshake is
@@ -50,17 +62,28 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import time
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from balancer.errors import BackendTLSError, Overdue
+from balancer.netio import REFUSED
 
 ALPN: Final = ["http/1.1"]
 UNVERIFIED: Final = "!"  # prefix of the pool key of an unverified connection
 # what Python 3.13's create_default_context adds to the verify flags (module docstring)
 VERSION_FLAGS: Final = ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
+HANDSHAKE: Final = 22  # a TLS record's content type
+HELLO_REQUEST: Final = 0  # a handshake message's type: a TLS 1.2 server asks to renegotiate
+
+
+class Contexts(NamedTuple):
+    """The client contexts of one verify mode (module doc)."""
+
+    quiet: ssl.SSLContext  # TLS 1.3 connections, and every handshake without a session
+    watched: ssl.SSLContext  # TLS 1.2 connections: `_watch` sees each TLS message
 
 
 def request_name(host: bytes) -> str:
@@ -86,28 +109,31 @@ class BackendTLS:
     def __init__(self, ca_bundle: str = "") -> None:
         self.ca_bundle = ca_bundle
         self.cas, self.cas_problem = read_bundle(ca_bundle)
-        self.verified: ssl.SSLContext | None = None  # made on first use
-        self.unverified: ssl.SSLContext | None = None
+        self.verified: Contexts | None = None  # made on first use
+        self.unverified: Contexts | None = None
 
     def context(self, verify: bool) -> ssl.SSLContext:
         """The context verifying certificates and names, or the one that does not
         (BackendTLSError when the CA bundle cannot be loaded)."""
+        return self.contexts(verify).quiet
+
+    def contexts(self, verify: bool) -> Contexts:
+        """The pair of contexts of a verify mode (as `context`)."""
         if verify:
             if self.verified is None:
                 if self.cas_problem:
                     raise BackendTLSError(self.cas_problem)
                 try:
-                    self.verified = _client_context(self.cas)
+                    self.verified = Contexts(_client_context(self.cas),
+                                             _watched(_client_context(self.cas)))
                 except (ssl.SSLError, ValueError) as exc:
                     self.cas_problem = (f"TLS: tls.backend_ca_bundle {self.ca_bundle}: OpenSSL "
                                         f"cannot load it ({getattr(exc, 'reason', None) or exc})")
                     raise BackendTLSError(self.cas_problem) from None
             return self.verified
         if self.unverified is None:
-            context = _client_context(None)
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            self.unverified = context
+            self.unverified = Contexts(_unverified(_client_context(None)),
+                                       _watched(_unverified(_client_context(None))))
         return self.unverified
 
     def secure(self, sock: socket.socket, key: str, where: str, deadline: float,
@@ -116,7 +142,8 @@ class BackendTLS:
         `deadline` (monotonic; `bounded(seconds)` bounds the whole handshake),
         resuming `session` if the backend still knows it; closes `sock` and
         raises BackendTLSError on any failure but the watchdog's `Overdue`, raised
-        as is (the client connection's deadline passed: `Backend.connect_tls`)."""
+        as is (the client connection's deadline passed: `Backend.connect_tls`).
+        `session`: what `keepable` gave of an earlier connection of `key`."""
         verify = not key.startswith(UNVERIFIED)
         name = key if verify else key[len(UNVERIFIED):]
         try:
@@ -128,14 +155,19 @@ class BackendTLS:
                 raise BackendTLSError(f"{where}: TLS handshake timed out")
             sock.settimeout(remaining)
             try:
-                context = self.context(verify)
+                contexts = self.contexts(verify)
             except BackendTLSError as exc:
                 raise BackendTLSError(f"{where}: {exc}") from None
+            # a session is resumed in the context it was taken in (`keepable`)
+            context, resumed = session if session is not None else (contexts.quiet, None)
             tls = context.wrap_socket(sock, server_hostname=name or None,
-                                      do_handshake_on_connect=False, session=session)
+                                      do_handshake_on_connect=False, session=resumed)
             try:
                 with bounded(remaining):
                     tls.do_handshake()
+                wanted = contexts.watched if tls.version() == "TLSv1.2" else contexts.quiet
+                if tls.context is not wanted:
+                    tls.context = wanted
             except BaseException:
                 # `tls` took `sock`'s descriptor over (closing `sock` closes nothing).
                 # Bug: it stayed open for as long as the error was kept (the backend's
@@ -179,18 +211,54 @@ def read_bundle(path: str) -> tuple[str | None, str]:
                       f"{getattr(exc, 'strerror', None) or 'not PEM text'}")
 
 
+def keepable(tls: Any) -> tuple[ssl.SSLContext, Any] | None:
+    """What of connection `tls` the next connection of its pool resumes (`secure`):
+    its session with its context, or None when it has none."""
+    session = tls.session
+    return None if session is None else (tls.context, session)
+
+
 def read_failure(exc: OSError) -> str:
     """Why a read from (or write to) a backend failed, for `BackendClosed`: an
-    SSLError in words, naming what a handshake failure on an established
-    connection is (the backend's renegotiation, refused); anything else as is."""
+    SSLError in words; anything else as is."""
     reason = getattr(exc, "reason", None)  # (an SSLError made in Python has none)
     if not isinstance(exc, ssl.SSLError) or not reason:
         return str(exc)
-    words = reason.lower().replace("_", " ")
-    if reason.endswith("ALERT_HANDSHAKE_FAILURE"):  # the only handshake after the
-        # first is a renegotiation: the backend's, which our alert refused
-        return f"TLS: {words} (the backend renegotiated; renegotiation is refused)"
-    return f"TLS: {words}"
+    return f"TLS: {reason.lower().replace('_', ' ')}"
+
+
+def _watch(conn: Any, direction: str, _version: int, content_type: int, msg_type: int,
+           _data: bytes) -> None:
+    """The message callback of a `watched` context (OpenSSL calls it for each TLS
+    record and message a connection reads or writes, `conn` the owner of its SSL
+    object): a HelloRequest read is the backend asking for a renegotiation.
+    OpenSSL answers it with the no_renegotiation alert; the connection's
+    reading is shut here and the connection noted (`netio.REFUSED`), so the
+    read goes on to the end of the stream at once, which raises
+    `RenegotiationRefused` (`TLSStream.ended`). Nothing is raised here: the ssl
+    module would keep it for a later call when the read ends the stream."""
+    if content_type == HANDSHAKE and msg_type == HELLO_REQUEST and direction == "read":
+        REFUSED.add(conn)
+        # (a duplicate: `conn`, the ssl module's socket or gevent's stand-in,
+        # may be one whose shutdown is a TLS one)
+        with contextlib.suppress(OSError), \
+                socket.fromfd(conn.fileno(), conn.family, socket.SOCK_STREAM) as dup:
+            dup.shutdown(socket.SHUT_RD)
+
+
+def _watched(context: ssl.SSLContext) -> ssl.SSLContext:
+    """`context` with `_watch` as its message callback, set on the C type: the
+    ssl module's property would wrap it in three enum conversions per call."""
+    ssl_base: Any = ssl._ssl._SSLContext  # type: ignore[attr-defined]
+    ssl_base._msg_callback.__set__(context, _watch)
+    return context
+
+
+def _unverified(context: ssl.SSLContext) -> ssl.SSLContext:
+    """`context` verifying nothing (a rule's ``"backend_tls_verify": false``)."""
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _client_context(cas: str | None) -> ssl.SSLContext:
@@ -203,6 +271,6 @@ def _client_context(cas: str | None) -> ssl.SSLContext:
     # a backend's TCP close without close_notify ends its stream (HTTP framing
     # tells a cut response; a close-delimited body ends there, as over plain TCP);
     # a TLS 1.2 backend's renegotiation (HelloRequest) is refused with the
-    # no_renegotiation alert, as nginx and HAProxy refuse it (`read_failure`)
+    # no_renegotiation alert, as nginx and HAProxy refuse it (`_watch`)
     context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF | ssl.OP_NO_RENEGOTIATION
     return context

@@ -117,5 +117,15 @@ class Overdue(TimeoutError):
     subclass of TimeoutError.)"""
 
 
+class RenegotiationRefused(OSError):
+    """A TLS 1.2 backend asked for a renegotiation, which was refused
+    (`balancer.backend_tls._watch`): raised by the read that met the end of
+    the stream that follows (`balancer.netio.TLSStream.ended`). (Here, not in
+    the compiled `netio`: mypyc compiles no subclass of OSError.)"""
+
+    def __init__(self) -> None:
+        super().__init__("TLS: the backend asked for a renegotiation (renegotiation is refused)")
+
+
 class ClientGone(Exception):
     """The client closed, reset or stalled its connection: nothing more can be sent."""

@@ -72,6 +72,7 @@ import os
 import select
 import socket
 import time
+import weakref
 from _socket import SO_ERROR, SOCK_STREAM, SOL_SOCKET
 from _socket import socket as RawSocket
 from collections.abc import Callable, Sequence
@@ -82,7 +83,7 @@ from typing import Any, Final
 from gevent import Timeout, get_hub, getcurrent
 from gevent.socket import socket as GeventSocket
 
-from balancer.errors import ClientGone, Overdue
+from balancer.errors import ClientGone, Overdue, RenegotiationRefused
 from balancer.outbox import WRITE, Outbox, TLSWriter, Writer
 from balancer.peek import CLOSED, OPEN, READABLE, peek, peek_under
 from balancer.readiness import READ, SWITCH, Readable
@@ -92,6 +93,10 @@ from balancer.turns import Turn
 
 NEVER: Final = float("inf")
 HELD_READ: Final = 65536  # bytes a held TLS client's readiness reads through OpenSSL
+# the owners (the ssl module's socket, or gevent's stand-in for it) of the SSL
+# objects of backend connections whose renegotiation `balancer.backend_tls._watch`
+# refused, their reading shut: the end of their stream says why (`TLSStream.ended`)
+REFUSED: Final[weakref.WeakSet[Any]] = weakref.WeakSet()
 # seconds (at most half of client_idle) a keep-alive connection waits for its
 # next request in its own greenlet before the watchdog parks it (no greenlet,
 # `GeventIO.park`): parking between every two requests of a busy connection cost
@@ -808,24 +813,46 @@ class TLSStream(WatchedStream):
         obj = self.obj
         while True:
             try:
-                return obj.read(size)
+                data = obj.read(size)
+                break
             except SSLWantReadError:
                 self.watcher.wait()
             except SSLWantWriteError:  # OpenSSL must write first (a handshake message,
                 # an alert) and the socket is full: the read again once it is writable
                 self.wait_writable()
             except SSLZeroReturnError:
-                return b""
+                data = b""
+                break
+            except OSError as exc:
+                raise self.refused(exc) from None
+        return data if data else self.ended()
 
     def read_ready(self, size: int) -> bytes | None:
         if self.held:
             return self.unread()
         try:
-            return self.obj.read(size)
+            data = self.obj.read(size)
         except SSLWantReadError:
             return None
         except SSLZeroReturnError:
-            return b""
+            data = b""
+        except OSError as exc:
+            raise self.refused(exc) from None
+        return data if data else self.ended()
+
+    def ended(self) -> bytes:
+        """What a read that met the end of the stream gives: b"", but
+        `RenegotiationRefused`, raised, on a backend connection whose reading
+        `balancer.backend_tls._watch` shut (in `REFUSED`)."""
+        if self.obj.owner in REFUSED:
+            raise RenegotiationRefused()
+        return b""
+
+    def refused(self, exc: OSError) -> OSError:
+        """What to raise for `exc`, a read's error: itself, but `RenegotiationRefused`
+        on a backend connection whose reading `_watch` shut (the backend's own
+        alert, ending the refused renegotiation, may come before the end of stream)."""
+        return RenegotiationRefused() if self.obj.owner in REFUSED else exc
 
     def wait_readable(self) -> None:
         if not self.held and not self.obj.pending():

@@ -70,7 +70,7 @@ from functools import partial
 from typing import Any, Final
 
 from balancer.addr import Address, parse_backend_addr
-from balancer.backend_tls import BackendTLS
+from balancer.backend_tls import BackendTLS, keepable
 from balancer.errors import ConnectError, ConnectOverdue, Overdue, ProxyError
 from balancer.netio import IO, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
@@ -180,7 +180,7 @@ class Backend:
         # and the TLS session of each key's last new connection (to resume)
         self.tls: BackendTLS | None = tls if address.tls else None
         self.idle_tls: dict[str, list[Upstream]] = {}
-        self.tls_sessions: dict[str, object] = {}
+        self.tls_sessions: dict[str, object] = {}  # key → `keepable`
         self.is_literal = _is_ip_literal(address.host)
         # called in the event loop when a connection is stirred (`Stream.on_stirred`)
         self.notice = notice
@@ -354,9 +354,9 @@ class Backend:
         """Keep the TLS session of `upstream` for the next connection of its pool
         (after its first answer: a TLS 1.3 session ticket has come by then)."""
         upstream.fresh = False
-        session = upstream.sock.session
-        if session is not None:
-            self.tls_sessions[upstream.pool] = session
+        kept = keepable(upstream.sock)
+        if kept is not None:
+            self.tls_sessions[upstream.pool] = kept
 
     def idle_lists(self) -> list[list[Upstream]]:
         """Every list of idle connections: the plain pool and the TLS pools."""

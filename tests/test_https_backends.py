@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -327,3 +328,21 @@ def test_new_backend_connections_resume_the_tls_session_of_their_name(
     # a full handshake, two resumed, and a full one for the other name
     assert good.resumed[-4:] == [False, True, True, False]
 
+
+
+def test_tls_1_2_backend_connections_resume_their_session_too(bal: Balancer, tmp: Path) -> None:
+    """A TLS 1.2 connection moves to the context that watches for a renegotiation
+    when its handshake ends (balancer/backend_tls.py); its session, kept with
+    that context, is resumed by the next connection all the same."""
+    old = TLSBackend(CA, tmp, "tls12.test", name="tls12", max_version=ssl.TLSVersion.TLSv1_2)
+    try:
+        hosts = json.loads(bal.routes.read_text())["hosts"]
+        bal.write_routes({**hosts, "tls12.test": {"action": "proxy", "backends": [old.url]}})
+        wait_for(lambda: request(bal.port, path="/eof", host="tls12.test")[0] == 200,
+                 what="the rule served")
+        for _ in range(3):  # the backend closes after each answer: a new connection each
+            status, _, body = request(bal.port, path="/eof", host="tls12.test")
+            assert (status, body) == (200, b"until-close")
+        assert old.resumed[-4:] == [False, True, True, True]
+    finally:
+        old.stop()

@@ -6,9 +6,9 @@ SNI names that are huge, odd, IP literals or unknown, ALPN offers with no
 Each ends in a clear outcome (an alert, a close, a 400, a counted
 ``balancer_tls_handshakes_total`` outcome) and the worker serves on.
 The backend side: a TLS 1.2 backend that renegotiates mid-request is refused
-(502, never pooled). Handshakes here are made by hand (`hello`: the
-ClientHello of Python's own client, its SNI rewritten) or by pyOpenSSL (the
-ssl module cannot renegotiate).
+(502 at once, never pooled), whether it honours the refusal or not.
+Handshakes here are made by hand (`hello`: the ClientHello of Python's own
+client, its SNI rewritten) or by pyOpenSSL (the ssl module cannot renegotiate).
 
 Found and fixed with these probes:
 
@@ -23,7 +23,8 @@ Found and fixed with these probes:
 * A TLS 1.2 backend could renegotiate (`HelloRequest`): the renegotiation hung
   the request until ``timeouts.backend_read`` (504). (A read that OpenSSL
   can make only after a write of its own, which such a renegotiation made
-  possible, is tested in tests/test_inline_tls.py.)
+  possible, is tested in tests/test_inline_tls.py.) Refused since, it still
+  did so when the backend ignored the refusal (waited on for a ClientHello).
 """
 
 from __future__ import annotations
@@ -172,11 +173,14 @@ def open_connections(bal: Balancer) -> float:
 class RenegotiatingBackend:
     """An HTTPS backend (pyOpenSSL, TLS 1.2 only) that reads a request, then asks
     for a renegotiation (HelloRequest) before it answers; it answers 200 if the
-    connection survives, and notes what became of each."""
+    connection survives, and notes what became of each. One that does not
+    `honour` the refusal reads no TLS record after its HelloRequest (our alert
+    goes unread): it waits for a ClientHello until the connection is closed."""
 
-    def __init__(self, tmp: Path) -> None:
-        chain, key = CA.issue("reneg.test")
-        pem = tmp / "reneg.pem"
+    def __init__(self, tmp: Path, name: str, honours: bool = True) -> None:
+        self.honours = honours
+        chain, key = CA.issue(name)
+        pem = tmp / f"{name}.pem"
         pem.write_text(key + chain)
         self.context = SSL.Context(SSL.TLS_SERVER_METHOD)
         self.context.set_max_proto_version(SSL.TLS1_2_VERSION)
@@ -204,6 +208,11 @@ class RenegotiatingBackend:
                 data += conn.recv(65536)
             conn.renegotiate()
             conn.do_handshake()  # sends the HelloRequest
+            if not self.honours:  # waits on, the alert unread: closed by the balancer
+                while sock.recv(65536):  # (each recv bounded by RECV_TIMEOUT)
+                    pass
+                self.outcomes.append("closed by the balancer")
+                return
             conn.recv(65536)  # the client's answer: a new ClientHello, or an alert
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nrenegotiated")
             self.outcomes.append("answered")
@@ -218,27 +227,32 @@ class RenegotiatingBackend:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Balancer, Path, Any]]:
-    """``bal, tmp, reneg``: a balancer with a TLS listener (app.test's
+    """``bal, tmp, (reneg, deaf)``: a balancer with a TLS listener (app.test's
     certificate, the handshake deadline `HEADER_SECONDS`) proxying app.test to
-    an echo backend and reneg.test to `RenegotiatingBackend`."""
+    an echo backend, reneg.test to a `RenegotiatingBackend` and deaf.test to
+    one that does not honour the refusal."""
     tmp = tmp_path_factory.mktemp("probe-tls")
     echo = Backend("echo")
-    reneg = RenegotiatingBackend(tmp)
+    reneg = RenegotiatingBackend(tmp, "reneg.test")
+    deaf = RenegotiatingBackend(tmp, "deaf.test", honours=False)
     hosts = {"app.test": {"action": "proxy", "backends": [echo.address]},
              "reneg.test": {"action": "proxy", "backends": [f"https://{reneg.address}"],
-                            "retries": 0}}
+                            "retries": 0},
+             "deaf.test": {"action": "proxy", "backends": [f"https://{deaf.address}"],
+                           "retries": 0}}
     routes = tmp / "routes.json"
     routes.write_text(json.dumps({"version": 1, "hosts": hosts}))
-    chain, key = CA.issue("app.test", "reneg.test")
+    chain, key = CA.issue("app.test", "reneg.test", "deaf.test")
     certs = FileStore(str(routes)).certs()
     for host in ("app.test", "reneg.test"):
         certs.put(host, make_record(host, chain, key))
     config = (f"[timeouts]\nclient_header = {HEADER_SECONDS}\nbackend_read = 5.0\n"
               f'[tls]\nbackend_ca_bundle = "{CA.write(tmp)}"\n')
     bal = Balancer(tmp, args=["--tls-listen", "127.0.0.1:0"], config=config)
-    yield bal, tmp, reneg
+    yield bal, tmp, (reneg, deaf)
     bal.stop()
     reneg.stop()
+    deaf.stop()
     echo.stop()
 
 
@@ -435,22 +449,32 @@ def test_many_hanging_handshakes_do_not_starve_requests(site: Any) -> None:
 
 
 # the backend's side -------------------------------------------------------------------
-def test_a_backend_that_renegotiates_is_refused_with_a_502(site: Any) -> None:
+@pytest.mark.parametrize("host", ["reneg.test", "deaf.test"])
+def test_a_backend_that_renegotiates_is_refused_with_a_502(site: Any, host: str) -> None:
     """Its HelloRequest gets the no_renegotiation alert (as from nginx and
-    HAProxy), which an OpenSSL backend ends with a fatal alert: the request gets
-    a 502 whose cause the operator log words, the connection is closed, never
-    pooled, and the next request makes a new one."""
-    bal, tmp, reneg = site
+    HAProxy), and the request a 502 at once whose cause the operator log words,
+    the connection closed, never pooled; the next request makes a new one.
+    Whether the backend honours the refusal (an OpenSSL backend ends the
+    connection with a fatal alert) or not: bug, one that ignored it (deaf.test:
+    it waits for a ClientHello) held the request until `timeouts.backend_read`
+    (5 s here), a 504."""
+    bal, tmp, (reneg, deaf) = site
+    backend = reneg if host == "reneg.test" else deaf
     worker = re.findall(r"worker (\d+) ready", bal.output())[-1]
     fds = len(os.listdir(f"/proc/{worker}/fd"))
     for n in (1, 2):
-        status, _, body = request(bal.port, host="reneg.test")
+        start = time.monotonic()
+        status, _, body = request(bal.port, host=host)
         assert status == 502, body[:200]
-        wait_for(lambda n=n: len(reneg.outcomes) == n, timeout=5, what="the backend's end")
-        assert "no renegotiation" in reneg.outcomes[-1]
-    wait_for(lambda: "reneg.test: " in bal.output(), timeout=5, what="the operator log's line")
-    assert ("backend closed the connection (last: TLS: sslv3 alert handshake failure "
-            "(the backend renegotiated; renegotiation is refused))") in bal.output()
+        assert time.monotonic() - start < 2.5  # not the backend_read timeout (5 s)
+        wait_for(lambda n=n: len(backend.outcomes) == n, timeout=5, what="the backend's end")
+        assert ("no renegotiation" if backend is reneg else "closed by the balancer") in (
+            backend.outcomes[-1])
+    cause = ("backend closed the connection (last: TLS: the backend asked for a "
+             "renegotiation (renegotiation is refused))")
+    wait_for(lambda: any(f"{host}: " in line and cause in line
+                         for line in bal.output().splitlines()),
+             timeout=5, what="the operator log's line with its cause")
     wait_for(lambda: open_connections(bal) == 0, timeout=5, what="the connections closed")
     wait_for(lambda: len(os.listdir(f"/proc/{worker}/fd")) <= fds, timeout=5,
              what="no more descriptors in the worker: none pooled, none left open")

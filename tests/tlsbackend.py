@@ -83,13 +83,16 @@ class TLSEchoHandler(EchoHandler):
 class TLSBackend(Backend):
     """An HTTPS echo backend with a certificate from `ca` for `names`."""
 
-    def __init__(self, ca: TestCA, tmp: Path, *names: str, name: str = "tls") -> None:
+    def __init__(self, ca: TestCA, tmp: Path, *names: str, name: str = "tls",
+                 max_version: ssl.TLSVersion | None = None) -> None:
         self.sni: list[str | None] = []
         self.accepted = 0
         self.failed_handshakes = 0
         self.strays = 0  # stray 408s sent on idle connections (`act_stray`)
         self.resumed: list[bool] = []  # per handshake: whether it resumed a session
         context = server_context(ca, tmp, *names)
+        if max_version is not None:
+            context.maximum_version = max_version
         context.sni_callback = self._note_sni
         server = type("Server", (TLSBackendServer,), {"context": context})
         super().__init__(name, TLSEchoHandler, server=server)
