@@ -281,7 +281,10 @@ class ClientConnection:
         self.stream = ctx.io.stream(sock)
         self.client_ip = address[0] if isinstance(address, tuple) else str(address)
         self.client_ip_bytes = self.client_ip.encode()
-        self.client_key = client_key(self.client_ip)  # what limits and heavy hitters count
+        # what limits and heavy hitters count; an IPv4 address is its own key (no
+        # call: this runs per connection)
+        ip = self.client_ip
+        self.client_key = ip if ":" not in ip else client_key(ip)
         self.forwarded_fields = b""  # what balancer.forwarding says of this client, once made
         # balancer.forwarding's rewrite of the parser's `repeat_head`: (head, the bytes
         # before the request id, those after it)
