@@ -378,7 +378,8 @@ HAMMER = """
 import sys, time
 from balancer.limits import SharedBuckets
 buckets, admitted = SharedBuckets(sys.argv[1]), 0
-start = float(sys.argv[2])
+print("ready", flush=True)
+start = float(sys.stdin.readline())
 while time.monotonic() < start:
     pass
 while time.monotonic() < start + 1.0:
@@ -397,9 +398,15 @@ def test_two_processes_deciding_on_one_key_admit_no_more_than_the_limit(
     import sys
 
     path = str(tmp_path / "limits.shm")
-    start = time.monotonic() + 0.5  # both spinning before the second begins
-    procs = [subprocess.Popen([sys.executable, "-c", HAMMER, path, repr(start)],
+    procs = [subprocess.Popen([sys.executable, "-c", HAMMER, path], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:  # both started (a loaded machine took > 1.5 s to start one)
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    start = time.monotonic() + 0.2  # both spinning before the second begins
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{start!r}\n")
+        proc.stdin.flush()
     counts = [int(proc.communicate(timeout=30)[0]) for proc in procs]
     assert all(counts) and sum(counts) <= 101, counts
 
