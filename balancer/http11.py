@@ -796,7 +796,8 @@ class RequestParser(_Parser):
         CRLF): every head's, whichever way its fields are read (module doc). 505 for
         any version but HTTP/1.1 and HTTP/1.0: llhttp takes HTTP/0.9, HTTP/2.0,
         RTSP/1.0 and ICE/1.0 (SOURCE) too."""
-        if b"\n" in line:  # an HTTP/0.9 line ending in a bare LF: the next line, with its
+        # (LF as its byte value, as HASH: `b"\n" in line` made and cleared a TypeError)
+        if LF in line:  # an HTTP/0.9 line ending in a bare LF: the next line, with its
             self._fail(505, "HTTP version not supported")  # field, is not this one's end
         if line.endswith(VERSION_11):
             version = b"1.1"
