@@ -22,6 +22,14 @@ Invariants:
 * A parser holds its response's head until the connection goes idle (`idle`):
   a pooled connection keeps no head (~1 KiB with its bytes); the backend's
   `HeadMemo` keeps the last one for every connection's next response.
+* A parser holds an llhttp parser only while llhttp reads its response: taken
+  from its callbacks' spares (`ResponseCallbacks.take`) at the first read
+  `_take_repeat` does not take, given back (`give`) after the read that ended
+  a response llhttp judged keep-alive, where llhttp is at a message boundary
+  with nothing left of it (a read with bytes after the response ends in an
+  error: that parser is dropped, as one after any error, a HEAD response's
+  or a 101's). So a pooled connection holds none (~550 bytes with llhttp's
+  state and settings), nor does one waiting for its response.
 * The head's field block is kept raw (see `balancer.fields`) and forwarded
   with hop-by-hop fields cut out, which costs a few substring searches.
 * `ProtocolError` is the only exception (status 502: the backend is at fault).
@@ -98,6 +106,10 @@ _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 # Body-phase bytes with no body byte in them may pass the trailer limit by this
 # much (chunk lines around the section) before the exact measure at the end.
 FRAMING_ROOM: Final = 4096
+# llhttp parsers kept for the next response by a worker's `ResponseCallbacks`:
+# as many as responses llhttp reads at once, a body that comes in several reads
+# holding its own to the end (beyond this many, made and dropped as needed).
+SPARE_PARSERS: Final = 64
 # Never forwarded as response trailers (RFC 9110 §6.5.1): framing, routing,
 # response control data, payload processing and authentication fields, which
 # only a head may carry, and what is never forwarded at all.
@@ -262,16 +274,32 @@ class ResponseCallbacks:
     `balancer.http11.RequestCallbacks` is for requests: the callbacks go to the
     parser being fed (`parser`); a gevent worker's parsers share one
     (`balancer.connection.Context.response_callbacks`) instead of four bound
-    methods per backend connection."""
+    methods per backend connection, and the llhttp parsers made for it that
+    no response is being read by (`spare`, at most SPARE_PARSERS)."""
 
     def __init__(self) -> None:
         self.parser: ResponseParser | None = None
+        self.spare: list[Any] = []
         # bound once: httptools takes each by name (`getattr`) for every parser it
         # makes, and a method looked up is a new bound object each time
         self.on_message_begin: Any = self._on_message_begin
         self.on_headers_complete: Any = self._on_headers_complete
         self.on_body: Any = self._on_body
         self.on_message_complete: Any = self._on_message_complete
+
+    def take(self) -> Any:
+        """An llhttp parser at a message boundary (a spare one, else a new one)."""
+        spare = self.spare
+        if spare:
+            return spare.pop()
+        return httptools.HttpResponseParser(self)
+
+    def give(self, hp: Any) -> None:
+        """Keep `hp`, at a message boundary with nothing left of its last message,
+        for the next `take` (unless SPARE_PARSERS are kept already)."""
+        spare = self.spare
+        if len(spare) < SPARE_PARSERS:
+            spare.append(hp)
 
     def _on_message_begin(self) -> None:
         parser = self.parser
@@ -314,7 +342,7 @@ class ResponseParser:
         self._limit = limits.max_header_bytes  # status line to the blank line
         self._max_fields = limits.max_headers
         self._parts: list[bytes] = []  # what was fed since the head began (joined once)
-        self._hp: Any = None  # httptools.HttpResponseParser, None once closed
+        self._hp: Any = None  # httptools.HttpResponseParser, while llhttp reads (`take`)
         self.upgraded = False
         self.leftover = b""
         self._head: ResponseHead | None = None  # the response's, until `idle`
@@ -340,8 +368,7 @@ class ResponseParser:
         self._in_head = True
         self._head = None
         self._rest = 0
-        if self._hp is None:
-            self._hp = httptools.HttpResponseParser(self._callbacks)
+        self._hp = None  # (given back once its response ended, else dropped: module doc)
 
     def idle(self) -> None:
         """The response is over and the connection waits for the next request:
@@ -351,11 +378,6 @@ class ResponseParser:
     def close(self) -> None:
         """Drop the llhttp parser."""
         self._hp = None
-
-    @property
-    def closed(self) -> bool:
-        """Whether the llhttp parser is gone (closed, or after an error or a 101)."""
-        return self._hp is None
 
     def feed(self, data: bytes) -> None:
         """Parse `data` from the backend. Raises ProtocolError."""
@@ -375,15 +397,18 @@ class ResponseParser:
         chunked_body = self._chunked
         before = len(self.events) if chunked_body else 0
         callbacks = self._callbacks
+        hp = self._hp
+        if hp is None:
+            hp = self._hp = callbacks.take()
         callbacks.parser = self
         try:
-            self._hp.feed_data(data)
+            hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._hp = None
             self.upgraded = True
             self.leftover = data[exc.args[0]:]
         except httptools.HttpParserError as exc:
-            self._hp = None  # llhttp stays in its error state: `begin` makes a new one
+            self._hp = None  # llhttp stays in its error state: dropped, not given back
             if self.complete and self._head.status != 101:  # 101: no "Connection: upgrade"
                 # The response is whole; what followed it (HEAD: its body) was consumed.
                 if not self.for_head:
@@ -400,6 +425,17 @@ class ResponseParser:
             elif self._chunked:
                 moved = not chunked_body or len(self.events) - (1 if self.complete else 0) > before
                 self._watch_trailers(data, moved)
+            if self.complete:
+                self._give_back()
+
+    def _give_back(self) -> None:
+        """After a read that ended the response without an error: llhttp is at a
+        message boundary if it judged the response keep-alive (else it refuses
+        what may follow): its callbacks keep it for the next response."""
+        hp, head = self._hp, self._head
+        if hp is not None and head is not None and head.says_keep_alive:
+            self._hp = None
+            self._callbacks.give(hp)
 
     def _take_repeat(self, data: bytes) -> bool:
         """Take the first read of a response without llhttp if it begins with a head
@@ -408,7 +444,7 @@ class ResponseParser:
         boundary, and stays there); whether it did. Skips ~4,000 instructions of
         llhttp and its callbacks per response of a backend that repeats itself."""
         last = self._memo.last
-        if last is None or self._hp is None or self.for_head or not last.says_keep_alive:
+        if last is None or self.for_head or not last.says_keep_alive or self._error is not None:
             return False
         status, length, raw = last.status, last.content_length, last.raw
         if length is None or status < 200 or status == 204 or status == 304:
