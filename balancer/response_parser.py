@@ -72,6 +72,7 @@ from balancer.http11 import (
     LOWER,
     Limits,
     ProtocolError,
+    Spares,
     add_connection_tokens,
     is_chunked_only,
 )
@@ -106,10 +107,6 @@ _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 # Body-phase bytes with no body byte in them may pass the trailer limit by this
 # much (chunk lines around the section) before the exact measure at the end.
 FRAMING_ROOM: Final = 4096
-# llhttp parsers kept for the next response by a worker's `ResponseCallbacks`:
-# as many as responses llhttp reads at once, a body that comes in several reads
-# holding its own to the end (beyond this many, made and dropped as needed).
-SPARE_PARSERS: Final = 64
 # Never forwarded as response trailers (RFC 9110 §6.5.1): framing, routing,
 # response control data, payload processing and authentication fields, which
 # only a head may carry, and what is never forwarded at all.
@@ -269,17 +266,17 @@ class HeadMemo:
         self.last: ResponseHead | None = None
 
 
-class ResponseCallbacks:
+class ResponseCallbacks(Spares):
     """httptools' protocol object for response parsers, as
     `balancer.http11.RequestCallbacks` is for requests: the callbacks go to the
     parser being fed (`parser`); a gevent worker's parsers share one
     (`balancer.connection.Context.response_callbacks`) instead of four bound
     methods per backend connection, and the llhttp parsers made for it that
-    no response is being read by (`spare`, at most SPARE_PARSERS)."""
+    no response is being read by (`Spares`)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.parser: ResponseParser | None = None
-        self.spare: list[Any] = []
         # bound once: httptools takes each by name (`getattr`) for every parser it
         # makes, and a method looked up is a new bound object each time
         self.on_message_begin: Any = self._on_message_begin
@@ -287,19 +284,8 @@ class ResponseCallbacks:
         self.on_body: Any = self._on_body
         self.on_message_complete: Any = self._on_message_complete
 
-    def take(self) -> Any:
-        """An llhttp parser at a message boundary (a spare one, else a new one)."""
-        spare = self.spare
-        if spare:
-            return spare.pop()
+    def new_parser(self) -> Any:
         return httptools.HttpResponseParser(self)
-
-    def give(self, hp: Any) -> None:
-        """Keep `hp`, at a message boundary with nothing left of its last message,
-        for the next `take` (unless SPARE_PARSERS are kept already)."""
-        spare = self.spare
-        if len(spare) < SPARE_PARSERS:
-            spare.append(hp)
 
     def _on_message_begin(self) -> None:
         parser = self.parser

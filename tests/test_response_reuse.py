@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from balancer.http11 import END, ProtocolError
-from balancer.response_parser import SPARE_PARSERS, HeadMemo, ResponseCallbacks, ResponseParser
+from balancer.http11 import END, SPARE_PARSERS, ProtocolError
+from balancer.response_parser import HeadMemo, ResponseCallbacks, ResponseParser
 from balancer.spans import span_bytes
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)

@@ -1,9 +1,10 @@
-"""What a pooled backend connection holds between its requests: no response head
-and no llhttp parser (`ResponseParser.idle`, `ResponseCallbacks.spare`); the
-backend's last head is one for all its connections (`Backend.heads`), so a
-head repeated on another connection is not read again. Through real sockets:
-an in-process worker in front of the scripted backend of tests/test_inline.py,
-several clients at once so that it opens several connections."""
+"""What idle connections hold between their requests: a pooled backend
+connection no response head and no llhttp parser (`ResponseParser.idle`,
+`ResponseCallbacks.spare`; the backend's last head is one for all its
+connections, `Backend.heads`), a parked keep-alive client connection no llhttp
+parser (`balancer.http11.Spares`). Through real sockets: an in-process worker
+in front of the scripted backend of tests/test_inline.py, several clients at
+once so that it opens several backend connections."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ make = test_inline.make
 CLIENTS = 4
 
 
-def test_pooled_connections_hold_no_head_nor_llhttp_parser(make: test_inline.Make,
+def test_idle_connections_hold_no_head_nor_llhttp_parser(make: test_inline.Make,
                                                             backend: ScriptedBackend) -> None:
     w = make()
     socks = [connect(w) for _ in range(CLIENTS)]
@@ -45,5 +46,9 @@ def test_pooled_connections_hold_no_head_nor_llhttp_parser(make: test_inline.Mak
             assert status == 200 and body.endswith(b" /r%d-%d" % (round, n))
     assert backend.connections == CLIENTS
     assert all(u.parser is not None and u.parser._head is None for u in pool.idle)
+    conns = w.io.connections
+    assert until(lambda: len(conns) == CLIENTS and all(c.task is None for c in conns))
+    assert all(c.parser._hp is None for c in conns)  # parked: llhttp's parser given back
+    assert 1 <= len(w.contexts[0].request_callbacks.spare) <= CLIENTS
     for sock in socks:
         sock.close()
