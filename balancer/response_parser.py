@@ -25,7 +25,7 @@ Invariants:
 * A parser holds an llhttp parser only while llhttp reads its response: taken
   from its callbacks' spares (`ResponseCallbacks.take`) at the first read
   `_take_repeat` does not take, given back (`give`) after the read that ended
-  a response llhttp judged keep-alive, where llhttp is at a message boundary
+  a response that stays keep-alive, where llhttp is at a message boundary
   with nothing left of it (a read with bytes after the response ends in an
   error: that parser is dropped, as one after any error, a HEAD response's
   or a 101's). So a pooled connection holds none (~550 bytes with llhttp's
@@ -416,10 +416,12 @@ class ResponseParser:
 
     def _give_back(self) -> None:
         """After a read that ended the response without an error: llhttp is at a
-        message boundary if it judged the response keep-alive (else it refuses
-        what may follow): its callbacks keep it for the next response."""
+        message boundary if the response stays keep-alive (else llhttp refuses what
+        may follow: a `Connection` trailer turns it off as a head's field does, bug:
+        given back, that parser failed the next response with a 502): its callbacks
+        keep it for the next response."""
         hp, head = self._hp, self._head
-        if hp is not None and head is not None and head.says_keep_alive:
+        if hp is not None and head is not None and head.keep_alive:
             self._hp = None
             self._callbacks.give(hp)
 

@@ -337,6 +337,7 @@ def test_the_connections_of_one_backend_share_its_last_head(second: list[bytes])
     ([OK + b"\r\n"], False, True),  # empty lines after: still between messages
     ([OK[:20], OK[20:]], False, True),
     ([CHUNKED], False, True),
+    ([CHUNKED.replace(b"0\r\n\r\n", b"0\r\nConnection: close\r\n\r\n")], False, False),
     ([b"HTTP/1.1 100 Continue\r\n\r\n", OK], False, True),
     ([OK.replace(b"OK\r\n", b"OK\r\nConnection: close\r\n")], False, False),  # llhttp closed
     ([OK + b"H"], False, False),  # the start of another response: an error
