@@ -18,6 +18,13 @@ Invariants:
   too: its body (and trailers) is read by a second parser with per-field
   callbacks (`FieldCallbacks`, for its trailers), up to its end; the requests
   after it are raw heads again.
+* A request parser holds an llhttp parser only while llhttp may be inside a
+  message: it takes one from its callbacks' spares (`Spares.take`) when a feed
+  needs llhttp and gives it back (`Spares.give`) after a feed that was exactly
+  one whole bodyless keep-alive head (`_remember`), where llhttp is between
+  messages with nothing left of the last. So a parked keep-alive connection
+  holds none (~550 bytes with llhttp's state and settings); a repeated head
+  needs none (`repeat_head`).
 * Every request line is read by one function, `RequestParser._request_line`,
   from the bytes, so the same checks (505 for any version but HTTP/1.0 and
   HTTP/1.1, RTSP and HTTP/0.9 included) hold for every head.
@@ -101,6 +108,10 @@ NOT_HOST_TO_NUL: Final = bytes(b if b in HOST_CHARS else 0 for b in range(256))
 # fails to read b"#" as an integer (an exception made and cleared: ~2,500
 # instructions per request, bench_hotpath --instructions).
 HASH: Final = ord("#")
+# llhttp parsers a protocol object keeps for the next message (`Spares`): as many
+# as messages llhttp reads at once, a message that comes in several reads holding
+# its own to its end (beyond this many, made and dropped as needed).
+SPARE_PARSERS: Final = 64
 NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 # What `RequestParser._scan` returns but the host, when Host is the only special field.
 NO_FRAMING: Final = (None, False, False, False, b"", NO_TOKENS)
@@ -340,7 +351,7 @@ class _Parser:
 
     events: list  # in order; a list, not a deque: an empty deque holds a 528-byte block
     _callbacks: RequestCallbacks  # httptools' protocol object for raw heads
-    _hp: Any  # the httptools parser (None once closed)
+    _hp: Any  # the httptools parser (None between messages and once closed)
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -417,7 +428,10 @@ class _Parser:
             if fielded:
                 end = self._feed_chunked(data)
             else:
-                self._hp.feed_data(data)
+                hp = self._hp
+                if hp is None:  # (given back between messages: `_remember`)
+                    hp = self._hp = self._callbacks.take()
+                hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             if self._switching:  # (bytes after a chunked head: the body parser reads them)
                 self._to_body(data)
@@ -542,7 +556,7 @@ class _Parser:
 
     def _to_raw(self) -> None:
         """The chunked message ended (fields): a raw parser reads the next."""
-        self._hp = self._new_parser()
+        self._hp = self._callbacks.take()
         self._fielded = self._idle = False
         self._parts = []
         self._start = 0
@@ -562,6 +576,10 @@ class _Parser:
             return
         self._between = True
         self._repeat, self.repeat_head = data, head
+        hp = self._hp  # between messages, nothing left of this one: given back
+        if hp is not None:
+            self._hp = None
+            self._callbacks.give(hp)
 
     def _check_quiet(self) -> None:
         """Bound body-phase bytes that produced no event: a chunk size line (its
@@ -587,20 +605,47 @@ class _Parser:
         self._repeat, self.repeat_head, self.repeats = b"", None, 0
 
     def close(self) -> None:
-        """Drop the httptools parser (it references this object: a cycle)."""
+        """Drop the httptools parser (it references this object: a cycle); what is
+        fed from now on is ignored (`feed` would take another: `Spares`)."""
         self._hp = None
         self._between = False
+        self._closed = True
         self._parts = []
 
-    def _new_parser(self) -> httptools.HttpRequestParser:
-        return httptools.HttpRequestParser(self._callbacks)
+
+class Spares:
+    """What a protocol object keeps of the llhttp parsers made for it: those no
+    message is being read by (`spare`, at most SPARE_PARSERS), each between
+    messages with nothing left of its last, for the next `take`."""
+
+    def __init__(self) -> None:
+        self.spare: list[Any] = []
+
+    def new_parser(self) -> Any:
+        """A new llhttp parser calling back this object."""
+        raise NotImplementedError
+
+    def take(self) -> Any:
+        """An llhttp parser at a message boundary (a spare one, else a new one)."""
+        spare = self.spare
+        if spare:
+            return spare.pop()
+        return self.new_parser()
+
+    def give(self, hp: Any) -> None:
+        """Keep `hp`, between messages with nothing left of its last, for the next
+        `take` (unless SPARE_PARSERS are kept already)."""
+        spare = self.spare
+        if len(spare) < SPARE_PARSERS:
+            spare.append(hp)
 
 
-class _Callbacks:
+class _Callbacks(Spares):
     """What both kinds of protocol object call back: each callback goes to the
     parser being fed (`parser`, set by `feed` around httptools' ``feed_data``)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.parser: RequestParser | None = None
         # bound once: httptools takes each by name (`getattr`) for every parser it
         # makes, and a method looked up is a new bound object each time. No
@@ -608,6 +653,9 @@ class _Callbacks:
         # `_Parser.feed` without a copy (module doc); `FieldCallbacks` has one.
         self.on_headers_complete: Any = self._on_headers_complete
         self.on_message_complete: Any = self._on_message_complete
+
+    def new_parser(self) -> Any:
+        return httptools.HttpRequestParser(self)
 
     def _on_headers_complete(self) -> None:
         parser = self.parser
@@ -662,12 +710,12 @@ class RequestParser(_Parser):
         self._max_headers = limits.max_headers
         self._keep_alive = True
         self._valid_host: bytes | None = None  # the last Host found valid (not empty)
-        self._hp = self._new_parser()
+        self._hp = None  # taken by the first feed
 
     def resume(self) -> None:
         """Continue parsing HTTP after an upgrade the peer did not accept."""
         leftover, self.leftover, self.upgraded = self.leftover, b"", False
-        self._hp = self._new_parser()
+        self._hp = self._callbacks.take()
         self._fielded = self._idle = False
         self._between = False  # (no head to repeat: an Upgrade head is never remembered)
         self._fields = []
@@ -796,7 +844,8 @@ class RequestParser(_Parser):
         CRLF): every head's, whichever way its fields are read (module doc). 505 for
         any version but HTTP/1.1 and HTTP/1.0: llhttp takes HTTP/0.9, HTTP/2.0,
         RTSP/1.0 and ICE/1.0 (SOURCE) too."""
-        if b"\n" in line:  # an HTTP/0.9 line ending in a bare LF: the next line, with its
+        # (LF as its byte value, as HASH: `b"\n" in line` made and cleared a TypeError)
+        if LF in line:  # an HTTP/0.9 line ending in a bare LF: the next line, with its
             self._fail(505, "HTTP version not supported")  # field, is not this one's end
         if line.endswith(VERSION_11):
             version = b"1.1"

@@ -66,7 +66,6 @@ import threading
 import time
 from collections.abc import Callable
 from errno import EINPROGRESS
-from functools import partial
 from typing import Any, Final
 
 from balancer.addr import Address, parse_backend_addr
@@ -74,7 +73,7 @@ from balancer.backend_tls import BackendTLS, keepable
 from balancer.errors import ConnectError, ConnectOverdue, Overdue, ProxyError
 from balancer.netio import IO, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
-from balancer.response_parser import ResponseParser
+from balancer.response_parser import HeadMemo, ResponseParser
 from balancer.serving import Slots
 
 log: Final = logging.getLogger("balancer.health")
@@ -99,12 +98,13 @@ CONNECT_MARGIN: Final = 0.5
 class Upstream:
     """One connection to a backend and what lives as long as it does."""
 
-    __slots__ = ("sock", "stream", "parser", "since", "pool", "fresh")
+    __slots__ = ("sock", "stream", "parser", "since", "pool", "fresh", "backend")
 
     def __init__(self, stream: Stream, pool: str = "") -> None:
         self.sock = stream.sock
         self.stream = stream
         self.parser: ResponseParser | None = None  # made on first use
+        self.backend: Backend | None = None  # whose connection it is (`Backend._own`)
         self.since = 0.0  # when it went idle (monotonic)
         self.pool = pool  # "": plain; else the TLS pool key (`balancer.backend_tls.pool_key`)
         self.fresh = bool(pool)  # a TLS connection whose session was not kept yet
@@ -114,6 +114,19 @@ class Upstream:
         self.stream.close()
         if self.parser is not None:
             self.parser.close()
+
+    def heads(self) -> HeadMemo | None:
+        """Its backend's last response head, shared by the backend's connections."""
+        backend = self.backend
+        return backend.heads if backend is not None else None
+
+    def stirred(self) -> None:
+        """A readiness nobody waited for (`Stream.on_stirred`): tell the backend's
+        `notice` (a bound method per connection, not a `functools.partial` with
+        its tuple and dict: 208 bytes)."""
+        backend = self.backend
+        if backend is not None and backend.notice is not None:
+            backend.notice(backend, self)
 
     def __repr__(self) -> str:
         return f"<Upstream fd={self.sock.fileno()}>"
@@ -184,6 +197,8 @@ class Backend:
         self.is_literal = _is_ip_literal(address.host)
         # called in the event loop when a connection is stirred (`Stream.on_stirred`)
         self.notice = notice
+        # the last response head read from it, for its connections' next (`HeadMemo`)
+        self.heads = HeadMemo()
         self.family = address.family  # (a property of the interpreted Address)
         self.in_flight = 0
         self.fails = 0
@@ -265,7 +280,7 @@ class Backend:
 
     def _upstream(self, sock: socket.socket) -> Upstream:
         """The connection of connected `sock`."""
-        return self._noticed(Upstream(self.io.stream(sock)))
+        return self._own(Upstream(self.io.stream(sock)))
 
     def connect_tls(self, key: str) -> Upstream:
         """A new TLS connection for pool `key`, handshaken within the connect
@@ -280,13 +295,14 @@ class Backend:
         except Overdue as exc:  # (`secure` closed the socket)
             raise self._connect_error(exc) from None
         sock.settimeout(None)  # waits are bounded by the connection's `arm`
-        return self._noticed(Upstream(self.io.tls_stream(sock), key))
+        return self._own(Upstream(self.io.tls_stream(sock), key))
 
-    def _noticed(self, upstream: Upstream) -> Upstream:
-        """`upstream`, whose readiness nobody waits for calls `notice`."""
-        notice = self.notice
-        if notice is not None:
-            upstream.stream.on_stirred(partial(notice, self, upstream))
+    def _own(self, upstream: Upstream) -> Upstream:
+        """`upstream`, this backend's, whose readiness nobody waits for calls
+        `notice`."""
+        upstream.backend = self
+        if self.notice is not None:
+            upstream.stream.on_stirred(upstream.stirred)
         return upstream
 
     def renew(self, upstream: Upstream) -> Upstream:
@@ -344,6 +360,9 @@ class Backend:
         if len(idle) < self.max_idle and budget.idle < budget.descriptors - \
                 CLIENT_DESCRIPTORS * (clients + 1):
             upstream.since = MONOTONIC()
+            parser = upstream.parser
+            if parser is not None:
+                parser.idle()  # its response's head goes (the backend's memo keeps one)
             upstream.stream.park()
             idle.append(upstream)
             budget.idle += 1

@@ -644,7 +644,8 @@ def dispatch(ex: Exchange, upstream: Upstream, body: Piece | None,
     parser = upstream.parser
     for_head = ex.head.method == b"HEAD"
     if parser is None:
-        upstream.parser = ResponseParser(conn.ctx.limits, for_head, conn.ctx.response_callbacks)
+        upstream.parser = ResponseParser(conn.ctx.limits, for_head, conn.ctx.response_callbacks,
+                                         upstream.heads())
     else:
         parser.begin(for_head)
     streamed = send_request(ex, upstream, body, max_body)

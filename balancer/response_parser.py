@@ -12,12 +12,24 @@ the parser with `upgraded` set and the bytes after the head in `leftover`.
 Invariants:
 * llhttp validates every byte; this module registers no per-field callback.
   Once: a response whose first read begins with a head that repeats the last
-  one's byte for byte, which llhttp read as final, keep-alive and with a
-  Content-Length body, is taken without llhttp (`_take_repeat`, `_take_body`):
-  llhttp would read the same head, count the body's bytes without looking at
-  them and end at a message boundary, where it already is. The events are
-  the same, and bytes after the body are judged as `feed` judges those after
-  a complete response.
+  one read from the same backend (`HeadMemo`, shared by its connections) byte
+  for byte, which llhttp read as final, keep-alive and with a Content-Length
+  body, is taken without llhttp (`_take_repeat`, `_take_body`): llhttp would
+  read the same head (what it reads from a head depends on its bytes alone),
+  count the body's bytes without looking at them and end at a message
+  boundary, where it already is. The events are the same, and bytes after
+  the body are judged as `feed` judges those after a complete response.
+* A parser holds its response's head until the connection goes idle (`idle`):
+  a pooled connection keeps no head (~1 KiB with its bytes); the backend's
+  `HeadMemo` keeps the last one for every connection's next response.
+* A parser holds an llhttp parser only while llhttp reads its response: taken
+  from its callbacks' spares (`ResponseCallbacks.take`) at the first read
+  `_take_repeat` does not take, given back (`give`) after the read that ended
+  a response that stays keep-alive, where llhttp is at a message boundary
+  with nothing left of it (a read with bytes after the response ends in an
+  error: that parser is dropped, as one after any error, a HEAD response's
+  or a 101's). So a pooled connection holds none (~550 bytes with llhttp's
+  state and settings), nor does one waiting for its response.
 * The head's field block is kept raw (see `balancer.fields`) and forwarded
   with hop-by-hop fields cut out, which costs a few substring searches.
 * `ProtocolError` is the only exception (status 502: the backend is at fault).
@@ -60,6 +72,7 @@ from balancer.http11 import (
     LOWER,
     Limits,
     ProtocolError,
+    Spares,
     add_connection_tokens,
     is_chunked_only,
 )
@@ -125,12 +138,13 @@ class ResponseHead:
 
     `forwarded` is the field block as the client gets it: without the fields
     never forwarded (hop-by-hop, those named in Connection, X-Request-Id).
-    Only `keep_alive` changes after it is made.
+    Only `keep_alive` changes after it is made; `says_keep_alive` is what llhttp
+    read from its bytes (`keep_alive` when made).
     """
 
     __slots__ = ("status", "status_line", "block", "content_length", "chunked",
                  "keep_alive", "connection_tokens", "no_body", "forwarded", "announced",
-                 "upgrade", "raw")
+                 "upgrade", "raw", "says_keep_alive")
     status: int
     status_line: bytes
     block: bytes
@@ -145,13 +159,14 @@ class ResponseHead:
                  max_fields: int = DEFAULT_LIMITS.max_headers,
                  last: ResponseHead | None = None) -> None:
         """`head`: the status line and the fields, without the blank line. `last`:
-        the previous head of the same parser (same limits); when `head` is the same
+        the previous head of the same backend (`HeadMemo`: parsers with the same
+        limits); when `head` is the same
         bytes (a backend that repeats itself: the same page within the same
         second of its Date), what was read from them is taken from it instead of
         being read again (~10k instructions of the ~84k of a proxied request)."""
         self.raw = head
         self.status = status
-        self.keep_alive = keep_alive
+        self.keep_alive = self.says_keep_alive = keep_alive
         self.no_body = no_body
         if last is not None and last.raw == head:  # `no_body` changes none of them
             self.status_line = last.status_line
@@ -239,14 +254,28 @@ def _special(low: bytes, prefixes: tuple[bytes, ...]) -> bytes:
     return b""
 
 
-class ResponseCallbacks:
+class HeadMemo:
+    """The last response head read from one backend (`balancer.pool.Backend.heads`),
+    shared by the parsers of its connections: a head that repeats its bytes is
+    taken from it, not read again, on whichever connection it comes. One
+    reference, replaced whole (threads of the threaded baseline share it)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: ResponseHead | None = None
+
+
+class ResponseCallbacks(Spares):
     """httptools' protocol object for response parsers, as
     `balancer.http11.RequestCallbacks` is for requests: the callbacks go to the
     parser being fed (`parser`); a gevent worker's parsers share one
     (`balancer.connection.Context.response_callbacks`) instead of four bound
-    methods per backend connection."""
+    methods per backend connection, and the llhttp parsers made for it that
+    no response is being read by (`Spares`)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.parser: ResponseParser | None = None
         # bound once: httptools takes each by name (`getattr`) for every parser it
         # makes, and a method looked up is a new bound object each time
@@ -254,6 +283,9 @@ class ResponseCallbacks:
         self.on_headers_complete: Any = self._on_headers_complete
         self.on_body: Any = self._on_body
         self.on_message_complete: Any = self._on_message_complete
+
+    def new_parser(self) -> Any:
+        return httptools.HttpResponseParser(self)
 
     def _on_message_begin(self) -> None:
         parser = self.parser
@@ -279,26 +311,28 @@ class ResponseCallbacks:
 class ResponseParser:
     """Parses the responses of one backend connection, one `begin` at a time.
 
-    `for_head`: the request was HEAD."""
+    `for_head`: the request was HEAD; `memo`: the backend's last head (its own
+    when not given)."""
 
     __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "last_chunk",
                  "_hp", "_parts", "_buffered", "_in_head", "_limit", "_max_fields", "_head",
-                 "_error", "_chunked", "_quiet", "_quiet_bytes", "_callbacks", "_keep_alive",
+                 "_error", "_chunked", "_quiet", "_quiet_bytes", "_callbacks", "_memo",
                  "_rest")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False,
-                 callbacks: ResponseCallbacks | None = None) -> None:
+                 callbacks: ResponseCallbacks | None = None,
+                 memo: HeadMemo | None = None) -> None:
         self.events: list[Any] = []
         # httptools calls back through this (shared by a worker's parsers)
         self._callbacks = callbacks if callbacks is not None else ResponseCallbacks()
         self._limit = limits.max_header_bytes  # status line to the blank line
         self._max_fields = limits.max_headers
         self._parts: list[bytes] = []  # what was fed since the head began (joined once)
-        self._hp: Any = None  # httptools.HttpResponseParser, None once closed
+        self._hp: Any = None  # httptools.HttpResponseParser, while llhttp reads (`take`)
         self.upgraded = False
         self.leftover = b""
-        self._head: ResponseHead | None = None
-        self._keep_alive = False  # llhttp's keep-alive for `_head` (whose own may change)
+        self._head: ResponseHead | None = None  # the response's, until `idle`
+        self._memo = memo if memo is not None else HeadMemo()
         self._rest = 0  # body bytes still due of a response llhttp does not read (`_take_repeat`)
         self._error: ProtocolError | None = None
         # A chunked response's: the end of its body for the client, trailers and all.
@@ -318,18 +352,18 @@ class ResponseParser:
         self._buffered = 0
         self.for_head = for_head
         self._in_head = True
+        self._head = None
         self._rest = 0
-        if self._hp is None:
-            self._hp = httptools.HttpResponseParser(self._callbacks)
+        self._hp = None  # (given back once its response ended, else dropped: module doc)
+
+    def idle(self) -> None:
+        """The response is over and the connection waits for the next request:
+        drop its head (the backend's memo keeps the last read)."""
+        self._head = None
 
     def close(self) -> None:
         """Drop the llhttp parser."""
         self._hp = None
-
-    @property
-    def closed(self) -> bool:
-        """Whether the llhttp parser is gone (closed, or after an error or a 101)."""
-        return self._hp is None
 
     def feed(self, data: bytes) -> None:
         """Parse `data` from the backend. Raises ProtocolError."""
@@ -349,15 +383,18 @@ class ResponseParser:
         chunked_body = self._chunked
         before = len(self.events) if chunked_body else 0
         callbacks = self._callbacks
+        hp = self._hp
+        if hp is None:
+            hp = self._hp = callbacks.take()
         callbacks.parser = self
         try:
-            self._hp.feed_data(data)
+            hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._hp = None
             self.upgraded = True
             self.leftover = data[exc.args[0]:]
         except httptools.HttpParserError as exc:
-            self._hp = None  # llhttp stays in its error state: `begin` makes a new one
+            self._hp = None  # llhttp stays in its error state: dropped, not given back
             if self.complete and self._head.status != 101:  # 101: no "Connection: upgrade"
                 # The response is whole; what followed it (HEAD: its body) was consumed.
                 if not self.for_head:
@@ -374,6 +411,19 @@ class ResponseParser:
             elif self._chunked:
                 moved = not chunked_body or len(self.events) - (1 if self.complete else 0) > before
                 self._watch_trailers(data, moved)
+            if self.complete:
+                self._give_back()
+
+    def _give_back(self) -> None:
+        """After a read that ended the response without an error: llhttp is at a
+        message boundary if the response stays keep-alive (else llhttp refuses what
+        may follow: a `Connection` trailer turns it off as a head's field does, bug:
+        given back, that parser failed the next response with a 502): its callbacks
+        keep it for the next response."""
+        hp, head = self._hp, self._head
+        if hp is not None and head is not None and head.keep_alive:
+            self._hp = None
+            self._callbacks.give(hp)
 
     def _take_repeat(self, data: bytes) -> bool:
         """Take the first read of a response without llhttp if it begins with a head
@@ -381,8 +431,8 @@ class ResponseParser:
         with a body of Content-Length bytes (llhttp's parser is at a message
         boundary, and stays there); whether it did. Skips ~4,000 instructions of
         llhttp and its callbacks per response of a backend that repeats itself."""
-        last = self._head
-        if last is None or self._hp is None or self.for_head or not self._keep_alive:
+        last = self._memo.last
+        if last is None or self.for_head or not last.says_keep_alive or self._error is not None:
             return False
         status, length, raw = last.status, last.content_length, last.raw
         if length is None or status < 200 or status == 204 or status == 304:
@@ -390,7 +440,7 @@ class ResponseParser:
         if not _repeats(data, raw):
             return False
         head = ResponseHead(status, raw, True, False, self._max_fields, last)
-        self._head = head
+        self._head = self._memo.last = head
         self.events.append(head)
         self._in_head = False
         self._rest = length
@@ -526,12 +576,13 @@ class ResponseParser:
         buf = parts[0] if len(parts) == 1 else b"".join(parts)
         if buf[:1] == b"\r":
             buf = _skip_empty_lines(buf)
-        last = self._head
+        memo = self._memo
+        last = memo.last
         if last is not None and _repeats(buf, last.raw):
             # the last head's bytes again (a backend that repeats itself): llhttp
             # read the same status and keep-alive from them (~2,000 instructions
             # of calls into httptools and a search), and `ResponseHead` copies the rest
-            raw, status, keep_alive = last.raw, last.status, self._keep_alive
+            raw, status, keep_alive = last.raw, last.status, last.says_keep_alive
         else:
             raw, status, keep_alive = self._read_head(buf)
         end = len(raw)
@@ -544,8 +595,7 @@ class ResponseParser:
         except ValueError:
             self._error = ProtocolError(502, "invalid Content-Length from backend")
             raise self._error from None
-        self._keep_alive = keep_alive
-        self._head = head
+        self._head = memo.last = head
         parts.clear()
         self._buffered = 0
         if status < 200:  # a 1xx: the next message began

@@ -11,7 +11,14 @@ import socket
 import pytest
 
 from balancer.connection import ClientConnection
-from balancer.http11 import END, REPEAT_MAX, ProtocolError, RequestHead, RequestParser
+from balancer.http11 import (
+    END,
+    REPEAT_MAX,
+    ProtocolError,
+    RequestCallbacks,
+    RequestHead,
+    RequestParser,
+)
 from balancer.netio import IO
 from balancer.server import Worker
 from balancer.settings import load_settings
@@ -144,9 +151,59 @@ def test_a_closed_parser_gives_nothing_again() -> None:
     parser = RequestParser()
     parser.feed(GET)
     parser.close()
-    with pytest.raises(AttributeError):  # no httptools parser: nothing is queued
-        parser.feed(GET)
-    assert len(parser.events) == 2
+    parser.feed(GET)  # ignored: nothing is queued
+    assert len(parser.events) == 2 and parser._hp is None
+
+
+def shape(events: list) -> list:
+    """Heads as their targets, body pieces as bytes, END."""
+    return [e if e is END else e.target if isinstance(e, RequestHead) else span_bytes(e)
+            for e in events]
+
+
+POST = b"POST /f HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\n\r\nabc"
+CHUNKED = b"POST /c HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize(("feeds", "given"), [
+    ([GET], True),
+    ([b"\r\n" + GET], True),  # an empty line before: llhttp skipped it
+    ([GET[:20], GET[20:]], False),  # split: not remembered, held
+    ([GET + GET], False),  # pipelined
+    ([POST], False),  # a body
+    ([CHUNKED], False),
+    ([GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")], False),
+    ([GET.replace(b"\r\n\r\n", b"\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")], False),
+])
+def test_llhttp_is_given_back_after_a_whole_bodyless_keep_alive_head(feeds: list[bytes],
+                                                                    given: bool) -> None:
+    """A parser holds llhttp's parser only while llhttp may be inside a message:
+    after a feed that was one whole bodyless keep-alive head it goes back to its
+    callbacks' spares; the next feed that needs llhttp takes one, and reads as a
+    new parser would."""
+    callbacks = RequestCallbacks()
+    parser = RequestParser(callbacks=callbacks)
+    assert parser._hp is None  # taken by the first feed
+    for data in feeds:
+        parser.feed(data)
+    assert (parser._hp is None) is given and (len(callbacks.spare) == 1) is given
+    if given:
+        taken = callbacks.spare[0]
+        for data in (GET.replace(b"/index", b"/other"), POST, CHUNKED,
+                     b"GET /x HTTP/2.0\r\n\r\n"):
+            reader = RequestParser(callbacks=callbacks)
+            try:
+                reader.feed(data)
+                events = shape(reader.events)
+            except ProtocolError as exc:
+                events = [exc.status]
+            try:
+                expected = shape(fresh(data))
+            except ProtocolError as exc:
+                expected = [exc.status]
+            assert events == expected
+            if data.startswith(b"GET /other"):
+                assert callbacks.spare == [taken]  # taken, given back again
 
 
 # through the balancer -----------------------------------------------------------------

@@ -1,13 +1,15 @@
 """One response parser per backend connection: `begin` readies it for the next
-response, llhttp's parser is kept only when the previous response ended cleanly,
-and what the client gets of a response head does not depend on reuse."""
+response, llhttp's parser is given back to its callbacks' spares only when a
+response ended cleanly (and taken again by the next read that needs one), the
+last head is the backend's (`HeadMemo`), and what the client gets of a
+response head does not depend on reuse."""
 
 from __future__ import annotations
 
 import pytest
 
-from balancer.http11 import END, ProtocolError
-from balancer.response_parser import ResponseParser
+from balancer.http11 import END, SPARE_PARSERS, ProtocolError
+from balancer.response_parser import HeadMemo, ResponseCallbacks, ResponseParser
 from balancer.spans import span_bytes
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -31,15 +33,18 @@ def events_of(parser: ResponseParser) -> list:
 
 def test_responses_one_after_another_on_one_parser() -> None:
     parser = ResponseParser()
-    llhttp = parser._hp
+    spare = parser._callbacks.spare
+    kept = []
     for response, expected in [(OK, [200, b"ok", END]), (CHUNKED, [201, b"abc", END]),
                                (OK, [200, b"ok", END])]:
         parser.begin()
         for i in range(0, len(response), 7):  # split reads
             parser.feed(response[i:i + 7])
+            assert (parser._hp is None) == parser.complete  # held while llhttp reads
         assert events_of(parser) == expected and parser.complete
         assert parser.events[0].keep_alive
-    assert parser._hp is llhttp  # clean ends: llhttp's parser was kept
+        kept += spare
+    assert len(kept) == 3 and len(set(map(id, kept))) == 1  # clean ends: given back, taken again
 
 
 def test_begin_clears_what_the_last_response_left() -> None:
@@ -91,8 +96,10 @@ def test_a_failed_response_leaves_a_parser_that_begin_renews() -> None:
 
 def test_close_drops_the_llhttp_parser() -> None:
     parser = ResponseParser()
+    parser.feed(OK[:20])
+    assert parser._hp is not None
     parser.close()
-    assert parser._hp is None
+    assert parser._hp is None and not parser._callbacks.spare
 
 
 NGINX = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\nConnection: keep-alive, "
@@ -166,8 +173,6 @@ def test_a_repeated_head_keeps_what_llhttp_said_of_it(response: bytes) -> None:
             fresh.feed_eof()
         assert head_fields(parser.events[0]) == head_fields(fresh.events[0])
         assert events_of(parser) == events_of(fresh)
-        if not parser.events[0].keep_alive:
-            parser.close()  # llhttp takes nothing more after such a response: begin makes another
         parser.events[0].keep_alive = not parser.events[0].keep_alive  # changed after: not kept
 
 
@@ -192,8 +197,9 @@ def read_after(first: bytes, second: list[bytes], for_head: bool = False) -> tup
     (all through llhttp), the head's keep-alive included."""
     parser = ResponseParser()
     parser.feed(first)
-    counted = CountedFeeds(parser._hp)
-    parser._hp = counted
+    callbacks = parser._callbacks
+    counted = CountedFeeds(callbacks.take())
+    callbacks.spare.append(counted)  # the llhttp parser the next read takes
     parser.begin(for_head)
     fresh = ResponseParser(for_head=for_head)
     for piece in second:
@@ -260,10 +266,8 @@ def test_a_repeated_response_llhttp_must_see_goes_through_it(response: bytes) ->
     parser = ResponseParser()
     parser.feed(response)
     for _ in range(2):
-        if not parser.events[0].keep_alive:
-            parser.close()  # llhttp takes nothing after `Connection: close`: begin makes another
-        parser.begin()
-        counted = CountedFeeds(parser._hp)
+        parser.begin()  # (llhttp takes nothing after `Connection: close`: that one is dropped)
+        counted = CountedFeeds(parser._callbacks.take())
         parser._hp = counted
         parser.feed(response)
         fresh = ResponseParser()
@@ -280,3 +284,92 @@ def test_llhttp_reads_on_after_a_response_taken_without_it() -> None:
         fresh = ResponseParser()
         fresh.feed(response)
         assert events_of(parser) == events_of(fresh) and parser.complete
+
+
+# what a pooled connection holds -------------------------------------------------
+def test_an_idle_parser_holds_no_head_and_the_backend_s_memo_reads_the_next() -> None:
+    """Once its response was relayed (`idle`) a parser holds neither the head nor
+    an llhttp parser; the same head is then taken without llhttp all the same."""
+    memo = HeadMemo()
+    parser = ResponseParser(memo=memo)
+    parser.feed(NGINX)
+    assert parser.complete and parser._hp is None and memo.last is parser.events[0]
+    parser.idle()
+    assert parser._head is None
+    callbacks = parser._callbacks
+    counted = CountedFeeds(callbacks.take())
+    callbacks.spare.append(counted)
+    parser.begin()
+    parser.feed(NGINX)
+    fresh = ResponseParser()
+    fresh.feed(NGINX)
+    assert counted.fed == 0 and events_of(parser) == events_of(fresh)
+    assert head_fields(parser.events[0]) == head_fields(fresh.events[0])
+
+
+@pytest.mark.parametrize("second", [[NGINX], [NGINX[:30], NGINX[30:]], [NGINX[:-1], NGINX[-1:]]])
+def test_the_connections_of_one_backend_share_its_last_head(second: list[bytes]) -> None:
+    """A head read on one connection is taken from the memo on another (without
+    llhttp when it comes whole with its first read, else llhttp reads it and the
+    head's fields come from the memo); a parser of another backend reads it."""
+    callbacks, memo = ResponseCallbacks(), HeadMemo()
+    first = ResponseParser(callbacks=callbacks, memo=memo)
+    first.feed(NGINX)
+    other = ResponseParser(callbacks=callbacks, memo=memo)
+    counted = CountedFeeds(callbacks.take())
+    callbacks.spare.append(counted)
+    for piece in second:
+        other.feed(piece)
+    fresh = ResponseParser()
+    for piece in second:
+        fresh.feed(piece)
+    assert events_of(other) == events_of(fresh) and other.complete
+    assert head_fields(other.events[0]) == head_fields(fresh.events[0])
+    assert other.events[0].block is first.events[0].block  # taken from the memo
+    assert counted.fed == (0 if len(second[0]) > len(NGINX) - 2 else len(second))
+    elsewhere = ResponseParser(callbacks=callbacks)  # another backend: its own memo
+    elsewhere.feed(NGINX)
+    assert elsewhere.events[0].block is not first.events[0].block
+
+
+@pytest.mark.parametrize(("reads", "for_head", "given"), [
+    ([OK], False, True),
+    ([OK + b"\r\n"], False, True),  # empty lines after: still between messages
+    ([OK[:20], OK[20:]], False, True),
+    ([CHUNKED], False, True),
+    ([CHUNKED.replace(b"0\r\n\r\n", b"0\r\nConnection: close\r\n\r\n")], False, False),
+    ([b"HTTP/1.1 100 Continue\r\n\r\n", OK], False, True),
+    ([OK.replace(b"OK\r\n", b"OK\r\nConnection: close\r\n")], False, False),  # llhttp closed
+    ([OK + b"H"], False, False),  # the start of another response: an error
+    ([OK[:-2]], True, False),  # HEAD: llhttp stopped after the head
+    ([OK[:20]], False, False),  # not ended yet: held
+    ([b"HTTP/1.1 200 OK\r\n\r\nto the end"], False, False),  # ends at EOF
+])
+def test_llhttp_is_given_back_only_between_messages(reads: list[bytes], for_head: bool,
+                                                     given: bool) -> None:
+    """llhttp's parser goes back to the spares only after a read that ended a
+    keep-alive response without an error; a parser taken from there reads the
+    next response as a new one does."""
+    callbacks = ResponseCallbacks()
+    parser = ResponseParser(for_head=for_head, callbacks=callbacks)
+    taken = callbacks.take()
+    callbacks.spare.append(taken)
+    for data in reads:
+        parser.feed(data)
+    assert (callbacks.spare == [taken]) is given
+    if given:
+        assert parser._hp is None
+        for response in (CHUNKED, NGINX, OK):
+            reader = ResponseParser(callbacks=callbacks)
+            reader.feed(response)
+            fresh = ResponseParser()
+            fresh.feed(response)
+            assert events_of(reader) == events_of(fresh) and reader.complete
+            assert callbacks.spare == [taken]
+
+
+def test_the_spare_llhttp_parsers_are_bounded() -> None:
+    callbacks = ResponseCallbacks()
+    for hp in [callbacks.take() for _ in range(SPARE_PARSERS + 5)]:
+        callbacks.give(hp)
+    assert len(callbacks.spare) == SPARE_PARSERS
