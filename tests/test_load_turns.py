@@ -19,10 +19,11 @@ from gevent._hub_local import get_hub_if_exists
 from balancer.certificates import make_record
 from balancer.server import Worker
 from balancer.settings import load_settings
-from balancer.stores.base import PAUSE_EVERY
+from balancer.stores.base import PAUSE_EVERY, TableData
 from balancer.stores.file import FileStore
 from balancer.stores.redis import PAUSE_EVERY as REDIS_PAUSE_EVERY
 from balancer.stores.redis import RedisStore
+from balancer.table import PAUSE_EVERY as COMPILE_EVERY
 from tests.conftest import RedisServer
 from tests.support import polls_during
 from tests.tlsca import TestCA
@@ -83,6 +84,20 @@ def test_new_certificates_are_loaded_with_the_loop_polling_between_them(
         rounds = polls_during(lambda: front.update(records))
         assert all(front.find(host) is not None for host in records)
         assert rounds >= CERTS
+    finally:
+        worker.stopping = True
+
+
+def test_a_big_table_is_compiled_with_the_loop_polling_between_slices(
+        tmp_path: Path) -> None:
+    """Compiled, then its backends counted (`TableFollower.apply`), a turn every
+    `COMPILE_EVERY` hosts (was a 0.1 ms sleep: a timer, so a poll, but an epoll
+    wait of 1 ms, libev's shortest, when nothing is ready)."""
+    worker = a_worker(FileStore(str(tmp_path / "routes.json")))
+    try:
+        rounds = polls_during(lambda: worker.apply(TableData(1, big_table())))
+        assert worker.holder.table.version == 1 and worker.holder.table.size == HOSTS
+        assert rounds >= 2 * (HOSTS // COMPILE_EVERY)
     finally:
         worker.stopping = True
 
