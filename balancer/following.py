@@ -230,7 +230,9 @@ class TableFollower:
         and of backends a changed rule no longer names, so no scrape reports them
         again."""
         self.stats.forget_hosts({key for key in keys if new.route_for(key) is None})
-        for key in keys:
+        for n, key in enumerate(keys):
+            if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                turn()  # every host of a whole table (the new one is served meanwhile)
             route = new.route_for(key)
             prior = old.route_for(key)
             if route is None:
