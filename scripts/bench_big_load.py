@@ -1,0 +1,199 @@
+"""A live request's latency while a worker loads a big table or many certificates.
+
+``python scripts/bench_big_load.py [--load file|redis|certs] [--hosts 100000]
+[--certs 2000] [--rounds 4]``
+
+A real ``balancer serve`` with one worker over a file store or a redis-server
+on a free loopback port (``certs``: a file store and a TLS listener). One
+client sends requests back to back over a keep-alive connection to a static
+host (the probe). Then, `--rounds` times:
+
+* ``file``, ``redis``: the whole table of `--hosts` hosts is replaced (every
+  rule changed, so the worker reads, checks and compiles all of it); the
+  round ends when the probe's answer is the new table's;
+* ``certs``: `--certs` new certificates are written to the store, and taken
+  away again the next round; the round ends when a TLS handshake for the last
+  one succeeds (or fails, once they are gone). Only loading rounds count.
+
+Printed: the probe's latency (p50/p99/max) while the worker loads, and the
+rounds' times (the write's end to the new table or certificates served: the
+total load time, a file store's 0.25 s poll included).
+
+Run it under ``flock /tmp/bench.lock``; with ``PYTHONPATH`` pointing at the
+tree to measure (the balancer runs from a temporary directory: ``python -m``
+would otherwise import the balancer of the working directory first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import re
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from loadtest.procs import Processes, free_port, wait_for_port  # noqa: E402
+from loadtest.results import latency_line  # noqa: E402
+
+HOST = "127.0.0.1"
+PROBE = "probe.test"
+PLANE = re.compile(r"data plane (\w+)")
+ROUND_LIMIT = 300.0  # seconds a round may take before the run gives up
+
+
+def table(hosts: int, mark: str) -> dict[str, Any]:
+    """`hosts` static hosts and the probe's, every body saying `mark`."""
+    rules: dict[str, Any] = {f"h{n}.example": {"action": "static", "body": f"{mark} {n}"}
+                             for n in range(hosts)}
+    rules[PROBE] = {"action": "static", "body": mark}
+    return rules
+
+
+class Probe:
+    """Requests back to back to the probe host: (time sent, latency ms, body)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.seen: list[tuple[float, float, bytes]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=60)
+        while not self.stop.is_set():
+            started = time.perf_counter()
+            conn.request("GET", "/", headers={"Host": PROBE})
+            body = conn.getresponse().read()
+            self.seen.append((started, (time.perf_counter() - started) * 1000, body))
+
+    def during(self, start: float, end: float) -> list[float]:
+        """Latencies of the requests that were waiting at some time in [start, end]."""
+        return [ms for sent, ms, _ in self.seen if sent <= end and sent + ms / 1000 >= start]
+
+
+def wait_until(done: Callable[[], bool], what: str) -> float:
+    """Poll `done` every 5 ms; the time it first held."""
+    deadline = time.perf_counter() + ROUND_LIMIT
+    while time.perf_counter() < deadline:
+        if done():
+            return time.perf_counter()
+        time.sleep(0.005)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def handshake(port: int, name: str) -> bool:
+    """Whether a TLS handshake with SNI `name` succeeds (the worker serves its certificate)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((HOST, port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname=name):
+            return True
+    except (ssl.SSLError, OSError):
+        return False
+
+
+def table_round(store: Any, probe: Probe, hosts: int, mark: str) -> tuple[float, float]:
+    store.replace(table(hosts, mark))
+    start = time.perf_counter()
+    seen = mark.encode()
+    return start, wait_until(lambda: bool(probe.seen) and probe.seen[-1][2] == seen,
+                             f"the probe to see table {mark}")
+
+
+def cert_records(count: int) -> dict[str, dict[str, Any]]:
+    from balancer.certificates import make_record
+    from tests.tlsca import TestCA
+
+    ca = TestCA()
+    return {f"c{n}.test": make_record(f"c{n}.test", *ca.issue(f"c{n}.test")) for n in range(count)}
+
+
+def certs_round(store: Any, records: dict[str, Any], tls: int,
+                loading: bool) -> tuple[float, float]:
+    store.certs().restore(records if loading else {})
+    start = time.perf_counter()
+    last = list(records)[-1]
+    return start, wait_until(lambda: handshake(tls, last) == loading,
+                             f"the certificates to be {'served' if loading else 'gone'}")
+
+
+def open_store(procs: Processes, tmp: Path, kind: str) -> tuple[Any, str]:
+    """The store the balancer follows, as this process writes it, and its URL."""
+    from balancer.stores import open_store as open_url
+
+    if kind == "redis":
+        port = free_port()
+        redis = procs.start("redis", ["redis-server", "--port", str(port), "--bind", HOST,
+                                      "--save", "", "--appendonly", "no", "--dir", str(tmp)])
+        wait_for_port(redis, port)
+        url = f"redis://{HOST}:{port}/0"
+    else:
+        url = f"file:{tmp / 'routes.json'}"
+    return open_url(url), url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--load", choices=("file", "redis", "certs"), default="file")
+    parser.add_argument("--hosts", type=int, default=100000)
+    parser.add_argument("--certs", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-big-load-") as tmp:
+        os.chdir(tmp)  # `python -m` imports from its working directory first
+        procs = Processes(Path(tmp) / "logs")
+        try:
+            store, url = open_store(procs, Path(tmp), args.load)
+            records = cert_records(args.certs) if args.load == "certs" else {}
+            store.replace(table(0 if records else args.hosts, "r0"))
+            port, mgmt, tls = free_port(), free_port(), free_port()
+            proc = procs.start("balancer", [
+                sys.executable, "-m", "balancer", "serve", "--workers", "1",
+                "--listen", f"{HOST}:{port}", "--management", f"{HOST}:{mgmt}",
+                "--store", url, "--tls-listen", f"{HOST}:{tls}"],
+                env={"BALANCER_STORE_SNAPSHOT": str(Path(tmp) / "last-good.json")})
+            wait_for_port(proc, port, timeout=300)
+            wait_for_port(proc, tls, timeout=300)
+            probe = Probe(port)
+            probe.thread.start()
+            wait_until(lambda: bool(probe.seen), "the first probe")
+            windows = []
+            for n in range(1, args.rounds + 1):
+                if records:
+                    window = certs_round(store, records, tls, loading=n % 2 == 1)
+                    windows += [window] if n % 2 == 1 else []
+                else:
+                    windows.append(table_round(store, probe, args.hosts, f"r{n}"))
+                time.sleep(0.5)  # the probe alone between rounds
+            probe.stop.set()
+            probe.thread.join(60)
+            plane = PLANE.search((procs.log_dir / "balancer.log").read_text(errors="replace"))
+        finally:
+            procs.stop_all()
+            os.chdir(ROOT)
+    during = [ms for start, end in windows for ms in probe.during(start, end)]
+    times = [end - start for start, end in windows]
+    what = f"{args.certs} certificates" if records else f"{args.hosts} hosts"
+    print(f"{args.load}: {what}, {len(windows)} loads, one worker, data plane "
+          f"{plane.group(1) if plane else '?'}, PYTHONPATH={os.environ.get('PYTHONPATH', '')}")
+    print(f"  live request while loading: {latency_line(during)}")
+    print(f"  load time: median {statistics.median(times):.3f} s "
+          f"({', '.join(f'{t:.3f}' for t in times)})")
+
+
+if __name__ == "__main__":
+    main()
