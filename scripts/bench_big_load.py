@@ -5,8 +5,10 @@
 
 A real ``balancer serve`` with one worker over a file store or a redis-server
 on a free loopback port (``certs``: a file store and a TLS listener). One
-client sends requests back to back over a keep-alive connection to a static
-host (the probe). Then, `--rounds` times:
+client sends requests over a keep-alive connection to a static host (the
+probe), 100 a second, each one's latency counted from the time it
+was due (so a stall of the worker counts once per request it delays). Then,
+`--rounds` times:
 
 * ``file``, ``redis``: the whole table of `--hosts` hosts is replaced (every
   rule changed, so the worker reads, checks and compiles all of it); the
@@ -51,6 +53,7 @@ HOST = "127.0.0.1"
 PROBE = "probe.test"
 PLANE = re.compile(r"data plane (\w+)")
 ROUND_LIMIT = 300.0  # seconds a round may take before the run gives up
+PROBE_EVERY = 0.01  # seconds between two probes' due times (100 a second)
 
 
 def table(hosts: int, mark: str) -> dict[str, Any]:
@@ -62,7 +65,10 @@ def table(hosts: int, mark: str) -> dict[str, Any]:
 
 
 class Probe:
-    """Requests back to back to the probe host: (time sent, latency ms, body)."""
+    """A request to the probe host every `PROBE_EVERY` seconds over one keep-alive
+    connection: (time due, latency ms, body). The latency counts from the time the
+    request was due, not sent (as wrk2): a stall of 1 s is 100 requests late by up
+    to 1 s, not one request that waited 1 s."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -72,24 +78,26 @@ class Probe:
 
     def run(self) -> None:
         conn = http.client.HTTPConnection(HOST, self.port, timeout=60)
+        due = time.perf_counter()
         while not self.stop.is_set():
-            started = time.perf_counter()
+            time.sleep(max(0.0, due - time.perf_counter()))
             conn.request("GET", "/", headers={"Host": PROBE})
             body = conn.getresponse().read()
-            self.seen.append((started, (time.perf_counter() - started) * 1000, body))
+            self.seen.append((due, (time.perf_counter() - due) * 1000, body))
+            due += PROBE_EVERY
 
     def during(self, start: float, end: float) -> list[float]:
-        """Latencies of the requests that were waiting at some time in [start, end]."""
-        return [ms for sent, ms, _ in self.seen if sent <= end and sent + ms / 1000 >= start]
+        """Latencies of the requests due in [start, end]."""
+        return [ms for due, ms, _ in self.seen if start <= due <= end]
 
 
-def wait_until(done: Callable[[], bool], what: str) -> float:
-    """Poll `done` every 5 ms; the time it first held."""
+def wait_until(done: Callable[[], bool], what: str, every: float = 0.005) -> float:
+    """Poll `done` every `every` seconds; the time it first held."""
     deadline = time.perf_counter() + ROUND_LIMIT
     while time.perf_counter() < deadline:
         if done():
             return time.perf_counter()
-        time.sleep(0.005)
+        time.sleep(every)
     raise SystemExit(f"timed out waiting for {what}")
 
 
@@ -127,8 +135,8 @@ def certs_round(store: Any, records: dict[str, Any], tls: int,
     store.certs().restore(records if loading else {})
     start = time.perf_counter()
     last = list(records)[-1]
-    return start, wait_until(lambda: handshake(tls, last) == loading,
-                             f"the certificates to be {'served' if loading else 'gone'}")
+    return start, wait_until(lambda: handshake(tls, last) == loading,  # 20 handshakes a second
+                             f"the certificates to be {'served' if loading else 'gone'}", 0.05)
 
 
 def open_store(procs: Processes, tmp: Path, kind: str) -> tuple[Any, str]:
