@@ -5,9 +5,9 @@
 
 A real ``balancer serve`` with one worker over a file store or a redis-server
 on a free loopback port (``certs``: a file store and a TLS listener). One
-client sends requests over a keep-alive connection to a static host (the
-probe), 100 a second, each one's latency counted from the time it
-was due (so a stall of the worker counts once per request it delays). Then,
+client sends requests to a static host (the probe), 100 a second over 32
+keep-alive connections, each one's latency counted from the time it was due
+(so a stall of the worker counts once per request it delays). Then,
 `--rounds` times:
 
 * ``file``, ``redis``: the whole table of `--hosts` hosts is replaced (every
@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ PROBE = "probe.test"
 PLANE = re.compile(r"data plane (\w+)")
 ROUND_LIMIT = 300.0  # seconds a round may take before the run gives up
 PROBE_EVERY = 0.01  # seconds between two probes' due times (100 a second)
+PROBE_CONNECTIONS = 32  # the probes' keep-alive connections (a request waits for a free one)
 
 
 def table(hosts: int, mark: str) -> dict[str, Any]:
@@ -65,26 +67,39 @@ def table(hosts: int, mark: str) -> dict[str, Any]:
 
 
 class Probe:
-    """A request to the probe host every `PROBE_EVERY` seconds over one keep-alive
-    connection: (time due, latency ms, body). The latency counts from the time the
-    request was due, not sent (as wrk2): a stall of 1 s is 100 requests late by up
-    to 1 s, not one request that waited 1 s."""
+    """A request to the probe host every `PROBE_EVERY` seconds, each sent over one
+    of `PROBE_CONNECTIONS` keep-alive connections (its own thread), so requests
+    arrive as a live client's do, whatever the worker's stalls: (time due,
+    latency ms, body). The latency counts from the time the request was due,
+    not sent (as wrk2): a stall of 1 s makes each request due meanwhile late."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.seen: list[tuple[float, float, bytes]] = []
         self.stop = threading.Event()
+        self.local = threading.local()
+        self.pool = ThreadPoolExecutor(PROBE_CONNECTIONS)
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=60)
         due = time.perf_counter()
         while not self.stop.is_set():
             time.sleep(max(0.0, due - time.perf_counter()))
-            conn.request("GET", "/", headers={"Host": PROBE})
-            body = conn.getresponse().read()
-            self.seen.append((due, (time.perf_counter() - due) * 1000, body))
+            self.pool.submit(self.send, due)
             due += PROBE_EVERY
+        self.pool.shutdown()
+
+    def send(self, due: float) -> None:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = http.client.HTTPConnection(HOST, self.port, timeout=300)
+        conn.request("GET", "/", headers={"Host": PROBE})
+        body = conn.getresponse().read()
+        self.seen.append((due, (time.perf_counter() - due) * 1000, body))
+
+    def answered(self, body: bytes) -> bool:
+        """Whether one of the last answers was `body`."""
+        return any(seen == body for _, _, seen in self.seen[-PROBE_CONNECTIONS:])
 
     def during(self, start: float, end: float) -> list[float]:
         """Latencies of the requests due in [start, end]."""
@@ -117,8 +132,7 @@ def handshake(port: int, name: str) -> bool:
 def table_round(store: Any, probe: Probe, hosts: int, mark: str) -> tuple[float, float]:
     store.replace(table(hosts, mark))
     start = time.perf_counter()
-    seen = mark.encode()
-    return start, wait_until(lambda: bool(probe.seen) and probe.seen[-1][2] == seen,
+    return start, wait_until(lambda: probe.answered(mark.encode()),
                              f"the probe to see table {mark}")
 
 
