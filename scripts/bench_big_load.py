@@ -17,9 +17,11 @@ keep-alive connections, each one's latency counted from the time it was due
   away again the next round; the round ends when a TLS handshake for the last
   one succeeds (or fails, once they are gone). Only loading rounds count.
 
-Printed: the probe's latency (p50/p99/max) while the worker loads, and the
+Printed: the probe's latency (p50/p99/max) while the worker loads, the
 rounds' times (the write's end to the new table or certificates served: the
-total load time, a file store's 0.25 s poll included).
+total load time, a file store's 0.25 s poll or the certificates' 1 s one
+included) and the worker's CPU seconds in each (the load's own cost, whatever
+else the machine runs; the probes it served meanwhile included).
 
 Run it under ``flock /tmp/bench.lock``; with ``PYTHONPATH`` pointing at the
 tree to measure (the balancer runs from a temporary directory: ``python -m``
@@ -53,6 +55,7 @@ from loadtest.results import latency_line  # noqa: E402
 HOST = "127.0.0.1"
 PROBE = "probe.test"
 PLANE = re.compile(r"data plane (\w+)")
+SERVING = re.compile(r"worker (\d+) serving routing version")
 ROUND_LIMIT = 300.0  # seconds a round may take before the run gives up
 PROBE_EVERY = 0.01  # seconds between two probes' due times (100 a second)
 PROBE_CONNECTIONS = 32  # the probes' keep-alive connections (a request waits for a free one)
@@ -129,6 +132,12 @@ def handshake(port: int, name: str) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of process `pid` so far (/proc, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def table_round(store: Any, probe: Probe, hosts: int, mark: str) -> tuple[float, float]:
     store.replace(table(hosts, mark))
     start = time.perf_counter()
@@ -193,17 +202,22 @@ def main() -> None:
             probe = Probe(port)
             probe.thread.start()
             wait_until(lambda: bool(probe.seen), "the first probe")
-            windows = []
+            log = procs.log_dir / "balancer.log"
+            worker = int(SERVING.findall(log.read_text(errors="replace"))[-1])
+            windows, cpu = [], []
             for n in range(1, args.rounds + 1):
+                before = cpu_seconds(worker)
                 if records:
                     window = certs_round(store, records, tls, loading=n % 2 == 1)
-                    windows += [window] if n % 2 == 1 else []
                 else:
-                    windows.append(table_round(store, probe, args.hosts, f"r{n}"))
+                    window = table_round(store, probe, args.hosts, f"r{n}")
+                if not records or n % 2 == 1:
+                    windows.append(window)
+                    cpu.append(cpu_seconds(worker) - before)
                 time.sleep(0.5)  # the probe alone between rounds
             probe.stop.set()
             probe.thread.join(60)
-            plane = PLANE.search((procs.log_dir / "balancer.log").read_text(errors="replace"))
+            plane = PLANE.search(log.read_text(errors="replace"))
         finally:
             procs.stop_all()
             os.chdir(ROOT)
@@ -214,7 +228,8 @@ def main() -> None:
           f"{plane.group(1) if plane else '?'}, PYTHONPATH={os.environ.get('PYTHONPATH', '')}")
     print(f"  live request while loading: {latency_line(during)}")
     print(f"  load time: median {statistics.median(times):.3f} s "
-          f"({', '.join(f'{t:.3f}' for t in times)})")
+          f"({', '.join(f'{t:.3f}' for t in times)}); the worker's CPU: median "
+          f"{statistics.median(cpu):.2f} s ({', '.join(f'{c:.2f}' for c in cpu)})")
 
 
 if __name__ == "__main__":

@@ -142,4 +142,5 @@ def test_bench_big_load_measures_the_probe_while_loading(load: str) -> None:
     assert re.search(rf"^{load}: .*, {loads} loads, one worker", out.stdout, re.M), out.stdout
     assert re.search(r"^  live request while loading: n [1-9]\d*  p50 [\d.]+  p99 [\d.]+  "
                      r"max [\d.]+ ms$", out.stdout, re.M), out.stdout
-    assert re.search(r"^  load time: median [\d.]+ s \(", out.stdout, re.M), out.stdout
+    assert re.search(r"^  load time: median [\d.]+ s \(.*\); the worker.s CPU: median [\d.]+ s",
+                     out.stdout, re.M), out.stdout
