@@ -88,9 +88,11 @@ class Probe:
         due = time.perf_counter()
         while not self.stop.is_set():
             time.sleep(max(0.0, due - time.perf_counter()))
+            if self.stop.is_set():
+                break
             self.pool.submit(self.send, due)
             due += PROBE_EVERY
-        self.pool.shutdown()
+        self.pool.shutdown(cancel_futures=True)
 
     def send(self, due: float) -> None:
         conn = getattr(self.local, "conn", None)
@@ -203,6 +205,8 @@ def main() -> None:
             probe.thread.start()
             wait_until(lambda: bool(probe.seen), "the first probe")
             log = procs.log_dir / "balancer.log"
+            wait_until(lambda: bool(SERVING.search(log.read_text(errors="replace"))),
+                       "the worker's first table", 0.1)
             worker = int(SERVING.findall(log.read_text(errors="replace"))[-1])
             windows, cpu = [], []
             for n in range(1, args.rounds + 1):
