@@ -59,6 +59,7 @@ import os
 import socket
 import ssl
 import sys
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Final
