@@ -20,7 +20,8 @@ Invariants:
 * Table updates run one at a time (`updating`). A change names the hosts it
   changed and costs what changed (`RoutingTable.with_changes`); a whole table
   that differs in few hosts is applied as a change; otherwise it is compiled
-  in slices, pausing every `PAUSE_EVERY` hosts so requests keep flowing.
+  in slices, the loop going round (`balancer.turns.turn`: requests, timers)
+  every `PAUSE_EVERY` hosts.
 * Backends no rule names any more are forgotten once idle, and the counters
   of deleted hosts and removed backends go with the change that removed them.
 """
@@ -38,9 +39,9 @@ from balancer.rules import RuleError, normalize_host
 from balancer.stores.base import StoreError, TableChange, TableData
 from balancer.stores.snapshot import Snapshot, judge, rewritten
 from balancer.table import COMPACT_AT, PAUSE_EVERY, RoutingTable, TableHolder
+from balancer.turns import turn
 
 log = logging.getLogger("balancer")
-COMPILE_PAUSE = 0.0001  # seconds a big table's compile yields to requests between slices
 
 
 class TableFollower:
@@ -115,7 +116,7 @@ class TableFollower:
             try:
                 table = RoutingTable.build(data.version, data.hosts, self.compiler.compile,
                                            self.compiler.fallbacks, previous=current,
-                                           pause=_pause)
+                                           pause=turn)
             except RuleError as exc:
                 log.error("store version %s rejected, keeping version %s: %s",
                           data.version, current.version, "; ".join(exc.problems))
@@ -150,7 +151,7 @@ class TableFollower:
         keys: set[str] = set()
         for n, (host, rule) in enumerate(hosts.items()):
             if n % PAUSE_EVERY == PAUSE_EVERY - 1:
-                _pause()
+                turn()
             if not isinstance(host, str) or len(changes) > COMPACT_AT:
                 return None
             key = normalize_host(host)
@@ -163,7 +164,7 @@ class TableFollower:
         if len(keys) - sum(1 for k in changes if current.route_for(k) is None) != current.size:
             for n, key in enumerate(current.routes):
                 if n % PAUSE_EVERY == PAUSE_EVERY - 1:
-                    _pause()
+                    turn()
                 if key not in keys:
                     changes[key] = None
         return changes if len(changes) <= COMPACT_AT else None
@@ -195,7 +196,7 @@ class TableFollower:
             self.health_rules = 0
             for n, route in enumerate(new.routes.values()):
                 if n % PAUSE_EVERY == PAUSE_EVERY - 1:
-                    _pause()
+                    turn()
                 uses.update(route.action.backend_keys())
                 self.health_rules += "health" in route.rule
             self.backend_uses = uses
@@ -229,7 +230,9 @@ class TableFollower:
         and of backends a changed rule no longer names, so no scrape reports them
         again."""
         self.stats.forget_hosts({key for key in keys if new.route_for(key) is None})
-        for key in keys:
+        for n, key in enumerate(keys):
+            if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                turn()  # every host of a whole table (the new one is served meanwhile)
             route = new.route_for(key)
             prior = old.route_for(key)
             if route is None:
@@ -262,10 +265,6 @@ class TableFollower:
         if isinstance(item, TableChange):
             return self.apply_change(item)
         return self.apply(item)
-
-
-def _pause() -> None:
-    time.sleep(COMPILE_PAUSE)  # gevent's sleep when patched: requests run meanwhile
 
 
 def _has_health(old: RoutingTable, new: RoutingTable, keys: Any) -> bool:

@@ -72,6 +72,7 @@ from balancer.lingering import discard_waiting
 from balancer.responses import local_response
 from balancer.stores.base import ProblemLog, StoreError
 from balancer.stores.certs import CertsCorrupt, CertsLost
+from balancer.turns import turn
 
 log = logging.getLogger("balancer")
 
@@ -192,7 +193,7 @@ class TLSFront:
         digest = hashlib.sha256(f"{chain}\0{key}".encode()).hexdigest()
         if known is not None and known[0] == digest:
             return known
-        time.sleep(0)  # many new certificates: let requests run between them
+        turn()  # many new certificates: the loop polls (handshakes, requests) between them
         return digest, self.load(chain, key)
 
     def load(self, chain: str, key: str) -> ssl.SSLContext:

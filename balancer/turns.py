@@ -21,8 +21,12 @@ Invariants:
 * A parked relay that gets an exception thrown in (its deadline) leaves the
   queue harmlessly: it waits on a `Waiter`, which ignores a late wake-up.
 * Without a loop (the threaded baseline's blocking sockets) nothing parks.
-* `turn` parks a long job (a big control answer, the history's encoding)
-  between two slices the same way: one loop iteration, poll included.
+* `turn` parks a long job (a big control answer, the history's encoding, a
+  big table read and checked, many new certificates loaded, a big table
+  compiled) between two slices the same way: one loop iteration, poll
+  included. A thread with no hub (the threaded baseline's store watcher, the
+  start-up check's unpatched child) has no loop to let go round: `turn` does
+  nothing there, and makes no hub.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import weakref
 from collections import deque
 from typing import Any, Final
 
+from gevent._hub_local import get_hub_if_exists
 from gevent.hub import Waiter
 
 TURN_BYTES: Final = 65536  # bytes a relay moves per loop iteration before it parks
@@ -110,9 +115,9 @@ class Turn:
 def turn() -> None:
     """Let the current hub's loop go round once (a poll: sockets, timers) before
     the caller goes on, parked as a relay is: the pause of a long job between
-    two slices (a big stats answer, the history's encoding). ``gevent.sleep(0)``
-    is no such pause: the hub runs queued callbacks 50 at a time, looking at
-    the clock only between batches, so up to 50 pauses ran without a poll."""
-    from gevent import get_hub
-
-    bulk_for(get_hub()).park()
+    two slices. ``gevent.sleep(0)`` is no such pause: the hub runs queued
+    callbacks 50 at a time, looking at the clock only between batches, so up to
+    50 pauses ran without a poll. Nothing happens in a thread with no hub."""
+    hub = get_hub_if_exists()
+    if hub is not None:
+        bulk_for(hub).park()

@@ -62,12 +62,13 @@ def loop_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
     return predicate()
 
 
-def polls_during(build: Callable[[], object]) -> None:
+def polls_during(build: Callable[[], object]) -> int:
     """Assert that this process's gevent loop polls while `build()` runs (not only
     switches to ready greenlets): a request that arrived on a socket and a timer
     that is due are both served before `build` returns. ``gevent.sleep(0)`` as the
     pause between a long job's slices serves neither (it ran up to 50 slices
-    without polling)."""
+    without polling). Returns how many times the loop went round meanwhile (each
+    `balancer.turns.turn` is one round)."""
     import gevent
     import gevent.socket
 
@@ -82,11 +83,14 @@ def polls_during(build: Callable[[], object]) -> None:
     gevent.sleep(0.01)  # it blocks in recv (nothing else runs the hub below)
     assert not served
     peer.sendall(b"GET")  # a request arrives
-    due = gevent.get_hub().loop.timer(0)
+    loop = gevent.get_hub().loop
+    due = loop.timer(0)
     due.start(served.append, "timer")
     try:
+        before = loop.iteration
         build()  # not a greenlet: the hub runs only at its pauses
         assert sorted(served) == ["socket", "timer"], served
+        return int(loop.iteration - before)
     finally:
         due.stop()
         waiting.kill()

@@ -129,3 +129,18 @@ def test_bench_hosts_poll_measures_plain_and_conditional_polls() -> None:
     rows = re.findall(r"^  (plain GET|If-None-Match|GET after).* ([\d.]+) ms CPU/poll", out.stdout,
                       re.M)
     assert [name for name, _ in rows] == ["plain GET", "If-None-Match", "GET after"], out.stdout
+
+
+@pytest.mark.parametrize("load", ["file", "certs"])
+def test_bench_big_load_measures_the_probe_while_loading(load: str) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_big_load.py"),
+                          "--load", load, "--hosts", "300", "--certs", "3", "--rounds", "2"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    loads = 1 if load == "certs" else 2  # certificates loaded, then taken away
+    assert re.search(rf"^{load}: .*, {loads} loads, one worker", out.stdout, re.M), out.stdout
+    assert re.search(r"^  live request while loading: n [1-9]\d*  p50 [\d.]+  p99 [\d.]+  "
+                     r"max [\d.]+ ms$", out.stdout, re.M), out.stdout
+    assert re.search(r"^  load time: median [\d.]+ s \(.*\); the worker.s CPU: median [\d.]+ s",
+                     out.stdout, re.M), out.stdout

@@ -46,6 +46,7 @@ from balancer.stores.atomic import (
     write_atomically,
 )
 from balancer.stores.base import (
+    PAUSE_EVERY,
     CorruptStore,
     ProblemLog,
     Store,
@@ -61,6 +62,7 @@ from balancer.stores.certs import Certs, FileCerts
 from balancer.stores.floors import Raised
 from balancer.stores.records import FileRecords, Records
 from balancer.stores.snapshot import HOW_TO_FIX
+from balancer.turns import turn
 
 log = logging.getLogger("balancer.store.file")
 
@@ -148,8 +150,7 @@ class FileStore(Store):
                 raise CorruptStore(f'{self.path}: expected an object {{"version": N, '
                                    f'"hosts": {{...}}}} with exactly those keys')
             hosts = doc["hosts"]
-            texts = ({h: json.dumps(r, sort_keys=True) for h, r in hosts.items()}
-                     if isinstance(hosts, dict) else None)
+            texts = _rule_texts(hosts) if isinstance(hosts, dict) else None
             return self._checker.check(self.path, doc["version"], hosts, texts)
 
     def identity(self) -> str:
@@ -342,6 +343,17 @@ class FileStore(Store):
             return None
         self._reachable = True
         return _signature_of(st)
+
+
+def _rule_texts(hosts: Mapping[str, Any]) -> dict[str, str]:
+    """HOST → its rule as text (`TableChecker`'s memo key), the loop going round
+    (`turn`) every `PAUSE_EVERY` hosts: 100,000 rules take 0.3 s to encode."""
+    texts = {}
+    for n, (host, rule) in enumerate(hosts.items()):
+        if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+            turn()
+        texts[host] = _RULE_ENCODER.encode(rule)
+    return texts
 
 
 def _repeated(exc: strict_json.DuplicateKey) -> str:

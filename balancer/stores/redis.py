@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -79,11 +78,12 @@ from balancer.stores.redis_answers import (
 from balancer.stores.redis_records import RedisRecords
 from balancer.stores.redis_watch import RedisWatching
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
+from balancer.turns import turn
 
 log = logging.getLogger("balancer.store.redis")
 
 WRITE_ATTEMPTS = 50       # optimistic-lock retries for writes without if_version
-PAUSE_EVERY = 2000        # hosts parsed between yields to other greenlets (a big reload)
+PAUSE_EVERY = 2000        # hosts parsed between two turns of the loop (a big reload)
 # Redis counts (INCR) up to 2**63 - 1: a version it cannot count past is corrupt.
 # (Bug: a hand-set 10**22 was served, became every balancer's floor for versions,
 # and no write, not even a whole-table PUT, could ever go above it.)
@@ -162,7 +162,7 @@ class RedisStore(RedisWatching, Store):
         hosts = {}
         for n, (host, text) in enumerate(raw_hosts.items()):
             if n % PAUSE_EVERY == PAUSE_EVERY - 1:
-                time.sleep(0)  # a big table: let the worker's other greenlets run
+                turn()  # a big table: the loop polls (requests, timers) between slices
             try:
                 hosts[host] = strict_json.loads(utf8(text, host))
             except strict_json.DuplicateKey as exc:

@@ -1,0 +1,119 @@
+"""A worker that reads a big table or loads many certificates lets its loop poll
+between slices (`balancer.turns.turn`): a request that arrived and a timer that
+is due are served before the load ends. The pause was ``time.sleep(0)``
+(``gevent.sleep(0)`` once patched), which ran up to 50 slices back to back
+without polling: a live request waited for a whole 100,000-host table's check.
+The loop's rounds are counted too, so that each pass of a load is seen to turn
+it: the store's parse and its check, the certificates, the compile.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from gevent._hub_local import get_hub_if_exists
+
+from balancer.certificates import make_record
+from balancer.server import Worker
+from balancer.settings import load_settings
+from balancer.stores.base import PAUSE_EVERY, TableData
+from balancer.stores.file import FileStore
+from balancer.stores.redis import PAUSE_EVERY as REDIS_PAUSE_EVERY
+from balancer.stores.redis import RedisStore
+from balancer.table import PAUSE_EVERY as COMPILE_EVERY
+from tests.conftest import RedisServer
+from tests.support import polls_during
+from tests.tlsca import TestCA
+
+HOSTS = 6000  # several slices of each pass (500 hosts checked or compiled, 2000 parsed)
+CERTS = 4  # one turn before each new certificate
+
+
+def big_table() -> dict[str, Any]:
+    return {f"h{n}.example": {"action": "static", "body": f"host {n}"} for n in range(HOSTS)}
+
+
+def big_file(tmp_path: Path) -> FileStore:
+    path = tmp_path / "routes.json"
+    path.write_text(json.dumps({"version": 1, "hosts": big_table()}))
+    return FileStore(str(path))
+
+
+def a_worker(store: Any) -> Worker:
+    return Worker(load_settings(env={"BALANCER_STORE_SNAPSHOT": "off"}), store)
+
+
+def test_a_big_file_table_is_checked_with_the_loop_polling_between_slices(
+        tmp_path: Path) -> None:
+    store = big_file(tmp_path)
+    loaded: list[Any] = []
+    rounds = polls_during(lambda: loaded.append(store.load()))
+    assert loaded[0].version == 1 and len(loaded[0].hosts) == HOSTS
+    assert rounds >= 2 * (HOSTS // PAUSE_EVERY)  # the rules' texts, then the check
+
+
+def test_a_big_redis_table_is_parsed_and_checked_with_the_loop_polling_between_slices(
+        redis_server: RedisServer) -> None:
+    namespace = "load-turns"
+    raw = redis_server.client()
+    raw.delete(f"{namespace}:hosts")
+    raw.hset(f"{namespace}:hosts", mapping={h: json.dumps(r) for h, r in big_table().items()})
+    raw.set(f"{namespace}:version", 1)
+    store = RedisStore(redis_server.url, namespace)
+    loaded: list[Any] = []
+    try:
+        rounds = polls_during(lambda: loaded.append(store.load()))
+    finally:
+        store.close()
+        raw.delete(f"{namespace}:hosts", f"{namespace}:version")
+    assert loaded[0].version == 1 and len(loaded[0].hosts) == HOSTS
+    assert rounds >= HOSTS // REDIS_PAUSE_EVERY + HOSTS // PAUSE_EVERY  # parsed, then checked
+
+
+def test_new_certificates_are_loaded_with_the_loop_polling_between_them(
+        tmp_path: Path) -> None:
+    ca = TestCA()
+    records = {f"c{n}.test": make_record(f"c{n}.test", *ca.issue(f"c{n}.test"))
+               for n in range(CERTS)}
+    worker = a_worker(FileStore(str(tmp_path / "routes.json")))
+    try:
+        front = worker.front()
+        rounds = polls_during(lambda: front.update(records))
+        assert all(front.find(host) is not None for host in records)
+        assert rounds >= CERTS
+    finally:
+        worker.stopping = True
+
+
+def test_a_big_table_is_compiled_with_the_loop_polling_between_slices(
+        tmp_path: Path) -> None:
+    """Compiled, its backends counted, the counters of the hosts it changed or
+    removed forgotten (`TableFollower.apply`): a turn every `COMPILE_EVERY` hosts
+    of each pass (was a 0.1 ms sleep in two of them: a timer, so a poll, but an
+    epoll wait of 1 ms, libev's shortest, when nothing was ready)."""
+    worker = a_worker(FileStore(str(tmp_path / "routes.json")))
+    try:
+        rounds = polls_during(lambda: worker.apply(TableData(1, big_table())))
+        assert worker.holder.table.version == 1 and worker.holder.table.size == HOSTS
+        assert rounds >= 3 * (HOSTS // COMPILE_EVERY)
+    finally:
+        worker.stopping = True
+
+
+def test_a_thread_without_a_hub_loads_a_big_table_and_makes_none(tmp_path: Path) -> None:
+    """The threaded baseline's store watcher (an OS thread, nothing patched), as the
+    start-up check's unpatched child: no loop to let go round, none is made."""
+    store = big_file(tmp_path)
+    found: list[Any] = []
+
+    def load() -> None:
+        found.append(len(store.load().hosts))
+        found.append(get_hub_if_exists())
+
+    reader = threading.Thread(target=load)
+    reader.start()
+    reader.join(30)
+    assert found == [HOSTS, None]
