@@ -25,7 +25,8 @@ def scripted_worker(stats: Stats) -> SimpleNamespace:
         stats=stats, loaded=True, draining=False, holder=SimpleNamespace(
             table=SimpleNamespace(version=3)),
         tables=SimpleNamespace(highest=3, store_problem=None),
-        store=SimpleNamespace(last_error=lambda: None, is_reachable=lambda: True))
+        store=SimpleNamespace(last_error=lambda: None, is_reachable=lambda: True),
+        access_log=SimpleNamespace(dropped_total=0))
 
 
 def control_for(tmp_path: Path, hosts: int) -> tuple[ControlServer, Stats]:
