@@ -30,6 +30,14 @@ class BackendTLSError(ConnectError):
     cause = "backend TLS failed"
 
 
+class ResolveError(ConnectError):
+    """A backend's host name gave no usable address within the connect timeout:
+    no such name, a server failure, no answer, an answer of no usable address
+    (`balancer.resolve`; nothing was sent)."""
+
+    cause = "DNS lookup failed"
+
+
 class BackendClosed(ProxyError):
     """The backend closed or reset the connection before the response was complete."""
 
