@@ -12,6 +12,10 @@ Invariants:
   with the access log's writes) for as long as the system resolver takes,
   10 s and more when the DNS never answers; one per name, the pool is never
   filled by one hung name (bug: 10 requests to it starved every other name).
+* At most `MAX_LOOKUPS` lookups at once per worker, whatever the names: a
+  DNS server that answers nothing leaves the rest of the resolver threads to
+  the access log (a name that would need one more fails at once, or uses its
+  held answer).
 * A wait is bounded by its caller's deadline (the connect timeout, a check's
   timeout); the lookup goes on alone and its answer is kept for the next.
 * The last good answer is kept for `HOLD` seconds (HAProxy's `hold`, RFC 8767's
@@ -46,6 +50,7 @@ log: Final = logging.getLogger("balancer.health")
 HOLD: Final = 30.0  # seconds a good answer stands in for failed lookups
 STALE_AFTER: Final = 1.0  # seconds a held answer waits for a lookup, at most
 MAX_ADDRESSES: Final = 16  # of an answer, tried in turn
+MAX_LOOKUPS: Final = 5  # half of gevent's resolver threads
 MIN_SLICE: Final = 1.0  # seconds each address may take, while the deadline allows
 Addresses = list[tuple[int, tuple[Any, ...]]]  # (family, sockaddr)
 
@@ -54,18 +59,38 @@ class Unresolved(OSError):
     """A backend name gave no usable address in time."""
 
 
+# taken by each lookup under way (a gevent semaphore once patched)
+LOOKUPS: Final = threading.BoundedSemaphore(MAX_LOOKUPS)
+
+
 class Lookup:
     """One getaddrinfo of a name, in its own thread (a greenlet once gevent has
-    patched `threading`): its outcome is `addresses` or `problem` once `done`."""
+    patched `threading`): its outcome is `addresses` or `problem` once `done`.
+    Done at once, with a problem, while `MAX_LOOKUPS` others are under way."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self) -> None:
         self.started = time.monotonic()
         self.done = threading.Event()
         self.addresses: Addresses = []
         self.problem = ""
-        threading.Thread(target=self.run, args=(host, port), daemon=True).start()
+
+    def start(self, host: str, port: int) -> None:
+        """Begin (starting a thread may switch greenlets: the caller has made
+        this the name's lookup first, so none begins another meanwhile)."""
+        if LOOKUPS.acquire(blocking=False):
+            threading.Thread(target=self.run, args=(host, port), daemon=True).start()
+        else:
+            self.problem = f"{MAX_LOOKUPS} lookups of other names are still under way"
+            self.done.set()
 
     def run(self, host: str, port: int) -> None:
+        try:
+            self.resolve(host, port)
+        finally:
+            LOOKUPS.release()
+            self.done.set()
+
+    def resolve(self, host: str, port: int) -> None:
         try:
             answer = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
@@ -76,7 +101,6 @@ class Lookup:
             self.addresses, dropped = usable(answer)
             if not self.addresses:
                 self.problem = f"no usable address in the answer ({', '.join(dropped)})"
-        self.done.set()
 
 
 def usable(answer: list[tuple[Any, ...]]) -> tuple[Addresses, list[str]]:
@@ -112,7 +136,10 @@ class Name:
         (monotonic) at most; raises `Unresolved`."""
         lookup = self.lookup
         if lookup is None or lookup.done.is_set():
-            lookup = self.lookup = Lookup(self.host, self.port)
+            if lookup is not None and lookup.addresses:  # answered after its waiters left
+                self.answered(lookup.addresses)
+            lookup = self.lookup = Lookup()
+            lookup.start(self.host, self.port)
         now = time.monotonic()
         held = self.held if now - self.held_at < HOLD else []
         until = min(deadline, lookup.started + STALE_AFTER) if held else deadline
@@ -121,7 +148,7 @@ class Name:
                 return self.answered(lookup.addresses)
             problem = lookup.problem
         else:
-            problem = f"no answer within {until - lookup.started:.1f} s"
+            problem = f"no answer within {max(0.0, until - lookup.started):.1f} s"
         if held:
             return self.stood_in(held, problem)
         raise Unresolved(f"DNS lookup of {self.host} failed: {problem}")
