@@ -21,7 +21,8 @@ Invariants:
 * The last good answer is kept for `HOLD` seconds (HAProxy's `hold`, RFC 8767's
   serve-stale): when a lookup fails (no such name, server failure, an answer
   the system resolver cannot read) or has not answered `STALE_AFTER` seconds
-  after it began, the held addresses are used instead. Once older than
+  after it began (or in half the time the caller has left), the held
+  addresses are used instead. Once older than
   `HOLD`, the failure is the connection's.
 * Only usable addresses are tried: unspecified (`0.0.0.0`, `::`: Linux
   connects those to this host; DNS sinkholes answer them), broadcast and
@@ -142,7 +143,9 @@ class Name:
             lookup.start(self.host, self.port)
         now = time.monotonic()
         held = self.held if now - self.held_at < HOLD else []
-        until = min(deadline, lookup.started + STALE_AFTER) if held else deadline
+        # with a held answer, a lookup gets `STALE_AFTER` at most, and never
+        # more than half the time left: the connect needs the rest
+        until = min(lookup.started + STALE_AFTER, (now + deadline) / 2) if held else deadline
         if lookup.done.wait(max(0.0, until - now)):
             if lookup.addresses:
                 return self.answered(lookup.addresses)

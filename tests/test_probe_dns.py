@@ -114,24 +114,27 @@ def test_a_name_the_dns_never_answers_is_a_502_in_the_connect_timeout_and_starve
                      scene.bal.output())
 
 
-@pytest.mark.parametrize(("name", "script", "problem"), [
+FAILED_ANSWERS = [
     ("nx", lambda q: NXDOMAIN, "Name or service not known"),
     ("servfail", lambda q: SERVFAIL, "Temporary failure in name resolution"),
     ("garbage", lambda q: b"\x00\x00\x81\x80\x00\x01\xff\xff", "Temporary failure"),
     ("zero", answer("0.0.0.0", "::"), "no usable address in the answer (0.0.0.0, ::)"),
-    ("broadcast", answer("255.255.255.255"), "no usable address in the answer (255.255."),
-    ("multicast", answer("224.0.0.1", "ff02::1"), "no usable address in the answer (224."),
-])
-def test_a_failed_or_unusable_answer_is_a_502_naming_the_lookup(
-        scene: Scene, name: str, script: Any, problem: str) -> None:
+    ("broadcast", answer("255.255.255.255"), "no usable address in the answer (255.255.255.255)"),
+    ("multicast", answer("224.0.0.1"), "no usable address in the answer (224.0.0.1)"),
+]
+
+
+def test_a_failed_or_unusable_answer_is_a_502_naming_the_lookup(scene: Scene) -> None:
     """An answer of 0.0.0.0 (a DNS sinkhole's) reached this host's own port
     (bug: the request was answered by whatever listened there, here a
-    backend on 127.0.0.1)."""
-    scene.dns.script(f"{name}.test", script)
-    status, took = scene.timed(f"{name}.app")
-    assert (status, took < CONNECT) == (502, True), (status, took)
-    line = f"{name}.test:{scene.port}: DNS lookup of {name}.test failed: {problem}"
-    wait_for(lambda: line in scene.bal.output(), 5, what=line)
+    backend on 127.0.0.1); the others' 502 named glibc's error alone."""
+    for name, script, _ in FAILED_ANSWERS:
+        scene.dns.script(f"{name}.test", script)
+        status, took = scene.timed(f"{name}.app")
+        assert (name, status, took < CONNECT) == (name, 502, True), took
+    for name, _, problem in FAILED_ANSWERS:  # the once-a-second summary of failures
+        line = f"{name}.test:{scene.port}: DNS lookup of {name}.test failed: {problem}"
+        wait_for(lambda line=line: line in scene.bal.output(), 5, what=line)
 
 
 def test_hundreds_of_silent_addresses_cost_one_connect_timeout(scene: Scene) -> None:
@@ -165,7 +168,7 @@ def test_an_answer_that_changes_is_followed_by_new_connections_not_pooled_ones(
     turns = iter(["127.0.0.2", "127.0.0.3"] * 20)
     scene.dns.script("turn.test", lambda q: [next(turns)] if q == 1 else [])
     for _ in range(4):  # the backend closes each: a new connection, a new lookup
-        assert scene.timed("turn.app", "/?act=eof")[0] == 200
+        assert scene.timed("turn.app", "/eof")[0] == 200
     assert (scene.b.count, scene.c.count) == (2, 2)
     asked = scene.dns.queries["turn.test"]
     for _ in range(3):  # one new connection, then pooled: no lookup, same backend
@@ -178,13 +181,13 @@ def test_the_last_good_answer_stands_in_while_the_dns_fails(scene: Scene) -> Non
     """Bug: one SERVFAIL or hung lookup failed the request, however healthy
     the backend the name had just named (HAProxy keeps it: `hold`)."""
     scene.dns.script("flaky.test", answer("127.0.0.1"))
-    assert scene.timed("flaky.app", "/?act=eof")[0] == 200
+    assert scene.timed("flaky.app", "/eof")[0] == 200
     scene.dns.script("flaky.test", lambda q: SERVFAIL)
-    assert scene.timed("flaky.app", "/?act=eof")[0] == 200
+    assert scene.timed("flaky.app", "/eof")[0] == 200
     wait_for(lambda: "DNS lookup of flaky.test failed (Temporary failure in name "
              "resolution): using its last good answer" in scene.bal.output(), 5, what="log")
     scene.dns.script("flaky.test", lambda q: SILENT)
-    status, took = scene.timed("flaky.app", "/?act=eof")
+    status, took = scene.timed("flaky.app", "/eof")
     assert (status, took < resolve.STALE_AFTER + 0.4) == (200, True), took
 
 
