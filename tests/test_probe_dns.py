@@ -24,8 +24,16 @@ from typing import Any
 import pytest
 
 from balancer import resolve
-from tests.dnspeer import (NXDOMAIN, SERVFAIL, SILENT, SILENT_NET, DnsNamespace, ScriptedDns,
-                           answer, namespace_or_skip)
+from tests.dnspeer import (
+    NXDOMAIN,
+    SERVFAIL,
+    SILENT,
+    SILENT_NET,
+    DnsNamespace,
+    ScriptedDns,
+    answer,
+    namespace_or_skip,
+)
 from tests.support import Backend, Balancer, in_threads, request, wait_for
 
 CONNECT = 1.0  # timeouts.backend_connect
@@ -154,11 +162,13 @@ def test_health_checks_of_hostile_names_end_in_their_timeout_with_the_cause_in_t
     scene.dns.script("hc-hang.test", lambda q: SILENT)
     scene.dns.script("hc-nx.test", lambda q: NXDOMAIN)
     scene.dns.script("hc-many.test", answer(*SILENT_ADDRESSES))
-    expected = {"hc-hang.test": "connect: DNS lookup of hc-hang.test failed: no answer within 0.5 s",
-                "hc-nx.test": "connect: DNS lookup of hc-nx.test failed: Name or service not known",
+    failed = "connect: DNS lookup of {} failed: "
+    expected = {"hc-hang.test": failed + "no answer within 0.5 s",
+                "hc-nx.test": failed + "Name or service not known",
                 "hc-many.test": "connect: timed out"}
     for name, problem in expected.items():
-        wait_for(lambda name=name: scene.backend(name).get("problem") == problem, 5,
+        problem = problem.format(name)
+        wait_for(lambda n=name, p=problem: scene.backend(n).get("problem") == p, 5,
                  what=f"{name} down: {problem} (now {scene.backend(name)})")
         assert scene.backend(name)["state"] == "down"
 
