@@ -13,9 +13,10 @@ Invariants:
 * A new connection for a request is bounded by the connect timeout (a TLS
   handshake included: `connect_tls`); the caller arms the client
   connection's deadline to `connect_bound` first (`balancer.relay.arm_connect`),
-  so the connect's own timeout fires first and is the backend's failure, and
-  the deadline cuts only what it does not bound (a name's resolution, a name's
-  next addresses). A pooled connection is taken with no arming.
+  so the connect's own timeout fires first and is the backend's failure (a
+  name's lookup and its addresses included: `balancer.resolve`, whose
+  `Unresolved` becomes `ResolveError` here). A pooled connection is taken
+  with no arming.
 * An idle connection on which anything arrived (a stray response, a `408`
   before the backend closes, EOF) is closed, never handed out: those bytes
   belong to no request (`balancer.netio.Stream.is_clean`, which costs no
