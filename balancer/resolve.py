@@ -37,6 +37,7 @@ Invariants:
 
 from __future__ import annotations
 
+import _thread
 import ipaddress
 import logging
 import socket
@@ -65,8 +66,8 @@ LOOKUPS: Final = threading.BoundedSemaphore(MAX_LOOKUPS)
 
 
 class Lookup:
-    """One getaddrinfo of a name, in its own thread (a greenlet once gevent has
-    patched `threading`): its outcome is `addresses` or `problem` once `done`.
+    """One getaddrinfo of a name, in its own thread (a raw greenlet once gevent
+    has patched `_thread`: no `threading.Thread` and its events to start): its outcome is `addresses` or `problem` once `done`.
     Done at once, with a problem, while `MAX_LOOKUPS` others are under way."""
 
     def __init__(self) -> None:
@@ -76,10 +77,10 @@ class Lookup:
         self.problem = ""
 
     def start(self, host: str, port: int) -> None:
-        """Begin (starting a thread may switch greenlets: the caller has made
-        this the name's lookup first, so none begins another meanwhile)."""
+        """Begin (the caller has made this the name's lookup first: should
+        starting its thread switch, none begins another meanwhile)."""
         if LOOKUPS.acquire(blocking=False):
-            threading.Thread(target=self.run, args=(host, port), daemon=True).start()
+            _thread.start_new_thread(self.run, (host, port))
         else:
             self.problem = f"{MAX_LOOKUPS} lookups of other names are still under way"
             self.done.set()
