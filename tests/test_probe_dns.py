@@ -250,6 +250,7 @@ def test_one_lookup_per_name_and_at_most_max_lookups(monkeypatch: pytest.MonkeyP
             for _ in range(2):
                 with pytest.raises(resolve.Unresolved, match="no answer within 0.0 s"):
                     name.addresses(time.monotonic())
+        wait_for(lambda: len(calls) >= resolve.MAX_LOOKUPS, 5, what="the lookups begun")
         assert sorted(calls) == sorted(n.host for n in names[:-1])
         with pytest.raises(resolve.Unresolved, match="5 lookups of other names"):
             names[-1].addresses(time.monotonic() + 5)
