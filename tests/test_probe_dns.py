@@ -36,6 +36,7 @@ from tests.dnspeer import (
 )
 from tests.support import Backend, Balancer, in_threads, request, wait_for
 
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 CONNECT = 1.0  # timeouts.backend_connect
 SILENT_ADDRESSES = [f"{SILENT_NET.split('.0.0/')[0]}.{i // 250}.{i % 250 + 1}" for i in range(300)]
 
