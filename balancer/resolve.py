@@ -67,8 +67,9 @@ LOOKUPS: Final = threading.BoundedSemaphore(MAX_LOOKUPS)
 
 class Lookup:
     """One getaddrinfo of a name, in its own thread (a raw greenlet once gevent
-    has patched `_thread`: no `threading.Thread` and its events to start): its outcome is `addresses` or `problem` once `done`.
-    Done at once, with a problem, while `MAX_LOOKUPS` others are under way."""
+    has patched `_thread`: no `threading.Thread` and its events to start): its
+    outcome is `addresses` or `problem` once `done`. Done at once, with a
+    problem, while `MAX_LOOKUPS` others are under way."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
