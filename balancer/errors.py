@@ -30,6 +30,14 @@ class BackendTLSError(ConnectError):
     cause = "backend TLS failed"
 
 
+class ResolveError(ConnectError):
+    """A backend's host name gave no usable address within the connect timeout:
+    no such name, a server failure, no answer, an answer of no usable address
+    (`balancer.resolve`; nothing was sent)."""
+
+    cause = "DNS lookup failed"
+
+
 class BackendClosed(ProxyError):
     """The backend closed or reset the connection before the response was complete."""
 
@@ -66,8 +74,9 @@ class ConnectOverdue(ProxyError):
     the watchdog: `Overdue`) passed while a connection to the backend was
     still being made, before the backend's connect timeout. A new connection
     arms it to the connect timeout and a margin (`balancer.relay.arm_connect`),
-    so it passes only in what that timeout does not bound (a backend name's
-    resolution, its addresses tried in turn): a 504 as a backend timeout, but
+    so it passes only when the connect's own timeout could not run in time
+    (a busy worker; a backend name's lookup and addresses share the connect
+    timeout: `balancer.resolve`): a 504 as a backend timeout, but
     not the backend's failure (not counted against it, its health untouched),
     not retried on another backend, never held (`spin_when_down`): the
     request is out of time, not its backend out of service. Nothing was

@@ -141,9 +141,9 @@ class Checker:
     def connect(self, deadline: float) -> Any:
         """A connection to the backend (TLS for https://, as requests get it)."""
         backend, config = self.backend, self.config
-        address = backend.address
-        sock = socket.create_connection((address.host, address.port), config.timeout)
+        sock = backend.dial(deadline)  # a name's lookup and addresses within `timeout` too
         if backend.tls is None:
+            sock.settimeout(max(0.0, deadline - time.monotonic()))
             return sock
         return backend.tls.secure(sock, config.tls_key, backend.key, deadline,
                                   backend.io.bounded)
@@ -168,6 +168,7 @@ class Checker:
         else:
             self.successes = 0
             self.failures += 1
+            backend.check_problem = self.problem or "no answer"
             if not backend.checked_down and self.failures >= config.fall:
                 backend.checked_down = True
                 log.warning("backend %s is down: %d health check%s of %s failed, the last: %s",

@@ -13,9 +13,10 @@ Invariants:
 * A new connection for a request is bounded by the connect timeout (a TLS
   handshake included: `connect_tls`); the caller arms the client
   connection's deadline to `connect_bound` first (`balancer.relay.arm_connect`),
-  so the connect's own timeout fires first and is the backend's failure, and
-  the deadline cuts only what it does not bound (a name's resolution, a name's
-  next addresses). A pooled connection is taken with no arming.
+  so the connect's own timeout fires first and is the backend's failure (a
+  name's lookup and its addresses included: `balancer.resolve`, whose
+  `Unresolved` becomes `ResolveError` here). A pooled connection is taken
+  with no arming.
 * An idle connection on which anything arrived (a stray response, a `408`
   before the backend closes, EOF) is closed, never handed out: those bytes
   belong to no request (`balancer.netio.Stream.is_clean`, which costs no
@@ -70,9 +71,10 @@ from typing import Any, Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.backend_tls import BackendTLS, keepable
-from balancer.errors import ConnectError, ConnectOverdue, Overdue, ProxyError
+from balancer.errors import ConnectError, ConnectOverdue, Overdue, ProxyError, ResolveError
 from balancer.netio import IO, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
+from balancer.resolve import Name, Unresolved
 from balancer.response_parser import HeadMemo, ResponseParser
 from balancer.serving import Slots
 
@@ -195,6 +197,8 @@ class Backend:
         self.idle_tls: dict[str, list[Upstream]] = {}
         self.tls_sessions: dict[str, object] = {}  # key → `keepable`
         self.is_literal = _is_ip_literal(address.host)
+        # a backend named by a host name: its lookups and last good answer
+        self.name = None if self.is_literal else Name(address.host, address.port)
         # called in the event loop when a connection is stirred (`Stream.on_stirred`)
         self.notice = notice
         # the last response head read from it, for its connections' next (`HeadMemo`)
@@ -207,6 +211,7 @@ class Backend:
         self.down_since = 0.0  # monotonic time of the last UP -> DOWN change
         self.last_error: object = None  # the failure that counted last (formatted only to log)
         self.checked_down = False  # set by an active health check
+        self.check_problem = ""  # why the last active check failed (`balancer.health`)
         self._recovered = threading.Event()
 
     # pool ----------------------------------------------------------------
@@ -335,18 +340,29 @@ class Backend:
         if isinstance(exc, Overdue):
             return ConnectOverdue(f"{self.key}: the request's deadline passed while "
                                   f"connecting")
+        if isinstance(exc, Unresolved):
+            return ResolveError(f"{self.key}: {exc}")
         return ConnectError(f"{self.key}: {exc.strerror or exc}")
 
     def _open(self, tls: bool) -> socket.socket:
         """Connect: an IP address through the worker's `IO` (gevent's: the OS
-        socket, non-blocking), a name (resolved every time, in gevent's
-        resolver) and a TLS connection with the socket module's socket."""
+        socket, non-blocking), a name and a TLS connection with the socket
+        module's socket (`dial`)."""
         addr = self.address
         if self.is_literal and not tls:
             return self.io.connect(self.family, (addr.host, addr.port), self.connect_timeout)
-        if self.is_literal:
-            return connect_blocking(self.family, (addr.host, addr.port), self.connect_timeout)
-        return _connect_name(addr.host, addr.port, self.connect_timeout)
+        return self.dial(time.monotonic() + self.connect_timeout)
+
+    def dial(self, deadline: float) -> socket.socket:
+        """The socket module's socket connected to the backend by `deadline`
+        (monotonic), a name's resolution included (`balancer.resolve.Name`),
+        with no timeout once connected; raises OSError (`Unresolved` for a
+        name that gave no usable address). A new connection's and a health
+        check's."""
+        name, addr = self.name, self.address
+        if name is not None:
+            return name.connect(deadline)
+        return connect_blocking(self.family, (addr.host, addr.port), deadline - time.monotonic())
 
     def release(self, upstream: Upstream) -> None:
         """Keep `upstream` for reuse: at most `max_idle` (per TLS pool key), and
@@ -489,6 +505,16 @@ class Backend:
             return DOWN
         return self.state
 
+    def down_problem(self) -> str:
+        """Why the backend is not up ("" while it is): the last failed active
+        check's problem, or the last failed request's error (formatted here,
+        for the API, never per request)."""
+        if self.checked_down:
+            return self.check_problem
+        if self.state is UP:
+            return ""
+        return str(self.last_error or "")
+
     @property
     def is_idle(self) -> bool:
         return self.in_flight == 0
@@ -497,24 +523,6 @@ class Backend:
         idle = len(self.idle) + sum(len(pool) for pool in self.idle_tls.values())
         return (f"<Backend {self.key} {self.state} in_flight={self.in_flight} "
                 f"idle={idle} fails={self.fails}>")
-
-
-def _connect_name(host: str, port: int, timeout: float) -> socket.socket:
-    """`socket.create_connection`: each of `host`'s addresses in turn, each within
-    `timeout`, the last one's error raised; but the watchdog's `Overdue`, raised
-    at once (gevent's took it for that address's failure and tried the next,
-    with no deadline left: the watchdog throws once, and that address's failure
-    was counted against the backend). No timeout once connected: waits are
-    bounded by the connection's `arm`."""
-    error: OSError = OSError(f"{host}: no address")
-    for family, _, _, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        try:
-            return connect_blocking(family, address, timeout)
-        except Overdue:
-            raise
-        except OSError as exc:
-            error = exc
-    raise error
 
 
 def _nodelay(sock: socket.socket) -> socket.socket:

@@ -70,10 +70,16 @@ class BackendStats:
 
     def snapshot(self) -> dict[str, Any]:
         state = self.source.health_state() if self.source is not None else "up"
-        return {"state": state, "in_flight": self.in_flight, "tunnels": self.tunnels,
+        snap = {"state": state, "in_flight": self.in_flight, "tunnels": self.tunnels,
                 "failures": self.failures,
                 "outcomes": {"success": self.successes, **self.outcomes},
                 "duration": histogram(self.hist, self.duration_sum)}
+        return snap if state == "up" else {**snap, **self.problem()}
+
+    def problem(self) -> dict[str, str]:
+        """`{"problem": TEXT}` for a backend not up, with why (or nothing)."""
+        problem = self.source.down_problem() if self.source is not None else ""
+        return {"problem": problem} if problem else {}
 
 
 def bucket_of(seconds: float) -> int:
@@ -163,7 +169,7 @@ class HostStats:
         backends: dict[str, Any] = {}
         for address, b in self.backends.items():
             state = b.source.health_state() if b.source is not None else "up"
-            backends[address] = {} if state == "up" else {"state": state}
+            backends[address] = {} if state == "up" else {"state": state, **b.problem()}
         return {"backends": backends}
 
     def snapshot(self) -> dict[str, Any]:

@@ -250,12 +250,14 @@ class Backend:
     """A threaded HTTP/1.1 backend on 127.0.0.1:0 that echoes requests as JSON."""
 
     def __init__(self, name: str = "b", handler: type[BaseHTTPRequestHandler] = EchoHandler,
-                 port: int = 0, server: type[BackendServer] = BackendServer) -> None:
+                 port: int = 0, server: type[BackendServer] = BackendServer,
+                 host: str = "127.0.0.1") -> None:
         self.name = name
+        self.host = host
         self.count = 0
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.connections: set[socket.socket] = set()  # open client connections (EchoHandler)
-        self.httpd = server(("127.0.0.1", port), handler)
+        self.httpd = server((host, port), handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self  # type: ignore[attr-defined]
         self.port = self.httpd.server_address[1]
@@ -266,7 +268,7 @@ class Backend:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def stop(self) -> None:
         self.httpd.shutdown()

@@ -109,6 +109,9 @@ class ScriptedHealth:
     def health_state(self) -> str:
         return self.state
 
+    def down_problem(self) -> str:
+        return ""
+
 
 def mark_down(stats: Stats, key: str, address: str, failures: int) -> None:
     backend = stats.host(key).backend(address)

@@ -171,6 +171,9 @@ class Scripted:
     def health_state(self) -> str:
         return self.state
 
+    def down_problem(self) -> str:
+        return ""
+
 
 @pytest.mark.parametrize("states,merged", [
     (("up", "up"), "up"), (("up", "probing"), "probing"), (("probing", "up"), "probing"),

@@ -95,6 +95,9 @@ class MarkedDown:
     def health_state(self) -> str:
         return "down"
 
+    def down_problem(self) -> str:
+        return ""
+
 
 @pytest.fixture
 def store(tmp_path: Path) -> FileStore:

@@ -114,6 +114,9 @@ class Down:
     def health_state(self) -> str:
         return "down"
 
+    def down_problem(self) -> str:
+        return ""
+
 
 def test_a_backend_marked_down_reads_zero() -> None:
     stats = Stats()

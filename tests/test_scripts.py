@@ -144,3 +144,12 @@ def test_bench_big_load_measures_the_probe_while_loading(load: str) -> None:
                      r"max [\d.]+ ms$", out.stdout, re.M), out.stdout
     assert re.search(r"^  load time: median [\d.]+ s \(.*\); the worker.s CPU: median [\d.]+ s",
                      out.stdout, re.M), out.stdout
+
+
+def test_bench_names_connects_to_a_named_backend() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_names.py"),
+                          "--connects", "100"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"[\d.]+ µs CPU per connect in turn, [\d.]+ µs 50 at once\n",
+                        out.stdout), out.stdout

@@ -1,0 +1,198 @@
+"""Backend host names: resolved for each new connection (and each health
+check), bounded in time, shared, and connected to one usable address after
+another.
+
+Only a new connection to a backend named by a host name comes here (never a
+request on a pooled connection, never an IP backend: the hot path).
+
+Invariants:
+* One lookup at a time per backend name per worker (`Name`): every new
+  connection and health check that needs the name meanwhile waits for that
+  one. A lookup holds one of gevent's resolver threads (10 per worker, shared
+  with the access log's writes) for as long as the system resolver takes,
+  10 s and more when the DNS never answers; one per name, the pool is never
+  filled by one hung name (bug: 10 requests to it starved every other name).
+* At most `MAX_LOOKUPS` lookups at once per worker, whatever the names: a
+  DNS server that answers nothing leaves the rest of the resolver threads to
+  the access log (a name that would need one more fails at once, or uses its
+  held answer).
+* A wait is bounded by its caller's deadline (the connect timeout, a check's
+  timeout); the lookup goes on alone and its answer is kept for the next.
+* The last good answer is kept for `HOLD` seconds (HAProxy's `hold`, RFC 8767's
+  serve-stale): when a lookup fails (no such name, server failure, an answer
+  the system resolver cannot read) or has not answered `STALE_AFTER` seconds
+  after it began (or in half the time the caller has left), the held
+  addresses are used instead. Once older than
+  `HOLD`, the failure is the connection's.
+* Only usable addresses are tried: unspecified (`0.0.0.0`, `::`: Linux
+  connects those to this host; DNS sinkholes answer them), broadcast and
+  multicast addresses are dropped, and at most `MAX_ADDRESSES` of an answer
+  are tried, in its order, sharing the deadline (each the rest of it over
+  the addresses left, `MIN_SLICE` at least): an answer of hundreds of silent
+  addresses costs one connect timeout, not hundreds.
+* Every failure to resolve raises `Unresolved` (an OSError: the connect's
+  error family, mapped once in `balancer.pool`), its text naming the name
+  and what happened.
+"""
+
+from __future__ import annotations
+
+import _thread
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from typing import Any, Final
+
+from balancer.errors import Overdue
+from balancer.netio import connect_blocking
+
+log: Final = logging.getLogger("balancer.health")
+HOLD: Final = 30.0  # seconds a good answer stands in for failed lookups
+STALE_AFTER: Final = 1.0  # seconds a held answer waits for a lookup, at most
+MAX_ADDRESSES: Final = 16  # of an answer, tried in turn
+MAX_LOOKUPS: Final = 5  # half of gevent's resolver threads
+MIN_SLICE: Final = 1.0  # seconds each address may take, while the deadline allows
+Addresses = list[tuple[int, tuple[Any, ...]]]  # (family, sockaddr)
+
+
+class Unresolved(OSError):
+    """A backend name gave no usable address in time."""
+
+
+# taken by each lookup under way (a gevent semaphore once patched)
+LOOKUPS: Final = threading.BoundedSemaphore(MAX_LOOKUPS)
+
+
+class Lookup:
+    """One getaddrinfo of a name, in its own thread (a raw greenlet once gevent
+    has patched `_thread`: no `threading.Thread` and its events to start): its
+    outcome is `addresses` or `problem` once `done`. Done at once, with a
+    problem, while `MAX_LOOKUPS` others are under way."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.done = threading.Event()
+        self.addresses: Addresses = []
+        self.problem = ""
+
+    def start(self, host: str, port: int) -> None:
+        """Begin (the caller has made this the name's lookup first: should
+        starting its thread switch, none begins another meanwhile)."""
+        if LOOKUPS.acquire(blocking=False):
+            _thread.start_new_thread(self.run, (host, port))
+        else:
+            self.problem = f"{MAX_LOOKUPS} lookups of other names are still under way"
+            self.done.set()
+
+    def run(self, host: str, port: int) -> None:
+        try:
+            self.resolve(host, port)
+        finally:
+            LOOKUPS.release()
+            self.done.set()
+
+    def resolve(self, host: str, port: int) -> None:
+        try:
+            answer = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            self.problem = exc.strerror or str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure is the lookup's outcome
+            self.problem = str(exc) or type(exc).__name__
+        else:
+            self.addresses, dropped = usable(answer)
+            if not self.addresses:
+                self.problem = f"no usable address in the answer ({', '.join(dropped)})"
+
+
+def usable(answer: list[tuple[Any, ...]]) -> tuple[Addresses, list[str]]:
+    """The addresses of a getaddrinfo answer worth connecting to (at most
+    `MAX_ADDRESSES`, duplicates dropped), and the ones dropped as unusable."""
+    kept: Addresses = []
+    dropped: list[str] = []
+    for family, _, _, _, sockaddr in answer:
+        ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+        if ip.is_unspecified or ip.is_multicast or ip == BROADCAST:
+            dropped.append(str(ip))
+        elif (family, sockaddr) not in kept and len(kept) < MAX_ADDRESSES:
+            kept.append((family, sockaddr))
+    return kept, dropped
+
+
+BROADCAST: Final = ipaddress.ip_address("255.255.255.255")
+
+
+class Name:
+    """A backend's host name and port: the lookup under way, the last good answer."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.lookup: Lookup | None = None
+        self.held: Addresses = []
+        self.held_at = 0.0  # monotonic time of the held answer
+        self.holding = False  # the held answer stands in now (logged once per spell)
+
+    def addresses(self, deadline: float) -> Addresses:
+        """The name's addresses, waiting for its lookup until `deadline`
+        (monotonic) at most; raises `Unresolved`."""
+        lookup = self.lookup
+        if lookup is None or lookup.done.is_set():
+            if lookup is not None and lookup.addresses:  # answered after its waiters left
+                self.answered(lookup.addresses)
+            lookup = self.lookup = Lookup()
+            lookup.start(self.host, self.port)
+        now = time.monotonic()
+        held = self.held if now - self.held_at < HOLD else []
+        # with a held answer, a lookup gets `STALE_AFTER` at most, and never
+        # more than half the time left: the connect needs the rest
+        until = min(lookup.started + STALE_AFTER, (now + deadline) / 2) if held else deadline
+        if lookup.done.wait(max(0.0, until - now)):
+            if lookup.addresses:
+                return self.answered(lookup.addresses)
+            problem = lookup.problem
+        else:
+            problem = f"no answer within {max(0.0, until - lookup.started):.1f} s"
+        if held:
+            return self.stood_in(held, problem)
+        raise Unresolved(f"DNS lookup of {self.host} failed: {problem}")
+
+    def answered(self, addresses: Addresses) -> Addresses:
+        if self.holding:
+            self.holding = False
+            log.info("DNS lookup of %s answers again", self.host)
+        self.held, self.held_at = addresses, time.monotonic()
+        return addresses
+
+    def stood_in(self, held: Addresses, problem: str) -> Addresses:
+        if not self.holding:
+            self.holding = True
+            log.warning("DNS lookup of %s failed (%s): using its last good answer, "
+                        "%.0f s old, for up to %g s", self.host, problem,
+                        time.monotonic() - self.held_at, HOLD)
+        return held
+
+    def connect(self, deadline: float) -> socket.socket:
+        """A socket connected to one of the name's addresses by `deadline`
+        (raises `Unresolved`, the last address's OSError, or the watchdog's
+        `Overdue` at once: gevent's `create_connection` took it for that
+        address's failure and tried the next). No timeout once connected."""
+        addresses = self.addresses(deadline)
+        error: OSError = TimeoutError(f"no time left to connect to {self.host}")
+        for left in range(len(addresses), 0, -1):
+            family, sockaddr = addresses[-left]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                return connect_blocking(family, sockaddr, max(remaining / left,
+                                                              min(MIN_SLICE, remaining)))
+            except Overdue:
+                raise
+            except OSError as exc:
+                error = exc
+        raise error
+
+    def __repr__(self) -> str:
+        return f"<Name {self.host}:{self.port} held={len(self.held)}>"
