@@ -1,0 +1,201 @@
+"""Reads of the table answered from the table the management process holds
+(`management.table_reads`), through real balancers on a real Redis and a file:
+no whole read of the store after the API's own writes or another balancer's,
+one for all the reads waiting on one, and read-your-writes kept while readers
+on two balancers race writers on both."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.conftest import RedisServer
+from tests.support import Balancer, in_threads, wait_for
+
+STATIC = {"action": "static", "status": 200, "body": "ok"}
+HOSTS = {f"h{n}.test": {**STATIC, "body": f"h{n}"} for n in range(50)}
+READERS = 8  # concurrent reads right after a change
+ONE_WORKER = ["--workers", "1"]
+
+
+class WholeReads:
+    """The whole reads of the table (``HGETALL balancer:hosts``) any client of a Redis
+    made, seen through ``MONITOR`` (``INFO commandstats`` counts the certificates'
+    reads too)."""
+
+    def __init__(self, port: int) -> None:
+        self.client = redis.Redis(port=port)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.sendall(b"MONITOR\r\n")
+        self.seen = b""
+        self.marks = 0
+        self.reader = threading.Thread(target=self._read_loop, daemon=True)
+        self.reader.start()
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.seen += data
+
+    def count(self) -> int:
+        """The whole reads so far: all those sent before this call."""
+        self.marks += 1
+        mark = f"whole-reads-mark-{self.marks}".encode()
+        self.client.echo(mark)
+        wait_for(lambda: mark in self.seen, 10, what="the monitor's mark")
+        return self.seen.lower().count(b'"hgetall" "balancer:hosts"')
+
+    def close(self) -> None:
+        self.sock.close()
+        self.client.close()
+
+
+def fill(url: str) -> None:
+    """`HOSTS` at version 1, written as the Redis store keeps them (docs/stores.md)."""
+    client = redis.Redis.from_url(url)
+    client.hset("balancer:hosts", mapping={h: json.dumps(r) for h, r in HOSTS.items()})
+    client.set("balancer:version", 1)
+    client.close()
+
+
+def settled(bal: Balancer) -> None:
+    """Wait until the workers and the management process hold version 1: each read
+    the whole table once at start, and no more after (no later whole read to count)."""
+    wait_for(lambda: [(p["loaded"], p["version"]) for p in
+                      bal.api("GET", "/api/v1/info")[1]["processes"]] == [(True, 1)], 10,
+             what="the worker's table")
+    wait_for(lambda: "routing table version none -> 1:" in bal.output(), 10,
+             what="the management process's table")
+
+
+# one Redis and two balancers on it for the module's Redis tests, on one xdist worker
+pytestmark = pytest.mark.xdist_group("table_reads")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[tuple[Balancer, Balancer, WholeReads]]:
+    """Two balancers on one private Redis serving `HOSTS`, and its whole reads."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    fill(server.url)
+    reads = WholeReads(server.port)
+    one = Balancer(tmp_path_factory.mktemp("a"), None, store=server.url, args=ONE_WORKER)
+    two = Balancer(tmp_path_factory.mktemp("b"), None, store=server.url, args=ONE_WORKER)
+    try:
+        settled(one)
+        settled(two)
+        yield one, two, reads
+    finally:
+        reads.close()
+        one.stop()
+        two.stop()
+        server.close()
+
+
+def read_at_once(bal: Balancer, path: str = "/api/v1/hosts") -> list[tuple[int, Any]]:
+    return [f.result(timeout=30) for f in in_threads(READERS, lambda: bal.api("GET", path))]
+
+
+def test_reads_after_the_apis_write_read_no_whole_table(
+        pair: tuple[Balancer, Balancer, WholeReads]) -> None:
+    """Bug: the first read of each new version read the whole hash (1 s at
+    100,000 hosts), and concurrent reads each read it."""
+    one, _, reads = pair
+    before = reads.count()
+    status, answer = one.api("PUT", "/api/v1/hosts/new.test", {**STATIC, "body": "new"})
+    assert status == 200
+    version = answer["version"]
+    for status, body in [one.api("GET", "/api/v1/hosts"), *read_at_once(one)]:
+        assert status == 200 and body["version"] >= version
+        assert body["hosts"]["new.test"]["body"] == "new" and len(body["hosts"]) == 51
+    status, body = one.api("GET", "/api/v1/hosts/new.test")
+    assert status == 200 and body["rule"]["body"] == "new" and body["version"] >= version
+    assert reads.count() == before
+
+
+def test_reads_after_another_balancers_write_share_at_most_one_whole_read(
+        pair: tuple[Balancer, Balancer, WholeReads]) -> None:
+    one, two, reads = pair
+    for round_ in range(3):
+        before = reads.count()
+        status, answer = one.api("PUT", "/api/v1/hosts/h1.test", {**STATIC, "body": f"r{round_}"})
+        assert status == 200
+        for status, body in read_at_once(two):  # at once: no time for two to follow
+            assert status == 200 and body["version"] >= answer["version"]
+            assert body["hosts"]["h1.test"]["body"] == f"r{round_}"
+        assert reads.count() - before <= 1
+
+
+@pytest.fixture(params=["file", "redis"])
+def writers(request: pytest.FixtureRequest, tmp_path: Path
+            ) -> Iterator[tuple[Balancer, Balancer]]:
+    """Two balancers on one store: a routes file both name, or the Redis of `pair`."""
+    if request.param == "redis":
+        one, two, _ = request.getfixturevalue("pair")
+        yield one, two
+        return
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = Balancer(tmp_path / "a", HOSTS, args=ONE_WORKER)
+    two = Balancer(tmp_path / "b", None, store=f"file:{one.routes}", args=ONE_WORKER)
+    yield one, two
+    one.stop()
+    two.stop()
+
+
+def test_a_read_shows_every_write_answered_before_it(
+        writers: tuple[Balancer, Balancer]) -> None:
+    """Writers on both balancers, a reader on each: a read sent after a write was
+    answered is at its version or later, and shows the rule of the version read."""
+    balancers = writers
+    written: dict[int, str] = {}  # version -> body of race.test written at it
+    answered = [0]  # the highest version a write was answered with
+    done = threading.Event()
+    problems: list[str] = []
+
+    def read_loop(bal: Balancer) -> int:
+        reads = 0
+        while not done.is_set() and reads < 500:
+            floor = answered[0]
+            status, body = bal.api("GET", "/api/v1/hosts")
+            reads += 1
+            if status != 200 or body["version"] < floor:
+                problems.append(f"after version {floor}: {status} {body.get('version')}")
+                continue
+            if body["version"] > answered[0]:
+                continue  # its write not answered yet: what it holds is not known here
+            shown = body["hosts"].get("race.test", {}).get("body")
+            versions = [v for v in list(written) if v <= body["version"]]
+            if versions and shown != written[max(versions)]:
+                problems.append(f"version {body['version']}: {shown!r}, not "
+                                f"{written[max(versions)]!r}")
+        return reads
+
+    readers = [threading.Thread(target=read_loop, args=(bal,)) for bal in balancers]
+    for reader in readers:
+        reader.start()
+    try:
+        for n in range(24):
+            text = f"w{n}"
+            status, answer = balancers[n % 2].api("PUT", "/api/v1/hosts/race.test",
+                                                  {**STATIC, "body": text})
+            assert status == 200, answer
+            written[answer["version"]] = text
+            answered[0] = max(answered[0], answer["version"])
+    finally:
+        done.set()
+        for reader in readers:
+            reader.join(timeout=60)
+    assert problems == []
