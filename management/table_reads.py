@@ -10,7 +10,8 @@ Invariants:
   and for another balancer's writes to the same store.
 * The mirror's table answers when it is at the store's version with as many
   hosts. When the store is ahead, a read waits up to `CATCH_UP` seconds for
-  the mirror's watcher to deliver it; then (or with a mirror that follows
+  the mirror's watcher to deliver it (unless the store reports a problem: the
+  watcher then keeps the last good table); then (or with a mirror that follows
   nothing) the store's table is read whole, once for every read waiting on it
   (`_load`), and kept while the mirror is behind it. Another number of hosts
   at the mirror's version, or a store behind it, is read whole too, and a
@@ -89,7 +90,9 @@ class TableReads:
         """The table held at `version` (the mirror's, or one read whole), waiting for
         the mirror when the store is ahead of it; None: read the store's."""
         served = self.mirror.table
-        if served is not None and served.version < version and self.mirror.following:
+        if (served is not None and served.version < version and self.mirror.following
+                and self.store.last_error() is None):  # (a watcher stuck on a problem
+            # delivers nothing: bug, every read of a corrupt store waited `CATCH_UP`)
             self.mirror.wait_for(version, CATCH_UP)
             served = self.mirror.table
             if served is not None and (served.version > version or self.mirror.problem):

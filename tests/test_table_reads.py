@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,37 @@ def test_a_read_shows_every_write_answered_before_it(
         for reader in readers:
             reader.join(timeout=60)
     assert problems == []
+
+
+def test_a_read_of_a_corrupt_store_does_not_wait_for_the_mirror(
+        pair: tuple[Balancer, Balancer, WholeReads]) -> None:
+    """The watcher keeps the last good table while the store's newest is corrupt: a
+    read answers the served table and the problem at once (it waited `CATCH_UP`, 1 s,
+    for a table the watcher would never deliver). Last in the module: it repairs the
+    store, but the other tests count the whole reads that repair makes."""
+    one, _, reads = pair
+    client = reads.client
+    served = one.api("GET", "/api/v1/hosts")[1]["version"]
+    version = int(client.get("balancer:version")) + 1
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset("balancer:hosts", "bad.test", "{not json")
+        pipe.set("balancer:version", version)
+        pipe.publish("balancer:changes", f"{version} bad.test")
+        pipe.execute()
+    try:
+        wait_for(lambda: "not valid JSON" in (one.api("GET", "/api/v1/info")[1]["store"]
+                                              ["problem"] or ""), 10, what="the problem")
+        for _ in range(3):
+            started = time.monotonic()
+            status, body = one.api("GET", "/api/v1/hosts")
+            assert time.monotonic() - started < 0.9
+            assert status == 200 and body["version"] == served
+            assert "not valid JSON" in body["store_problem"]
+    finally:
+        with client.pipeline(transaction=True) as pipe:
+            pipe.hdel("balancer:hosts", "bad.test")
+            pipe.set("balancer:version", version + 1)
+            pipe.publish("balancer:changes", str(version + 1))
+            pipe.execute()
+    wait_for(lambda: one.api("GET", "/api/v1/info")[1]["store"]["problem"] is None, 10,
+             what="the repair")
