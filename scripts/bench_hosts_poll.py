@@ -91,8 +91,13 @@ def cpu_seconds(pids: list[int]) -> float:
 def request(conn: http.client.HTTPConnection, method: str, path: str,
             headers: dict[str, str] | None = None, body: bytes | None = None
             ) -> tuple[int, dict[str, str], bytes]:
-    conn.request(method, path, body=body, headers=headers or {})
-    response = conn.getresponse()
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+    except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+        conn.close()  # closed idle (the management server's keep-alive timeout): again
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
     data = response.read()
     return response.status, dict(response.getheaders()), data
 
