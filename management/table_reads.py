@@ -4,7 +4,8 @@ holds (`management.mirror`), checked against the store's version, and its
 
 Invariants:
 * Every read asks the store for its version and number of hosts
-  (`Store.current_shape`: one Redis round trip, the file's stat) and answers
+  (`Store.current_shape`: one Redis round trip, the file's stat; asked once
+  for all the reads that arrive while it is asked, `_shape`) and answers
   with a table at that version or later: read-your-writes holds for the API's
   own writes (noted in the mirror before they answer), for concurrent readers
   and for another balancer's writes to the same store.
@@ -48,6 +49,7 @@ class TableReads:
         self.mirror = mirror
         self._loaded: TableData | None = None  # read whole while the mirror was behind
         self._loading: AsyncResult | None = None  # the whole read under way
+        self._asking: AsyncResult | None = None  # the `current_shape` under way
         self._encoded: tuple[int, bytes] | None = None  # (version, list body)
         mirror.listen(self._drop_behind)
 
@@ -58,7 +60,7 @@ class TableReads:
         if self.mirror.problem and served is not None:
             return served, self.mirror.problem
         try:
-            version, count = self.store.current_shape()
+            version, count = self._shape()
             data = self._held(version, count)
             if data is None:
                 data = self._load()
@@ -85,6 +87,28 @@ class TableReads:
         if self._encoded is None or self._encoded[0] < data.version:
             self._encoded = (data.version, body)
         return body
+
+    def _shape(self) -> tuple[int, int]:
+        """`Store.current_shape`, asked after this call began: a read that arrives while
+        it is asked waits for that answer (which may miss a write answered just before
+        the read), then shares the next one with every read that waited. Bug: reads at
+        once after another process rewrote a file store each parsed the file."""
+        ahead = self._asking
+        if ahead is not None:
+            ahead.wait()
+            if self._asking is not None:  # begun after `ahead` ended: after this read
+                shape: tuple[int, int] = self._asking.get()
+                return shape
+        asking = self._asking = AsyncResult()
+        try:
+            shape = self.store.current_shape()
+        except BaseException as exc:
+            asking.set_exception(exc)
+            raise
+        finally:
+            self._asking = None
+        asking.set(shape)
+        return shape
 
     def _held(self, version: int, count: int) -> TableData | None:
         """The table held at `version` (the mirror's, or one read whole), waiting for
