@@ -42,7 +42,6 @@ from balancer.stores.certs import CertsCorrupt, CertsLost
 from balancer.stores.snapshot import HOW_TO_FIX
 from management import acme_api, certs_api, deploys_api
 from management.certs_watch import CertsWatch
-from management.conditional import TableCache
 from management.dashboard_page import DashboardRoutes
 from management.deploys import Deployer
 from management.deploys_api import DeployRoutes
@@ -61,6 +60,7 @@ from management.http import (
 from management.mirror import Mirror
 from management.runtime import Runtime, StaticRuntime
 from management.status_api import StatusRoutes
+from management.table_reads import TableReads
 
 log = logging.getLogger("balancer.management")
 
@@ -141,7 +141,7 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         self.runtime = runtime
         self.token = token or None
         self.mirror = mirror or Mirror(store)  # not started: only this app's writes
-        self.table_cache = TableCache()  # the last table read, encoded once
+        self.table_reads = TableReads(store, self.mirror)  # what reads answer, encoded once
         self.metrics = None  # made at the first scrape (`StatusRoutes.exporter`)
         self.deployer = Deployer(store, runtime, self.write_rule,
                                  BackendTLS(backend_ca_bundle))  # deploys probe https:// too

@@ -1,5 +1,5 @@
-"""Conditional reads of the table (RFC 9110 §13.1.2 ``If-None-Match``) and the
-last table read, kept with its encoded answer.
+"""Conditional reads of the table (RFC 9110 §13.1.2 ``If-None-Match``); the table
+and its encoded answer come from `management.table_reads`.
 
 Invariants:
 * The table's entity tag is ``"N"``, its version (`management.http.version_headers`);
@@ -11,19 +11,15 @@ Invariants:
 * A malformed header is 400 `invalid_header`. A header is read in time linear
   in its length (bounded by the listener's ``limits.max_header_bytes``),
   however many tags or empty members it lists.
-* `TableCache` keeps one table, read from the store without a problem, and its
-  ``GET /api/v1/hosts`` body, encoded at most once per table kept.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from werkzeug.wrappers import Request, Response
 
-from balancer.stores import TableData
-from management.http import ApiError, encode_json
+from management.http import ApiError
 
 # empty list members, then one entity-tag (or none), then a comma or the end
 _MEMBER = re.compile(r'[ \t,]*(?:(?:W/)?"([\x21\x23-\x7e\x80-\xff]*)"[ \t]*)?(?:,|\Z)')
@@ -65,33 +61,3 @@ def not_modified(headers: dict[str, str]) -> Response:
     for name, value in headers.items():
         response.headers[name] = value
     return response
-
-
-class TableCache:
-    """The last table read from the store (without a problem), and its encoded
-    ``{"version", "hosts"}`` body. Versions only grow: a table at the version the
-    store is at now is the table the store holds."""
-
-    def __init__(self) -> None:
-        self.data: TableData | None = None
-        self._body: bytes | None = None
-
-    def at(self, version: int) -> TableData | None:
-        """The table kept, when it is at `version`."""
-        return self.data if self.data is not None and self.data.version == version else None
-
-    def keep(self, data: TableData) -> None:
-        if data is not self.data:
-            self.data, self._body = data, None
-
-    def body(self, data: TableData) -> bytes:
-        """The encoded list body of `data`: the one kept when `data` is the table kept."""
-        if data is not self.data:
-            return encode_json(list_body(data))
-        if self._body is None:
-            self._body = encode_json(list_body(data))
-        return self._body
-
-
-def list_body(data: TableData) -> dict[str, Any]:
-    return {"version": data.version, "hosts": data.hosts}

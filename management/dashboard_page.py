@@ -29,11 +29,12 @@ from typing import Any
 import gevent
 from werkzeug.wrappers import Request, Response
 
-from balancer.stores import Store, StoreError
+from balancer.stores import StoreError
 from management import diagnosis
 from management.http import file_response
 from management.runtime import Runtime
 from management.stats_view import FIRST_PAGE, stats_view
+from management.table_reads import TableReads
 
 log = logging.getLogger("balancer.management")
 
@@ -51,18 +52,20 @@ PLACEHOLDER = '<script id="initial-state" type="application/json">null</script>'
 HEAVY_GROUPS = ("client", "path", "backend")
 
 
-def initial_state(store: Store, runtime: Runtime, history: Any = None
-                  ) -> dict[str, Any] | None:
-    """``{"table", "stats", "info", "deploys", "history", "heavy"}`` as the API
-    would answer now, or None."""
+def initial_state(reads: TableReads, runtime: Runtime, history: Any = None
+                  ) -> tuple[bytes, dict[str, Any]] | None:
+    """The table's list body as ``GET /api/v1/hosts`` answers it (encoded once per
+    version, `TableReads.body`), and ``{"stats", "info", "deploys", "history",
+    "heavy"}`` as the API would answer now; None while the store has a problem."""
     try:
-        data = store.load()
-        state = {"table": {"version": data.version, "hosts": data.hosts},
-                 "deploys": store.records().deploys()}
+        data, problem = reads.readable()
+        if problem is not None:
+            return None  # the page polls, and shows the problem
+        state = {"deploys": reads.store.records().deploys()}
         if history is not None:
             state["history"] = history.view(CHART_SECONDS, time.time())
         state.update(from_workers(runtime))
-        return state
+        return reads.body(data), state
     except StoreError:
         return None
     except Exception:  # the page polls and shows the API's own error
@@ -89,11 +92,14 @@ def from_workers(runtime: Runtime) -> dict[str, Any]:
                       "tops": {group: found[group] for group in HEAVY_GROUPS}}}
 
 
-def embed(page: str, state: dict[str, Any] | None) -> str:
-    """`page` with `state` in its initial-state element (unchanged when None)."""
+def embed(page: str, state: tuple[bytes, dict[str, Any]] | None) -> str:
+    """`page` with `state` (`initial_state`: the table's encoded body, the rest) in its
+    initial-state element, as ``{"table": TABLE, ...}`` (unchanged when None)."""
     if state is None:
         return page
-    data = (json.dumps(state, separators=(",", ":"), allow_nan=False)
+    table, rest = state
+    others = json.dumps(rest, separators=(",", ":"), allow_nan=False)
+    data = (f'{{"table":{table.decode().rstrip()}{"," if rest else ""}{others[1:]}'
             .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
     return page.replace(PLACEHOLDER, PLACEHOLDER.replace(">null<", f">{data}<"), 1)
 
@@ -102,7 +108,7 @@ class DashboardRoutes:
     """``/`` and ``/static/*`` (a part of `ManagementApp`): public, carrying no data
     but the embedded state, which only a token-less API shows."""
 
-    store: Store
+    table_reads: TableReads
     runtime: Runtime
     history: Any
     token: str | None
@@ -111,8 +117,8 @@ class DashboardRoutes:
         index = STATIC_DIR / "index.html"
         if not index.is_file():
             return Response(FALLBACK_INDEX, content_type="text/html; charset=utf-8")
-        state = None if self.token else initial_state(self.store, self.runtime,
-                                                                        self.history)
+        state = None if self.token else initial_state(self.table_reads, self.runtime,
+                                                      self.history)
         response = Response(embed(index.read_text(), state),
                             content_type="text/html; charset=utf-8")
         response.headers["Cache-Control"] = "no-store"

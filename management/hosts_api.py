@@ -16,8 +16,9 @@ Invariants (with `management.app`'s):
 * ``GET /api/v1/hosts`` and ``GET /api/v1/hosts/HOST`` answer 304 to an
   ``If-None-Match`` naming the table's version (`management.conditional`),
   never while a ``store_problem`` is shown (that answer differs at the same
-  version). The store's table is read whole, and the list's body encoded, once
-  per version (`TableCache`); an unchanged table costs one version read.
+  version). Reads answer with the table this process holds, at the store's
+  version or later, and the list's body encoded once per version
+  (`management.table_reads`): a read costs one store round trip.
 * A deploy's writes (`management/deploys.py`) go through `write_rule`: the
   same loss guard and read-your-writes as every one-host write.
 """
@@ -42,7 +43,7 @@ from balancer.rules import (
 from balancer.stores import CorruptStore, Store, StoreUnavailable, TableData, VersionConflict
 from balancer.stores.snapshot import rewritten
 from management import edits
-from management.conditional import TableCache, list_body, none_match, not_modified
+from management.conditional import none_match, not_modified
 from management.http import (
     ApiError,
     if_match,
@@ -52,6 +53,7 @@ from management.http import (
 )
 from management.mirror import Mirror
 from management.runtime import Runtime
+from management.table_reads import TableReads, list_body
 
 log = logging.getLogger("balancer.management")
 
@@ -69,7 +71,7 @@ class HostRoutes:
     store: Store
     runtime: Runtime
     mirror: Mirror
-    table_cache: TableCache
+    table_reads: TableReads
 
     def on_list_hosts(self, request: Request) -> Response:
         data, problem = self._readable()
@@ -79,30 +81,13 @@ class HostRoutes:
                                  headers=headers)
         if none_match(request, data.version):
             return not_modified(headers)
-        return json_response(self.table_cache.body(data), headers=headers)
+        return json_response(self.table_reads.body(data), headers=headers)
 
     def _readable(self) -> tuple[TableData, str | None]:
-        """The store's table; the table served (and why) when the store lost its table
-        or cannot be read but this process knows the served one. The store's table is
-        read whole only when its version moved since the last read (`TableCache`)."""
-        served = self.mirror.table
-        if self.mirror.problem and served is not None:
-            return served, self.mirror.problem
-        try:
-            kept = self.table_cache.at(self.store.current_version())
-            if kept is not None:
-                return kept, None
-            data = self.store.load()
-        except (StoreUnavailable, CorruptStore) as exc:
-            if served is None:
-                raise
-            return served, f"{exc}; showing the table this balancer serves (version " \
-                f"{served.version})"
-        if served is not None and rewritten(data, served, self.store.display_url):
-            self.mirror.on_table(data)  # judged there (read again: a race, or damage?)
-            return self.mirror.table or served, self.mirror.problem
-        self.table_cache.keep(data)
-        return data, None
+        """The table at the store's version; the table served (and why) when the store
+        lost its table or cannot be read but this process knows the served one
+        (`TableReads.readable`)."""
+        return self.table_reads.readable()
 
     def on_replace_hosts(self, request: Request) -> Response:
         condition = if_match(request)

@@ -16,6 +16,9 @@ Invariants:
   another table at its own version (`rewritten`: the store was damaged); the
   management API's own writes are noted at once (`note_write`), so the
   watcher's later delivery of the same version changes nothing.
+* `wait_for` returns once the table is at a version (or a problem is found):
+  every table installed and every problem found wakes its waiters, and tells
+  the listeners (`listen`: the API's encoded answers, dropped then).
 * `raised` is what the table served holds raised: set by each whole table
   loaded, and a host written since (a change, validated at its floor) drops out.
 * The snapshot is rewritten after a change, at most once per `SAVE_EVERY`
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gevent
@@ -60,6 +63,9 @@ class Mirror:
         self.problem: str | None = None  # the store lost its table (see `judge`)
         self.raised: tuple[Raised, ...] = ()  # stored values used raised to their floor
         self.stopped = False
+        self.following = False  # started: the watcher delivers the store's changes
+        self._moved = Event()  # set (and replaced) at each table installed, problem found
+        self._listeners: list[Callable[[], None]] = []
         self._dirty = Event()
         self._stopping = Event()  # wakes the snapshot loop's pause at once on stop
         self._tasks: list[Any] = []
@@ -76,15 +82,37 @@ class Mirror:
             self.store.raise_floor(saved.version)
             if self.snapshot is not None and self.snapshot.partial:
                 self._dirty.set()  # bug: a store at the saved table left the run copy unwritten
+        self.following = True
         self._tasks = [gevent.spawn(self.store.watch, self.on_store, lambda: self.stopped,
                                     lambda: self.version),
                        gevent.spawn(self.save_loop)]
 
     def stop(self) -> None:
         self.stopped = True
+        self.following = False
         self._stopping.set()
         self._dirty.set()
         gevent.joinall(self._tasks, timeout=5)
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after each table installed and each problem found."""
+        self._listeners.append(listener)
+
+    def wait_for(self, version: int, timeout: float) -> None:
+        """Until the table is at `version` or later, a problem is found, or `timeout`
+        seconds passed."""
+        deadline = time.monotonic() + timeout
+        while self.version < version and self.problem is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._moved.wait(left)
+
+    def _tell(self) -> None:
+        moved, self._moved = self._moved, Event()
+        moved.set()
+        for listener in self._listeners:
+            listener()
 
     # following the store ---------------------------------------------------
     def on_store(self, item: TableData | TableChange) -> None:
@@ -110,6 +138,7 @@ class Mirror:
             if problem != self.problem:
                 log.error("%s", problem)
             self.problem = problem
+            self._tell()
             return
         if self.problem is not None:
             log.warning("store %s: repaired at version %d; serving it", self.store.display_url,
@@ -174,6 +203,7 @@ class Mirror:
         elif self.raised:
             self.raised = tuple(r for r in self.raised if r.host not in changes)
         log_change(old, self.table, changes)
+        self._tell()
 
     def _note_raised(self, version: int, raised: tuple[Raised, ...]) -> None:
         """A whole table loaded at `version` with these values raised: log them."""

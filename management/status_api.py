@@ -28,6 +28,7 @@ from management.http import ApiError, json_response, version_headers
 from management.mirror import Mirror
 from management.runtime import Runtime
 from management.stats_view import host_stats, stats_select, stats_view
+from management.table_reads import TableReads
 
 log = logging.getLogger("balancer.management")
 
@@ -38,6 +39,7 @@ class StatusRoutes:
     store: Store
     runtime: Runtime
     mirror: Mirror
+    table_reads: TableReads
     certs_watch: CertsWatch
     history: History
     metrics: Any  # `management.metrics.Metrics`, made by `exporter` at the first scrape
@@ -50,7 +52,7 @@ class StatusRoutes:
         key = normalize_host(host)
         snapshot = self.runtime.stats({"hosts": [key]})
         found = snapshot.get("hosts", {}).get(key)
-        if found is None and key not in self.store.load().hosts:
+        if found is None and key not in self.table_reads.readable()[0].hosts:
             raise ApiError(404, "not_found", f"no statistics for host {key!r}")
         lagging = {"lagging": snapshot["lagging"]} if snapshot.get("lagging") else {}
         return json_response({"host": key, **host_stats(found or {}), **lagging})

@@ -1,6 +1,7 @@
 """What polling ``GET /api/v1/hosts`` costs the management process on a big table.
 
-``python scripts/bench_hosts_poll.py [--hosts 100000] [--polls 20] [--store file|redis]``
+``python scripts/bench_hosts_poll.py [--hosts 100000] [--polls 20] [--store file|redis]
+[--clients 8]``
 
 A real ``balancer serve`` (one worker) over a store of `--hosts` proxy hosts
 (a file store, or a Redis on a free loopback port started here). Then, each
@@ -12,7 +13,16 @@ process, from /proc) per request:
 2. conditional polls: `--polls` GETs with ``If-None-Match`` naming the
    version answered (304 once the API answers conditional GETs);
 3. changed polls: `--polls` times one host written, then the table fetched
-   (the whole body encoded anew).
+   (the whole body encoded anew);
+4. the same after a write another balancer made (a store opened here, from the
+   tree on ``PYTHONPATH``, writes one host);
+5. `--clients` GETs sent at once right after a one-host write through the API,
+   and after another balancer's: the CPU of all of them together, and the wall
+   time until the last answer.
+
+Then the management process's memory (``/proc/PID/smaps_rollup``: Rss, Pss,
+Pss_Anon): at the end of the polls (a table read, its answer encoded), and
+after one more write that no read followed.
 
 Run it under ``flock /tmp/bench.lock``; the balancer runs from a temporary
 directory, so ``PYTHONPATH`` decides which tree runs.
@@ -27,12 +37,14 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loadtest.measure import rollup_kb  # noqa: E402
 from loadtest.procs import Processes, free_port, wait_for_port  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -79,8 +91,13 @@ def cpu_seconds(pids: list[int]) -> float:
 def request(conn: http.client.HTTPConnection, method: str, path: str,
             headers: dict[str, str] | None = None, body: bytes | None = None
             ) -> tuple[int, dict[str, str], bytes]:
-    conn.request(method, path, body=body, headers=headers or {})
-    response = conn.getresponse()
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+    except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+        conn.close()  # closed idle (the management server's keep-alive timeout): again
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
     data = response.read()
     return response.status, dict(response.getheaders()), data
 
@@ -108,11 +125,105 @@ def measure(pids: list[int], polls: int, step: object) -> tuple[float, float, in
             size)
 
 
+class Poller:
+    """The measured polls of one running balancer (`mgmt`: its management port)."""
+
+    def __init__(self, mgmt: int, pids: list[int], url: str, clients: int) -> None:
+        self.mgmt, self.pids, self.clients = mgmt, pids, clients
+        self.conn = http.client.HTTPConnection(HOST, mgmt, timeout=300)
+        from balancer.stores import open_store  # the tree on PYTHONPATH: another balancer
+
+        self.other = open_store(url)
+        self.etag = ""
+        self.answered: set[int] = set()
+        self.after: list[float] = []  # CPU seconds of each GET after a write
+
+    def get(self, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        status, _, data = request(self.conn, "GET", "/api/v1/hosts", headers)
+        return status, data
+
+    def plain(self) -> int:
+        return len(self.get()[1])
+
+    def conditional(self) -> int:
+        status, data = self.get({"If-None-Match": self.etag})
+        self.answered.add(status)
+        return len(data)
+
+    def write(self, by_api: bool) -> None:
+        rule = {"action": "static", "body": str(time.monotonic())}
+        if by_api:
+            request(self.conn, "PUT", "/api/v1/hosts/h0.example",
+                    {"Content-Type": "application/json"}, json.dumps(rule).encode())
+        else:
+            self.other.put_host("h0.example", rule)
+
+    def changed(self, by_api: bool) -> int:
+        self.write(by_api)
+        cpu0 = cpu_seconds(self.pids)
+        size = len(self.get()[1])
+        self.after.append(cpu_seconds(self.pids) - cpu0)
+        return size
+
+    def at_once(self, by_api: bool) -> tuple[float, float]:
+        """(CPU ms, wall ms) of `clients` GETs sent together right after a write."""
+        self.write(by_api)
+        conns = [http.client.HTTPConnection(HOST, self.mgmt, timeout=300)
+                 for _ in range(self.clients)]
+        for conn in conns:
+            conn.connect()
+        go = threading.Barrier(self.clients + 1)
+
+        def one(conn: http.client.HTTPConnection) -> None:
+            go.wait()
+            request(conn, "GET", "/api/v1/hosts")
+            conn.close()
+        threads = [threading.Thread(target=one, args=(c,)) for c in conns]
+        for thread in threads:
+            thread.start()
+        cpu0 = cpu_seconds(self.pids)
+        go.wait()
+        wall = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        return (cpu_seconds(self.pids) - cpu0) * 1000, (time.perf_counter() - wall) * 1000
+
+    def rows(self, polls: int) -> list[tuple[str, str]]:
+        """The measured rows: a name and what was measured."""
+        rows = []
+        for name, step in (("plain GET, unchanged", self.plain),
+                           ("If-None-Match, unchanged", self.conditional)):
+            cpu_ms, wall_ms, size = measure(self.pids, polls, step)
+            rows.append((name, f"{cpu_ms:7.1f} ms CPU/poll  {wall_ms:7.1f} ms wall/poll  "
+                               f"{size / 1e6:.2f} MB"))
+        for name, by_api in (("GET after a one-host write", True),
+                             ("GET after another's write", False)):
+            self.after = []
+            _, wall_ms, _ = measure(self.pids, polls, lambda b=by_api: self.changed(b))
+            rows.append((name, f"{sum(self.after) * 1000 / len(self.after):7.1f} ms CPU/poll "
+                               f"(the GET alone), {wall_ms:7.1f} ms wall with the write"))
+        for name, by_api in ((f"{self.clients} GETs at once, API write", True),
+                             (f"{self.clients} GETs at once, another's", False)):
+            runs = [self.at_once(by_api) for _ in range(max(1, polls // 4))]
+            cpu = sum(r[0] for r in runs) / len(runs)
+            wall = sum(r[1] for r in runs) / len(runs)
+            rows.append((name, f"{cpu:7.1f} ms CPU together, {wall:7.1f} ms until the last "
+                               f"answer ({cpu / self.clients:.1f} ms CPU each)"))
+        return rows
+
+
+def memory(pid: int) -> str:
+    kb = rollup_kb(pid)
+    return (f"Rss {kb['Rss'] / 1024:.1f} MiB, Pss {kb['Pss'] / 1024:.1f} MiB, "
+            f"Pss_Anon {kb['Pss_Anon'] / 1024:.1f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=100000)
     parser.add_argument("--polls", type=int, default=20)
     parser.add_argument("--store", choices=("file", "redis"), default="file")
+    parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-hosts-") as tmp:
         os.chdir(tmp)  # `python -m` would import the balancer of the working directory
@@ -124,50 +235,30 @@ def main() -> None:
                                        "1", "--listen", f"{HOST}:{port}", "--management",
                                        f"{HOST}:{mgmt}", "--store", url])
             wait_for_port(proc, mgmt, timeout=300)
-            conn = http.client.HTTPConnection(HOST, mgmt, timeout=300)
             pids = management_pids(proc.pid, mgmt)
             names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
                      .decode(errors="replace")[:60] for pid in pids}
-            status, headers, body = request(conn, "GET", "/api/v1/hosts")
-            etag = headers.get("ETag", "")
-
-            def plain() -> int:
-                return len(request(conn, "GET", "/api/v1/hosts")[2])
-
-            def conditional() -> int:
-                status, _, data = request(conn, "GET", "/api/v1/hosts",
-                                          {"If-None-Match": etag})
-                answered.add(status)
-                return len(data)
-
-            def changed() -> int:
-                rule = {"action": "static", "body": str(time.monotonic())}
-                request(conn, "PUT", "/api/v1/hosts/h0.example",
-                        {"Content-Type": "application/json"}, json.dumps(rule).encode())
-                cpu0 = cpu_seconds(pids)
-                size = len(request(conn, "GET", "/api/v1/hosts")[2])
-                changed_cpu.append(cpu_seconds(pids) - cpu0)
-                return size
-
-            changed_cpu: list[float] = []
-            answered: set[int] = set()
-            rows = [("plain GET, unchanged", measure(pids, args.polls, plain)),
-                    ("If-None-Match, unchanged", measure(pids, args.polls, conditional))]
-            measure(pids, args.polls, changed)
-            last = request(conn, "GET", "/api/v1/hosts", {"If-None-Match": etag})[0]
+            poller = Poller(mgmt, pids, url, args.clients)
+            status, headers, body = request(poller.conn, "GET", "/api/v1/hosts")
+            poller.etag = headers.get("ETag", "")
+            rows = poller.rows(args.polls)
+            last = poller.get({"If-None-Match": poller.etag})[0]
+            management = pids[-1]  # the arbiter's child that is no worker
+            read = memory(management)
+            poller.write(True)
+            written = memory(management)
         finally:
             procs.stop_all()
             os.chdir(ROOT)
     print(f"{args.hosts} hosts, {args.store} store, {args.polls} polls each, "
           f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}; first answer {status}, "
-          f"{len(body) / 1e6:.1f} MB, ETag {etag or '(none)'}; If-None-Match answered "
-          f"{sorted(answered)}, a stale one {last}")
+          f"{len(body) / 1e6:.1f} MB, ETag {poller.etag or '(none)'}; If-None-Match answered "
+          f"{sorted(poller.answered)}, a stale one {last}")
     print("  measured: " + "; ".join(f"{pid} {name}" for pid, name in names.items()))
-    for name, (cpu_ms, wall_ms, size) in rows:
-        print(f"  {name:28} {cpu_ms:7.1f} ms CPU/poll  {wall_ms:7.1f} ms wall/poll  "
-              f"{size / 1e6:.2f} MB")
-    print(f"  {'GET after a one-host write':28} {sum(changed_cpu) * 1000 / len(changed_cpu):7.1f}"
-          f" ms CPU/poll (the GET alone)")
+    for name, figures in rows:
+        print(f"  {name:28} {figures}")
+    print(f"  management process {management}: after the polls {read}; after one more "
+          f"write, not read: {written}")
 
 
 if __name__ == "__main__":

@@ -126,9 +126,12 @@ def test_bench_hosts_poll_measures_plain_and_conditional_polls() -> None:
     assert out.returncode == 0, out.stderr
     assert re.search(r'first answer 200, [\d.]+ MB, ETag "1"; If-None-Match answered \[304\], '
                      r"a stale one 200$", out.stdout, re.M), out.stdout
-    rows = re.findall(r"^  (plain GET|If-None-Match|GET after).* ([\d.]+) ms CPU/poll", out.stdout,
-                      re.M)
-    assert [name for name, _ in rows] == ["plain GET", "If-None-Match", "GET after"], out.stdout
+    rows = re.findall(r"^  (plain GET|If-None-Match|GET after|\d+ GETs at once).* ([\d.]+) ms "
+                      r"CPU", out.stdout, re.M)
+    assert [name for name, _ in rows] == ["plain GET", "If-None-Match", "GET after", "GET after",
+                                          "8 GETs at once", "8 GETs at once"], out.stdout
+    assert re.search(r"^  management process \d+: after the polls Rss [\d.]+ MiB, Pss [\d.]+ "
+                     r"MiB", out.stdout, re.M), out.stdout
 
 
 @pytest.mark.parametrize("load", ["file", "certs"])

@@ -237,11 +237,15 @@ class Store(ABC):
     def load(self) -> TableData:
         """The whole table now. Raises StoreUnavailable or CorruptStore."""
 
-    def current_version(self) -> int:
-        """The table's version now, without reading the table where the store can
-        (Redis: one ``GET``); the file store's `load` is cheap while the file is
-        unchanged. Raises StoreUnavailable or CorruptStore."""
-        return self.load().version
+    def current_shape(self) -> tuple[int, int]:
+        """The table's version and number of hosts now, without reading the table where
+        the store can (Redis: ``GET`` and ``HLEN`` in one transaction); the file
+        store's `load` is cheap while the file is unchanged. A table with another
+        number of hosts than the one known at its version was changed without raising
+        it (`balancer.stores.snapshot.rewritten`). Raises StoreUnavailable or
+        CorruptStore."""
+        data = self.load()
+        return data.version, len(data.hosts)
 
     @abstractmethod
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:

@@ -145,9 +145,12 @@ class RedisStore(RedisWatching, Store):
         self.raise_floor(data.version)
         return data
 
-    def current_version(self) -> int:
-        with self._talking("read"):
-            return self._version(self.client.get(self.version_key))
+    def current_shape(self) -> tuple[int, int]:
+        with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
+            pipe.get(self.version_key)
+            pipe.hlen(self.hosts_key)
+            raw_version, count = pipe.execute()
+        return self._version(raw_version), int(count)
 
     def _read_raw(self) -> tuple[dict[str, str], str | None]:
         with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
