@@ -21,6 +21,12 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
   ``retired-PID.json`` is still pending, or its pid is among those the total
   has folded (``"folded"``: another management process, during a reload, may
   have folded it first).
+* With no room in the run directory (a full file system) nothing kept is lost
+  while this process lives: counters it cannot write (`RetiredCounters.unsaved`)
+  or fold count from memory, and files not folded from disk; one line says so,
+  and each is written once there is room, unless another management process
+  retired that worker meanwhile. Bug: the OSError came out of every survey
+  (`/metrics` and `/api/v1/stats` failed from the first dead worker on).
 * Held counters never replace newer ones: a worker's held bytes change only
   with its next complete answer; they are decoded only while it is missing.
 """
@@ -29,13 +35,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 from balancer.control import RETIRED_GLOB, counters_only, pid_of, retired_path
 from balancer.stats import Stats, merge_snapshots
+
+log = logging.getLogger("balancer.kept")
 
 RETIRED_TOTAL = "retired-total.json"
 FOLDED = "folded"  # the total's list of the pids folded into it (the latest `FOLDED_KEPT`)
@@ -49,19 +58,62 @@ class RetiredCounters:
         self.directory = Path(directory)
         self.total_path = self.directory / RETIRED_TOTAL
         self.cached: tuple[Any, dict[str, Any] | None, tuple[int, ...]] = (None, None, ())
+        self.unsaved: dict[int, dict[str, Any]] = {}  # dead workers' counters not written yet
+        self.failing = False  # the last write in the run directory failed (reported)
 
     def snapshot(self) -> dict[str, Any] | None:
-        """The retired total after folding in workers that exited since the last call."""
+        """The retired total after folding in workers that exited since the last call
+        (with no room to write, those not folded yet summed in from memory)."""
+        failure = self._try(self._save_unsaved)
         pending = [p for p in sorted(self.directory.glob(RETIRED_GLOB))
                    if p.name != RETIRED_TOTAL]
-        if pending:
-            self._fold(pending)
-        return self._read_total()[0]
+        if pending and failure is None:
+            failure = self._try(lambda: self._fold(pending))
+            pending = [] if failure is None else pending
+        self._report(failure)
+        parts = [self._read_total()[0], *map(read_json, map(str, pending)),
+                 *self.unsaved.values()]
+        parts = [part for part in parts if part]
+        return merge_snapshots(parts) if len(parts) > 1 else (parts[0] if parts else None)
+
+    def retire(self, pid: int, snapshot: dict[str, Any]) -> None:
+        """Leave dead worker `pid`'s counters as its retired file (in memory until
+        there is room: `snapshot` sums them in)."""
+        self.unsaved[pid] = snapshot
+        self._report(self._try(self._save_unsaved))
 
     def has_retired(self, pid: int) -> bool:
-        """Whether worker `pid`'s counters are retired (pending or folded)."""
+        """Whether worker `pid`'s counters are retired (pending, folded or unsaved)."""
+        return pid in self.unsaved or self._on_disk(pid)
+
+    def _on_disk(self, pid: int) -> bool:
         return os.path.exists(retired_path(str(self.directory), pid)) \
             or pid in self._read_total()[1]
+
+    def _save_unsaved(self) -> None:
+        for pid, snapshot in list(self.unsaved.items()):
+            if not self._on_disk(pid):  # another management process may have retired it
+                write_json(retired_path(str(self.directory), pid), snapshot)
+            del self.unsaved[pid]
+
+    @staticmethod
+    def _try(step: Callable[[], None]) -> OSError | None:
+        try:
+            step()
+        except OSError as exc:
+            return exc
+        return None
+
+    def _report(self, failure: OSError | None) -> None:
+        """One line when writing starts failing, one when it works again."""
+        if failure is not None and not self.failing:
+            log.error("cannot write the counters of workers that exited in %s: %s; "
+                      "kept in memory until there is room", self.directory,
+                      failure.strerror or failure)
+        elif failure is None and self.failing:
+            log.info("the counters of workers that exited are written in %s again",
+                     self.directory)
+        self.failing = failure is not None
 
     def _fold(self, pending: list[Path]) -> None:
         total, folded = self._read_total()
@@ -69,9 +121,7 @@ class RetiredCounters:
         merged = merge_snapshots(parts) if parts else Stats().snapshot()
         pids = [pid for pid in map(pid_of, map(str, pending)) if pid is not None]
         merged[FOLDED] = [*folded, *pids][-FOLDED_KEPT:]
-        tmp = self.total_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(merged))
-        os.replace(tmp, self.total_path)
+        write_json(str(self.total_path), merged)
         for path in pending:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -119,7 +169,7 @@ class HeldCounters:
             if pid is not None and not self.retired.has_retired(pid):
                 snapshot = self.decoded.get(path) or self._decode(path)
                 if snapshot:
-                    write_json(retired_path(str(self.retired.directory), pid), snapshot)
+                    self.retired.retire(pid, snapshot)
             self.raw.pop(path)
             self.decoded.pop(path, None)
 
@@ -133,11 +183,17 @@ class HeldCounters:
 
 
 def write_json(path: str, value: Any) -> None:
-    """Write `value` to `path` atomically (a reader sees all of it or nothing)."""
+    """Write `value` to `path` atomically (a reader sees all of it or nothing; a
+    failed write leaves no part)."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as out:
-        json.dump(value, out)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as out:
+            json.dump(value, out)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_json(path: str) -> Any:

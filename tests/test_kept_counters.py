@@ -211,3 +211,49 @@ def test_two_management_processes_retire_a_dead_worker_once(tmp_path):
     new.retired.snapshot()  # the new one folds the worker's file first
     old.retire_gone([])
     assert total() == 3 + 5 and not old.raw
+
+
+def test_counters_kept_without_room_in_the_run_directory_still_count(
+        tmp_path, monkeypatch, caplog):
+    """With the run directory's file system full, retiring a dead worker's held
+    counters and folding a worker's own file both fail to write. Bug: the
+    OSError came out of every survey (`/metrics` and `/api/v1/stats` failed
+    from then on, the dead worker's entry never forgotten); now the counters
+    count from memory, one line says so, and they are written once there is
+    room, once."""
+    import errno
+
+    from balancer.control import control_path, retired_path
+    from balancer.stats import Stats
+    from management.kept import HeldCounters, RetiredCounters, write_json
+
+    def completed(count: int) -> dict[str, Any]:
+        stats = Stats()
+        for _ in range(count):
+            stats.host(HOST).finish(200, 1, 1, 0.001)
+        return stats.snapshot()
+
+    def total(retired: RetiredCounters) -> int:
+        snapshot = retired.snapshot() or {}
+        return snapshot.get("hosts", {}).get(HOST, {}).get("completed_requests", 0)
+
+    write_json(retired_path(str(tmp_path), 201), completed(2))  # retired before the disk filled
+    held = HeldCounters(RetiredCounters(str(tmp_path)))
+    held.keep(control_path(str(tmp_path), 202), json.dumps({"stats": completed(3)}).encode())
+    real_replace = os.replace
+
+    def no_room(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", no_room)
+    held.retire_gone([])  # killed: its held counters have nowhere to go
+    assert not held.raw
+    for _ in range(3):
+        assert total(held.retired) == 2 + 3
+    assert caplog.text.count("kept in memory until there is room") == 1
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    other = HeldCounters(RetiredCounters(str(tmp_path)))  # the other management process
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert total(held.retired) == 2 + 3  # written and folded, once
+    assert total(other.retired) == 2 + 3 and held.retired.has_retired(202)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["retired-total.json"]
