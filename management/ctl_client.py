@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from balancer.settings_kinds import token_problem
+from balancer.stores.atomic import MAX_FILE_BYTES
 from management.ctl_http import Answer, Unanswered, Unreachable, exchange
 
 DEFAULT_URL = "http://127.0.0.1:8081"
@@ -25,9 +26,10 @@ TIMEOUT = 60.0  # seconds a call may take in all, by default (--timeout)
 # the management API's body limit (`management.http.MAX_BODY`, not imported: werkzeug);
 # a larger body is answered 413 before it is read, and the client sees a broken pipe
 MAX_BODY = 1024 * 1024
-# bytes of an answer read at most: about 6 times the routing table of 100,000 proxy
-# hosts (21 MiB, `GET /api/v1/hosts`), the largest answer of the API
-MAX_ANSWER = 128 << 20
+# bytes of an answer read at most: the largest store file, as `GET /api/v1/hosts` (the
+# largest answer of the API) is about the size of the routes file it comes from, so
+# every table the file store serves can be listed (bug: 128 MiB refused those over it)
+MAX_ANSWER = MAX_FILE_BYTES
 MAX_DEPTH = 64
 MAX_DIGITS = 40  # of an integer: the API's are 64-bit (20 digits)
 

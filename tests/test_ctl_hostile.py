@@ -81,7 +81,20 @@ def test_an_answer_announcing_more_than_the_cap_is_refused_unread(
     api = serve(sending(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 10000000000\r\n\r\n["))
     line = fails(capsys, f"http://{api.address}", "list")
-    assert "its answer announces 10000000000 bytes, over the 128 MiB balancerctl reads" in line
+    assert "its answer announces 10000000000 bytes, over the 256 MiB balancerctl reads" in line
+
+
+def test_an_answer_as_large_as_the_largest_store_file_is_read(
+        serve: Callable[..., RawBackend], capsys: pytest.CaptureFixture[str]) -> None:
+    """`GET /api/v1/hosts` is about the size of the routes file it comes from (the
+    same JSON, more compact), so a table the file store serves can be listed. Bug:
+    tables from 128 to 256 MiB were served, and `balancerctl list` refused them."""
+    from balancer.stores.atomic import MAX_FILE_BYTES
+
+    api = serve(sending(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n[" % MAX_FILE_BYTES))
+    line = fails(capsys, f"http://{api.address}", "list")
+    assert "closed the connection in the middle of its answer" in line, line
 
 
 def flood(conn: socket.socket, request: bytes) -> bool:
@@ -107,7 +120,7 @@ def test_an_endless_answer_stops_at_the_cap(serve: Callable[..., RawBackend],
     child.returncode = os.waitstatus_to_exitcode(status)
     line = (tmp_path / "err").read_text()
     assert child.returncode == 1 and line.count("\n") == 1, line
-    assert "its answer goes on past the 128 MiB balancerctl reads" in line, line
+    assert "its answer goes on past the 256 MiB balancerctl reads" in line, line
     peak_mib = usage.ru_maxrss / 1024  # (KiB on Linux)
     assert peak_mib < (MAX_ANSWER >> 20) + 150, f"peak {peak_mib:.0f} MiB"
 
