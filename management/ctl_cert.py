@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 from urllib.parse import quote
 
-from management.ctl_format import shown, warn
+from management.ctl_format import moment, shown, warn
 
 SOON_DAYS = 14  # `list` flags certificates expiring within this many days
 MAX_FILE = 1 << 20  # bytes of a --chain or --key file at most (the API's body limit)
@@ -153,7 +153,7 @@ def _cert_table(certs: list[dict[str, Any]], now: float) -> str:
     for cert in certs:
         not_after = cert.get("not_after")
         if isinstance(not_after, (int, float)):
-            expires = datetime.fromtimestamp(not_after, UTC).strftime("%Y-%m-%d %H:%M")
+            expires = moment(not_after, "%Y-%m-%d %H:%M", UTC)
             days = (not_after - now) / 86400
             left = "EXPIRED" if days <= 0 else f"{days:.0f}" + (" SOON" if days < SOON_DAYS
                                                                  else "")

@@ -13,13 +13,12 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 from balancer.rules import MAX_HOLD
 from management import ctl_help
-from management.ctl_format import shown
+from management.ctl_format import moment, shown
 
 POLL = 0.25
 WAIT_MARGIN = 60.0  # seconds beyond the deploy's own timeouts before giving up waiting
@@ -147,7 +146,7 @@ def format_deploys(records: list[dict[str, Any]]) -> str:
         return "no deploys recorded"
     lines = [f"{'STARTED':<19}  {'HOST':<24} {'KIND':<8} {'STATE':<8} {'STEP':<7} FROM -> TO"]
     for r in records:
-        started = datetime.fromtimestamp(float(r.get("started", 0))).strftime("%Y-%m-%d %H:%M:%S")
+        started = moment(r.get("started", 0), "%Y-%m-%d %H:%M:%S")
         moved = f"{_names(r.get('from'))} -> {_names(r.get('to'))}"
         lines.append(f"{started:<19}  {shown(r.get('host', '')):<24} "
                      f"{shown(r.get('kind', '')):<8} {shown(r.get('state', '')):<8} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from datetime import datetime, tzinfo
 from typing import Any
 
 
@@ -43,6 +44,16 @@ def terminal(text: str) -> str:
 def warn(message: Any) -> None:
     """``balancerctl: warning: MESSAGE`` on stderr, one line (`shown`)."""
     print(f"balancerctl: warning: {shown(message)}", file=sys.stderr)
+
+
+def moment(seconds: Any, fmt: str, tz: tzinfo | None = None) -> str:
+    """The Unix time `seconds` as `fmt` has it (local time unless `tz`); ValueError
+    out of range. Bug: a time past year 9999 from a server (``1e17``) raised
+    OSError (EOVERFLOW), a traceback where every other misshapen answer is one line."""
+    try:
+        return datetime.fromtimestamp(float(seconds), tz).strftime(fmt)
+    except (OSError, OverflowError) as exc:
+        raise ValueError(f"the time {seconds!r} is out of range ({exc})") from None
 
 
 def _is_number(value: Any) -> bool:

@@ -90,7 +90,9 @@ def test_a_body_that_is_not_the_apis_json_is_one_line(
     (["stats", "a.test"], {"host": "a.test", "backends": ["a"]}),
     (["cert", "list"], {"certs": [{"host": "a.test", "not_after": 1e20}]}),
     (["cert", "issue", "a.test"], {"host": "a.test", "acme": [1]}),
+    (["cert", "list"], {"certs": [{"host": "a.test", "not_after": 1e18}]}),
     (["deploys"], {"deploys": [{"started": "soon"}]}),
+    (["deploys"], {"deploys": [{"started": 1e17}]}),
     (["deploy", "a.test", "--backend", "127.0.0.1:1"],
      {"deploy": {"state": "running", "steps": [], "settings": {
          "ready_timeout": 1e300, "drain_timeout": 1, "warmup": 1}}}),
