@@ -16,8 +16,8 @@ Invariants:
   and polling are the safety net for changes made elsewhere.
 * Only hosts and backends a live worker reports are shown: kept counters
   fold into those, and a deleted host's go away with it. A survey of the
-  active hosts names the hosts of the kept counters, so the workers report
-  them (idle) too.
+  active hosts names the hosts of the kept counters (`NAMED_SLICE` an ask),
+  so the workers report them (idle) too.
 * Live answers and the kept counters are read together under the run
   directory's lock (`control.run_dir_lock`), so a worker that exits is counted
   once, and two management processes (old and new, during a reload) never
@@ -46,6 +46,11 @@ from management.kept import HeldCounters, RetiredCounters, read_json
 from management.silent import SilentWorkers
 
 Kept = tuple[dict[str, Any] | None, list[dict[str, Any]]]  # retired total, held counters
+# hosts named in one ask: 10,000 keys of at most 253 bytes (`balancer.rules.MAX_HOST_LEN`)
+# stay under the control socket's line (`balancer.control.MAX_COMMAND`, 4 MiB). Bug: the
+# hosts of the kept counters were named in one line, cut past 4 MiB (150,000 hosts): the
+# worker was taken for silent at every scrape, and `/metrics` showed no host
+NAMED_SLICE = 10_000
 INFO_COMMAND = 'stats {"hosts": [], "totals": true}'  # no host's counters, each worker's totals
 
 
@@ -77,25 +82,30 @@ class ClusterRuntime:
             self.held.retire_gone(listed)
             retired = self.retired.snapshot()
             named: set[str] | None = None
+            later: list[str] = []  # named hosts past the first slice
             if not isinstance(command, str):
                 named = kept_hosts(retired, *self.held.missing(self.silent.silent, ()))
-                command = command(sorted(named))
+                ordered = sorted(named)
+                command, later = command(ordered[:NAMED_SLICE]), ordered[NAMED_SLICE:]
             replies, answered = self.asked(listed, command, complete)
             held = self.held.missing(listed, answered)
             unnamed = kept_hosts(*held) - named if named is not None else set()
-            if unnamed and replies:  # hosts only a worker found silent just now counted
-                self.add_hosts(replies, answered, sorted(unnamed))
+            if (later or unnamed) and replies:  # unnamed: only a worker silent just now counted
+                self.add_hosts(replies, answered, later + sorted(unnamed))
             return replies, (retired, held)
 
     def add_hosts(self, replies: list[dict[str, Any]], answered: set[str],
                   hosts: list[str]) -> None:
         """Add to each reply of an active survey its worker's entries of `hosts`
-        (idle there: only held counters make them shown)."""
-        more = {r["pid"]: r["stats"]["hosts"] for r in
-                self.asked(sorted(answered), "stats " + json.dumps({"hosts": hosts}))[0]
-                if "stats" in r}
-        for reply in replies:
-            reply["stats"]["hosts"] = {**more.get(reply["pid"], {}), **reply["stats"]["hosts"]}
+        (idle there: only kept counters make them shown), `NAMED_SLICE` at a time."""
+        for start in range(0, len(hosts), NAMED_SLICE):
+            command = "stats " + json.dumps({"hosts": hosts[start:start + NAMED_SLICE]})
+            more = {r["pid"]: r["stats"]["hosts"] for r in
+                    self.asked(sorted(answered), command)[0] if "stats" in r}
+            for reply in replies:
+                own = reply["stats"]["hosts"]
+                for key, entry in more.get(reply["pid"], {}).items():
+                    own.setdefault(key, entry)
 
     def ask_all(self, command: str) -> list[dict[str, Any]]:
         """Every live worker's answer to `command` (workers that do not answer are

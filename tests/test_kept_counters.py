@@ -257,3 +257,37 @@ def test_counters_kept_without_room_in_the_run_directory_still_count(
     assert total(held.retired) == 2 + 3  # written and folded, once
     assert total(other.retired) == 2 + 3 and held.retired.has_retired(202)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["retired-total.json"]
+
+
+def test_kept_counters_of_many_hosts_are_asked_in_slices(tmp_path):
+    """A survey of the active hosts names the hosts of the kept counters, so the
+    workers report them. Bug: named in one command, 150,000 of them (a balancer
+    with that many counted hosts reloaded once) passed the control socket's 4 MiB
+    line (so do 25,000 long names): the worker cut the connection, was taken for
+    silent at every scrape, and `/metrics` showed no host at all; now they are
+    named a slice at a time."""
+    from balancer.control import retired_path
+    from balancer.stats import Stats
+
+    bal = Balancer(tmp_path, {HOST: {"action": "empty", "status": 204}})
+    try:
+        pid = wait_for(lambda: worker_pids(bal)[0] if worker_pids(bal) else None, 20,
+                       what="the worker")
+        for _ in range(3):
+            assert request(bal.port, host=HOST)[0] == 204
+        retired = Stats()
+        for _ in range(2):
+            retired.host(HOST).finish(204, 1, 1, 0.001)
+        snapshot = retired.snapshot()
+        long = "tenant." * 28  # 25,000 names of 220 bytes: 5.5 MB, as 150,000 of 35
+        snapshot["hosts"].update({f"{long}{n:06d}.example.com": {"completed_requests": 1}
+                                  for n in range(25_000)})
+        path = retired_path(os.path.dirname(control_socket(pid)), 4_000_000)
+        with open(path + ".tmp", "w") as out:
+            json.dump(snapshot, out)
+        os.replace(path + ".tmp", path)  # a worker that exited, as it leaves its counters
+        wait_for(lambda: requests_total(scrape(bal)) == 3 + 2, 15,
+                 what="the live and the retired requests of the host in /metrics")
+        assert "does not answer its control socket" not in bal.output()
+    finally:
+        bal.stop()
