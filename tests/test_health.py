@@ -195,8 +195,9 @@ def test_a_stored_check_value_below_the_floor_is_used_raised_and_the_api_refuses
     bal = Balancer(tmp_path, None, store=redis.url if redis else None)
     stop_after(bal)
     assert request(bal.port, host=HOST)[0] == 200  # not the no-hosts page
-    assert raised_values(bal) == [(HOST, "health.interval", 1e-9, 0.1),
-                                  ("old.test", "health.timeout", 0.005, 0.01)]
+    raised = [(HOST, "health.interval", 1e-9, 0.1), ("old.test", "health.timeout", 0.005, 0.01)]
+    wait_for(lambda: raised_values(bal) == raised,  # the management process loads it apart
+             what="the raised values in /api/v1/info")
     assert bal.api("GET", "/api/v1/info")[1]["store"]["problem"] is None
     assert check_rate(app, 1.0) <= 15  # every 0.1 s (10/s) for app.test, never back to back
     wait_for(lambda: floor_lines(bal, 1), what="the raised values logged")
@@ -215,8 +216,7 @@ def test_a_stored_check_value_below_the_floor_is_used_raised_and_the_api_refuses
                     3)
     bal.wait_version(3)
     wait_for(lambda: floor_lines(bal, 3), what="the raised values of version 3 logged")
-    assert raised_values(bal) == [(HOST, "health.interval", 1e-9, 0.1),
-                                  ("old.test", "health.timeout", 0.005, 0.01)]
+    wait_for(lambda: raised_values(bal) == raised, what="version 3's raised values")
     assert request(bal.port, host=HOST)[0] == 200
     assert check_rate(app, 1.0) <= 15
     assert floor_lines(bal, 1) == 1 and floor_lines(bal, 3) == 1  # once per table loaded
