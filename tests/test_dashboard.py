@@ -250,9 +250,11 @@ def wait_for(driver: Any, predicate: Callable[[Any], Any], what: str,
 
 
 def text_of(driver: Any, css: str) -> str:
-    """The visible text of the first element matching `css`, "" when there is none."""
-    found = driver.find_elements("css selector", css)
-    return found[0].text if found else ""
+    """The visible text of the first element matching `css`, "" when there is none: read
+    in the page in one step (bug: found, then read, the element could be replaced by the
+    next poll's render in between: StaleElementReferenceException in CI)."""
+    script = "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';"
+    return str(driver.execute_script(script, css)).strip()
 
 
 def host_card(host: str) -> str:
