@@ -21,7 +21,7 @@ from balancer.stores.urls import (
     URL_FORMS,
     StoreUrlError,
     redact_url,
-    redis_db_problem,
+    redis_url_problem,
     store_kind,
 )
 
@@ -235,9 +235,9 @@ def _host_name(item: str) -> str | None:
 
 
 class StoreUrl(Kind):
-    """A store URL; the scheme and a Redis URL's database are checked here
-    (`balancer.stores.urls`), the stores parse the rest. A password never
-    appears in a message."""
+    """A store URL; the scheme and a Redis URL's database and replication options
+    are checked here (`balancer.stores.urls`), the stores parse the rest. A
+    password never appears in a message."""
 
     expected = f"a store URL: {URL_FORMS}"
     metavar = "URL"
@@ -248,7 +248,7 @@ class StoreUrl(Kind):
             store_kind(value)
         except StoreUrlError:
             raise reject(self.expected, shown) from None
-        problem = redis_db_problem(str(value))
+        problem = redis_url_problem(str(value))
         if problem:
             raise Rejected(f"{problem}, in {shown!r}")
         return str(value)

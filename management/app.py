@@ -34,6 +34,7 @@ from balancer.stores import (
     Store,
     StoreFull,
     StoreLost,
+    StoreNotReplicated,
     StoreUnavailable,
     VersionConflict,
     open_store,
@@ -240,4 +241,6 @@ def _store_error(exc: Exception) -> ApiError:
         return ApiError(503, "store_corrupt", f"{exc}; fix the store, or {HOW_TO_FIX}")
     if isinstance(exc, StoreFull):
         return ApiError(507, "store_full", f"{exc}; nothing was written")
+    if isinstance(exc, StoreNotReplicated):
+        return ApiError(503, "store_not_replicated", str(exc))
     return ApiError(503, "store_unavailable", str(exc))

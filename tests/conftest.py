@@ -133,6 +133,55 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
         server.close()
 
 
+@pytest.fixture
+def replica_pair(redis_factory: Callable[[], RedisServer]
+                 ) -> tuple[RedisServer, RedisServer]:
+    """``master, replica``: two private redis-servers, the replica synced."""
+    master = redis_factory()
+    master.client().config_set("repl-diskless-sync-delay", 0)  # (5 s by default) a sync at once
+    replica = redis_factory()
+    replica.stop()
+    replica.start("--replicaof", "127.0.0.1", str(master.port))
+    wait_until(lambda: replica.client().info("replication")["master_link_status"] == "up",
+               timeout=10, message="the replica synced")
+    return master, replica
+
+
+@pytest.fixture
+def sentinel_pair(replica_pair: tuple[RedisServer, RedisServer], tmp_path: Path
+                  ) -> Iterator[tuple[RedisServer, RedisServer, Any, str]]:
+    """``master, replica, sentinel client, store URL``: one sentinel (service ``mm``)
+    watching a master and its synced replica."""
+    import redis
+
+    master, replica = replica_pair
+    with HeldPort() as held:  # the sentinel listens beside it (SO_REUSEADDR)
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {held.port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                        f"sentinel monitor mm 127.0.0.1 {master.port} 1\n"
+                        "sentinel down-after-milliseconds mm 1000\n"
+                        "sentinel failover-timeout mm 5000\n")
+        sentinel = guarded_popen([master.binary, str(conf), "--sentinel"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=held.port, decode_responses=True, socket_timeout=5)
+        try:
+            wait_until(lambda: _sees_replica(client), timeout=10,
+                       message="the sentinel seeing the replica")
+            yield master, replica, client, f"redis+sentinel://{held.address}/mm/0"
+        finally:
+            client.close()
+            sentinel.terminate()
+            sentinel.wait(10)
+            release(sentinel)
+
+
+def _sees_replica(client: Any) -> bool:
+    try:
+        return int(client.sentinel_master("mm")["num-slaves"]) >= 1
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
 class LiveWsgi:
     """A WSGI app served by gevent's pywsgi on 127.0.0.1 port 0 in its own thread
     (with its own gevent hub), so plain blocking clients can talk to it."""

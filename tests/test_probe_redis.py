@@ -38,7 +38,6 @@ resync), a password set on a running Redis, ``maxclients`` reached.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,8 +48,6 @@ import pytest
 
 from balancer.stores import StoreUnavailable
 from balancer.stores.redis import RedisStore
-from loadtest.procs import HeldPort
-from loadtest.reaper import guarded_popen, release
 from tests.conftest import RedisServer, wait_until
 from tests.support import Balancer, request, wait_for
 
@@ -273,46 +270,6 @@ def test_a_password_set_on_a_running_redis_is_reported_and_undoing_it_recovers(
 
 
 # a sentinel failover during a write burst -------------------------------------------
-@pytest.fixture
-def sentinel_pair(redis_factory: Callable[[], RedisServer], tmp_path: Path
-                  ) -> Iterator[tuple[RedisServer, RedisServer, Any, str]]:
-    """``master, replica, sentinel client, store URL``: one sentinel watching a master
-    and its (synced) replica."""
-    import redis
-
-    master = redis_factory()
-    replica = redis_factory()
-    replica.stop()
-    replica.start("--replicaof", "127.0.0.1", str(master.port))
-    wait_until(lambda: replica.client().info("replication")["master_link_status"] == "up",
-               timeout=WAIT, message="the replica synced")
-    with HeldPort() as held:  # the sentinel listens beside it (SO_REUSEADDR)
-        conf = tmp_path / "sentinel.conf"
-        conf.write_text(f"port {held.port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                        f"sentinel monitor mm 127.0.0.1 {master.port} 1\n"
-                        "sentinel down-after-milliseconds mm 1000\n"
-                        "sentinel failover-timeout mm 5000\n")
-        sentinel = guarded_popen([master.binary, str(conf), "--sentinel"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=held.port, decode_responses=True, socket_timeout=5)
-        try:
-            wait_until(lambda: _sees_replica(client), timeout=WAIT,
-                       message="the sentinel seeing the replica")
-            yield master, replica, client, f"redis+sentinel://{held.address}/mm/0"
-        finally:
-            client.close()
-            sentinel.terminate()
-            sentinel.wait(10)
-            release(sentinel)
-
-
-def _sees_replica(client: Any) -> bool:
-    try:
-        return int(client.sentinel_master("mm")["num-slaves"]) >= 1
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
-
-
 def _role(server: RedisServer) -> str:
     return str(server.client().info("replication")["role"])
 

@@ -12,6 +12,7 @@ from balancer.stores.base import (
     StoreError,
     StoreFull,
     StoreLost,
+    StoreNotReplicated,
     StoreUnavailable,
     TableChange,
     TableData,
@@ -19,9 +20,9 @@ from balancer.stores.base import (
 )
 from balancer.stores.urls import FILE_SCHEME, StoreUrlError, redact_url, store_kind
 
-__all__ = ["CorruptStore", "Store", "StoreError", "StoreFull", "StoreLost", "StoreUnavailable",
-           "StoreUrlError", "TableChange", "TableData", "VersionConflict", "open_store",
-           "redact_url"]
+__all__ = ["CorruptStore", "Store", "StoreError", "StoreFull", "StoreLost",
+           "StoreNotReplicated", "StoreUnavailable", "StoreUrlError", "TableChange",
+           "TableData", "VersionConflict", "open_store", "redact_url"]
 
 
 def open_store(url: str, namespace: str = "balancer", resync_interval: float = 5.0,

@@ -30,6 +30,9 @@ Invariants:
 * None of these writes touches the routing table, its version or the certificates.
 * Reads and writes raise `StoreUnavailable` when the store cannot be reached;
   an unreadable record reads as absent.
+* On Redis every write but the acknowledgements (a heartbeat, rewritten at
+  the next look) goes through the store's `writing`, which waits for the
+  replicas the store URL asks for (``replicas=N``).
 """
 
 from __future__ import annotations
@@ -39,10 +42,13 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from balancer.stores.atomic import file_signature, read_regular, write_store_file
 from balancer.stores.base import StoreUnavailable
+
+if TYPE_CHECKING:  # the file store never imports redis (balancer.preload)
+    from balancer.stores.redis_replicas import WritingBlock
 
 FILE_MODE = 0o600
 UNREADABLE = (ValueError, RecursionError)
@@ -258,9 +264,11 @@ RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
 class RedisAcme(Acme):
     """ACME state under ``NS:acme-*`` keys (see the module doc)."""
 
-    def __init__(self, client: Any, namespace: str, talking: Callable[[str], Any]) -> None:
+    def __init__(self, client: Any, namespace: str, talking: Callable[[str], Any],
+                 writing: WritingBlock) -> None:
         self.client = client
         self.talking = talking
+        self.writing = writing
         self.account_key = f"{namespace}:acme-account"
         self.lock_key = f"{namespace}:acme-lock"
         self.challenges_key = f"{namespace}:acme-challenges"
@@ -274,27 +282,27 @@ class RedisAcme(Acme):
         return _objects({"a": text}).get("a") if text else None
 
     def keep_account(self, record: dict[str, Any]) -> dict[str, Any]:
-        with self.talking("write"):
-            self.client.set(self.account_key, json.dumps(record, sort_keys=True), nx=True)
+        with self.writing("the ACME account") as writing:
+            writing.client.set(self.account_key, json.dumps(record, sort_keys=True), nx=True)
         return self.account() or record
 
     def set_account_uri(self, uri: str) -> None:
         found = self.account()
         if found is not None:
-            with self.talking("write"):
-                self.client.set(self.account_key, json.dumps({**found, "uri": uri},
-                                                             sort_keys=True), xx=True)
+            with self.writing("the ACME account") as writing:
+                writing.client.set(self.account_key, json.dumps({**found, "uri": uri},
+                                                                sort_keys=True), xx=True)
 
     def lock(self, owner: str, ttl: float) -> bool:
         millis = max(1, int(ttl * 1000))
-        with self.talking("write"):
-            if self.client.set(self.lock_key, owner, nx=True, px=millis):
+        with self.writing("the ACME issuer lock") as writing:
+            if writing.client.set(self.lock_key, owner, nx=True, px=millis):
                 return True
-            return bool(self.client.eval(EXTEND, 1, self.lock_key, owner, millis))
+            return bool(writing.client.eval(EXTEND, 1, self.lock_key, owner, millis))
 
     def unlock(self, owner: str) -> None:
-        with self.talking("write"):
-            self.client.eval(RELEASE, 1, self.lock_key, owner)
+        with self.writing("the ACME issuer lock") as writing:
+            writing.client.eval(RELEASE, 1, self.lock_key, owner)
 
     def holder(self) -> dict[str, Any] | None:
         with self.talking("read"), self.client.pipeline(transaction=True) as pipe:
@@ -306,13 +314,15 @@ class RedisAcme(Acme):
         return {"owner": owner, "expires": time.time() + left / 1000}
 
     def put_challenge(self, key: str, record: dict[str, Any]) -> None:
-        with self.talking("write"), self.client.pipeline(transaction=True) as pipe:
+        with self.writing("the ACME challenge") as writing, \
+                writing.client.pipeline(transaction=True) as pipe:
             pipe.hset(self.challenges_key, key, json.dumps(record, sort_keys=True))
             pipe.incr(self.version_key)
             pipe.execute()
 
     def delete_challenge(self, key: str) -> None:
-        with self.talking("write"), self.client.pipeline(transaction=True) as pipe:
+        with self.writing("the ACME challenge") as writing, \
+                writing.client.pipeline(transaction=True) as pipe:
             pipe.hdel(self.challenges_key, key)
             pipe.incr(self.version_key)
             pipe.execute()
@@ -326,19 +336,19 @@ class RedisAcme(Acme):
             return self.client.get(self.version_key)
 
     def put_state(self, host: str, record: dict[str, Any]) -> None:
-        with self.talking("write"):
-            self.client.hset(self.state_key, host, json.dumps(record, sort_keys=True))
+        with self.writing(f"the ACME state of {host}") as writing:
+            writing.client.hset(self.state_key, host, json.dumps(record, sort_keys=True))
 
     def delete_state(self, host: str) -> None:
-        with self.talking("write"):
-            self.client.hdel(self.state_key, host)
+        with self.writing(f"the ACME state of {host}") as writing:
+            writing.client.hdel(self.state_key, host)
 
     def states(self) -> dict[str, dict[str, Any]]:
         with self.talking("read"):
             return _objects(self.client.hgetall(self.state_key))
 
     def acknowledge(self, balancer: str, record: dict[str, Any] | None) -> None:
-        with self.talking("write"):
+        with self.talking("write"):  # a heartbeat: not waited for (the module's doc)
             if record is None:
                 self.client.hdel(self.seen_key, balancer)
             else:

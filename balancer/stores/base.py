@@ -10,7 +10,8 @@ Invariants:
   repeat or go back. A one-host write to a store behind `floor` raises
   `StoreLost` (it would turn a lost table into a one-host table); only a
   whole-table `replace` repairs it. A failed write (`StoreUnavailable`,
-  `VersionConflict`, `StoreLost`) changes nothing.
+  `VersionConflict`, `StoreLost`) changes nothing, except `StoreNotReplicated`:
+  applied by a Redis master whose replicas did not acknowledge it.
 * `load` returns only tables that pass `validate_table`; anything else is a
   `CorruptStore` naming where and why, whatever a hand-edited value holds
   (bad JSON or UTF-8, a number of 4,300+ digits, nesting deep enough to
@@ -79,6 +80,12 @@ class StoreUnavailable(StoreError):
 class StoreFull(StoreUnavailable):
     """The write found no room (the disk full, a quota, the file size limit);
     nothing changed."""
+
+
+class StoreNotReplicated(StoreUnavailable):
+    """The master applied the write, but fewer replicas than the store's
+    ``replicas=N`` acknowledged it in time (or the wait got no answer): it is
+    served, and a failover now may lose it."""
 
 
 class VersionConflict(StoreError):

@@ -33,11 +33,14 @@ import contextlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from balancer.stores import strict_json
 from balancer.stores.atomic import TooLarge, file_signature, read_regular, write_store_file
 from balancer.stores.base import CorruptStore, StoreError, StoreUnavailable
+
+if TYPE_CHECKING:  # the file store never imports redis (balancer.preload)
+    from balancer.stores.redis_replicas import Writing, WritingBlock
 
 FILE_MODE = 0o600
 HOW_TO_FIX = ("run `balancerctl cert restore` (POST /api/v1/certs/restore) to write back the "
@@ -231,10 +234,12 @@ return n
 class RedisCerts(Certs):
     """Certificates in the hash ``NS:certs``; ``NS:certs-version`` counts changes."""
 
-    def __init__(self, client: Any, namespace: str, talking: Callable[[str], Any]) -> None:
+    def __init__(self, client: Any, namespace: str, talking: Callable[[str], Any],
+                 writing: WritingBlock) -> None:
         super().__init__()
         self.client = client
         self.talking = talking
+        self.writing = writing
         self.key = f"{namespace}:certs"
         self.version_key = f"{namespace}:certs-version"
         self.highest = 0  # the highest certs-version this object saw
@@ -245,12 +250,14 @@ class RedisCerts(Certs):
     def _talking(self, what: str) -> Iterator[None]:
         """The store's `talking`; a key of the wrong type (``SET NS:certs x``: the
         store's `CorruptStore`) is `CertsCorrupt` here."""
-        try:
-            with self.talking(what):
-                yield
-        except CorruptStore as exc:
-            raise CertsCorrupt(f"{exc}; keeping the certificates served and refusing "
-                               f"certificate writes. To fix it, {HOW_TO_FIX}") from None
+        with _corrupt_certs(), self.talking(what):
+            yield
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[Writing]:
+        """The store's `writing` (which waits for replicas), as `_talking`."""
+        with _corrupt_certs(), self.writing(what) as writing:
+            yield writing
 
     def _all(self) -> dict[str, Any]:
         with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
@@ -279,9 +286,10 @@ class RedisCerts(Certs):
         return removed
 
     def _change(self, what: str, host: str, value: str) -> int:
-        with self._talking("write"):
+        with self._writing(f"the certificate of {host}") as writing:
             version, changed = self._write(keys=[self.key, self.version_key],
-                                           args=[self.highest, what, host, value])
+                                           args=[self.highest, what, host, value],
+                                           client=writing.client)
         if version < 0:
             self._judge(changed)  # raises CertsLost
         self.highest = max(self.highest, version)
@@ -291,12 +299,23 @@ class RedisCerts(Certs):
         args: list[Any] = [self.highest]
         for host, record in records.items():
             args += [host, json.dumps(record, sort_keys=True)]
-        with self._talking("write"):
-            self.highest = int(self._restore(keys=[self.key, self.version_key], args=args))
+        with self._writing("the certificates' restore") as writing:
+            self.highest = int(self._restore(keys=[self.key, self.version_key], args=args,
+                                             client=writing.client))
 
     def signature(self) -> object:
         with self._talking("read"):
             return self.client.get(self.version_key)
+
+
+@contextlib.contextmanager
+def _corrupt_certs() -> Iterator[None]:
+    """The store's `CorruptStore` (a key of the wrong type) as `CertsCorrupt`."""
+    try:
+        yield
+    except CorruptStore as exc:
+        raise CertsCorrupt(f"{exc}; keeping the certificates served and refusing "
+                           f"certificate writes. To fix it, {HOW_TO_FIX}") from None
 
 
 def _counter(value: Any) -> int:

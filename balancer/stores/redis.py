@@ -26,6 +26,10 @@ Invariants:
   is a `StoreUnavailable` quoting it, and the store stays reachable.
 * Through Sentinel, writes and resync ticks ask the sentinels for the master
   first (`_master_moved`): pooled connections to a demoted master are dropped.
+* Every write block runs in `_writing`, which yields the client to write
+  with: the store's, or with ``?replicas=N`` a client of one connection whose
+  block ends with ``WAIT`` (`balancer.stores.redis_replicas`). Reads always
+  use the store's client.
 * A key of another type than the store keeps there (``SET NS:hosts x``,
   ``LPUSH NS:version 1``: Redis answers ``WRONGTYPE``) is damaged data, a
   `CorruptStore` naming the key, never "unreachable". A one-host write checks
@@ -76,8 +80,15 @@ from balancer.stores.redis_answers import (
     why,
 )
 from balancer.stores.redis_records import RedisRecords
+from balancer.stores.redis_replicas import Writers, Writing
 from balancer.stores.redis_watch import RedisWatching
-from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
+from balancer.stores.urls import (
+    SENTINEL_SCHEME,
+    StoreUrlError,
+    parse_sentinel_url,
+    redact_url,
+    split_replication,
+)
 from balancer.turns import turn
 
 log = logging.getLogger("balancer.store.redis")
@@ -91,11 +102,18 @@ VERSION_LIMIT = 2**63 - 1
 HASH_OR_NOTHING = ("hash", "none")
 
 
-def connect(url: str, timeout: float) -> redis.Redis:
-    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``."""
-    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+def connect(url: str, timeout: float, wait: float = 0.0,
+            max_connections: int | None = None) -> redis.Redis:
+    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``
+    (`url` without the balancer's own options: `split_replication`); its commands
+    time out after `timeout` + `wait` seconds (connecting, and the sentinels,
+    after `timeout`)."""
+    options: dict[str, Any] = {"socket_timeout": timeout + wait,
+                               "socket_connect_timeout": timeout,
                                "retry": Retry(NoBackoff(), 0), "decode_responses": True,
                                "encoding_errors": "surrogateescape"}
+    if max_connections is not None:
+        options["max_connections"] = max_connections
     if url.startswith(SENTINEL_SCHEME):
         target = parse_sentinel_url(url)
         sentinel = Sentinel(list(target.sentinels),
@@ -127,7 +145,11 @@ class RedisStore(RedisWatching, Store):
         self.hosts_key = f"{namespace}:hosts"
         self.version_key = f"{namespace}:version"
         self.channel = f"{namespace}:changes"
-        self.client = connect(url, timeout)
+        bare, replication = split_replication(url)
+        self.client = connect(bare, timeout)
+        self._writers = None if replication is None else Writers(
+            lambda: connect(bare, timeout, replication.wait_ms / 1000, max_connections=1),
+            replication, self.display_url)
         self._reachable = True
         self._watchers = 0
         self._problem: str | None = None  # the table read is corrupt
@@ -219,18 +241,19 @@ class RedisStore(RedisWatching, Store):
 
     def records(self) -> Records:
         """Deploy records in hashes under the namespace (`RedisRecords`)."""
-        return RedisRecords(self.client, self.namespace, self._talking)
+        return RedisRecords(self.client, self.namespace, self._talking, self._writing)
 
     def certs(self) -> Certs:
         """Certificates in ``NS:certs`` (`balancer.stores.certs.RedisCerts`): one object
         per store, which remembers the highest certs version it saw (the loss guard)."""
         if self._certs is None:
-            self._certs = RedisCerts(self.client, self.namespace, self._talking)
+            self._certs = RedisCerts(self.client, self.namespace, self._talking,
+                                     self._writing)
         return self._certs
 
     def acme(self) -> Acme:
         """ACME account, lock, challenges and state under ``NS:acme-*`` (`RedisAcme`)."""
-        return RedisAcme(self.client, self.namespace, self._talking)
+        return RedisAcme(self.client, self.namespace, self._talking, self._writing)
 
     # writing ---------------------------------------------------------------
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:
@@ -263,14 +286,17 @@ class RedisStore(RedisWatching, Store):
                check: Callable[[Any], None] | None = None, *, named: str | None) -> int:
         """Run `change` in one WATCH/MULTI/EXEC that moves the version up and PUBLISHes
         it (with the `named` host of a one-host write); the new version."""
-        with self._talking("write"):
+        with self._writing() as writing:
+            client = writing.client
             self._master_moved()
+            if client is not self.client:
+                self._master_moved(client)
             for _ in range(WRITE_ATTEMPTS):
                 # the floor as it was before the read: another greenlet's write may
                 # raise it while this one reads (bug: a one-host write that raced one
                 # then saw the store "behind" it, answered 409 store_lost)
                 floor = self.floor
-                with self.client.pipeline(transaction=True) as pipe, \
+                with client.pipeline(transaction=True) as pipe, \
                         nothing_sent_on_lost_connection():
                     pipe.watch(self.version_key, self.hosts_key)
                     current = self._version(pipe.get(self.version_key))
@@ -297,18 +323,20 @@ class RedisStore(RedisWatching, Store):
                             raise self._unanswered(lost) from exc
                         continue  # another writer won; re-read and try again
                     self.raise_floor(new)
+                    writing.what = f"the write (version {new})"
                     return new
         raise StoreUnavailable(f"{self.display_url}: gave up after {WRITE_ATTEMPTS} "
                                f"conflicting concurrent writes")
 
-    def _master_moved(self) -> bool:
+    def _master_moved(self, client: redis.Redis | None = None) -> bool:
         """Through Sentinel, whether the sentinels name another master than the pooled
-        connections talk to (which are then dropped: redis-py asks the sentinels only
+        connections of `client` (the store's by default) talk to (which are then
+        dropped: redis-py asks the sentinels only
         for a new connection). Bug: after ``SENTINEL FAILOVER`` the old master answered
         writes for up to 10 s (until the sentinels demote it), every one lost with its
         data, and watchers kept reading it. Sentinels that do not answer are no news:
         the master may be fine, and it says so itself when it is not."""
-        pool = self.client.connection_pool
+        pool = (client or self.client).connection_pool
         if not isinstance(pool, SentinelConnectionPool):
             return False
         before = pool.master_address
@@ -329,6 +357,21 @@ class RedisStore(RedisWatching, Store):
         return StoreUnavailable(f"{self.display_url}: the write was sent but Redis did not "
                                 f"answer ({cause}): it may still be applied; read the "
                                 f"table before writing again")
+
+    @contextlib.contextmanager
+    def _writing(self, what: str = "the write") -> Iterator[Writing]:
+        """`_talking("write")` around one block of writes, made with the `Writing`'s
+        client. With ``replicas=N``, that client is one connection, and the block
+        ends with ``WAIT`` on it (`StoreNotReplicated` when too few replicas
+        acknowledged); a block that raised waits for nothing."""
+        with self._talking("write"):
+            if self._writers is None:
+                yield Writing(self.client, what)
+                return
+            with self._writers.held() as client:
+                writing = Writing(client, what)
+                yield writing
+                self._writers.wait(client, writing.what)
 
     @contextlib.contextmanager
     def _talking(self, what: str) -> Iterator[None]:
@@ -382,3 +425,5 @@ class RedisStore(RedisWatching, Store):
 
     def close(self) -> None:
         self.client.close()
+        if self._writers is not None:
+            self._writers.close()

@@ -1,6 +1,12 @@
 """Deploy records in Redis (`balancer.stores.records`: the collections and their
 invariants), for `RedisStore.records`. Apart from `records` so that a balancer
-on the file store never imports `redis` (`balancer.preload`)."""
+on the file store never imports `redis` (`balancer.preload`).
+
+Every write goes through the store's `writing` (which waits for the replicas
+the store URL asks for, ``replicas=N``) but the in-flight reports: every
+balancer rewrites them every `management.deploys.WATCH_EVERY` seconds while a
+deploy runs, so a lost one is replaced at once, and waiting would slow the
+drain they time."""
 
 from __future__ import annotations
 
@@ -20,15 +26,18 @@ from balancer.stores.records import (
     decide_claim,
     newest,
 )
+from balancer.stores.redis_replicas import WritingBlock
 
 
 class RedisRecords(Records):
     """The records in three hashes: ``NS:deploys`` (id → JSON), ``NS:deploy-claims``
     (host → JSON) and ``NS:deploy-inflight`` (balancer → JSON)."""
 
-    def __init__(self, client: Any, namespace: str, talking: Callable[[str], Any]) -> None:
+    def __init__(self, client: Any, namespace: str, talking: Callable[[str], Any],
+                 writing: WritingBlock) -> None:
         self.client = client
         self.talking = talking
+        self.writing = writing
         self.deploys_key = f"{namespace}:deploys"
         self.claims_key = f"{namespace}:deploy-claims"
         self.inflight_key = f"{namespace}:deploy-inflight"
@@ -45,12 +54,13 @@ class RedisRecords(Records):
         return found
 
     def save_deploy(self, record: dict[str, Any]) -> None:
-        with self.talking("write"):
-            self.client.hset(self.deploys_key, record["id"], json.dumps(record, sort_keys=True))
+        with self.writing(f"deploy {record['id']}'s record") as writing:
+            writing.client.hset(self.deploys_key, record["id"],
+                                json.dumps(record, sort_keys=True))
         kept = self.deploys()
         if len(kept) > MAX_DEPLOYS:
-            with self.talking("write"):
-                self.client.hdel(self.deploys_key, *[r["id"] for r in kept[MAX_DEPLOYS:]])
+            with self.writing("the removal of old deploy records") as writing:
+                writing.client.hdel(self.deploys_key, *[r["id"] for r in kept[MAX_DEPLOYS:]])
 
     def deploys(self) -> list[dict[str, Any]]:
         return newest([dict(r, id=i) for i, r in self._all(self.deploys_key).items()])
@@ -67,9 +77,9 @@ class RedisRecords(Records):
     def claim(self, host: str, deploy_id: str, owner: str, now: float,
               stale_after: float) -> str | None:
         claim = json.dumps({"id": deploy_id, "owner": owner, "beat": now})
-        with self.talking("write"):
+        with self.writing(f"the deploy claim on {host}") as writing:
             for _ in range(CLAIM_ATTEMPTS):
-                with self.client.pipeline(transaction=True) as pipe:
+                with writing.client.pipeline(transaction=True) as pipe:
                     pipe.watch(self.claims_key)
                     text = pipe.hget(self.claims_key, host)
                     try:
@@ -90,9 +100,9 @@ class RedisRecords(Records):
         raise StoreUnavailable("gave up claiming the host after concurrent claims")
 
     def release(self, host: str, deploy_id: str) -> None:
-        with self.talking("write"):
+        with self.writing(f"the release of the deploy claim on {host}") as writing:
             for _ in range(CLAIM_ATTEMPTS):
-                with self.client.pipeline(transaction=True) as pipe:
+                with writing.client.pipeline(transaction=True) as pipe:
                     pipe.watch(self.claims_key)
                     if _claim_id(pipe.hget(self.claims_key, host)) != deploy_id:
                         return
@@ -108,7 +118,7 @@ class RedisRecords(Records):
         return self._all(self.claims_key)
 
     def report_inflight(self, balancer: str, report: dict[str, Any] | None) -> None:
-        with self.talking("write"):
+        with self.talking("write"):  # not waited for (the module's doc)
             if report is None:
                 self.client.hdel(self.inflight_key, balancer)
             else:

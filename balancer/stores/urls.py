@@ -8,6 +8,9 @@ Invariants:
 * `redact_url` never returns a password; everything else of the URL stays.
 * `parse_sentinel_url` either returns a complete `SentinelTarget` or raises
   `StoreUrlError` naming the URL and the part that is wrong.
+* The replication options (``replicas``, ``wait``: `split_replication`) are
+  the balancer's own: they are taken off a Redis URL before redis-py reads
+  it, and are either whole integers within their bounds or refused.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ URL_FORMS = ("file:PATH, redis://[:password@]host:port/db, rediss://..., "
              "unix:///path/to/redis.sock, or redis+sentinel://host:port[,host:port]/service_name/db")
 SENTINEL_PORT = 26379
 SENTINEL_FORM = "redis+sentinel://[:password@]host:port[,host:port]/service_name/db"
+REPLICAS = ("replicas", 1, 100, "")     # option, lowest, highest, unit
+WAIT = ("wait", 1, 10_000, " milliseconds")  # 0 would be WAIT's "forever"
+DEFAULT_WAIT_MS = 1000
 
 
 class StoreUrlError(ValueError):
@@ -38,6 +44,15 @@ class SentinelTarget:
     db: int
     username: str | None = None
     password: str | None = None
+
+
+@dataclass(frozen=True)
+class Replication:
+    """``?replicas=N&wait=MS``: every write waits until N replicas acknowledged it,
+    for up to MS milliseconds (Redis's ``WAIT``)."""
+
+    replicas: int
+    wait_ms: int = DEFAULT_WAIT_MS
 
 
 def store_kind(url: object) -> str:
@@ -66,6 +81,68 @@ def redis_db_problem(url: str) -> str | None:
     return None
 
 
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL's database or replication options, or None."""
+    if not url.startswith(REDIS_SCHEMES):
+        return None
+    try:
+        _replication(url.partition("?")[2].partition("#")[0])
+    except ValueError as exc:
+        return str(exc)
+    return redis_db_problem(url)
+
+
+def split_replication(url: str) -> tuple[str, Replication | None]:
+    """`url` without its ``replicas`` and ``wait`` options (the rest of the query
+    kept as it was, for redis-py), and the `Replication` they ask for (None
+    without ``replicas``). Raises `StoreUrlError` for a value that is not a whole
+    number within its bounds (``NaN``, ``-1``, ``1.5``, ``1e3``, ``99999999``), an
+    option given twice, or ``wait`` without ``replicas``."""
+    base, mark, rest = url.partition("?")
+    query, hashmark, fragment = rest.partition("#")
+    try:
+        kept, replication = _replication(query)
+    except ValueError as exc:
+        raise StoreUrlError(f"{redact_url(url)}: {exc}") from None
+    if replication is None:
+        return url, None
+    return base + ("?" + kept if kept else "") + hashmark + fragment, replication
+
+
+def _replication(query: str) -> tuple[str, Replication | None]:
+    """The query without ``replicas`` and ``wait``, and what they ask for."""
+    kept: list[str] = []
+    found: dict[str, str] = {}
+    for item in query.split("&") if query else ():
+        name, _, value = item.partition("=")
+        if name not in (REPLICAS[0], WAIT[0]):
+            kept.append(item)
+        elif name in found:
+            raise ValueError(f"{name} is given twice")
+        else:
+            found[name] = value
+    if not found:
+        return query, None
+    if REPLICAS[0] not in found:
+        raise ValueError("wait needs replicas=N (how many replicas must acknowledge "
+                         "each write)")
+    return "&".join(item for item in kept if item), Replication(
+        _bounded(REPLICAS, found[REPLICAS[0]]),
+        _bounded(WAIT, found.get(WAIT[0], str(DEFAULT_WAIT_MS))))
+
+
+def _bounded(option: tuple[str, int, int, str], text: str) -> int:
+    """The whole number `text` of `option` (name, lowest, highest, unit), or
+    ValueError; digits only, so no float, sign, exponent or NaN gets through, and
+    a long one is refused before it is converted."""
+    name, lowest, highest, unit = option
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(highest))
+            and lowest <= int(text) <= highest):
+        raise ValueError(f"{name} must be a whole number from {lowest} to {highest}{unit}, "
+                         f"got {text!r}")
+    return int(text)
+
+
 def redact_url(url: str) -> str:
     """`url` with the password (if any) replaced by ``***``."""
     scheme, sep, rest = url.partition("://")
@@ -82,9 +159,10 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     shown = redact_url(url)
     if not url.startswith(SENTINEL_SCHEME):
         raise StoreUrlError(f"{shown}: a sentinel URL starts with {SENTINEL_SCHEME}")
-    rest = url[len(SENTINEL_SCHEME):]
+    rest = split_replication(url)[0][len(SENTINEL_SCHEME):]
     if "?" in rest or "#" in rest:
-        raise StoreUrlError(f"{shown}: query strings are not supported; use {SENTINEL_FORM}")
+        raise StoreUrlError(f"{shown}: the only options are replicas= and wait=; use "
+                            f"{SENTINEL_FORM}[?replicas=N[&wait=MS]]")
     netloc, _, path = rest.partition("/")
     username, password, hosts = _split_credentials(netloc)
     parts = path.split("/") if path else []
