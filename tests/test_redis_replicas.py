@@ -49,6 +49,12 @@ def test_replication_options_are_taken_off_the_url(url: str, bare: str,
     assert split_replication(url) == (bare, replication)
 
 
+def test_the_options_change_how_a_store_is_written_not_which_it_is() -> None:
+    plain, waiting = RedisStore("redis://h/0"), RedisStore("redis://h/0?replicas=1")
+    assert plain.identity() == waiting.identity()  # its snapshot stays its own
+    assert waiting.display_url == "redis://h/0?replicas=1"
+
+
 @pytest.mark.parametrize(("query", "problem"), [
     ("replicas=nan", "replicas must be a whole number from 1 to 100, got 'nan'"),
     ("replicas=-1", "got '-1'"),

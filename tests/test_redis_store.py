@@ -236,7 +236,7 @@ def test_sentinel_urls_parse(url: str, expected: SentinelTarget) -> None:
     ("redis+sentinel://a:1/svc/x", "db must be a number"),
     ("redis+sentinel://a:1/svc/0/extra", "unexpected path"),
     ("redis+sentinel://a:notaport/svc/0", "sentinel 'a:notaport'"),
-    ("redis+sentinel://:pw@a:1/svc/0?x=1", "query strings"),
+    ("redis+sentinel://:pw@a:1/svc/0?x=1", "the only options are replicas= and wait="),
 ])
 def test_bad_sentinel_urls_name_the_problem(url: str, problem: str) -> None:
     with pytest.raises(StoreUrlError, match=problem) as caught:

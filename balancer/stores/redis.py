@@ -146,6 +146,7 @@ class RedisStore(RedisWatching, Store):
         self.version_key = f"{namespace}:version"
         self.channel = f"{namespace}:changes"
         bare, replication = split_replication(url)
+        self._bare_url = redact_url(bare)
         self.client = connect(bare, timeout)
         self._writers = None if replication is None else Writers(
             lambda: connect(bare, timeout, replication.wait_ms / 1000, max_connections=1),
@@ -159,7 +160,9 @@ class RedisStore(RedisWatching, Store):
 
     # reading ---------------------------------------------------------------
     def identity(self) -> str:
-        return f"{self.display_url} namespace {self.namespace}"
+        """Which store this is (the snapshot's owner): the replication options
+        change how it is written, not which it is."""
+        return f"{self._bare_url} namespace {self.namespace}"
 
     def load(self) -> TableData:
         raw_hosts, raw_version = self._read_raw()
