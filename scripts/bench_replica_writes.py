@@ -5,7 +5,8 @@
 A real redis-server master and a replica of it, and two real ``balancer
 serve`` (one worker each) over that master in two namespaces: one with the
 plain ``redis://`` URL, one with ``?replicas=1&wait=MS``. Each round makes
-`--writes` one-host PUTs back to back through each balancer's management API,
+`--writes` one-host PUTs back to back through each balancer's management API
+(a connection each, as `balancerctl` makes them),
 the two alternated (and which goes first alternated too), then the same
 number of `RedisStore.put_host` calls made in this process (the store alone,
 without HTTP and the workers' confirmation). Printed per round: the p50, p99
@@ -19,8 +20,6 @@ working directory first).
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from balancer.stores.redis import RedisStore  # noqa: E402
 from loadtest.procs import Processes, free_port, wait_for_port  # noqa: E402
+from loadtest.routes import RouteApi  # noqa: E402
 
 HOST = "127.0.0.1"
 RULE = {"action": "static", "body": "bench"}
@@ -73,31 +73,24 @@ def start_balancer(procs: Processes, name: str, url: str, namespace: str) -> int
     return mgmt
 
 
-def api_writes(mgmt: int, count: int) -> list[float]:
-    """`count` one-host PUTs back to back; each one's latency in ms."""
-    conn = http.client.HTTPConnection(HOST, mgmt, timeout=30)
+def timed(write: Callable[[int], object], count: int) -> list[float]:
+    """`write(n)` for n in 0..`count` - 1, back to back; each one's latency in ms."""
     times = []
-    body = json.dumps(RULE)
     for n in range(count):
         started = time.perf_counter()
-        conn.request("PUT", f"/api/v1/hosts/w{n % 50}.example", body=body,
-                     headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        response.read()
-        if response.status != 200:
-            raise SystemExit(f"write {n}: {response.status}")
+        write(n)
         times.append((time.perf_counter() - started) * 1000)
-    conn.close()
     return times
+
+
+def api_writes(mgmt: int, count: int) -> list[float]:
+    """One-host PUTs, a connection each (as `balancerctl` makes them)."""
+    api = RouteApi(HOST, mgmt)
+    return timed(lambda n: api.set_rule(f"w{n % 50}.example", RULE), count)
 
 
 def store_writes(store: RedisStore, count: int) -> list[float]:
-    times = []
-    for n in range(count):
-        started = time.perf_counter()
-        store.put_host(f"s{n % 50}.example", RULE)
-        times.append((time.perf_counter() - started) * 1000)
-    return times
+    return timed(lambda n: store.put_host(f"s{n % 50}.example", RULE), count)
 
 
 def summary(times: list[float]) -> tuple[float, float, float]:

@@ -175,6 +175,37 @@ def sentinel_pair(replica_pair: tuple[RedisServer, RedisServer], tmp_path: Path
             release(sentinel)
 
 
+def failover_during_a_burst(bal: Any, sentinel: Any, replica: RedisServer
+                            ) -> tuple[list[str], list[tuple[int, Any]]]:
+    """One-host PUTs of ``h0.test``, ``h1.test``... (each serving its own name) back
+    to back through the balancer `bal`, and ``SENTINEL FAILOVER`` once 10 were
+    answered 200; the writes stop at the fifth refusal (or the 600th write). Once
+    the sentinels name `replica`: the hosts answered 200, and the refusals
+    (status, answer)."""
+    answered: list[str] = []
+    refused: list[tuple[int, Any]] = []
+
+    def burst() -> None:
+        for n in range(600):
+            status, answer = bal.api("PUT", f"/api/v1/hosts/h{n}.test",
+                                     {"action": "static", "status": 200, "body": f"h{n}"})
+            if status == 200:
+                answered.append(f"h{n}.test")
+            else:
+                refused.append((status, answer))
+            if len(refused) >= 5:
+                return
+    writer = threading.Thread(target=burst)
+    writer.start()
+    wait_until(lambda: len(answered) >= 10, timeout=10, message="writes under way")
+    assert sentinel.execute_command("SENTINEL", "FAILOVER", "mm") in (True, "OK", b"OK")
+    writer.join(30)
+    assert not writer.is_alive()
+    wait_until(lambda: int(sentinel.sentinel_get_master_addr_by_name("mm")[1])
+               == replica.port, timeout=10, message="the sentinels naming the replica")
+    return answered, refused
+
+
 def _sees_replica(client: Any) -> bool:
     try:
         return int(client.sentinel_master("mm")["num-slaves"]) >= 1

@@ -48,7 +48,7 @@ import pytest
 
 from balancer.stores import StoreUnavailable
 from balancer.stores.redis import RedisStore
-from tests.conftest import RedisServer, wait_until
+from tests.conftest import RedisServer, failover_during_a_burst, wait_until
 from tests.support import Balancer, request, wait_for
 
 WAIT = 10.0
@@ -282,28 +282,8 @@ def test_a_sentinel_failover_during_a_write_burst_loses_no_answered_write(
                    env={"BALANCER_STORE_RESYNC_INTERVAL": "0.5"})
     try:
         assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
-        answered: list[str] = []
-        refused: list[int] = []
-
-        def burst() -> None:
-            for n in range(400):  # until writes are refused (store_lost), or 400
-                status, answer = bal.api("PUT", f"/api/v1/hosts/h{n}.test",
-                                         {**STATIC, "body": f"h{n}"})
-                if status == 200:
-                    answered.append(f"h{n}.test")
-                    continue
-                assert status in (409, 503), answer
-                refused.append(status)
-                if len(refused) >= 5:
-                    return
-        writer = threading.Thread(target=burst)
-        writer.start()
-        wait_until(lambda: len(answered) >= 10, timeout=WAIT, message="writes under way")
-        assert sentinel.execute_command("SENTINEL", "FAILOVER", "mm") in (True, "OK", b"OK")
-        writer.join(30)
-        assert not writer.is_alive()
-        wait_until(lambda: int(sentinel.sentinel_get_master_addr_by_name("mm")[1])
-                   == replica.port, timeout=WAIT, message="the sentinels naming the replica")
+        answered, refused = failover_during_a_burst(bal, sentinel, replica)
+        assert {status for status, _ in refused} <= {409, 503}, refused
         # every write answered 200 is served, whatever the new master holds
         for host in answered[-5:] + answered[:5]:
             assert serves(bal, host, host.split(".")[0].encode()), host

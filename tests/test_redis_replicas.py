@@ -16,7 +16,6 @@ failover's because answered writes were missing from the new master.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 from balancer.stores import StoreNotReplicated, StoreUrlError
 from balancer.stores.redis import RedisStore
 from balancer.stores.urls import Replication, split_replication
-from tests.conftest import RedisServer, wait_until
+from tests.conftest import RedisServer, failover_during_a_burst, wait_until
 from tests.support import Balancer, request
 from tests.test_tls import CA
 
@@ -187,28 +186,9 @@ def test_a_sentinel_failover_during_a_burst_loses_no_write_answered_200(
     bal = Balancer(tmp_path, None, store=f"{url}?replicas=1&wait=300",
                    env={"BALANCER_STORE_RESYNC_INTERVAL": "0.5"})
     try:
-        answered: list[str] = []
-        refused: list[str] = []
-
-        def burst() -> None:
-            for n in range(600):  # until writes are refused 5 times, or 600
-                status, answer = bal.api("PUT", f"/api/v1/hosts/h{n}.test", STATIC)
-                if status == 200:
-                    answered.append(f"h{n}.test")
-                    continue
-                refused.append(answer["error"])
-                if len(refused) >= 5:
-                    return
-        writer = threading.Thread(target=burst)
-        writer.start()
-        wait_until(lambda: len(answered) >= 10, timeout=WAIT, message="writes under way")
-        assert sentinel.execute_command("SENTINEL", "FAILOVER", "mm") in (True, "OK", b"OK")
-        writer.join(30)
-        assert not writer.is_alive()
-        wait_until(lambda: int(sentinel.sentinel_get_master_addr_by_name("mm")[1])
-                   == replica.port, timeout=WAIT, message="the sentinels naming the replica")
+        answered, refused = failover_during_a_burst(bal, sentinel, replica)
         # before any restore: the new master holds every write answered 200
         assert set(answered) <= set(replica.client().hkeys("balancer:hosts"))
-        assert "store_not_replicated" in refused, refused
+        assert "store_not_replicated" in {answer["error"] for _, answer in refused}, refused
     finally:
         bal.stop()
