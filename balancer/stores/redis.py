@@ -48,10 +48,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
-from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import SentinelConnectionPool
 
 from balancer.stores import strict_json
 from balancer.stores.acme import Acme, RedisAcme
@@ -79,16 +77,11 @@ from balancer.stores.redis_answers import (
     utf8,
     why,
 )
+from balancer.stores.redis_connect import connect
 from balancer.stores.redis_records import RedisRecords
 from balancer.stores.redis_replicas import Writers, Writing
 from balancer.stores.redis_watch import RedisWatching
-from balancer.stores.urls import (
-    SENTINEL_SCHEME,
-    StoreUrlError,
-    parse_sentinel_url,
-    redact_url,
-    split_replication,
-)
+from balancer.stores.urls import StoreUrlError, redact_url, split_replication
 from balancer.turns import turn
 
 log = logging.getLogger("balancer.store.redis")
@@ -100,32 +93,6 @@ PAUSE_EVERY = 2000        # hosts parsed between two turns of the loop (a big re
 # and no write, not even a whole-table PUT, could ever go above it.)
 VERSION_LIMIT = 2**63 - 1
 HASH_OR_NOTHING = ("hash", "none")
-
-
-def connect(url: str, timeout: float, wait: float = 0.0,
-            max_connections: int | None = None) -> redis.Redis:
-    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``
-    (`url` without the balancer's own options: `split_replication`); its commands
-    time out after `timeout` + `wait` seconds (connecting, and the sentinels,
-    after `timeout`)."""
-    options: dict[str, Any] = {"socket_timeout": timeout + wait,
-                               "socket_connect_timeout": timeout,
-                               "retry": Retry(NoBackoff(), 0), "decode_responses": True,
-                               "encoding_errors": "surrogateescape"}
-    if max_connections is not None:
-        options["max_connections"] = max_connections
-    if url.startswith(SENTINEL_SCHEME):
-        target = parse_sentinel_url(url)
-        sentinel = Sentinel(list(target.sentinels),
-                            sentinel_kwargs={"socket_timeout": timeout,
-                                             "socket_connect_timeout": timeout},
-                            **options)
-        return sentinel.master_for(target.service_name, db=target.db,
-                                   username=target.username, password=target.password)
-    try:
-        return redis.Redis.from_url(url, **options)
-    except ValueError as exc:
-        raise StoreUrlError(f"{redact_url(url)}: {exc}") from None
 
 
 class RedisStore(RedisWatching, Store):
@@ -334,11 +301,11 @@ class RedisStore(RedisWatching, Store):
     def _master_moved(self, client: redis.Redis | None = None) -> bool:
         """Through Sentinel, whether the sentinels name another master than the pooled
         connections of `client` (the store's by default) talk to (which are then
-        dropped: redis-py asks the sentinels only
-        for a new connection). Bug: after ``SENTINEL FAILOVER`` the old master answered
-        writes for up to 10 s (until the sentinels demote it), every one lost with its
-        data, and watchers kept reading it. Sentinels that do not answer are no news:
-        the master may be fine, and it says so itself when it is not."""
+        dropped: redis-py asks the sentinels only for a new connection). Bug: after
+        ``SENTINEL FAILOVER`` the old master answered writes for up to 10 s (until the
+        sentinels demote it), every one lost with its data, and watchers kept reading
+        it. Sentinels that do not answer are no news: the master may be fine, and it
+        says so itself when it is not."""
         pool = (client or self.client).connection_pool
         if not isinstance(pool, SentinelConnectionPool):
             return False
