@@ -104,6 +104,9 @@ _PREFIXES: Final[tuple[tuple[bytes, ...], ...]] = tuple(
                  if name[0] == bytes((b,)).lower()[0]))
     for b in range(256))
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+# The bytes a status line may have (RFC 9112 §4: the reason phrase's HTAB, SP,
+# VCHAR and obs-text; the version and code are some of them).
+STATUS_LINE_BYTES: Final = bytes([9, *range(32, 127), *range(128, 256)])
 # Body-phase bytes with no body byte in them may pass the trailer limit by this
 # much (chunk lines around the section) before the exact measure at the end.
 FRAMING_ROOM: Final = 4096
@@ -182,8 +185,16 @@ class ResponseHead:
         if len(lines) > max_fields + 1:
             raise ProtocolError(502, "too many header fields from backend")
         line = lines[0]
-        # llhttp checked the line is "HTTP/d.d NNN reason": keep code and reason
-        self.status_line = b"HTTP/1.1 " + line[9:]  # as the client will see it
+        # llhttp checked the line is "HTTP/d.d NNN", then the end or a space and
+        # any bytes but CR and LF: keep code and reason, which RFC 9112 §4 bounds
+        # to HTAB, SP, VCHAR and obs-text (bug: a NUL or a DEL in it reached the
+        # client, and the connection went back to the pool)
+        if line.translate(None, STATUS_LINE_BYTES):
+            raise ProtocolError(502, "invalid reason phrase from backend")
+        # as the client will see it, with the space a line without reason lacked
+        # (bug: "HTTP/1.1 200" was forwarded so, which RFC 9112 §4 does not allow)
+        self.status_line = b"HTTP/1.1 " + line[9:] if len(line) > 12 else \
+            b"HTTP/1.1 " + line[9:] + b" "
         self.block = block = head[len(line):]
         lines[0] = b""  # joined, the kept lines make a block again
         content_length = None
