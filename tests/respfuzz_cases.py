@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 LEFTOVER = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nLEFTOVER"
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+LAST = b"0\r\n\r\n"  # the last chunk, no trailers
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,8 @@ def response(status: bytes = b"200 OK", fields: bytes = b"", body: bytes = b"",
 
 def chunked(fields: bytes = b"", chunks: tuple[bytes, ...] = (), trailers: bytes = b"",
             status: bytes = b"200 OK") -> bytes:
-    body = b"".join(chunk for chunk in chunks)
-    return (b"HTTP/1.1 " + status + b"\r\nTransfer-Encoding: chunked\r\n" + fields + b"\r\n"
-            + body + b"0\r\n" + trailers + b"\r\n")
+    return (b"HTTP/1.1 " + status + b"\r\n" + CHUNKED + fields + b"\r\n"
+            + b"".join(chunks) + b"0\r\n" + trailers + b"\r\n")
 
 
 def chunk(data: bytes, size: bytes | None = None, ext: bytes = b"") -> bytes:
@@ -153,7 +154,7 @@ def _lengths(rnd: random.Random, body: bytes) -> Case:
     kind = rnd.randrange(4)
     fields = rnd.choice((good, dup, bad, te)[kind])
     if kind == 3:
-        data = response(fields=fields, length=False) + chunk(body) + b"0\r\n\r\n"
+        data = response(fields=fields, length=False) + chunk(body) + LAST
         return Case("te " + repr(fields[:50]), (data,), Want(200, body, may_502=True,
                                                               may_cut=True), close=True)
     data = response(fields=fields, body=body, length=False)
@@ -218,8 +219,8 @@ def _limits(rnd: random.Random, body: bytes) -> Case:
 def _head_requests(rnd: random.Random, body: bytes) -> Case:
     data, extra = rnd.choice([
         (response(fields=b"Content-Length: %d\r\n" % len(body), length=False), body),
-        (response(fields=b"Transfer-Encoding: chunked\r\n", length=False), chunk(body) + b"0\r\n\r\n"),
-        (response(fields=b"Transfer-Encoding: chunked\r\n", length=False), b""),
+        (response(fields=CHUNKED, length=False), chunk(body) + LAST),
+        (response(fields=CHUNKED, length=False), b""),
         (response(length=False), body)])
     return Case("HEAD with body", (data,), Want(200, may_502=True), close=rnd.random() < 0.5,
                 reusable=not extra, method=b"HEAD", extra=extra)
@@ -250,7 +251,7 @@ def _extra(rnd: random.Random, body: bytes) -> Case:
 def _http10(rnd: random.Random, body: bytes) -> Case:
     fields = rnd.choice([b"", b"Connection: keep-alive\r\n", b"Transfer-Encoding: chunked\r\n"])
     if b"chunked" in fields:
-        data = response(fields=fields, version=b"HTTP/1.0", length=False) + chunk(body) + b"0\r\n\r\n"
+        data = response(fields=fields, version=b"HTTP/1.0", length=False) + chunk(body) + LAST
         return Case("1.0 chunked", (data,), Want(200, body, may_502=True, may_cut=True),
                     close=True)
     data = response(fields=fields, body=body, version=b"HTTP/1.0")
@@ -261,7 +262,8 @@ def _hop_by_hop(rnd: random.Random, body: bytes) -> Case:
     fields = rnd.choice([
         (b"Connection: x-secret\r\nX-Secret: 1\r\n", b"x-secret"),
         (b"X-Secret: 1\r\nConnection: keep-alive, X-SECRET\r\n", b"x-secret"),
-        (b"Keep-Alive: timeout=1\r\n", b"keep-alive"), (b"Proxy-Connection: x\r\n", b"proxy-connection"),
+        (b"Keep-Alive: timeout=1\r\n", b"keep-alive"),
+        (b"Proxy-Connection: x\r\n", b"proxy-connection"),
         (b"Trailer: x-sum\r\n", b"trailer"), (b"Upgrade: h2c\r\n", b"upgrade"),
         (b"TE: trailers\r\n", b"te"), (b"Connection: close\r\nConnection: x-secret\r\n"
                                         b"X-Secret: 1\r\n", b"x-secret")])
