@@ -38,6 +38,8 @@ STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5]\d\d) [\t \x21-\x7e\x80-\xff]*\Z"
 FIELD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t \x21-\x7e\x80-\xff]*\Z")
 SIZE_LINE = re.compile(rb"([0-9a-fA-F]+)(;[\t \x21-\x7e\x80-\xff]*)?\r\n")
 WAIT = 5.0
+# Never forwarded as trailers (a few of `balancer.response_parser.TRAILER_DROPPED`)
+HEAD_ONLY = (b"content-length", b"transfer-encoding", b"connection", b"set-cookie", b"host")
 
 
 class Backend:
@@ -248,6 +250,10 @@ def verdict(case: Case, answer: Answer) -> list[str]:
     got = {name for name, _ in answer.fields} | set(answer.trailers)
     if answer.status == want.status:
         problems += [f"{name!r} forwarded" for name in want.absent if name in got]
+    problems += [f"{name!r} forwarded as a trailer" for name in answer.trailers
+                 if name in HEAD_ONLY]
+    # An HTTP/1.0 client's body ends with the connection: cut, it looks whole.
+    cut = answer.cut or want.may_cut and case.version == b"1.0"
     if answer.status == 502:
         if not want.allows_502():
             problems.append("502 for a response that could be forwarded")
@@ -259,7 +265,7 @@ def verdict(case: Case, answer: Answer) -> list[str]:
         problems.append(f"status {answer.status}, sent {want.status}")
     elif answer.cut and not want.may_cut:
         problems.append("cut short")
-    elif answer.body != (want.body[:len(answer.body)] if answer.cut else want.body):
+    elif answer.body != (want.body[:len(answer.body)] if cut else want.body):
         problems.append(f"body {answer.body[:60]!r}, sent {want.body[:60]!r}")
     return problems
 
