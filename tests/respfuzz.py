@@ -272,8 +272,10 @@ def verdict(case: Case, answer: Answer) -> list[str]:
 
 def request(case_or_check: bytes, method: bytes = b"GET", version: bytes = b"1.1") -> bytes:
     keep = b"Connection: keep-alive\r\n" if version == b"1.0" else b""
+    body = b"upload-" * 3 if method == b"POST" else b""
+    length = b"Content-Length: %d\r\n" % len(body) if body else b""
     return (method + b" " + case_or_check + b" HTTP/" + version + b"\r\nHost: app.test\r\n"
-            + keep + b"\r\n")
+            + keep + length + b"\r\n" + body)
 
 
 def run_case(port: int, backend: Backend, number: int) -> tuple[str, list[str]]:

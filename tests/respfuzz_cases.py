@@ -45,7 +45,7 @@ class Case:
     extra: bytes = b""  # after the response, in its last write (so no later than its end)
     stray: bytes = b""  # written on the connection once the client has the response
     pause: float = 0.0
-    method: bytes = b"GET"
+    method: bytes = b"GET"  # or HEAD, or POST (a small body)
     version: bytes = b"1.1"  # the client's request
     pipelined: bool = False  # the client sends its next request with this one
 
@@ -324,6 +324,8 @@ def generate(seed: int, count: int) -> list[Case]:
             case = replace(case, pipelined=True)
         if case.version == b"1.1" and rnd.random() < 0.1:  # keep-alive, no 1xx, no trailers
             case = replace(case, version=b"1.0")
+        if case.method == b"GET" and rnd.random() < 0.1:  # with a body
+            case = replace(case, method=b"POST")
         cases.append(delivered(case, rnd))
     return cases
 
