@@ -1,0 +1,374 @@
+"""The request framing fuzzer's runner: each case of tests/framefuzz.py goes
+through a real proxy to a `RecordingBackend`, and what reached the backend is
+held against what the client's bytes mean (tests/refhttp.py).
+
+Invariants checked per case (`check`), each failure a line of `Outcome.faults`:
+* every request the backend got is one the client sent, in order, with the
+  body its framing meant (the strict reading, or the lenient one where the RFC
+  lets a recipient choose), and well framed itself (the backend reads it
+  strictly): no request smuggled into another's body, nor out of one;
+* a request that must be refused gets an error (4xx/5xx) and the connection
+  closes after it; nothing from it on is forwarded;
+* no trailer field that only a head may carry (framing, Host) is forwarded.
+
+``python -m tests.fuzzpeer [--cases N] [--seed S] [--haproxy]`` runs a seeded
+batch against a balancer (and HAProxy 2.6 with ``--haproxy``, configured as
+scripts/bench_proxy.py does, the two compared case by case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests import refhttp
+from tests.framefuzz import Case, case
+from tests.rawpeer import serve_each
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+TAG = re.compile(rb"/([fs])(\d+)(?:-(\d+))?")
+CLOSE_WAIT = 2.0  # how long a connection may stay open after an error answer
+WAIT = 5.0
+HEAD_ONLY = frozenset((b"content-length", b"transfer-encoding", b"host", b"connection", b"te",
+                       b"trailer", b"expect", b"upgrade", b"keep-alive"))
+
+
+@dataclass
+class Received:
+    request: refhttp.Request
+    case_id: int  # the case whose tag its target carries (-1: none)
+
+
+class RecordingBackend:
+    """Reads each connection's requests strictly (`refhttp`) as they come and
+    answers each OK; what it cannot read is a fault, and ends the connection."""
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self.unreadable: list[tuple[int, bytes, str]] = []  # (case, bytes, reason)
+        self.case_id = -1  # the case being run (faults without a tag go to it)
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        serve_each(self.listener, self._serve)
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(60)
+        buffer, pos = b"", 0
+        with conn:
+            while True:
+                try:
+                    more = conn.recv(65536)
+                except OSError:
+                    return
+                if not more:
+                    return
+                buffer += more
+                reading = refhttp.read_stream(buffer[pos:])
+                for request in reading.requests:
+                    match = TAG.search(b"/" + request.host + request.path)
+                    with self.lock:
+                        self.received.append(Received(request, int(match.group(2))
+                                                      if match else -1))
+                    try:
+                        conn.sendall(OK)
+                    except OSError:
+                        return
+                if reading.requests:
+                    pos += reading.requests[-1].end
+                if reading.end == "refused" or (reading.requests
+                                                and not reading.requests[-1].keep_alive):
+                    if reading.end == "refused":
+                        with self.lock:
+                            self.unreadable.append((self.case_id, buffer[pos:][:300],
+                                                    reading.reason))
+                    return
+
+    def of_case(self, case_id: int) -> list[refhttp.Request]:
+        with self.lock:
+            return [r.request for r in self.received if r.case_id == case_id]
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@dataclass
+class Outcome:
+    case: Case
+    statuses: list[int]  # the final answers, in order
+    closed: bool | None  # the proxy closed the connection (None: after our half-close)
+    forwarded: list[refhttp.Request] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # choices the RFC allows
+
+    def signature(self) -> tuple:
+        return (tuple(self.statuses),
+                tuple((r.path, r.body, tuple(n for n, _ in r.trailers)) for r in self.forwarded))
+
+
+def response_statuses(data: bytes) -> tuple[list[int], bool]:
+    """The final statuses of the responses in `data`, and whether the last is whole."""
+    statuses, pos = [], 0
+    while pos < len(data):
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            return statuses, False
+        head = data[pos:end]
+        try:
+            status = int(head[9:12])
+        except ValueError:
+            return statuses, False
+        match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        length = int(match.group(1)) if match else 0
+        if not match and status >= 200 and status not in (204, 304):
+            length = len(data) - end - 4  # delimited by the close
+        pos = end + 4 + length
+        if status >= 200:
+            statuses.append(status)
+    return statuses, pos == len(data)
+
+
+def exchange(port: int, item: Case, strict: refhttp.Reading,
+             lenient: refhttp.Reading) -> tuple[list[int], bool | None]:
+    """Send the case's bytes (cut at its `splits`) and read the answers: our
+    half-close at once when nothing must be refused, else only once the
+    lenient reading's answers all came (an error answer must close)."""
+    refuse = strict.end == "refused"
+    data, bounds = item.data, [0, *item.splits, len(item.data)]
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for a, b in zip(bounds, bounds[1:], strict=False):
+                sock.sendall(data[a:b])
+            if not refuse:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        received, half_closed = b"", not refuse
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            statuses, whole = response_statuses(received)
+            if refuse and whole and statuses and statuses[-1] >= 400:
+                deadline = min(deadline, time.monotonic() + CLOSE_WAIT)
+            elif (refuse and not half_closed and whole and lenient.end != "refused"
+                  and statuses == [200] * len(lenient.requests)):
+                sock.shutdown(socket.SHUT_WR)
+                half_closed = True
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                more = sock.recv(65536)
+            except TimeoutError:
+                break
+            except OSError:
+                more = b""
+            if not more:
+                return response_statuses(received)[0], None if half_closed else True
+            received += more
+        return response_statuses(received)[0], False
+
+
+def same(got: refhttp.Request, sent: refhttp.Request) -> bool:
+    # (an HTTP/1.0 request without Host goes with one the proxy chose)
+    return (got.method == sent.method and got.path == sent.path and got.body == sent.body
+            and (not sent.host or got.host.lower() == sent.host.lower()))
+
+
+def check(item: Case, statuses: list[int], closed: bool | None,
+          forwarded: list[refhttp.Request]) -> Outcome:
+    """The outcome of one case (module doc)."""
+    out = Outcome(item, statuses, closed, forwarded)
+    strict, lenient = refhttp.read_stream(item.data), refhttp.read_stream(item.data, True)
+    reading = None
+    for candidate in (strict, lenient):
+        if (len(forwarded) <= len(candidate.requests)
+                and all(same(g, s) for g, s in zip(forwarded, candidate.requests, strict=False))):
+            reading = candidate
+            break
+    if reading is None:
+        out.faults.append("forwarded otherwise than the client's framing: %r"
+                          % [(r.method, r.path, r.body[:40]) for r in forwarded])
+        return out
+    if reading is lenient and len(forwarded) > len(strict.requests):
+        out.notes.append("read leniently where a refusal was allowed: " + strict.reason)
+    for request in forwarded:
+        bad = [n for n, _ in request.trailers if n in HEAD_ONLY]
+        if bad:
+            out.faults.append(f"trailer fields only a head may carry forwarded: {bad!r}")
+    if statuses[:len(forwarded)] != [200] * min(len(forwarded), len(statuses)):
+        out.faults.append(f"answers {statuses!r} for {len(forwarded)} forwarded requests")
+    after = statuses[len(forwarded):]
+    if len(forwarded) < len(reading.requests) or reading.end == "refused":
+        if not after:
+            if reading.end != "incomplete" or len(forwarded) < len(reading.requests):
+                out.notes.append("closed without an answer")
+        elif after[0] < 400:
+            out.faults.append(f"a request that must be refused answered {after[0]}")
+        elif len(after) > 1:
+            out.faults.append(f"answers after an error: {statuses!r}")
+        elif closed is False:
+            out.faults.append("the connection stayed open after the error answer")
+        elif (len(forwarded) == len(reading.requests) and reading.statuses
+              and after[0] not in reading.statuses):
+            out.notes.append(f"answered {after[0]} where {reading.statuses!r} was expected "
+                             f"({reading.reason})")
+        if len(forwarded) < len(reading.requests):
+            out.notes.append(f"refused a request the reading accepts "
+                             f"({len(forwarded) + 1} of {len(reading.requests)})")
+    return out
+
+
+def run_case(port: int, backend: RecordingBackend, item: Case
+             ) -> tuple[list[int], bool | None]:
+    backend.case_id = item.case_id
+    strict, lenient = refhttp.read_stream(item.data), refhttp.read_stream(item.data, True)
+    return exchange(port, item, strict, lenient)
+
+
+def settled(backend: RecordingBackend) -> None:
+    """Wait (bounded) until the backend has received nothing new for a while: a
+    request forwarded after its client's connection closed is counted too."""
+    seen, quiet_since = -1, time.monotonic()
+    deadline = quiet_since + WAIT
+    while time.monotonic() < deadline:
+        with backend.lock:
+            count = len(backend.received) + len(backend.unreadable)
+        if count != seen:
+            seen, quiet_since = count, time.monotonic()
+        elif time.monotonic() - quiet_since > 0.3:
+            return
+        time.sleep(0.05)
+
+
+def serves(port: int) -> bool:
+    """Whether the proxy still answers a plain request (the worker kept serving)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(b"GET /alive HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+        data = b""
+        while more := sock.recv(65536):
+            data += more
+    return data.startswith(b"HTTP/1.1 200 ")
+
+
+def run_batch(port: int, backend: RecordingBackend, seed: int, count: int,
+              start: int = 0) -> list[Outcome]:
+    runs, stopped = [], ""
+    for n in range(start, start + count):
+        item = case(seed, n)
+        runs.append((item, *run_case(port, backend, item)))
+        if n % 50 == 49 and not serves(port):
+            stopped = "the proxy stopped serving"
+            break
+    settled(backend)
+    outcomes = [check(item, statuses, closed, backend.of_case(item.case_id))
+                for item, statuses, closed in runs]
+    if stopped or not serves(port):
+        outcomes[-1].faults.append("the proxy stopped serving")
+    with backend.lock:
+        strays = [r.request for r in backend.received
+                  if r.case_id < 0 and r.request.path != b"/alive"]
+        for case_id, data, reason in backend.unreadable:
+            for out in outcomes:
+                if out.case.case_id == case_id:
+                    out.faults.append(f"the backend could not read {data!r} ({reason})")
+    if strays:  # (every target the generator makes carries its case)
+        outcomes[-1].faults.append("requests of no case forwarded: %r"
+                                   % [(r.method, r.host, r.path) for r in strays])
+    return outcomes
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    lines = [f"{len(outcomes)} cases"]
+    notes: Counter = Counter()
+    examples: dict[tuple, Outcome] = {}
+    for out in outcomes:
+        for note in out.notes:
+            key = (note.split(" (")[0], tuple(out.case.labels))
+            notes[key] += 1
+            examples.setdefault(key, out)
+    for (note, labels), count in notes.most_common():
+        example = examples[note, labels]
+        lines.append(f"  note x{count}: {note} {list(labels)} answers {example.statuses}\n"
+                     f"    {example.case.data!r}")
+    for out in outcomes:
+        for fault in out.faults:
+            lines.append(f"FAULT case {out.case.case_id} {out.case.labels}: {fault}\n"
+                         f"    {out.case.data!r}")
+    return "\n".join(lines)
+
+
+def start_haproxy(backend: str, workdir: Path):  # noqa: ANN201 - (Proc, port)
+    from loadtest import configs
+    from loadtest.procs import Processes, free_port, wait_for_port
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    procs = Processes(workdir)
+    port = free_port()
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(configs.haproxy(port, [backend], 4096, 2000))
+    proc = procs.start("haproxy", ["haproxy", "-db", "-f", str(conf)])
+    wait_for_port(proc, port)
+    return procs, proc, port
+
+
+def diff(ours: list[Outcome], theirs: list[Outcome]) -> str:
+    """The cases HAProxy and the balancer treated differently, by kind and operator."""
+    kinds: Counter = Counter()
+    examples: dict[tuple, Case] = {}
+    for a, b in zip(ours, theirs, strict=False):
+        if a.signature() == b.signature():
+            continue
+        if len(a.forwarded) != len(b.forwarded):
+            kind = ("balancer forwards more" if len(a.forwarded) > len(b.forwarded)
+                    else "haproxy forwards more")
+        elif a.statuses != b.statuses:
+            ours, theirs = a.statuses[len(a.forwarded):], b.statuses[len(b.forwarded):]
+            kind = f"same forwarding, answers {ours} vs {theirs}"
+        else:
+            kind = "forwarded differently"
+        key = (kind, tuple(a.case.labels))
+        kinds[key] += 1
+        examples.setdefault(key, a.case)
+    lines = []
+    for (kind, labels), count in kinds.most_common():
+        lines.append(f"x{count} {kind} {list(labels)}\n    {examples[kind, labels].data!r}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    from tests.support import Balancer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--haproxy", action="store_true", help="compare with HAProxy 2.6")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = RecordingBackend()
+        bal = Balancer(Path(tmp), {"*": {"action": "proxy", "backends": [backend.address]}})
+        try:
+            ours = run_batch(bal.port, backend, args.seed, args.cases)
+        finally:
+            bal.stop()
+        print("balancer:", summary(ours))
+        if args.haproxy:
+            theirs_backend = RecordingBackend()
+            procs, proc, port = start_haproxy(theirs_backend.address, Path(tmp) / "haproxy")
+            try:
+                theirs = run_batch(port, theirs_backend, args.seed, args.cases)
+            finally:
+                procs.stop(proc)
+            print("haproxy:", summary(theirs))
+            print("disagreements:\n" + diff(ours, theirs))
+    return 1 if any(o.faults for o in ours) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

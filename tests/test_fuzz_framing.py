@@ -1,0 +1,90 @@
+"""Request framing fuzzed end to end: seeded mutated request streams
+(tests/framefuzz.py) through a real balancer to a backend that reads what it
+gets strictly and records it (tests/fuzzpeer.py), each case held against an
+RFC 9112 reading of the client's bytes (tests/refhttp.py): nothing smuggled
+into or out of a body, every refusal an error answer and a close, the worker
+still serving. A few hundred cases here; ``BALANCER_FUZZ_CASES=20000`` (and
+``BALANCER_FUZZ_SEED``) runs more locally, ``python -m tests.fuzzpeer
+--haproxy`` compares with HAProxy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from balancer.http11 import END, ProtocolError, RequestParser
+from tests import refhttp
+from tests.framefuzz import case
+from tests.fuzzpeer import RecordingBackend, check, run_batch, summary
+from tests.support import Balancer
+
+pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
+
+CASES = int(os.environ.get("BALANCER_FUZZ_CASES", "180"))
+SEED = int(os.environ.get("BALANCER_FUZZ_SEED", "20261206"))
+SPLIT_CASES = max(40, CASES // 5)
+
+
+def test_mutated_request_streams_reach_the_backend_as_the_client_framed_them(
+        tmp_path) -> None:
+    backend = RecordingBackend()
+    bal = Balancer(tmp_path, {"*": {"action": "proxy", "backends": [backend.address]}})
+    try:
+        outcomes = run_batch(bal.port, backend, SEED, CASES)
+    finally:
+        bal.stop()
+        backend.stop()
+    assert not any(out.faults for out in outcomes), summary(outcomes)
+    assert "Traceback" not in bal.output(), bal.output()[-3000:]
+    # the batch reached both ends: requests forwarded, and requests refused
+    assert sum(len(out.forwarded) for out in outcomes) > CASES // 2
+    assert sum(any(s >= 400 for s in out.statuses) for out in outcomes) > CASES // 4
+
+
+def test_the_checks_catch_a_smuggled_request_and_a_changed_body() -> None:
+    """The fuzzer can fail: a bait forwarded as a request of its own, or a body
+    cut otherwise than the client framed it, is a fault."""
+    item = case(SEED, 0)
+    item.data = (b"POST /f0-0 HTTP/1.1\r\nHost: app.test\r\nContent-Length: 37\r\n\r\n"
+                 b"GET /s0 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    reading = refhttp.read_stream(item.data)
+    assert check(item, [200], None, reading.requests).faults == []
+    bait = refhttp.read_stream(item.data[item.data.index(b"GET"):]).requests
+    assert check(item, [200, 200], None, [*reading.requests, *bait]).faults
+    cut = refhttp.read_stream(item.data.replace(b"37", b"3", 1)).requests
+    assert check(item, [200], None, cut[:1]).faults
+
+
+def events(chunks: list[bytes]) -> tuple[list, int | None]:
+    """What a parser makes of `chunks`: each head's target and each body whole,
+    and the status of its refusal (None)."""
+    parser = RequestParser()
+    status = None
+    try:
+        for chunk in chunks:
+            parser.feed(chunk)
+    except ProtocolError as exc:
+        status = exc.status
+    out, body = [], b""
+    for event in parser.events:
+        if event is END:
+            out.append(body)
+            body = b""
+        elif isinstance(event, bytes):
+            body += event
+        elif isinstance(event, tuple):
+            body += event[0][event[1]:]
+        else:
+            out.append(event.target)
+    return out, status
+
+
+def test_every_cut_of_a_mutated_stream_parses_as_the_whole() -> None:
+    """Each case cut in two at every byte: the same requests, bodies and refusal."""
+    for n in range(SPLIT_CASES):
+        data = case(SEED + 1, n).data
+        whole = events([data])
+        for cut in range(1, len(data)):
+            assert events([data[:cut], data[cut:]]) == whole, (data, cut)
