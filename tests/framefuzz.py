@@ -288,9 +288,22 @@ def underscore(draft: Draft, rnd: random.Random) -> str:
     return "odd-name"
 
 
+def big_head(draft: Draft, rnd: random.Random) -> str:
+    """A head past the 4 KiB a pipelined head is first looked for in
+    (`balancer.http11.WINDOW`), or with many fields (100 is the limit)."""
+    if rnd.random() < 0.5:
+        pad = [b"X-Pad: " + b"a" * rnd.randrange(3000, 9000)]
+    else:
+        pad = [b"X-Pad-%d: %d" % (i, i) for i in range(rnd.randrange(90, 100))]
+    at = rnd.randrange(len(draft.fields) + 1)
+    draft.fields[at:at] = pad
+    return "big-head"
+
+
 OPERATORS: list[Callable[[Draft, random.Random], str]] = [
     te_and_length, te_value, length_value, size_line, trailer, obs_fold, space_before_colon,
-    insert_byte, line_ends, target_form, host_fields, http10, expect, connection, underscore]
+    insert_byte, line_ends, target_form, host_fields, http10, expect, connection, underscore,
+    big_head]
 
 
 @dataclass
@@ -301,10 +314,11 @@ class Case:
     splits: list[int]  # where to cut the bytes into separate sends
 
 
-def case(seed: int, n: int) -> Case:
-    """The `n`-th case of `seed` (deterministic)."""
+def case(seed: int, n: int, case_id: int | None = None) -> Case:
+    """The `n`-th case of `seed` (deterministic), its targets tagged with `case_id`
+    (`n` by default)."""
     rnd = random.Random(seed * 1_000_003 + n)
-    case_id = n
+    case_id = n if case_id is None else case_id
     drafts = [rnd.choice(BASES)(case_id, i, rnd) for i in range(rnd.randrange(1, 4))]
     target = rnd.randrange(len(drafts))
     labels = [rnd.choice(OPERATORS)(drafts[target], rnd)

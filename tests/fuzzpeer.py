@@ -36,7 +36,8 @@ from tests.rawpeer import serve_each
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 TAG = re.compile(rb"/([fs])(\d+)(?:-(\d+))?")
 CLOSE_WAIT = 2.0  # how long a connection may stay open after an error answer
-WAIT = 5.0
+WAIT = 5.0  # how long the proxy may be silent before the case ends (`Batch.quiet`)
+CUT_IDS = 10_000_000  # the case ids of `run_cuts` (its cases tagged apart from a batch's)
 HEAD_ONLY = frozenset((b"content-length", b"transfer-encoding", b"host", b"connection", b"te",
                        b"trailer", b"expect", b"upgrade", b"keep-alive"))
 
@@ -72,7 +73,7 @@ class RecordingBackend:
                 if not more:
                     return
                 buffer += more
-                reading = refhttp.read_stream(buffer[pos:])
+                reading = refhttp.read_stream(buffer[pos:], framing_only=True)
                 for request in reading.requests:
                     match = TAG.search(b"/" + request.host + request.path)
                     with self.lock:
@@ -136,28 +137,51 @@ def response_statuses(data: bytes) -> tuple[list[int], bool]:
     return statuses, pos == len(data)
 
 
-def exchange(port: int, item: Case, strict: refhttp.Reading,
-             lenient: refhttp.Reading) -> tuple[list[int], bool | None]:
-    """Send the case's bytes (cut at its `splits`) and read the answers: our
-    half-close at once when nothing must be refused, else only once the
-    lenient reading's answers all came (an error answer must close)."""
+def unread(port: int, client_port: int) -> int | None:
+    """The bytes waiting in the proxy's receive queue of its connection from
+    `client_port` (/proc/net/tcp), None once that connection is gone."""
+    local, remote = f"0100007F:{port:04X}", f"0100007F:{client_port:04X}"
+    with open("/proc/net/tcp") as table:
+        for line in table:
+            fields = line.split()
+            if fields[1] == local and fields[2] == remote:
+                return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def read_by_proxy(port: int, client_port: int) -> None:
+    """Wait (bounded) until the proxy has read every byte sent so far: the next
+    piece then comes in a read of its own."""
+    deadline = time.monotonic() + WAIT
+    while unread(port, client_port) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def exchange(port: int, item: Case, strict: refhttp.Reading, lenient: refhttp.Reading,
+             quiet: float = WAIT, apart: bool = False) -> tuple[list[int], bool | None]:
+    """Send the case's bytes (cut at its `splits`; `apart`: each piece read by the
+    proxy before the next is sent) and read the answers: our half-close at once
+    when nothing must be refused, else only once the lenient reading's answers
+    all came (an error answer must close)."""
     refuse = strict.end == "refused"
     data, bounds = item.data, [0, *item.splits, len(item.data)]
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             for a, b in zip(bounds, bounds[1:], strict=False):
+                if apart and a:
+                    read_by_proxy(port, sock.getsockname()[1])
                 sock.sendall(data[a:b])
             if not refuse:
                 sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         received, half_closed = b"", not refuse
-        deadline = time.monotonic() + WAIT
+        deadline = time.monotonic() + quiet
         while time.monotonic() < deadline:
             statuses, whole = response_statuses(received)
             if refuse and whole and statuses and statuses[-1] >= 400:
-                deadline = min(deadline, time.monotonic() + CLOSE_WAIT)
+                deadline = min(deadline, time.monotonic() + min(CLOSE_WAIT, quiet))
             elif (refuse and not half_closed and whole and lenient.end != "refused"
                   and statuses == [200] * len(lenient.requests)):
                 sock.shutdown(socket.SHUT_WR)
@@ -172,6 +196,7 @@ def exchange(port: int, item: Case, strict: refhttp.Reading,
             if not more:
                 return response_statuses(received)[0], None if half_closed else True
             received += more
+            deadline = max(deadline, time.monotonic() + quiet)
         return response_statuses(received)[0], False
 
 
@@ -225,11 +250,11 @@ def check(item: Case, statuses: list[int], closed: bool | None,
     return out
 
 
-def run_case(port: int, backend: RecordingBackend, item: Case
-             ) -> tuple[list[int], bool | None]:
+def run_case(port: int, backend: RecordingBackend, item: Case, quiet: float = WAIT,
+             apart: bool = False) -> tuple[list[int], bool | None]:
     backend.case_id = item.case_id
     strict, lenient = refhttp.read_stream(item.data), refhttp.read_stream(item.data, True)
-    return exchange(port, item, strict, lenient)
+    return exchange(port, item, strict, lenient, quiet, apart)
 
 
 def settled(backend: RecordingBackend) -> None:
@@ -247,6 +272,28 @@ def settled(backend: RecordingBackend) -> None:
         time.sleep(0.05)
 
 
+def run_cuts(port: int, backend: RecordingBackend, seed: int, count: int,
+             longest: int = 200) -> list[Outcome]:
+    """The first `count` cases of `seed` of at most `longest` bytes, each cut in
+    two at every byte, the proxy reading the first piece before the second
+    comes: the partial reads a whole batch seldom makes (a head, a size line,
+    a body cut anywhere)."""
+    runs, n = [], 0
+    while count:
+        n += 1
+        size = len(case(seed, n, CUT_IDS + n * 1000).data)  # (ids of as many digits)
+        if size > longest:
+            continue
+        count -= 1
+        for cut in range(1, size):
+            item = case(seed, n, CUT_IDS + n * 1000 + cut)
+            item.splits = [cut]
+            runs.append((item, *run_case(port, backend, item, apart=True)))
+    settled(backend)
+    return [check(item, statuses, closed, backend.of_case(item.case_id))
+            for item, statuses, closed in runs]
+
+
 def serves(port: int) -> bool:
     """Whether the proxy still answers a plain request (the worker kept serving)."""
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
@@ -258,11 +305,13 @@ def serves(port: int) -> bool:
 
 
 def run_batch(port: int, backend: RecordingBackend, seed: int, count: int,
-              start: int = 0) -> list[Outcome]:
+              start: int = 0, quiet: float = WAIT) -> list[Outcome]:
+    """Cases `start` to `start + count` of `seed`, checked (`quiet`: how long a
+    proxy may be silent before a case ends)."""
     runs, stopped = [], ""
     for n in range(start, start + count):
         item = case(seed, n)
-        runs.append((item, *run_case(port, backend, item)))
+        runs.append((item, *run_case(port, backend, item, quiet)))
         if n % 50 == 49 and not serves(port):
             stopped = "the proxy stopped serving"
             break
@@ -284,6 +333,12 @@ def run_batch(port: int, backend: RecordingBackend, seed: int, count: int,
     return outcomes
 
 
+def shown(data: bytes, room: int = 400) -> str:
+    """`data` as a literal, cut to about `room` characters."""
+    text = repr(data)
+    return text if len(text) <= room else f"{text[:room]}... ({len(data)} bytes)"
+
+
 def summary(outcomes: list[Outcome]) -> str:
     lines = [f"{len(outcomes)} cases"]
     notes: Counter = Counter()
@@ -296,11 +351,11 @@ def summary(outcomes: list[Outcome]) -> str:
     for (note, labels), count in notes.most_common():
         example = examples[note, labels]
         lines.append(f"  note x{count}: {note} {list(labels)} answers {example.statuses}\n"
-                     f"    {example.case.data!r}")
+                     f"    {shown(example.case.data)}")
     for out in outcomes:
         for fault in out.faults:
             lines.append(f"FAULT case {out.case.case_id} {out.case.labels}: {fault}\n"
-                         f"    {out.case.data!r}")
+                         f"    {shown(out.case.data)}")
     return "\n".join(lines)
 
 
@@ -319,27 +374,31 @@ def start_haproxy(backend: str, workdir: Path):  # noqa: ANN201 - (Proc, port)
 
 
 def diff(ours: list[Outcome], theirs: list[Outcome]) -> str:
-    """The cases HAProxy and the balancer treated differently, by kind and operator."""
+    """The cases HAProxy and the balancer treated differently: by kind and by why
+    the reference reading refuses the request where they part (or the
+    operators that made it, when it reads it), the shortest case of each."""
     kinds: Counter = Counter()
     examples: dict[tuple, Case] = {}
     for a, b in zip(ours, theirs, strict=False):
         if a.signature() == b.signature():
             continue
-        if len(a.forwarded) != len(b.forwarded):
-            kind = ("balancer forwards more" if len(a.forwarded) > len(b.forwarded)
-                    else "haproxy forwards more")
+        ahead, behind = len(a.forwarded), len(b.forwarded)
+        if ahead != behind:
+            kind = "balancer forwards more" if ahead > behind else "haproxy forwards more"
         elif a.statuses != b.statuses:
-            ours, theirs = a.statuses[len(a.forwarded):], b.statuses[len(b.forwarded):]
-            kind = f"same forwarding, answers {ours} vs {theirs}"
+            kind = (f"same forwarding, answers {a.statuses[ahead:]} (balancer) vs "
+                    f"{b.statuses[behind:]} (haproxy)")
         else:
             kind = "forwarded differently"
-        key = (kind, tuple(a.case.labels))
+        reading = refhttp.read_stream(a.case.data)
+        why = (reading.reason if len(reading.requests) <= min(ahead, behind)
+               else "reading accepts it: " + "+".join(a.case.labels))
+        key = (kind, why)
         kinds[key] += 1
-        examples.setdefault(key, a.case)
-    lines = []
-    for (kind, labels), count in kinds.most_common():
-        lines.append(f"x{count} {kind} {list(labels)}\n    {examples[kind, labels].data!r}")
-    return "\n".join(lines)
+        if key not in examples or len(a.case.data) < len(examples[key].data):
+            examples[key] = a.case
+    return "\n".join(f"x{count} {kind}: {why}\n    {shown(examples[kind, why].data)}"
+                     for (kind, why), count in kinds.most_common())
 
 
 def main() -> int:
@@ -349,25 +408,33 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--haproxy", action="store_true", help="compare with HAProxy 2.6")
+    parser.add_argument("--cuts", type=int, default=0,
+                        help="cases (of 200 bytes at most) also sent cut at every byte")
+    parser.add_argument("--quiet", type=float, default=1.0,
+                        help="seconds a proxy may be silent before a case ends")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         backend = RecordingBackend()
         bal = Balancer(Path(tmp), {"*": {"action": "proxy", "backends": [backend.address]}})
         try:
-            ours = run_batch(bal.port, backend, args.seed, args.cases)
+            ours = run_batch(bal.port, backend, args.seed, args.cases, quiet=args.quiet)
+            ours_cut = run_cuts(bal.port, backend, args.seed, args.cuts)
         finally:
             bal.stop()
         print("balancer:", summary(ours))
+        if args.cuts:
+            print("balancer, cut at every byte:", summary(ours_cut))
         if args.haproxy:
             theirs_backend = RecordingBackend()
             procs, proc, port = start_haproxy(theirs_backend.address, Path(tmp) / "haproxy")
             try:
-                theirs = run_batch(port, theirs_backend, args.seed, args.cases)
+                theirs = run_batch(port, theirs_backend, args.seed, args.cases,
+                                   quiet=args.quiet)
             finally:
                 procs.stop(proc)
             print("haproxy:", summary(theirs))
             print("disagreements:\n" + diff(ours, theirs))
-    return 1 if any(o.faults for o in ours) else 0
+    return 1 if any(o.faults for o in ours + ours_cut) else 0
 
 
 if __name__ == "__main__":

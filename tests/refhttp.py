@@ -74,8 +74,10 @@ class Reading:
     statuses: tuple[int, ...] = ()
 
 
-def read_stream(data: bytes, lenient: bool = False) -> Reading:
-    """Every request in `data`, in order, up to the first refused or unfinished one."""
+def read_stream(data: bytes, lenient: bool = False, framing_only: bool = False) -> Reading:
+    """Every request in `data`, in order, up to the first refused or unfinished one
+    (`framing_only`: what a backend behind a proxy checks: the syntax and the
+    framing, not the target, Host or Expect, which are the proxy's to judge)."""
     requests: list[Request] = []
     pos = 0
     while True:
@@ -86,7 +88,7 @@ def read_stream(data: bytes, lenient: bool = False) -> Reading:
         if pos >= len(data):
             return Reading(requests, "whole")
         try:
-            request = read_request(data, pos, lenient)
+            request = read_request(data, pos, lenient, framing_only)
         except Refused as exc:
             return Reading(requests, "refused", exc.reason, exc.statuses)
         except Incomplete:
@@ -97,7 +99,8 @@ def read_stream(data: bytes, lenient: bool = False) -> Reading:
             return Reading(requests, "whole")
 
 
-def read_request(data: bytes, pos: int, lenient: bool) -> Request:
+def read_request(data: bytes, pos: int, lenient: bool, framing_only: bool = False
+                 ) -> Request:
     start = pos
     head_end = data.find(b"\r\n\r\n", pos)
     if head_end < 0:
@@ -111,7 +114,16 @@ def read_request(data: bytes, pos: int, lenient: bool) -> Request:
     fields = head_fields(lines[1:], lenient)
     request = Request(method, target, version, fields, b"", b"")
     request.start = start
-    route(request)
+    if framing_only:
+        request.host = (request.values(b"host") or [b""])[0]
+        request.path = request.target
+        match = re.match(rb"(?i)https?://([^/?]*)(.*)\Z", request.target)
+        if match:  # (absolute-form forwarded as it came)
+            request.host = match.group(1)
+            rest = match.group(2)
+            request.path = rest if rest.startswith(b"/") else b"/" + rest
+    else:
+        route(request)
     pos = head_end + 4
     length, request.chunked = framing(request, lenient)
     if request.chunked:
@@ -123,7 +135,8 @@ def read_request(data: bytes, pos: int, lenient: bool) -> Request:
         pos += length
     request.end = pos
     request.keep_alive = keeps_alive(request)
-    expectation(request, lenient)
+    if not framing_only:
+        expectation(request, lenient)
     return request
 
 
