@@ -11,23 +11,17 @@ Invariants checked per case (`check`), each failure a line of `Outcome.faults`:
   closes after it; nothing from it on is forwarded;
 * no trailer field that only a head may carry (framing, Host) is forwarded.
 
-``python -m tests.fuzzpeer [--cases N] [--seed S] [--haproxy]`` runs a seeded
-batch against a balancer (and HAProxy 2.6 with ``--haproxy``, configured as
-scripts/bench_proxy.py does, the two compared case by case).
+``python -m tests.fuzzcli`` runs a seeded batch (tests/fuzzcli.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import socket
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tests import refhttp
 from tests.framefuzz import Case, case
@@ -357,85 +351,3 @@ def summary(outcomes: list[Outcome]) -> str:
             lines.append(f"FAULT case {out.case.case_id} {out.case.labels}: {fault}\n"
                          f"    {shown(out.case.data)}")
     return "\n".join(lines)
-
-
-def start_haproxy(backend: str, workdir: Path):  # noqa: ANN201 - (Proc, port)
-    from loadtest import configs
-    from loadtest.procs import Processes, free_port, wait_for_port
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    procs = Processes(workdir)
-    port = free_port()
-    conf = workdir / "haproxy.cfg"
-    conf.write_text(configs.haproxy(port, [backend], 4096, 2000))
-    proc = procs.start("haproxy", ["haproxy", "-db", "-f", str(conf)])
-    wait_for_port(proc, port)
-    return procs, proc, port
-
-
-def diff(ours: list[Outcome], theirs: list[Outcome]) -> str:
-    """The cases HAProxy and the balancer treated differently: by kind and by why
-    the reference reading refuses the request where they part (or the
-    operators that made it, when it reads it), the shortest case of each."""
-    kinds: Counter = Counter()
-    examples: dict[tuple, Case] = {}
-    for a, b in zip(ours, theirs, strict=False):
-        if a.signature() == b.signature():
-            continue
-        ahead, behind = len(a.forwarded), len(b.forwarded)
-        if ahead != behind:
-            kind = "balancer forwards more" if ahead > behind else "haproxy forwards more"
-        elif a.statuses != b.statuses:
-            kind = (f"same forwarding, answers {a.statuses[ahead:]} (balancer) vs "
-                    f"{b.statuses[behind:]} (haproxy)")
-        else:
-            kind = "forwarded differently"
-        reading = refhttp.read_stream(a.case.data)
-        why = (reading.reason if len(reading.requests) <= min(ahead, behind)
-               else "reading accepts it: " + "+".join(a.case.labels))
-        key = (kind, why)
-        kinds[key] += 1
-        if key not in examples or len(a.case.data) < len(examples[key].data):
-            examples[key] = a.case
-    return "\n".join(f"x{count} {kind}: {why}\n    {shown(examples[kind, why].data)}"
-                     for (kind, why), count in kinds.most_common())
-
-
-def main() -> int:
-    from tests.support import Balancer
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--haproxy", action="store_true", help="compare with HAProxy 2.6")
-    parser.add_argument("--cuts", type=int, default=0,
-                        help="cases (of 200 bytes at most) also sent cut at every byte")
-    parser.add_argument("--quiet", type=float, default=1.0,
-                        help="seconds a proxy may be silent before a case ends")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        backend = RecordingBackend()
-        bal = Balancer(Path(tmp), {"*": {"action": "proxy", "backends": [backend.address]}})
-        try:
-            ours = run_batch(bal.port, backend, args.seed, args.cases, quiet=args.quiet)
-            ours_cut = run_cuts(bal.port, backend, args.seed, args.cuts)
-        finally:
-            bal.stop()
-        print("balancer:", summary(ours))
-        if args.cuts:
-            print("balancer, cut at every byte:", summary(ours_cut))
-        if args.haproxy:
-            theirs_backend = RecordingBackend()
-            procs, proc, port = start_haproxy(theirs_backend.address, Path(tmp) / "haproxy")
-            try:
-                theirs = run_batch(port, theirs_backend, args.seed, args.cases,
-                                   quiet=args.quiet)
-            finally:
-                procs.stop(proc)
-            print("haproxy:", summary(theirs))
-            print("disagreements:\n" + diff(ours, theirs))
-    return 1 if any(o.faults for o in ours + ours_cut) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

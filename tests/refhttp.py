@@ -318,6 +318,7 @@ def expectation(request: Request, lenient: bool) -> None:
     """An expectation other than 100-continue may get a 417 (RFC 9110 §10.1.1)."""
     if request.version == b"1.0":
         return
-    for value in request.values(b"expect"):
-        if value.lower() != b"100-continue" and not lenient:
-            raise Refused("unknown expectation", (417, 400))
+    members = [m.strip(OWS).lower() for value in request.values(b"expect")
+               for m in value.split(b",")]
+    if any(m and m != b"100-continue" for m in members) and not lenient:  # (§5.6.1.2:
+        raise Refused("unknown expectation", (417, 400))  # empty elements ignored)
