@@ -895,9 +895,7 @@ class RequestParser(_Parser):
                     self._fail(501, "unsupported Transfer-Encoding")
                 chunked = True
             elif lname == b"expect":
-                if value.strip().lower() != b"100-continue":
-                    self._fail(417, "unsupported Expect")
-                expect_continue = True
+                expect_continue = self._expectation(value) or expect_continue
             elif lname == b"upgrade":
                 upgrade = value.strip()
             else:  # UNDERSCORE_FRAMING
@@ -907,6 +905,18 @@ class RequestParser(_Parser):
         has_body = chunked or bool(content_length)
         plain = specials == 1 and bool(host)
         return plain, host, content_length, chunked, has_body, expect_continue, upgrade, tokens
+
+    def _expectation(self, value: bytes) -> bool:
+        """Whether an Expect field `value` asks for 100-continue; 417 for any other
+        member. Its empty list elements are ignored (RFC 9110 §5.6.1.2; bug:
+        ``100-continue,`` and an empty Expect, no expectation at all, got a 417)."""
+        if value.strip().lower() == b"100-continue":  # (the usual value: no split)
+            return True
+        members = [m for m in value.translate(LOWER).split(b",") if m.strip(b" \t")]
+        for member in members:
+            if member.strip(b" \t") != b"100-continue":
+                self._fail(417, "unsupported Expect")
+        return bool(members)
 
     def _other_target(self, method: bytes, url: bytes, host: bytes,
                       version: bytes) -> tuple[bytes, bytes]:

@@ -4,13 +4,21 @@ gets strictly and records it (tests/fuzzpeer.py), each case held against an
 RFC 9112 reading of the client's bytes (tests/refhttp.py): nothing smuggled
 into or out of a body, every refusal an error answer and a close, the worker
 still serving. A few hundred cases here; ``BALANCER_FUZZ_CASES=20000`` (and
-``BALANCER_FUZZ_SEED``) runs more locally, ``python -m tests.fuzzpeer
---haproxy`` compares with HAProxy.
+``BALANCER_FUZZ_SEED``, ``BALANCER_FUZZ_CUT_CASES``) runs more locally,
+``python -m tests.fuzzcli --haproxy`` compares with HAProxy.
+
+Defects found and fixed (each test fails without its fix):
+
+* An ``Expect`` list with an empty element (``100-continue,``) or no element
+  at all (an empty ``Expect``) got a 417: a recipient must ignore empty list
+  elements (RFC 9110 §5.6.1.2), so the first is a 100-continue expectation
+  and the second none. HAProxy forwards both.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -18,7 +26,8 @@ from balancer.http11 import END, ProtocolError, RequestParser
 from tests import refhttp
 from tests.framefuzz import case
 from tests.fuzzpeer import RecordingBackend, check, run_batch, run_cuts, summary
-from tests.support import Balancer
+from tests.rawpeer import read_through
+from tests.support import Balancer, wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -106,3 +115,38 @@ def test_every_cut_of_a_mutated_stream_parses_as_the_whole() -> None:
         whole = events([data])
         for cut in range(1, len(data)):
             assert events([data[:cut], data[cut:]]) == whole, (data, cut)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory):
+    """``bal, backend``: every host proxied to a `RecordingBackend`."""
+    backend = RecordingBackend()
+    bal = Balancer(tmp_path_factory.mktemp("expect"),
+                   {"*": {"action": "proxy", "backends": [backend.address]}})
+    yield bal, backend
+    bal.stop()
+    backend.stop()
+
+
+@pytest.mark.parametrize(("tag", "expect", "interim"), [
+    (30000000, b"100-continue,", True), (30000001, b" , 100-Continue ,,", True),
+    (30000002, b"", False), (30000003, b" ,", False)])
+def test_an_expect_list_with_empty_elements_is_read_without_them(
+        site, tag: int, expect: bytes, interim: bool) -> None:
+    bal, backend = site
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+        sock.sendall(b"PUT /f%d-0 HTTP/1.1\r\nHost: app.test\r\nExpect: %s\r\n"
+                     b"Content-Length: 5\r\n\r\n" % (tag, expect))
+        if interim:  # a 100-continue expectation: the balancer asks for the body
+            assert read_through(sock) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        answer = read_through(sock, b"\r\n\r\nok")
+    assert answer is not None and answer.startswith(b"HTTP/1.1 200 "), answer
+    got = wait_for(lambda: backend.of_case(tag), what="the request at the backend")
+    assert [r.body for r in got] == [b"hello"]
+    # a member besides 100-continue is still an expectation the balancer refuses
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+        sock.sendall(b"PUT /f%d-1 HTTP/1.1\r\nHost: app.test\r\nExpect: %s, x\r\n"
+                     b"Content-Length: 5\r\n\r\nhello" % (tag, expect))
+        answer = read_through(sock)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 417 "), answer
