@@ -925,7 +925,9 @@ class RequestParser(_Parser):
         an HTTP/1.1 request sends with a Host all the same (§3.2: else a 400;
         bug: it was served). A fragment is in no request target (§3.2): a cache
         or router behind could read ``/index.html#.png`` otherwise than the
-        backend (HAProxy refuses it)."""
+        backend (HAProxy refuses it). The target's authority routes an
+        absolute-form request, but its Host must be valid all the same (§3.2; bug:
+        any value was served), or empty (NUL here, `_host_value`)."""
         if HASH in url:
             self._fail(400, "fragment in the request target")
         if url == b"*":
@@ -934,6 +936,8 @@ class RequestParser(_Parser):
             return host, url
         if not host and version == b"1.1":
             self._fail(400, "missing Host header")
+        if host and host != b"\0" and 0 in host.translate(NOT_HOST_TO_NUL):
+            self._fail(400, "invalid Host header")
         return self._absolute_form(url)
 
     def _absolute_form(self, url: bytes) -> tuple[bytes, bytes]:

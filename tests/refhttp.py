@@ -203,9 +203,11 @@ def route(request: Request) -> None:
     if request.version == b"1.1" and not hosts:
         raise Refused("missing Host")
     host = hosts[0] if hosts else b""
-    if hosts and (not host or not set(host) <= HOST_BYTES):
+    if not set(host) <= HOST_BYTES:  # whatever the target (§3.2)
         raise Refused("invalid Host")
     target = request.target
+    if hosts and not host and not target.lower().startswith((b"http://", b"https://")):
+        raise Refused("empty Host")  # (valid, but then the target must name the host)
     if target.startswith(b"/"):
         request.host, request.path = host, target
         return

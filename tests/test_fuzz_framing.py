@@ -13,6 +13,10 @@ Defects found and fixed (each test fails without its fix):
   at all (an empty ``Expect``) got a 417: a recipient must ignore empty list
   elements (RFC 9110 §5.6.1.2), so the first is a 100-continue expectation
   and the second none. HAProxy forwards both.
+* A request in absolute form was served whatever its ``Host`` field held
+  (``Host: app test``, ``Host: a/b``): the target's authority routes it, and
+  the field went unread. RFC 9112 §3.2: a ``Host`` with an invalid value is a
+  400 whatever the target (HAProxy and nginx refuse it too).
 """
 
 from __future__ import annotations
@@ -150,3 +154,28 @@ def test_an_expect_list_with_empty_elements_is_read_without_them(
                      b"Content-Length: 5\r\n\r\nhello" % (tag, expect))
         answer = read_through(sock)
     assert answer is not None and answer.startswith(b"HTTP/1.1 417 "), answer
+
+
+@pytest.mark.parametrize(("tag", "host"), [
+    (30000010, b"app test"), (30000011, b"app.test/x"), (30000012, b"a@app.test"),
+    (30000013, b"app.test\\")])
+def test_an_absolute_form_request_with_an_invalid_host_is_refused(
+        site, tag: int, host: bytes) -> None:
+    bal, backend = site
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+        sock.sendall(b"GET http://app.test/f%d-0 HTTP/1.1\r\nHost: %s\r\n\r\n"
+                     b"GET /f%d-1 HTTP/1.1\r\nHost: app.test\r\n\r\n" % (tag, host, tag))
+        answer = read_through(sock)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 400 "), answer
+        assert read_through(sock, b"never") is None  # closed after the 400
+    # a valid Host, and an empty one (no authority of its own), give way to the target's
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+        sock.sendall(b"GET http://app.test/f%d-2 HTTP/1.1\r\nHost: other.test\r\n\r\n"
+                     b"GET http://app.test/f%d-3 HTTP/1.1\r\nHost:\r\nConnection: close\r\n"
+                     b"\r\n" % (tag, tag))
+        answer = read_through(sock, b"never")
+    assert answer is None
+    got = wait_for(lambda: len(backend.of_case(tag)) == 2 and backend.of_case(tag),
+                   what="the two requests at the backend")
+    assert [(r.path, r.host) for r in got] == [(b"/f%d-2" % tag, b"app.test"),
+                                                 (b"/f%d-3" % tag, b"app.test")]
