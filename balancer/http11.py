@@ -892,7 +892,7 @@ class RequestParser(_Parser):
                 content_length = int(value.rstrip(b" \t"))
             elif lname == b"transfer-encoding":
                 if not is_chunked_only(chunked, value):
-                    self._fail(501, "unsupported Transfer-Encoding")
+                    self._refuse_codings(block, marks)
                 chunked = True
             elif lname == b"expect":
                 expect_continue = self._expectation(value) or expect_continue
@@ -905,6 +905,19 @@ class RequestParser(_Parser):
         has_body = chunked or bool(content_length)
         plain = specials == 1 and bool(host)
         return plain, host, content_length, chunked, has_body, expect_continue, upgrade, tokens
+
+    def _refuse_codings(self, block: bytes, marks: list[Mark]) -> NoReturn:
+        """Refuse a Transfer-Encoding other than a single ``chunked``: 501 for a
+        coding the balancer does not take before a final ``chunked``, else 400 (RFC
+        9112 §6.1: with ``chunked`` not last, or applied twice, the body's length
+        cannot be known; bug: ``gzip`` alone got a 501)."""
+        codings = [token.strip(b" \t").translate(LOWER)
+                   for mark in marks if mark[0] == b"transfer-encoding"
+                   for token in _value(block, mark[1] + 3 + len(mark[0]), mark[2]).split(b",")]
+        codings = [coding for coding in codings if coding]
+        if codings[-1:] == [b"chunked"] and codings.count(b"chunked") == 1:
+            self._fail(501, "unsupported Transfer-Encoding")
+        self._fail(400, "Transfer-Encoding does not end with a single chunked")
 
     def _expectation(self, value: bytes) -> bool:
         """Whether an Expect field `value` asks for 100-continue; 417 for any other

@@ -233,8 +233,8 @@ def framing(request: Request, lenient: bool) -> tuple[int, bool]:
             raise Refused("Transfer-Encoding in HTTP/1.0")
         tokens = [t.strip(OWS).lower() for value in codings for t in value.split(b",")]
         tokens = [t for t in tokens if t]
-        if not tokens or tokens[-1] != b"chunked":
-            raise Refused("chunked is not the final coding", FRAMING_STATUSES)
+        if not tokens or tokens[-1] != b"chunked" or tokens.count(b"chunked") > 1:
+            raise Refused("chunked is not the final coding, or not once", BAD)  # (§6.1)
         if tokens != [b"chunked"]:
             raise Refused("a coding besides chunked", FRAMING_STATUSES)
         if lengths and not lenient:  # §6.3 (3): may be refused; else TE wins

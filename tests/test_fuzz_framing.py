@@ -17,6 +17,10 @@ Defects found and fixed (each test fails without its fix):
   (``Host: app test``, ``Host: a/b``): the target's authority routes it, and
   the field went unread. RFC 9112 §3.2: a ``Host`` with an invalid value is a
   400 whatever the target (HAProxy and nginx refuse it too).
+* A request whose ``Transfer-Encoding`` does not end with ``chunked``
+  (``chunked, identity``, ``gzip``) got a 501: its body's length cannot be
+  known, and RFC 9112 §6.1 asks for a 400 (HAProxy answers 400). A coding
+  the balancer does not take before a final ``chunked`` is still a 501.
 """
 
 from __future__ import annotations
@@ -179,3 +183,23 @@ def test_an_absolute_form_request_with_an_invalid_host_is_refused(
                    what="the two requests at the backend")
     assert [(r.path, r.host) for r in got] == [(b"/f%d-2" % tag, b"app.test"),
                                                  (b"/f%d-3" % tag, b"app.test")]
+
+
+@pytest.mark.parametrize(("fields", "status"), [
+    (b"Transfer-Encoding: chunked, identity", b"400"), (b"Transfer-Encoding: gzip", b"400"),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip", b"400"),
+    (b"Transfer-Encoding: chunked, chunked", b"400"),
+    (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked", b"400"),
+    (b"Transfer-Encoding: gzip, chunked", b"501"),
+    (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked", b"501")])
+def test_a_transfer_encoding_not_ending_in_chunked_is_a_bad_request(
+        site, fields: bytes, status: bytes) -> None:
+    bal, backend = site
+    before = len(backend.received)
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+        sock.sendall(b"POST /f30000020-0 HTTP/1.1\r\nHost: app.test\r\n%s\r\n\r\n"
+                     b"3\r\nabc\r\n0\r\n\r\n" % fields)
+        answer = read_through(sock)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 %s " % status), answer
+        assert read_through(sock, b"never") is None  # closed after it
+    assert len(backend.received) == before
