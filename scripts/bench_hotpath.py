@@ -9,6 +9,8 @@ and (``--sockets``) the cost of a whole connection through a real gevent worker.
 [--instructions]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive --body SIZE [--chunked [CHUNK]]
 [--requests 1000] [--instructions]``
+``python scripts/bench_hotpath.py --sockets close|keep-alive --access-log PATH
+[--requests 1000] [--instructions]``
 
 One `ClientConnection` from a real `Worker` (file-store-shaped table: ``*`` →
 one backend) serves scripted sockets: the client socket hands out a wrk-like
@@ -55,7 +57,10 @@ request. ``--instructions`` with a body of 1 MiB or more makes 2 and 12 requests
 instead of 200 and 1,200. ``--chunked`` sends that body with ``Transfer-Encoding:
 chunked`` instead, in chunks of CHUNK bytes (16K unless given; the last may be
 shorter), head and whole body in one ``sendall`` as well; the backend reads the
-chunked body to its last chunk.
+chunked body to its last chunk. ``--access-log PATH`` (``/dev/null``: no disk)
+writes the worker's access log there, as ``log.access_log``: each request's
+record queued, then formatted and written by the log's writer, counted with the
+rest.
 
 Used for issue 2's speed work; `scripts/bench_proxy.py` is the end-to-end
 benchmark (wrk, nginx, HAProxy).
@@ -268,9 +273,10 @@ def post_request(size: int, close: bool, chunk: int = 0) -> bytes:
     return head + b"".join(framed) + LAST_CHUNK
 
 
-def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False) -> float:
+def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False,
+                access_log: str = "") -> float:
     """µs per request through a gevent worker on loopback (wall clock, this process);
-    with `--body`, prints the worker's CPU µs per request too."""
+    with `--body`, prints the worker's CPU µs per request too; `access_log`: its path."""
     from gevent import subprocess as gsubprocess
 
     from balancer.accepting import bind
@@ -281,12 +287,15 @@ def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False) ->
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     backend = int(peer.stdout.readline())
     flags = {"tls.default_host": TLS_NAME} if tls else {}
+    if access_log:
+        flags["log.access_log"] = access_log
     worker = Worker(load_settings(flags=flags, env={"BALANCER_STORE_SNAPSHOT": "off"}),
                     Store(f"127.0.0.1:{backend}"))
     if not worker.apply(worker.store.load()):
         raise SystemExit("the table did not compile")
     listener = bind(parse_addr("127.0.0.1:0"))
     worker.listen([(listener, "tls" if tls else False)])
+    worker.access_log.start()  # its writer (nothing when off)
     gc.freeze()
     cpu = time.process_time()
     start = time.perf_counter()
@@ -442,6 +451,8 @@ def main() -> None:
     parser.add_argument("--chunked", metavar="CHUNK", type=body_size, nargs="?", const=16384,
                         default=0, help="with --body: send it chunked, in chunks of CHUNK "
                                         "bytes (16K unless given)")
+    parser.add_argument("--access-log", metavar="PATH", default="",
+                        help="with --sockets: the worker's access log (/dev/null: no disk)")
     parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     body = args.body
@@ -453,16 +464,21 @@ def main() -> None:
             + (f", chunked by {args.chunked:,}" if args.chunked else ""))
     if args.chunked and body is None:
         parser.error("--chunked needs --body")
+    if args.access_log and not args.sockets:
+        parser.error("--access-log needs --sockets")
+    logged = ["--access-log", args.access_log] if args.access_log else []
+    kind += f", access log {args.access_log}" * bool(args.access_log)
     if args.peer:
         peer(args.peer[0], int(args.peer[1]), args.vary, args.browser, args.tls, body,
              args.chunked)
     elif args.sockets and args.instructions:
         short, long = (2, 12) if body is not None and body >= LARGE_BODY else (200, 1200)
-        count = instructions(["--sockets", args.sockets, *varied, *["--tls"] * args.tls],
-                             short, long, long - short)
+        count = instructions(["--sockets", args.sockets, *varied, *["--tls"] * args.tls,
+                              *logged], short, long, long - short)
         print(f"{count:,.0f} instructions per request ({args.sockets}{kind}, real sockets)")
     elif args.sockets:
-        print(f"{run_sockets(args.sockets, args.requests, varied, args.tls):.2f} µs per request "
+        print(f"{run_sockets(args.sockets, args.requests, varied, args.tls, args.access_log):.2f}"
+              " µs per request "
               f"({args.sockets}{kind}, real sockets, wall clock)")
     elif args.instructions:
         print(f"{instructions([], 100, 1100, 1000 * PASSES):,.0f} instructions per request")
