@@ -1,15 +1,13 @@
 """The balancer's per-request Python cost, without sockets, gevent or the kernel;
 and (``--sockets``) the cost of a whole connection through a real gevent worker.
 
-``python scripts/bench_hotpath.py [--requests 20000] [--instructions]``
+``python scripts/bench_hotpath.py [--requests 20000] [--instructions] [--access-log PATH]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive [--requests 1000] [--instructions]``
 ``python scripts/bench_hotpath.py --sockets keep-alive --vary [--browser] [--requests 1000]
 [--instructions]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive --tls [--requests 1000]
 [--instructions]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive --body SIZE [--chunked [CHUNK]]
-[--requests 1000] [--instructions]``
-``python scripts/bench_hotpath.py --sockets close|keep-alive --access-log PATH
 [--requests 1000] [--instructions]``
 
 One `ClientConnection` from a real `Worker` (file-store-shaped table: ``*`` →
@@ -58,9 +56,11 @@ instead of 200 and 1,200. ``--chunked`` sends that body with ``Transfer-Encoding
 chunked`` instead, in chunks of CHUNK bytes (16K unless given; the last may be
 shorter), head and whole body in one ``sendall`` as well; the backend reads the
 chunked body to its last chunk. ``--access-log PATH`` (``/dev/null``: no disk)
-writes the worker's access log there, as ``log.access_log``: each request's
-record queued, then formatted and written by the log's writer, counted with the
-rest.
+turns the worker's access log on, as ``log.access_log``: each request's record
+is made and queued (`AccessLog.log`); with ``--sockets`` the log's writer formats
+and writes them, counted with the rest, while without it the scripted client
+empties the queue every 1,000 requests, as the writer would take a batch, so
+that the figure is the request path's share alone.
 
 Used for issue 2's speed work; `scripts/bench_proxy.py` is the end-to-end
 benchmark (wrk, nginx, HAProxy).
@@ -85,6 +85,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -126,14 +127,17 @@ class Client:
 
     family = 2  # AF_INET: the handler sets TCP_NODELAY
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, log: Any = None) -> None:
         self.count = count
         self.received = 0
+        self.log = log  # `--access-log`: the queue of records, emptied now and then
 
     def recv(self, size: int) -> bytes:
         if not self.count:
             return b""
         self.count -= 1
+        if self.log is not None and not self.count % 1000:
+            self.log.clear()  # the writer's batch, taken
         return REQUEST
 
     def send(self, data: bytes) -> int:
@@ -190,11 +194,12 @@ class Store:
         pass
 
 
-def setup() -> object:
+def setup(access_log: str = "") -> object:
     """A worker's listener context with the blocking `IO` (arm() sets scripted
-    socket timeouts), its one backend pooled."""
+    socket timeouts), its one backend pooled; its access log at `access_log`."""
     io = IO()
-    worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}), Store(),
+    flags = {"log.access_log": access_log} if access_log else {}
+    worker = Worker(load_settings(flags=flags, env={"BALANCER_STORE_SNAPSHOT": "off"}), Store(),
                     io=io)
     if not worker.apply(worker.store.load()):
         raise SystemExit("the table did not compile")
@@ -206,13 +211,14 @@ def setup() -> object:
     return ctx
 
 
-def run(requests: int) -> float:
+def run(requests: int, access_log: str = "") -> float:
     """Best µs per request over PASSES passes of `requests` each."""
-    ctx = setup()
+    ctx = setup(access_log)
     gc.freeze()
     best = float("inf")
+    queue = ctx.access_log._pending if access_log else None
     for _ in range(PASSES):
-        client = Client(requests)
+        client = Client(requests, queue)
         conn = ClientConnection(client, ("127.0.0.1", 40000), ctx)
         start = time.perf_counter()
         conn.serve()
@@ -452,7 +458,7 @@ def main() -> None:
                         default=0, help="with --body: send it chunked, in chunks of CHUNK "
                                         "bytes (16K unless given)")
     parser.add_argument("--access-log", metavar="PATH", default="",
-                        help="with --sockets: the worker's access log (/dev/null: no disk)")
+                        help="the worker's access log (/dev/null: no disk)")
     parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     body = args.body
@@ -464,8 +470,6 @@ def main() -> None:
             + (f", chunked by {args.chunked:,}" if args.chunked else ""))
     if args.chunked and body is None:
         parser.error("--chunked needs --body")
-    if args.access_log and not args.sockets:
-        parser.error("--access-log needs --sockets")
     logged = ["--access-log", args.access_log] if args.access_log else []
     kind += f", access log {args.access_log}" * bool(args.access_log)
     if args.peer:
@@ -481,9 +485,11 @@ def main() -> None:
               " µs per request "
               f"({args.sockets}{kind}, real sockets, wall clock)")
     elif args.instructions:
-        print(f"{instructions([], 100, 1100, 1000 * PASSES):,.0f} instructions per request")
+        print(f"{instructions(logged, 100, 1100, 1000 * PASSES):,.0f} instructions per request"
+              f"{kind}")
     else:
-        print(f"{run(args.requests):.2f} µs per request (best of {PASSES} passes)")
+        print(f"{run(args.requests, args.access_log):.2f} µs per request (best of {PASSES} "
+              f"passes{kind})")
 
 
 if __name__ == "__main__":

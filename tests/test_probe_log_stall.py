@@ -19,6 +19,7 @@ import pytest
 
 from balancer.accesslog.writer import QUEUE_LIMIT
 from tests.support import Balancer, wait_for
+from tests.test_probe_data import rss_kib
 from tests.test_probe_env import STATIC, WAIT, child_pid, metric
 
 pytestmark = pytest.mark.data_plane  # the access log's writer is compiled: run interpreted too
@@ -46,14 +47,6 @@ def pipelined(port: int, count: int) -> int:
     return answered
 
 
-def resident_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 def drain(reader: int, lines: int, until: float) -> int:
     """Read what the pipe holds now: `lines` plus the records read."""
     while time.monotonic() < until:
@@ -76,11 +69,11 @@ def test_an_access_log_nobody_reads_keeps_a_bounded_queue_and_resumes(tmp_path: 
         assert pipelined(bal.port, first) == first
         # the writer counts what `log` refused at its next look (a second)
         wait_for(lambda: metric(bal, DROPPED) > 0, WAIT, what="records dropped")
-        full = resident_kib(worker)
+        full = rss_kib(worker)
         more = QUEUE_LIMIT
         assert pipelined(bal.port, more) == more  # served while nothing is written
         # each record held ~2 KB: a queue growing by `more` takes ~20 MB
-        assert resident_kib(worker) - full < 6 * 1024, (full, resident_kib(worker))
+        assert rss_kib(worker) - full < 6 * 1024, (full, rss_kib(worker))
         total = first + more
         wait_for(lambda: metric(bal, DROPPED) >= more, WAIT, what="the new records dropped")
         out = bal.output()
