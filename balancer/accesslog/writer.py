@@ -8,7 +8,8 @@ thread pool, so a slow disk or a full stdout pipe delays the log, never the
 requests.
 
 Invariants:
-* ``log`` is a length check and an append, nothing else.
+* ``log`` is a length check and an append (past ``QUEUE_LIMIT``, a count
+  instead), nothing else.
 * At most ``QUEUE_LIMIT`` records wait: while a write blocks (stdout a pipe
   whose reader stopped reading, a file on a hung mount) ``log`` refuses the
   records past it and counts them, and the writer reports them as dropped
@@ -97,7 +98,7 @@ class AccessLog:
         self._is_closed = not self.is_enabled  # off: `log` does nothing at all
 
     def log(self, record: Any) -> None:
-        """Queue one record. Hot path: a length check and an append, nothing else."""
+        """Queue one record. Hot path: a length check and an append (or a count), nothing else."""
         if self._is_closed:
             return
         pending = self._pending
