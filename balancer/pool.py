@@ -74,7 +74,7 @@ from balancer.backend_tls import BackendTLS, keepable
 from balancer.errors import ConnectError, ConnectOverdue, Overdue, ProxyError, ResolveError
 from balancer.netio import IO, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
-from balancer.resolve import Name, Unresolved
+from balancer.resolve import HOLD, Name, Unresolved
 from balancer.response_parser import HeadMemo, ResponseParser
 from balancer.serving import Slots
 
@@ -176,7 +176,7 @@ class Backend:
     """One backend address: its idle connections and its passive health."""
 
     def __init__(self, address: Address, *, connect_timeout: float, fail_timeout: float,
-                 max_idle: int = 1024, idle_timeout: float = 30.0,
+                 max_idle: int = 1024, idle_timeout: float = 30.0, dns_hold: float = HOLD,
                  io: IO | None = None, budget: IdleBudget | None = None,
                  tls: BackendTLS | None = None,
                  notice: Callable[[Backend, Upstream], None] | None = None) -> None:
@@ -198,7 +198,7 @@ class Backend:
         self.tls_sessions: dict[str, object] = {}  # key → `keepable`
         self.is_literal = _is_ip_literal(address.host)
         # a backend named by a host name: its lookups and last good answer
-        self.name = None if self.is_literal else Name(address.host, address.port)
+        self.name = None if self.is_literal else Name(address.host, address.port, dns_hold)
         # called in the event loop when a connection is stirred (`Stream.on_stirred`)
         self.notice = notice
         # the last response head read from it, for its connections' next (`HeadMemo`)
@@ -544,9 +544,11 @@ class BackendRegistry:
 
     def __init__(self, *, connect_timeout: float, fail_timeout: float,
                  max_idle: int = 1024, idle_timeout: float = 30.0, io: IO | None = None,
-                 budget: IdleBudget | None = None, ca_bundle: str = "") -> None:
+                 budget: IdleBudget | None = None, ca_bundle: str = "",
+                 dns_hold: float = HOLD) -> None:
         self.connect_timeout = connect_timeout
         self.fail_timeout = fail_timeout
+        self.dns_hold = dns_hold  # `dns.hold`: each named backend's `Name.hold`
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         # seconds between sweeps: an idle connection is closed at most this late
@@ -567,7 +569,8 @@ class BackendRegistry:
         if backend is None:
             backend = self.backends[key] = Backend(
                 addr, connect_timeout=self.connect_timeout, fail_timeout=self.fail_timeout,
-                max_idle=self.max_idle, idle_timeout=self.idle_timeout, io=self.io,
+                max_idle=self.max_idle, idle_timeout=self.idle_timeout,
+                dns_hold=self.dns_hold, io=self.io,
                 budget=self.budget, tls=self.tls, notice=self.notice)
         return backend
 

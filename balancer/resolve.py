@@ -14,16 +14,18 @@ Invariants:
   filled by one hung name (bug: 10 requests to it starved every other name).
 * At most `MAX_LOOKUPS` lookups at once per worker, whatever the names: a
   DNS server that answers nothing leaves the rest of the resolver threads to
-  the access log (a name that would need one more fails at once, or uses its
-  held answer).
+  the access log's write and the store's connects (a name that would need one
+  more fails at once, or uses its held answer). A constant, not a setting:
+  its safe range is set by gevent's pool (10 threads), which the operator
+  neither sees nor sizes, and raising it helps only a DNS already too slow.
 * A wait is bounded by its caller's deadline (the connect timeout, a check's
   timeout); the lookup goes on alone and its answer is kept for the next.
-* The last good answer is kept for `HOLD` seconds (HAProxy's `hold`, RFC 8767's
-  serve-stale): when a lookup fails (no such name, server failure, an answer
-  the system resolver cannot read) or has not answered `STALE_AFTER` seconds
-  after it began (or in half the time the caller has left), the held
-  addresses are used instead. Once older than
-  `HOLD`, the failure is the connection's.
+* The last good answer is kept for the name's `hold` seconds (`dns.hold`,
+  `HOLD` unless set; HAProxy's `hold`, RFC 8767's serve-stale): when a lookup
+  fails (no such name, server failure, an answer the system resolver cannot
+  read) or has not answered `STALE_AFTER` seconds after it began (or in half
+  the time the caller has left), the held addresses are used instead. Once
+  older than `hold` (at once with 0), the failure is the connection's.
 * Only usable addresses are tried: unspecified (`0.0.0.0`, `::`: Linux
   connects those to this host; DNS sinkholes answer them), broadcast and
   multicast addresses are dropped, and at most `MAX_ADDRESSES` of an answer
@@ -49,7 +51,7 @@ from balancer.errors import Overdue
 from balancer.netio import connect_blocking
 
 log: Final = logging.getLogger("balancer.health")
-HOLD: Final = 30.0  # seconds a good answer stands in for failed lookups
+HOLD: Final = 30.0  # seconds a good answer stands in for failed lookups (`dns.hold`)
 STALE_AFTER: Final = 1.0  # seconds a held answer waits for a lookup, at most
 MAX_ADDRESSES: Final = 16  # of an answer, tried in turn
 MAX_LOOKUPS: Final = 5  # half of gevent's resolver threads
@@ -124,11 +126,13 @@ BROADCAST: Final = ipaddress.ip_address("255.255.255.255")
 
 
 class Name:
-    """A backend's host name and port: the lookup under way, the last good answer."""
+    """A backend's host name and port: the lookup under way, the last good answer
+    (used for `hold` seconds while lookups fail)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, hold: float = HOLD) -> None:
         self.host = host
         self.port = port
+        self.hold = hold
         self.lookup: Lookup | None = None
         self.held: Addresses = []
         self.held_at = 0.0  # monotonic time of the held answer
@@ -144,7 +148,7 @@ class Name:
             lookup = self.lookup = Lookup()
             lookup.start(self.host, self.port)
         now = time.monotonic()
-        held = self.held if now - self.held_at < HOLD else []
+        held = self.held if now - self.held_at < self.hold else []
         # with a held answer, a lookup gets `STALE_AFTER` at most, and never
         # more than half the time left: the connect needs the rest
         until = min(lookup.started + STALE_AFTER, (now + deadline) / 2) if held else deadline
@@ -170,7 +174,7 @@ class Name:
             self.holding = True
             log.warning("DNS lookup of %s failed (%s): using its last good answer, "
                         "%.0f s old, for up to %g s", self.host, problem,
-                        time.monotonic() - self.held_at, HOLD)
+                        time.monotonic() - self.held_at, self.hold)
         return held
 
     def connect(self, deadline: float) -> socket.socket:

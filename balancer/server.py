@@ -82,7 +82,8 @@ class Worker:
                                         max_idle=self.max_connections,
                                         idle_timeout=timeouts.backend_idle,
                                         io=self.io, budget=self.budget,
-                                        ca_bundle=settings.tls.backend_ca_bundle)
+                                        ca_bundle=settings.tls.backend_ca_bundle,
+                                        dns_hold=settings.dns.hold)
         _, no_hosts = fallback_routes(self.pages, self.stats)
         self.holder = TableHolder(RoutingTable(0, {}, no_hosts))
         # rules' limits: counters shared by every worker of the run directory

@@ -53,6 +53,7 @@ from balancer.settings_kinds import (
     Directory,
     Integer,
     Kind,
+    Number,
     Rejected,
     SnapshotPath,
     StoreUrl,
@@ -62,6 +63,9 @@ ENV_PREFIX = "BALANCER_"
 CONFIG_ENV = "BALANCER_CONFIG"
 # BALANCER_URL and BALANCER_TOKEN belong to balancerctl; BALANCER_CONFIG names the file.
 FOREIGN_ENV = frozenset({"BALANCER_URL", "BALANCER_TOKEN", CONFIG_ENV})
+# `dns.hold`'s most: RFC 8767 suggests 1 to 3 days for a resolver's stale answers;
+# a proxy that goes on connecting to a name the DNS no longer has wants far less
+DAY = 86400.0
 
 
 class SettingsError(ValueError):
@@ -188,6 +192,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("acme.challenge", Choice("http-01", "tls-alpn-01"), "http-01",
             "how the CA checks a name: http-01 on the plain listeners (port 80), "
             "tls-alpn-01 on the TLS listeners (port 443)"),
+    Setting("dns.hold", Number(zero=True, maximum=DAY), 30.0,
+            "seconds the last good answer of a backend's host name stands in while its "
+            "lookups fail or are late (serve-stale, HAProxy's hold); 0: never, a failed "
+            "lookup fails the connection at once"),
     Setting("log.access_log", TEXT, "", 'access log: "" off, "-" stdout, or a path',
             "--access-log", "PATH|-"),
     Setting("log.access_format", Choice("combined", "json"), "combined", "access log format"),
@@ -269,6 +277,11 @@ class AcmeSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsSettings:
+    hold: float
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     access_log: str
     access_format: str
@@ -286,6 +299,7 @@ class Settings:
     limits: LimitSettings
     tls: TlsSettings
     acme: AcmeSettings
+    dns: DnsSettings
     log: LogSettings
     config_path: str
 
@@ -297,7 +311,7 @@ class Settings:
 SECTION_CLASSES: dict[str, type] = {
     "server": ServerSettings, "management": ManagementSettings, "store": StoreSettings,
     "timeouts": TimeoutSettings, "limits": LimitSettings, "tls": TlsSettings,
-    "acme": AcmeSettings, "log": LogSettings,
+    "acme": AcmeSettings, "dns": DnsSettings, "log": LogSettings,
 }
 
 

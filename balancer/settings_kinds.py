@@ -62,14 +62,18 @@ class Kind:
 
 
 class Number(Kind):
-    """A finite float greater than zero (seconds), or with `zero` at or above it."""
+    """A finite float greater than zero (seconds), or with `zero` at or above it;
+    at most `maximum` when one is given."""
 
     metavar = "SECONDS"
     types = (int, float)
 
-    def __init__(self, zero: bool = False) -> None:
+    def __init__(self, zero: bool = False, maximum: float | None = None) -> None:
         self.zero = zero
+        self.maximum = math.inf if maximum is None else maximum
         self.expected = "a number >= 0" if zero else "a number > 0"
+        if maximum is not None:
+            self.expected = f"a number from {0 if zero else 'above 0'} to {maximum:g}"
 
     def convert(self, text: str) -> object:
         try:
@@ -78,7 +82,8 @@ class Number(Kind):
             raise reject(self.expected, text) from None
 
     def check(self, value: object, raw: object) -> float:
-        if not (math.isfinite(value) and (value > 0 or (self.zero and value == 0))):
+        if not (math.isfinite(value) and (value > 0 or (self.zero and value == 0))
+                and value <= self.maximum):
             raise reject(self.expected, raw)
         return float(value)
 

@@ -1,7 +1,7 @@
 """The balancer's per-request Python cost, without sockets, gevent or the kernel;
 and (``--sockets``) the cost of a whole connection through a real gevent worker.
 
-``python scripts/bench_hotpath.py [--requests 20000] [--instructions]``
+``python scripts/bench_hotpath.py [--requests 20000] [--instructions] [--access-log PATH]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive [--requests 1000] [--instructions]``
 ``python scripts/bench_hotpath.py --sockets keep-alive --vary [--browser] [--requests 1000]
 [--instructions]``
@@ -55,7 +55,12 @@ request. ``--instructions`` with a body of 1 MiB or more makes 2 and 12 requests
 instead of 200 and 1,200. ``--chunked`` sends that body with ``Transfer-Encoding:
 chunked`` instead, in chunks of CHUNK bytes (16K unless given; the last may be
 shorter), head and whole body in one ``sendall`` as well; the backend reads the
-chunked body to its last chunk.
+chunked body to its last chunk. ``--access-log PATH`` (``/dev/null``: no disk)
+turns the worker's access log on, as ``log.access_log``: each request's record
+is made and queued (`AccessLog.log`); with ``--sockets`` the log's writer formats
+and writes them, counted with the rest, while without it the scripted client
+empties the queue every 1,000 requests, as the writer would take a batch, so
+that the figure is the request path's share alone.
 
 Used for issue 2's speed work; `scripts/bench_proxy.py` is the end-to-end
 benchmark (wrk, nginx, HAProxy).
@@ -80,6 +85,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -121,14 +127,17 @@ class Client:
 
     family = 2  # AF_INET: the handler sets TCP_NODELAY
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, log: Any = None) -> None:
         self.count = count
         self.received = 0
+        self.log = log  # `--access-log`: the queue of records, emptied now and then
 
     def recv(self, size: int) -> bytes:
         if not self.count:
             return b""
         self.count -= 1
+        if self.log is not None and not self.count % 1000:
+            self.log.clear()  # the writer's batch, taken
         return REQUEST
 
     def send(self, data: bytes) -> int:
@@ -185,11 +194,12 @@ class Store:
         pass
 
 
-def setup() -> object:
+def setup(access_log: str = "") -> object:
     """A worker's listener context with the blocking `IO` (arm() sets scripted
-    socket timeouts), its one backend pooled."""
+    socket timeouts), its one backend pooled; its access log at `access_log`."""
     io = IO()
-    worker = Worker(load_settings(flags={}, env={"BALANCER_STORE_SNAPSHOT": "off"}), Store(),
+    flags = {"log.access_log": access_log} if access_log else {}
+    worker = Worker(load_settings(flags=flags, env={"BALANCER_STORE_SNAPSHOT": "off"}), Store(),
                     io=io)
     if not worker.apply(worker.store.load()):
         raise SystemExit("the table did not compile")
@@ -201,13 +211,14 @@ def setup() -> object:
     return ctx
 
 
-def run(requests: int) -> float:
+def run(requests: int, access_log: str = "") -> float:
     """Best µs per request over PASSES passes of `requests` each."""
-    ctx = setup()
+    ctx = setup(access_log)
     gc.freeze()
     best = float("inf")
+    queue = ctx.access_log._pending if access_log else None
     for _ in range(PASSES):
-        client = Client(requests)
+        client = Client(requests, queue)
         conn = ClientConnection(client, ("127.0.0.1", 40000), ctx)
         start = time.perf_counter()
         conn.serve()
@@ -268,9 +279,10 @@ def post_request(size: int, close: bool, chunk: int = 0) -> bytes:
     return head + b"".join(framed) + LAST_CHUNK
 
 
-def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False) -> float:
+def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False,
+                access_log: str = "") -> float:
     """µs per request through a gevent worker on loopback (wall clock, this process);
-    with `--body`, prints the worker's CPU µs per request too."""
+    with `--body`, prints the worker's CPU µs per request too; `access_log`: its path."""
     from gevent import subprocess as gsubprocess
 
     from balancer.accepting import bind
@@ -281,12 +293,15 @@ def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False) ->
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     backend = int(peer.stdout.readline())
     flags = {"tls.default_host": TLS_NAME} if tls else {}
+    if access_log:
+        flags["log.access_log"] = access_log
     worker = Worker(load_settings(flags=flags, env={"BALANCER_STORE_SNAPSHOT": "off"}),
                     Store(f"127.0.0.1:{backend}"))
     if not worker.apply(worker.store.load()):
         raise SystemExit("the table did not compile")
     listener = bind(parse_addr("127.0.0.1:0"))
     worker.listen([(listener, "tls" if tls else False)])
+    worker.access_log.start()  # its writer (nothing when off)
     gc.freeze()
     cpu = time.process_time()
     start = time.perf_counter()
@@ -442,6 +457,8 @@ def main() -> None:
     parser.add_argument("--chunked", metavar="CHUNK", type=body_size, nargs="?", const=16384,
                         default=0, help="with --body: send it chunked, in chunks of CHUNK "
                                         "bytes (16K unless given)")
+    parser.add_argument("--access-log", metavar="PATH", default="",
+                        help="the worker's access log (/dev/null: no disk)")
     parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     body = args.body
@@ -453,21 +470,26 @@ def main() -> None:
             + (f", chunked by {args.chunked:,}" if args.chunked else ""))
     if args.chunked and body is None:
         parser.error("--chunked needs --body")
+    logged = ["--access-log", args.access_log] if args.access_log else []
+    kind += f", access log {args.access_log}" * bool(args.access_log)
     if args.peer:
         peer(args.peer[0], int(args.peer[1]), args.vary, args.browser, args.tls, body,
              args.chunked)
     elif args.sockets and args.instructions:
         short, long = (2, 12) if body is not None and body >= LARGE_BODY else (200, 1200)
-        count = instructions(["--sockets", args.sockets, *varied, *["--tls"] * args.tls],
-                             short, long, long - short)
+        count = instructions(["--sockets", args.sockets, *varied, *["--tls"] * args.tls,
+                              *logged], short, long, long - short)
         print(f"{count:,.0f} instructions per request ({args.sockets}{kind}, real sockets)")
     elif args.sockets:
-        print(f"{run_sockets(args.sockets, args.requests, varied, args.tls):.2f} µs per request "
+        print(f"{run_sockets(args.sockets, args.requests, varied, args.tls, args.access_log):.2f}"
+              " µs per request "
               f"({args.sockets}{kind}, real sockets, wall clock)")
     elif args.instructions:
-        print(f"{instructions([], 100, 1100, 1000 * PASSES):,.0f} instructions per request")
+        print(f"{instructions(logged, 100, 1100, 1000 * PASSES):,.0f} instructions per request"
+              f"{kind}")
     else:
-        print(f"{run(args.requests):.2f} µs per request (best of {PASSES} passes)")
+        print(f"{run(args.requests, args.access_log):.2f} µs per request (best of {PASSES} "
+              f"passes{kind})")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
+import fcntl
 import json
 import os
+import struct
+import termios
 import time
 
 import gevent
@@ -276,3 +279,33 @@ def test_malformed_record_is_skipped_and_reported_once(tmp_path, opened, capsys)
     log.flush()
     assert capsys.readouterr().err.count("malformed") == 1
     assert len(lines(path)) == 1
+
+
+def test_close_leaves_a_write_that_blocks_to_its_thread(tmp_path):
+    """A FIFO whose reader never reads: the write of a record bigger than the pipe
+    blocks for ever. Bug: `close` wrote what was queued meanwhile behind it, and
+    a stopping worker waited until the arbiter killed it."""
+    fifo = tmp_path / "access.log"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    log = AccessLog(str(fifo), "json", flush_interval=60)
+    try:
+        log.start()
+        log.log(record(user_agent="u" * (1 << 17)))
+        gevent.spawn(log.flush)
+        capacity = fcntl.fcntl(reader, F_GETPIPE_SZ)
+        wait_for(lambda: unread(reader) == capacity)  # full: the write blocks
+        log.log(record())
+        closing = gevent.spawn(log.close, 0.2)
+        closing.join(3)
+        assert closing.dead
+    finally:
+        os.close(reader)  # the blocked write fails (EPIPE): its thread ends
+
+
+F_GETPIPE_SZ = 1032  # Linux's fcntl: a pipe's capacity
+
+
+def unread(fd):
+    """Bytes waiting in pipe `fd`."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]

@@ -202,6 +202,24 @@ def test_the_last_good_answer_stands_in_while_the_dns_fails(scene: Scene) -> Non
     assert (status, took < resolve.STALE_AFTER + 0.4) == (200, True), took
 
 
+def test_with_a_hold_of_0_a_failed_lookup_fails_the_connection(
+        scene: Scene, tmp_path: Path) -> None:
+    """`dns.hold = 0`: no serve-stale. A name the DNS stops answering for (a
+    removed name: NXDOMAIN) fails the next new connection, never its last answer."""
+    rule = scene.rule("gone.test")
+    bal = Balancer(tmp_path, {"gone.app": rule}, prefix=scene.ns.prefix,
+                   config=f"[timeouts]\nbackend_connect = {CONNECT}\n[dns]\nhold = 0\n")
+    try:
+        scene.dns.script("gone.test", answer("127.0.0.1"))
+        assert request(bal.port, host="gone.app", path="/eof")[0] == 200
+        scene.dns.script("gone.test", lambda q: NXDOMAIN)
+        assert request(bal.port, host="gone.app", path="/eof")[0] == 502
+        wait_for(lambda: "DNS lookup of gone.test failed: " in bal.output(), 5, what="log")
+        assert "last good answer" not in bal.output()
+    finally:
+        bal.stop()
+
+
 # balancer.resolve on its own (no namespace) ----------------------------------
 def entry(address: str) -> tuple[Any, ...]:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET

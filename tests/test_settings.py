@@ -63,6 +63,7 @@ def test_defaults_are_the_spec_defaults():
                                                30.0, 5.0)
     assert dataclasses.astuple(s.limits) == (8192, 65536, 100, 10000, 64 << 20)
     assert dataclasses.astuple(s.log) == ("", "combined", "info")
+    assert s.dns.hold == 30.0
     assert dataclasses.astuple(s.acme) == (
         "https://acme-v02.api.letsencrypt.org/directory", "", "", 30, "http-01")
     assert s.config_path == ""
@@ -91,6 +92,11 @@ def test_env_names_are_derived_from_the_setting_name():
     env = {s.name: s.env for s in SETTINGS}
     assert env["timeouts.backend_read"] == "BALANCER_TIMEOUTS_BACKEND_READ"
     assert env["server.internal_listen"] == "BALANCER_SERVER_INTERNAL_LISTEN"
+
+
+def test_a_dns_hold_from_0_to_a_day():
+    assert load(env={"BALANCER_DNS_HOLD": "0"}).dns.hold == 0.0
+    assert load(env={"BALANCER_DNS_HOLD": "86400"}).dns.hold == 86400.0
 
 
 def test_linger_zero_turns_lingering_close_off():
@@ -313,6 +319,12 @@ def test_wrong_type_in_file(config, line, problem):
         ("BALANCER_TIMEOUTS_LINGER", "-1", "must be a number >= 0, got '-1'"),
         ("BALANCER_TIMEOUTS_LINGER", "inf", "must be a number >= 0, got 'inf'"),
         ("BALANCER_TIMEOUTS_LINGER_IDLE", "0", "must be a number > 0, got '0'"),
+        ("BALANCER_DNS_HOLD", "-1", "must be a number from 0 to 86400, got '-1'"),
+        ("BALANCER_DNS_HOLD", "nan", "must be a number from 0 to 86400, got 'nan'"),
+        ("BALANCER_DNS_HOLD", "inf", "must be a number from 0 to 86400, got 'inf'"),
+        ("BALANCER_DNS_HOLD", "86400.5", "must be a number from 0 to 86400, got '86400.5'"),
+        ("BALANCER_DNS_HOLD", "1e300", "must be a number from 0 to 86400, got '1e300'"),
+        ("BALANCER_DNS_HOLD", "30s", "must be a number from 0 to 86400, got '30s'"),
         ("BALANCER_LIMITS_MAX_LINGER_BYTES", "-1", "must be an integer >= 0, got '-1'"),
         ("BALANCER_SERVER_WORKERS", "-1", "must be an integer >= 0, got '-1'"),
         ("BALANCER_SERVER_WORKERS", "two", "must be an integer >= 0, got 'two'"),

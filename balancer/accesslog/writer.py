@@ -8,7 +8,14 @@ thread pool, so a slow disk or a full stdout pipe delays the log, never the
 requests.
 
 Invariants:
-* ``log`` is an append and a length check, nothing else.
+* ``log`` is a length check and an append (past ``QUEUE_LIMIT``, a count
+  instead), nothing else.
+* At most ``QUEUE_LIMIT`` records wait: while a write blocks (stdout a pipe
+  whose reader stopped reading, a file on a hung mount) ``log`` refuses the
+  records past it and counts them, and the writer reports them as dropped
+  (bug: the queue grew with every request until the worker ran out of
+  memory). One write is out at a time; ``close`` does not wait for one that
+  blocks (a stopping worker waited for it until the arbiter killed it).
 * A record no formatter takes (a caller's bug) is skipped and reported once;
   a failing write drops its batch, is reported once, and its recovery says how
   many records were dropped (`dropped_total` counts them all, for
@@ -43,6 +50,14 @@ from balancer.accesslog.formats import FORMATS, FORMATTERS, LINE_FORMATTERS
 STDOUT = "-"
 OFF = ""
 NEWLINE: Final = ord("\n")
+# Records a worker keeps waiting for the writer, at most (~0.9 KB each with a
+# browser's user agent: ~9 MB). The writer wakes at `batch_size` (1000), so a
+# busy worker (30,000 requests a second) rides out a write stalled a third of
+# a second without a loss; past that, as HAProxy does when its log socket or
+# ring is full, new records are dropped and counted, never the requests held
+# (nginx's buffered access log blocks its worker on the write instead).
+QUEUE_LIMIT: Final = 10_000
+STALL_CHECK: Final = 1.0  # seconds between looks at the queue while a write is out
 
 
 class AccessLogError(Exception):
@@ -66,7 +81,7 @@ class AccessLog:
         self.is_enabled = path != OFF
         self._format_fast, self._format_reference = LINE_FORMATTERS[fmt]
         self._flush_interval = flush_interval
-        self._batch_size = batch_size
+        self._last_before_batch = batch_size - 1  # queued before the record filling a batch
         self._pending: deque[Any] = deque()  # append/popleft are atomic: no lock needed
         self._wake = gevent.event.Event()
         self._writing = gevent.lock.Semaphore()  # one flush at a time (never on the hot path)
@@ -75,18 +90,24 @@ class AccessLog:
         self._reopen_requested = False
         self._is_failing = False
         self._is_torn = False  # the file ends in part of a record (a write cut short)
-        self._dropped = 0
-        self.dropped_total = 0  # records dropped by failed writes, ever (a counter)
+        self._dropped = 0  # records dropped in this spell of failed or blocked writes
+        self.dropped_total = 0  # records dropped, ever (a counter)
+        self._refused = 0  # records `log` refused (the queue full) since the writer looked
+        self._write_out = False  # a write is in the thread pool (may block for ever)
         self._has_reported_malformed = False
         self._is_closed = not self.is_enabled  # off: `log` does nothing at all
 
     def log(self, record: Any) -> None:
-        """Queue one record. Hot path: an append and a length check, nothing else."""
+        """Queue one record. Hot path: a length check and an append (or a count), nothing else."""
         if self._is_closed:
             return
         pending = self._pending
+        queued = len(pending)
+        if queued >= QUEUE_LIMIT:  # a write blocks: the writer counts and reports these
+            self._refused += 1
+            return
         pending.append(record)
-        if len(pending) == self._batch_size:
+        if queued == self._last_before_batch:
             self._wake.set()
 
     def start(self) -> None:
@@ -120,7 +141,8 @@ class AccessLog:
         self._wake.set()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, stop the writer and close the file; ``log`` becomes a no-op."""
+        """Write what is queued, stop the writer and close the file; ``log`` becomes a
+        no-op. A write that blocks past `timeout` is left to its thread, with what waits."""
         if self._is_closed:
             return
         self._is_closed = True
@@ -128,9 +150,14 @@ class AccessLog:
         if self._writer is not None:
             self._writer.join(timeout)
             self._writer.kill(block=True, timeout=timeout)
-        self.flush()
+        if not self._write_out:
+            last = gevent.spawn(self.flush)
+            last.join(timeout)
+            last.kill(block=True, timeout=timeout)
         fd, self._fd = self._fd, None
-        if fd is not None and self.path != STDOUT:
+        # never under a write still out: its thread would go on writing to whatever
+        # file or socket is given the number next
+        if fd is not None and self.path != STDOUT and not self._write_out:
             os.close(fd)
 
     def __repr__(self) -> str:
@@ -185,23 +212,54 @@ class AccessLog:
     def _write(self, data: bytes) -> None:
         finish = b"\n" if self._is_torn else b""  # ends the torn record's line
         data = finish + data
-        written, exc = gevent.get_hub().threadpool.apply(_write_all, (self._fd, data))
+        written, exc = self._write_in_thread(data)
         if written:
             self._is_torn = data[written - 1] != NEWLINE
+        refused = self._take_refused()
         if exc is not None:
             lost = data.count(b"\n", max(written, len(finish)))  # records not written whole
             self._dropped += lost
             self.dropped_total += lost
-            if not self._is_failing:
-                self._is_failing = True
-                self._report(f"access log {self.path}: write failed ({exc.strerror or exc}); "
-                             "dropping records until writes succeed again")
+            self._begin_spell(f"write failed ({exc.strerror or exc})")
+            return
+        if refused:  # the queue filled while this write was out: the next tells the end
+            self._begin_spell(f"the queue was full ({QUEUE_LIMIT} records) during a write")
             return
         if self._is_failing:
             self._is_failing = False
             self._report(f"access log {self.path}: writing again; "
                          f"{self._dropped} records were dropped")
             self._dropped = 0
+
+    def _write_in_thread(self, data: bytes) -> tuple[int, OSError | None]:
+        """`_write_all` in the thread pool; while it blocks, every `STALL_CHECK`
+        seconds the records `log` refused are counted (and the spell told)."""
+        result = gevent.get_hub().threadpool.spawn(_write_all, self._fd, data)
+        self._write_out = True  # until it returns (a kill while it blocks leaves it out)
+        blocked = 0.0
+        while not result.ready():
+            result.wait(STALL_CHECK)
+            blocked += STALL_CHECK
+            if not result.ready() and self._take_refused():
+                self._begin_spell(f"a write has been blocked for {blocked:.0f} s with "
+                                  f"{QUEUE_LIMIT} records waiting")
+        self._write_out = False
+        written, exc = result.get()
+        return written, exc
+
+    def _take_refused(self) -> int:
+        """Count the records `log` refused since the last look as dropped; how many."""
+        refused, self._refused = self._refused, 0
+        self._dropped += refused
+        self.dropped_total += refused
+        return refused
+
+    def _begin_spell(self, why: str) -> None:
+        """Tell, once per spell of failed or blocked writes, that records are dropped."""
+        if not self._is_failing:
+            self._is_failing = True
+            self._report(f"access log {self.path}: {why}; "
+                         "dropping records until writes succeed again")
 
     @staticmethod
     def _report(message: str) -> None:

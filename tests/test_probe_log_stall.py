@@ -1,0 +1,103 @@
+"""The access log written to a pipe whose reader stopped reading, without
+closing it (a log shipper stuck, a terminal paused with Ctrl-S; a file on a hung
+mount blocks the same way): once the pipe is full, the worker's write blocks.
+Bug: every request's record queued behind it, the queue grew until the worker
+ran out of memory. Now at most `QUEUE_LIMIT` records wait; those past it are
+dropped, counted in ``balancer_access_log_dropped_records_total`` and told once,
+and the log goes on by itself once the reader reads again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from balancer.accesslog.writer import QUEUE_LIMIT
+from tests.support import Balancer, wait_for
+from tests.test_probe_data import rss_kib
+from tests.test_probe_env import STATIC, WAIT, child_pid, metric
+
+pytestmark = pytest.mark.data_plane  # the access log's writer is compiled: run interpreted too
+DROPPED = "balancer_access_log_dropped_records_total"
+AGENT = "a" * 2000  # heavy records: the queue's growth shows in the worker's memory
+REQUEST = f"GET / HTTP/1.1\r\nHost: app.test\r\nUser-Agent: {AGENT}\r\n\r\n".encode()
+
+
+def pipelined(port: int, count: int) -> int:
+    """Send `count` requests pipelined on one connection (the last closes it);
+    how many were answered 200."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    last = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    sender = threading.Thread(target=sock.sendall, args=(REQUEST * (count - 1) + last,))
+    sender.start()
+    answered, tail = 0, b""
+    try:
+        while chunk := sock.recv(1 << 20):
+            seen = tail + chunk
+            answered += seen.count(b"HTTP/1.1 200 ")
+            tail = seen[-12:]  # a status line cut between two reads is counted once
+    finally:
+        sender.join(WAIT)
+        sock.close()
+    return answered
+
+
+def drain(reader: int, lines: int, until: float) -> int:
+    """Read what the pipe holds now: `lines` plus the records read."""
+    while time.monotonic() < until:
+        try:
+            data = os.read(reader, 1 << 20)
+        except BlockingIOError:
+            break
+        lines += data.count(b"\n")
+    return lines
+
+
+def test_an_access_log_nobody_reads_keeps_a_bounded_queue_and_resumes(tmp_path: Path) -> None:
+    fifo = tmp_path / "access.log"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, never read (yet)
+    bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--access-log", str(fifo)])
+    try:
+        worker = child_pid(bal, "worker")
+        first = QUEUE_LIMIT + 2000
+        assert pipelined(bal.port, first) == first
+        # the writer counts what `log` refused at its next look (a second)
+        wait_for(lambda: metric(bal, DROPPED) > 0, WAIT, what="records dropped")
+        full = rss_kib(worker)
+        more = QUEUE_LIMIT
+        assert pipelined(bal.port, more) == more  # served while nothing is written
+        # each record held ~2 KB: a queue growing by `more` takes ~20 MB
+        assert rss_kib(worker) - full < 6 * 1024, (full, rss_kib(worker))
+        total = first + more
+        wait_for(lambda: metric(bal, DROPPED) >= more, WAIT, what="the new records dropped")
+        out = bal.output()
+        assert out.count("dropping records until writes succeed again") == 1, out[-2000:]
+        assert "a write has been blocked for " in out, out[-2000:]
+        lines = 0
+        deadline = time.monotonic() + WAIT
+        # the reader reads again: what was written or queued comes, the rest was dropped
+        while lines + metric(bal, DROPPED) < total:
+            assert time.monotonic() < deadline, (lines, metric(bal, DROPPED), total)
+            lines = drain(reader, lines, deadline)
+        dropped = int(metric(bal, DROPPED))
+        assert lines + dropped == total and 0 < lines <= 2 * QUEUE_LIMIT, (lines, dropped)
+        wait_for(lambda: f"writing again; {dropped} records were dropped" in bal.output(),
+                 WAIT, what="the recovery line")
+        assert pipelined(bal.port, 3) == 3
+        lines = 0
+        while lines < 3:  # the next records come as before
+            assert time.monotonic() < deadline, lines
+            lines = drain(reader, lines, deadline)
+        assert metric(bal, DROPPED) == dropped
+        assert child_pid(bal, "worker") == worker and "Traceback" not in bal.output()
+    finally:
+        started = time.monotonic()
+        bal.stop()
+        os.close(reader)
+    assert time.monotonic() - started < 5.0
