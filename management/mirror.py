@@ -121,8 +121,13 @@ class Mirror:
     # following the store ---------------------------------------------------
     def on_store(self, item: TableData | TableChange) -> None:
         if isinstance(item, TableChange):
-            if self.table is not None and item.base == self.table.version and not self.problem:
-                self._install(item.version, _changed(self.table.hosts, item.hosts), item.hosts)
+            if self.table is not None and item.base <= self.table.version and not self.problem:
+                # the change names every host written after the version held (a write
+                # of its own noted while the watcher read the hosts: bug, that read
+                # the whole table); one up to the version held changes nothing
+                if item.version > self.table.version:
+                    self._install(item.version, _changed(self.table.hosts, item.hosts),
+                                  item.hosts)
                 return
             try:
                 item = self.store.load()
