@@ -21,6 +21,9 @@ Invariants (with `management.app`'s):
   (`management.table_reads`): a read costs one store round trip.
 * A deploy's writes (`management/deploys.py`) go through `write_rule`: the
   same loss guard and read-your-writes as every one-host write.
+* Backend edits and deploys read the host's rule alone with the table's version
+  (`Store.host_rule`), never the whole table, and write it only if the table is
+  still at that version.
 """
 
 from __future__ import annotations
