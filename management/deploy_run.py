@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from balancer.stores import VersionConflict
+from balancer.stores import HostRule, VersionConflict
 from management.deploy_steps import addresses, check_config, in_flight, probe_all, switched_rule
 
 IDLE_EVERY = 1.0    # seconds between looks for a deploy while none runs (`Deployer.watch_loop`)
@@ -122,8 +122,7 @@ class Run:
     # 2. switch ---------------------------------------------------------------
     def switch(self) -> None:
         if self.resumed and self.record.get("since") is not None:
-            data = self.load()
-            rule = data.hosts.get(self.host) or {}
+            rule = dict(self.read().rule or {})
             if (rule.get("draining") or {}).get("since") == self.record["since"] or \
                     self._is_switched(rule):
                 self.end("ok", "switched (before the restart)")
@@ -133,16 +132,16 @@ class Run:
         rule = switched_rule(self.record["before"], self.record["to"], self.record["since"],
                              float(self.settings["warmup"]))
         for _ in range(10):
-            data = self.load()
-            if data.hosts.get(self.host) == rule:  # written, its answer lost in an outage
-                self.record["version"] = data.version
-                self.end("ok", f"version {data.version}")
+            found = self.read()
+            if found.rule == rule:  # written, its answer lost in an outage
+                self.record["version"] = found.version
+                self.end("ok", f"version {found.version}")
                 return
-            if data.hosts.get(self.host) != self.record["before"]:
+            if found.rule != self.record["before"]:
                 raise DeployFailed("the host's rule changed during the deploy; nothing "
                                    "was switched")
             try:
-                version = self.write(rule, data.version)
+                version = self.write(rule, found.version)
             except VersionConflict:
                 continue  # another host changed meanwhile (or our write landed): look again
             self.record["version"] = version
@@ -150,9 +149,12 @@ class Run:
             return
         raise DeployFailed("the table kept changing; nothing was switched")
 
-    def load(self) -> Any:
-        """The store's table, an outage waited out."""
-        return self.deployer.patiently(self.record, "read the table", self.deployer.store.load)
+    def read(self) -> HostRule:
+        """The host's rule and the table's version (not the whole table: `host_rule`),
+        an outage waited out."""
+        found: HostRule = self.deployer.patiently(
+            self.record, "read the rule", lambda: self.deployer.store.host_rule(self.host))
+        return found
 
     def write(self, rule: dict[str, Any], if_version: int) -> int:
         """Write the host's `rule` if the table is at `if_version`, an outage waited out."""
@@ -213,13 +215,13 @@ class Run:
     def finish(self) -> None:
         """Remove `draining` from the rule if it is still this deploy's."""
         for _ in range(10):
-            data = self.load()
-            rule = data.hosts.get(self.host)
+            found = self.read()
+            rule = found.rule
             if not rule or (rule.get("draining") or {}).get("since") != self.record["since"]:
                 return
             clean = {k: v for k, v in rule.items() if k != "draining"}
             try:
-                self.write(clean, data.version)
+                self.write(clean, found.version)
                 return
             except VersionConflict:
                 continue

@@ -77,10 +77,11 @@ def parse_deploy(body: Any, need_backends: bool = True) -> tuple[list[Any], dict
 
 
 def current_rule(app: Any, key: str) -> dict[str, Any]:
-    hosts = app.store.load().hosts
-    if key not in hosts:
+    """The host's rule as stored now (`Store.host_rule`: not the whole table)."""
+    rule = app.store.host_rule(key).rule
+    if rule is None:
         raise ApiError(404, "not_found", f"no rule for host {key!r}")
-    return dict(hosts[key])
+    return dict(rule)
 
 
 def start(deployer: Deployer, key: str, rule: dict[str, Any], to: list[Any],

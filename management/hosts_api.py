@@ -21,6 +21,9 @@ Invariants (with `management.app`'s):
   (`management.table_reads`): a read costs one store round trip.
 * A deploy's writes (`management/deploys.py`) go through `write_rule`: the
   same loss guard and read-your-writes as every one-host write.
+* Backend edits and deploys read the host's rule alone with the table's version
+  (`Store.host_rule`), never the whole table, and write it only if the table is
+  still at that version.
 """
 
 from __future__ import annotations
@@ -150,23 +153,26 @@ class HostRoutes:
 
     def _edit_rule(self, key: str, condition: int | None,
                    edit: Callable[[str, dict[str, Any]], dict[str, Any]]) -> Response:
-        """Read-modify-write one proxy rule, retried while other writers race us."""
+        """Read-modify-write one proxy rule, retried while other writers race us: the
+        host's rule is read with the table's version (`Store.host_rule`: not the
+        whole table; bug: 1-2 s of CPU per edit at 100,000 hosts on Redis), and
+        written only if the table is still at that version."""
         self._check_not_lost()
         for attempt in range(EDIT_ATTEMPTS):
             if attempt:  # after a race: a pause, so that the racers spread out
                 time.sleep(random.uniform(0, min(EDIT_PAUSE_CAP, 0.005 * 2 ** (attempt - 1))))
-            data = self.store.load()
-            if condition is not None and condition != data.version:
-                raise VersionConflict(data.version)
-            if key not in data.hosts:
+            found = self.store.host_rule(key)
+            if condition is not None and condition != found.version:
+                raise VersionConflict(found.version)
+            if found.rule is None:
                 raise _no_host(key)
-            edits.require_proxy(key, data.hosts[key])
-            rule = edit(key, dict(data.hosts[key]))
+            edits.require_proxy(key, found.rule)
+            rule = edit(key, dict(found.rule))
             problems = validate_rule(rule)
             if problems:
                 raise _invalid(problems)
             try:
-                return self._after_write(self.store.put_host(key, rule, data.version),
+                return self._after_write(self.store.put_host(key, rule, found.version),
                                          {key: rule})
             except VersionConflict:
                 if condition is not None:

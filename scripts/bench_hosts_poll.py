@@ -20,6 +20,14 @@ process, from /proc) per request:
    and after another balancer's: the CPU of all of them together, and the wall
    time until the last answer.
 
+6. backend edits: `--polls` times a backend added to one host and removed
+   again through the API (``POST``/``DELETE /api/v1/hosts/HOST/backends``),
+   CPU per edit; then the same, each edit right after another's write (this
+   balancer's table behind the store when it writes);
+7. deploys: `max(1, --polls / 4)` deploys of one host each to a backend
+   started here (no warmup, a drain of at most 1 s), CPU per deploy from the
+   ``POST`` to its end.
+
 Then the management process's memory (``/proc/PID/smaps_rollup``: Rss, Pss,
 Pss_Anon): at the end of the polls (a table read, its answer encoded), and
 after one more write that no read followed.
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import http.server
 import json
 import os
 import shutil
@@ -40,6 +49,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -116,6 +126,18 @@ def management_pids(arbiter: int, mgmt: int) -> list[int]:
     raise SystemExit("the worker did not load its table")
 
 
+class Ready(http.server.BaseHTTPRequestHandler):
+    """A new backend for the deploys: ready at once."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 def measure(pids: list[int], polls: int, step: object) -> tuple[float, float, int]:
     """(management CPU ms per poll, wall ms per poll, last body size)."""
     cpu, wall, size = cpu_seconds(pids), time.perf_counter(), 0
@@ -188,6 +210,63 @@ class Poller:
             thread.join()
         return (cpu_seconds(self.pids) - cpu0) * 1000, (time.perf_counter() - wall) * 1000
 
+    def api(self, method: str, path: str, body: object = None) -> Any:
+        """A management call that must succeed; its answer."""
+        data = json.dumps(body).encode() if body is not None else None
+        status, _, answer = request(self.conn, method, path,
+                                    {"Content-Type": "application/json"}, data)
+        if status not in (200, 202):
+            raise SystemExit(f"{method} {path}: {status} {answer[:200]!r}")
+        return json.loads(answer)
+
+    def edit(self, after_other: bool = False) -> int:
+        """A backend added to a host and removed again: two backend edits (each right
+        after another balancer's write, `after_other`: this one's table behind)."""
+        extra = f"{HOST}:1"
+        if after_other:
+            self.write(False)
+        self.api("POST", "/api/v1/hosts/h1.example/backends", {"address": extra})
+        if after_other:
+            self.write(False)
+        self.api("DELETE", f"/api/v1/hosts/h1.example/backends/{extra}")
+        return 0
+
+    def deploy(self, n: int, backend: str) -> float:
+        """The CPU seconds of a deploy of host `n` to `backend`, from its start to its
+        end."""
+        cpu0 = cpu_seconds(self.pids)
+        started = self.api("POST", f"/api/v1/hosts/h{n}.example/deploy",
+                           {"backends": [backend], "ready_timeout": 10, "warmup": 0,
+                            "drain_timeout": 1})
+        path = f"/api/v1/deploys/{started['deploy']['id']}"
+        deadline = time.monotonic() + 120
+        while (record := self.api("GET", path)["deploy"])["state"] == "running":
+            if time.monotonic() > deadline:
+                raise SystemExit(f"deploy of h{n}.example did not end: {record}")
+            time.sleep(0.05)
+        if record["state"] != "done":
+            raise SystemExit(f"deploy of h{n}.example: {record}")
+        return cpu_seconds(self.pids) - cpu0
+
+    def writes(self, polls: int) -> list[tuple[str, str]]:
+        """The rows of backend edits and deploys."""
+        rows = []
+        for name, after_other in (("backend edit", False),
+                                  ("backend edit after another's", True)):
+            cpu_ms, wall_ms, _ = measure(self.pids, polls, lambda a=after_other: self.edit(a))
+            rows.append((name, f"{cpu_ms / 2:7.1f} ms CPU/edit  {wall_ms / 2:7.1f} ms "
+                               f"wall/edit"))
+        server = http.server.ThreadingHTTPServer((HOST, 0), Ready)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            runs = [self.deploy(n, f"{HOST}:{server.server_address[1]}")
+                    for n in range(2, 2 + max(1, polls // 4))]
+        finally:
+            server.shutdown()
+        rows.append(("deploy, start to end", f"{sum(runs) * 1000 / len(runs):7.1f} ms "
+                                             f"CPU/deploy"))
+        return rows
+
     def rows(self, polls: int) -> list[tuple[str, str]]:
         """The measured rows: a name and what was measured."""
         rows = []
@@ -241,7 +320,7 @@ def main() -> None:
             poller = Poller(mgmt, pids, url, args.clients)
             status, headers, body = request(poller.conn, "GET", "/api/v1/hosts")
             poller.etag = headers.get("ETag", "")
-            rows = poller.rows(args.polls)
+            rows = poller.rows(args.polls) + poller.writes(args.polls)
             last = poller.get({"If-None-Match": poller.etag})[0]
             management = pids[-1]  # the arbiter's child that is no worker
             read = memory(management)

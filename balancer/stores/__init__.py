@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from balancer.stores.base import (
     CorruptStore,
+    HostRule,
     Store,
     StoreError,
     StoreFull,
@@ -20,7 +21,7 @@ from balancer.stores.base import (
 )
 from balancer.stores.urls import FILE_SCHEME, StoreUrlError, redact_url, store_kind
 
-__all__ = ["CorruptStore", "Store", "StoreError", "StoreFull", "StoreLost",
+__all__ = ["CorruptStore", "HostRule", "Store", "StoreError", "StoreFull", "StoreLost",
            "StoreNotReplicated", "StoreUnavailable", "StoreUrlError", "TableChange",
            "TableData", "VersionConflict", "open_store", "redact_url"]
 

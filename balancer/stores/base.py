@@ -60,6 +60,14 @@ class TableData:
 
 
 @dataclass(frozen=True)
+class HostRule:
+    """One host's rule as stored (None: no such host) at the table's `version`."""
+
+    version: int
+    rule: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
 class TableChange:
     """The hosts one or more consecutive writes changed, up to `version`:
     HOST → rule, or None for a deleted host. `base` is the version it applies on."""
@@ -228,6 +236,10 @@ class Store(ABC):
     #: the highest version this balancer has known (served, written or read); a
     #: write goes above it, and a one-host write to a store behind it is `StoreLost`
     floor = 0
+    #: `watch` delivers every write as the hosts it changed (`TableChange`), in order,
+    #: reading only those: a consumer behind a write it made itself can leave the
+    #: versions written before it to the watcher instead of reading the whole table
+    delivers_changes = False
     #: log store problems at debug level (set in proxy workers: the management
     #: process reports them once for the whole balancer)
     quiet = False
@@ -253,6 +265,16 @@ class Store(ABC):
         CorruptStore."""
         data = self.load()
         return data.version, len(data.hosts)
+
+    def host_rule(self, host: str) -> HostRule:
+        """One host's rule and the table's version, read together, without reading the
+        rest of the table where the store can (Redis: ``HGET`` and ``GET`` in one
+        transaction, the rule checked as `load` checks it); the file store's `load` is
+        cheap while the file is unchanged. What a read-modify-write of one host needs:
+        its write, conditional on this version, fails if anything changed since. Raises
+        StoreUnavailable or CorruptStore."""
+        data = self.load()
+        return HostRule(data.version, data.hosts.get(host))
 
     @abstractmethod
     def replace(self, hosts: Mapping[str, Any], if_version: int | None = None) -> int:

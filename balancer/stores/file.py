@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -93,7 +94,9 @@ class FileStore(Store):
         self.display_url = f"file:{path}"
         self._reachable = True
         self._problem: str | None = None
-        self._known: tuple[tuple[int, ...], TableData] | None = None
+        # the file's (inode, size, mtime, ctime) and its table, or why it is corrupt
+        self._known: tuple[tuple[int, ...], TableData | str] | None = None
+        self._reading = threading.Lock()  # held by a `load` (gevent's, once patched)
         self._lines = _Lines()
         self._checker = TableChecker()
         self._certs: FileCerts | None = None
@@ -117,23 +120,35 @@ class FileStore(Store):
 
     # reading ---------------------------------------------------------------
     def load(self) -> TableData:
-        try:
-            with open_regular(self.path) as f:
-                signature = _signature_of(os.fstat(f.fileno()))
-                if self._known is not None and self._known[0] == signature:
-                    self._reachable = True
-                    return self._known[1]  # the file this instance last read or wrote
-                raw = read_capped(f)
-        except OSError as exc:
-            self._reachable = False
-            raise StoreUnavailable(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
-        except TooLarge as exc:  # a regular file of another content: repaired by a write
-            raise CorruptStore(f"{self.path}: the file is {exc}") from None
-        self._reachable = True
-        data = self._parse(raw)
-        self.raise_floor(data.version)
-        self._remember(signature, data)
-        return data
+        """The file's table: parsed once per content (`_known`), however many callers
+        ask while it is parsed (`_reading`: the watcher's read and the API's wait for
+        one another's parse; bug: a file another process rewrote was parsed by both,
+        about 1 s each at 100,000 hosts). A corrupt file's problem is kept likewise."""
+        with self._reading:
+            try:
+                with open_regular(self.path) as f:
+                    signature = _signature_of(os.fstat(f.fileno()))
+                    known = self._known
+                    if known is not None and known[0] == signature:
+                        self._reachable = True
+                        return _known_table(known[1])  # the file last read or written
+                    raw = read_capped(f)
+            except OSError as exc:
+                self._reachable = False
+                raise StoreUnavailable(f"{self.path}: cannot read: "
+                                       f"{exc.strerror or exc}") from exc
+            except TooLarge as exc:  # a regular file of another content: repaired by a write
+                raise CorruptStore(f"{self.path}: the file is {exc}") from None
+            self._reachable = True
+            log.debug("%s: parsing %d bytes", self.path, len(raw))
+            try:
+                data = self._parse(raw)
+            except CorruptStore as exc:
+                self._known = (signature, str(exc))
+                raise
+            self.raise_floor(data.version)
+            self._remember(signature, data)
+            return data
 
     def _remember(self, signature: tuple[int, ...] | None, data: TableData) -> None:
         """Keep `data` as the content of the file with `signature` (inode, size, mtime,
@@ -343,6 +358,13 @@ class FileStore(Store):
             return None
         self._reachable = True
         return _signature_of(st)
+
+
+def _known_table(known: TableData | str) -> TableData:
+    """The table kept for the file's content, or its problem raised again."""
+    if isinstance(known, str):
+        raise CorruptStore(known)
+    return known
 
 
 def _rule_texts(hosts: Mapping[str, Any]) -> dict[str, str]:

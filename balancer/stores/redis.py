@@ -14,8 +14,10 @@ Invariants:
   ``if_version``, answered by `VersionConflict`); a failed write changes
   nothing.
 * Reads are ``HGETALL`` + ``GET`` in one transaction, so a table and its
-  version always belong together. No ``KEYS``/``SCAN``, and nothing here runs
-  per proxied request: balancers keep the whole table in memory.
+  version always belong together; a read of one host's rule (`host_rule`: a
+  backend edit, a deploy) is ``HGET`` + ``GET``, likewise. No ``KEYS``/``SCAN``,
+  and nothing here runs per proxied request: balancers keep the whole table in
+  memory.
 * Watching (following the table through ``NS:changes``) is
   `balancer.stores.redis_watch`; what Redis's answers mean is
   `balancer.stores.redis_answers`.
@@ -55,12 +57,14 @@ from balancer.stores import strict_json
 from balancer.stores.acme import Acme, RedisAcme
 from balancer.stores.base import (
     CorruptStore,
+    HostRule,
     Store,
     StoreLost,
     StoreUnavailable,
     TableChecker,
     TableData,
     VersionConflict,
+    check_table,
     unreadable_is_corrupt,
     write_version,
 )
@@ -99,6 +103,7 @@ class RedisStore(RedisWatching, Store):
     """The routing table in Redis, shared by every balancer using the namespace."""
 
     kind = "redis"
+    delivers_changes = True  # `NS:changes` names the hosts (`RedisWatching._catch_up`)
 
     def __init__(self, url: str, namespace: str = "balancer", resync_interval: float = 5.0,
                  timeout: float = 2.0) -> None:
@@ -158,17 +163,36 @@ class RedisStore(RedisWatching, Store):
         for n, (host, text) in enumerate(raw_hosts.items()):
             if n % PAUSE_EVERY == PAUSE_EVERY - 1:
                 turn()  # a big table: the loop polls (requests, timers) between slices
-            try:
-                hosts[host] = strict_json.loads(utf8(text, host))
-            except strict_json.DuplicateKey as exc:
-                raise CorruptStore(f"{where}: {self.hosts_key}[{printable(host)}] has the key "
-                                   f"{json.dumps(exc.key)} twice"
-                                   f"{strict_json.where_in(exc.path)}") from None
-            except (ValueError, RecursionError):  # the field named only then, not per host
-                with unreadable_is_corrupt(f"{where}: {self.hosts_key}[{printable(host)}]"):
-                    raise
+            hosts[host] = self._decoded(where, host, text)
         with unreadable_is_corrupt(f"{where}: the table"):
             return self._checker.check(where, version, hosts, raw_hosts)
+
+    def host_rule(self, host: str) -> HostRule:
+        with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
+            pipe.hget(self.hosts_key, host)
+            pipe.get(self.version_key)
+            text, raw_version = pipe.execute()
+        version = self._version(raw_version)
+        rule = None
+        if text is not None:  # checked as `load` checks the table's rules
+            where = f"{self.display_url} {self.namespace}"
+            with unreadable_is_corrupt(f"{where}: the table"):
+                one = {host: self._decoded(where, host, text)}
+                rule = check_table(where, version, one).hosts[host]
+        self.raise_floor(version)
+        return HostRule(version, rule)
+
+    def _decoded(self, where: str, host: str, text: str) -> Any:
+        """The stored rule `text` of `host` decoded, or `CorruptStore` naming the field."""
+        try:
+            return strict_json.loads(utf8(text, host))
+        except strict_json.DuplicateKey as exc:
+            raise CorruptStore(f"{where}: {self.hosts_key}[{printable(host)}] has the key "
+                               f"{json.dumps(exc.key)} twice"
+                               f"{strict_json.where_in(exc.path)}") from None
+        except (ValueError, RecursionError):  # the field named only then, not per host
+            with unreadable_is_corrupt(f"{where}: {self.hosts_key}[{printable(host)}]"):
+                raise
 
     def _version(self, raw: bytes | str | None) -> int:
         try:
