@@ -247,7 +247,8 @@ def _changed(hosts: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, 
 def log_change(old: TableData | None, new: TableData,
                changes: Mapping[str, Any] | None = None) -> None:
     """One line per version change: how many hosts were added, changed, removed
-    (counted over `changes` when given, else over both tables)."""
+    (counted over `changes` when given, else over both tables, in slices: a write
+    noted meanwhile may log its line before this one)."""
     before, after = old.hosts if old is not None else {}, new.hosts
     keys = after.keys() | before.keys() if changes is None else changes.keys()
     added, changed, removed = [], [], []
