@@ -19,15 +19,17 @@ Invariants:
   member per line, as the file store writes), decoded as one object: it
   decodes only if the cut falls between two members of that object (inside
   a string or a nested value it cannot: strings hold no raw newline and
-  brackets would not balance). A slice that does not decode, or a document
-  whose members are not one per line, is decoded a member at a time: exact
-  errors, or the right value at a third more CPU.
+  brackets would not balance). From a slice that does not decode on, or in
+  an object whose members are not one per line, members are decoded one at
+  a time: the exact error, or the same value at 1.5x the CPU (and more
+  memory: the rules' keys are no longer shared).
 * Slices are merged only when the decoder's hook is ``dict(pairs)`` that
   raises `unique` for a repeated key (`strict_json`): the merged object then
   raises `unique` when its members outnumber its keys. Otherwise every pair
   goes to the hook, as `json` gives them.
-* Positions are the document's; nesting is two levels shallower inside a
-  slice, so the recursion limit is met two levels deeper (of ~1,000).
+* Positions are the document's; a value is decoded one or two levels less
+  deep than in one call, so the recursion limit is met that much deeper
+  (of ~1,000).
 """
 
 from __future__ import annotations
