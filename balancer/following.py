@@ -229,16 +229,17 @@ class TableFollower:
         """Drop the counters of the deleted hosts among `keys` (the changed ones)
         and of backends a changed rule no longer names, so no scrape reports them
         again."""
-        self.stats.forget_hosts({key for key in keys if new.route_for(key) is None})
+        deleted = set()  # (found in the slices: 100,000 hosts' look-up at once took 0.1 s)
         for n, key in enumerate(keys):
             if n % PAUSE_EVERY == PAUSE_EVERY - 1:
                 turn()  # every host of a whole table (the new one is served meanwhile)
             route = new.route_for(key)
             prior = old.route_for(key)
             if route is None:
-                continue
-            if prior is None or prior.action is not route.action:
+                deleted.add(key)
+            elif prior is None or prior.action is not route.action:
                 route.stats.keep_backends(set(route.action.backend_keys()))
+        self.stats.forget_hosts(deleted)
 
     def reload(self) -> int:
         """Re-read the store now and apply it; returns the version served."""

@@ -22,7 +22,7 @@ Invariants:
   queue harmlessly: it waits on a `Waiter`, which ignores a late wake-up.
 * Without a loop (the threaded baseline's blocking sockets) nothing parks.
 * `turn` parks a long job (a big control answer, the history's encoding, a
-  big table read and checked, many new certificates loaded, a big table
+  big table decoded and checked, many new certificates loaded, a big table
   compiled) between two slices the same way: one loop iteration, poll
   included. A thread with no hub (the threaded baseline's store watcher, the
   start-up check's unpatched child) has no loop to let go round: `turn` does

@@ -21,6 +21,10 @@ import json
 from collections import Counter
 from typing import Any
 
+from balancer.stores import json_slices
+from balancer.turns import turn
+
+LOCATE_EVERY = 2000  # items looked at between two turns of the loop, finding a repeated key
 Path = tuple[str | int, ...]
 
 
@@ -70,10 +74,10 @@ def loads(text: str | bytes) -> Any:
     if isinstance(text, bytes):
         text = text.decode(json.detect_encoding(text), "surrogatepass")
     try:
-        return _DECODER.decode(text)
+        return json_slices.decode(text, _DECODER, _Repeated)
     except _Repeated:
         pass
-    found = _locate(_LOCATOR.decode(text), ())
+    found = _locate(json_slices.decode(text, _LOCATOR, None), ())
     assert found is not None  # the first decode met one
     raise DuplicateKey(*found)
 
@@ -84,7 +88,9 @@ def _locate(value: Any, path: Path) -> tuple[Path, str] | None:
         return path, value.repeated
     items = value.items() if isinstance(value, dict) else \
         enumerate(value) if isinstance(value, list) else ()
-    for name, inner in items:
+    for n, (name, inner) in enumerate(items):
+        if n % LOCATE_EVERY == LOCATE_EVERY - 1:
+            turn()  # a big object (the file's hosts)
         found = _locate(inner, (*path, name))
         if found is not None:
             return found
