@@ -24,21 +24,26 @@ from tests.test_kept_counters import HOST, Series, scrape, worker_pids
 ROUNDS = 2  # a graceful reload, then a kill (the hosts re-created after the first)
 CHURN = 20  # hosts created, served and deleted each round (the same names: re-created)
 KEPT_HOSTS = {HOST, "(unknown)"}  # what the retired total may name once the churn is deleted
+GONE = "gone.test"  # a host deleted while a worker is stopped
 
 
 class PresentNeverDown:
     """Scrapes `/metrics` and fails at the first counter series of a host in
-    `present` that went down or away since the scrape before."""
+    `present` (and of a backend not `removed` from its rule) that went down or
+    away since the scrape before."""
 
     def __init__(self, bal: Balancer) -> None:
         self.bal = bal
         self.present: set[str] = {HOST}
+        self.removed: set[str] = set()
         self.last = scrape(bal)
 
     def scrape(self) -> Series:
         now = scrape(self.bal)
         fallen = {key: (value, now.get(key)) for key, value in self.last.items()
-                  if dict(key[1]).get("host") in self.present and now.get(key, -1.0) < value}
+                  if dict(key[1]).get("host") in self.present
+                  and dict(key[1]).get("backend") not in self.removed
+                  and now.get(key, -1.0) < value}
         assert not fallen, f"counter series of hosts present went down or away: {fallen}"
         self.last = now
         return now
@@ -49,9 +54,10 @@ def requests_of(series: Series, host: str) -> float:
                if name == "balancer_requests_total" and ("host", host) in labels)
 
 
-def retired_hosts(run_dir: str) -> set[str]:
+def retired_hosts(run_dir: str) -> dict[str, Any]:
+    """The hosts of the run directory's retired total."""
     with open(os.path.join(run_dir, "retired-total.json")) as f:
-        return set(json.load(f).get("hosts", {}))
+        return dict(json.load(f).get("hosts", {}))
 
 
 def retire_workers(bal: Balancer, graceful: bool) -> None:
@@ -69,13 +75,16 @@ def retire_workers(bal: Balancer, graceful: bool) -> None:
 
 @pytest.mark.slow
 def test_an_operator_creating_and_deleting_hosts_all_day_leaves_nothing_growing(
-        tmp_path, backend):
-    """Bug: the retired total kept every host ever counted, so the management
-    process's memory, the run directory's total and the hosts each scrape names
-    to the workers grew for ever; and a host deleted and created again showed its
-    old retired counters again. Now a deleted host's are forgotten, and counters
-    of hosts present never go down (across reloads and kills)."""
+        tmp_path, backend, start_backend):
+    """Bug: the retired total kept every host ever counted (and every backend
+    ever in a rule), so the management process's memory, the run directory's
+    total and the hosts each scrape names to the workers grew for ever; and a
+    host deleted and created again showed its old retired counters again. Now a
+    deleted host's (a removed backend's) are forgotten, and counters of hosts
+    present never go down (across reloads and kills)."""
     rule = {"action": "proxy", "backends": [backend.address]}
+    extra = start_backend("b").address  # in HOST's rule during each round, then removed
+    both = {"action": "proxy", "backends": [backend.address, extra]}
     bal = Balancer(tmp_path, {HOST: rule}, args=["--workers", "2"])
     try:
         pids = wait_for(lambda: worker_pids(bal) if len(worker_pids(bal)) == 2 else None,
@@ -85,8 +94,9 @@ def test_an_operator_creating_and_deleting_hosts_all_day_leaves_nothing_growing(
         names = [f"churn{n}.test" for n in range(CHURN)]
         for round_ in range(ROUNDS):
             assert bal.api("PUT", "/api/v1/hosts",
-                           {"hosts": {HOST: rule, **dict.fromkeys(names, rule)}})[0] == 200
+                           {"hosts": {HOST: both, **dict.fromkeys(names, rule)}})[0] == 200
             watch.present |= set(names)
+            watch.removed -= {extra}
             for name in [HOST, *names]:  # fresh connections: spread over both workers
                 assert request(bal.port, host=name)[0] == 200
             # created again, each counts its own request only (not the earlier rounds')
@@ -97,16 +107,55 @@ def test_an_operator_creating_and_deleting_hosts_all_day_leaves_nothing_growing(
                      and len(worker_pids(bal)) == 2, 20, interval=0.1,
                      what=f"round {round_}: the retired counters in /metrics")
             assert all(requests_of(watch.last, n) == 1 for n in names)
-            retired = retired_hosts(run_dir) & set(names)  # retired while they exist
+            retired = retired_hosts(run_dir).keys() & set(names)  # retired while they exist
             assert retired == set(names) if round_ % 2 == 0 else retired
             assert bal.api("PUT", "/api/v1/hosts", {"hosts": {HOST: rule}})[0] == 200
             watch.present -= set(names)
-            wait_for(lambda: watch.scrape() and retired_hosts(run_dir) <= KEPT_HOSTS, 15,
+            watch.removed |= {extra}
+            wait_for(lambda: watch.scrape() and forgotten(retired_hosts(run_dir), extra), 15,
                      interval=0.1, what=f"round {round_}: the deleted hosts' counters forgotten")
         hosts = {dict(labels).get("host") for _, labels in watch.scrape()} - {None}
         assert hosts == {HOST} and requests_of(watch.last, HOST) == ROUNDS
     finally:
         bal.stop()
+
+
+def test_a_deleted_host_keeps_its_retired_counters_while_a_worker_may_serve_it(
+        tmp_path, backend):
+    """A worker that does not answer (stopped) may still serve a host the others
+    deleted: its retired counters are kept until every worker answers without
+    it, so they never go missing from a host that exists (it comes back, its
+    counter lower)."""
+    rule = {"action": "proxy", "backends": [backend.address]}
+    bal = Balancer(tmp_path, {HOST: rule, GONE: rule}, args=["--workers", "2"])
+    try:
+        pids = wait_for(lambda: worker_pids(bal) if len(worker_pids(bal)) == 2 else None,
+                        20, what="two workers")
+        run_dir = Path(control_socket(pids[0])).parent
+        plant_retired(run_dir, worker_identity(1, 1000.0), GONE, 3)
+        wait_for(lambda: requests_of(scrape(bal), GONE) == 3, 10, what="the retired requests")
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            wait_for(lambda: [e["pid"] for e in bal.api("GET", "/api/v1/stats")[1]
+                              .get("lagging", [])] == [pids[0]], 15, what="the stopped worker")
+            version = bal.api("PUT", "/api/v1/hosts", {"hosts": {HOST: rule}})[1]["version"]
+            wait_for(lambda: [p["version"] for p in bal.api("GET", "/api/v1/info")[1]
+                              ["processes"]] == [version], 10, what="the other at the new table")
+            for _ in range(10):
+                assert GONE not in {dict(labels).get("host") for _, labels in scrape(bal)}
+                assert GONE in retired_hosts(str(run_dir))
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+        wait_for(lambda: scrape(bal) and GONE not in retired_hosts(str(run_dir)), 15,
+                 interval=0.1, what="the deleted host's counters forgotten")
+    finally:
+        bal.stop()
+
+
+def forgotten(hosts: dict[str, Any], backend: str) -> bool:
+    """Whether the retired `hosts` hold nothing deleted: no host but `KEPT_HOSTS`,
+    and not `backend` (removed from HOST's rule)."""
+    return hosts.keys() <= KEPT_HOSTS and backend not in hosts.get(HOST, {}).get("backends", {})
 
 
 def test_a_killed_worker_with_the_pid_of_a_retired_one_is_retired_too(tmp_path, backend):
@@ -122,7 +171,7 @@ def test_a_killed_worker_with_the_pid_of_a_retired_one_is_retired_too(tmp_path, 
         for _ in range(5):
             assert request(bal.port, host=HOST)[0] == 200
         wait_for(lambda: requests_of(scrape(bal), HOST) == 5, 10, what="5 requests counted")
-        plant_retired(Path(control_socket(pid)).parent, worker_identity(pid, 1000.0), 2)
+        plant_retired(Path(control_socket(pid)).parent, worker_identity(pid, 1000.0), HOST, 2)
         wait_for(lambda: requests_of(scrape(bal), HOST) == 5 + 2, 10,
                  what="the earlier worker's counters counted")
         os.kill(pid, signal.SIGKILL)
@@ -141,9 +190,9 @@ def test_a_killed_worker_with_the_pid_of_a_retired_one_is_retired_too(tmp_path, 
         bal.stop()
 
 
-def plant_retired(run_dir: Path, identity: str, completed: int) -> None:
+def plant_retired(run_dir: Path, identity: str, host: str, completed: int) -> None:
     """Record worker `identity` as folded into the retired total with `completed`
-    requests of HOST, as the management process does (under the run directory's lock)."""
+    requests of `host`, as the management process does (under the run directory's lock)."""
     import fcntl
 
     from balancer.stats import Stats
@@ -151,7 +200,7 @@ def plant_retired(run_dir: Path, identity: str, completed: int) -> None:
 
     stats = Stats()
     for _ in range(completed):
-        stats.host(HOST).finish(200, 1, 1, 0.001)
+        stats.host(host).finish(200, 1, 1, 0.001)
     fd = os.open(run_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
