@@ -133,20 +133,18 @@ class ClusterRuntime:
         if table is None or any(not r.get("loaded") or r.get("version") != table.version
                                 or "stats" not in r for r in replies):
             return {}
-        served: dict[str, set[str]] = {}
-        for reply in replies:
-            for host, entry in reply["stats"]["hosts"].items():
-                served.setdefault(host, set()).update(entry.get("backends", ()))
+        answers = [r["stats"]["hosts"] for r in replies]
         gone: Gone = {}
         for host, entry in retired.get("hosts", {}).items():
-            backends = served.get(host)
-            if backends is None:
+            reported = [answer[host] for answer in answers if host in answer]
+            if not reported:
                 if host not in table.hosts:
                     gone[host] = None
-            else:
-                removed = [a for a in entry.get("backends", ()) if a not in backends]
-                if removed:
-                    gone[host] = removed
+                continue
+            removed = [address for address in entry.get("backends", ())
+                       if not any(address in r.get("backends", ()) for r in reported)]
+            if removed:
+                gone[host] = removed
         return gone
 
     def ask_all(self, command: str) -> list[dict[str, Any]]:

@@ -121,12 +121,12 @@ class RetiredCounters:
                     kept.pop(address, None)
                 hosts[host] = {**hosts[host], "backends": kept}
         smaller = {**total, "hosts": hosts}
-        failure = self._try(lambda: write_json(str(self.total_path),
-                                               {**smaller, FOLDED: list(folded)}))
-        if failure is None:
+        # no room to write: nothing is lost, they are forgotten at a later call (no line
+        # said: one per survey would flood the log while the file system is full)
+        if self._try(lambda: write_json(str(self.total_path),
+                                        {**smaller, FOLDED: list(folded)})) is None:
             st = self.total_path.stat()
             self.cached = ((st.st_ino, st.st_mtime_ns, st.st_size), smaller, folded)
-        self._report(failure)
 
     def _on_disk(self, identity: str) -> bool:
         return os.path.exists(retired_path(str(self.directory), identity)) \

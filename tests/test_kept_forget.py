@@ -208,3 +208,32 @@ def plant_retired(run_dir: Path, identity: str, host: str, completed: int) -> No
         write_json(str(run_dir / "retired-total.json"), total)
     finally:
         os.close(fd)
+
+
+def test_forgetting_without_room_in_the_run_directory_loses_nothing(
+        tmp_path, monkeypatch, caplog):
+    """With the run directory's file system full, forgetting a deleted host
+    cannot rewrite the retired total: it raises nothing, says nothing (it is
+    tried at every survey), leaves no part written, and forgets once there is room."""
+    import errno
+
+    from balancer.stats import Stats
+    from management.kept import FOLDED, RetiredCounters, write_json
+
+    stats = Stats()
+    for host in (HOST, GONE):
+        stats.host(host).finish(200, 1, 1, 0.001)
+    write_json(str(tmp_path / "retired-total.json"), {**stats.snapshot(), FOLDED: ["7-1000"]})
+    retired = RetiredCounters(str(tmp_path))
+
+    def no_room(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", no_room)
+    for _ in range(3):
+        retired.forget({GONE: None})
+        assert set((retired.snapshot() or {})["hosts"]) == {HOST, GONE}
+    assert not caplog.text and [p.name for p in tmp_path.iterdir()] == ["retired-total.json"]
+    monkeypatch.undo()
+    retired.forget({GONE: None})
+    assert set(retired_hosts(str(tmp_path))) == {HOST} and retired.has_retired("7-1000")
