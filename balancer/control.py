@@ -50,8 +50,8 @@ Invariants:
   (built, then encoded), the worker's loop running in between: a big answer
   never stalls live requests for long.
 * A worker that exits gracefully leaves its final counters in
-  ``DIR/retired-PID.json`` (gauges zeroed), so cluster totals never go
-  backwards across a reload.
+  ``DIR/retired-PID-STARTED.json`` (gauges zeroed; `worker_identity`), so
+  cluster totals never go backwards across a reload.
 * A missing or dead socket is skipped, never an error: workers come and go.
 * Every command whose client still waits gets one JSON reply: a bad one, or
   one whose values no check foresaw (`safe_answer`), an ``{"pid",
@@ -99,8 +99,22 @@ def control_path(directory: str, pid: int) -> str:
     return os.path.join(directory, f"worker-{pid}.sock")
 
 
-def retired_path(directory: str, pid: int) -> str:
-    return os.path.join(directory, f"retired-{pid}.json")
+def worker_identity(pid: int, started: float) -> str:
+    """A worker's name among the retired counters: its pid and when its control
+    server started (microseconds), so a reused pid names another worker. Bug:
+    named by pid alone, a worker killed with the pid of one among the last 1,024
+    retired was taken for retired already and its counters were lost."""
+    return f"{pid}-{round(started * 1_000_000)}"
+
+
+def retired_path(directory: str, identity: str) -> str:
+    """The retired counters file of the worker `identity` (`worker_identity`)."""
+    return os.path.join(directory, f"retired-{identity}.json")
+
+
+def identity_of(path: str) -> str:
+    """The `worker_identity` a retired counters file (`retired_path`) names."""
+    return Path(path).stem.partition("-")[2]
 
 
 # worker side --------------------------------------------------------------------
@@ -352,15 +366,16 @@ def _turn() -> None:
 def retire(directory: str, worker: Any, control: ControlServer) -> None:
     """Hand a drained worker's counters over from its socket to a retired file."""
     with run_dir_lock(directory):
-        write_retired(directory, worker)
+        write_retired(directory, worker, control.started)
         control.close()
 
 
-def write_retired(directory: str, worker: Any) -> None:
-    """Leave the counters of an exiting worker for the management process to keep.
-    Bug: with the run directory's file system full the worker exited with a
-    traceback (code 1) and left its part written; now one line says what is lost."""
-    path = retired_path(directory, os.getpid())
+def write_retired(directory: str, worker: Any, started: float) -> None:
+    """Leave the counters of an exiting worker (its control server `started` then)
+    for the management process to keep. Bug: with the run directory's file system
+    full the worker exited with a traceback (code 1) and left its part written;
+    now one line says what is lost."""
+    path = retired_path(directory, worker_identity(os.getpid(), started))
     tmp = path + ".tmp"
     # idle hosts' counters are zeros: leaving them out changes no total
     body = json.dumps(counters_only(worker_snapshot(worker, worker.stats.active_keys())))

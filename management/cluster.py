@@ -18,6 +18,15 @@ Invariants:
   fold into those, and a deleted host's go away with it. A survey of the
   active hosts names the hosts of the kept counters (`NAMED_SLICE` an ask),
   so the workers report them (idle) too.
+* The retired counters of a host (or of a backend of its rule) are forgotten
+  only after a complete survey in which every listed worker answered, every
+  one serving the table the management process holds (`table`: its version,
+  no problem), and none reported it, nor does that table hold the host
+  (`unserved`). A worker behind, loading, silent or gone from an ask keeps
+  everything, so a host that exists never loses its retired counters. Bug:
+  they were kept for ever, so an operator creating and deleting hosts all
+  day grew this process's memory, the run directory's total and every
+  scrape's named hosts without bound.
 * Live answers and the kept counters are read together under the run
   directory's lock (`control.run_dir_lock`), so a worker that exits is counted
   once, and two management processes (old and new, during a reload) never
@@ -42,7 +51,7 @@ from gevent.lock import Semaphore
 from balancer.arbiter import STATUS_FILE
 from balancer.control import ask_raw, ask_why, decoded, pid_of, run_dir_lock, worker_sockets
 from balancer.stats import merge_snapshots, only_known
-from management.kept import HeldCounters, RetiredCounters, read_json
+from management.kept import Gone, HeldCounters, RetiredCounters, read_json
 from management.silent import SilentWorkers
 
 Kept = tuple[dict[str, Any] | None, list[dict[str, Any]]]  # retired total, held counters
@@ -58,12 +67,14 @@ class ClusterRuntime:
     """Stats, reload and readiness over all live workers of one arbiter."""
 
     def __init__(self, directory: str, store: Any, workers: int, apply_timeout: float = 2.0,
-                 problem: Callable[[], str | None] | None = None) -> None:
+                 problem: Callable[[], str | None] | None = None,
+                 table: Callable[[], Any] | None = None) -> None:
         self.directory = directory
         self.store = store
         self.workers = workers
         self.apply_timeout = apply_timeout
         self.problem = problem or (lambda: None)  # the management process's view of the store
+        self.table = table or (lambda: None)  # the `TableData` it holds, None if in doubt
         self.retired = RetiredCounters(directory)
         self.held = HeldCounters(self.retired)
         self.mutex = Semaphore()  # the flock is per process: one greenlet holds it
@@ -90,22 +101,51 @@ class ClusterRuntime:
             replies, answered = self.asked(listed, command, complete)
             held = self.held.missing(listed, answered)
             unnamed = kept_hosts(*held) - named if named is not None else set()
+            whole = complete and bool(listed) and answered == set(listed)
             if (later or unnamed) and replies:  # unnamed: only a worker silent just now counted
-                self.add_hosts(replies, answered, later + sorted(unnamed))
+                whole = self.add_hosts(replies, answered, later + sorted(unnamed)) and whole
+            if whole and retired:
+                self.retired.forget(self.unserved(replies, retired))
             return replies, (retired, held)
 
     def add_hosts(self, replies: list[dict[str, Any]], answered: set[str],
-                  hosts: list[str]) -> None:
+                  hosts: list[str]) -> bool:
         """Add to each reply of an active survey its worker's entries of `hosts`
-        (idle there: only kept counters make them shown), `NAMED_SLICE` at a time."""
+        (idle there: only kept counters make them shown), `NAMED_SLICE` at a time;
+        whether every worker answered each ask."""
+        every = True
         for start in range(0, len(hosts), NAMED_SLICE):
             command = "stats " + json.dumps({"hosts": hosts[start:start + NAMED_SLICE]})
             more = {r["pid"]: r["stats"]["hosts"] for r in
                     self.asked(sorted(answered), command)[0] if "stats" in r}
+            every = every and len(more) == len(answered)
             for reply in replies:
                 own = reply["stats"]["hosts"]
                 for key, entry in more.get(reply["pid"], {}).items():
                     own.setdefault(key, entry)
+        return every
+
+    def unserved(self, replies: list[dict[str, Any]], retired: dict[str, Any]) -> Gone:
+        """The hosts of the `retired` total (and backends of their rules) that no
+        worker serves, from every worker's answer to a complete survey; none
+        unless each of them serves the table this process holds."""
+        table = self.table()
+        if table is None or any(not r.get("loaded") or r.get("version") != table.version
+                                or "stats" not in r for r in replies):
+            return {}
+        answers = [r["stats"]["hosts"] for r in replies]
+        gone: Gone = {}
+        for host, entry in retired.get("hosts", {}).items():
+            reported = [answer[host] for answer in answers if host in answer]
+            if not reported:
+                if host not in table.hosts:
+                    gone[host] = None
+                continue
+            removed = [address for address in entry.get("backends", ())
+                       if not any(address in r.get("backends", ()) for r in reported)]
+            if removed:
+                gone[host] = removed
+        return gone
 
     def ask_all(self, command: str) -> list[dict[str, Any]]:
         """Every live worker's answer to `command` (workers that do not answer are
@@ -129,7 +169,7 @@ class ClusterRuntime:
                 replies.append(reply)
                 answered.add(path)
                 if complete and raw is not None and "stats" in reply:
-                    self.held.keep(path, raw)
+                    self.held.keep(path, raw, reply)
         return sorted(replies, key=lambda r: r["pid"]), answered
 
     def lagging(self) -> list[dict[str, Any]]:

@@ -6,9 +6,10 @@ the process tree lives:
 
 * retired: the final counters of workers that exited, summed in
   ``DIR/retired-total.json`` (`RetiredCounters`). A worker that exits
-  gracefully writes its own ``DIR/retired-PID.json``; for one that died
-  without (killed, crashed) the management process writes its held counters
-  there.
+  gracefully writes its own ``DIR/retired-PID-STARTED.json``
+  (`control.worker_identity`: a reused pid is another worker); for one that
+  died without (killed, crashed) the management process writes its held
+  counters there.
 * held: each live worker's last complete answer (`HeldCounters`: its reply to
   a ``stats`` of every host or of the active ones, kept as the bytes it sent),
   counted in place of its live counters while it does not answer (stopped,
@@ -18,9 +19,17 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
 * A worker's counters are counted once: live (it answered), held (listed, no
   answer) or retired (its socket is gone). A held worker whose socket went is
   retired from its held counters unless it retired itself: its
-  ``retired-PID.json`` is still pending, or its pid is among those the total
-  has folded (``"folded"``: another management process, during a reload, may
-  have folded it first).
+  ``retired-PID-STARTED.json`` is still pending, or its identity is among those
+  the total has folded (``"folded"``: another management process, during a
+  reload, may have folded it first).
+* The retired total holds the hosts and backends the table still serves: a
+  deleted host's retired counters (a backend's removed from its rule) are
+  forgotten (`RetiredCounters.forget`) once a survey shows every worker
+  serving the management process's table without it, as the workers forget
+  their own (`balancer.stats.Stats.forget_hosts`). So an operator creating and
+  deleting hosts all day, workers restarted now and then, leaves neither the
+  file nor this process's memory nor a survey's list of named hosts growing;
+  and a host that exists is never forgotten (its counters never go down).
 * With no room in the run directory (a full file system) nothing kept is lost
   while this process lives: counters it cannot write (`RetiredCounters.unsaved`)
   or fold count from memory, and files not folded from disk; one line says so,
@@ -41,14 +50,21 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
-from balancer.control import RETIRED_GLOB, counters_only, pid_of, retired_path
+from balancer.control import (
+    RETIRED_GLOB,
+    counters_only,
+    identity_of,
+    retired_path,
+    worker_identity,
+)
 from balancer.stats import Stats, merge_snapshots
 
 log = logging.getLogger("balancer.kept")
 
 RETIRED_TOTAL = "retired-total.json"
-FOLDED = "folded"  # the total's list of the pids folded into it (the latest `FOLDED_KEPT`)
-FOLDED_KEPT = 1024  # a pid matters until each management process saw its socket go
+FOLDED = "folded"  # the total's list of the workers folded into it (the latest `FOLDED_KEPT`)
+FOLDED_KEPT = 1024  # a worker matters until each management process saw its socket go
+Gone = dict[str, list[str] | None]  # host → its backends to forget, or None: the whole host
 
 
 class RetiredCounters:
@@ -57,8 +73,9 @@ class RetiredCounters:
     def __init__(self, directory: str) -> None:
         self.directory = Path(directory)
         self.total_path = self.directory / RETIRED_TOTAL
-        self.cached: tuple[Any, dict[str, Any] | None, tuple[int, ...]] = (None, None, ())
-        self.unsaved: dict[int, dict[str, Any]] = {}  # dead workers' counters not written yet
+        self.cached: tuple[Any, dict[str, Any] | None, tuple[str, ...]] = (None, None, ())
+        # dead workers' counters not written yet, by `control.worker_identity`
+        self.unsaved: dict[str, dict[str, Any]] = {}
         self.failing = False  # the last write in the run directory failed (reported)
 
     def snapshot(self) -> dict[str, Any] | None:
@@ -76,25 +93,50 @@ class RetiredCounters:
         parts = [part for part in parts if part]
         return merge_snapshots(parts) if len(parts) > 1 else (parts[0] if parts else None)
 
-    def retire(self, pid: int, snapshot: dict[str, Any]) -> None:
-        """Leave dead worker `pid`'s counters as its retired file (in memory until
-        there is room: `snapshot` sums them in)."""
-        self.unsaved[pid] = snapshot
+    def retire(self, identity: str, snapshot: dict[str, Any]) -> None:
+        """Leave dead worker `identity`'s counters as its retired file (in memory
+        until there is room: `snapshot` sums them in)."""
+        self.unsaved[identity] = snapshot
         self._report(self._try(self._save_unsaved))
 
-    def has_retired(self, pid: int) -> bool:
-        """Whether worker `pid`'s counters are retired (pending, folded or unsaved)."""
-        return pid in self.unsaved or self._on_disk(pid)
+    def has_retired(self, identity: str) -> bool:
+        """Whether worker `identity`'s counters are retired (pending, folded or unsaved)."""
+        return identity in self.unsaved or self._on_disk(identity)
 
-    def _on_disk(self, pid: int) -> bool:
-        return os.path.exists(retired_path(str(self.directory), pid)) \
-            or pid in self._read_total()[1]
+    def forget(self, gone: Gone) -> None:
+        """Drop from the total the `gone` hosts (None) or some of their backends
+        (`ClusterRuntime.unserved`: the table serves them no more). Only once
+        everything pending is folded and written: else at a later call."""
+        total, folded = self._read_total()
+        if not gone or total is None or self.unsaved or self.failing \
+                or any(p.name != RETIRED_TOTAL for p in self.directory.glob(RETIRED_GLOB)):
+            return
+        hosts = dict(total.get("hosts", {}))
+        for host, backends in gone.items():
+            if backends is None:
+                hosts.pop(host, None)
+            elif host in hosts:
+                kept = dict(hosts[host].get("backends", {}))
+                for address in backends:
+                    kept.pop(address, None)
+                hosts[host] = {**hosts[host], "backends": kept}
+        smaller = {**total, "hosts": hosts}
+        # no room to write: nothing is lost, they are forgotten at a later call (no line
+        # said: one per survey would flood the log while the file system is full)
+        if self._try(lambda: write_json(str(self.total_path),
+                                        {**smaller, FOLDED: list(folded)})) is None:
+            st = self.total_path.stat()
+            self.cached = ((st.st_ino, st.st_mtime_ns, st.st_size), smaller, folded)
+
+    def _on_disk(self, identity: str) -> bool:
+        return os.path.exists(retired_path(str(self.directory), identity)) \
+            or identity in self._read_total()[1]
 
     def _save_unsaved(self) -> None:
-        for pid, snapshot in list(self.unsaved.items()):
-            if not self._on_disk(pid):  # another management process may have retired it
-                write_json(retired_path(str(self.directory), pid), snapshot)
-            del self.unsaved[pid]
+        for identity, snapshot in list(self.unsaved.items()):
+            if not self._on_disk(identity):  # another management process may have retired it
+                write_json(retired_path(str(self.directory), identity), snapshot)
+            del self.unsaved[identity]
 
     @staticmethod
     def _try(step: Callable[[], None]) -> OSError | None:
@@ -119,15 +161,14 @@ class RetiredCounters:
         total, folded = self._read_total()
         parts = ([total] if total else []) + [s for s in map(read_json, map(str, pending)) if s]
         merged = merge_snapshots(parts) if parts else Stats().snapshot()
-        pids = [pid for pid in map(pid_of, map(str, pending)) if pid is not None]
-        merged[FOLDED] = [*folded, *pids][-FOLDED_KEPT:]
+        merged[FOLDED] = [*folded, *(identity_of(str(path)) for path in pending)][-FOLDED_KEPT:]
         write_json(str(self.total_path), merged)
         for path in pending:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def _read_total(self) -> tuple[dict[str, Any] | None, tuple[int, ...]]:
-        """The total's counters (without ``"folded"``) and the pids it folded."""
+    def _read_total(self) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
+        """The total's counters (without ``"folded"``) and the workers it folded."""
         try:
             st = self.total_path.stat()
         except FileNotFoundError:
@@ -141,17 +182,18 @@ class RetiredCounters:
 
 
 class HeldCounters:
-    """Each live worker's last complete answer (control socket path → bytes)."""
+    """Each live worker's last complete answer (control socket path → bytes, and
+    the worker's `control.worker_identity`)."""
 
     def __init__(self, retired: RetiredCounters) -> None:
         self.retired = retired
-        self.raw: dict[str, bytes] = {}
+        self.raw: dict[str, tuple[bytes, str]] = {}
         self.decoded: dict[str, dict[str, Any]] = {}  # of the missing workers only
 
-    def keep(self, path: str, raw: bytes) -> None:
+    def keep(self, path: str, raw: bytes, reply: dict[str, Any]) -> None:
         """Remember `raw`, worker `path`'s answer to a ``stats`` of every host
-        (or of every host it counted: the active ones)."""
-        self.raw[path] = raw
+        (or of every host it counted: the active ones), decoded as `reply`."""
+        self.raw[path] = (raw, worker_identity(reply["pid"], reply.get("started", 0.0)))
         self.decoded.pop(path, None)
 
     def missing(self, listed: Iterable[str], answered: Collection[str]
@@ -165,18 +207,18 @@ class HeldCounters:
         """Forget the workers whose socket went; retire the counters of those
         that did not retire theirs (killed, crashed) from what they held."""
         for path in [path for path in self.raw if path not in listed]:
-            pid = pid_of(path)
-            if pid is not None and not self.retired.has_retired(pid):
+            identity = self.raw[path][1]
+            if not self.retired.has_retired(identity):
                 snapshot = self.decoded.get(path) or self._decode(path)
                 if snapshot:
-                    self.retired.retire(pid, snapshot)
+                    self.retired.retire(identity, snapshot)
             self.raw.pop(path)
             self.decoded.pop(path, None)
 
     def _decode(self, path: str) -> dict[str, Any]:
         """The counters of worker `path`'s held answer ({} if unusable)."""
         try:
-            stats = json.loads(self.raw[path])["stats"]
+            stats = json.loads(self.raw[path][0])["stats"]
         except (ValueError, KeyError, TypeError):
             return {}
         return counters_only(stats) if isinstance(stats, dict) else {}

@@ -1,12 +1,16 @@
 """What a big table costs when nothing happens, and what a scrape costs a live request.
 
 ``python scripts/bench_scrape.py [--hosts 100000] [--active 1000] [--workers 1]
-[--idle 30] [--duration 10]``
+[--idle 30] [--duration 10] [--churn 0] [--churn-hosts 1000]``
 
 A real ``balancer serve`` over a file store of `--hosts` proxy hosts (their
 backend is never asked) plus a static host for the probe. `--active` of the
 hosts get one request each first (static hosts of their own), as a
-production table has some hosts with traffic and many without. Then:
+production table has some hosts with traffic and many without. With
+`--churn` N, a deploy tool's day comes next: N rounds of `--churn-hosts` new
+hosts written to the store, each sent one request, every worker reloaded
+(SIGHUP: each retires its counters) and the hosts deleted again; the run
+directory's retired total is reported at the end. Then:
 
 1. idle: no request, no scrape, for `--idle` seconds: the CPU seconds the
    worker(s) and the management process used (timers walking the table);
@@ -30,6 +34,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -112,14 +117,78 @@ def pss_mib(pid: int) -> float:
     return 0.0
 
 
-def warm(port: int, active: int) -> None:
+def warm(port: int, active: int, names: list[str] | None = None) -> None:
+    """One request to each of `names` (the first `active` static hosts by default)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
-    for n in range(active):
-        conn.request("GET", "/", headers={"Host": f"a{n}.example"})
+    for name in names if names is not None else [f"a{n}.example" for n in range(active)]:
+        conn.request("GET", "/", headers={"Host": name})
         response = conn.getresponse()
         response.read()
         if response.status != 200:
-            raise SystemExit(f"a{n}.example: {response.status}")
+            raise SystemExit(f"{name}: {response.status}")
+
+
+def processes(mgmt: int) -> list[dict]:
+    """`/api/v1/info`'s workers ([] while the management process is replaced)."""
+    try:
+        conn = http.client.HTTPConnection(HOST, mgmt, timeout=60)
+        conn.request("GET", "/api/v1/info")
+        return json.loads(conn.getresponse().read()).get("processes", [])
+    except (OSError, ValueError, http.client.HTTPException):
+        return []
+
+
+def wait_serving(mgmt: int, version: int, count: int, old: set[int]) -> list[int]:
+    """The pids of `count` workers, none of `old`, all serving `version` or later."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        found = processes(mgmt)
+        if len(found) == count and all(p["version"] >= version and p["pid"] not in old
+                                       for p in found):
+            return sorted(p["pid"] for p in found)
+        time.sleep(0.1)
+    raise SystemExit(f"the workers did not serve version {version}")
+
+
+def churn(tmp: Path, port: int, mgmt: int, arbiter: int, args: argparse.Namespace) -> None:
+    """`--churn` rounds of hosts created, served, retired by a reload and deleted."""
+    routes = tmp / "routes.json"
+    table = json.loads(routes.read_text())
+    base, version = table["hosts"], table["version"]
+    for round_ in range(args.churn):
+        names = [f"c{round_}-{n}.example" for n in range(args.churn_hosts)]
+        site = {"action": "static", "body": "churn"}
+        version += 1
+        routes.write_text(json.dumps({"version": version,
+                                      "hosts": {**base, **dict.fromkeys(names, site)}}))
+        old = set(wait_serving(mgmt, version, args.workers, set()))
+        warm(port, 0, names)
+        os.kill(arbiter, signal.SIGHUP)  # every worker retires, its counters left
+        wait_serving(mgmt, version, args.workers, old)
+        version += 1
+        routes.write_text(json.dumps({"version": version, "hosts": base}))
+        wait_serving(mgmt, version, args.workers, set())
+
+
+def retired_total(workers: list[int]) -> str:
+    """The size of the run directory's retired total, and the hosts it holds."""
+    for path in Path(tempfile.gettempdir()).glob(f"balancer-*/worker-{workers[0]}.sock"):
+        total = path.parent / "retired-total.json"
+        if total.exists():
+            hosts = len(json.loads(total.read_text()).get("hosts", {}))
+            return f"{total.stat().st_size / 1024:.0f} KiB, {hosts} hosts"
+    return "none"
+
+
+def management_of(arbiter: int, workers: list[int]) -> list[int]:
+    """The arbiter and its management process, once a replaced one has gone."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        others = [p for p in descendants(arbiter) if p not in workers]
+        if len(others) == 1:
+            return [arbiter, *others]
+        time.sleep(0.1)
+    raise SystemExit("the management process replaced by the reload did not exit")
 
 
 def probe(port: int, stop: threading.Event, times: list[float]) -> None:
@@ -168,6 +237,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--idle", type=float, default=30.0, help="seconds measured idle")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of each probe")
+    parser.add_argument("--churn", type=int, default=0,
+                        help="rounds of hosts created, served, reloaded and deleted first")
+    parser.add_argument("--churn-hosts", type=int, default=1000, help="new hosts a round")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-scrape-") as tmp:
         # `python -m` puts its working directory first on sys.path: run from the
@@ -177,9 +249,12 @@ def main() -> None:
         try:
             port, mgmt, arbiter = start(procs, Path(tmp), args)
             workers = workers_serving(procs.log_dir / "big.log", args.workers)
-            management = [arbiter] + [p for p in descendants(arbiter) if p not in workers]
             warm(port, args.active)
             check_workers(mgmt, args.workers, procs.log_dir / "big.log")
+            if args.churn:
+                churn(Path(tmp), port, mgmt, arbiter, args)
+                workers = wait_serving(mgmt, 0, args.workers, set())
+            management = management_of(arbiter, workers)
             plane = PLANE.search((procs.log_dir / "big.log").read_text(errors="replace"))
             watched = workers + management
             before = {pid: cpu_seconds(pid) for pid in watched}
@@ -188,6 +263,7 @@ def main() -> None:
             alone = run(port, None, args.duration)[0]
             probes, scrapes, sizes = run(port, mgmt, args.duration)
             pss = {pid: pss_mib(pid) for pid in management}
+            retired = retired_total(workers)
         finally:
             procs.stop_all()
             os.chdir(ROOT)
@@ -203,6 +279,9 @@ def main() -> None:
     print(f"  live request, scraping:      {latency_line(probes)}")
     print(f"  /metrics scrape:             {latency_line(scrapes)}; "
           f"{(sizes[-1] if sizes else 0) / 1024:.0f} KiB")
+    if args.churn:
+        print(f"  after {args.churn} rounds of {args.churn_hosts} hosts created and deleted: "
+              f"retired total {retired}")
 
 
 if __name__ == "__main__":

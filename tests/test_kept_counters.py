@@ -179,7 +179,7 @@ def test_two_management_processes_retire_a_dead_worker_once(tmp_path):
     """During a reload the old and the new management process both hold a
     worker's counters; whichever sees its socket go first retires them (or
     folds the file the worker wrote itself), the other only forgets them."""
-    from balancer.control import control_path, retired_path
+    from balancer.control import control_path, retired_path, worker_identity
     from balancer.stats import Stats
     from management.kept import HeldCounters, RetiredCounters, write_json
 
@@ -187,11 +187,11 @@ def test_two_management_processes_retire_a_dead_worker_once(tmp_path):
         stats = Stats()
         for _ in range(completed):
             stats.host(HOST).finish(200, 1, 1, 0.001)
-        raw = json.dumps({"pid": pid, "stats": stats.snapshot()}).encode()
+        reply = {"pid": pid, "started": 1000.0, "stats": stats.snapshot()}
         pair = HeldCounters(RetiredCounters(str(tmp_path))), \
             HeldCounters(RetiredCounters(str(tmp_path)))
         for held in pair:
-            held.keep(control_path(str(tmp_path), pid), raw)
+            held.keep(control_path(str(tmp_path), pid), json.dumps(reply).encode(), reply)
         return pair
 
     def total() -> int:
@@ -207,7 +207,7 @@ def test_two_management_processes_retire_a_dead_worker_once(tmp_path):
     final = Stats()
     for _ in range(5):
         final.host(HOST).finish(200, 1, 1, 0.001)
-    write_json(retired_path(str(tmp_path), 102), final.snapshot())
+    write_json(retired_path(str(tmp_path), worker_identity(102, 1000.0)), final.snapshot())
     new.retired.snapshot()  # the new one folds the worker's file first
     old.retire_gone([])
     assert total() == 3 + 5 and not old.raw
@@ -223,7 +223,7 @@ def test_counters_kept_without_room_in_the_run_directory_still_count(
     room, once."""
     import errno
 
-    from balancer.control import control_path, retired_path
+    from balancer.control import control_path, retired_path, worker_identity
     from balancer.stats import Stats
     from management.kept import HeldCounters, RetiredCounters, write_json
 
@@ -237,9 +237,11 @@ def test_counters_kept_without_room_in_the_run_directory_still_count(
         snapshot = retired.snapshot() or {}
         return snapshot.get("hosts", {}).get(HOST, {}).get("completed_requests", 0)
 
-    write_json(retired_path(str(tmp_path), 201), completed(2))  # retired before the disk filled
+    write_json(retired_path(str(tmp_path), worker_identity(201, 1000.0)),
+               completed(2))  # retired before the disk filled
     held = HeldCounters(RetiredCounters(str(tmp_path)))
-    held.keep(control_path(str(tmp_path), 202), json.dumps({"stats": completed(3)}).encode())
+    reply = {"pid": 202, "started": 1000.0, "stats": completed(3)}
+    held.keep(control_path(str(tmp_path), 202), json.dumps(reply).encode(), reply)
     real_replace = os.replace
 
     def no_room(src: str, dst: str) -> None:
@@ -255,7 +257,7 @@ def test_counters_kept_without_room_in_the_run_directory_still_count(
     other = HeldCounters(RetiredCounters(str(tmp_path)))  # the other management process
     monkeypatch.setattr(os, "replace", real_replace)
     assert total(held.retired) == 2 + 3  # written and folded, once
-    assert total(other.retired) == 2 + 3 and held.retired.has_retired(202)
+    assert total(other.retired) == 2 + 3 and held.retired.has_retired(worker_identity(202, 1000.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["retired-total.json"]
 
 
@@ -282,7 +284,7 @@ def test_kept_counters_of_many_hosts_are_asked_in_slices(tmp_path):
         long = "tenant." * 28  # 25,000 names of 220 bytes: 5.5 MB, as 150,000 of 35
         snapshot["hosts"].update({f"{long}{n:06d}.example.com": {"completed_requests": 1}
                                   for n in range(25_000)})
-        path = retired_path(os.path.dirname(control_socket(pid)), 4_000_000)
+        path = retired_path(os.path.dirname(control_socket(pid)), "4000000-1000000")
         with open(path + ".tmp", "w") as out:
             json.dump(snapshot, out)
         os.replace(path + ".tmp", path)  # a worker that exited, as it leaves its counters

@@ -462,6 +462,6 @@ def test_a_retiring_worker_without_room_for_its_counters_says_so(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "replace", no_room)
-    write_retired(str(tmp_path), worker)
+    write_retired(str(tmp_path), worker, 1000.0)
     assert "cannot leave this worker's counters" in caplog.text
     assert list(tmp_path.iterdir()) == []
