@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RedisServer
-from tests.support import Balancer, request, wait_for
+from tests.support import Balancer, replace_file, request, wait_for
 
 WAIT = 10.0
 STATIC = {"action": "static", "status": 200, "body": "hi"}
@@ -240,12 +240,6 @@ def type_calls(raw: Any) -> int:
     return int(raw.info("commandstats").get("cmdstat_type", {}).get("calls", 0))
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".edit")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def test_a_host_listed_twice_by_hand_is_a_corrupt_file(tmp_path: Path) -> None:
     """Bug: Python's json kept the last of a host listed twice in a hand-edited routes
     file, and the balancer served it without a word. Now it is a corrupt file: named,
@@ -258,7 +252,7 @@ def test_a_host_listed_twice_by_hand_is_a_corrupt_file(tmp_path: Path) -> None:
         wait_for(lambda: serves(first), WAIT, what="the first table")
         snapshot = Path(f"{first.routes}.last-good")
         wait_for(snapshot.exists, WAIT, what="the snapshot")
-        write_text_atomically(first.routes, twice)
+        replace_file(first.routes, twice)
         wait_for(lambda: named in first.store_problem(), WAIT, what="the host named")
         assert serves(first) and first.version() == 1
         assert float(store_up(first)) == 0
@@ -272,7 +266,7 @@ def test_a_host_listed_twice_by_hand_is_a_corrupt_file(tmp_path: Path) -> None:
         wait_for(lambda: named in again.store_problem(), WAIT, what="the host named at start")
         assert serves(again) and again.version() == 1
         assert named in again.output()
-        write_text_atomically(first.routes, twice.replace('"two"', '"hi"').replace(
+        replace_file(first.routes, twice.replace('"two"', '"hi"').replace(
             '"app.test": {"action": "static", "body": "one"},\n', ""))
         wait_for(lambda: again.store_problem() == "" and again.version() == 5, WAIT,
                  what="the repaired file served")
