@@ -282,6 +282,21 @@ class Backend:
                 conn.shutdown(socket.SHUT_RDWR)
 
 
+def replace_file(path: Path, data: bytes | str) -> None:
+    """Give `path` new contents atomically (a copy beside it renamed over it, as
+    ``mv`` does), keeping its mode. `Path.write_bytes` truncates first: a balancer
+    looking in between reads an empty file, one more damage to report (the log
+    says each distinct problem once), which a test counting log lines must avoid."""
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    tmp = path.with_name(path.name + ".replacing")
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
+    tmp.chmod(mode)
+    os.replace(tmp, path)
+
+
 def in_threads(count: int, call: Callable[[], Any]) -> list[Future]:
     """Start `call` `count` times at once, each in its own thread; their futures."""
     pool = ThreadPoolExecutor(max_workers=count)

@@ -24,7 +24,7 @@ import pytest
 
 from balancer.control import ask
 from tests.conftest import RedisServer
-from tests.support import Backend, Balancer, control_socket, wait_for
+from tests.support import Backend, Balancer, control_socket, replace_file, wait_for
 from tests.test_ctl import ctl, ok
 from tests.test_process import children_of, wait_workers
 from tests.test_reuseport import management_pid
@@ -136,7 +136,7 @@ def test_a_damaged_certs_file_keeps_every_certificate_served(
         context = client_context(tmp_path)
         path = tmp_path / "routes.json.certs.json"
         good = path.read_bytes()
-        path.write_bytes(DAMAGE[damage](good))
+        replace_file(path, DAMAGE[damage](good))
         damaged = path.read_bytes()
         wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem in /api/v1/info")
         all_served_for(bal, context, HOSTS)
@@ -148,7 +148,7 @@ def test_a_damaged_certs_file_keeps_every_certificate_served(
         status, listed = bal.api("GET", "/api/v1/certs")
         assert status == 200 and [c["host"] for c in listed["certs"]] == list(HOSTS)
         assert "cannot be read" in listed["problem"]
-        path.write_bytes(good)  # the operator repairs it
+        replace_file(path, good)  # the operator repairs it
         wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the problem to clear")
         assert put(bal, "new.test")[0] == 200
         assert sorted(json.loads(path.read_bytes())["certs"]) == sorted((*HOSTS, "new.test"))

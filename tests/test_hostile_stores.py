@@ -15,6 +15,10 @@ defect found and fixed (each test fails without its fix):
   rule, in the file or in a Redis field) was served as its last copy, silently:
   Python's json keeps the last of repeated keys. Now it is a corrupt store
   naming the key.
+* A Redis key of the wrong type (``SET balancer:hosts x``) was reported for
+  0.1 s: the watcher left, came back after its backoff, found the version it
+  served and cleared the problem without reading the table; `store.problem` and
+  `balancer_store_up` then said all was well while the damage stayed.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RedisServer
-from tests.support import Balancer, request, wait_for
+from tests.support import Balancer, replace_file, request, wait_for
 
 WAIT = 10.0
 STATIC = {"action": "static", "status": 200, "body": "hi"}
@@ -195,10 +199,45 @@ def test_a_redis_key_of_the_wrong_type_is_a_corrupt_store(
     assert serves(bal) and bal.store_problem() == ""
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".edit")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def test_a_redis_key_of_the_wrong_type_stays_reported_across_a_reconnect(
+        redis_factory: Callable[[], RedisServer]) -> None:
+    """Bug: the watcher that found the hosts key of the wrong type came back (after its
+    backoff, or a cut connection), found the version it served and cleared the problem
+    without reading the table: `store.problem` and `balancer_store_up` 0 lasted 0.1 s."""
+    from balancer.stores.redis import RedisStore
+
+    server = redis_factory()  # its own: the command counts are this watcher's only
+    raw = server.client()
+    RedisStore(server.url, "probe").put_host("app.test", STATIC)
+    watcher = RedisStore(server.url, "probe", resync_interval=60)
+    seen: list[Any] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.watch, args=(
+        seen.append, stop.is_set, lambda: seen[-1].version if seen else -1))
+    thread.start()
+    wrong = "probe:hosts is a string, not a hash"
+    try:
+        wait_for(lambda: seen, WAIT, what="the table read")
+        raw.delete("probe:hosts")
+        raw.set("probe:hosts", "x")
+        raw.publish("probe:changes", "1")
+        wait_for(lambda: wrong in (watcher.last_error() or ""), WAIT, what="the key reported")
+        for _ in range(2):
+            wait_for(lambda: raw.pubsub_numsub("probe:changes")[0][1] == 1, WAIT,
+                     what="the watcher subscribed")
+            looks = type_calls(raw)  # each read that meets the wrong type names the key
+            assert raw.client_kill_filter(_type="pubsub") == 1
+            wait_for(lambda n=looks: type_calls(raw) > n, WAIT,
+                     what="the table read again after the reconnect")
+            assert wrong in (watcher.last_error() or "")
+        assert seen[-1].version == 1 and len(seen) == 1  # the last good table kept
+    finally:
+        stop.set()
+        thread.join(WAIT)
+
+
+def type_calls(raw: Any) -> int:
+    return int(raw.info("commandstats").get("cmdstat_type", {}).get("calls", 0))
 
 
 def test_a_host_listed_twice_by_hand_is_a_corrupt_file(tmp_path: Path) -> None:
@@ -213,7 +252,7 @@ def test_a_host_listed_twice_by_hand_is_a_corrupt_file(tmp_path: Path) -> None:
         wait_for(lambda: serves(first), WAIT, what="the first table")
         snapshot = Path(f"{first.routes}.last-good")
         wait_for(snapshot.exists, WAIT, what="the snapshot")
-        write_text_atomically(first.routes, twice)
+        replace_file(first.routes, twice)
         wait_for(lambda: named in first.store_problem(), WAIT, what="the host named")
         assert serves(first) and first.version() == 1
         assert float(store_up(first)) == 0
@@ -227,7 +266,7 @@ def test_a_host_listed_twice_by_hand_is_a_corrupt_file(tmp_path: Path) -> None:
         wait_for(lambda: named in again.store_problem(), WAIT, what="the host named at start")
         assert serves(again) and again.version() == 1
         assert named in again.output()
-        write_text_atomically(first.routes, twice.replace('"two"', '"hi"').replace(
+        replace_file(first.routes, twice.replace('"two"', '"hi"').replace(
             '"app.test": {"action": "static", "body": "one"},\n', ""))
         wait_for(lambda: again.store_problem() == "" and again.version() == 5, WAIT,
                  what="the repaired file served")

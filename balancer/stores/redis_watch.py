@@ -15,7 +15,9 @@ Invariants:
 * Through Sentinel, each resync tick asks the sentinels for the master first:
   a new one is subscribed to again.
 * A corrupt table or an unreachable Redis keeps the last table delivered; the
-  watch ends only when `stop()` says so.
+  watch ends only when `stop()` says so. A corrupt table (a key of the wrong type
+  too) keeps the watch subscribed and stays reported until a read finds it good:
+  the repair's message, or the version moving, reads it again.
 """
 
 from __future__ import annotations
@@ -208,8 +210,12 @@ class RedisWatching(Store):
 
     def _serves_already(self, seen: _Seen, served: Callable[[], int] | None) -> bool:
         """Whether the consumer serves the version the store is at (loaded at start,
-        or kept across a reconnect): then the whole table need not be read again."""
-        if served is None:
+        or kept across a reconnect): then the whole table need not be read again.
+        Never while the table last read was corrupt: only a read clears that. Bug: a
+        key of the wrong type (``SET NS:hosts x``) left the watcher, which came back
+        after its backoff (0.1 s), found the version served, and cleared the problem:
+        `store.problem` and `balancer_store_up` 0 lasted that long, the damage stayed."""
+        if served is None or self._problem is not None:
             return False
         with self._talking("read"):
             raw = self.client.get(self.version_key)
@@ -235,11 +241,11 @@ class RedisWatching(Store):
 
     def _reload(self, on_change: Callable[[Any], None], seen: _Seen,
                 problems: ProblemLog, served: Callable[[], int] | None) -> None:
-        raw_hosts, raw_version = self._read_raw()
-        seen.version = raw_version
         try:
+            raw_hosts, raw_version = self._read_raw()  # a key of the wrong type: corrupt
+            seen.version = raw_version
             data = self._parse(raw_hosts, raw_version)
-        except CorruptStore as exc:
+        except CorruptStore as exc:  # still subscribed: the repair's message reads again
             self._problem = str(exc)
             problems.report(f"{exc}; keeping the last good table")
             return
