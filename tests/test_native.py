@@ -43,6 +43,15 @@ def test_a_source_edited_after_the_build_is_stale(tree: Path) -> None:
     assert "STALE: balancer.relay" in native.describe()
 
 
+def test_a_shim_left_as_it_was_by_a_newer_build_of_the_group_is_not_stale(tree: Path) -> None:
+    group = tree.parent / f"{native.GROUP}{SUFFIX}"
+    group.write_bytes(b"")
+    age(tree / f"relay{SUFFIX}", 60)
+    assert native.stale() == []
+    age(group, 120)  # the group built before the source's edit too
+    assert native.stale() == ["balancer.relay"]
+
+
 def test_an_installed_package_is_never_called_stale(tree: Path) -> None:
     age(tree / f"relay{SUFFIX}", 60)
     (tree.parent / "setup.py").unlink()  # site-packages: no setup.py beside the package
