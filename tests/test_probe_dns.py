@@ -252,9 +252,11 @@ def test_a_held_answer_expires_after_hold(monkeypatch: pytest.MonkeyPatch) -> No
         name.addresses(time.monotonic() + 1)
 
 
-def test_one_lookup_per_name_and_at_most_max_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Names wait for their own lookup under way; a name beyond `MAX_LOOKUPS`
-    lookups under way fails at once (the resolver threads are left to the rest)."""
+def test_one_lookup_per_name_and_at_most_max_lookups_the_others_queued(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names wait for their own lookup under way; beyond `MAX_LOOKUPS` lookups
+    under way a name's lookup queues for a slot (bug: it failed at once), for
+    as long as someone waits for it: left by all, it never runs."""
     release = threading.Event()
     calls: list[str] = []
 
@@ -263,17 +265,27 @@ def test_one_lookup_per_name_and_at_most_max_lookups(monkeypatch: pytest.MonkeyP
         release.wait(10)
         return [entry("10.0.0.1")]
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    names = [resolve.Name(f"n{i}.test", 80) for i in range(resolve.MAX_LOOKUPS + 1)]
+    names = [resolve.Name(f"n{i}.test", 80) for i in range(resolve.MAX_LOOKUPS + 2)]
+    slotless = "no answer within 0.2 s: still waiting for one of the 5 lookup slots"
     try:
-        for name in names[:-1]:
+        for name in names[:resolve.MAX_LOOKUPS]:
             for _ in range(2):
-                with pytest.raises(resolve.Unresolved, match="no answer within 0.0 s"):
+                with pytest.raises(resolve.Unresolved, match="no answer within 0.0 s$"):
                     name.addresses(time.monotonic())
         wait_for(lambda: len(calls) >= resolve.MAX_LOOKUPS, 5, what="the lookups begun")
-        assert sorted(calls) == sorted(n.host for n in names[:-1])
-        with pytest.raises(resolve.Unresolved, match="5 lookups of other names"):
-            names[-1].addresses(time.monotonic() + 5)
+        assert sorted(calls) == sorted(n.host for n in names[:resolve.MAX_LOOKUPS])
+        left, waited = names[-2:]
+        with pytest.raises(resolve.Unresolved, match=slotless):
+            left.addresses(time.monotonic() + 0.2)
+        assert not resolve.SLOTS.queue, "left by its only waiter: out of the queue"
+        waiting = in_threads(1, lambda: waited.addresses(time.monotonic() + 5))[0]
+        wait_for(lambda: resolve.SLOTS.queue, 5, what="a lookup queued")
+        with pytest.raises(resolve.Unresolved, match=slotless):
+            waited.addresses(time.monotonic() + 0.2)  # one waiter leaves, one stays
+        assert list(resolve.SLOTS.queue) == [waited.lookup]
     finally:
         release.set()
+    assert waiting.result(5) == [(socket.AF_INET, ("10.0.0.1", 80))]
     wait_for(lambda: all(n.lookup and n.lookup.done.is_set() for n in names), 5, what="done")
+    assert left.host not in calls and resolve.SLOTS.running == 0
     assert names[0].addresses(time.monotonic())  # the late answer, kept
