@@ -347,6 +347,10 @@ def test_one_lookup_per_name_and_at_most_max_lookups_the_others_queued(
         with pytest.raises(resolve.Unresolved, match=slotless):
             left.addresses(time.monotonic() + 0.2)
         assert not resolve.SLOTS.queue, "left by its only waiter: out of the queue"
+        held = [(socket.AF_INET, ("10.0.0.9", 80))]
+        left.held, left.held_at = held, time.monotonic()
+        assert left.addresses(time.monotonic() + 0.4) == held  # after 0.2 s, queued
+        assert not resolve.SLOTS.queue
         waiting = in_threads(1, lambda: waited.addresses(time.monotonic() + 5))[0]
         wait_for(lambda: resolve.SLOTS.queue, 5, what="a lookup queued")
         with pytest.raises(resolve.Unresolved, match=slotless):
