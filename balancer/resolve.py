@@ -12,14 +12,23 @@ Invariants:
   with the access log's writes) for as long as the system resolver takes,
   10 s and more when the DNS never answers; one per name, the pool is never
   filled by one hung name (bug: 10 requests to it starved every other name).
-* At most `MAX_LOOKUPS` lookups at once per worker, whatever the names: a
-  DNS server that answers nothing leaves the rest of the resolver threads to
-  the access log's write and the store's connects (a name that would need one
-  more fails at once, or uses its held answer). A constant, not a setting:
-  its safe range is set by gevent's pool (10 threads), which the operator
-  neither sees nor sizes, and raising it helps only a DNS already too slow.
+* At most `MAX_LOOKUPS` lookups run at once per worker, whatever the names
+  (`SLOTS`): a DNS server that answers nothing leaves the rest of the
+  resolver threads to the access log's write and the store's connects. A
+  constant, not a setting: its safe range is set by gevent's pool (10
+  threads), which the operator neither sees nor sizes, and raising it helps
+  only a DNS already too slow.
+* A lookup that finds every slot taken queues for the next one freed (first
+  come, first served), in the hub: it holds no thread, and its waiters wait
+  for it as for one under way (bug: it failed at once, so a burst of new
+  connections to more than 5 names, at start-up or a reload, got 502s with
+  a healthy DNS). A queued lookup always has a waiter: the last one to leave
+  (its deadline passed) takes it out of the queue, and it never runs. So the
+  queue holds at most one lookup per name, each for its waiters' deadlines
+  at most, and a name the DNS never answers costs one slot, never more.
 * A wait is bounded by its caller's deadline (the connect timeout, a check's
-  timeout); the lookup goes on alone and its answer is kept for the next.
+  timeout), a wait for a slot included; a lookup under way goes on alone and
+  its answer is kept for the next.
 * The last good answer is kept for the name's `hold` seconds (`dns.hold`,
   `HOLD` unless set; HAProxy's `hold`, RFC 8767's serve-stale): when a lookup
   fails (no such name, server failure, an answer the system resolver cannot
@@ -45,6 +54,7 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any, Final
 
 from balancer.errors import Overdue
@@ -63,41 +73,97 @@ class Unresolved(OSError):
     """A backend name gave no usable address in time."""
 
 
-# taken by each lookup under way (a gevent semaphore once patched)
-LOOKUPS: Final = threading.BoundedSemaphore(MAX_LOOKUPS)
+class Slots:
+    """The worker's `MAX_LOOKUPS` lookup slots and the lookups queued for one.
+    `lock` guards every field here and each lookup's `waiters`, `queued` and `begun`
+    (for the threads of the unit tests): it is never held across a greenlet
+    switch, so a worker never waits for it, whether it is gevent's or the
+    plain one (the arbiter imports this module before a worker patches)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.running = 0  # lookups holding a slot
+        self.queue: deque[Lookup] = deque()  # each with a waiter, one per name at most
+        self.lock = threading.Lock()
+
+    def take(self, lookup: Lookup) -> bool:
+        """A slot for `lookup` now (True), or `lookup` queued for the next one freed."""
+        with self.lock:
+            if self.running < self.size:
+                self.running += 1
+                lookup.begun = True
+                return True
+            lookup.queued = True
+            self.queue.append(lookup)
+            return False
+
+    def hand_on(self) -> Lookup | None:
+        """A lookup ended: the queued lookup that takes its slot over (None: the
+        slot is free again)."""
+        with self.lock:
+            if self.queue:
+                lookup = self.queue.popleft()
+                lookup.queued, lookup.begun = False, True
+                return lookup
+            self.running -= 1
+            return None
+
+    def join(self, lookup: Lookup) -> None:
+        with self.lock:
+            lookup.waiters += 1
+
+    def leave(self, lookup: Lookup) -> bool:
+        """One waiter of `lookup` gone; True if it was the last one of a queued
+        lookup, now out of the queue for good."""
+        with self.lock:
+            lookup.waiters -= 1
+            if lookup.waiters or not lookup.queued:
+                return False
+            lookup.queued = False
+            self.queue.remove(lookup)
+            return True
+
+
+SLOTS: Final = Slots(MAX_LOOKUPS)
 
 
 class Lookup:
     """One getaddrinfo of a name, in its own thread (a raw greenlet once gevent
-    has patched `_thread`: no `threading.Thread` and its events to start): its
-    outcome is `addresses` or `problem` once `done`. Done at once, with a
-    problem, while `MAX_LOOKUPS` others are under way."""
+    has patched `_thread`: no `threading.Thread` and its events to start) once
+    it has one of the `SLOTS`: its outcome is `addresses` or `problem` once
+    `done`. Created with its first waiter (`SLOTS.join` the others; each
+    `SLOTS.leave`s), it waits in the queue for a slot while `queued`."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
         self.started = time.monotonic()
         self.done = threading.Event()
         self.addresses: Addresses = []
         self.problem = ""
+        self.waiters = 1
+        self.queued = False
+        self.begun = False  # given a slot
 
-    def start(self, host: str, port: int) -> None:
-        """Begin (the caller has made this the name's lookup first: should
-        starting its thread switch, none begins another meanwhile)."""
-        if LOOKUPS.acquire(blocking=False):
-            _thread.start_new_thread(self.run, (host, port))
-        else:
-            self.problem = f"{MAX_LOOKUPS} lookups of other names are still under way"
-            self.done.set()
+    def start(self) -> None:
+        """Begin, or queue for a slot (the caller has made this the name's
+        lookup first: should starting its thread switch, none begins another
+        meanwhile)."""
+        if SLOTS.take(self):
+            _thread.start_new_thread(self.run, ())
 
-    def run(self, host: str, port: int) -> None:
+    def run(self) -> None:
         try:
-            self.resolve(host, port)
+            self.resolve()
         finally:
-            LOOKUPS.release()
             self.done.set()
+            following = SLOTS.hand_on()
+            if following is not None:
+                _thread.start_new_thread(following.run, ())
 
-    def resolve(self, host: str, port: int) -> None:
+    def resolve(self) -> None:
         try:
-            answer = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            answer = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             self.problem = exc.strerror or str(exc)
         except Exception as exc:  # noqa: BLE001 - any failure is the lookup's outcome
@@ -106,6 +172,16 @@ class Lookup:
             self.addresses, dropped = usable(answer)
             if not self.addresses:
                 self.problem = f"no usable address in the answer ({', '.join(dropped)})"
+
+    def wait(self, timeout: float) -> bool:
+        """True once `done` within `timeout` seconds; this waiter leaves either
+        way (the last to leave a queued lookup ends it unrun)."""
+        try:
+            return self.done.wait(timeout)
+        finally:
+            if SLOTS.leave(self):
+                self.problem = "every waiter left before a lookup slot was free"
+                self.done.set()
 
 
 def usable(answer: list[tuple[Any, ...]]) -> tuple[Addresses, list[str]]:
@@ -145,19 +221,24 @@ class Name:
         if lookup is None or lookup.done.is_set():
             if lookup is not None and lookup.addresses:  # answered after its waiters left
                 self.answered(lookup.addresses)
-            lookup = self.lookup = Lookup()
-            lookup.start(self.host, self.port)
+            lookup = self.lookup = Lookup(self.host, self.port)  # this caller its waiter
+            lookup.start()
+        else:
+            SLOTS.join(lookup)
         now = time.monotonic()
         held = self.held if now - self.held_at < self.hold else []
         # with a held answer, a lookup gets `STALE_AFTER` at most, and never
         # more than half the time left: the connect needs the rest
         until = min(lookup.started + STALE_AFTER, (now + deadline) / 2) if held else deadline
-        if lookup.done.wait(max(0.0, until - now)):
+        if lookup.wait(max(0.0, until - now)):
             if lookup.addresses:
                 return self.answered(lookup.addresses)
             problem = lookup.problem
         else:
             problem = f"no answer within {max(0.0, until - lookup.started):.1f} s"
+            if not lookup.begun:
+                problem += (f": still waiting for one of the {MAX_LOOKUPS} lookup slots, "
+                            "all held by lookups of other names")
         if held:
             return self.stood_in(held, problem)
         raise Unresolved(f"DNS lookup of {self.host} failed: {problem}")

@@ -9,8 +9,10 @@ this server and the test's clients all live on that namespace's loopback.
 
 `ScriptedDns` answers A/AAAA queries by script: a name maps to a callable
 taking the query type (1 A, 28 AAAA) and returning what to do (`answer`,
-`NXDOMAIN`, `SERVFAIL`, `SILENT`, or raw bytes to send as they are). It
-parses only the header and the question: enough to echo the id and question.
+`NXDOMAIN`, `SERVFAIL`, `SILENT`, or raw bytes to send as they are), or
+`Late` (any of them, carried out some time after the query: a slow DNS,
+the server answering other queries meanwhile). It parses only the header
+and the question: enough to echo the id and question.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,19 @@ Script = Callable[[int], Action]
 def answer(*addresses: str) -> Script:
     """A script answering `addresses` (each to the query of its family)."""
     return lambda qtype: list(addresses)
+
+
+@dataclass(frozen=True)
+class Late:
+    """`action`, `seconds` after the query."""
+
+    seconds: float
+    action: Action
+
+
+def late(seconds: float, script: Script) -> Script:
+    """`script`'s actions, each `seconds` after its query."""
+    return lambda qtype: Late(seconds, script(qtype))
 
 
 def parse_question(query: bytes) -> tuple[int, int, str, int, bytes]:
@@ -112,18 +129,23 @@ class ScriptedDns:
     def script(self, name: str, script: Script) -> None:
         self.scripts[name.lower()] = script
 
-    def reply(self, query: bytes, udp: bool) -> bytes | None:
+    def reply(self, query: bytes, udp: bool) -> tuple[bytes | None, float]:
+        """The reply to `query` (None: none) and the seconds to wait before it."""
         try:
             _, _, name, qtype, _ = parse_question(query)
         except (ValueError, IndexError, struct.error):
-            return None
+            return None, 0.0
         self.queries[name] = self.queries.get(name, 0) + 1
         script = self.scripts.get(name)
-        data = response(query, script(qtype) if script is not None else NXDOMAIN)
+        action = script(qtype) if script is not None else NXDOMAIN
+        delay = 0.0
+        if isinstance(action, Late):
+            delay, action = action.seconds, action.action
+        data = response(query, action)
         if data is not None and udp and len(data) > UDP_LIMIT and data[2] & 0x80:
             data = data[:2] + bytes([data[2] | 0x02]) + data[3:6] + b"\0" * 6 + \
                 data[12:12 + len(parse_question(query)[4])]  # TC: ask again over TCP
-        return data
+        return data, delay
 
     def udp_loop(self) -> None:
         while not self.stopped:
@@ -131,10 +153,17 @@ class ScriptedDns:
                 query, peer = self.udp.recvfrom(4096)
             except OSError:
                 return
-            data = self.reply(query, True)
-            if data is not None:
-                with contextlib.suppress(OSError):
-                    self.udp.sendto(data, peer)
+            data, delay = self.reply(query, True)
+            if data is not None and delay:
+                timer = threading.Timer(delay, self.send, (data, peer))
+                timer.daemon = True
+                timer.start()
+            elif data is not None:
+                self.send(data, peer)
+
+    def send(self, data: bytes, peer: Any) -> None:
+        with contextlib.suppress(OSError):
+            self.udp.sendto(data, peer)
 
     def tcp_loop(self) -> None:
         while not self.stopped:
@@ -149,10 +178,11 @@ class ScriptedDns:
             conn.settimeout(30)
             while True:
                 size = struct.unpack("!H", read_exactly(conn, 2))[0]
-                data = self.reply(read_exactly(conn, size), False)
+                data, delay = self.reply(read_exactly(conn, size), False)
                 if data is None:
                     read_exactly(conn, 1)  # silent: hold the connection until it goes
                     return
+                time.sleep(delay)  # a slow DNS (this connection's own thread)
                 conn.sendall(struct.pack("!H", len(data)) + data)
 
     def stop(self) -> None:

@@ -13,6 +13,7 @@ its own.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -32,6 +33,7 @@ from tests.dnspeer import (
     DnsNamespace,
     ScriptedDns,
     answer,
+    late,
     namespace_or_skip,
 )
 from tests.support import Backend, Balancer, in_threads, request, wait_for
@@ -78,6 +80,16 @@ class Scene:
         """The stats API's entry of backend `address` (of its host NAME.app)."""
         host = address.split(".test")[0] + ".app"
         return self.bal.host_stats(host).get("backends", {}).get(f"{address}:{self.port}", {})
+
+    @contextlib.contextmanager
+    def serving(self, bal: Balancer) -> Iterator[Balancer]:
+        """`bal` (stopped at the end) in place of the scene's balancer meanwhile."""
+        kept, self.bal = self.bal, bal
+        try:
+            yield bal
+        finally:
+            self.bal = kept
+            bal.stop()
 
     def close(self) -> None:
         self.bal.stop()
@@ -220,6 +232,63 @@ def test_with_a_hold_of_0_a_failed_lookup_fails_the_connection(
         bal.stop()
 
 
+def test_a_burst_of_new_connections_to_more_than_5_names_queues_for_lookup_slots(
+        scene: Scene, tmp_path: Path) -> None:
+    """Bug: with 5 lookups under way (`resolve.MAX_LOOKUPS`), a sixth name's
+    failed at once: 12 requests at once to 12 named backends never connected
+    to (start-up, a reload, a deploy) got 7 502s with a healthy DNS that
+    answers each lookup in 0.15 s. Each now waits for a free slot."""
+    names = [f"burst{i}" for i in range(12)]
+    for name in names:
+        scene.dns.script(f"{name}.test", late(0.15, answer("127.0.0.1")))
+    bal = Balancer(tmp_path, {f"{n}.app": scene.rule(f"{n}.test") for n in names},
+                   prefix=scene.ns.prefix,
+                   config="[timeouts]\nbackend_connect = 3\n[dns]\nhold = 0\n")
+    with scene.serving(bal):
+        burst = [in_threads(1, lambda n=n: scene.timed(f"{n}.app"))[0] for n in names]
+        statuses = [future.result(10)[0] for future in burst]
+        assert statuses == [200] * len(names), bal.output()[-2000:]
+        assert all(scene.dns.queries.get(f"{n}.test") for n in names)
+
+
+def test_with_5_names_the_dns_never_answers_another_name_waits_for_a_slot_until_its_deadline(
+        scene: Scene, tmp_path: Path) -> None:
+    """5 lookups the DNS never answers hold every slot for the 10 s the system
+    resolver waits: another name's request (and health check) waits for a
+    slot until its own deadline, then fails naming why, and its lookup never
+    runs later; an IP backend and the access log are untouched."""
+    mute = [f"mute{i}" for i in range(resolve.MAX_LOOKUPS)]
+    for name in mute:
+        scene.dns.script(f"{name}.test", lambda q: SILENT)
+    for name in ("well", "hc-well"):
+        scene.dns.script(f"{name}.test", answer("127.0.0.1"))
+    hosts = {f"{n}.app": scene.rule(f"{n}.test") for n in [*mute, "well"]}
+    hosts["ip.app"] = scene.rule("127.0.0.1")
+    check = {"interval": 0.2, "timeout": 0.5, "fall": 1, "rise": 1}
+    hosts["hc-well.app"] = {**scene.rule("hc-well.test"), "health": check}
+    bal = Balancer(tmp_path, hosts, prefix=scene.ns.prefix,
+                   config=f"[timeouts]\nbackend_connect = {CONNECT}\n[dns]\nhold = 0\n")
+    with scene.serving(bal):
+        wait_for(lambda: scene.backend("hc-well.test").get("state") == "up", 5, what="hc up")
+        hung = [in_threads(1, lambda n=n: scene.timed(f"{n}.app"))[0] for n in mute]
+        wait_for(lambda: all(scene.dns.queries.get(f"{n}.test") for n in mute), 5,
+                 what="every mute name asked")
+        status, took = scene.timed("well.app")
+        assert (status, CONNECT - 0.1 < took < CONNECT + 0.4) == (502, True), (status, took)
+        slotless = "DNS lookup of {} failed: no answer within {} s: still waiting for one " \
+                   "of the 5 lookup slots, all held by lookups of other names"
+        line = f"well.test:{scene.port}: {slotless.format('well.test', CONNECT)})"
+        wait_for(lambda: line in bal.output(), 5, what=line)
+        problem = f"connect: {slotless.format('hc-well.test', 0.5)}"
+        wait_for(lambda: scene.backend("hc-well.test").get("problem") == problem, 5,
+                 what=f"hc-well down: {problem} (now {scene.backend('hc-well.test')})")
+        assert scene.timed("ip.app")[0] == 200
+        for future in hung:
+            status, took = future.result(5)
+            assert status == 502 and took < CONNECT + 0.4, (status, took)
+        assert "well.test" not in scene.dns.queries, "left by its waiter: never run"
+
+
 # balancer.resolve on its own (no namespace) ----------------------------------
 def entry(address: str) -> tuple[Any, ...]:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -252,9 +321,11 @@ def test_a_held_answer_expires_after_hold(monkeypatch: pytest.MonkeyPatch) -> No
         name.addresses(time.monotonic() + 1)
 
 
-def test_one_lookup_per_name_and_at_most_max_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Names wait for their own lookup under way; a name beyond `MAX_LOOKUPS`
-    lookups under way fails at once (the resolver threads are left to the rest)."""
+def test_one_lookup_per_name_and_at_most_max_lookups_the_others_queued(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names wait for their own lookup under way; beyond `MAX_LOOKUPS` lookups
+    under way a name's lookup queues for a slot (bug: it failed at once), for
+    as long as someone waits for it: left by all, it never runs."""
     release = threading.Event()
     calls: list[str] = []
 
@@ -263,17 +334,31 @@ def test_one_lookup_per_name_and_at_most_max_lookups(monkeypatch: pytest.MonkeyP
         release.wait(10)
         return [entry("10.0.0.1")]
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    names = [resolve.Name(f"n{i}.test", 80) for i in range(resolve.MAX_LOOKUPS + 1)]
+    names = [resolve.Name(f"n{i}.test", 80) for i in range(resolve.MAX_LOOKUPS + 2)]
+    slotless = "no answer within 0.2 s: still waiting for one of the 5 lookup slots"
     try:
-        for name in names[:-1]:
+        for name in names[:resolve.MAX_LOOKUPS]:
             for _ in range(2):
-                with pytest.raises(resolve.Unresolved, match="no answer within 0.0 s"):
+                with pytest.raises(resolve.Unresolved, match="no answer within 0.0 s$"):
                     name.addresses(time.monotonic())
         wait_for(lambda: len(calls) >= resolve.MAX_LOOKUPS, 5, what="the lookups begun")
-        assert sorted(calls) == sorted(n.host for n in names[:-1])
-        with pytest.raises(resolve.Unresolved, match="5 lookups of other names"):
-            names[-1].addresses(time.monotonic() + 5)
+        assert sorted(calls) == sorted(n.host for n in names[:resolve.MAX_LOOKUPS])
+        left, waited = names[-2:]
+        with pytest.raises(resolve.Unresolved, match=slotless):
+            left.addresses(time.monotonic() + 0.2)
+        assert not resolve.SLOTS.queue, "left by its only waiter: out of the queue"
+        held = [(socket.AF_INET, ("10.0.0.9", 80))]
+        left.held, left.held_at = held, time.monotonic()
+        assert left.addresses(time.monotonic() + 0.4) == held  # after 0.2 s, queued
+        assert not resolve.SLOTS.queue
+        waiting = in_threads(1, lambda: waited.addresses(time.monotonic() + 5))[0]
+        wait_for(lambda: resolve.SLOTS.queue, 5, what="a lookup queued")
+        with pytest.raises(resolve.Unresolved, match=slotless):
+            waited.addresses(time.monotonic() + 0.2)  # one waiter leaves, one stays
+        assert list(resolve.SLOTS.queue) == [waited.lookup]
     finally:
         release.set()
+    assert waiting.result(5) == [(socket.AF_INET, ("10.0.0.1", 80))]
     wait_for(lambda: all(n.lookup and n.lookup.done.is_set() for n in names), 5, what="done")
+    assert left.host not in calls and resolve.SLOTS.running == 0
     assert names[0].addresses(time.monotonic())  # the late answer, kept
