@@ -125,6 +125,44 @@ def test_every_write_path_waits_for_the_replicas(
         hasty.close()
 
 
+@pytest.mark.slow
+def test_a_wait_after_the_master_changed_never_vouches_for_the_old_masters_writes(
+        sentinel_pair: tuple[RedisServer, RedisServer, Any, str],
+        redis_factory: Callable[[], RedisServer]) -> None:
+    """``WAIT`` counts the writes of its own connection. A failover's sentinels
+    ``CLIENT KILL`` the old master's clients, redis-py reconnects silently (to the
+    master the sentinels now name), and a ``WAIT`` there, on a master that never
+    had the write, was answered by its own replicas. Bug: a write the new master
+    lacks was answered done. The master change is made at once here: the
+    sentinel is pointed at another synced master and replica."""
+    master, replica, sentinel, url = sentinel_pair
+    other = redis_factory()
+    other.client().config_set("repl-diskless-sync-delay", 0)
+    other_replica = redis_factory()
+    other_replica.stop()
+    other_replica.start("--replicaof", "127.0.0.1", str(other.port))
+    probe = other.client()  # a replica just synced acknowledges once it sent its first ACK
+    wait_until(lambda: probe.set("probe", 1) and probe.execute_command("WAIT", 1, 100) == 1,
+               timeout=WAIT, message="the other replica acknowledging writes")
+    store = RedisStore(f"{url}?replicas=1&wait=300", "w")
+    lagging = replica.client()
+    try:
+        lagging.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+        with pytest.raises(StoreNotReplicated, match="connection .* was lost"), \
+                store._writing() as writing:
+            writing.client.set("w:x", "1")
+            sentinel.execute_command("SENTINEL", "REMOVE", "mm")
+            sentinel.execute_command("SENTINEL", "MONITOR", "mm", "127.0.0.1", other.port, 1)
+            master.client().execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert other.client().get("w:x") is None  # the master now lacks it
+        with store._writing() as writing:  # the next block writes there, and waits
+            writing.client.set("w:y", "1")
+        assert other_replica.client().get("w:y") == "1"
+    finally:
+        lagging.execute_command("CLIENT", "UNPAUSE")
+        store.close()
+
+
 def _same_data(master: RedisServer, replica: RedisServer, namespace: str) -> bool:
     """The replica holds the master's keys under `namespace` with the same values."""
     source, copy = master.client(), replica.client()

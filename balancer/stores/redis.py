@@ -283,8 +283,6 @@ class RedisStore(RedisWatching, Store):
         with self._writing() as writing:
             client = writing.client
             self._master_moved()
-            if client is not self.client:
-                self._master_moved(client)
             for _ in range(WRITE_ATTEMPTS):
                 # the floor as it was before the read: another greenlet's write may
                 # raise it while this one reads (bug: a one-host write that raced one
@@ -362,10 +360,12 @@ class RedisStore(RedisWatching, Store):
             if self._writers is None:
                 yield Writing(self.client, what)
                 return
-            with self._writers.held() as client:
-                writing = Writing(client, what)
+            with self._writers.held() as writer:
+                self._master_moved(writer.client)  # drops a demoted master's connection
+                since = writer.ready()  # before the block's first write
+                writing = Writing(writer.client, what)
                 yield writing
-                self._writers.wait(client, writing.what)
+                self._writers.wait(writer, since, writing.what)
 
     @contextlib.contextmanager
     def _talking(self, what: str) -> Iterator[None]:

@@ -12,6 +12,12 @@ Invariants:
   connection (`Writers.held`), and every command of the block (pipelines,
   ``WATCH``, scripts) and the ``WAIT`` go over it. Replication keeps the
   master's order, so an acknowledgement covers every write before it.
+* redis-py reconnects silently when it finds a pooled socket closed (a
+  failover's sentinels ``CLIENT KILL`` the old master's clients), to the master
+  the sentinels name then: so the connection is made before the block's first
+  write (`Writer.ready`), its reconnects are counted, and a ``WAIT`` goes only
+  over the connection the writes went over, never a new one (bug: the new
+  master's replicas answered it, for a write that master never had).
 * Clients are made at the first write (workers, which only read, make none)
   and reused; one block uses a client at a time.
 * A write whose replicas did not acknowledge it in time was applied by the
@@ -52,6 +58,30 @@ class WritingBlock(Protocol):
     def __call__(self, what: str = ...) -> contextlib.AbstractContextManager[Writing]: ...
 
 
+class Writer:
+    """A client whose pool holds one connection, and how many times that
+    connection connected since `ready` first saw it."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.connection: Any = None  # the pool's one connection, once made
+        self.connects = 0
+
+    def ready(self) -> int:
+        """Connect now (again, if the socket was found closed), before the block's
+        first write; the connects so far, which the block's ``WAIT`` checks."""
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        pool.release(connection)
+        if connection is not self.connection:  # the first, or one redis-py made anew
+            self.connection = connection
+            connection.register_connect_callback(self._connected)
+        return self.connects
+
+    def _connected(self, connection: Any) -> None:
+        self.connects += 1
+
+
 class Writers:
     """Clients of one connection each, for write blocks that end with ``WAIT``."""
 
@@ -59,29 +89,43 @@ class Writers:
         self._make = make  # a client whose pool holds one connection
         self.replication = replication
         self.where = where
-        self._idle: list[Any] = []
+        self._idle: list[Writer] = []
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[Any]:
+    def held(self) -> Iterator[Writer]:
         """A client for one block of writes (and its ``WAIT``), given back after."""
-        client = self._idle.pop() if self._idle else self._make()
+        writer = self._idle.pop() if self._idle else Writer(self._make())
         try:
-            yield client
+            yield writer
         finally:
             if len(self._idle) < KEEP:
-                self._idle.append(client)
+                self._idle.append(writer)
             else:
-                client.close()
+                writer.client.close()
 
-    def wait(self, client: Any, what: str) -> None:
-        """``WAIT`` for the replicas to acknowledge the writes made with `client`;
-        `StoreNotReplicated` naming `what` was written when fewer did in time."""
+    def wait(self, writer: Writer, since: int, what: str) -> None:
+        """``WAIT`` for the replicas to acknowledge the writes made with `writer`
+        since `Writer.ready` returned `since`; `StoreNotReplicated` naming `what`
+        was written when fewer did in time, or the connection was lost."""
         wanted, millis = self.replication.replicas, self.replication.wait_ms
+        pool = writer.client.connection_pool
         try:
-            acknowledged = int(client.execute_command("WAIT", wanted, millis))
-        except (RedisError, OSError, ValueError) as exc:
+            connection = pool.get_connection()  # may reconnect: counted
+        except (RedisError, OSError) as exc:
             raise self._not_replicated(what, f"the WAIT for them got no answer "
                                              f"({why(exc)})") from exc
+        try:
+            if connection is not writer.connection or writer.connects != since:
+                raise self._not_replicated(what, "the connection they were made on was "
+                                                 "lost before the WAIT for them")
+            connection.send_command("WAIT", wanted, millis)
+            acknowledged = int(connection.read_response())
+        except (RedisError, OSError, ValueError) as exc:
+            connection.disconnect()  # an answer may be left unread on it
+            raise self._not_replicated(what, f"the WAIT for them got no answer "
+                                             f"({why(exc)})") from exc
+        finally:
+            pool.release(connection)
         if acknowledged < wanted:
             raise self._not_replicated(what, f"{acknowledged} of them did within {millis} ms")
 
@@ -96,4 +140,4 @@ class Writers:
 
     def close(self) -> None:
         while self._idle:
-            self._idle.pop().close()
+            self._idle.pop().client.close()
