@@ -76,6 +76,17 @@ def test_bad_replication_options_are_refused_clearly(query: str, problem: str) -
         assert "pw" not in str(caught.value)
 
 
+
+def test_an_option_redis_py_does_not_take_is_refused_at_once() -> None:
+    """Bug: ``?replica=1`` (a typo of ``replicas``) made a store whose every command
+    raised a TypeError (the workers died at their first read)."""
+    for query, problem in [("replica=1", "unknown option replica "),
+                           ("replicas=1&Wait=5", "unknown option Wait "),
+                           ("socket_timeout=soon", "Invalid value for 'socket_timeout'")]:
+        with pytest.raises(StoreUrlError, match=problem) as caught:
+            RedisStore(f"redis://:pw@127.0.0.1:1/0?{query}")
+        assert "pw" not in str(caught.value)
+
 # every write path of the store, with the replica not applying writes -------------------
 def _paths(store: RedisStore) -> dict[str, Callable[[], object]]:
     """Each write the management process makes, by name (a deploy's, ACME's...)."""

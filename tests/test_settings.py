@@ -350,6 +350,13 @@ def test_wrong_type_in_file(config, line, problem):
         ("BALANCER_STORE_URL", "redis://:secret@h:1/0?replicas=nan",
          "replicas must be a whole number from 1 to 100, got 'nan', "
          "in 'redis://:***@h:1/0?replicas=nan'"),
+        ("BALANCER_STORE_URL", "redis://:secret@h:1/0?replica=1",  # a typo of replicas
+         "unknown option replica (the balancer's own are replicas= and wait=), "
+         "in 'redis://:***@h:1/0?replica=1'"),
+        ("BALANCER_STORE_URL", "unix:///r.sock?db=2&Replicas=1&foo=",
+         "unknown options Replicas, foo"),
+        ("BALANCER_STORE_URL", "redis://h:1/0?socket_timeout=soon",
+         "Invalid value for 'socket_timeout' in connection URL"),
         ("BALANCER_STORE_URL", "redis+sentinel://h:1/mm/0?replicas=1&wait=99999",
          "wait must be a whole number from 1 to 10000 milliseconds, got '99999'"),
         ("BALANCER_SERVER_LISTEN", "127.0.0.1", "invalid address '127.0.0.1': missing ':port'"),
@@ -399,7 +406,8 @@ def test_good_store_urls_and_accounts(tmp_path):
     for url in ["file:/tmp/x.json", "redis://:pw@h:6379/0", "rediss://h:6380/1",
                 "unix:///run/redis/redis.sock?db=2",  # the Redis store takes it: so do settings
                 "redis+sentinel://a:26379,b:26379/mymaster/0",
-                "redis://h:6379/0?replicas=1&wait=500", "redis+sentinel://a/mm/0?replicas=2"]:
+                "redis://h:6379/0?replicas=1&wait=500", "redis+sentinel://a/mm/0?replicas=2",
+                "rediss://h/0?ssl_cert_reqs=none&health_check_interval=5&replicas=1"]:
         assert load(flags={"store.url": url}).store.url == url
     me = pwd.getpwuid(os.getuid()).pw_name
     s = load(flags={"server.user": me, "server.group": "0", "server.pages_dir": str(tmp_path)})

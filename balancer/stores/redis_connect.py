@@ -7,11 +7,15 @@ Invariants:
 * Answers are decoded as UTF-8 with ``surrogateescape``: bytes that are not
   UTF-8 (only another program writes them) reach the store's checks, which
   name them, instead of failing inside redis-py.
+* A URL whose query redis-py would refuse (a value it cannot read, an option
+  its connections do not take) makes no client: `StoreUrlError`, naming it.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -41,7 +45,28 @@ def connect(url: str, timeout: float, wait: float = 0.0,
                             **options)
         return sentinel.master_for(target.service_name, db=target.db,
                                    username=target.username, password=target.password)
+    problem = options_problem(url)
+    if problem:
+        raise StoreUrlError(f"{redact_url(url)}: {problem}")
+    return redis.Redis.from_url(url, **options)
+
+
+def options_problem(url: str) -> str | None:
+    """What redis-py would refuse in the query of a ``redis://``, ``rediss://`` or
+    ``unix://`` URL (without the balancer's own options), or None: a value it
+    cannot read, or a name its connections do not take (bug: ``?replica=1``, a
+    typo of ``replicas``, passed every check, and each command then raised a
+    TypeError: the workers died at their first read). Makes no connection."""
     try:
-        return redis.Redis.from_url(url, **options)
+        pool = redis.ConnectionPool.from_url(url)
     except ValueError as exc:
-        raise StoreUrlError(f"{redact_url(url)}: {exc}") from None
+        return str(exc)
+    takes = {name for kind in type.mro(pool.connection_class) if "__init__" in vars(kind)
+             for name in inspect.signature(vars(kind)["__init__"]).parameters}
+    unknown = sorted({name for name, _ in parse_qsl(urlsplit(url).query,
+                                                   keep_blank_values=True)}
+                     - takes - {"db"})
+    if unknown:
+        return (f"unknown option{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(unknown)} (the balancer's own are replicas= and wait=)")
+    return None

@@ -82,14 +82,19 @@ def redis_db_problem(url: str) -> str | None:
 
 
 def redis_url_problem(url: str) -> str | None:
-    """What is wrong with a Redis URL's database or replication options, or None."""
+    """What is wrong with a Redis URL's database or options, or None."""
     if not url.startswith(REDIS_SCHEMES):
         return None
     try:
         _replication(url.partition("?")[2].partition("#")[0])
     except ValueError as exc:
         return str(exc)
-    return redis_db_problem(url)
+    if url.startswith(SENTINEL_SCHEME):  # takes no other option (`parse_sentinel_url`)
+        return None
+    # imported here: it imports this module, and only a Redis URL needs redis-py
+    from balancer.stores.redis_connect import options_problem
+
+    return redis_db_problem(url) or options_problem(split_replication(url)[0])
 
 
 def split_replication(url: str) -> tuple[str, Replication | None]:
