@@ -407,7 +407,8 @@ def test_good_store_urls_and_accounts(tmp_path):
                 "unix:///run/redis/redis.sock?db=2",  # the Redis store takes it: so do settings
                 "redis+sentinel://a:26379,b:26379/mymaster/0",
                 "redis://h:6379/0?replicas=1&wait=500", "redis+sentinel://a/mm/0?replicas=2",
-                "rediss://h/0?ssl_cert_reqs=none&health_check_interval=5&replicas=1"]:
+                "rediss://h/0?ssl_cert_reqs=none&health_check_interval=5&replicas=1",
+                "redis://h/0?max_connections=20&socket_keepalive=true"]:
         assert load(flags={"store.url": url}).store.url == url
     me = pwd.getpwuid(os.getuid()).pw_name
     s = load(flags={"server.user": me, "server.group": "0", "server.pages_dir": str(tmp_path)})

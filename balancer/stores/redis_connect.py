@@ -24,6 +24,8 @@ from redis.sentinel import Sentinel
 
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
+POOL_OPTIONS = {"db", "max_connections"}  # what redis-py's URL gives its pool, not connections
+
 
 def connect(url: str, timeout: float, wait: float = 0.0,
             max_connections: int | None = None) -> redis.Redis:
@@ -65,7 +67,7 @@ def options_problem(url: str) -> str | None:
              for name in inspect.signature(vars(kind)["__init__"]).parameters}
     unknown = sorted({name for name, _ in parse_qsl(urlsplit(url).query,
                                                    keep_blank_values=True)}
-                     - takes - {"db"})
+                     - takes - POOL_OPTIONS)
     if unknown:
         return (f"unknown option{'s' if len(unknown) > 1 else ''} "
                 f"{', '.join(unknown)} (the balancer's own are replicas= and wait=)")
