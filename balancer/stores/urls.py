@@ -91,9 +91,12 @@ def redis_url_problem(url: str) -> str | None:
         return str(exc)
     if url.startswith(SENTINEL_SCHEME):  # takes no other option (`parse_sentinel_url`)
         return None
-    # imported here: it imports this module, and only a Redis URL needs redis-py
-    from balancer.stores.redis_connect import options_problem
-
+    try:  # imported here: it imports this module, and only a Redis URL needs redis-py
+        from balancer.stores.redis_connect import options_problem
+    except ImportError:  # the options are checked where redis-py can be imported
+        # (bug: an arbiter dropped to a user that cannot read the installation
+        # died of a reload onto Redis; `preload` refuses that reload, naming the module)
+        return redis_db_problem(url)
     return redis_db_problem(url) or options_problem(split_replication(url)[0])
 
 
