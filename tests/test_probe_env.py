@@ -48,6 +48,7 @@ from typing import Any
 
 import pytest
 
+from balancer.stores.base import HostRule
 from tests.support import ROOT, Balancer, request, wait_for
 
 WAIT = 10.0
@@ -287,7 +288,8 @@ class FakeDeployer:
 
     def __init__(self) -> None:
         self.records = SimpleNamespace(inflight=dict)
-        self.store = SimpleNamespace(load=lambda: SimpleNamespace(version=2, hosts={}))
+        self.store = SimpleNamespace(load=lambda: SimpleNamespace(version=2, hosts={}),
+                                     host_rule=lambda host: HostRule(2, None))
 
     def patiently(self, record: dict[str, Any], what: str, call: Any) -> Any:
         return call()
