@@ -78,7 +78,11 @@ def test_live_requests_are_served_while_slow_readers_fill_their_buffers(site) ->
     finally:
         for sock in readers:
             sock.close()
-    assert max(latencies) < 0.5, [round(x, 3) for x in latencies]
+    # starved, every live request would wait for the slow readers (seconds);
+    # one stall of half a second is the CI machine's load, not the worker's (it
+    # failed twice so on 2 cores with four test processes)
+    assert sorted(latencies)[len(latencies) // 2] < 0.25, [round(x, 3) for x in latencies]
+    assert max(latencies) < 2.0, [round(x, 3) for x in latencies]
 
 
 def test_a_relay_that_never_waits_parks_after_its_turn() -> None:
