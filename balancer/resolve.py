@@ -22,10 +22,18 @@ Invariants:
   come, first served), in the hub: it holds no thread, and its waiters wait
   for it as for one under way (bug: it failed at once, so a burst of new
   connections to more than 5 names, at start-up or a reload, got 502s with
-  a healthy DNS). A queued lookup always has a waiter: the last one to leave
-  (its deadline passed) takes it out of the queue, and it never runs. So the
-  queue holds at most one lookup per name, each for its waiters' deadlines
-  at most, and a name the DNS never answers costs one slot, never more.
+  a healthy DNS). A queued lookup has a waiter, or its name a held answer
+  (`Lookup.kept_until`: bug, the lookup refreshing a held answer left the
+  queue with its waiter, so while every slot stayed taken the answer was
+  never refreshed and each new connection waited 1 s for a lookup that never
+  ran): the last waiter to leave (its deadline passed) takes it out of the
+  queue unless its name holds an answer, and the first slot freed after that
+  answer's hold drops it. So the queue holds at most one lookup per name,
+  each for its waiters' deadlines or its name's hold at most, and a name the
+  DNS never answers costs one slot, never more.
+* A slot taken is always handed on: a lookup whose thread cannot start ends
+  with that problem at once (`launch`; bug: the slot was held, and the name's
+  lookup never ended, for the worker's life).
 * A wait is bounded by its caller's deadline (the connect timeout, a check's
   timeout), a wait for a slot included; a lookup under way goes on alone and
   its answer is kept for the next.
@@ -99,14 +107,25 @@ class Slots:
 
     def hand_on(self) -> Lookup | None:
         """A lookup ended: the queued lookup that takes its slot over (None: the
-        slot is free again)."""
+        slot is free again). Those left by their waiters whose name's hold ran
+        out meanwhile are dropped on the way, never run."""
+        now = time.monotonic()
+        dropped = []
         with self.lock:
-            if self.queue:
+            while self.queue:
                 lookup = self.queue.popleft()
-                lookup.queued, lookup.begun = False, True
-                return lookup
-            self.running -= 1
-            return None
+                lookup.queued = False
+                if lookup.waiters or lookup.kept_until > now:
+                    lookup.begun = True
+                    break
+                dropped.append(lookup)
+            else:
+                lookup = None
+                self.running -= 1
+        for gone in dropped:
+            gone.end("every waiter left, and the held answer ran out, before a lookup slot "
+                     "was free")
+        return lookup
 
     def join(self, lookup: Lookup) -> None:
         with self.lock:
@@ -114,10 +133,10 @@ class Slots:
 
     def leave(self, lookup: Lookup) -> bool:
         """One waiter of `lookup` gone; True if it was the last one of a queued
-        lookup, now out of the queue for good."""
+        lookup whose name holds no answer, now out of the queue for good."""
         with self.lock:
             lookup.waiters -= 1
-            if lookup.waiters or not lookup.queued:
+            if lookup.waiters or not lookup.queued or lookup.kept_until > time.monotonic():
                 return False
             lookup.queued = False
             self.queue.remove(lookup)
@@ -144,13 +163,16 @@ class Lookup:
         self.waiters = 1
         self.queued = False
         self.begun = False  # given a slot
+        # monotonic time until which it stays queued without waiters: its name's
+        # held answer lasts until then, and this lookup is what refreshes it
+        self.kept_until = 0.0
 
     def start(self) -> None:
         """Begin, or queue for a slot (the caller has made this the name's
         lookup first: should starting its thread switch, none begins another
         meanwhile)."""
         if SLOTS.take(self):
-            _thread.start_new_thread(self.run, ())
+            launch(self)
 
     def run(self) -> None:
         try:
@@ -159,7 +181,12 @@ class Lookup:
             self.done.set()
             following = SLOTS.hand_on()
             if following is not None:
-                _thread.start_new_thread(following.run, ())
+                launch(following)
+
+    def end(self, problem: str) -> None:
+        """Done without an answer (never run: no thread, no slot left for it)."""
+        self.problem = problem
+        self.done.set()
 
     def resolve(self) -> None:
         try:
@@ -180,8 +207,21 @@ class Lookup:
             return self.done.wait(timeout)
         finally:
             if SLOTS.leave(self):
-                self.problem = "every waiter left before a lookup slot was free"
-                self.done.set()
+                self.end("every waiter left before a lookup slot was free")
+
+
+def launch(lookup: Lookup | None) -> None:
+    """Start the thread of `lookup`, which holds a slot; one that cannot start
+    (no memory, a thread limit) ends its lookup with that problem, and the
+    slot goes to the next queued lookup (or is freed)."""
+    while lookup is not None:
+        try:
+            _thread.start_new_thread(lookup.run, ())
+        except Exception as exc:  # noqa: BLE001 - RuntimeError, MemoryError: the lookup's outcome
+            lookup.end(f"its thread could not start ({str(exc) or type(exc).__name__})")
+            lookup = SLOTS.hand_on()
+        else:
+            return
 
 
 def usable(answer: list[tuple[Any, ...]]) -> tuple[Addresses, list[str]]:
@@ -227,6 +267,8 @@ class Name:
             SLOTS.join(lookup)
         now = time.monotonic()
         held = self.held if now - self.held_at < self.hold else []
+        if held:  # queued, it outlives its waiters while the answer lasts: it refreshes it
+            lookup.kept_until = self.held_at + self.hold
         # with a held answer, a lookup gets `STALE_AFTER` at most, and never
         # more than half the time left: the connect needs the rest
         until = min(lookup.started + STALE_AFTER, (now + deadline) / 2) if held else deadline

@@ -13,6 +13,7 @@ its own.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import re
 import socket
@@ -289,6 +290,47 @@ def test_with_5_names_the_dns_never_answers_another_name_waits_for_a_slot_until_
         assert "well.test" not in scene.dns.queries, "left by its waiter: never run"
 
 
+def test_a_held_answer_is_refreshed_at_the_first_free_slot_and_used_at_once_meanwhile(
+        scene: Scene, tmp_path: Path) -> None:
+    """Bug: while 5 slow lookups held every slot, the lookup that would refresh a
+    name's held answer left the queue with its connection (after 0.5 s, half of
+    `backend_connect`): each new connection queued a lookup of its own and
+    waited 0.5 s for it, and none was left to run when a slot freed, so the
+    answer was refreshed only by a connection that happened to be waiting then
+    (or, within `dns.hold`, never). Now the lookup stays queued while the answer
+    is held: connections use the answer at once once it waited its 1 s, and the
+    first slot freed refreshes it, with no connection waiting."""
+    slow = [f"slow{i}" for i in range(resolve.MAX_LOOKUPS)]
+    for name in slow:
+        scene.dns.script(f"{name}.test", late(3.0, lambda q: NXDOMAIN))
+    scene.dns.script("kept.test", answer("127.0.0.2"))
+    bal = Balancer(tmp_path, {f"{n}.app": scene.rule(f"{n}.test") for n in [*slow, "kept"]},
+                   prefix=scene.ns.prefix,
+                   config=f"[timeouts]\nbackend_connect = {CONNECT}\n")
+    with scene.serving(bal):
+        held, moved = scene.b.count, scene.c.count
+        assert scene.timed("kept.app", "/eof")[0] == 200  # the answer now held
+        assert scene.b.count == held + 1
+        scene.dns.script("kept.test", answer("127.0.0.3"))  # the name moved
+        asked = scene.dns.queries["kept.test"]
+        busy = [in_threads(1, lambda n=n: scene.timed(f"{n}.app"))[0] for n in slow]
+        wait_for(lambda: all(scene.dns.queries.get(f"{n}.test") for n in slow), 5,
+                 what="every slot taken")
+        began = time.monotonic()
+        while time.monotonic() - began < resolve.STALE_AFTER:  # its lookup queued meanwhile
+            assert scene.timed("kept.app", "/eof")[0] == 200
+        status, took = scene.timed("kept.app", "/eof")
+        assert (status, took < 0.25) == (200, True), took  # the held answer, at once
+        assert scene.dns.queries["kept.test"] == asked, "no slot free yet"
+        assert scene.c.count == moved
+        for future in busy:
+            assert future.result(5)[0] == 502
+        wait_for(lambda: scene.dns.queries["kept.test"] > asked, 5,
+                 what="the held answer's lookup run at the first free slot")
+        status, took = scene.timed("kept.app", "/eof")
+        assert (status, took < 0.25, scene.c.count) == (200, True, moved + 1), took
+
+
 # balancer.resolve on its own (no namespace) ----------------------------------
 def entry(address: str) -> tuple[Any, ...]:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -325,7 +367,8 @@ def test_one_lookup_per_name_and_at_most_max_lookups_the_others_queued(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Names wait for their own lookup under way; beyond `MAX_LOOKUPS` lookups
     under way a name's lookup queues for a slot (bug: it failed at once), for
-    as long as someone waits for it: left by all, it never runs."""
+    as long as someone waits for it: left by all, it never runs, unless its
+    name holds an answer, which it refreshes at the first free slot."""
     release = threading.Event()
     calls: list[str] = []
 
@@ -350,15 +393,67 @@ def test_one_lookup_per_name_and_at_most_max_lookups_the_others_queued(
         held = [(socket.AF_INET, ("10.0.0.9", 80))]
         left.held, left.held_at = held, time.monotonic()
         assert left.addresses(time.monotonic() + 0.4) == held  # after 0.2 s, queued
-        assert not resolve.SLOTS.queue
+        assert list(resolve.SLOTS.queue) == [left.lookup], "kept for the held answer"
         waiting = in_threads(1, lambda: waited.addresses(time.monotonic() + 5))[0]
         wait_for(lambda: resolve.SLOTS.queue, 5, what="a lookup queued")
         with pytest.raises(resolve.Unresolved, match=slotless):
             waited.addresses(time.monotonic() + 0.2)  # one waiter leaves, one stays
-        assert list(resolve.SLOTS.queue) == [waited.lookup]
+        assert list(resolve.SLOTS.queue) == [left.lookup, waited.lookup]
     finally:
         release.set()
     assert waiting.result(5) == [(socket.AF_INET, ("10.0.0.1", 80))]
     wait_for(lambda: all(n.lookup and n.lookup.done.is_set() for n in names), 5, what="done")
-    assert left.host not in calls and resolve.SLOTS.running == 0
+    assert calls.count(left.host) == 1 and resolve.SLOTS.running == 0  # refreshed, unasked
     assert names[0].addresses(time.monotonic())  # the late answer, kept
+
+
+class Threads:
+    """`resolve._thread` whose next `fail` thread starts fail as a thread limit does."""
+
+    def __init__(self) -> None:
+        self.fail = 0
+
+    def start_new_thread(self, function: Any, args: tuple[Any, ...]) -> int:
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("can't start new thread")
+        return _thread.start_new_thread(function, args)
+
+
+def test_a_lookup_whose_thread_cannot_start_fails_and_hands_its_slot_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug: a thread that could not start kept its slot for the worker's life and
+    its lookup never ended: the caller got the RuntimeError itself (or, handed
+    a slot by another lookup, that lookup's thread did), and every later
+    connection to the name waited for the lookup until its deadline."""
+    release = threading.Event()
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host.startswith("n"):
+            release.wait(10)
+        return [entry("10.0.0.1")]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    threads = Threads()
+    monkeypatch.setattr(resolve, "_thread", threads)
+    unstarted = r"\.test failed: its thread could not start \(can't start new thread\)$"
+    name, queued = resolve.Name("t.test", 80), resolve.Name("u.test", 80)
+    threads.fail = 1
+    with pytest.raises(resolve.Unresolved, match="t" + unstarted):
+        name.addresses(time.monotonic() + 1)
+    assert resolve.SLOTS.running == 0
+    assert name.addresses(time.monotonic() + 1) == [(socket.AF_INET, ("10.0.0.1", 80))]
+
+    names = [resolve.Name(f"n{i}.test", 80) for i in range(resolve.MAX_LOOKUPS)]
+    try:
+        for held in names:
+            with pytest.raises(resolve.Unresolved):
+                held.addresses(time.monotonic())
+        waiting = in_threads(1, lambda: queued.addresses(time.monotonic() + 5))[0]
+        wait_for(lambda: resolve.SLOTS.queue, 5, what="a lookup queued")
+        threads.fail = 1  # the thread of the lookup handed the first slot freed
+    finally:
+        release.set()
+    with pytest.raises(resolve.Unresolved, match="u" + unstarted):
+        waiting.result(2)
+    wait_for(lambda: resolve.SLOTS.running == 0, 5, what="every slot free")
+    assert queued.addresses(time.monotonic() + 1) == [(socket.AF_INET, ("10.0.0.1", 80))]
