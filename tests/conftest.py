@@ -92,9 +92,18 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """Stop it (SIGTERM, again every 0.25 s for 10 s at most: a redis-server
+        refuses a shutdown while it writes its first AOF, "Writing initial AOF,
+        can't exit", as a replica does right after its sync, and does not try
+        again by itself; a stop just after `replica_pair` hung 10 s)."""
+        deadline = time.monotonic() + 10
+        while self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(timeout=10)
+            try:
+                self.proc.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    raise
         if self.proc is not None:
             release(self.proc)
         self.proc = None
@@ -142,9 +151,24 @@ def replica_pair(redis_factory: Callable[[], RedisServer]
     replica = redis_factory()
     replica.stop()
     replica.start("--replicaof", "127.0.0.1", str(master.port))
-    wait_until(lambda: replica.client().info("replication")["master_link_status"] == "up",
-               timeout=10, message="the replica synced")
+    acknowledging(master, 1)
     return master, replica
+
+
+def acknowledging(master: RedisServer, replicas: int, timeout: float = 10.0) -> None:
+    """Wait until `replicas` replicas of `master` acknowledge a write (``WAIT``),
+    `timeout` seconds at most. A replica's link is "up" before the master counts
+    it: a master puts a replica just synced online at its first ``REPLCONF ACK``,
+    so a ``WAIT`` right after the link came up could answer 0 (a test's first
+    write then got 503 store_not_replicated on a loaded machine)."""
+    client = master.client()
+    try:
+        wait_until(lambda: client.set("tests:acknowledging", 1)
+                   and client.execute_command("WAIT", replicas, 100) >= replicas,
+                   timeout=timeout, message=f"{replicas} replica(s) of port {master.port} "
+                                            f"acknowledging a write")
+    finally:
+        client.close()
 
 
 @pytest.fixture
