@@ -24,6 +24,10 @@ Invariants:
   seconds at every step's store call (`Deployer.patiently`); only a longer
   one fails the deploy. A switch write whose answer was lost is recognised
   by its `since` on the next look, never taken for someone else's change.
+* A start whose claim or record the store's replicas did not acknowledge
+  (`StoreNotReplicated`: the master applied it) answers that error having
+  withdrawn both (`Deployer._withdrawn`): a retry of the same request is
+  never refused by what the failed one left.
 * While any host is claimed, every balancer publishes its in-flight counts
   on the claimed hosts' backends (`watch_loop`); the drain waits on all of
   them.
@@ -42,7 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 from balancer.backend_tls import BackendTLS
-from balancer.stores import StoreError, StoreUnavailable
+from balancer.stores import StoreError, StoreNotReplicated, StoreUnavailable
 from management.deploy_run import IDLE_EVERY, DeployFailed, Interrupted, Run
 from management.deploy_steps import addresses, local_report
 
@@ -79,22 +83,67 @@ class Deployer:
         if host in self.running:  # its claim may have been lost with damaged records
             raise Busy(self.running[host])
         deploy_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        holder = self.records.claim(host, deploy_id, self.owner, time.time(), STALE_AFTER)
-        if holder is not None:
-            raise Busy(holder)
-        old = list(rule.get("backends", ())) if rule.get("action") == "proxy" else []
-        now = time.time()
-        record = {"id": deploy_id, "host": host, "kind": kind, "from": old, "to": list(to),
-                  "settings": settings, "state": "running", "step": "ready", "started": now,
-                  "ended": None, "error": None, "warning": None, "before": rule,
-                  "since": None, "version": None, "owner": self.owner,
-                  "steps": [{"name": "ready", "started": now, "ended": None, "outcome": None,
-                             "detail": f"checking {', '.join(addresses(to))}"}]}
-        self.records.save_deploy(record)
+        record = self.new_record(deploy_id, host, rule, to, settings, kind)
+        claimed = False
+        try:
+            holder = self.records.claim(host, deploy_id, self.owner, time.time(), STALE_AFTER)
+            if holder is not None:
+                raise Busy(holder)
+            claimed = True
+            self.records.save_deploy(record)
+        except StoreNotReplicated as exc:
+            raise self._withdrawn(record, claimed, exc) from None
         if self.watcher is None:
             self.start_watching()  # the app alone under another WSGI server
         self._spawn(record, resumed=False)
         return record
+
+    def new_record(self, deploy_id: str, host: str, rule: dict[str, Any], to: list[Any],
+                   settings: dict[str, float], kind: str) -> dict[str, Any]:
+        old = list(rule.get("backends", ())) if rule.get("action") == "proxy" else []
+        now = time.time()
+        return {"id": deploy_id, "host": host, "kind": kind, "from": old, "to": list(to),
+                "settings": settings, "state": "running", "step": "ready", "started": now,
+                "ended": None, "error": None, "warning": None, "before": rule,
+                "since": None, "version": None, "owner": self.owner,
+                "steps": [{"name": "ready", "started": now, "ended": None, "outcome": None,
+                           "detail": f"checking {', '.join(addresses(to))}"}]}
+
+    def _withdrawn(self, record: dict[str, Any], claimed: bool,
+                   exc: StoreNotReplicated) -> StoreNotReplicated:
+        """A start whose claim (or, once `claimed`, record) the replicas did not
+        acknowledge, though the master applied it: withdrawn (the record ended as
+        failed, the claim released), so that a retry of the request finds nothing
+        of it; the error to answer. Bug: the claim, with no deploy run behind it,
+        answered the retry 409 deploy_in_progress until the orphan sweep dropped
+        it 5 s later (and a saved record was resumed then: a deploy answered 503
+        ran after all)."""
+        host, deploy_id = record["host"], record["id"]
+        problems = []
+        if claimed:
+            record.update(state="failed", ended=time.time(), error=f"not started: {exc.reason}")
+            problems.append(self._quietly(lambda: self.records.save_deploy(record)))
+        problems.append(self._quietly(lambda: self.records.release(host, deploy_id)))
+        left = "; ".join(p for p in problems if p)
+        withdrawn = (f"withdrawing it failed ({left}): a new deploy of the host may answer "
+                     f"409 until its claim frees itself, {STALE_AFTER:.0f} s later" if left else
+                     "nothing of it is left (its claim on the host was withdrawn), so "
+                     "sending the same request again is safe")
+        log.warning("deploy %s of %s not started: %s; %s", deploy_id, host, exc.reason,
+                    withdrawn)
+        return StoreNotReplicated(f"{exc.where}: the {record['kind']} of {host} did not start: "
+                                  f"{exc.reason}; {withdrawn}", exc.where, exc.reason)
+
+    @staticmethod
+    def _quietly(write: Callable[[], Any]) -> str:
+        """`write()`; what failed ("" when the master applied it, replicated or not)."""
+        try:
+            write()
+        except StoreNotReplicated:
+            return ""
+        except StoreError as exc:
+            return str(exc)
+        return ""
 
     def _spawn(self, record: dict[str, Any], resumed: bool) -> None:
         self.running[record["host"]] = record["id"]

@@ -16,6 +16,7 @@ failover's because answered writes were missing from the new master.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,11 +24,18 @@ from typing import Any
 
 import pytest
 
-from balancer.stores import StoreNotReplicated, StoreUrlError
+from balancer.stores import StoreNotReplicated, StoreUnavailable, StoreUrlError
+from balancer.stores.certs import CertsLost
 from balancer.stores.redis import RedisStore
+from balancer.stores.redis_replicas import WRITERS
 from balancer.stores.urls import Replication, split_replication
-from tests.conftest import RedisServer, failover_during_a_burst, wait_until
-from tests.support import Balancer, request
+from tests.conftest import (
+    RedisServer,
+    acknowledging,
+    failover_during_a_burst,
+    wait_until,
+)
+from tests.support import Backend, Balancer, in_threads, request, wait_for
 from tests.test_tls import CA
 
 WAIT = 10.0
@@ -102,6 +110,7 @@ def _paths(store: RedisStore) -> dict[str, Callable[[], object]]:
         "deploy claim": lambda: records.claim("b.test", "d1", "me", time.time(), 5),
         "deploy release": lambda: records.release("b.test", "d1"),
         "ACME account": lambda: acme.keep_account({"key": "{}", "uri": ""}),
+        "ACME account URI": lambda: acme.set_account_uri("https://ca.test/acct/1"),
         "ACME lock": lambda: acme.lock("me", 30),
         "ACME challenge": lambda: acme.put_challenge("t", {"type": "http-01"}),
         "ACME challenge delete": lambda: acme.delete_challenge("t"),
@@ -122,6 +131,7 @@ def test_every_write_path_waits_for_the_replicas(
             write()  # answered once the replica applied it, after the pause
             assert _same_data(master, replica, "w"), name  # at once, not polled
         lagging.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+        master.client().delete("w:acme-account")  # kept again: a write again
         for name, write in _paths(hasty).items():
             started = time.monotonic()
             with pytest.raises(StoreNotReplicated, match="applied by the Redis master"):
@@ -134,6 +144,60 @@ def test_every_write_path_waits_for_the_replicas(
         lagging.execute_command("CLIENT", "UNPAUSE")
         patient.close()
         hasty.close()
+
+
+def test_a_block_that_wrote_nothing_waits_for_no_replica(
+        replica_pair: tuple[RedisServer, RedisServer]) -> None:
+    """Bug: with the replicas down, a write that changed nothing (a claim
+    another deploy holds, a lock another issuer holds...) sent its ``WAIT``
+    all the same: it answered `StoreNotReplicated`, "applied by the master",
+    after the whole wait, instead of its own answer (a deploy of a held host
+    answered 503, not 409; a certificate write refused as `CertsLost`, 503)."""
+    master, replica = replica_pair
+    store = RedisStore(f"{master.url}?replicas=1&wait=1000", "n")
+    records, acme, certs = store.records(), store.acme(), store.certs()
+    try:
+        assert records.claim("h.test", "d1", "me", time.time(), 5) is None
+        assert acme.lock("me", 30)
+        acme.keep_account({"key": "{}", "uri": "u1"})
+        replica.stop()
+        nothing: dict[str, tuple[Callable[[], object], object]] = {
+            "claim another holds": (
+                lambda: records.claim("h.test", "d2", "you", time.time(), 5), "d1"),
+            "release of a claim not held": (lambda: records.release("h.test", "d2"), None),
+            "lock another holds": (lambda: acme.lock("you", 30), False),
+            "unlock of a lock not held": (lambda: acme.unlock("you"), None),
+            "account already kept": (
+                lambda: acme.keep_account({"key": "{}", "uri": "u2"})["uri"], "u1"),
+            "state not there": (lambda: acme.delete_state("none.test"), None),
+        }
+        for name, (write, answer) in nothing.items():
+            started = time.monotonic()
+            assert (name, write()) == (name, answer)
+            assert time.monotonic() - started < 0.5, name
+        certs.highest = 10**6  # as if this balancer had read certificates Redis lost since
+        started = time.monotonic()
+        with pytest.raises(CertsLost):
+            certs.put("b.test", {"chain": "c", "key": "k"})
+        assert time.monotonic() - started < 0.5
+        with pytest.raises(StoreNotReplicated):  # a write that did write still waits
+            records.claim("h.test", "d1", "me", time.time(), 5)
+    finally:
+        store.close()
+
+
+def test_a_pair_is_ready_once_a_write_is_acknowledged_not_once_the_link_is_up(
+        replica_pair: tuple[RedisServer, RedisServer]) -> None:
+    """Bug: `replica_pair` waited for the replica's link to be "up"; a master
+    counts a replica just synced only from its first acknowledgement, and a
+    ``WAIT`` right after answered 0 (a test's first write: 503). `acknowledging`
+    waits for a ``WAIT`` that counts it: here the link is up and the replica
+    applies nothing for 0.5 s."""
+    master, replica = replica_pair
+    replica.client().execute_command("CLIENT", "PAUSE", 500, "WRITE")
+    started = time.monotonic()
+    acknowledging(master, 1)
+    assert time.monotonic() - started > 0.4
 
 
 @pytest.mark.slow
@@ -152,9 +216,7 @@ def test_a_wait_after_the_master_changed_never_vouches_for_the_old_masters_write
     other_replica = redis_factory()
     other_replica.stop()
     other_replica.start("--replicaof", "127.0.0.1", str(other.port))
-    probe = other.client()  # a replica just synced acknowledges once it sent its first ACK
-    wait_until(lambda: probe.set("probe", 1) and probe.execute_command("WAIT", 1, 100) == 1,
-               timeout=WAIT, message="the other replica acknowledging writes")
+    acknowledging(other, 1)
     store = RedisStore(f"{url}?replicas=1&wait=300", "w")
     lagging = replica.client()
     try:
@@ -225,6 +287,94 @@ def test_a_write_answered_200_is_on_the_replica_and_one_it_lacks_answers_503(
     replica.start("--replicaof", "127.0.0.1", str(master.port))
     wait_until(lambda: bal.api("PUT", "/api/v1/hosts/c.test", STATIC)[0] == 200,
                timeout=WAIT, message="writes answered 200 once the replica is back")
+
+
+def test_a_deploy_whose_start_was_not_replicated_leaves_nothing_to_block_its_retry(
+        replicated: tuple[Balancer, RedisServer, RedisServer]) -> None:
+    """Bug: a deploy whose claim on the host the replicas did not acknowledge
+    answered 503 store_not_replicated, and its claim, applied by the master with
+    no deploy behind it, answered the retry of the same request 409
+    deploy_in_progress until the orphan sweep dropped it 5 s later. Now the
+    failed start is withdrawn before it answers, and the retry starts at once."""
+    bal, master, replica = replicated
+    a, b = Backend("a"), Backend("b")
+    try:
+        assert bal.api("PUT", "/api/v1/hosts/a.test",
+                       {"action": "proxy", "backends": [a.address]})[0] == 200
+        body = {"backends": [b.address], "warmup": 0}
+        lagging = replica.client()
+        lagging.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+        try:
+            status, answer = bal.api("POST", "/api/v1/hosts/a.test/deploy", body)
+        finally:
+            lagging.execute_command("CLIENT", "UNPAUSE")
+        assert (status, answer["error"]) == (503, "store_not_replicated"), answer
+        assert "the deploy of a.test did not start: the store wants 1 replica to " \
+               "acknowledge every write and 0 of them did within 600 ms; nothing of it is " \
+               "left" in answer["message"], answer
+        assert master.client().hgetall("balancer:deploy-claims") == {}
+        status, answer = bal.api("POST", "/api/v1/hosts/a.test/deploy", body)
+        assert status == 202, answer
+        deploys = bal.api("GET", "/api/v1/deploys")[1]["deploys"]
+        assert [d["id"] for d in deploys] == [answer["deploy"]["id"]]
+    finally:
+        a.stop()
+        b.stop()
+
+
+# writers: at most WRITERS clients, all kept ---------------------------------------------
+def test_writes_at_once_share_a_bounded_set_of_kept_clients(
+        sentinel_pair: tuple[RedisServer, RedisServer, Any, str]) -> None:
+    """Bug: beyond 8 clients kept, each write block made a client and closed it
+    after, through Sentinel each a new set of sentinel connections and a master
+    lookup. Now at most `WRITERS` are made, all kept (sharing one set of sentinel
+    connections), and a block finding all in use waits for one, up to the
+    store's timeout (then 503 store_unavailable, nothing written)."""
+    master, _, sentinel, url = sentinel_pair
+    store = RedisStore(f"{url}?replicas=1&wait=1000", "c", timeout=1.0)
+    watched = master.client()
+
+    def connections() -> tuple[int, int]:
+        return (int(sentinel.info("stats")["total_connections_received"]),
+                int(watched.info("stats")["total_connections_received"]))
+
+    def at_once(then: Callable[[], None] = lambda: None) -> None:
+        """`WRITERS` blocks holding their clients at once, each writing (begun one
+        after another: the sentinels are asked once at a time); `then` while
+        they hold them."""
+        inside: list[int] = []
+        leave = threading.Event()
+
+        def block(n: int) -> None:
+            with store._writing() as writing:
+                writing.client.set(f"c:{n}", n)
+                inside.append(n)
+                leave.wait(10)
+        blocks = []
+        try:
+            for n in range(WRITERS):
+                blocks.append(in_threads(1, lambda n=n: block(n))[0])
+                wait_for(lambda n=n: len(inside) > n, 10, what=f"block {n} writing")
+            then()
+        finally:
+            leave.set()
+        for future in blocks:
+            future.result(10)
+
+    def one_more() -> None:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=f"all {WRITERS} write connections stayed "
+                                                   f"in use for 1 s"), store._writing():
+            pass
+        assert 0.9 < time.monotonic() - started < 3
+
+    try:
+        at_once()
+        made = connections()
+        at_once(one_more)
+        assert connections() == made  # the same clients, and the same sentinel connections
+    finally:
+        store.close()
 
 
 # a failover during a burst of writes ---------------------------------------------------

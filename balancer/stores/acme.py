@@ -32,7 +32,9 @@ Invariants:
   an unreadable record reads as absent.
 * On Redis every write but the acknowledgements (a heartbeat, rewritten at
   the next look) goes through the store's `writing`, which waits for the
-  replicas the store URL asks for (``replicas=N``).
+  replicas the store URL asks for (``replicas=N``); one that changed nothing
+  (the lock another's, the account already there) says so (`Writing.wrote`)
+  and waits for nothing.
 """
 
 from __future__ import annotations
@@ -283,26 +285,28 @@ class RedisAcme(Acme):
 
     def keep_account(self, record: dict[str, Any]) -> dict[str, Any]:
         with self.writing("the ACME account") as writing:
-            writing.client.set(self.account_key, json.dumps(record, sort_keys=True), nx=True)
+            writing.wrote = bool(writing.client.set(self.account_key,
+                                                    json.dumps(record, sort_keys=True), nx=True))
         return self.account() or record
 
     def set_account_uri(self, uri: str) -> None:
         found = self.account()
         if found is not None:
             with self.writing("the ACME account") as writing:
-                writing.client.set(self.account_key, json.dumps({**found, "uri": uri},
-                                                                sort_keys=True), xx=True)
+                writing.wrote = bool(writing.client.set(
+                    self.account_key, json.dumps({**found, "uri": uri}, sort_keys=True), xx=True))
 
     def lock(self, owner: str, ttl: float) -> bool:
         millis = max(1, int(ttl * 1000))
         with self.writing("the ACME issuer lock") as writing:
             if writing.client.set(self.lock_key, owner, nx=True, px=millis):
                 return True
-            return bool(writing.client.eval(EXTEND, 1, self.lock_key, owner, millis))
+            writing.wrote = bool(writing.client.eval(EXTEND, 1, self.lock_key, owner, millis))
+            return writing.wrote
 
     def unlock(self, owner: str) -> None:
         with self.writing("the ACME issuer lock") as writing:
-            writing.client.eval(RELEASE, 1, self.lock_key, owner)
+            writing.wrote = bool(writing.client.eval(RELEASE, 1, self.lock_key, owner))
 
     def holder(self) -> dict[str, Any] | None:
         with self.talking("read"), self.client.pipeline(transaction=True) as pipe:
@@ -341,7 +345,7 @@ class RedisAcme(Acme):
 
     def delete_state(self, host: str) -> None:
         with self.writing(f"the ACME state of {host}") as writing:
-            writing.client.hdel(self.state_key, host)
+            writing.wrote = bool(writing.client.hdel(self.state_key, host))
 
     def states(self) -> dict[str, dict[str, Any]]:
         with self.talking("read"):

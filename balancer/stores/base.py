@@ -93,7 +93,14 @@ class StoreFull(StoreUnavailable):
 class StoreNotReplicated(StoreUnavailable):
     """The master applied the write, but fewer replicas than the store's
     ``replicas=N`` acknowledged it in time (or the wait got no answer): it is
-    served, and a failover now may lose it."""
+    served, and a failover now may lose it. `where`: the store; `reason`: what
+    the replicas did ("the store wants 1 replica to acknowledge every write and
+    0 of them did within 600 ms"), for a caller that words its own error."""
+
+    def __init__(self, message: str, where: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.where = where
+        self.reason = reason
 
 
 class VersionConflict(StoreError):

@@ -290,6 +290,7 @@ class RedisCerts(Certs):
             version, changed = self._write(keys=[self.key, self.version_key],
                                            args=[self.highest, what, host, value],
                                            client=writing.client)
+            writing.wrote = version >= 0  # below: refused (CertsLost), nothing written
         if version < 0:
             self._judge(changed)  # raises CertsLost
         self.highest = max(self.highest, version)

@@ -81,7 +81,7 @@ from balancer.stores.redis_answers import (
     utf8,
     why,
 )
-from balancer.stores.redis_connect import connect
+from balancer.stores.redis_connect import Connector, connect
 from balancer.stores.redis_records import RedisRecords
 from balancer.stores.redis_replicas import Writers, Writing
 from balancer.stores.redis_watch import RedisWatching
@@ -121,8 +121,8 @@ class RedisStore(RedisWatching, Store):
         self._bare_url = redact_url(bare)
         self.client = connect(bare, timeout)
         self._writers = None if replication is None else Writers(
-            lambda: connect(bare, timeout, replication.wait_ms / 1000, max_connections=1),
-            replication, self.display_url)
+            Connector(bare, timeout, replication.wait_ms / 1000, max_connections=1),
+            replication, self.display_url, timeout)
         self._reachable = True
         self._watchers = 0
         self._problem: str | None = None  # the table read is corrupt
@@ -355,7 +355,8 @@ class RedisStore(RedisWatching, Store):
         """`_talking("write")` around one block of writes, made with the `Writing`'s
         client. With ``replicas=N``, that client is one connection, and the block
         ends with ``WAIT`` on it (`StoreNotReplicated` when too few replicas
-        acknowledged); a block that raised waits for nothing."""
+        acknowledged); a block that raised, or says it wrote nothing
+        (`Writing.wrote`), waits for nothing."""
         with self._talking("write"):
             if self._writers is None:
                 yield Writing(self.client, what)
@@ -365,7 +366,8 @@ class RedisStore(RedisWatching, Store):
                 since = writer.ready()  # before the block's first write
                 writing = Writing(writer.client, what)
                 yield writing
-                self._writers.wait(writer, since, writing.what)
+                if writing.wrote:
+                    self._writers.wait(writer, since, writing.what)
 
     @contextlib.contextmanager
     def _talking(self, what: str) -> Iterator[None]:

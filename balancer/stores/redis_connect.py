@@ -27,30 +27,53 @@ from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_
 POOL_OPTIONS = {"db", "max_connections"}  # what redis-py's URL gives its pool, not connections
 
 
-def connect(url: str, timeout: float, wait: float = 0.0,
-            max_connections: int | None = None) -> redis.Redis:
+def connect(url: str, timeout: float) -> redis.Redis:
     """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``
     (`url` without the balancer's own options: `split_replication`); its commands
-    time out after `timeout` + `wait` seconds (connecting, and the sentinels,
-    after `timeout`)."""
-    options: dict[str, Any] = {"socket_timeout": timeout + wait,
-                               "socket_connect_timeout": timeout,
-                               "retry": Retry(NoBackoff(), 0), "decode_responses": True,
-                               "encoding_errors": "surrogateescape"}
-    if max_connections is not None:
-        options["max_connections"] = max_connections
-    if url.startswith(SENTINEL_SCHEME):
-        target = parse_sentinel_url(url)
-        sentinel = Sentinel(list(target.sentinels),
-                            sentinel_kwargs={"socket_timeout": timeout,
-                                             "socket_connect_timeout": timeout},
-                            **options)
-        return sentinel.master_for(target.service_name, db=target.db,
-                                   username=target.username, password=target.password)
-    problem = options_problem(url)
-    if problem:
-        raise StoreUrlError(f"{redact_url(url)}: {problem}")
-    return redis.Redis.from_url(url, **options)
+    and connects time out after `timeout` seconds."""
+    return Connector(url, timeout)()
+
+
+class Connector:
+    """Clients for one URL, made on demand (`connect`'s, with one connection each
+    when `max_connections` is 1); their commands time out after `timeout` +
+    `wait` seconds (connecting, and the sentinels, after `timeout`). Through
+    Sentinel every client it makes shares one `Sentinel`: one set of sentinel
+    connections, closed by `close`. A URL redis-py would refuse raises
+    `StoreUrlError` here, before any client."""
+
+    def __init__(self, url: str, timeout: float, wait: float = 0.0,
+                 max_connections: int | None = None) -> None:
+        self.url = url
+        self.options: dict[str, Any] = {
+            "socket_timeout": timeout + wait, "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0), "decode_responses": True,
+            "encoding_errors": "surrogateescape"}
+        if max_connections is not None:
+            self.options["max_connections"] = max_connections
+        self.sentinel: Sentinel | None = None
+        if url.startswith(SENTINEL_SCHEME):
+            self.target = parse_sentinel_url(url)
+            self.sentinel = Sentinel(list(self.target.sentinels),
+                                     sentinel_kwargs={"socket_timeout": timeout,
+                                                      "socket_connect_timeout": timeout},
+                                     **self.options)
+            return
+        problem = options_problem(url)
+        if problem:
+            raise StoreUrlError(f"{redact_url(url)}: {problem}")
+
+    def __call__(self) -> redis.Redis:
+        if self.sentinel is not None:
+            target = self.target
+            return self.sentinel.master_for(target.service_name, db=target.db,
+                                            username=target.username, password=target.password)
+        return redis.Redis.from_url(self.url, **self.options)
+
+    def close(self) -> None:
+        """Close the sentinel connections (the clients made are their owners' to close)."""
+        for client in self.sentinel.sentinels if self.sentinel is not None else ():
+            client.close()
 
 
 def options_problem(url: str) -> str | None:

@@ -3,10 +3,11 @@ invariants), for `RedisStore.records`. Apart from `records` so that a balancer
 on the file store never imports `redis` (`balancer.preload`).
 
 Every write goes through the store's `writing` (which waits for the replicas
-the store URL asks for, ``replicas=N``) but the in-flight reports: every
-balancer rewrites them every `management.deploys.WATCH_EVERY` seconds while a
-deploy runs, so a lost one is replaced at once, and waiting would slow the
-drain they time."""
+the store URL asks for, ``replicas=N``, unless the block wrote nothing: a claim
+another deploy holds, a release of a claim not held) but the in-flight
+reports: every balancer rewrites them every `management.deploys.WATCH_EVERY`
+seconds while a deploy runs, so a lost one is replaced at once, and waiting
+would slow the drain they time."""
 
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ class RedisRecords(Records):
                     holder = decide_claim(held if isinstance(held, dict) else None,
                                           deploy_id, owner, now, stale_after)
                     if holder is not None:
+                        writing.wrote = False  # another deploy's claim: nothing to wait for
                         return holder
                     pipe.multi()
                     pipe.hset(self.claims_key, host, claim)
@@ -105,6 +107,7 @@ class RedisRecords(Records):
                 with writing.client.pipeline(transaction=True) as pipe:
                     pipe.watch(self.claims_key)
                     if _claim_id(pipe.hget(self.claims_key, host)) != deploy_id:
+                        writing.wrote = False  # not its claim (any more): nothing written
                         return
                     pipe.multi()
                     pipe.hdel(self.claims_key, host)

@@ -19,7 +19,17 @@ Invariants:
   over the connection the writes went over, never a new one (bug: the new
   master's replicas answered it, for a write that master never had).
 * Clients are made at the first write (workers, which only read, make none)
-  and reused; one block uses a client at a time.
+  and kept; one block uses a client at a time, and at most `WRITERS` are ever
+  made: a block finding all of them in use waits for one, up to the store's
+  timeout (bug: beyond 8 kept, a client was made and closed per write; through
+  Sentinel each was a new set of sentinel connections and a master lookup).
+  Through Sentinel the clients share one set of sentinel connections
+  (`balancer.stores.redis_connect.Connector`).
+* A block that knows it wrote nothing (a claim or lock another holds, an
+  entry already gone: `Writing.wrote`) sends no ``WAIT``: its ``WAIT`` would
+  vouch for earlier writes, and with the replicas down answer a
+  `StoreNotReplicated` that says a write was applied (bug: a deploy refused
+  because another held the host answered 503 after `wait`, not 409).
 * A write whose replicas did not acknowledge it in time was applied by the
   master: `StoreNotReplicated` says so, never that nothing was written.
 * Their socket timeout is the store's plus `wait_ms` (`make`), so that a
@@ -30,26 +40,34 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from balancer.stores.base import StoreNotReplicated
+from balancer.stores.base import StoreNotReplicated, StoreUnavailable
 from balancer.stores.redis_answers import why
+from balancer.stores.redis_connect import Connector
 from balancer.stores.urls import Replication
 
-KEEP = 8  # idle clients kept for the next blocks; more concurrent writes make more
+# clients (each one connection to the master) a store writes with, all kept once
+# made: writes of one store contend on its keys (WATCH), so more at once would
+# only retry more; the rest wait for one of these
+WRITERS = 16
 
 
 @dataclass
 class Writing:
-    """One block of writes: the client to make them with, and what they are (for
-    the error when they are not replicated; the block may name its result)."""
+    """One block of writes: the client to make them with, what they are (for
+    the error when they are not replicated; the block may name its result), and
+    whether it wrote anything (a block sets False on a path it knows wrote
+    nothing; unsure, it leaves True and waits)."""
 
     client: Any
     what: str = "the write"
+    wrote: bool = True
 
 
 class WritingBlock(Protocol):
@@ -85,23 +103,31 @@ class Writer:
 class Writers:
     """Clients of one connection each, for write blocks that end with ``WAIT``."""
 
-    def __init__(self, make: Callable[[], Any], replication: Replication, where: str) -> None:
-        self._make = make  # a client whose pool holds one connection
+    def __init__(self, make: Connector, replication: Replication, where: str,
+                 timeout: float) -> None:
+        self._make = make  # clients whose pools hold one connection
         self.replication = replication
         self.where = where
+        self.timeout = timeout  # seconds a block waits for a client, at most
         self._idle: list[Writer] = []
+        self._free = threading.BoundedSemaphore(WRITERS)  # clients made or to make
 
     @contextlib.contextmanager
     def held(self) -> Iterator[Writer]:
-        """A client for one block of writes (and its ``WAIT``), given back after."""
-        writer = self._idle.pop() if self._idle else Writer(self._make())
+        """A client for one block of writes (and its ``WAIT``), given back after;
+        `StoreUnavailable` (nothing written) when none was free in `timeout`."""
+        if not self._free.acquire(timeout=self.timeout):
+            raise StoreUnavailable(f"{self.where}: all {WRITERS} write connections stayed "
+                                   f"in use for {self.timeout:g} s (writes waiting for their "
+                                   f"replicas); nothing was written")
         try:
-            yield writer
-        finally:
-            if len(self._idle) < KEEP:
+            writer = self._idle.pop() if self._idle else Writer(self._make())
+            try:
+                yield writer
+            finally:
                 self._idle.append(writer)
-            else:
-                writer.client.close()
+        finally:
+            self._free.release()
 
     def wait(self, writer: Writer, since: int, what: str) -> None:
         """``WAIT`` for the replicas to acknowledge the writes made with `writer`
@@ -131,13 +157,15 @@ class Writers:
 
     def _not_replicated(self, what: str, how: str) -> StoreNotReplicated:
         wanted = self.replication.replicas
+        reason = (f"the store wants {wanted} replica{'s' if wanted > 1 else ''} to "
+                  f"acknowledge every write and {how}")
         return StoreNotReplicated(
-            f"{self.where}: {what} was applied by the Redis master, but the store wants "
-            f"{wanted} replica{'s' if wanted > 1 else ''} to acknowledge every write and "
-            f"{how}: it is served, and it may still be lost if the master fails over "
-            f"before it is replicated; read it back before writing again (a retry with "
-            f"If-Match is safe)")
+            f"{self.where}: {what} was applied by the Redis master, but {reason}: it is "
+            f"served, and it may still be lost if the master fails over before it is "
+            f"replicated; read it back before writing again (a retry with If-Match is safe)",
+            self.where, reason)
 
     def close(self) -> None:
         while self._idle:
             self._idle.pop().client.close()
+        self._make.close()
