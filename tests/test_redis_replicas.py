@@ -29,6 +29,7 @@ from balancer.stores.certs import CertsLost
 from balancer.stores.redis import RedisStore
 from balancer.stores.redis_replicas import WRITERS
 from balancer.stores.urls import Replication, split_replication
+from management.deploys import Deployer
 from tests.conftest import (
     RedisServer,
     acknowledging,
@@ -320,6 +321,35 @@ def test_a_deploy_whose_start_was_not_replicated_leaves_nothing_to_block_its_ret
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_deploy_whose_record_was_not_replicated_ends_it_failed_and_releases_the_host(
+        redis_server: RedisServer) -> None:
+    """The record's write, after the claim's, answered `StoreNotReplicated` (a
+    store scripted to: the master applied it, the replicas did not acknowledge):
+    the record ends as failed and the claim is released before the error is
+    answered. Bug: the record stayed "running" with the claim, and the orphan
+    sweep resumed the deploy 5 s later, a deploy answered 503 running after all."""
+    store = RedisStore(redis_server.url, "unacked")
+    deployer = Deployer(store, runtime=None, write_rule=lambda *args: 0)
+    records = deployer.records
+    saved = records.save_deploy
+    reason = "the store wants 1 replica to acknowledge every write and 0 of them did within 5 ms"
+
+    def unacknowledged(record: dict[str, Any]) -> None:
+        saved(record)
+        raise StoreNotReplicated("not replicated", "redis://scripted", reason)
+    records.save_deploy = unacknowledged  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StoreNotReplicated, match="redis://scripted: the deploy of a.test "
+                                                     "did not start: the store wants 1 replica"):
+            deployer.start("a.test", {"action": "proxy", "backends": ["127.0.0.1:1"]},
+                           ["127.0.0.1:2"], {"ready_timeout": 1.0})
+        assert records.claims() == {} and deployer.running == {}
+        [record] = records.deploys()
+        assert (record["state"], record["error"]) == ("failed", f"not started: {reason}")
+    finally:
+        store.close()
 
 
 # writers: at most WRITERS clients, all kept ---------------------------------------------
