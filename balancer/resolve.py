@@ -151,7 +151,8 @@ class Lookup:
     has patched `_thread`: no `threading.Thread` and its events to start) once
     it has one of the `SLOTS`: its outcome is `addresses` or `problem` once
     `done`. Created with its first waiter (`SLOTS.join` the others; each
-    `SLOTS.leave`s), it waits in the queue for a slot while `queued`."""
+    `SLOTS.leave`s), it waits in the queue for a slot while `queued` (left by
+    them, while its name's held answer lasts: `kept_until`)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host

@@ -32,7 +32,7 @@ Invariants:
   because another held the host answered 503 after `wait`, not 409).
 * A write whose replicas did not acknowledge it in time was applied by the
   master: `StoreNotReplicated` says so, never that nothing was written.
-* Their socket timeout is the store's plus `wait_ms` (`make`), so that a
+* Their socket timeout is the store's plus `wait_ms` (`Connector`), so that a
   ``WAIT`` is answered by Redis (with the replicas that acknowledged) before
   the socket gives up.
 """
