@@ -234,19 +234,21 @@ def backend_entries(rule: Mapping[str, Any]) -> list[tuple[str, int]]:
 
 
 def _validate_backend(i: int, entry: object) -> list[str]:
+    """Every problem of one backend entry (bug: an object entry stopped at its
+    first problem, so a write fixed for it was refused again for the next)."""
     where = f"backends[{i}]"
+    problems: list[str] = []
     if isinstance(entry, str):
         address = entry
     elif isinstance(entry, Mapping):
-        extra = set(entry) - {"address", "weight"}
-        if extra:
-            return [f"{where}.{sorted(extra)[0]}: unknown field"]
-        given = entry.get("address")
+        problems += [f"{where}.{key}: unknown field"
+                     for key in sorted(map(str, entry)) if key not in ("address", "weight")]
         weight = entry.get("weight", 1)
         if not _is_int(weight) or not 1 <= weight <= 1000:
-            return [f"{where}.weight: must be an integer from 1 to 1000, got {weight!r}"]
+            problems.append(f"{where}.weight: must be an integer from 1 to 1000, got {weight!r}")
+        given = entry.get("address")
         if not isinstance(given, str):
-            return [f"{where}.address: must be a string 'host:port'"]
+            return [*problems, f"{where}.address: must be a string 'host:port'"]
         address = given
     else:
         return [f"{where}: must be 'host:port', 'https://host:port' or "
@@ -254,8 +256,8 @@ def _validate_backend(i: int, entry: object) -> list[str]:
     try:
         parse_backend_addr(address)
     except AddrError as exc:
-        return [f"{where}: {exc}"]
-    return []
+        problems.append(f"{where}: {exc}")
+    return problems
 
 
 def _validate_backends(rule: Mapping[str, Any], prefix: str = "",
