@@ -63,6 +63,10 @@ ENV_PREFIX = "BALANCER_"
 CONFIG_ENV = "BALANCER_CONFIG"
 # BALANCER_URL and BALANCER_TOKEN belong to balancerctl; BALANCER_CONFIG names the file.
 FOREIGN_ENV = frozenset({"BALANCER_URL", "BALANCER_TOKEN", CONFIG_ENV})
+# `server.workers`' most. Bug: 100000 (a typo) bound a listening socket per worker until
+# the descriptors ran out, and the error blamed server.listen; a few thousand forked
+# that many processes.
+MAX_WORKERS = 1024
 # `dns.hold`'s most: RFC 8767 suggests 1 to 3 days for a resolver's stale answers;
 # a proxy that goes on connecting to a name the DNS no longer has wants far less
 DAY = 86400.0
@@ -111,7 +115,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.internal_listen", ADDRESS_LIST, [],
             "trusted listener: incoming X-Forwarded-* extended, not replaced (repeatable)",
             "--internal-listen"),
-    Setting("server.workers", Integer(0), 1, "worker processes, 0 = one per core", "--workers"),
+    Setting("server.workers", Integer(0, MAX_WORKERS), 1, "worker processes, 0 = one per core",
+            "--workers"),
     Setting("server.max_connections", Integer(1), 10000, "open client connections per worker"),
     Setting("server.reuseport", BOOLEAN, True,
             "with several workers, one listening socket per worker (SO_REUSEPORT: the "

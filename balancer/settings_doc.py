@@ -45,8 +45,9 @@ Settings are read once at start and again on `SIGHUP`
 `server.reuseport`, `server.user` and `server.group` need a restart (a reload
 that changes one logs a warning and keeps the running value).
 
-Value forms: an `ADDR` is `host:port`, `[v6]:port` or `:port` (every
-interface). A list is a TOML array (`["127.0.0.1:8080", "[::1]:8080"]`),
+Value forms: an `ADDR` is `host:port`, `[v6]:port` or `:port` (every IPv4
+interface, as `0.0.0.0:port`; an IPv6 address listens for IPv6 alone, so
+`[":80", "[::]:80"]` takes both). A list is a TOML array (`["127.0.0.1:8080", "[::1]:8080"]`),
 a repeated flag, or commas in the environment variable
 (`BALANCER_SERVER_LISTEN=127.0.0.1:8080,[::1]:8080`). Seconds may be
 fractional. An annotated example file is

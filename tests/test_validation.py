@@ -151,6 +151,23 @@ def test_balancer_serve_exits_2_naming_a_nan_setting(tmp_path: Path) -> None:
         in done.stderr
 
 
+def test_balancer_serve_exits_2_naming_an_integer_too_large(tmp_path: Path) -> None:
+    """Bug: limits.max_headers = 10**20 was taken and every request answered 400;
+    server.workers = 100000 failed naming server.listen ("Too many open files")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+    env.update(PYTHONPATH=str(REPO), BALANCER_LIMITS_MAX_HEADERS=str(10**20))
+    done = subprocess.run([sys.executable, "-m", "balancer", "serve", "--listen", "127.0.0.1:0",
+                           "--management", "127.0.0.1:0", "--store", f"file:{tmp_path}/r.json",
+                           "--workers", "100000"],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"balancer: limits.max_headers (BALANCER_LIMITS_MAX_HEADERS): must be an integer "
+        f"from 1 to 2147483647, got '{10**20}'",
+        "balancer: server.workers (--workers): must be an integer from 0 to 1024, "
+        "got '100000'"]
+
+
 # the management API ---------------------------------------------------------------
 HOSTILE_BODIES: list[bytes] = [
     b"", b" ", b"\x00", b"\xff\xfe\x00", b"null", b"true", b"0", b"-1", b'"x"', b"[]", b"{}",
