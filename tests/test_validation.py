@@ -235,6 +235,26 @@ def test_deep_and_non_finite_json_is_invalid_json(tmp_path: Path, body: bytes,
     assert json.loads(reply.read())["error"] == "invalid_json"
 
 
+def test_every_problem_of_one_backend_entry_is_listed(
+        tmp_path: Path, serve_wsgi: Callable[[Any], str]) -> None:
+    """SPEC §3: invalid rules are refused with every problem listed (bug: a backend
+    object stopped at its first problem)."""
+    parts = urlsplit(serve_wsgi(create_app(store=FileStore(str(tmp_path / "r.json")))))
+    rule = {"action": "proxy", "backends": [
+        {"address": "nohost", "weight": 0, "colour": "red"}, {"address": 7, "weight": 1.5}]}
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.request("PUT", "/api/v1/hosts/x.test", body=json.dumps(rule),
+                 headers={"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    body = json.loads(reply.read())
+    assert (reply.status, body["error"]) == (400, "invalid_rule")
+    details = body["details"]
+    assert [d.partition(":")[0] for d in details] == [
+        "backends[0].colour", "backends[0].weight", "backends[0]",
+        "backends[1].weight", "backends[1].address"], details
+    assert "nohost" in details[2]
+
+
 # balancerctl ------------------------------------------------------------------------
 def ctl(url: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
