@@ -10,6 +10,7 @@ writes the report.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shlex
@@ -57,12 +58,24 @@ def _csv(kind: str, choices: tuple[str, ...] | None = None):
 
 
 def _positive(text: str) -> float:
+    """Seconds: a finite number > 0 (bug: "nan" and "inf" passed `value <= 0`)."""
     try:
         value = float(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    """An integer >= 1 (bug: --idle-connections -5 or 0 was taken)."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
 
 
@@ -92,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, metavar="DIR", help="output dir "
                                               "(default: loadtest-results/<timestamp>/)")
     run.add_argument("--quick", action="store_true", help="tiny levels, 1 s each: < 1 minute")
-    run.add_argument("--idle-connections", type=int, metavar="N",
+    run.add_argument("--idle-connections", type=_count, metavar="N",
                      help=f"idle connections in the idle scenario (default {DEFAULT_IDLE})")
     run.add_argument("--generator", choices=("auto", "wrk", "builtin"), default="auto",
                      help="load generator for closed-loop levels (default: wrk if installed)")

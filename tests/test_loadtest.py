@@ -237,7 +237,9 @@ def test_sysctl_files_comment_every_setting():
 
 def test_bad_options_are_named():
     for args, word in ((["--targets", "gevent,squid"], "squid"),
-                       (["--concurrency", "10,x"], "x"), (["--duration", "-1"], "-1")):
+                       (["--concurrency", "10,x"], "x"), (["--duration", "-1"], "-1"),
+                       (["--duration", "nan"], "nan"), (["--duration", "inf"], "inf"),
+                       (["--idle-connections", "-5"], "-5")):
         proc = subprocess.run([sys.executable, "-m", "loadtest", "run", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2
