@@ -88,7 +88,8 @@ def build_parser() -> Parser:
                          description="Add ADDR to HOST's proxy rule (or change its weight "
                                      "when the rule has it already).")
     _host(add)
-    add.add_argument("address", metavar="ADDR", help="backend address, host:port or [v6]:port")
+    add.add_argument("address", metavar="ADDR",
+                     help="backend address: host:port, [v6]:port, or https://ADDR for TLS")
     add.add_argument("--weight", type=int, metavar="N", help="1-1000 (default 1)")
     remove = sub.add_parser("remove-backend", parents=[common], help="remove one backend",
                             description="Remove ADDR from HOST's proxy rule.")

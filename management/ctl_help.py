@@ -39,7 +39,7 @@ DESCRIPTION = "Change and inspect a running balancer's routing table through its
 
 EPILOG = """\
 HOST is a routing-table key: a host name (app.example.com), *.suffix or *.
-ADDR is host:port or [v6]:port.
+ADDR is host:port or [v6]:port; https://ADDR for a backend reached over TLS.
 
 examples:
   balancerctl set app.example.com proxy --backend 127.0.0.1:9001 --backend 127.0.0.1:9002
