@@ -310,17 +310,24 @@ def test_a_static_body_goes_out_whole_with_its_byte_length(tmp_path: Path) -> No
 def test_a_205_goes_out_without_content_and_a_path_kept_stays_a_path(tmp_path: Path) -> None:
     """A static 205 sends Content-Length: 0 and not its body (RFC 9110 §15.3.6:
     the next response on the connection is read where it starts); a redirect to
-    "/" keeping the path never turns a target "//host/x" into another host."""
+    "/" keeping the path never turns a target "//host/x" into another host; an
+    ``OPTIONS *`` has no path to keep (it got "https://example.com*")."""
     hosts = {"s.test": {"action": "static", "status": 205, "body": "HTTP/1.1 200 OK\r\n\r\n"},
-             "r.test": {"action": "redirect", "to": "/", "keep_path": True}}
+             "r.test": {"action": "redirect", "to": "/", "keep_path": True},
+             "o.test": {"action": "redirect", "to": "https://example.com/", "keep_path": True}}
     balancer = Balancer(tmp_path, hosts)
     try:
         raw = raw_exchange(balancer.port, b"GET / HTTP/1.1\r\nHost: s.test\r\n\r\n"
-                           b"GET //evil.example/x?q HTTP/1.1\r\nHost: r.test\r\n"
+                           b"GET //evil.example/x?q HTTP/1.1\r\nHost: r.test\r\n\r\n"
+                           b"OPTIONS * HTTP/1.1\r\nHost: o.test\r\n\r\n"
+                           b"OPTIONS * HTTP/1.1\r\nHost: r.test\r\n"
                            b"Connection: close\r\n\r\n")
-        [(status, headers, got), (moved, where, _)] = split_responses(raw)
+        [(status, headers, got), (moved, where, _), (star, there, _), (root, here, _)] = \
+            split_responses(raw)
         assert status == 205 and headers["content-length"] == "0" and got == b""
         assert moved == 302 and where["location"] == "/evil.example/x?q"
+        assert (star, there["location"]) == (302, "https://example.com/")
+        assert (root, here["location"]) == (302, "/")
     finally:
         balancer.stop()
 

@@ -19,10 +19,13 @@ class RedirectAction(LocalAction):
         self.to = to.rstrip(b"/") if self.keep_path else to
 
     def handle(self, ex: Any) -> None:
+        target = ex.head.target
         if not self.keep_path:
             location = self.to
+        elif target == b"*":  # OPTIONS *: no path to keep (bug: "https://example.com*")
+            location = self.to + b"/"
         elif self.to:
-            location = self.to + ex.head.target
+            location = self.to + target
         else:  # `to` "/": a target "//evil.example/x" must not become a host
-            location = b"/" + ex.head.target.lstrip(b"/")
+            location = b"/" + target.lstrip(b"/")
         ex.respond(self.status, b"", b"", ((b"Location", location),))
