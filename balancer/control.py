@@ -205,7 +205,7 @@ class ControlServer:
         worker = self.worker
         return {"pid": os.getpid(), "loaded": worker.loaded, "draining": worker.draining,
                 "version": worker.holder.table.version, "highest": worker.tables.highest,
-                "started": self.started, "store_problem": worker.tables.store_problem,
+                "started": self.started, "store_problem": store_problem(worker),
                 "stats": worker_snapshot(worker, keys, _turn)}
 
     def selected_stats(self, text: str) -> dict[str, Any]:
@@ -328,10 +328,17 @@ def worker_snapshot(worker: Any, keys: list[str] | None = None,
         for start in range(SLICE, len(keys), SLICE):
             pause()
             snapshot["hosts"].update(worker.stats.snapshot(keys[start:start + SLICE])["hosts"])
-    usable = worker.tables.store_problem is None and worker.store.last_error() is None
+    usable = store_problem(worker) is None
     snapshot["store_up"] = int(usable and worker.store.is_reachable())
     snapshot["access_log_dropped"] = worker.access_log.dropped_total
     return snapshot
+
+
+def store_problem(worker: Any) -> str | None:
+    """What this worker's view of the store finds wrong: a table it will not serve,
+    or its watch's error (bug: a deleted routes file or a Redis down left it null
+    in ``/api/v1/info``'s processes, the store reported unreachable above them)."""
+    return worker.tables.store_problem or worker.store.last_error()
 
 
 def encode(reply: dict[str, Any], pause: Callable[[], None]) -> bytes:

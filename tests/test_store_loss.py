@@ -89,6 +89,9 @@ def assert_lost_then_restored(balancers: list[Balancer], version: int, problem: 
     for balancer in balancers:
         wait_for(lambda b=balancer: problem in (store_info(b)["problem"] or ""),
                  what=f"store.problem {problem!r}")
+        wait_for(lambda b=balancer: all(problem in (p["store_problem"] or "")
+                                        for p in b.api("GET", "/api/v1/info")[1]["processes"]),
+                 what=f"every worker's store_problem {problem!r}")
         assert serves_all(balancer)
         assert store_up(balancer) == 0
     status, answer = first.api("PUT", "/api/v1/hosts/new.test", static("new"))
@@ -103,6 +106,9 @@ def assert_lost_then_restored(balancers: list[Balancer], version: int, problem: 
     for balancer in balancers:
         wait_for(lambda b=balancer: store_info(b)["problem"] is None and store_up(b) == 1,
                  what="the store repaired")
+        wait_for(lambda b=balancer: all(p["store_problem"] is None for p in
+                                        b.api("GET", "/api/v1/info")[1]["processes"]),
+                 what="every worker's store_problem cleared")
         assert serves_all(balancer)
     status, answer = first.api("PUT", "/api/v1/hosts/new.test", static("new"))
     assert (status, answer) == (200, {"version": version + 2})
