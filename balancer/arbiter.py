@@ -50,7 +50,14 @@ from balancer.listening import Listeners
 from balancer.preload import PreloadError, freeze, needed, preload
 from balancer.privileges import Identity
 from balancer.settings import Settings, SettingsError
-from balancer.startup import check_in_child, flush_std, keep_bound, kill_quietly, read_pipe
+from balancer.startup import (
+    check_in_child,
+    flush_std,
+    keep_bound,
+    kill_quietly,
+    read_pipe,
+    remake_run_dir,
+)
 from balancer.workers import BOOT_ERROR, ChildEnv, ManagementChild, child_main, run_worker
 
 log = logging.getLogger("balancer")
@@ -324,9 +331,11 @@ class Arbiter:
         except PreloadError as exc:
             log.error("SIGHUP: keeping the running settings: %s; restart to use them", exc)
             return
-        problem = check_in_child(settings, self.bound.identity, self.arbiter_fds())
+        problem = remake_run_dir(self.bound.run_dir) or \
+            check_in_child(settings, self.bound.identity, self.arbiter_fds())
         if problem is not None:
-            log.error("SIGHUP: keeping the running settings: %s", problem[1])
+            log.error("SIGHUP: keeping the running settings: %s",
+                      problem if isinstance(problem, str) else problem[1])
             return
         self.settings = settings
         self.generation += 1

@@ -173,9 +173,24 @@ def sharing(settings: Settings, listeners: Listeners) -> str:
     return ""
 
 
+# The longest name of a socket made in the run directory (management/certs_watch.py's,
+# for a pid up to 2**22), and the longest AF_UNIX path Linux takes.
+LONGEST_SOCKET = "certs-management-4194304.sock"
+MAX_SOCKET_PATH = 107
+
+
 def make_run_dir(identity: Identity | None) -> str:
-    """The private directory of the control sockets (mode 0700, owned by the run user)."""
+    """The private directory of the control sockets (mode 0700, owned by the run user):
+    in ``$TMPDIR``, or in /tmp when that leaves no room for a socket's path. Bug: with
+    a ``$TMPDIR`` of 70 bytes or more the management process died binding its socket
+    ("AF_UNIX path too long") and was restarted in a loop: no management API, ever."""
     path = tempfile.mkdtemp(prefix="balancer-")
+    if len(os.path.join(path, LONGEST_SOCKET).encode()) > MAX_SOCKET_PATH:
+        os.rmdir(path)
+        path = tempfile.mkdtemp(prefix="balancer-", dir="/tmp")
+        log.warning("TMPDIR %s is too long a path for the control sockets (at most %d "
+                    "bytes with their names): the run directory is %s", tempfile.gettempdir(),
+                    MAX_SOCKET_PATH, path)
     if identity is not None and os.geteuid() == 0:
         with contextlib.suppress(OSError):
             os.chown(path, identity.uid, identity.gid)

@@ -103,3 +103,25 @@ def flush_std() -> None:
     """Before a fork: nothing buffered may be written twice (by parent and child)."""
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def remake_run_dir(path: str) -> str | None:
+    """Make the run directory `path` again (mode 0700) if it was deleted under the
+    running balancer; None when it is there and private, else why it cannot be used.
+    Bug: after ``rm -rf /tmp/balancer-*`` every reload's management process died
+    binding its socket there, and nothing could reach the workers until a restart.
+    A directory of that name that another user made (``/tmp`` is shared) is refused."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        return f"the run directory {path} was deleted and cannot be made again: " \
+               f"{exc.strerror or exc}"
+    else:
+        log.warning("the run directory %s was deleted: made again", path)
+        return None
+    info = os.lstat(path)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077 or not os.path.isdir(path):
+        return f"the run directory {path} is not this balancer's (owner or mode changed)"
+    return None

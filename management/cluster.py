@@ -35,6 +35,11 @@ Invariants:
   answers a probe again (`management.silent`): calls answer at once with the
   other workers' figures and its held counters (gauges left out), and name it
   in ``lagging``; a write never counts it as having applied.
+* Without its run directory (deleted under a running balancer: ``rm -rf
+  /tmp/balancer-*``) no worker can be asked: statistics answer 503
+  `workers_unreachable` and a write 202 naming it, until a reload (``SIGHUP``)
+  makes the directory again. Bug: statistics answered 500, and a write 200
+  that no worker had confirmed (read-your-writes broken).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from gevent.lock import Semaphore
 from balancer.arbiter import STATUS_FILE
 from balancer.control import ask_raw, ask_why, decoded, pid_of, run_dir_lock, worker_sockets
 from balancer.stats import merge_snapshots, only_known
+from management.http import ApiError
 from management.kept import Gone, HeldCounters, RetiredCounters, read_json
 from management.silent import SilentWorkers
 
@@ -88,6 +94,7 @@ class ClusterRuntime:
         hosts the kept counters name), and the counters kept for the workers that
         exited or do not answer, read together. `complete`: the command asks
         for every host a worker counted (its answer is held: `HeldCounters`)."""
+        self.check_run_dir()
         with self.mutex, run_dir_lock(self.directory):
             listed = worker_sockets(self.directory)
             self.held.retire_gone(listed)
@@ -107,6 +114,20 @@ class ClusterRuntime:
             if whole and retired:
                 self.retired.forget(self.unserved(replies, retired))
             return replies, (retired, held)
+
+    def run_dir_gone(self) -> str | None:
+        """Why no worker can be asked: the run directory is gone; None while it is there."""
+        if os.path.isdir(self.directory):
+            return None
+        return (f"the run directory {self.directory} is gone (deleted?): the workers "
+                f"keep serving but cannot be asked; reload the balancer (SIGHUP, "
+                f"systemctl reload balancer) to make it again")
+
+    def check_run_dir(self) -> None:
+        """503 `workers_unreachable` when the run directory is gone."""
+        gone = self.run_dir_gone()
+        if gone is not None:
+            raise ApiError(503, "workers_unreachable", gone)
 
     def add_hosts(self, replies: list[dict[str, Any]], answered: set[str],
                   hosts: list[str]) -> bool:
@@ -236,6 +257,9 @@ class ClusterRuntime:
         jobs = [gevent.spawn(ask_why, path, command, self.apply_timeout) for path in paths]
         gevent.joinall(jobs, timeout=self.apply_timeout + 1.0)
         lagging = self.silent.lagging(every)  # never asked: not applied
+        gone = self.run_dir_gone() if not every else None
+        if gone is not None:
+            lagging.append({"pid": None, "version": None, "reason": gone})
         for path, job in zip(paths, jobs, strict=True):
             reply, why = job.value if job.successful() else (None, "no answer")
             self.silent.note(path, reply, why, asked)

@@ -31,7 +31,7 @@ from werkzeug.wrappers import Request, Response
 
 from balancer.stores import StoreError
 from management import diagnosis
-from management.http import file_response
+from management.http import ApiError, file_response
 from management.runtime import Runtime
 from management.stats_view import FIRST_PAGE, stats_view
 from management.table_reads import TableReads
@@ -66,7 +66,7 @@ def initial_state(reads: TableReads, runtime: Runtime, history: Any = None
             state["history"] = history.view(CHART_SECONDS, time.time())
         state.update(from_workers(runtime))
         return reads.body(data), state
-    except StoreError:
+    except (StoreError, ApiError):  # the page polls, and shows the problem
         return None
     except Exception:  # the page polls and shows the API's own error
         log.exception("dashboard: the initial state could not be read")

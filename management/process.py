@@ -86,11 +86,18 @@ def history_loop(history: Any, runtime: Any) -> None:
     import gevent
 
     from management.history import INTERVAL
+    from management.http import ApiError
 
+    said = None  # the problem last logged: once an episode (a run directory gone)
     while True:
         gevent.sleep(INTERVAL - time.time() % INTERVAL)  # on the interval's boundary
         try:
             history.sample(runtime.stats({"active": True}), time.time())
+            said = None
+        except ApiError as exc:
+            if exc.message != said:
+                log.error("history: no sample: %s", exc.message)
+            said = exc.message
         except Exception:  # the next sample tries again; the API keeps answering
             log.exception("history: sampling the stats failed")
 

@@ -1,0 +1,76 @@
+"""The run directory (`$TMPDIR/balancer-XXXXXXXX`) in hostile places: deleted under
+a running balancer (``rm -rf /tmp/balancer-*``), the management API says so instead
+of a 500, a write is not answered as served by workers nobody could ask, and a
+reload makes the directory again; under a `$TMPDIR` too long for a socket's path,
+it is made in /tmp."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Balancer, request, wait_for
+
+WAIT = 20.0
+
+
+@pytest.fixture
+def runs() -> Iterator[Path]:
+    """A `$TMPDIR` short enough for the control sockets' paths (pytest's are not)."""
+    path = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_deleted_run_directory_is_named_and_a_reload_makes_it_again(
+        tmp_path: Path, runs: Path) -> None:
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
+                   env={"TMPDIR": str(runs)})
+    try:
+        [run_dir] = list(runs.glob("balancer-*"))
+        [old] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+        shutil.rmtree(run_dir)
+        status, answer = bal.api("GET", "/api/v1/stats")
+        assert (status, answer["error"]) == (503, "workers_unreachable"), answer
+        assert str(run_dir) in answer["message"] and "SIGHUP" in answer["message"]
+        status, answer = bal.api("PUT", "/api/v1/hosts/b.test",
+                                 {"action": "static", "body": "b"})
+        assert status == 202 and answer["applied"] is False, answer
+        assert "run directory" in answer["lagging"][0]["reason"]
+        assert request(bal.port, host="a.test")[2] == b"a"  # the data plane serves on
+
+        bal.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: run_dir.is_dir() and bal.api("GET", "/api/v1/stats")[0] == 200,
+                 WAIT, what="the run directory made again and the workers reached")
+        assert run_dir.stat().st_mode & 0o777 == 0o700
+        wait_for(lambda: [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+                 not in ([], [old]), WAIT, what="the new generation's worker alone")
+        wait_for(lambda: bal.api("PUT", "/api/v1/hosts/c.test",
+                                 {"action": "static", "body": "c"})[0] == 200,
+                 WAIT, what="a write every worker confirms")
+        assert request(bal.port, host="c.test")[2] == b"c"  # read-your-writes again
+        assert "the run directory" in bal.output() and "made again" in bal.output()
+    finally:
+        bal.stop()
+
+
+def test_a_tmpdir_too_long_for_a_socket_path_puts_the_run_directory_in_tmp(
+        tmp_path: Path) -> None:
+    """Bug: the management process died binding its socket ("AF_UNIX path too
+    long") in a loop, and the balancer never answered on its management address."""
+    long_dir = tmp_path / ("d" * 90)
+    long_dir.mkdir()
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
+                   env={"TMPDIR": str(long_dir)})
+    try:
+        assert bal.api("GET", "/api/v1/stats")[0] == 200
+        assert list(long_dir.iterdir()) == []
+        assert "too long a path for the control sockets" in bal.output()
+        assert request(bal.port, host="a.test")[2] == b"a"
+    finally:
+        bal.stop()
