@@ -104,7 +104,8 @@ def parser() -> argparse.ArgumentParser:
                      help="seconds per level (default 10)")
     run.add_argument("--out", type=Path, metavar="DIR", help="output dir "
                                               "(default: loadtest-results/<timestamp>/)")
-    run.add_argument("--quick", action="store_true", help="tiny levels, 1 s each: < 1 minute")
+    run.add_argument("--quick", action="store_true",
+                     help="tiny levels, 1 s each: about 1.5 minutes with every target")
     run.add_argument("--idle-connections", type=_count, metavar="N",
                      help=f"idle connections in the idle scenario (default {DEFAULT_IDLE})")
     run.add_argument("--generator", choices=("auto", "wrk", "builtin"), default="auto",
