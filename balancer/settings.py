@@ -129,7 +129,8 @@ SETTINGS: tuple[Setting, ...] = (
             "management API address", "--management"),
     Setting("management.token", TOKEN, "",
             "bearer token for the management API (visible ASCII): every route but /healthz and the "
-            "dashboard page needs it, /metrics included", "--token", "TOKEN"),
+            "dashboard's page and files (/, /static/*) needs it, /metrics included", "--token",
+            "TOKEN"),
     Setting("management.apply_timeout", POSITIVE, 2.0,
             "seconds a write waits for every worker to serve it (202 past it)"),
     Setting("management.allowed_hosts", HOST_NAMES, [],
