@@ -16,8 +16,10 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from loadtest import plots, report
 from loadtest.limits import raise_nofile
@@ -57,26 +59,23 @@ def _csv(kind: str, choices: tuple[str, ...] | None = None):
     return parse
 
 
-def _positive(text: str) -> float:
-    """Seconds: a finite number > 0 (bug: "nan" and "inf" passed `value <= 0`)."""
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def _checked(convert: Callable[[str], Any], valid: Callable[[Any], bool], expected: str
+             ) -> Callable[[str], Any]:
+    """An argparse type: `convert`ed text that is `valid`, else a usage error."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not {expected}: {text!r}") from exc
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+    return parse
 
 
-def _count(text: str) -> int:
-    """An integer >= 1 (bug: --idle-connections -5 or 0 was taken)."""
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+# seconds (bug: "nan" and "inf" were taken) and a count (bug: -5 and 0 were taken)
+_positive = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_count = _checked(int, lambda v: v >= 1, "an integer >= 1")
 
 
 def parser() -> argparse.ArgumentParser:
