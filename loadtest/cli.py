@@ -189,11 +189,26 @@ def finish(env: RunEnv, interrupted: bool) -> None:
     print(f"\nreport: {path}\nresults: {env.results.path}")
 
 
+def out_problem(out: Path) -> str | None:
+    """Make the output directory; why it cannot be written, or None. Bug: a file,
+    or a directory that cannot be made, ended the run in a traceback."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot make the directory: {exc.strerror or exc}"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return "cannot write in the directory"
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # absolute: nginx and haproxy run with paths under it from their own prefixes
     # (bug: a relative --out made every nginx fail to open its error log)
     out = (args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    problem = out_problem(out)
+    if problem is not None:
+        print(f"loadtest run: error: --out {out}: {problem}", file=sys.stderr)
+        return 2
     interrupts = Interrupts()
     interrupts.install()
     procs = Processes(out / "logs")

@@ -246,6 +246,19 @@ def test_bad_options_are_named():
         assert word in proc.stderr
 
 
+def test_an_out_that_cannot_be_a_directory_is_named(tmp_path):
+    """Bug: a traceback (FileExistsError) and exit 1."""
+    taken = tmp_path / "a-file"
+    taken.write_text("x")
+    for out in (taken, taken / "below"):
+        proc = subprocess.run([sys.executable, "-m", "loadtest", "run", "--quick", "--out",
+                               str(out)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"loadtest run: error: --out {out}: cannot make the "
+                                      f"directory: "), proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.xdist_group("load_generators")  # one CPU-hungry run at a time (scripts/test.sh)
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
