@@ -312,7 +312,9 @@ def _applied(answer: Any, text: str) -> str:
 
 def _workers(lagging: list[dict[str, Any]]) -> str:
     """The workers of a ``lagging`` list, as ``PID (REASON), ...``."""
-    return ", ".join(f"{shown(w.get('pid'))} ({shown(w.get('reason'))})" for w in lagging)
+    return ", ".join(f"{shown(w.get('pid'))} ({shown(w.get('reason'))})"
+                     if w.get("pid") is not None else shown(w.get("reason"))  # none asked
+                     for w in lagging)
 
 
 # what reading an answer of another shape raises: a field missing (KeyError), a list for an

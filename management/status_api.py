@@ -86,7 +86,10 @@ class StatusRoutes:
 
     def on_readyz(self, request: Request) -> Response:
         reasons = []
-        if not self.runtime.is_ready():
+        gone = getattr(self.runtime, "run_dir_gone", lambda: None)()  # a ClusterRuntime's
+        if gone is not None:
+            reasons.append(gone)  # no worker can be asked (it said "no table loaded yet")
+        elif not self.runtime.is_ready():
             reasons.append("no routing table loaded yet")
         if not self.store.is_reachable():
             problem = self.store.last_error()

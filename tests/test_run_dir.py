@@ -42,6 +42,8 @@ def test_a_deleted_run_directory_is_named_and_a_reload_makes_it_again(
                                  {"action": "static", "body": "b"})
         assert status == 202 and answer["applied"] is False, answer
         assert "run directory" in answer["lagging"][0]["reason"]
+        status, answer = bal.api("GET", "/readyz")
+        assert status == 503 and "run directory" in answer["reasons"][0], answer
         assert request(bal.port, host="a.test")[2] == b"a"  # the data plane serves on
 
         bal.proc.send_signal(signal.SIGHUP)
