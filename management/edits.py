@@ -57,6 +57,9 @@ def without_backend(host: str, rule: Mapping[str, Any], address: str) -> dict[st
     backends = [b for b in rule.get("backends", []) if not _same(_address_of(b), address)]
     if len(backends) == len(rule.get("backends", [])):
         raise ApiError(404, "not_found", f"host {host!r} has no backend {address!r}")
+    if not backends:  # bug: refused as "backends: must be a non-empty list", naming no way out
+        raise _invalid([f"backends: {address} is {host}'s last backend, and a proxy rule needs "
+                        f"one: add another first, or delete the host or give it another rule"])
     return {**rule, "backends": backends}
 
 
