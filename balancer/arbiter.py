@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from balancer import processlog
 from balancer.backoff import Backoff
 from balancer.control import control_path
 from balancer.descriptors import log_limits, soft_limit
@@ -124,18 +125,22 @@ class Arbiter:
     # main loop -----------------------------------------------------------------
     def run(self) -> int:
         """Run until stopped; the exit code of `balancer serve`."""
-        self.install_signals()
-        log.info("arbiter %d: starting %d worker(s)", os.getpid(),
-                 self.settings.effective_workers())
-        self.manage()
-        while self.state != STOPPED:
-            # a signal repeated while the loop was busy acts once (a SIGHUP storm
-            # is one reload per turn, not one per signal)
-            for signum in dict.fromkeys(self.wait(self.next_timeout())):
-                self.handle(signum)
-            self.reap()
+        processlog.install()  # from here stderr never blocks the process (start-up is over)
+        try:
+            self.install_signals()
+            log.info("arbiter %d: starting %d worker(s)", os.getpid(),
+                     self.settings.effective_workers())
             self.manage()
-        return self.exit_code
+            while self.state != STOPPED:
+                # a signal repeated while the loop was busy acts once (a SIGHUP storm
+                # is one reload per turn, not one per signal)
+                for signum in dict.fromkeys(self.wait(self.next_timeout())):
+                    self.handle(signum)
+                self.reap()
+                self.manage()
+            return self.exit_code
+        finally:
+            processlog.drain()  # the last lines (why it stopped), within EXIT_WAIT
 
     def install_signals(self) -> None:
         for fd in (self.wake_r, self.wake_w):

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
-from balancer.accesslog.records import refused_record
+from balancer.accesslog.records import held_bytes, refused_record
 from balancer.clients import client_key
 from balancer.errors import ClientGone, ProxyError
 from balancer.http11 import (
@@ -504,7 +504,7 @@ class ClientConnection:
         stats.finish(ex.status, ex.received, ex.sent, elapsed)
         ctx.stats.top.note(ex, stats.paths)
         if ctx.access_log.is_enabled:
-            ctx.access_log.log(access_record(ex, elapsed))
+            log_access(ctx.access_log, ex, elapsed)
 
     def conclude(self, ex: Exchange) -> bool:
         """After a finished exchange: whether to keep the connection (an unused
@@ -581,8 +581,8 @@ class ClientConnection:
             if exc.status != 408:  # a client too slow to send its head is not waited for
                 self.linger = LINGER  # the rest of the head, its body may be on the way
         if ctx.access_log.is_enabled:
-            ctx.access_log.log(refused_record(time.time(), self.client_ip, page.status, sent,
-                                              request_id))
+            record = refused_record(time.time(), self.client_ip, page.status, sent, request_id)
+            ctx.access_log.log(record, held_bytes(record))
 
     # request bodies ------------------------------------------------------
     def body_chunks(self) -> Iterator[Piece]:
@@ -665,14 +665,22 @@ def _fields(raw: bytes) -> tuple[tuple[bytes, bytes], ...]:
     return tuple((name, value) for name, value in pairs)
 
 
-def access_record(ex: Exchange, elapsed: float) -> tuple:
-    """The access log record of a finished exchange (balancer.accesslog field order)."""
+def log_access(access_log: AccessLog, ex: Exchange, elapsed: float) -> None:
+    """Queue the access log record of a finished exchange (balancer.accesslog field
+    order) with the bytes of its request it keeps (`records.held_bytes`, summed here
+    from the typed values: a few instructions)."""
     head = ex.head
     lower = head.block.translate(LOWER)  # (one copy for both searches)
     referer, agent = head.field(b"referer", lower), head.field(b"user-agent", lower)
-    return (time.time() - elapsed, ex.conn.client_ip, head.host, head.method, head.target,
-            b"HTTP/" + head.version, ex.status, ex.sent, ex.received, referer, agent,
-            ex.request_id, ex.backend or None, elapsed, ex.backend_time or None)
+    held = len(head.host) + len(head.target) + len(ex.request_id)
+    if referer is not None:
+        held += len(referer)
+    if agent is not None:
+        held += len(agent)
+    access_log.log((time.time() - elapsed, ex.conn.client_ip, head.host, head.method,
+                    head.target, b"HTTP/" + head.version, ex.status, ex.sent, ex.received,
+                    referer, agent, ex.request_id, ex.backend or None, elapsed,
+                    ex.backend_time or None), held)
 
 
 def handle_client(sock: socket.socket, address: Any, ctx: Context) -> bool:

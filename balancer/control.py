@@ -81,6 +81,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from balancer import processlog
+
 log = logging.getLogger("balancer")
 
 COMMANDS = ("stats", "reload", "version", "apply", "top", "inflight", "challenges", "certs",
@@ -331,6 +333,7 @@ def worker_snapshot(worker: Any, keys: list[str] | None = None,
     usable = store_problem(worker) is None
     snapshot["store_up"] = int(usable and worker.store.is_reachable())
     snapshot["access_log_dropped"] = worker.access_log.dropped_total
+    snapshot["process_log_dropped"] = processlog.dropped()
     return snapshot
 
 

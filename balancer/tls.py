@@ -67,7 +67,7 @@ from typing import Any, Final
 import gevent
 from gevent.lock import Semaphore
 
-from balancer.accesslog.records import refused_record
+from balancer.accesslog.records import held_bytes, refused_record
 from balancer.lingering import discard_waiting
 from balancer.responses import local_response
 from balancer.stores.base import ProblemLog, StoreError
@@ -327,7 +327,8 @@ def _refuse_plain(sock: Any, address: Any, ctx: Any) -> None:
         discard_waiting(getattr(sock, "_sock", sock))  # its request, unread: a close would reset
     if ctx.access_log.is_enabled:
         client = address[0] if isinstance(address, tuple) else str(address)
-        ctx.access_log.log(refused_record(time.time(), client, 400, sent, request_id))
+        record = refused_record(time.time(), client, 400, sent, request_id)
+        ctx.access_log.log(record, held_bytes(record))
 
 
 def _reason(exc: BaseException) -> str:

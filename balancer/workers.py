@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from balancer import processlog
 from balancer.privileges import Identity, PrivilegeError, assert_dropped, drop_privileges
 from balancer.settings import Settings
 
@@ -102,7 +103,7 @@ def child_main(body: Callable[[ChildEnv], int], env: ChildEnv) -> NoReturn:
     finally:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
-            sys.stderr.flush()
+            processlog.drain()  # a boot error's reason too, within EXIT_WAIT
         os._exit(code)
 
 

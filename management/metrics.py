@@ -62,6 +62,10 @@ class SnapshotCollector(Collector):
                                   "Access log records dropped because writing them failed "
                                   "(disk full, file size limit, closed pipe).",
                                   value=snap.get("access_log_dropped", 0))
+        yield CounterMetricFamily("balancer_process_log_dropped_lines_total",
+                                  "Process log (stderr) lines dropped because stderr "
+                                  "blocked or failed.",
+                                  value=snap.get("process_log_dropped", 0))
         yield from self._tls(snap)
         yield from self._acme()
 

@@ -34,6 +34,11 @@ def record(**changes):
     return make_record(**fields)
 
 
+def put(log, rec):
+    """Queue `rec` as the request path does, with the bytes of its request it keeps."""
+    log.log(rec, records.held_bytes(rec))
+
+
 @pytest.fixture
 def utc(monkeypatch):
     monkeypatch.setenv("TZ", "UTC0")
@@ -120,8 +125,8 @@ def test_writes_combined_to_a_file(tmp_path, opened, utc):
     path = tmp_path / "access.log"
     log = opened(str(path), "combined", flush_interval=0.05)
     log.start()
-    log.log(record())
-    log.log(record(status=404))
+    put(log, record())
+    put(log, record(status=404))
     wait_for(lambda: len(lines(path)) == 2)
     assert lines(path)[0] == format_combined(record()).rstrip("\n")
     assert ' 404 ' in lines(path)[1]
@@ -132,7 +137,7 @@ def test_writes_json_lines_to_a_file(tmp_path, opened):
     log = opened(str(path), "json", flush_interval=0.05)
     log.start()
     for status in (200, 502):
-        log.log(record(status=status))
+        put(log, record(status=status))
     wait_for(lambda: len(lines(path)) == 2)
     assert [json.loads(line)["status"] for line in lines(path)] == [200, 502]
 
@@ -142,7 +147,7 @@ def test_appends_to_an_existing_file(tmp_path, opened):
     path.write_text("old line\n")
     log = opened(str(path), "json")
     log.start()
-    log.log(record())
+    put(log, record())
     log.flush()
     assert lines(path)[0] == "old line" and len(lines(path)) == 2
 
@@ -152,12 +157,12 @@ def test_full_batch_wakes_the_writer_early(tmp_path, opened):
     log = opened(str(path), "json", flush_interval=60, batch_size=5)
     log.start()
     for _ in range(4):
-        log.log(record())
+        put(log, record())
     for _ in range(3):  # a woken writer runs in the loop's callbacks, before these return
         gevent.sleep(0)
     # below the batch size: waits for the interval (woken, it would have taken the batch)
     assert "pending=4" in repr(log) and lines(path) == []
-    log.log(record())
+    put(log, record())
     wait_for(lambda: len(lines(path)) == 5, timeout=3)
 
 
@@ -166,13 +171,13 @@ def test_reopen_after_rename(tmp_path, opened):
     rotated = tmp_path / "access.log.1"
     log = opened(str(path), "json", flush_interval=0.05)
     log.start()
-    log.log(record(status=201))
+    put(log, record(status=201))
     wait_for(lambda: len(lines(path)) == 1)
     os.rename(path, rotated)
-    log.log(record(status=202))
+    put(log, record(status=202))
     wait_for(lambda: len(lines(rotated)) == 2)  # still the old file until reopen
     log.reopen()
-    log.log(record(status=203))
+    put(log, record(status=203))
     wait_for(lambda: len(lines(path)) == 1)
     assert json.loads(lines(path)[0])["status"] == 203
     assert [json.loads(x)["status"] for x in lines(rotated)] == [201, 202]
@@ -184,7 +189,7 @@ def test_reopen_applies_on_explicit_flush(tmp_path, opened):
     log.start()
     os.rename(path, tmp_path / "old.log")
     log.reopen()
-    log.log(record())
+    put(log, record())
     log.flush()
     assert len(lines(path)) == 1
 
@@ -199,7 +204,7 @@ def test_reopen_failure_keeps_the_old_file(tmp_path, opened, capsys):
     os.rename(path, kept)
     logs_dir.rmdir()
     log.reopen()
-    log.log(record())
+    put(log, record())
     log.flush()
     assert "cannot open access log" in capsys.readouterr().err
     assert len(lines(kept)) == 1
@@ -209,7 +214,7 @@ def test_off_writes_nothing(tmp_path, opened):
     log = opened("", "combined", flush_interval=0.01)
     assert not log.is_enabled
     log.start()
-    log.log(record())
+    put(log, record())
     log.flush()
     log.reopen()
     assert "pending=0" in repr(log)
@@ -220,7 +225,7 @@ def test_off_writes_nothing(tmp_path, opened):
 def test_stdout(opened, capfd):
     log = opened("-", "json")
     log.start()
-    log.log(record(status=418))
+    put(log, record(status=418))
     log.close()
     out = capfd.readouterr().out.splitlines()
     assert [json.loads(x)["status"] for x in out] == [418]
@@ -230,10 +235,10 @@ def test_close_flushes_and_stops(tmp_path):
     path = tmp_path / "access.log"
     log = AccessLog(str(path), "json", flush_interval=60)
     log.start()
-    log.log(record())
+    put(log, record())
     log.close()
     assert len(lines(path)) == 1
-    log.log(record())
+    put(log, record())
     log.flush()
     log.close()
     assert len(lines(path)) == 1 and "closed" in repr(log)
@@ -257,13 +262,13 @@ def test_write_failure_reported_once_then_recovery(tmp_path, opened, capsys):
     log = opened(str(link), "json", flush_interval=60)
     log.start()
     for _ in range(3):
-        log.log(record())
+        put(log, record())
         log.flush()
     err = capsys.readouterr().err
     assert err.count("write failed") == 1 and str(link) in err
     os.remove(link)
     log.reopen()
-    log.log(record())
+    put(log, record())
     log.flush()
     assert "writing again; 3 records were dropped" in capsys.readouterr().err
     assert len(lines(link)) == 1
@@ -273,9 +278,9 @@ def test_malformed_record_is_skipped_and_reported_once(tmp_path, opened, capsys)
     path = tmp_path / "access.log"
     log = opened(str(path), "combined", flush_interval=60)
     log.start()
-    log.log(("not", "a", "record"))
-    log.log(record())
-    log.log(("again",))
+    log.log(("not", "a", "record"), 0)
+    put(log, record())
+    log.log(("again",), 0)
     log.flush()
     assert capsys.readouterr().err.count("malformed") == 1
     assert len(lines(path)) == 1
@@ -291,11 +296,11 @@ def test_close_leaves_a_write_that_blocks_to_its_thread(tmp_path):
     log = AccessLog(str(fifo), "json", flush_interval=60)
     try:
         log.start()
-        log.log(record(user_agent="u" * (1 << 17)))
+        put(log, record(user_agent="u" * (1 << 17)))
         gevent.spawn(log.flush)
         capacity = fcntl.fcntl(reader, F_GETPIPE_SZ)
         wait_for(lambda: unread(reader) == capacity)  # full: the write blocks
-        log.log(record())
+        put(log, record())
         closing = gevent.spawn(log.close, 0.2)
         closing.join(3)
         assert closing.dead

@@ -26,6 +26,7 @@ SPEC_NAMES = {
     "balancer_config_reloads": "counter",
     "balancer_store_up": "gauge",
     "balancer_access_log_dropped_records": "counter",
+    "balancer_process_log_dropped_lines": "counter",
     "balancer_tls_handshakes": "counter",
     "balancer_certificate_expiry_seconds": "gauge",
     "balancer_acme_issuances": "counter",

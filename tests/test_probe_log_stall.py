@@ -9,7 +9,9 @@ and the log goes on by itself once the reader reads again.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import signal
 import socket
 import threading
 import time
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from balancer.accesslog.writer import QUEUE_LIMIT
+from balancer.accesslog.writer import HELD_LIMIT, QUEUE_LIMIT
 from tests.support import Balancer, wait_for
+from tests.test_accesslog import F_GETPIPE_SZ, unread
 from tests.test_probe_data import rss_kib
 from tests.test_probe_env import STATIC, WAIT, child_pid, metric
 
@@ -28,12 +31,12 @@ AGENT = "a" * 2000  # heavy records: the queue's growth shows in the worker's me
 REQUEST = f"GET / HTTP/1.1\r\nHost: app.test\r\nUser-Agent: {AGENT}\r\n\r\n".encode()
 
 
-def pipelined(port: int, count: int) -> int:
+def pipelined(port: int, count: int, request: bytes = REQUEST) -> int:
     """Send `count` requests pipelined on one connection (the last closes it);
     how many were answered 200."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-    last = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
-    sender = threading.Thread(target=sock.sendall, args=(REQUEST * (count - 1) + last,))
+    last = request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    sender = threading.Thread(target=sock.sendall, args=(request * (count - 1) + last,))
     sender.start()
     answered, tail = 0, b""
     try:
@@ -101,3 +104,79 @@ def test_an_access_log_nobody_reads_keeps_a_bounded_queue_and_resumes(tmp_path: 
         bal.stop()
         os.close(reader)
     assert time.monotonic() - started < 5.0
+
+
+def test_huge_heads_while_the_log_is_stalled_keep_the_queue_small(tmp_path: Path) -> None:
+    """A hostile client sends heads near the 64 KiB limit while the log is stalled.
+    Bug: the queue was bounded in records only, and 10,000 records of such heads
+    held 600 MB; now the records waiting keep at most `HELD_LIMIT` bytes of their
+    requests, and those past it are dropped and counted as the others are."""
+    fifo = tmp_path / "access.log"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, never read (yet)
+    bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--access-log", str(fifo)])
+    huge = REQUEST.replace(AGENT.encode(), b"h" * 60_000)  # a record keeps ~60 KB
+    try:
+        worker = child_pid(bal, "worker")
+        assert pipelined(bal.port, 3, huge) == 3  # more than the pipe holds: a write blocks
+        capacity = fcntl.fcntl(reader, F_GETPIPE_SZ)
+        wait_for(lambda: unread(reader) == capacity, WAIT, what="the pipe full")
+        before = rss_kib(worker)
+        count = 1500  # 90 MB of records unless the queue is bounded in bytes
+        started = time.monotonic()
+        assert pipelined(bal.port, count, huge) == count  # every one served meanwhile
+        assert time.monotonic() - started < WAIT
+        wait_for(lambda: metric(bal, DROPPED) >= count - 2 * HELD_LIMIT // 60_000, WAIT,
+                 what="the records past the bound dropped")
+        grown = rss_kib(worker) - before
+        # the queue (4 MiB), one batch formatted and out (its bytes twice): ~16 MiB
+        assert grown < 24 * 1024, grown
+        lines, deadline = 0, time.monotonic() + WAIT
+        while lines + metric(bal, DROPPED) < 3 + count:  # the reader reads again
+            assert time.monotonic() < deadline, (lines, metric(bal, DROPPED))
+            lines = drain(reader, lines, deadline)
+        assert lines + metric(bal, DROPPED) == 3 + count
+        assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+        os.close(reader)
+
+
+def open_paths(pid: int) -> set[str]:
+    """What process `pid`'s descriptors name."""
+    fds = Path(f"/proc/{pid}/fd")
+    return {os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()}
+
+
+def test_a_reopen_while_a_write_blocks_moves_the_log_to_the_new_file(tmp_path: Path) -> None:
+    """logrotate renames an access log whose write blocks (a FIFO nobody reads, a
+    file on a hung mount) and sends SIGUSR1. Bug: the reopen waited for the blocked
+    write, perhaps for ever; now the log goes on in the new file at once, and the
+    blocked write is left to the old one, which is closed once the write returns."""
+    fifo, rotated = tmp_path / "access.log", tmp_path / "access.log.1"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, never read (yet)
+    bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--access-log", str(fifo)])
+    try:
+        worker = child_pid(bal, "worker")
+        assert pipelined(bal.port, 40) == 40  # ~80 KB of records: more than the pipe holds
+        capacity = fcntl.fcntl(reader, F_GETPIPE_SZ)
+        wait_for(lambda: unread(reader) == capacity, WAIT, what="the pipe full")
+        os.rename(fifo, rotated)
+        bal.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "reopened while a write to the old file blocks" in bal.output(),
+                 WAIT, what="the reopen")
+        assert pipelined(bal.port, 5) == 5
+        wait_for(lambda: fifo.exists() and fifo.read_bytes().count(b"\n") >= 5, WAIT,
+                 what="the new records in the new file")
+        assert str(rotated) in open_paths(worker)  # under the write left to it
+        lines, deadline = 0, time.monotonic() + WAIT
+        while lines + fifo.read_bytes().count(b"\n") < 45:  # the old file read again
+            assert time.monotonic() < deadline, lines
+            lines = drain(reader, lines, deadline)
+        assert lines + fifo.read_bytes().count(b"\n") == 45
+        wait_for(lambda: str(rotated) not in open_paths(worker), WAIT, what="the old closed")
+        assert metric(bal, DROPPED) == 0 and "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+        os.close(reader)

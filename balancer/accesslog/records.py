@@ -53,6 +53,15 @@ def make_record(
             referer, user_agent, request_id, backend, duration, backend_time)
 
 
+def held_bytes(record: tuple) -> int:
+    """The bytes of its request a record keeps (`AccessLog.log`'s `held`): its
+    host, target, referer, user agent and request id, which a client chooses;
+    the rest is a few hundred bytes of every record. The request path adds the
+    same lengths itself, from the values it has (`connection.access_record`)."""
+    return sum(len(record[field]) for field in (HOST, TARGET, REFERER, USER_AGENT, REQUEST_ID)
+               if record[field] is not None)
+
+
 def refused_record(started: float, client: str, status: int, bytes_sent: int,
                    request_id: str | bytes) -> tuple:
     """The record of a request refused before its head was read as one (a

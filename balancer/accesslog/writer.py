@@ -8,14 +8,28 @@ thread pool, so a slow disk or a full stdout pipe delays the log, never the
 requests.
 
 Invariants:
-* ``log`` is a length check and an append (past ``QUEUE_LIMIT``, a count
-  instead), nothing else.
-* At most ``QUEUE_LIMIT`` records wait: while a write blocks (stdout a pipe
-  whose reader stopped reading, a file on a hung mount) ``log`` refuses the
-  records past it and counts them, and the writer reports them as dropped
-  (bug: the queue grew with every request until the worker ran out of
-  memory). One write is out at a time; ``close`` does not wait for one that
-  blocks (a stopping worker waited for it until the arbiter killed it).
+* ``log`` is a length check, a sum and an append (past a limit, a count
+  instead), nothing else: the caller says what the record keeps of its
+  request (`records.held_bytes`; the request path adds the lengths it has).
+* At most ``QUEUE_LIMIT`` records wait, keeping at most ``HELD_LIMIT``
+  bytes of their requests (a record alone always fits): while a write blocks
+  (stdout a pipe whose reader stopped reading, a file on a hung mount)
+  ``log`` refuses the records past either and counts them, and the writer
+  reports them as dropped (bug: the queue grew with every request until the
+  worker ran out of memory; and bug: 10,000 records of 64 KiB heads, a
+  hostile client's, held 600 MB). Past ``HELD_BATCH`` bytes the writer is
+  woken, as at a full batch: while writes keep up, big heads' records are
+  written as they come, long before ``HELD_LIMIT``. One write is out at a
+  time, besides at most one a reopen left to the old file; ``close`` does
+  not wait for one that blocks (a stopping worker waited for it until the
+  arbiter killed it).
+* A reopen (SIGUSR1) opens the path in the thread pool (a hung mount blocks
+  an open too). Asked for while a write blocks, it is tried within
+  ``STALL_CHECK``: if the path names another file (rotated, replaced), the
+  log goes on there and the blocked write is left to the old file, closed
+  once that write returns (bug: a reopen took effect only once the blocked
+  write returned, perhaps never). A path that still names the blocked file
+  is not opened twice: two writes out to one file would interleave.
 * A record no formatter takes (a caller's bug) is skipped and reported once;
   a failing write drops its batch, is reported once, and its recovery says how
   many records were dropped (`dropped_total` counts them all, for
@@ -57,7 +71,17 @@ NEWLINE: Final = ord("\n")
 # ring is full, new records are dropped and counted, never the requests held
 # (nginx's buffered access log blocks its worker on the write instead).
 QUEUE_LIMIT: Final = 10_000
+# Bytes of their requests the records waiting keep at most (`records.held_bytes`:
+# host, target, referer, user agent, request id). A browser's record keeps ~300
+# bytes, so `QUEUE_LIMIT` records (~3 MB) fit and this never changes what
+# ordinary traffic loses; a client sending 64 KiB heads fills it with 64
+# records, not 10,000 (640 MB). With the records' own ~600 bytes, a stalled
+# log holds at most ~10 MB per worker, whatever the clients send.
+HELD_LIMIT: Final = 4 << 20
+HELD_BATCH: Final = HELD_LIMIT // 4  # bytes waiting that wake the writer, as a full batch
+FULL = f"{QUEUE_LIMIT} records or {HELD_LIMIT >> 20} MiB of their requests"  # for the log
 STALL_CHECK: Final = 1.0  # seconds between looks at the queue while a write is out
+OPEN_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
 class AccessLogError(Exception):
@@ -83,6 +107,7 @@ class AccessLog:
         self._flush_interval = flush_interval
         self._last_before_batch = batch_size - 1  # queued before the record filling a batch
         self._pending: deque[Any] = deque()  # append/popleft are atomic: no lock needed
+        self._held = 0  # bytes of their requests the records in `_pending` keep
         self._wake = gevent.event.Event()
         self._writing = gevent.lock.Semaphore()  # one flush at a time (never on the hot path)
         self._fd: int | None = None
@@ -94,20 +119,25 @@ class AccessLog:
         self.dropped_total = 0  # records dropped, ever (a counter)
         self._refused = 0  # records `log` refused (the queue full) since the writer looked
         self._write_out = False  # a write is in the thread pool (may block for ever)
+        self._retiring = False  # a write a reopen left to the old file is out (`_retire`)
         self._has_reported_malformed = False
         self._is_closed = not self.is_enabled  # off: `log` does nothing at all
 
-    def log(self, record: Any) -> None:
-        """Queue one record. Hot path: a length check and an append (or a count), nothing else."""
+    def log(self, record: Any, held: int) -> None:
+        """Queue one record keeping `held` bytes of its request (`records.held_bytes`).
+        Hot path: a length check, a sum and an append (or a count), nothing else."""
         if self._is_closed:
             return
         pending = self._pending
         queued = len(pending)
-        if queued >= QUEUE_LIMIT:  # a write blocks: the writer counts and reports these
-            self._refused += 1
+        before = self._held
+        after = before + held
+        if queued >= QUEUE_LIMIT or (after > HELD_LIMIT and queued):
+            self._refused += 1  # a write blocks: the writer counts and reports these
             return
         pending.append(record)
-        if queued == self._last_before_batch:
+        self._held = after
+        if queued == self._last_before_batch or after > HELD_BATCH >= before:
             self._wake.set()
 
     def start(self) -> None:
@@ -132,6 +162,7 @@ class AccessLog:
             if self._reopen_requested:
                 self._reopen_now()
             batch = [self._pending.popleft() for _ in range(len(self._pending))]
+            self._held = 0  # with the batch taken (no switch between): what waits keeps none
             if batch:
                 self._write(self._format_batch(batch))
 
@@ -167,9 +198,8 @@ class AccessLog:
     def _open(self) -> int:
         if self.path == STDOUT:
             return sys.stdout.fileno()
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            return os.open(self.path, flags, 0o644)
+            return os.open(self.path, OPEN_FLAGS, 0o644)
         except OSError as exc:
             raise AccessLogError(
                 f"cannot open access log {self.path}: {exc.strerror or exc}") from None
@@ -178,16 +208,64 @@ class AccessLog:
         self._reopen_requested = False
         if self.path == STDOUT:
             return
-        try:
-            fd = self._open()
-        except AccessLogError as exc:
-            self._report(f"{exc}; still writing to the old file")
+        fd, why = self._in_thread(_open_path, self.path, -1)
+        if fd < 0:
+            self._report(f"cannot open access log {self.path}: {why}; still writing to "
+                         "the old file")
             return
         old, self._fd = self._fd, fd
         if old is not None:
             os.close(old)
         if os.fstat(fd).st_size == 0:
             self._is_torn = False  # a new file (rotated): nothing to finish
+
+    def _reopen_beside(self, result: Any, data: bytes, start: int) -> bool:
+        """SIGUSR1 while a write blocks (the file rotated or replaced, the old one
+        stuck): if the path now names another file, the log goes on there and the
+        blocked write is left to the old file (`_retire`, which closes it once the
+        write returns). Whether it did. At most one write is left so at a time:
+        while one is, a reopen waits for the write, as any reopen did before."""
+        blocked = self._fd
+        if self._retiring or self.path == STDOUT or blocked is None:
+            return False
+        self._reopen_requested = False
+        fd, why = self._in_thread(_open_path, self.path, blocked)
+        if fd >= 0 and result.ready():  # the write returned meanwhile: reopen as usual
+            os.close(fd)
+            self._reopen_requested = True
+            return False
+        if fd < 0:
+            self._report(f"access log {self.path}: not reopened while a write blocks: {why}")
+            return False
+        self._fd = fd
+        self._retiring, self._write_out, self._is_torn = True, False, False
+        gevent.spawn(self._retire, blocked, result, data, start)
+        self._report(f"access log {self.path}: reopened while a write to the old file "
+                     f"blocks; that write's {data.count(NEWLINE, start)} records are left "
+                     "to it")
+        return True
+
+    def _retire(self, fd: int, result: Any, data: bytes, start: int) -> None:
+        """Greenlet body: wait for a write left to the old file, count the records it
+        did not write as dropped, then close the old file (never under the write)."""
+        result.wait()
+        written, exc = result.get()
+        if exc is not None:
+            lost = data.count(NEWLINE, max(written, start))
+            self._dropped += lost
+            self.dropped_total += lost
+        os.close(fd)
+        self._retiring = False
+
+    def _in_thread(self, call: Any, path: str, beside: int) -> tuple[int, str]:
+        """An open in the thread pool (a hung mount blocks an open too); while it
+        blocks, the records `log` refused are counted every `STALL_CHECK` seconds."""
+        result = gevent.get_hub().threadpool.spawn(call, path, beside)
+        while not result.ready():
+            result.wait(STALL_CHECK)
+            self._take_refused()
+        fd, why = result.get()
+        return fd, why
 
     def _format_batch(self, batch: list[Any]) -> bytes:
         format_fast = self._format_fast
@@ -212,7 +290,10 @@ class AccessLog:
     def _write(self, data: bytes) -> None:
         finish = b"\n" if self._is_torn else b""  # ends the torn record's line
         data = finish + data
-        written, exc = self._write_in_thread(data)
+        outcome = self._write_in_thread(data, len(finish))
+        if outcome is None:  # a reopen moved the log to another file: the old one has it
+            return
+        written, exc = outcome
         if written:
             self._is_torn = data[written - 1] != NEWLINE
         refused = self._take_refused()
@@ -223,7 +304,7 @@ class AccessLog:
             self._begin_spell(f"write failed ({exc.strerror or exc})")
             return
         if refused:  # the queue filled while this write was out: the next tells the end
-            self._begin_spell(f"the queue was full ({QUEUE_LIMIT} records) during a write")
+            self._begin_spell(f"the queue was full ({FULL}) during a write")
             return
         if self._is_failing:
             self._is_failing = False
@@ -231,18 +312,24 @@ class AccessLog:
                          f"{self._dropped} records were dropped")
             self._dropped = 0
 
-    def _write_in_thread(self, data: bytes) -> tuple[int, OSError | None]:
+    def _write_in_thread(self, data: bytes, start: int) -> tuple[int, OSError | None] | None:
         """`_write_all` in the thread pool; while it blocks, every `STALL_CHECK`
-        seconds the records `log` refused are counted (and the spell told)."""
+        seconds the records `log` refused are counted (and the spell told), and a
+        reopen asked for is tried (`_reopen_beside`): None if the log moved to
+        another file, this write left to the old one. `start`: where its records start."""
         result = gevent.get_hub().threadpool.spawn(_write_all, self._fd, data)
         self._write_out = True  # until it returns (a kill while it blocks leaves it out)
         blocked = 0.0
         while not result.ready():
             result.wait(STALL_CHECK)
             blocked += STALL_CHECK
-            if not result.ready() and self._take_refused():
+            if result.ready():
+                break
+            if self._take_refused():
                 self._begin_spell(f"a write has been blocked for {blocked:.0f} s with "
-                                  f"{QUEUE_LIMIT} records waiting")
+                                  f"{len(self._pending)} records waiting (at most {FULL})")
+            if self._reopen_requested and self._reopen_beside(result, data, start):
+                return None
         self._write_out = False
         written, exc = result.get()
         return written, exc
@@ -268,6 +355,27 @@ class AccessLog:
             sys.stderr.flush()
         except (OSError, ValueError):  # stderr gone too: nothing left to tell
             pass
+
+
+def _open_path(path: str, beside: int) -> tuple[int, str]:
+    """Open the access log's path (in the thread pool): its descriptor, or -1 and
+    why not; never raises. `beside`, unless -1: the descriptor a write blocks on,
+    and a path that still names that file is not opened again (two writes out to
+    one file would interleave their records)."""
+    try:
+        fd = os.open(path, OPEN_FLAGS, 0o644)
+    except OSError as exc:
+        return -1, exc.strerror or str(exc)
+    if beside >= 0:
+        try:
+            new, old = os.fstat(fd), os.fstat(beside)
+            same = (new.st_dev, new.st_ino) == (old.st_dev, old.st_ino)
+        except OSError:
+            same = True
+        if same:
+            os.close(fd)
+            return -1, "the path still names the file the write blocks on"
+    return fd, ""
 
 
 def _write_all(fd: int, data: bytes) -> tuple[int, OSError | None]:

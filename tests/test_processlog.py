@@ -1,0 +1,100 @@
+"""The process log's stream (`balancer.processlog`) over a real FIFO whose reader
+stops reading (journald or a supervisor stuck): writes never block, at most
+its bound waits, the rest is dropped and counted, and once the reader reads
+again what waited comes in order, then the count of what was dropped."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from balancer.processlog import WRITE_COST, QueuedStderr
+from tests.test_accesslog import F_GETPIPE_SZ, unread
+
+WAIT = 5.0
+
+
+@pytest.fixture
+def fifo(tmp_path: Path):
+    """(reader, writer) of a FIFO: the reader never reads unless told, the pipe full."""
+    path = tmp_path / "stderr"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(path, os.O_WRONLY)  # blocking, as a process's stderr
+    filler = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # a description of its own
+    try:
+        os.write(filler, b"x" * fcntl.fcntl(reader, F_GETPIPE_SZ))
+        assert unread(reader) == fcntl.fcntl(reader, F_GETPIPE_SZ)
+        yield reader, writer
+    finally:
+        for fd in (filler, writer, reader):
+            os.close(fd)
+
+
+def read_until(reader: int, text: bytes) -> bytes:
+    """Read the pipe until `text` came (the filler included); what was read."""
+    got, deadline = b"", time.monotonic() + WAIT
+    while text not in got:
+        assert time.monotonic() < deadline, got[-300:]
+        try:
+            got += os.read(reader, 1 << 16)
+        except BlockingIOError:
+            time.sleep(0.01)
+    return got
+
+
+def test_writes_never_block_and_what_is_past_the_bound_is_counted(fifo) -> None:
+    reader, writer = fifo
+    stream = QueuedStderr(None, fd=writer, limit=100 * (WRITE_COST + 10))
+    started = time.monotonic()
+    for i in range(1000):
+        stream.write(f"line {i:04}\n")  # 10 characters each
+    assert time.monotonic() - started < 1.0  # the pipe is full: a blocking write never returned
+    assert stream.dropped == 900 and not stream.is_idle()
+    got = read_until(reader, b"lines were dropped")
+    lines = got.lstrip(b"x").decode().splitlines()
+    assert lines[:100] == [f"line {i:04}" for i in range(100)]  # the oldest kept, in order
+    assert lines[100:] == ["balancer: process log: writing again; 900 lines were dropped "
+                           "while stderr was blocked or failing"]
+    stream.write("after\n")
+    assert read_until(reader, b"after\n") == b"after\n"
+    assert stream.dropped == 900
+
+
+def test_a_closed_pipe_drops_and_counts(tmp_path: Path) -> None:
+    reader, writer = os.pipe()
+    os.close(reader)  # EPIPE (Python ignores SIGPIPE)
+    stream = QueuedStderr(None, fd=writer)
+    try:
+        stream.write("one\ntwo\n")
+        deadline = time.monotonic() + WAIT
+        while stream.dropped < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert stream.dropped == 2
+    finally:
+        os.close(writer)
+
+
+def test_after_a_fork_the_child_forgets_its_parents_queue(fifo) -> None:
+    reader, writer = fifo
+    stream = QueuedStderr(None, fd=writer)
+    stream.write("parent's\n")
+    pid = os.fork()
+    if pid == 0:  # the child: its queue starts empty, its writer its own
+        stream.after_fork()
+        code = 0 if stream.is_idle() and stream.dropped == 0 else 1
+        stream.write("child's\n")
+        deadline = time.monotonic() + WAIT
+        while not stream.is_idle() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the parent reads meanwhile
+        os._exit(code)
+    got = read_until(reader, b"child's\n")
+    if b"parent's" not in got:  # two writers: either may come first
+        got += read_until(reader, b"parent's")
+    assert os.waitpid(pid, 0)[1] == 0
+    assert got.count(b"parent's") == 1 and got.count(b"child's") == 1
