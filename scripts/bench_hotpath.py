@@ -130,14 +130,15 @@ class Client:
     def __init__(self, count: int, log: Any = None) -> None:
         self.count = count
         self.received = 0
-        self.log = log  # `--access-log`: the queue of records, emptied now and then
+        self.log = log  # `--access-log`: the AccessLog, its queue emptied now and then
 
     def recv(self, size: int) -> bytes:
         if not self.count:
             return b""
         self.count -= 1
         if self.log is not None and not self.count % 1000:
-            self.log.clear()  # the writer's batch, taken
+            self.log._pending.clear()  # the writer's batch, taken (as `flush` does)
+            self.log._held = 0
         return REQUEST
 
     def send(self, data: bytes) -> int:
@@ -216,7 +217,7 @@ def run(requests: int, access_log: str = "") -> float:
     ctx = setup(access_log)
     gc.freeze()
     best = float("inf")
-    queue = ctx.access_log._pending if access_log else None
+    queue = ctx.access_log if access_log else None
     for _ in range(PASSES):
         client = Client(requests, queue)
         conn = ClientConnection(client, ("127.0.0.1", 40000), ctx)
