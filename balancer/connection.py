@@ -672,15 +672,15 @@ def log_access(access_log: AccessLog, ex: Exchange, elapsed: float) -> None:
     head = ex.head
     lower = head.block.translate(LOWER)  # (one copy for both searches)
     referer, agent = head.field(b"referer", lower), head.field(b"user-agent", lower)
-    held = len(head.host) + len(head.target) + len(ex.request_id)
+    host, target, request_id = head.host, head.target, ex.request_id
+    held = len(host) + len(target) + len(request_id)
     if referer is not None:
         held += len(referer)
     if agent is not None:
         held += len(agent)
-    access_log.log((time.time() - elapsed, ex.conn.client_ip, head.host, head.method,
-                    head.target, b"HTTP/" + head.version, ex.status, ex.sent, ex.received,
-                    referer, agent, ex.request_id, ex.backend or None, elapsed,
-                    ex.backend_time or None), held)
+    access_log.log((time.time() - elapsed, ex.conn.client_ip, host, head.method, target,
+                    b"HTTP/" + head.version, ex.status, ex.sent, ex.received, referer, agent,
+                    request_id, ex.backend or None, elapsed, ex.backend_time or None), held)
 
 
 def handle_client(sock: socket.socket, address: Any, ctx: Context) -> bool:
