@@ -73,6 +73,7 @@ class QueuedStderr:
         self._told = 0  # lines dropped that a recovery line counted
         self._busy = False  # the writer holds text it took (for `drain`)
         self._started = False
+        self._starting = _allocate_lock()
 
     @property
     def dropped(self) -> int:
@@ -88,11 +89,17 @@ class QueuedStderr:
         self._added += cost
         self._pending.append(text)
         if not self._started:
-            self._started = True
-            _start_thread(self._writer_loop, ())
+            self._start()
         with contextlib.suppress(RuntimeError):  # released already: the writer will look
             self._wake.release()
         return len(text)
+
+    def _start(self) -> None:
+        """The writer thread, once (two threads' first writes may race here)."""
+        with self._starting:
+            if not self._started:
+                _start_thread(self._writer_loop, ())
+                self._started = True
 
     def flush(self) -> None:
         """Nothing to do: the writer writes as soon as it can (never waits here)."""

@@ -16,6 +16,7 @@ from balancer.accesslog import (
     make_record,
     records,
 )
+from balancer.accesslog.writer import HELD_BATCH, HELD_LIMIT
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -314,3 +315,20 @@ F_GETPIPE_SZ = 1032  # Linux's fcntl: a pipe's capacity
 def unread(fd):
     """Bytes waiting in pipe `fd`."""
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_big_records_wake_the_writer_before_the_bytes_bound(tmp_path):
+    """Records of heads near the 64 KiB limit: past HELD_BATCH bytes the writer is
+    woken as at a full batch, long before HELD_LIMIT (a fast client's records, a
+    flush only every 0.2 s, reached it between two flushes and were dropped)."""
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path), "combined", flush_interval=60)  # only a wake writes
+    try:
+        log.start()
+        count = HELD_BATCH // 60_000 + 1
+        for _ in range(count):
+            put(log, record(user_agent="u" * 60_000))
+        wait_for(lambda: len(lines(path)) == count)
+        assert log.dropped_total == 0 and count * 60_000 < HELD_LIMIT
+    finally:
+        log.close()
