@@ -16,7 +16,7 @@ Invariants:
   one line says how many were dropped meanwhile.
 * The writer is a native thread, whatever gevent patched: its blocking write
   holds neither the gevent hub nor the GIL. It never logs (the handlers'
-  locks may be gevent's): its own line is queued text.
+  locks may be gevent's): it writes its own line itself.
 * A fork's child forgets its parent's queue (the parent writes it) and its
   count, and starts a writer of its own at its first write.
 * Start-up errors are written directly: `install` is called once the

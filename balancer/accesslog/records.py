@@ -57,7 +57,7 @@ def held_bytes(record: tuple) -> int:
     """The bytes of its request a record keeps (`AccessLog.log`'s `held`): its
     host, target, referer, user agent and request id, which a client chooses;
     the rest is a few hundred bytes of every record. The request path adds the
-    same lengths itself, from the values it has (`connection.access_record`)."""
+    same lengths itself, from the values it has (`connection.log_access`)."""
     return sum(len(record[field]) for field in (HOST, TARGET, REFERER, USER_AGENT, REQUEST_ID)
                if record[field] is not None)
 
