@@ -159,6 +159,8 @@ REPEAT_MAX: Final = 1024
 # What a chunked body's parser reads before the body (`_Parser._to_body`): llhttp
 # parses a body only after a head, and the real one was checked by the raw parser.
 BODY_HEAD: Final = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+# A chunked body's part llhttp reads is copied up to this size, else viewed (`_part`).
+SLICE_MAX: Final = 2048
 NO_CALLBACKS: Final = object()  # httptools' protocol object for a parser that calls back nothing
 CR: Final = 13
 LF: Final = 10
@@ -381,6 +383,8 @@ class _Parser:
         self._body_left = 0  # (raw) body bytes from `_at` to the message's end
         self._switching = False  # (raw) a chunked head ended in the feed: `_to_body`
         self._head_line = b""  # (raw) the request line of the last chunked head
+        self._raw_ended = False  # (raw, switching) the ignored raw parser ended a message
+        self._raw_kept: Any = None  # (fields) the raw parser after the body (`_to_body`)
         self._begin()
 
     def _begin(self) -> None:
@@ -424,8 +428,10 @@ class _Parser:
         callbacks: _Callbacks = self._callbacks.fields if fielded else self._callbacks
         callbacks.parser = cast(RequestParser, self)  # the only kind of `_Parser`
         end = -1  # (fields) where in `data` the message ended
+        kept: Any = None  # (fields) the raw parser for after the body, in this feed only
         try:
             if fielded:
+                kept, self._raw_kept = self._raw_kept, None
                 end = self._feed_chunked(data)
             else:
                 hp = self._hp
@@ -434,14 +440,14 @@ class _Parser:
                 hp.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             if self._switching:  # (bytes after a chunked head: the body parser reads them)
-                self._to_body(data)
+                self._to_body(data, False)
                 return
             self.upgraded = True
             self.leftover = data[exc.args[0]:]
         except httptools.HttpParserError as exc:
             if self._switching:  # (the same, once the head is known to be llhttp's)
                 self._check_chunked_head()
-                self._to_body(data)
+                self._to_body(data, False)
                 return
             if self._error is not None:
                 raise self._error from None
@@ -450,12 +456,12 @@ class _Parser:
             raise ProtocolError(400, str(exc)) from None
         callbacks.parser = None  # (after an error it is kept until the next feed)
         if self._switching:  # a chunked head ended in `data`: its body parser reads on
-            self._to_body(data)
+            self._to_body(data, True)
             return
         self._feed = b""
         if fielded:
             if end >= 0 and not self._closed and not self.upgraded:
-                self._to_raw()
+                self._to_raw(kept if end == len(data) else None)
                 if end < len(data):  # the next request, read raw from here
                     self.feed(data[end:])
                     return
@@ -502,13 +508,12 @@ class _Parser:
         self._body_at = 0
         self._ending = False
         if end < 0:
-            hp.feed_data(memoryview(data)[start:] if start else data)
+            hp.feed_data(_part(data, start, len(data)))
         else:
-            view = memoryview(data)
             if end - 1 > start:
-                hp.feed_data(view[start:end - 1])
+                hp.feed_data(_part(data, start, end - 1))
             self._ending = True  # (`on_message_complete` refuses to end the message before)
-            hp.feed_data(view[end - 1:end])
+            hp.feed_data(data[end - 1:end])  # (one byte: CPython's cached bytes object)
             if not self._idle:
                 self._fail(400, "chunked body framing not understood")
         events = self.events
@@ -521,16 +526,24 @@ class _Parser:
             events.append(END)
         return end
 
-    def _to_body(self, data: bytes) -> None:
-        """After a chunked head ended in `data` (raw, `_switching`): the raw parser,
-        which read on past it, is dropped (what it made of the rest was ignored), and
-        a body parser, with field callbacks for the trailers, reads the body from
-        `_body_at` in `data` (see the class doc)."""
+    def _to_body(self, data: bytes, clean: bool) -> None:
+        """After a chunked head ended in `data` (raw, `_switching`): a body parser,
+        with field callbacks for the trailers, reads the body from `_body_at` in
+        `data` (see the class doc). The raw parser, which read on past the head
+        (what it made of the rest was ignored), is dropped, but when it read all of
+        `data` with no error (`clean`) and ended a message in it: if the body
+        parser ends the message at the end of `data` too, the raw parser reads the
+        requests after it (`_raw_kept`). It then ended that message on the same
+        byte, and is between messages: both parsed the same body bytes from the
+        same state (a chunked body's parse depends on nothing in the head but its
+        Transfer-Encoding, which llhttp read as chunked, or it would have failed)."""
         self._switching = False
         self._callbacks.parser = None
         self._feed = b""
+        self._raw_kept = self._hp if clean and self._raw_ended else None
+        self._raw_ended = False
         callbacks = self._callbacks.fields
-        hp = self._hp = httptools.HttpRequestParser(callbacks)
+        hp = self._hp = callbacks.take()
         self._fielded = True
         callbacks.parser = cast(RequestParser, self)
         hp.feed_data(BODY_HEAD)  # (its head is ignored: `on_headers_complete`)
@@ -554,9 +567,17 @@ class _Parser:
         except httptools.HttpParserError as exc:
             self._fail(400, str(exc))
 
-    def _to_raw(self) -> None:
-        """The chunked message ended (fields): a raw parser reads the next."""
-        self._hp = self._callbacks.take()
+    def _to_raw(self, raw: Any) -> None:
+        """The chunked message ended (fields): a raw parser reads the next, `raw`
+        if given (`_to_body`), and the body parser, between messages, is kept for
+        the next chunked body (`Spares`); neither after trailer fields (a
+        ``Connection: close`` among them leaves llhttp closed)."""
+        head = self._head
+        if head is not None and not head.trailers:
+            self._callbacks.fields.give(self._hp)
+        else:
+            raw = None
+        self._hp = raw if raw is not None else self._callbacks.take()
         self._fielded = self._idle = False
         self._parts = []
         self._start = 0
@@ -611,6 +632,17 @@ class _Parser:
         self._between = False
         self._closed = True
         self._parts = []
+
+
+def _part(data: bytes, start: int, end: int) -> Any:
+    """`data[start:end]` for llhttp to read: `data` itself, a copy when it is small
+    (SLICE_MAX: a memoryview and its slice cost ~1,400 instructions, a copy of
+    2 KiB ~100), else a memoryview of it."""
+    if not start and end == len(data):
+        return data
+    if end - start <= SLICE_MAX:
+        return data[start:end]
+    return memoryview(data)[start:end]
 
 
 class Spares:
@@ -1015,7 +1047,8 @@ class RequestParser(_Parser):
         if self._fielded:
             self._end_chunked()
             return
-        if self._switching:  # the raw parser after a chunked head: ignored
+        if self._switching:  # the raw parser after a chunked head: ignored (`_to_body`)
+            self._raw_ended = True
             return
         if self._body_left:  # a Content-Length body's last piece
             self.events.append(self._last_piece())
