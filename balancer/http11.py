@@ -334,11 +334,15 @@ class _Parser:
     * body (`_fielded`): a chunked request's head is read raw, and checked and
       queued as any other; the raw parser, which reads on past it in the same
       feed, is then ignored (`_switching`: its callbacks return at once, its
-      errors are dropped) and dropped after that feed. A new parser, with
+      errors are dropped) and dropped after that feed, unless the whole request
+      came in it (`_to_body`: it then ended the message on the same byte, and
+      reads the requests after it). A body parser, with
       per-field callbacks (its trailers, collected as (name, lower name, value)
-      triples in `_fields`), reads `BODY_HEAD` (a fixed chunked head: llhttp
-      parses a body only after a head) and then the body from its first byte
-      (`_body_at`), up to the message's end, where a raw parser takes over.
+      triples in `_fields`; a spare one from its callbacks, where it goes back
+      after a body without trailers: `_to_raw`), reads `BODY_HEAD` (a fixed
+      chunked head: llhttp parses a body only after a head) and then the body
+      from its first byte (`_body_at`), up to the message's end, where a raw
+      parser takes over.
       Where that end is, `balancer.chunks` finds in each read before llhttp
       parses it (`_feed_chunked`): llhttp is fed up to there, must end the
       message on its last byte (else a 400), and the bytes after it go to the
