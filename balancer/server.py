@@ -147,8 +147,12 @@ class Worker:
 
     def watch_loop(self) -> None:
         """Follow the store until the worker stops."""
-        self.store.watch(self.tables.on_store, lambda: self.stopping,
-                         self.tables.served_version)
+        self.tables.following = True
+        try:
+            self.store.watch(self.tables.on_store, lambda: self.stopping,
+                             self.tables.served_version)
+        finally:
+            self.tables.following = False
 
     # listeners -----------------------------------------------------------
     def listen(self, sockets: list[tuple[socket.socket, str]]) -> None:
