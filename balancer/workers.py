@@ -221,10 +221,14 @@ def tune_gc() -> None:
     frozen and the young generation is collected every GC_THRESHOLDS[0]
     allocations instead of 700 (measured in docs/ARCHITECTURE.md); requests
     make no reference cycles, so garbage still goes at once by reference
-    counting.
+    counting. A big table loaded later pauses the collector and is frozen too
+    (`balancer.big_loads`).
     """
+    from balancer import big_loads
+
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    big_loads.enable()
 
 
 def initial_load(worker: Any) -> None:

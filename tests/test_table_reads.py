@@ -24,12 +24,13 @@ STATIC = {"action": "static", "status": 200, "body": "ok"}
 HOSTS = {f"h{n}.test": {**STATIC, "body": f"h{n}"} for n in range(50)}
 READERS = 8  # concurrent reads right after a change
 ONE_WORKER = ["--workers", "1"]
+WHOLE_READS = (b'"hgetall" "balancer:hosts"', b'"hscan" "balancer:hosts" "0"')
 
 
 class WholeReads:
-    """The whole reads of the table (``HGETALL balancer:hosts``) any client of a Redis
-    made, seen through ``MONITOR`` (``INFO commandstats`` counts the certificates'
-    reads too)."""
+    """The whole reads of the table (``HGETALL balancer:hosts``, or the first
+    ``HSCAN`` of a big one) any client of a Redis made, seen through ``MONITOR``
+    (``INFO commandstats`` counts the certificates' reads too)."""
 
     def __init__(self, port: int) -> None:
         self.client = redis.Redis(port=port)
@@ -75,7 +76,7 @@ class WholeReads:
     def lines(self) -> list[bytes]:
         """The monitor's lines of whole reads (with the client's address and time)."""
         return [line for line in self.seen.split(b"\n")
-                if b'"hgetall" "balancer:hosts"' in line.lower()]
+                if any(read in line.lower() for read in WHOLE_READS)]
 
     def close(self) -> None:
         self.sock.close()

@@ -11,13 +11,11 @@ Invariants:
   writers reaching one file through different links share its lock. The
   lock is polled, never blocked on, so a gevent worker keeps serving while
   it waits.
-* `watch` re-reads the file when its (inode, size, mtime, ctime) changes,
-  polled every `POLL_INTERVAL`; a corrupt file is reported once per distinct
-  problem and the last good table stays in force. The file starts with its
-  version (``{"version": N, "hosts": ...``), so a watcher whose consumer
-  already serves version N (told directly by the management process) skips
-  parsing a big table it has, unless the file does not end as this store ends
-  it (cut short) or a problem is being reported: only a whole read clears one.
+* `watch` (`balancer.stores.file_watch`) re-reads the file when its (inode,
+  size, mtime, ctime) changes; a corrupt file keeps the last good table.
+* The file is parsed once per content, whoever asks, and in
+  `balancer.big_loads.loading` (no garbage collection walks what a big one
+  makes, in a proxy worker).
 * A missing file (deleted under a running balancer) is a lost table once any
   version was known (`Store.floor`): a one-host write is `StoreLost`; only a
   whole-table `replace` writes the file again, above the floor.
@@ -31,12 +29,12 @@ import fcntl
 import json
 import logging
 import os
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+from balancer.big_loads import loading
 from balancer.stores import strict_json
 from balancer.stores.acme import Acme, FileAcme
 from balancer.stores.atomic import (
@@ -49,7 +47,6 @@ from balancer.stores.atomic import (
 from balancer.stores.base import (
     PAUSE_EVERY,
     CorruptStore,
-    ProblemLog,
     Store,
     StoreLost,
     StoreUnavailable,
@@ -60,24 +57,19 @@ from balancer.stores.base import (
     write_version,
 )
 from balancer.stores.certs import Certs, FileCerts
+from balancer.stores.file_watch import FileWatching
 from balancer.stores.floors import Raised
 from balancer.stores.records import FileRecords, Records
-from balancer.stores.snapshot import HOW_TO_FIX
 from balancer.turns import turn
 
 log = logging.getLogger("balancer.store.file")
 
-POLL_INTERVAL = 0.25
 LOCK_TIMEOUT = 10.0
 LOCK_POLL = 0.005
-PEEK_BYTES = 64
 _RULE_ENCODER = json.JSONEncoder(sort_keys=True)  # one for every rule (json.dumps makes one each)
-DIRECT_GRACE = 0.2  # seconds a watcher waits for a write to arrive directly (`_told_directly`)
-_VERSION_FIRST = re.compile(rb'\s*\{\s*"version"\s*:\s*(\d{1,18})\s*,')
-_ENDS = (b"\n}}\n", b'"hosts": {}}\n')  # how `_Lines.encode` ends a table, or an empty one
 
 
-class FileStore(Store):
+class FileStore(FileWatching, Store):
     """The routing table in a local JSON file, created empty (version 0) if missing."""
 
     kind = "file"
@@ -142,7 +134,8 @@ class FileStore(Store):
             self._reachable = True
             log.debug("%s: parsing %d bytes", self.path, len(raw))
             try:
-                data = self._parse(raw)
+                with loading():  # (`balancer.big_loads`: no garbage collection meanwhile)
+                    data = self._parse(raw)
             except CorruptStore as exc:
                 self._known = (signature, str(exc))
                 raise
@@ -292,64 +285,6 @@ class FileStore(Store):
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
-    # watching --------------------------------------------------------------
-    def watch(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
-              served: Callable[[], int] | None = None) -> None:
-        problems = ProblemLog(log, self.quiet)
-        seen: tuple[int, ...] | None = None
-        delivered: TableData | None = None
-        while not stop():
-            signature = self._signature()
-            if signature is None:
-                seen = None
-                self._problem = (f"{self.path}: cannot read the routing table file (deleted?); "
-                                 f"keeping the last good table. If it is gone, {HOW_TO_FIX}")
-                problems.report(self._problem)
-            elif signature != seen:
-                seen = signature
-                if (served is None or self._problem is not None
-                        or not _told_directly(self._peek_version(), served)):
-                    delivered = self._reread(delivered, on_change, problems, served)
-            time.sleep(POLL_INTERVAL)
-
-    def _peek_version(self) -> int | None:
-        """The version at the start of the file (as this store writes it), or None;
-        None too when the file does not end as this store ends it (`_ENDS`: a rule
-        is one line, so only the whole file ends so). Bug: a file cut short
-        (truncated by a full disk or an interrupted copy) at the version served was
-        taken as read, unreported, and a problem reported before it was cleared as
-        "readable again"; so was one cut just after a rule's ``}``."""
-        try:
-            with open_regular(self.path) as f:
-                head = f.read(PEEK_BYTES)
-                f.seek(max(0, os.fstat(f.fileno()).st_size - PEEK_BYTES))
-                tail = f.read(PEEK_BYTES)
-        except OSError:
-            return None
-        match = _VERSION_FIRST.match(head)
-        return int(match.group(1)) if match and tail.endswith(_ENDS) else None
-
-    def _reread(self, delivered: TableData | None, on_change: Callable[[TableData], None],
-                problems: ProblemLog, served: Callable[[], int] | None) -> TableData | None:
-        """Load after a change; deliver it if it differs, or is behind the version the
-        consumer serves (an older copy put back: the consumer judges the loss). Returns
-        the table now in force."""
-        try:
-            data = self.load()
-        except (CorruptStore, StoreUnavailable) as exc:
-            self._problem = str(exc)
-            problems.report(f"{exc}; keeping the last good table")
-            return delivered
-        self._problem = None
-        problems.clear(f"{self.path}: readable again (version {data.version})")
-        if data == delivered and (served is None or data.version >= served()):
-            return delivered
-        try:
-            on_change(data)
-        except Exception:
-            log.exception("applying version %s from %s failed", data.version, self.path)
-        return data
-
     def _signature(self) -> tuple[int, ...] | None:
         try:
             st = os.stat(self.path)
@@ -413,18 +348,6 @@ class _Lines:
         self.lines = lines
         inner = "\n" + ",\n".join(text for _, text in lines.values()) + "\n" if lines else ""
         return f'{{"version": {data.version}, "hosts": {{{inner}}}}}\n'.encode()
-
-
-def _told_directly(version: int | None, served: Callable[[], int]) -> bool:
-    """Whether the consumer serves `version` already, or does within `DIRECT_GRACE`
-    (the management process tells its workers of its own writes directly, right
-    after the rename: reading a big file for them would only repeat that)."""
-    if version is None or served() < 0:
-        return False  # nothing served yet: read it
-    deadline = time.monotonic() + DIRECT_GRACE
-    while served() < version and time.monotonic() < deadline:
-        time.sleep(DIRECT_GRACE / 20)
-    return served() == version
 
 
 def _try_lock(fd: int) -> bool:

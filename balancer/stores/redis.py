@@ -13,11 +13,11 @@ Invariants:
   A concurrent write makes ``EXEC`` fail and the write is retried (or, with
   ``if_version``, answered by `VersionConflict`); a failed write changes
   nothing.
-* Reads are ``HGETALL`` + ``GET`` in one transaction, so a table and its
-  version always belong together; a read of one host's rule (`host_rule`: a
-  backend edit, a deploy) is ``HGET`` + ``GET``, likewise. No ``KEYS``/``SCAN``,
-  and nothing here runs per proxied request: balancers keep the whole table in
-  memory.
+* Reads (`balancer.stores.redis_reads`) keep a table and its version together:
+  ``HGETALL`` + ``GET`` in one transaction, a big table in slices (``HSCAN``)
+  between two reads of an unchanged version; a read of one host's rule is
+  ``HGET`` + ``GET``. No ``KEYS``, and nothing here runs per proxied request:
+  balancers keep the whole table in memory.
 * Watching (following the table through ``NS:changes``) is
   `balancer.stores.redis_watch`; what Redis's answers mean is
   `balancer.stores.redis_answers`.
@@ -53,19 +53,14 @@ import redis
 from redis.exceptions import RedisError, WatchError
 from redis.sentinel import SentinelConnectionPool
 
-from balancer.stores import strict_json
 from balancer.stores.acme import Acme, RedisAcme
 from balancer.stores.base import (
     CorruptStore,
-    HostRule,
     Store,
     StoreLost,
     StoreUnavailable,
     TableChecker,
-    TableData,
     VersionConflict,
-    check_table,
-    unreadable_is_corrupt,
     write_version,
 )
 from balancer.stores.certs import Certs, RedisCerts
@@ -76,30 +71,23 @@ from balancer.stores.redis_answers import (
     is_wrong_type,
     lost_connection,
     nothing_sent_on_lost_connection,
-    printable,
     refusal,
-    utf8,
     why,
 )
 from balancer.stores.redis_connect import Connector, connect
+from balancer.stores.redis_reads import RedisReading
 from balancer.stores.redis_records import RedisRecords
 from balancer.stores.redis_replicas import Writers, Writing
 from balancer.stores.redis_watch import RedisWatching
 from balancer.stores.urls import StoreUrlError, redact_url, split_replication
-from balancer.turns import turn
 
 log = logging.getLogger("balancer.store.redis")
 
 WRITE_ATTEMPTS = 50       # optimistic-lock retries for writes without if_version
-PAUSE_EVERY = 2000        # hosts parsed between two turns of the loop (a big reload)
-# Redis counts (INCR) up to 2**63 - 1: a version it cannot count past is corrupt.
-# (Bug: a hand-set 10**22 was served, became every balancer's floor for versions,
-# and no write, not even a whole-table PUT, could ever go above it.)
-VERSION_LIMIT = 2**63 - 1
 HASH_OR_NOTHING = ("hash", "none")
 
 
-class RedisStore(RedisWatching, Store):
+class RedisStore(RedisWatching, RedisReading, Store):
     """The routing table in Redis, shared by every balancer using the namespace."""
 
     kind = "redis"
@@ -135,76 +123,6 @@ class RedisStore(RedisWatching, Store):
         """Which store this is (the snapshot's owner): the replication options
         change how it is written, not which it is."""
         return f"{self._bare_url} namespace {self.namespace}"
-
-    def load(self) -> TableData:
-        raw_hosts, raw_version = self._read_raw()
-        data = self._parse(raw_hosts, raw_version)
-        self.raise_floor(data.version)
-        return data
-
-    def current_shape(self) -> tuple[int, int]:
-        with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
-            pipe.get(self.version_key)
-            pipe.hlen(self.hosts_key)
-            raw_version, count = pipe.execute()
-        return self._version(raw_version), int(count)
-
-    def _read_raw(self) -> tuple[dict[str, str], str | None]:
-        with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.hosts_key)
-            pipe.get(self.version_key)
-            raw_hosts, raw_version = pipe.execute()
-        return raw_hosts, raw_version
-
-    def _parse(self, raw_hosts: Mapping[str, str], raw_version: str | None) -> TableData:
-        where = f"{self.display_url} {self.namespace}"
-        version = self._version(raw_version)
-        hosts = {}
-        for n, (host, text) in enumerate(raw_hosts.items()):
-            if n % PAUSE_EVERY == PAUSE_EVERY - 1:
-                turn()  # a big table: the loop polls (requests, timers) between slices
-            hosts[host] = self._decoded(where, host, text)
-        with unreadable_is_corrupt(f"{where}: the table"):
-            return self._checker.check(where, version, hosts, raw_hosts)
-
-    def host_rule(self, host: str) -> HostRule:
-        with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
-            pipe.hget(self.hosts_key, host)
-            pipe.get(self.version_key)
-            text, raw_version = pipe.execute()
-        version = self._version(raw_version)
-        rule = None
-        if text is not None:  # checked as `load` checks the table's rules
-            where = f"{self.display_url} {self.namespace}"
-            with unreadable_is_corrupt(f"{where}: the table"):
-                one = {host: self._decoded(where, host, text)}
-                rule = check_table(where, version, one).hosts[host]
-        self.raise_floor(version)
-        return HostRule(version, rule)
-
-    def _decoded(self, where: str, host: str, text: str) -> Any:
-        """The stored rule `text` of `host` decoded, or `CorruptStore` naming the field."""
-        try:
-            return strict_json.loads(utf8(text, host))
-        except strict_json.DuplicateKey as exc:
-            raise CorruptStore(f"{where}: {self.hosts_key}[{printable(host)}] has the key "
-                               f"{json.dumps(exc.key)} twice"
-                               f"{strict_json.where_in(exc.path)}") from None
-        except (ValueError, RecursionError):  # the field named only then, not per host
-            with unreadable_is_corrupt(f"{where}: {self.hosts_key}[{printable(host)}]"):
-                raise
-
-    def _version(self, raw: bytes | str | None) -> int:
-        try:
-            version = int(raw or 0)
-        except ValueError:
-            version = -1
-        if 0 <= version < VERSION_LIMIT:
-            return version
-        shown = repr(raw) if raw is None or len(raw) <= 40 \
-            else f"{raw[:40]!r}... ({len(raw)} characters)"
-        raise CorruptStore(f"{self.display_url}: {self.version_key} is not an integer from 0 "
-                           f"to {VERSION_LIMIT - 1}: {shown}")
 
     def is_reachable(self) -> bool:
         """The watcher's view while one runs; otherwise a PING now."""

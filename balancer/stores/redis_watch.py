@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from redis.exceptions import RedisError
 
+from balancer.big_loads import loading
 from balancer.rules import validate_table
 from balancer.stores import strict_json
 from balancer.stores.base import (
@@ -242,9 +243,10 @@ class RedisWatching(Store):
     def _reload(self, on_change: Callable[[Any], None], seen: _Seen,
                 problems: ProblemLog, served: Callable[[], int] | None) -> None:
         try:
-            raw_hosts, raw_version = self._read_raw()  # a key of the wrong type: corrupt
-            seen.version = raw_version
-            data = self._parse(raw_hosts, raw_version)
+            with loading():  # (`balancer.big_loads`: no garbage collection meanwhile)
+                raw_hosts, raw_version = self._read_raw()  # a key of the wrong type: corrupt
+                seen.version = raw_version
+                data = self._parse(raw_hosts, raw_version)
         except CorruptStore as exc:  # still subscribed: the repair's message reads again
             self._problem = str(exc)
             problems.report(f"{exc}; keeping the last good table")

@@ -1,0 +1,164 @@
+"""How a Redis store reads its table (`RedisReading`, mixed into
+`balancer.stores.redis.RedisStore`): whole, or one host's rule, and checked.
+
+Invariants:
+* A table and its version always belong together. A table of up to
+  `SCAN_ABOVE` hosts is read with ``HGETALL`` + ``GET`` in one transaction. A
+  bigger one is read `SCAN_COUNT` fields at a time (``HSCAN``), the loop going
+  round between two slices, after a ``GET`` of the version (with ``HLEN``, in
+  one transaction), and kept only if a ``GET`` after the last slice finds the
+  same version: every write moves it and versions never repeat, so no write
+  came between, and ``HSCAN`` returns every field of a hash that did not change
+  during the scan. A scan a write interrupted is made again, and after
+  `SCAN_ATTEMPTS` of them the table is read in one ``HGETALL``. (Bug: the
+  reply of one ``HGETALL`` of 100,000 fields was parsed in one call, 110-180
+  ms during which a worker served nothing.)
+* A whole read, its decoding and its check run in `balancer.big_loads.loading`
+  (no garbage collection walks what they make, in a proxy worker).
+* A read of one host's rule (`host_rule`: a backend edit, a deploy) is
+  ``HGET`` + ``GET`` in one transaction, checked as `load` checks the table.
+* Every rule is decoded strictly (`balancer.stores.strict_json`) and the table
+  checked (`TableChecker`): anything else is a `CorruptStore` naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from balancer.big_loads import loading
+from balancer.stores import strict_json
+from balancer.stores.base import (
+    CorruptStore,
+    HostRule,
+    Store,
+    TableChecker,
+    TableData,
+    check_table,
+    unreadable_is_corrupt,
+)
+from balancer.stores.redis_answers import printable, utf8
+from balancer.turns import turn
+
+PAUSE_EVERY = 2000        # hosts parsed between two turns of the loop (a big reload)
+SCAN_ABOVE = 4000         # hosts: a bigger table is read in slices (``HSCAN``)
+SCAN_COUNT = 1000         # fields asked per ``HSCAN``
+SCAN_ATTEMPTS = 3         # scans writes may interrupt before one ``HGETALL``
+# Redis counts (INCR) up to 2**63 - 1: a version it cannot count past is corrupt.
+# (Bug: a hand-set 10**22 was served, became every balancer's floor for versions,
+# and no write, not even a whole-table PUT, could ever go above it.)
+VERSION_LIMIT = 2**63 - 1
+
+
+class RedisReading(Store):
+    """The reads of `RedisStore`, which provides what is declared here."""
+
+    client: redis.Redis
+    display_url: str
+    namespace: str
+    hosts_key: str
+    version_key: str
+    _checker: TableChecker
+
+    if TYPE_CHECKING:
+        def _talking(self, what: str) -> AbstractContextManager[None]: ...
+
+    def load(self) -> TableData:
+        with loading():
+            raw_hosts, raw_version = self._read_raw()
+            data = self._parse(raw_hosts, raw_version)
+        self.raise_floor(data.version)
+        return data
+
+    def current_shape(self) -> tuple[int, int]:
+        with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
+            pipe.get(self.version_key)
+            pipe.hlen(self.hosts_key)
+            raw_version, count = pipe.execute()
+        return self._version(raw_version), int(count)
+
+    def _read_raw(self) -> tuple[dict[str, str], str | None]:
+        """The hash and the version it belongs to (see the module doc)."""
+        with self._talking("read"):
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.get(self.version_key)
+                pipe.hlen(self.hosts_key)
+                raw_version, count = pipe.execute()
+            for _ in range(SCAN_ATTEMPTS if count > SCAN_ABOVE else 0):
+                raw_hosts = self._scan()
+                after = self.client.get(self.version_key)
+                if after == raw_version:  # no write since the first read: one table
+                    return raw_hosts, raw_version
+                raw_version = after
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self.hosts_key)
+                pipe.get(self.version_key)
+                raw_hosts, raw_version = pipe.execute()
+        return raw_hosts, raw_version
+
+    def _scan(self) -> dict[str, str]:
+        """Every field of the hash, `SCAN_COUNT` a round trip, the loop going round
+        between two (a field may come twice: the dict keeps one)."""
+        raw_hosts: dict[str, str] = {}
+        cursor = 0
+        while True:
+            reply: Any = self.client.hscan(self.hosts_key, cursor, count=SCAN_COUNT)
+            cursor, found = reply
+            raw_hosts.update(found)
+            if cursor == 0:
+                return raw_hosts
+            turn()
+
+    def _parse(self, raw_hosts: Mapping[str, str], raw_version: str | None) -> TableData:
+        where = f"{self.display_url} {self.namespace}"
+        version = self._version(raw_version)
+        hosts = {}
+        for n, (host, text) in enumerate(raw_hosts.items()):
+            if n % PAUSE_EVERY == PAUSE_EVERY - 1:
+                turn()  # a big table: the loop polls (requests, timers) between slices
+            hosts[host] = self._decoded(where, host, text)
+        with unreadable_is_corrupt(f"{where}: the table"):
+            return self._checker.check(where, version, hosts, raw_hosts)
+
+    def host_rule(self, host: str) -> HostRule:
+        with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
+            pipe.hget(self.hosts_key, host)
+            pipe.get(self.version_key)
+            text, raw_version = pipe.execute()
+        version = self._version(raw_version)
+        rule = None
+        if text is not None:  # checked as `load` checks the table's rules
+            where = f"{self.display_url} {self.namespace}"
+            with unreadable_is_corrupt(f"{where}: the table"):
+                one = {host: self._decoded(where, host, text)}
+                rule = check_table(where, version, one).hosts[host]
+        self.raise_floor(version)
+        return HostRule(version, rule)
+
+    def _decoded(self, where: str, host: str, text: str) -> Any:
+        """The stored rule `text` of `host` decoded, or `CorruptStore` naming the field."""
+        try:
+            return strict_json.loads(utf8(text, host))
+        except strict_json.DuplicateKey as exc:
+            raise CorruptStore(f"{where}: {self.hosts_key}[{printable(host)}] has the key "
+                               f"{json.dumps(exc.key)} twice"
+                               f"{strict_json.where_in(exc.path)}") from None
+        except (ValueError, RecursionError):  # the field named only then, not per host
+            with unreadable_is_corrupt(f"{where}: {self.hosts_key}[{printable(host)}]"):
+                raise
+
+    def _version(self, raw: bytes | str | None) -> int:
+        try:
+            version = int(raw or 0)
+        except ValueError:
+            version = -1
+        if 0 <= version < VERSION_LIMIT:
+            return version
+        shown = repr(raw) if raw is None or len(raw) <= 40 \
+            else f"{raw[:40]!r}... ({len(raw)} characters)"
+        raise CorruptStore(f"{self.display_url}: {self.version_key} is not an integer from 0 "
+                           f"to {VERSION_LIMIT - 1}: {shown}")
