@@ -40,6 +40,7 @@ from tests.tlsca import TestCA
 HOSTS = 6000  # several slices of each pass (500 hosts checked or compiled, 2000 parsed)
 CERTS = 4  # one turn before each new certificate
 BIG_FILE = 100_000  # hosts: a 6 MB file, whose decode in one call took 0.2-0.3 s of CPU
+NEW = {"action": "static", "body": "new"}
 BIG_GAP = 0.08  # s of CPU the loop may wait while a big table is decoded or compared
 
 
@@ -166,7 +167,7 @@ def test_a_big_redis_table_written_during_its_read_is_read_as_one_version(
 
     def write_between_slices() -> None:
         if len(written) < writes:
-            written.append(writer.put_host(f"new{len(written)}.example", {"action": "static", "body": "new"}))
+            written.append(writer.put_host(f"new{len(written)}.example", NEW))
 
     monkeypatch.setattr(redis_reads, "turn", write_between_slices)
     try:
