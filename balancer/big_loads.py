@@ -17,7 +17,9 @@ Invariants:
   again: the new table is never walked by a collection, and the allocations
   the load counted are forgotten. Frozen objects are still freed by reference
   counting (a replaced table is); only a garbage cycle made during a load, or
-  one frozen object's cycle, stays for the process's life.
+  one frozen object's cycle, stays for the process's life. (Measured: a
+  worker's table replaced, its backends and health checks removed, leaves no
+  garbage cycle once its loop has run.)
 """
 
 from __future__ import annotations
