@@ -37,18 +37,22 @@ def test_writes_use_the_documented_keys_and_publish_the_new_version(
     ns = namespace()
     raw = redis_server.client()
     pubsub = raw.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(f"{ns}:changes")
+    pubsub.subscribe(f"{ns}:changes", f"{ns}:changed-hosts")
     store = RedisStore(redis_server.url, ns)
     assert store.put_host("web.example.com", WEB) == 1
     assert store.put_host("b.example.com", GONE) == 2
     assert json.loads(raw.hget(f"{ns}:hosts", "web.example.com")) == WEB
     assert raw.get(f"{ns}:version") == "2"
     published = [wait_until(lambda: pubsub.get_message(timeout=0.1), message="a message")
-                 for _ in range(2)]
-    # the version first (all an older reader takes), then the host the write changed
-    assert [m["data"] for m in published] == ["1 web.example.com", "2 b.example.com"]
+                 for _ in range(4)]
+    # SPEC §6: NS:changes carries the version alone (a reader may int() it); the
+    # hosts a write changed are announced just before it on NS:changed-hosts
+    assert [(m["channel"].split(":")[-1], m["data"]) for m in published] == [
+        ("changed-hosts", "1 web.example.com"), ("changes", "1"),
+        ("changed-hosts", "2 b.example.com"), ("changes", "2")]
     assert store.replace({}) == 3
-    assert wait_until(lambda: pubsub.get_message(timeout=0.1))["data"] == "3"
+    message = wait_until(lambda: pubsub.get_message(timeout=0.1))
+    assert (message["channel"], message["data"]) == (f"{ns}:changes", "3")
     store.close()
 
 

@@ -1,11 +1,13 @@
 """The Redis store: one source of truth for many balancers (SPEC §6).
 
 Keys under the namespace NS: ``NS:hosts`` (hash HOST → rule JSON),
-``NS:version`` (integer), channel ``NS:changes``. A message is the new
-version, followed, for a write that changed named hosts, by those hosts
-separated by spaces (``"13 app.example.com"``); a bare version (a whole-table
-write, or an older balancer) means "reload the whole table". Its first word is
-always the version, so readers that only take the version keep working.
+``NS:version`` (integer), channel ``NS:changes``. A message there is the new
+version alone (SPEC §6). A write that changed named hosts publishes first, in
+the same transaction, the version followed by those hosts separated by spaces
+(``"13 app.example.com"``) on ``NS:changed-hosts``; a version on ``NS:changes``
+not announced there (a whole-table write) means "reload the whole table". A
+message of an older balancer, the version and its hosts on ``NS:changes``, is
+read the same way.
 
 Invariants:
 * Every write is one ``MULTI``/``EXEC`` guarded by ``WATCH`` on both keys: it
@@ -105,6 +107,7 @@ class RedisStore(RedisWatching, RedisReading, Store):
         self.hosts_key = f"{namespace}:hosts"
         self.version_key = f"{namespace}:version"
         self.channel = f"{namespace}:changes"
+        self.hosts_channel = f"{namespace}:changed-hosts"
         bare, replication = split_replication(url)
         self._bare_url = redact_url(bare)
         self.client = connect(bare, timeout)
@@ -224,7 +227,9 @@ class RedisStore(RedisWatching, RedisReading, Store):
                         pipe.execute_command("INCR", self.version_key)
                     else:
                         pipe.set(self.version_key, new)  # above the floor: a repair
-                    pipe.publish(self.channel, f"{new} {named}" if named else str(new))
+                    if named:  # before the version: a subscriber of both reads it first
+                        pipe.publish(self.hosts_channel, f"{new} {named}")
+                    pipe.publish(self.channel, str(new))
                     try:
                         pipe.execute()
                     except WatchError as exc:

@@ -1,5 +1,6 @@
 """How a Redis store follows the table (`RedisWatching.watch`, mixed into
-`balancer.stores.redis.RedisStore`): subscribe to ``NS:changes``, read, apply
+`balancer.stores.redis.RedisStore`): subscribe to ``NS:changes`` and
+``NS:changed-hosts``, read, apply
 what the messages announce (their format: `balancer.stores.redis`), re-check
 the version, reconnect.
 
@@ -64,6 +65,7 @@ class _Seen:
     delivered_version: int = -1
     delay: float = BACKOFF_FIRST
     stranger_told: bool = False  # a message that is no version was logged
+    announced: int = -1  # the highest version ``NS:changed-hosts`` named hosts for
 
 
 class RedisWatching(Store):
@@ -76,6 +78,7 @@ class RedisWatching(Store):
     hosts_key: str
     version_key: str
     channel: str
+    hosts_channel: str
     resync_interval: float
     _watchers: int  # watches running: `is_reachable` is then theirs to tell
     _reachable: bool
@@ -119,7 +122,7 @@ class RedisWatching(Store):
         """Subscribe, load, then apply messages and resync ticks until `stop()`."""
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
-            pubsub.subscribe(self.channel)
+            pubsub.subscribe(self.channel, self.hosts_channel)
             if not self._serves_already(seen, served):
                 self._reload(on_change, seen, problems, served)
             seen.delay = BACKOFF_FIRST
@@ -144,6 +147,9 @@ class RedisWatching(Store):
                   problems: ProblemLog, served: Callable[[], int] | None) -> None:
         """Apply what `messages` announce: only the hosts they name when they follow on
         the version served, else the whole table."""
+        messages = self._unannounced(messages, seen)
+        if not messages:
+            return
         base = max(seen.delivered_version, served() if served is not None else -1)
         named = _named_changes(messages, base)
         if named is not None and named[1] <= base:
@@ -168,6 +174,23 @@ class RedisWatching(Store):
         except Exception:
             log.exception("applying version %s from %s failed", change.version,
                           self.display_url)
+
+    def _unannounced(self, messages: list[Any], seen: _Seen) -> list[Any]:
+        """`messages` without the versions on ``NS:changes`` that ``NS:changed-hosts``
+        announced with their hosts (each write publishes both, hosts first, in one
+        transaction: SPEC §6 has ``NS:changes`` carry the version alone). A version
+        on ``NS:changes`` announced nowhere else is a whole-table write."""
+        kept = []
+        for message in messages:
+            words = str(message.get("data", "")).split()
+            if message.get("channel") == self.hosts_channel:
+                if len(words) > 1 and words[0].isdecimal():
+                    seen.announced = max(seen.announced, int(words[0]))
+                kept.append(message)
+            elif not (len(words) == 1 and words[0].isdecimal()
+                      and int(words[0]) <= seen.announced):
+                kept.append(message)
+        return kept
 
     def _moved(self, messages: list[Any], seen: _Seen, base: int) -> bool:
         """Whether the version moved from the one read or served: one ``GET`` before
