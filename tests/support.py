@@ -440,6 +440,15 @@ class Balancer:
         return self.proc.returncode
 
 
+
+def constants_prefix(values: dict[str, float]) -> list[str]:
+    """A `Balancer` prefix that starts it with module constants replaced
+    (tests/set_constants/sitecustomize.py), e.g.
+    ``{"management.history.INTERVAL": 1.0}``: the same code on a shorter clock."""
+    assigned = ";".join(f"{name}={value}" for name, value in values.items())
+    return ["env", f"PYTHONPATH={ROOT}{os.pathsep}{ROOT / 'tests' / 'set_constants'}",
+            f"SET_CONSTANTS={assigned}"]
+
 def control_socket(pid: int) -> str:
     """The path of worker `pid`'s control socket (in the balancer's run directory)."""
     with open("/proc/net/unix") as table:

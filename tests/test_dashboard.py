@@ -457,9 +457,14 @@ def test_rates_come_from_counter_deltas(make_site: Callable[..., Site], browser:
                               "1 host", "2 hosts", "—"]
 
 
-@pytest.mark.slow
 def test_screenshot(make_site: Callable[..., Site], browser: Any, tmp_path: Path) -> None:
-    site = make_site(hosts={
+    history = History()  # a minute of the management process's samples: full charts at once
+    start = time.time() - 60
+    for n in range(12):
+        sampled = Stats()
+        serve_requests(sampled, "app.example.com", 40 * n)
+        history.sample(sampled.snapshot(), start + 5 * n)
+    site = make_site(history=history, hosts={
         "app.example.com": {**WEB, "health": {"path": "/healthz"}},
         "api.example.com": {"action": "proxy", "backends": ["10.0.0.5:8000", "10.0.0.6:8000"],
                             "algorithm": "least_connections", "retries": 2},
@@ -468,15 +473,24 @@ def test_screenshot(make_site: Callable[..., Site], browser: Any, tmp_path: Path
                             "status": 301, "keep_path": True},
     })
     with site.runtime.edit() as stats:
+        # the page keeps the seeded history of the hosts in the stats only
+        serve_requests(stats, "app.example.com", 9, backend="127.0.0.1:9002")
         stats.open_connections = 42
         stats.host("deploy.example.com").spinning = 3
         mark_down(stats, "api.example.com", "10.0.0.6:8000", failures=7)
+    line = host_card("app.example.com") + " .chart-rps .spark-line"
+
+    def segments(driver: Any) -> int:
+        return int(driver.execute_script(
+            "const e = document.querySelector(arguments[0]);"
+            "return e ? (e.getAttribute('d').match(/L/g) || []).length : 0;", line))
+
     with traffic(site.runtime):
         open_live(browser, site)
-        line = host_card("app.example.com") + " .chart-rps .spark-line"
-        wait_for(browser, lambda d: len(d.find_elements("css selector", line)) and
-                 d.find_element("css selector", line).get_attribute("d").count("L") >= 5,
-                 "five points of history", timeout=20)
+        seeded = wait_for(browser, segments, "the line of the seeded history")
+        assert seeded >= 5
+        wait_for(browser, lambda d: segments(d) > seeded, "a point of the live polls after them",
+                 timeout=20)
     assert "req/s" in text_of(browser, host_card("app.example.com") + " .fig-rps")
     laptop = tmp_path / "dashboard.png"
     assert browser.save_screenshot(str(laptop))

@@ -20,7 +20,7 @@ from balancer.limits import SharedBuckets
 from balancer.rules import validate_rule
 from balancer.sketch import CAPACITY, SpaceSaving, path_key
 from management.latency import percentiles, quantile
-from tests.support import Backend, Balancer, request, wait_for
+from tests.support import Backend, Balancer, constants_prefix, request, wait_for
 
 
 class Pipeline:
@@ -458,12 +458,13 @@ def test_quantiles_interpolate_inside_a_bucket() -> None:
 
 
 # history -----------------------------------------------------------------------------
-@pytest.mark.slow
 def test_history_survives_a_reload(tmp_path: Path) -> None:
-    bal = Balancer(tmp_path, {"app.test": {"action": "empty", "status": 204}})
+    # samples every second, not every 5 s (its adoption window: 4 s, not 20 s)
+    bal = Balancer(tmp_path, {"app.test": {"action": "empty", "status": 204}},
+                   prefix=constants_prefix({"management.history.INTERVAL": 1.0}))
     try:
         def times() -> list[float]:
-            return bal.api("GET", "/api/v1/history?since=3600")[1]["times"]
+            return bal.api("GET", "/api/v1/history?since=600")[1]["times"]
 
         wait_for(times, timeout=20, what="a first history sample")
         for _ in range(20):
@@ -478,6 +479,7 @@ def test_history_survives_a_reload(tmp_path: Path) -> None:
         after = wait_for(lambda: len(t := times()) > len(before) and t, timeout=20,
                          what="a sample by the new management process")
         assert after[:len(before)] == before
+        assert bal.api("GET", "/api/v1/history")[1]["interval"] == 1.0  # the clock it ran on
     finally:
         bal.stop()
 

@@ -119,6 +119,11 @@ def test_compose_services_reach_the_management_api_by_name():
 
 def _help(command: str, args: list[str]) -> str:
     """What ``COMMAND ARGS... --help`` prints (the console script's own main)."""
+    return _help_of(command, tuple(args))
+
+
+@functools.cache  # the docs show some commands dozens of times
+def _help_of(command: str, args: tuple[str, ...]) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
         COMMANDS[command]([*args, "--help"])
@@ -201,14 +206,16 @@ def test_serve_help_gives_each_flag_its_default_env_and_key():
         assert f"[default {default}; env {env}, file {key}]" in text, key
 
 
-@pytest.mark.slow
 def test_every_command_and_flag_shown_exists():
+    shown = list(_commands_shown())
+    helps = _scripts_help({words[0] for _, command, words in shown
+                           if _script_flags(command, words)})
     checked = 0
-    for where, command, words in _commands_shown():
+    for where, command, words in shown:
         if command in COMMANDS:
             _check_command(where, command, words)
-        elif command in ("python", "python3") and words[:1] and words[0].startswith("scripts/"):
-            _check_script(where, words)
+        elif _is_script_call(command, words):
+            _check_script(where, words, helps)
         elif command == "sh" and words:
             assert (ROOT / words[0]).is_file(), f"{where}: {words[0]} does not exist"
         else:
@@ -246,14 +253,39 @@ def _check_command(where: str, command: str, words: list[str]) -> None:
                 f"{where}: {command} {' '.join(subcommands)} has no {flag} (see --help)")
 
 
-def _check_script(where: str, words: list[str]) -> None:
+def _is_script_call(command: str, words: list[str]) -> bool:
+    return command in ("python", "python3") and words[:1] != [] and words[0].startswith("scripts/")
+
+
+def _script_flags(command: str, words: list[str]) -> list[str]:
+    """The flags a ``python scripts/NAME.py ...`` call shows (none for other commands)."""
+    if not _is_script_call(command, words):
+        return []
+    return [f for w in words[1:] for f in FLAG.findall(w.split("=")[0])]
+
+
+def _scripts_help(scripts: set[str]) -> dict[str, subprocess.CompletedProcess[str]]:
+    """``python SCRIPT --help`` of each script that exists, all at once (each one
+    imports what its benchmark needs: a second or two apiece, one after the other)."""
+    started = {script: subprocess.Popen([sys.executable, str(ROOT / script), "--help"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, cwd=ROOT)
+               for script in sorted(scripts) if (ROOT / script).is_file()}
+    helps = {}
+    for script, proc in started.items():
+        out, err = proc.communicate(timeout=60)
+        helps[script] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return helps
+
+
+def _check_script(where: str, words: list[str],
+                  helps: dict[str, subprocess.CompletedProcess[str]]) -> None:
     script = ROOT / words[0]
     assert script.is_file(), f"{where}: {words[0]} does not exist"
-    flags = [f for w in words[1:] for f in FLAG.findall(w.split("=")[0])]
+    flags = _script_flags("python", words)
     if not flags:
         return
-    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
-                            text=True, timeout=60, cwd=ROOT)
+    result = helps[words[0]]
     assert result.returncode == 0, result.stderr
     for flag in flags:
         assert flag in result.stdout, f"{where}: {words[0]} has no {flag}"
