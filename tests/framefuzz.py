@@ -36,6 +36,10 @@ class Draft:
     trailers: list[bytes] = field(default_factory=list)
     size_lines: list[bytes] = field(default_factory=list)  # one per chunk, then the last
     raw: bytes = b""  # the whole request, when an operator rewrote its bytes
+    tag: bytes = b""  # the origin-form target it was made with (``/f<case>-<i>``)
+
+    def __post_init__(self) -> None:
+        self.tag = self.tag or self.target
 
     def frame_chunks(self) -> None:
         """`body` from `chunks`, `size_lines` and `trailers`."""
@@ -244,7 +248,10 @@ def line_ends(draft: Draft, rnd: random.Random) -> str:
 
 def target_form(draft: Draft, rnd: random.Random) -> str:
     form = rnd.choice(TARGETS)
-    draft.target = form.replace(b"{p}", draft.target).replace(b"{t}", draft.target[1:])
+    # Bug: a form after one without the tag (`*`, an authority) made a target of no
+    # case (``http://*``), forwarded as the stray ``/`` of host ``*``
+    path = draft.target if draft.tag[1:] in draft.target else draft.tag
+    draft.target = form.replace(b"{p}", path).replace(b"{t}", path[1:])
     if form == b"app.test:80" and rnd.random() < 0.5:
         draft.method = b"CONNECT"
     if rnd.random() < 0.3:

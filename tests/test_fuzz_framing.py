@@ -33,7 +33,7 @@ import pytest
 from balancer.http11 import END, ProtocolError, RequestParser
 from tests import refhttp
 from tests.framefuzz import case
-from tests.fuzzpeer import RecordingBackend, check, run_batch, run_cuts, summary
+from tests.fuzzpeer import TAG, RecordingBackend, check, run_batch, run_cuts, summary
 from tests.rawpeer import read_through
 from tests.support import Balancer, wait_for
 
@@ -91,9 +91,33 @@ def test_the_checks_catch_a_smuggled_request_and_a_changed_body() -> None:
     assert check(item, [200], None, cut[:1]).faults
 
 
+def test_every_request_of_a_case_carries_its_case() -> None:
+    """Whatever a case's requests are forwarded as, the backend traces them to
+    it: after ``*``, ``http://{p}`` made ``http://*`` (seed 11, case 1815)."""
+    for seed, n in [(11, 1815), *((SEED, n) for n in range(300))]:
+        reading = refhttp.read_stream(case(seed, n).data, True)
+        for request in reading.requests:
+            assert TAG.search(b"/" + request.host + request.path), (seed, n, request)
+
+
+def lowered_sizes(body: bytes) -> bytes:
+    """A forwarded chunked `body` with its size lines in lower case (each is hex
+    digits alone: `balancer.chunks`)."""
+    out, pos = [], 0
+    while (eol := body.find(b"\r\n", pos)) >= 0:
+        line = body[pos:eol]
+        size = int(line, 16)
+        out.append(line.lower() + body[eol:eol + 2 + (size + 2 if size else 0)])
+        pos = eol + 2 + (size + 2 if size else 0)
+        if not size:
+            break
+    return b"".join(out) + body[pos:]
+
+
 def events(chunks: list[bytes]) -> tuple[list, int | None]:
-    """What a parser makes of `chunks`: each head's target and each body whole,
-    and the status of its refusal (None)."""
+    """What a parser makes of `chunks`: each head's target and each body whole
+    (a chunked one's size lines in lower case: one cut across reads goes as its
+    size, `%x`), and the status of its refusal (None)."""
     parser = RequestParser()
     status = None
     try:
@@ -101,10 +125,10 @@ def events(chunks: list[bytes]) -> tuple[list, int | None]:
             parser.feed(chunk)
     except ProtocolError as exc:
         status = exc.status
-    out, body = [], b""
+    out, body, chunked = [], b"", False
     for event in parser.events:
         if event is END:
-            out.append(body)
+            out.append(lowered_sizes(body) if chunked else body)
             body = b""
         elif isinstance(event, bytes):
             body += event
@@ -112,7 +136,18 @@ def events(chunks: list[bytes]) -> tuple[list, int | None]:
             body += event[0][event[1]:]
         else:
             out.append(event.target)
+            chunked = event.chunked
     return out, status
+
+
+def test_a_size_line_cut_after_its_digits_means_what_it_meant_whole() -> None:
+    """``A`` whole goes as it came, cut before its CRLF as ``a`` (seed 12, case
+    124): the same size."""
+    data = (b"POST /f124-0 HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\nA\r\n0123456789\r\n0\r\n\r\n")
+    cut = data.index(b"A\r\n") + 1
+    whole, split = events([data]), events([data[:cut], data[cut:]])
+    assert whole == split == ([b"/f124-0", b"a\r\n0123456789\r\n0\r\n\r\n"], None)
 
 
 def test_every_cut_of_a_mutated_stream_parses_as_the_whole() -> None:
