@@ -39,6 +39,9 @@ CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-de
 LAPTOP = (1366, 900)
 PHONE = (390, 844)
 WAIT = 10.0  # seconds: a few poll periods (2 s) plus start-up
+# chromedriver's bound on any command waiting for the renderer (a load, a window
+# resize): a renderer starved on a loaded 2-core CI machine took over 10 s once
+RENDERER_WAIT = 30.0
 TOKEN = "dashboard-s3cret"
 WEB = {"action": "proxy", "backends": ["127.0.0.1:9001", {"address": "127.0.0.1:9002",
                                                            "weight": 3}]}
@@ -224,7 +227,7 @@ def chromium() -> Iterator[Any]:
     options.add_argument(f"--user-data-dir={profile}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(WAIT)
+    driver.set_page_load_timeout(RENDERER_WAIT)
     try:
         yield driver
     finally:
