@@ -28,6 +28,7 @@ Invariants:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -175,6 +176,7 @@ def install() -> None:
             handler.setStream(queued)  # type: ignore[arg-type]
     sys.stderr = queued  # type: ignore[assignment]
     os.register_at_fork(after_in_child=queued.after_fork)
+    atexit.register(drain)  # after the traceback of what ended the process (children: os._exit)
 
 
 def dropped() -> int:

@@ -5,8 +5,11 @@ again what waited comes in order, then the count of what was dropped."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,3 +101,30 @@ def test_after_a_fork_the_child_forgets_its_parents_queue(fifo) -> None:
         got += read_until(reader, b"parent's")
     assert os.waitpid(pid, 0)[1] == 0
     assert got.count(b"parent's") == 1 and got.count(b"child's") == 1
+
+
+FATAL = """
+from gevent import monkey; monkey.patch_all()
+import sys
+from balancer import processlog
+processlog.install()
+sys.stderr.write("x" * (1 << 17) + "\\n")  # more than the pipe holds: the writer blocks
+raise RuntimeError("the fatal error")
+"""
+
+
+def test_an_uncaught_exceptions_traceback_is_written_at_exit() -> None:
+    """Bug: the traceback, printed after every ``finally`` (the drains), was queued
+    and lost with the writer thread as the process exited; stderr read late."""
+    root = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen([sys.executable, "-c", FATAL], stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": root})
+    try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # stderr's reader stuck a while:
+            proc.wait(timeout=1.0)  # with the fix the process waits for its writer (EXIT_WAIT)
+        err = proc.stderr.read()  # type: ignore[union-attr]
+        assert proc.wait(timeout=WAIT) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    assert err.endswith(b"RuntimeError: the fatal error\n"), err[-300:]
