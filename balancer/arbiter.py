@@ -45,7 +45,7 @@ from typing import Any
 
 from balancer import processlog
 from balancer.backoff import Backoff
-from balancer.control import control_path
+from balancer.control import control_path, run_dir_problem
 from balancer.descriptors import log_limits, soft_limit
 from balancer.listening import Listeners
 from balancer.preload import PreloadError, freeze, needed, preload
@@ -214,7 +214,8 @@ class Arbiter:
             f"was killed by {signal.Signals(-code).name}"
         from balancer.limits import FILE_NAME, reclaim  # the data plane's (preloaded)
 
-        given = reclaim(os.path.join(self.bound.run_dir, FILE_NAME), child.pid)
+        given = 0 if run_dir_problem(self.bound.run_dir) else \
+            reclaim(os.path.join(self.bound.run_dir, FILE_NAME), child.pid)
         if given:
             log.warning("%s %s with %d request(s) in progress under a "
                         "max_connections_per_client limit: given back", child, how, given)
@@ -384,6 +385,8 @@ class Arbiter:
                   "workers": self.settings.effective_workers(),
                   "recent_crashes": self.backoff.recent(now),
                   "crash_loop": self.backoff.is_looping(now)}
+        if run_dir_problem(self.bound.run_dir) is not None:
+            return  # never write by name into a directory someone else may have made
         path = os.path.join(self.bound.run_dir, STATUS_FILE)
         with contextlib.suppress(OSError):
             with open(path + ".tmp", "w") as out:

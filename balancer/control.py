@@ -76,6 +76,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -374,7 +375,14 @@ def _turn() -> None:
 
 
 def retire(directory: str, worker: Any, control: ControlServer) -> None:
-    """Hand a drained worker's counters over from its socket to a retired file."""
+    """Hand a drained worker's counters over from its socket to a retired file (none
+    in a run directory gone or someone else's: one line says they are lost)."""
+    problem = run_dir_problem(directory)
+    if problem is not None:
+        log.error("cannot leave this worker's counters: the run directory %s %s; the "
+                  "totals of /api/v1/stats lose them", directory, problem)
+        control.close()
+        return
     with run_dir_lock(directory):
         write_retired(directory, worker, control.started)
         control.close()
@@ -522,5 +530,28 @@ def pid_of(path: str) -> int | None:
 
 
 def worker_sockets(directory: str) -> list[str]:
-    """The control sockets of the workers alive now (stale ones fail at `ask`)."""
+    """The control sockets of the workers alive now (stale ones fail at `ask`); none
+    in a directory that is not the run directory any more (`run_dir_problem`)."""
+    if run_dir_problem(directory) is not None:
+        return []
     return sorted(str(p) for p in Path(directory).glob(WORKER_GLOB))
+
+
+def run_dir_problem(directory: str) -> str | None:
+    """Why `directory` cannot be used as the run directory (how a sentence about it
+    goes on), or None: it must be a directory (not a symlink) that this process's
+    user owns and nobody else may enter. Bug: deleted under a running balancer
+    (``rm -rf /tmp/balancer-*``, systemd-tmpfiles), its name in the shared /tmp
+    was anyone's to take; the processes still used it by name, and a local user
+    who made it again could listen as a worker (commands, certificates handed
+    over) and have the arbiter write through a symlink planted there."""
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        return "is gone (deleted?)"
+    except OSError as exc:
+        return f"cannot be looked at ({exc.strerror or exc})"
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        return "is not this balancer's (made again by another user, or its owner or " \
+               "mode changed): remove it"
+    return None

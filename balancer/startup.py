@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import replace
 
+from balancer.control import run_dir_problem
 from balancer.privileges import Identity
 from balancer.settings import Settings
 from balancer.workers import ChildEnv, child_main, run_check
@@ -110,7 +111,8 @@ def remake_run_dir(path: str) -> str | None:
     running balancer; None when it is there and private, else why it cannot be used.
     Bug: after ``rm -rf /tmp/balancer-*`` every reload's management process died
     binding its socket there, and nothing could reach the workers until a restart.
-    A directory of that name that another user made (``/tmp`` is shared) is refused."""
+    A directory of that name that another user made (``/tmp`` is shared) is refused
+    (`control.run_dir_problem`)."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -121,7 +123,5 @@ def remake_run_dir(path: str) -> str | None:
     else:
         log.warning("the run directory %s was deleted: made again", path)
         return None
-    info = os.lstat(path)
-    if info.st_uid != os.geteuid() or info.st_mode & 0o077 or not os.path.isdir(path):
-        return f"the run directory {path} is not this balancer's (owner or mode changed)"
-    return None
+    problem = run_dir_problem(path)
+    return None if problem is None else f"the run directory {path} {problem}"

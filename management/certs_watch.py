@@ -45,7 +45,7 @@ from typing import Any
 
 import gevent
 
-from balancer.control import ask, ask_why, pid_of, worker_sockets
+from balancer.control import ask, ask_why, pid_of, run_dir_problem, worker_sockets
 from balancer.stores.base import ProblemLog, Store, StoreError
 from balancer.stores.certs import CertsCorrupt, CertsLost
 
@@ -197,8 +197,8 @@ class CertsWatch:
     def take_over(self) -> None:
         """Take the certificates the damaged store hides, and this process never read
         in good order, from the management process this one replaces."""
-        if self.problem is None and not self._damaged:
-            return
+        if self.problem is None and not self._damaged or run_dir_problem(str(self.run_dir)):
+            return  # (a run directory someone else made again: its sockets are theirs)
         own = handover_path(str(self.run_dir), os.getpid())
         for path in sorted(str(p) for p in Path(str(self.run_dir)).glob(HANDOVER_GLOB)):
             if path == own:

@@ -54,7 +54,15 @@ import gevent
 from gevent.lock import Semaphore
 
 from balancer.arbiter import STATUS_FILE
-from balancer.control import ask_raw, ask_why, decoded, pid_of, run_dir_lock, worker_sockets
+from balancer.control import (
+    ask_raw,
+    ask_why,
+    decoded,
+    pid_of,
+    run_dir_lock,
+    run_dir_problem,
+    worker_sockets,
+)
 from balancer.stats import merge_snapshots, only_known
 from management.http import ApiError
 from management.kept import Gone, HeldCounters, RetiredCounters, read_json
@@ -116,10 +124,12 @@ class ClusterRuntime:
             return replies, (retired, held)
 
     def run_dir_gone(self) -> str | None:
-        """Why no worker can be asked: the run directory is gone; None while it is there."""
-        if os.path.isdir(self.directory):
+        """Why no worker can be asked: the run directory is gone, or not this
+        balancer's any more (`control.run_dir_problem`); None while it is usable."""
+        problem = run_dir_problem(self.directory)
+        if problem is None:
             return None
-        return (f"the run directory {self.directory} is gone (deleted?): the workers "
+        return (f"the run directory {self.directory} {problem}: the workers "
                 f"keep serving but cannot be asked; reload the balancer (SIGHUP, "
                 f"systemctl reload balancer) to make it again")
 
