@@ -1,7 +1,7 @@
 """An access log record: a plain tuple, one per request, in this field order.
 
 Build it with `make_record` or as a literal in the same order (the request
-path does, `balancer.connection.access_record`); text fields take ``str``,
+path does, `balancer.connection.log_access`); text fields take ``str``,
 ``bytes`` or ``None``::
 
     TIME            float, time.time() when the request head arrived
