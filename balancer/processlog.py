@@ -23,7 +23,10 @@ Invariants:
   balancer has started (`Arbiter.run`), and the children it forks inherit
   the queue. `drain(timeout)`, at every process exit, waits for what is
   queued to be written, at most `timeout` seconds (a stuck stderr must not
-  keep a stopping process alive).
+  keep a stopping process alive). The process that installed it drains at
+  exit too (`atexit`): an uncaught exception's traceback is written after
+  every ``finally`` (bug: with stderr slow to read, the balancer's fatal
+  error was queued, then lost with the writer thread as the process exited).
 """
 
 from __future__ import annotations
