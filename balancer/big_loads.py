@@ -46,6 +46,7 @@ def loading() -> Iterator[None]:
         yield
         return
     if _depth == 0:
+        gc.collect()  # pending garbage, not to be frozen (see the invariants)
         gc.disable()
     _depth += 1
     try:
