@@ -249,12 +249,16 @@ def test_a_read_of_a_corrupt_store_does_not_wait_for_the_mirror(
     try:
         wait_for(lambda: "not valid JSON" in (one.api("GET", "/api/v1/info")[1]["store"]
                                               ["problem"] or ""), 10, what="the problem")
+        took = []
         for _ in range(3):
             started = time.monotonic()
             status, body = one.api("GET", "/api/v1/hosts")
-            assert time.monotonic() - started < 0.9
+            took.append(time.monotonic() - started)
             assert status == 200 and body["version"] == served
             assert "not valid JSON" in body["store_problem"]
+        # the bug made every read wait CATCH_UP (1 s); one read slowed by a loaded
+        # CI machine (1.05 s once, with six test processes on 2 cores) is not it
+        assert min(took) < 0.9, took
     finally:
         with client.pipeline(transaction=True) as pipe:
             pipe.hdel("balancer:hosts", "bad.test")
