@@ -68,6 +68,22 @@ def test_a_change_arrives_by_message_not_by_resync(redis_server: RedisServer) ->
         assert time.monotonic() - started < 0.5
 
 
+def test_a_strangers_announcement_hides_no_later_whole_table_write(
+        redis_server: RedisServer) -> None:
+    """Bug (review): a watcher skipped every version on NS:changes up to the highest
+    NS:changed-hosts ever named, so `PUBLISH NS:changed-hosts "999 x"` from anyone
+    left whole-table writes to the resync tick."""
+    ns = namespace()
+    writer = RedisStore(redis_server.url, ns)
+    follower = RedisStore(redis_server.url, ns, resync_interval=60)
+    with Watcher(follower) as watcher:
+        watcher.wait_version(0)
+        redis_server.client().publish(f"{ns}:changed-hosts", "999 stranger.example.com")
+        assert writer.replace({"web.example.com": WEB}) == 1
+        watcher.wait_version(1, timeout=2)
+    writer.close()
+
+
 def test_a_lost_message_is_caught_up_by_the_resync_tick(redis_server: RedisServer) -> None:
     ns = namespace()
     follower = RedisStore(redis_server.url, ns, resync_interval=0.3)

@@ -65,7 +65,7 @@ class _Seen:
     delivered_version: int = -1
     delay: float = BACKOFF_FIRST
     stranger_told: bool = False  # a message that is no version was logged
-    announced: int = -1  # the highest version ``NS:changed-hosts`` named hosts for
+    announced: int = -1  # the version ``NS:changed-hosts`` last named hosts for
 
 
 class RedisWatching(Store):
@@ -179,16 +179,18 @@ class RedisWatching(Store):
         """`messages` without the versions on ``NS:changes`` that ``NS:changed-hosts``
         announced with their hosts (each write publishes both, hosts first, in one
         transaction: SPEC §6 has ``NS:changes`` carry the version alone). A version
-        on ``NS:changes`` announced nowhere else is a whole-table write."""
+        on ``NS:changes`` announced nowhere else is a whole-table write. Only the
+        version announced last is skipped (its own message comes right after it):
+        a stranger's announcement of a high version must not hide later writes."""
         kept = []
         for message in messages:
             words = str(message.get("data", "")).split()
             if message.get("channel") == self.hosts_channel:
                 if len(words) > 1 and words[0].isdecimal():
-                    seen.announced = max(seen.announced, int(words[0]))
+                    seen.announced = int(words[0])
                 kept.append(message)
             elif not (len(words) == 1 and words[0].isdecimal()
-                      and int(words[0]) <= seen.announced):
+                      and int(words[0]) == seen.announced):
                 kept.append(message)
         return kept
 
