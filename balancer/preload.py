@@ -24,8 +24,10 @@ its first full collection (docs/performance.md: 105 → 71 MiB for an idle
 tree with one worker); and it gives its heap's free pages back. A child
 still copies every shared page whose objects it runs or reads (reference
 counts), so what children run at start matters too: the arbiter looks
-gevent's plugins up once (`resolve_gevent_plugins`) instead of every
-child's `monkey.patch_all` scanning the installed packages for them.
+gevent's plugins up once, at start (`resolve_gevent_plugins`, through
+`balancer.entry_points`: `importlib.metadata` is never imported here)
+instead of every child's `monkey.patch_all` scanning the installed packages
+for them.
 
 Invariants:
 * Importing is not patching: the arbiter still never monkey-patches, and
@@ -46,8 +48,10 @@ import contextlib
 import gc
 import importlib
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
+from balancer.entry_points import Target, load
 from balancer.heap import release
 from balancer.settings import Settings
 from balancer.stores.urls import store_kind
@@ -57,7 +61,7 @@ DATA_PLANE = (
     "gevent.monkey", "gevent.events", "gevent.socket", "gevent.ssl", "gevent.select",
     "gevent.selectors", "gevent.signal", "gevent.subprocess", "gevent.thread",
     "gevent.threading", "gevent.time", "gevent.os", "gevent.local", "gevent.threadpool",
-    "gevent.resolver.thread", "gevent.pywsgi", "gevent.util", "importlib.metadata",
+    "gevent.resolver.thread", "gevent.pywsgi", "gevent.util",
     "zope.event", "encodings.idna", "_threading_local",
     # the children's own code
     "balancer.accesslog", "balancer.control", "balancer.diagnosis", "balancer.server",
@@ -80,9 +84,8 @@ def needed(settings: Settings, management: tuple[str, ...], dropping: bool) -> t
 
 
 def preload(names: tuple[str, ...]) -> None:
-    """Import `names` and whichever `OPTIONAL` exist, and resolve gevent's
-    plugins (`resolve_gevent_plugins`); `PreloadError` names the first module
-    that cannot be imported."""
+    """Import `names` and whichever `OPTIONAL` exist; `PreloadError` names the
+    first module that cannot be imported."""
     for name in names:
         try:
             importlib.import_module(name)
@@ -91,7 +94,6 @@ def preload(names: tuple[str, ...]) -> None:
     for name in OPTIONAL:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
-    resolve_gevent_plugins()
 
 
 def freeze() -> None:
@@ -106,35 +108,42 @@ def freeze() -> None:
     release()
 
 
-def resolve_gevent_plugins() -> None:
-    """In the arbiter: find gevent's plugins (entry points) once, so that a
-    child's `monkey.patch_all` calls the same ones without scanning every
-    installed distribution's metadata for each of its events.
+def gevent_plugin_groups() -> tuple[str, ...]:
+    """The entry point groups gevent calls plugins of (one per kind of event)."""
+    import gevent.events
+
+    return tuple(sorted({cls.ENTRY_POINT_NAME for cls in vars(gevent.events).values()
+                         if isinstance(cls, type)
+                         and isinstance(getattr(cls, "ENTRY_POINT_NAME", None), str)}))
+
+
+def resolve_gevent_plugins(found: Mapping[str, tuple[Target, ...]]) -> None:
+    """In the arbiter, at start: make a child's `monkey.patch_all` call the
+    plugins `found` (`balancer.entry_points.look_up` of `gevent_plugin_groups`)
+    without scanning every installed distribution's metadata for each of its
+    events.
 
     gevent looks its plugins up again for every event patching emits (one
     per patched module: 3,151 ``entry_points.txt`` files read per
     `patch_all` on the test machine), running code and allocating over pages
     the child shares with the arbiter: 0.6 MiB of them copied into each
-    child, and a slower start (docs/performance.md). The lookup is gevent's
-    own (`EntryPoint` objects, loaded and called in the child as gevent
-    does); a group not looked up here is looked up when its event comes, and
-    a gevent without `notify_and_call_entry_points` just scans as before."""
-    from importlib import metadata
-
+    child, and a slower start (docs/performance.md). The plugins are loaded
+    and called in the child as gevent does; a group not in `found` is
+    looked up as gevent does when its event comes, and a gevent without
+    `notify_and_call_entry_points` just scans as before."""
     import gevent.events
 
-    groups = {cls.ENTRY_POINT_NAME for cls in vars(gevent.events).values()
-              if isinstance(cls, type) and isinstance(getattr(cls, "ENTRY_POINT_NAME", None),
-                                                      str)}
-    found = {group: tuple(metadata.entry_points(group=group)) for group in sorted(groups)}
     notify = gevent.events.notify
+    scan = gevent.events.notify_and_call_entry_points
 
     def notify_and_call_entry_points(event: Any) -> None:
-        notify(event)
         group = event.ENTRY_POINT_NAME
-        plugins = found[group] if group in found else metadata.entry_points(group=group)
-        for plugin in plugins:
-            plugin.load()(event)
+        if group not in found:
+            scan(event)
+            return
+        notify(event)
+        for plugin in found[group]:
+            load(plugin)(event)
 
     gevent.events.notify_and_call_entry_points = notify_and_call_entry_points
 

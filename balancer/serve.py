@@ -25,15 +25,21 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import Any
 
 from balancer import native
 from balancer.addr import Address
 from balancer.arbiter import Arbiter, Bound
 from balancer.descriptors import log_limits, raise_limit
+from balancer.entry_points import Target, load, look_up
 from balancer.listening import Listeners, bind_group, slot_count
-from balancer.preload import PreloadError, needed, preload
+from balancer.preload import (
+    PreloadError,
+    gevent_plugin_groups,
+    needed,
+    preload,
+    resolve_gevent_plugins,
+)
 from balancer.privileges import Identity, PrivilegeError, drop_privileges, resolve
 from balancer.settings import BY_NAME, Settings
 from balancer.startup import check_in_child
@@ -103,9 +109,11 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
     except PrivilegeError as exc:
         return fail(str(exc), 2)
     try:
-        management_child = load_management()
+        found = look_up((MANAGEMENT_GROUP, *gevent_plugin_groups()))
+        management_child = load_management(found[MANAGEMENT_GROUP])
     except LookupError as exc:
         return fail(str(exc), 1)
+    resolve_gevent_plugins(found)
     dropping = identity is not None and os.geteuid() == 0
     try:
         preload(needed(settings, management_child.modules, dropping))
@@ -132,16 +140,17 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def load_management() -> ManagementChild:
-    """The management process, from the ``balancer.management`` entry point.
+def load_management(found: tuple[Target, ...]) -> ManagementChild:
+    """The management process, from the ``balancer.management`` entry point
+    named ``child`` among `found` (that group's, `balancer.entry_points.look_up`).
 
     This is where the composition root wires the management package in: the
     data plane itself never imports `management`."""
-    found = entry_points(group=MANAGEMENT_GROUP, name="child")
-    if not found:
+    named = [target for target in found if target.name == "child"]
+    if not named:
         raise LookupError(f"no {MANAGEMENT_GROUP!r} entry point: the balancer package is not "
                           f"installed (pip install .)")
-    child = next(iter(found)).load()
+    child = load(named[0])
     if not isinstance(child, ManagementChild):
         raise LookupError(f"entry point {MANAGEMENT_GROUP!r} is not a ManagementChild")
     return child

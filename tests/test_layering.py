@@ -39,7 +39,8 @@ def test_the_check_finds_an_import(tmp_path: Path) -> None:
 
 
 def test_the_management_process_is_reached_through_the_entry_point() -> None:
-    from balancer.serve import load_management
+    from balancer.entry_points import look_up
+    from balancer.serve import MANAGEMENT_GROUP, load_management
     from management.process import CHILD
 
-    assert load_management() is CHILD
+    assert load_management(look_up([MANAGEMENT_GROUP])[MANAGEMENT_GROUP]) is CHILD

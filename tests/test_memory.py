@@ -189,9 +189,10 @@ def test_a_reload_to_a_store_the_dropped_arbiter_cannot_import_is_refused(
 
 PATCH_ALL = """
 import sys, warnings
-from balancer.preload import resolve_gevent_plugins
+from balancer.entry_points import look_up
+from balancer.preload import gevent_plugin_groups, resolve_gevent_plugins
 if sys.argv[1] == "resolved":
-    resolve_gevent_plugins()
+    resolve_gevent_plugins(look_up(gevent_plugin_groups()))
 read = []
 sys.addaudithook(lambda event, args: read.append(args[0]) if event == "open"
                  and str(args[0]).endswith("entry_points.txt") else None)
