@@ -24,9 +24,7 @@ The user's reference, docs/settings.md, is generated from ``SETTINGS``
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
-import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 
@@ -418,6 +416,10 @@ def _from_file(path: str, problems: list[str]) -> Iterator[_Given]:
 
 
 def _read_toml(path: str, problems: list[str]) -> dict:
+    # imported here: an arbiter started without a config file never holds the
+    # TOML parser (its memory is mapped by every child; docs/performance.md)
+    import tomllib
+
     try:
         with open(path, "rb") as file:
             return tomllib.load(file)
@@ -462,6 +464,8 @@ def _known(name: str, source: str, problems: list[str]) -> Setting | None:
 
 
 def _suggest(name: str, known: Mapping[str, Setting]) -> str:
+    import difflib  # only for a mistake: never held by a running arbiter
+
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 

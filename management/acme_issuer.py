@@ -45,7 +45,6 @@ import logging
 import os
 import socket
 import time
-import uuid
 from collections.abc import Mapping
 from contextlib import suppress
 from datetime import UTC, datetime
@@ -153,7 +152,7 @@ class Issuer:
         self.table = table  # () -> the hosts served (the management process's mirror)
         self.runtime = runtime
         self.ca: Any = None  # made at the first issuance (`authority`)
-        self.owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:6]}"
+        self.owner = f"{socket.gethostname()} pid {os.getpid()} {os.urandom(3).hex()}"
         self.holding = False
         self.stopped = False
         self.wake = Event()
