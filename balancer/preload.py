@@ -67,6 +67,9 @@ DATA_PLANE = (
     "balancer.accesslog", "balancer.control", "balancer.diagnosis", "balancer.server",
 )
 STORES = {"file": ("balancer.stores.file",), "redis": ("balancer.stores.redis",)}
+# what the arbiter itself may import only on a reload (`balancer.settings`: a config
+# file read, a mistake's closest setting named): before the drop, else never
+SETTINGS_LATER = ("tomllib", "difflib")
 # imported by gevent.monkey depending on the Python version
 OPTIONAL = ("gevent.monkey._patch_thread_common", "gevent.monkey._patch_thread_lt313",
             "gevent.monkey._patch_thread_gte313")
@@ -78,9 +81,10 @@ class PreloadError(Exception):
 
 def needed(settings: Settings, management: tuple[str, ...], dropping: bool) -> tuple[str, ...]:
     """The modules the arbiter imports for `settings`: the data plane with its
-    store, plus the management process's (`management`) when `dropping`."""
+    store, plus the management process's (`management`) and its own later ones
+    (`SETTINGS_LATER`) when `dropping`."""
     return (*DATA_PLANE, *STORES[store_kind(settings.store.url)],
-            *(management if dropping else ()))
+            *((*management, *SETTINGS_LATER) if dropping else ()))
 
 
 def preload(names: tuple[str, ...]) -> None:

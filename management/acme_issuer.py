@@ -45,6 +45,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Mapping
 from contextlib import suppress
 from datetime import UTC, datetime
@@ -152,7 +153,7 @@ class Issuer:
         self.table = table  # () -> the hosts served (the management process's mirror)
         self.runtime = runtime
         self.ca: Any = None  # made at the first issuance (`authority`)
-        self.owner = f"{socket.gethostname()} pid {os.getpid()} {os.urandom(3).hex()}"
+        self.owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:6]}"
         self.holding = False
         self.stopped = False
         self.wake = Event()

@@ -41,6 +41,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +70,7 @@ class Deployer:
         self.records = store.records()
         self.runtime = runtime
         self.write_rule = write_rule  # (host, rule, if_version) -> version, published
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.running: dict[str, str] = {}  # host -> deploy id run here
         self.stopping = threading.Event()
         self.watcher: threading.Thread | None = None
@@ -81,7 +82,7 @@ class Deployer:
         record. Raises `Busy` (with the id holding the host)."""
         if host in self.running:  # its claim may have been lost with damaged records
             raise Busy(self.running[host])
-        deploy_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+        deploy_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         record = self.new_record(deploy_id, host, rule, to, settings, kind)
         claimed = False
         try:

@@ -1,8 +1,9 @@
 """Proxy speed against HAProxy: the benchmark of issues 2 and 4.
 
 ``python scripts/bench_proxy.py [--rounds 3] [--duration 8] [--connections 100[,1000]]
-[--modes keep-alive[,close][,varied]] [--targets direct,haproxy,bare,balancer,balancer-log,
-haproxy-tls,balancer-tls,baseline,baseline-tls] [--workers 1] [--baseline TREE] [--settle S]``
+[--modes keep-alive[,close][,varied]] [--targets direct,haproxy,haproxy-master,bare,balancer,
+balancer-log,haproxy-tls,balancer-tls,baseline,baseline-tls] [--workers 1] [--baseline TREE]
+[--settle S]``
 
 nginx (one worker) serves the suite's 4.5 KB page; every target proxies to
 it over keep-alive connections and is measured with
@@ -16,7 +17,12 @@ the one before it on its connection). Targets:
 
 * ``direct``: nginx alone (the ceiling);
 * ``haproxy``: HAProxy ``nbthread 1`` (``nbthread N`` with ``--workers N``),
-  ``http-reuse always``;
+  ``http-reuse always``, one process (``haproxy -db``): the reference every
+  ratio is taken against;
+* ``haproxy-master``: the same in master-worker mode (``haproxy -W -db``: a
+  master process and its worker, as Debian's systemd unit runs it with
+  ``-Ws``), for the memory of a whole HAProxy process tree; not run unless
+  named;
 * ``bare``: scripts/bare_relay.py, gevent + httptools with no features;
 * ``balancer``: ``balancer serve --workers 1`` (``--workers N``), file store,
   access log off;
@@ -77,8 +83,9 @@ from loadtest.reaper import stat_fields  # noqa: E402
 from loadtest.routes import RouteFile, proxy_rule  # noqa: E402
 
 HOST = "127.0.0.1"
-TARGETS = ("direct", "haproxy", "bare", "balancer", "balancer-log", "haproxy-tls",
-           "balancer-tls", "baseline", "baseline-tls")
+TARGETS = ("direct", "haproxy", "haproxy-master", "bare", "balancer", "balancer-log",
+           "haproxy-tls", "balancer-tls", "baseline", "baseline-tls")
+NAMED_ONLY = ("haproxy-master",)  # not among the default targets
 TLS_NAME = "bench.test"  # the certificate's name, served to wrk (no SNI) as the default
 NOFILE = 4096
 
@@ -114,7 +121,7 @@ def start_target(name: str, procs: Processes, root: Path, backend: int,
     addr = f"{HOST}:{backend}"
     scrape_port = None
     scheme = "https" if name.endswith("-tls") else "http"
-    if name in ("haproxy", "haproxy-tls"):
+    if name in ("haproxy", "haproxy-master", "haproxy-tls"):
         conf = dir / "haproxy.cfg"
         text = configs.haproxy(port, [addr], NOFILE, 2000, threads=workers)
         if scheme == "https":
@@ -125,7 +132,7 @@ def start_target(name: str, procs: Processes, root: Path, backend: int,
                                 f"bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1 "
                                 f"ssl-min-ver TLSv1.2 ciphers {MOZILLA_INTERMEDIATE}\n")
         conf.write_text(text)
-        argv = ["haproxy", "-db", "-f", str(conf)]
+        argv = ["haproxy", *(["-W"] if name == "haproxy-master" else []), "-db", "-f", str(conf)]
     elif name == "bare":
         argv = [sys.executable, str(ROOT / "scripts" / "bare_relay.py"),
                 "--listen", f"{HOST}:{port}", "--backend", addr]
@@ -238,7 +245,8 @@ def main() -> None:
                         help="comma-separated connection counts (e.g. 100,1000)")
     parser.add_argument("--modes", default="keep-alive",
                         help=f"comma-separated client modes, of {', '.join(MODES)}")
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--targets",
+                        default=",".join(t for t in TARGETS if t not in NAMED_ONLY))
     parser.add_argument("--workers", type=int, default=1,
                         help="balancer worker processes and HAProxy threads (nbthread)")
     parser.add_argument("--baseline", metavar="TREE",

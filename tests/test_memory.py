@@ -38,6 +38,7 @@ MANAGEMENT_ONLY = {"werkzeug", "prometheus_client", "management", "acme", "josep
 REDIS = {"redis", "hiredis"}
 ON_FIRST_USE = {"acme", "josepy", "requests", "cryptography",  # management, lazily
                 "prometheus_client"}
+ARBITER_NEVER = {"importlib.metadata", "csv", "tomllib", "difflib"}
 
 
 @pytest.fixture
@@ -91,6 +92,9 @@ def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backe
         # importlib.import_module itself raises no "import" audit event)
         assert {"balancer.actions", "balancer.health", "balancer.tls"} <= loaded
         assert not packages(loaded) & (MANAGEMENT_ONLY | REDIS), sorted(loaded)
+        # what only start-up needs: the entry points' scan (a throwaway child's,
+        # `balancer.entry_points`), the TOML parser without a config file
+        assert not loaded & ARBITER_NEVER, sorted(loaded & ARBITER_NEVER)
         for worker in workers:
             assert not packages(imported(audit, worker)) & (MANAGEMENT_ONLY | REDIS)
         own = packages(imported(audit, management))
@@ -115,6 +119,7 @@ def test_the_arbiter_loads_the_configured_store_and_management_only_when_droppin
     assert "balancer.stores.redis" in on_redis and "balancer.stores.file" not in on_redis
     dropping = needed(load_settings({}, {}, None), CHILD.modules, dropping=True)
     assert set(CHILD.modules) <= set(dropping)
+    assert {"tomllib", "difflib"} <= set(dropping)  # a reload's, after the drop
 
 
 def readable_by_others(path: Path) -> bool:
@@ -126,6 +131,32 @@ def readable_by_others(path: Path) -> bool:
 def reload_to(bal: Balancer, config: str) -> None:
     (bal.tmp / "balancer.toml").write_text(config)
     bal.proc.send_signal(signal.SIGHUP)
+
+
+def test_a_reload_with_a_mistake_names_the_closest_setting(tmp_path: Path,
+                                                          backend: Backend) -> None:
+    """The arbiter imports difflib only once a setting needs naming: a reload
+    whose config file misspells one keeps the running settings and names the
+    setting meant."""
+    audit = tmp_path / "imports"
+    audit.mkdir()
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
+                   config="[server]\nworkers = 1\n",
+                   prefix=["env", f"PYTHONPATH={ROOT}:{ROOT / 'tests' / 'import_audit'}",
+                           f"IMPORT_AUDIT_DIR={audit}"])
+    try:
+        assert request(bal.port, host=HOST)[0] == 200
+        assert "difflib" not in imported(audit, bal.proc.pid)
+        reload_to(bal, "[server]\nworkerz = 2\n")
+        wait_for(lambda: "SIGHUP: keeping the running settings: server.workerz" in bal.output(),
+                 timeout=10, what="the reload refused")
+        assert "(did you mean server.workers?)" in bal.output()
+        assert "difflib" in imported(audit, bal.proc.pid)
+        assert request(bal.port, host=HOST)[0] == 200
+        assert bal.api("GET", "/api/v1/info")[1]["arbiter"]["generation"] == 1
+        assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
 
 
 def test_a_reload_to_the_redis_store_imports_it(tmp_path: Path, backend: Backend,
