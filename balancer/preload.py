@@ -5,9 +5,10 @@ and ready at once in a replacement worker; what it imports but a child never
 uses still counts in that child's resident set (its pages are mapped). So
 the arbiter imports the data plane every child runs (gevent, the worker's
 code, and only the store the settings name: no `redis` on a file store),
-and the management process imports its own modules (werkzeug,
-prometheus-client, the ACME client and cryptography when it first needs
-them) after fork, where only it pays for them.
+and the management process imports its own modules (werkzeug, gevent's
+WSGI server with `http.client` and `email`, prometheus-client, the ACME
+client and cryptography when it first needs them) after fork, where only it
+pays for them.
 
 A process that dropped root may be unable to read the Python installation
 (a Python under /root, mode 0700, is common): when the arbiter drops
@@ -61,7 +62,7 @@ DATA_PLANE = (
     "gevent.monkey", "gevent.events", "gevent.socket", "gevent.ssl", "gevent.select",
     "gevent.selectors", "gevent.signal", "gevent.subprocess", "gevent.thread",
     "gevent.threading", "gevent.time", "gevent.os", "gevent.local", "gevent.threadpool",
-    "gevent.resolver.thread", "gevent.pywsgi", "gevent.util",
+    "gevent.resolver.thread", "gevent.util",
     "zope.event", "encodings.idna", "_threading_local",
     # the children's own code
     "balancer.accesslog", "balancer.control", "balancer.diagnosis", "balancer.server",

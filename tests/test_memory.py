@@ -38,7 +38,8 @@ MANAGEMENT_ONLY = {"werkzeug", "prometheus_client", "management", "acme", "josep
 REDIS = {"redis", "hiredis"}
 ON_FIRST_USE = {"acme", "josepy", "requests", "cryptography",  # management, lazily
                 "prometheus_client"}
-ARBITER_NEVER = {"importlib.metadata", "csv", "tomllib", "difflib"}
+ARBITER_NEVER = {"importlib.metadata", "csv", "tomllib", "difflib",
+                 "gevent.pywsgi"}  # the management process's WSGI server
 
 
 @pytest.fixture
@@ -97,8 +98,10 @@ def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backe
         assert not loaded & ARBITER_NEVER, sorted(loaded & ARBITER_NEVER)
         for worker in workers:
             assert not packages(imported(audit, worker)) & (MANAGEMENT_ONLY | REDIS)
+            assert "gevent.pywsgi" not in imported(audit, worker)
         own = packages(imported(audit, management))
         assert {"werkzeug", "prometheus_client", "management"} <= own  # after fork
+        assert "gevent.pywsgi" in imported(audit, management)
         assert not own & ((ON_FIRST_USE - {"prometheus_client"}) | REDIS), sorted(own)
 
         chain, key = TestCA().issue(HOST)  # a certificate: now cryptography is needed
