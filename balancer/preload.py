@@ -117,9 +117,9 @@ def gevent_plugin_groups() -> tuple[str, ...]:
     """The entry point groups gevent calls plugins of (one per kind of event)."""
     import gevent.events
 
-    return tuple(sorted({cls.ENTRY_POINT_NAME for cls in vars(gevent.events).values()
-                         if isinstance(cls, type)
-                         and isinstance(getattr(cls, "ENTRY_POINT_NAME", None), str)}))
+    names = (getattr(cls, "ENTRY_POINT_NAME", None) for cls in vars(gevent.events).values()
+             if isinstance(cls, type))
+    return tuple(sorted({name for name in names if isinstance(name, str)}))
 
 
 def resolve_gevent_plugins(found: Mapping[str, tuple[Target, ...]]) -> None:
