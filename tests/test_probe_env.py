@@ -467,3 +467,51 @@ def test_a_retiring_worker_without_room_for_its_counters_says_so(
     write_retired(str(tmp_path), worker, 1000.0)
     assert "cannot leave this worker's counters" in caplog.text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_small_store_file_is_read_without_a_cap_sized_buffer(tmp_path: Path) -> None:
+    """Reading a small routes file allocates about its size. Bug: every read
+    asked for `MAX_FILE_BYTES + 1` (256 MiB), so a store read failed outright
+    under an address-space limit (`ulimit -v`)."""
+    import tracemalloc
+
+    from balancer.stores.atomic import read_regular
+
+    path = tmp_path / "routes.json"
+    path.write_bytes(b"{}" * 500)
+    tracemalloc.start()
+    try:
+        data = read_regular(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data == b"{}" * 500
+    assert peak < 1 << 20, peak
+
+
+def test_a_store_file_that_grows_while_read_is_read_whole_or_refused(
+        monkeypatch: Any) -> None:
+    """A file larger than its fstat said (a pipe's size is 0: a file that grew
+    after the fstat) is read on past that size, up to the cap and no further."""
+    from balancer.stores import atomic
+
+    def read_pipe(payload: bytes) -> bytes:
+        r, w = os.pipe()
+        writer = threading.Thread(target=lambda: (os.write(w, payload), os.close(w)))
+        writer.start()
+        try:
+            with open(r, "rb") as f:
+                return atomic.read_capped(f)
+        finally:
+            writer.join(5)
+
+    payload = bytes(range(256)) * 40
+    assert read_pipe(payload) == payload
+    monkeypatch.setattr(atomic, "MAX_FILE_BYTES", 5000)
+    monkeypatch.setattr(atomic, "GROWTH_SLICE", 700)
+    try:
+        read_pipe(payload)
+    except atomic.TooLarge as exc:
+        assert str(exc).startswith("5001 bytes"), exc
+    else:
+        raise AssertionError("read past the cap")

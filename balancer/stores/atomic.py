@@ -16,6 +16,7 @@ from balancer.stores.base import StoreFull, StoreUnavailable
 
 # the most a store's file may hold: 40 times the routes file of 100,000 hosts (6 MiB)
 MAX_FILE_BYTES = 256 << 20
+GROWTH_SLICE = 1 << 20  # what `read_capped` reads at a time past the fstat size
 
 
 class TooLarge(ValueError):
@@ -109,7 +110,15 @@ def read_capped(f: IO[bytes]) -> bytes:
     size = os.fstat(f.fileno()).st_size
     if size > MAX_FILE_BYTES:
         raise TooLarge(size)
-    data = f.read(MAX_FILE_BYTES + 1)  # it may grow after the fstat
+    # One byte more than fstat said: a file that grew after the fstat is read
+    # on in slices. Bug: `read(MAX_FILE_BYTES + 1)` allocated 256 MiB for every
+    # read, however small the file (virtual, but it fails under `ulimit -v`).
+    data = f.read(size + 1)
+    while size < len(data) <= MAX_FILE_BYTES:
+        more = f.read(min(GROWTH_SLICE, MAX_FILE_BYTES + 1 - len(data)))
+        if not more:
+            break
+        data += more
     if len(data) > MAX_FILE_BYTES:
         raise TooLarge(len(data))
     return data
