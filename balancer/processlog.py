@@ -14,6 +14,11 @@ Invariants:
   oldest lines kept, as the access log does. A write that fails (stderr a
   closed pipe) drops its text the same way. Once a write goes through again,
   one line says how many were dropped meanwhile.
+* A line is queued or dropped whole: text that does not end a line waits
+  in `write` (bounded by `QUEUE_BYTES`) until the write that ends it, or a
+  `flush`. Bug: `print` writes its text and its newline in two writes, so
+  near the bound the text was queued and its newline dropped, and the next
+  line was glued to it.
 * The writer is a native thread, whatever gevent patched: its blocking write
   holds neither the gevent hub nor the GIL. It never logs (the handlers'
   locks may be gevent's): it writes its own line itself.
@@ -68,6 +73,7 @@ class QueuedStderr:
     def _reset(self) -> None:
         """A new queue, no writer yet (and after a fork: the parent's forgotten)."""
         self._pending: deque[str] = deque()  # append/popleft are atomic across threads
+        self._unended = ""  # text written since the last line's end, not queued yet
         self._wake = _allocate_lock()  # released: text waits (a binary semaphore)
         self._wake.acquire()
         # each counter has one writing thread: `write`'s, or the writer's (no lock)
@@ -85,18 +91,29 @@ class QueuedStderr:
         return self._refused + self._failed
 
     def write(self, text: str) -> int:
-        """Queue `text` for the writer, or drop it past the limit; never blocks."""
+        """Queue `text` for the writer, or drop it past the limit, a line at a time
+        (text that does not end a line waits for the write that ends it); never blocks."""
+        size = len(text)
+        if not text.endswith("\n"):
+            self._unended += text
+            if len(self._unended) <= self._limit:
+                return size
+            text = ""  # a line longer than the queue: dropped as it is
+        self._queue(self._unended + text)
+        self._unended = ""
+        return size
+
+    def _queue(self, text: str) -> None:
         cost = len(text) + WRITE_COST
         if self._added - self._taken + cost > self._limit:
-            self._refused += text.count("\n")
-            return len(text)
+            self._refused += _lines(text)
+            return
         self._added += cost
         self._pending.append(text)
         if not self._started:
             self._start()
         with contextlib.suppress(RuntimeError):  # released already: the writer will look
             self._wake.release()
-        return len(text)
 
     def _start(self) -> None:
         """The writer thread, once (two threads' first writes may race here)."""
@@ -106,7 +123,11 @@ class QueuedStderr:
                 self._started = True
 
     def flush(self) -> None:
-        """Nothing to do: the writer writes as soon as it can (never waits here)."""
+        """Queue the text of a line not ended yet (the writer writes as soon as it
+        can: this never waits)."""
+        if self._unended:
+            text, self._unended = self._unended, ""
+            self._queue(text)
 
     def fileno(self) -> int:
         return self._fd
@@ -140,7 +161,7 @@ class QueuedStderr:
             _write_all(self._fd, text.encode(self.encoding, self.errors))
             self._tell_recovery()
         except OSError:
-            self._failed += text.count("\n")
+            self._failed += _lines(text)
         finally:
             self._taken += len(text) + WRITE_COST * len(texts)
             self._busy = False
@@ -155,6 +176,11 @@ class QueuedStderr:
                 _write_all(self._fd, f"balancer: process log: writing again; {dropped - told} "
                                      f"lines were dropped while stderr was blocked or "
                                      f"failing\n".encode())
+
+
+def _lines(text: str) -> int:
+    """The lines `text` holds, one not ended included."""
+    return text.count("\n") + (not text.endswith("\n"))
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -194,6 +220,7 @@ def drain(timeout: float = EXIT_WAIT) -> None:
         with contextlib.suppress(Exception):
             sys.stderr.flush()
         return
+    _installed.flush()
     deadline = time.monotonic() + timeout
     while not _installed.is_idle() and time.monotonic() < deadline:
         time.sleep(0.01)

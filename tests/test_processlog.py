@@ -128,3 +128,41 @@ def test_an_uncaught_exceptions_traceback_is_written_at_exit() -> None:
         proc.kill()
         proc.wait()
     assert err.endswith(b"RuntimeError: the fatal error\n"), err[-300:]
+
+
+PRINTS = """
+from gevent import monkey; monkey.patch_all()
+import sys
+from balancer import processlog
+from balancer.processlog import QUEUE_BYTES, WRITE_COST
+processlog.install()
+line = "A" * 10
+# the queue left with room for `line` and its newline as one write, not as two
+sys.stderr.write("f" * (QUEUE_BYTES - 2 * WRITE_COST - len(line) - 2) + "\\n")
+print(line, file=sys.stderr)  # two writes: the text, then the newline
+sys.stdout.write("queued\\n")
+sys.stdout.flush()
+sys.stdin.read()  # until the test read the pipe
+print("after", file=sys.stderr)
+"""
+
+
+def test_a_printed_line_is_queued_or_dropped_whole(fifo) -> None:
+    """Bug: `print` writes its text and its newline apart; near the bound the text
+    was queued and the newline dropped, and the next line was glued to it."""
+    reader, writer = fifo
+    root = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen([sys.executable, "-c", PRINTS], stderr=writer,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": root})
+    try:
+        assert proc.stdout.readline() == b"queued\n"  # type: ignore[union-attr]
+        got = read_until(reader, b"A" * 10)
+        proc.stdin.close()  # type: ignore[union-attr]
+        got += read_until(reader, b"after\n")
+        assert proc.wait(timeout=WAIT) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = got.lstrip(b"x").split(b"\n")
+    assert lines[1:] == [b"A" * 10, b"after", b""], lines[1:]
