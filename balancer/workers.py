@@ -269,9 +269,7 @@ def check_startup(settings: Settings) -> None:
     except PageError as exc:
         raise BootError(f"server.pages_dir: {exc}") from None
     try:
-        access_log = AccessLog(settings.log.access_log, settings.log.access_format)
-        access_log.start()
-        access_log.close()
+        AccessLog(settings.log.access_log, settings.log.access_format).check()
     except AccessLogError as exc:
         raise BootError(f"log.access_log: {exc}") from None
     check_readable("acme.ca_bundle", settings.acme.ca_bundle)

@@ -180,3 +180,35 @@ def test_a_reopen_while_a_write_blocks_moves_the_log_to_the_new_file(tmp_path: P
     finally:
         bal.stop()
         os.close(reader)
+
+
+def test_an_access_log_fifo_with_no_reader_yet_never_holds_a_worker(tmp_path: Path) -> None:
+    """The access log a FIFO whose reader (a log shipper) has not started. Bug: the
+    worker opened it at its start and hung there, never serving, and a reload's
+    start-up check hung the same way. Now the open waits in the writer's thread:
+    the worker serves, one line says so, a reload goes through, and the records
+    that waited come once a reader opens the FIFO."""
+    fifo = tmp_path / "access.log"
+    os.mkfifo(fifo)
+    bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--access-log", str(fifo)])
+    reader = -1
+    try:
+        assert pipelined(bal.port, 3) == 3
+        wait_for(lambda: "a FIFO nobody reads yet; waiting for a reader" in bal.output(),
+                 WAIT, what="the wait told")
+        bal.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "(slot 0, generation 2)" in bal.output(), WAIT,
+                 what="the reload's worker ready")
+        assert pipelined(bal.port, 4) == 4  # the new worker: its records wait too
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        lines, deadline = 0, time.monotonic() + WAIT
+        while lines < 4:  # those of the worker serving now, at least
+            assert time.monotonic() < deadline, lines
+            lines = drain(reader, lines, deadline)
+        assert metric(bal, DROPPED) == 0 and "Traceback" not in bal.output()
+    finally:
+        started = time.monotonic()
+        bal.stop()
+        if reader >= 0:
+            os.close(reader)
+    assert time.monotonic() - started < 5.0

@@ -23,6 +23,14 @@ Invariants:
   time, besides at most one a reopen left to the old file; ``close`` does
   not wait for one that blocks (a stopping worker waited for it until the
   arbiter killed it).
+* Opening never blocks the worker. A FIFO nobody has opened for reading
+  (its reader, a log shipper, not started yet) is opened by the writer in
+  the thread pool, where the open waits for a reader; records queue within
+  the bounds above meanwhile and those past them are dropped and counted, as
+  while a write blocks, told once, and the log starts when a reader comes
+  (bug: `start` opened it in the worker, which hung there before serving, and
+  so did the start-up check of a reload). As HAProxy does with a log target
+  that cannot take lines, not as nginx, whose start hangs on such a FIFO.
 * A reopen (SIGUSR1) opens the path in the thread pool (a hung mount blocks
   an open too). Asked for while a write blocks, it is tried within
   ``STALL_CHECK``: if the path names another file (rotated, replaced), the
@@ -50,6 +58,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections import deque
@@ -60,6 +69,7 @@ import gevent
 import gevent.event
 import gevent.lock
 
+from balancer.accesslog.files import OPEN_FLAGS, open_path, write_all
 from balancer.accesslog.formats import FORMATS, FORMATTERS, LINE_FORMATTERS
 
 STDOUT = "-"
@@ -82,7 +92,6 @@ HELD_LIMIT: Final = 4 << 20
 HELD_BATCH: Final = HELD_LIMIT // 4  # bytes waiting that wake the writer, as a full batch
 FULL = f"{QUEUE_LIMIT} records or {HELD_LIMIT >> 20} MiB of their requests"  # for the log
 STALL_CHECK: Final = 1.0  # seconds between looks at the queue while a write is out
-OPEN_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
 class AccessLogError(Exception):
@@ -144,14 +153,24 @@ class AccessLog:
             self._wake.set()
 
     def start(self) -> None:
-        """Open the path and start ``writer_loop``; ``AccessLogError`` if it cannot be opened."""
+        """Open the path (a FIFO with no reader yet: in ``writer_loop``) and start
+        ``writer_loop``; ``AccessLogError`` if it cannot be opened."""
         if not self.is_enabled or self._writer is not None:
             return
         self._fd = self._open()
         self._writer = gevent.spawn(self.writer_loop)
 
+    def check(self) -> None:
+        """``AccessLogError`` unless the path can be opened (a FIFO with no reader
+        yet can: the writer waits for one). Opens nothing that stays open."""
+        fd = self._open() if self.is_enabled else None
+        if fd is not None and self.path != STDOUT:
+            os.close(fd)
+
     def writer_loop(self) -> None:
         """Greenlet body: wake on the interval or a full batch, then ``flush``."""
+        if self._fd is None:
+            self._await_reader()
         while not self._is_closed:
             self._wake.wait(self._flush_interval)
             self._wake.clear()
@@ -198,14 +217,44 @@ class AccessLog:
         state = "off" if not self.is_enabled else "open" if self._fd is not None else "closed"
         return f"<AccessLog {self.path!r} {self.fmt} {state} pending={len(self._pending)}>"
 
-    def _open(self) -> int:
+    def _open(self) -> int | None:
+        """The path's descriptor (blocking writes), or None: a FIFO nobody has open
+        for reading (opened without waiting: ENXIO)."""
         if self.path == STDOUT:
             return sys.stdout.fileno()
         try:
-            return os.open(self.path, OPEN_FLAGS, 0o644)
+            fd = os.open(self.path, OPEN_FLAGS | os.O_NONBLOCK, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return None
             raise AccessLogError(
                 f"cannot open access log {self.path}: {exc.strerror or exc}") from None
+        os.set_blocking(fd, True)  # a write waits in the thread pool, never the worker
+        return fd
+
+    def _await_reader(self) -> None:
+        """Open a FIFO that had no reader in the thread pool, where the open waits for
+        one, until it opens or the log is closed; records `log` refuses meanwhile
+        are counted as dropped every `STALL_CHECK` seconds."""
+        self._is_failing = True  # the first write tells what was dropped meanwhile
+        self._report(f"access log {self.path}: a FIFO nobody reads yet; waiting for a "
+                     f"reader, with at most {FULL} waiting, records past them dropped")
+        said = ""
+        while self._fd is None and not self._is_closed:
+            result = gevent.get_hub().threadpool.spawn(open_path, self.path, -1)
+            while not result.ready() and not self._is_closed:
+                result.wait(STALL_CHECK)
+                self._take_refused()
+            if not result.ready():
+                return  # closed: the open is left to its thread (the worker stops)
+            fd, why = result.get()
+            if fd >= 0:
+                self._fd = fd
+            elif why != said:  # (replaced by something that cannot be opened)
+                said = why
+                self._report(f"cannot open access log {self.path}: {why}; trying again")
+            else:
+                gevent.sleep(STALL_CHECK)
 
     def _reopen_now(self) -> None:
         self._reopen_requested = False
@@ -261,9 +310,9 @@ class AccessLog:
         self._retiring = False
 
     def _open_in_thread(self, beside: int) -> tuple[int, str]:
-        """`_open_path` in the thread pool (a hung mount blocks an open too); while
+        """`open_path` in the thread pool (a hung mount blocks an open too); while
         it blocks, the records `log` refused are counted every `STALL_CHECK` seconds."""
-        result = gevent.get_hub().threadpool.spawn(_open_path, self.path, beside)
+        result = gevent.get_hub().threadpool.spawn(open_path, self.path, beside)
         while not result.ready():
             result.wait(STALL_CHECK)
             self._take_refused()
@@ -316,11 +365,11 @@ class AccessLog:
             self._dropped = 0
 
     def _write_in_thread(self, data: bytes, start: int) -> tuple[int, OSError | None] | None:
-        """`_write_all` in the thread pool; while it blocks, every `STALL_CHECK`
+        """`write_all` in the thread pool; while it blocks, every `STALL_CHECK`
         seconds the records `log` refused are counted (and the spell told), and a
         reopen asked for is tried (`_reopen_beside`): None if the log moved to
         another file, this write left to the old one. `start`: where its records start."""
-        result = gevent.get_hub().threadpool.spawn(_write_all, self._fd, data)
+        result = gevent.get_hub().threadpool.spawn(write_all, self._fd, data)
         self._write_out = True  # until it returns (a kill while it blocks leaves it out)
         blocked = 0.0
         while not result.ready():
@@ -359,36 +408,3 @@ class AccessLog:
         except (OSError, ValueError):  # stderr gone too: nothing left to tell
             pass
 
-
-def _open_path(path: str, beside: int) -> tuple[int, str]:
-    """Open the access log's path (in the thread pool): its descriptor, or -1 and
-    why not; never raises. `beside`, unless -1: the descriptor a write blocks on,
-    and a path that still names that file is not opened again (two writes out to
-    one file would interleave their records)."""
-    try:
-        fd = os.open(path, OPEN_FLAGS, 0o644)
-    except OSError as exc:
-        return -1, exc.strerror or str(exc)
-    if beside >= 0:
-        try:
-            new, old = os.fstat(fd), os.fstat(beside)
-            same = (new.st_dev, new.st_ino) == (old.st_dev, old.st_ino)
-        except OSError:
-            same = True
-        if same:
-            os.close(fd)
-            return -1, "the path still names the file the write blocks on"
-    return fd, ""
-
-
-def _write_all(fd: int, data: bytes) -> tuple[int, OSError | None]:
-    """Write all of ``data`` to ``fd`` (os.write may write part of it): how many
-    bytes were written, and the OSError that stopped it (ENOSPC, EFBIG past
-    RLIMIT_FSIZE: SIGXFSZ is ignored, as Python starts; EPIPE), or None."""
-    view, written = memoryview(data), 0
-    try:
-        while written < len(data):
-            written += os.write(fd, view[written:])
-    except OSError as exc:
-        return written, exc
-    return written, None
