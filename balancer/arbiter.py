@@ -121,6 +121,7 @@ class Arbiter:
         self.exit_code = 0
         self.has_been_ready = False
         self.wake_r, self.wake_w = os.pipe()
+        self.told_dropped = 0  # process log lines dropped, as `write_status` last wrote
 
     # main loop -----------------------------------------------------------------
     def run(self) -> int:
@@ -138,6 +139,8 @@ class Arbiter:
                     self.handle(signum)
                 self.reap()
                 self.manage()
+                if processlog.dropped() != self.told_dropped:
+                    self.write_status()  # the management process's metric shows them
             return self.exit_code
         finally:
             processlog.drain()  # the last lines (why it stopped), within EXIT_WAIT
@@ -381,10 +384,12 @@ class Arbiter:
     def write_status(self) -> None:
         """The arbiter's state for `/api/v1/info` (`DIR/arbiter.json`, replaced whole)."""
         now = time.monotonic()
+        self.told_dropped = processlog.dropped()
         status = {"pid": os.getpid(), "generation": self.generation,
                   "workers": self.settings.effective_workers(),
                   "recent_crashes": self.backoff.recent(now),
-                  "crash_loop": self.backoff.is_looping(now)}
+                  "crash_loop": self.backoff.is_looping(now),
+                  "process_log_dropped": self.told_dropped}
         if run_dir_problem(self.bound.run_dir) is not None:
             return  # never write by name into a directory someone else may have made
         path = os.path.join(self.bound.run_dir, STATUS_FILE)

@@ -95,6 +95,7 @@ class ClusterRuntime:
         self.highest = 0  # the highest version a worker reported (`highest_version`)
         self.known_workers: set[int | None] = set()  # the pids that reported it
         self.silent = SilentWorkers(self._note_highest)
+        self.arbiter_dropped = 0  # `arbiter_log_dropped`'s last answer
 
     def survey(self, command: str | Callable[[list[str]], str], complete: bool = False
                ) -> tuple[list[dict[str, Any]], Kept]:
@@ -324,6 +325,16 @@ class ClusterRuntime:
                           "version": merged.get("routing_version", 0),
                           "last_reload": merged.get("last_reload", 0.0),
                           "problem": self.store_problem(replies)}}
+
+    def arbiter_log_dropped(self) -> int:
+        """The arbiter's process log lines dropped (its status file, at most a loop
+        turn old), never fewer than this process saw before (a counter: the file
+        may be gone a while with the run directory)."""
+        status = read_json(os.path.join(self.directory, STATUS_FILE))
+        told = status.get("process_log_dropped") if isinstance(status, dict) else None
+        if isinstance(told, int):
+            self.arbiter_dropped = max(self.arbiter_dropped, told)
+        return self.arbiter_dropped
 
     def store_problem(self, replies: list[dict[str, Any]]) -> str | None:
         """What is wrong with the store, if anything: lost table, corrupt, unreachable."""

@@ -32,10 +32,12 @@ class SnapshotCollector(Collector):
 
     def __init__(self, snapshot: Callable[[], Snapshot],
                  expiries: Callable[[], dict[str, float]] | None = None,
-                 acme: Callable[[], dict[str, Any]] | None = None) -> None:
+                 acme: Callable[[], dict[str, Any]] | None = None,
+                 own_drops: Callable[[], dict[str, int]] | None = None) -> None:
         self.snapshot = snapshot
         self.expiries = expiries
         self.acme = acme  # `management.acme_api.figures`
+        self.own_drops = own_drops  # process log lines dropped: {"management", "arbiter"}
 
     def describe(self) -> list:
         return []  # no collect() at registration time
@@ -62,12 +64,22 @@ class SnapshotCollector(Collector):
                                   "Access log records dropped because writing them failed "
                                   "(disk full, file size limit, closed pipe).",
                                   value=snap.get("access_log_dropped", 0))
-        yield CounterMetricFamily("balancer_process_log_dropped_lines_total",
-                                  "Process log (stderr) lines dropped because stderr "
-                                  "blocked or failed.",
-                                  value=snap.get("process_log_dropped", 0))
+        yield self._process_log(snap)
         yield from self._tls(snap)
         yield from self._acme()
+
+    def _process_log(self, snap: Snapshot) -> CounterMetricFamily:
+        """Lines dropped by kind of process: the workers' summed (their snapshot),
+        the management process's and the arbiter's (`own_drops`)."""
+        dropped = CounterMetricFamily("balancer_process_log_dropped_lines_total",
+                                      "Process log (stderr) lines dropped because stderr "
+                                      "blocked or failed, by kind of process.",
+                                      labels=["process"])
+        own = self.own_drops() if self.own_drops is not None else {}
+        dropped.add_metric(["worker"], snap.get("process_log_dropped", 0))
+        for kind in ("management", "arbiter"):
+            dropped.add_metric([kind], own.get(kind, 0))
+        return dropped
 
     def _tls(self, snap: Snapshot) -> Iterator[Any]:
         handshakes = CounterMetricFamily("balancer_tls_handshakes_total",
@@ -178,9 +190,10 @@ class Metrics:
 
     def __init__(self, snapshot: Callable[[], Snapshot],
                  expiries: Callable[[], dict[str, float]] | None = None,
-                 acme: Callable[[], dict[str, Any]] | None = None) -> None:
+                 acme: Callable[[], dict[str, Any]] | None = None,
+                 own_drops: Callable[[], dict[str, int]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SnapshotCollector(snapshot, expiries, acme))
+        self.registry.register(SnapshotCollector(snapshot, expiries, acme, own_drops))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of the current snapshot."""

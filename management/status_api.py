@@ -19,6 +19,7 @@ from typing import Any
 
 from werkzeug.wrappers import Request, Response
 
+from balancer import processlog
 from balancer.rules import normalize_host
 from balancer.stores import Store
 from management import certs_api, diagnosis
@@ -115,6 +116,9 @@ class StatusRoutes:
                 raise ApiError(503, "metrics_unavailable",
                                f"the Prometheus exporter cannot be imported: {exc}") from None
             runtime = self.runtime
+            arbiter = getattr(runtime, "arbiter_log_dropped", lambda: 0)  # a ClusterRuntime's
             self.metrics = Metrics(lambda: runtime.stats(METRICS_SELECT),
-                                   lambda: certs_api.expiries(self.store), self.acme_figures)
+                                   lambda: certs_api.expiries(self.store), self.acme_figures,
+                                   lambda: {"management": processlog.dropped(),
+                                            "arbiter": arbiter()})
         return self.metrics

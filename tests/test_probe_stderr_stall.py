@@ -8,13 +8,14 @@ lines come once the reader reads again."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
 from pathlib import Path
 
 from tests.support import Balancer, dead_address, request, wait_for
-from tests.test_probe_env import STATIC, WAIT, child_pid, metric
+from tests.test_probe_env import STATIC, WAIT, child_pid
 
 # Run the rest of argv with stdout and stderr a FIFO (argv[1]) and copy what it
 # writes to this process's stdout until the management port is announced; then
@@ -61,6 +62,15 @@ sys.exit(child.wait())
 """]
 
 
+def dropped_lines(bal: Balancer, process: str) -> float:
+    """``balancer_process_log_dropped_lines_total`` of one kind of process."""
+    text = bal.api("GET", "/metrics")[1].decode()
+    name = f'balancer_process_log_dropped_lines_total{{process="{process}"}}'
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert found, f"no dropped lines of {process} in /metrics"
+    return float(found.group(1))
+
+
 def served_in(port: int, host: str, limit: float) -> tuple[int, float]:
     """One request's status and how long it took (at most `limit` s: a timeout fails)."""
     started = time.monotonic()
@@ -88,11 +98,54 @@ def test_a_stderr_nobody_reads_never_stalls_requests(tmp_path: Path) -> None:
                 assert got == status
                 slowest = max(slowest, took)
         assert slowest < 1.0, slowest
-        assert metric(bal, "balancer_process_log_dropped_lines_total") == 0  # within the bound
+        assert dropped_lines(bal, "worker") == 0  # within the bound
         bal.proc.send_signal(signal.SIGUSR2)  # the reader reads again: what waited comes
         wait_for(lambda: f"backend {dead} is down" in bal.output()
                  and "dead.test: " in bal.output(), WAIT, what="the queued lines")
         assert child_pid(bal, "worker") == worker and "Traceback" not in bal.output()
+    finally:
+        started = time.monotonic()
+        bal.stop()
+    assert time.monotonic() - started < 5.0
+
+
+# Run the rest of argv with stdout and stderr a pipe, copy what it writes to this
+# process's stdout until the management port is announced, then close the pipe's
+# reading end: every later write to stderr fails (EPIPE). SIGTERM is passed on.
+CLOSING = [sys.executable, "-c", """
+import ctypes, os, signal, subprocess, sys
+reader, writer = os.pipe()
+child = subprocess.Popen(sys.argv[1:], stdout=writer, stderr=writer,
+                         preexec_fn=lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM))
+os.close(writer)
+signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+seen = b""
+while b" for management" not in seen and (data := os.read(reader, 1 << 16)):
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    seen = seen[-100:] + data
+os.close(reader)
+sys.exit(child.wait())
+"""]
+
+
+def test_the_arbiters_and_the_management_processs_lost_lines_are_counted(
+        tmp_path: Path) -> None:
+    """Bug: only the workers' dropped lines were in the metric; the arbiter's and
+    the management process's were told in a recovery line only, which a stderr
+    that stays broken never shows."""
+    bal = Balancer(tmp_path, {"app.test": STATIC}, prefix=CLOSING)
+    try:
+        wait_for(lambda: "for management" in bal.output(), WAIT, what="the announce")
+        assert dropped_lines(bal, "arbiter") == 0
+        arbiter = bal.api("GET", "/api/v1/info")[1]["arbiter"]["pid"]
+        os.kill(arbiter, signal.SIGUSR1)  # "SIGUSR1: workers reopen their logs": lost
+        wait_for(lambda: dropped_lines(bal, "arbiter") >= 1, WAIT, what="the arbiter's")
+        assert bal.api("PUT", "/api/v1/hosts/new.test", STATIC)[0] == 200  # its change line
+        wait_for(lambda: dropped_lines(bal, "management") >= 1, WAIT,
+                 what="the management process's")
+        assert bal.api("GET", "/api/v1/info")[1]["arbiter"]["process_log_dropped"] >= 1
+        assert request(bal.port, host="app.test")[0] == 200
     finally:
         started = time.monotonic()
         bal.stop()
