@@ -26,6 +26,8 @@ Invariants:
   starting at a time.
 * A child that exits unasked is replaced with backoff; repeated exits are
   reported as a crash loop and slow down, they never spin.
+* The run directory deleted is made again within a turn of the loop, and the
+  children bind their sockets there again (`balancer.startup.RunDirKeeper`).
 * The requests a worker that exited still counted against rules' limits
   (its journal: `balancer.limits.reclaim`) are given back when it is reaped.
 """
@@ -52,6 +54,7 @@ from balancer.preload import PreloadError, freeze, needed, preload
 from balancer.privileges import Identity
 from balancer.settings import Settings, SettingsError
 from balancer.startup import (
+    RunDirKeeper,
     check_in_child,
     flush_std,
     keep_bound,
@@ -122,6 +125,7 @@ class Arbiter:
         self.has_been_ready = False
         self.wake_r, self.wake_w = os.pipe()
         self.told_dropped = 0  # process log lines dropped, as `write_status` last wrote
+        self.run_dir = RunDirKeeper(bound.run_dir)
 
     # main loop -----------------------------------------------------------------
     def run(self) -> int:
@@ -139,8 +143,9 @@ class Arbiter:
                     self.handle(signum)
                 self.reap()
                 self.manage()
-                if processlog.dropped() != self.told_dropped:
-                    self.write_status()  # the management process's metric shows them
+                made = self.state == RUNNING and self.run_dir.keep(self.children.values())
+                if made or processlog.dropped() != self.told_dropped:
+                    self.write_status()  # (dropped lines: the management process's metric)
             return self.exit_code
         finally:
             processlog.drain()  # the last lines (why it stopped), within EXIT_WAIT

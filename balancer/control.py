@@ -53,6 +53,8 @@ Invariants:
   ``DIR/retired-PID-STARTED.json`` (gauges zeroed; `worker_identity`), so
   cluster totals never go backwards across a reload.
 * A missing or dead socket is skipped, never an error: workers come and go.
+  A worker whose socket file went with the run directory binds it again when
+  the arbiter, having made the directory again, tells it (`rebind`).
 * Every command whose client still waits gets one JSON reply: a bad one, or
   one whose values no check foresaw (`safe_answer`), an ``{"pid",
   "error"}``; the worker goes on. A
@@ -125,25 +127,54 @@ class ControlServer:
     """Answers control commands for one worker (run inside the worker's gevent hub)."""
 
     def __init__(self, directory: str, worker: Any) -> None:
-        from gevent.pool import Pool
-        from gevent.server import StreamServer
-
         self.path = control_path(directory, os.getpid())
         self.worker = worker
         self.started = time.time()
         self.counted: tuple[float, dict[str, int]] = (-TOTALS_EVERY, {})  # (when, totals)
+        self.directory = directory
+        self.closed = False
+        self.server = self._listen()
+
+    def _listen(self) -> Any:
+        """A server on a socket newly bound at `path` (its inode noted: `rebind`)."""
+        from gevent.pool import Pool
+        from gevent.server import StreamServer
+
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket of a recycled pid
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.path)
         listener.listen(64)
-        self.server = StreamServer(listener, self.handle, spawn=Pool(16))
+        info = os.stat(self.path)
+        self.bound = (info.st_dev, info.st_ino)
+        return StreamServer(listener, self.handle, spawn=Pool(16))
 
     def start(self) -> None:
         self.server.start()
 
+    def rebind(self) -> None:
+        """Listen at `path` again if the socket there is gone (the run directory
+        deleted and made again by the arbiter: `startup.RunDirKeeper`); never in a
+        directory that is not the run directory any more (`run_dir_problem`)."""
+        if self.closed:
+            return  # retired: its counters are in its retired file, never live again
+        with contextlib.suppress(FileNotFoundError):
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == self.bound:
+                return  # still ours
+        problem = run_dir_problem(self.directory)
+        if problem is not None:
+            log.error("cannot answer the management process: the run directory %s %s",
+                      self.directory, problem)
+            return
+        old, self.server = self.server, self._listen()
+        old.close()  # (its socket file is gone: nothing to unlink)
+        self.server.start()
+        log.info("control socket %s bound again", self.path)
+
     def close(self) -> None:
         """Stop answering and remove the socket file."""
+        self.closed = True
         self.server.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)

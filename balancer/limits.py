@@ -326,6 +326,8 @@ def reclaim(path: str, pid: int) -> int:
         os.rename(journal_path(path, pid), claimed)
     except OSError:
         return 0  # none (not a worker, or given back already)
+    # the run directory may be deleted meanwhile (bug: the arbiter died of the
+    # FileNotFoundError): what is gone with it counts against nobody
     try:
         with open(claimed, "rb") as file:
             counts = [count for (count,) in COUNT.iter_unpack(file.read())]
@@ -337,5 +339,8 @@ def reclaim(path: str, pid: int) -> int:
             finally:
                 buckets.close()
         return given
+    except OSError:
+        return 0
     finally:
-        os.unlink(claimed)
+        with contextlib.suppress(OSError):
+            os.unlink(claimed)

@@ -8,6 +8,10 @@ Invariants:
   user the workers run as.
 * What a reload cannot change (listen addresses, reuseport, user, group) is
   kept from the running settings, with a warning naming it.
+* The run directory deleted under a running balancer is made again by the
+  arbiter within a turn of its loop (`RunDirKeeper`), never one that someone
+  else made in its place (`control.run_dir_problem`), and every child is told
+  to bind its sockets there again (`REBIND`).
 """
 
 from __future__ import annotations
@@ -18,15 +22,19 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
-from balancer.control import run_dir_problem
+from balancer.control import control_path, run_dir_problem
 from balancer.privileges import Identity
 from balancer.settings import Settings
 from balancer.workers import ChildEnv, child_main, run_check
 
 log = logging.getLogger("balancer")
 CHECK_TIMEOUT = 30.0
+REBIND = signal.SIGHUP  # to a child: bind your sockets in the run directory again
+REBIND_WINDOW = 10.0  # seconds after the run directory is made again: workers checked
 
 
 def keep_bound(old: Settings, new: Settings) -> Settings:
@@ -121,7 +129,47 @@ def remake_run_dir(path: str) -> str | None:
         return f"the run directory {path} was deleted and cannot be made again: " \
                f"{exc.strerror or exc}"
     else:
-        log.warning("the run directory %s was deleted: made again", path)
+        log.warning("the run directory %s was deleted: made again; the workers bind "
+                    "their control sockets there again", path)
         return None
     problem = run_dir_problem(path)
     return None if problem is None else f"the run directory {path} {problem}"
+
+
+class RunDirKeeper:
+    """The arbiter's watch over its run directory, looked at once per loop turn.
+
+    Bug: deleted under a running balancer (``rm -rf /tmp/balancer-*``,
+    systemd-tmpfiles), it stayed gone until a reload or a restart: the workers
+    could not be asked (statistics 503, writes 202), and once a reload made it
+    again the counters kept there were gone, so totals went down."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.said: str | None = None  # the problem last logged (once per spell)
+        self.until = 0.0  # checking that every worker bound its socket again, until then
+
+    def keep(self, children: Iterable[Any]) -> bool:
+        """Make the directory again if it is gone and tell every child (`REBIND`);
+        whether it was made now. For `REBIND_WINDOW` seconds after, a ready worker
+        whose control socket is missing is told again (one that was starting)."""
+        children = list(children)
+        if run_dir_problem(self.path) is None:
+            self.said = None
+            if time.monotonic() < self.until:
+                for child in children:
+                    if child.kind == "worker" and child.ready and not child.draining \
+                            and not os.path.exists(control_path(self.path, child.pid)):
+                        kill_quietly(child.pid, REBIND)
+            return False
+        problem = remake_run_dir(self.path)
+        if problem is not None:
+            if problem != self.said:
+                log.error("%s; the workers serve on, but cannot be asked until it is "
+                          "removed", problem)
+            self.said = problem
+            return False
+        self.until = time.monotonic() + REBIND_WINDOW
+        for child in children:
+            kill_quietly(child.pid, REBIND)
+        return True

@@ -21,7 +21,9 @@ Invariants:
   a reload replaced: it drains the same way but keeps its held requests
   until their rule changes (a SIGTERM during that drain still answers them);
   SIGQUIT exits at once (even mid-drain), SIGUSR1 reopens the access log,
-  SIGHUP is the arbiter's business (ignored here).
+  SIGHUP (`startup.REBIND`, from the arbiter only: one sent to the arbiter is a
+  reload) binds the child's sockets in the run directory again, which the
+  arbiter made again after it was deleted.
 """
 
 from __future__ import annotations
@@ -136,10 +138,12 @@ def report_ready(env: ChildEnv) -> None:
 
 
 def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
-                  release: Callable[[], None] | None = None) -> None:
+                  release: Callable[[], None] | None = None,
+                  rebind: Callable[[], None] | None = None) -> None:
     """Block until the child must drain: SIGTERM/SIGINT, SIGUSR2 (retired by a
     reload), or the arbiter is gone. `release` (answer held requests) runs on
-    every stop but a retirement, also one that comes during the drain."""
+    every stop but a retirement, also one that comes during the drain; `rebind`
+    on SIGHUP (the run directory made again), also during the drain."""
     import gevent
     from gevent.event import Event
 
@@ -156,6 +160,8 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
     gevent.signal_handler(signal.SIGQUIT, os._exit, 0)
     if reopen is not None:
         gevent.signal_handler(signal.SIGUSR1, reopen)
+    if rebind is not None:
+        gevent.signal_handler(signal.SIGHUP, rebind)
 
     def parent_loop() -> None:
         while os.getppid() == env.arbiter_pid:
@@ -204,7 +210,7 @@ def run_worker(env: ChildEnv, listeners: list[tuple[Any, str]]) -> int:
     tune_gc()
     report_ready(env)
     log.info("worker %d serving routing version %d", os.getpid(), worker.holder.table.version)
-    wait_for_stop(env, worker.access_log.reopen, worker.release_held)
+    wait_for_stop(env, worker.access_log.reopen, worker.release_held, control.rebind)
     graceful = settings.timeouts.graceful
     worker.stop(max(graceful - STOP_MARGIN, graceful / 2))
     retire(env.run_dir, worker, control)

@@ -183,6 +183,15 @@ class CertsWatch:
         self._server = StreamServer(listener, self.hand_over)
         self._server.start()
 
+    def rebind(self) -> None:
+        """Serve the handover socket again if it is gone (the run directory deleted
+        and made again by the arbiter)."""
+        if self._server is None or run_dir_problem(str(self.run_dir)) is not None \
+                or os.path.exists(handover_path(str(self.run_dir), os.getpid())):
+            return
+        self._server.close()
+        self.serve()
+
     def hand_over(self, sock: socket.socket, _address: Any) -> None:
         try:
             sock.settimeout(HANDOVER_TIMEOUT)

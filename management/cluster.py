@@ -37,9 +37,11 @@ Invariants:
   in ``lagging``; a write never counts it as having applied.
 * Without its run directory (deleted under a running balancer: ``rm -rf
   /tmp/balancer-*``) no worker can be asked: statistics answer 503
-  `workers_unreachable` and a write 202 naming it, until a reload (``SIGHUP``)
-  makes the directory again. Bug: statistics answered 500, and a write 200
-  that no worker had confirmed (read-your-writes broken).
+  `workers_unreachable` and a write 202 naming it, until the arbiter makes the
+  directory again (within a turn of its loop: `balancer.startup.RunDirKeeper`)
+  and the workers bind their sockets there again; one someone else made in its
+  place is never used. Bug: statistics answered 500, and a write 200 that no
+  worker had confirmed (read-your-writes broken).
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class ClusterRuntime:
         self.check_run_dir()
         with self.mutex, run_dir_lock(self.directory):
             listed = worker_sockets(self.directory)
-            self.held.retire_gone(listed)
+            present = listed + self.held.unlisted(listed)  # (a run directory made again)
+            self.held.retire_gone(present)
             retired = self.retired.snapshot()
             named: set[str] | None = None
             later: list[str] = []  # named hosts past the first slice
@@ -115,7 +118,7 @@ class ClusterRuntime:
                 ordered = sorted(named)
                 command, later = command(ordered[:NAMED_SLICE]), ordered[NAMED_SLICE:]
             replies, answered = self.asked(listed, command, complete)
-            held = self.held.missing(listed, answered)
+            held = self.held.missing(present, answered)
             unnamed = kept_hosts(*held) - named if named is not None else set()
             whole = complete and bool(listed) and answered == set(listed)
             if (later or unnamed) and replies:  # unnamed: only a worker silent just now counted
@@ -131,8 +134,8 @@ class ClusterRuntime:
         if problem is None:
             return None
         return (f"the run directory {self.directory} {problem}: the workers "
-                f"keep serving but cannot be asked; reload the balancer (SIGHUP, "
-                f"systemctl reload balancer) to make it again")
+                f"keep serving but cannot be asked until the arbiter makes it again "
+                f"(within a second of its removal)")
 
     def check_run_dir(self) -> None:
         """503 `workers_unreachable` when the run directory is gone."""

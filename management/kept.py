@@ -36,6 +36,15 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
   and each is written once there is room, unless another management process
   retired that worker meanwhile. Bug: the OSError came out of every survey
   (`/metrics` and `/api/v1/stats` failed from the first dead worker on).
+* The run directory deleted and made again (`balancer.startup.RunDirKeeper`)
+  loses no total: the retired total last read is written again from memory
+  (`_read_total`), and a worker whose socket went with the directory but whose
+  process lives (`os.kill(pid, 0)`), and that has not retired, is counted from
+  its held counters until it binds its socket again (`HeldCounters.unlisted`),
+  never retired from them (bug: it would then be counted twice, retired and
+  live). A retired file of a worker the total folded already is deleted, not
+  folded twice. Bug: the total's file went with the directory, and totals went
+  down.
 * Held counters never replace newer ones: a worker's held bytes change only
   with its next complete answer; they are decoded only while it is missing.
 """
@@ -54,6 +63,7 @@ from balancer.control import (
     RETIRED_GLOB,
     counters_only,
     identity_of,
+    pid_of,
     retired_path,
     worker_identity,
 )
@@ -159,9 +169,11 @@ class RetiredCounters:
 
     def _fold(self, pending: list[Path]) -> None:
         total, folded = self._read_total()
-        parts = ([total] if total else []) + [s for s in map(read_json, map(str, pending)) if s]
+        done = set(folded)
+        fresh = [path for path in pending if identity_of(str(path)) not in done]
+        parts = ([total] if total else []) + [s for s in map(read_json, map(str, fresh)) if s]
         merged = merge_snapshots(parts) if parts else Stats().snapshot()
-        merged[FOLDED] = [*folded, *(identity_of(str(path)) for path in pending)][-FOLDED_KEPT:]
+        merged[FOLDED] = [*folded, *(identity_of(str(path)) for path in fresh)][-FOLDED_KEPT:]
         write_json(str(self.total_path), merged)
         for path in pending:
             with contextlib.suppress(OSError):
@@ -172,13 +184,26 @@ class RetiredCounters:
         try:
             st = self.total_path.stat()
         except FileNotFoundError:
-            return None, ()
+            return self._restore()
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self.cached[0] != key:
             total = read_json(str(self.total_path))
             folded = total.pop(FOLDED, []) if isinstance(total, dict) else []
             self.cached = (key, total, tuple(folded))
         return self.cached[1], self.cached[2]
+
+
+    def _restore(self) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
+        """The total last read, written again (its file went with the run
+        directory); kept in memory while it cannot be written."""
+        _, total, folded = self.cached
+        if total is not None and self._try(lambda: write_json(
+                str(self.total_path), {**total, FOLDED: list(folded)})) is None:
+            st = self.total_path.stat()
+            self.cached = ((st.st_ino, st.st_mtime_ns, st.st_size), total, folded)
+            log.warning("the counters of workers that exited written again in %s",
+                        self.directory)
+        return total, folded
 
 
 class HeldCounters:
@@ -203,6 +228,12 @@ class HeldCounters:
         self.decoded = {path: self.decoded.get(path) or self._decode(path) for path in wanted}
         return [snapshot for snapshot in self.decoded.values() if snapshot]
 
+    def unlisted(self, listed: Collection[str]) -> list[str]:
+        """The held workers not `listed` whose process lives and that did not
+        retire: their socket went with the run directory, and comes back."""
+        return [path for path, (_, identity) in self.raw.items() if path not in listed
+                and _lives(pid_of(path)) and not self.retired.has_retired(identity)]
+
     def retire_gone(self, listed: Collection[str]) -> None:
         """Forget the workers whose socket went; retire the counters of those
         that did not retire theirs (killed, crashed) from what they held."""
@@ -222,6 +253,20 @@ class HeldCounters:
         except (ValueError, KeyError, TypeError):
             return {}
         return counters_only(stats) if isinstance(stats, dict) else {}
+
+
+def _lives(pid: int | None) -> bool:
+    """Whether process `pid` exists (a worker the arbiter reaped does not: it
+    removes the worker's socket after reaping it)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: str, value: Any) -> None:

@@ -92,6 +92,11 @@ class Mirror:
                                     lambda: self.version),
                        gevent.spawn(self.save_loop)]
 
+    def save_again(self) -> None:
+        """Write the snapshot soon, changed or not (its copy in the run directory,
+        made again after it was deleted, is gone)."""
+        self._dirty.set()
+
     def stop(self) -> None:
         self.stopped = True
         self.following = False

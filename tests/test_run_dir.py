@@ -6,16 +6,19 @@ it is made in /tmp."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from balancer.limits import journal_path, reclaim
 from tests.support import Balancer, request, wait_for
 
 WAIT = 20.0
@@ -29,38 +32,63 @@ def runs() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_a_deleted_run_directory_is_named_and_a_reload_makes_it_again(
+def completed(bal: Balancer) -> int | None:
+    """a.test's completed requests in /api/v1/stats (None: not answered)."""
+    status, answer = bal.api("GET", "/api/v1/stats?host=a.test")
+    return answer["hosts"]["a.test"]["completed_requests"] if status == 200 else None
+
+
+def test_a_deleted_run_directory_is_made_again_at_once_and_no_total_goes_down(
         tmp_path: Path, runs: Path) -> None:
+    """Bug: deleted under a running balancer (``rm -rf /tmp/balancer-*``), the run
+    directory stayed gone until a reload: no worker could be asked (statistics 503,
+    writes 202); and once made again the retired workers' counters kept there
+    were gone, so totals went down. Now the arbiter makes it again within a
+    second, the workers bind their control sockets there again, and what the
+    management process kept there is written again from its memory."""
     bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
                    env={"TMPDIR": str(runs)})
     try:
         [run_dir] = list(runs.glob("balancer-*"))
+        for _ in range(5):
+            assert request(bal.port, host="a.test")[2] == b"a"
         [old] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
-        shutil.rmtree(run_dir)
-        status, answer = bal.api("GET", "/api/v1/stats")
-        assert (status, answer["error"]) == (503, "workers_unreachable"), answer
-        assert str(run_dir) in answer["message"] and "SIGHUP" in answer["message"]
-        status, answer = bal.api("PUT", "/api/v1/hosts/b.test",
-                                 {"action": "static", "body": "b"})
-        assert status == 202 and answer["applied"] is False, answer
-        assert "run directory" in answer["lagging"][0]["reason"]
-        status, answer = bal.api("GET", "/readyz")
-        assert status == 503 and "run directory" in answer["reasons"][0], answer
-        assert request(bal.port, host="a.test")[2] == b"a"  # the data plane serves on
-
-        bal.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: run_dir.is_dir() and bal.api("GET", "/api/v1/stats")[0] == 200,
-                 WAIT, what="the run directory made again and the workers reached")
-        assert run_dir.stat().st_mode & 0o777 == 0o700
+        bal.proc.send_signal(signal.SIGHUP)  # the first worker retires: its counters kept
         wait_for(lambda: [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
                  not in ([], [old]), WAIT, what="the new generation's worker alone")
-        wait_for(lambda: bal.api("PUT", "/api/v1/hosts/c.test",
-                                 {"action": "static", "body": "c"})[0] == 200,
-                 WAIT, what="a write every worker confirms")
-        assert request(bal.port, host="c.test")[2] == b"c"  # read-your-writes again
-        assert "the run directory" in bal.output() and "made again" in bal.output()
+        for _ in range(3):
+            assert request(bal.port, host="a.test")[2] == b"a"
+        wait_for(lambda: completed(bal) == 8 and (run_dir / "retired-total.json").exists()
+                 and (run_dir / "history.json").exists(), WAIT, what="the retired total")
+        shutil.rmtree(run_dir)
+        deleted = time.monotonic()
+        seen: list[int | None] = []
+        wait_for(lambda: seen.append(completed(bal)) or seen[-1] is not None, WAIT,
+                 what="the workers reached again")
+        assert time.monotonic() - deleted < 5.0
+        assert [n for n in seen if n is not None] == [8]  # never fewer (nor more)
+        assert run_dir.is_dir() and run_dir.stat().st_mode & 0o777 == 0o700
+        wait_for(lambda: (run_dir / "retired-total.json").exists()
+                 and (run_dir / "history.json").exists(), WAIT, what="what was kept there")
+        assert bal.api("PUT", "/api/v1/hosts/c.test", {"action": "static", "body": "c"}
+                       )[0] == 200  # every worker confirmed it: read-your-writes
+        assert request(bal.port, host="c.test")[2] == b"c"
+        assert bal.api("GET", "/readyz")[0] == 200
+        for _ in range(2):
+            assert request(bal.port, host="a.test")[2] == b"a"
+        assert completed(bal) == 10
+        assert "was deleted: made again" in bal.output()
+        assert "Traceback" not in bal.output()
     finally:
         bal.stop()
+
+
+def exchange(one: Path, other: Path) -> None:
+    """Swap two paths in one step (renameat2's RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_cwd, rename_exchange = -100, 2
+    if libc.renameat2(at_cwd, bytes(one), at_cwd, bytes(other), rename_exchange) != 0:
+        raise OSError(ctypes.get_errno(), "renameat2")
 
 
 def test_a_run_directory_another_user_made_again_is_not_used(
@@ -75,16 +103,18 @@ def test_a_run_directory_another_user_made_again_is_not_used(
     try:
         [run_dir] = list(runs.glob("balancer-*"))
         [pid] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
-        shutil.rmtree(run_dir)
-        run_dir.mkdir()  # made again by another user, open to all
-        os.chown(run_dir, 65534, 65534)
-        run_dir.chmod(0o777)
+        taken = runs / "taken"  # made again by another user, open to all
+        taken.mkdir()
+        os.chown(taken, 65534, 65534)
+        taken.chmod(0o777)
         victim = tmp_path / "victim"
         victim.write_text("untouched")
-        (run_dir / "arbiter.json.tmp").symlink_to(victim)
-        impostor.bind(str(run_dir / "worker-1.sock"))
+        (taken / "arbiter.json.tmp").symlink_to(victim)
+        impostor.bind(str(taken / "worker-1.sock"))
         impostor.listen(8)
         impostor.setblocking(False)
+        exchange(run_dir, taken)  # deleted and taken at once: the arbiter never sees a gap
+        shutil.rmtree(taken)
 
         status, answer = bal.api("GET", "/api/v1/stats")
         assert (status, answer["error"]) == (503, "workers_unreachable"), answer
@@ -102,6 +132,11 @@ def test_a_run_directory_another_user_made_again_is_not_used(
         with pytest.raises(BlockingIOError):
             impostor.accept()  # nobody connected
         assert request(bal.port, host="a.test")[2] == b"a"
+        assert bal.output().count("cannot be asked until it is removed") == 1  # told once
+        shutil.rmtree(run_dir)  # removed: the arbiter makes its own again
+        wait_for(lambda: bal.api("GET", "/api/v1/stats")[0] == 200, WAIT,
+                 what="the workers reached again")
+        assert run_dir.stat().st_uid == os.getuid() and victim.read_text() == "untouched"
     finally:
         impostor.close()
         bal.stop()
@@ -122,3 +157,12 @@ def test_a_tmpdir_too_long_for_a_socket_path_puts_the_run_directory_in_tmp(
         assert request(bal.port, host="a.test")[2] == b"a"
     finally:
         bal.stop()
+
+
+def test_a_journal_gone_while_it_is_given_back_is_no_error(tmp_path: Path) -> None:
+    """Bug: the run directory deleted while the arbiter gave an exited worker's
+    requests back (`limits.reclaim`, between claiming the journal and reading it):
+    the arbiter died of the FileNotFoundError, and every child stopped with it."""
+    shared = str(tmp_path / "limits.shm")
+    Path(journal_path(shared, 4242)).mkdir()  # claimed, then unreadable: as if deleted
+    assert reclaim(shared, 4242) == 0
