@@ -192,7 +192,6 @@ class RetiredCounters:
             self.cached = (key, total, tuple(folded))
         return self.cached[1], self.cached[2]
 
-
     def _restore(self) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
         """The total last read, written again (its file went with the run
         directory); kept in memory while it cannot be written."""
@@ -230,7 +229,9 @@ class HeldCounters:
 
     def unlisted(self, listed: Collection[str]) -> list[str]:
         """The held workers not `listed` whose process lives and that did not
-        retire: their socket went with the run directory, and comes back."""
+        retire: their socket went with the run directory, and comes back. (A dead
+        worker's pid taken by another process meanwhile keeps its counters held,
+        not retired, until that process ends: counted once either way.)"""
         return [path for path, (_, identity) in self.raw.items() if path not in listed
                 and _lives(pid_of(path)) and not self.retired.has_retired(identity)]
 
