@@ -364,7 +364,11 @@ class Balancer:
         self.proc = guarded_popen(argv, cwd=tmp, stdout=self.log, stderr=subprocess.STDOUT,
                                   env=full_env)
         self.ports: dict[str, int] = {}
-        wait_for(self._read_ports, timeout=20, what="balancer to listen")
+        try:
+            wait_for(self._read_ports, timeout=20, what="balancer to listen")
+        except BaseException:  # never left running by a test that failed here (bug: a
+            self.stop(signal.SIGKILL)  # balancer hung at its start outlived the run)
+            raise
 
     def _read_ports(self) -> bool:
         if self.proc.poll() is not None:
