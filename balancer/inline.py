@@ -229,7 +229,7 @@ def _serve(conn: ClientConnection, data: bytes) -> None:
         return
     ex = conn.begin(head)
     action = ex.route.action
-    if len(conn.events) != 1 or len(data) > HEAD_MAX or not serves(ex) \
+    if conn.events or len(data) > HEAD_MAX or not serves(ex) \
             or not isinstance(action, ProxyAction):
         io.hand_off(conn)
         return

@@ -78,7 +78,7 @@ from _socket import socket as RawSocket
 from collections.abc import Callable, Sequence
 from errno import EINPROGRESS
 from ssl import SSLWantReadError, SSLWantWriteError, SSLZeroReturnError
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from gevent import Timeout, get_hub, getcurrent
 from gevent.socket import socket as GeventSocket
@@ -90,6 +90,9 @@ from balancer.readiness import READ, SWITCH, Readable
 from balancer.sockcalls import recv_now
 from balancer.spans import Span, span_joined
 from balancer.turns import Turn
+
+if TYPE_CHECKING:
+    from balancer.connection import ClientConnection
 
 NEVER: Final = float("inf")
 HELD_READ: Final = 65536  # bytes a held TLS client's readiness reads through OpenSSL
@@ -545,6 +548,8 @@ class GeventIO(IO):
         # told when a connection with no task is closed in the hub (the worker's
         # `balancer.serving.Slots.leave`: its slot frees)
         self.on_closed: Any = None
+        # `_wake`, bound once: made anew at every park, it cost a method object
+        self.wake: Callable[[ClientConnection], None] = self._wake
         # time.monotonic() as of the watchdog's last `tick`: deadlines are
         # enforced at tick granularity, so arming against it is as exact and
         # costs no call
@@ -636,15 +641,18 @@ class GeventIO(IO):
         return len(self.connections) > CROWDED or \
             (self.servable is not None and self.servable(ex))
 
-    def park(self, conn: Any) -> bool:
+    def park(self, conn: ClientConnection) -> bool:
         """The connection's task ends; its next readiness (or its deadline) gives
         it to a greenlet again (`on_wake` / `on_expire`, through `resume`). A TLS
-        stream is parked only while OpenSSL holds no decrypted byte (`can_park`)."""
+        stream is parked only while OpenSSL holds no decrypted byte (`can_park`).
+        (`conn` typed, not Any: its attributes and calls are native under mypyc,
+        ~1,000 instructions less per parked request than looked up by name.)"""
         stream = conn.stream
         if self.resume is None or not stream.can_park():
             return False
         conn.task = None
-        stream.watcher.park(self._wake, conn)
+        # (a stream that can park is a gevent worker's: `EventedStream`, `TLSStream`)
+        cast(WatchedStream, stream).watcher.park(self.wake, conn)
         return True
 
     def linger(self, conn: Any, on_ready: Callable[[Any], None], arg: Any) -> bool:
@@ -658,7 +666,7 @@ class GeventIO(IO):
         conn.deadline = NEVER
         self.resume(self.on_expire, (conn,))
 
-    def _wake(self, conn: Any) -> None:
+    def _wake(self, conn: ClientConnection) -> None:
         serve = self.serve_ready
         if serve is None or not serve(conn):
             self.resume(self.on_wake, (conn,))

@@ -401,11 +401,11 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> boo
     assert parser is not None  # `exchange` made it
     events = parser.events
     if parser.complete and framing == RAW:  # all of it came with the head: one send
-        events.pop()  # END
-        if len(events) == 1:  # the body in one piece (or none)
+        pieces = len(events) - 1  # the body's, before its END (not popped: CPython
+        if pieces == 1:  # would shrink the list's array, then free it at `clear`)
             out.append(events[0])
-        else:
-            out.extend([span_bytes(piece) for piece in events])
+        elif pieces:
+            out.extend([span_bytes(events[at]) for at in range(pieces)])
         events.clear()
         _send_out(ex, out, True)
         return rhead.keep_alive and not parser.upgraded
