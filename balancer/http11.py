@@ -82,6 +82,7 @@ from typing import Any, Final, NoReturn, cast
 
 import httptools
 
+from balancer.authority import is_valid_authority
 from balancer.chunks import LAST_CHUNK, ChunkedBody
 from balancer.fields import CLIENT_FIELDS, spellings
 
@@ -997,7 +998,7 @@ class RequestParser(_Parser):
             # The authority ends at the path or the query (bug: "?" was kept in it).
             authority = rest.partition(b"/")[0].partition(b"?")[0]
             path = rest[len(authority):]
-            if not authority or b"@" in authority:
+            if not is_valid_authority(authority):  # (bug: "http://*" was served)
                 self._fail(400, "bad absolute-form target")
             return authority, path if path[:1] == b"/" else b"/" + path
         self._fail(400, "bad request target")
