@@ -262,18 +262,23 @@ def test_an_expect_list_with_empty_elements_is_read_without_them(
     assert answer is not None and answer.startswith(b"HTTP/1.1 417 "), answer
 
 
+def refused(port: int, data: bytes) -> None:
+    """`data` sent on a new connection gets a 400, and the connection closes after it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = read_through(sock)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 400 "), answer
+        assert read_through(sock, b"never") is None
+
+
 @pytest.mark.parametrize(("tag", "host"), [
     (30000010, b"app test"), (30000011, b"app.test/x"), (30000012, b"a@app.test"),
     (30000013, b"app.test\\")])
 def test_an_absolute_form_request_with_an_invalid_host_is_refused(
         site, tag: int, host: bytes) -> None:
     bal, backend = site
-    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
-        sock.sendall(b"GET http://app.test/f%d-0 HTTP/1.1\r\nHost: %s\r\n\r\n"
-                     b"GET /f%d-1 HTTP/1.1\r\nHost: app.test\r\n\r\n" % (tag, host, tag))
-        answer = read_through(sock)
-        assert answer is not None and answer.startswith(b"HTTP/1.1 400 "), answer
-        assert read_through(sock, b"never") is None  # closed after the 400
+    refused(bal.port, b"GET http://app.test/f%d-0 HTTP/1.1\r\nHost: %s\r\n\r\n"
+                      b"GET /f%d-1 HTTP/1.1\r\nHost: app.test\r\n\r\n" % (tag, host, tag))
     # a valid Host, and an empty one (no authority of its own), give way to the target's
     with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
         sock.sendall(b"GET http://app.test/f%d-2 HTTP/1.1\r\nHost: other.test\r\n\r\n"
@@ -296,12 +301,8 @@ def test_an_absolute_form_target_that_names_no_host_is_refused(
     """Bug: ``GET http://*/ HTTP/1.1`` was forwarded as ``GET /`` with ``Host: *``
     (nginx refuses these authorities, HAProxy forwards them: docs/proxying.md)."""
     bal, backend = site
-    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
-        sock.sendall(b"GET http://%s/f%d-0 HTTP/1.1\r\nHost: app.test\r\n\r\n"
-                     b"GET /f%d-1 HTTP/1.1\r\nHost: app.test\r\n\r\n" % (authority, tag, tag))
-        answer = read_through(sock)
-        assert answer is not None and answer.startswith(b"HTTP/1.1 400 "), answer
-        assert read_through(sock, b"never") is None  # closed after the 400
+    refused(bal.port, b"GET http://%s/f%d-0 HTTP/1.1\r\nHost: app.test\r\n\r\n"
+                      b"GET /f%d-1 HTTP/1.1\r\nHost: app.test\r\n\r\n" % (authority, tag, tag))
     assert backend.of_case(tag) == []  # (a request forwarded is before its answer)
 
 
