@@ -24,7 +24,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from balancer.stores import HostRule, VersionConflict
-from management.deploy_steps import addresses, check_config, in_flight, probe_all, switched_rule
+from management.deploy_steps import (
+    NOT_CHECKED,
+    PROBE_LEAST,
+    addresses,
+    check_config,
+    in_flight,
+    probe_all,
+    switched_rule,
+)
 
 IDLE_EVERY = 1.0    # seconds between looks for a deploy while none runs (`Deployer.watch_loop`)
 DRAIN_SETTLE = 0.5  # seconds after the warmup before the old backends' counts are trusted
@@ -98,13 +106,16 @@ class Run:
             raise DeployFailed(f"not ready after {timeout:g}s (the management process "
                                f"restarted during the ready step); nothing was switched")
         deadline = time.monotonic() + left
+        least = min(PROBE_LEAST, timeout / 2)  # (a short ready_timeout still checks once)
         pending = {a: 0 for a in addresses(self.record["to"])}
         problems: dict[str, str] = {}
         while pending:
             found = probe_all(list(pending), self.host, config, strict, self.deployer.tls,
-                              deadline)
+                              deadline, least)
             for address, problem in found.items():
-                if problem is None:
+                if problem == NOT_CHECKED:  # no finding: an earlier one stands
+                    problems.setdefault(address, problem)
+                elif problem is None:
                     pending[address] += 1
                     if pending[address] >= config.rise:
                         del pending[address]

@@ -6,7 +6,9 @@
   `probe_all` checks every pending backend at once (at most `PROBE_PARALLEL`
   at a time), none past the ready step's deadline: a backend that accepts and
   never answers costs the step no more than its `ready_timeout`, however long
-  the health check's own timeout and however many such backends.
+  the health check's own timeout and however many such backends. A check the
+  deadline would leave less than `PROBE_LEAST` is not begun (`NOT_CHECKED`):
+  it would judge the clock, not the backend.
 * `switched_rule`: the rule a deploy writes in its one switch: the new
   backends, and the old ones under `draining` (they share new requests while
   the new ones warm up, then get none).
@@ -38,6 +40,9 @@ DEPLOY_RISE = 1      # good answers in a row without a `health` (with one: its `
 PROBE_TIMEOUT = 1.0  # seconds per check without a `health`
 PROBE_EVERY = 0.25   # seconds between checks at most (a `health.interval` that is shorter wins)
 PROBE_PARALLEL = 32  # checks of one deploy's backends running at once
+PROBE_LEAST = 0.1    # seconds: the least a check is begun with (its own timeout, if less)
+# A check the ready step's deadline left no time for: no finding about the backend
+NOT_CHECKED = "not checked: the ready timeout ran out before this check"
 
 
 def check_config(rule: Mapping[str, Any], host: str = "*") -> tuple[CheckConfig, bool]:
@@ -53,29 +58,35 @@ def check_config(rule: Mapping[str, Any], host: str = "*") -> tuple[CheckConfig,
 
 
 def probe_all(pending: list[str], host: str, config: CheckConfig, strict: bool,
-              tls: BackendTLS | None, until: float) -> dict[str, str | None]:
+              tls: BackendTLS | None, until: float,
+              least: float = PROBE_LEAST) -> dict[str, str | None]:
     """One `probe` of each address in `pending`, at once, none past `until`
     (a `time.monotonic` deadline): address → None (it passed) or the problem."""
     with ThreadPoolExecutor(min(PROBE_PARALLEL, max(1, len(pending))),
                             thread_name_prefix="deploy probe") as pool:
-        found = pool.map(lambda a: probe(a, host, config, strict, tls, until), pending)
+        found = pool.map(lambda a: probe(a, host, config, strict, tls, until, least),
+                         pending)
         return dict(zip(pending, found, strict=True))
 
 
 def probe(address: str, host: str, config: CheckConfig, strict: bool,
-          tls: BackendTLS | None = None, until: float | None = None) -> str | None:
+          tls: BackendTLS | None = None, until: float | None = None,
+          least: float = PROBE_LEAST) -> str | None:
     """One check of `address`: None when it passes, else what went wrong. An
     https:// backend is checked over TLS (`tls`, default: the system's CAs), its
     certificate verified for `host` as a request's would be. The check gives up
-    at `config.timeout`, or at `until` (a `time.monotonic` deadline) if sooner."""
+    at `config.timeout`, or at `until` (a `time.monotonic` deadline) if sooner;
+    `NOT_CHECKED` when `until` leaves it less than `least` (bug: a round
+    begun 0.8 ms before the ready step's end failed "no answer within 0.0008s",
+    and that replaced the backend's real answer, a 503, in the deploy's error)."""
     target = parse_backend_addr(address)
     plain = str(Address(target.host, target.port))
     deadline = time.monotonic() + config.timeout
     if until is not None and until < deadline:
         deadline = until
+        if until - time.monotonic() < min(least, config.timeout):
+            return NOT_CHECKED
     timeout = deadline - time.monotonic()
-    if timeout <= 0:
-        return "timed out (the ready timeout ran out before this check)"
     try:
         sock = socket.create_connection((target.host, target.port), timeout)
         if target.tls:

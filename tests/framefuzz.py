@@ -9,9 +9,11 @@ chunk size forms and extensions, trailers that carry framing fields,
 absolute- and authority-form targets, Host repeated or against the target,
 HTTP/1.0 keep-alive, ``Expect`` variants, and bodies that hold a whole request
 (a smuggling bait). Every request's target carries its case and index
-(``/f<case>-<i>``, bait ``/s<case>``), so whatever reaches a backend is traced
-to the case that sent it. `case(seed, n)` is the n-th case of a seed: the same
-bytes on every machine.
+(``/f<case>-<i>``, bait ``/s<case>``), and so does its last field
+(``X-Fuzz-Case: f<case>-<i>``, added after the operators ran, so none changes
+it), so whatever reaches a backend is traced to the case that sent it, whatever
+its target became. `case(seed, n)` is the n-th case of a seed: the same bytes
+on every machine.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 HOST = b"app.test"
+CASE_FIELD = b"X-Fuzz-Case"  # the field naming a request's case and index
 
 
 @dataclass
@@ -55,11 +58,13 @@ class Draft:
         if self.raw:
             return self.raw
         head = b"%s %s %s\r\n" % (self.method, self.target, self.version)
-        return head + b"".join(f + b"\r\n" for f in self.fields) + b"\r\n" + self.body
+        return (head + b"".join(f + b"\r\n" for f in self.fields)
+                + b"%s: %s\r\n\r\n" % (CASE_FIELD, self.tag[1:]) + self.body)
 
 
 def bait(case_id: int) -> bytes:
-    return b"GET /s%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (case_id, HOST)
+    return b"GET /s%d HTTP/1.1\r\nHost: %s\r\n%s: s%d\r\n\r\n" % (case_id, HOST, CASE_FIELD,
+                                                                    case_id)
 
 
 def plain(case_id: int, index: int, rnd: random.Random) -> Draft:
@@ -102,10 +107,14 @@ LAST_FORMS = [b"0", b"00", b"0;a=b", b"0x0", b"0 ", b"-0", b"0000000000000000000
 TRAILERS = [b"Content-Length: 100", b"Transfer-Encoding: chunked", b"Host: evil.test",
             b"X-Ok: 1", b"Connection: close", b"Content-Length : 5", b" folded",
             b"X-Bad\x00: 1", b"Expect: 100-continue", b"Trailer: X", b"X-Forwarded-For: 6.6.6.6"]
+# (absolute-form authorities: docs/proxying.md says which name a host)
 TARGETS = [b"http://app.test{p}", b"HTTP://APP.TEST{p}", b"https://app.test:80{p}",
            b"http://other.test{p}", b"http://user@app.test{p}", b"http://{t}",
            b"http://{p}", b"app.test:80", b"http:/{p}", b"//app.test{p}", b"*",
-           b"{p}#frag", b"{p}?a=b", b"http://app.test?x={p}", b"{p} HTTP/1.1\r\nX:"]
+           b"{p}#frag", b"{p}?a=b", b"http://app.test?x={p}", b"{p} HTTP/1.1\r\nX:",
+           b"http://*{p}", b"http://*:80{p}", b"http://a*b{p}", b"http://a_b{p}",
+           b"http://app.test:{p}", b"http://app.test:x{p}", b"http://[::1]{p}",
+           b"http://[::1]:8080{p}", b"http://[1.2.3.4]{p}", b"http://[::1{p}"]
 HOSTS = [[b"Host: app.test", b"Host: app.test"], [b"Host: app.test", b"Host: other.test"],
          [b"Host:"], [b"Host: app test"], [], [b"Host: app.test\x00"], [b"host: APP.TEST"],
          [b"Host: app.test:8080"], [b"Host : app.test"], [b"Host: [::1]:80"]]
@@ -297,11 +306,12 @@ def underscore(draft: Draft, rnd: random.Random) -> str:
 
 def big_head(draft: Draft, rnd: random.Random) -> str:
     """A head past the 4 KiB a pipelined head is first looked for in
-    (`balancer.http11.WINDOW`), or with many fields (100 is the limit)."""
+    (`balancer.http11.WINDOW`), or with many fields (100 is the limit, the case's
+    field one of them)."""
     if rnd.random() < 0.5:
         pad = [b"X-Pad: " + b"a" * rnd.randrange(3000, 9000)]
     else:
-        pad = [b"X-Pad-%d: %d" % (i, i) for i in range(rnd.randrange(90, 100))]
+        pad = [b"X-Pad-%d: %d" % (i, i) for i in range(rnd.randrange(89, 99))]
     at = rnd.randrange(len(draft.fields) + 1)
     draft.fields[at:at] = pad
     return "big-head"

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tests import refhttp
-from tests.framefuzz import Case, case
+from tests.framefuzz import CASE_FIELD, Case, case
 from tests.rawpeer import serve_each
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -39,7 +39,18 @@ HEAD_ONLY = frozenset((b"content-length", b"transfer-encoding", b"host", b"conne
 @dataclass
 class Received:
     request: refhttp.Request
-    case_id: int  # the case whose tag its target carries (-1: none)
+    case_id: int  # the case its tags name (`traced`; -1: none)
+    running: int  # the case being run when it arrived (what names one with no tag)
+
+
+def traced(request: refhttp.Request) -> int:
+    """The case a forwarded request belongs to: the one its `CASE_FIELD` names
+    (no operator changes that field), else its target's tag, else -1."""
+    for tagged in (*request.values(CASE_FIELD.lower()), request.host + request.path):
+        match = TAG.search(b"/" + tagged)
+        if match:
+            return int(match.group(2))
+    return -1
 
 
 class RecordingBackend:
@@ -69,10 +80,9 @@ class RecordingBackend:
                 buffer += more
                 reading = refhttp.read_stream(buffer[pos:], framing_only=True)
                 for request in reading.requests:
-                    match = TAG.search(b"/" + request.host + request.path)
                     with self.lock:
-                        self.received.append(Received(request, int(match.group(2))
-                                                      if match else -1))
+                        self.received.append(Received(request, traced(request),
+                                                      self.case_id))
                     try:
                         conn.sendall(OK)
                     except OSError:
@@ -284,8 +294,10 @@ def run_cuts(port: int, backend: RecordingBackend, seed: int, count: int,
             item.splits = [cut]
             runs.append((item, *run_case(port, backend, item, apart=True)))
     settled(backend)
-    return [check(item, statuses, closed, backend.of_case(item.case_id))
-            for item, statuses, closed in runs]
+    outcomes = [check(item, statuses, closed, backend.of_case(item.case_id))
+                for item, statuses, closed in runs]
+    blame(backend, outcomes)
+    return outcomes
 
 
 def serves(port: int) -> bool:
@@ -314,17 +326,26 @@ def run_batch(port: int, backend: RecordingBackend, seed: int, count: int,
                 for item, statuses, closed in runs]
     if stopped or not serves(port):
         outcomes[-1].faults.append("the proxy stopped serving")
-    with backend.lock:
-        strays = [r.request for r in backend.received
-                  if r.case_id < 0 and r.request.path != b"/alive"]
-        for case_id, data, reason in backend.unreadable:
-            for out in outcomes:
-                if out.case.case_id == case_id:
-                    out.faults.append(f"the backend could not read {data!r} ({reason})")
-    if strays:  # (every target the generator makes carries its case)
-        outcomes[-1].faults.append("requests of no case forwarded: %r"
-                                   % [(r.method, r.host, r.path) for r in strays])
+    blame(backend, outcomes)
     return outcomes
+
+
+def blame(backend: RecordingBackend, outcomes: list[Outcome]) -> None:
+    """Add to `outcomes` what the backend could not read, and each request of no
+    case (every request the generator makes names its case twice: `traced`), as
+    faults of the case that was running when it arrived (bug: a request of no
+    case was a fault of the batch's last case)."""
+    by_id = {out.case.case_id: out for out in outcomes}
+    with backend.lock:
+        for case_id, data, reason in backend.unreadable:
+            by_id.get(case_id, outcomes[-1]).faults.append(
+                f"the backend could not read {data!r} ({reason})")
+        for got in backend.received:
+            if got.case_id < 0 and got.request.path != b"/alive":
+                request = got.request
+                by_id.get(got.running, outcomes[-1]).faults.append(
+                    f"a request of no case forwarded while this case ran: "
+                    f"{(request.method, request.host, request.path)!r}")
 
 
 def shown(data: bytes, room: int = 400) -> str:

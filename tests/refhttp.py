@@ -15,6 +15,7 @@ whatever a proxy forwards must mean what one of the two readings says.
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass, field
 
 TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
@@ -217,11 +218,31 @@ def route(request: Request) -> None:
     if request.method == b"CONNECT":
         raise Refused("CONNECT", (501, 405, 400))
     match = re.match(rb"(?i)https?://([^/?]*)(.*)\Z", target)
-    if not match or not match.group(1) or b"@" in match.group(1):
+    if not match or not names_a_host(match.group(1)):
         raise Refused("bad request target")
     rest = match.group(2)
     request.host = match.group(1)  # the authority wins over Host (§3.2.2)
     request.path = rest if rest.startswith(b"/") else b"/" + rest
+
+
+def names_a_host(authority: bytes) -> bool:
+    """An absolute-form authority the balancer routes (docs/proxying.md): RFC 3986's
+    ``host [":" port]`` without userinfo, an empty host (RFC 9110 §4.2.1) or a
+    reg-name no host name has (``*``, sub-delims, ``%``, ``_``: nginx refuses
+    them in a request line); an IP literal holds an IPv6 address or an IPvFuture."""
+    literal = re.fullmatch(rb"\[([^\]]*)\](?::[0-9]*)?", authority)
+    if literal:
+        inner = literal.group(1)
+        if re.fullmatch(rb"v[0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+", inner):
+            return True
+        try:
+            socket.inet_pton(socket.AF_INET6, inner.decode("ascii"))
+        except (OSError, UnicodeDecodeError):
+            return False
+        return True
+    host = re.sub(rb":[0-9]*\Z", b"", authority)
+    labels = host[:-1].split(b".") if host.endswith(b".") else host.split(b".")
+    return all(label and re.fullmatch(rb"[A-Za-z0-9-]+", label) for label in labels)
 
 
 def framing(request: Request, lenient: bool) -> tuple[int, bool]:

@@ -162,6 +162,17 @@ def test_ip_hash_falls_back_in_the_clients_own_order():
     assert balancer.pick("192.0.2.7", [order[1]]) is order[2]
 
 
+def test_ip_hash_hashes_the_whole_address():
+    """As nginx's ip_hash for IPv6 (all 16 bytes) and HAProxy's `balance source` for
+    both families (docs/rules.md): the clients of one IPv6 /64, or of one IPv4 /24
+    (which nginx's ip_hash sends to one backend), are spread over the backends."""
+    backends = make_backends(3)
+    balancer = make_balancer("ip_hash", backends, [1, 1, 1])
+    for clients in ([f"2001:db8:1:2::{i:x}" for i in range(1, 61)],
+                    [f"192.0.2.{i}" for i in range(1, 61)]):
+        assert len({balancer.pick(client, []) for client in clients}) == 3, clients[0]
+
+
 def test_ip_hash_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(balancing, "IP_HASH_CACHE", 100)
     balancer = IpHash(make_backends(3), [1, 1, 1])

@@ -25,16 +25,19 @@ Defects found and fixed (each test fails without its fix):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
+import threading
 
 import pytest
 
 from balancer.http11 import END, ProtocolError, RequestParser
 from tests import refhttp
 from tests.framefuzz import case
-from tests.fuzzpeer import TAG, RecordingBackend, check, run_batch, run_cuts, summary
-from tests.rawpeer import read_through
+from tests.fuzzpeer import TAG, RecordingBackend, check, run_batch, run_cuts, summary, traced
+from tests.rawpeer import read_through, serve_each
 from tests.support import Balancer, wait_for
 
 # compiled only (not `data_plane`): the parse paths' compiled and interpreted
@@ -98,6 +101,68 @@ def test_every_request_of_a_case_carries_its_case() -> None:
         reading = refhttp.read_stream(case(seed, n).data, True)
         for request in reading.requests:
             assert TAG.search(b"/" + request.host + request.path), (seed, n, request)
+            assert traced(request) == n, (seed, n, request)
+
+
+class Untagging:
+    """A proxy that forwards each connection to `backend` byte for byte, but for
+    the request targets of case `victim`, which it makes ``/`` (as the balancer
+    once forwarded ``http://*/f1-0``: a request whose target names no case)."""
+
+    def __init__(self, backend: str, victim: int) -> None:
+        host, port = backend.rsplit(":", 1)
+        self.backend = (host, int(port))
+        self.target = re.compile(rb" /f%d-\d+ " % victim)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        serve_each(self.listener, self.relay)
+
+    def relay(self, conn: socket.socket) -> None:
+        with conn, socket.create_connection(self.backend, timeout=10) as upstream:
+            back = threading.Thread(target=self.copy, args=(upstream, conn), daemon=True)
+            back.start()
+            self.copy(conn, upstream, self.target)
+            back.join(10)
+
+    @staticmethod
+    def copy(source: socket.socket, sink: socket.socket,
+             target: re.Pattern[bytes] | None = None) -> None:
+        source.settimeout(10)
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(target.sub(b" / ", data) if target else data)
+            sink.shutdown(socket.SHUT_WR)
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def plain_cases(count: int) -> int:
+    """The first of `count` cases in a row whose requests are all read, without a
+    refusal (strictly and leniently alike), the first of them in origin-form."""
+    def requests(n: int) -> list[refhttp.Request]:
+        data = case(SEED, n).data
+        strict, lenient = refhttp.read_stream(data), refhttp.read_stream(data, True)
+        return strict.requests if strict == lenient and strict.end == "whole" else []
+    return next(n for n in range(1000) if all(requests(n + i) for i in range(count))
+                and requests(n)[0].target == b"/f%d-0" % n)
+
+
+def test_a_request_forwarded_with_no_tag_in_its_target_is_its_cases_fault() -> None:
+    """Bug: a request whose target named no case was a fault of the batch's last
+    case; it is its own case's (named by its last field), or, with no tag at
+    all, the case that ran when it arrived."""
+    backend = RecordingBackend()
+    first = plain_cases(2)
+    proxy = Untagging(backend.address, first)
+    try:
+        outcomes = run_batch(proxy.port, backend, SEED, 2, start=first)
+    finally:
+        proxy.stop()
+        backend.stop()
+    faulty = {out.case.case_id: out.faults for out in outcomes if out.faults}
+    assert list(faulty) == [first], summary(outcomes)
+    assert "forwarded otherwise than the client's framing" in faulty[first][0], faulty
 
 
 def lowered_sizes(body: bytes) -> bytes:
@@ -197,18 +262,23 @@ def test_an_expect_list_with_empty_elements_is_read_without_them(
     assert answer is not None and answer.startswith(b"HTTP/1.1 417 "), answer
 
 
+def refused(port: int, data: bytes) -> None:
+    """`data` sent on a new connection gets a 400, and the connection closes after it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = read_through(sock)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 400 "), answer
+        assert read_through(sock, b"never") is None
+
+
 @pytest.mark.parametrize(("tag", "host"), [
     (30000010, b"app test"), (30000011, b"app.test/x"), (30000012, b"a@app.test"),
     (30000013, b"app.test\\")])
 def test_an_absolute_form_request_with_an_invalid_host_is_refused(
         site, tag: int, host: bytes) -> None:
     bal, backend = site
-    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
-        sock.sendall(b"GET http://app.test/f%d-0 HTTP/1.1\r\nHost: %s\r\n\r\n"
-                     b"GET /f%d-1 HTTP/1.1\r\nHost: app.test\r\n\r\n" % (tag, host, tag))
-        answer = read_through(sock)
-        assert answer is not None and answer.startswith(b"HTTP/1.1 400 "), answer
-        assert read_through(sock, b"never") is None  # closed after the 400
+    refused(bal.port, b"GET http://app.test/f%d-0 HTTP/1.1\r\nHost: %s\r\n\r\n"
+                      b"GET /f%d-1 HTTP/1.1\r\nHost: app.test\r\n\r\n" % (tag, host, tag))
     # a valid Host, and an empty one (no authority of its own), give way to the target's
     with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
         sock.sendall(b"GET http://app.test/f%d-2 HTTP/1.1\r\nHost: other.test\r\n\r\n"
@@ -220,6 +290,31 @@ def test_an_absolute_form_request_with_an_invalid_host_is_refused(
                    what="the two requests at the backend")
     assert [(r.path, r.host) for r in got] == [(b"/f%d-2" % tag, b"app.test"),
                                                  (b"/f%d-3" % tag, b"app.test")]
+
+
+@pytest.mark.parametrize(("tag", "authority"), [
+    (30000030, b"*"), (30000031, b"*:80"), (30000032, b"a*b"), (30000033, b""),
+    (30000034, b":80"), (30000035, b"u@app.test"), (30000036, b"app_test"),
+    (30000037, b"app.test:8o"), (30000038, b"[1.2.3.4]"), (30000039, b"[::1")])
+def test_an_absolute_form_target_that_names_no_host_is_refused(
+        site, tag: int, authority: bytes) -> None:
+    """Bug: ``GET http://*/ HTTP/1.1`` was forwarded as ``GET /`` with ``Host: *``
+    (nginx refuses these authorities, HAProxy forwards them: docs/proxying.md)."""
+    bal, backend = site
+    refused(bal.port, b"GET http://%s/f%d-0 HTTP/1.1\r\nHost: app.test\r\n\r\n"
+                      b"GET /f%d-1 HTTP/1.1\r\nHost: app.test\r\n\r\n" % (authority, tag, tag))
+    assert backend.of_case(tag) == []  # (a request forwarded is before its answer)
+
+
+def test_an_absolute_form_target_with_an_ip_literal_is_forwarded(site) -> None:
+    bal, backend = site
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+        sock.sendall(b"GET http://[::1]:8080/f30000040-0 HTTP/1.1\r\nHost: app.test\r\n"
+                     b"Connection: close\r\n\r\n")
+        answer = read_through(sock, b"\r\n\r\nok")
+    assert answer is not None and answer.startswith(b"HTTP/1.1 200 "), answer
+    got = wait_for(lambda: backend.of_case(30000040), what="the request at the backend")
+    assert [(r.path, r.host) for r in got] == [(b"/f30000040-0", b"[::1]:8080")]
 
 
 @pytest.mark.parametrize(("fields", "status"), [

@@ -37,7 +37,8 @@ class Scripted:
     """A backend that answers its connections by a script, one entry per
     connection (the last one repeats): ``ok`` (200), ``503``, ``hang`` (reads
     the request, never answers, holds the connection until stopped), ``close``
-    (closes without a byte) or ``slow:S`` (a 200 after S seconds)."""
+    (closes without a byte), ``slow:S`` (a 200 after S seconds) or ``slow503:S``
+    (a 503 after S seconds)."""
 
     def __init__(self, *script: str) -> None:
         self.script = list(script)
@@ -56,9 +57,10 @@ class Scripted:
             conn.recv(65536)
             if what == "hang":
                 self.stopped.wait(30)
-            elif what.startswith("slow:"):
-                self.stopped.wait(float(what[5:]))
-                conn.sendall(ANSWERS["ok"])
+            elif what.startswith("slow"):
+                kind, _, seconds = what.partition(":")
+                self.stopped.wait(float(seconds))
+                conn.sendall(ANSWERS[kind[4:] or "ok"])
             elif what != "close":
                 conn.sendall(ANSWERS[what])
         conn.close()
@@ -111,6 +113,29 @@ def test_backends_that_accept_and_never_answer_fail_the_deploy_at_its_ready_time
     assert took < 3.5, f"the ready step took {took:.1f}s for a ready_timeout of 1s"
     assert rule_of(lb) == before
     assert json.loads(request(lb.port)[2])["backend"] == "a"
+
+
+def test_a_check_the_ready_step_has_no_time_left_for_is_not_begun(
+        lb: Balancer, a: Backend) -> None:
+    """Bug: a round of checks begun 0.8 ms before the ready step's end failed "no
+    answer within 0.0008s", and that replaced the backend's real answer (a 503)
+    in the deploy's error. Here the second check answers 503 after 0.45 s, so a
+    third would be begun with at most 0.05 s left: it is not begun, and the
+    error keeps the 503."""
+    sick = Scripted("503", "slow503:0.45", "hang")
+    health = {"path": "/", "timeout": 30, "rise": 1}  # checks every 0.25 s
+    assert lb.api("PUT", f"/api/v1/hosts/{HOST}", {**proxy(a), "health": health})[0] == 200
+    before = rule_of(lb)
+    try:
+        record = finished(lb, deploy(lb, {"backends": [sick.address],
+                                          "ready_timeout": 1})["id"], timeout=10)
+    finally:
+        sick.stop()
+    assert record["state"] == "failed", record
+    assert f"{sick.address}: GET / answered 503" in record["error"], record["error"]
+    assert "no answer" not in record["error"], record["error"]
+    assert sick.seen == 2  # the third check was never begun
+    assert rule_of(lb) == before
 
 
 def test_flapping_dying_and_slow_backends_never_count_as_ready(lb: Balancer, a: Backend) -> None:

@@ -1,0 +1,3 @@
+"""An absolute-form target whose host is ``*``, with a port."""
+
+status = 400

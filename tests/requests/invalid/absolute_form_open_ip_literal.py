@@ -1,0 +1,3 @@
+"""An IP literal without its closing bracket."""
+
+status = 400
