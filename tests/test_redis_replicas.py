@@ -407,6 +407,35 @@ def test_writes_at_once_share_a_bounded_set_of_kept_clients(
         store.close()
 
 
+def test_a_closed_store_leaves_no_connection_open_on_the_sentinel_or_the_master(
+        sentinel_pair: tuple[RedisServer, RedisServer, Any, str]) -> None:
+    """Bug: a store through Sentinel closed its clients but not the sentinel
+    connections its read client had made: each store opened and closed (with
+    what a management process reads and writes) left one open on the sentinel
+    for the process's life. Counted on the sentinel (``CLIENT LIST``) and the
+    master; the stores stay referenced, so no collector closes anything."""
+    master, _, sentinel, url = sentinel_pair
+    watched = master.client()
+
+    def connections() -> tuple[int, int]:
+        return len(sentinel.client_list()), len(watched.client_list())
+
+    before = connections()
+    closed = []
+    try:
+        for n in range(3):
+            store = RedisStore(f"{url}?replicas=1", "closing")
+            closed.append(store)
+            store.put_host(f"h{n}.test", STATIC)
+            assert store.load().version == n + 1 and store.is_reachable()
+            store.records().claims()
+            store.close()
+        wait_until(lambda: connections() == before, timeout=WAIT,
+                   message=f"the connections back to {before} (now {connections()})")
+    finally:
+        watched.close()
+
+
 # a failover during a burst of writes ---------------------------------------------------
 @pytest.mark.slow
 def test_a_sentinel_failover_during_a_burst_loses_no_write_answered_200(

@@ -76,7 +76,7 @@ from balancer.stores.redis_answers import (
     refusal,
     why,
 )
-from balancer.stores.redis_connect import Connector, connect
+from balancer.stores.redis_connect import Connector
 from balancer.stores.redis_reads import RedisReading
 from balancer.stores.redis_records import RedisRecords
 from balancer.stores.redis_replicas import Writers, Writing
@@ -110,7 +110,8 @@ class RedisStore(RedisWatching, RedisReading, Store):
         self.hosts_channel = f"{namespace}:changed-hosts"
         bare, replication = split_replication(url)
         self._bare_url = redact_url(bare)
-        self.client = connect(bare, timeout)
+        self._reads = Connector(bare, timeout)  # through Sentinel, its connections
+        self.client = self._reads()
         self._writers = None if replication is None else Writers(
             Connector(bare, timeout, replication.wait_ms / 1000, max_connections=1),
             replication, self.display_url, timeout)
@@ -343,6 +344,10 @@ class RedisStore(RedisWatching, RedisReading, Store):
                             f"wrote it)")
 
     def close(self) -> None:
+        """Close every connection the store made: the read client's, and through
+        Sentinel its sentinel connections (bug: those were left open, one set per
+        store closed, in a process that opens stores again and again)."""
         self.client.close()
+        self._reads.close()
         if self._writers is not None:
             self._writers.close()

@@ -27,16 +27,11 @@ from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_
 POOL_OPTIONS = {"db", "max_connections"}  # what redis-py's URL gives its pool, not connections
 
 
-def connect(url: str, timeout: float) -> redis.Redis:
-    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``
-    (`url` without the balancer's own options: `split_replication`); its commands
-    and connects time out after `timeout` seconds."""
-    return Connector(url, timeout)()
-
-
 class Connector:
-    """Clients for one URL, made on demand (`connect`'s, with one connection each
-    when `max_connections` is 1); their commands time out after `timeout` +
+    """Clients for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``
+    (`url` without the balancer's own options: `split_replication`), made on
+    demand (with one connection each when `max_connections` is 1); their
+    commands time out after `timeout` +
     `wait` seconds (connecting, and the sentinels, after `timeout`). Through
     Sentinel every client it makes shares one `Sentinel`: one set of sentinel
     connections, closed by `close`. A URL redis-py would refuse raises
