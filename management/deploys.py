@@ -24,10 +24,12 @@ Invariants:
   seconds at every step's store call (`Deployer.patiently`); only a longer
   one fails the deploy. A switch write whose answer was lost is recognised
   by its `since` on the next look, never taken for someone else's change.
-* A start whose claim or record the store's replicas did not acknowledge
-  (`StoreNotReplicated`: the master applied it) answers that error having
-  withdrawn both (`Deployer._withdrawn`): a retry of the same request is
-  never refused by what the failed one left.
+* A start is one write of the claim and the record (`Records.begin`). One
+  the store's replicas did not acknowledge (`StoreNotReplicated`: the master
+  applied it) answers that error having withdrawn it on the master, without
+  waiting for the replicas again (`Deployer._withdrawn`): a retry of the same
+  request is never refused by what the failed one left, and the refusal
+  comes about one `wait` after the request.
 * While any host is claimed, every balancer publishes its in-flight counts
   on the claimed hosts' backends (`watch_loop`); the drain waits on all of
   them.
@@ -84,15 +86,12 @@ class Deployer:
             raise Busy(self.running[host])
         deploy_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         record = self.new_record(deploy_id, host, rule, to, settings, kind)
-        claimed = False
         try:
-            holder = self.records.claim(host, deploy_id, self.owner, time.time(), STALE_AFTER)
-            if holder is not None:
-                raise Busy(holder)
-            claimed = True
-            self.records.save_deploy(record)
+            holder = self.records.begin(record, time.time(), STALE_AFTER)
         except StoreNotReplicated as exc:
-            raise self._withdrawn(record, claimed, exc) from None
+            raise self._withdrawn(record, exc) from None
+        if holder is not None:
+            raise Busy(holder)
         if self.watcher is None:
             self.start_watching()  # the app alone under another WSGI server
         self._spawn(record, resumed=False)
@@ -109,41 +108,30 @@ class Deployer:
                 "steps": [{"name": "ready", "started": now, "ended": None, "outcome": None,
                            "detail": f"checking {', '.join(addresses(to))}"}]}
 
-    def _withdrawn(self, record: dict[str, Any], claimed: bool,
-                   exc: StoreNotReplicated) -> StoreNotReplicated:
-        """A start whose claim (or, once `claimed`, record) the replicas did not
-        acknowledge, though the master applied it: withdrawn (the record ended as
-        failed, the claim released), so that a retry of the request finds nothing
-        of it; the error to answer. Bug: the claim, with no deploy run behind it,
-        answered the retry 409 deploy_in_progress until the orphan sweep dropped
-        it 5 s later (and a saved record was resumed then: a deploy answered 503
-        ran after all)."""
+    def _withdrawn(self, record: dict[str, Any], exc: StoreNotReplicated
+                   ) -> StoreNotReplicated:
+        """A start whose claim and record the replicas did not acknowledge, though
+        the master applied them: withdrawn (the record ended as failed, the claim
+        released, with no wait for the replicas: `Records.withdraw`), so that a retry
+        of the request finds nothing of it; the error to answer, about one `wait`
+        after the request. Bugs: the claim, with no deploy run behind it, answered
+        the retry 409 deploy_in_progress until the orphan sweep dropped it 5 s later
+        (and a saved record was resumed then: a deploy answered 503 ran after all);
+        the withdrawal's writes waited for the replicas too, one `wait` each."""
         host, deploy_id = record["host"], record["id"]
-        problems = []
-        if claimed:
-            record.update(state="failed", ended=time.time(), error=f"not started: {exc.reason}")
-            problems.append(self._quietly(lambda: self.records.save_deploy(record)))
-        problems.append(self._quietly(lambda: self.records.release(host, deploy_id)))
-        left = "; ".join(p for p in problems if p)
-        withdrawn = (f"withdrawing it failed ({left}): a new deploy of the host may answer "
-                     f"409 until its claim frees itself, {STALE_AFTER:.0f} s later" if left else
-                     "nothing of it is left (its claim on the host was withdrawn), so "
-                     "sending the same request again is safe")
+        record.update(state="failed", ended=time.time(), error=f"not started: {exc.reason}")
+        try:
+            self.records.withdraw(record)
+        except StoreError as problem:
+            withdrawn = (f"withdrawing it failed ({problem}): a new deploy of the host may "
+                         f"answer 409 until its claim frees itself, {STALE_AFTER:.0f} s later")
+        else:
+            withdrawn = ("its claim on the host was withdrawn and its record ended as "
+                         "failed, so sending the same request again is safe")
         log.warning("deploy %s of %s not started: %s; %s", deploy_id, host, exc.reason,
                     withdrawn)
         return StoreNotReplicated(f"{exc.where}: the {record['kind']} of {host} did not start: "
                                   f"{exc.reason}; {withdrawn}", exc.where, exc.reason)
-
-    @staticmethod
-    def _quietly(write: Callable[[], Any]) -> str:
-        """`write()`; what failed ("" when the master applied it, replicated or not)."""
-        try:
-            write()
-        except StoreNotReplicated:
-            return ""
-        except StoreError as exc:
-            return str(exc)
-        return ""
 
     def _spawn(self, record: dict[str, Any], resumed: bool) -> None:
         self.running[record["host"]] = record["id"]

@@ -1,13 +1,15 @@
 """A scripted peer in front of a real redis-server: a TCP relay that holds back, on
 demand, what Redis sends to its subscribers (connections that sent ``SUBSCRIBE``),
 so a balancer's store watchers hear of other balancers' writes late, on purpose,
-while its other connections (reads, writes) pass at once."""
+while its other connections (reads, writes) pass at once; and that calls a hook
+with what a client sends before Redis gets it (to act at a given command)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 CHUNK = 65536
 
@@ -15,10 +17,13 @@ CHUNK = 65536
 class SubscriberHold:
     """Listens on a loopback port of its own (`port`) and relays each connection to
     the Redis on `redis_port`; between `hold()` and `release()` the bytes Redis sends
-    to subscriber connections are kept, in order, and sent on release."""
+    to subscriber connections are kept, in order, and sent on release. `before` is
+    called with each read from a client before it goes on to Redis."""
 
-    def __init__(self, redis_port: int) -> None:
+    def __init__(self, redis_port: int, before: Callable[[bytes], None] = lambda data: None
+                 ) -> None:
         self.redis_port = redis_port
+        self.before = before
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.lock = threading.Lock()  # one relay decides (hold or send) at a time
@@ -67,6 +72,7 @@ class SubscriberHold:
         while data := _recv(client):
             if b"SUBSCRIBE" in data.upper():
                 subscriber.set()
+            self.before(data)
             try:
                 server.sendall(data)
             except OSError:

@@ -16,6 +16,7 @@ failover's because answered writes were missing from the new master.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,13 +30,13 @@ from balancer.stores.certs import CertsLost
 from balancer.stores.redis import RedisStore
 from balancer.stores.redis_replicas import WRITERS
 from balancer.stores.urls import Replication, split_replication
-from management.deploys import Deployer
 from tests.conftest import (
     RedisServer,
     acknowledging,
     failover_during_a_burst,
     wait_until,
 )
+from tests.redis_hold import SubscriberHold
 from tests.support import Backend, Balancer, in_threads, request, wait_for
 from tests.test_tls import CA
 
@@ -109,6 +110,8 @@ def _paths(store: RedisStore) -> dict[str, Callable[[], object]]:
         "certificates restore": lambda: certs.restore({"b.test": {"chain": "c"}}),
         "deploy record": lambda: records.save_deploy({"id": "d1", "host": "b.test"}),
         "deploy claim": lambda: records.claim("b.test", "d1", "me", time.time(), 5),
+        "deploy start": lambda: records.begin({"id": "d2", "host": "c.test", "owner": "me"},
+                                              time.time(), 5),
         "deploy release": lambda: records.release("b.test", "d1"),
         "ACME account": lambda: acme.keep_account({"key": "{}", "uri": ""}),
         "ACME account URI": lambda: acme.set_account_uri("https://ca.test/acct/1"),
@@ -138,9 +141,13 @@ def test_every_write_path_waits_for_the_replicas(
             with pytest.raises(StoreNotReplicated, match="applied by the Redis master"):
                 write()
             assert 0.045 < time.monotonic() - started < 2, name
-        # the heartbeats rewritten every tick do not wait (module docs)
+        # the heartbeats rewritten every tick do not wait (module docs), nor does the
+        # withdrawal of a start the replicas did not acknowledge
+        started = time.monotonic()
         hasty.records().report_inflight("me", {"b.test": {}})
         hasty.acme().acknowledge("me", {"signature": "1", "at": 1})
+        hasty.records().withdraw({"id": "d2", "host": "c.test", "state": "failed"})
+        assert time.monotonic() - started < 0.045
     finally:
         lagging.execute_command("CLIENT", "UNPAUSE")
         patient.close()
@@ -292,11 +299,14 @@ def test_a_write_answered_200_is_on_the_replica_and_one_it_lacks_answers_503(
 
 def test_a_deploy_whose_start_was_not_replicated_leaves_nothing_to_block_its_retry(
         replicated: tuple[Balancer, RedisServer, RedisServer]) -> None:
-    """Bug: a deploy whose claim on the host the replicas did not acknowledge
+    """Bugs: a deploy whose claim on the host the replicas did not acknowledge
     answered 503 store_not_replicated, and its claim, applied by the master with
     no deploy behind it, answered the retry of the same request 409
-    deploy_in_progress until the orphan sweep dropped it 5 s later. Now the
-    failed start is withdrawn before it answers, and the retry starts at once."""
+    deploy_in_progress until the orphan sweep dropped it 5 s later. Then the
+    failed start was withdrawn before the answer, but each write of the
+    withdrawal waited for the replicas too: the 503 came after two to three
+    times `wait` (600 ms here). Now the claim and the record are one write, one
+    ``WAIT``; the withdrawal waits for nothing, and the retry starts at once."""
     bal, master, replica = replicated
     a, b = Backend("a"), Backend("b")
     try:
@@ -306,50 +316,75 @@ def test_a_deploy_whose_start_was_not_replicated_leaves_nothing_to_block_its_ret
         lagging = replica.client()
         lagging.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
         try:
+            started = time.monotonic()
             status, answer = bal.api("POST", "/api/v1/hosts/a.test/deploy", body)
+            took = time.monotonic() - started
         finally:
             lagging.execute_command("CLIENT", "UNPAUSE")
         assert (status, answer["error"]) == (503, "store_not_replicated"), answer
+        assert 0.55 < took < 1.1, took  # one wait of 600 ms (before: 1.2 s and more)
         assert "the deploy of a.test did not start: the store wants 1 replica to " \
-               "acknowledge every write and 0 of them did within 600 ms; nothing of it is " \
-               "left" in answer["message"], answer
+               "acknowledge every write and 0 of them did within 600 ms; its claim on the " \
+               "host was withdrawn and its record ended as failed, so sending the same " \
+               "request again is safe" in answer["message"], answer
         assert master.client().hgetall("balancer:deploy-claims") == {}
+        [refused] = bal.api("GET", "/api/v1/deploys")[1]["deploys"]
+        assert refused["state"] == "failed"
+        assert refused["error"].startswith("not started: the store wants 1 replica")
         status, answer = bal.api("POST", "/api/v1/hosts/a.test/deploy", body)
         assert status == 202, answer
         deploys = bal.api("GET", "/api/v1/deploys")[1]["deploys"]
-        assert [d["id"] for d in deploys] == [answer["deploy"]["id"]]
+        assert [d["id"] for d in deploys] == [answer["deploy"]["id"], refused["id"]]
     finally:
         a.stop()
         b.stop()
 
 
-def test_a_deploy_whose_record_was_not_replicated_ends_it_failed_and_releases_the_host(
-        redis_server: RedisServer) -> None:
-    """The record's write, after the claim's, answered `StoreNotReplicated` (a
-    store scripted to: the master applied it, the replicas did not acknowledge):
-    the record ends as failed and the claim is released before the error is
-    answered. Bug: the record stayed "running" with the claim, and the orphan
-    sweep resumed the deploy 5 s later, a deploy answered 503 running after all."""
-    store = RedisStore(redis_server.url, "unacked")
-    deployer = Deployer(store, runtime=None, write_rule=lambda *args: 0)
-    records = deployer.records
-    saved = records.save_deploy
-    reason = "the store wants 1 replica to acknowledge every write and 0 of them did within 5 ms"
+def test_a_trim_the_replicas_missed_never_withdraws_a_start_they_acknowledged(
+        replica_pair: tuple[RedisServer, RedisServer], tmp_path: Path) -> None:
+    """Bug: a start's record, acknowledged, was followed by the removal of the
+    records beyond the newest 50, which waited for the replicas too: when they
+    missed that one, the start was withdrawn (503 store_not_replicated) though
+    its own record had reached them. Here the replica stops applying writes
+    (``CLIENT PAUSE ... WRITE``) just as the removal begins: the balancer
+    reaches Redis through a relay that pauses it when the records are read
+    for the removal. Now the start stands, and the removal is made by a later
+    write of a record."""
+    master, replica = replica_pair
+    lagging = replica.client()
+    armed, paused = threading.Event(), threading.Event()
 
-    def unacknowledged(record: dict[str, Any]) -> None:
-        saved(record)
-        raise StoreNotReplicated("not replicated", "redis://scripted", reason)
-    records.save_deploy = unacknowledged  # type: ignore[method-assign]
+    def pause_at_the_trim(data: bytes) -> None:
+        if armed.is_set() and b"HGETALL" in data and b"balancer:deploys" in data \
+                and not paused.is_set():
+            lagging.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+            paused.set()
+    relay = SubscriberHold(master.port, before=pause_at_the_trim)
+    master.client().hset("balancer:deploys", mapping={
+        f"old{n}": json.dumps({"id": f"old{n}", "host": "old.test", "state": "done",
+                               "started": n}) for n in range(50)})
+    bal = Balancer(tmp_path, None, store=f"redis://127.0.0.1:{relay.port}/0?replicas=1&wait=600")
+    a, b = Backend("a"), Backend("b")
     try:
-        with pytest.raises(StoreNotReplicated, match="redis://scripted: the deploy of a.test "
-                                                     "did not start: the store wants 1 replica"):
-            deployer.start("a.test", {"action": "proxy", "backends": ["127.0.0.1:1"]},
-                           ["127.0.0.1:2"], {"ready_timeout": 1.0})
-        assert records.claims() == {} and deployer.running == {}
-        [record] = records.deploys()
-        assert (record["state"], record["error"]) == ("failed", f"not started: {reason}")
+        assert bal.api("PUT", "/api/v1/hosts/a.test",
+                       {"action": "proxy", "backends": [a.address]})[0] == 200
+        armed.set()
+        status, answer = bal.api("POST", "/api/v1/hosts/a.test/deploy",
+                                 {"backends": [b.address], "warmup": 0})
+        assert status == 202, answer
+        assert paused.is_set()  # the removal was made while the replica applied nothing
+        deploy_id = answer["deploy"]["id"]
+        assert json.loads(replica.client().hget("balancer:deploys", deploy_id))["state"] == \
+            "running"  # acknowledged
+        kept = master.client()  # the old ones removed by the deploy's next record
+        wait_for(lambda: kept.hlen("balancer:deploys") == 50, WAIT, what="50 records kept")
+        assert json.loads(kept.hget("balancer:deploys", deploy_id))["state"] in (
+            "running", "done")
     finally:
-        store.close()
+        bal.stop()
+        relay.close()
+        a.stop()
+        b.stop()
 
 
 # writers: at most WRITERS clients, all kept ---------------------------------------------

@@ -12,7 +12,8 @@ Invariants:
 * `claim` is atomic (Redis ``WATCH``/``MULTI``; the file store's writer lock):
   of two deploys racing for one host exactly one gets it. A claim is taken
   over only by the same deploy id (resuming it) and only once its owner's
-  beat is older than `stale_after`.
+  beat is older than `stale_after`. `begin`, a deploy's start, writes its
+  claim and its record together, atomically the same way.
 * None of these writes touches the routing table or its version.
 * Reads and writes raise `StoreUnavailable` when the store cannot be reached,
   `CorruptStore` never: an unreadable record collection reads as empty (a
@@ -63,6 +64,18 @@ class Records(ABC):
         """Take `host` for `deploy_id` run by `owner`: None when taken, else the id
         of the deploy that holds it. A claim of the same id is refreshed by its
         owner, or taken over by another once its beat is older than `stale_after`."""
+
+    @abstractmethod
+    def begin(self, record: dict[str, Any], now: float, stale_after: float) -> str | None:
+        """Start the deploy `record` (run by ``record["owner"]``): claim its host as
+        `claim` does and save the record, in one write. None when both are done,
+        else the id of the deploy that holds the host (nothing was written)."""
+
+    @abstractmethod
+    def withdraw(self, record: dict[str, Any]) -> None:
+        """Save `record` (a start that did not stand, ended) and drop its host's
+        claim if it holds it, in one write that waits for no replica: it only
+        undoes, on the master, what `begin` wrote there."""
 
     @abstractmethod
     def release(self, host: str, deploy_id: str) -> None:
@@ -142,9 +155,20 @@ class FileRecords(Records):
 
     def save_deploy(self, record: dict[str, Any]) -> None:
         with self._changing() as doc:
-            doc["deploys"][record["id"]] = record
-            kept = newest(list(doc["deploys"].values()))[:MAX_DEPLOYS]
-            doc["deploys"] = {r["id"]: r for r in kept}
+            _save(doc, record)
+
+    def begin(self, record: dict[str, Any], now: float, stale_after: float) -> str | None:
+        with self._changing() as doc:
+            holder = _claim(doc, record["host"], record["id"], record["owner"], now,
+                            stale_after)
+            if holder is None:
+                _save(doc, record)
+            return holder
+
+    def withdraw(self, record: dict[str, Any]) -> None:
+        with self._changing() as doc:
+            _save(doc, record)
+            _release(doc, record["host"], record["id"])
 
     def deploys(self) -> list[dict[str, Any]]:
         return newest([r for r in self._read()["deploys"].values() if isinstance(r, dict)])
@@ -152,15 +176,11 @@ class FileRecords(Records):
     def claim(self, host: str, deploy_id: str, owner: str, now: float,
               stale_after: float) -> str | None:
         with self._changing() as doc:
-            holder = decide_claim(doc["claims"].get(host), deploy_id, owner, now, stale_after)
-            if holder is None:
-                doc["claims"][host] = {"id": deploy_id, "owner": owner, "beat": now}
-            return holder
+            return _claim(doc, host, deploy_id, owner, now, stale_after)
 
     def release(self, host: str, deploy_id: str) -> None:
         with self._changing() as doc:
-            if (doc["claims"].get(host) or {}).get("id") == deploy_id:
-                del doc["claims"][host]
+            _release(doc, host, deploy_id)
 
     def claims(self) -> dict[str, dict[str, Any]]:
         return self._read()["claims"]
@@ -174,3 +194,23 @@ class FileRecords(Records):
 
     def inflight(self) -> dict[str, dict[str, Any]]:
         return self._read()["inflight"]
+
+
+def _save(doc: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
+    """Put `record` in the file's `doc`, keeping the newest `MAX_DEPLOYS`."""
+    doc["deploys"][record["id"]] = record
+    kept = newest(list(doc["deploys"].values()))[:MAX_DEPLOYS]
+    doc["deploys"] = {r["id"]: r for r in kept}
+
+
+def _claim(doc: dict[str, dict[str, Any]], host: str, deploy_id: str, owner: str, now: float,
+           stale_after: float) -> str | None:
+    holder = decide_claim(doc["claims"].get(host), deploy_id, owner, now, stale_after)
+    if holder is None:
+        doc["claims"][host] = {"id": deploy_id, "owner": owner, "beat": now}
+    return holder
+
+
+def _release(doc: dict[str, dict[str, Any]], host: str, deploy_id: str) -> None:
+    if (doc["claims"].get(host) or {}).get("id") == deploy_id:
+        del doc["claims"][host]

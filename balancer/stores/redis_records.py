@@ -4,15 +4,23 @@ on the file store never imports `redis` (`balancer.preload`).
 
 Every write goes through the store's `writing` (which waits for the replicas
 the store URL asks for, ``replicas=N``, unless the block wrote nothing: a claim
-another deploy holds, a release of a claim not held) but the in-flight
-reports: every balancer rewrites them every `management.deploys.WATCH_EVERY`
-seconds while a deploy runs, so a lost one is replaced at once, and waiting
-would slow the drain they time."""
+another deploy holds, a release of a claim not held) but three:
+* the in-flight reports: every balancer rewrites them every
+  `management.deploys.WATCH_EVERY` seconds while a deploy runs, so a lost one is
+  replaced at once, and waiting would slow the drain they time;
+* the removal of the records beyond the newest `MAX_DEPLOYS` (`_trim`), after a
+  record's write: one a failover lost leaves a few old records more, which the
+  next record's write removes, and the record's own write stands whatever
+  became of it;
+* a withdrawal (`withdraw`): it undoes, on the master, a start whose claim and
+  record the replicas did not acknowledge; waiting for them again would only
+  delay the refusal by another `wait`."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +35,9 @@ from balancer.stores.records import (
     decide_claim,
     newest,
 )
-from balancer.stores.redis_replicas import WritingBlock
+from balancer.stores.redis_replicas import Writing, WritingBlock
+
+log = logging.getLogger("balancer.deploys")
 
 
 class RedisRecords(Records):
@@ -58,10 +68,22 @@ class RedisRecords(Records):
         with self.writing(f"deploy {record['id']}'s record") as writing:
             writing.client.hset(self.deploys_key, record["id"],
                                 json.dumps(record, sort_keys=True))
-        kept = self.deploys()
-        if len(kept) > MAX_DEPLOYS:
-            with self.writing("the removal of old deploy records") as writing:
-                writing.client.hdel(self.deploys_key, *[r["id"] for r in kept[MAX_DEPLOYS:]])
+        self._trim()
+
+    def _trim(self) -> None:
+        """Remove the records beyond the newest `MAX_DEPLOYS`, after a record's write
+        and apart from it: waited for by no replica, and a failure only logged, the
+        next record's write removing what this one left (the module's doc). Bug: a
+        removal the replicas did not acknowledge made the write of a record they had
+        acknowledged answer `StoreNotReplicated`: a deploy's start was withdrawn for
+        it, and a running deploy waited it out as an outage."""
+        try:
+            kept = self.deploys()
+            if len(kept) > MAX_DEPLOYS:
+                with self.talking("write"):
+                    self.client.hdel(self.deploys_key, *[r["id"] for r in kept[MAX_DEPLOYS:]])
+        except StoreUnavailable as exc:
+            log.info("deploy records: the old ones are removed at the next write: %s", exc)
 
     def deploys(self) -> list[dict[str, Any]]:
         return newest([dict(r, id=i) for i, r in self._all(self.deploys_key).items()])
@@ -77,29 +99,67 @@ class RedisRecords(Records):
 
     def claim(self, host: str, deploy_id: str, owner: str, now: float,
               stale_after: float) -> str | None:
-        claim = json.dumps({"id": deploy_id, "owner": owner, "beat": now})
         with self.writing(f"the deploy claim on {host}") as writing:
+            return self._claim(writing, host, deploy_id, owner, now, stale_after, None)
+
+    def begin(self, record: dict[str, Any], now: float, stale_after: float) -> str | None:
+        """The claim and the record in one transaction, so one ``WAIT`` (bug: a
+        claim, a record and their clean-up each waited: a start the replicas did not
+        acknowledge answered after 2-3 times `wait`)."""
+        host, deploy_id = record["host"], record["id"]
+        with self.writing(f"the start of deploy {deploy_id} (its claim on {host} and its "
+                          f"record)") as writing:
+            holder = self._claim(writing, host, deploy_id, record["owner"], now, stale_after,
+                                 record)
+        if holder is None:
+            self._trim()
+        return holder
+
+    def _claim(self, writing: Writing, host: str, deploy_id: str, owner: str, now: float,
+               stale_after: float, record: dict[str, Any] | None) -> str | None:
+        """`claim` with `writing`'s client, saving `record` in the same transaction."""
+        claim = json.dumps({"id": deploy_id, "owner": owner, "beat": now})
+        for _ in range(CLAIM_ATTEMPTS):
+            with writing.client.pipeline(transaction=True) as pipe:
+                pipe.watch(self.claims_key)
+                text = pipe.hget(self.claims_key, host)
+                try:
+                    held = json.loads(text) if text else None
+                except UNREADABLE:
+                    held = None
+                holder = decide_claim(held if isinstance(held, dict) else None,
+                                      deploy_id, owner, now, stale_after)
+                if holder is not None:
+                    writing.wrote = False  # another deploy's claim: nothing to wait for
+                    return holder
+                pipe.multi()
+                pipe.hset(self.claims_key, host, claim)
+                if record is not None:
+                    pipe.hset(self.deploys_key, deploy_id, json.dumps(record, sort_keys=True))
+                try:
+                    pipe.execute()
+                except WatchError:
+                    continue
+                return None
+        raise StoreUnavailable("gave up claiming the host after concurrent claims")
+
+    def withdraw(self, record: dict[str, Any]) -> None:
+        host, deploy_id = record["host"], record["id"]
+        with self.talking("write"):  # waited for by no replica (`Records.withdraw`)
             for _ in range(CLAIM_ATTEMPTS):
-                with writing.client.pipeline(transaction=True) as pipe:
+                with self.client.pipeline(transaction=True) as pipe:
                     pipe.watch(self.claims_key)
-                    text = pipe.hget(self.claims_key, host)
-                    try:
-                        held = json.loads(text) if text else None
-                    except UNREADABLE:
-                        held = None
-                    holder = decide_claim(held if isinstance(held, dict) else None,
-                                          deploy_id, owner, now, stale_after)
-                    if holder is not None:
-                        writing.wrote = False  # another deploy's claim: nothing to wait for
-                        return holder
+                    held = _claim_id(pipe.hget(self.claims_key, host)) == deploy_id
                     pipe.multi()
-                    pipe.hset(self.claims_key, host, claim)
+                    pipe.hset(self.deploys_key, deploy_id, json.dumps(record, sort_keys=True))
+                    if held:
+                        pipe.hdel(self.claims_key, host)
                     try:
                         pipe.execute()
                     except WatchError:
                         continue
-                    return None
-        raise StoreUnavailable("gave up claiming the host after concurrent claims")
+                    return
+        raise StoreUnavailable("gave up withdrawing the deploy after concurrent claims")
 
     def release(self, host: str, deploy_id: str) -> None:
         with self.writing(f"the release of the deploy claim on {host}") as writing:
