@@ -29,7 +29,9 @@ Invariants:
   comes before any later write's), waits up to `FOLLOW_WAIT` for the watcher to
   deliver the versions between (reading their hosts), then applies on top; only
   a watcher that has not by then (its messages lost, Redis down) leaves the
-  whole table to be read.
+  whole table to be read. A write told directly while the watcher reads the
+  whole table (`Store.whole_load_since`) waits for that load (up to `LOAD_WAIT`
+  from its start), never reads the table a second time beside it.
 * Backends no rule names any more are forgotten once idle, and the counters
   of deleted hosts and removed backends go with the change that removed them.
 """
@@ -53,6 +55,10 @@ from balancer.turns import turn
 log = logging.getLogger("balancer")
 
 FOLLOW_WAIT = 1.0  # seconds a change told directly waits for the watcher's versions before it
+# seconds from its start a whole load of the watcher is waited for, at most (100,000
+# hosts take 3-15 s on a loaded 2-core machine), and how often a waiter looks at it
+LOAD_WAIT = 30.0
+LOAD_POLL = 0.1
 
 
 class TableFollower:
@@ -265,33 +271,49 @@ class TableFollower:
         """The management process wrote `version` (changing `changes`, or the whole
         table when None): serve it now; returns the version served."""
         if changes is not None:
-            self._await_watcher(version - 1)
+            self._await_watcher(version - 1, FOLLOW_WAIT if self.store.delivers_changes
+                                else 0.0)
             self.apply_change(TableChange(version, version - 1, changes))
         elif self.holder.table.version < version:
-            self.reload()
+            self._await_watcher(version, 0.0)
+            if self.holder.table.version < version:
+                self.reload()
         return self.holder.table.version
 
-    def _await_watcher(self, base: int) -> None:
-        """Until the table served is at `base` (the version the management process wrote
-        on), when the store's watcher delivers the versions before it: at most
-        `FOLLOW_WAIT` seconds. Bug: a worker whose balancer wrote right after another
-        balancer's write, before its watcher had applied that one, read the whole table
-        (1-2 s at 100,000 hosts) instead of the other write's hosts."""
-        if not (self.following and self.store.delivers_changes):
+    def _await_watcher(self, target: int, patience: float) -> None:
+        """Until the table served is at `target`, while the store's watcher may deliver
+        it: for `patience` seconds (on a store that `delivers_changes`, the versions
+        before the management process's write), and while the watcher reads the whole
+        table (`Store.whole_load_since`: up to `LOAD_WAIT` from the read's start),
+        then `patience` more for the versions after it. Bugs: a worker whose balancer
+        wrote right after another balancer's write, before its watcher had applied
+        that one, read the whole table (1-2 s at 100,000 hosts) instead of the other
+        write's hosts; and one whose watcher was reading the whole table then (after a
+        whole-table write) read it a second time, at once or after `FOLLOW_WAIT`."""
+        if not self.following:
             return
-        deadline = time.monotonic() + FOLLOW_WAIT
+        deadline = time.monotonic() + patience
+        told = False  # the wait is logged
         with self.moved:
-            if self.holder.table.version < base:
-                log.debug("version %d follows version %d, which the store's watcher has not "
-                          "delivered yet (this worker serves %d): waiting for it", base + 1,
-                          base, self.holder.table.version)
-            while self.holder.table.version < base and self.store_problem is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.debug("the store's watcher did not deliver version %d within %.1f s: "
-                              "reading the whole table", base, FOLLOW_WAIT)
+            while self.holder.table.version < target and self.store_problem is None:
+                now = time.monotonic()
+                since = self.store.whole_load_since()
+                loading = since is not None and now < since + LOAD_WAIT
+                if loading:
+                    deadline = max(deadline, now + patience)
+                elif now >= deadline:
+                    if told:
+                        log.debug("the store's watcher did not deliver version %d in time: "
+                                  "reading the whole table", target)
                     return
-                self.moved.wait(left)
+                if not told:
+                    told = True
+                    log.debug("version %d, which the store's watcher has not delivered yet "
+                              "(this worker serves %d; %s): waiting for it", target,
+                              self.holder.table.version,
+                              "it reads the whole table" if loading else "its messages")
+                # while it loads, looked at again: a load that delivers nothing notifies no one
+                self.moved.wait(LOAD_POLL if loading else deadline - now)
 
     def served_version(self) -> int:
         """What the store's watcher may skip reading (-1: nothing, read it whole). Bug:

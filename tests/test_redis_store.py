@@ -25,6 +25,7 @@ from balancer.stores.redis import RedisStore
 from balancer.stores.urls import SentinelTarget, parse_sentinel_url
 from loadtest.procs import HeldPort
 from tests.conftest import RedisServer, wait_until
+from tests.redis_hold import SubscriberHold
 from tests.test_store_contract import GONE, WEB, Watcher
 
 
@@ -95,6 +96,40 @@ def test_a_lost_message_is_caught_up_by_the_resync_tick(redis_server: RedisServe
             pipe.incr(f"{ns}:version")
             pipe.execute()
         assert watcher.wait_version(1, timeout=2).hosts == {"web.example.com": WEB}
+
+
+def test_a_message_just_behind_the_resync_ticks_read_is_applied_not_a_whole_read(
+        redis_server: RedisServer) -> None:
+    """Bug: a resync tick whose ``GET`` found the version moved read the whole
+    table at once, though the write's message, sent on the subscription before
+    that ``GET`` was answered, was only on its way (the wait for messages had
+    just ended): at 100,000 hosts 1-2 s of CPU in every worker, for a write it
+    would have read one host of. Here the watcher reaches Redis through a relay
+    that holds its messages back until the tick's ``GET`` passes: the message
+    then comes first, and the watcher reads only the host it names."""
+    ns = namespace()
+    writer = RedisStore(redis_server.url, ns)
+    writer.put_host("a.test", WEB)
+    ticked = threading.Event()
+
+    def release_at_the_tick(data: bytes) -> None:
+        if relay.held and b"$3\r\nGET\r\n" in data and f"{ns}:version".encode() in data:
+            relay.release()  # sent on to the subscription before the GET goes to Redis
+            ticked.set()
+    relay = SubscriberHold(redis_server.port, before=release_at_the_tick)
+    follower = RedisStore(f"redis://127.0.0.1:{relay.port}/0", ns, resync_interval=0.3)
+    try:
+        with Watcher(follower) as watcher:
+            watcher.wait_version(1, timeout=5)
+            relay.hold()
+            writer.put_host("b.test", GONE)
+            assert watcher.wait_version(2, timeout=5).hosts == {"a.test": WEB, "b.test": GONE}
+            assert ticked.is_set()
+            assert [(c.version, c.hosts) for c in watcher.changes] == [(2, {"b.test": GONE})]
+    finally:
+        follower.close()
+        writer.close()
+        relay.close()
 
 
 @pytest.mark.parametrize(("key", "make", "kind", "want"), [

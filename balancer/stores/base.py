@@ -306,6 +306,13 @@ class Store(ABC):
         consumer serves already (applied from a direct message): a store that is
         at that version need not be read again."""
 
+    def whole_load_since(self) -> float | None:
+        """When (`time.monotonic`) this process's `watch` began the whole read of the
+        table it is loading now (read, decode, and delivery: until `on_change`
+        returns), or None when it is not reading it whole: a consumer told of a
+        version meanwhile waits for that load rather than read the table again."""
+        return None
+
     @abstractmethod
     def is_reachable(self) -> bool:
         """Whether the latest contact with the store succeeded."""

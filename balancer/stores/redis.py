@@ -117,6 +117,7 @@ class RedisStore(RedisWatching, RedisReading, Store):
             replication, self.display_url, timeout)
         self._reachable = True
         self._watchers = 0
+        self._whole_loads, self._whole_since = 0, 0.0
         self._problem: str | None = None  # the table read is corrupt
         self._unreachable = ""  # why the store was last found unreachable
         self._checker = TableChecker()
