@@ -201,6 +201,46 @@ def test_a_worker_whose_watcher_hears_nothing_reads_the_whole_table_once(
     assert reads.count() == before + 1, reads.lines()[before:]
 
 
+@ONE_REDIS
+def test_a_worker_whose_watcher_reads_the_whole_table_waits_for_it_not_reads_it_again(
+        racers: tuple[Balancer, Balancer, WholeReads, SubscriberHold]) -> None:
+    """The second balancer writes the whole table; the first one's watchers read it
+    whole (held here at Redis's door for `FOLLOW_WAIT` and more: a big table, a
+    loaded machine) while the first balancer writes one host. Its worker, told of
+    that write, waits for its watcher's load instead of reading the table beside
+    it. Bug: it waited `FOLLOW_WAIT` (1 s), then read the whole table too (at
+    100,000 hosts, 3-15 s of CPU more on a loaded machine, for nothing)."""
+    one, two, _, hold = racers
+    table = two.api("GET", "/api/v1/hosts")[1]["hosts"]
+    whole: list[float] = []
+    loaded = threading.Event()
+
+    def slow_whole_reads(data: bytes) -> None:
+        if b"HGETALL" in data and b"balancer:hosts" in data:
+            whole.append(time.monotonic())
+            loaded.wait(10)  # the read goes on to Redis when the test says
+    hold.before = slow_whole_reads
+    answers: list[tuple[int, Any]] = []
+    try:
+        status, theirs = two.api("PUT", "/api/v1/hosts", {"hosts": table})
+        assert status == 200, theirs
+        wait_for(lambda: len(whole) >= 2, 10, what="the first balancer's watchers reading it")
+        writer = threading.Thread(target=lambda: answers.append(
+            one.api("PUT", "/api/v1/hosts/h5.test", {**STATIC, "body": "one's"})))
+        writer.start()
+        wait_for(lambda: one.output().count("it reads the whole table") or len(whole) > 2, 10,
+                 what="the worker told of the write")
+        time.sleep(FOLLOW_WAIT + 0.3)  # the load lasting that long: the scenario, not a sync
+        assert len(whole) == 2, "another whole read beside the watchers'"
+    finally:
+        loaded.set()
+        hold.before = lambda data: None
+    writer.join(30)
+    assert answers == [(200, {"version": theirs["version"] + 1})], answers
+    assert request(one.port, host="h5.test")[2] == b"one's"
+    assert len(whole) == 2
+
+
 def parses(bal: Balancer) -> int:
     """The times the management process parsed the routes file (its debug lines)."""
     pid = management_pid(bal)
