@@ -114,6 +114,8 @@ def test_a_message_just_behind_the_resync_ticks_read_is_applied_not_a_whole_read
 
     def release_at_the_tick(data: bytes) -> None:
         if relay.held and b"$3\r\nGET\r\n" in data and f"{ns}:version".encode() in data:
+            # (a tick before the write: its GET waits here for the write's message)
+            wait_until(lambda: relay.kept, timeout=10, message="the write's message held")
             relay.release()  # sent on to the subscription before the GET goes to Redis
             ticked.set()
     relay = SubscriberHold(redis_server.port, before=release_at_the_tick)
