@@ -2,15 +2,18 @@
 PYTHONPATH and IMPORT_AUDIT_DIR set, every module a process imports is
 appended to IMPORT_AUDIT_DIR/imports-PID.txt, and every distribution's
 entry_points.txt it reads (a scan of the installed packages' metadata) to
-IMPORT_AUDIT_DIR/metadata-PID.txt. A child that dropped privileges
-may not be able to read the Python installation: whatever a child imports
-after fork must have been preloaded (`balancer.preload`); without a drop, each
-process must import only what it uses (its memory)."""
+IMPORT_AUDIT_DIR/metadata-PID.txt. An import made by a process that started as
+root and no longer runs as root also goes to IMPORT_AUDIT_DIR/dropped-PID.txt:
+a child that dropped privileges may not be able to read the Python
+installation, so whatever it imports must have been preloaded
+(`balancer.preload`); without a drop, each process must import only what it
+uses (its memory)."""
 
 import os
 import sys
 
 _DIRECTORY = os.environ.get("IMPORT_AUDIT_DIR")
+_ROOT_AT_START = os.geteuid() == 0
 
 
 def _note(kind: str, line: str) -> None:
@@ -24,6 +27,8 @@ def _note(kind: str, line: str) -> None:
 def _audit(event: str, args: tuple) -> None:
     if event == "import" and args[0] not in sys.modules:
         _note("imports", args[0])
+        if _ROOT_AT_START and os.geteuid() != 0:
+            _note("dropped", args[0])
     elif event == "open" and str(args[0]).endswith("entry_points.txt"):
         _note("metadata", str(args[0]))
 
