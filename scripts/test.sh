@@ -2,13 +2,14 @@
 # What CI runs (.ci/run) and the README's test command. Installs everything the
 # test suite needs on a fresh Debian machine, then checks:
 #   1. ruff (stopping there on a failure);
-#   2. the whole suite on the compiled build (`pip install -e .` builds in place);
-#   3. beside it, in the background: mypy over the compiled modules (mypyc needs
-#      them to type-check), and the data plane's tests (`-m data_plane`) on the
-#      interpreted build: the same sources without their extensions, copied to a
-#      temporary directory, as `BALANCER_PURE=1` installs them (a compiled module
-#      once behaved differently from its source). Their output follows the
-#      compiled pass's; the script fails if any of the three failed.
+#   2. the whole suite on the compiled build (`pip install -e .` builds in place),
+#      and beside it, in the background, mypy over the compiled modules (mypyc
+#      needs them to type-check; its output follows the suite's);
+#   3. the data plane's tests (`-m data_plane`) on the interpreted build: the
+#      same sources without their extensions, copied to a temporary directory,
+#      as `BALANCER_PURE=1` installs them (a compiled module once behaved
+#      differently from its source).
+# It stops after the first step that failed (2: the suite and mypy both end).
 # Debian packages when missing (CI runs as root, others through sudo):
 # redis-server, Chromium, the load-test tools, pebble (a test ACME CA, with its
 # pebble-challtestsrv DNS: tests/test_acme.py), and what building the
@@ -76,13 +77,12 @@ esac
 # compiled pass from 432 s to 379 s with another suite beside it). Work
 # is handed out one test at a time (`loadgroup`), the tests marked `slow` first
 # (tests/conftest.py), and the load generators (`xdist_group("load_generators")`)
-# run one after the other on one process, never beside each other (within a
-# pass: the interpreted pass's one, bench_limits, may run beside the compiled
-# pass's). The interpreted pass runs beside the compiled one, on
-# `PURE_JOBS` processes, filling the cores the compiled pass leaves idle while
-# its tests wait (one after the other, the two took 435-475 s of a 531-584 s run).
+# run one after the other on one process, never beside each other. The two
+# passes run one after the other: the interpreted pass run beside the compiled
+# one (3 processes) saved nothing (the compiled pass took 454 s instead of
+# about 350, the interpreted 106 s alone) and its tests with tight deadlines
+# failed under the load.
 JOBS=${BALANCER_TEST_JOBS:-6}
-PURE_JOBS=${BALANCER_TEST_JOBS:-3}
 
 # Bytecode for every module, written once: the suite starts thousands of Python
 # processes (balancers, their tools, the pytest workers of each pass), and under
@@ -101,42 +101,34 @@ build() {  # exits 0 if the sources in the current directory run compiled
     "$python" -c 'from balancer import native; print(native.describe()); \
 exit(0 if native.compiled() else 1)'
 }
-echo "== the whole suite, compiled (mypy and the interpreted pass run beside it)"
+echo "== the whole suite, compiled (mypy beside it)"
 build || { echo "scripts/test.sh: the build is not compiled (BALANCER_PURE set?)"; exit 1; }
 
 scratch=$(mktemp -d)
-background=""
-trap 'for pid in $background; do kill "$pid" 2>/dev/null || true; done; rm -rf "$scratch"' EXIT
+mypy=""
+trap '[ -z "$mypy" ] || kill "$mypy" 2>/dev/null || true; rm -rf "$scratch"' EXIT
 trap 'exit 130' INT TERM
 "$python" -m mypy >"$scratch/mypy.log" 2>&1 &
 mypy=$!
-# The interpreted copy keeps the bytecode just written (valid: tar keeps each
-# source's time), so its compileall finds nothing to do.
-pure="$scratch/pure"
-mkdir "$pure"
-tar -cf - --exclude='*.so' balancer management loadtest scripts tests setup.py pyproject.toml \
-    | tar -xf - -C "$pure"
-(
-    cd "$pure"
-    if build; then echo "scripts/test.sh: the copy still runs compiled code"; exit 1; fi
-    compile_bytecode
-    exec "$python" -m pytest -q -p no:cacheprovider -n "$PURE_JOBS" --dist loadgroup \
-        -m data_plane "$@"
-) >"$scratch/interpreted.log" 2>&1 &
-interpreted=$!
-background="$mypy $interpreted"
-
 failed=""
 "$python" -m pytest -q -n "$JOBS" --dist loadgroup "$@" || failed="$failed compiled"
-
 echo "== mypy"
 wait "$mypy" || failed="$failed mypy"
+mypy=""
 cat "$scratch/mypy.log"
-echo "== the data plane's tests, interpreted"
-wait "$interpreted" || failed="$failed interpreted"
-cat "$scratch/interpreted.log"
-background=""
 if [ -n "$failed" ]; then
     echo "scripts/test.sh: failed:$failed"
     exit 1
 fi
+
+echo "== the data plane's tests, interpreted"
+# The copy keeps the bytecode just written (valid: tar keeps each source's
+# time), so its compileall finds nothing to do.
+pure="$scratch/pure"
+mkdir "$pure"
+tar -cf - --exclude='*.so' balancer management loadtest scripts tests setup.py pyproject.toml \
+    | tar -xf - -C "$pure"
+cd "$pure"
+if build; then echo "scripts/test.sh: the copy still runs compiled code"; exit 1; fi
+compile_bytecode
+"$python" -m pytest -q -p no:cacheprovider -n "$JOBS" --dist loadgroup -m data_plane "$@"
