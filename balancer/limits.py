@@ -330,7 +330,10 @@ def reclaim(path: str, pid: int) -> int:
     # FileNotFoundError): what is gone with it counts against nobody
     try:
         with open(claimed, "rb") as file:
-            counts = [count for (count,) in COUNT.iter_unpack(file.read())]
+            journal = file.read()
+        if journal.count(0) == len(journal):
+            return 0  # nothing in progress (most exits): not unpacked, one count per slot
+        counts = [count for (count,) in COUNT.iter_unpack(journal)]
         given = sum(count for count in counts if count > 0)
         if given:
             buckets = SharedBuckets(path, journal=False)

@@ -37,10 +37,14 @@ def compiled() -> list[str]:
 
 def stale() -> list[str]:
     """Compiled modules whose source changed after they were built (source checkouts)."""
+    return _stale(_extensions())
+
+
+def _stale(found: list[tuple[str, Path, Path]]) -> list[str]:
     if not (PACKAGE.parent / "setup.py").exists():
         return []
     built = _group_built()
-    return [name for name, ext, source in _extensions()
+    return [name for name, ext, source in found
             if source.stat().st_mtime > max(ext.stat().st_mtime, built)]
 
 
@@ -54,11 +58,17 @@ def _group_built() -> float:
 
 def describe() -> str:
     """One line for the start-up log."""
-    names = compiled()
-    if not names:
-        return "data plane interpreted (installed with BALANCER_PURE=1 or without mypyc)"
-    old = stale()
+    return report()[1]
+
+
+def report() -> tuple[bool, str]:
+    """Whether any compiled module is stale, and `describe`'s line, from one look
+    at the package's files (each look walks the package for every suffix)."""
+    found = _extensions()
+    if not found:
+        return False, "data plane interpreted (installed with BALANCER_PURE=1 or without mypyc)"
+    old = _stale(found)
     if old:
-        return (f"data plane compiled, but STALE: {', '.join(old)} changed after the build; "
-                f"run `pip install -e .` again")
-    return f"data plane compiled with mypyc ({len(names)} modules)"
+        return True, (f"data plane compiled, but STALE: {', '.join(old)} changed after the "
+                      f"build; run `pip install -e .` again")
+    return False, f"data plane compiled with mypyc ({len(found)} modules)"

@@ -166,8 +166,8 @@ def announce(settings: Settings, listeners: Listeners, management: Any,
     log.info("listening on %s for management", bound_name(management))
     log.info("store %s, %d worker(s)%s", redact_url(settings.store.url),
              settings.effective_workers(), sharing(settings, listeners))
-    report = log.warning if native.stale() else log.info
-    report("%s", native.describe())
+    old, line = native.report()
+    (log.warning if old else log.info)("%s", line)
     log_limits(settings.server.max_connections, *limits)
 
 

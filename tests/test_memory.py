@@ -283,8 +283,8 @@ def test_a_scrape_without_an_importable_exporter_is_answered_503(tmp_path: Path,
 # 2026-12-06 (main c25508e and 79949d8, 400 requests, 2 cores under other
 # runs' load): compiled 4.4-4.9 KiB (a `setup.py build_ext --inplace` copy,
 # and main's install), interpreted 5.8-6.0 (a worktree: alone, in the whole
-# suite under -n 2, and in a fresh copy without __pycache__ as scripts/test.sh
-# makes); ~0.1 MiB of it is paid once (10 requests: 9-13 KiB each). The build
+# suite under -n 2, and in a fresh copy without __pycache__, as scripts/test.sh
+# made then); ~0.1 MiB of it is paid once (10 requests: 9-13 KiB each). The build
 # measured is the balancer's own (its start-up line), named in a failure.
 IN_FLIGHT = 400
 IN_FLIGHT_BOUND_KIB = 12.0
