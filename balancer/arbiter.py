@@ -62,7 +62,14 @@ from balancer.startup import (
     read_pipe,
     remake_run_dir,
 )
-from balancer.workers import BOOT_ERROR, ChildEnv, ManagementChild, child_main, run_worker
+from balancer.workers import (
+    ARBITER_SIGNALS,
+    BOOT_ERROR,
+    ChildEnv,
+    ManagementChild,
+    fork_child,
+    run_worker,
+)
 
 log = logging.getLogger("balancer")
 
@@ -74,8 +81,7 @@ RETIRE = signal.SIGUSR2  # to a child a reload replaced: drain, keep held reques
 KILL_MARGIN = 2.0   # seconds past a draining child's own `graceful` before SIGKILL
 QUIT_GRACE = 1.0    # seconds children get after SIGQUIT before SIGKILL
 TICK = 1.0          # longest wait of the main loop
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
-           signal.SIGCHLD)
+HANDLED = ARBITER_SIGNALS  # (a child resets them: `balancer.workers.enter_child`)
 
 
 @dataclass
@@ -281,9 +287,7 @@ class Arbiter:
         env = self.child_env(ready_w, (ready_r,))
         flush_std()
         freeze()  # the arbiter's objects stay shared with the child (`balancer.preload`)
-        pid = os.fork()
-        if pid == 0:
-            child_main(self.child_body(kind, slot), env)
+        pid = fork_child(self.child_body(kind, slot), env)
         os.close(ready_w)
         self.children[pid] = Child(kind, slot, self.generation, pid, ready_r,
                                    self.settings.timeouts.graceful)

@@ -29,7 +29,7 @@ from typing import Any
 from balancer.control import control_path, run_dir_problem
 from balancer.privileges import Identity
 from balancer.settings import Settings
-from balancer.workers import ChildEnv, child_main, run_check
+from balancer.workers import ChildEnv, fork_child, run_check
 
 log = logging.getLogger("balancer")
 CHECK_TIMEOUT = 30.0
@@ -69,9 +69,7 @@ def check_in_child(settings: Settings, identity: Identity | None,
     env = ChildEnv(settings, "", problem_w, None, os.getpid(), (*arbiter_fds, problem_r),
                    patch=False)
     flush_std()
-    pid = os.fork()
-    if pid == 0:
-        child_main(lambda e: run_check(e, identity), env)
+    pid = fork_child(lambda e: run_check(e, identity), env)
     os.close(problem_w)
     code = wait_for_exit(pid, CHECK_TIMEOUT)
     message = read_pipe(problem_r).decode(errors="replace").strip()

@@ -24,6 +24,9 @@ Invariants:
   SIGHUP (`startup.REBIND`, from the arbiter only: one sent to the arbiter is a
   reload) binds the child's sockets in the run directory again, which the
   arbiter made again after it was deleted.
+* The arbiter's signals are blocked in a child from before its fork until it
+  has reset them (`fork_child`, `enter_child`): one sent to it meanwhile is
+  never taken by the arbiter's handlers it inherited.
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ BOOT_ERROR = 3
 PARENT_CHECK = 1.0  # seconds between checks that the arbiter is still there
 STOP_MARGIN = 0.5  # a worker stops this much before the arbiter's `graceful` deadline
 GC_THRESHOLDS = (20000, 20, 100)  # gc.set_threshold in a proxy worker (see `tune_gc`)
+# what the arbiter handles (`balancer.arbiter`); a child stops (default action) or
+# ignores them until it installs its own (`enter_child`)
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
+ARBITER_SIGNALS = (*STOPPING_SIGNALS, *IGNORED_SIGNALS)
 
 
 class BootError(Exception):
@@ -109,13 +117,35 @@ def child_main(body: Callable[[ChildEnv], int], env: ChildEnv) -> NoReturn:
         os._exit(code)
 
 
+def fork_child(body: Callable[[ChildEnv], int], env: ChildEnv) -> int:
+    """Fork a child that runs `body` (`child_main`); its pid, in the parent.
+
+    The arbiter's signals stay blocked in the child until it has reset them
+    (`enter_child`). Bug: one that came before ran the arbiter's handler in the
+    child, which writes the signal number to the arbiter's wake-up pipe (the
+    same pipe, inherited): the SIGHUP that `startup.RunDirKeeper` sends every
+    child reached a worker forked in the same turn of the loop (one restarted),
+    and the arbiter took it as its own and reloaded, replacing every child."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ARBITER_SIGNALS)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            child_main(body, env)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return pid
+
+
 def enter_child(env: ChildEnv) -> None:
     """Forget the arbiter's signal handling and descriptors, then monkey-patch."""
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+    for sig in STOPPING_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
-    for sig in (signal.SIGHUP, signal.SIGUSR1):
+    for sig in IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # until the child installs its own
+    # blocked since before the fork (`fork_child`): one that came meanwhile acts now
+    # as set above (a SIGTERM stops the child, a SIGHUP is dropped)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, ARBITER_SIGNALS)
     for fd in env.inherited_fds:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from balancer.limits import journal_path, reclaim
-from tests.support import Balancer, request, wait_for
+from tests.support import Balancer, constants_prefix, request, wait_for
 
 WAIT = 20.0
 
@@ -79,6 +79,34 @@ def test_a_deleted_run_directory_is_made_again_at_once_and_no_total_goes_down(
         assert completed(bal) == 10
         assert "was deleted: made again" in bal.output()
         assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+
+
+def test_a_worker_restarted_as_the_run_directory_is_made_again_reloads_nothing(
+        tmp_path: Path, runs: Path) -> None:
+    """Bug: the arbiter sends every child SIGHUP once it made the run directory
+    again; a worker it had forked in the same turn (one restarted) had not reset
+    the arbiter's signal handlers yet, and the one it inherited wrote the SIGHUP
+    into the arbiter's wake-up pipe (the same pipe): the arbiter reloaded,
+    replacing every child. Children here are slow to start (as on a loaded
+    machine), so the SIGHUP comes before that reset."""
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
+                   env={"TMPDIR": str(runs), "SLOW_FORKED_CHILD": "0.2"},
+                   prefix=constants_prefix({}))
+    try:
+        [run_dir] = list(runs.glob("balancer-*"))
+        [worker] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+        shutil.rmtree(run_dir)
+        os.kill(worker, signal.SIGKILL)  # restarted at once (its first crash), same turn
+        wait_for(lambda: bal.output().count("ready (slot 0") >= 3, WAIT,
+                 what="the worker restarted")
+        wait_for(lambda: bal.api("GET", "/api/v1/stats")[0] == 200, WAIT,
+                 what="the workers reached again")
+        assert "was deleted: made again" in bal.output()
+        assert "settings re-read" not in bal.output()
+        assert bal.api("GET", "/api/v1/info")[1]["arbiter"]["generation"] == 1
+        assert request(bal.port, host="a.test")[2] == b"a"
     finally:
         bal.stop()
 

@@ -5,7 +5,11 @@ in every process it forks. A test that would otherwise wait out a real timer
 (the history's 5 s samples, the ACME client's 30 s read timeout) runs the same
 code on a shorter clock. Only interpreted modules: a compiled one reads its
 constants natively. A name the module lacks fails its import (a renamed
-constant must not leave a test waiting for the real timer unnoticed)."""
+constant must not leave a test waiting for the real timer unnoticed).
+
+``SLOW_FORKED_CHILD=SECONDS``: every child this process (and its children)
+forks takes that long to start running its own code, as on a loaded machine
+(the window between a fork and the child's first line made wide)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
+import time
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -55,3 +60,7 @@ class _SetAfterRun(importlib.abc.MetaPathFinder):
 
 if os.environ.get("SET_CONSTANTS"):
     sys.meta_path.insert(0, _SetAfterRun(_wanted()))
+
+if os.environ.get("SLOW_FORKED_CHILD"):
+    _slow = float(os.environ["SLOW_FORKED_CHILD"])
+    os.register_at_fork(after_in_child=lambda: time.sleep(_slow))
