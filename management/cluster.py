@@ -47,6 +47,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -70,6 +71,7 @@ from management.http import ApiError
 from management.kept import Gone, HeldCounters, RetiredCounters, read_json
 from management.silent import SilentWorkers
 
+log = logging.getLogger("balancer.kept")
 Kept = tuple[dict[str, Any] | None, list[dict[str, Any]]]  # retired total, held counters
 # hosts named in one ask: 10,000 keys of at most 253 bytes (`balancer.rules.MAX_HOST_LEN`)
 # stay under the control socket's line (`balancer.control.MAX_COMMAND`, 4 MiB). Bug: the
@@ -126,6 +128,20 @@ class ClusterRuntime:
             if whole and retired:
                 self.retired.forget(self.unserved(replies, retired))
             return replies, (retired, held)
+
+    def restore_kept(self) -> None:
+        """Write the retired total again at once, the arbiter having made the run
+        directory again (`RetiredCounters.snapshot`), not at the next survey.
+        Bug: a reload before that survey (the history samples every 5 s) started
+        a management process that found no total, and totals went down."""
+        if self.run_dir_gone() is not None:
+            return  # (gone again: the next survey tries)
+        try:
+            with self.mutex, run_dir_lock(self.directory):
+                self.retired.snapshot()
+        except OSError as exc:
+            log.error("cannot write the counters of workers that exited in %s again: %s",
+                      self.directory, exc.strerror or exc)
 
     def run_dir_gone(self) -> str | None:
         """Why no worker can be asked: the run directory is gone, or not this

@@ -69,7 +69,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     issuer.start()
     freeze()  # once set up: start-up objects out of every later collection
     report_ready(env)
-    wait_for_stop(env, rebind=lambda: remade(certs_watch, history, mirror))
+    wait_for_stop(env, rebind=lambda: remade(runtime, certs_watch, history, mirror))
     sampler.kill()
     save_history(history)  # before the drain: the next management process reads it
     app.deployer.stop()
@@ -102,11 +102,12 @@ def history_loop(history: Any, runtime: Any) -> None:
             log.exception("history: sampling the stats failed")
 
 
-def remade(certs_watch: Any, history: Any, mirror: Any) -> None:
-    """The arbiter made the run directory again (it was deleted): bind the handover
-    socket there again and write what this process keeps there from memory (the
-    history, the snapshot's copy; the retired counters' total is written at the
-    next survey: `management.kept.RetiredCounters`)."""
+def remade(runtime: Any, certs_watch: Any, history: Any, mirror: Any) -> None:
+    """The arbiter made the run directory again (it was deleted): write what this
+    process keeps there from memory (the retired counters' total first: a reload
+    may come next, `ClusterRuntime.restore_kept`; the history, the snapshot's
+    copy) and bind the handover socket there again."""
+    runtime.restore_kept()
     certs_watch.rebind()
     history.save_in_passing()
     mirror.save_again()

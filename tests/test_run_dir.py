@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -79,6 +80,42 @@ def test_a_deleted_run_directory_is_made_again_at_once_and_no_total_goes_down(
         assert completed(bal) == 10
         assert "was deleted: made again" in bal.output()
         assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+
+
+def test_a_reload_right_after_the_run_directory_is_made_again_keeps_the_totals(
+        tmp_path: Path, runs: Path) -> None:
+    """Bug: the management process wrote the retired workers' total again only at
+    its next survey (the history's samples, every 5 s, or an API call); a reload
+    before that started a management process that found no total, and the
+    totals went down (here by the 5 requests of the first generation)."""
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
+                   env={"TMPDIR": str(runs)},
+                   prefix=constants_prefix({"management.history.INTERVAL": 3600}))
+    try:
+        [run_dir] = list(runs.glob("balancer-*"))
+        for _ in range(5):
+            assert request(bal.port, host="a.test")[2] == b"a"
+        [old] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+        bal.proc.send_signal(signal.SIGHUP)  # the first worker retires: its counters kept
+        wait_for(lambda: [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+                 not in ([], [old]), WAIT, what="the new generation's worker alone")
+        for _ in range(3):
+            assert request(bal.port, host="a.test")[2] == b"a"
+        wait_for(lambda: completed(bal) == 8 and (run_dir / "retired-total.json").exists()
+                 and (run_dir / "history.json").exists(), WAIT, what="the retired total")
+        [management] = re.findall(r"management (\d+) ready", bal.output())[-1:]
+        shutil.rmtree(run_dir)
+        # no API call from here until that management process is gone: one would
+        # make it survey, and write the total again
+        wait_for(lambda: (run_dir / "history.json").exists(), WAIT,
+                 what="the management process told the run directory is there again")
+        bal.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: not Path(f"/proc/{management}").exists(), WAIT,
+                 what="the old management process gone")
+        wait_for(lambda: completed(bal) is not None, WAIT, what="the workers reached")
+        assert completed(bal) == 8
     finally:
         bal.stop()
 
