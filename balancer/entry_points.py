@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 from balancer.startup import flush_std, wait_for_exit
 
 TIMEOUT = 30.0  # seconds the child may take to scan the installed packages
+EXIT_GRACE = 0.2  # seconds a child that answered may take to exit, past TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,15 @@ def look_up(groups: Iterable[str]) -> dict[str, tuple[Target, ...]]:
         os.close(read_fd)
         _answer(write_fd, wanted)
     os.close(write_fd)
+    deadline = time.monotonic() + TIMEOUT
     try:
-        data = _read_to_end(read_fd, time.monotonic() + TIMEOUT)
+        data = _read_to_end(read_fd, deadline)
     finally:
         os.close(read_fd)
-    code = wait_for_exit(pid, TIMEOUT)
+    # within the same deadline (bug: a child that never answered was waited for
+    # twice as long, a minute, before the arbiter gave up), but for a child that
+    # answered at its end: it exits as it closes the pipe
+    code = wait_for_exit(pid, max(deadline - time.monotonic(), EXIT_GRACE))
     try:
         found = json.loads(data)
     except ValueError:

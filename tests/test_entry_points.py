@@ -65,11 +65,12 @@ def test_a_look_up_that_never_answers_is_given_up(monkeypatch: pytest.MonkeyPatc
         time.sleep(60)
 
     monkeypatch.setattr(importlib.metadata, "entry_points", stuck)
-    monkeypatch.setattr(entry_points, "TIMEOUT", 0.5)
+    monkeypatch.setattr(entry_points, "TIMEOUT", 1.0)
     begun = time.monotonic()
     with pytest.raises(LookupError, match="no answer"):
         look_up([MANAGEMENT_GROUP])
-    assert time.monotonic() - begun < 10
+    # TIMEOUT in all, not once to read and again to wait for the exit (bug: 2.0)
+    assert time.monotonic() - begun < 1.8
     child = int(started.read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(child, 0)
