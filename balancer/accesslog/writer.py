@@ -212,6 +212,22 @@ class AccessLog:
         # file or socket is given the number next
         if fd is not None and self.path != STDOUT and not self._write_out:
             os.close(fd)
+        self._drop_unwritten()
+
+    def _drop_unwritten(self) -> None:
+        """Count what waits at close as dropped, told once: it is never written (a
+        FIFO that no reader opened, a write that still blocks). Bug: those records
+        went uncounted (a worker retired by a reload before its FIFO had a reader
+        lost them, and `balancer_access_log_dropped_records_total` said 0)."""
+        refused = self._take_refused()  # (counted there)
+        waiting = len(self._pending)
+        self._pending.clear()
+        self._held = 0
+        self._dropped += waiting
+        self.dropped_total += waiting
+        if waiting or refused:
+            self._report(f"access log {self.path}: closed with {waiting + refused} "
+                         "records not written; dropped")
 
     def __repr__(self) -> str:
         state = "off" if not self.is_enabled else "open" if self._fd is not None else "closed"
