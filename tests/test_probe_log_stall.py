@@ -9,6 +9,7 @@ and the log goes on by itself once the reader reads again.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -219,3 +220,43 @@ def test_an_access_log_fifo_with_no_reader_yet_never_holds_a_worker(tmp_path: Pa
         if reader >= 0:
             os.close(reader)
     assert time.monotonic() - started < 5.0
+
+
+def opening(pid: int) -> bool:
+    """Whether a thread of process `pid` waits in the open of a FIFO for a reader."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if (task / "wchan").read_text() == "wait_for_partner":
+                return True
+    return False
+
+
+def test_a_stop_while_a_reopen_waits_for_the_fifo_s_reader_is_not_held(
+        tmp_path: Path) -> None:
+    """The FIFO's reader (a log shipper) gone, and SIGUSR1: the reopen waits in the
+    thread pool for a reader. Bug: a stop then waited for that open too, the
+    close's whole 5 s, before the worker could exit."""
+    fifo = tmp_path / "access.log"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--access-log", str(fifo)])
+    try:
+        worker = child_pid(bal, "worker")
+        assert pipelined(bal.port, 2) == 2
+        lines, deadline = 0, time.monotonic() + WAIT
+        while lines < 2:
+            assert time.monotonic() < deadline, lines
+            lines = drain(reader, lines, deadline)
+        os.close(reader)
+        reader = -1
+        bal.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: opening(worker), WAIT, what="the reopen waiting for a reader")
+        assert pipelined(bal.port, 2) == 2  # served meanwhile
+        started = time.monotonic()
+        assert bal.stop() == 0
+        assert time.monotonic() - started < 3.0
+        assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+        if reader >= 0:
+            os.close(reader)

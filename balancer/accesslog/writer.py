@@ -92,6 +92,7 @@ HELD_LIMIT: Final = 4 << 20
 HELD_BATCH: Final = HELD_LIMIT // 4  # bytes waiting that wake the writer, as a full batch
 FULL = f"{QUEUE_LIMIT} records or {HELD_LIMIT >> 20} MiB of their requests"  # for the log
 STALL_CHECK: Final = 1.0  # seconds between looks at the queue while a write is out
+CLOSING: Final = "the access log is closing"  # why an open was given up (`_open_in_thread`)
 
 
 class AccessLogError(Exception):
@@ -257,15 +258,11 @@ class AccessLog:
                      f"reader, with at most {FULL} waiting, records past them dropped")
         said = ""
         while self._fd is None and not self._is_closed:
-            result = gevent.get_hub().threadpool.spawn(open_path, self.path, -1)
-            while not result.ready() and not self._is_closed:
-                result.wait(STALL_CHECK)
-                self._take_refused()
-            if not result.ready():
-                return  # closed: the open is left to its thread (the worker stops)
-            fd, why = result.get()
+            fd, why = self._open_in_thread(-1)
             if fd >= 0:
                 self._fd = fd
+            elif why == CLOSING:
+                return
             elif why != said:  # (replaced by something that cannot be opened)
                 said = why
                 self._report(f"cannot open access log {self.path}: {why}; trying again")
@@ -277,6 +274,8 @@ class AccessLog:
         if self.path == STDOUT:
             return
         fd, why = self._open_in_thread(-1)
+        if why == CLOSING:
+            return
         if fd < 0:
             self._report(f"cannot open access log {self.path}: {why}; still writing to "
                          "the old file")
@@ -303,7 +302,9 @@ class AccessLog:
             self._reopen_requested = True
             return False
         if fd < 0:
-            self._report(f"access log {self.path}: not reopened while a write blocks: {why}")
+            if why != CLOSING:
+                self._report(f"access log {self.path}: not reopened while a write blocks: "
+                             f"{why}")
             return False
         self._fd = fd
         self._retiring, self._write_out, self._is_torn = True, False, False
@@ -327,9 +328,14 @@ class AccessLog:
 
     def _open_in_thread(self, beside: int) -> tuple[int, str]:
         """`open_path` in the thread pool (a hung mount blocks an open too); while
-        it blocks, the records `log` refused are counted every `STALL_CHECK` seconds."""
+        it blocks, the records `log` refused are counted every `STALL_CHECK` seconds.
+        Given up, (-1, CLOSING), once the log is closed: the open is left to its
+        thread (the worker stops). Bug: a stop waited for a reopen that waited for
+        a FIFO's reader, the close's whole timeout (5 s)."""
         result = gevent.get_hub().threadpool.spawn(open_path, self.path, beside)
         while not result.ready():
+            if self._is_closed:
+                return -1, CLOSING
             result.wait(STALL_CHECK)
             self._take_refused()
         fd, why = result.get()
