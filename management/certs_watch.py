@@ -185,9 +185,11 @@ class CertsWatch:
 
     def rebind(self) -> None:
         """Serve the handover socket again if it is gone (the run directory deleted
-        and made again by the arbiter)."""
-        if self._server is None or run_dir_problem(str(self.run_dir)) is not None \
-                or os.path.exists(handover_path(str(self.run_dir), os.getpid())):
+        and made again by the arbiter); never once stopped (bug: the arbiter's
+        SIGHUP to a management process draining after a reload bound the socket
+        that `stop` had removed, and left it there when the process exited)."""
+        if self.stopped or self._server is None or run_dir_problem(str(self.run_dir)) \
+                is not None or os.path.exists(handover_path(str(self.run_dir), os.getpid())):
             return
         self._server.close()
         self.serve()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from balancer.limits import journal_path, reclaim
+from balancer.stores import open_store
 from tests.support import Balancer, constants_prefix, request, wait_for
 
 WAIT = 20.0
@@ -231,3 +232,23 @@ def test_a_journal_gone_while_it_is_given_back_is_no_error(tmp_path: Path) -> No
     shared = str(tmp_path / "limits.shm")
     Path(journal_path(shared, 4242)).mkdir()  # claimed, then unreadable: as if deleted
     assert reclaim(shared, 4242) == 0
+
+
+def test_a_stopped_certificate_handover_is_not_bound_again(tmp_path: Path) -> None:
+    """Bug: the SIGHUP the arbiter sends every child once it made the run directory
+    again reached a management process draining after a reload, whose `stop` had
+    removed its handover socket: it bound it again, and left it when it exited."""
+    from management.certs_watch import CertsWatch, handover_path
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    store = open_store(f"file:{tmp_path / 'routes.json'}", "balancer", 0.0, False)
+    watch = CertsWatch(store, str(run_dir))
+    watch.serve()
+    path = Path(handover_path(str(run_dir), os.getpid()))
+    assert path.exists()
+    watch.stop()
+    assert not path.exists()
+    watch.rebind()
+    assert not path.exists()
+    store.close()
