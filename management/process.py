@@ -69,7 +69,17 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     issuer.start()
     freeze()  # once set up: start-up objects out of every later collection
     report_ready(env)
-    wait_for_stop(env, rebind=lambda: remade(runtime, certs_watch, history, mirror))
+    draining = False
+
+    def rebind() -> None:
+        # not once draining: a successor (a reload's) keeps the run directory now,
+        # and its retired total is the newer (this one's, written first, would
+        # have counted the workers retired by the reload as never retired)
+        if not draining:
+            remade(runtime, certs_watch, history, mirror)
+
+    wait_for_stop(env, rebind=rebind)
+    draining = True
     sampler.kill()
     save_history(history)  # before the drain: the next management process reads it
     app.deployer.stop()

@@ -7,6 +7,7 @@ it is made in /tmp."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -119,6 +120,58 @@ def test_a_reload_right_after_the_run_directory_is_made_again_keeps_the_totals(
         assert completed(bal) == 8
     finally:
         bal.stop()
+
+
+def test_a_management_process_draining_leaves_the_total_to_its_successor(
+        tmp_path: Path, runs: Path) -> None:
+    """Bug: the run directory made again while a reload's old management process
+    drained, both it and its successor wrote the retired total again from memory;
+    the old one's, written first, had not counted the workers the reload
+    retired (the successor had), and the totals went down by theirs (3 here)."""
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
+                   env={"TMPDIR": str(runs)},
+                   prefix=constants_prefix({"management.history.INTERVAL": 3600,
+                                            "management.process.MANAGEMENT_DRAIN": 20}))
+    held = socket.socket()
+    try:
+        [run_dir] = list(runs.glob("balancer-*"))
+        for _ in range(5):
+            assert request(bal.port, host="a.test")[2] == b"a"
+        reload_and_wait(bal)
+        for _ in range(3):
+            assert request(bal.port, host="a.test")[2] == b"a"
+        wait_for(lambda: completed(bal) == 8, WAIT, what="the first total")
+        [old] = re.findall(r"management (\d+) ready", bal.output())[-1:]
+        held.connect(("127.0.0.1", bal.mport))  # keeps it draining: a head never ended
+        held.sendall(b"GET /api/v1/info HTTP/1.1\r\n")
+        reload_and_wait(bal)
+        wait_for(lambda: completed(bal) == 8 and retired_total(run_dir) == 8, WAIT,
+                 what="the reload's retired worker folded")
+        assert Path(f"/proc/{old}").exists()  # draining still
+        shutil.rmtree(run_dir)
+        wait_for(lambda: (run_dir / "retired-total.json").exists(), WAIT,
+                 what="the total written again")
+        assert completed(bal) == 8
+    finally:
+        held.close()
+        bal.stop()
+
+
+def retired_total(run_dir: Path) -> int | None:
+    """a.test's completed requests in the retired total's file (None: none yet)."""
+    try:
+        total = json.loads((run_dir / "retired-total.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return total["hosts"]["a.test"]["completed_requests"]
+
+
+def reload_and_wait(bal: Balancer) -> None:
+    """SIGHUP, and wait until the new generation's worker alone serves."""
+    [old] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+    bal.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+             not in ([], [old]), WAIT, what="the new generation's worker alone")
 
 
 def test_a_worker_restarted_as_the_run_directory_is_made_again_reloads_nothing(
