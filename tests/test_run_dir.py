@@ -41,6 +41,35 @@ def completed(bal: Balancer) -> int | None:
     return answer["hosts"]["a.test"]["completed_requests"] if status == 200 else None
 
 
+def retired_total(run_dir: Path) -> int | None:
+    """a.test's completed requests in the retired total's file (None: none yet)."""
+    try:
+        total = json.loads((run_dir / "retired-total.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return total["hosts"]["a.test"]["completed_requests"]
+
+
+def reload_and_wait(bal: Balancer) -> None:
+    """SIGHUP, and wait until the new generation's worker alone serves."""
+    [old] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+    bal.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+             not in ([], [old]), WAIT, what="the new generation's worker alone")
+
+
+def served_across_a_reload(bal: Balancer, run_dir: Path) -> None:
+    """a.test served 5 times, a reload (the first worker retires: its counters
+    kept), 3 times more; until the totals and the files kept say so."""
+    for _ in range(5):
+        assert request(bal.port, host="a.test")[2] == b"a"
+    reload_and_wait(bal)
+    for _ in range(3):
+        assert request(bal.port, host="a.test")[2] == b"a"
+    wait_for(lambda: completed(bal) == 8 and (run_dir / "retired-total.json").exists()
+             and (run_dir / "history.json").exists(), WAIT, what="the retired total")
+
+
 def test_a_deleted_run_directory_is_made_again_at_once_and_no_total_goes_down(
         tmp_path: Path, runs: Path) -> None:
     """Bug: deleted under a running balancer (``rm -rf /tmp/balancer-*``), the run
@@ -53,16 +82,7 @@ def test_a_deleted_run_directory_is_made_again_at_once_and_no_total_goes_down(
                    env={"TMPDIR": str(runs)})
     try:
         [run_dir] = list(runs.glob("balancer-*"))
-        for _ in range(5):
-            assert request(bal.port, host="a.test")[2] == b"a"
-        [old] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
-        bal.proc.send_signal(signal.SIGHUP)  # the first worker retires: its counters kept
-        wait_for(lambda: [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
-                 not in ([], [old]), WAIT, what="the new generation's worker alone")
-        for _ in range(3):
-            assert request(bal.port, host="a.test")[2] == b"a"
-        wait_for(lambda: completed(bal) == 8 and (run_dir / "retired-total.json").exists()
-                 and (run_dir / "history.json").exists(), WAIT, what="the retired total")
+        served_across_a_reload(bal, run_dir)
         shutil.rmtree(run_dir)
         deleted = time.monotonic()
         seen: list[int | None] = []
@@ -97,16 +117,7 @@ def test_a_reload_right_after_the_run_directory_is_made_again_keeps_the_totals(
                    prefix=constants_prefix({"management.history.INTERVAL": 3600}))
     try:
         [run_dir] = list(runs.glob("balancer-*"))
-        for _ in range(5):
-            assert request(bal.port, host="a.test")[2] == b"a"
-        [old] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
-        bal.proc.send_signal(signal.SIGHUP)  # the first worker retires: its counters kept
-        wait_for(lambda: [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
-                 not in ([], [old]), WAIT, what="the new generation's worker alone")
-        for _ in range(3):
-            assert request(bal.port, host="a.test")[2] == b"a"
-        wait_for(lambda: completed(bal) == 8 and (run_dir / "retired-total.json").exists()
-                 and (run_dir / "history.json").exists(), WAIT, what="the retired total")
+        served_across_a_reload(bal, run_dir)
         [management] = re.findall(r"management (\d+) ready", bal.output())[-1:]
         shutil.rmtree(run_dir)
         # no API call from here until that management process is gone: one would
@@ -135,12 +146,7 @@ def test_a_management_process_draining_leaves_the_total_to_its_successor(
     held = socket.socket()
     try:
         [run_dir] = list(runs.glob("balancer-*"))
-        for _ in range(5):
-            assert request(bal.port, host="a.test")[2] == b"a"
-        reload_and_wait(bal)
-        for _ in range(3):
-            assert request(bal.port, host="a.test")[2] == b"a"
-        wait_for(lambda: completed(bal) == 8, WAIT, what="the first total")
+        served_across_a_reload(bal, run_dir)
         [old] = re.findall(r"management (\d+) ready", bal.output())[-1:]
         held.connect(("127.0.0.1", bal.mport))  # keeps it draining: a head never ended
         held.sendall(b"GET /api/v1/info HTTP/1.1\r\n")
@@ -155,23 +161,6 @@ def test_a_management_process_draining_leaves_the_total_to_its_successor(
     finally:
         held.close()
         bal.stop()
-
-
-def retired_total(run_dir: Path) -> int | None:
-    """a.test's completed requests in the retired total's file (None: none yet)."""
-    try:
-        total = json.loads((run_dir / "retired-total.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return total["hosts"]["a.test"]["completed_requests"]
-
-
-def reload_and_wait(bal: Balancer) -> None:
-    """SIGHUP, and wait until the new generation's worker alone serves."""
-    [old] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
-    bal.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
-             not in ([], [old]), WAIT, what="the new generation's worker alone")
 
 
 def test_a_worker_restarted_as_the_run_directory_is_made_again_reloads_nothing(
