@@ -363,3 +363,44 @@ def test_validation_memory_never_hides_an_edit_or_a_duplicate(redis_server: Redi
         store.load()
     raw.hdel(f"{ns}:hosts", "H7.example.com")
     assert len(store.load().hosts) == 50
+
+
+def test_a_change_read_after_a_later_write_is_not_labelled_with_the_earlier_version(
+        redis_server: RedisServer) -> None:
+    """Bug: the watcher read the hosts a message named (``HMGET`` + ``GET`` in one
+    transaction) and labelled their rules with the version the message named even
+    when the ``GET`` found the store past it: a write that landed between the
+    message and the read put its rule in the table at the earlier version, and the
+    management API answered ``GET /api/v1/hosts`` with version N and N+1's rule
+    (two balancers' writers racing their readers, once under CI's load). Here the
+    relay lets the next write land just before the watcher's read goes on to Redis."""
+    ns = namespace()
+    writer = RedisStore(redis_server.url, ns)
+    writer.put_host("a.test", _static("v1"))
+    landed = threading.Event()
+
+    def write_before_the_read(data: bytes) -> None:
+        if b"HMGET" in data.upper() and not landed.is_set():
+            landed.set()
+            writer.put_host("a.test", _static("v3"))
+    relay = SubscriberHold(redis_server.port, before=write_before_the_read)
+    follower = RedisStore(f"redis://127.0.0.1:{relay.port}/0", ns, resync_interval=60)
+    try:
+        with Watcher(follower) as watcher:
+            watcher.wait_version(1, timeout=5)
+            writer.put_host("a.test", _static("v2"))
+            assert watcher.wait_version(3, timeout=5).hosts["a.test"]["body"] == "v3"
+            assert landed.is_set()
+            shown = {t.version: t.hosts["a.test"]["body"] for t in watcher.tables}
+            assert shown.get(2, "v2") == "v2", shown  # the table at 2 holds 2's rule
+            # both writes' host read again, not the whole table
+            assert [(c.version, c.hosts) for c in watcher.changes] == [
+                (3, {"a.test": _static("v3")})]
+    finally:
+        follower.close()
+        writer.close()
+        relay.close()
+
+
+def _static(body: str) -> dict[str, object]:
+    return {"action": "static", "status": 200, "body": body}

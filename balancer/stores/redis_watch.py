@@ -54,6 +54,7 @@ BACKOFF_FIRST = 0.1
 BACKOFF_CAP = 5.0
 DRAIN_MAX = 1000          # queued messages folded into one reload
 MESSAGE_LAG = 0.05        # s a resync tick that finds the version moved waits for its message
+AHEAD_READS = 4           # reads of named hosts that found the store past their messages
 
 
 @dataclass
@@ -134,7 +135,7 @@ class RedisWatching(Store):
                 message = pubsub.get_message(timeout=WAIT_TICK)
                 if message is not None:
                     messages = [message, *_drain(pubsub)]
-                    self._catch_up(messages, on_change, seen, problems, served)
+                    self._catch_up(pubsub, messages, on_change, seen, problems, served)
                     next_check = time.monotonic() + self.resync_interval
                 elif time.monotonic() >= next_check:
                     if self._master_moved():
@@ -146,8 +147,8 @@ class RedisWatching(Store):
         finally:
             pubsub.close()
 
-    def _catch_up(self, messages: list[Any], on_change: Callable[[Any], None], seen: _Seen,
-                  problems: ProblemLog, served: Callable[[], int] | None) -> None:
+    def _catch_up(self, pubsub: Any, messages: list[Any], on_change: Callable[[Any], None],
+                  seen: _Seen, problems: ProblemLog, served: Callable[[], int] | None) -> None:
         """Apply what `messages` announce: only the hosts they name when they follow on
         the version served, else the whole table."""
         messages = self._unannounced(messages, seen)
@@ -158,14 +159,27 @@ class RedisWatching(Store):
         if named is not None and named[1] <= base:
             seen.version = str(base)  # told directly already: nothing to read
             return
-        if named is None or named[0] != base + 1 or self._problem is not None:
-            # a bare version asks for a whole reload: honoured, as always; anything
-            # else only once the version is seen to have moved
-            if self._problem is not None or any(map(_is_bare_version, messages)) \
-                    or self._moved(messages, seen, base):
-                self._reload(on_change, seen, problems, served)
+        for _ in range(AHEAD_READS):
+            if named is None or named[0] != base + 1 or self._problem is not None:
+                # a bare version asks for a whole reload: honoured, as always; anything
+                # else only once the version is seen to have moved
+                if self._problem is not None or any(map(_is_bare_version, messages)) \
+                        or self._moved(messages, seen, base):
+                    self._reload(on_change, seen, problems, served)
+                return
+            change = self._read_hosts(base, named[1], named[2])
+            if not isinstance(change, int):
+                break
+            # the store is past the messages: the later writes' messages were sent
+            # before the read was answered (each in its write's transaction); read
+            # again with their hosts. Bug: the rules read were labelled with the
+            # messages' version, a later write's rule in the table at an earlier
+            # version (GET /api/v1/hosts answered version N with N+1's rule)
+            messages += self._unannounced(_within(pubsub, MESSAGE_LAG), seen)
+            named = _named_changes(messages, base)
+        else:
+            self._reload(on_change, seen, problems, served)  # writes outrun the reads
             return
-        change = self._read_hosts(base, named[1], named[2])
         if change is None:  # announced but not there (or not valid: the reload says)
             if self._moved(messages, seen, base):
                 self._reload(on_change, seen, problems, served)
@@ -214,15 +228,19 @@ class RedisWatching(Store):
             raw = self.client.get(self.version_key)
         return raw not in (seen.version, str(base))
 
-    def _read_hosts(self, base: int, version: int, hosts: list[str]) -> TableChange | None:
-        """The named hosts' rules at `version` or later; None when the store is not there
-        (behind, or a rule that does not validate: the whole reload reports it)."""
+    def _read_hosts(self, base: int, version: int, hosts: list[str]
+                    ) -> TableChange | int | None:
+        """The named hosts' rules at `version`; the store's version when it is past
+        `version` (other hosts may have changed since: their messages are needed);
+        None when the store is behind, or a rule does not validate (the whole reload
+        reports it)."""
         with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
             pipe.hmget(self.hosts_key, hosts)
             pipe.get(self.version_key)
             texts, raw_version = pipe.execute()
-        if self._version(raw_version) < version:
-            return None
+        found = self._version(raw_version)
+        if found != version:
+            return found if found > version else None
         rules: dict[str, Any] = {}
         for host, text in zip(hosts, texts, strict=True):
             if text is None:
@@ -271,9 +289,9 @@ class RedisWatching(Store):
         if served is not None and version is not None and version == str(served()):
             seen.version = version  # applied from a direct message
             return
-        message = pubsub.get_message(timeout=MESSAGE_LAG)
-        if message is not None:
-            self._catch_up([message, *_drain(pubsub)], on_change, seen, problems, served)
+        messages = _within(pubsub, MESSAGE_LAG)
+        if messages:
+            self._catch_up(pubsub, messages, on_change, seen, problems, served)
             return  # (the next tick looks again, should they not reach that version)
         log.info("%s: version moved to %s without a message; resyncing",
                  self.display_url, version)
@@ -325,6 +343,12 @@ def _drain(pubsub: Any) -> list[Any]:
             break
         queued.append(message)
     return queued
+
+
+def _within(pubsub: Any, seconds: float) -> list[Any]:
+    """The messages that come within `seconds`, and those queued behind them."""
+    message = pubsub.get_message(timeout=seconds)
+    return [] if message is None else [message, *_drain(pubsub)]
 
 
 def _is_version_message(message: Any) -> bool:
