@@ -10,7 +10,9 @@ Invariants:
   in case a message was lost, and reconnects with capped exponential backoff.
   Messages that name hosts and follow on the version the consumer serves are
   applied by reading only those hosts (``HMGET``), so a one-host change costs
-  the same with 100 or 100,000 hosts.
+  the same with 100 or 100,000 hosts. A change is delivered at the version the
+  rules were read at: a read that finds the store past the messages' version
+  folds in the later messages (`AHEAD_READS`) and reads again.
 * A message on the channel that is no version, or names a version the store
   does not hold, costs one ``GET``; only a bare version asks for a whole read.
 * Through Sentinel, each resync tick asks the sentinels for the master first:
