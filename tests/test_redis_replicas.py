@@ -479,7 +479,7 @@ def test_a_sentinel_failover_during_a_burst_loses_no_write_answered_200(
     bal = Balancer(tmp_path, None, store=f"{url}?replicas=1&wait=300",
                    env={"BALANCER_STORE_RESYNC_INTERVAL": "0.5"})
     try:
-        answered, refused = failover_during_a_burst(bal, sentinel, replica)
+        answered, _, refused = failover_during_a_burst(bal, sentinel, replica)
         # before any restore: the new master holds every write answered 200
         assert set(answered) <= set(replica.client().hkeys("balancer:hosts"))
         assert "store_not_replicated" in {answer["error"] for _, answer in refused}, refused
