@@ -41,6 +41,10 @@ from tests.support import Backend, Balancer, in_threads, request, wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 CONNECT = 1.0  # timeouts.backend_connect
+# how late past CONNECT a request that waited for a lookup may end: a loaded CI
+# machine took 1.42 s for a 1.0 s deadline; what the bounds tell apart is the
+# system resolver's 10 s and a second deadline's 2 s
+LATE = 0.9
 SILENT_ADDRESSES = [f"{SILENT_NET.split('.0.0/')[0]}.{i // 250}.{i % 250 + 1}" for i in range(300)]
 
 
@@ -128,7 +132,7 @@ def test_a_name_the_dns_never_answers_is_a_502_in_the_connect_timeout_and_starve
     assert scene.timed("ip.app")[0] == 200
     for future in hung:
         status, took = future.result(10)
-        assert status == 502 and took < CONNECT + 0.4, (status, took)
+        assert status == 502 and took < CONNECT + LATE, (status, took)
     assert scene.dns.queries["hang.test"] <= 4, "one lookup (A and AAAA, a retry each)"
     wait_for(lambda: "1 DNS lookup failed" in scene.bal.output()
              or "DNS lookup failed (last: hang.test" in scene.bal.output(), 5, what="log")
@@ -165,7 +169,7 @@ def test_hundreds_of_silent_addresses_cost_one_connect_timeout(scene: Scene) -> 
     health check tried every address, each for its whole timeout: minutes."""
     scene.dns.script("many.test", answer(*SILENT_ADDRESSES))
     status, took = scene.timed("many.app")
-    assert (status, CONNECT - 0.1 < took < CONNECT + 0.4) == (502, True), (status, took)
+    assert (status, CONNECT - 0.1 < took < CONNECT + LATE) == (502, True), (status, took)
 
 
 def test_health_checks_of_hostile_names_end_in_their_timeout_with_the_cause_in_the_api(
@@ -275,7 +279,7 @@ def test_with_5_names_the_dns_never_answers_another_name_waits_for_a_slot_until_
         wait_for(lambda: all(scene.dns.queries.get(f"{n}.test") for n in mute), 5,
                  what="every mute name asked")
         status, took = scene.timed("well.app")
-        assert (status, CONNECT - 0.1 < took < CONNECT + 0.4) == (502, True), (status, took)
+        assert (status, CONNECT - 0.1 < took < CONNECT + LATE) == (502, True), (status, took)
         slotless = "DNS lookup of {} failed: no answer within {} s: still waiting for one " \
                    "of the 5 lookup slots, all held by lookups of other names"
         line = f"well.test:{scene.port}: {slotless.format('well.test', CONNECT)})"
@@ -286,7 +290,7 @@ def test_with_5_names_the_dns_never_answers_another_name_waits_for_a_slot_until_
         assert scene.timed("ip.app")[0] == 200
         for future in hung:
             status, took = future.result(5)
-            assert status == 502 and took < CONNECT + 0.4, (status, took)
+            assert status == 502 and took < CONNECT + LATE, (status, took)
         assert "well.test" not in scene.dns.queries, "left by its waiter: never run"
 
 
