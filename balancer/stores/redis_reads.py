@@ -75,22 +75,25 @@ class RedisReading(Store):
         return data
 
     def current_shape(self) -> tuple[int, int]:
-        with self._talking("read"), self.client.pipeline(transaction=True) as pipe:
+        with self._talking("read"):
+            raw_version, count = self._raw_shape()
+        return self._version(raw_version), count
+
+    def _raw_shape(self) -> tuple[str | None, int]:
+        """The version as stored and the number of hosts, in one transaction."""
+        with self.client.pipeline(transaction=True) as pipe:
             pipe.get(self.version_key)
             pipe.hlen(self.hosts_key)
             raw_version, count = pipe.execute()
-        return self._version(raw_version), int(count)
+        return raw_version, int(count)
 
     def _read_raw(self) -> tuple[dict[str, str], str | None]:
         """The hash and the version it belongs to (see the module doc)."""
         with self._talking("read"):
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.get(self.version_key)
-                pipe.hlen(self.hosts_key)
-                raw_version, count = pipe.execute()
+            raw_version, count = self._raw_shape()
             for _ in range(SCAN_ATTEMPTS if count > SCAN_ABOVE else 0):
                 raw_hosts = self._scan()
-                after = self.client.get(self.version_key)
+                after: Any = self.client.get(self.version_key)  # (decoded: a str or None)
                 if after == raw_version:  # no write since the first read: one table
                     return raw_hosts, raw_version
                 raw_version = after
