@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from balancer.processlog import WRITE_COST, QueuedStderr
+from tests.support import wait_for
 from tests.test_accesslog import F_GETPIPE_SZ, unread
 
 WAIT = 5.0
@@ -74,10 +75,7 @@ def test_a_closed_pipe_drops_and_counts(tmp_path: Path) -> None:
     stream = QueuedStderr(None, fd=writer)
     try:
         stream.write("one\ntwo\n")
-        deadline = time.monotonic() + WAIT
-        while stream.dropped < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: stream.dropped >= 2, WAIT, what="both lines dropped")
         assert stream.dropped == 2
     finally:
         os.close(writer)
