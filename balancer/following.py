@@ -298,8 +298,8 @@ class TableFollower:
             while self.holder.table.version < target and self.store_problem is None:
                 now = time.monotonic()
                 since = self.store.whole_load_since()
-                loading = since is not None and now < since + LOAD_WAIT
-                if loading:
+                whole_read = since is not None and now < since + LOAD_WAIT
+                if whole_read:
                     deadline = max(deadline, now + patience)
                 elif now >= deadline:
                     if told:
@@ -311,9 +311,9 @@ class TableFollower:
                     log.debug("version %d, which the store's watcher has not delivered yet "
                               "(this worker serves %d; %s): waiting for it", target,
                               self.holder.table.version,
-                              "it reads the whole table" if loading else "its messages")
+                              "it reads the whole table" if whole_read else "its messages")
                 # while it loads, looked at again: a load that delivers nothing notifies no one
-                self.moved.wait(LOAD_POLL if loading else deadline - now)
+                self.moved.wait(LOAD_POLL if whole_read else deadline - now)
 
     def served_version(self) -> int:
         """What the store's watcher may skip reading (-1: nothing, read it whole). Bug:
