@@ -173,7 +173,8 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
     """Block until the child must drain: SIGTERM/SIGINT, SIGUSR2 (retired by a
     reload), or the arbiter is gone. `release` (answer held requests) runs on
     every stop but a retirement, also one that comes during the drain; `rebind`
-    on SIGHUP (the run directory made again), also during the drain."""
+    on SIGHUP (the run directory made again), also during the drain, and once
+    as its handler is in place."""
     import gevent
     from gevent.event import Event
 
@@ -192,6 +193,11 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
         gevent.signal_handler(signal.SIGUSR1, reopen)
     if rebind is not None:
         gevent.signal_handler(signal.SIGHUP, rebind)
+        # a SIGHUP before now was ignored (`enter_child`), its sockets already bound:
+        # the run directory deleted and made again meanwhile is caught here. Bug: a
+        # management process starting then left its handover socket missing until
+        # a reload
+        rebind()
 
     def parent_loop() -> None:
         while os.getppid() == env.arbiter_pid:

@@ -188,11 +188,16 @@ class CertsWatch:
         and made again by the arbiter); never once stopped (bug: the arbiter's
         SIGHUP to a management process draining after a reload bound the socket
         that `stop` had removed, and left it there when the process exited)."""
-        if self.stopped or self._server is None or run_dir_problem(str(self.run_dir)) \
-                is not None or os.path.exists(handover_path(str(self.run_dir), os.getpid())):
-            return
-        self._server.close()
-        self.serve()
+        if self.unbound():
+            self._server.close()
+            self.serve()
+
+    def unbound(self) -> bool:
+        """Whether the handover socket went with the run directory, which is there
+        again (made again by the arbiter), and is not bound again yet (nor stopped)."""
+        return not self.stopped and self._server is not None \
+            and run_dir_problem(str(self.run_dir)) is None \
+            and not os.path.exists(handover_path(str(self.run_dir), os.getpid()))
 
     def hand_over(self, sock: socket.socket, _address: Any) -> None:
         try:

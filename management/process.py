@@ -74,12 +74,15 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     def rebind() -> None:
         # not once draining: a successor (a reload's) keeps the run directory now,
         # and its retired total is the newer (this one's, written first, would
-        # have counted the workers retired by the reload as never retired)
-        if not draining:
+        # have counted the workers retired by the reload as never retired); only
+        # when the directory was made again since the handover socket was bound
+        # (also called once at start: a SIGHUP before that was ignored)
+        if not draining and certs_watch.unbound():
             remade(runtime, certs_watch, history, mirror)
 
     wait_for_stop(env, rebind=rebind)
     draining = True
+    runtime.hand_over()  # no retired total written from here (`RetiredCounters.writing`)
     sampler.kill()
     save_history(history)  # before the drain: the next management process reads it
     app.deployer.stop()

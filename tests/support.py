@@ -445,13 +445,17 @@ class Balancer:
 
 
 
-def constants_prefix(values: dict[str, float]) -> list[str]:
+def constants_prefix(values: dict[str, float], slow: dict[str, float] | None = None
+                     ) -> list[str]:
     """A `Balancer` prefix that starts it with module constants replaced
     (tests/set_constants/sitecustomize.py), e.g.
-    ``{"management.history.INTERVAL": 1.0}``: the same code on a shorter clock."""
-    assigned = ";".join(f"{name}={value}" for name, value in values.items())
+    ``{"management.history.INTERVAL": 1.0}``: the same code on a shorter clock;
+    and the functions named in `slow` made to sleep that many seconds first."""
+    def joined(named: dict[str, float]) -> str:
+        return ";".join(f"{name}={value}" for name, value in named.items())
+
     return ["env", f"PYTHONPATH={ROOT}{os.pathsep}{ROOT / 'tests' / 'set_constants'}",
-            f"SET_CONSTANTS={assigned}"]
+            f"SET_CONSTANTS={joined(values)}", f"SLOW_CALLS={joined(slow or {})}"]
 
 def control_socket(pid: int) -> str:
     """The path of worker `pid`'s control socket (in the balancer's run directory)."""

@@ -7,6 +7,11 @@ code on a shorter clock. Only interpreted modules: a compiled one reads its
 constants natively. A name the module lacks fails its import (a renamed
 constant must not leave a test waiting for the real timer unnoticed).
 
+``SLOW_CALLS="package.module.NAME=SECONDS;..."``: each named module-level
+function sleeps that long before it runs (replaced as its module has run, the
+same way): a window between two steps of a process made wide, to land a
+change from outside in it.
+
 ``SLOW_FORKED_CHILD=SECONDS``: every child this process (and its children)
 forks takes that long to start running its own code, as on a loaded machine
 (the window between a fork and the child's first line made wide)."""
@@ -23,25 +28,35 @@ from types import ModuleType
 from typing import Any
 
 
-def _wanted() -> dict[str, dict[str, float]]:
-    """{module: {NAME: value}} from SET_CONSTANTS."""
+def _wanted(variable: str) -> dict[str, dict[str, float]]:
+    """{module: {NAME: value}} from the environment's `variable`."""
     wanted: dict[str, dict[str, float]] = {}
-    for item in filter(None, os.environ.get("SET_CONSTANTS", "").split(";")):
+    for item in filter(None, os.environ.get(variable, "").split(";")):
         target, value = item.split("=")
         module, name = target.rsplit(".", 1)
         wanted.setdefault(module, {})[name] = float(value)
     return wanted
 
 
+def _slowed(function: Any, seconds: float) -> Any:
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return function(*args, **kwargs)
+    return slow
+
+
 class _SetAfterRun(importlib.abc.MetaPathFinder):
-    def __init__(self, wanted: dict[str, dict[str, float]]) -> None:
-        self.wanted = wanted
+    def __init__(self, constants: dict[str, dict[str, float]],
+                 slow: dict[str, dict[str, float]]) -> None:
+        self.constants = constants
+        self.slow = slow
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> Any:
-        values = self.wanted.get(fullname)
-        if values is None:
+        if fullname not in self.constants and fullname not in self.slow:
             return None
+        values = self.constants.get(fullname, {})
+        slow = self.slow.get(fullname, {})
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             return spec
@@ -49,17 +64,18 @@ class _SetAfterRun(importlib.abc.MetaPathFinder):
 
         def exec_module(module: ModuleType) -> None:
             run(module)
-            for name, value in values.items():
+            for name, value in {**values, **slow}.items():
                 if not hasattr(module, name):
                     raise AttributeError(f"SET_CONSTANTS: {fullname} has no {name}")
-                setattr(module, name, value)
+                setattr(module, name, _slowed(getattr(module, name), value)
+                        if name in slow else value)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
-if os.environ.get("SET_CONSTANTS"):
-    sys.meta_path.insert(0, _SetAfterRun(_wanted()))
+if os.environ.get("SET_CONSTANTS") or os.environ.get("SLOW_CALLS"):
+    sys.meta_path.insert(0, _SetAfterRun(_wanted("SET_CONSTANTS"), _wanted("SLOW_CALLS")))
 
 if os.environ.get("SLOW_FORKED_CHILD"):
     _slow = float(os.environ["SLOW_FORKED_CHILD"])
