@@ -143,6 +143,15 @@ class ClusterRuntime:
             log.error("cannot write the counters of workers that exited in %s again: %s",
                       self.directory, exc.strerror or exc)
 
+    def hand_over(self) -> None:
+        """Leave the retired total to the successor (a reload's management process,
+        ready before this one drains): from now on this one reads it, never writes
+        it (`RetiredCounters.writing`). Bug: an API request it answered while
+        draining, the run directory made again, wrote the total it last read
+        (without the workers the reload retired) before its successor did, and
+        totals went down."""
+        self.retired.writing = False
+
     def run_dir_gone(self) -> str | None:
         """Why no worker can be asked: the run directory is gone, or not this
         balancer's any more (`control.run_dir_problem`); None while it is usable."""

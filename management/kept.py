@@ -38,9 +38,14 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
   (`/metrics` and `/api/v1/stats` failed from the first dead worker on).
 * The run directory deleted and made again (`balancer.startup.RunDirKeeper`)
   loses no total: the retired total last read is written again from memory
-  (`_read_total`), and a worker whose socket went with the directory but whose
-  process lives (`os.kill(pid, 0)`), and that has not retired, is counted from
-  its held counters until it binds its socket again (`HeldCounters.unlisted`),
+  (`_read_total`) by the management process that keeps the directory: never by
+  one draining after a reload (`writing`: it neither folds, forgets nor writes
+  the total again, its successor does; bug: an API request it still answered
+  wrote its older total over its successor's, and totals went down; it counts
+  the retired files not folded yet from disk, as with no room to write), and a
+  worker whose socket went with the directory but whose process lives
+  (`os.kill(pid, 0)`), and that has not retired, is counted from its held
+  counters until it binds its socket again (`HeldCounters.unlisted`),
   never retired from them (bug: it would then be counted twice, retired and
   live). A retired file of a worker the total folded already is deleted, not
   folded twice. Bug: the total's file went with the directory, and totals went
@@ -87,6 +92,8 @@ class RetiredCounters:
         # dead workers' counters not written yet, by `control.worker_identity`
         self.unsaved: dict[str, dict[str, Any]] = {}
         self.failing = False  # the last write in the run directory failed (reported)
+        # False once a successor keeps the total (`ClusterRuntime.hand_over`): read only
+        self.writing = True
 
     def snapshot(self) -> dict[str, Any] | None:
         """The retired total after folding in workers that exited since the last call
@@ -94,12 +101,13 @@ class RetiredCounters:
         failure = self._try(self._save_unsaved)
         pending = [p for p in sorted(self.directory.glob(RETIRED_GLOB))
                    if p.name != RETIRED_TOTAL]
-        if pending and failure is None:
+        if pending and failure is None and self.writing:
             failure = self._try(lambda: self._fold(pending))
             pending = [] if failure is None else pending
         self._report(failure)
-        parts = [self._read_total()[0], *map(read_json, map(str, pending)),
-                 *self.unsaved.values()]
+        total, folded = self._read_total()
+        fresh = [str(p) for p in pending if identity_of(str(p)) not in folded]  # not twice
+        parts = [total, *map(read_json, fresh), *self.unsaved.values()]
         parts = [part for part in parts if part]
         return merge_snapshots(parts) if len(parts) > 1 else (parts[0] if parts else None)
 
@@ -118,7 +126,7 @@ class RetiredCounters:
         (`ClusterRuntime.unserved`: the table serves them no more). Only once
         everything pending is folded and written: else at a later call."""
         total, folded = self._read_total()
-        if not gone or total is None or self.unsaved or self.failing \
+        if not gone or total is None or self.unsaved or self.failing or not self.writing \
                 or any(p.name != RETIRED_TOTAL for p in self.directory.glob(RETIRED_GLOB)):
             return
         hosts = dict(total.get("hosts", {}))
@@ -196,7 +204,7 @@ class RetiredCounters:
         """The total last read, written again (its file went with the run
         directory); kept in memory while it cannot be written."""
         _, total, folded = self.cached
-        if total is not None and self._try(lambda: write_json(
+        if total is not None and self.writing and self._try(lambda: write_json(
                 str(self.total_path), {**total, FOLDED: list(folded)})) is None:
             st = self.total_path.stat()
             self.cached = ((st.st_ino, st.st_mtime_ns, st.st_size), total, folded)
