@@ -163,6 +163,79 @@ def test_a_management_process_draining_leaves_the_total_to_its_successor(
         bal.stop()
 
 
+def handovers(run_dir: Path) -> set[int]:
+    """The pids of the management processes whose handover socket is there."""
+    return {int(p.stem.rpartition("-")[2]) for p in run_dir.glob("certs-management-*.sock")}
+
+
+def test_a_management_process_starting_as_the_run_directory_is_made_again_binds_its_socket(
+        tmp_path: Path, runs: Path) -> None:
+    """Bug: a management process ignores SIGHUP until it installs its handler, after
+    binding its certificate handover socket; the run directory deleted and made
+    again in between, the arbiter's SIGHUP was lost and the socket stayed missing
+    until a reload. The window is made wide here (it reports ready 1.5 s late)."""
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
+                   env={"TMPDIR": str(runs)},
+                   prefix=constants_prefix({"balancer.arbiter.TICK": 0.1},
+                                           slow={"management.process.report_ready": 1.5}))
+    try:
+        [run_dir] = list(runs.glob("balancer-*"))
+        [old] = handovers(run_dir)
+        bal.proc.send_signal(signal.SIGHUP)
+        [new] = wait_for(lambda: handovers(run_dir) - {old}, WAIT,
+                         what="the new management process's handover socket")
+        shutil.rmtree(run_dir)  # while it is starting (1.5 s to go)
+        wait_for(lambda: run_dir.is_dir(), WAIT, what="the run directory made again")
+        assert new not in handovers(run_dir)
+        wait_for(lambda: new in handovers(run_dir), 5.0,
+                 what="the handover socket bound again")
+        assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+
+
+def test_a_management_process_draining_writes_no_total_in_an_api_answer(
+        tmp_path: Path, runs: Path) -> None:
+    """Bug: a management process draining after a reload still answered its API
+    requests in progress; the run directory made again, such an answer wrote the
+    retired total it last read (without the worker the reload retired, 3 requests
+    here) before its successor wrote its own, which then read the older one:
+    totals went down. Its successor is stopped here until the old one answered."""
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
+                   env={"TMPDIR": str(runs)},
+                   prefix=constants_prefix({"management.history.INTERVAL": 3600,
+                                            "management.process.MANAGEMENT_DRAIN": 20,
+                                            "balancer.arbiter.TICK": 0.1}))
+    held = socket.socket()
+    successor = "0"
+    try:
+        [run_dir] = list(runs.glob("balancer-*"))
+        served_across_a_reload(bal, run_dir)
+        [old] = re.findall(r"management (\d+) ready", bal.output())[-1:]
+        held.connect(("127.0.0.1", bal.mport))
+        held.sendall(b"GET /api/v1/info HTTP/1.1\r\n")  # keeps it draining: a head never ended
+        reload_and_wait(bal)
+        wait_for(lambda: completed(bal) == 8 and retired_total(run_dir) == 8, WAIT,
+                 what="the reload's retired worker folded")
+        [successor] = re.findall(r"management (\d+) ready", bal.output())[-1:]
+        assert Path(f"/proc/{old}").exists()  # draining still
+        os.kill(int(successor), signal.SIGSTOP)
+        shutil.rmtree(run_dir)
+        wait_for(lambda: run_dir.is_dir(), WAIT, what="the run directory made again")
+        held.sendall(f"Host: 127.0.0.1:{bal.mport}\r\nConnection: close\r\n\r\n".encode())
+        held.settimeout(WAIT)
+        assert b"200 OK" in held.recv(65536)  # the old process answered
+        assert retired_total(run_dir) is None  # and wrote no total
+        os.kill(int(successor), signal.SIGCONT)
+        wait_for(lambda: retired_total(run_dir) == 8, WAIT, what="the successor's total")
+        assert completed(bal) == 8
+    finally:
+        if successor != "0":
+            os.kill(int(successor), signal.SIGCONT)
+        held.close()
+        bal.stop()
+
+
 def test_a_worker_restarted_as_the_run_directory_is_made_again_reloads_nothing(
         tmp_path: Path, runs: Path) -> None:
     """Bug: the arbiter sends every child SIGHUP once it made the run directory
