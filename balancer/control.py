@@ -54,7 +54,8 @@ Invariants:
   cluster totals never go backwards across a reload.
 * A missing or dead socket is skipped, never an error: workers come and go.
   A worker whose socket file went with the run directory binds it again when
-  the arbiter, having made the directory again, tells it (`rebind`).
+  the arbiter, having made the directory again, tells it (`rebind`); one that
+  cannot says so once and tries again, less and less often, until it can.
 * Every command whose client still waits gets one JSON reply: a bad one, or
   one whose values no check foresaw (`safe_answer`), an ``{"pid",
   "error"}``; the worker goes on. A
@@ -98,6 +99,8 @@ LOCK_POLL = 0.005
 TOTALS_EVERY = 1.0  # seconds: how stale `stats {"totals": true}` may be
 MAX_PAGE = 10000  # hosts in one `stats {"after", "limit"}` answer
 SLICE = 100  # hosts snapshotted or encoded between two turns of the worker's loop
+REBIND_FIRST = 0.5  # seconds before a failed `rebind` is tried again, doubling each time
+REBIND_LONGEST = 30.0  # ... up to this
 
 
 def control_path(directory: str, pid: int) -> str:
@@ -133,6 +136,9 @@ class ControlServer:
         self.counted: tuple[float, dict[str, int]] = (-TOTALS_EVERY, {})  # (when, totals)
         self.directory = directory
         self.closed = False
+        self.rebind_failures = 0  # attempts to bind the socket again that failed, in all
+        self.failing = 0  # those since it was last bound
+        self.retry: Any = None  # the greenlet that tries again (`rebind`)
         self.server = self._listen()
 
     def _listen(self) -> Any:
@@ -143,9 +149,13 @@ class ControlServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket of a recycled pid
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.path)
-        listener.listen(64)
-        info = os.stat(self.path)
+        try:
+            listener.bind(self.path)
+            listener.listen(64)
+            info = os.stat(self.path)
+        except OSError:
+            listener.close()
+            raise
         self.bound = (info.st_dev, info.st_ino)
         return StreamServer(listener, self.handle, spawn=Pool(16))
 
@@ -155,7 +165,12 @@ class ControlServer:
     def rebind(self) -> None:
         """Listen at `path` again if the socket there is gone (the run directory
         deleted and made again by the arbiter: `startup.RunDirKeeper`); never in a
-        directory that is not the run directory any more (`run_dir_problem`)."""
+        directory that is not the run directory any more (`run_dir_problem`). A
+        failure (no room, a read-only directory, something else at `path`) is one
+        line, counted (`rebind_failures`, in ``/api/v1/info``), and tried again
+        after `REBIND_FIRST` seconds, doubling up to `REBIND_LONGEST`. Bug: it
+        came out of the SIGHUP handler as a traceback, one per SIGHUP (the
+        arbiter sends one a second for 10 s), and was never tried again."""
         if self.closed:
             return  # retired: its counters are in its retired file, never live again
         with contextlib.suppress(FileNotFoundError):
@@ -167,14 +182,41 @@ class ControlServer:
             log.error("cannot answer the management process: the run directory %s %s",
                       self.directory, problem)
             return
-        old, self.server = self.server, self._listen()
+        try:
+            server = self._listen()
+        except OSError as exc:
+            self._rebind_failed(exc)
+            return
+        old, self.server = self.server, server
         old.close()  # (its socket file is gone: nothing to unlink)
         self.server.start()
-        log.info("control socket %s bound again", self.path)
+        log.info("control socket %s bound again%s", self.path, "" if not self.failing else
+                 f" after {self.failing} failed attempt{'s' if self.failing > 1 else ''}")
+        self.failing = 0
+
+    def _rebind_failed(self, exc: OSError) -> None:
+        """Count a failed `rebind`, say so once, and try again later (one greenlet)."""
+        import gevent
+
+        self.rebind_failures += 1
+        self.failing += 1
+        delay = min(REBIND_LONGEST, REBIND_FIRST * 2 ** (self.failing - 1))
+        if self.failing == 1:
+            log.error("cannot bind the control socket %s again: %s; the management "
+                      "process cannot ask this worker; trying again in %g s, then less "
+                      "and less often", self.path, _short_error(exc), delay)
+        if self.retry is None:
+            self.retry = gevent.spawn_later(delay, self._try_again)
+
+    def _try_again(self) -> None:
+        self.retry = None
+        self.rebind()
 
     def close(self) -> None:
         """Stop answering and remove the socket file."""
         self.closed = True
+        if self.retry is not None:
+            self.retry.kill(block=False)
         self.server.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
@@ -240,6 +282,7 @@ class ControlServer:
         return {"pid": os.getpid(), "loaded": worker.loaded, "draining": worker.draining,
                 "version": worker.holder.table.version, "highest": worker.tables.highest,
                 "started": self.started, "store_problem": store_problem(worker),
+                "control_rebind_failures": self.rebind_failures,
                 "stats": worker_snapshot(worker, keys, _turn)}
 
     def selected_stats(self, text: str) -> dict[str, Any]:
@@ -480,6 +523,11 @@ def _hung_up(sock: socket.socket) -> bool:
     poll = get_original("select", "poll")()  # the process's own, patched or not
     poll.register(sock.fileno(), select.POLLHUP)
     return any(events & select.POLLHUP for _, events in poll.poll(0))
+
+
+def _short_error(exc: OSError) -> str:
+    """An OSError as its message alone (``Is a directory``), else its repr."""
+    return exc.strerror or _short(exc)
 
 
 def _short(exc: BaseException) -> str:

@@ -399,6 +399,7 @@ def process_info(reply: dict[str, Any]) -> dict[str, Any]:
     return {"pid": reply["pid"], "started": reply["started"], "loaded": reply["loaded"],
             "draining": reply["draining"], "version": reply["version"],
             "store_problem": reply.get("store_problem"),
+            "control_rebind_failures": reply.get("control_rebind_failures", 0),
             "open_connections": reply["stats"].get("open_connections", 0),
             "open_requests": totals.get("open_requests", 0),
             "completed_requests": totals.get("completed_requests", 0)}

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -270,6 +271,45 @@ def exchange(one: Path, other: Path) -> None:
     at_cwd, rename_exchange = -100, 2
     if libc.renameat2(at_cwd, bytes(one), at_cwd, bytes(other), rename_exchange) != 0:
         raise OSError(ctypes.get_errno(), "renameat2")
+
+
+def processes(bal: Balancer) -> list[dict[str, Any]]:
+    """`/api/v1/info`'s processes (none while it does not answer 200)."""
+    status, answer = bal.api("GET", "/api/v1/info")
+    return answer["processes"] if status == 200 else []
+
+
+def test_a_control_socket_that_cannot_be_bound_again_is_tried_again(
+        tmp_path: Path, runs: Path) -> None:
+    """Bug: a worker that could not bind its control socket in the run directory
+    made again (no room, a read-only directory, here a directory in its way)
+    printed a traceback at each of the arbiter's SIGHUPs and never tried again:
+    the management process could not ask it until a reload. Now one line says
+    so, it tries again less and less often, and `/api/v1/info` counts it."""
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
+                   env={"TMPDIR": str(runs)},
+                   prefix=constants_prefix({"balancer.control.REBIND_FIRST": 0.2}))
+    try:
+        [run_dir] = list(runs.glob("balancer-*"))
+        [pid] = [p["pid"] for p in processes(bal)]
+        fresh = runs / "fresh"  # the run directory made again, as the arbiter makes it,
+        fresh.mkdir(mode=0o700)
+        (fresh / f"worker-{pid}.sock").mkdir()  # with a directory where the socket goes
+        exchange(run_dir, fresh)  # (in one step: the arbiter never sees it gone)
+        shutil.rmtree(fresh)
+        for _ in range(3):
+            os.kill(pid, signal.SIGHUP)  # the arbiter's REBIND, sent again as it does
+        wait_for(lambda: "cannot bind the control socket" in bal.output(), WAIT,
+                 what="the failure said")
+        (run_dir / f"worker-{pid}.sock").rmdir()
+        [answer] = wait_for(lambda: processes(bal), WAIT, what="the worker asked again")
+        assert answer["pid"] == pid and answer["control_rebind_failures"] >= 1
+        assert bal.output().count("cannot bind the control socket") == 1
+        assert f"worker-{pid}.sock again: Is a directory" in bal.output()
+        assert "Traceback" not in bal.output()
+        assert request(bal.port, host="a.test")[2] == b"a"
+    finally:
+        bal.stop()
 
 
 def test_a_run_directory_another_user_made_again_is_not_used(
