@@ -174,18 +174,18 @@ def test_a_management_process_starting_as_the_run_directory_is_made_again_binds_
     """Bug: a management process ignores SIGHUP until it installs its handler, after
     binding its certificate handover socket; the run directory deleted and made
     again in between, the arbiter's SIGHUP was lost and the socket stayed missing
-    until a reload. The window is made wide here (it reports ready 1.5 s late)."""
+    until a reload. The window is made wide here (it reports ready 1 s late)."""
     bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
                    env={"TMPDIR": str(runs)},
                    prefix=constants_prefix({"balancer.arbiter.TICK": 0.1},
-                                           slow={"management.process.report_ready": 1.5}))
+                                           slow={"management.process.report_ready": 1.0}))
     try:
         [run_dir] = list(runs.glob("balancer-*"))
         [old] = handovers(run_dir)
         bal.proc.send_signal(signal.SIGHUP)
         [new] = wait_for(lambda: handovers(run_dir) - {old}, WAIT,
                          what="the new management process's handover socket")
-        shutil.rmtree(run_dir)  # while it is starting (1.5 s to go)
+        shutil.rmtree(run_dir)  # while it is starting (1 s to go)
         wait_for(lambda: run_dir.is_dir(), WAIT, what="the run directory made again")
         assert new not in handovers(run_dir)
         wait_for(lambda: new in handovers(run_dir), 5.0,
