@@ -173,8 +173,14 @@ class ControlServer:
         arbiter sends one a second for 10 s), and was never tried again."""
         if self.closed:
             return  # retired: its counters are in its retired file, never live again
-        with contextlib.suppress(FileNotFoundError):
+        try:
             info = os.stat(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # (a directory it may not search any more)
+            self._rebind_failed(exc)
+            return
+        else:
             if (info.st_dev, info.st_ino) == self.bound:
                 return  # still ours
         problem = run_dir_problem(self.directory)

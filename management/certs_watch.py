@@ -76,6 +76,7 @@ class CertsWatch:
         self._log = ProblemLog(log)
         self._task: Any = None
         self._server: Any = None
+        self.bound = (0, 0)  # the handover socket's (device, inode) (`unbound`)
         self.collected = False  # a worker answered `collect` (asked while damaged)
 
     def start(self) -> None:
@@ -178,8 +179,14 @@ class CertsWatch:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket of a recycled pid
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(4)
+        try:
+            listener.bind(path)
+            listener.listen(4)
+            info = os.stat(path)
+        except OSError:
+            listener.close()
+            raise
+        self.bound = (info.st_dev, info.st_ino)
         self._server = StreamServer(listener, self.hand_over)
         self._server.start()
 
@@ -188,16 +195,28 @@ class CertsWatch:
         and made again by the arbiter); never once stopped (bug: the arbiter's
         SIGHUP to a management process draining after a reload bound the socket
         that `stop` had removed, and left it there when the process exited)."""
-        if self.unbound():
-            self._server.close()
+        if not self.unbound():
+            return
+        self._server.close()
+        try:
             self.serve()
+        except OSError as exc:  # (no room, a read-only directory): the process goes on
+            log.error("certificates: cannot bind the handover socket %s again: %s; a "
+                      "management process started while the store is damaged collects the "
+                      "certificates from the workers instead",
+                      handover_path(str(self.run_dir), os.getpid()), exc.strerror or exc)
 
     def unbound(self) -> bool:
         """Whether the handover socket went with the run directory, which is there
-        again (made again by the arbiter), and is not bound again yet (nor stopped)."""
-        return not self.stopped and self._server is not None \
-            and run_dir_problem(str(self.run_dir)) is None \
-            and not os.path.exists(handover_path(str(self.run_dir), os.getpid()))
+        again (made again by the arbiter), and is not bound again yet (nor stopped):
+        what is at its path now, if anything, is not the socket it bound."""
+        if self.stopped or self._server is None or run_dir_problem(str(self.run_dir)):
+            return False
+        try:
+            info = os.stat(handover_path(str(self.run_dir), os.getpid()))
+        except OSError:
+            return True
+        return (info.st_dev, info.st_ino) != self.bound
 
     def hand_over(self, sock: socket.socket, _address: Any) -> None:
         try:

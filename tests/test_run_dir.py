@@ -279,28 +279,33 @@ def processes(bal: Balancer) -> list[dict[str, Any]]:
     return answer["processes"] if status == 200 else []
 
 
-def test_a_control_socket_that_cannot_be_bound_again_is_tried_again(
+def test_sockets_that_cannot_be_bound_again_are_one_line_and_a_worker_tries_again(
         tmp_path: Path, runs: Path) -> None:
     """Bug: a worker that could not bind its control socket in the run directory
     made again (no room, a read-only directory, here a directory in its way)
     printed a traceback at each of the arbiter's SIGHUPs and never tried again:
     the management process could not ask it until a reload. Now one line says
-    so, it tries again less and less often, and `/api/v1/info` counts it."""
+    so, it tries again less and less often, and `/api/v1/info` counts it. The
+    management process's handover socket, in the same case, is one line too."""
     bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
                    env={"TMPDIR": str(runs)},
                    prefix=constants_prefix({"balancer.control.REBIND_FIRST": 0.2}))
     try:
         [run_dir] = list(runs.glob("balancer-*"))
         [pid] = [p["pid"] for p in processes(bal)]
+        [management] = handovers(run_dir)
         fresh = runs / "fresh"  # the run directory made again, as the arbiter makes it,
         fresh.mkdir(mode=0o700)
-        (fresh / f"worker-{pid}.sock").mkdir()  # with a directory where the socket goes
+        (fresh / f"worker-{pid}.sock").mkdir()  # with directories where the sockets go
+        (fresh / f"certs-management-{management}.sock").mkdir()
         exchange(run_dir, fresh)  # (in one step: the arbiter never sees it gone)
         shutil.rmtree(fresh)
+        os.kill(management, signal.SIGHUP)
         for _ in range(3):
             os.kill(pid, signal.SIGHUP)  # the arbiter's REBIND, sent again as it does
-        wait_for(lambda: "cannot bind the control socket" in bal.output(), WAIT,
-                 what="the failure said")
+        wait_for(lambda: "cannot bind the control socket" in bal.output()
+                 and "cannot bind the handover socket" in bal.output(), WAIT,
+                 what="the failures said")
         (run_dir / f"worker-{pid}.sock").rmdir()
         [answer] = wait_for(lambda: processes(bal), WAIT, what="the worker asked again")
         assert answer["pid"] == pid and answer["control_rebind_failures"] >= 1
