@@ -3,10 +3,12 @@
 The modules stay plain, type-checked Python: mypyc turns their classes into
 native ones and their calls into C calls, which cuts the proxy's Python cost
 per request by about a third (README, "Proxy speed against HAProxy"). Beside
-them it builds one hand-written C extension, ``balancer._sockio`` (the hot
+them it builds two hand-written C extensions, ``balancer._sockio`` (the hot
 path's recv and send without releasing the GIL; `balancer.sockcalls` falls back
-to the socket module's calls without it). Set ``BALANCER_PURE=1`` to install
-everything interpreted (no C compiler needed, slower).
+to the socket module's calls without it) and ``balancer._evgil`` (gevent's loop
+runs its callbacks in one hold of the GIL per batch; `balancer.evgil`). Set
+``BALANCER_PURE=1`` to install everything interpreted (no C compiler needed,
+slower).
 """
 
 import importlib.machinery
@@ -24,7 +26,8 @@ ROOT = Path(__file__).resolve().parent
 # The per-request modules: the files mypy checks (pyproject.toml, [tool.mypy]).
 COMPILED = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
 # Hand-written C extensions: (module, source), built whenever the mypyc modules are.
-C_EXTENSIONS = [("balancer._sockio", "balancer/_sockio.c")]
+C_EXTENSIONS = [("balancer._sockio", "balancer/_sockio.c"),
+                ("balancer._evgil", "balancer/_evgil.c")]
 JOBS = os.cpu_count() or 1  # compilers run at once
 GROUP = "balancer_native"  # mypyc's group: its shared library holds every compiled module's code
 

@@ -84,6 +84,7 @@ from gevent import Timeout, get_hub, getcurrent
 from gevent.socket import socket as GeventSocket
 
 from balancer.errors import ClientGone, Overdue, RenegotiationRefused
+from balancer.evgil import hold_gil
 from balancer.outbox import WRITE, Outbox, TLSWriter, Writer
 from balancer.peek import CLOSED, OPEN, READABLE, peek, peek_under
 from balancer.readiness import READ, SWITCH, Readable
@@ -528,6 +529,7 @@ class GeventIO(IO):
     def __init__(self) -> None:
         self.hub: Any = get_hub()
         self.outbox = Outbox(self.hub.loop)
+        hold_gil(self.hub.loop)  # its callbacks in one hold of the GIL per batch
         # runs (handler, args) in a greenlet (the worker's `balancer.serving.Slots.resume`);
         # None: connections are never parked
         self.resume: Any = None

@@ -1,0 +1,3 @@
+"""Types of the C extension balancer/_evgil.c (built beside the mypyc modules)."""
+
+def hold_gil(library: str, loop: int, /) -> bool: ...
