@@ -33,6 +33,14 @@ typedef unsigned int (*count_fn)(void *loop);
 static invoke_fn invoke_pending;  /* libev's ev_invoke_pending */
 static count_fn pending_count;    /* libev's ev_pending_count */
 
+/* What the hooked loops ran, process-wide, since the start (a forked child starts
+ * from its parent's counts; `counts`): batches run in one hold of the GIL, the
+ * callbacks pending when each began (those its callbacks fed meanwhile run in it
+ * too, uncounted), and lone callbacks, which took the GIL themselves.  `holds` and
+ * `held` change only while the GIL is held; `alone` without it (relaxed atomic: a
+ * hooked loop in another thread may count at the same time). */
+static unsigned long long holds, held, alone;
+
 /* libev's invoke_pending_cb: the pending callbacks, in one hold of the GIL when
  * there are two or more (one takes it itself, as it would have: holding it
  * around a lone callback too cost ~100 instructions more than the callback's
@@ -42,11 +50,17 @@ static count_fn pending_count;    /* libev's ev_pending_count */
 static void
 invoke_holding_gil(void *loop)
 {
-    if (pending_count(loop) < 2) {
+    unsigned int pending = pending_count(loop);
+    if (pending < 2) {
+        if (pending) {
+            __atomic_add_fetch(&alone, 1, __ATOMIC_RELAXED);
+        }
         invoke_pending(loop);
         return;
     }
     PyGILState_STATE state = PyGILState_Ensure();
+    holds += 1;
+    held += pending;
     invoke_pending(loop);
     PyGILState_Release(state);
 }
@@ -96,11 +110,21 @@ hold_gil(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+/* counts(): (holds, held, alone), see above. */
+static PyObject *
+counts(PyObject *module, PyObject *unused)
+{
+    return Py_BuildValue("(KKK)", holds, held, __atomic_load_n(&alone, __ATOMIC_RELAXED));
+}
+
 static PyMethodDef methods[] = {
     {"hold_gil", (PyCFunction)(void (*)(void))hold_gil, METH_FASTCALL,
      "hold_gil(library, loop): the libev loop at address `loop` (in gevent's extension "
      "module file `library`) runs its pending callbacks in one hold of the GIL; whether "
      "it was set up."},
+    {"counts", counts, METH_NOARGS,
+     "counts(): (batches run in one hold of the GIL, callbacks pending when they began, "
+     "lone callbacks that took the GIL themselves), process-wide since the start."},
     {NULL, NULL, 0, NULL},
 };
 

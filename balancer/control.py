@@ -43,6 +43,9 @@ sends one command line and reads one JSON reply until EOF:
   the store's signature is no longer TEXT: a management process restarted
   while the store is damaged, with no predecessor to take them from,
   collects them so (`balancer.tls.collect`).
+* ``loop`` → ``{"pid", "holds_gil", "holds", "held", "alone"}``: whether the
+  worker's gevent loop runs its pending callbacks in one hold of the GIL per
+  batch, and what it ran so (`balancer.evgil.counts`).
 
 Invariants:
 * Nothing is exchanged per request: a snapshot is built from the worker's
@@ -90,7 +93,7 @@ from balancer import processlog
 log = logging.getLogger("balancer")
 
 COMMANDS = ("stats", "reload", "version", "apply", "top", "inflight", "challenges", "certs",
-            "certs-missing", "certs-fill", "certs-collect")
+            "certs-missing", "certs-fill", "certs-collect", "loop")
 CONTROL_TIMEOUT = 2.0
 MAX_COMMAND = 4 * 1024 * 1024  # an `apply` carries one write's rules (the API takes 1 MiB)
 WORKER_GLOB = "worker-*.sock"
@@ -280,6 +283,11 @@ class ControlServer:
                 return {"pid": os.getpid(), "error": str(exc)}
         if command == "stats":
             return self.stats_reply(None)
+        if command == "loop":
+            from balancer.evgil import counts
+
+            return {"pid": os.getpid(), "holds_gil": getattr(worker.io, "holds_gil", False),
+                    **counts()}
         return {"pid": os.getpid(), "error": f"unknown command {command[:64]!r}; "
                                              f"commands are {', '.join(COMMANDS)}"}
 

@@ -44,3 +44,13 @@ def hold_gil(loop: Any) -> bool:
     if _EVGIL is None or module is None or module.__name__ != CORECEXT:
         return False
     return bool(_EVGIL.hold_gil(module.__file__, loop.ptr))
+
+
+def counts() -> dict[str, int]:
+    """What the loops `hold_gil` set up ran, in this process since it started
+    (a forked child starts from its parent's counts): `holds`, batches run in
+    one hold of the GIL; `held`, the callbacks pending when they began;
+    `alone`, lone callbacks, which took the GIL themselves. All 0 without the
+    extension."""
+    holds, held, alone = _EVGIL.counts() if _EVGIL is not None else (0, 0, 0)
+    return {"holds": holds, "held": held, "alone": alone}

@@ -529,7 +529,8 @@ class GeventIO(IO):
     def __init__(self) -> None:
         self.hub: Any = get_hub()
         self.outbox = Outbox(self.hub.loop)
-        hold_gil(self.hub.loop)  # its callbacks in one hold of the GIL per batch
+        # its callbacks in one hold of the GIL per batch (False: one by one, as gevent's own)
+        self.holds_gil = hold_gil(self.hub.loop)
         # runs (handler, args) in a greenlet (the worker's `balancer.serving.Slots.resume`);
         # None: connections are never parked
         self.resume: Any = None

@@ -55,7 +55,11 @@ request. ``--instructions`` with a body of 1 MiB or more makes 2 and 12 requests
 instead of 200 and 1,200. ``--chunked`` sends that body with ``Transfer-Encoding:
 chunked`` instead, in chunks of CHUNK bytes (16K unless given; the last may be
 shorter), head and whole body in one ``sendall`` as well; the backend reads the
-chunked body to its last chunk. ``--access-log PATH`` (``/dev/null``: no disk)
+chunked body to its last chunk. ``--connections N`` (keep-alive) spreads the
+requests over N connections, each with one request in flight: the client sends
+one on every connection, then reads every answer, so the worker finds up to N
+readinesses at each poll, as under wrk at N connections (gevent's loop then
+runs several callbacks per batch: `balancer.evgil`). ``--access-log PATH`` (``/dev/null``: no disk)
 turns the worker's access log on, as ``log.access_log``: each request's record
 is made and queued (`AccessLog.log`); with ``--sockets`` the log's writer formats
 and writes them, counted with the rest, while without it the scripted client
@@ -320,11 +324,13 @@ def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False,
 
 
 def peer(mode: str, requests: int, vary: bool = False, browser: bool = False,
-         tls: bool = False, body: int | None = None, chunk: int = 0) -> None:
+         tls: bool = False, body: int | None = None, chunk: int = 0,
+         connections: int = 1) -> None:
     """The helper: a keep-alive backend, then a client making `requests` requests
     (stdout: the backend's port, then how many were answered whole); `vary`: each
     request's target differs; `browser`: a browser's head; `tls`: over TLS;
-    `body`: POSTs with a body of that many bytes (`chunk`: chunked, chunks of that size)."""
+    `body`: POSTs with a body of that many bytes (`chunk`: chunked, chunks of that size);
+    `connections`: keep-alive, one request in flight on each of that many connections."""
     backend = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_backend_loop, args=(backend,), daemon=True).start()
     print(backend.getsockname()[1], flush=True)
@@ -340,10 +346,13 @@ def peer(mode: str, requests: int, vary: bool = False, browser: bool = False,
     else:
         head = (BROWSER_REQUEST if browser else REQUEST) if body is None else (
             post_request(body, False, chunk))
-        with connect(port) as conn:
-            for n in range(requests):
+        conns = [connect(port) for _ in range(connections)]
+        for n in range(0, requests, connections):
+            for conn in conns:  # a request on each, then every answer
                 conn.sendall(head.replace(b".html", b".html?%d" % n) if vary else head)
-                answered += _read_response(conn)
+            answered += sum(_read_response(conn) for conn in conns)
+        for conn in conns:
+            conn.close()
     print(answered, flush=True)
 
 
@@ -458,6 +467,9 @@ def main() -> None:
     parser.add_argument("--chunked", metavar="CHUNK", type=body_size, nargs="?", const=16384,
                         default=0, help="with --body: send it chunked, in chunks of CHUNK "
                                         "bytes (16K unless given)")
+    parser.add_argument("--connections", metavar="N", type=int, default=1,
+                        help="with --sockets keep-alive: N connections, one request in "
+                             "flight on each (REQUESTS a multiple of N)")
     parser.add_argument("--access-log", metavar="PATH", default="",
                         help="the worker's access log (/dev/null: no disk)")
     parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
@@ -465,17 +477,24 @@ def main() -> None:
     body = args.body
     varied = ((["--vary"] if args.vary else []) + (["--browser"] if args.browser else [])
               + ([] if body is None else ["--body", str(body)])
-              + (["--chunked", str(args.chunked)] if args.chunked else []))
+              + (["--chunked", str(args.chunked)] if args.chunked else [])
+              + (["--connections", str(args.connections)] if args.connections > 1 else []))
     kind = (", varied" * args.vary + ", browser" * args.browser + ", TLS" * args.tls
             + ("" if body is None else f", POST body of {body:,} bytes")
-            + (f", chunked by {args.chunked:,}" if args.chunked else ""))
+            + (f", chunked by {args.chunked:,}" if args.chunked else "")
+            + (f", {args.connections} connections" if args.connections > 1 else ""))
     if args.chunked and body is None:
         parser.error("--chunked needs --body")
+    if args.connections > 1 and not args.peer and (
+            args.sockets != "keep-alive" or args.requests % args.connections
+            or 200 % args.connections):
+        parser.error("--connections needs --sockets keep-alive, and --requests (and 200, "
+                     "what --instructions makes) a multiple of it")
     logged = ["--access-log", args.access_log] if args.access_log else []
     kind += f", access log {args.access_log}" * bool(args.access_log)
     if args.peer:
         peer(args.peer[0], int(args.peer[1]), args.vary, args.browser, args.tls, body,
-             args.chunked)
+             args.chunked, args.connections)
     elif args.sockets and args.instructions:
         short, long = (2, 12) if body is not None and body >= LARGE_BODY else (200, 1200)
         count = instructions(["--sockets", args.sockets, *varied, *["--tls"] * args.tls,
