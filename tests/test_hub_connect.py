@@ -557,7 +557,9 @@ def test_a_name_resolution_that_hangs_ends_at_the_connect_timeout_a_502(
         seen = outcome(w, [status], tmp_path, "hangs")
     finally:
         live.close()
-    assert status == 502 and 0.25 < elapsed < 0.7, elapsed
+    # the connect timeout, not the deadline armed for the connect (0.8 s): that
+    # would be a 504; the upper bound is left to a loaded machine
+    assert status == 502 and 0.25 < elapsed < 2.0, elapsed
     assert {k: seen[k] for k in ONE_CONNECT_FAILED} == ONE_CONNECT_FAILED
     assert live.connections == 0
 
