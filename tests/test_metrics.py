@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.stats import Stats, merge_snapshots
 from management.metrics import Metrics
+from tests.support import samples
 
 SPEC_NAMES = {
     "balancer_requests": "counter",
@@ -33,15 +34,6 @@ SPEC_NAMES = {
     "balancer_acme_hosts": "gauge",
     "balancer_acme_next_attempt_seconds": "gauge",
 }
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample as {(name, sorted labels): value}."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def render(snapshot: dict[str, Any]) -> str:
