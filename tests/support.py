@@ -604,6 +604,20 @@ class TableStore:
         pass
 
 
+class ScriptedHealth:
+    """Stands in for a pool `Backend` as a `BackendStats.source`: its health state
+    ("up", "probing", "down") is scripted."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+
+    def health_state(self) -> str:
+        return self.state
+
+    def down_problem(self) -> str:
+        return ""
+
+
 # what an in-process worker's requests may take, unless a test says otherwise
 WORKER_TIMEOUTS = {"timeouts.client_idle": 5.0, "timeouts.client_header": 0.6,
                    "timeouts.backend_read": 3.0}

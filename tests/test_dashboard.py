@@ -30,6 +30,7 @@ from balancer.stores import Store, open_store
 from management.app import create_app
 from management.history import History
 from management.runtime import snapshot_of
+from tests.support import ScriptedHealth
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -101,19 +102,6 @@ class ScriptedRuntime:
                 "store": {"kind": self.store.kind, "url": self.store.display_url,
                           "reachable": self.store_up, "version": self.store.load().version,
                           "last_reload": self.last_reload, "problem": None}}
-
-
-class ScriptedHealth:
-    """Stands in for a pool `Backend` as a `BackendStats.source`: its health is scripted."""
-
-    def __init__(self, state: str) -> None:
-        self.state = state
-
-    def health_state(self) -> str:
-        return self.state
-
-    def down_problem(self) -> str:
-        return ""
 
 
 def mark_down(stats: Stats, key: str, address: str, failures: int) -> None:

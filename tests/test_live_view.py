@@ -18,6 +18,7 @@ from tests.support import (
     ROOT,
     Backend,
     Balancer,
+    ScriptedHealth,
     dead_address,
     request,
     revive_port,
@@ -166,17 +167,6 @@ def test_retired_workers_counters_never_bring_back_a_deleted_host(tmp_path, back
 
 
 # merging ------------------------------------------------------------------------------
-class Scripted:
-    def __init__(self, state: str) -> None:
-        self.state = state
-
-    def health_state(self) -> str:
-        return self.state
-
-    def down_problem(self) -> str:
-        return ""
-
-
 @pytest.mark.parametrize("states,merged", [
     (("up", "up"), "up"), (("up", "probing"), "probing"), (("probing", "up"), "probing"),
     (("down", "probing"), "down"), (("probing", "down"), "down"), (("up", "down"), "down")])
@@ -184,7 +174,7 @@ def test_the_worst_state_of_the_workers_wins(states: tuple[str, str], merged: st
     snapshots = []
     for worker_state in states:
         stats = Stats()
-        stats.host(HOST).backend("127.0.0.1:1").source = Scripted(worker_state)
+        stats.host(HOST).backend("127.0.0.1:1").source = ScriptedHealth(worker_state)
         snapshots.append(stats.snapshot())
     got = merge_snapshots(snapshots)["hosts"][HOST]["backends"]["127.0.0.1:1"]["state"]
     assert got == merged
