@@ -227,9 +227,12 @@ def test_a_lock_lost_mid_issuance_stops_it_and_leaves_the_state_to_the_new_holde
         assert issuer.acme.lock("another balancer", 60)
         issuer.acme.put_state("a.test", {"state": "pending", "reason": "theirs"})
 
-    ca = SlowCA(5.0)
+    ca = SlowCA(30.0)
     took = run_issue(issuer, ca, failover)
-    assert took < 2.0 and not ca.finished
+    # cut by the keeper (it looks every 0.2 s here; about 1 s in all, the
+    # challenge's publishing included), long before the CA's 30 s; the rest of
+    # the bound is a busy machine's (2 s was once 2.004 s)
+    assert took < 5.0 and not ca.finished
     assert issuer.store.certs().all() == {}
     assert issuer.acme.states()["a.test"] == {"state": "pending", "reason": "theirs"}
     assert "http-01:tok-a.test" in issuer.acme.challenges()  # not ours to withdraw now
@@ -244,9 +247,9 @@ def test_a_rule_deleted_mid_issuance_stops_it_and_stores_nothing(issuer: Any,
     def delete() -> None:
         issuer.test_table["data"] = TableData(2, {})
 
-    ca = SlowCA(5.0)
+    ca = SlowCA(30.0)
     took = run_issue(issuer, ca, delete)
-    assert took < 2.5 and not ca.finished
+    assert took < 5.0 and not ca.finished  # as above
     assert issuer.store.certs().all() == {}
     assert "a.test" not in issuer.acme.states()
     assert issuer.acme.challenges() == {}  # withdrawn
