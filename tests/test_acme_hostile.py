@@ -276,7 +276,7 @@ def test_a_ca_that_never_finishes_is_cut_at_the_deadline(
 
     monkeypatch.setattr(acme_issuer, "ISSUE_TIMEOUT", 1.0)  # a trickling CA: 180 s for real
     took = run_issue(issuer, SlowCA(30.0))
-    assert 1.0 <= took < 3.0
+    assert 1.0 <= took < 5.0  # the deadline's (its reason says so below), not the CA's
     state = issuer.acme.states()["a.test"]
     assert state["state"] == "failed" and state["attempts"] == 1
     assert state["reason"] == "the CA did not finish within 1s (slow or hanging answers)"
