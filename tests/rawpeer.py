@@ -13,7 +13,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import httptools
 
@@ -88,6 +88,72 @@ def serve_each(listener: socket.socket, serve: Callable[[socket.socket], None]) 
                 return
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
     threading.Thread(target=accept_loop, daemon=True).start()
+
+
+class Link(NamedTuple):
+    """One connection a `Relay` relays: the client's socket and its own upstream."""
+
+    client: socket.socket
+    upstream: socket.socket
+
+
+class Relay:
+    """A peer in the middle: listens on 127.0.0.1:0 (`port`) and relays each
+    connection to `upstream` (host, port) byte for byte, a thread each way.
+    Subclasses script what passes: `to_upstream` and `to_client` send on one read
+    (as it came, by default). The end of one way is passed on (a half-close); an
+    error either way shuts both down. `timeout`: how long one way may stay silent
+    (None: for ever, as a subscriber's connection)."""
+
+    def __init__(self, upstream: tuple[str, int], timeout: float | None = None) -> None:
+        self.upstream = upstream
+        self.timeout = timeout
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        serve_each(self.listener, self._relay)
+
+    def to_upstream(self, link: Link, data: bytes) -> None:
+        link.upstream.sendall(data)
+
+    def to_client(self, link: Link, data: bytes) -> None:
+        link.client.sendall(data)
+
+    def close(self) -> None:
+        """Stop accepting and cut every connection relayed."""
+        self.listener.close()
+        for sock in list(self.sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=self.timeout)
+        except OSError:  # as a refused connect, to the client
+            client.close()
+            return
+        link = Link(client, upstream)
+        self.sockets += link
+        back = threading.Thread(target=self._copy, args=(upstream, client, link, self.to_client),
+                                daemon=True)
+        back.start()
+        self._copy(client, upstream, link, self.to_upstream)
+        back.join()  # the upstream's end, or an error's
+        for sock in link:
+            sock.close()
+
+    def _copy(self, source: socket.socket, sink: socket.socket, link: Link,
+              forward: Callable[[Link, bytes], None]) -> None:
+        source.settimeout(self.timeout)
+        try:
+            while data := source.recv(65536):
+                forward(link, data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            for sock in link:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 def sending(*pieces: bytes, pause: float = 0.0) -> Script:

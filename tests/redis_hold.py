@@ -11,10 +11,10 @@ import socket
 import threading
 from collections.abc import Callable
 
-CHUNK = 65536
+from tests.rawpeer import Link, Relay
 
 
-class SubscriberHold:
+class SubscriberHold(Relay):
     """Listens on a loopback port of its own (`port`) and relays each connection to
     the Redis on `redis_port`; between `hold()` and `release()` the bytes Redis sends
     to subscriber connections are kept, in order, and sent on release. `before` is
@@ -22,16 +22,12 @@ class SubscriberHold:
 
     def __init__(self, redis_port: int, before: Callable[[bytes], None] = lambda data: None
                  ) -> None:
-        self.redis_port = redis_port
         self.before = before
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.lock = threading.Lock()  # one relay decides (hold or send) at a time
         self.held = False
         self.kept: list[tuple[socket.socket, bytes]] = []
-        self.sockets: list[socket.socket] = []
-        self.closed = False
-        threading.Thread(target=self._accept_loop, daemon=True).start()
+        self.subscribers: set[socket.socket] = set()  # the clients that sent SUBSCRIBE
+        super().__init__(("127.0.0.1", redis_port))
 
     def hold(self) -> None:
         with self.lock:
@@ -46,61 +42,16 @@ class SubscriberHold:
                 with contextlib.suppress(OSError):
                     client.sendall(data)
 
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
-        for sock in list(self.sockets):
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    def _accept_loop(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.redis_port), timeout=None)
-            self.sockets += [client, server]
-            subscriber = threading.Event()
-            threading.Thread(target=self._to_redis, args=(client, server, subscriber),
-                             daemon=True).start()
-            threading.Thread(target=self._to_client, args=(server, client, subscriber),
-                             daemon=True).start()
-
-    def _to_redis(self, client: socket.socket, server: socket.socket,
-                  subscriber: threading.Event) -> None:
-        while data := _recv(client):
-            if b"SUBSCRIBE" in data.upper():
-                subscriber.set()
-            self.before(data)
-            try:
-                server.sendall(data)
-            except OSError:
-                break
-        _close(client, server)
-
-    def _to_client(self, server: socket.socket, client: socket.socket,
-                   subscriber: threading.Event) -> None:
-        while data := _recv(server):
+    def to_upstream(self, link: Link, data: bytes) -> None:
+        if b"SUBSCRIBE" in data.upper():
             with self.lock:
-                if self.held and subscriber.is_set():
-                    self.kept.append((client, data))
-                    continue
-                try:
-                    client.sendall(data)
-                except OSError:
-                    break
-        _close(client, server)
+                self.subscribers.add(link.client)
+        self.before(data)
+        link.upstream.sendall(data)
 
-
-def _recv(sock: socket.socket) -> bytes:
-    try:
-        return sock.recv(CHUNK)
-    except OSError:
-        return b""
-
-
-def _close(*sockets: socket.socket) -> None:
-    for sock in sockets:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+    def to_client(self, link: Link, data: bytes) -> None:
+        with self.lock:
+            if self.held and link.client in self.subscribers:
+                self.kept.append((link.client, data))
+            else:
+                link.client.sendall(data)

@@ -325,6 +325,27 @@ def revive_port(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+# /metrics ----------------------------------------------------------------------
+# every sample: {(name, its labels sorted): value}
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(text: str) -> Series:
+    """Every sample of Prometheus text (`/metrics`), read by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(series: Series, name: str, **labels: str) -> float:
+    """The value of the sample `name` with exactly `labels`; AssertionError naming
+    it when there is none."""
+    key = (name, tuple(sorted(labels.items())))
+    assert key in series, f"{name}{labels or ''} not in /metrics"
+    return series[key]
+
+
 # the balancer ------------------------------------------------------------------
 LISTEN_RE = re.compile(r"listening on (\S+) for (proxy|internal|tls|management)")
 
@@ -399,6 +420,10 @@ class Balancer:
         tmp.write_text(json.dumps({"version": version, "hosts": hosts}))
         os.replace(tmp, self.routes)
 
+    def store_up(self) -> float:
+        """`balancer_store_up` (1: the store answered its last read, 0: not)."""
+        return metric(self.metrics(), "balancer_store_up")
+
     def store_problem(self) -> str:
         """The store problem the management API reports ("" when none)."""
         return self.api("GET", "/api/v1/info")[1]["store"]["problem"] or ""
@@ -416,6 +441,16 @@ class Balancer:
             return resp.status, json.loads(raw)
         except ValueError:
             return resp.status, raw
+
+    def metrics_text(self) -> str:
+        """`/metrics` as text (answered 200)."""
+        status, body = self.api("GET", "/metrics")
+        assert status == 200, (status, body)
+        return body.decode()
+
+    def metrics(self) -> Series:
+        """`/metrics`' samples (`samples`)."""
+        return samples(self.metrics_text())
 
     def host_stats(self, host: str) -> dict[str, Any]:
         """The `/api/v1/stats` entry of one host ({} before its first request)."""
@@ -567,6 +602,20 @@ class TableStore:
 
     def close(self) -> None:
         pass
+
+
+class ScriptedHealth:
+    """Stands in for a pool `Backend` as a `BackendStats.source`: its health state
+    ("up", "probing", "down") is scripted."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+
+    def health_state(self) -> str:
+        return self.state
+
+    def down_problem(self) -> str:
+        return ""
 
 
 # what an in-process worker's requests may take, unless a test says otherwise

@@ -26,9 +26,7 @@ from balancer.certificates import make_record
 from balancer.stores.file import FileStore
 from tests.pebble import Pebble, served_certificate
 from tests.support import ROOT, Backend, Balancer, wait_for
-from tests.test_certs_api import _metrics
 from tests.test_ctl import ctl
-from tests.test_metrics import samples
 from tests.test_tls import CA
 
 ISSUED_WITHIN = 40.0  # seconds: an issuance takes ~3 s; the issuer looks every 10 s
@@ -108,7 +106,7 @@ def wait_served(port: int, name: str, root: str, issuer: str) -> dict[str, Any]:
 def acme_metrics(bal: Balancer) -> dict[str, float]:
     """The ``balancer_acme_*`` samples of `bal`'s /metrics, as {'NAME{LABEL}': value}."""
     return {f"{name}{{{','.join(v for _, v in labels)}}}": value
-            for (name, labels), value in samples(_metrics(bal)).items()
+            for (name, labels), value in bal.metrics().items()
             if name.startswith("balancer_acme_")}
 
 

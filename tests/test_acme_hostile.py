@@ -7,6 +7,7 @@ the issuance short without storing anything."""
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import sys
 import threading
@@ -66,10 +67,11 @@ class FakeCA:
             except OSError:
                 conn.close()
                 continue
-            self.requests += 1
             if self.mode == "hang":
                 self.held.append(conn)  # read, never answered, never closed
+                self.requests += 1  # (once held: `holding` sees it)
                 continue
+            self.requests += 1
             if self.mode == "flood":
                 self.flood(conn)
                 continue
@@ -85,6 +87,11 @@ class FakeCA:
             while time.monotonic() < deadline:
                 conn.sendall(b"0," * 32768)
         conn.close()
+
+    def holding(self) -> bool:
+        """Whether requests are held (mode "hang") and the client has closed none of
+        them (its read timeout): none is readable, as EOF would be."""
+        return bool(self.held) and not select.select(self.held, [], [], 0)[0]
 
     def stop(self) -> None:
         self.listener.close()
@@ -124,13 +131,17 @@ def test_a_broken_ca_ends_in_failed_and_never_blocks_the_api(
                    prefix=constants_prefix({"management.acme_ca.NETWORK_TIMEOUT": 3.0}))
     try:
         wait_for(lambda: fake_ca.requests, 15, what="the issuer to call the CA")
-        slowest = 0.0
-        for _ in range(10):  # meanwhile the API answers at once
-            started = time.monotonic()
+        held = []
+        for _ in range(10):  # meanwhile the API answers
             status, view = bal.api("GET", "/api/v1/acme")
             assert status == 200 and bal.api("GET", "/metrics")[0] == 200
-            slowest = max(slowest, time.monotonic() - started)
-        assert slowest < 1.0
+            held.append(fake_ca.holding())
+        # the first answer came while the CA held the issuer's request (3 s): a
+        # loop blocked on the CA would answer only once that request's timeout had
+        # closed it, however idle the machine (the other CAs answer at once: no
+        # wait on them can be told from the machine's load, which a bound of 1 s
+        # on each answer once took for one)
+        assert fake_ca.mode != "hang" or held[0], held
         failed = wait_for(lambda: state_of(bal, "a.test").get("state") == "failed"
                           and state_of(bal, "a.test"), 15, what=f"failed:\n{bal.output()}")
         assert failed["reason"].startswith(reason), failed["reason"]
@@ -216,9 +227,12 @@ def test_a_lock_lost_mid_issuance_stops_it_and_leaves_the_state_to_the_new_holde
         assert issuer.acme.lock("another balancer", 60)
         issuer.acme.put_state("a.test", {"state": "pending", "reason": "theirs"})
 
-    ca = SlowCA(5.0)
+    ca = SlowCA(30.0)
     took = run_issue(issuer, ca, failover)
-    assert took < 2.0 and not ca.finished
+    # cut by the keeper (it looks every 0.2 s here; about 1 s in all, the
+    # challenge's publishing included), long before the CA's 30 s; the rest of
+    # the bound is a busy machine's (2 s was once 2.004 s)
+    assert took < 5.0 and not ca.finished
     assert issuer.store.certs().all() == {}
     assert issuer.acme.states()["a.test"] == {"state": "pending", "reason": "theirs"}
     assert "http-01:tok-a.test" in issuer.acme.challenges()  # not ours to withdraw now
@@ -233,9 +247,9 @@ def test_a_rule_deleted_mid_issuance_stops_it_and_stores_nothing(issuer: Any,
     def delete() -> None:
         issuer.test_table["data"] = TableData(2, {})
 
-    ca = SlowCA(5.0)
+    ca = SlowCA(30.0)
     took = run_issue(issuer, ca, delete)
-    assert took < 2.5 and not ca.finished
+    assert took < 5.0 and not ca.finished  # as above
     assert issuer.store.certs().all() == {}
     assert "a.test" not in issuer.acme.states()
     assert issuer.acme.challenges() == {}  # withdrawn
@@ -262,7 +276,7 @@ def test_a_ca_that_never_finishes_is_cut_at_the_deadline(
 
     monkeypatch.setattr(acme_issuer, "ISSUE_TIMEOUT", 1.0)  # a trickling CA: 180 s for real
     took = run_issue(issuer, SlowCA(30.0))
-    assert 1.0 <= took < 3.0
+    assert 1.0 <= took < 5.0  # the deadline's (its reason says so below), not the CA's
     state = issuer.acme.states()["a.test"]
     assert state["state"] == "failed" and state["attempts"] == 1
     assert state["reason"] == "the CA did not finish within 1s (slow or hanging answers)"

@@ -30,6 +30,7 @@ from balancer.stores import Store, open_store
 from management.app import create_app
 from management.history import History
 from management.runtime import snapshot_of
+from tests.support import ScriptedHealth
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -101,19 +102,6 @@ class ScriptedRuntime:
                 "store": {"kind": self.store.kind, "url": self.store.display_url,
                           "reachable": self.store_up, "version": self.store.load().version,
                           "last_reload": self.last_reload, "problem": None}}
-
-
-class ScriptedHealth:
-    """Stands in for a pool `Backend` as a `BackendStats.source`: its health is scripted."""
-
-    def __init__(self, state: str) -> None:
-        self.state = state
-
-    def health_state(self) -> str:
-        return self.state
-
-    def down_problem(self) -> str:
-        return ""
 
 
 def mark_down(stats: Stats, key: str, address: str, failures: int) -> None:
@@ -260,6 +248,14 @@ def text_of(driver: Any, css: str) -> str:
     return str(driver.execute_script(script, css)).strip()
 
 
+def each(driver: Any, css: str, read: str) -> list[Any]:
+    """`read` (a JavaScript expression of the element `e`) for every element matching
+    `css`, all read in the page in one step: a card, row or table is drawn again at
+    every poll, so an element found here is stale by the next one (as in `text_of`)."""
+    script = f"return [...document.querySelectorAll(arguments[0])].map((e) => {read});"
+    return list(driver.execute_script(script, css))
+
+
 def host_card(host: str) -> str:
     return f'article.host[data-host="{host}"]'
 
@@ -337,15 +333,13 @@ def test_backend_going_down_is_shown_down(make_site: Callable[..., Site], browse
     with site.runtime.edit() as stats:
         mark_down(stats, "app.example.com", "127.0.0.1:9002", failures=3)
 
-    def shown_down(driver: Any) -> bool:
-        rows = driver.find_elements("css selector", row)
-        return bool(rows) and "backend-down" in rows[0].get_attribute("class").split()
-    wait_for(browser, shown_down, "the backend marked down")
+    wait_for(browser, lambda d: each(d, row, "e.classList.contains('backend-down')") == [True],
+             "the backend marked down")
     assert "down" in text_of(browser, row + " .backend-state")
     assert "3 failures" in text_of(browser, row)
     assert "1 of 2 backends down" in text_of(browser, host_card("app.example.com"))
     other = host_card("app.example.com") + ' tr[data-backend="127.0.0.1:9001"]'
-    assert "backend-up" in browser.find_element("css selector", other).get_attribute("class")
+    assert each(browser, other, "e.classList.contains('backend-up')") == [True]
 
 
 def test_a_probing_backend_is_not_shown_up(make_site: Callable[..., Site],
@@ -358,7 +352,7 @@ def test_a_probing_backend_is_not_shown_up(make_site: Callable[..., Site],
     open_live(browser, site)
     row = host_card("app.example.com") + ' tr[data-backend="127.0.0.1:9002"]'
     wait_for(browser, lambda d: "probing" in text_of(d, row), "the backend shown probing")
-    assert "backend-probing" in browser.find_element("css selector", row).get_attribute("class")
+    assert each(browser, row, "e.classList.contains('backend-probing')") == [True]
     assert "1 of 2 backends down" in text_of(browser, host_card("app.example.com"))
 
 
@@ -732,9 +726,9 @@ def test_a_running_deploy_shows_on_its_host_card_and_recent_deploys_below(
     assert "deploy: drain" in line and "127.0.0.1:9003" in line and "127.0.0.1:9001" in line
     table = text_of(browser, ".deploys-table")
     assert "d-now" not in table  # ids stay out of the way; rows carry them as data
-    rows = browser.find_elements("css selector", ".deploys-table tbody tr")
-    assert [r.get_attribute("data-deploy") for r in rows] == ["d-now", "d-old"]
-    assert "nothing was switched" in rows[1].text and "running" in rows[0].text
+    rows = each(browser, ".deploys-table tbody tr", "[e.dataset.deploy, e.innerText]")
+    assert [deploy for deploy, _ in rows] == ["d-now", "d-old"]
+    assert "nothing was switched" in rows[1][1] and "running" in rows[0][1]
     records.save_deploy({**records.deploy("d-now"), "state": "done", "ended": time.time()})
     wait_for(browser, lambda d: not d.find_elements("css selector", ".deploy-line"),
              "the deploy line to go once the deploy ended")
@@ -805,14 +799,11 @@ def test_certificates_are_listed_soonest_first_expiring_ones_in_colour(
     open_live(browser, site)
     wait_for(browser, lambda d: d.find_elements("css selector", ".certs-table tbody tr"),
              "the certificates table")
-    rows = browser.find_elements("css selector", ".certs-table tbody tr")
-    assert [r.get_attribute("data-host") for r in rows] == ["soon.example.com",
-                                                            "app.example.com"]
-    assert "cert-soon" in rows[0].get_attribute("class")
-    assert "cert-ok" in rows[1].get_attribute("class")
-    soon = browser.find_element("css selector", ".cert-soon .cert-left")
-    ok = browser.find_element("css selector", ".cert-ok .cert-left")
-    assert soon.value_of_css_property("color") != ok.value_of_css_property("color")
+    rows = each(browser, ".certs-table tbody tr", "[e.dataset.host, [...e.classList], "
+                "getComputedStyle(e.querySelector('.cert-left')).color]")
+    assert [host for host, _, _ in rows] == ["soon.example.com", "app.example.com"]
+    assert "cert-soon" in rows[0][1] and "cert-ok" in rows[1][1]
+    assert rows[0][2] != rows[1][2]  # the colour of the time left
     assert key.splitlines()[1] not in browser.page_source
     assert severe_logs(browser) == []
 
@@ -836,13 +827,13 @@ def test_acme_hosts_show_their_state_with_or_without_a_certificate(
     open_live(browser, site)
     wait_for(browser, lambda d: len(d.find_elements("css selector", ".certs-table tbody tr"))
              == 3, "a row per ACME host")
-    cells = {row.get_attribute("data-host"): row.find_element("css selector", ".cert-acme")
-             for row in browser.find_elements("css selector", ".certs-table tbody tr")}
-    assert cells["app.example.com"].text == "issued"
-    assert cells["new.example.com"].text == "pending: waiting for the issuer"
-    assert cells["down.example.com"].text.startswith(
+    cells = {host: (text, colour) for host, text, colour in each(
+        browser, ".certs-table tbody tr .cert-acme",
+        "[e.closest('tr').dataset.host, e.innerText, getComputedStyle(e).color]")}
+    assert cells["app.example.com"][0] == "issued"
+    assert cells["new.example.com"][0] == "pending: waiting for the issuer"
+    assert cells["down.example.com"][0].startswith(
         "failed (attempt 2, retry in 10 min): validation failed")
-    assert cells["down.example.com"].value_of_css_property("color") \
-        != cells["app.example.com"].value_of_css_property("color")
+    assert cells["down.example.com"][1] != cells["app.example.com"][1]
     assert severe_logs(browser) == []
 

@@ -66,11 +66,16 @@ def test_a_look_up_that_never_answers_is_given_up(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(importlib.metadata, "entry_points", stuck)
     monkeypatch.setattr(entry_points, "TIMEOUT", 1.0)
+    # the grace is for a child that answered; this one never does, and the whole
+    # margin below is left to the fork, the kill and the reaping under load
+    monkeypatch.setattr(entry_points, "EXIT_GRACE", 0.0)
     begun = time.monotonic()
     with pytest.raises(LookupError, match="no answer"):
         look_up([MANAGEMENT_GROUP])
-    # TIMEOUT in all, not once to read and again to wait for the exit (bug: 2.0)
-    assert time.monotonic() - begun < 1.8
+    # TIMEOUT in all, not once to read and again to wait for the exit (bug: the
+    # two waits each ran their whole TIMEOUT, so never under 2 * TIMEOUT, however
+    # idle the machine)
+    assert time.monotonic() - begun < 2 * entry_points.TIMEOUT
     child = int(started.read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(child, 0)

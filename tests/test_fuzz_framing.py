@@ -25,11 +25,9 @@ Defects found and fixed (each test fails without its fix):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import socket
-import threading
 
 import pytest
 
@@ -37,7 +35,7 @@ from balancer.http11 import END, ProtocolError, RequestParser
 from tests import refhttp
 from tests.framefuzz import case
 from tests.fuzzpeer import TAG, RecordingBackend, check, run_batch, run_cuts, summary, traced
-from tests.rawpeer import read_through, serve_each
+from tests.rawpeer import Link, Relay, read_through
 from tests.support import Balancer, wait_for
 
 # compiled only (not `data_plane`): the parse paths' compiled and interpreted
@@ -104,37 +102,18 @@ def test_every_request_of_a_case_carries_its_case() -> None:
             assert traced(request) == n, (seed, n, request)
 
 
-class Untagging:
+class Untagging(Relay):
     """A proxy that forwards each connection to `backend` byte for byte, but for
     the request targets of case `victim`, which it makes ``/`` (as the balancer
     once forwarded ``http://*/f1-0``: a request whose target names no case)."""
 
     def __init__(self, backend: str, victim: int) -> None:
         host, port = backend.rsplit(":", 1)
-        self.backend = (host, int(port))
         self.target = re.compile(rb" /f%d-\d+ " % victim)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        serve_each(self.listener, self.relay)
+        super().__init__((host, int(port)), timeout=10)
 
-    def relay(self, conn: socket.socket) -> None:
-        with conn, socket.create_connection(self.backend, timeout=10) as upstream:
-            back = threading.Thread(target=self.copy, args=(upstream, conn), daemon=True)
-            back.start()
-            self.copy(conn, upstream, self.target)
-            back.join(10)
-
-    @staticmethod
-    def copy(source: socket.socket, sink: socket.socket,
-             target: re.Pattern[bytes] | None = None) -> None:
-        source.settimeout(10)
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(target.sub(b" / ", data) if target else data)
-            sink.shutdown(socket.SHUT_WR)
-
-    def stop(self) -> None:
-        self.listener.close()
+    def to_upstream(self, link: Link, data: bytes) -> None:
+        link.upstream.sendall(self.target.sub(b" / ", data))
 
 
 def plain_cases(count: int) -> int:
@@ -158,7 +137,7 @@ def test_a_request_forwarded_with_no_tag_in_its_target_is_its_cases_fault() -> N
     try:
         outcomes = run_batch(proxy.port, backend, SEED, 2, start=first)
     finally:
-        proxy.stop()
+        proxy.close()
         backend.stop()
     faulty = {out.case.case_id: out.faults for out in outcomes if out.faults}
     assert list(faulty) == [first], summary(outcomes)

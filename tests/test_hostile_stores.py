@@ -146,12 +146,6 @@ def test_a_redis_version_that_is_no_count_is_reported_and_followed_after(
     assert bal.api("PUT", "/api/v1/hosts/b.test", STATIC) == (200, {"version": version})
 
 
-def store_up(bal: Balancer) -> str:
-    metrics = bal.api("GET", "/metrics")[1].decode()
-    return next(line.split()[1] for line in metrics.splitlines()
-                if line.startswith("balancer_store_up "))
-
-
 def test_a_redis_key_of_the_wrong_type_is_a_corrupt_store(
         redis_site: tuple[Balancer, Any]) -> None:
     """Bug: WRONGTYPE was reported as "unreachable"; a one-host write onto a hosts key
@@ -166,14 +160,14 @@ def test_a_redis_key_of_the_wrong_type_is_a_corrupt_store(
     wait_for(lambda: wrong in bal.store_problem(), WAIT, what="the hosts key reported")
     assert "unreachable" not in bal.store_problem()
     assert serves(bal)  # the last good table rides it out
-    wait_for(lambda: store_up(bal) == "0.0", WAIT, what="balancer_store_up 0")
+    wait_for(lambda: bal.store_up() == 0, WAIT, what="balancer_store_up 0")
     status, answer = bal.api("PUT", "/api/v1/hosts/b.test", STATIC)
     assert (status, answer["error"]) == (503, "store_corrupt") and wrong in answer["message"]
     assert raw.get("balancer:version") == good  # the failed write announced nothing
     assert bal.output().count(wrong) == 1  # logged once, by the management process
     # a whole-table write replaces the key: repaired
     assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
-    wait_for(lambda: bal.store_problem() == "" and store_up(bal) == "1.0", WAIT,
+    wait_for(lambda: bal.store_problem() == "" and bal.store_up() == 1, WAIT,
              what="the repair seen")
     version = raw.get("balancer:version")
     raw.delete("balancer:version")
@@ -255,7 +249,7 @@ def test_a_host_listed_twice_by_hand_is_a_corrupt_file(tmp_path: Path) -> None:
         replace_file(first.routes, twice)
         wait_for(lambda: named in first.store_problem(), WAIT, what="the host named")
         assert serves(first) and first.version() == 1
-        assert float(store_up(first)) == 0
+        assert first.store_up() == 0
         status, answer = first.api("PUT", "/api/v1/hosts/b.test", STATIC)
         assert status == 503 and answer["error"] == "store_corrupt", answer
         assert named in answer["message"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import socket
@@ -179,7 +180,11 @@ def test_handshake_timeout_is_bounded_by_backend_connect(bal: Balancer,
     start = time.monotonic()
     status, _, _ = request(bal.port, host="silent.test")
     assert status == 502
-    assert 0.8 < time.monotonic() - start < 3.5  # backend_connect = 1 s
+    # backend_connect = 1 s; past it, the deadline
+    # armed for the connect (1.5 s) would cut the handshake as a 504, and with no
+    # bound at all this client's 10 s would: the upper bound is left to a loaded
+    # machine, the status tells the bound that ended it
+    assert 0.8 < time.monotonic() - start < 8
     wait_for(lambda: "TLS handshake timed out" in bal.output(), timeout=5,
              what="the timeout in the failure summary")
     assert_closed(silent.held[-1])
@@ -278,14 +283,21 @@ def test_deploy_probes_speak_tls_and_verify(tmp: Path, good: TLSBackend,
     from balancer.backend_tls import BackendTLS
     from management.deploy_steps import check_config, probe
 
+    def checked(rule: dict[str, Any]) -> tuple[Any, bool]:
+        """The rule's probe, given 10 s (`PROBE_TIMEOUT`, 1 s, is the deploy's: what
+        is checked here is the verification, and under load a handshake with a
+        backend in this process once took longer)."""
+        config, strict = check_config(rule, "app.test")
+        return dataclasses.replace(config, timeout=10.0), strict
+
     tls = BackendTLS(str(CA.write(tmp)))
     rule = {"action": "proxy", "backends": [good.url]}
-    config, strict = check_config(rule, "app.test")
+    config, strict = checked(rule)
     assert probe(good.url, "app.test", config, strict, tls) is None
     assert good.sni[-1] == "app.test"
     problem = probe(untrusted.url, "app.test", config, strict, tls)
     assert problem is not None and "certificate not trusted for 'app.test'" in problem
-    config, strict = check_config({**rule, "backend_tls_verify": False}, "app.test")
+    config, strict = checked({**rule, "backend_tls_verify": False})
     assert probe(untrusted.url, "app.test", config, strict, tls) is None
 
 

@@ -10,7 +10,6 @@ continued in a `finally`.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -18,16 +17,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.control import ask
-from tests.support import Balancer, control_socket, request, wait_for
+from tests.support import Balancer, Series, control_socket, request, wait_for
 
 HOST = "app.test"
 ONLY = "only.test"  # a host only the first worker of `two_busy_workers` served
 COUNTERS = ("_total", "_bucket", "_count", "_sum")  # a histogram's series are counters too
-
-Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture
@@ -81,18 +77,8 @@ def send_until_both_counted(bal: Balancer, before: int = 0) -> int:
 
 
 def scrape(bal: Balancer) -> Series:
-    """`/metrics`' counter series: {(name, sorted labels): value}."""
-    conn = http.client.HTTPConnection("127.0.0.1", bal.mport, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        resp = conn.getresponse()
-        assert resp.status == 200
-        text = resp.read().decode()
-    finally:
-        conn.close()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name.endswith(COUNTERS)}
+    """`/metrics`' counter series."""
+    return {key: value for key, value in bal.metrics().items() if key[0].endswith(COUNTERS)}
 
 
 def requests_total(series: Series) -> float:

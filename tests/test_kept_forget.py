@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from balancer.control import worker_identity
-from tests.support import Balancer, control_socket, request, wait_for
-from tests.test_kept_counters import HOST, Series, scrape, worker_pids
+from tests.support import Balancer, Series, control_socket, request, wait_for
+from tests.test_kept_counters import HOST, scrape, worker_pids
 
 ROUNDS = 2  # a graceful reload, then a kill (the hosts re-created after the first)
 CHURN = 20  # hosts created, served and deleted each round (the same names: re-created)

@@ -34,7 +34,7 @@ import pytest
 from balancer.certificates import make_record
 from balancer.stores.file import FileStore
 from tests.rawpeer import read_through, serve_each
-from tests.support import Balancer, dead_address, request, wait_for
+from tests.support import Balancer, dead_address, metric, request, wait_for
 from tests.tlsca import TestCA
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -219,14 +219,6 @@ def answered_by_all(bal: Balancer) -> dict[str, Any] | None:
     return None if "lagging" in answer else answer
 
 
-def metric(bal: Balancer, name: str) -> float:
-    _, text = bal.api("GET", "/metrics")
-    for line in text.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def end(sock: socket.socket, how: str) -> None:
     """The client ends its side: closes, half-closes (and stays) or resets."""
     if how == "half-close":
@@ -249,13 +241,13 @@ def test_a_lingering_connection_is_an_open_connection_until_the_client_ends_it(
         assert sock.recv(65536) == b""  # the balancer's FIN
         wait_for(lambda: stats(site)["lingering_connections"] == 1, WAIT, what="lingering")
         assert stats(site)["open_connections"] >= 1
-        assert metric(site, "balancer_lingering_connections") == 1
-        assert metric(site, "balancer_open_connections") >= 1
+        assert metric(site.metrics(), "balancer_lingering_connections") == 1
+        assert metric(site.metrics(), "balancer_open_connections") >= 1
         end(sock, how)
         # at once: well before linger_idle (5 s) would end it
         wait_for(lambda: stats(site)["lingering_connections"] == 0, 2.5,
                  what="lingering ended by the client")
-    assert metric(site, "balancer_lingering_connections") == 0
+    assert metric(site.metrics(), "balancer_lingering_connections") == 0
 
 
 def test_a_connection_close_request_read_whole_closes_at_once(site: Balancer) -> None:

@@ -14,7 +14,17 @@ from typing import Any
 import pytest
 
 from balancer.stats import Stats, merge_snapshots, only_known
-from tests.support import ROOT, Backend, Balancer, dead_address, request, revive_port, wait_for
+from tests.support import (
+    ROOT,
+    Backend,
+    Balancer,
+    ScriptedHealth,
+    dead_address,
+    request,
+    revive_port,
+    samples,
+    wait_for,
+)
 
 HOST = "app.test"
 OTHER = "other.test"
@@ -37,16 +47,9 @@ def backends():
         backend.stop()
 
 
-def scrape(bal: Balancer) -> str:
-    status, body = bal.api("GET", "/metrics")
-    assert status == 200
-    return body.decode() if isinstance(body, bytes) else str(body)
-
-
 def backend_up(text: str, host: str, address: str) -> float | None:
-    labels = f'backend="{re.escape(address)}",host="{re.escape(host)}"'
-    found = re.search(r"^balancer_backend_up\{" + labels + r"\} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else None
+    """``balancer_backend_up`` of one backend in /metrics' `text` (None: no series)."""
+    return samples(text).get(("balancer_backend_up", (("backend", address), ("host", host))))
 
 
 def state(bal: Balancer, host: str, address: str) -> str:
@@ -74,8 +77,8 @@ def test_a_failed_backend_is_down_until_a_request_to_it_succeeds(tmp_path, backe
         wait_for(lambda: time.monotonic() > expired, timeout=3, what="fail_timeout to pass")
         # no traffic since the mark expired, and nothing ever succeeded: not up
         assert state(bal, HOST, dead) == "down"
-        assert backend_up(scrape(bal), HOST, dead) == 0
-        assert backend_up(scrape(bal), HOST, good.address) == 1
+        assert backend_up(bal.metrics_text(), HOST, dead) == 0
+        assert backend_up(bal.metrics_text(), HOST, good.address) == 1
         [row] = [line for line in ctl_stats(bal).splitlines() if dead in line]
         assert row.split()[2] == "down", row
         backends("revived", port=revive_port(dead))
@@ -84,7 +87,7 @@ def test_a_failed_backend_is_down_until_a_request_to_it_succeeds(tmp_path, backe
             request(bal.port, host=HOST)
             return state(bal, HOST, dead) == "up"
         wait_for(probed_up, timeout=10, what="a probe to reach the revived backend")
-        assert backend_up(scrape(bal), HOST, dead) == 1
+        assert backend_up(bal.metrics_text(), HOST, dead) == 1
     finally:
         bal.stop()
 
@@ -96,11 +99,11 @@ def test_removed_backends_and_deleted_hosts_leave_the_next_scrape(tmp_path, back
         for _ in range(4):
             assert request(bal.port, host=HOST)[0] == 200
             assert request(bal.port, host=OTHER)[0] == 200
-        text = scrape(bal)
+        text = bal.metrics_text()
         assert backend_up(text, HOST, b.address) == 1 and backend_up(text, OTHER, a.address) == 1
         bal.write_routes({HOST: proxy(a.address)})
         bal.wait_version(2)
-        text = scrape(bal)
+        text = bal.metrics_text()
         assert backend_up(text, HOST, a.address) == 1
         assert f'backend="{b.address}"' not in text
         assert f'host="{OTHER}"' not in text
@@ -124,13 +127,13 @@ def test_a_scrape_shows_the_hosts_that_had_traffic_not_the_whole_table(tmp_path,
     bal = Balancer(tmp_path, table)
     try:
         assert request(bal.port, host=HOST)[0] == 200
-        text = scrape(bal)
+        text = bal.metrics_text()
         assert f'balancer_requests_total{{code="200",host="{HOST}"}} 1.0' in text
         assert "idle" not in text
         assert backend_up(text, HOST, a.address) == 1
-        assert wait_for(lambda: backend_up(scrape(bal), OTHER, dead) == 0)
+        assert wait_for(lambda: backend_up(bal.metrics_text(), OTHER, dead) == 0)
         assert request(bal.port, host="idle0042.test")[0] == 200
-        text = scrape(bal)
+        text = bal.metrics_text()
         assert backend_up(text, "idle0042.test", a.address) == 1
         assert len(re.findall(r'host="idle', text)) == len(re.findall(r'host="idle0042', text))
     finally:
@@ -157,24 +160,13 @@ def test_retired_workers_counters_never_bring_back_a_deleted_host(tmp_path, back
         assert OTHER not in stats["hosts"]
         assert set(stats["hosts"][HOST]["backends"]) == {a.address}
         assert stats["hosts"][HOST]["completed_requests"] == 4  # folded in, not lost
-        text = scrape(bal)
+        text = bal.metrics_text()
         assert f'host="{OTHER}"' not in text and f'backend="{b.address}"' not in text
     finally:
         bal.stop()
 
 
 # merging ------------------------------------------------------------------------------
-class Scripted:
-    def __init__(self, state: str) -> None:
-        self.state = state
-
-    def health_state(self) -> str:
-        return self.state
-
-    def down_problem(self) -> str:
-        return ""
-
-
 @pytest.mark.parametrize("states,merged", [
     (("up", "up"), "up"), (("up", "probing"), "probing"), (("probing", "up"), "probing"),
     (("down", "probing"), "down"), (("probing", "down"), "down"), (("up", "down"), "down")])
@@ -182,7 +174,7 @@ def test_the_worst_state_of_the_workers_wins(states: tuple[str, str], merged: st
     snapshots = []
     for worker_state in states:
         stats = Stats()
-        stats.host(HOST).backend("127.0.0.1:1").source = Scripted(worker_state)
+        stats.host(HOST).backend("127.0.0.1:1").source = ScriptedHealth(worker_state)
         snapshots.append(stats.snapshot())
     got = merge_snapshots(snapshots)["hosts"][HOST]["backends"]["127.0.0.1:1"]["state"]
     assert got == merged

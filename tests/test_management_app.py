@@ -19,6 +19,7 @@ from management import dashboard_page
 from management.app import create_app
 from management.runtime import snapshot_of
 from tests.conftest import RedisServer
+from tests.support import ScriptedHealth
 
 WEB = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
 GONE = {"action": "empty", "status": 410}
@@ -87,16 +88,6 @@ class CountingRuntime:
     def info(self) -> dict[str, Any]:
         return {"workers": 1, "store": {"kind": self.store.kind, "url": self.store.display_url,
                                         "reachable": True, "version": 0, "last_reload": 0}}
-
-
-class MarkedDown:
-    """Stands for a pool backend whose health checks marked it down."""
-
-    def health_state(self) -> str:
-        return "down"
-
-    def down_problem(self) -> str:
-        return ""
 
 
 @pytest.fixture
@@ -346,7 +337,7 @@ def test_stats_shapes_follow_the_counters(store: FileStore,
     host.finish(200, 100, 2000, 0.01)
     host.finish(502, 50, 10, 0.2)
     backend = host.backend("127.0.0.1:9001")
-    backend.source, backend.in_flight, backend.failures = MarkedDown(), 1, 4
+    backend.source, backend.in_flight, backend.failures = ScriptedHealth("down"), 1, 4
     base = serve_wsgi(create_app(store=store, runtime=runtime))
     whole = call(base, "GET", "/api/v1/stats").json
     assert set(whole) >= {"hosts", "open_connections", "routing_version"}

@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.stats import Stats, merge_snapshots
 from management.metrics import Metrics
+from tests.support import ScriptedHealth, samples
 
 SPEC_NAMES = {
     "balancer_requests": "counter",
@@ -33,15 +34,6 @@ SPEC_NAMES = {
     "balancer_acme_hosts": "gauge",
     "balancer_acme_next_attempt_seconds": "gauge",
 }
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample as {(name, sorted labels): value}."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def render(snapshot: dict[str, Any]) -> str:
@@ -111,17 +103,9 @@ def test_workers_are_aggregated_and_survive_a_json_round_trip() -> None:
     assert got[("balancer_open_connections", ())] == 4
 
 
-class Down:
-    def health_state(self) -> str:
-        return "down"
-
-    def down_problem(self) -> str:
-        return ""
-
-
 def test_a_backend_marked_down_reads_zero() -> None:
     stats = Stats()
-    stats.host("web.example.com").backend("127.0.0.1:9001").source = Down()
+    stats.host("web.example.com").backend("127.0.0.1:9001").source = ScriptedHealth("down")
     got = samples(render(stats.snapshot()))
     assert got[("balancer_backend_up", (("backend", "127.0.0.1:9001"),
                                         ("host", "web.example.com")))] == 0

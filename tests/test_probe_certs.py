@@ -356,9 +356,7 @@ def test_a_rate_limited_balancer_shows_the_wait_and_keeps_serving(tmp_path: Path
                                                                   fake: FakeAcme) -> None:
     """The same through a running balancer: its API, metrics and log say why and
     when, and its certificate in place keeps being served."""
-    import re
-
-    from tests.support import Balancer, wait_for
+    from tests.support import Balancer, metric, wait_for
     from tests.test_certs_damage import served
     from tests.test_tls import client_context, put_cert
 
@@ -371,9 +369,8 @@ def test_a_rate_limited_balancer_shows_the_wait_and_keeps_serving(tmp_path: Path
         state = wait_for(lambda: (s := bal.api("GET", "/api/v1/acme")[1]["hosts"]["a.test"])
                          ["state"] == "failed" and s, timeout=15, what="the failure")
         assert state["reason"].endswith("; the CA asks to wait 3600 s"), state
-        metrics = bal.api("GET", "/metrics")[1].decode()
-        wait = re.search(r'balancer_acme_next_attempt_seconds\{host="a.test"\} (\S+)', metrics)
-        assert wait and 3500 < float(wait.group(1)) <= 3600, metrics
+        wait = metric(bal.metrics(), "balancer_acme_next_attempt_seconds", host="a.test")
+        assert 3500 < wait <= 3600, wait
         assert served(bal, client_context(tmp_path), "a.test")
         assert "rateLimited" in bal.output() and "Traceback" not in bal.output()
     finally:

@@ -49,7 +49,7 @@ from typing import Any
 import pytest
 
 from balancer.stores.base import HostRule
-from tests.support import ROOT, Balancer, request, wait_for
+from tests.support import ROOT, Balancer, metric, request, wait_for
 
 WAIT = 10.0
 STATIC = {"action": "static", "status": 200, "body": "hi"}
@@ -88,13 +88,6 @@ def limit_file_size(pid: int, size: int | None) -> None:
     resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard if size is None else size, hard))
 
 
-def metric(bal: Balancer, name: str) -> float:
-    text = bal.api("GET", "/metrics")[1].decode()
-    found = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert found, f"{name} not in /metrics"
-    return float(found.group(1))
-
-
 def serve_some(bal: Balancer, count: int) -> None:
     for _ in range(count):
         assert request(bal.port)[0] == 200
@@ -122,7 +115,7 @@ def test_an_access_log_past_the_file_size_limit_is_reported_once_and_resumes(
         for dropped in (10, 20, 30):  # three batches, each failing on its own
             serve_some(bal, 10)
             wait_for(lambda n=dropped: metric(
-                bal, "balancer_access_log_dropped_records_total") >= n, WAIT,
+                bal.metrics(), "balancer_access_log_dropped_records_total") >= n, WAIT,
                 what=f"{dropped} records dropped")
         out = bal.output()
         assert out.count("write failed (File too large)") == 1, out[-3000:]
@@ -136,7 +129,7 @@ def test_an_access_log_past_the_file_size_limit_is_reported_once_and_resumes(
             torn, *after = f.read().decode().split("\n")
         assert len(torn) == 10 and after[-1] == "", (torn, after)
         assert after[:-1] and all(line.startswith("app.test 127.0.0.1 ") for line in after[:-1])
-        assert metric(bal, "balancer_access_log_dropped_records_total") == 30
+        assert metric(bal.metrics(), "balancer_access_log_dropped_records_total") == 30
         assert child_pid(bal, "worker") == worker and "exited" not in bal.output()
     finally:
         bal.stop()
@@ -155,7 +148,7 @@ def test_stdout_and_stderr_a_closed_pipe_serve_and_stop_at_once(tmp_path: Path) 
         for dropped in (5, 10, 15):
             serve_some(bal, 5)
             wait_for(lambda n=dropped: metric(
-                bal, "balancer_access_log_dropped_records_total") >= n, WAIT,
+                bal.metrics(), "balancer_access_log_dropped_records_total") >= n, WAIT,
                 what=f"{dropped} records dropped")
         assert bal.api("GET", "/api/v1/info")[1]["processes"][0]["pid"] == worker
     finally:

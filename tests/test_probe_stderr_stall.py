@@ -8,13 +8,12 @@ lines come once the reader reads again."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 import time
 from pathlib import Path
 
-from tests.support import Balancer, dead_address, request, wait_for
+from tests.support import Balancer, dead_address, metric, request, wait_for
 from tests.test_probe_env import STATIC, WAIT, child_pid
 
 # Run the rest of argv with stdout and stderr a FIFO (argv[1]) and copy what it
@@ -64,11 +63,7 @@ sys.exit(child.wait())
 
 def dropped_lines(bal: Balancer, process: str) -> float:
     """``balancer_process_log_dropped_lines_total`` of one kind of process."""
-    text = bal.api("GET", "/metrics")[1].decode()
-    name = f'balancer_process_log_dropped_lines_total{{process="{process}"}}'
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert found, f"no dropped lines of {process} in /metrics"
-    return float(found.group(1))
+    return metric(bal.metrics(), "balancer_process_log_dropped_lines_total", process=process)
 
 
 def served_in(port: int, host: str, limit: float) -> tuple[int, float]:

@@ -47,7 +47,7 @@ from OpenSSL import SSL
 
 from balancer.certificates import make_record
 from balancer.stores.file import FileStore
-from tests.support import Backend, Balancer, request, wait_for
+from tests.support import Backend, Balancer, metric, request, wait_for
 from tests.tlsca import TestCA
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -113,10 +113,8 @@ def alert(data: bytes) -> int | None:
 
 def handshakes(bal: Balancer) -> dict[str, float]:
     """``balancer_tls_handshakes_total`` by outcome (summed over workers)."""
-    status, body = bal.api("GET", "/metrics")
-    assert status == 200
-    return {m[0]: float(m[1]) for m in re.findall(
-        r'balancer_tls_handshakes_total\{outcome="(\w+)"\} (\S+)', body.decode())}
+    return {dict(labels)["outcome"]: value for (name, labels), value in bal.metrics().items()
+            if name == "balancer_tls_handshakes_total"}
 
 
 def counted(bal: Balancer, before: dict[str, float], outcome: str, count: int = 1) -> None:
@@ -163,10 +161,7 @@ def serves(bal: Balancer, tmp: Path) -> None:
 
 
 def open_connections(bal: Balancer) -> float:
-    status, body = bal.api("GET", "/metrics")
-    found = re.search(r"^balancer_open_connections (\S+)", body.decode(), re.M)
-    assert status == 200 and found
-    return float(found.group(1))
+    return metric(bal.metrics(), "balancer_open_connections")
 
 
 # a TLS 1.2 backend that renegotiates ----------------------------------------------

@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 
 from balancer.backoff import Backoff
-from tests.support import Balancer, request, wait_for
+from tests.support import Balancer, metric, request, wait_for
 
 HOST = "app.test"
 
@@ -113,12 +112,6 @@ def is_gone(pid: int) -> bool:
 
 def host_stats(bal: Balancer) -> dict[str, Any]:
     return bal.api("GET", "/api/v1/stats")[1]["hosts"].get(HOST, {})
-
-
-def metric(text: str, name: str, labels: str) -> float:
-    found = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
-    assert found, f"{name}{{{labels}}} not in /metrics"
-    return float(found.group(1))
 
 
 def status_ids(pid: int) -> dict[str, list[int]]:
@@ -364,10 +357,10 @@ def test_stats_and_metrics_sum_every_worker(cluster):
     stats = host_stats(cluster)
     assert stats["completed_requests"] == 200 and stats["responses"]["2xx"] == 200
     assert stats["bytes_received"] == sent and stats["bytes_sent"] == received
-    text = cluster.api("GET", "/metrics")[1].decode()
-    assert metric(text, "balancer_requests_total", f'code="200",host="{HOST}"') == 200
-    assert metric(text, "balancer_bytes_sent_total", f'host="{HOST}"') == received
-    assert metric(text, "balancer_request_duration_seconds_count", f'host="{HOST}"') == 200
+    series = cluster.metrics()
+    assert metric(series, "balancer_requests_total", code="200", host=HOST) == 200
+    assert metric(series, "balancer_bytes_sent_total", host=HOST) == received
+    assert metric(series, "balancer_request_duration_seconds_count", host=HOST) == 200
 
 
 def test_reload_and_spin_reach_every_worker(cluster, backend):

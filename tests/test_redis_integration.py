@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.stores.redis import RedisStore
 from tests.conftest import RedisServer, wait_until
@@ -51,14 +50,6 @@ def routes_to(balancer: Balancer, host: str, status: int = 200) -> bool:
         return request(balancer.port, host=host, timeout=5)[0] == status
     except OSError:
         return False
-
-
-def metric_values(balancer: Balancer) -> dict[tuple[str, tuple], float]:
-    conn_status, text = balancer.api("GET", "/metrics")
-    assert conn_status == 200
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def test_a_rule_put_through_one_balancer_is_routed_by_both(
@@ -119,7 +110,7 @@ def test_redis_stopped_under_traffic_fails_no_request_and_resyncs_on_restart(
         wait_until(lambda: traffic.ok > 20, message="traffic to flow")
         redis.stop()
         wait_until(lambda: balancer.api("GET", "/readyz")[0] == 503, message="unready")
-        assert metric_values(balancer)[("balancer_store_up", ())] == 0
+        assert balancer.metrics()[("balancer_store_up", ())] == 0
         status, body = balancer.api("PUT", "/api/v1/hosts/other.test", proxy_rule(backend))
         assert (status, body["error"]) == (503, "store_unavailable")
         served_while_down = traffic.ok
@@ -129,7 +120,7 @@ def test_redis_stopped_under_traffic_fails_no_request_and_resyncs_on_restart(
         wait_until(lambda: routes_to(balancer, "new.test", 204), timeout=10,
                    message="the change made while cut off")
         wait_until(lambda: balancer.api("GET", "/readyz")[0] == 200, message="ready again")
-        assert metric_values(balancer)[("balancer_store_up", ())] == 1
+        assert balancer.metrics()[("balancer_store_up", ())] == 1
         ok_after = traffic.ok
         wait_until(lambda: traffic.ok > ok_after + 10, message="traffic after the restart")
     assert traffic.failures == []
@@ -148,7 +139,7 @@ def test_metrics_count_the_traffic_sent(redis_factory: Callable[[], RedisServer]
     host = (("host", "app.test"),)
     success = ("balancer_backend_requests_total",
                (("backend", backend.address), *host, ("outcome", "success")))
-    values = wait_until(lambda: (m := metric_values(balancer))[success] >= 26 and m,
+    values = wait_until(lambda: (m := balancer.metrics())[success] >= 26 and m,
                         message="the counters to settle")
     assert values[("balancer_requests_total", (("code", "200"), *host))] == 21
     assert values[("balancer_requests_total", (("code", "404"), *host))] == 5

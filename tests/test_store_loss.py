@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from balancer.stores.base import TableData
 from tests.conftest import RedisServer
@@ -41,16 +40,6 @@ def serves_all(balancer: Balancer, hosts: dict[str, Any] = HOSTS) -> bool:
 
 def store_info(balancer: Balancer) -> dict[str, Any]:
     return balancer.api("GET", "/api/v1/info")[1]["store"]
-
-
-def store_up(balancer: Balancer) -> float:
-    text = balancer.api("GET", "/metrics")[1]
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "balancer_store_up":
-                return sample.value
-    raise AssertionError("no balancer_store_up")
 
 
 def worker_pids(balancer: Balancer) -> list[int]:
@@ -93,7 +82,7 @@ def assert_lost_then_restored(balancers: list[Balancer], version: int, problem: 
                                         for p in b.api("GET", "/api/v1/info")[1]["processes"]),
                  what=f"every worker's store_problem {problem!r}")
         assert serves_all(balancer)
-        assert store_up(balancer) == 0
+        assert balancer.store_up() == 0
     status, answer = first.api("PUT", "/api/v1/hosts/new.test", static("new"))
     assert status == 409 and answer["error"] == "store_lost", answer
     assert "balancerctl restore" in answer["message"]
@@ -104,7 +93,7 @@ def assert_lost_then_restored(balancers: list[Balancer], version: int, problem: 
     assert restored.returncode == 0, restored.stderr
     assert f"as version {version + 1}" in restored.stdout
     for balancer in balancers:
-        wait_for(lambda b=balancer: store_info(b)["problem"] is None and store_up(b) == 1,
+        wait_for(lambda b=balancer: store_info(b)["problem"] is None and b.store_up() == 1,
                  what="the store repaired")
         wait_for(lambda b=balancer: all(p["store_problem"] is None for p in
                                         b.api("GET", "/api/v1/info")[1]["processes"]),
@@ -190,7 +179,7 @@ def test_versions_only_grow_across_corruption_and_repair(
     bal.routes.write_text("{not json")
     wait_for(lambda: "not valid JSON" in (store_info(bal)["problem"] or ""),
              what="the corrupt file reported")
-    assert store_up(bal) == 0
+    assert bal.store_up() == 0
     status, answer = bal.api("PUT", "/api/v1/hosts/x.test", static("x"))
     assert status == 503 and answer["error"] == "store_corrupt"
     assert bal.api("PUT", "/api/v1/hosts", {"hosts": HOSTS}) == (200, {"version": 51})
@@ -291,7 +280,7 @@ def test_a_hand_edited_huge_number_or_deep_nesting_is_a_corrupt_store(
              what="the corrupt store reported")
     assert serves_all(bal)
     assert bal.version() == version
-    assert store_up(bal) == 0
+    assert bal.store_up() == 0
     status, listed = bal.api("GET", "/api/v1/hosts")  # the served table, with the problem
     assert status == 200 and listed["version"] == version
     assert "not valid JSON" in listed["store_problem"]

@@ -48,8 +48,11 @@ class TLSStore(StaticStore):
 
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Worker]:
+    """A TLS worker in this process, client_idle 1 s: an idle connection parks
+    after half of it, and a client (this process, busy under load) has the other
+    half to send its next request (0.3 s with client_idle 0.6 s before)."""
     monkeypatch.setattr(balancer.tls, "ssl", gssl)  # cooperative handshakes and I/O
-    w = Worker(load_settings(flags={"timeouts.client_idle": 0.6, "timeouts.client_header": 0.6},
+    w = Worker(load_settings(flags={"timeouts.client_idle": 1.0, "timeouts.client_header": 5.0},
                              env={"BALANCER_STORE_SNAPSHOT": "off"}), TLSStore())
     assert w.apply(w.store.load())
     w.listen([(bind(parse_addr("127.0.0.1:0")), "tls")])
@@ -97,13 +100,19 @@ def test_an_idle_tls_connection_parks_and_serves_its_next_request(served: Worker
 def test_a_parked_tls_connection_is_closed_when_client_idle_passes(served: Worker,
                                                                    tmp_path: Path) -> None:
     conn = connect(served, tmp_path)
+    sent = time.monotonic()
     conn.sendall(GET)
     read_response(conn)
     (client,) = served.io.connections
-    assert until(lambda: client.task is None)
-    started = time.monotonic()
-    assert conn.recv(100) == b""  # closed by the balancer, not by our timeout
-    assert 0.2 < time.monotonic() - started < 3
+    assert until(lambda: client.task is None)  # parked, once idle for half of client_idle
+    # its deadline: client_idle (1 s) from the answer on the watchdog's clock (read
+    # at its last tick, 0.25 s at most before); not client_header (5 s)
+    armed = client.deadline
+    assert 0.7 < armed - sent < 3, armed - sent
+    assert conn.recv(100) == b""  # closed by the balancer, not by our timeout (5 s)
+    # at that deadline, not before, however late this process ran (before: at
+    # least 0.2 s after this process saw it parked, which under load it saw late)
+    assert time.monotonic() >= armed
     assert until(lambda: served.slots.open == 0 and not served.io.connections)
 
 
