@@ -60,7 +60,7 @@ from balancer.stores.urls import store_kind
 DATA_PLANE = (
     # gevent.monkey.patch_all and a running hub (its plugin scan, thread pool, resolver)
     "gevent.monkey", "gevent.events", "gevent.socket", "gevent.ssl", "gevent.select",
-    "gevent.selectors", "gevent.signal", "gevent.subprocess", "gevent.thread",
+    "gevent.selectors", "gevent.signal", "gevent.thread",
     "gevent.threading", "gevent.time", "gevent.os", "gevent.local", "gevent.threadpool",
     "gevent.resolver.thread", "gevent.util",
     "zope.event", "encodings.idna", "_threading_local",
@@ -153,8 +153,20 @@ def resolve_gevent_plugins(found: Mapping[str, tuple[Target, ...]]) -> None:
     gevent.events.notify_and_call_entry_points = notify_and_call_entry_points
 
 
-def quiet_patch_warnings() -> None:
-    """gevent warns when it patches `ssl` after an import; no SSL object exists yet."""
-    from gevent.monkey import MonkeyPatchWarning
+def patch() -> None:
+    """In a child, right after fork: gevent's `monkey.patch_all`, all but
+    `subprocess`.
 
-    warnings.simplefilter("ignore", MonkeyPatchWarning)
+    No child starts a process (the arbiter forks them all), and patching
+    `subprocess` imports `gevent.subprocess` with `subprocess` and `pickle`,
+    which the arbiter would then preload for every child: 0.47 MiB of the
+    arbiter's objects, and 0.13 MiB more pages each child copies while it
+    patches (docs/performance.md, 2026-12-06, "subprocess left unpatched").
+    A library that started a process in a child would block its worker while
+    it waits; none the children import does (tests/test_memory.py checks that
+    no process imports `subprocess` on a file store)."""
+    from gevent import monkey
+
+    # gevent warns when it patches `ssl` after an import; no SSL object exists yet
+    warnings.simplefilter("ignore", monkey.MonkeyPatchWarning)
+    monkey.patch_all(subprocess=False)

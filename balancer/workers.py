@@ -150,12 +150,9 @@ def enter_child(env: ChildEnv) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     if env.patch:
-        from gevent import monkey
+        from balancer.preload import patch
 
-        from balancer.preload import quiet_patch_warnings
-
-        quiet_patch_warnings()
-        monkey.patch_all()
+        patch()
     try:
         assert_dropped(env.identity)
     except PrivilegeError as exc:

@@ -40,6 +40,9 @@ ON_FIRST_USE = {"acme", "josepy", "requests", "cryptography",  # management, laz
                 "prometheus_client"}
 ARBITER_NEVER = {"importlib.metadata", "csv", "tomllib", "difflib",
                  "gevent.pywsgi"}  # the management process's WSGI server
+# no child starts a process: `subprocess` is not patched (`balancer.preload.patch`),
+# so nobody imports gevent's (nor what it brings) on a file store
+NOBODY = {"subprocess", "gevent.subprocess", "pickle"}
 
 
 @pytest.fixture
@@ -108,6 +111,8 @@ def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backe
         assert bal.api("PUT", f"/api/v1/certs/{HOST}", {"chain": chain, "key": key})[0] == 200
         own = packages(imported(audit, management))
         assert "cryptography" in own and not own & {"acme", "josepy", "requests"}
+        for pid in (arbiter, *workers, management):
+            assert not imported(audit, pid) & NOBODY, (pid, imported(audit, pid) & NOBODY)
         assert "Traceback" not in bal.output()
     finally:
         bal.stop()
