@@ -161,7 +161,7 @@ def patch() -> None:
     `subprocess` imports `gevent.subprocess` with `subprocess` and `pickle`,
     which the arbiter would then preload for every child: about 0.45 MiB of the
     arbiter's objects, and 0.13 MiB more pages each child copies while it
-    patches (docs/performance.md, 2026-12-06, late evening, "`subprocess` left
+    patches (docs/performance.md, 2026-12-06, night, "`subprocess` left
     unpatched").
     A library that started a process in a child would block its worker while
     it waits; none the children import does (tests/test_memory.py checks that
