@@ -24,15 +24,14 @@ STATIC = {"action": "static", "status": 200, "body": "ok"}
 HOSTS = {f"h{n}.test": {**STATIC, "body": f"h{n}"} for n in range(50)}
 READERS = 8  # concurrent reads right after a change
 ONE_WORKER = ["--workers", "1"]
-WHOLE_READS = (b'"hgetall" "balancer:hosts"', b'"hscan" "balancer:hosts" "0"')
-
-
 class WholeReads:
-    """The whole reads of the table (``HGETALL balancer:hosts``, or the first
-    ``HSCAN`` of a big one) any client of a Redis made, seen through ``MONITOR``
-    (``INFO commandstats`` counts the certificates' reads too)."""
+    """The whole reads of the table (``HGETALL NS:hosts``, or the first ``HSCAN`` of
+    a big one) any client of a Redis made, seen through ``MONITOR`` (``INFO
+    commandstats`` counts the certificates' reads too)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, namespace: str = "balancer") -> None:
+        key = f'"{namespace}:hosts"'.encode()
+        self.whole = (b'"hgetall" ' + key, b'"hscan" ' + key + b' "0"')
         self.client = redis.Redis(port=port)
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
         self.sock.sendall(b"MONITOR\r\n")
@@ -76,7 +75,7 @@ class WholeReads:
     def lines(self) -> list[bytes]:
         """The monitor's lines of whole reads (with the client's address and time)."""
         return [line for line in self.seen.split(b"\n")
-                if any(read in line.lower() for read in WHOLE_READS)]
+                if any(read in line.lower() for read in self.whole)]
 
     def close(self) -> None:
         self.sock.close()
