@@ -475,9 +475,9 @@ def test_a_big_read_raced_by_what_no_message_explains_is_read_again(
         hostile: str) -> None:
     """What the messages cannot account for is read again in slices, never patched
     on the slices read: a ``FLUSHDB`` mid-read, then one-host writes up to the next
-    version (their messages follow on the read's version), a version set back, a whole-table write, a
-    stranger's announcement of another version. The table delivered is the one a
-    single read gives."""
+    version (their messages follow on the read's version), a version set back, a
+    whole-table write, a stranger's announcement of another version. The table
+    delivered is the one a single read gives."""
     server = redis_factory()
     ns = namespace()
     _big_table(server, ns)
