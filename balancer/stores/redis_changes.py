@@ -11,7 +11,9 @@ Invariants:
   folds in the later messages (`AHEAD_READS`) and reads again.
 * Messages up to the version served (told directly, or read) cost nothing; a
   whole-table write among them costs one ``GET``, to see the store is not
-  behind it (then the whole table is read: the consumer judges the loss).
+  behind it (then the whole table is read: the consumer judges the loss), and
+  is read whole while the table read last was corrupt (the write repairs it,
+  and only a read clears the problem).
 * A message on the channel that is no version, or names a version the store
   does not hold, costs one ``GET``; only a bare version asks for a whole read.
 * A whole read in slices that writes interrupted (`_scan_caught_up`) is
@@ -99,7 +101,10 @@ class RedisChanges(Store):
         base = max(seen.delivered_version, served() if served is not None else -1)
         named = named_changes(messages, base)
         if named is not None and named[1] <= base:  # told directly already, or read
-            if any(map(is_bare_version, messages)) and self._behind(base):
+            # a whole-table write read nonetheless when the table read last was corrupt
+            # (only a read clears that: it repairs it) or the store is behind it
+            if any(map(is_bare_version, messages)) and (self._problem is not None
+                                                        or self._behind(base)):
                 self._reload(inbox, on_change, seen, problems, served)
             else:
                 seen.version = str(base)
