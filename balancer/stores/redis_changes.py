@@ -11,9 +11,11 @@ Invariants:
   folds in the later messages (`AHEAD_READS`) and reads again.
 * Messages up to the version served (told directly, or read) cost nothing; a
   whole-table write among them costs one ``GET``, to see the store is not
-  behind it (then the whole table is read: the consumer judges the loss), and
-  is read whole while the table read last was corrupt (the write repairs it,
-  and only a read clears the problem).
+  behind it (then the whole table is read: the consumer judges the loss). It
+  is read whole all the same while the table read last was corrupt (the write
+  repairs it, and only a read clears the problem), and when its version was
+  heard or read here before: a version published again by hand asks every
+  balancer to look again.
 * A message on the channel that is no version, or names a version the store
   does not hold, costs one ``GET``; only a bare version asks for a whole read.
 * A whole read in slices that writes interrupted (`_scan_caught_up`) is
@@ -71,6 +73,7 @@ class Seen:
     delivered_version: int = -1
     delay: float = BACKOFF_FIRST
     stranger_told: bool = False  # a message that is no version was logged
+    bare_heard: int = -1  # the highest whole-table write's version heard (`_catch_up`)
 
 
 class RedisChanges(Store):
@@ -100,11 +103,15 @@ class RedisChanges(Store):
             self._own_writes_done()
         base = max(seen.delivered_version, served() if served is not None else -1)
         named = named_changes(messages, base)
+        bare = [int(m["data"]) for m in messages if is_bare_version(m)]
+        heard, seen.bare_heard = seen.bare_heard, max([seen.bare_heard, *bare])
         if named is not None and named[1] <= base:  # told directly already, or read
-            # a whole-table write read nonetheless when the table read last was corrupt
-            # (only a read clears that: it repairs it) or the store is behind it
-            if any(map(is_bare_version, messages)) and (self._problem is not None
-                                                        or self._behind(base)):
+            # a whole-table write read nonetheless when its version was heard or read
+            # here before (published again by hand: "look again"), the table read
+            # last was corrupt (only a read clears that: it repairs it), or the store
+            # is behind it
+            if bare and (min(bare) <= max(heard, seen.delivered_version)
+                         or self._problem is not None or self._behind(base)):
                 self._reload(inbox, on_change, seen, problems, served)
             else:
                 seen.version = str(base)

@@ -12,7 +12,8 @@ Invariants:
   write (`is_bare_version`).
 * The subscription's replies (``subscribe``) are no messages: dropped here.
 * Messages a whole read looked at (`Inbox.put_back`) come out again first, in
-  their order: a message is taken from the subscription once, never lost.
+  their order, but for those of versions up to the one it read (`read_at`): a
+  message is taken from the subscription once, never lost.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class Inbox:
         """`messages` (taken from this inbox) to be handed out again, first."""
         self.back = messages + self.back
 
+    def read_at(self, version: int) -> None:
+        """The table was read whole at `version`: the messages put back up to it are
+        in it (a whole-table write's among them asks for no other read)."""
+        self.back = [m for m in self.back
+                     if not (is_version_message(m) and _version_of(m) <= version)]
+
     def _kept(self, message: Any) -> list[Any]:
         """[`message`], or [] for the version on ``NS:changes`` announced just before,
         and for the subscription's own replies (kept from redis-py, whose
@@ -79,6 +86,10 @@ class Inbox:
 def is_version_message(message: Any) -> bool:
     words = str(message.get("data", "")).split()
     return bool(words) and words[0].isdecimal()
+
+
+def _version_of(message: Any) -> int:
+    return int(str(message.get("data", "")).split()[0])
 
 
 def is_bare_version(message: Any) -> bool:
