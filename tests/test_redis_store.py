@@ -510,3 +510,37 @@ def test_a_big_read_raced_by_what_no_message_explains_is_read_again(
         follower.close()
         writer.close()
         fresh.close()
+
+
+def test_two_whole_table_writes_in_a_row_are_read_whole_once(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second whole-table write lands before the read the first one's message
+    asked for: that read holds it, and its message, queued meanwhile, reads
+    nothing. Bug: it read the whole table a second time."""
+    ns = namespace()
+    writer = RedisStore(redis_server.url, ns)
+    writer.replace({"a.test": WEB})
+    follower = RedisStore(redis_server.url, ns, resync_interval=60)
+    reads = WholeReads(redis_server.port, ns)
+    shape = follower._raw_shape
+    second: list[int] = []
+
+    def second_write_first() -> tuple[str | None, int]:
+        if not second and follower._problem is None and follower.whole_load_since():
+            second.append(writer.replace({"b.test": GONE}))
+        return shape()
+    try:
+        with Watcher(follower) as watcher:
+            watcher.wait_version(1, timeout=5)
+            before = reads.count()
+            monkeypatch.setattr(follower, "_raw_shape", second_write_first)
+            writer.replace({"c.test": WEB})
+            assert watcher.wait_version(3, timeout=5).hosts == {"b.test": GONE}
+            assert second == [3]
+            writer.put_host("later.test", WEB)  # what follows is applied
+            watcher.wait_version(4, timeout=5)
+            assert reads.count() - before == 1, reads.lines()
+    finally:
+        reads.close()
+        follower.close()
+        writer.close()

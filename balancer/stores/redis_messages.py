@@ -12,8 +12,9 @@ Invariants:
   write (`is_bare_version`).
 * The subscription's replies (``subscribe``) are no messages: dropped here.
 * Messages a whole read looked at (`Inbox.put_back`) come out again first, in
-  their order, but for those of versions up to the one it read (`read_at`): a
-  message is taken from the subscription once, never lost.
+  their order, but for those of versions up to the one it read, which are in
+  what it read (`read_at`): a message is taken from the subscription once,
+  never lost.
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ class Inbox:
         self.back = messages + self.back
 
     def read_at(self, version: int) -> None:
-        """The table was read whole at `version`: the messages put back up to it are
-        in it (a whole-table write's among them asks for no other read)."""
-        self.back = [m for m in self.back
+        """The table was read whole at `version`: the messages put back or queued up
+        to it are in it (a whole-table write's among them asks for no other read).
+        Bug: two whole-table writes in a row, the second landing before the read the
+        first asked for, were read whole twice (at the second one's message)."""
+        self.back = [m for m in self.back + self.queued()
                      if not (is_version_message(m) and _version_of(m) <= version)]
 
     def _kept(self, message: Any) -> list[Any]:
