@@ -12,8 +12,8 @@ Invariants:
   during the scan. A watcher's scan that writes interrupted is brought to the
   version after them from their messages when they say which hosts changed
   (`balancer.stores.redis_changes`). Another scan a write interrupted is
-  made again, and after
-  `SCAN_ATTEMPTS` of them the table is read in one ``HGETALL``. (Bug: the
+  made again, and after `SCAN_ATTEMPTS` of them the table is read in one
+  ``HGETALL``. (Bug: the
   reply of one ``HGETALL`` of 100,000 fields was parsed in one call, 110-180
   ms during which a worker served nothing.)
 * A whole read, its decoding and its check run in `balancer.big_loads.loading`
