@@ -275,7 +275,10 @@ class TableFollower:
                                 else 0.0)
             self.apply_change(TableChange(version, version - 1, changes))
         elif self.holder.table.version < version:
-            self._await_watcher(version, 0.0)
+            # (bug: a worker told of its balancer's whole-table write before its watcher
+            # heard of it read the table, and the watcher read it again at the message)
+            self._await_watcher(version, FOLLOW_WAIT if self.store.delivers_changes
+                                else 0.0)
             if self.holder.table.version < version:
                 self.reload()
         return self.holder.table.version

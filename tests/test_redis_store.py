@@ -19,6 +19,7 @@ from balancer.stores import (
     TableData,
     open_store,
     redact_url,
+    redis_reads,
     redis_watch,
 )
 from balancer.stores.redis import RedisStore
@@ -27,6 +28,7 @@ from loadtest.procs import HeldPort
 from tests.conftest import RedisServer, wait_until
 from tests.redis_hold import SubscriberHold
 from tests.test_store_contract import GONE, WEB, Watcher
+from tests.test_table_reads import WholeReads
 
 
 def namespace() -> str:
@@ -404,3 +406,141 @@ def test_a_change_read_after_a_later_write_is_not_labelled_with_the_earlier_vers
 
 def _static(body: str) -> dict[str, object]:
     return {"action": "static", "status": 200, "body": body}
+
+
+BIG = 6000  # hosts: read in slices (`redis_reads.SCAN_ABOVE`), a few of them
+
+
+def _big_table(server: RedisServer, ns: str) -> None:
+    """`BIG` hosts at version 1 under `ns`, as the Redis store keeps them."""
+    raw = server.client()
+    raw.hset(f"{ns}:hosts", mapping={f"h{n}.test": json.dumps(_static(f"h{n}"))
+                                     for n in range(BIG)})
+    raw.set(f"{ns}:version", 1)
+
+
+def _during_the_scan(monkeypatch: pytest.MonkeyPatch, acts: list[Callable[[], object]]
+                     ) -> list[int]:
+    """Run `acts` one per turn of the loop between two slices of the watcher's first
+    whole read (`redis_reads.turn`, in this thread); the turns taken."""
+    turns: list[int] = []
+
+    def act() -> None:
+        if len(turns) < len(acts):
+            acts[len(turns)]()
+        turns.append(1)
+    monkeypatch.setattr(redis_reads, "turn", act)
+    return turns
+
+
+def test_a_big_read_that_one_host_writes_race_is_finished_and_read_once(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug: a watcher whose read of a big table in slices (``HSCAN``) a one-host
+    write interrupted read the whole table again (at 100,000 hosts 1-2 s of CPU in
+    every worker and management process, per write). Now the read is finished and
+    the hosts the writes' messages name read again at the version after them: the
+    table one read at that version gives, after one whole read."""
+    ns = namespace()
+    _big_table(redis_server, ns)
+    writer = RedisStore(redis_server.url, ns)
+    reads = WholeReads(redis_server.port, ns)
+    _during_the_scan(monkeypatch, [
+        lambda: writer.put_host("h1.test", _static("changed")),   # read already
+        lambda: writer.delete_host(f"h{BIG - 1}.test"),           # maybe not yet
+        lambda: writer.put_host("new.test", _static("new")),
+        lambda: writer.put_host(f"h{BIG - 2}.test", _static("changed too"))])
+    follower = RedisStore(redis_server.url, ns, resync_interval=60)
+    try:
+        with Watcher(follower) as watcher:
+            first = watcher.wait_version(5, timeout=30)
+            assert reads.count() == 1, reads.lines()
+            assert first == writer.load() and len(watcher.tables) == 1  # (a whole read)
+            assert first.hosts["h1.test"]["body"] == "changed" and len(first.hosts) == BIG
+            # the messages the read looked at are not applied again; later ones are
+            writer.put_host("later.test", WEB)
+            watcher.wait_version(6, timeout=5)
+            assert [(c.base, c.version) for c in watcher.changes] == [(5, 6)]
+            assert reads.count() == 2, reads.lines()
+            assert watcher.latest() == writer.load()
+    finally:
+        reads.close()
+        follower.close()
+        writer.close()
+
+
+@pytest.mark.parametrize("hostile", ["flushdb", "version back", "whole-table write",
+                                     "stranger"])
+def test_a_big_read_raced_by_what_no_message_explains_is_read_again(
+        redis_factory: Callable[[], RedisServer], monkeypatch: pytest.MonkeyPatch,
+        hostile: str) -> None:
+    """What the messages cannot account for is read again in slices, never patched
+    on the slices read: a ``FLUSHDB`` mid-read, then one-host writes up to the next
+    version (their messages follow on the read's version), a version set back, a
+    whole-table write, a stranger's announcement of another version. The table
+    delivered is the one a single read gives."""
+    server = redis_factory()
+    ns = namespace()
+    _big_table(server, ns)
+    raw = server.client()
+    writer = RedisStore(server.url, ns)
+    writer.raise_floor(1)
+    fresh = RedisStore(server.url, ns)
+    acts: dict[str, list[Callable[[], object]]] = {
+        # then a balancer that knew no version writes two hosts: versions 1 and 2
+        "flushdb": [lambda: (raw.flushdb(), fresh.put_host("a.test", WEB),
+                             fresh.put_host("b.test", WEB))],
+        "version back": [lambda: raw.set(f"{ns}:version", 0)],
+        "whole-table write": [lambda: writer.put_host("h1.test", GONE),
+                              lambda: writer.replace({"only.test": WEB})],
+        "stranger": [lambda: raw.publish(f"{ns}:changed-hosts", "7 h1.test"),
+                     lambda: writer.put_host("h2.test", GONE)],
+    }
+    turns = _during_the_scan(monkeypatch, acts[hostile])
+    reads = WholeReads(server.port, ns)
+    follower = RedisStore(server.url, ns, resync_interval=60)
+    try:
+        with Watcher(follower) as watcher:
+            wait_until(lambda: watcher.tables, timeout=30, message="the read")
+            assert len(turns) >= len(acts[hostile])  # (all done during the first read)
+            assert reads.count() == 2, reads.lines()  # read again, once
+            expected = writer.load()
+            assert watcher.tables == [expected], (len(watcher.tables), expected.version)
+    finally:
+        reads.close()
+        follower.close()
+        writer.close()
+        fresh.close()
+
+
+def test_two_whole_table_writes_in_a_row_are_read_whole_once(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second whole-table write lands before the read the first one's message
+    asked for: that read holds it, and its message, queued meanwhile, reads
+    nothing. Bug: it read the whole table a second time."""
+    ns = namespace()
+    writer = RedisStore(redis_server.url, ns)
+    writer.replace({"a.test": WEB})
+    follower = RedisStore(redis_server.url, ns, resync_interval=60)
+    reads = WholeReads(redis_server.port, ns)
+    shape = follower._raw_shape
+    second: list[int] = []
+
+    def second_write_first() -> tuple[str | None, int]:
+        if not second and follower._problem is None and follower.whole_load_since():
+            second.append(writer.replace({"b.test": GONE}))
+        return shape()
+    try:
+        with Watcher(follower) as watcher:
+            watcher.wait_version(1, timeout=5)
+            before = reads.count()
+            monkeypatch.setattr(follower, "_raw_shape", second_write_first)
+            writer.replace({"c.test": WEB})
+            assert watcher.wait_version(3, timeout=5).hosts == {"b.test": GONE}
+            assert second == [3]
+            writer.put_host("later.test", WEB)  # what follows is applied
+            watcher.wait_version(4, timeout=5)
+            assert reads.count() - before == 1, reads.lines()
+    finally:
+        reads.close()
+        follower.close()
+        writer.close()

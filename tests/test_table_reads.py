@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,21 +19,22 @@ import pytest
 import redis
 
 from tests.conftest import RedisServer
+from tests.redis_hold import SubscriberHold
 from tests.support import Balancer, in_threads, wait_for
 
 STATIC = {"action": "static", "status": 200, "body": "ok"}
 HOSTS = {f"h{n}.test": {**STATIC, "body": f"h{n}"} for n in range(50)}
 READERS = 8  # concurrent reads right after a change
 ONE_WORKER = ["--workers", "1"]
-WHOLE_READS = (b'"hgetall" "balancer:hosts"', b'"hscan" "balancer:hosts" "0"')
-
-
+BIG = 6000  # hosts: read in slices (`balancer.stores.redis_reads.SCAN_ABOVE`)
 class WholeReads:
-    """The whole reads of the table (``HGETALL balancer:hosts``, or the first
-    ``HSCAN`` of a big one) any client of a Redis made, seen through ``MONITOR``
-    (``INFO commandstats`` counts the certificates' reads too)."""
+    """The whole reads of the table (``HGETALL NS:hosts``, or the first ``HSCAN`` of
+    a big one) any client of a Redis made, seen through ``MONITOR`` (``INFO
+    commandstats`` counts the certificates' reads too)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, namespace: str = "balancer") -> None:
+        key = f'"{namespace}:hosts"'.encode()
+        self.whole = (b'"hgetall" ' + key, b'"hscan" ' + key + b' "0"')
         self.client = redis.Redis(port=port)
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
         self.sock.sendall(b"MONITOR\r\n")
@@ -76,7 +78,7 @@ class WholeReads:
     def lines(self) -> list[bytes]:
         """The monitor's lines of whole reads (with the client's address and time)."""
         return [line for line in self.seen.split(b"\n")
-                if any(read in line.lower() for read in WHOLE_READS)]
+                if any(read in line.lower() for read in self.whole)]
 
     def close(self) -> None:
         self.sock.close()
@@ -166,6 +168,82 @@ def test_reads_after_another_balancers_write_share_at_most_one_whole_read(
             assert status == 200 and body["version"] >= answer["version"]
             assert body["hosts"]["h1.test"]["body"] == f"r{round_}"
         assert reads.count() - before <= 1, reads.lines()
+
+
+def rewrite_whole(bal: Balancer, body: str, hosts: dict[str, Any] | None = None) -> int:
+    """The table `bal` serves (or `hosts`) written back whole with h1.test's body
+    changed (as many hosts: the other tests count them); the version written."""
+    if hosts is None:
+        hosts = bal.api("GET", "/api/v1/hosts")[1]["hosts"]
+    status, answer = bal.api("PUT", "/api/v1/hosts",
+                             {"hosts": {**hosts, "h1.test": {**STATIC, "body": body}}})
+    assert status == 200, answer
+    return answer["version"]
+
+
+def test_a_whole_table_write_is_read_whole_once_by_its_balancer(
+        pair: tuple[Balancer, Balancer, WholeReads]) -> None:
+    """Bug: the management process that wrote a whole table read it again at the
+    write's message (its watcher, the table told to it directly already), beside
+    its worker's one read. Per write: one whole read in the writing balancer (its
+    worker), two in the other (its worker and its management process)."""
+    one, two, reads = pair
+    for round_ in range(3):
+        before = reads.settled()
+        version = rewrite_whole(one, f"whole {round_}")
+        for bal in (one, two):
+            wait_for(lambda b=bal, v=version: served(b, v) and f"-> {v}:" in b.output(),
+                     10, what="the whole-table write followed")
+        assert reads.settled() - before == 3, reads.lines()
+
+
+def test_a_whole_table_write_told_before_its_message_is_read_whole_once(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """The worker hears of its balancer's whole-table write (of a table read in
+    slices) from the management process before its watcher hears the write's
+    message, which a relay holds back until the worker reads the table (its read
+    let through once another began, or 2 s passed), or 0.5 s: the worker waits for
+    its watcher (`following.FOLLOW_WAIT`), and the one whole read is the
+    watcher's. Bug: the worker read it at once, and its watcher, whose
+    message came during that read, read it a second time."""
+    namespace = f"told{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_server.url)
+    client.hset(f"{namespace}:hosts", mapping={f"h{n}.test": json.dumps(STATIC)
+                                               for n in range(BIG)})
+    client.set(f"{namespace}:version", 1)
+    client.close()
+
+    second = threading.Event()  # another whole read began
+
+    def release_at_a_read(data: bytes) -> None:
+        if b"HSCAN" not in data.upper():
+            return
+        if relay.held:  # the worker's own read: the message now, the read once the
+            relay.release()  # watcher read too (it would, the bug), or after 2 s
+            second.wait(2)
+        else:
+            second.set()
+    relay = SubscriberHold(redis_server.port, before=release_at_a_read)
+    reads = WholeReads(redis_server.port, namespace)
+    bal = Balancer(tmp_path, None, store=f"redis://127.0.0.1:{relay.port}/0",
+                   args=ONE_WORKER, env={"BALANCER_STORE_NAMESPACE": namespace})
+    timer = threading.Timer(0.5, relay.release)
+    try:
+        wait_for(lambda: served(bal, 1) and "-> 1:" in bal.output(), 30,
+                 what="the first table")
+        before = reads.settled()
+        hosts = bal.api("GET", "/api/v1/hosts")[1]["hosts"]
+        relay.hold()
+        timer.start()
+        version = rewrite_whole(bal, "told first", hosts)
+        assert served(bal, version)
+        wait_for(lambda: f"-> {version}:" in bal.output(), 10, what="the management's table")
+        assert reads.settled() - before == 1, reads.lines()
+    finally:
+        timer.cancel()
+        bal.stop()
+        reads.close()
+        relay.close()
 
 
 @pytest.fixture(params=["file", "redis"])

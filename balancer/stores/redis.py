@@ -118,6 +118,7 @@ class RedisStore(RedisWatching, RedisReading, Store):
         self._reachable = True
         self._watchers = 0
         self._whole_loads, self._whole_since = 0, 0.0
+        self._writes_in_flight = 0  # `_write`s running (greenlets of this process)
         self._problem: str | None = None  # the table read is corrupt
         self._unreachable = ""  # why the store was last found unreachable
         self._checker = TableChecker()
@@ -202,7 +203,16 @@ class RedisStore(RedisWatching, RedisReading, Store):
     def _write(self, change: Callable[[Any], Any], if_version: int | None,
                check: Callable[[Any], None] | None = None, *, named: str | None) -> int:
         """Run `change` in one WATCH/MULTI/EXEC that moves the version up and PUBLISHes
-        it (with the `named` host of a one-host write); the new version."""
+        it (with the `named` host of a one-host write); the new version. Counted in
+        `_writes_in_flight` meanwhile (`RedisChanges._own_writes_done`)."""
+        self._writes_in_flight += 1
+        try:
+            return self._write_once(change, if_version, check, named=named)
+        finally:
+            self._writes_in_flight -= 1
+
+    def _write_once(self, change: Callable[[Any], Any], if_version: int | None,
+                    check: Callable[[Any], None] | None, *, named: str | None) -> int:
         with self._writing() as writing:
             client = writing.client
             self._master_moved()

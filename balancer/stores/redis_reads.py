@@ -9,8 +9,11 @@ Invariants:
   one transaction), and kept only if a ``GET`` after the last slice finds the
   same version: every write moves it and versions never repeat, so no write
   came between, and ``HSCAN`` returns every field of a hash that did not change
-  during the scan. A scan a write interrupted is made again, and after
-  `SCAN_ATTEMPTS` of them the table is read in one ``HGETALL``. (Bug: the
+  during the scan. A watcher's scan that writes interrupted is brought to the
+  version after them from their messages when they say which hosts changed
+  (`balancer.stores.redis_changes`). Another scan a write interrupted is
+  made again, and after `SCAN_ATTEMPTS` of them the table is read in one
+  ``HGETALL``. (Bug: the
   reply of one ``HGETALL`` of 100,000 fields was parsed in one call, 110-180
   ms during which a worker served nothing.)
 * A whole read, its decoding and its check run in `balancer.big_loads.loading`
@@ -24,7 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +51,9 @@ PAUSE_EVERY = 2000        # hosts parsed between two turns of the loop (a big re
 SCAN_ABOVE = 4000         # hosts: a bigger table is read in slices (``HSCAN``)
 SCAN_COUNT = 1000         # fields asked per ``HSCAN``
 SCAN_ATTEMPTS = 3         # scans writes may interrupt before one ``HGETALL``
+# what brings a scan writes interrupted to one version: (hosts read, the version before the
+# scan, the version after it) -> that version (the hosts updated), or None: scan again
+CaughtUp = Callable[[dict[str, str], Any, Any], "str | None"]
 # Redis counts (INCR) up to 2**63 - 1: a version it cannot count past is corrupt.
 # (Bug: a hand-set 10**22 was served, became every balancer's floor for versions,
 # and no write, not even a whole-table PUT, could ever go above it.)
@@ -87,8 +93,10 @@ class RedisReading(Store):
             raw_version, count = pipe.execute()
         return raw_version, int(count)
 
-    def _read_raw(self) -> tuple[dict[str, str], str | None]:
-        """The hash and the version it belongs to (see the module doc)."""
+    def _read_raw(self, caught_up: CaughtUp | None = None
+                  ) -> tuple[dict[str, str], str | None]:
+        """The hash and the version it belongs to (see the module doc). `caught_up`
+        (a watcher's) may bring a scan that writes interrupted to one version."""
         with self._talking("read"):
             raw_version, count = self._raw_shape()
             for _ in range(SCAN_ATTEMPTS if count > SCAN_ABOVE else 0):
@@ -96,6 +104,10 @@ class RedisReading(Store):
                 after: Any = self.client.get(self.version_key)  # (decoded: a str or None)
                 if after == raw_version:  # no write since the first read: one table
                     return raw_hosts, raw_version
+                caught = None if caught_up is None else caught_up(raw_hosts, raw_version,
+                                                                  after)
+                if caught is not None:
+                    return raw_hosts, caught
                 raw_version = after
             with self.client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(self.hosts_key)

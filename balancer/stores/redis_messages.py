@@ -1,0 +1,128 @@
+"""What a Redis store's watcher hears on its subscription (``NS:changes`` and
+``NS:changed-hosts``; their format: `balancer.stores.redis`): `Inbox`, the
+messages in order, and what a batch of them announces (`named_changes`).
+
+Invariants:
+* Each write publishes its version on ``NS:changes`` (SPEC §6: the version
+  alone), a one-host write first ``VERSION HOST`` on ``NS:changed-hosts``, both
+  in the write's transaction. The inbox drops a version on ``NS:changes`` that
+  ``NS:changed-hosts`` announced just before it (only the version announced
+  last: a stranger's announcement of a high version must not hide later
+  writes); a version on ``NS:changes`` announced nowhere else is a whole-table
+  write (`is_bare_version`).
+* The subscription's replies (``subscribe``) are no messages: dropped here.
+* Messages a whole read looked at (`Inbox.put_back`) come out again first, in
+  their order, but for those of versions up to the one it read, which are in
+  what it read (`read_at`): a message is taken from the subscription once,
+  never lost.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+DRAIN_MAX = 1000          # queued messages folded into one batch
+
+
+class Inbox:
+    """The subscription's messages, without the announced versions' own."""
+
+    def __init__(self, pubsub: Any, hosts_channel: str) -> None:
+        self.pubsub = pubsub
+        self.hosts_channel = hosts_channel
+        self.announced = -1  # the version ``NS:changed-hosts`` last named hosts for
+        self.back: list[Any] = []  # put back by a whole read: handed out first
+
+    def within(self, seconds: float) -> list[Any]:
+        """The messages put back, else those that come within `seconds`; with those
+        queued behind them (one read covers them all)."""
+        kept, self.back = self.back, []
+        deadline = time.monotonic() + seconds
+        while not kept:
+            left = deadline - time.monotonic()
+            message = self.pubsub.get_message(timeout=max(0.0, left))
+            if message is None:
+                return []
+            kept = self._kept(message)
+            if left <= 0:
+                break
+        return kept + self.queued()
+
+    def queued(self) -> list[Any]:
+        """The messages already queued (up to `DRAIN_MAX`)."""
+        kept: list[Any] = []
+        for _ in range(DRAIN_MAX):
+            message = self.pubsub.get_message(timeout=0)
+            if message is None:
+                break
+            kept += self._kept(message)
+        return kept
+
+    def put_back(self, messages: list[Any]) -> None:
+        """`messages` (taken from this inbox) to be handed out again, first."""
+        self.back = messages + self.back
+
+    def read_at(self, version: int) -> None:
+        """The table was read whole at `version`: the messages put back or queued up
+        to it are in it (a whole-table write's among them asks for no other read).
+        Bug: two whole-table writes in a row, the second landing before the read the
+        first asked for, were read whole twice (at the second one's message)."""
+        self.back = [m for m in self.back + self.queued()
+                     if not (is_version_message(m) and _version_of(m) <= version)]
+
+    def _kept(self, message: Any) -> list[Any]:
+        """[`message`], or [] for the version on ``NS:changes`` announced just before,
+        and for the subscription's own replies (kept from redis-py, whose
+        ``ignore_subscribe_messages`` answers None for them: no message, to a drain)."""
+        if message.get("type") != "message":
+            return []
+        words = str(message.get("data", "")).split()
+        if message.get("channel") == self.hosts_channel:
+            if len(words) > 1 and words[0].isdecimal():
+                self.announced = int(words[0])
+        elif len(words) == 1 and words[0].isdecimal() and int(words[0]) == self.announced:
+            return []
+        return [message]
+
+
+def is_version_message(message: Any) -> bool:
+    words = str(message.get("data", "")).split()
+    return bool(words) and words[0].isdecimal()
+
+
+def _version_of(message: Any) -> int:
+    return int(str(message.get("data", "")).split()[0])
+
+
+def is_bare_version(message: Any) -> bool:
+    return str(message.get("data", "")).strip().isdecimal()
+
+
+def named_changes(messages: list[Any], base: int) -> tuple[int, int, list[str]] | None:
+    """(first version, last version, hosts) of the messages after version `base` when
+    every one names its hosts and those versions are consecutive; (`base`, `base`,
+    []) when none is after it; None otherwise (a whole-table write, or a message
+    that is no version: read the whole table). Messages up to `base` are served
+    already (told directly, or read). Bugs: a batch that began at a version told
+    directly was read whole (two balancers racing one-host writes on one store,
+    the management processes' mirrors and the workers alike); and a whole-table
+    write's own version, told directly, read the whole table again."""
+    versions: list[int] = []
+    hosts: dict[str, None] = {}
+    for message in messages:
+        words = str(message.get("data", "")).split()
+        if not words or not words[0].isdecimal():
+            return None
+        if int(words[0]) <= base:
+            continue
+        if len(words) < 2:
+            return None
+        versions.append(int(words[0]))
+        hosts.update(dict.fromkeys(words[1:]))
+    if not versions:
+        return base, base, []
+    versions.sort()
+    if versions != list(range(versions[0], versions[0] + len(versions))):
+        return None
+    return versions[0], versions[-1], list(hosts)
