@@ -209,7 +209,9 @@ class ControlServer:
 
         self.rebind_failures += 1
         self.failing += 1
-        delay = min(REBIND_LONGEST, REBIND_FIRST * 2 ** (self.failing - 1))
+        # the exponent bounded: 2 ** 1024 is no float (bug: OverflowError after 1024
+        # failures in a row, 8.5 h, and it was never tried again)
+        delay = min(REBIND_LONGEST, REBIND_FIRST * 2.0 ** min(self.failing - 1, 64))
         if self.failing == 1:
             log.error("cannot bind the control socket %s again: %s; the management "
                       "process cannot ask this worker; trying again in %g s, then less "

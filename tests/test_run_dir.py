@@ -412,3 +412,39 @@ def test_a_stopped_certificate_handover_is_not_bound_again(tmp_path: Path) -> No
     watch.rebind()
     assert not path.exists()
     store.close()
+
+
+def test_a_control_socket_that_cannot_be_bound_for_hours_is_still_tried_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug: the delay before a worker tried to bind its control socket again was
+    `REBIND_FIRST` doubled once per failure in a row, a float: past 1024 failures
+    (8.5 h of a directory in its way, one try each `REBIND_LONGEST`) an
+    OverflowError came out of `rebind`, and it was never tried again."""
+    import gevent
+
+    from balancer import control
+    from balancer.stats import Stats
+    from tests.test_stats_pages import scripted_worker
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    server = control.ControlServer(str(run_dir), scripted_worker(Stats()))
+    server.start()
+    try:
+        os.unlink(server.path)
+        os.mkdir(server.path)  # in its way
+        server.failing = 1100  # failures in a row so far (9 h)
+        server.rebind()
+        retry = server.retry
+        assert retry is not None and server.failing == 1101
+        monkeypatch.setattr(control, "REBIND_LONGEST", 0.01)  # (not 30 s to the next try)
+        retry.kill()  # the one spawned 30 s from now: a sooner one
+        server.retry = None
+        server.rebind()
+        os.rmdir(server.path)
+        gevent.joinall([server.retry], timeout=WAIT, raise_error=True)
+        assert server.failing == 0 and server.rebind_failures == 2
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(server.path)  # bound again
+    finally:
+        server.close()
