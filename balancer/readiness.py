@@ -36,6 +36,12 @@ connection is taken or released.
 Invariants:
 * Only gevent's sockets have a `Readable` (`balancer.netio.EventedStream`);
   whoever owns the socket closes its watcher when closing it.
+* Only its `Readable` starts and stops a socket's read watcher, so `watching`
+  says whether it is started without asking gevent, with the two ways it
+  stops otherwise: libev stops it when epoll refuses its descriptor (ENOMEM,
+  ENOSPC: the callback is told EV_ERROR; a descriptor closed while watched,
+  EBADF, aborts the process in libev's assertion) and gevent when the
+  callback raised.
 * One greenlet at a time waits on a `Readable`, and only while it is not
   parked. An exception thrown into it
   while it waits (the watchdog's TimeoutError) ends the wait, and the
@@ -52,6 +58,7 @@ from gevent.exceptions import BlockingSwitchOutError
 from greenlet import greenlet
 
 READ: Final = 1  # libev's EV_READ
+ERROR: Final = -0x80000000  # libev's EV_ERROR, as gevent passes it (a C int)
 # greenlet's own switch, called as SWITCH(target): no method looked up by name per
 # call, and for the hub none of gevent's `Hub.switch` wrapper (its `switch_out`
 # lookup on the current greenlet, which only the hub itself has: `wait` refuses
@@ -62,11 +69,16 @@ SWITCH: Final[Any] = greenlet.switch
 class Readable:
     """A socket's read readiness, watched for the socket's whole life."""
 
-    __slots__ = ("io", "hub", "waiter", "stirred", "on_ready", "ready_arg", "on_stir")
+    __slots__ = ("io", "hub", "watching", "waiter", "stirred", "on_ready", "ready_arg",
+                 "on_stir")
 
     def __init__(self, sock: socket.socket) -> None:
         self.hub = get_hub()
         self.io: Any = self.hub.loop.io(sock.fileno(), READ)  # None once closed
+        # whether `io` is started (libev's ``active``, read by name through gevent's
+        # property: ~175 instructions, three times per proxied request), kept
+        # exact as the module's invariants say
+        self.watching = False
         self.waiter: Any = None  # the greenlet parked in `wait`
         self.stirred = False  # readable while nobody waited (since `watch_idle`)
         self.on_ready: Any = None  # called with ready_arg at the readiness (`park`)
@@ -74,11 +86,15 @@ class Readable:
         # called (in the hub, no argument) at a readiness nobody waited for
         self.on_stir: Any = None
 
+    def _watch(self) -> None:
+        """Start `io` (it is stopped); its callback is told the events."""
+        self.io.start(self._ready, pass_events=True)
+        self.watching = True
+
     def wait(self) -> None:
         """Park the current greenlet until the socket is readable."""
-        io = self.io
-        if not io.active:
-            io.start(self._ready)
+        if not self.watching:
+            self._watch()
         current, hub = getcurrent(), self.hub
         if current is hub:
             raise BlockingSwitchOutError(
@@ -89,33 +105,39 @@ class Readable:
         finally:
             self.waiter = None
 
-    def _ready(self) -> None:
+    def _ready(self, events: int) -> None:
         """The loop's callback (in the hub): wake the waiter, call what the socket
         was parked with, or stop watching."""
-        waiter = self.waiter
-        if waiter is None:
-            on_ready = self.on_ready
-            if on_ready is not None:
-                arg = self.ready_arg
-                self.on_ready = self.ready_arg = None
-                on_ready(arg)
+        if events & ERROR:  # libev stopped `io` itself (epoll refused it: ENOMEM, ENOSPC)
+            self.watching = False
+        try:
+            waiter = self.waiter
+            if waiter is None:
+                on_ready = self.on_ready
+                if on_ready is not None:
+                    arg = self.ready_arg
+                    self.on_ready = self.ready_arg = None
+                    on_ready(arg)
+                    return
+                self.io.stop()
+                self.watching = False
+                self.stirred = True
+                on_stir = self.on_stir
+                if on_stir is not None:
+                    on_stir()
                 return
-            self.io.stop()
-            self.stirred = True
-            on_stir = self.on_stir
-            if on_stir is not None:
-                on_stir()
-            return
-        self.waiter = None
-        SWITCH(waiter)
+            self.waiter = None
+            SWITCH(waiter)
+        except BaseException:
+            self.watching = False  # gevent stops an io watcher whose callback raised
+            raise
 
     def park(self, on_ready: Any, arg: Any) -> None:
         """Nobody waits, but the next readiness calls `on_ready(arg)` in the hub."""
         self.on_ready = on_ready
         self.ready_arg = arg
-        io = self.io
-        if not io.active:
-            io.start(self._ready)
+        if not self.watching:
+            self._watch()
 
     def unpark(self) -> bool:
         """Forget what `park` was told; whether it was still parked."""
@@ -127,9 +149,8 @@ class Readable:
         """Nobody will wait for a while and nothing should arrive meanwhile:
         clear `stirred`, which any readiness from now on sets."""
         self.stirred = False
-        io = self.io
-        if not io.active:
-            io.start(self._ready)
+        if not self.watching:
+            self._watch()
 
     def is_quiet(self) -> bool:
         """Whether no readiness came since `watch_idle`: none was seen, and none
@@ -139,8 +160,7 @@ class Readable:
 
     def is_parked(self) -> bool:
         """Whether the next readiness calls what `park` was told."""
-        io = self.io
-        return self.on_ready is not None and io is not None and bool(io.active)
+        return self.on_ready is not None and self.watching
 
     def rewatch_idle(self) -> None:
         """`watch_idle` again after a readiness found nothing to read (it came
@@ -148,10 +168,9 @@ class Readable:
         its callback, if still to come in this loop iteration, is dropped
         (stopping a libev watcher clears its pending event), and a readiness
         from now on sets `stirred` again."""
-        io = self.io
-        io.stop()
+        self.io.stop()
         self.stirred = False
-        io.start(self._ready)
+        self._watch()
 
     def close(self) -> None:
         """Stop watching for good (again: nothing happens)."""
@@ -159,6 +178,7 @@ class Readable:
         if self.io is not None:
             self.io.close()
             self.io = None
+            self.watching = False
 
     @property
     def closed(self) -> bool:
