@@ -26,8 +26,9 @@ Invariants:
   the request path) closes those past it and those on which anything arrived,
   plain and TLS, so a backend that gets no more traffic gets its connections
   back (and none stays in CLOSE_WAIT) within `sweep_every` of the deadline;
-  `acquire_idle` skips them meanwhile. `IdleBudget.idle` counts what the lists hold:
-  a connection leaves its list and the count together, with no switch between.
+  `acquire_idle` skips them meanwhile. `IdleBudget.idle` counts what the pools
+  hold: a connection leaves its pool and the count together, with no switch
+  between.
 * Passive health: `fall` consecutive failures mark the backend down for
   `fail_timeout` seconds; after that one request probes it (half-open) and
   its outcome decides. A probe that never reports back (its request was
@@ -51,7 +52,9 @@ Invariants:
 * An https:// backend's connections are TLS (`balancer.backend_tls`): each is
   pooled under its pool key (the name its certificate was verified for), and
   handed out only to a request with the same key (`acquire_idle_tls`); a
-  plain backend's pool is one list (`acquire_idle`). TLS pools count in the same budget.
+  plain backend's pool is a slot for the connection released last and a list
+  of the others (`acquire_idle`), handed out newest first as a TLS pool's
+  list is. TLS pools count in the same budget.
 * A connection (`Upstream`) keeps what belongs to it for its whole life: its
   stream (the socket as the worker's `balancer.netio.IO` made it) and the
   response parser that `balancer.relay` makes on first use and reuses for
@@ -158,15 +161,17 @@ class IdleBudget:
         """Before a new backend connection: close the oldest idle connections
         the open clients need the descriptors of."""
         while self.idle > self.room(0):
-            oldest: list[Upstream] | None = None
+            oldest: Upstream | None = None
+            owner: Backend | None = None
             for backend in self.backends.values():
-                for idle in backend.idle_lists():
-                    if idle and (oldest is None or idle[0].since < oldest[0].since):
-                        oldest = idle
-            if oldest is None:  # the rest are a removed backend's: closed when it is
-                return
+                for upstream in backend.oldest_idle():
+                    if oldest is None or upstream.since < oldest.since:
+                        oldest, owner = upstream, backend
+            if oldest is None or owner is None:  # the rest are a removed backend's:
+                return  # closed when it is
+            owner.forget_idle(oldest)
             self.idle -= 1
-            oldest.pop(0).close()
+            oldest.close()
 
     def __repr__(self) -> str:
         return f"<IdleBudget idle={self.idle} room={self.room(0)}>"
@@ -189,6 +194,10 @@ class Backend:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.io = io if io is not None else IO()
+        # the plain pool: the connection released last, and before it the others,
+        # oldest first (`release`; the slot spares the list an append and a pop,
+        # each reallocating its array, when one connection at a time is idle)
+        self.last: Upstream | None = None
         self.idle: list[Upstream] = []
         self.budget = budget if budget is not None else IdleBudget()
         # an https:// backend's TLS contexts, its idle connections by pool key,
@@ -217,7 +226,14 @@ class Backend:
     # pool ----------------------------------------------------------------
     def acquire_idle(self) -> Upstream | None:
         """An idle connection nothing arrived on, or None (the caller connects:
-        `balancer.relay`, or the hub, `balancer.inline`)."""
+        `balancer.relay`, or the hub, `balancer.inline`): the newest, as `_take`."""
+        last = self.last
+        if last is not None:
+            self.last = None
+            self.budget.idle -= 1
+            if last.since > MONOTONIC() - self.idle_timeout and last.stream.is_clean():
+                return last
+            last.close()
         idle = self.idle
         return self._take(idle) if idle else None
 
@@ -365,22 +381,32 @@ class Backend:
         return connect_blocking(self.family, (addr.host, addr.port), deadline - time.monotonic())
 
     def release(self, upstream: Upstream) -> None:
-        """Keep `upstream` for reuse: at most `max_idle` (per TLS pool key), and
-        only while the worker's idle connections fit in its descriptors
-        (`IdleBudget`)."""
-        idle = self.idle
-        if upstream.pool:
-            idle = self.idle_tls.setdefault(upstream.pool, [])
+        """Keep `upstream` for reuse: at most `max_idle` (per TLS pool key; the
+        plain pool's slot counts), and only while the worker's idle connections
+        fit in its descriptors (`IdleBudget`)."""
+        pool = upstream.pool
+        if pool:
+            idle = self.idle_tls.setdefault(pool, [])
+            held = len(idle)
+        else:
+            idle = self.idle
+            held = len(idle) if self.last is None else len(idle) + 1
         budget, slots = self.budget, self.budget.slots  # `budget.room(1)`, inline
         clients = slots.open if slots is not None else 0
-        if len(idle) < self.max_idle and budget.idle < budget.descriptors - \
+        if held < self.max_idle and budget.idle < budget.descriptors - \
                 CLIENT_DESCRIPTORS * (clients + 1):
             upstream.since = MONOTONIC()
             parser = upstream.parser
             if parser is not None:
                 parser.idle()  # its response's head goes (the backend's memo keeps one)
             upstream.stream.park()
-            idle.append(upstream)
+            if pool:
+                idle.append(upstream)
+            else:  # the newest in the slot, the one it held after the others
+                last = self.last
+                if last is not None:
+                    idle.append(last)
+                self.last = upstream
             budget.idle += 1
         else:
             upstream.close()
@@ -393,9 +419,28 @@ class Backend:
         if kept is not None:
             self.tls_sessions[upstream.pool] = kept
 
-    def idle_lists(self) -> list[list[Upstream]]:
-        """Every list of idle connections: the plain pool and the TLS pools."""
-        return [self.idle, *self.idle_tls.values()]
+    def pooled(self) -> list[Upstream]:
+        """The plain pool's idle connections, oldest first (a copy)."""
+        last = self.last
+        return [*self.idle] if last is None else [*self.idle, last]
+
+    def oldest_idle(self) -> list[Upstream]:
+        """The oldest idle connection of each pool that has one: the plain pool
+        first, then the TLS pools."""
+        idle, last = self.idle, self.last
+        oldest = [idle[0]] if idle else [] if last is None else [last]
+        oldest.extend(pool[0] for pool in self.idle_tls.values() if pool)
+        return oldest
+
+    def forget_idle(self, upstream: Upstream) -> None:
+        """Take `upstream`, the oldest of its pool (`oldest_idle`), out of it (the
+        caller counts and closes it)."""
+        if upstream is self.last:
+            self.last = None
+        elif upstream.pool:
+            self.idle_tls[upstream.pool].pop(0)
+        else:
+            self.idle.pop(0)
 
     def sweep(self, now: float) -> int:
         """Close the idle connections past `idle_timeout` at `now` (monotonic) and
@@ -419,6 +464,7 @@ class Backend:
         """Close the idle connections (plain and TLS) for which `doomed` holds, in
         one pass over each list; an emptied TLS list goes. How many."""
         gone: list[Upstream] = []
+        last = self.last
         for key, idle in [("", self.idle), *self.idle_tls.items()]:
             keep: list[Upstream] = []
             for upstream in idle:
@@ -427,6 +473,9 @@ class Backend:
                 idle[:] = keep
             if key and not keep:
                 del self.idle_tls[key]
+            elif not key and last is not None and doomed(last):  # the newest, after them
+                self.last = None
+                gone.append(last)
         self.budget.idle -= len(gone)
         for upstream in gone:  # out of the lists first: closing may switch greenlets
             upstream.close()
@@ -520,7 +569,7 @@ class Backend:
         return self.in_flight == 0
 
     def __repr__(self) -> str:
-        idle = len(self.idle) + sum(len(pool) for pool in self.idle_tls.values())
+        idle = len(self.pooled()) + sum(len(pool) for pool in self.idle_tls.values())
         return (f"<Backend {self.key} {self.state} in_flight={self.in_flight} "
                 f"idle={idle} fails={self.fails}>")
 

@@ -117,11 +117,11 @@ def test_idle_connections_get_what_the_clients_leave() -> None:
         for upstream in made:
             a.release(upstream)
         # 10 descriptors, 2 clients and room for one more: 2 * 3 taken, 4 left to idle
-        assert budget.idle == len(a.idle) == 4
+        assert budget.idle == len(a.pooled()) == 4
         assert [u.sock.fileno() for u in made[4:]] == [-1, -1]  # closed, not kept
         budget.slots.open = 4  # two more clients: only 2 idle may stay
         fresh = b.connect()  # needs a descriptor: the oldest idle ones go first
-        assert budget.idle == len(a.idle) == 2 and a.idle == made[2:4]
+        assert budget.idle == len(a.pooled()) == 2 and a.pooled() == made[2:4]
         assert made[0].sock.fileno() == made[1].sock.fileno() == -1
         upstream, reused = acquire(a)
         assert reused and budget.idle == 1

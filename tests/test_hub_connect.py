@@ -94,7 +94,7 @@ def outcome(w: Worker, statuses: list[int], tmp_path: Path, name: str,
             "state": bstats["state"], "failures": bstats["failures"],
             "outcomes": bstats["outcomes"], "in_flight": (bstats["in_flight"], b.in_flight),
             "open": stats["open_requests"], "completed": stats["completed_requests"],
-            "fails": b.fails, "idle": len(b.idle),
+            "fails": b.fails, "idle": len(b.pooled()),
             "log": [{k: r[k] for k in ("status", "backend", "target", "method")}
                     for r in records]}
 
@@ -159,7 +159,7 @@ def test_a_cold_pool_is_connected_and_served_in_the_hub(
     assert ran == [0]
     assert_released(w, completed=4)
     route = w.contexts[0].holder.table.lookup(b"app.test")
-    assert len(route.action.backends[0].idle) == 3
+    assert len(route.action.backends[0].pooled()) == 3
 
 
 def test_a_new_connection_has_nagle_off_like_the_greenlet_s(
@@ -169,7 +169,7 @@ def test_a_new_connection_has_nagle_off_like_the_greenlet_s(
     sock.sendall(get("/one"))
     assert response(sock)[0] == 200
     route = w.contexts[0].holder.table.lookup(b"app.test")
-    (upstream,) = route.action.backends[0].idle
+    (upstream,) = route.action.backends[0].pooled()
     assert upstream.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     assert upstream.sock.gettimeout() == 0.0
     sock.close()

@@ -32,9 +32,9 @@ def test_idle_connections_hold_no_head_nor_llhttp_parser(make: test_inline.Make,
     for sock in socks:
         assert response(sock)[0] == 200
     pool = w.registry.backends[backend.address]
-    assert until(lambda: len(pool.idle) == CLIENTS) and backend.connections == CLIENTS
+    assert until(lambda: len(pool.pooled()) == CLIENTS) and backend.connections == CLIENTS
     callbacks = w.contexts[0].response_callbacks
-    for upstream in pool.idle:
+    for upstream in pool.pooled():
         parser = upstream.parser
         assert parser is not None and parser._head is None and parser._hp is None
     assert pool.heads.last is not None and 1 <= len(callbacks.spare) <= CLIENTS
@@ -45,7 +45,7 @@ def test_idle_connections_hold_no_head_nor_llhttp_parser(make: test_inline.Make,
             status, _, body = response(sock)
             assert status == 200 and body.endswith(b" /r%d-%d" % (round, n))
     assert backend.connections == CLIENTS
-    assert all(u.parser is not None and u.parser._head is None for u in pool.idle)
+    assert all(u.parser is not None and u.parser._head is None for u in pool.pooled())
     conns = w.io.connections
     assert until(lambda: len(conns) == CLIENTS and all(c.task is None for c in conns))
     assert all(c.parser._hp is None for c in conns)  # parked: llhttp's parser given back

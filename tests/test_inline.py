@@ -527,7 +527,7 @@ def test_a_large_answer_s_pooled_connection_is_reused(make: Make, backend: Scrip
         assert response(sock)[:1] == (200,)
         sock.close()
     assert backend.connections == 1
-    (pooled,) = w.registry.backends[backend.address].idle
+    (pooled,) = w.registry.backends[backend.address].pooled()
     assert pooled.stream.is_clean() and pooled.stream.watcher.io.active  # watched afresh
 
 

@@ -171,7 +171,7 @@ def test_the_sweep_keeps_the_idle_count_right_in_plain_and_tls_lists() -> None:
             swept[0] += registry.sweep()
             return swept[0] == 4
         wait_for(sweep, timeout=2, what="the sweep")
-        assert budget.idle == 1 and backend.idle == [plain[2]]
+        assert budget.idle == 1 and backend.pooled() == [plain[2]]
         assert "app.test" not in backend.idle_tls  # an empty TLS list goes
         assert [u.sock.fileno() for u in (plain[0], plain[1], *tls)] == [-1] * 4
         upstream, reused = acquire(backend)
@@ -206,9 +206,9 @@ def test_dropping_stirred_connections_keeps_the_idle_count_right() -> None:
         taken, _ = acquire(backend)  # the newest, plain[2], is closed on the way
         assert taken is plain[1] and plain[2].sock.fileno() == -1 and budget.idle == 2
         assert backend.drop(stirred) == 2  # plain[0] and tls[0]; plain[2] went already
-        assert budget.idle == 0 and backend.idle == [] and "app.test" not in backend.idle_tls
+        assert budget.idle == 0 and backend.pooled() == [] and "app.test" not in backend.idle_tls
         backend.release(taken)
-        assert backend.drop(stirred) == 0 and backend.idle == [plain[1]]  # quiet: kept
+        assert backend.drop(stirred) == 0 and backend.pooled() == [plain[1]]  # quiet: kept
         taken.close()
     finally:
         listener.close()

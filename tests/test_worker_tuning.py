@@ -234,7 +234,7 @@ def test_closing_a_pooled_connection_closes_its_watcher(how: str) -> None:
     elif how == "expired":
         with pytest.raises(ConnectError, match="127.0.0.1:9"):
             acquire(pool)  # the expired one is dropped, then nothing listens on :9
-    assert watcher.closed and parser._hp is None and a.fileno() == -1 and pool.idle == []
+    assert watcher.closed and parser._hp is None and a.fileno() == -1 and pool.pooled() == []
     b.close()
 
 
