@@ -67,29 +67,48 @@ BATCH_LIMIT: Final = 32
 class Outbox:
     """The writers holding bytes until the current loop iteration's callbacks."""
 
-    __slots__ = ("loop", "queue", "schedule", "flusher")
+    __slots__ = ("loop", "queue", "held", "spare", "schedule", "flusher")
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
-        self.queue: list[Writer] = []
+        # the writers holding bytes: the first `held` places of `queue`, the others
+        # None. Arrays of BATCH_LIMIT places, kept: a list emptied reallocates its
+        # array when filled again (a new list per flush cost ~150 instructions)
+        self.queue: list[Writer | None] = [None] * BATCH_LIMIT
+        self.held = 0
+        # the other array, which `flush` makes `queue` while it writes out this one
+        # (None meanwhile: a flush within it, which no writer's flush causes, gets one)
+        self.spare: list[Writer | None] | None = [None] * BATCH_LIMIT
         # `loop.run_callback` and `self.flush`, bound once: looked up by name and made
         # anew on every first add of an iteration, they cost ~500 instructions
         self.schedule: Any = loop.run_callback
         self.flusher: Any = self.flush
 
     def add(self, writer: Writer) -> None:
-        queue = self.queue
-        if not queue:
+        held = self.held
+        if not held:
             self.schedule(self.flusher)
-        queue.append(writer)
-        if len(queue) >= BATCH_LIMIT:
+        self.queue[held] = writer
+        held += 1
+        self.held = held
+        if held >= BATCH_LIMIT:
             self.flush()
 
     def flush(self) -> None:
         """The loop's callback: make every held write."""
-        queue, self.queue = self.queue, []
-        for writer in queue:
-            writer.flush()
+        held = self.held
+        if not held:
+            return
+        queue, spare = self.queue, self.spare
+        self.queue = spare if spare is not None else [None] * BATCH_LIMIT
+        self.spare = None
+        self.held = 0
+        for at in range(held):
+            writer = queue[at]
+            queue[at] = None
+            if writer is not None:  # (always)
+                writer.flush()
+        self.spare = queue
 
 
 class Writer:

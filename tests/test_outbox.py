@@ -99,7 +99,7 @@ def test_a_full_batch_goes_out_at_once_without_waiting_for_the_loop() -> None:
         writers[-1].write_last(b"last")  # fills it: every held write goes out now
         expected = [b"%d" % i for i in range(BATCH_LIMIT - 1)] + [b"last"]
         assert [pending(b) for _, b in pairs] == expected
-        assert outbox.queue == []
+        assert outbox.held == 0 and outbox.queue == [None] * BATCH_LIMIT
     finally:
         for a, b in pairs:
             a.close()
