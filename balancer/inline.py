@@ -382,8 +382,7 @@ def _land(conn: ClientConnection) -> None:
             or not _can_hold(client.writer, _size(ex, rhead))):
         io.hand_off(conn)
         return
-    events.pop(0)
-    deliver(ex, flight, upstream, rhead)
+    deliver(ex, flight, upstream, rhead, 1)  # (the head left first in `events`)
     ex.flight = None  # (after `deliver`: a fault before this point fails the try, `_fault`)
     ProxyAction.landed(ex, flight)  # (what the try holds is released there, once)
     conn.finish(ex)

@@ -71,6 +71,8 @@ MAX_INTERIM: Final = 32
 # A body piece this large goes out beside the head instead of being joined to it:
 # below, the join (a small pymalloc copy) costs less than a second buffer.
 TAIL_MIN: Final = 512
+REQUEST_ID: Final = b"\r\nX-Request-Id: "  # (the response head's pieces, `head_pieces`)
+CHUNKED: Final = b"\r\nTransfer-Encoding: chunked"
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -366,49 +368,59 @@ def response_head(ex: Exchange, rhead: ResponseHead) -> tuple[bytes, int]:
 
 
 def head_pieces(ex: Exchange, rhead: ResponseHead) -> tuple[list[bytes], int]:
-    """`response_head`'s bytes in pieces, to be joined with what follows them."""
+    """`response_head`'s bytes in pieces, to be joined with what follows them: one
+    list made whole (appending to a list made full reallocates its array)."""
     head = ex.head
-    lines = [rhead.status_line, rhead.forwarded, ex.head_extra, b"\r\nX-Request-Id: ",
-             ex.request_id]
     if rhead.status == 101:  # Upgrade: what the backend switched to, of what was offered
-        lines.append(b"\r\nConnection: upgrade\r\nUpgrade: %s\r\n\r\n"
-                     % (rhead.upgrade or head.upgrade))
-        return lines, RAW
+        return [rhead.status_line, rhead.forwarded, ex.head_extra, REQUEST_ID, ex.request_id,
+                b"\r\nConnection: upgrade\r\nUpgrade: %s\r\n\r\n"
+                % (rhead.upgrade or head.upgrade)], RAW
     framing = RAW
     if not rhead.no_body and rhead.content_length is None:
         if head.version == b"1.1":
             framing = CHUNK
-            lines.append(b"\r\nTransfer-Encoding: chunked")
-            if rhead.announced:  # Trailer: what the trailers will be
-                lines.append(rhead.announced)
         else:
             framing = CLOSE
             ex.keep_alive = False
     if not ex.keep_alive:
-        lines.append(b"\r\nConnection: close\r\n\r\n")
+        end = b"\r\nConnection: close\r\n\r\n"
     elif head.version == b"1.0":
-        lines.append(b"\r\nConnection: keep-alive\r\n\r\n")
+        end = b"\r\nConnection: keep-alive\r\n\r\n"
     else:
-        lines.append(b"\r\n\r\n")
-    return lines, framing
+        end = b"\r\n\r\n"
+    if framing != CHUNK:
+        return [rhead.status_line, rhead.forwarded, ex.head_extra, REQUEST_ID, ex.request_id,
+                end], framing
+    if rhead.announced:  # Trailer: what the trailers will be
+        return [rhead.status_line, rhead.forwarded, ex.head_extra, REQUEST_ID, ex.request_id,
+                CHUNKED, rhead.announced, end], CHUNK
+    return [rhead.status_line, rhead.forwarded, ex.head_extra, REQUEST_ID, ex.request_id,
+            CHUNKED, end], CHUNK
 
 
-def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> bool:
-    """Send the response to the client; returns whether `upstream` can be pooled."""
+def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead, first: int = 0) -> bool:
+    """Send the response to the client; returns whether `upstream` can be pooled.
+    `first`: where its parser's events after the head begin (1: the head is
+    still there, `deliver`)."""
     ex.status = rhead.status
     out, framing = head_pieces(ex, rhead)  # what goes next, joined at each send
     sock, parser = upstream.sock, upstream.parser
     assert parser is not None  # `exchange` made it
     events = parser.events
     if parser.complete and framing == RAW:  # all of it came with the head: one send
-        pieces = len(events) - 1  # the body's, before its END (not popped: CPython
-        if pieces == 1:  # would shrink the list's array, then free it at `clear`)
-            out.append(events[0])
-        elif pieces:
-            out.extend([span_bytes(events[at]) for at in range(pieces)])
-        events.clear()
-        _send_out(ex, out, True)
+        pieces = len(events) - 1 - first  # the body's, before its END (not popped:
+        if pieces == 1:  # CPython would shrink the list's array, then free it at `clear`)
+            body = events[first]
+            events.clear()
+            _send_with(ex, out, body, True)
+        else:
+            if pieces:
+                out.extend([span_bytes(events[at]) for at in range(first, first + pieces)])
+            events.clear()
+            _send_out(ex, out, True)
         return rhead.keep_alive and not parser.upgraded
+    if first:
+        del events[:first]
     conn, timeouts = ex.conn, ex.conn.ctx.timeouts
     # A small fixed-length response is sent in one piece when its parts come
     # together though the backend wrote them apart (nginx: head by writev, body
@@ -457,19 +469,32 @@ def _send_out(ex: Exchange, out: list[Any], last: bool) -> int:
     onto them (`Exchange.send_span`: one sendmsg of both)."""
     if out:
         tail = out[-1]
-        if isinstance(tail, tuple):
+        if isinstance(tail, tuple) or (len(out) > 1 and len(tail) >= TAIL_MIN):
             out.pop()
-            head = b"".join(out)
-            ex.send_span(head, tail, last)
-            return len(head) + span_size(tail)
-        if len(out) > 1 and len(tail) >= TAIL_MIN:
-            out.pop()
-            head = b"".join(out)
-            ex.send_span(head, (tail, 0), last)
-            return len(head) + len(tail)
+            return _send_beside(ex, out, tail, last)
     data = b"".join(out)
     ex.send(data, last)
     return len(data)
+
+
+def _send_with(ex: Exchange, out: list[Any], tail: Piece, last: bool) -> int:
+    """`_send_out` of `out` with `tail` after it, `out` grown only when `tail` is
+    joined to it (bytes under `TAIL_MIN`)."""
+    if isinstance(tail, tuple) or (out and len(tail) >= TAIL_MIN):
+        return _send_beside(ex, out, tail, last)
+    out.append(tail)
+    return _send_out(ex, out, last)
+
+
+def _send_beside(ex: Exchange, out: list[Any], tail: Piece, last: bool) -> int:
+    """Send `out` joined, and `tail` beside it (`Exchange.send_span`: one sendmsg
+    of both, neither copied onto the other); how many bytes."""
+    head = b"".join(out)
+    if isinstance(tail, tuple):
+        ex.send_span(head, tail, last)
+        return len(head) + span_size(tail)
+    ex.send_span(head, (tail, 0), last)
+    return len(head) + len(tail)
 
 
 class Flight:
@@ -598,10 +623,13 @@ def renew(ex: Exchange, backend: Backend, upstream: Upstream) -> Upstream:
     return backend.renew(upstream)
 
 
-def deliver(ex: Exchange, flight: Flight, upstream: Upstream, rhead: ResponseHead) -> None:
+def deliver(ex: Exchange, flight: Flight, upstream: Upstream, rhead: ResponseHead,
+            first: int = 0) -> None:
     """Relay the answer whose head is `rhead` on `upstream` (or tunnel after a 101),
     noted on `flight` for `land`: `upstream`, `answer` and `reusable` (whether the
-    connection can go back to its pool)."""
+    connection can go back to its pool). `first` 1: `rhead` is still its
+    parser's first event (the hub's, `balancer.inline`: taking the first item
+    out of a list moves the others), not a 101's."""
     ex.backend_time = PERF_COUNTER() - flight.started
     flight.upstream, flight.answer = upstream, rhead
     if rhead.status == 101:
@@ -611,7 +639,7 @@ def deliver(ex: Exchange, flight: Flight, upstream: Upstream, rhead: ResponseHea
             raise BackendProtocolError("101 Switching Protocols to a protocol not offered")
         _upgrade(ex, upstream, rhead)
         return  # (the tunnel is over: never reusable)
-    flight.reusable = relay_response(ex, upstream, rhead) and not ex.head.upgrade
+    flight.reusable = relay_response(ex, upstream, rhead, first) and not ex.head.upgrade
 
 
 def land(flight: Flight) -> None:
