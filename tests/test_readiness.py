@@ -8,13 +8,15 @@ from collections.abc import Iterator
 
 import gevent
 import pytest
+from gevent.libev.corecext import ERROR, EVENTS
 
-from balancer.readiness import Readable
+from balancer.readiness import READ, Readable
 from tests.support import loop_until
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 DEADLINE = 5.0
+WRITE = 2  # libev's EV_WRITE
 
 
 @pytest.fixture
@@ -71,3 +73,39 @@ def test_an_exception_thrown_into_the_waiter_ends_the_wait(pair) -> None:
     assert isinstance(waiter.exception, TimeoutError) and readable.waiter is None
     b.send(b"late")  # nobody waits any more: the watcher stops instead of waking a ghost
     assert loop_until(lambda: not readable.io.active)
+
+
+# `Readable.watching` says whether the watcher is started without asking gevent;
+# the two ways it is stopped by others are followed, or the next park or wait
+# would never be woken.
+
+def test_a_park_after_libev_stopped_the_watcher_itself_starts_it_again(pair) -> None:
+    """libev stops an io watcher whose descriptor epoll refused (ENOMEM, ENOSPC:
+    `fd_kill`) and calls its callback with EV_ERROR, EV_READ and EV_WRITE; that
+    is done here by hand (no test can make epoll refuse a descriptor)."""
+    readable, a, b = pair
+    woken: list[str] = []
+    readable.park(woken.append, "first")
+    readable.io.stop()
+    readable.io.feed(ERROR | READ | WRITE, readable._ready, EVENTS)
+    assert loop_until(lambda: woken == ["first"])
+    readable.park(woken.append, "second")
+    b.send(b"x")
+    assert loop_until(lambda: woken == ["first", "second"]) and a.recv(1) == b"x"
+
+
+def test_a_park_after_a_callback_that_raised_starts_the_watcher_again(pair, monkeypatch) -> None:
+    """gevent stops an io watcher whose callback raised (after reporting it)."""
+    readable, a, b = pair
+    hub = gevent.get_hub()
+    monkeypatch.setattr(hub, "exception_stream", None)  # (the report)
+
+    def bug(_: object) -> None:
+        raise RuntimeError("a bug in what the socket was parked with")
+
+    readable.park(bug, None)
+    b.send(b"x")
+    assert loop_until(lambda: not readable.io.active)
+    woken: list[str] = []
+    readable.park(woken.append, "next")
+    assert loop_until(lambda: woken == ["next"]) and a.recv(1) == b"x"
