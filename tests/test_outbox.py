@@ -12,7 +12,8 @@ import pytest
 from gevent import socket as gsocket
 
 from balancer.netio import IO, EventedStream, GeventIO
-from balancer.outbox import BATCH_LIMIT, HOLD_LIMIT, Outbox, Writer
+from balancer.outbox import BATCH_LIMIT, HOLD_LIMIT, Outbox, TLSWriter, Writer
+from tests.support import loop_until
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -100,6 +101,47 @@ def test_a_full_batch_goes_out_at_once_without_waiting_for_the_loop() -> None:
         expected = [b"%d" % i for i in range(BATCH_LIMIT - 1)] + [b"last"]
         assert [pending(b) for _, b in pairs] == expected
         assert outbox.held == 0 and outbox.queue == [None] * BATCH_LIMIT
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+class HoldingWhileWritten:
+    """An SSL object for a `TLSWriter` whose every write holds, meanwhile, a write
+    on each of `writers` (as if a writer's write held another's)."""
+
+    def __init__(self, writers: list[Writer]) -> None:
+        self.writers = writers
+
+    def write(self, data: bytes) -> int:
+        for n, writer in enumerate(self.writers):
+            writer.write_last(b"%d" % n)
+        self.writers = []
+        return len(data)
+
+
+@pytest.mark.parametrize("count", [1, BATCH_LIMIT + 2])
+def test_writes_held_while_the_outbox_writes_go_out_too(count: int) -> None:
+    """The outbox's arrays are kept from flush to flush: writes held during a
+    flush (a full batch of them too, flushed within it) are neither lost nor
+    made twice, nor are those of the flush still to be made."""
+    pairs = [gsocket.socketpair() for _ in range(count + 1)]
+    outbox = Outbox(gevent.get_hub().loop)
+    try:
+        writers = [Writer(a._sock, outbox) for a, _ in pairs]
+        first = TLSWriter(None, HoldingWhileWritten(writers[1:]), outbox)
+        first.write_last(b"first")
+        writers[0].write_last(b"second")  # held behind it, in the same flush
+        expected = [b"second"] + [b"%d" % n for n in range(count)]
+        got = [b""] * len(pairs)
+
+        def arrived() -> bool:
+            for n, (_, b) in enumerate(pairs):
+                got[n] += pending(b)
+            return got == expected
+        assert loop_until(arrived), got
+        assert outbox.held == 0
     finally:
         for a, b in pairs:
             a.close()
