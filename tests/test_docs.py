@@ -299,9 +299,10 @@ def test_python_modules_shown_exist():
             for words in map(_program, _shell_segments(block)):
                 if words[:2] in (["python", "-m"], ["python3", "-m"]):
                     module = words[2]
+                    where = ROOT / module.replace(".", "/")
                     assert module in ("pytest", "venv", "http.server") or (
-                        ROOT / (module.replace(".", "/") + ".py")).is_file(), (
-                        f"{path.name}: no module {module}")
+                        where.with_suffix(".py").is_file()
+                        or (where / "__main__.py").is_file()), f"{path.name}: no module {module}"
 
 
 # links ------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from balancer.accesslog.writer import HELD_LIMIT, QUEUE_LIMIT
-from tests.support import Balancer, wait_for
+from tests.support import Balancer, metric, wait_for
 from tests.test_accesslog import F_GETPIPE_SZ, unread
 from tests.test_probe_data import rss_kib
-from tests.test_probe_env import STATIC, WAIT, child_pid, metric
+from tests.test_probe_env import STATIC, WAIT, child_pid
 
 pytestmark = pytest.mark.data_plane  # the access log's writer is compiled: run interpreted too
 DROPPED = "balancer_access_log_dropped_records_total"
@@ -73,24 +73,25 @@ def test_an_access_log_nobody_reads_keeps_a_bounded_queue_and_resumes(tmp_path: 
         first = QUEUE_LIMIT + 2000
         assert pipelined(bal.port, first) == first
         # the writer counts what `log` refused at its next look (a second)
-        wait_for(lambda: metric(bal, DROPPED) > 0, WAIT, what="records dropped")
+        wait_for(lambda: metric(bal.metrics(), DROPPED) > 0, WAIT, what="records dropped")
         full = rss_kib(worker)
         more = QUEUE_LIMIT
         assert pipelined(bal.port, more) == more  # served while nothing is written
         # each record held ~2 KB: a queue growing by `more` takes ~20 MB
         assert rss_kib(worker) - full < 6 * 1024, (full, rss_kib(worker))
         total = first + more
-        wait_for(lambda: metric(bal, DROPPED) >= more, WAIT, what="the new records dropped")
+        wait_for(lambda: metric(bal.metrics(), DROPPED) >= more, WAIT,
+                 what="the new records dropped")
         out = bal.output()
         assert out.count("dropping records until writes succeed again") == 1, out[-2000:]
         assert "a write has been blocked for " in out, out[-2000:]
         lines = 0
         deadline = time.monotonic() + WAIT
         # the reader reads again: what was written or queued comes, the rest was dropped
-        while lines + metric(bal, DROPPED) < total:
-            assert time.monotonic() < deadline, (lines, metric(bal, DROPPED), total)
+        while lines + metric(bal.metrics(), DROPPED) < total:
+            assert time.monotonic() < deadline, (lines, metric(bal.metrics(), DROPPED), total)
             lines = drain(reader, lines, deadline)
-        dropped = int(metric(bal, DROPPED))
+        dropped = int(metric(bal.metrics(), DROPPED))
         assert lines + dropped == total and 0 < lines <= 2 * QUEUE_LIMIT, (lines, dropped)
         wait_for(lambda: f"writing again; {dropped} records were dropped" in bal.output(),
                  WAIT, what="the recovery line")
@@ -99,7 +100,7 @@ def test_an_access_log_nobody_reads_keeps_a_bounded_queue_and_resumes(tmp_path: 
         while lines < 3:  # the next records come as before
             assert time.monotonic() < deadline, lines
             lines = drain(reader, lines, deadline)
-        assert metric(bal, DROPPED) == dropped
+        assert metric(bal.metrics(), DROPPED) == dropped
         assert child_pid(bal, "worker") == worker and "Traceback" not in bal.output()
     finally:
         started = time.monotonic()
@@ -128,16 +129,16 @@ def test_huge_heads_while_the_log_is_stalled_keep_the_queue_small(tmp_path: Path
         started = time.monotonic()
         assert pipelined(bal.port, count, huge) == count  # every one served meanwhile
         assert time.monotonic() - started < WAIT
-        wait_for(lambda: metric(bal, DROPPED) >= count - 2 * HELD_LIMIT // 60_000, WAIT,
+        wait_for(lambda: metric(bal.metrics(), DROPPED) >= count - 2 * HELD_LIMIT // 60_000, WAIT,
                  what="the records past the bound dropped")
         grown = rss_kib(worker) - before
         # the queue (4 MiB) and the batch out: ~4 MiB measured (without the bound: ~38)
         assert grown < 16 * 1024, grown
         lines, deadline = 0, time.monotonic() + WAIT
-        while lines + metric(bal, DROPPED) < 3 + count:  # the reader reads again
-            assert time.monotonic() < deadline, (lines, metric(bal, DROPPED))
+        while lines + metric(bal.metrics(), DROPPED) < 3 + count:  # the reader reads again
+            assert time.monotonic() < deadline, (lines, metric(bal.metrics(), DROPPED))
             lines = drain(reader, lines, deadline)
-        assert lines + metric(bal, DROPPED) == 3 + count
+        assert lines + metric(bal.metrics(), DROPPED) == 3 + count
         assert "Traceback" not in bal.output()
     finally:
         bal.stop()
@@ -178,7 +179,7 @@ def test_a_reopen_while_a_write_blocks_moves_the_log_to_the_new_file(tmp_path: P
             lines = drain(reader, lines, deadline)
         assert lines + fifo.read_bytes().count(b"\n") == 45
         wait_for(lambda: str(rotated) not in open_paths(worker), WAIT, what="the old closed")
-        assert metric(bal, DROPPED) == 0 and "Traceback" not in bal.output()
+        assert metric(bal.metrics(), DROPPED) == 0 and "Traceback" not in bal.output()
     finally:
         bal.stop()
         os.close(reader)
@@ -211,7 +212,8 @@ def test_an_access_log_fifo_with_no_reader_yet_never_holds_a_worker(tmp_path: Pa
             lines = drain(reader, lines, deadline)
         # the first worker's 3 waited for a reader it never saw: dropped, counted
         # and told as it stopped (bug: lost, and counted nowhere: 0)
-        wait_for(lambda: metric(bal, DROPPED) == 3, WAIT, what="the first worker's 3 counted")
+        wait_for(lambda: metric(bal.metrics(), DROPPED) == 3, WAIT,
+                 what="the first worker's 3 counted")
         assert "closed with 3 records not written; dropped" in bal.output()
         assert "Traceback" not in bal.output()
     finally:
