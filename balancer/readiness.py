@@ -108,9 +108,9 @@ class Readable:
     def _ready(self, events: int) -> None:
         """The loop's callback (in the hub): wake the waiter, call what the socket
         was parked with, or stop watching."""
-        if events & ERROR:  # libev stopped `io` itself (epoll refused it: ENOMEM, ENOSPC)
-            self.watching = False
         try:
+            if events & ERROR:  # libev stopped `io` itself (epoll refused it: ENOMEM, ENOSPC)
+                self.watching = False
             waiter = self.waiter
             if waiter is None:
                 on_ready = self.on_ready
