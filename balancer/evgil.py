@@ -18,6 +18,7 @@ take the GIL one by one as before. Callbacks run the same, in the same order.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 CORECEXT = "gevent.libev.corecext"  # the loop module whose libev this drives
@@ -38,8 +39,6 @@ _EVGIL = _extension()
 def hold_gil(loop: Any) -> bool:
     """Make gevent's `loop` run its pending callbacks in one hold of the GIL;
     whether it does (False: not a corecext loop, or no extension)."""
-    import sys
-
     module = sys.modules.get(type(loop).__module__)
     if _EVGIL is None or module is None or module.__name__ != CORECEXT:
         return False
