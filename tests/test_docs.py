@@ -308,10 +308,22 @@ def test_python_modules_shown_exist():
 # links ------------------------------------------------------------------------------
 
 def _slug(heading: str) -> str:
-    """GitHub's anchor for a heading."""
-    # a link's target goes, plain parentheses only lose their brackets
-    text = re.sub(r"[`*_]|\[|\]\(.*?\)|\]", "", heading.strip().lower())
+    """GitHub's anchor for a heading: its text as shown, lower-cased, without
+    punctuation but `-` and `_`, spaces made `-`."""
+    # a code span's text stays whole (`bench_proxy.py`: bench_proxypy); outside
+    # one, emphasis marks go, a link's target goes, plain parentheses only lose
+    # their brackets
+    parts = re.split(r"(`[^`]*`)", heading.strip().lower())
+    text = "".join(part[1:-1] if part.startswith("`") else
+                   re.sub(r"\*|\]\(.*?\)|[\[\]]|(?<!\w)_+|_+(?!\w)", "", part) for part in parts)
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_anchors_are_the_ones_github_makes():
+    assert (_slug("2026-12-05: slow readers (`scripts/bench_slow_read.py`)")
+            == "2026-12-05-slow-readers-scriptsbench_slow_readpy")
+    assert _slug("In place: `spin` and `spin_when_down`") == "in-place-spin-and-spin_when_down"
+    assert _slug("*Emphasis*, _too_ and [a link](x.md) (kept)") == "emphasis-too-and-a-link-kept"
 
 
 def _anchors(path: Path) -> set[str]:
