@@ -469,7 +469,8 @@ def test_a_big_read_that_one_host_writes_race_is_finished_and_read_once(
 
 
 @pytest.mark.parametrize("hostile", ["flushdb", "version back", "whole-table write",
-                                     "stranger"])
+                                     "stranger", "flushdb to the same version",
+                                     "rewritten in place"])
 def test_a_big_read_raced_by_what_no_message_explains_is_read_again(
         redis_factory: Callable[[], RedisServer], monkeypatch: pytest.MonkeyPatch,
         hostile: str) -> None:
@@ -477,7 +478,10 @@ def test_a_big_read_raced_by_what_no_message_explains_is_read_again(
     on the slices read: a ``FLUSHDB`` mid-read, then one-host writes up to the next
     version (their messages follow on the read's version), a version set back, a
     whole-table write, a stranger's announcement of another version. The table
-    delivered is the one a single read gives."""
+    delivered is the one a single read gives. Bug: a ``FLUSHDB`` mid-read, then a
+    write that brought ``NS:version`` back to the read's (a balancer that knew no
+    version), was kept: the slices read before it with the one host after; as was a
+    hash rewritten without moving the version (the same hosts, the same count)."""
     server = redis_factory()
     ns = namespace()
     _big_table(server, ns)
@@ -494,6 +498,12 @@ def test_a_big_read_raced_by_what_no_message_explains_is_read_again(
                               lambda: writer.replace({"only.test": WEB})],
         "stranger": [lambda: raw.publish(f"{ns}:changed-hosts", "7 h1.test"),
                      lambda: writer.put_host("h2.test", GONE)],
+        # then one write of a balancer that knew no version: version 1 again
+        "flushdb to the same version": [lambda: (raw.flushdb(),
+                                                 fresh.put_host("a.test", WEB))],
+        # every rule changed by hand, NS:version kept: out of the contract, but seen
+        "rewritten in place": [lambda: raw.hset(f"{ns}:hosts", mapping={
+            f"h{n}.test": json.dumps(_static(f"new {n}")) for n in range(BIG)})],
     }
     turns = _during_the_scan(monkeypatch, acts[hostile])
     reads = WholeReads(server.port, ns)

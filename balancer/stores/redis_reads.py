@@ -5,11 +5,12 @@ Invariants:
 * A table and its version always belong together. A table of up to
   `SCAN_ABOVE` hosts is read with ``HGETALL`` + ``GET`` in one transaction. A
   bigger one is read `SCAN_COUNT` fields at a time (``HSCAN``), the loop going
-  round between two slices, after a ``GET`` of the version (with ``HLEN``, in
-  one transaction), and kept only if a ``GET`` after the last slice finds the
-  same version: every write moves it and versions never repeat, so no write
-  came between, and ``HSCAN`` returns every field of a hash that did not change
-  during the scan. A watcher's scan that writes interrupted is brought to the
+  round between two slices, on a connection that ``WATCH``es the hash and the
+  version from before its ``GET`` of the version, and kept only if an empty
+  ``MULTI``/``EXEC`` after the last slice goes through: Redis refuses it when
+  anything touched either key (any write, a ``FLUSHDB``, an eviction, whatever
+  the version then reads), and ``HSCAN`` returns every field of a hash that did
+  not change during the scan. A watcher's scan that writes interrupted is brought to the
   version after them from their messages when they say which hosts changed
   (`balancer.stores.redis_changes`). Another scan a write interrupted is
   made again, and after `SCAN_ATTEMPTS` of them the table is read in one
@@ -44,7 +45,12 @@ from balancer.stores.base import (
     check_table,
     unreadable_is_corrupt,
 )
-from balancer.stores.redis_answers import printable, utf8
+from balancer.stores.redis_answers import (
+    lost_connection,
+    nothing_sent_on_lost_connection,
+    printable,
+    utf8,
+)
 from balancer.turns import turn
 
 PAUSE_EVERY = 2000        # hosts parsed between two turns of the loop (a big reload)
@@ -98,35 +104,54 @@ class RedisReading(Store):
         """The hash and the version it belongs to (see the module doc). `caught_up`
         (a watcher's) may bring a scan that writes interrupted to one version."""
         with self._talking("read"):
-            raw_version, count = self._raw_shape()
+            _, count = self._raw_shape()
             for _ in range(SCAN_ATTEMPTS if count > SCAN_ABOVE else 0):
-                raw_hosts = self._scan()
-                after: Any = self.client.get(self.version_key)  # (decoded: a str or None)
-                if after == raw_version:  # no write since the first read: one table
+                raw_hosts, raw_version, untouched = self._scan()
+                if untouched:  # neither key changed since the version was read: one table
                     return raw_hosts, raw_version
+                # (the version unmoved, the hash changed: out of the contract, and no
+                # message explains it: `caught_up` finds none after it, scan again)
+                after: Any = self.client.get(self.version_key)  # (decoded: a str or None)
                 caught = None if caught_up is None else caught_up(raw_hosts, raw_version,
                                                                   after)
                 if caught is not None:
                     return raw_hosts, caught
-                raw_version = after
             with self.client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(self.hosts_key)
                 pipe.get(self.version_key)
                 raw_hosts, raw_version = pipe.execute()
         return raw_hosts, raw_version
 
-    def _scan(self) -> dict[str, str]:
+    def _scan(self) -> tuple[dict[str, str], Any, bool]:
         """Every field of the hash, `SCAN_COUNT` a round trip, the loop going round
-        between two (a field may come twice: the dict keeps one)."""
+        between two (a field may come twice: the dict keeps one); the version read
+        before the first; and whether neither key changed meanwhile: both are
+        ``WATCH``ed before that read and an empty ``MULTI``/``EXEC`` follows the last
+        slice, which Redis refuses when anything touched them (a write, a ``FLUSHDB``,
+        an eviction). Bug: a ``FLUSHDB`` during the scan, then a write that brought
+        ``NS:version`` back to the same number (a balancer that knew no version), was
+        kept: the slices read before it and the host after, at the version read."""
         raw_hosts: dict[str, str] = {}
-        cursor = 0
-        while True:
-            reply: Any = self.client.hscan(self.hosts_key, cursor, count=SCAN_COUNT)
-            cursor, found = reply
-            raw_hosts.update(found)
-            if cursor == 0:
-                return raw_hosts
-            turn()
+        with self.client.pipeline(transaction=True) as pipe, \
+                nothing_sent_on_lost_connection():
+            pipe.watch(self.hosts_key, self.version_key)  # commands run at once until multi
+            raw_version: Any = pipe.get(self.version_key)
+            cursor = 0
+            while True:
+                reply: Any = pipe.hscan(self.hosts_key, cursor, count=SCAN_COUNT)
+                cursor, found = reply
+                raw_hosts.update(found)
+                if cursor == 0:
+                    break
+                turn()
+            pipe.multi()
+            try:
+                pipe.execute()
+            except redis.WatchError as exc:
+                if lost_connection(exc) is not None:
+                    raise
+                return raw_hosts, raw_version, False
+        return raw_hosts, raw_version, True
 
     def _parse(self, raw_hosts: Mapping[str, str], raw_version: str | None) -> TableData:
         where = f"{self.display_url} {self.namespace}"
