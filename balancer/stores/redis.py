@@ -17,7 +17,7 @@ Invariants:
   nothing.
 * Reads (`balancer.stores.redis_reads`) keep a table and its version together:
   ``HGETALL`` + ``GET`` in one transaction, a big table in slices (``HSCAN``)
-  between two reads of an unchanged version; a read of one host's rule is
+  kept only if nothing touched its keys meanwhile (``WATCH``); a read of one host's rule is
   ``HGET`` + ``GET``. No ``KEYS``, and nothing here runs per proxied request:
   balancers keep the whole table in memory.
 * Watching (following the table through ``NS:changes``) is
