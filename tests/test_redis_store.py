@@ -19,6 +19,7 @@ from balancer.stores import (
     TableData,
     open_store,
     redact_url,
+    redis_messages,
     redis_reads,
     redis_watch,
 )
@@ -520,6 +521,55 @@ def test_a_big_read_raced_by_what_no_message_explains_is_read_again(
         follower.close()
         writer.close()
         fresh.close()
+
+
+def test_a_whole_table_write_whose_message_comes_after_the_read_is_read_once(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second of two whole-table writes lands before the read the first one's
+    message asked for, and its message reaches the watcher only after that read (a
+    relay holds it until the read is done: it comes on another connection than the
+    read's answer). The read holds the write: nothing more is read. Bug: its
+    message, a version read but never heard, was taken for one published again by
+    hand and read the table a second time. A version heard before and published
+    again is still read again."""
+    ns = namespace()
+    writer = RedisStore(redis_server.url, ns)
+    writer.replace({"a.test": WEB})
+    second: list[int] = []
+
+    def second_write_first(data: bytes) -> None:
+        if b"HGETALL" in data.upper() and armed.is_set() and not second:
+            relay.hold()
+            second.append(writer.replace({"b.test": GONE}))
+    armed = threading.Event()
+    relay = SubscriberHold(redis_server.port, before=second_write_first)
+    read_at = redis_messages.Inbox.read_at
+
+    def then_the_message(inbox: redis_messages.Inbox, *args: float) -> None:
+        read_at(inbox, *args)  # (the version read, the lag)
+        relay.release()
+    monkeypatch.setattr(redis_messages.Inbox, "read_at", then_the_message)
+    follower = RedisStore(f"redis://127.0.0.1:{relay.port}/0", ns, resync_interval=60)
+    reads = WholeReads(redis_server.port, ns)
+    try:
+        with Watcher(follower) as watcher:
+            watcher.wait_version(1, timeout=5)
+            before = reads.count()
+            armed.set()
+            writer.replace({"c.test": WEB})
+            assert watcher.wait_version(3, timeout=5).hosts == {"b.test": GONE}
+            assert second == [3] and not relay.kept
+            writer.put_host("later.test", WEB)  # what follows is applied
+            watcher.wait_version(4, timeout=5)
+            assert reads.count() - before == 1, reads.lines()
+            redis_server.client().publish(f"{ns}:changes", "3")  # heard: look again
+            wait_until(lambda: reads.count() - before == 2, timeout=5,
+                       message="the read a version published again asks for")
+    finally:
+        reads.close()
+        follower.close()
+        writer.close()
+        relay.close()
 
 
 def test_two_whole_table_writes_in_a_row_are_read_whole_once(

@@ -14,7 +14,11 @@ Invariants:
 * Messages a whole read looked at (`Inbox.put_back`) come out again first, in
   their order, but for those of versions up to the one it read, which are in
   what it read (`read_at`): a message is taken from the subscription once,
-  never lost.
+  never lost. So are a whole-table write's messages the read holds that come
+  within `lag` of it, of versions above the highest heard (sent on another
+  connection than the read's answer, they may come after it), once a version
+  was heard on this subscription; one heard before asks for another read
+  (published again by hand: "look again"), as does any before the first.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ class Inbox:
         self.hosts_channel = hosts_channel
         self.announced = -1  # the version ``NS:changed-hosts`` last named hosts for
         self.back: list[Any] = []  # put back by a whole read: handed out first
+        self.heard = -1  # the highest version heard on ``NS:changes``
+        self.read_version = -1  # the version a whole read held ...
+        self.read_until = 0.0  # ... and until when its writes' late messages are dropped
 
     def within(self, seconds: float) -> list[Any]:
         """The messages put back, else those that come within `seconds`; with those
@@ -63,13 +70,16 @@ class Inbox:
         """`messages` (taken from this inbox) to be handed out again, first."""
         self.back = messages + self.back
 
-    def read_at(self, version: int) -> None:
+    def read_at(self, version: int, lag: float) -> None:
         """The table was read whole at `version`: the messages put back or queued up
-        to it are in it (a whole-table write's among them asks for no other read).
-        Bug: two whole-table writes in a row, the second landing before the read the
-        first asked for, were read whole twice (at the second one's message)."""
+        to it are in it (a whole-table write's among them asks for no other read),
+        as are those of versions never heard that come within `lag` (`_kept`).
+        Bugs: two whole-table writes in a row, the second landing before the read
+        the first asked for, were read whole twice (at the second one's message);
+        and so they were when the second one's message came just after the read."""
         self.back = [m for m in self.back + self.queued()
                      if not (is_version_message(m) and _version_of(m) <= version)]
+        self.read_version, self.read_until = version, time.monotonic() + lag
 
     def _kept(self, message: Any) -> list[Any]:
         """[`message`], or [] for the version on ``NS:changes`` announced just before,
@@ -81,8 +91,17 @@ class Inbox:
         if message.get("channel") == self.hosts_channel:
             if len(words) > 1 and words[0].isdecimal():
                 self.announced = int(words[0])
-        elif len(words) == 1 and words[0].isdecimal() and int(words[0]) == self.announced:
-            return []
+        elif len(words) == 1 and words[0].isdecimal():
+            version, heard = int(words[0]), self.heard
+            self.heard = max(heard, version)
+            if version == self.announced:
+                return []
+            # a write the whole read holds, its message late (`read_at`); not before a
+            # message was heard here: the first read's version was written before the
+            # subscription, and its number published then is a hand's "look again"
+            if -1 < heard < version <= self.read_version \
+                    and time.monotonic() < self.read_until:
+                return []
         return [message]
 
 

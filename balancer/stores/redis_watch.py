@@ -184,7 +184,7 @@ class RedisWatching(RedisChanges):
             problems.report(f"{exc}; keeping the last good table")
             return
         self._problem = None
-        inbox.read_at(data.version)
+        inbox.read_at(data.version, MESSAGE_LAG)
         problems.clear(f"{self.display_url}: back to normal at version {data.version}")
         behind = served is not None and data.version < served()
         if not behind and (data == seen.delivered or (
