@@ -42,7 +42,9 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
   one draining after a reload (`writing`: it neither folds, forgets nor writes
   the total again, its successor does; bug: an API request it still answered
   wrote its older total over its successor's, and totals went down; it counts
-  the retired files not folded yet from disk, as with no room to write), and a
+  the retired files not folded yet from disk, as with no room to write; nor
+  does it write a dead worker's retired file: its counters of it stay in its
+  memory, its successor retires it from its own), and a
   worker whose socket went with the directory but whose process lives
   (`os.kill(pid, 0)`), and that has not retired, is counted from its held
   counters until it binds its socket again (`HeldCounters.unlisted`),
@@ -151,8 +153,17 @@ class RetiredCounters:
             or identity in self._read_total()[1]
 
     def _save_unsaved(self) -> None:
+        """Write each dead worker's counters kept in memory as its retired file, unless
+        another management process retired it meanwhile. Not once draining (`writing`
+        False): they stay in memory (counted by `snapshot`) until its successor, which
+        holds its own (newer) counters of that worker, retires it. Bug: an API request
+        a draining process answered retired a worker killed during the reload from
+        its older held counters first; the successor then kept those (`has_retired`):
+        totals went down."""
         for identity, snapshot in list(self.unsaved.items()):
             if not self._on_disk(identity):  # another management process may have retired it
+                if not self.writing:
+                    continue
                 write_json(retired_path(str(self.directory), identity), snapshot)
             del self.unsaved[identity]
 

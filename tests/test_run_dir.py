@@ -23,7 +23,7 @@ import pytest
 
 from balancer.limits import journal_path, reclaim
 from balancer.stores import open_store
-from tests.support import Balancer, constants_prefix, request, wait_for
+from tests.support import Balancer, constants_prefix, metric, request, wait_for
 
 WAIT = 20.0
 
@@ -234,6 +234,68 @@ def test_a_management_process_draining_writes_no_total_in_an_api_answer(
         if successor != "0":
             os.kill(int(successor), signal.SIGCONT)
         held.close()
+        bal.stop()
+
+
+def workers(bal: Balancer) -> list[int]:
+    return [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+
+
+def scraped(bal: Balancer) -> float:
+    """a.test's requests in /metrics: a survey of every host counted, whose answers
+    the management process holds, worker by worker (`HeldCounters`)."""
+    return metric(bal.metrics(), "balancer_requests_total", host="a.test", code="200")
+
+
+def finish(held: socket.socket, port: int) -> bytes:
+    """The answer to the request whose head `held` began."""
+    held.sendall(f"Host: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+    held.settimeout(WAIT)
+    return held.recv(65536)
+
+
+def test_a_management_process_draining_retires_no_worker_in_an_api_answer(
+        tmp_path: Path, runs: Path) -> None:
+    """Bug: a management process draining after a reload, answering an API request
+    in progress, retired a worker killed meanwhile from the counters it held (3
+    requests here, its answer's) before its successor, which held newer ones (7),
+    did; the successor then kept the older ones: totals went down (12 to 8). Its
+    successor retires the worker; it writes nothing."""
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
+                   env={"TMPDIR": str(runs)},
+                   prefix=constants_prefix({"management.history.INTERVAL": 3600,
+                                            "management.process.MANAGEMENT_DRAIN": 20}))
+    first, second = socket.socket(), socket.socket()
+    try:
+        [run_dir] = list(runs.glob("balancer-*"))
+        for _ in range(5):
+            assert request(bal.port, host="a.test")[2] == b"a"
+        [old] = re.findall(r"management (\d+) ready", bal.output())[-1:]
+        for held in (first, second):  # keep it draining: heads never ended, yet
+            held.connect(("127.0.0.1", bal.mport))
+            held.sendall(b"GET /metrics HTTP/1.1\r\n")
+        [first_worker] = workers(bal)
+        reload_and_wait(bal)
+        [worker] = wait_for(lambda: [w for w in workers(bal) if w != first_worker], WAIT,
+                            what="the new generation's worker")
+        for _ in range(3):
+            assert request(bal.port, host="a.test")[2] == b"a"
+        assert b"200 OK" in finish(first, bal.mport)  # the old one holds the worker's 3
+        for _ in range(4):
+            assert request(bal.port, host="a.test")[2] == b"a"
+        assert scraped(bal) == 12  # the successor holds the worker's 7
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: not list(run_dir.glob(f"worker-{worker}.sock")), WAIT,
+                 what="the killed worker's socket gone")
+        assert Path(f"/proc/{old}").exists()  # draining still
+        assert b"200 OK" in finish(second, bal.mport)  # its survey sees the worker gone
+        assert not list(run_dir.glob(f"retired-{worker}-*.json"))  # and retires nothing
+        series = ("balancer_requests_total", (("code", "200"), ("host", "a.test")))
+        assert wait_for(lambda: bal.metrics().get(series), WAIT,  # (once a worker shows it)
+                        what="a.test in /metrics again") == 12
+    finally:
+        first.close()
+        second.close()
         bal.stop()
 
 
