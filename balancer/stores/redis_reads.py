@@ -10,13 +10,13 @@ Invariants:
   ``MULTI``/``EXEC`` after the last slice goes through: Redis refuses it when
   anything touched either key (any write, a ``FLUSHDB``, an eviction, whatever
   the version then reads), and ``HSCAN`` returns every field of a hash that did
-  not change during the scan. A watcher's scan that writes interrupted is brought to the
-  version after them from their messages when they say which hosts changed
-  (`balancer.stores.redis_changes`). Another scan a write interrupted is
-  made again, and after `SCAN_ATTEMPTS` of them the table is read in one
-  ``HGETALL``. (Bug: the
-  reply of one ``HGETALL`` of 100,000 fields was parsed in one call, 110-180
-  ms during which a worker served nothing.)
+  not change during the scan. A watcher's scan that writes interrupted is
+  brought to the version after them from their messages when they say which
+  hosts changed (`balancer.stores.redis_changes`). Another scan a write
+  interrupted is made again, and after `SCAN_ATTEMPTS` of them the table is
+  read in one ``HGETALL``. (Bug: the reply of one ``HGETALL`` of 100,000
+  fields was parsed in one call, 110-180 ms during which a worker served
+  nothing.)
 * A whole read, its decoding and its check run in `balancer.big_loads.loading`
   (no garbage collection walks what they make, in a proxy worker).
 * A read of one host's rule (`host_rule`: a backend edit, a deploy) is
@@ -109,8 +109,8 @@ class RedisReading(Store):
                 raw_hosts, raw_version, untouched = self._scan()
                 if untouched:  # neither key changed since the version was read: one table
                     return raw_hosts, raw_version
-                # (the version unmoved, the hash changed: out of the contract, and no
-                # message explains it: `caught_up` finds none after it, scan again)
+                # touched: writes, which their messages may account for (`caught_up`),
+                # or anything else (the version unmoved: nothing does; scanned again)
                 after: Any = self.client.get(self.version_key)  # (decoded: a str or None)
                 caught = None if caught_up is None else caught_up(raw_hosts, raw_version,
                                                                   after)
