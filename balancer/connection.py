@@ -330,6 +330,10 @@ class ClientConnection:
         """Bound the next waits on `sock` (and any other) to `seconds` from now."""
         self.deadline = self.io.arm(sock, seconds)
 
+    def arm_exactly(self, sock: socket.socket, seconds: float) -> None:
+        """`arm` from the clock as it is, not the watchdog's last tick (`IO.arm_exactly`)."""
+        self.deadline = self.io.arm_exactly(sock, seconds)
+
     def disarm(self) -> None:
         """No deadline (a held request waits on its own timeout)."""
         self.deadline = NEVER

@@ -73,10 +73,12 @@ class ConnectOverdue(ProxyError):
     """The client connection's own deadline (`ClientConnection.arm`, enforced by
     the watchdog: `Overdue`) passed while a connection to the backend was
     still being made, before the backend's connect timeout. A new connection
-    arms it to the connect timeout and a margin (`balancer.relay.arm_connect`),
-    so it passes only when the connect's own timeout could not run in time
-    (a busy worker; a backend name's lookup and addresses share the connect
-    timeout: `balancer.resolve`): a 504 as a backend timeout, but
+    arms it to the connect timeout and a margin, from the clock
+    (`balancer.relay.arm_connect`), and an `Overdue` that comes once the
+    connect's own timeout passed too (a stalled loop ran the watchdog first)
+    is that timeout, the backend's failure (`balancer.pool.Backend._overdue`):
+    so this is only a deadline that passed while the connect still had time
+    (one not armed for it): a 504 as a backend timeout, but
     not the backend's failure (not counted against it, its health untouched),
     not retried on another backend, never held (`spin_when_down`): the
     request is out of time, not its backend out of service. Nothing was

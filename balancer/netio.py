@@ -96,6 +96,13 @@ if TYPE_CHECKING:
     from balancer.connection import ClientConnection
 
 NEVER: Final = float("inf")
+# the deadline of a connection the watchdog found past it, from its `expire` until
+# the Overdue is thrown (`_time_out`, `_expire_parked`): never due again, as NEVER,
+# and told apart from any deadline armed meanwhile (`ClientConnection.arm`,
+# `disarm`), which makes that throw stale: it is dropped (bug: after a stall, the
+# watchdog's tick and a connect's timeout came in one loop iteration, the tick
+# first; the timeout's retry, armed anew, got the Overdue queued before it: a 504)
+EXPIRED: Final = 1.7e308
 HELD_READ: Final = 65536  # bytes a held TLS client's readiness reads through OpenSSL
 # the owners (the ssl module's socket, or gevent's stand-in for it) of the SSL
 # objects of backend connections whose renegotiation `balancer.backend_tls._watch`
@@ -466,6 +473,12 @@ class IO:
         sock.settimeout(seconds)
         return NEVER
 
+    def arm_exactly(self, sock: Any, seconds: float) -> float:
+        """`arm` from the clock as it is, not as of the watchdog's last tick: for a
+        bound that another timer, started now, must come before
+        (`balancer.relay.arm_connect`)."""
+        return self.arm(sock, seconds)
+
     def turn(self) -> Turn:
         """A relay's `balancer.turns.Turn` (with no loop, it never parks)."""
         return Turn(None)
@@ -616,6 +629,9 @@ class GeventIO(IO):
     def arm(self, sock: Any, seconds: float) -> float:
         return self.now + seconds
 
+    def arm_exactly(self, sock: Any, seconds: float) -> float:
+        return time.monotonic() + seconds
+
     def turn(self) -> Turn:
         return Turn(self.hub)
 
@@ -683,13 +699,16 @@ class GeventIO(IO):
         task = conn.task  # (not `conn.task is not None`: mypy would narrow `conn.task`
         if task is not None:  # to None below, and mypyc check it is None at run time)
             return
+        if conn.deadline != EXPIRED:  # armed again since `expire` (the hub served it)
+            return
+        conn.deadline = NEVER
         if conn.stream.watcher.unpark():
             self.resume(self.on_expire, (conn,))
         elif self.on_overdue is not None and self.on_overdue(conn):
             # a request the hub serves: a greenlet waits for its answer instead, and
             # times out there as any other
             self.hand_off(conn)
-            _time_out(conn, conn.task)
+            _throw_overdue(conn, conn.task)
 
     # the watchdog's steps ------------------------------------------------
     def tick(self) -> float:
@@ -703,10 +722,10 @@ class GeventIO(IO):
         for conn in list(self.connections):
             if conn.deadline < now:
                 if conn.task is not None:
-                    conn.deadline = NEVER
+                    conn.deadline = EXPIRED
                     loop.run_callback(_time_out, conn, conn.task)
                 elif not has_come(conn):  # parked, and nothing to see to first
-                    conn.deadline = NEVER
+                    conn.deadline = EXPIRED
                     loop.run_callback(self._expire_parked, conn)
             elif parks and conn.idle and _is_due_to_park(conn, now):
                 if conn.task is not None:
@@ -789,6 +808,14 @@ def _judge_readiness(arg: Any) -> None:
 
 
 def _time_out(conn: Any, task: Any) -> None:
+    """The watchdog's throw, in the loop, for `conn` served by `task`, whose
+    deadline passed: dropped if a deadline was armed since (`EXPIRED`)."""
+    if conn.deadline == EXPIRED:
+        conn.deadline = NEVER
+        _throw_overdue(conn, task)
+
+
+def _throw_overdue(conn: Any, task: Any) -> None:
     """Throw Overdue into `task` if it still serves `conn` (a greenlet goes on
     to another connection once this one closed)."""
     if conn.task is task and not task.dead:
@@ -932,6 +959,9 @@ class TLSIO(IO):
 
     def arm(self, sock: Any, seconds: float) -> float:
         return self.io.arm(sock, seconds)
+
+    def arm_exactly(self, sock: Any, seconds: float) -> float:
+        return self.io.arm_exactly(sock, seconds)
 
     def turn(self) -> Turn:
         return self.io.turn()

@@ -12,11 +12,13 @@ Invariants:
   connect's wait, `ConnectOverdue`, which is not the backend's failure.
 * A new connection for a request is bounded by the connect timeout (a TLS
   handshake included: `connect_tls`); the caller arms the client
-  connection's deadline to `connect_bound` first (`balancer.relay.arm_connect`),
-  so the connect's own timeout fires first and is the backend's failure (a
-  name's lookup and its addresses included: `balancer.resolve`, whose
-  `Unresolved` becomes `ResolveError` here). A pooled connection is taken
-  with no arming.
+  connection's deadline to `connect_bound` first, from the clock
+  (`balancer.relay.arm_connect`), so the connect's own timeout fires first
+  and is the backend's failure (a name's lookup and its addresses included:
+  `balancer.resolve`, whose `Unresolved` becomes `ResolveError` here). The
+  watchdog's `Overdue` thrown into a connect past its own timeout (a stalled
+  loop ran the watchdog first) is that timeout all the same (`_overdue`). A
+  pooled connection is taken with no arming.
 * An idle connection on which anything arrived (a stray response, a `408`
   before the backend closes, EOF) is closed, never handed out: those bytes
   belong to no request (`balancer.netio.Stream.is_clean`, which costs no
@@ -74,8 +76,15 @@ from typing import Any, Final
 
 from balancer.addr import Address, parse_backend_addr
 from balancer.backend_tls import BackendTLS, keepable
-from balancer.errors import ConnectError, ConnectOverdue, Overdue, ProxyError, ResolveError
-from balancer.netio import IO, Stream, begin_connect, connect_blocking, connect_ended
+from balancer.errors import (
+    BackendTLSError,
+    ConnectError,
+    ConnectOverdue,
+    Overdue,
+    ProxyError,
+    ResolveError,
+)
+from balancer.netio import IO, NEVER, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
 from balancer.resolve import HOLD, Name, Unresolved
 from balancer.response_parser import HeadMemo, ResponseParser
@@ -262,7 +271,7 @@ class Backend:
     def connect(self) -> Upstream:
         """A new connection to the backend (idle ones of any backend closed first
         if the clients need their descriptors); errors become ConnectError."""
-        return self._upstream(self._connected())
+        return self._upstream(self._connected(MONOTONIC() + self.connect_timeout))
 
     def start_connect(self) -> tuple[socket.socket, int]:
         """`connect`'s first step, with no wait (the hub's, `balancer.inline`: only
@@ -296,7 +305,7 @@ class Backend:
         try:
             io.complete_connect(sock, EINPROGRESS, by - MONOTONIC())
         except OSError as exc:
-            raise self._connect_error(exc) from None
+            raise self._connect_error(exc, by) from None
         return self._upstream(_nodelay(sock))
 
     def _upstream(self, sock: socket.socket) -> Upstream:
@@ -311,10 +320,11 @@ class Backend:
         tls = self.tls
         assert tls is not None  # only https:// backends have pool keys
         try:
-            sock = tls.secure(self._connected(True), key, self.key, deadline, self.io.bounded,
-                              self.tls_sessions.get(key))
-        except Overdue as exc:  # (`secure` closed the socket)
-            raise self._connect_error(exc) from None
+            sock = tls.secure(self._connected(deadline, True), key, self.key, deadline,
+                              self.io.bounded, self.tls_sessions.get(key))
+        except Overdue:  # (`secure` closed the socket)
+            raise self._overdue(BackendTLSError(f"{self.key}: TLS handshake timed out"),
+                                deadline) from None
         sock.settimeout(None)  # waits are bounded by the connection's `arm`
         return self._own(Upstream(self.io.tls_stream(sock), key))
 
@@ -332,14 +342,15 @@ class Backend:
             return self.connect_tls(upstream.pool)
         return self.connect()
 
-    def _connected(self, tls: bool = False) -> socket.socket:
-        """A connected TCP socket to the backend (the socket module's for `tls`:
-        gevent's SSL wraps it); errors become ConnectError."""
+    def _connected(self, by: float, tls: bool = False) -> socket.socket:
+        """A TCP socket to the backend connected by `by` (monotonic: the connect
+        timeout from now), the socket module's for `tls` (gevent's SSL wraps
+        it); errors become ConnectError."""
         self._make_room()
         try:
-            sock = self._open(tls)
+            sock = self._open(tls, by)
         except OSError as exc:
-            raise self._connect_error(exc) from None
+            raise self._connect_error(exc, by) from None
         return _nodelay(sock)
 
     def _make_room(self) -> None:
@@ -349,25 +360,38 @@ class Backend:
         if budget.idle and budget.idle > budget.room(0):
             budget.make_room()
 
-    def _connect_error(self, exc: OSError) -> ProxyError:
-        """The ConnectError of a connect that raised `exc`, or ConnectOverdue if
-        that is the watchdog's (`Overdue`: the client connection's deadline
-        passed first, not the connect timeout), told apart only once raised."""
+    def _connect_error(self, exc: OSError, by: float = NEVER) -> ProxyError:
+        """The ConnectError of a connect that raised `exc`, or the watchdog's
+        `Overdue` as `_overdue` judges it for a connect that times out at `by`
+        (monotonic; a step that never waits has none), told apart only once
+        raised."""
         if isinstance(exc, Overdue):
-            return ConnectOverdue(f"{self.key}: the request's deadline passed while "
-                                  f"connecting")
+            return self._overdue(ConnectError(f"{self.key}: timed out"), by)
         if isinstance(exc, Unresolved):
             return ResolveError(f"{self.key}: {exc}")
         return ConnectError(f"{self.key}: {exc.strerror or exc}")
 
-    def _open(self, tls: bool) -> socket.socket:
-        """Connect: an IP address through the worker's `IO` (gevent's: the OS
-        socket, non-blocking), a name and a TLS connection with the socket
-        module's socket (`dial`)."""
+    def _overdue(self, timed_out: ConnectError, by: float) -> ProxyError:
+        """What the watchdog's `Overdue` (the client connection's deadline passed)
+        thrown into a connect that times out at `by` (monotonic) ends in: the
+        request out of time (ConnectOverdue) only while `by` is ahead. Once `by`
+        passed, `timed_out`, what the connect's own timeout raises there (the
+        backend's failure): both passed (a loop stalled past them runs the
+        watchdog's tick, or the Overdue it queued, before the connect's timer),
+        and the connect's is what the request reports, whichever came first."""
+        if MONOTONIC() < by:
+            return ConnectOverdue(f"{self.key}: the request's deadline passed while "
+                                  f"connecting")
+        return timed_out
+
+    def _open(self, tls: bool, by: float) -> socket.socket:
+        """Connect by `by` (the connect timeout from now): an IP address through the
+        worker's `IO` (gevent's: the OS socket, non-blocking), a name and a TLS
+        connection with the socket module's socket (`dial`)."""
         addr = self.address
         if self.is_literal and not tls:
             return self.io.connect(self.family, (addr.host, addr.port), self.connect_timeout)
-        return self.dial(time.monotonic() + self.connect_timeout)
+        return self.dial(by)
 
     def dial(self, deadline: float) -> socket.socket:
         """The socket module's socket connected to the backend by `deadline`

@@ -611,9 +611,17 @@ def arm_connect(ex: Exchange, backend: Backend) -> None:
     first byte). The connect timeout then fires first (the backend's failure);
     the deadline cuts only what it does not bound (`ConnectOverdue`). What
     follows arms again: the request sent (backend_read), the body's reads
-    (client_idle)."""
+    (client_idle).
+
+    Invariant: the deadline is never before the connect's own timeout, which
+    starts after it, from the clock: so it is armed from the clock too
+    (`arm_exactly`), not from the watchdog's last tick (bug: after a stall
+    that tick was older than the margin, and the deadline cut a connect that
+    still had time: a 504, not the backend's failure). When both passed (a
+    loop stalled past them), the connect's timeout is what the request
+    reports, whichever the loop runs first (`Backend._overdue`)."""
     conn = ex.conn
-    conn.arm(conn.sock, backend.connect_bound)
+    conn.arm_exactly(conn.sock, backend.connect_bound)
 
 
 def renew(ex: Exchange, backend: Backend, upstream: Upstream) -> Upstream:
