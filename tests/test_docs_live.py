@@ -1,0 +1,358 @@
+"""The references say what a running balancer does: every metric family of
+docs/metrics.md (name, type, labels, label values) is what `/metrics` exports
+after traffic through every kind of path, and every error of docs/api.md is
+answered with its status where its trigger is cheap. One `balancer serve`
+(file store, a TLS listener, a token) for the module."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import ROOT, Backend, Balancer, dead_address, request, wait_for
+from tests.test_tls import CA, client_context, https_get, put_cert
+
+TOKEN = "docs-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CERT_HOSTS = ("app.test",)
+
+# SPEC §7's families and labels: the names dashboards and alerts are written
+# against (docs/metrics.md may add families, never rename these)
+SPEC_METRICS = {
+    "balancer_requests_total": {"host", "code"},
+    "balancer_request_duration_seconds": {"host"},
+    "balancer_bytes_received_total": {"host"},
+    "balancer_bytes_sent_total": {"host"},
+    "balancer_open_connections": set(),
+    "balancer_open_requests": {"host"},
+    "balancer_backend_requests_total": {"host", "backend", "outcome"},
+    "balancer_backend_up": {"host", "backend"},
+    "balancer_spinning_requests": {"host"},
+    "balancer_routing_version": set(),
+    "balancer_config_reloads_total": set(),
+    "balancer_store_up": set(),
+}
+
+
+class Live:
+    """The balancer of this module and its management API, token included."""
+
+    def __init__(self, bal: Balancer) -> None:
+        self.bal = bal
+
+    def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+             headers: dict[str, str] | None = None, token: bool = True
+             ) -> tuple[int, dict[str, str], Any]:
+        """(status, headers lower-cased, JSON body or bytes) of one API request."""
+        sent = dict(AUTH) if token else {}
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent["Content-Type"] = "application/json"
+        sent.update(headers or {})
+        conn = http.client.HTTPConnection("127.0.0.1", self.bal.mport, timeout=10)
+        try:
+            conn.request(method, path, body=data, headers=sent)
+            resp = conn.getresponse()
+            payload = resp.read()
+        finally:
+            conn.close()
+        answer: Any = payload
+        if resp.getheader("Content-Type", "").startswith("application/json"):
+            answer = json.loads(payload)
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, answer
+
+    def error(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, str]:
+        """(status, `error` code) of a request the API refuses."""
+        status, _, answer = self.call(method, path, body, **kw)
+        assert isinstance(answer, dict) and "error" in answer, (method, path, status, answer)
+        return status, answer["error"]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    tmp = tmp_path_factory.mktemp("docs_live")
+    backend = Backend("docs")
+    routes = tmp / "routes.json"
+    proxy = {"action": "proxy", "backends": [backend.address]}
+    hosts = {
+        "app.test": proxy,
+        "limited.test": {**proxy, "limits": {"rate": 0.01, "burst": 1}},
+        "down.test": {"action": "proxy", "backends": [dead_address()]},
+        "spin.test": {"action": "spin", "timeout": 0.1},
+        "static.test": {"action": "static", "page": "maintenance"},
+        "acme.test": {**proxy, "tls": "acme"},
+        "deploy.test": proxy,
+    }
+    routes.write_text(json.dumps({"version": 1, "hosts": hosts}))
+    for host in CERT_HOSTS:
+        put_cert(routes, host)
+    config = (f'[timeouts]\nclient_header = 0.5\n[management]\ntoken = "{TOKEN}"\n'
+              '[acme]\ndirectory = "http://127.0.0.1:1/directory"\n')
+    bal = Balancer(tmp, args=["--tls-listen", "127.0.0.1:0"], config=config)
+    try:
+        yield Live(bal)
+    finally:
+        bal.stop()
+        backend.stop()
+
+
+# metrics --------------------------------------------------------------------------
+
+def documented_metrics() -> dict[str, tuple[str, set[str], str]]:
+    """docs/metrics.md's table: name -> (type, labels, what)."""
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    rows = re.findall(r"^\| `(balancer_\w+)` \| (\w+) \| ([^|]*) \| (.*) \|$", doc, re.M)
+    assert len(rows) >= len(SPEC_METRICS)
+    return {name: (kind, set(re.findall(r"`(\w+)`", labels)), what)
+            for name, kind, labels, what in rows}
+
+
+def drive_every_path(live: Live) -> None:
+    """A request through each kind of path whose series the docs describe."""
+    port = live.bal.port
+    assert request(port, host="app.test")[0] == 200
+    assert [request(port, host="limited.test")[0] for _ in range(2)] == [200, 429]
+    assert request(port, host="down.test")[0] == 502
+    assert request(port, host="spin.test")[0] == 504
+    assert request(port, host="static.test")[0] == 503
+    assert request(port, host="nowhere.test")[0] == 404
+    tls = live.bal.ports["tls"]
+    assert https_get(tls, "app.test", client_context(live.bal.tmp))[0] == 200
+    with socket.create_connection(("127.0.0.1", tls), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")  # plain HTTP: protocol_error
+        sock.recv(100)
+
+
+def exported(text: str) -> dict[str, tuple[str, set[str], dict[str, set[str]]]]:
+    """Each family of `/metrics`: name -> (type, labels, values of each label)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {}
+    for family in text_string_to_metric_families(text):
+        values: dict[str, set[str]] = {}
+        for sample in family.samples:
+            for label, value in sample.labels.items():
+                values.setdefault(label, set()).add(value)
+        values.pop("le", None)  # the histogram's buckets, not a label of the family
+        # prometheus_client names a counter family without its `_total`
+        name = family.name + ("_total" if family.type == "counter" else "")
+        found[name] = (family.type, set(values), values)
+    return found
+
+
+def scrape_when(live: Live, ready: Any) -> str:
+    """`/metrics` once `ready(families)` holds (the issuer's first pass, the
+    worker's counters reach the management process within its sampling)."""
+    text = ""
+
+    def scraped() -> bool:
+        nonlocal text
+        status, _, body = live.call("GET", "/metrics")
+        assert status == 200, (status, body)
+        text = body.decode()
+        return ready(exported(text))
+    wait_for(scraped, timeout=15, what="every family with its series")
+    return text
+
+
+def test_metrics_reference_is_what_the_balancer_exports(live: Live) -> None:
+    drive_every_path(live)
+    documented = documented_metrics()
+    text = scrape_when(live, lambda found: all(
+        found.get(name, ("", set()))[1] == labels for name, (_, labels, _) in documented.items()))
+    found = exported(text)
+    assert set(found) == set(documented), (
+        f"exported, not in docs/metrics.md: {sorted(set(found) - set(documented))}; "
+        f"in docs/metrics.md, not exported: {sorted(set(documented) - set(found))}")
+    for name, (kind, labels, what) in documented.items():
+        assert found[name][:2] == (kind, labels), f"{name}: docs say {kind} {labels}"
+        for label in labels - {"host", "backend", "code"}:  # those are names, not a fixed set
+            for value in found[name][2][label]:
+                assert f"`{value}`" in what, f"{name}: {label}={value} not in docs/metrics.md"
+    buckets = sorted(float(le) for le in re.findall(
+        r'^balancer_request_duration_seconds_bucket\{[^}]*le="([^"+]+)"', text, re.M))
+    assert (buckets[0], buckets[-1]) == (0.005, 60.0)  # "buckets 5 ms to 60 s"
+    for name, labels in SPEC_METRICS.items():
+        assert name in found and found[name][1] == labels, name
+
+
+def test_metrics_table_is_read_with_its_types_and_labels() -> None:
+    documented = documented_metrics()
+    assert documented["balancer_backend_requests_total"][:2] == (
+        "counter", {"host", "backend", "outcome"})
+    assert documented["balancer_open_connections"][1] == set()
+
+
+# API errors -------------------------------------------------------------------------
+
+def documented_errors() -> dict[str, int]:
+    errors = (ROOT / "docs" / "api.md").read_text().split("## Errors")[1].split("\n## ")[0]
+    return {code: int(status) for status, code in
+            re.findall(r"^\| (\d{3}) \| `(\w+)` \|", errors, re.M)}
+
+
+# documented errors no cheap request of a healthy balancer triggers, and where
+# they are tested instead
+NOT_TRIGGERED_HERE = {
+    "internal_error": "a bug (tests/test_management_app.py)",
+    "store_unavailable": "Redis down (tests/test_redis_integration.py)",
+    "store_not_replicated": "Redis replicas (tests/test_redis_replicas.py)",
+    "workers_unreachable": "run directory removed (tests/test_run_dir.py)",
+    "metrics_unavailable": "prometheus-client broken (tests/test_management_app.py)",
+    "store_full": "disk full (tests/test_file_store.py)",
+}
+
+
+def raw_error(live: Live, length: int, body: bytes) -> tuple[int, str]:
+    """(status, `error` code) of a write announcing `length` bytes of body and
+    sending `body`; the answer is read until the server closes."""
+    with socket.create_connection(("127.0.0.1", live.bal.mport), timeout=10) as sock:
+        sock.sendall(b"PUT /api/v1/hosts/x.test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % length + body)
+        answer = b""
+        for _ in range(64):  # the connection is closed after the answer
+            chunk = sock.recv(65536)
+            if not chunk:
+                head, _, json_body = answer.partition(b"\r\n\r\n")
+                return int(head.split()[1]), json.loads(json_body)["error"]
+            answer += chunk
+        raise AssertionError(f"the connection stayed open after {answer[:200]!r}")
+
+
+def cheap_triggers(live: Live, tmp: Path) -> Iterator[tuple[str, int, str]]:
+    """(expected code, status, code) for each error a request can cause here."""
+    chain, key = CA.issue("app.test")
+    yield "invalid_rule", *live.error("PUT", "/api/v1/hosts/x.test", {"action": "proxy"})
+    yield "invalid_deploy", *live.error("POST", "/api/v1/hosts/deploy.test/deploy",
+                                        {"backends": []})
+    yield "invalid_certificate", *live.error("PUT", "/api/v1/certs/app.test",
+                                             {"chain": "x", "key": "y"})
+    yield "invalid_host", *live.error("PUT", "/api/v1/certs/-bad-", {"chain": chain, "key": key})
+    yield "invalid_json", *live.error("PUT", "/api/v1/hosts/x.test", raw=b"{",
+                                      headers={"Content-Type": "application/json"})
+    yield "invalid_header", *live.error("PUT", "/api/v1/hosts/x.test", {"action": "spin"},
+                                        headers={"If-Match": "twelve"})
+    yield "bad_request", *live.error("GET", "/api/v1/stats?limit=0")
+    yield "unauthorized", *live.error("GET", "/api/v1/hosts", token=False)
+    yield "host_not_allowed", *live.error("GET", "/api/v1/hosts",
+                                          headers={"Host": "evil.example"})
+    yield "cross_origin", *live.error("GET", "/api/v1/hosts",
+                                      headers={"Origin": "http://evil.example"})
+    yield "not_found", *live.error("GET", "/api/v1/nothing")
+    yield "method_not_allowed", *live.error("DELETE", "/api/v1/stats")
+    yield "request_timeout", *raw_error(live, 10, b"{")  # the rest never comes
+    yield "deploy_in_progress", *two_deploys(live)
+    yield "nothing_to_roll_back", *live.error("POST", "/api/v1/hosts/app.test/rollback")
+    yield "not_acme", *live.error("POST", "/api/v1/certs/app.test/issue")
+    yield "version_conflict", *live.error("PUT", "/api/v1/hosts/x.test", {"action": "spin"},
+                                          headers={"If-Match": '"0"'})
+    yield "payload_too_large", *raw_error(live, 1024 * 1024 + 1, b"{")
+    yield "unsupported_media_type", *live.error("PUT", "/api/v1/hosts/x.test", raw=b"{}",
+                                                headers={"Content-Type": "text/plain"})
+    yield from damaged_store(live, tmp)
+
+
+def two_deploys(live: Live) -> tuple[int, str]:
+    """The second of two deploys of one host (the first waits for a backend that
+    never answers, until the balancer stops)."""
+    body = {"backends": [dead_address()], "ready_timeout": 60}
+    status, _, answer = live.call("POST", "/api/v1/hosts/deploy.test/deploy", body)
+    assert status == 202, answer
+    return live.error("POST", "/api/v1/hosts/deploy.test/deploy", body)
+
+
+def damaged_store(live: Live, tmp: Path) -> Iterator[tuple[str, int, str]]:
+    """The store's errors: its file lost, then damaged, each repaired after."""
+    routes = tmp / "routes.json"
+    kept = routes.read_bytes()
+    routes.unlink()
+    yield "store_lost", *live.error("PUT", "/api/v1/hosts/x.test", {"action": "spin"})
+    status, _, answer = live.call("POST", "/api/v1/restore")
+    assert status == 200, answer
+    yield "nothing_to_restore", *live.error("POST", "/api/v1/restore")
+    kept = routes.read_bytes()
+    routes.write_text("{not json")
+    yield "store_corrupt", *live.error("PUT", "/api/v1/hosts/x.test", {"action": "spin"})
+    routes.write_bytes(kept)
+    certs = tmp / "routes.json.certs.json"
+    chain, key = CA.issue("app.test")
+    certs.write_text("{not json")
+    yield "certs_corrupt", *live.error("PUT", "/api/v1/certs/app.test",
+                                       {"chain": chain, "key": key})
+    certs.unlink()
+    yield "certs_lost", *live.error("PUT", "/api/v1/certs/app.test",
+                                    {"chain": chain, "key": key})
+    status, _, answer = live.call("POST", "/api/v1/certs/restore")
+    assert status == 200 and answer["restored"] == len(CERT_HOSTS), answer
+    assert certs.exists()
+
+
+def test_every_documented_error_is_answered_with_its_status(live: Live) -> None:
+    documented = documented_errors()
+    answered = {}
+    for expected, status, code in cheap_triggers(live, live.bal.tmp):
+        assert code == expected, (expected, status, code)
+        answered[code] = status
+    assert set(answered) | set(NOT_TRIGGERED_HERE) == set(documented), (
+        "docs/api.md errors neither triggered here nor listed in NOT_TRIGGERED_HERE: "
+        f"{sorted(set(documented) - set(answered) - set(NOT_TRIGGERED_HERE))}; "
+        f"answered but not documented: {sorted(set(answered) - set(documented))}")
+    for code, status in answered.items():
+        assert documented[code] == status, f"{code}: docs/api.md says {documented[code]}"
+
+
+def test_documented_answer_headers(live: Live) -> None:
+    """docs/api.md's introduction, Authentication and Errors."""
+    status, headers, _ = live.call("GET", "/api/v1/hosts", token=False)
+    assert (status, headers["www-authenticate"]) == (401, 'Bearer realm="balancer"')
+    status, headers, _ = live.call("DELETE", "/api/v1/stats")
+    assert (status, headers["allow"]) == (405, "GET, HEAD")
+    status, headers, _ = live.call("GET", "/api/v1/hosts")
+    assert status == 200
+    assert (headers["cache-control"], headers["x-content-type-options"]) == ("no-store", "nosniff")
+    assert re.fullmatch(r'"\d+"', headers["etag"])
+    assert live.call("GET", "/api/v1/hosts", headers={"If-None-Match": headers["etag"]})[0] == 304
+    assert live.call("GET", "/metrics")[1]["cache-control"] == "no-store"
+    static = sorted((ROOT / "management" / "static").iterdir())[0].name
+    status, headers, _ = live.call("GET", f"/static/{static}", token=False)
+    assert (status, headers["cache-control"]) == (200, "no-cache")
+    assert live.call("GET", "/healthz", token=False)[0] == 200
+    assert live.call("GET", "/readyz", token=False)[0] == 401
+
+
+# (route, parameter, the largest or smallest value taken, the next one refused,
+# what docs/api.md says of it)
+QUERY_BOUNDS = [
+    ("/api/v1/stats", "limit", "10000", "10001", "`?limit=N` (1 to 10,000)"),
+    ("/api/v1/stats", "limit", "1", "0", "`?limit=N` (1 to 10,000)"),
+    ("/api/v1/top", "limit", "100", "101", "`limit`: 1 to 100 (default 10)"),
+    ("/api/v1/top", "window", "300", "301", "`window`: seconds, 1 to 300 (default 60)"),
+    ("/api/v1/top", "by", "in_flight", "speed", "refused) or `in_flight` (requests open now"),
+    ("/api/v1/top", "group", "backend", "country", "`app.example.com/api`) or `backend`."),
+    ("/api/v1/inflight", "min_age", "0", "-1", "at least that many seconds (default 0)"),
+    ("/api/v1/history", "since", "3600", "3601", "`since`: seconds back, 1 to 3600"),
+    ("/api/v1/history", "since", "1", "0.5", "`since`: seconds back, 1 to 3600"),
+]
+
+
+@pytest.mark.parametrize("route, name, taken, refused, doc", QUERY_BOUNDS,
+                         ids=[f"{r}?{n}={v}" for r, n, _, v, _ in QUERY_BOUNDS])
+def test_query_parameters_take_what_the_docs_say(live: Live, route: str, name: str, taken: str,
+                                                 refused: str, doc: str) -> None:
+    text = " ".join((ROOT / "docs" / "api.md").read_text().split())  # lines rewrapped
+    assert doc in text, f"docs/api.md no longer says {doc!r}"
+    status, _, answer = live.call("GET", f"{route}?{name}={taken}&unknown=1")
+    assert status == 200, answer
+    status, _, answer = live.call("GET", f"{route}?{name}={refused}")
+    assert (status, answer["error"]) == (400, "bad_request"), answer
+    assert any(problem.startswith(f"{name}: ") for problem in answer["details"]), answer
