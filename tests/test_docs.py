@@ -411,3 +411,78 @@ def test_every_metric_is_documented() -> None:
     assert len(names) >= 12
     for name in sorted(names):
         assert f"| `{name}` |" in doc, f"docs/metrics.md has no row for {name}"
+
+
+# what the product has, the references show ------------------------------------------
+
+def _flags_of(command: str, args: list[str]) -> set[str]:
+    """The options ``COMMAND ARGS... --help`` lists (but --help)."""
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", _help(command, args))) - {"--help"}
+
+
+def _commands_block() -> dict[str, str]:
+    """The README's Commands block: each command's lines, joined."""
+    joined: dict[str, str] = {}
+    for _, command, words in _synopsis("README.md", next(
+            block for lang, block in _blocks(ROOT / "README.md")
+            if lang == "" and block.startswith("balancer serve"))):
+        joined[command] = joined.get(command, "") + " " + " ".join(words)
+    return joined
+
+
+def test_readme_commands_block_has_every_flag() -> None:
+    block = _commands_block()
+    shown = {command: set(FLAG.findall(text)) for command, text in block.items()}
+    wanted = {"balancer": _flags_of("balancer", ["serve"]),
+              "loadtest": _flags_of("loadtest", ["run"]) | _flags_of("loadtest", ["preflight"]),
+              "balancerctl": _flags_of("balancerctl", []).union(
+                  *(_flags_of("balancerctl", [sub]) for sub in _subcommands_of("balancerctl")))}
+    for command, flags in wanted.items():
+        assert flags <= shown[command], (
+            f"README Commands block: {command} lacks {sorted(flags - shown[command])}")
+
+
+def test_balancerctl_reference_has_every_option_of_each_command() -> None:
+    api = (ROOT / "docs" / "api.md").read_text().split("## balancerctl")[1]
+    common = _flags_of("balancerctl", [])
+    for name in ["--url", "--token", "--timeout", "--json"]:
+        assert name in common and f"`{name}" in api, f"docs/api.md: balancerctl {name}"
+    for sub in _subcommands_of("balancerctl"):
+        nested = re.findall(rf"^\| `{sub} ([a-z]+)\b", api, re.M)
+        for words in [[sub, n] for n in nested] or [[sub]]:
+            row = next(line for line in api.splitlines()
+                       if line.startswith(f"| `{' '.join(words)}"))
+            cell = row.split("|")[1]
+            missing = _flags_of("balancerctl", words) - common - set(FLAG.findall(cell))
+            assert not missing, f"docs/api.md: balancerctl {' '.join(words)} lacks {missing}"
+
+
+def test_serve_flags_are_the_settings_flags() -> None:
+    """Each `balancer serve` option is a setting's flag (docs/settings.md's flag
+    column), but --config, which names the file they are read from."""
+    assert _flags_of("balancer", ["serve"]) == {s.flag for s in SETTINGS if s.flag} | {"--config"}
+
+
+def test_loadtest_reference_has_every_scenario_and_target() -> None:
+    from loadtest.cli import PROXY_TARGETS
+    from loadtest.scenarios import SCENARIOS
+
+    doc = (ROOT / "docs" / "loadtest.md").read_text()
+    targets, scenarios = doc.split("## Scenarios")[0], doc.split("## Scenarios")[1]
+    assert set(re.findall(r"^\| `([a-z]+)` \|", scenarios, re.M)) == set(SCENARIOS)
+    assert set(re.findall(r"^\| `([a-z]+)` \|", targets, re.M)) == set(PROXY_TARGETS)
+
+
+def test_api_reference_routes_all_exist() -> None:
+    """The other way round from test_api_reference_documents_every_route: no row
+    for a route the app does not have."""
+    from management.app import URL_MAP
+
+    routes: set[tuple[str, str]] = set()
+    for rule in URL_MAP.iter_rules():
+        path = re.sub(r"<(?:\w+:)?(\w+)>", lambda m: PLACEHOLDERS[m.group(1)], rule.rule)
+        routes |= {(method, path) for method in rule.methods - {"HEAD", "OPTIONS"}}
+    table = (ROOT / "docs" / "api.md").read_text().split("## Routes")[1].split("\n## ")[0]
+    docs_routes = set(re.findall(r"^\| `([A-Z]+) (/\S*)` \|", table, re.M))
+    assert len(docs_routes) >= 25
+    assert docs_routes <= routes, f"docs/api.md rows with no route: {docs_routes - routes}"
