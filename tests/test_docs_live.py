@@ -1,8 +1,10 @@
 """The references say what a running balancer does: every metric family of
 docs/metrics.md (name, type, labels, label values) is what `/metrics` exports
-after traffic through every kind of path, and every error of docs/api.md is
-answered with its status where its trigger is cheap. One `balancer serve`
-(file store, a TLS listener, a token) for the module."""
+after traffic through every kind of path; every error of docs/api.md is
+answered with its status where its trigger is cheap; the documented headers
+and query parameter bounds hold; the JSON examples of docs/api.md and
+docs/deploys.md have the fields the answers have. One `balancer serve` (file
+store, a TLS listener, a token) for the module."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import http.client
 import json
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,9 @@ import pytest
 
 from tests.support import ROOT, Backend, Balancer, dead_address, request, wait_for
 from tests.test_tls import CA, client_context, https_get, put_cert
+
+# one balancer for the module: its tests go to one xdist worker
+pytestmark = pytest.mark.xdist_group("docs_live")
 
 TOKEN = "docs-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -356,3 +362,86 @@ def test_query_parameters_take_what_the_docs_say(live: Live, route: str, name: s
     status, _, answer = live.call("GET", f"{route}?{name}={refused}")
     assert (status, answer["error"]) == (400, "bad_request"), answer
     assert any(problem.startswith(f"{name}: ") for problem in answer["details"]), answer
+
+
+# answer shapes ------------------------------------------------------------------------
+
+# objects keyed by a name (a host, a backend address, an outcome), not by a field
+NAMED = {"hosts", "backends", "outcomes", "acme"}
+
+
+def key_paths(value: Any, path: str = "") -> set[str]:
+    """Every field of a JSON value as a dotted path; `[]` for a list's items, `*`
+    for the keys of an object in `NAMED`."""
+    found: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{'*' if path.rsplit('.', 1)[-1] in NAMED else key}".lstrip(".")
+            found |= {inner} | key_paths(item, inner)
+    elif isinstance(value, list):
+        for item in value:
+            found |= key_paths(item, f"{path}.[]")
+    return found
+
+
+def documented_example(doc: str, marker: str) -> Any:
+    """The first ```json block after `marker` in docs/`doc` (``[...]`` read as ``[]``)."""
+    text = (ROOT / "docs" / doc).read_text()
+    assert marker in text, f"docs/{doc} no longer has {marker!r}"
+    block = re.search(r"```json\n(.*?)```", text[text.index(marker):], re.S)
+    assert block is not None, marker
+    return json.loads(block.group(1).replace("[...]", "[]"))
+
+
+def start_deploy(live: Live, backend: Backend) -> str:
+    """The path of the record of a deploy of shape.test to `backend`, started."""
+    status, _, answer = live.call("POST", "/api/v1/hosts/shape.test/deploy",
+                                  {"backends": [backend.address], "warmup": 0})
+    assert status == 202, answer
+    return f"/api/v1/deploys/{answer['deploy']['id']}"
+
+
+def ended(live: Live, path: str) -> dict[str, Any]:
+    """The record at `path` once its deploy has ended, done."""
+    wait_for(lambda: live.call("GET", path)[2]["deploy"]["state"] != "running", timeout=15,
+             what="the deploy to end")
+    record = live.call("GET", path)[2]["deploy"]
+    assert record["state"] == "done", record
+    return record
+
+
+def test_documented_answers_have_the_fields_answered(live: Live) -> None:
+    """Every field of the JSON examples of docs/api.md and docs/deploys.md is in the
+    answer, and every field answered is in the example (fields under a name, as
+    `hosts.*`, and of a list's items may be fewer: the example shows several
+    states at once, and a list may be empty)."""
+    backend, new = Backend("shape-a"), Backend("shape-b")
+    try:
+        rule = {"action": "proxy", "backends": [backend.address]}
+        assert live.call("PUT", "/api/v1/hosts/shape.test", rule)[0] == 200
+        assert request(live.bal.port, host="shape.test")[0] == 200
+        slow = threading.Thread(target=request, args=(live.bal.port,),
+                                kwargs={"host": "shape.test", "path": "/slow?s=1"})
+        slow.start()
+        wait_for(lambda: live.call("GET", "/api/v1/inflight")[2]["requests"], timeout=5,
+                 what="a request in flight")
+        deploy = start_deploy(live, new)  # its drain waits for the slow request
+        answers = {marker: live.call("GET", path)[2] for marker, path in (
+            ("`GET /api/v1/stats`:", "/api/v1/stats?host=shape.test"),
+            ("`GET /api/v1/info`:", "/api/v1/info"),
+            ("`GET /api/v1/top?", "/api/v1/top?group=host"),
+            ("`GET /api/v1/inflight?min_age=5`", "/api/v1/inflight"),
+            ("`GET /api/v1/history?", "/api/v1/history"),
+            ("`GET /api/v1/acme` shows", "/api/v1/acme"))}
+        record = ended(live, deploy)
+        slow.join(10)
+    finally:
+        backend.stop()
+        new.stop()
+    examples = [("api.md", marker, answer) for marker, answer in answers.items()]
+    examples.append(("deploys.md", "`GET /api/v1/deploys/ID`. A record:", record))
+    for doc, marker, answer in examples:
+        shown, answered = key_paths(documented_example(doc, marker)), key_paths(answer)
+        assert answered <= shown, f"docs/{doc} {marker}: fields not shown: {answered - shown}"
+        missing = {path for path in shown - answered if "*" not in path and "[]" not in path}
+        assert not missing, f"docs/{doc} {marker}: fields not answered: {missing}"
