@@ -169,6 +169,16 @@ def _commands_shown() -> Iterator[tuple[str, str, list[str]]]:
                         yield where, words[0], words[1:]
             elif lang == "" and block.lstrip().startswith("balancer serve"):
                 yield from _synopsis(where, block)
+        yield from _inline_commands(where, path)
+
+
+def _inline_commands(where: str, path: Path) -> Iterator[tuple[str, str, list[str]]]:
+    """Commands with flags in the prose's code spans (`loadtest run --scenario idle`)."""
+    text = FENCE.sub("", path.read_text())
+    for span in re.findall(r"`((?:balancer|balancerctl|loadtest) [^`]*)`", text):
+        command, *words = span.split()
+        if words[:1] != [] and words[0].islower() and any(FLAG.match(word) for word in words):
+            yield where, command, words
 
 
 def _synopsis(where: str, block: str) -> Iterator[tuple[str, str, list[str]]]:
