@@ -26,7 +26,6 @@ from tests.test_tls import CA, client_context, https_get, put_cert
 pytestmark = pytest.mark.xdist_group("docs_live")
 
 TOKEN = "docs-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CERT_HOSTS = ("app.test",)
 
 # SPEC §7's families and labels: the names dashboards and alerts are written
@@ -50,14 +49,15 @@ SPEC_METRICS = {
 class Live:
     """The balancer of this module and its management API, token included."""
 
-    def __init__(self, bal: Balancer) -> None:
+    def __init__(self, bal: Balancer, token: str | None = TOKEN) -> None:
         self.bal = bal
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
              headers: dict[str, str] | None = None, token: bool = True
              ) -> tuple[int, dict[str, str], Any]:
         """(status, headers lower-cased, JSON body or bytes) of one API request."""
-        sent = dict(AUTH) if token else {}
+        sent = dict(self.auth) if token else {}
         data = raw
         if body is not None:
             data = json.dumps(body).encode()
