@@ -62,7 +62,7 @@ class SnapshotCollector(Collector):
                      snap.get("store_up", 0))
         yield CounterMetricFamily("balancer_access_log_dropped_records_total",
                                   "Access log records dropped because writing them failed "
-                                  "(disk full, file size limit, closed pipe).",
+                                  "(disk full, file size limit, closed pipe) or blocked.",
                                   value=snap.get("access_log_dropped", 0))
         yield self._process_log(snap)
         yield from self._tls(snap)
@@ -141,7 +141,8 @@ def _per_host(hosts: dict[str, Any]) -> Iterator[Any]:
     open_requests = GaugeMetricFamily("balancer_open_requests", "Requests in progress.",
                                       labels=["host"])
     spinning = GaugeMetricFamily("balancer_spinning_requests",
-                                 "Requests held by a spin rule.", labels=["host"])
+                                 "Requests held by a spin rule or spin_when_down.",
+                                 labels=["host"])
     limited = CounterMetricFamily("balancer_limited_requests_total",
                                   "Requests refused 429 by the rule's limits.", labels=["host"])
     for host, h in sorted(hosts.items()):
