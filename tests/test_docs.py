@@ -79,6 +79,20 @@ def test_example_config_loads_with_its_values():
     assert settings.log.access_log == "/var/log/balancer/access.log"
 
 
+def test_example_config_shows_every_setting():
+    """examples/balancer.toml, "annotated", has each key in its section, set or
+    commented out."""
+    shown, section = set(), ""
+    for line in (ROOT / "examples" / "balancer.toml").read_text().splitlines():
+        if match := re.match(r"^#? ?\[(\w+)\]$", line):
+            section = match.group(1)
+        elif match := re.match(r"^#? ?(\w+) = ", line):
+            shown.add(f"{section}.{match.group(1)}")
+    keys = {f"{s.section}.{s.key}" for s in SETTINGS}
+    assert keys <= shown, f"examples/balancer.toml lacks {sorted(keys - shown)}"
+    assert shown <= keys, f"examples/balancer.toml has unknown keys {sorted(shown - keys)}"
+
+
 def test_systemd_unit_runs_the_example_config(tmp_path):
     unit = (ROOT / "examples" / "balancer.service").read_text()
     start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1).split()
