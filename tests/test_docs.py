@@ -485,6 +485,10 @@ def test_serve_flags_are_the_settings_flags() -> None:
     """Each `balancer serve` option is a setting's flag (docs/settings.md's flag
     column), but --config, which names the file they are read from."""
     assert _flags_of("balancer", ["serve"]) == {s.flag for s in SETTINGS if s.flag} | {"--config"}
+    text = " ".join(_help("balancer", ["serve"]).split()).replace("- ", "-")  # wrapped at "-"
+    for setting in SETTINGS:
+        if setting.flag:
+            assert f"env {setting.env}, file {setting.section}.{setting.key}]" in text, setting
 
 
 def test_loadtest_reference_has_every_scenario_and_target() -> None:
