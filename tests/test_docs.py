@@ -514,3 +514,29 @@ def test_api_reference_routes_all_exist() -> None:
     docs_routes = set(re.findall(r"^\| `([A-Z]+) (/\S*)` \|", table, re.M))
     assert len(docs_routes) >= 25
     assert docs_routes <= routes, f"docs/api.md rows with no route: {docs_routes - routes}"
+
+
+def _rows(text: str) -> set[str]:
+    """The first cells, `KEY`, of a Markdown table's rows."""
+    return set(re.findall(r"^\| `([\w-]+)` \|", text, re.M))
+
+
+def test_rules_reference_has_every_key_the_validator_takes() -> None:
+    """docs/rules.md has a row for each key of each action (in its section),
+    of `limits` and each built-in page; `balancerctl set --help` names them."""
+    from balancer.rules import ACTION_KEYS, COMMON_KEYS, HEALTH_KEYS, LIMIT_KEYS
+
+    doc = (ROOT / "docs" / "rules.md").read_text()
+    sections = {part.split("\n", 1)[0]: part for part in re.split(r"^##+ ", doc, flags=re.M)}
+    for action, keys in ACTION_KEYS.items():
+        assert _rows(sections[action]) == keys, f"docs/rules.md ### {action}"
+    assert _rows(sections["Limits"]) == LIMIT_KEYS
+    assert {key for key in COMMON_KEYS if not re.search(f'[`"]{key}[`"]', doc)} == set()
+    health = next(line for line in sections["proxy"].splitlines() if line.startswith("| `health`"))
+    assert all(f"`{key}`" in health or f"`GET {key}`" in health for key in HEALTH_KEYS)
+    pages = {path.stem for path in (ROOT / "balancer" / "pages").glob("*.html")}
+    assert _rows(sections["Built-in pages"]) == pages
+    text = _help("balancerctl", ["set"])
+    nested = {f"health.{k}" for k in HEALTH_KEYS} | {f"limits.{k}" for k in LIMIT_KEYS}
+    for key in set().union(*ACTION_KEYS.values()) | (COMMON_KEYS - {"action", "limits"}) | nested:
+        assert re.search(rf"(?<![\w.]){re.escape(key)}\b", text), f"balancerctl set --help: {key}"
