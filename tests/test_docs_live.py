@@ -101,7 +101,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     for host in CERT_HOSTS:
         put_cert(routes, host)
     config = (f'[timeouts]\nclient_header = 0.5\n[management]\ntoken = "{TOKEN}"\n'
-              '[acme]\ndirectory = "http://127.0.0.1:1/directory"\n')
+              '[acme]\ndirectory = "http://127.0.0.1:1/directory"\n'
+              f'[log]\naccess_log = "{tmp / "access.log"}"\naccess_format = "json"\n')
     bal = Balancer(tmp, args=["--tls-listen", "127.0.0.1:0"], config=config)
     try:
         yield Live(bal)
@@ -445,3 +446,19 @@ def test_documented_answers_have_the_fields_answered(live: Live) -> None:
         assert answered <= shown, f"docs/{doc} {marker}: fields not shown: {answered - shown}"
         missing = {path for path in shown - answered if "*" not in path and "[]" not in path}
         assert not missing, f"docs/{doc} {marker}: fields not answered: {missing}"
+
+
+def test_json_access_log_has_the_documented_fields(live: Live) -> None:
+    doc = " ".join((ROOT / "docs" / "operations.md").read_text().split())
+    listed = doc.split("`json`: one object per line with ")[1].split(". Strings")[0]
+    documented = re.findall(r"`(\w+)`", listed)
+    assert len(documented) >= 10, listed
+    assert request(live.bal.port, host="app.test", path="/logged")[0] == 200
+    log = live.bal.tmp / "access.log"
+
+    def logged() -> dict[str, Any] | None:
+        lines = log.read_text().splitlines() if log.exists() else []
+        found = [json.loads(line) for line in lines if '"/logged"' in line]
+        return found[0] if found else None
+    record = wait_for(logged, timeout=10, what="the request's access log line")
+    assert list(record) == documented
