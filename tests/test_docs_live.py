@@ -462,3 +462,31 @@ def test_json_access_log_has_the_documented_fields(live: Live) -> None:
         return found[0] if found else None
     record = wait_for(logged, timeout=10, what="the request's access log line")
     assert list(record) == documented
+
+
+# a call of each route naming what does not exist, and a body it would take
+ABSENT_BODIES: dict[str, Any] = {
+    "PUT /api/v1/hosts/HOST": {"action": "spin"},
+    "POST /api/v1/hosts/HOST/backends": "127.0.0.1:9",
+    "POST /api/v1/hosts/HOST/deploy": {"backends": ["127.0.0.1:9"]},
+    "PUT /api/v1/certs/HOST": {"chain": "x", "key": "y"},
+}
+
+
+def test_routes_answer_404_for_what_is_absent_as_documented(live: Live) -> None:
+    """A route of docs/api.md's table naming a host, backend or deploy that does
+    not exist answers 404 `not_found` exactly when its row says 404."""
+    table = (ROOT / "docs" / "api.md").read_text().split("## Routes")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `([A-Z]+ /\S*(?:HOST|ADDR|ID)\S*)` \|.*\| (.*) \|$", table, re.M)
+    assert len(rows) >= 12
+    for number, (route, answer) in enumerate(rows):
+        method, path = route.split()
+        named = (path.replace("HOST", f"absent-{number}.test").replace("ADDR", "127.0.0.1:9")
+                 .replace("ID", "20000101-000000-000000"))
+        status, _, body = live.call(method, named, ABSENT_BODIES.get(route))
+        documented = "404" in answer
+        assert (status == 404) == documented, (
+            f"{route}: answered {status} {body} for an absent one; docs/api.md says "
+            f"{'404' if documented else 'no 404'}")
+        if documented:
+            assert body["error"] == "not_found", body
