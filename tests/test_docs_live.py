@@ -490,3 +490,30 @@ def test_routes_answer_404_for_what_is_absent_as_documented(live: Live) -> None:
             f"{'404' if documented else 'no 404'}")
         if documented:
             assert body["error"] == "not_found", body
+
+
+def test_forwarding_fields_are_replaced_as_documented(live: Live) -> None:
+    """docs/headers.md: on an external listener each listed field a client sends
+    is removed, and the balancer's own fields carry its values."""
+    doc = (ROOT / "docs" / "headers.md").read_text()
+    listed = doc.split("`X_Forwarded_For` as\n`X-Forwarded-For`):")[1].split("These are what")[0]
+    removed = re.findall(r"`([A-Za-z0-9-]+)`", listed)
+    table = doc.split("The balancer then sets its own:")[1].split("An **internal**")[0]
+    own = re.findall(r"^\| `([A-Za-z-]+)` \|", table, re.M)
+    assert len(removed) >= 30 and len(own) >= 5, (removed, own)
+    backend = Backend("headers")
+    try:
+        rule = {"action": "proxy", "backends": [backend.address]}
+        assert live.call("PUT", "/api/v1/hosts/headers.test", rule)[0] == 200
+        forged = {name: "forged" for name in removed}
+        status, answer, _ = request(live.bal.port, host="headers.test", headers=forged)
+        assert status == 200
+        _, _, seen = backend.requests[-1]
+    finally:
+        backend.stop()
+    seen = {name.lower(): value for name, value in seen.items()}
+    assert {name for name in removed if seen.get(name.lower()) == "forged"} == set()
+    assert (seen["x-forwarded-for"], seen["x-real-ip"]) == ("127.0.0.1", "127.0.0.1")
+    assert (seen["x-forwarded-proto"], seen["x-forwarded-host"]) == ("http", "headers.test")
+    assert seen["x-request-id"] == answer["x-request-id"]
+    assert {name.lower() for name in own} <= set(seen)
