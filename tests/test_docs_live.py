@@ -96,6 +96,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         "static.test": {"action": "static", "page": "maintenance"},
         "acme.test": {**proxy, "tls": "acme"},
         "deploy.test": proxy,
+        "idle.test": proxy,  # never sent a request
+        "checked.test": {**proxy, "health": {"path": "/", "interval": 60}},  # nor this one
     }
     routes.write_text(json.dumps({"version": 1, "hosts": hosts}))
     for host in CERT_HOSTS:
@@ -189,6 +191,10 @@ def test_metrics_reference_is_what_the_balancer_exports(live: Live) -> None:
     assert (buckets[0], buckets[-1]) == (0.005, 60.0)  # "buckets 5 ms to 60 s"
     for name, labels in SPEC_METRICS.items():
         assert name in found and found[name][1] == labels, name
+    hosts = {host for _, _, values in found.values() for host in values.get("host", ())}
+    assert "(unknown)" in hosts  # the 404 of a name no rule matched
+    assert "idle.test" not in hosts  # "a host that has never had a request has no series"
+    assert "checked.test" in found["balancer_backend_up"][2]["host"]  # "... the exception"
 
 
 def test_metrics_table_is_read_with_its_types_and_labels() -> None:
