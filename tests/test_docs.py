@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import io
 import re
 import shlex
@@ -540,3 +541,38 @@ def test_rules_reference_has_every_key_the_validator_takes() -> None:
     nested = {f"health.{k}" for k in HEALTH_KEYS} | {f"limits.{k}" for k in LIMIT_KEYS}
     for key in set().union(*ACTION_KEYS.values()) | (COMMON_KEYS - {"action", "limits"}) | nested:
         assert re.search(rf"(?<![\w.]){re.escape(key)}\b", text), f"balancerctl set --help: {key}"
+
+
+# dotted names in the docs that are not settings: /api/v1/info's store fields
+# and a file of the run directory
+NOT_SETTINGS = {"store.problem", "store.certs_problem", "store.raised", "limits.shm"}
+
+
+def test_settings_named_in_the_docs_exist() -> None:
+    """A `section.key` the docs name is a setting (or a rule's `limits.KEY`, a
+    module such as `management.metrics`, a name in a module such as
+    `limits.reclaim`, or one of `NOT_SETTINGS`): a renamed setting leaves no
+    stale name. performance.md is a dated log, left as written."""
+    from balancer.rules import LIMIT_KEYS
+
+    settings = {s.name for s in SETTINGS}
+    sections = "|".join(sorted({s.section for s in SETTINGS}))
+    stale = set()
+    for path in DOCS:
+        if path.name == "performance.md":
+            continue
+        for section, key in re.findall(rf"`({sections})\.([a-z_]+)`", path.read_text()):
+            name = f"{section}.{key}"
+            if name in settings | NOT_SETTINGS or key == "py" or (
+                    section == "limits" and key in LIMIT_KEYS):
+                continue
+            if (ROOT / section / f"{key}.py").is_file() or _defines(f"balancer.{section}", key):
+                continue
+            stale.add(f"{path.relative_to(ROOT)}: {name}")
+    assert not stale, sorted(stale)
+
+
+def _defines(module: str, name: str) -> bool:
+    """Whether `module` (a module of balancer/) exists and defines `name`."""
+    path = ROOT / (module.replace(".", "/") + ".py")
+    return path.is_file() and hasattr(importlib.import_module(module), name)
