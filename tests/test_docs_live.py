@@ -341,6 +341,10 @@ def test_documented_answer_headers(live: Live) -> None:
     assert (status, headers["cache-control"]) == (200, "no-cache")
     assert live.call("GET", "/healthz", token=False)[0] == 200
     assert live.call("GET", "/readyz", token=False)[0] == 401
+    assert live.call("GET", f"/api/v1/hosts?token={TOKEN}", token=False)[0] == 401
+    with socket.create_connection(("127.0.0.1", live.bal.mport), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")  # "a request without Host passes"
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
 
 
 # (route, parameter, the largest or smallest value taken, the next one refused,
