@@ -348,6 +348,13 @@ def test_documented_answer_headers(live: Live) -> None:
     with socket.create_connection(("127.0.0.1", live.bal.mport), timeout=10) as sock:
         sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")  # "a request without Host passes"
         assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+    # "a request line of 8 KiB (414)", "100 fields (431)"
+    line = b"GET /" + b"a" * 8192 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    fields = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % n for n in range(101)) + b"\r\n"
+    for head, status in ((line, b"414"), (fields, b"431")):
+        with socket.create_connection(("127.0.0.1", live.bal.mport), timeout=10) as sock:
+            sock.sendall(head)
+            assert sock.recv(100).split(b" ")[1] == status
 
 
 # (route, parameter, the largest or smallest value taken, the next one refused,
