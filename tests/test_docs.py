@@ -576,3 +576,21 @@ def _defines(module: str, name: str) -> bool:
     """Whether `module` (a module of balancer/) exists and defines `name`."""
     path = ROOT / (module.replace(".", "/") + ".py")
     return path.is_file() and hasattr(importlib.import_module(module), name)
+
+
+def test_settings_reference_defaults_are_what_a_config_file_gets(tmp_path: Path) -> None:
+    """docs/settings.md's default column, each value pasted into a config file
+    under its section, loads as the settings without a file do."""
+    import dataclasses
+
+    lines = []
+    for part in re.split(r"^## ", settings_doc.DOC_PATH.read_text(), flags=re.M):
+        if section := re.match(r"\[(\w+)\]", part):
+            lines.append(f"[{section.group(1)}]")
+            lines += [f"{key} = {value}" for key, value in
+                      re.findall(r"^\| `(\w+)` \| `(.*?)` \|", part, re.M)]
+    assert len(lines) == len(SETTINGS) + len({s.section for s in SETTINGS})
+    config = tmp_path / "defaults.toml"
+    config.write_text("\n".join(lines) + "\n")
+    loaded = load_settings(env={}, config_path=str(config))
+    assert dataclasses.replace(loaded, config_path="") == load_settings(env={})
