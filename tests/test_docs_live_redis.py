@@ -24,7 +24,7 @@ from tests.test_docs_live import (
 )
 from tests.test_tls import CA
 
-pytestmark = pytest.mark.xdist_group("docs_live")  # after its neighbour, on one worker
+pytestmark = pytest.mark.xdist_group("docs_live_redis")  # one balancer: one worker
 
 
 @pytest.fixture(scope="module")
