@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import ROOT, Backend, Balancer, dead_address, wait_for
-from tests.test_docs_live import (
+from tests.docs_live import (
     CERT_HOSTS,
     Live,
     documented_metrics,
@@ -22,6 +21,7 @@ from tests.test_docs_live import (
     exported,
     scrape_when,
 )
+from tests.support import ROOT, Backend, Balancer, dead_address, wait_for
 from tests.test_tls import CA
 
 pytestmark = pytest.mark.xdist_group("docs_live_redis")  # one balancer: one worker
