@@ -10,11 +10,13 @@ import re
 import socket
 from typing import Any
 
-from tests.support import ROOT, Balancer, request, wait_for
+from tests.support import ROOT, Balancer, dead_address, request, wait_for
 from tests.test_tls import client_context, https_get
 
 TOKEN = "docs-token"
 CERT_HOSTS = ("app.test",)
+# a metric family: its type, its labels and the values of each label
+Families = dict[str, tuple[str, set[str], dict[str, set[str]]]]
 
 
 class Live:
@@ -57,9 +59,38 @@ def documented_metrics() -> dict[str, tuple[str, set[str], str]]:
     """docs/metrics.md's table: name -> (type, labels, what)."""
     doc = (ROOT / "docs" / "metrics.md").read_text()
     rows = re.findall(r"^\| `(balancer_\w+)` \| (\w+) \| ([^|]*) \| (.*) \|$", doc, re.M)
-    assert len(rows) >= 12, "docs/metrics.md's table no longer reads"
+    assert len(rows) >= len(SPEC_METRICS), "docs/metrics.md's table no longer reads"
     return {name: (kind, set(re.findall(r"`(\w+)`", labels)), what)
             for name, kind, labels, what in rows}
+
+
+# SPEC §7's families and labels: the names dashboards and alerts are written
+# against (docs/metrics.md may add families, never rename these)
+SPEC_METRICS = {
+    "balancer_requests_total": {"host", "code"},
+    "balancer_request_duration_seconds": {"host"},
+    "balancer_bytes_received_total": {"host"},
+    "balancer_bytes_sent_total": {"host"},
+    "balancer_open_connections": set(),
+    "balancer_open_requests": {"host"},
+    "balancer_backend_requests_total": {"host", "backend", "outcome"},
+    "balancer_backend_up": {"host", "backend"},
+    "balancer_spinning_requests": {"host"},
+    "balancer_routing_version": set(),
+    "balancer_config_reloads_total": set(),
+    "balancer_store_up": set(),
+}
+
+
+def traffic_hosts(backend: str) -> dict[str, Any]:
+    """The rules `drive_every_path` sends its requests to (`backend` answers)."""
+    proxy = {"action": "proxy", "backends": [backend]}
+    return {"app.test": proxy, "deploy.test": proxy,
+            "limited.test": {**proxy, "limits": {"rate": 0.01, "burst": 1}},
+            "down.test": {"action": "proxy", "backends": [dead_address()]},
+            "spin.test": {"action": "spin", "timeout": 0.1},
+            "static.test": {"action": "static", "page": "maintenance"},
+            "acme.test": {**proxy, "tls": "acme"}}
 
 
 def drive_every_path(live: Live) -> None:
@@ -81,7 +112,7 @@ def drive_every_path(live: Live) -> None:
         sock.recv(100)
 
 
-def exported(text: str) -> dict[str, tuple[str, set[str], dict[str, set[str]]]]:
+def exported(text: str) -> Families:
     """Each family of `/metrics`: name -> (type, labels, values of each label)."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -96,6 +127,28 @@ def exported(text: str) -> dict[str, tuple[str, set[str], dict[str, set[str]]]]:
         name = family.name + ("_total" if family.type == "counter" else "")
         found[name] = (family.type, set(values), values)
     return found
+
+
+def documented_families_exported(live: Live) -> tuple[str, Families]:
+    """`/metrics` after traffic through every path, and its families (`exported`),
+    once checked against docs/metrics.md's table: the same families, each of the
+    type and labels the table says, each value of a label that is not a name
+    (`outcome`, `state`, `process`) shown in its row."""
+    drive_every_path(live)
+    documented = documented_metrics()
+    text = scrape_when(live, lambda found: all(
+        found.get(name, ("", set()))[1] == labels
+        for name, (_, labels, _) in documented.items()))
+    found = exported(text)
+    assert set(found) == set(documented), (
+        f"exported, not in docs/metrics.md: {sorted(set(found) - set(documented))}; "
+        f"in docs/metrics.md, not exported: {sorted(set(documented) - set(found))}")
+    for name, (kind, labels, what) in documented.items():
+        assert found[name][:2] == (kind, labels), f"{name}: docs say {kind} {labels}"
+        for label in labels - {"host", "backend", "code"}:  # those are names, not a fixed set
+            for value in found[name][2][label]:
+                assert f"`{value}`" in what, f"{name}: {label}={value} not in docs/metrics.md"
+    return text, found
 
 
 def scrape_when(live: Live, ready: Any) -> str:

@@ -20,16 +20,16 @@ import pytest
 
 from tests.docs_live import (
     CERT_HOSTS,
+    SPEC_METRICS,
     TOKEN,
     Live,
     documented_errors,
     documented_example,
+    documented_families_exported,
     documented_metrics,
-    drive_every_path,
-    exported,
     key_paths,
     raw_error,
-    scrape_when,
+    traffic_hosts,
 )
 from tests.support import ROOT, Backend, Balancer, dead_address, request, wait_for
 from tests.test_tls import CA, put_cert
@@ -38,41 +38,15 @@ from tests.test_tls import CA, put_cert
 pytestmark = pytest.mark.xdist_group("docs_live")
 
 
-# SPEC §7's families and labels: the names dashboards and alerts are written
-# against (docs/metrics.md may add families, never rename these)
-SPEC_METRICS = {
-    "balancer_requests_total": {"host", "code"},
-    "balancer_request_duration_seconds": {"host"},
-    "balancer_bytes_received_total": {"host"},
-    "balancer_bytes_sent_total": {"host"},
-    "balancer_open_connections": set(),
-    "balancer_open_requests": {"host"},
-    "balancer_backend_requests_total": {"host", "backend", "outcome"},
-    "balancer_backend_up": {"host", "backend"},
-    "balancer_spinning_requests": {"host"},
-    "balancer_routing_version": set(),
-    "balancer_config_reloads_total": set(),
-    "balancer_store_up": set(),
-}
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("docs_live")
     backend = Backend("docs")
     routes = tmp / "routes.json"
     proxy = {"action": "proxy", "backends": [backend.address]}
-    hosts = {
-        "app.test": proxy,
-        "limited.test": {**proxy, "limits": {"rate": 0.01, "burst": 1}},
-        "down.test": {"action": "proxy", "backends": [dead_address()]},
-        "spin.test": {"action": "spin", "timeout": 0.1},
-        "static.test": {"action": "static", "page": "maintenance"},
-        "acme.test": {**proxy, "tls": "acme"},
-        "deploy.test": proxy,
-        "idle.test": proxy,  # never sent a request
-        "checked.test": {**proxy, "health": {"path": "/", "interval": 60}},  # nor this one
-    }
+    hosts = {**traffic_hosts(backend.address),
+             "idle.test": proxy,  # never sent a request
+             "checked.test": {**proxy, "health": {"path": "/", "interval": 60}}}  # nor this one
     routes.write_text(json.dumps({"version": 1, "hosts": hosts}))
     for host in CERT_HOSTS:
         put_cert(routes, host)
@@ -90,19 +64,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 # metrics --------------------------------------------------------------------------
 
 def test_metrics_reference_is_what_the_balancer_exports(live: Live) -> None:
-    drive_every_path(live)
-    documented = documented_metrics()
-    text = scrape_when(live, lambda found: all(
-        found.get(name, ("", set()))[1] == labels for name, (_, labels, _) in documented.items()))
-    found = exported(text)
-    assert set(found) == set(documented), (
-        f"exported, not in docs/metrics.md: {sorted(set(found) - set(documented))}; "
-        f"in docs/metrics.md, not exported: {sorted(set(documented) - set(found))}")
-    for name, (kind, labels, what) in documented.items():
-        assert found[name][:2] == (kind, labels), f"{name}: docs say {kind} {labels}"
-        for label in labels - {"host", "backend", "code"}:  # those are names, not a fixed set
-            for value in found[name][2][label]:
-                assert f"`{value}`" in what, f"{name}: {label}={value} not in docs/metrics.md"
+    text, found = documented_families_exported(live)
     buckets = sorted(float(le) for le in re.findall(
         r'^balancer_request_duration_seconds_bucket\{[^}]*le="([^"+]+)"', text, re.M))
     assert (buckets[0], buckets[-1]) == (0.005, 60.0)  # "buckets 5 ms to 60 s"

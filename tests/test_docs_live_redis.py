@@ -16,10 +16,8 @@ import pytest
 from tests.docs_live import (
     CERT_HOSTS,
     Live,
-    documented_metrics,
-    drive_every_path,
-    exported,
-    scrape_when,
+    documented_families_exported,
+    traffic_hosts,
 )
 from tests.support import ROOT, Backend, Balancer, dead_address, wait_for
 from tests.test_tls import CA
@@ -43,13 +41,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, redis_server: Any,
                    args=["--tls-listen", "127.0.0.1:0"])
     live = Live(bal, token=None)
     try:
-        proxy = {"action": "proxy", "backends": [backend.address]}
-        hosts = {"app.test": proxy, "deploy.test": proxy,
-                 "limited.test": {**proxy, "limits": {"rate": 0.01, "burst": 1}},
-                 "down.test": {"action": "proxy", "backends": [dead_address()]},
-                 "spin.test": {"action": "spin", "timeout": 0.1},
-                 "static.test": {"action": "static", "page": "maintenance"},
-                 "acme.test": {**proxy, "tls": "acme"}}
+        hosts = traffic_hosts(backend.address)
         assert live.call("PUT", "/api/v1/hosts", {"hosts": hosts})[0] == 200
         for host in CERT_HOSTS:
             chain, key = CA.issue(host)
@@ -61,12 +53,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, redis_server: Any,
 
 
 def test_metrics_reference_holds_on_redis(live: Live) -> None:
-    drive_every_path(live)
-    documented = documented_metrics()
-    found = exported(scrape_when(live, lambda found: all(
-        found.get(name, ("", set()))[1] == labels for name, (_, labels, _) in documented.items())))
-    assert {name: found[name][:2] for name in found} == {
-        name: (kind, labels) for name, (kind, labels, _) in documented.items()}
+    documented_families_exported(live)
 
 
 def documented_keys() -> dict[str, str]:
