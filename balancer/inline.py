@@ -61,7 +61,8 @@ Invariants:
   every uncommon case (a body, a split or pipelined head, a closing or
   HTTP/1.0 request, an upgrade, a limit or another action, a connect refused
   or timed out or out of descriptors, a backend named by a host name, a
-  pooled connection the backend closed (the normal retry), a partial, interim,
+  pooled connection the backend closed or answered 408 on (the normal retry,
+  `balancer.relay.STALE`), a partial, interim,
   chunked or large response, a client whose writes are behind, an
   `https://` backend) runs the greenlet path's code.
 * A TLS client (`_serve_tls`) is read once through OpenSSL, non-blocking,
@@ -377,6 +378,7 @@ def _land(conn: ClientConnection) -> None:
     rhead = events[0] if parser.complete and events else None
     client = conn.stream
     if (not isinstance(rhead, ResponseHead) or rhead.status < 200 or rhead.status == 101
+            or (rhead.status == 408 and flight.reused)  # `relay.STALE`: the greenlet replays
             or (rhead.content_length is None and not rhead.no_body)
             or not (isinstance(client, EventedStream) or isinstance(client, TLSStream))  # noqa: SIM101
             or not _can_hold(client.writer, _size(ex, rhead))):

@@ -73,6 +73,16 @@ MAX_INTERIM: Final = 32
 TAIL_MIN: Final = 512
 REQUEST_ID: Final = b"\r\nX-Request-Id: "  # (the response head's pieces, `head_pieces`)
 CHUNKED: Final = b"\r\nTransfer-Encoding: chunked"
+# Bug: a backend that times out an idle keep-alive connection may send a 408 on it
+# before it closes (Node.js, some Apache and Tomcat set-ups, Go servers), and a
+# pooled connection reused at that moment got the 408 as the answer to the new
+# request, which reached the client. A 408 means the server did not receive a
+# complete request (RFC 9110 §15.5.9: not processed), so the answer of a
+# connection taken from the pool that is a 408 is dropped with its connection
+# and the request replayed once on a fresh one, as a pooled connection found
+# closed is (`arrive`); Chromium retries a 408 on a reused socket once, HAProxy
+# has `retry-on 408`. A 408 on a new connection is the backend's answer.
+STALE: Final = "a 408 on a connection taken from the pool"
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -540,8 +550,9 @@ def arrive(ex: Exchange, flight: Flight, body: Piece | None, max_body: int | Non
     flight on its backend. `verify`: an https:// backend's certificate is
     verified (`balancer.backend_tls`).
 
-    A pooled connection that turns out closed before the response began is
-    replaced by a fresh one, transparently, when the request can be replayed.
+    A pooled connection that turns out closed before the response began, or
+    whose answer is a 408 (`STALE`), is replaced by a fresh one, once,
+    transparently, when the request can be replayed (`can_replay`).
     """
     backend, upstream = flight.backend, flight.upstream
     if upstream is None:
@@ -558,9 +569,12 @@ def arrive(ex: Exchange, flight: Flight, body: Piece | None, max_body: int | Non
                 rhead = read_response_head(ex, upstream)
             else:
                 rhead = exchange(ex, upstream, body, max_body)
+            # one int compare per request; the rest only for a 408 (`STALE`)
+            if rhead.status == 408 and flight.reused and can_replay(ex, body):
+                raise BackendClosed(STALE)  # replayed on a fresh connection below
         except BackendClosed:
             upstream.close()
-            if not flight.reused or (body is None and ex.head.has_body):
+            if not flight.reused or not can_replay(ex, body):
                 raise  # a fresh connection failed, or the streamed body is gone
             upstream = renew(ex, backend, upstream)
             rhead = exchange(ex, upstream, body, max_body)
@@ -569,6 +583,13 @@ def arrive(ex: Exchange, flight: Flight, body: Piece | None, max_body: int | Non
         backend.in_flight -= 1
         upstream.close()
         raise
+
+
+def can_replay(ex: Exchange, body: Piece | None) -> bool:
+    """Whether `ex`'s request can go again on a new connection to the same backend
+    (a pooled one's replacement, `arrive`): it has no body, or its body is in
+    hand (`body`), not streamed."""
+    return body is not None or not ex.head.has_body
 
 
 def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Upstream:
