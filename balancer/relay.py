@@ -16,6 +16,10 @@ Invariants:
   here; toward the client `ClientGone` (raised by `Exchange.send`).
 * A backend connection goes back to its pool only at a message boundary of
   a complete, keep-alive response.
+* A try on a connection taken from the pool (`Flight.reused`) that finds it
+  closed before the answer began, or whose answer is a 408 (`STALE`), goes
+  again once, on a new connection to the same backend, when the request can
+  be replayed (`can_replay`); on a new connection either is the try's outcome.
 * One try on one backend is a `Flight`: `arrive` takes it from start to its
   answer; the hub (`balancer.inline`) may take it as far as its answer's
   relay with these same steps (a new connection's `Backend.start_connect`
