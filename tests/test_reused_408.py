@@ -231,7 +231,7 @@ class TimingOutBackend:
             if sock.recv(65536):
                 with self.lock:
                     self.raced += 1
-        sock.setblocking(True)
+        sock.settimeout(10)
         sock.sendall(BARE_408 if random.random() < 0.5 else SIZED_408)
         sock.shutdown(socket.SHUT_WR)
         select.select([sock], [], [], 1.0)  # the balancer's close (a request's bytes: dropped)
@@ -243,7 +243,6 @@ class TimingOutBackend:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-@pytest.mark.xdist_group("load_generators")
 def test_no_client_sees_the_408_of_a_backend_timing_out_idle_connections(tmp_path) -> None:
     """The race itself: keep-alive clients send a request each, in rounds, and pause
     about as long as the backend keeps an idle connection (a little less, so the
