@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from balancer.stores import HostRule, VersionConflict
+from management.http import ApiError
 from management.deploy_steps import (
     NOT_CHECKED,
     PROBE_LEAST,
@@ -168,9 +169,16 @@ class Run:
         return found
 
     def write(self, rule: dict[str, Any], if_version: int) -> int:
-        """Write the host's `rule` if the table is at `if_version`, an outage waited out."""
-        return int(self.deployer.patiently(self.record, "write the rule", lambda: (
-            self.deployer.write_rule(self.host, rule, if_version))))
+        """Write the host's `rule` if the table is at `if_version`, an outage waited
+        out; `DeployFailed` when the store lost its table (the 409 `store_lost` of a
+        one-host write: bug, it went up as an "internal error" with a traceback in
+        the log)."""
+        try:
+            return int(self.deployer.patiently(self.record, "write the rule", lambda: (
+                self.deployer.write_rule(self.host, rule, if_version))))
+        except ApiError as exc:
+            switched = "" if self.record["version"] else "; nothing was switched"
+            raise DeployFailed(f"cannot write the rule: {exc.message}{switched}") from None
 
     def _is_switched(self, rule: dict[str, Any]) -> bool:
         return rule.get("action") == "proxy" and "draining" not in rule and \
