@@ -24,7 +24,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from balancer.stores import HostRule, VersionConflict
-from management.http import ApiError
 from management.deploy_steps import (
     NOT_CHECKED,
     PROBE_LEAST,
@@ -34,6 +33,7 @@ from management.deploy_steps import (
     probe_all,
     switched_rule,
 )
+from management.http import ApiError
 
 IDLE_EVERY = 1.0    # seconds between looks for a deploy while none runs (`Deployer.watch_loop`)
 DRAIN_SETTLE = 0.5  # seconds after the warmup before the old backends' counts are trusted

@@ -235,6 +235,42 @@ def test_bad_certificates_are_refused_naming_the_cause(bal: Any) -> None:
     assert "Traceback" not in bal.output()
 
 
+
+def test_a_pair_openssl_cannot_load_is_refused_and_the_served_one_stays(
+        bal: Any, tmp_path: Path) -> None:
+    """A key field holding another certificate before the key (a combined PEM file
+    of an older certificate and the new key), or a NUL: `cryptography` takes both.
+    Bug: they were stored and answered 200, then every worker refused to load them
+    ("key values mismatch") and went on serving the certificate before, while the
+    API listed the new one."""
+    from cryptography import x509
+
+    from tests.test_certs_api import served_serial
+    from tests.test_tls import CA, client_context
+
+    chain, key = CA.issue("app.test")
+    assert bal.api("PUT", "/api/v1/certs/app.test", {"chain": chain, "key": key})[0] == 200
+    listed = bal.api("GET", "/api/v1/certs")[1]["certs"]
+    serial = x509.load_pem_x509_certificate(chain.encode()).serial_number
+    new_chain, new_key = CA.issue("app.test")
+    try:
+        for bad_key, reason in [
+                (leaf_only(chain) + new_key,
+                 "OpenSSL cannot load the chain and key (KEY_VALUES_MISMATCH); key holds a "
+                 "certificate: give the private key alone"),
+                (new_key + "\0", "OpenSSL cannot load the chain and key ([SSL] PEM lib")]:
+            status, answer = bal.api("PUT", "/api/v1/certs/app.test",
+                                     {"chain": new_chain, "key": bad_key})
+            assert (status, answer.get("error")) == (400, "invalid_certificate"), answer
+            assert reason in answer["message"], answer
+            assert new_key.splitlines()[1] not in str(answer)
+        assert [c["not_after"] for c in bal.api("GET", "/api/v1/certs")[1]["certs"]] \
+            == [c["not_after"] for c in listed]
+        assert served_serial(bal.ports["tls"], "app.test", client_context(tmp_path)) == serial
+        assert "not served" not in bal.output()
+    finally:
+        assert bal.api("DELETE", "/api/v1/certs/app.test")[0] == 200
+
 def test_browser_huge_and_binary_uploads_are_refused(bal: Any) -> None:
     from tests.test_tls import CA
 
