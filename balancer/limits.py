@@ -143,8 +143,17 @@ class SharedBuckets:
         return offset
 
     def take(self, offset: int, now: float, interval: float, tolerance: float) -> float:
-        """GCRA: 0.0 if a request may go now (and count it), else seconds to wait."""
+        """GCRA: 0.0 if a request may go now (and count it), else seconds to wait.
+        The arrival time is held to ``now + tolerance + interval``, the most the rule
+        itself ever leaves (written back: the wait then runs out): a no-op while the
+        rule stays, and a bucket used under a stricter rule waits no longer than the
+        rule now served says (bug: a rate raised from 0.001/s to 1,000/s, or limits
+        removed and given again, left the clients refused before refused for up to
+        1,000 s more)."""
         tat = max(TAT.unpack_from(self.map, offset + 8)[0], now)
+        if tat > now + tolerance + interval:  # stored under a stricter rule
+            tat = now + tolerance + interval
+            TAT.pack_into(self.map, offset + 8, tat)
         wait = tat - now - tolerance
         if wait > 0:
             return wait
