@@ -226,7 +226,8 @@ class Run:
         self.finish()
         left = ", ".join(f"{a}: {c['in_flight']} in flight ({c['tunnels']} WebSocket tunnels)"
                          for a, c in (counts or {}).items() if c["in_flight"]) \
-            or "no balancer reported its counts"
+            or ("not every balancer could tell its counts (one not serving the switch "
+                "yet, or a worker of one not answering its control socket)")
         self.record["warning"] = f"drain timed out after {timeout:g}s; still open: {left}"
         self.record["remaining"] = counts
         self.end("timeout", self.record["warning"])

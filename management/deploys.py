@@ -250,6 +250,8 @@ class Deployer:
         versions = [p.get("version", 0) for p in info.get("processes", ())]
         version = min(versions) if versions else info.get("store", {}).get("version", 0)
         stats = self.runtime.stats({"hosts": hosts})
+        if stats.get("lagging"):  # a worker not answering: its counts unknown, and maybe
+            version = 0           # not serving the switch yet (see `deploy_steps.in_flight`)
         self.records.report_inflight(self.owner, local_report(stats, version, hosts, time.time()))
 
     def resume_orphans(self, claims: dict[str, dict[str, Any]]) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import os
 import signal
 import socket
 import threading
@@ -398,6 +399,43 @@ def test_a_request_longer_than_the_drain_timeout_is_listed_and_finishes_untouche
     assert out["result"][0] == 200 and json.loads(out["result"][2])["backend"] == "a"
     assert rule_of(lb) == proxy(b)  # `draining` removed: the old backend gets nothing
 
+
+
+@pytest.mark.slow
+def test_a_worker_that_does_not_answer_keeps_the_drain_waiting(tmp_path: Path,
+                                                                a: Backend) -> None:
+    """Two workers; the one with a request in flight on the old backend stops
+    answering (SIGSTOP: a starved or stuck process). Bug: the management API left
+    it out of the merged counts, so the drain found 0 in flight and the deploy was
+    done ("drained") 2 s later, while that request ran on (and that worker had not
+    even served the switch): stopping the old backend then would have failed it."""
+    b = Backend("b")
+    lb = Balancer(tmp_path, {HOST: proxy(a)}, args=["--workers", "2"])
+    try:
+        slow, out = in_background(lambda: request(lb.port, path="/slow?s=5", timeout=20))
+        requests = wait_for(lambda: lb.api("GET", "/api/v1/inflight")[1]["requests"],
+                            what="the slow request")
+        pid = requests[0]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 20})
+            stopped = time.monotonic()
+            wait_for(lambda: "answer" in json.dumps(lb.api("GET", "/api/v1/info")[1].get(
+                "lagging", [])), what="the worker found not answering")
+            while time.monotonic() < stopped + 3.0:  # the bug ended it within 2.5 s
+                record = lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]
+                assert record["state"] == "running", record
+                time.sleep(0.1)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        record = finished(lb, record["id"])
+        slow.join(10)
+    finally:
+        lb.stop()
+        b.stop()
+    assert out["result"][0] == 200 and json.loads(out["result"][2])["backend"] == "a"
+    assert record["state"] == "done" and step(record, "drain")["outcome"] == "drained", record
+    assert record["ended"] >= out["done_at"] - 0.05, (record["ended"], out["done_at"])
 
 def test_a_rule_replaced_by_another_operator_during_the_drain_is_kept(
         lb: Balancer, a: Backend) -> None:
