@@ -150,6 +150,7 @@ class Run:
                 self.end("ok", f"version {found.version}")
                 return
             if found.rule != self.record["before"]:
+                self._not_lost()
                 raise DeployFailed("the host's rule changed during the deploy; nothing "
                                    "was switched")
             try:
@@ -179,6 +180,13 @@ class Run:
         except ApiError as exc:
             switched = "" if self.record["version"] else "; nothing was switched"
             raise DeployFailed(f"cannot write the rule: {exc.message}{switched}") from None
+
+    def _not_lost(self) -> None:
+        """`DeployFailed` naming the store's loss, if it lost its table (bug: a flushed
+        Redis read as no rule, and the deploy failed "the host's rule changed")."""
+        lost = self.deployer.lost()
+        if lost:
+            raise DeployFailed(f"cannot switch: {lost}; nothing was switched")
 
     def _is_switched(self, rule: dict[str, Any]) -> bool:
         return rule.get("action") == "proxy" and "draining" not in rule and \

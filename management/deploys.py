@@ -66,8 +66,10 @@ class Deployer:
 
     def __init__(self, store: Any, runtime: Any,
                  write_rule: Callable[[str, dict[str, Any], int], int],
-                 tls: BackendTLS | None = None) -> None:
+                 tls: BackendTLS | None = None,
+                 lost: Callable[[], str | None] = lambda: None) -> None:
         self.store = store
+        self.lost = lost  # why the store lost its table (`management.mirror`), or None
         self.tls = tls or BackendTLS()  # how https:// backends are probed
         self.records = store.records()
         self.runtime = runtime
