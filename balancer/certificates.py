@@ -185,13 +185,19 @@ def _key_type(key: Any) -> str:
 
 
 def leaf_names(leaf: x509.Certificate) -> tuple[str, ...]:
-    """The DNS names of a certificate (subjectAltName; the CN when it has none)."""
+    """The DNS names of a certificate (subjectAltName; the CN when it has none);
+    CertificateError when its extensions cannot be read (bug: a malformed one, a
+    subjectAltName cut short or of non-ASCII bytes, answered an upload 500 with a
+    traceback in the log)."""
     from cryptography import x509
     from cryptography.x509.oid import ExtensionOID
 
     try:
         san: Any = leaf.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
         return tuple(n.lower() for n in san.value.get_values_for_type(x509.DNSName))
+    except ValueError as exc:  # `cryptography` parses the extensions only now
+        raise CertificateError(f"chain: the certificate's extensions cannot be read "
+                               f"({exc})") from None
     except x509.ExtensionNotFound:
         cns = leaf.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
         return tuple(str(cn.value).lower() for cn in cns)

@@ -220,7 +220,37 @@ def bad_uploads() -> list[tuple[str, str, str, str]]:
         ("truncated leaf", chain[:len(chain) // 4], key, "chain: not a PEM certificate chain"),
         ("truncated key", chain, key[:len(key) // 2], "key: not an unencrypted PEM private key"),
         ("chain as the key", chain, chain, "key: not an unencrypted PEM private key"),
+        ("a subjectAltName cut short", *malformed_san(CA),
+         "chain: the certificate's extensions cannot be read (error parsing asn1 value"),
     ]
+
+
+def malformed_san(ca: Any) -> tuple[str, str]:
+    """(chain, key) of an app.test leaf `ca` signed whose subjectAltName is cut
+    short: `cryptography` reads it only when asked for the names (bug: a 500, and
+    a traceback in the log)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "app.test")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.UnrecognizedExtension(
+                ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03cut"), False)
+            .sign(ca.key, hashes.SHA256()))
+    pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+    return pem + ca.pem, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()
 
 
 def test_bad_certificates_are_refused_naming_the_cause(bal: Any) -> None:
