@@ -25,13 +25,14 @@ from typing import Any
 import pytest
 
 from tests.rawpeer import serve_each
-from tests.support import Backend, Balancer, in_threads, request, wait_for
+from tests.support import Backend, Balancer, constants_prefix, in_threads, request, wait_for
 from tests.test_deploys import HOST, deploy, finished, in_background, proxy, step
 
 ANSWERS = {
     "ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
     "503": b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
 }
+KEPT = 5  # deploy records kept (`MAX_DEPLOYS`, 50) in the test of their removal
 
 
 class Scripted:
@@ -469,6 +470,40 @@ def test_a_rule_replaced_by_another_operator_during_the_drain_is_kept(
         c.stop()
     assert record["state"] == "done", record
 
+
+
+@pytest.mark.slow
+def test_a_long_deploy_keeps_its_record_while_others_come_and_go(
+        tmp_path: Path, a: Backend) -> None:
+    """The records keep the 50 most recent deploys (5 here). Bug: "recent" was by
+    start, so a deploy still running when 50 others had started since (a long
+    drain while other hosts were deployed) lost its record at each of its saves:
+    its progress read 404, its end was never kept (no rollback), a crash could
+    not be resumed. Now a running deploy's record stays, and recency is by end."""
+    others = [f"h{i}.test" for i in range(KEPT)]
+    lb = Balancer(tmp_path, {HOST: proxy(a), **{host: proxy(a) for host in others}},
+                  prefix=constants_prefix({"balancer.stores.records.MAX_DEPLOYS": KEPT}))
+    late, b = Scripted("503"), Backend("b")
+    try:
+        long = deploy(lb, {"backends": [late.address], "ready_timeout": 60, "warmup": 0,
+                           "drain_timeout": 1})
+        quick = [deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 1},
+                        host=host) for host in others]
+        for record in quick:
+            assert finished(lb, record["id"])["state"] == "done"
+        status, answer = lb.api("GET", f"/api/v1/deploys/{long['id']}")
+        assert (status, answer["deploy"]["state"]) == (200, "running"), answer
+        late.script = ["ok"]
+        assert finished(lb, long["id"])["state"] == "done"
+        finished(lb, deploy(lb, {"backends": [a.address], "warmup": 0, "drain_timeout": 1},
+                            host=others[0])["id"])  # one more record written
+        listed = [r["id"] for r in lb.api("GET", "/api/v1/deploys")[1]["deploys"]]
+        assert long["id"] in listed and len(listed) == KEPT, listed
+        assert lb.api("POST", f"/api/v1/hosts/{HOST}/rollback", {"warmup": 0})[0] == 202
+    finally:
+        late.stop()
+        b.stop()
+        lb.stop()
 
 def test_damaged_deploy_records_are_reported_and_never_let_a_second_deploy_of_the_host_start(
         tmp_path: Path, lb: Balancer) -> None:
