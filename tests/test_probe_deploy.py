@@ -393,6 +393,32 @@ def test_a_store_that_lost_its_table_mid_deploy_fails_it_with_the_reason(
     assert "Traceback" not in lb.output()
 
 
+def test_balancerctl_that_stops_waiting_says_the_deploy_still_runs(
+        lb: Balancer, a: Backend, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`balancerctl deploy` waits the deploy's timeouts plus a margin (60 s; 0 here),
+    then stops: the deploy may run on (a store outage waited out, or the drain
+    that starts 1.5 s in). Bug: it said "failed at step drain: None"."""
+    from management import ctl, ctl_deploy
+
+    monkeypatch.setattr(ctl_deploy, "WAIT_MARGIN", 0.0)
+    b = Backend("b")
+    try:
+        slow, _ = in_background(lambda: request(lb.port, path="/slow?s=3"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        code = ctl.main(["--url", f"http://127.0.0.1:{lb.mport}", "deploy", HOST,
+                         "--backend", b.address, "--warmup", "0", "--ready-timeout", "0.5",
+                         "--drain-timeout", "0.5"])
+        err = capsys.readouterr().err
+        assert code == 1 and " still running at step " in err, err
+        assert "balancerctl deploys" in err and "None" not in err, err
+        deploy_id = err.split("deploy ", 1)[1].split()[0]
+        assert finished(lb, deploy_id)["state"] == "done"
+        slow.join(10)
+    finally:
+        b.stop()
+
+
 # 5. the drain against long requests and other operators ------------------------------------
 def test_a_request_longer_than_the_drain_timeout_is_listed_and_finishes_untouched(
         lb: Balancer, a: Backend) -> None:
