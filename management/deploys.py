@@ -20,9 +20,10 @@ Invariants:
   `STALE_AFTER` seconds (its process died) is taken over by a management
   process that resumes the deploy. A process that stops hands its claims
   over at once (beat 0).
-* A store outage (`StoreUnavailable`) is waited out for `STORE_PATIENCE`
-  seconds at every step's store call (`Deployer.patiently`); only a longer
-  one fails the deploy. A switch write whose answer was lost is recognised
+* A store outage (`StoreUnavailable`), or a store that cannot be read
+  (`CorruptStore`: a routes file half saved by hand), is waited out for
+  `STORE_PATIENCE` seconds at every step's store call (`Deployer.patiently`);
+  only a longer one fails the deploy. A switch write whose answer was lost is recognised
   by its `since` on the next look, never taken for someone else's change.
 * A start is one write of the claim and the record (`Records.begin`). One
   the store's replicas did not acknowledge (`StoreNotReplicated`: the master
@@ -48,7 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from balancer.backend_tls import BackendTLS
-from balancer.stores import StoreError, StoreNotReplicated, StoreUnavailable
+from balancer.stores import CorruptStore, StoreError, StoreNotReplicated, StoreUnavailable
 from management.deploy_run import IDLE_EVERY, DeployFailed, Interrupted, Run
 from management.deploy_steps import addresses, local_report
 
@@ -190,16 +191,17 @@ class Deployer:
         self.patiently(record, "save its record", lambda: self.records.save_deploy(record))
 
     def patiently(self, record: dict[str, Any], what: str, call: Callable[[], Any]) -> Any:
-        """`call()`, tried again while the store is unavailable, for up to
+        """`call()`, tried again while the store is unavailable or damaged, for up to
         `STORE_PATIENCE` seconds (then `DeployFailed`) or until this process stops
         (`Interrupted`)."""
         give_up = time.monotonic() + STORE_PATIENCE
         while True:
             try:
                 return call()
-            except StoreUnavailable as exc:
-                if time.monotonic() >= give_up:
-                    raise DeployFailed(f"cannot {what}: the store is unavailable ({exc})") \
+            except (StoreUnavailable, CorruptStore) as exc:  # (bug: a routes file damaged
+                if time.monotonic() >= give_up:               # mid-deploy: "internal error")
+                    state = "damaged" if isinstance(exc, CorruptStore) else "unavailable"
+                    raise DeployFailed(f"cannot {what}: the store is {state} ({exc})") \
                         from None
                 log.warning("deploy %s: cannot %s: %s (trying again)", record["id"], what, exc)
                 self.pause(STORE_RETRY)

@@ -25,7 +25,15 @@ from typing import Any
 import pytest
 
 from tests.rawpeer import serve_each
-from tests.support import Backend, Balancer, constants_prefix, in_threads, request, wait_for
+from tests.support import (
+    Backend,
+    Balancer,
+    constants_prefix,
+    in_threads,
+    replace_file,
+    request,
+    wait_for,
+)
 from tests.test_deploys import HOST, deploy, finished, in_background, proxy, step
 
 ANSWERS = {
@@ -295,6 +303,31 @@ def test_redis_going_away_during_the_drain_delays_the_deploy_and_it_finishes(
     assert record["state"] == "done", record
     assert step(record, "drain")["outcome"] == "drained"
     assert out["result"][0] == 200
+
+
+def test_a_routes_file_damaged_during_the_drain_is_waited_out(lb: Balancer, a: Backend) -> None:
+    """The routes file made invalid JSON (a hand edit half saved) while the drain
+    waits, and repaired: the deploy waits for it as for an outage and ends with
+    its rule clean. Bug: the damaged read went up as "internal error", a traceback
+    in the log, the old backend left under `draining`."""
+    b = Backend("b")
+    try:
+        slow, _ = in_background(lambda: request(lb.port, path="/slow?s=2"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 20})
+        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
+                 == "drain", what="the drain")
+        good = lb.routes.read_bytes()
+        lb.routes.write_bytes(good[:len(good) // 2])
+        wait_for(lambda: "cannot read the rule" in lb.output(), what="the drain's end to meet it")
+        replace_file(lb.routes, good)
+        record = finished(lb, record["id"])
+        slow.join(10)
+    finally:
+        b.stop()
+    assert record["state"] == "done" and step(record, "drain")["outcome"] == "drained", record
+    assert rule_of(lb) == proxy(b)
+    assert "Traceback" not in lb.output()
 
 
 # 4. malformed bodies and the host changing under the deploy -----------------------------
