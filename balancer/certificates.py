@@ -94,15 +94,23 @@ def _check_loads(chain_pem: str, key_pem: str) -> None:
     field holding a certificate before the key, as a combined PEM file does; a
     NUL in the key) was stored and answered 200, then every worker refused it
     ("key values mismatch"): the host went on with the certificate served before,
-    or none, while the API listed the new one."""
+    or none, while the API listed the new one. A memory file this process cannot
+    write (its file size limit, as a full disk) is no finding on the pair: the
+    store's write, refused the same way, says why."""
     try:
         load_pem(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain_pem, key_pem)
     except (ssl.SSLError, ValueError) as exc:
-        why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
-        hint = ("; key holds a certificate: give the private key alone (the certificates "
-                "go in chain)") if "-----BEGIN CERTIFICATE" in key_pem else ""
-        raise CertificateError(f"OpenSSL cannot load the chain and key ({why}){hint}") \
-            from None
+        raise _refused(exc, key_pem) from None
+    except OSError:
+        return
+
+
+def _refused(exc: Exception, key_pem: str) -> CertificateError:
+    """The refusal of a pair OpenSSL did not load (`exc`: its reason, no key text)."""
+    why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
+    hint = ("; key holds a certificate: give the private key alone (the certificates "
+            "go in chain)") if "-----BEGIN CERTIFICATE" in key_pem else ""
+    return CertificateError(f"OpenSSL cannot load the chain and key ({why}){hint}")
 
 
 def load_pem(context: ssl.SSLContext, chain: str, key: str) -> None:
@@ -111,7 +119,9 @@ def load_pem(context: ssl.SSLContext, chain: str, key: str) -> None:
     certificate of the key's text, if it holds one, for the leaf)."""
     fd = os.memfd_create("balancer-certificate", os.MFD_CLOEXEC)
     try:
-        os.write(fd, f"{key}\n{chain}\n".encode())
+        data = memoryview(f"{key}\n{chain}\n".encode())
+        while data:  # a short write (a file size limit) is no whole file: the next raises
+            data = data[os.write(fd, data):]
         path = f"/proc/self/fd/{fd}"
         context.load_cert_chain(path, path)
     finally:
