@@ -58,6 +58,7 @@ log = logging.getLogger("balancer.deploys")
 STALE_AFTER = 5.0   # seconds without a beat before another process resumes a deploy
 BEAT_EVERY = 1.0
 WATCH_EVERY = 0.25  # seconds between in-flight reports while a deploy runs
+GONE_AFTER = 60.0   # seconds after which an in-flight report's balancer is gone for good
 STORE_PATIENCE = 30.0  # seconds a deploy waits for an unavailable store before it fails
 STORE_RETRY = 0.2      # seconds between its attempts meanwhile
 
@@ -241,6 +242,7 @@ class Deployer:
                     reported = True
                 elif reported:
                     self.records.report_inflight(self.owner, None)
+                    self.forget_gone()
                     reported = False
                 self.resume_orphans(claims)
             except StoreError as exc:
@@ -248,6 +250,16 @@ class Deployer:
             except Exception:
                 log.exception("deploy watch failed")
             self.stopping.wait(WATCH_EVERY if claims or self.running else IDLE_EVERY)
+
+    def forget_gone(self) -> None:
+        """Withdraw the in-flight reports not renewed for `GONE_AFTER` seconds, once
+        no deploy runs (bug: a management process killed outright never withdraws
+        its own, and each such report stayed in the store for good)."""
+        now = time.time()
+        for owner, report in self.records.inflight().items():
+            at = report.get("at") if isinstance(report, dict) else None
+            if not isinstance(at, int | float) or now - at > GONE_AFTER:
+                self.records.report_inflight(owner, None)
 
     def report(self, hosts: list[str]) -> None:
         info = self.runtime.info()

@@ -330,6 +330,27 @@ def test_a_routes_file_damaged_during_the_drain_is_waited_out(lb: Balancer, a: B
     assert "Traceback" not in lb.output()
 
 
+def test_the_in_flight_report_of_a_balancer_gone_for_good_is_forgotten(
+        tmp_path: Path, a: Backend) -> None:
+    """A management process killed outright (SIGKILL, the OOM killer) never
+    withdraws its in-flight report. Bug: each such report stayed in the store for
+    good; now the reports not renewed for a minute are dropped once no deploy runs."""
+    records = tmp_path / "routes.json.deploys.json"
+    gone = {"at": time.time() - 3600, "version": 1, "hosts": {}}
+    records.write_text(json.dumps({"deploys": {}, "claims": {},
+                                   "inflight": {"web9:4242:0d324a": gone}}))
+    lb = Balancer(tmp_path, {HOST: proxy(a)})
+    b = Backend("b")
+    try:
+        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 1})
+        assert finished(lb, record["id"])["state"] == "done"
+        wait_for(lambda: json.loads(records.read_text())["inflight"] == {},
+                 what="the reports withdrawn")
+    finally:
+        b.stop()
+        lb.stop()
+
+
 # 4. malformed bodies and the host changing under the deploy -----------------------------
 def post_raw(lb: Balancer, what: str, data: bytes) -> tuple[int, dict[str, Any]]:
     conn = http.client.HTTPConnection("127.0.0.1", lb.mport, timeout=10)
