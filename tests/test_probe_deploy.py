@@ -312,7 +312,7 @@ def test_a_routes_file_damaged_during_the_drain_is_waited_out(lb: Balancer, a: B
     in the log, the old backend left under `draining`."""
     b = Backend("b")
     try:
-        slow, _ = in_background(lambda: request(lb.port, path="/slow?s=2"))
+        slow, _ = in_background(lambda: request(lb.port, path="/slow?s=3"))
         wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
         record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 20})
         wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
