@@ -410,8 +410,7 @@ def test_a_host_deleted_during_the_ready_step_is_not_brought_back(lb: Balancer) 
 
 
 
-@pytest.mark.parametrize("loss", ["older routes file",
-                                  pytest.param("flushed redis", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("loss", ["older routes file", "flushed redis"])
 def test_a_store_that_lost_its_table_mid_deploy_fails_it_with_the_reason(
         tmp_path: Path, a: Backend, redis_factory: Any, loss: str) -> None:
     """The routes file put back from an older copy, or Redis flushed, while the new
@@ -420,8 +419,9 @@ def test_a_store_that_lost_its_table_mid_deploy_fails_it_with_the_reason(
     switch's refused write went up as "internal error: ...", with a traceback in
     the log; a flushed Redis read as no rule: "the host's rule changed"."""
     redis = redis_factory() if loss == "flushed redis" else None
-    lb = Balancer(tmp_path, None if redis else {HOST: proxy(a)},
-                  args=["--store", redis.url] if redis else [])
+    lb = Balancer(tmp_path, None if redis else {HOST: proxy(a)},  # (a flush is found
+                  args=["--store", redis.url] if redis else [],   # at the next resync)
+                  env={"BALANCER_STORE_RESYNC_INTERVAL": "0.5"})
     late = Scripted("503")
     try:
         if redis:
