@@ -11,8 +11,8 @@ Invariants:
   leaf whose names (subjectAltName DNS entries, wildcards included) do not
   cover the host, an expired or not yet valid leaf, an encrypted key, a chain
   holding a private key or a block that is no whole certificate (a file cut
-  short), and keys other than RSA ≥ 2048 bits or ECDSA
-  P-256/P-384.
+  short), keys other than RSA ≥ 2048 bits or ECDSA P-256/P-384, and a pair
+  OpenSSL does not load as a worker will (`load_pem`).
 * No message, repr or log line made here contains the private key.
 * `cryptography` (~15 MiB) is imported by the functions that parse, at their
   first call: the management process imports this module always and a
@@ -21,6 +21,8 @@ Invariants:
 
 from __future__ import annotations
 
+import os
+import ssl
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -82,7 +84,48 @@ def check(host: str, chain_pem: str, key_pem: str, now: float | None = None) -> 
     if not_before > now:
         raise CertificateError(f"chain: the certificate is not valid before "
                                f"{leaf.not_valid_before_utc.isoformat()}")
+    _check_loads(chain_pem, key_pem)
     return CertificateInfo(names, not_before, not_after, leaf.issuer.rfc4514_string(), key_type)
+
+
+def _check_loads(chain_pem: str, key_pem: str) -> None:
+    """CertificateError unless OpenSSL loads the pair as every worker will
+    (`load_pem`). Bug: what `cryptography` takes and OpenSSL does not (a key
+    field holding a certificate before the key, as a combined PEM file does; a
+    NUL in the key) was stored and answered 200, then every worker refused it
+    ("key values mismatch"): the host went on with the certificate served before,
+    or none, while the API listed the new one. A memory file this process cannot
+    write (its file size limit, as a full disk) is no finding on the pair: the
+    store's write, refused the same way, says why."""
+    try:
+        load_pem(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain_pem, key_pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise _refused(exc, key_pem) from None
+    except OSError:
+        return
+
+
+def _refused(exc: Exception, key_pem: str) -> CertificateError:
+    """The refusal of a pair OpenSSL did not load (`exc`: its reason, no key text)."""
+    why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
+    hint = ("; key holds a certificate: give the private key alone (the certificates "
+            "go in chain)") if "-----BEGIN CERTIFICATE" in key_pem else ""
+    return CertificateError(f"OpenSSL cannot load the chain and key ({why}){hint}")
+
+
+def load_pem(context: ssl.SSLContext, chain: str, key: str) -> None:
+    """Load a PEM chain and key into `context` through an anonymous memory file
+    (what a worker serves: the key's file first, so OpenSSL takes the first
+    certificate of the key's text, if it holds one, for the leaf)."""
+    fd = os.memfd_create("balancer-certificate", os.MFD_CLOEXEC)
+    try:
+        data = memoryview(f"{key}\n{chain}\n".encode())
+        while data:  # a short write (a file size limit) is no whole file: the next raises
+            data = data[os.write(fd, data):]
+        path = f"/proc/self/fd/{fd}"
+        context.load_cert_chain(path, path)
+    finally:
+        os.close(fd)
 
 
 def _private_key(key_pem: str) -> Any:
@@ -152,13 +195,19 @@ def _key_type(key: Any) -> str:
 
 
 def leaf_names(leaf: x509.Certificate) -> tuple[str, ...]:
-    """The DNS names of a certificate (subjectAltName; the CN when it has none)."""
+    """The DNS names of a certificate (subjectAltName; the CN when it has none);
+    CertificateError when its extensions cannot be read (bug: a malformed one, a
+    subjectAltName cut short or of non-ASCII bytes, answered an upload 500 with a
+    traceback in the log)."""
     from cryptography import x509
     from cryptography.x509.oid import ExtensionOID
 
     try:
         san: Any = leaf.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
         return tuple(n.lower() for n in san.value.get_values_for_type(x509.DNSName))
+    except ValueError as exc:  # `cryptography` parses the extensions only now
+        raise CertificateError(f"chain: the certificate's extensions cannot be read "
+                               f"({exc})") from None
     except x509.ExtensionNotFound:
         cns = leaf.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
         return tuple(str(cn.value).lower() for cn in cns)

@@ -133,7 +133,7 @@ class Challenges:
 def alpn_context(chain: str, key: str) -> ssl.SSLContext:
     """A server context that serves one TLS-ALPN-01 certificate and speaks only
     ``acme-tls/1`` (no SNI callback: it is chosen before the handshake)."""
-    from balancer.tls import load_pem
+    from balancer.certificates import load_pem
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import socket
 import ssl
 import sys
@@ -68,6 +67,7 @@ import gevent
 from gevent.lock import Semaphore
 
 from balancer.accesslog.records import held_bytes, refused_record
+from balancer.certificates import load_pem
 from balancer.lingering import discard_waiting
 from balancer.responses import local_response
 from balancer.stores.base import ProblemLog, StoreError
@@ -299,17 +299,6 @@ def quiet_undecodable_names() -> None:
     """Install `_QuietNames` over the process's unraisable hook (once)."""
     if not isinstance(sys.unraisablehook, _QuietNames):
         sys.unraisablehook = _QuietNames(sys.unraisablehook)
-
-
-def load_pem(context: ssl.SSLContext, chain: str, key: str) -> None:
-    """Load a PEM chain and key into `context` through an anonymous memory file."""
-    fd = os.memfd_create("balancer-certificate", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, f"{key}\n{chain}\n".encode())
-        path = f"/proc/self/fd/{fd}"
-        context.load_cert_chain(path, path)
-    finally:
-        os.close(fd)
 
 
 def _refuse_plain(sock: Any, address: Any, ctx: Any) -> None:

@@ -145,7 +145,8 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         self.table_reads = TableReads(store, self.mirror)  # what reads answer, encoded once
         self.metrics = None  # made at the first scrape (`StatusRoutes.exporter`)
         self.deployer = Deployer(store, runtime, self.write_rule,
-                                 BackendTLS(backend_ca_bundle))  # deploys probe https:// too
+                                 BackendTLS(backend_ca_bundle),  # deploys probe https:// too
+                                 lambda: self.mirror.problem)
         self.history = history or History()  # sampled by the management process
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]

@@ -4,7 +4,8 @@ Invariants:
 * `deploy` and `rollback` follow the deploy until it ends (unless --no-wait),
   printing one line per step as it starts and ends (not with --json), and
   fail (`CtlError`: exit 1 and the reason) when the deploy fails.
-* The wait is bounded: the deploy's own timeouts plus `WAIT_MARGIN`.
+* The wait is bounded: the deploy's own timeouts plus `WAIT_MARGIN`; a deploy
+  still running then fails the command saying so (it goes on), never as failed.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ def run(args: argparse.Namespace, client: Any, error: type[Exception]) -> tuple[
         return {"deploy": record}, f"{shown(_named(record))} started"
     show = None if getattr(args, "json", False) else Progress()
     record = follow(client, record, show)
+    if record["state"] == "running":  # (bug: "failed at step drain: None")
+        raise error(f"{_named(record)} still running at step {record['step']} when this "
+                    f"command stopped waiting (its timeouts plus {WAIT_MARGIN:g}s); it goes "
+                    f"on: follow it with `balancerctl deploys`")
     if record["state"] != "done":
         step = record["steps"][-1]["name"] if record["steps"] else "?"
         raise error(f"{_named(record)} failed at step {step}: {record['error']}")

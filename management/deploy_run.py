@@ -33,6 +33,7 @@ from management.deploy_steps import (
     probe_all,
     switched_rule,
 )
+from management.http import ApiError
 
 IDLE_EVERY = 1.0    # seconds between looks for a deploy while none runs (`Deployer.watch_loop`)
 DRAIN_SETTLE = 0.5  # seconds after the warmup before the old backends' counts are trusted
@@ -149,6 +150,7 @@ class Run:
                 self.end("ok", f"version {found.version}")
                 return
             if found.rule != self.record["before"]:
+                self._not_lost()
                 raise DeployFailed("the host's rule changed during the deploy; nothing "
                                    "was switched")
             try:
@@ -168,9 +170,23 @@ class Run:
         return found
 
     def write(self, rule: dict[str, Any], if_version: int) -> int:
-        """Write the host's `rule` if the table is at `if_version`, an outage waited out."""
-        return int(self.deployer.patiently(self.record, "write the rule", lambda: (
-            self.deployer.write_rule(self.host, rule, if_version))))
+        """Write the host's `rule` if the table is at `if_version`, an outage waited
+        out; `DeployFailed` when the store lost its table (the 409 `store_lost` of a
+        one-host write: bug, it went up as an "internal error" with a traceback in
+        the log)."""
+        try:
+            return int(self.deployer.patiently(self.record, "write the rule", lambda: (
+                self.deployer.write_rule(self.host, rule, if_version))))
+        except ApiError as exc:
+            switched = "" if self.record["version"] else "; nothing was switched"
+            raise DeployFailed(f"cannot write the rule: {exc.message}{switched}") from None
+
+    def _not_lost(self) -> None:
+        """`DeployFailed` naming the store's loss, if it lost its table (bug: a flushed
+        Redis read as no rule, and the deploy failed "the host's rule changed")."""
+        lost = self.deployer.lost()
+        if lost:
+            raise DeployFailed(f"cannot switch: {lost}; nothing was switched")
 
     def _is_switched(self, rule: dict[str, Any]) -> bool:
         return rule.get("action") == "proxy" and "draining" not in rule and \
@@ -218,7 +234,8 @@ class Run:
         self.finish()
         left = ", ".join(f"{a}: {c['in_flight']} in flight ({c['tunnels']} WebSocket tunnels)"
                          for a, c in (counts or {}).items() if c["in_flight"]) \
-            or "no balancer reported its counts"
+            or ("not every balancer could tell its counts (one not serving the switch "
+                "yet, or a worker of one not answering its control socket)")
         self.record["warning"] = f"drain timed out after {timeout:g}s; still open: {left}"
         self.record["remaining"] = counts
         self.end("timeout", self.record["warning"])

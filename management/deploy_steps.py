@@ -14,7 +14,10 @@
   the new ones warm up, then get none).
 * `in_flight`: the sum of every live balancer's published in-flight counts on
   the draining backends, or None while some balancer's report is too old to
-  tell (taken before the drain began, or before it served the switch).
+  tell (taken before the drain began, or before it served the switch; a
+  balancer with a worker that does not answer reports version 0: bug, such a
+  worker's requests on the old backends were left out of its counts, and the
+  drain ended "drained" while they ran).
 
 Invariants: nothing here writes to the store or the routing table.
 """

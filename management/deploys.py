@@ -20,9 +20,10 @@ Invariants:
   `STALE_AFTER` seconds (its process died) is taken over by a management
   process that resumes the deploy. A process that stops hands its claims
   over at once (beat 0).
-* A store outage (`StoreUnavailable`) is waited out for `STORE_PATIENCE`
-  seconds at every step's store call (`Deployer.patiently`); only a longer
-  one fails the deploy. A switch write whose answer was lost is recognised
+* A store outage (`StoreUnavailable`), or a store that cannot be read
+  (`CorruptStore`: a routes file half saved by hand), is waited out for
+  `STORE_PATIENCE` seconds at every step's store call (`Deployer.patiently`);
+  only a longer one fails the deploy. A switch write whose answer was lost is recognised
   by its `since` on the next look, never taken for someone else's change.
 * A start is one write of the claim and the record (`Records.begin`). One
   the store's replicas did not acknowledge (`StoreNotReplicated`: the master
@@ -48,7 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from balancer.backend_tls import BackendTLS
-from balancer.stores import StoreError, StoreNotReplicated, StoreUnavailable
+from balancer.stores import CorruptStore, StoreError, StoreNotReplicated, StoreUnavailable
 from management.deploy_run import IDLE_EVERY, DeployFailed, Interrupted, Run
 from management.deploy_steps import addresses, local_report
 
@@ -57,6 +58,7 @@ log = logging.getLogger("balancer.deploys")
 STALE_AFTER = 5.0   # seconds without a beat before another process resumes a deploy
 BEAT_EVERY = 1.0
 WATCH_EVERY = 0.25  # seconds between in-flight reports while a deploy runs
+GONE_AFTER = 60.0   # seconds after which an in-flight report's balancer is gone for good
 STORE_PATIENCE = 30.0  # seconds a deploy waits for an unavailable store before it fails
 STORE_RETRY = 0.2      # seconds between its attempts meanwhile
 
@@ -66,8 +68,10 @@ class Deployer:
 
     def __init__(self, store: Any, runtime: Any,
                  write_rule: Callable[[str, dict[str, Any], int], int],
-                 tls: BackendTLS | None = None) -> None:
+                 tls: BackendTLS | None = None,
+                 lost: Callable[[], str | None] = lambda: None) -> None:
         self.store = store
+        self.lost = lost  # why the store lost its table (`management.mirror`), or None
         self.tls = tls or BackendTLS()  # how https:// backends are probed
         self.records = store.records()
         self.runtime = runtime
@@ -188,16 +192,17 @@ class Deployer:
         self.patiently(record, "save its record", lambda: self.records.save_deploy(record))
 
     def patiently(self, record: dict[str, Any], what: str, call: Callable[[], Any]) -> Any:
-        """`call()`, tried again while the store is unavailable, for up to
+        """`call()`, tried again while the store is unavailable or damaged, for up to
         `STORE_PATIENCE` seconds (then `DeployFailed`) or until this process stops
         (`Interrupted`)."""
         give_up = time.monotonic() + STORE_PATIENCE
         while True:
             try:
                 return call()
-            except StoreUnavailable as exc:
-                if time.monotonic() >= give_up:
-                    raise DeployFailed(f"cannot {what}: the store is unavailable ({exc})") \
+            except (StoreUnavailable, CorruptStore) as exc:  # (bug: a routes file damaged
+                if time.monotonic() >= give_up:               # mid-deploy: "internal error")
+                    state = "damaged" if isinstance(exc, CorruptStore) else "unavailable"
+                    raise DeployFailed(f"cannot {what}: the store is {state} ({exc})") \
                         from None
                 log.warning("deploy %s: cannot %s: %s (trying again)", record["id"], what, exc)
                 self.pause(STORE_RETRY)
@@ -237,6 +242,7 @@ class Deployer:
                     reported = True
                 elif reported:
                     self.records.report_inflight(self.owner, None)
+                    self.forget_gone()
                     reported = False
                 self.resume_orphans(claims)
             except StoreError as exc:
@@ -245,11 +251,23 @@ class Deployer:
                 log.exception("deploy watch failed")
             self.stopping.wait(WATCH_EVERY if claims or self.running else IDLE_EVERY)
 
+    def forget_gone(self) -> None:
+        """Withdraw the in-flight reports not renewed for `GONE_AFTER` seconds, once
+        no deploy runs (bug: a management process killed outright never withdraws
+        its own, and each such report stayed in the store for good)."""
+        now = time.time()
+        for owner, report in self.records.inflight().items():
+            at = report.get("at") if isinstance(report, dict) else None
+            if not isinstance(at, int | float) or now - at > GONE_AFTER:
+                self.records.report_inflight(owner, None)
+
     def report(self, hosts: list[str]) -> None:
         info = self.runtime.info()
         versions = [p.get("version", 0) for p in info.get("processes", ())]
         version = min(versions) if versions else info.get("store", {}).get("version", 0)
         stats = self.runtime.stats({"hosts": hosts})
+        if stats.get("lagging"):  # a worker not answering: its counts unknown, and maybe
+            version = 0           # not serving the switch yet (see `deploy_steps.in_flight`)
         self.records.report_inflight(self.owner, local_report(stats, version, hosts, time.time()))
 
     def resume_orphans(self, claims: dict[str, dict[str, Any]]) -> None:

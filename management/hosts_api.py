@@ -182,7 +182,8 @@ class HostRoutes:
 
     def write_rule(self, key: str, rule: dict[str, Any], if_version: int) -> int:
         """A deploy's write of one host's rule, answered once every worker serves it
-        (`VersionConflict` when the table moved past `if_version`)."""
+        (`VersionConflict` when the table moved past `if_version`, `ApiError` 409
+        `store_lost` when the store lost its table)."""
         self._check_not_lost()
         version = self.store.put_host(key, rule, if_version)
         self.mirror.note_write(version, {key: rule})

@@ -220,7 +220,37 @@ def bad_uploads() -> list[tuple[str, str, str, str]]:
         ("truncated leaf", chain[:len(chain) // 4], key, "chain: not a PEM certificate chain"),
         ("truncated key", chain, key[:len(key) // 2], "key: not an unencrypted PEM private key"),
         ("chain as the key", chain, chain, "key: not an unencrypted PEM private key"),
+        ("a subjectAltName cut short", *malformed_san(CA),
+         "chain: the certificate's extensions cannot be read (error parsing asn1 value"),
     ]
+
+
+def malformed_san(ca: Any) -> tuple[str, str]:
+    """(chain, key) of an app.test leaf `ca` signed whose subjectAltName is cut
+    short: `cryptography` reads it only when asked for the names (bug: a 500, and
+    a traceback in the log)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "app.test")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.UnrecognizedExtension(
+                ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03cut"), False)
+            .sign(ca.key, hashes.SHA256()))
+    pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+    return pem + ca.pem, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()
 
 
 def test_bad_certificates_are_refused_naming_the_cause(bal: Any) -> None:
@@ -234,6 +264,42 @@ def test_bad_certificates_are_refused_naming_the_cause(bal: Any) -> None:
     assert bal.api("GET", "/api/v1/certs") == (200, {"certs": [], "acme": {}})
     assert "Traceback" not in bal.output()
 
+
+
+def test_a_pair_openssl_cannot_load_is_refused_and_the_served_one_stays(
+        bal: Any, tmp_path: Path) -> None:
+    """A key field holding another certificate before the key (a combined PEM file
+    of an older certificate and the new key), or a NUL: `cryptography` takes both.
+    Bug: they were stored and answered 200, then every worker refused to load them
+    ("key values mismatch") and went on serving the certificate before, while the
+    API listed the new one."""
+    from cryptography import x509
+
+    from tests.test_certs_api import served_serial
+    from tests.test_tls import CA, client_context
+
+    chain, key = CA.issue("app.test")
+    assert bal.api("PUT", "/api/v1/certs/app.test", {"chain": chain, "key": key})[0] == 200
+    listed = bal.api("GET", "/api/v1/certs")[1]["certs"]
+    serial = x509.load_pem_x509_certificate(chain.encode()).serial_number
+    new_chain, new_key = CA.issue("app.test")
+    try:
+        for bad_key, reason in [
+                (leaf_only(chain) + new_key,
+                 "OpenSSL cannot load the chain and key (KEY_VALUES_MISMATCH); key holds a "
+                 "certificate: give the private key alone"),
+                (new_key + "\0", "OpenSSL cannot load the chain and key ([SSL] PEM lib")]:
+            status, answer = bal.api("PUT", "/api/v1/certs/app.test",
+                                     {"chain": new_chain, "key": bad_key})
+            assert (status, answer.get("error")) == (400, "invalid_certificate"), answer
+            assert reason in answer["message"], answer
+            assert new_key.splitlines()[1] not in str(answer)
+        assert [c["not_after"] for c in bal.api("GET", "/api/v1/certs")[1]["certs"]] \
+            == [c["not_after"] for c in listed]
+        assert served_serial(bal.ports["tls"], "app.test", client_context(tmp_path)) == serial
+        assert "not served" not in bal.output()
+    finally:
+        assert bal.api("DELETE", "/api/v1/certs/app.test")[0] == 200
 
 def test_browser_huge_and_binary_uploads_are_refused(bal: Any) -> None:
     from tests.test_tls import CA

@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import os
 import signal
 import socket
 import threading
@@ -24,13 +25,22 @@ from typing import Any
 import pytest
 
 from tests.rawpeer import serve_each
-from tests.support import Backend, Balancer, in_threads, request, wait_for
+from tests.support import (
+    Backend,
+    Balancer,
+    constants_prefix,
+    in_threads,
+    replace_file,
+    request,
+    wait_for,
+)
 from tests.test_deploys import HOST, deploy, finished, in_background, proxy, step
 
 ANSWERS = {
     "ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
     "503": b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
 }
+KEPT = 5  # deploy records kept (`MAX_DEPLOYS`, 50) in the test of their removal
 
 
 class Scripted:
@@ -295,6 +305,52 @@ def test_redis_going_away_during_the_drain_delays_the_deploy_and_it_finishes(
     assert out["result"][0] == 200
 
 
+def test_a_routes_file_damaged_during_the_drain_is_waited_out(lb: Balancer, a: Backend) -> None:
+    """The routes file made invalid JSON (a hand edit half saved) while the drain
+    waits, and repaired: the deploy waits for it as for an outage and ends with
+    its rule clean. Bug: the damaged read went up as "internal error", a traceback
+    in the log, the old backend left under `draining`."""
+    b = Backend("b")
+    try:
+        slow, _ = in_background(lambda: request(lb.port, path="/slow?s=3"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 20})
+        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
+                 == "drain", what="the drain")
+        good = lb.routes.read_bytes()
+        lb.routes.write_bytes(good[:len(good) // 2])
+        wait_for(lambda: "cannot read the rule" in lb.output(), what="the drain's end to meet it")
+        replace_file(lb.routes, good)
+        record = finished(lb, record["id"])
+        slow.join(10)
+    finally:
+        b.stop()
+    assert record["state"] == "done" and step(record, "drain")["outcome"] == "drained", record
+    assert rule_of(lb) == proxy(b)
+    assert "Traceback" not in lb.output()
+
+
+def test_the_in_flight_report_of_a_balancer_gone_for_good_is_forgotten(
+        tmp_path: Path, a: Backend) -> None:
+    """A management process killed outright (SIGKILL, the OOM killer) never
+    withdraws its in-flight report. Bug: each such report stayed in the store for
+    good; now the reports not renewed for a minute are dropped once no deploy runs."""
+    records = tmp_path / "routes.json.deploys.json"
+    gone = {"at": time.time() - 3600, "version": 1, "hosts": {}}
+    records.write_text(json.dumps({"deploys": {}, "claims": {},
+                                   "inflight": {"web9:4242:0d324a": gone}}))
+    lb = Balancer(tmp_path, {HOST: proxy(a)})
+    b = Backend("b")
+    try:
+        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 1})
+        assert finished(lb, record["id"])["state"] == "done"
+        wait_for(lambda: json.loads(records.read_text())["inflight"] == {},
+                 what="the reports withdrawn")
+    finally:
+        b.stop()
+        lb.stop()
+
+
 # 4. malformed bodies and the host changing under the deploy -----------------------------
 def post_raw(lb: Balancer, what: str, data: bytes) -> tuple[int, dict[str, Any]]:
     conn = http.client.HTTPConnection("127.0.0.1", lb.mport, timeout=10)
@@ -353,6 +409,70 @@ def test_a_host_deleted_during_the_ready_step_is_not_brought_back(lb: Balancer) 
     assert lb.api("GET", "/api/v1/hosts")[1]["hosts"] == {}
 
 
+
+@pytest.mark.parametrize("loss", ["older routes file", "flushed redis"])
+def test_a_store_that_lost_its_table_mid_deploy_fails_it_with_the_reason(
+        tmp_path: Path, a: Backend, redis_factory: Any, loss: str) -> None:
+    """The routes file put back from an older copy, or Redis flushed, while the new
+    backend gets ready: the deploy fails saying the store lost its table (as a
+    one-host write through the API is refused), nothing switched. Bugs: the
+    switch's refused write went up as "internal error: ...", with a traceback in
+    the log; a flushed Redis read as no rule: "the host's rule changed"."""
+    redis = redis_factory() if loss == "flushed redis" else None
+    lb = Balancer(tmp_path, None if redis else {HOST: proxy(a)},  # (a flush is found
+                  args=["--store", redis.url] if redis else [],   # at the next resync)
+                  env={"BALANCER_STORE_RESYNC_INTERVAL": "0.5"})
+    late = Scripted("503")
+    try:
+        if redis:
+            assert lb.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
+        before = rule_of(lb)
+        record = deploy(lb, {"backends": [late.address], "ready_timeout": 20, "warmup": 0})
+        wait_for(lambda: late.seen >= 1, what="the first probe")
+        if redis:
+            redis.client().flushall()
+        else:
+            lb.write_routes({HOST: before}, version=0)  # a backup of before the first write
+        wait_for(lb.store_problem, what="the store's loss reported")
+        late.script = ["ok"]
+        record = finished(lb, record["id"])  # (a flushed record reads 404 until saved again)
+        assert rule_of(lb) == before
+        assert json.loads(request(lb.port)[2])["backend"] == "a"
+    finally:
+        late.stop()
+        lb.stop()
+    assert record["state"] == "failed", record
+    assert "the store lost its table" in record["error"], record["error"]
+    assert record["error"].endswith("; nothing was switched"), record["error"]
+    assert "Traceback" not in lb.output()
+
+
+def test_balancerctl_that_stops_waiting_says_the_deploy_still_runs(
+        lb: Balancer, a: Backend, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`balancerctl deploy` waits the deploy's timeouts plus a margin (60 s; 0 here),
+    then stops: the deploy may run on (a store outage waited out, or the drain
+    that starts 1.5 s in). Bug: it said "failed at step drain: None"."""
+    from management import ctl, ctl_deploy
+
+    monkeypatch.setattr(ctl_deploy, "WAIT_MARGIN", 0.0)
+    b = Backend("b")
+    try:
+        slow, _ = in_background(lambda: request(lb.port, path="/slow?s=3"))
+        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+        code = ctl.main(["--url", f"http://127.0.0.1:{lb.mport}", "deploy", HOST,
+                         "--backend", b.address, "--warmup", "0", "--ready-timeout", "0.5",
+                         "--drain-timeout", "0.5"])
+        err = capsys.readouterr().err
+        assert code == 1 and " still running at step " in err, err
+        assert "balancerctl deploys" in err and "None" not in err, err
+        deploy_id = err.split("deploy ", 1)[1].split()[0]
+        assert finished(lb, deploy_id)["state"] == "done"
+        slow.join(10)
+    finally:
+        b.stop()
+
+
 # 5. the drain against long requests and other operators ------------------------------------
 def test_a_request_longer_than_the_drain_timeout_is_listed_and_finishes_untouched(
         lb: Balancer, a: Backend) -> None:
@@ -372,6 +492,44 @@ def test_a_request_longer_than_the_drain_timeout_is_listed_and_finishes_untouche
     assert out["result"][0] == 200 and json.loads(out["result"][2])["backend"] == "a"
     assert rule_of(lb) == proxy(b)  # `draining` removed: the old backend gets nothing
 
+
+
+@pytest.mark.slow
+def test_a_worker_that_does_not_answer_keeps_the_drain_waiting(tmp_path: Path,
+                                                                a: Backend) -> None:
+    """Two workers; the one with a request in flight on the old backend stops
+    answering (SIGSTOP: a starved or stuck process). Bug: the management API left
+    it out of the merged counts, so the drain found 0 in flight and the deploy was
+    done ("drained") 2 s later, while that request ran on (and that worker had not
+    even served the switch): stopping the old backend then would have failed it."""
+    b = Backend("b")
+    lb = Balancer(tmp_path, {HOST: proxy(a)}, args=["--workers", "2"])
+    try:
+        begun = time.time()  # the slow request's answer cannot end before begun + 5
+        slow, out = in_background(lambda: request(lb.port, path="/slow?s=5", timeout=20))
+        requests = wait_for(lambda: lb.api("GET", "/api/v1/inflight")[1]["requests"],
+                            what="the slow request")
+        pid = requests[0]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 20})
+            stopped = time.monotonic()
+            wait_for(lambda: "answer" in json.dumps(lb.api("GET", "/api/v1/info")[1].get(
+                "lagging", [])), what="the worker found not answering")
+            while time.monotonic() < stopped + 3.0:  # the bug ended it within 2.5 s
+                record = lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]
+                assert record["state"] == "running", record
+                time.sleep(0.1)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        record = finished(lb, record["id"])
+        slow.join(10)
+    finally:
+        lb.stop()
+        b.stop()
+    assert out["result"][0] == 200 and json.loads(out["result"][2])["backend"] == "a"
+    assert record["state"] == "done" and step(record, "drain")["outcome"] == "drained", record
+    assert record["ended"] >= begun + 5, (record["ended"], begun)
 
 def test_a_rule_replaced_by_another_operator_during_the_drain_is_kept(
         lb: Balancer, a: Backend) -> None:
@@ -393,6 +551,40 @@ def test_a_rule_replaced_by_another_operator_during_the_drain_is_kept(
         c.stop()
     assert record["state"] == "done", record
 
+
+
+@pytest.mark.slow
+def test_a_long_deploy_keeps_its_record_while_others_come_and_go(
+        tmp_path: Path, a: Backend) -> None:
+    """The records keep the 50 most recent deploys (5 here). Bug: "recent" was by
+    start, so a deploy still running when 50 others had started since (a long
+    drain while other hosts were deployed) lost its record at each of its saves:
+    its progress read 404, its end was never kept (no rollback), a crash could
+    not be resumed. Now a running deploy's record stays, and recency is by end."""
+    others = [f"h{i}.test" for i in range(KEPT)]
+    lb = Balancer(tmp_path, {HOST: proxy(a), **{host: proxy(a) for host in others}},
+                  prefix=constants_prefix({"balancer.stores.records.MAX_DEPLOYS": KEPT}))
+    late, b = Scripted("503"), Backend("b")
+    try:
+        long = deploy(lb, {"backends": [late.address], "ready_timeout": 60, "warmup": 0,
+                           "drain_timeout": 1})
+        quick = [deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 1},
+                        host=host) for host in others]
+        for record in quick:
+            assert finished(lb, record["id"])["state"] == "done"
+        status, answer = lb.api("GET", f"/api/v1/deploys/{long['id']}")
+        assert (status, answer["deploy"]["state"]) == (200, "running"), answer
+        late.script = ["ok"]
+        assert finished(lb, long["id"])["state"] == "done"
+        finished(lb, deploy(lb, {"backends": [a.address], "warmup": 0, "drain_timeout": 1},
+                            host=others[0])["id"])  # one more record written
+        listed = [r["id"] for r in lb.api("GET", "/api/v1/deploys")[1]["deploys"]]
+        assert long["id"] in listed and len(listed) == KEPT, listed
+        assert lb.api("POST", f"/api/v1/hosts/{HOST}/rollback", {"warmup": 0})[0] == 202
+    finally:
+        late.stop()
+        b.stop()
+        lb.stop()
 
 def test_damaged_deploy_records_are_reported_and_never_let_a_second_deploy_of_the_host_start(
         tmp_path: Path, lb: Balancer) -> None:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,6 +145,37 @@ def test_the_floor_rate_is_taken_and_holds(bal: Balancer) -> None:
         assert answers[1][1]["retry-after"] == "1000"
     finally:
         assert bal.api("DELETE", "/api/v1/hosts/floor.test")[0] == 200
+
+
+
+def test_a_raised_rate_lets_a_refused_client_through_at_once(bal: Balancer) -> None:
+    """A client refused under 0.001/s (its next request 1,000 s away), the rule then
+    raised to 100/s: it gets through within the new rule's interval (10 ms), as a
+    client that used its whole burst just now under 100/s would. The same when the
+    limits are removed and given again. Bug: the bucket kept the old rule's wait, so
+    raising a limit changed nothing for that client for up to 1,000 s."""
+    strict = {"action": "empty", "status": 204, "limits": {"rate": 0.001}}
+    lenient = {**strict, "limits": {"rate": 100}}
+
+    def serve(rule: dict[str, Any]) -> None:
+        status, answer = bal.api("PUT", "/api/v1/hosts/raised.test", rule)
+        assert status == 200, answer
+        bal.wait_version(answer["version"])
+
+    def statuses(count: int) -> list[int]:
+        return [request(bal.port, host="raised.test")[0] for _ in range(count)]
+
+    try:
+        for lifted in (lenient, {"action": "empty", "status": 204}):
+            serve(strict)
+            assert statuses(2) in ([204, 429], [429, 429])
+            serve(lifted)
+            if lifted is not lenient:
+                assert statuses(1) == [204]
+                serve(lenient)
+            wait_for(lambda: statuses(1) == [204], timeout=2, what="the raised rate")
+    finally:
+        assert bal.api("DELETE", "/api/v1/hosts/raised.test")[0] == 200
 
 
 def test_a_stored_rate_below_the_floor_is_served_raised(tmp_path: Path) -> None:

@@ -247,6 +247,29 @@ def test_deploy_records_are_shared_newest_first_and_leave_the_table_alone(
     assert one.load().version == version
 
 
+
+def test_a_claimed_deploys_record_stays_and_the_last_ended_are_kept(
+        make_store: Callable[[], Store]) -> None:
+    """Bug: only the 50 started last were kept, so a running deploy (its host
+    claimed) 50 others had started after lost its record at each save, and one
+    that had just ended went at the next write."""
+    from balancer.stores.records import MAX_DEPLOYS
+
+    one, other = make_store().records(), make_store().records()
+    long = {"id": "long", "host": "web.test", "started": 900.0, "state": "running",
+            "owner": "owner-a"}
+    assert one.begin(long, now=900.0, stale_after=5.0) is None
+    for n in range(MAX_DEPLOYS + 3):
+        one.save_deploy({"id": f"d{n}", "host": f"h{n}.test", "started": 1000.0 + n,
+                         "ended": 1000.5 + n, "state": "done"})
+    one.save_deploy(long)  # its next step
+    assert other.deploy("long") is not None
+    one.save_deploy({**long, "ended": 2000.0, "state": "done"})
+    one.release("web.test", "long")
+    one.save_deploy({"id": "next", "host": "h0.test", "started": 2001.0, "state": "running"})
+    kept = [r["id"] for r in other.deploys()]
+    assert "long" in kept and "next" in kept and len(kept) == MAX_DEPLOYS, kept
+
 def test_one_claim_per_host_taken_over_only_when_its_owner_went_quiet(
         make_store: Callable[[], Store]) -> None:
     a, b = make_store().records(), make_store().records()

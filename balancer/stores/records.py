@@ -2,7 +2,9 @@
 
 Three small collections, none of them read per request:
 * deploys: deploy id → record (a JSON object with at least ``id``, ``host``
-  and ``started``); only the newest `MAX_DEPLOYS` (by ``started``) are kept.
+  and ``started``); only the `MAX_DEPLOYS` that ended last are kept, and the
+  records of the deploys a claim names (running: at most one per host)
+  whatever their age (`beyond_kept`).
 * claims: host → ``{"id", "owner", "beat"}``: the one deploy running on a host,
   the management process running it and when it last said so (unix time).
 * in-flight reports: balancer → ``{"at", ...}``: each balancer's in-flight
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -48,7 +51,7 @@ class Records(ABC):
 
     @abstractmethod
     def save_deploy(self, record: dict[str, Any]) -> None:
-        """Create or replace the record `record["id"]`, keeping the newest `MAX_DEPLOYS`."""
+        """Create or replace the record `record["id"]`, removing those `beyond_kept`."""
 
     @abstractmethod
     def deploys(self) -> list[dict[str, Any]]:
@@ -196,11 +199,34 @@ class FileRecords(Records):
         return self._read()["inflight"]
 
 
+def beyond_kept(records: list[dict[str, Any]], claims: dict[str, Any]) -> list[str]:
+    """The ids of `records` to remove: beyond the `MAX_DEPLOYS` that ended last (or,
+    not ended, started last), but never one a claim names (a running deploy).
+    Bugs: by their start only, a deploy still running when 50 newer ones had
+    started (a long drain while other hosts were deployed, or 51 at once) lost
+    its record at once, and at each of its saves: its progress read 404, its end
+    was never recorded (no rollback), a crash of its process could not be resumed;
+    and a long deploy that had just ended went at the next record's write."""
+    running = {claim.get("id") for claim in claims.values() if isinstance(claim, dict)}
+    ordered = sorted(records, key=_last, reverse=True)
+    return [str(r.get("id")) for r in ordered[MAX_DEPLOYS:] if r.get("id") not in running]
+
+
+def _last(record: dict[str, Any]) -> tuple[float, str]:
+    """When `record` ended (or started), and its id: the order `beyond_kept` keeps;
+    a time that is no number (a hand edit) sorts first to go."""
+    try:
+        return float(record.get("ended") or record.get("started") or 0), str(record.get("id"))
+    except (TypeError, ValueError):
+        return -math.inf, str(record.get("id"))
+
+
 def _save(doc: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
-    """Put `record` in the file's `doc`, keeping the newest `MAX_DEPLOYS`."""
+    """Put `record` in the file's `doc`, removing the records `beyond_kept`."""
     doc["deploys"][record["id"]] = record
-    kept = newest(list(doc["deploys"].values()))[:MAX_DEPLOYS]
-    doc["deploys"] = {r["id"]: r for r in kept}
+    records = [dict(r, id=i) for i, r in doc["deploys"].items() if isinstance(r, dict)]
+    for deploy_id in beyond_kept(records, doc["claims"]):
+        doc["deploys"].pop(deploy_id, None)
 
 
 def _claim(doc: dict[str, dict[str, Any]], host: str, deploy_id: str, owner: str, now: float,

@@ -8,7 +8,7 @@ another deploy holds, a release of a claim not held) but three:
 * the in-flight reports: every balancer rewrites them every
   `management.deploys.WATCH_EVERY` seconds while a deploy runs, so a lost one is
   replaced at once, and waiting would slow the drain they time;
-* the removal of the records beyond the newest `MAX_DEPLOYS` (`_trim`), after a
+* the removal of the records `beyond_kept` (`_trim`), after a
   record's write: one a failover lost leaves a few old records more, which the
   next record's write removes, and the record's own write stands whatever
   became of it;
@@ -32,6 +32,7 @@ from balancer.stores.records import (
     MAX_DEPLOYS,
     UNREADABLE,
     Records,
+    beyond_kept,
     decide_claim,
     newest,
 )
@@ -71,7 +72,7 @@ class RedisRecords(Records):
         self._trim()
 
     def _trim(self) -> None:
-        """Remove the records beyond the newest `MAX_DEPLOYS`, after a record's write
+        """Remove the records `beyond_kept`, after a record's write
         and apart from it: waited for by no replica, and a failure only logged, the
         next record's write removing what this one left (the module's doc). Bug: a
         removal the replicas did not acknowledge made the write of a record they had
@@ -79,9 +80,10 @@ class RedisRecords(Records):
         it, and a running deploy waited it out as an outage."""
         try:
             kept = self.deploys()
-            if len(kept) > MAX_DEPLOYS:
+            beyond = beyond_kept(kept, self.claims()) if len(kept) > MAX_DEPLOYS else []
+            if beyond:
                 with self.talking("write"):
-                    self.client.hdel(self.deploys_key, *[r["id"] for r in kept[MAX_DEPLOYS:]])
+                    self.client.hdel(self.deploys_key, *beyond)
         except StoreUnavailable as exc:
             log.info("deploy records: the old ones are removed at the next write: %s", exc)
 

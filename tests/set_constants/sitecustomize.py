@@ -67,8 +67,10 @@ class _SetAfterRun(importlib.abc.MetaPathFinder):
             for name, value in {**values, **slow}.items():
                 if not hasattr(module, name):
                     raise AttributeError(f"SET_CONSTANTS: {fullname} has no {name}")
-                setattr(module, name, _slowed(getattr(module, name), value)
-                        if name in slow else value)
+                old = getattr(module, name)
+                if isinstance(old, int) and value.is_integer():
+                    value = int(value)  # a count stays an int (a slice's bound)
+                setattr(module, name, _slowed(old, value) if name in slow else value)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
