@@ -344,6 +344,28 @@ def _merge_into(into: dict[str, Any], other: dict[str, Any]) -> None:
             into[key] = into[key] + value
 
 
+def latest_snapshot(one: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """Two snapshots of one worker's counters (`control.counters_only`), taken at
+    different times, as one: each counter at the higher of its values, which is the
+    later one's (a worker's counters only grow), what only one has kept."""
+    latest = _copy(one)
+    _max_into(latest, other)
+    return latest
+
+
+def _max_into(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        mine = into.get(key)
+        if mine is None:
+            into[key] = _copy(value)
+        elif isinstance(value, dict) and isinstance(mine, dict):
+            _max_into(mine, value)
+        elif key == "buckets":
+            into[key] = [[b, max(n, m)] for (b, n), (_, m) in zip(mine, value, strict=True)]
+        elif isinstance(value, int | float) and isinstance(mine, int | float):
+            into[key] = max(mine, value)
+
+
 def only_known(snapshot: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
     """`snapshot` (retired workers' counters) cut to the hosts and backends that
     `live` (the merged live workers) reports: deleted ones are not shown again.

@@ -18,10 +18,10 @@ the process tree lives:
 Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
 * A worker's counters are counted once: live (it answered), held (listed, no
   answer) or retired (its socket is gone). A held worker whose socket went is
-  retired from its held counters unless it retired itself: its
-  ``retired-PID-STARTED.json`` is still pending, or its identity is among those
-  the total has folded (``"folded"``: another management process, during a
-  reload, may have folded it first).
+  retired from its held counters, into its ``retired-PID-STARTED.json`` (its
+  own, still pending, keeps each counter that is higher there: below), unless
+  its identity is among those the total has folded (``"folded"``: another
+  management process, during a reload, may have folded it first).
 * The retired total holds the hosts and backends the table still serves: a
   deleted host's retired counters (a backend's removed from its rule) are
   forgotten (`RetiredCounters.forget`) once a survey shows every worker
@@ -42,9 +42,7 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
   one draining after a reload (`writing`: it neither folds, forgets nor writes
   the total again, its successor does; bug: an API request it still answered
   wrote its older total over its successor's, and totals went down; it counts
-  the retired files not folded yet from disk, as with no room to write; nor
-  does it write a dead worker's retired file: its counters of it stay in its
-  memory, its successor retires it from its own), and a
+  the retired files not folded yet from disk, as with no room to write), and a
   worker whose socket went with the directory but whose process lives
   (`os.kill(pid, 0)`), and that has not retired, is counted from its held
   counters until it binds its socket again (`HeldCounters.unlisted`),
@@ -53,7 +51,15 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
   folded twice. Bug: the total's file went with the directory, and totals went
   down.
 * Held counters never replace newer ones: a worker's held bytes change only
-  with its next complete answer; they are decoded only while it is missing.
+  with its next complete answer; they are decoded only while it is missing. A
+  dead worker's retired file not folded yet (its own, or written by another
+  management process: during a reload, the draining one and its successor both
+  hold counters of the new workers) is written again with each counter at the
+  higher of its value there and the one held here (`stats.latest_snapshot`: a
+  worker's counters only grow), so whichever process asked it last counts.
+  Bugs: the draining process's older counters, written first, were kept over its
+  successor's newer ones (totals went down 12 to 8); and, that process writing
+  none, the counters of a worker only it had asked were lost with it (8 to 5).
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ from balancer.control import (
     retired_path,
     worker_identity,
 )
-from balancer.stats import Stats, merge_snapshots
+from balancer.stats import Stats, latest_snapshot, merge_snapshots
 
 log = logging.getLogger("balancer.kept")
 
@@ -114,9 +120,14 @@ class RetiredCounters:
         return merge_snapshots(parts) if len(parts) > 1 else (parts[0] if parts else None)
 
     def retire(self, identity: str, snapshot: dict[str, Any]) -> None:
-        """Leave dead worker `identity`'s counters as its retired file (in memory
-        until there is room: `snapshot` sums them in)."""
-        self.unsaved[identity] = snapshot
+        """Leave dead worker `identity`'s counters as its retired file, or those it
+        has pending there or in memory where they are higher (`latest_snapshot`);
+        nothing once the total folded it. In memory until there is room
+        (`snapshot` sums them in)."""
+        if identity in self._read_total()[1]:
+            return
+        kept = self.unsaved.get(identity)
+        self.unsaved[identity] = snapshot if kept is None else latest_snapshot(kept, snapshot)
         self._report(self._try(self._save_unsaved))
 
     def has_retired(self, identity: str) -> bool:
@@ -153,18 +164,16 @@ class RetiredCounters:
             or identity in self._read_total()[1]
 
     def _save_unsaved(self) -> None:
-        """Write each dead worker's counters kept in memory as its retired file, unless
-        another management process retired it meanwhile. Not once draining (`writing`
-        False): they stay in memory (counted by `snapshot`) until its successor, which
-        holds its own (newer) counters of that worker, retires it. Bug: an API request
-        a draining process answered retired a worker killed during the reload from
-        its older held counters first; the successor then kept those (`has_retired`):
-        totals went down."""
+        """Write each dead worker's counters kept in memory as its retired file, with
+        those already pending there (its own, or another management process's) where
+        they are higher; none for a worker the total folded meanwhile."""
+        folded = self._read_total()[1]
         for identity, snapshot in list(self.unsaved.items()):
-            if not self._on_disk(identity):  # another management process may have retired it
-                if not self.writing:
-                    continue
-                write_json(retired_path(str(self.directory), identity), snapshot)
+            if identity not in folded:
+                path = retired_path(str(self.directory), identity)
+                pending = read_json(path)
+                write_json(path, latest_snapshot(pending, snapshot)
+                           if isinstance(pending, dict) else snapshot)
             del self.unsaved[identity]
 
     @staticmethod
@@ -255,14 +264,14 @@ class HeldCounters:
                 and _lives(pid_of(path)) and not self.retired.has_retired(identity)]
 
     def retire_gone(self, listed: Collection[str]) -> None:
-        """Forget the workers whose socket went; retire the counters of those
-        that did not retire theirs (killed, crashed) from what they held."""
+        """Forget the workers whose socket went; retire the counters they held
+        (those of a worker that retired its own, or was retired by another
+        management process, count where they are higher: `RetiredCounters.retire`)."""
         for path in [path for path in self.raw if path not in listed]:
             identity = self.raw[path][1]
-            if not self.retired.has_retired(identity):
-                snapshot = self.decoded.get(path) or self._decode(path)
-                if snapshot:
-                    self.retired.retire(identity, snapshot)
+            snapshot = self.decoded.get(path) or self._decode(path)
+            if snapshot:
+                self.retired.retire(identity, snapshot)
             self.raw.pop(path)
             self.decoded.pop(path, None)
 
