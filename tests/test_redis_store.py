@@ -434,6 +434,47 @@ def _during_the_scan(monkeypatch: pytest.MonkeyPatch, acts: list[Callable[[], ob
     return turns
 
 
+class Killed(BaseException):
+    """What a greenlet killed between two slices gets (as `GreenletExit`)."""
+
+
+@pytest.mark.parametrize("midway", ["wrong type", "killed", "connection cut"])
+def test_a_big_read_that_fails_midway_leaves_no_watch_on_a_pooled_connection(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, midway: str) -> None:
+    """A read in slices ``WATCH``es its keys on a connection of the client's pool.
+    Whatever ends it between two slices (``WRONGTYPE``: a corrupt store; the
+    greenlet killed; its connection cut), that connection goes back to the pool
+    watching nothing (``UNWATCH``, or closed): a later transaction on it, after a
+    write, is not refused (redis-py raises `WatchError` for an ``EXEC`` a stale
+    ``WATCH`` aborts)."""
+    ns = namespace()
+    _big_table(redis_server, ns)
+    raw = redis_server.client()
+    store = RedisStore(redis_server.url, ns)
+    raises: dict[str, type[BaseException]] = {
+        "wrong type": CorruptStore, "killed": Killed, "connection cut": StoreUnavailable}
+
+    def kill() -> None:
+        raise Killed
+    acts: dict[str, Callable[[], object]] = {
+        "wrong type": lambda: (raw.delete(f"{ns}:hosts"), raw.set(f"{ns}:hosts", "x")),
+        "killed": kill,
+        "connection cut": lambda: raw.client_kill_filter(_type="normal", skipme=True)}
+    try:
+        store.current_shape()  # a connection in the pool
+        _during_the_scan(monkeypatch, [lambda: None, acts[midway]])
+        with pytest.raises(raises[midway]):
+            store.load()
+        monkeypatch.setattr(redis_reads, "turn", lambda: None)
+        raw.delete(f"{ns}:hosts")
+        _big_table(redis_server, ns)
+        raw.incr(f"{ns}:version")  # a write to the keys the read watched
+        assert store.current_shape() == (2, BIG)  # (GET + HLEN in MULTI/EXEC)
+        assert len(store.load().hosts) == BIG
+    finally:
+        store.close()
+
+
 def test_a_big_read_that_one_host_writes_race_is_finished_and_read_once(
         redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bug: a watcher whose read of a big table in slices (``HSCAN``) a one-host
