@@ -9,7 +9,7 @@ the process tree lives:
   gracefully writes its own ``DIR/retired-PID-STARTED.json``
   (`control.worker_identity`: a reused pid is another worker); for one that
   died without (killed, crashed) the management process writes its held
-  counters there.
+  counters in ``DIR/retired-PID-STARTED.held.json``.
 * held: each live worker's last complete answer (`HeldCounters`: its reply to
   a ``stats`` of every host or of the active ones, kept as the bytes it sent),
   counted in place of its live counters while it does not answer (stopped,
@@ -18,10 +18,11 @@ the process tree lives:
 Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
 * A worker's counters are counted once: live (it answered), held (listed, no
   answer) or retired (its socket is gone). A held worker whose socket went is
-  retired from its held counters, into its ``retired-PID-STARTED.json`` (its
-  own, still pending, keeps each counter that is higher there: below), unless
-  its identity is among those the total has folded (``"folded"``: another
-  management process, during a reload, may have folded it first).
+  retired from its held counters unless it retired itself: its
+  ``retired-PID-STARTED.json`` is still pending, or its identity is among those
+  the total has folded (``"folded"``: another management process, during a
+  reload, may have folded it first). Its own file and a ``.held`` one never
+  both exist: it writes its own before its socket goes, under the lock.
 * The retired total holds the hosts and backends the table still serves: a
   deleted host's retired counters (a backend's removed from its rule) are
   forgotten (`RetiredCounters.forget`) once a survey shows every worker
@@ -51,12 +52,13 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
   folded twice. Bug: the total's file went with the directory, and totals went
   down.
 * Held counters never replace newer ones: a worker's held bytes change only
-  with its next complete answer; they are decoded only while it is missing. A
-  dead worker's retired file not folded yet (its own, or written by another
-  management process: during a reload, the draining one and its successor both
-  hold counters of the new workers) is written again with each counter at the
-  higher of its value there and the one held here (`stats.latest_snapshot`: a
-  worker's counters only grow), so whichever process asked it last counts.
+  with its next complete answer; they are decoded only while it is missing, or
+  to retire it. A ``.held`` file not folded yet (during a reload the draining
+  management process and its successor both hold counters of the new workers,
+  and either may retire a killed one first) is written again with each counter
+  at the higher of its value there and the one held here
+  (`stats.latest_snapshot`: a worker's counters only grow), so whichever
+  process asked it last counts.
   Bugs: the draining process's older counters, written first, were kept over its
   successor's newer ones (totals went down 12 to 8); and, that process writing
   none, the counters of a worker only it had asked were lost with it (8 to 5).
@@ -85,6 +87,7 @@ from balancer.stats import Stats, latest_snapshot, merge_snapshots
 log = logging.getLogger("balancer.kept")
 
 RETIRED_TOTAL = "retired-total.json"
+HELD = ".held"  # a dead worker's retired file written from held counters: retired-ID.held.json
 FOLDED = "folded"  # the total's list of the workers folded into it (the latest `FOLDED_KEPT`)
 FOLDED_KEPT = 1024  # a worker matters until each management process saw its socket go
 Gone = dict[str, list[str] | None]  # host → its backends to forget, or None: the whole host
@@ -114,17 +117,17 @@ class RetiredCounters:
             pending = [] if failure is None else pending
         self._report(failure)
         total, folded = self._read_total()
-        fresh = [str(p) for p in pending if identity_of(str(p)) not in folded]  # not twice
+        fresh = [str(p) for p in pending if _identity(str(p)) not in folded]  # not twice
         parts = [total, *map(read_json, fresh), *self.unsaved.values()]
         parts = [part for part in parts if part]
         return merge_snapshots(parts) if len(parts) > 1 else (parts[0] if parts else None)
 
     def retire(self, identity: str, snapshot: dict[str, Any]) -> None:
-        """Leave dead worker `identity`'s counters as its retired file, or those it
-        has pending there or in memory where they are higher (`latest_snapshot`);
-        nothing once the total folded it. In memory until there is room
+        """Leave dead worker `identity`'s held counters as its retired file (``.held``),
+        or those pending there or in memory where they are higher (`latest_snapshot`),
+        unless it is retired for good (`is_final`). In memory until there is room
         (`snapshot` sums them in)."""
-        if identity in self._read_total()[1]:
+        if self.is_final(identity):
             return
         kept = self.unsaved.get(identity)
         self.unsaved[identity] = snapshot if kept is None else latest_snapshot(kept, snapshot)
@@ -132,7 +135,14 @@ class RetiredCounters:
 
     def has_retired(self, identity: str) -> bool:
         """Whether worker `identity`'s counters are retired (pending, folded or unsaved)."""
-        return identity in self.unsaved or self._on_disk(identity)
+        return identity in self.unsaved or self.is_final(identity) \
+            or os.path.exists(self._held_path(identity))
+
+    def is_final(self, identity: str) -> bool:
+        """Whether worker `identity`'s counters are retired for good: folded, or its
+        own retired file pending (its last counters: none held are higher)."""
+        return os.path.exists(retired_path(str(self.directory), identity)) \
+            or identity in self._read_total()[1]
 
     def forget(self, gone: Gone) -> None:
         """Drop from the total the `gone` hosts (None) or some of their backends
@@ -159,18 +169,16 @@ class RetiredCounters:
             st = self.total_path.stat()
             self.cached = ((st.st_ino, st.st_mtime_ns, st.st_size), smaller, folded)
 
-    def _on_disk(self, identity: str) -> bool:
-        return os.path.exists(retired_path(str(self.directory), identity)) \
-            or identity in self._read_total()[1]
+    def _held_path(self, identity: str) -> str:
+        return str(self.directory / f"retired-{identity}{HELD}.json")
 
     def _save_unsaved(self) -> None:
-        """Write each dead worker's counters kept in memory as its retired file, with
-        those already pending there (its own, or another management process's) where
-        they are higher; none for a worker the total folded meanwhile."""
-        folded = self._read_total()[1]
+        """Write each dead worker's counters kept in memory as its ``.held`` retired
+        file, with those another management process wrote there where they are
+        higher; none for a worker retired for good meanwhile (`is_final`)."""
         for identity, snapshot in list(self.unsaved.items()):
-            if identity not in folded:
-                path = retired_path(str(self.directory), identity)
+            if not self.is_final(identity):
+                path = self._held_path(identity)
                 pending = read_json(path)
                 write_json(path, latest_snapshot(pending, snapshot)
                            if isinstance(pending, dict) else snapshot)
@@ -198,10 +206,10 @@ class RetiredCounters:
     def _fold(self, pending: list[Path]) -> None:
         total, folded = self._read_total()
         done = set(folded)
-        fresh = [path for path in pending if identity_of(str(path)) not in done]
+        fresh = [path for path in pending if _identity(str(path)) not in done]
         parts = ([total] if total else []) + [s for s in map(read_json, map(str, fresh)) if s]
         merged = merge_snapshots(parts) if parts else Stats().snapshot()
-        merged[FOLDED] = [*folded, *(identity_of(str(path)) for path in fresh)][-FOLDED_KEPT:]
+        merged[FOLDED] = [*folded, *(_identity(str(path)) for path in fresh)][-FOLDED_KEPT:]
         write_json(str(self.total_path), merged)
         for path in pending:
             with contextlib.suppress(OSError):
@@ -264,14 +272,15 @@ class HeldCounters:
                 and _lives(pid_of(path)) and not self.retired.has_retired(identity)]
 
     def retire_gone(self, listed: Collection[str]) -> None:
-        """Forget the workers whose socket went; retire the counters they held
-        (those of a worker that retired its own, or was retired by another
-        management process, count where they are higher: `RetiredCounters.retire`)."""
+        """Forget the workers whose socket went; retire the counters of those that
+        did not retire theirs (killed, crashed) from what they held (where higher
+        than another management process's: `RetiredCounters.retire`)."""
         for path in [path for path in self.raw if path not in listed]:
             identity = self.raw[path][1]
-            snapshot = self.decoded.get(path) or self._decode(path)
-            if snapshot:
-                self.retired.retire(identity, snapshot)
+            if not self.retired.is_final(identity):  # (decoded only then: a big table's)
+                snapshot = self.decoded.get(path) or self._decode(path)
+                if snapshot:
+                    self.retired.retire(identity, snapshot)
             self.raw.pop(path)
             self.decoded.pop(path, None)
 
@@ -282,6 +291,11 @@ class HeldCounters:
         except (ValueError, KeyError, TypeError):
             return {}
         return counters_only(stats) if isinstance(stats, dict) else {}
+
+
+def _identity(path: str) -> str:
+    """The worker a retired file names (`control.identity_of`), its own or ``.held``."""
+    return identity_of(path).removesuffix(HELD)
 
 
 def _lives(pid: int | None) -> bool:
