@@ -438,6 +438,10 @@ class ClientConnection:
         within client_header of its first byte, `head_due`). Raises the
         ProtocolError of a malformed request that no complete one came before."""
         self.idle = False
+        head = self.parser.again(data)  # a repeated bodyless head, nothing queued before it
+        if head is not None:
+            self.head_due = 0.0
+            return head
         try:
             self.parser.feed(data)
         except ProtocolError as exc:
