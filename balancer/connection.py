@@ -42,7 +42,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 from balancer.accesslog.records import held_bytes, refused_record
@@ -58,7 +58,7 @@ from balancer.http11 import (
     RequestParser,
     mark_value,
 )
-from balancer.netio import IO, NEVER, ParkNow
+from balancer.netio import CLOCK, IO, NEVER, ParkNow
 from balancer.response_parser import ResponseCallbacks
 from balancer.responses import local_response
 from balancer.spans import Piece, Span, join_pieces, piece_size, span_size
@@ -79,9 +79,6 @@ DRAIN_LIMIT: Final = 1 << 20  # bytes of an unused request body read to keep a c
 CLOSE: Final = 0  # close at once
 LINGER: Final = 1  # linger, if the worker can: the client may still be sending
 LINGERING: Final = 2  # lingering now (counted in `Stats.lingering_connections`)
-# time.perf_counter, held in a static: ``time.perf_counter()`` looks the function up
-# on the module by name on every call (~250 instructions; four calls per request)
-PERF_COUNTER: Final[Callable[[], float]] = time.perf_counter
 
 PROTOCOL_PAGES: Final = {
     400: "bad-request", 408: "request-timeout", 413: "payload-too-large",
@@ -441,6 +438,10 @@ class ClientConnection:
         within client_header of its first byte, `head_due`). Raises the
         ProtocolError of a malformed request that no complete one came before."""
         self.idle = False
+        head = self.parser.again(data)  # a repeated bodyless head, nothing queued before it
+        if head is not None:
+            self.head_due = 0.0
+            return head
         try:
             self.parser.feed(data)
         except ProtocolError as exc:
@@ -472,7 +473,7 @@ class ClientConnection:
         """The exchange of request `head`: routed, counted, with its id; in flight
         from now on (`exchange`) until `finish`."""
         ctx = self.ctx
-        start = PERF_COUNTER()
+        start = CLOCK()
         route = ctx.holder.table.lookup(head.host)
         stats = route.stats
         stats.open_requests += 1
@@ -509,11 +510,13 @@ class ClientConnection:
             self.finish(ex)
         return self.conclude(ex)
 
-    def finish(self, ex: Exchange) -> None:
-        """The exchange is over (answered, or failed): counted, noted, logged."""
+    def finish(self, ex: Exchange, now: float = 0.0) -> None:
+        """The exchange is over (answered, or failed): counted, noted, logged.
+        `now`: `CLOCK()` as read by the caller with nothing awaited since (the
+        hub's `_land`); 0.0: read here."""
         ctx = self.ctx
         self.exchange = None
-        elapsed = PERF_COUNTER() - ex.start
+        elapsed = (now if now else CLOCK()) - ex.start
         stats = ex.route.stats
         stats.finish(ex.status, ex.received, ex.sent, elapsed)
         ctx.stats.top.note(ex, stats.paths)

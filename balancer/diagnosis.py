@@ -94,7 +94,7 @@ def inflight(worker: Any, query: dict[str, Any]) -> dict[str, Any]:
     min_age = query.get("min_age", 0)
     if isinstance(min_age, bool) or not isinstance(min_age, int | float) or min_age < 0:
         raise BadQuery(f"min_age: must be a number of seconds >= 0, got {min_age!r}")
-    now = time.perf_counter()
+    now = time.monotonic()  # `Exchange.start`'s clock (`balancer.netio.CLOCK`)
     found = [ex for ex in open_exchanges(worker) if now - ex.start >= min_age]
     found.sort(key=lambda ex: ex.start)
     return {"requests": [describe(ex, now) for ex in found[:MAX_INFLIGHT]],

@@ -117,7 +117,7 @@ from balancer.connection import (
 )
 from balancer.errors import ConnectError, HubFault, ProxyError
 from balancer.http11 import ProtocolError
-from balancer.netio import EventedStream, TLSStream
+from balancer.netio import CLOCK, EventedStream, TLSStream
 from balancer.outbox import HOLD_LIMIT, Writer
 from balancer.pool import Upstream
 from balancer.relay import Flight, arm_connect, deliver, dispatch, take_ready
@@ -270,10 +270,11 @@ def _depart(ex: Exchange, flight: Flight) -> bool:
     backend = flight.backend
     if backend.tls is not None:
         return False
-    upstream = backend.acquire_idle()
+    now = CLOCK()  # (the pool's check of an idle connection's age, and the try's start)
+    upstream = backend.acquire_idle(now)
     if upstream is None:
         return _connect(ex, flight)
-    flight.board(upstream, True)
+    flight.board(upstream, True, now)
     return _send(ex, flight, upstream)
 
 
@@ -384,10 +385,15 @@ def _land(conn: ClientConnection) -> None:
             or not _can_hold(client.writer, _size(ex, rhead))):
         io.hand_off(conn)
         return
-    deliver(ex, flight, upstream, rhead, 1)  # (the head left first in `events`)
+    # one reading of the clock for the answer's steps, none of which waits (the
+    # answer came whole and the client's writer holds it, `_can_hold`): the try's
+    # end, the connection's idle start, the request's end (a few µs early: its
+    # head built and held after it)
+    now = CLOCK()
+    deliver(ex, flight, upstream, rhead, 1, now)  # (the head left first in `events`)
     ex.flight = None  # (after `deliver`: a fault before this point fails the try, `_fault`)
-    ProxyAction.landed(ex, flight)  # (what the try holds is released there, once)
-    conn.finish(ex)
+    ProxyAction.landed(ex, flight, now)  # (what the try holds is released there, once)
+    conn.finish(ex, now)
     if not conn.conclude(ex):
         _close(conn)
     elif not conn.park(conn.io.is_crowded()):

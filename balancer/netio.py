@@ -103,6 +103,12 @@ NEVER: Final = float("inf")
 # watchdog's tick and a connect's timeout came in one loop iteration, the tick
 # first; the timeout's retry, armed anew, got the Overdue queued before it: a 504)
 EXPIRED: Final = 1.7e308
+# The data plane's clock, time.monotonic held in a static (``time.monotonic()``
+# looks the function up on the module by name): a request's times, a try's, an
+# idle pooled connection's, and what they are compared with. ~200 instructions
+# a read: the hub reads it once where several steps happen together
+# (`balancer.inline`: `_depart`, `_land`).
+CLOCK: Final[Callable[[], float]] = time.monotonic
 HELD_READ: Final = 65536  # bytes a held TLS client's readiness reads through OpenSSL
 # the owners (the ssl module's socket, or gevent's stand-in for it) of the SSL
 # objects of backend connections whose renegotiation `balancer.backend_tls._watch`

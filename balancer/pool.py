@@ -84,7 +84,7 @@ from balancer.errors import (
     ProxyError,
     ResolveError,
 )
-from balancer.netio import IO, NEVER, Stream, begin_connect, connect_blocking, connect_ended
+from balancer.netio import CLOCK, IO, NEVER, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
 from balancer.resolve import HOLD, Name, Unresolved
 from balancer.response_parser import HeadMemo, ResponseParser
@@ -100,9 +100,6 @@ STIRRED_DELAY: Final = 0.05
 UP: Final = "up"
 DOWN: Final = "down"
 PROBING: Final = "probing"
-# time.monotonic in a static: ``time.monotonic()`` looks it up on the module by name
-# (twice per proxied request: `Backend._take` and `Backend.release`)
-MONOTONIC: Final[Callable[[], float]] = time.monotonic
 # seconds the client connection's deadline is armed past a new connection's
 # connect timeout: more than the watchdog's tick (0.25 s at most), so the connect's
 # own timeout normally fires first
@@ -233,29 +230,32 @@ class Backend:
         self._recovered = threading.Event()
 
     # pool ----------------------------------------------------------------
-    def acquire_idle(self) -> Upstream | None:
+    def acquire_idle(self, now: float = 0.0) -> Upstream | None:
         """An idle connection nothing arrived on, or None (the caller connects:
-        `balancer.relay`, or the hub, `balancer.inline`): the newest, as `_take`."""
+        `balancer.relay`, or the hub, `balancer.inline`): the newest, as `_take`.
+        `now`: `CLOCK()` as read by the caller just before (it times the try from
+        the same reading, `Flight.board`); 0.0: read here."""
         last = self.last
         if last is not None:
             self.last = None
             self.budget.idle -= 1
-            if last.since > MONOTONIC() - self.idle_timeout and last.stream.is_clean():
+            if last.since > (now if now else CLOCK()) - self.idle_timeout \
+                    and last.stream.is_clean():
                 return last
             last.close()
         idle = self.idle
-        return self._take(idle) if idle else None
+        return self._take(idle, now) if idle else None
 
-    def acquire_idle_tls(self, key: str) -> Upstream | None:
+    def acquire_idle_tls(self, key: str, now: float = 0.0) -> Upstream | None:
         """`acquire_idle` for TLS pool `key` (`balancer.backend_tls.pool_key`: only
         a connection made, and verified, for the request's name is reused)."""
         idle = self.idle_tls.get(key)
-        return self._take(idle) if idle else None
+        return self._take(idle, now) if idle else None
 
-    def _take(self, idle: list[Upstream]) -> Upstream | None:
+    def _take(self, idle: list[Upstream], now: float) -> Upstream | None:
         """The newest connection of `idle` that is neither too old nor stirred
-        (the others are closed on the way)."""
-        oldest = MONOTONIC() - self.idle_timeout
+        (the others are closed on the way); `now` as `acquire_idle`'s."""
+        oldest = (now if now else CLOCK()) - self.idle_timeout
         budget = self.budget
         while idle:
             try:
@@ -271,7 +271,7 @@ class Backend:
     def connect(self) -> Upstream:
         """A new connection to the backend (idle ones of any backend closed first
         if the clients need their descriptors); errors become ConnectError."""
-        return self._upstream(self._connected(MONOTONIC() + self.connect_timeout))
+        return self._upstream(self._connected(CLOCK() + self.connect_timeout))
 
     def start_connect(self) -> tuple[socket.socket, int]:
         """`connect`'s first step, with no wait (the hub's, `balancer.inline`: only
@@ -303,7 +303,7 @@ class Backend:
         connect timeout, as `connect` does; ConnectError as `connect` raises it."""
         io: Any = self.io
         try:
-            io.complete_connect(sock, EINPROGRESS, by - MONOTONIC())
+            io.complete_connect(sock, EINPROGRESS, by - CLOCK())
         except OSError as exc:
             raise self._connect_error(exc, by) from None
         return self._upstream(_nodelay(sock))
@@ -379,7 +379,7 @@ class Backend:
         backend's failure): both passed (a loop stalled past them runs the
         watchdog's tick, or the Overdue it queued, before the connect's timer),
         and the connect's is what the request reports, whichever came first."""
-        if MONOTONIC() < by:
+        if CLOCK() < by:
             return ConnectOverdue(f"{self.key}: the request's deadline passed while "
                                   f"connecting")
         return timed_out
@@ -404,10 +404,12 @@ class Backend:
             return name.connect(deadline)
         return connect_blocking(self.family, (addr.host, addr.port), deadline - time.monotonic())
 
-    def release(self, upstream: Upstream) -> None:
+    def release(self, upstream: Upstream, now: float = 0.0) -> None:
         """Keep `upstream` for reuse: at most `max_idle` (per TLS pool key; the
         plain pool's slot counts), and only while the worker's idle connections
-        fit in its descriptors (`IdleBudget`)."""
+        fit in its descriptors (`IdleBudget`). `now`: `CLOCK()` as read by the
+        caller with nothing awaited since (the hub's `_land`), its idle time's
+        start; 0.0: read here."""
         pool = upstream.pool
         if pool:
             idle = self.idle_tls.setdefault(pool, [])
@@ -419,7 +421,7 @@ class Backend:
         clients = slots.open if slots is not None else 0
         if held < self.max_idle and budget.idle < budget.descriptors - \
                 CLIENT_DESCRIPTORS * (clients + 1):
-            upstream.since = MONOTONIC()
+            upstream.since = now if now else CLOCK()
             parser = upstream.parser
             if parser is not None:
                 parser.idle()  # its response's head goes (the backend's memo keeps one)

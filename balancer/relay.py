@@ -43,7 +43,7 @@ from ssl import SSLWantWriteError
 from typing import Any, Final
 
 from balancer.backend_tls import pool_key, read_failure
-from balancer.connection import PERF_COUNTER, Exchange
+from balancer.connection import Exchange
 from balancer.errors import (
     BackendAnswered,
     BackendClosed,
@@ -54,7 +54,7 @@ from balancer.errors import (
 )
 from balancer.forwarding import last_chunk, request_head
 from balancer.http11 import END, LAST_CHUNK, ProtocolError, declared_body
-from balancer.netio import Connecting
+from balancer.netio import CLOCK, Connecting
 from balancer.pool import Backend, Upstream
 from balancer.response_parser import ResponseHead, ResponseParser, final_head
 from balancer.spans import Piece, Span, piece_size, span_bytes, span_joined, span_size
@@ -526,7 +526,7 @@ class Flight:
         self.stats = stats  # the backend's counters in the rule's host
         self.upstream: Upstream | None = None  # the connection, once taken (`board`)
         self.reused = False  # taken from the pool
-        self.started = 0.0  # PERF_COUNTER() when it was taken
+        self.started = 0.0  # CLOCK() when it was taken
         self.sent = False  # the request went whole: its answer is what comes next
         # what the hub's connect (no `upstream` then) or its read of the answer
         # raised, raised again by `arrive` where the greenlet's would have been
@@ -537,12 +537,14 @@ class Flight:
         # `upstream` yet): `arrive` waits for the rest of its connect timeout
         self.connecting: Connecting | None = None
 
-    def board(self, upstream: Upstream, reused: bool) -> None:
-        """Take `upstream` for this try: in flight on its backend from now on."""
+    def board(self, upstream: Upstream, reused: bool, now: float = 0.0) -> None:
+        """Take `upstream` for this try: in flight on its backend from now on
+        (`now`: `CLOCK()` as read with nothing awaited since, the pool's check
+        of a pooled connection's age; 0.0: read here)."""
         self.upstream = upstream
         self.reused = reused
         self.backend.in_flight += 1
-        self.started = PERF_COUNTER()
+        self.started = now if now else CLOCK()
 
 
 def arrive(ex: Exchange, flight: Flight, body: Piece | None, max_body: int | None,
@@ -614,7 +616,8 @@ def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Ups
         flight.board(upstream, False)
         return upstream
     key = "" if backend.tls is None else pool_key(ex.head.host, verify)
-    idle = backend.acquire_idle_tls(key) if key else backend.acquire_idle()
+    now = CLOCK()  # (the pool's check of an idle connection's age, and `board`'s)
+    idle = backend.acquire_idle_tls(key, now) if key else backend.acquire_idle(now)
     if idle is None:
         arm_connect(ex, backend)
         upstream = backend.connect_tls(key) if key else backend.connect()
@@ -622,7 +625,7 @@ def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Ups
         idle.close()
         upstream = renew(ex, backend, idle)
     else:
-        flight.board(idle, True)
+        flight.board(idle, True, now)
         return idle
     flight.board(upstream, False)
     return upstream
@@ -657,13 +660,15 @@ def renew(ex: Exchange, backend: Backend, upstream: Upstream) -> Upstream:
 
 
 def deliver(ex: Exchange, flight: Flight, upstream: Upstream, rhead: ResponseHead,
-            first: int = 0) -> None:
+            first: int = 0, now: float = 0.0) -> None:
     """Relay the answer whose head is `rhead` on `upstream` (or tunnel after a 101),
     noted on `flight` for `land`: `upstream`, `answer` and `reusable` (whether the
     connection can go back to its pool). `first` 1: `rhead` is still its
     parser's first event (the hub's, `balancer.inline`: taking the first item
-    out of a list moves the others), not a 101's."""
-    ex.backend_time = PERF_COUNTER() - flight.started
+    out of a list moves the others), not a 101's. `now`: `CLOCK()` as the
+    answer's head came (the hub's `_land`, which reads it once for the
+    answer's steps); 0.0: read here."""
+    ex.backend_time = (now if now else CLOCK()) - flight.started
     flight.upstream, flight.answer = upstream, rhead
     if rhead.status == 101:
         if not ex.head.upgrade:
@@ -675,10 +680,11 @@ def deliver(ex: Exchange, flight: Flight, upstream: Upstream, rhead: ResponseHea
     flight.reusable = relay_response(ex, upstream, rhead, first) and not ex.head.upgrade
 
 
-def land(flight: Flight) -> None:
+def land(flight: Flight, now: float = 0.0) -> None:
     """The try answered (`deliver`): no longer in flight on its backend, and its
     connection back to its pool, or closed, whatever raises on the way (a bug:
-    the connection is then closed, never left open out of the pool)."""
+    the connection is then closed, never left open out of the pool). `now`:
+    `CLOCK()` as read with nothing awaited since (`Backend.release`)."""
     backend, upstream, answer = flight.backend, flight.upstream, flight.answer
     assert upstream is not None and answer is not None  # `deliver` noted them
     backend.in_flight -= 1  # (first: nothing before it can raise)
@@ -687,7 +693,7 @@ def land(flight: Flight) -> None:
         if upstream.fresh and answer.status != 101:
             backend.keep_session(upstream)
         if flight.reusable:
-            backend.release(upstream)
+            backend.release(upstream, now)
             return
     except BaseException:
         upstream.close()

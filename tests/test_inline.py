@@ -310,6 +310,35 @@ def test_a_parked_connection_s_requests_are_served_in_the_hub(make: Make,
                and r["backend_ms"] is not None for r in records)
 
 
+def test_a_hub_served_answer_s_times_are_one_reading_of_the_clock_after_it(
+        make: Make, backend: ScriptedBackend, tmp_path: Path) -> None:
+    """`_land` reads the clock once for the try's end, the pooled connection's idle
+    start and the request's end (`balancer.netio.CLOCK`, time.monotonic): all of
+    them after the answer came, on the clock the pool and the sweep compare with."""
+    log = tmp_path / "access.log"
+    w = make(**{"log.access_log": str(log), "log.access_format": "json"})
+    w.access_log.start()
+    sock = connect(w)
+    warm(w, sock)
+    backend.release.clear()
+    sock.sendall(get("/hold"))
+    assert until(lambda: len(backend.requests) == 2) and in_hub(w)
+    sent = time.monotonic()  # the try began before this
+    answered = time.monotonic()
+    backend.release.set()  # the answer comes after this
+    assert response(sock)[0] == 200
+    got = time.monotonic()
+    assert until(lambda: parked(w))
+    (pool,) = w.contexts[0].holder.table.lookup(b"app.test").action.backends
+    assert pool.last is not None and answered <= pool.last.since <= got
+    sock.close()
+    assert until(lambda: w.slots.open == 0)
+    w.access_log.close()
+    record = json.loads(log.read_text().splitlines()[-1])
+    assert record["target"] == "/hold"
+    assert record["duration_ms"] >= record["backend_ms"] >= (answered - sent) * 1000
+
+
 def test_an_idle_parked_connection_forgets_its_repeated_head(make: Make) -> None:
     w = make()
     sock = connect(w)

@@ -7,6 +7,7 @@ handed out. Real sockets: a listening backend, gevent's loop and streams."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -157,3 +158,20 @@ def test_the_sweep_and_a_stirred_drop_close_the_slot_s_connection(peer: Peer) ->
     peer.end_of(older).close()  # EOF while idle
     assert loop_until(lambda: not older.stream.is_clean())
     assert backend.drop({older}) == 1 and backend.pooled() == [] and budget.idle == 0
+
+
+def test_a_clock_reading_given_is_the_idle_start_and_the_age_check_s_now(peer: Peer) -> None:
+    """The hub reads the clock once for several steps and hands the reading to
+    `release` (the idle time's start) and `acquire_idle` (the age check)."""
+    budget = IdleBudget()
+    backend = registry(budget=budget, idle_timeout=30.0).get(peer.address)
+    older, newer = peer.connect(backend, 2)
+    now = time.monotonic()
+    backend.release(older, now - 20.0)
+    backend.release(newer, now)
+    assert (older.since, newer.since) == (now - 20.0, now)
+    assert backend.acquire_idle(now + 29.0) is newer  # idle 29 s by that reading
+    backend.release(newer, now)
+    # by a reading 31 s on, `newer` is past the idle timeout, and `older` (51 s)
+    assert backend.acquire_idle(now + 31.0) is None
+    assert newer.sock.fileno() == -1 and older.sock.fileno() == -1 and budget.idle == 0

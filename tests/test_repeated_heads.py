@@ -147,12 +147,29 @@ def test_bad_bytes_after_a_remembered_head_are_refused() -> None:
     assert caught.value.status == 400
 
 
+def test_again_gives_the_head_feed_would_queue_only_with_nothing_queued() -> None:
+    """`again` (the hub's `take`, with no list filled and emptied): what `feed`
+    would queue, given only when nothing is queued before it (the order)."""
+    parser = RequestParser()
+    parser.feed(GET)
+    first = parser.events[0]
+    assert parser.again(GET) is None  # its head and END still queued: `feed` it
+    parser.events.clear()
+    assert parser.again(GET) is first is parser.repeat_head
+    assert parser.events == [] and parser.repeats == 1
+    assert parser.again(GET.replace(b"wrk", b"wrK")) is None and parser.repeats == 1
+    parser.close()
+    assert parser.again(GET) is None
+
+
 def test_a_closed_parser_gives_nothing_again() -> None:
     parser = RequestParser()
     parser.feed(GET)
     parser.close()
     parser.feed(GET)  # ignored: nothing is queued
     assert len(parser.events) == 2 and parser._hp is None
+    parser.events.clear()
+    assert parser.again(GET) is None
 
 
 def shape(events: list) -> list:

@@ -115,7 +115,7 @@ class ProxyAction:
                 declared_body(ex.head) > self.max_body):
             raise PayloadTooLarge("body over max_body_bytes")
         try:
-            self.forward_with_retries(ex, body, time.perf_counter())
+            self.forward_with_retries(ex, body, time.monotonic())
         except ProxyError as failure:
             self.when_failed(ex, body, failure)
 
@@ -132,7 +132,7 @@ class ProxyAction:
         """Try backends until one answers; raises the last failure. The first try
         is the one the hub began (`Exchange.flight`, `balancer.inline`), if any.
 
-        `since` (perf_counter) starts the `retry_timeout` budget."""
+        `since` (time.monotonic, as `Exchange.start`) starts the `retry_timeout` budget."""
         flight = ex.flight
         if flight is None:
             flight = self.first_try(ex)
@@ -147,7 +147,7 @@ class ProxyAction:
         while True:
             retryable = isinstance(failure, ConnectError) or (replayable and not ex.started)
             if (not retryable or len(tried) > self.retries
-                    or time.perf_counter() - since > self.retry_timeout):
+                    or time.monotonic() - since > self.retry_timeout):
                 raise failure
             backend = self.balancer.pick(ex.conn.client_ip, tried)
             if backend is None:
@@ -193,7 +193,7 @@ class ProxyAction:
         return None
 
     @staticmethod
-    def landed(ex: Exchange, flight: Flight) -> None:
+    def landed(ex: Exchange, flight: Flight, now: float = 0.0) -> None:
         """The try `flight` answered `ex` (`arrive`, or the hub's `deliver`): landed
         (`land`: its connection pooled or closed, no longer in flight on its
         backend) and counted as its backend's success. Both paths end a try that
@@ -201,10 +201,11 @@ class ProxyAction:
         releases the backend's count first, and the rule's counts are released in
         the `finally` (a bug raised here ends the request without a retry: the
         greenlet's `attempt` calls this outside its handler, the hub's `_fault`
-        finishes an exchange whose flight was taken off it)."""
+        finishes an exchange whose flight was taken off it). `now`: `CLOCK()` as
+        read with nothing awaited since (`land`)."""
         stats = flight.stats
         try:
-            land(flight)
+            land(flight, now)
         finally:
             stats.in_flight -= 1
             if ex.head.upgrade:
@@ -269,7 +270,7 @@ class ProxyAction:
         """One more round over the backends; True once answered. Raises a
         failure the request cannot wait out."""
         try:
-            self.forward_with_retries(ex, body, time.perf_counter())
+            self.forward_with_retries(ex, body, time.monotonic())
         except ProxyError as failure:
             if not self.is_down(failure, ex, body):
                 raise
