@@ -62,6 +62,15 @@ class HubFault(ProxyError):
     failure (not counted against it), not retried."""
 
 
+class SelfLoop(ProxyError):
+    """A new backend connection reached one of the worker's own listeners
+    (`balancer.selves`; nothing was sent): the rule forwards to the balancer
+    itself. A 502 with its own cause, not the backend's failure (not counted
+    against it, its health untouched), not retried, never held."""
+
+    cause = "backend is this balancer (loop)"
+
+
 class BackendTimeout(ProxyError):
     """The backend did not answer within `backend_read`."""
 

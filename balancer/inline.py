@@ -115,7 +115,7 @@ from balancer.connection import (
     end_client,
     is_challenge,
 )
-from balancer.errors import ConnectError, HubFault, ProxyError
+from balancer.errors import ConnectError, HubFault, ProxyError, SelfLoop
 from balancer.http11 import ProtocolError
 from balancer.netio import CLOCK, EventedStream, TLSStream
 from balancer.outbox import HOLD_LIMIT, Writer
@@ -321,10 +321,10 @@ def connect_ready(conn: ClientConnection, err: int) -> None:
 def _connected(ex: Exchange, flight: Flight, sock: Any, err: int) -> bool:
     """The new connection's connect ended with `err`: send the request on it
     (`_send`); False: a greenlet goes on (with `Flight.error`, the connect's
-    ConnectError, if it failed)."""
+    ConnectError, if it failed, or SelfLoop: it reached this balancer)."""
     try:
         upstream = flight.backend.end_connect(sock, err)
-    except ConnectError as exc:
+    except (ConnectError, SelfLoop) as exc:
         flight.error = exc
         return False
     flight.board(upstream, False)

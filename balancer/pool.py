@@ -83,10 +83,12 @@ from balancer.errors import (
     Overdue,
     ProxyError,
     ResolveError,
+    SelfLoop,
 )
 from balancer.netio import CLOCK, IO, NEVER, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
 from balancer.resolve import HOLD, Name, Unresolved
+from balancer.selves import OwnListeners
 from balancer.response_parser import HeadMemo, ResponseParser
 from balancer.serving import Slots
 
@@ -189,7 +191,7 @@ class Backend:
     def __init__(self, address: Address, *, connect_timeout: float, fail_timeout: float,
                  max_idle: int = 1024, idle_timeout: float = 30.0, dns_hold: float = HOLD,
                  io: IO | None = None, budget: IdleBudget | None = None,
-                 tls: BackendTLS | None = None,
+                 tls: BackendTLS | None = None, listeners: OwnListeners | None = None,
                  notice: Callable[[Backend, Upstream], None] | None = None) -> None:
         self.address = address
         self.key = str(address)
@@ -206,6 +208,8 @@ class Backend:
         self.last: Upstream | None = None
         self.idle: list[Upstream] = []
         self.budget = budget if budget is not None else IdleBudget()
+        # the worker's listeners: a new connection to one of them is refused (`_completed`)
+        self.listeners = listeners if listeners is not None else OwnListeners()
         # an https:// backend's TLS contexts, its idle connections by pool key,
         # and the TLS session of each key's last new connection (to resume)
         self.tls: BackendTLS | None = tls if address.tls else None
@@ -295,7 +299,7 @@ class Backend:
         except OSError as exc:
             sock.close()
             raise self._connect_error(exc) from None
-        return self._upstream(_nodelay(sock))
+        return self._upstream(self._completed(sock))
 
     def resume_connect(self, sock: socket.socket, by: float) -> Upstream:
         """`connect`'s rest, in a greenlet, for a connect `start_connect` began and
@@ -306,7 +310,7 @@ class Backend:
             io.complete_connect(sock, EINPROGRESS, by - CLOCK())
         except OSError as exc:
             raise self._connect_error(exc, by) from None
-        return self._upstream(_nodelay(sock))
+        return self._upstream(self._completed(sock))
 
     def _upstream(self, sock: socket.socket) -> Upstream:
         """The connection of connected `sock`."""
@@ -351,7 +355,19 @@ class Backend:
             sock = self._open(tls, by)
         except OSError as exc:
             raise self._connect_error(exc, by) from None
-        return _nodelay(sock)
+        return self._completed(sock)
+
+    def _completed(self, sock: socket.socket) -> socket.socket:
+        """`sock`, a new connection's, connected: Nagle's algorithm off, or
+        SelfLoop (`sock` closed, nothing sent) if it reaches one of the
+        worker's own listeners (`balancer.selves`; the bug: a rule forwarding
+        to the balancer itself took every descriptor for one request)."""
+        listeners = self.listeners
+        if self.address.port in listeners.ports and listeners.reaches(sock):
+            sock.close()
+            raise SelfLoop(f"{self.key}: the backend is this balancer's own listener")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def _make_room(self) -> None:
         """Before a new connection: idle ones closed if the clients need their
@@ -600,12 +616,6 @@ class Backend:
                 f"idle={idle} fails={self.fails}>")
 
 
-def _nodelay(sock: socket.socket) -> socket.socket:
-    """`sock`, a new backend connection's, with Nagle's algorithm off."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
 def _is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -620,6 +630,7 @@ class BackendRegistry:
     def __init__(self, *, connect_timeout: float, fail_timeout: float,
                  max_idle: int = 1024, idle_timeout: float = 30.0, io: IO | None = None,
                  budget: IdleBudget | None = None, ca_bundle: str = "",
+                 listeners: OwnListeners | None = None,
                  dns_hold: float = HOLD) -> None:
         self.connect_timeout = connect_timeout
         self.fail_timeout = fail_timeout
@@ -631,6 +642,8 @@ class BackendRegistry:
         self.io = io if io is not None else IO()
         self.tls = BackendTLS(ca_bundle)  # contexts made when an https:// backend connects
         self.budget = budget if budget is not None else IdleBudget()
+        # the worker's listening addresses (`balancer.server.Worker.listen` adds them)
+        self.listeners = listeners if listeners is not None else OwnListeners()
         self.backends: dict[str, Backend] = self.budget.backends
         # the worker's sweep loop sets it: called in the event loop when a
         # connection is queued in `stirred` (None: nothing is queued)
@@ -646,7 +659,7 @@ class BackendRegistry:
                 addr, connect_timeout=self.connect_timeout, fail_timeout=self.fail_timeout,
                 max_idle=self.max_idle, idle_timeout=self.idle_timeout,
                 dns_hold=self.dns_hold, io=self.io,
-                budget=self.budget, tls=self.tls, notice=self.notice)
+                budget=self.budget, tls=self.tls, listeners=self.listeners, notice=self.notice)
         return backend
 
     def notice(self, backend: Backend, upstream: Upstream) -> None:

@@ -161,6 +161,7 @@ class Worker:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 # accepted sockets inherit it: no setsockopt per connection
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.registry.listeners.add(sock)  # a backend connection to it is refused
             ctx = self.context(role)
             self.contexts.append(ctx)
             if role == "tls":  # its handshake in a greenlet
