@@ -88,8 +88,8 @@ from balancer.errors import (
 from balancer.netio import CLOCK, IO, NEVER, Stream, begin_connect, connect_blocking, connect_ended
 from balancer.peek import OPEN, peek, peek_under
 from balancer.resolve import HOLD, Name, Unresolved
-from balancer.selves import OwnListeners
 from balancer.response_parser import HeadMemo, ResponseParser
+from balancer.selves import OwnListeners
 from balancer.serving import Slots
 
 log: Final = logging.getLogger("balancer.health")

@@ -53,7 +53,7 @@ def test_a_connection_to_an_own_listener_is_refused(kind: str,
                                                     listener: socket.socket) -> None:
     own = OwnListeners()
     own.add(listener)
-    backend = backend_to("127.0.0.1:%d" % listener.getsockname()[1], own, kind)
+    backend = backend_to(f"127.0.0.1:{listener.getsockname()[1]}", own, kind)
     with pytest.raises(SelfLoop):
         backend.connect()
     assert backend.state == "up" and backend.fails == 0
