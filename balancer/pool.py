@@ -210,6 +210,10 @@ class Backend:
         self.budget = budget if budget is not None else IdleBudget()
         # the worker's listeners: a new connection to one of them is refused (`_completed`)
         self.listeners = listeners if listeners is not None else OwnListeners()
+        # their ports (the same set, filled as they are added) and the backend's:
+        # the test's first step, two native attributes in the compiled module
+        self.own_ports = self.listeners.ports
+        self.port: int = address.port
         # an https:// backend's TLS contexts, its idle connections by pool key,
         # and the TLS session of each key's last new connection (to resume)
         self.tls: BackendTLS | None = tls if address.tls else None
@@ -362,8 +366,7 @@ class Backend:
         SelfLoop (`sock` closed, nothing sent) if it reaches one of the
         worker's own listeners (`balancer.selves`; the bug: a rule forwarding
         to the balancer itself took every descriptor for one request)."""
-        listeners = self.listeners
-        if self.address.port in listeners.ports and listeners.reaches(sock):
+        if self.port in self.own_ports and self.listeners.reaches(sock):
             sock.close()
             raise SelfLoop(f"{self.key}: the backend is this balancer's own listener")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
