@@ -19,6 +19,10 @@ Invariants:
   watchdog's `Overdue` thrown into a connect past its own timeout (a stalled
   loop ran the watchdog first) is that timeout all the same (`_overdue`). A
   pooled connection is taken with no arming.
+* Every new connection completes in `_completed` (the greenlet's connect, a
+  TLS one before its handshake, the hub's `end_connect`, `resume_connect`):
+  one that reaches the worker's own listener is closed there, nothing sent,
+  as `SelfLoop` (`balancer.selves`), not the backend's failure.
 * An idle connection on which anything arrived (a stray response, a `408`
   before the backend closes, EOF) is closed, never handed out: those bytes
   belong to no request (`balancer.netio.Stream.is_clean`, which costs no
