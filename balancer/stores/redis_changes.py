@@ -134,8 +134,11 @@ class RedisChanges(Store):
             # version (GET /api/v1/hosts answered version N with N+1's rule)
             messages += inbox.within(MESSAGE_LAG)
             named = named_changes(messages, base)
-        else:
-            self._reload(inbox, on_change, seen, problems, served)  # writes outrun the reads
+        else:  # writes outran the reads
+            log.debug("%s: the store stayed past its messages through %d reads of their "
+                      "hosts (serving %d): reading the whole table", self.display_url,
+                      AHEAD_READS, base)
+            self._reload(inbox, on_change, seen, problems, served)
             return
         if change is None:  # announced but not there (or not valid: the reload says)
             if self._moved(messages, seen, base):
