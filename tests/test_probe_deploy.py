@@ -82,6 +82,18 @@ class Scripted:
         self.listener.close()
 
 
+def draining(lb: Balancer, b: Backend, seconds: int, drain_timeout: int
+             ) -> tuple[tuple[threading.Thread, dict[str, Any]], dict[str, Any]]:
+    """A request to the old backend taking `seconds`, in flight (its thread and
+    output), and a deploy to `b` begun and waiting in its drain for it (its record)."""
+    slow = in_background(lambda: request(lb.port, path=f"/slow?s={seconds}"))
+    wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+    record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": drain_timeout})
+    wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
+             == "drain", what="the drain")
+    return slow, record
+
+
 @pytest.fixture
 def a() -> Iterator[Backend]:
     backend = Backend("a")
@@ -223,13 +235,8 @@ def test_a_management_process_killed_mid_drain_is_replaced_and_the_deploy_finish
         lb: Balancer, a: Backend) -> None:
     b = Backend("b")
     try:
-        slow, out = in_background(lambda: request(lb.port, path="/slow?s=6"))
-        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
-        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 30})
-        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
-                 == "drain", what="the drain")
+        (slow, out), record = draining(lb, b, 6, 30)
         killed = management_pids(lb)[-1]
-        import os
         os.kill(killed, signal.SIGKILL)
         wait_for(lambda: len(management_pids(lb)) == 2, timeout=15,
                  what="the arbiter to start a new management process")
@@ -258,7 +265,6 @@ def test_a_management_process_killed_in_the_ready_step_is_resumed_there(
     try:
         record = deploy(lb, {"backends": [late.address], "ready_timeout": 30, "warmup": 0})
         wait_for(lambda: late.seen >= 2, what="the new backend probed")
-        import os
         os.kill(management_pids(lb)[-1], signal.SIGKILL)
         wait_for(lambda: len(management_pids(lb)) == 2, timeout=15,
                  what="the arbiter to start a new management process")
@@ -282,11 +288,7 @@ def test_redis_going_away_during_the_drain_delays_the_deploy_and_it_finishes(
     lb = Balancer(tmp_path, args=["--store", redis.url])
     try:
         assert lb.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
-        slow, out = in_background(lambda: request(lb.port, path="/slow?s=3"))
-        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
-        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 30})
-        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
-                 == "drain", what="the drain")
+        (slow, out), record = draining(lb, b, 3, 30)
         redis.stop()
         status, answer = post_deploy(lb, {"backends": [a.address]})
         assert status == 503 and answer["error"] == "store_unavailable", answer
@@ -312,11 +314,7 @@ def test_a_routes_file_damaged_during_the_drain_is_waited_out(lb: Balancer, a: B
     in the log, the old backend left under `draining`."""
     b = Backend("b")
     try:
-        slow, _ = in_background(lambda: request(lb.port, path="/slow?s=3"))
-        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
-        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 20})
-        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
-                 == "drain", what="the drain")
+        (slow, _), record = draining(lb, b, 3, 20)
         good = lb.routes.read_bytes()
         lb.routes.write_bytes(good[:len(good) // 2])
         wait_for(lambda: "cannot read the rule" in lb.output(), what="the drain's end to meet it")
@@ -535,11 +533,7 @@ def test_a_rule_replaced_by_another_operator_during_the_drain_is_kept(
         lb: Balancer, a: Backend) -> None:
     b, c = Backend("b"), Backend("c")
     try:
-        slow, _ = in_background(lambda: request(lb.port, path="/slow?s=2"))
-        wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
-        record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 20})
-        wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
-                 == "drain", what="the drain")
+        (slow, _), record = draining(lb, b, 2, 20)
         operator = {**proxy(c), "retries": 1}
         assert lb.api("PUT", f"/api/v1/hosts/{HOST}", operator)[0] == 200
         record = finished(lb, record["id"])
