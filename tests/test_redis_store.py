@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from balancer.server import Worker
+from balancer.settings import load_settings
 from balancer.stores import (
     CorruptStore,
     StoreUnavailable,
@@ -403,6 +405,54 @@ def test_a_change_read_after_a_later_write_is_not_labelled_with_the_earlier_vers
         follower.close()
         writer.close()
         relay.close()
+
+
+def test_a_change_read_while_the_worker_was_told_a_write_of_it_is_applied_on_it(
+        redis_server: RedisServer) -> None:
+    """Bug: a worker's watcher heard this balancer's write 2 (serving 1) and read its
+    host; meanwhile the management process told the worker 2 directly, and another
+    balancer wrote 3: the watcher, finding the store at 3, read both writes' hosts
+    and delivered 3 on 1, which the worker (serving 2) took for a change that does
+    not follow: it read the whole table (two balancers racing one-host writes,
+    test_one_host_reads, about 1 run in 8). Here the relay tells the worker and
+    lets the other write land just before the watcher's read goes on to Redis."""
+    ns = namespace()
+    mine, theirs = RedisStore(redis_server.url, ns), RedisStore(redis_server.url, ns)
+    mine.put_host("a.test", _static("v1"))
+    reads = WholeReads(redis_server.port, ns)
+    raced = threading.Event()
+
+    def race_the_read(data: bytes) -> None:
+        if b"HMGET" in data.upper() and not raced.is_set():
+            raced.set()
+            assert worker.tables.catch_up(2, {"b.test": _static("v2")}) == 2
+            assert theirs.put_host("a.test", _static("v3")) == 3
+    relay = SubscriberHold(redis_server.port, before=race_the_read)
+    store = RedisStore(f"redis://127.0.0.1:{relay.port}/0", ns, resync_interval=60)
+    worker = Worker(load_settings(env={"BALANCER_STORE_SNAPSHOT": "off"}), store)
+    worker.tables.start_table()
+    watcher = threading.Thread(target=worker.watch_loop)
+    watcher.start()
+    try:
+        # subscribed, then found the version served (read nothing): in its loop
+        wait_until(lambda: f'"get" "{ns}:version"'.encode()
+                   in reads.seen.lower().partition(b'"subscribe"')[2], timeout=5,
+                   message="the watcher's check at its start")
+        before = reads.count()
+        assert mine.put_host("b.test", _static("v2")) == 2  # told directly from the hook
+        wait_until(lambda: worker.holder.table.version == 3, timeout=5,
+                   message="the worker at version 3")
+        assert raced.is_set()
+        assert {k: r.rule["body"] for k, r in worker.holder.table.routes.items()} == {
+            "a.test": "v3", "b.test": "v2"}
+        assert reads.count() == before, reads.lines()[before:]
+    finally:
+        worker.stopping = True
+        watcher.join(5)
+        for opened in (store, mine, theirs):
+            opened.close()
+        relay.close()
+        reads.close()
 
 
 def _static(body: str) -> dict[str, object]:
