@@ -1,11 +1,13 @@
 """Each process's memory under load against HAProxy's, and the floor.
 
 ``python scripts/bench_tree_memory.py [--connections 100,1000] [--duration 8]
-[--targets haproxy,balancer[,baseline]] [--baseline TREE] [--floor]``
+[--targets haproxy,balancer[,baseline]] [--baseline TREE] [--settle 2] [--floor]``
 
 For each connection count, every target is started afresh in front of
 nginx (as `scripts/bench_proxy.py` starts them: HAProxy ``nbthread 1``,
-``balancer serve --workers 1`` on a file store), read idle, then loaded with
+``balancer serve --workers 1`` on a file store), read idle ``--settle``
+seconds after they listen (with ``server.merge_pages``, time for the host's
+ksmd to merge: about 8 s at its default pace), then loaded with
 ``wrk -t1 -cN`` keep-alive for the duration while each of its processes'
 ``/proc/PID/smaps_rollup`` is sampled every 0.2 s. It prints, per process,
 Pss (its anonymous part) / Private / Shared idle and at the sample where the
@@ -109,7 +111,7 @@ def line(rollups: Rollups) -> str:
 
 
 def run_count(names: list[str], connections: int, duration: int,
-              baseline: str | None) -> None:
+              baseline: str | None, settle: float) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tree-memory-") as tmp:
         root = Path(tmp)
         procs = Processes(root / "logs")
@@ -117,7 +119,7 @@ def run_count(names: list[str], connections: int, duration: int,
             nginx = start_nginx(procs, root)
             started = {name: start_target(name, procs, root, nginx.port, 1, baseline)
                        for name in names}
-            time.sleep(2)  # the children's start-up done
+            time.sleep(settle)  # the children's start-up done
             idle = {name: read(roles(started[name])) for name in names}
             peaks = {name: loaded_peak(started[name], connections, duration) for name in names}
         finally:
@@ -152,6 +154,8 @@ def main() -> None:
     parser.add_argument("--targets", default="haproxy,balancer")
     parser.add_argument("--baseline", metavar="TREE",
                         help="the tree the baseline target runs from (PYTHONPATH)")
+    parser.add_argument("--settle", type=float, default=2.0, metavar="S",
+                        help="seconds from the start to the idle reading")
     parser.add_argument("--floor", action="store_true",
                         help="also read bare interpreters (the floor)")
     args = parser.parse_args()
@@ -161,7 +165,7 @@ def main() -> None:
     if ("baseline" in names) != bool(args.baseline):
         parser.error("the baseline target and --baseline TREE go together")
     for connections in (int(c) for c in args.connections.split(",") if c):
-        run_count(names, connections, args.duration, args.baseline)
+        run_count(names, connections, args.duration, args.baseline, args.settle)
     if args.floor:
         floor()
 
