@@ -9,12 +9,15 @@ setting, measured by scripts/bench_tree_memory.py, not here."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from balancer import heap
 from tests.support import Backend, Balancer, request, wait_for
 
 HOST = "app.test"
@@ -95,3 +98,25 @@ def test_a_reload_that_turns_it_on_marks_the_children_it_forks(tmp_path: Path,
         serves(bal)
     finally:
         bal.stop()
+
+
+def test_a_kernel_that_refuses_the_mark_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older kernel (EINVAL) or one without KSM: the reason, not an exception."""
+    def refused(*_: int) -> int:
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(heap, "_PRCTL", refused)
+    assert "Invalid argument" in heap.merge_pages(True)
+    monkeypatch.setattr(heap, "_PRCTL", None)
+    assert heap.merge_pages(True) == "prctl is not available"
+
+
+def test_ksmd_running_reads_the_hosts_switch(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    switch = tmp_path / "run"
+    monkeypatch.setattr(heap, "KSM_RUN", str(switch))
+    assert not heap.ksm_running()  # no KSM in the kernel: no file
+    for value, running in (("0\n", False), ("1\n", True), ("2\n", False)):
+        switch.write_text(value)
+        assert heap.ksm_running() is running
