@@ -12,7 +12,9 @@ Invariants:
   turn of the loop, and the children converge on the last generation.
 * The arbiter never monkey-patches and never runs a gevent hub; every child
   patches after fork (`balancer.workers`). It freezes its objects before each
-  fork (`balancer.preload.freeze`), so the children keep sharing their pages.
+  fork (`balancer.preload.freeze`), so the children keep sharing their pages;
+  with `server.merge_pages` it marks its memory for the kernel's same-page
+  merging before a fork (`mark_pages`), so every child it forks has it too.
 * The listening sockets were bound before forking and stay open here until
   the arbiter stops: a dying worker never closes a listener. With one socket
   per worker slot (SO_REUSEPORT, `balancer.listening`) a worker forked into a
@@ -49,6 +51,7 @@ from balancer import processlog
 from balancer.backoff import Backoff
 from balancer.control import control_path, run_dir_problem
 from balancer.descriptors import log_limits, soft_limit
+from balancer.heap import KSM_RUN, ksm_running, merge_pages
 from balancer.listening import Listeners
 from balancer.preload import PreloadError, freeze, needed, preload
 from balancer.privileges import Identity
@@ -132,6 +135,7 @@ class Arbiter:
         self.wake_r, self.wake_w = os.pipe()
         self.told_dropped = 0  # process log lines dropped, as `write_status` last wrote
         self.run_dir = RunDirKeeper(bound.run_dir)
+        self.merging = False  # `server.merge_pages` as last applied (`mark_pages`)
 
     # main loop -----------------------------------------------------------------
     def run(self) -> int:
@@ -286,11 +290,29 @@ class Arbiter:
         ready_r, ready_w = os.pipe()
         env = self.child_env(ready_w, (ready_r,))
         flush_std()
+        self.mark_pages()
         freeze()  # the arbiter's objects stay shared with the child (`balancer.preload`)
         pid = fork_child(self.child_body(kind, slot), env)
         os.close(ready_w)
         self.children[pid] = Child(kind, slot, self.generation, pid, ready_r,
                                    self.settings.timeouts.graceful)
+
+    def mark_pages(self) -> None:
+        """`server.merge_pages` as the settings say, for the child about to be
+        forked (it inherits the mark; `balancer.heap.merge_pages`): tried once
+        per value, so a refusal is logged once."""
+        wanted = self.settings.server.merge_pages
+        if wanted == self.merging:
+            return
+        self.merging = wanted
+        problem = merge_pages(wanted)
+        if problem:
+            log.warning("server.merge_pages: %s; pages are not merged", problem)
+        elif wanted and not ksm_running():
+            log.warning("server.merge_pages: the host's ksmd is not running (%s is not 1): "
+                        "no page is merged until it is", KSM_RUN)
+        elif wanted:
+            log.info("server.merge_pages: the processes' pages are merged by the host's ksmd")
 
     def child_body(self, kind: str, slot: int) -> Callable[[ChildEnv], int]:
         """What a new child runs, keeping open only the listeners it serves."""

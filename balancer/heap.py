@@ -1,32 +1,54 @@
 """Giving freed memory back to the system: after a burst (the worker's
 `quiet_loop`), in the arbiter before each fork (`balancer.preload.freeze`) and
 in the management process once set up (`management.process.run_management`
-through `freeze`).
+through `freeze`); and, with `server.merge_pages`, letting the kernel store
+the pages the processes hold alike once (`merge_pages`).
 
 glibc's malloc keeps the pages of freed blocks inside its heap: a burst's
 saved greenlet stacks and buffers, once freed, stay in the worker's resident
 set. `release` asks it (``malloc_trim(0)``) to return every wholly free page;
 a C library without it (musl) makes `release` do nothing.
 
+Every child copies the arbiter's pages it writes to (CPython 3.11 writes a
+reference count into every object it touches), and many of those copies are
+soon the same bytes again (a reference taken and dropped): 1.7-1.8 MiB of
+each child's 7-10 MiB of copies, idle (docs/performance.md). Linux's
+same-page merging (KSM, its `ksmd` thread) stores such pages once again,
+copy-on-write, in the processes that asked for it (`PR_SET_MEMORY_MERGE`,
+Linux 6.4: every mapping of the process, and of the children it forks).
+It is off unless asked: a process on the same host that also asked could
+tell, by timing its own writes, whether ours hold a page with the same bytes
+as one of its own; and it does nothing unless the host runs ksmd
+(/sys/kernel/mm/ksm/run is 1).
+
 Invariants:
-* Called only when many blocks were just freed or before pages are shared,
-  never per request: it walks the heap (about a millisecond for a worker's).
+* `release` is called only when many blocks were just freed or before pages
+  are shared, never per request: it walks the heap (about a millisecond for
+  a worker's).
+* `merge_pages` is called by the arbiter before a fork (the child inherits
+  the mark); no child calls it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Any
 
+PR_SET_MEMORY_MERGE = 67  # prctl(2), Linux 6.4
+KSM_RUN = "/sys/kernel/mm/ksm/run"  # "1": the host's ksmd merges marked pages
 
-def _trim_function() -> Any:
+
+def _libc() -> Any:
     try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
 
-_TRIM = _trim_function()
+_LIBC = _libc()
+_TRIM = getattr(_LIBC, "malloc_trim", None)
+_PRCTL = getattr(_LIBC, "prctl", None)
 
 
 def release() -> bool:
@@ -35,3 +57,24 @@ def release() -> bool:
         return False
     _TRIM(0)
     return True
+
+
+def merge_pages(on: bool) -> str:
+    """Mark (`on`) or unmark this process's memory for same-page merging, for
+    its children to come too; "" once done, else why not (an older kernel,
+    one without KSM, or no `prctl`)."""
+    if _PRCTL is None:
+        return "prctl is not available"
+    if _PRCTL(PR_SET_MEMORY_MERGE, int(on), 0, 0, 0) == 0:
+        return ""
+    err = ctypes.get_errno()
+    return f"the kernel refused PR_SET_MEMORY_MERGE ({os.strerror(err)}: Linux 6.4 with KSM needed)"
+
+
+def ksm_running() -> bool:
+    """Whether the host's ksmd merges marked pages (`KSM_RUN` reads 1)."""
+    try:
+        with open(KSM_RUN) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False

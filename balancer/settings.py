@@ -123,6 +123,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.user", Account("user"), "", "user to switch to after binding"),
     Setting("server.group", Account("group"), "", "group to switch to after binding"),
     Setting("server.pages_dir", Directory(), "", "directory of NAME.html built-in page overrides"),
+    Setting("server.merge_pages", BOOLEAN, False,
+            "let the kernel store the pages the balancer's processes hold alike once (KSM, "
+            "Linux 6.4; inert unless the host runs ksmd: /sys/kernel/mm/ksm/run = 1); off: a "
+            "process on the same host that also asked for it could tell by timing whether "
+            "ours hold a page with the same bytes as one of its own"),
     Setting("management.listen", ADDRESS, "127.0.0.1:8081",
             "management API address", "--management"),
     Setting("management.token", TOKEN, "",
@@ -221,6 +226,7 @@ class ServerSettings:
     user: str
     group: str
     pages_dir: str
+    merge_pages: bool
 
 
 @dataclass(frozen=True, slots=True)
