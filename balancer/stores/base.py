@@ -12,7 +12,8 @@ Invariants:
   whole-table `replace` repairs it. A failed write (`StoreUnavailable`,
   `VersionConflict`, `StoreLost`) changes nothing, except `StoreNotReplicated`:
   applied by a Redis master whose replicas did not acknowledge it.
-* `load` returns only tables that pass `validate_table`; anything else is a
+* `load` returns only tables that pass `validate_table` (`stored`: keys in key
+  form); anything else is a
   `CorruptStore` naming where and why, whatever a hand-edited value holds
   (bad JSON or UTF-8, a number of 4,300+ digits, nesting deep enough to
   exhaust the recursion limit: `unreadable_is_corrupt`). A value (health
@@ -152,7 +153,7 @@ class TableChecker:
             problems = validate_table(hosts)
         elif texts is None:
             hosts, raised = raise_to_floors(hosts)
-            problems = validate_table(hosts)
+            problems = validate_table(hosts, stored=True)
         else:
             hosts, raised, problems = self._checked(hosts, texts)
         if problems:
@@ -178,7 +179,7 @@ class TableChecker:
             found = self._known.get(key)
             if found is None:
                 rule, lifted = raise_rule(str(host), rule)
-                found = (validate_table({host: rule}), lifted)
+                found = (validate_table({host: rule}, stored=True), lifted)
             elif found[1]:  # (a copy of this load's rule, raised again)
                 rule = raise_rule(str(host), rule)[0]
             known[key] = found
@@ -187,7 +188,7 @@ class TableChecker:
             raised += found[1]
         self._known = known  # only the current table is remembered
         if len(names) != len(hosts):  # (normalised in the slices: 0.1 s of 100,000 at once)
-            problems = validate_table(used)  # names that collide once normalised
+            problems = validate_table(used, stored=True)  # names that collide once normalised
         return used, tuple(raised), problems
 
 

@@ -1,0 +1,98 @@
+"""A routing table edited outside the API (a hand-edited routes file, an
+``HSET`` by another program) against a real balancer: each case a defect found
+and fixed (each test fails without its fix).
+
+* A host key not in its key form (``APP.TEST``, ``app.test.``, `` app.test``)
+  was served (requests are matched case-insensitively, without a trailing dot),
+  but the management API, which finds hosts by that form, answered 404 to
+  every spelling of it: ``balancerctl get``, ``delete``, ``add-backend`` and
+  ``remove-backend`` could not reach it, and ``balancerctl set app.test`` stored
+  a second key beside it, a table the store then refused as a duplicate at its
+  next read (a restart served no table). Now such a key is a corrupt store,
+  named with its key form: reported, the last good table kept, as any other
+  table the balancer cannot take.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RedisServer
+from tests.support import Balancer, request, wait_for
+
+WAIT = 10.0
+STATIC = {"action": "static", "status": 200, "body": "hi"}
+
+
+def serves(bal: Balancer, host: str, body: bytes = b"hi") -> bool:
+    status, _, got = request(bal.port, host=host, timeout=5)
+    return status == 200 and got == body
+
+
+@pytest.mark.parametrize("key", ["APP.TEST", "app.test.", " app.test", "*.App.Test"])
+def test_a_hand_written_key_not_in_key_form_is_a_corrupt_file(tmp_path: Path, key: str) -> None:
+    bal = Balancer(tmp_path, {"other.test": STATIC})
+    try:
+        wait_for(lambda: serves(bal, "other.test"), WAIT, what="the first table")
+        bal.write_routes({"other.test": STATIC, key: {**STATIC, "body": "hand"}})
+        form = key.strip().lower().rstrip(".")
+        named = f"host {key!r}: not stored in its key form {form!r}"
+        wait_for(lambda: named in bal.store_problem(), WAIT, what="the key named")
+        assert bal.version() == 1 and serves(bal, "other.test")
+        assert not serves(bal, "x.app.test" if key.startswith("*") else "app.test", b"hand")
+        status, answer = bal.api("PUT", f"/api/v1/hosts/{form}", STATIC)
+        assert status == 503 and named in answer["message"], answer  # no second key
+        assert key in json.loads(bal.routes.read_text())["hosts"]
+        bal.write_routes({"other.test": STATIC, form: {**STATIC, "body": "hand"}})
+        wait_for(lambda: bal.store_problem() == "", WAIT, what="the repaired file read")
+        assert serves(bal, "x.app.test" if key.startswith("*") else "app.test", b"hand")
+        status, _ = bal.api("DELETE", f"/api/v1/hosts/{form}")
+        assert status == 200
+    finally:
+        bal.stop()
+
+
+@pytest.fixture
+def redis_site(redis_factory: Callable[[], RedisServer], tmp_path: Path
+               ) -> Iterator[tuple[Balancer, Any]]:
+    """``bal, raw``: a balancer on a private Redis serving app.test; raw: a client."""
+    import redis
+
+    server = redis_factory()
+    bal = Balancer(tmp_path, None, store=server.url)
+    assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+    raw = redis.Redis.from_url(server.url, socket_timeout=5)
+    yield bal, raw
+    raw.close()
+    bal.stop()
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_redis_key_not_in_key_form_is_a_corrupt_store(redis_site: tuple[Balancer, Any],
+                                                         announced: bool) -> None:
+    """Written as the store writes (one transaction, the change announced) or with
+    the version raised alone (the resync finds it)."""
+    bal, raw = redis_site
+    version = int(raw.get("balancer:version")) + 1
+    with raw.pipeline(transaction=True) as pipe:
+        pipe.hset("balancer:hosts", "Web.Test", json.dumps({**STATIC, "body": "web"}))
+        pipe.set("balancer:version", version)
+        if announced:
+            pipe.publish("balancer:changes", b"%d Web.Test" % version)
+        pipe.execute()
+    named = "host 'Web.Test': not stored in its key form 'web.test'"
+    wait_for(lambda: named in bal.store_problem(), WAIT, what="the key named")
+    assert not serves(bal, "web.test", b"web") and serves(bal, "app.test")
+    status, answer = bal.api("GET", "/api/v1/hosts")
+    assert status == 200 and named in answer["store_problem"], answer
+    assert list(answer["hosts"]) == ["app.test"]
+    raw.hdel("balancer:hosts", "Web.Test")
+    status, _ = bal.api("PUT", "/api/v1/hosts/web.test", {**STATIC, "body": "web"})
+    assert status == 200
+    wait_for(lambda: bal.store_problem() == "" and serves(bal, "web.test", b"web"), WAIT,
+             what="the repaired store served")
