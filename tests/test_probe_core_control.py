@@ -11,6 +11,12 @@ and fixed (each test fails without its fix).
   next read (a restart served no table). Now such a key is a corrupt store,
   named with its key form: reported, the last good table kept, as any other
   table the balancer cannot take.
+* ``balancerctl`` took any HOST and put it in the API path: an empty one (an
+  unset shell variable) named the whole table (``get ""`` printed a host
+  ``None`` and exit 0), and one with a ``/`` another route (``delete
+  "app.test/backends/ADDR"`` removed that backend and said the host was
+  deleted). Now a HOST that is no routing-table key is a usage error (exit 2)
+  and nothing is sent.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from management.ctl import main as ctl_main
 from tests.conftest import RedisServer
 from tests.support import Balancer, request, wait_for
 
@@ -96,3 +103,32 @@ def test_a_redis_key_not_in_key_form_is_a_corrupt_store(redis_site: tuple[Balanc
     assert status == 200
     wait_for(lambda: bal.store_problem() == "" and serves(bal, "web.test", b"web"), WAIT,
              what="the repaired store served")
+
+
+
+@pytest.fixture(scope="module")
+def two_backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
+    bal = Balancer(tmp_path_factory.mktemp("probe-core-ctl"),
+                   {"app.test": {"action": "proxy", "backends": ["127.0.0.1:9", "127.0.0.1:10"]}})
+    yield bal
+    bal.stop()
+
+
+@pytest.mark.parametrize("args", [
+    ("get", ""), ("delete", ""), ("set", "", "static", "body=x"), ("stats", ""),
+    ("add-backend", "", "127.0.0.1:11"), ("deploy", "", "--backend", "127.0.0.1:11"),
+    ("delete", "app.test/backends/127.0.0.1:10"), ("delete", "app.test/"),
+    ("get", "app.test?x=1"), ("remove-backend", "app.test/x", "127.0.0.1:10"),
+])
+def test_balancerctl_refuses_a_host_that_is_no_key_and_sends_nothing(
+        two_backends: Balancer, capsys: pytest.CaptureFixture[str], args: tuple) -> None:
+    bal = two_backends
+    url = ["--url", f"http://127.0.0.1:{bal.mport}"]
+    with pytest.raises(SystemExit) as exited:
+        ctl_main([*args[:1], *url, *args[1:]])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == "", (out, err)
+    assert err.startswith("balancerctl: argument HOST: host") and len(err.splitlines()) == 1
+    assert bal.api("GET", "/api/v1/hosts")[1]["version"] == 1  # nothing written
+    assert ctl_main(["get", *url, "APP.Test."]) == 0  # a key in another case names it
+    assert "127.0.0.1:10" in capsys.readouterr().out
