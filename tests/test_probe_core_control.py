@@ -11,6 +11,12 @@ and fixed (each test fails without its fix).
   next read (a restart served no table). Now such a key is a corrupt store,
   named with its key form: reported, the last good table kept, as any other
   table the balancer cannot take.
+* A routes file edited to a version Redis cannot count to (``10**22``, a typo)
+  was served: it became the balancer's floor for versions for good (kept in
+  its snapshot), so no later table could ever be moved to Redis, and
+  ``balancer_routing_version`` (a float) no longer changed with a write. A
+  version of Redis was refused so already; now the file's is too, with the
+  same bound (below ``2**63 - 1``).
 * ``balancerctl`` took any HOST and put it in the API path: an empty one (an
   unset shell variable) named the whole table (``get ""`` printed a host
   ``None`` and exit 0), and one with a ``/`` another route (``delete
@@ -60,6 +66,22 @@ def test_a_hand_written_key_not_in_key_form_is_a_corrupt_file(tmp_path: Path, ke
         assert serves(bal, "x.app.test" if key.startswith("*") else "app.test", b"hand")
         status, _ = bal.api("DELETE", f"/api/v1/hosts/{form}")
         assert status == 200
+    finally:
+        bal.stop()
+
+
+def test_a_routes_file_version_past_what_redis_counts_is_a_corrupt_file(tmp_path: Path) -> None:
+    bal = Balancer(tmp_path, {"app.test": STATIC})
+    try:
+        wait_for(lambda: serves(bal, "app.test"), WAIT, what="the first table")
+        bal.write_routes({"app.test": {**STATIC, "body": "typo"}}, version=10**22)
+        named = "version must be below 9223372036854775807, got 1.000e+22"
+        wait_for(lambda: named in bal.store_problem(), WAIT, what="the version refused")
+        assert bal.version() == 1 and serves(bal, "app.test")
+        status, answer = bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})
+        assert (status, answer) == (200, {"version": 2})  # the repair, above what was served
+        wait_for(lambda: bal.store_problem() == "", WAIT, what="the repaired file read")
+        assert 'balancer_routing_version 2.0' in bal.metrics_text()
     finally:
         bal.stop()
 

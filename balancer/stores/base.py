@@ -47,6 +47,12 @@ if TYPE_CHECKING:
     from balancer.stores.certs import Certs
     from balancer.stores.records import Records
 
+# Versions are below 2**63 - 1 in every store: Redis counts (INCR) that far. A
+# version past it is corrupt. (Bug: a hand-set 10**22 was served, became every
+# balancer's floor for versions, and no write, not even a whole-table PUT, could
+# ever go back below it; in the routes file too, where it also left Redis out of
+# reach and `balancer_routing_version`, a float, unchanged by a write.)
+VERSION_LIMIT = 2**63 - 1
 PAUSE_EVERY = 500  # hosts checked between two turns of the loop (`balancer.turns.turn`): ~10 ms
 
 
@@ -148,6 +154,9 @@ class TableChecker:
         it the whole table is validated."""
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise CorruptStore(f"{where}: version must be an integer >= 0, got {version!r}")
+        if version >= VERSION_LIMIT:
+            raise CorruptStore(f"{where}: version must be below {VERSION_LIMIT}, got "
+                               f"{version:.3e}")
         raised: tuple[Raised, ...] = ()
         if not isinstance(hosts, Mapping):
             problems = validate_table(hosts)

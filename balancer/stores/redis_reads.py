@@ -37,6 +37,7 @@ import redis
 from balancer.big_loads import loading
 from balancer.stores import strict_json
 from balancer.stores.base import (
+    VERSION_LIMIT,
     CorruptStore,
     HostRule,
     Store,
@@ -60,10 +61,6 @@ SCAN_ATTEMPTS = 3         # scans writes may interrupt before one ``HGETALL``
 # what brings a scan writes interrupted to one version: (hosts read, the version before the
 # scan, the version after it) -> that version (the hosts updated), or None: scan again
 CaughtUp = Callable[[dict[str, str], Any, Any], "str | None"]
-# Redis counts (INCR) up to 2**63 - 1: a version it cannot count past is corrupt.
-# (Bug: a hand-set 10**22 was served, became every balancer's floor for versions,
-# and no write, not even a whole-table PUT, could ever go above it.)
-VERSION_LIMIT = 2**63 - 1
 
 
 class RedisReading(Store):
