@@ -10,6 +10,13 @@ and fixed (each test fails without its fix):
   Upgrade of an HTTP/1.0 request, which is ignored) now has its body read as
   any body, and the requests after it. An upgrade the balancer does ask for
   (``websocket``) with a body is still a 400.
+* A local answer (``static``, ``redirect``, ``empty``, the ``unknown`` page, a
+  held request's page) to a request with a chunked body closed the connection
+  even when the whole body had come with the head: the requests pipelined
+  after it went unanswered (a body with a Content-Length up to 1 MiB was
+  read and the connection kept). Such a body is now dropped and the
+  connection kept; a chunked body still coming is not waited for (its end
+  may never come): answered at once, the connection closed.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     """``bal, backend``: app.test proxies to a recording `RawBackend`."""
     backend = RawBackend(answer)
     bal = Balancer(tmp_path_factory.mktemp("probe-core-client"),
-                   {"app.test": {"action": "proxy", "backends": [backend.address]}})
+                   {"app.test": {"action": "proxy", "backends": [backend.address]},
+                    "static.test": {"action": "static", "status": 503, "body": "later"}})
     yield bal, backend
     bal.stop()
     backend.stop()
@@ -105,3 +113,28 @@ def test_a_websocket_upgrade_with_a_body_is_still_refused(site) -> None:
         b"Upgrade: websocket\r\nContent-Length: 41\r\n\r\n"
         b"GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n", 1)
     assert answers[0][0] == 400 and sent == []
+
+
+CHUNKED = b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("host", [b"static.test", b"nowhere.test"])
+def test_a_whole_chunked_body_to_a_local_answer_keeps_the_connection(site, host) -> None:
+    answers, sent = exchange(
+        site, b"POST /form HTTP/1.1\r\nHost: " + host + b"\r\n" + CHUNKED
+        + b"GET /next HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n", 2)
+    assert answers[0][0] == (503 if host == b"static.test" else 404)
+    assert answers[1] == (200, b"/next 0") and len(sent) == 1
+
+
+def test_a_chunked_body_still_coming_is_not_waited_for(site) -> None:
+    bal, _ = site
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=5) as sock:
+        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: static.test\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        got = b""
+        while not got.endswith(b"later"):  # answered before the body's end
+            more = sock.recv(65536)
+            assert more, got
+            got += more
+    assert got.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close\r\n" in got
