@@ -113,16 +113,16 @@ def stored_key_problems(host: object) -> list[str]:
     return []
 
 
-def validate_table(hosts: object, stored: bool = False) -> list[str]:
+def validate_table(hosts: object, key_form: bool = False) -> list[str]:
     """Problems with a whole table ``{HOST: RULE}``, each prefixed by its host;
-    `stored`: a table read from a store, whose keys must be in key form."""
+    `key_form`: a table read from a store, whose keys must be in key form."""
     if not isinstance(hosts, Mapping):
         return ["hosts: must be an object mapping host names to rules"]
     problems: list[str] = []
     seen: dict[str, str] = {}
     for host, rule in hosts.items():
         problems += validate_host(host)
-        if stored:
+        if key_form:
             problems += stored_key_problems(host)
         if isinstance(host, str):
             key = normalize_host(host)

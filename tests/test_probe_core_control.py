@@ -10,7 +10,8 @@ and fixed (each test fails without its fix).
   a second key beside it, a table the store then refused as a duplicate at its
   next read (a restart served no table). Now such a key is a corrupt store,
   named with its key form: reported, the last good table kept, as any other
-  table the balancer cannot take.
+  table the balancer cannot take. A balancer that served such a table before
+  (its snapshot holds it) still serves it when started on that file.
 * A routes file edited to a version Redis cannot count to (``10**22``, a typo)
   was served: it became the balancer's floor for versions for good (kept in
   its snapshot), so no later table could ever be moved to Redis, and
@@ -66,6 +67,29 @@ def test_a_hand_written_key_not_in_key_form_is_a_corrupt_file(tmp_path: Path, ke
         assert serves(bal, "x.app.test" if key.startswith("*") else "app.test", b"hand")
         status, _ = bal.api("DELETE", f"/api/v1/hosts/{form}")
         assert status == 200
+    finally:
+        bal.stop()
+
+
+def test_a_snapshot_with_a_key_not_in_key_form_still_serves_at_start(tmp_path: Path) -> None:
+    """An upgrade: the last version served ``APP.TEST`` from the file and kept it in
+    its snapshot; started on that file, the balancer serves the snapshot and
+    reports the file."""
+    first = Balancer(tmp_path, {"app.test": STATIC})
+    snapshot = Path(f"{first.routes}.last-good")
+    try:
+        wait_for(snapshot.exists, WAIT, what="the snapshot")
+    finally:
+        first.stop()
+    saved = json.loads(snapshot.read_text())
+    saved["hosts"] = {"APP.TEST": saved["hosts"]["app.test"]}
+    snapshot.write_text(json.dumps(saved))
+    first.write_routes({"APP.TEST": STATIC}, version=saved["version"])
+    bal = Balancer(tmp_path, None)
+    try:
+        wait_for(lambda: "not stored in its key form 'app.test'" in bal.store_problem(), WAIT,
+                 what="the file reported")
+        assert serves(bal, "app.test")
     finally:
         bal.stop()
 
