@@ -18,6 +18,11 @@ and fixed (each test fails without its fix).
   ``balancer_routing_version`` (a float) no longer changed with a write. A
   version of Redis was refused so already; now the file's is too, with the
   same bound (below ``2**63 - 1``).
+* A Redis version Python's ``int`` reads but ``INCR`` refuses (`` 5``, ``+5``,
+  ``5_0``, ``05``, set by hand) was served as a version (``5_0`` as 50,
+  raising the floor) with no problem reported, while every write failed with
+  503 "Redis refused to write: value is not an integer". Now it is a corrupt
+  store, as any other version that is no count.
 * ``balancerctl`` took any HOST and put it in the API path: an empty one (an
   unset shell variable) named the whole table (``get ""`` printed a host
   ``None`` and exit 0), and one with a ``/`` another route (``delete
@@ -150,6 +155,27 @@ def test_a_redis_key_not_in_key_form_is_a_corrupt_store(redis_site: tuple[Balanc
     wait_for(lambda: bal.store_problem() == "" and serves(bal, "web.test", b"web"), WAIT,
              what="the repaired store served")
 
+
+
+@pytest.mark.parametrize("bad", [" 5", "+5", "5_0", "05"])
+def test_a_redis_version_incr_refuses_is_a_corrupt_store(redis_site: tuple[Balancer, Any],
+                                                         bad: str) -> None:
+    bal, raw = redis_site
+    good = raw.get("balancer:version")
+    raw.set("balancer:version", bad)
+    raw.publish("balancer:changes", b"nothing")
+    named = f"balancer:version is not an integer from 0 to 9223372036854775806: {bad!r}"
+    wait_for(lambda: named in bal.store_problem(), WAIT, what="the version reported")
+    assert bal.version() == int(good) and serves(bal, "app.test")
+    status, answer = bal.api("PUT", "/api/v1/hosts/b.test", STATIC)
+    assert status == 503 and answer["error"] == "store_corrupt", answer
+    raw.set("balancer:version", good)  # repaired by hand, then changed elsewhere
+    version = raw.incr("balancer:version")
+    raw.hset("balancer:hosts", "new.test", json.dumps({**STATIC, "body": "new"}))
+    raw.publish("balancer:changes", f"{version} new.test")
+    wait_for(lambda: bal.store_problem() == "" and serves(bal, "new.test", b"new"), WAIT,
+             what="the change served")
+    assert bal.api("PUT", "/api/v1/hosts/b.test", STATIC) == (200, {"version": version + 1})
 
 
 @pytest.fixture(scope="module")

@@ -189,10 +189,13 @@ class RedisReading(Store):
                 raise
 
     def _version(self, raw: bytes | str | None) -> int:
-        try:
-            version = int(raw or 0)
-        except ValueError:
-            version = -1
+        # digits as INCR reads them: Python's int() also takes " 5", "+5", "5_0"
+        # and "05", which INCR refuses (bug: served, and every write failed, 503
+        # "Redis refused to write", with no problem reported)
+        digits = raw.encode() if isinstance(raw, str) else raw or b"0"
+        counted = (len(digits) <= 19 and digits.isdigit()  # (2**63 - 1 has 19)
+                   and (digits[:1] != b"0" or digits == b"0"))
+        version = int(digits) if counted else -1
         if 0 <= version < VERSION_LIMIT:
             return version
         shown = repr(raw) if raw is None or len(raw) <= 40 \
