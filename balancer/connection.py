@@ -654,12 +654,19 @@ class ClientConnection:
         return None
 
     def discard_body(self, ex: Exchange) -> None:
-        """Skip an unused request body, or give up keep-alive if it is too large."""
+        """Skip an unused request body, or give up keep-alive if it is too large
+        (a Content-Length over DRAIN_LIMIT) or a chunked one not all here (it is
+        not waited for: a stream's end may never come). Bug: a chunked body that
+        came whole with its head closed the connection too, and the requests
+        pipelined after it went unanswered."""
         if ex.body_done:
             return
         head = ex.head
-        small = head.content_length is not None and head.content_length <= DRAIN_LIMIT
-        if not small or head.expect_continue:
+        length = head.content_length
+        if length is None and not head.expect_continue and self.buffered_body() is not None:
+            ex.body_done = True  # (chunked, whole: dropped with its END)
+            return
+        if length is None or length > DRAIN_LIMIT or head.expect_continue:
             ex.keep_alive = False  # (the body stays unread: the connection lingers)
             return
         ex.body_done = True

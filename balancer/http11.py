@@ -63,7 +63,10 @@ Invariants:
 * After an Upgrade head, parsing pauses: `upgraded` is set and `leftover`
   holds the bytes after the head. `resume()` continues as HTTP (the backend
   refused the upgrade). An Upgrade request has no body: llhttp would hand the
-  body over as tunnel data, so such a request is rejected.
+  body over as tunnel data, so such a request is rejected. A head whose upgrade
+  is none here (h2c alone, HTTP/1.0) may have one: llhttp ended its message at
+  the head, and its body is read by a new raw parser (`_reframe`; a chunked
+  one by the body parser, as any chunked body).
 * Bytes after a request that closes the connection are ignored (RFC 9112
   §9.6); the caller closes after answering it.
 * A `RequestHead` is never changed once queued, but for the trailers of a
@@ -160,6 +163,8 @@ REPEAT_MAX: Final = 1024
 # What a chunked body's parser reads before the body (`_Parser._to_body`): llhttp
 # parses a body only after a head, and the real one was checked by the raw parser.
 BODY_HEAD: Final = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+# the head a new raw parser reads before a Content-Length body llhttp left (`_reframe`)
+LENGTH_HEAD: Final = b"POST / HTTP/1.1\r\nContent-Length: %d\r\n%s\r\n"
 # A chunked body's part llhttp reads is copied up to this size, else viewed (`_part`).
 SLICE_MAX: Final = 2048
 NO_CALLBACKS: Final = object()  # httptools' protocol object for a parser that calls back nothing
@@ -359,6 +364,7 @@ class _Parser:
     events: list  # in order; a list, not a deque: an empty deque holds a 528-byte block
     _callbacks: RequestCallbacks  # httptools' protocol object for raw heads
     _hp: Any  # the httptools parser (None between messages and once closed)
+    _keep_alive: bool  # (RequestParser) whether the current request keeps the connection
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -375,6 +381,9 @@ class _Parser:
         self.leftover = b""
         self._error: ProtocolError | None = None
         self._closed = False  # a request that closes the connection is complete
+        # llhttp ended the message at its head, an upgrade none here, before its
+        # Content-Length body (`_reframe`)
+        self._unframed = False
         self._fields: list[tuple[bytes, bytes, bytes]] = []
         self._fielded = False  # llhttp calls back per field (see the class doc)
         self._idle = False  # (fields) the message ended
@@ -457,6 +466,9 @@ class _Parser:
         except httptools.HttpParserUpgrade as exc:
             if self._switching:  # (bytes after a chunked head: the body parser reads them)
                 self._to_body(data, False)
+                return
+            if self._unframed:
+                self._reframe(data, exc.args[0])
                 return
             self.upgraded = True
             self.leftover = data[exc.args[0]:]
@@ -567,6 +579,24 @@ class _Parser:
         self._parts = []
         self._fields = []
         self.feed(data)
+
+    def _reframe(self, data: bytes, at: int) -> None:
+        """After a head llhttp read as an upgrade's, which is none here (h2c
+        alone, HTTP/1.0: `_check_upgrade`), with a Content-Length body: llhttp
+        ended the message at the head (`at` in `data`) and would read the body as
+        tunnel data. A new raw parser reads `LENGTH_HEAD` (ignored: `_unframed`)
+        with the same length and keep-alive, then the body from `at` and the
+        requests after it, as after any head with that body."""
+        callbacks = self._callbacks
+        hp = self._hp = callbacks.take()
+        callbacks.parser = cast(RequestParser, self)
+        hp.feed_data(LENGTH_HEAD % (self._body_left,
+                                    b"" if self._keep_alive else b"Connection: close\r\n"))
+        callbacks.parser = None
+        self._unframed = False
+        self._feed = b""
+        if at < len(data):
+            self.feed(data[at:])
 
     def _check_chunked_head(self) -> None:
         """The raw parser refused something after a chunked head it called back for:
@@ -776,7 +806,8 @@ class RequestParser(_Parser):
     # httptools callbacks, through `RequestCallbacks` / `FieldCallbacks` ----------
     def on_headers_complete(self) -> None:
         """Check the head, in the order of the errors it can raise, and queue it."""
-        if self._fielded or self._switching:  # `BODY_HEAD`, or after a chunked head
+        # `BODY_HEAD`, after a chunked head, or `LENGTH_HEAD`
+        if self._fielded or self._switching or self._unframed:
             return
         method, url, version, lines, blank, block = self._raw_head()
         marks = _marks(lines, blank)
@@ -811,9 +842,12 @@ class RequestParser(_Parser):
         if plain:  # what llhttp would say without Upgrade and (Proxy-)Connection fields
             keep_alive = version == b"1.1"
         else:
-            upgrade = self._check_upgrade(upgrade, has_body) if hp.should_upgrade() else b""
-            if version == b"1.0":  # RFC 9110 §7.8: ignored in HTTP/1.0 (bug: a tunnel,
-                upgrade = b""  # and a 101, a 1xx no HTTP/1.0 client may get, §15.2)
+            if hp.should_upgrade():
+                upgrade = self._check_upgrade(upgrade, has_body, version)
+                # (bug: a curl --http2 upload, h2c and a body, got a 400)
+                self._unframed = bool(content_length) and not chunked
+            else:
+                upgrade = b""
             keep_alive = hp.should_keep_alive()
         self._keep_alive = keep_alive
         self._in_head = False
@@ -1027,17 +1061,20 @@ class RequestParser(_Parser):
         else:
             self._fail(400, "invalid Host header")
 
-    def _check_upgrade(self, upgrade: bytes, has_body: bool) -> bytes:
-        """The protocols to ask the backend for ("" when only h2c was asked)."""
-        # llhttp stops after this head; whatever follows is tunnel data, so a
-        # body would be smuggled past the framing (bug: forwarded on refusal).
-        if has_body:
-            self._fail(400, "Upgrade request with a body")
+    def _check_upgrade(self, upgrade: bytes, has_body: bool, version: bytes) -> bytes:
+        """The protocols to ask the backend for ("" when only h2c was asked, or on
+        HTTP/1.0)."""
         if not upgrade:  # "Upgrade: a" then an empty "Upgrade:"
             self._fail(400, "empty Upgrade header")
         if b"h2c" in upgrade.lower():  # bug: forwarded without its HTTP2-Settings
             upgrade = b", ".join(token for token in (t.strip() for t in upgrade.split(b","))
                                  if token and token.lower() != b"h2c")
+        if version == b"1.0":  # RFC 9110 §7.8: ignored in HTTP/1.0 (bug: a tunnel,
+            return b""  # and a 101, a 1xx no HTTP/1.0 client may get, §15.2)
+        # llhttp stops after this head; whatever follows is tunnel data, so a
+        # body would be smuggled past the framing (bug: forwarded on refusal).
+        if upgrade and has_body:
+            self._fail(400, "Upgrade request with a body")
         return upgrade
 
     def _end_chunked(self) -> None:
@@ -1068,6 +1105,8 @@ class RequestParser(_Parser):
             return
         if self._switching:  # the raw parser after a chunked head: ignored (`_to_body`)
             self._raw_ended = True
+            return
+        if self._unframed:  # llhttp's end of an upgrade's head: the body follows
             return
         if self._body_left:  # a Content-Length body's last piece
             self.events.append(self._last_piece())

@@ -101,14 +101,29 @@ def _ascii_form(host: str) -> str:
     return f"; an internationalized name is written in its ASCII form, {ascii_name!r}"
 
 
-def validate_table(hosts: object) -> list[str]:
-    """Problems with a whole table ``{HOST: RULE}``, each prefixed by its host."""
+def stored_key_problems(host: object) -> list[str]:
+    """A stored table's key must be in key form (`normalize_host`): every writer
+    stores that form, and the API finds, changes and deletes hosts by it. (Bug: a
+    hand-edited ``APP.TEST`` or ``app.test.`` was served, but no API call or
+    `balancerctl` command could read, change or delete it, and a write of
+    ``app.test`` stored a second key the store then refused as a duplicate.)"""
+    if isinstance(host, str) and not validate_host(host) and normalize_host(host) != host:
+        return [f"host {host!r}: not stored in its key form {normalize_host(host)!r} "
+                f"(lower-case, no trailing dot, no spaces): write it so"]
+    return []
+
+
+def validate_table(hosts: object, key_form: bool = False) -> list[str]:
+    """Problems with a whole table ``{HOST: RULE}``, each prefixed by its host;
+    `key_form`: a table read from a store, whose keys must be in key form."""
     if not isinstance(hosts, Mapping):
         return ["hosts: must be an object mapping host names to rules"]
     problems: list[str] = []
     seen: dict[str, str] = {}
     for host, rule in hosts.items():
         problems += validate_host(host)
+        if key_form:
+            problems += stored_key_problems(host)
         if isinstance(host, str):
             key = normalize_host(host)
             if key in seen:

@@ -98,7 +98,8 @@ def build_parser() -> Parser:
     stats = sub.add_parser("stats", parents=[common], help="traffic per host and backend",
                            description="Requests, bytes and responses per host; state, "
                                        "in-flight requests and failures per backend.")
-    stats.add_argument("host", nargs="?", metavar="HOST", help="only this host (default: all)")
+    stats.add_argument("host", nargs="?", metavar="HOST", type=ctl_help.host_key,
+                       help="only this host (default: all)")
     top = sub.add_parser("top", parents=[common], help="the heaviest clients, hosts, paths "
                          "or backends", description="The heaviest keys of a group over the "
                          "last WINDOW seconds, summed over every worker.")
@@ -129,7 +130,7 @@ def build_parser() -> Parser:
 
 
 def _host(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("host", metavar="HOST",
+    parser.add_argument("host", metavar="HOST", type=ctl_help.host_key,
                         help="a routing-table key: a host name, *.suffix or *")
 
 

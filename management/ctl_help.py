@@ -12,7 +12,14 @@ import argparse
 import math
 import textwrap
 
-from balancer.rules import ACTION_KEYS, ACTIONS, ALGORITHMS, COMMON_KEYS, HEALTH_KEYS
+from balancer.rules import (
+    ACTION_KEYS,
+    ACTIONS,
+    ALGORITHMS,
+    COMMON_KEYS,
+    HEALTH_KEYS,
+    validate_host,
+)
 
 
 def finite(text: str) -> float:
@@ -24,6 +31,18 @@ def finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def host_key(text: str) -> str:
+    """An argparse type: a routing-table key (`balancer.rules.validate_host`). Bug: an
+    empty HOST (an unset shell variable) or one with a ``/`` named another API
+    path: ``get ""`` printed the whole table's version as a host's, and
+    ``delete "app.test/backends/ADDR"`` removed that backend, saying the host
+    was deleted."""
+    problems = validate_host(text)
+    if problems:
+        raise argparse.ArgumentTypeError(problems[0])
+    return text
 
 
 def seconds(text: str) -> float:

@@ -12,7 +12,8 @@ Invariants:
   whole-table `replace` repairs it. A failed write (`StoreUnavailable`,
   `VersionConflict`, `StoreLost`) changes nothing, except `StoreNotReplicated`:
   applied by a Redis master whose replicas did not acknowledge it.
-* `load` returns only tables that pass `validate_table`; anything else is a
+* `load` returns only tables that pass `validate_table` (`key_form`: keys in
+  key form); anything else is a
   `CorruptStore` naming where and why, whatever a hand-edited value holds
   (bad JSON or UTF-8, a number of 4,300+ digits, nesting deep enough to
   exhaust the recursion limit: `unreadable_is_corrupt`). A value (health
@@ -46,6 +47,12 @@ if TYPE_CHECKING:
     from balancer.stores.certs import Certs
     from balancer.stores.records import Records
 
+# Versions are below 2**63 - 1 in every store: Redis counts (INCR) that far. A
+# version past it is corrupt. (Bug: a hand-set 10**22 was served, became every
+# balancer's floor for versions, and no write, not even a whole-table PUT, could
+# ever go back below it; in the routes file too, where it also left Redis out of
+# reach and `balancer_routing_version`, a float, unchanged by a write.)
+VERSION_LIMIT = 2**63 - 1
 PAUSE_EVERY = 500  # hosts checked between two turns of the loop (`balancer.turns.turn`): ~10 ms
 
 
@@ -140,19 +147,23 @@ class TableChecker:
         self.raised: tuple[Raised, ...] = ()  # what the last table checked held raised
 
     def check(self, where: str, version: object, hosts: object,
-              texts: Mapping[str, str] | None = None) -> TableData:
+              texts: Mapping[str, str] | None = None, key_form: bool = True) -> TableData:
         """A `TableData` from stored values, or `CorruptStore` naming `where` and why.
 
         `texts` maps each host to its rule's stored text (the memo key); without
-        it the whole table is validated."""
+        it the whole table is validated, its keys in key form unless not
+        `key_form`."""
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise CorruptStore(f"{where}: version must be an integer >= 0, got {version!r}")
+        if version >= VERSION_LIMIT:
+            raise CorruptStore(f"{where}: version must be below {VERSION_LIMIT}, got "
+                               f"{version:.3e}")
         raised: tuple[Raised, ...] = ()
         if not isinstance(hosts, Mapping):
             problems = validate_table(hosts)
         elif texts is None:
             hosts, raised = raise_to_floors(hosts)
-            problems = validate_table(hosts)
+            problems = validate_table(hosts, key_form)
         else:
             hosts, raised, problems = self._checked(hosts, texts)
         if problems:
@@ -178,7 +189,7 @@ class TableChecker:
             found = self._known.get(key)
             if found is None:
                 rule, lifted = raise_rule(str(host), rule)
-                found = (validate_table({host: rule}), lifted)
+                found = (validate_table({host: rule}, key_form=True), lifted)
             elif found[1]:  # (a copy of this load's rule, raised again)
                 rule = raise_rule(str(host), rule)[0]
             known[key] = found
@@ -187,7 +198,7 @@ class TableChecker:
             raised += found[1]
         self._known = known  # only the current table is remembered
         if len(names) != len(hosts):  # (normalised in the slices: 0.1 s of 100,000 at once)
-            problems = validate_table(used)  # names that collide once normalised
+            problems = validate_table(used, key_form=True)  # names that collide once normalised
         return used, tuple(raised), problems
 
 
@@ -205,9 +216,10 @@ def unreadable_is_corrupt(what: str) -> Iterator[None]:
         raise CorruptStore(f"{what} is not valid JSON: {why}") from None
 
 
-def check_table(where: str, version: object, hosts: object) -> TableData:
+def check_table(where: str, version: object, hosts: object, key_form: bool = True
+                ) -> TableData:
     """`TableChecker.check` without memory: validates the whole table."""
-    return TableChecker().check(where, version, hosts)
+    return TableChecker().check(where, version, hosts, key_form=key_form)
 
 
 class ProblemLog:

@@ -214,7 +214,7 @@ class RedisChanges(Store):
                 continue
             try:
                 rules[host] = strict_json.loads(utf8(text, host))
-                if validate_table({host: rules[host]}):
+                if validate_table({host: rules[host]}, key_form=True):
                     return None
             except (ValueError, RecursionError):
                 return None  # unreadable: the whole table is read and reported

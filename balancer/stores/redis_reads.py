@@ -37,6 +37,7 @@ import redis
 from balancer.big_loads import loading
 from balancer.stores import strict_json
 from balancer.stores.base import (
+    VERSION_LIMIT,
     CorruptStore,
     HostRule,
     Store,
@@ -60,10 +61,6 @@ SCAN_ATTEMPTS = 3         # scans writes may interrupt before one ``HGETALL``
 # what brings a scan writes interrupted to one version: (hosts read, the version before the
 # scan, the version after it) -> that version (the hosts updated), or None: scan again
 CaughtUp = Callable[[dict[str, str], Any, Any], "str | None"]
-# Redis counts (INCR) up to 2**63 - 1: a version it cannot count past is corrupt.
-# (Bug: a hand-set 10**22 was served, became every balancer's floor for versions,
-# and no write, not even a whole-table PUT, could ever go above it.)
-VERSION_LIMIT = 2**63 - 1
 
 
 class RedisReading(Store):
@@ -192,10 +189,13 @@ class RedisReading(Store):
                 raise
 
     def _version(self, raw: bytes | str | None) -> int:
-        try:
-            version = int(raw or 0)
-        except ValueError:
-            version = -1
+        # digits as INCR reads them: Python's int() also takes " 5", "+5", "5_0"
+        # and "05", which INCR refuses (bug: served, and every write failed, 503
+        # "Redis refused to write", with no problem reported)
+        digits = raw.encode() if isinstance(raw, str) else raw or b"0"
+        counted = (len(digits) <= 19 and digits.isdigit()  # (2**63 - 1 has 19)
+                   and (digits[:1] != b"0" or digits == b"0"))
+        version = int(digits) if counted else -1
         if 0 <= version < VERSION_LIMIT:
             return version
         shown = repr(raw) if raw is None or len(raw) <= 40 \

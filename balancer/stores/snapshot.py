@@ -127,7 +127,9 @@ class Snapshot:
                   reverse=True)
         for doc, path in docs:
             try:
-                data = check_table(path, doc["version"], doc["hosts"])
+                # (keys in any form: a table served before they had to be in key
+                # form, by a version that served them, still serves at start-up)
+                data = check_table(path, doc["version"], doc["hosts"], key_form=False)
             except StoreError as exc:
                 log.warning("snapshot %s: %s; not using it", path, exc)
                 continue

@@ -1,3 +1,3 @@
-"""An Upgrade request with a chunked body."""
+"""An Upgrade request with a chunked body (the upgrade one the balancer asks for)."""
 
 status = 400
