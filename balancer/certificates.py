@@ -9,10 +9,11 @@ Invariants:
   match the leaf, a chain whose certificates are not each issued by the next
   (the leaf first, then its issuer, ...: TLS 1.2 clients need that order), a
   leaf whose names (subjectAltName DNS entries, wildcards included) do not
-  cover the host (a subject's CN names nothing: `leaf_names`), an expired or not yet valid leaf, an encrypted key, a chain
-  holding a private key or a block that is no whole certificate (a file cut
-  short), keys other than RSA ≥ 2048 bits or ECDSA P-256/P-384, and a pair
-  OpenSSL does not load as a worker will (`load_pem`).
+  cover the host (a subject's CN names nothing: `leaf_names`), an expired or
+  not yet valid leaf, an encrypted key, a chain holding a private key or a
+  block that is no whole certificate (a file cut short), keys other than
+  RSA ≥ 2048 bits or ECDSA P-256/P-384, and a pair OpenSSL does not load as
+  a worker will (`load_pem`).
 * No message, repr or log line made here contains the private key.
 * `cryptography` (~15 MiB) is imported by the functions that parse, at their
   first call: the management process imports this module always and a
