@@ -76,36 +76,26 @@ def settled(bal: Balancer, watch: NeverDown, old: list[int], sent: int) -> None:
     assert requests_total(watch.scrape()) == sent + more == stats_total(bal)[0]
 
 
-def test_a_worker_killed_before_the_new_management_process_is_ready(reloadable):
-    """The old management process retires it (its last survey, at the handover)."""
+@pytest.mark.parametrize("ready", [False, True], ids=["before", "after"])
+def test_a_worker_killed_as_the_management_process_is_replaced_counts_once(
+        reloadable, ready: bool):
+    """Killed before the new management process is ready, it is retired by the
+    old one (its last survey, at the handover); killed just after, by the new
+    one (it took every worker's counters before it was ready)."""
     bal, sent = reloadable
     old, victim = worker_pids(bal), slot_pid(bal, "worker", 1, 1)
     assert victim in old
     watch = NeverDown(bal)
     started = just_after_a_sample()
-    os.kill(victim, signal.SIGKILL)
+    if not ready:
+        os.kill(victim, signal.SIGKILL)
     bal.proc.send_signal(signal.SIGHUP)
     successor = wait_for(lambda: slot_pid(bal, "management", 0, 2), INTERVAL,
                          interval=0.005, what="the new management process")
+    if ready:
+        os.kill(victim, signal.SIGKILL)
     wait_for(lambda: re.search(r"management \d+ exited with code 0", bal.output()), INTERVAL,
              interval=0.005, what="the old management process to exit")
     assert time.time() - started < INTERVAL, "a sample came between: nothing was tested"
     assert successor not in old
-    settled(bal, watch, old, sent)
-
-
-def test_a_worker_killed_just_after_the_new_management_process_is_ready(reloadable):
-    """The new one retires it: it took every worker's counters before it was ready."""
-    bal, sent = reloadable
-    old, victim = worker_pids(bal), slot_pid(bal, "worker", 1, 1)
-    assert victim in old
-    watch = NeverDown(bal)
-    started = just_after_a_sample()
-    bal.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: slot_pid(bal, "management", 0, 2), INTERVAL, interval=0.005,
-             what="the new management process")
-    os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: re.search(r"management \d+ exited with code 0", bal.output()), INTERVAL,
-             interval=0.005, what="the old management process to exit")
-    assert time.time() - started < INTERVAL, "a sample came between: nothing was tested"
     settled(bal, watch, old, sent)
