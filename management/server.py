@@ -42,6 +42,8 @@ from management.http import MAX_BODY, ApiError, error_bytes, error_response
 log = logging.getLogger("balancer")
 
 MAX_CONNECTIONS = 256  # management connections per process
+# what reading a request head raises for a client's fault (`refusal`)
+CLIENT_ERRORS = (ValueError, OSError, http.client.HTTPException)
 
 
 class HeadTimeout(ValueError):
@@ -119,14 +121,14 @@ class ManagementHandler(WSGIHandler):
         headers = super().MessageClass(BoundedHead(fp, budget), *args)
         problem = framing_problem(headers)
         if problem:
-            raise ValueError(problem)  # a bare 400, and the connection closed
+            raise ValueError(problem)  # a 400, and the connection closed
         return headers
 
     def _handle_client_error(self, ex: BaseException) -> Any:
         """A malformed, too large or too slow head: answered and closed, never a traceback."""
-        error = refusal(ex, self.server.max_header_bytes)
-        if error is None:
+        if not isinstance(ex, CLIENT_ERRORS):
             return super()._handle_client_error(ex)
+        error = refusal(ex, self.server.max_header_bytes)
         if error.status == 400:
             log.debug("management: bad request from %s: %s", self.client_address, ex)
         return (str(error.status), error_bytes(error))
@@ -173,11 +175,10 @@ class ManagementHandler(WSGIHandler):
         return None
 
     # helpers ---------------------------------------------------------------
-    def refuse(self, ex: ValueError) -> str:
+    def refuse(self, ex: Exception) -> str:
         """Answer the head refused for `ex` (best effort); "": the connection closes."""
-        error = refusal(ex, self.server.max_header_bytes)
         with contextlib.suppress(OSError):
-            self.socket.sendall(error_bytes(error) if error else b"")
+            self.socket.sendall(error_bytes(refusal(ex, self.server.max_header_bytes)))
         return ""
 
     def stop_timer(self) -> None:
@@ -248,10 +249,10 @@ def framing_problem(headers: Any) -> str:
     return ""
 
 
-def refusal(ex: BaseException, max_header_bytes: int) -> ApiError | None:
-    """The error a request head refused for `ex` is answered with (None: not a
-    client's fault). Bug: 414 and 431 (and a head's 400 and 408) had an empty
-    body, unlike every other error of the API."""
+def refusal(ex: Exception, max_header_bytes: int) -> ApiError:
+    """The error a request head refused for `ex` is answered with. Bug: 414 and
+    431 (and a head's 400 and 408) had an empty body, unlike every other error
+    of the API."""
     if isinstance(ex, HeadTimeout):
         return ApiError(408, "request_timeout", "the request head arrived more slowly than "
                         "timeouts.client_header allows")
@@ -262,10 +263,8 @@ def refusal(ex: BaseException, max_header_bytes: int) -> ApiError | None:
         return ApiError(431, "headers_too_large",
                         f"the request head is larger than {max_header_bytes} bytes "
                         "(limits.max_header_bytes) or has more than 100 fields")
-    if isinstance(ex, ValueError | OSError):
-        return ApiError(400, "bad_request", "the request head is malformed",
-                        [str(ex) or type(ex).__name__])
-    return None
+    return ApiError(400, "bad_request", "the request head is malformed",
+                    [str(ex) or type(ex).__name__])
 
 
 def _too_large() -> ApiError:
