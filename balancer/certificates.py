@@ -9,10 +9,11 @@ Invariants:
   match the leaf, a chain whose certificates are not each issued by the next
   (the leaf first, then its issuer, ...: TLS 1.2 clients need that order), a
   leaf whose names (subjectAltName DNS entries, wildcards included) do not
-  cover the host, an expired or not yet valid leaf, an encrypted key, a chain
-  holding a private key or a block that is no whole certificate (a file cut
-  short), keys other than RSA ≥ 2048 bits or ECDSA P-256/P-384, and a pair
-  OpenSSL does not load as a worker will (`load_pem`).
+  cover the host (a subject's CN names nothing: `leaf_names`), an expired or
+  not yet valid leaf, an encrypted key, a chain holding a private key or a
+  block that is no whole certificate (a file cut short), keys other than
+  RSA ≥ 2048 bits or ECDSA P-256/P-384, and a pair OpenSSL does not load as
+  a worker will (`load_pem`).
 * No message, repr or log line made here contains the private key.
 * `cryptography` (~15 MiB) is imported by the functions that parse, at their
   first call: the management process imports this module always and a
@@ -73,8 +74,9 @@ def check(host: str, chain_pem: str, key_pem: str, now: float | None = None) -> 
     leaf = chain[0]
     names = leaf_names(leaf)
     if not covers(names, host):
-        raise CertificateError(f"chain: the certificate is for {', '.join(names) or 'no name'}, "
-                               f"not {host}")
+        raise CertificateError(f"chain: the certificate is for {', '.join(names)}, not {host}"
+                               if names else f"chain: {unnamed(leaf)}; reissue it with "
+                               f"{host} in subjectAltName (DNS:{host})")
     now = time.time() if now is None else now
     not_before = leaf.not_valid_before_utc.timestamp()
     not_after = leaf.not_valid_after_utc.timestamp()
@@ -195,7 +197,10 @@ def _key_type(key: Any) -> str:
 
 
 def leaf_names(leaf: x509.Certificate) -> tuple[str, ...]:
-    """The DNS names of a certificate (subjectAltName; the CN when it has none);
+    """The DNS names of a certificate: its subjectAltName's, none without one (the
+    subject's CN names no host, as browsers and Go have read it since 2017 and
+    RFC 9525 says; bug: a certificate naming its host only there was stored and
+    served, and those clients refused it: `unnamed` says why);
     CertificateError when its extensions cannot be read (bug: a malformed one, a
     subjectAltName cut short or of non-ASCII bytes, answered an upload 500 with a
     traceback in the log)."""
@@ -209,8 +214,22 @@ def leaf_names(leaf: x509.Certificate) -> tuple[str, ...]:
         raise CertificateError(f"chain: the certificate's extensions cannot be read "
                                f"({exc})") from None
     except x509.ExtensionNotFound:
-        cns = leaf.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
-        return tuple(str(cn.value).lower() for cn in cns)
+        return ()
+
+
+def unnamed(leaf: x509.Certificate) -> str:
+    """Why a certificate with no DNS name (`leaf_names`) serves no host."""
+    from cryptography import x509
+
+    cns = leaf.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    try:
+        leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        if cns:
+            return (f"the certificate has no subjectAltName, only the subject's "
+                    f"CN={cns[0].value}, which browsers and Go clients do not accept "
+                    f"as a name")
+    return "the certificate names no host (no DNS name in its subjectAltName)"
 
 
 def covers(names: tuple[str, ...], host: str) -> bool:
@@ -237,6 +256,8 @@ def public_record(host: str, record: dict[str, Any], now: float | None = None) -
     try:
         leaf = x509.load_pem_x509_certificates(str(record.get("chain", "")).encode())[0]
         shown["names"] = list(leaf_names(leaf))
+        if not shown["names"]:  # (stored straight, or before such uploads were refused)
+            shown["problem"] = unnamed(leaf)
         shown["issuer"] = leaf.issuer.rfc4514_string()
         shown["not_after"] = leaf.not_valid_after_utc.timestamp()
     except (ValueError, IndexError):

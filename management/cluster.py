@@ -143,14 +143,36 @@ class ClusterRuntime:
             log.error("cannot write the counters of workers that exited in %s again: %s",
                       self.directory, exc.strerror or exc)
 
+    def take_over(self) -> None:
+        """Hold every worker's counters now, before this process reports ready
+        (`hold_all`): a predecessor stops surveying once it is ready, so a worker
+        killed from then on is retired from this one's (see `hand_over`)."""
+        self.hold_all()
+
     def hand_over(self) -> None:
         """Leave the retired total to the successor (a reload's management process,
         ready before this one drains): from now on this one reads it, never writes
         it (`RetiredCounters.writing`). Bug: an API request it answered while
         draining, the run directory made again, wrote the total it last read
         (without the workers the reload retired) before its successor did, and
-        totals went down."""
+        totals went down.
+        Then a last survey retires the workers killed since this one's last
+        (their ``.held`` files, which the successor folds): the successor held
+        every worker alive when it took over (`take_over`, before it was ready,
+        so before this), and this one every worker that died before. Bug: a worker
+        killed in the successor's first seconds (before its first survey, the
+        history's sample up to 5 s on) was retired by neither, its counters lost."""
         self.retired.writing = False
+        self.hold_all()
+
+    def hold_all(self) -> None:
+        """A complete survey (the hosts every worker counted): each answer held,
+        the counters of the workers gone since the last retired."""
+        try:
+            self.stats({"active": True})
+        except (ApiError, OSError) as exc:  # (no run directory: nothing to hold)
+            log.warning("cannot survey the workers' counters: %s",
+                        exc.message if isinstance(exc, ApiError) else exc)
 
     def run_dir_gone(self) -> str | None:
         """Why no worker can be asked: the run directory is gone, or not this

@@ -3,7 +3,8 @@
 Invariants:
 * Every error leaves through `ApiError` and becomes exactly one response
   shape, ``{"error": CODE, "message": TEXT, "details": [...]}``, in
-  `error_response`.
+  `error_response` (`error_bytes`: the same for a head refused before the app
+  runs, `management.server`).
 * A request body is read at most `MAX_BODY` bytes (+1 to detect excess); a
   larger body is answered 413 before any of it is parsed.
 * A body is strict JSON: NaN, Infinity, numbers too large for a float and
@@ -20,6 +21,7 @@ import json
 import math
 import mimetypes
 import re
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ MAX_INT_DIGITS = 100  # digits of an integer in a body (a weight, a timeout need
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\Z)', re.DOTALL)
 _NOT_BRACKETS = re.compile(rb"[^\[\]{}]+")
 _IF_MATCH = re.compile(r'^\s*(?:W/)?"?(\d{1,18})"?\s*$')
+# on every JSON answer: never cached, never taken for a page
+JSON_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
 
 
 class ApiError(Exception):
@@ -78,16 +82,29 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     e.g. by `encode_json`)."""
     data = body if isinstance(body, bytes) else encode_json(body)
     response = Response(data, status=status, mimetype="application/json")
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Content-Type-Options"] = "nosniff"  # JSON is never taken for a page
-    for name, value in (headers or {}).items():
+    for name, value in (*JSON_HEADERS, *(headers or {}).items()):
         response.headers[name] = value
     return response
 
 
 def error_response(exc: ApiError) -> Response:
-    body = {"error": exc.code, "message": exc.message, "details": exc.details}
-    return json_response(body, exc.status, exc.headers)
+    return json_response(_error_body(exc), exc.status, exc.headers)
+
+
+def error_bytes(exc: ApiError) -> bytes:
+    """`error_response` as a whole HTTP/1.1 response that closes the connection,
+    in bytes: the answer to a request head refused before there is a request to
+    give the app (too large, too slow, malformed)."""
+    body = encode_json(_error_body(exc))
+    head = [f"HTTP/1.1 {exc.status} {HTTPStatus(exc.status).phrase}",
+            "Content-Type: application/json",
+            *(f"{name}: {value}" for name, value in (*JSON_HEADERS, *exc.headers.items())),
+            "Connection: close", f"Content-Length: {len(body)}", "", ""]
+    return "\r\n".join(head).encode("latin-1") + body
+
+
+def _error_body(exc: ApiError) -> dict[str, Any]:
+    return {"error": exc.code, "message": exc.message, "details": exc.details}
 
 
 def version_headers(version: int) -> dict[str, str]:

@@ -59,7 +59,9 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
   at the higher of its value there and the one held here
   (`stats.latest_snapshot`: a worker's counters only grow), so whichever
   process asked it last counts.
-  Bugs: the draining process's older counters, written first, were kept over its
+  A reload leaves no worker unheld: the successor surveys every worker before it
+  reports ready, the draining process once more after (`ClusterRuntime.take_over`,
+  `hand_over`). Bugs: the draining process's older counters, written first, were kept over its
   successor's newer ones (totals went down 12 to 8); and, that process writing
   none, the counters of a worker only it had asked were lost with it (8 to 5).
 """

@@ -68,6 +68,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     sampler = gevent.spawn(history_loop, history, runtime)
     issuer.start()
     freeze()  # once set up: start-up objects out of every later collection
+    runtime.take_over()  # every worker's counters held before a predecessor stops
     report_ready(env)
     draining = False
 
@@ -82,7 +83,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
 
     wait_for_stop(env, rebind=rebind)
     draining = True
-    runtime.hand_over()  # no retired total written from here (`RetiredCounters.writing`)
+    runtime.hand_over()  # no retired total written from here; the workers gone retired
     sampler.kill()
     save_history(history)  # before the drain: the next management process reads it
     app.deployer.stop()

@@ -7,6 +7,8 @@ Invariants (SPEC §5: "header timeout, connection cap, body limits"):
   requests it may idle `timeouts.client_idle`. Past either it is closed (with
   408 when a head was started). A head over `limits.max_header_bytes` or
   with more than 100 fields is answered 431; a request line over 8 KiB 414.
+  Every refusal, of a head as of a request, is the API's JSON error shape
+  (`management.http.error_bytes`; `refusal` names the code).
 * A request body is read whole (at most `MAX_BODY` bytes) before the app
   runs, within `timeouts.client_header`: larger is 413, slower 408; either
   closes the connection. The app never waits on a client.
@@ -33,16 +35,15 @@ from typing import Any
 
 from gevent import Timeout, getcurrent
 from gevent.pool import Pool
-from gevent.pywsgi import Input, WSGIHandler, WSGIServer
+from gevent.pywsgi import MAX_REQUEST_LINE, Input, WSGIHandler, WSGIServer
 
-from management.http import MAX_BODY, ApiError, error_response
+from management.http import MAX_BODY, ApiError, error_bytes, error_response
 
 log = logging.getLogger("balancer")
 
 MAX_CONNECTIONS = 256  # management connections per process
-_CLOSE = "Connection: close\r\nContent-Length: 0\r\n\r\n"
-TIMEOUT_RESPONSE = ("HTTP/1.1 408 Request Timeout\r\n" + _CLOSE).encode()
-HEAD_TOO_LARGE_RESPONSE = ("HTTP/1.1 431 Request Header Fields Too Large\r\n" + _CLOSE).encode()
+# what reading a request head raises for a client's fault (`refusal`)
+CLIENT_ERRORS = (ValueError, OSError, http.client.HTTPException)
 
 
 class HeadTimeout(ValueError):
@@ -51,6 +52,10 @@ class HeadTimeout(ValueError):
 
 class HeadTooLarge(ValueError):
     """The request head is over `limits.max_header_bytes`."""
+
+
+class LineTooLong(ValueError):
+    """The request line is `MAX_REQUEST_LINE` bytes or more."""
 
 
 class BoundedHead:
@@ -105,29 +110,28 @@ class ManagementHandler(WSGIHandler):
         remaining = max(0.001, start + settings.client_header - time.monotonic())
         self.head_timer = Timeout.start_new(remaining, HeadTimeout("request head timeout"))
         try:
-            return super().read_requestline()
-        except HeadTimeout:
-            self.refuse(TIMEOUT_RESPONSE)
-            return ""
+            line = super().read_requestline()
+        except HeadTimeout as exc:
+            return self.refuse(exc)
+        # (gevent answers one as long itself, with an empty body)
+        return self.refuse(LineTooLong()) if len(line) >= MAX_REQUEST_LINE else line
 
     def MessageClass(self, fp: Any, *args: Any) -> Any:  # noqa: N802 - gevent's name
         budget = self.server.max_header_bytes - len(self.requestline)
         headers = super().MessageClass(BoundedHead(fp, budget), *args)
         problem = framing_problem(headers)
         if problem:
-            raise ValueError(problem)  # a bare 400, and the connection closed
+            raise ValueError(problem)  # a 400, and the connection closed
         return headers
 
     def _handle_client_error(self, ex: BaseException) -> Any:
         """A malformed, too large or too slow head: answered and closed, never a traceback."""
-        if isinstance(ex, HeadTimeout):
-            return ("408", TIMEOUT_RESPONSE)
-        if isinstance(ex, HeadTooLarge | http.client.HTTPException):
-            return ("431", HEAD_TOO_LARGE_RESPONSE)
-        if isinstance(ex, ValueError | OSError):
+        if not isinstance(ex, CLIENT_ERRORS):
+            return super()._handle_client_error(ex)
+        error = refusal(ex, self.server.max_header_bytes)
+        if error.status == 400:
             log.debug("management: bad request from %s: %s", self.client_address, ex)
-            return ("400", _bad_request())
-        return super()._handle_client_error(ex)
+        return (str(error.status), error_bytes(error))
 
     def get_environ(self) -> dict[str, Any]:
         """The head is complete: its deadline ends here."""
@@ -171,10 +175,11 @@ class ManagementHandler(WSGIHandler):
         return None
 
     # helpers ---------------------------------------------------------------
-    def refuse(self, response: bytes) -> None:
-        """Send a canned response before closing (best effort)."""
+    def refuse(self, ex: Exception) -> str:
+        """Answer the head refused for `ex` (best effort); "": the connection closes."""
         with contextlib.suppress(OSError):
-            self.socket.sendall(response)
+            self.socket.sendall(error_bytes(refusal(ex, self.server.max_header_bytes)))
+        return ""
 
     def stop_timer(self) -> None:
         timer, self.head_timer = self.head_timer, None
@@ -244,9 +249,23 @@ def framing_problem(headers: Any) -> str:
     return ""
 
 
+def refusal(ex: Exception, max_header_bytes: int) -> ApiError:
+    """The error a request head refused for `ex` is answered with. Bug: 414 and
+    431 (and a head's 400 and 408) had an empty body, unlike every other error
+    of the API."""
+    if isinstance(ex, HeadTimeout):
+        return ApiError(408, "request_timeout", "the request head arrived more slowly than "
+                        "timeouts.client_header allows")
+    if isinstance(ex, LineTooLong):
+        return ApiError(414, "uri_too_long",
+                        f"the request line is longer than {MAX_REQUEST_LINE - 1} bytes")
+    if isinstance(ex, HeadTooLarge | http.client.HTTPException):
+        return ApiError(431, "headers_too_large",
+                        f"the request head is larger than {max_header_bytes} bytes "
+                        "(limits.max_header_bytes) or has more than 100 fields")
+    return ApiError(400, "bad_request", "the request head is malformed",
+                    [str(ex) or type(ex).__name__])
+
+
 def _too_large() -> ApiError:
     return ApiError(413, "payload_too_large", f"the request body is larger than {MAX_BODY} bytes")
-
-
-def _bad_request() -> bytes:
-    return b"HTTP/1.1 400 Bad Request\r\n" + _CLOSE.encode()

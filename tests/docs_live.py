@@ -175,11 +175,16 @@ def documented_errors() -> dict[str, int]:
 def raw_error(live: Live, length: int, body: bytes) -> tuple[int, str]:
     """(status, `error` code) of a write announcing `length` bytes of body and
     sending `body`; the answer is read until the server closes."""
+    return raw_answer(live, b"PUT /api/v1/hosts/x.test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                      b"Content-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % length + body)
+
+
+def raw_answer(live: Live, data: bytes) -> tuple[int, str]:
+    """(status, `error` code) of the answer to `data`, read until the server closes."""
     with socket.create_connection(("127.0.0.1", live.bal.mport), timeout=10) as sock:
-        sock.sendall(b"PUT /api/v1/hosts/x.test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
-                     b"Content-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % length + body)
+        sock.sendall(data)
         answer = b""
         for _ in range(64):  # the connection is closed after the answer
             chunk = sock.recv(65536)

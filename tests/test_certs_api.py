@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from balancer.certificates import CertificateError, check, covers
-from tests.support import Backend, Balancer, metric, samples, wait_for
+from tests.support import Backend, Balancer, metric, replace_file, samples, wait_for
 from tests.test_ctl import ctl, ok
 from tests.test_tls import CA, _handshakes, client_context, https_get, tls_connect
 from tests.tlsca import ec_key, rsa_key
@@ -184,6 +184,29 @@ def test_ctl_set_list_delete(bal: Balancer, tmp_path: Path) -> None:
     done = ctl("cert", "set", "x.wild.test", "--chain", str(tmp_path / "bad.pem"),
                "--key", str(tmp_path / "bad.pem"), "--url", url)
     assert done.returncode == 1 and "not a PEM certificate chain" in done.stderr
+
+
+def test_a_stored_certificate_naming_its_host_in_the_cn_only_is_listed_with_why(
+        tmp_path: Path) -> None:
+    """One stored before such uploads were refused, or written straight into the
+    store: listed (API and `balancerctl cert list`) with no name and the reason
+    browsers and Go clients refuse it. Bug: its CN was listed as its name."""
+    bal = Balancer(tmp_path, {"legacy.test": {"action": "empty", "status": 204}})
+    try:
+        chain, key = CA.issue("legacy.test", san=False)
+        record = {"chain": chain, "key": key, "not_after": time.time() + 80 * 86400,
+                  "source": "upload"}
+        replace_file(tmp_path / "routes.json.certs.json",
+                     json.dumps({"certs": {"legacy.test": record}}))
+        why = ("the certificate has no subjectAltName, only the subject's CN=legacy.test, "
+               "which browsers and Go clients do not accept as a name")
+        listed = wait_for(lambda: bal.api("GET", "/api/v1/certs")[1]["certs"], 10,
+                          what="the stored certificate listed")
+        assert [(c["host"], c["names"], c["problem"]) for c in listed] \
+            == [("legacy.test", [], why)]
+        assert why in ok("cert", "list", "--url", f"http://127.0.0.1:{bal.mport}")
+    finally:
+        bal.stop()
 
 
 def test_names_cover_hosts() -> None:

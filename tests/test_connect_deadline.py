@@ -8,8 +8,8 @@ connect still had time.
 
 The same in-process worker, scripted backends and two paths (the hub
 connects, or a greenlet: the head sent in two pieces) as
-tests/test_hub_connect.py. The load is made exact: this process's loop is
-stalled with a blocking sleep (the test runs in the worker's own loop), and
+tests/test_hub_connect.py (tests/hubconnect.py). The load is made exact:
+this process's loop is stalled with a blocking sleep (the test runs in the worker's own loop), and
 the watchdog's steps are run at the moment the loop would run them."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import pytest
 
 from balancer.server import Worker
 from tests import test_inline
-from tests.test_hub_connect import (
+from tests.hubconnect import (
+    CONNECT_TIMEOUT,
     ON,
     make_to,
     never_accepting,
@@ -36,7 +37,6 @@ from tests.test_inline import connect, get, response, until
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 __all__ = ["make_to"]  # the fixture
 
-CONNECT_TIMEOUT = 0.3
 MARGIN = 0.5  # balancer.pool.CONNECT_MARGIN
 
 

@@ -28,6 +28,7 @@ from tests.docs_live import (
     documented_families_exported,
     documented_metrics,
     key_paths,
+    raw_answer,
     raw_error,
     traffic_hosts,
 )
@@ -125,6 +126,9 @@ def cheap_triggers(live: Live, tmp: Path) -> Iterator[tuple[str, int, str]]:
     yield "version_conflict", *live.error("PUT", "/api/v1/hosts/x.test", {"action": "spin"},
                                           headers={"If-Match": '"0"'})
     yield "payload_too_large", *raw_error(live, 1024 * 1024 + 1, b"{")
+    yield "uri_too_long", *raw_answer(live, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")
+    yield "headers_too_large", *raw_answer(live, b"GET /healthz HTTP/1.1\r\n" + b"".join(
+        b"X-%d: 1\r\n" % n for n in range(120)) + b"\r\n")
     yield "unsupported_media_type", *live.error("PUT", "/api/v1/hosts/x.test", raw=b"{}",
                                                 headers={"Content-Type": "text/plain"})
     yield from damaged_store(live, tmp)

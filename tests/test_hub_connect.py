@@ -9,28 +9,26 @@ the hub reads a partial head and hands the connection over, and the greenlet
 serves the whole request (connect included) with the normal code. The same
 in-process worker and scripted backend as tests/test_inline.py;
 `greenlet.settrace` counts the switches into the worker's connection
-greenlets (tests/test_parked_start.py)."""
+greenlets (tests/test_parked_start.py). The deadlines around a connect:
+tests/test_hub_connect_deadlines.py."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import resource
-import select
 import socket
 import struct
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import gevent.socket
 import pytest
 
 import balancer.inline
 from balancer.server import Worker
 from tests import test_inline, test_parked_start
+from tests.hubconnect import ON, make_to, never_accepting, outcome
 from tests.rawpeer import serve_each
 from tests.support import InProcessWorkers, TableStore, dead_address
 from tests.test_inline import (
@@ -49,54 +47,7 @@ pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 backend = test_inline.backend  # the fixtures: a scripted backend, a worker in front of it
 make = test_inline.make
 switches = test_parked_start.switches
-
-CONNECT_TIMEOUT = 0.3
-ON = ["hub", "greenlet"]  # who connects: the hub, or a greenlet (the head sent in two pieces)
-
-
-@pytest.fixture
-def make_to(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    """Start a gevent worker proxying app.test to `address` (or to each of a list,
-    round robin; passive health only), its access log in JSON at
-    `tmp_path`/`name`; `flags`: more settings."""
-    workers = InProcessWorkers()
-
-    def start(address: str | list[str], name: str, connect_timeout: float = CONNECT_TIMEOUT,
-              **flags: Any) -> Worker:
-        settings = {"timeouts.client_header": 2.0, "timeouts.backend_connect": connect_timeout,
-                    "log.access_log": str(tmp_path / name), "log.access_format": "json",
-                    **flags}
-        backends = address if isinstance(address, list) else [address]
-        rule = {"action": "proxy", "backends": backends}
-        return workers.start(TableStore({"app.test": rule}), settings)
-
-    yield start
-    workers.close()
-
-
-def outcome(w: Worker, statuses: list[int], tmp_path: Path, name: str,
-            address: str = "") -> dict[str, Any]:
-    """What failed requests ended in: their statuses, the backend's counters and
-    health (the rule's one backend, or the one at `address`), their access-log
-    records (times and ids left out)."""
-    assert until(lambda: all_closed(w))
-    stats = w.stats.snapshot()["hosts"]["app.test"]
-    route = w.contexts[0].holder.table.lookup(b"app.test")
-    if address:
-        bstats = stats["backends"][address]
-        (b,) = [b for b in route.action.backends if b.key == address]
-    else:
-        (bstats,) = stats["backends"].values()
-        (b,) = route.action.backends
-    w.access_log.close()
-    records = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
-    return {"status": statuses[0] if len(statuses) == 1 else statuses,
-            "state": bstats["state"], "failures": bstats["failures"],
-            "outcomes": bstats["outcomes"], "in_flight": (bstats["in_flight"], b.in_flight),
-            "open": stats["open_requests"], "completed": stats["completed_requests"],
-            "fails": b.fails, "idle": len(b.pooled()),
-            "log": [{k: r[k] for k in ("status", "backend", "target", "method")}
-                    for r in records]}
+__all__ = ["make_to"]  # the fixture
 
 
 def compare(make_to: Callable[..., Worker], tmp_path: Path, address: str,
@@ -200,32 +151,6 @@ def test_refused_connects_mark_the_backend_down_after_fall_failures(
     assert seen["in_flight"] == (0, 0) and seen["completed"] == 3
 
 
-@contextlib.contextmanager
-def never_accepting() -> Iterator[int]:
-    """The port of a listener whose accept queue is full: it drops every SYN, so
-    a connect to it hangs until its timeout (as tests/test_backend_connect.py)."""
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    queued = socket.create_connection(full.getsockname())
-    try:
-        # the queue is full only once the listener took the handshake's last ACK
-        assert select.select([full], [], [], 5)[0], "the first connection never queued"
-        yield full.getsockname()[1]
-    finally:
-        queued.close()
-        full.close()
-
-
-def sockets_to(port: int, state: str) -> int:
-    """How many TCP sockets of this host are in `state` (/proc/net/tcp's hex code:
-    "02" SYN_SENT, a connect in progress; "01" ESTABLISHED) toward loopback
-    `port` (the backend side's own sockets have it as their local port)."""
-    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    return sum(1 for line in lines
-               if line.split()[3] == state and int(line.split()[2].split(":")[1], 16) == port)
-
-
 def test_a_connect_that_times_out_is_a_502_after_the_connect_timeout(
         make_to: Callable[..., Worker], tmp_path: Path,
         switches: Callable[[Any], list[int]]) -> None:
@@ -293,320 +218,6 @@ def test_no_descriptor_left_for_the_connection_is_a_502_counted_once(
     assert seen["status"] == 502 and seen["state"] == "up" and seen["fails"] == 1
     assert seen["failures"] == 1 and seen["outcomes"]["connect_error"] == 1
     assert seen["in_flight"] == (0, 0) and seen["completed"] == 1
-
-
-def send_in(sock: Any, conn: Any, on: str, request: bytes) -> None:
-    """Send `request` on `sock` whole (the hub takes it), or (`on` "greenlet") in
-    two pieces: the hub hands the partial head to a greenlet, which reads the rest."""
-    if on == "greenlet":
-        sock.sendall(request[:20])
-        request = request[20:]
-        assert until(lambda: conn.task is not None)
-    sock.sendall(request)
-
-
-NOTHING_COUNTED: dict[str, Any] = {
-    "state": "up", "fails": 0, "failures": 0, "in_flight": (0, 0), "open": 0, "idle": 0,
-    "outcomes": {"success": 0, "connect_error": 0, "tls_error": 0, "timeout": 0, "error": 0}}
-
-
-def test_a_client_deadline_during_the_connect_is_a_504_not_the_backend_s(
-        make_to: Callable[..., Worker], tmp_path: Path) -> None:
-    """The client connection's deadline passes while the hub waits for the
-    connect: a greenlet takes the connect over and gets the watchdog's
-    `Overdue` there at once (not at the connect timeout, 10 s), as the
-    greenlet path does. Both end it the same (status, counters, health, log):
-    the `timeout` page (504), as a deadline passed while waiting for an
-    answer; not the backend's failure: `fall` (3) such requests leave it up
-    with no failure counted; the half-open socket closed, nothing leaks."""
-    seen = {}
-    with never_accepting() as port:
-        address = f"127.0.0.1:{port}"
-        for on in ON:
-            w = make_to(address, on, connect_timeout=10.0)
-            statuses = []
-            for _ in range(3):
-                sock = connect(w)
-                sock.sock.settimeout(15)
-                assert until(lambda w=w: len(w.io.connections) == 1)  # accepted
-                (conn,) = w.io.connections
-                send_in(sock, conn, on, get("/try"))
-                # its head taken: from there the connect is all a bodyless GET waits for
-                assert until(lambda conn=conn: conn.exchange is not None)
-                if on == "hub":
-                    assert conn.task is None and conn.exchange.flight.connecting is not None
-                assert until(lambda: sockets_to(port, "02") == 1)  # connecting
-                conn.deadline = 0.0  # overdue at the watchdog's next tick
-                began = time.monotonic()
-                statuses.append(response(sock)[0])
-                assert time.monotonic() - began < 5, "answered at the connect timeout"
-                assert until(lambda: sockets_to(port, "02") == 0)  # the connect's socket closed
-                sock.close()
-                assert until(lambda w=w: all_closed(w))
-            seen[on] = outcome(w, statuses, tmp_path, on)
-    assert seen["hub"] == seen["greenlet"]
-    hub = seen["hub"]
-    assert hub["status"] == [504] * 3 and hub["completed"] == 3
-    assert {k: hub[k] for k in NOTHING_COUNTED} == NOTHING_COUNTED
-    assert hub["log"] == [{"status": 504, "backend": address, "target": "/try",
-                           "method": "GET"}] * 3
-
-
-@contextlib.contextmanager
-def slow_accepting() -> Iterator[tuple[int, Callable[[], None]]]:
-    """(port, drain) of a listener whose accept queue is full, as `never_accepting`'s,
-    until `drain` empties it: the SYN dropped meanwhile is sent again (about 1 s
-    after the first) and connects then; each connection is answered 200 "ok"."""
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    queued = socket.create_connection(full.getsockname())
-
-    def answer(sock: socket.socket) -> None:
-        sock.settimeout(5)
-        with contextlib.suppress(OSError), sock:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                more = sock.recv(65536)
-                if not more:
-                    return
-                data += more
-            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            while sock.recv(65536):
-                pass
-
-    def drain() -> None:
-        first, _ = full.accept()  # the one queued: the queue has room again
-        first.close()
-        serve_each(full, answer)
-
-    try:
-        assert select.select([full], [], [], 5)[0], "the first connection never queued"
-        yield full.getsockname()[1], drain
-    finally:
-        queued.close()
-        full.close()
-
-
-@pytest.mark.parametrize("on", ON)
-def test_a_request_late_in_its_connection_s_deadline_gets_a_whole_connect(
-        make_to: Callable[..., Worker], tmp_path: Path, on: str) -> None:
-    """A connection idle a while (client_idle, 3 s, armed from the accept as from
-    a keep-alive connection's last response), then a request (the hub's; or a
-    head dripped in two pieces, the greenlet's: client_header, 3 s from its
-    first byte) to a backend whose accept is slow (about 1 s: its SYN dropped
-    once; 3 s when this process drains its queue after the first
-    retransmission) but within the connect timeout (5 s). While it connects,
-    the connection's deadline is the connect's own bound from its start
-    (`arm_connect`: 5.5 s), not what was left from waiting for the request
-    (3 s at most from the accept or the head's first byte, both after `began`
-    only if the client took more than 2 s): read in the worker, which no
-    load changes; and the request gets its 200. Bug: the deadline left cut the
-    connect (a 504). Before, the deadline left was made short enough to pass
-    during the connect (0.8 s from the accept, 0.6 s from the head's first
-    byte): under load the client's own steps took longer, and the head was
-    cut before its end (a 408: no connect, the test's wait for it failed)."""
-    with slow_accepting() as (port, drain):
-        w = make_to(f"127.0.0.1:{port}", on, connect_timeout=5.0,
-                    **{"timeouts.client_idle": 3.0, "timeouts.client_header": 3.0})
-        sock = connect(w)
-        sock.sock.settimeout(15)
-        assert until(lambda: len(w.io.connections) == 1)  # accepted: idle, as after a request
-        (conn,) = w.io.connections
-        gevent.sleep(0.2)  # idle: what the client does, not a synchronisation
-        began = time.monotonic()  # the connect begins after it
-        send_in(sock, conn, on, get("/late"))
-        assert until(lambda: sockets_to(port, "02") == 1)  # connecting: its SYN dropped
-        armed = conn.deadline
-        # room for the SYN sent again 1 s after the first (or, seen late, at 3 s)
-        drain()
-        status, _, body = response(sock)
-        sock.close()
-        seen = outcome(w, [status], tmp_path, on)
-    assert armed > began + 5.0, armed - began
-    assert (status, body) == (200, b"ok")
-    assert seen["failures"] == 0 and seen["outcomes"]["success"] == 1
-
-
-@pytest.mark.parametrize("on", ON)
-def test_a_deadline_armed_before_the_request_no_longer_cuts_its_connect(
-        make_to: Callable[..., Worker], tmp_path: Path, on: str) -> None:
-    """The deadline armed while the balancer waited for the request (client_idle
-    from the accept in the hub; client_header from a head's first byte in a
-    greenlet; both 0.8 s) passes while the connect hangs: the connect goes on
-    to its own timeout (1.2 s), the backend's failure (counted), and the
-    request is retried on the rule's other backend, which answers (before,
-    the deadline cut the connect: a 504 and no retry). The deadline passes
-    within the connect however quick the client (0.8 s and a watchdog tick,
-    0.2 s, at most after the head's end), and the client's steps up to the
-    head's end have 0.8 s (under load they took more than the 0.5 s before)."""
-    live = test_inline.ScriptedBackend()
-    try:
-        with never_accepting() as port:
-            address = f"127.0.0.1:{port}"
-            # round robin: the first request goes to the first backend
-            w = make_to([address, live.address], on, connect_timeout=1.2,
-                        **{"timeouts.client_idle": 0.8, "timeouts.client_header": 0.8})
-            sock = connect(w)
-            sock.sock.settimeout(15)
-            assert until(lambda: len(w.io.connections) == 1)  # accepted
-            (conn,) = w.io.connections
-            # from before the head's end: the connect starts after it, so its
-            # timeout is never reached sooner, however late this process runs
-            began = time.monotonic()
-            send_in(sock, conn, on, get("/try"))
-            assert until(lambda: sockets_to(port, "02") == 1)  # connecting
-            status, _, body = response(sock)
-            elapsed = time.monotonic() - began
-            assert until(lambda: sockets_to(port, "02") == 0)
-            sock.close()
-            seen = outcome(w, [status], tmp_path, on, address)
-    finally:
-        live.close()
-    assert (status, body) == (200, b"conn 1 /try") and 1.1 < elapsed < 5, elapsed
-    assert seen["failures"] == 1 and seen["outcomes"]["connect_error"] == 1
-    assert seen["in_flight"] == (0, 0) and seen["fails"] == 1
-    assert live.connections == 1
-
-
-def test_a_body_streamed_on_a_new_connection_gets_client_idle_between_its_reads(
-        make_to: Callable[..., Worker], tmp_path: Path) -> None:
-    """After a new connection's connect (its deadline armed to 0.3 s + 0.5 s), a
-    body streamed to it gets client_idle (3 s) between its reads, as before:
-    the client pauses 1.2 s mid-body and the request still gets its 200."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    heads: list[bytes] = []
-    got: list[bytes] = []
-
-    def answer(sock: socket.socket) -> None:
-        sock.settimeout(5)
-        with contextlib.suppress(OSError), sock:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += sock.recv(65536)
-            heads.append(data)
-            while not data.endswith(b"\r\n0\r\n\r\n"):
-                more = sock.recv(65536)
-                if not more:
-                    return
-                data += more
-            got.append(data.partition(b"\r\n\r\n")[2])
-            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            while sock.recv(65536):
-                pass
-
-    serve_each(listener, answer)
-    try:
-        w = make_to(f"127.0.0.1:{listener.getsockname()[1]}", "body",
-                    **{"timeouts.client_idle": 3.0})
-        sock = connect(w)
-        sock.sock.settimeout(15)
-        # chunked: streamed as it comes (a small Content-Length body is read whole first)
-        head = b"POST /up HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
-        sock.sendall(head + b"5\r\n12345\r\n")
-        assert until(lambda: len(heads) == 1)  # connected, the head and what came sent
-        gevent.sleep(1.2)  # the client pauses mid-body (past the connect's bound)
-        sock.sendall(b"5\r\n67890\r\n0\r\n\r\n")
-        status, _, body = response(sock)
-        sock.close()
-    finally:
-        listener.close()
-    assert (status, body) == (200, b"ok")
-    assert got == [b"5\r\n12345\r\n5\r\n67890\r\n0\r\n\r\n"]
-
-
-def named(monkeypatch: pytest.MonkeyPatch, name: str,
-          addresses: Callable[[], list[tuple[str, int]]]) -> None:
-    """Resolve `name` to `addresses()` (called in the resolving greenlet), with
-    gevent's socket, as in a worker (`monkey.patch_all`; this process has none)."""
-    resolve = socket.getaddrinfo
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host != name:
-            return resolve(host, *args, **kwargs)
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", a) for a in addresses()]
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(socket, "socket", gevent.socket.socket)
-
-
-ONE_CONNECT_FAILED: dict[str, Any] = {
-    **NOTHING_COUNTED, "fails": 1, "failures": 1,
-    "outcomes": {**NOTHING_COUNTED["outcomes"], "connect_error": 1}}
-
-
-def test_a_name_resolution_that_hangs_ends_at_the_connect_timeout_a_502(
-        make_to: Callable[..., Worker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A backend by name whose resolution hangs: the connect timeout (0.3 s)
-    bounds the wait for it (`balancer.resolve`), a 502 counted as the
-    backend's connect failure (bug: the wait had no bound of its own, and
-    the deadline armed for the connect cut it, 0.5 s later, as a 504 blaming
-    no backend and retrying none)."""
-    live = test_inline.ScriptedBackend()
-    live_port = int(live.address.rsplit(":", 1)[1])
-
-    def hangs() -> list[tuple[str, int]]:
-        gevent.sleep(10)  # the resolver's answer that does not come
-        return [("127.0.0.1", live_port)]
-
-    named(monkeypatch, "hangs.test", hangs)
-    try:
-        w = make_to(f"hangs.test:{live_port}", "hangs", connect_timeout=0.3,
-                    **{"timeouts.client_idle": 5.0})
-        began = time.monotonic()
-        sock = connect(w)
-        sock.sock.settimeout(15)
-        sock.sendall(get("/try"))
-        status = response(sock)[0]
-        elapsed = time.monotonic() - began
-        sock.close()
-        seen = outcome(w, [status], tmp_path, "hangs")
-    finally:
-        live.close()
-    # the connect timeout, not the deadline armed for the connect (0.8 s): that
-    # would be a 504; the upper bound is left to a loaded machine
-    assert status == 502 and 0.25 < elapsed < 2.0, elapsed
-    assert {k: seen[k] for k in ONE_CONNECT_FAILED} == ONE_CONNECT_FAILED
-    assert live.connections == 0
-
-
-def test_a_named_backend_s_addresses_share_its_connect_timeout(
-        make_to: Callable[..., Worker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A backend by name whose first two addresses hang, the third answers:
-    the addresses share the connect timeout (1 s), the first taking what is
-    left while that is under `balancer.resolve.MIN_SLICE`: a 502 at the
-    connect timeout, the backend's connect failure, the third not tried
-    (bug: each address got the whole timeout, so the deadline armed for the
-    connect cut the second's, a 504 blaming no backend; before that gevent's
-    `create_connection` took the deadline's `Overdue` for that address's
-    failure and connected to the next, the request's deadline gone)."""
-    live = test_inline.ScriptedBackend()
-    try:
-        with never_accepting() as port:
-            live_port = int(live.address.rsplit(":", 1)[1])
-            named(monkeypatch, "three.test",
-                  lambda: [("127.0.0.1", port), ("127.0.0.2", port), ("127.0.0.1", live_port)])
-            address = f"three.test:{port}"
-            w = make_to(address, "named", connect_timeout=1.0,
-                        **{"timeouts.client_idle": 5.0})
-            began = time.monotonic()
-            sock = connect(w)
-            sock.sock.settimeout(15)
-            sock.sendall(get("/try"))
-            assert until(lambda: sockets_to(port, "02") == 1)  # connecting
-            status = response(sock)[0]
-            elapsed = time.monotonic() - began
-            assert until(lambda: sockets_to(port, "02") == 0)
-            sock.close()
-            seen = outcome(w, [status], tmp_path, "named")
-    finally:
-        live.close()
-    # one connect timeout for all: had each address its own, two would take 2 s at
-    # the least (or the deadline armed for one would cut the second's: a 504); the
-    # bound is the guarantee's, the rest of it is the loaded machine's (1.6 s seen)
-    assert status == 502 and 0.9 < elapsed < 2.0, elapsed
-    assert {k: seen[k] for k in ONE_CONNECT_FAILED} == ONE_CONNECT_FAILED
-    assert live.connections == 0  # its third address not tried
 
 
 # the descriptor budget ------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -113,6 +114,7 @@ def test_a_dripped_head_gets_408_at_the_header_timeout(bal: Balancer) -> None:
             break
         elapsed = time.monotonic() - started
     assert data.startswith(b"HTTP/1.1 408"), data
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["error"] == "request_timeout", data
     assert HEADER_TIMEOUT - 0.1 < elapsed < HEADER_TIMEOUT + 1.5, elapsed
 
 
@@ -126,14 +128,43 @@ def test_an_idle_keep_alive_connection_is_closed(bal: Balancer) -> None:
     assert 1.5 < elapsed < 4.5, elapsed  # client_idle is 2 s
 
 
-def test_a_head_over_the_limit_gets_431(bal: Balancer) -> None:
-    big = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n"
-    many = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n")
-    for head in (big, many):
-        with connect(bal.mport) as sock:
-            sock.sendall(head)
-            assert read_all(sock).startswith(b"HTTP/1.1 431"), head[:60]
+def refused(port: int, head: bytes) -> tuple[bytes, dict[str, str], Any]:
+    """The status line, the headers and the JSON body of the answer to `head`,
+    read until the server closes."""
+    with connect(port) as sock:
+        sock.sendall(head)
+        data = read_all(sock)
+    top, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = top.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip()
+               for name, _, value in (line.partition(":") for line in lines)}
+    assert int(headers["content-length"]) == len(body), data[:300]
+    return status.encode(), headers, json.loads(body)
+
+
+@pytest.mark.parametrize(("head", "status", "code"), [
+    (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n",
+     431, "headers_too_large"),
+    (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+     + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n",
+     431, "headers_too_large"),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+     414, "uri_too_long"),
+    (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+     b"Content-Length: 40\r\n\r\n", 400, "bad_request"),
+    (b"GET /healthz HTTP/7.0\r\nHost: 127.0.0.1\r\n\r\n", 400, "bad_request"),
+], ids=["431-bytes", "431-fields", "414", "400-framing", "400-version"])
+def test_a_refused_head_answers_the_json_error_shape(
+        bal: Balancer, head: bytes, status: int, code: str) -> None:
+    """Bug: a head refused before the app ran (too large, request line too long,
+    malformed) was answered with an empty body, unlike every other error."""
+    line, headers, answer = refused(bal.mport, head)
+    assert line.split()[:2] == [b"HTTP/1.1", b"%d" % status], (line, answer)
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    assert answer["error"] == code and answer["message"], answer
+    assert isinstance(answer["details"], list)
+    assert "Traceback" not in bal.output()
 
 
 def test_a_body_over_the_limit_gets_413_unread(bal: Balancer) -> None:

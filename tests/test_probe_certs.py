@@ -220,6 +220,10 @@ def bad_uploads() -> list[tuple[str, str, str, str]]:
         ("truncated leaf", chain[:len(chain) // 4], key, "chain: not a PEM certificate chain"),
         ("truncated key", chain, key[:len(key) // 2], "key: not an unencrypted PEM private key"),
         ("chain as the key", chain, chain, "key: not an unencrypted PEM private key"),
+        ("a name in the subject's CN only (no subjectAltName)", *CA.issue("app.test", san=False),
+         "chain: the certificate has no subjectAltName, only the subject's CN=app.test, which "
+         "browsers and Go clients do not accept as a name; reissue it with app.test in "
+         "subjectAltName (DNS:app.test)"),
         ("a subjectAltName cut short", *malformed_san(CA),
          "chain: the certificate's extensions cannot be read (error parsing asn1 value"),
     ]

@@ -65,14 +65,17 @@ class TestCA:
         return path
 
     def issue(self, *names: str, key: Any = None, days: float = 90,
-              start_days: float = -1, ips: tuple[str, ...] = ()) -> tuple[str, str]:
-        """(chain PEM, key PEM) of a leaf for `names` valid from `start_days` for `days`."""
+              start_days: float = -1, ips: tuple[str, ...] = (), san: bool = True
+              ) -> tuple[str, str]:
+        """(chain PEM, key PEM) of a leaf for `names` valid from `start_days` for `days`
+        (not `san`: the first name in the subject's CN alone, a legacy certificate)."""
         key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
-        leaf = self.certify(key.public_key(), *names, days=days, start_days=start_days, ips=ips)
+        leaf = self.certify(key.public_key(), *names, days=days, start_days=start_days, ips=ips,
+                            san=san)
         return leaf + self.pem, _pem_key(key)
 
     def certify(self, public_key: Any, *names: str, days: float = 90, start_days: float = -1,
-                ips: tuple[str, ...] = ()) -> str:
+                ips: tuple[str, ...] = (), san: bool = True) -> str:
         """The PEM of a leaf certifying `public_key` (a CSR's, say) for `names`."""
         now = datetime.datetime.now(datetime.UTC)
         start = now + datetime.timedelta(days=start_days)
@@ -80,10 +83,11 @@ class TestCA:
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
                    .issuer_name(self.cert.subject).public_key(public_key)
                    .serial_number(x509.random_serial_number())
-                   .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
-                   .add_extension(x509.SubjectAlternativeName(
-                       [x509.DNSName(n) for n in names]
-                       + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]), False))
+                   .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days)))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(n) for n in names]
+                + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]), False)
         if not self.bare:
             builder = builder.add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False)
