@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from balancer.accesslog import AccessLog
     from balancer.pages import Pages
     from balancer.settings import TimeoutSettings
+    from balancer.sketch import Tally
     from balancer.stats import Stats
     from balancer.table import Route, TableHolder
 
@@ -304,6 +305,9 @@ class ClientConnection:
         # part of a head came: the rest must come by then (time.monotonic; 0.0: no
         # head begun), from its first byte (client_header)
         self.head_due = 0.0
+        # where its last request was counted in the heavy hitters (`balancer.sketch`;
+        # made by a keep-alive one)
+        self.tally: Tally | None = None
 
     def close(self) -> None:
         """Send what is still held (within client_idle), then close everything.

@@ -17,6 +17,13 @@ Invariants:
   lookup and a native increment per measure for the client and the path, and
   one dict lookup for the path's key (cached per host for `PATH_CACHE`
   request targets of at most `PATH_CACHE_TARGET` bytes: 64 KiB per host).
+  A keep-alive connection remembers where its last request was counted
+  (`Tally`: the interval, the client and path keys and their entries), so a
+  next request with the same keys (a client's, on its connection, to the
+  same target: the common case) only increments those entries, no lookup.
+  An entry is taken out of its sketch only by `replace`, which marks it
+  `gone`: a tally never counts into a key's old entry, and the counts are
+  exactly those of the lookups.
   Errors and limited requests touch their sketches only when they happen.
   Nothing reads a clock: the worker's `rotate` starts the next interval.
 * Sketch counts are estimates from above: `count - error` is a lower bound.
@@ -59,6 +66,7 @@ class Entry:
     def __init__(self, count: int, error: int) -> None:
         self.count = count
         self.error = error  # over-estimate of the count (inherited from the key replaced)
+        self.gone = False  # taken out of its sketch (`replace`): no `Tally` counts into it
 
 
 class SpaceSaving:
@@ -70,16 +78,18 @@ class SpaceSaving:
         # the smallest keys with their counts as last sorted, smallest last
         self.victims: list[tuple[str, int]] = []
 
-    def add(self, key: str, weight: int) -> None:
+    def add(self, key: str, weight: int) -> Entry:
+        """Count `weight` more for `key`; its entry (`key`'s until `Entry.gone`)."""
         entry = self.entries.get(key)
         if entry is not None:
             entry.count += weight
-        elif len(self.entries) < self.capacity:
-            self.entries[key] = Entry(weight, 0)
-        else:
-            self.replace(key, weight)
+            return entry
+        if len(self.entries) < self.capacity:
+            entry = self.entries[key] = Entry(weight, 0)
+            return entry
+        return self.replace(key, weight)
 
-    def replace(self, key: str, weight: int) -> None:
+    def replace(self, key: str, weight: int) -> Entry:
         """`key` takes the place of the smallest key (amortised: sorted once per
         capacity/4 replacements; a victim counted since is skipped)."""
         entries = self.entries
@@ -96,7 +106,9 @@ class SpaceSaving:
             if entry is not None and entry.count == recorded:
                 break
         entries.pop(victim, None)
-        entries[key] = Entry(recorded + weight, recorded)
+        entry.gone = True
+        added = entries[key] = Entry(recorded + weight, recorded)
+        return added
 
     def refill(self) -> None:
         ordered = sorted(self.entries.items(), key=_count)[:max(1, self.capacity // 4)]
@@ -112,6 +124,15 @@ class SpaceSaving:
 
 def _count(item: tuple[str, Entry]) -> int:
     return item[1].count
+
+
+def _more(entry: Entry | None, sketch: SpaceSaving, key: str, weight: int) -> Entry:
+    """Count `weight` more for `key` into `entry`, its entry in `sketch` when a
+    `Tally` took it, unless it is gone since (then looked up again)."""
+    if entry is None or entry.gone:
+        return sketch.add(key, weight)
+    entry.count += weight
+    return entry
 
 
 class Slot:
@@ -136,23 +157,76 @@ class Slot:
                    for s in pair) + sum(len(d) for d in self.exact.values())
 
 
+class Tally:
+    """Where a keep-alive connection's last request was counted (`TopTalkers.note`):
+    the interval (`TopTalkers.rotations` then), its client and path keys, and
+    their entries in that interval's requests and bytes sketches (None: not
+    taken). It holds no interval, cache or big target: an idle connection
+    pins none of them."""
+
+    def __init__(self, rotation: int) -> None:
+        self.rotation = rotation
+        self.client = ""
+        self.host = ""  # the path key's host and target (`is` compared; at most
+        self.target = b""  # PATH_CACHE_TARGET bytes, else b"": never the same)
+        self.path = ""
+        self.client_requests: Entry | None = None
+        self.client_bytes: Entry | None = None
+        self.path_requests: Entry | None = None
+        self.path_bytes: Entry | None = None
+
+
 class TopTalkers:
     """One worker's heavy hitters over the last `SLOTS` intervals."""
 
     def __init__(self, now: float = -1.0) -> None:
         self.current = Slot(now if now >= 0 else time.monotonic())
         self.slots: list[Slot] = [self.current]  # oldest first
+        self.rotations = 0  # intervals ended (a `Tally` of an earlier one is stale)
 
     def note(self, ex: Exchange, paths: dict[bytes, str]) -> None:
         """Count one finished request (hot path); `paths` is its host's path-key cache."""
         slot = self.current
+        conn = ex.conn
+        tally = conn.tally
+        if tally is None or tally.rotation != self.rotations:
+            if not ex.keep_alive:  # the connection's last request: nothing to remember
+                self.count(slot, ex, paths)
+                return
+            tally = conn.tally = Tally(self.rotations)
         client = client_of(ex)
         target = ex.head.target
-        path = paths.get(target)
-        if path is None:
-            path = path_key(ex.route.key, target)
-            if len(paths) < PATH_CACHE and len(target) <= PATH_CACHE_TARGET:
-                paths[target] = path
+        size = ex.sent + ex.received
+        requests, sizes = slot.requests, slot.bytes
+        if client != tally.client:
+            tally.client = client
+            tally.client_requests = requests[0].add(client, 1)
+            tally.client_bytes = sizes[0].add(client, size) if size else None
+        else:
+            tally.client_requests = _more(tally.client_requests, requests[0], client, 1)
+            if size:
+                tally.client_bytes = _more(tally.client_bytes, sizes[0], client, size)
+        host = ex.route.key
+        if target is not tally.target or host != tally.host:
+            path = self.path(ex, paths, target)
+            tally.host, tally.path = host, path
+            tally.target = target if len(target) <= PATH_CACHE_TARGET else b""
+            tally.path_requests = requests[1].add(path, 1)
+            tally.path_bytes = sizes[1].add(path, size) if size else None
+        else:
+            path = tally.path
+            tally.path_requests = _more(tally.path_requests, requests[1], path, 1)
+            if size:
+                tally.path_bytes = _more(tally.path_bytes, sizes[1], path, size)
+        if ex.status >= 400:
+            errors = slot.errors
+            errors[0].add(client, 1)
+            errors[1].add(path, 1)
+
+    def count(self, slot: Slot, ex: Exchange, paths: dict[bytes, str]) -> None:
+        """`note` without a tally: each key looked up in each sketch."""
+        client = client_of(ex)
+        path = self.path(ex, paths, ex.head.target)
         requests = slot.requests
         requests[0].add(client, 1)
         requests[1].add(path, 1)
@@ -165,6 +239,15 @@ class TopTalkers:
             errors = slot.errors
             errors[0].add(client, 1)
             errors[1].add(path, 1)
+
+    def path(self, ex: Exchange, paths: dict[bytes, str], target: bytes) -> str:
+        """The path key of `ex`'s request `target`, from its host's cache `paths`."""
+        path = paths.get(target)
+        if path is None:
+            path = path_key(ex.route.key, target)
+            if len(paths) < PATH_CACHE and len(target) <= PATH_CACHE_TARGET:
+                paths[target] = path
+        return path
 
     def note_limited(self, ex: Exchange, client: str) -> None:
         """Count a request a limit refused (`note` counts it as a 429 as well)."""
@@ -181,6 +264,7 @@ class TopTalkers:
         self.current.exact = self.deltas(stats.dirty, True)
         stats.settle()
         self.current = Slot(now)
+        self.rotations += 1
         self.slots.append(self.current)
         if len(self.slots) > SLOTS + 1:
             del self.slots[0]
