@@ -42,7 +42,7 @@ from typing import Any, Final
 
 from balancer.spans import Span
 
-Recv = Callable[[Any, int], "bytes | None"]
+Recv = Callable[[Any, Any], "bytes | None"]  # (the size: an int, `EventedStream.read_ready`)
 Send = Callable[[Any, "bytes | memoryview"], int]
 SendSpan = Callable[[Any, bytes, Span], int]
 Accept = Callable[[Any, int], "tuple[RawSocket, Any] | None"]

@@ -3,7 +3,9 @@
 Invariants:
 * The hot path only does attribute and dict increments on objects it already
   holds (`HostStats`, `BackendStats`); nothing here allocates per request
-  except the first use of a new status code.
+  except the first use of a new status code. A duration histogram's list
+  item (a boxed int: past 256, a new object per increment) is added to only
+  when a duration falls in another bucket than the one before (`Timed`).
 * `snapshot()` returns plain JSON-able data; `merge_snapshots` sums the
   snapshots of several workers (see docs/ARCHITECTURE.md for the shape).
 * Only what the routing table serves is reported: the worker forgets the
@@ -38,13 +40,47 @@ TLS_OUTCOMES: Final = ("ok", "no_certificate", "protocol_error", "timeout")
 STATE_RANK: Final = {"up": 0, "probing": 1, "down": 2}  # merging: the worst state wins
 
 
-class BackendStats:
+class Timed:
+    """A histogram of durations over BUCKETS, and their sum. The durations of a
+    run in one bucket (most are: the buckets are wide) are counted in a native
+    int, `run`, and added to the list when one falls in another bucket: a
+    list item is a boxed int, allocated anew at each increment past 256
+    (~250 instructions a request)."""
+
+    __slots__ = ("hist", "bucket", "run", "duration_sum")
+
+    def __init__(self) -> None:
+        self.hist = [0] * (len(BUCKETS) + 1)  # but the `run` of `bucket`
+        self.bucket = 0
+        self.run = 0
+        self.duration_sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one duration (hot path)."""
+        index = bucket_of(seconds)
+        if index == self.bucket:
+            self.run += 1
+        else:
+            hist = self.hist
+            hist[self.bucket] += self.run
+            self.bucket, self.run = index, 1
+        self.duration_sum += seconds
+
+    def durations(self) -> dict[str, Any]:
+        """The histogram's snapshot (`histogram`)."""
+        hist = list(self.hist)
+        hist[self.bucket] += self.run
+        return histogram(hist, self.duration_sum)
+
+
+class BackendStats(Timed):
     """Counters of one backend address as seen by one host."""
 
     __slots__ = ("address", "in_flight", "tunnels", "failures", "successes", "outcomes",
-                 "source", "hist", "duration_sum", "bytes", "seen")
+                 "source", "bytes", "seen")
 
     def __init__(self, address: str) -> None:
+        super().__init__()  # time to the response head, successes only
         self.address = address
         self.in_flight = 0
         self.tunnels = 0  # of in_flight: requests asking to upgrade (WebSocket tunnels)
@@ -53,8 +89,6 @@ class BackendStats:
         self.successes = 0
         self.outcomes = dict.fromkeys(FAILURES, 0)  # the other outcomes
         self.source: Any = None  # the pool's Backend: its `health_state()` is the truth
-        self.hist = [0] * (len(BUCKETS) + 1)  # time to the response head, successes only
-        self.duration_sum = 0.0
         self.bytes = 0  # received and sent by the requests it answered (heavy hitters)
         self.seen: tuple[int, ...] = NOTHING  # the heavy hitters' totals at the interval's start
 
@@ -62,18 +96,12 @@ class BackendStats:
         """Requests it answered or failed (every outcome)."""
         return self.successes + sum(self.outcomes.values())
 
-    def observe(self, seconds: float) -> None:
-        """Count one answered request's time to its response head (hot path)."""
-        hist, index = self.hist, bucket_of(seconds)
-        hist[index] = hist[index] + 1
-        self.duration_sum += seconds
-
     def snapshot(self) -> dict[str, Any]:
         state = self.source.health_state() if self.source is not None else "up"
         snap = {"state": state, "in_flight": self.in_flight, "tunnels": self.tunnels,
                 "failures": self.failures,
                 "outcomes": {"success": self.successes, **self.outcomes},
-                "duration": histogram(self.hist, self.duration_sum)}
+                "duration": self.durations()}
         return snap if state == "up" else {**snap, **self.problem()}
 
     def problem(self) -> dict[str, str]:
@@ -103,22 +131,21 @@ def histogram(hist: list[int], total: float) -> dict[str, Any]:
     return {"buckets": buckets, "sum": total, "count": cumulative}
 
 
-class HostStats:
+class HostStats(Timed):
     """Counters of one routing-table key."""
 
     __slots__ = ("open_requests", "completed_requests", "bytes_received", "bytes_sent",
-                 "ok", "codes", "hist", "duration_sum", "spinning", "backends", "causes",
+                 "ok", "codes", "spinning", "backends", "causes",
                  "last_failure", "limited", "paths", "marked", "seen")
 
     def __init__(self) -> None:
+        super().__init__()  # requests' durations
         self.open_requests = 0
         self.completed_requests = 0
         self.bytes_received = 0
         self.bytes_sent = 0
         self.ok = 0  # responses of status 200: a native int (a dict item costs ~400 instructions)
         self.codes: dict[int, int] = {}  # responses of any other status
-        self.hist = [0] * (len(BUCKETS) + 1)
-        self.duration_sum = 0.0
         self.spinning = 0
         self.backends: dict[str, BackendStats] = {}
         self.causes: dict[str, int] = {}  # 502/504 by cause since the last failure report
@@ -139,9 +166,7 @@ class HostStats:
         else:
             codes = self.codes
             codes[status] = codes.get(status, 0) + 1
-        hist, index = self.hist, bucket_of(seconds)
-        hist[index] = hist[index] + 1
-        self.duration_sum += seconds
+        self.observe(seconds)
 
     def statuses(self) -> dict[int, int]:
         """Responses by status code."""
@@ -184,7 +209,7 @@ class HostStats:
             "bytes_sent": self.bytes_sent,
             "responses": responses,
             "codes": {str(c): n for c, n in codes.items()},
-            "duration": histogram(self.hist, self.duration_sum),
+            "duration": self.durations(),
             "spinning": self.spinning,
             "limited": self.limited,
             "backends": {a: b.snapshot() for a, b in self.backends.items()},
