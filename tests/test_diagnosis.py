@@ -150,6 +150,31 @@ def test_an_abusive_client_is_the_top_client_within_one_window(empty_balancer) -
     assert lines[1].split()[1] == "203.0.113.9"
 
 
+def test_a_connection_dropped_from_the_sketch_is_counted_again(tmp_path: Path) -> None:
+    """A keep-alive connection's next request with the same client and target
+    is counted into the entries its last one took (`balancer.sketch.Tally`):
+    once other clients and paths pushed those out of the sketches, its
+    requests are counted under their keys again, not into the dropped entries."""
+    bal = Balancer(tmp_path, {"app.test": {"action": "empty", "status": 204}},
+                   args=["--workers", "1"], internal=True)
+    try:
+        port = bal.ports["internal"]
+        kept = Pipeline(port)
+        kept.send(from_client("203.0.113.7", path="/kept"))
+        wait_for(lambda: kept.statuses, what="the kept connection's first answer")
+        # 3 x CAPACITY other clients and paths, once each: every key counted once is replaced
+        others = [from_client(f"10.0.{n // 250}.{n % 250}", path=f"/p{n}")
+                  for n in range(3 * CAPACITY)]
+        assert pipelined(port, others) == [204] * len(others)
+        kept.send(from_client("203.0.113.7", path="/kept") * 40)
+        assert kept.finish(41) == [204] * 41
+        for group, key in (("client", "203.0.113.7"), ("path", "app.test/kept")):
+            found = {e["key"]: e for e in top(bal, "requests", group)["top"]}
+            assert found[key]["count"] - found[key]["error"] <= 41 <= found[key]["count"]
+    finally:
+        bal.stop()
+
+
 def test_distinct_clients_keep_the_sketch_memory_flat(empty_balancer) -> None:
     bal = empty_balancer
     port = bal.ports["internal"]
@@ -605,3 +630,22 @@ def test_histogram_buckets_are_found_as_bisect_finds_them() -> None:
     assert tuple(BOUNDS) == BUCKETS
     for seconds in (0.0, 0.005, 0.0051, 0.3, 60.0, 60.5, 1e9):
         assert bucket_of(seconds) == bisect_left(BUCKETS, seconds)
+
+
+def test_durations_are_counted_in_their_buckets_across_runs() -> None:
+    """`Timed` counts a run of durations in one bucket apart from the list: every
+    bucket's count is exact whenever read, mid-run or after a change of bucket."""
+    from bisect import bisect_left
+    from itertools import accumulate
+
+    from balancer.stats import BUCKETS, HostStats
+
+    timed = HostStats()
+    expected = [0] * (len(BUCKETS) + 1)
+    for seconds in [0.001] * 300 + [0.2] * 3 + [0.001] * 2 + [70.0] + [0.02] * 400 + [0.2]:
+        timed.observe(seconds)
+        expected[bisect_left(BUCKETS, seconds)] += 1
+        snapshot = timed.durations()
+        assert [n for _, n in snapshot["buckets"]] == list(accumulate(expected))
+    assert snapshot["count"] == 707
+    assert snapshot["sum"] == pytest.approx(0.302 + 0.8 + 70.0 + 8.0)
