@@ -34,18 +34,18 @@ and fixed (each test fails without its fix).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from management.ctl import main as ctl_main
-from tests.conftest import RedisServer
 from tests.support import Balancer, request, wait_for
+from tests.test_probe_mgmt import STATIC, redis_site
 
+__all__ = ["redis_site"]  # the fixture (a balancer on a private Redis)
 WAIT = 10.0
-STATIC = {"action": "static", "status": 200, "body": "hi"}
 
 
 def serves(bal: Balancer, host: str, body: bytes = b"hi") -> bool:
@@ -113,21 +113,6 @@ def test_a_routes_file_version_past_what_redis_counts_is_a_corrupt_file(tmp_path
         assert 'balancer_routing_version 2.0' in bal.metrics_text()
     finally:
         bal.stop()
-
-
-@pytest.fixture
-def redis_site(redis_factory: Callable[[], RedisServer], tmp_path: Path
-               ) -> Iterator[tuple[Balancer, Any]]:
-    """``bal, raw``: a balancer on a private Redis serving app.test; raw: a client."""
-    import redis
-
-    server = redis_factory()
-    bal = Balancer(tmp_path, None, store=server.url)
-    assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
-    raw = redis.Redis.from_url(server.url, socket_timeout=5)
-    yield bal, raw
-    raw.close()
-    bal.stop()
 
 
 @pytest.mark.parametrize("announced", [True, False])
