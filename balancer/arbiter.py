@@ -300,18 +300,22 @@ class Arbiter:
     def mark_pages(self) -> None:
         """`server.merge_pages` as the settings say, for the child about to be
         forked (it inherits the mark; `balancer.heap.merge_pages`): tried once
-        per value, so a refusal is logged once."""
+        per value, so a refusal is logged once, and only when asked for (a kernel
+        that refused the mark refuses its removal too; bug: a reload turning it
+        off there warned that pages are not merged)."""
         wanted = self.settings.server.merge_pages
         if wanted == self.merging:
             return
         self.merging = wanted
         problem = merge_pages(wanted)
+        if not wanted:
+            return
         if problem:
             log.warning("server.merge_pages: %s; pages are not merged", problem)
-        elif wanted and not ksm_running():
+        elif not ksm_running():
             log.warning("server.merge_pages: the host's ksmd is not running (%s is not 1): "
                         "no page is merged until it is", KSM_RUN)
-        elif wanted:
+        else:
             log.info("server.merge_pages: the processes' pages are merged by the host's ksmd")
 
     def child_body(self, kind: str, slot: int) -> Callable[[ChildEnv], int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from balancer import heap
+from balancer.arbiter import Arbiter
+from balancer.settings import load_settings
 from tests.support import Backend, Balancer, request, wait_for
 
 HOST = "app.test"
@@ -120,3 +123,24 @@ def test_ksmd_running_reads_the_hosts_switch(tmp_path: Path,
     for value, running in (("0\n", False), ("1\n", True), ("2\n", False)):
         switch.write_text(value)
         assert heap.ksm_running() is running
+
+
+@pytest.mark.parametrize("start", [True, False], ids=["on-at-start", "off-at-start"])
+def test_a_refusing_kernel_warns_only_while_the_setting_asks(
+        start: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The arbiter's forks on a kernel that refuses the mark (before Linux 6.4):
+    one warning while `server.merge_pages` is on, none once a reload turns it
+    off (bug: turning it off there warned that "pages are not merged")."""
+    def refused(*_: int) -> int:
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(heap, "_PRCTL", refused)
+    arbiter = object.__new__(Arbiter)  # only what `mark_pages` reads: settings, merging
+    arbiter.merging = False
+    caplog.set_level(logging.INFO, logger="balancer")
+    for on in (start, not start, start, start):  # start, a reload, another, a fork
+        arbiter.settings = load_settings(env={"BALANCER_SERVER_MERGE_PAGES": str(on).lower()})
+        arbiter.mark_pages()
+    warned = [r.getMessage() for r in caplog.records if "merge_pages" in r.getMessage()]
+    assert len(warned) == (2 if start else 1) and all("refused" in w for w in warned), warned
