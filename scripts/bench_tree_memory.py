@@ -1,13 +1,16 @@
 """Each process's memory under load against HAProxy's, and the floor.
 
 ``python scripts/bench_tree_memory.py [--connections 100,1000] [--duration 8]
-[--targets haproxy,balancer[,baseline]] [--baseline TREE] [--settle 2] [--floor]``
+[--targets haproxy,balancer[,haproxy-master][,baseline]] [--baseline TREE] [--settle 2]
+[--floor]``
 
 For each connection count, every target is started afresh in front of
 nginx (as `scripts/bench_proxy.py` starts them: HAProxy ``nbthread 1``,
-``balancer serve --workers 1`` on a file store), read idle ``--settle``
-seconds after they listen (with ``server.merge_pages``, time for the host's
-ksmd to merge: about 8 s at its default pace), then loaded with
+``balancer serve --workers 1`` on a file store; ``haproxy-master``: HAProxy
+in master-worker mode, ``haproxy -W``, as Debian's systemd unit runs it),
+read idle ``--settle`` seconds after they listen (with
+``server.merge_pages``, time for the host's ksmd to merge: about 8 s at its
+default pace), then loaded with
 ``wrk -t1 -cN`` keep-alive for the duration while each of its processes'
 ``/proc/PID/smaps_rollup`` is sampled every 0.2 s. It prints, per process,
 Pss (its anonymous part) / Private / Shared idle and at the sample where the
@@ -128,8 +131,8 @@ def run_count(names: list[str], connections: int, duration: int,
     reference = tree(peaks["haproxy"]) if "haproxy" in peaks else 0
     for name in names:
         ratio = f" = {tree(peaks[name]) / reference:.2f}x HAProxy's" if reference else ""
-        print(f"  {name:9} idle: {line(idle[name])}; tree {tree(idle[name]) / 1024:.1f}")
-        print(f"  {name:9} peak: {line(peaks[name])}; tree {tree(peaks[name]) / 1024:.1f}{ratio}")
+        print(f"  {name:14} idle: {line(idle[name])}; tree {tree(idle[name]) / 1024:.1f}")
+        print(f"  {name:14} peak: {line(peaks[name])}; tree {tree(peaks[name]) / 1024:.1f}{ratio}")
 
 
 def floor() -> None:
@@ -160,8 +163,8 @@ def main() -> None:
                         help="also read bare interpreters (the floor)")
     args = parser.parse_args()
     names = [n for n in args.targets.split(",") if n]
-    if set(names) - {"haproxy", "balancer", "baseline"}:
-        parser.error("--targets: some of haproxy, balancer, baseline")
+    if set(names) - {"haproxy", "haproxy-master", "balancer", "baseline"}:
+        parser.error("--targets: some of haproxy, haproxy-master, balancer, baseline")
     if ("baseline" in names) != bool(args.baseline):
         parser.error("the baseline target and --baseline TREE go together")
     for connections in (int(c) for c in args.connections.split(",") if c):
