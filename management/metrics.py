@@ -5,7 +5,9 @@ Invariants:
   `balancer.stats`; this collector turns one merged snapshot (every worker)
   into metric families when Prometheus scrapes.
 * Every metric name of SPEC §7 is always exposed, even with no traffic.
-* Each app has its own `CollectorRegistry`; nothing is registered globally.
+* Each scrape has its own `CollectorRegistry`; nothing is registered globally.
+* The families with a sample per host are written by `management.metrics_text`
+  (quicker than prometheus-client, and pausing for other requests).
 * A scrape costs the hosts that have seen a request (`METRICS_SELECT`), not
   the table: an idle host's counters are all zero and it has no series
   until its first request (its backends' `balancer_backend_up` too, unless
@@ -14,27 +16,28 @@ Invariants:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+
+from balancer.turns import turn
+from management.metrics_text import per_host_text
 
 Snapshot = dict[str, Any]
 METRICS_SELECT: dict[str, Any] = {"active": True}  # the `Runtime.stats` select of a scrape
 
 
 class SnapshotCollector(Collector):
-    """Yields the SPEC §7 families from `snapshot()` on every collect."""
+    """Yields the SPEC §7 families with few samples from one snapshot, `snap`
+    (those with a sample per host are `management.metrics_text`'s)."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot],
-                 expiries: Callable[[], dict[str, float]] | None = None,
+    def __init__(self, snap: Snapshot, expiries: Callable[[], dict[str, float]] | None = None,
                  acme: Callable[[], dict[str, Any]] | None = None,
                  own_drops: Callable[[], dict[str, int]] | None = None) -> None:
-        self.snapshot = snapshot
+        self.snap = snap
         self.expiries = expiries
         self.acme = acme  # `management.acme_api.figures`
         self.own_drops = own_drops  # process log lines dropped: {"management", "arbiter"}
@@ -43,10 +46,7 @@ class SnapshotCollector(Collector):
         return []  # no collect() at registration time
 
     def collect(self) -> Iterator[Any]:
-        snap = self.snapshot()
-        hosts: dict[str, Any] = snap.get("hosts", {})
-        yield from _per_host(hosts)
-        yield from _per_backend(hosts)
+        snap = self.snap
         yield _gauge("balancer_open_connections", "Client connections open now.",
                      snap.get("open_connections", 0))
         yield _gauge("balancer_lingering_connections",
@@ -128,74 +128,24 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-def _per_host(hosts: dict[str, Any]) -> Iterator[Any]:
-    requests = CounterMetricFamily("balancer_requests_total", "Completed requests.",
-                                   labels=["host", "code"])
-    duration = HistogramMetricFamily("balancer_request_duration_seconds",
-                                     "Time from request head to last response byte.",
-                                     labels=["host"])
-    received = CounterMetricFamily("balancer_bytes_received_total",
-                                   "Bytes received from clients.", labels=["host"])
-    sent = CounterMetricFamily("balancer_bytes_sent_total", "Bytes sent to clients.",
-                               labels=["host"])
-    open_requests = GaugeMetricFamily("balancer_open_requests", "Requests in progress.",
-                                      labels=["host"])
-    spinning = GaugeMetricFamily("balancer_spinning_requests",
-                                 "Requests held by a spin rule or spin_when_down.",
-                                 labels=["host"])
-    limited = CounterMetricFamily("balancer_limited_requests_total",
-                                  "Requests refused 429 by the rule's limits.", labels=["host"])
-    for host, h in sorted(hosts.items()):
-        for code, n in sorted(h.get("codes", {}).items()):
-            requests.add_metric([host, str(code)], n)
-        hist = h.get("duration", {})
-        if hist.get("buckets"):
-            duration.add_metric([host], _buckets(hist["buckets"]), hist.get("sum", 0.0))
-        received.add_metric([host], h.get("bytes_received", 0))
-        sent.add_metric([host], h.get("bytes_sent", 0))
-        open_requests.add_metric([host], h.get("open_requests", 0))
-        spinning.add_metric([host], h.get("spinning", 0))
-        limited.add_metric([host], h.get("limited", 0))
-    yield from (requests, duration, received, sent, open_requests, spinning, limited)
-
-
-def _per_backend(hosts: dict[str, Any]) -> Iterator[Any]:
-    requests = CounterMetricFamily("balancer_backend_requests_total",
-                                   "Requests sent to a backend, by outcome.",
-                                   labels=["host", "backend", "outcome"])
-    up = GaugeMetricFamily("balancer_backend_up", "1 when the backend is considered up.",
-                           labels=["host", "backend"])
-    for host, h in sorted(hosts.items()):
-        for backend, b in sorted(h.get("backends", {}).items()):
-            for outcome, n in sorted(b.get("outcomes", {}).items()):
-                requests.add_metric([host, backend, outcome], n)
-            up.add_metric([host, backend], 1 if b.get("state") == "up" else 0)
-    yield from (requests, up)
-
-
-def _buckets(buckets: list[list[Any]]) -> list[tuple[str, float]]:
-    """Snapshot buckets ``[[bound, cumulative], ...]`` as (le, count), ending in +Inf."""
-    out = []
-    for bound, count in buckets:
-        value = float(bound)  # JSON may carry the last bound as Infinity or "inf"
-        out.append(("+Inf" if math.isinf(value) else floatToGoString(value), count))
-    if not out or out[-1][0] != "+Inf":
-        out.append(("+Inf", out[-1][1] if out else 0))
-    return out
-
-
 class Metrics:
-    """The ``/metrics`` body for one app: a private registry over a snapshot source."""
+    """The ``/metrics`` body for one app: each scrape a private registry over a snapshot."""
 
     content_type = "text/plain; version=0.0.4; charset=utf-8"
 
     def __init__(self, snapshot: Callable[[], Snapshot],
                  expiries: Callable[[], dict[str, float]] | None = None,
                  acme: Callable[[], dict[str, Any]] | None = None,
-                 own_drops: Callable[[], dict[str, int]] | None = None) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SnapshotCollector(snapshot, expiries, acme, own_drops))
+                 own_drops: Callable[[], dict[str, int]] | None = None,
+                 pause: Callable[[], None] = turn) -> None:
+        self.snapshot = snapshot
+        self.sources = (expiries, acme, own_drops)
+        self.pause = pause  # lets other requests run during a big scrape
 
     def render(self) -> bytes:
         """The Prometheus text exposition of the current snapshot."""
-        return generate_latest(self.registry)
+        snap = self.snapshot()
+        text = per_host_text(snap.get("hosts", {}), self.pause)
+        registry = CollectorRegistry(auto_describe=False)  # one per scrape: its snapshot's
+        registry.register(SnapshotCollector(snap, *self.sources))
+        return text + generate_latest(registry)
