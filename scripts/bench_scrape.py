@@ -18,8 +18,9 @@ directory's retired total is reported at the end. Then:
    connection to the static host, for `--duration` seconds: its latency;
 3. probe + scrape: the same while another client fetches ``/metrics`` in a
    loop: the probe's latency again (a stalled worker shows in p99 and max),
-   the scrapes' time and size, and the Pss of the arbiter and the management
-   process after them.
+   the scrapes' time and size, ``/healthz``'s latency meanwhile (a stalled
+   management process shows there), and the Pss of the arbiter and the
+   management process after them.
 
 Run it under ``flock /tmp/bench.lock``; with ``PYTHONPATH`` pointing at a
 compiled copy to measure the compiled data plane (the balancer runs from a
@@ -191,11 +192,11 @@ def management_of(arbiter: int, workers: list[int]) -> list[int]:
     raise SystemExit("the management process replaced by the reload did not exit")
 
 
-def probe(port: int, stop: threading.Event, times: list[float]) -> None:
+def probe(port: int, stop: threading.Event, times: list[float], path: str = "/") -> None:
     conn = http.client.HTTPConnection(HOST, port, timeout=60)
     while not stop.is_set():
         started = time.perf_counter()
-        conn.request("GET", "/", headers={"Host": PROBE})
+        conn.request("GET", path, headers={"Host": PROBE if path == "/" else HOST})
         conn.getresponse().read()
         times.append((time.perf_counter() - started) * 1000)
 
@@ -213,21 +214,25 @@ def scraper(mgmt: int, stop: threading.Event, times: list[float], sizes: list[in
         sizes.append(len(body))
 
 
-def run(port: int, mgmt: int | None, duration: float) -> tuple[list[float], list[float], list[int]]:
+def run(port: int, mgmt: int | None, duration: float
+        ) -> tuple[list[float], list[float], list[int], list[float]]:
+    """The live requests', the scrapes' (with `mgmt`) and ``/healthz``'s times, the sizes."""
     stop = threading.Event()
     probes: list[float] = []
     scrapes: list[float] = []
     sizes: list[int] = []
+    healthz: list[float] = []
     threads = [threading.Thread(target=probe, args=(port, stop, probes))]
     if mgmt is not None:
-        threads.append(threading.Thread(target=scraper, args=(mgmt, stop, scrapes, sizes)))
+        threads += [threading.Thread(target=scraper, args=(mgmt, stop, scrapes, sizes)),
+                    threading.Thread(target=probe, args=(mgmt, stop, healthz, "/healthz"))]
     for thread in threads:
         thread.start()
     time.sleep(duration)
     stop.set()
     for thread in threads:
         thread.join(300)
-    return probes, scrapes, sizes
+    return probes, scrapes, sizes, healthz
 
 
 def main() -> None:
@@ -261,7 +266,7 @@ def main() -> None:
             time.sleep(args.idle)
             idle = {pid: cpu_seconds(pid) - before[pid] for pid in watched}
             alone = run(port, None, args.duration)[0]
-            probes, scrapes, sizes = run(port, mgmt, args.duration)
+            probes, scrapes, sizes, healthz = run(port, mgmt, args.duration)
             pss = {pid: pss_mib(pid) for pid in management}
             retired = retired_total(workers)
         finally:
@@ -279,6 +284,7 @@ def main() -> None:
     print(f"  live request, scraping:      {latency_line(probes)}")
     print(f"  /metrics scrape:             {latency_line(scrapes)}; "
           f"{(sizes[-1] if sizes else 0) / 1024:.0f} KiB")
+    print(f"  /healthz, scraping:          {latency_line(healthz)}")
     if args.churn:
         print(f"  after {args.churn} rounds of {args.churn_hosts} hosts created and deleted: "
               f"retired total {retired}")
