@@ -36,7 +36,7 @@ from balancer.backend_tls import BackendTLS, pool_key
 from balancer.errors import BackendTLSError
 from balancer.health import CheckConfig, check_tls_key, read_status
 from balancer.http11 import ProtocolError
-from balancer.rules import backend_entries
+from balancer.rules import COMMON_KEYS, backend_entries
 
 REPORT_FRESH = 3.0   # seconds: an older in-flight report is a balancer gone away
 DEPLOY_RISE = 1      # good answers in a row without a `health` (with one: its `rise`)
@@ -125,13 +125,16 @@ def addresses(entries: list[Any]) -> list[str]:
 
 def switched_rule(before: Mapping[str, Any], to: list[Any], since: float,
                   warmup: float) -> dict[str, Any]:
-    """The rule after the switch from `before` to the backends `to`."""
+    """The rule after the switch from `before` to the backends `to`: a proxy
+    rule keeps every field, another rule the fields that are not its action's
+    (bug: only ``subdomains`` was kept, so a deploy from a holding page dropped
+    its ``https_redirect``, ``hsts``, ``limits`` and ``"tls": "acme"``)."""
     if before.get("action") == "proxy":
         rule = {k: v for k, v in before.items() if k != "draining"}
         old = list(before.get("backends", ()))
     else:
-        rule = {"action": "proxy", **({"subdomains": before["subdomains"]}
-                                      if "subdomains" in before else {})}
+        rule = {k: v for k, v in before.items() if k in COMMON_KEYS}
+        rule["action"] = "proxy"
         old = []
     rule["backends"] = list(to)
     new = set(addresses(to))

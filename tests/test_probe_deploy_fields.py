@@ -1,0 +1,54 @@
+"""Probe of a deploy's switch from a rule without backends (SPEC §10): a host that
+began as a holding page (``static``) or a held start (``spin``) with its HTTPS,
+HSTS, ACME and rate-limit fields, deployed onto its first backends.
+
+Found and fixed: the switched rule kept only ``subdomains`` of such a rule, so
+the deploy silently dropped ``https_redirect`` (plain HTTP served again),
+``hsts``, ``limits`` and ``"tls": "acme"`` (the certificate no longer renewed:
+it expired weeks later). Every field that is not the action's own is kept now,
+as a deploy from a proxy rule keeps them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import Backend, Balancer, request
+from tests.test_deploys import HOST, deploy, finished
+
+# the rule's fields that are not its action's (`balancer.rules.COMMON_KEYS`)
+FIELDS: dict[str, Any] = {"https_redirect": True, "hsts": 600, "tls": "acme",
+                          "limits": {"rate": 1000, "burst": 1000,
+                                     "max_connections_per_client": 50}}
+ACME_NOWHERE = '[acme]\ndirectory = "http://127.0.0.1:1/directory"\n'  # refused at once
+
+
+@pytest.fixture
+def b() -> Iterator[Backend]:
+    backend = Backend("b")
+    yield backend
+    backend.stop()
+
+
+@pytest.mark.parametrize(("before", "fields"), [
+    ({"action": "static", "body": "soon"}, FIELDS),
+    ({"action": "spin", "timeout": 30}, FIELDS),
+    ({"action": "static", "body": "soon"}, {"subdomains": True, "https_redirect": True}),
+])
+def test_a_deploy_from_a_rule_without_backends_keeps_its_fields(
+        tmp_path: Path, b: Backend, before: dict[str, Any], fields: dict[str, Any]) -> None:
+    lb = Balancer(tmp_path, {HOST: {**before, **fields}}, config=ACME_NOWHERE)
+    try:
+        record = finished(lb, deploy(lb, {"backends": [b.address], "warmup": 0})["id"])
+        assert record["state"] == "done", record
+        rule = lb.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"]
+        assert rule == {"action": "proxy", "backends": [b.address], **fields}
+        status, headers, _ = request(lb.port, path="/x?y=1")
+        assert (status, headers["location"]) == (308, f"https://{HOST}/x?y=1")
+        assert request(lb.port, path="/.well-known/acme-challenge/t")[0] != 308
+    finally:
+        lb.stop()
