@@ -7,8 +7,11 @@ the p50/p99 latency of those requests (from the histograms' deltas).
 
 Invariants:
 * Memory is fixed per host: a ring of `POINTS` float32 values per series,
-  at most `MAX_HOSTS` hosts (the others are left out and counted); a host
-  that leaves the stats leaves the history.
+  at most `MAX_HOSTS` hosts (past that the busiest, by requests completed;
+  the others are left out and counted); a host that leaves the stats leaves
+  the history. The whole balancer's series count every host, those left out
+  too (bug: only the hosts kept, so past `MAX_HOSTS` a part of the traffic
+  was shown as the whole).
 * A counter that went down (counters of a worker not yet folded, a host
   re-added) yields a gap (null), never a negative rate.
 * It survives a reload of the workers and of the management process itself:
@@ -83,13 +86,13 @@ class History:
     def sample(self, snapshot: dict[str, Any], now: float) -> None:
         """Record one point from a merged stats snapshot taken at `now` (unix time)."""
         hosts = snapshot.get("hosts", {})
-        keys = sorted(hosts)[:MAX_HOSTS]
+        every = {key: _counters(h) for key, h in hosts.items()}
         # The snapshot holds the hosts that have seen a request (`Runtime.stats` with
         # "active"): one the previous sample lacked, when it left none out, was idle.
         idle = IDLE if not self.left_out else None
         self.left_out = max(0, len(hosts) - MAX_HOSTS)
-        counters = {key: _counters(hosts[key]) for key in keys}
-        counters[TOTAL] = _total(counters.values())
+        counters = {key: every[key] for key in _busiest(every)}
+        counters[TOTAL] = _total(every.values())
         seconds = now - self.last_time if self.last_time else 0.0
         i = self.head
         for key in list(self.rings):
@@ -239,6 +242,15 @@ def _counters(h: dict[str, Any]) -> dict[str, Any]:
     return {"completed": h.get("completed_requests", 0),
             "errors": h.get("responses", {}).get("5xx", 0),
             "buckets": h.get("duration", {}).get("buckets") or []}
+
+
+def _busiest(every: dict[str, dict[str, Any]]) -> list[str]:
+    """The hosts kept: all of them up to `MAX_HOSTS`, else the `MAX_HOSTS` that
+    completed the most requests (bug: the first in alphabetical order, so a
+    busy host named late had no history while hosts with one request did)."""
+    if len(every) <= MAX_HOSTS:
+        return list(every)
+    return sorted(every, key=lambda key: (-every[key]["completed"], key))[:MAX_HOSTS]
 
 
 def _total(all_counters: Any) -> dict[str, Any]:
