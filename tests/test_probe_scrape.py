@@ -78,19 +78,24 @@ def test_a_scrape_of_thousands_of_hosts_leaves_the_management_api_answering(
 
     scraper = threading.Thread(target=scrape)
     waits = []
+    began = time.monotonic()
     scraper.start()
     while scraper.is_alive() and len(waits) < 10_000:
         start = time.monotonic()
         assert get(busy.mport, "/healthz", timeout=30)[0] == 200
         waits.append(time.monotonic() - start)
     scraper.join(timeout=60)
+    took = time.monotonic() - began
     status, body = scraped["answer"]
     assert status == 200
     series = samples(body.decode())
     counted = {dict(labels)["host"] for name, labels in series
                if name == "balancer_requests_total"}
     assert len(counted) == HOSTS
-    assert max(waits) < 1.0, (max(waits), len(waits))
+    # answered all along: never held for most of the scrape (before: for all of its
+    # text, 3.5 s of a 4 s scrape on a quiet machine); a share, not seconds, as a
+    # machine busy with other work slows both alike
+    assert max(waits) < 0.4 * took, (max(waits), took, len(waits))
 
 
 def test_a_second_scrape_is_as_live(busy: Balancer) -> None:
