@@ -4,14 +4,18 @@ warmup → drain, run by a `management.deploys.Deployer` in its own thread.
 Invariants (the `Deployer`'s, step by step):
 * ready writes nothing to the table; the new backends are checked at once and
   the step ends by `ready_timeout` after the deploy started whatever they do
-  (`deploy_steps.probe_all`), resumed by another process or not.
+  (`deploy_steps.probe_all`), resumed by another process or not, or at once
+  when the host's rule changes or goes meanwhile (the deploy fails as the
+  switch would fail it: changing or deleting the host is how an operator
+  stops a deploy that waits for backends that will never be ready).
 * switch is one conditional write of the host's rule, made only while the rule
   is still the one the deploy started from; a write whose answer was lost is
   recognised by its rule (its `since`), never taken for someone else's change.
 * warmup only waits; drain waits for every live balancer's in-flight counts on
   the old backends to reach zero, or `drain_timeout`, then removes `draining`
   from the rule if it is still this deploy's.
-* Every store call goes through `Deployer.patiently` (an outage waited out).
+* Every store call goes through `Deployer.patiently` (an outage waited out),
+  but the ready step's look at the rule, which an outage just skips.
 * A step's times are the record's wall-clock times (any process may resume
   the deploy), but a step waits on the monotonic clock (`local_deadline`),
   never longer than the step's own setting: a wall clock set back or ahead
@@ -23,7 +27,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from balancer.stores import HostRule, VersionConflict
+from balancer.stores import CorruptStore, HostRule, StoreUnavailable, VersionConflict
 from management.deploy_steps import (
     NOT_CHECKED,
     PROBE_LEAST,
@@ -124,6 +128,9 @@ class Run:
                     pending[address], problems[address] = 0, problem
             if not pending:
                 break
+            if self._rule_changed():  # (bug: waited out `ready_timeout` all the same, the
+                raise DeployFailed("the host's rule changed during the deploy; nothing "
+                                   "was switched")  # host refusing new deploys 409 meanwhile)
             self.deployer.pause(min(config.interval, max(0.0, deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 why = "; ".join(f"{a}: {problems.get(a, 'not up yet')}" for a in pending)
@@ -168,6 +175,19 @@ class Run:
         found: HostRule = self.deployer.patiently(
             self.record, "read the rule", lambda: self.deployer.store.host_rule(self.host))
         return found
+
+    def _rule_changed(self) -> bool:
+        """Whether the host's rule is no longer the one the deploy started from (a
+        store that cannot answer now tells nothing: the switch reads it again,
+        patiently); `DeployFailed` naming the loss when the store lost its table."""
+        try:
+            rule = self.deployer.store.host_rule(self.host).rule
+        except (StoreUnavailable, CorruptStore):
+            return False
+        if rule == self.record["before"]:
+            return False
+        self._not_lost()
+        return True
 
     def write(self, rule: dict[str, Any], if_version: int) -> int:
         """Write the host's `rule` if the table is at `if_version`, an outage waited

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Backend, Balancer, request
+from tests.support import Backend, Balancer, dead_address, request
 from tests.test_deploys import HOST, deploy, finished
 
 # the rule's fields that are not its action's (`balancer.rules.COMMON_KEYS`)
@@ -50,5 +50,28 @@ def test_a_deploy_from_a_rule_without_backends_keeps_its_fields(
         status, headers, _ = request(lb.port, path="/x?y=1")
         assert (status, headers["location"]) == (308, f"https://{HOST}/x?y=1")
         assert request(lb.port, path="/.well-known/acme-challenge/t")[0] != 308
+    finally:
+        lb.stop()
+
+
+@pytest.mark.parametrize("change", ["DELETE", "PUT"])
+def test_a_rule_changed_during_the_ready_step_ends_the_deploy_at_once(
+        tmp_path: Path, b: Backend, change: str) -> None:
+    """An operator stopping a deploy to a backend that will never answer (a typo,
+    a long `ready_timeout`): the host's rule changed or deleted ends it within a
+    probe round, and the host takes a new deploy; before, it waited out the whole
+    `ready_timeout`, refusing new deploys 409 meanwhile."""
+    lb = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [b.address]}})
+    try:
+        record = deploy(lb, {"backends": [dead_address()], "ready_timeout": 600})
+        rule = {"action": "static", "body": "kept"} if change == "PUT" else None
+        assert lb.api(change, f"/api/v1/hosts/{HOST}", rule)[0] == 200
+        ended = finished(lb, record["id"], timeout=10)
+        assert ended["state"] == "failed" and "changed during the deploy" in ended["error"]
+        assert "nothing was switched" in ended["error"]
+        if change == "PUT":
+            assert lb.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"] == rule
+            again = deploy(lb, {"backends": [b.address], "warmup": 0})
+            assert finished(lb, again["id"])["state"] == "done"
     finally:
         lb.stop()
