@@ -51,18 +51,21 @@ BACKEND_UP = ("balancer_backend_up", "gauge", "1 when the backend is considered 
 def per_host_text(hosts: dict[str, Any], pause: Callable[[], None]) -> bytes:
     """The per-host then per-backend families of `hosts` (a stats snapshot's)."""
     rows: list[Host] = [(escape(host), h) for host, h in sorted(hosts.items())]
-    out: list[str] = []
+    done: list[bytes] = []  # each slice's text, encoded (~60 B a line, not a str of ~110)
     families: list[tuple[tuple[str, str, str], Callable[[list[str], Host], None]]] = [
         (REQUESTS, _codes), (DURATION, _duration),
         *(((name, kind, doc), _field(name, field)) for name, kind, doc, field in PER_HOST),
         (BACKEND_REQUESTS, _outcomes), (BACKEND_UP, _up)]
     for (name, kind, doc), write in families:
-        out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
+        out = [f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"]
         for number, row in enumerate(rows, 1):
             write(out, row)
             if number % HOSTS_PER_PAUSE == 0:
+                done.append("".join(out).encode())
+                out = []
                 pause()
-    return "".join(out).encode()
+        done.append("".join(out).encode())
+    return b"".join(done)
 
 
 def _codes(out: list[str], row: Host) -> None:
