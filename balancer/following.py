@@ -168,8 +168,12 @@ class TableFollower:
                     log.error("store version %s rejected, keeping version %s: %s",
                               change.version, current.version, "; ".join(exc.problems))
                     return False
-                self.install(table, change.hosts)
-                return True
+                if not change.counts_otherwise(table.size):
+                    self.install(table, change.hosts)
+                    return True
+                log.warning("store version %d holds %d hosts, but this worker's table would "
+                            "hold %d with its change: reading the whole table", change.version,
+                            change.count, table.size)
             return self.apply(self.store.load())
 
     def _diff(self, current: RoutingTable, hosts: Mapping[str, Any]

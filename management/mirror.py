@@ -131,10 +131,15 @@ class Mirror:
                 # the change names every host written after the version held (a write
                 # of its own noted while the watcher read the hosts: bug, that read
                 # the whole table); one up to the version held changes nothing
-                if item.version > self.table.version:
-                    self._install(item.version, _changed(self.table.hosts, item.hosts),
-                                  item.hosts)
-                return
+                if item.version <= self.table.version:
+                    return
+                hosts = _changed(self.table.hosts, item.hosts)
+                if not item.counts_otherwise(len(hosts)):
+                    self._install(item.version, hosts, item.hosts)
+                    return
+                log.warning("store version %d holds %d hosts, but the table with its change "
+                            "would hold %d: reading the whole table", item.version,
+                            item.count, len(hosts))
             try:
                 item = self.store.load()
             except StoreError as exc:

@@ -77,11 +77,23 @@ class HostRule:
 @dataclass(frozen=True)
 class TableChange:
     """The hosts one or more consecutive writes changed, up to `version`:
-    HOST → rule, or None for a deleted host. `base` is the version it applies on."""
+    HOST → rule, or None for a deleted host. `base` is the version it applies on.
+    `count`: how many hosts the store holds at `version`, when read with the
+    hosts; a table that counts otherwise once changed is not the store's (it
+    lost hosts without a version going back: `counts_otherwise`)."""
 
     version: int
     base: int
     hosts: Mapping[str, Any] = field(default_factory=dict)
+    count: int | None = None
+
+    def counts_otherwise(self, size: int) -> bool:
+        """Whether a table of `size` hosts with this change is not the store's: read
+        it whole. Bug: Redis flushed under a balancer serving version N, then a
+        balancer that knew no version wrote hosts one at a time from 1; at N + 1 the
+        first balancer applied that host on its lost table and served the mix, at
+        the store's version, with no problem reported."""
+        return self.count is not None and size != self.count
 
 
 class StoreError(Exception):

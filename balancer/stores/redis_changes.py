@@ -74,6 +74,7 @@ class Seen:
     delay: float = BACKOFF_FIRST
     stranger_told: bool = False  # a message that is no version was logged
     bare_heard: int = -1  # the highest whole-table write's version heard (`_catch_up`)
+    back_until: int = -1  # the store went back from it: read whole until past it
 
 
 class RedisChanges(Store):
@@ -98,6 +99,19 @@ class RedisChanges(Store):
         """Apply what `messages` announce: only the hosts they name when they follow on
         the version served, else the whole table."""
         if not messages:
+            return
+        back = inbox.went_back()
+        if back is not None:
+            log.warning("%s: a write announced version %d after version %d: the store went "
+                        "back (flushed, or restarted without its data) and is written again; "
+                        "reading the whole table at each write until it passes version %d",
+                        self.display_url, *back, back[1])
+            seen.back_until = max(seen.back_until, back[1])
+        if seen.back_until >= 0:  # the table served is not the store's at any version
+            # up to it: only a whole read past it is (its hosts are then taken whole)
+            self._reload(inbox, on_change, seen, problems, served)
+            if seen.delivered_version > seen.back_until:
+                seen.back_until = -1
             return
         if self._writes_in_flight and any(map(is_bare_version, messages)):
             self._own_writes_done()
@@ -204,7 +218,7 @@ class RedisChanges(Store):
         `version` (other hosts may have changed since: their messages are needed);
         None when the store is behind, or a rule does not validate (the whole reload
         reports it)."""
-        found, texts, _ = self._hosts_at(hosts)
+        found, texts, count = self._hosts_at(hosts)
         if found != version:
             return found if found > version else None
         rules: dict[str, Any] = {}
@@ -219,7 +233,7 @@ class RedisChanges(Store):
             except (ValueError, RecursionError):
                 return None  # unreadable: the whole table is read and reported
         self.raise_floor(version)
-        return TableChange(version, base, rules)
+        return TableChange(version, base, rules, count)
 
     def _scan_caught_up(self, inbox: Inbox, raw_hosts: dict[str, str], start_raw: Any,
                         after_raw: Any) -> str | None:
