@@ -111,7 +111,8 @@ class RedisWatching(RedisChanges):
                         log.info("%s: the sentinels name a new master; following it",
                                  self.display_url)
                         return  # subscribe again, to the new master
-                    self._resync(inbox, on_change, seen, problems, served)
+                    if self._resync(inbox, on_change, seen, problems, served):
+                        return  # a message lost: subscribe again, on a new connection
                     next_check = time.monotonic() + self.resync_interval
         finally:
             pubsub.close()
@@ -134,8 +135,13 @@ class RedisWatching(RedisChanges):
         return True
 
     def _resync(self, inbox: Inbox, on_change: Callable[[Any], None], seen: Seen,
-                problems: ProblemLog, served: Callable[[], int] | None) -> None:
-        """Reload if the version moved without a message reaching us. The write's
+                problems: ProblemLog, served: Callable[[], int] | None) -> bool:
+        """Reload if the version moved without a message reaching us; whether it did
+        (a message lost: the subscription is not to be trusted. Bug: a network that
+        dropped the idle subscription without a word, a NAT's or a firewall's idle
+        timeout, left it dead for good while the version checks' connection worked:
+        every later write was found by the check, up to `resync_interval` late, and
+        read whole). The write's
         messages left Redis before the answer to the ``GET`` that found it moved (its
         ``PUBLISH`` ran in the write's transaction), but on the other connection, so
         they may still be on their way: the messages that come within
@@ -146,17 +152,18 @@ class RedisWatching(RedisChanges):
         with self._talking("read"):
             version = self.client.get(self.version_key)
         if version == seen.version:
-            return
+            return False
         if served is not None and version is not None and version == str(served()):
             seen.version = version  # applied from a direct message
-            return
+            return False
         messages = inbox.within(MESSAGE_LAG)
         if messages:
             self._catch_up(inbox, messages, on_change, seen, problems, served)
-            return  # (the next tick looks again, should they not reach that version)
-        log.info("%s: version moved to %s without a message; resyncing",
-                 self.display_url, version)
+            return False  # (the next tick looks again, should they not reach that version)
+        log.info("%s: version moved to %s without a message; resyncing and subscribing "
+                 "again", self.display_url, version)
         self._reload(inbox, on_change, seen, problems, served)
+        return True
 
     def whole_load_since(self) -> float | None:
         return self._whole_since if self._whole_loads else None
