@@ -14,10 +14,16 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import redis
 from redis.exceptions import RedisError, WatchError
+from redis.sentinel import MasterNotFoundError
+
+# what redis-py's MasterNotFoundError says of each sentinel that failed: its client's
+# repr (1.5 KB of pool internals), then the error's class and text
+_SENTINEL_ERROR = re.compile(r"\)> - [\w:.]+?: (.*?)(?=, <redis\.|$)")
 
 
 def is_wrong_type(exc: BaseException) -> bool:
@@ -71,7 +77,26 @@ def why(exc: BaseException) -> str:
     if isinstance(exc, redis.AuthenticationError):
         return (f"{exc} (Redis refused this client's password, or it has none: give it in "
                 f"store.url, redis://[user]:PASSWORD@host:port/db)")
+    if isinstance(exc, MasterNotFoundError):
+        return _no_master(str(exc))
     return str(exc)
+
+
+def _no_master(text: str) -> str:
+    """redis-py's "No master found for 'mm' : <client repr> - ConnectionError: Error
+    111 ..., <client repr> - ..." in a line: the sentinels' errors alone, or what to
+    check when every sentinel answered. Bug: with every sentinel down, the store's
+    problem (log, /api/v1/info, each write's 503) was 1.5 KB of redis-py's pool
+    internals per sentinel."""
+    head, _, rest = text.partition(" : ")
+    causes = list(dict.fromkeys(_SENTINEL_ERROR.findall(rest)))
+    if causes:
+        return f"{head} (the sentinels: {'; '.join(causes)})"
+    if rest:
+        return text
+    return (f"{head}: no sentinel names a master of that service that is up (they monitor "
+            f"no such service: check its name in store.url, "
+            f"redis+sentinel://host:port/SERVICE/db; or its master is down)")
 
 
 def utf8(text: str, host: str = "") -> str:
