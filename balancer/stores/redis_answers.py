@@ -79,6 +79,9 @@ def why(exc: BaseException) -> str:
                 f"store.url, redis://[user]:PASSWORD@host:port/db)")
     if isinstance(exc, MasterNotFoundError):
         return _no_master(str(exc))
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return (f"{exc} (the balancer does not trust Redis's certificate: give the CA "
+                f"that signed it in store.url, rediss://host:port/db?ssl_ca_certs=/path/ca.pem)")
     return str(exc)
 
 
