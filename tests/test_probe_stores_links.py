@@ -13,6 +13,11 @@ subscribed, leaving them open.
   write for good (at 100,000 hosts, 3-15 s of CPU in each worker, each time).
   Now a version check that finds a write whose message never came subscribes
   again, on a new connection: the next writes are applied from their messages.
+* A Redis that refuses ``SUBSCRIBE`` (disabled with ``rename-command``; an ACL
+  user without channel permissions answers ``NOPERM`` the same way; a proxy
+  without pub/sub) had every watcher report the store unreachable and
+  reconnect with backoff for good: another balancer's write was never served.
+  Now the refusal is logged once and the table followed by the version checks.
 """
 
 from __future__ import annotations
@@ -99,6 +104,28 @@ def dropping(redis_factory: Callable[[], RedisServer]) -> Iterator[tuple[RedisSe
     proxy = SilentDrop(redis.port)
     yield redis, proxy
     proxy.close()
+
+
+def test_a_redis_that_refuses_subscribe_is_followed_by_its_version(
+        tmp_path: Path, redis_factory: Callable[[], RedisServer]) -> None:
+    redis = redis_factory()
+    redis.stop()
+    redis.start("--rename-command", "SUBSCRIBE", "")
+    balancer = Balancer(tmp_path, args=["--workers", "2"], store=redis.url,
+                        env={"BALANCER_STORE_RESYNC_INTERVAL": str(RESYNC)})
+    writer = RedisStore(redis.url)  # another balancer's management process
+    try:
+        for n in range(2):
+            writer.put_host("a.test", static(f"a{n}"))
+            body = f"a{n}".encode()
+            wait_for(lambda body=body: all(request(balancer.port, host="a.test")[2] == body
+                                           for _ in range(4)), what=f"write {n} served")
+        assert balancer.store_problem() == ""
+        # told once, by the management process (workers log their store's news quietly)
+        assert balancer.output().count("Redis refused to subscribe") == 1
+    finally:
+        writer.close()
+        balancer.stop()
 
 
 def static(body: str) -> dict[str, Any]:

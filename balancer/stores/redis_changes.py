@@ -75,6 +75,7 @@ class Seen:
     stranger_told: bool = False  # a message that is no version was logged
     bare_heard: int = -1  # the highest whole-table write's version heard (`_catch_up`)
     back_until: int = -1  # the store went back from it: read whole until past it
+    unsubscribed_told: bool = False  # Redis's refusal of SUBSCRIBE was logged
 
 
 class RedisChanges(Store):

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from balancer.big_loads import loading
 from balancer.stores.base import CorruptStore, ProblemLog, StoreUnavailable, TableData
-from balancer.stores.redis_answers import why
+from balancer.stores.redis_answers import is_refusal, why
 from balancer.stores.redis_changes import BACKOFF_FIRST, MESSAGE_LAG, RedisChanges, Seen
 from balancer.stores.redis_messages import Inbox
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("balancer.store.redis")
 
 WAIT_TICK = 0.25          # longest wait for a message before checking stop() again
+SUBSCRIBED_WAIT = 2.0     # s the first answer to SUBSCRIBE is waited for, at most
 BACKOFF_CAP = 5.0
 
 
@@ -93,10 +94,13 @@ class RedisWatching(RedisChanges):
     def _follow(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
                 seen: Seen, problems: ProblemLog, served: Callable[[], int] | None) -> None:
         """Subscribe, load, then apply messages and resync ticks until `stop()`."""
-        pubsub = self.client.pubsub()  # (its replies to SUBSCRIBE: dropped by the inbox)
-        inbox = Inbox(pubsub, self.hosts_channel)
+        pubsub: Any = self.client.pubsub()  # (its replies to SUBSCRIBE: dropped by the inbox)
         try:
             pubsub.subscribe(self.channel, self.hosts_channel)
+            if not self._subscribed(pubsub, seen):
+                pubsub.close()
+                pubsub = NoMessages()
+            inbox = Inbox(pubsub, self.hosts_channel)
             if not self._serves_already(seen, served):
                 self._reload(inbox, on_change, seen, problems, served)
             seen.delay = BACKOFF_FIRST
@@ -111,11 +115,36 @@ class RedisWatching(RedisChanges):
                         log.info("%s: the sentinels name a new master; following it",
                                  self.display_url)
                         return  # subscribe again, to the new master
-                    if self._resync(inbox, on_change, seen, problems, served):
-                        return  # a message lost: subscribe again, on a new connection
+                    if self._resync(inbox, on_change, seen, problems, served) \
+                            and not isinstance(pubsub, NoMessages):
+                        log.info("%s: a message was lost: subscribing again, on a new "
+                                 "connection", self.display_url)
+                        return
                     next_check = time.monotonic() + self.resync_interval
         finally:
             pubsub.close()
+
+    def _subscribed(self, pubsub: Any, seen: Seen) -> bool:
+        """Whether Redis took the subscription: False when it refused ``SUBSCRIBE``
+        (a Redis that disabled it, ``rename-command SUBSCRIBE ""``; a proxy without
+        pub/sub), told once: the table is then followed by the version checks alone.
+        Bug: the refusal, raised at the first look for a message, was taken for
+        Redis unreachable, and the watcher reconnected with backoff for good: other
+        balancers' writes were never served."""
+        try:
+            pubsub.get_message(timeout=SUBSCRIBED_WAIT)  # its answer (dropped) or error
+        except RedisError as exc:
+            if not is_refusal(exc):
+                raise
+            if not seen.unsubscribed_told:
+                seen.unsubscribed_told = True
+                log.log(logging.DEBUG if self.quiet else logging.WARNING,
+                        "%s: Redis refused to subscribe to %s (%s): following the table by "
+                        "its version alone, looked at every %g s (store.resync_interval), "
+                        "each change read whole", self.display_url, self.channel, why(exc),
+                        self.resync_interval)
+            return False
+        return True
 
     def _serves_already(self, seen: Seen, served: Callable[[], int] | None) -> bool:
         """Whether the consumer serves the version the store is at (loaded at start,
@@ -160,8 +189,8 @@ class RedisWatching(RedisChanges):
         if messages:
             self._catch_up(inbox, messages, on_change, seen, problems, served)
             return False  # (the next tick looks again, should they not reach that version)
-        log.info("%s: version moved to %s without a message; resyncing and subscribing "
-                 "again", self.display_url, version)
+        log.info("%s: version moved to %s without a message; resyncing",
+                 self.display_url, version)
         self._reload(inbox, on_change, seen, problems, served)
         return True
 
@@ -203,6 +232,17 @@ class RedisWatching(RedisChanges):
             on_change(data)
         except Exception:
             log.exception("applying version %s from %s failed", data.version, self.display_url)
+
+
+class NoMessages:
+    """The subscription of a Redis that refused ``SUBSCRIBE``: no message ever comes
+    (`RedisWatching._subscribed`)."""
+
+    def get_message(self, timeout: float = 0.0) -> None:
+        time.sleep(timeout)
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 def _sleep(seconds: float, stop: Callable[[], bool]) -> None:
