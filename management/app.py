@@ -55,7 +55,9 @@ from management.http import (
     check_token,
     error_response,
     json_response,
+    path_arguments,
     read_json,
+    route_path,
     version_headers,
 )
 from management.mirror import Mirror
@@ -155,12 +157,13 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
 
     def dispatch(self, request: Request) -> Response:
         """The response to one request; every error is turned into JSON here."""
+        path = route_path(request.environ)  # (encoded: `management.http`'s invariant)
         try:
-            if not _is_public(request.path):
+            if not _is_public(path):
                 check_token(request, self.token)
             check_query(request)
-            endpoint, args = URL_MAP.bind_to_environ(request.environ).match()
-            return getattr(self, f"on_{endpoint}")(request, **args)
+            endpoint, args = URL_MAP.bind_to_environ(request.environ).match(path)
+            return getattr(self, f"on_{endpoint}")(request, **path_arguments(args))
         except ApiError as exc:
             return error_response(exc)
         except (StoreUnavailable, CorruptStore, VersionConflict, StoreLost, CertsCorrupt,
@@ -169,16 +172,16 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         except MethodNotAllowed as exc:
             allowed = ", ".join(sorted(exc.valid_methods or ()))
             return error_response(ApiError(405, "method_not_allowed",
-                                           f"{request.method} is not allowed on {request.path}",
+                                           f"{request.method} is not allowed on {path}",
                                            headers={"Allow": allowed}))
         except NotFound:
-            return error_response(ApiError(404, "not_found", f"no route {request.path}"))
+            return error_response(ApiError(404, "not_found", f"no route {path}"))
         except HTTPException as exc:
             return error_response(ApiError(exc.code or 400, "bad_request",
                                            "the request could not be read",
                                            [exc.description or exc.name]))
         except Exception:
-            log.exception("management %s %s failed", request.method, request.path)
+            log.exception("management %s %s failed", request.method, path)
             return error_response(ApiError(500, "internal_error",
                                            "internal error; see the balancer log"))
 

@@ -110,7 +110,7 @@ def follow(client: Any, record: dict[str, Any], show: Progress | None) -> dict[s
         if record["state"] != "running" or time.monotonic() > deadline:
             return record
         time.sleep(POLL)
-        record = client.call("GET", f"/api/v1/deploys/{quote(record['id'])}")["deploy"]
+        record = client.call("GET", f"/api/v1/deploys/{quote(record['id'], safe='')}")["deploy"]
 
 
 def _timing(settings: dict[str, Any], key: str) -> float:

@@ -7,6 +7,11 @@ Invariants:
   runs, `management.server`).
 * A request body is read at most `MAX_BODY` bytes (+1 to detect excess); a
   larger body is answered 413 before any of it is parsed.
+* Routes match the request target's path as sent (`route_path`: the server's
+  raw target, ``REQUEST_URI`` or ``RAW_URI``), its percent-encoding kept; each
+  matched segment is decoded alone afterwards (`path_arguments`). Bug: the path
+  was decoded before routing, so ``DELETE /api/v1/hosts/a.test%2Fbackends%2FADDR``
+  removed a backend: an encoded ``/`` (or ``?``, ``#``) never changes the route.
 * A body is strict JSON: NaN, Infinity, numbers too large for a float and
   integers longer than `MAX_INT_DIGITS` digits are 400 `invalid_json`, and so
   is nesting deeper than `MAX_DEPTH`, checked
@@ -24,6 +29,7 @@ import re
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from werkzeug.security import safe_join
 from werkzeug.wrappers import Request, Response
@@ -68,6 +74,33 @@ def check_query(request: Request) -> None:
         request.query_string.decode()
     except UnicodeDecodeError:
         raise bad_request(["the query string is not UTF-8 (percent-encode its bytes)"]) from None
+
+
+def route_path(environ: dict[str, Any]) -> str:
+    """The path routes match: the request target's as the client sent it, percent
+    escapes kept (``REQUEST_URI`` or ``RAW_URI``: werkzeug, gunicorn, uWSGI and
+    `management.server` give one). A server that gives neither leaves only the
+    decoded ``PATH_INFO``, encoded again: there an encoded ``/`` cannot be told
+    from a ``/``."""
+    target = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+    if not target:
+        return quote(environ.get("PATH_INFO", "").encode("latin-1"), safe="/:@!$&'()*+,;=[]~")
+    if not target.startswith("/"):  # absolute-form (RFC 9112 §3.2.2)
+        return urlsplit(target).path or "/"
+    return target.partition("?")[0]
+
+
+def path_arguments(args: dict[str, Any]) -> dict[str, Any]:
+    """The segments a route matched (`route_path`, still percent-encoded), each
+    decoded as UTF-8 alone; 400 `bad_request` for one that is not UTF-8."""
+    decoded = {}
+    for name, value in args.items():
+        try:
+            decoded[name] = unquote_to_bytes(value.encode("latin-1")).decode("utf-8")
+        except UnicodeError:
+            raise bad_request([f"{name.upper()}: the path is not UTF-8 (percent-encode "
+                               "its bytes as UTF-8)"], "the path") from None
+    return decoded
 
 
 def encode_json(body: Any) -> bytes:

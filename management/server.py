@@ -74,7 +74,18 @@ class BoundedHead:
         return line
 
 
-class ManagementHandler(WSGIHandler):
+class RawTargetHandler(WSGIHandler):
+    """gevent's handler, giving the app the request target as sent (``REQUEST_URI``
+    and ``RAW_URI``, as werkzeug's and gunicorn's servers do): the API routes by
+    its path, percent-encoding kept (`management.http.route_path`)."""
+
+    def get_environ(self) -> dict[str, Any]:
+        env: dict[str, Any] = super().get_environ()
+        env["REQUEST_URI"] = env["RAW_URI"] = self.path
+        return env
+
+
+class ManagementHandler(RawTargetHandler):
     """One management connection with the deadlines and limits above."""
 
     server: ManagementServer

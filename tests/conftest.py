@@ -263,7 +263,10 @@ class LiveWsgi:
         import gevent
         from gevent.pywsgi import WSGIServer
 
-        self._server = WSGIServer(("127.0.0.1", 0), self.app, log=None)
+        from management.server import RawTargetHandler  # (the target as sent, as served)
+
+        self._server = WSGIServer(("127.0.0.1", 0), self.app, log=None,
+                                  handler_class=RawTargetHandler)
         self._server.start()
         # pywsgi sends headers and body in two writes: without TCP_NODELAY (inherited
         # by accepted sockets) every keep-alive response waits ~40 ms on a delayed ACK
