@@ -19,6 +19,8 @@ defect found and fixed (each test fails without its fix):
   0.1 s: the watcher left, came back after its backoff, found the version it
   served and cleared the problem without reading the table; `store.problem` and
   `balancer_store_up` then said all was well while the damage stayed.
+* A Redis version repaired by hand to the version served stayed reported until
+  the next write: the resync tick took it for a write told directly.
 """
 
 from __future__ import annotations
@@ -144,6 +146,30 @@ def test_a_redis_version_that_is_no_count_is_reported_and_followed_after(
     wait_for(lambda: bal.store_problem() == "", WAIT, what="the problem cleared")
     version = int(good) + 2  # above the change, never above the bad version
     assert bal.api("PUT", "/api/v1/hosts/b.test", STATIC) == (200, {"version": version})
+
+
+def test_a_redis_version_repaired_by_hand_to_the_version_served_clears_the_problem(
+        redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
+    """Bug: the resync tick that found ``NS:version`` back at the version served took it
+    as a write told directly and skipped the read: the problem stayed reported
+    (``store.problem``, ``balancer_store_up`` 0) until the next write, a reload too."""
+    redis = redis_factory()
+    bal = Balancer(tmp_path, None, store=redis.url,
+                   env={"BALANCER_STORE_RESYNC_INTERVAL": "0.2"})
+    try:
+        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+        raw = redis.client()
+        good = raw.get("balancer:version")
+        raw.set("balancer:version", "abc")  # no message: the resync tick finds it
+        wait_for(lambda: "is not an integer from 0 to" in bal.store_problem(), WAIT,
+                 what="the version reported")
+        wait_for(lambda: bal.store_up() == 0, WAIT, what="balancer_store_up 0")
+        raw.set("balancer:version", good)  # repaired by hand, no write after
+        wait_for(lambda: bal.store_problem() == "" and bal.store_up() == 1, WAIT,
+                 what="the repair seen")
+        assert serves(bal) and bal.version() == int(good)
+    finally:
+        bal.stop()
 
 
 def test_a_redis_key_of_the_wrong_type_is_a_corrupt_store(

@@ -177,12 +177,15 @@ class RedisWatching(RedisChanges):
         `MESSAGE_LAG` are applied instead (bug: a write whose message arrived
         just after the tick's ``GET``, the watch's wait for messages just over, was
         read as a lost message: the whole table read, at 100,000 hosts 1-2 s of CPU
-        in every worker)."""
+        in every worker). A version the consumer serves is not read again, unless a
+        problem is reported: only a read clears it (bug: ``NS:version`` repaired by
+        hand to the version served stayed reported until the next write)."""
         with self._talking("read"):
             version = self.client.get(self.version_key)
         if version == seen.version:
             return False
-        if served is not None and version is not None and version == str(served()):
+        if (served is not None and version is not None and version == str(served())
+                and self._problem is None):
             seen.version = version  # applied from a direct message
             return False
         messages = inbox.within(MESSAGE_LAG)
