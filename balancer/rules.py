@@ -10,6 +10,9 @@ Invariants:
   `content_type`, `health.path`) holds only visible ASCII (and spaces where
   the header allows them); a static `body` is any text that encodes as UTF-8:
   it is sent as the body, with its byte length as Content-Length.
+* A redirect's `to` is an ``http://`` or ``https://`` URL with a host, or a
+  relative reference (``/moved``, ``../x``, ``//host/x``); any other scheme
+  (``javascript:``, ``data:``...) is refused (`_redirect_target`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ ALGORITHMS = ("round_robin", "least_connections", "random_two", "ip_hash")
 REDIRECT_STATUSES = (301, 302, 307, 308)
 _LABEL = r"[a-z0-9_][a-z0-9_-]{0,62}"
 HOST_RE = re.compile(rf"^(\*|(\*\.)?{_LABEL}(\.{_LABEL})*\.?)$")
+# a URI's scheme (RFC 3986 §3.1), as a `to` that is not a relative reference begins
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+REDIRECT_SCHEMES = ("http", "https")  # the schemes a redirect's `to` may name
 MAX_HOST_LEN = 253
 MAX_HOLD = 86400   # seconds a request may be held (spin timeout, spin_when_down)
 MAX_CHECK = 3600   # seconds: the longest health check interval or timeout
@@ -388,7 +394,9 @@ def _validate_static(rule: Mapping[str, Any]) -> list[str]:
 
     problems = _status(rule, lambda s: 200 <= s <= 599, "an HTTP status from 200 to 599")
     if "page" in rule:
-        if rule["page"] not in PAGE_STATUS:
+        if not isinstance(rule["page"], str) or rule["page"] not in PAGE_STATUS:
+            # (bug: a list or an object raised TypeError: a 500, and the routes
+            # file's watcher ended)
             problems.append(f"page: must be one of {', '.join(sorted(PAGE_STATUS))}, "
                             f"got {rule['page']!r}")
         if "body" in rule:
@@ -416,11 +424,28 @@ def _validate_redirect(rule: Mapping[str, Any]) -> list[str]:
         problems.append("to: required for action 'redirect': the URL or path to send "
                         "clients to, e.g. \"to\": \"https://example.com\"")
     else:
-        problems += _header_text(rule, "to", None, "a URL or path without spaces",
-                                 "Location header")
+        problems += (_header_text(rule, "to", None, "a URL or path without spaces",
+                                  "Location header") or _redirect_target(rule["to"]))
     if "keep_path" in rule and not isinstance(rule["keep_path"], bool):
         problems.append("keep_path: must be true or false")
     return problems
+
+
+def _redirect_target(to: str) -> list[str]:
+    """Problems with a `to` in visible ASCII: a scheme other than http(s), or one
+    with no host after it. Bug: ``javascript:alert(1)`` and ``data:`` URLs were
+    sent as the Location (a script run by a browser that follows it)."""
+    scheme = _SCHEME.match(to)
+    if scheme is None:
+        return []  # a relative reference: a path, "?query", "//host/path"
+    name = scheme.group()[:-1].lower()
+    if name not in REDIRECT_SCHEMES:
+        return [f"to: the scheme {name!r} is not allowed: give an http:// or https:// "
+                f"URL, or a path such as /moved, got {to!r}"]
+    if not to[scheme.end():].startswith("//") or len(to) == scheme.end() + 2 \
+            or to[scheme.end() + 2] in "/?#":
+        return [f"to: an {name} URL needs a host ({name}://HOST/...), got {to!r}"]
+    return []
 
 
 def _validate_empty(rule: Mapping[str, Any]) -> list[str]:

@@ -480,17 +480,20 @@ class Balancer:
 
 
 
-def constants_prefix(values: dict[str, float], slow: dict[str, float] | None = None
-                     ) -> list[str]:
+def constants_prefix(values: dict[str, float], slow: dict[str, float] | None = None,
+                     fail: tuple[list[str], Path] | None = None) -> list[str]:
     """A `Balancer` prefix that starts it with module constants replaced
     (tests/set_constants/sitecustomize.py), e.g.
     ``{"management.history.INTERVAL": 1.0}``: the same code on a shorter clock;
-    and the functions named in `slow` made to sleep that many seconds first."""
+    the functions named in `slow` made to sleep that many seconds first; and
+    with `fail` (``(["module:Class.method"], FLAG)``) those raising while FLAG exists."""
     def joined(named: dict[str, float]) -> str:
         return ";".join(f"{name}={value}" for name, value in named.items())
 
+    calls, flag = fail if fail is not None else ([], Path("/nonexistent"))
     return ["env", f"PYTHONPATH={ROOT}{os.pathsep}{ROOT / 'tests' / 'set_constants'}",
-            f"SET_CONSTANTS={joined(values)}", f"SLOW_CALLS={joined(slow or {})}"]
+            f"SET_CONSTANTS={joined(values)}", f"SLOW_CALLS={joined(slow or {})}",
+            f"FAIL_CALLS={';'.join(calls)}", f"FAIL_WHILE={flag}"]
 
 def control_socket(pid: int) -> str:
     """The path of worker `pid`'s control socket (in the balancer's run directory)."""

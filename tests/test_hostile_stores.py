@@ -19,6 +19,9 @@ defect found and fixed (each test fails without its fix):
   0.1 s: the watcher left, came back after its backoff, found the version it
   served and cleared the problem without reading the table; `store.problem` and
   `balancer_store_up` then said all was well while the damage stayed.
+* An exception no branch of a store's watch expected (a bug) ended it for good,
+  silently: the store was no longer followed. Now it is a store problem,
+  logged once with its traceback, and the watch goes on after a pause.
 * A Redis version repaired by hand to the version served stayed reported until
   the next write: the resync tick took it for a write told directly.
 """
@@ -29,6 +32,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RedisServer
-from tests.support import Balancer, replace_file, request, wait_for
+from tests.support import Balancer, constants_prefix, replace_file, request, wait_for
 
 WAIT = 10.0
 STATIC = {"action": "static", "status": 200, "body": "hi"}
@@ -169,6 +173,46 @@ def test_a_redis_version_repaired_by_hand_to_the_version_served_clears_the_probl
                  what="the repair seen")
         assert serves(bal) and bal.version() == int(good)
     finally:
+        bal.stop()
+
+
+@pytest.mark.parametrize("kind", ["file", "redis"])
+def test_an_unexpected_exception_in_the_store_watcher_is_reported_and_followed_after(
+        kind: str, redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
+    """Bug: an exception no branch of the watch expects (a bug of ours) ended it: the
+    store was no longer followed, and nothing said so (``store.problem`` null,
+    ``balancer_store_up`` 1). The failure is scripted at the edge: the file's stat, or
+    the read of Redis's messages, raises while the flag file exists."""
+    flag = tmp_path / "fail"
+    edge = {"file": "balancer.stores.file:FileStore._signature",
+            "redis": "balancer.stores.redis_messages:Inbox.within"}[kind]
+    prefix = constants_prefix({"balancer.stores.base.RESTART_CAP": 1.0}, fail=([edge], flag))
+    redis = redis_factory() if kind == "redis" else None
+    bal = Balancer(tmp_path, {"app.test": STATIC} if redis is None else None,
+                   store=redis.url if redis else None, prefix=prefix)
+    try:
+        if redis is not None:
+            assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+        flag.touch()
+        failed = "the store's watcher failed unexpectedly (RuntimeError: scripted failure)"
+        wait_for(lambda: failed in bal.store_problem(), WAIT, what="the failure reported")
+        wait_for(lambda: bal.store_up() == 0, WAIT, what="balancer_store_up 0")
+        assert serves(bal)  # the last table rides it out
+        wait_for(lambda: bal.output().count("(RuntimeError: scripted failure)") >= 1, WAIT,
+                 what="the failure logged")
+        wait_for(lambda: "Traceback" in bal.output(), WAIT, what="its traceback")
+        time.sleep(1.5)  # several restarts meanwhile (each 1 s at most): not logged again
+        assert bal.output().count("(RuntimeError: scripted failure)") == 1  # management's
+        flag.unlink()
+        if redis is None:
+            bal.write_routes({"app.test": STATIC, "new.test": {**STATIC, "body": "new"}})
+        else:
+            publish_change(redis.client(), "new.test", "new")
+        wait_for(lambda: serves(bal, "new.test", b"new"), WAIT, what="the store followed")
+        wait_for(lambda: bal.store_problem() == "" and bal.store_up() == 1, WAIT,
+                 what="the problem cleared")
+    finally:
+        flag.unlink(missing_ok=True)
         bal.stop()
 
 

@@ -21,7 +21,7 @@ from balancer.settings_kinds import Integer, Number
 from balancer.stores import CorruptStore
 from balancer.stores.file import FileStore
 from management.app import URL_MAP, create_app
-from tests.support import Balancer, raw_exchange, request, split_responses
+from tests.support import Balancer, raw_exchange, request, split_responses, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 NOT_FINITE = (float("nan"), float("inf"), float("-inf"))
@@ -183,6 +183,8 @@ HOSTILE_BODIES: list[bytes] = [
     b'{"address": NaN}', b'{"address": "127.0.0.1:1", "weight": 1e999}',
     b'{"address": "127.0.0.1:1", "weight": NaN}', b'{"address": ["x"]}', b'{"address": {}}',
     b'"127.0.0.1:1"', b'{"address": "127.0.0.1:1", "weight": true}',
+    b'{"action": "static", "page": ["x"]}', b'{"action": "static", "page": {}}',
+    b'{"hosts": {"a.test": {"action": "static", "page": ["unknown"]}}}',
     b'{"a": "' + b"\\\"" * 40_000 + b'"}', b'"' + b'\\"' * 40_000,
 ]
 
@@ -331,3 +333,49 @@ def test_a_205_goes_out_without_content_and_a_path_kept_stays_a_path(tmp_path: P
     finally:
         balancer.stop()
 
+
+
+REDIRECTS_REFUSED = ["javascript:alert(1)", "JavaScript:alert(1)", "data:text/html,<script>",
+                     "vbscript:x", "ftp://example.com/", "example.com:8080/x", "http:/x",
+                     "https://", "http:///x"]
+
+
+@pytest.mark.parametrize("to", REDIRECTS_REFUSED)
+def test_a_redirect_to_another_scheme_or_no_host_is_refused(to: str) -> None:
+    """Bug: ``javascript:`` and ``data:`` targets were taken and sent as the Location."""
+    [problem] = validate_rule({"action": "redirect", "to": to})
+    assert problem.startswith("to: ") and repr(to) in problem
+
+
+@pytest.mark.parametrize("to", ["https://example.com", "HTTP://example.com:8080/x?y#z",
+                                "/moved", "../up", "moved", "?page=2", "//example.com/x"])
+def test_a_redirect_to_http_https_or_a_relative_reference_is_taken(to: str) -> None:
+    assert validate_rule({"action": "redirect", "to": to}) == []
+
+
+def test_a_stored_redirect_to_javascript_is_an_invalid_table(tmp_path: Path) -> None:
+    """Through the API a 400 naming the field; in the routes file (an older version's,
+    or edited by hand) the table is invalid: reported, the last good table served."""
+    good = {"r.test": {"action": "redirect", "to": "/moved"}}
+    balancer = Balancer(tmp_path, good)
+    try:
+        status, answer = balancer.api("PUT", "/api/v1/hosts/r.test",
+                                      {"action": "redirect", "to": "javascript:alert(1)"})
+        assert (status, answer["error"]) == (400, "invalid_rule"), answer
+        assert "the scheme 'javascript' is not allowed" in answer["details"][0]
+        balancer.write_routes({"r.test": {"action": "redirect", "to": "javascript:alert(1)"}})
+        wait_for(lambda: "the scheme 'javascript' is not allowed" in balancer.store_problem(),
+                 what="the stored rule reported")
+        status, headers, _ = request(balancer.port, host="r.test")
+        assert (status, headers["location"]) == (302, "/moved")  # the last good table
+        balancer.write_routes(good)
+        wait_for(lambda: balancer.store_problem() == "", what="the repair seen")
+        # (bug: a page that is a list raised TypeError: the file's watcher ended)
+        balancer.write_routes({"r.test": {"action": "static", "page": ["unknown"]}})
+        wait_for(lambda: "page: must be one of" in balancer.store_problem(),
+                 what="the page reported")
+        balancer.write_routes({"r.test": {"action": "redirect", "to": "https://x.test/"}})
+        wait_for(lambda: request(balancer.port, host="r.test")[1].get("location")
+                 == "https://x.test/", what="the file followed after it")
+    finally:
+        balancer.stop()

@@ -9,6 +9,8 @@ Invariants:
   already serves version N (told directly by the management process) skips
   parsing a big table it has, unless the file does not end as this store ends
   it (cut short) or a problem is being reported: only a whole read clears one.
+* An unexpected exception in a look at the file is reported and the file read
+  again after a pause (`balancer.stores.base.Restarts`); the watch goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from balancer.stores.atomic import open_regular
-from balancer.stores.base import CorruptStore, ProblemLog, Store, StoreUnavailable, TableData
+from balancer.stores.base import (
+    CorruptStore,
+    ProblemLog,
+    Restarts,
+    Store,
+    StoreUnavailable,
+    TableData,
+    nap,
+)
 from balancer.stores.snapshot import HOW_TO_FIX
 
 log = logging.getLogger("balancer.store.file")
@@ -46,21 +56,35 @@ class FileWatching(Store):
     def watch(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
               served: Callable[[], int] | None = None) -> None:
         problems = ProblemLog(log, self.quiet)
+        restarts = Restarts(self.display_url, log, self.quiet)
         seen: tuple[int, ...] | None = None
         delivered: TableData | None = None
         while not stop():
-            signature = self._signature()
-            if signature is None:
+            try:
+                seen, delivered = self._poll(seen, delivered, on_change, problems, served)
+            except Exception as exc:  # a bug: reported, and the file read again (module doc)
+                self._problem = restarts.failed(exc)
                 seen = None
-                self._problem = (f"{self.path}: cannot read the routing table file (deleted?); "
-                                 f"keeping the last good table. If it is gone, {HOW_TO_FIX}")
-                problems.report(self._problem)
-            elif signature != seen:
-                seen = signature
-                if (served is None or self._problem is not None
-                        or not _told_directly(self._peek_version(), served)):
-                    delivered = self._reread(delivered, on_change, problems, served)
+                nap(restarts.pause, stop)
+                continue
             time.sleep(POLL_INTERVAL)
+
+    def _poll(self, seen: tuple[int, ...] | None, delivered: TableData | None,
+              on_change: Callable[[Any], None], problems: ProblemLog,
+              served: Callable[[], int] | None
+              ) -> tuple[tuple[int, ...] | None, TableData | None]:
+        """One look at the file: read it again if it changed. Returns the file's
+        signature seen and the table now in force."""
+        signature = self._signature()
+        if signature is None:
+            self._problem = (f"{self.path}: cannot read the routing table file (deleted?); "
+                             f"keeping the last good table. If it is gone, {HOW_TO_FIX}")
+            problems.report(self._problem)
+            return None, delivered
+        if signature != seen and (served is None or self._problem is not None
+                                  or not _told_directly(self._peek_version(), served)):
+            delivered = self._reread(delivered, on_change, problems, served)
+        return signature, delivered
 
     def _peek_version(self) -> int | None:
         """The version at the start of the file (as this store writes it), or None;

@@ -15,9 +15,11 @@ Invariants:
 * Through Sentinel, each resync tick asks the sentinels for the master first:
   a new one is subscribed to again.
 * A corrupt table or an unreachable Redis keeps the last table delivered; the
-  watch ends only when `stop()` says so. A corrupt table (a key of the wrong type
-  too) keeps the watch subscribed and stays reported until a read finds it good:
-  the repair's message, or the version moving, reads it again.
+  watch ends only when `stop()` says so, an unexpected exception included
+  (`balancer.stores.base.Restarts`: reported, then subscribed and read again).
+  A corrupt table (a key of the wrong type too) keeps the watch subscribed and
+  stays reported until a read finds it good: the repair's message, or the
+  version moving, reads it again.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from balancer.big_loads import loading
-from balancer.stores.base import CorruptStore, ProblemLog, StoreUnavailable, TableData
+from balancer.stores.base import (
+    CorruptStore,
+    ProblemLog,
+    Restarts,
+    StoreUnavailable,
+    TableData,
+    nap,
+)
 from balancer.stores.redis_answers import is_refusal, why
 from balancer.stores.redis_changes import BACKOFF_FIRST, MESSAGE_LAG, RedisChanges, Seen
 from balancer.stores.redis_messages import Inbox
@@ -71,6 +80,7 @@ class RedisWatching(RedisChanges):
               served: Callable[[], int] | None = None) -> None:
         problems = ProblemLog(log, self.quiet)
         seen = Seen()
+        restarts = Restarts(self.display_url, log, self.quiet)
         self._watchers += 1
         try:
             while not stop():
@@ -79,15 +89,18 @@ class RedisWatching(RedisChanges):
                 except CorruptStore as exc:  # bug: the watcher ended on a bad version
                     self._problem = str(exc)
                     problems.report(f"{exc}; keeping the last good table")
-                    _sleep(seen.delay * random.uniform(0.5, 1.0), stop)
+                    nap(seen.delay * random.uniform(0.5, 1.0), stop)
                     seen.delay = min(seen.delay * 2, BACKOFF_CAP)
                 except (RedisError, OSError, StoreUnavailable) as exc:
                     self._reachable = False
                     self._unreachable = f"{self.display_url}: unreachable: {why(exc)}"
                     problems.report(f"{self._unreachable}; keeping the last table and "
                                     f"reconnecting with backoff")
-                    _sleep(seen.delay * random.uniform(0.5, 1.0), stop)
+                    nap(seen.delay * random.uniform(0.5, 1.0), stop)
                     seen.delay = min(seen.delay * 2, BACKOFF_CAP)
+                except Exception as exc:  # a bug: reported, and followed again (module doc)
+                    self._problem = restarts.failed(exc)
+                    nap(restarts.pause, stop)
         finally:
             self._watchers -= 1
 
@@ -246,9 +259,3 @@ class NoMessages:
 
     def close(self) -> None:
         """Nothing to close."""
-
-
-def _sleep(seconds: float, stop: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + seconds
-    while not stop() and time.monotonic() < deadline:
-        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))

@@ -12,6 +12,11 @@ function sleeps that long before it runs (replaced as its module has run, the
 same way): a window between two steps of a process made wide, to land a
 change from outside in it.
 
+``FAIL_CALLS="package.module:Class.method;..."`` with ``FAIL_WHILE=PATH``: each
+named function or method raises ``RuntimeError("scripted failure")`` whenever
+it is called while the file PATH exists (a bug made to strike, and cured, by
+the test: creating and deleting PATH).
+
 ``SLOW_FORKED_CHILD=SECONDS``: every child this process (and its children)
 forks takes that long to start running its own code, as on a loaded machine
 (the window between a fork and the child's first line made wide)."""
@@ -45,15 +50,34 @@ def _slowed(function: Any, seconds: float) -> Any:
     return slow
 
 
+def _failing(function: Any, flag: str) -> Any:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        if os.path.exists(flag):
+            raise RuntimeError("scripted failure")
+        return function(*args, **kwargs)
+    return fail
+
+
+def _failures() -> dict[str, list[str]]:
+    """{module: [attribute path]} from ``FAIL_CALLS``."""
+    wanted: dict[str, list[str]] = {}
+    for item in filter(None, os.environ.get("FAIL_CALLS", "").split(";")):
+        module, attribute = item.split(":")
+        wanted.setdefault(module, []).append(attribute)
+    return wanted
+
+
 class _SetAfterRun(importlib.abc.MetaPathFinder):
     def __init__(self, constants: dict[str, dict[str, float]],
-                 slow: dict[str, dict[str, float]]) -> None:
+                 slow: dict[str, dict[str, float]], fail: dict[str, list[str]]) -> None:
         self.constants = constants
         self.slow = slow
+        self.fail = fail
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> Any:
-        if fullname not in self.constants and fullname not in self.slow:
+        if fullname not in self.constants and fullname not in self.slow \
+                and fullname not in self.fail:
             return None
         values = self.constants.get(fullname, {})
         slow = self.slow.get(fullname, {})
@@ -71,13 +95,21 @@ class _SetAfterRun(importlib.abc.MetaPathFinder):
                 if isinstance(old, int) and value.is_integer():
                     value = int(value)  # a count stays an int (a slice's bound)
                 setattr(module, name, _slowed(old, value) if name in slow else value)
+            for attribute in self.fail.get(fullname, []):
+                *owners, name = attribute.split(".")
+                owner: Any = module
+                for part in owners:
+                    owner = getattr(owner, part)
+                setattr(owner, name, _failing(getattr(owner, name), os.environ["FAIL_WHILE"]))
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
-if os.environ.get("SET_CONSTANTS") or os.environ.get("SLOW_CALLS"):
-    sys.meta_path.insert(0, _SetAfterRun(_wanted("SET_CONSTANTS"), _wanted("SLOW_CALLS")))
+if os.environ.get("SET_CONSTANTS") or os.environ.get("SLOW_CALLS") \
+        or os.environ.get("FAIL_CALLS"):
+    sys.meta_path.insert(0, _SetAfterRun(_wanted("SET_CONSTANTS"), _wanted("SLOW_CALLS"),
+                                         _failures()))
 
 if os.environ.get("SLOW_FORKED_CHILD"):
     _slow = float(os.environ["SLOW_FORKED_CHILD"])
