@@ -11,8 +11,16 @@ Invariants:
   sub-delims (``*``, ``a*b``, ``a!b``), ``%``, ``_``. nginx 1.22 refuses those
   in a request line too; HAProxy 2.6 forwards them (both compared on loopback,
   2026-12-06). Bug: ``http://*/`` was forwarded as ``/`` with ``Host: *``.
-* Only absolute-form targets come here: a request's ``Host`` field keeps its
-  own, wider check (`http11.HOST_CHARS`), as with nginx and HAProxy.
+* A port is digits, at most `MAX_PORT` (leading zeros aside), in a target as in
+  a ``Host`` field.
+* A request's ``Host`` field keeps its own, wider check of characters
+  (`http11.HOST_CHARS`), as with nginx and HAProxy, and `is_valid_host` (read
+  by `balancer.table` when it resolves a Host value it has not cached) checks
+  its shape: a name of labels none of which is empty but a trailing one
+  (``app.test..``, ``app..test``, ``.app.test`` are refused, as nginx 1.22
+  refuses the first two), or an IP literal; a port as above (nginx ignores the
+  port; HAProxy 2.6 takes any value: both compared on loopback, 2026-12-07).
+  Bug: ``app.test..`` and ``app.test:abc`` were routed to ``app.test``.
 """
 
 from __future__ import annotations
@@ -22,24 +30,46 @@ import re
 from typing import Final
 
 # a name, then an optional port
-NAME: Final = re.compile(rb"(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+\.?(?::[0-9]*)?")
+NAME: Final = re.compile(rb"(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+\.?(?::([0-9]*))?")
+# a Host field's name (its bytes are `http11.HOST_CHARS`), then an optional port
+HOST_NAME: Final = re.compile(rb"(?:[^.:\[\]]+\.)*[^.:\[\]]+\.?(?::([0-9]*))?")
 # an IP literal (its IPv6 address checked apart), then an optional port
 LITERAL: Final = re.compile(
-    rb"\[(?:([0-9A-Fa-f:.]+)|v[0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+)\](?::[0-9]*)?")
+    rb"\[(?:([0-9A-Fa-f:.]+)|v[0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+)\](?::([0-9]*))?")
+MAX_PORT: Final = 65535
 
 
 def is_valid_authority(authority: bytes) -> bool:
     """Whether `authority` (an absolute-form target's, as it came) names a host."""
-    if NAME.fullmatch(authority):
-        return True
-    literal = LITERAL.fullmatch(authority)
+    return _names_host(authority, NAME)
+
+
+def is_valid_host(host: bytes) -> bool:
+    """Whether a Host field's value names a host (module doc); empty is valid (an
+    HTTP/1.0 request without one: the parser refuses an empty field)."""
+    return not host or _names_host(host, HOST_NAME)
+
+
+def _names_host(value: bytes, name: re.Pattern[bytes]) -> bool:
+    named = name.fullmatch(value)
+    if named is not None:
+        return _is_port(named.group(1))
+    literal = LITERAL.fullmatch(value)
     if literal is None:
         return False
     address = literal.group(1)
-    if address is None:  # IPvFuture
+    if address is not None:  # (else an IPvFuture)
+        try:
+            ipaddress.IPv6Address(address.decode("ascii"))
+        except ValueError:  # ("[1.2.3.4]", "[::1::2]")
+            return False
+    return _is_port(literal.group(2))
+
+
+def _is_port(digits: bytes | None) -> bool:
+    """Whether a port's digits (None: no port; empty: none given) are at most
+    `MAX_PORT` (bug: a Host ``app.test:99999`` was routed)."""
+    if not digits:
         return True
-    try:
-        ipaddress.IPv6Address(address.decode("ascii"))
-    except ValueError:  # ("[1.2.3.4]", "[::1::2]")
-        return False
-    return True
+    digits = digits.lstrip(b"0")
+    return len(digits) <= 5 and int(digits or b"0") <= MAX_PORT

@@ -18,6 +18,11 @@ Invariants:
 * A route's action is an `Action` (`balancer.actions`, one per module); the
   worker learns what it needs of a route from that interface (the backends
   it names: `backend_keys`), never from an action's own attributes.
+* A Host value that names no host (`balancer.authority.is_valid_host`: an empty
+  label, a port not digits or above 65535) gets the `INVALID_HOST` route, whose
+  action raises `ProtocolError` 400, answered where every one is
+  (`ClientConnection.fail`). It is checked when `lookup` resolves a value it
+  has not remembered: a request whose Host is cached pays nothing for it.
 * `lookup` remembers the route of up to `CACHED_HOSTS` Host values of at most
   `CACHED_HOST_BYTES` each (a name of 253 bytes and a port): at most ~3 MB
   whatever clients send (bug: any length, and 10,000 Host values of 60 KB
@@ -30,6 +35,8 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from balancer.authority import is_valid_host
+from balancer.http11 import ProtocolError
 from balancer.rules import RuleError, normalize_host, validate_table
 from balancer.spans import Piece
 from balancer.stats import HostStats
@@ -42,6 +49,8 @@ PAUSE_EVERY: Final = 500  # hosts compiled between pauses (see `RoutingTable.bui
 COMPACT_AT: Final = 1024  # changed keys kept in a table's overlay before a new base
 CACHED_HOSTS: Final = 10000  # Host values whose route `lookup` remembers
 CACHED_HOST_BYTES: Final = 300  # the longest Host value remembered
+# the rule of the route a Host value that names no host gets (what it answers)
+INVALID_HOST: Final[Mapping[str, Any]] = {"action": "static", "page": "bad-request"}
 
 
 class Action(Protocol):
@@ -77,6 +86,22 @@ class Route:
         return f"<Route {self.key} {self.rule.get('action')}>"
 
 
+class InvalidHost:
+    """The action of a Host value that names no host (module doc): a 400."""
+
+    def __init__(self) -> None:
+        self.rule = INVALID_HOST
+
+    def handle(self, ex: Exchange) -> None:
+        raise ProtocolError(400, "invalid Host header")
+
+    def resume(self, ex: Exchange, body: Piece) -> None:
+        raise ProtocolError(400, "invalid Host header")
+
+    def backend_keys(self) -> Iterable[str]:
+        return ()
+
+
 # compile(key, rule, previous_action_or_None) -> route
 Compiler = Callable[[str, Mapping[str, Any], Action | None], Route]
 
@@ -107,6 +132,7 @@ class RoutingTable:
         self._catch_all = self.route_for("*")
         self._cache: dict[bytes, Route] = {}
         self._merged: dict[str, Route] | None = None
+        self._invalid: Route | None = None  # the route of invalid Host values, made once
 
     @property
     def routes(self) -> dict[str, Route]:
@@ -199,6 +225,8 @@ class RoutingTable:
         return route
 
     def _resolve(self, host: bytes) -> Route:
+        if not is_valid_host(host):
+            return self._invalid_host()
         name = host_name(host)
         if self._overlay:
             return self._resolve_over(name)
@@ -213,6 +241,15 @@ class RoutingTable:
                 return route
             dot = name.find(b".", dot + 1)
         return self._catch_all or self.fallback
+
+    def _invalid_host(self) -> Route:
+        """The route of a Host value that names no host (counted as unknown hosts)."""
+        route = self._invalid
+        if route is None:
+            fallback = self.fallback
+            route = self._invalid = Route(fallback.key, INVALID_HOST, InvalidHost(),
+                                          fallback.stats)
+        return route
 
     def _resolve_over(self, name: bytes) -> Route:
         """`_resolve` reading the overlay before the base."""
