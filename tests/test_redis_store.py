@@ -242,7 +242,7 @@ def test_any_contact_after_an_outage_clears_it_while_the_watcher_backs_off(
     # /readyz (is_reachable) and balancer_store_up (last_error) must agree
     # once the store answers again, before the watcher's backoff runs out
     released = threading.Event()
-    monkeypatch.setattr(redis_watch, "_sleep", lambda _seconds, stop: released.wait(10))
+    monkeypatch.setattr(redis_watch, "nap", lambda _seconds, stop: released.wait(10))
     server = redis_factory()
     ns = namespace()
     store = RedisStore(server.url, ns, resync_interval=0.3, timeout=1.0)
