@@ -22,7 +22,11 @@ Invariants:
   label, a port not digits or above 65535) gets the `INVALID_HOST` route, whose
   action raises `ProtocolError` 400, answered where every one is
   (`ClientConnection.fail`). It is checked when `lookup` resolves a value it
-  has not remembered: a request whose Host is cached pays nothing for it.
+  has not remembered, unless it is a name the table has exactly, without a
+  port (then valid: no key has an empty label, and one trailing dot at most is
+  stripped). A request whose Host is cached pays nothing for it; the full check
+  (~8,000 instructions compiled, a regular expression) is for the misses
+  only: a port, a wildcard's or the catch-all's name, an unknown one.
 * `lookup` remembers the route of up to `CACHED_HOSTS` Host values of at most
   `CACHED_HOST_BYTES` each (a name of 253 bytes and a port): at most ~3 MB
   whatever clients send (bug: any length, and 10,000 Host values of 60 KB
@@ -49,6 +53,9 @@ PAUSE_EVERY: Final = 500  # hosts compiled between pauses (see `RoutingTable.bui
 COMPACT_AT: Final = 1024  # changed keys kept in a table's overlay before a new base
 CACHED_HOSTS: Final = 10000  # Host values whose route `lookup` remembers
 CACHED_HOST_BYTES: Final = 300  # the longest Host value remembered
+# ":" as its value: `int in bytes` is a memchr, while `b":" in bytes` first fails to
+# read b":" as an integer (an exception made and cleared)
+COLON: Final = ord(":")
 # the rule of the route a Host value that names no host gets (what it answers)
 INVALID_HOST: Final[Mapping[str, Any]] = {"action": "static", "page": "bad-request"}
 
@@ -225,14 +232,27 @@ class RoutingTable:
         return route
 
     def _resolve(self, host: bytes) -> Route:
-        if not is_valid_host(host):
-            return self._invalid_host()
         name = host_name(host)
-        if self._overlay:
-            return self._resolve_over(name)
-        route = self._exact.get(name)
-        if route is not None:
-            return route
+        exact = self._exact_route(name)
+        if exact is not None and COLON not in host and len(host) <= len(name) + 1:
+            return exact  # a name the table has, no port, one trailing dot at most: valid
+        if not is_valid_host(host):  # (module doc: only on a cache miss, and not the above)
+            return self._invalid_host()
+        if exact is not None:
+            return exact
+        return self._parent_over(name) if self._overlay else self._parent_route(name)
+
+    def _exact_route(self, name: bytes) -> Route | None:
+        """The route of the exact name, the overlay read before the base."""
+        overlay = self._overlay
+        if overlay:
+            key = name.decode("latin-1")
+            if key in overlay and not key.startswith("*"):
+                return overlay[key]
+        return self._exact.get(name)
+
+    def _parent_route(self, name: bytes) -> Route:
+        """The route of a name with no exact key: a parent's, `*`, or the fallback."""
         dot = name.find(b".")
         while dot >= 0:
             parent = name[dot + 1:]
@@ -251,14 +271,9 @@ class RoutingTable:
                                           fallback.stats)
         return route
 
-    def _resolve_over(self, name: bytes) -> Route:
-        """`_resolve` reading the overlay before the base."""
+    def _parent_over(self, name: bytes) -> Route:
+        """`_parent_route` reading the overlay before the base."""
         overlay = self._overlay
-        key = name.decode("latin-1")
-        route = overlay[key] if key in overlay and not key.startswith("*") \
-            else self._exact.get(name)
-        if route is not None:
-            return route
         dot = name.find(b".")
         while dot >= 0:
             parent = name[dot + 1:]

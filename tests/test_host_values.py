@@ -9,7 +9,6 @@ Bug: ``app.test..`` and ``app.test:abc`` were routed to ``app.test``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,7 @@ HOSTS = {"app.test": {"action": "static", "status": 200, "body": "app"}}
 
 INVALID = [b"app.test..", b"app..test", b".app.test", b".", b"app.test:abc",
            b"app.test:99999", b"app.test:65536", b"app.test:-1", b"app.test:80:80",
-           b"app.test:+80", b"app.test:80a", b"[::1]x", b"[::1", b"[::1]:99999", b":80",
+           b"app.test:+80", b"app.test:80a", b"[::1]x", b"[::1", b"[::1]:99999", b":80", b"[v1.x]y",
            b"app.test:" + b"9" * 5000]
 # served as app.test (a trailing dot, any case, a port in range, leading zeros, no
 # digits after the colon: RFC 3986 §3.2.3), or unknown (404) but never refused
