@@ -92,15 +92,11 @@ def route_path(environ: dict[str, Any]) -> str:
 
 def path_arguments(args: dict[str, Any]) -> dict[str, Any]:
     """The segments a route matched (`route_path`, still percent-encoded), each
-    decoded as UTF-8 alone; 400 `bad_request` for one that is not UTF-8."""
-    decoded = {}
-    for name, value in args.items():
-        try:
-            decoded[name] = unquote_to_bytes(value.encode("latin-1")).decode("utf-8")
-        except UnicodeError:
-            raise bad_request([f"{name.upper()}: the path is not UTF-8 (percent-encode "
-                               "its bytes as UTF-8)"], "the path") from None
-    return decoded
+    decoded alone, as UTF-8 (a byte that is not: U+FFFD, as werkzeug decodes a
+    path; no host or address has one, so its route answers 400 or 404)."""
+    return {name: unquote_to_bytes(value.encode("latin-1", "replace")).decode("utf-8",
+                                                                              "replace")
+            for name, value in args.items()}
 
 
 def encode_json(body: Any) -> bytes:

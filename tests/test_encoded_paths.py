@@ -80,10 +80,11 @@ def test_an_encoded_separator_never_picks_another_route(
     assert site.api("GET", "/api/v1/deploys", headers=AUTH)[1]["deploys"] == []
 
 
-def test_a_segment_that_is_not_utf8_is_a_400(site: Balancer) -> None:
+def test_a_segment_that_is_not_utf8_names_no_host(site: Balancer) -> None:
     got, answer = raw_call(site, "GET", "/api/v1/hosts/%FF.test")
-    assert (got, answer["error"]) == (400, "bad_request"), answer
-    assert "not UTF-8" in answer["details"][0]
+    assert (got, answer["error"]) == (404, "not_found"), answer
+    got, answer = raw_call(site, "PUT", "/api/v1/hosts/%FF.test", RULE)
+    assert (got, answer["error"]) == (400, "invalid_rule"), answer
 
 
 def test_encoded_segments_still_name_their_host_and_address(site: Balancer) -> None:
