@@ -8,10 +8,13 @@ killed in between was retired by neither, and its counters left the totals.
 
 A real balancer with 2 workers proxying to a real backend, reloaded with
 SIGHUP; a worker killed with SIGKILL just before the reload, or just after the
-new management process reported ready. The reload is sent just after a
-history sample (`management.history.INTERVAL` boundaries, wall clock), and no
-API request is made until the next, so no sample or request surveys the
-workers in that window.
+new management process reported ready. No history sample and no API request
+surveys the workers in that window: the balancer samples its history once a
+day (`management.history.INTERVAL`, on its boundaries, wall clock; the
+reload is never sent in a boundary's last minute), and no request is made
+until the old management process exited. (Before: the reload was sent just
+after a 5 s sample, and a reload slower than 5 s on a loaded machine
+stopped the test, nothing tested.)
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from management.history import INTERVAL
-from tests.support import Balancer, wait_for
+from tests.support import Balancer, constants_prefix, wait_for
 from tests.test_kept_counters import (
     HOST,
     NeverDown,
@@ -36,6 +38,8 @@ from tests.test_kept_counters import (
 )
 
 CONFIG = "[server]\nworkers = 2\n"
+INTERVAL = 86400.0  # the history's samples: one a day (5 s in production)
+RELOADED = 30.0  # seconds a reload has to replace the management process
 
 
 @pytest.fixture
@@ -43,7 +47,8 @@ def reloadable(tmp_path, backend) -> Iterator[tuple[Balancer, int]]:
     """A balancer (its settings in a file: SIGHUP reloads) whose 2 workers both
     answered requests to HOST, and the number of requests (all counted)."""
     bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
-                   config=CONFIG)
+                   config=CONFIG,
+                   prefix=constants_prefix({"management.history.INTERVAL": INTERVAL}))
     try:
         wait_for(lambda: len(worker_pids(bal)) == 2, 20, what="two workers")
         yield bal, send_until_both_counted(bal)
@@ -58,10 +63,11 @@ def slot_pid(bal: Balancer, kind: str, slot: int, generation: int) -> int | None
     return int(found.group(1)) if found else None
 
 
-def just_after_a_sample() -> float:
-    """Wait (at most one interval) until a history sample just passed (and ended); when."""
-    return wait_for(lambda: 0.3 < (now := time.time()) % INTERVAL < 0.6 and now, INTERVAL + 1,
-                    interval=0.005, what="a history sample's boundary")
+def far_from_a_sample() -> float:
+    """When (wall clock) a history sample is at least `RELOADED` + 30 s away,
+    waiting past the next one if it is nearer (the last minute of a day)."""
+    return wait_for(lambda: 1 < (now := time.time()) % INTERVAL < INTERVAL - RELOADED - 30
+                    and now, RELOADED + 35, what="a history sample to pass")
 
 
 def settled(bal: Balancer, watch: NeverDown, old: list[int], sent: int) -> None:
@@ -86,16 +92,16 @@ def test_a_worker_killed_as_the_management_process_is_replaced_counts_once(
     old, victim = worker_pids(bal), slot_pid(bal, "worker", 1, 1)
     assert victim in old
     watch = NeverDown(bal)
-    started = just_after_a_sample()
+    started = far_from_a_sample()
     if not ready:
         os.kill(victim, signal.SIGKILL)
     bal.proc.send_signal(signal.SIGHUP)
-    successor = wait_for(lambda: slot_pid(bal, "management", 0, 2), INTERVAL,
+    successor = wait_for(lambda: slot_pid(bal, "management", 0, 2), RELOADED,
                          interval=0.005, what="the new management process")
     if ready:
         os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: re.search(r"management \d+ exited with code 0", bal.output()), INTERVAL,
+    wait_for(lambda: re.search(r"management \d+ exited with code 0", bal.output()), RELOADED,
              interval=0.005, what="the old management process to exit")
-    assert time.time() - started < INTERVAL, "a sample came between: nothing was tested"
+    assert time.time() // INTERVAL == started // INTERVAL, "a sample came between: untested"
     assert successor not in old
     settled(bal, watch, old, sent)
