@@ -75,9 +75,12 @@ esac
 # Six test processes (pytest-xdist) even on 2 cores: the tests mostly wait on
 # real sockets, subprocesses and timers (four used 1.3 of 2 cores; six took the
 # compiled pass from 432 s to 379 s with another suite beside it). Work
-# is handed out one test at a time (`loadgroup`), the tests marked `slow` first
-# (tests/conftest.py), and the load generators (`xdist_group("load_generators")`)
-# run one after the other on one process, never beside each other. The two
+# is handed out one test at a time (`loadgroup`), except groups run whole on one
+# process: the tests sharing a module's fixture (one balancer, Chromium or
+# pebble per module, not one per process) and the load generators
+# (`xdist_group("load_generators")`, never beside each other). The longest
+# groups and the tests marked `slow` go first (tests/conftest.py orders them;
+# `--no-loadscope-reorder` keeps that order). The two
 # passes run one after the other: the interpreted pass run beside the compiled
 # one (3 processes) saved nothing (the compiled pass took 454 s instead of
 # about 350, the interpreted 106 s alone) and its tests with tight deadlines
@@ -111,7 +114,8 @@ trap 'exit 130' INT TERM
 "$python" -m mypy >"$scratch/mypy.log" 2>&1 &
 mypy=$!
 failed=""
-"$python" -m pytest -q -n "$JOBS" --dist loadgroup "$@" || failed="$failed compiled"
+"$python" -m pytest -q -n "$JOBS" --dist loadgroup --no-loadscope-reorder "$@" \
+    || failed="$failed compiled"
 echo "== mypy"
 wait "$mypy" || failed="$failed mypy"
 mypy=""
@@ -131,4 +135,5 @@ tar -cf - --exclude='*.so' balancer management loadtest scripts tests setup.py p
 cd "$pure"
 if build; then echo "scripts/test.sh: the copy still runs compiled code"; exit 1; fi
 compile_bytecode
-"$python" -m pytest -q -p no:cacheprovider -n "$JOBS" --dist loadgroup -m data_plane "$@"
+"$python" -m pytest -q -p no:cacheprovider -n "$JOBS" --dist loadgroup --no-loadscope-reorder \
+    -m data_plane "$@"

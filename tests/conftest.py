@@ -358,15 +358,54 @@ def proxy_to(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
 
 # ---------------------------------------------------------------------------
-# parallel runs (pytest-xdist, scripts/test.sh): the slowest tests first
+# parallel runs (pytest-xdist, scripts/test.sh): shared fixtures, the longest first
 # ---------------------------------------------------------------------------
+SHARED_SCOPES = ("module", "class", "package")
+SLOW_WEIGHT = 10  # a test marked `slow` (7 s or more) counts as this many others
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under xdist, tests marked `slow` run first (in their collected order, as the
-    others), so that parallel workers never end waiting on one long test. Every
-    worker sorts the same collection the same way, as xdist requires; a run in one
-    process keeps each module's tests together (its module fixtures start once)."""
-    if hasattr(config, "workerinput"):  # an xdist worker
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Under xdist (`--dist loadgroup`), the tests of a module that use one of its
+    module-scoped (or class-scoped) fixtures run on one worker, one after the
+    other (`xdist_group` named after the module, unless they name a group): one
+    balancer, Chromium or pebble per module, where each of six workers started
+    its own (and again whenever it came back from another module's tests). The
+    work is then ordered longest first (a group by its tests, a `slow` test
+    counting `SLOW_WEIGHT` or its mark's seconds; scripts/test.sh keeps that order with
+    `--no-loadscope-reorder`), so no worker ends the run alone on a long group
+    or test. Every worker sorts the same collection the same way, as xdist
+    requires; a run in one process keeps each module's tests together (its
+    module fixtures start once)."""
+    if not hasattr(config, "workerinput"):  # not an xdist worker
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and shares_a_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
+    weights: dict[str, int] = {}
+    for item in items:
+        weights[unit(item)] = weights.get(unit(item), 0) + weight(item)
+    items.sort(key=lambda item: -weights[unit(item)])
+
+
+def shares_a_fixture(item: pytest.Item) -> bool:
+    """Whether `item` uses a fixture set up once for several tests of its module."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(
+        definitions[-1].scope in SHARED_SCOPES for definitions in info.name2fixturedefs.values())
+
+
+def unit(item: pytest.Item) -> str:
+    """What xdist hands out whole: the test's group, else the test."""
+    group = item.get_closest_marker("xdist_group")
+    return f"@{group.args[0]}" if group is not None else item.nodeid
+
+
+def weight(item: pytest.Item) -> int:
+    """1 for a test; for one marked `slow`, its mark's seconds if it names them
+    (``@pytest.mark.slow(60)``), else `SLOW_WEIGHT`."""
+    slow = item.get_closest_marker("slow")
+    return 1 if slow is None else int(slow.args[0]) if slow.args else SLOW_WEIGHT
 
 
 # ---------------------------------------------------------------------------

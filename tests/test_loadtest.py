@@ -260,7 +260,7 @@ def test_an_out_that_cannot_be_a_directory_is_named(tmp_path):
 
 
 @pytest.mark.xdist_group("load_generators")  # one CPU-hungry run at a time (scripts/test.sh)
-@pytest.mark.slow
+@pytest.mark.slow(60)  # about a minute: its group is handed out first
 def test_quick_run_end_to_end(tmp_path):
     run_id = uuid.uuid4().hex
     out = tmp_path / "run"
