@@ -17,8 +17,11 @@
 # PyPI into the active virtual environment, else ./.venv (the README's
 # install), else a new ./.venv when the system Python refuses pip installs
 # (PEP 668, Debian 12 / Ubuntu 24.04), else the python3 found. Extra arguments
-# go to both pytest runs (e.g. `-k proxy`).
+# go to both pytest runs (e.g. `-k proxy`). Each step's heading says how many
+# seconds the run had taken when it began.
 set -eu
+began=$(date +%s)
+step() { echo "== $1 ($(( $(date +%s) - began )) s in)"; }
 cd "$(dirname "$0")/.."
 # nginx and haproxy live in /usr/sbin, which a normal user's PATH may lack.
 PATH="$PATH:/usr/sbin:/sbin"
@@ -67,6 +70,7 @@ elif [ -n "$needs_new_venv" ]; then
 else
     python=python3
 fi
+step "pip install, the build"
 "$python" -m pip install --quiet --disable-pip-version-check -e '.[test,loadtest]'
 case "$python" in  # a relative path would break once the data plane's run changes directory
     */*) python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python") ;;
@@ -97,14 +101,14 @@ compile_bytecode() {
 }
 compile_bytecode
 
-echo "== ruff"
+step "ruff"
 "$python" -m ruff check .
 
 build() {  # exits 0 if the sources in the current directory run compiled
     "$python" -c 'from balancer import native; print(native.describe()); \
 exit(0 if native.compiled() else 1)'
 }
-echo "== the whole suite, compiled (mypy beside it)"
+step "the whole suite, compiled (mypy beside it)"
 build || { echo "scripts/test.sh: the build is not compiled (BALANCER_PURE set?)"; exit 1; }
 
 scratch=$(mktemp -d)
@@ -116,7 +120,7 @@ mypy=$!
 failed=""
 "$python" -m pytest -q -n "$JOBS" --dist loadgroup --no-loadscope-reorder "$@" \
     || failed="$failed compiled"
-echo "== mypy"
+step "mypy"
 wait "$mypy" || failed="$failed mypy"
 mypy=""
 cat "$scratch/mypy.log"
@@ -125,7 +129,7 @@ if [ -n "$failed" ]; then
     exit 1
 fi
 
-echo "== the data plane's tests, interpreted"
+step "the data plane's tests, interpreted"
 # The copy keeps the bytecode just written (valid: tar keeps each source's
 # time), so its compileall finds nothing to do.
 pure="$scratch/pure"
