@@ -71,7 +71,19 @@ else
     python=python3
 fi
 step "pip install, the build"
-"$python" -m pip install --quiet --disable-pip-version-check -e '.[test,loadtest]'
+# The build's own requirements (pyproject.toml's [build-system]: setuptools, the
+# pinned mypy) go into the environment first, and the package is built there:
+# pip would otherwise resolve and install them again into a throwaway
+# environment of its own for the build (mypy twice).
+"$python" - <<'PY'
+import subprocess, sys, tomllib
+with open("pyproject.toml", "rb") as file:
+    requires = tomllib.load(file)["build-system"]["requires"]
+sys.exit(subprocess.call([sys.executable, "-m", "pip", "install", "--quiet",
+                          "--disable-pip-version-check", *requires]))
+PY
+"$python" -m pip install --quiet --disable-pip-version-check --no-build-isolation \
+    --check-build-dependencies -e '.[test,loadtest]'
 case "$python" in  # a relative path would break once the data plane's run changes directory
     */*) python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python") ;;
 esac
