@@ -36,6 +36,15 @@ def runs() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def delete(run_dir: Path) -> None:
+    """Delete a running balancer's run directory (the operator's `rm -r`): again
+    while it stands, 10 s at most, when a process wrote into it as it was walked
+    (a file made or renamed meanwhile: "Directory not empty", or no such file,
+    on a loaded machine)."""
+    wait_for(lambda: shutil.rmtree(run_dir) or True, 10, interval=0.01,
+             what=f"{run_dir} deleted")
+
+
 def completed(bal: Balancer) -> int | None:
     """a.test's completed requests in /api/v1/stats (None: not answered)."""
     status, answer = bal.api("GET", "/api/v1/stats?host=a.test")
@@ -84,7 +93,7 @@ def test_a_deleted_run_directory_is_made_again_at_once_and_no_total_goes_down(
     try:
         [run_dir] = list(runs.glob("balancer-*"))
         served_across_a_reload(bal, run_dir)
-        shutil.rmtree(run_dir)
+        delete(run_dir)
         deleted = time.monotonic()
         seen: list[int | None] = []
         wait_for(lambda: seen.append(completed(bal)) or seen[-1] is not None, WAIT,
@@ -120,7 +129,7 @@ def test_a_reload_right_after_the_run_directory_is_made_again_keeps_the_totals(
         [run_dir] = list(runs.glob("balancer-*"))
         served_across_a_reload(bal, run_dir)
         [management] = re.findall(r"management (\d+) ready", bal.output())[-1:]
-        shutil.rmtree(run_dir)
+        delete(run_dir)
         # no API call from here until that management process is gone: one would
         # make it survey, and write the total again
         wait_for(lambda: (run_dir / "history.json").exists(), WAIT,
@@ -155,7 +164,7 @@ def test_a_management_process_draining_leaves_the_total_to_its_successor(
         wait_for(lambda: completed(bal) == 8 and retired_total(run_dir) == 8, WAIT,
                  what="the reload's retired worker folded")
         assert Path(f"/proc/{old}").exists()  # draining still
-        shutil.rmtree(run_dir)
+        delete(run_dir)
         wait_for(lambda: (run_dir / "retired-total.json").exists(), WAIT,
                  what="the total written again")
         assert completed(bal) == 8
@@ -185,7 +194,7 @@ def test_a_management_process_starting_as_the_run_directory_is_made_again_binds_
         bal.proc.send_signal(signal.SIGHUP)
         [new] = wait_for(lambda: handovers(run_dir) - {old}, WAIT,
                          what="the new management process's handover socket")
-        shutil.rmtree(run_dir)  # while it is starting (1 s to go)
+        delete(run_dir)  # while it is starting (1 s to go)
         wait_for(lambda: run_dir.is_dir(), WAIT, what="the run directory made again")
         assert new not in handovers(run_dir)
         wait_for(lambda: new in handovers(run_dir), 5.0,
@@ -221,7 +230,7 @@ def test_a_management_process_draining_writes_no_total_in_an_api_answer(
         [successor] = re.findall(r"management (\d+) ready", bal.output())[-1:]
         assert Path(f"/proc/{old}").exists()  # draining still
         os.kill(int(successor), signal.SIGSTOP)
-        shutil.rmtree(run_dir)
+        delete(run_dir)
         wait_for(lambda: run_dir.is_dir(), WAIT, what="the run directory made again")
         held.sendall(f"Host: 127.0.0.1:{bal.mport}\r\nConnection: close\r\n\r\n".encode())
         held.settimeout(WAIT)
@@ -324,7 +333,7 @@ def test_a_worker_restarted_as_the_run_directory_is_made_again_reloads_nothing(
     try:
         [run_dir] = list(runs.glob("balancer-*"))
         [worker] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
-        shutil.rmtree(run_dir)
+        delete(run_dir)
         os.kill(worker, signal.SIGKILL)  # restarted at once (its first crash), same turn
         wait_for(lambda: bal.output().count("ready (slot 0") >= 3, WAIT,
                  what="the worker restarted")
@@ -432,7 +441,7 @@ def test_a_run_directory_another_user_made_again_is_not_used(
             impostor.accept()  # nobody connected
         assert request(bal.port, host="a.test")[2] == b"a"
         assert bal.output().count("cannot be asked until it is removed") == 1  # told once
-        shutil.rmtree(run_dir)  # removed: the arbiter makes its own again
+        delete(run_dir)  # removed: the arbiter makes its own again
         wait_for(lambda: bal.api("GET", "/api/v1/stats")[0] == 200, WAIT,
                  what="the workers reached again")
         assert run_dir.stat().st_uid == os.getuid() and victim.read_text() == "untouched"
