@@ -73,6 +73,7 @@ class Run:
         self.resumed = resumed
         self.host = record["host"]
         self.settings = record["settings"]
+        self.seen_version = 0  # the table's highest version the ready step saw the rule at
 
     def steps(self) -> None:
         step = STEPS.index(self.record.get("step") or "ready")
@@ -115,6 +116,9 @@ class Run:
         pending = {a: 0 for a in addresses(self.record["to"])}
         problems: dict[str, str] = {}
         while pending:
+            if self._rule_changed():  # (bug: waited out `ready_timeout` all the same, the
+                raise DeployFailed("the host's rule changed during the deploy; nothing "
+                                   "was switched")  # host refusing new deploys 409 meanwhile)
             found = probe_all(list(pending), self.host, config, strict, self.deployer.tls,
                               deadline, least)
             for address, problem in found.items():
@@ -128,9 +132,6 @@ class Run:
                     pending[address], problems[address] = 0, problem
             if not pending:
                 break
-            if self._rule_changed():  # (bug: waited out `ready_timeout` all the same, the
-                raise DeployFailed("the host's rule changed during the deploy; nothing "
-                                   "was switched")  # host refusing new deploys 409 meanwhile)
             self.deployer.pause(min(config.interval, max(0.0, deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 why = "; ".join(f"{a}: {problems.get(a, 'not up yet')}" for a in pending)
@@ -181,13 +182,17 @@ class Run:
         store that cannot answer now tells nothing: the switch reads it again,
         patiently); `DeployFailed` naming the loss when the store lost its table."""
         try:
-            rule = self.deployer.store.host_rule(self.host).rule
+            found = self.deployer.store.host_rule(self.host)
         except (StoreUnavailable, CorruptStore):
             return False
-        if rule == self.record["before"]:
+        if found.rule == self.record["before"]:
+            self.seen_version = max(self.seen_version, found.version)
             return False
         self._not_lost()
-        return True
+        # a table whose version went back lost it (a flushed Redis, an older routes
+        # file) before this process's mirror judged it: its next look names the loss
+        # (bug: the deploy failed "the host's rule changed" on a flushed Redis)
+        return found.version >= self.seen_version
 
     def write(self, rule: dict[str, Any], if_version: int) -> int:
         """Write the host's `rule` if the table is at `if_version`, an outage waited
