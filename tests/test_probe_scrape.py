@@ -165,11 +165,11 @@ def test_the_text_is_prometheus_clients_and_pauses_every_slice() -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Families())
     pauses = []
-    text = per_host_text(SNAPSHOT_HOSTS, lambda: pauses.append(1))
+    text = b"".join(per_host_text(SNAPSHOT_HOSTS, lambda: pauses.append(1)))
     assert text == generate_latest(registry)
     assert len(pauses) == 9 * (len(SNAPSHOT_HOSTS) // HOSTS_PER_PAUSE)  # 9 families
 
 
 def test_with_no_active_host_every_family_has_its_help_and_type() -> None:
-    text = per_host_text({}, lambda: None).decode()
+    text = b"".join(per_host_text({}, lambda: None)).decode()
     assert text.count("# HELP ") == text.count("# TYPE ") == 9
