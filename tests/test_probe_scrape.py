@@ -156,6 +156,24 @@ def test_a_scrape_whose_client_goes_is_not_written_on(busy: Balancer) -> None:
     assert aborted < 0.75 * ABORTED * full, (aborted, full)
 
 
+
+def test_head_of_the_streamed_body_has_no_last_chunk(busy: Balancer) -> None:
+    """HEAD /metrics then a request on the same connection: the second answer
+    follows the first's head at once (bug: a last chunk, "0" CRLF CRLF, came
+    in between, a body HEAD must not have)."""
+    with socket.create_connection(("127.0.0.1", busy.mport), timeout=60) as sock:
+        sock.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        got, deadline = b"", time.monotonic() + 60
+        while not got.endswith(b'{"status":"ok"}\n') and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    head, rest = got.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b'{"status":"ok"}\n'), rest
+
 # the text, against prometheus-client's ------------------------------------------------------
 SNAPSHOT_HOSTS = {
     'a"b\\\nc': {"codes": {"200": 5, "404": 12345678, "500": 2.5},
