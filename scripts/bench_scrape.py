@@ -20,7 +20,7 @@ directory's retired total is reported at the end. Then:
    loop: the probe's latency again (a stalled worker shows in p99 and max),
    the scrapes' time and size, ``/healthz``'s latency meanwhile (a stalled
    management process shows there), and the Pss of the arbiter and the
-   management process after them, and its peak (VmHWM: the whole run's).
+   management process after them (and each one's peak, VmHWM, over the run).
 
 Run it under ``flock /tmp/bench.lock``; with ``PYTHONPATH`` pointing at a
 compiled copy to measure the compiled data plane (the balancer runs from a
