@@ -15,11 +15,11 @@ Invariants:
 * `pause` (`balancer.turns.turn`: one round of the management process's loop)
   is called every `HOSTS_PER_PAUSE` hosts, so other requests are answered
   during a big scrape.
-* The text is yielded a slice at a time (~30 KB, encoded) and never joined:
-  the response body streams it, so a scrape holds one slice, not the whole
-  text (30 MB for 20,000 hosts) plus its copies (bug: the slices' list, their
-  join and the join with the other families' text, three copies at once,
-  left the management process ~35-50 MiB bigger after big scrapes).
+* The text is yielded a slice at a time (encoded, tens of KB) and never
+  joined: the response streams it, so a scrape holds a slice, not the whole
+  text (bug: the slices' list, their join, its join with the other families'
+  text and the server's copy with the head: up to four copies of 30 MB at the
+  end of a scrape of 20,000 hosts).
 * Only the families with a sample per host are written here; the balancer's
   few others stay with prometheus-client (`management.metrics`).
 """
