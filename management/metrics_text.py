@@ -15,11 +15,11 @@ Invariants:
 * `pause` (`balancer.turns.turn`: one round of the management process's loop)
   is called every `HOSTS_PER_PAUSE` hosts, so other requests are answered
   during a big scrape.
-* The text is yielded a slice at a time (encoded, tens of KB) and never
-  joined: the response streams it, so a scrape holds a slice, not the whole
-  text (bug: the slices' list, their join, its join with the other families'
-  text and the server's copy with the head: up to four copies of 30 MB at the
-  end of a scrape of 20,000 hosts).
+* The text is yielded a slice at a time (encoded: 30 KB on average, at most
+  ~0.2 MB) and never joined: the response streams it, so a scrape holds a
+  slice, not the whole text (bug: the slices' list, their join, its join with
+  the other families' text and the server's copy with the head: up to four
+  copies of 30 MB at the end of a scrape of 20,000 hosts).
 * Only the families with a sample per host are written here; the balancer's
   few others stay with prometheus-client (`management.metrics`).
 """
