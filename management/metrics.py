@@ -7,7 +7,10 @@ Invariants:
 * Every metric name of SPEC §7 is always exposed, even with no traffic.
 * Each scrape has its own `CollectorRegistry`; nothing is registered globally.
 * The families with a sample per host are written by `management.metrics_text`
-  (quicker than prometheus-client, and pausing for other requests).
+  (quicker than prometheus-client, and pausing for other requests), as the
+  body is sent: a scrape's text is never whole in memory. What can fail (the
+  snapshot, the store's certificates) is asked before the body starts, so a
+  failure is still an error response.
 * A scrape costs the hosts that have seen a request (`METRICS_SELECT`), not
   the table: an idle host's counters are all zero and it has no series
   until its first request (its backends' `balancer_backend_up` too, unless
@@ -142,10 +145,16 @@ class Metrics:
         self.sources = (expiries, acme, own_drops)
         self.pause = pause  # lets other requests run during a big scrape
 
-    def render(self) -> bytes:
-        """The Prometheus text exposition of the current snapshot."""
+    def render(self) -> Iterator[bytes]:
+        """The Prometheus text exposition of the current snapshot, a slice at a
+        time: the snapshot and the few families taken now, the per-host
+        families written as they are iterated."""
         snap = self.snapshot()
-        text = per_host_text(snap.get("hosts", {}), self.pause)
         registry = CollectorRegistry(auto_describe=False)  # one per scrape: its snapshot's
         registry.register(SnapshotCollector(snap, *self.sources))
-        return text + generate_latest(registry)
+        return _then(per_host_text(snap.get("hosts", {}), self.pause), generate_latest(registry))
+
+
+def _then(slices: Iterator[bytes], last: bytes) -> Iterator[bytes]:
+    yield from slices
+    yield last

@@ -135,6 +135,14 @@ class ManagementHandler(RawTargetHandler):
             raise ValueError(problem)  # a 400, and the connection closed
         return headers
 
+    def finalize_headers(self) -> None:
+        """Bug: a streamed answer (``/metrics``) to HEAD ended with a last chunk
+        (``0``, CRLF, CRLF) though it has no body, taken as garbage or as the
+        next response by the client's next read; the head stays GET's."""
+        super().finalize_headers()
+        if self.command == "HEAD":
+            self.response_use_chunked = False
+
     def _handle_client_error(self, ex: BaseException) -> Any:
         """A malformed, too large or too slow head: answered and closed, never a traceback."""
         if not isinstance(ex, CLIENT_ERRORS):

@@ -102,7 +102,8 @@ class StatusRoutes:
     def on_metrics(self, request: Request) -> Response:
         metrics = self.exporter()
         return Response(metrics.render(), content_type=metrics.content_type,
-                        headers={"Cache-Control": "no-store"})  # live figures, as every answer
+                        headers={"Cache-Control": "no-store"},  # live figures, as every answer
+                        direct_passthrough=True)  # streamed: sent as written, never joined
 
     def exporter(self) -> Any:
         """The Prometheus exporter (`management.metrics.Metrics`), made at the

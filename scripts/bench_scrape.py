@@ -20,7 +20,7 @@ directory's retired total is reported at the end. Then:
    loop: the probe's latency again (a stalled worker shows in p99 and max),
    the scrapes' time and size, ``/healthz``'s latency meanwhile (a stalled
    management process shows there), and the Pss of the arbiter and the
-   management process after them.
+   management process after them (and each one's peak, VmHWM, over the run).
 
 Run it under ``flock /tmp/bench.lock``; with ``PYTHONPATH`` pointing at a
 compiled copy to measure the compiled data plane (the balancer runs from a
@@ -114,6 +114,14 @@ def pss_mib(pid: int) -> float:
     """The process's proportional set size (``/proc/PID/smaps_rollup``), MiB."""
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_mib(pid: int) -> float:
+    """The process's peak resident set (``VmHWM`` of ``/proc/PID/status``), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -267,7 +275,7 @@ def main() -> None:
             idle = {pid: cpu_seconds(pid) - before[pid] for pid in watched}
             alone = run(port, None, args.duration)[0]
             probes, scrapes, sizes, healthz = run(port, mgmt, args.duration)
-            pss = {pid: pss_mib(pid) for pid in management}
+            pss = {pid: (pss_mib(pid), peak_mib(pid)) for pid in management}
             retired = retired_total(workers)
         finally:
             procs.stop_all()
@@ -279,7 +287,8 @@ def main() -> None:
         print(f"  idle {args.idle:g} s: worker {pid} used {idle[pid]:.2f} s CPU")
     for pid in management:
         print(f"  idle {args.idle:g} s: process {pid} (arbiter or management) used "
-              f"{idle[pid]:.2f} s CPU; Pss after the scrapes {pss[pid]:.1f} MiB")
+              f"{idle[pid]:.2f} s CPU; Pss after the scrapes {pss[pid][0]:.1f} MiB, "
+              f"peak (VmHWM) {pss[pid][1]:.1f} MiB")
     print(f"  live request, no scrape:     {latency_line(alone)}")
     print(f"  live request, scraping:      {latency_line(probes)}")
     print(f"  /metrics scrape:             {latency_line(scrapes)}; "

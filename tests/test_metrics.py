@@ -37,7 +37,11 @@ SPEC_NAMES = {
 
 
 def render(snapshot: dict[str, Any]) -> str:
-    return Metrics(lambda: snapshot).render().decode()
+    return text(Metrics(lambda: snapshot))
+
+
+def text(metrics: Metrics) -> str:
+    return b"".join(metrics.render()).decode()
 
 
 def worker_with_traffic() -> Stats:
@@ -140,8 +144,8 @@ def test_acme_figures_come_from_the_stored_states(tmp_path) -> None:
                      "hosts": {"pending": 2, "issued": 1, "failed": 1},
                      "next_attempt": {"ok.test": 86400, "bad.test": 300, "new.test": 0,
                                       "junk.test": 0}}
-    got = samples(Metrics(lambda: Stats().snapshot(), None,
-                          lambda: figures(store, hosts, Issued(), now)).render().decode())
+    got = samples(text(Metrics(lambda: Stats().snapshot(), None,
+                               lambda: figures(store, hosts, Issued(), now))))
     assert got[("balancer_acme_issuances_total", (("outcome", "failed"),))] == 2
     assert got[("balancer_acme_hosts", (("state", "pending"),))] == 2
     assert got[("balancer_acme_next_attempt_seconds", (("host", "bad.test"),))] == 300
@@ -151,6 +155,6 @@ def test_acme_figures_come_from_the_stored_states(tmp_path) -> None:
 def test_acme_metrics_are_zero_when_the_store_cannot_be_read() -> None:
     def broken() -> dict:
         raise OSError("store down")
-    got = samples(Metrics(lambda: Stats().snapshot(), None, broken).render().decode())
+    got = samples(text(Metrics(lambda: Stats().snapshot(), None, broken)))
     assert got[("balancer_acme_hosts", (("state", "issued"),))] == 0
     assert got[("balancer_open_connections", ())] == 0  # the rest still answers

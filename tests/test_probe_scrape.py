@@ -12,10 +12,13 @@ byte the same text, ~8x quicker and pausing every `HOSTS_PER_PAUSE` hosts.
 from __future__ import annotations
 
 import http.client
+import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,9 +28,11 @@ from prometheus_client.registry import Collector
 
 from management.metrics_text import HOSTS_PER_PAUSE, per_host_text
 from tests.support import Balancer, in_threads, samples
+from tests.test_process import children_of
 
 HOSTS = 3000  # before the fix their text held the management process ~75 % of a scrape
 CLIENTS = 4  # connections the hosts' requests are pipelined on
+ABORTED = 8  # scrapes whose client hangs up after the head
 
 
 def get(port: int, path: str, timeout: float = 60) -> tuple[int, bytes]:
@@ -98,6 +103,77 @@ def test_a_scrape_of_thousands_of_hosts_leaves_the_management_api_answering(
     assert max(waits) < 0.4 * took, (max(waits), took, len(waits))
 
 
+
+def scrape_streamed(port: int) -> tuple[str | None, bytes]:
+    """One scrape: (its Transfer-Encoding, or its Content-Length; its body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    assert response.status == 200
+    body = response.read()
+    conn.close()
+    return response.getheader("Transfer-Encoding") or response.getheader("Content-Length"), body
+
+
+def test_two_scrapes_at_once_each_stream_the_whole_text(busy: Balancer) -> None:
+    """The body is sent as it is written, never joined (before: a Content-Length
+    and the whole text, 3 copies of it alive at the end of each scrape)."""
+    for done in in_threads(2, lambda: scrape_streamed(busy.mport)):
+        coding, body = done.result(timeout=120)
+        assert coding == "chunked"
+        series = samples(body.decode())
+        counted = {dict(labels)["host"] for name, labels in series
+                   if name == "balancer_requests_total"}
+        assert len(counted) == HOSTS
+        assert body.endswith(b"\n") and b"# TYPE balancer_acme_next_attempt_seconds" in body
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_scrape_whose_client_goes_is_not_written_on(busy: Balancer) -> None:
+    """A scraper that hangs up after the head (Prometheus at its timeout) costs
+    its snapshot, not the text: the scrape ends at the next slice's write."""
+    workers = {p["pid"] for p in busy.api("GET", "/api/v1/info")[1]["processes"]}
+    (management,) = set(children_of(busy.proc.pid)) - workers
+    whole = len(scrape_streamed(busy.mport)[1])  # (the first imports prometheus-client)
+    start = cpu_seconds(management)
+    assert len(scrape_streamed(busy.mport)[1]) == whole
+    after = cpu_seconds(management)
+    full = after - start
+    for _ in range(ABORTED):
+        with socket.create_connection(("127.0.0.1", busy.mport), timeout=60) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            head = sock.recv(100)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert get(busy.mport, "/healthz")[0] == 200
+    assert len(scrape_streamed(busy.mport)[1]) == whole  # (the aborted ones ended by now)
+    aborted = cpu_seconds(management) - after - full
+    # a snapshot and a slice or two each, ~0.45 of a scrape (before: a whole text each)
+    assert aborted < 0.75 * ABORTED * full, (aborted, full)
+
+
+
+def test_head_of_the_streamed_body_has_no_last_chunk(busy: Balancer) -> None:
+    """HEAD /metrics then a request on the same connection: the second answer
+    follows the first's head at once (bug: a last chunk, "0" CRLF CRLF, came
+    in between, a body HEAD must not have)."""
+    with socket.create_connection(("127.0.0.1", busy.mport), timeout=60) as sock:
+        sock.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        got, deadline = b"", time.monotonic() + 60
+        while not got.endswith(b'{"status":"ok"}\n') and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    head, rest = got.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b'{"status":"ok"}\n'), rest
+
 # the text, against prometheus-client's ------------------------------------------------------
 SNAPSHOT_HOSTS = {
     'a"b\\\nc': {"codes": {"200": 5, "404": 12345678, "500": 2.5},
@@ -165,11 +241,11 @@ def test_the_text_is_prometheus_clients_and_pauses_every_slice() -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Families())
     pauses = []
-    text = per_host_text(SNAPSHOT_HOSTS, lambda: pauses.append(1))
+    text = b"".join(per_host_text(SNAPSHOT_HOSTS, lambda: pauses.append(1)))
     assert text == generate_latest(registry)
     assert len(pauses) == 9 * (len(SNAPSHOT_HOSTS) // HOSTS_PER_PAUSE)  # 9 families
 
 
 def test_with_no_active_host_every_family_has_its_help_and_type() -> None:
-    text = per_host_text({}, lambda: None).decode()
+    text = b"".join(per_host_text({}, lambda: None)).decode()
     assert text.count("# HELP ") == text.count("# TYPE ") == 9
