@@ -283,8 +283,9 @@ def chain_facts(chain: str) -> dict[str, Any]:
 def keep_facts(chains: Iterable[str]) -> None:
     """Forget the facts of every chain but `chains` (those stored now)."""
     kept = {hashlib.sha256(chain.encode()).digest() for chain in chains}
-    for digest in [d for d in _FACTS if d not in kept]:
-        _FACTS.pop(digest, None)
+    for digest in list(_FACTS):  # a copy in one step: another thread may add meanwhile
+        if digest not in kept:
+            _FACTS.pop(digest, None)
 
 
 def _read_chain(chain: str) -> dict[str, Any]:
