@@ -101,7 +101,7 @@ class TableFollower:
         except StoreError as exc:
             if saved is None:
                 raise
-            self.store_problem = (f"store {self.store.display_url}: {exc}; serving the last "
+            self.store_problem = (f"{self.store.told(exc)}; serving the last "
                                   f"good table, which may be stale (version {saved.version}, "
                                   f"from {self.snapshot.describe()}), until the store can "
                                   f"be read")

@@ -10,7 +10,13 @@ Invariants:
   the run directory that every worker maps (`mmap`, MAP_SHARED), so a limit
   holds however many workers serve. Memory is fixed (`TABLE_SLOTS` keys at
   once); a key finds its slot within `PROBES` places; when all are taken by
-  keys still limited, the one whose bucket refills soonest gives way.
+  keys still limited, the one whose bucket refills soonest gives way. A slot
+  with requests in progress never gives way (bug: when all 8 had some, the
+  newcomer took one, and the evicted client's later release lowered the
+  newcomer's count, so `max_connections_per_client` let extra requests
+  through); a key that finds none is counted nowhere and its request goes
+  (fails open, as an HAProxy stick table that cannot purge an entry tracks
+  nothing).
 * Every decision (find or claim the key's slot, read it, write it back) holds
   an exclusive record lock on that slot's bytes of the shared file (`fcntl`
   F_SETLKW, released at once; the kernel drops it with a dead process), so two
@@ -126,7 +132,8 @@ class SharedBuckets:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, SLOT.size, start)
 
     def slot(self, key: bytes, now: float) -> int:
-        """The byte offset of `key`'s slot (claimed for it if it had none)."""
+        """The byte offset of `key`'s slot (claimed for it if it had none);
+        -1 when every place it may take holds requests in progress."""
         digest = (zlib.crc32(key) | zlib.adler32(key) << 32) or 1
         start = digest & (TABLE_SLOTS - 1)
         mem = self.map
@@ -140,8 +147,9 @@ class SharedBuckets:
                 free = offset
             elif in_progress <= 0 and tat < soonest_at:
                 soonest, soonest_at = offset, tat
-        offset = free if free >= 0 else soonest if soonest >= 0 else start * SLOT.size
-        SLOT.pack_into(mem, offset, digest, now, 0)
+        offset = free if free >= 0 else soonest
+        if offset >= 0:
+            SLOT.pack_into(mem, offset, digest, now, 0)
         return offset
 
     def take(self, offset: int, now: float, interval: float, tolerance: float) -> float:
@@ -153,7 +161,9 @@ class SharedBuckets:
         again, left the clients refused before refused for up to 1,000 s more).
         Only then: a `now` read before the lock (a decision of another worker came
         in between) lowers no arrival time of the rule in force (that admitted 4 %
-        more in the two-process test)."""
+        more in the two-process test). Offset -1 (no slot): 0.0, uncounted."""
+        if offset < 0:
+            return 0.0
         stored, counted = BUCKET.unpack_from(self.map, offset + 8)
         tat = max(stored, now)
         reach = tolerance + interval
@@ -169,7 +179,10 @@ class SharedBuckets:
         return 0.0
 
     def enter(self, offset: int, cap: int) -> bool:
-        """Count one more request in progress unless `cap` are."""
+        """Count one more request in progress unless `cap` are (True uncounted
+        at offset -1: no slot)."""
+        if offset < 0:
+            return True
         at = offset + 16
         current = OPEN.unpack_from(self.map, at)[0]
         if current >= cap:
@@ -179,6 +192,8 @@ class SharedBuckets:
         return True
 
     def leave(self, offset: int) -> None:
+        if offset < 0:
+            return
         at = offset + 16
         OPEN.pack_into(self.map, at, max(OPEN.unpack_from(self.map, at)[0] - 1, 0))
         self.note(offset, -1)

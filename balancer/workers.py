@@ -278,9 +278,9 @@ def initial_load(worker: Any) -> None:
     try:
         worker.tables.start_table()
     except StoreError as exc:
-        worker.tables.store_problem = f"store {worker.store.display_url}: {exc}"
-        log.error("store %s: %s; serving the no-hosts page until it recovers",
-                  worker.store.display_url, exc)
+        worker.tables.store_problem = worker.store.told(exc)
+        log.error("%s; serving the no-hosts page until it recovers",
+                  worker.tables.store_problem)
 
 
 # start-up check -------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any
 
 from werkzeug.routing import Rule
 
-from balancer.certificates import CertificateError, make_record, public_record
+from balancer.certificates import CertificateError, keep_facts, make_record, public_record
 from balancer.rules import normalize_host, validate_host
 from balancer.stores import Store
 from balancer.stores.certs import CertsCorrupt, CertsLost
@@ -51,7 +51,8 @@ def list_certs(store: Store) -> tuple[list[dict[str, Any]], str | None]:
     """Every stored certificate as the API shows it (no keys), by host, and the
     store's problem: while its certificates cannot be read as a whole, those
     last read in good order (what the workers serve). A damaged record is
-    listed with its ``problem``."""
+    listed with its ``problem``. What each chain says is parsed once
+    (`balancer.certificates.chain_facts`); those no longer stored are dropped."""
     now = time.time()
     certs = store.certs()
     problem = None
@@ -60,6 +61,7 @@ def list_certs(store: Store) -> tuple[list[dict[str, Any]], str | None]:
     except (CertsCorrupt, CertsLost) as exc:
         stored, problem = dict(certs.last_good or {}), str(exc)
     shown = {host: public_record(host, record, now) for host, record in stored.items()}
+    keep_facts(str(record.get("chain", "")) for record in stored.values())
     for host, why in certs.damaged.items():
         shown.setdefault(host, {"host": host, "problem": why})
     return [shown[host] for host in sorted(shown)], problem

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from balancer.certificates import CertificateError, check, covers
+from balancer.certificates import CertificateError, chain_facts, check, covers, keep_facts
 from tests.support import Backend, Balancer, metric, replace_file, samples, wait_for
 from tests.test_ctl import ctl, ok
 from tests.test_tls import CA, _handshakes, client_context, https_get, tls_connect
@@ -291,3 +291,40 @@ def test_certs_fill_adds_only_missing_hosts_while_the_store_is_as_judged(tmp_pat
     finally:
         worker.stopping = True
         control.close()
+
+
+def test_a_replaced_certificate_is_listed_with_its_new_facts(bal: Balancer) -> None:
+    """What a chain says is parsed once and kept by its content
+    (`chain_facts`): a certificate replaced (and replaced back) is listed and
+    measured with the new one's names and expiry; a deleted one is gone."""
+    first, first_key = CA.issue("facts.test", days=90)
+    second, second_key = CA.issue("facts.test", "www.facts.test", days=30)
+    try:
+        for chain, key, names, days in ((first, first_key, ["facts.test"], 90),
+                                        (second, second_key,
+                                         ["facts.test", "www.facts.test"], 30),
+                                        (first, first_key, ["facts.test"], 90)):
+            status, answer = bal.api("PUT", "/api/v1/certs/facts.test",
+                                     {"chain": chain, "key": key})
+            assert status == 200, answer
+            for _ in range(2):  # parsed, then kept
+                listed = {c["host"]: c for c in bal.api("GET", "/api/v1/certs")[1]["certs"]}
+                assert listed["facts.test"]["names"] == names
+                assert abs(listed["facts.test"]["expires_in"] - (days - 1) * 86400) < 600
+                assert abs(metric(bal.metrics(), "balancer_certificate_expiry_seconds",
+                                  host="facts.test") - (days - 1) * 86400) < 600
+    finally:
+        assert bal.api("DELETE", "/api/v1/certs/facts.test")[0] == 200
+    assert "facts.test" not in {c["host"] for c in bal.api("GET", "/api/v1/certs")[1]["certs"]}
+
+
+def test_chain_facts_are_kept_by_content_and_dropped_when_no_longer_stored() -> None:
+    chain, _ = CA.issue("kept.test")
+    other, _ = CA.issue("other.test")
+    facts = chain_facts(chain)
+    assert facts["names"] == ("kept.test",)
+    assert chain_facts(chain) is facts  # not parsed again
+    assert chain_facts(other)["names"] == ("other.test",)
+    keep_facts([other])
+    assert chain_facts(chain) is not facts and chain_facts(chain) == facts
+    assert chain_facts("garbage")["problem"] == "the stored chain cannot be read"

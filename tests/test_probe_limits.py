@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from balancer.clients import client_key
-from tests.support import Backend, Balancer, request, wait_for
+from tests.support import Backend, Balancer, EchoHandler, constants_prefix, request, wait_for
 
 HOST = "app.test"
 ONE = {"action": "empty", "status": 204, "limits": {"rate": 0.01, "burst": 1}}
@@ -109,6 +109,67 @@ def test_silent_connections_take_no_place_of_max_connections_per_client(
     finally:
         for sock in silent:
             sock.close()
+        bal.stop()
+        backend.stop()
+
+
+HELD: dict[str, threading.Event] = {}  # client number: its held request answers when set
+
+
+class HoldingHandler(EchoHandler):
+    """`/held?c=N` answers once ``HELD[N]`` is set (at most 20 s)."""
+
+    def act_held(self, query: dict[str, str], head: bool) -> None:
+        HELD[query["c"]].wait(20)
+        self.reply(200, b"held", head)
+
+
+def from_client(n: int, port: int, path: str) -> tuple[http.client.HTTPConnection, int | None]:
+    """A request from the loopback address 127.0.0.`n`: its connection, and its
+    status (None for a request that is held)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20,
+                                      source_address=(f"127.0.0.{n}", 0))
+    conn.request("GET", path, headers={"Host": HOST})
+    if path.startswith("/held"):
+        return conn, None
+    answer = conn.getresponse()
+    answer.read()
+    conn.close()
+    return conn, answer.status
+
+
+def test_a_full_table_never_moves_a_count_of_requests_in_progress(tmp_path: Path) -> None:
+    """The table shrunk to 8 slots, 8 clients each with a request in progress
+    (at `max_connections_per_client` 1), a 9th client comes: it finds no place,
+    and goes uncounted (fails open). Bug: it took the slot of one of the 8, whose
+    second request was then let through (its count gone), and whose release
+    lowered the newcomer's count. Here each of the 8 is refused a second request,
+    before and after the 9th's request ends; once theirs end, each goes again."""
+    for n in range(2, 11):
+        HELD[str(n)] = threading.Event()
+    backend = Backend(handler=HoldingHandler)
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address],
+                                     "limits": {"max_connections_per_client": 1}}},
+                   prefix=constants_prefix({"balancer.limits.TABLE_SLOTS": 8}))
+    held = []
+    try:
+        for n in range(2, 11):
+            held.append(from_client(n, bal.port, f"/held?c={n}")[0])
+            wait_for(lambda n=n: backend.count == n - 1, what=f"client {n} held")
+        assert [from_client(n, bal.port, "/")[1] for n in range(2, 10)] == [429] * 8
+        assert from_client(10, bal.port, "/")[1] == 200  # uncounted: it goes
+        HELD["10"].set()
+        assert held[-1].getresponse().status == 200
+        assert [from_client(n, bal.port, "/")[1] for n in range(2, 10)] == [429] * 8
+        for n, conn in enumerate(held[:-1], start=2):
+            HELD[str(n)].set()
+            assert conn.getresponse().status == 200
+        assert [from_client(n, bal.port, "/")[1] for n in range(2, 11)] == [200] * 9
+    finally:
+        for event in HELD.values():
+            event.set()
+        for conn in held:
+            conn.close()
         bal.stop()
         backend.stop()
 

@@ -309,3 +309,21 @@ def test_a_sentinel_failover_during_a_write_burst_loses_no_answered_write(
         wait_for(lambda: bal.store_problem() == "", WAIT, what="the store back to normal")
     finally:
         bal.stop()
+
+
+def test_a_wrong_db_number_is_told_with_the_store_url_once(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """A store URL naming a database Redis does not have (db 99 of 16): each line
+    that says so names the store once (bug: "store redis://…/99: redis://…/99:
+    Redis refused to read: DB index is out of range")."""
+    url = redis_server.url.rpartition("/")[0] + "/99"
+    bal = Balancer(tmp_path, store=url)
+    try:
+        wait_for(lambda: "DB index is out of range" in bal.store_problem(), WAIT,
+                 what="the problem reported")
+        wait_for(lambda: "store " + url in bal.output(), WAIT, what="the worker's line")
+        lines = [line for line in bal.output().splitlines() if "DB index" in line]
+        assert lines and all(line.count(url) == 1 for line in lines), lines
+        assert bal.store_problem().count(url) == 1, bal.store_problem()
+    finally:
+        bal.stop()

@@ -20,7 +20,7 @@ from balancer.certificates import make_record
 from balancer.rules import validate_rule
 from balancer.stores.file import FileStore
 from tests.conftest import required_tool
-from tests.support import Backend, Balancer, request, wait_for
+from tests.support import Backend, Balancer, raw_exchange, request, split_responses, wait_for
 from tests.tlsca import TestCA
 
 CA = TestCA()
@@ -272,6 +272,16 @@ def test_https_redirect_and_hsts(front: Balancer, tls_tmp: Path) -> None:
     assert headers["strict-transport-security"] == "max-age=60"
     status, headers, _ = request(front.port, host="local.test")
     assert status == 200 and "strict-transport-security" not in headers
+
+
+def test_https_redirect_of_options_asterisk_goes_to_the_root(front: Balancer) -> None:
+    """``OPTIONS *`` has no path: redirected to ``https://HOST/``, as HAProxy's
+    ``redirect scheme https`` does (bug: ``Location: https://secure.test*``,
+    not a URL)."""
+    raw = raw_exchange(front.port, b"OPTIONS * HTTP/1.1\r\nHost: secure.test:8080\r\n"
+                                   b"Connection: close\r\n\r\n")
+    [(status, headers, _)] = split_responses(raw)
+    assert (status, headers["location"]) == (308, "https://secure.test/")
 
 
 @pytest.mark.parametrize(("field", "value"), [

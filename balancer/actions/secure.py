@@ -6,7 +6,9 @@ other rules pay nothing per request.
 * ``"https_redirect": true``: a request on a plain listener gets a 308 to the
   same host (port 443, the client's port dropped) and target on HTTPS; ACME
   HTTP-01 challenge paths (``/.well-known/acme-challenge/``) are not
-  redirected, so a CA can still reach them over plain HTTP.
+  redirected, so a CA can still reach them over plain HTTP. ``OPTIONS *`` (no
+  path) goes to ``https://HOST/``, as HAProxy's ``redirect scheme https``
+  sends it (bug: ``Location: https://HOST*``, not a URL).
 * ``"hsts": SECONDS``: responses on TLS listeners carry
   ``Strict-Transport-Security: max-age=SECONDS`` (never on plain HTTP, as
   RFC 6797 §7.2 requires).
@@ -52,7 +54,8 @@ class SecureAction:
         host = (head.host or b"").rpartition(b":")[0] if _has_port(head.host) else head.host
         if not host:
             return True  # no Host to redirect to (HTTP/1.0): served as is
-        ex.respond(308, b"", b"", ((b"Location", b"https://" + host + head.target),))
+        target = head.target if head.target != b"*" else b"/"  # OPTIONS *: no path
+        ex.respond(308, b"", b"", ((b"Location", b"https://" + host + target),))
         return False
 
     def backend_keys(self) -> Iterable[str]:

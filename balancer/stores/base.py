@@ -332,6 +332,21 @@ class Store(ABC):
         """What names this store's table (for the local snapshot of it)."""
         return self.display_url
 
+    def told(self, exc: BaseException) -> str:
+        """``store URL: REASON`` with the store named once: a store's own errors
+        begin with its URL or path (bug: "store redis://h/99: redis://h/99: Redis
+        refused to read: ...")."""
+        text = str(exc)
+        for own in self.own_names():
+            if own and text.startswith(own + ": "):
+                text = text[len(own) + 2:]
+                break
+        return f"store {self.display_url}: {text}"
+
+    def own_names(self) -> tuple[str, ...]:
+        """How this store's own error messages may begin."""
+        return (self.display_url,)
+
     def raise_floor(self, version: int) -> None:
         """Note a version known elsewhere (a snapshot, a worker); writes go above it."""
         self.floor = max(self.floor, version)

@@ -164,6 +164,9 @@ class FileStore(FileWatching, Store):
     def identity(self) -> str:
         return f"file:{self.path}"
 
+    def own_names(self) -> tuple[str, ...]:
+        return (self.display_url, self.path)
+
     def is_reachable(self) -> bool:
         self._reachable = os.access(self.path, os.R_OK)
         return self._reachable
