@@ -695,3 +695,33 @@ def test_two_whole_table_writes_in_a_row_are_read_whole_once(
         reads.close()
         follower.close()
         writer.close()
+
+
+@pytest.mark.parametrize("channel, data", [("changes", "9" * 5000),
+                                           ("changed-hosts", "9" * 5000 + " x.test")],
+                         ids=["changes", "changed-hosts"])
+def test_a_strangers_message_of_too_many_digits_is_no_watcher_failure(
+        redis_server: RedisServer, channel: str, data: str) -> None:
+    """Bug (review): a message of digits past Python's int() limit (4,300 digits), on
+    either channel, from anyone, raised ValueError in the watcher: taken for a bug of
+    ours, every process reported the store down (``balancer_store_up`` 0, a
+    traceback asking to report it) and read the whole table, at each such message."""
+    ns = namespace()
+    writer = RedisStore(redis_server.url, ns)
+    writer.put_host("a.test", WEB)
+    follower = RedisStore(redis_server.url, ns, resync_interval=60)
+    reads = WholeReads(redis_server.port, ns)
+    try:
+        with Watcher(follower, lambda: watcher.tables[-1].version if watcher.tables
+                     else -1) as watcher:
+            watcher.wait_version(1, timeout=5)
+            before = reads.count()
+            redis_server.client().publish(f"{ns}:{channel}", data)
+            writer.put_host("b.test", WEB)  # applied from its message, nothing else read
+            assert watcher.wait_version(2, timeout=5).hosts == {"a.test": WEB, "b.test": WEB}
+            assert follower.last_error() is None
+            assert reads.count() == before, reads.lines()
+    finally:
+        reads.close()
+        follower.close()
+        writer.close()
