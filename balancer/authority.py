@@ -4,7 +4,7 @@ routes such a request by, and the Host its backend gets (docs/proxying.md).
 Invariants:
 * A valid authority is ``host [":" port]`` with `port` digits (RFC 3986 §3.2.3:
   possibly none), and `host` either an IP literal (RFC 3986 §3.2.2: an IPv6
-  address or an IPvFuture in brackets) or a name of letters, digits, ``-`` and
+  address or an IPvFuture, its "v" in any case, in brackets) or a name of letters, digits, ``-`` and
   ``.`` with no empty label but a trailing one (``app.test.``).
 * Anything else is refused: userinfo (RFC 9110 §4.2.4), an empty host (RFC 9110
   §4.2.1: "MUST reject"), and the reg-names RFC 3986 allows but no host has:
@@ -35,7 +35,7 @@ NAME: Final = re.compile(rb"(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+\.?(?::([0-9]*))?")
 HOST_NAME: Final = re.compile(rb"(?:[^.:\[\]]+\.)*[^.:\[\]]+\.?(?::([0-9]*))?")
 # an IP literal (its IPv6 address checked apart), then an optional port
 LITERAL: Final = re.compile(
-    rb"\[(?:([0-9A-Fa-f:.]+)|v[0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+)\](?::([0-9]*))?")
+    rb"\[(?:([0-9A-Fa-f:.]+)|[vV][0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+)\](?::([0-9]*))?")
 MAX_PORT: Final = 65535
 
 

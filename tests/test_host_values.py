@@ -24,7 +24,8 @@ INVALID = [b"app.test..", b"app..test", b".app.test", b".", b"app.test:abc",
 # digits after the colon: RFC 3986 §3.2.3), or unknown (404) but never refused
 VALID = [(b"app.test", 200), (b"app.test.", 200), (b"APP.Test:8080", 200),
          (b"app.test:", 200), (b"app.test:0080", 200), (b"app.test:65535", 200),
-         (b"[::1]:80", 404), (b"other.test", 404), (b"app_test", 404)]
+         (b"[::1]:80", 404), (b"other.test", 404), (b"app_test", 404),
+         (b"[v1.x]", 404), (b"[V1.x]:80", 404)]  # (RFC 3986's "v": any case, as with nginx)
 
 
 @pytest.fixture(scope="module")
