@@ -725,3 +725,32 @@ def test_a_strangers_message_of_too_many_digits_is_no_watcher_failure(
         reads.close()
         follower.close()
         writer.close()
+
+
+def test_a_strangers_high_version_does_not_make_every_later_write_a_whole_read(
+        redis_server: RedisServer) -> None:
+    """Bug (review): ``PUBLISH NS:changes 999`` from anyone, then each one-host write
+    announced below it was taken for a store gone back, and read the whole table,
+    in every process, until the store's version passed 999 (for good with 19
+    digits). Now the watch reads whole until past the version it serves: the
+    stranger's message costs its one whole read (a bare version asks for one), the
+    next write another, and the writes after it are read by their hosts."""
+    ns = namespace()
+    writer = RedisStore(redis_server.url, ns)
+    writer.put_host("a.test", WEB)
+    follower = RedisStore(redis_server.url, ns, resync_interval=60)
+    reads = WholeReads(redis_server.port, ns)
+    try:
+        with Watcher(follower, lambda: watcher.tables[-1].version if watcher.tables
+                     else -1) as watcher:
+            watcher.wait_version(1, timeout=5)
+            before = reads.count()
+            redis_server.client().publish(f"{ns}:changes", "999")
+            for n in range(2, 7):
+                writer.put_host(f"h{n}.test", WEB)
+                assert f"h{n}.test" in watcher.wait_version(n, timeout=5).hosts
+            assert reads.count() - before <= 2, reads.lines()
+    finally:
+        reads.close()
+        follower.close()
+        writer.close()
