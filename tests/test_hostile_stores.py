@@ -24,6 +24,9 @@ defect found and fixed (each test fails without its fix):
   logged once with its traceback, and the watch goes on after a pause.
 * A Redis version repaired by hand to the version served stayed reported until
   the next write: the resync tick took it for a write told directly.
+* A change whose whole read failed (the consumer's, when the change did not
+  count as the store's) was taken as delivered: the table stayed stale until
+  the next write. Now the next resync tick reads it again.
 """
 
 from __future__ import annotations
@@ -353,3 +356,36 @@ def test_a_redis_rule_naming_a_key_twice_is_a_corrupt_store(
     publish_change(raw, "app.test", "fixed")  # rewritten by another balancer: followed
     wait_for(lambda: serves(bal, body=b"fixed") and bal.store_problem() == "", WAIT,
              what="the repaired rule served")
+
+
+def test_a_change_whose_whole_read_failed_is_read_again_by_the_resync_tick(
+        redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
+    """A change the worker and the management process cannot apply on their table
+    (its host count differs: a host set by hand, no write) has them read the whole
+    table; when that read fails (scripted at the edge: `load` raises while the flag
+    exists), the next resync tick reads it again. Bug (review): the watcher took the
+    change as delivered, its tick found the version read and did nothing: the
+    table stayed stale until the next write."""
+    flag = tmp_path / "fail"
+    prefix = constants_prefix({}, fail=(["balancer.stores.redis:RedisStore.load"], flag))
+    redis = redis_factory()
+    bal = Balancer(tmp_path, None, store=redis.url, prefix=prefix,
+                   env={"BALANCER_STORE_RESYNC_INTERVAL": "0.5"})
+    try:
+        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+        raw = redis.client()
+        raw.hset("balancer:hosts", "hand.test", json.dumps({**STATIC, "body": "hand"}))
+        flag.touch()
+        version = raw.incr("balancer:version")  # a one-host write, as another balancer's
+        raw.hset("balancer:hosts", "new.test", json.dumps({**STATIC, "body": "new"}))
+        raw.publish("balancer:changed-hosts", f"{version} new.test")
+        raw.publish("balancer:changes", str(version))
+        wait_for(lambda: "scripted failure" in bal.output(), WAIT, what="the read failed")
+        flag.unlink()
+        wait_for(lambda: all(serves(bal, "new.test", b"new") for _ in range(4)), WAIT,
+                 what="the change served")
+        assert all(serves(bal, "hand.test", b"hand") for _ in range(4))
+        wait_for(lambda: bal.version() == version, WAIT, what="the management process")
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()

@@ -78,6 +78,14 @@ class Seen:
     unsubscribed_told: bool = False  # Redis's refusal of SUBSCRIBE was logged
 
 
+def forget_delivered(seen: Seen) -> None:
+    """A delivery the consumer failed to apply (its whole read of a change that did not
+    count as the store's, cut short): the next resync tick, not finding the version
+    read, reads the table whole. Bug (review): it was taken as delivered, the tick
+    did nothing and the table stayed stale until the next write."""
+    seen.version, seen.delivered, seen.delivered_version = None, None, -1
+
+
 class RedisChanges(Store):
     """What `RedisWatching` does with messages; `RedisStore` provides the rest."""
 
@@ -171,6 +179,7 @@ class RedisChanges(Store):
         except Exception:
             log.exception("applying version %s from %s failed", change.version,
                           self.display_url)
+            forget_delivered(seen)
 
     def _own_writes_done(self) -> None:
         """Until the writes this process makes through this store are answered (at

@@ -43,7 +43,13 @@ from balancer.stores.base import (
     nap,
 )
 from balancer.stores.redis_answers import is_refusal, why
-from balancer.stores.redis_changes import BACKOFF_FIRST, MESSAGE_LAG, RedisChanges, Seen
+from balancer.stores.redis_changes import (
+    BACKOFF_FIRST,
+    MESSAGE_LAG,
+    RedisChanges,
+    Seen,
+    forget_delivered,
+)
 from balancer.stores.redis_messages import Inbox
 
 if TYPE_CHECKING:
@@ -248,6 +254,7 @@ class RedisWatching(RedisChanges):
             on_change(data)
         except Exception:
             log.exception("applying version %s from %s failed", data.version, self.display_url)
+            forget_delivered(seen)
 
 
 class NoMessages:
