@@ -15,7 +15,8 @@ change from outside in it.
 ``FAIL_CALLS="package.module:Class.method;..."`` with ``FAIL_WHILE=PATH``: each
 named function or method raises ``RuntimeError("scripted failure")`` whenever
 it is called while the file PATH exists (a bug made to strike, and cured, by
-the test: creating and deleting PATH).
+the test: creating and deleting PATH); ``FAIL_RAISES=package.module:Class``
+raises that class instead (a store's error, say).
 
 ``SLOW_FORKED_CHILD=SECONDS``: every child this process (and its children)
 forks takes that long to start running its own code, as on a loaded machine
@@ -53,9 +54,19 @@ def _slowed(function: Any, seconds: float) -> Any:
 def _failing(function: Any, flag: str) -> Any:
     def fail(*args: Any, **kwargs: Any) -> Any:
         if os.path.exists(flag):
-            raise RuntimeError("scripted failure")
+            raise _failure()("scripted failure")
         return function(*args, **kwargs)
     return fail
+
+
+def _failure() -> Any:
+    """The exception class ``FAIL_RAISES`` names (``package.module:Class``), or
+    RuntimeError."""
+    named = os.environ.get("FAIL_RAISES")
+    if not named:
+        return RuntimeError
+    module, name = named.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _failures() -> dict[str, list[str]]:
