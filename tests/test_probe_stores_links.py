@@ -18,6 +18,9 @@ subscribed, leaving them open.
   without pub/sub) had every watcher report the store unreachable and
   reconnect with backoff for good: another balancer's write was never served.
   Now the refusal is logged once and the table followed by the version checks.
+* A network that cut each subscription just after it was made had every
+  watcher subscribe again ~25 times a second, for good: the backoff started
+  again at each subscription that worked. Now once one has lasted 5 s.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ import pytest
 from balancer.stores.redis import RedisStore
 from tests.conftest import RedisServer
 from tests.support import Balancer, request, wait_for
+from tests.test_store_contract import Watcher
 
 RESYNC = 1.0
 
@@ -156,3 +161,80 @@ def test_a_subscription_the_network_dropped_silently_is_made_again(
     finally:
         writer.close()
         balancer.stop()
+
+
+class CutAfterSubscribe:
+    """A TCP proxy to `port` that closes each connection `life` seconds after it sent
+    SUBSCRIBE (a flapping network, a proxy that drops pub/sub connections); counts
+    the subscriptions."""
+
+    def __init__(self, port: int, life: float = 0.05) -> None:
+        self.target, self.life = port, life
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.subscribed = 0
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b, (client, server)),
+                                 daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket,
+              pair: tuple[socket.socket, socket.socket]) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    return
+                if source is pair[0] and b"SUBSCRIBE" in data.upper():  # (not the replies)
+                    self.subscribed += 1
+                    threading.Timer(self.life, _cut, args=pair).start()
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        _cut(*self.sockets)
+
+
+def _cut(*sockets: socket.socket) -> None:
+    """Shut down (a close alone leaves a socket another thread reads open), then close."""
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+
+def test_a_subscription_cut_at_once_each_time_backs_off(
+        redis_factory: Callable[[], RedisServer]) -> None:
+    """Bug (review): the backoff started again at 0.1 s at each subscription that
+    worked, so a network that cut each one just after (a flapping link, a proxy
+    that drops pub/sub connections) had each watcher subscribe ~10 times a second
+    for good, each time asking the version. Now the backoff starts again once a
+    subscription has lasted `BACKOFF_CAP` (5 s)."""
+    redis = redis_factory()
+    proxy = CutAfterSubscribe(redis.port)
+    store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", resync_interval=RESYNC)
+    try:
+        with Watcher(store, lambda: watcher.tables[-1].version if watcher.tables
+                     else -1) as watcher:
+            wait_for(lambda: proxy.subscribed >= 1, what="the first subscription")
+            time.sleep(3.0)  # (a window measured, no synchronisation)
+            subscribed = proxy.subscribed - 1
+        # backoff 0.1, 0.2, 0.4, 0.8, 1.6 s (x 0.5 to 1): 7 attempts at most in 3 s, each
+        # two subscriptions (redis-py's own, as it finds the connection cut, then the
+        # watcher's); without the fix 35 on an idle machine
+        assert subscribed <= 16, f"{subscribed} subscriptions in 3 s"
+    finally:
+        store.close()
+        proxy.close()

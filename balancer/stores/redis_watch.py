@@ -122,9 +122,10 @@ class RedisWatching(RedisChanges):
             inbox = Inbox(pubsub, self.hosts_channel)
             if not self._serves_already(seen, served):
                 self._reload(inbox, on_change, seen, problems, served)
-            seen.delay = BACKOFF_FIRST
+            steady = time.monotonic() + BACKOFF_CAP  # (`_steady`)
             next_check = time.monotonic() + self.resync_interval
             while not stop():
+                steady = _steady(seen, steady)
                 messages = inbox.within(WAIT_TICK)
                 if messages:
                     self._catch_up(inbox, messages, on_change, seen, problems, served)
@@ -255,6 +256,18 @@ class RedisWatching(RedisChanges):
         except Exception:
             log.exception("applying version %s from %s failed", data.version, self.display_url)
             forget_delivered(seen)
+
+
+def _steady(seen: Seen, steady: float) -> float:
+    """The reconnect backoff starts again once a subscription has lasted `BACKOFF_CAP`
+    (at `steady`); the next `steady` (infinite once done). Bug (review): it started
+    again at each subscription that worked, so a network that cut each one just
+    after (a flapping link, a proxy dropping pub/sub connections) had every
+    watcher subscribe and ask the version ~25 times a second, for good."""
+    if time.monotonic() < steady:
+        return steady
+    seen.delay = BACKOFF_FIRST
+    return float("inf")
 
 
 class NoMessages:
