@@ -79,10 +79,12 @@ class Seen:
 
 
 def forget_delivered(seen: Seen) -> None:
-    """A delivery the consumer failed to apply (its whole read of a change that did not
+    """A change the consumer failed to apply (its whole read, when the change did not
     count as the store's, cut short): the next resync tick, not finding the version
-    read, reads the table whole. Bug (review): it was taken as delivered, the tick
-    did nothing and the table stayed stale until the next write."""
+    read, reads the table whole (a whole table the consumer fails to apply is not
+    read again until the store moves: a bug of the consumer, which each read would
+    repeat). Bug (review): the change was taken as delivered, the tick did nothing
+    and the table stayed stale until the next write."""
     seen.version, seen.delivered, seen.delivered_version = None, None, -1
 
 

@@ -43,13 +43,7 @@ from balancer.stores.base import (
     nap,
 )
 from balancer.stores.redis_answers import is_refusal, why
-from balancer.stores.redis_changes import (
-    BACKOFF_FIRST,
-    MESSAGE_LAG,
-    RedisChanges,
-    Seen,
-    forget_delivered,
-)
+from balancer.stores.redis_changes import BACKOFF_FIRST, MESSAGE_LAG, RedisChanges, Seen
 from balancer.stores.redis_messages import Inbox
 
 if TYPE_CHECKING:
@@ -255,7 +249,6 @@ class RedisWatching(RedisChanges):
             on_change(data)
         except Exception:
             log.exception("applying version %s from %s failed", data.version, self.display_url)
-            forget_delivered(seen)
 
 
 def _steady(seen: Seen, steady: float) -> float:
