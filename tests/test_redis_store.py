@@ -701,7 +701,8 @@ def test_two_whole_table_writes_in_a_row_are_read_whole_once(
                                            ("changed-hosts", "9" * 5000 + " x.test")],
                          ids=["changes", "changed-hosts"])
 def test_a_strangers_message_of_too_many_digits_is_no_watcher_failure(
-        redis_server: RedisServer, channel: str, data: str) -> None:
+        redis_server: RedisServer, channel: str, data: str,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Bug (review): a message of digits past Python's int() limit (4,300 digits), on
     either channel, from anyone, raised ValueError in the watcher: taken for a bug of
     ours, every process reported the store down (``balancer_store_up`` 0, a
@@ -717,6 +718,9 @@ def test_a_strangers_message_of_too_many_digits_is_no_watcher_failure(
             watcher.wait_version(1, timeout=5)
             before = reads.count()
             redis_server.client().publish(f"{ns}:{channel}", data)
+            # taken as a stranger's (one GET) before the write: alone in its batch
+            wait_until(lambda: "that is not a version" in caplog.text, timeout=5,
+                       message="the stranger's message read")
             writer.put_host("b.test", WEB)  # applied from its message, nothing else read
             assert watcher.wait_version(2, timeout=5).hosts == {"a.test": WEB, "b.test": WEB}
             assert follower.last_error() is None
