@@ -81,13 +81,17 @@ def route_path(environ: dict[str, Any]) -> str:
     escapes kept (``REQUEST_URI`` or ``RAW_URI``: werkzeug, gunicorn, uWSGI and
     `management.server` give one). A server that gives neither leaves only the
     decoded ``PATH_INFO``, encoded again: there an encoded ``/`` cannot be told
-    from a ``/``."""
+    from a ``/``. Leading slashes are one, as werkzeug's `match` routes them, so
+    the token check sees the path that is routed (bug: ``//healthz`` routed to
+    the public ``/healthz`` but was refused 401 without the token)."""
     target = environ.get("REQUEST_URI") or environ.get("RAW_URI")
     if not target:
-        return quote(environ.get("PATH_INFO", "").encode("latin-1"), safe="/:@!$&'()*+,;=[]~")
-    if not target.startswith("/"):  # absolute-form (RFC 9112 §3.2.2)
-        return urlsplit(target).path or "/"
-    return target.partition("?")[0]
+        path = quote(environ.get("PATH_INFO", "").encode("latin-1"), safe="/:@!$&'()*+,;=[]~")
+    elif not target.startswith("/"):  # absolute-form (RFC 9112 §3.2.2)
+        path = urlsplit(target).path
+    else:
+        path = target.partition("?")[0]
+    return "/" + path.lstrip("/")
 
 
 def path_arguments(args: dict[str, Any]) -> dict[str, Any]:

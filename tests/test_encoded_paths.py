@@ -117,3 +117,25 @@ def test_balancerctl_sends_an_address_with_slashes_as_one_segment(
     assert ctl_main([*base, "remove-backend", "a.test", "https://10.0.0.7:8443"]) == 0
     assert rule_of(site)["backends"] == ADDRS[:2]
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("target", ["//healthz", "///healthz", "http://127.0.0.1//healthz"])
+def test_leading_slashes_are_public_where_they_route_public(site: Balancer, target: str) -> None:
+    """werkzeug routes ``//healthz`` as ``/healthz`` (its `match` drops leading
+    slashes), so the token check sees the same path (bug: ``//healthz``, public
+    before the raw-path routing, answered 401 without the token)."""
+    conn = http.client.HTTPConnection("127.0.0.1", site.mport, timeout=10)
+    conn.request("GET", target)
+    reply = conn.getresponse()
+    assert (reply.status, json.loads(reply.read())) == (200, {"status": "ok"})
+    conn.close()
+
+
+@pytest.mark.parametrize("target", ["//api/v1/hosts", "///api/v1/hosts",
+                                    "http://127.0.0.1//api/v1/hosts"])
+def test_leading_slashes_still_need_the_token_elsewhere(site: Balancer, target: str) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", site.mport, timeout=10)
+    conn.request("GET", target)
+    reply = conn.getresponse()
+    assert reply.status == 401, reply.read()
+    conn.close()
