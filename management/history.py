@@ -7,7 +7,8 @@ the p50/p99 latency of those requests (from the histograms' deltas).
 
 Invariants:
 * Memory is fixed per host: a ring of `POINTS` float32 values per series,
-  at most `MAX_HOSTS` hosts (past that the busiest, by requests completed;
+  at most `MAX_HOSTS` hosts (past that the busiest, by requests completed,
+  a host kept staying until another completed `KEEP_MARGIN` times as many;
   the others are left out and counted); a host that leaves the stats leaves
   the history. The whole balancer's series count every host, those left out
   too (bug: only the hosts kept, so past `MAX_HOSTS` a part of the traffic
@@ -39,7 +40,7 @@ import logging
 import math
 import os
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 from management.latency import delta, quantile
@@ -47,6 +48,7 @@ from management.latency import delta, quantile
 INTERVAL = 5.0
 POINTS = 720  # one hour
 MAX_HOSTS = 1000
+KEEP_MARGIN = 1.25  # a kept host's requests count this much more when ranking (`_busiest`)
 SERIES = ("rps", "error_rate", "p50", "p99")
 SAVE_EVERY = 6  # samples between saves (30 s)
 ADOPT_WITHIN = 4  # samples during which a newer saved file replaces this one's history
@@ -91,7 +93,7 @@ class History:
         # "active"): one the previous sample lacked, when it left none out, was idle.
         idle = IDLE if not self.left_out else None
         self.left_out = max(0, len(hosts) - MAX_HOSTS)
-        counters = {key: every[key] for key in _busiest(every)}
+        counters = {key: every[key] for key in _busiest(every, self.rings)}
         counters[TOTAL] = _total(every.values())
         seconds = now - self.last_time if self.last_time else 0.0
         i = self.head
@@ -244,13 +246,18 @@ def _counters(h: dict[str, Any]) -> dict[str, Any]:
             "buckets": h.get("duration", {}).get("buckets") or []}
 
 
-def _busiest(every: dict[str, dict[str, Any]]) -> list[str]:
+def _busiest(every: dict[str, dict[str, Any]], kept: Container[str]) -> list[str]:
     """The hosts kept: all of them up to `MAX_HOSTS`, else the `MAX_HOSTS` that
-    completed the most requests (bug: the first in alphabetical order, so a
-    busy host named late had no history while hosts with one request did)."""
+    completed the most requests, those `kept` already counting `KEEP_MARGIN`
+    times theirs (bug: the first in alphabetical order, so a busy host named
+    late had no history while hosts with one request did; then, without the
+    margin, two hosts as busy as each other at the cap overtook each other by
+    turns, each dropping the other's ring: neither ever showed a rate)."""
     if len(every) <= MAX_HOSTS:
         return list(every)
-    return sorted(every, key=lambda key: (-every[key]["completed"], key))[:MAX_HOSTS]
+    return sorted(every, key=lambda key: (
+        -every[key]["completed"] * (KEEP_MARGIN if key in kept else 1), key not in kept,
+        key))[:MAX_HOSTS]
 
 
 def _total(all_counters: Any) -> dict[str, Any]:

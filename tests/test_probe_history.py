@@ -70,3 +70,27 @@ def test_the_total_counts_the_hosts_left_out(monkeypatch: pytest.MonkeyPatch) ->
     assert sorted(view["hosts"]) == ["a.test", "c.test"] and view["hosts_left_out"] == 1
     assert view["total"]["rps"] == [None, pytest.approx(12 / 5)]
     assert view["total"]["error_rate"] == [None, pytest.approx(1 / 12, abs=1e-4)]
+
+
+def test_hosts_as_busy_as_each_other_at_the_cap_keep_their_history(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hosts with the same traffic, one place left: each overtakes the other
+    by turns. Bug: the one ahead at each sample was kept and the other's ring
+    dropped, so neither ever showed a rate (every point null); a host kept
+    now stays until another completed a quarter more requests than it."""
+    from balancer.stats import Stats
+    from management import history as module
+
+    monkeypatch.setattr(module, "MAX_HOSTS", 1)
+    stats = Stats()
+    history = module.History()
+    for sample in range(8):
+        name = ("b.test", "a.test")[sample % 2]  # b first: a wins a tie by name
+        for _ in range(10):
+            stats.host(name).open_requests += 1
+            stats.host(name).finish(200, 0, 10, 0.02)
+        history.sample(stats.snapshot(), 1000.0 + 5 * sample)
+    view = history.view(3600, 1035.0)
+    (kept, series), = view["hosts"].items()
+    assert view["hosts_left_out"] == 1
+    assert series["rps"][0] is None and series["rps"][-2:] in ([0.0, 2.0], [2.0, 0.0]), series
