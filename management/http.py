@@ -29,7 +29,7 @@ import re
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote_to_bytes, urlsplit
+from urllib.parse import quote, unquote_to_bytes
 
 from werkzeug.security import safe_join
 from werkzeug.wrappers import Request, Response
@@ -76,6 +76,9 @@ def check_query(request: Request) -> None:
         raise bad_request(["the query string is not UTF-8 (percent-encode its bytes)"]) from None
 
 
+ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")  # scheme://authority
+
+
 def route_path(environ: dict[str, Any]) -> str:
     """The path routes match: the request target's as the client sent it, percent
     escapes kept (``REQUEST_URI`` or ``RAW_URI``: werkzeug, gunicorn, uWSGI and
@@ -87,10 +90,10 @@ def route_path(environ: dict[str, Any]) -> str:
     target = environ.get("REQUEST_URI") or environ.get("RAW_URI")
     if not target:
         path = quote(environ.get("PATH_INFO", "").encode("latin-1"), safe="/:@!$&'()*+,;=[]~")
-    elif not target.startswith("/"):  # absolute-form (RFC 9112 §3.2.2)
-        path = urlsplit(target).path
-    else:
-        path = target.partition("?")[0]
+    else:  # an absolute-form target's (RFC 9112 §3.2.2) past its authority, whatever
+        # that holds (bug: `urlsplit` raised on an unclosed "[": a 500 and a traceback)
+        start = ABSOLUTE_FORM.match(target)
+        path = target[start.end() if start else 0:].partition("?")[0]
     return "/" + path.lstrip("/")
 
 

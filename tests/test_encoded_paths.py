@@ -139,3 +139,20 @@ def test_leading_slashes_still_need_the_token_elsewhere(site: Balancer, target: 
     reply = conn.getresponse()
     assert reply.status == 401, reply.read()
     conn.close()
+
+
+@pytest.mark.parametrize(("target", "status"), [
+    ("http://[/healthz", 200), ("http://[::1/api/v1/hosts", 401), ("http://a]b/healthz", 200)])
+def test_an_absolute_target_with_a_broken_authority_is_routed_by_its_path(
+        site: Balancer, target: str, status: int) -> None:
+    """Bug: ``urlsplit`` raised on the unclosed ``[`` before the app's error
+    handling: 500 in plain text, and a traceback in the log."""
+    conn = http.client.HTTPConnection("127.0.0.1", site.mport, timeout=10)
+    conn.putrequest("GET", target, skip_host=True)  # (http.client cannot parse it either)
+    conn.putheader("Host", f"127.0.0.1:{site.mport}")
+    conn.endheaders()
+    reply = conn.getresponse()
+    assert (reply.status, reply.getheader("Content-Type")) == (status, "application/json")
+    reply.read()
+    conn.close()
+    assert "Traceback" not in site.output()
