@@ -48,6 +48,15 @@ LATE = 0.9
 SILENT_ADDRESSES = [f"{SILENT_NET.split('.0.0/')[0]}.{i // 250}.{i % 250 + 1}" for i in range(300)]
 
 
+@pytest.fixture
+def free_slots() -> None:
+    """This process's lookup slots all free: an earlier test's lookup may still
+    hold one (test_hub_connect_deadlines' resolver that answers after 10 s, in
+    the same pytest process: an in-process test here then counted it)."""
+    wait_for(lambda: resolve.SLOTS.running == 0 and not resolve.SLOTS.queue, 15,
+             what="the lookup slots an earlier test held freed")
+
+
 class Scene:
     """The namespace, its DNS, backends on 127.0.0.1/.2/.3 (one port) and a balancer."""
 
@@ -356,6 +365,7 @@ def test_usable_drops_unusable_and_duplicate_addresses_and_keeps_16() -> None:
     assert len(kept) == resolve.MAX_ADDRESSES
 
 
+@pytest.mark.usefixtures("free_slots")
 def test_a_held_answer_expires_after_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     answers: list[Any] = [[entry("10.0.0.1")], socket.gaierror(-2, "Name or service not known")]
 
@@ -372,6 +382,7 @@ def test_a_held_answer_expires_after_hold(monkeypatch: pytest.MonkeyPatch) -> No
         name.addresses(time.monotonic() + 1)
 
 
+@pytest.mark.usefixtures("free_slots")
 def test_one_lookup_per_name_and_at_most_max_lookups_the_others_queued(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Names wait for their own lookup under way; beyond `MAX_LOOKUPS` lookups
@@ -429,6 +440,7 @@ class Threads:
         return _thread.start_new_thread(function, args)
 
 
+@pytest.mark.usefixtures("free_slots")
 def test_a_lookup_whose_thread_cannot_start_fails_and_hands_its_slot_on(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Bug: a thread that could not start kept its slot for the worker's life and
