@@ -7,7 +7,8 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -697,6 +698,27 @@ def test_two_whole_table_writes_in_a_row_are_read_whole_once(
         writer.close()
 
 
+@contextmanager
+def followed_at_version_1(redis_server: RedisServer
+                          ) -> Iterator[tuple[str, RedisStore, RedisStore, Watcher, WholeReads]]:
+    """A namespace holding a.test at version 1: its writer, a follower (resync
+    every 60 s) whose watcher serves version 1, and a count of whole reads."""
+    ns = namespace()
+    writer = RedisStore(redis_server.url, ns)
+    writer.put_host("a.test", WEB)
+    follower = RedisStore(redis_server.url, ns, resync_interval=60)
+    reads = WholeReads(redis_server.port, ns)
+    try:
+        with Watcher(follower, lambda: watcher.tables[-1].version if watcher.tables
+                     else -1) as watcher:
+            watcher.wait_version(1, timeout=5)
+            yield ns, writer, follower, watcher, reads
+    finally:
+        reads.close()
+        follower.close()
+        writer.close()
+
+
 @pytest.mark.parametrize("channel, data", [("changes", "9" * 5000),
                                            ("changed-hosts", "9" * 5000 + " x.test")],
                          ids=["changes", "changed-hosts"])
@@ -707,28 +729,16 @@ def test_a_strangers_message_of_too_many_digits_is_no_watcher_failure(
     either channel, from anyone, raised ValueError in the watcher: taken for a bug of
     ours, every process reported the store down (``balancer_store_up`` 0, a
     traceback asking to report it) and read the whole table, at each such message."""
-    ns = namespace()
-    writer = RedisStore(redis_server.url, ns)
-    writer.put_host("a.test", WEB)
-    follower = RedisStore(redis_server.url, ns, resync_interval=60)
-    reads = WholeReads(redis_server.port, ns)
-    try:
-        with Watcher(follower, lambda: watcher.tables[-1].version if watcher.tables
-                     else -1) as watcher:
-            watcher.wait_version(1, timeout=5)
-            before = reads.count()
-            redis_server.client().publish(f"{ns}:{channel}", data)
-            # taken as a stranger's (one GET) before the write: alone in its batch
-            wait_until(lambda: "that is not a version" in caplog.text, timeout=5,
-                       message="the stranger's message read")
-            writer.put_host("b.test", WEB)  # applied from its message, nothing else read
-            assert watcher.wait_version(2, timeout=5).hosts == {"a.test": WEB, "b.test": WEB}
-            assert follower.last_error() is None
-            assert reads.count() == before, reads.lines()
-    finally:
-        reads.close()
-        follower.close()
-        writer.close()
+    with followed_at_version_1(redis_server) as (ns, writer, follower, watcher, reads):
+        before = reads.count()
+        redis_server.client().publish(f"{ns}:{channel}", data)
+        # taken as a stranger's (one GET) before the write: alone in its batch
+        wait_until(lambda: "that is not a version" in caplog.text, timeout=5,
+                   message="the stranger's message read")
+        writer.put_host("b.test", WEB)  # applied from its message, nothing else read
+        assert watcher.wait_version(2, timeout=5).hosts == {"a.test": WEB, "b.test": WEB}
+        assert follower.last_error() is None
+        assert reads.count() == before, reads.lines()
 
 
 def test_a_strangers_high_version_does_not_make_every_later_write_a_whole_read(
@@ -739,22 +749,10 @@ def test_a_strangers_high_version_does_not_make_every_later_write_a_whole_read(
     digits). Now the watch reads whole until past the version it serves: the
     stranger's message costs its one whole read (a bare version asks for one), the
     next write another, and the writes after it are read by their hosts."""
-    ns = namespace()
-    writer = RedisStore(redis_server.url, ns)
-    writer.put_host("a.test", WEB)
-    follower = RedisStore(redis_server.url, ns, resync_interval=60)
-    reads = WholeReads(redis_server.port, ns)
-    try:
-        with Watcher(follower, lambda: watcher.tables[-1].version if watcher.tables
-                     else -1) as watcher:
-            watcher.wait_version(1, timeout=5)
-            before = reads.count()
-            redis_server.client().publish(f"{ns}:changes", "999")
-            for n in range(2, 7):
-                writer.put_host(f"h{n}.test", WEB)
-                assert f"h{n}.test" in watcher.wait_version(n, timeout=5).hosts
-            assert reads.count() - before <= 2, reads.lines()
-    finally:
-        reads.close()
-        follower.close()
-        writer.close()
+    with followed_at_version_1(redis_server) as (ns, writer, _, watcher, reads):
+        before = reads.count()
+        redis_server.client().publish(f"{ns}:changes", "999")
+        for n in range(2, 7):
+            writer.put_host(f"h{n}.test", WEB)
+            assert f"h{n}.test" in watcher.wait_version(n, timeout=5).hosts
+        assert reads.count() - before <= 2, reads.lines()
