@@ -20,7 +20,8 @@ Invariants:
 * A balancer acknowledges only what every one of its workers answered that it
   serves.
 * One balancer alone (the file store on one machine, or the only balancer on a
-  Redis store) never waits: its workers are told directly.
+  Redis store) never waits: its workers are told directly, and it looks at the
+  acknowledgements once (its log line says so).
 * A balancer whose last acknowledgement is older than `LIVE_FOR` is not waited
   for (stopped, dead, or running a version without acknowledgements); one
   silent for `FORGET_AFTER` is removed from the store by the issuer.
@@ -126,8 +127,10 @@ class ChallengeRelay:
         signature = mark(self.acme.challenges_signature())
         self.tell_workers()
         self.acknowledge(signature)
+        looks = 0  # at the acknowledgements: 1 when no balancer was waited for
         while True:
             acks = self.acme.acknowledgements()
+            looks += 1
             waiting = late(acks, signature, time.time())
             if not waiting:
                 break
@@ -141,9 +144,10 @@ class ChallengeRelay:
             self.acme.acknowledge(name, None)
         served = len([a for a in acks.values() if _at(a) >= time.time() - LIVE_FOR]) \
             - len(waiting)
-        log.info("acme: the challenge for %s is served by %d balancer%s (%.2f s); "
-                 "asking the CA to validate", host, served, "" if served == 1 else "s",
-                 time.monotonic() - started)
+        log.info("acme: the challenge for %s is served by %d balancer%s (%.2f s, %d look%s "
+                 "at the acknowledgements); asking the CA to validate", host, served,
+                 "" if served == 1 else "s", time.monotonic() - started, looks,
+                 "" if looks == 1 else "s")
 
 
 def _at(ack: Any) -> float:

@@ -142,11 +142,11 @@ def test_http01_issues_a_certificate_every_worker_serves(
         log = bal.output()
         assert "acme: issuing a certificate for app.test (no certificate)" in log
         assert "acme: certificate for app.test issued by CN=Pebble" in log
-        spread = re.search(r"challenge for app\.test is served by 1 balancer \(([\d.]+) s\)", log)
-        # one balancer alone does not wait for others' acknowledgements (it used to
-        # wait 1.2 s); telling its own workers takes well under a second even on a
-        # loaded machine (it took 0.1 s or more there, so the bound is not tighter)
-        assert spread is not None and float(spread.group(1)) < 0.6, log
+        # one balancer alone waits for no acknowledgement but its own: it looks at
+        # them once (counted, not timed: telling its own workers took 0.77 s under
+        # load 16, while a wait of one 0.05 s step would have passed a time bound)
+        assert re.search(r"challenge for app\.test is served by 1 balancer \([\d.]+ s, "
+                         r"1 look at the acknowledgements\)", log), log
         thumbprint = view["account"]["key_thumbprint"]
     finally:
         bal.stop()

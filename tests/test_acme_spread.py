@@ -42,12 +42,11 @@ def test_one_balancer_asks_the_ca_at_once(tmp_path: Path, caplog: Any) -> None:
     workers = Workers()
     issuer = relay(tmp_path, "lb-a", workers)
     issuer.acme.put_challenge("http-01:tok", RECORD)
-    started = time.monotonic()
     with caplog.at_level(logging.INFO, "balancer.acme"):
         issuer.spread("a.test")
-    assert time.monotonic() - started < 0.2
     assert workers.asked == 1
-    assert "served by 1 balancer (0.0" in caplog.text
+    assert "served by 1 balancer (" in caplog.text
+    assert "s, 1 look at the acknowledgements)" in caplog.text  # no wait, whatever the load
 
 
 def test_the_issuer_waits_for_another_live_balancer(tmp_path: Path, caplog: Any) -> None:
