@@ -40,6 +40,7 @@ ANSWERS = {
     "ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
     "503": b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
 }
+SLOW_HOST = "slow.test"  # a second host, deployed beside HOST
 KEPT = 5  # deploy records kept (`MAX_DEPLOYS`, 50) in the test of their removal
 
 
@@ -108,8 +109,8 @@ def lb(tmp_path: Path, a: Backend) -> Iterator[Balancer]:
     balancer.stop()
 
 
-def rule_of(lb: Balancer) -> dict[str, Any]:
-    return lb.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"]
+def rule_of(lb: Balancer, host: str = HOST) -> dict[str, Any]:
+    return lb.api("GET", f"/api/v1/hosts/{host}")[1]["rule"]
 
 
 # 1. the ready step against hostile backends --------------------------------------
@@ -163,21 +164,30 @@ def test_a_check_the_ready_step_has_no_time_left_for_is_not_begun(
 def test_flapping_dying_and_slow_backends_never_count_as_ready(lb: Balancer, a: Backend) -> None:
     """With `health.rise` 2, a backend must answer well twice in a row: one that
     flaps (200, 503, ...), answers 200 then closes every later connection, or
-    answers just over the check's timeout is never ready; one just under is."""
+    answers just over the check's timeout is never ready; one just under is.
+    The slow one is deployed to another host at the same time: a round of checks
+    waits for every backend's, so beside it a round took the whole check timeout,
+    and a loaded machine fitted 2 rounds in the ready timeout, not the 3 the
+    flapping one needs to show that its 200 after a 503 starts the count again."""
     flapping, dying = Scripted("ok", "503", "ok", "503", "ok", "503"), Scripted("ok", "close")
     over, under = Scripted("slow:0.7"), Scripted("slow:0.1")
     health = {"path": "/", "timeout": 0.4, "interval": 0.1, "rise": 2}
-    assert lb.api("PUT", f"/api/v1/hosts/{HOST}", {**proxy(a), "health": health})[0] == 200
-    before = rule_of(lb)
+    for host in (HOST, SLOW_HOST):
+        assert lb.api("PUT", f"/api/v1/hosts/{host}", {**proxy(a), "health": health})[0] == 200
+    before, slow_before = rule_of(lb), rule_of(lb, SLOW_HOST)
     try:
-        record = finished(lb, deploy(lb, {"backends": [flapping.address, dying.address,
-                                                       over.address], "ready_timeout": 1.2})["id"])
+        slow = deploy(lb, {"backends": [over.address], "ready_timeout": 1.2}, SLOW_HOST)
+        record = finished(lb, deploy(lb, {"backends": [flapping.address, dying.address],
+                                          "ready_timeout": 1.2})["id"])
         assert record["state"] == "failed", record
         error = record["error"]
         assert f"{flapping.address}: GET / answered 503" in error
         assert f"{dying.address}: invalid response: backend closed the connection" in error
-        assert f"{over.address}: no answer within " in error
         assert rule_of(lb) == before and flapping.seen >= 3 and dying.seen >= 2
+        slow = finished(lb, slow["id"])
+        assert slow["state"] == "failed", slow
+        assert f"{over.address}: no answer within " in slow["error"]
+        assert rule_of(lb, SLOW_HOST) == slow_before
         record = finished(lb, deploy(lb, {"backends": [under.address], "warmup": 0,
                                           "ready_timeout": 5})["id"])
         assert record["state"] == "done", record
