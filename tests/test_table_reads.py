@@ -27,6 +27,11 @@ HOSTS = {f"h{n}.test": {**STATIC, "body": f"h{n}"} for n in range(50)}
 READERS = 8  # concurrent reads right after a change
 ONE_WORKER = ["--workers", "1"]
 BIG = 6000  # hosts: read in slices (`balancer.stores.redis_reads.SCAN_ABOVE`)
+# A write is answered 200 once the worker serves it, 202 after `apply_timeout` (2 s
+# by default): what these tests count is the whole reads, not how soon a worker
+# answers, and a worker reading and compiling the BIG table on a machine at load 16
+# took longer than 2 s
+PATIENT = "[management]\napply_timeout = 60\n"
 class WholeReads:
     """The whole reads of the table (``HGETALL NS:hosts``, or the first ``HSCAN`` of
     a big one) any client of a Redis made, seen through ``MONITOR`` (``INFO
@@ -124,8 +129,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     fill(server.url)
     reads = WholeReads(server.port)
-    one = Balancer(tmp_path_factory.mktemp("a"), None, store=server.url, args=ONE_WORKER)
-    two = Balancer(tmp_path_factory.mktemp("b"), None, store=server.url, args=ONE_WORKER)
+    one = Balancer(tmp_path_factory.mktemp("a"), None, store=server.url, args=ONE_WORKER,
+                   config=PATIENT)
+    two = Balancer(tmp_path_factory.mktemp("b"), None, store=server.url, args=ONE_WORKER,
+                   config=PATIENT)
     try:
         settled(one, two)
         yield one, two, reads
@@ -226,7 +233,8 @@ def test_a_whole_table_write_told_before_its_message_is_read_whole_once(
     relay = SubscriberHold(redis_server.port, before=release_at_a_read)
     reads = WholeReads(redis_server.port, namespace)
     bal = Balancer(tmp_path, None, store=f"redis://127.0.0.1:{relay.port}/0",
-                   args=ONE_WORKER, env={"BALANCER_STORE_NAMESPACE": namespace})
+                   args=ONE_WORKER, env={"BALANCER_STORE_NAMESPACE": namespace},
+                   config=PATIENT)
     timer = threading.Timer(0.5, relay.release)
     try:
         wait_for(lambda: served(bal, 1) and "-> 1:" in bal.output(), 30,
