@@ -90,6 +90,14 @@ def serve_each(listener: socket.socket, serve: Callable[[socket.socket], None]) 
     threading.Thread(target=accept_loop, daemon=True).start()
 
 
+def cut(*sockets: socket.socket) -> None:
+    """Shut down (a close alone leaves a socket another thread reads open), then close."""
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+
 class Link(NamedTuple):
     """One connection a `Relay` relays: the client's socket and its own upstream."""
 
@@ -122,10 +130,7 @@ class Relay:
     def close(self) -> None:
         """Stop accepting and cut every connection relayed."""
         self.listener.close()
-        for sock in list(self.sockets):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        cut(*self.sockets)
 
     def _relay(self, client: socket.socket) -> None:
         try:

@@ -25,8 +25,6 @@ subscribed, leaving them open.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,69 +35,36 @@ import pytest
 
 from balancer.stores.redis import RedisStore
 from tests.conftest import RedisServer
+from tests.rawpeer import Link, Relay, cut
 from tests.support import Balancer, request, wait_for
 from tests.test_store_contract import Watcher
 
 RESYNC = 1.0
 
 
-class SilentDrop:
+class SilentDrop(Relay):
     """A TCP proxy to `port` that forwards both ways; `forget` makes it read and
     discard, from then on, what the connections that sent SUBSCRIBE so far carry
     (nothing reaches either end, nothing is closed). New connections and those
     that never subscribed keep working."""
 
     def __init__(self, port: int) -> None:
-        self.target = port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.subscribers: list[threading.Event] = []  # set: forgotten
-        self.stopped = False
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.stopped:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target))
-            self.sockets += [client, server]
-            forgotten = threading.Event()
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b, forgotten),
-                                 daemon=True).start()
+        self.subscribers: set[Link] = set()
+        self.forgotten: frozenset[Link] = frozenset()
+        super().__init__(("127.0.0.1", port))
 
     def forget(self) -> None:
-        for forgotten in self.subscribers:
-            forgotten.set()
+        self.forgotten = frozenset(self.subscribers)
 
-    def _pump(self, source: socket.socket, sink: socket.socket,
-              forgotten: threading.Event) -> None:
-        while True:
-            try:
-                data = source.recv(65536)
-            except OSError:
-                return
-            if not data:
-                with contextlib.suppress(OSError):
-                    sink.shutdown(socket.SHUT_WR)
-                return
-            if b"SUBSCRIBE" in data.upper():
-                self.subscribers.append(forgotten)
-            if forgotten.is_set():
-                continue  # the network forgot this connection
-            try:
-                sink.sendall(data)
-            except OSError:
-                return
+    def to_upstream(self, link: Link, data: bytes) -> None:
+        if b"SUBSCRIBE" in data.upper():
+            self.subscribers.add(link)
+        if link not in self.forgotten:  # else the network forgot this connection
+            link.upstream.sendall(data)
 
-    def close(self) -> None:
-        self.stopped = True
-        self.listener.close()
-        for sock in self.sockets:
-            sock.close()
+    def to_client(self, link: Link, data: bytes) -> None:
+        if link not in self.forgotten:
+            link.client.sendall(data)
 
 
 @pytest.fixture
@@ -163,56 +128,21 @@ def test_a_subscription_the_network_dropped_silently_is_made_again(
         balancer.stop()
 
 
-class CutAfterSubscribe:
+class CutAfterSubscribe(Relay):
     """A TCP proxy to `port` that closes each connection `life` seconds after it sent
     SUBSCRIBE (a flapping network, a proxy that drops pub/sub connections); counts
     the subscriptions."""
 
     def __init__(self, port: int, life: float = 0.05) -> None:
-        self.target, self.life = port, life
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+        self.life = life
         self.subscribed = 0
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(("127.0.0.1", port))
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target))
-            self.sockets += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b, (client, server)),
-                                 daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket,
-              pair: tuple[socket.socket, socket.socket]) -> None:
-        while True:
-            try:
-                data = source.recv(65536)
-                if not data:
-                    return
-                if source is pair[0] and b"SUBSCRIBE" in data.upper():  # (not the replies)
-                    self.subscribed += 1
-                    threading.Timer(self.life, _cut, args=pair).start()
-                sink.sendall(data)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.listener.close()
-        _cut(*self.sockets)
-
-
-def _cut(*sockets: socket.socket) -> None:
-    """Shut down (a close alone leaves a socket another thread reads open), then close."""
-    for sock in sockets:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
+    def to_upstream(self, link: Link, data: bytes) -> None:
+        if b"SUBSCRIBE" in data.upper():
+            self.subscribed += 1
+            threading.Timer(self.life, cut, args=link).start()
+        link.upstream.sendall(data)
 
 
 def test_a_subscription_cut_at_once_each_time_backs_off(
