@@ -2,8 +2,10 @@
 tests/test_hub_connect_deadlines.py, tests/test_connect_deadline.py): an
 in-process worker proxying to given backends (`make_to`, a fixture: import it
 by name), what its failed requests ended in (`outcome`), backends that never
-accept (`never_accepting`), the connects in progress (`sockets_to`), and a
-request sent whole (the hub's) or in two pieces (a greenlet's: `send_in`)."""
+accept (`never_accepting`), the connects in progress (`sockets_to`), a client
+connection the worker accepted (`accepted`), a request sent whole (the hub's)
+or in two pieces (a greenlet's: `send_in`), and one waiting for its connect
+(`connecting`)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import pytest
 
 from balancer.server import Worker
 from tests.support import InProcessWorkers, TableStore
-from tests.test_inline import until
+from tests.test_inline import connect, get, until
 from tests.test_parked_start import all_closed
 
 CONNECT_TIMEOUT = 0.3
@@ -95,6 +97,25 @@ def sockets_to(port: int, state: str) -> int:
     lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
     return sum(1 for line in lines
                if line.split()[3] == state and int(line.split()[2].split(":")[1], 16) == port)
+
+
+def accepted(w: Worker) -> tuple[Any, Any]:
+    """A client connection to `w` (its reads time out after 15 s) once the worker
+    accepted it: (the client's socket, the worker's connection)."""
+    sock = connect(w)
+    sock.sock.settimeout(15)
+    assert until(lambda: len(w.io.connections) == 1)
+    (conn,) = w.io.connections
+    return sock, conn
+
+
+def connecting(w: Worker, port: int, on: str, path: str = "/try") -> tuple[Any, Any]:
+    """A client connection whose request (`path`) waits for a connect to `port`
+    (which never accepts), on path `on`: (its socket, the connection)."""
+    sock, conn = accepted(w)
+    send_in(sock, conn, on, get(path))
+    assert until(lambda: sockets_to(port, "02") == 1)  # connecting
+    return sock, conn
 
 
 def send_in(sock: Any, conn: Any, on: str, request: bytes) -> None:

@@ -26,30 +26,19 @@ from tests import test_inline
 from tests.hubconnect import (
     CONNECT_TIMEOUT,
     ON,
+    accepted,
+    connecting,
     make_to,
     never_accepting,
     outcome,
-    send_in,
     sockets_to,
 )
-from tests.test_inline import connect, get, response, until
+from tests.test_inline import get, response, until
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 __all__ = ["make_to"]  # the fixture
 
 MARGIN = 0.5  # balancer.pool.CONNECT_MARGIN
-
-
-def connecting(w: Worker, port: int, on: str, path: str = "/try") -> Any:
-    """A client connection whose request (`path`) waits for a connect to `port`
-    (which never accepts), on path `on`: (its socket, the connection)."""
-    sock = connect(w)
-    sock.sock.settimeout(15)
-    assert until(lambda: len(w.io.connections) == 1)  # accepted
-    (conn,) = w.io.connections
-    send_in(sock, conn, on, get(path))
-    assert until(lambda: sockets_to(port, "02") == 1)  # connecting
-    return sock, conn
 
 
 def assert_counted_502(seen: dict[str, Any], address: str) -> None:
@@ -75,10 +64,7 @@ def test_a_stale_watchdog_clock_does_not_arm_the_connect_s_deadline_short(
     with never_accepting() as port:
         address = f"127.0.0.1:{port}"
         w = make_to(address, on, connect_timeout=CONNECT_TIMEOUT)
-        sock = connect(w)
-        sock.sock.settimeout(15)
-        assert until(lambda: len(w.io.connections) == 1)  # accepted
-        (conn,) = w.io.connections
+        sock, conn = accepted(w)
         request = get("/try")
         if on == "greenlet":
             sock.sendall(request[:20])

@@ -23,6 +23,8 @@ from tests import test_inline
 from tests.hubconnect import (
     NOTHING_COUNTED,
     ON,
+    accepted,
+    connecting,
     make_to,
     never_accepting,
     outcome,
@@ -53,16 +55,11 @@ def test_a_client_deadline_during_the_connect_is_a_504_not_the_backend_s(
             w = make_to(address, on, connect_timeout=10.0)
             statuses = []
             for _ in range(3):
-                sock = connect(w)
-                sock.sock.settimeout(15)
-                assert until(lambda w=w: len(w.io.connections) == 1)  # accepted
-                (conn,) = w.io.connections
-                send_in(sock, conn, on, get("/try"))
-                # its head taken: from there the connect is all a bodyless GET waits for
-                assert until(lambda conn=conn: conn.exchange is not None)
+                sock, conn = connecting(w, port, on)
+                # its head taken: the connect is all a bodyless GET waits for
+                assert conn.exchange is not None
                 if on == "hub":
                     assert conn.task is None and conn.exchange.flight.connecting is not None
-                assert until(lambda: sockets_to(port, "02") == 1)  # connecting
                 conn.deadline = 0.0  # overdue at the watchdog's next tick
                 began = time.monotonic()
                 statuses.append(response(sock)[0])
@@ -136,10 +133,7 @@ def test_a_request_late_in_its_connection_s_deadline_gets_a_whole_connect(
     with slow_accepting() as (port, drain):
         w = make_to(f"127.0.0.1:{port}", on, connect_timeout=5.0,
                     **{"timeouts.client_idle": 3.0, "timeouts.client_header": 3.0})
-        sock = connect(w)
-        sock.sock.settimeout(15)
-        assert until(lambda: len(w.io.connections) == 1)  # accepted: idle, as after a request
-        (conn,) = w.io.connections
+        sock, conn = accepted(w)  # idle, as after a request
         gevent.sleep(0.2)  # idle: what the client does, not a synchronisation
         began = time.monotonic()  # the connect begins after it
         send_in(sock, conn, on, get("/late"))
@@ -203,10 +197,7 @@ def armed_before(make_to: Callable[..., Worker], tmp_path: Path, on: str, before
             # round robin: the first request goes to the first backend
             w = make_to([address, live.address], name, connect_timeout=before + 2 * TICK,
                         **{"timeouts.client_idle": before, "timeouts.client_header": before})
-            sock = connect(w)
-            sock.sock.settimeout(15)
-            assert until(lambda: len(w.io.connections) == 1)  # accepted
-            (conn,) = w.io.connections
+            sock, conn = accepted(w)
             # from before the head's end: the connect starts after it, so its
             # timeout is never reached sooner, however late this process runs
             began = time.monotonic()
