@@ -39,6 +39,8 @@ from typing import Any, Final
 
 import gevent
 
+from balancer.restarts import Restarts, nap
+from balancer.stores.base import ProblemLog, StoreError
 from balancer.table import host_name
 
 log = logging.getLogger("balancer")
@@ -91,12 +93,13 @@ class Challenges:
         if not (isinstance(host, str) and isinstance(chain, str) and isinstance(key, str)):
             return
         host = host.lower()
-        digest = hashlib.sha256(f"{chain}\0{key}".encode()).hexdigest()
-        known = self.loaded.get(host)
-        if known is not None and known[0] == digest:
-            loaded[host] = known
-            return
-        try:
+        try:  # (bug: a text that is no UTF-8, a lone surrogate, raised out of `update`
+            # here: every challenge of the store unserved while the record stayed)
+            digest = hashlib.sha256(f"{chain}\0{key}".encode()).hexdigest()
+            known = self.loaded.get(host)
+            if known is not None and known[0] == digest:
+                loaded[host] = known
+                return
             loaded[host] = (digest, alpn_context(chain, key))
         except (ssl.SSLError, OSError, ValueError) as exc:
             log.error("acme: the TLS-ALPN-01 certificate of %s cannot be loaded: %s",
@@ -212,14 +215,27 @@ def _alpn_names(data: bytes) -> list[str]:
 
 def follow(challenges: Challenges, acme: Any, stop: Callable[[], bool],
            interval: float = FOLLOW_INTERVAL) -> None:
-    """Serve the store's challenges, and each change to them, until `stop()`."""
+    """Serve the store's challenges, and each change to them, until `stop()`. A
+    store that cannot be read keeps those served (the management process reports
+    it); anything else is `balancer.restarts`' (bug: swallowed, every look)."""
     seen: object = object()
     looks = 0
+    problems = ProblemLog(log, quiet=True)
+    restarts = Restarts("acme", log, quiet=False, loop="following the store's challenges",
+                        then="serving those read before and reading them again")
     while not stop():
-        with contextlib.suppress(Exception):
+        try:
             signature = acme.challenges_signature()
             looks += 1
             if signature != seen or looks % REFRESH_EVERY == 0:
                 challenges.update(acme.challenges())
                 seen = signature
+            problems.clear("acme: the store's challenges are readable again")
+        except StoreError as exc:
+            problems.report(f"acme: the challenges cannot be read: {exc}")
+        except Exception as exc:
+            restarts.failed(exc)
+            seen = object()  # read them whole again
+            nap(restarts.pause, stop)
+            continue
         gevent.sleep(interval)

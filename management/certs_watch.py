@@ -46,6 +46,7 @@ from typing import Any
 import gevent
 
 from balancer.control import ask, ask_why, pid_of, run_dir_problem, worker_sockets
+from balancer.restarts import Restarts, nap
 from balancer.stores.base import ProblemLog, Store, StoreError
 from balancer.stores.certs import CertsCorrupt, CertsLost
 
@@ -97,15 +98,30 @@ class CertsWatch:
                 os.unlink(handover_path(str(self.run_dir), os.getpid()))
 
     def run(self) -> None:
+        """Look, then hand the workers what the store hides, every `INTERVAL`; an
+        exception no branch expects is `balancer.restarts`' (bug: one in `look`
+        ended the watch for good, ``store.certs_problem`` null; one in `spread`
+        was logged with its traceback every second)."""
+        looking = Restarts("certificates", log, False, loop="the watch on the store's "
+                           "certificates", then="keeping the certificates last read and "
+                           "reading them again")
+        spreading = Restarts("certificates", log, False, loop="handing the workers the "
+                             "certificates the store hides", then="trying again")
         while not self.stopped:
             gevent.sleep(INTERVAL)
-            self.look()
+            try:
+                self.look()
+            except Exception as exc:
+                self.problem, self._seen = looking.failed(exc), object()
+                nap(looking.pause, lambda: self.stopped)
+                continue
             try:
                 if not self.collected:
                     self.collect()
                 self.spread()
-            except Exception:  # the next look tries again
-                log.exception("certificates: handing them to the workers failed")
+            except Exception as exc:
+                spreading.failed(exc)
+                nap(spreading.pause, lambda: self.stopped)
 
     def look(self) -> None:
         """Read the certificates if they changed (or while they cannot be read)."""
@@ -119,8 +135,11 @@ class CertsWatch:
             self.problem = str(exc)
             self._log.report(f"certificates: {exc}")
             return
-        except StoreError:
-            return  # unreachable: the routes' watch reports that
+        except StoreError as exc:  # unreachable: the routes' watch reports that, unless
+            if self.certs.own_outages:  # it is the certificates' own file's problem
+                self.problem = str(exc)
+                self._log.report(f"certificates: {exc}")
+            return
         self._seen = signature
         if self.problem is not None:
             self.problem = None

@@ -189,7 +189,7 @@ def test_an_unexpected_exception_in_the_store_watcher_is_reported_and_followed_a
     flag = tmp_path / "fail"
     edge = {"file": "balancer.stores.file:FileStore._signature",
             "redis": "balancer.stores.redis_messages:Inbox.within"}[kind]
-    prefix = constants_prefix({"balancer.stores.base.RESTART_CAP": 1.0}, fail=([edge], flag))
+    prefix = constants_prefix({"balancer.restarts.RESTART_CAP": 1.0}, fail=([edge], flag))
     redis = redis_factory() if kind == "redis" else None
     bal = Balancer(tmp_path, {"app.test": STATIC} if redis is None else None,
                    store=redis.url if redis else None, prefix=prefix)

@@ -24,7 +24,7 @@ Invariants:
   first table it reads, then every change, through `on_change`, and never
   raises. An exception no branch of it expects (a bug) is a store problem
   (`last_error`: ``balancer_store_up`` 0, ``store.problem``), logged with its
-  traceback once, and the watch goes on after a pause (`Restarts`), reading
+  traceback once, and the watch goes on after a pause (`balancer.restarts`), reading
   the table whole again; only that read clears it. Bug: one ended the file's
   watcher for good, silently (`store.problem` null, ``balancer_store_up`` 1).
   While the store is unreachable it retries with backoff, keeps the
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -60,9 +59,6 @@ if TYPE_CHECKING:
 # reach and `balancer_routing_version`, a float, unchanged by a write.)
 VERSION_LIMIT = 2**63 - 1
 PAUSE_EVERY = 500  # hosts checked between two turns of the loop (`balancer.turns.turn`): ~10 ms
-# seconds a watch pauses after an unexpected exception (`Restarts`), doubling up to the cap
-RESTART_FIRST = 0.5
-RESTART_CAP = 10.0
 
 
 @dataclass(frozen=True)
@@ -267,43 +263,6 @@ class ProblemLog:
         if self.current is not None:
             self.current = None
             self.logger.log(logging.DEBUG if self.quiet else logging.WARNING, "%s", recovered)
-
-
-class Restarts:
-    """What a watch does with an exception no branch of it expects (module doc): the
-    problem to report, logged with its traceback unless it repeats the failure
-    before (within twice the cap), and a pause before the watch goes on that
-    doubles from `RESTART_FIRST` to `RESTART_CAP` while failures follow one another."""
-
-    def __init__(self, where: str, logger: logging.Logger, quiet: bool) -> None:
-        self.where = where
-        self.logger = logger
-        self.quiet = quiet  # (as `ProblemLog`'s)
-        self.pause = RESTART_FIRST
-        self.last = -float("inf")  # when (`time.monotonic`) the watch last failed
-        self.problem = ""  # the last failure's
-
-    def failed(self, exc: Exception) -> str:
-        """The problem `exc` is; sets `pause`."""
-        now = time.monotonic()
-        recent = now - self.last <= 2 * RESTART_CAP
-        self.pause = min(self.pause * 2, RESTART_CAP) if recent else RESTART_FIRST
-        self.last = now
-        problem = (f"{self.where}: the store's watcher failed unexpectedly "
-                   f"({type(exc).__name__}: {exc}); keeping the last table and reading the "
-                   f"store again with backoff (a bug: please report it with this log line)")
-        if problem != self.problem or not recent:
-            self.logger.log(logging.DEBUG if self.quiet else logging.ERROR, "%s", problem,
-                            exc_info=exc)
-        self.problem = problem
-        return problem
-
-
-def nap(seconds: float, stop: Callable[[], bool]) -> None:
-    """Sleep `seconds`, or less once `stop()` says so (looked at every 0.1 s)."""
-    deadline = time.monotonic() + seconds
-    while not stop() and time.monotonic() < deadline:
-        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 def write_version(current: int, floor: int) -> int:

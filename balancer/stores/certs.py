@@ -65,6 +65,10 @@ class Certs(ABC):
     `last_good` is what the last successful `all` read, when `keep` is set
     (the management process: `restore` writes it back)."""
 
+    #: a `StoreUnavailable` of this object is its own (a file the table's watch
+    #: never reads), not the store's outage the table's watch reports
+    own_outages = False
+
     def __init__(self) -> None:
         self.damaged: dict[str, str] = {}
         self.keep = False
@@ -137,6 +141,8 @@ class FileCerts(Certs):
     The file is only created by a write; once this object has seen it, a missing
     file is `CertsLost` (deleted under a running balancer), never "no certificates"."""
 
+    own_outages = True  # (bug: a directory in its place was reported nowhere)
+
     def __init__(self, path: str, locked: Callable[[], Any]) -> None:
         super().__init__()
         self.path = path
@@ -158,7 +164,9 @@ class FileCerts(Certs):
         except (ValueError, RecursionError) as exc:
             raise CertsCorrupt(self._corrupt(_why(exc))) from None
         except OSError as exc:
-            raise StoreUnavailable(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
+            raise StoreUnavailable(f"{self.path}: cannot read the certificates file: "
+                                   f"{exc.strerror or exc}; keeping the certificates "
+                                   f"served") from exc
         certs = doc.get("certs") if isinstance(doc, dict) else None
         if not isinstance(certs, dict) or set(doc) != {"certs"}:
             raise CertsCorrupt(self._corrupt('expected an object {"certs": {HOST: record}}'))

@@ -10,7 +10,7 @@ Invariants:
   parsing a big table it has, unless the file does not end as this store ends
   it (cut short) or a problem is being reported: only a whole read clears one.
 * An unexpected exception in a look at the file is reported and the file read
-  again after a pause (`balancer.stores.base.Restarts`); the watch goes on.
+  again after a pause (`balancer.restarts.Restarts`); the watch goes on.
 """
 
 from __future__ import annotations
@@ -22,15 +22,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from balancer.restarts import Restarts, nap
 from balancer.stores.atomic import open_regular
 from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
-    Restarts,
     Store,
     StoreUnavailable,
     TableData,
-    nap,
 )
 from balancer.stores.snapshot import HOW_TO_FIX
 

@@ -16,7 +16,7 @@ Invariants:
   a new one is subscribed to again.
 * A corrupt table or an unreachable Redis keeps the last table delivered; the
   watch ends only when `stop()` says so, an unexpected exception included
-  (`balancer.stores.base.Restarts`: reported, then subscribed and read again).
+  (`balancer.restarts.Restarts`: reported, then subscribed and read again).
   A corrupt table (a key of the wrong type too) keeps the watch subscribed and
   stays reported until a read finds it good: the repair's message, or the
   version moving, reads it again.
@@ -34,13 +34,12 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from balancer.big_loads import loading
+from balancer.restarts import Restarts, nap
 from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
-    Restarts,
     StoreUnavailable,
     TableData,
-    nap,
 )
 from balancer.stores.redis_answers import is_refusal, why
 from balancer.stores.redis_changes import BACKOFF_FIRST, MESSAGE_LAG, RedisChanges, Seen

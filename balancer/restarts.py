@@ -1,0 +1,69 @@
+"""What a long-lived loop does with an exception none of its branches expects (a
+bug, or an input nobody foresaw): every loop of every process that follows
+something outside it (the store's table, certificates and challenges, the
+workers' answers, a backend's health, deploy claims, the ACME issuer) goes on.
+
+Invariants:
+* The failure is a problem the loop reports where it reports its others (the
+  store's `last_error`, ``store.certs_problem``, a backend's check problem,
+  the ACME status), logged with its traceback once: not again while the same
+  failure repeats within twice the cap (`Restarts.failed`).
+* The loop goes on after a pause that doubles from `RESTART_FIRST` to
+  `RESTART_CAP` while failures follow one another (never a spin), and the
+  next iteration that succeeds clears the problem (the loop's own business).
+* Bug: one of them ended for good, silently (the store's watcher: the table
+  no longer followed, ``balancer_store_up`` 1); others logged a traceback at
+  every turn (every second, every 0.25 s) or said nothing at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+# seconds a loop pauses after an unexpected exception (`Restarts`), doubling up to the cap
+RESTART_FIRST = 0.5
+RESTART_CAP = 10.0
+
+
+class Restarts:
+    """One loop's unexpected exceptions (module doc): the problem to report, logged
+    with its traceback unless it repeats the failure before (within twice the cap),
+    and a pause before the loop goes on (`pause`), doubling from `RESTART_FIRST` to
+    `RESTART_CAP` while failures follow one another. `loop` names the loop in the
+    problem, `then` says what it does meanwhile."""
+
+    def __init__(self, where: str, logger: logging.Logger, quiet: bool,
+                 loop: str = "the store's watcher",
+                 then: str = "keeping the last table and reading the store again") -> None:
+        self.where = where
+        self.logger = logger
+        self.quiet = quiet  # log at debug level (a proxy worker: the management process tells)
+        self.loop = loop
+        self.then = then
+        self.pause = RESTART_FIRST
+        self.last = -float("inf")  # when (`time.monotonic`) the loop last failed
+        self.problem = ""  # the last failure's
+
+    def failed(self, exc: Exception) -> str:
+        """The problem `exc` is; sets `pause`."""
+        now = time.monotonic()
+        recent = now - self.last <= 2 * RESTART_CAP
+        self.pause = min(self.pause * 2, RESTART_CAP) if recent else RESTART_FIRST
+        self.last = now
+        problem = (f"{self.where}: {self.loop} failed unexpectedly ({type(exc).__name__}: "
+                   f"{exc}); {self.then} with backoff (a bug: please report it with this "
+                   f"log line)")
+        if problem != self.problem or not recent:
+            self.logger.log(logging.DEBUG if self.quiet else logging.ERROR, "%s", problem,
+                            exc_info=exc)
+        self.problem = problem
+        return problem
+
+
+def nap(seconds: float, stop: Callable[[], bool]) -> None:
+    """Sleep `seconds`, or less once `stop()` says so (looked at every 0.1 s)."""
+    deadline = time.monotonic() + seconds
+    while not stop() and time.monotonic() < deadline:
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
