@@ -222,7 +222,7 @@ def follow(challenges: Challenges, acme: Any, stop: Callable[[], bool],
     looks = 0
     problems = ProblemLog(log, quiet=True)
     restarts = Restarts("acme", log, quiet=False, loop="following the store's challenges",
-                        then="serving those read before and reading them again")
+                        then="serving those read before and reading them again with backoff")
     while not stop():
         try:
             signature = acme.challenges_signature()

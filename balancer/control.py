@@ -608,13 +608,18 @@ def ask_raw(path: str, command: str, timeout: float = CONTROL_TIMEOUT
 
 
 def decoded(raw: bytes | None, why: str) -> tuple[dict[str, Any] | None, str]:
-    """`ask_raw`'s answer as `ask_why`'s."""
+    """`ask_raw`'s answer as `ask_why`'s: a JSON object, or None and why (bug: an
+    answer of another shape, ``[]``, raised in the management process's loops and
+    API calls that asked every worker)."""
     if raw is None:
         return None, why
     try:
-        return json.loads(raw), ""
-    except ValueError as exc:
+        reply = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
         return None, f"no usable answer: {exc}"
+    if not isinstance(reply, dict):
+        return None, f"no usable answer: not a JSON object ({type(reply).__name__})"
+    return reply, ""
 
 
 def pid_of(path: str) -> int | None:

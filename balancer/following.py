@@ -277,7 +277,7 @@ class TableFollower:
 
     def reload(self) -> int:
         """Re-read the store now and apply it; returns the version served."""
-        self.apply(self.store.load())
+        self.apply(self.store.reload())
         return self.holder.table.version
 
     def catch_up(self, version: int, changes: Mapping[str, Any] | None) -> int:

@@ -39,6 +39,7 @@ from balancer.errors import BackendTLSError
 from balancer.http11 import ProtocolError
 from balancer.pool import Backend
 from balancer.response_parser import ResponseParser, final_head
+from balancer.restarts import Restarts
 from balancer.rules import backend_entries
 
 log = logging.getLogger("balancer.health")
@@ -105,11 +106,22 @@ class Checker:
         self.task: Any = None
 
     def check_loop(self) -> None:
-        """Check, record, sleep; until stopped."""
+        """Check, record, sleep; until stopped. A check that raises what no branch
+        expects is `balancer.restarts`': no verdict (a bug of ours says nothing of
+        the backend's health), and checked again after `interval` or its pause
+        (bug: the checker ended, its backend held up or down for good)."""
         import gevent
 
+        restarts = Restarts(f"backend {self.backend.key}", log, quiet=False,
+                            loop="its health check", then="keeping its last verdict and "
+                            "checking again with backoff")
         while not self.stopped:
-            healthy = self.check_once()
+            try:
+                healthy = self.check_once()
+            except Exception as exc:  # shown as its problem while it is down
+                self.backend.check_problem = restarts.failed(exc)
+                gevent.sleep(max(restarts.pause, self.config.interval))
+                continue
             if self.stopped:
                 return
             self.record(healthy)

@@ -36,7 +36,8 @@ class Restarts:
 
     def __init__(self, where: str, logger: logging.Logger, quiet: bool,
                  loop: str = "the store's watcher",
-                 then: str = "keeping the last table and reading the store again") -> None:
+                 then: str = "keeping the last table and reading the store again with "
+                             "backoff") -> None:
         self.where = where
         self.logger = logger
         self.quiet = quiet  # log at debug level (a proxy worker: the management process tells)
@@ -53,8 +54,7 @@ class Restarts:
         self.pause = min(self.pause * 2, RESTART_CAP) if recent else RESTART_FIRST
         self.last = now
         problem = (f"{self.where}: {self.loop} failed unexpectedly ({type(exc).__name__}: "
-                   f"{exc}); {self.then} with backoff (a bug: please report it with this "
-                   f"log line)")
+                   f"{exc}); {self.then} (a bug: please report it with this log line)")
         if problem != self.problem or not recent:
             self.logger.log(logging.DEBUG if self.quiet else logging.ERROR, "%s", problem,
                             exc_info=exc)

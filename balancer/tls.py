@@ -70,6 +70,7 @@ from balancer.accesslog.records import held_bytes, refused_record
 from balancer.certificates import load_pem
 from balancer.lingering import discard_waiting
 from balancer.responses import local_response
+from balancer.restarts import Restarts, nap
 from balancer.stores.base import ProblemLog, StoreError
 from balancer.stores.certs import CertsCorrupt, CertsLost
 from balancer.turns import turn
@@ -371,9 +372,14 @@ def collect(front: TLSFront, certs: Any, signature: str) -> dict[str, Mapping[st
 def follow(front: TLSFront, certs: Any, stop: Callable[[], bool],
            interval: float = FOLLOW_INTERVAL) -> None:
     """Serve the store's certificates, and each change to them, until `stop()`:
-    the safety net under the management process's direct word (`refresh`)."""
+    the safety net under the management process's direct word (`refresh`). An
+    exception no branch expects is `balancer.restarts`' (bug: logged with its
+    traceback every second)."""
     seen: object = object()
     problems = ProblemLog(log, quiet=True)  # the management process logs it for all
+    restarts = Restarts("certificates", log, quiet=False, loop="following the store's "
+                        "certificates", then="keeping those served and reading them again "
+                        "with backoff")
     while not stop():
         try:
             if certs.signature() != seen:
@@ -381,6 +387,9 @@ def follow(front: TLSFront, certs: Any, stop: Callable[[], bool],
                 problems.clear("certificates: the store is readable again")
         except StoreError as exc:
             problems.report(f"certificates: {exc}")
-        except Exception:
-            log.exception("certificates: reading the store failed; keeping those served")
+        except Exception as exc:
+            restarts.failed(exc)
+            seen = object()  # read them whole again
+            nap(restarts.pause, stop)
+            continue
         gevent.sleep(interval)

@@ -3,10 +3,12 @@
 * ``GET /api/v1/acme`` → ``{"directory", "challenge", "renew_before", "email",
   "account": {"registered", "uri", "key_thumbprint"}, "issuer": {"owner",
   "expires", "this_balancer"} or null, "passes": {"count", "table_version"},
-  "hosts": {HOST: STATE}}``: every host whose rule has ``"tls": "acme"``, with
+  "problem", "hosts": {HOST: STATE}}``: every host whose rule has ``"tls": "acme"``, with
   its state (`management.acme_issuer`); a host the issuer has not looked at yet
   is ``pending``. ``passes``: the steps this process's issuer finished, and the
-  table version the last one began on (null before the first).
+  table version the last one began on (null before the first); ``problem``: why
+  its last step failed (the store, or an unexpected failure), null once one
+  succeeds.
 * ``POST /api/v1/certs/HOST/issue`` → 202 ``{"host", "acme": STATE}``: issue
   (or renew) HOST's certificate now, whatever its backoff; 404 without a rule,
   409 `not_acme` when the rule has no ``"tls": "acme"``.
@@ -63,7 +65,8 @@ def acme_view(store: Any, hosts: Mapping[str, Any], issuer: Any) -> dict[str, An
         settings = issuer.settings
         view.update(directory=settings.directory, challenge=settings.challenge,
                     renew_before=settings.renew_before, email=settings.email,
-                    passes={"count": issuer.passes, "table_version": issuer.passed_version})
+                    passes={"count": issuer.passes, "table_version": issuer.passed_version},
+                    problem=issuer.problem)
     return view
 
 

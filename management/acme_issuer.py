@@ -55,6 +55,7 @@ import gevent
 from gevent.event import Event
 
 from balancer.certificates import CertificateError, make_record, public_record
+from balancer.restarts import Restarts
 from balancer.stores.base import StoreError
 from management.acme_guard import Guard, Interrupted, IssueError
 from management.acme_spread import ChallengeRelay
@@ -157,7 +158,9 @@ class Issuer:
         self.holding = False
         self.stopped = False
         self.wake = Event()
-        self.problem: str | None = None  # the last store problem, logged once
+        self.problem: str | None = None  # the last store problem or failure, logged once
+        self.restarts = Restarts("acme", log, quiet=False, loop="the issuer's step",
+                                 then="trying again at the next look")
         self.outcomes = {"ok": 0, "failed": 0}  # issuances finished here (`/metrics`)
         self.passes = 0  # steps finished (`GET /api/v1/acme`)
         self.passed_version: int | None = None  # the table version the last step began on
@@ -230,17 +233,22 @@ class Issuer:
             self.wake.wait(TICK)
 
     def safe_step(self) -> None:
+        """`step`; a store problem, or an exception no branch expects (a bug must
+        not end issuing for good: `balancer.restarts`, logged once, not at every
+        look), is `problem` (``GET /api/v1/acme``) until a step succeeds."""
         try:
             self.step()
-            if self.problem is not None:
-                log.warning("acme: the store is reachable again")
-                self.problem = None
         except StoreError as exc:
             if str(exc) != self.problem:
                 log.error("acme: %s; retrying", exc)
                 self.problem = str(exc)
-        except Exception:  # a bug must not end issuing for good
-            log.exception("acme: the issuer's step failed; retrying")
+            return
+        except Exception as exc:
+            self.problem = self.restarts.failed(exc)
+            return
+        if self.problem is not None:
+            log.warning("acme: the issuer's step succeeds again")
+            self.problem = None
 
     # one step -----------------------------------------------------------
     def step(self) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 
 import gevent
 
+from balancer.restarts import Restarts, nap
 from balancer.stores.base import StoreError
 
 log = logging.getLogger("balancer.acme")
@@ -79,13 +80,16 @@ class ChallengeRelay:
         self.spread_max = SPREAD_MAX
 
     def relay_loop(self, stopped: Callable[[], bool]) -> None:
+        restarts = Restarts("acme", log, quiet=False, loop="relaying the challenges",
+                            then="trying again with backoff")
         while not stopped():
             try:
                 self.look()
             except StoreError:
                 pass  # the workers' own look, and the issuer, report the store
-            except Exception:  # a bug must not end the relay for good
-                log.exception("acme: relaying the challenges failed; retrying")
+            except Exception as exc:  # a bug must not end the relay for good (nor log
+                restarts.failed(exc)  # its traceback every second)
+                nap(restarts.pause, stopped)
             gevent.sleep(RELAY_INTERVAL if self.has_work() else IDLE_INTERVAL)
 
     def look(self) -> None:

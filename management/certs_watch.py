@@ -104,9 +104,9 @@ class CertsWatch:
         was logged with its traceback every second)."""
         looking = Restarts("certificates", log, False, loop="the watch on the store's "
                            "certificates", then="keeping the certificates last read and "
-                           "reading them again")
+                           "reading them again with backoff")
         spreading = Restarts("certificates", log, False, loop="handing the workers the "
-                             "certificates the store hides", then="trying again")
+                             "certificates the store hides", then="trying again with backoff")
         while not self.stopped:
             gevent.sleep(INTERVAL)
             try:

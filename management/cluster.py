@@ -246,6 +246,8 @@ class ClusterRuntime:
         for path, job in zip(paths, jobs, strict=True):
             raw, why = job.value if job.successful() else (None, "no answer")
             reply, why = decoded(raw, why)
+            if reply is not None and not isinstance(reply.get("pid"), int):
+                reply, why = None, "no usable answer: no pid"  # (sorted by it, merged)
             self.silent.note(path, reply, why, asked)
             if reply:
                 replies.append(reply)
@@ -294,8 +296,9 @@ class ClusterRuntime:
         return merged
 
     def reload(self) -> int:
-        """Every worker re-reads the store now; the lowest version they serve."""
-        from balancer.stores import StoreUnavailable
+        """Every worker re-reads the store now, then this process; the lowest
+        version the workers serve."""
+        from balancer.stores import StoreError, StoreUnavailable
 
         replies = self.ask_all("reload")
         errors = [r["error"] for r in replies if "error" in r]
@@ -303,6 +306,10 @@ class ClusterRuntime:
             raise StoreUnavailable(errors[0])
         if not replies:
             raise StoreUnavailable("no worker answered; see the balancer log")
+        try:
+            self.store.reload()  # this process's view of the store too (`Store.reload`)
+        except StoreError as exc:
+            raise StoreUnavailable(str(exc)) from None
         return min(r["version"] for r in replies)
 
     def publish(self, version: int, changes: Mapping[str, Any] | None) -> list[dict[str, Any]]:

@@ -49,7 +49,9 @@ from collections.abc import Callable
 from typing import Any
 
 from balancer.backend_tls import BackendTLS
+from balancer.restarts import Restarts
 from balancer.stores import CorruptStore, StoreError, StoreNotReplicated, StoreUnavailable
+from balancer.stores.records import beat_of
 from management.deploy_run import IDLE_EVERY, DeployFailed, Interrupted, Run
 from management.deploy_steps import addresses, local_report
 
@@ -214,12 +216,17 @@ class Deployer:
 
     def beat_loop(self, record: dict[str, Any]) -> None:
         told = None  # the other deploy whose claim on the host was already logged
+        restarts = Restarts(f"deploy {record['id']}", log, quiet=False, loop="renewing its "
+                            "claim", then="trying again with backoff")
         while self.running.get(record["host"]) == record["id"] and not self.stopping.is_set():
             try:
                 holder = self.records.claim(record["host"], record["id"], self.owner,
                                             time.time(), STALE_AFTER)
             except StoreError as exc:
                 log.warning("deploy %s: cannot renew its claim: %s", record["id"], exc)
+            except Exception as exc:  # (bug: the heartbeat ended; the claim went stale
+                restarts.failed(exc)  # and another process resumed the deploy beside it)
+                self.stopping.wait(restarts.pause)
             else:
                 if holder not in (None, told):  # its claim was lost (damaged records)
                     log.error("deploy %s of %s: deploy %s claimed the host meanwhile; the "
@@ -233,6 +240,8 @@ class Deployer:
         """Publish this balancer's in-flight counts while hosts are claimed, and
         resume deploys whose owner went quiet."""
         reported = False
+        restarts = Restarts("deploy watch", log, quiet=False, loop="the deploy claims' watch",
+                            then="trying again with backoff")
         while not self.stopping.is_set():
             claims: dict[str, dict[str, Any]] = {}
             try:
@@ -247,8 +256,9 @@ class Deployer:
                 self.resume_orphans(claims)
             except StoreError as exc:
                 log.debug("deploy watch: %s", exc)
-            except Exception:
-                log.exception("deploy watch failed")
+            except Exception as exc:  # (bug: a traceback logged every 0.25 s)
+                restarts.failed(exc)
+                self.stopping.wait(restarts.pause)
             self.stopping.wait(WATCH_EVERY if claims or self.running else IDLE_EVERY)
 
     def forget_gone(self) -> None:
@@ -273,7 +283,7 @@ class Deployer:
     def resume_orphans(self, claims: dict[str, dict[str, Any]]) -> None:
         now = time.time()
         for host, claim in claims.items():
-            if host in self.running or now - float(claim.get("beat", 0)) < STALE_AFTER:
+            if host in self.running or now - beat_of(claim) < STALE_AFTER:
                 continue
             record = self.records.deploy(str(claim.get("id")))
             if record is None or record.get("state") != "running":

@@ -15,6 +15,7 @@ from typing import Any
 
 from balancer.descriptors import RESERVED, soft_limit
 from balancer.preload import freeze
+from balancer.restarts import Restarts
 from balancer.workers import (
     ChildEnv,
     ManagementChild,
@@ -103,6 +104,8 @@ def history_loop(history: Any, runtime: Any) -> None:
     from management.http import ApiError
 
     said = None  # the problem last logged: once an episode (a run directory gone)
+    restarts = Restarts("history", log, quiet=False, loop="sampling the stats",
+                        then="trying again at the next sample")  # (bug: a traceback a sample)
     while True:
         gevent.sleep(INTERVAL - time.time() % INTERVAL)  # on the interval's boundary
         try:
@@ -112,8 +115,8 @@ def history_loop(history: Any, runtime: Any) -> None:
             if exc.message != said:
                 log.error("history: no sample: %s", exc.message)
             said = exc.message
-        except Exception:  # the next sample tries again; the API keeps answering
-            log.exception("history: sampling the stats failed")
+        except Exception as exc:  # the next sample tries again; the API keeps answering
+            restarts.failed(exc)
 
 
 def remade(runtime: Any, certs_watch: Any, history: Any, mirror: Any) -> None:

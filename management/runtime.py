@@ -78,7 +78,7 @@ class StaticRuntime:
         return snapshot
 
     def reload(self) -> int:
-        self.version = self.store.load().version
+        self.version = self.store.reload().version
         self.reloads += 1
         self.last_reload = time.time()
         return self.version

@@ -286,6 +286,10 @@ class Store(ABC):
     #: log store problems at debug level (set in proxy workers: the management
     #: process reports them once for the whole balancer)
     quiet = False
+    #: the problem `last_error` reports (set by the store and its watch)
+    _problem: str | None = None
+    #: the watch's last unexpected failure (`balancer.restarts`), which `reload` leaves
+    _failure: str | None = None
 
     def identity(self) -> str:
         """What names this store's table (for the local snapshot of it)."""
@@ -313,6 +317,18 @@ class Store(ABC):
     @abstractmethod
     def load(self) -> TableData:
         """The whole table now. Raises StoreUnavailable or CorruptStore."""
+
+    def reload(self) -> TableData:
+        """`load` for an operator's reload (``POST /api/v1/reload``): the table read
+        whole and valid ends the problem it disproves (corrupt, unreadable), as an
+        nginx or HAProxy reload reports on the configuration it just read (bug: the
+        problem stayed until the watch's next read, its backoff up to 10 s away). A
+        watch's unexpected failure (`balancer.restarts`) stays: only the watch's own
+        next read says it works again."""
+        data = self.load()
+        if self._problem is not None and self._problem != self._failure:
+            self._problem = None
+        return data
 
     def current_shape(self) -> tuple[int, int]:
         """The table's version and number of hosts now, without reading the table where

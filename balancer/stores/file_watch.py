@@ -62,7 +62,7 @@ class FileWatching(Store):
             try:
                 seen, delivered = self._poll(seen, delivered, on_change, problems, served)
             except Exception as exc:  # a bug: reported, and the file read again (module doc)
-                self._problem = restarts.failed(exc)
+                self._problem = self._failure = restarts.failed(exc)
                 seen = None
                 nap(restarts.pause, stop)
                 continue

@@ -104,9 +104,21 @@ def decide_claim(held: dict[str, Any] | None, deploy_id: str, owner: str, now: f
         return None
     if held.get("id") != deploy_id:
         return str(held.get("id"))
-    if held.get("owner") == owner or now - float(held.get("beat", 0)) >= stale_after:
+    if held.get("owner") == owner or now - beat_of(held) >= stale_after:
         return None
     return deploy_id
+
+
+def beat_of(claim: dict[str, Any]) -> float:
+    """When `claim`'s owner last beat (UNIX time); 0.0, long stale, when its beat
+    is no finite number (a hand edit, a damaged store). Bug: ``"beat": "soon"``
+    raised ValueError in every deploy watch, a traceback logged every 0.25 s, and
+    in the claim's renewal, which ended the deploy's heartbeat."""
+    try:
+        beat = float(claim.get("beat", 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return beat if math.isfinite(beat) else 0.0
 
 
 def newest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -141,6 +153,9 @@ class FileRecords(Records):
         for key in ("deploys", "claims", "inflight"):
             value = doc.get(key)
             sections[key] = value if isinstance(value, dict) else {}
+        # a claim that is no object is none (as Redis's reads skip one)
+        sections["claims"] = {host: claim for host, claim in sections["claims"].items()
+                              if isinstance(claim, dict)}
         return sections, problem
 
     @contextlib.contextmanager

@@ -98,7 +98,7 @@ class RedisWatching(RedisChanges):
                     nap(seen.delay * random.uniform(0.5, 1.0), stop)
                     seen.delay = min(seen.delay * 2, BACKOFF_CAP)
                 except Exception as exc:  # a bug: reported, and followed again (module doc)
-                    self._problem = restarts.failed(exc)
+                    self._problem = self._failure = restarts.failed(exc)
                     nap(restarts.pause, stop)
         finally:
             self._watchers -= 1
