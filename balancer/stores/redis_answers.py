@@ -67,7 +67,11 @@ def refusal(exc: BaseException) -> str:
     error: " prefix (which would echo the rule)."""
     text = str(exc)
     _, sep, reason = text.partition(" of pipeline caused error: ")
-    return reason if sep else text
+    reason = reason if sep else text
+    if "DB index is out of range" in reason or "'select' command" in reason:
+        reason += (" (the /N of store.url names a database this Redis refuses: one past "
+                   "its `databases` setting, or SELECT denied to this user)")
+    return reason
 
 
 def why(exc: BaseException) -> str:

@@ -41,7 +41,7 @@ from balancer.stores.base import (
     StoreUnavailable,
     TableData,
 )
-from balancer.stores.redis_answers import is_refusal, why
+from balancer.stores.redis_answers import is_refusal, refusal, why
 from balancer.stores.redis_changes import BACKOFF_FIRST, MESSAGE_LAG, RedisChanges, Seen
 from balancer.stores.redis_messages import Inbox
 
@@ -81,6 +81,8 @@ class RedisWatching(RedisChanges):
         seen = Seen()
         restarts = Restarts(self.display_url, log, self.quiet)
         self._watchers += 1
+        if not self.quiet:
+            self._tell_other_databases()
         try:
             while not stop():
                 try:
@@ -91,10 +93,7 @@ class RedisWatching(RedisChanges):
                     nap(seen.delay * random.uniform(0.5, 1.0), stop)
                     seen.delay = min(seen.delay * 2, BACKOFF_CAP)
                 except (RedisError, OSError, StoreUnavailable) as exc:
-                    self._reachable = False
-                    self._unreachable = f"{self.display_url}: unreachable: {why(exc)}"
-                    problems.report(f"{self._unreachable}; keeping the last table and "
-                                    f"reconnecting with backoff")
+                    self._note_outage(exc, problems)
                     nap(seen.delay * random.uniform(0.5, 1.0), stop)
                     seen.delay = min(seen.delay * 2, BACKOFF_CAP)
                 except Exception as exc:  # a bug: reported, and followed again (module doc)
@@ -102,6 +101,43 @@ class RedisWatching(RedisChanges):
                     nap(restarts.pause, stop)
         finally:
             self._watchers -= 1
+
+    def _tell_other_databases(self) -> None:
+        """Warn once when this database holds no table while others of the same Redis
+        hold keys: the /N of store.url may be wrong, and nothing else would say so (a
+        snapshot belongs to one database: the empty table is served, a write starts a
+        new one). Silent when Redis cannot be asked: the watch reports that."""
+        db = int(self.client.connection_pool.connection_kwargs.get("db") or 0)
+        try:
+            if self.client.exists(self.version_key, self.hosts_key):
+                return
+            others = sorted(int(name[2:]) for name in self.client.info("keyspace")
+                            if name[2:].isdecimal() and int(name[2:]) != db)
+        except (RedisError, OSError):
+            return
+        if others:
+            log.warning("%s: database %d holds no routing table (no %s), and database%s %s "
+                        "of this Redis hold%s keys: if the table is there, the /N of "
+                        "store.url is wrong (a write here starts a new table)",
+                        self.display_url, db, self.version_key, "s" if len(others) > 1 else "",
+                        ", ".join(map(str, others)), "" if len(others) > 1 else "s")
+
+    def _note_outage(self, exc: Exception, problems: ProblemLog) -> None:
+        """Report what ended the watch's contact with Redis: Redis's refusal (it
+        answered: a database it does not have, a command this user may not run), or
+        no answer (unreachable). Bug: a refusal was "unreachable" (``/99`` of 16)."""
+        refused = exc if is_refusal(exc) else exc.__cause__
+        if is_refusal(refused):  # a refusal `_talking` turned into StoreUnavailable too
+            self._reachable = True
+            self._problem = f"{self.display_url}: Redis refused to be followed: " \
+                            f"{refusal(refused)}"
+            problems.report(f"{self._problem}; keeping the last table and trying again "
+                            f"with backoff")
+            return
+        self._reachable = False
+        self._unreachable = f"{self.display_url}: unreachable: {why(exc)}"
+        problems.report(f"{self._unreachable}; keeping the last table and reconnecting "
+                        f"with backoff")
 
     def _follow(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
                 seen: Seen, problems: ProblemLog, served: Callable[[], int] | None) -> None:
