@@ -1,0 +1,257 @@
+"""The long-lived loops of every process survive what their inputs can hold, and
+say so (balancer/restarts.py, docs/operations.md "When a loop fails").
+
+Each test damages an input at its edge: the store's files or keys as a hand edit
+or a broken tool leaves them, a process answering garbage on a worker's control
+socket. Where no input can reach a failure (the health check's parser takes any
+bytes a backend sends: fuzzed in tests/test_health.py), a scripted failure
+(`constants_prefix`'s ``fail``) stands for the bug. Defects found and fixed
+(each test fails without its fix):
+
+* A tls-alpn-01 challenge whose text is no UTF-8 raised out of the worker's
+  challenge look, which swallowed it silently at every look: no challenge of
+  the store was served any more, http-01 ones included.
+* The certificates file replaced by a directory was reported nowhere
+  (``store.certs_problem`` null, no log line); certificate writes answered 503.
+* A health check that raised ended its checker: the backend stayed up or down
+  for good, whatever it answered after.
+* A deploy claim whose beat is no number raised in the deploy watch of every
+  management process, a traceback logged every 0.25 s, for good.
+* A worker's control answer that is not a JSON object made every statistics
+  call answer 500 and logged a traceback at each history sample.
+* ``POST /api/v1/reload`` after a hand repair left the store problem reported
+  until the next write.
+* A Redis database the server refuses was "unreachable" in the management
+  process's log; a database with no table beside others was not told at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RedisServer
+from tests.support import Balancer, constants_prefix, control_socket, request, wait_for
+from tests.test_certs_damage import put
+from tests.test_health import FAST_CHECKS, HOST, scripted, state_of
+from tests.test_process import wait_workers
+
+WAIT = 10.0
+STATIC = {"action": "static", "status": 200, "body": "hi"}
+TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
+ANSWER = TOKEN + ".9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
+
+
+def tracebacks(bal: Balancer) -> int:
+    return bal.output().count("Traceback")
+
+
+def test_a_challenge_that_is_no_utf8_leaves_the_others_served(tmp_path: Path) -> None:
+    """The store's challenges file holds a tls-alpn-01 record whose chain is a lone
+    surrogate (valid JSON, no UTF-8), written before an http-01 challenge."""
+    bal = Balancer(tmp_path, {"app.test": STATIC})
+    try:
+        expires = time.time() + 600
+        bad = {"type": "tls-alpn-01", "host": "alpn.test", "chain": "\ud800", "key": "k",
+               "expires": expires}
+        good = {"type": "http-01", "host": "app.test", "token": TOKEN,
+                "key_authorization": ANSWER, "expires": expires}
+        path = Path(f"{bal.routes}.challenges.json")
+        path.write_text(json.dumps({"challenges": {"tls-alpn-01:alpn.test": bad}}))
+        time.sleep(1.5)  # the workers' look (once a second) meets the bad record alone
+        path.write_text(json.dumps({"challenges": {"tls-alpn-01:alpn.test": bad,
+                                                   f"http-01:{TOKEN}": good}}))
+        wait_for(lambda: request(bal.port, path=f"/.well-known/acme-challenge/{TOKEN}",
+                                 host="app.test")[2] == ANSWER.encode(), WAIT,
+                 what="the http-01 challenge served")
+        assert "TLS-ALPN-01 certificate of alpn.test cannot be loaded" in bal.output()
+    finally:
+        bal.stop()
+
+
+def test_a_certificates_file_replaced_by_a_directory_is_reported_until_repaired(
+        tmp_path: Path) -> None:
+    bal = Balancer(tmp_path, {"a.test": STATIC}, args=["--tls-listen", "127.0.0.1:0"])
+    try:
+        assert put(bal, "a.test")[0] == 200
+        certs = Path(f"{bal.routes}.certs.json")
+        saved = certs.read_bytes()
+        certs.unlink()
+        certs.mkdir()
+
+        def problem() -> str:
+            return bal.api("GET", "/api/v1/info")[1]["store"]["certs_problem"] or ""
+
+        wait_for(lambda: "not a regular file" in problem(), WAIT, what="certs_problem")
+        assert "cannot read the certificates file" in problem()
+        time.sleep(1.5)  # more looks: logged once
+        assert bal.output().count("not a regular file") == 1
+        certs.rmdir()
+        tmp = certs.with_suffix(".tmp")
+        tmp.write_bytes(saved)
+        os.replace(tmp, certs)
+        wait_for(lambda: problem() == "", WAIT, what="the problem cleared")
+        assert put(bal, "a.test")[0] == 200
+    finally:
+        bal.stop()
+
+
+def test_a_health_check_that_fails_unexpectedly_goes_on_checking(tmp_path: Path) -> None:
+    """The check's read of the answer raises (scripted) while the flag exists: the
+    checker keeps the backend's verdict, logs it once, and checks again after."""
+    app = scripted("app")
+    flag = tmp_path / "fail"
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [app.address],
+                                     "health": FAST_CHECKS}}, args=["--workers", "1"],
+                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
+                                           fail=(["balancer.health:read_status"], flag)))
+    try:
+        app.sick = True  # type: ignore[attr-defined]
+        wait_for(lambda: state_of(bal, app) == "down", WAIT, what="down")
+        flag.touch()
+        failed = "its health check failed unexpectedly (RuntimeError: scripted failure)"
+        wait_for(lambda: failed in bal.output(), WAIT, what="the failure logged")
+        wait_for(lambda: failed in bal.host_stats(HOST)["backends"][app.address]
+                 .get("problem", ""), WAIT, what="the failure as the backend's problem")
+        time.sleep(1.5)  # several checks fail meanwhile: logged once, still down
+        assert bal.output().count(failed) == 1 and tracebacks(bal) == 1
+        assert state_of(bal, app) == "down"
+        app.sick = False  # type: ignore[attr-defined]
+        flag.unlink()
+        wait_for(lambda: state_of(bal, app) == "up", WAIT, what="checked up again")
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
+        app.stop()
+
+
+@pytest.mark.parametrize("beat", ["soon", None, [1], 1e400])
+def test_a_deploy_claim_whose_beat_is_no_number_is_stale(tmp_path: Path, beat: Any) -> None:
+    """A hand-edited claim on a host with no deploy record behind it: released as
+    any stale claim is, with no traceback."""
+    bal = Balancer(tmp_path, {"app.test": STATIC})
+    records = Path(f"{bal.routes}.deploys.json")
+    try:
+        claim = {"id": "20261207-000000-abcdef", "owner": "elsewhere", "beat": beat}
+        records.write_text(json.dumps({"deploys": {}, "claims": {"app.test": claim},
+                                       "inflight": {}}))
+
+        def claims() -> dict[str, Any]:
+            return json.loads(records.read_text()).get("claims", {})
+
+        wait_for(lambda: claims() == {}, WAIT, what="the claim released")
+        assert tracebacks(bal) == 0, bal.output()
+    finally:
+        bal.stop()
+
+
+@pytest.fixture
+def garbage_worker(tmp_path: Path) -> Iterator[Callable[[Path, bytes], None]]:
+    """``start(run_dir, answer)``: a socket named as a worker's in the run directory
+    that answers every command `answer`."""
+    listeners: list[socket.socket] = []
+
+    def start(run_dir: Path, answer: bytes) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(run_dir / "worker-999999.sock"))
+        listener.listen(16)
+        listeners.append(listener)
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.settimeout(2)
+                    try:
+                        conn.recv(65536)
+                        conn.sendall(answer)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    yield start
+    for listener in listeners:
+        listener.close()
+
+
+@pytest.mark.parametrize("answer", [b"[]", b'"x"', b'{"no": "pid"}'])
+def test_a_control_answer_that_is_not_a_workers_is_no_answer(
+        tmp_path: Path, garbage_worker: Callable[[Path, bytes], None], answer: bytes) -> None:
+    bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--workers", "1"])
+    try:
+        run_dir = Path(control_socket(wait_workers(bal, 1)[0])).parent
+        garbage_worker(run_dir, answer)
+        assert request(bal.port, host="app.test")[0] == 200
+        status, stats = bal.api("GET", "/api/v1/stats")
+        assert status == 200, stats
+        assert [lag["pid"] for lag in stats["lagging"]] == [999999]
+        assert "no usable answer" in stats["lagging"][0]["reason"]
+        assert stats["hosts"]["app.test"]["completed_requests"] >= 1
+        assert tracebacks(bal) == 0, bal.output()
+    finally:
+        bal.stop()
+
+
+def test_reload_ends_a_store_problem_a_hand_repair_fixed(
+        redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
+    """A rule damaged by hand is reported; repaired by hand (no message, the version
+    unmoved: the watch has nothing to read again), ``POST /api/v1/reload`` reads
+    the table whole, and the problem ends with it, as an nginx reload would."""
+    redis = redis_factory()
+    bal = Balancer(tmp_path, None, store=redis.url)
+    raw = redis.client()
+    try:
+        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+        good = raw.hget("balancer:hosts", "app.test")
+        raw.hset("balancer:hosts", "app.test", "{not json")
+        raw.publish("balancer:changes", raw.get("balancer:version"))
+        wait_for(lambda: "not valid JSON" in bal.store_problem(), WAIT, what="the damage")
+        raw.hset("balancer:hosts", "app.test", good)
+        time.sleep(1.0)  # the watch's looks meanwhile find the version served
+        assert "not valid JSON" in bal.store_problem()
+        assert bal.api("POST", "/api/v1/reload")[0] == 200
+        assert bal.store_problem() == "" and bal.store_up() == 1
+    finally:
+        bal.stop()
+
+
+def test_a_database_redis_refuses_is_not_called_unreachable(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    url = redis_server.url.rpartition("/")[0] + "/99"
+    bal = Balancer(tmp_path, store=url)
+    try:
+        wait_for(lambda: "Redis refused to be followed" in bal.output(), WAIT,
+                 what="the management process's line")
+        assert "unreachable" not in bal.output()
+        assert "the /N of store.url names a database this Redis refuses" in \
+            bal.store_problem()
+    finally:
+        bal.stop()
+
+
+def test_a_database_with_no_table_beside_others_is_told_once(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    base = redis_server.url.rpartition("/")[0]
+    other = redis_server.client()
+    other.set("loops-test:elsewhere", "1")  # db 0 holds keys
+    bal = Balancer(tmp_path, store=f"{base}/7")
+    try:
+        told = "database 7 holds no routing table (no balancer:version)"
+        wait_for(lambda: told in bal.output(), WAIT, what="the warning")
+        assert "if the table is there, the /N of store.url is wrong" in bal.output()
+        assert bal.output().count(told) == 1  # the management process's, not each worker's
+    finally:
+        bal.stop()
+        other.delete("loops-test:elsewhere")
