@@ -255,3 +255,29 @@ def test_a_database_with_no_table_beside_others_is_told_once(
     finally:
         bal.stop()
         other.delete("loops-test:elsewhere")
+
+
+def test_an_acme_step_that_fails_unexpectedly_is_the_issuers_problem(tmp_path: Path) -> None:
+    """What is due is judged by code that raises (scripted) while the flag exists:
+    ``GET /api/v1/acme`` says so in ``problem``, logged once, until a step succeeds."""
+    flag = tmp_path / "fail"
+    prefix = constants_prefix({"management.acme_issuer.CHECK_INTERVAL": 0.3},
+                              fail=(["management.acme_issuer:due"], flag))
+    flag.touch()
+    bal = Balancer(tmp_path, {"app.test": {**STATIC, "tls": "acme"}}, prefix=prefix,
+                   config='[acme]\ndirectory = "http://127.0.0.1:9/dir"\n')  # never reached
+    try:
+        def problem() -> str:
+            return bal.api("GET", "/api/v1/acme")[1]["problem"] or ""
+
+        failed = "the issuer's step failed unexpectedly (RuntimeError: scripted failure)"
+        wait_for(lambda: failed in problem(), WAIT, what="the failure as the issuer's problem")
+        passes = bal.api("GET", "/api/v1/acme")[1]["passes"]["count"]
+        wait_for(lambda: bal.api("GET", "/api/v1/acme")[1]["passes"]["count"] >= passes + 3,
+                 WAIT, what="more steps")
+        assert bal.output().count(failed) == 1 and tracebacks(bal) == 1
+        flag.unlink()
+        wait_for(lambda: problem() == "", WAIT, what="the problem cleared")
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
