@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from balancer.restarts import Restarts, every
+
 log = logging.getLogger("balancer.failures")
 INTERVAL = 1.0  # seconds between reports
 MAX_LINES = 20  # hosts named per report; the others are counted in one line
@@ -32,12 +34,10 @@ class FailureReport:
         self.since = time.monotonic()
 
     def report_loop(self, stopped: Callable[[], bool]) -> None:
-        """Report every `INTERVAL` seconds until `stopped()`."""
-        import gevent
-
-        while not stopped():
-            gevent.sleep(INTERVAL)
-            self.report()
+        """Report every `INTERVAL` seconds until `stopped()` (`balancer.restarts.every`)."""
+        every(INTERVAL, self.report, stopped,
+              Restarts("failures", log, quiet=False, loop="the 502/504 summary",
+                       then="trying again at the next one"))
 
     def report(self) -> list[str]:
         """Log (and return) the lines for the hosts that answered 502/504 since

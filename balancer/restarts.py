@@ -67,3 +67,19 @@ def nap(seconds: float, stop: Callable[[], bool]) -> None:
     deadline = time.monotonic() + seconds
     while not stop() and time.monotonic() < deadline:
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def every(seconds: float, step: Callable[[], object], stop: Callable[[], bool],
+          restarts: Restarts) -> None:
+    """A periodic greenlet's body: `step()` every `seconds` until `stop()`. An exception
+    `step` raises is `restarts`' problem (logged once while it repeats) and the
+    next tick comes as usual: the period already bounds the retries (a watchdog
+    that paused for its backoff would leave deadlines unenforced meanwhile)."""
+    import gevent  # (a greenlet's: gevent.sleep, whether `time` is patched or not)
+
+    while not stop():
+        gevent.sleep(seconds)
+        try:
+            step()
+        except Exception as exc:
+            restarts.failed(exc)

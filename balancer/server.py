@@ -38,6 +38,7 @@ from balancer.lingering import Lingering
 from balancer.netio import IO, TLSIO, GeventIO
 from balancer.pages import Pages
 from balancer.pool import STIRRED_DELAY, BackendRegistry, IdleBudget
+from balancer.restarts import Restarts, every
 from balancer.serving import KEEP_QUIET, Slots
 from balancer.settings import Settings
 from balancer.sketch import SLOT_SECONDS
@@ -208,15 +209,19 @@ class Worker:
 
     def watchdog_loop(self) -> None:
         """Raise TimeoutError in every connection whose deadline passed (and,
-        while draining, close idle keep-alive connections)."""
+        while draining, close idle keep-alive connections); each tick, whatever
+        the last one raised (bug: an exception ended the watchdog, and with it
+        every deadline of the worker's connections)."""
         tick = min(0.25, min(_waiting_timeouts(self.settings.timeouts)) / 4)
         io = self.io
-        while not self.stopping:
-            gevent.sleep(tick)
+
+        def expire() -> None:
             now = io.tick()
             if self.draining:
                 io.close_idle(now + DRAIN_IDLE)
             io.expire(now)
+
+        every(tick, expire, lambda: self.stopping, _restarts("the watchdog", "its next tick"))
 
     def start(self) -> None:
         self.access_log.start()
@@ -247,11 +252,13 @@ class Worker:
         looked at), end the parked greenlets beyond KEEP_QUIET and give what
         they held back to the system: what a request in flight used (~8.5 KiB,
         docs/performance.md) otherwise stays with the worker."""
-        while not self.stopping:
-            gevent.sleep(QUIET_EVERY)
+        def quiet() -> None:
             if len(self.slots.busy) <= KEEP_QUIET // 4 and self.slots.shrink(KEEP_QUIET):
                 gevent.sleep(0.1)  # the ended greenlets go first (from the loop)
                 release_heap()
+
+        every(QUIET_EVERY, quiet, lambda: self.stopping,
+              _restarts("giving idle memory back", "the next look"))
 
     def sweep_loop(self) -> None:
         """Close idle pooled backend connections past `timeouts.backend_idle` or
@@ -261,16 +268,20 @@ class Worker:
         registry, stirred = self.registry, Event()
         registry.wake = stirred.set
         due = time.monotonic() + registry.sweep_every
+        restarts = _restarts("the idle backend connections' sweep", "the next sweep")
         try:
             while not self.stopping:
                 stirred.wait(max(0.0, due - time.monotonic()))
-                if stirred.is_set():
-                    gevent.sleep(STIRRED_DELAY)  # those stirred together: one pass
-                    stirred.clear()
-                    registry.drop_stirred()
-                if time.monotonic() >= due:
-                    registry.sweep()
-                    due = time.monotonic() + registry.sweep_every
+                try:
+                    if stirred.is_set():
+                        gevent.sleep(STIRRED_DELAY)  # those stirred together: one pass
+                        stirred.clear()
+                        registry.drop_stirred()
+                    if time.monotonic() >= due:
+                        due = time.monotonic() + registry.sweep_every
+                        registry.sweep()
+                except Exception as exc:  # (bug: the sweep ended: idle connections
+                    restarts.failed(exc)  # kept past backend_idle, stirred ones reused)
         finally:
             registry.wake = None  # nothing is queued any more
 
@@ -298,9 +309,8 @@ class Worker:
 
     def rotate_loop(self) -> None:
         """Start the heavy hitters' next interval every `SLOT_SECONDS`."""
-        while not self.stopping:
-            gevent.sleep(SLOT_SECONDS / 10)
-            self.stats.top.rotate(time.monotonic(), self.stats)
+        every(SLOT_SECONDS / 10, lambda: self.stats.top.rotate(time.monotonic(), self.stats),
+              lambda: self.stopping, _restarts("the heavy hitters' rotation", "the next"))
 
     def release_held(self) -> None:
         """Answer every held request 503 now and hold no more (stopping for good).
@@ -338,6 +348,12 @@ class Worker:
         self.health.stop()
         self.access_log.close()
         self.store.close()
+
+
+def _restarts(loop: str, then: str) -> Restarts:
+    """A worker loop's `Restarts`: "worker PID: LOOP failed unexpectedly (...); THEN"."""
+    return Restarts(f"worker {os.getpid()}", log, quiet=False, loop=loop,
+                    then=f"trying again at {then}")
 
 
 def _is_reuseport(sock: socket.socket | None) -> bool:

@@ -281,3 +281,31 @@ def test_an_acme_step_that_fails_unexpectedly_is_the_issuers_problem(tmp_path: P
     finally:
         flag.unlink(missing_ok=True)
         bal.stop()
+
+
+def test_the_watchdog_goes_on_after_a_tick_that_fails(tmp_path: Path) -> None:
+    """A tick of the worker's watchdog raises (scripted) while the flag exists;
+    once it is gone, a client that sends half a head is cut at client_header again."""
+    flag = tmp_path / "fail"
+    bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--workers", "1"],
+                   config="[timeouts]\nclient_header = 0.5\n",
+                   prefix=constants_prefix({}, fail=(["balancer.netio:GeventIO.expire"],
+                                                     flag)))
+    try:
+        flag.touch()
+        failed = "the watchdog failed unexpectedly (RuntimeError: scripted failure)"
+        wait_for(lambda: failed in bal.output(), WAIT, what="the failure logged")
+        time.sleep(0.6)  # more ticks fail: logged once
+        assert bal.output().count(failed) == 1 and tracebacks(bal) == 1
+        flag.unlink()
+        with socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n")  # never ends
+            started = time.monotonic()
+            answer = b""
+            while chunk := client.recv(65536):  # until the balancer closes (or WAIT)
+                answer += chunk
+            assert time.monotonic() - started < 5.0
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()

@@ -127,7 +127,7 @@ class RedisWatching(RedisChanges):
         answered: a database it does not have, a command this user may not run), or
         no answer (unreachable). Bug: a refusal was "unreachable" (``/99`` of 16)."""
         refused = exc if is_refusal(exc) else exc.__cause__
-        if is_refusal(refused):  # a refusal `_talking` turned into StoreUnavailable too
+        if refused is not None and is_refusal(refused):  # one `_talking` made unavailable
             self._reachable = True
             self._problem = f"{self.display_url}: Redis refused to be followed: " \
                             f"{refusal(refused)}"
