@@ -309,3 +309,63 @@ def test_the_watchdog_goes_on_after_a_tick_that_fails(tmp_path: Path) -> None:
     finally:
         flag.unlink(missing_ok=True)
         bal.stop()
+
+
+def test_the_certificates_watches_go_on_after_an_unexpected_failure(tmp_path: Path) -> None:
+    """The certificates file's signature raises (scripted) in the management
+    process's watch and the worker's follow alike: each says so once, the first as
+    ``store.certs_problem``, and both follow the file again after."""
+    flag = tmp_path / "fail"
+    bal = Balancer(tmp_path, {"a.test": STATIC}, args=["--tls-listen", "127.0.0.1:0",
+                                                       "--workers", "1"],
+                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
+                                           fail=(["balancer.stores.certs:FileCerts.signature"],
+                                                 flag)))
+    try:
+        assert put(bal, "a.test")[0] == 200
+        flag.touch()
+
+        def problem() -> str:
+            return bal.api("GET", "/api/v1/info")[1]["store"]["certs_problem"] or ""
+
+        watch = "the watch on the store's certificates failed unexpectedly (RuntimeError"
+        follow = "following the store's certificates failed unexpectedly (RuntimeError"
+        wait_for(lambda: watch in problem(), WAIT, what="certs_problem")
+        wait_for(lambda: follow in bal.output(), WAIT, what="the worker's line")
+        time.sleep(2.5)  # each fails again, more than once
+        assert bal.output().count(watch) == 1 and bal.output().count(follow) == 1
+        flag.unlink()
+        wait_for(lambda: problem() == "", WAIT, what="the problem cleared")
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
+
+
+def test_the_challenges_follow_goes_on_after_an_unexpected_failure(tmp_path: Path) -> None:
+    """The challenges file's signature raises (scripted) in the worker's follow and
+    the management process's relay: each says so once (the worker's was swallowed
+    at every look), and a challenge published meanwhile is served after."""
+    flag = tmp_path / "fail"
+    bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--workers", "1"],
+                   prefix=constants_prefix(
+                       {"balancer.restarts.RESTART_CAP": 1.0},
+                       fail=(["balancer.stores.acme:FileAcme.challenges_signature"], flag)))
+    try:
+        flag.touch()
+        follow = "following the store's challenges failed unexpectedly (RuntimeError"
+        wait_for(lambda: follow in bal.output(), WAIT, what="the worker's line")
+        good = {"type": "http-01", "host": "app.test", "token": TOKEN,
+                "key_authorization": ANSWER, "expires": time.time() + 600}
+        Path(f"{bal.routes}.challenges.json").write_text(
+            json.dumps({"challenges": {f"http-01:{TOKEN}": good}}))
+        time.sleep(2.5)  # it fails again, more than once
+        assert bal.output().count(follow) == 1
+        wait_for(lambda: "relaying the challenges failed unexpectedly" in bal.output(), WAIT,
+                 what="the management process's line")
+        flag.unlink()
+        wait_for(lambda: request(bal.port, path=f"/.well-known/acme-challenge/{TOKEN}",
+                                 host="app.test")[2] == ANSWER.encode(), WAIT,
+                 what="the challenge served")
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
