@@ -39,7 +39,7 @@ from typing import Any, Final
 
 import gevent
 
-from balancer.restarts import Restarts, nap
+from balancer.restarts import Restarts, every
 from balancer.stores.base import ProblemLog, StoreError
 from balancer.table import host_name
 
@@ -221,21 +221,20 @@ def follow(challenges: Challenges, acme: Any, stop: Callable[[], bool],
     seen: object = object()
     looks = 0
     problems = ProblemLog(log, quiet=True)
-    restarts = Restarts("acme", log, quiet=False, loop="following the store's challenges",
-                        then="serving those read before and reading them again with backoff")
-    while not stop():
+
+    def look() -> None:
+        nonlocal seen, looks
         try:
             signature = acme.challenges_signature()
             looks += 1
             if signature != seen or looks % REFRESH_EVERY == 0:
                 challenges.update(acme.challenges())
                 seen = signature
-            problems.clear("acme: the store's challenges are readable again")
         except StoreError as exc:
             problems.report(f"acme: the challenges cannot be read: {exc}")
-        except Exception as exc:
-            restarts.failed(exc)
-            seen = object()  # read them whole again
-            nap(restarts.pause, stop)
-            continue
-        gevent.sleep(interval)
+            return
+        problems.clear("acme: the store's challenges are readable again")
+
+    every(interval, look, stop, Restarts("acme", log, quiet=False, loop="following the "
+                                         "store's challenges", then="serving those read "
+                                         "before and reading them again"), at_once=True)

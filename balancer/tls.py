@@ -70,7 +70,7 @@ from balancer.accesslog.records import held_bytes, refused_record
 from balancer.certificates import load_pem
 from balancer.lingering import discard_waiting
 from balancer.responses import local_response
-from balancer.restarts import Restarts, nap
+from balancer.restarts import Restarts, every
 from balancer.stores.base import ProblemLog, StoreError
 from balancer.stores.certs import CertsCorrupt, CertsLost
 from balancer.turns import turn
@@ -377,19 +377,16 @@ def follow(front: TLSFront, certs: Any, stop: Callable[[], bool],
     traceback every second)."""
     seen: object = object()
     problems = ProblemLog(log, quiet=True)  # the management process logs it for all
-    restarts = Restarts("certificates", log, quiet=False, loop="following the store's "
-                        "certificates", then="keeping those served and reading them again "
-                        "with backoff")
-    while not stop():
+
+    def look() -> None:
+        nonlocal seen
         try:
             if certs.signature() != seen:
                 seen = refresh(front, certs)
                 problems.clear("certificates: the store is readable again")
         except StoreError as exc:
             problems.report(f"certificates: {exc}")
-        except Exception as exc:
-            restarts.failed(exc)
-            seen = object()  # read them whole again
-            nap(restarts.pause, stop)
-            continue
-        gevent.sleep(interval)
+
+    every(interval, look, stop, Restarts("certificates", log, quiet=False, loop="following "
+                                         "the store's certificates", then="keeping those "
+                                         "served and reading them again"), at_once=True)

@@ -27,10 +27,10 @@ bytes a backend sends: fuzzed in tests/test_health.py), a scripted failure
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RedisServer
+from tests.rawpeer import serve_each
 from tests.support import Balancer, constants_prefix, control_socket, request, wait_for
 from tests.test_certs_damage import put
 from tests.test_health import FAST_CHECKS, HOST, scripted, state_of
@@ -165,21 +166,13 @@ def garbage_worker(tmp_path: Path) -> Iterator[Callable[[Path, bytes], None]]:
         listener.listen(16)
         listeners.append(listener)
 
-        def serve() -> None:
-            while True:
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    return
-                with conn:
-                    conn.settimeout(2)
-                    try:
-                        conn.recv(65536)
-                        conn.sendall(answer)
-                    except OSError:
-                        pass
+        def serve(conn: socket.socket) -> None:
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(2)
+                conn.recv(65536)
+                conn.sendall(answer)
 
-        threading.Thread(target=serve, daemon=True).start()
+        serve_each(listener, serve)
 
     yield start
     for listener in listeners:
