@@ -9,8 +9,10 @@ Invariants:
   the ACME status), logged with its traceback once: not again while the same
   failure repeats within twice the cap (`Restarts.failed`).
 * The loop goes on after a pause that doubles from `RESTART_FIRST` to
-  `RESTART_CAP` while failures follow one another (never a spin), and the
-  next iteration that succeeds clears the problem (the loop's own business).
+  `RESTART_CAP` while failures follow one another (never a spin), or, run on
+  a period (`every`: the watchdog, the certificates' and challenges' follows),
+  at its next turn; the next iteration that succeeds clears the problem (the
+  loop's own business).
 * Bug: one of them ended for good, silently (the store's watcher: the table
   no longer followed, ``balancer_store_up`` 1); others logged a traceback at
   every turn (every second, every 0.25 s) or said nothing at all.
