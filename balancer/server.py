@@ -213,15 +213,16 @@ class Worker:
         the last one raised (bug: an exception ended the watchdog, and with it
         every deadline of the worker's connections)."""
         tick = min(0.25, min(_waiting_timeouts(self.settings.timeouts)) / 4)
+        every(tick, self.expire_overdue, lambda: self.stopping,
+              _restarts("the watchdog", "its next tick"))
+
+    def expire_overdue(self) -> None:
+        """One tick of the watchdog."""
         io = self.io
-
-        def expire() -> None:
-            now = io.tick()
-            if self.draining:
-                io.close_idle(now + DRAIN_IDLE)
-            io.expire(now)
-
-        every(tick, expire, lambda: self.stopping, _restarts("the watchdog", "its next tick"))
+        now = io.tick()
+        if self.draining:
+            io.close_idle(now + DRAIN_IDLE)
+        io.expire(now)
 
     def start(self) -> None:
         self.access_log.start()

@@ -282,7 +282,7 @@ def test_the_watchdog_goes_on_after_a_tick_that_fails(tmp_path: Path) -> None:
     flag = tmp_path / "fail"
     bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--workers", "1"],
                    config="[timeouts]\nclient_header = 0.5\n",
-                   prefix=constants_prefix({}, fail=(["balancer.netio:GeventIO.expire"],
+                   prefix=constants_prefix({}, fail=(["balancer.server:Worker.expire_overdue"],
                                                      flag)))
     try:
         flag.touch()
