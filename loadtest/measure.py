@@ -95,6 +95,47 @@ def rollup_kb(pid: int) -> dict[str, int]:
     return fields
 
 
+# the kinds of mapping `mappings_kb` sums, in the order reports print them
+MAPPING_KINDS = ("anonymous", "heap", "file data", "stack", "file code")
+
+
+def mapping_kind(name: str, perms: str) -> str:
+    """Which of `MAPPING_KINDS` a mapping of ``/proc/PID/smaps`` is, by its path
+    and permissions: anonymous (pymalloc's arenas, blocks malloc maps apart,
+    threads' stacks), malloc's heap, a file's writable data (the interpreter's
+    and each library's: copied by whichever process writes it), the main
+    thread's stack, a file's code and read-only data (shared with every
+    process that maps the file)."""
+    if name == "[heap]":
+        return "heap"
+    if name.startswith("[stack"):
+        return "stack"
+    if not name.startswith("/"):
+        return "anonymous"  # no name, or [vvar], [vdso] and the like (no Pss to speak of)
+    return "file data" if "w" in perms else "file code"
+
+
+def mappings_kb(pid: int) -> dict[str, tuple[int, int]]:
+    """Pss and Private_Dirty (KiB) of `pid` by `MAPPING_KINDS` (every kind,
+    zeros when the process is gone): where a process's memory is, and how much
+    of it the process holds alone."""
+    sums = {kind: [0, 0] for kind in MAPPING_KINDS}
+    current = sums["anonymous"]
+    try:
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            head, _, rest = line.partition(" ")
+            if "-" in head and ":" not in head:  # a mapping's first line
+                fields = rest.split(None, 4)
+                current = sums[mapping_kind(fields[4] if len(fields) > 4 else "", fields[0])]
+            elif head == "Pss:":
+                current[0] += int(rest.split()[0])
+            elif head == "Private_Dirty:":
+                current[1] += int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return {kind: (0, 0) for kind in MAPPING_KINDS}
+    return {kind: (pss, dirty) for kind, (pss, dirty) in sums.items()}
+
+
 def pss_kb(pids: list[int]) -> int:
     """The proportional set size (Pss) of `pids` together now, in KiB."""
     return sum(rollup_kb(pid)["Pss"] for pid in pids)

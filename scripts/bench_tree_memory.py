@@ -2,7 +2,7 @@
 
 ``python scripts/bench_tree_memory.py [--connections 100,1000] [--duration 8]
 [--targets haproxy,balancer[,haproxy-master][,baseline]] [--baseline TREE] [--settle 2]
-[--floor]``
+[--mappings] [--floor]``
 
 For each connection count, every target is started afresh in front of
 nginx (as `scripts/bench_proxy.py` starts them: HAProxy ``nbthread 1``,
@@ -16,7 +16,12 @@ default pace), then loaded with
 Pss (its anonymous part) / Private / Shared idle and at the sample where the
 tree's Pss peaked, and the tree's Pss against HAProxy's. A fresh start per
 count: a tree that served 1,000 connections first would carry their memory
-into the figure for 100.
+into the figure for 100. ``--mappings`` also prints, idle and at that
+peak, each process's Pss and Private_Dirty by kind of mapping
+(`loadtest.measure.MAPPING_KINDS`: pymalloc's arenas and the other anonymous
+mappings, malloc's heap, the interpreter's and libraries' writable data, the
+stack, files' code): what a child holds alone is mostly the pages it copied
+of its parent's.
 
 ``--floor`` also reads what no balancer can go below with its three
 processes: a bare interpreter (``python3 -c``, and with ``-S``: no site
@@ -44,13 +49,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_proxy import Started, start_nginx, start_target  # noqa: E402
 
-from loadtest.measure import process_tree, rollup_kb  # noqa: E402
+from loadtest.measure import MAPPING_KINDS, mappings_kb, process_tree, rollup_kb  # noqa: E402
 from loadtest.procs import Processes  # noqa: E402
 
 HOST = "127.0.0.1"
 SAMPLE_EVERY = 0.2
 FIELDS = ("Pss", "Pss_Anon", "Private", "Shared")
 Rollups = list[tuple[str, dict[str, int]]]
+Mappings = list[tuple[str, dict[str, tuple[int, int]]]]
 
 FLOOR = {
     "python3 -c (bare)": [sys.executable, "-c", "import time; time.sleep(60)"],
@@ -82,11 +88,18 @@ def tree(rollups: Rollups) -> int:
     return sum(f["Pss"] for _, f in rollups)
 
 
-def loaded_peak(target: Started, connections: int, duration: int) -> Rollups:
+def read_mappings(named: list[tuple[str, int]]) -> Mappings:
+    return [(role, mappings_kb(pid)) for role, pid in named]
+
+
+def loaded_peak(target: Started, connections: int, duration: int,
+                mappings: bool = False) -> tuple[Rollups, Mappings]:
     """The rollups at the sample where the tree's Pss was highest while
-    ``wrk -t1 -c<connections>`` loaded it."""
+    ``wrk -t1 -c<connections>`` loaded it, and with `mappings` each process's
+    mappings read right after that sample (else none)."""
     named = roles(target)
     peak: list[Rollups] = [read(named)]
+    peak_mappings: list[Mappings] = [read_mappings(named) if mappings else []]
     stop = threading.Event()
 
     def sample() -> None:
@@ -94,6 +107,8 @@ def loaded_peak(target: Started, connections: int, duration: int) -> Rollups:
             now = read(named)
             if tree(now) > tree(peak[0]):
                 peak[0] = now
+                if mappings:
+                    peak_mappings[0] = read_mappings(named)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -104,7 +119,7 @@ def loaded_peak(target: Started, connections: int, duration: int) -> Rollups:
     finally:
         stop.set()
         sampler.join()
-    return peak[0]
+    return peak[0], peak_mappings[0]
 
 
 def line(rollups: Rollups) -> str:
@@ -113,8 +128,15 @@ def line(rollups: Rollups) -> str:
                      for role, f in rollups)
 
 
+def mappings_line(mappings: Mappings) -> str:
+    return "; ".join(f"{role} " + ", ".join(
+        f"{kind} {pss / 1024:.1f}/{dirty / 1024:.1f}"
+        for kind, (pss, dirty) in ((k, found[k]) for k in MAPPING_KINDS))
+        for role, found in mappings)
+
+
 def run_count(names: list[str], connections: int, duration: int,
-              baseline: str | None, settle: float) -> None:
+              baseline: str | None, settle: float, mappings: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tree-memory-") as tmp:
         root = Path(tmp)
         procs = Processes(root / "logs")
@@ -124,15 +146,23 @@ def run_count(names: list[str], connections: int, duration: int,
                        for name in names}
             time.sleep(settle)  # the children's start-up done
             idle = {name: read(roles(started[name])) for name in names}
-            peaks = {name: loaded_peak(started[name], connections, duration) for name in names}
+            idle_mappings = {name: read_mappings(roles(started[name])) if mappings else []
+                             for name in names}
+            loaded = {name: loaded_peak(started[name], connections, duration, mappings)
+                      for name in names}
         finally:
             procs.stop_all()
+    peaks = {name: rollups for name, (rollups, _) in loaded.items()}
     print(f"\n{connections} connections, MiB: per process Pss (Pss_Anon) / Private / Shared")
     reference = tree(peaks["haproxy"]) if "haproxy" in peaks else 0
     for name in names:
         ratio = f" = {tree(peaks[name]) / reference:.2f}x HAProxy's" if reference else ""
         print(f"  {name:14} idle: {line(idle[name])}; tree {tree(idle[name]) / 1024:.1f}")
         print(f"  {name:14} peak: {line(peaks[name])}; tree {tree(peaks[name]) / 1024:.1f}{ratio}")
+        if mappings:
+            print(f"  {name:14} idle, by mapping (Pss/Private_Dirty): "
+                  f"{mappings_line(idle_mappings[name])}")
+            print(f"  {name:14} peak, by mapping: {mappings_line(loaded[name][1])}")
 
 
 def floor() -> None:
@@ -159,6 +189,8 @@ def main() -> None:
                         help="the tree the baseline target runs from (PYTHONPATH)")
     parser.add_argument("--settle", type=float, default=2.0, metavar="S",
                         help="seconds from the start to the idle reading")
+    parser.add_argument("--mappings", action="store_true",
+                        help="also each process's memory by kind of mapping, idle and at the peak")
     parser.add_argument("--floor", action="store_true",
                         help="also read bare interpreters (the floor)")
     args = parser.parse_args()
@@ -168,7 +200,7 @@ def main() -> None:
     if ("baseline" in names) != bool(args.baseline):
         parser.error("the baseline target and --baseline TREE go together")
     for connections in (int(c) for c in args.connections.split(",") if c):
-        run_count(names, connections, args.duration, args.baseline, args.settle)
+        run_count(names, connections, args.duration, args.baseline, args.settle, args.mappings)
     if args.floor:
         floor()
 
