@@ -17,8 +17,9 @@ directory's retired total is reported at the end. Then:
 2. probe: one client sends requests back to back over a keep-alive
    connection to the static host, for `--duration` seconds: its latency;
 3. probe + scrape: the same while `--scrapers` other clients each fetch
-   ``/metrics`` in a loop (and the history samples every 5 s): the probe's latency again (a stalled worker shows in p99 and max),
-   the scrapes' time and size, ``/healthz``'s latency meanwhile (a stalled
+   ``/metrics`` in a loop (and the history samples every 5 s): the probe's
+   latency again (a stalled worker shows in p99 and max), the scrapes' time
+   and size, ``/healthz``'s latency meanwhile (a stalled
    management process shows there), and the Pss of the arbiter and the
    management process after them (and each one's peak, VmHWM, over the run).
 
