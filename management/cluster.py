@@ -36,12 +36,13 @@ Invariants:
   other workers' figures and its held counters (gauges left out), and name it
   in ``lagging``; a write never counts it as having applied.
 * The management process answers during a big survey (`/metrics`, the
-  history's sample): a survey of the active hosts asks for answers in lines
+  history's sample): a survey asks for answers in lines
   (`balancer.control.encode`), decoded a line (100 hosts) at a time, and
   merged 200 hosts at a time (`merge_snapshots`), with a turn of the loop
-  (`pause`) between two. Bug: a worker's answer for 20,000 hosts (15 MB) was
-  decoded in one call (0.3-0.5 s), and a silent worker's held counters
-  decoded and merged in one go (1-3.5 s), with no request answered meanwhile.
+  (`pause`) between two (a page of `/api/v1/stats` too). Bug: a worker's
+  answer for 20,000 hosts (15 MB) was decoded in one call (0.3-0.5 s), and
+  a silent worker's held counters decoded and merged in one go (1-3.5 s),
+  with no request answered meanwhile.
 * Surveys of the active hosts share their work: one asked while another is
   under way gets that one's merged snapshot (`active`), which nobody
   changes. So scrapes and the history's sample at the same time decode and
@@ -80,6 +81,7 @@ from balancer.control import (
 )
 from balancer.stats import merge_snapshots, only_known
 from balancer.turns import turn
+from management.collector import COLLECTOR
 from management.http import ApiError
 from management.kept import Gone, HeldCounters, RetiredCounters, read_json
 from management.silent import SilentWorkers
@@ -284,7 +286,7 @@ class ClusterRuntime:
             return self._merged(*self.survey("stats", complete=True))
         if select.get("active"):  # and the hosts of the counters kept
             return self.active()
-        replies, kept = self.survey("stats " + json.dumps(select))
+        replies, kept = self.survey("stats " + json.dumps({**select, "lines": True}))
         merged = self._merged(replies, kept)
         if "limit" in select:
             merged["next"] = page_end(merged, replies, select["limit"])
@@ -301,7 +303,8 @@ class ClusterRuntime:
         def command(kept: list[str]) -> str:
             return "stats " + json.dumps({"active": True, "hosts": kept, "lines": True})
         try:
-            merged = self._merged(*self.survey(command, complete=True))
+            with COLLECTOR.held():
+                merged = self._merged(*self.survey(command, complete=True))
         except BaseException as exc:
             flight.set_exception(exc)
             raise

@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from balancer.turns import turn
+from management.collector import COLLECTOR
 from management.metrics_text import Rows, per_host_text
 
 log = logging.getLogger("balancer.management")
@@ -159,14 +160,15 @@ class Metrics:
         """The Prometheus text exposition of the current snapshot, a slice at a
         time: the snapshot and the few families taken now, the per-host
         families written as they are iterated."""
-        snap = self.snapshot()
-        registry = CollectorRegistry(auto_describe=False)  # one per scrape: its snapshot's
-        registry.register(SnapshotCollector(snap, *self.sources))
-        rows = Rows(snap.get("hosts", {}), snap)
-        self.make_room(snap)
-        body = (rows, time.monotonic())
-        self.sending.append(body)
-        return self._sent(body, generate_latest(registry))
+        with COLLECTOR.held():  # (the body holds it from its first slice: `_sent`)
+            snap = self.snapshot()
+            registry = CollectorRegistry(auto_describe=False)  # one per scrape: its snapshot's
+            registry.register(SnapshotCollector(snap, *self.sources))
+            rows = Rows(snap.get("hosts", {}), snap)
+            self.make_room(snap)
+            body = (rows, time.monotonic())
+            self.sending.append(body)
+            return self._sent(body, generate_latest(registry))
 
     def held(self) -> list[Any]:
         """The snapshots the bodies being sent hold, oldest first."""
@@ -193,8 +195,9 @@ class Metrics:
 
     def _sent(self, body: tuple[Rows, float], last: bytes) -> Iterator[bytes]:
         try:
-            yield from per_host_text(body[0], self.pause)
-            yield last
+            with COLLECTOR.held():
+                yield from per_host_text(body[0], self.pause)
+                yield last
         finally:
             if body in self.sending:
                 self.sending.remove(body)

@@ -12,6 +12,7 @@ real survey of real workers.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -26,6 +27,7 @@ import pytest
 from balancer.stats import MERGE_SLICE, merge_snapshots
 from balancer.stores import open_store
 from management.cluster import ClusterRuntime
+from management.collector import QUIET_GAP, Collector
 from management.history import SAMPLED_PER_PAUSE, History
 from tests.support import Balancer, control_socket, in_threads, wait_for
 from tests.test_probe_scrape import touch
@@ -135,6 +137,35 @@ def test_a_history_sample_reads_its_hosts_in_slices_and_changes_nothing_before(
     assert len(seen) == 2 * 2  # reading, then summing
     assert set(seen) == {(0, 0)}  # nothing recorded during the pauses
     assert history.samples == 1 and len(history.rings) == 1001
+
+
+def test_full_collections_wait_for_a_quiet_moment() -> None:
+    """No full collection while a snapshot is held, one once none is (before:
+    CPython ran one each time the survivors grew by a quarter, several a survey,
+    each walking every snapshot alive)."""
+    before = gc.get_threshold()
+    full: list[int] = []
+
+    def note(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            full.append(1)
+    collector = Collector()
+    gc.callbacks.append(note)
+    try:
+        collector.install()
+        collector.last -= QUIET_GAP  # one is due
+
+        def survey() -> None:
+            with collector.held(), collector.held():
+                snapshot = [[[n]] for n in range(300_000)]  # survivors: a snapshot's lists
+                gevent.sleep(0)
+                assert not full and len(snapshot) == 300_000
+            gevent.sleep(0)
+        gevent.spawn(survey).get(timeout=60)
+        assert full == [1]
+    finally:
+        gc.set_threshold(*before)
+        gc.callbacks.remove(note)
 
 
 # slow and vanishing scrapers (through the real management process) -------------------
