@@ -223,3 +223,23 @@ def test_slow_scrapers_hold_at_most_four_snapshots_the_oldest_cut(
     assert b"# TYPE balancer_backend_up gauge" in bodies[4]
     wait_for(lambda: "1 scrape(s) still being sent after" in two_workers.output(), 10,
              what="the cut's log line")
+
+
+def test_an_answer_in_lines_cut_short_or_damaged_is_refused() -> None:
+    """A worker's answer in lines decodes to what the one-object answer does; one
+    cut at a line's end (it looks whole line by line), with a line too many, or
+    with a line that is no object, is no usable answer (the worker is then taken
+    for silent, its held counters counted), never fewer hosts."""
+    from balancer.control import decoded, encode
+
+    def reply() -> dict[str, Any]:
+        return {"pid": 7, "stats": {"open_connections": 1, "hosts": {
+            f"h{i}": {"completed_requests": i} for i in range(250)}}}
+    whole = encode(reply(), lambda: None)
+    lines = encode({**reply(), "lines": 0}, lambda: None)
+    assert lines.count(b"\n") == 4  # the reply, then 3 lines of up to 100 hosts
+    assert decoded(lines, "")[0] == decoded(whole, "")[0] == reply()
+    cut = lines[:lines.rindex(b"\n", 0, -1) + 1]
+    for damaged in (cut, lines + b'{"h9": {}}\n', lines.replace(b'{"h200"', b'[{"h200"', 1),
+                    lines[:-1]):
+        assert decoded(damaged, "")[0] is None, damaged[-60:]
