@@ -12,6 +12,10 @@ sends one command line and reads one JSON reply until EOF:
   ``{"active": true, "hosts": [KEY...]}`` the hosts that have seen a request
   and those keys. ``"totals": true`` adds ``"totals": {"open_requests",
   "completed_requests"}`` over every host (recounted at most once a second).
+  ``"lines": true`` asks for the answer in lines (`encode`): the reply with no
+  host, ``"lines": N`` in it, then N lines each a JSON object of up to `SLICE`
+  hosts, so that a big answer is decoded a line at a time (`decoded` with a
+  `pause`: the management process answers meanwhile), never in one call.
 * ``reload`` → ``{"pid", "version"}`` or ``{"pid", "error": TEXT}``
 * ``version`` → ``{"pid", "loaded", "version", "highest", "store_problem"}`` (cheap: no stats)
 * ``apply JSON`` → ``{"pid", "version", "highest", "store_problem"}`` once the worker serves
@@ -312,6 +316,8 @@ class ControlServer:
         reply["more"] = more
         if query.get("totals"):
             reply["totals"] = self.totals()
+        if query.get("lines") is True:
+            reply["lines"] = 0  # how many: counted by `encode`
         return reply
 
     def totals(self) -> dict[str, int]:
@@ -437,23 +443,42 @@ def store_problem(worker: Any) -> str | None:
 
 def encode(reply: dict[str, Any], pause: Callable[[], None]) -> bytes:
     """`reply` as JSON; a snapshot of many hosts is encoded `SLICE` hosts at a
-    time, calling `pause` in between (the same bytes as one `json.dumps`)."""
-    hosts = reply.get("stats", {}).get("hosts")
-    if not hosts or len(hosts) <= SLICE:
+    time, calling `pause` in between (the same bytes as one `json.dumps`); a
+    reply with ``"lines"`` in lines (`_in_lines`)."""
+    hosts = reply.get("stats", {}).get("hosts") or {}
+    if "lines" not in reply and len(hosts) <= SLICE:
         return json.dumps(reply).encode()
     reply["stats"]["hosts"] = {}
+    slices = [{k: hosts[k] for k in part} for part in _slices(list(hosts))]
+    if "lines" in reply:
+        return _in_lines(reply, slices, pause)
     head, _, tail = json.dumps(reply).partition('"hosts": {}')
-    reply["stats"]["hosts"] = hosts
-    keys = list(hosts)
     parts = [head.encode(), b'"hosts": {']
-    for start in range(0, len(keys), SLICE):
-        if start:
+    for n, part in enumerate(slices):
+        if n:
             pause()
             parts.append(b", ")
-        part = json.dumps({k: hosts[k] for k in keys[start:start + SLICE]})
-        parts.append(part[1:-1].encode())
+        parts.append(json.dumps(part)[1:-1].encode())
     parts += [b"}", tail.encode()]
     return b"".join(parts)
+
+
+def _slices(keys: list[str]) -> list[list[str]]:
+    return [keys[start:start + SLICE] for start in range(0, len(keys), SLICE)]
+
+
+def _in_lines(reply: dict[str, Any], slices: list[dict[str, Any]],
+              pause: Callable[[], None]) -> bytes:
+    """`reply` (its hosts taken out as `slices`) in lines: the reply, ``"lines"``
+    the count of slices, then each slice on a line of its own (a JSON string
+    holds no raw newline), each line ended by a newline."""
+    reply["lines"] = len(slices)
+    parts = [json.dumps(reply).encode()]
+    for n, part in enumerate(slices):
+        if n:
+            pause()
+        parts.append(json.dumps(part).encode())
+    return b"\n".join([*parts, b""])
 
 
 def _turn() -> None:
@@ -607,19 +632,42 @@ def ask_raw(path: str, command: str, timeout: float = CONTROL_TIMEOUT
         sock.close()
 
 
-def decoded(raw: bytes | None, why: str) -> tuple[dict[str, Any] | None, str]:
+def decoded(raw: bytes | None, why: str, pause: Callable[[], None] | None = None
+            ) -> tuple[dict[str, Any] | None, str]:
     """`ask_raw`'s answer as `ask_why`'s: a JSON object, or None and why (bug: an
     answer of another shape, ``[]``, raised in the management process's loops and
-    API calls that asked every worker)."""
+    API calls that asked every worker); one in lines (``"lines": true``: see
+    `encode`) decoded a line at a time, calling `pause` between two."""
     if raw is None:
         return None, why
     try:
-        reply = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
+        reply = json.loads(raw) if b"\n" not in raw else _from_lines(raw, pause)
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         return None, f"no usable answer: {exc}"
     if not isinstance(reply, dict):
         return None, f"no usable answer: not a JSON object ({type(reply).__name__})"
     return reply, ""
+
+
+def _from_lines(raw: bytes, pause: Callable[[], None] | None) -> dict[str, Any]:
+    """The reply an answer in lines carries, its hosts put back. An answer cut
+    short (or with more) is refused: its line count says how many follow."""
+    end = raw.index(b"\n")
+    reply = json.loads(raw[:end])
+    hosts, count = reply["stats"]["hosts"], reply.pop("lines")
+    if not isinstance(hosts, dict) or type(count) is not int:
+        raise ValueError("no hosts object or no count of lines")
+    for n in range(count):
+        if n and pause is not None:
+            pause()
+        start, end = end + 1, raw.index(b"\n", end + 1)  # ValueError: cut short
+        part = json.loads(raw[start:end])
+        if not isinstance(part, dict):
+            raise ValueError("a line of hosts is not a JSON object")
+        hosts.update(part)
+    if end + 1 != len(raw):
+        raise ValueError(f"more than the {count} lines of hosts announced")
+    return reply  # type: ignore[no-any-return]
 
 
 def pid_of(path: str) -> int | None:

@@ -29,6 +29,9 @@ Invariants:
   from a copy of the rings, calling `pause` in between (the management
   process's loop runs other requests; concurrent askers of the same query
   wait for the one build). The bytes are those of the view's compact JSON.
+* A sample reads and sums its hosts `SAMPLED_PER_PAUSE` at a time, calling
+  `pause` in between (bug: 20,000 hosts summed in one go held the process
+  0.12 s every 5 s); it changes the rings only after, in one go.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ FILE_NAME = "history.json"
 TOTAL = ""  # the ring key of the whole balancer
 CACHE_BYTES = 32 * 1024 * 1024  # encoded views kept until the next sample
 HOSTS_PER_PAUSE = 50  # hosts encoded between two calls of `pause`
+SAMPLED_PER_PAUSE = 2000  # hosts a sample reads (or sums) between two calls of `pause`
 
 
 log = logging.getLogger("balancer.history")
@@ -88,13 +92,14 @@ class History:
     def sample(self, snapshot: dict[str, Any], now: float) -> None:
         """Record one point from a merged stats snapshot taken at `now` (unix time)."""
         hosts = snapshot.get("hosts", {})
-        every = {key: _counters(h) for key, h in hosts.items()}
+        every = self._every(hosts)
+        total = _total(every.values(), self.pause)  # (the pauses before any change)
         # The snapshot holds the hosts that have seen a request (`Runtime.stats` with
         # "active"): one the previous sample lacked, when it left none out, was idle.
         idle = IDLE if not self.left_out else None
         self.left_out = max(0, len(hosts) - MAX_HOSTS)
         counters = {key: every[key] for key in _busiest(every, self.rings)}
-        counters[TOTAL] = _total(every.values())
+        counters[TOTAL] = total
         seconds = now - self.last_time if self.last_time else 0.0
         i = self.head
         for key in list(self.rings):
@@ -117,6 +122,15 @@ class History:
             self.save_in_passing()
         elif self.samples <= ADOPT_WITHIN:
             self.adopt_newer()
+
+    def _every(self, hosts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Each host's counters, `SAMPLED_PER_PAUSE` hosts between two pauses."""
+        every = {}
+        for n, (key, h) in enumerate(list(hosts.items())):
+            if n and n % SAMPLED_PER_PAUSE == 0 and self.pause is not None:
+                self.pause()
+            every[key] = _counters(h)
+        return every
 
     # reading -----------------------------------------------------------------------
     def view(self, since: float, now: float, host: str | None = None) -> dict[str, Any]:
@@ -260,9 +274,13 @@ def _busiest(every: dict[str, dict[str, Any]], kept: Container[str]) -> list[str
         key))[:MAX_HOSTS]
 
 
-def _total(all_counters: Any) -> dict[str, Any]:
+def _total(all_counters: Any, pause: Callable[[], None] | None = None) -> dict[str, Any]:
+    """The whole balancer's counters: every host's summed, `SAMPLED_PER_PAUSE` hosts
+    between two calls of `pause`."""
     total: dict[str, Any] = {"completed": 0, "errors": 0, "buckets": []}
-    for c in all_counters:
+    for n, c in enumerate(list(all_counters)):
+        if n and n % SAMPLED_PER_PAUSE == 0 and pause is not None:
+            pause()
         total["completed"] += c["completed"]
         total["errors"] += c["errors"]
         if not total["buckets"]:

@@ -79,6 +79,7 @@ from typing import Any
 from balancer.control import (
     RETIRED_GLOB,
     counters_only,
+    decoded,
     identity_of,
     pid_of,
     retired_path,
@@ -247,8 +248,10 @@ class HeldCounters:
     """Each live worker's last complete answer (control socket path → bytes, and
     the worker's `control.worker_identity`)."""
 
-    def __init__(self, retired: RetiredCounters) -> None:
+    def __init__(self, retired: RetiredCounters, pause: Callable[[], None] | None = None
+                 ) -> None:
         self.retired = retired
+        self.pause = pause  # between two lines of a held answer decoded (`control.decoded`)
         self.raw: dict[str, tuple[bytes, str]] = {}
         self.decoded: dict[str, dict[str, Any]] = {}  # of the missing workers only
 
@@ -288,10 +291,8 @@ class HeldCounters:
 
     def _decode(self, path: str) -> dict[str, Any]:
         """The counters of worker `path`'s held answer ({} if unusable)."""
-        try:
-            stats = json.loads(self.raw[path][0])["stats"]
-        except (ValueError, KeyError, TypeError):
-            return {}
+        reply = decoded(self.raw[path][0], "", self.pause)[0]
+        stats = reply.get("stats") if isinstance(reply, dict) else None
         return counters_only(stats) if isinstance(stats, dict) else {}
 
 

@@ -15,10 +15,16 @@ Invariants:
   the table: an idle host's counters are all zero and it has no series
   until its first request (its backends' `balancer_backend_up` too, unless
   an active health check watches them).
+* At most `MOST_HELD` snapshots are held by the bodies being sent: a scrape
+  that needs room cuts the bodies of the oldest (`metrics_text.Rows.cut`),
+  which have been read the slowest. Scrapes at once share one snapshot
+  (`management.cluster.ClusterRuntime.active`), so they count once.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,10 +33,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from balancer.turns import turn
-from management.metrics_text import per_host_text
+from management.collector import COLLECTOR
+from management.metrics_text import Rows, per_host_text
 
+log = logging.getLogger("balancer.management")
 Snapshot = dict[str, Any]
 METRICS_SELECT: dict[str, Any] = {"active": True}  # the `Runtime.stats` select of a scrape
+MOST_HELD = 4  # snapshots held by the bodies being sent (scrapes at once share theirs)
 
 
 class SnapshotCollector(Collector):
@@ -140,21 +149,55 @@ class Metrics:
                  expiries: Callable[[], dict[str, float]] | None = None,
                  acme: Callable[[], dict[str, Any]] | None = None,
                  own_drops: Callable[[], dict[str, int]] | None = None,
-                 pause: Callable[[], None] = turn) -> None:
+                 pause: Callable[[], None] = turn, most_held: int = MOST_HELD) -> None:
         self.snapshot = snapshot
         self.sources = (expiries, acme, own_drops)
         self.pause = pause  # lets other requests run during a big scrape
+        self.most_held = most_held
+        self.sending: list[tuple[Rows, float]] = []  # the bodies being sent, oldest first
 
     def render(self) -> Iterator[bytes]:
         """The Prometheus text exposition of the current snapshot, a slice at a
         time: the snapshot and the few families taken now, the per-host
         families written as they are iterated."""
-        snap = self.snapshot()
-        registry = CollectorRegistry(auto_describe=False)  # one per scrape: its snapshot's
-        registry.register(SnapshotCollector(snap, *self.sources))
-        return _then(per_host_text(snap.get("hosts", {}), self.pause), generate_latest(registry))
+        with COLLECTOR.held():  # (the body holds it from its first slice: `_sent`)
+            snap = self.snapshot()
+            registry = CollectorRegistry(auto_describe=False)  # one per scrape: its snapshot's
+            registry.register(SnapshotCollector(snap, *self.sources))
+            rows = Rows(snap.get("hosts", {}), snap)
+            self.make_room(snap)
+            body = (rows, time.monotonic())
+            self.sending.append(body)
+            return self._sent(body, generate_latest(registry))
 
+    def held(self) -> list[Any]:
+        """The snapshots the bodies being sent hold, oldest first."""
+        held: list[Any] = []
+        for rows, _ in self.sending:
+            if not any(rows.source is snap for snap in held):
+                held.append(rows.source)
+        return held
 
-def _then(slices: Iterator[bytes], last: bytes) -> Iterator[bytes]:
-    yield from slices
-    yield last
+    def make_room(self, snap: Snapshot) -> None:
+        """Cut the bodies of the oldest snapshots held, leaving room for `snap`
+        within `most_held`."""
+        held = self.held()
+        if any(snap is other for other in held):
+            return
+        for old in held[:max(0, len(held) + 1 - self.most_held)]:
+            cut = [body for body in self.sending if body[0].source is old]
+            for body in cut:
+                body[0].cut()
+                self.sending.remove(body)
+            log.warning("metrics: %d scrape(s) still being sent after %.1f s cut short: "
+                        "scrapes being sent may hold %d snapshots", len(cut),
+                        time.monotonic() - cut[0][1], self.most_held)
+
+    def _sent(self, body: tuple[Rows, float], last: bytes) -> Iterator[bytes]:
+        try:
+            with COLLECTOR.held():
+                yield from per_host_text(body[0], self.pause)
+                yield last
+        finally:
+            if body in self.sending:
+                self.sending.remove(body)

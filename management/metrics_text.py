@@ -20,12 +20,20 @@ Invariants:
   slice, not the whole text (bug: the slices' list, their join, its join with
   the other families' text and the server's copy with the head: up to four
   copies of 30 MB at the end of a scrape of 20,000 hosts).
+* A scrape's body holds its snapshot's hosts (`Rows`) until it is sent, so
+  a slow scraper holds them as long as it reads: at most
+  `management.metrics.MOST_HELD` snapshots are held by bodies being sent,
+  a newer scrape cutting the oldest's bodies (`Rows.cut`: their rows are
+  dropped at once, and their clients see a broken answer, never a shorter
+  valid-looking one). Bug: up to 256 slow scrapers (the connection cap) each
+  held a snapshot (~60 MB for 20,000 hosts).
 * Only the families with a sample per host are written here; the balancer's
   few others stay with prometheus-client (`management.metrics`).
 """
 
 from __future__ import annotations
 
+import errno
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -53,19 +61,49 @@ BACKEND_REQUESTS = ("balancer_backend_requests_total", "counter",
 BACKEND_UP = ("balancer_backend_up", "gauge", "1 when the backend is considered up.")
 
 
-def per_host_text(hosts: dict[str, Any], pause: Callable[[], None]) -> Iterator[bytes]:
-    """The per-host then per-backend families of `hosts` (a stats snapshot's), a
-    slice at a time, encoded (~60 B a line, not a str of ~110)."""
-    rows: list[Host] = [(escape(host), h) for host, h in sorted(hosts.items())]
+class Cut(ConnectionResetError):
+    """A scrape's body cut short (`Rows.cut`): its client sees the body end
+    without its last chunk, a broken answer; gevent closes the connection
+    without a traceback, as for a client that hung up."""
+
+
+class Rows:
+    """A scrape's hosts as its body's writing reads them (label value escaped,
+    sorted) and the snapshot they came from, `source`; `cut` drops both (the
+    writing then raises `Cut` at its next slice)."""
+
+    __slots__ = ("rows", "source")
+
+    def __init__(self, hosts: dict[str, Any], source: Any = None) -> None:
+        self.rows: list[Host] | None = [(escape(host), h) for host, h in sorted(hosts.items())]
+        self.source = source
+
+    def taken(self, start: int) -> list[Host]:
+        """The slice of rows from `start` (`HOSTS_PER_PAUSE`); `Cut` once cut."""
+        if self.rows is None:
+            raise Cut(errno.ECONNRESET, "the scrape was cut to bound what scrapes hold")
+        return self.rows[start:start + HOSTS_PER_PAUSE]
+
+    def cut(self) -> None:
+        self.rows = self.source = None
+
+
+def per_host_text(hosts: dict[str, Any] | Rows, pause: Callable[[], None]) -> Iterator[bytes]:
+    """The per-host then per-backend families of `hosts` (a stats snapshot's, or
+    its `Rows`), a slice at a time, encoded (~60 B a line, not a str of ~110). No
+    row is held across a pause, so a cut (`Rows.cut`) frees them at once."""
+    rows = hosts if isinstance(hosts, Rows) else Rows(hosts)
+    count = len(rows.rows or ())
     families: list[tuple[tuple[str, str, str], Callable[[list[str], Host], None]]] = [
         (REQUESTS, _codes), (DURATION, _duration),
         *(((name, kind, doc), _field(name, field)) for name, kind, doc, field in PER_HOST),
         (BACKEND_REQUESTS, _outcomes), (BACKEND_UP, _up)]
     for (name, kind, doc), write in families:
         out = [f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"]
-        for number, row in enumerate(rows, 1):
-            write(out, row)
-            if number % HOSTS_PER_PAUSE == 0:
+        for start in range(0, count, HOSTS_PER_PAUSE):
+            for row in rows.taken(start):
+                write(out, row)
+            if start + HOSTS_PER_PAUSE <= count:
                 yield "".join(out).encode()
                 out = []
                 pause()

@@ -39,6 +39,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     from management.app import create_app
     from management.certs_watch import CertsWatch
     from management.cluster import ClusterRuntime
+    from management.collector import COLLECTOR
     from management.guard import Guard, HostPolicy
     from management.history import FILE_NAME as HISTORY_FILE
     from management.history import History
@@ -69,6 +70,8 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     sampler = gevent.spawn(history_loop, history, runtime)
     issuer.start()
     freeze()  # once set up: start-up objects out of every later collection
+    COLLECTOR.install()  # full collections when no big snapshot is alive
+    collector = gevent.spawn(COLLECTOR.collect_loop)
     runtime.take_over()  # every worker's counters held before a predecessor stops
     report_ready(env)
     draining = False
@@ -86,6 +89,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     draining = True
     runtime.hand_over()  # no retired total written from here; the workers gone retired
     sampler.kill()
+    collector.kill()
     save_history(history)  # before the drain: the next management process reads it
     app.deployer.stop()
     issuer.stop()  # hands the issuer lock over
@@ -100,6 +104,7 @@ def history_loop(history: Any, runtime: Any) -> None:
     """Sample the merged stats into the history every `history.INTERVAL` seconds."""
     import gevent
 
+    from management.collector import COLLECTOR
     from management.history import INTERVAL
     from management.http import ApiError
 
@@ -109,7 +114,8 @@ def history_loop(history: Any, runtime: Any) -> None:
     while True:
         gevent.sleep(INTERVAL - time.time() % INTERVAL)  # on the interval's boundary
         try:
-            history.sample(runtime.stats({"active": True}), time.time())
+            with COLLECTOR.held():
+                history.sample(runtime.stats({"active": True}), time.time())
             said = None
         except ApiError as exc:
             if exc.message != said:
@@ -143,6 +149,7 @@ CHILD = ManagementChild(run_management, modules=(
     "management.acme_answers", "management.acme_api", "management.acme_ca",
     "management.acme_issuer",
     "management.acme_spread", "management.app", "management.certs_watch", "management.cluster",
+    "management.collector",
     "management.deploys",
     "management.guard", "management.history", "management.hosts_api", "management.metrics",
     "management.status_api",

@@ -1,7 +1,7 @@
 """What a big table costs when nothing happens, and what a scrape costs a live request.
 
 ``python scripts/bench_scrape.py [--hosts 100000] [--active 1000] [--workers 1]
-[--idle 30] [--duration 10] [--churn 0] [--churn-hosts 1000]``
+[--idle 30] [--duration 10] [--scrapers 1] [--churn 0] [--churn-hosts 1000]``
 
 A real ``balancer serve`` over a file store of `--hosts` proxy hosts (their
 backend is never asked) plus a static host for the probe. `--active` of the
@@ -16,9 +16,10 @@ directory's retired total is reported at the end. Then:
    worker(s) and the management process used (timers walking the table);
 2. probe: one client sends requests back to back over a keep-alive
    connection to the static host, for `--duration` seconds: its latency;
-3. probe + scrape: the same while another client fetches ``/metrics`` in a
-   loop: the probe's latency again (a stalled worker shows in p99 and max),
-   the scrapes' time and size, ``/healthz``'s latency meanwhile (a stalled
+3. probe + scrape: the same while `--scrapers` other clients each fetch
+   ``/metrics`` in a loop (and the history samples every 5 s): the probe's
+   latency again (a stalled worker shows in p99 and max), the scrapes' time
+   and size, ``/healthz``'s latency meanwhile (a stalled
    management process shows there), and the Pss of the arbiter and the
    management process after them (and each one's peak, VmHWM, over the run).
 
@@ -222,7 +223,7 @@ def scraper(mgmt: int, stop: threading.Event, times: list[float], sizes: list[in
         sizes.append(len(body))
 
 
-def run(port: int, mgmt: int | None, duration: float
+def run(port: int, mgmt: int | None, duration: float, scrapers: int = 1
         ) -> tuple[list[float], list[float], list[int], list[float]]:
     """The live requests', the scrapes' (with `mgmt`) and ``/healthz``'s times, the sizes."""
     stop = threading.Event()
@@ -232,8 +233,9 @@ def run(port: int, mgmt: int | None, duration: float
     healthz: list[float] = []
     threads = [threading.Thread(target=probe, args=(port, stop, probes))]
     if mgmt is not None:
-        threads += [threading.Thread(target=scraper, args=(mgmt, stop, scrapes, sizes)),
-                    threading.Thread(target=probe, args=(mgmt, stop, healthz, "/healthz"))]
+        threads += [threading.Thread(target=scraper, args=(mgmt, stop, scrapes, sizes))
+                    for _ in range(scrapers)]
+        threads.append(threading.Thread(target=probe, args=(mgmt, stop, healthz, "/healthz")))
     for thread in threads:
         thread.start()
     time.sleep(duration)
@@ -250,6 +252,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--idle", type=float, default=30.0, help="seconds measured idle")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of each probe")
+    parser.add_argument("--scrapers", type=int, default=1,
+                        help="clients scraping /metrics in a loop at once")
     parser.add_argument("--churn", type=int, default=0,
                         help="rounds of hosts created, served, reloaded and deleted first")
     parser.add_argument("--churn-hosts", type=int, default=1000, help="new hosts a round")
@@ -274,7 +278,7 @@ def main() -> None:
             time.sleep(args.idle)
             idle = {pid: cpu_seconds(pid) - before[pid] for pid in watched}
             alone = run(port, None, args.duration)[0]
-            probes, scrapes, sizes, healthz = run(port, mgmt, args.duration)
+            probes, scrapes, sizes, healthz = run(port, mgmt, args.duration, args.scrapers)
             pss = {pid: (pss_mib(pid), peak_mib(pid)) for pid in management}
             retired = retired_total(workers)
         finally:
