@@ -268,8 +268,8 @@ class Run:
     def warmup(self) -> None:
         warmup = float(self.settings["warmup"])
         end = float(self.record["since"]) + warmup
-        if not self.record["from"] or warmup <= 0:
-            return
+        if not leaving(self.record["from"], self.record["to"]) or warmup <= 0:
+            return  # (no old backend leaves: no ramp to wait for)
         self.begin("warmup", f"new backends ramp up over {warmup:g}s")
         deadline = local_deadline(end, warmup)
         while (left := deadline - time.monotonic()) > 0:

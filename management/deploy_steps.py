@@ -162,7 +162,8 @@ def spelling_problems(old: list[Any], new: list[Any]) -> list[str]:
     problems = []
     for i, new_address in enumerate(addresses(new)):
         for old_address in addresses(old):
-            if _maybe_same(parse_backend_addr(new_address), parse_backend_addr(old_address)):
+            if _maybe_same(parse_backend_addr(canonical(new_address)),
+                           parse_backend_addr(canonical(old_address))):
                 problems.append(
                     f"backends[{i}]: {new_address} may be the old backend {old_address} "
                     f"(localhost is a loopback address): the deploy would drain, and report "
@@ -175,7 +176,7 @@ def _maybe_same(one: Address, other: Address) -> bool:
     if (one.port, one.tls) != (other.port, other.tls) or not (
             one.is_loopback and other.is_loopback):
         return False
-    named = [a.host.lower().rstrip(".") == "localhost" for a in (one, other)]
+    named = [a.host == "localhost" for a in (one, other)]  # (`canonical` forms)
     return named[0] != named[1]
 
 

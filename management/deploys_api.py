@@ -143,16 +143,26 @@ def abort(app: Any, key: str) -> tuple[dict[str, Any], int]:
                        f"(GET /api/v1/deploys lists the recent ones)")
     deadline = time.monotonic() + ABORT_WAIT
     record = find(app, deploy_id)
-    while record.get("state") == "running" and time.monotonic() < deadline:
+    while not _freed(app, key, record) and time.monotonic() < deadline:
         time.sleep(ABORT_POLL)
         record = find(app, deploy_id)
-    if record.get("state") == "running":
+    if not _freed(app, key, record):
         return record, 202
     if record.get("abort") is None:  # it ended before its process saw the request
         raise ApiError(409, "nothing_to_abort", f"host {key!r}: deploy {deploy_id} ended "
                        f"({record.get('state')}) before the abort reached it",
                        [f"deploy: {deploy_id}"])
     return record, 200
+
+
+def _freed(app: Any, key: str, record: dict[str, Any]) -> bool:
+    """Whether the deploy `record` ended and let its host go (its record ends a
+    moment before its claim is released: a deploy sent on the abort's answer
+    must not find it still claimed)."""
+    if record.get("state") == "running":
+        return False
+    claim = app.deployer.records.claims().get(key) or {}
+    return bool(claim.get("id") != record.get("id"))
 
 
 def find(app: Any, deploy_id: str) -> dict[str, Any]:
