@@ -38,7 +38,8 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser,
                     "one write, ramp them up over --warmup while the old ones get less, then "
                     "wait until the old backends have no request in flight (drain). Shows "
                     "each step; exits non-zero with the reason if one fails (the previous "
-                    "rule keeps serving).")
+                    "rule keeps serving) or the deploy is aborted. With --abort, stop HOST's "
+                    "running deploy instead and show it to its end.")
     host(deploy)
     what = deploy.add_mutually_exclusive_group(required=True)
     what.add_argument("--backend", action="append", metavar="ADDR",
@@ -67,7 +68,8 @@ def _timings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=ctl_help.finite, metavar="S",
                         help="seconds over which the new backends ramp up (default 10)")
     parser.add_argument("--no-wait", action="store_true",
-                        help="start the deploy and return (follow it with `deploys`)")
+                        help="return once the request is answered (follow the deploy "
+                             "with `deploys`)")
 
 
 def body_of(args: argparse.Namespace) -> dict[str, Any]:
