@@ -278,7 +278,7 @@ class Run:
 
     # 4. drain ----------------------------------------------------------------
     def drain(self) -> None:
-        draining = addresses(leaving(self.record["from"], self.record["to"]))
+        draining = sorted(set(addresses(leaving(self.record["from"], self.record["to"]))))
         if not draining:
             self.finish(self.record["since"])
             return

@@ -18,7 +18,7 @@ import pytest
 from management import ctl
 from tests.support import Backend, Balancer, in_threads, request, wait_for
 from tests.test_deploys import HOST, Load, deploy, finished, in_background, proxy, step
-from tests.test_probe_deploy import Scripted
+from tests.test_probe_deploy import Scripted, rule_of
 
 
 def abort(lb: Balancer, host: str = HOST) -> tuple[int, Any]:
@@ -35,10 +35,6 @@ def started(lb: Balancer, body: dict[str, Any]) -> dict[str, Any] | None:
     status, answer = lb.api("POST", f"/api/v1/hosts/{HOST}/deploy", body)
     assert status in (202, 409), answer
     return answer["deploy"] if status == 202 else None
-
-
-def rule_of(lb: Balancer) -> dict[str, Any]:
-    return lb.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"]
 
 
 def at_step(lb: Balancer, deploy_id: str, name: str) -> None:

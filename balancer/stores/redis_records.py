@@ -93,8 +93,12 @@ class RedisRecords(Records):
         return newest([dict(r, id=i) for i, r in self._all(self.deploys_key).items()])
 
     def deploy(self, deploy_id: str) -> dict[str, Any] | None:
+        return self._one(self.deploys_key, deploy_id)
+
+    def _one(self, key: str, name: str) -> dict[str, Any] | None:
+        """The JSON object under `name` in the hash `key` (None: absent or unreadable)."""
         with self.talking("read"):
-            text = self.client.hget(self.deploys_key, deploy_id)
+            text = self.client.hget(key, name)
         try:
             value = json.loads(text) if text else None
         except UNREADABLE:
@@ -204,13 +208,7 @@ class RedisRecords(Records):
         raise StoreUnavailable("gave up asking for the abort after concurrent claims")
 
     def abort_request(self, deploy_id: str) -> dict[str, Any] | None:
-        with self.talking("read"):
-            text = self.client.hget(self.aborts_key, deploy_id)
-        try:
-            value = json.loads(text) if text else None
-        except UNREADABLE:
-            return None
-        return value if isinstance(value, dict) else None
+        return self._one(self.aborts_key, deploy_id)
 
     def report_inflight(self, balancer: str, report: dict[str, Any] | None) -> None:
         with self.talking("write"):  # not waited for (the module's doc)
