@@ -6,6 +6,10 @@ Invariants:
   fail (`CtlError`: exit 1 and the reason) when the deploy fails.
 * The wait is bounded: the deploy's own timeouts plus `WAIT_MARGIN`; a deploy
   still running then fails the command saying so (it goes on), never as failed.
+* `deploy HOST --abort` asks the host's running deploy to stop (any balancer
+  sharing the store), follows it the same way, and succeeds once it ended
+  ``aborted``; a deploy followed that someone else aborted fails the command,
+  saying so.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from urllib.parse import quote
 
 from balancer.rules import MAX_HOLD
 from management import ctl_help
+from management.ctl_client import UsageError
 from management.ctl_format import moment, shown
 
 POLL = 0.25
@@ -33,10 +38,16 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser,
                     "one write, ramp them up over --warmup while the old ones get less, then "
                     "wait until the old backends have no request in flight (drain). Shows "
                     "each step; exits non-zero with the reason if one fails (the previous "
-                    "rule keeps serving).")
+                    "rule keeps serving) or the deploy is aborted. With --abort, stop HOST's "
+                    "running deploy instead and show it to its end.")
     host(deploy)
-    deploy.add_argument("--backend", action="append", required=True, metavar="ADDR",
-                        help="a new backend address (repeatable)")
+    what = deploy.add_mutually_exclusive_group(required=True)
+    what.add_argument("--backend", action="append", metavar="ADDR",
+                      help="a new backend address (repeatable)")
+    what.add_argument("--abort", action="store_true",
+                      help="stop HOST's running deploy instead (whichever balancer runs it): "
+                           "before the switch nothing changes; after it HOST goes back to its "
+                           "previous backends and the new ones are drained")
     _timings(deploy)
     rollback = sub.add_parser(
         "rollback", parents=[common], help="deploy a host back to its previous backends",
@@ -57,7 +68,8 @@ def _timings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=ctl_help.finite, metavar="S",
                         help="seconds over which the new backends ramp up (default 10)")
     parser.add_argument("--no-wait", action="store_true",
-                        help="start the deploy and return (follow it with `deploys`)")
+                        help="return once the request is answered (follow the deploy "
+                             "with `deploys`)")
 
 
 def body_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,23 +88,60 @@ def run(args: argparse.Namespace, client: Any, error: type[Exception]) -> tuple[
         answer = client.call("GET", "/api/v1/deploys")
         return answer, format_deploys(answer.get("deploys", []))
     path = f"/api/v1/hosts/{quote(args.host, safe='*')}/{args.command}"
+    if getattr(args, "abort", False):
+        return _abort(args, client, path, error)
     record = client.call("POST", path, body_of(args))["deploy"]
     if args.no_wait:
         return {"deploy": record}, f"{shown(_named(record))} started"
+    record = _ended(args, client, record, error)
+    if record["state"] == "aborted":  # (by someone else)
+        raise error(f"{_aborted(record)}")
+    text = f"{shown(_named(record))} done in {record['ended'] - record['started']:.1f}s: " \
+           f"{shown(', '.join(map(str, record['to'])))}"
+    if record.get("warning"):
+        text += f"\nwarning: {shown(record['warning'])}"
+    return {"deploy": record}, text
+
+
+def _abort(args: argparse.Namespace, client: Any, path: str,
+           error: type[Exception]) -> tuple[Any, str]:
+    """`deploy HOST --abort`: DELETE the host's deploy, then follow it to its end."""
+    given = [f"--{k.replace('_', '-')}" for k in ("ready_timeout", "drain_timeout", "warmup")
+             if getattr(args, k) is not None]
+    if given:
+        raise UsageError(f"--abort takes no timings ({', '.join(given)})")
+    record = client.call("DELETE", path)["deploy"]
+    if args.no_wait and record["state"] == "running":
+        return {"deploy": record}, f"{shown(_named(record))}: abort asked; it is stopping"
+    record = _ended(args, client, record, error)
+    if record["state"] != "aborted":
+        raise error(f"{_named(record)} did not stop: {record['state']}")
+    return {"deploy": record}, shown(_aborted(record))
+
+
+def _ended(args: argparse.Namespace, client: Any, record: dict[str, Any],
+           error: type[Exception]) -> dict[str, Any]:
+    """The deploy followed to its end (one line per step, unless --json); `error`
+    when it failed or still runs when the wait is over."""
     show = None if getattr(args, "json", False) else Progress()
     record = follow(client, record, show)
     if record["state"] == "running":  # (bug: "failed at step drain: None")
         raise error(f"{_named(record)} still running at step {record['step']} when this "
                     f"command stopped waiting (its timeouts plus {WAIT_MARGIN:g}s); it goes "
                     f"on: follow it with `balancerctl deploys`")
-    if record["state"] != "done":
+    if record["state"] == "failed":
         step = record["steps"][-1]["name"] if record["steps"] else "?"
         raise error(f"{_named(record)} failed at step {step}: {record['error']}")
-    text = f"{shown(_named(record))} done in {record['ended'] - record['started']:.1f}s: " \
-           f"{shown(', '.join(map(str, record['to'])))}"
-    if record.get("warning"):
-        text += f"\nwarning: {shown(record['warning'])}"
-    return {"deploy": record}, text
+    return record
+
+
+def _aborted(record: dict[str, Any]) -> str:
+    """``deploy ID of HOST aborted at step S (asked by B): what the abort did``."""
+    last = record["steps"][-1] if record["steps"] else {}
+    did = last.get("detail") if last.get("name") == "abort" else "nothing was switched"
+    text = f"{_named(record)} aborted at step {record['step']} (asked by " \
+           f"{(record.get('abort') or {}).get('by')}): {did}"
+    return text + (f"\nwarning: {record['warning']}" if record.get("warning") else "")
 
 
 def _named(record: dict[str, Any]) -> str:

@@ -15,7 +15,16 @@ Invariants (the `Deployer`'s, step by step):
   the old backends to reach zero, or `drain_timeout`, then removes `draining`
   from the rule if it is still this deploy's.
 * Every store call goes through `Deployer.patiently` (an outage waited out),
-  but the ready step's look at the rule, which an outage just skips.
+  but the ready step's look at the rule and the look for an abort request,
+  which an outage just skips.
+* An abort request (`Records.request_abort`, from any balancer) is looked for
+  at every wait and before the switch's write (`Aborted`); what it does is
+  `management.deploy_abort`'s.
+* The ready step judges a rule it no longer finds as changed only at a table
+  version at least the one the deploy started from (`from_version`): a store
+  that went back (flushed, restored) lost its table, which the switch names
+  (bug: a deploy resumed by a new management process whose first look came
+  just after a flush had a floor of 0, and failed "the host's rule changed").
 * A step's times are the record's wall-clock times (any process may resume
   the deploy), but a step waits on the monotonic clock (`local_deadline`),
   never longer than the step's own setting: a wall clock set back or ahead
@@ -27,13 +36,20 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from balancer.stores import CorruptStore, HostRule, StoreUnavailable, VersionConflict
+from balancer.stores import (
+    CorruptStore,
+    HostRule,
+    StoreError,
+    StoreUnavailable,
+    VersionConflict,
+)
 from management.deploy_steps import (
     NOT_CHECKED,
     PROBE_LEAST,
     addresses,
     check_config,
     in_flight,
+    leaving,
     probe_all,
     switched_rule,
 )
@@ -64,6 +80,10 @@ class Interrupted(Exception):
     """This process is stopping: the deploy is handed over, not ended."""
 
 
+class Aborted(Exception):
+    """An operator asked the deploy to stop (its record's ``abort`` says who, when)."""
+
+
 class Run:
     """One deploy's steps over its record."""
 
@@ -73,9 +93,16 @@ class Run:
         self.resumed = resumed
         self.host = record["host"]
         self.settings = record["settings"]
-        self.seen_version = 0  # the table's highest version the ready step saw the rule at
+        # the table's highest version the ready step saw the rule at (at least the one
+        # the deploy started from: records of before 2026-12-07 lack it)
+        self.seen_version = int(record.get("from_version") or 0)
 
     def steps(self) -> None:
+        """Run the steps from where the record stands; `Aborted` when an abort is asked
+        (or was, before a restart), for `deploy_abort.abort` to carry out."""
+        if self.record.get("abort") is not None:
+            raise Aborted()
+        self.check_abort()
         step = STEPS.index(self.record.get("step") or "ready")
         if step == 0:
             self.ready()
@@ -84,6 +111,25 @@ class Run:
         if step <= 2:
             self.warmup()
         self.drain()
+
+    def pause(self, seconds: float) -> None:
+        """Wait (`Deployer.pause`), then `Aborted` if an abort was asked meanwhile."""
+        self.deployer.pause(seconds)
+        self.check_abort()
+
+    def check_abort(self) -> None:
+        """`Aborted`, noted in the record, when an abort of this deploy is stored (a
+        store that cannot answer now tells nothing: the next look asks again)."""
+        if self.record.get("abort") is not None:
+            return  # (being carried out: `deploy_abort`)
+        try:
+            found = self.deployer.records.abort_request(self.record["id"])
+        except StoreError:
+            return
+        if found is not None:
+            self.record["abort"] = {"requested": found.get("at"), "by": found.get("by"),
+                                    "since": None, "version": None}
+            raise Aborted()
 
     def begin(self, name: str, detail: str) -> None:
         now = time.time()
@@ -132,7 +178,7 @@ class Run:
                     pending[address], problems[address] = 0, problem
             if not pending:
                 break
-            self.deployer.pause(min(config.interval, max(0.0, deadline - time.monotonic())))
+            self.pause(min(config.interval, max(0.0, deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 why = "; ".join(f"{a}: {problems.get(a, 'not up yet')}" for a in pending)
                 raise DeployFailed(f"not ready after {self.settings['ready_timeout']:g}s "
@@ -161,6 +207,7 @@ class Run:
                 self._not_lost()
                 raise DeployFailed("the host's rule changed during the deploy; nothing "
                                    "was switched")
+            self.check_abort()  # (the last moment an abort changes nothing)
             try:
                 version = self.write(rule, found.version)
             except VersionConflict:
@@ -221,56 +268,71 @@ class Run:
     def warmup(self) -> None:
         warmup = float(self.settings["warmup"])
         end = float(self.record["since"]) + warmup
-        if not self.record["from"] or warmup <= 0:
-            return
+        if not leaving(self.record["from"], self.record["to"]) or warmup <= 0:
+            return  # (no old backend leaves: no ramp to wait for)
         self.begin("warmup", f"new backends ramp up over {warmup:g}s")
         deadline = local_deadline(end, warmup)
         while (left := deadline - time.monotonic()) > 0:
-            self.deployer.pause(min(0.25, left))
+            self.pause(min(0.25, left))
         self.end("ok", f"{warmup:g}s")
 
     # 4. drain ----------------------------------------------------------------
     def drain(self) -> None:
-        draining = sorted(set(addresses(self.record["from"])) - set(addresses(self.record["to"])))
+        draining = sorted(set(addresses(leaving(self.record["from"], self.record["to"]))))
         if not draining:
-            self.finish()
+            self.finish(self.record["since"])
             return
-        timeout = float(self.settings["drain_timeout"])
-        # counts taken after the warmup, and late enough that every balancer (looking
-        # once every IDLE_EVERY) has seen the claim made when the deploy started
-        since = max(float(self.record["since"]) + float(self.settings["warmup"]),
-                    float(self.record["started"]) + IDLE_EVERY) + DRAIN_SETTLE
+        warmup = float(self.settings["warmup"])
         self.begin("drain", f"waiting for {', '.join(draining)}")
-        longest = float(self.settings["warmup"]) + IDLE_EVERY + DRAIN_SETTLE + timeout
+        drained, counts = self.wait_drained(draining, float(self.record["since"]) + warmup,
+                                            warmup, int(self.record["version"] or 0))
+        self.finish(self.record["since"])
+        if drained:
+            self.end("drained", f"{', '.join(draining)}: no request in flight")
+        else:
+            self.timed_out("drain", counts)
+
+    def wait_drained(self, draining: list[str], after: float, ramp: float, version: int
+                     ) -> tuple[bool, dict[str, dict[str, int]] | None]:
+        """Wait until every live balancer serving `version` counts no request in flight
+        on `draining`, in counts taken from `after` on, or `drain_timeout` after that
+        (`ramp` seconds of it may be left to wait for `after`): (drained, the last
+        counts, None when no balancer could tell)."""
+        timeout = float(self.settings["drain_timeout"])
+        # counts taken after `after`, and late enough that every balancer (looking
+        # once every IDLE_EVERY) has seen the claim made when the deploy started
+        since = max(after, float(self.record["started"]) + IDLE_EVERY) + DRAIN_SETTLE
+        longest = ramp + IDLE_EVERY + DRAIN_SETTLE + timeout
         deadline = local_deadline(max(time.time(), since) + timeout, longest)
-        counts = None
         while True:
             reports = self.deployer.patiently(self.record, "read the in-flight counts",
                                               self.deployer.records.inflight)
-            counts = in_flight(reports, self.host, draining, int(self.record["version"] or 0),
-                               since, time.time())
+            counts = in_flight(reports, self.host, draining, version, since, time.time())
             if counts is not None and not any(c["in_flight"] for c in counts.values()):
-                self.finish()
-                self.end("drained", f"{', '.join(draining)}: no request in flight")
-                return
+                return True, counts
             if time.monotonic() >= deadline:
-                break
-            self.deployer.pause(0.1)
-        self.finish()
+                return False, counts
+            self.pause(0.1)
+
+    def timed_out(self, what: str, counts: dict[str, dict[str, int]] | None) -> None:
+        """End the step that waited for a drain (`what`) with its warning: what is
+        still open per backend."""
+        timeout = float(self.settings["drain_timeout"])
         left = ", ".join(f"{a}: {c['in_flight']} in flight ({c['tunnels']} WebSocket tunnels)"
                          for a, c in (counts or {}).items() if c["in_flight"]) \
             or ("not every balancer could tell its counts (one not serving the switch "
                 "yet, or a worker of one not answering its control socket)")
-        self.record["warning"] = f"drain timed out after {timeout:g}s; still open: {left}"
+        self.record["warning"] = f"{what} timed out after {timeout:g}s; still open: {left}"
         self.record["remaining"] = counts
         self.end("timeout", self.record["warning"])
 
-    def finish(self) -> None:
-        """Remove `draining` from the rule if it is still this deploy's."""
+    def finish(self, since: float | None) -> None:
+        """Remove `draining` from the rule if it is still the one written at `since`
+        (the switch's, or an abort's)."""
         for _ in range(10):
             found = self.read()
             rule = found.rule
-            if not rule or (rule.get("draining") or {}).get("since") != self.record["since"]:
+            if not rule or (rule.get("draining") or {}).get("since") != since:
                 return
             clean = {k: v for k, v in rule.items() if k != "draining"}
             try:
@@ -278,6 +340,5 @@ class Run:
                 return
             except VersionConflict:
                 continue
-        raise DeployFailed("the table kept changing; the old backends stay listed under "
+        raise DeployFailed("the table kept changing; the backends drained stay listed under "
                            "'draining' (they get no new request)")
-

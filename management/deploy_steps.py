@@ -11,7 +11,18 @@
   it would judge the clock, not the backend.
 * `switched_rule`: the rule a deploy writes in its one switch: the new
   backends, and the old ones under `draining` (they share new requests while
-  the new ones warm up, then get none).
+  the new ones warm up, then get none). `reverted_rule`: the one an abort
+  writes after the switch: the rule the deploy started from, the new backends
+  under `draining` with no warmup.
+* `leaving` / `same_server`: which old backends a deploy drains. Two spellings
+  of one literal address (``[::ffff:127.0.0.1]:80`` and ``127.0.0.1:80``,
+  ``[::1]`` and ``[0::1]``, ``LOCALHOST`` and ``localhost``) are one backend:
+  it keeps serving and is not drained (bug: ``127.0.0.1:P`` to
+  ``[::ffff:127.0.0.1]:P`` drained, and reported safe to stop, the server
+  that went on serving). Names are never resolved; `spelling_problems`
+  refuses the one case known without resolving to be maybe one server under
+  two spellings: ``localhost`` (loopback by RFC 6761) against a loopback
+  literal on the same port.
 * `in_flight`: the sum of every live balancer's published in-flight counts on
   the draining backends, or None while some balancer's report is too old to
   tell (taken before the drain began, or before it served the switch; a
@@ -25,6 +36,7 @@ Invariants: nothing here writes to the store or the routing table.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import time
 from collections.abc import Mapping
@@ -123,6 +135,51 @@ def addresses(entries: list[Any]) -> list[str]:
     return [str(parse_backend_addr(a)) for a, _ in backend_entries({"backends": entries})]
 
 
+def canonical(address: str) -> str:
+    """One spelling per literal address: an IP in its compressed form (an IPv4-mapped
+    IPv6 address as its IPv4), a name in lower case without a final dot."""
+    parsed = parse_backend_addr(address)
+    try:
+        ip = ipaddress.ip_address(parsed.host)
+    except ValueError:
+        host = parsed.host.lower().rstrip(".")
+    else:
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        host = str(mapped or ip)
+    return str(Address(host, parsed.port, parsed.tls))
+
+
+def leaving(old: list[Any], new: list[Any]) -> list[Any]:
+    """The entries of `old` (as given) that no entry of `new` names, in any spelling."""
+    kept = {canonical(a) for a in addresses(new)}
+    return [e for e, a in zip(old, addresses(old), strict=True) if canonical(a) not in kept]
+
+
+def spelling_problems(old: list[Any], new: list[Any]) -> list[str]:
+    """The new backends that may be an old one under another spelling, which the
+    deploy cannot tell without resolving names: ``localhost`` against a loopback
+    literal on the same port and scheme (either way round)."""
+    problems = []
+    for i, new_address in enumerate(addresses(new)):
+        for old_address in addresses(old):
+            if _maybe_same(parse_backend_addr(canonical(new_address)),
+                           parse_backend_addr(canonical(old_address))):
+                problems.append(
+                    f"backends[{i}]: {new_address} may be the old backend {old_address} "
+                    f"(localhost is a loopback address): the deploy would drain, and report "
+                    f"safe to stop, a server that serves on; spell it as the rule does to "
+                    f"keep that server, or use another port for the new one")
+    return problems
+
+
+def _maybe_same(one: Address, other: Address) -> bool:
+    if (one.port, one.tls) != (other.port, other.tls) or not (
+            one.is_loopback and other.is_loopback):
+        return False
+    named = [a.host == "localhost" for a in (one, other)]  # (`canonical` forms)
+    return named[0] != named[1]
+
+
 def switched_rule(before: Mapping[str, Any], to: list[Any], since: float,
                   warmup: float) -> dict[str, Any]:
     """The rule after the switch from `before` to the backends `to`: a proxy
@@ -137,10 +194,22 @@ def switched_rule(before: Mapping[str, Any], to: list[Any], since: float,
         rule["action"] = "proxy"
         old = []
     rule["backends"] = list(to)
-    new = set(addresses(to))
-    leaving = [e for e, a in zip(old, addresses(old), strict=True) if a not in new]
-    if leaving:
-        rule["draining"] = {"backends": leaving, "since": since, "warmup": warmup}
+    going = leaving(old, to)
+    if going:
+        rule["draining"] = {"backends": going, "since": since, "warmup": warmup}
+    return rule
+
+
+def reverted_rule(before: Mapping[str, Any], to: list[Any], since: float) -> dict[str, Any]:
+    """The rule an abort writes after the switch: `before` again, the new backends
+    it does not name under `draining` with no warmup (they get no new request;
+    their requests in flight finish)."""
+    rule = {k: v for k, v in before.items() if k != "draining"}
+    if rule.get("action") != "proxy":
+        return rule
+    going = leaving(to, list(rule.get("backends", ())))
+    if going:
+        rule["draining"] = {"backends": going, "since": since, "warmup": 0.0}
     return rule
 
 

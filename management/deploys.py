@@ -31,6 +31,9 @@ Invariants:
   waiting for the replicas again (`Deployer._withdrawn`): a retry of the same
   request is never refused by what the failed one left, and the refusal
   comes about one `wait` after the request.
+* An abort (`ask_abort`, from any balancer's API) is a request stored beside
+  the host's claim; the process running the deploy, or the one resuming it,
+  carries it out (`management.deploy_abort`) and ends the deploy ``aborted``.
 * While any host is claimed, every balancer publishes its in-flight counts
   on the claimed hosts' backends (`watch_loop`); the drain waits on all of
   them.
@@ -50,9 +53,16 @@ from typing import Any
 
 from balancer.backend_tls import BackendTLS
 from balancer.restarts import Restarts
-from balancer.stores import CorruptStore, StoreError, StoreNotReplicated, StoreUnavailable
+from balancer.stores import (
+    CorruptStore,
+    HostRule,
+    StoreError,
+    StoreNotReplicated,
+    StoreUnavailable,
+)
 from balancer.stores.records import beat_of
-from management.deploy_run import IDLE_EVERY, DeployFailed, Interrupted, Run
+from management import deploy_abort
+from management.deploy_run import IDLE_EVERY, Aborted, DeployFailed, Interrupted, Run
 from management.deploy_steps import addresses, local_report
 
 log = logging.getLogger("balancer.deploys")
@@ -84,14 +94,15 @@ class Deployer:
         self.watcher: threading.Thread | None = None
 
     # starting ----------------------------------------------------------------
-    def start(self, host: str, rule: dict[str, Any], to: list[Any], settings: dict[str, float],
+    def start(self, host: str, found: HostRule, to: list[Any], settings: dict[str, float],
               kind: str = "deploy") -> dict[str, Any]:
-        """Claim `host` and start a deploy of it to `to` from its `rule`; the new
-        record. Raises `Busy` (with the id holding the host)."""
+        """Claim `host` and start a deploy of it to `to` from its rule as `found`
+        (with the table's version); the new record. Raises `Busy` (with the id
+        holding the host)."""
         if host in self.running:  # its claim may have been lost with damaged records
             raise Busy(self.running[host])
         deploy_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        record = self.new_record(deploy_id, host, rule, to, settings, kind)
+        record = self.new_record(deploy_id, host, found, to, settings, kind)
         try:
             holder = self.records.begin(record, time.time(), STALE_AFTER)
         except StoreNotReplicated as exc:
@@ -103,14 +114,16 @@ class Deployer:
         self._spawn(record, resumed=False)
         return record
 
-    def new_record(self, deploy_id: str, host: str, rule: dict[str, Any], to: list[Any],
+    def new_record(self, deploy_id: str, host: str, found: HostRule, to: list[Any],
                    settings: dict[str, float], kind: str) -> dict[str, Any]:
+        rule = dict(found.rule or {})
         old = list(rule.get("backends", ())) if rule.get("action") == "proxy" else []
         now = time.time()
         return {"id": deploy_id, "host": host, "kind": kind, "from": old, "to": list(to),
                 "settings": settings, "state": "running", "step": "ready", "started": now,
                 "ended": None, "error": None, "warning": None, "before": rule,
-                "since": None, "version": None, "owner": self.owner,
+                "from_version": found.version, "since": None, "version": None,
+                "abort": None, "owner": self.owner,
                 "steps": [{"name": "ready", "started": now, "ended": None, "outcome": None,
                            "detail": f"checking {', '.join(addresses(to))}"}]}
 
@@ -151,22 +164,36 @@ class Deployer:
         beat = threading.Thread(target=self.beat_loop, args=(record,), daemon=True)
         beat.start()
         try:
-            Run(self, record, resumed).steps()
+            state = self._steps(Run(self, record, resumed))
         except Interrupted:
             log.info("deploy %s of %s: handed over (this process is stopping)", record["id"],
                      host)
             return
         except DeployFailed as exc:
-            switched = " (after the switch: the new backends serve)" if record["version"] else ""
-            self._end(record, "failed", f"{exc}{switched}")
+            self._end(record, "failed", f"{exc}{_serving(record)}")
         except Exception as exc:  # a bug or a store failure: end cleanly, never half-way
             log.exception("deploy %s of %s failed", record["id"], host)
             self._end(record, "failed", f"internal error: {exc}")
         else:
-            self._end(record, "done", None)
+            self._end(record, state, None)
         finally:
             self.running.pop(host, None)
         self._release(record)
+
+    @staticmethod
+    def _steps(run: Run) -> str:
+        """Run's steps, or its abort once one is asked: how the deploy ended."""
+        try:
+            run.steps()
+        except Aborted:
+            deploy_abort.abort(run)
+            return "aborted"
+        return "done"
+
+    def ask_abort(self, host: str) -> str | None:
+        """Ask the deploy running on `host`, by whichever balancer, to stop: its id,
+        or None when none runs (`Records.request_abort`)."""
+        return self.records.request_abort(host, {"at": time.time(), "by": self.owner})
 
     def _end(self, record: dict[str, Any], state: str, error: str | None) -> None:
         record.update(state=state, ended=time.time(), error=error)
@@ -308,6 +335,14 @@ class Deployer:
                 self.records.claim(host, deploy_id, self.owner, 0.0, STALE_AFTER)
         with contextlib.suppress(StoreError):
             self.records.report_inflight(self.owner, None)
+
+
+def _serving(record: dict[str, Any]) -> str:
+    """What serves after a deploy failed at its `record`'s step (nothing said: the
+    previous rule, as nothing was switched)."""
+    if (record.get("abort") or {}).get("version"):
+        return " (after the abort's write: the previous backends serve)"
+    return " (after the switch: the new backends serve)" if record["version"] else ""
 
 
 class Busy(Exception):

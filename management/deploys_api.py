@@ -4,31 +4,42 @@
   "drain_timeout": 30, "warmup": 10}`` → 202 ``{"deploy": RECORD}``
 * ``POST /api/v1/hosts/HOST/rollback`` (same optional timings) → 202, a deploy
   back to the backends the host's last finished deploy moved away from
+* ``DELETE /api/v1/hosts/HOST/deploy`` → 200 ``{"deploy": RECORD}`` (ended
+  ``aborted``) or 202 (asked, still stopping: its abort waits for the new
+  backends' requests in flight); 409 `nothing_to_abort`, 404 `not_found`
 * ``GET /api/v1/deploys`` → ``{"deploys": [RECORD...]}`` newest first;
   ``GET /api/v1/deploys/ID`` → ``{"deploy": RECORD}``
 
 Invariants: a request that is refused (400 `invalid_deploy`, 404, 409
-`deploy_in_progress` / `nothing_to_roll_back`) starts nothing and changes
-nothing.
+`deploy_in_progress` / `nothing_to_roll_back` / `nothing_to_abort`) starts
+nothing and changes nothing. An abort is answered by any balancer sharing the
+store, whichever runs the deploy: it is a request in the store
+(`Deployer.ask_abort`), which the abort's answer waits for (`ABORT_WAIT`).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from werkzeug.routing import Rule
 from werkzeug.wrappers import Request, Response
 
 from balancer.rules import MAX_HOLD, normalize_host, validate_rule
+from balancer.stores import HostRule
+from management.deploy_steps import spelling_problems
 from management.deploys import Busy, Deployer
 from management.http import ApiError, json_response, read_json
 
 DEFAULTS = {"ready_timeout": 60.0, "drain_timeout": 30.0, "warmup": 10.0}
 MINIMUM = {"ready_timeout": 0.001, "drain_timeout": 0.001, "warmup": 0.0}
+ABORT_WAIT = 5.0   # seconds an abort's answer waits for the deploy to end (else 202)
+ABORT_POLL = 0.05
 
 RULES = [
     Rule("/api/v1/hosts/<host>/deploy", endpoint="deploy", methods=["POST"]),
+    Rule("/api/v1/hosts/<host>/deploy", endpoint="abort_deploy", methods=["DELETE"]),
     Rule("/api/v1/hosts/<host>/rollback", endpoint="rollback", methods=["POST"]),
     Rule("/api/v1/deploys", endpoint="list_deploys", methods=["GET"]),
     Rule("/api/v1/deploys/<deploy_id>", endpoint="get_deploy", methods=["GET"]),
@@ -76,18 +87,24 @@ def parse_deploy(body: Any, need_backends: bool = True) -> tuple[list[Any], dict
     return list(backends or ()), settings
 
 
-def current_rule(app: Any, key: str) -> dict[str, Any]:
-    """The host's rule as stored now (`Store.host_rule`: not the whole table)."""
-    rule = app.store.host_rule(key).rule
-    if rule is None:
+def current_rule(app: Any, key: str) -> HostRule:
+    """The host's rule as stored now, with the table's version (`Store.host_rule`:
+    not the whole table)."""
+    found: HostRule = app.store.host_rule(key)
+    if found.rule is None:
         raise ApiError(404, "not_found", f"no rule for host {key!r}")
-    return dict(rule)
+    return found
 
 
-def start(deployer: Deployer, key: str, rule: dict[str, Any], to: list[Any],
+def start(deployer: Deployer, key: str, found: HostRule, to: list[Any],
           settings: dict[str, float], kind: str) -> dict[str, Any]:
+    rule = found.rule or {}
+    old = list(rule.get("backends", ())) if rule.get("action") == "proxy" else []
+    problems = spelling_problems(old, to)
+    if problems:
+        raise invalid(problems)
     try:
-        return deployer.start(key, rule, to, settings, kind)
+        return deployer.start(key, found, to, settings, kind)
     except Busy as exc:
         raise ApiError(409, "deploy_in_progress",
                        f"host {key!r} has a deploy running ({exc.deploy_id}); wait for it "
@@ -104,14 +121,48 @@ def deploy(app: Any, key: str, body: Any) -> dict[str, Any]:
 def rollback(app: Any, key: str, body: Any) -> dict[str, Any]:
     _, settings = parse_deploy(body, need_backends=False)
     app.check_writable()
-    rule = current_rule(app, key)
+    found = current_rule(app, key)
     last = next((r for r in app.deployer.records.deploys()
                  if r.get("host") == key and r.get("state") == "done"), None)
     if last is None or not last.get("from"):
         raise ApiError(409, "nothing_to_roll_back",
                        f"host {key!r} has no finished deploy from other backends to go back "
                        f"to (the deploy records keep the recent ones: GET /api/v1/deploys)")
-    return start(app.deployer, key, rule, list(last["from"]), settings, "rollback")
+    return start(app.deployer, key, found, list(last["from"]), settings, "rollback")
+
+
+def abort(app: Any, key: str) -> tuple[dict[str, Any], int]:
+    """Ask the deploy of `key` to stop and wait (`ABORT_WAIT`) for it to end: its
+    record, and 200 when it ended aborted or 202 while it still stops."""
+    deploy_id = app.deployer.ask_abort(key)
+    if deploy_id is None:
+        if app.store.host_rule(key).rule is None:
+            raise ApiError(404, "not_found", f"no rule for host {key!r} and no deploy of it "
+                           f"running")
+        raise ApiError(409, "nothing_to_abort", f"host {key!r} has no deploy running "
+                       f"(GET /api/v1/deploys lists the recent ones)")
+    deadline = time.monotonic() + ABORT_WAIT
+    record = find(app, deploy_id)
+    while not _freed(app, key, record) and time.monotonic() < deadline:
+        time.sleep(ABORT_POLL)
+        record = find(app, deploy_id)
+    if not _freed(app, key, record):
+        return record, 202
+    if record.get("abort") is None:  # it ended before its process saw the request
+        raise ApiError(409, "nothing_to_abort", f"host {key!r}: deploy {deploy_id} ended "
+                       f"({record.get('state')}) before the abort reached it",
+                       [f"deploy: {deploy_id}"])
+    return record, 200
+
+
+def _freed(app: Any, key: str, record: dict[str, Any]) -> bool:
+    """Whether the deploy `record` ended and let its host go (its record ends a
+    moment before its claim is released: a deploy sent on the abort's answer
+    must not find it still claimed)."""
+    if record.get("state") == "running":
+        return False
+    claim = app.deployer.records.claims().get(key) or {}
+    return bool(claim.get("id") != record.get("id"))
 
 
 def find(app: Any, deploy_id: str) -> dict[str, Any]:
@@ -135,6 +186,10 @@ class DeployRoutes:
         body = read_json(request) if request.content_length else None
         record = rollback(self, normalize_host(host), body)
         return json_response({"deploy": record}, status=202)
+
+    def on_abort_deploy(self, request: Request, host: str) -> Response:
+        record, status = abort(self, normalize_host(host))
+        return json_response({"deploy": record}, status=status)
 
     def on_list_deploys(self, request: Request) -> Response:
         return json_response({"deploys": self.deployer.records.deploys()})

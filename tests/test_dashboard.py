@@ -729,9 +729,24 @@ def test_a_running_deploy_shows_on_its_host_card_and_recent_deploys_below(
     rows = each(browser, ".deploys-table tbody tr", "[e.dataset.deploy, e.innerText]")
     assert [deploy for deploy, _ in rows] == ["d-now", "d-old"]
     assert "nothing was switched" in rows[1][1] and "running" in rows[0][1]
-    records.save_deploy({**records.deploy("d-now"), "state": "done", "ended": time.time()})
+    aborting = {**records.deploy("d-now"), "abort": {"by": "web2", "since": now}}
+    aborting["steps"] = [*aborting["steps"][:1],
+                         {**aborting["steps"][1], "ended": now, "outcome": "aborted"},
+                         {"name": "abort", "started": now, "ended": None, "outcome": None,
+                          "detail": "back to 127.0.0.1:9001"}]
+    records.save_deploy(aborting)
+    card_line = host_card("app.example.com") + " .deploy-line"
+    line = wait_for(browser, lambda d: "(aborting)" in text_of(d, card_line) and text_of(
+        d, card_line), "the abort on the host card")
+    assert "deploy: drain (aborting)" in line and "back to 127.0.0.1:9001" in line, line
+    aborting["steps"][2].update(ended=time.time(), outcome="drained")
+    records.save_deploy({**aborting, "state": "aborted", "ended": time.time()})
     wait_for(browser, lambda d: not d.find_elements("css selector", ".deploy-line"),
              "the deploy line to go once the deploy ended")
+    row = wait_for(browser, lambda d: next((text for deploy, text in each(
+        d, ".deploys-table tbody tr", "[e.dataset.deploy, e.innerText]")
+        if deploy == "d-now" and "aborted:" in text), None), "the aborted row")
+    assert "aborted: back to 127.0.0.1:9001" in row, row
     assert severe_logs(browser) == []
 
 

@@ -496,3 +496,45 @@ def test_resumed_after_the_switch_write_carries_on_to_the_end(tmp_path: Path) ->
     assert step(stored, "drain")["outcome"] == "drained"
     assert app.store.load().hosts[HOST] == {"action": "proxy", "backends": ["127.0.0.1:9002"]}
     assert app.store.records().claims() == {}
+
+
+def test_one_server_under_two_spellings_is_one_backend(
+        lb: Balancer, a_and_b: tuple[Backend, Backend]) -> None:
+    """A on 127.0.0.1:P, named [::ffff:127.0.0.1]:P by the deploy beside B: it
+    keeps serving and is not drained (nor reported safe to stop); named
+    localhost:P, which may or may not be it without resolving, the deploy is
+    refused. Bug: the old spelling was drained while the server served on."""
+    a, b = a_and_b
+    status, answer = lb.api("POST", f"/api/v1/hosts/{HOST}/deploy",
+                            {"backends": [f"localhost:{a.port}"]})
+    assert status == 400 and answer["error"] == "invalid_deploy", answer
+    assert answer["details"][0].startswith(
+        f"backends[0]: localhost:{a.port} may be the old backend {a.address}")
+    assert lb.api("GET", "/api/v1/deploys")[1]["deploys"] == []
+    mapped = f"[::ffff:127.0.0.1]:{a.port}"
+    with Load(lb.port) as load:
+        record = finished(lb, deploy(lb, {"backends": [mapped, b.address], "warmup": 5,
+                                          "drain_timeout": 5})["id"])
+        wait_for(lambda: {"a", "b"} <= set(load.backends[-50:]), what="both serving")
+    assert load.failures == []
+    assert record["state"] == "done", record
+    assert [s["name"] for s in record["steps"]] == ["ready", "switch"]  # nothing leaves
+    assert lb.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"] == {
+        "action": "proxy", "backends": [mapped, b.address]}
+
+
+def test_a_backends_spellings_compare_as_literals_and_names_are_not_resolved() -> None:
+    from management.deploy_steps import canonical, leaving, spelling_problems
+
+    assert canonical("[::FFFF:127.0.0.1]:80") == canonical("127.0.0.1:80") == "127.0.0.1:80"
+    assert canonical("[0:0::1]:80") == "[::1]:80"
+    assert canonical("LocalHost.:80") == "localhost:80"
+    assert canonical("https://Example.COM") == "https://example.com:443"
+    assert canonical("https://10.0.0.1:80") != canonical("10.0.0.1:80")
+    assert leaving(["127.0.0.1:80", {"address": "[::1]:81", "weight": 2}],
+                   ["[::ffff:7f00:1]:80", "[::1]:82"]) == [{"address": "[::1]:81", "weight": 2}]
+    assert leaving(["app.internal:80"], ["10.0.0.5:80"]) == ["app.internal:80"]  # unresolved
+    assert spelling_problems(["[::1]:80"], ["localhost:80"])
+    assert spelling_problems(["localhost:80"], ["127.0.0.1:80"])
+    assert not spelling_problems(["localhost:80"], ["127.0.0.1:81", "LOCALHOST:80"])
+    assert not spelling_problems(["127.0.0.1:80"], ["https://localhost:80"])

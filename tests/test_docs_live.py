@@ -122,6 +122,7 @@ def cheap_triggers(live: Live, tmp: Path) -> Iterator[tuple[str, int, str]]:
     yield "request_timeout", *raw_error(live, 10, b"{")  # the rest never comes
     yield "deploy_in_progress", *two_deploys(live)
     yield "nothing_to_roll_back", *live.error("POST", "/api/v1/hosts/app.test/rollback")
+    yield "nothing_to_abort", *live.error("DELETE", "/api/v1/hosts/app.test/deploy")
     yield "not_acme", *live.error("POST", "/api/v1/certs/app.test/issue")
     yield "version_conflict", *live.error("PUT", "/api/v1/hosts/x.test", {"action": "spin"},
                                           headers={"If-Match": '"0"'})

@@ -449,10 +449,51 @@ def test_a_store_that_lost_its_table_mid_deploy_fails_it_with_the_reason(
     finally:
         late.stop()
         lb.stop()
+    assert_failed_for_the_loss(record)
+    assert "Traceback" not in lb.output()
+
+
+def assert_failed_for_the_loss(record: dict[str, Any]) -> None:
+    """`record` failed naming the store's loss of its table, nothing switched."""
     assert record["state"] == "failed", record
     assert "the store lost its table" in record["error"], record["error"]
     assert record["error"].endswith("; nothing was switched"), record["error"]
-    assert "Traceback" not in lb.output()
+
+
+def test_a_deploy_resumed_just_after_a_flush_names_the_loss_not_a_rule_change(
+        redis_factory: Any) -> None:
+    """A management process resumes a deploy in its ready step, and its first look
+    at the rule comes just after Redis was flushed, before its copy of the table
+    judged the store: the rule is gone at a version below the one the deploy
+    started from, which is a loss, not an operator's change; once judged, the
+    deploy fails naming the loss. Bug: the ready step's version floor started at
+    0, and the deploy failed at once "the host's rule changed"."""
+    from balancer.stores import open_store
+    from management.app import create_app
+
+    redis = redis_factory()
+    store = open_store(redis.url, f"resume-{time.time_ns()}")
+    app = create_app(store=store)
+    late = Scripted("503")
+    try:
+        for port in (9001, 9002, 9001):  # the table at version 3
+            store.put_host(HOST, {"action": "proxy", "backends": [f"127.0.0.1:{port}"]})
+        app.mirror.on_table(store.load())  # this process's copy of the table served
+        record = app.deployer.new_record("d1", HOST, store.host_rule(HOST), [late.address],
+                                         {"ready_timeout": 20.0, "drain_timeout": 5.0,
+                                          "warmup": 0.0}, "deploy")
+        assert record["from_version"] == 3
+        redis.client().flushall()
+        run, _ = in_background(lambda: app.deployer.run(record, resumed=True))
+        wait_for(lambda: late.seen >= 2, what="its first looks, and the backend probed")
+        app.mirror.on_table(store.load())  # the copy judges the flushed store
+        late.script = ["ok"]
+        run.join(20)
+        stored = store.records().deploy("d1")
+    finally:
+        late.stop()
+        store.close()
+    assert_failed_for_the_loss(stored)
 
 
 def test_balancerctl_that_stops_waiting_says_the_deploy_still_runs(

@@ -280,7 +280,7 @@ class FakeDeployer:
     balancer reports in-flight counts, the table no longer names the host."""
 
     def __init__(self) -> None:
-        self.records = SimpleNamespace(inflight=dict)
+        self.records = SimpleNamespace(inflight=dict, abort_request=lambda deploy_id: None)
         self.store = SimpleNamespace(load=lambda: SimpleNamespace(version=2, hosts={}),
                                      host_rule=lambda host: HostRule(2, None))
 

@@ -286,6 +286,22 @@ def test_one_claim_per_host_taken_over_only_when_its_owner_went_quiet(
     assert b.claim("web.test", "d2", "owner-b", now=109.0, stale_after=5.0) is None
 
 
+def test_an_abort_is_stored_only_for_the_deploy_holding_the_host_and_goes_with_it(
+        make_store: Callable[[], Store]) -> None:
+    a, b = make_store().records(), make_store().records()
+    assert a.request_abort("web.test", {"at": 1.0, "by": "one"}) is None  # nothing runs
+    assert a.claim("web.test", "d1", "owner-a", now=100.0, stale_after=5.0) is None
+    assert b.abort_request("d1") is None
+    assert b.request_abort("web.test", {"at": 2.0, "by": "two"}) == "d1"
+    assert a.request_abort("web.test", {"at": 3.0, "by": "three"}) == "d1"
+    assert a.abort_request("d1") == {"at": 2.0, "by": "two"}  # the first request stays
+    assert a.claim("web.test", "d1", "owner-a", now=101.0, stale_after=5.0) is None  # a beat
+    assert b.abort_request("d1") == {"at": 2.0, "by": "two"}
+    b.release("web.test", "d1")
+    assert a.abort_request("d1") is None and a.claims() == {}
+    assert a.request_abort("web.test", {"at": 4.0, "by": "four"}) is None
+
+
 def test_racing_claims_for_one_host_have_one_winner(make_store: Callable[[], Store]) -> None:
     stores = [make_store() for _ in range(6)]
     results: list[str | None] = [None] * 6

@@ -9,6 +9,9 @@ Three small collections, none of them read per request:
   the management process running it and when it last said so (unix time).
 * in-flight reports: balancer → ``{"at", ...}``: each balancer's in-flight
   counts on the backends being drained, published while a deploy runs.
+* abort requests: deploy id → ``{"at", "by"}``: an operator asked (through any
+  balancer's management API) that the running deploy stop; the process running
+  it reads it at its next round (`management.deploy_run`).
 
 Invariants:
 * `claim` is atomic (Redis ``WATCH``/``MULTI``; the file store's writer lock):
@@ -16,6 +19,9 @@ Invariants:
   over only by the same deploy id (resuming it) and only once its owner's
   beat is older than `stale_after`. `begin`, a deploy's start, writes its
   claim and its record together, atomically the same way.
+* `request_abort` is atomic with the claim it reads: an abort is only stored
+  for the deploy holding the host's claim, and `release` drops it with the
+  claim, so no request outlives its deploy.
 * None of these writes touches the routing table or its version.
 * Reads and writes raise `StoreUnavailable` when the store cannot be reached,
   `CorruptStore` never: an unreadable record collection reads as empty (a
@@ -82,7 +88,17 @@ class Records(ABC):
 
     @abstractmethod
     def release(self, host: str, deploy_id: str) -> None:
-        """Drop `host`'s claim if `deploy_id` holds it."""
+        """Drop `host`'s claim (and its abort request) if `deploy_id` holds it."""
+
+    @abstractmethod
+    def request_abort(self, host: str, request: dict[str, Any]) -> str | None:
+        """Ask the deploy holding `host`'s claim to stop (`request`: ``{"at", "by"}``),
+        in one write with the claim's read: the id of that deploy, or None when no
+        deploy holds the host (nothing written). A request already stored stays."""
+
+    @abstractmethod
+    def abort_request(self, deploy_id: str) -> dict[str, Any] | None:
+        """The abort request stored for `deploy_id`, or None."""
 
     @abstractmethod
     def claims(self) -> dict[str, dict[str, Any]]:
@@ -150,7 +166,7 @@ class FileRecords(Records):
         if not isinstance(doc, dict):
             doc, problem = {}, problem or "not a JSON object"
         sections: dict[str, dict[str, Any]] = {}
-        for key in ("deploys", "claims", "inflight"):
+        for key in ("deploys", "claims", "inflight", "aborts"):
             value = doc.get(key)
             sections[key] = value if isinstance(value, dict) else {}
         # a claim that is no object is none (as Redis's reads skip one)
@@ -202,6 +218,17 @@ class FileRecords(Records):
 
     def claims(self) -> dict[str, dict[str, Any]]:
         return self._read()["claims"]
+
+    def request_abort(self, host: str, request: dict[str, Any]) -> str | None:
+        with self._changing() as doc:
+            held = (doc["claims"].get(host) or {}).get("id")
+            if held is not None:
+                doc["aborts"].setdefault(str(held), request)
+            return None if held is None else str(held)
+
+    def abort_request(self, deploy_id: str) -> dict[str, Any] | None:
+        found = self._read()["aborts"].get(deploy_id)
+        return found if isinstance(found, dict) else None
 
     def report_inflight(self, balancer: str, report: dict[str, Any] | None) -> None:
         with self._changing() as doc:
@@ -255,3 +282,4 @@ def _claim(doc: dict[str, dict[str, Any]], host: str, deploy_id: str, owner: str
 def _release(doc: dict[str, dict[str, Any]], host: str, deploy_id: str) -> None:
     if (doc["claims"].get(host) or {}).get("id") == deploy_id:
         del doc["claims"][host]
+        doc["aborts"].pop(deploy_id, None)

@@ -42,8 +42,9 @@ log = logging.getLogger("balancer.deploys")
 
 
 class RedisRecords(Records):
-    """The records in three hashes: ``NS:deploys`` (id → JSON), ``NS:deploy-claims``
-    (host → JSON) and ``NS:deploy-inflight`` (balancer → JSON)."""
+    """The records in four hashes: ``NS:deploys`` (id → JSON), ``NS:deploy-claims``
+    (host → JSON), ``NS:deploy-inflight`` (balancer → JSON) and ``NS:deploy-aborts``
+    (id → JSON)."""
 
     def __init__(self, client: Any, namespace: str, talking: Callable[[str], Any],
                  writing: WritingBlock) -> None:
@@ -53,6 +54,7 @@ class RedisRecords(Records):
         self.deploys_key = f"{namespace}:deploys"
         self.claims_key = f"{namespace}:deploy-claims"
         self.inflight_key = f"{namespace}:deploy-inflight"
+        self.aborts_key = f"{namespace}:deploy-aborts"
 
     def _all(self, key: str) -> dict[str, dict[str, Any]]:
         with self.talking("read"):
@@ -91,8 +93,12 @@ class RedisRecords(Records):
         return newest([dict(r, id=i) for i, r in self._all(self.deploys_key).items()])
 
     def deploy(self, deploy_id: str) -> dict[str, Any] | None:
+        return self._one(self.deploys_key, deploy_id)
+
+    def _one(self, key: str, name: str) -> dict[str, Any] | None:
+        """The JSON object under `name` in the hash `key` (None: absent or unreadable)."""
         with self.talking("read"):
-            text = self.client.hget(self.deploys_key, deploy_id)
+            text = self.client.hget(key, name)
         try:
             value = json.loads(text) if text else None
         except UNREADABLE:
@@ -173,6 +179,7 @@ class RedisRecords(Records):
                         return
                     pipe.multi()
                     pipe.hdel(self.claims_key, host)
+                    pipe.hdel(self.aborts_key, deploy_id)
                     try:
                         pipe.execute()
                     except WatchError:
@@ -181,6 +188,27 @@ class RedisRecords(Records):
 
     def claims(self) -> dict[str, dict[str, Any]]:
         return self._all(self.claims_key)
+
+    def request_abort(self, host: str, request: dict[str, Any]) -> str | None:
+        with self.writing(f"the abort request of the deploy of {host}") as writing:
+            for _ in range(CLAIM_ATTEMPTS):
+                with writing.client.pipeline(transaction=True) as pipe:
+                    pipe.watch(self.claims_key)
+                    held = _claim_id(pipe.hget(self.claims_key, host))
+                    if held is None:
+                        writing.wrote = False  # no deploy holds the host: nothing written
+                        return None
+                    pipe.multi()
+                    pipe.hsetnx(self.aborts_key, held, json.dumps(request, sort_keys=True))
+                    try:
+                        pipe.execute()
+                    except WatchError:
+                        continue
+                    return str(held)
+        raise StoreUnavailable("gave up asking for the abort after concurrent claims")
+
+    def abort_request(self, deploy_id: str) -> dict[str, Any] | None:
+        return self._one(self.aborts_key, deploy_id)
 
     def report_inflight(self, balancer: str, report: dict[str, Any] | None) -> None:
         with self.talking("write"):  # not waited for (the module's doc)

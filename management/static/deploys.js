@@ -25,10 +25,12 @@ export function runningByHost(records) {
 /** The line a host card shows while a deploy runs: step, time, new and draining backends. */
 export function deployLine(record, now) {
   const step = record.step || "ready";
-  const current = (record.steps || []).find((s) => s.name === step && !s.ended);
+  const aborting = Boolean(record.abort); // (its own step, "abort", follows the one it stopped)
+  const current = (record.steps || []).find((s) => s.name === (aborting ? "abort" : step) && !s.ended);
   const since = current ? current.started : record.started;
   return el("p", {class: "deploy-line", "data-deploy": record.id},
-    el("span", {class: "deploy-step"}, `${record.kind || "deploy"}: ${step}`),
+    el("span", {class: "deploy-step"},
+      `${record.kind || "deploy"}: ${step}${aborting ? " (aborting)" : ""}`),
     ` for ${seconds(since, now / 1000)} (started ${seconds(record.started, now / 1000)} ago)`,
     " · new ", el("span", {class: "deploy-backends"}, names(record.to)),
     step === "ready" || step === "switch" ? " · old " : " · draining ",
@@ -39,7 +41,9 @@ export function deployLine(record, now) {
 function row(record) {
   const last = (record.steps || [])[record.steps.length - 1] || {};
   const ended = record.ended ? seconds(record.started, record.ended) : "…";
-  const outcome = record.state === "failed" ? record.error : (record.warning || last.outcome || "");
+  const outcome = record.state === "failed" ? record.error
+    : record.state === "aborted" ? `aborted: ${last.name === "abort" ? last.detail : "nothing was switched"}`
+      : (record.warning || last.outcome || "");
   const when = new Date(record.started * 1000).toLocaleTimeString();
   return el("tr", {class: `deploy deploy-${record.state}`, "data-deploy": record.id},
     el("td", {}, when), el("td", {class: "deploy-host"}, record.host),

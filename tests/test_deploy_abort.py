@@ -1,0 +1,257 @@
+"""Aborting a deploy (docs/deploys.md "Aborting a deploy"): real balancers, real
+backends, real Redis. Before the switch an abort changes nothing; after it the
+host goes back to its previous backends and the new ones are drained. Hostile
+cases: an abort twice, racing the switch, of a finished deploy, while the store
+is down, sent to another balancer than the one running the deploy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from management import ctl
+from tests.support import Backend, Balancer, in_threads, request, wait_for
+from tests.test_deploys import HOST, Load, deploy, finished, in_background, proxy, step
+from tests.test_probe_deploy import Scripted, rule_of
+
+
+def abort(lb: Balancer, host: str = HOST) -> tuple[int, Any]:
+    return lb.api("DELETE", f"/api/v1/hosts/{host}/deploy")
+
+
+def record_of(lb: Balancer, deploy_id: str) -> dict[str, Any]:
+    return lb.api("GET", f"/api/v1/deploys/{deploy_id}")[1]["deploy"]
+
+
+def started(lb: Balancer, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The deploy started, or None while the last one's claim is not released yet
+    (its record ends a moment before)."""
+    status, answer = lb.api("POST", f"/api/v1/hosts/{HOST}/deploy", body)
+    assert status in (202, 409), answer
+    return answer["deploy"] if status == 202 else None
+
+
+def at_step(lb: Balancer, deploy_id: str, name: str) -> None:
+    wait_for(lambda: record_of(lb, deploy_id)["step"] == name, what=f"the step {name}")
+
+
+@pytest.fixture
+def a() -> Iterator[Backend]:
+    backend = Backend("a")
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture
+def b() -> Iterator[Backend]:
+    backend = Backend("b")
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture
+def lb(tmp_path: Path, a: Backend) -> Iterator[Balancer]:
+    balancer = Balancer(tmp_path, {HOST: proxy(a)})
+    yield balancer
+    balancer.stop()
+
+
+def test_an_abort_in_the_ready_step_changes_nothing_and_frees_the_host_at_once(
+        lb: Balancer, a: Backend, b: Backend) -> None:
+    never = Scripted("503")
+    try:
+        record = deploy(lb, {"backends": [never.address], "ready_timeout": 60})
+        wait_for(lambda: never.seen >= 2, what="the new backend probed")
+        version = lb.version()
+        began = time.monotonic()
+        status, answer = abort(lb)
+        took = time.monotonic() - began
+    finally:
+        never.stop()
+    assert status == 200, answer
+    record = answer["deploy"]
+    assert record["state"] == "aborted" and record["step"] == "ready", record
+    assert record["error"] is None and record["abort"]["since"] is None
+    assert [s["name"] for s in record["steps"]] == ["ready"]
+    assert step(record, "ready")["outcome"] == "aborted"
+    assert took < 3  # its next round, not the 60 s ready_timeout
+    assert lb.version() == version and rule_of(lb) == proxy(a)
+    again = deploy(lb, {"backends": [b.address], "warmup": 0})  # the host is free at once
+    assert finished(lb, again["id"])["state"] == "done"
+    status, answer = abort(lb)  # nothing runs any more
+    assert status == 409 and answer["error"] == "nothing_to_abort", answer
+    assert set(answer) == {"error", "message", "details"}
+    status, answer = abort(lb, "nobody.test")
+    assert status == 404 and answer["error"] == "not_found", answer
+
+
+def test_an_abort_in_the_warmup_goes_back_and_waits_for_the_new_backends_requests(
+        lb: Balancer, a: Backend, b: Backend) -> None:
+    """Under load: traffic goes back to A at once, a request in flight on B
+    finishes there, the abort waits for it, and no request fails."""
+    with Load(lb.port) as load:
+        record = deploy(lb, {"backends": [b.address], "warmup": 30, "drain_timeout": 20})
+        at_step(lb, record["id"], "warmup")
+        slow: list[Any] = []
+
+        def b_busy() -> bool:  # a slow request sent until one lands on B
+            slow.append(in_background(lambda: request(lb.port, path="/slow?s=2")))
+            return any(path.startswith("/slow") for _, path, _ in list(b.requests))
+        wait_for(b_busy, timeout=20, interval=0.2, what="a slow request on B")
+        status, answer = abort(lb)
+        record = answer["deploy"]
+        switched_back = len(load.backends)
+        wait_for(lambda: len(load.backends) > switched_back + 50, what="requests after it")
+        after = load.backends[switched_back + 10:]
+    for thread, _ in slow:
+        thread.join(10)
+    outs = [out for _, out in slow]
+    assert load.failures == []
+    assert status == 200 and record["state"] == "aborted", record
+    assert record["step"] == "warmup" and step(record, "warmup")["outcome"] == "aborted"
+    done = step(record, "abort")
+    assert done["outcome"] == "drained", done
+    assert done["detail"] == f"back to {a.address}; {b.address}: no request in flight"
+    on_b = [o for o in outs if json.loads(o["result"][2])["backend"] == "b"]
+    assert on_b and all(o["result"][0] == 200 for o in outs)
+    assert done["ended"] >= max(o["done_at"] for o in on_b) - 0.05  # it waited for them
+    assert set(after) == {"a"}  # B got no new request once the abort answered
+    assert rule_of(lb) == proxy(a)  # `draining` removed
+    assert record["abort"]["version"] is not None
+
+
+def test_balancerctl_aborts_a_deploy_in_its_drain_and_the_deploy_command_says_so(
+        lb: Balancer, a: Backend, b: Backend, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{lb.mport}"
+    slow, out = in_background(lambda: request(lb.port, path="/slow?s=3"))
+    wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+    follower, followed = in_background(lambda: ctl.main(
+        ["--url", url, "deploy", HOST, "--backend", b.address, "--warmup", "0",
+         "--drain-timeout", "30"]))
+    wait_for(lambda: any(r["step"] == "drain" for r in
+                         lb.api("GET", "/api/v1/deploys")[1]["deploys"]), what="the drain")
+    assert ctl.main(["--url", url, "deploy", HOST, "--abort"]) == 0
+    follower.join(15)
+    slow.join(10)
+    printed = capsys.readouterr()
+    assert "aborted at step drain" in printed.out and f"back to {a.address}" in printed.out
+    assert followed["result"] == 1  # the deploy it followed did not end done
+    assert "aborted at step drain (asked by " in printed.err, printed.err
+    assert out["result"][0] == 200 and json.loads(out["result"][2])["backend"] == "a"
+    assert rule_of(lb) == proxy(a)
+    assert ctl.main(["--url", url, "deploy", HOST, "--abort"]) == 1
+    assert "nothing_to_abort" in capsys.readouterr().err
+    assert ctl.main(["--url", url, "deploy", HOST, "--abort", "--warmup", "1"]) == 2
+    assert "--abort takes no timings (--warmup)" in capsys.readouterr().err
+
+
+def test_two_aborts_at_once_stop_the_deploy_once(lb: Balancer, a: Backend) -> None:
+    never = Scripted("503")
+    try:
+        record = deploy(lb, {"backends": [never.address], "ready_timeout": 60})
+        answers = [f.result() for f in in_threads(2, lambda: abort(lb))]
+    finally:
+        never.stop()
+    assert [status for status, _ in answers] == [200, 200], answers
+    assert {answer["deploy"]["id"] for _, answer in answers} == {record["id"]}
+    stored = record_of(lb, record["id"])
+    assert stored["state"] == "aborted" and len(stored["steps"]) == 1
+    assert rule_of(lb) == proxy(a)
+
+
+def test_an_abort_racing_the_switch_always_leaves_the_previous_backends_serving(
+        lb: Balancer, a: Backend, b: Backend) -> None:
+    """Aborts sent from 0 to 40 ms after the deploy's start (its new backend is
+    ready at once: the switch comes within milliseconds). Whenever the abort is
+    answered it stopped the deploy, and A serves alone; no request fails."""
+    outcomes = []
+    body = {"backends": [b.address], "warmup": 0.5, "drain_timeout": 10}
+    with Load(lb.port) as load:
+        for n in range(8):
+            record = wait_for(lambda: started(lb, body), what="the host free")
+            time.sleep(n * 0.005)  # the race's offset, not a synchronisation
+            status, answer = abort(lb)
+            record = finished(lb, record["id"])
+            outcomes.append((status, record["state"], record["step"]))
+            if status == 200:
+                assert record["state"] == "aborted", record
+                assert rule_of(lb) == proxy(a), record
+            else:  # it ended before the abort reached it
+                assert status == 409 and answer["error"] == "nothing_to_abort", answer
+                assert record["state"] == "done", record
+                assert lb.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
+    assert load.failures == []
+    assert any(status == 200 for status, _, _ in outcomes), outcomes
+    assert rule_of(lb) == proxy(a)
+
+
+def test_an_abort_sent_to_another_balancer_stops_the_deploy_and_a_store_outage_is_503(
+        tmp_path: Path, redis_factory: Any, a: Backend) -> None:
+    redis = redis_factory()
+    never = Scripted("503")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first = Balancer(tmp_path / "one", args=["--store", redis.url])
+    second = Balancer(tmp_path / "two", args=["--store", redis.url])
+    try:
+        assert first.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
+        record = deploy(first, {"backends": [never.address], "ready_timeout": 60})
+        wait_for(lambda: never.seen >= 1, what="the new backend probed")
+        redis.stop()
+        status, answer = abort(second)
+        assert status == 503 and answer["error"] == "store_unavailable", answer
+        redis.start()
+        wait_for(lambda: abort(second)[0] != 503, what="the store back")
+        stored = finished(second, record["id"])
+        second_owner = second.api("GET", "/api/v1/deploys")[1]["deploys"][0]["abort"]["by"]
+    finally:
+        never.stop()
+        first.stop()
+        second.stop()
+    assert stored["state"] == "aborted" and stored["step"] == "ready", stored
+    assert stored["owner"] != second_owner  # run by the first, aborted through the second
+    assert f"{stored['id']} of {HOST} aborted" in first.output()
+
+
+def test_a_deploy_resumed_mid_abort_finishes_the_abort(tmp_path: Path) -> None:
+    """The management process stopped after the abort's write: the one resuming
+    it recognises the write (its `since`), waits for the new backends, and ends
+    it aborted with the rule clean."""
+    from balancer.stores import open_store
+    from management.app import create_app
+    from management.deploy_steps import reverted_rule
+
+    store = open_store(f"file:{tmp_path / 'routes.json'}")
+    app = create_app(store=store)
+    before = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
+    since = time.time() - 2
+    store.put_host(HOST, reverted_rule(before, ["127.0.0.1:9002"], since))
+    record = {"id": "d1", "host": HOST, "kind": "deploy", "from": before["backends"],
+              "to": ["127.0.0.1:9002"], "from_version": 1,
+              "settings": {"ready_timeout": 5.0, "drain_timeout": 5.0, "warmup": 0.0},
+              "state": "running", "step": "drain", "started": since - 3, "ended": None,
+              "error": None, "warning": None, "before": before, "since": since - 1,
+              "version": 2, "owner": "gone",
+              "abort": {"requested": since, "by": "elsewhere", "since": since, "version": None},
+              "steps": [{"name": "drain", "started": since - 1, "ended": since,
+                         "outcome": "aborted", "detail": ""},
+                        {"name": "abort", "started": since, "ended": None, "outcome": None,
+                         "detail": "back to 127.0.0.1:9001"}]}
+    store.records().save_deploy(record)
+    app.runtime.reload()  # the (data-plane-less) balancer serves the abort's write
+    assert store.records().claim(HOST, "d1", app.deployer.owner, time.time(), 5.0) is None
+    app.deployer.start_watching()  # publishes this (data-plane-less) balancer's counts
+    try:
+        app.deployer.run(record, resumed=True)
+    finally:
+        app.deployer.stop()
+    stored = store.records().deploy("d1")
+    assert stored["state"] == "aborted" and stored["step"] == "drain", stored
+    assert step(stored, "abort")["outcome"] == "drained"
+    assert store.load().hosts[HOST] == before
