@@ -31,7 +31,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from balancer.certificates import load_pem
+from balancer.certificates import CertificateError, check_size, load_pem
 from balancer.turns import turn
 
 log = logging.getLogger("balancer")
@@ -88,8 +88,10 @@ class ServedCerts:
 
     def load(self, record: Record) -> ssl.SSLContext:
         """A context serving one record (PEM chain and key, via a memory file)."""
+        chain = str(record.get("chain", ""))
+        check_size(chain)
         context = self.new_context()
-        load_pem(context, str(record.get("chain", "")), str(record.get("key", "")))
+        load_pem(context, chain, str(record.get("key", "")))
         return context
 
     # changes ----------------------------------------------------------------
@@ -162,4 +164,6 @@ def _reason(exc: BaseException) -> str:
     """Why a certificate did not load, without any of its text."""
     if isinstance(exc, ssl.SSLError):
         return f"OpenSSL refused it ({exc.reason or exc.library or 'unknown reason'})"
+    if isinstance(exc, CertificateError):  # (never quotes the record)
+        return str(exc)
     return type(exc).__name__
