@@ -16,14 +16,17 @@ Invariants:
   the context of the host's certificate: exact name, then the wildcard
   ``*.PARENT``, then ``tls.default_host``'s; none fails the handshake with
   ``unrecognized_name``.
-* The certificates in force are one immutable mapping, swapped whole
-  (`update`): established connections keep the context they were made with.
+* The certificates in force are one immutable mapping of store records,
+  swapped whole (`update`), each host's context built at its first handshake
+  (`balancer.tls_certs.ServedCerts`): established connections keep the context
+  they were made with.
   The store is read and swapped in by one `refresh` at a time (the once-a-second
   `follow` and the control socket's ``certs`` command, which the management
   process sends after each certificate it writes), so the last read is served.
   A record that cannot be loaded (or is damaged in the store) is reported
-  and skipped; it never takes other hosts down, and the host keeps the
-  certificate loaded before, if any. A store whose certificates
+  (a record OpenSSL refuses at its first handshake, when it was stored before
+  the worker's first read) and skipped; it never takes other hosts down, and
+  the host keeps the certificate served before, if any. A store whose certificates
   cannot be read as a whole (`CertsCorrupt`, `CertsLost`: a damaged or deleted
   certs file, a flushed Redis) swaps nothing: the certificates served stay.
   A worker started meanwhile gets what the store hides from the management
@@ -46,7 +49,7 @@ Invariants:
   handshake (`balancer.challenges`); while none is pending, nothing is peeked.
 * Private keys reach OpenSSL through an anonymous memory file; they are never
   written to disk or logged. Each certificate served keeps the store record it
-  was loaded from (`TLSFront.records`), for `collect` only: the store's
+  is built from (`ServedCerts.records`), for building and `collect`: the store's
   records, in this process's memory, as the management process keeps its own.
 """
 

@@ -17,7 +17,8 @@ start of the process:
   served);
 
 then the resident memory of each worker and the CPU of the balancer's processes
-(arbiter, management, workers) by then. Run it
+(arbiter, management, workers) by then; with ``--handshakes SECONDS``, full
+handshakes a second for ``h0.bench.test`` (``openssl s_time -new``). Run it
 under ``flock /tmp/bench.lock`` with ``PYTHONPATH`` naming the tree to measure
 (its compiled copy for compiled figures).
 """
@@ -145,6 +146,16 @@ def until_answers(port: int, host: str, context: ssl.SSLContext, began: float) -
     raise SystemExit(f"{host} did not answer within {STARTUP_LIMIT:.0f} s")
 
 
+def handshakes(port: int, host: str, seconds: int) -> float:
+    """Full handshakes a second for `host` (already served), by `openssl s_time -new`."""
+    out = subprocess.run(["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-servername",
+                          host, "-new", "-time", str(seconds)],
+                         capture_output=True, text=True, check=True).stdout
+    done = next(line for line in out.splitlines() if "connections in" in line and "real" in line)
+    count, _, rest = done.partition(" connections in ")
+    return int(count) / float(rest.split()[0])
+
+
 def worker_pids() -> set[int]:
     """The pids of the workers alive now (each listens on ``worker-PID.sock``)."""
     with open("/proc/net/unix") as table:
@@ -202,8 +213,9 @@ def run(args: argparse.Namespace, made: dict[str, Any], tmp: str) -> dict[str, A
             again = time.monotonic()
             failed += [host for host in hosts if not answers(tls, host, context)]
             sweep = time.monotonic() - again
+            rate = handshakes(tls, hosts[0], args.handshakes) if args.handshakes else 0.0
             return {"first": first, "last": last, "all": every, "failed": len(failed),
-                    "sweep": sweep,
+                    "sweep": sweep, "rate": rate,
                     "rss_kib": workers_rss(proc.pid), "cpu": tree_cpu(proc.pid)}
         finally:
             proc.terminate()
@@ -219,6 +231,9 @@ def main() -> None:
     parser.add_argument("--certs", type=int, default=5000)
     parser.add_argument("--store", choices=("file", "redis"), default="file")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--handshakes", type=int, default=0, metavar="SECONDS",
+                        help="then measure full handshakes a second for the first host "
+                             "(openssl s_time -new) for that long")
     parser.add_argument("--cache", default=tempfile.gettempdir(),
                         help="directory keeping the generated certificates between runs")
     args = parser.parse_args()
@@ -230,7 +245,8 @@ def main() -> None:
           f"all {found['all']:.2f} s ({found['failed']} failed; a second pass over all "
           f"{found['sweep']:.2f} s); worker RSS "
           f"{', '.join(f'{kib // 1024} MiB' for kib in found['rss_kib'])}; "
-          f"CPU {found['cpu']:.1f} s")
+          f"CPU {found['cpu']:.1f} s"
+          + (f"; {found['rate']:.0f} handshakes/s" if args.handshakes else ""))
 
 
 if __name__ == "__main__":
