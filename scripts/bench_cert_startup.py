@@ -16,7 +16,8 @@ start of the process:
   ``last``: its own handshakes are part of this figure, and a second pass
   over the same hosts, shown too, says what they cost once all are served);
 
-then the resident memory of each worker and the CPU of the balancer's processes
+then the resident memory of each worker (when ``last`` answered, and at the
+end), the CPU of the balancer's processes
 (arbiter, management, workers) by then; with ``--handshakes SECONDS``, full
 handshakes a second for ``h0.bench.test`` (``openssl s_time -new``). Run it
 under ``flock /tmp/bench.lock`` with ``PYTHONPATH`` naming the tree to measure
@@ -208,6 +209,7 @@ def run(args: argparse.Namespace, made: dict[str, Any], tmp: str) -> dict[str, A
             hosts = list(made["records"])
             first = until_answers(tls, hosts[0], context, began)
             last = until_answers(tls, hosts[-1], context, began)
+            at_start = workers_rss(proc.pid)
             if args.sweep:  # every len / sweep'th host only
                 hosts = hosts[::max(1, len(hosts) // args.sweep)]
             failed = [host for host in hosts if not answers(tls, host, context)]
@@ -217,7 +219,7 @@ def run(args: argparse.Namespace, made: dict[str, Any], tmp: str) -> dict[str, A
             sweep = time.monotonic() - again
             rate = handshakes(tls, hosts[0], args.handshakes) if args.handshakes else 0.0
             return {"first": first, "last": last, "all": every, "failed": len(failed),
-                    "sweep": sweep, "rate": rate,
+                    "sweep": sweep, "rate": rate, "rss_start": at_start,
                     "rss_kib": workers_rss(proc.pid), "cpu": tree_cpu(proc.pid)}
         finally:
             proc.terminate()
@@ -249,7 +251,8 @@ def main() -> None:
           f"first host {found['first']:.2f} s, last host {found['last']:.2f} s, "
           f"all {found['all']:.2f} s ({found['failed']} failed; a second pass over them "
           f"{found['sweep']:.2f} s); worker RSS "
-          f"{', '.join(f'{kib // 1024} MiB' for kib in found['rss_kib'])}; "
+          f"{', '.join(f'{kib // 1024} MiB' for kib in found['rss_start'])} when the last "
+          f"answered, {', '.join(f'{kib // 1024} MiB' for kib in found['rss_kib'])} at the end; "
           f"CPU {found['cpu']:.1f} s"
           + (f"; {found['rate']:.0f} handshakes/s" if args.handshakes else ""))
 
