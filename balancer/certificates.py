@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 MIN_RSA_BITS = 2048
 CURVES = ("secp256r1", "secp384r1")
 SOURCES = ("upload", "acme")
+MAX_CHAIN_BYTES = 64 * 1024  # a leaf and its intermediates: a few KiB (`check_size`)
 FACTS_KEPT = 100_000  # chains whose facts `chain_facts` keeps (~300 bytes each)
 _FACTS: dict[bytes, dict[str, Any]] = {}  # sha256 of a chain: its facts
 
@@ -61,6 +62,7 @@ def check(host: str, chain_pem: str, key_pem: str, now: float | None = None) -> 
         raise CertificateError("chain and key must be PEM text")
     from cryptography import x509
 
+    check_size(chain_pem)
     if "PRIVATE KEY-----" in chain_pem:
         raise CertificateError("chain: holds a private key; give the certificates only "
                                "(the key goes in key)")
@@ -92,6 +94,17 @@ def check(host: str, chain_pem: str, key_pem: str, now: float | None = None) -> 
                                f"{leaf.not_valid_before_utc.isoformat()}")
     _check_loads(chain_pem, key_pem)
     return CertificateInfo(names, not_before, not_after, leaf.issuer.rfc4514_string(), key_type)
+
+
+def check_size(chain_pem: str) -> None:
+    """CertificateError for a chain over `MAX_CHAIN_BYTES`. Bug: a 1 MB chain (the
+    leaf, then its CA 700 times: each issued by the next) was stored, took
+    OpenSSL 0.4 s to load in each worker, in the loop, and every handshake of
+    its host sent the client the whole of it."""
+    if len(chain_pem) > MAX_CHAIN_BYTES:
+        raise CertificateError(f"chain: {len(chain_pem)} bytes, more than the "
+                               f"{MAX_CHAIN_BYTES // 1024} KiB a chain may have (the leaf "
+                               f"and its intermediates take a few KiB)")
 
 
 def _check_loads(chain_pem: str, key_pem: str) -> None:

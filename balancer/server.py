@@ -246,7 +246,7 @@ class Worker:
         if self.tls is None:
             return 0
         refresh(self.tls, self.store.certs())
-        return len(self.tls.by_host)
+        return len(self.tls.certs.records)
 
     def quiet_loop(self) -> None:
         """Once a burst is over (at most KEEP_QUIET / 4 connections served when
@@ -291,8 +291,8 @@ class Worker:
         serve (none without TLS listeners: it needs none)."""
         if self.tls is None:
             return []
-        loaded = self.tls.loaded
-        return [host for host in hosts if host not in loaded]
+        served = self.tls.certs.records
+        return [host for host in hosts if host not in served]
 
     def fill_certs(self, signature: str, records: dict[str, dict[str, Any]]) -> int:
         """Serve certificates the store hides from this worker (`balancer.tls.fill`);

@@ -16,14 +16,17 @@ Invariants:
   the context of the host's certificate: exact name, then the wildcard
   ``*.PARENT``, then ``tls.default_host``'s; none fails the handshake with
   ``unrecognized_name``.
-* The certificates in force are one immutable mapping, swapped whole
-  (`update`): established connections keep the context they were made with.
+* The certificates in force are one immutable mapping of store records,
+  swapped whole (`update`), each host's context built at its first handshake
+  (`balancer.tls_certs.ServedCerts`): established connections keep the context
+  they were made with.
   The store is read and swapped in by one `refresh` at a time (the once-a-second
   `follow` and the control socket's ``certs`` command, which the management
   process sends after each certificate it writes), so the last read is served.
   A record that cannot be loaded (or is damaged in the store) is reported
-  and skipped; it never takes other hosts down, and the host keeps the
-  certificate loaded before, if any. A store whose certificates
+  (a record OpenSSL refuses at its first handshake, when it was stored before
+  the worker's first read) and skipped; it never takes other hosts down, and
+  the host keeps the certificate served before, if any. A store whose certificates
   cannot be read as a whole (`CertsCorrupt`, `CertsLost`: a damaged or deleted
   certs file, a flushed Redis) swaps nothing: the certificates served stay.
   A worker started meanwhile gets what the store hides from the management
@@ -46,14 +49,13 @@ Invariants:
   handshake (`balancer.challenges`); while none is pending, nothing is peeked.
 * Private keys reach OpenSSL through an anonymous memory file; they are never
   written to disk or logged. Each certificate served keeps the store record it
-  was loaded from (`TLSFront.records`), for `collect` only: the store's
+  is built from (`ServedCerts.records`), for building and `collect`: the store's
   records, in this process's memory, as the management process keeps its own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import socket
 import ssl
@@ -67,13 +69,12 @@ import gevent
 from gevent.lock import Semaphore
 
 from balancer.accesslog.records import held_bytes, refused_record
-from balancer.certificates import load_pem
 from balancer.lingering import discard_waiting
 from balancer.responses import local_response
 from balancer.restarts import Restarts, every
 from balancer.stores.base import ProblemLog, StoreError
 from balancer.stores.certs import CertsCorrupt, CertsLost
-from balancer.turns import turn
+from balancer.tls_certs import ServedCerts
 
 log = logging.getLogger("balancer")
 
@@ -93,11 +94,7 @@ class TLSFront:
         self.challenges = challenges  # TLS-ALPN-01 answers (`balancer.challenges`), if any
         self.context = self.new_context()
         self.context.sni_callback = self.pick
-        self.by_host: Mapping[str, ssl.SSLContext] = {}
-        self.loaded: dict[str, tuple[str, ssl.SSLContext]] = {}  # host → (digest, context)
-        # host → the record its context was loaded from (`collect`), replaced with `loaded`
-        self.records: Mapping[str, Mapping[str, Any]] = {}
-        self.problems: dict[str, str] = {}  # host → why its certificate is not served
+        self.certs = ServedCerts(self.new_context)  # what is served, built by first use
         self.refreshing = Semaphore()  # one `refresh` at a time
         # TLS sockets whose SNI name `pick` refused (counted there), while they live
         self.refused: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -122,97 +119,28 @@ class TLSFront:
                damaged: Mapping[str, str] | None = None) -> None:
         """Serve exactly `records` (HOST → store record) from now on; `damaged`
         (HOST → why) names stored records that cannot be read, reported as not served."""
-        loaded: dict[str, tuple[str, ssl.SSLContext]] = {}
-        kept: dict[str, Mapping[str, Any]] = {}
-        problems: dict[str, str] = dict(damaged or {})
-        for host in problems:  # damaged in the store: what was served of it stays
-            if host in self.loaded:
-                loaded[host] = self.loaded[host]
-                kept[host] = self.records[host]
-        for host, record in records.items():
-            try:
-                loaded[host] = self.made(record, self.loaded.get(host))
-                kept[host] = record
-            except (ssl.SSLError, OSError, ValueError) as exc:
-                problems[host] = _reason(exc)
-                if host in self.loaded:  # a record OpenSSL refuses loses nothing either
-                    loaded[host] = self.loaded[host]
-                    kept[host] = self.records[host]
-        self.report(problems, loaded, damaged or {})
-        self.swap(loaded, kept, problems)
-
-    def report(self, problems: Mapping[str, str], loaded: Mapping[str, Any],
-               damaged: Mapping[str, str]) -> None:
-        """Log each new reason a host's certificate in the store is not served (once),
-        and each host whose certificate in the store is served again."""
-        for host, reason in problems.items():
-            if self.problems.get(host) == reason:
-                continue
-            kept = "; keeping the one loaded before" if host in loaded else ""
-            if host in damaged:  # the management process logs it once
-                log.debug("certificate of %s: %s%s", host, reason, kept)
-            else:
-                log.error("certificate of %s not served: %s%s", host, reason, kept)
-        for host in self.problems.keys() - problems.keys():
-            if host in loaded:
-                log.info("certificate of %s is served again", host)
+        self.certs.update(records, damaged or {})
 
     def add(self, records: Mapping[str, Mapping[str, Any]]) -> int:
         """Serve `records` too, for the hosts this worker serves no certificate of
         (those it serves are left as they are); how many were added."""
-        loaded = dict(self.loaded)
-        kept = dict(self.records)
-        problems = dict(self.problems)
-        for host, record in records.items():
-            if host in loaded:
-                continue
-            try:
-                loaded[host] = self.made(record, None)
-            except (ssl.SSLError, OSError, ValueError) as exc:
-                log.error("certificate of %s not served: %s", host, _reason(exc))
-                continue
-            kept[host] = record
-            problems.pop(host, None)
-        added = len(loaded) - len(self.loaded)
-        self.swap(loaded, kept, problems)
-        return added
-
-    def swap(self, loaded: dict[str, tuple[str, ssl.SSLContext]],
-             kept: dict[str, Mapping[str, Any]], problems: dict[str, str]) -> None:
-        """Serve `loaded` (HOST → (digest, context)) from now on, loaded from the
-        records `kept`; `problems` names the hosts not served and why."""
-        self.problems = problems
-        self.loaded = loaded
-        self.records = kept
-        self.by_host = {host: context for host, (_, context) in loaded.items()}
-
-    def made(self, record: Mapping[str, Any],
-             known: tuple[str, ssl.SSLContext] | None) -> tuple[str, ssl.SSLContext]:
-        """(digest, context) serving one store record: `known` when it is of the
-        same chain and key, else a new context (raises what `load` raises)."""
-        chain, key = str(record.get("chain", "")), str(record.get("key", ""))
-        digest = hashlib.sha256(f"{chain}\0{key}".encode()).hexdigest()
-        if known is not None and known[0] == digest:
-            return known
-        turn()  # many new certificates: the loop polls (handshakes, requests) between them
-        return digest, self.load(chain, key)
-
-    def load(self, chain: str, key: str) -> ssl.SSLContext:
-        """A context serving one certificate (PEM chain and key, via a memory file)."""
-        context = self.new_context()
-        load_pem(context, chain, key)
-        return context
+        return self.certs.add(records)
 
     def find(self, name: str | None) -> ssl.SSLContext | None:
-        """The context for an SNI name (exact, wildcard, then default_host)."""
-        by_host = self.by_host
+        """The context for an SNI name (exact, wildcard, then default_host); a
+        host's context is built at its first handshake (`ServedCerts`)."""
+        certs = self.certs
+        contexts = certs.contexts
         for candidate in (name, self.settings.default_host or None):
             if not candidate:
                 continue
             candidate = candidate.lower().rstrip(".")
-            context = by_host.get(candidate)
+            context = contexts.get(candidate)
+            if context is None and candidate in certs.records:
+                context = certs.build(candidate)
             if context is None:
-                context = by_host.get("*." + candidate.partition(".")[2])
+                wildcard = "*." + candidate.partition(".")[2]
+                context = contexts.get(wildcard) or certs.context(wildcard)
             if context is not None:
                 return context
         return None
@@ -321,13 +249,6 @@ def _refuse_plain(sock: Any, address: Any, ctx: Any) -> None:
         ctx.access_log.log(record, held_bytes(record))
 
 
-def _reason(exc: BaseException) -> str:
-    """Why a certificate did not load, without any of its text."""
-    if isinstance(exc, ssl.SSLError):
-        return f"OpenSSL refused it ({exc.reason or exc.library or 'unknown reason'})"
-    return type(exc).__name__
-
-
 def refresh(front: TLSFront, certs: Any) -> object:
     """Serve the store's certificates now; the store's certificate signature read
     before them (raises `StoreError` when the store cannot be read)."""
@@ -361,7 +282,7 @@ def collect(front: TLSFront, certs: Any, signature: str) -> dict[str, Mapping[st
     with front.refreshing:
         if repr(certs.signature()) != signature:
             return {}
-        records = front.records
+        records = front.certs.records
         try:
             certs.all()
         except (CertsCorrupt, CertsLost):

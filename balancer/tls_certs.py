@@ -1,0 +1,169 @@
+"""The certificates one worker serves by SNI (SPEC §9), each host's context
+built at its first handshake.
+
+A server context per certificate costs ~3 ms to build (OpenSSL 3: ~0.5 ms
+`SSL_CTX_new`, ~2.4 ms `load_cert_chain`) and ~15 KiB: built for every stored
+certificate at a worker's start, 5,000 certificates held a worker 17 s (of
+CPU, each worker) before its first handshake. So a worker keeps the store's
+records and builds a host's context when a handshake first names it.
+
+Invariants:
+* `records` (HOST → store record) is what this worker serves, swapped whole
+  (`update`, `add`); `contexts` (HOST → context) holds the contexts built, each
+  of its host's record in `records`, at most `CONTEXTS_KEPT` of them (beyond,
+  the oldest built goes; it is built again at its host's next handshake).
+* The first `update` (the worker's start) builds nothing: a host's context is
+  built at its first handshake. A handshake for a host already built costs
+  what it did (`TLSFront.find`: one dict lookup for its exact name). A name no
+  record covers builds nothing and keeps nothing.
+* Later updates build each new or changed record at once (the loop polls
+  between two, `turn`), as before: one OpenSSL refuses is logged then, and its
+  host keeps the record (and context) served before, if any.
+* A record OpenSSL refuses is tried once while it is the same (`failed`) and
+  logged once (`problems`); the SNI order then goes on (the wildcard,
+  ``tls.default_host``, ``unrecognized_name``).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from balancer.certificates import CertificateError, check_size, load_pem
+from balancer.turns import turn
+
+log = logging.getLogger("balancer")
+
+CONTEXTS_KEPT: Final = 10_000  # contexts a worker keeps built (~15 KiB each)
+Record = Mapping[str, Any]
+
+
+class ServedCerts:
+    """HOST → record of the certificates served, and the contexts built of them."""
+
+    def __init__(self, new_context: Callable[[], ssl.SSLContext]) -> None:
+        self.new_context = new_context  # a server context, settings applied
+        self.records: Mapping[str, Record] = {}
+        self.contexts: dict[str, ssl.SSLContext] = {}
+        self.failed: dict[str, Record] = {}  # HOST → its record OpenSSL refused
+        self.problems: dict[str, str] = {}  # HOST → why its stored certificate is not served
+        self.started = False  # an update was made (the first builds nothing)
+
+    # lookups (the SNI callback) -------------------------------------------
+    def context(self, host: str) -> ssl.SSLContext | None:
+        """The context serving `host` (a key of `records`), built if need be;
+        None when none can be (each reason logged once)."""
+        context = self.contexts.get(host)
+        if context is None and host in self.records:
+            context = self.build(host)
+        return context
+
+    def build(self, host: str) -> ssl.SSLContext | None:
+        """Build (and keep) the context of `host`'s record (None: OpenSSL refuses
+        it, logged once)."""
+        record = self.records[host]
+        if self.failed.get(host) is record:
+            return None
+        try:
+            context = self.load(record)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            self.failed[host] = record
+            reason = _reason(exc)
+            if self.problems.get(host) != reason:
+                self.problems[host] = reason
+                log.error("certificate of %s not served: %s", host, reason)
+            return None
+        return self.keep(host, context)
+
+    def keep(self, host: str, context: ssl.SSLContext) -> ssl.SSLContext:
+        """Keep `host`'s context (of its record in `records`), the oldest kept
+        going first beyond `CONTEXTS_KEPT`."""
+        contexts = self.contexts
+        if len(contexts) >= CONTEXTS_KEPT:
+            del contexts[next(iter(contexts))]
+        contexts[host] = context
+        return context
+
+    def load(self, record: Record) -> ssl.SSLContext:
+        """A context serving one record (PEM chain and key, via a memory file)."""
+        chain = str(record.get("chain", ""))
+        check_size(chain)
+        context = self.new_context()
+        load_pem(context, chain, str(record.get("key", "")))
+        return context
+
+    # changes ----------------------------------------------------------------
+    def update(self, records: Mapping[str, Record], damaged: Mapping[str, str]) -> None:
+        """Serve exactly `records` from now on; `damaged` (HOST → why) names stored
+        records that cannot be read: what was served of them stays. The first
+        update builds nothing; later ones build what changed at once."""
+        old = self.records
+        served: dict[str, Record] = {h: old[h] for h in damaged if h in old}
+        problems = {h: why for h, why in self.problems.items() if h in records}
+        for host, record in records.items():
+            known = old.get(host)
+            if known is not None and known == record:
+                served[host] = known  # the same object: `failed` holds by it
+            elif not self.started:
+                served[host] = record
+            else:
+                served[host] = self.rebuild(host, record, known, problems)
+        self.swap(served, problems, damaged)
+        self.started = True
+
+    def rebuild(self, host: str, record: Record, known: Record | None,
+                problems: dict[str, str]) -> Record:
+        """The record served from now on for a host whose stored record is new or
+        changed: built now (the record it had before, if any, when OpenSSL refuses it)."""
+        turn()  # many changes: the loop polls (handshakes, requests) between them
+        try:
+            context = self.load(record)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            problems[host] = _reason(exc)
+            if known is None:
+                self.failed[host] = record
+                return record
+            return known
+        self.contexts.pop(host, None)  # (re-inserted: the newest)
+        self.keep(host, context)
+        problems.pop(host, None)
+        return record
+
+    def swap(self, records: dict[str, Record], problems: dict[str, str],
+             damaged: Mapping[str, str]) -> None:
+        """Serve `records` from now on; log what is newly not served or served again."""
+        for host, reason in problems.items():
+            if self.problems.get(host) != reason and host not in damaged:
+                log.error("certificate of %s not served: %s%s", host, reason,
+                          "; keeping the one loaded before" if host in self.records else "")
+        for host in self.problems.keys() - problems.keys():
+            if host in records and host not in damaged:
+                log.info("certificate of %s is served again", host)
+        for host, reason in damaged.items():
+            if self.problems.get(host) != reason:  # the management process logs it once
+                log.debug("certificate of %s: %s", host, reason)
+        problems.update(damaged)
+        self.records, self.problems = records, problems
+        self.failed = {h: r for h, r in self.failed.items() if records.get(h) is r}
+        for host in [h for h in self.contexts if h not in records]:
+            del self.contexts[host]
+
+    def add(self, records: Mapping[str, Record]) -> int:
+        """Serve `records` too, for the hosts not served (others are left as they
+        are); how many were added."""
+        added = {h: r for h, r in records.items() if h not in self.records}
+        if added:
+            self.records = {**self.records, **added}
+            self.problems = {h: why for h, why in self.problems.items() if h not in added}
+        return len(added)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a certificate did not load, without any of its text."""
+    if isinstance(exc, ssl.SSLError):
+        return f"OpenSSL refused it ({exc.reason or exc.library or 'unknown reason'})"
+    if isinstance(exc, CertificateError):  # (never quotes the record)
+        return str(exc)
+    return type(exc).__name__
