@@ -176,6 +176,67 @@ def test_a_killed_arbiter_takes_its_children_along(tmp_path, backend):
         bal.stop()
 
 
+def test_sigusr2_to_the_arbiter_is_ignored_and_said_so(tmp_path, backend):
+    """SIGUSR2 is HAProxy's reload (master-worker) and nginx's binary upgrade, so an
+    operator may send it to the arbiter. Bug: its default action killed the arbiter,
+    and with it the whole balancer, in-flight requests and all."""
+    bal = Balancer(tmp_path, routes(backend), args=["--workers", "2"])
+    try:
+        wait_workers(bal, 2)
+        children = set(children_of(bal.proc.pid))
+        results: list[Any] = []
+        slow = threading.Thread(target=lambda: results.append(
+            request(bal.port, path="/slow?s=1", host=HOST, timeout=10)[0]))
+        slow.start()
+        bal.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: "SIGUSR2: ignored" in bal.output(), what="the SIGUSR2 line")
+        slow.join(10)
+        assert results == [200]
+        assert bal.proc.poll() is None
+        assert request(bal.port, host=HOST)[0] == 200
+        assert set(children_of(bal.proc.pid)) == children
+        assert info(bal)["arbiter"]["generation"] == 1
+        no_traceback(bal)
+        assert bal.stop() == 0
+    finally:
+        bal.stop()
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_after_the_arbiter_is_killed_a_draining_worker_leaves_the_management_port_free(
+        tmp_path, backend):
+    """A restart after the arbiter was killed (the OOM killer; systemd restarts it 2 s
+    later) must find the management port free while the old workers finish their
+    requests. Bug: every worker kept the management listener it inherited, so the
+    restart exited 1 'Address already in use' until the last request ended, and
+    connections to the port hung unanswered meanwhile."""
+    bal = Balancer(tmp_path, routes(backend), args=["--workers", "1"])
+    try:
+        [worker] = wait_workers(bal, 1)
+        results: list[Any] = []
+        slow = threading.Thread(target=lambda: results.append(
+            request(bal.port, path="/slow?s=8", host=HOST, timeout=20)[0]))
+        slow.start()
+        wait_for(lambda: bal.host_stats(HOST).get("open_requests") == 1,
+                 what="the slow request in flight")
+        os.kill(bal.proc.pid, signal.SIGKILL)
+        bal.proc.wait(5)
+        wait_for(lambda: refused(bal.mport), timeout=5, what="the management port free")
+        assert slow.is_alive() and not is_gone(worker), "the worker still drains"
+        slow.join(20)
+        assert results == [200]
+        wait_for(lambda: is_gone(worker), timeout=10, what="the worker to exit")
+    finally:
+        bal.stop()
+
+
 # control sockets ----------------------------------------------------------------
 def control_exchange(path: str, payload: bytes, timeout: float = 10.0) -> bytes:
     """What a worker's control socket answers `payload` (b"" if it closes)."""
