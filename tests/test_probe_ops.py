@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -235,6 +237,55 @@ def test_after_the_arbiter_is_killed_a_draining_worker_leaves_the_management_por
         wait_for(lambda: is_gone(worker), timeout=10, what="the worker to exit")
     finally:
         bal.stop()
+
+
+def run_dirs(tmpdir: Path) -> set[str]:
+    return {p.name for p in tmpdir.glob("balancer-*")}
+
+
+@pytest.mark.slow
+def test_run_directories_left_by_killed_balancers_are_removed_at_the_next_start(
+        tmp_path, backend):
+    """Each killed arbiter (SIGKILL, the OOM killer) left its run directory, 2.3 MiB of
+    a tmpfs (the limits' shared table and journals), for good. The next start removes
+    it once none of its processes is left; a running balancer's, one whose worker
+    still drains, and a directory another version made (no lock file) stay."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="po-", dir="/tmp"))  # short: socket paths
+    env = {"TMPDIR": str(tmpdir)}
+    foreign = tmpdir / "balancer-foreign1"
+    foreign.mkdir(mode=0o700)
+    running = killed = again = None
+    for name in ("running", "killed", "again1", "again2"):
+        (tmp_path / name).mkdir()
+    try:
+        running = Balancer(tmp_path / "running", routes(backend), env=env)
+        mine = run_dirs(tmpdir) - {foreign.name}
+        killed = Balancer(tmp_path / "killed", routes(backend), env=env)
+        [left] = run_dirs(tmpdir) - mine - {foreign.name}
+        [worker] = wait_workers(killed, 1)
+        slow = threading.Thread(target=lambda: request(killed.port, path="/slow?s=4",
+                                                       host=HOST, timeout=20))
+        slow.start()
+        wait_for(lambda: killed.host_stats(HOST).get("open_requests") == 1,
+                 what="a request in flight")
+        os.kill(killed.proc.pid, signal.SIGKILL)
+        killed.proc.wait(5)
+        again = Balancer(tmp_path / "again1", routes(backend), env=env)
+        assert left in run_dirs(tmpdir), "its worker still drains"
+        assert again.stop() == 0
+        slow.join(20)
+        wait_for(lambda: is_gone(worker), timeout=10, what="the killed balancer's worker gone")
+        again = Balancer(tmp_path / "again2", routes(backend), env=env)
+        assert left not in run_dirs(tmpdir)
+        assert mine <= run_dirs(tmpdir) and foreign.is_dir()
+        assert f"removed 1 run directory left by balancers that were killed: " \
+               f"{tmpdir / left}" in again.output()
+        assert request(running.port, host=HOST)[0] == 200
+    finally:
+        for bal in (running, killed, again):
+            if bal is not None:
+                bal.stop()
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 # control sockets ----------------------------------------------------------------
