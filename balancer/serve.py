@@ -105,6 +105,7 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
     (SIGHUP)."""
     logging.basicConfig(level=settings.log.level.upper(), format=LOG_FORMAT)
     limits = raise_limit()  # before any child is forked; logged once serving
+    warn_open_management(settings)
     try:
         identity = resolve(settings.server.user, settings.server.group)
     except PrivilegeError as exc:
@@ -142,6 +143,16 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
                        lambda: announce(settings, listeners, management, limits)).run()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def warn_open_management(settings: Settings) -> None:
+    """A warning when ``BALANCER_TOKEN`` is set and the management API has no token:
+    that variable is balancerctl's, so an operator who exported it for both commands
+    believes the API protected while it answers anyone who reaches it."""
+    if os.environ.get("BALANCER_TOKEN") and not settings.management.token:
+        log.warning("BALANCER_TOKEN is set, but it is balancerctl's: the management API has "
+                    "no token; set it with BALANCER_MANAGEMENT_TOKEN, --token or "
+                    "[management] token")
 
 
 def load_management(found: tuple[Target, ...]) -> ManagementChild:

@@ -288,6 +288,21 @@ def test_run_directories_left_by_killed_balancers_are_removed_at_the_next_start(
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+@pytest.mark.parametrize("server_token", ["", TOKEN])
+def test_balancerctls_token_variable_alone_is_a_warning_at_start(tmp_path, backend,
+                                                                  server_token):
+    """BALANCER_TOKEN is balancerctl's; `balancer serve` reads BALANCER_MANAGEMENT_TOKEN.
+    Exported for both commands, it left the API open without a word."""
+    env = {"BALANCER_TOKEN": TOKEN, "BALANCER_MANAGEMENT_TOKEN": server_token}
+    bal = Balancer(tmp_path, routes(backend), env=env)
+    try:
+        warned = "BALANCER_TOKEN is set, but it is balancerctl's" in bal.output()
+        assert warned == (not server_token)
+        assert bal.api("GET", "/api/v1/hosts")[0] == (200 if not server_token else 401)
+    finally:
+        bal.stop()
+
+
 # control sockets ----------------------------------------------------------------
 def control_exchange(path: str, payload: bytes, timeout: float = 10.0) -> bytes:
     """What a worker's control socket answers `payload` (b"" if it closes)."""
