@@ -119,7 +119,9 @@ def build_parser() -> Parser:
                           help="only requests open this long (default 0)")
     sub.add_parser("reload", parents=[common], help="make the balancer re-read its store",
                    description="Make every worker re-read the store now; prints the version "
-                               "served.")
+                               "served. The settings (flags, environment, config file) are "
+                               "re-read by SIGHUP to the arbiter (systemctl reload "
+                               "balancer), not by this.")
     sub.add_parser("restore", parents=[common],
                    help="write the table the balancer serves back to its store",
                    description="After the store lost its table (Redis flushed or restarted "
