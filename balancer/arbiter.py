@@ -196,6 +196,9 @@ class Arbiter:
         elif signum == signal.SIGUSR1:
             log.info("SIGUSR1: workers reopen their logs")
             self.signal_all(signal.SIGUSR1, kinds=(WORKER,))
+        elif signum == RETIRE:
+            log.warning("SIGUSR2: ignored (SIGHUP reloads, SIGTERM stops gracefully: "
+                        "docs/operations.md#signals)")
 
     # children ------------------------------------------------------------------
     def on_ready_message(self, child: Child) -> None:
@@ -322,7 +325,13 @@ class Arbiter:
         """What a new child runs, keeping open only the listeners it serves."""
         listeners, workers = self.bound.listeners, self.settings.effective_workers()
         if kind == WORKER:
-            return lambda env: run_worker(env, listeners.keep(slot, workers))
+            def worker(env: ChildEnv) -> int:
+                # the management listener is the management process's alone. Bug: every
+                # worker kept it, so after the arbiter was killed its port stayed taken
+                # (a restart failed, connections hung) until the workers had drained
+                self.bound.management.close()
+                return run_worker(env, listeners.keep(slot, workers))
+            return worker
 
         def management(env: ChildEnv) -> int:
             listeners.keep(None, workers)

@@ -7,6 +7,7 @@ import os
 import sys
 
 from balancer.settings import Settings, SettingsError, add_flags, flag_values, load_settings
+from balancer.version import VersionAction
 
 
 def parser() -> argparse.ArgumentParser:
@@ -14,6 +15,7 @@ def parser() -> argparse.ArgumentParser:
         prog="balancer",
         description="A gevent reverse proxy and HTTP load balancer with routes in Redis "
                     "or a local file, changed at runtime through a management API.")
+    top.add_argument("--version", action=VersionAction)
     commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve = commands.add_parser(
         "serve", help="run the proxy and the management API",
@@ -23,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="Every setting, with its config key, environment variable and default: "
                "docs/settings.md in the source tree (an annotated config file: "
                "examples/balancer.toml). Signals: SIGHUP re-reads the settings, SIGTERM "
-               "stops gracefully, SIGUSR1 reopens the access log.")
+               "and SIGINT stop gracefully, SIGQUIT stops now, SIGUSR1 reopens the "
+               "access log (docs/operations.md#signals).")
     serve.add_argument("--config", metavar="FILE", default=None,
                        help="TOML config file [env BALANCER_CONFIG]")
     add_flags(serve)

@@ -7,7 +7,8 @@ throwaway child that the store, pages and access log open (as the run user)
 → bind every listener (one socket per worker with SO_REUSEPORT, or one
 shared: `balancer.listening`; a bind failure exits non-zero naming the
 address) → create the private run
-directory → drop privileges → `Arbiter.run` forks the management process and
+directory → drop privileges → lock it and remove those left by killed
+balancers (`balancer.leftovers`) → `Arbiter.run` forks the management process and
 the workers and keeps them alive until a stop signal. The ``listening on ADDR
 for proxy|internal|management`` lines are logged once every child first is
 ready: from then on requests are served with the routing table loaded.
@@ -27,7 +28,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from balancer import native
+from balancer import leftovers, native
 from balancer.addr import Address
 from balancer.arbiter import Arbiter, Bound
 from balancer.descriptors import log_limits, raise_limit
@@ -104,6 +105,7 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
     (SIGHUP)."""
     logging.basicConfig(level=settings.log.level.upper(), format=LOG_FORMAT)
     limits = raise_limit()  # before any child is forked; logged once serving
+    warn_open_management(settings)
     try:
         identity = resolve(settings.server.user, settings.server.group)
     except PrivilegeError as exc:
@@ -133,11 +135,24 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
             return fail(str(exc), 1)
         if dropped:
             log.info("running as %s", identity)
+        with contextlib.suppress(OSError):  # (no room for the file: never swept then)
+            leftovers.hold(run_dir)  # the descriptor stays open: the children inherit it
+        leftovers.sweep(run_dir)
         bound = Bound(listeners, management, run_dir, identity if dropped else None)
         return Arbiter(settings, bound, management_child, reload_settings,
                        lambda: announce(settings, listeners, management, limits)).run()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def warn_open_management(settings: Settings) -> None:
+    """A warning when ``BALANCER_TOKEN`` is set and the management API has no token:
+    that variable is balancerctl's, so an operator who exported it for both commands
+    believes the API protected while it answers anyone who reaches it."""
+    if os.environ.get("BALANCER_TOKEN") and not settings.management.token:
+        log.warning("BALANCER_TOKEN is set, but it is balancerctl's: the management API has "
+                    "no token; set it with BALANCER_MANAGEMENT_TOKEN, --token or "
+                    "[management] token")
 
 
 def load_management(found: tuple[Target, ...]) -> ManagementChild:

@@ -54,8 +54,11 @@ PARENT_CHECK = 1.0  # seconds between checks that the arbiter is still there
 STOP_MARGIN = 0.5  # a worker stops this much before the arbiter's `graceful` deadline
 GC_THRESHOLDS = (20000, 20, 100)  # gc.set_threshold in a proxy worker (see `tune_gc`)
 # what the arbiter handles (`balancer.arbiter`); a child stops (default action) or
-# ignores them until it installs its own (`enter_child`)
-STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+# ignores them until it installs its own (`enter_child`). SIGUSR2 retires a child
+# (`wait_for_stop`); the arbiter ignores it, saying so (its default action killed
+# the arbiter: an operator used to HAProxy's reload or nginx's upgrade sends it)
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
+                    signal.SIGUSR2)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 ARBITER_SIGNALS = (*STOPPING_SIGNALS, *IGNORED_SIGNALS)
 

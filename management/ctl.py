@@ -29,6 +29,7 @@ from balancer.rules import (
     LIMIT_KEYS,
 )
 from balancer.sketch import GROUPS
+from balancer.version import VersionAction
 from management import ctl_cert, ctl_deploy, ctl_help
 from management.ctl_client import (
     DEFAULT_URL,
@@ -75,6 +76,7 @@ def build_parser() -> Parser:
                         help="print the API's JSON instead of a table")
     parser = Parser(prog="balancerctl", parents=[common], description=ctl_help.DESCRIPTION,
                     epilog=ctl_help.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
                                 metavar="COMMAND", title="commands")
     sub.add_parser("list", parents=[common], help="list every host and its rule",
@@ -117,7 +119,9 @@ def build_parser() -> Parser:
                           help="only requests open this long (default 0)")
     sub.add_parser("reload", parents=[common], help="make the balancer re-read its store",
                    description="Make every worker re-read the store now; prints the version "
-                               "served.")
+                               "served. The settings (flags, environment, config file) are "
+                               "re-read by SIGHUP to the arbiter (systemctl reload "
+                               "balancer), not by this.")
     sub.add_parser("restore", parents=[common],
                    help="write the table the balancer serves back to its store",
                    description="After the store lost its table (Redis flushed or restarted "

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, client: Any,
         answer = client.call("GET", cert_path())
         if answer.get("problem"):  # the certificates last read, not the store's (as `list`)
             warn(answer["problem"])
-        return answer, format_certs(answer.get("certs", []), acme=answer.get("acme"))
+        return answer, format_certs(answer["certs"], acme=answer.get("acme"))
     if action == "restore":
         answer = client.call("POST", cert_path("restore"))
         return answer, f"restored {shown(answer['restored'])} certificates to the store"

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, client: Any, error: type[Exception]) -> tuple[
     """`deploy`, `rollback` or `deploys`: (the API's answer, the text for people)."""
     if args.command == "deploys":
         answer = client.call("GET", "/api/v1/deploys")
-        return answer, format_deploys(answer.get("deploys", []))
+        return answer, format_deploys(answer["deploys"])
     path = f"/api/v1/hosts/{quote(args.host, safe='*')}/{args.command}"
     if getattr(args, "abort", False):
         return _abort(args, client, path, error)

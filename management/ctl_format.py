@@ -87,19 +87,18 @@ def _backend(entry: Any) -> str:
 
 
 def format_hosts(answer: dict[str, Any]) -> str:
-    hosts = answer.get("hosts", {})
+    hosts, version = answer["hosts"], answer["version"]  # (missing: another API's answer)
     if not hosts:
-        return f"no hosts (version {shown(answer.get('version'))})"
+        return f"no hosts (version {shown(version)})"
     rows = [(host, rule.get("action", "?") + (" +sub" if rule.get("subdomains") else ""),
              summary(rule)) for host, rule in sorted(hosts.items())]
     return (table(("HOST", "ACTION", "TARGET"), rows)
-            + f"\n\nversion {shown(answer.get('version'))}, {len(hosts)} host(s)")
+            + f"\n\nversion {shown(version)}, {len(hosts)} host(s)")
 
 
 def format_rule(answer: dict[str, Any]) -> str:
-    rule = answer.get("rule", {})
-    rows: list[tuple[str, Any]] = [("host", answer.get("host")),
-                                   ("version", answer.get("version"))]
+    rule = answer["rule"]
+    rows: list[tuple[str, Any]] = [("host", answer["host"]), ("version", answer["version"])]
     for key, value in rule.items():
         if key == "backends":
             value = ", ".join(_backend(b) for b in value)
@@ -122,7 +121,7 @@ def _ms(seconds: Any) -> str:
 
 
 def format_stats(answer: dict[str, Any]) -> str:
-    hosts = answer["hosts"] if "hosts" in answer else {answer.get("host", "?"): answer}
+    hosts = answer["hosts"] if "hosts" in answer else {answer["host"]: answer}
     rows, backend_rows = [], []
     for host, h in sorted(hosts.items()):
         r = h.get("responses", {})
@@ -150,7 +149,7 @@ def format_stats(answer: dict[str, Any]) -> str:
 
 def format_top(answer: dict[str, Any]) -> str:
     rows = [(n, row["key"], row["count"], row["error"])
-            for n, row in enumerate(answer.get("top", []), 1)]
+            for n, row in enumerate(answer["top"], 1)]
     what = f"{shown(answer.get('group'))} by {shown(answer.get('by'))}"
     if answer.get("by") != "in_flight":
         what += f" over {answer.get('window', 0):g} s"
@@ -161,7 +160,7 @@ def format_top(answer: dict[str, Any]) -> str:
 
 
 def format_inflight(answer: dict[str, Any]) -> str:
-    requests = answer.get("requests", [])
+    requests = answer["requests"]
     if not requests:
         return f"no request open for {answer.get('min_age', 0):g} s or more"
     rows = [(f"{r['age']:.1f}s", r["host"], r["method"], r["path"], r["client"],

@@ -107,3 +107,16 @@ def test_default_store_created_empty(tmp_path):
         assert request(bal.port, host="any.test")[0] == 503
     finally:
         bal.stop()
+
+
+@pytest.mark.parametrize("module, prog", [("balancer", "balancer"),
+                                          ("management.ctl", "balancerctl")])
+def test_version_prints_the_installed_version(module, prog):
+    """`--version`, as `haproxy -v`, `nginx -v` and `traefik version` answer it (a bug
+    report, a deploy script checking what runs); the lookup costs the arbiter nothing."""
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                          text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{prog} {version('balancer')}\n",
+                                                           "")

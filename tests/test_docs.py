@@ -255,8 +255,10 @@ def _subcommands_of(command: str) -> list[str]:
 
 def _check_command(where: str, command: str, words: list[str]) -> None:
     subcommands = [w for w in words if _is_subcommand(command, w)]
-    assert subcommands, f"{where}: {command} {' '.join(words)}: no known subcommand"
-    helps = {sub: _help(command, [sub]) for sub in dict.fromkeys(subcommands)}
+    top_level = words == ["--version"]  # the one option shown without a subcommand
+    assert subcommands or top_level, f"{where}: {command} {' '.join(words)}: no known subcommand"
+    helps = {sub: _help(command, [sub]) for sub in dict.fromkeys(subcommands)} or \
+        {"": _help(command, [])}
     for word in words:
         for flag in FLAG.findall(word.split("=")[0]):
             assert any(re.search(rf"{flag}\b", text) for text in helps.values()), (

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -172,6 +174,131 @@ def test_a_killed_arbiter_takes_its_children_along(tmp_path, backend):
         wait_for(lambda: all(map(is_gone, children)), timeout=10,
                  what="every child of the killed arbiter to exit")
         assert bal.output().count("is gone; stopping") == 3
+    finally:
+        bal.stop()
+
+
+def test_sigusr2_to_the_arbiter_is_ignored_and_said_so(tmp_path, backend):
+    """SIGUSR2 is HAProxy's reload (master-worker) and nginx's binary upgrade, so an
+    operator may send it to the arbiter. Bug: its default action killed the arbiter,
+    and with it the whole balancer, in-flight requests and all."""
+    bal = Balancer(tmp_path, routes(backend), args=["--workers", "2"])
+    try:
+        wait_workers(bal, 2)
+        children = set(children_of(bal.proc.pid))
+        results: list[Any] = []
+        slow = threading.Thread(target=lambda: results.append(
+            request(bal.port, path="/slow?s=1", host=HOST, timeout=10)[0]))
+        slow.start()
+        bal.proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: "SIGUSR2: ignored" in bal.output(), what="the SIGUSR2 line")
+        slow.join(10)
+        assert results == [200]
+        assert bal.proc.poll() is None
+        assert request(bal.port, host=HOST)[0] == 200
+        assert set(children_of(bal.proc.pid)) == children
+        assert info(bal)["arbiter"]["generation"] == 1
+        no_traceback(bal)
+        assert bal.stop() == 0
+    finally:
+        bal.stop()
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_after_the_arbiter_is_killed_a_draining_worker_leaves_the_management_port_free(
+        tmp_path, backend):
+    """A restart after the arbiter was killed (the OOM killer; systemd restarts it 2 s
+    later) must find the management port free while the old workers finish their
+    requests. Bug: every worker kept the management listener it inherited, so the
+    restart exited 1 'Address already in use' until the last request ended, and
+    connections to the port hung unanswered meanwhile."""
+    bal = Balancer(tmp_path, routes(backend), args=["--workers", "1"])
+    try:
+        [worker] = wait_workers(bal, 1)
+        results: list[Any] = []
+        slow = threading.Thread(target=lambda: results.append(
+            request(bal.port, path="/slow?s=8", host=HOST, timeout=20)[0]))
+        slow.start()
+        wait_for(lambda: bal.host_stats(HOST).get("open_requests") == 1,
+                 what="the slow request in flight")
+        os.kill(bal.proc.pid, signal.SIGKILL)
+        bal.proc.wait(5)
+        wait_for(lambda: refused(bal.mport), timeout=5, what="the management port free")
+        assert slow.is_alive() and not is_gone(worker), "the worker still drains"
+        slow.join(20)
+        assert results == [200]
+        wait_for(lambda: is_gone(worker), timeout=10, what="the worker to exit")
+    finally:
+        bal.stop()
+
+
+def run_dirs(tmpdir: Path) -> set[str]:
+    return {p.name for p in tmpdir.glob("balancer-*")}
+
+
+@pytest.mark.slow
+def test_run_directories_left_by_killed_balancers_are_removed_at_the_next_start(
+        tmp_path, backend):
+    """Each killed arbiter (SIGKILL, the OOM killer) left its run directory, 2.3 MiB of
+    a tmpfs (the limits' shared table and journals), for good. The next start removes
+    it once none of its processes is left; a running balancer's, one whose worker
+    still drains, and a directory another version made (no lock file) stay."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="po-", dir="/tmp"))  # short: socket paths
+    env = {"TMPDIR": str(tmpdir)}
+    foreign = tmpdir / "balancer-foreign1"
+    foreign.mkdir(mode=0o700)
+    running = killed = again = None
+    for name in ("running", "killed", "again1", "again2"):
+        (tmp_path / name).mkdir()
+    try:
+        running = Balancer(tmp_path / "running", routes(backend), env=env)
+        mine = run_dirs(tmpdir) - {foreign.name}
+        killed = Balancer(tmp_path / "killed", routes(backend), env=env)
+        [left] = run_dirs(tmpdir) - mine - {foreign.name}
+        [worker] = wait_workers(killed, 1)
+        slow = threading.Thread(target=lambda: request(killed.port, path="/slow?s=4",
+                                                       host=HOST, timeout=20))
+        slow.start()
+        wait_for(lambda: killed.host_stats(HOST).get("open_requests") == 1,
+                 what="a request in flight")
+        os.kill(killed.proc.pid, signal.SIGKILL)
+        killed.proc.wait(5)
+        again = Balancer(tmp_path / "again1", routes(backend), env=env)
+        assert left in run_dirs(tmpdir), "its worker still drains"
+        assert again.stop() == 0
+        slow.join(20)
+        wait_for(lambda: is_gone(worker), timeout=10, what="the killed balancer's worker gone")
+        again = Balancer(tmp_path / "again2", routes(backend), env=env)
+        assert left not in run_dirs(tmpdir)
+        assert mine <= run_dirs(tmpdir) and foreign.is_dir()
+        assert f"removed 1 run directory left by balancers that were killed: " \
+               f"{tmpdir / left}" in again.output()
+        assert request(running.port, host=HOST)[0] == 200
+    finally:
+        for bal in (running, killed, again):
+            if bal is not None:
+                bal.stop()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("server_token", ["", TOKEN])
+def test_balancerctls_token_variable_alone_is_a_warning_at_start(tmp_path, backend,
+                                                                  server_token):
+    """BALANCER_TOKEN is balancerctl's; `balancer serve` reads BALANCER_MANAGEMENT_TOKEN.
+    Exported for both commands, it left the API open without a word."""
+    env = {"BALANCER_TOKEN": TOKEN, "BALANCER_MANAGEMENT_TOKEN": server_token}
+    bal = Balancer(tmp_path, routes(backend), env=env)
+    try:
+        warned = "BALANCER_TOKEN is set, but it is balancerctl's" in bal.output()
+        assert warned == (not server_token)
+        assert bal.api("GET", "/api/v1/hosts")[0] == (200 if not server_token else 401)
     finally:
         bal.stop()
 
