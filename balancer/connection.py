@@ -84,7 +84,7 @@ LINGERING: Final = 2  # lingering now (counted in `Stats.lingering_connections`)
 PROTOCOL_PAGES: Final = {
     400: "bad-request", 408: "request-timeout", 413: "payload-too-large",
     414: "uri-too-long", 417: "expectation-failed", 431: "headers-too-large",
-    501: "not-implemented", 505: "version-not-supported",
+    501: "not-implemented", 505: "version-not-supported", 421: "misdirected-request",
 }
 
 
@@ -124,6 +124,11 @@ class Context:
         self.response_callbacks = ResponseCallbacks() if shared_callbacks else None
         # the worker's `balancer.lingering.Lingering`; None: connections never linger
         self.lingering: Any = lingering
+        # (SNI record key, Host value) → whether the Host's certificate is the SNI's
+        # (`balancer.tls_certs.ServedCerts.matches_sni`), on a TLS listener with
+        # tls.refuse_domain_fronting; None elsewhere
+        self.sni_check: Any = None
+        self.misdirected: Any = None  # with `sni_check`: `balancer.table.misdirected`
 
     def serve(self, sock: socket.socket, address: Any) -> bool:
         """`handle_client` for a connection of this listener: what the worker's
@@ -716,9 +721,34 @@ def handle_client(sock: socket.socket, address: Any, ctx: Context) -> bool:
     between requests (True: `resume_client` goes on with it)."""
     ctx.stats.open_connections += 1
     # TCP_NODELAY came with the socket: listeners have it (`balancer.accepting.bind`)
-    conn = ClientConnection(sock, address, ctx)
+    if ctx.sni_check is None:
+        conn = ClientConnection(sock, address, ctx)
+    else:  # a TLS listener with tls.refuse_domain_fronting
+        conn = FrontedConnection(sock, address, ctx)
     ctx.io.attach(conn)
     return run_client(conn)
+
+
+class FrontedConnection(ClientConnection):
+    """A TLS connection whose requests must name a host of the certificate its
+    SNI name got (`tls.refuse_domain_fronting`); any other answers 421
+    (`balancer.table.Misdirected`). Only these connections pay the check: one
+    comparison per request once a Host was found to match."""
+
+    def __init__(self, sock: socket.socket, address: Any, ctx: Context) -> None:
+        super().__init__(sock, address, ctx)
+        self.sni_host: str | None = getattr(sock, "sni_host", None)  # (`TLSFront.pick_noting`)
+        self.allowed = b""  # the last Host value found to match
+
+    def begin(self, head: RequestHead) -> Exchange:
+        ex = ClientConnection.begin(self, head)
+        host = head.host
+        if host != self.allowed:
+            if self.ctx.sni_check(self.sni_host, host):
+                self.allowed = host
+            else:
+                ex.route = self.ctx.misdirected(ex.route)
+        return ex
 
 
 def resume_client(conn: ClientConnection) -> bool:

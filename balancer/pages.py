@@ -36,6 +36,7 @@ PAGE_STATUS: dict[str, int] = {
     "not-implemented": 501,        # unsupported method or transfer coding
     "version-not-supported": 505,  # not HTTP/1.0 or HTTP/1.1
     "expectation-failed": 417,     # an Expect other than 100-continue
+    "misdirected-request": 421,    # Host not covered by the TLS connection's certificate
 }
 
 

@@ -45,7 +45,7 @@ from balancer.sketch import SLOT_SECONDS
 from balancer.stats import Stats
 from balancer.stores.base import StoreError, TableChange, TableData
 from balancer.stores.snapshot import Snapshot
-from balancer.table import RoutingTable, TableHolder
+from balancer.table import RoutingTable, TableHolder, misdirected
 from balancer.tls import TLSFront, collect, fill, follow, refresh
 
 log = logging.getLogger("balancer")
@@ -166,7 +166,10 @@ class Worker:
             ctx = self.context(role)
             self.contexts.append(ctx)
             if role == "tls":  # its handshake in a greenlet
-                server = Listener(sock, partial(self.front().serve, ctx=ctx,
+                front = self.front()
+                if self.settings.tls.refuse_domain_fronting:
+                    ctx.sni_check, ctx.misdirected = front.certs.matches_sni, misdirected
+                server = Listener(sock, partial(front.serve, ctx=ctx,
                                                 serve_client=handle_client), self.slots)
             else:  # under gevent, parked at once: its first request served in the hub
                 gevent_io = isinstance(self.io, GeventIO)

@@ -184,6 +184,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls.ciphers", CIPHER_LIST, MOZILLA_INTERMEDIATE,
             "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults); "
             "the default is Mozilla's \"intermediate\" list"),
+    Setting("tls.refuse_domain_fronting", BOOLEAN, False,
+            "answer 421 Misdirected Request to a request on a TLS connection whose Host "
+            "has another certificate than the one its SNI name got (off: served by Host, "
+            "as nginx)"),
     Setting("tls.backend_ca_bundle", PEM_FILE, "",
             "PEM file of the CAs that https:// backends' certificates are verified "
             "against (\"\": the system's CAs; a file replaces them)"),
@@ -274,6 +278,7 @@ class TlsSettings:
     default_host: str
     min_version: str
     ciphers: str
+    refuse_domain_fronting: bool
     backend_ca_bundle: str
 
 

@@ -58,6 +58,9 @@ CACHED_HOST_BYTES: Final = 300  # the longest Host value remembered
 COLON: Final = ord(":")
 # the rule of the route a Host value that names no host gets (what it answers)
 INVALID_HOST: Final[Mapping[str, Any]] = {"action": "static", "page": "bad-request"}
+# the rule of a request whose Host the TLS connection's certificate is not for
+# (`tls.refuse_domain_fronting`: `balancer.connection.FrontedConnection`)
+MISDIRECTED: Final[Mapping[str, Any]] = {"action": "static", "page": "misdirected-request"}
 
 
 class Action(Protocol):
@@ -93,20 +96,33 @@ class Route:
         return f"<Route {self.key} {self.rule.get('action')}>"
 
 
-class InvalidHost:
-    """The action of a Host value that names no host (module doc): a 400."""
+class Refused:
+    """The action of a request refused before its rule: `status` and `reason`
+    (a Host value that names no host, module doc: 400; a request a TLS
+    connection made for another host carries: 421)."""
 
-    def __init__(self) -> None:
-        self.rule = INVALID_HOST
+    def __init__(self, rule: Mapping[str, Any], status: int, reason: str) -> None:
+        self.rule = rule
+        self.status = status
+        self.reason = reason
 
     def handle(self, ex: Exchange) -> None:
-        raise ProtocolError(400, "invalid Host header")
+        raise ProtocolError(self.status, self.reason)
 
     def resume(self, ex: Exchange, body: Piece) -> None:
-        raise ProtocolError(400, "invalid Host header")
+        raise ProtocolError(self.status, self.reason)
 
     def backend_keys(self) -> Iterable[str]:
         return ()
+
+
+MISDIRECTED_ACTION: Final = Refused(MISDIRECTED, 421, "the connection's certificate is for "
+                                                      "another host")
+
+
+def misdirected(route: Route) -> Route:
+    """`route` (its host's, counted there) answering 421 (`tls.refuse_domain_fronting`)."""
+    return Route(route.key, MISDIRECTED, MISDIRECTED_ACTION, route.stats)
 
 
 # compile(key, rule, previous_action_or_None) -> route
@@ -267,7 +283,8 @@ class RoutingTable:
         route = self._invalid
         if route is None:
             fallback = self.fallback
-            route = self._invalid = Route(fallback.key, INVALID_HOST, InvalidHost(),
+            route = self._invalid = Route(fallback.key, INVALID_HOST,
+                                          Refused(INVALID_HOST, 400, "invalid Host header"),
                                           fallback.stats)
         return route
 

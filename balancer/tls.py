@@ -93,7 +93,8 @@ class TLSFront:
         self.counts = counts  # outcome → handshakes (Stats.tls_handshakes)
         self.challenges = challenges  # TLS-ALPN-01 answers (`balancer.challenges`), if any
         self.context = self.new_context()
-        self.context.sni_callback = self.pick
+        self.context.sni_callback = self.pick_noting if settings.refuse_domain_fronting \
+            else self.pick
         self.certs = ServedCerts(self.new_context)  # what is served, built by first use
         self.refreshing = Semaphore()  # one `refresh` at a time
         # TLS sockets whose SNI name `pick` refused (counted there), while they live
@@ -153,6 +154,24 @@ class TLSFront:
             self.refused.add(sslobj)  # its failed handshake is counted here
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         sslobj.context = context
+        return None
+
+    def pick_noting(self, sslobj: Any, name: str | None,
+                    context: ssl.SSLContext) -> int | None:
+        """`pick`, noting on the TLS socket (``sni_host``) the host whose certificate
+        it got (`tls.refuse_domain_fronting`: `FrontedConnection` reads it)."""
+        refused = self.pick(sslobj, name, context)
+        if refused is None:
+            sslobj.sni_host = self.served_host(name)
+        return refused
+
+    def served_host(self, name: str | None) -> str | None:
+        """The host (a key of the records) whose certificate `find` gives `name`."""
+        for candidate in (name, self.settings.default_host or None):
+            if candidate:
+                host = self.certs.key_of(candidate.lower().rstrip("."))
+                if host is not None:
+                    return host
         return None
 
     # connections -------------------------------------------------------

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from balancer.certificates import CertificateError, check_size, load_pem
+from balancer.table import host_name
 from balancer.turns import turn
 
 log = logging.getLogger("balancer")
@@ -59,6 +60,21 @@ class ServedCerts:
         if context is None and host in self.records:
             context = self.build(host)
         return context
+
+    def key_of(self, name: str) -> str | None:
+        """The host (a key of `records`) whose certificate a normalised name gets:
+        its own, else its parent's wildcard; None without either."""
+        records = self.records
+        if name in records:
+            return name
+        wildcard = "*." + name.partition(".")[2]
+        return wildcard if wildcard in records else None
+
+    def matches_sni(self, sni_host: str | None, host: bytes) -> bool:
+        """Whether a request for the Host value `host` may go on a TLS connection
+        whose certificate is `sni_host`'s: the Host's certificate is that one
+        (`tls.refuse_domain_fronting`; `balancer.connection.FrontedConnection`)."""
+        return sni_host is not None and self.key_of(host_name(host).decode("latin-1")) == sni_host
 
     def build(self, host: str) -> ssl.SSLContext | None:
         """Build (and keep) the context of `host`'s record (None: OpenSSL refuses

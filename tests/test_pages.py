@@ -10,7 +10,7 @@ SPEC_PAGES = {
     "unknown": 404, "no-hosts": 503, "timeout": 504, "bad-gateway": 502, "maintenance": 503,
     "busy": 503, "bad-request": 400, "uri-too-long": 414, "headers-too-large": 431,
     "payload-too-large": 413, "request-timeout": 408, "not-implemented": 501,
-    "version-not-supported": 505, "expectation-failed": 417,
+    "version-not-supported": 505, "expectation-failed": 417, "misdirected-request": 421,
 }
 
 

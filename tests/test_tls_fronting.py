@@ -1,0 +1,106 @@
+"""Domain fronting (docs/tls.md): a TLS connection made for one name (SNI)
+whose requests name another host (`Host`). Served by `Host` by default, as
+nginx; with `tls.refuse_domain_fronting`, answered 421 Misdirected Request
+unless the Host's certificate is the one the connection got (as Traefik).
+Real balancer, real backends, real TLS clients."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Backend, Balancer
+from tests.test_tls import client_context, put_cert
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[dict[str, Backend]]:
+    made = {name: Backend(name) for name in ("a", "b", "w")}
+    yield made
+    for backend in made.values():
+        backend.stop()
+
+
+def start(tmp: Path, backends: dict[str, Backend], refuse: bool, more: str = "") -> Balancer:
+    hosts = {"a.test": "a", "b.test": "b", "*.wild.test": "w", "plain.test": "b"}
+    routes = tmp / "routes.json"
+    routes.write_text(json.dumps({"version": 1, "hosts": {
+        host: {"action": "proxy", "backends": [backends[name].address]}
+        for host, name in hosts.items()}}))
+    for host in ("a.test", "b.test", "*.wild.test"):
+        put_cert(routes, host)
+    config = f"[tls]\nrefuse_domain_fronting = {'true' if refuse else 'false'}\n{more}"
+    return Balancer(tmp, args=["--tls-listen", "127.0.0.1:0"], config=config)
+
+
+def exchange(bal: Balancer, sni: str, hosts: list[str], tmp: Path) -> list[tuple[int, bytes]]:
+    """(status, body) of one GET per Host in `hosts`, in turn on one keep-alive
+    TLS connection made for `sni`, until the balancer closes it."""
+    context = client_context(tmp)
+    context.check_hostname = False  # (an unknown name gets the default certificate)
+    answers: list[tuple[int, bytes]] = []
+    with socket.create_connection(("127.0.0.1", bal.ports["tls"]), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=sni) as tls:
+        for host in hosts:
+            tls.sendall(f"GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            response = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+            try:
+                response.begin()
+            except (http.client.RemoteDisconnected, ConnectionError):
+                return answers  # closed after the answer before
+            answers.append((response.status, response.read()))
+    return answers
+
+
+def backend_of(body: bytes) -> str:
+    return str(json.loads(body)["backend"])
+
+
+def test_off_by_default_a_request_is_served_by_its_host(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    bal = start(tmp_path, backends, refuse=False)
+    try:
+        answers = exchange(bal, "a.test", ["b.test", "plain.test", "a.test"], tmp_path)
+        assert [(status, backend_of(body)) for status, body in answers] == [
+            (200, "b"), (200, "b"), (200, "a")]
+    finally:
+        bal.stop()
+
+
+def test_on_a_host_of_another_certificate_gets_421_and_the_connection_closes(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    bal = start(tmp_path, backends, refuse=True)
+    try:
+        served = backends["b"].count
+        # the first request is served in a greenlet, the next ones in the hub
+        answers = exchange(bal, "a.test", ["a.test", "A.TEST.:443", "b.test", "a.test"],
+                           tmp_path)
+        assert [status for status, _ in answers] == [200, 200, 421]
+        assert b"421" in answers[2][1] and b"Misdirected Request" in answers[2][1]
+        assert backends["b"].count == served  # never sent on
+        assert [s for s, _ in exchange(bal, "a.test", ["plain.test"], tmp_path)] == [421]
+        assert [s for s, _ in exchange(bal, "a.test", ["127.0.0.1"], tmp_path)] == [421]
+        # names of one wildcard certificate share its connections
+        assert [s for s, _ in exchange(bal, "x.wild.test", ["y.wild.test", "x.wild.test"],
+                                       tmp_path)] == [200, 200]
+        assert [s for s, _ in exchange(bal, "x.wild.test", ["a.test"], tmp_path)] == [421]
+        assert [s for s, _ in exchange(bal, "b.test", ["b.test"], tmp_path)] == [200]
+    finally:
+        bal.stop()
+
+
+def test_on_the_default_certificate_serves_its_own_host_only(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    """A name with no certificate got `tls.default_host`'s: only that host's
+    requests go on such a connection."""
+    bal = start(tmp_path, backends, refuse=True, more='default_host = "a.test"\n')
+    try:
+        assert [s for s, _ in exchange(bal, "unknown.test", ["a.test", "b.test"],
+                                       tmp_path)] == [200, 421]
+    finally:
+        bal.stop()
