@@ -5,7 +5,7 @@ and (``--sockets``) the cost of a whole connection through a real gevent worker.
 ``python scripts/bench_hotpath.py --sockets close|keep-alive [--requests 1000] [--instructions]``
 ``python scripts/bench_hotpath.py --sockets keep-alive --vary [--browser] [--requests 1000]
 [--instructions]``
-``python scripts/bench_hotpath.py --sockets close|keep-alive --tls [--requests 1000]
+``python scripts/bench_hotpath.py --sockets close|keep-alive --tls [--refuse-fronting] [--requests 1000]
 [--instructions]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive --body SIZE [--chunked [CHUNK]]
 [--requests 1000] [--instructions]``
@@ -45,7 +45,9 @@ head is parsed and rewritten whole; ``--browser`` sends a browser's head
 ``--tls`` puts a TLS listener in front (TLS 1.3, an ECDSA P-256 certificate
 made with `cryptography`, as `scripts/bench_proxy.py`'s): the client is the
 helper's `ssl` socket, and the worker's OpenSSL work (a full handshake per
-request with ``close``) is counted with the rest.
+request with ``close``) is counted with the rest; ``--refuse-fronting`` turns
+``tls.refuse_domain_fronting`` on (each request's Host checked against the
+connection's certificate, which is stored as the Host's so that it passes).
 ``--body SIZE`` (bytes; ``K``/``M`` suffixes: 200, 16K, 10M) makes every request a
 ``POST`` with a Content-Length body of that size, sent with its head in one
 ``sendall`` (a small body comes in the head's read, a large one streams), which
@@ -173,8 +175,9 @@ class Store:
     display_url = "bench:"
     quiet = True
 
-    def __init__(self, backend: str = "127.0.0.1:9") -> None:
+    def __init__(self, backend: str = "127.0.0.1:9", cert_host: str = "") -> None:
         self.backend = backend
+        self.cert_host = cert_host or TLS_NAME  # the host its certificate is stored for
 
     def certs(self) -> SimpleNamespace:
         """The certificate of `--tls` (any name: it is the default host's)."""
@@ -182,7 +185,7 @@ class Store:
         from tests.tlsca import TestCA
 
         chain, key = TestCA("bench CA").issue(TLS_NAME)
-        records = {TLS_NAME: make_record(TLS_NAME, chain, key)}
+        records = {self.cert_host: make_record(TLS_NAME, chain, key)}
         return SimpleNamespace(all=lambda: records, signature=lambda: 1, damaged={})
 
     def load(self) -> SimpleNamespace:
@@ -257,6 +260,9 @@ POST_HEAD = (b"POST /api/items HTTP/1.1\r\nHost: 127.0.0.1:19000\r\n"
 LARGE_BODY = 1 << 20  # `--instructions` makes fewer requests with a body this large
 PEER_TIMEOUT = 60.0  # seconds any helper socket waits (valgrind is ~50x slower)
 TLS_NAME = "bench.test"  # `--tls`: the certificate's name, served as the default host's
+# `--refuse-fronting`: the certificate stored as this host's (every request's Host), so
+# that each request passes the check (`tls.refuse_domain_fronting`) and is proxied
+FRONTED_HOST = "127.0.0.1"
 
 
 def body_size(text: str) -> int:
@@ -285,7 +291,7 @@ def post_request(size: int, close: bool, chunk: int = 0) -> bytes:
 
 
 def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False,
-                access_log: str = "") -> float:
+                access_log: str = "", fronting: bool = False) -> float:
     """µs per request through a gevent worker on loopback (wall clock, this process);
     with `--body`, prints the worker's CPU µs per request too; `access_log`: its path."""
     from gevent import subprocess as gsubprocess
@@ -297,11 +303,14 @@ def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False,
                               *(["--tls"] if tls else [])],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     backend = int(peer.stdout.readline())
-    flags = {"tls.default_host": TLS_NAME} if tls else {}
+    cert_host = FRONTED_HOST if fronting else TLS_NAME
+    flags: dict[str, object] = {"tls.default_host": cert_host} if tls else {}
+    if fronting:
+        flags["tls.refuse_domain_fronting"] = True
     if access_log:
         flags["log.access_log"] = access_log
     worker = Worker(load_settings(flags=flags, env={"BALANCER_STORE_SNAPSHOT": "off"}),
-                    Store(f"127.0.0.1:{backend}"))
+                    Store(f"127.0.0.1:{backend}", cert_host))
     if not worker.apply(worker.store.load()):
         raise SystemExit("the table did not compile")
     listener = bind(parse_addr("127.0.0.1:0"))
@@ -461,6 +470,9 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true",
                         help="with --sockets: a TLS listener (a full handshake per request "
                              "with close)")
+    parser.add_argument("--refuse-fronting", action="store_true",
+                        help="with --tls: tls.refuse_domain_fronting on (each request's Host "
+                             "checked against the connection's certificate, and proxied)")
     parser.add_argument("--body", metavar="SIZE", type=body_size,
                         help="with --sockets: POST requests with a Content-Length body of "
                              "SIZE bytes (K, M: KiB, MiB)")
@@ -480,6 +492,7 @@ def main() -> None:
               + (["--chunked", str(args.chunked)] if args.chunked else [])
               + (["--connections", str(args.connections)] if args.connections > 1 else []))
     kind = (", varied" * args.vary + ", browser" * args.browser + ", TLS" * args.tls
+            + ", refusing fronting" * args.refuse_fronting
             + ("" if body is None else f", POST body of {body:,} bytes")
             + (f", chunked by {args.chunked:,}" if args.chunked else "")
             + (f", {args.connections} connections" if args.connections > 1 else ""))
@@ -498,10 +511,13 @@ def main() -> None:
     elif args.sockets and args.instructions:
         short, long = (2, 12) if body is not None and body >= LARGE_BODY else (200, 1200)
         count = instructions(["--sockets", args.sockets, *varied, *["--tls"] * args.tls,
-                              *logged], short, long, long - short)
+                              *["--refuse-fronting"] * args.refuse_fronting, *logged],
+                             short, long, long - short)
         print(f"{count:,.0f} instructions per request ({args.sockets}{kind}, real sockets)")
     elif args.sockets:
-        print(f"{run_sockets(args.sockets, args.requests, varied, args.tls, args.access_log):.2f}"
+        took = run_sockets(args.sockets, args.requests, varied, args.tls, args.access_log,
+                           args.refuse_fronting)
+        print(f"{took:.2f}"
               " µs per request "
               f"({args.sockets}{kind}, real sockets, wall clock)")
     elif args.instructions:

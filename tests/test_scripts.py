@@ -46,6 +46,17 @@ def test_bench_hotpath_tls_requests_are_all_answered(mode: str) -> None:
                         r"wall clock\)\n", out.stdout), out.stdout
 
 
+def test_bench_hotpath_tls_refusing_fronting_proxies_every_request() -> None:
+    """--refuse-fronting: every request passes the check and is proxied (a 421
+    is no answer the peer counts)."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_hotpath.py"),
+                          "--sockets", "keep-alive", "--tls", "--refuse-fronting",
+                          "--requests", "50"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"[\d.]+ µs per request \(keep-alive, TLS, refusing fronting, real "
+                        r"sockets, wall clock\)\n", out.stdout), out.stdout
+
+
 @pytest.mark.parametrize("mode, size, shown", [("keep-alive", "16K", "16,384"),
                                                 ("close", "200", "200")])
 def test_bench_hotpath_posts_bodies(mode: str, size: str, shown: str) -> None:
