@@ -5,8 +5,8 @@ and (``--sockets``) the cost of a whole connection through a real gevent worker.
 ``python scripts/bench_hotpath.py --sockets close|keep-alive [--requests 1000] [--instructions]``
 ``python scripts/bench_hotpath.py --sockets keep-alive --vary [--browser] [--requests 1000]
 [--instructions]``
-``python scripts/bench_hotpath.py --sockets close|keep-alive --tls [--refuse-fronting] [--requests 1000]
-[--instructions]``
+``python scripts/bench_hotpath.py --sockets close|keep-alive --tls [--refuse-fronting]
+[--requests 1000] [--instructions]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive --body SIZE [--chunked [CHUNK]]
 [--requests 1000] [--instructions]``
 
