@@ -293,6 +293,7 @@ class ClientConnection:
         # before the request id, those after it)
         self.forwarded: tuple[RequestHead, bytes, bytes] | None = None
         self.exchange: Exchange | None = None  # the request being handled
+        self.allowed = b""  # tls.refuse_domain_fronting: the last Host value found to match
         self.ctx = ctx
         self.parser = RequestParser(ctx.limits, ctx.request_callbacks)
         self.events = self.parser.events  # a list: `pop(0)` is a C call under mypyc
@@ -484,6 +485,8 @@ class ClientConnection:
         ctx = self.ctx
         start = CLOCK()
         route = ctx.holder.table.lookup(head.host)
+        if ctx.sni_check is not None:  # a TLS listener with tls.refuse_domain_fronting
+            route = self.fronting(head.host, route)
         stats = route.stats
         stats.open_requests += 1
         if not stats.marked:  # the host's first request of the heavy-hitter interval
@@ -494,6 +497,18 @@ class ClientConnection:
             ex.keep_alive = False
         self.exchange = ex  # in flight (balancer.diagnosis reads it)
         return ex
+
+    def fronting(self, host: bytes, route: Route) -> Route:
+        """`route`, or the same host's route answering 421 when this TLS
+        connection's certificate is not the one `host` gets (`ctx.sni_check`);
+        one comparison per request once a Host value was found to match."""
+        if host == self.allowed:
+            return route
+        ctx = self.ctx
+        if ctx.sni_check(getattr(self.sock, "sni_host", None), host):  # `TLSFront.pick_noting`
+            self.allowed = host
+            return route
+        return ctx.misdirected(route)
 
     def proceed(self, ex: Exchange) -> bool:
         """Answer the exchange in flight (`begin`): the rule's action (which goes on
@@ -721,34 +736,9 @@ def handle_client(sock: socket.socket, address: Any, ctx: Context) -> bool:
     between requests (True: `resume_client` goes on with it)."""
     ctx.stats.open_connections += 1
     # TCP_NODELAY came with the socket: listeners have it (`balancer.accepting.bind`)
-    if ctx.sni_check is None:
-        conn = ClientConnection(sock, address, ctx)
-    else:  # a TLS listener with tls.refuse_domain_fronting
-        conn = FrontedConnection(sock, address, ctx)
+    conn = ClientConnection(sock, address, ctx)
     ctx.io.attach(conn)
     return run_client(conn)
-
-
-class FrontedConnection(ClientConnection):
-    """A TLS connection whose requests must name a host of the certificate its
-    SNI name got (`tls.refuse_domain_fronting`); any other answers 421
-    (`balancer.table.Misdirected`). Only these connections pay the check: one
-    comparison per request once a Host was found to match."""
-
-    def __init__(self, sock: socket.socket, address: Any, ctx: Context) -> None:
-        super().__init__(sock, address, ctx)
-        self.sni_host: str | None = getattr(sock, "sni_host", None)  # (`TLSFront.pick_noting`)
-        self.allowed = b""  # the last Host value found to match
-
-    def begin(self, head: RequestHead) -> Exchange:
-        ex = ClientConnection.begin(self, head)
-        host = head.host
-        if host != self.allowed:
-            if self.ctx.sni_check(self.sni_host, host):
-                self.allowed = host
-            else:
-                ex.route = self.ctx.misdirected(ex.route)
-        return ex
 
 
 def resume_client(conn: ClientConnection) -> bool:

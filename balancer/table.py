@@ -59,7 +59,7 @@ COLON: Final = ord(":")
 # the rule of the route a Host value that names no host gets (what it answers)
 INVALID_HOST: Final[Mapping[str, Any]] = {"action": "static", "page": "bad-request"}
 # the rule of a request whose Host the TLS connection's certificate is not for
-# (`tls.refuse_domain_fronting`: `balancer.connection.FrontedConnection`)
+# (`tls.refuse_domain_fronting`: `balancer.connection.ClientConnection.fronting`)
 MISDIRECTED: Final[Mapping[str, Any]] = {"action": "static", "page": "misdirected-request"}
 
 

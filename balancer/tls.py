@@ -159,7 +159,7 @@ class TLSFront:
     def pick_noting(self, sslobj: Any, name: str | None,
                     context: ssl.SSLContext) -> int | None:
         """`pick`, noting on the TLS socket (``sni_host``) the host whose certificate
-        it got (`tls.refuse_domain_fronting`: `FrontedConnection` reads it)."""
+        it got (`tls.refuse_domain_fronting`: `ClientConnection.fronting` reads it)."""
         refused = self.pick(sslobj, name, context)
         if refused is None:
             sslobj.sni_host = self.served_host(name)

@@ -73,7 +73,7 @@ class ServedCerts:
     def matches_sni(self, sni_host: str | None, host: bytes) -> bool:
         """Whether a request for the Host value `host` may go on a TLS connection
         whose certificate is `sni_host`'s: the Host's certificate is that one
-        (`tls.refuse_domain_fronting`; `balancer.connection.FrontedConnection`)."""
+        (`tls.refuse_domain_fronting`; `balancer.connection.ClientConnection.fronting`)."""
         return sni_host is not None and self.key_of(host_name(host).decode("latin-1")) == sni_host
 
     def build(self, host: str) -> ssl.SSLContext | None:
