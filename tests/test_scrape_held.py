@@ -12,6 +12,7 @@ from tests.support import Balancer, wait_for
 from tests.test_scrape_slices import read_all
 
 HOSTS = 4000  # a body beyond the socket buffers: a slow scraper's body waits
+GET = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_head_requests_hold_no_snapshot(bal: Balancer) -> None:
     for _ in range(4):
         status, _ = bal.api("HEAD", "/metrics")
         assert status == 200
-    slow = head(bal.mport, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    slow = head(bal.mport, GET)
     body = read_all(slow)
     assert body.endswith(b"\r\n0\r\n\r\n"), body[-60:]
     assert "still being sent after" not in bal.output()
@@ -61,7 +62,7 @@ def test_a_cut_http10_body_does_not_look_whole(bal: Balancer) -> None:
     a shorter valid exposition)."""
     before = bal.output().count("still being sent after")
     first = head(bal.mport, b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-    others = [head(bal.mport, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    others = [head(bal.mport, GET)
               for _ in range(4)]
     wait_for(lambda: bal.output().count("still being sent after") > before, 10,
              what="the cut")
