@@ -3,12 +3,16 @@ or see (through the real management process): `management.metrics.Metrics`."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support import Balancer, wait_for
+from balancer.control import pid_of
+from management.cluster import ClusterRuntime
+from tests.support import Balancer, control_socket, wait_for
 from tests.test_scrape_slices import read_all
 
 HOSTS = 4000  # a body beyond the socket buffers: a slow scraper's body waits
@@ -71,3 +75,36 @@ def test_a_cut_http10_body_does_not_look_whole(bal: Balancer) -> None:
         read_all(sock)
     assert b"# TYPE balancer_backend_up gauge" not in body
     assert body.endswith(b"\nbalancer_scrape_cut_short{"), body[-80:]
+
+
+def test_hand_over_surveys_anew_not_the_survey_under_way(bal: Balancer) -> None:
+    """`hold_all` (a management process's last survey, `hand_over`) retires the
+    workers killed since the survey under way began: its own survey, never that
+    one's shared snapshot (bug: it waited for the sample's survey, which listed
+    the killed worker alive, and that worker's counters were retired by no
+    management process)."""
+    import gevent
+    import gevent.event
+
+    from balancer.control import worker_sockets
+    from balancer.stores import open_store
+
+    (worker,) = bal.api("GET", "/api/v1/info")[1]["processes"]
+    directory = os.path.dirname(control_socket(worker["pid"]))
+    paused, go = gevent.event.Event(), gevent.event.Event()
+
+    def pause() -> None:
+        if not go.is_set():
+            paused.set()
+            go.wait(60)
+    runtime = ClusterRuntime(directory, open_store(f"file:{bal.routes}"), 1, pause=pause)
+    (killed,) = worker_sockets(directory)
+    sample = gevent.spawn(runtime.active)  # the history's sample
+    assert paused.wait(30)  # its survey decodes the answers: the worker listed alive then
+    os.kill(pid_of(killed), signal.SIGKILL)
+    wait_for(lambda: killed not in worker_sockets(directory), 30, what="the socket's end")
+    last = gevent.spawn(runtime.hold_all)
+    gevent.sleep(0)
+    go.set()
+    gevent.joinall([sample, last], timeout=60, raise_error=True)
+    assert killed not in runtime.held.raw  # retired (its counters held no more)
