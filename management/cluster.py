@@ -303,15 +303,19 @@ class ClusterRuntime:
     def active(self) -> dict[str, Any]:
         """The merged snapshot of the active hosts (and the kept counters' hosts),
         that of the survey under way if there is one (shared: read only)."""
-        flight = self.flight
-        if flight is not None:
-            return flight.get()  # type: ignore[no-any-return]
+        while self.flight is not None:
+            shared = self.flight.get()
+            if shared is not None:
+                return shared  # type: ignore[no-any-return]
         self.flight = flight = AsyncResult()
         try:
             with COLLECTOR.held():
                 merged = self._merged(*self.survey(_active_command, complete=True))
-        except BaseException as exc:
+        except Exception as exc:
             flight.set_exception(exc)
+            raise
+        except BaseException:  # its caller killed: the sharers survey for themselves
+            flight.set(None)  # (bug: the sampler's GreenletExit ended a scrape unanswered)
             raise
         finally:
             self.flight = None

@@ -108,3 +108,31 @@ def test_hand_over_surveys_anew_not_the_survey_under_way(bal: Balancer) -> None:
     go.set()
     gevent.joinall([sample, last], timeout=60, raise_error=True)
     assert killed not in runtime.held.raw  # retired (its counters held no more)
+
+
+def test_a_survey_killed_under_way_leaves_its_sharers_their_own(bal: Balancer) -> None:
+    """The history's sampler killed (a management process stopping) while a
+    scrape waits for its survey: the scrape gets a snapshot of its own (bug: the
+    sampler's GreenletExit was raised in the scrape, which ended unanswered)."""
+    import gevent
+    import gevent.event
+
+    from balancer.stores import open_store
+
+    (worker,) = bal.api("GET", "/api/v1/info")[1]["processes"]
+    directory = os.path.dirname(control_socket(worker["pid"]))
+    paused, go = gevent.event.Event(), gevent.event.Event()
+
+    def pause() -> None:
+        if not go.is_set():
+            paused.set()
+            go.wait(60)
+    runtime = ClusterRuntime(directory, open_store(f"file:{bal.routes}"), 1, pause=pause)
+    sample = gevent.spawn(runtime.active)
+    assert paused.wait(30)
+    scrape = gevent.spawn(runtime.active)
+    gevent.sleep(0)  # (it waits for the sample's survey)
+    sample.kill(block=True, timeout=10)
+    go.set()
+    merged = scrape.get(timeout=60)
+    assert isinstance(merged, dict) and merged["hosts"]
