@@ -46,7 +46,9 @@ Invariants:
 * Surveys of the active hosts share their work: one asked while another is
   under way gets that one's merged snapshot (`active`), which nobody
   changes. So scrapes and the history's sample at the same time decode and
-  merge once, and hold one snapshot.
+  merge once, and hold one snapshot. `hold_all` (`take_over`, `hand_over`)
+  never shares: it must see the workers alive when it is called. A survey
+  whose caller is killed leaves its sharers to survey for themselves.
 * Without its run directory (deleted under a running balancer: ``rm -rf
   /tmp/balancer-*``) no worker can be asked: statistics answer 503
   `workers_unreachable` and a write 202 naming it, until the arbiter makes the
