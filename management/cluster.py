@@ -46,7 +46,9 @@ Invariants:
 * Surveys of the active hosts share their work: one asked while another is
   under way gets that one's merged snapshot (`active`), which nobody
   changes. So scrapes and the history's sample at the same time decode and
-  merge once, and hold one snapshot.
+  merge once, and hold one snapshot. `hold_all` (`take_over`, `hand_over`)
+  never shares: it must see the workers alive when it is called. A survey
+  whose caller is killed leaves its sharers to survey for themselves.
 * Without its run directory (deleted under a running balancer: ``rm -rf
   /tmp/balancer-*``) no worker can be asked: statistics answer 503
   `workers_unreachable` and a write 202 naming it, until the arbiter makes the
@@ -94,6 +96,11 @@ Kept = tuple[dict[str, Any] | None, list[dict[str, Any]]]  # retired total, held
 # worker was taken for silent at every scrape, and `/metrics` showed no host
 NAMED_SLICE = 10_000
 INFO_COMMAND = 'stats {"hosts": [], "totals": true}'  # no host's counters, each worker's totals
+
+
+def _active_command(kept: list[str]) -> str:
+    """The ``stats`` command of a survey of the active hosts and the `kept` ones."""
+    return "stats " + json.dumps({"active": True, "hosts": kept, "lines": True})
 
 
 class ClusterRuntime:
@@ -185,9 +192,12 @@ class ClusterRuntime:
 
     def hold_all(self) -> None:
         """A complete survey (the hosts every worker counted): each answer held,
-        the counters of the workers gone since the last retired."""
+        the counters of the workers gone since the last retired. Its own, never
+        the one under way (`active`; bug: `hand_over` shared the history
+        sample's, begun before a worker was killed, which no management process
+        then retired); nothing merged."""
         try:
-            self.stats({"active": True})
+            self.survey(_active_command, complete=True)
         except (ApiError, OSError) as exc:  # (no run directory: nothing to hold)
             log.warning("cannot survey the workers' counters: %s",
                         exc.message if isinstance(exc, ApiError) else exc)
@@ -295,18 +305,19 @@ class ClusterRuntime:
     def active(self) -> dict[str, Any]:
         """The merged snapshot of the active hosts (and the kept counters' hosts),
         that of the survey under way if there is one (shared: read only)."""
-        flight = self.flight
-        if flight is not None:
-            return flight.get()  # type: ignore[no-any-return]
+        while self.flight is not None:
+            shared = self.flight.get()
+            if shared is not None:
+                return shared  # type: ignore[no-any-return]
         self.flight = flight = AsyncResult()
-
-        def command(kept: list[str]) -> str:
-            return "stats " + json.dumps({"active": True, "hosts": kept, "lines": True})
         try:
             with COLLECTOR.held():
-                merged = self._merged(*self.survey(command, complete=True))
-        except BaseException as exc:
+                merged = self._merged(*self.survey(_active_command, complete=True))
+        except Exception as exc:
             flight.set_exception(exc)
+            raise
+        except BaseException:  # its caller killed: the sharers survey for themselves
+            flight.set(None)  # (bug: the sampler's GreenletExit ended a scrape unanswered)
             raise
         finally:
             self.flight = None

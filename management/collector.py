@@ -62,7 +62,9 @@ class Collector:
                 get_hub().loop.run_callback(self.collect_if_quiet)  # once the holder is gone
 
     def collect_if_quiet(self) -> None:
-        if not self.holding:
+        """Collect if nothing is held and the last was `QUIET_GAP` ago (bug: two
+        holders let go in one turn of the loop both collected, back to back)."""
+        if not self.holding and time.monotonic() - self.last >= QUIET_GAP:
             self.collect()
 
     def collect(self) -> None:

@@ -34,12 +34,13 @@ from prometheus_client.registry import Collector
 
 from balancer.turns import turn
 from management.collector import COLLECTOR
-from management.metrics_text import Rows, per_host_text
+from management.metrics_text import Cut, Rows, per_host_text
 
 log = logging.getLogger("balancer.management")
 Snapshot = dict[str, Any]
 METRICS_SELECT: dict[str, Any] = {"active": True}  # the `Runtime.stats` select of a scrape
 MOST_HELD = 4  # snapshots held by the bodies being sent (scrapes at once share theirs)
+CUT_SHORT = b"balancer_scrape_cut_short{"  # a cut body's end: a line no parser takes
 
 
 class SnapshotCollector(Collector):
@@ -164,11 +165,7 @@ class Metrics:
             snap = self.snapshot()
             registry = CollectorRegistry(auto_describe=False)  # one per scrape: its snapshot's
             registry.register(SnapshotCollector(snap, *self.sources))
-            rows = Rows(snap.get("hosts", {}), snap)
-            self.make_room(snap)
-            body = (rows, time.monotonic())
-            self.sending.append(body)
-            return self._sent(body, generate_latest(registry))
+            return self._sent(Rows(snap.get("hosts", {}), snap), generate_latest(registry))
 
     def held(self) -> list[Any]:
         """The snapshots the bodies being sent hold, oldest first."""
@@ -193,11 +190,22 @@ class Metrics:
                         "scrapes being sent may hold %d snapshots", len(cut),
                         time.monotonic() - cut[0][1], self.most_held)
 
-    def _sent(self, body: tuple[Rows, float], last: bytes) -> Iterator[bytes]:
+    def _sent(self, rows: Rows, last: bytes) -> Iterator[bytes]:
+        """The body, listed as being sent from its first slice on (bug: listed by
+        `render`, a body never iterated, as HEAD's, stayed listed with its
+        snapshot until four newer scrapes cut it: its `finally` never ran).
+        A cut body ends with `CUT_SHORT` (bug: one sent to an HTTP/1.0 client,
+        its end the connection's, ended at a line's end: a valid exposition)."""
+        self.make_room(rows.source)
+        body = (rows, time.monotonic())
+        self.sending.append(body)
         try:
             with COLLECTOR.held():
-                yield from per_host_text(body[0], self.pause)
+                yield from per_host_text(rows, self.pause)
                 yield last
+        except Cut:
+            yield CUT_SHORT
+            raise
         finally:
             if body in self.sending:
                 self.sending.remove(body)

@@ -302,6 +302,19 @@ def test_an_abort_is_stored_only_for_the_deploy_holding_the_host_and_goes_with_i
     assert a.request_abort("web.test", {"at": 4.0, "by": "four"}) is None
 
 
+def test_a_withdrawn_start_takes_its_abort_request_with_it(
+        make_store: Callable[[], Store]) -> None:
+    """A start that did not stand (`withdraw`) drops an abort asked meanwhile with
+    its claim, as `release` does (bug: Redis kept it in ``NS:deploy-aborts``)."""
+    a, b = make_store().records(), make_store().records()
+    record = {"id": "d1", "host": "web.test", "owner": "owner-a", "state": "running",
+              "started": 100.0}
+    assert a.begin(record, now=100.0, stale_after=5.0) is None
+    assert b.request_abort("web.test", {"at": 2.0, "by": "two"}) == "d1"
+    a.withdraw({**record, "state": "failed"})
+    assert b.claims() == {} and b.abort_request("d1") is None
+
+
 def test_racing_claims_for_one_host_have_one_winner(make_store: Callable[[], Store]) -> None:
     stores = [make_store() for _ in range(6)]
     results: list[str | None] = [None] * 6

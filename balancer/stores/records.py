@@ -83,8 +83,8 @@ class Records(ABC):
     @abstractmethod
     def withdraw(self, record: dict[str, Any]) -> None:
         """Save `record` (a start that did not stand, ended) and drop its host's
-        claim if it holds it, in one write that waits for no replica: it only
-        undoes, on the master, what `begin` wrote there."""
+        claim (and its abort request) if it holds it, in one write that waits for
+        no replica: it only undoes, on the master, what `begin` wrote there."""
 
     @abstractmethod
     def release(self, host: str, deploy_id: str) -> None:

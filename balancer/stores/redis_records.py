@@ -160,8 +160,9 @@ class RedisRecords(Records):
                     held = _claim_id(pipe.hget(self.claims_key, host)) == deploy_id
                     pipe.multi()
                     pipe.hset(self.deploys_key, deploy_id, json.dumps(record, sort_keys=True))
-                    if held:
+                    if held:  # (its abort request too, as `release`)
                         pipe.hdel(self.claims_key, host)
+                        pipe.hdel(self.aborts_key, deploy_id)
                     try:
                         pipe.execute()
                     except WatchError:
