@@ -38,12 +38,14 @@ from typing import Any
 
 import pytest
 
+from balancer.certificates import make_record
 from tests.conftest import RedisServer
 from tests.rawpeer import serve_each
 from tests.support import Balancer, constants_prefix, control_socket, request, wait_for
 from tests.test_certs_damage import put
 from tests.test_health import FAST_CHECKS, HOST, scripted, state_of
 from tests.test_process import wait_workers
+from tests.test_tls import CA
 
 WAIT = 10.0
 STATIC = {"action": "static", "status": 200, "body": "hi"}
@@ -354,6 +356,39 @@ def test_the_challenges_follow_goes_on_after_an_unexpected_failure(tmp_path: Pat
         wait_for(lambda: request(bal.port, path=f"/.well-known/acme-challenge/{TOKEN}",
                                  host="app.test")[2] == ANSWER.encode(), WAIT,
                  what="the challenge served")
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
+
+
+def test_a_watch_failure_is_nothing_a_restore_writes_back(tmp_path: Path) -> None:
+    """The management process's certificates watch fails unexpectedly (scripted:
+    its look at the file's signature) while the file is whole, and a certificate
+    is added to it meanwhile (by hand, or another balancer of the store): ``POST
+    /api/v1/certs/restore`` (an operator reading ``store.certs_problem``) answers
+    that there is nothing to restore (bug: it wrote the certificates last read
+    over the store, the new one lost, and answered 500)."""
+    flag = tmp_path / "fail"
+    bal = Balancer(tmp_path, {"a.test": STATIC, "b.test": STATIC},
+                   args=["--tls-listen", "127.0.0.1:0", "--workers", "1"],
+                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
+                                           fail=(["balancer.stores.certs:FileCerts.signature"],
+                                                 flag)))
+    certs = Path(f"{bal.routes}.certs.json")
+    try:
+        assert put(bal, "a.test")[0] == 200
+        flag.touch()
+        watch = "the watch on the store's certificates failed unexpectedly"
+        wait_for(lambda: watch in (bal.api("GET", "/api/v1/info")[1]["store"]["certs_problem"]
+                                   or ""), WAIT, what="certs_problem")
+        doc = json.loads(certs.read_text())
+        doc["certs"]["b.test"] = make_record("b.test", *CA.issue("b.test"))
+        tmp = certs.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, certs)
+        status, answer = bal.api("POST", "/api/v1/certs/restore")
+        assert sorted(json.loads(certs.read_text())["certs"]) == ["a.test", "b.test"]
+        assert (status, answer.get("error")) == (409, "nothing_to_restore"), answer
     finally:
         flag.unlink(missing_ok=True)
         bal.stop()
