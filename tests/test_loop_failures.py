@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
@@ -39,6 +40,7 @@ from typing import Any
 import pytest
 
 from balancer.certificates import make_record
+from balancer.restarts import Restarts, every
 from tests.conftest import RedisServer
 from tests.rawpeer import serve_each
 from tests.support import Balancer, constants_prefix, control_socket, request, wait_for
@@ -392,3 +394,35 @@ def test_a_watch_failure_is_nothing_a_restore_writes_back(tmp_path: Path) -> Non
     finally:
         flag.unlink(missing_ok=True)
         bal.stop()
+
+
+def _raise_at_one_line(turn: int) -> None:
+    raise KeyError(turn)  # a count, a connection's id: new at every turn
+
+
+def _raise_at_another(turn: int) -> None:
+    raise KeyError(turn)
+
+
+def test_a_failure_that_says_something_new_at_every_turn_is_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`balancer.restarts.every` on a step that keeps failing at the same line with
+    a message of its own each time (bug: compared by its message, logged with its
+    traceback at every turn: 4 a second in the watchdog); a failure at another line
+    is another failure, logged too."""
+    turns = 0
+
+    def step() -> None:
+        nonlocal turns
+        turns += 1
+        (_raise_at_one_line if turns < 30 else _raise_at_another)(turns)
+
+    logger = logging.getLogger("balancer.test_restarts")
+    restarts = Restarts("worker 1", logger, quiet=False, loop="the watchdog",
+                        then="trying again at its next tick")
+    with caplog.at_level(logging.ERROR, logger=logger.name):
+        every(0.0, step, lambda: turns >= 40, restarts)
+    logged = [r.getMessage() for r in caplog.records if r.name == logger.name]
+    assert turns == 40 and len(logged) == 2, logged
+    assert "(KeyError: 1)" in logged[0] and "(KeyError: 30)" in logged[1]
+    assert "(KeyError: 40)" in restarts.problem  # the problem told is the last one
