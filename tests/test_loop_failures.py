@@ -426,3 +426,26 @@ def test_a_failure_that_says_something_new_at_every_turn_is_logged_once(
     assert turns == 40 and len(logged) == 2, logged
     assert "(KeyError: 1)" in logged[0] and "(KeyError: 30)" in logged[1]
     assert "(KeyError: 40)" in restarts.problem  # the problem told is the last one
+
+
+def test_a_periodic_loop_stopped_while_it_waits_takes_no_further_turn() -> None:
+    """`balancer.restarts.every`: told to stop during its wait, it returns without
+    another step (bug: one more look after the worker stopped, its store closed:
+    the certificates' and challenges' follows looked at the store before their
+    wait, so stopping ended them at once before `every`)."""
+    import gevent
+
+    steps, stopped = 0, False
+
+    def step() -> None:
+        nonlocal steps
+        steps += 1
+
+    def stop() -> None:
+        nonlocal stopped
+        stopped = True
+
+    gevent.spawn_later(0.05, stop)
+    every(0.3, step, lambda: stopped, Restarts("worker 1", logging.getLogger("balancer"),
+                                               quiet=False), at_once=True)
+    assert (steps, stopped) == (1, True)  # the first step at once, then none
