@@ -102,13 +102,15 @@ class ClusterRuntime:
     def __init__(self, directory: str, store: Any, workers: int, apply_timeout: float = 2.0,
                  problem: Callable[[], str | None] | None = None,
                  table: Callable[[], Any] | None = None,
-                 pause: Callable[[], None] = turn) -> None:
+                 pause: Callable[[], None] = turn,
+                 reload_own: Callable[[], object] | None = None) -> None:
         self.directory = directory
         self.store = store
         self.workers = workers
         self.apply_timeout = apply_timeout
         self.problem = problem or (lambda: None)  # the management process's view of the store
         self.table = table or (lambda: None)  # the `TableData` it holds, None if in doubt
+        self.reload_own = reload_own or store.reload  # its reload (`Mirror.reload`)
         self.retired = RetiredCounters(directory)
         self.held = HeldCounters(self.retired, pause)
         self.mutex = Semaphore()  # the flock is per process: one greenlet holds it
@@ -346,7 +348,7 @@ class ClusterRuntime:
         if not replies:
             raise StoreUnavailable("no worker answered; see the balancer log")
         try:
-            self.store.reload()  # this process's view of the store too (`Store.reload`)
+            self.reload_own()  # this process's view of the store too (`Mirror.reload`)
         except StoreError as exc:
             raise StoreUnavailable(str(exc)) from None
         return min(r["version"] for r in replies)

@@ -449,3 +449,31 @@ def test_a_periodic_loop_stopped_while_it_waits_takes_no_further_turn() -> None:
     every(0.3, step, lambda: stopped, Restarts("worker 1", logging.getLogger("balancer"),
                                                quiet=False), at_once=True)
     assert (steps, stopped) == (1, True)  # the first step at once, then none
+
+
+def test_reload_hands_the_table_it_read_to_the_management_process(
+        redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
+    """A write whose rule is damaged moves the version; repaired by hand to another
+    rule (the version unmoved), ``POST /api/v1/reload`` ends the problem, and the
+    management process holds the table it read: its reads answer the repair at
+    once (bug: its watcher, nothing left to read again, stayed behind until the
+    next write, and every read waited `CATCH_UP` for it: here longer than the
+    API client waits)."""
+    redis = redis_factory()
+    bal = Balancer(tmp_path, None, store=redis.url,
+                   prefix=constants_prefix({"management.table_reads.CATCH_UP": 60.0}))
+    raw = redis.client()
+    try:
+        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+        good = json.loads(raw.hget("balancer:hosts", "app.test"))
+        raw.hset("balancer:hosts", "app.test", "{not json")
+        raw.publish("balancer:changes", raw.incr("balancer:version"))
+        wait_for(lambda: "not valid JSON" in bal.store_problem(), WAIT, what="the damage")
+        raw.hset("balancer:hosts", "app.test", json.dumps({**good, "body": "repaired"}))
+        assert bal.api("POST", "/api/v1/reload") == (200, {"version": 2})
+        assert bal.store_problem() == ""
+        assert request(bal.port, host="app.test")[2] == b"repaired"
+        status, answer = bal.api("GET", "/api/v1/hosts/app.test")
+        assert (status, answer["rule"]["body"], answer["version"]) == (200, "repaired", 2)
+    finally:
+        bal.stop()
