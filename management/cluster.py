@@ -110,7 +110,7 @@ class ClusterRuntime:
         self.apply_timeout = apply_timeout
         self.problem = problem or (lambda: None)  # the management process's view of the store
         self.table = table or (lambda: None)  # the `TableData` it holds, None if in doubt
-        self.reload_own = reload_own or store.reload  # its reload (`Mirror.reload`)
+        self.reload_own = reload_own or (lambda: self.store.reload())  # (`Mirror.reload`)
         self.retired = RetiredCounters(directory)
         self.held = HeldCounters(self.retired, pause)
         self.mutex = Semaphore()  # the flock is per process: one greenlet holds it
