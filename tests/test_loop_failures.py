@@ -477,3 +477,35 @@ def test_reload_hands_the_table_it_read_to_the_management_process(
         assert (status, answer["rule"]["body"], answer["version"]) == (200, "repaired", 2)
     finally:
         bal.stop()
+
+
+def test_a_worker_whose_statistics_fail_is_lagging_and_counted_as_it_last_answered(
+        tmp_path: Path) -> None:
+    """A worker's ``stats`` command raises (scripted: its snapshot) while the flag
+    exists; the worker answers ``{"pid", "error"}`` (its control socket's one place
+    for a command's failure). ``GET /api/v1/stats`` names it in ``lagging`` and
+    counts it from its last answer, and the history goes on sampling (bug: every
+    statistics call answered 500, and each history sample failed)."""
+    flag = tmp_path / "fail"
+    bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--workers", "1"],
+                   prefix=constants_prefix({"management.history.INTERVAL": 0.5},
+                                           fail=(["balancer.control:worker_snapshot"], flag)))
+    try:
+        assert request(bal.port, host="app.test")[0] == 200
+        wait_for(lambda: "app.test" in bal.api("GET", "/api/v1/history")[1]["hosts"], WAIT,
+                 what="a history sample (its answer held)")
+        flag.touch()
+        status, stats = bal.api("GET", "/api/v1/stats")
+        assert status == 200, stats
+        (lag,) = stats["lagging"]
+        assert "RuntimeError" in lag["reason"] and "scripted failure" in lag["reason"], lag
+        assert stats["hosts"]["app.test"]["completed_requests"] >= 1
+        wait_for(lambda: "control command 'stats' failed" in bal.output(), WAIT,
+                 what="the worker's line")
+        flag.unlink()
+        wait_for(lambda: "lagging" not in bal.api("GET", "/api/v1/stats")[1], WAIT,
+                 what="counted live again")
+        assert "sampling the stats failed unexpectedly" not in bal.output()
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
