@@ -428,29 +428,6 @@ def test_a_failure_that_says_something_new_at_every_turn_is_logged_once(
     assert "(KeyError: 40)" in restarts.problem  # the problem told is the last one
 
 
-def test_a_periodic_loop_stopped_while_it_waits_takes_no_further_turn() -> None:
-    """`balancer.restarts.every`: told to stop during its wait, it returns without
-    another step (bug: one more look after the worker stopped, its store closed:
-    the certificates' and challenges' follows looked at the store before their
-    wait, so stopping ended them at once before `every`)."""
-    import gevent
-
-    steps, stopped = 0, False
-
-    def step() -> None:
-        nonlocal steps
-        steps += 1
-
-    def stop() -> None:
-        nonlocal stopped
-        stopped = True
-
-    gevent.spawn_later(0.05, stop)
-    every(0.3, step, lambda: stopped, Restarts("worker 1", logging.getLogger("balancer"),
-                                               quiet=False), at_once=True)
-    assert (steps, stopped) == (1, True)  # the first step at once, then none
-
-
 def test_reload_hands_the_table_it_read_to_the_management_process(
         redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
     """A write whose rule is damaged moves the version; repaired by hand to another
