@@ -7,7 +7,8 @@ Invariants:
 * The failure is a problem the loop reports where it reports its others (the
   store's `last_error`, ``store.certs_problem``, a backend's check problem,
   the ACME status), logged with its traceback once: not again while the same
-  failure repeats within twice the cap (`Restarts.failed`).
+  failure (its type, raised along the same lines of code, whatever its message
+  says) repeats within twice the cap (`Restarts.failed`).
 * The loop goes on after a pause that doubles from `RESTART_FIRST` to
   `RESTART_CAP` while failures follow one another (never a spin), or, run on
   a period (`every`: the watchdog, the certificates' and challenges' follows),
@@ -31,7 +32,9 @@ RESTART_CAP = 10.0
 
 class Restarts:
     """One loop's unexpected exceptions (module doc): the problem to report, logged
-    with its traceback unless it repeats the failure before (within twice the cap),
+    with its traceback unless it repeats the failure before (within twice the cap;
+    the same type raised along the same lines, `_site`: a message naming a count
+    or an id differs at every turn),
     and a pause before the loop goes on (`pause`), doubling from `RESTART_FIRST` to
     `RESTART_CAP` while failures follow one another. `loop` names the loop in the
     problem, `then` says what it does meanwhile."""
@@ -48,6 +51,7 @@ class Restarts:
         self.pause = RESTART_FIRST
         self.last = -float("inf")  # when (`time.monotonic`) the loop last failed
         self.problem = ""  # the last failure's
+        self.site: tuple[object, ...] = ()  # where it was raised (`_site`)
 
     def failed(self, exc: Exception) -> str:
         """The problem `exc` is; sets `pause`."""
@@ -57,11 +61,23 @@ class Restarts:
         self.last = now
         problem = (f"{self.where}: {self.loop} failed unexpectedly ({type(exc).__name__}: "
                    f"{exc}); {self.then} (a bug: please report it with this log line)")
-        if problem != self.problem or not recent:
+        site = _site(exc)
+        if site != self.site or not recent:
             self.logger.log(logging.DEBUG if self.quiet else logging.ERROR, "%s", problem,
                             exc_info=exc)
-        self.problem = problem
+        self.problem, self.site = problem, site
         return problem
+
+
+def _site(exc: BaseException) -> tuple[object, ...]:
+    """`exc`'s type and the lines it was raised along (file and line of each frame
+    of its traceback): what makes two failures the same one."""
+    site: list[object] = [type(exc)]
+    tb = exc.__traceback__
+    while tb is not None:
+        site += (tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+        tb = tb.tb_next
+    return tuple(site)
 
 
 def nap(seconds: float, stop: Callable[[], bool]) -> None:

@@ -196,7 +196,7 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         return json_response(body)
 
     def on_restore_certs(self, request: Request) -> Response:
-        restored = certs_api.restore_certs(self.store, self.certs_watch.problem)
+        restored = certs_api.restore_certs(self.store, self.certs_watch.damage())
         certs_api.tell_workers(self.runtime)
         self.certs_watch.look()
         return json_response({"restored": restored})

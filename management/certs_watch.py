@@ -70,6 +70,7 @@ class CertsWatch:
         self.certs.keep = True
         self.run_dir = run_dir  # the workers' control sockets (`spread`); None: no workers
         self.problem: str | None = None  # why the certificates cannot be read as a whole
+        self.failure: str | None = None  # the watch's own last unexpected failure (`run`)
         self.judged = ""  # the repr of the store's signature when last read (`spread`)
         self.stopped = False
         self._seen: object = object()
@@ -112,7 +113,8 @@ class CertsWatch:
             try:
                 self.look()
             except Exception as exc:
-                self.problem, self._seen = looking.failed(exc), object()
+                self.problem = self.failure = looking.failed(exc)
+                self._seen = object()
                 nap(looking.pause, lambda: self.stopped)
                 continue
             try:
@@ -145,6 +147,14 @@ class CertsWatch:
             self.problem = None
             self._log.clear("certificates: the store's certificates are readable again")
         self.report_damaged(self.certs.damaged)
+
+    def damage(self) -> str | None:
+        """`problem` when the store is damaged, lost or unreadable; None while it is
+        the watch's own unexpected failure (`run`), which says nothing of the store:
+        nothing for ``POST /api/v1/certs/restore`` to repair (bug: the certificates
+        last read were written over the store, one added since by hand or by another
+        balancer lost)."""
+        return None if self.problem == self.failure else self.problem
 
     def report_damaged(self, damaged: dict[str, str]) -> None:
         for host, why in damaged.items():

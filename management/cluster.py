@@ -109,13 +109,16 @@ class ClusterRuntime:
     def __init__(self, directory: str, store: Any, workers: int, apply_timeout: float = 2.0,
                  problem: Callable[[], str | None] | None = None,
                  table: Callable[[], Any] | None = None,
-                 pause: Callable[[], None] = turn) -> None:
+                 pause: Callable[[], None] = turn,
+                 reload_own: Callable[[], object] | None = None) -> None:
         self.directory = directory
         self.store = store
         self.workers = workers
         self.apply_timeout = apply_timeout
         self.problem = problem or (lambda: None)  # the management process's view of the store
         self.table = table or (lambda: None)  # the `TableData` it holds, None if in doubt
+        self.failing: dict[str, str] = {}  # path → why its statistics failed (`lagging`)
+        self.reload_own = reload_own or (lambda: self.store.reload())  # (`Mirror.reload`)
         self.retired = RetiredCounters(directory)
         self.held = HeldCounters(self.retired, pause)
         self.mutex = Semaphore()  # the flock is per process: one greenlet holds it
@@ -278,6 +281,8 @@ class ClusterRuntime:
             if reply is not None and not isinstance(reply.get("pid"), int):
                 reply, why = None, "no usable answer: no pid"  # (sorted by it, merged)
             self.silent.note(path, reply, why, asked)
+            if reply and command.startswith("stats") and self._failed_stats(path, reply):
+                continue  # counted as it last answered (held), named in `lagging`
             if reply:
                 replies.append(reply)
                 answered.add(path)
@@ -285,9 +290,25 @@ class ClusterRuntime:
                     self.held.keep(path, raw, reply)
         return sorted(replies, key=lambda r: r["pid"]), answered
 
+    def _failed_stats(self, path: str, reply: dict[str, Any]) -> bool:
+        """Whether `reply` to a ``stats`` command is a worker's failure (``{"pid",
+        "error"}``: a command its control socket did not foresee), noted for `lagging`.
+        Bug: every statistics call answered 500, each history sample failed."""
+        if "stats" in reply:
+            self.failing.pop(path, None)
+            return False
+        self.failing[path] = str(reply.get("error") or "no statistics")[:200]
+        return True
+
     def lagging(self) -> list[dict[str, Any]]:
-        """The live workers not answering now: ``{"pid", "version": None, "reason"}``."""
-        return self.silent.lagging(worker_sockets(self.directory))
+        """The live workers not answering now, and those whose statistics failed:
+        ``{"pid", "version": None, "reason"}``."""
+        listed = worker_sockets(self.directory)
+        self.failing = {path: why for path, why in self.failing.items() if path in listed}
+        return self.silent.lagging(listed) + [
+            {"pid": pid_of(path), "version": None,
+             "reason": f"its statistics failed ({why}): counted as it last answered"}
+            for path, why in self.failing.items()]
 
     def stats(self, select: dict[str, Any] | None = None) -> dict[str, Any]:
         """The merged snapshot: every host's, or those `select` names
@@ -357,7 +378,7 @@ class ClusterRuntime:
         if not replies:
             raise StoreUnavailable("no worker answered; see the balancer log")
         try:
-            self.store.reload()  # this process's view of the store too (`Store.reload`)
+            self.reload_own()  # this process's view of the store too (`Mirror.reload`)
         except StoreError as exc:
             raise StoreUnavailable(str(exc)) from None
         return min(r["version"] for r in replies)

@@ -193,6 +193,14 @@ class Mirror:
             return None  # another write was noted while reading: stale again, not lost
         return data
 
+    def reload(self) -> None:
+        """`Store.reload` for ``POST /api/v1/reload``, the table it read judged and
+        held as one the watcher delivered. Bug: the store's problem ended without
+        the table reaching this mirror, whose watcher (nothing left to read again)
+        stayed behind until the next write: every read of the API waited
+        `management.table_reads.CATCH_UP` for it."""
+        self.on_table(self.store.reload())
+
     def note_write(self, version: int, changes: Mapping[str, Any] | None,
                    hosts: Mapping[str, Any] | None = None) -> None:
         """This process wrote `version`: `changes` (HOST → rule or None), or the whole

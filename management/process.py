@@ -54,7 +54,8 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     certs_watch.start()
     runtime = ClusterRuntime(env.run_dir, store, settings.effective_workers(),
                              settings.management.apply_timeout, lambda: mirror.problem,
-                             lambda: None if mirror.problem else mirror.table)
+                             lambda: None if mirror.problem else mirror.table,
+                             reload_own=mirror.reload)
     history = History(os.path.join(env.run_dir, HISTORY_FILE), turn)
     history.load()
     issuer = Issuer(settings, store, lambda: mirror.table, runtime)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
@@ -38,12 +39,15 @@ from typing import Any
 
 import pytest
 
+from balancer.certificates import make_record
+from balancer.restarts import Restarts, every
 from tests.conftest import RedisServer
 from tests.rawpeer import serve_each
 from tests.support import Balancer, constants_prefix, control_socket, request, wait_for
 from tests.test_certs_damage import put
 from tests.test_health import FAST_CHECKS, HOST, scripted, state_of
 from tests.test_process import wait_workers
+from tests.test_tls import CA
 
 WAIT = 10.0
 STATIC = {"action": "static", "status": 200, "body": "hi"}
@@ -70,7 +74,9 @@ def test_a_challenge_that_is_no_utf8_leaves_the_others_served(tmp_path: Path) ->
         wait_for(lambda: request(bal.port, path=f"/.well-known/acme-challenge/{TOKEN}",
                                  host="app.test")[2] == ANSWER.encode(), WAIT,
                  what="the http-01 challenge served")
-        assert "TLS-ALPN-01 certificate of alpn.test cannot be loaded" in bal.output()
+        wait_for(lambda: "TLS-ALPN-01 certificate of alpn.test cannot be loaded" in
+                 bal.output(), WAIT, what="the record's line")  # (a process's log is
+        # written by a thread of its own, `balancer.processlog`: after the answer, maybe)
     finally:
         bal.stop()
 
@@ -354,6 +360,131 @@ def test_the_challenges_follow_goes_on_after_an_unexpected_failure(tmp_path: Pat
         wait_for(lambda: request(bal.port, path=f"/.well-known/acme-challenge/{TOKEN}",
                                  host="app.test")[2] == ANSWER.encode(), WAIT,
                  what="the challenge served")
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
+
+
+def test_a_watch_failure_is_nothing_a_restore_writes_back(tmp_path: Path) -> None:
+    """The management process's certificates watch fails unexpectedly (scripted:
+    its look at the file's signature) while the file is whole, and a certificate
+    is added to it meanwhile (by hand, or another balancer of the store): ``POST
+    /api/v1/certs/restore`` (an operator reading ``store.certs_problem``) answers
+    that there is nothing to restore (bug: it wrote the certificates last read
+    over the store, the new one lost, and answered 500)."""
+    flag = tmp_path / "fail"
+    bal = Balancer(tmp_path, {"a.test": STATIC, "b.test": STATIC},
+                   args=["--tls-listen", "127.0.0.1:0", "--workers", "1"],
+                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
+                                           fail=(["balancer.stores.certs:FileCerts.signature"],
+                                                 flag)))
+    certs = Path(f"{bal.routes}.certs.json")
+    try:
+        assert put(bal, "a.test")[0] == 200
+        flag.touch()
+        watch = "the watch on the store's certificates failed unexpectedly"
+        wait_for(lambda: watch in (bal.api("GET", "/api/v1/info")[1]["store"]["certs_problem"]
+                                   or ""), WAIT, what="certs_problem")
+        doc = json.loads(certs.read_text())
+        doc["certs"]["b.test"] = make_record("b.test", *CA.issue("b.test"))
+        tmp = certs.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, certs)
+        status, answer = bal.api("POST", "/api/v1/certs/restore")
+        assert sorted(json.loads(certs.read_text())["certs"]) == ["a.test", "b.test"]
+        assert (status, answer.get("error")) == (409, "nothing_to_restore"), answer
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
+
+
+def _raise_at_one_line(turn: int) -> None:
+    raise KeyError(turn)  # a count, a connection's id: new at every turn
+
+
+def _raise_at_another(turn: int) -> None:
+    raise KeyError(turn)
+
+
+def test_a_failure_that_says_something_new_at_every_turn_is_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`balancer.restarts.every` on a step that keeps failing at the same line with
+    a message of its own each time (bug: compared by its message, logged with its
+    traceback at every turn: 4 a second in the watchdog); a failure at another line
+    is another failure, logged too."""
+    turns = 0
+
+    def step() -> None:
+        nonlocal turns
+        turns += 1
+        (_raise_at_one_line if turns < 30 else _raise_at_another)(turns)
+
+    logger = logging.getLogger("balancer.test_restarts")
+    restarts = Restarts("worker 1", logger, quiet=False, loop="the watchdog",
+                        then="trying again at its next tick")
+    with caplog.at_level(logging.ERROR, logger=logger.name):
+        every(0.0, step, lambda: turns >= 40, restarts)
+    logged = [r.getMessage() for r in caplog.records if r.name == logger.name]
+    assert turns == 40 and len(logged) == 2, logged
+    assert "(KeyError: 1)" in logged[0] and "(KeyError: 30)" in logged[1]
+    assert "(KeyError: 40)" in restarts.problem  # the problem told is the last one
+
+
+def test_reload_hands_the_table_it_read_to_the_management_process(
+        redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
+    """A write whose rule is damaged moves the version; repaired by hand to another
+    rule (the version unmoved), ``POST /api/v1/reload`` ends the problem, and the
+    management process holds the table it read: its reads answer the repair at
+    once (bug: its watcher, nothing left to read again, stayed behind until the
+    next write, and every read waited `CATCH_UP` for it: here longer than the
+    API client waits)."""
+    redis = redis_factory()
+    bal = Balancer(tmp_path, None, store=redis.url,
+                   prefix=constants_prefix({"management.table_reads.CATCH_UP": 60.0}))
+    raw = redis.client()
+    try:
+        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
+        good = json.loads(raw.hget("balancer:hosts", "app.test"))
+        raw.hset("balancer:hosts", "app.test", "{not json")
+        raw.publish("balancer:changes", raw.incr("balancer:version"))
+        wait_for(lambda: "not valid JSON" in bal.store_problem(), WAIT, what="the damage")
+        raw.hset("balancer:hosts", "app.test", json.dumps({**good, "body": "repaired"}))
+        assert bal.api("POST", "/api/v1/reload") == (200, {"version": 2})
+        assert bal.store_problem() == ""
+        assert request(bal.port, host="app.test")[2] == b"repaired"
+        status, answer = bal.api("GET", "/api/v1/hosts/app.test")
+        assert (status, answer["rule"]["body"], answer["version"]) == (200, "repaired", 2)
+    finally:
+        bal.stop()
+
+
+def test_a_worker_whose_statistics_fail_is_lagging_and_counted_as_it_last_answered(
+        tmp_path: Path) -> None:
+    """A worker's ``stats`` command raises (scripted: its snapshot) while the flag
+    exists; the worker answers ``{"pid", "error"}`` (its control socket's one place
+    for a command's failure). ``GET /api/v1/stats`` names it in ``lagging`` and
+    counts it from its last answer, and the history goes on sampling (bug: every
+    statistics call answered 500, and each history sample failed)."""
+    flag = tmp_path / "fail"
+    bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--workers", "1"],
+                   prefix=constants_prefix({"management.history.INTERVAL": 0.5},
+                                           fail=(["balancer.control:worker_snapshot"], flag)))
+    try:
+        assert request(bal.port, host="app.test")[0] == 200
+        wait_for(lambda: "app.test" in bal.api("GET", "/api/v1/history")[1]["hosts"], WAIT,
+                 what="a history sample (its answer held)")
+        flag.touch()
+        status, stats = bal.api("GET", "/api/v1/stats")
+        assert status == 200, stats
+        (lag,) = stats["lagging"]
+        assert "RuntimeError" in lag["reason"] and "scripted failure" in lag["reason"], lag
+        assert stats["hosts"]["app.test"]["completed_requests"] >= 1
+        wait_for(lambda: "control command 'stats' failed" in bal.output(), WAIT,
+                 what="the worker's line")
+        flag.unlink()
+        wait_for(lambda: "lagging" not in bal.api("GET", "/api/v1/stats")[1], WAIT,
+                 what="counted live again")
+        assert "sampling the stats failed unexpectedly" not in bal.output()
     finally:
         flag.unlink(missing_ok=True)
         bal.stop()
