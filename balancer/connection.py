@@ -293,7 +293,9 @@ class ClientConnection:
         # before the request id, those after it)
         self.forwarded: tuple[RequestHead, bytes, bytes] | None = None
         self.exchange: Exchange | None = None  # the request being handled
-        self.allowed = b""  # tls.refuse_domain_fronting: the last Host value found to match
+        # tls.refuse_domain_fronting: the last Host value found to match; first a value
+        # no Host has (bug: b"", a request's without a Host, went unchecked to `*`)
+        self.allowed = b"\n"
         self.ctx = ctx
         self.parser = RequestParser(ctx.limits, ctx.request_callbacks)
         self.events = self.parser.events  # a list: `pop(0)` is a C call under mypyc

@@ -26,8 +26,11 @@ def backends() -> Iterator[dict[str, Backend]]:
         backend.stop()
 
 
-def start(tmp: Path, backends: dict[str, Backend], refuse: bool, more: str = "") -> Balancer:
+def start(tmp: Path, backends: dict[str, Backend], refuse: bool, more: str = "",
+          catch_all: bool = False) -> Balancer:
     hosts = {"a.test": "a", "b.test": "b", "*.wild.test": "w", "plain.test": "b"}
+    if catch_all:
+        hosts["*"] = "b"
     routes = tmp / "routes.json"
     routes.write_text(json.dumps({"version": 1, "hosts": {
         host: {"action": "proxy", "backends": [backends[name].address]}
@@ -102,5 +105,28 @@ def test_on_the_default_certificate_serves_its_own_host_only(
     try:
         assert [s for s, _ in exchange(bal, "unknown.test", ["a.test", "b.test"],
                                        tmp_path)] == [200, 421]
+    finally:
+        bal.stop()
+
+
+def test_on_a_request_without_host_gets_421(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    """An HTTP/1.0 request without a Host goes to the catch-all rule `*`, whose
+    certificate is not the connection's. Bug: it was served (the check took a
+    missing Host for the last one found to match), where ``Host: other.test``,
+    routed to the same rule, got a 421."""
+    bal = start(tmp_path, backends, refuse=True, catch_all=True)
+    try:
+        context = client_context(tmp_path)
+        context.check_hostname = False
+        served = backends["b"].count
+        with socket.create_connection(("127.0.0.1", bal.ports["tls"]), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="a.test") as tls:
+            tls.sendall(b"GET /x HTTP/1.0\r\n\r\n")
+            response = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+            response.begin()
+            assert response.status == 421
+        assert backends["b"].count == served
+        assert [s for s, _ in exchange(bal, "a.test", ["other.test"], tmp_path)] == [421]
     finally:
         bal.stop()
