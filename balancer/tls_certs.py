@@ -78,14 +78,19 @@ class ServedCerts:
 
     def build(self, host: str) -> ssl.SSLContext | None:
         """Build (and keep) the context of `host`'s record (None: OpenSSL refuses
-        it, logged once)."""
+        it, logged once). One that cannot be built for want of descriptors or
+        memory (`OSError`: the worker's, not the record's) is tried again at the
+        next handshake. Bug: it was taken for a record OpenSSL refuses, and a
+        worker at its descriptor limit (a flood of connections) served its host
+        no more until the record changed."""
         record = self.records[host]
         if self.failed.get(host) is record:
             return None
         try:
             context = self.load(record)
         except (ssl.SSLError, OSError, ValueError) as exc:
-            self.failed[host] = record
+            if _refused(exc):
+                self.failed[host] = record
             reason = _reason(exc)
             if self.problems.get(host) != reason:
                 self.problems[host] = reason
@@ -139,7 +144,8 @@ class ServedCerts:
         except (ssl.SSLError, OSError, ValueError) as exc:
             problems[host] = _reason(exc)
             if known is None:
-                self.failed[host] = record
+                if _refused(exc):  # (else built again at its first handshake, `build`)
+                    self.failed[host] = record
                 return record
             return known
         self.contexts.pop(host, None)  # (re-inserted: the newest)
@@ -174,6 +180,12 @@ class ServedCerts:
             self.records = {**self.records, **added}
             self.problems = {h: why for h, why in self.problems.items() if h not in added}
         return len(added)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a record's build failed for the record (OpenSSL refused it, or its
+    text), not for the worker (no descriptor or memory for its memory file)."""
+    return isinstance(exc, ssl.SSLError) or not isinstance(exc, OSError)
 
 
 def _reason(exc: BaseException) -> str:

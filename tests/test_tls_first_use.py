@@ -7,6 +7,8 @@ long, expired) and names no certificate covers."""
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import socket
 import ssl
 import threading
@@ -217,3 +219,28 @@ def test_a_record_replaced_while_served_is_built_at_once(
     assert [r.getMessage() for r in caplog.records] == [
         "certificate of h2.test not served: OpenSSL refused it (KEY_VALUES_MISMATCH); "
         "keeping the one loaded before"]
+
+
+def test_a_build_out_of_descriptors_is_tried_again_at_the_next_handshake(
+        records: dict[str, Any], serve: Any, tmp_path: Path) -> None:
+    """A worker at its descriptor limit (a flood of connections) cannot make the
+    memory file a build reads: the host is not served then, and is built at its
+    next handshake once descriptors are free. Bug: the record was taken for one
+    OpenSSL refuses, and its host went unserved by that worker until the record
+    changed."""
+    front = a_front()
+    front.update(records)
+    served = serve(front)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    try:
+        with pytest.raises(OSError):
+            for _ in range(64):  # bounded: the limit is a few descriptors away
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        assert front.certs.context("h5.test") is None
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert served.names("h5.test", tmp_path) == ["h5.test"]
