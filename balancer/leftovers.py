@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 
 log = logging.getLogger("balancer")
 
@@ -60,10 +61,15 @@ def _left(entry: os.DirEntry[str]) -> bool:
         if not entry.is_dir(follow_symlinks=False) or \
                 entry.stat(follow_symlinks=False).st_uid != os.geteuid():
             return False
-        fd = os.open(os.path.join(entry.path, LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        # (no wait for a writer: a FIFO of that name, which no balancer makes, is
+        # left alone. Bug: opening one waited there, and the balancer never started)
+        fd = os.open(os.path.join(entry.path, LOCK),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return False  # held: an arbiter or one of its children still runs

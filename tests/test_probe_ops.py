@@ -559,3 +559,21 @@ def test_the_token_goes_only_in_the_authorization_header(tmp_path, backend):
         no_traceback(bal)
     finally:
         bal.stop()
+
+
+def test_a_lock_file_that_is_a_fifo_does_not_hold_the_start(tmp_path, backend):
+    """A directory of this user named ``balancer-*`` whose ``alive.lock`` is a FIFO
+    (not a balancer's: it never makes one). Bug: the sweep opened it to try its lock
+    and waited there for a writer: the balancer never started."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="po-", dir="/tmp"))
+    planted = tmpdir / "balancer-fifo1"
+    planted.mkdir(mode=0o700)
+    os.mkfifo(planted / "alive.lock")
+    bal = None
+    try:
+        bal = Balancer(tmp_path, routes(backend), env={"TMPDIR": str(tmpdir)})
+        assert request(bal.port, host=HOST)[0] == 200
+    finally:
+        if bal is not None:
+            bal.stop()
+        shutil.rmtree(tmpdir, ignore_errors=True)
