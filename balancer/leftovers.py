@@ -40,7 +40,8 @@ def hold(run_dir: str) -> int:
 
 def sweep(run_dir: str) -> list[str]:
     """Remove the run directories beside `run_dir` that no process holds; their paths."""
-    parent, removed = os.path.dirname(run_dir), []
+    parent = os.path.dirname(run_dir)
+    removed: list[str] = []
     try:
         entries = list(os.scandir(parent))
     except OSError:
