@@ -63,12 +63,16 @@ class ServedCerts:
 
     def key_of(self, name: str) -> str | None:
         """The host (a key of `records`) whose certificate a normalised name gets:
-        its own, else its parent's wildcard; None without either."""
-        records = self.records
-        if name in records:
-            return name
-        wildcard = "*." + name.partition(".")[2]
-        return wildcard if wildcard in records else None
+        its own, else its parent's wildcard; None without either. A record OpenSSL
+        refused (`failed`) is none, as at the handshake (`TLSFront.find`). Bug: a
+        name whose record was refused, served `tls.default_host`'s certificate,
+        was taken for its own: the default host's requests got a 421."""
+        records, failed = self.records, self.failed
+        for key in (name, "*." + name.partition(".")[2]):
+            record = records.get(key)
+            if record is not None and failed.get(key) is not record:
+                return key
+        return None
 
     def matches_sni(self, sni_host: str | None, host: bytes) -> bool:
         """Whether a request for the Host value `host` may go on a TLS connection

@@ -244,3 +244,22 @@ def test_a_build_out_of_descriptors_is_tried_again_at_the_next_handshake(
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert served.names("h5.test", tmp_path) == ["h5.test"]
+
+
+def test_a_refused_record_is_no_certificate_to_the_fronting_check(
+        records: dict[str, Any], serve: Any, tmp_path: Path) -> None:
+    """A name whose record OpenSSL refuses gets `tls.default_host`'s certificate
+    (docs/tls.md): with `tls.refuse_domain_fronting` that connection serves the
+    default host only, as for a name with no certificate. Bug: it was taken for
+    the refused name's connection: `Host: h0.test` got a 421, `Host: bad.test`
+    was served on h0.test's certificate."""
+    front = a_front(default_host="h0.test")
+    front.update({**records, "bad.test": hostile("garbage", "bad.test"),
+                  "*.wild.test": hostile("other key", "*.wild.test")})
+    served = serve(front)
+    for name in ("bad.test", "x.wild.test"):
+        assert served.names(name, tmp_path) == ["h0.test"]
+        got = front.served_host(name)
+        assert got == "h0.test"
+        assert front.certs.matches_sni(got, b"h0.test")
+        assert not front.certs.matches_sni(got, name.encode())
