@@ -996,8 +996,9 @@ class RequestParser(_Parser):
         coding the balancer does not take before a final ``chunked``, else 400 (RFC
         9112 §6.1: with ``chunked`` not last, or applied twice, the body's length
         cannot be known; bug: ``gzip`` alone got a 501; ``chunked`` and a tab, which
-        llhttp does not read as chunked, is no other coding: 400)."""
-        codings = [token.strip(b" \t").translate(LOWER)
+        llhttp does not read as chunked, is no other coding: 400, also after
+        ``gzip,``, which got a 501)."""
+        codings = [token.lstrip(b" \t").rstrip(b" ").translate(LOWER)  # (`is_chunked_only`)
                    for mark in marks if mark[0] == b"transfer-encoding"
                    for token in _value(block, mark[1] + 3 + len(mark[0]), mark[2]).split(b",")]
         codings = [coding for coding in codings if coding]

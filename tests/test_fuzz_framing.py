@@ -302,7 +302,10 @@ def test_an_absolute_form_target_with_an_ip_literal_is_forwarded(site) -> None:
     (b"Transfer-Encoding: chunked, chunked", b"400"),
     (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked", b"400"),
     (b"Transfer-Encoding: gzip, chunked", b"501"),
-    (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked", b"501")])
+    (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked", b"501"),
+    # (llhttp reads chunked and a tab as another coding: no final chunked)
+    (b"Transfer-Encoding: gzip, chunked\t", b"400"),
+    (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\t", b"400")])
 def test_a_transfer_encoding_not_ending_in_chunked_is_a_bad_request(
         site, fields: bytes, status: bytes) -> None:
     bal, backend = site
