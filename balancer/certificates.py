@@ -132,6 +132,13 @@ def _refused(exc: Exception, key_pem: str) -> CertificateError:
     return CertificateError(f"OpenSSL cannot load the chain and key ({why}){hint}")
 
 
+def _no_password() -> bytes:
+    """The password OpenSSL gets for an encrypted key: none. Bug: without one it
+    asked for it on the terminal (a stored-straight encrypted key: a worker run
+    in a terminal waited there; else an OSError, tried again at every handshake)."""
+    return b""
+
+
 def load_pem(context: ssl.SSLContext, chain: str, key: str) -> None:
     """Load a PEM chain and key into `context` through an anonymous memory file
     (what a worker serves: the key's file first, so OpenSSL takes the first
@@ -142,7 +149,7 @@ def load_pem(context: ssl.SSLContext, chain: str, key: str) -> None:
         while data:  # a short write (a file size limit) is no whole file: the next raises
             data = data[os.write(fd, data):]
         path = f"/proc/self/fd/{fd}"
-        context.load_cert_chain(path, path)
+        context.load_cert_chain(path, path, password=_no_password)
     finally:
         os.close(fd)
 

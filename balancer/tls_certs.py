@@ -26,6 +26,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import logging
 import ssl
 from collections.abc import Callable, Mapping
@@ -39,6 +40,8 @@ log = logging.getLogger("balancer")
 
 CONTEXTS_KEPT: Final = 10_000  # contexts a worker keeps built (~15 KiB each)
 Record = Mapping[str, Any]
+# a build's errors that are the worker's, not its record's: tried again (`build`)
+WORKERS_ERRORS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM))
 
 
 class ServedCerts:
@@ -84,7 +87,7 @@ class ServedCerts:
         """Build (and keep) the context of `host`'s record (None: OpenSSL refuses
         it, logged once). One that cannot be built for want of descriptors or
         memory (`OSError`: the worker's, not the record's) is tried again at the
-        next handshake. Bug: it was taken for a record OpenSSL refuses, and a
+        next handshake (`WORKERS_ERRORS`). Bug: it was taken for a record OpenSSL refuses, and a
         worker at its descriptor limit (a flood of connections) served its host
         no more until the record changed."""
         record = self.records[host]
@@ -189,7 +192,8 @@ class ServedCerts:
 def _refused(exc: BaseException) -> bool:
     """Whether a record's build failed for the record (OpenSSL refused it, or its
     text), not for the worker (no descriptor or memory for its memory file)."""
-    return isinstance(exc, ssl.SSLError) or not isinstance(exc, OSError)
+    return isinstance(exc, ssl.SSLError) or not isinstance(exc, OSError) or \
+        exc.errno not in WORKERS_ERRORS
 
 
 def _reason(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from balancer import tls_certs
 from balancer.certificates import CertificateError, check, make_record
@@ -155,12 +156,18 @@ def hostile(kind: str, host: str) -> dict[str, Any]:
         return {"chain": "-----BEGIN CERTIFICATE-----\nnot base64 at all\n", "key": key}
     if kind == "other key":
         return {"chain": chain, "key": CA.issue(host)[1]}
+    if kind == "encrypted key":
+        encrypted = serialization.load_pem_private_key(key.encode(), None).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"))
+        return {"chain": chain, "key": encrypted.decode()}
     return {"chain": chain + CA.pem * (1_000_000 // len(CA.pem)), "key": key}  # 1 MB
 
 
 @pytest.mark.parametrize("kind, reason", [
     ("garbage", "OpenSSL refused it ("),
     ("other key", "OpenSSL refused it (KEY_VALUES_MISMATCH)"),
+    ("encrypted key", "OpenSSL refused it ("),  # (bug: asked on the terminal: OSError)
     ("1 MB", "chain: 100"),
 ])
 def test_a_refused_record_is_tried_once_logged_once_and_the_default_served(
