@@ -414,7 +414,9 @@ def _from_file(path: str, problems: list[str]) -> Iterator[_Given]:
         return
     data = _read_toml(path, problems)
     for section, table in data.items():
-        if section not in SECTIONS:
+        if section not in SECTIONS and not isinstance(table, dict):
+            problems.append(_outside_sections(section, path))
+        elif section not in SECTIONS:
             problems.append(f"[{section}] ({path}): unknown section; sections are "
                             + ", ".join(SECTIONS))
         elif not isinstance(table, dict):
@@ -424,6 +426,14 @@ def _from_file(path: str, problems: list[str]) -> Iterator[_Given]:
                 setting = _known(f"{section}.{key}", path, problems)
                 if setting:
                     yield _Given(setting, raw, path, is_text=False)
+
+
+def _outside_sections(key: str, path: str) -> str:
+    """The problem of a key written before any section (`workers = 2`)."""
+    homes = [name.split(".", 1)[0] for name in BY_NAME if name.split(".", 1)[1] == key]
+    where = (" or ".join(f"[{home}]" for home in homes) if homes
+             else "its section (sections are " + ", ".join(SECTIONS) + ")")
+    return f"{key} ({path}): a setting outside any section; write it under {where}"
 
 
 def _read_toml(path: str, problems: list[str]) -> dict:

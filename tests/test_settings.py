@@ -276,7 +276,16 @@ def test_unknown_section_and_key(config):
 
 def test_top_level_key_is_not_a_section(config):
     path = config('listen = "127.0.0.1:1"\n')
-    assert "unknown section" in one_problem(config_path=path)
+    assert one_problem(config_path=path) == (
+        f"listen ({path}): a setting outside any section; "
+        "write it under [server] or [management] or [tls]")
+    path = config("workers = 2\n")
+    assert one_problem(config_path=path) == (
+        f"workers ({path}): a setting outside any section; write it under [server]")
+    path = config("wrkers = 2\n")
+    assert one_problem(config_path=path).startswith(
+        f"wrkers ({path}): a setting outside any section; write it under its section "
+        "(sections are server, ")
     path = config('server = 3\n')
     assert one_problem(config_path=path) == f"server ({path}): must be a table [server], got 3"
 
