@@ -39,10 +39,8 @@ class Restarts:
     `RESTART_CAP` while failures follow one another. `loop` names the loop in the
     problem, `then` says what it does meanwhile."""
 
-    def __init__(self, where: str, logger: logging.Logger, quiet: bool,
-                 loop: str = "the store's watcher",
-                 then: str = "keeping the last table and reading the store again with "
-                             "backoff") -> None:
+    def __init__(self, where: str, logger: logging.Logger, quiet: bool, loop: str,
+                 then: str) -> None:
         self.where = where
         self.logger = logger
         self.quiet = quiet  # log at debug level (a proxy worker: the management process tells)

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from balancer.restarts import Restarts
 from balancer.rules import normalize_host, validate_table
 from balancer.stores.floors import Raised, raise_rule, raise_to_floors
 from balancer.turns import turn
@@ -403,3 +404,10 @@ class Store(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections; a running `watch` ends at its next `stop()` check."""
+
+
+def watcher_restarts(where: str, logger: logging.Logger, quiet: bool) -> Restarts:
+    """A store watcher's `Restarts` (`balancer.restarts`): its problem says the
+    last table keeps serving while the store is read again."""
+    return Restarts(where, logger, quiet, loop="the store's watcher",
+                    then="keeping the last table and reading the store again with backoff")

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from balancer.restarts import Restarts, nap
+from balancer.restarts import nap
 from balancer.stores.atomic import open_regular
 from balancer.stores.base import (
     CorruptStore,
@@ -30,6 +30,7 @@ from balancer.stores.base import (
     Store,
     StoreUnavailable,
     TableData,
+    watcher_restarts,
 )
 from balancer.stores.snapshot import HOW_TO_FIX
 
@@ -55,7 +56,7 @@ class FileWatching(Store):
     def watch(self, on_change: Callable[[Any], None], stop: Callable[[], bool],
               served: Callable[[], int] | None = None) -> None:
         problems = ProblemLog(log, self.quiet)
-        restarts = Restarts(self.display_url, log, self.quiet)
+        restarts = watcher_restarts(self.display_url, log, self.quiet)
         seen: tuple[int, ...] | None = None
         delivered: TableData | None = None
         while not stop():

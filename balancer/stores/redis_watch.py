@@ -34,12 +34,13 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from balancer.big_loads import loading
-from balancer.restarts import Restarts, nap
+from balancer.restarts import nap
 from balancer.stores.base import (
     CorruptStore,
     ProblemLog,
     StoreUnavailable,
     TableData,
+    watcher_restarts,
 )
 from balancer.stores.redis_answers import is_refusal, refusal, why
 from balancer.stores.redis_changes import BACKOFF_FIRST, MESSAGE_LAG, RedisChanges, Seen
@@ -79,7 +80,7 @@ class RedisWatching(RedisChanges):
               served: Callable[[], int] | None = None) -> None:
         problems = ProblemLog(log, self.quiet)
         seen = Seen()
-        restarts = Restarts(self.display_url, log, self.quiet)
+        restarts = watcher_restarts(self.display_url, log, self.quiet)
         self._watchers += 1
         if not self.quiet:
             self._tell_other_databases()
