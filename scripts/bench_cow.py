@@ -1,6 +1,6 @@
 """Which of the arbiter's pages each child copied, which objects are on them, and why.
 
-``python scripts/bench_cow.py [--tree TREE] [--connections 1000] [--duration 8]
+``python scripts/bench_cow.py [--tree TREE] [--connections 1000|0] [--duration 8]
 [--settle 15] [--top 12]`` (as root: /proc/PID/pagemap shows page frames only to
 CAP_SYS_ADMIN)
 
@@ -8,7 +8,8 @@ Starts ``balancer serve --workers 1`` (file store, in front of nginx, as
 `scripts/bench_proxy.py` does) from TREE (PYTHONPATH; default: this tree)
 with `scripts/cow_dump.py`'s hook, which maps the arbiter's objects at each
 fork. Idle (``--settle`` seconds after it listens) and once more while
-``wrk -t1 -cN`` keep-alive loads it (two seconds before wrk ends), it reads,
+``wrk -t1 -cN`` keep-alive loads it (two seconds before wrk ends; not with
+``--connections 0``), it reads,
 for every page of the arbiter's writable private mappings (pymalloc's arenas
 and other anonymous memory, malloc's heap, libraries' writable data), the
 physical frame each process maps there. A child's page is *copied* where its
@@ -24,7 +25,8 @@ processes' bytes word by word, and attributes:
 * each differing word to what it is in its object: a reference count, the
   collector's header, a code object's header (its warm-up counter) or its
   bytecode (quickened instructions and inline caches), a dict's version or
-  table pointer, a type's fields, another field, or no object at the fork
+  table pointer, a type's fields (its version tag, its subclasses, ...),
+  another field, or no object at the fork
   (a block allocated since, or an allocator's header);
 * each page to the causes of its differences: only reference counts, no
   difference left at all (written and put back: a count up and down, a
@@ -63,12 +65,16 @@ POOL = 16384  # pymalloc's pool in 3.11 (its header at the start)
 PFN_MASK = (1 << 55) - 1
 PRESENT = 1 << 63
 KINDS = ("anonymous", "heap", "file data")  # of loadtest.measure.MAPPING_KINDS
+# PyHeapTypeObject's fields (3.11) a process writes after the type is made
+TYPE_FIELDS = {168: "flags", 352: "tp_cache", 360: "subclasses", 384: "version tag",
+               872: "cached keys", 896: "__getitem__ cache"}
 CODE_BASIC = 184  # PyCodeObject's fixed part in 3.11: its bytecode follows
 WRAPPER = (
     "import os, runpy, sys\n"
     "sys.path.insert(0, {scripts!r})\n"
     "import cow_dump\n"
-    "cow_dump.install({directory!r}, os.environ.get('COW_FILL') == '1')\n"
+    "cow_dump.install({directory!r}, os.environ.get('COW_FILL') == '1',\n"
+    "                 os.environ.get('COW_TAGS') == '1')\n"
     "sys.argv = ['balancer', *{argv!r}]\n"
     "runpy.run_module('balancer', run_name='__main__', alter_sys=True)\n"
 )
@@ -166,7 +172,7 @@ def word_cause(address: int, row: tuple[int, int, int, str, str] | None, kind: s
     if what.startswith("(dict"):
         return "dict keys/values tables"
     if what.startswith("type:"):
-        return "type fields (version tag, caches)"
+        return f"type {TYPE_FIELDS.get(rel, 'other field')}"
     return f"{what.split(':')[0]} field"
 
 
@@ -178,6 +184,7 @@ class Report:
     words: Counter[str] = field(default_factory=Counter)  # differing words by cause
     page_causes: Counter[str] = field(default_factory=Counter)  # copied pages by cause set
     families: Counter[str] = field(default_factory=Counter)  # copied pages by `family`
+    written: Counter[str] = field(default_factory=Counter)  # bytes of objects with a change
 
 
 def attribute(arbiter: int, child: int, objects: ObjectMap, sibling: int | None) -> Report:
@@ -214,6 +221,7 @@ def attribute(arbiter: int, child: int, objects: ObjectMap, sibling: int | None)
                 report.by_kind["no object"] += max(PAGE - covered, 0)
                 report.by_label["no object"] += max(PAGE - covered, 0)
                 causes = set()
+                written = set()
                 old, new = memoryview(before).cast("Q"), memoryview(after).cast("Q")
                 for w in range(PAGE // 8):
                     if old[w] != new[w]:
@@ -223,6 +231,10 @@ def attribute(arbiter: int, child: int, objects: ObjectMap, sibling: int | None)
                             row[2], address, old, new))
                         report.words[cause] += 1
                         causes.add(cause)
+                        if row is not None:
+                            written.add(row)
+                for start, end, _, _, label in written:
+                    report.written[label] += end - start
                 report.page_causes[page_cause(causes)] += 1
                 report.families[family(causes)] += 1
     return report
@@ -280,6 +292,9 @@ def print_report(title: str, report: Report, totals: Counter[str], top: int) -> 
     print("  by the module that first reaches the object (MiB):")
     for label, n in report.by_label.most_common(top):
         print(f"    {label:40} {mib(n)}")
+    print("  objects with a difference left, by the module that first reaches them (MiB):")
+    for label, n in report.written.most_common(top):
+        print(f"    {label:40} {mib(n)}")
     print("  differing 8-byte words by what they are:")
     for cause, n in report.words.most_common():
         print(f"    {cause:40} {n}")
@@ -333,7 +348,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", type=Path, default=ROOT,
                         help="the tree `balancer serve` runs from (PYTHONPATH)")
-    parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=1000,
+                        help="wrk's connections (0: the idle reading only)")
     parser.add_argument("--duration", type=int, default=8, help="seconds of wrk")
     parser.add_argument("--settle", type=float, default=15.0,
                         help="seconds from the start to the idle reading")
@@ -351,6 +367,8 @@ def main() -> None:
             arbiter, port = start(procs, root, args.tree.resolve(), nginx.port, dumps)
             time.sleep(args.settle)
             measure("idle", arbiter, dumps, args.top)
+            if not args.connections:
+                return
             load = threading.Thread(target=subprocess.run, args=(
                 ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
                  f"http://{HOST}:{port}/index.html"],), kwargs={"capture_output": True})

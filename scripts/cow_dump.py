@@ -11,7 +11,8 @@ arbiter's own memory nothing (no object of the map is ever made in it);
 only this module's few functions are.
 
 Objects are found from every module (breadth first, so each object is
-labelled with the first module's top-level package that reaches it), then
+labelled with the first module that reaches it: its top-level package, the
+balancer's own modules by name), then
 from `gc.get_objects` (labelled ``(unreached)``), following
 `gc.get_referents` and, for code objects, which the collector does not
 traverse in CPython 3.11, their fields (read at their 3.11 offsets). Blocks
@@ -42,9 +43,10 @@ CODE_FIELDS = ("co_consts", "co_names", "co_exceptiontable", "co_filename", "co_
 BALLAST: list[object] = []
 
 
-def install(directory: str, fill: bool = False) -> None:
+def install(directory: str, fill: bool = False, tags: bool = False) -> None:
     """Map the objects at each of this process's forks into `directory`;
-    with `fill`, first fill pymalloc's used pools (`fill_pools`)."""
+    with `fill`, first fill pymalloc's used pools (`fill_pools`), with `tags`
+    give every type its version tag (`tag_types`)."""
     fork = os.fork
     count = [0]
     parent = os.getpid()
@@ -54,6 +56,8 @@ def install(directory: str, fill: bool = False) -> None:
             return fork()
         if fill:
             fill_pools()
+        if tags:
+            tag_types()
         count[0] += 1
         dumper = fork()
         if dumper == 0:
@@ -104,6 +108,16 @@ def fill_pools() -> None:
             BALLAST.extend(bytes(size - 33) for _ in range(free))
 
 
+def tag_types() -> None:
+    """Look a missing attribute up on every type, which gives it (and its
+    bases) a version tag in the arbiter instead of in each child that looks a
+    method up on it: the experiment ``COW_TAGS=1``."""
+    types = {type(o) for o in gc.get_objects()}
+    types.update(o for o in gc.get_objects() if isinstance(o, type))
+    for cls in types:
+        getattr(cls, "__cow_absent__", None)
+
+
 def dump(path: str) -> None:
     """In the throwaway child: write the map (see the module's docstring)."""
     import ctypes
@@ -115,6 +129,7 @@ def dump(path: str) -> None:
             out.write(f"{address}\t{pre}\t{size}\t{kind}\t{label}\n")
 
         tracked = gc.get_objects()
+        seen.update((id(seen), id(tracked), id(out)))  # the map's own objects
         modules = [(top(name), m) for name, m in list(sys.modules.items()) if m is not None]
         for roots in (modules, [("(unreached)", o) for o in tracked]):
             queue: deque[tuple[str, Any]] = deque(roots)
@@ -133,7 +148,9 @@ def dump(path: str) -> None:
 
 
 def top(module: str) -> str:
-    return module.split(".", 1)[0]
+    """A module's label: its top-level package (the balancer's: its module)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("balancer", "management") else parts[0]
 
 
 def shape(obj: Any) -> tuple[int, int]:
