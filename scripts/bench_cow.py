@@ -185,6 +185,7 @@ class Report:
     page_causes: Counter[str] = field(default_factory=Counter)  # copied pages by cause set
     families: Counter[str] = field(default_factory=Counter)  # copied pages by `family`
     written: Counter[str] = field(default_factory=Counter)  # bytes of objects with a change
+    put_back: Counter[str] = field(default_factory=Counter)  # bytes on pages without one
 
 
 def attribute(arbiter: int, child: int, objects: ObjectMap, sibling: int | None) -> Report:
@@ -213,11 +214,17 @@ def attribute(arbiter: int, child: int, objects: ObjectMap, sibling: int | None)
                 except OSError:
                     continue
                 covered = 0
+                same = before == after
                 for start, end, _, what, label in objects.covering(address, address + PAGE):
                     share = min(end, address + PAGE) - max(start, address)
                     covered += share
                     report.by_kind[what.split(":")[0]] += share
                     report.by_label[label] += share
+                    if same:
+                        report.put_back[f"{label} {what.split(':')[0]}"] += share
+                if same:
+                    report.put_back[f"(pages in {kind}, {'mostly' if covered < PAGE // 2 else 'mostly not'} "
+                                    "free of objects)"] += PAGE
                 report.by_kind["no object"] += max(PAGE - covered, 0)
                 report.by_label["no object"] += max(PAGE - covered, 0)
                 causes = set()
@@ -294,6 +301,9 @@ def print_report(title: str, report: Report, totals: Counter[str], top: int) -> 
         print(f"    {label:40} {mib(n)}")
     print("  objects with a difference left, by the module that first reaches them (MiB):")
     for label, n in report.written.most_common(top):
+        print(f"    {label:40} {mib(n)}")
+    print("  pages without a difference left: their objects by module and kind (MiB):")
+    for label, n in report.put_back.most_common(top):
         print(f"    {label:40} {mib(n)}")
     print("  differing 8-byte words by what they are:")
     for cause, n in report.words.most_common():
