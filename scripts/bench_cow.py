@@ -223,8 +223,8 @@ def attribute(arbiter: int, child: int, objects: ObjectMap, sibling: int | None)
                     if same:
                         report.put_back[f"{label} {what.split(':')[0]}"] += share
                 if same:
-                    report.put_back[f"(pages in {kind}, {'mostly' if covered < PAGE // 2 else 'mostly not'} "
-                                    "free of objects)"] += PAGE
+                    share = "half or more" if covered >= PAGE // 2 else "less than half"
+                    report.put_back[f"(pages in {kind}: objects on {share})"] += PAGE
                 report.by_kind["no object"] += max(PAGE - covered, 0)
                 report.by_label["no object"] += max(PAGE - covered, 0)
                 causes = set()
