@@ -20,6 +20,10 @@ import pytest
 from loadtest.procs import HeldPort
 from loadtest.reaper import guarded_popen, release
 
+# fixtures shared by several test modules, as plugins (no import: a module that
+# imported a fixture and named it as a parameter would redefine it, ruff F811)
+pytest_plugins = ["tests.deploy_fixtures"]
+
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02,
                message: str = "condition") -> Any:

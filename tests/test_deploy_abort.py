@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +38,6 @@ def started(lb: Balancer, body: dict[str, Any]) -> dict[str, Any] | None:
 
 def at_step(lb: Balancer, deploy_id: str, name: str) -> None:
     wait_for(lambda: record_of(lb, deploy_id)["step"] == name, what=f"the step {name}")
-
-
-@pytest.fixture
-def a() -> Iterator[Backend]:
-    backend = Backend("a")
-    yield backend
-    backend.stop()
-
-
-@pytest.fixture
-def b() -> Iterator[Backend]:
-    backend = Backend("b")
-    yield backend
-    backend.stop()
-
-
-@pytest.fixture
-def lb(tmp_path: Path, a: Backend) -> Iterator[Balancer]:
-    balancer = Balancer(tmp_path, {HOST: proxy(a)})
-    yield balancer
-    balancer.stop()
 
 
 def test_an_abort_in_the_ready_step_changes_nothing_and_frees_the_host_at_once(

@@ -17,9 +17,8 @@ import pytest
 
 from loadtest.procs import HeldPort
 from management import ctl
+from tests.deploy_fixtures import HOST
 from tests.support import Backend, Balancer, dead_address, request, revive_port, wait_for
-
-HOST = "app.test"
 
 
 def proxy(*backends: Backend) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,20 +92,6 @@ def draining(lb: Balancer, b: Backend, seconds: int, drain_timeout: int
     wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
              == "drain", what="the drain")
     return slow, record
-
-
-@pytest.fixture
-def a() -> Iterator[Backend]:
-    backend = Backend("a")
-    yield backend
-    backend.stop()
-
-
-@pytest.fixture
-def lb(tmp_path: Path, a: Backend) -> Iterator[Balancer]:
-    balancer = Balancer(tmp_path, {HOST: proxy(a)})
-    yield balancer
-    balancer.stop()
 
 
 def rule_of(lb: Balancer, host: str = HOST) -> dict[str, Any]:

@@ -11,7 +11,6 @@ as a deploy from a proxy rule keeps them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,6 @@ FIELDS: dict[str, Any] = {"https_redirect": True, "hsts": 600, "tls": "acme",
                           "limits": {"rate": 1000, "burst": 1000,
                                      "max_connections_per_client": 50}}
 ACME_NOWHERE = '[acme]\ndirectory = "http://127.0.0.1:1/directory"\n'  # refused at once
-
-
-@pytest.fixture
-def b() -> Iterator[Backend]:
-    backend = Backend("b")
-    yield backend
-    backend.stop()
 
 
 @pytest.mark.parametrize(("before", "fields"), [
