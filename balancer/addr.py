@@ -104,6 +104,11 @@ def _split(text: str) -> tuple[str, str]:
     if ":" in host:
         raise AddrError(f"invalid address {text!r}: an IPv6 host must be in brackets, [v6]:port")
     if host and not _is_valid_host(host):
+        short = _shorthand_of(host)
+        if short is not None:
+            raise AddrError(f"invalid address {text!r}: {host!r} is another spelling of the "
+                            f"IPv4 address {short} (the system resolver reads it so, and "
+                            f"connects to {short}); write {short}")
         raise AddrError(f"invalid address {text!r}: {host!r} is not a valid host name or IP")
     return host, port_text
 
@@ -120,12 +125,27 @@ def _split_bracketed(text: str) -> tuple[str, str]:
 
 
 def _is_valid_host(host: str) -> bool:
-    """An IPv4 literal or a DNS name; all-digit dotted text must be a real IPv4 address."""
+    """An IPv4 literal or a DNS name; all-digit dotted text must be a real IPv4 address,
+    and no name may be one the system resolver reads as an address (`_shorthand_of`)."""
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
-        return HOSTNAME.fullmatch(host) is not None and not _DOTTED_DIGITS.fullmatch(host)
+        return HOSTNAME.fullmatch(host) is not None and not _DOTTED_DIGITS.fullmatch(host) \
+            and _shorthand_of(host) is None
     return True
+
+
+def _shorthand_of(host: str) -> str | None:
+    """The IPv4 address `host` is in one of inet_aton's short forms (``127.1``,
+    ``127.0.1``, ``0x7f.1``, ``2130706433``, ``0177.0.0.1``), or None. The system
+    resolver (getaddrinfo, which the data plane, the health checks and the deploy's
+    checks use) takes such text for that address, never looks it up as a name (bug:
+    ``0x7f.1`` passed as a name, and a deploy from ``127.0.0.1:P`` to ``0x7f.1:P``
+    drained, and reported safe to stop, the server that served on)."""
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 def _parse_port(text: str, port_text: str, minimum: int) -> int:

@@ -40,6 +40,10 @@ def test_parse_addr_accepts_the_three_forms(text, host, port):
         ("http://x:80", "no scheme or path allowed"),
         ("999.1.1.1:80", "is not a valid host name or IP"),
         ("-leading.example:80", "is not a valid host name or IP"),
+        ("127.1:80", "'127.1' is another spelling of the IPv4 address 127.0.0.1"),
+        ("0x7f.1:80", "'0x7f.1' is another spelling of the IPv4 address 127.0.0.1"),
+        ("0x10:80", "is another spelling of the IPv4 address 0.0.0.16"),
+        ("2130706433:80", "; write 127.0.0.1"),
     ],
 )
 def test_parse_addr_rejects_with_a_clear_message(text, problem):

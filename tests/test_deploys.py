@@ -522,6 +522,32 @@ def test_one_server_under_two_spellings_is_one_backend(
         "action": "proxy", "backends": [mapped, b.address]}
 
 
+@pytest.mark.parametrize("short", ["127.1", "127.0.1", "0x7f.1", "2130706433", "0177.0.0.1"])
+def test_an_ipv4_address_in_a_short_form_is_refused_where_rules_are_written(
+        lb: Balancer, a_and_b: tuple[Backend, Backend], short: str) -> None:
+    """The system resolver the data plane connects through reads `short` as
+    127.0.0.1, never as a name: a rule or a deploy naming it is refused with the
+    address it means (bug: ``0x7f.1`` passed as a name, so a deploy from
+    ``127.0.0.1:P`` to ``0x7f.1:P`` drained, and reported safe to stop, the server
+    that served on; ``127.1`` was refused as "not a valid host name or IP")."""
+    a, _ = a_and_b
+    assert socket.getaddrinfo(short, a.port, type=socket.SOCK_STREAM)[0][4][0] == "127.0.0.1"
+    version = lb.version()
+    problem = (f"backends[0]: invalid address '{short}:{a.port}': '{short}' is another "
+               f"spelling of the IPv4 address 127.0.0.1 (the system resolver reads it so, "
+               f"and connects to 127.0.0.1); write 127.0.0.1")
+    status, answer = lb.api("POST", f"/api/v1/hosts/{HOST}/deploy",
+                            {"backends": [f"{short}:{a.port}"]})
+    assert status == 400 and answer["error"] == "invalid_deploy", answer
+    assert answer["details"] == [problem]
+    status, answer = lb.api("PUT", f"/api/v1/hosts/{HOST}",
+                            {"action": "proxy", "backends": [f"{short}:{a.port}"]})
+    assert status == 400 and answer["error"] == "invalid_rule", answer
+    assert answer["details"] == [problem]
+    assert lb.api("GET", "/api/v1/deploys")[1]["deploys"] == []
+    assert lb.version() == version
+
+
 def test_a_backends_spellings_compare_as_literals_and_names_are_not_resolved() -> None:
     from management.deploy_steps import canonical, leaving, spelling_problems
 
