@@ -175,9 +175,14 @@ class Progress:
     """Prints each step's start and end once, as they appear in the record."""
 
     def __init__(self) -> None:
-        self.printed: set[tuple[str, bool]] = set()
+        self.printed: set[tuple[str, bool | str]] = set()
 
     def update(self, record: dict[str, Any]) -> None:
+        problem = (record.get("abort") or {}).get("problem")
+        if problem and ("problem", problem) not in self.printed:  # (each one once)
+            self.printed.add(("problem", problem))
+            print(shown(f"abort   not carried out yet (tried again): {problem}"), flush=True,
+                  file=sys.stdout)
         for step in record["steps"]:
             for done in (False, True):
                 key = (step["name"], done)

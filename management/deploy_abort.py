@@ -19,16 +19,37 @@ Invariants:
   the operator stopped trusting.
 * The write's ``since`` is in the record before it is made, so a process that
   resumes the abort (a restart) knows whether it happened.
+* An abort never ends half-way: while its write back (or the removal of
+  ``draining``) cannot be made (the store down or refusing writes, the table
+  lost or changing), it is tried again every `ABORT_RETRY` seconds, the deploy
+  still running, its record's ``abort.problem`` saying why (the abort's answer
+  says so: `management.deploys_api.abort`), until the store takes it, someone
+  else's rule makes it moot, or `ABORT_PATIENCE` runs out (the deploy then
+  fails, saying the switch stands). Bug: the deploy ended ``failed`` at the
+  first refusal (or after 30 s of outage) and the abort answered 200, the new
+  backends serving on.
+* A rule the store no longer has at the version the deploy started from
+  (``from_version``), or a table the store's mirror judged lost, is the store's
+  loss (flushed, restarted empty, an older copy), named as such and waited out
+  as a refused write (`balancerctl restore` puts the switched rule back, and the
+  abort goes on); never taken for someone else's change (bug: "the host's rule
+  was changed meanwhile: left as it is", the deploy ended aborted, the new
+  backends served on).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from balancer.stores import VersionConflict
+from balancer.stores import HostRule, VersionConflict
 from management.deploy_run import DeployFailed, Run
 from management.deploy_steps import addresses, leaving, reverted_rule, switched_rule
+
+ABORT_RETRY = 1.0        # seconds between tries of an abort's write the store refused
+ABORT_PATIENCE = 3600.0  # seconds an abort's write is tried before the deploy fails
+T = TypeVar("T")
 
 
 def abort(run: Run) -> None:
@@ -38,8 +59,31 @@ def abort(run: Run) -> None:
     if stopped is not None and stopped["name"] != "abort" and stopped["ended"] is None:
         stopped.update(ended=time.time(), outcome="aborted",
                        detail=f"aborted (asked by {record['abort'].get('by')})")
-    if record.get("since") is not None and _go_back(run):  # (None: no switch begun)
-        _drain_new(run)
+    if record.get("since") is None:  # no switch begun: nothing to go back from
+        return
+    give_up = time.monotonic() + ABORT_PATIENCE
+    if _persisting(run, give_up, lambda: _go_back(run)):
+        _persisting(run, give_up, lambda: _drain_new(run))
+
+
+def _persisting(run: Run, give_up: float, call: Callable[[], T]) -> T:
+    """`call()`, tried again every `ABORT_RETRY` seconds while it fails, the reason
+    in the record's ``abort.problem``, until `give_up` (a monotonic time)."""
+    asked = run.record["abort"]
+    while True:
+        try:
+            done = call()
+        except DeployFailed as exc:
+            if time.monotonic() >= give_up:
+                raise DeployFailed(f"the abort gave up after {ABORT_PATIENCE:g}s: {exc}; "
+                                   f"the switch stands") from None
+            run.deployer.trouble(run.record, str(exc))
+            run.deployer.pause(ABORT_RETRY)
+            continue
+        if asked.get("problem"):
+            asked["problem"] = None
+            run.deployer.save(run.record)
+        return done
 
 
 def _go_back(run: Run) -> bool:
@@ -55,6 +99,7 @@ def _go_back(run: Run) -> bool:
         if back is not None and found.rule == back:  # written: before a restart, or its
             asked["version"] = asked["version"] or found.version  # answer lost
             return True
+        _not_lost(run, found)
         if found.rule == before or found.rule not in (ours, drained):
             _note(run, "nothing was switched" if found.rule == before else
                   "the host's rule was changed meanwhile: left as it is")
@@ -67,6 +112,19 @@ def _go_back(run: Run) -> bool:
             continue
         return True
     raise DeployFailed("the table kept changing; the switch stands")
+
+
+def _not_lost(run: Run, found: HostRule) -> None:
+    """`DeployFailed` naming the store's loss of its table, if it lost it."""
+    lost = run.deployer.lost()
+    if lost is None and found.version < int(run.record.get("from_version") or 0):
+        lost = (f"the store is at version {found.version}, below the version "
+                f"{run.record['from_version']} the deploy started from: the store lost its "
+                f"table (flushed, restarted empty, restored from an older copy); run "
+                f"`balancerctl restore`")
+    if lost is not None:
+        raise DeployFailed(f"cannot go back: {lost} (the abort goes on once the host's rule "
+                           f"is back; the new backends serve meanwhile)")
 
 
 def _begin(run: Run) -> dict[str, Any]:

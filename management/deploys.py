@@ -234,7 +234,19 @@ class Deployer:
                     raise DeployFailed(f"cannot {what}: the store is {state} ({exc})") \
                         from None
                 log.warning("deploy %s: cannot %s: %s (trying again)", record["id"], what, exc)
+                self.trouble(record, f"cannot {what}: {exc}")
                 self.pause(STORE_RETRY)
+
+    def trouble(self, record: dict[str, Any], problem: str) -> None:
+        """Note in an aborting deploy's record why its abort is not carried out yet
+        (``abort.problem``), saved when the store takes it (its answer says so:
+        `deploys_api.abort`); nothing for a deploy not aborting."""
+        asked = record.get("abort")
+        if asked is None or asked.get("problem") == problem:
+            return
+        asked["problem"] = problem
+        with contextlib.suppress(StoreError):  # (saved at the next write, if not now)
+            self.records.save_deploy(record)
 
     def pause(self, seconds: float) -> None:
         """Wait, or raise `Interrupted` when this process is stopping."""

@@ -27,7 +27,8 @@ from werkzeug.routing import Rule
 from werkzeug.wrappers import Request, Response
 
 from balancer.rules import MAX_HOLD, normalize_host, validate_rule
-from balancer.stores import HostRule
+from balancer.stores import HostRule, StoreError, StoreNotReplicated
+from management.deploy_abort import ABORT_RETRY
 from management.deploy_steps import spelling_problems
 from management.deploys import Busy, Deployer
 from management.http import ApiError, json_response, read_json
@@ -133,26 +134,91 @@ def rollback(app: Any, key: str, body: Any) -> dict[str, Any]:
 
 def abort(app: Any, key: str) -> tuple[dict[str, Any], int]:
     """Ask the deploy of `key` to stop and wait (`ABORT_WAIT`) for it to end: its
-    record, and 200 when it ended aborted or 202 while it still stops."""
-    deploy_id = app.deployer.ask_abort(key)
+    record, and 200 when it ended aborted or 202 while it still stops; an error
+    when the abort is asked but not carried out yet for a reason the operator
+    must know (its write refused, the store gone, the request not replicated)."""
+    unreplicated = None
+    try:
+        deploy_id = app.deployer.ask_abort(key)
+    except StoreNotReplicated as exc:  # the master has the request: it is carried out
+        unreplicated, deploy_id = exc, _claimed(app, key)
     if deploy_id is None:
         if app.store.host_rule(key).rule is None:
             raise ApiError(404, "not_found", f"no rule for host {key!r} and no deploy of it "
                            f"running")
         raise ApiError(409, "nothing_to_abort", f"host {key!r} has no deploy running "
                        f"(GET /api/v1/deploys lists the recent ones)")
-    deadline = time.monotonic() + ABORT_WAIT
-    record = find(app, deploy_id)
-    while not _freed(app, key, record) and time.monotonic() < deadline:
-        time.sleep(ABORT_POLL)
-        record = find(app, deploy_id)
-    if not _freed(app, key, record):
-        return record, 202
+    try:
+        record, freed = _waited(app, key, deploy_id)
+    except StoreError as exc:
+        raise ApiError(503, "store_unavailable", f"host {key!r}: the abort of deploy "
+                       f"{deploy_id} was asked, then the store could not be read ({exc}): the "
+                       f"deploy carries the abort out once it can (GET /api/v1/deploys/"
+                       f"{deploy_id} follows it)", [f"deploy: {deploy_id}"]) from None
+    if not freed:
+        return _still_running(key, record, unreplicated), 202
     if record.get("abort") is None:  # it ended before its process saw the request
-        raise ApiError(409, "nothing_to_abort", f"host {key!r}: deploy {deploy_id} ended "
-                       f"({record.get('state')}) before the abort reached it",
+        raise ApiError(409, "nothing_to_abort", _ended_before(key, record),
                        [f"deploy: {deploy_id}"])
+    if record.get("state") != "aborted":
+        raise ApiError(503, "store_unavailable", f"host {key!r}: deploy {deploy_id} was "
+                       f"aborted, and failed: {record.get('error')}", [f"deploy: {deploy_id}"])
     return record, 200
+
+
+def _waited(app: Any, key: str, deploy_id: str) -> tuple[dict[str, Any], bool]:
+    """The deploy's record once it ended and freed the host, or after `ABORT_WAIT`
+    (with False: still running, or its claim not released yet)."""
+    deadline = time.monotonic() + ABORT_WAIT
+    record = app.deployer.records.deploy(deploy_id)  # (None: lost with a flushed store,
+    while not (freed := record is not None and _freed(app, key, record)) \
+            and time.monotonic() < deadline:  # until the deploy saves it again)
+        time.sleep(ABORT_POLL)
+        record = app.deployer.records.deploy(deploy_id)
+    return record or find(app, deploy_id), freed
+
+
+def _still_running(key: str, record: dict[str, Any],
+                   unreplicated: StoreNotReplicated | None) -> dict[str, Any]:
+    """The record of a deploy still stopping after `ABORT_WAIT` (answered 202), or the
+    error saying why its abort is not carried out yet."""
+    deploy_id = record["id"]
+    problem = (record.get("abort") or {}).get("problem")
+    if problem:
+        raise ApiError(503, "store_unavailable", f"host {key!r}: the abort of deploy "
+                       f"{deploy_id} is asked, but its write back to the previous rule was "
+                       f"not made: {problem}; it is tried again every {ABORT_RETRY:g} s until "
+                       f"the store takes it (GET /api/v1/deploys/{deploy_id} follows it)",
+                       [f"deploy: {deploy_id}", f"problem: {problem}"])
+    if unreplicated is not None:
+        raise ApiError(503, "store_not_replicated", f"{unreplicated.where}: the abort of "
+                       f"deploy {deploy_id} of {key!r} was asked on the Redis master, and the "
+                       f"deploy is carrying it out, but {unreplicated.reason}: a failover "
+                       f"before it is replicated may lose the request; GET /api/v1/deploys/"
+                       f"{deploy_id} shows whether it ended aborted, and asking again is safe "
+                       f"(an abort asked twice is carried out once)", [f"deploy: {deploy_id}"])
+    return record
+
+
+def _ended_before(key: str, record: dict[str, Any]) -> str:
+    """Why an abort that reached the deploy `record` too late changed nothing."""
+    ended = f"host {key!r}: deploy {record['id']} ended {record.get('state')} before the " \
+            f"abort reached it, so the abort changed nothing"
+    if record.get("state") == "done":
+        return (f"{ended}: the new backends serve and the old ones were drained; to go "
+                f"back to them, roll back (POST /api/v1/hosts/{key}/rollback, balancerctl "
+                f"rollback {key})")
+    return f"{ended}: {record.get('error')}"
+
+
+def _claimed(app: Any, key: str) -> str | None:
+    """The deploy an abort request was just stored for: the one whose claim holds
+    `key`, or the host's newest (it ended meanwhile)."""
+    claim = app.deployer.records.claims().get(key) or {}
+    if claim.get("id"):
+        return str(claim["id"])
+    return next((str(r["id"]) for r in app.deployer.records.deploys()
+                 if r.get("host") == key), None)
 
 
 def _freed(app: Any, key: str, record: dict[str, Any]) -> bool:

@@ -233,3 +233,222 @@ def test_a_deploy_resumed_mid_abort_finishes_the_abort(tmp_path: Path) -> None:
     assert stored["state"] == "aborted" and stored["step"] == "drain", stored
     assert step(stored, "abort")["outcome"] == "drained"
     assert store.load().hosts[HOST] == before
+
+
+# the abort's own writes: refused, a lost table, replicas, races, flaps, a kill ----------
+def on_redis(tmp_path: Path, redis: Any, a: Backend, name: str = "one", **options: Any
+             ) -> Balancer:
+    """A balancer on `redis` (its own directory `name`), HOST routed to `a`."""
+    (tmp_path / name).mkdir()
+    lb = Balancer(tmp_path / name, args=["--store", redis.url], **options)
+    if name == "one":
+        assert lb.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
+    return lb
+
+
+def in_warmup(lb: Balancer, b: Backend) -> dict[str, Any]:
+    """A deploy of HOST to `b`, switched and in a long warmup (its record)."""
+    record = deploy(lb, {"backends": [b.address], "warmup": 60, "drain_timeout": 20})
+    at_step(lb, record["id"], "warmup")
+    return record_of(lb, record["id"])
+
+
+@pytest.mark.slow(8)
+def test_an_abort_whose_write_back_is_refused_answers_503_and_goes_on_once_it_is_taken(
+        tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
+    """Redis refuses the writes of the table (an ACL: the deploy's records stay
+    writable), so the abort's write back cannot be made: the answer says so (503),
+    the deploy runs on with the reason in its record, and goes back once Redis
+    takes writes again. Bug: the deploy ended failed (after 30 s of retries, or at
+    once for a refusal that is not an outage) and the abort answered 200 with the
+    new backends serving on."""
+    redis = redis_factory()
+    lb = on_redis(tmp_path, redis, a)
+    try:
+        record = in_warmup(lb, b)
+        redis.client().execute_command("ACL", "SETUSER", "default", "resetkeys", "%R~*",
+                                       "~*deploy*")
+        status, answer = abort(lb)
+        assert (status, answer["error"]) == (503, "store_unavailable"), answer
+        assert answer["message"].startswith(
+            f"host '{HOST}': the abort of deploy {record['id']} is asked, but its write back "
+            f"to the previous rule was not made: cannot write the rule: "), answer
+        assert "tried again every 1 s until the store takes it" in answer["message"]
+        assert answer["details"][0] == f"deploy: {record['id']}"
+        running = record_of(lb, record["id"])
+        assert running["state"] == "running" and running["abort"]["problem"], running
+        redis.client().execute_command("ACL", "SETUSER", "default", "allkeys")
+        stored = finished(lb, record["id"])
+        status, again = abort(lb)
+    finally:
+        lb.stop()
+    assert stored["state"] == "aborted" and stored["abort"]["problem"] is None, stored
+    assert step(stored, "abort")["outcome"] == "drained", stored
+    assert (status, again["error"]) == (409, "nothing_to_abort")
+
+
+@pytest.mark.slow(8)
+def test_an_abort_after_the_store_lost_its_table_names_the_loss_and_goes_on_after_restore(
+        tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
+    """Redis flushed mid-warmup: the abort cannot go back (a one-host write would
+    leave a one-host table), and says the store lost its table; `restore` puts the
+    served table back (the switched rule), and the abort goes on. Bug: the rule
+    missing read as "the host's rule was changed meanwhile: left as it is", the
+    deploy ended aborted (200) and the new backends served on."""
+    redis = redis_factory()
+    lb = on_redis(tmp_path, redis, a, env={"BALANCER_STORE_RESYNC_INTERVAL": "0.5"})
+    try:
+        record = in_warmup(lb, b)
+        client = redis.client()
+        client.flushall()
+        wait_for(lambda: client.hget("balancer:deploy-claims", HOST), what="the claim back")
+        status, answer = abort(lb)
+        assert (status, answer["error"]) == (503, "store_unavailable"), answer
+        assert "cannot go back: " in answer["message"], answer
+        assert "the store lost its table" in answer["message"], answer
+        assert "changed meanwhile" not in answer["message"]
+        assert json.loads(request(lb.port, path="/x")[2])["backend"] in ("a", "b")
+        assert lb.api("POST", "/api/v1/restore")[0] == 200
+        stored = finished(lb, record["id"])
+    finally:
+        lb.stop()
+    assert stored["state"] == "aborted" and stored["abort"]["problem"] is None, stored
+    assert [s["outcome"] for s in stored["steps"] if s["name"] == "abort"] == ["drained"]
+    assert stored["abort"]["version"] > record["version"]
+
+
+def test_an_abort_the_replicas_acknowledge_late_is_answered_by_its_outcome(
+        tmp_path: Path, replica_pair: Any, a: Backend) -> None:
+    """The replica does not acknowledge the abort request in the store's `wait`
+    (600 ms), but the master has it and the deploy carries it out: the answer is
+    the abort's outcome, 200 once it ended (its end acknowledged by then), not a
+    503 saying nothing happened; while it cannot be acknowledged at all, 503
+    store_not_replicated saying the abort is asked and carried out. Bug: 503
+    store_not_replicated at once ("read it back before writing again, a retry
+    with If-Match is safe"), while the deploy was aborted."""
+    master, replica = replica_pair
+    never = Scripted("503")
+    (tmp_path / "one").mkdir()
+    lb = Balancer(tmp_path / "one", args=["--store", f"{master.url}?replicas=1&wait=600"])
+    lagging = replica.client()
+    try:
+        assert lb.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
+        record = deploy(lb, {"backends": [never.address], "ready_timeout": 60})
+        lagging.execute_command("CLIENT", "PAUSE", 1500, "WRITE")
+        status, answer = abort(lb)
+        assert status == 200, answer
+        assert answer["deploy"]["state"] == "aborted", answer
+        kept = json.loads(replica.client().hget("balancer:deploys", record["id"]))
+        assert kept["state"] == "aborted"  # on the replica: no failover loses it
+
+        second = deploy(lb, {"backends": [never.address], "ready_timeout": 60})
+        lagging.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+        try:
+            status, answer = abort(lb)
+        finally:
+            lagging.execute_command("CLIENT", "UNPAUSE")
+        assert status == 503 and answer["error"] in ("store_not_replicated",
+                                                     "store_unavailable"), answer
+        assert f"the abort of deploy {second['id']}" in answer["message"], answer
+        assert "is asked" in answer["message"] or "was asked" in answer["message"]
+        assert finished(lb, second["id"])["state"] == "aborted"
+    finally:
+        never.stop()
+        lb.stop()
+    assert rule_of_store(master) == proxy(a)
+
+
+def rule_of_store(redis: Any) -> Any:
+    return json.loads(redis.client().hget("balancer:hosts", HOST))
+
+
+def test_two_aborts_on_two_balancers_racing_the_write_back_make_it_once(
+        tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
+    redis = redis_factory()
+    first = on_redis(tmp_path, redis, a)
+    second = on_redis(tmp_path, redis, a, "two")
+    try:
+        record = in_warmup(first, b)
+        version = first.version()
+        lbs = [first, second]
+        answers = [f.result() for f in in_threads(2, lambda: abort(lbs.pop()))]
+        stored = finished(first, record["id"])
+        after = second.version()
+    finally:
+        first.stop()
+        second.stop()
+    assert [status for status, _ in answers] == [200, 200], answers
+    assert {answer["deploy"]["id"] for _, answer in answers} == {record["id"]}
+    assert stored["state"] == "aborted" and stored["abort"]["version"] == version + 1
+    assert after == version + 2  # the write back and the removal of `draining`: once each
+    assert rule_of_store(redis) == proxy(a)
+
+
+@pytest.mark.slow(10)
+def test_an_abort_while_the_store_flaps_is_carried_out_and_never_answered_untrue(
+        tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
+    """Redis stopped and started again three times while aborts are sent: each
+    answer is 200 aborted, 202 running, or 503 store_unavailable; the deploy ends
+    aborted, the rule back, and no request fails."""
+    redis = redis_factory()
+    lb = on_redis(tmp_path, redis, a)
+    answers: list[tuple[int, Any]] = []
+    try:
+        with Load(lb.port) as load:
+            record = in_warmup(lb, b)
+
+            def flap() -> None:
+                for _ in range(3):
+                    redis.stop()
+                    time.sleep(0.7)  # (the outage's length, not a synchronisation)
+                    redis.start()
+                    time.sleep(0.3)
+            flapping, _ = in_background(flap)
+            while flapping.is_alive() or not answers:
+                answers.append(abort(lb))
+            flapping.join(30)
+            stored = finished(lb, record["id"])
+    finally:
+        lb.stop()
+    assert load.failures == []
+    for status, answer in answers:
+        if status == 200:
+            assert answer["deploy"]["state"] == "aborted", answer
+        elif status == 202:
+            assert answer["deploy"]["state"] == "running", answer
+        else:
+            assert (status, answer["error"]) in ((503, "store_unavailable"),
+                                                 (409, "nothing_to_abort")), answer
+    assert stored["state"] == "aborted", stored
+    assert rule_of_store(redis) == proxy(a)
+
+
+@pytest.mark.slow(12)  # the claim of a killed process goes stale after STALE_AFTER (5 s)
+def test_a_management_process_killed_mid_abort_is_replaced_and_finishes_the_abort(
+        lb: Balancer, a: Backend, b: Backend) -> None:
+    """Killed while the abort waits for a request in flight on the new backend:
+    the new management process recognises the write back (its `since`), waits for
+    that request, and ends the deploy aborted with the rule clean."""
+    import os
+    import signal
+
+    from tests.test_probe_deploy import draining, management_pids
+
+    (slow_a, _), record = draining(lb, b, 4, 30)
+    on_b, out = in_background(lambda: request(lb.port, path="/slow?s=8"))
+    wait_for(lambda: any(p.startswith("/slow") for _, p, _ in list(b.requests)),
+             what="a slow request on B")
+    in_background(lambda: abort(lb))
+    wait_for(lambda: (record_of(lb, record["id"])["abort"] or {}).get("since"),
+             what="the abort's write back")
+    os.kill(management_pids(lb)[-1], signal.SIGKILL)
+    wait_for(lambda: "resuming at step drain" in lb.output(), timeout=20,
+             what="the new management process to resume the deploy")
+    stored = finished(lb, record["id"], timeout=20)
+    on_b.join(10)
+    slow_a.join(10)
+    assert stored["state"] == "aborted", stored
+    assert [s["outcome"] for s in stored["steps"] if s["name"] == "abort"] == ["drained"]
+    assert step(stored, "abort")["ended"] >= out["done_at"] - 0.05  # it waited for B's
+    assert out["result"][0] == 200 and json.loads(out["result"][2])["backend"] == "b"
+    assert rule_of(lb) == proxy(a)

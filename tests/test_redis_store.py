@@ -26,6 +26,7 @@ from balancer.stores import (
     redis_reads,
     redis_watch,
 )
+from balancer.stores.records import Records
 from balancer.stores.redis import RedisStore
 from balancer.stores.urls import SentinelTarget, parse_sentinel_url
 from loadtest.procs import HeldPort
@@ -756,3 +757,51 @@ def test_a_strangers_high_version_does_not_make_every_later_write_a_whole_read(
             writer.put_host(f"h{n}.test", WEB)
             assert f"h{n}.test" in watcher.wait_version(n, timeout=5).hosts
         assert reads.count() - before <= 2, reads.lines()
+
+
+@pytest.fixture
+def loading_redis() -> Iterator[str]:
+    """The URL of a scripted Redis that takes every command but answers each read
+    ``-LOADING`` (a Redis restarting, reading its data back from disk)."""
+    import contextlib
+    import socket
+
+    from tests.rawpeer import serve_each
+
+    def serve(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, ValueError), conn.makefile("rb") as reader:
+            conn.settimeout(10)
+            while line := reader.readline():
+                words = [reader.read(int(reader.readline()[1:]) + 2)[:-2]
+                         for _ in range(int(line[1:]))]
+                name = words[0].upper()
+                conn.sendall(b"%1\r\n$5\r\nproto\r\n:3\r\n" if name == b"HELLO" else
+                             b"-LOADING Redis is loading the dataset in memory\r\n"
+                             if name in (b"HGET", b"HGETALL", b"GET") else b"+OK\r\n")
+        conn.close()
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    serve_each(listener, serve)
+    try:
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("write", ["request_abort", "claim", "release"])
+def test_a_connection_lost_while_a_deploy_claim_is_watched_is_an_outage(
+        loading_redis: str, write: str) -> None:
+    """Redis answers ``LOADING`` (it restarts) to the read made while the claims are
+    watched: redis-py raises `WatchError` for that, as for a race. Bug: it went up
+    as such, and the API answered an abort 500 "internal error" while Redis
+    restarted; it is `StoreUnavailable` (503 store_unavailable), nothing written."""
+    calls: dict[str, Callable[[Records], object]] = {
+        "request_abort": lambda r: r.request_abort("a.test", {"at": 1.0, "by": "me"}),
+        "claim": lambda r: r.claim("a.test", "d1", "me", time.time(), 5.0),
+        "release": lambda r: r.release("a.test", "d1")}
+    store = RedisStore(loading_redis)
+    try:
+        with pytest.raises(StoreUnavailable, match="loading the dataset"):
+            calls[write](store.records())
+    finally:
+        store.close()

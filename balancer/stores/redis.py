@@ -59,6 +59,7 @@ from balancer.stores.acme import Acme, RedisAcme
 from balancer.stores.base import (
     CorruptStore,
     Store,
+    StoreError,
     StoreLost,
     StoreUnavailable,
     TableChecker,
@@ -312,20 +313,27 @@ class RedisStore(RedisWatching, RedisReading, Store):
         except (VersionConflict, KeyError, CorruptStore, StoreLost):
             self._reachable = True
             raise
-        except WatchError:
-            raise
+        except WatchError as exc:
+            lost = lost_connection(exc)  # (bug: one lost while a claim or an abort request
+            if lost is None:             # was watched went up as a 500, "internal error")
+                raise  # a watched key that changed: the caller's race to retry
+            raise self._failed(lost, what) from exc
         except (RedisError, OSError) as exc:
-            if is_wrong_type(exc):
-                self._reachable = True
-                raise self._wrong_type(exc) from None
-            if is_refusal(exc):  # Redis answered: reachable, and the reason is its own
-                self._reachable = True
-                raise StoreUnavailable(f"{self.display_url}: Redis refused to {what}: "
-                                       f"{refusal(exc)}") from exc
-            self._reachable = False
-            self._unreachable = f"{self.display_url}: unreachable: {why(exc)}"
-            raise StoreUnavailable(f"{self.display_url}: cannot {what}: {why(exc)}") from exc
+            raise self._failed(exc, what) from exc
         self._reachable = True
+
+    def _failed(self, exc: BaseException, what: str) -> StoreError:
+        """The store error for Redis's `exc` while trying to `what`; `is_reachable` kept."""
+        if is_wrong_type(exc):
+            self._reachable = True
+            return self._wrong_type(exc)
+        if is_refusal(exc):  # Redis answered: reachable, and the reason is its own
+            self._reachable = True
+            return StoreUnavailable(f"{self.display_url}: Redis refused to {what}: "
+                                    f"{refusal(exc)}")
+        self._reachable = False
+        self._unreachable = f"{self.display_url}: unreachable: {why(exc)}"
+        return StoreUnavailable(f"{self.display_url}: cannot {what}: {why(exc)}")
 
     def _wrong_type(self, exc: BaseException) -> CorruptStore:
         """The `CorruptStore` for a ``WRONGTYPE`` answer: which of the table's and the
