@@ -452,3 +452,51 @@ def test_a_management_process_killed_mid_abort_is_replaced_and_finishes_the_abor
     assert step(stored, "abort")["ended"] >= out["done_at"] - 0.05  # it waited for B's
     assert out["result"][0] == 200 and json.loads(out["result"][2])["backend"] == "b"
     assert rule_of(lb) == proxy(a)
+
+
+@pytest.mark.parametrize("state", ["done", "failed"])
+def test_an_abort_arriving_as_the_deploy_ends_is_409_saying_what_stands(
+        tmp_path: Path, serve_wsgi: Any, state: str) -> None:
+    """The abort is stored while the deploy's claim still holds the host, but its
+    record already ended (the drain's last moment: the record ends, then the claim
+    is released): nothing is undone, 409 nothing_to_abort, saying what serves and,
+    for a deploy done, how to go back (a deploy done said the old backends could
+    stop: going back to them unasked could send traffic to stopped servers)."""
+    import http.client
+
+    from balancer.stores import open_store
+    from management.app import create_app
+
+    store = open_store(f"file:{tmp_path / 'routes.json'}")
+    store.put_host(HOST, {"action": "proxy", "backends": ["127.0.0.1:9002"]})
+    records = store.records()
+    now = time.time()
+    error = None if state == "done" else "cannot write the rule: ...; nothing was switched"
+    records.save_deploy({"id": "d1", "host": HOST, "kind": "deploy", "state": state,
+                         "step": "drain", "started": now - 9, "ended": now, "error": error,
+                         "abort": None, "steps": [], "from": [], "to": []})
+    assert records.claim(HOST, "d1", "elsewhere", now, 5.0) is None
+    url = serve_wsgi(create_app(store=store))
+
+    def released() -> bool:  # the deploy's last act, once the abort is stored
+        if records.abort_request("d1") is None:
+            return False
+        records.release(HOST, "d1")
+        return True
+    releasing, _ = in_background(lambda: wait_for(released, what="the abort request"))
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+    conn.request("DELETE", f"/api/v1/hosts/{HOST}/deploy")
+    response = conn.getresponse()
+    answer = json.loads(response.read())
+    releasing.join(10)
+    assert response.status == 409 and answer["error"] == "nothing_to_abort", answer
+    assert answer["message"].startswith(
+        f"host '{HOST}': deploy d1 ended {state} before the abort reached it, so the abort "
+        f"changed nothing: "), answer
+    if state == "done":
+        assert "the new backends serve and the old ones were drained" in answer["message"]
+        assert f"balancerctl rollback {HOST}" in answer["message"]
+    else:
+        assert answer["message"].endswith(f": {error}")
+    assert answer["details"] == ["deploy: d1"]
+    assert store.load().hosts[HOST] == {"action": "proxy", "backends": ["127.0.0.1:9002"]}
