@@ -15,9 +15,13 @@ from typing import Any
 import pytest
 
 from management import ctl
+from tests import test_dashboard
 from tests.support import Backend, Balancer, in_threads, request, wait_for
 from tests.test_deploys import HOST, Load, deploy, finished, in_background, proxy, step
 from tests.test_probe_deploy import Scripted, rule_of
+
+# the dashboard tests' headless Chromium (module-scoped) and a fresh window per test
+chromium, browser = test_dashboard.chromium, test_dashboard.browser
 
 
 def abort(lb: Balancer, host: str = HOST) -> tuple[int, Any]:
@@ -500,3 +504,83 @@ def test_an_abort_arriving_as_the_deploy_ends_is_409_saying_what_stands(
         assert answer["message"].endswith(f": {error}")
     assert answer["details"] == ["deploy: d1"]
     assert store.load().hosts[HOST] == {"action": "proxy", "backends": ["127.0.0.1:9002"]}
+
+
+# the dashboard's Abort button ---------------------------------------------------------
+def management_call(lb: Balancer, method: str, path: str, headers: dict[str, str]
+                    ) -> tuple[int, str, dict[str, str]]:
+    """(status, body, headers) of one request to `lb`'s management address."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", lb.mport, timeout=15)
+    try:
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read().decode(), dict(response.getheaders())
+    finally:
+        conn.close()
+
+
+def test_the_dashboards_abort_button_and_the_write_it_makes(lb: Balancer, a: Backend) -> None:
+    """The page ships the button and the write; the write, as a browser on the page
+    sends it (its origin, JSON), aborts the deploy; the same write from a page on
+    another origin, or as a form or no-cors fetch can send it, is refused and
+    stops nothing."""
+    never = Scripted("503")
+    origin = f"http://127.0.0.1:{lb.mport}"
+    as_the_page = {"Host": f"127.0.0.1:{lb.mport}", "Origin": origin, "Accept":
+                   "application/json", "Content-Type": "application/json",
+                   "Sec-Fetch-Site": "same-origin"}
+    path = f"/api/v1/hosts/{HOST}/deploy"
+    try:
+        status, page, headers = management_call(lb, "GET", "/", {})
+        assert status == 200 and 'id="action-note"' in page
+        assert "form-action 'none'" in headers["Content-Security-Policy"]
+        script = management_call(lb, "GET", "/static/deploys.js", {})[1]
+        assert 'class: "deploy-abort", "data-host": record.host' in script
+        script = management_call(lb, "GET", "/static/dashboard.js", {})[1]
+        assert 'write("DELETE", `api/v1/hosts/${encodeURIComponent(host)}/deploy`)' in script
+        assert '"Content-Type": "application/json"' in script
+        record = deploy(lb, {"backends": [never.address], "ready_timeout": 60})
+        for refused, code in (({"Origin": "http://evil.example"}, "cross_origin"),
+                              ({"Sec-Fetch-Site": "cross-site"}, "cross_origin"),
+                              ({"Content-Type": "text/plain"}, "unsupported_media_type")):
+            status, body, _ = management_call(lb, "DELETE", path, {**as_the_page, **refused})
+            assert (status, json.loads(body)["error"]) in ((403, code), (415, code)), body
+        assert record_of(lb, record["id"])["state"] == "running"
+        assert record_of(lb, record["id"])["abort"] is None
+        status, body, _ = management_call(lb, "DELETE", path, as_the_page)
+    finally:
+        never.stop()
+    assert status == 200, body
+    assert json.loads(body)["deploy"]["state"] == "aborted"
+    assert rule_of(lb) == proxy(a)
+
+
+def test_the_abort_button_in_chromium_aborts_the_running_deploy(
+        lb: Balancer, a: Backend, browser: Any) -> None:
+    from tests.test_dashboard import host_card, severe_logs, text_of
+    from tests.test_dashboard import wait_for as wait_in
+
+    never = Scripted("503")
+    try:
+        record = deploy(lb, {"backends": [never.address], "ready_timeout": 60})
+        browser.get(f"http://127.0.0.1:{lb.mport}/")
+        button = host_card(HOST) + " button.deploy-abort"
+        wait_in(browser, lambda d: d.find_elements("css selector", button), "the Abort button")
+        assert text_of(browser, button) == "Abort"
+        browser.find_element("css selector", button).click()
+        alert = wait_in(browser, lambda d: d.switch_to.alert, "the confirmation")
+        assert f"Abort the deploy of {HOST}?" in alert.text
+        alert.accept()
+        note = wait_in(browser, lambda d: text_of(d, "#action-note"), "the abort's answer")
+        stored = record_of(lb, record["id"])
+        wait_in(browser, lambda d: not d.find_elements("css selector", button),
+                "the button gone with the deploy")
+        logs = severe_logs(browser)
+    finally:
+        never.stop()
+    assert note == f"Deploy of {HOST} aborted: nothing was switched", note
+    assert stored["state"] == "aborted" and stored["abort"]["by"], stored
+    assert rule_of(lb) == proxy(a)
+    assert logs == []

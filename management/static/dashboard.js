@@ -18,10 +18,11 @@ import {fetchHeavy, heavyPanel} from "./heavy.js";
 import {History, WINDOW_MS} from "./history.js";
 import {banner, el, hostCard, hostKeys, removedLine, summaryTiles} from "./render.js";
 import {certificatesTable, withAcme} from "./certs.js";
-import {deployLine, recentDeploys, runningByHost} from "./deploys.js";
+import {abortNote, deployLine, recentDeploys, runningByHost} from "./deploys.js";
 
 const POLL_MS = 2000;
 const REQUEST_TIMEOUT_MS = 5000;
+const WRITE_TIMEOUT_MS = 15000; // an abort's answer waits up to 5 s for the deploy to end
 const STALE_MS = 2 * POLL_MS + REQUEST_TIMEOUT_MS;
 const INFO_RETRY_MS = 60000;
 const TOKEN_KEY = "balancer.token";
@@ -104,6 +105,48 @@ async function ask(path, extra = {}) {
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** A write the management API guards (docs/api.md): same origin (the browser sends its
+ * Origin), JSON, the token if any. {status, body}; never throws on an HTTP status. */
+async function write(method, path) {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), WRITE_TIMEOUT_MS);
+  try {
+    const response = await fetch(path, {method, signal: controller.signal, cache: "no-store",
+      headers: {...requestHeaders(), "Content-Type": "application/json"}});
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      body = null;
+    }
+    return {status: response.status, body};
+  } catch (err) {
+    const reason = controller.signal.aborted ? `no answer within ${WRITE_TIMEOUT_MS / 1000} s`
+      : err.message;
+    return {status: 0, body: {message: reason}};
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A click on a running deploy's Abort button (deploys.js): asked, then said. */
+async function onAbortClick(event) {
+  const button = event.target.closest("button.deploy-abort");
+  if (!button || button.disabled) return;
+  const host = button.dataset.host;
+  if (!window.confirm(`Abort the deploy of ${host}? The host goes back to the backends `
+    + "the deploy started from.")) return;
+  button.disabled = true;
+  button.textContent = "Aborting…";
+  const answer = await write("DELETE", `api/v1/hosts/${encodeURIComponent(host)}/deploy`);
+  if (answer.status === 401) return askForToken(true);
+  const note = $("action-note");
+  note.textContent = abortNote(host, answer.status, answer.body);
+  note.className = answer.status === 200 || answer.status === 202 ? "action-note" : "action-note action-failed";
+  note.hidden = false;
+  if (!state.inFlight && !state.needsToken) schedule(0);
 }
 
 /** /api/v1/hosts, asked with If-None-Match naming the table kept: the table kept when
@@ -441,6 +484,7 @@ function start() {
   $("forget-token").addEventListener("click", onForgetToken);
   $("filter").addEventListener("input", () => renderData(state.lastOk));
   $("heavy-by").addEventListener("change", onMeasure);
+  $("hosts").addEventListener("click", onAbortClick);
   $("forget-token").hidden = !sessionStorage.getItem(TOKEN_KEY);
   setInterval(() => renderStatus(Date.now()), 1000);
   const embedded = embeddedState();

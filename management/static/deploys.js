@@ -22,12 +22,14 @@ export function runningByHost(records) {
   return running;
 }
 
-/** The line a host card shows while a deploy runs: step, time, new and draining backends. */
+/** The line a host card shows while a deploy runs: step, time, new and draining backends,
+ * and its Abort button (dashboard.js sends the abort; disabled once one is under way). */
 export function deployLine(record, now) {
   const step = record.step || "ready";
   const aborting = Boolean(record.abort); // (its own step, "abort", follows the one it stopped)
   const current = (record.steps || []).find((s) => s.name === (aborting ? "abort" : step) && !s.ended);
   const since = current ? current.started : record.started;
+  const problem = aborting && record.abort.problem;
   return el("p", {class: "deploy-line", "data-deploy": record.id},
     el("span", {class: "deploy-step"},
       `${record.kind || "deploy"}: ${step}${aborting ? " (aborting)" : ""}`),
@@ -35,7 +37,25 @@ export function deployLine(record, now) {
     " · new ", el("span", {class: "deploy-backends"}, names(record.to)),
     step === "ready" || step === "switch" ? " · old " : " · draining ",
     el("span", {class: "deploy-backends"}, names(record.from)),
-    current && current.detail ? ` · ${current.detail}` : "");
+    current && current.detail ? ` · ${current.detail}` : "",
+    problem ? el("span", {class: "deploy-problem"}, ` · not carried out yet: ${problem}`) : "",
+    " ",
+    el("button", {type: "button", class: "deploy-abort", "data-host": record.host,
+      disabled: aborting, title: "Stop this deploy: the host goes back to the backends it "
+        + "started from (DELETE /api/v1/hosts/HOST/deploy)"},
+    aborting ? "Aborting…" : "Abort"));
+}
+
+/** What the dashboard says after an abort's answer (status, body). */
+export function abortNote(host, status, body) {
+  const record = body && body.deploy;
+  if (status === 200 && record) {
+    const last = (record.steps || [])[record.steps.length - 1] || {};
+    return `Deploy of ${host} aborted: ${last.name === "abort" ? last.detail : "nothing was switched"}`;
+  }
+  if (status === 202 && record) return `Deploy of ${host}: abort asked; it is stopping`;
+  const message = (body && (body.message || body.error)) || `HTTP ${status}`;
+  return `Abort of the deploy of ${host} refused (${status}): ${message}`;
 }
 
 function row(record) {
