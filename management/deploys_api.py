@@ -5,8 +5,11 @@
 * ``POST /api/v1/hosts/HOST/rollback`` (same optional timings) → 202, a deploy
   back to the backends the host's last finished deploy moved away from
 * ``DELETE /api/v1/hosts/HOST/deploy`` → 200 ``{"deploy": RECORD}`` (ended
-  ``aborted``) or 202 (asked, still stopping: its abort waits for the new
-  backends' requests in flight); 409 `nothing_to_abort`, 404 `not_found`
+  ``aborted``, and only then) or 202 (asked, still stopping: its abort waits
+  for the new backends' requests in flight); 409 `nothing_to_abort`, 404
+  `not_found`; 503 when it is asked but not carried out yet for a reason the
+  operator must know (its write refused: ``abort.problem``; the store gone
+  while the answer waited; the request not replicated)
 * ``GET /api/v1/deploys`` → ``{"deploys": [RECORD...]}`` newest first;
   ``GET /api/v1/deploys/ID`` → ``{"deploy": RECORD}``
 
