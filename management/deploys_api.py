@@ -189,9 +189,9 @@ def _still_running(key: str, record: dict[str, Any],
     problem = (record.get("abort") or {}).get("problem")
     if problem:
         raise ApiError(503, "store_unavailable", f"host {key!r}: the abort of deploy "
-                       f"{deploy_id} is asked, but its write back to the previous rule was "
-                       f"not made: {problem}; it is tried again every {ABORT_RETRY:g} s until "
-                       f"the store takes it (GET /api/v1/deploys/{deploy_id} follows it)",
+                       f"{deploy_id} is asked, but not carried out yet: {problem}; its writes "
+                       f"are tried again (every {ABORT_RETRY:g} s at most) until "
+                       f"the store takes them (GET /api/v1/deploys/{deploy_id} follows it)",
                        [f"deploy: {deploy_id}", f"problem: {problem}"])
     if unreplicated is not None:
         raise ApiError(503, "store_not_replicated", f"{unreplicated.where}: the abort of "

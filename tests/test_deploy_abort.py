@@ -275,9 +275,9 @@ def test_an_abort_whose_write_back_is_refused_answers_503_and_goes_on_once_it_is
         status, answer = abort(lb)
         assert (status, answer["error"]) == (503, "store_unavailable"), answer
         assert answer["message"].startswith(
-            f"host '{HOST}': the abort of deploy {record['id']} is asked, but its write back "
-            f"to the previous rule was not made: cannot write the rule: "), answer
-        assert "tried again every 1 s until the store takes it" in answer["message"]
+            f"host '{HOST}': the abort of deploy {record['id']} is asked, but not carried out "
+            f"yet: cannot write the rule: "), answer
+        assert "tried again (every 1 s at most) until the store takes them" in answer["message"]
         assert answer["details"][0] == f"deploy: {record['id']}"
         running = record_of(lb, record["id"])
         assert running["state"] == "running" and running["abort"]["problem"], running
