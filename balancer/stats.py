@@ -8,6 +8,11 @@ Invariants:
   when a duration falls in another bucket than the one before (`Timed`).
 * `snapshot()` returns plain JSON-able data; `merge_snapshots` sums the
   snapshots of several workers (see docs/ARCHITECTURE.md for the shape).
+  A histogram is its cumulative counts, one list of ints; the bounds are
+  named once per snapshot (``"bounds"``: BUCKETS). Bug: each count went with
+  its bound (``[[0.005, n], ...]``), 15 lists a histogram: a snapshot of 20,000
+  hosts was 340,000 objects the management process's garbage collector walks
+  (17 a host, now 3), and a full collection with 4 snapshots held took 0.9 s.
 * Only what the routing table serves is reported: the worker forgets the
   counters of a deleted host (`forget_hosts`) and of a backend its rule no
   longer names (`HostStats.keep_backends`) when the table is swapped.
@@ -123,12 +128,14 @@ def bucket_of(seconds: float) -> int:
 
 
 def histogram(hist: list[int], total: float) -> dict[str, Any]:
-    """A histogram's snapshot: cumulative buckets ``[[bound, count], ...]``, sum, count."""
-    cumulative, buckets = 0, []
-    for bound, n in zip(BUCKETS + (float("inf"),), hist, strict=True):
+    """A histogram's snapshot: ``counts``, the cumulative count at each bound of
+    BUCKETS and at +Inf (the bounds are the snapshot's, once: `Stats.snapshot`),
+    sum, count."""
+    cumulative, counts = 0, []
+    for n in hist:
         cumulative += n
-        buckets.append([bound, cumulative])
-    return {"buckets": buckets, "sum": total, "count": cumulative}
+        counts.append(cumulative)
+    return {"counts": counts, "sum": total, "count": cumulative}
 
 
 class HostStats(Timed):
@@ -303,6 +310,7 @@ class Stats:
             "store_up": self.store_up,
             "last_reload": self.last_reload,
             "tls_handshakes": dict(self.tls_handshakes),
+            "bounds": list(BUCKETS),  # every histogram's (`histogram`), once
             "hosts": chosen,
         }
 
@@ -375,8 +383,8 @@ def _merge_into(into: dict[str, Any], other: dict[str, Any]) -> None:
             into[key] = _copy(value)
         elif isinstance(value, dict):
             _merge_into(into[key], value)
-        elif key == "buckets":
-            into[key] = [[b, n + m] for (b, n), (_, m) in zip(into[key], value, strict=True)]
+        elif key == "counts":
+            into[key] = [n + m for n, m in zip(into[key], value, strict=True)]
         elif key in _MAX_KEYS:
             into[key] = max(into[key], value)
         elif key in _MIN_KEYS:
@@ -404,8 +412,8 @@ def _max_into(into: dict[str, Any], other: dict[str, Any]) -> None:
             into[key] = _copy(value)
         elif isinstance(value, dict) and isinstance(mine, dict):
             _max_into(mine, value)
-        elif key == "buckets":
-            into[key] = [[b, max(n, m)] for (b, n), (_, m) in zip(mine, value, strict=True)]
+        elif key == "counts":
+            into[key] = [max(n, m) for n, m in zip(mine, value, strict=True)]
         elif isinstance(value, int | float) and isinstance(mine, int | float):
             into[key] = max(mine, value)
 

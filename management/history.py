@@ -29,9 +29,10 @@ Invariants:
   from a copy of the rings, calling `pause` in between (the management
   process's loop runs other requests; concurrent askers of the same query
   wait for the one build). The bytes are those of the view's compact JSON.
-* A sample reads and sums its hosts `SAMPLED_PER_PAUSE` at a time, calling
-  `pause` in between (bug: 20,000 hosts summed in one go held the process
-  0.12 s every 5 s); it changes the rings only after, in one go.
+* A sample reads, sums and ranks its hosts `SAMPLED_PER_PAUSE` at a time,
+  calling `pause` in between (bug: 20,000 hosts summed in one go held the
+  process 0.12 s every 5 s; 50,000 ranked in one sort, 57 ms); it changes
+  the rings only after, in one go.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ SERIES = ("rps", "error_rate", "p50", "p99")
 SAVE_EVERY = 6  # samples between saves (30 s)
 ADOPT_WITHIN = 4  # samples during which a newer saved file replaces this one's history
 FILE_NAME = "history.json"
+FORMAT = 2  # the saved file's; 2: histograms as counts (`balancer.stats.histogram`)
 TOTAL = ""  # the ring key of the whole balancer
 CACHE_BYTES = 32 * 1024 * 1024  # encoded views kept until the next sample
 HOSTS_PER_PAUSE = 50  # hosts encoded between two calls of `pause`
@@ -98,7 +100,7 @@ class History:
         # "active"): one the previous sample lacked, when it left none out, was idle.
         idle = IDLE if not self.left_out else None
         self.left_out = max(0, len(hosts) - MAX_HOSTS)
-        counters = {key: every[key] for key in _busiest(every, self.rings)}
+        counters = {key: every[key] for key in _busiest(every, self.rings, self.pause)}
         counters[TOTAL] = total
         seconds = now - self.last_time if self.last_time else 0.0
         i = self.head
@@ -195,7 +197,7 @@ class History:
         """Write the rings to `path` (atomically); a failure is logged by the caller's loop."""
         if self.path is None:
             return
-        doc = {"format": 1, "points": POINTS, "series": list(SERIES), "head": self.head,
+        doc = {"format": FORMAT, "points": POINTS, "series": list(SERIES), "head": self.head,
                "times": _b64(self.times), "last_time": self.last_time, "last": self.last,
                "rings": {k: _b64(r) for k, r in self.rings.items()}}
         tmp = f"{self.path}.{os.getpid()}.tmp"
@@ -236,7 +238,8 @@ class History:
             times = _unb64("d", doc["times"], POINTS)
             rings = {k: _unb64("f", v, POINTS * len(SERIES)) for k, v in doc["rings"].items()}
             head, last_time = int(doc["head"]) % POINTS, float(doc["last_time"])
-            last = doc["last"] if isinstance(doc.get("last"), dict) else {}
+            last = doc.get("last") if doc.get("format") == FORMAT else None
+            last = last if isinstance(last, dict) else {}  # (another format's: a gap)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False  # (AttributeError: a JSON list or string, not the object saved)
         self.times, self.rings, self.head = times, rings, head
@@ -257,41 +260,50 @@ class History:
 def _counters(h: dict[str, Any]) -> dict[str, Any]:
     return {"completed": h.get("completed_requests", 0),
             "errors": h.get("responses", {}).get("5xx", 0),
-            "buckets": h.get("duration", {}).get("buckets") or []}
+            "counts": h.get("duration", {}).get("counts") or []}
 
 
-def _busiest(every: dict[str, dict[str, Any]], kept: Container[str]) -> list[str]:
+def _busiest(every: dict[str, dict[str, Any]], kept: Container[str],
+             pause: Callable[[], None] | None = None) -> list[str]:
     """The hosts kept: all of them up to `MAX_HOSTS`, else the `MAX_HOSTS` that
     completed the most requests, those `kept` already counting `KEEP_MARGIN`
     times theirs (bug: the first in alphabetical order, so a busy host named
     late had no history while hosts with one request did; then, without the
     margin, two hosts as busy as each other at the cap overtook each other by
-    turns, each dropping the other's ring: neither ever showed a rate)."""
+    turns, each dropping the other's ring: neither ever showed a rate).
+    Ranked `SAMPLED_PER_PAUSE` hosts between two calls of `pause`, each slice
+    with the best so far (bug: all in one sort, 57 ms at 50,000 hosts)."""
     if len(every) <= MAX_HOSTS:
         return list(every)
-    return sorted(every, key=lambda key: (
-        -every[key]["completed"] * (KEEP_MARGIN if key in kept else 1), key not in kept,
-        key))[:MAX_HOSTS]
+    keys = list(every)
+    best: list[tuple[float, bool, str]] = []
+    for start in range(0, len(keys), SAMPLED_PER_PAUSE):
+        if start and pause is not None:
+            pause()
+        ranked = [(-every[key]["completed"] * (KEEP_MARGIN if key in kept else 1),
+                   key not in kept, key) for key in keys[start:start + SAMPLED_PER_PAUSE]]
+        best = sorted(best + ranked)[:MAX_HOSTS]
+    return [key for *_, key in best]
 
 
 def _total(all_counters: Any, pause: Callable[[], None] | None = None) -> dict[str, Any]:
     """The whole balancer's counters: every host's summed, `SAMPLED_PER_PAUSE` hosts
     between two calls of `pause`."""
-    total: dict[str, Any] = {"completed": 0, "errors": 0, "buckets": []}
+    total: dict[str, Any] = {"completed": 0, "errors": 0, "counts": []}
     for n, c in enumerate(list(all_counters)):
         if n and n % SAMPLED_PER_PAUSE == 0 and pause is not None:
             pause()
         total["completed"] += c["completed"]
         total["errors"] += c["errors"]
-        if not total["buckets"]:
-            total["buckets"] = [list(b) for b in c["buckets"]]
-        elif len(c["buckets"]) == len(total["buckets"]):
-            for mine, theirs in zip(total["buckets"], c["buckets"], strict=True):
-                mine[1] += theirs[1]
+        counts = total["counts"]
+        if not counts:
+            total["counts"] = list(c["counts"])
+        elif len(c["counts"]) == len(counts):
+            total["counts"] = [n + m for n, m in zip(counts, c["counts"], strict=True)]
     return total
 
 
-IDLE: dict[str, Any] = {"completed": 0, "errors": 0, "buckets": []}  # a host without requests
+IDLE: dict[str, Any] = {"completed": 0, "errors": 0, "counts": []}  # a host without requests
 
 
 def _point(now: dict[str, Any], before: dict[str, Any] | None, seconds: float
@@ -303,9 +315,9 @@ def _point(now: dict[str, Any], before: dict[str, Any] | None, seconds: float
     errors = now["errors"] - before["errors"]
     if done < 0 or errors < 0:
         return (None, None, None, None)
-    buckets = delta(now["buckets"], before.get("buckets"))
+    counts = delta(now["counts"], before.get("counts"))
     return (done / seconds, errors / done if done else None,
-            quantile(buckets, 0.5) if done else None, quantile(buckets, 0.99) if done else None)
+            quantile(counts, 0.5) if done else None, quantile(counts, 0.99) if done else None)
 
 
 def _series_of(ring: array | None, picked: Any) -> dict[str, list[float | None]]:

@@ -165,7 +165,8 @@ class Metrics:
             snap = self.snapshot()
             registry = CollectorRegistry(auto_describe=False)  # one per scrape: its snapshot's
             registry.register(SnapshotCollector(snap, *self.sources))
-            return self._sent(Rows(snap.get("hosts", {}), snap), generate_latest(registry))
+            rows = Rows(snap.get("hosts", {}), snap, self.pause)  # (sorted in slices)
+            return self._sent(rows, generate_latest(registry))
 
     def held(self) -> list[Any]:
         """The snapshots the bodies being sent hold, oldest first."""

@@ -34,13 +34,17 @@ Invariants:
 from __future__ import annotations
 
 import errno
-import math
+import heapq
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.utils import floatToGoString
 
+from balancer.stats import BUCKETS
+
 HOSTS_PER_PAUSE = 200
+SORTED_PER_PAUSE = 2000  # host keys sorted between two calls of `Rows`' pause
 Host = tuple[str, dict[str, Any]]  # the host's label value (escaped) and its stats
 
 PER_HOST = (  # name, type, help, the stats field (the counters by code and the histogram aside)
@@ -70,22 +74,44 @@ class Cut(ConnectionResetError):
 class Rows:
     """A scrape's hosts as its body's writing reads them (label value escaped,
     sorted) and the snapshot they came from, `source`; `cut` drops both (the
-    writing then raises `Cut` at its next slice)."""
+    writing then raises `Cut` at its next slice).
 
-    __slots__ = ("rows", "source")
+    The keys are sorted `SORTED_PER_PAUSE` at a time, calling `pause` in
+    between, and merged as the body's first family takes them (`taken`). Bug:
+    sorted in one go at the scrape's start (57 ms at 50,000 hosts), with no
+    other request answered meanwhile."""
 
-    def __init__(self, hosts: dict[str, Any], source: Any = None) -> None:
-        self.rows: list[Host] | None = [(escape(host), h) for host, h in sorted(hosts.items())]
+    __slots__ = ("rows", "source", "hosts", "merging", "count", "le")
+
+    def __init__(self, hosts: dict[str, Any], source: Any = None,
+                 pause: Callable[[], None] | None = None) -> None:
+        keys = list(hosts)
+        runs = []
+        for start in range(0, len(keys), SORTED_PER_PAUSE):
+            if start and pause is not None:
+                pause()
+            runs.append(sorted(keys[start:start + SORTED_PER_PAUSE]))
+        self.rows: list[Host] | None = []
+        self.hosts: dict[str, Any] | None = hosts
+        self.merging: Iterator[str] | None = heapq.merge(*runs)
+        self.count = len(keys)
         self.source = source
+        bounds = (source or {}).get("bounds", BUCKETS)
+        self.le = [*(f'",le="{floatToGoString(b)}"}} ' for b in bounds), '",le="+Inf"} ']
 
     def taken(self, start: int) -> list[Host]:
         """The slice of rows from `start` (`HOSTS_PER_PAUSE`); `Cut` once cut."""
-        if self.rows is None:
+        rows, hosts = self.rows, self.hosts
+        if rows is None or hosts is None:
             raise Cut(errno.ECONNRESET, "the scrape was cut to bound what scrapes hold")
-        return self.rows[start:start + HOSTS_PER_PAUSE]
+        end = start + HOSTS_PER_PAUSE
+        if len(rows) < end and self.merging is not None:
+            rows.extend((escape(key), hosts[key])
+                        for key in itertools.islice(self.merging, end - len(rows)))
+        return rows[start:end]
 
     def cut(self) -> None:
-        self.rows = self.source = None
+        self.rows = self.source = self.hosts = self.merging = None
 
 
 def per_host_text(hosts: dict[str, Any] | Rows, pause: Callable[[], None]) -> Iterator[bytes]:
@@ -93,9 +119,9 @@ def per_host_text(hosts: dict[str, Any] | Rows, pause: Callable[[], None]) -> It
     its `Rows`), a slice at a time, encoded (~60 B a line, not a str of ~110). No
     row is held across a pause, so a cut (`Rows.cut`) frees them at once."""
     rows = hosts if isinstance(hosts, Rows) else Rows(hosts)
-    count = len(rows.rows or ())
+    count = rows.count
     families: list[tuple[tuple[str, str, str], Callable[[list[str], Host], None]]] = [
-        (REQUESTS, _codes), (DURATION, _duration),
+        (REQUESTS, _codes), (DURATION, _durations(rows.le)),
         *(((name, kind, doc), _field(name, field)) for name, kind, doc, field in PER_HOST),
         (BACKEND_REQUESTS, _outcomes), (BACKEND_UP, _up)]
     for (name, kind, doc), write in families:
@@ -117,23 +143,22 @@ def _codes(out: list[str], row: Host) -> None:
                    f'{value(n)}\n')
 
 
-def _duration(out: list[str], row: Host) -> None:
-    host, h = row
-    hist = h.get("duration", {})
-    buckets = hist.get("buckets")
-    if not buckets:
-        return
+def _durations(le: list[str]) -> Callable[[list[str], Host], None]:
+    """The histogram's writer, `le` the end of each bucket's labels (`Rows.le`:
+    the snapshot's bounds, then +Inf), one for each of a host's counts."""
     name = DURATION[0]
-    count = 0.0
-    for bound, count in buckets:
-        bound = float(bound)  # JSON may carry the last bound as Infinity or "inf"
-        le = "+Inf" if math.isinf(bound) else floatToGoString(bound)
-        out.append(f'{name}_bucket{{host="{host}",le="{le}"}} {value(count)}\n')
-    if not math.isinf(float(buckets[-1][0])):
-        out.append(f'{name}_bucket{{host="{host}",le="+Inf"}} {value(count)}\n')
-    if float(buckets[0][0]) >= 0:
-        out.append(f'{name}_count{{host="{host}"}} {value(count)}\n'
+
+    def write(out: list[str], row: Host) -> None:
+        host, h = row
+        hist = h.get("duration", {})
+        counts = hist.get("counts")
+        if not counts or len(counts) != len(le):
+            return
+        for end, count in zip(le, counts, strict=True):
+            out.append(f'{name}_bucket{{host="{host}{end}{value(count)}\n')
+        out.append(f'{name}_count{{host="{host}"}} {value(counts[-1])}\n'
                    f'{name}_sum{{host="{host}"}} {value(hist.get("sum", 0.0))}\n')
+    return write
 
 
 def _field(name: str, field: str) -> Callable[[list[str], Host], None]:

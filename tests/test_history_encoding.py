@@ -20,7 +20,7 @@ START = 1_764_600_000.0
 def snapshot(point: int) -> dict:
     return {"hosts": {f"h{n:03d}.test": {"completed_requests": point * (n % 5),
                                           "responses": {"5xx": point // 3 * (n % 2)},
-                                          "duration": {"buckets": [[0.005, point], [0.01, point]]}}
+                                          "duration": {"counts": [point, point]}}
                       for n in range(HOSTS)}}
 
 

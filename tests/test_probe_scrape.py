@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from balancer.stats import BUCKETS
 from management.metrics_text import HOSTS_PER_PAUSE, per_host_text
 from tests.support import Balancer, in_threads, samples
 from tests.test_process import children_of
@@ -177,14 +178,14 @@ def test_head_of_the_streamed_body_has_no_last_chunk(busy: Balancer) -> None:
 # the text, against prometheus-client's ------------------------------------------------------
 SNAPSHOT_HOSTS = {
     'a"b\\\nc': {"codes": {"200": 5, "404": 12345678, "500": 2.5},
-                 "duration": {"buckets": [[0.005, 1], [10, 3], [float("inf"), 4]], "sum": 1.5},
+                 "duration": {"counts": [1, *[3] * (len(BUCKETS) - 1), 4], "sum": 1.5},
                  "bytes_received": 10**7, "bytes_sent": -3, "open_requests": True,
                  "spinning": 999_999, "limited": 1_000_000,
                  "backends": {"1.2.3.4:5": {"outcomes": {"ok": 5, 'x"y': 1}, "state": "up"},
                               "https://b": {"state": "down"}}},
-    "z": {"duration": {"buckets": [[0.1, 1], [1, 2]], "sum": 0.25}},
-    "y": {"duration": {"buckets": []}},
-    "n": {"duration": {"buckets": [[-1, 1], ["Infinity", 2]], "sum": 1}},
+    "z": {"duration": {"counts": [0, 1, *[2] * len(BUCKETS)], "sum": 0.25}},
+    "y": {"duration": {"counts": []}},  # none, and one of other bounds (not written):
+    "n": {"duration": {"counts": [1, 2], "sum": 1}},
     **{f"h{i}": {"codes": {"200": i}, "bytes_sent": i * 1.5} for i in range(2 * HOSTS_PER_PAUSE)},
 }
 
@@ -202,12 +203,10 @@ class Families(Collector):
         for host, h in rows:
             for code, n in sorted(h.get("codes", {}).items()):
                 requests.add_metric([host, code], n)
-            buckets = [("+Inf" if float(b) == float("inf") else str(float(b)), n)
-                       for b, n in h.get("duration", {}).get("buckets", [])]
-            if buckets and buckets[-1][0] != "+Inf":
-                buckets.append(("+Inf", buckets[-1][1]))
-            if buckets:
-                duration.add_metric([host], buckets, h["duration"]["sum"])
+            counts = h.get("duration", {}).get("counts", [])
+            if len(counts) == len(BUCKETS) + 1:
+                duration.add_metric([host], list(zip([*map(str, BUCKETS), "+Inf"], counts,
+                                                     strict=True)), h["duration"]["sum"])
         yield from (requests, duration)
         for name, kind, doc, field in (
                 ("balancer_bytes_received", CounterMetricFamily, "Bytes received from clients.",

@@ -28,7 +28,7 @@ from balancer.stats import MERGE_SLICE, merge_snapshots
 from balancer.stores import open_store
 from management.cluster import ClusterRuntime
 from management.collector import QUIET_GAP, Collector
-from management.history import SAMPLED_PER_PAUSE, History
+from management.history import MAX_HOSTS, SAMPLED_PER_PAUSE, TOTAL, History
 from tests.support import Balancer, control_socket, in_threads, wait_for
 from tests.test_probe_scrape import touch
 
@@ -113,7 +113,7 @@ def test_a_merge_in_slices_sums_as_in_one_go() -> None:
     two pauses, what is merged in so far at each."""
     def snapshot(n: int, offset: int) -> dict[str, Any]:
         return {"open_connections": n, "routing_version": n, "hosts": {
-            f"h{i + offset}": {"completed_requests": i, "duration": {"buckets": [[0.1, i]]},
+            f"h{i + offset}": {"completed_requests": i, "duration": {"counts": [i, i]},
                                "backends": {"b": {"state": "down" if n else "up"}}}
             for i in range(5 * MERGE_SLICE)}}
 
@@ -131,12 +131,14 @@ def test_a_history_sample_reads_its_hosts_in_slices_and_changes_nothing_before(
     seen: list[tuple[int, int]] = []
     history = History(None, lambda: seen.append((history.samples, len(history.rings))))
     hosts = {f"h{i}": {"completed_requests": i, "responses": {"5xx": 0},
-                       "duration": {"buckets": [[0.1, i], [1.0, i]]}}
+                       "duration": {"counts": [i, i]}}
              for i in range(3 * SAMPLED_PER_PAUSE)}
     history.sample({"hosts": hosts}, 1000.0)
-    assert len(seen) == 2 * 2  # reading, then summing
+    assert len(seen) == 3 * 2  # reading, summing, then ranking (bug: ranked in one sort)
     assert set(seen) == {(0, 0)}  # nothing recorded during the pauses
-    assert history.samples == 1 and len(history.rings) == 1001
+    assert history.samples == 1 and len(history.rings) == MAX_HOSTS + 1
+    assert set(history.rings) == {TOTAL, *(f"h{i}" for i in range(len(hosts) - MAX_HOSTS,
+                                                                   len(hosts)))}  # the busiest
 
 
 def test_full_collections_wait_for_a_quiet_moment() -> None:
