@@ -63,7 +63,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -271,7 +270,7 @@ class ClusterRuntime:
         """`ask_all` of the `listed` sockets, and the paths that answered (a
         `complete` command's answers are held)."""
         paths = self.silent.answering(listed)
-        asked = time.time()
+        asked = self.silent.ask()
         jobs = [gevent.spawn(ask_raw, path, command) for path in paths]
         gevent.joinall(jobs)
         replies, answered = [], set()
@@ -392,7 +391,7 @@ class ClusterRuntime:
         command = "apply " + json.dumps(body, separators=(",", ":"))
         every = worker_sockets(self.directory)
         paths = self.silent.answering(every)
-        asked = time.time()
+        asked = self.silent.ask()
         jobs = [gevent.spawn(ask_why, path, command, self.apply_timeout) for path in paths]
         gevent.joinall(jobs, timeout=self.apply_timeout + 1.0)
         lagging = self.silent.lagging(every)  # never asked: not applied

@@ -16,6 +16,11 @@ Invariants:
   stopped one collects at most one abandoned ask per probe; the worker skips
   asks whose client has gone (`balancer.control`).
 * The prober ends when the worker answers or goes: nothing outlives the worker.
+* Verdicts follow the order the asks began in (`ask`: a generation each), not
+  the order they ended in: an ask's verdict never overwrites that of an ask
+  begun later. Bug: a survey's answer, decoded for a second or more, was
+  noted "answering" after a newer ask had found the worker silent (stopped
+  meanwhile), and the next ask waited a whole timeout again.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ log = logging.getLogger("balancer.management")
 
 PROBE_FIRST = 0.5  # seconds the first probe of a silent worker waits
 PROBE_LAST = 30.0  # and the longest any probe waits
+Ask = tuple[int, float]  # an ask's generation (the order asks began in) and its unix time
 
 
 class SilentWorkers:
@@ -43,27 +49,41 @@ class SilentWorkers:
         self.on_answer = on_answer  # a probe's answer to ``version``
         self.silent: dict[str, tuple[float, str]] = {}  # path → (since: unix time, why)
         self.probers: dict[str, gevent.Greenlet] = {}
+        self.asks = 0  # asks begun: the last one's generation
+        self.verdicts: dict[str, int] = {}  # path → the generation its last verdict came from
+
+    def ask(self) -> Ask:
+        """A new ask's generation and time, to `note` its outcome with."""
+        self.asks += 1
+        return self.asks, time.time()
 
     def answering(self, paths: Iterable[str]) -> list[str]:
         """The paths of `paths` that are not silent (those to ask)."""
         return [path for path in paths if path not in self.silent]
 
     def lagging(self, paths: Iterable[str]) -> list[dict[str, Any]]:
-        """``{"pid", "version": None, "reason"}`` for each silent worker of `paths`."""
+        """``{"pid", "version": None, "reason"}`` for each silent worker of `paths`
+        (every worker listed: the verdicts of the others are forgotten)."""
+        listed = list(paths)
+        self.verdicts = {path: self.verdicts[path] for path in listed if path in self.verdicts}
         now = time.time()
         return [{"pid": pid_of(path), "version": None,
                  "reason": f"not answering for {now - self.silent[path][0]:.1f}s "
                            f"({self.silent[path][1]}): skipped until it answers again"}
-                for path in paths if path in self.silent]
+                for path in listed if path in self.silent]
 
-    def note(self, path: str, reply: dict[str, Any] | None, why: str, asked: float) -> None:
-        """Remember how an ask of `path` made at `asked` (unix time) went
-        (`balancer.control.ask_why`'s result)."""
+    def note(self, path: str, reply: dict[str, Any] | None, why: str, asked: Ask) -> None:
+        """Remember how an ask of `path` begun as `asked` (`ask`) went
+        (`balancer.control.ask_why`'s result), unless an ask begun later said."""
+        generation, since = asked
+        if generation < self.verdicts.get(path, 0):
+            return
+        self.verdicts[path] = generation
         if reply is not None or why == "gone":
             self.silent.pop(path, None)
             return
         if path not in self.silent:
-            self.silent[path] = (asked, why)
+            self.silent[path] = (since, why)
             log.warning("worker %s does not answer its control socket (%s): the management "
                         "API leaves it out until it answers again", pid_of(path), why)
             if path not in self.probers:
@@ -74,14 +94,16 @@ class SilentWorkers:
         wait = PROBE_FIRST
         try:
             while path in self.silent:
-                started = time.monotonic()
+                started, asked = time.monotonic(), self.ask()
                 reply, why = ask_why(path, "version", wait)
                 if reply is not None:
                     self.on_answer(reply)
                     log.warning("worker %s answers again after %.1fs", pid_of(path),
                                 time.time() - self.silent.get(path, (time.time(), ""))[0])
-                if reply is not None or why == "gone" or not os.path.exists(path):
-                    self.silent.pop(path, None)
+                elif not os.path.exists(path):
+                    why = "gone"
+                self.note(path, reply, why, asked)
+                if path not in self.silent:
                     return
                 # a refused or broken ask returns early: wait out the rest of its turn
                 gevent.sleep(max(0.0, wait - (time.monotonic() - started)))

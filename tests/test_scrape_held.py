@@ -8,9 +8,11 @@ import signal
 import socket
 from collections.abc import Iterator
 
+import gevent
 import pytest
+from gevent.event import Event
 
-from balancer.control import pid_of
+from balancer.control import pid_of, worker_sockets
 from management.cluster import ClusterRuntime
 from tests.support import Balancer, control_socket, wait_for
 from tests.test_scrape_slices import read_all
@@ -77,27 +79,31 @@ def test_a_cut_http10_body_does_not_look_whole(bal: Balancer) -> None:
     assert body.endswith(b"\nbalancer_scrape_cut_short{"), body[-80:]
 
 
-def test_hand_over_surveys_anew_not_the_survey_under_way(bal: Balancer) -> None:
-    """`hold_all` (a management process's last survey, `hand_over`) retires the
-    workers killed since the survey under way began: its own survey, never that
-    one's shared snapshot (bug: it waited for the sample's survey, which listed
-    the killed worker alive, and that worker's counters were retired by no
-    management process)."""
-    import gevent
-    import gevent.event
-
-    from balancer.control import worker_sockets
+def paused_runtime(bal: Balancer) -> tuple[ClusterRuntime, str, Event, Event]:
+    """A `ClusterRuntime` of this test process over `bal`'s worker whose pause
+    (between two lines of a survey's answer) sets `paused` and waits for `go`;
+    the run directory, and the two events."""
     from balancer.stores import open_store
 
     (worker,) = bal.api("GET", "/api/v1/info")[1]["processes"]
     directory = os.path.dirname(control_socket(worker["pid"]))
-    paused, go = gevent.event.Event(), gevent.event.Event()
+    paused, go = Event(), Event()
 
     def pause() -> None:
         if not go.is_set():
             paused.set()
             go.wait(60)
     runtime = ClusterRuntime(directory, open_store(f"file:{bal.routes}"), 1, pause=pause)
+    return runtime, directory, paused, go
+
+
+def test_hand_over_surveys_anew_not_the_survey_under_way(bal: Balancer) -> None:
+    """`hold_all` (a management process's last survey, `hand_over`) retires the
+    workers killed since the survey under way began: its own survey, never that
+    one's shared snapshot (bug: it waited for the sample's survey, which listed
+    the killed worker alive, and that worker's counters were retired by no
+    management process)."""
+    runtime, directory, paused, go = paused_runtime(bal)
     (killed,) = worker_sockets(directory)
     sample = gevent.spawn(runtime.active)  # the history's sample
     assert paused.wait(30)  # its survey decodes the answers: the worker listed alive then
@@ -114,20 +120,7 @@ def test_a_survey_killed_under_way_leaves_its_sharers_their_own(bal: Balancer) -
     """The history's sampler killed (a management process stopping) while a
     scrape waits for its survey: the scrape gets a snapshot of its own (bug: the
     sampler's GreenletExit was raised in the scrape, which ended unanswered)."""
-    import gevent
-    import gevent.event
-
-    from balancer.stores import open_store
-
-    (worker,) = bal.api("GET", "/api/v1/info")[1]["processes"]
-    directory = os.path.dirname(control_socket(worker["pid"]))
-    paused, go = gevent.event.Event(), gevent.event.Event()
-
-    def pause() -> None:
-        if not go.is_set():
-            paused.set()
-            go.wait(60)
-    runtime = ClusterRuntime(directory, open_store(f"file:{bal.routes}"), 1, pause=pause)
+    runtime, _, paused, go = paused_runtime(bal)
     sample = gevent.spawn(runtime.active)
     assert paused.wait(30)
     scrape = gevent.spawn(runtime.active)
@@ -136,3 +129,26 @@ def test_a_survey_killed_under_way_leaves_its_sharers_their_own(bal: Balancer) -
     go.set()
     merged = scrape.get(timeout=60)
     assert isinstance(merged, dict) and merged["hosts"]
+
+
+def test_an_older_answer_never_overwrites_a_newer_silence(bal: Balancer) -> None:
+    """A survey's answer, still being decoded when the worker stops (`SIGSTOP`)
+    and a newer ask finds it silent, leaves it silent: verdicts follow the order
+    the asks began in (bug: the older answer, noted last, said "answering", and
+    the next ask waited its whole timeout again)."""
+    runtime, directory, paused, go = paused_runtime(bal)
+    (path,) = worker_sockets(directory)
+    sample = gevent.spawn(runtime.active)
+    assert paused.wait(30)  # its answer came, and is being decoded
+    os.kill(pid_of(path), signal.SIGSTOP)
+    try:
+        assert runtime.ask_all("version") == []  # begun later: no answer in its time
+        assert path in runtime.silent.silent
+        go.set()
+        assert sample.get(timeout=60)["hosts"]  # the answer still counts
+        assert path in runtime.silent.silent
+    finally:
+        os.kill(pid_of(path), signal.SIGCONT)
+        gevent.killall(list(runtime.silent.probers.values()), timeout=10)
+    wait_for(lambda: "lagging" not in bal.api("GET", "/api/v1/info")[1], 30,
+             what="the worker answering its management process again")
