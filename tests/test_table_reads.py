@@ -20,12 +20,13 @@ import redis
 
 from tests.conftest import RedisServer
 from tests.redis_hold import SubscriberHold
-from tests.support import Balancer, in_threads, wait_for
+from tests.support import Balancer, constants_prefix, in_threads, wait_for
 
 STATIC = {"action": "static", "status": 200, "body": "ok"}
 HOSTS = {f"h{n}.test": {**STATIC, "body": f"h{n}"} for n in range(50)}
 READERS = 8  # concurrent reads right after a change
 ONE_WORKER = ["--workers", "1"]
+CATCH_UP = "management.table_reads.CATCH_UP"  # 60 s in `pair`'s first balancer
 BIG = 6000  # hosts: read in slices (`balancer.stores.redis_reads.SCAN_ABOVE`)
 # A write is answered 200 once the worker serves it, 202 after `apply_timeout` (2 s
 # by default): what these tests count is the whole reads, not how soon a worker
@@ -130,7 +131,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory
     fill(server.url)
     reads = WholeReads(server.port)
     one = Balancer(tmp_path_factory.mktemp("a"), None, store=server.url, args=ONE_WORKER,
-                   config=PATIENT)
+                   config=PATIENT, prefix=constants_prefix({CATCH_UP: 60.0}))
     two = Balancer(tmp_path_factory.mktemp("b"), None, store=server.url, args=ONE_WORKER,
                    config=PATIENT)
     try:
@@ -335,16 +336,12 @@ def test_a_read_of_a_corrupt_store_does_not_wait_for_the_mirror(
     try:
         wait_for(lambda: "not valid JSON" in (one.api("GET", "/api/v1/info")[1]["store"]
                                               ["problem"] or ""), 10, what="the problem")
-        took = []
-        for _ in range(3):
-            started = time.monotonic()
+        for _ in range(3):  # `one` waits 60 s for its mirror (`CATCH_UP`): the bug's
+            # reads each waited that long, past the API client's 10 s (a bound the
+            # product sets, not how fast a loaded machine answers: bug, `< 0.9 s`)
             status, body = one.api("GET", "/api/v1/hosts")
-            took.append(time.monotonic() - started)
             assert status == 200 and body["version"] == served
             assert "not valid JSON" in body["store_problem"]
-        # the bug made every read wait CATCH_UP (1 s); one read slowed by a loaded
-        # CI machine (1.05 s once, with six test processes on 2 cores) is not it
-        assert min(took) < 0.9, took
     finally:
         with client.pipeline(transaction=True) as pipe:
             pipe.hdel("balancer:hosts", "bad.test")
