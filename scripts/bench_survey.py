@@ -11,7 +11,13 @@ Prints the wall time, the longest stretch between two pauses (what a
 `/healthz` would wait for) and the garbage collector's collections by
 generation (`gc.callbacks`), with CPython's thresholds (``cpython``) or the
 management process's (``quiet``: no automatic full collection,
-`management.collector`). Run it under ``flock /tmp/bench.lock``.
+`management.collector`). Then, from one snapshot: the longest stretch of a
+``/metrics`` body written whole (`management.metrics.Metrics`, its rows
+sorted at the start) and of two history samples (`management.history.History`,
+its hosts ranked past `MAX_HOSTS`); the objects a host costs the garbage
+collector; and a full collection (``gc.collect()``, as
+`management.collector` forces every 300 s) with `--held` snapshots alive.
+Run it under ``flock /tmp/bench.lock``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, default=20000)
     parser.add_argument("--surveys", type=int, default=12)
     parser.add_argument("--collector", choices=("cpython", "quiet"), default="cpython")
+    parser.add_argument("--held", type=int, default=4, help="snapshots alive at the full "
+                        "collection (`management.metrics.MOST_HELD` bodies being sent)")
     args = parser.parse_args()
     raw = answer(args.hosts)
     gc.collect()
@@ -86,6 +94,34 @@ def main() -> None:
     for generation, times in sorted(collections.items()):
         print(f"  generation {generation}: {len(times)} collections, {sum(times):.2f} s, "
               f"longest {max(times) * 1000:.0f} ms")
+    del alive
+    one_snapshot(raw, args.hosts, args.held)
+
+
+def one_snapshot(raw: bytes, hosts: int, held: int) -> None:
+    """What one snapshot's scrape, history samples and full collections cost."""
+    from management.history import History
+    from management.metrics import Metrics
+
+    gc.collect()
+    before = len(gc.get_objects())
+    kept = [decoded(raw, "", None)[0]["stats"] for _ in range(held)]  # type: ignore[index]
+    tracked = (len(gc.get_objects()) - before) / (held * hosts)
+    stretches = Stretches()
+    sent = sum(map(len, Metrics(lambda: kept[0], pause=stretches).render()))
+    scrape = stretches.longest
+    history, stretches = History(None, Stretches()), Stretches()
+    history.pause = stretches
+    for n in range(2):
+        history.sample(kept[n % held], 1000.0 + 5 * n)
+        stretches()
+    began = time.perf_counter()
+    gc.collect()
+    full = time.perf_counter() - began
+    print(f"  one snapshot: /metrics body {sent / 1e6:.1f} MB, longest stretch "
+          f"{scrape * 1000:.1f} ms; history sample, longest stretch "
+          f"{stretches.longest * 1000:.1f} ms; {tracked:.1f} objects tracked a host; "
+          f"full collection with {held} snapshots alive {full * 1000:.0f} ms")
 
 
 if __name__ == "__main__":
