@@ -13,6 +13,7 @@ real survey of real workers.
 from __future__ import annotations
 
 import gc
+import http.client
 import os
 import socket
 import threading
@@ -29,7 +30,7 @@ from balancer.stores import open_store
 from management.cluster import ClusterRuntime
 from management.history import MAX_HOSTS, POINTS_PER_PAUSE, SAMPLED_PER_PAUSE, TOTAL, History
 from management.metrics_text import HOSTS_PER_PAUSE, SORTED_PER_PAUSE, Rows
-from tests.support import Balancer, control_socket, in_threads, wait_for
+from tests.support import Balancer, control_socket, in_threads, samples, wait_for
 from tests.test_probe_scrape import touch
 
 HOSTS = 4000  # a scrape's body ~6 MB: more than a socket's send buffer grows to (4 MiB)
@@ -244,3 +245,53 @@ def test_an_answer_in_lines_cut_short_or_damaged_is_refused() -> None:
     for damaged in (cut, lines + b'{"h9": {}}\n', lines.replace(b'{"h200"', b'[{"h200"', 1),
                     lines[:-1]):
         assert decoded(damaged, "")[0] is None, damaged[-60:]
+
+
+def test_scrapes_while_workers_are_killed_and_replaced_count_every_request(
+        two_workers: Balancer) -> None:
+    """Scrapes at once, back to back, while each worker in turn is killed
+    (`SIGKILL`) and replaced: every body is whole, and counts each host's one
+    request once (histograms as counts: a killed worker's from its last
+    answer, then retired). Last in the module: its workers are new after it."""
+    bal = two_workers
+    stop = threading.Event()
+    bodies: list[str] = []
+
+    failed: list[Exception] = []
+
+    def scraper() -> None:
+        while not stop.is_set():
+            conn = http.client.HTTPConnection("127.0.0.1", bal.mport, timeout=60)
+            try:
+                conn.request("GET", "/metrics")
+                bodies.append(conn.getresponse().read().decode())  # (IncompleteRead: cut)
+            except Exception as exc:  # noqa: BLE001 - each counts against the test
+                failed.append(exc)
+                return
+            finally:
+                conn.close()
+    pids = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+    threads = [threading.Thread(target=scraper) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for pid in pids:
+            wait_for(lambda: len(bodies) >= 2, 60, what="scrapes before the kill")
+            bodies_before = len(bodies)
+            os.kill(pid, 9)
+            wait_for(lambda p=pid: p not in [w["pid"] for w in bal.api(
+                "GET", "/api/v1/info")[1]["processes"]] and len(bal.api(
+                    "GET", "/api/v1/info")[1]["processes"]) == 2, 60, what="its replacement")
+            wait_for(lambda n=bodies_before: len(bodies) >= n + 3, 120, what="scrapes after")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert failed == [] and len(bodies) >= 2 * 5
+    for body in bodies:
+        series = samples(body)
+        counts = [v for (name, _), v in series.items()
+                  if name == "balancer_request_duration_seconds_count"]
+        infs = [v for (name, labels), v in series.items()
+                if name == "balancer_request_duration_seconds_bucket" and ("le", "+Inf") in labels]
+        assert (len(counts), sum(counts), sum(infs)) == (HOSTS, HOSTS, HOSTS)
