@@ -653,6 +653,15 @@ class InProcessWorkers:
         self.made.append((w, gevent.spawn(w.watchdog_loop)))
         return w
 
+    def stop_watchdog(self, w: Any) -> None:
+        """Tell worker `w` to stop and wait until its watchdog has ended (it takes no
+        further tick: `balancer.restarts.every`)."""
+        w.stopping = True
+        for made, watchdog in self.made:
+            if made is w:
+                watchdog.join(timeout=5)
+                assert watchdog.dead, "the watchdog did not end"
+
     def close(self) -> None:
         for w, watchdog in self.made:
             w.stopping = True

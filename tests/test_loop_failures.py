@@ -42,7 +42,7 @@ import pytest
 from balancer.certificates import make_record
 from balancer.restarts import Restarts, every
 from tests.conftest import RedisServer
-from tests.rawpeer import serve_each
+from tests.rawpeer import Link, Relay, serve_each
 from tests.support import Balancer, constants_prefix, control_socket, request, wait_for
 from tests.test_certs_damage import put
 from tests.test_health import FAST_CHECKS, HOST, scripted, state_of
@@ -430,6 +430,29 @@ def test_a_failure_that_says_something_new_at_every_turn_is_logged_once(
     assert "(KeyError: 40)" in restarts.problem  # the problem told is the last one
 
 
+def test_a_periodic_loop_told_to_stop_while_it_waits_takes_no_further_turn() -> None:
+    """`balancer.restarts.every`: told to stop during its wait (the step is over,
+    the loop waits for its next tick when this greenlet runs again), it returns
+    without another step (bug: one more, after the worker stopped: the
+    certificates' and challenges' follows looked at a store already closed)."""
+    import gevent
+    from gevent.event import Event
+
+    steps, first, stopped = [], Event(), Event()
+
+    def step() -> None:
+        steps.append(stopped.is_set())
+        first.set()
+
+    restarts = Restarts("worker 1", logging.getLogger("balancer.test_restarts"), quiet=False,
+                        loop="a periodic loop", then="trying again at its next turn")
+    loop = gevent.spawn(every, 0.01, step, stopped.is_set, restarts, at_once=True)
+    assert first.wait(WAIT)
+    stopped.set()
+    loop.join(WAIT)
+    assert loop.dead and steps == [False], steps
+
+
 def test_reload_hands_the_table_it_read_to_the_management_process(
         redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
     """A write whose rule is damaged moves the version; repaired by hand to another
@@ -488,3 +511,41 @@ def test_a_worker_whose_statistics_fail_is_lagging_and_counted_as_it_last_answer
     finally:
         flag.unlink(missing_ok=True)
         bal.stop()
+
+
+class InfoAsNumber(Relay):
+    """A TCP proxy to a real redis-server that answers ``INFO`` itself, with an
+    integer (a proxy or a Redis-compatible server of its own kind): redis-py hands
+    it over as it came, and its reading as INFO text raises AttributeError."""
+
+    def to_upstream(self, link: Link, data: bytes) -> None:
+        if b"\r\nINFO\r\n" in data.upper():
+            link.client.sendall(b":1\r\n")
+            return
+        link.upstream.sendall(data)
+
+
+def test_an_info_answer_nobody_foresaw_leaves_the_store_followed(
+        redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
+    """The management process's watch asks, as it begins, which other databases
+    of the store's Redis hold keys (the table's database is empty); that answer
+    raising ended the watch before its guarded loop (bug): the management
+    process's table (its ACME issuer's, its deploys') followed the store no
+    more. Now it is the watch's failure, logged once, and the watch follows the
+    table: the issuer's passes begin on the version written."""
+    redis = redis_factory()
+    relay = InfoAsNumber(("127.0.0.1", redis.port))
+    bal = Balancer(tmp_path, None, store=f"redis://127.0.0.1:{relay.port}/0")
+    raw = redis.client()
+    try:
+        failed = "the store's watcher failed unexpectedly (AttributeError"
+        wait_for(lambda: failed in bal.output(), WAIT, what="the failure logged")
+        wait_for(lambda: bal.store_problem() == "", WAIT, what="the watch's read ending it")
+        raw.hset("balancer:hosts", "app.test", json.dumps(STATIC))
+        raw.publish("balancer:changes", raw.incr("balancer:version"))
+        wait_for(lambda: bal.api("GET", "/api/v1/acme")[1]["passes"]["table_version"] == 1,
+                 WAIT, what="the management process's table at the version written")
+        assert bal.output().count(failed) == 1 and tracebacks(bal) == 1, bal.output()
+    finally:
+        bal.stop()
+        relay.close()

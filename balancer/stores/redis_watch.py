@@ -82,11 +82,13 @@ class RedisWatching(RedisChanges):
         seen = Seen()
         restarts = watcher_restarts(self.display_url, log, self.quiet)
         self._watchers += 1
-        if not self.quiet:
-            self._tell_other_databases()
+        told = self.quiet  # the other databases: the management process tells, once
         try:
             while not stop():
                 try:
+                    if not told:
+                        told = True  # (guarded: bug, an answer it did not expect ended
+                        self._tell_other_databases()  # the watch before it began)
                     self._follow(on_change, stop, seen, problems, served)
                 except CorruptStore as exc:  # bug: the watcher ended on a bad version
                     self._problem = str(exc)
