@@ -43,7 +43,15 @@ from balancer.certificates import make_record
 from balancer.restarts import Restarts, every
 from tests.conftest import RedisServer
 from tests.rawpeer import Link, Relay, serve_each
-from tests.support import Balancer, constants_prefix, control_socket, request, wait_for
+from tests.support import (
+    Balancer,
+    InProcessWorkers,
+    TableStore,
+    constants_prefix,
+    control_socket,
+    request,
+    wait_for,
+)
 from tests.test_certs_damage import put
 from tests.test_health import FAST_CHECKS, HOST, scripted, state_of
 from tests.test_process import wait_workers
@@ -303,6 +311,48 @@ def test_the_watchdog_goes_on_after_a_tick_that_fails(tmp_path: Path) -> None:
     finally:
         flag.unlink(missing_ok=True)
         bal.stop()
+
+
+class Unexpirable:
+    """A connection the watchdog cannot judge: its deadline raises (a bug's stand-in;
+    no input is known to make a real one)."""
+
+    @property
+    def deadline(self) -> float:
+        raise KeyError("scripted failure")
+
+
+def test_one_connection_the_watchdog_cannot_expire_leaves_the_others_expired() -> None:
+    """An in-process worker's clients each send half a head; a connection whose
+    expiry raises sits among them, before some of them in the watchdog's order
+    (bug: those after it were never expired: no 408, no close, for good)."""
+    from tests.test_inline import connect, get, until
+    from tests.test_parked_start import all_closed, closed_by_worker
+
+    workers = InProcessWorkers()
+    w = workers.start(TableStore({"app.test": STATIC}), {})
+    clients, broken = [], []
+    try:
+        for _ in range(4):
+            clients.append(connect(w))
+            clients[-1].sendall(get("/")[:-2])  # the head's end never comes
+        assert until(lambda: len(w.io.connections) == 4)
+        real = set(w.io.connections)
+        for _ in range(20):  # (a set's order: until one comes before a real connection)
+            broken.append(Unexpirable())
+            w.io.connections.add(broken[-1])
+            if not isinstance(list(w.io.connections)[-1], Unexpirable):
+                break
+        for client in clients:
+            client.sock.settimeout(WAIT)
+            assert closed_by_worker(client).startswith(b"HTTP/1.1 408 "), "not expired"
+        assert until(lambda: not real & w.io.connections)
+    finally:
+        w.io.connections.difference_update(broken)
+        for client in clients:
+            client.close()
+        assert until(lambda: all_closed(w))
+        workers.close()
 
 
 def test_the_certificates_watches_go_on_after_an_unexpected_failure(tmp_path: Path) -> None:
