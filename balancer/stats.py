@@ -102,11 +102,12 @@ class BackendStats(Timed):
                 "failures": self.failures,
                 "outcomes": {"success": self.successes, **self.outcomes},
                 "duration": self.durations()}
-        return snap if state == "up" else {**snap, **self.problem()}
+        return {**snap, **self.problem()}
 
     def problem(self) -> dict[str, str]:
-        """`{"problem": TEXT}` for a backend not up, with why (or nothing)."""
-        problem = self.source.down_problem() if self.source is not None else ""
+        """`{"problem": TEXT}` when the backend has one (`Backend.health_problem`: why
+        it is not up, or its health check's own failure), else nothing."""
+        problem = self.source.health_problem() if self.source is not None else ""
         return {"problem": problem} if problem else {}
 
 
@@ -194,7 +195,7 @@ class HostStats(Timed):
         backends: dict[str, Any] = {}
         for address, b in self.backends.items():
             state = b.source.health_state() if b.source is not None else "up"
-            backends[address] = {} if state == "up" else {"state": state, **b.problem()}
+            backends[address] = {**({} if state == "up" else {"state": state}), **b.problem()}
         return {"backends": backends}
 
     def snapshot(self) -> dict[str, Any]:

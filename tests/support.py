@@ -617,7 +617,7 @@ class ScriptedHealth:
     def health_state(self) -> str:
         return self.state
 
-    def down_problem(self) -> str:
+    def health_problem(self) -> str:
         return ""
 
 

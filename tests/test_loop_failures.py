@@ -145,6 +145,38 @@ def test_a_health_check_that_fails_unexpectedly_goes_on_checking(tmp_path: Path)
         app.stop()
 
 
+def test_a_health_check_failing_unexpectedly_on_a_backend_up_is_its_problem(
+        tmp_path: Path) -> None:
+    """The same failure while the backend is up: its verdict (up) is kept and the
+    failure is the backend's ``problem`` in ``GET /api/v1/stats`` (bug: shown only
+    while it was down: an operator saw an up backend nothing checked any more, the
+    failure in one log line), until a check works again."""
+    app = scripted("app")
+    flag = tmp_path / "fail"
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [app.address],
+                                     "health": FAST_CHECKS}}, args=["--workers", "1"],
+                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
+                                           fail=(["balancer.health:read_status"], flag)))
+
+    def backend() -> dict[str, Any]:
+        return bal.host_stats(HOST)["backends"].get(app.address, {})
+
+    try:
+        wait_for(lambda: len(app.checks) >= 1, WAIT, what="checked")  # type: ignore[attr-defined]
+        flag.touch()
+        failed = "its health check failed unexpectedly (RuntimeError: scripted failure)"
+        wait_for(lambda: failed in backend().get("problem", ""), WAIT,
+                 what="the failure as the backend's problem")
+        assert backend()["state"] == "up"
+        flag.unlink()
+        wait_for(lambda: "problem" not in backend(), WAIT, what="the problem ended")
+        assert backend()["state"] == "up"
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
+        app.stop()
+
+
 @pytest.mark.parametrize("beat", ["soon", None, [1], 1e400])
 def test_a_deploy_claim_whose_beat_is_no_number_is_stale(tmp_path: Path, beat: Any) -> None:
     """A hand-edited claim on a host with no deploy record behind it: released as
