@@ -33,6 +33,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ import pytest
 
 from balancer.certificates import make_record
 from balancer.restarts import Restarts, every
+from tests.acmefake import FakeAcme
 from tests.conftest import RedisServer
 from tests.rawpeer import Link, Relay, serve_each
 from tests.support import (
@@ -317,6 +319,49 @@ def test_an_acme_step_that_fails_unexpectedly_is_the_issuers_problem(tmp_path: P
     finally:
         flag.unlink(missing_ok=True)
         bal.stop()
+
+
+def test_an_issuer_whose_step_keeps_failing_hands_the_lock_to_another_balancer(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """Two balancers on one Redis store and a scripted ACME CA: the first takes
+    the issuer lock, then its step fails unexpectedly at every look (scripted:
+    what is due is judged by code that raises). After `STAND_ASIDE_AFTER` looks it
+    releases the lock, and the second balancer's issuer takes it and issues (bug:
+    the failing step extended the lock at every look: nothing was ever issued)."""
+    ca = FakeAcme("ok")
+    flag = tmp_path / "fail"
+    cluster = f'[store]\nnamespace = "loops-{uuid.uuid4().hex[:8]}"\n' \
+              f'[acme]\ndirectory = "{ca.url}"\n'
+    quick = {"management.acme_issuer.CHECK_INTERVAL": 0.3}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    flag.touch()
+    a = Balancer(tmp_path / "a", None, store=redis_server.url, config=cluster,
+                 prefix=constants_prefix(quick, fail=(["management.acme_issuer:due"], flag)))
+    b: Balancer | None = None
+    try:
+        def issuer(bal: Balancer) -> dict[str, Any]:
+            return bal.api("GET", "/api/v1/acme")[1]
+
+        rule = {**STATIC, "tls": "acme"}
+        assert a.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": rule}})[0] == 200
+
+        wait_for(lambda: "scripted failure" in (issuer(a)["problem"] or ""), WAIT,
+                 what="the first balancer's step failing")
+        assert issuer(a)["issuer"]["this_balancer"], "the lock taken first"
+        b = Balancer(tmp_path / "b", None, store=redis_server.url, config=cluster,
+                     prefix=constants_prefix(quick))
+        wait_for(lambda: issuer(b)["hosts"].get("app.test", {}).get("state") == "issued",
+                 3 * WAIT, what="the certificate issued by the second balancer")
+        assert "took the lock" in b.output()
+        assert "released the issuer lock, taking none for" in a.output()
+        assert "acme: issuing a certificate" not in a.output()
+    finally:
+        flag.unlink(missing_ok=True)
+        a.stop()
+        if b is not None:
+            b.stop()
+        ca.stop()
 
 
 def test_the_watchdog_goes_on_after_a_tick_that_fails(tmp_path: Path) -> None:
