@@ -51,6 +51,7 @@ from tests.support import (
     TableStore,
     constants_prefix,
     control_socket,
+    more_calls,
     request,
     wait_for,
 )
@@ -93,7 +94,10 @@ def test_a_challenge_that_is_no_utf8_leaves_the_others_served(tmp_path: Path) ->
 
 def test_a_certificates_file_replaced_by_a_directory_is_reported_until_repaired(
         tmp_path: Path) -> None:
-    bal = Balancer(tmp_path, {"a.test": STATIC}, args=["--tls-listen", "127.0.0.1:0"])
+    looks = tmp_path / "looks"
+    bal = Balancer(tmp_path, {"a.test": STATIC}, args=["--tls-listen", "127.0.0.1:0"],
+                   prefix=constants_prefix({}, count=(["management.certs_watch:CertsWatch.look"],
+                                                      looks)))
     try:
         assert put(bal, "a.test")[0] == 200
         certs = Path(f"{bal.routes}.certs.json")
@@ -106,7 +110,7 @@ def test_a_certificates_file_replaced_by_a_directory_is_reported_until_repaired(
 
         wait_for(lambda: "not a regular file" in problem(), WAIT, what="certs_problem")
         assert "cannot read the certificates file" in problem()
-        time.sleep(1.5)  # more looks: logged once
+        more_calls(looks, 2, "the certificates watch's look")  # logged once
         assert bal.output().count("not a regular file") == 1
         certs.rmdir()
         tmp = certs.with_suffix(".tmp")
@@ -135,7 +139,9 @@ def test_a_health_check_that_fails_unexpectedly_goes_on_checking(tmp_path: Path)
         wait_for(lambda: failed in bal.output(), WAIT, what="the failure logged")
         wait_for(lambda: failed in bal.host_stats(HOST)["backends"][app.address]
                  .get("problem", ""), WAIT, what="the failure as the backend's problem")
-        time.sleep(1.5)  # several checks fail meanwhile: logged once, still down
+        checks = len(app.checks)  # type: ignore[attr-defined]
+        wait_for(lambda: len(app.checks) >= checks + 3, WAIT,  # type: ignore[attr-defined]
+                 what="more checks failing")  # logged once, still down
         assert bal.output().count(failed) == 1 and tracebacks(bal) == 1
         assert state_of(bal, app) == "down"
         app.sick = False  # type: ignore[attr-defined]
@@ -248,7 +254,11 @@ def test_reload_ends_a_store_problem_a_hand_repair_fixed(
     unmoved: the watch has nothing to read again), ``POST /api/v1/reload`` reads
     the table whole, and the problem ends with it, as an nginx reload would."""
     redis = redis_factory()
-    bal = Balancer(tmp_path, None, store=redis.url)
+    looks = tmp_path / "looks"
+    bal = Balancer(tmp_path, None, store=redis.url, args=["--workers", "1"],
+                   config="[store]\nresync_interval = 0.2\n",
+                   prefix=constants_prefix({}, count=(
+                       ["balancer.stores.redis_watch:RedisWatching._resync"], looks)))
     raw = redis.client()
     try:
         assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
@@ -257,7 +267,7 @@ def test_reload_ends_a_store_problem_a_hand_repair_fixed(
         raw.publish("balancer:changes", raw.get("balancer:version"))
         wait_for(lambda: "not valid JSON" in bal.store_problem(), WAIT, what="the damage")
         raw.hset("balancer:hosts", "app.test", good)
-        time.sleep(1.0)  # the watch's looks meanwhile find the version served
+        more_calls(looks, 2, "the watches' version checks", processes=2)  # find it served
         assert "not valid JSON" in bal.store_problem()
         assert bal.api("POST", "/api/v1/reload")[0] == 200
         assert bal.store_problem() == "" and bal.store_up() == 1
@@ -367,16 +377,16 @@ def test_an_issuer_whose_step_keeps_failing_hands_the_lock_to_another_balancer(
 def test_the_watchdog_goes_on_after_a_tick_that_fails(tmp_path: Path) -> None:
     """A tick of the worker's watchdog raises (scripted) while the flag exists;
     once it is gone, a client that sends half a head is cut at client_header again."""
-    flag = tmp_path / "fail"
+    flag, ticks = tmp_path / "fail", tmp_path / "ticks"
+    tick = ["balancer.server:Worker.expire_overdue"]
     bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--workers", "1"],
                    config="[timeouts]\nclient_header = 0.5\n",
-                   prefix=constants_prefix({}, fail=(["balancer.server:Worker.expire_overdue"],
-                                                     flag)))
+                   prefix=constants_prefix({}, fail=(tick, flag), count=(tick, ticks)))
     try:
         flag.touch()
         failed = "the watchdog failed unexpectedly (RuntimeError: scripted failure)"
         wait_for(lambda: failed in bal.output(), WAIT, what="the failure logged")
-        time.sleep(0.6)  # more ticks fail: logged once
+        more_calls(ticks, 3, "the watchdog's tick")  # failing: logged once
         assert bal.output().count(failed) == 1 and tracebacks(bal) == 1
         flag.unlink()
         with socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT) as client:
@@ -436,12 +446,14 @@ def test_the_certificates_watches_go_on_after_an_unexpected_failure(tmp_path: Pa
     """The certificates file's signature raises (scripted) in the management
     process's watch and the worker's follow alike: each says so once, the first as
     ``store.certs_problem``, and both follow the file again after."""
-    flag = tmp_path / "fail"
+    flag, looks = tmp_path / "fail", tmp_path / "looks"
+    signature = ["balancer.stores.certs:FileCerts.signature"]
+    # (the watch's failures come its 1 s period and its pause apart, the cap at most:
+    # within twice the cap, the same failure again)
     bal = Balancer(tmp_path, {"a.test": STATIC}, args=["--tls-listen", "127.0.0.1:0",
                                                        "--workers", "1"],
-                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
-                                           fail=(["balancer.stores.certs:FileCerts.signature"],
-                                                 flag)))
+                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 2.0},
+                                           fail=(signature, flag), count=(signature, looks)))
     try:
         assert put(bal, "a.test")[0] == 200
         flag.touch()
@@ -453,7 +465,7 @@ def test_the_certificates_watches_go_on_after_an_unexpected_failure(tmp_path: Pa
         follow = "following the store's certificates failed unexpectedly (RuntimeError"
         wait_for(lambda: watch in problem(), WAIT, what="certs_problem")
         wait_for(lambda: follow in bal.output(), WAIT, what="the worker's line")
-        time.sleep(2.5)  # each fails again, more than once
+        more_calls(looks, 2, "the certificates' signature", processes=2)  # each fails again
         assert bal.output().count(watch) == 1 and bal.output().count(follow) == 1
         flag.unlink()
         wait_for(lambda: problem() == "", WAIT, what="the problem cleared")
@@ -466,11 +478,11 @@ def test_the_challenges_follow_goes_on_after_an_unexpected_failure(tmp_path: Pat
     """The challenges file's signature raises (scripted) in the worker's follow and
     the management process's relay: each says so once (the worker's was swallowed
     at every look), and a challenge published meanwhile is served after."""
-    flag = tmp_path / "fail"
+    flag, looks = tmp_path / "fail", tmp_path / "looks"
+    signature = ["balancer.stores.acme:FileAcme.challenges_signature"]
     bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--workers", "1"],
-                   prefix=constants_prefix(
-                       {"balancer.restarts.RESTART_CAP": 1.0},
-                       fail=(["balancer.stores.acme:FileAcme.challenges_signature"], flag)))
+                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
+                                           fail=(signature, flag), count=(signature, looks)))
     try:
         flag.touch()
         follow = "following the store's challenges failed unexpectedly (RuntimeError"
@@ -479,7 +491,7 @@ def test_the_challenges_follow_goes_on_after_an_unexpected_failure(tmp_path: Pat
                 "key_authorization": ANSWER, "expires": time.time() + 600}
         Path(f"{bal.routes}.challenges.json").write_text(
             json.dumps({"challenges": {f"http-01:{TOKEN}": good}}))
-        time.sleep(2.5)  # it fails again, more than once
+        more_calls(looks, 2, "the challenges' signature")  # the follow fails again
         assert bal.output().count(follow) == 1
         wait_for(lambda: "relaying the challenges failed unexpectedly" in bal.output(), WAIT,
                  what="the management process's line")
