@@ -35,8 +35,9 @@ Invariants:
   out of `run_loop`: a store or CA problem is logged and retried. A step that
   fails unexpectedly (a bug, `balancer.restarts`) `STAND_ASIDE_AFTER` times in
   a row releases the lock and takes none for two looks of the others
-  (2 x (`CHECK_INTERVAL` + `TICK`)): another balancer's issuer takes over (bug: the failing step extended the lock at each look, and
-  no other balancer could ever issue).
+  (2 x (`CHECK_INTERVAL` + `TICK`)): another balancer's issuer takes over
+  (bug: the failing step extended the lock at each look, and no other
+  balancer could ever issue).
 * `passes` counts the steps finished (whatever they did), and
   `passed_version` is the table version the last one began on: what was
   due then has been issued, or has failed, when both show
