@@ -511,13 +511,14 @@ def calls(path: Path) -> Counter[int]:
 
 
 def more_calls(path: Path, turns: int, what: str, processes: int = 1) -> None:
-    """Wait until `processes` of those that made the calls noted in `path` so far
-    have each made `turns` more (a loop's next turns)."""
+    """Wait until `processes` processes have each made `turns` more of the calls
+    noted in `path` (a loop's next turns) than so far (none, for one that has made
+    none yet)."""
     before = calls(path)
 
     def turned() -> bool:
         now = calls(path)
-        return sum(now[pid] >= n + turns for pid, n in before.items()) >= processes
+        return sum(n >= before[pid] + turns for pid, n in now.items()) >= processes
 
     wait_for(turned, 30.0, what=f"{turns} more calls of {what} in {processes} process(es)")
 
