@@ -118,12 +118,13 @@ class Checker:
         while not self.stopped:
             try:
                 healthy = self.check_once()
-            except Exception as exc:  # shown as its problem while it is down
-                self.backend.check_problem = restarts.failed(exc)
+            except Exception as exc:  # shown as the backend's problem, up or down
+                self.backend.check_problem = self.backend.check_failure = restarts.failed(exc)
                 gevent.sleep(max(restarts.pause, self.config.interval))
                 continue
             if self.stopped:
                 return
+            self.backend.check_failure = ""
             self.record(healthy)
             gevent.sleep(self.config.interval)
 

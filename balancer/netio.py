@@ -726,21 +726,30 @@ class GeventIO(IO):
 
     def expire(self, now: float) -> None:
         """Time out every connection whose deadline passed; ask a greenlet that
-        has waited PARK_AFTER for its connection's next request to park it."""
+        has waited PARK_AFTER for its connection's next request to park it. One
+        connection that raises is passed over and the others seen to; the first
+        such exception is raised after (the watchdog's problem: bug, it stopped
+        the rest being expired that tick, and every tick after)."""
         loop, parks = self.hub.loop, self.resume is not None
+        failed: Exception | None = None
         for conn in list(self.connections):
-            if conn.deadline < now:
-                if conn.task is not None:
-                    conn.deadline = EXPIRED
-                    loop.run_callback(_time_out, conn, conn.task)
-                elif not has_come(conn):  # parked, and nothing to see to first
-                    conn.deadline = EXPIRED
-                    loop.run_callback(self._expire_parked, conn)
-            elif parks and conn.idle and _is_due_to_park(conn, now):
-                if conn.task is not None:
-                    loop.run_callback(_park_idle, conn, conn.task)
-                elif conn.remembers():  # parked at once (`parks_at_once`): now idle
-                    conn.forget()
+            try:
+                if conn.deadline < now:
+                    if conn.task is not None:
+                        conn.deadline = EXPIRED
+                        loop.run_callback(_time_out, conn, conn.task)
+                    elif not has_come(conn):  # parked, and nothing to see to first
+                        conn.deadline = EXPIRED
+                        loop.run_callback(self._expire_parked, conn)
+                elif parks and conn.idle and _is_due_to_park(conn, now):
+                    if conn.task is not None:
+                        loop.run_callback(_park_idle, conn, conn.task)
+                    elif conn.remembers():  # parked at once (`parks_at_once`): now idle
+                        conn.forget()
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def close_idle(self, by: float) -> None:
         for conn in self.connections:

@@ -239,6 +239,7 @@ class Backend:
         self.last_error: object = None  # the failure that counted last (formatted only to log)
         self.checked_down = False  # set by an active health check
         self.check_problem = ""  # why the last active check failed (`balancer.health`)
+        self.check_failure = ""  # the check's own failure (a bug) while it lasts, up or down
         self._recovered = threading.Event()
 
     # pool ----------------------------------------------------------------
@@ -603,14 +604,15 @@ class Backend:
             return DOWN
         return self.state
 
-    def down_problem(self) -> str:
-        """Why the backend is not up ("" while it is): the last failed active
-        check's problem, or the last failed request's error (formatted here,
-        for the API, never per request)."""
+    def health_problem(self) -> str:
+        """Why the backend is not up: the last failed active check's problem, or the
+        last failed request's error (formatted here, for the API, never per
+        request); while it is up, its health check's own failure (a bug: the
+        verdict is kept, unchecked meanwhile), else ""."""
         if self.checked_down:
             return self.check_problem
         if self.state is UP:
-            return ""
+            return self.check_failure
         return str(self.last_error or "")
 
     @property

@@ -88,16 +88,20 @@ def nap(seconds: float, stop: Callable[[], bool]) -> None:
 def every(seconds: float, step: Callable[[], object], stop: Callable[[], bool],
           restarts: Restarts, at_once: bool = False) -> None:
     """A periodic greenlet's body: `step()` every `seconds` (the first at once with
-    `at_once`) until `stop()`. An exception `step` raises is `restarts`' problem
-    (logged once while it repeats) and the next tick comes as usual: the period
-    already bounds the retries (a watchdog that paused for its backoff would
-    leave deadlines unenforced meanwhile)."""
+    `at_once`) until `stop()`, looked at after each wait too: told to stop while
+    it waits, it takes no further step (bug: one more, after the worker stopped,
+    its store closed). An exception `step` raises is `restarts`' problem (logged
+    once while it repeats) and the next tick comes as usual: the period already
+    bounds the retries (a watchdog that paused for its backoff would leave
+    deadlines unenforced meanwhile)."""
     import gevent  # (a greenlet's: gevent.sleep, whether `time` is patched or not)
 
     wait = 0.0 if at_once else seconds
     while not stop():
         gevent.sleep(wait)
         wait = seconds
+        if stop():
+            return
         try:
             step()
         except Exception as exc:

@@ -107,12 +107,19 @@ class BackendStats(Timed):
                 "failures": self.failures,
                 "outcomes": {"success": self.successes, **self.outcomes},
                 "duration": self.durations()}
-        return snap if state == "up" else {**snap, **self.problem()}
+        return with_problem(snap, self.problem())
 
-    def problem(self) -> dict[str, str]:
-        """`{"problem": TEXT}` for a backend not up, with why (or nothing)."""
-        problem = self.source.down_problem() if self.source is not None else ""
-        return {"problem": problem} if problem else {}
+    def problem(self) -> str:
+        """The backend's problem (`Backend.health_problem`: why it is not up, or its
+        health check's own failure), or ""."""
+        return self.source.health_problem() if self.source is not None else ""
+
+
+def with_problem(snap: dict[str, Any], problem: str) -> dict[str, Any]:
+    """`snap` with ``"problem"`` when there is one."""
+    if problem:
+        snap["problem"] = problem
+    return snap
 
 
 def bucket_of(seconds: float) -> int:
@@ -201,7 +208,8 @@ class HostStats(Timed):
         backends: dict[str, Any] = {}
         for address, b in self.backends.items():
             state = b.source.health_state() if b.source is not None else "up"
-            backends[address] = {} if state == "up" else {"state": state, **b.problem()}
+            backends[address] = with_problem({} if state == "up" else {"state": state},
+                                             b.problem())
         return {"backends": backends}
 
     def snapshot(self) -> dict[str, Any]:

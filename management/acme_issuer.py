@@ -32,7 +32,12 @@ Invariants:
   asking for ACME, which stores nothing and forgets the state; neither counts
   as a failure.
 * A failure for one host never stops the others, and nothing here raises
-  out of `run_loop`: a store or CA problem is logged and retried.
+  out of `run_loop`: a store or CA problem is logged and retried. A step that
+  fails unexpectedly (a bug, `balancer.restarts`) `STAND_ASIDE_AFTER` times in
+  a row releases the lock and takes none for two looks of the others
+  (2 x (`CHECK_INTERVAL` + `TICK`)): another balancer's issuer takes over
+  (bug: the failing step extended the lock at each look, and no other
+  balancer could ever issue).
 * `passes` counts the steps finished (whatever they did), and
   `passed_version` is the table version the last one began on: what was
   due then has been issued, or has failed, when both show
@@ -73,6 +78,9 @@ BACKOFF_MAX = 6 * 3600.0  # the longest wait between retries
 REISSUE_AFTER = 3600.0  # a certificate issued this recently is not renewed unasked
 DAY = 86400.0
 CLOCK_SKEW = 300.0  # seconds the clocks of a cluster's balancers may differ
+# steps failing unexpectedly in a row after which the issuer hands the lock over
+# and takes none for two other issuers' looks (`Issuer.stand_aside`)
+STAND_ASIDE_AFTER = 3
 
 
 def acme_hosts(hosts: Mapping[str, Any]) -> list[str]:
@@ -161,6 +169,8 @@ class Issuer:
         self.problem: str | None = None  # the last store problem or failure, logged once
         self.restarts = Restarts("acme", log, quiet=False, loop="the issuer's step",
                                  then="trying again at the next look")
+        self.failed_steps = 0  # steps in a row that failed unexpectedly
+        self.aside_until = 0.0  # (monotonic) no step, no lock, until then (`stand_aside`)
         self.outcomes = {"ok": 0, "failed": 0}  # issuances finished here (`/metrics`)
         self.passes = 0  # steps finished (`GET /api/v1/acme`)
         self.passed_version: int | None = None  # the table version the last step began on
@@ -235,7 +245,10 @@ class Issuer:
     def safe_step(self) -> None:
         """`step`; a store problem, or an exception no branch expects (a bug must
         not end issuing for good: `balancer.restarts`, logged once, not at every
-        look), is `problem` (``GET /api/v1/acme``) until a step succeeds."""
+        look), is `problem` (``GET /api/v1/acme``) until a step succeeds; standing
+        aside (`stand_aside`), no step is taken."""
+        if time.monotonic() < self.aside_until:
+            return
         try:
             self.step()
         except StoreError as exc:
@@ -245,10 +258,32 @@ class Issuer:
             return
         except Exception as exc:
             self.problem = self.restarts.failed(exc)
+            self.failed_steps += 1
+            if self.failed_steps >= STAND_ASIDE_AFTER:
+                self.stand_aside()
             return
+        self.failed_steps = 0
         if self.problem is not None:
             log.warning("acme: the issuer's step succeeds again")
             self.problem = None
+
+    def stand_aside(self) -> None:
+        """After `STAND_ASIDE_AFTER` steps in a row failed unexpectedly: release the
+        issuer lock and take none while another balancer's issuer looks twice (each
+        looks every `CHECK_INTERVAL`, on a `TICK`), so that it takes the lock (its code
+        or its store may work). Alone, this one tries again after."""
+        aside = 2 * (CHECK_INTERVAL + TICK)
+        self.failed_steps = 0
+        self.aside_until = time.monotonic() + aside
+        if self.holding:
+            with suppress(StoreError):  # else it lapses by itself
+                self.acme.unlock(self.owner)
+            self.holding = False
+        self.problem = f"{self.problem}; {STAND_ASIDE_AFTER} steps in a row failed: this " \
+                       f"balancer takes no issuer lock for {aside:g} s"
+        log.warning("acme: %s: %d steps in a row failed unexpectedly; released the issuer "
+                    "lock, taking none for %g s (another balancer's issuer may take it)",
+                    self.owner, STAND_ASIDE_AFTER, aside)
 
     # one step -----------------------------------------------------------
     def step(self) -> None:

@@ -75,11 +75,12 @@ def host_stats(h: dict[str, Any]) -> dict[str, Any]:
 
 
 def backend_stats(b: dict[str, Any]) -> dict[str, Any]:
-    """One backend's counters; `problem` (why it is not up) when a worker said."""
+    """One backend's counters; `problem` (why it is not up, or its health check's
+    own failure) when a worker said."""
     out = {"state": b.get("state", "up"), "in_flight": b.get("in_flight", 0),
            "tunnels": b.get("tunnels", 0), "failures": b.get("failures", 0),
            "outcomes": {**dict.fromkeys(OUTCOMES, 0), **b.get("outcomes", {})},
            "latency": percentiles(b.get("duration"))}
-    if out["state"] != "up" and b.get("problem"):
+    if b.get("problem"):
         out["problem"] = b["problem"]
     return out

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -481,19 +482,45 @@ class Balancer:
 
 
 def constants_prefix(values: dict[str, float], slow: dict[str, float] | None = None,
-                     fail: tuple[list[str], Path] | None = None) -> list[str]:
+                     fail: tuple[list[str], Path] | None = None,
+                     count: tuple[list[str], Path] | None = None) -> list[str]:
     """A `Balancer` prefix that starts it with module constants replaced
     (tests/set_constants/sitecustomize.py), e.g.
     ``{"management.history.INTERVAL": 1.0}``: the same code on a shorter clock;
-    the functions named in `slow` made to sleep that many seconds first; and
-    with `fail` (``(["module:Class.method"], FLAG)``) those raising while FLAG exists."""
+    the functions named in `slow` made to sleep that many seconds first; with
+    `fail` (``(["module:Class.method"], FLAG)``) those raising while FLAG exists;
+    and with `count` (``(["module:Class.method"], PATH)``) each call of those
+    noted in PATH (`calls`)."""
     def joined(named: dict[str, float]) -> str:
         return ";".join(f"{name}={value}" for name, value in named.items())
 
     calls, flag = fail if fail is not None else ([], Path("/nonexistent"))
+    counted, into = count if count is not None else ([], Path("/nonexistent"))
     return ["env", f"PYTHONPATH={ROOT}{os.pathsep}{ROOT / 'tests' / 'set_constants'}",
             f"SET_CONSTANTS={joined(values)}", f"SLOW_CALLS={joined(slow or {})}",
-            f"FAIL_CALLS={';'.join(calls)}", f"FAIL_WHILE={flag}"]
+            f"FAIL_CALLS={';'.join(calls)}", f"FAIL_WHILE={flag}",
+            f"COUNT_CALLS={';'.join(counted)}", f"COUNT_INTO={into}"]
+
+
+def calls(path: Path) -> Counter[int]:
+    """The calls `constants_prefix`'s `count` noted in `path`, by process id."""
+    try:
+        return Counter(int(line) for line in path.read_text().split())
+    except FileNotFoundError:
+        return Counter()
+
+
+def more_calls(path: Path, turns: int, what: str, processes: int = 1) -> None:
+    """Wait until `processes` processes have each made `turns` more of the calls
+    noted in `path` (a loop's next turns) than so far (none, for one that has made
+    none yet)."""
+    before = calls(path)
+
+    def turned() -> bool:
+        now = calls(path)
+        return sum(n >= before[pid] + turns for pid, n in now.items()) >= processes
+
+    wait_for(turned, 30.0, what=f"{turns} more calls of {what} in {processes} process(es)")
 
 def control_socket(pid: int) -> str:
     """The path of worker `pid`'s control socket (in the balancer's run directory)."""
@@ -617,7 +644,7 @@ class ScriptedHealth:
     def health_state(self) -> str:
         return self.state
 
-    def down_problem(self) -> str:
+    def health_problem(self) -> str:
         return ""
 
 
@@ -652,6 +679,15 @@ class InProcessWorkers:
             w.access_log.start()
         self.made.append((w, gevent.spawn(w.watchdog_loop)))
         return w
+
+    def stop_watchdog(self, w: Any) -> None:
+        """Tell worker `w` to stop and wait until its watchdog has ended (it takes no
+        further tick: `balancer.restarts.every`)."""
+        w.stopping = True
+        for made, watchdog in self.made:
+            if made is w:
+                watchdog.join(timeout=5)
+                assert watchdog.dead, "the watchdog did not end"
 
     def close(self) -> None:
         for w, watchdog in self.made:

@@ -33,6 +33,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,19 @@ import pytest
 
 from balancer.certificates import make_record
 from balancer.restarts import Restarts, every
+from tests.acmefake import FakeAcme
 from tests.conftest import RedisServer
-from tests.rawpeer import serve_each
-from tests.support import Balancer, constants_prefix, control_socket, request, wait_for
+from tests.rawpeer import Link, Relay, serve_each
+from tests.support import (
+    Balancer,
+    InProcessWorkers,
+    TableStore,
+    constants_prefix,
+    control_socket,
+    more_calls,
+    request,
+    wait_for,
+)
 from tests.test_certs_damage import put
 from tests.test_health import FAST_CHECKS, HOST, scripted, state_of
 from tests.test_process import wait_workers
@@ -83,7 +94,10 @@ def test_a_challenge_that_is_no_utf8_leaves_the_others_served(tmp_path: Path) ->
 
 def test_a_certificates_file_replaced_by_a_directory_is_reported_until_repaired(
         tmp_path: Path) -> None:
-    bal = Balancer(tmp_path, {"a.test": STATIC}, args=["--tls-listen", "127.0.0.1:0"])
+    looks = tmp_path / "looks"
+    bal = Balancer(tmp_path, {"a.test": STATIC}, args=["--tls-listen", "127.0.0.1:0"],
+                   prefix=constants_prefix({}, count=(["management.certs_watch:CertsWatch.look"],
+                                                      looks)))
     try:
         assert put(bal, "a.test")[0] == 200
         certs = Path(f"{bal.routes}.certs.json")
@@ -96,7 +110,7 @@ def test_a_certificates_file_replaced_by_a_directory_is_reported_until_repaired(
 
         wait_for(lambda: "not a regular file" in problem(), WAIT, what="certs_problem")
         assert "cannot read the certificates file" in problem()
-        time.sleep(1.5)  # more looks: logged once
+        more_calls(looks, 2, "the certificates watch's look")  # logged once
         assert bal.output().count("not a regular file") == 1
         certs.rmdir()
         tmp = certs.with_suffix(".tmp")
@@ -125,12 +139,46 @@ def test_a_health_check_that_fails_unexpectedly_goes_on_checking(tmp_path: Path)
         wait_for(lambda: failed in bal.output(), WAIT, what="the failure logged")
         wait_for(lambda: failed in bal.host_stats(HOST)["backends"][app.address]
                  .get("problem", ""), WAIT, what="the failure as the backend's problem")
-        time.sleep(1.5)  # several checks fail meanwhile: logged once, still down
+        checks = len(app.checks)  # type: ignore[attr-defined]
+        wait_for(lambda: len(app.checks) >= checks + 3, WAIT,  # type: ignore[attr-defined]
+                 what="more checks failing")  # logged once, still down
         assert bal.output().count(failed) == 1 and tracebacks(bal) == 1
         assert state_of(bal, app) == "down"
         app.sick = False  # type: ignore[attr-defined]
         flag.unlink()
         wait_for(lambda: state_of(bal, app) == "up", WAIT, what="checked up again")
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
+        app.stop()
+
+
+def test_a_health_check_failing_unexpectedly_on_a_backend_up_is_its_problem(
+        tmp_path: Path) -> None:
+    """The same failure while the backend is up: its verdict (up) is kept and the
+    failure is the backend's ``problem`` in ``GET /api/v1/stats`` (bug: shown only
+    while it was down: an operator saw an up backend nothing checked any more, the
+    failure in one log line), until a check works again."""
+    app = scripted("app")
+    flag = tmp_path / "fail"
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [app.address],
+                                     "health": FAST_CHECKS}}, args=["--workers", "1"],
+                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
+                                           fail=(["balancer.health:read_status"], flag)))
+
+    def backend() -> dict[str, Any]:
+        return bal.host_stats(HOST)["backends"].get(app.address, {})
+
+    try:
+        wait_for(lambda: len(app.checks) >= 1, WAIT, what="checked")  # type: ignore[attr-defined]
+        flag.touch()
+        failed = "its health check failed unexpectedly (RuntimeError: scripted failure)"
+        wait_for(lambda: failed in backend().get("problem", ""), WAIT,
+                 what="the failure as the backend's problem")
+        assert backend()["state"] == "up"
+        flag.unlink()
+        wait_for(lambda: "problem" not in backend(), WAIT, what="the problem ended")
+        assert backend()["state"] == "up"
     finally:
         flag.unlink(missing_ok=True)
         bal.stop()
@@ -206,7 +254,11 @@ def test_reload_ends_a_store_problem_a_hand_repair_fixed(
     unmoved: the watch has nothing to read again), ``POST /api/v1/reload`` reads
     the table whole, and the problem ends with it, as an nginx reload would."""
     redis = redis_factory()
-    bal = Balancer(tmp_path, None, store=redis.url)
+    looks = tmp_path / "looks"
+    bal = Balancer(tmp_path, None, store=redis.url, args=["--workers", "1"],
+                   config="[store]\nresync_interval = 0.2\n",
+                   prefix=constants_prefix({}, count=(
+                       ["balancer.stores.redis_watch:RedisWatching._resync"], looks)))
     raw = redis.client()
     try:
         assert bal.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": STATIC}})[0] == 200
@@ -215,7 +267,7 @@ def test_reload_ends_a_store_problem_a_hand_repair_fixed(
         raw.publish("balancer:changes", raw.get("balancer:version"))
         wait_for(lambda: "not valid JSON" in bal.store_problem(), WAIT, what="the damage")
         raw.hset("balancer:hosts", "app.test", good)
-        time.sleep(1.0)  # the watch's looks meanwhile find the version served
+        more_calls(looks, 2, "the watches' version checks", processes=2)  # find it served
         assert "not valid JSON" in bal.store_problem()
         assert bal.api("POST", "/api/v1/reload")[0] == 200
         assert bal.store_problem() == "" and bal.store_up() == 1
@@ -279,19 +331,62 @@ def test_an_acme_step_that_fails_unexpectedly_is_the_issuers_problem(tmp_path: P
         bal.stop()
 
 
+def test_an_issuer_whose_step_keeps_failing_hands_the_lock_to_another_balancer(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """Two balancers on one Redis store and a scripted ACME CA: the first takes
+    the issuer lock, then its step fails unexpectedly at every look (scripted:
+    what is due is judged by code that raises). After `STAND_ASIDE_AFTER` looks it
+    releases the lock, and the second balancer's issuer takes it and issues (bug:
+    the failing step extended the lock at every look: nothing was ever issued)."""
+    ca = FakeAcme("ok")
+    flag = tmp_path / "fail"
+    cluster = f'[store]\nnamespace = "loops-{uuid.uuid4().hex[:8]}"\n' \
+              f'[acme]\ndirectory = "{ca.url}"\n'
+    quick = {"management.acme_issuer.CHECK_INTERVAL": 0.3}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    flag.touch()
+    a = Balancer(tmp_path / "a", None, store=redis_server.url, config=cluster,
+                 prefix=constants_prefix(quick, fail=(["management.acme_issuer:due"], flag)))
+    b: Balancer | None = None
+    try:
+        def issuer(bal: Balancer) -> dict[str, Any]:
+            return bal.api("GET", "/api/v1/acme")[1]
+
+        rule = {**STATIC, "tls": "acme"}
+        assert a.api("PUT", "/api/v1/hosts", {"hosts": {"app.test": rule}})[0] == 200
+
+        wait_for(lambda: "scripted failure" in (issuer(a)["problem"] or ""), WAIT,
+                 what="the first balancer's step failing")
+        assert issuer(a)["issuer"]["this_balancer"], "the lock taken first"
+        b = Balancer(tmp_path / "b", None, store=redis_server.url, config=cluster,
+                     prefix=constants_prefix(quick))
+        wait_for(lambda: issuer(b)["hosts"].get("app.test", {}).get("state") == "issued",
+                 3 * WAIT, what="the certificate issued by the second balancer")
+        assert "took the lock" in b.output()
+        assert "released the issuer lock, taking none for" in a.output()
+        assert "acme: issuing a certificate" not in a.output()
+    finally:
+        flag.unlink(missing_ok=True)
+        a.stop()
+        if b is not None:
+            b.stop()
+        ca.stop()
+
+
 def test_the_watchdog_goes_on_after_a_tick_that_fails(tmp_path: Path) -> None:
     """A tick of the worker's watchdog raises (scripted) while the flag exists;
     once it is gone, a client that sends half a head is cut at client_header again."""
-    flag = tmp_path / "fail"
+    flag, ticks = tmp_path / "fail", tmp_path / "ticks"
+    tick = ["balancer.server:Worker.expire_overdue"]
     bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--workers", "1"],
                    config="[timeouts]\nclient_header = 0.5\n",
-                   prefix=constants_prefix({}, fail=(["balancer.server:Worker.expire_overdue"],
-                                                     flag)))
+                   prefix=constants_prefix({}, fail=(tick, flag), count=(tick, ticks)))
     try:
         flag.touch()
         failed = "the watchdog failed unexpectedly (RuntimeError: scripted failure)"
         wait_for(lambda: failed in bal.output(), WAIT, what="the failure logged")
-        time.sleep(0.6)  # more ticks fail: logged once
+        more_calls(ticks, 3, "the watchdog's tick")  # failing: logged once
         assert bal.output().count(failed) == 1 and tracebacks(bal) == 1
         flag.unlink()
         with socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT) as client:
@@ -305,16 +400,60 @@ def test_the_watchdog_goes_on_after_a_tick_that_fails(tmp_path: Path) -> None:
         bal.stop()
 
 
+class Unexpirable:
+    """A connection the watchdog cannot judge: its deadline raises (a bug's stand-in;
+    no input is known to make a real one)."""
+
+    @property
+    def deadline(self) -> float:
+        raise KeyError("scripted failure")
+
+
+def test_one_connection_the_watchdog_cannot_expire_leaves_the_others_expired() -> None:
+    """An in-process worker's clients each send half a head; a connection whose
+    expiry raises sits among them, before some of them in the watchdog's order
+    (bug: those after it were never expired: no 408, no close, for good)."""
+    from tests.test_inline import connect, get, until
+    from tests.test_parked_start import all_closed, closed_by_worker
+
+    workers = InProcessWorkers()
+    w = workers.start(TableStore({"app.test": STATIC}), {})
+    clients, broken = [], []
+    try:
+        for _ in range(4):
+            clients.append(connect(w))
+            clients[-1].sendall(get("/")[:-2])  # the head's end never comes
+        assert until(lambda: len(w.io.connections) == 4)
+        real = set(w.io.connections)
+        for _ in range(20):  # (a set's order: until one comes before a real connection)
+            broken.append(Unexpirable())
+            w.io.connections.add(broken[-1])
+            if not isinstance(list(w.io.connections)[-1], Unexpirable):
+                break
+        for client in clients:
+            client.sock.settimeout(WAIT)
+            assert closed_by_worker(client).startswith(b"HTTP/1.1 408 "), "not expired"
+        assert until(lambda: not real & w.io.connections)
+    finally:
+        w.io.connections.difference_update(broken)
+        for client in clients:
+            client.close()
+        assert until(lambda: all_closed(w))
+        workers.close()
+
+
 def test_the_certificates_watches_go_on_after_an_unexpected_failure(tmp_path: Path) -> None:
     """The certificates file's signature raises (scripted) in the management
     process's watch and the worker's follow alike: each says so once, the first as
     ``store.certs_problem``, and both follow the file again after."""
-    flag = tmp_path / "fail"
+    flag, looks = tmp_path / "fail", tmp_path / "looks"
+    signature = ["balancer.stores.certs:FileCerts.signature"]
+    # (the watch's failures come its 1 s period and its pause apart, the cap at most:
+    # within twice the cap, the same failure again)
     bal = Balancer(tmp_path, {"a.test": STATIC}, args=["--tls-listen", "127.0.0.1:0",
                                                        "--workers", "1"],
-                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
-                                           fail=(["balancer.stores.certs:FileCerts.signature"],
-                                                 flag)))
+                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 2.0},
+                                           fail=(signature, flag), count=(signature, looks)))
     try:
         assert put(bal, "a.test")[0] == 200
         flag.touch()
@@ -326,7 +465,7 @@ def test_the_certificates_watches_go_on_after_an_unexpected_failure(tmp_path: Pa
         follow = "following the store's certificates failed unexpectedly (RuntimeError"
         wait_for(lambda: watch in problem(), WAIT, what="certs_problem")
         wait_for(lambda: follow in bal.output(), WAIT, what="the worker's line")
-        time.sleep(2.5)  # each fails again, more than once
+        more_calls(looks, 2, "the certificates' signature", processes=2)  # each fails again
         assert bal.output().count(watch) == 1 and bal.output().count(follow) == 1
         flag.unlink()
         wait_for(lambda: problem() == "", WAIT, what="the problem cleared")
@@ -339,11 +478,11 @@ def test_the_challenges_follow_goes_on_after_an_unexpected_failure(tmp_path: Pat
     """The challenges file's signature raises (scripted) in the worker's follow and
     the management process's relay: each says so once (the worker's was swallowed
     at every look), and a challenge published meanwhile is served after."""
-    flag = tmp_path / "fail"
+    flag, looks = tmp_path / "fail", tmp_path / "looks"
+    signature = ["balancer.stores.acme:FileAcme.challenges_signature"]
     bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--workers", "1"],
-                   prefix=constants_prefix(
-                       {"balancer.restarts.RESTART_CAP": 1.0},
-                       fail=(["balancer.stores.acme:FileAcme.challenges_signature"], flag)))
+                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
+                                           fail=(signature, flag), count=(signature, looks)))
     try:
         flag.touch()
         follow = "following the store's challenges failed unexpectedly (RuntimeError"
@@ -352,7 +491,7 @@ def test_the_challenges_follow_goes_on_after_an_unexpected_failure(tmp_path: Pat
                 "key_authorization": ANSWER, "expires": time.time() + 600}
         Path(f"{bal.routes}.challenges.json").write_text(
             json.dumps({"challenges": {f"http-01:{TOKEN}": good}}))
-        time.sleep(2.5)  # it fails again, more than once
+        more_calls(looks, 2, "the challenges' signature")  # the follow fails again
         assert bal.output().count(follow) == 1
         wait_for(lambda: "relaying the challenges failed unexpectedly" in bal.output(), WAIT,
                  what="the management process's line")
@@ -430,6 +569,29 @@ def test_a_failure_that_says_something_new_at_every_turn_is_logged_once(
     assert "(KeyError: 40)" in restarts.problem  # the problem told is the last one
 
 
+def test_a_periodic_loop_told_to_stop_while_it_waits_takes_no_further_turn() -> None:
+    """`balancer.restarts.every`: told to stop during its wait (the step is over,
+    the loop waits for its next tick when this greenlet runs again), it returns
+    without another step (bug: one more, after the worker stopped: the
+    certificates' and challenges' follows looked at a store already closed)."""
+    import gevent
+    from gevent.event import Event
+
+    steps, first, stopped = [], Event(), Event()
+
+    def step() -> None:
+        steps.append(stopped.is_set())
+        first.set()
+
+    restarts = Restarts("worker 1", logging.getLogger("balancer.test_restarts"), quiet=False,
+                        loop="a periodic loop", then="trying again at its next turn")
+    loop = gevent.spawn(every, 0.01, step, stopped.is_set, restarts, at_once=True)
+    assert first.wait(WAIT)
+    stopped.set()
+    loop.join(WAIT)
+    assert loop.dead and steps == [False], steps
+
+
 def test_reload_hands_the_table_it_read_to_the_management_process(
         redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
     """A write whose rule is damaged moves the version; repaired by hand to another
@@ -488,3 +650,41 @@ def test_a_worker_whose_statistics_fail_is_lagging_and_counted_as_it_last_answer
     finally:
         flag.unlink(missing_ok=True)
         bal.stop()
+
+
+class InfoAsNumber(Relay):
+    """A TCP proxy to a real redis-server that answers ``INFO`` itself, with an
+    integer (a proxy or a Redis-compatible server of its own kind): redis-py hands
+    it over as it came, and its reading as INFO text raises AttributeError."""
+
+    def to_upstream(self, link: Link, data: bytes) -> None:
+        if b"\r\nINFO\r\n" in data.upper():
+            link.client.sendall(b":1\r\n")
+            return
+        link.upstream.sendall(data)
+
+
+def test_an_info_answer_nobody_foresaw_leaves_the_store_followed(
+        redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
+    """The management process's watch asks, as it begins, which other databases
+    of the store's Redis hold keys (the table's database is empty); that answer
+    raising ended the watch before its guarded loop (bug): the management
+    process's table (its ACME issuer's, its deploys') followed the store no
+    more. Now it is the watch's failure, logged once, and the watch follows the
+    table: the issuer's passes begin on the version written."""
+    redis = redis_factory()
+    relay = InfoAsNumber(("127.0.0.1", redis.port))
+    bal = Balancer(tmp_path, None, store=f"redis://127.0.0.1:{relay.port}/0")
+    raw = redis.client()
+    try:
+        failed = "the store's watcher failed unexpectedly (AttributeError"
+        wait_for(lambda: failed in bal.output(), WAIT, what="the failure logged")
+        wait_for(lambda: bal.store_problem() == "", WAIT, what="the watch's read ending it")
+        raw.hset("balancer:hosts", "app.test", json.dumps(STATIC))
+        raw.publish("balancer:changes", raw.incr("balancer:version"))
+        wait_for(lambda: bal.api("GET", "/api/v1/acme")[1]["passes"]["table_version"] == 1,
+                 WAIT, what="the management process's table at the version written")
+        assert bal.output().count(failed) == 1 and tracebacks(bal) == 1, bal.output()
+    finally:
+        bal.stop()
+        relay.close()

@@ -198,6 +198,45 @@ def test_an_older_copy_put_back_reaches_a_consumer_told_of_the_newer_writes(
         assert watcher.tables[-1] == TableData(1, {"web.example.com": WEB})
 
 
+def damage(store: Store, host: str) -> None:
+    """Write `host`'s rule as no JSON, as a hand edit or a broken tool would, and move
+    the version (Redis: with the message a write sends)."""
+    if isinstance(store, FileStore):
+        path = Path(store.path)
+        doc = json.loads(path.read_text())
+        doc["version"] += 1
+        path.write_text(json.dumps(doc).replace(json.dumps(doc["hosts"][host]), '"{not json'))
+        return
+    client: Any = store.client  # type: ignore[attr-defined]
+    client.hset(store.hosts_key, host, "{not json")  # type: ignore[attr-defined]
+    client.publish(store.channel, client.incr(store.version_key))  # type: ignore[attr-defined]
+
+
+def test_a_reload_leaves_damage_the_watch_found_during_its_read(
+        make_store: Callable[[], Store], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``POST /api/v1/reload`` ends a problem its whole read disproves. Here the
+    reload's read finds the table good, and the watch, reading just after it (its
+    message came meanwhile), finds the damage before the reload ends: the damage
+    stays reported (bug: the reload ended it, the store damaged and nothing said)."""
+    store = make_store()
+    store.put_host("web.example.com", WEB)
+    load = store.load
+
+    def read_then_damaged() -> TableData:
+        data = load()
+        if threading.current_thread() is threading.main_thread():  # (the reload's read)
+            damage(make_store(), "web.example.com")
+            wait_until(lambda: "JSON" in (store.last_error() or ""), timeout=5.0,
+                       message="the watch finding the damage")
+        return data
+
+    with Watcher(store) as watcher:
+        watcher.wait_version(1)
+        monkeypatch.setattr(store, "load", read_then_damaged)
+        assert store.reload().version == 1
+        assert "JSON" in (store.last_error() or ""), "the damage ended unseen"
+
+
 def test_watch_returns_promptly_when_stopped(store: Store) -> None:
     with Watcher(store) as watcher:
         watcher.wait_version(0)

@@ -291,6 +291,8 @@ class Store(ABC):
     _problem: str | None = None
     #: the watch's last unexpected failure (`balancer.restarts`), which `reload` leaves
     _failure: str | None = None
+    #: problems found so far (`_found`): a reload ends only one found before its read
+    _found_count = 0
 
     def identity(self) -> str:
         """What names this store's table (for the local snapshot of it)."""
@@ -325,11 +327,21 @@ class Store(ABC):
         nginx or HAProxy reload reports on the configuration it just read (bug: the
         problem stayed until the watch's next read, its backoff up to 10 s away). A
         watch's unexpected failure (`balancer.restarts`) stays: only the watch's own
-        next read says it works again."""
+        next read says it works again. Neither does a problem found while this read
+        ran (by the watch, reading meanwhile: it may have read the damage after this
+        read, bug: the damage was ended unseen); the watch's next read judges it."""
+        found = self._found_count
         data = self.load()
-        if self._problem is not None and self._problem != self._failure:
+        if self._problem is not None and self._problem != self._failure \
+                and self._found_count == found:
             self._problem = None
         return data
+
+    def _found(self, problem: str) -> str:
+        """Report `problem`, found by a read (`last_error`); returns it."""
+        self._problem = problem
+        self._found_count += 1
+        return problem
 
     def current_shape(self) -> tuple[int, int]:
         """The table's version and number of hosts now, without reading the table where

@@ -63,7 +63,7 @@ class FileWatching(Store):
             try:
                 seen, delivered = self._poll(seen, delivered, on_change, problems, served)
             except Exception as exc:  # a bug: reported, and the file read again (module doc)
-                self._problem = self._failure = restarts.failed(exc)
+                self._failure = self._found(restarts.failed(exc))
                 seen = None
                 nap(restarts.pause, stop)
                 continue
@@ -77,9 +77,9 @@ class FileWatching(Store):
         signature seen and the table now in force."""
         signature = self._signature()
         if signature is None:
-            self._problem = (f"{self.path}: cannot read the routing table file (deleted?); "
-                             f"keeping the last good table. If it is gone, {HOW_TO_FIX}")
-            problems.report(self._problem)
+            problems.report(self._found(f"{self.path}: cannot read the routing table file "
+                                        f"(deleted?); keeping the last good table. If it "
+                                        f"is gone, {HOW_TO_FIX}"))
             return None, delivered
         if signature != seen and (served is None or self._problem is not None
                                   or not _told_directly(self._peek_version(), served)):
@@ -111,7 +111,7 @@ class FileWatching(Store):
         try:
             data = self.load()
         except (CorruptStore, StoreUnavailable) as exc:
-            self._problem = str(exc)
+            self._found(str(exc))
             problems.report(f"{exc}; keeping the last good table")
             return delivered
         self._problem = None

@@ -82,14 +82,16 @@ class RedisWatching(RedisChanges):
         seen = Seen()
         restarts = watcher_restarts(self.display_url, log, self.quiet)
         self._watchers += 1
-        if not self.quiet:
-            self._tell_other_databases()
+        told = self.quiet  # the other databases: the management process tells, once
         try:
             while not stop():
                 try:
+                    if not told:
+                        told = True  # (guarded: bug, an answer it did not expect ended
+                        self._tell_other_databases()  # the watch before it began)
                     self._follow(on_change, stop, seen, problems, served)
                 except CorruptStore as exc:  # bug: the watcher ended on a bad version
-                    self._problem = str(exc)
+                    self._found(str(exc))
                     problems.report(f"{exc}; keeping the last good table")
                     nap(seen.delay * random.uniform(0.5, 1.0), stop)
                     seen.delay = min(seen.delay * 2, BACKOFF_CAP)
@@ -98,7 +100,7 @@ class RedisWatching(RedisChanges):
                     nap(seen.delay * random.uniform(0.5, 1.0), stop)
                     seen.delay = min(seen.delay * 2, BACKOFF_CAP)
                 except Exception as exc:  # a bug: reported, and followed again (module doc)
-                    self._problem = self._failure = restarts.failed(exc)
+                    self._failure = self._found(restarts.failed(exc))
                     nap(restarts.pause, stop)
         finally:
             self._watchers -= 1
@@ -130,8 +132,8 @@ class RedisWatching(RedisChanges):
         refused = exc if is_refusal(exc) else exc.__cause__
         if refused is not None and is_refusal(refused):  # one `_talking` made unavailable
             self._reachable = True
-            self._problem = f"{self.display_url}: Redis refused to be followed: " \
-                            f"{refusal(refused)}"
+            self._found(f"{self.display_url}: Redis refused to be followed: "
+                        f"{refusal(refused)}")
             problems.report(f"{self._problem}; keeping the last table and trying again "
                             f"with backoff")
             return
@@ -269,7 +271,7 @@ class RedisWatching(RedisChanges):
                 seen.version = raw_version
                 data = self._parse(raw_hosts, raw_version)
         except CorruptStore as exc:  # still subscribed: the repair's message reads again
-            self._problem = str(exc)
+            self._found(str(exc))
             problems.report(f"{exc}; keeping the last good table")
             return
         self._problem = None

@@ -18,6 +18,11 @@ it is called while the file PATH exists (a bug made to strike, and cured, by
 the test: creating and deleting PATH); ``FAIL_RAISES=package.module:Class``
 raises that class instead (a store's error, say).
 
+``COUNT_CALLS="package.module:Class.method;..."`` with ``COUNT_INTO=PATH``: each
+call of a named function or method (a scripted failure included) appends a line
+with the calling process's pid to PATH: a test waits for a loop's next turns
+by counting them (`tests.support.calls`), not by sleeping.
+
 ``SLOW_FORKED_CHILD=SECONDS``: every child this process (and its children)
 forks takes that long to start running its own code, as on a loaded machine
 (the window between a fork and the child's first line made wide)."""
@@ -59,6 +64,17 @@ def _failing(function: Any, flag: str) -> Any:
     return fail
 
 
+def _counted(function: Any, path: str) -> Any:
+    def count(*args: Any, **kwargs: Any) -> Any:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())  # (one write: whole lines)
+        finally:
+            os.close(fd)
+        return function(*args, **kwargs)
+    return count
+
+
 def _failure() -> Any:
     """The exception class ``FAIL_RAISES`` names (``package.module:Class``), or
     RuntimeError."""
@@ -69,10 +85,10 @@ def _failure() -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _failures() -> dict[str, list[str]]:
-    """{module: [attribute path]} from ``FAIL_CALLS``."""
+def _failures(variable: str = "FAIL_CALLS") -> dict[str, list[str]]:
+    """{module: [attribute path]} from ``FAIL_CALLS`` (or ``COUNT_CALLS``)."""
     wanted: dict[str, list[str]] = {}
-    for item in filter(None, os.environ.get("FAIL_CALLS", "").split(";")):
+    for item in filter(None, os.environ.get(variable, "").split(";")):
         module, attribute = item.split(":")
         wanted.setdefault(module, []).append(attribute)
     return wanted
@@ -80,15 +96,17 @@ def _failures() -> dict[str, list[str]]:
 
 class _SetAfterRun(importlib.abc.MetaPathFinder):
     def __init__(self, constants: dict[str, dict[str, float]],
-                 slow: dict[str, dict[str, float]], fail: dict[str, list[str]]) -> None:
+                 slow: dict[str, dict[str, float]], fail: dict[str, list[str]],
+                 count: dict[str, list[str]]) -> None:
         self.constants = constants
         self.slow = slow
         self.fail = fail
+        self.count = count
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> Any:
         if fullname not in self.constants and fullname not in self.slow \
-                and fullname not in self.fail:
+                and fullname not in self.fail and fullname not in self.count:
             return None
         values = self.constants.get(fullname, {})
         slow = self.slow.get(fullname, {})
@@ -107,20 +125,28 @@ class _SetAfterRun(importlib.abc.MetaPathFinder):
                     value = int(value)  # a count stays an int (a slice's bound)
                 setattr(module, name, _slowed(old, value) if name in slow else value)
             for attribute in self.fail.get(fullname, []):
-                *owners, name = attribute.split(".")
-                owner: Any = module
-                for part in owners:
-                    owner = getattr(owner, part)
-                setattr(owner, name, _failing(getattr(owner, name), os.environ["FAIL_WHILE"]))
+                _wrap(module, attribute, _failing, os.environ["FAIL_WHILE"])
+            for attribute in self.count.get(fullname, []):
+                _wrap(module, attribute, _counted, os.environ["COUNT_INTO"])
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
+def _wrap(module: ModuleType, attribute: str, wrapper: Any, path: str) -> None:
+    """Replace `module`'s `attribute` (``Class.method`` or a function) by
+    ``wrapper(it, path)``."""
+    *owners, name = attribute.split(".")
+    owner: Any = module
+    for part in owners:
+        owner = getattr(owner, part)
+    setattr(owner, name, wrapper(getattr(owner, name), path))
+
+
 if os.environ.get("SET_CONSTANTS") or os.environ.get("SLOW_CALLS") \
-        or os.environ.get("FAIL_CALLS"):
+        or os.environ.get("FAIL_CALLS") or os.environ.get("COUNT_CALLS"):
     sys.meta_path.insert(0, _SetAfterRun(_wanted("SET_CONSTANTS"), _wanted("SLOW_CALLS"),
-                                         _failures()))
+                                         _failures(), _failures("COUNT_CALLS")))
 
 if os.environ.get("SLOW_FORKED_CHILD"):
     _slow = float(os.environ["SLOW_FORKED_CHILD"])
