@@ -130,20 +130,14 @@ class TLSFront:
     def find(self, name: str | None) -> ssl.SSLContext | None:
         """The context for an SNI name (exact, wildcard, then default_host); a
         host's context is built at its first handshake (`ServedCerts`)."""
-        certs = self.certs
-        contexts = certs.contexts
+        context = self.certs.context
         for candidate in (name, self.settings.default_host or None):
             if not candidate:
                 continue
             candidate = candidate.lower().rstrip(".")
-            context = contexts.get(candidate)
-            if context is None and candidate in certs.records:
-                context = certs.build(candidate)
-            if context is None:
-                wildcard = "*." + candidate.partition(".")[2]
-                context = contexts.get(wildcard) or certs.context(wildcard)
-            if context is not None:
-                return context
+            found = context(candidate) or context("*." + candidate.partition(".")[2])
+            if found is not None:
+                return found
         return None
 
     def pick(self, sslobj: Any, name: str | None, _context: ssl.SSLContext) -> int | None:
