@@ -25,6 +25,9 @@ Invariants:
 * A record OpenSSL refuses is tried once while it is the same (`failed`) and
   logged once (`problems`); the SNI order then goes on (the wildcard,
   ``tls.default_host``, ``unrecognized_name``).
+* `epoch` is replaced whenever what `key_of` answers may change (`records` or
+  `failed`): a TLS connection judges a Host again then
+  (`balancer.connection.ClientConnection.fronting`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class ServedCerts:
         self.contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
         self.failed: dict[str, Record] = {}  # HOST → its record OpenSSL refused
         self.problems: dict[str, str] = {}  # HOST → why its stored certificate is not served
+        self.epoch = object()  # replaced when `key_of` may answer otherwise (`changed`)
         self.started = False  # an update was made (the first builds nothing)
 
     # lookups (the SNI callback) -------------------------------------------
@@ -107,6 +111,7 @@ class ServedCerts:
         except (ssl.SSLError, OSError, ValueError) as exc:
             if _refused(exc):
                 self.failed[host] = record
+                self.changed()
             reason = _reason(exc)
             if self.problems.get(host) != reason:
                 self.problems[host] = reason
@@ -187,6 +192,7 @@ class ServedCerts:
         self.failed = {h: r for h, r in self.failed.items() if records.get(h) is r}
         for host in [h for h in self.contexts if h not in records]:
             del self.contexts[host]
+        self.changed()
 
     def add(self, records: Mapping[str, Record]) -> int:
         """Serve `records` too, for the hosts not served (others are left as they
@@ -195,7 +201,13 @@ class ServedCerts:
         if added:
             self.records = {**self.records, **added}
             self.problems = {h: why for h, why in self.problems.items() if h not in added}
+            self.changed()
         return len(added)
+
+    def changed(self) -> None:
+        """`records` or `failed` changed: the Hosts TLS connections found to match
+        their certificates are judged again at their next request (`epoch`)."""
+        self.epoch = object()
 
 
 def _refused(exc: BaseException) -> bool:
