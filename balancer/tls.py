@@ -23,9 +23,10 @@ Invariants:
   The store is read and swapped in by one `refresh` at a time (the once-a-second
   `follow` and the control socket's ``certs`` command, which the management
   process sends after each certificate it writes), so the last read is served.
-  A record that cannot be loaded (or is damaged in the store) is reported
-  (a record OpenSSL refuses at its first handshake, when it was stored before
-  the worker's first read) and skipped; it never takes other hosts down, and
+  A record that cannot be loaded (or is damaged in the store, which includes
+  text no worker can serve: `balancer.certificates.unservable`) is reported
+  (a record only OpenSSL refuses at its first handshake, when it was stored
+  before the worker's first read) and skipped; it never takes other hosts down, and
   the host keeps the certificate served before, if any. A store whose certificates
   cannot be read as a whole (`CertsCorrupt`, `CertsLost`: a damaged or deleted
   certs file, a flushed Redis) swaps nothing: the certificates served stay.

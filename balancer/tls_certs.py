@@ -45,7 +45,7 @@ from balancer.turns import turn
 
 log = logging.getLogger("balancer")
 
-CONTEXTS_KEPT: Final = 10_000  # contexts a worker keeps built (~15 KiB each; `ServedCerts.kept`)
+CONTEXTS_KEPT: Final = 10_000  # contexts a worker keeps built (~15 KiB each): `ServedCerts.kept`
 Record = Mapping[str, Any]
 # a build's errors that are the worker's, not its record's: tried again (`build`)
 WORKERS_ERRORS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM))

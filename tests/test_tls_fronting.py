@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from balancer.stores.file import FileStore
 from tests.support import Backend, Balancer, wait_for
 from tests.test_tls import client_context, put_cert
 
@@ -151,14 +152,23 @@ def certificate_of(bal: Balancer, sni: str, tmp: Path) -> bytes:
         return tls.getpeercert(binary_form=True) or b""
 
 
+def handshakes(bal: Balancer, sni: str, tmp: Path) -> bool:
+    try:
+        certificate_of(bal, sni, tmp)
+    except ssl.SSLError:
+        return False
+    return True
+
+
 def test_a_host_is_judged_again_when_the_certificates_change(
         tmp_path: Path, backends: dict[str, Backend]) -> None:
     """Keep-alive connections open while certificates change (one worker):
     `y.wild.test`, served on a connection made for `x.wild.test` (one wildcard
     certificate), gets a 421 there once it has a certificate of its own, as a
     request made after the change would on a new connection; a connection whose
-    own certificate is replaced meanwhile goes on serving its host. Bug: a Host
-    once found to match stayed so for the connection's life."""
+    own certificate is replaced meanwhile goes on serving its host, and gets a
+    421 for it once that certificate is deleted. Bug: a Host once found to
+    match stayed so for the connection's life."""
     bal = start(tmp_path, backends, refuse=True)
     routes = tmp_path / "routes.json"
     context = client_context(tmp_path)
@@ -178,6 +188,10 @@ def test_a_host_is_judged_again_when_the_certificates_change(
                      what="the new certificates to be served")
             assert request_on(own, "a.test") == 200
             assert request_on(wild, "y.wild.test") == 421
+            FileStore(str(routes)).certs().delete("a.test")
+            wait_for(lambda: not handshakes(bal, "a.test", tmp_path),
+                     what="the deleted certificate to go")
+            assert request_on(own, "a.test") == 421  # its Host gets no certificate now
         assert [s for s, _ in exchange(bal, "x.wild.test", ["z.wild.test", "y.wild.test"],
                                        tmp_path)] == [200, 421]
         assert [s for s, _ in exchange(bal, "y.wild.test", ["y.wild.test"], tmp_path)] == [200]
