@@ -421,6 +421,12 @@ def test_records_no_worker_can_serve_stored_before_the_start_are_reported_at_sta
         assert not any(served(bal, context, host) for host in bad)
         wait_for(lambda: "certificate of other.test not served: OpenSSL refused it "
                  "(KEY_VALUES_MISMATCH)" in bal.output(), what="other.test at its handshake")
+        doc = json.loads(path.read_bytes())  # a.test's record cut short while it is served
+        doc["certs"]["a.test"]["chain"] = good_chain[:len(good_chain) // 2]
+        path.write_text(json.dumps(doc))
+        wait_for(lambda: "certificate of a.test: the stored certificate cannot be served: "
+                 "chain: cut short" in bal.output(), what="a.test's damage reported")
+        all_served_for(bal, context, ("a.test",))  # the certificate loaded before
         no_key_leaked(bal, listed)
     finally:
         bal.stop()
