@@ -109,11 +109,12 @@ def check_size(chain_pem: str) -> None:
 
 def unservable(chain_pem: str, key_pem: str) -> str | None:
     """Why no worker can serve a stored record, as far as its text tells without
-    parsing it (~1 µs: `balancer.stores.certs` asks at every read of the store,
-    so a record written straight into it is reported when the balancer starts,
-    not at its host's first handshake); None when it may be served (OpenSSL may
-    still refuse it at the first handshake: a key of another certificate, a
-    certificate's text damaged within its block). Never quotes the record."""
+    parsing it (1–5 µs; reading the record's JSON takes ~20): `balancer.stores.certs`
+    asks at every read of the store, so a record written straight into it is
+    reported when the balancer starts, not at its host's first handshake. None
+    when it may be served (OpenSSL may still refuse it at the first handshake: a
+    key of another certificate, a certificate's text damaged within its block).
+    Never quotes the record."""
     try:
         check_size(chain_pem)
     except CertificateError as exc:
