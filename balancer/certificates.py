@@ -107,6 +107,30 @@ def check_size(chain_pem: str) -> None:
                                f"and its intermediates take a few KiB)")
 
 
+def unservable(chain_pem: str, key_pem: str) -> str | None:
+    """Why no worker can serve a stored record, as far as its text tells without
+    parsing it (1–5 µs; reading the record's JSON takes ~20): `balancer.stores.certs`
+    asks at every read of the store, so a record written straight into it is
+    reported when the balancer starts, not at its host's first handshake. None
+    when it may be served (OpenSSL may still refuse it at the first handshake: a
+    key of another certificate, a certificate's text damaged within its block).
+    Never quotes the record."""
+    try:
+        check_size(chain_pem)
+    except CertificateError as exc:
+        return str(exc)
+    if "-----BEGIN ENCRYPTED" in key_pem or "Proc-Type: 4,ENCRYPTED" in key_pem:
+        return "key: the private key is encrypted"
+    for field, text, wanted in (("chain", chain_pem, "CERTIFICATE-----"),
+                                ("key", key_pem, "PRIVATE KEY-----")):
+        if wanted not in text:
+            return f"{field}: no PEM {wanted[:-5].lower()}"
+        last_end = text.rfind("-----END ")
+        if last_end < 0 or text.find("-----BEGIN ", last_end) >= 0:
+            return f"{field}: cut short (no END line after its last BEGIN line)"
+    return None
+
+
 def _check_loads(chain_pem: str, key_pem: str) -> None:
     """CertificateError unless OpenSSL loads the pair as every worker will
     (`load_pem`). Bug: what `cryptography` takes and OpenSSL does not (a key
@@ -251,7 +275,7 @@ def unnamed(leaf: x509.Certificate) -> str:
     except x509.ExtensionNotFound:
         if cns:
             return (f"the certificate has no subjectAltName, only the subject's "
-                    f"CN={cns[0].value}, which browsers and Go clients do not accept "
+                    f"CN={cns[0].value!s}, which browsers and Go clients do not accept "
                     f"as a name")
     return "the certificate names no host (no DNS name in its subjectAltName)"
 

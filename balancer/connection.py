@@ -124,11 +124,10 @@ class Context:
         self.response_callbacks = ResponseCallbacks() if shared_callbacks else None
         # the worker's `balancer.lingering.Lingering`; None: connections never linger
         self.lingering: Any = lingering
-        # (SNI record key, Host value) → whether the Host's certificate is the SNI's
-        # (`balancer.tls_certs.ServedCerts.matches_sni`), on a TLS listener with
-        # tls.refuse_domain_fronting; None elsewhere
-        self.sni_check: Any = None
-        self.misdirected: Any = None  # with `sni_check`: `balancer.table.misdirected`
+        # the worker's certificates (`balancer.tls_certs.ServedCerts`: `matches_sni`,
+        # `epoch`), on a TLS listener with tls.refuse_domain_fronting; None elsewhere
+        self.sni_certs: Any = None
+        self.misdirected: Any = None  # with `sni_certs`: `balancer.table.misdirected`
 
     def serve(self, sock: socket.socket, address: Any) -> bool:
         """`handle_client` for a connection of this listener: what the worker's
@@ -294,8 +293,10 @@ class ClientConnection:
         self.forwarded: tuple[RequestHead, bytes, bytes] | None = None
         self.exchange: Exchange | None = None  # the request being handled
         # tls.refuse_domain_fronting: the last Host value found to match; first a value
-        # no Host has (bug: b"", a request's without a Host, went unchecked to `*`)
+        # no Host has (bug: b"", a request's without a Host, went unchecked to `*`);
+        # and the certificates it matched under (`ServedCerts.epoch`)
         self.allowed = b"\n"
+        self.allowed_under: Any = None
         self.ctx = ctx
         self.parser = RequestParser(ctx.limits, ctx.request_callbacks)
         self.events = self.parser.events  # a list: `pop(0)` is a C call under mypyc
@@ -487,7 +488,7 @@ class ClientConnection:
         ctx = self.ctx
         start = CLOCK()
         route = ctx.holder.table.lookup(head.host)
-        if ctx.sni_check is not None:  # a TLS listener with tls.refuse_domain_fronting
+        if ctx.sni_certs is not None:  # a TLS listener with tls.refuse_domain_fronting
             route = self.fronting(head.host, route)
         stats = route.stats
         stats.open_requests += 1
@@ -502,15 +503,19 @@ class ClientConnection:
 
     def fronting(self, host: bytes, route: Route) -> Route:
         """`route`, or the same host's route answering 421 when this TLS
-        connection's certificate is not the one `host` gets (`ctx.sni_check`);
-        one comparison per request once a Host value was found to match."""
-        if host == self.allowed:
+        connection's certificate is not the one `host` gets with the certificates
+        served now (`ctx.sni_certs`); a comparison and a look-up per request while
+        the Host value and the certificates are those found to match. Bug: a Host
+        once found to match stayed so for the connection's life, its certificate
+        changed since (another stored for it: its requests were to get a 421)."""
+        certs = self.ctx.sni_certs
+        epoch = certs.epoch
+        if host == self.allowed and epoch is self.allowed_under:
             return route
-        ctx = self.ctx
-        if ctx.sni_check(getattr(self.sock, "sni_host", None), host):  # `TLSFront.pick_noting`
-            self.allowed = host
+        if certs.matches_sni(getattr(self.sock, "sni_host", None), host):  # `pick_noting`
+            self.allowed, self.allowed_under = host, epoch
             return route
-        return ctx.misdirected(route)
+        return self.ctx.misdirected(route)
 
     def proceed(self, ex: Exchange) -> bool:
         """Answer the exchange in flight (`begin`): the rule's action (which goes on

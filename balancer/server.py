@@ -168,7 +168,7 @@ class Worker:
             if role == "tls":  # its handshake in a greenlet
                 front = self.front()
                 if self.settings.tls.refuse_domain_fronting:
-                    ctx.sni_check, ctx.misdirected = front.certs.matches_sni, misdirected
+                    ctx.sni_certs, ctx.misdirected = front.certs, misdirected
                 server = Listener(sock, partial(front.serve, ctx=ctx,
                                                 serve_client=handle_client), self.slots)
             else:  # under gevent, parked at once: its first request served in the hub

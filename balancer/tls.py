@@ -23,9 +23,10 @@ Invariants:
   The store is read and swapped in by one `refresh` at a time (the once-a-second
   `follow` and the control socket's ``certs`` command, which the management
   process sends after each certificate it writes), so the last read is served.
-  A record that cannot be loaded (or is damaged in the store) is reported
-  (a record OpenSSL refuses at its first handshake, when it was stored before
-  the worker's first read) and skipped; it never takes other hosts down, and
+  A record that cannot be loaded (or is damaged in the store, which includes
+  text no worker can serve: `balancer.certificates.unservable`) is reported
+  (a record only OpenSSL refuses at its first handshake, when it was stored
+  before the worker's first read) and skipped; it never takes other hosts down, and
   the host keeps the certificate served before, if any. A store whose certificates
   cannot be read as a whole (`CertsCorrupt`, `CertsLost`: a damaged or deleted
   certs file, a flushed Redis) swaps nothing: the certificates served stay.
@@ -130,20 +131,14 @@ class TLSFront:
     def find(self, name: str | None) -> ssl.SSLContext | None:
         """The context for an SNI name (exact, wildcard, then default_host); a
         host's context is built at its first handshake (`ServedCerts`)."""
-        certs = self.certs
-        contexts = certs.contexts
+        context = self.certs.context
         for candidate in (name, self.settings.default_host or None):
             if not candidate:
                 continue
             candidate = candidate.lower().rstrip(".")
-            context = contexts.get(candidate)
-            if context is None and candidate in certs.records:
-                context = certs.build(candidate)
-            if context is None:
-                wildcard = "*." + candidate.partition(".")[2]
-                context = contexts.get(wildcard) or certs.context(wildcard)
-            if context is not None:
-                return context
+            found = context(candidate) or context("*." + candidate.partition(".")[2])
+            if found is not None:
+                return found
         return None
 
     def pick(self, sslobj: Any, name: str | None, _context: ssl.SSLContext) -> int | None:

@@ -29,6 +29,7 @@ from tests.test_ctl import ctl, ok
 from tests.test_process import children_of, wait_workers
 from tests.test_reuseport import management_pid
 from tests.test_tls import CA, client_context, tls_connect
+from tests.test_tls_first_use import hostile
 
 HOSTS = ("a.test", "b.test", "c.test")
 STEADY = 2.5  # seconds (over two of the workers' looks at the store) hosts must stay served
@@ -376,3 +377,56 @@ def test_redis_garbage_record_and_flushdb(tmp_path: Path,
     assert put(bal, "new.test")[0] == 200
     all_served_for(bal, context, (*HOSTS, "new.test"), seconds=0)
     no_key_leaked(bal, answer)
+
+
+def test_records_no_worker_can_serve_stored_before_the_start_are_reported_at_start(
+        tmp_path: Path, backend: Backend) -> None:
+    """Written straight into the store before the balancer starts: reported when it
+    starts (as `nginx -t` and HAProxy refuse such a file at start), before any
+    handshake names their hosts, and listed with why; the other hosts are
+    served. Bug: each was reported only at its host's first handshake, by each
+    worker. A key of another certificate still is (OpenSSL's parsing, ~3 ms
+    a record, is what a worker's start no longer does: docs/tls.md)."""
+    good_chain, good_key = CA.issue("a.test")
+    bad = {host: hostile(kind, host) for host, kind in (
+        ("cut.test", "garbage"), ("locked.test", "encrypted key"), ("big.test", "1 MB"),
+        ("other.test", "other key"))}
+    swapped = dict(bad["other.test"])
+    bad["swapped.test"] = {"chain": swapped["key"], "key": swapped["chain"]}
+    path = tmp_path / "routes.json.certs.json"
+    path.write_text(json.dumps({"certs": {
+        "a.test": {"chain": good_chain, "key": good_key, "not_after": 0, "source": "upload"},
+        **bad}}))
+    path.chmod(0o600)
+    hosts = {h: {"action": "proxy", "backends": [backend.address]} for h in ("a.test", *bad)}
+    bal = Balancer(tmp_path, hosts, args=["--tls-listen", "127.0.0.1:0"])
+    try:
+        reasons = {
+            "cut.test": "chain: cut short (no END line after its last BEGIN line)",
+            "locked.test": "key: the private key is encrypted",
+            "big.test": "chain: 100",
+            "swapped.test": "chain: no PEM certificate"}
+        for host, reason in reasons.items():
+            wait_for(lambda host=host, reason=reason: f"certificate of {host}: the stored "
+                     f"certificate cannot be served: {reason}" in bal.output(),
+                     what=f"{host} reported at start")
+        status, listed = bal.api("GET", "/api/v1/certs")
+        problems = {c["host"]: c.get("problem", "") for c in listed["certs"]}
+        assert status == 200 and all(problems[h].startswith("the stored certificate cannot "
+                                                            f"be served: {r}")
+                                     for h, r in reasons.items())
+        assert "certificate of other.test" not in bal.output()  # (its first handshake's)
+        context = client_context(tmp_path)
+        assert served(bal, context, "a.test")
+        assert not any(served(bal, context, host) for host in bad)
+        wait_for(lambda: "certificate of other.test not served: OpenSSL refused it "
+                 "(KEY_VALUES_MISMATCH)" in bal.output(), what="other.test at its handshake")
+        doc = json.loads(path.read_bytes())  # a.test's record cut short while it is served
+        doc["certs"]["a.test"]["chain"] = good_chain[:len(good_chain) // 2]
+        path.write_text(json.dumps(doc))
+        wait_for(lambda: "certificate of a.test: the stored certificate cannot be served: "
+                 "chain: cut short" in bal.output(), what="a.test's damage reported")
+        all_served_for(bal, context, ("a.test",))  # the certificate loaded before
+        no_key_leaked(bal, listed)
+    finally:
+        bal.stop()

@@ -135,11 +135,15 @@ def test_names_no_certificate_covers_build_and_keep_nothing(
     assert bare.certs.contexts == {}
 
 
-def test_contexts_kept_are_bounded_the_oldest_going_first(
-        records: dict[str, Any], counted: list[str], serve: Any, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tls_certs, "CONTEXTS_KEPT", 3)
-    front = a_front()
+def kept(front: TLSFront, count: int) -> TLSFront:
+    """`front` keeping at most `count` contexts built (`ServedCerts.kept`)."""
+    front.certs = tls_certs.ServedCerts(front.new_context, kept=count)
+    return front
+
+
+def test_contexts_kept_are_bounded_the_least_recently_used_going_first(
+        records: dict[str, Any], counted: list[str], serve: Any, tmp_path: Path) -> None:
+    front = kept(a_front(), 3)
     front.update(records)
     served = serve(front)
     for host in HOSTS[:5]:
@@ -147,6 +151,35 @@ def test_contexts_kept_are_bounded_the_oldest_going_first(
     assert list(front.certs.contexts) == HOSTS[2:5]
     assert served.names(HOSTS[0], tmp_path) == [HOSTS[0]]  # built again
     assert list(front.certs.contexts) == [*HOSTS[3:5], HOSTS[0]] and len(counted) == 6
+    assert served.names(HOSTS[3], tmp_path) == [HOSTS[3]]  # used: the newest again
+    assert served.names(HOSTS[1], tmp_path) == [HOSTS[1]]
+    assert list(front.certs.contexts) == [HOSTS[0], HOSTS[3], HOSTS[1]] and len(counted) == 7
+
+
+def test_a_host_in_use_survives_a_sweep_of_10000_other_names(
+        records: dict[str, Any], counted: list[str], serve: Any, tmp_path: Path) -> None:
+    """A client naming thousands of hosts in turn (stored ones, more than the
+    contexts kept, and names no certificate covers), while another keeps
+    handshaking for one host: that host's context stays built. Bug: the oldest
+    built went first, so every `kept` builds the busy host was built again
+    (~3 ms of a worker's CPU per handshake). The sweep goes through `find`
+    (what the SNI callback runs, as many real handshakes would take 10 s), the
+    busy host through real handshakes."""
+    front = kept(a_front(), 8)
+    front.update(records)
+    served = serve(front)
+    busy, others = HOSTS[0], HOSTS[1:]
+    assert served.names(busy, tmp_path) == [busy]
+    context = front.certs.contexts[busy]
+    for n in range(10_200):
+        name = others[n // 50 % len(others)] if n % 50 == 0 else f"{uuid.uuid4().hex}.test"
+        assert (front.find(name) is None) == (n % 50 != 0)
+        if n % 100 == 99:
+            assert served.names(busy, tmp_path) == [busy]
+            assert front.certs.contexts[busy] is context  # not built again
+    assert len(front.certs.contexts) == 8 and len(counted) == 1 + 204
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        served.names("stranger.test", tmp_path)
 
 
 def hostile(kind: str, host: str) -> dict[str, Any]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import Backend, Balancer
+from balancer.stores.file import FileStore
+from tests.support import Backend, Balancer, wait_for
 from tests.test_tls import client_context, put_cert
 
 
@@ -128,5 +130,70 @@ def test_on_a_request_without_host_gets_421(
             assert response.status == 421
         assert backends["b"].count == served
         assert [s for s, _ in exchange(bal, "a.test", ["other.test"], tmp_path)] == [421]
+    finally:
+        bal.stop()
+
+
+def request_on(tls: ssl.SSLSocket, host: str) -> int:
+    """The status of one GET for `host` on the open TLS connection `tls`."""
+    tls.sendall(f"GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    response = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+    response.begin()
+    response.read()
+    return response.status
+
+
+def certificate_of(bal: Balancer, sni: str, tmp: Path) -> bytes:
+    """The certificate (DER) a new TLS connection made for `sni` gets."""
+    context = client_context(tmp)
+    context.check_hostname = False
+    with socket.create_connection(("127.0.0.1", bal.ports["tls"]), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=sni) as tls:
+        return tls.getpeercert(binary_form=True) or b""
+
+
+def handshakes(bal: Balancer, sni: str, tmp: Path) -> bool:
+    try:
+        certificate_of(bal, sni, tmp)
+    except ssl.SSLError:
+        return False
+    return True
+
+
+def test_a_host_is_judged_again_when_the_certificates_change(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    """Keep-alive connections open while certificates change (one worker):
+    `y.wild.test`, served on a connection made for `x.wild.test` (one wildcard
+    certificate), gets a 421 there once it has a certificate of its own, as a
+    request made after the change would on a new connection; a connection whose
+    own certificate is replaced meanwhile goes on serving its host, and gets a
+    421 for it once that certificate is deleted. Bug: a Host once found to
+    match stayed so for the connection's life."""
+    bal = start(tmp_path, backends, refuse=True)
+    routes = tmp_path / "routes.json"
+    context = client_context(tmp_path)
+    context.check_hostname = False
+    try:
+        with socket.create_connection(("127.0.0.1", bal.ports["tls"]), timeout=10) as raw_w, \
+                context.wrap_socket(raw_w, server_hostname="x.wild.test") as wild, \
+                socket.create_connection(("127.0.0.1", bal.ports["tls"]), timeout=10) as raw_a, \
+                context.wrap_socket(raw_a, server_hostname="a.test") as own:
+            assert [request_on(wild, "y.wild.test"), request_on(own, "a.test")] == [200, 200]
+            before = {name: certificate_of(bal, name, tmp_path)
+                      for name in ("y.wild.test", "a.test")}
+            put_cert(routes, "y.wild.test")
+            put_cert(routes, "a.test")  # replaced: open connections keep the old one
+            wait_for(lambda: all(certificate_of(bal, name, tmp_path) != der
+                                 for name, der in before.items()),
+                     what="the new certificates to be served")
+            assert request_on(own, "a.test") == 200
+            assert request_on(wild, "y.wild.test") == 421
+            FileStore(str(routes)).certs().delete("a.test")
+            wait_for(lambda: not handshakes(bal, "a.test", tmp_path),
+                     what="the deleted certificate to go")
+            assert request_on(own, "a.test") == 421  # its Host gets no certificate now
+        assert [s for s, _ in exchange(bal, "x.wild.test", ["z.wild.test", "y.wild.test"],
+                                       tmp_path)] == [200, 421]
+        assert [s for s, _ in exchange(bal, "y.wild.test", ["y.wild.test"], tmp_path)] == [200]
     finally:
         bal.stop()

@@ -20,9 +20,12 @@ Invariants:
   `CertsLost`. Writes are refused the same way (a one-certificate write would
   otherwise replace the lost rest); only `restore` or an operator's repair of
   the file ends it.
-* One damaged record (not JSON, not an object, no ``chain``/``key`` text) is
-  left out of `all` and named in `damaged` with the reason; it never takes the
-  other hosts down, and writes keep it as stored.
+* One damaged record (not JSON, not an object, no ``chain``/``key`` text, or
+  text no worker can serve, as far as a look without parsing tells:
+  `balancer.certificates.unservable`) is left out of `all` and named in
+  `damaged` with the reason; it never takes the other hosts down, and writes
+  keep it as stored. Bug: a record OpenSSL refuses, stored before the balancer
+  started, was reported only at its host's first handshake.
 * No error message or reason quotes stored text: private keys never reach a
   log line or an API answer through this module.
 """
@@ -35,6 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from balancer.certificates import unservable
 from balancer.stores import strict_json
 from balancer.stores.atomic import TooLarge, file_signature, read_regular, write_store_file
 from balancer.stores.base import CorruptStore, StoreError, StoreUnavailable
@@ -130,6 +134,8 @@ def _records(raw: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[st
             damaged[host] = "the stored record is not a JSON object"
         elif not isinstance(value.get("chain"), str) or not isinstance(value.get("key"), str):
             damaged[host] = 'the stored record has no "chain" or "key" text'
+        elif (why := unservable(value["chain"], value["key"])) is not None:
+            damaged[host] = f"the stored certificate cannot be served: {why}"
         else:
             found[host] = value
     return found, damaged
