@@ -142,3 +142,41 @@ def test_a_transfer_encoding_with_an_empty_element_is_refused(proxy_to, value: b
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert closed
     assert bytes(backend.inbound) == b""
+
+
+def test_a_response_content_length_past_63_bits_is_a_bad_gateway(proxy_to) -> None:
+    """A backend's Content-Length of 2^63 (llhttp takes up to 2^64 - 1) went to the
+    client as it came, and the client's connection waited for that body for ever
+    (bug; HAProxy 502): a 502, the client's connection kept, the backend's never
+    reused."""
+    def script(conn: socket.socket, request: bytes) -> bool:
+        if request.startswith(b"GET /1 "):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9223372036854775808\r\n\r\nok")
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+        return True
+
+    backend = RawBackend(script)
+    bal = proxy_to(backend)
+    answer = client_exchange(bal.port, GET % 1 + GET % 2, until=b"\r\n\r\nnext", timeout=WAIT)
+    assert answer.startswith(b"HTTP/1.1 502 "), answer[:200]
+    assert b"9223372036854775808" not in answer
+    assert answer.endswith(b"\r\n\r\nnext"), answer[-200:]
+    assert len(backend.connections) == 2  # the second request on a new one
+
+
+@pytest.mark.parametrize("value", [b"2\t", b"2 ", b"2 \t"])
+def test_a_response_content_length_reaches_the_client_without_blanks_after_it(
+        proxy_to, value: bytes) -> None:
+    """RFC 9110 §5.5: the blanks after a value are no part of it (bug: the
+    client got ``Content-Length: 2<TAB>`` as the backend sent it; HAProxy sends
+    ``2``). The fields after it are kept."""
+    def script(conn: socket.socket, _request: bytes) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + value + b"\r\nX-After: a\r\n\r\nok")
+        return True
+
+    bal = proxy_to(RawBackend(script))
+    answer = client_exchange(bal.port, GET % 1, until=b"\r\n\r\nok", timeout=WAIT)
+    head = answer.partition(b"\r\n\r\n")[0] + b"\r\n"
+    assert b"\r\nContent-Length: 2\r\n" in head, answer
+    assert b"\r\nX-After: a\r\n" in head, answer
