@@ -303,13 +303,16 @@ def _marks(lines: list[bytes], blank: int) -> list[Mark]:
     return marks
 
 
-def _plain_length(block: bytes, marks: list[Mark], index: int, length: int) -> bytes:
-    """`block` with its Content-Length field (`marks[index]`) written plainly, as
+def _plain_length(block: bytes, marks: list[Mark], at: int, length: int) -> bytes:
+    """`block` with its Content-Length field (the mark beginning at `at`) written plainly, as
     ``Content-Length: <decimal>``, and the marks after it moved (in place). RFC 9110
     §5.5: the blanks after a value are no part of it (bug: ``2<TAB>`` was forwarded
     as it came, which a backend may refuse), and a leading zero could be read as
     octal (``010``) by a backend's ``strtol(value, 0)``. HAProxy writes the first as
     this does, and forwards the second as it came."""
+    index = 0
+    while marks[index][1] != at:
+        index += 1
     lname, start, end = marks[index]
     field = b"\r\nContent-Length: %d" % length
     shift = len(field) - (end - start)
@@ -983,11 +986,11 @@ class RequestParser(_Parser):
         a copy with its Content-Length value made plain: `_plain_length`)."""
         host = upgrade = b""
         content_length = None
-        odd = -1  # the index in `marks` of a Content-Length value not written plainly
+        odd = -1  # where a Content-Length field not written plainly begins in `block`
         chunked = expect_continue = False
         tokens = NO_TOKENS
         specials = 0
-        for index, (lname, start, end) in enumerate(marks):
+        for lname, start, end in marks:
             if lname not in SPECIAL:
                 continue
             specials += 1
@@ -1007,7 +1010,7 @@ class RequestParser(_Parser):
                 if content_length > MAX_LENGTH:
                     self._fail(400, "Content-Length too large")
                 if value[-1] == SP or value[-1] == TAB or (value[0] == ZERO and len(value) > 1):
-                    odd = index
+                    odd = start
             elif lname == b"transfer-encoding":
                 if not is_chunked_only(chunked, value):
                     self._refuse_codings(block, marks)
