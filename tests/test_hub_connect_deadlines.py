@@ -282,7 +282,7 @@ def dialling(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     socket, as `named`)."""
     dialled: list[tuple[str, int]] = []
 
-    class Dialling(gevent.socket.socket):  # type: ignore[misc]
+    class Dialling(gevent.socket.socket):
         def connect(self, address: Any) -> None:
             dialled.append(address)
             super().connect(address)
