@@ -30,6 +30,9 @@ Invariants:
   bytes read. Memory: nothing is kept across reads but a few integers and
   the trailer section's last 3 bytes. A size past 64 bits, which llhttp
   refuses, is `TOO_LARGE`: a line of digits costs no more than its length.
+* A size line (its extensions included, which llhttp takes at any length) is
+  at most `line_max` bytes, however it was split: `scan` returns `LONG_LINE`
+  for a longer one, as soon as that many of it came (the parser answers 400).
 """
 
 from __future__ import annotations
@@ -53,21 +56,24 @@ DATA: Final = 1  # in a chunk's data (`left` bytes of it)
 AFTER: Final = 2  # in the CRLF after a chunk's data (`left` bytes of it)
 TRAILERS: Final = 3  # after the last chunk's line, up to the empty line
 DONE: Final = 4
+LONG_LINE: Final = -2  # what `scan` returns for a size line over `line_max`
 
 
 class ChunkedBody:
     """The framing state of one chunked request body, across its reads."""
 
-    __slots__ = ("state", "left", "value", "digits", "sized", "plain", "declared", "decoded",
-                 "tail", "whole_end")
+    __slots__ = ("state", "left", "value", "digits", "sized", "plain", "line", "line_max",
+                 "declared", "decoded", "tail", "whole_end")
 
-    def __init__(self) -> None:
+    def __init__(self, line_max: int) -> None:
         self.state = LINE
         self.left = 0
         self.value = 0  # (LINE) the size read so far
         self.digits = 0  # (LINE) its hex digits
         self.sized = False  # (LINE) a byte after its digits was read
         self.plain = True  # (LINE) it may go as it came (module doc): begun in this read
+        self.line = 0  # (LINE) its bytes read so far
+        self.line_max = line_max
         self.declared = 0
         self.decoded = 0
         self.tail = b""  # (TRAILERS) the last bytes read of the section, up to 3
@@ -75,8 +81,9 @@ class ChunkedBody:
 
     def scan(self, data: bytes, pos: int, pieces: list) -> int:
         """Locate the framing in `data` from `pos`, appending the pieces to forward
-        to `pieces`; returns where in `data` the message ends, or -1 if it goes on.
-        Bytes llhttp refuses may give any pieces and end (they are dropped)."""
+        to `pieces`; returns where in `data` the message ends, -1 if it goes on, or
+        `LONG_LINE`. Bytes llhttp refuses may give any pieces and end (they are
+        dropped)."""
         run = pos  # the start of what goes on as it came
         end = len(data)
         state, left = self.state, self.left
@@ -94,12 +101,14 @@ class ChunkedBody:
                 left -= step
                 if not left:
                     state = LINE
-                    self.value = self.digits = 0
+                    self.value = self.digits = self.line = 0
                     self.sized = False
                     self.plain = True
             elif state == LINE:
                 start = pos
                 pos = self._size_line(data, pos)
+                if self.line > self.line_max:
+                    return LONG_LINE
                 if pos < 0:  # it goes on in the next read
                     _piece(data, run, start, pieces)
                     run = end
@@ -154,8 +163,10 @@ class ChunkedBody:
             pos += 1
         if pos == end:
             self.plain = False
+            self.line += end - start
             return -1
         pos += 1
+        self.line += pos - start
         digits = self.digits
         self.plain = (self.plain and pos - start == digits + 2 and data[pos - 2] == CR
                       and (digits == 1 or data[start] != ZERO))

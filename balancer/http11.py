@@ -86,7 +86,7 @@ from typing import Any, Final, NoReturn, cast
 
 import httptools
 
-from balancer.chunks import LAST_CHUNK, ChunkedBody
+from balancer.chunks import LAST_CHUNK, LONG_LINE, ChunkedBody
 from balancer.fields import CLIENT_FIELDS, spellings
 
 END: Final = object()  # sentinel event: the current message is complete
@@ -173,6 +173,11 @@ LF: Final = 10
 SP: Final = 32
 TAB: Final = 9
 COLON: Final = 58
+ZERO: Final = 48
+# The largest Content-Length taken: a signed 64-bit integer's (HAProxy's, and most
+# servers'; llhttp takes up to 2^64 - 1: a backend that wraps or refuses a larger
+# one reads the body otherwise than the balancer). Above it: 400.
+MAX_LENGTH: Final = (1 << 63) - 1
 
 
 class ProtocolError(Exception):
@@ -296,6 +301,26 @@ def _marks(lines: list[bytes], blank: int) -> list[Mark]:
                 marks.append((lname, pos, end))
         pos = end
     return marks
+
+
+def _plain_length(block: bytes, marks: list[Mark], at: int, length: int) -> bytes:
+    """`block` with its Content-Length field (the mark beginning at `at`) written plainly, as
+    ``Content-Length: <decimal>``, and the marks after it moved (in place). RFC 9110
+    §5.5: the blanks after a value are no part of it (bug: ``2<TAB>`` was forwarded
+    as it came, which a backend may refuse), and a leading zero could be read as
+    octal (``010``) by a backend's ``strtol(value, 0)``. HAProxy writes the first as
+    this does, and forwards the second as it came."""
+    index = 0
+    while marks[index][1] != at:
+        index += 1
+    lname, start, end = marks[index]
+    field = b"\r\nContent-Length: %d" % length
+    shift = len(field) - (end - start)
+    marks[index] = (lname, start, start + len(field))
+    for i in range(index + 1, len(marks)):
+        name, after, until = marks[i]
+        marks[i] = (name, after + shift, until + shift)
+    return block[:start] + field + block[end:]
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
@@ -536,6 +561,8 @@ class _Parser:
         pieces: list = []
         start = self._body_at  # (the head before it was read by the raw parser)
         end = body.scan(data, start, pieces)
+        if end == LONG_LINE:
+            self._fail(400, "chunk size line too long")
         self._body_at = 0
         self._ending = False
         if end < 0:
@@ -653,20 +680,23 @@ class _Parser:
 
     def _check_quiet(self) -> None:
         """Bound body-phase bytes that produced no event: a chunk size line (its
-        extensions), trailers.
+        extensions; each is bounded too: `balancer.chunks`), trailers.
 
         httptools buffers a trailer field whole until it ends (bug: unbounded, with
         quadratic copies); complete trailer fields are kept until the message ends.
+        A 400, not a 431, as HAProxy: a body's framing is no head (bug: a 431, a
+        head's status, came in the middle of a body).
         """
         if self._quiet_bytes > self._head_max or len(self._fields) > self.limits.max_headers:
-            self._fail(431, "chunk size line or trailer section too large")
+            self._fail(400, "chunk size line or trailer section too large")
 
     def _check_trailers(self) -> tuple[Field, ...]:
-        """The trailer fields of the message that ends; 431 over the head limits."""
+        """The trailer fields of the message that ends; 400 over the head limits
+        (`_check_quiet`)."""
         fields = self._fields
         size = sum(len(name) + len(value) + 4 for name, _, value in fields)
         if size > self._head_max or len(fields) > self.limits.max_headers:
-            self._fail(431, "chunked trailer section too large")
+            self._fail(400, "chunked trailer section too large")
         self._fields = []
         return tuple(fields)
 
@@ -825,7 +855,7 @@ class RequestParser(_Parser):
             content_length, chunked, has_body, expect_continue, upgrade, tokens = NO_FRAMING
         else:
             (plain, host, content_length, chunked, has_body, expect_continue, upgrade,
-             tokens) = self._scan(block, marks)
+             tokens, block) = self._scan(block, marks)
         if method == b"CONNECT":
             self._fail(501, "CONNECT is not supported")
         if url[:1] == b"/" and HASH not in url:
@@ -860,7 +890,7 @@ class RequestParser(_Parser):
             keep_alive, expect_continue, upgrade, tokens)
         if chunked:  # its body is read by another parser (class doc), from here
             self._head_line = lines[0]  # (`_check_chunked_head`)
-            self._body = head.chunks = ChunkedBody()
+            self._body = head.chunks = ChunkedBody(self._head_max)
             self._body_at = self._at
             self._switching = True
         self.events.append(head)
@@ -948,13 +978,15 @@ class RequestParser(_Parser):
             last -= 1
         return line[:method_end], line[first:last], version
 
-    def _scan(self, block: bytes, marks: list[Mark]
-              ) -> tuple[bool, bytes, int | None, bool, bool, bool, bytes, frozenset[bytes]]:
+    def _scan(self, block: bytes, marks: list[Mark]) -> tuple[
+            bool, bytes, int | None, bool, bool, bool, bytes, frozenset[bytes], bytes]:
         """Check the special fields of the head, in order; returns whether Host was the
         only one, and what they set: host, content_length, chunked, has_body,
-        expect_continue, upgrade, connection_tokens."""
+        expect_continue, upgrade, connection_tokens, and the block (`block`, or
+        a copy with its Content-Length value made plain: `_plain_length`)."""
         host = upgrade = b""
         content_length = None
+        odd = -1  # where a Content-Length field not written plainly begins in `block`
         chunked = expect_continue = False
         tokens = NO_TOKENS
         specials = 0
@@ -975,6 +1007,10 @@ class RequestParser(_Parser):
                 if content_length is not None:
                     self._fail(400, "repeated Content-Length")
                 content_length = int(value.rstrip(b" \t"))
+                if content_length > MAX_LENGTH:
+                    self._fail(400, "Content-Length too large")
+                if value[-1] == SP or value[-1] == TAB or (value[0] == ZERO and len(value) > 1):
+                    odd = start
             elif lname == b"transfer-encoding":
                 if not is_chunked_only(chunked, value):
                     self._refuse_codings(block, marks)
@@ -987,9 +1023,12 @@ class RequestParser(_Parser):
                 self._fail(400, "framing field spelt with an underscore")
         if chunked:
             content_length = None
+        elif odd >= 0:
+            block = _plain_length(block, marks, odd, content_length or 0)
         has_body = chunked or bool(content_length)
         plain = specials == 1 and bool(host)
-        return plain, host, content_length, chunked, has_body, expect_continue, upgrade, tokens
+        return (plain, host, content_length, chunked, has_body, expect_continue, upgrade, tokens,
+                block)
 
     def _refuse_codings(self, block: bytes, marks: list[Mark]) -> NoReturn:
         """Refuse a Transfer-Encoding other than a single ``chunked``: 501 for a

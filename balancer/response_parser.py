@@ -73,6 +73,9 @@ from balancer.http11 import (
     HOP_BY_HOP,
     LAST_CHUNK,
     LOWER,
+    MAX_LENGTH,
+    SP,
+    TAB,
     Limits,
     ProtocolError,
     Spares,
@@ -214,6 +217,12 @@ class ResponseHead:
                         if kept is None:
                             kept = lines[:i]
                         continue
+                    if content_length > MAX_LENGTH:  # (bug: forwarded, the client hung)
+                        raise ProtocolError(502, "Content-Length too large from backend")
+                    if line[-1] == SP or line[-1] == TAB:  # RFC 9110 §5.5: not the value's
+                        line = b"Content-Length: %d" % content_length  # (HAProxy's too)
+                        if kept is None:
+                            kept = lines[:i]
                 elif name:  # never forwarded
                     if kept is None:
                         kept = lines[:i]

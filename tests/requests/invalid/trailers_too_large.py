@@ -4,4 +4,4 @@ they used to grow without bound)."""
 from balancer.http11 import Limits
 
 limits = Limits(max_request_line=256, max_header_bytes=1024)
-status = 431
+status = 400

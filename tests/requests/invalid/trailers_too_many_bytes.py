@@ -3,4 +3,4 @@
 from balancer.http11 import Limits
 
 limits = Limits(max_request_line=256, max_header_bytes=1024)
-status = 431
+status = 400
