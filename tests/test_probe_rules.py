@@ -24,12 +24,19 @@ rule writes. Each case a defect found and fixed (each test fails without its fix
   which browsers read as ``//evil.example/x``, another host (WHATWG URL: a
   backslash is a slash in http(s) URLs); the ``//evil.example`` form was
   already guarded.
+* A page override in ``server.pages_dir`` that is a FIFO (a device, a socket)
+  blocked its open: the start-up check was killed after 30 s and the balancer
+  exited saying only "the start-up check failed (1)". It is refused at once
+  now, naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +44,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Backend, Balancer, raw_exchange, request, split_responses
+from tests.support import ROOT, Backend, Balancer, raw_exchange, request, split_responses
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -173,3 +180,22 @@ def test_a_redirect_to_a_path_never_names_another_host(bal: Balancer, target: by
     assert status == 302 and location.startswith("/") and location[1:2] not in ("/", "\\")
     assert location == "/" + target.decode().lstrip("/\\")
 
+
+
+def test_a_page_override_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    os.mkfifo(pages / "maintenance.html")
+    (tmp_path / "balancer.toml").write_text(f'[server]\npages_dir = "{pages}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "balancer", "serve", "--listen", "127.0.0.1:0",
+             "--management", "127.0.0.1:0", "--store", f"file:{tmp_path / 'routes.json'}",
+             "--config", str(tmp_path / "balancer.toml")],
+            env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=20)
+    finally:  # a reader still blocked in its open (the bug) reads an end and goes
+        with contextlib.suppress(OSError):
+            os.close(os.open(pages / "maintenance.html", os.O_WRONLY | os.O_NONBLOCK))
+    assert done.returncode != 0
+    assert f"{pages / 'maintenance.html'}: cannot read: not a regular file" in done.stderr
