@@ -54,6 +54,8 @@ def static(body: str) -> dict[str, Any]:
 
 
 HOSTS = {"*.a.test": static("wild"), "*": static("star"),
+         "a.test": {**static("parent"), "subdomains": True},
+         "b.test": {**static("b"), "subdomains": True}, "*.c.b.test": static("c"),
          "go.test": {"action": "redirect", "to": "/", "keep_path": True}}
 
 
@@ -94,6 +96,15 @@ def test_a_name_longer_than_any_key_is_routed_by_its_parents(bal: Balancer, host
                                                              body: bytes) -> None:
     status, _, got = request(bal.port, host=host.decode())
     assert (status, got) == (200, body)
+
+
+@pytest.mark.parametrize(("host", "body"), [
+    (b"a.test", b"parent"), (b"x.a.test", b"wild"),  # one suffix: the *.suffix key first
+    (b"x.c.b.test", b"c"), (b"x.y.b.test", b"b"), (b"c.b.test", b"b"),  # the longest
+])
+def test_a_wildcard_and_a_parent_with_subdomains(bal: Balancer, host: bytes,
+                                                 body: bytes) -> None:
+    assert request(bal.port, host=host.decode())[2] == body
 
 
 def test_ip_hash_behind_a_trusted_listener_hashes_the_forwarded_client(
