@@ -155,7 +155,8 @@ class ProxyAction:
             if (not retryable or len(tried) > self.retries
                     or time.monotonic() - since > self.retry_timeout):
                 raise failure
-            backend = self.balancer.pick(self.client(ex), tried)
+            client = client_address(ex) if self.by_client else ex.conn.client_ip
+            backend = self.balancer.pick(client, tried)
             if backend is None:
                 raise failure
             tried.append(backend)
@@ -166,15 +167,11 @@ class ProxyAction:
     def first_try(self, ex: Exchange) -> Flight | None:
         """The first try of `ex` (`start_try` on the backend picked for it), or None
         when there is no backend to try."""
-        backend = self.balancer.pick(self.client(ex), ())
+        client = client_address(ex) if self.by_client else ex.conn.client_ip  # (module doc)
+        backend = self.balancer.pick(client, ())
         if backend is None:
             return None
         return self.start_try(ex, backend)
-
-    def client(self, ex: Exchange) -> str:
-        """The client `ex` is picked for: with `ip_hash`, the one the limits count
-        (module doc); for the other algorithms, which ignore it, the peer."""
-        return client_address(ex) if self.by_client else ex.conn.client_ip
 
     def start_try(self, ex: Exchange, backend: Backend) -> Flight:
         """A try of `ex` on `backend`, counted in flight from now on."""
