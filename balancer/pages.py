@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,11 +125,22 @@ def _read_overrides(pages_dir: str) -> dict[str, bytes]:
 
 
 def _read_override(path: str) -> bytes:
+    """The bytes of a regular file. Opened without blocking: a FIFO (or a device,
+    a socket) is refused at once (bug: the open of a FIFO waited for a writer, the
+    start-up check was killed after 30 s naming no cause, and a reload too)."""
     try:
-        with open(path, "rb") as file:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise PageError(f"page override {path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PageError(f"page override {path}: cannot read: not a regular file")
+        with open(fd, "rb", closefd=False) as file:
             body = file.read()
     except OSError as exc:
         raise PageError(f"page override {path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     return _checked(path, body)
 
 

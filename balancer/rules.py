@@ -17,12 +17,13 @@ Invariants:
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from balancer.addr import AddrError, parse_backend_addr
+from balancer.addr import AddrError, Address, parse_backend_addr
 
 ACTIONS = ("proxy", "spin", "static", "redirect", "empty")
 ALGORITHMS = ("round_robin", "least_connections", "random_two", "ip_hash")
@@ -90,8 +91,9 @@ def validate_host(host: object) -> list[str]:
         return ["host: must be a non-empty string"]
     if not host.isascii():  # checked before lower(): "\u212a" (KELVIN SIGN) lowers to "k"
         return [f"host {host!r}: not ASCII{_ascii_form(host)}"]
-    key = normalize_host(host)
-    if len(key) > MAX_HOST_LEN or not HOST_RE.match(key):
+    # one trailing dot at most, as in a Host field (bug: every trailing dot was
+    # stripped first: "app.test.." was stored as app.test, "*." as the catch-all *)
+    if len(normalize_host(host)) > MAX_HOST_LEN or not HOST_RE.match(host.strip().lower()):
         return [f"host {host!r}: not a valid host name, '*.suffix' or '*'"]
     return []
 
@@ -292,16 +294,28 @@ def _validate_backends(rule: Mapping[str, Any], prefix: str = "",
         found = [prefix + p for p in _validate_backend(i, entry)]
         problems += found
         if not found:
-            address = str(parse_backend_addr(entry if isinstance(entry, str) else entry["address"]))
+            address = backend_identity(entry if isinstance(entry, str) else entry["address"])
             if address in seen:
                 problems.append(f"{prefix}backends[{i}]: duplicate backend {address}")
             seen.add(address)
     return problems
 
 
+def backend_identity(text: str) -> str:
+    """One backend however its address is spelt: a name in lower case, an IP
+    address in its shortest form (bug: ``LOCALHOST:1`` beside ``localhost:1``, or
+    ``[0:0::1]:1`` beside ``[::1]:1``, were two backends: one server, two shares)."""
+    address = parse_backend_addr(text)
+    try:
+        host = ipaddress.ip_address(address.host).compressed
+    except ValueError:
+        host = address.host.lower()
+    return str(Address(host, address.port, address.tls))
+
+
 def backend_addresses(rule: Mapping[str, Any]) -> set[str]:
-    """The normalised addresses of a valid proxy rule's backends."""
-    return {str(parse_backend_addr(address)) for address, _ in backend_entries(rule)}
+    """The backends of a valid proxy rule, each by its `backend_identity`."""
+    return {backend_identity(address) for address, _ in backend_entries(rule)}
 
 
 def _validate_draining(rule: Mapping[str, Any]) -> list[str]:

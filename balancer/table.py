@@ -27,6 +27,10 @@ Invariants:
   stripped). A request whose Host is cached pays nothing for it; the full check
   (~8,000 instructions compiled, a regular expression) is for the misses
   only: a port, a wildcard's or the catch-all's name, an unknown one.
+* A name's parents are looked up from the longest that can be a key
+  (`PARENT_START`): a Host of thousands of labels costs its length, not its
+  length times its labels (bug: a 60 KB ``a.a.a...`` Host held a worker for a
+  second, each such request, as its walk copied and hashed every suffix).
 * `lookup` remembers the route of up to `CACHED_HOSTS` Host values of at most
   `CACHED_HOST_BYTES` each (a name of 253 bytes and a port): at most ~3 MB
   whatever clients send (bug: any length, and 10,000 Host values of 60 KB
@@ -41,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from balancer.authority import is_valid_host
 from balancer.http11 import ProtocolError
-from balancer.rules import RuleError, normalize_host, validate_table
+from balancer.rules import MAX_HOST_LEN, RuleError, normalize_host, validate_table
 from balancer.spans import Piece
 from balancer.stats import HostStats
 
@@ -56,6 +60,9 @@ CACHED_HOST_BYTES: Final = 300  # the longest Host value remembered
 # ":" as its value: `int in bytes` is a memchr, while `b":" in bytes` first fails to
 # read b":" as an integer (an exception made and cleared)
 COLON: Final = ord(":")
+# how far before a name's end its parent walk starts: no key is longer than
+# MAX_HOST_LEN, so neither is a parent that matches one (module doc)
+PARENT_START: Final = MAX_HOST_LEN + 1
 # the rule of the route a Host value that names no host gets (what it answers)
 INVALID_HOST: Final[Mapping[str, Any]] = {"action": "static", "page": "bad-request"}
 # the rule of a request whose Host the TLS connection's certificate is not for
@@ -269,7 +276,7 @@ class RoutingTable:
 
     def _parent_route(self, name: bytes) -> Route:
         """The route of a name with no exact key: a parent's, `*`, or the fallback."""
-        dot = name.find(b".")
+        dot = name.find(b".", first_parent(name))
         while dot >= 0:
             parent = name[dot + 1:]
             route = self._wild.get(parent) or self._sub.get(parent)
@@ -291,7 +298,7 @@ class RoutingTable:
     def _parent_over(self, name: bytes) -> Route:
         """`_parent_route` reading the overlay before the base."""
         overlay = self._overlay
-        dot = name.find(b".")
+        dot = name.find(b".", first_parent(name))
         while dot >= 0:
             parent = name[dot + 1:]
             key = parent.decode("latin-1")
@@ -317,6 +324,13 @@ def host_name(host: bytes) -> bytes:
     """The name a Host field's value is routed by: lower case, without its port
     or a trailing dot."""
     return _strip_port(host.lower()).rstrip(b".")
+
+
+def first_parent(name: bytes) -> int:
+    """Where the walk over `name`'s parents begins: the dot before its longest
+    suffix that can be a table key (`PARENT_START`)."""
+    start = len(name) - PARENT_START
+    return start if start > 0 else 0
 
 
 def _strip_port(host: bytes) -> bytes:

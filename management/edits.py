@@ -2,8 +2,9 @@
 
 Invariants:
 * A rule passed in is never mutated; a new rule dict is returned.
-* Backends are compared by their parsed address (`str(parse_backend_addr)`),
-  case-insensitively, so ``Example.com:80`` and ``example.com:80`` are one backend.
+* Backends are compared as the rules' duplicate check compares them
+  (`balancer.rules.backend_identity`), so ``Example.com:80`` and
+  ``example.com:80``, ``[::1]:80`` and ``[0:0::1]:80`` are one backend.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from balancer.addr import AddrError, parse_backend_addr
+from balancer.addr import AddrError
+from balancer.rules import backend_identity
 from management.http import ApiError
 
 
@@ -69,13 +71,13 @@ def _address_of(entry: Any) -> str:
 
 def _canonical(address: str) -> str:
     try:
-        return str(parse_backend_addr(address))
+        return backend_identity(address)
     except AddrError:
-        return address
+        return address.lower()
 
 
 def _same(a: str, b: str) -> bool:
-    return _canonical(a).lower() == _canonical(b).lower()
+    return _canonical(a) == _canonical(b)
 
 
 def _invalid(problems: list[str]) -> ApiError:

@@ -19,6 +19,10 @@ Invariants:
   changes; at the deadline it gets the `timeout` page (504).
 * While held, connection attempts of all held requests of one rule are
   spaced at least `PROBE_GAP` apart; a success wakes every other one.
+* `ip_hash` picks by the request's client as the limits name it
+  (`balancer.sketch.client_address`): on a trusted listener the last
+  X-Forwarded-For entry (bug: the front proxy's own address, so every client
+  behind it went to one backend); the other algorithms ignore the client.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from balancer.http11 import declared_body
 from balancer.pool import Backend
 from balancer.relay import Flight, arrive, land
 from balancer.rules import backend_entries
+from balancer.sketch import client_address
 from balancer.spans import Piece, join_pieces
 from balancer.stats import BackendStats
 
@@ -68,6 +73,7 @@ class ProxyAction:
         self.backends = self.balancer.backends  # with a deploy's draining ones
         self.retries = rule.get("retries", DEFAULT_RETRIES)
         self.retry_timeout = rule.get("retry_timeout", DEFAULT_RETRY_TIMEOUT)
+        self.by_client = rule.get("algorithm") == "ip_hash"  # (module doc)
         self.max_body = rule.get("max_body_bytes")
         self.fall = rule.get("health", {}).get("fall", DEFAULT_FALL)
         self.spin_when_down = rule.get("spin_when_down")
@@ -149,7 +155,8 @@ class ProxyAction:
             if (not retryable or len(tried) > self.retries
                     or time.monotonic() - since > self.retry_timeout):
                 raise failure
-            backend = self.balancer.pick(ex.conn.client_ip, tried)
+            client = client_address(ex) if self.by_client else ex.conn.client_ip
+            backend = self.balancer.pick(client, tried)
             if backend is None:
                 raise failure
             tried.append(backend)
@@ -160,7 +167,8 @@ class ProxyAction:
     def first_try(self, ex: Exchange) -> Flight | None:
         """The first try of `ex` (`start_try` on the backend picked for it), or None
         when there is no backend to try."""
-        backend = self.balancer.pick(ex.conn.client_ip, ())
+        client = client_address(ex) if self.by_client else ex.conn.client_ip  # (module doc)
+        backend = self.balancer.pick(client, ())
         if backend is None:
             return None
         return self.start_try(ex, backend)

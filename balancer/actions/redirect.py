@@ -26,6 +26,7 @@ class RedirectAction(LocalAction):
             location = self.to + b"/"
         elif self.to:
             location = self.to + target
-        else:  # `to` "/": a target "//evil.example/x" must not become a host
-            location = b"/" + target.lstrip(b"/")
+        else:  # `to` "/": a target "//evil.example/x" must not become a host, nor
+            # "/\\evil.example/x" (browsers read a backslash as a slash)
+            location = b"/" + target.lstrip(b"/\\")
         ex.respond(self.status, b"", b"", ((b"Location", location),))
