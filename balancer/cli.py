@@ -25,8 +25,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="Every setting, with its config key, environment variable and default: "
                "docs/settings.md in the source tree (an annotated config file: "
                "examples/balancer.toml). Signals: SIGHUP re-reads the settings, SIGTERM "
-               "and SIGINT stop gracefully, SIGQUIT stops now, SIGUSR1 reopens the "
-               "access log (docs/operations.md#signals).")
+               "and SIGINT stop gracefully (a second one, or SIGQUIT, stops now), "
+               "SIGUSR1 reopens the access log (docs/operations.md#signals).")
     serve.add_argument("--config", metavar="FILE", default=None,
                        help="TOML config file [env BALANCER_CONFIG]")
     add_flags(serve)

@@ -12,15 +12,17 @@ handlers, monkey-patches, then builds its own objects (store connection,
 Invariants:
 * A child leaves only through `os._exit`: it never returns into the
   arbiter's stack, and never runs the arbiter's `finally`/`atexit` code.
-* A child reports "ready" (one byte on its ready pipe) only once it accepts
-  on the inherited sockets with its routing table loaded.
+* A child reports `READY` (a line on its report pipe, open for its life) only
+  once it accepts on the inherited sockets with its routing table loaded; then
+  `DRAINING` when it stops accepting, whoever sent the signal.
 * A failure while starting exits with `BOOT_ERROR` after printing one
   ``balancer: ...`` line; the arbiter treats it as bad input, not a crash.
 * Signals: SIGTERM/SIGINT stop: drain gracefully and answer held requests
   503 at once (also when the arbiter is gone); SIGUSR2 retires a child that
   a reload replaced: it drains the same way but keeps its held requests
   until their rule changes (a SIGTERM during that drain still answers them);
-  SIGQUIT exits at once (even mid-drain), SIGUSR1 reopens the access log,
+  SIGQUIT exits at once (even mid-drain; a worker tells the arbiter how many
+  connections it cut), SIGUSR1 reopens the access log,
   SIGHUP (`startup.REBIND`, from the arbiter only: one sent to the arbiter is a
   reload) binds the child's sockets in the run directory again, which the
   arbiter made again after it was deleted.
@@ -162,19 +164,36 @@ def enter_child(env: ChildEnv) -> None:
         raise BootError(str(exc)) from None
 
 
+# what a child tells the arbiter, one line each, on its report pipe (`ChildEnv.ready_fd`,
+# open for the child's life: its end of file is the child's exit)
+READY = b"ready"        # it serves
+DRAINING = b"draining"  # it stops accepting: told to, or signalled directly
+CUT = b"cut"            # ``cut N``: a worker stopping now (SIGQUIT) cuts N connections
+
+
+def tell_arbiter(env: ChildEnv, *words: object) -> None:
+    """One line to the arbiter. Never blocks for long: a few bytes per child's life in a
+    pipe the arbiter reads at every turn; with the arbiter gone the write fails."""
+    line = b" ".join(w if isinstance(w, bytes) else str(w).encode() for w in words)
+    with contextlib.suppress(OSError):
+        os.write(env.ready_fd, line + b"\n")
+
+
 def report_ready(env: ChildEnv) -> None:
-    os.write(env.ready_fd, b"R")
-    os.close(env.ready_fd)
+    tell_arbiter(env, READY)
 
 
 def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
                   release: Callable[[], None] | None = None,
-                  rebind: Callable[[], None] | None = None) -> None:
+                  rebind: Callable[[], None] | None = None,
+                  connections: Callable[[], int] | None = None) -> None:
     """Block until the child must drain: SIGTERM/SIGINT, SIGUSR2 (retired by a
-    reload), or the arbiter is gone. `release` (answer held requests) runs on
+    reload), or the arbiter is gone; then tell the arbiter (`DRAINING`: one
+    signalled directly is replaced at once). `release` (answer held requests) runs on
     every stop but a retirement, also one that comes during the drain; `rebind`
     on SIGHUP (the run directory made again), also during the drain, and once
-    as its handler is in place."""
+    as its handler is in place. SIGQUIT exits at once, telling the arbiter how
+    many `connections` it cuts (a worker's)."""
     import gevent
     from gevent.event import Event
 
@@ -188,7 +207,12 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
     gevent.signal_handler(signal.SIGTERM, stop_for_good)
     gevent.signal_handler(signal.SIGINT, stop_for_good)
     gevent.signal_handler(signal.SIGUSR2, stop.set)
-    gevent.signal_handler(signal.SIGQUIT, os._exit, 0)
+    def quit_now() -> None:
+        if connections is not None:
+            tell_arbiter(env, CUT, connections())
+        os._exit(0)
+
+    gevent.signal_handler(signal.SIGQUIT, quit_now)
     if reopen is not None:
         gevent.signal_handler(signal.SIGUSR1, reopen)
     if rebind is not None:
@@ -208,6 +232,7 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
     watcher = gevent.spawn(parent_loop)
     stop.wait()
     watcher.kill(block=False)
+    tell_arbiter(env, DRAINING)
 
 
 def open_child_store(settings: Settings, strict: bool = True) -> Any:
@@ -246,7 +271,8 @@ def run_worker(env: ChildEnv, listeners: list[tuple[Any, str]]) -> int:
     tune_gc()
     report_ready(env)
     log.info("worker %d serving routing version %d", os.getpid(), worker.holder.table.version)
-    wait_for_stop(env, worker.access_log.reopen, worker.release_held, control.rebind)
+    wait_for_stop(env, worker.access_log.reopen, worker.release_held, control.rebind,
+                  lambda: worker.stats.open_connections)
     graceful = settings.timeouts.graceful
     worker.stop(max(graceful - STOP_MARGIN, graceful / 2))
     retire(env.run_dir, worker, control)
