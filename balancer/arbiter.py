@@ -6,10 +6,11 @@ missing, replace an older generation one child at a time, kill what
 overstayed its deadline).
 
 Invariants:
-* Signal handlers only queue: the C handler writes the signal number to the
-  wake-up pipe (`signal.set_wakeup_fd`); the loop reads the numbers and acts,
-  once per signal number per turn: a burst of SIGHUPs costs one reload per
-  turn of the loop, and the children converge on the last generation.
+* Signal handlers only queue (`balancer.signal_queue`, installed as `balancer
+  serve` starts); the loop reads the numbers and acts, once per signal number
+  per turn: a burst of SIGHUPs costs one reload per turn of the loop, and the
+  children converge on the last generation. Those that came while the balancer
+  started are acted on before the first child is forked.
 * The arbiter never monkey-patches and never runs a gevent hub; every child
   patches after fork (`balancer.workers`). It freezes its objects before each
   fork (`balancer.preload.freeze`), so the children keep sharing their pages;
@@ -61,6 +62,7 @@ from balancer.listening import Listeners
 from balancer.preload import PreloadError, freeze, needed, preload
 from balancer.privileges import Identity
 from balancer.settings import Settings, SettingsError
+from balancer.signal_queue import SignalQueue
 from balancer.startup import (
     RunDirKeeper,
     check_in_child,
@@ -71,7 +73,6 @@ from balancer.startup import (
     remake_run_dir,
 )
 from balancer.workers import (
-    ARBITER_SIGNALS,
     BOOT_ERROR,
     CUT,
     DRAINING,
@@ -92,7 +93,6 @@ RETIRE = signal.SIGUSR2  # to a child a reload replaced: drain, keep held reques
 KILL_MARGIN = 2.0   # seconds past a draining child's own `graceful` before SIGKILL
 QUIT_GRACE = 1.0    # seconds children get after SIGQUIT before SIGKILL
 TICK = 1.0          # longest wait of the main loop
-HANDLED = ARBITER_SIGNALS  # (a child resets them: `balancer.workers.enter_child`)
 
 
 @dataclass
@@ -140,7 +140,7 @@ class Arbiter:
     """Keeps `server.workers` proxy workers and one management process running."""
 
     def __init__(self, settings: Settings, bound: Bound, management: ManagementChild,
-                 reload_settings: Callable[[], Settings] | None = None,
+                 signals: SignalQueue, reload_settings: Callable[[], Settings] | None = None,
                  announce: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.bound = bound
@@ -155,7 +155,7 @@ class Arbiter:
         self.cut: Cut | None = None
         self.exit_code = 0
         self.has_been_ready = False
-        self.wake_r, self.wake_w = os.pipe()
+        self.signals = signals
         self.told_dropped = 0  # process log lines dropped, as `write_status` last wrote
         self.run_dir = RunDirKeeper(bound.run_dir)
         self.merging = False  # `server.merge_pages` as last applied (`mark_pages`)
@@ -165,9 +165,10 @@ class Arbiter:
         """Run until stopped; the exit code of `balancer serve`."""
         processlog.install()  # from here stderr never blocks the process (start-up is over)
         try:
-            self.install_signals()
             log.info("arbiter %d: starting %d worker(s)", os.getpid(),
                      self.settings.effective_workers())
+            for signum in dict.fromkeys(self.signals.take()):  # (came while it started)
+                self.handle(signum)
             self.manage()
             while self.state != STOPPED:
                 signals, reporting = self.wait(self.next_timeout())
@@ -188,22 +189,16 @@ class Arbiter:
         finally:
             processlog.drain()  # the last lines (why it stopped), within EXIT_WAIT
 
-    def install_signals(self) -> None:
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        for signum in HANDLED:
-            signal.signal(signum, _queued)
-
     def wait(self, timeout: float) -> tuple[list[int], list[Child]]:
         """Signals queued meanwhile, and the children whose report pipe has lines."""
         pipes = {c.report_fd: c for c in self.children.values() if c.report_fd is not None}
-        readable, _, _ = select.select([self.wake_r, *pipes], [], [], timeout)
+        wake = self.signals.read_fd
+        readable, _, _ = select.select([wake, *pipes], [], [], timeout)
         # read whether or not select saw it: a signal that came as select returned
         # (a report readable) ran its handler then. Bug: a SIGTERM sent to the whole
         # tree was taken a turn after a worker's report that it drains, and the
         # arbiter replaced that worker, taking it for one signalled alone
-        return _drain(self.wake_r), [pipes[fd] for fd in readable if fd != self.wake_r]
+        return self.signals.take(), [pipes[fd] for fd in readable if fd != wake]
 
     def next_timeout(self) -> float:
         """Until the next thing `manage` has to do on time (at most `TICK`)."""
@@ -407,7 +402,7 @@ class Arbiter:
     def arbiter_fds(self) -> tuple[int, ...]:
         """Descriptors only the arbiter uses (a child closes them)."""
         pipes = (c.report_fd for c in self.children.values() if c.report_fd is not None)
-        return (self.wake_r, self.wake_w, *pipes)
+        return (*self.signals.fds, *pipes)
 
     def drain(self, child: Child, signum: int = RETIRE) -> None:
         """Ask a child to finish what it serves and exit: retired by a reload
@@ -523,14 +518,3 @@ class Arbiter:
                 json.dump(status, out)
             os.replace(path + ".tmp", path)
 
-
-def _queued(signum: int, frame: Any) -> None:
-    """The Python-level handler does nothing: the wake-up pipe already holds `signum`."""
-
-
-def _drain(fd: int) -> list[int]:
-    data = b""
-    with contextlib.suppress(BlockingIOError):
-        while chunk := os.read(fd, 256):
-            data += chunk
-    return list(data)

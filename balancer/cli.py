@@ -64,9 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"balancer: {problem}", file=sys.stderr)
         return 2
+    from balancer.signal_queue import SignalQueue
+
+    # before anything is made or anything slow runs: from here a signal waits for the
+    # arbiter (until here, nothing to undo: its default action ends the process)
+    signals = SignalQueue()
     from balancer.serve import serve
 
     def reload_settings() -> Settings:  # SIGHUP: the same flags, env and config file
         return load_settings(flag_values(args), config_path=args.config)
 
-    return serve(settings, reload_settings)
+    return serve(settings, signals, reload_settings)

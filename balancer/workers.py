@@ -48,6 +48,7 @@ from typing import Any, NoReturn
 from balancer import processlog
 from balancer.privileges import Identity, PrivilegeError, assert_dropped, drop_privileges
 from balancer.settings import Settings
+from balancer.signal_queue import forget, held
 
 log = logging.getLogger("balancer")
 
@@ -55,14 +56,10 @@ BOOT_ERROR = 3
 PARENT_CHECK = 1.0  # seconds between checks that the arbiter is still there
 STOP_MARGIN = 0.5  # a worker stops this much before the arbiter's `graceful` deadline
 GC_THRESHOLDS = (20000, 20, 100)  # gc.set_threshold in a proxy worker (see `tune_gc`)
-# what the arbiter handles (`balancer.arbiter`); a child stops (default action) or
-# ignores them until it installs its own (`enter_child`). SIGUSR2 retires a child
+# what the arbiter handles (`balancer.signal_queue`); a child stops (default action)
+# or ignores them until it installs its own (`enter_child`). SIGUSR2 retires a child
 # (`wait_for_stop`); the arbiter ignores it, saying so (its default action killed
 # the arbiter: an operator used to HAProxy's reload or nginx's upgrade sends it)
-STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                    signal.SIGUSR2)
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
-ARBITER_SIGNALS = (*STOPPING_SIGNALS, *IGNORED_SIGNALS)
 
 
 class BootError(Exception):
@@ -131,26 +128,16 @@ def fork_child(body: Callable[[ChildEnv], int], env: ChildEnv) -> int:
     same pipe, inherited): the SIGHUP that `startup.RunDirKeeper` sends every
     child reached a worker forked in the same turn of the loop (one restarted),
     and the arbiter took it as its own and reloaded, replacing every child."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ARBITER_SIGNALS)
-    try:
+    with held():
         pid = os.fork()
         if pid == 0:
             child_main(body, env)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return pid
 
 
 def enter_child(env: ChildEnv) -> None:
     """Forget the arbiter's signal handling and descriptors, then monkey-patch."""
-    signal.set_wakeup_fd(-1)
-    for sig in STOPPING_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-    for sig in IGNORED_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)  # until the child installs its own
-    # blocked since before the fork (`fork_child`): one that came meanwhile acts now
-    # as set above (a SIGTERM stops the child, a SIGHUP is dropped)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, ARBITER_SIGNALS)
+    forget()  # (a SIGTERM that came since the fork stops the child, a SIGHUP is dropped)
     for fd in env.inherited_fds:
         with contextlib.suppress(OSError):
             os.close(fd)

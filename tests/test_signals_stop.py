@@ -7,14 +7,20 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import Balancer, request, wait_for
+from loadtest.reaper import guarded_popen, release
+from tests.support import ROOT, Balancer, constants_prefix, request, wait_for
 from tests.test_process import children_of, is_gone, wait_workers
 
 HOST = "app.test"
@@ -143,3 +149,106 @@ def test_the_whole_tree_signalled_at_once_stops_gracefully_without_replacements(
         assert bal.output().count(" ready (slot") == 3  # the first three only
     finally:
         bal.stop(signal.SIGKILL)
+
+
+# signals while the balancer starts ---------------------------------------------------
+def start(tmp_path: Path, tmpdir: Path, prefix: list[str] | None = None) -> Any:
+    """`balancer serve` starting (not waited for), with its own TMPDIR."""
+    argv = [*(prefix or []), sys.executable, "-m", "balancer", "serve", "--listen",
+            "127.0.0.1:0", "--management", "127.0.0.1:0", "--workers", "2",
+            "--store", f"file:{tmp_path / 'routes.json'}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+    env.update(PYTHONPATH=str(ROOT), TMPDIR=str(tmpdir))
+    log = open(tmp_path / "balancer.log", "w")  # noqa: SIM115 - closed with the test's tmp
+    return guarded_popen(argv, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def test_signals_while_the_balancer_starts_wait_for_the_arbiter(tmp_path):
+    """SIGHUP (`systemctl reload` just after `start`), SIGUSR1 (logrotate), SIGUSR2
+    and then SIGTERM, while `balancer serve` binds and makes its run directory: each
+    is acted on once the arbiter runs, before it forks, and the stop is clean. Bug:
+    until the arbiter ran each had its default action: the first killed the balancer
+    (SIGTERM too, leaving its run directory behind)."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))
+    proc = start(tmp_path, tmpdir, constants_prefix({}, slow={"balancer.leftovers.sweep": 3.0}))
+    try:
+        wait_for(lambda: list(tmpdir.glob("balancer-*")), what="the run directory made")
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            proc.send_signal(sig)
+        assert proc.wait(30) == 0
+        out = (tmp_path / "balancer.log").read_text()
+        assert "SIGUSR2: ignored" in out and "SIGTERM: stopping gracefully" in out, out
+        assert " ready (slot" not in out and "Traceback" not in out, out
+        assert not list(tmpdir.glob("balancer-*"))
+    finally:
+        proc.kill()
+        proc.wait(5)
+        release(proc)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def test_sigterm_while_the_start_up_check_waits_stops_at_once(tmp_path):
+    """The start-up check waits up to 30 s (a store that does not answer): SIGTERM
+    then stops the balancer and its check at once, saying so."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))
+    proc = start(tmp_path, tmpdir,
+                 constants_prefix({}, slow={"balancer.workers.check_startup": 60.0}))
+    try:
+        [check] = wait_for(lambda: children_of(proc.pid), what="the start-up check forked")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        wait_for(lambda: is_gone(check), timeout=5, what="the check child gone")
+        assert (tmp_path / "balancer.log").read_text() == \
+            "balancer: stopped by a signal before it started\n"
+    finally:
+        proc.kill()
+        proc.wait(5)
+        release(proc)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@pytest.mark.slow(40)
+def test_sigterm_at_any_point_of_the_start_under_load_stops_the_balancer(tmp_path):
+    """SIGTERM sent at 24 points of the start (the interpreter starting, imports, the
+    start-up check, binding, forking the children, children starting; up to 1.2 times
+    as long as a start takes) with both cores busy: the balancer always ends, leaving
+    no process and no run directory (a SIGTERM once seemed lost 0.05 s after the
+    start, under load)."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    codes = []
+    try:
+        began, proc = time.monotonic(), start(tmp_path, tmpdir)  # how long a start takes
+        try:
+            wait_for(lambda: "listening on" in (tmp_path / "balancer.log").read_text(),
+                     timeout=60, what="a start under load")
+            took = time.monotonic() - began
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        finally:
+            proc.kill()
+            proc.wait(5)
+            release(proc)
+        for step in range(24):
+            proc = start(tmp_path, tmpdir)
+            try:
+                time.sleep(step * took / 20)  # (the point of the start, not a synchronisation)
+                children = set(children_of(proc.pid))
+                proc.send_signal(signal.SIGTERM)
+                codes.append(proc.wait(30))
+                wait_for(lambda: all(map(is_gone, children)), timeout=10,  # noqa: B023
+                         what="every child gone")
+                assert not list(tmpdir.glob("balancer-*")), step
+                assert "Traceback" not in (tmp_path / "balancer.log").read_text()
+            finally:
+                proc.kill()
+                proc.wait(5)
+                release(proc)
+        # killed by its default action only before anything was made (-15), else 0
+        assert set(codes) <= {0, -signal.SIGTERM}, codes
+        assert 0 in codes
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait(5)
+        shutil.rmtree(tmpdir, ignore_errors=True)
