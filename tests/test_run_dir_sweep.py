@@ -108,7 +108,7 @@ def test_unlocked_run_directories_are_removed_only_when_provably_unused(
         [worker] = wait_workers(old, 1)
         results: list[Any] = []
         slow = threading.Thread(target=lambda: results.append(
-            request(old.port, path="/slow?s=4", host=HOST, timeout=20)[0]))
+            request(old.port, path="/slow?s=10", host=HOST, timeout=30)[0]))
         slow.start()
         wait_for(lambda: old.host_stats(HOST).get("open_requests") == 1,
                  what="a request in flight")
@@ -117,7 +117,7 @@ def test_unlocked_run_directories_are_removed_only_when_provably_unused(
         again = Balancer(tmp_path / "again1", routes(backend), env=env)
         assert left in run_dirs(tmpdir_short), "its worker still drains there"
         assert again.stop() == 0
-        slow.join(20)
+        slow.join(30)
         assert results == [200]
         wait_for(lambda: is_gone(worker), timeout=10, what="the killed balancer's worker gone")
         again = Balancer(tmp_path / "again2", routes(backend), env=env)
