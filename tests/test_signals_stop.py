@@ -207,9 +207,9 @@ def test_sigterm_while_the_start_up_check_waits_stops_at_once(tmp_path):
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-@pytest.mark.slow(40)
+@pytest.mark.slow(25)
 def test_sigterm_at_any_point_of_the_start_under_load_stops_the_balancer(tmp_path):
-    """SIGTERM sent at 24 points of the start (the interpreter starting, imports, the
+    """SIGTERM sent at 8 points of the start (the interpreter starting, imports, the
     start-up check, binding, forking the children, children starting; up to 1.2 times
     as long as a start takes) with both cores busy: the balancer always ends, leaving
     no process and no run directory (a SIGTERM once seemed lost 0.05 s after the
@@ -229,10 +229,10 @@ def test_sigterm_at_any_point_of_the_start_under_load_stops_the_balancer(tmp_pat
             proc.kill()
             proc.wait(5)
             release(proc)
-        for step in range(24):
+        for step in range(8):
             proc = start(tmp_path, tmpdir)
             try:
-                time.sleep(step * took / 20)  # (the point of the start, not a synchronisation)
+                time.sleep(step * took * 0.15)  # (the point of the start, not a synchronisation)
                 children = set(children_of(proc.pid))
                 proc.send_signal(signal.SIGTERM)
                 codes.append(proc.wait(30))
