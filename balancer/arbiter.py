@@ -6,10 +6,11 @@ missing, replace an older generation one child at a time, kill what
 overstayed its deadline).
 
 Invariants:
-* Signal handlers only queue: the C handler writes the signal number to the
-  wake-up pipe (`signal.set_wakeup_fd`); the loop reads the numbers and acts,
-  once per signal number per turn: a burst of SIGHUPs costs one reload per
-  turn of the loop, and the children converge on the last generation.
+* Signal handlers only queue (`balancer.signal_queue`, installed as `balancer
+  serve` starts); the loop reads the numbers and acts, once per signal number
+  per turn: a burst of SIGHUPs costs one reload per turn of the loop, and the
+  children converge on the last generation. Those that came while the balancer
+  started are acted on before the first child is forked.
 * The arbiter never monkey-patches and never runs a gevent hub; every child
   patches after fork (`balancer.workers`). It freezes its objects before each
   fork (`balancer.preload.freeze`), so the children keep sharing their pages;
@@ -23,6 +24,11 @@ Invariants:
 * Workers beyond `server.workers` (a reload lowered it) are retired only once
   no new worker is starting: their sockets' connections are then taken by
   the workers that serve those slots from now on.
+* A worker that drains on its own (a signal sent to it, not to the arbiter)
+  says so on its report pipe, and is replaced at once, as a reload replaces it.
+* During a graceful stop, SIGQUIT or a second SIGTERM/SIGINT stops at once; the
+  line that says so, with the connections the workers cut, comes once every
+  child is gone.
 * A child of an older generation is told to drain only after its
   replacement reported ready; during a reload at most one replacement is
   starting at a time.
@@ -56,6 +62,7 @@ from balancer.listening import Listeners
 from balancer.preload import PreloadError, freeze, needed, preload
 from balancer.privileges import Identity
 from balancer.settings import Settings, SettingsError
+from balancer.signal_queue import SignalQueue
 from balancer.startup import (
     RunDirKeeper,
     check_in_child,
@@ -66,8 +73,10 @@ from balancer.startup import (
     remake_run_dir,
 )
 from balancer.workers import (
-    ARBITER_SIGNALS,
     BOOT_ERROR,
+    CUT,
+    DRAINING,
+    READY,
     ChildEnv,
     ManagementChild,
     fork_child,
@@ -84,7 +93,6 @@ RETIRE = signal.SIGUSR2  # to a child a reload replaced: drain, keep held reques
 KILL_MARGIN = 2.0   # seconds past a draining child's own `graceful` before SIGKILL
 QUIT_GRACE = 1.0    # seconds children get after SIGQUIT before SIGKILL
 TICK = 1.0          # longest wait of the main loop
-HANDLED = ARBITER_SIGNALS  # (a child resets them: `balancer.workers.enter_child`)
 
 
 @dataclass
@@ -95,14 +103,27 @@ class Child:
     slot: int
     generation: int
     pid: int
-    ready_fd: int | None
+    report_fd: int | None  # its report pipe (`balancer.workers.tell_arbiter`) until EOF
     graceful: float
     ready: bool = False
     draining: bool = False
     kill_at: float = NEVER
+    unread: bytes = b""    # the start of a report line not read whole yet
 
     def __str__(self) -> str:
         return f"{self.kind} {self.pid}"
+
+
+@dataclass
+class Cut:
+    """A graceful stop cut short (SIGQUIT, a second SIGTERM or SIGINT): what the
+    last line says once every child is gone."""
+
+    why: str
+    after: float          # seconds into the graceful stop
+    workers: int          # still draining then
+    connections: int = 0  # cut, as the workers said (`balancer.workers.CUT`)
+    said: int = 0         # workers that said
 
 
 @dataclass(frozen=True)
@@ -119,7 +140,7 @@ class Arbiter:
     """Keeps `server.workers` proxy workers and one management process running."""
 
     def __init__(self, settings: Settings, bound: Bound, management: ManagementChild,
-                 reload_settings: Callable[[], Settings] | None = None,
+                 signals: SignalQueue, reload_settings: Callable[[], Settings] | None = None,
                  announce: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.bound = bound
@@ -130,9 +151,11 @@ class Arbiter:
         self.children: dict[int, Child] = {}
         self.backoff = Backoff()
         self.state = RUNNING
+        self.graceful_since: float | None = None  # a graceful stop began then
+        self.cut: Cut | None = None
         self.exit_code = 0
         self.has_been_ready = False
-        self.wake_r, self.wake_w = os.pipe()
+        self.signals = signals
         self.told_dropped = 0  # process log lines dropped, as `write_status` last wrote
         self.run_dir = RunDirKeeper(bound.run_dir)
         self.merging = False  # `server.merge_pages` as last applied (`mark_pages`)
@@ -142,15 +165,21 @@ class Arbiter:
         """Run until stopped; the exit code of `balancer serve`."""
         processlog.install()  # from here stderr never blocks the process (start-up is over)
         try:
-            self.install_signals()
             log.info("arbiter %d: starting %d worker(s)", os.getpid(),
                      self.settings.effective_workers())
+            for signum in dict.fromkeys(self.signals.take()):  # (came while it started)
+                self.handle(signum)
             self.manage()
             while self.state != STOPPED:
+                signals, reporting = self.wait(self.next_timeout())
                 # a signal repeated while the loop was busy acts once (a SIGHUP storm
-                # is one reload per turn, not one per signal)
-                for signum in dict.fromkeys(self.wait(self.next_timeout())):
+                # is one reload per turn, not one per signal); before the children's
+                # reports of the same turn: a worker draining because the whole tree
+                # was signalled is not replaced
+                for signum in dict.fromkeys(signals):
                     self.handle(signum)
+                for child in reporting:
+                    self.take_reports(child)
                 self.reap()
                 self.manage()
                 made = self.state == RUNNING and self.run_dir.keep(self.children.values())
@@ -160,24 +189,16 @@ class Arbiter:
         finally:
             processlog.drain()  # the last lines (why it stopped), within EXIT_WAIT
 
-    def install_signals(self) -> None:
-        for fd in (self.wake_r, self.wake_w):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        for signum in HANDLED:
-            signal.signal(signum, _queued)
-
-    def wait(self, timeout: float) -> list[int]:
-        """Signals queued meanwhile; "ready" messages of children are taken in passing."""
-        starting = {c.ready_fd: c for c in self.children.values() if c.ready_fd is not None}
-        readable, _, _ = select.select([self.wake_r, *starting], [], [], timeout)
-        signals: list[int] = []
-        for fd in readable:
-            if fd == self.wake_r:
-                signals.extend(_drain(fd))
-            else:
-                self.on_ready_message(starting[fd])
-        return signals
+    def wait(self, timeout: float) -> tuple[list[int], list[Child]]:
+        """Signals queued meanwhile, and the children whose report pipe has lines."""
+        pipes = {c.report_fd: c for c in self.children.values() if c.report_fd is not None}
+        wake = self.signals.read_fd
+        readable, _, _ = select.select([wake, *pipes], [], [], timeout)
+        # read whether or not select saw it: a signal that came as select returned
+        # (a report readable) ran its handler then. Bug: a SIGTERM sent to the whole
+        # tree was taken a turn after a worker's report that it drains, and the
+        # arbiter replaced that worker, taking it for one signalled alone
+        return self.signals.take(), [pipes[fd] for fd in readable if fd != wake]
 
     def next_timeout(self) -> float:
         """Until the next thing `manage` has to do on time (at most `TICK`)."""
@@ -188,7 +209,10 @@ class Arbiter:
 
     def handle(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
-            self.stop(graceful=True, why=signal.Signals(signum).name)
+            # a second one cuts the graceful stop short (Ctrl-C twice, as gunicorn,
+            # uvicorn, Traefik and Caddy); systemd sends one and waits
+            again = self.graceful_since is not None
+            self.stop(graceful=not again, why=signal.Signals(signum).name)
         elif signum == signal.SIGQUIT:
             self.stop(graceful=False, why="SIGQUIT")
         elif signum == signal.SIGHUP and self.state == RUNNING:
@@ -201,18 +225,50 @@ class Arbiter:
                         "docs/operations.md#signals)")
 
     # children ------------------------------------------------------------------
-    def on_ready_message(self, child: Child) -> None:
-        message = read_pipe(child.ready_fd)
-        os.close(child.ready_fd)
-        child.ready_fd = None
-        if message:  # empty: it died before it was ready (reaped next)
-            child.ready = True
-            log.info("%s ready (slot %d, generation %d)", child, child.slot, child.generation)
-            self.write_status()
-            if not self.has_been_ready and all(c.ready for c in self.children.values()):
-                self.has_been_ready = True
-                if self.announce is not None:
-                    self.announce()
+    def take_reports(self, child: Child, exited: bool = False) -> None:
+        """Act on the lines `child` wrote to its report pipe; at its end (the child
+        exited), close it. `exited`: read to the end (the pipe is non-blocking)."""
+        for _ in range(64 if exited else 1):  # (a child writes a few lines in its life)
+            data = read_pipe(child.report_fd) if child.report_fd is not None else b""
+            if not data:
+                if child.report_fd is not None:
+                    os.close(child.report_fd)
+                    child.report_fd = None
+                return
+            *lines, child.unread = (child.unread + data).split(b"\n")
+            for line in lines:
+                self.on_report(child, line.split())
+
+    def on_report(self, child: Child, words: list[bytes]) -> None:
+        if words == [READY]:
+            self.on_ready(child)
+        elif words == [DRAINING]:
+            self.on_draining(child)
+        elif len(words) == 2 and words[0] == CUT and words[1].isdigit() and self.cut:
+            self.cut.connections += int(words[1])
+            self.cut.said += 1
+
+    def on_ready(self, child: Child) -> None:
+        child.ready = True
+        log.info("%s ready (slot %d, generation %d)", child, child.slot, child.generation)
+        self.write_status()
+        if not self.has_been_ready and all(c.ready for c in self.children.values()):
+            self.has_been_ready = True
+            if self.announce is not None and self.state == RUNNING:
+                self.announce()
+
+    def on_draining(self, child: Child) -> None:
+        """A worker drains that the arbiter did not ask to: a signal sent straight
+        to it (`kill PID`, `pkill`). Its replacement starts now, as a reload's
+        does, not once it has exited. Bug: the connections the kernel gave its
+        socket meanwhile waited for the drain to end (1.4-1.9 s, up to
+        `timeouts.graceful` with a slow request in flight)."""
+        if child.draining or child.kind != WORKER or self.state != RUNNING:
+            return  # (the arbiter asked; or it stops)
+        child.draining = True
+        child.kill_at = time.monotonic() + child.graceful + KILL_MARGIN
+        log.warning("%s drains on its own (a signal sent to it, not to the arbiter); "
+                    "starting its replacement now", child)
 
     def reap(self) -> None:
         while True:
@@ -227,8 +283,7 @@ class Arbiter:
                 self.on_exit(child, os.waitstatus_to_exitcode(status))
 
     def on_exit(self, child: Child, code: int) -> None:
-        if child.ready_fd is not None:
-            os.close(child.ready_fd)
+        self.take_reports(child, exited=True)  # (what it said last, a `CUT` above all)
         with contextlib.suppress(OSError):
             os.unlink(control_path(self.bound.run_dir, child.pid))
         how = f"exited with code {code}" if code >= 0 else \
@@ -262,6 +317,7 @@ class Arbiter:
         self.kill_overdue()
         if self.state == STOPPING and not self.children:
             self.state = STOPPED
+            self.tell_cut()
         if self.state != RUNNING:
             return
         wanted = self.settings.effective_workers()
@@ -291,6 +347,7 @@ class Arbiter:
 
     def spawn(self, kind: str, slot: int) -> None:
         ready_r, ready_w = os.pipe()
+        os.set_blocking(ready_r, False)  # read at its exit: what it wrote, then EOF
         env = self.child_env(ready_w, (ready_r,))
         flush_std()
         self.mark_pages()
@@ -344,8 +401,8 @@ class Arbiter:
 
     def arbiter_fds(self) -> tuple[int, ...]:
         """Descriptors only the arbiter uses (a child closes them)."""
-        starting = (c.ready_fd for c in self.children.values() if c.ready_fd is not None)
-        return (self.wake_r, self.wake_w, *starting)
+        pipes = (c.report_fd for c in self.children.values() if c.report_fd is not None)
+        return (*self.signals.fds, *pipes)
 
     def drain(self, child: Child, signum: int = RETIRE) -> None:
         """Ask a child to finish what it serves and exit: retired by a reload
@@ -405,25 +462,44 @@ class Arbiter:
         self.write_status()
 
     def stop(self, graceful: bool, why: str) -> None:
-        """Stop accepting and stop every child: drained (graceful) or at once."""
-        if self.state != RUNNING and graceful:
-            return
-        first = self.state == RUNNING
-        self.state = STOPPING
-        self.bound.listeners.close()
-        self.bound.management.close()
+        """Stop accepting and stop every child: drained (graceful) or at once; at
+        once also cuts a graceful stop short."""
+        if self.state != RUNNING and (graceful or self.graceful_since is None):
+            return  # (stopping now already)
+        if self.state == RUNNING:
+            self.state = STOPPING
+            self.bound.listeners.close()
+            self.bound.management.close()
+        now = time.monotonic()
         if graceful:
-            log.info("%s: stopping gracefully (up to %.0f s)", why,
-                     self.settings.timeouts.graceful)
+            self.graceful_since = now
+            log.info("%s: stopping gracefully (up to %.0f s; SIGQUIT, or %s again, "
+                     "stops now)", why, self.settings.timeouts.graceful, why)
             for child in self.children.values():
                 self.drain(child, signal.SIGTERM)
-                child.kill_at = min(child.kill_at, time.monotonic() + child.graceful)
+                child.kill_at = min(child.kill_at, now + child.graceful)
+            return
+        if self.graceful_since is not None:
+            workers = sum(c.kind == WORKER for c in self.children.values())
+            self.cut = Cut(why, now - self.graceful_since, workers)
+            self.graceful_since = None
         else:
-            if first:
-                log.info("%s: stopping now", why)
-            self.signal_all(signal.SIGQUIT)
-            for child in self.children.values():
-                child.kill_at = min(child.kill_at, time.monotonic() + QUIT_GRACE)
+            log.info("%s: stopping now", why)
+        self.signal_all(signal.SIGQUIT)
+        for child in self.children.values():
+            child.kill_at = min(child.kill_at, now + QUIT_GRACE)
+
+    def tell_cut(self) -> None:
+        """The line of a graceful stop cut short, once every child is gone."""
+        cut = self.cut
+        if cut is None:
+            return
+        unsaid = cut.workers - cut.said
+        log.warning("%s during the graceful stop: cut short after %.1f s (of up to %.0f s); "
+                    "%d connection(s) cut in %d worker(s) still draining%s", cut.why,
+                    cut.after, self.settings.timeouts.graceful, cut.connections,
+                    cut.workers, f" ({unsaid} of them exited without saying how many)"
+                    if unsaid else "")
 
     def write_status(self) -> None:
         """The arbiter's state for `/api/v1/info` (`DIR/arbiter.json`, replaced whole)."""
@@ -442,14 +518,3 @@ class Arbiter:
                 json.dump(status, out)
             os.replace(path + ".tmp", path)
 
-
-def _queued(signum: int, frame: Any) -> None:
-    """The Python-level handler does nothing: the wake-up pipe already holds `signum`."""
-
-
-def _drain(fd: int) -> list[int]:
-    data = b""
-    with contextlib.suppress(BlockingIOError):
-        while chunk := os.read(fd, 256):
-            data += chunk
-    return list(data)

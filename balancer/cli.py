@@ -25,8 +25,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="Every setting, with its config key, environment variable and default: "
                "docs/settings.md in the source tree (an annotated config file: "
                "examples/balancer.toml). Signals: SIGHUP re-reads the settings, SIGTERM "
-               "and SIGINT stop gracefully, SIGQUIT stops now, SIGUSR1 reopens the "
-               "access log (docs/operations.md#signals).")
+               "and SIGINT stop gracefully (a second one, or SIGQUIT, stops now), "
+               "SIGUSR1 reopens the access log (docs/operations.md#signals).")
     serve.add_argument("--config", metavar="FILE", default=None,
                        help="TOML config file [env BALANCER_CONFIG]")
     add_flags(serve)
@@ -64,9 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"balancer: {problem}", file=sys.stderr)
         return 2
+    from balancer.signal_queue import SignalQueue
+
+    # before anything is made or anything slow runs: from here a signal waits for the
+    # arbiter (until here, nothing to undo: its default action ends the process)
+    signals = SignalQueue()
     from balancer.serve import serve
 
     def reload_settings() -> Settings:  # SIGHUP: the same flags, env and config file
         return load_settings(flag_values(args), config_path=args.config)
 
-    return serve(settings, reload_settings)
+    return serve(settings, signals, reload_settings)

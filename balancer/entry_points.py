@@ -11,9 +11,10 @@ arbiter loads each `Target` by name (`load`), as
 `importlib.metadata.EntryPoint.load` does.
 
 Invariants:
-* Only at start, before the arbiter runs a thread or installs a signal
-  handler: the child runs nothing but the look-up and leaves through
-  `os._exit` (no `atexit`, no buffered output written twice).
+* Only at start, before the arbiter runs a thread: the child forgets the
+  arbiter's signal queue (`balancer.signal_queue.forget`), runs nothing but the
+  look-up and leaves through `os._exit` (no `atexit`, no buffered output
+  written twice). A stop asked for meanwhile ends the wait for it.
 * A failed look-up (the child's error, or no answer within `TIMEOUT`) is a
   `LookupError` that names the reason; nothing is guessed.
 """
@@ -30,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from balancer.signal_queue import forget, held
 from balancer.startup import flush_std, wait_for_exit
 
 TIMEOUT = 30.0  # seconds the child may take to scan the installed packages
@@ -50,10 +52,12 @@ def look_up(groups: Iterable[str]) -> dict[str, tuple[Target, ...]]:
     wanted = tuple(groups)
     read_fd, write_fd = os.pipe()
     flush_std()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
-        _answer(write_fd, wanted)
+    with held():
+        pid = os.fork()
+        if pid == 0:
+            forget()
+            os.close(read_fd)
+            _answer(write_fd, wanted)
     os.close(write_fd)
     deadline = time.monotonic() + TIMEOUT
     try:

@@ -5,27 +5,45 @@ its run directory in ``$TMPDIR`` (`balancer.serve.make_run_dir`): 2.3 MiB of a
 tmpfs, memory, for good. So the arbiter locks a file there (`hold`) on a
 descriptor every child inherits: the lock is free only once the arbiter and every
 child of it are gone, draining workers included. A starting balancer removes the
-directories of its own user whose lock is free (`sweep`); a directory without
-the file (made by another version, or being made) is left alone.
+directories of its own user whose lock is free (`sweep`).
+
+A directory without the lock file (made by a version before it, 2026-12-07; or
+one being made: the lock comes after the privilege drop) is removed only when it
+is provably nobody's (`_unused`): mode 0700, nothing in it but the files a
+balancer makes (regular files and sockets of known names), its arbiter's status
+(`arbiter.json`, written once the arbiter runs) naming a pid that no longer
+exists, and no process holding a descriptor, a mapping or a bound socket there.
 
 Invariants:
 * The lock file appears under its name already locked (made under another
   name, locked, then renamed), so a sweep never takes a starting balancer's.
-* Only directories named ``balancer-*`` that this user owns are looked at.
+* Only directories named ``balancer-*`` that this user owns are looked at;
+  symbolic links, FIFOs and anything unknown leave a directory alone, and so
+  does any doubt (a file that cannot be read, no ``/proc``).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
+import re
 import shutil
 import stat
+from collections.abc import Iterable
 
 log = logging.getLogger("balancer")
 
 LOCK = "alive.lock"
 PREFIX = "balancer-"
+STATUS = "arbiter.json"  # `balancer.arbiter.STATUS_FILE` (not imported: the arbiter imports this)
+# every name a balancer makes in its run directory, with its writers' temporary files
+KNOWN = re.compile(r"(arbiter\.json|history\.json(\.\d+)?|run\.lock|alive\.lock\.new"
+                   r"|limits\.shm(\.\d+(\.reclaimed)?)?|last-good-[0-9a-f]+\.json"
+                   r"|retired-(\d+-\d+(\.held)?|total)\.json|(worker|certs-management)-\d+\.sock"
+                   r"|\.last-good-[0-9a-f]+\.json\.\w+)(\.tmp)?")
+MAX_STATUS = 1 << 16  # bytes of `STATUS` read at most
 
 
 def hold(run_dir: str) -> int:
@@ -43,25 +61,46 @@ def sweep(run_dir: str) -> list[str]:
     parent = os.path.dirname(run_dir)
     removed: list[str] = []
     try:
-        entries = list(os.scandir(parent))
+        entries = [e for e in os.scandir(parent)
+                   if e.name.startswith(PREFIX) and e.path != run_dir and _mine(e)]
     except OSError:
         return removed
-    for entry in entries:
-        if entry.name.startswith(PREFIX) and entry.path != run_dir and _left(entry):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
+    unlocked = [e.path for e in entries if not _has_lock(e.path) and _unused(e.path)]
+    if unlocked:  # (one look at every process, for all of them)
+        held = _held_paths()
+        unlocked = [p for p in unlocked if held is not None and not _within(held, p)]
+    for path in [*(e.path for e in entries if _left(e)), *unlocked]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     if removed:
         log.info("removed %d run director%s left by balancers that were killed: %s",
                  len(removed), "y" if len(removed) == 1 else "ies", ", ".join(removed))
     return removed
 
 
-def _left(entry: os.DirEntry[str]) -> bool:
-    """Whether `entry` is this user's run directory and its lock is free."""
+def _mine(entry: os.DirEntry[str]) -> bool:
+    """A directory (not a link to one) of this user."""
     try:
-        if not entry.is_dir(follow_symlinks=False) or \
-                entry.stat(follow_symlinks=False).st_uid != os.geteuid():
-            return False
+        return entry.is_dir(follow_symlinks=False) and \
+            entry.stat(follow_symlinks=False).st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+def _has_lock(path: str) -> bool:
+    """Whether something is named `LOCK` in `path` (a balancer's, or a doubt)."""
+    try:
+        os.lstat(os.path.join(path, LOCK))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _left(entry: os.DirEntry[str]) -> bool:
+    """Whether `entry`'s lock is free."""
+    try:
         # (no wait for a writer: a FIFO of that name, which no balancer makes, is
         # left alone. Bug: opening one waited there, and the balancer never started)
         fd = os.open(os.path.join(entry.path, LOCK),
@@ -77,3 +116,89 @@ def _left(entry: os.DirEntry[str]) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def _unused(path: str) -> bool:
+    """Whether unlocked run directory `path` is a balancer's whose arbiter is gone:
+    mode 0700, only known names of regular files and sockets, all of this user,
+    and an arbiter status naming a pid that no process has now. (A pid reused
+    since keeps it: a doubt.) Whether a child still holds it: `_held_paths`."""
+    uid = os.geteuid()
+    try:
+        if stat.S_IMODE(os.lstat(path).st_mode) != 0o700:
+            return False
+        for entry in os.scandir(path):
+            info = entry.stat(follow_symlinks=False)
+            if not KNOWN.fullmatch(entry.name) or info.st_uid != uid or \
+                    not (stat.S_ISREG(info.st_mode) or stat.S_ISSOCK(info.st_mode)):
+                return False
+        pid = _arbiter_pid(os.path.join(path, STATUS))
+    except OSError:
+        return False
+    return pid is not None and not os.path.exists(f"/proc/{pid}")
+
+
+def _arbiter_pid(status: str) -> int | None:
+    """The pid of the arbiter's status file (a regular file), None when unreadable."""
+    fd = os.open(status, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, MAX_STATUS)
+    finally:
+        os.close(fd)
+    try:
+        pid = json.loads(text).get("pid")
+    except (ValueError, AttributeError):
+        return None
+    return pid if type(pid) is int and pid > 0 else None
+
+
+def _held_paths() -> set[str] | None:
+    """Every path a process has open (descriptors, mappings) or a socket bound to,
+    as far as this user can see (every process, as root); None without ``/proc``."""
+    held: set[str] = set()
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+        with open("/proc/net/unix", "rb") as table:
+            held.update(_socket_paths(table))
+    except OSError:
+        return None
+    for pid in pids:
+        held.update(_open_paths(f"/proc/{pid}"))
+    return held
+
+
+def _socket_paths(table: Iterable[bytes]) -> list[str]:
+    """The paths of ``/proc/net/unix``'s bound sockets."""
+    paths = []
+    for line in table:
+        fields = line.split(maxsplit=7)
+        if len(fields) == 8 and fields[7].startswith(b"/"):
+            paths.append(os.fsdecode(fields[7].rstrip(b"\n")))
+    return paths
+
+
+def _open_paths(proc: str) -> list[str]:
+    """The paths process `proc` (``/proc/PID``) has open or mapped (none once gone)."""
+    paths = []
+    try:
+        for fd in os.listdir(f"{proc}/fd"):
+            try:
+                paths.append(os.readlink(f"{proc}/fd/{fd}"))
+            except OSError:
+                continue
+        with open(f"{proc}/maps", "rb") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6:
+                    paths.append(os.fsdecode(fields[5].rstrip(b"\n")))
+    except OSError:
+        pass
+    return paths
+
+
+def _within(held: set[str], directory: str) -> bool:
+    """Whether any held path is in `directory` (" (deleted)" ones too)."""
+    prefix = directory.rstrip("/") + "/"
+    return any(path.startswith(prefix) for path in held)

@@ -43,6 +43,7 @@ from balancer.preload import (
 )
 from balancer.privileges import Identity, PrivilegeError, drop_privileges, resolve
 from balancer.settings import BY_NAME, Settings
+from balancer.signal_queue import SignalQueue, stop_asked
 from balancer.startup import check_in_child
 from balancer.stores.urls import redact_url
 from balancer.workers import ManagementChild
@@ -98,9 +99,11 @@ def listener_addresses(settings: Settings) -> list[tuple[Address, str]]:
             + [(a, "tls") for a in settings.tls.listen])
 
 
-def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> int:
+def serve(settings: Settings, signals: SignalQueue,
+          reload_settings: Callable[[], Settings] | None = None) -> int:
     """Run the arbiter until SIGTERM/SIGINT/SIGQUIT; the process exit code.
 
+    `signals` were queued since the command started (`balancer.signal_queue`);
     `reload_settings` re-reads the same flags, environment and config file
     (SIGHUP)."""
     logging.basicConfig(level=settings.log.level.upper(), format=LOG_FORMAT)
@@ -114,14 +117,16 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
         found = look_up((MANAGEMENT_GROUP, *gevent_plugin_groups()))
         management_child = load_management(found[MANAGEMENT_GROUP])
     except LookupError as exc:
-        return fail(str(exc), 1)
+        return stopped() if stop_asked() else fail(str(exc), 1)  # (the wait ended)
     resolve_gevent_plugins(found)
     dropping = identity is not None and os.geteuid() == 0
     try:
         preload(needed(settings, management_child.modules, dropping))
     except PreloadError as exc:
         return fail(str(exc), 1)
-    problem = check_in_child(settings, identity)
+    problem = check_in_child(settings, identity, signals.fds)
+    if stop_asked():  # (it ended the check's wait: nothing is bound or forked yet)
+        return stopped()
     if problem is not None:
         return fail(problem[1], problem[0])
     slots = slot_count(settings.effective_workers(), settings.server.reuseport)
@@ -139,7 +144,7 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
             leftovers.hold(run_dir)  # the descriptor stays open: the children inherit it
         leftovers.sweep(run_dir)
         bound = Bound(listeners, management, run_dir, identity if dropped else None)
-        return Arbiter(settings, bound, management_child, reload_settings,
+        return Arbiter(settings, bound, management_child, signals, reload_settings,
                        lambda: announce(settings, listeners, management, limits)).run()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -219,6 +224,12 @@ def make_run_dir(identity: Identity | None) -> str:
         with contextlib.suppress(OSError):
             os.chown(path, identity.uid, identity.gid)
     return path
+
+
+def stopped() -> int:
+    """A stop signal came while a start-up step waited: nothing to undo yet."""
+    print("balancer: stopped by a signal before it started", file=sys.stderr)
+    return 0
 
 
 def fail(message: str, code: int) -> int:

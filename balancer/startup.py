@@ -29,6 +29,7 @@ from typing import Any
 from balancer.control import control_path, run_dir_problem
 from balancer.privileges import Identity
 from balancer.settings import Settings
+from balancer.signal_queue import stop_asked
 from balancer.workers import ChildEnv, fork_child, run_check
 
 log = logging.getLogger("balancer")
@@ -80,9 +81,11 @@ def check_in_child(settings: Settings, identity: Identity | None,
 
 
 def wait_for_exit(pid: int, timeout: float) -> int:
-    """The exit code of child `pid`; killed (and 1) if it takes longer than `timeout`."""
+    """The exit code of child `pid`; killed (and 1) if it takes longer than `timeout`
+    or a stop is asked for meanwhile (a store that does not answer must not hold
+    `SIGTERM` for 30 s)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop_asked():
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)

@@ -1,36 +1,38 @@
-"""``--version`` of `balancer` and `balancerctl`: the installed package's version.
+"""``--version`` of `balancer` and `balancerctl`: the version of the code that runs.
 
-Looked up only when the flag is given: `importlib.metadata` (and what it imports)
-stays out of every other run, the arbiter's above all (`balancer.entry_points`)."""
+``balancer.__version__`` and the directory it was imported from, as ``pip
+--version`` says it: a checkout run with ``PYTHONPATH`` beside an installed
+package tells which of the two answers. Bug: it printed the installed package's
+version (`importlib.metadata`) whatever code ran, so a deploy script checking
+what runs was told the installed one."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-PACKAGE = "balancer"
+import balancer
 
 
-def installed_version() -> str:
-    """The version pip installed ("not installed" for a checkout run from its sources)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(PACKAGE)
-    except PackageNotFoundError:
-        return "not installed"
+def running_version() -> str:
+    """``VERSION from DIR (python X.Y)``: the running code's version and where it is."""
+    where = os.path.dirname(os.path.abspath(balancer.__file__ or "."))
+    return f"{balancer.__version__} from {where} (python {sys.version_info[0]}." \
+           f"{sys.version_info[1]})"
 
 
 class VersionAction(argparse.Action):
-    """``--version``: print ``PROG VERSION`` and exit 0, as argparse's own does."""
+    """``--version``: print ``PROG VERSION from DIR (python X.Y)`` and exit 0."""
 
     def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
                  **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="print the version and exit")
+                         help="print the version of the running code, where it is, and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> NoReturn:
-        print(f"{parser.prog} {installed_version()}")
+        print(f"{parser.prog} {running_version()}")
         parser.exit()

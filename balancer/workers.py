@@ -12,15 +12,17 @@ handlers, monkey-patches, then builds its own objects (store connection,
 Invariants:
 * A child leaves only through `os._exit`: it never returns into the
   arbiter's stack, and never runs the arbiter's `finally`/`atexit` code.
-* A child reports "ready" (one byte on its ready pipe) only once it accepts
-  on the inherited sockets with its routing table loaded.
+* A child reports `READY` (a line on its report pipe, open for its life) only
+  once it accepts on the inherited sockets with its routing table loaded; then
+  `DRAINING` when it stops accepting, whoever sent the signal.
 * A failure while starting exits with `BOOT_ERROR` after printing one
   ``balancer: ...`` line; the arbiter treats it as bad input, not a crash.
 * Signals: SIGTERM/SIGINT stop: drain gracefully and answer held requests
   503 at once (also when the arbiter is gone); SIGUSR2 retires a child that
   a reload replaced: it drains the same way but keeps its held requests
   until their rule changes (a SIGTERM during that drain still answers them);
-  SIGQUIT exits at once (even mid-drain), SIGUSR1 reopens the access log,
+  SIGQUIT exits at once (even mid-drain; a worker tells the arbiter how many
+  connections it cut), SIGUSR1 reopens the access log,
   SIGHUP (`startup.REBIND`, from the arbiter only: one sent to the arbiter is a
   reload) binds the child's sockets in the run directory again, which the
   arbiter made again after it was deleted.
@@ -46,6 +48,7 @@ from typing import Any, NoReturn
 from balancer import processlog
 from balancer.privileges import Identity, PrivilegeError, assert_dropped, drop_privileges
 from balancer.settings import Settings
+from balancer.signal_queue import forget, held
 
 log = logging.getLogger("balancer")
 
@@ -53,14 +56,10 @@ BOOT_ERROR = 3
 PARENT_CHECK = 1.0  # seconds between checks that the arbiter is still there
 STOP_MARGIN = 0.5  # a worker stops this much before the arbiter's `graceful` deadline
 GC_THRESHOLDS = (20000, 20, 100)  # gc.set_threshold in a proxy worker (see `tune_gc`)
-# what the arbiter handles (`balancer.arbiter`); a child stops (default action) or
-# ignores them until it installs its own (`enter_child`). SIGUSR2 retires a child
+# what the arbiter handles (`balancer.signal_queue`); a child stops (default action)
+# or ignores them until it installs its own (`enter_child`). SIGUSR2 retires a child
 # (`wait_for_stop`); the arbiter ignores it, saying so (its default action killed
 # the arbiter: an operator used to HAProxy's reload or nginx's upgrade sends it)
-STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                    signal.SIGUSR2)
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
-ARBITER_SIGNALS = (*STOPPING_SIGNALS, *IGNORED_SIGNALS)
 
 
 class BootError(Exception):
@@ -129,26 +128,16 @@ def fork_child(body: Callable[[ChildEnv], int], env: ChildEnv) -> int:
     same pipe, inherited): the SIGHUP that `startup.RunDirKeeper` sends every
     child reached a worker forked in the same turn of the loop (one restarted),
     and the arbiter took it as its own and reloaded, replacing every child."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ARBITER_SIGNALS)
-    try:
+    with held():
         pid = os.fork()
         if pid == 0:
             child_main(body, env)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return pid
 
 
 def enter_child(env: ChildEnv) -> None:
     """Forget the arbiter's signal handling and descriptors, then monkey-patch."""
-    signal.set_wakeup_fd(-1)
-    for sig in STOPPING_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-    for sig in IGNORED_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)  # until the child installs its own
-    # blocked since before the fork (`fork_child`): one that came meanwhile acts now
-    # as set above (a SIGTERM stops the child, a SIGHUP is dropped)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, ARBITER_SIGNALS)
+    forget()  # (a SIGTERM that came since the fork stops the child, a SIGHUP is dropped)
     for fd in env.inherited_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -162,19 +151,36 @@ def enter_child(env: ChildEnv) -> None:
         raise BootError(str(exc)) from None
 
 
+# what a child tells the arbiter, one line each, on its report pipe (`ChildEnv.ready_fd`,
+# open for the child's life: its end of file is the child's exit)
+READY = b"ready"        # it serves
+DRAINING = b"draining"  # it stops accepting: told to, or signalled directly
+CUT = b"cut"            # ``cut N``: a worker stopping now (SIGQUIT) cuts N connections
+
+
+def tell_arbiter(env: ChildEnv, *words: object) -> None:
+    """One line to the arbiter. Never blocks for long: a few bytes per child's life in a
+    pipe the arbiter reads at every turn; with the arbiter gone the write fails."""
+    line = b" ".join(w if isinstance(w, bytes) else str(w).encode() for w in words)
+    with contextlib.suppress(OSError):
+        os.write(env.ready_fd, line + b"\n")
+
+
 def report_ready(env: ChildEnv) -> None:
-    os.write(env.ready_fd, b"R")
-    os.close(env.ready_fd)
+    tell_arbiter(env, READY)
 
 
 def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
                   release: Callable[[], None] | None = None,
-                  rebind: Callable[[], None] | None = None) -> None:
+                  rebind: Callable[[], None] | None = None,
+                  connections: Callable[[], int] | None = None) -> None:
     """Block until the child must drain: SIGTERM/SIGINT, SIGUSR2 (retired by a
-    reload), or the arbiter is gone. `release` (answer held requests) runs on
+    reload), or the arbiter is gone; then tell the arbiter (`DRAINING`: one
+    signalled directly is replaced at once). `release` (answer held requests) runs on
     every stop but a retirement, also one that comes during the drain; `rebind`
     on SIGHUP (the run directory made again), also during the drain, and once
-    as its handler is in place."""
+    as its handler is in place. SIGQUIT exits at once, telling the arbiter how
+    many `connections` it cuts (a worker's)."""
     import gevent
     from gevent.event import Event
 
@@ -188,7 +194,12 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
     gevent.signal_handler(signal.SIGTERM, stop_for_good)
     gevent.signal_handler(signal.SIGINT, stop_for_good)
     gevent.signal_handler(signal.SIGUSR2, stop.set)
-    gevent.signal_handler(signal.SIGQUIT, os._exit, 0)
+    def quit_now() -> None:
+        if connections is not None:
+            tell_arbiter(env, CUT, connections())
+        os._exit(0)
+
+    gevent.signal_handler(signal.SIGQUIT, quit_now)
     if reopen is not None:
         gevent.signal_handler(signal.SIGUSR1, reopen)
     if rebind is not None:
@@ -208,6 +219,7 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
     watcher = gevent.spawn(parent_loop)
     stop.wait()
     watcher.kill(block=False)
+    tell_arbiter(env, DRAINING)
 
 
 def open_child_store(settings: Settings, strict: bool = True) -> Any:
@@ -246,7 +258,8 @@ def run_worker(env: ChildEnv, listeners: list[tuple[Any, str]]) -> int:
     tune_gc()
     report_ready(env)
     log.info("worker %d serving routing version %d", os.getpid(), worker.holder.table.version)
-    wait_for_stop(env, worker.access_log.reopen, worker.release_held, control.rebind)
+    wait_for_stop(env, worker.access_log.reopen, worker.release_held, control.rebind,
+                  lambda: worker.stats.open_connections)
     graceful = settings.timeouts.graceful
     worker.stop(max(graceful - STOP_MARGIN, graceful / 2))
     retire(env.run_dir, worker, control)

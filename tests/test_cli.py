@@ -111,12 +111,33 @@ def test_default_store_created_empty(tmp_path):
 
 @pytest.mark.parametrize("module, prog", [("balancer", "balancer"),
                                           ("management.ctl", "balancerctl")])
-def test_version_prints_the_installed_version(module, prog):
+def test_version_prints_the_running_codes_version_and_where_it_is(tmp_path, module, prog):
     """`--version`, as `haproxy -v`, `nginx -v` and `traefik version` answer it (a bug
-    report, a deploy script checking what runs); the lookup costs the arbiter nothing."""
-    from importlib.metadata import version
+    report, a deploy script checking what runs), of the code that runs: a source tree
+    run with PYTHONPATH beside the installed package. Bug: it printed the installed
+    package's version whatever ran; the lookup costs the arbiter nothing."""
+    import shutil
 
+    for package in ("balancer", "management"):
+        shutil.copytree(ROOT / package, tmp_path / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "balancer" / "__init__.py").write_text('__version__ = "9.8.7"\n')
     done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
-                          text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert (done.returncode, done.stdout, done.stderr) == (0, f"{prog} {version('balancer')}\n",
-                                                           "")
+                          text=True, timeout=30, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0, f"{prog} 9.8.7 from {tmp_path / 'balancer'} (python {python})\n", "")
+
+
+def test_the_packages_version_is_balancers_own():
+    """pyproject.toml takes the version from `balancer.__version__` (one source)."""
+    import tomllib
+
+    import balancer
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "balancer.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", balancer.__version__)

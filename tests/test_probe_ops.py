@@ -263,7 +263,7 @@ def test_run_directories_left_by_killed_balancers_are_removed_at_the_next_start(
         killed = Balancer(tmp_path / "killed", routes(backend), env=env)
         [left] = run_dirs(tmpdir) - mine - {foreign.name}
         [worker] = wait_workers(killed, 1)
-        slow = threading.Thread(target=lambda: request(killed.port, path="/slow?s=4",
+        slow = threading.Thread(target=lambda: request(killed.port, path="/slow?s=10",
                                                        host=HOST, timeout=20))
         slow.start()
         wait_for(lambda: killed.host_stats(HOST).get("open_requests") == 1,
@@ -273,7 +273,7 @@ def test_run_directories_left_by_killed_balancers_are_removed_at_the_next_start(
         again = Balancer(tmp_path / "again1", routes(backend), env=env)
         assert left in run_dirs(tmpdir), "its worker still drains"
         assert again.stop() == 0
-        slow.join(20)
+        slow.join(30)
         wait_for(lambda: is_gone(worker), timeout=10, what="the killed balancer's worker gone")
         again = Balancer(tmp_path / "again2", routes(backend), env=env)
         assert left not in run_dirs(tmpdir)
