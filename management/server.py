@@ -19,7 +19,7 @@ Invariants (SPEC §5: "header timeout, connection cap, body limits"):
   connections in exactly that state), so an operator's request gets in
   however many half-sent requests are open; when every connection is inside
   a request, the new one is closed. The cap fits the descriptor limit
-  (`connection_cap`) and one connection is accepted per turn of the loop, so
+  (`api_connection_cap`) and one connection is accepted per turn of the loop, so
   a flood of connections displaces rather than running out of descriptors.
 * A head that frames its body ambiguously (`framing_problem`) is answered
   400 and the connection closed, as a malformed one.
@@ -209,7 +209,7 @@ class ManagementHandler(RawTargetHandler):
             timer.close()
 
 
-def connection_cap(limit: int, reserved: int) -> int:
+def api_connection_cap(limit: int, reserved: int) -> int:
     """The management connections a descriptor `limit` leaves room for, beside the
     `reserved` ones. Bug: under `ulimit -n 64` the cap was 0, so every connection
     (`/healthz` and `balancerctl` too) was closed unanswered."""
