@@ -21,7 +21,7 @@ import pytest
 
 from tests.support import ROOT, Balancer, request, wait_for
 from tests.test_descriptors import require_prlimit
-from tests.test_process import info
+from tests.test_process import children_of, info, wait_workers
 
 HOST = "app.test"
 TOKEN = "probe-operator-token-0123456789"
@@ -173,6 +173,46 @@ def test_under_ulimit_n_64_a_flood_of_half_sent_requests_leaves_the_api_answerin
         assert len(info(bal)["processes"]) == 2
         out = bal.output()
         assert "Traceback" not in out and "Too many open files" not in out
+    finally:
+        for sock in held:
+            sock.close()
+        bal.stop()
+
+
+@pytest.mark.parametrize("which", ["management", "worker"])
+def test_a_descriptor_limit_lowered_under_a_running_process_rests_its_accepts_quietly(
+        tmp_path, backend, which):
+    """`prlimit --pid=PID --nofile=40` on a running process, then a flood: gevent
+    logged a traceback for every accept that ran out (26 in 2 s); the management
+    API, its cap sized for the old limit, answered no operator until the flood
+    timed out, and a worker's control socket logged the same tracebacks."""
+    prlimit = require_prlimit()
+    bal = Balancer(tmp_path, routes(backend))
+    held: list[socket.socket] = []
+    try:
+        workers = set(wait_workers(bal, 1))
+        management = next(pid for pid in children_of(bal.proc.pid) if pid not in workers)
+        target, port = ((management, bal.mport) if which == "management"
+                        else (next(iter(workers)), bal.port))
+        subprocess.run([prlimit, f"--pid={target}", "--nofile=40:40"], check=True, timeout=10)
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Slow: ")
+            held.append(sock)
+        # the operator gets in (a head displaced), and the worker is asked
+        assert bal.api("GET", "/healthz") == (200, {"status": "ok"})
+        wait_for(lambda: "failed: Too many open files;" in bal.output(), timeout=15,
+                 what="the accept that ran out to be told")
+        if which == "worker":  # its control socket: asked, out of descriptors too
+            bal.api("GET", "/api/v1/stats")
+        for sock in held:
+            sock.close()
+        held.clear()
+        wait_for(lambda: request(bal.port, host=HOST)[0] == 200, timeout=20,
+                 what="the proxy after the flood")
+        assert bal.api("GET", "/api/v1/stats")[0] == 200
+        assert "failed with OSError" not in bal.output()
+        assert bal.output().count("failed: Too many open files;") <= 2  # once per episode
     finally:
         for sock in held:
             sock.close()
