@@ -72,6 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     from balancer.serve import serve
 
     def reload_settings() -> Settings:  # SIGHUP: the same flags, env and config file
-        return load_settings(flag_values(args), config_path=args.config)
+        return load_settings(flag_values(args), config_path=args.config, reloading=True)
 
     return serve(settings, signals, reload_settings)

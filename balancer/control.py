@@ -151,7 +151,8 @@ class ControlServer:
     def _listen(self) -> Any:
         """A server on a socket newly bound at `path` (its inode noted: `rebind`)."""
         from gevent.pool import Pool
-        from gevent.server import StreamServer
+
+        from balancer.resting import RestingServer
 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket of a recycled pid
@@ -164,7 +165,7 @@ class ControlServer:
             listener.close()
             raise
         self.bound = (info.st_dev, info.st_ino)
-        return StreamServer(listener, self.handle, spawn=Pool(16))
+        return RestingServer(listener, self.handle, spawn=Pool(16))
 
     def start(self) -> None:
         self.server.start()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 
@@ -65,6 +66,7 @@ FOREIGN_ENV = frozenset({"BALANCER_URL", "BALANCER_TOKEN", CONFIG_ENV})
 # the descriptors ran out, and the error blamed server.listen; a few thousand forked
 # that many processes.
 MAX_WORKERS = 1024
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KiB
 # `dns.hold`'s most: RFC 8767 suggests 1 to 3 days for a resolver's stale answers;
 # a proxy that goes on connecting to a name the DNS no longer has wants far less
 DAY = 86400.0
@@ -344,6 +346,7 @@ def load_settings(
     flags: Mapping[str, object] | None = None,
     env: Mapping[str, str] | None = None,
     config_path: str | None = None,
+    reloading: bool = False,
 ) -> Settings:
     """Build ``Settings`` with precedence flag > env > file > default.
 
@@ -351,12 +354,14 @@ def load_settings(
     not given. A string is parsed like an env value; other values must have the
     config-file type (a list of strings for address lists). ``env`` defaults to
     ``os.environ``. The config file is ``config_path``, else ``$BALANCER_CONFIG``,
-    else none; a file named either way must exist. Raises ``SettingsError``.
+    else none; a file named either way must exist. ``reloading`` (SIGHUP) refuses
+    an empty file: one caught while it is being written. Raises ``SettingsError``.
     """
     env = os.environ if env is None else env
     path = config_path or env.get(CONFIG_ENV, "")
     problems: list[str] = []
-    given = [*_from_defaults(), *_from_file(path, problems), *_from_env(env, problems),
+    given = [*_from_defaults(), *_from_file(path, problems, reloading),
+             *_from_env(env, problems),
              *_from_flags(flags or {}, problems)]
     chosen: dict[str, tuple[object, str]] = {}
     for item in given:  # later sources override earlier ones
@@ -409,10 +414,10 @@ def _from_defaults() -> Iterator[_Given]:
         yield _Given(setting, setting.default, "default", is_text=False)
 
 
-def _from_file(path: str, problems: list[str]) -> Iterator[_Given]:
+def _from_file(path: str, problems: list[str], reloading: bool) -> Iterator[_Given]:
     if not path:
         return
-    data = _read_toml(path, problems)
+    data = _read_toml(path, problems, reloading)
     for section, table in data.items():
         if section not in SECTIONS and not isinstance(table, dict):
             problems.append(_outside_sections(section, path))
@@ -436,23 +441,64 @@ def _outside_sections(key: str, path: str) -> str:
     return f"{key} ({path}): a setting outside any section; write it under {where}"
 
 
-def _read_toml(path: str, problems: list[str]) -> dict:
+def _read_toml(path: str, problems: list[str], reloading: bool) -> dict:
     # imported here: an arbiter started without a config file never holds the
     # TOML parser (its memory is mapped by every child; docs/performance.md)
     import tomllib
 
+    text = _config_text(path, problems)
+    if text is None:
+        return {}
+    if reloading and not text.strip():
+        # Bug: a SIGHUP that came while an editor or `cat >` had just truncated
+        # the file reloaded every default: the token dropped, the workers changed.
+        problems.append(f"config file {path}: empty (caught while it is being written?); "
+                        "a reload takes a whole file: a comment line alone to go back "
+                        "to every default")
+        return {}
     try:
-        with open(path, "rb") as file:
-            return tomllib.load(file)
-    except FileNotFoundError:
-        problems.append(f"config file {path}: not found")
-    except IsADirectoryError:
-        problems.append(f"config file {path}: is a directory")
-    except OSError as exc:
-        problems.append(f"config file {path}: cannot read: {exc.strerror or exc}")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         problems.append(f"config file {path}: invalid TOML: {exc}")
     return {}
+
+
+def _config_text(path: str, problems: list[str]) -> str | None:
+    """The file's text, or None with the problem noted. Only a regular file of at
+    most `MAX_CONFIG_BYTES` is read, opened without blocking. Bug: a FIFO held the
+    arbiter's reload (and its stop) until something wrote to it, and `/dev/zero`
+    grew it without bound: a SIGTERM then went unanswered."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        problems.append(f"config file {path}: not found")
+        return None
+    except OSError as exc:
+        problems.append(f"config file {path}: cannot read: {exc.strerror or exc}")
+        return None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            problems.append(f"config file {path}: " + (
+                "is a directory" if stat.S_ISDIR(mode) else
+                "not a regular file (a FIFO, a socket or a device); name the file itself"))
+            return None
+        with open(fd, "rb", closefd=False) as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        problems.append(f"config file {path}: cannot read: {exc.strerror or exc}")
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        problems.append(f"config file {path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; "
+                        "not a config file")
+        return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        problems.append(f"config file {path}: invalid TOML: {exc}")
+        return None
 
 
 def _from_env(env: Mapping[str, str], problems: list[str]) -> Iterator[_Given]:

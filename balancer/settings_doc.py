@@ -43,7 +43,14 @@ from, e.g.
 Settings are read once at start and again on `SIGHUP`
 ([operations.md](operations.md#signals)); every listen address,
 `server.reuseport`, `server.user` and `server.group` need a restart (a reload
-that changes one logs a warning and keeps the running value).
+that changes one logs a warning and keeps the running value). The config file
+is a regular file of at most 1 MiB: a FIFO, a socket, a device (`/dev/zero`)
+or a larger file in its place is a bad setting, at start and on a reload,
+never waited on or read whole. A reload that finds the file empty (an editor
+or `cat >` caught between truncating and writing it) keeps the running
+settings; a file of only a comment gives every default. So does a reload that
+would leave the management API on a non-loopback address (kept until a
+restart) without `management.token`.
 
 Value forms: an `ADDR` is `host:port`, `[v6]:port` or `:port` (every IPv4
 interface, as `0.0.0.0:port`; an IPv6 address listens for IPv6 alone, so

@@ -28,7 +28,7 @@ from typing import Any
 
 from balancer.control import control_path, run_dir_problem
 from balancer.privileges import Identity
-from balancer.settings import Settings
+from balancer.settings import Settings, SettingsError
 from balancer.signal_queue import stop_asked
 from balancer.workers import ChildEnv, fork_child, run_check
 
@@ -40,7 +40,8 @@ REBIND_WINDOW = 10.0  # seconds after the run directory is made again: workers c
 
 def keep_bound(old: Settings, new: Settings) -> Settings:
     """`new`, with what a reload cannot change (every listen address, reuseport,
-    user, group) kept from `old`."""
+    user, group) kept from `old`; `SettingsError` if that leaves the management
+    API beyond loopback without a token."""
     fixed = {"server.listen": (old.server.listen, new.server.listen),
              "server.internal_listen": (old.server.internal_listen, new.server.internal_listen),
              "server.reuseport": (old.server.reuseport, new.server.reuseport),
@@ -57,6 +58,13 @@ def keep_bound(old: Settings, new: Settings) -> Settings:
                      reuseport=old.server.reuseport,
                      user=old.server.user, group=old.server.group)
     management = replace(new.management, listen=old.management.listen)
+    if not management.listen.is_loopback and not management.token:
+        # Bug: a file without the token (and so the listen address too: a file
+        # caught half-written, an edit back to loopback) reloaded the kept address
+        # with no token, the API open to the network (SPEC §5).
+        raise SettingsError([f"management.token: empty, but the management API keeps "
+                             f"listening on {management.listen} (a restart changes that), "
+                             "not a loopback address; set management.token"])
     tls = replace(new.tls, listen=old.tls.listen)
     return replace(new, server=server, management=management, tls=tls)
 

@@ -44,7 +44,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     from management.history import FILE_NAME as HISTORY_FILE
     from management.history import History
     from management.mirror import Mirror
-    from management.server import MAX_CONNECTIONS, ManagementServer
+    from management.server import ManagementServer, api_connection_cap
 
     settings = env.settings
     store = open_child_store(settings, strict=False)
@@ -65,7 +65,7 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     hosts = HostPolicy(sock.getsockname()[0], settings.management.allowed_hosts)
     api = ManagementServer(sock, Guard(app, hosts), settings.timeouts,
                            settings.limits.max_header_bytes,
-                           min(MAX_CONNECTIONS, soft_limit() - RESERVED))
+                           api_connection_cap(soft_limit(), RESERVED))
     api.start()
     app.deployer.start_watching()  # resumes deploys a stopped process handed over
     sampler = gevent.spawn(history_loop, history, runtime)

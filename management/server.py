@@ -18,7 +18,11 @@ Invariants (SPEC §5: "header timeout, connection cap, body limits"):
   connection that has waited longest for a request head (slowloris holds
   connections in exactly that state), so an operator's request gets in
   however many half-sent requests are open; when every connection is inside
-  a request, the new one is closed.
+  a request, the new one is closed. The cap fits the descriptor limit
+  (`api_connection_cap`) and one connection is accepted per turn of the loop, so
+  a flood of connections displaces rather than running out of descriptors;
+  an accept that runs out all the same (a limit lowered by `prlimit` since)
+  displaces one too, or rests (`balancer.resting`), never a traceback.
 * A head that frames its body ambiguously (`framing_problem`) is answered
   400 and the connection closed, as a malformed one.
 * Refused or malformed requests never log a traceback.
@@ -37,11 +41,13 @@ from gevent import Timeout, getcurrent
 from gevent.pool import Pool
 from gevent.pywsgi import MAX_REQUEST_LINE, Input, WSGIHandler, WSGIServer
 
+from balancer.resting import RestingServer
 from management.http import MAX_BODY, ApiError, error_bytes, error_response
 
 log = logging.getLogger("balancer")
 
 MAX_CONNECTIONS = 256  # management connections per process
+MIN_CONNECTIONS = 16  # kept however low the descriptor limit: the operator gets in
 # what reading a request head raises for a client's fault (`refusal`)
 CLIENT_ERRORS = (ValueError, OSError, http.client.HTTPException)
 
@@ -206,10 +212,21 @@ class ManagementHandler(RawTargetHandler):
             timer.close()
 
 
-class ManagementServer(WSGIServer):
-    """gevent's WSGI server with `ManagementHandler` and the connection cap."""
+def api_connection_cap(limit: int, reserved: int) -> int:
+    """The management connections a descriptor `limit` leaves room for, beside the
+    `reserved` ones. Bug: under `ulimit -n 64` the cap was 0, so every connection
+    (`/healthz` and `balancerctl` too) was closed unanswered."""
+    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, limit - reserved))
+
+
+class ManagementServer(RestingServer, WSGIServer):
+    """gevent's WSGI server with `ManagementHandler` and the connection cap; out of
+    descriptors, it displaces a connection waiting for its head before it rests."""
 
     handler_class = ManagementHandler
+    # gevent accepts up to 100 before any runs `handle`: a flood then ran out of
+    # descriptors (a traceback each time) where it should have displaced
+    max_accept = 1
 
     def __init__(self, sock: Any, app: Any, timeouts: Any, max_header_bytes: int,
                  max_connections: int = MAX_CONNECTIONS) -> None:
@@ -228,6 +245,12 @@ class ManagementServer(WSGIServer):
         handler = self.handler_class(sock, address, self)
         self.open.add(handler)
         handler.handle()
+
+    remedy = ("closing the connection that has waited longest for a request head at "
+              "each accept (or pausing accepts for 0.5 s at a time when none waits)")
+
+    def make_room(self) -> bool:
+        return self.displace()
 
     def displace(self) -> bool:
         """Close the connection that has waited longest for a head; False if none does."""
