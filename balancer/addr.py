@@ -148,6 +148,26 @@ def _shorthand_of(host: str) -> str | None:
         return None
 
 
+def full_spelling(text: object) -> str | None:
+    """The backend address `text` written in full when its host is one of inet_aton's
+    short IPv4 forms (``0x7f.1:80`` → ``127.0.0.1:80``, the scheme kept), else None.
+    For tables stored before such forms were refused (`balancer.stores.floors`)."""
+    if not isinstance(text, str):
+        return None
+    scheme = text[:len(HTTPS)] if text[:len(HTTPS)].lower() == HTTPS else ""
+    host, sep, port = text[len(scheme):].rpartition(":")
+    if not sep and scheme:
+        host = text[len(scheme):]
+    if not HOSTNAME.fullmatch(host):
+        return None
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        short = _shorthand_of(host)
+        return None if short is None else f"{scheme}{short}{sep}{port}"
+    return None
+
+
 def _parse_port(text: str, port_text: str, minimum: int) -> int:
     # isdecimal() alone would accept non-ASCII digits; require plain 0-9.
     if not (port_text.isascii() and port_text.isdecimal()) or len(port_text) > 5:

@@ -240,14 +240,18 @@ class Mirror:
     def _note_raised(self, version: int, raised: tuple[Raised, ...]) -> None:
         """A whole table loaded at `version` with these values raised: log them."""
         self.raised = raised
-        if raised:
-            listed = ", ".join(str(r) for r in raised[:RAISED_LOGGED])
-            more = len(raised) - RAISED_LOGGED
+        spelled = [r for r in raised if "backends[" in r.field]
+        floors = [r for r in raised if "backends[" not in r.field]
+        if floors:
             log.warning("routing table version %d: %d stored value(s) below "
-                        "the floor (%s), used raised to it: %s%s. An earlier version stored "
+                        "the floor (%s), used raised to it: %s. An earlier version stored "
                         "them; the API refuses them: write these rules again at or above the "
-                        "floor", version, len(raised), FLOORS, listed,
-                        f" and {more} more" if more > 0 else "")
+                        "floor", version, len(floors), FLOORS, _listed(floors))
+        if spelled:
+            log.warning("routing table version %d: %d stored backend address(es) in a "
+                        "short IPv4 spelling, used written in full: %s. An earlier version "
+                        "stored them; the API refuses them: write these rules again with the "
+                        "addresses in full", version, len(spelled), _listed(spelled))
 
     # the snapshot ----------------------------------------------------------
     def save_loop(self) -> None:
@@ -299,3 +303,10 @@ def log_change(old: TableData | None, new: TableData,
     log.info("routing table version %s -> %d: %d added, %d changed, %d removed%s",
              old.version if old is not None else "none", new.version, len(added),
              len(changed), len(removed), f" ({listed})" if listed else "")
+
+
+def _listed(raised: list[Raised]) -> str:
+    """The first `RAISED_LOGGED` of `raised` for a log line, and how many more."""
+    more = len(raised) - RAISED_LOGGED
+    return ", ".join(str(r) for r in raised[:RAISED_LOGGED]) + \
+        (f" and {more} more" if more > 0 else "")

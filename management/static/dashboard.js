@@ -367,6 +367,15 @@ function currentBanners(now) {
     return [["error", "Certificate store problem.", sentence(certsProblem)]];
   }
   const raised = state.view?.info?.store?.raised;
+  const spelled = raised?.filter((r) => r.field.includes("backends["));
+  if (spelled?.length) {
+    // stored by an earlier version as host names: served as the addresses they spell
+    const listed = spelled.slice(0, 3).map((r) => `${r.host} ${r.stored} → ${r.used}`);
+    const more = spelled.length > 3 ? ` and ${spelled.length - 3} more` : "";
+    return [["warn", "Backend addresses written in full.",
+      "The stored table holds backend addresses in a short IPv4 spelling, used written " +
+      `in full: ${listed.join(", ")}${more}. Write these rules again with the addresses in full.`]];
+  }
   if (raised?.length) {
     // stored by an earlier version below today's floors: served raised to them
     // health.* are seconds, limits.rate requests per second

@@ -1,0 +1,71 @@
+"""A table stored before 2026-12-07 may hold a backend in a short IPv4 spelling
+(``0x7f.1:P``: then a host name, now refused in writes). An upgraded balancer
+serves it, spelled in full, and the other hosts with it (bug: the whole table was
+refused as corrupt, and a balancer started on it served only `no-hosts`)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tests.support import Backend, Balancer, request, wait_for
+
+
+def short(address: str) -> str:
+    """`127.0.0.1:P` spelled as inet_aton reads it too: ``0x7f.1:P``."""
+    host, port = address.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    return f"0x7f.1:{port}"
+
+
+def hosts_with_short(a: Backend, b: Backend) -> dict[str, Any]:
+    return {"app.test": {"action": "proxy", "backends": [a.address]},
+            "old.test": {"action": "proxy", "backends": [short(b.address)]}}
+
+
+def served(bal: Balancer, host: str) -> int:
+    return request(bal.port, host=host)[0]
+
+
+def check_serves(bal: Balancer) -> None:
+    wait_for(lambda: served(bal, "app.test") == 200, what="app.test served")
+    assert served(bal, "old.test") == 200
+    status, info = bal.api("GET", "/api/v1/info")
+    assert status == 200
+    raised = info["store"]["raised"]
+    assert [(r["host"], r["field"]) for r in raised] == [("old.test", "backends[0]")], raised
+    assert info["store"]["problem"] is None, info["store"]
+    status, body = bal.api("GET", "/api/v1/hosts/old.test")
+    assert status == 200, body
+
+
+def test_a_file_store_with_a_short_spelling_still_serves(tmp_path: Path) -> None:
+    a, b = Backend("a"), Backend("b")
+    bal = Balancer(tmp_path, hosts_with_short(a, b))
+    try:
+        check_serves(bal)
+    finally:
+        bal.stop()
+        a.stop()
+        b.stop()
+
+
+def test_a_redis_store_with_a_short_spelling_still_serves(tmp_path: Path,
+                                                          redis_server: Any) -> None:
+    a, b = Backend("a"), Backend("b")
+    namespace = f"short-{uuid.uuid4().hex[:8]}"
+    client = redis_server.client()
+    hosts = hosts_with_short(a, b)
+    client.hset(f"{namespace}:hosts", mapping={h: json.dumps(r) for h, r in hosts.items()})
+    client.set(f"{namespace}:version", "3")
+    bal = Balancer(tmp_path, store=redis_server.url,
+                   config=f'[store]\nnamespace = "{namespace}"\n')
+    try:
+        check_serves(bal)
+    finally:
+        bal.stop()
+        a.stop()
+        b.stop()
+        client.delete(f"{namespace}:hosts", f"{namespace}:version")
