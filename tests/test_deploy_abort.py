@@ -16,7 +16,7 @@ import pytest
 
 from management import ctl
 from tests import test_dashboard
-from tests.support import Backend, Balancer, in_threads, request, wait_for
+from tests.support import Backend, Balancer, constants_prefix, in_threads, request, wait_for
 from tests.test_deploys import HOST, Load, deploy, finished, in_background, proxy, step
 from tests.test_probe_deploy import Scripted, rule_of
 
@@ -584,3 +584,31 @@ def test_the_abort_button_in_chromium_aborts_the_running_deploy(
     assert stored["state"] == "aborted" and stored["abort"]["by"], stored
     assert rule_of(lb) == proxy(a)
     assert logs == []
+
+
+@pytest.mark.slow(8)
+def test_an_abort_refused_past_its_patience_fails_the_deploy_saying_the_switch_stands(
+        tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
+    """The abort's write back refused until `ABORT_PATIENCE` (made 1 s) runs out:
+    the deploy ends failed, saying the switch stands, the new backends serving."""
+    redis = redis_factory()
+    prefix = constants_prefix({"management.deploy_abort.ABORT_PATIENCE": 1.0,
+                               "management.deploys.STORE_PATIENCE": 0.5})
+    lb = on_redis(tmp_path, redis, a, prefix=prefix)
+    try:
+        record = in_warmup(lb, b)
+        redis.client().execute_command("ACL", "SETUSER", "default", "resetkeys", "%R~*",
+                                       "~*deploy*")
+        status, answer = abort(lb)
+        stored = finished(lb, record["id"])
+        after = abort(lb)
+    finally:
+        redis.client().execute_command("ACL", "SETUSER", "default", "allkeys")
+        lb.stop()
+    assert stored["state"] == "failed", stored
+    assert stored["error"].startswith("the abort gave up after 1s: cannot write the rule: "), stored
+    assert "; the switch stands" in stored["error"], stored
+    assert step(stored, "abort")["outcome"] == "failed", stored
+    assert (status, answer["error"]) == (503, "store_unavailable"), answer
+    assert "the abort gave up after 1s" in answer["message"], answer
+    assert (after[0], after[1]["error"]) == (409, "nothing_to_abort"), after
