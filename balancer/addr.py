@@ -156,8 +156,8 @@ def full_spelling(text: object) -> str | None:
         return None
     scheme = text[:len(HTTPS)] if text[:len(HTTPS)].lower() == HTTPS else ""
     host, sep, port = text[len(scheme):].rpartition(":")
-    if not sep and scheme:
-        host = text[len(scheme):]
+    if not sep and scheme:  # https://host: HTTPS's own port
+        host, port = port, ""
     if not HOSTNAME.fullmatch(host):
         return None
     try:

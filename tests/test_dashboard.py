@@ -417,6 +417,24 @@ def test_health_values_raised_from_the_store_are_announced(make_site: Callable[.
     wait_for(browser, lambda d: text_of(d, "#banners") == "", "the banner gone")
 
 
+
+def test_backend_addresses_in_a_short_spelling_are_announced(
+        make_site: Callable[..., Site], browser: Any, tmp_path: Path) -> None:
+    """A table an earlier version stored with a backend spelled ``0x7f.1:P`` is served
+    with it written in full (docs/rules.md): the dashboard says which, until the rule
+    is written again."""
+    port = WEB["backends"][0].rsplit(":", 1)[1]
+    old = {**WEB, "backends": [f"0x7f.1:{port}"]}
+    (tmp_path / "routes.json").write_text(json.dumps({"version": 4,
+                                                      "hosts": {"app.example.com": old}}))
+    site = make_site()
+    open_live(browser, site)
+    banner = wait_for(browser, lambda d: text_of(d, "#banners"), "the spellings banner")
+    assert "Backend addresses written in full" in banner
+    assert f"app.example.com 0x7f.1:{port} → 127.0.0.1:{port}" in banner
+    site.api("PUT", "/api/v1/hosts/app.example.com", WEB)
+    wait_for(browser, lambda d: text_of(d, "#banners") == "", "the banner gone")
+
 RATES_SCRIPT = """
 const done = arguments[arguments.length - 1];
 Promise.all([import("/static/history.js"), import("/static/format.js")]).then(([h, f]) => {

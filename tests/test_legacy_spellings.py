@@ -10,6 +10,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from balancer.addr import full_spelling
+from balancer.rules import validate_table
+from balancer.stores.floors import raise_rule
 from tests.support import Backend, Balancer, request, wait_for
 
 
@@ -39,6 +44,9 @@ def check_serves(bal: Balancer) -> None:
     assert info["store"]["problem"] is None, info["store"]
     status, body = bal.api("GET", "/api/v1/hosts/old.test")
     assert status == 200, body
+    assert body["rule"]["backends"] == [raised[0]["used"]], body
+    assert "1 stored backend address(es) in a short IPv4 spelling, used written in full: " \
+        f"old.test backends[0] {raised[0]['stored']!r} -> {raised[0]['used']!r}" in bal.output()
 
 
 def test_a_file_store_with_a_short_spelling_still_serves(tmp_path: Path) -> None:
@@ -69,3 +77,25 @@ def test_a_redis_store_with_a_short_spelling_still_serves(tmp_path: Path,
         a.stop()
         b.stop()
         client.delete(f"{namespace}:hosts", f"{namespace}:version")
+
+
+@pytest.mark.parametrize("text, full", [
+    ("0x7f.1:80", "127.0.0.1:80"), ("0x7f000001:80", "127.0.0.1:80"),
+    ("https://0x7f.1:8443", "https://127.0.0.1:8443"), ("https://0x10", "https://0.0.0.16"),
+    ("127.0.0.1:80", None), ("app.test:80", None), ("[::1]:80", None), (80, None),
+    ("https://app.test", None)])
+def test_full_spelling(text: object, full: str | None) -> None:
+    assert full_spelling(text) == full
+
+
+def test_every_backend_list_of_a_rule_is_spelled_in_full() -> None:
+    rule: dict[str, Any] = {"action": "proxy", "backends": [{"address": "0x7f.1:81", "weight": 2}, "a.test:80"],
+            "draining": {"backends": ["0x7f.2:82"], "since": 1.0, "warmup": 0}}
+    used, raised = raise_rule("h.test", rule)
+    assert used["backends"] == [{"address": "127.0.0.1:81", "weight": 2}, "a.test:80"]
+    assert used["draining"]["backends"] == ["127.0.0.2:82"]
+    assert [(r.field, r.stored, r.used) for r in raised] == [
+        ("backends[0]", "0x7f.1:81", "127.0.0.1:81"),
+        ("draining.backends[0]", "0x7f.2:82", "127.0.0.2:82")]
+    assert rule["backends"][0] == {"address": "0x7f.1:81", "weight": 2}  # (a copy)
+    assert not validate_table({"h.test": used}, key_form=True)
