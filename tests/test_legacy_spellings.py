@@ -89,8 +89,9 @@ def test_full_spelling(text: object, full: str | None) -> None:
 
 
 def test_every_backend_list_of_a_rule_is_spelled_in_full() -> None:
-    rule: dict[str, Any] = {"action": "proxy", "backends": [{"address": "0x7f.1:81", "weight": 2}, "a.test:80"],
-            "draining": {"backends": ["0x7f.2:82"], "since": 1.0, "warmup": 0}}
+    rule: dict[str, Any] = {
+        "action": "proxy", "backends": [{"address": "0x7f.1:81", "weight": 2}, "a.test:80"],
+        "draining": {"backends": ["0x7f.2:82"], "since": 1.0, "warmup": 0}}
     used, raised = raise_rule("h.test", rule)
     assert used["backends"] == [{"address": "127.0.0.1:81", "weight": 2}, "a.test:80"]
     assert used["draining"]["backends"] == ["127.0.0.2:82"]
