@@ -34,6 +34,14 @@ def served(bal: Balancer, host: str) -> int:
     return request(bal.port, host=host)[0]
 
 
+def serving(bal: Balancer) -> None:
+    """`check_serves`, then `bal` stopped."""
+    try:
+        check_serves(bal)
+    finally:
+        bal.stop()
+
+
 def check_serves(bal: Balancer) -> None:
     wait_for(lambda: served(bal, "app.test") == 200, what="app.test served")
     assert served(bal, "old.test") == 200
@@ -49,33 +57,22 @@ def check_serves(bal: Balancer) -> None:
         f"old.test backends[0] {raised[0]['stored']!r} -> {raised[0]['used']!r}" in bal.output()
 
 
-def test_a_file_store_with_a_short_spelling_still_serves(tmp_path: Path) -> None:
-    a, b = Backend("a"), Backend("b")
-    bal = Balancer(tmp_path, hosts_with_short(a, b))
-    try:
-        check_serves(bal)
-    finally:
-        bal.stop()
-        a.stop()
-        b.stop()
+def test_a_file_store_with_a_short_spelling_still_serves(tmp_path: Path, a: Backend,
+                                                         b: Backend) -> None:
+    serving(Balancer(tmp_path, hosts_with_short(a, b)))
 
 
-def test_a_redis_store_with_a_short_spelling_still_serves(tmp_path: Path,
-                                                          redis_server: Any) -> None:
-    a, b = Backend("a"), Backend("b")
+def test_a_redis_store_with_a_short_spelling_still_serves(
+        tmp_path: Path, redis_server: Any, a: Backend, b: Backend) -> None:
     namespace = f"short-{uuid.uuid4().hex[:8]}"
     client = redis_server.client()
     hosts = hosts_with_short(a, b)
     client.hset(f"{namespace}:hosts", mapping={h: json.dumps(r) for h, r in hosts.items()})
     client.set(f"{namespace}:version", "3")
-    bal = Balancer(tmp_path, store=redis_server.url,
-                   config=f'[store]\nnamespace = "{namespace}"\n')
     try:
-        check_serves(bal)
+        serving(Balancer(tmp_path, store=redis_server.url,
+                         config=f'[store]\nnamespace = "{namespace}"\n'))
     finally:
-        bal.stop()
-        a.stop()
-        b.stop()
         client.delete(f"{namespace}:hosts", f"{namespace}:version")
 
 
