@@ -73,17 +73,16 @@ def _persisting(run: Run, give_up: float, call: Callable[[], T]) -> T:
     while True:
         try:
             done = call()
+            if asked.get("problem"):  # (its save retried with the call, which knows what
+                asked["problem"] = None  # it did: bug, a save failing here ended the deploy
+                run.deployer.save(run.record)  # failed after it had gone back)
+            return done
         except DeployFailed as exc:
             if time.monotonic() >= give_up:
                 raise DeployFailed(f"the abort gave up after {ABORT_PATIENCE:g}s: {exc}; "
                                    f"the switch stands") from None
             run.deployer.trouble(run.record, str(exc))
             run.deployer.pause(ABORT_RETRY)
-            continue
-        if asked.get("problem"):
-            asked["problem"] = None
-            run.deployer.save(run.record)
-        return done
 
 
 def _go_back(run: Run) -> bool:

@@ -16,7 +16,15 @@ import pytest
 
 from management import ctl
 from tests import test_dashboard
-from tests.support import Backend, Balancer, constants_prefix, in_threads, request, wait_for
+from tests.support import (
+    Backend,
+    Balancer,
+    calls,
+    constants_prefix,
+    in_threads,
+    request,
+    wait_for,
+)
 from tests.test_deploys import HOST, Load, deploy, finished, in_background, proxy, step
 from tests.test_probe_deploy import Scripted, rule_of
 
@@ -612,3 +620,38 @@ def test_an_abort_refused_past_its_patience_fails_the_deploy_saying_the_switch_s
     assert (status, answer["error"]) == (503, "store_unavailable"), answer
     assert "the abort gave up after 1s" in answer["message"], answer
     assert (after[0], after[1]["error"]) == (409, "nothing_to_abort"), after
+
+
+@pytest.mark.slow(10)
+def test_an_abort_that_went_back_while_its_record_cannot_be_saved_ends_aborted(
+        tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
+    """The write back is made, then the deploy's record cannot be saved for longer
+    than `STORE_PATIENCE` (made 0.5 s): the abort keeps trying, and ends aborted once
+    the record is taken. Bug: the save that cleared ``abort.problem`` was outside the
+    retried call, so its failure ended the deploy failed (its end unrecorded: the
+    record stayed running, the problem stale) after the rule had gone back."""
+    redis = redis_factory()
+    flag, saves = tmp_path / "saves-fail", tmp_path / "saves"
+    saving = ["balancer.stores.redis_records:RedisRecords.save_deploy"]
+    prefix = constants_prefix({"management.deploys.STORE_PATIENCE": 0.5},
+                              fail=(saving, flag), count=(saving, saves))
+    prefix.insert(1, "FAIL_RAISES=balancer.stores.base:StoreUnavailable")
+    lb = on_redis(tmp_path, redis, a, prefix=prefix)
+    try:
+        record = in_warmup(lb, b)
+        redis.client().execute_command("ACL", "SETUSER", "default", "resetkeys", "%R~*",
+                                       "~*deploy*")
+        assert abort(lb)[0] == 503
+        flag.touch()
+        redis.client().execute_command("ACL", "SETUSER", "default", "allkeys")
+        wait_for(lambda: rule_of_store(redis)["backends"] == [a.address], what="the rule back")
+        before = sum(calls(saves).values())
+        wait_for(lambda: sum(calls(saves).values()) >= before + 8
+                 or "could not be recorded" in lb.output(), timeout=15, what="saves refused")
+        flag.unlink()
+        stored = finished(lb, record["id"], timeout=10)
+    finally:
+        redis.client().execute_command("ACL", "SETUSER", "default", "allkeys")
+        lb.stop()
+    assert stored["state"] == "aborted", stored
+    assert stored["abort"]["problem"] is None, stored
