@@ -150,9 +150,12 @@ def _shorthand_of(host: str) -> str | None:
 
 def full_spelling(text: object) -> str | None:
     """The backend address `text` written in full when its host is one of inet_aton's
-    short IPv4 forms (``0x7f.1:80`` → ``127.0.0.1:80``, the scheme kept), else None.
-    For tables stored before such forms were refused (`balancer.stores.floors`)."""
-    if not isinstance(text, str):
+    short IPv4 forms an earlier version stored as a name, the hexadecimal ones
+    (``0x7f.1:80`` → ``127.0.0.1:80``, the scheme kept), else None: for tables stored
+    before they were refused (`balancer.stores.floors`). The all-digit forms
+    (``127.1``) were refused already. (Checked at every rule's load: the ``x`` test
+    first keeps it to a substring search for every other address.)"""
+    if not isinstance(text, str) or ("x" not in text and "X" not in text):
         return None
     scheme = text[:len(HTTPS)] if text[:len(HTTPS)].lower() == HTTPS else ""
     host, sep, port = text[len(scheme):].rpartition(":")
