@@ -248,10 +248,11 @@ class Mirror:
                         "them; the API refuses them: write these rules again at or above the "
                         "floor", version, len(floors), FLOORS, _listed(floors))
         if spelled:
-            log.warning("routing table version %d: %d stored backend address(es) in a "
-                        "short IPv4 spelling, used written in full: %s. An earlier version "
-                        "stored them; the API refuses them: write these rules again with the "
-                        "addresses in full", version, len(spelled), _listed(spelled))
+            log.warning("routing table version %d: %d stored backend address(es) an "
+                        "earlier version took and the API refuses (a short IPv4 spelling, "
+                        "one server listed twice), used as: %s. Write these rules again with "
+                        "each server once, its address in full", version, len(spelled),
+                        _listed(spelled))
 
     # the snapshot ----------------------------------------------------------
     def save_loop(self) -> None:

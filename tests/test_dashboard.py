@@ -407,7 +407,7 @@ SPELLED = WEB["backends"][0].replace("127.0.0.1", "0x7f.1")  # (a name before 20
 @pytest.mark.parametrize("old, title, line", [
     ({**WEB, "health": {"interval": 0.05}}, "Health check values raised",
      "app.example.com health.interval 0.05 s → 0.1 s"),
-    ({**WEB, "backends": [SPELLED]}, "Backend addresses written in full",
+    ({**WEB, "backends": [SPELLED]}, "Stored backend addresses used otherwise",
      f"app.example.com {SPELLED} → {WEB['backends'][0]}")])
 def test_stored_values_used_otherwise_are_announced(
         make_site: Callable[..., Site], browser: Any, tmp_path: Path, old: dict[str, Any],

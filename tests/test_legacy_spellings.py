@@ -53,8 +53,10 @@ def check_serves(bal: Balancer) -> None:
     status, body = bal.api("GET", "/api/v1/hosts/old.test")
     assert status == 200, body
     assert body["rule"]["backends"] == [raised[0]["used"]], body
-    assert "1 stored backend address(es) in a short IPv4 spelling, used written in full: " \
-        f"old.test backends[0] {raised[0]['stored']!r} -> {raised[0]['used']!r}" in bal.output()
+    line = ("1 stored backend address(es) an earlier version took and the API refuses "
+            "(a short IPv4 spelling, one server listed twice), used as: "
+            f"old.test backends[0] {raised[0]['stored']!r} -> {raised[0]['used']!r}")
+    wait_for(lambda: line in bal.output(), what="the log line")  # (logs are written off-loop)
 
 
 def test_a_file_store_with_a_short_spelling_still_serves(tmp_path: Path, a: Backend,
@@ -98,3 +100,46 @@ def test_every_backend_list_of_a_rule_is_spelled_in_full() -> None:
         ("draining.backends[0]", "0x7f.2:82", "127.0.0.2:82")]
     assert rule["backends"][0] == {"address": "0x7f.1:81", "weight": 2}  # (a copy)
     assert not validate_table({"h.test": used}, key_form=True)
+
+
+def test_one_server_listed_twice_is_merged_with_both_weights() -> None:
+    """Earlier versions compared backends as written: a stored list may hold one
+    server twice (``LOCALHOST:1`` beside ``localhost:1``), which the API now refuses
+    (`backend_identity`); loaded as one entry holding both shares."""
+    rule: dict[str, Any] = {"action": "proxy", "backends": [
+        "localhost:81", {"address": "LOCALHOST:81", "weight": 3}, "https://a.test",
+        "HTTPS://a.test:443", {"address": "[0:0::1]:82", "weight": 999}, "[::1]:82",
+        {"address": "localhost:81", "weight": 0}]}
+    used, raised = raise_rule("h.test", rule)
+    assert used["backends"][:3] == [{"address": "localhost:81", "weight": 4},
+                                    {"address": "https://a.test", "weight": 2},
+                                    {"address": "[0:0::1]:82", "weight": 1000}]
+    assert used["backends"][3] == {"address": "localhost:81", "weight": 0}  # (left invalid)
+    assert [(r.field, r.stored) for r in raised] == [
+        ("backends[1]", "LOCALHOST:81"), ("backends[3]", "HTTPS://a.test:443"),
+        ("backends[5]", "[::1]:82")]
+    assert rule["backends"][0] == "localhost:81"  # (a copy)
+    assert validate_table({"h.test": {**used, "backends": used["backends"][:3]}},
+                          key_form=True) == []
+    plain = {"action": "proxy", "backends": ["a.test:80", "b.test:80"]}
+    assert raise_rule("h.test", plain) == (plain, ())
+
+
+def test_a_file_store_with_one_server_listed_twice_still_serves(
+        tmp_path: Path, a: Backend, b: Backend) -> None:
+    port = a.address.rsplit(":", 1)[1]
+    hosts = {"app.test": {"action": "proxy", "backends": [b.address]},
+             "old.test": {"action": "proxy",
+                          "backends": [f"localhost:{port}", f"LOCALHOST:{port}"]}}
+    bal = Balancer(tmp_path, hosts)
+    try:
+        wait_for(lambda: served(bal, "app.test") == 200, what="app.test served")
+        assert served(bal, "old.test") == 200
+        status, body = bal.api("GET", "/api/v1/hosts/old.test")
+        assert status == 200, body
+        assert body["rule"]["backends"] == [{"address": f"localhost:{port}", "weight": 2}]
+        status, info = bal.api("GET", "/api/v1/info")
+        assert [(r["host"], r["field"]) for r in info["store"]["raised"]] == [
+            ("old.test", "backends[1]")], info["store"]
+    finally:
+        bal.stop()

@@ -10,6 +10,10 @@ sense of (nginx and HAProxy clamp such values). So is a backend address an
 earlier version took as a host name that the system resolver reads as an IPv4
 address (``0x7f.1:80``: `balancer.addr.full_spelling`): loaded written in full
 (``127.0.0.1:80``, where it always connected), not refused with the whole table.
+Backends of one list that are one server spelt two ways (``LOCALHOST:1`` beside
+``localhost:1``, ``https://x`` beside ``https://x:443``: `balancer.rules.backend_identity`),
+which earlier versions stored as two, are loaded as one entry holding both
+weights (the server's share of traffic unchanged).
 
 Invariants:
 * Only a finite number > 0 below its floor is raised; anything else (a string,
@@ -25,8 +29,8 @@ import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from balancer.addr import full_spelling
-from balancer.rules import RULE_FLOORS
+from balancer.addr import AddrError, full_spelling
+from balancer.rules import RULE_FLOORS, backend_identity
 
 
 class Raised(NamedTuple):
@@ -58,16 +62,76 @@ def raise_rule(host: str, rule: Any) -> tuple[Any, tuple[Raised, ...]]:
         if isinstance(part, Mapping) and _below_floor(part.get(key), floor):
             raised.append(Raised(host, f"{section}.{key}", part[key], floor))
             rule = {**rule, section: {**part, key: floor}}
-    backends, found = _spelled_in_full(host, "", rule.get("backends"))
+    backends, found = _loaded_backends(host, "", rule.get("backends"))
     if found:
         rule, raised = {**rule, "backends": backends}, raised + found
     draining = rule.get("draining")
     if isinstance(draining, Mapping):
-        backends, found = _spelled_in_full(host, "draining.", draining.get("backends"))
+        backends, found = _loaded_backends(host, "draining.", draining.get("backends"))
         if found:
             rule, raised = {**rule, "draining": {**draining, "backends": backends}}, \
                 raised + found
     return rule, tuple(raised)
+
+
+def _loaded_backends(host: str, prefix: str, backends: object) -> tuple[Any, list[Raised]]:
+    """`backends` spelt in full (`_spelled_in_full`) and one server's entries merged
+    (`_merged`), and what was changed."""
+    out, raised = _spelled_in_full(host, prefix, backends)
+    if isinstance(out, list) and len(out) > 1 and (raised or _maybe_respelt(out)):
+        out, merged = _merged(host, prefix, out)
+        raised += merged
+    return out, raised
+
+
+def _maybe_respelt(backends: list[Any]) -> bool:
+    """Whether two of `backends` could be one server spelt two ways: a letter in
+    upper case, an IPv6 literal or a scheme (the rest are compared as written, so
+    the common table pays a few string tests a rule at each load, no parsing)."""
+    for entry in backends:
+        text = entry.get("address") if isinstance(entry, Mapping) else entry
+        if isinstance(text, str) and (text != text.lower() or "[" in text or "//" in text):
+            return True
+    return False
+
+
+def _merged(host: str, prefix: str, backends: list[Any]) -> tuple[list[Any], list[Raised]]:
+    """`backends` with each later entry of a server already listed folded into the
+    first (weights added, at most 1,000), and what was. Entries that do not parse
+    are kept for validation to name."""
+    first: dict[str, int] = {}  # identity -> index in out
+    out: list[Any] = []
+    raised: list[Raised] = []
+    for i, entry in enumerate(backends):
+        given = entry.get("address") if isinstance(entry, Mapping) else entry
+        try:
+            identity = backend_identity(given) if isinstance(given, str) else None
+        except AddrError:
+            identity = None
+        if identity is None or identity not in first:
+            if identity is not None:
+                first[identity] = len(out)
+            out.append(entry)
+            continue
+        j = first[identity]
+        weights = (_weight(out[j]), _weight(entry))
+        if None in weights:  # (an invalid weight: left for validation to name)
+            out.append(entry)
+            continue
+        weight = min(1000, sum(w for w in weights if w is not None))
+        kept = out[j]["address"] if isinstance(out[j], Mapping) else out[j]
+        out[j] = {**out[j], "weight": weight} if isinstance(out[j], Mapping) \
+            else {"address": kept, "weight": weight}
+        raised.append(Raised(host, f"{prefix}backends[{i}]", str(given),
+                             f"merged into {kept!r} (weight {weight})"))
+    return out, raised
+
+
+def _weight(entry: Any) -> int | None:
+    """An entry's weight, None when it is not a valid one."""
+    weight = entry.get("weight", 1) if isinstance(entry, Mapping) else 1
+    valid = isinstance(weight, int) and not isinstance(weight, bool) and 1 <= weight <= 1000
+    return weight if valid else None
 
 
 def _spelled_in_full(host: str, prefix: str, backends: object) -> tuple[Any, list[Raised]]:

@@ -369,12 +369,14 @@ function currentBanners(now) {
   const raised = state.view?.info?.store?.raised;
   const spelled = raised?.filter((r) => r.field.includes("backends["));
   if (spelled?.length) {
-    // stored by an earlier version as host names: served as the addresses they spell
+    // stored by an earlier version as host names (served as the addresses they spell),
+    // or one server spelt two ways in one list (served as one entry, weights added)
     const listed = spelled.slice(0, 3).map((r) => `${r.host} ${r.stored} → ${r.used}`);
     const more = spelled.length > 3 ? ` and ${spelled.length - 3} more` : "";
-    return [["warn", "Backend addresses written in full.",
-      "The stored table holds backend addresses in a short IPv4 spelling, used written " +
-      `in full: ${listed.join(", ")}${more}. Write these rules again with the addresses in full.`]];
+    return [["warn", "Stored backend addresses used otherwise.",
+      "The stored table holds backend addresses an earlier version took (a short IPv4 " +
+      `spelling, one server listed twice), used as: ${listed.join(", ")}${more}. ` +
+      "Write these rules again with each server once, its address in full."]];
   }
   if (raised?.length) {
     // stored by an earlier version below today's floors: served raised to them
