@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import ssl
 import time
 from collections.abc import Iterable
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 MIN_RSA_BITS = 2048
 CURVES = ("secp256r1", "secp384r1")
 SOURCES = ("upload", "acme")
+_KEY_BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----")  # `unservable`
 MAX_CHAIN_BYTES = 64 * 1024  # a leaf and its intermediates: a few KiB (`check_size`)
 FACTS_KEPT = 100_000  # chains whose facts `chain_facts` keeps (~300 bytes each)
 _FACTS: dict[bytes, dict[str, Any]] = {}  # sha256 of a chain: its facts
@@ -114,20 +116,28 @@ def unservable(chain_pem: str, key_pem: str) -> str | None:
     reported when the balancer starts, not at its host's first handshake. None
     when it may be served (OpenSSL may still refuse it at the first handshake: a
     key of another certificate, a certificate's text damaged within its block).
-    Never quotes the record."""
+    Judged on what a worker loads (`load_pem`: the key's text, then the chain's),
+    so a bundle in either field is served. Bug: the certificate was looked for
+    in ``chain`` only and the key in ``key`` only: a bundle stored straight into
+    the store (a HAProxy-style ``chain``, an empty ``key``), served until then,
+    was refused at the balancer's next start. Never quotes the record."""
     try:
         check_size(chain_pem)
     except CertificateError as exc:
         return str(exc)
-    if "-----BEGIN ENCRYPTED" in key_pem or "Proc-Type: 4,ENCRYPTED" in key_pem:
-        return "key: the private key is encrypted"
-    for field, text, wanted in (("chain", chain_pem, "CERTIFICATE-----"),
-                                ("key", key_pem, "PRIVATE KEY-----")):
-        if wanted not in text:
-            return f"{field}: no PEM {wanted[:-5].lower()}"
-        last_end = text.rfind("-----END ")
-        if last_end < 0 or text.find("-----BEGIN ", last_end) >= 0:
+    for field, text in (("chain", chain_pem), ("key", key_pem)):
+        last_begin = text.rfind("-----BEGIN ")
+        if last_begin >= 0 and text.find("-----END ", last_begin) < 0:
             return f"{field}: cut short (no END line after its last BEGIN line)"
+    loaded = f"{key_pem}\n{chain_pem}"
+    if "CERTIFICATE-----" not in loaded:
+        return "chain: no PEM certificate"
+    key = _KEY_BEGIN.search(loaded)  # OpenSSL takes the first private key block
+    if key is None:
+        return "key: no PEM private key"
+    if "ENCRYPTED" in key[1] or "Proc-Type: 4,ENCRYPTED" in loaded[
+            key.end():loaded.find("-----END ", key.end())]:
+        return "key: the private key is encrypted"
     return None
 
 

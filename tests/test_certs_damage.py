@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import ssl
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from balancer.control import ask
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, required_tool
 from tests.support import Backend, Balancer, control_socket, replace_file, wait_for
 from tests.test_ctl import ctl, ok
 from tests.test_process import children_of, wait_workers
@@ -391,8 +392,7 @@ def test_records_no_worker_can_serve_stored_before_the_start_are_reported_at_sta
     bad = {host: hostile(kind, host) for host, kind in (
         ("cut.test", "garbage"), ("locked.test", "encrypted key"), ("big.test", "1 MB"),
         ("other.test", "other key"))}
-    swapped = dict(bad["other.test"])
-    bad["swapped.test"] = {"chain": swapped["key"], "key": swapped["chain"]}
+    bad["nocert.test"] = {"chain": good_key, "key": good_key}  # (a bundle may be either)
     path = tmp_path / "routes.json.certs.json"
     path.write_text(json.dumps({"certs": {
         "a.test": {"chain": good_chain, "key": good_key, "not_after": 0, "source": "upload"},
@@ -405,7 +405,7 @@ def test_records_no_worker_can_serve_stored_before_the_start_are_reported_at_sta
             "cut.test": "chain: cut short (no END line after its last BEGIN line)",
             "locked.test": "key: the private key is encrypted",
             "big.test": "chain: 100",
-            "swapped.test": "chain: no PEM certificate"}
+            "nocert.test": "chain: no PEM certificate"}
         for host, reason in reasons.items():
             wait_for(lambda host=host, reason=reason: f"certificate of {host}: the stored "
                      f"certificate cannot be served: {reason}" in bal.output(),
@@ -427,6 +427,69 @@ def test_records_no_worker_can_serve_stored_before_the_start_are_reported_at_sta
         wait_for(lambda: "certificate of a.test: the stored certificate cannot be served: "
                  "chain: cut short" in bal.output(), what="a.test's damage reported")
         all_served_for(bal, context, ("a.test",))  # the certificate loaded before
+        no_key_leaked(bal, listed)
+    finally:
+        bal.stop()
+
+
+OPENSSL_KEYS = {  # how `openssl` writes each kind of key (its PEM text is stored as is)
+    "rsa-pkcs1": ["genrsa", "-traditional", "2048"],  # BEGIN RSA PRIVATE KEY
+    "rsa-pkcs8": ["genpkey", "-algorithm", "RSA"],  # BEGIN PRIVATE KEY
+    "ec-params": ["ecparam", "-name", "prime256v1", "-genkey"],  # EC PARAMETERS, EC PRIVATE KEY
+    "ed25519": ["genpkey", "-algorithm", "ed25519"],
+}
+
+
+def openssl_pair(host: str, kind: str) -> tuple[str, str]:
+    """(chain PEM, key PEM as `openssl` wrote it) of a leaf for `host` by the tests' CA."""
+    from cryptography.hazmat.primitives import serialization
+
+    openssl = required_tool("openssl", "openssl")
+    key_pem = subprocess.run([openssl, *OPENSSL_KEYS[kind]], capture_output=True, check=True,
+                             timeout=60).stdout.decode()
+    key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    chain, _ = CA.issue(host, key=key)
+    return chain, key_pem
+
+
+def test_stored_bundles_every_worker_loads_are_served_not_reported(
+        tmp_path: Path, backend: Backend) -> None:
+    """Records written straight into the store in the layouts a worker loads (its
+    memory file is the key's text, then the chain's: `certificates.load_pem`): a
+    HAProxy-style bundle (certificates then key) in `chain` with an empty `key`,
+    the key then its certificates in `key` with an empty `chain`, the two fields
+    swapped, and CRLF line ends; each kind of key `openssl` writes. Every one is
+    served from the start and none is reported. Bug: `unservable` looked for the
+    certificate only in `chain` and the key only in `key`, so each bundle was a
+    damaged record: a site served until then lost its certificate at the next
+    start of the balancer."""
+    layouts: dict[str, Callable[[str, str], dict[str, str]]] = {
+        "chain-bundle": lambda chain, key: {"chain": chain + key, "key": ""},
+        "key-bundle": lambda chain, key: {"chain": "", "key": key + chain},
+        "swapped": lambda chain, key: {"chain": key, "key": chain},
+        "crlf": lambda chain, key: {"chain": chain.replace("\n", "\r\n"),
+                                    "key": key.replace("\n", "\r\n")},
+    }
+    records = {}
+    for kind in OPENSSL_KEYS:
+        for layout, made in layouts.items():
+            host = f"{layout}.{kind}.test"
+            records[host] = {**made(*openssl_pair(host, kind)), "not_after": 0,
+                             "source": "upload"}
+    path = tmp_path / "routes.json.certs.json"
+    path.write_text(json.dumps({"certs": records}))
+    path.chmod(0o600)
+    bal = Balancer(tmp_path, {h: {"action": "proxy", "backends": [backend.address]}
+                              for h in records}, args=["--tls-listen", "127.0.0.1:0"])
+    try:
+        status, listed = bal.api("GET", "/api/v1/certs")
+        assert status == 200
+        problems = {c["host"]: c.get("problem") or "" for c in listed["certs"]}
+        assert problems.keys() == records.keys()
+        assert [h for h, why in problems.items() if "cannot be served" in why] == []
+        context = client_context(tmp_path)
+        assert [h for h in records if not served(bal, context, h)] == []
+        assert "cannot be served" not in bal.output() and "not served" not in bal.output()
         no_key_leaked(bal, listed)
     finally:
         bal.stop()
