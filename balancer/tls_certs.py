@@ -21,7 +21,9 @@ Invariants:
   full handshake's ~300 µs). A name no record covers builds nothing and keeps nothing.
 * Later updates build each new or changed record at once (the loop polls
   between two, `turn`), as before: one OpenSSL refuses is logged then, and its
-  host keeps the record (and context) served before, if any.
+  host keeps the record (and context) served before, if any. A changed host's
+  context pushed out between two builds and built again at a handshake (of the
+  record served until the swap) is dropped at the swap (`forget_stale`).
 * A record OpenSSL refuses is tried once while it is the same (`failed`) and
   logged once (`problems`); the SNI order then goes on (the wildcard,
   ``tls.default_host``, ``unrecognized_name``).
@@ -144,6 +146,7 @@ class ServedCerts:
         old = self.records
         served: dict[str, Record] = {h: old[h] for h in damaged if h in old}
         problems = {h: why for h, why in self.problems.items() if h in records}
+        built: dict[str, ssl.SSLContext] = {}
         for host, record in records.items():
             known = old.get(host)
             if known is not None and known == record:
@@ -151,14 +154,16 @@ class ServedCerts:
             elif not self.started:
                 served[host] = record
             else:
-                served[host] = self.rebuild(host, record, known, problems)
+                served[host] = self.rebuild(host, record, known, problems, built)
+        self.forget_stale(served, old, built)
         self.swap(served, problems, damaged)
         self.started = True
 
     def rebuild(self, host: str, record: Record, known: Record | None,
-                problems: dict[str, str]) -> Record:
+                problems: dict[str, str], built: dict[str, ssl.SSLContext]) -> Record:
         """The record served from now on for a host whose stored record is new or
-        changed: built now (the record it had before, if any, when OpenSSL refuses it)."""
+        changed: built now (the record it had before, if any, when OpenSSL refuses
+        it), its context noted in `built`."""
         turn()  # many changes: the loop polls (handshakes, requests) between them
         try:
             context = self.load(record)
@@ -170,9 +175,20 @@ class ServedCerts:
                 return record
             return known
         self.contexts.pop(host, None)  # (re-inserted: the newest)
-        self.keep(host, context)
+        built[host] = self.keep(host, context)
         problems.pop(host, None)
         return record
+
+    def forget_stale(self, served: Mapping[str, Record], old: Mapping[str, Record],
+                     built: Mapping[str, ssl.SSLContext]) -> None:
+        """Drop the context of each host whose record changed that is not the one
+        `rebuild` built: pushed out meanwhile (handshakes between two builds) and
+        built again at a handshake, it is of the record served until now. Bug: that
+        host went on serving its replaced certificate."""
+        contexts = self.contexts
+        for host, record in served.items():
+            if record is not old.get(host) and contexts.get(host) is not built.get(host):
+                contexts.pop(host, None)
 
     def swap(self, records: dict[str, Record], problems: dict[str, str],
              damaged: Mapping[str, str]) -> None:

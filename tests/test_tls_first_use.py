@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from balancer import tls_certs
@@ -302,3 +303,46 @@ def test_a_refused_record_is_no_certificate_to_the_fronting_check(
         assert got == "h0.test"
         assert front.certs.matches_sni(got, b"h0.test")
         assert not front.certs.matches_sni(got, name.encode())
+
+
+def served_der(served: Served, sni: str, tmp: Path) -> bytes:
+    """The certificate (DER) a handshake naming `sni` gets."""
+    context = ssl.create_default_context(cafile=str(CA.write(tmp)))
+    context.check_hostname = False
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=sni) as tls:
+        return tls.getpeercert(binary_form=True) or b""
+
+
+def test_a_context_evicted_while_an_update_builds_is_not_built_of_the_old_record(
+        records: dict[str, Any], serve: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While an update builds the changed records (the loop serves handshakes
+    between two: `turn`), handshakes for the other hosts push a changed host's
+    new context out (least recently used) and its next handshake builds it
+    again, of the record served until the update ends: the old one. Once the
+    update ends that host serves its new certificate. Bug: the context built of
+    the old record stayed, and the host served its replaced certificate until
+    that context was pushed out in turn."""
+    front = kept(a_front(), 3)
+    old = {h: records[h] for h in HOSTS[:4]}
+    front.update(old)
+    served = serve(front)
+    for host in HOSTS[:3]:
+        served_der(served, host, tmp_path)
+    new = {**old, **{h: make_record(h, *CA.issue(h)) for h in HOSTS[:2]}}
+    turns: list[int] = []
+
+    def handshakes_meanwhile() -> None:  # what the loop serves at the second turn
+        turns.append(len(turns))
+        if len(turns) == 2:  # h0 rebuilt and kept; h1 next
+            for host in (HOSTS[1], HOSTS[2], HOSTS[3], HOSTS[0]):
+                served_der(served, host, tmp_path)
+
+    monkeypatch.setattr(tls_certs, "turn", handshakes_meanwhile)
+    front.update(new)
+    assert len(turns) == 2
+    for host in HOSTS[:2]:
+        leaf = x509.load_pem_x509_certificate(new[host]["chain"].encode())
+        assert served_der(served, host, tmp_path) == leaf.public_bytes(
+            serialization.Encoding.DER), f"{host}: the replaced certificate served"
