@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import ssl
 import time
 from collections.abc import Iterable
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
 MIN_RSA_BITS = 2048
 CURVES = ("secp256r1", "secp384r1")
 SOURCES = ("upload", "acme")
-_KEY_BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----")  # `unservable`
 MAX_CHAIN_BYTES = 64 * 1024  # a leaf and its intermediates: a few KiB (`check_size`)
 FACTS_KEPT = 100_000  # chains whose facts `chain_facts` keeps (~300 bytes each)
 _FACTS: dict[bytes, dict[str, Any]] = {}  # sha256 of a chain: its facts
@@ -126,19 +124,19 @@ def unservable(chain_pem: str, key_pem: str) -> str | None:
     except CertificateError as exc:
         return str(exc)
     for field, text in (("chain", chain_pem), ("key", key_pem)):
-        last_begin = text.rfind("-----BEGIN ")
-        if last_begin >= 0 and text.find("-----END ", last_begin) < 0:
+        last_end = text.rfind("-----END ")
+        if text.find("-----BEGIN ", max(last_end, 0)) >= 0:
             return f"{field}: cut short (no END line after its last BEGIN line)"
-    loaded = f"{key_pem}\n{chain_pem}"
-    if "CERTIFICATE-----" not in loaded:
+    if "CERTIFICATE-----" not in chain_pem and "CERTIFICATE-----" not in key_pem:
         return "chain: no PEM certificate"
-    key = _KEY_BEGIN.search(loaded)  # OpenSSL takes the first private key block
-    if key is None:
-        return "key: no PEM private key"
-    if "ENCRYPTED" in key[1] or "Proc-Type: 4,ENCRYPTED" in loaded[
-            key.end():loaded.find("-----END ", key.end())]:
-        return "key: the private key is encrypted"
-    return None
+    for text in (key_pem, chain_pem):  # OpenSSL takes the first private key block
+        at = text.find("PRIVATE KEY-----")
+        label = text[text.rfind("\n", 0, at) + 1:at]  # "-----BEGIN RSA ", say
+        if at >= 0 and label.startswith("-----BEGIN "):
+            if "ENCRYPTED" in label or "Proc-Type: 4,ENCRYPTED" in text[at:at + 48]:
+                return "key: the private key is encrypted"
+            return None
+    return "key: no PEM private key"
 
 
 def _check_loads(chain_pem: str, key_pem: str) -> None:
