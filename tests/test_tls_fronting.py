@@ -197,3 +197,36 @@ def test_a_host_is_judged_again_when_the_certificates_change(
         assert [s for s, _ in exchange(bal, "y.wild.test", ["y.wild.test"], tmp_path)] == [200]
     finally:
         bal.stop()
+
+
+def test_one_keep_alive_connection_follows_many_changes(
+        tmp_path: Path, backends: dict[str, Backend]) -> None:
+    """One keep-alive connection made for `x.wild.test` asks for `y.wild.test`
+    while the certificates change many times (other hosts' stored and deleted,
+    the wildcard's own replaced): 200 after each (judged again under each), then
+    421 at its first request once `y.wild.test` has a certificate of its own (a
+    421 ends the connection). Polls with requests on that connection."""
+    bal = start(tmp_path, backends, refuse=True)
+    routes = tmp_path / "routes.json"
+    context = client_context(tmp_path)
+    context.check_hostname = False
+    try:
+        with socket.create_connection(("127.0.0.1", bal.ports["tls"]), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="x.wild.test") as wild:
+            assert request_on(wild, "y.wild.test") == 200
+            for change in range(6):  # the wildcard's replaced, a new host's stored
+                host, sni = [("*.wild.test", "z.wild.test"),
+                             (f"n{change}.test", f"n{change}.test")][change % 2]
+                before = certificate_of(bal, sni, tmp_path) if change % 2 == 0 else b""
+                put_cert(routes, host)
+                wait_for(lambda sni=sni, before=before: handshakes(bal, sni, tmp_path)
+                         and certificate_of(bal, sni, tmp_path) != before,
+                         what=f"change {change} served")
+                assert request_on(wild, "y.wild.test") == 200
+            put_cert(routes, "y.wild.test")
+            wait_for(lambda: handshakes(bal, "y.wild.test", tmp_path) and certificate_of(
+                bal, "y.wild.test", tmp_path) != certificate_of(bal, "z.wild.test", tmp_path),
+                what="y.wild.test's own certificate served")
+            assert request_on(wild, "y.wild.test") == 421
+    finally:
+        bal.stop()
