@@ -688,3 +688,34 @@ def test_an_info_answer_nobody_foresaw_leaves_the_store_followed(
     finally:
         bal.stop()
         relay.close()
+
+
+def test_a_health_check_failure_ends_with_the_check_the_rule_no_longer_asks_for(
+        tmp_path: Path) -> None:
+    """The check of an up backend fails unexpectedly (its ``problem``), then the
+    rule drops ``health``: the backend, still served, is nobody's check any more
+    and shows no problem (bug: the stopped checker left its failure behind, an
+    up backend's problem for good)."""
+    app = scripted("app")
+    flag = tmp_path / "fail"
+    rule = {"action": "proxy", "backends": [app.address]}
+    bal = Balancer(tmp_path, {HOST: {**rule, "health": FAST_CHECKS}}, args=["--workers", "1"],
+                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
+                                           fail=(["balancer.health:read_status"], flag)))
+
+    def backend() -> dict[str, Any]:
+        return bal.host_stats(HOST)["backends"].get(app.address, {})
+
+    try:
+        wait_for(lambda: len(app.checks) >= 1, WAIT, what="checked")  # type: ignore[attr-defined]
+        flag.touch()
+        wait_for(lambda: "failed unexpectedly" in backend().get("problem", ""), WAIT,
+                 what="the failure as the backend's problem")
+        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {HOST: rule}})[0] == 200
+        wait_for(lambda: "problem" not in backend(), WAIT, what="the problem ended")
+        assert backend()["state"] == "up"
+        assert request(bal.port, host=HOST)[0] == 200
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
+        app.stop()
