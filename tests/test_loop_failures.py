@@ -721,3 +721,35 @@ def test_a_health_check_failure_ends_with_the_check_the_rule_no_longer_asks_for(
         flag.unlink(missing_ok=True)
         bal.stop()
         app.stop()
+
+
+def test_a_killed_workers_kept_counters_show_no_problem_on_a_backend_up_again(
+        tmp_path: Path) -> None:
+    """A backend is down (its check answers 500: each worker's ``problem``); a
+    worker is killed then, its counters retired from its last answer. The
+    backend comes up again: its stats show no problem (bug: the retired
+    counters kept the down backend's ``problem``, shown on the up backend for
+    as long as the host existed, once a problem showed whatever the state)."""
+    import signal
+
+    app = scripted("app")
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [app.address],
+                                     "health": FAST_CHECKS}}, args=["--workers", "2"])
+
+    def backend() -> dict[str, Any]:
+        return bal.host_stats(HOST)["backends"].get(app.address, {})
+
+    try:
+        pids = wait_workers(bal, 2)
+        app.sick = True  # type: ignore[attr-defined]
+        wait_for(lambda: "answered 500" in backend().get("problem", ""), WAIT,
+                 what="the backend down, its problem")
+        assert bal.api("GET", "/metrics")[0] == 200  # each worker's answer held
+        os.kill(pids[0], signal.SIGKILL)
+        wait_workers(bal, 2, replacing={pids[0]})
+        app.sick = False  # type: ignore[attr-defined]
+        wait_for(lambda: backend().get("state") == "up", WAIT, what="the backend up again")
+        assert "problem" not in backend(), backend()
+    finally:
+        bal.stop()
+        app.stop()
