@@ -153,16 +153,19 @@ def test_a_health_check_that_fails_unexpectedly_goes_on_checking(tmp_path: Path)
         app.stop()
 
 
+@pytest.mark.parametrize("ended_by", ["a check that works", "the rule without health"])
 def test_a_health_check_failing_unexpectedly_on_a_backend_up_is_its_problem(
-        tmp_path: Path) -> None:
+        tmp_path: Path, ended_by: str) -> None:
     """The same failure while the backend is up: its verdict (up) is kept and the
     failure is the backend's ``problem`` in ``GET /api/v1/stats`` (bug: shown only
     while it was down: an operator saw an up backend nothing checked any more, the
-    failure in one log line), until a check works again."""
+    failure in one log line), until a check works again, or the rule drops
+    ``health`` (bug: the stopped checker left its failure behind, the up backend's
+    problem for good)."""
     app = scripted("app")
     flag = tmp_path / "fail"
-    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [app.address],
-                                     "health": FAST_CHECKS}}, args=["--workers", "1"],
+    rule = {"action": "proxy", "backends": [app.address]}
+    bal = Balancer(tmp_path, {HOST: {**rule, "health": FAST_CHECKS}}, args=["--workers", "1"],
                    prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
                                            fail=(["balancer.health:read_status"], flag)))
 
@@ -176,7 +179,10 @@ def test_a_health_check_failing_unexpectedly_on_a_backend_up_is_its_problem(
         wait_for(lambda: failed in backend().get("problem", ""), WAIT,
                  what="the failure as the backend's problem")
         assert backend()["state"] == "up"
-        flag.unlink()
+        if ended_by == "a check that works":
+            flag.unlink()
+        else:
+            assert bal.api("PUT", "/api/v1/hosts", {"hosts": {HOST: rule}})[0] == 200
         wait_for(lambda: "problem" not in backend(), WAIT, what="the problem ended")
         assert backend()["state"] == "up"
     finally:
@@ -690,37 +696,6 @@ def test_an_info_answer_nobody_foresaw_leaves_the_store_followed(
     finally:
         bal.stop()
         relay.close()
-
-
-def test_a_health_check_failure_ends_with_the_check_the_rule_no_longer_asks_for(
-        tmp_path: Path) -> None:
-    """The check of an up backend fails unexpectedly (its ``problem``), then the
-    rule drops ``health``: the backend, still served, is nobody's check any more
-    and shows no problem (bug: the stopped checker left its failure behind, an
-    up backend's problem for good)."""
-    app = scripted("app")
-    flag = tmp_path / "fail"
-    rule = {"action": "proxy", "backends": [app.address]}
-    bal = Balancer(tmp_path, {HOST: {**rule, "health": FAST_CHECKS}}, args=["--workers", "1"],
-                   prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
-                                           fail=(["balancer.health:read_status"], flag)))
-
-    def backend() -> dict[str, Any]:
-        return bal.host_stats(HOST)["backends"].get(app.address, {})
-
-    try:
-        wait_for(lambda: len(app.checks) >= 1, WAIT, what="checked")  # type: ignore[attr-defined]
-        flag.touch()
-        wait_for(lambda: "failed unexpectedly" in backend().get("problem", ""), WAIT,
-                 what="the failure as the backend's problem")
-        assert bal.api("PUT", "/api/v1/hosts", {"hosts": {HOST: rule}})[0] == 200
-        wait_for(lambda: "problem" not in backend(), WAIT, what="the problem ended")
-        assert backend()["state"] == "up"
-        assert request(bal.port, host=HOST)[0] == 200
-    finally:
-        flag.unlink(missing_ok=True)
-        bal.stop()
-        app.stop()
 
 
 def test_a_killed_workers_kept_counters_show_no_problem_on_a_backend_up_again(
