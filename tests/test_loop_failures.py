@@ -49,6 +49,7 @@ from tests.support import (
     Balancer,
     InProcessWorkers,
     TableStore,
+    calls,
     constants_prefix,
     control_socket,
     more_calls,
@@ -728,3 +729,41 @@ def test_a_killed_workers_kept_counters_show_no_problem_on_a_backend_up_again(
     finally:
         bal.stop()
         app.stop()
+
+
+def test_an_issuer_standing_aside_counts_no_pass(tmp_path: Path) -> None:
+    """An issuer whose step failed `STAND_ASIDE_AFTER` looks in a row stands aside:
+    a table written meanwhile shows in ``passes.table_version`` only once the
+    issuer has looked at it, after standing aside (bug: each pass it skipped was
+    counted, on the version written: "the issuer has looked at that table", and
+    nothing had)."""
+    flag, dues = tmp_path / "fail", tmp_path / "dues"
+    due = ["management.acme_issuer:due"]
+    ca = FakeAcme("ok")
+    bal = Balancer(tmp_path, None, args=["--workers", "1"],  # stands aside 12 s
+                   config=f'[acme]\ndirectory = "{ca.url}"\n',
+                   prefix=constants_prefix({"management.acme_issuer.CHECK_INTERVAL": 5.0},
+                                           fail=(due, flag), count=(due, dues)))
+
+    def passes() -> dict[str, Any]:
+        return bal.api("GET", "/api/v1/acme")[1]["passes"]
+
+    try:
+        flag.touch()
+        hosts = {"app.test": {**STATIC, "tls": "acme"}}
+        for n in range(3):  # each write a look, failing
+            hosts[f"n{n}.test"] = STATIC
+            version = bal.api("PUT", "/api/v1/hosts", {"hosts": hosts})[1]["version"]
+            wait_for(lambda v=version: (passes()["table_version"] or 0) >= v, WAIT,
+                     what=f"a look at version {version}")
+        assert "released the issuer lock, taking none for" in bal.output()
+        looked = sum(calls(dues).values())
+        hosts["late.test"] = STATIC
+        version = bal.api("PUT", "/api/v1/hosts", {"hosts": hosts})[1]["version"]
+        wait_for(lambda: passes()["table_version"] == version, 3 * WAIT,
+                 what="a pass on the version written")
+        assert sum(calls(dues).values()) > looked, "a pass counted, no look taken"
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
+        ca.stop()
