@@ -754,9 +754,10 @@ def test_an_issuer_standing_aside_counts_no_pass(tmp_path: Path) -> None:
         for n in range(3):  # each write a look, failing
             hosts[f"n{n}.test"] = STATIC
             version = bal.api("PUT", "/api/v1/hosts", {"hosts": hosts})[1]["version"]
-            wait_for(lambda v=version: (passes()["table_version"] or 0) >= v, WAIT,
+            wait_for(lambda v=version: (passes()["table_version"] or 0) >= v, 3 * WAIT,
                      what=f"a look at version {version}")
-        assert "released the issuer lock, taking none for" in bal.output()
+        wait_for(lambda: "released the issuer lock, taking none for" in bal.output(), WAIT,
+                 what="the issuer standing aside")
         looked = sum(calls(dues).values())
         hosts["late.test"] = STATIC
         version = bal.api("PUT", "/api/v1/hosts", {"hosts": hosts})[1]["version"]
