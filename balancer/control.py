@@ -525,13 +525,16 @@ def write_retired(directory: str, worker: Any, started: float) -> None:
 
 
 def counters_only(snapshot: dict[str, Any]) -> dict[str, Any]:
-    """`snapshot` with every gauge set to its neutral value for `merge_snapshots`."""
+    """`snapshot` with every gauge set to its neutral value for `merge_snapshots`,
+    and no backend's ``problem`` (bug: kept with the counters of a worker gone,
+    it showed on the backend up again, for as long as its host existed)."""
     snapshot.update(open_connections=0, lingering_connections=0, routing_version=0,
                     store_up=1, last_reload=0.0)
     for host in snapshot.get("hosts", {}).values():
         host.update(open_requests=0, spinning=0)
         for backend in host.get("backends", {}).values():
             backend.update(state="up", in_flight=0, tunnels=0)
+            backend.pop("problem", None)
     return snapshot
 
 

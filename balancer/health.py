@@ -189,8 +189,11 @@ class Checker:
                             config.path, self.problem or "no answer")
 
     def stop(self) -> None:
+        """End the checks: the backend, now nobody's check, keeps neither its
+        verdict nor its check's failure (bug: an up backend's problem for good)."""
         self.stopped = True
         self.backend.checked_down = False
+        self.backend.check_failure = ""
         if self.task is not None:
             self.task.kill(block=False)
 

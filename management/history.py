@@ -251,7 +251,8 @@ class History:
             rings = {k: _unb64("f", v, POINTS * len(SERIES)) for k, v in doc["rings"].items()}
             head, last_time = int(doc["head"]) % POINTS, float(doc["last_time"])
             last = doc.get("last") if doc.get("format") == FORMAT else None
-            last = last if isinstance(last, dict) else {}  # (another format's: a gap)
+            if not isinstance(last, dict):  # (another format's: the next sample a gap;
+                last, last_time = {}, 0.0  # bug: each host's counters from 0, a spike)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False  # (AttributeError: a JSON list or string, not the object saved)
         self.times, self.rings, self.head = times, rings, head

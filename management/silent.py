@@ -63,9 +63,12 @@ class SilentWorkers:
 
     def lagging(self, paths: Iterable[str]) -> list[dict[str, Any]]:
         """``{"pid", "version": None, "reason"}`` for each silent worker of `paths`
-        (every worker listed: the verdicts of the others are forgotten)."""
+        (every worker listed: the verdicts of the others are forgotten, but those of
+        silent ones, their probers' until they go: bug, a listing without a socket,
+        the run directory made again, let an older ask's answer end a newer silence)."""
         listed = list(paths)
-        self.verdicts = {path: self.verdicts[path] for path in listed if path in self.verdicts}
+        self.verdicts = {path: generation for path, generation in self.verdicts.items()
+                         if path in self.silent or path in listed}
         now = time.time()
         return [{"pid": pid_of(path), "version": None,
                  "reason": f"not answering for {now - self.silent[path][0]:.1f}s "

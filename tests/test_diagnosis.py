@@ -649,3 +649,38 @@ def test_durations_are_counted_in_their_buckets_across_runs() -> None:
         assert snapshot["counts"] == list(accumulate(expected))
     assert snapshot["count"] == 707
     assert snapshot["sum"] == pytest.approx(0.302 + 0.8 + 70.0 + 8.0)
+
+
+def test_a_history_file_of_another_format_continues_with_a_gap(tmp_path: Path) -> None:
+    """A history file saved in format 1 (each histogram's counts with their
+    bounds) keeps its points, and the next sample, which has no counters of its
+    own format to subtract, is a gap (bug: subtracted from zero, every host's
+    requests since the balancer started, over one interval, drawn as a spike)."""
+    import json
+
+    from balancer.stats import Stats
+    from management.history import History
+
+    stats = Stats()
+    host = stats.host("a.test")
+    for _ in range(1000):
+        host.open_requests += 1
+        host.finish(200, 0, 10, 0.02)
+    path = tmp_path / "history.json"
+    older = History(str(path))
+    older.sample(stats.snapshot(), 1000.0)
+    older.save()
+    doc = json.loads(path.read_text())
+    doc["format"] = 1  # as a format-1 process wrote it: its counters' buckets
+    doc["last"] = {key: {"completed": c["completed"], "errors": c["errors"],
+                         "buckets": [[0.1, 1000]]} for key, c in doc["last"].items()}
+    path.write_text(json.dumps(doc))
+    history = History(str(path))
+    assert history.load()
+    host.open_requests += 1
+    host.finish(200, 0, 10, 0.02)
+    history.sample(stats.snapshot(), 1005.0)
+    view = history.view(3600, 1005.0)
+    assert view["times"] == [1000.0, 1005.0]
+    assert view["hosts"]["a.test"]["rps"] == [None, None]
+    assert view["total"]["rps"] == [None, None]

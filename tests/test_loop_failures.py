@@ -49,6 +49,7 @@ from tests.support import (
     Balancer,
     InProcessWorkers,
     TableStore,
+    calls,
     constants_prefix,
     control_socket,
     more_calls,
@@ -153,16 +154,19 @@ def test_a_health_check_that_fails_unexpectedly_goes_on_checking(tmp_path: Path)
         app.stop()
 
 
+@pytest.mark.parametrize("ended_by", ["a check that works", "the rule without health"])
 def test_a_health_check_failing_unexpectedly_on_a_backend_up_is_its_problem(
-        tmp_path: Path) -> None:
+        tmp_path: Path, ended_by: str) -> None:
     """The same failure while the backend is up: its verdict (up) is kept and the
     failure is the backend's ``problem`` in ``GET /api/v1/stats`` (bug: shown only
     while it was down: an operator saw an up backend nothing checked any more, the
-    failure in one log line), until a check works again."""
+    failure in one log line), until a check works again, or the rule drops
+    ``health`` (bug: the stopped checker left its failure behind, the up backend's
+    problem for good)."""
     app = scripted("app")
     flag = tmp_path / "fail"
-    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [app.address],
-                                     "health": FAST_CHECKS}}, args=["--workers", "1"],
+    rule = {"action": "proxy", "backends": [app.address]}
+    bal = Balancer(tmp_path, {HOST: {**rule, "health": FAST_CHECKS}}, args=["--workers", "1"],
                    prefix=constants_prefix({"balancer.restarts.RESTART_CAP": 1.0},
                                            fail=(["balancer.health:read_status"], flag)))
 
@@ -176,7 +180,10 @@ def test_a_health_check_failing_unexpectedly_on_a_backend_up_is_its_problem(
         wait_for(lambda: failed in backend().get("problem", ""), WAIT,
                  what="the failure as the backend's problem")
         assert backend()["state"] == "up"
-        flag.unlink()
+        if ended_by == "a check that works":
+            flag.unlink()
+        else:
+            assert bal.api("PUT", "/api/v1/hosts", {"hosts": {HOST: rule}})[0] == 200
         wait_for(lambda: "problem" not in backend(), WAIT, what="the problem ended")
         assert backend()["state"] == "up"
     finally:
@@ -408,6 +415,9 @@ class Unexpirable:
     def deadline(self) -> float:
         raise KeyError("scripted failure")
 
+    def __hash__(self) -> int:
+        return 0  # first in a set's order, before the real connections (made later, by id)
+
 
 def test_one_connection_the_watchdog_cannot_expire_leaves_the_others_expired() -> None:
     """An in-process worker's clients each send half a head; a connection whose
@@ -425,11 +435,10 @@ def test_one_connection_the_watchdog_cannot_expire_leaves_the_others_expired() -
             clients[-1].sendall(get("/")[:-2])  # the head's end never comes
         assert until(lambda: len(w.io.connections) == 4)
         real = set(w.io.connections)
-        for _ in range(20):  # (a set's order: until one comes before a real connection)
-            broken.append(Unexpirable())
-            w.io.connections.add(broken[-1])
-            if not isinstance(list(w.io.connections)[-1], Unexpirable):
-                break
+        broken.append(Unexpirable())
+        w.io.connections.add(broken[0])
+        order = list(w.io.connections)  # the watchdog's: some real one after the broken
+        assert real & set(order[order.index(broken[0]):]), "the test could not fail"
         for client in clients:
             client.sock.settimeout(WAIT)
             assert closed_by_worker(client).startswith(b"HTTP/1.1 408 "), "not expired"
@@ -688,3 +697,74 @@ def test_an_info_answer_nobody_foresaw_leaves_the_store_followed(
     finally:
         bal.stop()
         relay.close()
+
+
+def test_a_killed_workers_kept_counters_show_no_problem_on_a_backend_up_again(
+        tmp_path: Path) -> None:
+    """A backend is down (its check answers 500: each worker's ``problem``); a
+    worker is killed then, its counters retired from its last answer. The
+    backend comes up again: its stats show no problem (bug: the retired
+    counters kept the down backend's ``problem``, shown on the up backend for
+    as long as the host existed, once a problem showed whatever the state)."""
+    import signal
+
+    app = scripted("app")
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [app.address],
+                                     "health": FAST_CHECKS}}, args=["--workers", "2"])
+
+    def backend() -> dict[str, Any]:
+        return bal.host_stats(HOST)["backends"].get(app.address, {})
+
+    try:
+        pids = wait_workers(bal, 2)
+        app.sick = True  # type: ignore[attr-defined]
+        wait_for(lambda: "answered 500" in backend().get("problem", ""), WAIT,
+                 what="the backend down, its problem")
+        assert bal.api("GET", "/metrics")[0] == 200  # each worker's answer held
+        os.kill(pids[0], signal.SIGKILL)
+        wait_workers(bal, 2, replacing={pids[0]})
+        app.sick = False  # type: ignore[attr-defined]
+        wait_for(lambda: backend().get("state") == "up", WAIT, what="the backend up again")
+        assert "problem" not in backend(), backend()
+    finally:
+        bal.stop()
+        app.stop()
+
+
+def test_an_issuer_standing_aside_counts_no_pass(tmp_path: Path) -> None:
+    """An issuer whose step failed `STAND_ASIDE_AFTER` looks in a row stands aside:
+    a table written meanwhile shows in ``passes.table_version`` only once the
+    issuer has looked at it, after standing aside (bug: each pass it skipped was
+    counted, on the version written: "the issuer has looked at that table", and
+    nothing had)."""
+    flag, dues = tmp_path / "fail", tmp_path / "dues"
+    due = ["management.acme_issuer:due"]
+    ca = FakeAcme("ok")
+    bal = Balancer(tmp_path, None, args=["--workers", "1"],  # stands aside 12 s
+                   config=f'[acme]\ndirectory = "{ca.url}"\n',
+                   prefix=constants_prefix({"management.acme_issuer.CHECK_INTERVAL": 5.0},
+                                           fail=(due, flag), count=(due, dues)))
+
+    def passes() -> dict[str, Any]:
+        return bal.api("GET", "/api/v1/acme")[1]["passes"]
+
+    try:
+        flag.touch()
+        hosts = {"app.test": {**STATIC, "tls": "acme"}}
+        for n in range(3):  # each write a look, failing
+            hosts[f"n{n}.test"] = STATIC
+            version = bal.api("PUT", "/api/v1/hosts", {"hosts": hosts})[1]["version"]
+            wait_for(lambda v=version: (passes()["table_version"] or 0) >= v, 3 * WAIT,
+                     what=f"a look at version {version}")
+        wait_for(lambda: "released the issuer lock, taking none for" in bal.output(), WAIT,
+                 what="the issuer standing aside")
+        looked = sum(calls(dues).values())
+        hosts["late.test"] = STATIC
+        version = bal.api("PUT", "/api/v1/hosts", {"hosts": hosts})[1]["version"]
+        wait_for(lambda: passes()["table_version"] == version, 3 * WAIT,
+                 what="a pass on the version written")
+        assert sum(calls(dues).values()) > looked, "a pass counted, no look taken"
+    finally:
+        flag.unlink(missing_ok=True)
+        bal.stop()
+        ca.stop()

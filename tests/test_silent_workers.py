@@ -134,3 +134,32 @@ def test_an_ask_given_up_while_stopped_is_not_carried_out_when_it_resumes(tmp_pa
             assert json.loads(sock.makefile("rb").read())["version"] == version + 1
     finally:
         bal.stop()
+
+
+def test_an_older_answer_ends_no_newer_silence_across_a_listing_without_the_worker(
+        tmp_path: Path) -> None:
+    """`management.silent.SilentWorkers`: a survey's ask (begun first, decoded
+    slowly) answers after a later ask found the worker silent; a listing made
+    meanwhile lacks the worker's socket (the run directory made again: it binds
+    its socket there again soon). The older answer must not end the newer
+    silence (bug: the listing forgot the newer verdict, and the stopped worker
+    was asked again, each ask waiting a whole timeout)."""
+    from management.silent import SilentWorkers
+
+    path = str(tmp_path / "worker-4242.sock")
+    stopped = socket.socket(socket.AF_UNIX)  # a stopped worker: accepts, never answers
+    stopped.bind(path)
+    stopped.listen(8)
+    workers = SilentWorkers(lambda reply: None)
+    try:
+        survey = workers.ask()  # its answer is still being decoded
+        later = workers.ask()
+        workers.note(path, None, "timed out", later)
+        assert path in workers.silent
+        assert workers.lagging([]) == []  # the run directory's listing, made again
+        workers.note(path, {"pid": 4242}, "", survey)  # the older answer, decoded at last
+        assert path in workers.silent, "an older answer ended a newer verdict"
+    finally:
+        for prober in list(workers.probers.values()):
+            prober.kill()
+        stopped.close()
