@@ -25,7 +25,9 @@ Invariants:
   no new worker is starting: their sockets' connections are then taken by
   the workers that serve those slots from now on.
 * A worker that drains on its own (a signal sent to it, not to the arbiter)
-  says so on its report pipe, and is replaced at once, as a reload replaces it.
+  says so on its report pipe, and is replaced `SETTLE` later, as a reload
+  replaces it, unless the arbiter was told to stop meanwhile (the whole tree
+  signalled, in any order).
 * During a graceful stop, SIGQUIT or a second SIGTERM/SIGINT stops at once; the
   line that says so, with the connections the workers cut, comes once every
   child is gone.
@@ -91,6 +93,9 @@ RUNNING, STOPPING, STOPPED = "RUNNING", "STOPPING", "STOPPED"
 NEVER = float("inf")
 RETIRE = signal.SIGUSR2  # to a child a reload replaced: drain, keep held requests
 KILL_MARGIN = 2.0   # seconds past a draining child's own `graceful` before SIGKILL
+# seconds a worker that drains on its own waits for its replacement: a stop signal the
+# arbiter takes meanwhile means the whole tree was signalled (`on_draining`)
+SETTLE = 0.1
 QUIT_GRACE = 1.0    # seconds children get after SIGQUIT before SIGKILL
 TICK = 1.0          # longest wait of the main loop
 
@@ -108,6 +113,7 @@ class Child:
     ready: bool = False
     draining: bool = False
     kill_at: float = NEVER
+    replace_at: float = NEVER  # it drains on its own: replaced then (`on_draining`)
     unread: bytes = b""    # the start of a report line not read whole yet
 
     def __str__(self) -> str:
@@ -203,7 +209,7 @@ class Arbiter:
     def next_timeout(self) -> float:
         """Until the next thing `manage` has to do on time (at most `TICK`)."""
         now = time.monotonic()
-        deadlines = [c.kill_at for c in self.children.values()]
+        deadlines = [t for c in self.children.values() for t in (c.kill_at, c.replace_at)]
         deadlines.append(self.backoff.not_before)
         return min([TICK, *(d - now for d in deadlines if d > now)])
 
@@ -259,12 +265,25 @@ class Arbiter:
 
     def on_draining(self, child: Child) -> None:
         """A worker drains that the arbiter did not ask to: a signal sent straight
-        to it (`kill PID`, `pkill`). Its replacement starts now, as a reload's
-        does, not once it has exited. Bug: the connections the kernel gave its
+        to it (`kill PID`, `pkill`). Its replacement starts `SETTLE` later (unless
+        the arbiter stops meanwhile), as a reload's does, not once it has exited. Bug: the connections the kernel gave its
         socket meanwhile waited for the drain to end (1.4-1.9 s, up to
         `timeouts.graceful` with a slow request in flight)."""
         if child.draining or child.kind != WORKER or self.state != RUNNING:
             return  # (the arbiter asked; or it stops)
+        # not at once: `pkill` signals by pid, the arbiter last once pids have
+        # wrapped. Bug: workers draining because the whole tree was signalled were
+        # replaced when the arbiter's own SIGTERM came a few ms after their reports
+        child.replace_at = min(child.replace_at, time.monotonic() + SETTLE)
+
+    def replace_drained(self) -> None:
+        """Let the workers that drain on their own since `SETTLE` be replaced."""
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.replace_at <= now and not child.draining:
+                self.on_its_own(child)
+
+    def on_its_own(self, child: Child) -> None:
         child.draining = True
         child.kill_at = time.monotonic() + child.graceful + KILL_MARGIN
         log.warning("%s drains on its own (a signal sent to it, not to the arbiter); "
@@ -295,6 +314,8 @@ class Arbiter:
         if given:
             log.warning("%s %s with %d request(s) in progress under a "
                         "max_connections_per_client limit: given back", child, how, given)
+        if child.replace_at != NEVER and not child.draining and self.state == RUNNING:
+            self.on_its_own(child)  # (it drained within `SETTLE`: no crash)
         if child.draining or self.state != RUNNING:
             log.info("%s %s", child, how)
             return
@@ -320,6 +341,7 @@ class Arbiter:
             self.tell_cut()
         if self.state != RUNNING:
             return
+        self.replace_drained()
         wanted = self.settings.effective_workers()
         for kind, slot in [(MANAGEMENT, 0), *((WORKER, i) for i in range(wanted))]:
             self.manage_slot(kind, slot)
