@@ -266,9 +266,10 @@ class Arbiter:
     def on_draining(self, child: Child) -> None:
         """A worker drains that the arbiter did not ask to: a signal sent straight
         to it (`kill PID`, `pkill`). Its replacement starts `SETTLE` later (unless
-        the arbiter stops meanwhile), as a reload's does, not once it has exited. Bug: the connections the kernel gave its
-        socket meanwhile waited for the drain to end (1.4-1.9 s, up to
-        `timeouts.graceful` with a slow request in flight)."""
+        the arbiter stops meanwhile), as a reload's does, not once it has
+        exited. Bug: the connections the kernel gave its socket meanwhile waited
+        for the drain to end (1.4-1.9 s, up to `timeouts.graceful` with a slow
+        request in flight)."""
         if child.draining or child.kind != WORKER or self.state != RUNNING:
             return  # (the arbiter asked; or it stops)
         # not at once: `pkill` signals by pid, the arbiter last once pids have
