@@ -180,7 +180,8 @@ def test_signals_while_the_balancer_starts_wait_for_the_arbiter(tmp_path):
     tmpdir = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))
     proc = start(tmp_path, tmpdir, constants_prefix({}, slow={"balancer.leftovers.sweep": 3.0}))
     try:
-        wait_for(lambda: list(tmpdir.glob("balancer-*")), what="the run directory made")
+        wait_for(lambda: list(tmpdir.glob("balancer-*")), timeout=60,  # (a start under load)
+                 what="the run directory made")
         for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
             proc.send_signal(sig)
         assert proc.wait(30) == 0
@@ -202,7 +203,8 @@ def test_sigterm_while_the_start_up_check_waits_stops_at_once(tmp_path):
     proc = start(tmp_path, tmpdir,
                  constants_prefix({}, slow={"balancer.workers.check_startup": 60.0}))
     try:
-        [check] = wait_for(lambda: children_of(proc.pid), what="the start-up check forked")
+        [check] = wait_for(lambda: children_of(proc.pid), timeout=60,  # (under load)
+                           what="the start-up check forked")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         wait_for(lambda: is_gone(check), timeout=5, what="the check child gone")
