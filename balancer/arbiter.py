@@ -98,6 +98,7 @@ KILL_MARGIN = 2.0   # seconds past a draining child's own `graceful` before SIGK
 SETTLE = 0.1
 QUIT_GRACE = 1.0    # seconds children get after SIGQUIT before SIGKILL
 TICK = 1.0          # longest wait of the main loop
+MAX_REPORT = 64     # bytes of a child's report line (`balancer.workers.tell_arbiter`)
 
 
 @dataclass
@@ -241,7 +242,10 @@ class Arbiter:
                     os.close(child.report_fd)
                     child.report_fd = None
                 return
-            *lines, child.unread = (child.unread + data).split(b"\n")
+            *lines, rest = (child.unread + data).split(b"\n")
+            # a line longer than any report is garbage (bug: kept whole, it grew by
+            # up to 4 KiB a turn for good); its end is then taken for a line's start
+            child.unread = rest if len(rest) <= MAX_REPORT else b""
             for line in lines:
                 self.on_report(child, line.split())
 
