@@ -31,10 +31,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from balancer.signal_queue import forget, held
+from balancer.signal_queue import forget, held, stop_asked
 from balancer.startup import flush_std, wait_for_exit
 
 TIMEOUT = 30.0  # seconds the child may take to scan the installed packages
+STOP_POLL = 0.1  # seconds between looks at whether a stop was asked for while waiting
 EXIT_GRACE = 0.2  # seconds a child that answered may take to exit, past TIMEOUT
 
 
@@ -107,11 +108,13 @@ def _answer(fd: int, groups: tuple[str, ...]) -> NoReturn:
 
 
 def _read_to_end(fd: int, deadline: float) -> bytes:
-    """What the pipe carries until the writer closes it, or until `deadline`."""
+    """What the pipe carries until the writer closes it, until `deadline`, or until
+    a stop is asked for (looked at every `STOP_POLL` s: a signal does not end
+    `select`, which is retried. Bug: SIGTERM waited for the child up to 30 s)."""
     chunks = []
-    while (left := deadline - time.monotonic()) > 0:
-        if not select.select([fd], [], [], left)[0]:
-            break
+    while (left := deadline - time.monotonic()) > 0 and not stop_asked():
+        if not select.select([fd], [], [], min(left, STOP_POLL))[0]:
+            continue
         chunk = os.read(fd, 65536)
         if not chunk:
             break

@@ -217,6 +217,29 @@ def test_sigterm_while_the_start_up_check_waits_stops_at_once(tmp_path):
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def test_sigterm_while_the_entry_point_look_up_waits_stops_at_once(tmp_path):
+    """The look-up of the installed entry points waits up to 30 s for its child (a
+    slow disk, a huge site-packages): SIGTERM stops the balancer at once, saying so.
+    Bug: the read of the child's answer went on waiting (select is retried after a
+    signal), up to 30 s."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))
+    proc = start(tmp_path, tmpdir,
+                 constants_prefix({}, slow={"balancer.entry_points._answer": 60.0}))
+    try:
+        [child] = wait_for(lambda: children_of(proc.pid), timeout=60,  # (under load)
+                           what="the look-up forked")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        wait_for(lambda: is_gone(child), timeout=5, what="the look-up child gone")
+        assert (tmp_path / "balancer.log").read_text() == \
+            "balancer: stopped by a signal before it started\n"
+    finally:
+        proc.kill()
+        proc.wait(5)
+        release(proc)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
 @pytest.mark.slow(25)
 def test_sigterm_at_any_point_of_the_start_under_load_stops_the_balancer(tmp_path):
     """SIGTERM sent at 8 points of the start (the interpreter starting, imports, the
