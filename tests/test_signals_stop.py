@@ -147,7 +147,6 @@ def test_the_whole_tree_signalled_at_once_stops_gracefully_without_replacements(
         # first but after a wrap, and its workers were replaced now and then)
         for pid in sorted(children):
             os.kill(pid, signal.SIGTERM)
-        time.sleep(0.02)  # (a loaded machine's gap between two kills; not a synchronisation)
         os.kill(bal.proc.pid, signal.SIGTERM)
         assert bal.proc.wait(20) == 0
         for thread in threads:
