@@ -195,41 +195,23 @@ def test_signals_while_the_balancer_starts_wait_for_the_arbiter(tmp_path):
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def test_sigterm_while_the_start_up_check_waits_stops_at_once(tmp_path):
-    """The start-up check waits up to 30 s (a store that does not answer): SIGTERM
-    then stops the balancer and its check at once, saying so."""
+@pytest.mark.parametrize("slow, what", [
+    ("balancer.workers.check_startup", "the start-up check forked"),
+    ("balancer.entry_points._answer", "the look-up forked")])
+def test_sigterm_while_a_start_up_child_is_awaited_stops_at_once(tmp_path, slow, what):
+    """The start-up check waits up to 30 s (a store that does not answer), the look-up
+    of the installed entry points up to 30 s for its child (a slow disk, a huge
+    site-packages): SIGTERM then stops the balancer and that child at once, saying
+    so. Bug (the look-up): the read of the child's answer went on waiting (select is
+    retried after a signal), up to 30 s."""
     tmpdir = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))
-    proc = start(tmp_path, tmpdir,
-                 constants_prefix({}, slow={"balancer.workers.check_startup": 60.0}))
-    try:
-        [check] = wait_for(lambda: children_of(proc.pid), timeout=60,  # (under load)
-                           what="the start-up check forked")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
-        wait_for(lambda: is_gone(check), timeout=5, what="the check child gone")
-        assert (tmp_path / "balancer.log").read_text() == \
-            "balancer: stopped by a signal before it started\n"
-    finally:
-        proc.kill()
-        proc.wait(5)
-        release(proc)
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def test_sigterm_while_the_entry_point_look_up_waits_stops_at_once(tmp_path):
-    """The look-up of the installed entry points waits up to 30 s for its child (a
-    slow disk, a huge site-packages): SIGTERM stops the balancer at once, saying so.
-    Bug: the read of the child's answer went on waiting (select is retried after a
-    signal), up to 30 s."""
-    tmpdir = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))
-    proc = start(tmp_path, tmpdir,
-                 constants_prefix({}, slow={"balancer.entry_points._answer": 60.0}))
+    proc = start(tmp_path, tmpdir, constants_prefix({}, slow={slow: 60.0}))
     try:
         [child] = wait_for(lambda: children_of(proc.pid), timeout=60,  # (under load)
-                           what="the look-up forked")
+                           what=what)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-        wait_for(lambda: is_gone(child), timeout=5, what="the look-up child gone")
+        wait_for(lambda: is_gone(child), timeout=5, what="the child gone")
         assert (tmp_path / "balancer.log").read_text() == \
             "balancer: stopped by a signal before it started\n"
     finally:
