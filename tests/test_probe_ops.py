@@ -212,6 +212,21 @@ def refused(port: int) -> bool:
     return False
 
 
+def kill_arbiter_mid_request(bal: Balancer, seconds: int) -> tuple[threading.Thread, list[Any]]:
+    """A request of `seconds` in flight on `bal`'s worker, then its arbiter killed
+    (SIGKILL, as the OOM killer): the thread waiting for the answer, and the list
+    its status lands in."""
+    results: list[Any] = []
+    slow = threading.Thread(target=lambda: results.append(
+        request(bal.port, path=f"/slow?s={seconds}", host=HOST, timeout=seconds + 20)[0]))
+    slow.start()
+    wait_for(lambda: bal.host_stats(HOST).get("open_requests") == 1,
+             what="a request in flight")
+    os.kill(bal.proc.pid, signal.SIGKILL)
+    bal.proc.wait(5)
+    return slow, results
+
+
 def test_after_the_arbiter_is_killed_a_draining_worker_leaves_the_management_port_free(
         tmp_path, backend):
     """A restart after the arbiter was killed (the OOM killer; systemd restarts it 2 s
@@ -222,14 +237,7 @@ def test_after_the_arbiter_is_killed_a_draining_worker_leaves_the_management_por
     bal = Balancer(tmp_path, routes(backend), args=["--workers", "1"])
     try:
         [worker] = wait_workers(bal, 1)
-        results: list[Any] = []
-        slow = threading.Thread(target=lambda: results.append(
-            request(bal.port, path="/slow?s=8", host=HOST, timeout=20)[0]))
-        slow.start()
-        wait_for(lambda: bal.host_stats(HOST).get("open_requests") == 1,
-                 what="the slow request in flight")
-        os.kill(bal.proc.pid, signal.SIGKILL)
-        bal.proc.wait(5)
+        slow, results = kill_arbiter_mid_request(bal, 8)
         wait_for(lambda: refused(bal.mport), timeout=5, what="the management port free")
         assert slow.is_alive() and not is_gone(worker), "the worker still drains"
         slow.join(20)
@@ -263,13 +271,7 @@ def test_run_directories_left_by_killed_balancers_are_removed_at_the_next_start(
         killed = Balancer(tmp_path / "killed", routes(backend), env=env)
         [left] = run_dirs(tmpdir) - mine - {foreign.name}
         [worker] = wait_workers(killed, 1)
-        slow = threading.Thread(target=lambda: request(killed.port, path="/slow?s=10",
-                                                       host=HOST, timeout=20))
-        slow.start()
-        wait_for(lambda: killed.host_stats(HOST).get("open_requests") == 1,
-                 what="a request in flight")
-        os.kill(killed.proc.pid, signal.SIGKILL)
-        killed.proc.wait(5)
+        slow, _ = kill_arbiter_mid_request(killed, 10)
         again = Balancer(tmp_path / "again1", routes(backend), env=env)
         assert left in run_dirs(tmpdir), "its worker still drains"
         assert again.stop() == 0

@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support import Balancer, constants_prefix, request, wait_for
+from tests.test_probe_ops import kill_arbiter_mid_request
 from tests.test_process import is_gone, wait_workers
 
 HOST = "app.test"
@@ -106,14 +105,7 @@ def test_unlocked_run_directories_are_removed_only_when_provably_unused(
         assert not (tmpdir_short / left / "alive.lock").exists()  # (as older versions)
         assert gone.name not in run_dirs(tmpdir_short)  # (swept by that start)
         [worker] = wait_workers(old, 1)
-        results: list[Any] = []
-        slow = threading.Thread(target=lambda: results.append(
-            request(old.port, path="/slow?s=10", host=HOST, timeout=30)[0]))
-        slow.start()
-        wait_for(lambda: old.host_stats(HOST).get("open_requests") == 1,
-                 what="a request in flight")
-        os.kill(old.proc.pid, signal.SIGKILL)
-        old.proc.wait(5)
+        slow, results = kill_arbiter_mid_request(old, 10)
         again = Balancer(tmp_path / "again1", routes(backend), env=env)
         assert left in run_dirs(tmpdir_short), "its worker still drains there"
         assert again.stop() == 0
