@@ -52,7 +52,7 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from balancer import processlog
@@ -77,6 +77,7 @@ from balancer.startup import (
 from balancer.workers import (
     BOOT_ERROR,
     CUT,
+    DRAINED,
     DRAINING,
     READY,
     ChildEnv,
@@ -113,6 +114,7 @@ class Child:
     graceful: float
     ready: bool = False
     draining: bool = False
+    drained: bool = False  # its drain ended (`DRAINED`): it exits, nothing to cut
     kill_at: float = NEVER
     replace_at: float = NEVER  # it drains on its own: replaced then (`on_draining`)
     unread: bytes = b""    # the start of a report line not read whole yet
@@ -128,9 +130,9 @@ class Cut:
 
     why: str
     after: float          # seconds into the graceful stop
-    workers: int          # still draining then
+    workers: set[int]     # the pids of the workers still draining then
     connections: int = 0  # cut, as the workers said (`balancer.workers.CUT`)
-    said: int = 0         # workers that said
+    said: set[int] = field(default_factory=set)  # the workers that said
 
 
 @dataclass(frozen=True)
@@ -254,9 +256,14 @@ class Arbiter:
             self.on_ready(child)
         elif words == [DRAINING]:
             self.on_draining(child)
-        elif len(words) == 2 and words[0] == CUT and words[1].isdigit() and self.cut:
+        elif words == [DRAINED]:
+            child.drained = True
+            if self.cut is not None:  # (its drain ended as the stop was cut short)
+                self.cut.workers.discard(child.pid)
+        elif len(words) == 2 and words[0] == CUT and words[1].isdigit() and self.cut \
+                and child.pid in self.cut.workers:
             self.cut.connections += int(words[1])
-            self.cut.said += 1
+            self.cut.said.add(child.pid)
 
     def on_ready(self, child: Child) -> None:
         child.ready = True
@@ -507,7 +514,10 @@ class Arbiter:
                 child.kill_at = min(child.kill_at, now + child.graceful)
             return
         if self.graceful_since is not None:
-            workers = sum(c.kind == WORKER for c in self.children.values())
+            # a worker whose drain ended exits without a `CUT` (bug: one idle worker,
+            # drained but not yet reaped, was counted as exiting without a word)
+            workers = {c.pid for c in self.children.values()
+                       if c.kind == WORKER and not c.drained}
             self.cut = Cut(why, now - self.graceful_since, workers)
             self.graceful_since = None
         else:
@@ -521,11 +531,11 @@ class Arbiter:
         cut = self.cut
         if cut is None:
             return
-        unsaid = cut.workers - cut.said
+        unsaid = len(cut.workers - cut.said)
         log.warning("%s during the graceful stop: cut short after %.1f s (of up to %.0f s); "
                     "%d connection(s) cut in %d worker(s) still draining%s", cut.why,
                     cut.after, self.settings.timeouts.graceful, cut.connections,
-                    cut.workers, f" ({unsaid} of them exited without saying how many)"
+                    len(cut.workers), f" ({unsaid} of them exited without saying how many)"
                     if unsaid else "")
 
     def write_status(self) -> None:

@@ -156,6 +156,7 @@ def enter_child(env: ChildEnv) -> None:
 READY = b"ready"        # it serves
 DRAINING = b"draining"  # it stops accepting: told to, or signalled directly
 CUT = b"cut"            # ``cut N``: a worker stopping now (SIGQUIT) cuts N connections
+DRAINED = b"drained"    # a worker's drain ended (nothing left to cut): it exits
 
 
 def tell_arbiter(env: ChildEnv, *words: object) -> None:
@@ -263,6 +264,7 @@ def run_worker(env: ChildEnv, listeners: list[tuple[Any, str]]) -> int:
     graceful = settings.timeouts.graceful
     worker.stop(max(graceful - STOP_MARGIN, graceful / 2))
     retire(env.run_dir, worker, control)
+    tell_arbiter(env, DRAINED)
     return 0
 
 
