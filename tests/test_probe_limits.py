@@ -229,7 +229,10 @@ def test_a_raised_rate_lets_a_refused_client_through_at_once(bal: Balancer) -> N
     try:
         for lifted in (lenient, {"action": "empty", "status": 204}):
             serve(strict)
-            assert statuses(2) in ([204, 429], [429, 429])
+            # at most one through: the first may still wait out the rule before's
+            # 10 ms (a 429), and the second then goes (bug in this test: [429, 204]
+            # was taken for a failure, once under -n 4)
+            assert statuses(2) in ([204, 429], [429, 429], [429, 204])
             serve(lifted)
             if lifted is not lenient:
                 assert statuses(1) == [204]
