@@ -22,8 +22,10 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import ssl
 import time
 from collections.abc import Iterable
@@ -39,6 +41,11 @@ SOURCES = ("upload", "acme")
 MAX_CHAIN_BYTES = 64 * 1024  # a leaf and its intermediates: a few KiB (`check_size`)
 FACTS_KEPT = 100_000  # chains whose facts `chain_facts` keeps (~300 bytes each)
 _FACTS: dict[bytes, dict[str, Any]] = {}  # sha256 of a chain: its facts
+REFUSALS_KEPT = 100_000  # records whose `refused` verdict is kept (~150 bytes each)
+_REFUSALS: dict[bytes, str | None] = {}  # sha256 of a record's key and chain: `refused`
+# a load's errors that are the process's, not its record's (no descriptor or memory)
+PROCESS_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM))
+_KEY_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]*PRIVATE KEY)-----.*?-----END \1-----", re.S)
 
 
 class CertificateError(ValueError):
@@ -137,6 +144,68 @@ def unservable(chain_pem: str, key_pem: str) -> str | None:
                 return "key: the private key is encrypted"
             return None
     return "key: no PEM private key"
+
+
+def refused(chain_pem: str, key_pem: str) -> str | None:
+    """Why OpenSSL does not load a record that `unservable` passes (a key of
+    another certificate, a certificate damaged within its PEM block), in the
+    words a worker logs (`refusal`); None when it loads. The management process
+    asks (`management.certs_watch`) so that `GET /api/v1/certs` names it;
+    workers never do (their start would parse every record). The verdict is kept
+    by the record's content: `cryptography` compares the served key and
+    certificate (~90 µs), and only a pair it finds wrong is loaded by OpenSSL
+    (~3 ms), whose verdict is the one kept. Bug: such a record showed only in
+    each worker's log, the listing naming it as served."""
+    digest = hashlib.sha256(f"{key_pem}\0{chain_pem}".encode()).digest()
+    if digest in _REFUSALS:
+        return _REFUSALS[digest]
+    try:
+        why = None if _key_matches(chain_pem, key_pem) else _openssl_refusal(chain_pem, key_pem)
+    except OSError as exc:
+        if exc.errno in PROCESS_ERRORS:  # no finding on the record: asked again next time
+            return None
+        why = refusal(exc)
+    if len(_REFUSALS) >= REFUSALS_KEPT:
+        _REFUSALS.clear()
+    _REFUSALS[digest] = why
+    return why
+
+
+def _key_matches(chain_pem: str, key_pem: str) -> bool:
+    """Whether the first certificate and the first private key of what a worker
+    loads (`load_pem`: the key's text, then the chain's) are one pair, as
+    `cryptography` reads them (False when it cannot read either)."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    text = f"{key_pem}\n{chain_pem}\n"
+    block = _KEY_BLOCK.search(text)
+    try:
+        leaf = x509.load_pem_x509_certificates(text.encode())[0]
+        key = serialization.load_pem_private_key(block.group(0).encode() if block else b"", None,
+                                                 unsafe_skip_rsa_key_validation=True)
+        return _spki(key.public_key()) == _spki(leaf.public_key())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+
+
+def _openssl_refusal(chain_pem: str, key_pem: str) -> str | None:
+    """`refused` as OpenSSL, loading the pair as a worker does, answers it."""
+    try:
+        load_pem(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain_pem, key_pem)
+    except (ssl.SSLError, ValueError) as exc:
+        return refusal(exc)
+    return None
+
+
+def refusal(exc: BaseException) -> str:
+    """Why a record did not load, without any of its text."""
+    if isinstance(exc, ssl.SSLError):
+        return f"OpenSSL refused it ({exc.reason or exc.library or 'unknown reason'})"
+    if isinstance(exc, CertificateError):  # (never quotes the record)
+        return str(exc)
+    return type(exc).__name__
 
 
 def _check_loads(chain_pem: str, key_pem: str) -> None:
@@ -307,13 +376,23 @@ def public_record(host: str, record: dict[str, Any], now: float | None = None) -
     now = time.time() if now is None else now
     shown: dict[str, Any] = {"host": host, "source": record.get("source", ""),
                              "not_after": record.get("not_after")}
-    facts = chain_facts(str(record.get("chain", "")))
+    facts = chain_facts(served_chain(record))
     shown.update(facts)
     if "names" in facts:
         shown["names"] = list(facts["names"])
     if isinstance(shown["not_after"], (int, float)):
         shown["expires_in"] = round(shown["not_after"] - now)
     return shown
+
+
+def served_chain(record: dict[str, Any]) -> str:
+    """The text whose first certificate a worker serves of `record` (`load_pem`:
+    the key's text, then the chain's): the chain, or, when the key's text holds
+    a certificate (a bundle stored straight, in ``key``), the two. Bug: the
+    listing read ``chain`` only, and said "the stored chain cannot be read" of
+    a bundle with an empty ``chain`` that every worker served."""
+    chain, key = str(record.get("chain", "")), str(record.get("key", ""))
+    return f"{key}\n{chain}" if "CERTIFICATE-----" in key else chain
 
 
 def chain_facts(chain: str) -> dict[str, Any]:

@@ -34,7 +34,6 @@ Invariants:
 
 from __future__ import annotations
 
-import errno
 import logging
 import ssl
 import weakref
@@ -42,7 +41,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from balancer.certificates import CertificateError, check_size, load_pem
+from balancer.certificates import PROCESS_ERRORS, check_size, load_pem, refusal
 from balancer.table import host_name
 from balancer.turns import turn
 
@@ -51,7 +50,7 @@ log = logging.getLogger("balancer")
 CONTEXTS_KEPT: Final = 10_000  # contexts a worker keeps built (~15 KiB each): `ServedCerts.kept`
 Record = Mapping[str, Any]
 # a build's errors that are the worker's, not its record's: tried again (`build`)
-WORKERS_ERRORS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM))
+WORKERS_ERRORS: Final = PROCESS_ERRORS
 
 
 class ServedCerts:
@@ -115,7 +114,7 @@ class ServedCerts:
             if _refused(exc):
                 self.failed[host] = record
                 self.changed()
-            reason = _reason(exc)
+            reason = refusal(exc)
             if self.problems.get(host) != reason:
                 self.problems[host] = reason
                 log.error("certificate of %s not served: %s", host, reason)
@@ -170,7 +169,7 @@ class ServedCerts:
         try:
             context = self.load(record)
         except (ssl.SSLError, OSError, ValueError) as exc:
-            problems[host] = _reason(exc)
+            problems[host] = refusal(exc)
             if known is None:
                 if _refused(exc):  # (else built again at its first handshake, `build`)
                     self.failed[host] = record
@@ -238,10 +237,3 @@ def _refused(exc: BaseException) -> bool:
         exc.errno not in WORKERS_ERRORS
 
 
-def _reason(exc: BaseException) -> str:
-    """Why a certificate did not load, without any of its text."""
-    if isinstance(exc, ssl.SSLError):
-        return f"OpenSSL refused it ({exc.reason or exc.library or 'unknown reason'})"
-    if isinstance(exc, CertificateError):  # (never quotes the record)
-        return str(exc)
-    return type(exc).__name__

@@ -31,7 +31,13 @@ from typing import Any
 
 from werkzeug.routing import Rule
 
-from balancer.certificates import CertificateError, keep_facts, make_record, public_record
+from balancer.certificates import (
+    CertificateError,
+    keep_facts,
+    make_record,
+    public_record,
+    served_chain,
+)
 from balancer.rules import normalize_host, validate_host
 from balancer.stores import Store
 from balancer.stores.certs import CertsCorrupt, CertsLost
@@ -61,7 +67,7 @@ def list_certs(store: Store) -> tuple[list[dict[str, Any]], str | None]:
     except (CertsCorrupt, CertsLost) as exc:
         stored, problem = dict(certs.last_good or {}), str(exc)
     shown = {host: public_record(host, record, now) for host, record in stored.items()}
-    keep_facts(str(record.get("chain", "")) for record in stored.values())
+    keep_facts(served_chain(record) for record in stored.values())
     for host, why in certs.damaged.items():
         shown.setdefault(host, {"host": host, "problem": why})
     return [shown[host] for host in sorted(shown)], problem

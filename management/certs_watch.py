@@ -45,6 +45,7 @@ from typing import Any
 
 import gevent
 
+from balancer.certificates import refused
 from balancer.control import ask, ask_why, pid_of, run_dir_problem, worker_sockets
 from balancer.restarts import Restarts, nap
 from balancer.stores.base import ProblemLog, Store, StoreError
@@ -56,6 +57,7 @@ INTERVAL = 1.0  # seconds between looks at the store's certificates (as workers)
 FILL_BATCH = 100  # certificates per ``certs-fill`` (~5 KB each; a command takes 4 MiB)
 HANDOVER_GLOB = "certs-management-*.sock"  # in the run directory (`take_over`)
 HANDOVER_TIMEOUT = 5.0  # seconds to answer a successor (a big answer: many keys)
+JUDGED_BATCH = 100  # records judged by `refused_records` between two turns of the loop
 
 
 def handover_path(run_dir: str, pid: int) -> str:
@@ -68,6 +70,7 @@ class CertsWatch:
     def __init__(self, store: Store, run_dir: str | None = None) -> None:
         self.certs = store.certs()
         self.certs.keep = True
+        self.certs.refusing = refused_records
         self.run_dir = run_dir  # the workers' control sockets (`spread`); None: no workers
         self.problem: str | None = None  # why the certificates cannot be read as a whole
         self.failure: str | None = None  # the watch's own last unexpected failure (`run`)
@@ -303,6 +306,21 @@ class CertsWatch:
             self.certs.last_good = {**last_good, **taken}
             log.warning("certificates: took %d certificates the damaged store cannot give "
                         "from %s (the store still needs repairing)", len(taken), source)
+
+
+def refused_records(records: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """HOST → why OpenSSL refuses its record (`balancer.certificates.refused`: the
+    first read of a record costs ~90 µs, later ones a hash), `JUDGED_BATCH`
+    records at a time, the loop running between (the first read of 20,000
+    records takes ~2 s: `/healthz` and the API are answered meanwhile)."""
+    found: dict[str, str] = {}
+    for number, (host, record) in enumerate(records.items(), 1):
+        why = refused(record["chain"], record["key"])
+        if why is not None:
+            found[host] = why
+        if number % JUDGED_BATCH == 0:
+            gevent.sleep(0)
+    return found
 
 
 def _later(record: dict[str, Any], than: dict[str, Any] | None) -> bool:

@@ -25,7 +25,9 @@ Invariants:
   `balancer.certificates.unservable`) is left out of `all` and named in
   `damaged` with the reason; it never takes the other hosts down, and writes
   keep it as stored. Bug: a record OpenSSL refuses, stored before the balancer
-  started, was reported only at its host's first handshake.
+  started, was reported only at its host's first handshake. Where `refusing`
+  is set (the management process), so is a record that only OpenSSL refuses
+  (`balancer.certificates.refused`: a key of another certificate).
 * No error message or reason quotes stored text: private keys never reach a
   log line or an API answer through this module.
 """
@@ -77,6 +79,9 @@ class Certs(ABC):
         self.damaged: dict[str, str] = {}
         self.keep = False
         self.last_good: dict[str, dict[str, Any]] | None = None
+        # HOST → why OpenSSL refuses it, of the records `all` found (None: not asked;
+        # the management process asks: `management.certs_watch.refused_records`)
+        self.refusing: Callable[[dict[str, dict[str, Any]]], dict[str, str]] | None = None
 
     @abstractmethod
     def _all(self) -> dict[str, Any]:
@@ -84,7 +89,11 @@ class Certs(ABC):
 
     def all(self) -> dict[str, dict[str, Any]]:
         """HOST → record for every stored certificate that can be read."""
-        found, self.damaged = _records(self._all())
+        found, damaged = _records(self._all())
+        for host, why in (self.refusing(found) if self.refusing else {}).items():
+            del found[host]
+            damaged[host] = f"the stored certificate cannot be served: {why}"
+        self.damaged = damaged
         if self.keep:  # a damaged record keeps its last good version (as workers do)
             before = self.last_good or {}
             self.last_good = {**{h: before[h] for h in self.damaged if h in before}, **found}
