@@ -85,9 +85,16 @@ def make_certs(count: int) -> dict[str, Any]:
 
 
 def cached_certs(count: int, directory: Path) -> dict[str, Any]:
+    """The certificates kept in `directory` (made, with it, if missing). Bug: a
+    missing `--cache` directory ended the run with a traceback, after the
+    certificates were made."""
     path = directory / f"bench-certs-{count}.json"
-    if path.exists():
-        return dict(json.loads(path.read_text()))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            return dict(json.loads(path.read_text()))
+    except OSError as exc:
+        raise SystemExit(f"--cache {directory}: {exc.strerror or exc}") from None
     made = make_certs(count)
     path.write_text(json.dumps(made))
     return made
@@ -245,7 +252,8 @@ def main() -> None:
                         help="then measure full handshakes a second for the first host "
                              "(openssl s_time -new) for that long")
     parser.add_argument("--cache", default=tempfile.gettempdir(),
-                        help="directory keeping the generated certificates between runs")
+                        help="directory keeping the generated certificates between runs (made "
+                             "if missing)")
     args = parser.parse_args()
     made = cached_certs(args.certs, Path(args.cache))
     with tempfile.TemporaryDirectory(prefix="bench-cert-startup-") as tmp:

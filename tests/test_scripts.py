@@ -167,3 +167,24 @@ def test_bench_names_connects_to_a_named_backend() -> None:
     assert out.returncode == 0, out.stderr
     assert re.fullmatch(r"[\d.]+ µs CPU per connect in turn, [\d.]+ µs 50 at once\n",
                         out.stdout), out.stdout
+
+
+def test_bench_cert_startup_makes_its_missing_cache_directory(tmp_path: Path) -> None:
+    """--cache names a directory that does not exist: made, and the certificates
+    kept there (the run itself, a balancer started, is left out: seconds); one
+    that cannot be made is a one-line error. Bug: a traceback
+    (FileNotFoundError) after the certificates were made."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_cert_startup
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    cache = tmp_path / "new" / "cache"
+    made = bench_cert_startup.cached_certs(1, cache)
+    assert json.loads((cache / "bench-certs-1.json").read_text()) == made
+    assert list(made["records"]) == ["h0.bench.test"]
+    (tmp_path / "file").write_text("")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cert_startup.py"),
+                          "--certs", "1", "--cache", str(tmp_path / "file" / "cache")],
+                         capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stderr) == (1, f"--cache {tmp_path}/file/cache: Not a directory\n")
