@@ -352,6 +352,7 @@ class Stats:
 _MAX_KEYS: Final = {"routing_version", "last_reload"}
 _MIN_KEYS: Final = {"store_up"}
 MERGE_SLICE: Final = 200  # hosts merged between two calls of `merge_snapshots`' pause
+PROBLEMS_SHOWN: Final = 3  # distinct problems of a backend `shown_problem` words
 
 
 def merge_snapshots(snapshots: list[dict[str, Any]], in_place: bool = False,
@@ -400,8 +401,31 @@ def _merge_into(into: dict[str, Any], other: dict[str, Any]) -> None:
         elif key == "state":
             if STATE_RANK.get(value, 2) > STATE_RANK.get(into[key], 2):
                 into[key] = value
+        elif key == "problem":
+            into[key] = _problems(into[key], value)
         elif isinstance(value, int | float):
             into[key] = into[key] + value
+
+
+def _problems(mine: Any, other: Any) -> list[str]:
+    """The distinct problems workers say of one backend, in the order met (a
+    worker's is a text; merged ones a list: `shown_problem` words them). Bug:
+    the first worker's hid the others' (a backend a worker finds down for
+    another reason)."""
+    merged = list(mine) if isinstance(mine, list) else [mine]
+    for problem in other if isinstance(other, list) else [other]:
+        if problem not in merged:
+            merged.append(problem)
+    return merged
+
+
+def shown_problem(problem: str | list[str]) -> str:
+    """A merged ``problem`` (`_problems`) as one text: the first `PROBLEMS_SHOWN`
+    distinct problems and how many more."""
+    if isinstance(problem, str):
+        return problem
+    more = len(problem) - PROBLEMS_SHOWN
+    return " | ".join(problem[:PROBLEMS_SHOWN]) + (f" (and {more} more)" if more > 0 else "")
 
 
 def latest_snapshot(one: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from balancer.control import MAX_PAGE
 from balancer.rules import normalize_host
-from balancer.stats import OUTCOMES
+from balancer.stats import OUTCOMES, shown_problem
 from management.http import bad_request
 from management.latency import percentiles
 
@@ -82,5 +82,5 @@ def backend_stats(b: dict[str, Any]) -> dict[str, Any]:
            "outcomes": {**dict.fromkeys(OUTCOMES, 0), **b.get("outcomes", {})},
            "latency": percentiles(b.get("duration"))}
     if b.get("problem"):
-        out["problem"] = b["problem"]
+        out["problem"] = shown_problem(b["problem"])
     return out

@@ -636,16 +636,17 @@ class TableStore:
 
 class ScriptedHealth:
     """Stands in for a pool `Backend` as a `BackendStats.source`: its health state
-    ("up", "probing", "down") is scripted."""
+    ("up", "probing", "down") and its problem are scripted."""
 
-    def __init__(self, state: str) -> None:
+    def __init__(self, state: str, problem: str = "") -> None:
         self.state = state
+        self.problem = problem
 
     def health_state(self) -> str:
         return self.state
 
     def health_problem(self) -> str:
-        return ""
+        return self.problem
 
 
 # what an in-process worker's requests may take, unless a test says otherwise

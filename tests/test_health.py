@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import struct
 import time
@@ -15,6 +17,7 @@ from balancer.pool import BackendRegistry
 from tests.conftest import RedisServer
 from tests.rawpeer import RawBackend, read_request, sending, serve_each
 from tests.support import Backend, Balancer, EchoHandler, dead_address, request, wait_for
+from tests.test_kept_counters import worker_pids
 
 HOST = "app.test"
 FAST_CHECKS = {"path": "/healthz", "interval": 0.1, "timeout": 0.5, "rise": 3, "fall": 2}
@@ -27,6 +30,33 @@ class ScriptedHealth(EchoHandler):
         server = self.server.owner  # type: ignore[attr-defined]
         server.checks.append((time.monotonic(), server.sick))
         self.reply(500 if server.sick else 200, b"{}", head)
+
+
+class PerWorkerHealth(EchoHandler):
+    """/healthz answers each worker's check with its own status: 500 to the first
+    of the backend's `pids`, 502 to the second (200 until they are set); the
+    worker is the process holding the connection's other end (`peer_pid`)."""
+
+    def act_healthz(self, query: dict[str, str], head: bool) -> None:
+        pids = self.server.owner.pids  # type: ignore[attr-defined]
+        codes = dict(zip(pids, (500, 502), strict=False))
+        self.reply(codes.get(peer_pid(self.connection, pids), 200), b"{}", head)
+
+
+def peer_pid(conn: socket.socket, pids: list[int]) -> int | None:
+    """Which of `pids` holds the other end of the loopback TCP connection `conn`."""
+    here, there = conn.getsockname()[1], conn.getpeername()[1]
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    ends = {f"socket:[{row[9]}]" for row in rows
+            if (int(row[1].split(":")[1], 16), int(row[2].split(":")[1], 16)) == (there, here)}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in ends:
+                        return pid
+    return None
 
 
 def scripted(name: str, port: int = 0) -> Backend:
@@ -241,6 +271,27 @@ def test_a_stored_check_value_that_is_no_number_above_0_is_still_a_corrupt_store
              what="the stored rule reported")
     assert request(bal.port, host=HOST)[0] == 200  # the last good table still serves
     assert raised_values(bal) == []
+
+
+def test_each_workers_problem_with_a_backend_is_shown(tmp_path, stop_after):
+    """Two workers find one backend down for two reasons (its checks answer each
+    worker with its own status): /api/v1/stats names both problems. Bug: the
+    first worker's problem hid the other's."""
+    app = Backend("app", handler=PerWorkerHealth)
+    app.pids = []  # type: ignore[attr-defined]
+    stop_after(app)
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [app.address],
+                                     "health": FAST_CHECKS}}, args=["--workers", "2"])
+    stop_after(bal)
+    app.pids = worker_pids(bal)  # type: ignore[attr-defined]
+    assert len(app.pids) == 2  # type: ignore[attr-defined]
+
+    def problem() -> str:
+        return bal.host_stats(HOST).get("backends", {}).get(app.address, {}).get("problem", "")
+
+    wait_for(lambda: "answered 500" in problem() and "answered 502" in problem(),
+             what="both workers' problems")
+    assert problem().count(" | ") == 1 and "more)" not in problem()
 
 
 # passive health ----------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from balancer.stats import Stats, merge_snapshots, only_known
+from management.stats_view import backend_stats
 from tests.support import (
     ROOT,
     Backend,
@@ -178,6 +179,20 @@ def test_the_worst_state_of_the_workers_wins(states: tuple[str, str], merged: st
         snapshots.append(stats.snapshot())
     got = merge_snapshots(snapshots)["hosts"][HOST]["backends"]["127.0.0.1:1"]["state"]
     assert got == merged
+
+
+def test_the_distinct_problems_of_the_workers_are_shown_bounded() -> None:
+    """Each distinct problem once, in the order met, the first 3 and a count
+    (`/api/v1/stats`); a worker that says none adds none."""
+    snapshots = []
+    for problem in ("refused", "503", "", "refused", "timed out", "reset"):
+        stats = Stats()
+        stats.host(HOST).backend("127.0.0.1:1").source = ScriptedHealth("down", problem)
+        snapshots.append(stats.snapshot())
+    merged = merge_snapshots(snapshots)["hosts"][HOST]["backends"]["127.0.0.1:1"]
+    assert backend_stats(merged)["problem"] == "refused | 503 | timed out (and 1 more)"
+    one = merge_snapshots(snapshots[:1])["hosts"][HOST]["backends"]["127.0.0.1:1"]
+    assert backend_stats(one)["problem"] == "refused"
 
 
 def test_only_known_keeps_what_live_workers_report() -> None:
