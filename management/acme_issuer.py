@@ -83,6 +83,11 @@ CLOCK_SKEW = 300.0  # seconds the clocks of a cluster's balancers may differ
 STAND_ASIDE_AFTER = 3
 
 
+def aside_seconds() -> float:
+    """How long an issuer stands aside (`Issuer.stand_aside`): two looks of the others."""
+    return 2 * (CHECK_INTERVAL + TICK)
+
+
 def acme_hosts(hosts: Mapping[str, Any]) -> list[str]:
     """The table's hosts whose rule has ``"tls": "acme"`` (exact names only)."""
     return sorted(h for h, rule in hosts.items()
@@ -171,6 +176,7 @@ class Issuer:
                                  then="trying again at the next look")
         self.failed_steps = 0  # steps in a row that failed unexpectedly
         self.aside_until = 0.0  # (monotonic) no step, no lock, until then (`stand_aside`)
+        self.owed_until = 0.0  # (monotonic) the lock's release failed: retried until then
         self.outcomes = {"ok": 0, "failed": 0}  # issuances finished here (`/metrics`)
         self.passes = 0  # steps finished (`GET /api/v1/acme`)
         self.passed_version: int | None = None  # the table version the last step began on
@@ -199,7 +205,7 @@ class Issuer:
                 task.kill(timeout=5)
         with suppress(StoreError):  # else it goes stale by itself
             self.relay.forget()
-        if self.holding:
+        if self.holding or self.owed_until:
             with suppress(StoreError):  # else it lapses by itself
                 self.acme.unlock(self.owner)
             self.holding = False
@@ -233,6 +239,8 @@ class Issuer:
         while not self.stopped:
             version = getattr(self.table(), "version", None)
             now = time.monotonic()
+            if self.owed_until:
+                self.retry_release(now)
             if now < self.aside_until:  # no look, so no pass (bug: counted, on `version`)
                 gevent.sleep(min(TICK, self.aside_until - now))  # (wake may stay set)
                 continue
@@ -273,18 +281,44 @@ class Issuer:
         looks every `CHECK_INTERVAL`, on a `TICK`), so that it takes the lock (its code
         or its store may work). Alone, this one tries again after; meanwhile
         `run_loop` takes no look (and counts no pass)."""
-        aside = 2 * (CHECK_INTERVAL + TICK)
+        aside = aside_seconds()
         self.failed_steps = 0
         self.aside_until = time.monotonic() + aside
-        if self.holding:
-            with suppress(StoreError):  # else it lapses by itself
-                self.acme.unlock(self.owner)
-            self.holding = False
         self.problem = f"{self.problem}; {STAND_ASIDE_AFTER} steps in a row failed: this " \
                        f"balancer takes no issuer lock for {aside:g} s"
+        try:
+            if self.holding:
+                self.acme.unlock(self.owner)
+        except StoreError as exc:
+            self.owed_until = time.monotonic() + LOCK_TTL  # by then it lapsed by itself
+            log.warning("acme: %s: %d steps in a row failed unexpectedly; releasing the issuer "
+                        "lock failed (%s): trying again every %g s, taking none until it is "
+                        "released or lapsed, then none for %g s", self.owner,
+                        STAND_ASIDE_AFTER, exc, TICK, aside)
+            return
+        finally:
+            self.holding = False
         log.warning("acme: %s: %d steps in a row failed unexpectedly; released the issuer "
                     "lock, taking none for %g s (another balancer's issuer may take it)",
                     self.owner, STAND_ASIDE_AFTER, aside)
+
+    def retry_release(self, now: float) -> None:
+        """The release `stand_aside` owes, tried again at each `TICK` of the aside
+        until it is done or the lock lapsed by itself (`LOCK_TTL` after the last
+        extension: none is made meanwhile); then no lock is taken for the aside's
+        length, from then on. Bug: a release that failed (a store error) was not
+        tried again, and the issuer, back after its aside, extended the lock it
+        still held: no other balancer could take it."""
+        if now < self.owed_until:
+            try:
+                self.acme.unlock(self.owner)
+            except StoreError:
+                self.aside_until = max(self.aside_until, now + TICK)
+                return
+            log.warning("acme: %s released the issuer lock (another balancer's issuer may "
+                        "take it)", self.owner)
+        self.owed_until = 0.0
+        self.aside_until = max(self.aside_until, now + aside_seconds())
 
     # one step -----------------------------------------------------------
     def step(self) -> None:

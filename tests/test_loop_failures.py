@@ -344,17 +344,25 @@ def test_an_issuer_whose_step_keeps_failing_hands_the_lock_to_another_balancer(
     the issuer lock, then its step fails unexpectedly at every look (scripted:
     what is due is judged by code that raises). After `STAND_ASIDE_AFTER` looks it
     releases the lock, and the second balancer's issuer takes it and issues (bug:
-    the failing step extended the lock at every look: nothing was ever issued)."""
+    the failing step extended the lock at every look: nothing was ever issued).
+    Its first release fails with a store error (scripted): it is tried again while
+    the first stands aside, and the second takes the lock then, the first never
+    back in between (bug: not tried again, the first, back after its aside,
+    extended the lock it still held, and released it only at its next stand-aside)."""
     ca = FakeAcme("ok")
-    flag = tmp_path / "fail"
+    flag, refused = tmp_path / "fail", tmp_path / "refused"
     cluster = f'[store]\nnamespace = "loops-{uuid.uuid4().hex[:8]}"\n' \
               f'[acme]\ndirectory = "{ca.url}"\n'
     quick = {"management.acme_issuer.CHECK_INTERVAL": 0.3}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     flag.touch()
+    refused.touch()
+    unlock = ("balancer.stores.acme:RedisAcme.unlock"
+              f"!balancer.stores.base:StoreUnavailable@{refused}")
     a = Balancer(tmp_path / "a", None, store=redis_server.url, config=cluster,
-                 prefix=constants_prefix(quick, fail=(["management.acme_issuer:due"], flag)))
+                 prefix=constants_prefix({**quick, "management.acme_issuer.TICK": 0.5},
+                                         fail=(["management.acme_issuer:due", unlock], flag)))
     b: Balancer | None = None
     try:
         def issuer(bal: Balancer) -> dict[str, Any]:
@@ -368,10 +376,15 @@ def test_an_issuer_whose_step_keeps_failing_hands_the_lock_to_another_balancer(
         assert issuer(a)["issuer"]["this_balancer"], "the lock taken first"
         b = Balancer(tmp_path / "b", None, store=redis_server.url, config=cluster,
                      prefix=constants_prefix(quick))
+        wait_for(lambda: "releasing the issuer lock failed (scripted failure)" in a.output(),
+                 WAIT, what="the first balancer's release refused")
+        asides = a.output().count("steps in a row failed unexpectedly")
+        refused.unlink()
         wait_for(lambda: issuer(b)["hosts"].get("app.test", {}).get("state") == "issued",
                  3 * WAIT, what="the certificate issued by the second balancer")
         assert "took the lock" in b.output()
-        assert "released the issuer lock, taking none for" in a.output()
+        assert a.output().count("steps in a row failed unexpectedly") == asides
+        assert "released the issuer lock (another balancer's issuer may take it)" in a.output()
         assert "acme: issuing a certificate" not in a.output()
     finally:
         flag.unlink(missing_ok=True)

@@ -16,7 +16,9 @@ change from outside in it.
 named function or method raises ``RuntimeError("scripted failure")`` whenever
 it is called while the file PATH exists (a bug made to strike, and cured, by
 the test: creating and deleting PATH); ``FAIL_RAISES=package.module:Class``
-raises that class instead (a store's error, say).
+raises that class instead (a store's error, say). One entry may name its own
+class and flag: ``package.module:Class.method!package.module:Error@PATH``
+(two failures struck and cured apart: a step's bug and a store's refusal).
 
 ``COUNT_CALLS="package.module:Class.method;..."`` with ``COUNT_INTO=PATH``: each
 call of a named function or method (a scripted failure included) appends a line
@@ -56,10 +58,10 @@ def _slowed(function: Any, seconds: float) -> Any:
     return slow
 
 
-def _failing(function: Any, flag: str) -> Any:
+def _failing(function: Any, flag: str, raises: str = "") -> Any:
     def fail(*args: Any, **kwargs: Any) -> Any:
         if os.path.exists(flag):
-            raise _failure()("scripted failure")
+            raise _failure(raises)("scripted failure")
         return function(*args, **kwargs)
     return fail
 
@@ -75,10 +77,10 @@ def _counted(function: Any, path: str) -> Any:
     return count
 
 
-def _failure() -> Any:
-    """The exception class ``FAIL_RAISES`` names (``package.module:Class``), or
-    RuntimeError."""
-    named = os.environ.get("FAIL_RAISES")
+def _failure(named: str = "") -> Any:
+    """The exception class `named` or ``FAIL_RAISES`` names (``package.module:Class``),
+    or RuntimeError."""
+    named = named or os.environ.get("FAIL_RAISES", "")
     if not named:
         return RuntimeError
     module, name = named.split(":")
@@ -89,7 +91,7 @@ def _failures(variable: str = "FAIL_CALLS") -> dict[str, list[str]]:
     """{module: [attribute path]} from ``FAIL_CALLS`` (or ``COUNT_CALLS``)."""
     wanted: dict[str, list[str]] = {}
     for item in filter(None, os.environ.get(variable, "").split(";")):
-        module, attribute = item.split(":")
+        module, attribute = item.split(":", 1)
         wanted.setdefault(module, []).append(attribute)
     return wanted
 
@@ -124,8 +126,11 @@ class _SetAfterRun(importlib.abc.MetaPathFinder):
                 if isinstance(old, int) and value.is_integer():
                     value = int(value)  # a count stays an int (a slice's bound)
                 setattr(module, name, _slowed(old, value) if name in slow else value)
-            for attribute in self.fail.get(fullname, []):
-                _wrap(module, attribute, _failing, os.environ["FAIL_WHILE"])
+            for entry in self.fail.get(fullname, []):
+                entry, _, flag = entry.partition("@")
+                attribute, _, raises = entry.partition("!")
+                _wrap(module, attribute, lambda f, p, r=raises: _failing(f, p, r),
+                      flag or os.environ["FAIL_WHILE"])
             for attribute in self.count.get(fullname, []):
                 _wrap(module, attribute, _counted, os.environ["COUNT_INTO"])
 
