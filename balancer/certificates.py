@@ -109,40 +109,45 @@ def check_size(chain_pem: str) -> None:
     OpenSSL 0.4 s to load in each worker, in the loop, and every handshake of
     its host sent the client the whole of it."""
     if len(chain_pem) > MAX_CHAIN_BYTES:
-        raise CertificateError(f"chain: {len(chain_pem)} bytes, more than the "
-                               f"{MAX_CHAIN_BYTES // 1024} KiB a chain may have (the leaf "
-                               f"and its intermediates take a few KiB)")
+        raise CertificateError(_too_big(chain_pem))
+
+
+def _too_big(chain_pem: str) -> str:
+    return (f"chain: {len(chain_pem)} bytes, more than the {MAX_CHAIN_BYTES // 1024} KiB a "
+            f"chain may have (the leaf and its intermediates take a few KiB)")
 
 
 def unservable(chain_pem: str, key_pem: str) -> str | None:
     """Why no worker can serve a stored record, as far as its text tells without
-    parsing it (1–5 µs; reading the record's JSON takes ~20): `balancer.stores.certs`
-    asks at every read of the store, so a record written straight into it is
-    reported when the balancer starts, not at its host's first handshake. None
-    when it may be served (OpenSSL may still refuse it at the first handshake: a
-    key of another certificate, a certificate's text damaged within its block).
+    parsing it (about 4 µs a record, interpreted: a dozen searches of its text,
+    each from where the record's text puts what is looked for; reading the
+    record's JSON takes ~20): `balancer.stores.certs` asks at every read of the
+    store, so a record written straight into it is reported when the balancer
+    starts, not at its host's first handshake. None when it may be served
+    (OpenSSL may still refuse it at the first handshake: a key of another
+    certificate, a certificate's text damaged within its block: `refused`).
     Judged on what a worker loads (`load_pem`: the key's text, then the chain's),
     so a bundle in either field is served. Bug: the certificate was looked for
     in ``chain`` only and the key in ``key`` only: a bundle stored straight into
     the store (a HAProxy-style ``chain``, an empty ``key``), served until then,
     was refused at the balancer's next start. Never quotes the record."""
-    try:
-        check_size(chain_pem)
-    except CertificateError as exc:
-        return str(exc)
-    for field, text in (("chain", chain_pem), ("key", key_pem)):
-        last_end = text.rfind("-----END ")
-        if text.find("-----BEGIN ", max(last_end, 0)) >= 0:
-            return f"{field}: cut short (no END line after its last BEGIN line)"
+    if len(chain_pem) > MAX_CHAIN_BYTES:
+        return _too_big(chain_pem)
+    if chain_pem.find("-----BEGIN ", chain_pem.rfind("-----END ") + 1) >= 0:
+        return "chain: cut short (no END line after its last BEGIN line)"
+    if key_pem.find("-----BEGIN ", key_pem.rfind("-----END ") + 1) >= 0:
+        return "key: cut short (no END line after its last BEGIN line)"
     if "CERTIFICATE-----" not in chain_pem and "CERTIFICATE-----" not in key_pem:
         return "chain: no PEM certificate"
     for text in (key_pem, chain_pem):  # OpenSSL takes the first private key block
         at = text.find("PRIVATE KEY-----")
-        label = text[text.rfind("\n", 0, at) + 1:at]  # "-----BEGIN RSA ", say
-        if at >= 0 and label.startswith("-----BEGIN "):
-            if "ENCRYPTED" in label or "Proc-Type: 4,ENCRYPTED" in text[at:at + 48]:
-                return "key: the private key is encrypted"
-            return None
+        if at >= 0:
+            line = text.rfind("\n", 0, at) + 1  # its "-----BEGIN RSA " (say) starts there
+            if text.startswith("-----BEGIN ", line):
+                if text.find("ENCRYPTED", line, at) >= 0 \
+                        or text.find("Proc-Type: 4,ENCRYPTED", at, at + 48) >= 0:
+                    return "key: the private key is encrypted"
+                return None
     return "key: no PEM private key"
 
 
