@@ -119,9 +119,9 @@ def _too_big(chain_pem: str) -> str:
 
 def unservable(chain_pem: str, key_pem: str) -> str | None:
     """Why no worker can serve a stored record, as far as its text tells without
-    parsing it (about 4 µs a record, interpreted: a dozen searches of its text,
-    each from where the record's text puts what is looked for; reading the
-    record's JSON takes ~20): `balancer.stores.certs` asks at every read of the
+    parsing it (about 1.5 µs a record, interpreted, at load ~10: a few searches
+    of its text, each from where a record puts what is looked for; reading the
+    record's JSON takes 8-12 more): `balancer.stores.certs` asks at every read of the
     store, so a record written straight into it is reported when the balancer
     starts, not at its host's first handshake. None when it may be served
     (OpenSSL may still refuse it at the first handshake: a key of another
