@@ -19,7 +19,11 @@ Invariants:
 * A try on a connection taken from the pool (`Flight.reused`) that finds it
   closed before the answer began, or whose answer is a 408 (`STALE`), goes
   again once, on a new connection to the same backend, when the request can
-  be replayed (`can_replay`); on a new connection either is the try's outcome.
+  be replayed (`can_replay`; after a close, only an `IDEMPOTENT` one: the
+  backend may have processed it); on a new connection either is the try's
+  outcome. A pooled connection for a request that may not go twice is
+  peeked at before use (`_take`), so that a close that came meanwhile costs
+  a new connection, not the client's 502.
 * One try on one backend is a `Flight`: `arrive` takes it from start to its
   answer; the hub (`balancer.inline`) may take it as far as its answer's
   relay with these same steps (a new connection's `Backend.start_connect`
@@ -87,6 +91,12 @@ CHUNKED: Final = b"\r\nTransfer-Encoding: chunked"
 # closed is (`arrive`); Chromium retries a 408 on a reused socket once, HAProxy
 # has `retry-on 408`. A 408 on a new connection is the backend's answer.
 STALE: Final = "a 408 on a connection taken from the pool"
+# Methods whose request may reach a backend twice (RFC 9110 §9.2.2). Bug: a request
+# sent on a pooled connection that the backend closed without an answer was
+# replayed on a fresh one whatever its method, so a POST the backend had read
+# (and perhaps processed, before it crashed or closed the connection after its
+# Nth request) reached it twice; nginx and HAProxy send such a POST once (a 502).
+IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -578,10 +588,10 @@ def arrive(ex: Exchange, flight: Flight, body: Piece | None, max_body: int | Non
             # one int compare per request; the rest only for a 408 (`STALE`)
             if rhead.status == 408 and flight.reused and can_replay(ex, body):
                 raise BackendClosed(STALE)  # replayed on a fresh connection below
-        except BackendClosed:
+        except BackendClosed as closed:
             upstream.close()
-            if not flight.reused or not can_replay(ex, body):
-                raise  # a fresh connection failed, or the streamed body is gone
+            if not flight.reused or not can_replay(ex, body, closed):
+                raise  # a fresh connection failed, the body is gone, or it may not go twice
             upstream = renew(ex, backend, upstream)
             rhead = exchange(ex, upstream, body, max_body)
         deliver(ex, flight, upstream, rhead)
@@ -591,11 +601,15 @@ def arrive(ex: Exchange, flight: Flight, body: Piece | None, max_body: int | Non
         raise
 
 
-def can_replay(ex: Exchange, body: Piece | None) -> bool:
+def can_replay(ex: Exchange, body: Piece | None, closed: BackendClosed | None = None) -> bool:
     """Whether `ex`'s request can go again on a new connection to the same backend
     (a pooled one's replacement, `arrive`): it has no body, or its body is in
-    hand (`body`), not streamed."""
-    return body is not None or not ex.head.has_body
+    hand (`body`), not streamed; and after `closed` (the pooled connection
+    closed before an answer) it is `IDEMPOTENT`, unless that close is a 408's
+    (`STALE`: the request was not processed)."""
+    if body is None and ex.head.has_body:
+        return False
+    return closed is None or ex.head.method in IDEMPOTENT or closed.args == (STALE,)
 
 
 def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Upstream:
@@ -621,7 +635,8 @@ def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Ups
     if idle is None:
         arm_connect(ex, backend)
         upstream = backend.connect_tls(key) if key else backend.connect()
-    elif body is None and not ex.body_done and not backend.is_open(idle):
+    elif (body is None and not ex.body_done or ex.head.method not in IDEMPOTENT) \
+            and not backend.is_open(idle):  # (a close found later is not replayed)
         idle.close()
         upstream = renew(ex, backend, idle)
     else:

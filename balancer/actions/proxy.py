@@ -47,13 +47,12 @@ from balancer.errors import (
 from balancer.hold import Hold, Holds, hand_over
 from balancer.http11 import declared_body
 from balancer.pool import Backend
-from balancer.relay import Flight, arrive, land
+from balancer.relay import IDEMPOTENT, Flight, arrive, land
 from balancer.rules import backend_entries
 from balancer.sketch import client_address
 from balancer.spans import Piece, join_pieces
 from balancer.stats import BackendStats
 
-IDEMPOTENT: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 DEFAULT_RETRIES: Final = 2
 DEFAULT_FALL: Final = 3
 DEFAULT_RETRY_TIMEOUT: Final = 15.0
