@@ -17,7 +17,8 @@ Invariants:
   A backend starts up; the first verdict needs `fall` failures.
 * A check passes when the backend answers `path` with a 2xx or 3xx status
   within `timeout` seconds (connect included); interim 1xx answers before it
-  are passed over, a 101 fails. An https:// backend is checked
+  are passed over, up to `MAX_INTERIM` of them as a request's relay takes
+  (more fail the check at once), a 101 fails. An https:// backend is checked
   over TLS, its certificate verified for the rule's host as a request's would
   be (`check_tls_key`); a certificate that fails is a failed check.
 * Each flip is logged once with its reason (the last failed check's problem:
@@ -38,6 +39,7 @@ from balancer.backend_tls import UNVERIFIED, pool_key
 from balancer.errors import BackendTLSError
 from balancer.http11 import ProtocolError
 from balancer.pool import Backend
+from balancer.relay import MAX_INTERIM, interims
 from balancer.response_parser import ResponseParser, final_head
 from balancer.restarts import Restarts
 from balancer.rules import backend_entries
@@ -207,9 +209,14 @@ def read_status(sock: socket.socket, deadline: float) -> int:
     """The status of the final response on `sock` (or of a 101), read by
     `deadline` (raises OSError, ProtocolError). Interim 1xx answers (100, 103
     Early Hints) are passed over, as a request's relay passes them on (bug: a
-    backend sending 103 before its 200 failed every check)."""
+    backend sending 103 before its 200 failed every check), up to
+    `MAX_INTERIM` (bug: a backend sending them without end was read until
+    `deadline`, and as its socket always had data the check never yielded: the
+    worker served nothing else meanwhile)."""
     parser = ResponseParser()
     while (head := final_head(parser)) is None:
+        if interims(parser) > MAX_INTERIM:
+            raise ProtocolError(502, f"more than {MAX_INTERIM} interim (1xx) responses")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("health check timed out")

@@ -212,7 +212,7 @@ def _judge_answer(upstream: Upstream) -> Callable[[], BaseException | bool]:
         except ProxyError as exc:
             return exc
         if rhead is None:  # nothing final: interim heads wait in the parser, bounded
-            return True if _interims(parser) <= MAX_INTERIM else BackendProtocolError(
+            return True if interims(parser) <= MAX_INTERIM else BackendProtocolError(
                 f"more than {MAX_INTERIM} interim (1xx) responses")
         if rhead.status >= 400 or not rhead.keep_alive or (parser.complete
                                                            and rhead.status != 101):
@@ -222,8 +222,9 @@ def _judge_answer(upstream: Upstream) -> Callable[[], BaseException | bool]:
     return judge
 
 
-def _interims(parser: ResponseParser) -> int:
-    """How many interim (1xx) heads of an early answer wait in `parser`."""
+def interims(parser: ResponseParser) -> int:
+    """How many interim (1xx) heads wait in `parser` (an early answer's; a health
+    check's, `balancer.health.read_status`)."""
     return sum(1 for event in parser.events
                if isinstance(event, ResponseHead) and event.status < 200 and event.status != 101)
 

@@ -1,5 +1,6 @@
 """Hostile probes of broken backends, through real sockets: scripted backends
-that close a kept-alive connection at the worst moment.
+that close a kept-alive connection at the worst moment, or answer health
+checks with interim (1xx) responses without end.
 
 A backend that reads a request on a connection taken from the pool and closes
 it without an answer may have processed it (it crashed after a commit, or it
@@ -10,22 +11,31 @@ race), but a POST or a PATCH is never sent twice (RFC 9110 §9.2.2, RFC 9112
 §9.3.1): the client gets a 502, as with nginx 1.22 and HAProxy 2.6 (both
 compared on loopback with the same backend). Before 2026-12-07 such a POST
 with its body in hand reached the backend twice.
+
+A health check passes interim responses over (`103 Early Hints` before a
+`200`), at most 32 of them as a request's relay does: a backend sending them
+without end fails its check at once. Before 2026-12-07 the check read them
+until its `timeout`, and as the socket always had data it never yielded: the
+worker served nothing else for that long, every `interval`.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.rawpeer import RawBackend
-from tests.support import Balancer, raw_exchange, request, split_responses
+from tests.rawpeer import RawBackend, serve_each
+from tests.support import Balancer, raw_exchange, request, split_responses, wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 HOST = "app.test"
 CLOSING = "closing.test"
+HINTS = "hints.test"
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" * 64
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -58,13 +68,38 @@ def closing() -> Iterator[RawBackend]:
     peer.stop()
 
 
+def hints_without_end(conn: socket.socket) -> None:
+    """Read a request, then send `103 Early Hints` as fast as the socket takes
+    them, until the peer goes (or 5 s)."""
+    conn.settimeout(5)
+    end = time.monotonic() + 5
+    try:
+        conn.recv(65536)
+        while time.monotonic() < end:
+            conn.sendall(EARLY_HINTS)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def hinting() -> Iterator[str]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    serve_each(listener, hints_without_end)
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
 @pytest.fixture(scope="module")
 def bal(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend,
-        closing: RawBackend) -> Iterator[Balancer]:
+        closing: RawBackend, hinting: str) -> Iterator[Balancer]:
     # retries 0: only the pooled connection's own replay can send a request twice
     balancer = Balancer(tmp_path_factory.mktemp("backends"), {
         HOST: {"action": "proxy", "backends": [backend.address], "retries": 0},
-        CLOSING: {"action": "proxy", "backends": [closing.address], "retries": 0}})
+        CLOSING: {"action": "proxy", "backends": [closing.address], "retries": 0},
+        HINTS: {"action": "proxy", "backends": [hinting],
+                "health": {"interval": 0.1, "timeout": 1.0, "fall": 1}}})
     yield balancer
     balancer.stop()
 
@@ -114,3 +149,19 @@ def test_a_post_behind_a_closed_pooled_connection_goes_on_a_fresh_one(
             b"Content-Length: %d\r\n\r\n%s" % (len(post), post))
         assert [status for status, _, _ in split_responses(answers)] == [200, 200]
         assert sum(raw.endswith(post) for raw in closing.requests) == 1
+
+
+def test_interim_answers_without_end_fail_a_health_check_at_once(bal: Balancer,
+                                                                 hinting: str) -> None:
+    """While the hinting backend is checked every 0.1 s, other hosts' requests are
+    served at once (each took up to the check's 1 s timeout), and its check fails
+    naming the cause, not a timeout."""
+    slowest = 0.0
+    for _ in range(10):
+        began = time.monotonic()
+        assert request(bal.port, path="/warm", host=CLOSING)[0] == 200
+        slowest = max(slowest, time.monotonic() - began)
+    assert slowest < 0.3, slowest
+    wait_for(lambda: bal.host_stats(HINTS)["backends"][hinting].get("problem") ==
+             "invalid response: more than 32 interim (1xx) responses", timeout=2,
+             what="the check's problem named")
