@@ -66,37 +66,62 @@ class Balancer:
 
 
 class RoundRobin(Balancer):
-    """Smooth weighted round robin (as nginx): even spread, weights respected."""
+    """Smooth weighted round robin (as nginx): even spread, weights respected.
+
+    With weights, each pick is one step of the smooth order over the backends
+    that may take it (`may_take`: untried, and up or due for their probe), as
+    nginx steps over its available peers: a backend down has no weight
+    meanwhile, and the others share its requests by theirs. Bug: the order was
+    walked over every backend, as many steps as there are backends, and one
+    down that weighs more than the others together took every step: each
+    request went to it anyway."""
 
     def __init__(self, backends: Sequence[Backend], weights: Sequence[int]) -> None:
         super().__init__(backends, weights)
         self.current = [0] * len(self.backends)
-        self.total = sum(self.weights)
         self.uniform = len(set(self.weights)) <= 1
         self.index = -1
 
-    def _next_index(self) -> int:
+    def _next_index(self, tried: Sequence[Backend]) -> int:
+        """One step of the smooth order over the backends that `may_take` a
+        request; -1 when none may."""
         current, weights = self.current, self.weights
-        best = 0
-        for i, weight in enumerate(weights):
-            current[i] += weight
-            if current[i] > current[best]:
+        best, total = -1, 0
+        for i, backend in enumerate(self.backends):
+            if not may_take(backend, tried):
+                continue
+            current[i] += weights[i]
+            total += weights[i]
+            if best < 0 or current[i] > current[best]:
                 best = i
-        current[best] -= self.total
+        if best >= 0:
+            current[best] -= total
         return best
 
     def pick(self, client: str, tried: Sequence[Backend]) -> Backend | None:
         backends = self.backends
+        if not self.uniform:
+            index = self._next_index(tried)
+            if index >= 0 and backends[index].is_available():  # (claims a probe)
+                return backends[index]
+            return self.any_untried(tried)
         count = len(backends)
         for _ in range(count):
-            if self.uniform:
-                index = self.index = (self.index + 1) % count
-            else:
-                index = self._next_index()
+            index = self.index = (self.index + 1) % count
             backend = backends[index]
             if backend not in tried and backend.is_available():
                 return backend
         return self.any_untried(tried)
+
+
+def may_take(backend: Backend, tried: Sequence[Backend]) -> bool:
+    """Whether `backend` may take the next try (no side effect): not tried yet,
+    and up, or down with its mark expired (its probe is due: `is_available`
+    claims it)."""
+    if tried and backend in tried:
+        return False
+    return backend.is_healthy or (not backend.checked_down
+                                  and time.monotonic() >= backend.down_until)
 
 
 class LeastConnections(Balancer):

@@ -210,6 +210,29 @@ def test_down_backends_avoided_but_all_down_still_tried(algorithm):
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_a_heavy_backend_down_is_avoided_and_its_weight_passed_over(algorithm):
+    """Bug: weighted round robin walked its smooth order only as many steps as it
+    has backends, and a backend down that weighs more than the others together
+    filled them all: every request went to it anyway (a hung backend's
+    `backend_read` each). The others share its requests by their weights, and
+    it gets its share again at once when it recovers (nginx passes a down
+    peer's weight over the same way)."""
+    backends = make_backends(4)
+    heavy = backends[0]
+    balancer = make_balancer(algorithm, backends, [30, 1, 2, 1])
+    heavy.record_failure(fall=1)
+    counts = Counter(balancer.pick("203.0.113.11", []) for _ in range(400))
+    assert counts[heavy] == 0
+    if algorithm != "ip_hash":  # (one client: sticky to one backend)
+        for got, want in zip(shares(counts, backends[1:]), expected([1, 2, 1]), strict=True):
+            assert abs(got - want) <= 0.05, (algorithm, got, want)
+    heavy.record_success()
+    if algorithm in ("round_robin", "least_connections"):
+        back = Counter(balancer.pick("203.0.113.11", []) for _ in range(34))
+        assert back[heavy] == 30, back
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_expired_down_mark_gives_exactly_one_probe(algorithm):
     backends = make_backends(3)
     balancer = make_balancer(algorithm, backends, [1, 1, 1])

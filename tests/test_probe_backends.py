@@ -1,6 +1,7 @@
 """Hostile probes of broken backends, through real sockets: scripted backends
 that close a kept-alive connection at the worst moment, or answer health
-checks with interim (1xx) responses without end.
+checks with interim (1xx) responses without end, or weigh more than the
+others together and go down.
 
 A backend that reads a request on a connection taken from the pool and closes
 it without an answer may have processed it (it crashed after a commit, or it
@@ -17,6 +18,11 @@ A health check passes interim responses over (`103 Early Hints` before a
 without end fails its check at once. Before 2026-12-07 the check read them
 until its `timeout`, and as the socket always had data it never yielded: the
 worker served nothing else for that long, every `interval`.
+
+A backend that is down gets no request until its probe is due, whatever its
+weight: with weighted round robin one that weighed more than the others
+together got every request all the same (a refused connect each, retried; a
+hung backend's `backend_read` each), until 2026-12-07.
 """
 
 from __future__ import annotations
@@ -28,13 +34,22 @@ from collections.abc import Iterator
 import pytest
 
 from tests.rawpeer import RawBackend, serve_each
-from tests.support import Balancer, raw_exchange, request, split_responses, wait_for
+from tests.support import (
+    Backend,
+    Balancer,
+    dead_address,
+    raw_exchange,
+    request,
+    split_responses,
+    wait_for,
+)
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 HOST = "app.test"
 CLOSING = "closing.test"
 HINTS = "hints.test"
+WEIGHTED = "weighted.test"
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" * 64
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -92,14 +107,26 @@ def hinting() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def light() -> Iterator[Backend]:
+    peer = Backend("light")
+    yield peer
+    peer.stop()
+
+
+HEAVY = dead_address()  # refuses connections
+
+
+@pytest.fixture(scope="module")
 def bal(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend,
-        closing: RawBackend, hinting: str) -> Iterator[Balancer]:
+        closing: RawBackend, hinting: str, light: Backend) -> Iterator[Balancer]:
     # retries 0: only the pooled connection's own replay can send a request twice
     balancer = Balancer(tmp_path_factory.mktemp("backends"), {
         HOST: {"action": "proxy", "backends": [backend.address], "retries": 0},
         CLOSING: {"action": "proxy", "backends": [closing.address], "retries": 0},
         HINTS: {"action": "proxy", "backends": [hinting],
-                "health": {"interval": 0.1, "timeout": 1.0, "fall": 1}}})
+                "health": {"interval": 0.1, "timeout": 1.0, "fall": 1}},
+        WEIGHTED: {"action": "proxy",
+                   "backends": [{"address": HEAVY, "weight": 10}, light.address]}})
     yield balancer
     balancer.stop()
 
@@ -165,3 +192,12 @@ def test_interim_answers_without_end_fail_a_health_check_at_once(bal: Balancer,
     wait_for(lambda: bal.host_stats(HINTS)["backends"][hinting].get("problem") ==
              "invalid response: more than 32 interim (1xx) responses", timeout=2,
              what="the check's problem named")
+
+
+def test_a_heavy_backend_down_gets_no_request(bal: Balancer, light: Backend) -> None:
+    """Its `fall` (3) refused connects mark it down (each request retried on the
+    light backend); the next requests go to the light one alone."""
+    for _ in range(13):
+        assert request(bal.port, host=WEIGHTED)[0] == 200
+    heavy = bal.host_stats(WEIGHTED)["backends"][HEAVY]
+    assert (heavy["state"], heavy["outcomes"]["connect_error"]) == ("down", 3)
