@@ -28,6 +28,7 @@ hung backend's `backend_read` each), until 2026-12-07.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
@@ -50,6 +51,7 @@ HOST = "app.test"
 CLOSING = "closing.test"
 HINTS = "hints.test"
 WEIGHTED = "weighted.test"
+LIAR = "liar.test"
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" * 64
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -64,8 +66,13 @@ def first_answered(conn: socket.socket, raw: bytes) -> bool:
 
 
 def answer_and_close(conn: socket.socket, _raw: bytes) -> bool:
-    """Answer every request, then close without saying so (no `Connection: close`)."""
+    """Answer every request, then close without saying so (no `Connection: close`):
+    the answer and the end of stream in one segment (corked), so that the close
+    is there before the balancer reads the answer (a close that comes after it
+    sent the next request on the connection is a 502, as with nginx)."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
     conn.sendall(OK)
+    conn.shutdown(socket.SHUT_WR)
     return False
 
 
@@ -106,6 +113,22 @@ def hinting() -> Iterator[str]:
     listener.close()
 
 
+def healthy_to_checks_only(conn: socket.socket, raw: bytes) -> bool:
+    """Answer the health check's `GET /healthz`; reset every other request."""
+    if raw.startswith(b"GET /healthz "):
+        conn.sendall(OK)
+        return True
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return False
+
+
+@pytest.fixture(scope="module")
+def liar() -> Iterator[RawBackend]:
+    peer = RawBackend(healthy_to_checks_only)
+    yield peer
+    peer.stop()
+
+
 @pytest.fixture(scope="module")
 def light() -> Iterator[Backend]:
     peer = Backend("light")
@@ -118,7 +141,8 @@ HEAVY = dead_address()  # refuses connections
 
 @pytest.fixture(scope="module")
 def bal(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend,
-        closing: RawBackend, hinting: str, light: Backend) -> Iterator[Balancer]:
+        closing: RawBackend, hinting: str, light: Backend,
+        liar: RawBackend) -> Iterator[Balancer]:
     # retries 0: only the pooled connection's own replay can send a request twice
     balancer = Balancer(tmp_path_factory.mktemp("backends"), {
         HOST: {"action": "proxy", "backends": [backend.address], "retries": 0},
@@ -126,7 +150,9 @@ def bal(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend,
         HINTS: {"action": "proxy", "backends": [hinting],
                 "health": {"interval": 0.1, "timeout": 1.0, "fall": 1}},
         WEIGHTED: {"action": "proxy",
-                   "backends": [{"address": HEAVY, "weight": 10}, light.address]}})
+                   "backends": [{"address": HEAVY, "weight": 10}, light.address]},
+        LIAR: {"action": "proxy", "backends": [liar.address, light.address],
+               "health": {"path": "/healthz", "interval": 0.1, "rise": 1}}})
     yield balancer
     balancer.stop()
 
@@ -201,3 +227,18 @@ def test_a_heavy_backend_down_gets_no_request(bal: Balancer, light: Backend) -> 
         assert request(bal.port, host=WEIGHTED)[0] == 200
     heavy = bal.host_stats(WEIGHTED)["backends"][HEAVY]
     assert (heavy["state"], heavy["outcomes"]["connect_error"]) == ("down", 3)
+
+
+def test_checks_that_pass_do_not_clear_what_requests_found(bal: Balancer,
+                                                           liar: RawBackend) -> None:
+    """A backend healthy to its checks (every 0.1 s) that resets every request:
+    its `fall` (3) resets mark it down, and the checks passing meanwhile do not
+    bring it back before `fail_timeout` (10 s): one probe then, not one per
+    check. Every request is answered (a GET: retried on the other backend)."""
+    for _ in range(13):
+        assert request(bal.port, host=LIAR)[0] == 200
+    wait_for(lambda: sum(raw.startswith(b"GET /healthz ") for raw in liar.requests) >= 5,
+             timeout=2, what="checks passing after the mark")
+    assert request(bal.port, host=LIAR)[0] == 200
+    stats = bal.host_stats(LIAR)["backends"][liar.address]
+    assert (stats["state"], stats["outcomes"]["error"]) == ("down", 3)
