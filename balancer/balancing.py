@@ -32,6 +32,16 @@ FIRST_SHARE: Final = 0.05  # the new backends' share of new requests when a warm
 SHARE_EVERY: Final = 0.1   # seconds between re-evaluations of a warmup's share
 
 
+def may_take(backend: Backend, tried: Sequence[Backend]) -> bool:
+    """Whether `backend` may take the next try (no side effect): not tried yet,
+    and up, or down with its mark expired (its probe is due: `is_available`
+    claims it)."""
+    if tried and backend in tried:
+        return False
+    return backend.is_healthy or (not backend.checked_down
+                                  and time.monotonic() >= backend.down_until)
+
+
 class Balancer:
     """Base: weighted backends and the shared fallback of `pick`."""
 
@@ -112,16 +122,6 @@ class RoundRobin(Balancer):
             if backend not in tried and backend.is_available():
                 return backend
         return self.any_untried(tried)
-
-
-def may_take(backend: Backend, tried: Sequence[Backend]) -> bool:
-    """Whether `backend` may take the next try (no side effect): not tried yet,
-    and up, or down with its mark expired (its probe is due: `is_available`
-    claims it)."""
-    if tried and backend in tried:
-        return False
-    return backend.is_healthy or (not backend.checked_down
-                                  and time.monotonic() >= backend.down_until)
 
 
 class LeastConnections(Balancer):
@@ -250,7 +250,9 @@ class SlowStart(Balancer):
     backends with a share that ramps linearly from `FIRST_SHARE` to 1 over
     `warmup` seconds from `since` (unix time, the same on every balancer), the
     rest to the old backends; from then on the old backends get no new request
-    (their in-flight ones finish: the drain). Each side keeps the rule's
+    (their in-flight ones finish: the drain). While no backend of the side a
+    request drew may take it (`may_take`: every one down, or tried), it goes to
+    the other side. Each side keeps the rule's
     algorithm. The share is re-evaluated at most every `SHARE_EVERY` seconds
     (one monotonic clock read per pick, no system call)."""
 
@@ -285,12 +287,12 @@ class SlowStart(Balancer):
     def pick(self, client: str, tried: Sequence[Backend]) -> Backend | None:
         if not self.is_warming():
             return self.new.pick(client, tried)
-        if self.draw(client) >= self.share:
-            backend = self.old.pick(client, tried)
-            if backend is not None:
-                return backend
-        backend = self.new.pick(client, tried)
-        return backend if backend is not None else self.old.pick(client, tried)
+        first, then = (self.old, self.new) if self.draw(client) >= self.share else (
+            self.new, self.old)
+        if not any(may_take(b, tried) for b in first.backends):
+            first, then = then, first  # (bug: its share went to a backend down first)
+        backend = first.pick(client, tried)
+        return backend if backend is not None else then.pick(client, tried)
 
     def draw(self, client: str) -> float:
         """A point in [0, 1): random per request, or fixed per client with ip_hash (a

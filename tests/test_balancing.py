@@ -7,7 +7,9 @@ probability (random draws are seeded).
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -230,6 +232,32 @@ def test_a_heavy_backend_down_is_avoided_and_its_weight_passed_over(algorithm):
     if algorithm in ("round_robin", "least_connections"):
         back = Counter(balancer.pick("203.0.113.11", []) for _ in range(34))
         assert back[heavy] == 30, back
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("down", ["old", "new"])
+def test_a_warmup_passes_over_a_side_that_is_down(algorithm, down):
+    """A deploy's warmup (`SlowStart`) whose old backends died (stopped early,
+    crashed), or whose new ones went down: the drawn side's share goes to the
+    other side while none of its backends may take a request (bug: each went
+    to a down backend first, a refused connect or a hung backend's
+    `backend_read` each). With both sides down every backend is still tried."""
+    backends = make_backends(4)
+    sides = {"new": backends[:2], "old": backends[2:]}
+    warmup = balancing.SlowStart(make_balancer(algorithm, sides["new"], [1, 1]),
+                                 make_balancer(algorithm, sides["old"], [1, 1]),
+                                 time.time(), 600.0)
+    warmup.share, warmup.next_share = 0.5, math.inf  # half the draws go to each side
+    for backend in sides[down]:
+        backend.record_failure(fall=1)
+    picked = {warmup.pick(f"198.51.100.{i}", []) for i in range(100)}
+    assert picked and not picked & set(sides[down])
+    for backend in backends:
+        backend.record_failure(fall=1)
+    tried: list[Backend] = []
+    while (backend := warmup.pick("198.51.100.1", tried)) is not None:
+        tried.append(backend)
+    assert len(tried) == 4
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))

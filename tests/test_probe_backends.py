@@ -1,7 +1,8 @@
 """Hostile probes of broken backends, through real sockets: scripted backends
 that close a kept-alive connection at the worst moment, or answer health
 checks with interim (1xx) responses without end, or weigh more than the
-others together and go down.
+others together and go down, or are a deploy's old backends stopped before
+its warmup ended.
 
 A backend that reads a request on a connection taken from the pool and closes
 it without an answer may have processed it (it crashed after a commit, or it
@@ -22,7 +23,9 @@ worker served nothing else for that long, every `interval`.
 A backend that is down gets no request until its probe is due, whatever its
 weight: with weighted round robin one that weighed more than the others
 together got every request all the same (a refused connect each, retried; a
-hung backend's `backend_read` each), until 2026-12-07.
+hung backend's `backend_read` each), until 2026-12-07; nor did a deploy's
+warmup pass over old backends that are down (95 % of requests went to them
+first at its start).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ CLOSING = "closing.test"
 HINTS = "hints.test"
 WEIGHTED = "weighted.test"
 LIAR = "liar.test"
+DEPLOYING = "deploying.test"
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" * 64
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -137,6 +141,7 @@ def light() -> Iterator[Backend]:
 
 
 HEAVY = dead_address()  # refuses connections
+OLD = dead_address()  # a deploy's old backend, stopped before its warmup ended
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +157,9 @@ def bal(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend,
         WEIGHTED: {"action": "proxy",
                    "backends": [{"address": HEAVY, "weight": 10}, light.address]},
         LIAR: {"action": "proxy", "backends": [liar.address, light.address],
-               "health": {"path": "/healthz", "interval": 0.1, "rise": 1}}})
+               "health": {"path": "/healthz", "interval": 0.1, "rise": 1}},
+        DEPLOYING: {"action": "proxy", "backends": [light.address],
+                    "draining": {"backends": [OLD], "since": time.time(), "warmup": 3600}}})
     yield balancer
     balancer.stop()
 
@@ -220,13 +227,15 @@ def test_interim_answers_without_end_fail_a_health_check_at_once(bal: Balancer,
              what="the check's problem named")
 
 
-def test_a_heavy_backend_down_gets_no_request(bal: Balancer, light: Backend) -> None:
+@pytest.mark.parametrize(("host", "down"), [(WEIGHTED, HEAVY), (DEPLOYING, OLD)],
+                         ids=["weighted", "deploying"])
+def test_a_backend_down_gets_no_request(bal: Balancer, host: str, down: str) -> None:
     """Its `fall` (3) refused connects mark it down (each request retried on the
     light backend); the next requests go to the light one alone."""
     for _ in range(13):
-        assert request(bal.port, host=WEIGHTED)[0] == 200
-    heavy = bal.host_stats(WEIGHTED)["backends"][HEAVY]
-    assert (heavy["state"], heavy["outcomes"]["connect_error"]) == ("down", 3)
+        assert request(bal.port, host=host)[0] == 200
+    stats = bal.host_stats(host)["backends"][down]
+    assert (stats["state"], stats["outcomes"]["connect_error"]) == ("down", 3)
 
 
 def test_checks_that_pass_do_not_clear_what_requests_found(bal: Balancer,
