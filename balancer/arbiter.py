@@ -24,10 +24,14 @@ Invariants:
 * Workers beyond `server.workers` (a reload lowered it) are retired only once
   no new worker is starting: their sockets' connections are then taken by
   the workers that serve those slots from now on.
-* A worker that drains on its own (a signal sent to it, not to the arbiter)
-  says so on its report pipe, and is replaced `SETTLE` later, as a reload
-  replaces it, unless the arbiter was told to stop meanwhile (the whole tree
-  signalled, in any order).
+* A child (a worker, the management process) that drains on its own (a
+  signal sent to it, not to the arbiter) says so on its report pipe, and is
+  replaced `SETTLE` later, as a reload replaces it, also when it has exited by
+  then, unless the arbiter was told to stop meanwhile (the whole tree
+  signalled, in any order). No child is forked once a stop began.
+* A child that does not say it serves within `timeouts.start` of its fork is
+  killed and started again with the crash backoff (`kill_unstarted`); the
+  older generation's child it was to replace keeps serving meanwhile.
 * During a graceful stop, SIGQUIT or a second SIGTERM/SIGINT stops at once; the
   line that says so, with the connections the workers cut, comes once every
   child is gone.
