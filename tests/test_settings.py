@@ -259,6 +259,11 @@ def test_config_file_is_a_directory(tmp_path):
     assert "is a directory" in one_problem(config_path=str(tmp_path))
 
 
+def test_config_file_that_is_a_device_is_refused_unread():
+    """At start as at a reload (`balancer serve --config /dev/zero` read without end)."""
+    assert "not a regular file" in one_problem(config_path="/dev/zero")
+
+
 def test_invalid_toml(config):
     path = config("[server\nworkers = 1\n")
     problem = one_problem(config_path=path)
