@@ -24,10 +24,14 @@ Invariants:
 * Workers beyond `server.workers` (a reload lowered it) are retired only once
   no new worker is starting: their sockets' connections are then taken by
   the workers that serve those slots from now on.
-* A worker that drains on its own (a signal sent to it, not to the arbiter)
-  says so on its report pipe, and is replaced `SETTLE` later, as a reload
-  replaces it, unless the arbiter was told to stop meanwhile (the whole tree
-  signalled, in any order).
+* A child (a worker, the management process) that drains on its own (a
+  signal sent to it, not to the arbiter) says so on its report pipe, and is
+  replaced `SETTLE` later, as a reload replaces it, also when it has exited by
+  then, unless the arbiter was told to stop meanwhile (the whole tree
+  signalled, in any order). No child is forked once a stop began.
+* A child that does not say it serves within `timeouts.start` of its fork is
+  killed and started again with the crash backoff (`kill_unstarted`); the
+  older generation's child it was to replace keeps serving meanwhile.
 * During a graceful stop, SIGQUIT or a second SIGTERM/SIGINT stops at once; the
   line that says so, with the connections the workers cut, comes once every
   child is gone.
@@ -116,7 +120,9 @@ class Child:
     draining: bool = False
     drained: bool = False  # its drain ended (`DRAINED`): it exits, nothing to cut
     kill_at: float = NEVER
+    start_by: float = NEVER  # killed then unless it said it serves (`kill_unstarted`)
     replace_at: float = NEVER  # it drains on its own: replaced then (`on_draining`)
+    timed_out: bool = False  # killed for not starting in time (told then, not at its exit)
     unread: bytes = b""    # the start of a report line not read whole yet
 
     def __str__(self) -> str:
@@ -168,6 +174,9 @@ class Arbiter:
         self.told_dropped = 0  # process log lines dropped, as `write_status` last wrote
         self.run_dir = RunDirKeeper(bound.run_dir)
         self.merging = False  # `server.merge_pages` as last applied (`mark_pages`)
+        # slots whose child drained on its own and exited within `SETTLE`: replaced only
+        # at its `replace_at` (`on_exit`), unless the arbiter is told to stop meanwhile
+        self.settling: dict[tuple[str, int], Child] = {}
 
     # main loop -----------------------------------------------------------------
     def run(self) -> int:
@@ -212,7 +221,9 @@ class Arbiter:
     def next_timeout(self) -> float:
         """Until the next thing `manage` has to do on time (at most `TICK`)."""
         now = time.monotonic()
-        deadlines = [t for c in self.children.values() for t in (c.kill_at, c.replace_at)]
+        deadlines = [t for c in self.children.values()
+                     for t in (c.kill_at, c.replace_at, c.start_by)]
+        deadlines += [c.replace_at for c in self.settling.values()]
         deadlines.append(self.backoff.not_before)
         return min([TICK, *(d - now for d in deadlines if d > now)])
 
@@ -280,8 +291,9 @@ class Arbiter:
         the arbiter stops meanwhile), as a reload's does, not once it has
         exited. Bug: the connections the kernel gave its socket meanwhile waited
         for the drain to end (1.4-1.9 s, up to `timeouts.graceful` with a slow
-        request in flight)."""
-        if child.draining or child.kind != WORKER or self.state != RUNNING:
+        request in flight); and the management API, whose process finishes its
+        API requests first (up to 5 s), answered no one meanwhile."""
+        if child.draining or self.state != RUNNING:
             return  # (the arbiter asked; or it stops)
         # not at once: `pkill` signals by pid, the arbiter last once pids have
         # wrapped. Bug: workers draining because the whole tree was signalled were
@@ -289,11 +301,16 @@ class Arbiter:
         child.replace_at = min(child.replace_at, time.monotonic() + SETTLE)
 
     def replace_drained(self) -> None:
-        """Let the workers that drain on their own since `SETTLE` be replaced."""
+        """Let the children that drain on their own since `SETTLE` be replaced."""
         now = time.monotonic()
         for child in self.children.values():
             if child.replace_at <= now and not child.draining:
                 self.on_its_own(child)
+        for slot, child in list(self.settling.items()):
+            if child.replace_at <= now:
+                del self.settling[slot]
+                log.warning("%s drained on its own (a signal sent to it, not to the "
+                            "arbiter) and exited; starting its replacement now", child)
 
     def on_its_own(self, child: Child) -> None:
         child.draining = True
@@ -327,7 +344,13 @@ class Arbiter:
             log.warning("%s %s with %d request(s) in progress under a "
                         "max_connections_per_client limit: given back", child, how, given)
         if child.replace_at != NEVER and not child.draining and self.state == RUNNING:
-            self.on_its_own(child)  # (it drained within `SETTLE`: no crash)
+            # it drained within `SETTLE`: no crash, but replaced only after it (bug: an
+            # idle worker of a tree signalled whole was replaced before the arbiter's
+            # own SIGTERM came: a process started during the stop)
+            child.draining = True
+            self.settling[(child.kind, child.slot)] = child
+        if child.timed_out and self.state == RUNNING:
+            return  # (told when it was killed: `kill_unstarted`)
         if child.draining or self.state != RUNNING:
             log.info("%s %s", child, how)
             return
@@ -348,6 +371,7 @@ class Arbiter:
     def manage(self) -> None:
         """Start what is missing, replace old generations, kill what overstayed."""
         self.kill_overdue()
+        self.kill_unstarted()
         if self.state == STOPPING and not self.children:
             self.state = STOPPED
             self.tell_cut()
@@ -371,7 +395,8 @@ class Arbiter:
             for child in active:
                 if child.generation != self.generation:
                     self.drain(child)
-        elif fresh or time.monotonic() < self.backoff.not_before:
+        elif fresh or time.monotonic() < self.backoff.not_before or \
+                (kind, slot) in self.settling:
             return
         elif not active or not self.is_starting():
             self.spawn(kind, slot)
@@ -389,7 +414,8 @@ class Arbiter:
         pid = fork_child(self.child_body(kind, slot), env)
         os.close(ready_w)
         self.children[pid] = Child(kind, slot, self.generation, pid, ready_r,
-                                   self.settings.timeouts.graceful)
+                                   self.settings.timeouts.graceful,
+                                   start_by=time.monotonic() + self.settings.timeouts.start)
 
     def mark_pages(self) -> None:
         """`server.merge_pages` as the settings say, for the child about to be
@@ -453,6 +479,34 @@ class Arbiter:
                 log.warning("%s did not stop in time; killing it", child)
                 child.kill_at = NEVER
                 kill_quietly(child.pid, signal.SIGKILL)
+
+    def kill_unstarted(self) -> None:
+        """Kill a child that did not say it serves within `timeouts.start` (stopped, or
+        stuck in a read that never ends), and start another with the crash backoff:
+        one line says both. The child of an older generation it was to replace
+        (a reload) keeps serving meanwhile. Bug: a reload, or the start, waited for
+        it for ever."""
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.start_by <= now and not child.ready and not child.draining:
+                child.start_by = NEVER
+                child.timed_out = True
+                kill_quietly(child.pid, signal.SIGKILL)
+                delay = self.backoff.record(now)
+                log.error("%s did not start within %g s (timeouts.start): killed; starting "
+                          "another in %.1f s%s", child, self.settings.timeouts.start, delay,
+                          self.meanwhile(child))
+                self.write_status()
+
+    def meanwhile(self, child: Child) -> str:
+        """What serves `child`'s slot while another is started, for the log line."""
+        serving = [c for c in self.children.values() if (c.kind, c.slot) ==
+                   (child.kind, child.slot) and c.ready and not c.draining]
+        told = f" ({serving[0]} keeps serving)" if serving else ""
+        if self.backoff.is_looping():
+            told += (f" (crash loop: {self.backoff.recent()} unexpected exits in "
+                     f"{self.backoff.window:.0f} s)")
+        return told
 
     def signal_all(self, signum: int, kinds: tuple[str, ...] = (WORKER, MANAGEMENT)) -> None:
         for child in self.children.values():

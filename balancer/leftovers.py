@@ -20,6 +20,13 @@ Invariants:
 * Only directories named ``balancer-*`` that this user owns are looked at;
   symbolic links, FIFOs and anything unknown leave a directory alone, and so
   does any doubt (a file that cannot be read, no ``/proc``).
+* Directories without the lock are left alone, all of them, said in one line,
+  when this process cannot see every process of its user (`_blind`): ``/proc``
+  mounted ``hidepid`` (another balancer's arbiter looks gone), or a process of
+  this user that it cannot look into (one that dropped privileges from root is
+  not dumpable: its descriptors and mappings cannot be read). Bug: with
+  ``hidepid=2`` and a dropped run user, a live balancer's directory was judged
+  on what ``/proc/net/unix`` showed of its sockets alone.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ KNOWN = re.compile(r"(arbiter\.json|history\.json(\.\d+)?|run\.lock|alive\.lock\
                    r"|retired-(\d+-\d+(\.held)?|total)\.json|(worker|certs-management)-\d+\.sock"
                    r"|\.last-good-[0-9a-f]+\.json\.\w+)(\.tmp)?")
 MAX_STATUS = 1 << 16  # bytes of `STATUS` read at most
+MOUNTINFO = "/proc/self/mountinfo"
+MAX_MOUNTINFO = 1 << 20  # bytes of it read at most
 
 
 def hold(run_dir: str) -> int:
@@ -67,8 +76,14 @@ def sweep(run_dir: str) -> list[str]:
         return removed
     unlocked = [e.path for e in entries if not _has_lock(e.path) and _unused(e.path)]
     if unlocked:  # (one look at every process, for all of them)
-        held = _held_paths()
-        unlocked = [p for p in unlocked if held is not None and not _within(held, p)]
+        held, blind = _held_paths()
+        if blind is not None:
+            log.warning("left %d run director%s without a lock (made by a balancer before "
+                        "2026-12-07) alone: %s, so whether a process still uses them cannot "
+                        "be told; remove them by hand once no such balancer runs: %s",
+                        len(unlocked), "y" if len(unlocked) == 1 else "ies", blind,
+                        ", ".join(unlocked))
+        unlocked = [p for p in unlocked if blind is None and not _within(held, p)]
     for path in [*(e.path for e in entries if _left(e)), *unlocked]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -154,19 +169,49 @@ def _arbiter_pid(status: str) -> int | None:
     return pid if type(pid) is int and pid > 0 else None
 
 
-def _held_paths() -> set[str] | None:
+def _held_paths() -> tuple[set[str], str | None]:
     """Every path a process has open (descriptors, mappings) or a socket bound to,
-    as far as this user can see (every process, as root); None without ``/proc``."""
+    as far as this user can see (every process, as root); and why that is not
+    every process of this user, if it is not (`_blind`)."""
     held: set[str] = set()
     try:
         pids = [name for name in os.listdir("/proc") if name.isdigit()]
         with open("/proc/net/unix", "rb") as table:
             held.update(_socket_paths(table))
     except OSError:
-        return None
+        return held, "/proc cannot be read"
+    blind = _hidden_by_mount()
     for pid in pids:
-        held.update(_open_paths(f"/proc/{pid}"))
-    return held
+        paths = _open_paths(f"/proc/{pid}")
+        if paths is None:
+            blind = blind or f"process {pid} of this user cannot be looked into (one that " \
+                             "dropped privileges from root is not dumpable)"
+        else:
+            held.update(paths)
+    return held, blind
+
+
+def _hidden_by_mount() -> str | None:
+    """Why ``/proc`` hides other processes from this one (mounted ``hidepid``,
+    this process neither root nor in its ``gid=`` group), or None."""
+    if os.geteuid() == 0:
+        return None
+    try:
+        with open(MOUNTINFO, "rb") as table:
+            lines = table.read(MAX_MOUNTINFO).decode(errors="replace").splitlines()
+    except OSError:
+        return f"{MOUNTINFO} cannot be read"
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == "/proc" and "-" in fields:
+            after = fields[fields.index("-") + 1:]
+            options = dict(o.partition("=")[::2] for o in (after[2:3] or [""])[0].split(","))
+            hidden = options.get("hidepid", "0") not in ("0", "off")
+            group = options.get("gid", "")
+            if hidden and not (group.isdigit() and int(group) in (os.getegid(),
+                                                                  *os.getgroups())):
+                return f"/proc is mounted hidepid={options['hidepid']} (other processes hidden)"
+    return None
 
 
 def _socket_paths(table: Iterable[bytes]) -> list[str]:
@@ -179,11 +224,18 @@ def _socket_paths(table: Iterable[bytes]) -> list[str]:
     return paths
 
 
-def _open_paths(proc: str) -> list[str]:
-    """The paths process `proc` (``/proc/PID``) has open or mapped (none once gone)."""
-    paths = []
+def _open_paths(proc: str) -> list[str] | None:
+    """The paths process `proc` (``/proc/PID``) has open or mapped (none once gone);
+    None for a process of this user that this one cannot look into (`_is_mine`)."""
+    paths: list[str] = []
     try:
-        for fd in os.listdir(f"{proc}/fd"):
+        fds = os.listdir(f"{proc}/fd")
+    except PermissionError:
+        return None if _is_mine(proc) else paths
+    except OSError:
+        return paths
+    try:
+        for fd in fds:
             try:
                 paths.append(os.readlink(f"{proc}/fd/{fd}"))
             except OSError:
@@ -196,6 +248,21 @@ def _open_paths(proc: str) -> list[str]:
     except OSError:
         pass
     return paths
+
+
+def _is_mine(proc: str) -> bool:
+    """Whether process `proc` runs as this user (any of its user ids), or cannot be
+    told (its status unreadable too: ``hidepid=1``)."""
+    try:
+        with open(f"{proc}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Uid:"):
+                    return os.geteuid() in map(int, line.split()[1:])
+    except FileNotFoundError:
+        return False  # (gone)
+    except OSError:
+        return True
+    return True
 
 
 def _within(held: set[str], directory: str) -> bool:

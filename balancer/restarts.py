@@ -17,6 +17,12 @@ Invariants:
 * Bug: one of them ended for good, silently (the store's watcher: the table
   no longer followed, ``balancer_store_up`` 1); others logged a traceback at
   every turn (every second, every 0.25 s) or said nothing at all.
+* Running out of descriptors or memory (EMFILE under a limit lowered by
+  `prlimit`, ENFILE, ENOMEM) is no bug: one line, no traceback, per episode
+  (failures of that kind within twice the cap, wherever raised), as
+  `balancer.resting` tells it for accepts; the loop goes on the same way and
+  recovers once they free up. Bug: the certificates' watch logged a traceback
+  asking for a bug report.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ import logging
 import time
 from collections.abc import Callable
 
+from balancer.descriptors import is_exhausted
+
 # seconds a loop pauses after an unexpected exception (`Restarts`), doubling up to the cap
 RESTART_FIRST = 0.5
 RESTART_CAP = 10.0
+EXHAUSTED = "out of descriptors or memory"  # the `site` of every such failure
 
 
 class Restarts:
@@ -57,12 +66,19 @@ class Restarts:
         recent = now - self.last <= 2 * RESTART_CAP
         self.pause = min(self.pause * 2, RESTART_CAP) if recent else RESTART_FIRST
         self.last = now
-        problem = (f"{self.where}: {self.loop} failed unexpectedly ({type(exc).__name__}: "
-                   f"{exc}); {self.then} (a bug: please report it with this log line)")
-        site = _site(exc)
+        exhausted = isinstance(exc, OSError) and is_exhausted(exc)
+        if exhausted:
+            problem = (f"{self.where}: {self.loop} failed: {exc}; {self.then} until "
+                       "descriptors (or memory) free up")
+            site: tuple[object, ...] = (EXHAUSTED,)  # (one episode, wherever raised)
+        else:
+            problem = (f"{self.where}: {self.loop} failed unexpectedly "
+                       f"({type(exc).__name__}: {exc}); {self.then} (a bug: please report "
+                       "it with this log line)")
+            site = _site(exc)
         if site != self.site or not recent:
             self.logger.log(logging.DEBUG if self.quiet else logging.ERROR, "%s", problem,
-                            exc_info=exc)
+                            exc_info=None if exhausted else exc)
         self.problem, self.site = problem, site
         return problem
 

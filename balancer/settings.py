@@ -165,6 +165,10 @@ SETTINGS: tuple[Setting, ...] = (
             "client reads the response before the close (lingering close); 0: close at once"),
     Setting("timeouts.linger_idle", POSITIVE, 5.0,
             "seconds without a byte from the client that end a lingering close"),
+    Setting("timeouts.start", POSITIVE, 60.0,
+            "seconds a new worker or management process (at start, after a crash, at a "
+            "reload) has to say it serves; then it is killed and another started, while "
+            "the one it replaces at a reload keeps serving"),
     Setting("limits.max_request_line", Integer(64), DEFAULT_LIMITS.max_request_line,
             "request line bytes (414 above)"),
     Setting("limits.max_header_bytes", Integer(1024), DEFAULT_LIMITS.max_header_bytes,
@@ -263,6 +267,7 @@ class TimeoutSettings:
     fail_timeout: float
     linger: float
     linger_idle: float
+    start: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,6 +155,17 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
                  ) -> Iterable[bytes]:
         return self.dispatch(Request(environ))(environ, start_response)
 
+    def unauthorized(self, environ: dict[str, Any]) -> ApiError | None:
+        """The 401 that refuses a request from its head alone (before its body is
+        read: `management.server`), or None."""
+        if _is_public(route_path(environ)):
+            return None
+        try:
+            check_token(Request(environ), self.token)
+        except ApiError as exc:
+            return exc
+        return None
+
     def dispatch(self, request: Request) -> Response:
         """The response to one request; every error is turned into JSON here."""
         path = route_path(request.environ)  # (encoded: `management.http`'s invariant)

@@ -62,10 +62,10 @@ def run_management(env: ChildEnv, sock: Any) -> int:
     app = create_app(store=store, runtime=runtime, token=settings.management.token or None,
                      settings=settings, mirror=mirror, history=history, issuer=issuer,
                      certs_watch=certs_watch)
-    hosts = HostPolicy(sock.getsockname()[0], settings.management.allowed_hosts)
-    api = ManagementServer(sock, Guard(app, hosts), settings.timeouts,
-                           settings.limits.max_header_bytes,
-                           api_connection_cap(soft_limit(), RESERVED))
+    guard = Guard(app, HostPolicy(sock.getsockname()[0], settings.management.allowed_hosts))
+    api = ManagementServer(sock, guard, settings.timeouts, settings.limits.max_header_bytes,
+                           api_connection_cap(soft_limit(), RESERVED),
+                           lambda env: guard.refusal(env) or app.unauthorized(env))
     api.start()
     app.deployer.start_watching()  # resumes deploys a stopped process handed over
     sampler = gevent.spawn(history_loop, history, runtime)

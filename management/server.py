@@ -11,7 +11,10 @@ Invariants (SPEC §5: "header timeout, connection cap, body limits"):
   (`management.http.error_bytes`; `refusal` names the code).
 * A request body is read whole (at most `MAX_BODY` bytes) before the app
   runs, within `timeouts.client_header`: larger is 413, slower 408; either
-  closes the connection. The app never waits on a client.
+  closes the connection. The app never waits on a client. A request the head
+  alone refuses (`early`: no token, a web page's) is answered before its body
+  is read, without ``100 Continue``, and the connection closed (nginx with
+  `auth_request` or basic auth does the same).
 * Every socket read or write that makes no progress for
   `timeouts.client_header` ends the connection (a response nobody reads).
 * At most `max_connections` connections are open. One more displaces the
@@ -35,6 +38,7 @@ import http.client
 import io
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from gevent import Timeout, getcurrent
@@ -182,6 +186,9 @@ class ManagementHandler(RawTargetHandler):
         chunked = "chunked" in env.get("HTTP_TRANSFER_ENCODING", "").lower()
         if not (self.content_length or chunked):
             return None
+        refused = self.server.early(env)
+        if refused is not None:  # (no `100 Continue`: `wsgi.input` never read)
+            return refused
         if (self.content_length or 0) > MAX_BODY:
             return _too_large()
         try:
@@ -229,8 +236,11 @@ class ManagementServer(RestingServer, WSGIServer):
     max_accept = 1
 
     def __init__(self, sock: Any, app: Any, timeouts: Any, max_header_bytes: int,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS,
+                 early: Callable[[dict[str, Any]], ApiError | None] = lambda env: None
+                 ) -> None:
         super().__init__(sock, app, log=None, error_log=log, spawn=Pool())
+        self.early = early  # what refuses a request with a body from its head alone
         self.timeouts = timeouts
         self.max_header_bytes = max_header_bytes
         self.max_connections = max_connections

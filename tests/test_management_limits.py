@@ -241,3 +241,27 @@ def test_an_ambiguously_framed_body_gets_400_and_the_connection_closed(
     assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data[:200]
     assert data.count(b"HTTP/1.1") == 1  # closed: nothing after it was read as a request
     assert bal.api("GET", "/api/v1/hosts/keep.test", headers=AUTH)[0] == 200
+
+
+def test_expect_100_continue_without_the_token_gets_401_at_once_not_100(bal: Balancer) -> None:
+    """A client that waits for ``100 Continue`` before sending its body (curl with a
+    body over 1 KiB, .NET's HttpClient) and has no token: answered 401 from its head,
+    the connection closed, as nginx does with auth. Bug: it was told ``100
+    Continue``, sent the body (up to 1 MiB read), and only then got the 401."""
+    head = (b"PUT /api/v1/hosts/c.test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n")
+    body = b'{"action": "empty", "status": 204}'
+    with connect(bal.mport) as sock:
+        started = time.monotonic()
+        sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body))
+        data = read_all(sock)  # (until the server closes: the body is never sent)
+    assert data.startswith(b"HTTP/1.1 401") and b"100 Continue" not in data, data[:200]
+    assert b"Connection: close" in data and b"unauthorized" in data
+    assert time.monotonic() - started < HEADER_TIMEOUT  # (no wait for the body)
+    with connect(bal.mport) as sock:  # with the token: told to go on, then served
+        sock.sendall(head + b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        sock.settimeout(10)
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")

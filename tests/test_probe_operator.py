@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import ROOT, Balancer, request, wait_for
+from tests.support import ROOT, Balancer, replace_file, request, wait_for
 from tests.test_descriptors import require_prlimit
 from tests.test_process import children_of, info, wait_workers
 
@@ -216,4 +216,29 @@ def test_a_descriptor_limit_lowered_under_a_running_process_rests_its_accepts_qu
     finally:
         for sock in held:
             sock.close()
+        bal.stop()
+
+
+def test_the_certificates_watch_out_of_descriptors_says_so_once_and_recovers(tmp_path):
+    """`prlimit --pid` of the management process below the descriptors it holds:
+    every file or socket it opens fails (EMFILE) until the limit is raised again.
+    Bug: the certificates' watch logged a traceback, asking for a bug report."""
+    prlimit = require_prlimit()
+    bal = Balancer(tmp_path, {})
+    try:
+        workers = set(wait_workers(bal, 1))
+        [management] = [pid for pid in children_of(bal.proc.pid) if pid not in workers]
+        subprocess.run([prlimit, f"--pid={management}", "--nofile=3:"], check=True, timeout=10)
+        replace_file(tmp_path / "routes.json.certs.json", '{"certs": {}}')  # (read: changed)
+        spread = "certificates: handing the workers the certificates the store hides failed"
+        wait_for(lambda: spread in bal.output(), timeout=10, what="the watch out of descriptors")
+        subprocess.run([prlimit, f"--pid={management}", "--nofile=1024:"], check=True,
+                       timeout=10)
+        wait_for(lambda: "certificates are readable again" in bal.output(), timeout=15,
+                 what="the watch recovered")
+        assert bal.api("GET", "/api/v1/info")[1]["store"]["certs_problem"] is None
+        out = bal.output()
+        assert out.count(spread) == 1, out
+        assert "Traceback" not in out and "please report" not in out, out
+    finally:
         bal.stop()

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Balancer, constants_prefix, request, wait_for
+from tests.support import ROOT, Balancer, constants_prefix, request, wait_for
 from tests.test_probe_ops import kill_arbiter_mid_request
 from tests.test_process import is_gone, wait_workers
 
@@ -125,3 +127,62 @@ def test_unlocked_run_directories_are_removed_only_when_provably_unused(
         for bal in (old, again):
             if bal is not None:
                 bal.stop()
+
+
+HIDEPID = ["unshare", "--mount", "sh", "-c", 'mount -t proc -o hidepid=2 proc /proc && exec "$@"',
+           "sh"]  # (a /proc of its own, in a mount namespace of its own)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting /proc and dropping to nobody need root")
+def test_unlocked_directories_are_left_alone_when_proc_hides_processes(backend, tmpdir_short):
+    """`/proc` mounted ``hidepid=2`` and a run user the arbiter drops to: the processes
+    of other users are hidden, so a live balancer's arbiter looks gone. Both planted
+    directories stay (one whose arbiter lives, one whose arbiter is gone: a doubt
+    too), said in one line. Bug: the one whose arbiter lives was removed."""
+    if subprocess.run([*HIDEPID, "true"], capture_output=True, timeout=10).returncode:
+        pytest.skip("cannot mount /proc in a mount namespace here")
+    nobody = pwd.getpwnam("nobody")
+    tmpdir_short.chmod(0o1777)  # (as /tmp: the run user makes its own there)
+    alive = planted(tmpdir_short, "alive1", os.getpid())  # (root's: hidden from nobody)
+    gone = planted(tmpdir_short, "gone1", dead_pid())
+    for path in (alive, gone):
+        for item in (path, *path.iterdir()):
+            os.chown(item, nobody.pw_uid, nobody.pw_gid)
+    base = Path(tempfile.mkdtemp(prefix="rs-hidepid-"))
+    base.chmod(0o777)  # (the run user writes the routes file here)
+    bal = None
+    try:
+        bal = Balancer(base, routes(backend), env={"TMPDIR": str(tmpdir_short)},
+                       config='[server]\nuser = "nobody"\n', prefix=HIDEPID)
+        assert (alive / "arbiter.json").is_file() and (gone / "arbiter.json").is_file()
+        [line] = [x for x in bal.output().splitlines() if "without a lock" in x]
+        assert "left 2 run directories without a lock" in line, line
+        assert "/proc is mounted hidepid=" in line, line
+        assert request(bal.port, host=HOST)[0] == 200
+    finally:
+        if bal is not None:
+            bal.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as nobody needs root")
+def test_a_process_of_the_run_user_that_cannot_be_looked_into_is_a_doubt():
+    """A process of the run user that is not dumpable (one that dropped privileges
+    from root, as every balancer with `server.user`): its descriptors cannot be read,
+    so what it holds is unknown. Bug: it was taken to hold nothing."""
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                 sys.executable, "-c"]
+    holder = subprocess.Popen([*as_nobody, "import ctypes, time; ctypes.CDLL(None).prctl("
+                               "4, 0, 0, 0, 0); print(flush=True); time.sleep(30)"],
+                              stdout=subprocess.PIPE)  # (PR_SET_DUMPABLE, 0)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"\n"
+        seen = subprocess.run([*as_nobody, "from balancer.leftovers import _held_paths; "
+                               "print(_held_paths()[1])"], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
+        # (another such process, a balancer of another test dropped to nobody, may be
+        # named instead: the first found)
+        assert "of this user cannot be looked into" in seen.stdout, seen
+    finally:
+        holder.kill()
+        holder.wait(10)

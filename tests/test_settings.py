@@ -60,7 +60,7 @@ def test_defaults_are_the_spec_defaults():
     assert s.store.namespace == "balancer"
     assert s.store.resync_interval == 5.0
     assert dataclasses.astuple(s.timeouts) == (10.0, 75.0, 5.0, 60.0, 30.0, 3600.0, 30.0, 10.0,
-                                               30.0, 5.0)
+                                               30.0, 5.0, 60.0)
     assert dataclasses.astuple(s.limits) == (8192, 65536, 100, 10000, 64 << 20)
     assert dataclasses.astuple(s.log) == ("", "combined", "info")
     assert s.dns.hold == 30.0
@@ -257,6 +257,11 @@ def test_missing_explicit_config_file(tmp_path):
 
 def test_config_file_is_a_directory(tmp_path):
     assert "is a directory" in one_problem(config_path=str(tmp_path))
+
+
+def test_config_file_that_is_a_device_is_refused_unread():
+    """At start as at a reload (`balancer serve --config /dev/zero` read without end)."""
+    assert "not a regular file" in one_problem(config_path="/dev/zero")
 
 
 def test_invalid_toml(config):
