@@ -188,6 +188,13 @@ class EchoHandler(BaseHTTPRequestHandler):
         time.sleep(float(query.get("s", "1")))
         self.reply(200, self.describe(), head)
 
+    def act_hold(self, query: dict[str, str], head: bool) -> None:
+        """A slow request that takes as long as the test needs: answered once the
+        backend's `released` is set (or it stops), `s` seconds at most (30)."""
+        server: Backend = self.server.owner  # type: ignore[attr-defined]
+        server.released.wait(float(query.get("s", "30")))
+        self.reply(200, self.describe(), head)
+
     def act_status(self, query: dict[str, str], head: bool) -> None:
         code = int(urlsplit(self.path).path.split("/")[2])
         self.reply(code, b"" if code in (204, 304) else self.describe(), head)
@@ -258,6 +265,7 @@ class Backend:
         self.count = 0
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.connections: set[socket.socket] = set()  # open client connections (EchoHandler)
+        self.released = threading.Event()  # answers the requests held on `/hold`
         self.httpd = server((host, port), handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self  # type: ignore[attr-defined]
@@ -272,6 +280,7 @@ class Backend:
         return f"{self.host}:{self.port}"
 
     def stop(self) -> None:
+        self.released.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -258,6 +258,11 @@ def on_redis(tmp_path: Path, redis: Any, a: Backend, name: str = "one", **option
     return lb
 
 
+# the abort's answer waits `ABORT_WAIT` (5 s) before it says why the abort is not carried
+# out yet: 2 s where that is the answer (its reason is noted within a warmup round, 0.25 s)
+ANSWER_SOONER = {"management.deploys_api.ABORT_WAIT": 2.0}
+
+
 def in_warmup(lb: Balancer, b: Backend) -> dict[str, Any]:
     """A deploy of HOST to `b`, switched and in a long warmup (its record)."""
     record = deploy(lb, {"backends": [b.address], "warmup": 60, "drain_timeout": 20})
@@ -275,7 +280,7 @@ def test_an_abort_whose_write_back_is_refused_answers_503_and_goes_on_once_it_is
     once for a refusal that is not an outage) and the abort answered 200 with the
     new backends serving on."""
     redis = redis_factory()
-    lb = on_redis(tmp_path, redis, a)
+    lb = on_redis(tmp_path, redis, a, prefix=constants_prefix(ANSWER_SOONER))
     try:
         record = in_warmup(lb, b)
         redis.client().execute_command("ACL", "SETUSER", "default", "resetkeys", "%R~*",
@@ -308,7 +313,8 @@ def test_an_abort_after_the_store_lost_its_table_names_the_loss_and_goes_on_afte
     missing read as "the host's rule was changed meanwhile: left as it is", the
     deploy ended aborted (200) and the new backends served on."""
     redis = redis_factory()
-    lb = on_redis(tmp_path, redis, a, env={"BALANCER_STORE_RESYNC_INTERVAL": "0.5"})
+    lb = on_redis(tmp_path, redis, a, env={"BALANCER_STORE_RESYNC_INTERVAL": "0.5"},
+                  prefix=constants_prefix(ANSWER_SOONER))
     try:
         record = in_warmup(lb, b)
         client = redis.client()
@@ -633,7 +639,7 @@ def test_an_abort_that_went_back_while_its_record_cannot_be_saved_ends_aborted(
     redis = redis_factory()
     flag, saves = tmp_path / "saves-fail", tmp_path / "saves"
     saving = ["balancer.stores.redis_records:RedisRecords.save_deploy"]
-    prefix = constants_prefix({"management.deploys.STORE_PATIENCE": 0.5},
+    prefix = constants_prefix({"management.deploys.STORE_PATIENCE": 0.5, **ANSWER_SOONER},
                               fail=(saving, flag), count=(saving, saves))
     prefix.insert(1, "FAIL_RAISES=balancer.stores.base:StoreUnavailable")
     lb = on_redis(tmp_path, redis, a, prefix=prefix)

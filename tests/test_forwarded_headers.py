@@ -14,7 +14,7 @@ import pytest
 
 from balancer.fields import CLIENT_FIELDS
 from tests.rawpeer import RawBackend, client_exchange, head_fields
-from tests.support import wait_for
+from tests.support import Balancer, wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
@@ -41,10 +41,23 @@ def answer_ok(conn: socket.socket, request: bytes) -> bool:
     return True
 
 
-@pytest.fixture
-def setup(proxy_to):
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One balancer (with an internal listener) before one raw backend, for the module."""
     backend = RawBackend(answer_ok)
-    return proxy_to(backend, internal=True), backend
+    bal = Balancer(tmp_path_factory.mktemp("forwarded"),
+                   {"app.test": {"action": "proxy", "backends": [backend.address]}},
+                   internal=True)
+    yield bal, backend
+    bal.stop()
+    backend.stop()
+
+
+@pytest.fixture
+def setup(shared):
+    """``bal, backend``: the module's, the backend's record of requests emptied."""
+    shared[1].requests.clear()
+    return shared
 
 
 def forged_request() -> bytes:

@@ -753,10 +753,12 @@ def test_an_issuer_standing_aside_counts_no_pass(tmp_path: Path) -> None:
     flag, dues = tmp_path / "fail", tmp_path / "dues"
     due = ["management.acme_issuer:due"]
     ca = FakeAcme("ok")
-    bal = Balancer(tmp_path, None, args=["--workers", "1"],  # stands aside 12 s
+    # (no periodic look between the writes' looks, which come within a TICK; stands
+    # aside 2 x (2.5 + 0.1) = 5.2 s)
+    quick = {"management.acme_issuer.CHECK_INTERVAL": 2.5, "management.acme_issuer.TICK": 0.1}
+    bal = Balancer(tmp_path, None, args=["--workers", "1"],
                    config=f'[acme]\ndirectory = "{ca.url}"\n',
-                   prefix=constants_prefix({"management.acme_issuer.CHECK_INTERVAL": 5.0},
-                                           fail=(due, flag), count=(due, dues)))
+                   prefix=constants_prefix(quick, fail=(due, flag), count=(due, dues)))
 
     def passes() -> dict[str, Any]:
         return bal.api("GET", "/api/v1/acme")[1]["passes"]

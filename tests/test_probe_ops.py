@@ -212,13 +212,14 @@ def refused(port: int) -> bool:
     return False
 
 
-def kill_arbiter_mid_request(bal: Balancer, seconds: int) -> tuple[threading.Thread, list[Any]]:
-    """A request of `seconds` in flight on `bal`'s worker, then its arbiter killed
-    (SIGKILL, as the OOM killer): the thread waiting for the answer, and the list
-    its status lands in."""
+def kill_arbiter_mid_request(bal: Balancer) -> tuple[threading.Thread, list[Any]]:
+    """A request held in flight on `bal`'s worker (its backend's `/hold`: answered
+    once the test sets the backend's `released`), then its arbiter killed (SIGKILL,
+    as the OOM killer): the thread waiting for the answer, and the list its status
+    lands in."""
     results: list[Any] = []
     slow = threading.Thread(target=lambda: results.append(
-        request(bal.port, path=f"/slow?s={seconds}", host=HOST, timeout=seconds + 20)[0]))
+        request(bal.port, path="/hold", host=HOST, timeout=40)[0]))
     slow.start()
     wait_for(lambda: bal.host_stats(HOST).get("open_requests") == 1,
              what="a request in flight")
@@ -237,9 +238,10 @@ def test_after_the_arbiter_is_killed_a_draining_worker_leaves_the_management_por
     bal = Balancer(tmp_path, routes(backend), args=["--workers", "1"])
     try:
         [worker] = wait_workers(bal, 1)
-        slow, results = kill_arbiter_mid_request(bal, 8)
+        slow, results = kill_arbiter_mid_request(bal)
         wait_for(lambda: refused(bal.mport), timeout=5, what="the management port free")
         assert slow.is_alive() and not is_gone(worker), "the worker still drains"
+        backend.released.set()
         slow.join(20)
         assert results == [200]
         wait_for(lambda: is_gone(worker), timeout=10, what="the worker to exit")
@@ -271,10 +273,11 @@ def test_run_directories_left_by_killed_balancers_are_removed_at_the_next_start(
         killed = Balancer(tmp_path / "killed", routes(backend), env=env)
         [left] = run_dirs(tmpdir) - mine - {foreign.name}
         [worker] = wait_workers(killed, 1)
-        slow, _ = kill_arbiter_mid_request(killed, 10)
+        slow, _ = kill_arbiter_mid_request(killed)
         again = Balancer(tmp_path / "again1", routes(backend), env=env)
         assert left in run_dirs(tmpdir), "its worker still drains"
         assert again.stop() == 0
+        backend.released.set()
         slow.join(30)
         wait_for(lambda: is_gone(worker), timeout=10, what="the killed balancer's worker gone")
         again = Balancer(tmp_path / "again2", routes(backend), env=env)

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.support import (
+    Backend,
     Balancer,
     dead_address,
     raw_exchange,
@@ -21,15 +22,17 @@ from tests.support import (
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
 
 
-@pytest.fixture
-def backends(start_backend):
-    return [start_backend("a"), start_backend("b"), start_backend("c")]
+@pytest.fixture(scope="module")
+def backends():
+    started = [Backend("a"), Backend("b"), Backend("c")]
+    yield started
+    for backend in started:
+        backend.stop()
 
 
-@pytest.fixture
-def balancer(tmp_path, backends):
+def hosts_of(backends):
     a, b, c = backends
-    hosts = {
+    return {
         "app.test": {"action": "proxy", "backends": [a.address]},
         "other.test": {"action": "proxy", "backends": [b.address]},
         "*.wild.test": {"action": "proxy", "backends": [c.address]},
@@ -44,8 +47,15 @@ def balancer(tmp_path, backends):
         "dead.test": {"action": "proxy", "backends": [dead_address()]},
         "limited.test": {"action": "proxy", "backends": [a.address], "max_body_bytes": 10},
     }
-    bal = Balancer(tmp_path, hosts, internal=True,
-                   args=["--access-log", str(tmp_path / "access.log")])
+
+
+@pytest.fixture(scope="module")
+def balancer(tmp_path_factory, backends):
+    """One balancer for the module's tests that only send it requests (a test that
+    changes its table starts its own)."""
+    tmp = tmp_path_factory.mktemp("proxy")
+    bal = Balancer(tmp, hosts_of(backends), internal=True,
+                   args=["--access-log", str(tmp / "access.log")])
     yield bal
     bal.stop()
 
@@ -322,22 +332,26 @@ def test_malformed_requests_rejected(balancer, backends, raw, status):
     assert sum(b.count for b in backends) == before
 
 
-def test_access_log_written(balancer, tmp_path):
+def test_access_log_written(balancer):
     request(balancer.port, host="app.test", path="/logged")
-    path = tmp_path / "access.log"
+    path = balancer.tmp / "access.log"
     line = wait_for(lambda: [ln for ln in path.read_text().splitlines() if "/logged" in ln],
                     what="access log line")[0]
     assert "app.test" in line and " 200 " in line
 
 
-def test_bad_rules_in_file_keep_last_table(balancer, backends):
-    balancer.write_routes({"app.test": {"action": "proxy", "backends": []}}, version=50)
-    wait_for(lambda: "backends: must be a non-empty list" in balancer.output(),
-             what="the invalid table to be reported")
-    assert body_of(request(balancer.port, host="app.test"))["backend"] == "a"
-    balancer.routes.write_text("{not json")
-    wait_for(lambda: "not valid JSON" in balancer.output(), what="corrupt file reported")
-    assert body_of(request(balancer.port, host="app.test"))["backend"] == "a"
-    balancer.write_routes({"app.test": {"action": "static", "body": "new"}}, version=60)
-    wait_for(lambda: request(balancer.port, host="app.test")[2] == b"new",
-             what="a good edit to be picked up")
+def test_bad_rules_in_file_keep_last_table(tmp_path, backends):
+    balancer = Balancer(tmp_path, hosts_of(backends))  # (its own: the table changes)
+    try:
+        balancer.write_routes({"app.test": {"action": "proxy", "backends": []}}, version=50)
+        wait_for(lambda: "backends: must be a non-empty list" in balancer.output(),
+                 what="the invalid table to be reported")
+        assert body_of(request(balancer.port, host="app.test"))["backend"] == "a"
+        balancer.routes.write_text("{not json")
+        wait_for(lambda: "not valid JSON" in balancer.output(), what="corrupt file reported")
+        assert body_of(request(balancer.port, host="app.test"))["backend"] == "a"
+        balancer.write_routes({"app.test": {"action": "static", "body": "new"}}, version=60)
+        wait_for(lambda: request(balancer.port, host="app.test")[2] == b"new",
+                 what="a good edit to be picked up")
+    finally:
+        balancer.stop()

@@ -107,10 +107,11 @@ def test_unlocked_run_directories_are_removed_only_when_provably_unused(
         assert not (tmpdir_short / left / "alive.lock").exists()  # (as older versions)
         assert gone.name not in run_dirs(tmpdir_short)  # (swept by that start)
         [worker] = wait_workers(old, 1)
-        slow, results = kill_arbiter_mid_request(old, 10)
+        slow, results = kill_arbiter_mid_request(old)
         again = Balancer(tmp_path / "again1", routes(backend), env=env)
         assert left in run_dirs(tmpdir_short), "its worker still drains there"
         assert again.stop() == 0
+        backend.released.set()
         slow.join(30)
         assert results == [200]
         wait_for(lambda: is_gone(worker), timeout=10, what="the killed balancer's worker gone")

@@ -31,14 +31,15 @@ def routes(backend: Any) -> dict[str, Any]:
     return {HOST: {"action": "proxy", "backends": [backend.address]}}
 
 
-def slow_requests(bal: Balancer, count: int, seconds: float = SLOW) -> tuple[list[Any],
-                                                                             list[threading.Thread]]:
-    """`count` slow requests in flight (waited for); their outcomes land in the list."""
+def slow_requests(bal: Balancer, count: int, seconds: float = SLOW,
+                  path: str = "/slow") -> tuple[list[Any], list[threading.Thread]]:
+    """`count` slow requests in flight (waited for); their outcomes land in the list.
+    `path` "/hold": each takes until the backend's `released` is set (`seconds` at most)."""
     results: list[Any] = []
 
     def slow() -> None:
         try:
-            results.append(request(bal.port, path=f"/slow?s={seconds}", host=HOST,
+            results.append(request(bal.port, path=f"{path}?s={seconds}", host=HOST,
                                    timeout=seconds + 15)[0])
         except (OSError, http.client.HTTPException) as exc:
             results.append(type(exc).__name__)
@@ -109,7 +110,7 @@ def test_a_worker_signalled_directly_is_replaced_while_it_drains(tmp_path, backe
                    env={"BALANCER_TIMEOUTS_GRACEFUL": "60"})
     try:
         [old] = wait_workers(bal, 1)
-        results, threads = slow_requests(bal, 1)
+        results, threads = slow_requests(bal, 1, path="/hold")
         os.kill(old, sig)
         longest = probe_gap(bal.port, 3.0)
         assert results == [] and not is_gone(old), "the old worker still drains"
@@ -118,6 +119,7 @@ def test_a_worker_signalled_directly_is_replaced_while_it_drains(tmp_path, backe
         [new] = wait_workers(bal, 1, replacing={old})
         assert f"worker {old} drains on its own (a signal sent to it, not to the " \
                f"arbiter); starting its replacement now" in bal.output()
+        backend.released.set()
         threads[0].join(SLOW + 15)
         assert results == [200]
         # (the line, not /proc: the arbiter writes it after reaping the worker. Bug:
