@@ -17,6 +17,7 @@ them in one system call. Without epoll (not Linux) nothing is watched.
 
 from __future__ import annotations
 
+import contextlib
 import select
 from typing import Any, Final
 
@@ -61,7 +62,7 @@ class HangUps:
         if not self.watched:
             return []
         for fd, (conn, ex) in list(self.watched.items()):
-            if conn.exchange is not ex:
+            if conn.exchange is not ex or conn.sock.fileno() != fd:  # over, or closed
                 self._forget(fd)
         if not self.watched:
             return []
@@ -74,7 +75,6 @@ class HangUps:
 
     def _forget(self, fd: int) -> None:
         del self.watched[fd]
-        try:
+        # closed (the kernel dropped it), or closed and its number reused
+        with contextlib.suppress(OSError):
             self.epoll.unregister(fd)
-        except OSError:  # closed (the kernel dropped it) or closed and reused
-            pass
