@@ -185,7 +185,8 @@ class Exchange:
 
     __slots__ = ("conn", "head", "route", "request_id", "start", "status", "sent", "received",
                  "head_extra",
-                 "backend", "backend_time", "keep_alive", "started", "body_done", "flight")
+                 "backend", "backend_time", "keep_alive", "started", "body_done", "flight",
+                 "awaits")
 
     def __init__(self, conn: ClientConnection, head: RequestHead, route: Route,
                  request_id: bytes, start: float) -> None:
@@ -206,6 +207,10 @@ class Exchange:
         # a try on a backend that `balancer.inline` began in the hub and left to the
         # action to go on with (`balancer.relay.Flight`); None: none
         self.flight: Any = None
+        # waiting on its backend: the request being sent, or the answer's next
+        # bytes (`balancer.relay`); the watchdog drops it if its client hangs up
+        # meanwhile (`GeventIO.expire`)
+        self.awaits = False
 
     def send(self, data: bytes, last: bool = False) -> None:
         """Send response bytes to the client; a dead client raises ClientGone.

@@ -85,6 +85,7 @@ from gevent.socket import socket as GeventSocket
 
 from balancer.errors import ClientGone, Overdue, RenegotiationRefused
 from balancer.evgil import hold_gil
+from balancer.hangups import HANG_UP_AFTER, HangUps
 from balancer.outbox import WRITE, Outbox, TLSWriter, Writer
 from balancer.peek import CLOSED, OPEN, READABLE, peek, peek_under
 from balancer.readiness import READ, SWITCH, Readable
@@ -580,6 +581,7 @@ class GeventIO(IO):
         # costs no call
         self.now = time.monotonic()
         self.connections: set[Any] = set()  # client connections being served
+        self.hangups = HangUps()  # requests waiting on their backends, their clients watched
 
     def stream(self, sock: Any) -> Stream:
         return EventedStream(sock, Readable(sock), self.outbox)
@@ -719,21 +721,43 @@ class GeventIO(IO):
             self.hand_off(conn)
             _throw_overdue(conn, conn.task)
 
+    def _hang_up(self, conn: Any, ex: Any) -> None:
+        """The watchdog's drop, in the loop, of `ex`, whose client hung up (FIN or
+        reset: a client's end is taken as its going, as for a held request and
+        as nginx does) while it waited on its backend: ClientGone is thrown
+        where it waits, so the backend connection is closed at once, not counted
+        against the backend, and the request logged as 499. A request the hub
+        serves goes to a greenlet first (`on_overdue` stops the hub's wait)."""
+        if conn.exchange is not ex or not ex.awaits or conn.deadline == EXPIRED:
+            return  # answered, or timed out, since the watchdog looked
+        task = conn.task
+        if task is None:
+            if self.on_overdue is None or not self.on_overdue(conn):
+                return
+            self.hand_off(conn)
+            task = conn.task
+        if task is not None and not task.dead:
+            task.throw(ClientGone("client closed while its request waited on the backend"))
+
     # the watchdog's steps ------------------------------------------------
     def tick(self) -> float:
         self.now = now = time.monotonic()
         return now
 
     def expire(self, now: float) -> None:
-        """Time out every connection whose deadline passed; ask a greenlet that
-        has waited PARK_AFTER for its connection's next request to park it. One
-        connection that raises is passed over and the others seen to; the first
-        such exception is raised after (the watchdog's problem: bug, it stopped
-        the rest being expired that tick, and every tick after)."""
+        """Time out every connection whose deadline passed; drop the request of
+        a client that hung up while it waited on its backend for HANG_UP_AFTER
+        (`_hang_up`); ask a greenlet that has waited PARK_AFTER for its
+        connection's next request to park it. One connection that raises is
+        passed over and the others seen to; the first such exception is raised
+        after (the watchdog's problem: bug, it stopped the rest being expired
+        that tick, and every tick after)."""
         loop, parks = self.hub.loop, self.resume is not None
         failed: Exception | None = None
+        waited, hangups = now - HANG_UP_AFTER, self.hangups
         for conn in list(self.connections):
             try:
+                ex = conn.exchange
                 if conn.deadline < now:
                     if conn.task is not None:
                         conn.deadline = EXPIRED
@@ -741,6 +765,8 @@ class GeventIO(IO):
                     elif not has_come(conn):  # parked, and nothing to see to first
                         conn.deadline = EXPIRED
                         loop.run_callback(self._expire_parked, conn)
+                elif ex is not None and ex.awaits and ex.start < waited:
+                    hangups.watch(conn, ex)
                 elif parks and conn.idle and _is_due_to_park(conn, now):
                     if conn.task is not None:
                         loop.run_callback(_park_idle, conn, conn.task)
@@ -748,6 +774,8 @@ class GeventIO(IO):
                         conn.forget()
             except Exception as exc:
                 failed = failed or exc
+        for conn, ex in hangups.gone():
+            loop.run_callback(self._hang_up, conn, ex)
         if failed is not None:
             raise failed
 

@@ -432,6 +432,7 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead, first:
     sock, parser = upstream.sock, upstream.parser
     assert parser is not None  # `exchange` made it
     events = parser.events
+    ex.awaits = False  # (sending to the client; waiting on the backend again below)
     if parser.complete and framing == RAW:  # all of it came with the head: one send
         pieces = len(events) - 1 - first  # the body's, before its END (not popped:
         if pieces == 1:  # CPython would shrink the list's array, then free it at `clear`)
@@ -460,6 +461,7 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead, first:
                 if framing == CHUNK:  # a chunked response's trailers go on (docs/headers.md)
                     out.append(parser.last_chunk if rhead.chunked else LAST_CHUNK)
                 events.clear()
+                ex.awaits = False
                 _send_out(ex, out, True)
                 return rhead.keep_alive and not parser.upgraded
             if framing == CHUNK:
@@ -477,10 +479,12 @@ def relay_response(ex: Exchange, upstream: Upstream, rhead: ResponseHead, first:
         if got is None:
             if out:
                 conn.arm(conn.sock, timeouts.client_idle)
+                ex.awaits = False
                 sent = _send_out(ex, out, False)
                 out = []
                 turn.spend(sent)
                 conn.arm(sock, timeouts.backend_read)
+            ex.awaits = True
             if hold:
                 _wait_backend(upstream)  # it was not there: recv again only once readable
             got = _read_backend(upstream)
@@ -666,6 +670,7 @@ def arm_connect(ex: Exchange, backend: Backend) -> None:
     reports, whichever the loop runs first (`Backend._overdue`)."""
     conn = ex.conn
     conn.arm_exactly(conn.sock, backend.connect_bound)
+    ex.awaits = False  # (a connect: not watched for a hang-up)
 
 
 def renew(ex: Exchange, backend: Backend, upstream: Upstream) -> Upstream:
@@ -724,6 +729,7 @@ def dispatch(ex: Exchange, upstream: Upstream, body: Piece | None,
     conn, sock = ex.conn, upstream.sock
     timeout = conn.ctx.backend_read
     conn.arm(sock, timeout)
+    ex.awaits = True
     parser = upstream.parser
     for_head = ex.head.method == b"HEAD"
     if parser is None:
@@ -786,6 +792,7 @@ def _upgrade(ex: Exchange, upstream: Upstream, rhead: ResponseHead) -> None:
     client_leftover = conn.parser.leftover + conn.stream.unread()
     ex.keep_alive = False
     ex.body_done = True
+    ex.awaits = False  # a tunnel passes a client's end on as a half-close
     conn.disarm()
     sent, received = tunnel(conn.stream.cooperative(), upstream.stream.cooperative(),
                             client_leftover, conn.ctx.timeouts.tunnel_idle)
