@@ -56,7 +56,7 @@ def is_valid_host(host: bytes) -> bool:
     if not host:
         return True
     if host[0] == LEFT_BRACKET:  # (past MAX_LITERAL, no IP literal: not searched)
-        return 0 < host.find(b"]", 0, MAX_LITERAL) and _names_host(host, None)
+        return host.find(b"]", 0, MAX_LITERAL) > 0 and _names_host(host, None)
     name, colon, port = host.partition(b":")
     if (not name or name[0] == DOT or b".." in name or LEFT_BRACKET in name
             or RIGHT_BRACKET in name):
