@@ -147,7 +147,7 @@ def store_bal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Balanc
 def test_a_host_key_with_two_trailing_dots_is_refused(store_bal: Balancer, key: str) -> None:
     status, body = store_bal.api("PUT", f"/api/v1/hosts/{key}", static("x"))
     assert status == 400 and body["details"] == [
-        f"host {key!r}: not a valid host name, '*.suffix' or '*'"]
+        f"host {key!r}: not a valid host name, IPv6 literal ('[::1]'), '*.suffix' or '*'"]
     status, body = store_bal.api("PUT", "/api/v1/hosts", {"hosts": {key: static("x")}})
     assert status == 400
     assert store_bal.api("GET", "/api/v1/hosts")[1]["hosts"] == {}
