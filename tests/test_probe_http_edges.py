@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.rawpeer import RawBackend, client_exchange
+from tests.rawpeer import RawBackend, client_exchange, refused
 from tests.support import Balancer, wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -73,24 +73,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     site = Site(tmp_path_factory.mktemp("http-edges"))
     yield site
     site.stop()
-
-
-def refused(port: int, data: bytes) -> tuple[bytes, bool]:
-    """What the balancer answered `data` on a new connection, and whether it closed
-    the connection after it."""
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        sock.sendall(data)
-        received = b""
-        while b"</html>" not in received:
-            more = sock.recv(65536)
-            if not more:
-                return received, True
-            received += more
-        sock.settimeout(WAIT)
-        try:
-            return received, sock.recv(65536) == b""
-        except OSError:
-            return received, False
 
 
 def body_of(port: int, host: bytes, extra: bytes = b"") -> bytes:
@@ -250,18 +232,9 @@ def test_a_60_kb_host_is_routed_as_before_at_a_small_cost(site: Site) -> None:
     assert body_of(port, labels + b"x.test:80") == b"200 catch-all"
     assert body_of(port, labels + b".x.test").startswith(b"400 ")
     before = tree_cpu(site.bal.proc.pid)
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        for _ in range(40):  # (the empty label: the longest search of the expression)
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: " + labels + b".x.test\r\n\r\n")
-            answer = b""
-            while b"</html>" not in answer:
-                more = sock.recv(65536)
-                if not more:
-                    break
-                answer += more
-            assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
-            sock.close()
-            sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    for _ in range(40):  # (the empty label: the longest search of the expression)
+        answer, _ = refused(port, b"GET / HTTP/1.1\r\nHost: " + labels + b".x.test\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
     used = tree_cpu(site.bal.proc.pid) - before
     assert used < 0.4, used
 
