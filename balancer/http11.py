@@ -88,6 +88,7 @@ import httptools
 
 from balancer.chunks import LAST_CHUNK, LONG_LINE, ChunkedBody
 from balancer.fields import CLIENT_FIELDS, spellings
+from balancer.lengths import LENGTH_DIGITS, MERGEABLE, merged_lengths
 
 END: Final = object()  # sentinel event: the current message is complete
 
@@ -348,6 +349,17 @@ def is_chunked_only(chunked: bool, value: bytes) -> bool:
     return not chunked and value.lstrip(b" \t").rstrip(b" ").lower() == b"chunked"
 
 
+def _length(value: bytes) -> int:
+    """A Content-Length `value` llhttp took (digits, blanks after them) as a number;
+    `MAX_LENGTH` + 1 (refused: "Content-Length too large") for one whose digits,
+    leading zeros and all, are more than Python reads as a number (4,300: bug, a
+    400 "User callback error"). nginx and HAProxy take such a value."""
+    digits = value.rstrip(b" \t")
+    if len(digits) > LENGTH_DIGITS:
+        return MAX_LENGTH + 1
+    return int(digits)
+
+
 def _host_value(value: bytes) -> bytes:
     """A Host field's value without trailing blanks; NUL when empty (a 400 later)."""
     if value and value[-1] != 32 and value[-1] != 9:  # (rstrip is a method call)
@@ -409,6 +421,10 @@ class _Parser:
         self.leftover = b""
         self._error: ProtocolError | None = None
         self._closed = False  # a request that closes the connection is complete
+        # (closed) the head being read, while `_merge` waits for its end, and why
+        # llhttp refused it
+        self._held: list[bytes] = []
+        self._reason = ""
         # llhttp ended the message at its head, an upgrade none here, before its
         # Content-Length body (`_reframe`)
         self._unframed = False
@@ -465,6 +481,8 @@ class _Parser:
             events.append(END)
             return
         if self._closed:
+            if self._held:  # (a head with a repeated Content-Length: `_merge`)
+                self._hold(data)
             return
         self._between = False
         in_head = self._in_head
@@ -509,7 +527,11 @@ class _Parser:
                 raise self._error from None
             if self._closed:  # llhttp refuses bytes after "Connection: close"
                 return
-            raise ProtocolError(400, str(exc)) from None
+            reason = str(exc)
+            if reason in MERGEABLE and not fielded:
+                self._merge(reason)
+                return
+            raise ProtocolError(400, reason) from None
         callbacks.parser = None  # (after an error it is kept until the next feed)
         if self._switching:  # a chunked head ended in `data`: its body parser reads on
             self._to_body(data, True)
@@ -540,6 +562,54 @@ class _Parser:
             self._quiet_bytes = self._quiet_bytes + len(data) if quiet == len(events) else 0
         if self._quiet_bytes or self._fields:
             self._check_quiet()
+
+    def _merge(self, reason: str) -> None:
+        """llhttp refused a repeated or listed Content-Length (`reason`) in the head
+        being read: its bytes since it began are held (`_held`; the parser is
+        `_closed` to `feed` meanwhile) until it is whole (`_hold`)."""
+        parts = self._parts
+        held = (parts[0] if len(parts) == 1 else b"".join(parts))[self._start:]
+        held = held.lstrip(b"\r\n")  # (llhttp skips empty lines before a request)
+        self._held = [held]
+        self._head_bytes = len(held)
+        self._reason = reason
+        self._hp = None  # (llhttp stays in its error state: dropped)
+        self._parts = []
+        self._closed = True
+        self._hold(b"")
+
+    def _hold(self, data: bytes) -> None:
+        """Hold `data` after a head `_merge` holds; once the head is whole, parse it
+        again with its Content-Length fields merged (`balancer.lengths`) and the
+        bytes after it, or refuse it (llhttp's `_reason`; 431 past the head limit,
+        as any head). The bytes held are joined once, when the head's end came."""
+        held = self._held
+        if data:
+            window = b"".join(held[-3:])[-3:] + data  # (each part has a byte at least)
+            held.append(data)
+            self._head_bytes += len(data)
+            if b"\r\n\r\n" not in window:
+                self._bound_held()
+                return
+        whole = held[0] if len(held) == 1 else b"".join(held)
+        end = whole.find(b"\r\n\r\n")
+        if end < 0:
+            self._held = [whole]
+            self._bound_held()
+            return
+        head = merged_lengths(whole[:end + 4])
+        if head is None:
+            self._fail(400, self._reason)
+        self._held = []
+        self._closed = False
+        self._hp = self._callbacks.take()
+        self._start = 0
+        self._begin()
+        self.feed(head + whole[end + 4:])
+
+    def _bound_held(self) -> None:
+        if self._head_bytes > self._head_max + 4:
+            self._fail(431, "request head too large")
 
     def _check_line(self, fed: int, data: bytes) -> None:
         """The request line of a head of which `fed` bytes came before `data`."""
@@ -711,6 +781,7 @@ class _Parser:
         self._between = False
         self._closed = True
         self._parts = []
+        self._held = []
 
 
 def _part(data: bytes, start: int, end: int) -> Any:
@@ -1006,7 +1077,7 @@ class RequestParser(_Parser):
             elif lname == b"content-length":
                 if content_length is not None:
                     self._fail(400, "repeated Content-Length")
-                content_length = int(value.rstrip(b" \t"))
+                content_length = _length(value)
                 if content_length > MAX_LENGTH:
                     self._fail(400, "Content-Length too large")
                 if value[-1] == SP or value[-1] == TAB or (value[0] == ZERO and len(value) > 1):

@@ -7,7 +7,8 @@ Invariants:
 * a ``Pages`` value always holds every name in ``PAGE_STATUS``: an override in
   ``pages_dir/NAME.html`` replaces the built-in body, a missing one keeps it;
 * page bodies are valid UTF-8 and non-empty, so ``content_type`` is honest;
-* an override file that cannot be used is an error naming the file, at load.
+* an override file that cannot be used is an error naming the file, at load:
+  not a regular file, empty, not UTF-8, or larger than ``MAX_PAGE_BYTES``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from pathlib import Path
 BUILTIN_DIR = Path(__file__).resolve().parent / "pages"
 
 HTML = b"text/html; charset=utf-8"
+# The largest page body: each worker holds every page, and sends one whole from
+# memory (bug: any size was read, a multi-GB file held by every worker or the
+# start-up killed by memory)
+MAX_PAGE_BYTES = 1 << 20
 
 PAGE_STATUS: dict[str, int] = {
     "unknown": 404,                # no rule for the host (SPEC §3)
@@ -136,7 +141,10 @@ def _read_override(path: str) -> bytes:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise PageError(f"page override {path}: cannot read: not a regular file")
         with open(fd, "rb", closefd=False) as file:
-            body = file.read()
+            body = file.read(MAX_PAGE_BYTES + 1)  # (a file still growing: the bytes read)
+        if len(body) > MAX_PAGE_BYTES:
+            raise PageError(f"page override {path}: larger than {MAX_PAGE_BYTES} bytes "
+                            f"(1 MiB, the most a page may be)")
     except OSError as exc:
         raise PageError(f"page override {path}: cannot read: {exc.strerror or exc}") from None
     finally:

@@ -66,6 +66,7 @@ from typing import Any, Final
 
 import httptools
 
+from balancer.chunks import LONG_LINE, ChunkedBody
 from balancer.fields import field_keys, field_list, without_fields
 from balancer.http11 import (
     DEFAULT_LIMITS,
@@ -349,7 +350,7 @@ class ResponseParser:
     __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "last_chunk",
                  "_hp", "_parts", "_buffered", "_in_head", "_limit", "_max_fields", "_head",
                  "_error", "_chunked", "_quiet", "_quiet_bytes", "_callbacks", "_memo",
-                 "_rest")
+                 "_rest", "_framing", "_body_after", "_pieces")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False,
                  callbacks: ResponseCallbacks | None = None,
@@ -372,6 +373,12 @@ class ResponseParser:
         self._chunked = False  # in the body of a chunked response: its trailers are watched
         self._quiet: list[bytes] = []  # the reads since the last that brought body bytes
         self._quiet_bytes = 0  # what those brought but the first (trailers, chunk framing)
+        # A chunked response's framing, located as llhttp reads it (its size lines
+        # bounded: `_bound_lines`) from its first byte: the read its head ended in
+        # has `_body_after` bytes after it
+        self._framing: ChunkedBody | None = None
+        self._body_after = 0
+        self._pieces: list[Any] = []  # (what `ChunkedBody.scan` hands out: not kept)
         self.begin(for_head)
 
     def begin(self, for_head: bool = False) -> None:
@@ -441,6 +448,7 @@ class ResponseParser:
                 if self._buffered > self._limit:
                     self._bound_unfinished()
             elif self._chunked:
+                self._bound_lines(data, 0 if chunked_body else len(data) - self._body_after)
                 moved = not chunked_body or len(self.events) - (1 if self.complete else 0) > before
                 self._watch_trailers(data, moved)
             if self.complete:
@@ -505,6 +513,26 @@ class ResponseParser:
         self.complete = True
         if size > rest:
             self.feed(data[start + rest:])
+
+    def _bound_lines(self, data: bytes, start: int) -> None:
+        """Bound each chunk size line of a chunked response, as a request's
+        (`balancer.chunks`: at most `max_header_bytes`, extensions included, however
+        it was split): llhttp takes extensions at any length, and the quiet-read
+        bound (`_watch_trailers`) misses a line that came with body bytes (bug: a
+        64 KiB extension in one read went on, re-chunked). A 502; the connection
+        is not reused."""
+        framing = self._framing
+        if framing is None:
+            return
+        pieces = self._pieces
+        end = framing.scan(data, start, pieces)
+        pieces.clear()
+        if end == LONG_LINE:
+            self._hp = None
+            self._error = ProtocolError(502, "backend chunk size line too long")
+            raise self._error
+        if end >= 0:
+            self._framing = None
 
     def _watch_trailers(self, data: bytes, moved: bool) -> None:
         """Bound and, once the response is complete, read its trailer section.
@@ -640,6 +668,8 @@ class ResponseParser:
             self._chunked = True
             self.last_chunk = LAST_CHUNK
             self._quiet.clear()
+            self._framing = ChunkedBody(self._limit)
+            self._body_after = len(buf) - end - 4  # (all in the read being fed)
         if self.for_head and status >= 200:
             # llhttp cannot be told "no body follows" (HEAD); the message ends here,
             # and a body the backend sent anyway must not become events after END.

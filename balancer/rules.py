@@ -4,7 +4,8 @@ Invariants:
 * `validate_rule` never raises on bad input; it returns every problem it finds,
   each prefixed with the path of the offending field (``backends[1].weight``).
 * A rule that validates cleanly compiles without error (`balancer.table`).
-* Host keys are validated by `validate_host`; keys are stored lower-case.
+* Host keys are validated by `validate_host`; keys are stored lower-case, an
+  IPv6 literal (``[::1]``, in brackets as in a Host field) in its shortest form.
 * Numbers are finite (NaN and Infinity are refused wherever a number goes).
 * A field that ends up in a response header or a request line (`to`,
   `content_type`, `health.path`) holds only visible ASCII (and spaces where
@@ -81,8 +82,30 @@ class RuleError(ValueError):
 
 
 def normalize_host(host: str) -> str:
-    """The key form of a host name: lower-case, without a trailing dot."""
-    return host.strip().lower().rstrip(".")
+    """The key form of a host name: lower-case, without a trailing dot; an IPv6
+    literal in brackets, as in a Host field, its address in its shortest form
+    (``[0:0::1]`` is ``[::1]``: `literal_key`)."""
+    key = host.strip().lower()
+    return literal_key(key) if key.startswith("[") else key.rstrip(".")
+
+
+def literal_key(literal: str) -> str:
+    """``[ADDRESS]`` with an IPv6 address in its shortest, lower-case form (as
+    `balancer.table` reads a Host's); anything else as it is."""
+    if _is_literal(literal):
+        return f"[{ipaddress.IPv6Address(literal[1:-1]).compressed}]"
+    return literal
+
+
+def _is_literal(text: str) -> bool:
+    """Whether `text` is an IPv6 address in brackets, without a zone."""
+    if not (text.startswith("[") and text.endswith("]")) or "%" in text:
+        return False
+    try:
+        ipaddress.IPv6Address(text[1:-1])
+    except ValueError:
+        return False
+    return True
 
 
 def validate_host(host: object) -> list[str]:
@@ -91,10 +114,15 @@ def validate_host(host: object) -> list[str]:
         return ["host: must be a non-empty string"]
     if not host.isascii():  # checked before lower(): "\u212a" (KELVIN SIGN) lowers to "k"
         return [f"host {host!r}: not ASCII{_ascii_form(host)}"]
+    if host.strip().startswith("["):  # an IPv6 literal, as nginx's server_name takes
+        return [] if _is_literal(host.strip()) else [
+            f"host {host!r}: not an IPv6 address in brackets (such as '[2001:db8::1]'; "
+            f"no port, no zone)"]
     # one trailing dot at most, as in a Host field (bug: every trailing dot was
     # stripped first: "app.test.." was stored as app.test, "*." as the catch-all *)
     if len(normalize_host(host)) > MAX_HOST_LEN or not HOST_RE.match(host.strip().lower()):
-        return [f"host {host!r}: not a valid host name, '*.suffix' or '*'"]
+        return [f"host {host!r}: not a valid host name, IPv6 literal ('[::1]'), "
+                f"'*.suffix' or '*'"]
     return []
 
 
@@ -145,10 +173,10 @@ def host_rule_problems(host: object, rule: object) -> list[str]:
     """What a rule may not do for this host key: ACME (HTTP-01, TLS-ALPN-01) issues
     certificates for exact names only; a wildcard needs DNS-01."""
     if isinstance(rule, Mapping) and rule.get("tls") == "acme" and isinstance(host, str) \
-            and host.strip().startswith("*"):
-        return ['tls: "acme" needs an exact host name: ACME cannot issue a wildcard or '
-                'catch-all certificate over HTTP-01 or TLS-ALPN-01 (upload one with '
-                '`balancerctl cert set`)']
+            and host.strip()[:1] in ("*", "["):
+        return ['tls: "acme" needs an exact host name: ACME cannot issue a wildcard, '
+                'catch-all or IP address certificate over HTTP-01 or TLS-ALPN-01 '
+                '(upload one with `balancerctl cert set`)']
     return []
 
 

@@ -124,7 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
             "share one socket); false: every worker accepts from one shared socket"),
     Setting("server.user", Account("user"), "", "user to switch to after binding"),
     Setting("server.group", Account("group"), "", "group to switch to after binding"),
-    Setting("server.pages_dir", Directory(), "", "directory of NAME.html built-in page overrides"),
+    Setting("server.pages_dir", Directory(), "",
+            "directory of NAME.html built-in page overrides (each at most 1 MiB)"),
     Setting("server.merge_pages", BOOLEAN, False,
             "let the kernel store the pages the balancer's processes hold alike once (KSM, "
             "Linux 6.4; inert unless the host runs ksmd: /sys/kernel/mm/ksm/run = 1); off: a "

@@ -58,6 +58,8 @@ MAX_CLIENT: Final = 64      # bytes of an X-Forwarded-For entry taken as a clien
 NOTHING: Final = (0, 0, 0, 0)  # the counters of a host or backend not seen before
 SLASH: Final = 47  # b"/"
 QUERY: Final = 63  # b"?"
+COLON: Final = 58  # b":"
+LEFT_BRACKET: Final = 91  # b"["
 
 
 class Entry:
@@ -364,8 +366,23 @@ def forwarded_client(ex: Exchange) -> str:
     for mark in head.marks:
         if mark[0] == b"x-forwarded-for":
             found = mark_value(head, mark)
-    last = found.rpartition(b",")[2].strip()
+    last = address_only(found.rpartition(b",")[2].strip())
     return last.decode("latin-1") if len(last) <= MAX_CLIENT else ""
+
+
+def address_only(entry: bytes) -> bytes:
+    """An X-Forwarded-For entry without the port a proxy may write after its
+    address: ``1.2.3.4:5678`` is ``1.2.3.4``, ``[::1]:80`` and ``[::1]`` are
+    ``::1`` (bug: `ip_hash` hashed the entry as written, so one client's ports
+    spread it over the backends). An IPv6 address without brackets (its colons
+    are no port) and anything else stay as they are."""
+    if COLON not in entry:  # (the usual IPv4 entry: one memchr)
+        return entry
+    if entry[0] == LEFT_BRACKET:
+        end = entry.find(b"]")
+        return entry[1:end] if end > 1 else entry
+    colon = entry.find(b":")
+    return entry[:colon] if entry.find(b":", colon + 1) < 0 else entry
 
 
 def path_key(host: str, target: bytes) -> str:

@@ -27,6 +27,9 @@ Invariants:
   stripped). A request whose Host is cached pays nothing for it; the full check
   (~8,000 instructions compiled, a regular expression) is for the misses
   only: a port, a wildcard's or the catch-all's name, an unknown one.
+* An IPv6 literal Host (``[::1]``, any port) is looked up in its key's form,
+  its address shortest and lower-case (`rules.literal_key`): ``[0:0::1]`` finds
+  the key ``[::1]``; on a cache miss only.
 * A name's parents are looked up from the longest that can be a key
   (`PARENT_START`): a Host of thousands of labels costs its length, not its
   length times its labels (bug: a 60 KB ``a.a.a...`` Host held a worker for a
@@ -45,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from balancer.authority import is_valid_host
 from balancer.http11 import ProtocolError
-from balancer.rules import MAX_HOST_LEN, RuleError, normalize_host, validate_table
+from balancer.rules import MAX_HOST_LEN, RuleError, literal_key, normalize_host, validate_table
 from balancer.spans import Piece
 from balancer.stats import HostStats
 
@@ -256,6 +259,8 @@ class RoutingTable:
 
     def _resolve(self, host: bytes) -> Route:
         name = host_name(host)
+        if name[:1] == b"[":  # an IPv6 literal: its key's form (`rules.literal_key`)
+            name = literal_key(name.decode("latin-1")).encode("latin-1")
         exact = self._exact_route(name)
         if exact is not None and COLON not in host and len(host) <= len(name) + 1:
             return exact  # a name the table has, no port, one trailing dot at most: valid

@@ -11,10 +11,12 @@ Invariants (SPEC §5: "header timeout, connection cap, body limits"):
   (`management.http.error_bytes`; `refusal` names the code).
 * A request body is read whole (at most `MAX_BODY` bytes) before the app
   runs, within `timeouts.client_header`: larger is 413, slower 408; either
-  closes the connection. The app never waits on a client. A request the head
-  alone refuses (`early`: no token, a web page's) is answered before its body
-  is read, without ``100 Continue``, and the connection closed (nginx with
-  `auth_request` or basic auth does the same).
+  closes the connection, lingering (`ManagementHandler.linger`: what the
+  client still sends, up to `LINGER_BYTES`, is read and dropped first, so the
+  answer is not lost to a reset). The app never waits on a client. A request
+  the head alone refuses (`early`: no token, a web page's) is answered before
+  its body is read, without ``100 Continue``, and the connection closed (nginx
+  with `auth_request` or basic auth does the same).
 * Every socket read or write that makes no progress for
   `timeouts.client_header` ends the connection (a response nobody reads).
 * At most `max_connections` connections are open. One more displaces the
@@ -37,6 +39,7 @@ import contextlib
 import http.client
 import io
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +55,9 @@ log = logging.getLogger("balancer")
 
 MAX_CONNECTIONS = 256  # management connections per process
 MIN_CONNECTIONS = 16  # kept however low the descriptor limit: the operator gets in
+# what a connection whose body was refused reads and drops before it closes (`linger`)
+LINGER_BYTES = 16 * MAX_BODY
+LINGER_READ = 65536
 # what reading a request head raises for a client's fault (`refusal`)
 CLIENT_ERRORS = (ValueError, OSError, http.client.HTTPException)
 
@@ -178,6 +184,32 @@ class ManagementHandler(RawTargetHandler):
             self.close_connection = True
         super().handle_one_response()
         self.served += 1
+        if problem is not None:
+            self.linger()
+
+    def linger(self) -> None:
+        """After an answer that refused a body not read whole (413, 408, 400):
+        half-close, read and drop what the client still sends until it stops, is
+        silent for `timeouts.linger_idle`, `timeouts.linger` passed or
+        `LINGER_BYTES` came, then close (RFC 9112 §9.6, as the data plane:
+        `balancer.lingering`). Closed with bytes unread, the kernel resets the
+        connection, and a client that sends its body whole before it reads got
+        the reset, not the 413 (bug)."""
+        timeouts = self.server.timeouts
+        sock = self.socket
+        deadline = time.monotonic() + timeouts.linger
+        dropped = 0
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            while dropped < LINGER_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(min(timeouts.linger_idle, left))
+                data = sock.recv(LINGER_READ)
+                if not data:
+                    break
+                dropped += len(data)
 
     def read_body(self) -> ApiError | None:
         """Read the body whole into ``wsgi.input`` within the head timeout; the

@@ -247,3 +247,22 @@ def client_exchange(port: int, data: bytes, *, until: bytes | None = None,
                 break
             received += chunk
         return received
+
+
+def refused(port: int, data: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """What the balancer answered `data` on a new connection, and whether it closed
+    the connection after it (a read that times out: not closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while b"</html>" not in received:
+            more = sock.recv(65536)
+            if not more:
+                return received, True
+            received += more
+        sock.settimeout(1.0)  # (what a closed connection gives at once)
+        try:
+            closed = sock.recv(65536) == b""
+        except OSError:
+            closed = False
+        return received, closed

@@ -130,6 +130,31 @@ def test_an_endless_head_is_refused_once_it_passes_the_limit() -> None:
     assert fed <= Limits().max_header_bytes
 
 
+def test_a_content_length_past_the_digits_int_reads_is_too_large() -> None:
+    """Over 4,300 digits (leading zeros): the reason of other lengths past the
+    limit (bug: "User callback error", `int` raising in the head's callback; the
+    400 is the same: tests/test_probe_http_edges.py)."""
+    parser = RequestParser()
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: " + b"0" * 4400
+                    + b"5\r\n\r\nhello")
+    assert (info.value.status, info.value.reason) == (400, "Content-Length too large")
+
+
+def test_a_head_held_for_its_repeated_content_length_is_bounded() -> None:
+    """A head with a repeated Content-Length is held until it is whole (it is then
+    parsed again with one): past the head limit, a 431 as for any head."""
+    parser = RequestParser()
+    parser.feed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5\r\n")
+    fed = 0
+    with pytest.raises(ProtocolError) as info:
+        for _ in range(10):
+            parser.feed(b"X-Long: " + b"x" * 16384 + b"\r\n")
+            fed += 16384
+    assert info.value.status == 431
+    assert fed <= Limits().max_header_bytes
+
+
 def test_an_endless_trailer_is_refused_instead_of_buffered() -> None:
     """httptools buffers a trailer value whole (quadratic copies): it must be bounded."""
     parser = RequestParser()

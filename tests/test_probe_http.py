@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from tests.rawpeer import RawBackend, client_exchange
+from tests.rawpeer import RawBackend, client_exchange, refused
 from tests.support import wait_for
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -25,25 +25,6 @@ POST = b"POST /up HTTP/1.1\r\nHost: app.test\r\n"
 def answer_ok(conn: socket.socket, _request: bytes) -> bool:
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     return True
-
-
-def refused(port: int, data: bytes) -> tuple[bytes, bool]:
-    """What the balancer answered `data` on a new connection, and whether it closed
-    the connection after it (a read that times out: not closed)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        sock.sendall(data)
-        received = b""
-        while b"</html>" not in received:
-            more = sock.recv(65536)
-            if not more:
-                return received, True
-            received += more
-        sock.settimeout(1.0)  # (what a closed connection gives at once)
-        try:
-            closed = sock.recv(65536) == b""
-        except OSError:
-            closed = False
-        return received, closed
 
 
 @pytest.mark.parametrize("value", [b"chunked\t", b"chunked \t", b"Chunked\t "])

@@ -44,6 +44,7 @@ from typing import Any
 
 import pytest
 
+from balancer.pages import MAX_PAGE_BYTES
 from tests.support import ROOT, Backend, Balancer, raw_exchange, request, split_responses
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -146,7 +147,7 @@ def store_bal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Balanc
 def test_a_host_key_with_two_trailing_dots_is_refused(store_bal: Balancer, key: str) -> None:
     status, body = store_bal.api("PUT", f"/api/v1/hosts/{key}", static("x"))
     assert status == 400 and body["details"] == [
-        f"host {key!r}: not a valid host name, '*.suffix' or '*'"]
+        f"host {key!r}: not a valid host name, IPv6 literal ('[::1]'), '*.suffix' or '*'"]
     status, body = store_bal.api("PUT", "/api/v1/hosts", {"hosts": {key: static("x")}})
     assert status == 400
     assert store_bal.api("GET", "/api/v1/hosts")[1]["hosts"] == {}
@@ -193,10 +194,19 @@ def test_a_redirect_to_a_path_never_names_another_host(bal: Balancer, target: by
 
 
 
-def test_a_page_override_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["fifo", "large"])
+def test_a_page_override_that_is_a_fifo_or_too_large_is_refused_at_once(
+        tmp_path: Path, kind: str) -> None:
+    """A FIFO (bug: its open waited for a writer); a file over 1 MiB (bug: read
+    whole, by every worker): the start fails with a message naming the file."""
     pages = tmp_path / "pages"
     pages.mkdir()
-    os.mkfifo(pages / "maintenance.html")
+    if kind == "fifo":
+        os.mkfifo(pages / "maintenance.html")
+        problem = "cannot read: not a regular file"
+    else:
+        (pages / "maintenance.html").write_bytes(b"<p>" + b"x" * MAX_PAGE_BYTES)
+        problem = f"larger than {MAX_PAGE_BYTES} bytes"
     (tmp_path / "balancer.toml").write_text(f'[server]\npages_dir = "{pages}"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
     try:
@@ -207,6 +217,7 @@ def test_a_page_override_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> No
             env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=20)
     finally:  # a reader still blocked in its open (the bug) reads an end and goes
         with contextlib.suppress(OSError):
-            os.close(os.open(pages / "maintenance.html", os.O_WRONLY | os.O_NONBLOCK))
+            if kind == "fifo":
+                os.close(os.open(pages / "maintenance.html", os.O_WRONLY | os.O_NONBLOCK))
     assert done.returncode != 0
-    assert f"{pages / 'maintenance.html'}: cannot read: not a regular file" in done.stderr
+    assert f"{pages / 'maintenance.html'}: {problem}" in done.stderr

@@ -297,11 +297,11 @@ def test_tls_acme_is_for_exact_host_names_only() -> None:
 
     rule = {"action": "static", "body": "x", "tls": "acme"}
     assert validate_rule(rule) == [] and validate_table({"app.test": rule}) == []
-    for host in ("*.app.test", "*"):
+    for host in ("*.app.test", "*", "[::1]"):
         problems = validate_table({host: rule})
         assert problems == [f'{host}: tls: "acme" needs an exact host name: ACME cannot issue a '
-                            f'wildcard or catch-all certificate over HTTP-01 or TLS-ALPN-01 '
-                            f'(upload one with `balancerctl cert set`)']
+                            f'wildcard, catch-all or IP address certificate over HTTP-01 or '
+                            f'TLS-ALPN-01 (upload one with `balancerctl cert set`)']
 
 
 def test_pipelined_requests_and_abrupt_clients_over_tls(front: Balancer, tls_tmp: Path) -> None:

@@ -1,3 +1,0 @@
-"""Content-Length as a list."""
-
-status = 400

@@ -1,0 +1,3 @@
+"""Content-Length as a list of different numbers."""
+
+status = 400

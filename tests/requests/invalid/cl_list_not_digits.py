@@ -1,0 +1,3 @@
+"""Content-Length as a list with an element not digits."""
+
+status = 400

@@ -1,0 +1,3 @@
+"""Content-Length as a list ending in a comma."""
+
+status = 400

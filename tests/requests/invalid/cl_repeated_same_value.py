@@ -1,3 +1,0 @@
-"""Content-Length twice, even with the same value."""
-
-status = 400
