@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from balancer.backend_tls import BackendTLS
 from balancer.restarts import Restarts
@@ -73,6 +73,7 @@ WATCH_EVERY = 0.25  # seconds between in-flight reports while a deploy runs
 GONE_AFTER = 60.0   # seconds after which an in-flight report's balancer is gone for good
 STORE_PATIENCE = 30.0  # seconds a deploy waits for an unavailable store before it fails
 STORE_RETRY = 0.2      # seconds between its attempts meanwhile
+T = TypeVar("T")
 
 
 class Deployer:
@@ -90,6 +91,7 @@ class Deployer:
         self.write_rule = write_rule  # (host, rule, if_version) -> version, published
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.running: dict[str, str] = {}  # host -> deploy id run here
+        self.taken: set[str] = set()  # ids of those another process resumed meanwhile
         self.stopping = threading.Event()
         self.watcher: threading.Thread | None = None
 
@@ -164,21 +166,29 @@ class Deployer:
         beat = threading.Thread(target=self.beat_loop, args=(record,), daemon=True)
         beat.start()
         try:
-            state = self._steps(Run(self, record, resumed))
-        except Interrupted:
-            log.info("deploy %s of %s: handed over (this process is stopping)", record["id"],
-                     host)
+            self._ended(record, Run(self, record, resumed))
+        except Interrupted:  # (its claim stays: whoever holds it goes on)
+            why = "another process resumed it" if record["id"] in self.taken else \
+                "this process is stopping"
+            log.info("deploy %s of %s: handed over (%s)", record["id"], host, why)
             return
-        except DeployFailed as exc:
-            self._end(record, "failed", f"{exc}{_serving(record)}")
-        except Exception as exc:  # a bug or a store failure: end cleanly, never half-way
-            log.exception("deploy %s of %s failed", record["id"], host)
-            self._end(record, "failed", f"internal error: {exc}")
-        else:
-            self._end(record, state, None)
         finally:
             self.running.pop(host, None)
+            self.taken.discard(record["id"])
         self._release(record)
+
+    def _ended(self, record: dict[str, Any], run: Run) -> None:
+        """Run the deploy and record how it ended (`Interrupted`: handed over)."""
+        try:
+            state, error = self._steps(run), None
+        except DeployFailed as exc:
+            state, error = "failed", f"{exc}{_serving(record)}"
+        except Interrupted:
+            raise
+        except Exception as exc:  # a bug or a store failure: end cleanly, never half-way
+            log.exception("deploy %s of %s failed", record["id"], record["host"])
+            state, error = "failed", f"internal error: {exc}"
+        self._end(record, state, error)
 
     @staticmethod
     def _steps(run: Run) -> str:
@@ -205,7 +215,7 @@ class Deployer:
                 record["id"], record["host"], state, f": {error}" if error else "")
         try:
             self.save(record)
-        except (DeployFailed, Interrupted):
+        except DeployFailed:
             log.error("deploy %s of %s: its end (%s) could not be recorded; the store is "
                       "unavailable", record["id"], record["host"], state)
 
@@ -217,36 +227,73 @@ class Deployer:
                         record["id"], record["host"], exc, STALE_AFTER)
 
     def save(self, record: dict[str, Any]) -> None:
-        """Store the record (an outage waited out, `patiently`)."""
-        self.patiently(record, "save its record", lambda: self.records.save_deploy(record))
+        """Store the record (an outage waited out, `patiently`) while this process
+        still runs it (`fence`)."""
+        self.patiently(record, "save its record", lambda: self.fenced(
+            record, lambda: self.records.save_deploy(record)))
+
+    def fenced(self, record: dict[str, Any], write: Callable[[], T]) -> T:
+        """`write()` once `fence` let it through."""
+        self.fence(record)
+        return write()
+
+    def fence(self, record: dict[str, Any]) -> None:
+        """Renew this process's claim on the deploy's host before one of its writes
+        (no other process resumes it for `STALE_AFTER` seconds then), or
+        `Interrupted` when another process took the deploy over (its claim, fresh,
+        held by another owner) or ended it (its claim released, its record ended
+        or owned elsewhere). Bug: a process cut from the store for longer than
+        `STALE_AFTER` went on once it was back, beside the one that had resumed its
+        deploy: both carried out its abort, and each overwrote the other's record."""
+        deploy_id, host = record["id"], record["host"]
+        held = self.records.claims().get(host)
+        if held is None:
+            stored = self.records.deploy(deploy_id)
+            if stored is not None and (stored.get("state") != "running"
+                                       or stored.get("owner") != self.owner):
+                self.taken.add(deploy_id)
+                raise Interrupted()
+        elif held.get("id") != deploy_id:
+            return  # another deploy claimed the host (damaged records): `beat_loop` says so
+        if self.records.claim(host, deploy_id, self.owner, time.time(),
+                              STALE_AFTER) == deploy_id:
+            self.taken.add(deploy_id)
+            raise Interrupted()
 
     def patiently(self, record: dict[str, Any], what: str, call: Callable[[], Any]) -> Any:
         """`call()`, tried again while the store is unavailable or damaged, for up to
         `STORE_PATIENCE` seconds (then `DeployFailed`) or until this process stops
         (`Interrupted`)."""
         give_up = time.monotonic() + STORE_PATIENCE
+        troubled = False
         while True:
             try:
-                return call()
+                done = call()
             except (StoreUnavailable, CorruptStore) as exc:  # (bug: a routes file damaged
                 if time.monotonic() >= give_up:               # mid-deploy: "internal error")
                     state = "damaged" if isinstance(exc, CorruptStore) else "unavailable"
-                    raise DeployFailed(f"cannot {what}: the store is {state} ({exc})") \
-                        from None
+                    raise DeployFailed(f"cannot {what}: the store is {state} ({exc})",
+                                       "store_corrupt" if state == "damaged" else
+                                       "store_unavailable") from None
                 log.warning("deploy %s: cannot %s: %s (trying again)", record["id"], what, exc)
                 self.trouble(record, f"cannot {what}: {exc}")
+                troubled = True
                 self.pause(STORE_RETRY)
+                continue
+            if troubled:  # (bug: the problem stayed until the whole drain had returned,
+                self.trouble(record, None)  # the abort answered 503 for a hiccup long over)
+            return done
 
-    def trouble(self, record: dict[str, Any], problem: str) -> None:
+    def trouble(self, record: dict[str, Any], problem: str | None) -> None:
         """Note in an aborting deploy's record why its abort is not carried out yet
-        (``abort.problem``), saved when the store takes it (its answer says so:
-        `deploys_api.abort`); nothing for a deploy not aborting."""
+        (``abort.problem``; None: nothing stops it now), saved when the store takes it
+        (its answer says so: `deploys_api.abort`); nothing for a deploy not aborting."""
         asked = record.get("abort")
         if asked is None or asked.get("problem") == problem:
             return
         asked["problem"] = problem
         with contextlib.suppress(StoreError):  # (saved at the next write, if not now)
-            self.records.save_deploy(record)
+            self.fenced(record, lambda: self.records.save_deploy(record))
 
     def pause(self, seconds: float) -> None:
         """Wait, or raise `Interrupted` when this process is stopping."""
@@ -267,6 +314,9 @@ class Deployer:
                 restarts.failed(exc)  # and another process resumed the deploy beside it)
                 self.stopping.wait(restarts.pause)
             else:
+                if holder == record["id"]:  # resumed by another process (this one was cut
+                    self.taken.add(holder)  # from the store longer than STALE_AFTER)
+                    return
                 if holder not in (None, told):  # its claim was lost (damaged records)
                     log.error("deploy %s of %s: deploy %s claimed the host meanwhile; the "
                               "one that switches first wins, the other fails", record["id"],
