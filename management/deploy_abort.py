@@ -126,7 +126,8 @@ def _go_back(run: Run) -> bool:
         except VersionConflict:
             continue
         return True
-    raise DeployFailed("the table kept changing; the switch stands", "version_conflict")
+    raise DeployFailed("the table kept changing (each write back met a newer version)",
+                       "version_conflict")
 
 
 def _not_lost(run: Run, found: HostRule) -> None:

@@ -573,31 +573,73 @@ def test_the_dashboards_abort_button_and_the_write_it_makes(lb: Balancer, a: Bac
 
 def test_the_abort_button_in_chromium_aborts_the_running_deploy(
         lb: Balancer, a: Backend, browser: Any) -> None:
-    from tests.test_dashboard import host_card, severe_logs, text_of
-    from tests.test_dashboard import wait_for as wait_in
-
     never = Scripted("503")
     try:
         record = deploy(lb, {"backends": [never.address], "ready_timeout": 60})
         browser.get(f"http://127.0.0.1:{lb.mport}/")
-        button = host_card(HOST) + " button.deploy-abort"
-        wait_in(browser, lambda d: d.find_elements("css selector", button), "the Abort button")
-        assert text_of(browser, button) == "Abort"
-        browser.find_element("css selector", button).click()
-        alert = wait_in(browser, lambda d: d.switch_to.alert, "the confirmation")
-        assert f"Abort the deploy of {HOST}?" in alert.text
-        alert.accept()
-        note = wait_in(browser, lambda d: text_of(d, "#action-note"), "the abort's answer")
+        note, logs = abort_by_click(browser)
         stored = record_of(lb, record["id"])
-        wait_in(browser, lambda d: not d.find_elements("css selector", button),
-                "the button gone with the deploy")
-        logs = severe_logs(browser)
     finally:
         never.stop()
     assert note == f"Deploy of {HOST} aborted: nothing was switched", note
     assert stored["state"] == "aborted" and stored["abort"]["by"], stored
     assert rule_of(lb) == proxy(a)
     assert logs == []
+
+
+def test_the_abort_button_sends_the_token_the_page_was_given(
+        tmp_path: Path, a: Backend, browser: Any) -> None:
+    """With `management.token` set, the page asks for the token, and its Abort
+    sends it: the deploy is aborted (a DELETE without it is 401 and stops nothing)."""
+    from tests.test_dashboard import severe_logs
+    from tests.test_dashboard import wait_for as wait_in
+
+    token = "abort-token-7"
+    bearer = {"Authorization": f"Bearer {token}"}
+    never = Scripted("503")
+    lb = Balancer(tmp_path, {HOST: proxy(a)}, env={"BALANCER_MANAGEMENT_TOKEN": token})
+    try:
+        status, answer = lb.api("POST", f"/api/v1/hosts/{HOST}/deploy",
+                                {"backends": [never.address], "ready_timeout": 60}, bearer)
+        assert status == 202, answer
+        assert abort(lb)[0] == 401
+        browser.get(f"http://127.0.0.1:{lb.mport}/")
+        wait_in(browser, lambda d: d.find_element("id", "token").is_displayed(),
+                "the token form")
+        browser.find_element("id", "token-input").send_keys(token)
+        browser.find_element("css selector", "#token-form button[type=submit]").click()
+        wait_in(browser, lambda d: not d.find_element("id", "token").is_displayed(),
+                "the token taken")
+        asking = severe_logs(browser)  # (the page's reads before it had the token)
+        note, logs = abort_by_click(browser)
+        stored = lb.api("GET", f"/api/v1/deploys/{answer['deploy']['id']}", None, bearer)[1]
+    finally:
+        never.stop()
+        lb.stop()
+    assert note == f"Deploy of {HOST} aborted: nothing was switched", note
+    assert stored["deploy"]["state"] == "aborted", stored
+    assert all("401 (UNAUTHORIZED)" in entry["message"] for entry in asking), asking
+    assert logs == []
+
+
+def abort_by_click(browser: Any) -> tuple[str, list[Any]]:
+    """Click the Abort button of HOST's running deploy on the page `browser` shows,
+    confirm, and wait for the button to go: the note the page showed, and the
+    page's severe console messages."""
+    from tests.test_dashboard import host_card, severe_logs, text_of
+    from tests.test_dashboard import wait_for as wait_in
+
+    button = host_card(HOST) + " button.deploy-abort"
+    wait_in(browser, lambda d: d.find_elements("css selector", button), "the Abort button")
+    assert text_of(browser, button) == "Abort"
+    browser.find_element("css selector", button).click()
+    alert = wait_in(browser, lambda d: d.switch_to.alert, "the confirmation")
+    assert f"Abort the deploy of {HOST}?" in alert.text
+    alert.accept()
+    note = wait_in(browser, lambda d: text_of(d, "#action-note"), "the abort's answer")
+    wait_in(browser, lambda d: not d.find_elements("css selector", button),
+            "the button gone with the deploy")
+    return note, severe_logs(browser)
 
 
 @pytest.mark.slow(8)
