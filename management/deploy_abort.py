@@ -24,8 +24,11 @@ Invariants:
   lost or changing), it is tried again every `ABORT_RETRY` seconds, the deploy
   still running, its record's ``abort.problem`` saying why (the abort's answer
   says so: `management.deploys_api.abort`), until the store takes it, someone
-  else's rule makes it moot, or `ABORT_PATIENCE` runs out (the deploy then
-  fails, saying the switch stands). Bug: the deploy ended ``failed`` at the
+  else's rule makes it moot, or `ABORT_PATIENCE` after the abort was asked
+  (``requested``, whichever process resumes it) runs out (the deploy then
+  fails, saying the switch stands, its cause's error code in ``abort.code``).
+  A problem an outage noted (`Deployer.patiently`) goes at the store's next
+  answer. Bug: the deploy ended ``failed`` at the
   first refusal (or after 30 s of outage) and the abort answered 200, the new
   backends serving on.
 * A rule the store no longer has at the version the deploy started from

@@ -19,7 +19,11 @@ Invariants:
 * A claim's owner beats every `BEAT_EVERY` seconds; a claim quiet for
   `STALE_AFTER` seconds (its process died) is taken over by a management
   process that resumes the deploy. A process that stops hands its claims
-  over at once (beat 0).
+  over at once (beat 0). Before each of its writes (the rule, the record) the
+  process renews its claim (`Deployer.fence`): one taken over meanwhile (a
+  process cut from the store longer than `STALE_AFTER`, whose deploy another
+  resumed) hands the deploy over and writes nothing more, so two processes
+  never both carry a deploy (or its abort) on.
 * A store outage (`StoreUnavailable`), or a store that cannot be read
   (`CorruptStore`: a routes file half saved by hand), is waited out for
   `STORE_PATIENCE` seconds at every step's store call (`Deployer.patiently`);
