@@ -241,28 +241,31 @@ class Deployer:
         self.fence(record)
         return write()
 
-    def fence(self, record: dict[str, Any]) -> None:
-        """Renew this process's claim on the deploy's host before one of its writes
-        (no other process resumes it for `STALE_AFTER` seconds then), or
-        `Interrupted` when another process took the deploy over (its claim, fresh,
-        held by another owner) or ended it (its claim released, its record ended
-        or owned elsewhere). Bug: a process cut from the store for longer than
-        `STALE_AFTER` went on once it was back, beside the one that had resumed its
-        deploy: both carried out its abort, and each overwrote the other's record."""
+    def fence(self, record: dict[str, Any]) -> str | None:
+        """Renew this process's claim on the deploy's host (before each of its writes,
+        and at each beat: no other process resumes it for `STALE_AFTER` seconds
+        then), or `Interrupted` when another process took the deploy over (its
+        claim, fresh, held by another owner) or ended it (its claim released, its
+        record ended): never a claim made again over a deploy another process
+        ended. The id of another deploy holding the host (damaged records lost
+        this one's claim: `beat_loop` says so), else None. Bug: a process cut from
+        the store for longer than `STALE_AFTER` went on once it was back, beside the
+        one that had resumed its deploy: both carried out its abort, and each
+        overwrote the other's record."""
         deploy_id, host = record["id"], record["host"]
         held = self.records.claims().get(host)
         if held is None:
             stored = self.records.deploy(deploy_id)
-            if stored is not None and (stored.get("state") != "running"
-                                       or stored.get("owner") != self.owner):
+            if stored is not None and stored.get("state") != "running":
                 self.taken.add(deploy_id)
                 raise Interrupted()
         elif held.get("id") != deploy_id:
-            return  # another deploy claimed the host (damaged records): `beat_loop` says so
-        if self.records.claim(host, deploy_id, self.owner, time.time(),
-                              STALE_AFTER) == deploy_id:
+            return str(held.get("id"))
+        holder = self.records.claim(host, deploy_id, self.owner, time.time(), STALE_AFTER)
+        if holder == deploy_id:
             self.taken.add(deploy_id)
             raise Interrupted()
+        return holder
 
     def patiently(self, record: dict[str, Any], what: str, call: Callable[[], Any]) -> Any:
         """`call()`, tried again while the store is unavailable or damaged, for up to
@@ -310,17 +313,15 @@ class Deployer:
                             "claim", then="trying again with backoff")
         while self.running.get(record["host"]) == record["id"] and not self.stopping.is_set():
             try:
-                holder = self.records.claim(record["host"], record["id"], self.owner,
-                                            time.time(), STALE_AFTER)
+                holder = self.fence(record)
+            except Interrupted:  # resumed by another process (this one was cut from the
+                return           # store for longer than STALE_AFTER): the run hands over
             except StoreError as exc:
                 log.warning("deploy %s: cannot renew its claim: %s", record["id"], exc)
             except Exception as exc:  # (bug: the heartbeat ended; the claim went stale
                 restarts.failed(exc)  # and another process resumed the deploy beside it)
                 self.stopping.wait(restarts.pause)
             else:
-                if holder == record["id"]:  # resumed by another process (this one was cut
-                    self.taken.add(holder)  # from the store longer than STALE_AFTER)
-                    return
                 if holder not in (None, told):  # its claim was lost (damaged records)
                     log.error("deploy %s of %s: deploy %s claimed the host meanwhile; the "
                               "one that switches first wins, the other fails", record["id"],

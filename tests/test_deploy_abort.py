@@ -248,6 +248,8 @@ def test_a_deploy_resumed_mid_abort_finishes_the_abort(tmp_path: Path) -> None:
 
 
 # the abort's own writes: refused, a lost table, replicas, races, flaps, a kill ----------
+
+
 def on_redis(tmp_path: Path, redis: Any, a: Backend, name: str = "one", **options: Any
              ) -> Balancer:
     """A balancer on `redis` (its own directory `name`), HOST routed to `a`."""
@@ -270,7 +272,6 @@ def in_warmup(lb: Balancer, b: Backend) -> dict[str, Any]:
     return record_of(lb, record["id"])
 
 
-@pytest.mark.slow(8)
 def test_an_abort_whose_write_back_is_refused_answers_503_and_goes_on_once_it_is_taken(
         tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
     """Redis refuses the writes of the table (an ACL: the deploy's records stay
@@ -304,7 +305,6 @@ def test_an_abort_whose_write_back_is_refused_answers_503_and_goes_on_once_it_is
     assert (status, again["error"]) == (409, "nothing_to_abort")
 
 
-@pytest.mark.slow(8)
 def test_an_abort_after_the_store_lost_its_table_names_the_loss_and_goes_on_after_restore(
         tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
     """Redis flushed mid-warmup: the abort cannot go back (a one-host write would
@@ -441,19 +441,29 @@ def test_an_abort_while_the_store_flaps_is_carried_out_and_never_answered_untrue
     assert rule_of_store(redis) == proxy(a)
 
 
-@pytest.mark.slow(12)  # the claim of a killed process goes stale after STALE_AFTER (5 s)
 def test_a_management_process_killed_mid_abort_is_replaced_and_finishes_the_abort(
-        lb: Balancer, a: Backend, b: Backend) -> None:
+        tmp_path: Path, a: Backend, b: Backend) -> None:
     """Killed while the abort waits for a request in flight on the new backend:
     the new management process recognises the write back (its `since`), waits for
-    that request, and ends the deploy aborted with the rule clean."""
+    that request, and ends the deploy aborted with the rule clean. (The claim of
+    the killed process goes stale after `STALE_AFTER`, made 1 s.)"""
+    lb = Balancer(tmp_path, {HOST: proxy(a)}, prefix=constants_prefix(
+        {"management.deploys.STALE_AFTER": 1.0, "management.deploys.BEAT_EVERY": 0.2}))
+    try:
+        killed_mid_abort(lb, a, b)
+    finally:
+        lb.stop()
+
+
+def killed_mid_abort(lb: Balancer, a: Backend, b: Backend) -> None:
+    """The body of the test above, on `lb` (HOST routed to `a`)."""
     import os
     import signal
 
     from tests.test_probe_deploy import draining, management_pids
 
-    (slow_a, _), record = draining(lb, b, 4, 30)
-    on_b, out = in_background(lambda: request(lb.port, path="/slow?s=8"))
+    (slow_a, _), record = draining(lb, b, 3, 30)
+    on_b, out = in_background(lambda: request(lb.port, path="/slow?s=3"))
     wait_for(lambda: any(p.startswith("/slow") for _, p, _ in list(b.requests)),
              what="a slow request on B")
     in_background(lambda: abort(lb))
@@ -670,7 +680,7 @@ def test_an_abort_refused_past_its_patience_fails_the_deploy_saying_the_switch_s
     assert (after[0], after[1]["error"]) == (409, "nothing_to_abort"), after
 
 
-@pytest.mark.slow(10)
+@pytest.mark.slow(7)
 def test_an_abort_that_went_back_while_its_record_cannot_be_saved_ends_aborted(
         tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
     """The write back is made, then the deploy's record cannot be saved for longer

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from balancer.stores import open_store
-from tests.support import Backend, Balancer, constants_prefix, request, wait_for
+from tests.support import Backend, constants_prefix, request, wait_for
 from tests.test_deploy_abort import abort, in_warmup, on_redis, record_of, rule_of_store
 from tests.test_deploys import HOST, finished, in_background, proxy, step
 from tests.test_probe_deploy import draining
