@@ -209,6 +209,23 @@ def test_an_abort_sent_to_another_balancer_stops_the_deploy_and_a_store_outage_i
     assert f"{stored['id']} of {HOST} aborted" in first.output()
 
 
+def aborted_in_drain(before: dict[str, Any], since: float, asked: float,
+                     from_version: int) -> dict[str, Any]:
+    """The record of a deploy of HOST from `before` to 127.0.0.1:9002, switched at
+    `since` (version `from_version` + 1), aborted in its drain at `asked`, its
+    abort not begun."""
+    return {"id": "d1", "host": HOST, "kind": "deploy", "from": before["backends"],
+            "to": ["127.0.0.1:9002"], "from_version": from_version,
+            "settings": {"ready_timeout": 5.0, "drain_timeout": 5.0, "warmup": 0.0},
+            "state": "running", "step": "drain", "started": since - 2, "ended": None,
+            "error": None, "warning": None, "before": before, "since": since,
+            "version": from_version + 1, "owner": "gone",
+            "abort": {"requested": asked, "by": "elsewhere", "since": None, "version": None,
+                      "problem": None},
+            "steps": [{"name": "drain", "started": since, "ended": asked,
+                       "outcome": "aborted", "detail": ""}]}
+
+
 def test_a_deploy_resumed_mid_abort_finishes_the_abort(tmp_path: Path) -> None:
     """The management process stopped after the abort's write: the one resuming
     it recognises the write (its `since`), waits for the new backends, and ends
@@ -222,17 +239,10 @@ def test_a_deploy_resumed_mid_abort_finishes_the_abort(tmp_path: Path) -> None:
     before = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
     since = time.time() - 2
     store.put_host(HOST, reverted_rule(before, ["127.0.0.1:9002"], since))
-    record = {"id": "d1", "host": HOST, "kind": "deploy", "from": before["backends"],
-              "to": ["127.0.0.1:9002"], "from_version": 1,
-              "settings": {"ready_timeout": 5.0, "drain_timeout": 5.0, "warmup": 0.0},
-              "state": "running", "step": "drain", "started": since - 3, "ended": None,
-              "error": None, "warning": None, "before": before, "since": since - 1,
-              "version": 2, "owner": "gone",
-              "abort": {"requested": since, "by": "elsewhere", "since": since, "version": None},
-              "steps": [{"name": "drain", "started": since - 1, "ended": since,
-                         "outcome": "aborted", "detail": ""},
-                        {"name": "abort", "started": since, "ended": None, "outcome": None,
-                         "detail": "back to 127.0.0.1:9001"}]}
+    record = aborted_in_drain(before, since - 1, since, 1)
+    record["abort"]["since"] = since
+    record["steps"].append({"name": "abort", "started": since, "ended": None,
+                            "outcome": None, "detail": "back to 127.0.0.1:9001"})
     store.records().save_deploy(record)
     app.runtime.reload()  # the (data-plane-less) balancer serves the abort's write
     assert store.records().claim(HOST, "d1", app.deployer.owner, time.time(), 5.0) is None
@@ -455,20 +465,31 @@ def test_a_management_process_killed_mid_abort_is_replaced_and_finishes_the_abor
         lb.stop()
 
 
-def killed_mid_abort(lb: Balancer, a: Backend, b: Backend) -> None:
-    """The body of the test above, on `lb` (HOST routed to `a`)."""
-    import os
-    import signal
+def aborting_in_flight(lb: Balancer, b: Backend, on_a: int, on_b: float
+                       ) -> tuple[Any, Any, dict[str, Any]]:
+    """A deploy of HOST to `b` draining a request of `on_a` seconds, aborted with a
+    request of `on_b` seconds on `b` in flight, its write back made: the two
+    requests (each thread and output) and the deploy's record."""
+    from tests.test_probe_deploy import draining
 
-    from tests.test_probe_deploy import draining, management_pids
-
-    (slow_a, _), record = draining(lb, b, 3, 30)
-    on_b, out = in_background(lambda: request(lb.port, path="/slow?s=3"))
+    slow_a, record = draining(lb, b, on_a, 30)
+    slow_b = in_background(lambda: request(lb.port, path=f"/slow?s={on_b}"))
     wait_for(lambda: any(p.startswith("/slow") for _, p, _ in list(b.requests)),
              what="a slow request on B")
     in_background(lambda: abort(lb))
     wait_for(lambda: (record_of(lb, record["id"])["abort"] or {}).get("since"),
              what="the abort's write back")
+    return slow_a, slow_b, record
+
+
+def killed_mid_abort(lb: Balancer, a: Backend, b: Backend) -> None:
+    """The body of the test above, on `lb` (HOST routed to `a`)."""
+    import os
+    import signal
+
+    from tests.test_probe_deploy import management_pids
+
+    (slow_a, _), (on_b, out), record = aborting_in_flight(lb, b, 3, 3)
     os.kill(management_pids(lb)[-1], signal.SIGKILL)
     wait_for(lambda: "resuming at step drain" in lb.output(), timeout=20,
              what="the new management process to resume the deploy")

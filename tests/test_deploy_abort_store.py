@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from balancer.stores import open_store
-from tests.support import Backend, constants_prefix, request, wait_for
-from tests.test_deploy_abort import abort, in_warmup, on_redis, record_of, rule_of_store
+from tests.support import Backend, constants_prefix, wait_for
+from tests.test_deploy_abort import (
+    abort,
+    aborted_in_drain,
+    aborting_in_flight,
+    in_warmup,
+    on_redis,
+    record_of,
+    rule_of_store,
+)
 from tests.test_deploys import HOST, finished, in_background, proxy, step
-from tests.test_probe_deploy import draining
 
 UNAVAILABLE = "FAIL_RAISES=balancer.stores.base:StoreUnavailable"
 
@@ -41,13 +48,7 @@ def test_a_store_hiccup_during_the_aborts_drain_leaves_no_problem_once_it_answer
     lb = on_redis(tmp_path, redis, a, prefix=failing(
         ["balancer.stores.redis_records:RedisRecords.inflight"], flag))
     try:
-        _, record = draining(lb, b, 2, 20)
-        on_b, _ = in_background(lambda: request(lb.port, path="/slow?s=2.5"))
-        wait_for(lambda: any(p.startswith("/slow") for _, p, _ in list(b.requests)),
-                 what="a slow request on B")
-        in_background(lambda: abort(lb))
-        wait_for(lambda: (record_of(lb, record["id"])["abort"] or {}).get("since"),
-                 what="the abort's write back")
+        _, (on_b, _), record = aborting_in_flight(lb, b, 2, 2.5)
         flag.touch()
         wait_for(lambda: "in-flight" in (record_of(lb, record["id"])["abort"]["problem"]
                                          or ""), what="the hiccup noted")
@@ -79,16 +80,7 @@ def test_an_abort_resumed_past_its_patience_gives_up_at_once_naming_the_loss(
     before = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
     store.put_host(HOST, before)  # (version 1: below the 5 the deploy started from)
     asked = time.time() - 3700
-    record = {"id": "d1", "host": HOST, "kind": "deploy", "from": before["backends"],
-              "to": ["127.0.0.1:9002"], "from_version": 5,
-              "settings": {"ready_timeout": 5.0, "drain_timeout": 5.0, "warmup": 0.0},
-              "state": "running", "step": "drain", "started": asked - 3, "ended": None,
-              "error": None, "warning": None, "before": before, "since": asked - 2,
-              "version": 6, "owner": "gone",
-              "abort": {"requested": asked, "by": "elsewhere", "since": None, "version": None,
-                        "problem": "cannot go back: the store lost its table"},
-              "steps": [{"name": "drain", "started": asked - 2, "ended": asked,
-                         "outcome": "aborted", "detail": ""}]}
+    record = aborted_in_drain(before, asked - 2, asked, 5)
     store.records().save_deploy(record)
     assert store.records().claim(HOST, "d1", app.deployer.owner, time.time(), 5.0) is None
     running, _ = in_background(lambda: app.deployer.run(record, resumed=True))
