@@ -64,7 +64,7 @@ from balancer.stores import (
     StoreNotReplicated,
     StoreUnavailable,
 )
-from balancer.stores.records import beat_of
+from balancer.stores.records import ENDED, beat_of
 from management import deploy_abort
 from management.deploy_run import IDLE_EVERY, Aborted, DeployFailed, Interrupted, Run
 from management.deploy_steps import addresses, local_report
@@ -243,26 +243,16 @@ class Deployer:
 
     def fence(self, record: dict[str, Any]) -> str | None:
         """Renew this process's claim on the deploy's host (before each of its writes,
-        and at each beat: no other process resumes it for `STALE_AFTER` seconds
-        then), or `Interrupted` when another process took the deploy over (its
-        claim, fresh, held by another owner) or ended it (its claim released, its
-        record ended): never a claim made again over a deploy another process
-        ended. The id of another deploy holding the host (damaged records lost
-        this one's claim: `beat_loop` says so), else None. Bug: a process cut from
-        the store for longer than `STALE_AFTER` went on once it was back, beside the
-        one that had resumed its deploy: both carried out its abort, and each
-        overwrote the other's record."""
-        deploy_id, host = record["id"], record["host"]
-        held = self.records.claims().get(host)
-        if held is None:
-            stored = self.records.deploy(deploy_id)
-            if stored is not None and stored.get("state") != "running":
-                self.taken.add(deploy_id)
-                raise Interrupted()
-        elif held.get("id") != deploy_id:
-            return str(held.get("id"))
-        holder = self.records.claim(host, deploy_id, self.owner, time.time(), STALE_AFTER)
-        if holder == deploy_id:
+        and at each beat: `Records.renew`), or `Interrupted` when another process
+        took the deploy over or ended it. The id of another deploy holding the host
+        (damaged records lost this one's claim: `beat_loop` says so), else None.
+        Bug: a process cut from the store for longer than `STALE_AFTER` went on once
+        it was back, beside the one that had resumed its deploy: both carried out
+        its abort, and each overwrote the other's record."""
+        deploy_id = record["id"]
+        holder = self.records.renew(record["host"], deploy_id, self.owner, time.time(),
+                                    STALE_AFTER)
+        if holder in (deploy_id, ENDED):
             self.taken.add(deploy_id)
             raise Interrupted()
         return holder
