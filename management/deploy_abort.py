@@ -24,8 +24,11 @@ Invariants:
   lost or changing), it is tried again every `ABORT_RETRY` seconds, the deploy
   still running, its record's ``abort.problem`` saying why (the abort's answer
   says so: `management.deploys_api.abort`), until the store takes it, someone
-  else's rule makes it moot, or `ABORT_PATIENCE` runs out (the deploy then
-  fails, saying the switch stands). Bug: the deploy ended ``failed`` at the
+  else's rule makes it moot, or `ABORT_PATIENCE` after the abort was asked
+  (``requested``, whichever process resumes it) runs out (the deploy then
+  fails, saying the switch stands, its cause's error code in ``abort.code``).
+  A problem an outage noted (`Deployer.patiently`) goes at the store's next
+  answer. Bug: the deploy ended ``failed`` at the
   first refusal (or after 30 s of outage) and the abort answered 200, the new
   backends serving on.
 * A rule the store no longer has at the version the deploy started from
@@ -39,12 +42,13 @@ Invariants:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from balancer.stores import HostRule, VersionConflict
-from management.deploy_run import DeployFailed, Run
+from management.deploy_run import DeployFailed, Run, local_deadline
 from management.deploy_steps import addresses, leaving, reverted_rule, switched_rule
 
 ABORT_RETRY = 1.0        # seconds between tries of an abort's write the store refused
@@ -61,14 +65,28 @@ def abort(run: Run) -> None:
                        detail=f"aborted (asked by {record['abort'].get('by')})")
     if record.get("since") is None:  # no switch begun: nothing to go back from
         return
-    give_up = time.monotonic() + ABORT_PATIENCE
+    give_up = _give_up(record["abort"])
     if _persisting(run, give_up, lambda: _go_back(run)):
         _persisting(run, give_up, lambda: _drain_new(run))
 
 
+def _give_up(asked: dict[str, Any]) -> float:
+    """When (a monotonic time) the abort `asked` gives up: `ABORT_PATIENCE` after it
+    was asked (its ``requested``, kept in the record: bug, every management process
+    resuming the abort started a fresh hour of retries), at most that from now."""
+    try:
+        requested = float(asked.get("requested"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        requested = math.nan
+    if not math.isfinite(requested):  # (a hand edit: from now)
+        requested = time.time()
+    return local_deadline(requested + ABORT_PATIENCE, ABORT_PATIENCE)
+
+
 def _persisting(run: Run, give_up: float, call: Callable[[], T]) -> T:
     """`call()`, tried again every `ABORT_RETRY` seconds while it fails, the reason
-    in the record's ``abort.problem``, until `give_up` (a monotonic time)."""
+    in the record's ``abort.problem``, until `give_up` (a monotonic time: then the
+    reason's error code in ``abort.code``, for the abort's answer)."""
     asked = run.record["abort"]
     while True:
         try:
@@ -79,10 +97,11 @@ def _persisting(run: Run, give_up: float, call: Callable[[], T]) -> T:
             return done
         except DeployFailed as exc:
             if time.monotonic() >= give_up:
+                asked["code"] = exc.code
                 raise DeployFailed(f"the abort gave up after {ABORT_PATIENCE:g}s: {exc}; "
-                                   f"the switch stands") from None
+                                   f"the switch stands", exc.code) from None
             run.deployer.trouble(run.record, str(exc))
-            run.deployer.pause(ABORT_RETRY)
+            run.pause(ABORT_RETRY)
 
 
 def _go_back(run: Run) -> bool:
@@ -110,7 +129,8 @@ def _go_back(run: Run) -> bool:
         except VersionConflict:
             continue
         return True
-    raise DeployFailed("the table kept changing; the switch stands")
+    raise DeployFailed("the table kept changing (each write back met a newer version)",
+                       "version_conflict")
 
 
 def _not_lost(run: Run, found: HostRule) -> None:
@@ -123,7 +143,7 @@ def _not_lost(run: Run, found: HostRule) -> None:
                 f"`balancerctl restore`")
     if lost is not None:
         raise DeployFailed(f"cannot go back: {lost} (the abort goes on once the host's rule "
-                           f"is back; the new backends serve meanwhile)")
+                           f"is back; the new backends serve meanwhile)", "store_lost")
 
 
 def _begin(run: Run) -> dict[str, Any]:

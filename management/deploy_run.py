@@ -33,6 +33,7 @@ Invariants (the `Deployer`'s, step by step):
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -50,10 +51,13 @@ from management.deploy_steps import (
     check_config,
     in_flight,
     leaving,
+    loaded_record,
     probe_all,
     switched_rule,
 )
 from management.http import ApiError
+
+log = logging.getLogger("balancer.deploys")
 
 IDLE_EVERY = 1.0    # seconds between looks for a deploy while none runs (`Deployer.watch_loop`)
 DRAIN_SETTLE = 0.5  # seconds after the warmup before the old backends' counts are trusted
@@ -73,7 +77,13 @@ def local_deadline(at: float, longest: float) -> float:
 
 
 class DeployFailed(Exception):
-    """A step failed: the deploy ends with this reason."""
+    """A step failed: the deploy ends with this reason. `code` is the management
+    API's error code of its cause (docs/api.md), which an abort that gives up
+    answers with (`deploys_api.abort`)."""
+
+    def __init__(self, message: str, code: str = "store_unavailable") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Interrupted(Exception):
@@ -91,6 +101,9 @@ class Run:
         self.deployer = deployer
         self.record = record
         self.resumed = resumed
+        for raised in loaded_record(record) if resumed else ():  # (an earlier version's)
+            log.warning("deploy %s: its record holds %s (loaded as the table is)",
+                        record["id"], raised)
         self.host = record["host"]
         self.settings = record["settings"]
         # the table's highest version the ready step saw the rule at (at least the one
@@ -113,8 +126,11 @@ class Run:
         self.drain()
 
     def pause(self, seconds: float) -> None:
-        """Wait (`Deployer.pause`), then `Aborted` if an abort was asked meanwhile."""
+        """Wait (`Deployer.pause`), then `Interrupted` if another process took the
+        deploy over meanwhile (`Deployer.fence`), `Aborted` if an abort was asked."""
         self.deployer.pause(seconds)
+        if self.record["id"] in self.deployer.taken:
+            raise Interrupted()
         self.check_abort()
 
     def check_abort(self) -> None:
@@ -215,7 +231,7 @@ class Run:
             self.record["version"] = version
             self.end("ok", f"version {version}")
             return
-        raise DeployFailed("the table kept changing; nothing was switched")
+        raise DeployFailed("the table kept changing; nothing was switched", "version_conflict")
 
     def read(self) -> HostRule:
         """The host's rule and the table's version (not the whole table: `host_rule`),
@@ -248,17 +264,19 @@ class Run:
         the log)."""
         try:
             return int(self.deployer.patiently(self.record, "write the rule", lambda: (
-                self.deployer.write_rule(self.host, rule, if_version))))
+                self.deployer.fenced(self.record, lambda: (
+                    self.deployer.write_rule(self.host, rule, if_version))))))
         except ApiError as exc:
             switched = "" if self.record["version"] else "; nothing was switched"
-            raise DeployFailed(f"cannot write the rule: {exc.message}{switched}") from None
+            raise DeployFailed(f"cannot write the rule: {exc.message}{switched}",
+                               exc.code) from None
 
     def _not_lost(self) -> None:
         """`DeployFailed` naming the store's loss, if it lost its table (bug: a flushed
         Redis read as no rule, and the deploy failed "the host's rule changed")."""
         lost = self.deployer.lost()
         if lost:
-            raise DeployFailed(f"cannot switch: {lost}; nothing was switched")
+            raise DeployFailed(f"cannot switch: {lost}; nothing was switched", "store_lost")
 
     def _is_switched(self, rule: dict[str, Any]) -> bool:
         return rule.get("action") == "proxy" and "draining" not in rule and \
@@ -341,4 +359,4 @@ class Run:
             except VersionConflict:
                 continue
         raise DeployFailed("the table kept changing; the backends drained stay listed under "
-                           "'draining' (they get no new request)")
+                           "'draining' (they get no new request)", "version_conflict")

@@ -30,6 +30,11 @@
   worker's requests on the old backends were left out of its counts, and the
   drain ended "drained" while they ran).
 
+* `loaded_record`: a deploy record stored by an earlier version, its backends
+  loaded as the table's are (`balancer.stores.floors`: ``0x7f.1:P`` written in
+  full), so that a deploy in flight across an upgrade is resumed (bug: it ended
+  "internal error: invalid address").
+
 Invariants: nothing here writes to the store or the routing table.
 """
 
@@ -49,6 +54,7 @@ from balancer.errors import BackendTLSError
 from balancer.health import CheckConfig, check_tls_key, read_status
 from balancer.http11 import ProtocolError
 from balancer.rules import COMMON_KEYS, backend_entries
+from balancer.stores.floors import Raised, loaded_backends, raise_rule
 
 REPORT_FRESH = 3.0   # seconds: an older in-flight report is a balancer gone away
 DEPLOY_RISE = 1      # good answers in a row without a `health` (with one: its `rise`)
@@ -178,6 +184,19 @@ def _maybe_same(one: Address, other: Address) -> bool:
         return False
     named = [a.host == "localhost" for a in (one, other)]  # (`canonical` forms)
     return named[0] != named[1]
+
+
+def loaded_record(record: dict[str, Any]) -> list[Raised]:
+    """Load `record`'s backends (``from``, ``to``, the rule it started from) as the
+    table loader loads a rule's, in place: what was changed (none for a record of
+    this version, whose addresses were validated)."""
+    host = str(record.get("host"))
+    raised: list[Raised] = []
+    for key in ("from", "to"):
+        record[key], found = loaded_backends(host, f"{key} ", record.get(key))
+        raised += found
+    record["before"], found = raise_rule(host, record.get("before"))
+    return raised + list(found)
 
 
 def switched_rule(before: Mapping[str, Any], to: list[Any], since: float,

@@ -19,7 +19,11 @@ Invariants:
 * A claim's owner beats every `BEAT_EVERY` seconds; a claim quiet for
   `STALE_AFTER` seconds (its process died) is taken over by a management
   process that resumes the deploy. A process that stops hands its claims
-  over at once (beat 0).
+  over at once (beat 0). Before each of its writes (the rule, the record) the
+  process renews its claim (`Deployer.fence`): one taken over meanwhile (a
+  process cut from the store longer than `STALE_AFTER`, whose deploy another
+  resumed) hands the deploy over and writes nothing more, so two processes
+  never both carry a deploy (or its abort) on.
 * A store outage (`StoreUnavailable`), or a store that cannot be read
   (`CorruptStore`: a routes file half saved by hand), is waited out for
   `STORE_PATIENCE` seconds at every step's store call (`Deployer.patiently`);
@@ -49,7 +53,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from balancer.backend_tls import BackendTLS
 from balancer.restarts import Restarts
@@ -60,7 +64,7 @@ from balancer.stores import (
     StoreNotReplicated,
     StoreUnavailable,
 )
-from balancer.stores.records import beat_of
+from balancer.stores.records import ENDED, beat_of
 from management import deploy_abort
 from management.deploy_run import IDLE_EVERY, Aborted, DeployFailed, Interrupted, Run
 from management.deploy_steps import addresses, local_report
@@ -73,6 +77,7 @@ WATCH_EVERY = 0.25  # seconds between in-flight reports while a deploy runs
 GONE_AFTER = 60.0   # seconds after which an in-flight report's balancer is gone for good
 STORE_PATIENCE = 30.0  # seconds a deploy waits for an unavailable store before it fails
 STORE_RETRY = 0.2      # seconds between its attempts meanwhile
+T = TypeVar("T")
 
 
 class Deployer:
@@ -90,6 +95,7 @@ class Deployer:
         self.write_rule = write_rule  # (host, rule, if_version) -> version, published
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.running: dict[str, str] = {}  # host -> deploy id run here
+        self.taken: set[str] = set()  # ids of those another process resumed meanwhile
         self.stopping = threading.Event()
         self.watcher: threading.Thread | None = None
 
@@ -164,21 +170,29 @@ class Deployer:
         beat = threading.Thread(target=self.beat_loop, args=(record,), daemon=True)
         beat.start()
         try:
-            state = self._steps(Run(self, record, resumed))
-        except Interrupted:
-            log.info("deploy %s of %s: handed over (this process is stopping)", record["id"],
-                     host)
+            self._ended(record, Run(self, record, resumed))
+        except Interrupted:  # (its claim stays: whoever holds it goes on)
+            why = "another process resumed it" if record["id"] in self.taken else \
+                "this process is stopping"
+            log.info("deploy %s of %s: handed over (%s)", record["id"], host, why)
             return
-        except DeployFailed as exc:
-            self._end(record, "failed", f"{exc}{_serving(record)}")
-        except Exception as exc:  # a bug or a store failure: end cleanly, never half-way
-            log.exception("deploy %s of %s failed", record["id"], host)
-            self._end(record, "failed", f"internal error: {exc}")
-        else:
-            self._end(record, state, None)
         finally:
             self.running.pop(host, None)
+            self.taken.discard(record["id"])
         self._release(record)
+
+    def _ended(self, record: dict[str, Any], run: Run) -> None:
+        """Run the deploy and record how it ended (`Interrupted`: handed over)."""
+        try:
+            state, error = self._steps(run), None
+        except DeployFailed as exc:
+            state, error = "failed", f"{exc}{_serving(record)}"
+        except Interrupted:
+            raise
+        except Exception as exc:  # a bug or a store failure: end cleanly, never half-way
+            log.exception("deploy %s of %s failed", record["id"], record["host"])
+            state, error = "failed", f"internal error: {exc}"
+        self._end(record, state, error)
 
     @staticmethod
     def _steps(run: Run) -> str:
@@ -205,7 +219,7 @@ class Deployer:
                 record["id"], record["host"], state, f": {error}" if error else "")
         try:
             self.save(record)
-        except (DeployFailed, Interrupted):
+        except DeployFailed:
             log.error("deploy %s of %s: its end (%s) could not be recorded; the store is "
                       "unavailable", record["id"], record["host"], state)
 
@@ -217,36 +231,66 @@ class Deployer:
                         record["id"], record["host"], exc, STALE_AFTER)
 
     def save(self, record: dict[str, Any]) -> None:
-        """Store the record (an outage waited out, `patiently`)."""
-        self.patiently(record, "save its record", lambda: self.records.save_deploy(record))
+        """Store the record (an outage waited out, `patiently`) while this process
+        still runs it (`fence`)."""
+        self.patiently(record, "save its record", lambda: self.fenced(
+            record, lambda: self.records.save_deploy(record)))
+
+    def fenced(self, record: dict[str, Any], write: Callable[[], T]) -> T:
+        """`write()` once `fence` let it through."""
+        self.fence(record)
+        return write()
+
+    def fence(self, record: dict[str, Any]) -> str | None:
+        """Renew this process's claim on the deploy's host (before each of its writes,
+        and at each beat: `Records.renew`), or `Interrupted` when another process
+        took the deploy over or ended it. The id of another deploy holding the host
+        (damaged records lost this one's claim: `beat_loop` says so), else None.
+        Bug: a process cut from the store for longer than `STALE_AFTER` went on once
+        it was back, beside the one that had resumed its deploy: both carried out
+        its abort, and each overwrote the other's record."""
+        deploy_id = record["id"]
+        holder = self.records.renew(record["host"], deploy_id, self.owner, time.time(),
+                                    STALE_AFTER)
+        if holder in (deploy_id, ENDED):
+            self.taken.add(deploy_id)
+            raise Interrupted()
+        return holder
 
     def patiently(self, record: dict[str, Any], what: str, call: Callable[[], Any]) -> Any:
         """`call()`, tried again while the store is unavailable or damaged, for up to
         `STORE_PATIENCE` seconds (then `DeployFailed`) or until this process stops
         (`Interrupted`)."""
         give_up = time.monotonic() + STORE_PATIENCE
+        troubled = False
         while True:
             try:
-                return call()
+                done = call()
             except (StoreUnavailable, CorruptStore) as exc:  # (bug: a routes file damaged
                 if time.monotonic() >= give_up:               # mid-deploy: "internal error")
                     state = "damaged" if isinstance(exc, CorruptStore) else "unavailable"
-                    raise DeployFailed(f"cannot {what}: the store is {state} ({exc})") \
-                        from None
+                    raise DeployFailed(f"cannot {what}: the store is {state} ({exc})",
+                                       "store_corrupt" if state == "damaged" else
+                                       "store_unavailable") from None
                 log.warning("deploy %s: cannot %s: %s (trying again)", record["id"], what, exc)
                 self.trouble(record, f"cannot {what}: {exc}")
+                troubled = True
                 self.pause(STORE_RETRY)
+                continue
+            if troubled:  # (bug: the problem stayed until the whole drain had returned,
+                self.trouble(record, None)  # the abort answered 503 for a hiccup long over)
+            return done
 
-    def trouble(self, record: dict[str, Any], problem: str) -> None:
+    def trouble(self, record: dict[str, Any], problem: str | None) -> None:
         """Note in an aborting deploy's record why its abort is not carried out yet
-        (``abort.problem``), saved when the store takes it (its answer says so:
-        `deploys_api.abort`); nothing for a deploy not aborting."""
+        (``abort.problem``; None: nothing stops it now), saved when the store takes it
+        (its answer says so: `deploys_api.abort`); nothing for a deploy not aborting."""
         asked = record.get("abort")
         if asked is None or asked.get("problem") == problem:
             return
         asked["problem"] = problem
         with contextlib.suppress(StoreError):  # (saved at the next write, if not now)
-            self.records.save_deploy(record)
+            self.fenced(record, lambda: self.records.save_deploy(record))
 
     def pause(self, seconds: float) -> None:
         """Wait, or raise `Interrupted` when this process is stopping."""
@@ -259,8 +303,9 @@ class Deployer:
                             "claim", then="trying again with backoff")
         while self.running.get(record["host"]) == record["id"] and not self.stopping.is_set():
             try:
-                holder = self.records.claim(record["host"], record["id"], self.owner,
-                                            time.time(), STALE_AFTER)
+                holder = self.fence(record)
+            except Interrupted:  # resumed by another process (this one was cut from the
+                return           # store for longer than STALE_AFTER): the run hands over
             except StoreError as exc:
                 log.warning("deploy %s: cannot renew its claim: %s", record["id"], exc)
             except Exception as exc:  # (bug: the heartbeat ended; the claim went stale

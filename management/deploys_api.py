@@ -40,6 +40,9 @@ DEFAULTS = {"ready_timeout": 60.0, "drain_timeout": 30.0, "warmup": 10.0}
 MINIMUM = {"ready_timeout": 0.001, "drain_timeout": 0.001, "warmup": 0.0}
 ABORT_WAIT = 5.0   # seconds an abort's answer waits for the deploy to end (else 202)
 ABORT_POLL = 0.05
+# the status of an abort that gave up, by its cause's error code (``abort.code``; 503
+# else): bug, always 503 store_unavailable, even for a table that kept changing
+GAVE_UP = {"version_conflict": 412, "store_lost": 409, "store_full": 507}
 
 RULES = [
     Rule("/api/v1/hosts/<host>/deploy", endpoint="deploy", methods=["POST"]),
@@ -164,7 +167,8 @@ def abort(app: Any, key: str) -> tuple[dict[str, Any], int]:
         raise ApiError(409, "nothing_to_abort", _ended_before(key, record),
                        [f"deploy: {deploy_id}"])
     if record.get("state") != "aborted":
-        raise ApiError(503, "store_unavailable", f"host {key!r}: deploy {deploy_id} was "
+        code = str(record["abort"].get("code") or "store_unavailable")
+        raise ApiError(GAVE_UP.get(code, 503), code, f"host {key!r}: deploy {deploy_id} was "
                        f"aborted, and failed: {record.get('error')}", [f"deploy: {deploy_id}"])
     return record, 200
 

@@ -209,6 +209,23 @@ def test_an_abort_sent_to_another_balancer_stops_the_deploy_and_a_store_outage_i
     assert f"{stored['id']} of {HOST} aborted" in first.output()
 
 
+def aborted_in_drain(before: dict[str, Any], since: float, asked: float,
+                     from_version: int) -> dict[str, Any]:
+    """The record of a deploy of HOST from `before` to 127.0.0.1:9002, switched at
+    `since` (version `from_version` + 1), aborted in its drain at `asked`, its
+    abort not begun."""
+    return {"id": "d1", "host": HOST, "kind": "deploy", "from": before["backends"],
+            "to": ["127.0.0.1:9002"], "from_version": from_version,
+            "settings": {"ready_timeout": 5.0, "drain_timeout": 5.0, "warmup": 0.0},
+            "state": "running", "step": "drain", "started": since - 2, "ended": None,
+            "error": None, "warning": None, "before": before, "since": since,
+            "version": from_version + 1, "owner": "gone",
+            "abort": {"requested": asked, "by": "elsewhere", "since": None, "version": None,
+                      "problem": None},
+            "steps": [{"name": "drain", "started": since, "ended": asked,
+                       "outcome": "aborted", "detail": ""}]}
+
+
 def test_a_deploy_resumed_mid_abort_finishes_the_abort(tmp_path: Path) -> None:
     """The management process stopped after the abort's write: the one resuming
     it recognises the write (its `since`), waits for the new backends, and ends
@@ -222,17 +239,10 @@ def test_a_deploy_resumed_mid_abort_finishes_the_abort(tmp_path: Path) -> None:
     before = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
     since = time.time() - 2
     store.put_host(HOST, reverted_rule(before, ["127.0.0.1:9002"], since))
-    record = {"id": "d1", "host": HOST, "kind": "deploy", "from": before["backends"],
-              "to": ["127.0.0.1:9002"], "from_version": 1,
-              "settings": {"ready_timeout": 5.0, "drain_timeout": 5.0, "warmup": 0.0},
-              "state": "running", "step": "drain", "started": since - 3, "ended": None,
-              "error": None, "warning": None, "before": before, "since": since - 1,
-              "version": 2, "owner": "gone",
-              "abort": {"requested": since, "by": "elsewhere", "since": since, "version": None},
-              "steps": [{"name": "drain", "started": since - 1, "ended": since,
-                         "outcome": "aborted", "detail": ""},
-                        {"name": "abort", "started": since, "ended": None, "outcome": None,
-                         "detail": "back to 127.0.0.1:9001"}]}
+    record = aborted_in_drain(before, since - 1, since, 1)
+    record["abort"]["since"] = since
+    record["steps"].append({"name": "abort", "started": since, "ended": None,
+                            "outcome": None, "detail": "back to 127.0.0.1:9001"})
     store.records().save_deploy(record)
     app.runtime.reload()  # the (data-plane-less) balancer serves the abort's write
     assert store.records().claim(HOST, "d1", app.deployer.owner, time.time(), 5.0) is None
@@ -248,6 +258,8 @@ def test_a_deploy_resumed_mid_abort_finishes_the_abort(tmp_path: Path) -> None:
 
 
 # the abort's own writes: refused, a lost table, replicas, races, flaps, a kill ----------
+
+
 def on_redis(tmp_path: Path, redis: Any, a: Backend, name: str = "one", **options: Any
              ) -> Balancer:
     """A balancer on `redis` (its own directory `name`), HOST routed to `a`."""
@@ -270,7 +282,6 @@ def in_warmup(lb: Balancer, b: Backend) -> dict[str, Any]:
     return record_of(lb, record["id"])
 
 
-@pytest.mark.slow(8)
 def test_an_abort_whose_write_back_is_refused_answers_503_and_goes_on_once_it_is_taken(
         tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
     """Redis refuses the writes of the table (an ACL: the deploy's records stay
@@ -304,7 +315,6 @@ def test_an_abort_whose_write_back_is_refused_answers_503_and_goes_on_once_it_is
     assert (status, again["error"]) == (409, "nothing_to_abort")
 
 
-@pytest.mark.slow(8)
 def test_an_abort_after_the_store_lost_its_table_names_the_loss_and_goes_on_after_restore(
         tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
     """Redis flushed mid-warmup: the abort cannot go back (a one-host write would
@@ -441,24 +451,45 @@ def test_an_abort_while_the_store_flaps_is_carried_out_and_never_answered_untrue
     assert rule_of_store(redis) == proxy(a)
 
 
-@pytest.mark.slow(12)  # the claim of a killed process goes stale after STALE_AFTER (5 s)
 def test_a_management_process_killed_mid_abort_is_replaced_and_finishes_the_abort(
-        lb: Balancer, a: Backend, b: Backend) -> None:
+        tmp_path: Path, a: Backend, b: Backend) -> None:
     """Killed while the abort waits for a request in flight on the new backend:
     the new management process recognises the write back (its `since`), waits for
-    that request, and ends the deploy aborted with the rule clean."""
-    import os
-    import signal
+    that request, and ends the deploy aborted with the rule clean. (The claim of
+    the killed process goes stale after `STALE_AFTER`, made 1 s.)"""
+    lb = Balancer(tmp_path, {HOST: proxy(a)}, prefix=constants_prefix(
+        {"management.deploys.STALE_AFTER": 1.0, "management.deploys.BEAT_EVERY": 0.2}))
+    try:
+        killed_mid_abort(lb, a, b)
+    finally:
+        lb.stop()
 
-    from tests.test_probe_deploy import draining, management_pids
 
-    (slow_a, _), record = draining(lb, b, 4, 30)
-    on_b, out = in_background(lambda: request(lb.port, path="/slow?s=8"))
+def aborting_in_flight(lb: Balancer, b: Backend, on_a: int, on_b: float
+                       ) -> tuple[Any, Any, dict[str, Any]]:
+    """A deploy of HOST to `b` draining a request of `on_a` seconds, aborted with a
+    request of `on_b` seconds on `b` in flight, its write back made: the two
+    requests (each thread and output) and the deploy's record."""
+    from tests.test_probe_deploy import draining
+
+    slow_a, record = draining(lb, b, on_a, 30)
+    slow_b = in_background(lambda: request(lb.port, path=f"/slow?s={on_b}"))
     wait_for(lambda: any(p.startswith("/slow") for _, p, _ in list(b.requests)),
              what="a slow request on B")
     in_background(lambda: abort(lb))
     wait_for(lambda: (record_of(lb, record["id"])["abort"] or {}).get("since"),
              what="the abort's write back")
+    return slow_a, slow_b, record
+
+
+def killed_mid_abort(lb: Balancer, a: Backend, b: Backend) -> None:
+    """The body of the test above, on `lb` (HOST routed to `a`)."""
+    import os
+    import signal
+
+    from tests.test_probe_deploy import management_pids
+
+    (slow_a, _), (on_b, out), record = aborting_in_flight(lb, b, 3, 3)
     os.kill(management_pids(lb)[-1], signal.SIGKILL)
     wait_for(lambda: "resuming at step drain" in lb.output(), timeout=20,
              what="the new management process to resume the deploy")
@@ -573,31 +604,72 @@ def test_the_dashboards_abort_button_and_the_write_it_makes(lb: Balancer, a: Bac
 
 def test_the_abort_button_in_chromium_aborts_the_running_deploy(
         lb: Balancer, a: Backend, browser: Any) -> None:
-    from tests.test_dashboard import host_card, severe_logs, text_of
-    from tests.test_dashboard import wait_for as wait_in
-
     never = Scripted("503")
     try:
         record = deploy(lb, {"backends": [never.address], "ready_timeout": 60})
         browser.get(f"http://127.0.0.1:{lb.mport}/")
-        button = host_card(HOST) + " button.deploy-abort"
-        wait_in(browser, lambda d: d.find_elements("css selector", button), "the Abort button")
-        assert text_of(browser, button) == "Abort"
-        browser.find_element("css selector", button).click()
-        alert = wait_in(browser, lambda d: d.switch_to.alert, "the confirmation")
-        assert f"Abort the deploy of {HOST}?" in alert.text
-        alert.accept()
-        note = wait_in(browser, lambda d: text_of(d, "#action-note"), "the abort's answer")
+        note, logs = abort_by_click(browser)
         stored = record_of(lb, record["id"])
-        wait_in(browser, lambda d: not d.find_elements("css selector", button),
-                "the button gone with the deploy")
-        logs = severe_logs(browser)
     finally:
         never.stop()
     assert note == f"Deploy of {HOST} aborted: nothing was switched", note
     assert stored["state"] == "aborted" and stored["abort"]["by"], stored
     assert rule_of(lb) == proxy(a)
     assert logs == []
+
+
+def test_the_abort_button_sends_the_token_the_page_was_given(
+        tmp_path: Path, a: Backend, browser: Any) -> None:
+    """With `management.token` set, the page asks for the token, and its Abort
+    sends it: the deploy is aborted (a DELETE without it is 401 and stops nothing)."""
+    from tests.test_dashboard import severe_logs
+    from tests.test_dashboard import wait_for as wait_in
+
+    token = "abort-token-7"
+    bearer = {"Authorization": f"Bearer {token}"}
+    never = Scripted("503")
+    lb = Balancer(tmp_path, {HOST: proxy(a)}, env={"BALANCER_MANAGEMENT_TOKEN": token})
+    try:
+        status, answer = lb.api("POST", f"/api/v1/hosts/{HOST}/deploy",
+                                {"backends": [never.address], "ready_timeout": 60}, bearer)
+        assert status == 202, answer
+        assert abort(lb)[0] == 401
+        browser.get(f"http://127.0.0.1:{lb.mport}/")
+        wait_in(browser, lambda d: d.find_element("id", "token").is_displayed(),
+                "the token form")
+        browser.find_element("id", "token-input").send_keys(token)
+        browser.find_element("css selector", "#token-form button[type=submit]").click()
+        wait_in(browser, lambda d: not d.find_element("id", "token").is_displayed(),
+                "the token taken")
+        severe_logs(browser)  # (read and dropped: the page's 401s before it had the token)
+        note, logs = abort_by_click(browser)
+        stored = lb.api("GET", f"/api/v1/deploys/{answer['deploy']['id']}", None, bearer)[1]
+    finally:
+        never.stop()
+        lb.stop()
+    assert note == f"Deploy of {HOST} aborted: nothing was switched", note
+    assert stored["deploy"]["state"] == "aborted", stored
+    assert logs == []
+
+
+def abort_by_click(browser: Any) -> tuple[str, list[Any]]:
+    """Click the Abort button of HOST's running deploy on the page `browser` shows,
+    confirm, and wait for the button to go: the note the page showed, and the
+    page's severe console messages."""
+    from tests.test_dashboard import host_card, severe_logs, text_of
+    from tests.test_dashboard import wait_for as wait_in
+
+    button = host_card(HOST) + " button.deploy-abort"
+    wait_in(browser, lambda d: d.find_elements("css selector", button), "the Abort button")
+    assert text_of(browser, button) == "Abort"
+    browser.find_element("css selector", button).click()
+    alert = wait_in(browser, lambda d: d.switch_to.alert, "the confirmation")
+    assert f"Abort the deploy of {HOST}?" in alert.text
+    alert.accept()
+    note = wait_in(browser, lambda d: text_of(d, "#action-note"), "the abort's answer")
+    wait_in(browser, lambda d: not d.find_elements("css selector", button),
+            "the button gone with the deploy")
+    return note, severe_logs(browser)
 
 
 @pytest.mark.slow(8)
@@ -628,7 +700,7 @@ def test_an_abort_refused_past_its_patience_fails_the_deploy_saying_the_switch_s
     assert (after[0], after[1]["error"]) == (409, "nothing_to_abort"), after
 
 
-@pytest.mark.slow(10)
+@pytest.mark.slow(7)
 def test_an_abort_that_went_back_while_its_record_cannot_be_saved_ends_aborted(
         tmp_path: Path, redis_factory: Any, a: Backend, b: Backend) -> None:
     """The write back is made, then the deploy's record cannot be saved for longer

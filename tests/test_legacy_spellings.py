@@ -6,6 +6,7 @@ refused as corrupt, and a balancer started on it served only `no-hosts`)."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 from balancer.addr import full_spelling
 from balancer.rules import validate_table
+from balancer.stores import open_store
 from balancer.stores.floors import raise_rule
 from tests.support import Backend, Balancer, request, wait_for
 
@@ -143,3 +145,72 @@ def test_a_file_store_with_one_server_listed_twice_still_serves(
             ("old.test", "backends[1]")], info["store"]
     finally:
         bal.stop()
+
+
+def test_one_server_serving_and_draining_is_loaded_serving(
+        tmp_path: Path, a: Backend, b: Backend) -> None:
+    """A rule an earlier version's deploy stored with one server under two spellings
+    in ``backends`` and ``draining.backends`` (now refused: "duplicate backend") is
+    loaded with that server serving, not draining (``draining`` gone when nothing
+    is left in it), and listed in ``store.raised``. Bug: the whole table was
+    refused, the balancer serving only `no-hosts`."""
+    port = a.address.rsplit(":", 1)[1]
+    since = {"since": 1.0, "warmup": 0}
+    hosts = {"app.test": {"action": "proxy", "backends": [f"localhost:{port}"],
+                          "draining": {"backends": [f"LOCALHOST:{port}"], **since}},
+             "old.test": {"action": "proxy", "backends": [short(a.address)],
+                          "draining": {"backends": [a.address, b.address], **since}}}
+    bal = Balancer(tmp_path, hosts)
+    try:
+        wait_for(lambda: served(bal, "app.test") == 200, what="app.test served")
+        assert served(bal, "old.test") == 200
+        rules = {h: bal.api("GET", f"/api/v1/hosts/{h}")[1]["rule"] for h in hosts}
+        raised = bal.api("GET", "/api/v1/info")[1]["store"]["raised"]
+    finally:
+        bal.stop()
+    assert rules["app.test"] == {"action": "proxy", "backends": [f"localhost:{port}"]}
+    assert rules["old.test"]["backends"] == [a.address]
+    assert rules["old.test"]["draining"]["backends"] == [b.address]
+    assert [(r["host"], r["field"], r["stored"]) for r in raised] == [
+        ("app.test", "draining.backends[0]", f"LOCALHOST:{port}"),
+        ("old.test", "backends[0]", short(a.address)),
+        ("old.test", "draining.backends[0]", a.address)], raised
+
+
+def test_a_deploy_stored_with_a_short_spelling_is_resumed_and_finishes(
+        tmp_path: Path, a: Backend, b: Backend) -> None:
+    """A deploy an earlier version switched to ``0x7f.1:P`` and was draining when
+    the balancer was upgraded: the new management process resumes it, its record
+    loaded as the table is (spelled in full), and it ends done. Bug: "internal
+    error: invalid address"."""
+    from tests.test_deploys import HOST, finished
+
+    since = time.time() - 1
+    before = {"action": "proxy", "backends": [a.address]}
+    to = [short(b.address)]
+    switched = {**before, "backends": to,
+                "draining": {"backends": [a.address], "since": since, "warmup": 0}}
+    routes = tmp_path / "routes.json"  # (as the earlier version wrote it)
+    routes.write_text(json.dumps({"version": 2, "hosts": {HOST: switched}}))
+    store = open_store(f"file:{routes}")
+    record = {"id": "d1", "host": HOST, "kind": "deploy", "from": [a.address], "to": to,
+              "settings": {"ready_timeout": 5.0, "drain_timeout": 5.0, "warmup": 0.0},
+              "state": "running", "step": "drain", "started": since - 1, "ended": None,
+              "error": None, "warning": None, "before": before, "from_version": 1,
+              "since": since, "version": 2, "abort": None, "owner": "gone",
+              "steps": [{"name": "drain", "started": since, "ended": None, "outcome": None,
+                         "detail": f"waiting for {a.address}"}]}
+    store.records().save_deploy(record)
+    assert store.records().claim(HOST, "d1", "gone", 0.0, 5.0) is None  # (its beat long gone)
+    bal = Balancer(tmp_path)
+    try:
+        stored = finished(bal, "d1")
+        rule = bal.api("GET", f"/api/v1/hosts/{HOST}")[1]["rule"]
+        log = bal.output()
+    finally:
+        bal.stop()
+    assert stored["state"] == "done" and stored["error"] is None, stored
+    assert stored["to"] == [b.address], stored
+    assert rule == {"action": "proxy", "backends": [b.address]}
+    assert (f"deploy d1: its record holds {HOST} to backends[0] {short(b.address)!r} -> "
+            f"{b.address!r}") in log

@@ -283,6 +283,7 @@ class FakeDeployer:
         self.records = SimpleNamespace(inflight=dict, abort_request=lambda deploy_id: None)
         self.store = SimpleNamespace(load=lambda: SimpleNamespace(version=2, hosts={}),
                                      host_rule=lambda host: HostRule(2, None))
+        self.taken: set[str] = set()  # (no other process takes a deploy over)
 
     def patiently(self, record: dict[str, Any], what: str, call: Any) -> Any:
         return call()

@@ -13,7 +13,11 @@ address (``0x7f.1:80``: `balancer.addr.full_spelling`): loaded written in full
 Backends of one list that are one server spelt two ways (``LOCALHOST:1`` beside
 ``localhost:1``, ``https://x`` beside ``https://x:443``: `balancer.rules.backend_identity`),
 which earlier versions stored as two, are loaded as one entry holding both
-weights (the server's share of traffic unchanged).
+weights (the server's share of traffic unchanged). A server a rule lists both in
+``backends`` and under ``draining`` (a deploy of earlier versions that kept it
+under another spelling) is loaded serving, not draining (``draining`` goes when
+nothing is left in it). A deploy record of earlier versions is loaded the same
+way when it is resumed (`management.deploy_steps.loaded_record`).
 
 Invariants:
 * Only a finite number > 0 below its floor is raised; anything else (a string,
@@ -62,19 +66,61 @@ def raise_rule(host: str, rule: Any) -> tuple[Any, tuple[Raised, ...]]:
         if isinstance(part, Mapping) and _below_floor(part.get(key), floor):
             raised.append(Raised(host, f"{section}.{key}", part[key], floor))
             rule = {**rule, section: {**part, key: floor}}
-    backends, found = _loaded_backends(host, "", rule.get("backends"))
+    backends, found = loaded_backends(host, "", rule.get("backends"))
     if found:
         rule, raised = {**rule, "backends": backends}, raised + found
     draining = rule.get("draining")
     if isinstance(draining, Mapping):
-        backends, found = _loaded_backends(host, "draining.", draining.get("backends"))
-        if found:
-            rule, raised = {**rule, "draining": {**draining, "backends": backends}}, \
-                raised + found
+        backends, found = loaded_backends(host, "draining.", draining.get("backends"))
+        backends, serving = _not_serving(host, rule.get("backends"), backends)
+        if found or serving:
+            rule, raised = _with_draining(rule, {**draining, "backends": backends}), \
+                raised + found + serving
     return rule, tuple(raised)
 
 
-def _loaded_backends(host: str, prefix: str, backends: object) -> tuple[Any, list[Raised]]:
+def _with_draining(rule: Mapping[str, Any], draining: Mapping[str, Any]) -> dict[str, Any]:
+    """`rule` with `draining`, or without it when it has no backend left."""
+    if draining.get("backends") == []:
+        return {k: v for k, v in rule.items() if k != "draining"}
+    return {**rule, "draining": draining}
+
+
+def _not_serving(host: str, serving: object, draining: object) -> tuple[Any, list[Raised]]:
+    """`draining` without the entries naming a server `serving` lists (in any
+    spelling: `backend_identity`), which earlier versions stored (a deploy from
+    ``127.0.0.1:P`` to ``[::ffff:127.0.0.1]:P``, or ``0x7f.1:P``): the server serves,
+    and drains nothing. Bug: the whole table was refused ("duplicate backend")."""
+    if not isinstance(serving, list) or not isinstance(draining, list) or not draining:
+        return draining, []
+    kept: dict[str, str] = {}
+    for entry in serving:
+        given = entry.get("address") if isinstance(entry, Mapping) else entry
+        identity = _identity(given)
+        if identity is not None:
+            kept.setdefault(identity, str(given))
+    out: list[Any] = []
+    raised: list[Raised] = []
+    for i, entry in enumerate(draining):
+        given = entry.get("address") if isinstance(entry, Mapping) else entry
+        identity = _identity(given)
+        if identity in kept:
+            raised.append(Raised(host, f"draining.backends[{i}]", str(given),
+                                 f"dropped: it serves as {kept[identity]!r}"))
+        else:
+            out.append(entry)
+    return out, raised
+
+
+def _identity(given: object) -> str | None:
+    """`backend_identity` of an address, None when it is not a valid one."""
+    try:
+        return backend_identity(given) if isinstance(given, str) else None
+    except AddrError:
+        return None
+
+
+def loaded_backends(host: str, prefix: str, backends: object) -> tuple[Any, list[Raised]]:
     """`backends` spelt in full (`_spelled_in_full`) and one server's entries merged
     (`_merged`), and what was changed."""
     out, raised = _spelled_in_full(host, prefix, backends)
@@ -104,10 +150,7 @@ def _merged(host: str, prefix: str, backends: list[Any]) -> tuple[list[Any], lis
     raised: list[Raised] = []
     for i, entry in enumerate(backends):
         given = entry.get("address") if isinstance(entry, Mapping) else entry
-        try:
-            identity = backend_identity(given) if isinstance(given, str) else None
-        except AddrError:
-            identity = None
+        identity = _identity(given)
         if identity is None or identity not in first:
             if identity is not None:
                 first[identity] = len(out)

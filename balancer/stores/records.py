@@ -19,6 +19,9 @@ Invariants:
   over only by the same deploy id (resuming it) and only once its owner's
   beat is older than `stale_after`. `begin`, a deploy's start, writes its
   claim and its record together, atomically the same way.
+* `renew`, a running deploy's claim renewed, never makes a claim again for a
+  deploy another process ended (a process cut from the store longer than
+  `stale_after` finds its deploy resumed and ended by another).
 * `request_abort` is atomic with the claim it reads: an abort is only stored
   for the deploy holding the host's claim, and `release` drops it with the
   claim, so no request outlives its deploy.
@@ -44,6 +47,7 @@ from typing import Any
 from balancer.stores.atomic import read_regular, write_store_file
 
 MAX_DEPLOYS = 50
+ENDED = "(ended)"  # `Records.renew`: the deploy ended, its claim released
 # what decoding a hand-edited value can raise: bad JSON or UTF-8, an integer of
 # 4,300+ digits (ValueError), deep nesting (RecursionError)
 UNREADABLE = (ValueError, RecursionError)
@@ -73,6 +77,17 @@ class Records(ABC):
         """Take `host` for `deploy_id` run by `owner`: None when taken, else the id
         of the deploy that holds it. A claim of the same id is refreshed by its
         owner, or taken over by another once its beat is older than `stale_after`."""
+
+    def renew(self, host: str, deploy_id: str, owner: str, now: float,
+              stale_after: float) -> str | None:
+        """`claim` for a deploy under way, never made again once the deploy ended
+        (its claim released and its record ended, by the process that took it
+        over): then `ENDED`, nothing written."""
+        if host not in self.claims():
+            stored = self.deploy(deploy_id)
+            if stored is not None and stored.get("state") != "running":
+                return ENDED
+        return self.claim(host, deploy_id, owner, now, stale_after)
 
     @abstractmethod
     def begin(self, record: dict[str, Any], now: float, stale_after: float) -> str | None:
