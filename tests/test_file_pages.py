@@ -11,21 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import pytest
-
-from tests.support import ROOT, Backend, Balancer, request, wait_for
+from tests.support import ROOT, Backend, request, wait_for
 
 HOST = "app.test"
-
-
-@pytest.fixture
-def backend() -> Iterator[Backend]:
-    b = Backend("file-pages")
-    yield b
-    b.stop()
 
 
 def read_only_file_kib(pid: int) -> int:
@@ -41,22 +33,19 @@ def read_only_file_kib(pid: int) -> int:
     return total
 
 
-def test_the_arbiter_holds_less_files_code_than_its_children(tmp_path: Path,
-                                                             backend: Backend) -> None:
-    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}})
-    try:
-        assert request(bal.port, host=HOST)[0] == 200
-        arbiter = bal.proc.pid
-        listed = Path(f"/proc/{arbiter}/task/{arbiter}/children").read_text()
-        kids = [int(p) for p in listed.split()]
-        assert len(kids) == 2
-        # it imported everything they run; unreleased, it holds more than either
-        wait_for(lambda: read_only_file_kib(arbiter) < min(map(read_only_file_kib, kids)),
-                 what="the arbiter's files' pages released")
-        assert bal.api("GET", "/api/v1/stats")[0] == 200
-        assert "Traceback" not in bal.output()
-    finally:
-        bal.stop()
+def test_the_arbiter_holds_less_files_code_than_its_children(
+        backend: Backend, proxy_to: Callable[..., Any]) -> None:
+    bal = proxy_to(backend, HOST)
+    assert request(bal.port, host=HOST)[0] == 200
+    arbiter = bal.proc.pid
+    listed = Path(f"/proc/{arbiter}/task/{arbiter}/children").read_text()
+    kids = [int(p) for p in listed.split()]
+    assert len(kids) == 2
+    # it imported everything they run; unreleased, it holds more than either
+    wait_for(lambda: read_only_file_kib(arbiter) < min(map(read_only_file_kib, kids)),
+             what="the arbiter's files' pages released")
+    assert bal.api("GET", "/api/v1/stats")[0] == 200
+    assert "Traceback" not in bal.output()
 
 
 RUN_AFTER = """
