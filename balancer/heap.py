@@ -78,14 +78,15 @@ def release() -> bool:
     return True
 
 
-def release_file_pages(smaps: str = "/proc/self/smaps") -> int:
+def release_file_pages() -> int:
     """Unmap this process's resident pages of read-only file mappings that hold
-    no page of their own; the KiB unmapped (0 without /proc or `madvise`)."""
+    no page of their own; the KiB unmapped (0 without /proc or `madvise`; a
+    line it cannot read ends the walk there)."""
     if _MADVISE is None:
         return 0
     released = 0
     try:
-        with open(smaps) as f:  # line by line: no list of its lines in the arbiter's heap
+        with open("/proc/self/smaps") as f:  # line by line: no list of lines in the heap
             start = end = rss = anonymous = 0
             unmap = False
             for line in f:
@@ -103,7 +104,7 @@ def release_file_pages(smaps: str = "/proc/self/smaps") -> int:
                     low, high = fields[0].split("-")
                     start, end = int(low, 16), int(high, 16)
                     unmap = "w" not in fields[1] and len(fields) > 5 and fields[5][0] == "/"
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return released
     return released
 
