@@ -16,6 +16,8 @@ Invariants:
   fork (`balancer.preload.freeze`), so the children keep sharing their pages;
   with `server.merge_pages` it marks its memory for the kernel's same-page
   merging before a fork (`mark_pages`), so every child it forks has it too.
+  Once every child is ready it unmaps the pages of files' code it ran only
+  to start (`balancer.heap.release_file_pages`).
 * The listening sockets were bound before forking and stay open here until
   the arbiter stops: a dying worker never closes a listener. With one socket
   per worker slot (SO_REUSEPORT, `balancer.listening`) a worker forked into a
@@ -63,7 +65,7 @@ from balancer import processlog
 from balancer.backoff import Backoff
 from balancer.control import control_path, run_dir_problem
 from balancer.descriptors import log_limits, soft_limit
-from balancer.heap import KSM_RUN, ksm_running, merge_pages
+from balancer.heap import KSM_RUN, ksm_running, merge_pages, release_file_pages
 from balancer.listening import Listeners
 from balancer.preload import PreloadError, freeze, needed, preload
 from balancer.privileges import Identity
@@ -280,7 +282,11 @@ class Arbiter:
         child.ready = True
         log.info("%s ready (slot %d, generation %d)", child, child.slot, child.generation)
         self.write_status()
-        if not self.has_been_ready and all(c.ready for c in self.children.values()):
+        if not all(c.ready for c in self.children.values()):
+            return
+        # start-up's code (its own, a reload's imports) is not run here again
+        log.debug("arbiter: %d KiB of files' pages unmapped", release_file_pages())
+        if not self.has_been_ready:
             self.has_been_ready = True
             if self.announce is not None and self.state == RUNNING:
                 self.announce()

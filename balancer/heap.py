@@ -1,7 +1,8 @@
 """Giving freed memory back to the system: after a burst (the worker's
 `quiet_loop`), in the arbiter before each fork (`balancer.preload.freeze`) and
 in the management process once set up (`management.process.run_management`
-through `freeze`); and, with `server.merge_pages`, letting the kernel store
+through `freeze`); the arbiter's pages of files' code it ran only to start
+(`release_file_pages`); and, with `server.merge_pages`, letting the kernel store
 the pages the processes hold alike once (`merge_pages`).
 
 glibc's malloc keeps the pages of freed blocks inside its heap: a burst's
@@ -21,7 +22,21 @@ tell, by timing its own writes, whether ours hold a page with the same bytes
 as one of its own; and it does nothing unless the host runs ksmd
 (/sys/kernel/mm/ksm/run is 1).
 
+Importing ran code the arbiter never runs again: its children's modules'
+initialisation (the compiled modules' building of their constants), the
+interpreter's unmarshalling and compiling, OpenSSL's and C++'s start. Those
+pages of read-only file mappings stay in its resident set (16 MiB of them
+after a start; 1.0 MiB of the tree's Pss, docs/performance.md) though it only
+waits for signals and its children's reports. `release_file_pages` unmaps
+them (`madvise(MADV_DONTNEED)`): the kernel maps a page again, from the page
+cache, at its next use, so nothing is lost but that page's minor fault. A
+read-only mapping holding pages of its own (a library's relocated data,
+`Anonymous` above 0 in smaps) is left alone: those would be lost.
+
 Invariants:
+* `release_file_pages` is called by the arbiter only (every child runs its
+  code again soon: it would fault its pages back at once), once every child
+  is ready.
 * `release` is called only when many blocks were just freed or before pages
   are shared, never per request: it walks the heap (about a millisecond for
   a worker's).
@@ -35,6 +50,7 @@ import ctypes
 import os
 from typing import Any
 
+MADV_DONTNEED = 4  # madvise(2): a private mapping's pages dropped, read again at their next use
 PR_SET_MEMORY_MERGE = 67  # prctl(2), Linux 6.4
 KSM_RUN = "/sys/kernel/mm/ksm/run"  # "1": the host's ksmd merges marked pages
 
@@ -49,6 +65,9 @@ def _libc() -> Any:
 _LIBC = _libc()
 _TRIM = getattr(_LIBC, "malloc_trim", None)
 _PRCTL = getattr(_LIBC, "prctl", None)
+_MADVISE = getattr(_LIBC, "madvise", None)
+if _MADVISE is not None:
+    _MADVISE.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 def release() -> bool:
@@ -57,6 +76,37 @@ def release() -> bool:
         return False
     _TRIM(0)
     return True
+
+
+def release_file_pages() -> int:
+    """Unmap this process's resident pages of read-only file mappings that hold
+    no page of their own; the KiB unmapped (0 without /proc or `madvise`; a
+    line it cannot read ends the walk there)."""
+    if _MADVISE is None:
+        return 0
+    released = 0
+    try:
+        with open("/proc/self/smaps") as f:  # line by line: no list of lines in the heap
+            start = end = rss = anonymous = 0
+            unmap = False
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("Anonymous:"):
+                    anonymous = int(line.split()[1])
+                elif line.startswith("VmFlags:"):  # a mapping's last line
+                    if unmap and rss and not anonymous and _MADVISE(
+                            start, end - start, MADV_DONTNEED) == 0:
+                        released += rss
+                    unmap = False
+                elif not line[0].isupper():  # a mapping's first line: its range
+                    fields = line.split()
+                    low, high = fields[0].split("-")
+                    start, end = int(low, 16), int(high, 16)
+                    unmap = "w" not in fields[1] and len(fields) > 5 and fields[5][0] == "/"
+    except (OSError, ValueError, IndexError):
+        return released
+    return released
 
 
 def merge_pages(on: bool) -> str:

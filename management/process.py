@@ -8,8 +8,10 @@ plane never imports this package.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -29,10 +31,27 @@ log = logging.getLogger("balancer")
 MANAGEMENT_DRAIN = 5.0  # seconds an old management process finishes API requests
 
 
+def werkzeug_parts_only() -> None:
+    """Let `werkzeug`'s modules be imported without its package's `__init__`,
+    unless it is imported already (the arbiter preloads it when it drops
+    privileges). That `__init__` imports `werkzeug.serving` (its development
+    server, with `http.server`, `socketserver`, `html`) and `werkzeug.test`
+    for its four shortcuts, none of which the API uses: 1.0 MiB of the
+    management process's memory (docs/performance.md). Each module the API
+    imports (`werkzeug.wrappers`, `werkzeug.routing`, ...) is found through
+    the package's path as before."""
+    if "werkzeug" in sys.modules:
+        return
+    spec = importlib.util.find_spec("werkzeug")
+    if spec is not None:
+        sys.modules["werkzeug"] = importlib.util.module_from_spec(spec)
+
+
 def run_management(env: ChildEnv, sock: Any) -> int:
     """Serve the management API on `sock` until told to stop."""
     import gevent
 
+    werkzeug_parts_only()  # before the first of the API's modules
     from balancer.stores.snapshot import Snapshot
     from balancer.turns import turn
     from management.acme_issuer import Issuer

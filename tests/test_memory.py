@@ -3,8 +3,9 @@
 import the management process's modules, nor `redis` on a file store; the
 management process imports cryptography only once a certificate needs it,
 the ACME client only once it issues, prometheus-client only once it is
-scraped; no child scans the installed packages' metadata for gevent's
-plugins (the arbiter found them). The processes are real: an audit hook
+scraped, werkzeug's development server and test client never; no child
+scans the installed packages' metadata for gevent's plugins (the arbiter
+found them). The processes are real: an audit hook
 (tests/import_audit) writes what each one imports, and which entry points
 files it reads, to a file per pid, after fork included."""
 
@@ -43,6 +44,10 @@ ARBITER_NEVER = {"importlib.metadata", "csv", "tomllib", "difflib",
 # no child starts a process: `subprocess` is not patched (`balancer.preload.patch`),
 # so nobody imports gevent's (nor what it brings) on a file store
 NOBODY = {"subprocess", "gevent.subprocess", "pickle"}
+# what werkzeug's package `__init__` imports for shortcuts the API never uses
+# (`management.process.werkzeug_parts_only`): its development server and test
+# client (prometheus-client imports the standard library's two at its first scrape)
+UNUSED_WERKZEUG = {"werkzeug.serving", "werkzeug.test", "http.server", "socketserver"}
 
 
 @pytest.fixture
@@ -85,6 +90,7 @@ def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backe
         (management,) = children(arbiter) - workers
         assert len(workers) == 2
         assert "prometheus_client" not in packages(imported(audit, management))
+        assert not imported(audit, management) & UNUSED_WERKZEUG
         status, metrics = bal.api("GET", "/metrics")  # the first scrape imports it
         assert status == 200 and b"balancer_requests_total" in metrics, metrics
         assert "prometheus_client" in packages(imported(audit, management))
