@@ -41,6 +41,7 @@ from balancer.stores import (
     CorruptStore,
     HostRule,
     StoreError,
+    StoreLost,
     StoreUnavailable,
     VersionConflict,
 )
@@ -220,7 +221,7 @@ class Run:
                 self.end("ok", f"version {found.version}")
                 return
             if found.rule != self.record["before"]:
-                self._not_lost()
+                self._not_lost(found.version)
                 raise DeployFailed("the host's rule changed during the deploy; nothing "
                                    "was switched")
             self.check_abort()  # (the last moment an abort changes nothing)
@@ -271,10 +272,15 @@ class Run:
             raise DeployFailed(f"cannot write the rule: {exc.message}{switched}",
                                exc.code) from None
 
-    def _not_lost(self) -> None:
+    def _not_lost(self, version: int | None = None) -> None:
         """`DeployFailed` naming the store's loss, if it lost its table (bug: a flushed
-        Redis read as no rule, and the deploy failed "the host's rule changed")."""
+        Redis read as no rule, and the deploy failed "the host's rule changed"): as
+        this process's mirror judged it, or as the rule read at `version`, below the
+        one the ready step saw it at, shows it (bug: the switch read a flushed Redis
+        before the mirror's next resync, and failed "the host's rule changed")."""
         lost = self.deployer.lost()
+        if not lost and version is not None and version < self.seen_version:
+            lost = str(StoreLost(self.deployer.store.display_url, version, self.seen_version))
         if lost:
             raise DeployFailed(f"cannot switch: {lost}; nothing was switched", "store_lost")
 

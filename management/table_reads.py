@@ -16,8 +16,11 @@ Invariants:
   nothing) the store's table is read whole, once for every read waiting on it
   (`_load`), and kept while the mirror is behind it. Another number of hosts
   at the mirror's version, or a store behind it, is read whole too, and a
-  table rewritten at the mirror's version is judged by the mirror (a damaged
-  store: `balancer.stores.snapshot.rewritten`).
+  table behind the highest version the mirror knows, or rewritten at the
+  mirror's version, is judged by the mirror (a lost table:
+  `balancer.stores.snapshot.judge`; a damaged store: `rewritten`). Bug: a read
+  after a flush, before the watcher's next resync (`store.resync_interval`,
+  5 s), answered the emptied store's table as current (404 for every host).
 * While the mirror reports a problem, or the store cannot be read, reads
   answer the table served and the problem (no table known: the store's error,
   503), as before this module.
@@ -72,8 +75,9 @@ class TableReads:
         served = self.mirror.table
         if self.mirror.problem and served is not None:
             return served, self.mirror.problem  # found while this read waited
-        if served is not None and rewritten(data, served, self.store.display_url):
-            self.mirror.on_table(data)  # judged there (read again: a race, or damage?)
+        if served is not None and (data.version < self.mirror.highest or rewritten(
+                data, served, self.store.display_url)):  # behind, or another table at
+            self.mirror.on_table(data)  # its version: judged there (a race, or a loss?)
             return self.mirror.table or served, self.mirror.problem
         return data, None
 

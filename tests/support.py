@@ -30,6 +30,7 @@ from loadtest.procs import HeldPort
 from loadtest.reaper import guarded_popen, release
 
 ROOT = Path(__file__).resolve().parent.parent
+START_WAIT = 60.0  # seconds a test waits for a balancer it starts to listen
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
@@ -396,7 +397,9 @@ class Balancer:
                                   env=full_env)
         self.ports: dict[str, int] = {}
         try:
-            wait_for(self._read_ports, timeout=20, what="balancer to listen")
+            # (ends when it listens, or at once when it exits: the bound only catches a
+            # start that hangs; 20 s fell short for 7 starts on a machine at load 30)
+            wait_for(self._read_ports, timeout=START_WAIT, what="balancer to listen")
         except BaseException:  # never left running by a test that failed here (bug: a
             self.stop(signal.SIGKILL)  # balancer hung at its start outlived the run)
             raise

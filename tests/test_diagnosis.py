@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer.limits import SharedBuckets
+from balancer.limits import SharedBuckets, default_burst
 from balancer.rules import validate_rule
 from balancer.sketch import CAPACITY, SpaceSaving, path_key
 from management.latency import percentiles, quantile
@@ -293,14 +293,19 @@ def test_a_limit_holds_for_the_whole_balancer(tmp_path: Path) -> None:
 
     threads = [threading.Thread(target=client, args=("abuser", "198.51.100.7", rate, 4)),
                threading.Thread(target=client, args=("other", "198.51.100.8", 20, 1))]
+    began = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
+    took = time.monotonic() - began  # the balancer's decisions all fall within (its clock)
     try:
         passed = results["abuser"].count(204)
         assert len(results["abuser"]) >= 0.8 * rate * seconds  # the load was really sent
-        assert 0.9 * 100 * seconds <= passed <= 1.1 * 100 * seconds + 1
+        # at most `rate` a second and the burst over the time the balancer had the
+        # requests (bug (test): bounded by the 3 s of sending, while a loaded machine
+        # admits the last ones queued after that: 339 passed of at most 331)
+        assert 0.9 * 100 * seconds <= passed <= 100 * took + default_burst(100)
         assert set(results["abuser"]) == {204, 429}
         assert results["other"] and set(results["other"]) == {204}
         limited = bal.host_stats("app.test")["limited"]

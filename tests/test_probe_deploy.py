@@ -47,26 +47,32 @@ class Scripted:
     """A backend that answers its connections by a script, one entry per
     connection (the last one repeats): ``ok`` (200), ``503``, ``hang`` (reads
     the request, never answers, holds the connection until stopped), ``close``
-    (closes without a byte), ``slow:S`` (a 200 after S seconds) or ``slow503:S``
-    (a 503 after S seconds)."""
+    (closes without a byte), ``slow:S`` (a 200 after S seconds), ``slow503:S``
+    (a 503 after S seconds) or ``at503:S`` (a 503 S seconds after the first
+    connection was accepted)."""
 
     def __init__(self, *script: str) -> None:
         self.script = list(script)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.seen = 0  # connections accepted
+        self.first = 0.0  # when the first was (`time.monotonic`)
         self.turns = itertools.count()
         self.stopped = threading.Event()
         serve_each(self.listener, self.answer)
 
     def answer(self, conn: socket.socket) -> None:
         self.seen = turn = next(self.turns) + 1
+        self.first = self.first or time.monotonic()
         what = self.script[min(turn, len(self.script)) - 1]
         with contextlib.suppress(OSError):
             conn.settimeout(10)
             conn.recv(65536)
             if what == "hang":
                 self.stopped.wait(30)
+            elif what.startswith("at503:"):
+                self.stopped.wait(max(0.0, self.first + float(what[6:]) - time.monotonic()))
+                conn.sendall(ANSWERS["503"])
             elif what.startswith("slow"):
                 kind, _, seconds = what.partition(":")
                 self.stopped.wait(float(seconds))
@@ -127,10 +133,12 @@ def test_a_check_the_ready_step_has_no_time_left_for_is_not_begun(
         lb: Balancer, a: Backend) -> None:
     """Bug: a round of checks begun 0.8 ms before the ready step's end failed "no
     answer within 0.0008s", and that replaced the backend's real answer (a 503)
-    in the deploy's error. Here the second check answers 503 after 0.45 s, so a
-    third would be begun with at most 0.05 s left: it is not begun, and the
-    error keeps the 503."""
-    sick = Scripted("503", "slow503:0.45", "hang")
+    in the deploy's error. Here the second check answers 503 0.7 s after the first
+    began, which is after the step's deadline was set: a third would be begun with
+    at most 0.05 s left (none, if this machine is slow): it is not begun, and the
+    error keeps the 503. (A 503 0.45 s after the second check began came after the
+    step's end when a loaded machine began the first 0.3 s late.)"""
+    sick = Scripted("503", "at503:0.7", "hang")
     health = {"path": "/", "timeout": 30, "rise": 1}  # checks every 0.25 s
     assert lb.api("PUT", f"/api/v1/hosts/{HOST}", {**proxy(a), "health": health})[0] == 200
     before = rule_of(lb)
@@ -410,11 +418,13 @@ def test_a_store_that_lost_its_table_mid_deploy_fails_it_with_the_reason(
     backend gets ready: the deploy fails saying the store lost its table (as a
     one-host write through the API is refused), nothing switched. Bugs: the
     switch's refused write went up as "internal error: ...", with a traceback in
-    the log; a flushed Redis read as no rule: "the host's rule changed"."""
+    the log; a flushed Redis read as no rule: "the host's rule changed" (by the
+    switch too, when it read the flush before the next resync, here in 60 s, found
+    it: then the host's GET answered 404 as well)."""
     redis = redis_factory() if loss == "flushed redis" else None
-    lb = Balancer(tmp_path, None if redis else {HOST: proxy(a)},  # (a flush is found
-                  args=["--store", redis.url] if redis else [],   # at the next resync)
-                  env={"BALANCER_STORE_RESYNC_INTERVAL": "0.5"})
+    lb = Balancer(tmp_path, None if redis else {HOST: proxy(a)},
+                  args=["--store", redis.url] if redis else [],
+                  env={"BALANCER_STORE_RESYNC_INTERVAL": "60" if redis else "0.5"})
     late = Scripted("503")
     try:
         if redis:
@@ -426,10 +436,11 @@ def test_a_store_that_lost_its_table_mid_deploy_fails_it_with_the_reason(
             redis.client().flushall()
         else:
             lb.write_routes({HOST: before}, version=0)  # a backup of before the first write
-        wait_for(lb.store_problem, what="the store's loss reported")
+            wait_for(lb.store_problem, what="the store's loss reported")
         late.script = ["ok"]
         record = finished(lb, record["id"])  # (a flushed record reads 404 until saved again)
         assert rule_of(lb) == before
+        assert "lost its table" in lb.store_problem()
         assert json.loads(request(lb.port)[2])["backend"] == "a"
     finally:
         late.stop()

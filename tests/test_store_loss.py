@@ -134,6 +134,28 @@ def test_an_emptied_redis_never_wipes_two_balancers(
     assert_lost_then_restored([a, b], version, "lost its table")
 
 
+def test_a_read_just_after_a_flush_shows_the_served_table_and_the_loss(
+        redis_factory: Callable[[], RedisServer], tmp_path: Path) -> None:
+    """Bug: until the watcher's next resync found the flush (`store.resync_interval`),
+    the API's reads answered the emptied store as the table: 404 for a host every
+    worker serves, an empty list at version 0, no problem."""
+    redis = redis_factory()
+    bal = Balancer(tmp_path, None, args=["--store", redis.url],
+                   env={"BALANCER_STORE_RESYNC_INTERVAL": "60"})
+    try:
+        version = load_table(bal)
+        redis.client().flushall()
+        status, answer = bal.api("GET", "/api/v1/hosts/h0.test")
+        assert status == 200 and answer["rule"] == HOSTS["h0.test"], answer
+        assert "lost its table" in answer["store_problem"]
+        listed = bal.api("GET", "/api/v1/hosts")[1]
+        assert (listed["version"], listed["hosts"]) == (version, HOSTS)
+        assert "lost its table" in listed["store_problem"]
+        assert serves_all(bal)
+    finally:
+        bal.stop()
+
+
 def test_a_restored_older_redis_copy_does_not_roll_the_table_back(
         redis_factory: Callable[[], RedisServer], balancers: Callable[..., Balancer]) -> None:
     redis = redis_factory()
