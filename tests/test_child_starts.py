@@ -12,6 +12,7 @@ import time
 
 from tests.support import Balancer, replace_file, request, wait_for
 from tests.test_process import children_of, is_gone, wait_workers
+from tests.test_reuseport import holders, listening_inodes
 
 SETTLE = 0.1  # `balancer.arbiter.SETTLE`: a worker draining on its own is replaced then
 
@@ -100,17 +101,25 @@ def test_the_management_process_signalled_directly_is_replaced_while_it_drains(t
     """`kill PID` of the management process: its replacement starts `SETTLE` later, as
     a worker's, while it finishes its API connections. Bug: it was replaced only once
     it had exited, after up to 5 s (an idle keep-alive connection of the dashboard
-    or a script held it that long), the API unanswered meanwhile."""
-    bal = Balancer(tmp_path, {}, config="[server]\nworkers = 1\n[timeouts]\ngraceful = 4\n")
+    or a script held it that long), the API unanswered meanwhile.
+    The old one is held (SIGSTOP) once it has stopped accepting, so its drain outlasts
+    the new one's start however slow that is (bug: a start slower than the drain, on a
+    busy machine, failed the test)."""
+    bal = Balancer(tmp_path, {}, config="[server]\nworkers = 1\n[timeouts]\ngraceful = 60\n")
     kept = http.client.HTTPConnection("127.0.0.1", bal.mport, timeout=10)
+    old = 0
     try:
         old = management_pid(bal)
+        [listener] = listening_inodes(bal.mport)
         kept.request("GET", "/healthz")
         assert kept.getresponse().read()  # (idle now, kept open: the old one waits for it)
         os.kill(old, signal.SIGTERM)
         began = time.monotonic()
+        wait_for(lambda: not holders(listener, [old]), interval=0.001,
+                 what="the old one to stop accepting")
+        os.kill(old, signal.SIGSTOP)  # (its drain goes on once the new one serves)
         wait_for(lambda: re.search(rf"management (?!{old} )\d+ ready", bal.output()),
-                 what="the new management process")
+                 timeout=20, what="the new management process")
         print(f"the new management process served {time.monotonic() - began:.3f} s after "
               "the old one was signalled")
         assert not is_gone(old), "the old one still drains"
@@ -119,5 +128,7 @@ def test_the_management_process_signalled_directly_is_replaced_while_it_drains(t
         assert request(bal.port)[0] == 503  # (the worker serves on: no hosts)
         assert "unexpectedly" not in bal.output()
     finally:
+        if old and not is_gone(old):
+            os.kill(old, signal.SIGCONT)
         kept.close()
         bal.stop(signal.SIGKILL)
