@@ -491,7 +491,10 @@ class Arbiter:
         stuck in a read that never ends), and start another with the crash backoff:
         one line says both. The child of an older generation it was to replace
         (a reload) keeps serving meanwhile. Bug: a reload, or the start, waited for
-        it for ever."""
+        it for ever. Not once the arbiter stops: the stop's own deadline kills it
+        (`kill_at`; bug: a stop at once said another was started)."""
+        if self.state != RUNNING:
+            return
         now = time.monotonic()
         for child in self.children.values():
             if child.start_by <= now and not child.ready and not child.draining:

@@ -135,3 +135,25 @@ def test_the_management_process_signalled_directly_is_replaced_while_it_drains(t
             os.kill(old, signal.SIGCONT)
         kept.close()
         bal.stop(signal.SIGKILL)
+
+
+def test_a_child_not_started_when_the_balancer_stops_now_is_not_said_to_be_restarted(tmp_path):
+    """SIGQUIT while a reload's new management process has not run its own code yet
+    (its signals still blocked, as on a loaded machine), past its `timeouts.start`:
+    killed with the stop, in no line that says another starts. Bug: "did not start
+    within 0.2 s (timeouts.start): killed; starting another in 0.0 s" during the stop."""
+    # (a child's signals stay blocked until `enter_child` has reset them)
+    prefix = constants_prefix({}, slow={"balancer.workers.enter_child": 0.5})
+    bal = Balancer(tmp_path, {}, config="[server]\nworkers = 1\n", prefix=prefix)
+    try:
+        wait_for(lambda: bal.output().count(" ready (") == 2, what="the start")
+        replace_file(bal.tmp / "balancer.toml", "[server]\nworkers = 1\n[timeouts]\nstart = 0.2\n")
+        bal.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: settings re-read" in bal.output(), interval=0.001,
+                 what="the reload")  # (its start-up check is over: the next is the child)
+        bal.proc.send_signal(signal.SIGQUIT)  # (its children killed 1 s on: after 0.2 s)
+        assert bal.proc.wait(15) == 0
+        assert "SIGQUIT: stopping now" in bal.output()
+        assert "timeouts.start" not in bal.output()
+    finally:
+        bal.stop(signal.SIGKILL)
