@@ -279,6 +279,8 @@ class Arbiter:
             self.cut.said.add(child.pid)
 
     def on_ready(self, child: Child) -> None:
+        if child.timed_out:  # (killed already: its `ready` was on its way)
+            return
         child.ready = True
         log.info("%s ready (slot %d, generation %d)", child, child.slot, child.generation)
         self.write_status()
