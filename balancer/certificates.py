@@ -179,7 +179,8 @@ def refused(chain_pem: str, key_pem: str) -> str | None:
 def _key_matches(chain_pem: str, key_pem: str) -> bool:
     """Whether the first certificate and the first private key of what a worker
     loads (`load_pem`: the key's text, then the chain's) are one pair, as
-    `cryptography` reads them (False when it cannot read either)."""
+    `cryptography` reads them, of keys strong enough (`_strong`); False when it
+    cannot read either, or a key or signature is weak (OpenSSL then answers)."""
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
@@ -187,12 +188,30 @@ def _key_matches(chain_pem: str, key_pem: str) -> bool:
     text = f"{key_pem}\n{chain_pem}\n"
     block = _KEY_BLOCK.search(text)
     try:
-        leaf = x509.load_pem_x509_certificates(text.encode())[0]
+        certificates = x509.load_pem_x509_certificates(text.encode())
         key = serialization.load_pem_private_key(block.group(0).encode() if block else b"", None,
                                                  unsafe_skip_rsa_key_validation=True)
-        return _spki(key.public_key()) == _spki(leaf.public_key())
+        return _spki(key.public_key()) == _spki(certificates[0].public_key()) \
+            and all(map(_strong, certificates))
     except (ValueError, TypeError, UnsupportedAlgorithm):
         return False
+
+
+def _strong(certificate: Any) -> bool:
+    """Whether OpenSSL's default security level (112 bits) takes `certificate` as
+    far as `cryptography` tells: a key of 2048 bits or more (RSA, DSA), 224 or
+    more (EC), and no MD5 or SHA-1 signature; else OpenSSL is asked (`refused`).
+    Bug: a matching pair it refuses on load (EE_KEY_TOO_SMALL: a 1024-bit RSA
+    key) was listed as served."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = certificate.public_key()
+    size = key.curve.key_size if isinstance(key, ec.EllipticCurvePublicKey) else \
+        getattr(key, "key_size", None)
+    least = 224 if isinstance(key, ec.EllipticCurvePublicKey) else 2048
+    return (size is None or size >= least) \
+        and not isinstance(certificate.signature_hash_algorithm, hashes.MD5 | hashes.SHA1)
 
 
 def _openssl_refusal(chain_pem: str, key_pem: str) -> str | None:
