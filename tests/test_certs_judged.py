@@ -9,8 +9,10 @@ store that yields while it judges must not undo what a later write noted.
 
 from __future__ import annotations
 
+import base64
 import json
 import random
+import time
 from pathlib import Path
 
 import gevent
@@ -19,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from balancer.certificates import MAX_CHAIN_BYTES, _openssl_refusal, refused, unservable
 from balancer.stores.file import FileStore
+from management.certs_api import list_certs
 from management.certs_watch import JUDGED_BATCH, refused_records
 from tests.test_tls import CA
 
@@ -108,3 +111,65 @@ def test_a_read_judging_records_does_not_undo_a_later_write(tmp_path: Path) -> N
     certs.put("h0.test", newer)
     reading.get(timeout=10)
     assert certs.last_good is not None and certs.last_good["h0.test"] == newer
+
+
+def bad_version(chain: str) -> str:
+    """`chain` with its leaf's X.509 version byte damaged (62: `cryptography`'s
+    InvalidVersion, which is no ValueError; OpenSSL loads it)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    der = x509.load_pem_x509_certificate(chain.encode()).public_bytes(Encoding.DER)
+    at = der.find(bytes.fromhex("a003020102"))
+    der = der[:at] + bytes.fromhex("a00302013e") + der[at + 5:]
+    text = base64.b64encode(der).decode()
+    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(
+        text[n:n + 64] for n in range(0, len(text), 64)) + "\n-----END CERTIFICATE-----\n"
+
+
+def test_a_record_cryptography_cannot_read_fails_no_read_of_the_store(tmp_path: Path) -> None:
+    """A certificate whose version byte is damaged: judged by OpenSSL, listed with
+    a problem, the other host listed as it is. Bug: `cryptography`'s InvalidVersion
+    escaped `refused` and `chain_facts`: every read of the store by the management
+    process failed (its watch, `GET /api/v1/certs`, `/metrics`, the ACME issuer)."""
+    chain, key = CA.issue("a.test")
+    damaged = bad_version(chain)
+    assert refused(damaged, key) == _openssl_refusal(damaged, key)
+    path = tmp_path / "routes.json.certs.json"
+    path.write_text(json.dumps({"certs": {
+        host: {"chain": text, "key": key, "not_after": 0, "source": "upload"}
+        for host, text in (("a.test", chain), ("b.test", damaged))}}))
+    path.chmod(0o600)
+    store = FileStore(str(tmp_path / "routes.json"))
+    store.certs().refusing = refused_records
+    listed = {c["host"]: c for c in list_certs(store)[0]}
+    assert listed["a.test"]["names"] == ["a.test"]
+    assert listed["b.test"]["problem"] == "the stored chain cannot be read"
+
+
+def test_records_damaged_within_their_blocks_get_openssls_verdict() -> None:
+    """A letter changed within the leaf's DER, text after an END line: `refused`
+    gives OpenSSL's verdict. Bug: `cryptography` read them (lazily, or leniently),
+    found the pair matching, and the listing named them as served."""
+    chain, key = CA.issue("a.test")
+    lines = chain.split("\n")
+    lines[2] = lines[2][:20] + ("A" if lines[2][20] != "A" else "B") + lines[2][21:]
+    records = [("\n".join(lines), key), (chain, key.rstrip("\n") + "+\n"),
+               (chain.replace("-----END CERTIFICATE-----\n", "-----END CERTIFICATE-----9", 1),
+                key)]
+    for pair in records:
+        assert unservable(*pair) is None
+        assert refused(*pair) == _openssl_refusal(*pair)
+    assert _openssl_refusal(*records[2]) is not None
+
+
+def test_a_long_key_text_of_unpaired_lines_is_judged_in_one_pass() -> None:
+    """150 KB of BEGIN and END lines that do not pair, in `key`: judged in well under
+    a second. Bug: a regular expression looked for the key's block from each
+    BEGIN line to the text's end (22 s at 290 KB, the management process
+    answering nothing meanwhile)."""
+    chain, _ = CA.issue("a.test")
+    key = "-----BEGIN A PRIVATE KEY-----\n-----END B PRIVATE KEY-----\n" * 2_600
+    started = time.monotonic()
+    assert refused(chain, key) is not None
+    assert time.monotonic() - started < 1.0
