@@ -156,8 +156,9 @@ def refused(chain_pem: str, key_pem: str) -> str | None:
     asks (`management.certs_watch`) so that `GET /api/v1/certs` names it;
     workers never do (their start would parse every record). The verdict is kept
     by the record's content: `cryptography` compares the served key and
-    certificate (~90 µs), and only a pair it finds wrong is loaded by OpenSSL
-    (~3 ms), whose verdict is the one kept. Bug: such a record showed only in
+    certificate, each certificate read whole (~200 µs), and only a pair it finds
+    wrong, cannot read, or whose key or signature is weak (`_strong`) is loaded
+    by OpenSSL (~3 ms), whose verdict is the one kept. Bug: such a record showed only in
     each worker's log, the listing naming it as served."""
     digest = hashlib.sha256(f"{key_pem}\0{chain_pem}".encode()).digest()
     if digest in _REFUSALS:
@@ -232,17 +233,13 @@ def _strong(certificate: Any) -> bool:
     more (EC), and no MD5 or SHA-1 signature; else OpenSSL is asked (`refused`).
     Bug: a matching pair it refuses on load (EE_KEY_TOO_SMALL: a 1024-bit RSA
     key) was listed as served."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     key = certificate.public_key()
     # read whole (bug: one damaged by a letter within its DER was listed as served)
     certificate.subject, certificate.issuer, certificate.extensions  # noqa: B018
-    size = key.curve.key_size if isinstance(key, ec.EllipticCurvePublicKey) else \
-        getattr(key, "key_size", None)
-    least = 224 if isinstance(key, ec.EllipticCurvePublicKey) else 2048
-    return (size is None or size >= least) \
-        and not isinstance(certificate.signature_hash_algorithm, hashes.MD5 | hashes.SHA1)
+    curve = getattr(key, "curve", None)  # (EC)
+    size = getattr(curve or key, "key_size", None)  # (none: Ed25519, Ed448)
+    algorithm = getattr(certificate.signature_hash_algorithm, "name", "")
+    return (size is None or size >= (224 if curve else 2048)) and algorithm not in ("md5", "sha1")
 
 
 def _openssl_refusal(chain_pem: str, key_pem: str) -> str | None:
