@@ -310,9 +310,9 @@ class CertsWatch:
 
 def refused_records(records: dict[str, dict[str, Any]]) -> dict[str, str]:
     """HOST → why OpenSSL refuses its record (`balancer.certificates.refused`: the
-    first read of a record costs ~90 µs, later ones a hash), `JUDGED_BATCH`
+    first read of a record costs ~200 µs, later ones a hash), `JUDGED_BATCH`
     records at a time, the loop running between (the first read of 20,000
-    records takes ~2 s: `/healthz` and the API are answered meanwhile)."""
+    records takes ~4 s: `/healthz` and the API are answered meanwhile)."""
     found: dict[str, str] = {}
     for number, (host, record) in enumerate(records.items(), 1):
         why = refused(record["chain"], record["key"])

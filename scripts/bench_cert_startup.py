@@ -87,16 +87,19 @@ def make_certs(count: int) -> dict[str, Any]:
 def cached_certs(count: int, directory: Path) -> dict[str, Any]:
     """The certificates kept in `directory` (made, with it, if missing). Bug: a
     missing `--cache` directory ended the run with a traceback, after the
-    certificates were made."""
+    certificates were made; so did one where no file can be written (told
+    before they are made now)."""
     path = directory / f"bench-certs-{count}.json"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         if path.exists():
             return dict(json.loads(path.read_text()))
+        with path.with_suffix(".part").open("w") as kept:  # (whole, or not there)
+            made = make_certs(count)
+            kept.write(json.dumps(made))
+        path.with_suffix(".part").replace(path)
     except OSError as exc:
         raise SystemExit(f"--cache {directory}: {exc.strerror or exc}") from None
-    made = make_certs(count)
-    path.write_text(json.dumps(made))
     return made
 
 

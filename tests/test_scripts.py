@@ -188,3 +188,5 @@ def test_bench_cert_startup_makes_its_missing_cache_directory(tmp_path: Path) ->
                           "--certs", "1", "--cache", str(tmp_path / "file" / "cache")],
                          capture_output=True, text=True, timeout=120)
     assert (out.returncode, out.stderr) == (1, f"--cache {tmp_path}/file/cache: Not a directory\n")
+    with pytest.raises(SystemExit, match="^--cache /proc/self: No such file or directory$"):
+        bench_cert_startup.cached_certs(1, Path("/proc/self"))  # a directory, no file in it

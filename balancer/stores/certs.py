@@ -82,6 +82,8 @@ class Certs(ABC):
         # HOST → why OpenSSL refuses it, of the records `all` found (None: not asked;
         # the management process asks: `management.certs_watch.refused_records`)
         self.refusing: Callable[[dict[str, dict[str, Any]]], dict[str, str]] | None = None
+        self.begun = 0  # reads (`all`) and writes (`note`) begun, in order
+        self.settled = 0  # the latest of them whose findings `damaged`, `last_good` hold
 
     @abstractmethod
     def _all(self) -> dict[str, Any]:
@@ -89,10 +91,15 @@ class Certs(ABC):
 
     def all(self) -> dict[str, dict[str, Any]]:
         """HOST → record for every stored certificate that can be read."""
+        self.begun += 1
+        begun = self.begun
         found, damaged = _records(self._all())
         for host, why in (self.refusing(found) if self.refusing else {}).items():
             del found[host]
             damaged[host] = f"the stored certificate cannot be served: {why}"
+        if begun < self.settled:  # a later read, or a write (`note`), settled meanwhile
+            return found  # (bug: this older read, `refusing` yielding, undid the write)
+        self.settled = begun
         self.damaged = damaged
         if self.keep:  # a damaged record keeps its last good version (as workers do)
             before = self.last_good or {}
@@ -100,7 +107,10 @@ class Certs(ABC):
         return found
 
     def note(self, host: str, record: dict[str, Any] | None) -> None:
-        """Keep `last_good` current after a write of this object (None: deleted)."""
+        """Keep `last_good` current after a write of this object (None: deleted); a
+        read begun before it no longer settles anything (`all`)."""
+        self.begun += 1
+        self.settled = self.begun
         if self.keep and self.last_good is not None:
             if record is None:
                 self.last_good.pop(host, None)
