@@ -15,6 +15,7 @@ import pytest
 from balancer.stores import Store, TableChange, TableData, VersionConflict, open_store
 from balancer.stores.certs import CertsCorrupt, CertsLost, RedisCerts
 from balancer.stores.file import FileStore
+from balancer.stores.records import ENDED
 from tests.conftest import RedisServer, wait_until
 
 WEB = {"action": "proxy", "backends": ["127.0.0.1:9001", {"address": "[::1]:9002", "weight": 3}]}
@@ -323,6 +324,50 @@ def test_one_claim_per_host_taken_over_only_when_its_owner_went_quiet(
     a.release("web.test", "d1")
     assert b.claims() == {}
     assert b.claim("web.test", "d2", "owner-b", now=109.0, stale_after=5.0) is None
+
+
+def test_a_renewal_hands_over_a_deploy_resumed_or_ended_by_another(
+        make_store: Callable[[], Store]) -> None:
+    a, b = make_store().records(), make_store().records()
+    record = {"id": "d1", "host": "web.test", "started": 100.0, "state": "running"}
+    assert a.begin(dict(record, owner="owner-a"), 100.0, 5.0) is None
+    assert a.renew("web.test", "d1", "owner-a", 101.0, 5.0) is None  # its own: renewed
+    assert b.renew("web.test", "d1", "owner-b", 106.1, 5.0) is None  # quiet: resumed
+    assert a.renew("web.test", "d1", "owner-a", 106.2, 5.0) == "d1"  # taken: hands over
+    b.save_deploy(dict(record, state="aborted"))
+    b.release("web.test", "d1")
+    assert a.renew("web.test", "d1", "owner-a", 107.0, 5.0) == ENDED
+    assert a.claims() == {}  # never claimed again for an ended deploy
+    b.save_deploy(dict(record, id="d2"))  # a running record (or none: the store lost it)
+    assert a.renew("web.test", "d2", "owner-a", 108.0, 5.0) is None  # claimed again
+    assert b.renew("web.test", "d3", "owner-b", 108.0, 5.0) == "d2"
+
+
+def test_a_renewal_racing_the_takeovers_end_never_claims_the_ended_deploy_again(
+        make_store: Callable[[], Store]) -> None:
+    """The process that resumed the deploy ends it and releases its claim just as
+    the first process, back from a partition, renews. Bug: the renewal read the
+    claims (held by the other), then claimed apart from that read: the claim made
+    again for the ended deploy, which the first process carried on."""
+    a, b = make_store().records(), make_store().records()
+    record = {"id": "d1", "host": "web.test", "started": 100.0, "state": "running",
+              "owner": "owner-b"}
+    assert b.begin(record, 100.0, 5.0) is None
+    ended: list[bool] = []
+
+    def end() -> None:  # the other process, at the worst moment it can
+        if not ended:
+            ended.append(True)
+            b.save_deploy(dict(record, state="done"))
+            b.release("web.test", "d1")
+
+    reads = {name: getattr(a, name) for name in ("claims", "deploys", "deploy")}
+    for name, read in reads.items():
+        setattr(a, name, lambda *args, read=read: (read(*args), end())[0])
+    renewed = a.renew("web.test", "d1", "owner-a", 101.0, 5.0)
+    end()
+    assert renewed in ("d1", ENDED)
+    assert b.claims() == {}
 
 
 def test_an_abort_is_stored_only_for_the_deploy_holding_the_host_and_goes_with_it(

@@ -78,16 +78,15 @@ class Records(ABC):
         of the deploy that holds it. A claim of the same id is refreshed by its
         owner, or taken over by another once its beat is older than `stale_after`."""
 
+    @abstractmethod
     def renew(self, host: str, deploy_id: str, owner: str, now: float,
               stale_after: float) -> str | None:
         """`claim` for a deploy under way, never made again once the deploy ended
         (its claim released and its record ended, by the process that took it
-        over): then `ENDED`, nothing written."""
-        if host not in self.claims():
-            stored = self.deploy(deploy_id)
-            if stored is not None and stored.get("state") != "running":
-                return ENDED
-        return self.claim(host, deploy_id, owner, now, stale_after)
+        over): then `ENDED`, nothing written. The claim's read, the record's and the
+        write are one atomic step (`decide_renew`). Bug: read apart, a takeover's end
+        and release between them let the claim be made again for the ended deploy,
+        and its first process carried it on."""
 
     @abstractmethod
     def begin(self, record: dict[str, Any], now: float, stale_after: float) -> str | None:
@@ -138,6 +137,16 @@ def decide_claim(held: dict[str, Any] | None, deploy_id: str, owner: str, now: f
     if held.get("owner") == owner or now - beat_of(held) >= stale_after:
         return None
     return deploy_id
+
+
+def decide_renew(held: dict[str, Any] | None, stored: dict[str, Any] | None, deploy_id: str,
+                 owner: str, now: float, stale_after: float) -> str | None:
+    """`decide_claim` for a renewal (`Records.renew`): `ENDED` when no claim is held
+    and the deploy's record `stored` says it ended (one absent, a store that lost
+    its records, is claimed again)."""
+    if held is None and stored is not None and stored.get("state") != "running":
+        return ENDED
+    return decide_claim(held, deploy_id, owner, now, stale_after)
 
 
 def beat_of(claim: dict[str, Any]) -> float:
@@ -227,6 +236,13 @@ class FileRecords(Records):
         with self._changing() as doc:
             return _claim(doc, host, deploy_id, owner, now, stale_after)
 
+    def renew(self, host: str, deploy_id: str, owner: str, now: float,
+              stale_after: float) -> str | None:
+        with self._changing() as doc:
+            stored = doc["deploys"].get(deploy_id)
+            return _claim(doc, host, deploy_id, owner, now, stale_after,
+                          stored if isinstance(stored, dict) else None)
+
     def release(self, host: str, deploy_id: str) -> None:
         with self._changing() as doc:
             _release(doc, host, deploy_id)
@@ -287,8 +303,10 @@ def _save(doc: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
 
 
 def _claim(doc: dict[str, dict[str, Any]], host: str, deploy_id: str, owner: str, now: float,
-           stale_after: float) -> str | None:
-    holder = decide_claim(doc["claims"].get(host), deploy_id, owner, now, stale_after)
+           stale_after: float, stored: dict[str, Any] | None = None) -> str | None:
+    """The claim made in `doc` unless another holds it (`decide_renew`, with the
+    deploy's record `stored` when renewing)."""
+    holder = decide_renew(doc["claims"].get(host), stored, deploy_id, owner, now, stale_after)
     if holder is None:
         doc["claims"][host] = {"id": deploy_id, "owner": owner, "beat": now}
     return holder

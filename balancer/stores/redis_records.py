@@ -33,7 +33,7 @@ from balancer.stores.records import (
     UNREADABLE,
     Records,
     beyond_kept,
-    decide_claim,
+    decide_renew,
     newest,
 )
 from balancer.stores.redis_replicas import Writing, WritingBlock
@@ -99,16 +99,20 @@ class RedisRecords(Records):
         """The JSON object under `name` in the hash `key` (None: absent or unreadable)."""
         with self.talking("read"):
             text = self.client.hget(key, name)
-        try:
-            value = json.loads(text) if text else None
-        except UNREADABLE:
-            return None
-        return value if isinstance(value, dict) else None
+        return _object(text)
 
     def claim(self, host: str, deploy_id: str, owner: str, now: float,
               stale_after: float) -> str | None:
         with self.writing(f"the deploy claim on {host}") as writing:
             return self._claim(writing, host, deploy_id, owner, now, stale_after, None)
+
+    def renew(self, host: str, deploy_id: str, owner: str, now: float,
+              stale_after: float) -> str | None:
+        """One transaction, as `claim`'s, that also reads the deploy's record when
+        no claim is held (`Records.renew`)."""
+        with self.writing(f"the deploy claim on {host}") as writing:
+            return self._claim(writing, host, deploy_id, owner, now, stale_after, None,
+                               renewing=True)
 
     def begin(self, record: dict[str, Any], now: float, stale_after: float) -> str | None:
         """The claim and the record in one transaction, so one ``WAIT`` (bug: a
@@ -124,19 +128,20 @@ class RedisRecords(Records):
         return holder
 
     def _claim(self, writing: Writing, host: str, deploy_id: str, owner: str, now: float,
-               stale_after: float, record: dict[str, Any] | None) -> str | None:
-        """`claim` with `writing`'s client, saving `record` in the same transaction."""
+               stale_after: float, record: dict[str, Any] | None,
+               renewing: bool = False) -> str | None:
+        """`claim` with `writing`'s client, saving `record` in the same transaction;
+        `renewing`: `renew`'s (the record read, watched, when no claim is held)."""
         claim = json.dumps({"id": deploy_id, "owner": owner, "beat": now})
         for _ in range(CLAIM_ATTEMPTS):
             with writing.client.pipeline(transaction=True) as pipe:
                 pipe.watch(self.claims_key)
-                text = pipe.hget(self.claims_key, host)
-                try:
-                    held = json.loads(text) if text else None
-                except UNREADABLE:
-                    held = None
-                holder = decide_claim(held if isinstance(held, dict) else None,
-                                      deploy_id, owner, now, stale_after)
+                held = _object(pipe.hget(self.claims_key, host))
+                stored = None
+                if renewing and held is None:  # (ended and released by another?)
+                    pipe.watch(self.deploys_key)
+                    stored = _object(pipe.hget(self.deploys_key, deploy_id))
+                holder = decide_renew(held, stored, deploy_id, owner, now, stale_after)
                 if holder is not None:
                     writing.wrote = False  # another deploy's claim: nothing to wait for
                     return holder
@@ -223,10 +228,16 @@ class RedisRecords(Records):
 
 
 
-def _claim_id(text: str | None) -> str | None:
-    """The deploy id of a stored claim (None when absent or unreadable)."""
+def _object(text: str | None) -> dict[str, Any] | None:
+    """The JSON object stored as `text` (None when absent, unreadable or no object)."""
     try:
-        held = json.loads(text) if text else None
+        value = json.loads(text) if text else None
     except UNREADABLE:
         return None
-    return held.get("id") if isinstance(held, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def _claim_id(text: str | None) -> str | None:
+    """The deploy id of a stored claim (None when absent or unreadable)."""
+    held = _object(text)
+    return None if held is None else held.get("id")
