@@ -195,8 +195,8 @@ def loaded_record(record: dict[str, Any]) -> list[Raised]:
     for key in ("from", "to"):
         record[key], found = loaded_backends(host, f"{key} ", record.get(key))
         raised += found
-    record["before"], found = raise_rule(host, record.get("before"))
-    return raised + list(found)
+    record["before"], before = raise_rule(host, record.get("before"))
+    return raised + list(before)
 
 
 def switched_rule(before: Mapping[str, Any], to: list[Any], since: float,

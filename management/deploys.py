@@ -19,8 +19,9 @@ Invariants:
 * A claim's owner beats every `BEAT_EVERY` seconds; a claim quiet for
   `STALE_AFTER` seconds (its process died) is taken over by a management
   process that resumes the deploy. A process that stops hands its claims
-  over at once (beat 0). Before each of its writes (the rule, the record) the
-  process renews its claim (`Deployer.fence`): one taken over meanwhile (a
+  over at once (beat 0). Before each of its rule writes the process renews
+  its claim (`Deployer.fence`), and saves its record in the renewal's own
+  write (`Deployer.save_claimed`): one taken over meanwhile (a
   process cut from the store longer than `STALE_AFTER`, whose deploy another
   resumed) hands the deploy over and writes nothing more, so two processes
   never both carry a deploy (or its abort) on.
@@ -64,7 +65,7 @@ from balancer.stores import (
     StoreNotReplicated,
     StoreUnavailable,
 )
-from balancer.stores.records import ENDED, beat_of
+from balancer.stores.records import beat_of, handed_over
 from management import deploy_abort
 from management.deploy_run import IDLE_EVERY, Aborted, DeployFailed, Interrupted, Run
 from management.deploy_steps import addresses, local_report
@@ -232,9 +233,14 @@ class Deployer:
 
     def save(self, record: dict[str, Any]) -> None:
         """Store the record (an outage waited out, `patiently`) while this process
-        still runs it (`fence`)."""
-        self.patiently(record, "save its record", lambda: self.fenced(
-            record, lambda: self.records.save_deploy(record)))
+        still runs it (`save_claimed`)."""
+        self.patiently(record, "save its record", lambda: self.save_claimed(record))
+
+    def save_claimed(self, record: dict[str, Any]) -> None:
+        """Save the record and renew this process's claim in one write
+        (`Records.save_claimed`), or `Interrupted` as `fence`."""
+        self._go_on(record, self.records.save_claimed(record, self.owner, time.time(),
+                                                      STALE_AFTER))
 
     def fenced(self, record: dict[str, Any], write: Callable[[], T]) -> T:
         """`write()` once `fence` let it through."""
@@ -249,11 +255,14 @@ class Deployer:
         Bug: a process cut from the store for longer than `STALE_AFTER` went on once
         it was back, beside the one that had resumed its deploy: both carried out
         its abort, and each overwrote the other's record."""
-        deploy_id = record["id"]
-        holder = self.records.renew(record["host"], deploy_id, self.owner, time.time(),
-                                    STALE_AFTER)
-        if holder in (deploy_id, ENDED):
-            self.taken.add(deploy_id)
+        return self._go_on(record, self.records.renew(record["host"], record["id"],
+                                                      self.owner, time.time(), STALE_AFTER))
+
+    def _go_on(self, record: dict[str, Any], holder: str | None) -> str | None:
+        """`holder`, or `Interrupted` when it says another process runs the deploy
+        (or ended it): `handed_over`."""
+        if handed_over(holder, record["id"]):
+            self.taken.add(record["id"])
             raise Interrupted()
         return holder
 
@@ -290,7 +299,7 @@ class Deployer:
             return
         asked["problem"] = problem
         with contextlib.suppress(StoreError):  # (saved at the next write, if not now)
-            self.fenced(record, lambda: self.records.save_deploy(record))
+            self.save_claimed(record)
 
     def pause(self, seconds: float) -> None:
         """Wait, or raise `Interrupted` when this process is stopping."""

@@ -710,7 +710,7 @@ def test_an_abort_that_went_back_while_its_record_cannot_be_saved_ends_aborted(
     record stayed running, the problem stale) after the rule had gone back."""
     redis = redis_factory()
     flag, saves = tmp_path / "saves-fail", tmp_path / "saves"
-    saving = ["balancer.stores.redis_records:RedisRecords.save_deploy"]
+    saving = ["balancer.stores.redis_records:RedisRecords.save_claimed"]
     prefix = constants_prefix({"management.deploys.STORE_PATIENCE": 0.5, **ANSWER_SOONER},
                               fail=(saving, flag), count=(saving, saves))
     prefix.insert(1, "FAIL_RAISES=balancer.stores.base:StoreUnavailable")

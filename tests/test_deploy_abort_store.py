@@ -128,7 +128,7 @@ def test_a_balancer_cut_from_the_store_hands_its_abort_over_to_the_one_that_resu
     redis, flag = redis_factory(), tmp_path / "cut"
     clock = {"management.deploys.STALE_AFTER": 1.0, "management.deploys.BEAT_EVERY": 0.2}
     cut = [f"balancer.stores.redis_records:RedisRecords.{name}"
-           for name in ("claim", "renew", "claims", "save_deploy")]
+           for name in ("claim", "renew", "claims", "save_claimed")]
     first = on_redis(tmp_path, redis, a, prefix=failing(
         [*cut, "balancer.stores.redis:RedisStore.put_host"], flag, values=clock))
     second = on_redis(tmp_path, redis, a, "two", prefix=constants_prefix(clock))

@@ -343,6 +343,28 @@ def test_a_renewal_hands_over_a_deploy_resumed_or_ended_by_another(
     assert b.renew("web.test", "d3", "owner-b", 108.0, 5.0) == "d2"
 
 
+def test_a_running_deploys_record_is_saved_with_its_claim_renewed_never_after_a_takeover(
+        make_store: Callable[[], Store]) -> None:
+    a, b = make_store().records(), make_store().records()
+    record = {"id": "d1", "host": "web.test", "started": 100.0, "state": "running",
+              "step": "ready", "owner": "owner-a"}
+    assert a.begin(record, 100.0, 5.0) is None
+    assert a.save_claimed(dict(record, step="switch"), "owner-a", 104.0, 5.0) is None
+    assert b.claims()["web.test"]["beat"] == 104.0  # renewed in the same write
+    assert b.renew("web.test", "d1", "owner-b", 108.0, 5.0) == "d1"  # so not stale yet
+    assert b.save_claimed(dict(record, step="abort"), "owner-b", 109.1, 5.0) is None
+    assert a.save_claimed(dict(record, step="warmup"), "owner-a", 109.2, 5.0) == "d1"
+    assert b.deploy("d1")["step"] == "abort"  # the takeover's record stands
+    b.save_deploy(dict(record, state="aborted"))
+    b.release("web.test", "d1")
+    assert a.save_claimed(dict(record, step="drain"), "owner-a", 110.0, 5.0) == ENDED
+    assert (b.deploy("d1")["state"], b.claims()) == ("aborted", {})
+    assert b.begin(dict(record, id="d2", owner="owner-b"), 111.0, 5.0) is None
+    # a running deploy whose claim went (damaged records) to another: saved, unclaimed
+    assert a.save_claimed(dict(record, id="d3"), "owner-a", 111.0, 5.0) == "d2"
+    assert (b.deploy("d3")["id"], b.claims()["web.test"]["id"]) == ("d3", "d2")
+
+
 def test_a_renewal_racing_the_takeovers_end_never_claims_the_ended_deploy_again(
         make_store: Callable[[], Store]) -> None:
     """The process that resumed the deploy ends it and releases its claim just as

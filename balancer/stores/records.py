@@ -21,7 +21,10 @@ Invariants:
   claim and its record together, atomically the same way.
 * `renew`, a running deploy's claim renewed, never makes a claim again for a
   deploy another process ended (a process cut from the store longer than
-  `stale_after` finds its deploy resumed and ended by another).
+  `stale_after` finds its deploy resumed and ended by another): the claim's
+  read, the record's and the write are one atomic step, as `claim`.
+  `save_claimed` is `renew` with the record's save in the same write, made
+  only while the claim is this process's (or another deploy's: damaged records).
 * `request_abort` is atomic with the claim it reads: an abort is only stored
   for the deploy holding the host's claim, and `release` drops it with the
   claim, so no request outlives its deploy.
@@ -89,6 +92,15 @@ class Records(ABC):
         and its first process carried it on."""
 
     @abstractmethod
+    def save_claimed(self, record: dict[str, Any], owner: str, now: float,
+                     stale_after: float) -> str | None:
+        """`renew` the claim of the running deploy `record` (run by `owner`) and save
+        the record, in one atomic write: `renew`'s answer, the record not saved when
+        that is its id (another process resumed it) or `ENDED`. Bug: renewed, then
+        saved in a second write, a takeover between them was written over (and,
+        with ``replicas=N``, each save waited for the replicas twice)."""
+
+    @abstractmethod
     def begin(self, record: dict[str, Any], now: float, stale_after: float) -> str | None:
         """Start the deploy `record` (run by ``record["owner"]``): claim its host as
         `claim` does and save the record, in one write. None when both are done,
@@ -147,6 +159,12 @@ def decide_renew(held: dict[str, Any] | None, stored: dict[str, Any] | None, dep
     if held is None and stored is not None and stored.get("state") != "running":
         return ENDED
     return decide_claim(held, deploy_id, owner, now, stale_after)
+
+
+def handed_over(holder: str | None, deploy_id: str) -> bool:
+    """Whether `renew`'s answer `holder` means that `deploy_id`'s process runs it no
+    more (resumed by another, or ended)."""
+    return holder in (deploy_id, ENDED)
 
 
 def beat_of(claim: dict[str, Any]) -> float:
@@ -242,6 +260,16 @@ class FileRecords(Records):
             stored = doc["deploys"].get(deploy_id)
             return _claim(doc, host, deploy_id, owner, now, stale_after,
                           stored if isinstance(stored, dict) else None)
+
+    def save_claimed(self, record: dict[str, Any], owner: str, now: float,
+                     stale_after: float) -> str | None:
+        with self._changing() as doc:
+            stored = doc["deploys"].get(record["id"])
+            holder = _claim(doc, record["host"], record["id"], owner, now, stale_after,
+                            stored if isinstance(stored, dict) else None)
+            if not handed_over(holder, record["id"]):
+                _save(doc, record)
+            return holder
 
     def release(self, host: str, deploy_id: str) -> None:
         with self._changing() as doc:

@@ -34,6 +34,7 @@ from balancer.stores.records import (
     Records,
     beyond_kept,
     decide_renew,
+    handed_over,
     newest,
 )
 from balancer.stores.redis_replicas import Writing, WritingBlock
@@ -114,6 +115,17 @@ class RedisRecords(Records):
             return self._claim(writing, host, deploy_id, owner, now, stale_after, None,
                                renewing=True)
 
+    def save_claimed(self, record: dict[str, Any], owner: str, now: float,
+                     stale_after: float) -> str | None:
+        """`renew`'s transaction, the record saved in it (`Records.save_claimed`)."""
+        host, deploy_id = record["host"], record["id"]
+        with self.writing(f"deploy {deploy_id}'s record") as writing:
+            holder = self._claim(writing, host, deploy_id, owner, now, stale_after, record,
+                                 renewing=True)
+        if not handed_over(holder, deploy_id):
+            self._trim()
+        return holder
+
     def begin(self, record: dict[str, Any], now: float, stale_after: float) -> str | None:
         """The claim and the record in one transaction, so one ``WAIT`` (bug: a
         claim, a record and their clean-up each waited: a start the replicas did not
@@ -131,7 +143,8 @@ class RedisRecords(Records):
                stale_after: float, record: dict[str, Any] | None,
                renewing: bool = False) -> str | None:
         """`claim` with `writing`'s client, saving `record` in the same transaction;
-        `renewing`: `renew`'s (the record read, watched, when no claim is held)."""
+        `renewing`: `renew`'s (the record read, watched, when no claim is held), and
+        `record` saved too when another deploy holds the host (`save_claimed`)."""
         claim = json.dumps({"id": deploy_id, "owner": owner, "beat": now})
         for _ in range(CLAIM_ATTEMPTS):
             with writing.client.pipeline(transaction=True) as pipe:
@@ -142,18 +155,20 @@ class RedisRecords(Records):
                     pipe.watch(self.deploys_key)
                     stored = _object(pipe.hget(self.deploys_key, deploy_id))
                 holder = decide_renew(held, stored, deploy_id, owner, now, stale_after)
-                if holder is not None:
+                if holder is not None and (record is None or not renewing or
+                                           handed_over(holder, deploy_id)):
                     writing.wrote = False  # another deploy's claim: nothing to wait for
                     return holder
                 pipe.multi()
-                pipe.hset(self.claims_key, host, claim)
+                if holder is None:  # (else another deploy's: the record saved alone)
+                    pipe.hset(self.claims_key, host, claim)
                 if record is not None:
                     pipe.hset(self.deploys_key, deploy_id, json.dumps(record, sort_keys=True))
                 try:
                     pipe.execute()
                 except WatchError:
                     continue
-                return None
+                return holder
         raise StoreUnavailable("gave up claiming the host after concurrent claims")
 
     def withdraw(self, record: dict[str, Any]) -> None:
