@@ -42,7 +42,7 @@ ABORT_WAIT = 5.0   # seconds an abort's answer waits for the deploy to end (else
 ABORT_POLL = 0.05
 # the status of an abort that gave up, by its cause's error code (``abort.code``; 503
 # else): bug, always 503 store_unavailable, even for a table that kept changing
-GAVE_UP = {"version_conflict": 412, "store_lost": 409, "store_full": 507}
+GAVE_UP = {"version_conflict": 412, "store_lost": 409}
 
 RULES = [
     Rule("/api/v1/hosts/<host>/deploy", endpoint="deploy", methods=["POST"]),
