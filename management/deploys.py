@@ -248,8 +248,11 @@ class Deployer:
         return write()
 
     def fence(self, record: dict[str, Any]) -> str | None:
-        """Renew this process's claim on the deploy's host (before each of its writes,
-        and at each beat: `Records.renew`), or `Interrupted` when another process
+        """Renew this process's claim on the deploy's host (before each of its rule
+        writes, which are conditional on the table's version as read, so one another
+        process's write overtook is refused; and at each beat: `Records.renew`; its
+        record's saves renew it in their own write, `save_claimed`), or `Interrupted`
+        when another process
         took the deploy over or ended it. The id of another deploy holding the host
         (damaged records lost this one's claim: `beat_loop` says so), else None.
         Bug: a process cut from the store for longer than `STALE_AFTER` went on once
