@@ -31,7 +31,8 @@ waits for signals and its children's reports. `release_file_pages` unmaps
 them (`madvise(MADV_DONTNEED)`): the kernel maps a page again, from the page
 cache, at its next use, so nothing is lost but that page's minor fault. A
 read-only mapping holding pages of its own (a library's relocated data,
-`Anonymous` above 0 in smaps) is left alone: those would be lost.
+`Anonymous` or, swapped out, `Swap` above 0 in smaps) is left alone: those
+would be lost.
 
 Invariants:
 * `release_file_pages` is called by the arbiter only (every child runs its
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 MADV_DONTNEED = 4  # madvise(2): a private mapping's pages dropped, read again at their next use
@@ -87,26 +89,36 @@ def release_file_pages() -> int:
     released = 0
     try:
         with open("/proc/self/smaps") as f:  # line by line: no list of lines in the heap
-            start = end = rss = anonymous = 0
-            unmap = False
-            for line in f:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("Anonymous:"):
-                    anonymous = int(line.split()[1])
-                elif line.startswith("VmFlags:"):  # a mapping's last line
-                    if unmap and rss and not anonymous and _MADVISE(
-                            start, end - start, MADV_DONTNEED) == 0:
-                        released += rss
-                    unmap = False
-                elif not line[0].isupper():  # a mapping's first line: its range
-                    fields = line.split()
-                    low, high = fields[0].split("-")
-                    start, end = int(low, 16), int(high, 16)
-                    unmap = "w" not in fields[1] and len(fields) > 5 and fields[5][0] == "/"
+            for start, length, rss in unmappable(f):
+                if _MADVISE(start, length, MADV_DONTNEED) == 0:
+                    released += rss
     except (OSError, ValueError, IndexError):
         return released
     return released
+
+
+def unmappable(smaps: Iterable[str]) -> Iterator[tuple[int, int, int]]:
+    """The read-only file mappings of `smaps`'s lines holding resident pages
+    and none of their own, as (start, length, resident KiB). A page of its own
+    is one written before the mapping was made read-only (a relocation):
+    resident it counts in `Anonymous`, swapped out in `Swap` only, and either
+    would be lost (read again from the file)."""
+    start = end = rss = own = 0
+    unmap = False
+    for line in smaps:
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif line.startswith(("Anonymous:", "Swap:")):
+            own += int(line.split()[1])
+        elif line.startswith("VmFlags:"):  # a mapping's last line
+            if unmap and rss and not own:
+                yield start, end - start, rss
+            unmap = False
+        elif not line[0].isupper():  # a mapping's first line: its range
+            fields = line.split()
+            low, high = fields[0].split("-")
+            start, end, own = int(low, 16), int(high, 16), 0
+            unmap = "w" not in fields[1] and len(fields) > 5 and fields[5][0] == "/"
 
 
 def merge_pages(on: bool) -> str:

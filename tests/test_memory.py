@@ -5,9 +5,10 @@ management process imports cryptography only once a certificate needs it,
 the ACME client only once it issues, prometheus-client only once it is
 scraped, werkzeug's development server and test client never; no child
 scans the installed packages' metadata for gevent's plugins (the arbiter
-found them). The processes are real: an audit hook
-(tests/import_audit) writes what each one imports, and which entry points
-files it reads, to a file per pid, after fork included."""
+found them); once they are ready the arbiter holds less files' code than
+any of them (`balancer.heap.release_file_pages`). The processes are real: an
+audit hook (tests/import_audit) writes what each one imports, and which entry
+points files it reads, to a file per pid, after fork included."""
 
 from __future__ import annotations
 
@@ -73,6 +74,19 @@ def children(pid: int) -> set[int]:
     return {int(p) for p in text.split()}
 
 
+def read_only_file_kib(pid: int) -> int:
+    """The resident KiB of process `pid`'s read-only file mappings."""
+    total, read_only = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line.startswith("Rss:") and read_only:
+                total += int(line.split()[1])
+            elif not line[0].isupper():
+                fields = line.split()
+                read_only = "w" not in fields[1] and len(fields) > 5 and fields[5][0] == "/"
+    return total
+
+
 def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backend) -> None:
     audit = tmp_path / "imports"
     audit.mkdir()
@@ -119,6 +133,10 @@ def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backe
         assert "cryptography" in own and not own & {"acme", "josepy", "requests"}
         for pid in (arbiter, *workers, management):
             assert not imported(audit, pid) & NOBODY, (pid, imported(audit, pid) & NOBODY)
+        # it imported everything they run, and more to start: unreleased
+        # (`balancer.heap.release_file_pages`) it held more files' code than any
+        wait_for(lambda: read_only_file_kib(arbiter) < min(
+            map(read_only_file_kib, (*workers, management))), what="files' pages released")
         assert "Traceback" not in bal.output()
     finally:
         bal.stop()
