@@ -97,10 +97,13 @@ CASES: dict[str, bytes] = {
     "chunked with crlfs in data": P + b"Host: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
                                   b"8\r\n\r\n\r\n\r\n\r\n\r\n0\r\n\r\n"
                                   + G + b"Host: app.test\r\n\r\n",
+    # one Content-Length sent twice: merged (as HAProxy), forwarded once
+    "equal content lengths": P + b"Host: app.test\r\nContent-Length: 1\r\n"
+                                 b"Content-Length: 1\r\n\r\na",
     # refused
     "two hosts": G + b"Host: app.test\r\nHost: app.test\r\n\r\n",
     "two content lengths": P + b"Host: app.test\r\nContent-Length: 1\r\n"
-                               b"Content-Length: 1\r\n\r\nab",
+                               b"Content-Length: 2\r\n\r\nab",
     "cl and te": P + b"Host: app.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
     "te twice": P + b"Host: app.test\r\nTransfer-Encoding: chunked\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
