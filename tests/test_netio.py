@@ -190,6 +190,7 @@ class Conn:
         self.deadline = deadline
         self.idle = idle
         self.task = None
+        self.exchange = None  # (no request waiting on its backend: `balancer.hangups`)
 
 
 def test_expire_throws_timeout_into_an_overdue_connection_only() -> None:
