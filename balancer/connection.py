@@ -209,7 +209,7 @@ class Exchange:
         self.flight: Any = None
         # waiting on its backend: the request being sent, or the answer's next
         # bytes (`balancer.relay`); the watchdog drops it if its client hangs up
-        # meanwhile (`GeventIO.expire`)
+        # meanwhile, its body all read (`GeventIO.expire`)
         self.awaits = False
 
     def send(self, data: bytes, last: bool = False) -> None:

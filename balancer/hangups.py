@@ -5,7 +5,8 @@ page left) would otherwise hold its backend connection, and the backend's
 work, until the backend writes again or `timeouts.backend_read` passes (then
 counted against the backend as a timeout). The worker's watchdog
 (`balancer.netio.GeventIO.expire`) hands each request that has waited on its
-backend for `HANG_UP_AFTER` to `HangUps.watch`: its client socket joins one
+backend for `HANG_UP_AFTER`, its body all read (a client's end after a body the
+balancer has not read yet is no hang-up), to `HangUps.watch`: its client socket joins one
 epoll set, asked for `EPOLLRDHUP` (the peer ended its side: a FIN or a reset,
 whatever bytes it sent before are still unread), and `HangUps.gone` polls that
 set once per tick, with no wait. A request costs nothing here until it has
@@ -52,7 +53,7 @@ class HangUps:
             self._forget(fd)
         try:
             self.epoll.register(fd, RDHUP)
-        except OSError:  # (FileExistsError: registered for a closed one, same number)
+        except OSError:  # (FileExistsError: already there, never forgotten: a bug)
             self.epoll.modify(fd, RDHUP)
         self.watched[fd] = (conn, ex)
 

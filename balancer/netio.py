@@ -746,9 +746,10 @@ class GeventIO(IO):
 
     def expire(self, now: float) -> None:
         """Time out every connection whose deadline passed; drop the request of
-        a client that hung up while it waited on its backend for HANG_UP_AFTER
-        (`_hang_up`); ask a greenlet that has waited PARK_AFTER for its
-        connection's next request to park it. One connection that raises is
+        a client that hung up while it waited on its backend, its whole request
+        read, for HANG_UP_AFTER (since `backend_read` was armed: `_hang_up`);
+        ask a greenlet that has waited PARK_AFTER for its connection's next
+        request to park it. One connection that raises is
         passed over and the others seen to; the first such exception is raised
         after (the watchdog's problem: bug, it stopped the rest being expired
         that tick, and every tick after)."""
@@ -765,8 +766,9 @@ class GeventIO(IO):
                     elif not has_come(conn):  # parked, and nothing to see to first
                         conn.deadline = EXPIRED
                         loop.run_callback(self._expire_parked, conn)
-                elif ex is not None and ex.awaits and ex.start < waited:
-                    hangups.watch(conn, ex)
+                elif ex is not None and ex.awaits and ex.body_done \
+                        and conn.deadline < waited + conn.ctx.backend_read:
+                    hangups.watch(conn, ex)  # (armed backend_read that long ago)
                 elif parks and conn.idle and _is_due_to_park(conn, now):
                     if conn.task is not None:
                         loop.run_callback(_park_idle, conn, conn.task)
