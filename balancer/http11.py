@@ -421,10 +421,9 @@ class _Parser:
         self.leftover = b""
         self._error: ProtocolError | None = None
         self._closed = False  # a request that closes the connection is complete
-        # (closed) the head being read, while `_merge` waits for its end, and why
-        # llhttp refused it
-        self._held: list[bytes] = []
-        self._reason = ""
+        # (closed) the head being read while `_merge` waits for its end (one slot,
+        # None: one more moves the parser to a larger allocator size class)
+        self._held: _Held | None = None
         # llhttp ended the message at its head, an upgrade none here, before its
         # Content-Length body (`_reframe`)
         self._unframed = False
@@ -481,7 +480,7 @@ class _Parser:
             events.append(END)
             return
         if self._closed:
-            if self._held:  # (a head with a repeated Content-Length: `_merge`)
+            if self._held is not None:  # (a head with a repeated Content-Length: `_merge`)
                 self._hold(data)
             return
         self._between = False
@@ -570,9 +569,8 @@ class _Parser:
         parts = self._parts
         held = (parts[0] if len(parts) == 1 else b"".join(parts))[self._start:]
         held = held.lstrip(b"\r\n")  # (llhttp skips empty lines before a request)
-        self._held = [held]
+        self._held = _Held([held], reason)
         self._head_bytes = len(held)
-        self._reason = reason
         self._hp = None  # (llhttp stays in its error state: dropped)
         self._parts = []
         self._closed = True
@@ -581,9 +579,10 @@ class _Parser:
     def _hold(self, data: bytes) -> None:
         """Hold `data` after a head `_merge` holds; once the head is whole, parse it
         again with its Content-Length fields merged (`balancer.lengths`) and the
-        bytes after it, or refuse it (llhttp's `_reason`; 431 past the head limit,
+        bytes after it, or refuse it (llhttp's reason; 431 past the head limit,
         as any head). The bytes held are joined once, when the head's end came."""
-        held = self._held
+        assert self._held is not None  # (`_merge` holds a head)
+        held, reason = self._held.parts, self._held.reason
         if data:
             window = b"".join(held[-3:])[-3:] + data  # (each part has a byte at least)
             held.append(data)
@@ -594,13 +593,13 @@ class _Parser:
         whole = held[0] if len(held) == 1 else b"".join(held)
         end = whole.find(b"\r\n\r\n")
         if end < 0:
-            self._held = [whole]
+            self._held.parts = [whole]
             self._bound_held()
             return
         head = merged_lengths(whole[:end + 4])
         if head is None:
-            self._fail(400, self._reason)
-        self._held = []
+            self._fail(400, reason)
+        self._held = None
         self._closed = False
         self._hp = self._callbacks.take()
         self._start = 0
@@ -781,7 +780,17 @@ class _Parser:
         self._between = False
         self._closed = True
         self._parts = []
-        self._held = []
+        self._held = None
+
+
+class _Held:
+    """A head `_Parser._merge` holds: its bytes so far, and why llhttp refused it."""
+
+    __slots__ = ("parts", "reason")
+
+    def __init__(self, parts: list[bytes], reason: str) -> None:
+        self.parts = parts
+        self.reason = reason
 
 
 def _part(data: bytes, start: int, end: int) -> Any:

@@ -349,8 +349,8 @@ class ResponseParser:
 
     __slots__ = ("events", "complete", "upgraded", "leftover", "for_head", "last_chunk",
                  "_hp", "_parts", "_buffered", "_in_head", "_limit", "_max_fields", "_head",
-                 "_error", "_chunked", "_quiet", "_quiet_bytes", "_callbacks", "_memo",
-                 "_rest", "_framing", "_body_after", "_pieces")
+                 "_error", "_framing", "_quiet", "_quiet_bytes", "_callbacks", "_memo",
+                 "_rest")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, for_head: bool = False,
                  callbacks: ResponseCallbacks | None = None,
@@ -370,15 +370,12 @@ class ResponseParser:
         self._error: ProtocolError | None = None
         # A chunked response's: the end of its body for the client, trailers and all.
         self.last_chunk = LAST_CHUNK
-        self._chunked = False  # in the body of a chunked response: its trailers are watched
         self._quiet: list[bytes] = []  # the reads since the last that brought body bytes
         self._quiet_bytes = 0  # what those brought but the first (trailers, chunk framing)
-        # A chunked response's framing, located as llhttp reads it (its size lines
-        # bounded: `_bound_lines`) from its first byte: the read its head ended in
-        # has `_body_after` bytes after it
+        # In the body of a chunked response (its trailers are watched): its framing,
+        # located as llhttp reads it (its size lines bounded: `_bound_lines`). (No
+        # other slot: one more moves the parser to a larger allocator size class.)
         self._framing: ChunkedBody | None = None
-        self._body_after = 0
-        self._pieces: list[Any] = []  # (what `ChunkedBody.scan` hands out: not kept)
         self.begin(for_head)
 
     def begin(self, for_head: bool = False) -> None:
@@ -419,7 +416,7 @@ class ResponseParser:
                 return
             self._parts.append(data)
             self._buffered += len(data)
-        chunked_body = self._chunked
+        chunked_body = self._framing is not None
         before = len(self.events) if chunked_body else 0
         callbacks = self._callbacks
         hp = self._hp
@@ -447,8 +444,9 @@ class ResponseParser:
             if self._in_head:
                 if self._buffered > self._limit:
                     self._bound_unfinished()
-            elif self._chunked:
-                self._bound_lines(data, 0 if chunked_body else len(data) - self._body_after)
+            elif self._framing is not None:
+                if chunked_body:  # (else the head's read: scanned at its end)
+                    self._bound_lines(data, 0)
                 moved = not chunked_body or len(self.events) - (1 if self.complete else 0) > before
                 self._watch_trailers(data, moved)
             if self.complete:
@@ -522,24 +520,18 @@ class ResponseParser:
         64 KiB extension in one read went on, re-chunked). A 502; the connection
         is not reused."""
         framing = self._framing
-        if framing is None:
-            return
-        pieces = self._pieces
-        end = framing.scan(data, start, pieces)
-        pieces.clear()
-        if end == LONG_LINE:
+        assert framing is not None  # (in a chunked body)
+        if framing.scan(data, start, []) == LONG_LINE:  # (once it ended: DONE, no scan)
             self._hp = None
             self._error = ProtocolError(502, "backend chunk size line too long")
             raise self._error
-        if end >= 0:
-            self._framing = None
 
     def _watch_trailers(self, data: bytes, moved: bool) -> None:
         """Bound and, once the response is complete, read its trailer section.
         `moved`: this read brought body bytes (or the head)."""
         quiet = self._quiet
         if self.complete:
-            self._chunked = False
+            self._framing = None
             raw = data if moved or not quiet else b"".join(quiet) + data
             quiet.clear()
             self.last_chunk = self._trailer_chunk(raw)
@@ -665,11 +657,10 @@ class ResponseParser:
         self._in_head = False
         self.events.append(head)
         if head.chunked and not no_body:
-            self._chunked = True
             self.last_chunk = LAST_CHUNK
             self._quiet.clear()
             self._framing = ChunkedBody(self._limit)
-            self._body_after = len(buf) - end - 4  # (all in the read being fed)
+            self._bound_lines(buf, end + 4)  # (what came after the head in its read)
         if self.for_head and status >= 200:
             # llhttp cannot be told "no body follows" (HEAD); the message ends here,
             # and a body the backend sent anyway must not become events after END.
