@@ -22,8 +22,8 @@ Invariants:
   be replayed (`can_replay`; after a close, only an `IDEMPOTENT` one: the
   backend may have processed it); on a new connection either is the try's
   outcome. A pooled connection for a request that may not go twice is
-  peeked at before use (`_take`), so that a close that came meanwhile costs
-  a new connection, not the client's 502.
+  peeked at before use (`_take`, and the hub's `balancer.inline._depart`), so
+  that a close that came meanwhile costs a new connection, not the client's 502.
 * One try on one backend is a `Flight`: `arrive` takes it from start to its
   answer; the hub (`balancer.inline`) may take it as far as its answer's
   relay with these same steps (a new connection's `Backend.start_connect`
@@ -619,7 +619,7 @@ def can_replay(ex: Exchange, body: Piece | None, closed: BackendClosed | None = 
 
 def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Upstream:
     """A connection for `flight`: pooled (checked open when the request has a body
-    to stream), else new; raises ConnectError. A connect the hub began goes on
+    to stream or may not go twice), else new; raises ConnectError. A connect the hub began goes on
     from where it is: it failed (`Flight.error`, raised here, where the
     connect's is, and counted once by the action), or it is still in progress
     (`Flight.connecting`: waited for until its timeout)."""

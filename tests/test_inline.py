@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +42,8 @@ def ok(body: bytes) -> bytes:
 
 class ScriptedBackend:
     """Answers by path: /hold waits for `release`; /silent never answers; /close
-    closes a reused connection unanswered (answers on a fresh one); /chunked,
+    closes a reused connection unanswered (answers on a fresh one); /hold-close
+    waits for `release`, then answers and closes in one segment; /chunked,
     /big, /extra (an answer, then 0.1 s later another unasked), /split (head,
     then the body 0.2 s later), /interim (a 100 first),
     /sized-SIZE-N (SIZE bytes), /upgrade (101, then echoes); anything else
@@ -85,6 +87,12 @@ class ScriptedBackend:
             sock.recv(1)  # until the balancer closes it
             return False
         elif path == b"/close" and answered:
+            return False
+        elif path == b"/hold-close":  # held, then answered with the end of stream (corked)
+            self.release.wait(10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            sock.sendall(ok(b"conn %d %s" % (number, path)))
+            sock.shutdown(socket.SHUT_WR)
             return False
         elif path == b"/extra":  # bytes after a whole answer, once it is pooled
             sock.sendall(ok(b"extra"))
@@ -770,6 +778,40 @@ def next_waits_for_hold(w: Worker, sock: Any, backend: ScriptedBackend) -> None:
     assert response(sock)[2] == b"conn 1 /next"
     assert until(lambda: parked(w))
     assert backend.paths() == [b"/first", b"/hold", b"/next"]
+
+
+def test_a_post_peeks_at_a_pooled_connection_that_closed_this_loop_iteration(
+        make: Make, backend: ScriptedBackend) -> None:
+    """A bodyless POST, which is never sent twice (`relay.IDEMPOTENT`), takes a
+    pooled connection whose end of stream came after the loop last polled it:
+    /hold-close's answer and close come after the POST, in one loop iteration
+    (readiness handled last come first: the answer is relayed and its
+    connection pooled, then the POST is read), so nothing has said the
+    connection closed. The hub peeks at it first, as `relay._take` does, and
+    sends the POST on a new connection (bug: it was sent on the closed one,
+    not replayed: a 502)."""
+    w = make()
+    first, second = connect(w), connect(w)
+    for sock in (first, second):
+        sock.sendall(get("/first"))
+        assert response(sock)[0] == 200
+    assert until(lambda: all(c.task is None and c.exchange is None for c in w.io.connections))
+    backend.release.clear()
+    first.sendall(get("/hold-close"))
+    assert until(lambda: len(backend.requests) == 3 and not w.slots.busy)
+    (held,) = [c for c in w.io.connections if c.exchange is not None]
+    upstream = held.exchange.flight.upstream.sock
+    second.sendall(b"POST /p HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0\r\n\r\n")
+    backend.release.set()  # no wait that yields to the hub until its close came
+    deadline = time.monotonic() + 5
+    while upstream.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) != struct.pack(
+            "B", 8):  # TCP_CLOSE_WAIT: the backend's end of stream came
+        assert time.monotonic() < deadline
+    assert response(first)[2] == b"conn 1 /hold-close"
+    assert response(second)[:3:2] == (200, b"conn 2 /p")
+    assert backend.paths().count(b"/p") == 1
+    first.close()
+    second.close()
 
 
 def test_a_backend_writing_after_its_answer_loses_its_pooled_connection(
