@@ -640,8 +640,10 @@ def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Ups
     if idle is None:
         arm_connect(ex, backend)
         upstream = backend.connect_tls(key) if key else backend.connect()
-    elif (body is None and not ex.body_done or ex.head.method not in IDEMPOTENT) \
-            and not backend.is_open(idle):  # (a close found later is not replayed)
+    elif body is None and not ex.body_done and not backend.is_open(idle) \
+            or ex.head.method not in IDEMPOTENT and backend.has_closed(idle):
+        # (a body to stream: peeked at; one that may not go twice: a close found
+        # later is not replayed)
         idle.close()
         upstream = renew(ex, backend, idle)
     else:
