@@ -172,6 +172,7 @@ class Arbiter:
         self.cut: Cut | None = None
         self.exit_code = 0
         self.has_been_ready = False
+        self.unmap_pages = False  # every child ready: `release_file_pages` after `manage`
         self.signals = signals
         self.told_dropped = 0  # process log lines dropped, as `write_status` last wrote
         self.run_dir = RunDirKeeper(bound.run_dir)
@@ -202,6 +203,11 @@ class Arbiter:
                     self.take_reports(child)
                 self.reap()
                 self.manage()
+                if self.unmap_pages:
+                    self.unmap_pages = False
+                    # start-up's code (its own, a reload's imports) is not run here again
+                    log.debug("arbiter: %d KiB of files' pages unmapped",
+                              release_file_pages())
                 made = self.state == RUNNING and self.run_dir.keep(self.children.values())
                 if made or processlog.dropped() != self.told_dropped:
                     self.write_status()  # (dropped lines: the management process's metric)
@@ -286,8 +292,9 @@ class Arbiter:
         self.write_status()
         if not all(c.ready for c in self.children.values()):
             return
-        # start-up's code (its own, a reload's imports) is not run here again
-        log.debug("arbiter: %d KiB of files' pages unmapped", release_file_pages())
+        self.unmap_pages = True  # (after this turn's `manage`: the old generation is
+        # told to drain first, not 30-80 ms later; bug: a reload's hand-over survey
+        # then came after requests the new worker served, which it retired without)
         if not self.has_been_ready:
             self.has_been_ready = True
             if self.announce is not None and self.state == RUNNING:
