@@ -79,7 +79,9 @@ from balancer.tls_certs import ServedCerts
 
 log = logging.getLogger("balancer")
 
-ALPN: Final = ["http/1.1"]
+# what nginx answers by ALPN: a client offering only `http/1.0` is told so
+# (HTTP/1.0 is served as it is over plain TCP); the server's preference first
+ALPN: Final = ["http/1.1", "http/1.0"]
 HANDSHAKE_RECORD: Final = 0x16  # the first byte of every TLS ClientHello
 VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 FOLLOW_INTERVAL: Final = 1.0  # seconds between looks at the store's certificates

@@ -113,6 +113,25 @@ def test_sni_picks_exact_then_wildcard_and_refuses_unknown(front: Balancer, tls_
         tls_connect(front.ports["tls"], None, ssl._create_unverified_context())
 
 
+@pytest.mark.parametrize("offered, chosen", [(["http/1.0"], "http/1.0"),
+                                             (["http/1.0", "http/1.1"], "http/1.1"),
+                                             (["h2"], None)])
+def test_alpn_answers_http_1_0_and_1_1_and_stays_silent_for_others(
+        front: Balancer, tls_tmp: Path, offered: list[str], chosen: str | None) -> None:
+    context = ssl.create_default_context(cafile=str(CA.write(tls_tmp)))
+    context.set_alpn_protocols(offered)
+    with tls_connect(front.ports["tls"], "app.test", context) as tls:
+        assert tls.selected_alpn_protocol() == chosen
+        version = "1.0" if chosen == "http/1.0" else "1.1"
+        tls.sendall(f"GET / HTTP/{version}\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+                    .encode())
+        answer = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (chunk := tls.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n", 1)[0], answer[:200]
+
+
 def test_old_protocols_are_refused(front: Balancer) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
