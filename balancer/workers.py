@@ -174,14 +174,16 @@ def report_ready(env: ChildEnv) -> None:
 def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
                   release: Callable[[], None] | None = None,
                   rebind: Callable[[], None] | None = None,
-                  connections: Callable[[], int] | None = None) -> None:
+                  connections: Callable[[], int] | None = None,
+                  stopping: Callable[[], None] | None = None) -> None:
     """Block until the child must drain: SIGTERM/SIGINT, SIGUSR2 (retired by a
     reload), or the arbiter is gone; then tell the arbiter (`DRAINING`: one
     signalled directly is replaced at once). `release` (answer held requests) runs on
     every stop but a retirement, also one that comes during the drain; `rebind`
     on SIGHUP (the run directory made again), also during the drain, and once
     as its handler is in place. SIGQUIT exits at once, telling the arbiter how
-    many `connections` it cuts (a worker's)."""
+    many `connections` it cuts (a worker's). `stopping` runs before the arbiter is
+    told (the management process stops accepting: `ManagementServer.drain`)."""
     import gevent
     from gevent.event import Event
 
@@ -220,6 +222,8 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
     watcher = gevent.spawn(parent_loop)
     stop.wait()
     watcher.kill(block=False)
+    if stopping is not None:
+        stopping()
     tell_arbiter(env, DRAINING)
 
 

@@ -105,9 +105,14 @@ def run_management(env: ChildEnv, sock: Any) -> int:
         if not draining and certs_watch.unbound():
             remade(runtime, certs_watch, history, mirror)
 
-    wait_for_stop(env, rebind=rebind)
-    draining = True
-    runtime.hand_over()  # no retired total written from here; the workers gone retired
+    def stopping() -> None:
+        nonlocal draining
+        api.drain()  # no accept from now on: every new connection goes to the successor
+        draining = True
+        runtime.hand_over()  # no retired total written from here; the workers gone retired
+
+    # (the arbiter told it drains once it handed over: the run directory's lock released)
+    wait_for_stop(env, rebind=rebind, stopping=stopping)
     sampler.kill()
     collector.kill()
     save_history(history)  # before the drain: the next management process reads it

@@ -151,6 +151,13 @@ class ManagementHandler(RawTargetHandler):
             raise ValueError(problem)  # a 400, and the connection closed
         return headers
 
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Any:
+        """A draining process's answers close their connections (`ManagementServer.drain`)."""
+        if self.server.draining and not any(name.lower() == "connection" for name, _ in headers):
+            headers = [*headers, ("Connection", "close")]
+        return super().start_response(status, headers, exc_info)
+
     def finalize_headers(self) -> None:
         """Bug: a streamed answer (``/metrics``) to HEAD ended with a last chunk
         (``0``, CRLF, CRLF) though it has no body, taken as garbage or as the
@@ -276,6 +283,7 @@ class ManagementServer(RestingServer, WSGIServer):
         self.timeouts = timeouts
         self.max_header_bytes = max_header_bytes
         self.max_connections = max_connections
+        self.draining = False  # (`drain`)
         self.open: set[ManagementHandler] = set()
         # connections waiting for a request head, longest waiting first
         self.heads: dict[ManagementHandler, None] = {}
@@ -287,6 +295,19 @@ class ManagementServer(RestingServer, WSGIServer):
         handler = self.handler_class(sock, address, self)
         self.open.add(handler)
         handler.handle()
+
+    def drain(self) -> None:
+        """Stop accepting at once, and answer each connection's next request with
+        ``Connection: close`` (the client opens a new one: to the successor); an
+        idle connection stays open for its next request until `stop`'s timeout.
+        The listening socket stays open in the arbiter and the successor, which
+        take every new connection (while a replacement starts, they wait in its
+        queue). Bug: a process told to drain went on accepting until its drain
+        (the deploys and the issuer stopped first), and kept its connections
+        alive to its drain's end, then cut them: requests in flight were reset,
+        or not answered."""
+        self.draining = True
+        self.close()
 
     remedy = ("closing the connection that has waited longest for a request head at "
               "each accept (or pausing accepts for 0.5 s at a time when none waits)")

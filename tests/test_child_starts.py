@@ -105,7 +105,7 @@ def test_the_management_process_signalled_directly_is_replaced_while_it_drains(t
     a worker's, while it finishes its API connections. Bug: it was replaced only once
     it had exited, after up to 5 s (an idle keep-alive connection of the dashboard
     or a script held it that long), the API unanswered meanwhile.
-    The old one is held (SIGSTOP) once it has stopped accepting, so its drain outlasts
+    The old one is held (SIGSTOP) once it says it drains, so its drain outlasts
     the new one's start however slow that is (bug: a start slower than the drain, on a
     busy machine, failed the test)."""
     bal = Balancer(tmp_path, {}, config="[server]\nworkers = 1\n[timeouts]\ngraceful = 60\n")
@@ -118,8 +118,11 @@ def test_the_management_process_signalled_directly_is_replaced_while_it_drains(t
         assert kept.getresponse().read()  # (idle now, kept open: the old one waits for it)
         os.kill(old, signal.SIGTERM)
         began = time.monotonic()
-        wait_for(lambda: not holders(listener, [old]), interval=0.001,
-                 what="the old one to stop accepting")
+        # (it says it drains once it stopped accepting and handed over: the run
+        # directory's lock, which the new one takes to start, released)
+        wait_for(lambda: f"management {old} drains on its own" in bal.output(),
+                 interval=0.001, what="the old one to say it drains")
+        assert not holders(listener, [old]), "it stopped accepting"
         os.kill(old, signal.SIGSTOP)  # (its drain goes on once the new one serves)
         wait_for(lambda: re.search(rf"management (?!{old} )\d+ ready", bal.output()),
                  timeout=20, what="the new management process")
@@ -127,7 +130,6 @@ def test_the_management_process_signalled_directly_is_replaced_while_it_drains(t
               "the old one was signalled")
         assert not is_gone(old), "the old one still drains"
         assert healthz(bal) == 200
-        assert f"management {old} drains on its own" in bal.output()
         assert request(bal.port)[0] == 503  # (the worker serves on: no hosts)
         assert "unexpectedly" not in bal.output()
     finally:

@@ -1,0 +1,120 @@
+"""The management API across reloads and its process's replacement: the old
+process stops accepting before it says it drains, finishes the requests it
+holds (each answer closing its connection) and loses none; new connections go
+to its successor only."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from tests.support import Balancer, wait_for
+from tests.test_reuseport import holders, listening_inodes
+
+RULE = {"action": "proxy", "backends": ["127.0.0.1:9"]}
+RELOADS = 2
+
+
+def hammer(bal: Balancer, keep_alive: bool, ask: Callable[[http.client.HTTPConnection], None],
+           stop: threading.Event, answers: list[int], failures: list[str]) -> None:
+    """Ask the API in a loop until `stop` (bounded), on one kept-alive connection
+    (opened again when an answer closes it) or a new connection a request."""
+    conn: http.client.HTTPConnection | None = None
+    for _ in range(20_000):
+        if stop.is_set():
+            break
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", bal.mport, timeout=10)
+            ask(conn)
+            resp = conn.getresponse()
+            resp.read()
+            answers.append(resp.status)
+            if resp.will_close or not keep_alive:
+                conn.close()
+                conn = None
+        except (OSError, http.client.HTTPException) as exc:
+            failures.append(repr(exc))
+            if conn is not None:
+                conn.close()
+            conn = None
+    if conn is not None:
+        conn.close()
+
+
+def healthz(conn: http.client.HTTPConnection) -> None:
+    conn.request("GET", "/healthz")
+
+
+def put_host(conn: http.client.HTTPConnection) -> None:
+    conn.request("PUT", "/api/v1/hosts/put.test", body=json.dumps(RULE),
+                 headers={"Content-Type": "application/json"})
+
+
+def slow_put_start(bal: Balancer) -> tuple[socket.socket, bytes]:
+    """A PUT whose head and half its body are sent; the rest is returned."""
+    body = json.dumps(RULE).encode()
+    sock = socket.create_connection(("127.0.0.1", bal.mport), timeout=10)
+    sock.sendall(b"PUT /api/v1/hosts/slow.test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                 + body[:10])
+    return sock, body[10:]
+
+
+def answer_of(sock: socket.socket) -> bytes:
+    data = b""
+    for _ in range(1000):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_no_api_request_is_lost_or_reset_across_reloads(tmp_path):
+    """Clients asking the API in a loop (kept-alive, a connection a request, PUTs)
+    across reloads, and a slow PUT whose body ends once its process drains: every
+    request answered. Bug: the old process went on accepting after it said it
+    drained, and kept its connections alive until its drain's end, then cut them
+    (a request in flight reset, or answered by nobody)."""
+    bal = Balancer(tmp_path, {}, config="[server]\nworkers = 1\n[timeouts]\ngraceful = 0.5\n")
+    stop = threading.Event()
+    answers: list[int] = []
+    failures: list[str] = []
+    threads = [threading.Thread(target=hammer, args=(bal, keep, ask, stop, answers, failures))
+               for keep, ask in ((True, healthz), (False, healthz), (True, put_host))]
+    try:
+        [listener] = listening_inodes(bal.mport)
+        for thread in threads:
+            thread.start()
+        for generation in range(2, 2 + RELOADS):
+            old = int(re.findall(r"management (\d+) ready", bal.output())[-1])
+            slow, rest = slow_put_start(bal)
+            wait_for(lambda: answers, what="an answer")  # (the slow PUT's head read)
+            bal.proc.send_signal(signal.SIGHUP)
+            began = time.monotonic()
+            wait_for(lambda g=generation: re.search(
+                rf"management \d+ ready \(slot 0, generation {g}\)", bal.output()),
+                timeout=10, interval=0.005, what=f"generation {generation}")
+            wait_for(lambda o=old: not holders(listener, [o]), timeout=5, interval=0.001,
+                     what="the old one to stop accepting")
+            slow.sendall(rest)
+            print(f"generation {generation}: {time.monotonic() - began:.2f} s")
+            answer = answer_of(slow)
+            slow.close()
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        assert not failures, failures[:5]
+        assert set(answers) == {200}, set(answers)
+        print(f"{len(answers)} answers")
+    finally:
+        stop.set()
+        bal.stop(signal.SIGKILL)
