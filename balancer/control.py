@@ -103,6 +103,10 @@ MAX_COMMAND = 4 * 1024 * 1024  # an `apply` carries one write's rules (the API t
 WORKER_GLOB = "worker-*.sock"
 RETIRED_GLOB = "retired-*.json"
 LOCK_POLL = 0.005
+# seconds a management process waits for the run directory's lock (`run_dir_lock`): its
+# holder (the other management process of a reload) holds it for one survey
+LOCK_WAIT = 10.0
+PROC_LOCKS = "/proc/locks"
 TOTALS_EVERY = 1.0  # seconds: how stale `stats {"totals": true}` may be
 MAX_PAGE = 10000  # hosts in one `stats {"after", "limit"}` answer
 SLICE = 100  # hosts snapshotted or encoded between two turns of the worker's loop
@@ -538,13 +542,23 @@ def counters_only(snapshot: dict[str, Any]) -> dict[str, Any]:
     return snapshot
 
 
+class RunDirBusy(OSError):
+    """The run directory's lock stayed held longer than `LOCK_WAIT` (`run_dir_lock`)."""
+
+
 @contextlib.contextmanager
-def run_dir_lock(directory: str) -> Iterator[None]:
-    """Hold the run directory's exclusive lock (polled: the gevent hub keeps running)."""
+def run_dir_lock(directory: str, wait: float | None = None) -> Iterator[None]:
+    """Hold the run directory's exclusive lock (polled: the gevent hub keeps running);
+    `RunDirBusy`, naming its holder, when it is not free within `wait` (`LOCK_WAIT`)
+    seconds. Bug: it was waited for without end, so a holder stuck (stopped by a
+    debugger, SIGSTOP) held every survey of the other management process (its
+    statistics, its start's `take_over`: it never said it serves)."""
     import gevent
 
-    fd = os.open(os.path.join(directory, "run.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    path = os.path.join(directory, "run.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -552,10 +566,33 @@ def run_dir_lock(directory: str) -> Iterator[None]:
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
+                if time.monotonic() >= deadline:
+                    holder = lock_holder(fd)
+                    raise RunDirBusy(errno.EAGAIN, f"the run directory's lock {path} is still "
+                                     f"held by {holder or 'another process'} after "
+                                     f"{LOCK_WAIT if wait is None else wait:g} s") from None
                 gevent.sleep(LOCK_POLL)
         yield
     finally:
         os.close(fd)
+
+
+def lock_holder(fd: int) -> str | None:
+    """The holder of the `flock` on `fd`'s file ("process PID"), as ``/proc/locks``
+    shows it; None when it cannot be read (no ``/proc``, a holder in another pid namespace)."""
+    info = os.fstat(fd)
+    file = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open(PROC_LOCKS, "rb") as table:
+            for line in table:
+                fields = line.decode(errors="replace").split()
+                # "1: FLOCK  ADVISORY  WRITE 4242 00:2b:1234 0 EOF" (a waiter's: "1: -> FLOCK")
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == file \
+                        and fields[4].isdigit() and int(fields[4]) > 0:
+                    return f"process {fields[4]}"
+    except OSError:
+        return None
+    return None
 
 
 def _hung_up(sock: socket.socket) -> bool:

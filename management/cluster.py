@@ -60,10 +60,11 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import gevent
@@ -76,6 +77,7 @@ from balancer.control import (
     ask_why,
     decoded,
     pid_of,
+    RunDirBusy,
     run_dir_lock,
     run_dir_problem,
     worker_sockets,
@@ -135,7 +137,7 @@ class ClusterRuntime:
         exited or do not answer, read together. `complete`: the command asks
         for every host a worker counted (its answer is held: `HeldCounters`)."""
         self.check_run_dir()
-        with self.mutex, run_dir_lock(self.directory):
+        with self.mutex, self.locked():
             listed = worker_sockets(self.directory)
             present = listed + self.held.unlisted(listed)  # (a run directory made again)
             self.held.retire_gone(present)
@@ -155,6 +157,18 @@ class ClusterRuntime:
             if whole and retired:
                 self.retired.forget(self.unserved(replies, retired))
             return replies, (retired, held)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The run directory's lock (`run_dir_lock`); 503 `workers_unreachable` naming
+        its holder when it stays held (the other management process stuck)."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(run_dir_lock(self.directory))
+            except RunDirBusy as exc:
+                raise ApiError(503, "workers_unreachable", f"{exc.strerror}: the workers' "
+                               "counters cannot be read with the kept ones") from None
+            yield
 
     def restore_kept(self) -> None:
         """Write the retired total again at once, the arbiter having made the run

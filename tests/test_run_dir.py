@@ -535,3 +535,63 @@ def test_a_control_socket_that_cannot_be_bound_for_hours_is_still_tried_again(
             client.connect(server.path)  # bound again
     finally:
         server.close()
+
+
+def stuck_holder(lock: Path) -> Any:
+    """A process that takes the `flock` on `lock` and then hangs (a management
+    process stopped by a debugger, say); started once it holds it."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                               "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); "
+                               "time.sleep(60)", str(lock)], stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"\n"
+    return holder
+
+
+def test_a_run_directory_lock_held_by_a_stuck_process_is_waited_for_a_bounded_time(
+        tmp_path: Path) -> None:
+    """`run_dir_lock` with the lock held by a process that never lets go: it gives up
+    after its wait, naming the holder. Bug: it polled for ever."""
+    from balancer.control import RunDirBusy, run_dir_lock
+
+    holder = stuck_holder(tmp_path / "run.lock")
+    try:
+        began = time.monotonic()
+        with pytest.raises(RunDirBusy) as caught, run_dir_lock(str(tmp_path), wait=0.2):
+            raise AssertionError("the lock was taken")
+        assert 0.2 <= time.monotonic() - began < 1.5
+        assert f"is still held by process {holder.pid} after 0.2 s" in str(caught.value)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    with run_dir_lock(str(tmp_path), wait=0.2):  # free once its holder is gone
+        pass
+
+
+def test_statistics_answer_503_naming_a_stuck_holder_of_the_run_directory_lock(runs: Path,
+                                                                                tmp_path: Path):
+    """The run directory's lock held by a stuck process (the other management process
+    of a reload, stopped): statistics answer 503 `workers_unreachable` naming it
+    after `LOCK_WAIT`, and 200 again once it is gone. Bug: the request waited for
+    ever (and so did a reload's new management process before it served)."""
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "status": 200}},
+                   env={"TMPDIR": str(runs)},
+                   prefix=constants_prefix({"balancer.control.LOCK_WAIT": 0.3}))
+    holder = None
+    try:
+        [run_dir] = runs.glob("balancer-*")
+        holder = stuck_holder(run_dir / "run.lock")
+        status, answer = bal.api("GET", "/api/v1/stats")
+        assert (status, answer["error"]) == (503, "workers_unreachable"), answer
+        assert f"held by process {holder.pid} after 0.3 s" in answer["message"], answer
+        holder.kill()
+        holder.wait(10)
+        assert bal.api("GET", "/api/v1/stats")[0] == 200
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+        bal.stop()
