@@ -22,11 +22,16 @@ Invariants:
   does any doubt (a file that cannot be read, no ``/proc``).
 * Directories without the lock are left alone, all of them, said in one line,
   when this process cannot see every process of its user (`_blind`): ``/proc``
-  mounted ``hidepid`` (another balancer's arbiter looks gone), or a process of
-  this user that it cannot look into (one that dropped privileges from root is
-  not dumpable: its descriptors and mappings cannot be read). Bug: with
+  mounted ``hidepid`` (another balancer's arbiter looks gone), or a balancer
+  of this user that it cannot look into (one that dropped privileges from root
+  is not dumpable: its descriptors and mappings cannot be read). Bug: with
   ``hidepid=2`` and a dropped run user, a live balancer's directory was judged
   on what ``/proc/net/unix`` showed of its sockets alone.
+* Of the processes it cannot look into, only one whose command line names a
+  balancer (or cannot be read) makes it blind (`_unseen`): no other holds a
+  directory without the lock (balancers made them). Bug: any process of the
+  user that is not dumpable (an ``ssh-agent``, a set-group-id program) did,
+  so such directories were never removed, and every start said so.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ KNOWN = re.compile(r"(arbiter\.json|history\.json(\.\d+)?|run\.lock|alive\.lock\
 MAX_STATUS = 1 << 16  # bytes of `STATUS` read at most
 MOUNTINFO = "/proc/self/mountinfo"
 MAX_MOUNTINFO = 1 << 20  # bytes of it read at most
+MAX_CMDLINE = 1 << 12  # bytes of a process's command line read at most (`_unseen`)
 
 
 def hold(run_dir: str) -> int:
@@ -184,11 +190,30 @@ def _held_paths() -> tuple[set[str], str | None]:
     for pid in pids:
         paths = _open_paths(f"/proc/{pid}")
         if paths is None:
-            blind = blind or f"process {pid} of this user cannot be looked into (one that " \
-                             "dropped privileges from root is not dumpable)"
+            blind = blind or _unseen(pid)
         else:
             held.update(paths)
     return held, blind
+
+
+def _unseen(pid: str) -> str | None:
+    """Why process `pid` of this user, which cannot be looked into, leaves the sweep
+    blind: its command line names a balancer (only one, of a version before the
+    lock, holds a directory without it), or cannot be read; None for any other
+    (an ``ssh-agent``, a set-group-id program) and for one gone or a zombie
+    (an empty command line: it holds nothing)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            command = file.read(MAX_CMDLINE)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return f"process {pid} of this user cannot be looked into, nor its command line read"
+    if b"balancer" not in command.lower():
+        return None
+    shown = command.replace(b"\0", b" ").strip().decode(errors="replace")[:80]
+    return f"process {pid} of this user ({shown}) cannot be looked into (a balancer that " \
+           "dropped privileges from root is not dumpable)"
 
 
 def _hidden_by_mount() -> str | None:

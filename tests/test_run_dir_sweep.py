@@ -167,23 +167,39 @@ def test_unlocked_directories_are_left_alone_when_proc_hides_processes(backend, 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running as nobody needs root")
-def test_a_process_of_the_run_user_that_cannot_be_looked_into_is_a_doubt():
-    """A process of the run user that is not dumpable (one that dropped privileges
-    from root, as every balancer with `server.user`): its descriptors cannot be read,
-    so what it holds is unknown. Bug: it was taken to hold nothing."""
+def test_only_a_balancer_of_the_run_user_that_cannot_be_looked_into_is_a_doubt():
+    """Two processes of the run user that are not dumpable: a balancer (one that
+    dropped privileges from root, as every balancer with `server.user`), whose
+    descriptors cannot be read, so what it holds is unknown; and another program
+    (an ``ssh-agent``), which holds no balancer's directory. Bugs: the first was
+    taken to hold nothing; then the second made every sweep blind (a warning at
+    each start, the directories never removed)."""
     as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                  sys.executable, "-c"]
-    holder = subprocess.Popen([*as_nobody, "import ctypes, time; ctypes.CDLL(None).prctl("
-                               "4, 0, 0, 0, 0); print(flush=True); time.sleep(30)"],
-                              stdout=subprocess.PIPE)  # (PR_SET_DUMPABLE, 0)
+    hidden = ("import ctypes, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
+              "print(flush=True); time.sleep(30)")  # (PR_SET_DUMPABLE, 0)
+    agent = subprocess.Popen([*as_nobody, hidden], stdout=subprocess.PIPE)
+    balancer = subprocess.Popen([*as_nobody, hidden, "balancer", "serve"],
+                                stdout=subprocess.PIPE)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"\n"
-        seen = subprocess.run([*as_nobody, "from balancer.leftovers import _held_paths; "
-                               "print(_held_paths()[1])"], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
-        # (another such process, a balancer of another test dropped to nobody, may be
-        # named instead: the first found)
-        assert "of this user cannot be looked into" in seen.stdout, seen
+        for holder in (agent, balancer):
+            assert holder.stdout is not None and holder.stdout.readline() == b"\n"
+        seen = subprocess.run([*as_nobody, "import sys; from balancer.leftovers import "
+                               "_held_paths, _unseen; print(_held_paths()[1]); "
+                               "print(*map(_unseen, sys.argv[1:]), sep='\\n')",
+                               str(agent.pid), str(balancer.pid)], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              timeout=30)
+        blind, of_agent, of_balancer = seen.stdout.splitlines()
+        # (another balancer dropped to nobody, of another test, may be named instead:
+        # the first found)
+        assert "of this user (" in blind and "cannot be looked into" in blind, seen
+        assert str(agent.pid) not in blind, seen
+        assert of_agent == "None", seen
+        assert of_balancer.startswith(f"process {balancer.pid} of this user ("), seen
+        assert of_balancer.endswith("cannot be looked into (a balancer that dropped "
+                                    "privileges from root is not dumpable)"), seen
     finally:
-        holder.kill()
-        holder.wait(10)
+        for holder in (agent, balancer):
+            holder.kill()
+            holder.wait(10)
