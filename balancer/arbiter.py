@@ -70,7 +70,7 @@ from balancer.listening import Listeners
 from balancer.preload import PreloadError, freeze, needed, preload
 from balancer.privileges import Identity
 from balancer.settings import Settings, SettingsError
-from balancer.signal_queue import SignalQueue
+from balancer.signal_queue import STOPS, SignalQueue
 from balancer.startup import (
     RunDirKeeper,
     check_in_child,
@@ -188,7 +188,7 @@ class Arbiter:
         try:
             log.info("arbiter %d: starting %d worker(s)", os.getpid(),
                      self.settings.effective_workers())
-            for signum in dict.fromkeys(self.signals.take()):  # (came while it started)
+            for signum in stops_first(self.signals.take()):  # (came while it started)
                 self.handle(signum)
             self.manage()
             while self.state != STOPPED:
@@ -197,7 +197,7 @@ class Arbiter:
                 # is one reload per turn, not one per signal); before the children's
                 # reports of the same turn: a worker draining because the whole tree
                 # was signalled is not replaced
-                for signum in dict.fromkeys(signals):
+                for signum in stops_first(signals):
                     self.handle(signum)
                 for child in reporting:
                     self.take_reports(child)
@@ -627,3 +627,11 @@ class Arbiter:
                 json.dump(status, out)
             os.replace(path + ".tmp", path)
 
+
+def stops_first(signals: list[int]) -> list[int]:
+    """The signals of one turn, each once, a stop (SIGTERM, SIGINT, SIGQUIT) before the
+    others, which then act as during a stop (a SIGHUP not at all). Bug: SIGHUP and
+    SIGTERM in one turn, in that order, forked a reload's start-up check, then ended
+    it for the stop (and logged the reload as refused)."""
+    once = list(dict.fromkeys(signals))
+    return [s for s in once if s in STOPS] + [s for s in once if s not in STOPS]

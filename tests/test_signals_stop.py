@@ -189,12 +189,49 @@ def test_signals_while_the_balancer_starts_wait_for_the_arbiter(tmp_path):
         out = (tmp_path / "balancer.log").read_text()
         assert "SIGUSR2: ignored" in out and "SIGTERM: stopping gracefully" in out, out
         assert " ready (slot" not in out and "Traceback" not in out, out
+        assert "SIGHUP:" not in out, out  # (the stop first: no reload's start-up check)
         assert not list(tmpdir.glob("balancer-*"))
     finally:
         proc.kill()
         proc.wait(5)
         release(proc)
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def pending(pid: int) -> int:
+    """The signals sent to process `pid` and not delivered yet (a mask)."""
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(x for x in status if x.startswith("ShdPnd:")).split()[1], 16)
+
+
+def delivered(pid: int, sig: int) -> None:
+    """Send `sig` to `pid`, and wait until its handler ran."""
+    os.kill(pid, sig)
+    wait_for(lambda: not pending(pid) & (1 << (sig - 1)), timeout=5, interval=0.001,
+             what=f"{signal.Signals(sig).name} delivered")
+
+
+def test_sighup_and_sigterm_in_one_turn_stop_without_a_reload(tmp_path):
+    """SIGHUP then SIGTERM taken in one turn of the arbiter's loop (its turn made
+    long: a SIGUSR1's signal to the worker takes 0.6 s): the stop wins at once, nothing
+    reloaded or forked. Bug: the reload's start-up check was forked, then ended for
+    the stop, and the reload logged as refused."""
+    bal = Balancer(tmp_path, {}, args=["--workers", "1"],
+                   prefix=constants_prefix({}, slow={"balancer.startup.kill_quietly": 0.6}))
+    try:
+        children = set(wait_workers(bal, 1)) | set(children_of(bal.proc.pid))
+        os.kill(bal.proc.pid, signal.SIGUSR1)
+        wait_for(lambda: "SIGUSR1: workers reopen" in bal.output(), timeout=5,
+                 interval=0.001, what="the arbiter's turn")
+        delivered(bal.proc.pid, signal.SIGHUP)  # (its handler first: as sent)
+        delivered(bal.proc.pid, signal.SIGTERM)
+        assert bal.proc.wait(15) == 0
+        out = bal.output()
+        assert "SIGTERM: stopping gracefully" in out and "SIGHUP:" not in out, out
+        started = set(map(int, re.findall(r"(?:worker|management) (\d+) ", out)))
+        assert started <= children, out  # (nor a child started)
+    finally:
+        bal.stop(signal.SIGKILL)
 
 
 @pytest.mark.parametrize("slow, what", [
