@@ -83,6 +83,19 @@ def is_exhausted(exc: OSError) -> bool:
     return exc.errno in EXHAUSTED
 
 
+def exhaustion(exc: BaseException) -> OSError | None:
+    """The running out of descriptors or memory (`is_exhausted`) that `exc` is, or
+    was raised while handling (its cause or context, a few deep); None if none."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and is_exhausted(seen):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def is_skipped(exc: OSError) -> bool:
     """True when accept failed for that one connection only (it was aborted)."""
     return exc.errno in SKIPPED

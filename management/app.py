@@ -29,6 +29,8 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from balancer.backend_tls import BackendTLS
+from balancer.descriptors import exhaustion
+from balancer.restarts import Restarts
 from balancer.stores import (
     CorruptStore,
     Store,
@@ -150,6 +152,9 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
                                  BackendTLS(backend_ca_bundle),  # deploys probe https:// too
                                  lambda: self.mirror.problem)
         self.history = history or History()  # sampled by the management process
+        # requests that ran out of descriptors or memory: one line an episode (`failed`)
+        self.exhausted = Restarts("management API", log, quiet=False, loop="a request",
+                                  then="answering 503 resources_exhausted")
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:
@@ -191,10 +196,24 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
             return error_response(ApiError(exc.code or 400, "bad_request",
                                            "the request could not be read",
                                            [exc.description or exc.name]))
-        except Exception:
-            log.exception("management %s %s failed", request.method, path)
+        except Exception as exc:
+            return self.failed(request, path, exc)
+
+    def failed(self, request: Request, path: str, exc: Exception) -> Response:
+        """500 `internal_error` for a bug, its traceback logged; 503
+        `resources_exhausted` out of descriptors or memory (EMFILE under a limit
+        lowered by `prlimit`, ENFILE, ENOMEM), one line an episode as the
+        background loops (`Restarts`). Bug: each such request logged a traceback
+        asking for a bug report."""
+        exhausted = exhaustion(exc)
+        if exhausted is None:
+            log.error("management %s %s failed", request.method, path, exc_info=exc)
             return error_response(ApiError(500, "internal_error",
                                            "internal error; see the balancer log"))
+        self.exhausted.failed(exhausted)
+        return error_response(ApiError(
+            503, "resources_exhausted", "the management process is out of descriptors or "
+            f"memory ({exhausted.strerror or exhausted}); try again once they free up"))
 
     # certificates (management/certs_api.py) --------------------------------
     def on_list_certs(self, request: Request) -> Response:

@@ -29,6 +29,7 @@ from typing import Any
 import gevent
 from werkzeug.wrappers import Request, Response
 
+from balancer.descriptors import exhaustion
 from balancer.stores import StoreError
 from management import diagnosis
 from management.http import ApiError, file_response
@@ -73,8 +74,9 @@ def initial_state(reads: TableReads, runtime: Runtime, history: Any = None
         return reads.body(data), state
     except (StoreError, ApiError):  # the page polls, and shows the problem
         return None
-    except Exception:  # the page polls and shows the API's own error
-        log.exception("dashboard: the initial state could not be read")
+    except Exception as exc:  # the page polls and shows the API's own error
+        if exhaustion(exc) is None:  # (out of descriptors: the API's requests say so)
+            log.exception("dashboard: the initial state could not be read")
         return None
 
 

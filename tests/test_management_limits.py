@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +22,7 @@ import pytest
 from management.http import MAX_BODY
 from management.server import MAX_CONNECTIONS
 from tests.support import Balancer, wait_for
+from tests.test_process import children_of
 
 TOKEN = "limits-s3cret"
 HEADER_TIMEOUT = 1.5
@@ -283,3 +286,41 @@ def test_expect_100_continue_without_the_token_gets_401_at_once_not_100(bal: Bal
         assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue")
         sock.sendall(body)
         assert sock.recv(100).startswith(b"HTTP/1.1 200")
+
+
+def open_descriptors(pid: int) -> int:
+    """The fewest descriptors `pid` held over a few looks (one its loops opened for a
+    moment left out)."""
+    counts = []
+    for _ in range(5):
+        counts.append(len(os.listdir(f"/proc/{pid}/fd")))
+        time.sleep(0.01)  # (spread looks, not a synchronisation)
+    return min(counts)
+
+
+def test_out_of_descriptors_api_requests_answer_503_with_one_line_an_episode(
+        bal: Balancer) -> None:
+    """`prlimit --pid` of the management process to one descriptor more than it holds:
+    each connection is accepted, and what its request opens (the run directory's lock,
+    a worker's socket) fails with EMFILE. A burst of 20 requests: each answered 503
+    `resources_exhausted`, one log line for the episode, no traceback; 200 once the
+    limit is raised. Bug: each answered 500 with a traceback in the log (asking for
+    a bug report), as the background loops once did."""
+    workers = {p["pid"] for p in bal.api("GET", "/api/v1/info", headers=AUTH)[1]["processes"]}
+    [management] = [pid for pid in children_of(bal.proc.pid) if pid not in workers]
+    before = len(bal.output())
+    limit = open_descriptors(management) + 1
+    subprocess.run(["prlimit", f"--pid={management}", f"--nofile={limit}:"], check=True,
+                   timeout=10)
+    try:
+        answers = [bal.api("GET", "/api/v1/stats", headers=AUTH) for _ in range(20)]
+    finally:
+        subprocess.run(["prlimit", f"--pid={management}", "--nofile=1024:"], check=True,
+                       timeout=10)
+    assert bal.api("GET", "/api/v1/stats", headers=AUTH)[0] == 200
+    assert {(status, answer["error"]) for status, answer in answers} == \
+        {(503, "resources_exhausted")}, answers
+    assert "Too many open files" in answers[0][1]["message"], answers[0]
+    out = bal.output()[before:]
+    assert "Traceback" not in out and "please report" not in out, out
+    assert out.count("management API: a request failed: [Errno 24]") == 1, out
