@@ -73,11 +73,11 @@ from gevent.lock import Semaphore
 
 from balancer.arbiter import STATUS_FILE
 from balancer.control import (
+    RunDirBusy,
     ask_raw,
     ask_why,
     decoded,
     pid_of,
-    RunDirBusy,
     run_dir_lock,
     run_dir_problem,
     worker_sockets,
