@@ -557,8 +557,9 @@ def run_dir_lock(directory: str, wait: float | None = None) -> Iterator[None]:
 
     path = os.path.join(directory, "run.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    limit = LOCK_WAIT if wait is None else wait
     try:
-        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
+        deadline = time.monotonic() + limit
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -570,7 +571,7 @@ def run_dir_lock(directory: str, wait: float | None = None) -> Iterator[None]:
                     holder = lock_holder(fd)
                     raise RunDirBusy(errno.EAGAIN, f"the run directory's lock {path} is still "
                                      f"held by {holder or 'another process'} after "
-                                     f"{LOCK_WAIT if wait is None else wait:g} s") from None
+                                     f"{limit:g} s") from None
                 gevent.sleep(LOCK_POLL)
         yield
     finally:

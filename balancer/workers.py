@@ -183,7 +183,7 @@ def wait_for_stop(env: ChildEnv, reopen: Callable[[], None] | None = None,
     on SIGHUP (the run directory made again), also during the drain, and once
     as its handler is in place. SIGQUIT exits at once, telling the arbiter how
     many `connections` it cuts (a worker's). `stopping` runs before the arbiter is
-    told (the management process stops accepting: `ManagementServer.drain`)."""
+    told (the management process stops accepting and hands over: `run_management`)."""
     import gevent
     from gevent.event import Event
 

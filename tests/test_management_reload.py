@@ -11,7 +11,6 @@ import re
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 
 from tests.support import Balancer, wait_for
@@ -67,14 +66,12 @@ def slow_put_start(bal: Balancer) -> tuple[socket.socket, bytes]:
     return sock, body[10:]
 
 
-def answer_of(sock: socket.socket) -> bytes:
-    data = b""
-    for _ in range(1000):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
+def answer_of(sock: socket.socket) -> tuple[int, str | None]:
+    """The status of the answer on `sock`, and its ``Connection`` header."""
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    resp.read()
+    return resp.status, resp.getheader("Connection")
 
 
 def test_no_api_request_is_lost_or_reset_across_reloads(tmp_path):
@@ -96,25 +93,25 @@ def test_no_api_request_is_lost_or_reset_across_reloads(tmp_path):
         for generation in range(2, 2 + RELOADS):
             old = int(re.findall(r"management (\d+) ready", bal.output())[-1])
             slow, rest = slow_put_start(bal)
-            wait_for(lambda: answers, what="an answer")  # (the slow PUT's head read)
+            wait_for(lambda: answers, what="an answer")  # (the clients under way)
             bal.proc.send_signal(signal.SIGHUP)
-            began = time.monotonic()
             wait_for(lambda g=generation: re.search(
                 rf"management \d+ ready \(slot 0, generation {g}\)", bal.output()),
                 timeout=10, interval=0.005, what=f"generation {generation}")
             wait_for(lambda o=old: not holders(listener, [o]), timeout=5, interval=0.001,
                      what="the old one to stop accepting")
             slow.sendall(rest)
-            print(f"generation {generation}: {time.monotonic() - began:.2f} s")
             answer = answer_of(slow)
             slow.close()
-            assert answer.startswith(b"HTTP/1.1 200 "), answer
+            # (by the old one, draining; 202: a worker did not confirm the write in time,
+            # one being replaced, or a loaded machine)
+            assert answer in ((200, "close"), (202, "close")), answer
         stop.set()
         for thread in threads:
             thread.join(10)
         assert not failures, failures[:5]
-        assert set(answers) == {200}, set(answers)
-        print(f"{len(answers)} answers")
+        assert set(answers) <= {200, 202}, set(answers)  # (202: as above)
+        assert "Traceback" not in bal.output() and "unexpectedly" not in bal.output()
     finally:
         stop.set()
         bal.stop(signal.SIGKILL)
