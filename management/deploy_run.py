@@ -265,8 +265,8 @@ class Run:
         the log)."""
         try:
             return int(self.deployer.patiently(self.record, "write the rule", lambda: (
-                self.deployer.fenced(self.record, lambda: (
-                    self.deployer.write_rule(self.host, rule, if_version))))))
+                self.deployer.fenced(self.record, lambda claimed: (
+                    self.deployer.write_rule(self.host, rule, if_version, claimed))))))
         except ApiError as exc:
             switched = "" if self.record["version"] else "; nothing was switched"
             raise DeployFailed(f"cannot write the rule: {exc.message}{switched}",

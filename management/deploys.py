@@ -19,9 +19,9 @@ Invariants:
 * A claim's owner beats every `BEAT_EVERY` seconds; a claim quiet for
   `STALE_AFTER` seconds (its process died) is taken over by a management
   process that resumes the deploy. A process that stops hands its claims
-  over at once (beat 0). Before each of its rule writes the process renews
-  its claim (`Deployer.fence`), and saves its record in the renewal's own
-  write (`Deployer.save_claimed`): one taken over meanwhile (a
+  over at once (beat 0). Each of its rule writes renews its claim in the
+  write's own atomic step (`Deployer.fenced`), and so does each save of its
+  record (`Deployer.save_claimed`): one taken over meanwhile (a
   process cut from the store longer than `STALE_AFTER`, whose deploy another
   resumed) hands the deploy over and writes nothing more, so two processes
   never both carry a deploy (or its abort) on.
@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from balancer.backend_tls import BackendTLS
 from balancer.restarts import Restarts
@@ -65,7 +65,7 @@ from balancer.stores import (
     StoreNotReplicated,
     StoreUnavailable,
 )
-from balancer.stores.records import beat_of, handed_over
+from balancer.stores.records import Claimed, HandedOver, beat_of, handed_over
 from management import deploy_abort
 from management.deploy_run import IDLE_EVERY, Aborted, DeployFailed, Interrupted, Run
 from management.deploy_steps import addresses, local_report
@@ -85,7 +85,7 @@ class Deployer:
     """Starts, runs, resumes and reports deploys for one management process."""
 
     def __init__(self, store: Any, runtime: Any,
-                 write_rule: Callable[[str, dict[str, Any], int], int],
+                 write_rule: Callable[[str, dict[str, Any], int, Claimed], int],
                  tls: BackendTLS | None = None,
                  lost: Callable[[], str | None] = lambda: None) -> None:
         self.store = store
@@ -93,10 +93,11 @@ class Deployer:
         self.tls = tls or BackendTLS()  # how https:// backends are probed
         self.records = store.records()
         self.runtime = runtime
-        self.write_rule = write_rule  # (host, rule, if_version) -> version, published
+        self.write_rule = write_rule  # (host, rule, if_version, claimed) -> version, published
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.running: dict[str, str] = {}  # host -> deploy id run here
         self.taken: set[str] = set()  # ids of those another process resumed meanwhile
+        self.handing = threading.Lock()  # `taken` and `running` changed together
         self.stopping = threading.Event()
         self.watcher: threading.Thread | None = None
 
@@ -178,8 +179,9 @@ class Deployer:
             log.info("deploy %s of %s: handed over (%s)", record["id"], host, why)
             return
         finally:
-            self.running.pop(host, None)
-            self.taken.discard(record["id"])
+            with self.handing:
+                self.running.pop(host, None)
+                self.taken.discard(record["id"])
         self._release(record)
 
     def _ended(self, record: dict[str, Any], run: Run) -> None:
@@ -242,17 +244,20 @@ class Deployer:
         self._go_on(record, self.records.save_claimed(record, self.owner, time.time(),
                                                       STALE_AFTER))
 
-    def fenced(self, record: dict[str, Any], write: Callable[[], T]) -> T:
-        """`write()` once `fence` let it through."""
-        self.fence(record)
-        return write()
+    def fenced(self, record: dict[str, Any], write: Callable[[Claimed], T]) -> T:
+        """`write(claimed)`: a rule write made only while this process runs the deploy,
+        its claim renewed in the same atomic step (`Store.put_host`), or `Interrupted`
+        as `fence`, nothing written. Bug: fenced, then written in a second call, a
+        takeover between them let this process write the rule once more."""
+        try:
+            return write(Claimed(record["id"], self.owner, time.time(), STALE_AFTER))
+        except HandedOver:
+            self._hand_over(record)
 
     def fence(self, record: dict[str, Any]) -> str | None:
-        """Renew this process's claim on the deploy's host (before each of its rule
-        writes, which are conditional on the table's version as read, so one another
-        process's write overtook is refused; and at each beat: `Records.renew`; its
-        record's saves renew it in their own write, `save_claimed`), or `Interrupted`
-        when another process
+        """Renew this process's claim on the deploy's host at each beat
+        (`Records.renew`; its rule writes and record saves renew it in their own
+        atomic step: `fenced`, `save_claimed`), or `Interrupted` when another process
         took the deploy over or ended it. The id of another deploy holding the host
         (damaged records lost this one's claim: `beat_loop` says so), else None.
         Bug: a process cut from the store for longer than `STALE_AFTER` went on once
@@ -265,9 +270,18 @@ class Deployer:
         """`holder`, or `Interrupted` when it says another process runs the deploy
         (or ended it): `handed_over`."""
         if handed_over(holder, record["id"]):
-            self.taken.add(record["id"])
-            raise Interrupted()
+            self._hand_over(record)
         return holder
+
+    def _hand_over(self, record: dict[str, Any]) -> NoReturn:
+        """`Interrupted`, the deploy noted in `taken` while this process runs it (bug:
+        a beat answered after its run had ended left the id there for good, and a
+        later resumption of the deploy here handed over at its first pause, its claim
+        going stale for `STALE_AFTER` seconds)."""
+        with self.handing:
+            if self.running.get(record["host"]) == record["id"]:
+                self.taken.add(record["id"])
+        raise Interrupted()
 
     def patiently(self, record: dict[str, Any], what: str, call: Callable[[], Any]) -> Any:
         """`call()`, tried again while the store is unavailable or damaged, for up to

@@ -44,6 +44,7 @@ from balancer.rules import (
     validate_table,
 )
 from balancer.stores import CorruptStore, Store, StoreUnavailable, TableData, VersionConflict
+from balancer.stores.records import Claimed
 from balancer.stores.snapshot import rewritten
 from management import edits
 from management.conditional import none_match, not_modified
@@ -180,12 +181,14 @@ class HostRoutes:
         raise StoreUnavailable(f"the table kept changing during {EDIT_ATTEMPTS} attempts; "
                                f"try again")
 
-    def write_rule(self, key: str, rule: dict[str, Any], if_version: int) -> int:
-        """A deploy's write of one host's rule, answered once every worker serves it
+    def write_rule(self, key: str, rule: dict[str, Any], if_version: int,
+                   claimed: Claimed) -> int:
+        """A deploy's write of one host's rule while it holds the host's claim
+        (`claimed`: `HandedOver` else), answered once every worker serves it
         (`VersionConflict` when the table moved past `if_version`, `ApiError` 409
         `store_lost` when the store lost its table)."""
         self._check_not_lost()
-        version = self.store.put_host(key, rule, if_version)
+        version = self.store.put_host(key, rule, if_version, claimed)
         self.mirror.note_write(version, {key: rule})
         publish = getattr(self.runtime, "publish", None)
         lagging = publish(version, {key: rule}) if publish else []

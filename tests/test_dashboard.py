@@ -713,15 +713,15 @@ def test_a_running_deploy_shows_on_its_host_card_and_recent_deploys_below(
         make_site: Callable[..., Site], browser: Any) -> None:
     site = make_site(hosts={"app.example.com": WEB})
     now = time.time()
-    records = site.store.records()
-    records.save_deploy({
+    records = site.store.records()  # (saved unclaimed, as a start withdrawn: never resumed)
+    records.withdraw({
         "id": "d-old", "host": "app.example.com", "kind": "deploy", "state": "failed",
         "step": "ready", "started": now - 600, "ended": now - 590,
         "from": ["127.0.0.1:9001"], "to": ["127.0.0.1:9009"], "warning": None,
         "error": "not ready after 10s (127.0.0.1:9009: connect: refused); nothing was switched",
         "steps": [{"name": "ready", "started": now - 600, "ended": now - 590,
                    "outcome": "failed", "detail": "refused"}]})
-    records.save_deploy({
+    records.withdraw({
         "id": "d-now", "host": "app.example.com", "kind": "deploy", "state": "running",
         "step": "drain", "started": now - 12, "ended": None, "error": None, "warning": None,
         "from": ["127.0.0.1:9001"], "to": ["127.0.0.1:9003"],
@@ -743,13 +743,13 @@ def test_a_running_deploy_shows_on_its_host_card_and_recent_deploys_below(
                          {**aborting["steps"][1], "ended": now, "outcome": "aborted"},
                          {"name": "abort", "started": now, "ended": None, "outcome": None,
                           "detail": "back to 127.0.0.1:9001"}]
-    records.save_deploy(aborting)
+    records.withdraw(aborting)
     card_line = host_card("app.example.com") + " .deploy-line"
     line = wait_for(browser, lambda d: "(aborting)" in text_of(d, card_line) and text_of(
         d, card_line), "the abort on the host card")
     assert "deploy: drain (aborting)" in line and "back to 127.0.0.1:9001" in line, line
     aborting["steps"][2].update(ended=time.time(), outcome="drained")
-    records.save_deploy({**aborting, "state": "aborted", "ended": time.time()})
+    records.withdraw({**aborting, "state": "aborted", "ended": time.time()})
     wait_for(browser, lambda d: not d.find_elements("css selector", ".deploy-line"),
              "the deploy line to go once the deploy ended")
     row = wait_for(browser, lambda d: next((text for deploy, text in each(

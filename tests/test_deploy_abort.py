@@ -243,7 +243,7 @@ def test_a_deploy_resumed_mid_abort_finishes_the_abort(tmp_path: Path) -> None:
     record["abort"]["since"] = since
     record["steps"].append({"name": "abort", "started": since, "ended": None,
                             "outcome": None, "detail": "back to 127.0.0.1:9001"})
-    store.records().save_deploy(record)
+    store.records().begin(record, time.time() - 60, 5.0)  # (its process long quiet)
     app.runtime.reload()  # the (data-plane-less) balancer serves the abort's write
     assert store.records().claim(HOST, "d1", app.deployer.owner, time.time(), 5.0) is None
     app.deployer.start_watching()  # publishes this (data-plane-less) balancer's counts
@@ -521,10 +521,10 @@ def test_an_abort_arriving_as_the_deploy_ends_is_409_saying_what_stands(
     records = store.records()
     now = time.time()
     error = None if state == "done" else "cannot write the rule: ...; nothing was switched"
-    records.save_deploy({"id": "d1", "host": HOST, "kind": "deploy", "state": state,
-                         "step": "drain", "started": now - 9, "ended": now, "error": error,
-                         "abort": None, "steps": [], "from": [], "to": []})
-    assert records.claim(HOST, "d1", "elsewhere", now, 5.0) is None
+    assert records.begin({"id": "d1", "host": HOST, "kind": "deploy", "state": state,
+                          "step": "drain", "started": now - 9, "ended": now, "error": error,
+                          "abort": None, "steps": [], "from": [], "to": [],
+                          "owner": "elsewhere"}, now, 5.0) is None
     url = serve_wsgi(create_app(store=store))
 
     def released() -> bool:  # the deploy's last act, once the abort is stored

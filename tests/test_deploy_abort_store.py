@@ -81,7 +81,7 @@ def test_an_abort_resumed_past_its_patience_gives_up_at_once_naming_the_loss(
     store.put_host(HOST, before)  # (version 1: below the 5 the deploy started from)
     asked = time.time() - 3700
     record = aborted_in_drain(before, asked - 2, asked, 5)
-    store.records().save_deploy(record)
+    store.records().begin(record, time.time() - 60, 5.0)  # (its process long quiet)
     assert store.records().claim(HOST, "d1", app.deployer.owner, time.time(), 5.0) is None
     running, _ = in_background(lambda: app.deployer.run(record, resumed=True))
     running.join(5)

@@ -200,8 +200,7 @@ def test_a_deploy_stored_with_a_short_spelling_is_resumed_and_finishes(
               "since": since, "version": 2, "abort": None, "owner": "gone",
               "steps": [{"name": "drain", "started": since, "ended": None, "outcome": None,
                          "detail": f"waiting for {a.address}"}]}
-    store.records().save_deploy(record)
-    assert store.records().claim(HOST, "d1", "gone", 0.0, 5.0) is None  # (its beat long gone)
+    assert store.records().begin(record, 0.0, 5.0) is None  # (its beat long gone)
     bal = Balancer(tmp_path)
     try:
         stored = finished(bal, "d1")

@@ -259,7 +259,8 @@ class AlwaysRaced(FileStore):
 
     writes = 0
 
-    def put_host(self, host: str, rule: Any, if_version: int | None = None) -> int:
+    def put_host(self, host: str, rule: Any, if_version: int | None = None,
+                 claimed: Any = None) -> int:
         self.writes += 1
         raise VersionConflict(self.load().version)
 

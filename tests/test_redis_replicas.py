@@ -27,6 +27,7 @@ import pytest
 
 from balancer.stores import StoreNotReplicated, StoreUnavailable, StoreUrlError
 from balancer.stores.certs import CertsLost
+from balancer.stores.records import Claimed
 from balancer.stores.redis import RedisStore
 from balancer.stores.redis_replicas import WRITERS
 from balancer.stores.urls import Replication, split_replication
@@ -108,7 +109,10 @@ def _paths(store: RedisStore) -> dict[str, Callable[[], object]]:
         "certificate": lambda: certs.put("b.test", {"chain": "c", "key": "k"}),
         "certificate delete": lambda: certs.delete("b.test"),
         "certificates restore": lambda: certs.restore({"b.test": {"chain": "c"}}),
-        "deploy record": lambda: records.save_deploy({"id": "d1", "host": "b.test"}),
+        "deploy record": lambda: records.save_claimed(
+            {"id": "d1", "host": "b.test", "state": "running"}, "me", time.time(), 5),
+        "deploy's rule write": lambda: store.put_host(
+            "d.test", STATIC, claimed=Claimed("d3", "me", time.time(), 5)),
         "deploy claim": lambda: records.claim("b.test", "d1", "me", time.time(), 5),
         "deploy start": lambda: records.begin({"id": "d2", "host": "c.test", "owner": "me"},
                                               time.time(), 5),

@@ -274,11 +274,11 @@ def test_deploy_records_are_shared_newest_first_and_leave_the_table_alone(
     one.put_host("web.test", WEB)
     version = one.load().version
     for n in range(MAX_DEPLOYS + 3):
-        one.records().save_deploy({"id": f"d{n}", "host": "web.test", "started": 1000.0 + n})
-    one.records().save_deploy({"id": "d60", "host": "web.test", "started": 1060.0,
-                               "state": "running"})
-    one.records().save_deploy({"id": "d60", "host": "web.test", "started": 1060.0,
-                               "state": "done"})
+        one.records().withdraw({"id": f"d{n}", "host": "web.test", "started": 1000.0 + n})
+    d60 = {"id": "d60", "host": "web.test", "started": 1060.0, "state": "running"}
+    assert one.records().begin({**d60, "owner": "o"}, 1060.0, 5.0) is None
+    one.records().save_claimed({**d60, "state": "done"}, "o", 1061.0, 5.0)
+    one.records().release("web.test", "d60")
     seen = other.records().deploys()
     assert [r["id"] for r in seen[:3]] == ["d60", f"d{MAX_DEPLOYS + 2}", f"d{MAX_DEPLOYS + 1}"]
     assert len(seen) == MAX_DEPLOYS
@@ -300,13 +300,14 @@ def test_a_claimed_deploys_record_stays_and_the_last_ended_are_kept(
             "owner": "owner-a"}
     assert one.begin(long, now=900.0, stale_after=5.0) is None
     for n in range(MAX_DEPLOYS + 3):
-        one.save_deploy({"id": f"d{n}", "host": f"h{n}.test", "started": 1000.0 + n,
-                         "ended": 1000.5 + n, "state": "done"})
-    one.save_deploy(long)  # its next step
+        one.withdraw({"id": f"d{n}", "host": f"h{n}.test", "started": 1000.0 + n,
+                      "ended": 1000.5 + n, "state": "done"})  # (ended, unclaimed)
+    assert one.save_claimed(long, "owner-a", 1999.0, 5.0) is None  # its next step
     assert other.deploy("long") is not None
-    one.save_deploy({**long, "ended": 2000.0, "state": "done"})
+    one.save_claimed({**long, "ended": 2000.0, "state": "done"}, "owner-a", 2000.0, 5.0)
     one.release("web.test", "long")
-    one.save_deploy({"id": "next", "host": "h0.test", "started": 2001.0, "state": "running"})
+    assert one.begin({"id": "next", "host": "h0.test", "started": 2001.0, "state": "running",
+                      "owner": "owner-b"}, 2001.0, 5.0) is None
     kept = [r["id"] for r in other.deploys()]
     assert "long" in kept and "next" in kept and len(kept) == MAX_DEPLOYS, kept
 
@@ -334,11 +335,11 @@ def test_a_renewal_hands_over_a_deploy_resumed_or_ended_by_another(
     assert a.renew("web.test", "d1", "owner-a", 101.0, 5.0) is None  # its own: renewed
     assert b.renew("web.test", "d1", "owner-b", 106.1, 5.0) is None  # quiet: resumed
     assert a.renew("web.test", "d1", "owner-a", 106.2, 5.0) == "d1"  # taken: hands over
-    b.save_deploy(dict(record, state="aborted"))
+    assert b.save_claimed(dict(record, state="aborted"), "owner-b", 106.5, 5.0) is None
     b.release("web.test", "d1")
     assert a.renew("web.test", "d1", "owner-a", 107.0, 5.0) == ENDED
     assert a.claims() == {}  # never claimed again for an ended deploy
-    b.save_deploy(dict(record, id="d2"))  # a running record (or none: the store lost it)
+    b.withdraw(dict(record, id="d2"))  # a running record, unclaimed (or none: the store lost it)
     assert a.renew("web.test", "d2", "owner-a", 108.0, 5.0) is None  # claimed again
     assert b.renew("web.test", "d3", "owner-b", 108.0, 5.0) == "d2"
 
@@ -355,7 +356,7 @@ def test_a_running_deploys_record_is_saved_with_its_claim_renewed_never_after_a_
     assert b.save_claimed(dict(record, step="abort"), "owner-b", 109.1, 5.0) is None
     assert a.save_claimed(dict(record, step="warmup"), "owner-a", 109.2, 5.0) == "d1"
     assert b.deploy("d1")["step"] == "abort"  # the takeover's record stands
-    b.save_deploy(dict(record, state="aborted"))
+    assert b.save_claimed(dict(record, state="aborted"), "owner-b", 109.3, 5.0) is None
     b.release("web.test", "d1")
     assert a.save_claimed(dict(record, step="drain"), "owner-a", 110.0, 5.0) == ENDED
     assert (b.deploy("d1")["state"], b.claims()) == ("aborted", {})
@@ -380,7 +381,7 @@ def test_a_renewal_racing_the_takeovers_end_never_claims_the_ended_deploy_again(
     def end() -> None:  # the other process, at the worst moment it can
         if not ended:
             ended.append(True)
-            b.save_deploy(dict(record, state="done"))
+            assert b.save_claimed(dict(record, state="done"), "owner-b", 100.5, 5.0) is None
             b.release("web.test", "d1")
 
     reads = {name: getattr(a, name) for name in ("claims", "deploys", "deploy")}

@@ -51,7 +51,7 @@ from balancer.turns import turn
 if TYPE_CHECKING:
     from balancer.stores.acme import Acme
     from balancer.stores.certs import Certs
-    from balancer.stores.records import Records
+    from balancer.stores.records import Claimed, Records
 
 # Versions are below 2**63 - 1 in every store: Redis counts (INCR) that far. A
 # version past it is corrupt. (Bug: a hand-set 10**22 was served, became every
@@ -368,8 +368,11 @@ class Store(ABC):
         """Replace the whole table atomically; returns the new version."""
 
     @abstractmethod
-    def put_host(self, host: str, rule: Mapping[str, Any], if_version: int | None = None) -> int:
-        """Set one host's rule; returns the new version."""
+    def put_host(self, host: str, rule: Mapping[str, Any], if_version: int | None = None,
+                 claimed: Claimed | None = None) -> int:
+        """Set one host's rule; returns the new version. With `claimed` (a deploy's
+        write), only while that deploy holds the host's claim, renewed in the same
+        atomic step (`balancer.stores.records`); else `HandedOver`, nothing written."""
 
     @abstractmethod
     def delete_host(self, host: str, if_version: int | None = None) -> int:

@@ -59,7 +59,7 @@ from balancer.stores.base import (
 from balancer.stores.certs import Certs, FileCerts
 from balancer.stores.file_watch import FileWatching
 from balancer.stores.floors import Raised
-from balancer.stores.records import FileRecords, Records
+from balancer.stores.records import Claimed, FileRecords, Records
 from balancer.turns import turn
 
 log = logging.getLogger("balancer.store.file")
@@ -179,6 +179,9 @@ class FileStore(FileWatching, Store):
 
     def records(self) -> Records:
         """Deploy records in ``PATH.deploys.json``, under the routes file's writer lock."""
+        return self._records()
+
+    def _records(self) -> FileRecords:
         return FileRecords(self.path + ".deploys.json", self._locked)
 
     def certs(self) -> Certs:
@@ -205,9 +208,16 @@ class FileStore(FileWatching, Store):
                 version = 0  # so is writing a deleted file again
             return self._commit(version, if_version, dict(hosts))
 
-    def put_host(self, host: str, rule: Mapping[str, Any], if_version: int | None = None) -> int:
+    def put_host(self, host: str, rule: Mapping[str, Any], if_version: int | None = None,
+                 claimed: Claimed | None = None) -> int:
+        """(`Store.put_host`) A `claimed` write renews the claim in the deploy records
+        file under the same writer lock, before the table's write."""
         with self._locked():
             current = self._current_for_write()
+            if claimed is not None:
+                if if_version is not None and if_version != current.version:
+                    raise VersionConflict(current.version)  # (the claim left as it is)
+                self._records().renew_held(host, claimed)
             hosts = dict(current.hosts)
             hosts[host] = rule
             return self._commit(current.version, if_version, hosts)

@@ -25,6 +25,10 @@ Invariants:
   read, the record's and the write are one atomic step, as `claim`.
   `save_claimed` is `renew` with the record's save in the same write, made
   only while the claim is this process's (or another deploy's: damaged records).
+* A deploy's rule write (`Store.put_host` with `Claimed`) is `renew` with the
+  table's write in the same atomic step (the same ``MULTI``; the file store's
+  writer lock over both files): `HandedOver`, nothing written, when another
+  process took the deploy over or ended it.
 * `request_abort` is atomic with the claim it reads: an abort is only stored
   for the deploy holding the host's claim, and `release` drops it with the
   claim, so no request outlives its deploy.
@@ -45,6 +49,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from balancer.stores.atomic import read_regular, write_store_file
@@ -59,12 +64,29 @@ CLAIM_ATTEMPTS = 50
 log = logging.getLogger("balancer.deploys")
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """A write made only while the deploy `deploy_id`, run by `owner`, holds its host's
+    claim, renewed in the same atomic step as `Records.renew` (at `now`, taken over
+    after `stale_after`)."""
+
+    deploy_id: str
+    owner: str
+    now: float
+    stale_after: float
+
+
+class HandedOver(Exception):
+    """A `Claimed` write refused, nothing written: another process runs the deploy, or
+    ended it (`holder`: `renew`'s answer)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
 class Records(ABC):
     """Deploy records, host claims and in-flight reports of one store."""
-
-    @abstractmethod
-    def save_deploy(self, record: dict[str, Any]) -> None:
-        """Create or replace the record `record["id"]`, removing those `beyond_kept`."""
 
     @abstractmethod
     def deploys(self) -> list[dict[str, Any]]:
@@ -218,20 +240,31 @@ class FileRecords(Records):
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[dict[str, dict[str, Any]]]:
-        with self.locked():
-            doc, problem = self._read_why()
+        with self.locked(), self._changed() as doc:
             yield doc
-            if problem:
-                log.error("deploy records %s cannot be read (%s): starting them over; the "
-                          "deploy records and host claims it held are lost", self.path, problem)
-            self._write(doc)
+
+    @contextlib.contextmanager
+    def _changed(self) -> Iterator[dict[str, dict[str, Any]]]:
+        """`_changing` by a caller holding the writer lock already."""
+        doc, problem = self._read_why()
+        yield doc
+        if problem:
+            log.error("deploy records %s cannot be read (%s): starting them over; the "
+                      "deploy records and host claims it held are lost", self.path, problem)
+        self._write(doc)
+
+    def renew_held(self, host: str, claimed: Claimed) -> None:
+        """`renew` by a caller holding the writer lock (`FileStore.put_host`'s
+        `Claimed` write), or `HandedOver`, nothing written."""
+        with self._changed() as doc:
+            stored = doc["deploys"].get(claimed.deploy_id)
+            holder = _claim(doc, host, claimed.deploy_id, claimed.owner, claimed.now,
+                            claimed.stale_after, stored if isinstance(stored, dict) else None)
+            if handed_over(holder, claimed.deploy_id):
+                raise HandedOver(str(holder))
 
     def _write(self, doc: dict[str, Any]) -> None:
         write_store_file(self.path, json.dumps(doc, sort_keys=True).encode())
-
-    def save_deploy(self, record: dict[str, Any]) -> None:
-        with self._changing() as doc:
-            _save(doc, record)
 
     def begin(self, record: dict[str, Any], now: float, stale_after: float) -> str | None:
         with self._changing() as doc:

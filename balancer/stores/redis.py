@@ -68,7 +68,7 @@ from balancer.stores.base import (
 )
 from balancer.stores.certs import Certs, RedisCerts
 from balancer.stores.floors import Raised
-from balancer.stores.records import Records
+from balancer.stores.records import Claimed, Records
 from balancer.stores.redis_answers import (
     is_refusal,
     is_wrong_type,
@@ -79,7 +79,7 @@ from balancer.stores.redis_answers import (
 )
 from balancer.stores.redis_connect import Connector
 from balancer.stores.redis_reads import RedisReading
-from balancer.stores.redis_records import RedisRecords
+from balancer.stores.redis_records import Fence, RedisRecords
 from balancer.stores.redis_replicas import Writers, Writing
 from balancer.stores.redis_watch import RedisWatching
 from balancer.stores.urls import StoreUrlError, redact_url, split_replication
@@ -184,15 +184,23 @@ class RedisStore(RedisWatching, RedisReading, Store):
                 pipe.hset(self.hosts_key, mapping=encoded)
         return self._write(change, if_version, named=None)
 
-    def put_host(self, host: str, rule: Mapping[str, Any], if_version: int | None = None) -> int:
+    def put_host(self, host: str, rule: Mapping[str, Any], if_version: int | None = None,
+                 claimed: Claimed | None = None) -> int:
+        """(`Store.put_host`) A `claimed` write's claim is read, watched and renewed in
+        the write's own transaction (`redis_records.Fence`)."""
         encoded = json.dumps(rule, sort_keys=True)
+        fence = Fence(self.namespace, host, claimed)
 
         def check(pipe: Any) -> None:  # an HSET failing inside EXEC would not stop the INCR
             kind = pipe.type(self.hosts_key)
             if kind not in HASH_OR_NOTHING:
                 raise self._wrong_type_found([(self.hosts_key, "hash", kind)])
-        return self._write(lambda pipe: pipe.hset(self.hosts_key, host, encoded), if_version,
-                           check, named=host)
+            fence.check(pipe)
+
+        def change(pipe: Any) -> None:
+            pipe.hset(self.hosts_key, host, encoded)
+            fence.renew(pipe)
+        return self._write(change, if_version, check, named=host)
 
     def delete_host(self, host: str, if_version: int | None = None) -> int:
         def check(pipe: Any) -> None:

@@ -31,6 +31,8 @@ from balancer.stores.records import (
     CLAIM_ATTEMPTS,
     MAX_DEPLOYS,
     UNREADABLE,
+    Claimed,
+    HandedOver,
     Records,
     beyond_kept,
     decide_renew,
@@ -52,8 +54,7 @@ class RedisRecords(Records):
         self.client = client
         self.talking = talking
         self.writing = writing
-        self.deploys_key = f"{namespace}:deploys"
-        self.claims_key = f"{namespace}:deploy-claims"
+        self.deploys_key, self.claims_key = _keys(namespace)
         self.inflight_key = f"{namespace}:deploy-inflight"
         self.aborts_key = f"{namespace}:deploy-aborts"
 
@@ -67,12 +68,6 @@ class RedisRecords(Records):
                 if isinstance(value, dict):
                     found[name] = value
         return found
-
-    def save_deploy(self, record: dict[str, Any]) -> None:
-        with self.writing(f"deploy {record['id']}'s record") as writing:
-            writing.client.hset(self.deploys_key, record["id"],
-                                json.dumps(record, sort_keys=True))
-        self._trim()
 
     def _trim(self) -> None:
         """Remove the records `beyond_kept`, after a record's write
@@ -146,15 +141,11 @@ class RedisRecords(Records):
         `renewing`: `renew`'s (the record read, watched, when no claim is held), and
         `record` saved too when another deploy holds the host (`save_claimed`)."""
         claim = json.dumps({"id": deploy_id, "owner": owner, "beat": now})
+        keys = (self.deploys_key, self.claims_key)
         for _ in range(CLAIM_ATTEMPTS):
             with writing.client.pipeline(transaction=True) as pipe:
-                pipe.watch(self.claims_key)
-                held = _object(pipe.hget(self.claims_key, host))
-                stored = None
-                if renewing and held is None:  # (ended and released by another?)
-                    pipe.watch(self.deploys_key)
-                    stored = _object(pipe.hget(self.deploys_key, deploy_id))
-                holder = decide_renew(held, stored, deploy_id, owner, now, stale_after)
+                holder = _watched_holder(pipe, keys, host, Claimed(deploy_id, owner, now,
+                                                                   stale_after), renewing)
                 if holder is not None and (record is None or not renewing or
                                            handed_over(holder, deploy_id)):
                     writing.wrote = False  # another deploy's claim: nothing to wait for
@@ -241,6 +232,53 @@ class RedisRecords(Records):
     def inflight(self) -> dict[str, dict[str, Any]]:
         return self._all(self.inflight_key)
 
+
+class Fence:
+    """A deploy's rule write's claim (`Claimed`), checked and renewed inside the
+    write's transaction (`RedisStore.put_host`): `check` after the ``WATCH`` (the
+    claim watched too), `renew` inside the ``MULTI``."""
+
+    def __init__(self, namespace: str, host: str, claimed: Claimed | None) -> None:
+        self.keys = _keys(namespace)
+        self.host = host
+        self.claimed = claimed
+        self.holder: str | None = None
+
+    def check(self, pipe: Any) -> None:
+        """`HandedOver` when the claim says another process runs the deploy, or
+        ended it (nothing written then)."""
+        if self.claimed is None:
+            return
+        self.holder = _watched_holder(pipe, self.keys, self.host, self.claimed, True)
+        if handed_over(self.holder, self.claimed.deploy_id):
+            raise HandedOver(str(self.holder))
+
+    def renew(self, pipe: Any) -> None:
+        """Queue the claim's renewal (unless another deploy holds it: damaged records)."""
+        claimed = self.claimed
+        if claimed is not None and self.holder is None:
+            pipe.hset(self.keys[1], self.host, json.dumps(
+                {"id": claimed.deploy_id, "owner": claimed.owner, "beat": claimed.now}))
+
+
+def _keys(namespace: str) -> tuple[str, str]:
+    """The hashes of the deploy records and of the claims."""
+    return f"{namespace}:deploys", f"{namespace}:deploy-claims"
+
+
+def _watched_holder(pipe: Any, keys: tuple[str, str], host: str, claimed: Claimed,
+                    renewing: bool) -> str | None:
+    """`decide_renew`'s answer for `claimed` from the claim read under ``WATCH`` (and,
+    `renewing` with no claim held, the deploy's record, watched too)."""
+    deploys_key, claims_key = keys
+    pipe.watch(claims_key)
+    held = _object(pipe.hget(claims_key, host))
+    stored = None
+    if renewing and held is None:  # (ended and released by another?)
+        pipe.watch(deploys_key)
+        stored = _object(pipe.hget(deploys_key, claimed.deploy_id))
+    return decide_renew(held, stored, claimed.deploy_id, claimed.owner, claimed.now,
+                        claimed.stale_after)
 
 
 def _object(text: str | None) -> dict[str, Any] | None:

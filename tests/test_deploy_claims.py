@@ -1,0 +1,166 @@
+"""A deploy's claim against another management process taking it over (docs/deploys.md
+"Several balancers"), in process: a real `Deployer` on a real routes file or Redis,
+the other process's takeover scripted at the worst moment. A rule write and the
+claim's check are one atomic step; a late beat's hand-over leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balancer.stores import Store, open_store
+from management.deploys import STALE_AFTER
+from tests.deploy_fixtures import HOST
+from tests.support import wait_for
+
+BEFORE = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
+SETTINGS = {"ready_timeout": 5.0, "drain_timeout": 0.2, "warmup": 0.0}
+
+
+@pytest.fixture(params=["file", "redis"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "file":
+        return f"file:{tmp_path / 'routes.json'}"
+    return str(request.getfixturevalue("redis_server").url)
+
+
+@pytest.fixture
+def stores(url: str) -> Iterator[Callable[[], Store]]:
+    """Store instances on one table (one per management process)."""
+    namespace, opened = f"test-{uuid.uuid4().hex}", []
+
+    def make() -> Store:
+        opened.append(open_store(url, namespace))
+        return opened[-1]
+    yield make
+    for store in opened:
+        store.close()
+
+
+def about_to_switch(store: Store) -> tuple[Any, dict[str, Any]]:
+    """A management process (its app) holding the claim of a deploy of HOST from
+    BEFORE to 127.0.0.1:9002, started the real way (`Records.begin`), at its
+    switch: its run's next store call is the switch's write."""
+    from management.app import create_app
+
+    app = create_app(store=store)
+    store.put_host(HOST, BEFORE)
+    record = app.deployer.new_record("d1", HOST, store.host_rule(HOST), ["127.0.0.1:9002"],
+                                     SETTINGS, "deploy")
+    record["step"] = "switch"
+    assert store.records().begin(record, time.time(), STALE_AFTER) is None
+    return app, record
+
+
+def taking_over(other: Store) -> Callable[[], None]:
+    """The other process's takeover, once: its view is that the claim's owner went
+    quiet (its clock `STALE_AFTER` seconds ahead)."""
+    done: list[bool] = []
+
+    def take() -> None:
+        if not done:
+            done.append(True)
+            assert other.records().claim(HOST, "d1", "owner-b", time.time() + STALE_AFTER,
+                                         STALE_AFTER) is None
+    return take
+
+
+def run(app: Any, record: dict[str, Any]) -> None:
+    """Run the deploy here, as `Deployer.start` does, until it ends or hands over."""
+    app.deployer.running[HOST] = record["id"]
+    running = threading.Thread(target=app.deployer.run, args=(record, False), daemon=True)
+    running.start()
+    running.join(5)
+    assert not running.is_alive(), "the deploy did not end or hand over"
+
+
+def test_a_takeover_just_before_the_switchs_write_leaves_the_rule_unwritten(
+        stores: Callable[[], Store]) -> None:
+    """Another process takes the deploy over just as this one calls the store to
+    write the switch: the write is refused with the claim's check, and the deploy
+    handed over. Bug: the claim was renewed (the fence), then the rule written in a
+    second call: a takeover between them let the stale process write the switch."""
+    store, other = stores(), stores()
+    app, record = about_to_switch(store)
+    version = other.load().version
+    take, put_host = taking_over(other), store.put_host
+    store.put_host = lambda *args, **kwargs: (take(), put_host(*args, **kwargs))[1]  # type: ignore[method-assign]
+    run(app, record)
+    assert other.host_rule(HOST).rule == BEFORE
+    assert other.load().version == version
+    assert other.records().claims()[HOST]["owner"] == "owner-b"
+    assert other.records().deploy("d1")["state"] == "running"
+
+
+def test_a_takeover_inside_the_writes_transaction_refuses_the_write(
+        redis_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis: the takeover lands after the write read the claim, before its
+    ``EXEC``: the claim is watched with the table, so the write is tried again and
+    refused."""
+    from balancer.stores import redis_records
+
+    namespace = f"test-{uuid.uuid4().hex}"
+    store, other = open_store(redis_server.url, namespace), open_store(redis_server.url,
+                                                                       namespace)
+    try:
+        app, record = about_to_switch(store)
+        take, decide, put_host = taking_over(other), redis_records.decide_renew, store.put_host
+        seen: list[str | None] = []
+
+        def racing(*args: Any) -> str | None:  # (the claim's check, in the write's)
+            seen.append(decide(*args))
+            take()
+            return seen[-1]
+
+        def writing(*args: Any, **kwargs: Any) -> int:
+            monkeypatch.setattr(redis_records, "decide_renew", racing)
+            return put_host(*args, **kwargs)
+        store.put_host = writing  # type: ignore[method-assign]
+        run(app, record)
+        assert seen[0] is None and "d1" in seen  # read as its own, then as taken over
+        assert other.host_rule(HOST).rule == BEFORE
+        assert other.records().claims()[HOST]["owner"] == "owner-b"
+    finally:
+        store.close()
+        other.close()
+
+
+def test_a_late_beats_hand_over_leaves_no_mark_on_a_later_resumption(
+        stores: Callable[[], Store]) -> None:
+    """The run handed over (a takeover at its write), and its heartbeat's renewal,
+    answered after the run ended, says so too. Later this process resumes the deploy
+    again (the other went quiet): it goes on. Bug: the late answer left the deploy's
+    id in `Deployer.taken`, and the resumed run handed over at its first pause, its
+    claim going stale for `STALE_AFTER` seconds."""
+    from management.deploy_run import Run
+
+    store, other = stores(), stores()
+    app, record = about_to_switch(store)
+    deployer = app.deployer
+    take, put_host = taking_over(other), store.put_host
+    renew, late, beats = deployer.records.renew, [], []
+
+    def writing(*args: Any, **kwargs: Any) -> int:  # once the beat renews
+        wait_for(lambda: beats, 5, what="the beat's renewal")
+        take()
+        return put_host(*args, **kwargs)
+    store.put_host = writing  # type: ignore[method-assign]
+
+    def after_the_run(*args: Any) -> str | None:  # the beat's renewal, answered late
+        beats.append(threading.current_thread())
+        wait_for(lambda: HOST not in deployer.running, 5, what="the run's end")
+        late.append(renew(*args))
+        return late[-1]
+    deployer.records.renew = after_the_run
+    run(app, record)
+    beats[0].join(5)
+    assert late == ["d1"] and not beats[0].is_alive()
+    deployer.running[HOST] = "d1"  # resumed here again (`Deployer._spawn`)
+    Run(deployer, record, resumed=True).pause(0)  # no hand-over
