@@ -85,22 +85,22 @@ def _give_up(asked: dict[str, Any]) -> float:
 
 def _persisting(run: Run, give_up: float, call: Callable[[], T]) -> T:
     """`call()`, tried again every `ABORT_RETRY` seconds while it fails, the reason
-    in the record's ``abort.problem``, until `give_up` (a monotonic time: then the
-    reason's error code in ``abort.code``, for the abort's answer)."""
+    in the record's ``abort.problem`` and its error code in ``abort.code`` (for the
+    abort's answer, the same as once it gave up), until `give_up` (a monotonic time)."""
     asked = run.record["abort"]
     while True:
         try:
             done = call()
             if asked.get("problem"):  # (its save retried with the call, which knows what
-                asked["problem"] = None  # it did: bug, a save failing here ended the deploy
-                run.deployer.save(run.record)  # failed after it had gone back)
+                asked.update(problem=None, code=None)  # it did: bug, a save failing here
+                run.deployer.save(run.record)  # ended the deploy failed after it went back)
             return done
         except DeployFailed as exc:
             if time.monotonic() >= give_up:
                 asked["code"] = exc.code
                 raise DeployFailed(f"the abort gave up after {ABORT_PATIENCE:g}s: {exc}; "
                                    f"the switch stands", exc.code) from None
-            run.deployer.trouble(run.record, str(exc))
+            run.deployer.trouble(run.record, str(exc), exc.code)
             run.pause(ABORT_RETRY)
 
 

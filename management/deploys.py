@@ -293,13 +293,14 @@ class Deployer:
             try:
                 done = call()
             except (StoreUnavailable, CorruptStore) as exc:  # (bug: a routes file damaged
-                if time.monotonic() >= give_up:               # mid-deploy: "internal error")
-                    state = "damaged" if isinstance(exc, CorruptStore) else "unavailable"
-                    raise DeployFailed(f"cannot {what}: the store is {state} ({exc})",
-                                       "store_corrupt" if state == "damaged" else
-                                       "store_unavailable") from None
+                damaged = isinstance(exc, CorruptStore)       # mid-deploy: "internal error")
+                code = "store_corrupt" if damaged else "store_unavailable"
+                if time.monotonic() >= give_up:
+                    raise DeployFailed(f"cannot {what}: the store is "
+                                       f"{'damaged' if damaged else 'unavailable'} ({exc})",
+                                       code) from None
                 log.warning("deploy %s: cannot %s: %s (trying again)", record["id"], what, exc)
-                self.trouble(record, f"cannot {what}: {exc}")
+                self.trouble(record, f"cannot {what}: {exc}", code)
                 troubled = True
                 self.pause(STORE_RETRY)
                 continue
@@ -307,14 +308,16 @@ class Deployer:
                 self.trouble(record, None)  # the abort answered 503 for a hiccup long over)
             return done
 
-    def trouble(self, record: dict[str, Any], problem: str | None) -> None:
+    def trouble(self, record: dict[str, Any], problem: str | None,
+                code: str | None = None) -> None:
         """Note in an aborting deploy's record why its abort is not carried out yet
-        (``abort.problem``; None: nothing stops it now), saved when the store takes it
-        (its answer says so: `deploys_api.abort`); nothing for a deploy not aborting."""
+        (``abort.problem``, and its cause's error code, ``abort.code``; None: nothing
+        stops it now), saved when the store takes it (its answer says so:
+        `deploys_api.abort`); nothing for a deploy not aborting."""
         asked = record.get("abort")
-        if asked is None or asked.get("problem") == problem:
+        if asked is None or (asked.get("problem"), asked.get("code")) == (problem, code):
             return
-        asked["problem"] = problem
+        asked.update(problem=problem, code=code)
         with contextlib.suppress(StoreError):  # (saved at the next write, if not now)
             self.save_claimed(record)
 

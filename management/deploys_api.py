@@ -40,9 +40,10 @@ DEFAULTS = {"ready_timeout": 60.0, "drain_timeout": 30.0, "warmup": 10.0}
 MINIMUM = {"ready_timeout": 0.001, "drain_timeout": 0.001, "warmup": 0.0}
 ABORT_WAIT = 5.0   # seconds an abort's answer waits for the deploy to end (else 202)
 ABORT_POLL = 0.05
-# the status of an abort that gave up, by its cause's error code (``abort.code``; 503
-# else): bug, always 503 store_unavailable, even for a table that kept changing
-GAVE_UP = {"version_conflict": 412, "store_lost": 409}
+# the status of an abort not carried out yet, or given up, by its cause's error code
+# (``abort.code``; 503 else): bug, always 503 store_unavailable, even for a table that
+# kept changing or a store that lost its table
+CAUSES = {"version_conflict": 412, "store_lost": 409}
 
 RULES = [
     Rule("/api/v1/hosts/<host>/deploy", endpoint="deploy", methods=["POST"]),
@@ -168,7 +169,7 @@ def abort(app: Any, key: str) -> tuple[dict[str, Any], int]:
                        [f"deploy: {deploy_id}"])
     if record.get("state") != "aborted":
         code = str(record["abort"].get("code") or "store_unavailable")
-        raise ApiError(GAVE_UP.get(code, 503), code, f"host {key!r}: deploy {deploy_id} was "
+        raise ApiError(CAUSES.get(code, 503), code, f"host {key!r}: deploy {deploy_id} was "
                        f"aborted, and failed: {record.get('error')}", [f"deploy: {deploy_id}"])
     return record, 200
 
@@ -190,9 +191,11 @@ def _still_running(key: str, record: dict[str, Any],
     """The record of a deploy still stopping after `ABORT_WAIT` (answered 202), or the
     error saying why its abort is not carried out yet."""
     deploy_id = record["id"]
-    problem = (record.get("abort") or {}).get("problem")
+    asked = record.get("abort") or {}
+    problem = asked.get("problem")
     if problem:
-        raise ApiError(503, "store_unavailable", f"host {key!r}: the abort of deploy "
+        code = str(asked.get("code") or "store_unavailable")  # (a record of before 2026-12-07)
+        raise ApiError(CAUSES.get(code, 503), code, f"host {key!r}: the abort of deploy "
                        f"{deploy_id} is asked, but not carried out yet: {problem}; its writes "
                        f"are tried again (every {ABORT_RETRY:g} s at most) until "
                        f"the store takes them (GET /api/v1/deploys/{deploy_id} follows it)",
