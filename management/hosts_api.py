@@ -19,8 +19,10 @@ Invariants (with `management.app`'s):
   version). Reads answer with the table this process holds, at the store's
   version or later, and the list's body encoded once per version
   (`management.table_reads`): a read costs one store round trip.
-* A deploy's writes (`management/deploys.py`) go through `write_rule`: the
-  same loss guard and read-your-writes as every one-host write.
+* A deploy's writes (`management/deploy_run.py`) go through `write_rule`: the
+  same loss guard and read-your-writes as every one-host write, made only while
+  the deploy holds its host's claim (`Claimed`: the store checks and renews it in
+  the write's own atomic step).
 * Backend edits and deploys read the host's rule alone with the table's version
   (`Store.host_rule`), never the whole table, and write it only if the table is
   still at that version.

@@ -458,7 +458,7 @@ def test_a_management_process_killed_mid_abort_is_replaced_and_finishes_the_abor
     that request, and ends the deploy aborted with the rule clean. (The claim of
     the killed process goes stale after `STALE_AFTER`, made 1 s.)"""
     lb = Balancer(tmp_path, {HOST: proxy(a)}, prefix=constants_prefix(
-        {"management.deploys.STALE_AFTER": 1.0, "management.deploys.BEAT_EVERY": 0.2}))
+        {"management.deploy_claims.STALE_AFTER": 1.0, "management.deploy_claims.BEAT_EVERY": 0.2}))
     try:
         killed_mid_abort(lb, a, b)
     finally:
@@ -679,7 +679,7 @@ def test_an_abort_refused_past_its_patience_fails_the_deploy_saying_the_switch_s
     the deploy ends failed, saying the switch stands, the new backends serving."""
     redis = redis_factory()
     prefix = constants_prefix({"management.deploy_abort.ABORT_PATIENCE": 1.0,
-                               "management.deploys.STORE_PATIENCE": 0.5})
+                               "management.deploy_claims.STORE_PATIENCE": 0.5})
     lb = on_redis(tmp_path, redis, a, prefix=prefix)
     try:
         record = in_warmup(lb, b)
@@ -711,7 +711,7 @@ def test_an_abort_that_went_back_while_its_record_cannot_be_saved_ends_aborted(
     redis = redis_factory()
     flag, saves = tmp_path / "saves-fail", tmp_path / "saves"
     saving = ["balancer.stores.redis_records:RedisRecords.save_claimed"]
-    prefix = constants_prefix({"management.deploys.STORE_PATIENCE": 0.5, **ANSWER_SOONER},
+    prefix = constants_prefix({"management.deploy_claims.STORE_PATIENCE": 0.5, **ANSWER_SOONER},
                               fail=(saving, flag), count=(saving, saves))
     prefix.insert(1, "FAIL_RAISES=balancer.stores.base:StoreUnavailable")
     lb = on_redis(tmp_path, redis, a, prefix=prefix)

@@ -126,7 +126,8 @@ def test_a_balancer_cut_from_the_store_hands_its_abort_over_to_the_one_that_resu
     writes went through: a second `abort` step ("nothing was switched"), and each
     balancer's record written over the other's."""
     redis, flag = redis_factory(), tmp_path / "cut"
-    clock = {"management.deploys.STALE_AFTER": 1.0, "management.deploys.BEAT_EVERY": 0.2}
+    clock = {"management.deploy_claims.STALE_AFTER": 1.0,
+             "management.deploy_claims.BEAT_EVERY": 0.2}
     cut = [f"balancer.stores.redis_records:RedisRecords.{name}"
            for name in ("claim", "renew", "claims", "save_claimed")]
     first = on_redis(tmp_path, redis, a, prefix=failing(
