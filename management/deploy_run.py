@@ -272,17 +272,19 @@ class Run:
             raise DeployFailed(f"cannot write the rule: {exc.message}{switched}",
                                exc.code) from None
 
-    def _not_lost(self, version: int | None = None) -> None:
-        """`DeployFailed` naming the store's loss, if it lost its table (bug: a flushed
-        Redis read as no rule, and the deploy failed "the host's rule changed"): as
-        this process's mirror judged it, or as the rule read at `version`, below the
-        one the ready step saw it at, shows it (bug: the switch read a flushed Redis
-        before the mirror's next resync, and failed "the host's rule changed")."""
+    def _not_lost(self, version: int | None = None,
+                  cannot: str = "switch: {lost}; nothing was switched") -> None:
+        """`DeployFailed` naming the store's loss (`cannot`, formatted with it), if it
+        lost its table (bug: a flushed Redis read as no rule, and the deploy failed
+        "the host's rule changed"): as this process's mirror judged it, or as the rule
+        read at `version`, below the one the ready step saw it at, shows it (bug: the
+        switch read a flushed Redis before the mirror's next resync, and failed "the
+        host's rule changed")."""
         lost = self.deployer.lost()
         if not lost and version is not None and version < self.seen_version:
             lost = str(StoreLost(self.deployer.store.display_url, version, self.seen_version))
         if lost:
-            raise DeployFailed(f"cannot switch: {lost}; nothing was switched", "store_lost")
+            raise DeployFailed(f"cannot {cannot.format(lost=lost)}", "store_lost")
 
     def _is_switched(self, rule: dict[str, Any]) -> bool:
         return rule.get("action") == "proxy" and "draining" not in rule and \
@@ -352,10 +354,17 @@ class Run:
 
     def finish(self, since: float | None) -> None:
         """Remove `draining` from the rule if it is still the one written at `since`
-        (the switch's, or an abort's)."""
+        (the switch's, or an abort's). A rule the store lost with its table is no one
+        else's: `DeployFailed` naming the loss (bug: read as someone else's change, the
+        deploy ended done, and the rule `balancerctl restore` put back kept the
+        drained backends under `draining` for good)."""
         for _ in range(10):
             found = self.read()
             rule = found.rule
+            if rule is None:
+                self._not_lost(found.version, "remove 'draining' from the rule: {lost} (once "
+                               "restored, the drained backends stay listed under 'draining', "
+                               "getting no new request)")
             if not rule or (rule.get("draining") or {}).get("since") != since:
                 return
             clean = {k: v for k, v in rule.items() if k != "draining"}

@@ -1,7 +1,9 @@
-"""A deploy's claim against another management process taking it over (docs/deploys.md
-"Several balancers"), in process: a real `Deployer` on a real routes file or Redis,
-the other process's takeover scripted at the worst moment. A rule write and the
-claim's check are one atomic step; a late beat's hand-over leaves nothing behind.
+"""A deploy against another management process taking it over, or a store losing its
+table (docs/deploys.md "One at a time, across restarts and balancers"), in process:
+a real `Deployer` on a real routes file or Redis, the other process's takeover (or
+the loss) scripted at the worst moment. A rule write and the claim's check are one
+atomic step; a late beat's hand-over leaves nothing behind; a rule lost before the
+drain's end is the store's loss, never someone else's change.
 """
 
 from __future__ import annotations
@@ -164,3 +166,37 @@ def test_a_late_beats_hand_over_leaves_no_mark_on_a_later_resumption(
     assert late == ["d1"] and not beats[0].is_alive()
     deployer.running[HOST] = "d1"  # resumed here again (`Deployer._spawn`)
     Run(deployer, record, resumed=True).pause(0)  # no hand-over
+
+
+def test_a_redis_restarted_empty_before_the_drains_end_fails_the_deploy_naming_the_loss(
+        redis_factory: Any) -> None:
+    """Redis comes back empty (a restart without persistence) while the deploy
+    drains: its end cannot remove ``draining`` from a rule the store no longer
+    has, and the deploy fails naming the loss (`balancerctl restore` puts the
+    served rule back). Bug: the missing rule read as someone else's change, and
+    the deploy ended ``done``: after the restore the old backends stayed listed
+    under ``draining`` for good, no deploy left to remove them."""
+    from management.app import create_app
+    from management.deploy_steps import switched_rule
+
+    redis = redis_factory()
+    store = open_store(redis.url, f"test-{uuid.uuid4().hex}")
+    try:
+        app: Any = create_app(store=store)
+        store.put_host(HOST, BEFORE)
+        since = time.time() - 10
+        switched = switched_rule(BEFORE, ["127.0.0.1:9002"], since, 0.0)
+        record = app.deployer.new_record("d1", HOST, store.host_rule(HOST), ["127.0.0.1:9002"],
+                                         SETTINGS, "deploy")
+        record.update(step="drain", started=since - 1, since=since,
+                      version=store.put_host(HOST, switched))
+        assert store.records().begin(record, time.time(), STALE_AFTER) is None
+        redis.client().flushall()
+        run(app, record)
+        stored = store.records().deploy("d1") or {}
+    finally:
+        store.close()
+    assert stored.get("state") == "failed", stored
+    assert stored["error"].startswith("cannot remove 'draining' from the rule: "), stored
+    assert "lost its table" in stored["error"], stored
+    assert "(after the switch: the new backends serve)" in stored["error"], stored
