@@ -200,3 +200,26 @@ def test_a_redis_restarted_empty_before_the_drains_end_fails_the_deploy_naming_t
     assert stored["error"].startswith("cannot remove 'draining' from the rule: "), stored
     assert "lost its table" in stored["error"], stored
     assert "(after the switch: the new backends serve)" in stored["error"], stored
+
+
+def test_a_host_deleted_after_the_switch_is_not_brought_back(tmp_path: Path) -> None:
+    """An operator deletes the host while its deploy drains (the table's version
+    moving on, nothing lost): the deploy's end leaves the host deleted, writing
+    nothing."""
+    from management.app import create_app
+    from management.deploy_steps import switched_rule
+
+    store = open_store(f"file:{tmp_path / 'routes.json'}")
+    app: Any = create_app(store=store)
+    store.put_host(HOST, BEFORE)
+    since = time.time() - 10
+    record = app.deployer.new_record("d1", HOST, store.host_rule(HOST), ["127.0.0.1:9002"],
+                                     SETTINGS, "deploy")
+    record.update(step="drain", started=since - 1, since=since, version=store.put_host(
+        HOST, switched_rule(BEFORE, ["127.0.0.1:9002"], since, 0.0)))
+    assert store.records().begin(record, time.time(), STALE_AFTER) is None
+    version = store.delete_host(HOST)
+    run(app, record)
+    stored = store.records().deploy("d1") or {}
+    assert stored.get("state") == "done", stored
+    assert store.load().hosts == {} and store.load().version == version
