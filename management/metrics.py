@@ -5,7 +5,12 @@ Invariants:
   `balancer.stats`; this collector turns one merged snapshot (every worker)
   into metric families when Prometheus scrapes.
 * Every metric name of SPEC §7 is always exposed, even with no traffic.
-* Each scrape has its own `CollectorRegistry`; nothing is registered globally.
+* Nothing is registered globally: each scrape's families are made from its
+  snapshot (prometheus-client's metric families) and written as text by
+  `management.metrics_text.families_text`, which writes what prometheus-client's
+  `generate_latest` wrote. Its module, `prometheus_client.exposition`, and the
+  package's `__init__` import its HTTP servers and push gateway client (1.3 MiB
+  of the management process: `management.process.parts_only`).
 * The families with a sample per host are written by `management.metrics_text`
   (quicker than prometheus-client, and pausing for other requests), as the
   body is sent: a scrape's text is never whole in memory. What can fail (the
@@ -28,13 +33,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from balancer.turns import turn
 from management.collector import COLLECTOR
-from management.metrics_text import Cut, Rows, per_host_text
+from management.metrics_text import Cut, Rows, families_text, per_host_text
 
 log = logging.getLogger("balancer.management")
 Snapshot = dict[str, Any]
@@ -43,7 +46,7 @@ MOST_HELD = 4  # snapshots held by the bodies being sent (scrapes at once share 
 CUT_SHORT = b"balancer_scrape_cut_short{"  # a cut body's end: a line no parser takes
 
 
-class SnapshotCollector(Collector):
+class SnapshotCollector:
     """Yields the SPEC §7 families with few samples from one snapshot, `snap`
     (those with a sample per host are `management.metrics_text`'s)."""
 
@@ -55,10 +58,7 @@ class SnapshotCollector(Collector):
         self.acme = acme  # `management.acme_api.figures`
         self.own_drops = own_drops  # process log lines dropped: {"management", "arbiter"}
 
-    def describe(self) -> list:
-        return []  # no collect() at registration time
-
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         snap = self.snap
         yield _gauge("balancer_open_connections", "Client connections open now.",
                      snap.get("open_connections", 0))
@@ -94,7 +94,7 @@ class SnapshotCollector(Collector):
             dropped.add_metric([kind], own.get(kind, 0))
         return dropped
 
-    def _tls(self, snap: Snapshot) -> Iterator[Any]:
+    def _tls(self, snap: Snapshot) -> Iterator[Metric]:
         handshakes = CounterMetricFamily("balancer_tls_handshakes_total",
                                          "TLS handshakes on TLS listeners, by outcome.",
                                          labels=["outcome"])
@@ -112,7 +112,7 @@ class SnapshotCollector(Collector):
             expiry.add_metric([host], seconds)
         yield expiry
 
-    def _acme(self) -> Iterator[Any]:
+    def _acme(self) -> Iterator[Metric]:
         try:
             found: dict[str, Any] = self.acme() if self.acme is not None else {}
         except Exception:  # the store is down: the other metrics still answer
@@ -142,7 +142,7 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 
 class Metrics:
-    """The ``/metrics`` body for one app: each scrape a private registry over a snapshot."""
+    """The ``/metrics`` body for one app: each scrape's families made from its snapshot."""
 
     content_type = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -163,10 +163,9 @@ class Metrics:
         families written as they are iterated."""
         with COLLECTOR.held():  # (the body holds it from its first slice: `_sent`)
             snap = self.snapshot()
-            registry = CollectorRegistry(auto_describe=False)  # one per scrape: its snapshot's
-            registry.register(SnapshotCollector(snap, *self.sources))
+            few = families_text(SnapshotCollector(snap, *self.sources).collect())
             rows = Rows(snap.get("hosts", {}), snap, self.pause)  # (sorted in slices)
-            return self._sent(rows, generate_latest(registry))
+            return self._sent(rows, few)
 
     def held(self) -> list[Any]:
         """The snapshots the bodies being sent hold, oldest first."""

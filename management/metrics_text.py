@@ -27,8 +27,11 @@ Invariants:
   dropped at once, and their clients see a broken answer, never a shorter
   valid-looking one). Bug: up to 256 slow scrapers (the connection cap) each
   held a snapshot (~60 MB for 20,000 hosts).
-* Only the families with a sample per host are written here; the balancer's
-  few others stay with prometheus-client (`management.metrics`).
+* The balancer's few other families are prometheus-client's metric families
+  (`management.metrics.SnapshotCollector`), written by `families_text` as
+  its `generate_latest` writes them (counters and gauges, no timestamps, no
+  `_created` samples; tests/test_metrics.py compares the two): that function's
+  module imports prometheus-client's HTTP servers (1.3 MiB).
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from __future__ import annotations
 import errno
 import heapq
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
 from balancer.stats import BUCKETS
@@ -134,6 +138,22 @@ def per_host_text(hosts: dict[str, Any] | Rows, pause: Callable[[], None]) -> It
                 out = []
                 pause()
         yield "".join(out).encode()
+
+
+def families_text(families: Iterable[Metric]) -> bytes:
+    """`families` (counters and gauges, their help text needing no escape) as
+    the text format, each one's ``# HELP`` and ``# TYPE`` lines then its samples
+    with their labels in name order: what `generate_latest` writes for them."""
+    out = []
+    for family in families:
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        out.append(f"# HELP {name} {family.documentation}\n# TYPE {name} {family.type}\n")
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{escape(label)}"'
+                              for key, label in sorted(sample.labels.items()))
+            out.append(f"{sample.name}{{{labels}}} {value(sample.value)}\n" if labels
+                       else f"{sample.name} {value(sample.value)}\n")
+    return "".join(out).encode()
 
 
 def _codes(out: list[str], row: Host) -> None:

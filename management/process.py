@@ -31,27 +31,35 @@ log = logging.getLogger("balancer")
 MANAGEMENT_DRAIN = 5.0  # seconds an old management process finishes API requests
 
 
-def werkzeug_parts_only() -> None:
-    """Let `werkzeug`'s modules be imported without its package's `__init__`,
-    unless it is imported already (the arbiter preloads it when it drops
-    privileges). That `__init__` imports `werkzeug.serving` (its development
-    server, with `http.server`, `socketserver`, `html`) and `werkzeug.test`
-    for its four shortcuts, none of which the API uses: 1.0 MiB of the
-    management process's memory (docs/performance.md). Each module the API
-    imports (`werkzeug.wrappers`, `werkzeug.routing`, ...) is found through
-    the package's path as before."""
-    if "werkzeug" in sys.modules:
-        return
-    spec = importlib.util.find_spec("werkzeug")
-    if spec is not None:
-        sys.modules["werkzeug"] = importlib.util.module_from_spec(spec)
+def parts_only(*packages: str) -> None:
+    """Let each package's modules be imported without its `__init__`, unless
+    it is imported already (the arbiter preloads them whole when it drops
+    privileges). Each module the API imports (`werkzeug.wrappers`,
+    `prometheus_client.metrics_core`, ...) is found through the package's path
+    as before; what the `__init__`s import for shortcuts the API never uses is
+    not (docs/performance.md):
+
+    * werkzeug's imports `werkzeug.serving` (its development server, with
+      `http.server`, `socketserver`, `html`) and `werkzeug.test`: 1.0 MiB of
+      the management process's memory from its start;
+    * prometheus-client's imports `prometheus_client.exposition` (its HTTP
+      server and push gateway client: `http.server`, `wsgiref`,
+      `urllib.request`, `gzip`) and its metric classes: 1.3 MiB from the
+      first scrape (`management.metrics_text.families_text` writes what
+      its `generate_latest` wrote)."""
+    for name in packages:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is not None:
+            sys.modules[name] = importlib.util.module_from_spec(spec)
 
 
 def run_management(env: ChildEnv, sock: Any) -> int:
     """Serve the management API on `sock` until told to stop."""
     import gevent
 
-    werkzeug_parts_only()  # before the first of the API's modules
+    parts_only("werkzeug", "prometheus_client")  # before the first of the API's modules
     from balancer.stores.snapshot import Snapshot
     from balancer.turns import turn
     from management.acme_issuer import Issuer

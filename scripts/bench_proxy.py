@@ -93,12 +93,14 @@ NOFILE = 4096
 @dataclass
 class Started:
     """A running target: its port, its process, and the management port to
-    scrape /metrics on while it is measured (None: no scraping)."""
+    scrape /metrics on while it is measured (None: no scraping); a balancer's
+    management port, `management`."""
 
     port: int
     proc: Proc
     scrape_port: int | None = None
     scheme: str = "http"
+    management: int | None = None
 
 
 def start_nginx(procs: Processes, root: Path) -> Started:
@@ -119,7 +121,7 @@ def start_target(name: str, procs: Processes, root: Path, backend: int,
     port, dir = free_port(), root / name
     dir.mkdir()
     addr = f"{HOST}:{backend}"
-    scrape_port = None
+    scrape_port = mgmt = None
     scheme = "https" if name.endswith("-tls") else "http"
     if name in ("haproxy", "haproxy-master", "haproxy-tls"):
         conf = dir / "haproxy.cfg"
@@ -160,7 +162,7 @@ def start_target(name: str, procs: Processes, root: Path, backend: int,
         env = {"PYTHONPATH": baseline}
     proc = procs.start(name, argv, env)
     wait_for_port(proc, port)
-    return Started(port, proc, scrape_port, scheme)
+    return Started(port, proc, scrape_port, scheme, mgmt)
 
 
 _CERTIFICATE: list[tuple[str, str]] = []

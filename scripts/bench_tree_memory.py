@@ -2,7 +2,7 @@
 
 ``python scripts/bench_tree_memory.py [--connections 100,1000] [--duration 8]
 [--targets haproxy,balancer[,haproxy-master][,baseline]] [--baseline TREE] [--settle 2]
-[--mappings] [--floor]``
+[--mappings] [--scrape] [--floor]``
 
 For each connection count, every target is started afresh in front of
 nginx (as `scripts/bench_proxy.py` starts them: HAProxy ``nbthread 1``,
@@ -21,7 +21,10 @@ peak, each process's Pss and Private_Dirty by kind of mapping
 (`loadtest.measure.MAPPING_KINDS`: pymalloc's arenas and the other anonymous
 mappings, malloc's heap, the interpreter's and libraries' writable data, the
 stack, files' code): what a child holds alone is mostly the pages it copied
-of its parent's.
+of its parent's. ``--scrape`` GETs each balancer's ``/metrics`` once right
+after its start, as a Prometheus server would (the management process imports
+its exporter's modules at the first scrape), so the figures are those of a
+monitored balancer.
 
 ``--floor`` also reads what no balancer can go below with its three
 processes: a bare interpreter (``python3 -c``, and with ``-S``: no site
@@ -41,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,8 +139,16 @@ def mappings_line(mappings: Mappings) -> str:
         for role, found in mappings)
 
 
-def run_count(names: list[str], connections: int, duration: int,
-              baseline: str | None, settle: float, mappings: bool = False) -> None:
+def scrape(target: Started) -> None:
+    """GET the balancer's /metrics once (HAProxy: nothing)."""
+    if target.management is not None:
+        url = f"http://{HOST}:{target.management}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            answer.read()
+
+
+def run_count(names: list[str], connections: int, duration: int, baseline: str | None,
+              settle: float, mappings: bool = False, scraped: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tree-memory-") as tmp:
         root = Path(tmp)
         procs = Processes(root / "logs")
@@ -144,6 +156,8 @@ def run_count(names: list[str], connections: int, duration: int,
             nginx = start_nginx(procs, root)
             started = {name: start_target(name, procs, root, nginx.port, 1, baseline)
                        for name in names}
+            for target in started.values() if scraped else ():
+                scrape(target)
             time.sleep(settle)  # the children's start-up done
             idle = {name: read(roles(started[name])) for name in names}
             idle_mappings = {name: read_mappings(roles(started[name])) if mappings else []
@@ -153,7 +167,8 @@ def run_count(names: list[str], connections: int, duration: int,
         finally:
             procs.stop_all()
     peaks = {name: rollups for name, (rollups, _) in loaded.items()}
-    print(f"\n{connections} connections, MiB: per process Pss (Pss_Anon) / Private / Shared")
+    print(f"\n{connections} connections{', scraped once' if scraped else ''}, MiB: "
+          "per process Pss (Pss_Anon) / Private / Shared")
     reference = tree(peaks["haproxy"]) if "haproxy" in peaks else 0
     for name in names:
         ratio = f" = {tree(peaks[name]) / reference:.2f}x HAProxy's" if reference else ""
@@ -191,6 +206,8 @@ def main() -> None:
                         help="seconds from the start to the idle reading")
     parser.add_argument("--mappings", action="store_true",
                         help="also each process's memory by kind of mapping, idle and at the peak")
+    parser.add_argument("--scrape", action="store_true",
+                        help="GET each balancer's /metrics once after its start")
     parser.add_argument("--floor", action="store_true",
                         help="also read bare interpreters (the floor)")
     args = parser.parse_args()
@@ -200,7 +217,8 @@ def main() -> None:
     if ("baseline" in names) != bool(args.baseline):
         parser.error("the baseline target and --baseline TREE go together")
     for connections in (int(c) for c in args.connections.split(",") if c):
-        run_count(names, connections, args.duration, args.baseline, args.settle, args.mappings)
+        run_count(names, connections, args.duration, args.baseline, args.settle, args.mappings,
+                  args.scrape)
     if args.floor:
         floor()
 

@@ -158,3 +158,29 @@ def test_acme_metrics_are_zero_when_the_store_cannot_be_read() -> None:
     got = samples(text(Metrics(lambda: Stats().snapshot(), None, broken)))
     assert got[("balancer_acme_hosts", (("state", "issued"),))] == 0
     assert got[("balancer_open_connections", ())] == 0  # the rest still answers
+
+
+def test_the_few_families_are_written_as_prometheus_clients_generate_latest() -> None:
+    """`families_text` writes byte for byte what `generate_latest` wrote for the
+    snapshot's families (its module imports prometheus-client's HTTP servers:
+    `management.process.parts_only`): escaped help and label values, floats,
+    big and negative numbers, counters named with `_total`."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from management.metrics import SnapshotCollector
+    from management.metrics_text import families_text
+
+    snap = worker_with_traffic().snapshot()
+    snap.update(open_connections=10**7, lingering_connections=-3, store_up=True,
+                access_log_dropped=2.5, tls_handshakes={'re"used\\': 4, "full\nnew": 1e21})
+    sources = (lambda: {'a"b\\c.test': -12.25, "z.test": 86400.0, "\n": float("inf")},
+               lambda: {"issuances": {"ok": 3}, "hosts": {"failed": 1},
+                        "next_attempt": {"x.test": 0.1 + 0.2}},
+               lambda: {"management": 7, "arbiter": 1_000_000})
+    collector = SnapshotCollector(snap, *sources)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    text = families_text(collector.collect())
+    assert text == generate_latest(registry)
+    assert b'balancer_tls_handshakes_total{outcome="re\\"used\\\\"} 4.0\n' in text
+    assert b"# HELP balancer_config_reloads_total " in text
