@@ -15,7 +15,7 @@ import pytest
 from balancer.stores import Store, TableChange, TableData, VersionConflict, open_store
 from balancer.stores.certs import CertsCorrupt, CertsLost, RedisCerts
 from balancer.stores.file import FileStore
-from balancer.stores.records import ENDED
+from balancer.stores.records import ENDED, Claimed, HandedOver
 from tests.conftest import RedisServer, wait_until
 
 WEB = {"action": "proxy", "backends": ["127.0.0.1:9001", {"address": "[::1]:9002", "weight": 3}]}
@@ -364,6 +364,39 @@ def test_a_running_deploys_record_is_saved_with_its_claim_renewed_never_after_a_
     # a running deploy whose claim went (damaged records) to another: saved, unclaimed
     assert a.save_claimed(dict(record, id="d3"), "owner-a", 111.0, 5.0) == "d2"
     assert (b.deploy("d3")["id"], b.claims()["web.test"]["id"]) == ("d3", "d2")
+
+
+def test_a_deploys_rule_write_renews_its_claim_in_the_same_step_or_writes_nothing(
+        make_store: Callable[[], Store]) -> None:
+    """`Store.put_host` with `Claimed`: the claim renewed with the write; a write the
+    version check refuses leaves the claim as it was; one of a deploy another process
+    took over, or ended, is `HandedOver` with nothing written; another deploy's claim
+    (damaged records) is left alone, the write made."""
+    one, other = make_store(), make_store()
+    a, b = one.records(), other.records()
+    record = {"id": "d1", "host": "web.test", "started": 100.0, "state": "running",
+              "owner": "owner-a"}
+    version = one.put_host("web.test", GONE)
+    assert a.begin(record, 100.0, 5.0) is None
+    with pytest.raises(VersionConflict):
+        one.put_host("web.test", WEB, version + 1, Claimed("d1", "owner-a", 103.0, 5.0))
+    assert b.claims()["web.test"]["beat"] == 100.0  # not renewed by a refused write
+    version = one.put_host("web.test", WEB, version, Claimed("d1", "owner-a", 104.0, 5.0))
+    assert b.claims()["web.test"] == {"id": "d1", "owner": "owner-a", "beat": 104.0}
+    assert b.claim("web.test", "d1", "owner-b", 109.1, 5.0) is None  # quiet: resumed
+    for holder in ("d1", ENDED):  # taken over, then ended and released by the other
+        with pytest.raises(HandedOver) as refused:
+            one.put_host("web.test", GONE, version, Claimed("d1", "owner-a", 109.5, 5.0))
+        assert refused.value.holder == holder
+        assert (other.load().version, other.host_rule("web.test").rule) == (version, WEB)
+        if holder == "d1":
+            assert b.save_claimed(dict(record, state="done"), "owner-b", 109.2, 5.0) is None
+            b.release("web.test", "d1")
+    assert b.claims() == {}  # never claimed again for an ended deploy
+    assert b.begin(dict(record, id="d2", owner="owner-b"), 110.0, 5.0) is None
+    one.put_host("web.test", GONE, version, Claimed("d3", "owner-a", 111.0, 5.0))
+    assert b.claims()["web.test"] == {"id": "d2", "owner": "owner-b", "beat": 110.0}
+    assert other.host_rule("web.test").rule == GONE
 
 
 def test_a_renewal_racing_the_takeovers_end_never_claims_the_ended_deploy_again(
