@@ -145,7 +145,8 @@ class Run:
             return
         if found is not None:
             self.record["abort"] = {"requested": found.get("at"), "by": found.get("by"),
-                                    "since": None, "version": None, "problem": None}
+                                    "since": None, "version": None, "problem": None,
+                                    "code": None}
             raise Aborted()
 
     def begin(self, name: str, detail: str) -> None:

@@ -68,6 +68,8 @@ def test_an_abort_in_the_ready_step_changes_nothing_and_frees_the_host_at_once(
     record = answer["deploy"]
     assert record["state"] == "aborted" and record["step"] == "ready", record
     assert record["error"] is None and record["abort"]["since"] is None
+    assert {k: v for k, v in record["abort"].items() if k not in ("requested", "by")} == {
+        "since": None, "version": None, "problem": None, "code": None}  # (docs/deploys.md)
     assert [s["name"] for s in record["steps"]] == ["ready"]
     assert step(record, "ready")["outcome"] == "aborted"
     assert took < 3  # its next round, not the 60 s ready_timeout
