@@ -143,7 +143,8 @@ class Deployer(Claiming):
                                   f"{exc.reason}; {withdrawn}", exc.where, exc.reason)
 
     def _spawn(self, record: dict[str, Any], resumed: bool) -> None:
-        self.running[record["host"]] = record["id"]
+        with self.handing:  # (`running` changed with `taken`: `deploy_claims`)
+            self.running[record["host"]] = record["id"]
         threading.Thread(target=self.run, args=(record, resumed), daemon=True,
                          name=f"deploy {record['id']}").start()
 
