@@ -35,6 +35,8 @@ from tests.test_tls_first_use import hostile
 
 HOSTS = ("a.test", "b.test", "c.test")
 STEADY = 2.5  # seconds (over two of the workers' looks at the store) hosts must stay served
+PACE = 0.05  # seconds between two rounds of handshakes while they must stay served
+CERTS = "routes.json.certs.json"
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,41 @@ def backend() -> Iterator[Backend]:
     b = Backend("certs-damage")
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory,
+           backend: Backend) -> Iterator[tuple[Balancer, bytes]]:
+    """One balancer for the tests that damage and repair the file store without
+    killing a process (each its own start cost ~1.5 CPU-s): it and its certs
+    file's good bytes (`HOSTS`' records)."""
+    bal = start(tmp_path_factory.mktemp("certs-damage"), backend)
+    yield bal, (bal.tmp / CERTS).read_bytes()
+    bal.stop()
+
+
+@pytest.fixture
+def bal(shared: tuple[Balancer, bytes]) -> Balancer:
+    """The shared balancer as a fresh one starts: the good file back (a test
+    adds new.test, deletes or damages the file), no problem said, `HOSTS`
+    listed without a problem."""
+    bal, good = shared
+    path = bal.tmp / CERTS
+    if not path.exists() or path.read_bytes() != good:
+        replace_file(path, good)
+
+    def as_started() -> bool:
+        status, listed = bal.api("GET", "/api/v1/certs")
+        return (status == 200 and certs_problem(bal) is None and "problem" not in listed
+                and [(c["host"], c.get("problem")) for c in listed["certs"]]
+                == [(host, None) for host in HOSTS])
+    wait_for(as_started, timeout=10, interval=0.05, what="the good certs file read again")
+    return bal
+
+
+def logged_since(bal: Balancer, mark: int) -> str:
+    """The shared balancer's log after the `mark`-th character (this test's own)."""
+    return bal.output()[mark:]
 
 
 def start(tmp: Path, backend: Backend, args: list[str] | None = None) -> Balancer:
@@ -68,13 +105,18 @@ def served(bal: Balancer, context: ssl.SSLContext, host: str) -> bool:
 
 def all_served_for(bal: Balancer, context: ssl.SSLContext, hosts: tuple[str, ...],
                    seconds: float = STEADY) -> None:
-    """Every host handshakes, on many connections (both workers), for `seconds`."""
+    """Every host handshakes, on many connections (both workers), for `seconds`:
+    a round every `PACE` (back to back, the rounds cost ~1.5 CPU-s a second of
+    handshakes between the test and the workers for no more coverage)."""
     deadline = time.monotonic() + seconds
     rounds = 0
-    while time.monotonic() < deadline and rounds < 1000:
+    while rounds < 1000:
         rounds += 1
         for host in hosts:
             assert served(bal, context, host), f"{host} not served after {rounds} rounds"
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(PACE, max(0.0, deadline - time.monotonic())))
 
 
 def replace_workers(bal: Balancer) -> list[int]:
@@ -133,33 +175,30 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_certs_file_keeps_every_certificate_served(
-        tmp_path: Path, backend: Backend, damage: str) -> None:
-    bal = start(tmp_path, backend)
-    try:
-        context = client_context(tmp_path)
-        path = tmp_path / "routes.json.certs.json"
-        good = path.read_bytes()
-        replace_file(path, DAMAGE[damage](good))
-        damaged = path.read_bytes()
-        wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem in /api/v1/info")
-        all_served_for(bal, context, HOSTS)
-        status, answer = put(bal, "new.test")
-        assert (status, answer["error"]) == (503, "certs_corrupt"), answer
-        status, deleted = bal.api("DELETE", "/api/v1/certs/a.test")
-        assert (status, deleted["error"]) == (503, "certs_corrupt")
-        assert path.read_bytes() == damaged  # nothing written over it
-        status, listed = bal.api("GET", "/api/v1/certs")
-        assert status == 200 and [c["host"] for c in listed["certs"]] == list(HOSTS)
-        assert "cannot be read" in listed["problem"]
-        replace_file(path, good)  # the operator repairs it
-        wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the problem to clear")
-        assert put(bal, "new.test")[0] == 200
-        assert sorted(json.loads(path.read_bytes())["certs"]) == sorted((*HOSTS, "new.test"))
-        all_served_for(bal, context, (*HOSTS, "new.test"), seconds=0)
-        assert bal.output().count("the certificates file cannot be read") == 1  # logged once
-        no_key_leaked(bal, answer, deleted, listed)
-    finally:
-        bal.stop()
+        tmp_path: Path, bal: Balancer, damage: str) -> None:
+    mark = len(bal.output())
+    context = client_context(tmp_path)
+    path = bal.tmp / CERTS
+    good = path.read_bytes()
+    replace_file(path, DAMAGE[damage](good))
+    damaged = path.read_bytes()
+    wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem in /api/v1/info")
+    all_served_for(bal, context, HOSTS)
+    status, answer = put(bal, "new.test")
+    assert (status, answer["error"]) == (503, "certs_corrupt"), answer
+    status, deleted = bal.api("DELETE", "/api/v1/certs/a.test")
+    assert (status, deleted["error"]) == (503, "certs_corrupt")
+    assert path.read_bytes() == damaged  # nothing written over it
+    status, listed = bal.api("GET", "/api/v1/certs")
+    assert status == 200 and [c["host"] for c in listed["certs"]] == list(HOSTS)
+    assert "cannot be read" in listed["problem"]
+    replace_file(path, good)  # the operator repairs it
+    wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the problem to clear")
+    assert put(bal, "new.test")[0] == 200
+    assert sorted(json.loads(path.read_bytes())["certs"]) == sorted((*HOSTS, "new.test"))
+    all_served_for(bal, context, (*HOSTS, "new.test"), seconds=0)
+    assert logged_since(bal, mark).count("the certificates file cannot be read") == 1  # once
+    no_key_leaked(bal, answer, deleted, listed)
 
 
 def test_workers_started_while_the_certs_file_is_damaged_serve_the_last_read(
@@ -258,52 +297,42 @@ def test_after_a_crash_a_damaged_record_is_collected_from_the_workers(
         bal.stop()
 
 
-def test_restore_writes_back_the_certificates_last_read(tmp_path: Path, backend: Backend,
-                                                        ) -> None:
-    bal = start(tmp_path, backend)
-    try:
-        context = client_context(tmp_path)
-        path = tmp_path / "routes.json.certs.json"
-        status, answer = bal.api("POST", "/api/v1/certs/restore")
-        assert (status, answer["error"]) == (409, "nothing_to_restore")  # nothing damaged
-        wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the watch to read")
-        path.write_bytes(b'{"certs": {"a.test": ')
-        wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
-        status, answer = bal.api("POST", "/api/v1/certs/restore")
-        assert (status, answer) == (200, {"restored": 3})
-        assert sorted(json.loads(path.read_bytes())["certs"]) == list(HOSTS)
-        assert path.stat().st_mode & 0o777 == 0o600
-        wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the problem to clear")
-        assert put(bal, "new.test")[0] == 200
-        all_served_for(bal, context, (*HOSTS, "new.test"), seconds=0)
-        no_key_leaked(bal, answer)
-    finally:
-        bal.stop()
+def test_restore_writes_back_the_certificates_last_read(tmp_path: Path, bal: Balancer) -> None:
+    context = client_context(tmp_path)
+    path = bal.tmp / CERTS
+    status, answer = bal.api("POST", "/api/v1/certs/restore")
+    assert (status, answer["error"]) == (409, "nothing_to_restore")  # nothing damaged
+    wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the watch to read")
+    path.write_bytes(b'{"certs": {"a.test": ')
+    wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
+    status, answer = bal.api("POST", "/api/v1/certs/restore")
+    assert (status, answer) == (200, {"restored": 3})
+    assert sorted(json.loads(path.read_bytes())["certs"]) == list(HOSTS)
+    assert path.stat().st_mode & 0o777 == 0o600
+    wait_for(lambda: certs_problem(bal) is None, timeout=10, what="the problem to clear")
+    assert put(bal, "new.test")[0] == 200
+    all_served_for(bal, context, (*HOSTS, "new.test"), seconds=0)
+    no_key_leaked(bal, answer)
 
 
-@pytest.mark.slow
-def test_a_deleted_certs_file_is_lost_not_empty(tmp_path: Path, backend: Backend) -> None:
-    bal = start(tmp_path, backend)
-    try:
-        context = client_context(tmp_path)
-        path = tmp_path / "routes.json.certs.json"
-        path.unlink()
-        wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
-        assert "deleted" in (certs_problem(bal) or "")
-        all_served_for(bal, context, HOSTS)
-        status, answer = put(bal, "new.test")
-        assert (status, answer["error"]) == (503, "certs_lost")
-        assert not path.exists()  # not rewritten with one certificate
-        url = f"--url=http://127.0.0.1:{bal.mport}"
-        listed = ctl("cert", "list", url)
-        assert listed.returncode == 0 and all(host in listed.stdout for host in HOSTS)
-        assert listed.stderr.startswith("balancerctl: warning: ") and "deleted" in listed.stderr
-        assert ok("cert", "restore", url) == "restored 3 certificates to the store\n"
-        assert put(bal, "new.test")[0] == 200
-        assert sorted(json.loads(path.read_bytes())["certs"]) == sorted((*HOSTS, "new.test"))
-        no_key_leaked(bal, answer)
-    finally:
-        bal.stop()
+def test_a_deleted_certs_file_is_lost_not_empty(tmp_path: Path, bal: Balancer) -> None:
+    context = client_context(tmp_path)
+    path = bal.tmp / CERTS
+    path.unlink()
+    wait_for(lambda: certs_problem(bal), timeout=10, what="the certs problem")
+    assert "deleted" in (certs_problem(bal) or "")
+    all_served_for(bal, context, HOSTS)
+    status, answer = put(bal, "new.test")
+    assert (status, answer["error"]) == (503, "certs_lost")
+    assert not path.exists()  # not rewritten with one certificate
+    url = f"--url=http://127.0.0.1:{bal.mport}"
+    listed = ctl("cert", "list", url)
+    assert listed.returncode == 0 and all(host in listed.stdout for host in HOSTS)
+    assert listed.stderr.startswith("balancerctl: warning: ") and "deleted" in listed.stderr
+    assert ok("cert", "restore", url) == "restored 3 certificates to the store\n"
+    assert put(bal, "new.test")[0] == 200
+    assert sorted(json.loads(path.read_bytes())["certs"]) == sorted((*HOSTS, "new.test"))
+    no_key_leaked(bal, answer)
 
 
 def test_one_damaged_record_never_takes_the_others_down(tmp_path: Path,
