@@ -32,6 +32,13 @@ from tests.test_probe_deploy import Scripted, rule_of
 chromium, browser = test_dashboard.chromium, test_dashboard.browser
 
 
+@pytest.fixture
+def lb(shared_lb: Balancer) -> Balancer:
+    """One balancer for the module (`tests.deploy_fixtures.shared_lb`): no test
+    here needs a fresh process (each looks its own deploy up by id)."""
+    return shared_lb
+
+
 def abort(lb: Balancer, host: str = HOST) -> tuple[int, Any]:
     return lb.api("DELETE", f"/api/v1/hosts/{host}/deploy")
 
@@ -126,7 +133,7 @@ def test_balancerctl_aborts_a_deploy_in_its_drain_and_the_deploy_command_says_so
     follower, followed = in_background(lambda: ctl.main(
         ["--url", url, "deploy", HOST, "--backend", b.address, "--warmup", "0",
          "--drain-timeout", "30"]))
-    wait_for(lambda: any(r["step"] == "drain" for r in
+    wait_for(lambda: any(r["step"] == "drain" and r["state"] == "running" for r in
                          lb.api("GET", "/api/v1/deploys")[1]["deploys"]), what="the drain")
     assert ctl.main(["--url", url, "deploy", HOST, "--abort"]) == 0
     follower.join(15)
