@@ -100,6 +100,14 @@ def draining(lb: Balancer, b: Backend, seconds: int, drain_timeout: int
     return slow, record
 
 
+@pytest.fixture
+def lb(shared_lb: Balancer) -> Balancer:
+    """One balancer for the module's tests that kill no process and damage no
+    deploy record (`tests.deploy_fixtures.shared_lb`); the others ask for
+    `fresh_lb`."""
+    return shared_lb
+
+
 def rule_of(lb: Balancer, host: str = HOST) -> dict[str, Any]:
     return lb.api("GET", f"/api/v1/hosts/{host}")[1]["rule"]
 
@@ -235,7 +243,8 @@ def test_operators_racing_on_two_balancers_sharing_redis_start_one_deploy(
 
 @pytest.mark.slow  # the claim of a killed process goes stale after STALE_AFTER (5 s)
 def test_a_management_process_killed_mid_drain_is_replaced_and_the_deploy_finishes(
-        lb: Balancer, a: Backend) -> None:
+        fresh_lb: Balancer, a: Backend) -> None:
+    lb = fresh_lb
     b = Backend("b")
     try:
         (slow, out), record = draining(lb, b, 6, 30)
@@ -261,9 +270,10 @@ def test_a_management_process_killed_mid_drain_is_replaced_and_the_deploy_finish
 
 @pytest.mark.slow  # the claim of a killed process goes stale after STALE_AFTER (5 s)
 def test_a_management_process_killed_in_the_ready_step_is_resumed_there(
-        lb: Balancer, a: Backend) -> None:
+        fresh_lb: Balancer, a: Backend) -> None:
     """Killed while the new backend is not ready yet: the new management process
     checks it again for what is left of ready_timeout, and switches once it is up."""
+    lb = fresh_lb
     late = Scripted("503")
     try:
         record = deploy(lb, {"backends": [late.address], "ready_timeout": 30, "warmup": 0})
@@ -315,12 +325,14 @@ def test_a_routes_file_damaged_during_the_drain_is_waited_out(lb: Balancer, a: B
     waits, and repaired: the deploy waits for it as for an outage and ends with
     its rule clean. Bug: the damaged read went up as "internal error", a traceback
     in the log, the old backend left under `draining`."""
+    mark = len(lb.output())
     b = Backend("b")
     try:
         (slow, _), record = draining(lb, b, 3, 20)
         good = lb.routes.read_bytes()
         lb.routes.write_bytes(good[:len(good) // 2])
-        wait_for(lambda: "cannot read the rule" in lb.output(), what="the drain's end to meet it")
+        wait_for(lambda: "cannot read the rule" in lb.output()[mark:],
+                 what="the drain's end to meet it")
         replace_file(lb.routes, good)
         record = finished(lb, record["id"])
         slow.join(10)
@@ -328,7 +340,7 @@ def test_a_routes_file_damaged_during_the_drain_is_waited_out(lb: Balancer, a: B
         b.stop()
     assert record["state"] == "done" and step(record, "drain")["outcome"] == "drained", record
     assert rule_of(lb) == proxy(b)
-    assert "Traceback" not in lb.output()
+    assert "Traceback" not in lb.output()[mark:]
 
 
 def test_the_in_flight_report_of_a_balancer_gone_for_good_is_forgotten(
@@ -366,6 +378,7 @@ def post_raw(lb: Balancer, what: str, data: bytes) -> tuple[int, dict[str, Any]]
 def test_malformed_deploy_bodies_are_refused_with_the_reason_and_start_nothing(
         lb: Balancer, a: Backend) -> None:
     good = json.dumps(a.address)
+    deploys = lb.api("GET", "/api/v1/deploys")[1]["deploys"]  # (earlier tests' on `lb`)
     cases = [
         (b'{"backends": [%s], "ready_timeout": NaN}', "invalid_json", "NaN is not a number"),
         (b'{"backends": [%s], "warmup": 1e309}', "invalid_json", "too large"),
@@ -392,7 +405,7 @@ def test_malformed_deploy_bodies_are_refused_with_the_reason_and_start_nothing(
         assert reason in answer["message"] + " ".join(answer["details"]), (data[:80], answer)
     status, answer = post_raw(lb, "rollback", b'{"backends": [], "warmup": -1}')
     assert status == 400 and len(answer["details"]) == 2, answer
-    assert lb.api("GET", "/api/v1/deploys")[1]["deploys"] == []
+    assert lb.api("GET", "/api/v1/deploys")[1]["deploys"] == deploys
     assert rule_of(lb) == proxy(a) and lb.proc.poll() is None
 
 
@@ -628,7 +641,8 @@ def test_a_long_deploy_keeps_its_record_while_others_come_and_go(
         lb.stop()
 
 def test_damaged_deploy_records_are_reported_and_never_let_a_second_deploy_of_the_host_start(
-        tmp_path: Path, lb: Balancer) -> None:
+        tmp_path: Path, fresh_lb: Balancer) -> None:
+    lb = fresh_lb
     not_ready = Scripted("503")
     try:
         first = deploy(lb, {"backends": [not_ready.address], "ready_timeout": 2})
