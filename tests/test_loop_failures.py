@@ -221,16 +221,17 @@ def test_a_deploy_claim_whose_beat_is_no_number_is_stale(claims_bal: Balancer,
 
 
 @pytest.fixture
-def garbage_worker(tmp_path: Path) -> Iterator[Callable[[Path, bytes], None]]:
-    """``start(run_dir, answer)``: a socket named as a worker's in the run directory
-    that answers every command `answer`."""
-    listeners: list[socket.socket] = []
+def garbage_worker(tmp_path: Path) -> Iterator[Callable[[Path, bytes, int], None]]:
+    """``start(run_dir, answer, pid)``: a socket named as worker `pid`'s in the run
+    directory that answers every command `answer` (removed after the test)."""
+    listeners: list[tuple[socket.socket, Path]] = []
 
-    def start(run_dir: Path, answer: bytes) -> None:
+    def start(run_dir: Path, answer: bytes, pid: int) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(run_dir / "worker-999999.sock"))
+        path = run_dir / f"worker-{pid}.sock"
+        listener.bind(str(path))
         listener.listen(16)
-        listeners.append(listener)
+        listeners.append((listener, path))
 
         def serve(conn: socket.socket) -> None:
             with conn, contextlib.suppress(OSError):
@@ -241,26 +242,37 @@ def garbage_worker(tmp_path: Path) -> Iterator[Callable[[Path, bytes], None]]:
         serve_each(listener, serve)
 
     yield start
-    for listener in listeners:
+    for listener, path in listeners:
         listener.close()
+        path.unlink(missing_ok=True)
 
 
-@pytest.mark.parametrize("answer", [b"[]", b'"x"', b'{"no": "pid"}'])
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
+    bal = Balancer(tmp_path_factory.mktemp("answers"), {"app.test": STATIC},
+                   args=["--workers", "1"])
+    yield bal
+    bal.stop()
+
+
+@pytest.mark.parametrize(("answer", "pid"), [(b"[]", 999997), (b'"x"', 999998),
+                                             (b'{"no": "pid"}', 999999)])
 def test_a_control_answer_that_is_not_a_workers_is_no_answer(
-        tmp_path: Path, garbage_worker: Callable[[Path, bytes], None], answer: bytes) -> None:
-    bal = Balancer(tmp_path, {"app.test": STATIC}, args=["--workers", "1"])
-    try:
-        run_dir = Path(control_socket(wait_workers(bal, 1)[0])).parent
-        garbage_worker(run_dir, answer)
-        assert request(bal.port, host="app.test")[0] == 200
-        status, stats = bal.api("GET", "/api/v1/stats")
-        assert status == 200, stats
-        assert [lag["pid"] for lag in stats["lagging"]] == [999999]
-        assert "no usable answer" in stats["lagging"][0]["reason"]
-        assert stats["hosts"]["app.test"]["completed_requests"] >= 1
-        assert tracebacks(bal) == 0, bal.output()
-    finally:
-        bal.stop()
+        one_worker: Balancer, garbage_worker: Callable[[Path, bytes, int], None],
+        answer: bytes, pid: int) -> None:
+    """One balancer for the three answers, each from a pid of its own (the last
+    test's fake worker gone: it must no longer be listed)."""
+    bal = one_worker
+    mark = len(bal.output())
+    run_dir = Path(control_socket(wait_workers(bal, 1)[0])).parent
+    garbage_worker(run_dir, answer, pid)
+    assert request(bal.port, host="app.test")[0] == 200
+    status, stats = bal.api("GET", "/api/v1/stats")
+    assert status == 200, stats
+    assert [lag["pid"] for lag in stats["lagging"]] == [pid]
+    assert "no usable answer" in stats["lagging"][0]["reason"]
+    assert stats["hosts"]["app.test"]["completed_requests"] >= 1
+    assert bal.output()[mark:].count("Traceback") == 0, bal.output()[mark:]
 
 
 def test_reload_ends_a_store_problem_a_hand_repair_fixed(
