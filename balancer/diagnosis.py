@@ -19,16 +19,14 @@ import time
 from typing import Any
 
 from balancer.sketch import (
-    GROUPS,
-    MEASURES,
     SLOT_SECONDS,
     SLOTS,
     client_address,
     client_of,
     path_key,
 )
+from balancer.top_names import BY, GROUPS
 
-BY = (*MEASURES, "in_flight")
 MAX_WINDOW = SLOT_SECONDS * SLOTS
 MAX_INFLIGHT = 1000
 MAX_PATH = 256  # characters of a request path shown (no query string)

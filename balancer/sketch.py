@@ -44,9 +44,8 @@ from typing import Any, Final
 from balancer.clients import client_key
 from balancer.connection import Exchange
 from balancer.http11 import mark_value
+from balancer.top_names import MEASURES
 
-GROUPS: Final = ("client", "host", "path", "backend")
-MEASURES: Final = ("requests", "bytes", "errors", "limited")
 CAPACITY: Final = 64        # keys per sketch, and hosts or backends kept per interval
 SLOT_SECONDS: Final = 10.0  # one interval
 SLOTS: Final = 30           # intervals kept before the current one: windows up to 300 s

@@ -19,7 +19,6 @@ import sys
 from typing import Any, NoReturn
 from urllib.parse import quote, urlencode
 
-from balancer.diagnosis import BY
 from balancer.rules import (
     ACTION_KEYS,
     ACTIONS,
@@ -28,7 +27,7 @@ from balancer.rules import (
     HEALTH_KEYS,
     LIMIT_KEYS,
 )
-from balancer.sketch import GROUPS
+from balancer.top_names import BY, GROUPS
 from balancer.version import VersionAction
 from management import ctl_cert, ctl_deploy, ctl_help
 from management.ctl_client import (
