@@ -107,9 +107,12 @@ def freeze() -> None:
 
     Garbage is collected first, so that none is kept frozen for good (7 ms
     before the first fork, nothing measurable after: the rest is frozen; the
-    children's memory was the same either way)."""
+    children's memory was the same either way). The collector is on from
+    here: paused during the start-up's imports (`balancer.cli.main`, the
+    management process's `run_management`), this is its one collection of them."""
     gc.collect()
     gc.freeze()
+    gc.enable()
     release()
 
 

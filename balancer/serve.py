@@ -117,7 +117,7 @@ def serve(settings: Settings, signals: SignalQueue,
         found = look_up((MANAGEMENT_GROUP, *gevent_plugin_groups()))
         management_child = load_management(found[MANAGEMENT_GROUP])
     except LookupError as exc:
-        return stopped() if stop_asked() else fail(str(exc), 1)  # (the wait ended)
+        return fail(str(exc), 1)
     resolve_gevent_plugins(found)
     dropping = identity is not None and os.geteuid() == 0
     try:

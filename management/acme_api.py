@@ -24,15 +24,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from werkzeug.routing import Rule
-
 from balancer.rules import normalize_host
 from management.acme_issuer import acme_hosts, note_request
-from management.http import ApiError
+from management.http import ApiError, Route
 
 RULES = [
-    Rule("/api/v1/acme", endpoint="acme", methods=["GET"]),
-    Rule("/api/v1/certs/<host>/issue", endpoint="issue_cert", methods=["POST"]),
+    Route("/api/v1/acme", endpoint="acme", methods=["GET"]),
+    Route("/api/v1/certs/<host>/issue", endpoint="issue_cert", methods=["POST"]),
 ]
 INTERNAL = ("attempted", "requested")  # bookkeeping of the issuer, not for people
 WAITING = {"state": "pending", "reason": "waiting for the issuer"}

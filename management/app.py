@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
-from werkzeug.routing import Map, Rule
+from werkzeug.routing import Map
 from werkzeug.wrappers import Request, Response
 
 from balancer.backend_tls import BackendTLS
@@ -53,6 +53,7 @@ from management.history import History
 from management.hosts_api import HostRoutes
 from management.http import (
     ApiError,
+    Route,
     check_query,
     check_token,
     error_response,
@@ -72,28 +73,28 @@ log = logging.getLogger("balancer.management")
 PUBLIC_PATHS = ("/healthz", "/")
 
 URL_MAP = Map([
-    Rule("/", endpoint="index", methods=["GET"]),
-    Rule("/static/<path:name>", endpoint="static", methods=["GET"]),
-    Rule("/healthz", endpoint="healthz", methods=["GET"]),
-    Rule("/readyz", endpoint="readyz", methods=["GET"]),
-    Rule("/metrics", endpoint="metrics", methods=["GET"]),
-    Rule("/api/v1/hosts", endpoint="list_hosts", methods=["GET"]),
-    Rule("/api/v1/hosts", endpoint="replace_hosts", methods=["PUT"]),
-    Rule("/api/v1/hosts/<host>", endpoint="get_host", methods=["GET"]),
-    Rule("/api/v1/hosts/<host>", endpoint="put_host", methods=["PUT"]),
-    Rule("/api/v1/hosts/<host>", endpoint="delete_host", methods=["DELETE"]),
-    Rule("/api/v1/hosts/<host>/backends", endpoint="add_backend", methods=["POST"]),
-    Rule("/api/v1/hosts/<host>/backends/<path:address>", endpoint="remove_backend",
+    Route("/", endpoint="index", methods=["GET"]),
+    Route("/static/<path:name>", endpoint="static", methods=["GET"]),
+    Route("/healthz", endpoint="healthz", methods=["GET"]),
+    Route("/readyz", endpoint="readyz", methods=["GET"]),
+    Route("/metrics", endpoint="metrics", methods=["GET"]),
+    Route("/api/v1/hosts", endpoint="list_hosts", methods=["GET"]),
+    Route("/api/v1/hosts", endpoint="replace_hosts", methods=["PUT"]),
+    Route("/api/v1/hosts/<host>", endpoint="get_host", methods=["GET"]),
+    Route("/api/v1/hosts/<host>", endpoint="put_host", methods=["PUT"]),
+    Route("/api/v1/hosts/<host>", endpoint="delete_host", methods=["DELETE"]),
+    Route("/api/v1/hosts/<host>/backends", endpoint="add_backend", methods=["POST"]),
+    Route("/api/v1/hosts/<host>/backends/<path:address>", endpoint="remove_backend",
          methods=["DELETE"]),
-    Rule("/api/v1/stats", endpoint="stats", methods=["GET"]),
-    Rule("/api/v1/stats/<host>", endpoint="host_stats", methods=["GET"]),
-    Rule("/api/v1/reload", endpoint="reload", methods=["POST"]),
-    Rule("/api/v1/restore", endpoint="restore", methods=["POST"]),
-    Rule("/api/v1/info", endpoint="info", methods=["GET"]),
+    Route("/api/v1/stats", endpoint="stats", methods=["GET"]),
+    Route("/api/v1/stats/<host>", endpoint="host_stats", methods=["GET"]),
+    Route("/api/v1/reload", endpoint="reload", methods=["POST"]),
+    Route("/api/v1/restore", endpoint="restore", methods=["POST"]),
+    Route("/api/v1/info", endpoint="info", methods=["GET"]),
     *deploys_api.RULES,
-    Rule("/api/v1/top", endpoint="top", methods=["GET"]),
-    Rule("/api/v1/inflight", endpoint="inflight", methods=["GET"]),
-    Rule("/api/v1/history", endpoint="history", methods=["GET"]),
+    Route("/api/v1/top", endpoint="top", methods=["GET"]),
+    Route("/api/v1/inflight", endpoint="inflight", methods=["GET"]),
+    Route("/api/v1/history", endpoint="history", methods=["GET"]),
     *certs_api.RULES,
     *acme_api.RULES,
 ], strict_slashes=False, merge_slashes=False)

@@ -29,8 +29,6 @@ import logging
 import time
 from typing import Any
 
-from werkzeug.routing import Rule
-
 from balancer.certificates import (
     CertificateError,
     keep_facts,
@@ -41,15 +39,15 @@ from balancer.certificates import (
 from balancer.rules import normalize_host, validate_host
 from balancer.stores import Store
 from balancer.stores.certs import CertsCorrupt, CertsLost
-from management.http import ApiError
+from management.http import ApiError, Route
 
 log = logging.getLogger("balancer")
 
 RULES = [
-    Rule("/api/v1/certs", endpoint="list_certs", methods=["GET"]),
-    Rule("/api/v1/certs/<host>", endpoint="put_cert", methods=["PUT"]),
-    Rule("/api/v1/certs/<host>", endpoint="delete_cert", methods=["DELETE"]),
-    Rule("/api/v1/certs/restore", endpoint="restore_certs", methods=["POST"]),
+    Route("/api/v1/certs", endpoint="list_certs", methods=["GET"]),
+    Route("/api/v1/certs/<host>", endpoint="put_cert", methods=["PUT"]),
+    Route("/api/v1/certs/<host>", endpoint="delete_cert", methods=["DELETE"]),
+    Route("/api/v1/certs/restore", endpoint="restore_certs", methods=["POST"]),
 ]
 
 

@@ -26,7 +26,6 @@ import math
 import time
 from typing import Any
 
-from werkzeug.routing import Rule
 from werkzeug.wrappers import Request, Response
 
 from balancer.rules import MAX_HOLD, normalize_host, validate_rule
@@ -34,7 +33,7 @@ from balancer.stores import HostRule, StoreError, StoreNotReplicated
 from management.deploy_abort import ABORT_RETRY
 from management.deploy_steps import spelling_problems
 from management.deploys import Busy, Deployer
-from management.http import ApiError, json_response, read_json
+from management.http import ApiError, Route, json_response, read_json
 
 DEFAULTS = {"ready_timeout": 60.0, "drain_timeout": 30.0, "warmup": 10.0}
 MINIMUM = {"ready_timeout": 0.001, "drain_timeout": 0.001, "warmup": 0.0}
@@ -46,11 +45,11 @@ ABORT_POLL = 0.05
 CAUSES = {"version_conflict": 412, "store_lost": 409}
 
 RULES = [
-    Rule("/api/v1/hosts/<host>/deploy", endpoint="deploy", methods=["POST"]),
-    Rule("/api/v1/hosts/<host>/deploy", endpoint="abort_deploy", methods=["DELETE"]),
-    Rule("/api/v1/hosts/<host>/rollback", endpoint="rollback", methods=["POST"]),
-    Rule("/api/v1/deploys", endpoint="list_deploys", methods=["GET"]),
-    Rule("/api/v1/deploys/<deploy_id>", endpoint="get_deploy", methods=["GET"]),
+    Route("/api/v1/hosts/<host>/deploy", endpoint="deploy", methods=["POST"]),
+    Route("/api/v1/hosts/<host>/deploy", endpoint="abort_deploy", methods=["DELETE"]),
+    Route("/api/v1/hosts/<host>/rollback", endpoint="rollback", methods=["POST"]),
+    Route("/api/v1/deploys", endpoint="list_deploys", methods=["GET"]),
+    Route("/api/v1/deploys/<deploy_id>", endpoint="get_deploy", methods=["GET"]),
 ]
 
 

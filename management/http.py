@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
+from werkzeug.routing import Rule
 from werkzeug.security import safe_join
 from werkzeug.wrappers import Request, Response
 
@@ -77,6 +78,25 @@ def check_query(request: Request) -> None:
 
 
 ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")  # scheme://authority
+
+
+class Route(Rule):
+    """A werkzeug `Rule` whose URL builders are compiled at their first use.
+
+    werkzeug generates and compiles two builder functions per rule as the rule
+    is added to its `Map` (Python source through `ast` and `compile`): about a
+    fifth of the management process's start-up CPU for the API's rules
+    (docs/performance.md), spent at every start. The API matches routes and
+    builds no URL, so they are made only if one is built, as werkzeug makes them."""
+
+    def _compile_builder(self, append_unknown: bool = True) -> Any:
+        made: list[Any] = []
+
+        def build(rule: Rule, *args: Any, **values: Any) -> Any:
+            if not made:
+                made.append(Rule._compile_builder(rule, append_unknown))
+            return made[0](rule, *args, **values)
+        return build
 
 
 def route_path(environ: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ plane never imports this package.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import os
@@ -57,6 +58,7 @@ def parts_only(*packages: str) -> None:
 
 def run_management(env: ChildEnv, sock: Any) -> int:
     """Serve the management API on `sock` until told to stop."""
+    gc.disable()  # during the imports and set-up: `freeze` collects once, then enables it
     import gevent
 
     parts_only("werkzeug", "prometheus_client")  # before the first of the API's modules

@@ -141,3 +141,19 @@ def test_the_packages_version_is_balancers_own():
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {
         "attr": "balancer.__version__"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", balancer.__version__)
+
+
+def test_the_collector_paused_for_the_start_is_on_again() -> None:
+    """`balancer serve` pauses the garbage collector during its start-up's imports
+    (`balancer.cli.main`); the first `freeze` turns it on (before any child is
+    forked), and `main` whatever ends it first (here: a settings error)."""
+    import gc
+
+    from balancer import cli
+    from balancer.preload import freeze
+
+    assert cli.main(["serve", "--workers", "x"]) == 2
+    assert gc.isenabled()
+    gc.disable()
+    freeze()
+    assert gc.isenabled()

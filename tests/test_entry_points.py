@@ -1,18 +1,18 @@
-"""Installed entry points looked up in a throwaway child (`balancer.entry_points`):
-what they name, loaded by name; a look-up that fails or never answers is a
-`LookupError` naming why, never a hang."""
+"""Installed entry points read from the packages' metadata (`balancer.entry_points`):
+what `importlib.metadata` finds, in its order, loaded by name; a value that names
+no module is a `LookupError` naming its file."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
-import time
+import sys
+import zipfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from balancer import entry_points
 from balancer.entry_points import Target, load, look_up
 from balancer.serve import MANAGEMENT_GROUP, load_management
 from management.process import CHILD
@@ -45,37 +45,61 @@ def test_the_management_process_needs_its_entry_point() -> None:
         load_management((Target("child", "os", "path"),))
 
 
-def broken(**_: Any) -> Any:
-    raise OSError("a damaged installation")
+def install(root: Path, dist: str, text: str) -> None:
+    """A made-up installed project: its metadata directory with `text` as its
+    ``entry_points.txt``."""
+    (root / dist).mkdir(parents=True)
+    (root / dist / "entry_points.txt").write_text(text)
 
 
-def test_a_failed_look_up_names_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The child's error travels to the caller (the child inherits the patch)."""
-    monkeypatch.setattr(importlib.metadata, "entry_points", broken)
-    with pytest.raises(LookupError, match="OSError: a damaged installation"):
-        look_up([MANAGEMENT_GROUP])
+def test_the_first_project_of_a_name_on_the_path_wins_as_importlib_metadata_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read without `importlib.metadata`: the same entry points in the same order,
+    on a made-up path (two directories, a project in both under two spellings, an
+    egg-info, comments, blank lines, spaces, extras, a section of another group)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    install(first, "My_Plugin-1.0.dist-info",
+            "# a comment\n\n[demo.group]\n  one = pkg.mod:attr.sub [extra]\n"
+            "two=pkg.other\n[other.group]\nx = y:z\n")
+    install(first, "older-0.1.egg-info", "[demo.group]\nthree = legacy:run\n")
+    install(second, "my.plugin-2.0.dist-info", "[demo.group]\nshadowed = no:never\n")
+    install(second, "late-1.0.dist-info", "[demo.group]\nfour = late:go\n")
+    (second / "plain-1.0.dist-info").mkdir()  # no entry_points.txt
+    monkeypatch.setattr(sys, "path", [str(first), str(tmp_path / "missing"), str(second)])
+    groups = ("demo.group", "other.group", "none.group")
+    found = look_up(groups)
+    # (a directory's projects come in its listing's order; the path's order between them)
+    assert set(found["demo.group"][:3]) == {
+        Target("one", "pkg.mod", "attr.sub"), Target("two", "pkg.other", ""),
+        Target("three", "legacy", "run")}
+    assert found["demo.group"][3:] == (Target("four", "late", "go"),)
+    assert found["other.group"] == (Target("x", "y", "z"),)
+    assert found["none.group"] == ()
+    assert found == metadata_answer(groups)
 
 
-def test_a_look_up_that_never_answers_is_given_up(monkeypatch: pytest.MonkeyPatch,
-                                                  tmp_path: Path) -> None:
-    started = tmp_path / "started"
+def metadata_answer(groups: tuple[str, ...]) -> dict[str, tuple[Target, ...]]:
+    """What `importlib.metadata` finds on the current `sys.path`."""
+    importlib.invalidate_caches()
+    installed = importlib.metadata.entry_points()
+    return {group: tuple(Target(ep.name, ep.module, ep.attr or "")
+                         for ep in installed.select(group=group)) for group in groups}
 
-    def stuck(**_: Any) -> Any:
-        started.write_text(str(os.getpid()))
-        time.sleep(60)
 
-    monkeypatch.setattr(importlib.metadata, "entry_points", stuck)
-    monkeypatch.setattr(entry_points, "TIMEOUT", 1.0)
-    # the grace is for a child that answered; this one never does, and the whole
-    # margin below is left to the fork, the kill and the reaping under load
-    monkeypatch.setattr(entry_points, "EXIT_GRACE", 0.0)
-    begun = time.monotonic()
-    with pytest.raises(LookupError, match="no answer"):
-        look_up([MANAGEMENT_GROUP])
-    # TIMEOUT in all, not once to read and again to wait for the exit (bug: the
-    # two waits each ran their whole TIMEOUT, so never under 2 * TIMEOUT, however
-    # idle the machine)
-    assert time.monotonic() - begun < 2 * entry_points.TIMEOUT
-    child = int(started.read_text())
-    with pytest.raises(ProcessLookupError):  # killed and reaped
-        os.kill(child, 0)
+def test_a_value_that_names_no_module_fails_naming_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install(tmp_path, "broken-1.0.dist-info", "[demo.group]\nbad = :attr\n")
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    with pytest.raises(LookupError, match="broken-1.0.dist-info: bad = ':attr' names no"):
+        look_up(["demo.group"])
+    assert look_up(["other.group"]) == {"other.group": ()}  # (only the groups looked up)
+
+
+def test_a_zip_on_the_path_is_read_by_importlib_metadata(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = tmp_path / "plugins.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("zipped-1.0.dist-info/entry_points.txt", "[demo.group]\nz = zm:f\n")
+        zipped.writestr("zipped-1.0.dist-info/METADATA", "Name: zipped\nVersion: 1.0\n")
+    monkeypatch.setattr(sys, "path", [str(archive)])
+    assert look_up(["demo.group"]) == {"demo.group": (Target("z", "zm", "f"),)}

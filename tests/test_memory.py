@@ -118,8 +118,8 @@ def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backe
         # importlib.import_module itself raises no "import" audit event)
         assert {"balancer.actions", "balancer.health", "balancer.tls"} <= loaded
         assert not packages(loaded) & (MANAGEMENT_ONLY | REDIS), sorted(loaded)
-        # what only start-up needs: the entry points' scan (a throwaway child's,
-        # `balancer.entry_points`), the TOML parser without a config file
+        # what only start-up needs: `importlib.metadata` (`balancer.entry_points`
+        # reads the packages' metadata without it), the TOML parser without a config file
         assert not loaded & ARBITER_NEVER, sorted(loaded & ARBITER_NEVER)
         for worker in workers:
             assert not packages(imported(audit, worker)) & (MANAGEMENT_ONLY | REDIS)
