@@ -431,7 +431,7 @@ class _Parser:
         self._fielded = False  # llhttp calls back per field (see the class doc)
         self._idle = False  # (fields) the message ended
         self._body: ChunkedBody | None = None  # (fields) the chunked body's framing
-        self._body_at = 0  # (fields) where its body begins in the next feed
+        self._body_at = 0  # (switching) where the chunked body begins in the feed
         self._ending = False  # (fields) llhttp is fed the byte the framing ends at
         self._parts: list[bytes] = []  # (raw) the feeds since the head began
         self._start = 0  # where in `_parts[0]` it began
@@ -471,7 +471,13 @@ class _Parser:
         return None
 
     def feed(self, data: bytes) -> None:
-        """Parse `data`; events are appended to `events`. Raises ProtocolError."""
+        """Parse `data`; events are appended to `events`. Raises ProtocolError.
+        One step per parser that reads a part of it (`_step`): a step that hands
+        the rest to another (a chunked body's, the raw one after it, a merged
+        head's) says where in `data` the next one begins. A loop over offsets:
+        neither recursion nor a copy of the rest per message (bug: each pipelined
+        chunked request or merged head re-fed a copy of the rest of the read,
+        recursively: quadratic, and a RecursionError at ~1,000 in one read)."""
         between, repeat = self._between, self.repeat_head
         if between and repeat is not None and data == self._repeat:  # again: module doc
             self.repeats += 1
@@ -479,22 +485,35 @@ class _Parser:
             events.append(repeat)
             events.append(END)
             return
+        at = self._step(data, 0, between)
+        while at >= 0:
+            at = self._step(data, at, False)
+
+    def _step(self, data: bytes, off: int, between: bool) -> int:
+        """Parse `data` from `off` (a message boundary, or a body's first byte,
+        when above 0) with the current parser; where in `data` the next step
+        begins, or -1 when every byte was read."""
         if self._closed:
             if self._held is not None:  # (a head with a repeated Content-Length: `_merge`)
-                self._hold(data)
-            return
+                return self._hold(data)
+            return -1
         self._between = False
         in_head = self._in_head
         fielded = self._fielded
         before = len(self.events)
-        if in_head:
-            self._parts.append(data)  # (never fielded: that parser reads bodies only)
-            self._head_bytes += len(data)
-        else:
+        if not in_head:
             events = self.events
             quiet = len(events)
+        elif off:  # a head begins at `off` (`_raw_head` measures it exactly)
+            self._parts = [data]
+            self._start = off
+            self._head_bytes = len(data) - off
+            self._line_done = True
+        else:
+            self._parts.append(data)  # (never fielded: that parser reads bodies only)
+            self._head_bytes += len(data)
         self._feed = data
-        self._at = 0
+        self._at = off
         callbacks: _Callbacks = self._callbacks.fields if fielded else self._callbacks
         callbacks.parser = cast(RequestParser, self)  # the only kind of `_Parser`
         end = -1  # (fields) where in `data` the message ended
@@ -502,46 +521,41 @@ class _Parser:
         try:
             if fielded:
                 kept, self._raw_kept = self._raw_kept, None
-                end = self._feed_chunked(data)
+                end = self._feed_chunked(data, off)
             else:
                 hp = self._hp
                 if hp is None:  # (given back between messages: `_remember`)
                     hp = self._hp = self._callbacks.take()
-                hp.feed_data(data)
+                hp.feed_data(_part(data, off, len(data)) if off else data)
         except httptools.HttpParserUpgrade as exc:
             if self._switching:  # (bytes after a chunked head: the body parser reads them)
-                self._to_body(data, False)
-                return
+                return self._to_body(False)
             if self._unframed:
-                self._reframe(data, exc.args[0])
-                return
+                return self._reframe(data, off + exc.args[0])
             self.upgraded = True
-            self.leftover = data[exc.args[0]:]
+            self.leftover = data[off + exc.args[0]:]
         except httptools.HttpParserError as exc:
-            if self._switching:  # (the same, once the head is known to be llhttp's)
-                self._check_chunked_head()
-                self._to_body(data, False)
-                return
+            if self._switching:  # (the same, once the head is known to be llhttp's: it
+                if not self._raw_ended:  # is, when the raw parser ended its message)
+                    self._check_chunked_head()
+                return self._to_body(False)
             if self._error is not None:
                 raise self._error from None
             if self._closed:  # llhttp refuses bytes after "Connection: close"
-                return
+                return -1
             reason = str(exc)
             if reason in MERGEABLE and not fielded:
-                self._merge(reason)
-                return
+                return self._merge(reason, data)
             raise ProtocolError(400, reason) from None
         callbacks.parser = None  # (after an error it is kept until the next feed)
         if self._switching:  # a chunked head ended in `data`: its body parser reads on
-            self._to_body(data, True)
-            return
+            return self._to_body(True)
         self._feed = b""
         if fielded:
             if end >= 0 and not self._closed and not self.upgraded:
                 self._to_raw(kept if end == len(data) else None)
                 if end < len(data):  # the next request, read raw from here
-                    self.feed(data[end:])
-                    return
+                    return end
         elif not self._in_head:  # in a body framed by Content-Length: its piece here
             at = self._at
             if at < len(data) and self._body_left:  # (not after an Upgrade head)
@@ -556,55 +570,67 @@ class _Parser:
                 raise ProtocolError(431, "request head too large")
             if between:
                 self._remember(data, before)
-            return
+            return -1
         if not in_head:
             self._quiet_bytes = self._quiet_bytes + len(data) if quiet == len(events) else 0
         if self._quiet_bytes or self._fields:
             self._check_quiet()
+        return -1
 
-    def _merge(self, reason: str) -> None:
+    def _merge(self, reason: str, data: bytes) -> int:
         """llhttp refused a repeated or listed Content-Length (`reason`) in the head
-        being read: its bytes since it began are held (`_held`; the parser is
-        `_closed` to `feed` meanwhile) until it is whole (`_hold`)."""
+        being read (`data` its last part): it is merged at once if it ended in
+        `data` (`_release`), else its bytes so far are held (`_held`; the parser is
+        `_closed` to `feed` meanwhile) until it is whole (`_hold`). Returns where
+        the next step begins in `data` (`_step`)."""
         parts = self._parts
-        held = (parts[0] if len(parts) == 1 else b"".join(parts))[self._start:]
-        held = held.lstrip(b"\r\n")  # (llhttp skips empty lines before a request)
-        self._held = _Held([held], reason)
-        self._head_bytes = len(held)
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        start = self._start
+        while start < len(buf) and (buf[start] == CR or buf[start] == LF):
+            start += 1  # (llhttp skips empty lines before a request)
+        self._held = _Held([], reason)
         self._hp = None  # (llhttp stays in its error state: dropped)
         self._parts = []
         self._closed = True
-        self._hold(b"")
+        return self._release(buf, start, data)
 
-    def _hold(self, data: bytes) -> None:
-        """Hold `data` after a head `_merge` holds; once the head is whole, parse it
-        again with its Content-Length fields merged (`balancer.lengths`) and the
-        bytes after it, or refuse it (llhttp's reason; 431 past the head limit,
-        as any head). The bytes held are joined once, when the head's end came."""
+    def _hold(self, data: bytes) -> int:
+        """Hold `data` after a head `_merge` holds, until the head is whole
+        (`_release`). The bytes held are joined once, when the head's end came."""
         assert self._held is not None  # (`_merge` holds a head)
-        held, reason = self._held.parts, self._held.reason
-        if data:
-            window = b"".join(held[-3:])[-3:] + data  # (each part has a byte at least)
-            held.append(data)
-            self._head_bytes += len(data)
-            if b"\r\n\r\n" not in window:
-                self._bound_held()
-                return
-        whole = held[0] if len(held) == 1 else b"".join(held)
-        end = whole.find(b"\r\n\r\n")
-        if end < 0:
-            self._held.parts = [whole]
+        held = self._held.parts
+        window = b"".join(held[-3:])[-3:] + data  # (each part has a byte at least)
+        held.append(data)
+        self._head_bytes += len(data)
+        if b"\r\n\r\n" not in window:
             self._bound_held()
-            return
-        head = merged_lengths(whole[:end + 4])
+            return -1
+        return self._release(b"".join(held), 0, data)
+
+    def _release(self, whole: bytes, start: int, data: bytes) -> int:
+        """The held head begins at `start` in `whole`, whose last bytes are `data`:
+        once its end is there, it is parsed again with its Content-Length fields
+        merged (`balancer.lengths`), as a read of its own, and the next step reads
+        `data` from its end (`_step`); or it is refused (llhttp's reason; 431 past
+        the head limit, as any head). -1 while it is not whole."""
+        assert self._held is not None  # (`_merge` holds a head)
+        end = whole.find(b"\r\n\r\n", start, start + self._head_max + 4)
+        if end < 0:
+            self._held.parts = [whole[start:start + self._head_max + 5]]
+            self._head_bytes = len(whole) - start
+            self._bound_held()
+            return -1
+        head = merged_lengths(whole[start:end + 4])
         if head is None:
-            self._fail(400, reason)
+            self._fail(400, self._held.reason)
         self._held = None
         self._closed = False
         self._hp = self._callbacks.take()
         self._start = 0
         self._begin()
-        self.feed(head + whole[end + 4:])
+        self._step(head, 0, False)  # (a whole head: it reads no further, `_reframe` too)
+        after = end + 4 - (len(whole) - len(data))  # (its end is in `data`: llhttp
+        return after if after < len(data) else -1  # refused a field of it there)
 
     def _bound_held(self) -> None:
         if self._head_bytes > self._head_max + 4:
@@ -617,8 +643,8 @@ class _Parser:
             self._fail(414, "request line too long")
         self._line_done = end >= 0
 
-    def _feed_chunked(self, data: bytes) -> int:
-        """Feed `data` to the field parser, its chunked body located first
+    def _feed_chunked(self, data: bytes, start: int) -> int:
+        """Feed `data` from `start` to the field parser, its chunked body located first
         (`balancer.chunks`): llhttp must end the message exactly where the framing
         does (at its last byte, not before) or not at all if it goes on (else a
         400), and only then are its pieces queued (after its head, which llhttp
@@ -628,11 +654,9 @@ class _Parser:
         body, hp = self._body, self._hp
         assert body is not None  # (fields) set with the field parser
         pieces: list = []
-        start = self._body_at  # (the head before it was read by the raw parser)
         end = body.scan(data, start, pieces)
         if end == LONG_LINE:
             self._fail(400, "chunk size line too long")
-        self._body_at = 0
         self._ending = False
         if end < 0:
             hp.feed_data(_part(data, start, len(data)))
@@ -653,12 +677,14 @@ class _Parser:
             events.append(END)
         return end
 
-    def _to_body(self, data: bytes, clean: bool) -> None:
-        """After a chunked head ended in `data` (raw, `_switching`): a body parser,
-        with field callbacks for the trailers, reads the body from `_body_at` in
-        `data` (see the class doc). The raw parser, which read on past the head
-        (what it made of the rest was ignored), is dropped, but when it read all of
-        `data` with no error (`clean`) and ended a message in it: if the body
+    def _to_body(self, clean: bool) -> int:
+        """After a chunked head ended in the bytes fed (raw, `_switching`): a body
+        parser, with field callbacks for the trailers, reads the body from
+        `_body_at`, which is returned (the next `_step`'s start; see the class
+        doc). The raw parser, which read on past the head (what it made of the
+        rest was ignored; it is stopped at the next head after the message it
+        ended: `on_headers_complete`), is dropped, but when it read all of
+        them with no error (`clean`) and ended a message in them: if the body
         parser ends the message at the end of `data` too, the raw parser reads the
         requests after it (`_raw_kept`). It then ended that message on the same
         byte, and is between messages: both parsed the same body bytes from the
@@ -677,15 +703,16 @@ class _Parser:
         callbacks.parser = None
         self._parts = []
         self._fields = []
-        self.feed(data)
+        return self._body_at
 
-    def _reframe(self, data: bytes, at: int) -> None:
+    def _reframe(self, data: bytes, at: int) -> int:
         """After a head llhttp read as an upgrade's, which is none here (h2c
         alone, HTTP/1.0: `_check_upgrade`), with a Content-Length body: llhttp
         ended the message at the head (`at` in `data`) and would read the body as
         tunnel data. A new raw parser reads `LENGTH_HEAD` (ignored: `_unframed`)
         with the same length and keep-alive, then the body from `at` and the
-        requests after it, as after any head with that body."""
+        requests after it, as after any head with that body. Returns where the
+        next `_step` begins (`at`), -1 at the end of `data`."""
         callbacks = self._callbacks
         hp = self._hp = callbacks.take()
         callbacks.parser = cast(RequestParser, self)
@@ -694,8 +721,7 @@ class _Parser:
         callbacks.parser = None
         self._unframed = False
         self._feed = b""
-        if at < len(data):
-            self.feed(data[at:])
+        return at if at < len(data) else -1
 
     def _check_chunked_head(self) -> None:
         """The raw parser refused something after a chunked head it called back for:
@@ -781,6 +807,12 @@ class _Parser:
         self._closed = True
         self._parts = []
         self._held = None
+
+
+class _ReadOn(Exception):
+    """Stops the raw parser ignored after a chunked head (`_switching`) at the next
+    head after the message it ended: reading on would cost a parse of the rest of
+    the read for each pipelined chunked request (quadratic)."""
 
 
 class _Held:
@@ -921,6 +953,8 @@ class RequestParser(_Parser):
         """Check the head, in the order of the errors it can raise, and queue it."""
         # `BODY_HEAD`, after a chunked head, or `LENGTH_HEAD`
         if self._fielded or self._switching or self._unframed:
+            if self._raw_ended and self._switching:  # the ignored raw parser goes no
+                raise _ReadOn  # further than the next head (`_to_body`)
             return
         method, url, version, lines, blank, block = self._raw_head()
         marks = _marks(lines, blank)

@@ -316,3 +316,42 @@ def test_interim_responses_while_the_request_body_goes_are_bounded_too(site) -> 
         assert endless_ended.wait(WAIT), "the backend connection was kept open"
     finally:
         listener.close()
+
+
+# Pipelined requests the parser reads in more than one step (a chunked body, an equal
+# Content-Length sent twice, merged, an h2c upgrade's body): each re-fed the rest of the read,
+# recursively (a RecursionError at ~1,000 in one read, interpreted; quadratic work)
+TINY_PIPELINES = {
+    "get": b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n",
+    "chunked": b"POST / HTTP/1.1\r\nHost: other.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"1\r\na\r\n0\r\n\r\n",
+    "merged-length": b"POST / HTTP/1.1\r\nHost: other.test\r\nContent-Length: 1\r\n"
+                     b"Content-Length: 1\r\n\r\na",
+    # an upgrade none here (h2c alone) with a body: read on by a parser of its own
+    "h2c-with-body": b"POST / HTTP/1.1\r\nHost: other.test\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: h2c\r\nContent-Length: 1\r\n\r\na",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_PIPELINES))
+def test_thousands_of_tiny_pipelined_requests_in_one_send_are_all_answered(
+        site, kind: str) -> None:
+    """A hostile client's 10,000 tiny requests in one send (reads of up to 64 KiB:
+    over 1,000 requests each): every one answered, in order, within a bound."""
+    bal, _ = site
+    count = 10_000
+    last = get(b"/last", b"other.test", b"Connection: close\r\n")
+    started = time.process_time()  # (the test's own CPU: reading the answers)
+    wall = time.monotonic()
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT) as sock:
+        sender = threading.Thread(target=sock.sendall,
+                                  args=(TINY_PIPELINES[kind] * count + last,), daemon=True)
+        sender.start()  # (the answers are read meanwhile: nothing waits on a full buffer)
+        chunks = []
+        while time.monotonic() - wall < WAIT and (chunk := sock.recv(1 << 20)):
+            chunks.append(chunk)
+        sender.join(WAIT)
+    answer = b"".join(chunks)
+    assert answer.count(b"HTTP/1.1 200 ") == count + 1, answer[-300:]
+    assert answer.endswith(b"\r\n\r\nother") and b"HTTP/1.1 4" not in answer
+    assert time.monotonic() - wall < 8.0, (time.monotonic() - wall, time.process_time() - started)
