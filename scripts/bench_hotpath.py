@@ -9,6 +9,8 @@ and (``--sockets``) the cost of a whole connection through a real gevent worker.
 [--requests 1000] [--instructions]``
 ``python scripts/bench_hotpath.py --sockets close|keep-alive --body SIZE [--chunked [CHUNK]]
 [--requests 1000] [--instructions]``
+``python scripts/bench_hotpath.py --sockets keep-alive --pipeline N [--body SIZE [--chunked]]
+[--instructions]``
 
 One `ClientConnection` from a real `Worker` (file-store-shaped table: ``*`` →
 one backend) serves scripted sockets: the client socket hands out a wrk-like
@@ -61,7 +63,10 @@ chunked body to its last chunk. ``--connections N`` (keep-alive) spreads the
 requests over N connections, each with one request in flight: the client sends
 one on every connection, then reads every answer, so the worker finds up to N
 readinesses at each poll, as under wrk at N connections (gevent's loop then
-runs several callbacks per batch: `balancer.evgil`). ``--access-log PATH`` (``/dev/null``: no disk)
+runs several callbacks per batch: `balancer.evgil`). ``--pipeline N`` (keep-alive)
+sends N requests in one ``sendall`` (pipelining: the worker parses them from one
+read), then reads their N answers (REQUESTS, and 200, a multiple of N).
+``--access-log PATH`` (``/dev/null``: no disk)
 turns the worker's access log on, as ``log.access_log``: each request's record
 is made and queued (`AccessLog.log`); with ``--sockets`` the log's writer formats
 and writes them, counted with the rest, while without it the scripted client
@@ -334,12 +339,13 @@ def run_sockets(mode: str, requests: int, vary: list[str], tls: bool = False,
 
 def peer(mode: str, requests: int, vary: bool = False, browser: bool = False,
          tls: bool = False, body: int | None = None, chunk: int = 0,
-         connections: int = 1) -> None:
+         connections: int = 1, pipeline: int = 1) -> None:
     """The helper: a keep-alive backend, then a client making `requests` requests
     (stdout: the backend's port, then how many were answered whole); `vary`: each
     request's target differs; `browser`: a browser's head; `tls`: over TLS;
     `body`: POSTs with a body of that many bytes (`chunk`: chunked, chunks of that size);
-    `connections`: keep-alive, one request in flight on each of that many connections."""
+    `connections`: keep-alive, one request in flight on each of that many connections;
+    `pipeline`: keep-alive, that many requests sent at once (one `sendall`) on each."""
     backend = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_backend_loop, args=(backend,), daemon=True).start()
     print(backend.getsockname()[1], flush=True)
@@ -356,10 +362,11 @@ def peer(mode: str, requests: int, vary: bool = False, browser: bool = False,
         head = (BROWSER_REQUEST if browser else REQUEST) if body is None else (
             post_request(body, False, chunk))
         conns = [connect(port) for _ in range(connections)]
-        for n in range(0, requests, connections):
-            for conn in conns:  # a request on each, then every answer
-                conn.sendall(head.replace(b".html", b".html?%d" % n) if vary else head)
-            answered += sum(_read_response(conn) for conn in conns)
+        for n in range(0, requests, connections * pipeline):
+            for conn in conns:  # a request (or `pipeline`) on each, then every answer
+                conn.sendall(b"".join(head.replace(b".html", b".html?%d" % (n + k)) if vary
+                                      else head for k in range(pipeline)))
+            answered += sum(_read_response(conn, pipeline) for conn in conns)
         for conn in conns:
             conn.close()
     print(answered, flush=True)
@@ -443,15 +450,15 @@ def _read_to_eof(conn: socket.socket) -> bytes:
     return b"".join(pieces)
 
 
-def _read_response(conn: socket.socket) -> bool:
-    """Read one response whose body is the page; whether it came whole."""
+def _read_response(conn: socket.socket, count: int = 1) -> int:
+    """Read `count` responses whose body is the page; how many came whole."""
     data = b""
-    while not data.endswith(PAGE):
+    while not data.endswith(PAGE) or data.count(PAGE) < count:
         more = conn.recv(65536)
         if not more:
-            return False
+            return data.count(PAGE)
         data += more
-    return True
+    return count
 
 
 def main() -> None:
@@ -482,6 +489,9 @@ def main() -> None:
     parser.add_argument("--connections", metavar="N", type=int, default=1,
                         help="with --sockets keep-alive: N connections, one request in "
                              "flight on each (REQUESTS a multiple of N)")
+    parser.add_argument("--pipeline", metavar="N", type=int, default=1,
+                        help="with --sockets keep-alive: N requests in one send, then their "
+                             "answers (REQUESTS a multiple of N)")
     parser.add_argument("--access-log", metavar="PATH", default="",
                         help="the worker's access log (/dev/null: no disk)")
     parser.add_argument("--peer", nargs=2, metavar=("MODE", "REQUESTS"), help=argparse.SUPPRESS)
@@ -490,12 +500,14 @@ def main() -> None:
     varied = ((["--vary"] if args.vary else []) + (["--browser"] if args.browser else [])
               + ([] if body is None else ["--body", str(body)])
               + (["--chunked", str(args.chunked)] if args.chunked else [])
-              + (["--connections", str(args.connections)] if args.connections > 1 else []))
+              + (["--connections", str(args.connections)] if args.connections > 1 else [])
+              + (["--pipeline", str(args.pipeline)] if args.pipeline > 1 else []))
     kind = (", varied" * args.vary + ", browser" * args.browser + ", TLS" * args.tls
             + ", refusing fronting" * args.refuse_fronting
             + ("" if body is None else f", POST body of {body:,} bytes")
             + (f", chunked by {args.chunked:,}" if args.chunked else "")
-            + (f", {args.connections} connections" if args.connections > 1 else ""))
+            + (f", {args.connections} connections" if args.connections > 1 else "")
+            + (f", pipelined by {args.pipeline}" if args.pipeline > 1 else ""))
     if args.chunked and body is None:
         parser.error("--chunked needs --body")
     if args.connections > 1 and not args.peer and (
@@ -503,11 +515,15 @@ def main() -> None:
             or 200 % args.connections):
         parser.error("--connections needs --sockets keep-alive, and --requests (and 200, "
                      "what --instructions makes) a multiple of it")
+    if args.pipeline > 1 and not args.peer and (
+            args.sockets != "keep-alive" or args.requests % args.pipeline or 200 % args.pipeline):
+        parser.error("--pipeline needs --sockets keep-alive, and --requests (and 200, "
+                     "what --instructions makes) a multiple of it")
     logged = ["--access-log", args.access_log] if args.access_log else []
     kind += f", access log {args.access_log}" * bool(args.access_log)
     if args.peer:
         peer(args.peer[0], int(args.peer[1]), args.vary, args.browser, args.tls, body,
-             args.chunked, args.connections)
+             args.chunked, args.connections, args.pipeline)
     elif args.sockets and args.instructions:
         short, long = (2, 12) if body is not None and body >= LARGE_BODY else (200, 1200)
         count = instructions(["--sockets", args.sockets, *varied, *["--tls"] * args.tls,
