@@ -176,7 +176,8 @@ def host_rule_problems(host: object, rule: object) -> list[str]:
             and host.strip()[:1] in ("*", "["):
         return ['tls: "acme" needs an exact host name: ACME cannot issue a wildcard, '
                 'catch-all or IP address certificate over HTTP-01 or TLS-ALPN-01 '
-                '(upload one with `balancerctl cert set`)']
+                + ('(upload one with `balancerctl cert set`)' if host.strip()[:1] == "*" else
+                   '(clients connecting by IP address get tls.default_host\'s certificate)')]
     return []
 
 

@@ -4,6 +4,8 @@
 * ``PUT /api/v1/certs/HOST`` ``{"chain": PEM, "key": PEM}`` → 200 ``{"cert": PUBLIC_RECORD}``;
   400 `invalid_certificate` with the reason (key does not match, chain does not
   cover HOST, expired, weak key, not PEM)
+  or 400 `invalid_host`: not a host name or ``*.suffix``, or an IP address
+  (`_not_by_ip`: no client asks for one by SNI)
 * ``DELETE /api/v1/certs/HOST`` → 200 ``{"deleted": HOST}``; 404 when absent
 * ``POST /api/v1/certs/restore`` → 200 ``{"restored": N}``: writes the certificates
   last read in good order back over a damaged or lost store
@@ -25,7 +27,9 @@ Invariants:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import time
 from typing import Any
 
@@ -103,7 +107,7 @@ def restore_certs(store: Store, problem: str | None) -> int:
 
 def put_cert(store: Store, host: str, body: Any) -> dict[str, Any]:
     """Check and store one certificate; its public record, or 400 naming the reason."""
-    key = _host(host)
+    key = _not_by_ip(_host(host))
     if not isinstance(body, dict) or set(body) - {"chain", "key"} \
             or not isinstance(body.get("chain"), str) or not isinstance(body.get("key"), str):
         raise ApiError(400, "invalid_certificate",
@@ -130,6 +134,28 @@ def _host(host: str) -> str:
         raise ApiError(400, "invalid_host", problems[0] if problems
                        else "a certificate needs a host name or *.suffix")
     return normalize_host(host)
+
+
+def _not_by_ip(key: str) -> str:
+    """`key`, unless it is an IP address (``[::1]``, ``192.0.2.1``, and what
+    inet_aton reads as one, ``127.1``, as browsers and curl do): 400 `invalid_host`.
+    A client connecting by address sends no SNI name (RFC 6066 §3 keeps IP
+    literals out of it) and checks the address against the certificate's IP
+    addresses, never its DNS names: a certificate stored for it was never served
+    (bug: accepted, and listed as served)."""
+    if key.startswith("["):
+        address = key[1:-1]  # (`_host`: an IPv6 address in brackets)
+    else:
+        try:
+            address = socket.inet_ntoa(socket.inet_aton(key))
+        except OSError:
+            return key
+    raise ApiError(400, "invalid_host",
+                   f"certificate for {key} refused: {ipaddress.ip_address(address)} is an IP "
+                   f"address, which clients never ask for by SNI (RFC 6066), so no certificate "
+                   f"is served for it; for clients that connect by IP address, store the "
+                   f"certificate (with the address among its IP addresses) under a host name "
+                   f"it covers and set tls.default_host to that name")
 
 
 def tell_workers(runtime: Any) -> None:

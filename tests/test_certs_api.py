@@ -186,6 +186,29 @@ def test_ctl_set_list_delete(bal: Balancer, tmp_path: Path) -> None:
     assert done.returncode == 1 and "not a PEM certificate chain" in done.stderr
 
 
+@pytest.mark.parametrize(("host", "name"), [
+    ("192.0.2.1", "192.0.2.1"), ("[2001:DB8:0::1]", "[2001:db8::1]"), ("127.1", "127.1")])
+def test_a_certificate_for_an_ip_address_is_refused(bal: Balancer, host: str, name: str) -> None:
+    """No client asks for an IP address by SNI: a certificate stored for one was
+    never served (it was accepted, its chain naming the address as a DNS name)."""
+    before = bal.api("GET", "/api/v1/certs")[1]
+    chain, key = CA.issue(name)
+    status, answer = bal.api("PUT", f"/api/v1/certs/{host}", {"chain": chain, "key": key})
+    assert status == 400 and answer["error"] == "invalid_host", answer
+    assert "IP address" in answer["message"] and "tls.default_host" in answer["message"]
+    assert stored(bal.api("GET", "/api/v1/certs")[1]) == stored(before)
+
+
+def test_ctl_refuses_a_certificate_for_an_ip_address(bal: Balancer, tmp_path: Path) -> None:
+    chain, key = CA.issue("[::1]")
+    (tmp_path / "chain.pem").write_text(chain)
+    (tmp_path / "key.pem").write_text(key)
+    done = ctl("cert", "set", "[::1]", "--chain", str(tmp_path / "chain.pem"),
+               "--key", str(tmp_path / "key.pem"), "--url", f"http://127.0.0.1:{bal.mport}")
+    assert done.returncode == 1 and "::1 is an IP address" in done.stderr, done.stderr
+    assert "[::1]" not in {c["host"] for c in bal.api("GET", "/api/v1/certs")[1]["certs"]}
+
+
 def test_a_stored_certificate_naming_its_host_in_the_cn_only_is_listed_with_why(
         tmp_path: Path) -> None:
     """One stored before such uploads were refused, or written straight into the

@@ -317,10 +317,12 @@ def test_tls_acme_is_for_exact_host_names_only() -> None:
     rule = {"action": "static", "body": "x", "tls": "acme"}
     assert validate_rule(rule) == [] and validate_table({"app.test": rule}) == []
     for host in ("*.app.test", "*", "[::1]"):
+        hint = ("upload one with `balancerctl cert set`" if host[0] == "*" else
+                "clients connecting by IP address get tls.default_host's certificate")
         problems = validate_table({host: rule})
         assert problems == [f'{host}: tls: "acme" needs an exact host name: ACME cannot issue a '
                             f'wildcard, catch-all or IP address certificate over HTTP-01 or '
-                            f'TLS-ALPN-01 (upload one with `balancerctl cert set`)']
+                            f'TLS-ALPN-01 ({hint})']
 
 
 def test_pipelined_requests_and_abrupt_clients_over_tls(front: Balancer, tls_tmp: Path) -> None:
