@@ -38,6 +38,7 @@ Invariants:
 from __future__ import annotations
 
 import heapq
+import socket
 import time
 from typing import Any, Final
 
@@ -57,8 +58,6 @@ MAX_CLIENT: Final = 64      # bytes of an X-Forwarded-For entry taken as a clien
 NOTHING: Final = (0, 0, 0, 0)  # the counters of a host or backend not seen before
 SLASH: Final = 47  # b"/"
 QUERY: Final = 63  # b"?"
-COLON: Final = 58  # b":"
-LEFT_BRACKET: Final = 91  # b"["
 
 
 class Entry:
@@ -358,30 +357,39 @@ def client_address(ex: Exchange) -> str:
 
 
 def forwarded_client(ex: Exchange) -> str:
-    """The last X-Forwarded-For entry of the request ("" for none, or one longer
-    than `MAX_CLIENT` bytes)."""
+    """The address of the last X-Forwarded-For entry of the request ("" for none,
+    one longer than `MAX_CLIENT` bytes, or one that is no IP address: `address_only`)."""
     found = b""
     head = ex.head
     for mark in head.marks:
         if mark[0] == b"x-forwarded-for":
             found = mark_value(head, mark)
-    last = address_only(found.rpartition(b",")[2].strip())
-    return last.decode("latin-1") if len(last) <= MAX_CLIENT else ""
+    last = found.rpartition(b",")[2].strip()
+    return address_only(last.decode("latin-1")) if len(last) <= MAX_CLIENT else ""
 
 
-def address_only(entry: bytes) -> bytes:
-    """An X-Forwarded-For entry without the port a proxy may write after its
-    address: ``1.2.3.4:5678`` is ``1.2.3.4``, ``[::1]:80`` and ``[::1]`` are
-    ``::1`` (bug: `ip_hash` hashed the entry as written, so one client's ports
-    spread it over the backends). An IPv6 address without brackets (its colons
-    are no port) and anything else stay as they are."""
-    if COLON not in entry:  # (the usual IPv4 entry: one memchr)
-        return entry
-    if entry[0] == LEFT_BRACKET:
-        end = entry.find(b"]")
-        return entry[1:end] if end > 1 else entry
-    colon = entry.find(b":")
-    return entry[:colon] if entry.find(b":", colon + 1) < 0 else entry
+def address_only(entry: str) -> str:
+    """The IP address of an X-Forwarded-For entry, without the port a proxy may
+    write after it: ``1.2.3.4:5678`` is ``1.2.3.4``, ``[::1]:80`` and ``[::1]``
+    are ``::1`` (bug: `ip_hash` hashed the entry as written, so one client's ports
+    spread it over the backends); "" for an entry that is no IP address
+    (``unknown``, ``:80``, ``[]``, a zone id), which then names no client: the
+    peer's address counts, as with nginx's realip module and HAProxy's
+    ``hdr_ip`` (bug: ``:80`` named none and ``unknown`` or ``a:80`` each one
+    client, ``unknown`` and ``a``)."""
+    family = socket.AF_INET
+    if ":" in entry:
+        if entry[0] == "[":  # (no "]": nothing, not what is before the last byte)
+            entry, family = entry[1:max(entry.find("]"), 1)], socket.AF_INET6
+        elif entry.count(":") == 1:  # an IPv4 address and a port
+            entry = entry[:entry.find(":")]
+        else:  # an IPv6 address without brackets: its colons are no port
+            family = socket.AF_INET6
+    try:
+        socket.inet_pton(family, entry)
+    except (OSError, ValueError):  # (ValueError: a NUL byte)
+        return ""
+    return entry
 
 
 def path_key(host: str, target: bytes) -> str:

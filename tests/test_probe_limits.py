@@ -76,6 +76,22 @@ def test_one_ipv6_64_is_one_client(bal: Balancer, first: str, second: str,
     assert status(port, {"X-Forwarded-For": second}) == (429 if same else 204)
 
 
+NO_ADDRESS = [":80", "unknown", "a:80", "[]:80", "[::1", "fe80::1%eth0", "192.0.2.80, :80"]
+
+
+@pytest.mark.parametrize("entry", NO_ADDRESS)
+def test_a_forwarded_entry_that_is_no_address_names_the_peer(bal: Balancer, entry: str) -> None:
+    """The last X-Forwarded-For entry, if it is no IP address (a port alone, a
+    word, a zone id), names no client: the peer (the front proxy) is the one
+    limited, as nginx's realip module and HAProxy's ``hdr_ip`` take it. Bug:
+    ``:80`` was the peer but ``unknown`` and ``a:80`` each a client of their own."""
+    port = bal.ports["internal"]
+    assert status(port, {}) in (204, 429)  # the peer's bucket (the module's other cases')
+    assert status(port, {"X-Forwarded-For": entry}) == 429
+    address = f"192.0.2.{100 + NO_ADDRESS.index(entry)}:80"  # an address: its own client
+    assert status(port, {"X-Forwarded-For": address}) == 204
+
+
 def test_client_keys() -> None:
     assert client_key("192.0.2.1") == "192.0.2.1"
     assert client_key("2001:db8::1") == client_key("2001:db8::abcd:1") == "2001:db8::/64"
