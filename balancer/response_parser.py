@@ -33,6 +33,17 @@ Invariants:
 * The head's field block is kept raw (see `balancer.fields`) and forwarded
   with hop-by-hop fields cut out, which costs a few substring searches.
 * `ProtocolError` is the only exception (status 502: the backend is at fault).
+* Three heads llhttp refuses are read as HAProxy reads them (RFC 9112 §6.3,
+  §2.2), each without doubt about where the response ends: a
+  Transfer-Encoding beside a Content-Length frames the body, and the
+  Content-Length goes (§6.3: the former overrides); a Content-Length
+  repeated, or a list, with one value is merged (`balancer.lengths`, as a
+  request's); lines ended by a bare LF are read as ended by CRLF (§2.2). Such
+  a head is held whole once llhttp refused it (`_hold`), mended (`_mended`)
+  and parsed again by a new llhttp parser, which judges the rest (a
+  Transfer-Encoding but ``chunked``, lengths that differ, a bare CR, a bare LF
+  in chunk framing: a 502); and the connection is not reused after it (§6.3:
+  such a response may be an attempt at response splitting).
 * A status line reaches the client only with a code of 100-599, a space after
   it and a reason phrase without control bytes (RFC 9112 §4); llhttp checks
   neither the first nor the last.
@@ -83,12 +94,17 @@ from balancer.http11 import (
     add_connection_tokens,
     is_chunked_only,
 )
+from balancer.lengths import MERGEABLE, merged_lengths
 
 _CRLFCRLF: Final = b"\r\n\r\n"
 
 
 class _Stop(Exception):
     """Raised in a callback to stop llhttp: the response ended before llhttp knows it."""
+
+
+# `ResponseParser._hp` while a head llhttp refused is held to be mended (`_hold`)
+HOLDING: Final = object()
 
 
 # The fields the proxy acts on: framing (Content-Length, Transfer-Encoding),
@@ -111,6 +127,16 @@ _PREFIXES: Final[tuple[tuple[bytes, ...], ...]] = tuple(
                  if name[0] == bytes((b,)).lower()[0]))
     for b in range(256))
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+# llhttp's reasons for refusing a head that `_mended` may mend: a Content-Length
+# repeated or a list (`balancer.lengths.MERGEABLE`) or beside a Transfer-Encoding, a
+# status line or field ended by a bare LF. By reason, not by a look at the bytes: a
+# head refused or held whatever the reads it came in (llhttp's reason for a byte
+# depends on the bytes before it alone). (A blank line alone a bare LF after
+# CRLF-ended fields is "Invalid header field char", as garbage: a 502.)
+MENDABLE: Final = MERGEABLE | frozenset((
+    "Transfer-Encoding can't be present with Content-Length",
+    "Content-Length can't be present with Transfer-Encoding",
+    "Missing expected CR after response line", "Missing expected CR after header value"))
 # Body-phase bytes with no body byte in them may pass the trailer limit by this
 # much (chunk lines around the section) before the exact measure at the end.
 FRAMING_ROOM: Final = 4096
@@ -416,6 +442,9 @@ class ResponseParser:
                 return
             self._parts.append(data)
             self._buffered += len(data)
+            if self._hp is HOLDING:
+                self._hold()
+                return
         chunked_body = self._framing is not None
         before = len(self.events) if chunked_body else 0
         callbacks = self._callbacks
@@ -438,7 +467,11 @@ class ResponseParser:
             elif self._error is not None:
                 raise self._error from None
             else:
-                raise ProtocolError(502, f"invalid response from backend: {exc}") from None
+                self._error = ProtocolError(502, f"invalid response from backend: {exc}")
+                if not self._in_head or str(exc) not in MENDABLE:
+                    raise self._error from None
+                self._hp = HOLDING
+                self._hold()
         else:
             callbacks.parser = None  # (after an error it is kept until the next feed)
             if self._in_head:
@@ -451,6 +484,33 @@ class ResponseParser:
                 self._watch_trailers(data, moved)
             if self.complete:
                 self._give_back()
+
+    def _hold(self) -> None:
+        """The head llhttp refused (`_error`) may be mended (`MENDABLE`): once
+        its end came, a new llhttp parser reads it mended (`_mended`) and the
+        bytes after it; a head as llhttp refused it again is refused (module doc)."""
+        parts = self._parts
+        buf = _skip_empty_lines(parts[0] if len(parts) == 1 else b"".join(parts))
+        end = _blank_line(buf)
+        if end < 0 or end > self._limit + 4:
+            if len(buf) > self._limit + 4:
+                raise ProtocolError(502, "backend response head too large")
+            self._parts = [buf]  # (joined once per read while it is held)
+            return
+        head = buf[:end]
+        mended = _mended(head)
+        error = self._error
+        assert error is not None  # (what llhttp said of the head)
+        if mended == head:
+            raise error
+        self._error = None
+        self._parts = []
+        self._buffered = 0
+        self._hp = None
+        # (refused again, it is held again, and refused: mending it changes nothing)
+        self.feed(mended + buf[end:])
+        if self._head is not None:
+            self._head.keep_alive = False  # (module doc)
 
     def _give_back(self) -> None:
         """After a read that ended the response without an error: llhttp is at a
@@ -696,6 +756,32 @@ class ResponseParser:
         status = head.status if head is not None else 0
         self.complete = status >= 200 or status == 101
         self._in_head = not self.complete
+
+
+
+
+def _blank_line(buf: bytes) -> int:
+    """Where the first blank line of `buf` ends (its lines ending in CRLF or a
+    bare LF), or -1."""
+    lf, crlf = buf.find(b"\n\n"), buf.find(b"\n\r\n")
+    if lf < 0:
+        return crlf + 3 if crlf >= 0 else -1
+    return lf + 2 if crlf < 0 or lf < crlf else crlf + 3
+
+
+def _mended(head: bytes) -> bytes:
+    """`head` (to its blank line) with its lines ending in CRLF (RFC 9112 §2.2: a
+    bare LF read as a line's end; a bare CR stays, for llhttp to refuse), without
+    its Content-Length fields if it has a Transfer-Encoding (§6.3), else with
+    its equal Content-Length fields merged into one (`balancer.lengths`)."""
+    head = head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    lines = head.split(b"\r\n")
+    names = [line.partition(b":")[0].lower() for line in lines]
+    if b"transfer-encoding" in names:  # (the status line has no colon: its "name"
+        return b"\r\n".join(line for line, name in zip(lines, names, strict=True)  # is
+                              if name != b"content-length")  # never a field's)
+    merged = merged_lengths(head)
+    return merged if merged is not None else head
 
 
 def final_head(parser: ResponseParser) -> ResponseHead | None:

@@ -46,9 +46,21 @@ ANSWERS = {
     b"/304-with-body": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 8\r\n\r\nSMUGGLED",
     b"/head-with-body": b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED",
     b"/twice": OK + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED",
+}
+# Heads llhttp refuses that are read as HAProxy reads them (`balancer.response_parser`):
+# each answered, and its backend connection closed after it (never reused)
+MENDED = {
+    # read by its Content-Length, the rest ("abc\r\n0...") would answer the next request
     b"/cl-and-te": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n"
                    b"\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"/te-and-cl": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 30\r\n"
+                   b"\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"/cl-twice": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    b"/cl-list": b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\nabc",
+    b"/bare-lf": b"HTTP/1.1 200 OK\nX-A: b\nContent-Length: 3\n\nabc",
 }
+mended_reused: list[bytes] = []  # targets whose connection the balancer sent more on
+mended_closed: list[bytes] = []  # those it closed after the answer
 
 
 # /endless-1xx: interim heads until the balancer stops reading (then a final answer,
@@ -64,6 +76,10 @@ def answer(conn: socket.socket, request: bytes) -> bool:
     target = request.split(b" ", 2)[1]
     if target == b"/endless-1xx":
         return send_interims(conn)
+    if target in MENDED:
+        conn.sendall(MENDED[target])
+        (mended_closed if not conn.recv(1) else mended_reused).append(target)
+        return False
     conn.sendall(ANSWERS.get(target, OK))
     return True
 
@@ -210,8 +226,26 @@ def test_a_head_response_with_a_body_and_both_framings(site) -> None:
     answer = client_exchange(bal.port, b"HEAD /head-with-body HTTP/1.1\r\nHost: app.test\r\n"
                              b"\r\n" + get(b"/next"), until=b"\r\n\r\nok")
     assert statuses(answer) == [b"200", b"200"] and b"SMUGGLED" not in answer, answer
-    answer = client_exchange(bal.port, get(b"/cl-and-te"), until=b"</html>")
-    assert statuses(answer) == [b"502"], answer  # as nginx; never two framings forwarded
+
+
+@pytest.mark.parametrize("target", sorted(MENDED))
+def test_heads_haproxy_takes_are_answered_and_their_connection_closed(
+        site, target: bytes) -> None:
+    """Content-Length and Transfer-Encoding (RFC 9112 §6.3: the latter frames, the
+    former goes), a Content-Length repeated with one value, bare LFs (§2.2): a 502
+    before (HAProxy passes them; nginx the first two); now answered with one
+    framing, and the backend connection is never reused after them."""
+    bal, _ = site
+    answer = client_exchange(bal.port, get(target) + get(b"/next"), until=b"\r\n\r\nok")
+    assert statuses(answer) == [b"200", b"200"], answer
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert (b"\r\nContent-Length: 3\r\n" in head + b"\r\n") != (b"chunked" in head), head
+    assert head.lower().count(b"content-length") + head.lower().count(b"transfer-enc") == 1
+    assert rest.startswith(b"3\r\nabc\r\n0\r\n\r\nHTTP/1.1 200" if b"chunked" in head
+                           else b"abcHTTP/1.1 200"), answer
+    wait_for(lambda: target in mended_closed + mended_reused, WAIT,
+             what="the backend connection closed")
+    assert target not in mended_reused
 
 
 def test_a_request_dripped_byte_by_byte_and_a_half_close(site) -> None:

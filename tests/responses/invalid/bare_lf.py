@@ -1,3 +1,0 @@
-"""Bare LF line endings."""
-
-status = 502

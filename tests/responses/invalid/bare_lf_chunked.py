@@ -1,0 +1,3 @@
+"""Bare LF line endings in chunk framing too (only a head is read with them)."""
+
+status = 502

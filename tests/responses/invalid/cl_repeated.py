@@ -1,3 +1,0 @@
-"""Content-Length twice."""
-
-status = 502

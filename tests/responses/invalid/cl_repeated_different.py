@@ -1,0 +1,3 @@
+"""Content-Length twice with different values."""
+
+status = 502

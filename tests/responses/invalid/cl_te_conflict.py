@@ -1,3 +1,0 @@
-"""Content-Length and Transfer-Encoding together."""
-
-status = 502

@@ -1,0 +1,3 @@
+"""Content-Length beside a Transfer-Encoding that is not chunked alone."""
+
+status = 502
