@@ -163,8 +163,9 @@ def test_acme_metrics_are_zero_when_the_store_cannot_be_read() -> None:
 def test_the_few_families_are_written_as_prometheus_clients_generate_latest() -> None:
     """`families_text` writes byte for byte what `generate_latest` wrote for the
     snapshot's families (its module imports prometheus-client's HTTP servers:
-    `management.process.parts_only`): escaped help and label values, floats,
-    big and negative numbers, counters named with `_total`."""
+    `management.process.parts_only`): escaped label values, unicode, floats,
+    NaN and both infinities, big and negative numbers, booleans, counters named
+    with `_total` (the help texts have nothing to escape: compared too)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from management.metrics import SnapshotCollector
@@ -172,8 +173,11 @@ def test_the_few_families_are_written_as_prometheus_clients_generate_latest() ->
 
     snap = worker_with_traffic().snapshot()
     snap.update(open_connections=10**7, lingering_connections=-3, store_up=True,
-                access_log_dropped=2.5, tls_handshakes={'re"used\\': 4, "full\nnew": 1e21})
-    sources = (lambda: {'a"b\\c.test': -12.25, "z.test": 86400.0, "\n": float("inf")},
+                access_log_dropped=2.5, routing_version=2**63 + 1, config_reloads=float("nan"),
+                process_log_dropped=-0.0,
+                tls_handshakes={'re"used\\': 4, "full\nnew": 1e21, "ünï 😀\t\r": 999_999})
+    sources = (lambda: {'a"b\\c.test': -12.25, "z.test": 86400.0, "\n": float("inf"),
+                        "é.test": float("-inf"), "": 5e-324},
                lambda: {"issuances": {"ok": 3}, "hosts": {"failed": 1},
                         "next_attempt": {"x.test": 0.1 + 0.2}},
                lambda: {"management": 7, "arbiter": 1_000_000})

@@ -412,6 +412,9 @@ def test_privilege_drop_in_arbiter_and_workers(backend):
         assert bal.api("PUT", "/api/v1/hosts/x.test", {"action": "empty", "status": 204})[0] \
             == 200
         wait_for(lambda: request(bal.port, host="x.test")[0] == 204, what="a rule written")
+        # the exporter's modules, unreadable after the drop, were imported whole before it
+        # (`balancer.preload`; a process that has them skips `management.process.parts_only`)
+        assert "balancer_requests_total{" in bal.metrics_text()
         assert bal.stop() == 0
     finally:
         bal.stop()
