@@ -571,22 +571,60 @@ def test_a_run_directory_lock_held_by_a_stuck_process_is_waited_for_a_bounded_ti
         pass
 
 
+def asked_at_once(bal: Balancer, path: str, count: int) -> list[tuple[float, int, Any]]:
+    """`count` requests for `path` sent together: when each was answered (monotonic),
+    its status and body."""
+    import threading
+
+    answers: list[tuple[float, int, Any]] = []
+
+    def ask() -> None:
+        status, body = bal.api("GET", path)
+        answers.append((time.monotonic(), status, body))
+
+    threads = [threading.Thread(target=ask) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return sorted(answers, key=lambda a: a[0])
+
+
 def test_statistics_answer_503_naming_a_stuck_holder_of_the_run_directory_lock(runs: Path,
                                                                                 tmp_path: Path):
     """The run directory's lock held by a stuck process (the other management process
     of a reload, stopped): statistics answer 503 `workers_unreachable` naming it
     after `LOCK_WAIT`, and 200 again once it is gone. Bug: the request waited for
-    ever (and so did a reload's new management process before it served)."""
-    bal = Balancer(tmp_path, {"a.test": {"action": "static", "status": 200}},
+    ever (and so did a reload's new management process before it served); then 5
+    requests at once were answered `LOCK_WAIT` apart, each waiting its turn of the
+    process's mutex without end first (the 5th after 5 × `LOCK_WAIT`)."""
+    wait = 0.5
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
                    env={"TMPDIR": str(runs)},
-                   prefix=constants_prefix({"balancer.control.LOCK_WAIT": 0.3}))
+                   prefix=constants_prefix({"balancer.control.LOCK_WAIT": wait}))
     holder = None
     try:
         [run_dir] = runs.glob("balancer-*")
         holder = stuck_holder(run_dir / "run.lock")
-        status, answer = bal.api("GET", "/api/v1/stats")
-        assert (status, answer["error"]) == (503, "workers_unreachable"), answer
-        assert f"held by process {holder.pid} after 0.3 s" in answer["message"], answer
+        answers = asked_at_once(bal, "/api/v1/stats", 5)
+        assert {(status, body["error"]) for _, status, body in answers} == \
+            {(503, "workers_unreachable")}, answers
+        assert f"held by process {holder.pid} after {wait:g} s" in answers[0][2]["message"]
+        spread = answers[-1][0] - answers[0][0]
+        assert spread < 2 * wait, f"answered over {spread:.2f} s: {answers}"
+        # a reload meanwhile: the new management process serves without its first
+        # survey, saying so; the old worker, draining, cannot leave its counters
+        # (its management process retires them from its last survey), one line
+        [old] = re.findall(r"worker (\d+) ready", bal.output())
+        bal.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: f"worker {old} exited" in bal.output(), WAIT,
+                 what="the old worker gone")
+        assert "ready (slot 0, generation 2)" in bal.output()
+        assert "cannot survey the workers' counters: the run directory's lock" in \
+            bal.output()
+        assert "cannot leave this worker's counters: the run directory's lock" in \
+            bal.output()
+        assert "Traceback" not in bal.output() and "exited with code 1" not in bal.output()
         holder.kill()
         holder.wait(10)
         assert bal.api("GET", "/api/v1/stats")[0] == 200
