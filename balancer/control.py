@@ -612,7 +612,8 @@ def lock_holder(path: str) -> str | None:
                 fields = line.decode(errors="replace").split()
                 # "1: FLOCK  ADVISORY  WRITE 4242 00:2b:1234 0 EOF" (a waiter's: "1: -> FLOCK")
                 if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == file \
-                        and fields[4].isdigit() and int(fields[4]) > 0:
+                        and fields[4].isascii() and fields[4].isdigit() \
+                        and int(fields[4]) > 0:
                     return f"process {fields[4]}"
     except OSError:
         return None

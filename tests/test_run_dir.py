@@ -571,6 +571,34 @@ def test_a_run_directory_lock_held_by_a_stuck_process_is_waited_for_a_bounded_ti
         pass
 
 
+def test_the_lock_holder_is_read_from_any_lines_of_proc_locks(tmp_path: Path,
+                                                               monkeypatch: Any) -> None:
+    """`lock_holder` reads the holder of the run directory's `flock` from ``/proc/locks``
+    (here a file of the kernel's format), passing over a waiter's line, a POSIX lock,
+    another file's, pid 0 (a holder in another pid namespace) and garbage. Bug: a
+    pid field of other digits than ASCII (``²``) raised ValueError out of the survey
+    (500) or a worker's retire (a traceback) instead of `RunDirBusy`."""
+    from balancer import control
+
+    lock = tmp_path / "run.lock"
+    lock.touch()
+    info = os.stat(lock)
+    file = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    table = tmp_path / "locks"
+    noise = [b"\xff\xfe\x00 garbage", b"", b"1: FLOCK", "2: FLOCK ADVISORY WRITE \u00b2 "
+             f"{file} 0 EOF".encode(), f"3: -> FLOCK ADVISORY WRITE 77 {file} 0 EOF".encode(),
+             f"4: POSIX ADVISORY WRITE 88 {file} 0 EOF".encode(),
+             f"5: FLOCK ADVISORY WRITE 0 {file} 0 EOF".encode(),
+             b"6: FLOCK ADVISORY WRITE 99 00:00:1 0 EOF", b"7: " + b"9" * 100_000]
+    monkeypatch.setattr(control, "PROC_LOCKS", str(table))
+    table.write_bytes(b"\n".join(noise) + b"\n")
+    assert control.lock_holder(str(lock)) is None
+    table.write_bytes(b"\n".join([*noise, f"8: FLOCK  ADVISORY  WRITE 4242 {file} 0 "
+                                             "EOF".encode()]) + b"\n")
+    assert control.lock_holder(str(lock)) == "process 4242"
+    assert control.lock_holder(str(tmp_path / "gone.lock")) is None
+
+
 def asked_at_once(bal: Balancer, path: str, count: int) -> list[tuple[float, int, Any]]:
     """`count` requests for `path` sent together: when each was answered (monotonic),
     its status and body."""
