@@ -496,16 +496,24 @@ def _turn() -> None:
 
 def retire(directory: str, worker: Any, control: ControlServer) -> None:
     """Hand a drained worker's counters over from its socket to a retired file (none
-    in a run directory gone or someone else's: one line says they are lost)."""
+    in a run directory gone or someone else's: one line says they are lost; nor
+    with its lock held `LOCK_WAIT`, one line: the management process retires them
+    as it last asked this worker. Bug: a traceback, the worker's exit code 1)."""
     problem = run_dir_problem(directory)
     if problem is not None:
         log.error("cannot leave this worker's counters: the run directory %s %s; the "
                   "totals of /api/v1/stats lose them", directory, problem)
         control.close()
         return
-    with run_dir_lock(directory):
-        write_retired(directory, worker, control.started)
-        control.close()
+    try:
+        with run_dir_lock(directory):
+            write_retired(directory, worker, control.started)
+            control.close()
+            return
+    except RunDirBusy as exc:
+        log.error("cannot leave this worker's counters: %s; the management process "
+                  "counts them as it last asked this worker", exc.strerror)
+    control.close()
 
 
 def write_retired(directory: str, worker: Any, started: float) -> None:
@@ -547,19 +555,21 @@ class RunDirBusy(OSError):
 
 
 @contextlib.contextmanager
-def run_dir_lock(directory: str, wait: float | None = None) -> Iterator[None]:
+def run_dir_lock(directory: str, wait: float | None = None,
+                 since: float | None = None) -> Iterator[None]:
     """Hold the run directory's exclusive lock (polled: the gevent hub keeps running);
     `RunDirBusy`, naming its holder, when it is not free within `wait` (`LOCK_WAIT`)
-    seconds. Bug: it was waited for without end, so a holder stuck (stopped by a
-    debugger, SIGSTOP) held every survey of the other management process (its
-    statistics, its start's `take_over`: it never said it serves)."""
+    seconds of `since` (monotonic; now by default). Bug: it was waited for without
+    end, so a holder stuck (stopped by a debugger, SIGSTOP) held every survey of the
+    other management process (its statistics, its start's `take_over`: it never
+    said it serves)."""
     import gevent
 
-    path = os.path.join(directory, "run.lock")
+    path = lock_path(directory)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     limit = LOCK_WAIT if wait is None else wait
     try:
-        deadline = time.monotonic() + limit
+        deadline = (time.monotonic() if since is None else since) + limit
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -568,20 +578,33 @@ def run_dir_lock(directory: str, wait: float | None = None) -> Iterator[None]:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 if time.monotonic() >= deadline:
-                    holder = lock_holder(fd)
-                    raise RunDirBusy(errno.EAGAIN, f"the run directory's lock {path} is still "
-                                     f"held by {holder or 'another process'} after "
-                                     f"{limit:g} s") from None
+                    raise busy(path, limit) from None
                 gevent.sleep(LOCK_POLL)
         yield
     finally:
         os.close(fd)
 
 
-def lock_holder(fd: int) -> str | None:
-    """The holder of the `flock` on `fd`'s file ("process PID"), as ``/proc/locks``
+def lock_path(directory: str) -> str:
+    """The run directory's lock file (`run_dir_lock`)."""
+    return os.path.join(directory, "run.lock")
+
+
+def busy(path: str, limit: float) -> RunDirBusy:
+    """`RunDirBusy` for lock file `path` not had within `limit` seconds, naming its
+    holder (`lock_holder`)."""
+    holder = lock_holder(path)
+    return RunDirBusy(errno.EAGAIN, f"the run directory's lock {path} is still held by "
+                      f"{holder or 'another process'} after {limit:g} s")
+
+
+def lock_holder(path: str) -> str | None:
+    """The holder of the `flock` on file `path` ("process PID"), as ``/proc/locks``
     shows it; None when it cannot be read (no ``/proc``, a holder in another pid namespace)."""
-    info = os.fstat(fd)
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
     file = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
     try:
         with open(PROC_LOCKS, "rb") as table:
@@ -589,7 +612,8 @@ def lock_holder(fd: int) -> str | None:
                 fields = line.decode(errors="replace").split()
                 # "1: FLOCK  ADVISORY  WRITE 4242 00:2b:1234 0 EOF" (a waiter's: "1: -> FLOCK")
                 if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == file \
-                        and fields[4].isdigit() and int(fields[4]) > 0:
+                        and fields[4].isascii() and fields[4].isdigit() \
+                        and int(fields[4]) > 0:
                     return f"process {fields[4]}"
     except OSError:
         return None

@@ -30,7 +30,9 @@ Invariants:
 * Live answers and the kept counters are read together under the run
   directory's lock (`control.run_dir_lock`), so a worker that exits is counted
   once, and two management processes (old and new, during a reload) never
-  fold a retired worker twice. One greenlet at a time takes that lock.
+  fold a retired worker twice. One greenlet at a time takes that lock
+  (`mutex`), its turn and the lock had within `control.LOCK_WAIT` of its ask
+  (`turn_and_lock`).
 * A worker that does not answer (stopped, hung) is asked no more until it
   answers a probe again (`management.silent`): calls answer at once with the
   other workers' figures and its held counters (gauges left out), and name it
@@ -64,6 +66,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -73,10 +76,13 @@ from gevent.lock import Semaphore
 
 from balancer.arbiter import STATUS_FILE
 from balancer.control import (
+    LOCK_WAIT,
     RunDirBusy,
     ask_raw,
     ask_why,
+    busy,
     decoded,
+    lock_path,
     pid_of,
     run_dir_lock,
     run_dir_problem,
@@ -137,7 +143,7 @@ class ClusterRuntime:
         exited or do not answer, read together. `complete`: the command asks
         for every host a worker counted (its answer is held: `HeldCounters`)."""
         self.check_run_dir()
-        with self.mutex, self.locked():
+        with self.locked():
             listed = worker_sockets(self.directory)
             present = listed + self.held.unlisted(listed)  # (a run directory made again)
             self.held.retire_gone(present)
@@ -160,15 +166,32 @@ class ClusterRuntime:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """The run directory's lock (`run_dir_lock`); 503 `workers_unreachable` naming
-        its holder when it stays held (the other management process stuck)."""
+        """`turn_and_lock`; 503 `workers_unreachable` naming the lock's holder when it
+        stays held (the other management process stuck)."""
         with contextlib.ExitStack() as stack:
             try:
-                stack.enter_context(run_dir_lock(self.directory))
+                stack.enter_context(self.turn_and_lock())
             except RunDirBusy as exc:
                 raise ApiError(503, "workers_unreachable", f"{exc.strerror}: the workers' "
                                "counters cannot be read with the kept ones") from None
             yield
+
+    @contextlib.contextmanager
+    def turn_and_lock(self) -> Iterator[None]:
+        """This greenlet's turn (`mutex`) and the run directory's lock (`run_dir_lock`),
+        both had within one `LOCK_WAIT`; `RunDirBusy` else. Bug: the turn was waited
+        for without end, then the lock `LOCK_WAIT`: with its holder stuck, requests
+        that came together gave up `LOCK_WAIT` apart, one after the other (the 5th
+        of 5 after 5 times as long; the dashboard's polls, scrapes and the history's
+        samples queued up)."""
+        since = time.monotonic()
+        if not self.mutex.acquire(timeout=LOCK_WAIT):  # (another survey waits for it)
+            raise busy(lock_path(self.directory), LOCK_WAIT)
+        try:
+            with run_dir_lock(self.directory, since=since):
+                yield
+        finally:
+            self.mutex.release()
 
     def restore_kept(self) -> None:
         """Write the retired total again at once, the arbiter having made the run
@@ -178,7 +201,7 @@ class ClusterRuntime:
         if self.run_dir_gone() is not None:
             return  # (gone again: the next survey tries)
         try:
-            with self.mutex, run_dir_lock(self.directory):
+            with self.turn_and_lock():
                 self.retired.snapshot()
         except OSError as exc:
             log.error("cannot write the counters of workers that exited in %s again: %s",

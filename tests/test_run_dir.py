@@ -571,22 +571,109 @@ def test_a_run_directory_lock_held_by_a_stuck_process_is_waited_for_a_bounded_ti
         pass
 
 
+def test_a_draining_worker_finding_the_lock_held_leaves_its_counters_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`control.retire` (a worker's drain ends) with the run directory's lock held by
+    a stuck process: after `LOCK_WAIT` one line, its socket closed, no retired file
+    (the management process counts the worker as it last asked it). Bug: RunDirBusy
+    came out of the worker, a traceback and exit code 1."""
+    import logging
+
+    from balancer import control
+    from balancer.stats import Stats
+    from tests.test_stats_pages import scripted_worker
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    server = control.ControlServer(str(run_dir), scripted_worker(Stats()))
+    server.start()
+    holder = stuck_holder(run_dir / "run.lock")
+    monkeypatch.setattr(control, "LOCK_WAIT", 0.2)
+    try:
+        with caplog.at_level(logging.ERROR, logger="balancer"):
+            control.retire(str(run_dir), scripted_worker(Stats()), server)
+        assert server.closed and not os.path.exists(server.path)
+        assert not list(run_dir.glob("retired-*"))
+        assert [r.getMessage() for r in caplog.records] == [
+            f"cannot leave this worker's counters: the run directory's lock {run_dir}/run.lock "
+            f"is still held by process {holder.pid} after 0.2 s; the management process "
+            "counts them as it last asked this worker"]
+    finally:
+        holder.kill()
+        holder.wait(10)
+        server.close()
+
+
+def test_the_lock_holder_is_read_from_any_lines_of_proc_locks(tmp_path: Path,
+                                                               monkeypatch: Any) -> None:
+    """`lock_holder` reads the holder of the run directory's `flock` from ``/proc/locks``
+    (here a file of the kernel's format), passing over a waiter's line, a POSIX lock,
+    another file's, pid 0 (a holder in another pid namespace) and garbage. Bug: a
+    pid field of other digits than ASCII (``²``) raised ValueError out of the survey
+    (500) or a worker's retire (a traceback) instead of `RunDirBusy`."""
+    from balancer import control
+
+    lock = tmp_path / "run.lock"
+    lock.touch()
+    info = os.stat(lock)
+    file = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    table = tmp_path / "locks"
+    noise = [b"\xff\xfe\x00 garbage", b"", b"1: FLOCK", "2: FLOCK ADVISORY WRITE \u00b2 "
+             f"{file} 0 EOF".encode(), f"3: -> FLOCK ADVISORY WRITE 77 {file} 0 EOF".encode(),
+             f"4: POSIX ADVISORY WRITE 88 {file} 0 EOF".encode(),
+             f"5: FLOCK ADVISORY WRITE 0 {file} 0 EOF".encode(),
+             b"6: FLOCK ADVISORY WRITE 99 00:00:1 0 EOF", b"7: " + b"9" * 100_000]
+    monkeypatch.setattr(control, "PROC_LOCKS", str(table))
+    table.write_bytes(b"\n".join(noise) + b"\n")
+    assert control.lock_holder(str(lock)) is None
+    table.write_bytes(b"\n".join([*noise, f"8: FLOCK  ADVISORY  WRITE 4242 {file} 0 "
+                                             "EOF".encode()]) + b"\n")
+    assert control.lock_holder(str(lock)) == "process 4242"
+    assert control.lock_holder(str(tmp_path / "gone.lock")) is None
+
+
+def asked_at_once(bal: Balancer, path: str, count: int) -> list[tuple[float, int, Any]]:
+    """`count` requests for `path` sent together: when each was answered (monotonic),
+    its status and body."""
+    import threading
+
+    answers: list[tuple[float, int, Any]] = []
+
+    def ask() -> None:
+        status, body = bal.api("GET", path)
+        answers.append((time.monotonic(), status, body))
+
+    threads = [threading.Thread(target=ask) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return sorted(answers, key=lambda a: a[0])
+
+
 def test_statistics_answer_503_naming_a_stuck_holder_of_the_run_directory_lock(runs: Path,
                                                                                 tmp_path: Path):
     """The run directory's lock held by a stuck process (the other management process
     of a reload, stopped): statistics answer 503 `workers_unreachable` naming it
     after `LOCK_WAIT`, and 200 again once it is gone. Bug: the request waited for
-    ever (and so did a reload's new management process before it served)."""
-    bal = Balancer(tmp_path, {"a.test": {"action": "static", "status": 200}},
+    ever (and so did a reload's new management process before it served); then 5
+    requests at once were answered `LOCK_WAIT` apart, each waiting its turn of the
+    process's mutex without end first (the 5th after 5 × `LOCK_WAIT`)."""
+    wait = 0.5
+    bal = Balancer(tmp_path, {"a.test": {"action": "static", "body": "a"}},
                    env={"TMPDIR": str(runs)},
-                   prefix=constants_prefix({"balancer.control.LOCK_WAIT": 0.3}))
+                   prefix=constants_prefix({"balancer.control.LOCK_WAIT": wait}))
     holder = None
     try:
         [run_dir] = runs.glob("balancer-*")
         holder = stuck_holder(run_dir / "run.lock")
-        status, answer = bal.api("GET", "/api/v1/stats")
-        assert (status, answer["error"]) == (503, "workers_unreachable"), answer
-        assert f"held by process {holder.pid} after 0.3 s" in answer["message"], answer
+        answers = asked_at_once(bal, "/api/v1/stats", 5)
+        assert {(status, body["error"]) for _, status, body in answers} == \
+            {(503, "workers_unreachable")}, answers
+        assert f"held by process {holder.pid} after {wait:g} s" in answers[0][2]["message"]
+        spread = answers[-1][0] - answers[0][0]
+        assert spread < 2 * wait, f"answered over {spread:.2f} s: {answers}"
         holder.kill()
         holder.wait(10)
         assert bal.api("GET", "/api/v1/stats")[0] == 200
