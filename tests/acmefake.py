@@ -34,6 +34,7 @@ import hashlib
 import json
 import ssl
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -61,6 +62,7 @@ class FakeAcme:
         (`ca_bundle`); plain HTTP without."""
         self.mode = mode
         self.requests: Counter[str] = Counter()
+        self.first: dict[str, float] = {}  # path → when it was first asked (monotonic)
         self.nonces = 0
         self.host = ""  # the name ordered
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
@@ -91,6 +93,10 @@ class FakeAcme:
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         return ca.write(directory)
 
+    def count(self, path: str) -> None:
+        self.requests[path] += 1
+        self.first.setdefault(path, time.monotonic())
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -103,11 +109,11 @@ class FakeAcme:
                 pass
 
             def do_HEAD(self) -> None:  # newNonce
-                ca.requests[self.path] += 1
+                ca.count(self.path)
                 self.reply(200, b"", "text/plain")
 
             def do_GET(self) -> None:
-                ca.requests[self.path] += 1
+                ca.count(self.path)
                 if self.path == "/start":
                     target = "/start" if ca.mode == "redirect-loop" else "/dir"
                     self.reply(301, b"", "text/plain", {"Location": ca.base + target})
@@ -122,7 +128,7 @@ class FakeAcme:
                     self.json(404, {"type": "urn:ietf:params:acme:error:malformed"})
 
             def do_POST(self) -> None:
-                ca.requests[self.path] += 1
+                ca.count(self.path)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 payload = unb64(body["payload"])
                 ca.post(self, self.path, json.loads(payload) if payload else None)

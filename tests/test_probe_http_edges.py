@@ -223,20 +223,30 @@ def tree_cpu(pid: int) -> float:
 
 def test_a_60_kb_host_is_routed_as_before_at_a_small_cost(site: Site) -> None:
     """A Host of 60 KB (no key is longer than 253 bytes, nor cached) is checked on
-    every request: its regular expression took 10-30 ms each (bug: 40 such
+    every request: its regular expression took 7-30 ms each (bug: 40 such
     requests held a worker for about a second). The routes stay: a wildcard's,
-    the catch-all's, a 400 for an empty label."""
+    the catch-all's, a 400 for an empty label. Its cost is the workers' CPU time
+    (not the arbiter's nor the management process's: their start-up, a survey),
+    against the same requests with the same bytes in another field (bug: 0.26-0.30
+    CPU-s against 0.03, interpreted; fixed: 0.03-0.04)."""
     port = site.bal.port
     labels = b"a." * 30000
     assert body_of(port, labels + b"wild.test") == b"200 wild"
     assert body_of(port, labels + b"x.test:80") == b"200 catch-all"
     assert body_of(port, labels + b".x.test").startswith(b"400 ")
-    before = tree_cpu(site.bal.proc.pid)
-    for _ in range(40):  # (the empty label: the longest search of the expression)
-        answer, _ = refused(port, b"GET / HTTP/1.1\r\nHost: " + labels + b".x.test\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
-    used = tree_cpu(site.bal.proc.pid) - before
-    assert used < 0.4, used
+    workers = [p["pid"] for p in site.bal.api("GET", "/api/v1/info")[1]["processes"]]
+
+    def cost(host: bytes, other: bytes) -> float:
+        before = sum(map(tree_cpu, workers))
+        for _ in range(40):  # (the empty label: the longest search of the expression)
+            answer, _ = refused(port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n" + other
+                                + b"\r\n")
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+        return sum(map(tree_cpu, workers)) - before
+
+    same_bytes = cost(b".x.test", b"X-Pad: " + labels + b"\r\n")
+    used = cost(labels + b".x.test", b"")
+    assert used < 2 * same_bytes + 0.05, (used, same_bytes)
 
 
 # ip_hash -----------------------------------------------------------------------------
