@@ -1,4 +1,4 @@
-/* balancer._sockio: recv, send, send_span and accept on non-blocking sockets without
+/* balancer._sockio: recv, send, send_span, accept and peek on non-blocking sockets without
  * releasing the GIL (the seam that picks these or their Python equivalents is
  * balancer/sockcalls.py; docs/ARCHITECTURE.md, "The socket calls").
  *
@@ -30,7 +30,8 @@
  * syscall interrupted by a signal runs the Python signal handlers (their
  * exception propagates) and is retried.  Two outcomes differ on purpose:
  * EAGAIN is not raised (recv and accept return None, send and send_span 0), which
- * saves the callers an exception per empty read or accept queue; and send and
+ * saves the callers an exception per empty read or accept queue; peek raises
+ * no OSError at all (a failure is the socket's end: -1); and send and
  * send_span pass MSG_NOSIGNAL (Python ignores SIGPIPE anyway: either way a
  * closed peer is EPIPE, BrokenPipeError).
  */
@@ -348,11 +349,41 @@ sockio_accept(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return pair;
 }
 
+PyDoc_STRVAR(peek_doc,
+"peek(sock, /)\n--\n\n"
+"What waits on the socket sock's read side now, looked at without reading or\n"
+"waiting (recv of one byte, MSG_PEEK | MSG_DONTWAIT): 0 nothing (open), 1 bytes,\n"
+"-1 its end or an error (EOF, a reset, a closed socket). Never raises OSError.");
+
+static PyObject *
+sockio_peek(PyObject *module, PyObject *sock)
+{
+    int fd = fd_of(sock);
+    if (fd == -2) {
+        return NULL;
+    }
+    char byte;
+    for (;;) {
+        ssize_t got = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (got >= 0) {
+            return PyLong_FromLong(got > 0 ? 1 : -1);  /* (small ints: cached, no allocation) */
+        }
+        int err = errno;
+        if (err != EINTR) {
+            return PyLong_FromLong(err == EAGAIN || err == EWOULDBLOCK ? 0 : -1);
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+    }
+}
+
 static PyMethodDef methods[] = {
     {"recv", (PyCFunction)(void (*)(void))sockio_recv, METH_FASTCALL, recv_doc},
     {"send", (PyCFunction)(void (*)(void))sockio_send, METH_FASTCALL, send_doc},
     {"send_span", (PyCFunction)(void (*)(void))sockio_send_span, METH_FASTCALL, send_span_doc},
     {"accept", (PyCFunction)(void (*)(void))sockio_accept, METH_FASTCALL, accept_doc},
+    {"peek", (PyCFunction)sockio_peek, METH_O, peek_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -432,7 +463,7 @@ static PyModuleDef_Slot slots[] = {
 static struct PyModuleDef sockio_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "balancer._sockio",
-    .m_doc = "recv, send, send_span and accept on non-blocking sockets without releasing the GIL "
+    .m_doc = "recv, send, send_span, accept and peek on non-blocking sockets without releasing the GIL "
              "(balancer.sockcalls picks them)",
     .m_size = 0,
     .m_methods = methods,

@@ -275,7 +275,7 @@ def _depart(ex: Exchange, flight: Flight) -> bool:
     if upstream is None:
         return _connect(ex, flight)
     method = ex.head.method  # (a GET: one compare; the set's lookup cost ~190 instructions)
-    if method != b"GET" and method not in IDEMPOTENT and backend.has_closed(upstream):
+    if method != b"GET" and method not in IDEMPOTENT and not backend.is_open(upstream):
         upstream.close()  # (peeked at as `relay._take` does: a close found later is a 502)
         return _connect(ex, flight)
     flight.board(upstream, True, now)

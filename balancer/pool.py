@@ -90,7 +90,7 @@ from balancer.errors import (
     SelfLoop,
 )
 from balancer.netio import CLOCK, IO, NEVER, Stream, begin_connect, connect_blocking, connect_ended
-from balancer.peek import OPEN, has_hung_up, peek, peek_under
+from balancer.peek import OPEN, peek_under
 from balancer.resolve import HOLD, Name, Unresolved
 from balancer.response_parser import HeadMemo, ResponseParser
 from balancer.selves import OwnListeners
@@ -533,23 +533,15 @@ class Backend:
 
     @staticmethod
     def is_open(upstream: Upstream) -> bool:
-        """True if an idle pooled connection has not been closed by the backend
-        (for TLS: nothing waits in OpenSSL or on the TCP socket under it)."""
+        """True if an idle pooled connection is as it was left: the backend has not
+        closed, reset or written on it (for TLS: nothing waits in OpenSSL or on
+        the TCP socket under it). Looked at before a request whose body streams
+        (once sent it cannot go again) or that may not go twice (a close found
+        after it went is not replayed: `balancer.relay.can_replay`), so that such
+        a connection costs a new one, not the client's 502."""
         if upstream.pool:
             return upstream.stream.is_clean() and peek_under(upstream.sock) == OPEN
-        return peek(upstream.sock) == OPEN
-
-    @staticmethod
-    def has_closed(upstream: Upstream) -> bool:
-        """Whether the backend closed or reset an idle pooled connection, for a
-        request that may not go twice: its TCP state, one getsockopt that raises
-        nothing on the common path (a peek costs ~10,000 instructions through
-        gevent's recv and its BlockingIOError); a TLS connection is peeked at
-        whole (`is_open`). Data a backend wrote on the idle connection is not
-        looked for here (its answer is then refused as a framing error)."""
-        if upstream.pool:
-            return not Backend.is_open(upstream)
-        return has_hung_up(upstream.sock)
+        return upstream.stream.is_untouched()
 
     # passive health ------------------------------------------------------
     def is_available(self) -> bool:

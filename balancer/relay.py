@@ -91,6 +91,16 @@ CHUNKED: Final = b"\r\nTransfer-Encoding: chunked"
 # closed is (`arrive`); Chromium retries a 408 on a reused socket once, HAProxy
 # has `retry-on 408`. A 408 on a new connection is the backend's answer.
 STALE: Final = "a 408 on a connection taken from the pool"
+# The least status of an answer after which a request's body may lie unread: its
+# connection goes back to no pool. A backend that refuses a body at its head (413,
+# 401, 415...) and will not read it must close the connection (RFC 9112 §9.6);
+# some do with a reset a moment after their answer, which lost the next request
+# sent on it from the pool (a POST: a 502) until 2026-12-07. nginx keeps no
+# connection whose answer ended before the body was all sent (its
+# `request_body_sent`), but a body the socket took at once was "sent" before the
+# answer came, read or not: so any refusal of a request with a body counts here
+# (`_judge_answer` judges one that comes while the body goes the same way).
+REFUSAL: Final = 400
 # Methods whose request may reach a backend twice (RFC 9110 §9.2.2). Bug: a request
 # sent on a pooled connection that the backend closed without an answer was
 # replayed on a fresh one whatever its method, so a POST the backend had read
@@ -214,7 +224,7 @@ def _judge_answer(upstream: Upstream) -> Callable[[], BaseException | bool]:
         if rhead is None:  # nothing final: interim heads wait in the parser, bounded
             return True if interims(parser) <= MAX_INTERIM else BackendProtocolError(
                 f"more than {MAX_INTERIM} interim (1xx) responses")
-        if rhead.status >= 400 or not rhead.keep_alive or (parser.complete
+        if rhead.status >= REFUSAL or not rhead.keep_alive or (parser.complete
                                                            and rhead.status != 101):
             rhead.keep_alive = False  # the request was cut short: never reused
             return BackendAnswered()
@@ -640,10 +650,10 @@ def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Ups
     if idle is None:
         arm_connect(ex, backend)
         upstream = backend.connect_tls(key) if key else backend.connect()
-    elif body is None and not ex.body_done and not backend.is_open(idle) \
-            or ex.head.method not in IDEMPOTENT and backend.has_closed(idle):
-        # (a body to stream: peeked at; one that may not go twice: a close found
-        # later is not replayed)
+    elif (body is None and not ex.body_done or ex.head.method not in IDEMPOTENT) \
+            and not backend.is_open(idle):
+        # (a body to stream, or a request that may not go twice: a close found
+        # once it went is not replayed)
         idle.close()
         upstream = renew(ex, backend, idle)
     else:
@@ -700,7 +710,8 @@ def deliver(ex: Exchange, flight: Flight, upstream: Upstream, rhead: ResponseHea
             raise BackendProtocolError("101 Switching Protocols to a protocol not offered")
         _upgrade(ex, upstream, rhead)
         return  # (the tunnel is over: never reusable)
-    flight.reusable = relay_response(ex, upstream, rhead, first) and not ex.head.upgrade
+    flight.reusable = relay_response(ex, upstream, rhead, first) and not ex.head.upgrade \
+        and (rhead.status < REFUSAL or not ex.head.has_body)
 
 
 def land(flight: Flight, now: float = 0.0) -> None:

@@ -5,7 +5,9 @@
 what a writer sends a response's head and its body with in one syscall, the
 body a `balancer.spans.Span` of the bytes it was read into (not sliced out
 or joined to the head: no copy, no allocation), `accept_now` what
-`balancer.serving.Slots.accept` accepts client connections with. In a compiled
+`balancer.serving.Slots.accept` accepts client connections with, `peek_now`
+what an idle pooled connection is looked at with before a request that may
+not go twice (`balancer.netio.EventedStream.is_untouched`). In a compiled
 build (setup.py, not under ``BALANCER_PURE=1``) they are the C extension
 `balancer._sockio`'s functions, which make the syscall without releasing the
 GIL (a worker's data plane is one thread, and a non-blocking syscall never
@@ -24,6 +26,9 @@ Invariants:
 * `send_span_now(sock, head, (data, start))` sends what `send_now` would of
   ``head + data[start:]`` (the count covers both, in that order), in one
   sendmsg; a start outside `data` is a ValueError.
+* `peek_now(sock)` reads nothing and raises no OSError: NOTHING (nothing to
+  read now: open), WAITING (bytes) or ENDED (EOF, or any failure: a reset, a
+  closed socket).
 * An accepted socket is an OS socket (`_socket.socket`), non-blocking, with
   its address as ``listener._accept()`` gives it.
 * Every other failure is the OSError ``sock.recv`` / ``sock.send`` /
@@ -46,6 +51,8 @@ Recv = Callable[[Any, Any], "bytes | None"]  # (the size: an int, `EventedStream
 Send = Callable[[Any, "bytes | memoryview"], int]
 SendSpan = Callable[[Any, bytes, Span], int]
 Accept = Callable[[Any, int], "tuple[RawSocket, Any] | None"]
+Peek = Callable[[Any], int]
+NOTHING, WAITING, ENDED = 0, 1, -1  # what `peek_now` finds
 
 
 def recv_py(sock: socket.socket, size: int) -> bytes | None:
@@ -93,6 +100,18 @@ def accept_py(listener: RawSocket, proto: int) -> tuple[RawSocket, Any] | None:
         return sock, address
 
 
+def peek_py(sock: RawSocket) -> int:
+    """What waits on `sock`'s read side now (NOTHING, WAITING, ENDED), looked at
+    without reading or waiting."""
+    try:
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return NOTHING
+    except OSError:
+        return ENDED
+    return WAITING if data else ENDED
+
+
 def _extension() -> Any:
     """`balancer._sockio`, or None where it was not built or will not load."""
     try:
@@ -108,3 +127,4 @@ recv_now: Final[Recv] = recv_py if _SOCKIO is None else _SOCKIO.recv
 send_now: Final[Send] = send_py if _SOCKIO is None else _SOCKIO.send
 send_span_now: Final[SendSpan] = send_span_py if _SOCKIO is None else _SOCKIO.send_span
 accept_now: Final[Accept] = accept_py if _SOCKIO is None else _SOCKIO.accept
+peek_now: Final[Peek] = peek_py if _SOCKIO is None else _SOCKIO.peek

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.rawpeer import RawBackend, serve_each
+from tests.rawpeer import RawBackend, read_through, serve_each
 from tests.support import (
     Backend,
     Balancer,
@@ -56,6 +56,7 @@ HINTS = "hints.test"
 WEIGHTED = "weighted.test"
 LIAR = "liar.test"
 DEPLOYING = "deploying.test"
+UPLOADS = "uploads.test"
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" * 64
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -92,6 +93,52 @@ def closing() -> Iterator[RawBackend]:
     peer = RawBackend(answer_and_close)
     yield peer
     peer.stop()
+
+
+UPLOAD_LIMIT = 1000  # bytes of a body the `limiting` backend takes
+TOO_LARGE = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"
+
+
+def refuses_large_uploads(conn: socket.socket) -> None:
+    """Read each request's head; answer a body over `UPLOAD_LIMIT` with a 413 at
+    once, keeping the connection (no `Connection: close`), then reset it 0.1 s
+    later without reading the body (as servers that refuse a body they will not
+    read: the reset is the kernel's, for the unread bytes); read a smaller one
+    and answer 200."""
+    conn.settimeout(5)
+    try:
+        while (data := read_through(conn)) is not None:
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0] or 0)
+            if length > UPLOAD_LIMIT:
+                conn.sendall(TOO_LARGE)
+                time.sleep(0.1)
+                reset_by(conn)
+                return
+            while len(body) < length:
+                more = conn.recv(65536)
+                if not more:
+                    return
+                body += more
+            conn.sendall(OK)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def reset_by(conn: socket.socket) -> None:
+    """Close `conn` with an RST (SO_LINGER 0)."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def limiting() -> Iterator[str]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    serve_each(listener, refuses_large_uploads)
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
 
 
 def hints_without_end(conn: socket.socket) -> None:
@@ -147,7 +194,7 @@ OLD = dead_address()  # a deploy's old backend, stopped before its warmup ended
 @pytest.fixture(scope="module")
 def bal(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend,
         closing: RawBackend, hinting: str, light: Backend,
-        liar: RawBackend) -> Iterator[Balancer]:
+        liar: RawBackend, limiting: str) -> Iterator[Balancer]:
     # retries 0: only the pooled connection's own replay can send a request twice
     balancer = Balancer(tmp_path_factory.mktemp("backends"), {
         HOST: {"action": "proxy", "backends": [backend.address], "retries": 0},
@@ -159,7 +206,8 @@ def bal(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend,
         LIAR: {"action": "proxy", "backends": [liar.address, light.address],
                "health": {"path": "/healthz", "interval": 0.1, "rise": 1}},
         DEPLOYING: {"action": "proxy", "backends": [light.address],
-                    "draining": {"backends": [OLD], "since": time.time(), "warmup": 3600}}})
+                    "draining": {"backends": [OLD], "since": time.time(), "warmup": 3600}},
+        UPLOADS: {"action": "proxy", "backends": [limiting], "retries": 0}})
     yield balancer
     balancer.stop()
 
@@ -209,6 +257,27 @@ def test_a_post_behind_a_closed_pooled_connection_goes_on_a_fresh_one(
             b"Content-Length: %d\r\n\r\n%s" % (len(post), post))
         assert [status for status, _, _ in split_responses(answers)] == [200, 200]
         assert sum(raw.endswith(post) for raw in closing.requests) == 1
+
+
+@pytest.mark.parametrize("size", [
+    UPLOAD_LIMIT + 1,  # in hand: sent with its head in one write
+    70 * 1024,         # streamed (over 64 KiB), all in the sockets' buffers before the 413
+    1024 * 1024,       # streamed, the 413 seen while it goes
+])
+def test_an_upload_after_an_early_refusal_is_not_sent_on_its_connection(
+        bal: Balancer, size: int) -> None:
+    """A backend that answers 413 to an upload it will not read, keeps the
+    connection (no `Connection: close`) and resets it a little later: after a
+    refusal of a request with a body the connection goes back to no pool, and
+    the next upload gets a new one. Before 2026-12-07 it was pooled (unless the
+    413 came while the body was still going) and the next POST sent on it was
+    reset unanswered: a 502 (never replayed)."""
+    for turn in range(3):
+        with socket.create_connection(("127.0.0.1", bal.port), timeout=5) as sock:
+            sock.sendall(b"POST /big HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n"
+                         % (UPLOADS.encode(), size) + b"x" * size)
+            assert read_through(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 413 ")
+        assert request(bal.port, "POST", f"/small-{turn}", host=UPLOADS, body=b"v=1")[0] == 200
 
 
 def test_interim_answers_without_end_fail_a_health_check_at_once(bal: Balancer,

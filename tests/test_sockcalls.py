@@ -68,6 +68,12 @@ def send_span(request: pytest.FixtureRequest) -> Callable[[Any, bytes, tuple], i
     return sockcalls.send_span_py if request.param == "python" else sockio().send_span
 
 
+@pytest.fixture(params=["python", "c"])
+def peek(request: pytest.FixtureRequest) -> Callable[[Any], int]:
+    """peek of one implementation."""
+    return sockcalls.peek_py if request.param == "python" else sockio().peek
+
+
 @pytest.fixture
 def tcp() -> Iterator[tuple[socket.socket, socket.socket]]:
     """A connected loopback TCP pair: ours (non-blocking) and the peer (blocking)."""
@@ -110,17 +116,18 @@ def reset_by(peer: socket.socket) -> None:
 
 def test_the_c_calls_are_used_wherever_they_are_built() -> None:
     seam = (sockcalls.recv_now, sockcalls.send_now, sockcalls.send_span_now,
-            sockcalls.accept_now)
+            sockcalls.accept_now, sockcalls.peek_now)
     try:
         from balancer import _sockio
     except ImportError:
         assert not native.compiled(), "a compiled build without balancer._sockio"
         assert not sockcalls.NATIVE
         assert seam == (sockcalls.recv_py, sockcalls.send_py, sockcalls.send_span_py,
-                        sockcalls.accept_py)
+                        sockcalls.accept_py, sockcalls.peek_py)
         return
     assert sockcalls.NATIVE
-    assert seam == (_sockio.recv, _sockio.send, _sockio.send_span, _sockio.accept)
+    assert seam == (_sockio.recv, _sockio.send, _sockio.send_span, _sockio.accept,
+                    _sockio.peek)
 
 
 # send_span: a head and the end of a read in one sendmsg --------------------------------
@@ -461,3 +468,39 @@ def test_accept_on_a_closed_listener_is_ebadf(accept: Accept) -> None:
     with pytest.raises(OSError) as closed:
         accept(listener, 0)
     assert closed.value.errno == errno.EBADF
+
+
+# peek: what waits on an idle connection, nothing read ------------------------------
+def test_peek_tells_nothing_bytes_and_end_and_reads_nothing(peek, tcp) -> None:
+    ours, peer = tcp
+    assert peek(ours) == sockcalls.NOTHING
+    peer.sendall(b"stray")
+    readable(ours)
+    assert [peek(ours), peek(ours)] == [sockcalls.WAITING] * 2
+    peer.shutdown(socket.SHUT_WR)
+    assert peek(ours) == sockcalls.WAITING  # (bytes before the end: still bytes)
+    assert ours.recv(100) == b"stray"  # every byte still there
+    readable(ours)
+    assert peek(ours) == sockcalls.ENDED
+
+
+def test_peek_of_a_reset_or_closed_socket_is_its_end_never_an_error(peek, tcp) -> None:
+    ours, peer = tcp
+    reset_by(peer)
+    readable(ours)
+    assert [peek(ours), peek(ours)] == [sockcalls.ENDED] * 2
+    ours.close()
+    assert peek(ours) == sockcalls.ENDED  # (EBADF)
+
+
+def test_peek_never_waits_on_a_blocking_socket(peek, tcp) -> None:
+    ours, _peer = tcp
+    ours.setblocking(True)
+    started = time.monotonic()
+    assert peek(ours) == sockcalls.NOTHING
+    assert time.monotonic() - started < 1.0
+
+
+def test_peek_refuses_what_is_not_a_socket() -> None:
+    with pytest.raises(TypeError):
+        sockio().peek(3)
