@@ -155,6 +155,10 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
     `EARLY_LIMIT` bytes; past them nothing more of it is read until the body
     went (the backend then reads the whole body before it answers in full).
 
+    Each piece's send is bounded by `timeouts.backend_read` (as nginx's
+    `proxy_send_timeout`, 60 s: a backend that stops reading gets a 504), each
+    read of the client's by `client_idle`.
+
     An upload that never waits yields its turn like a response
     (`balancer.turns`): the loop runs between turns, which is when an answer is
     seen (a TLS connection whose send failed cannot be read any more). The
@@ -162,16 +166,19 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
     found when a send fails counts."""
     from balancer.errors import PayloadTooLarge
 
-    stream = upstream.stream
+    stream, conn, sock = upstream.stream, ex.conn, upstream.sock
     stream.watch(_judge_answer(upstream))
-    turn = ex.conn.io.turn()
+    turn = conn.io.turn()
+    backend_read = conn.ctx.backend_read
     try:
-        for chunk in ex.body_chunks():
+        for chunk in ex.body_chunks():  # (each read from the client arms client_idle)
             if max_body is not None and declared_body(ex.head) > max_body:  # (chunked)
                 raise PayloadTooLarge("chunk sizes over max_body_bytes")
+            conn.arm(sock, backend_read)  # a backend that takes none of it for that long: 504
             _send_body(upstream, chunk)
             turn.spend(piece_size(chunk))
         if chunked and ex.head.trailers:  # (its pieces end before its last chunk)
+            conn.arm(sock, backend_read)
             _send_body(upstream, last_chunk(ex.head))
         return
     except BackendAnswered:

@@ -30,8 +30,10 @@ first at its start).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -57,6 +59,8 @@ WEIGHTED = "weighted.test"
 LIAR = "liar.test"
 DEPLOYING = "deploying.test"
 UPLOADS = "uploads.test"
+STALLED = "stalled.test"
+BACKEND_READ = 1.5  # the balancer's timeouts.backend_read (client_idle: 75 s)
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" * 64
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -141,6 +145,21 @@ def limiting() -> Iterator[str]:
     listener.close()
 
 
+def never_reads(conn: socket.socket) -> None:
+    """Read a request's head, then nothing more (and answer nothing) for 10 s."""
+    read_through(conn)
+    time.sleep(10)
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def stalled() -> Iterator[str]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    serve_each(listener, never_reads)
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
 def hints_without_end(conn: socket.socket) -> None:
     """Read a request, then send `103 Early Hints` as fast as the socket takes
     them, until the peer goes (or 5 s)."""
@@ -194,7 +213,7 @@ OLD = dead_address()  # a deploy's old backend, stopped before its warmup ended
 @pytest.fixture(scope="module")
 def bal(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend,
         closing: RawBackend, hinting: str, light: Backend,
-        liar: RawBackend, limiting: str) -> Iterator[Balancer]:
+        liar: RawBackend, limiting: str, stalled: str) -> Iterator[Balancer]:
     # retries 0: only the pooled connection's own replay can send a request twice
     balancer = Balancer(tmp_path_factory.mktemp("backends"), {
         HOST: {"action": "proxy", "backends": [backend.address], "retries": 0},
@@ -207,7 +226,9 @@ def bal(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend,
                "health": {"path": "/healthz", "interval": 0.1, "rise": 1}},
         DEPLOYING: {"action": "proxy", "backends": [light.address],
                     "draining": {"backends": [OLD], "since": time.time(), "warmup": 3600}},
-        UPLOADS: {"action": "proxy", "backends": [limiting], "retries": 0}})
+        UPLOADS: {"action": "proxy", "backends": [limiting], "retries": 0},
+        STALLED: {"action": "proxy", "backends": [stalled], "retries": 0}},
+        env={"BALANCER_TIMEOUTS_BACKEND_READ": str(BACKEND_READ)})
     yield balancer
     balancer.stop()
 
@@ -278,6 +299,31 @@ def test_an_upload_after_an_early_refusal_is_not_sent_on_its_connection(
                          % (UPLOADS.encode(), size) + b"x" * size)
             assert read_through(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 413 ")
         assert request(bal.port, "POST", f"/small-{turn}", host=UPLOADS, body=b"v=1")[0] == 200
+
+
+def test_an_upload_a_backend_stops_reading_times_out_after_backend_read(
+        bal: Balancer) -> None:
+    """A backend that reads a head and none of its 8 MiB body: the body's sends
+    wait at most `backend_read` (as nginx's `proxy_send_timeout`), then a 504.
+    Before 2026-12-07 they were bounded by `client_idle` (75 s), the timeout
+    of the client's reads between them."""
+    size = 8 << 20
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+        started = time.monotonic()
+        sender = threading.Thread(target=send_quietly, daemon=True, args=(
+            sock, b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n"
+            % (STALLED.encode(), size) + b"x" * size))
+        sender.start()
+        head = read_through(sock)
+        took = time.monotonic() - started
+    assert head is not None and head.startswith(b"HTTP/1.1 504 ")
+    assert BACKEND_READ <= took < BACKEND_READ + 2.0
+
+
+def send_quietly(sock: socket.socket, data: bytes) -> None:
+    """`sendall`, a failure (the balancer closed first) ignored."""
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
 
 
 def test_interim_answers_without_end_fail_a_health_check_at_once(bal: Balancer,
