@@ -15,7 +15,8 @@ Invariants:
 * Socket errors toward the backend become `BackendClosed`/`BackendTimeout`
   here; toward the client `ClientGone` (raised by `Exchange.send`).
 * A backend connection goes back to its pool only at a message boundary of
-  a complete, keep-alive response.
+  a complete, keep-alive response, and not after a refusal of a request with
+  a body (`REFUSAL`: the body may lie unread).
 * A try on a connection taken from the pool (`Flight.reused`) that finds it
   closed before the answer began, or whose answer is a 408 (`STALE`), goes
   again once, on a new connection to the same backend, when the request can
@@ -23,7 +24,10 @@ Invariants:
   backend may have processed it); on a new connection either is the try's
   outcome. A pooled connection for a request that may not go twice is
   peeked at before use (`_take`, and the hub's `balancer.inline._depart`), so
-  that a close that came meanwhile costs a new connection, not the client's 502.
+  that a close, or bytes, that came meanwhile cost a new connection, not the
+  client's 502.
+* Each send of a streamed request body to the backend is bounded by
+  `backend_read`, each read of it from the client by `client_idle`.
 * One try on one backend is a `Flight`: `arrive` takes it from start to its
   answer; the hub (`balancer.inline`) may take it as far as its answer's
   relay with these same steps (a new connection's `Backend.start_connect`
