@@ -5,9 +5,12 @@ from __future__ import annotations
 import _socket
 import socket
 
+from balancer.sockcalls import ENDED, NOTHING, WAITING, peek_now
+
 TCP_INFO = getattr(socket, "TCP_INFO", -1)  # Linux's; -1: getsockopt fails (OSError)
 
 OPEN, READABLE, CLOSED = "open", "readable", "closed"
+STATES = {NOTHING: OPEN, WAITING: READABLE, ENDED: CLOSED}  # `peek_now`'s, as `peek`'s
 # tcpi_state values (linux/tcp_states.h) of a connection whose peer ended its side
 TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8
 
@@ -33,17 +36,12 @@ def peek(sock: socket.socket) -> str:
 
 def peek_under(sock: socket.socket) -> str:
     """`peek` at the TCP socket under `sock` (a TLS socket: bypassing OpenSSL),
-    leaving the descriptor's blocking mode alone (MSG_DONTWAIT)."""
+    leaving the descriptor's blocking mode alone (`balancer.sockcalls.peek_now`)."""
     raw = _socket.socket(fileno=sock.fileno())  # the C socket: never gevent's
     try:
-        data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return OPEN
-    except OSError:
-        return CLOSED
+        return STATES[peek_now(raw)]
     finally:
         raw.detach()
-    return READABLE if data else CLOSED
 
 
 def has_hung_up(sock: socket.socket) -> bool:

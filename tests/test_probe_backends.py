@@ -35,7 +35,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -99,6 +99,15 @@ def closing() -> Iterator[RawBackend]:
     peer.stop()
 
 
+def listening(serve: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A backend on 127.0.0.1:0 serving each connection with `serve` (a thread
+    each): its address, until the generator is closed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    serve_each(listener, serve)
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
 UPLOAD_LIMIT = 1000  # bytes of a body the `limiting` backend takes
 TOO_LARGE = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"
 
@@ -139,10 +148,7 @@ def reset_by(conn: socket.socket) -> None:
 
 @pytest.fixture(scope="module")
 def limiting() -> Iterator[str]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    serve_each(listener, refuses_large_uploads)
-    yield f"127.0.0.1:{listener.getsockname()[1]}"
-    listener.close()
+    yield from listening(refuses_large_uploads)
 
 
 def never_reads(conn: socket.socket) -> None:
@@ -154,10 +160,7 @@ def never_reads(conn: socket.socket) -> None:
 
 @pytest.fixture(scope="module")
 def stalled() -> Iterator[str]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    serve_each(listener, never_reads)
-    yield f"127.0.0.1:{listener.getsockname()[1]}"
-    listener.close()
+    yield from listening(never_reads)
 
 
 def hints_without_end(conn: socket.socket) -> None:
@@ -177,10 +180,7 @@ def hints_without_end(conn: socket.socket) -> None:
 
 @pytest.fixture(scope="module")
 def hinting() -> Iterator[str]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    serve_each(listener, hints_without_end)
-    yield f"127.0.0.1:{listener.getsockname()[1]}"
-    listener.close()
+    yield from listening(hints_without_end)
 
 
 def healthy_to_checks_only(conn: socket.socket, raw: bytes) -> bool:
