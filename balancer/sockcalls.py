@@ -52,7 +52,10 @@ Send = Callable[[Any, "bytes | memoryview"], int]
 SendSpan = Callable[[Any, bytes, Span], int]
 Accept = Callable[[Any, int], "tuple[RawSocket, Any] | None"]
 Peek = Callable[[Any], int]
-NOTHING, WAITING, ENDED = 0, 1, -1  # what `peek_now` finds
+# what `peek_now` finds (Final: a compiled module compares with the literal, no lookup)
+NOTHING: Final = 0
+WAITING: Final = 1
+ENDED: Final = -1
 
 
 def recv_py(sock: socket.socket, size: int) -> bytes | None:
