@@ -97,16 +97,21 @@ def wait_for_exit(pid: int, timeout: float) -> int:
     `SIGTERM` for 30 s).
 
     Blocked on the child's pidfd, which is readable once it exited, for
-    `STOP_POLL` at most between looks at a stop (a signal does not end `select`,
+    `STOP_POLL` at most between looks at a stop (a signal does not end `poll`,
     which is retried); where there is none (Linux before 5.3), polled every
     `EXIT_POLL` s. Bug: polled every 10 ms always, the start waited up to 10 ms
-    more than the check took."""
+    more than the check took. Bug: waited with `select`, which refuses a
+    descriptor past 1023: an arbiter holding that many (listeners per worker
+    slot, children's pipes) died of a ValueError at a reload's check."""
     deadline = time.monotonic() + timeout
     try:
         exited: int | None = os.pidfd_open(pid)
     except (AttributeError, OSError):
         exited = None
     try:
+        exit_seen = select.poll()
+        if exited is not None:
+            exit_seen.register(exited, select.POLLIN)
         while (left := deadline - time.monotonic()) > 0 and not stop_asked():
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -114,7 +119,7 @@ def wait_for_exit(pid: int, timeout: float) -> int:
             if exited is None:
                 time.sleep(min(left, EXIT_POLL))
             else:
-                select.select([exited], [], [], min(left, STOP_POLL))
+                exit_seen.poll(min(left, STOP_POLL) * 1000)
     finally:
         if exited is not None:
             os.close(exited)
