@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,48 @@ def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backe
         wait_for(lambda: read_only_file_kib(arbiter) < min(
             map(read_only_file_kib, (*workers, management))), what="files' pages released")
         assert "Traceback" not in bal.output()
+    finally:
+        bal.stop()
+
+
+def collector_on(audit: Path, pid: int, since: float) -> list[tuple[str, int]]:
+    """Process `pid`'s forks, connects and first imports since `since` (monotonic
+    time), each with whether its garbage collector was on (tests/import_audit)."""
+    path = audit / f"gc-{pid}.txt"
+    lines = path.read_text().split("\n") if path.exists() else []
+    return [(event, int(on)) for when, event, on in map(str.split, filter(None, lines))
+            if float(when) > since]
+
+
+def worker_pids(bal: Balancer) -> set[int]:
+    return {p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]}
+
+
+def test_every_process_runs_with_the_collector_on(tmp_path: Path, backend: Backend) -> None:
+    """Start-up pauses the garbage collector (`balancer.cli.main`, the management
+    process's set-up) and `balancer.preload.freeze` turns it on again: off in a
+    process that runs for months, its cyclic garbage would never be freed. The
+    last thing each process did (a worker connecting to a backend, the
+    management process importing the exporter, the arbiter forking a worker
+    again) it did with the collector on."""
+    audit = tmp_path / "imports"
+    audit.mkdir()
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
+                   args=["--workers", "1"],
+                   prefix=["env", f"PYTHONPATH={ROOT}:{ROOT / 'tests' / 'import_audit'}",
+                           f"IMPORT_AUDIT_DIR={audit}"])
+    try:
+        (old,) = wait_for(lambda: worker_pids(bal), what="the worker")
+        (management,) = children(bal.proc.pid) - {old}
+        since = time.monotonic()
+        assert request(bal.port, host=HOST)[0] == 200
+        assert bal.api("GET", "/metrics")[0] == 200
+        os.kill(old, signal.SIGKILL)
+        (new,) = wait_for(lambda: worker_pids(bal) - {old}, what="another worker")
+        assert request(bal.port, host=HOST)[0] == 200
+        for pid in (bal.proc.pid, management, old, new):
+            done = collector_on(audit, pid, since)
+            assert done and done[-1][1] == 1, (pid, done)
     finally:
         bal.stop()
 
