@@ -152,8 +152,12 @@ def test_the_collector_paused_for_the_start_is_on_again() -> None:
     from balancer import cli
     from balancer.preload import freeze
 
-    assert cli.main(["serve", "--workers", "x"]) == 2
-    assert gc.isenabled()
-    gc.disable()
-    freeze()
-    assert gc.isenabled()
+    try:
+        assert cli.main(["serve", "--workers", "x"]) == 2
+        assert gc.isenabled()
+        gc.disable()
+        freeze()
+        assert gc.isenabled()
+    finally:  # (the test process's objects collectable again, whatever failed)
+        gc.unfreeze()
+        gc.enable()
