@@ -5,7 +5,8 @@ before the start-up's imports (the settings, the data plane: `balancer.preload`)
 so it imports the rest itself. A collection during them visits every object
 imported so far, again and again (the arbiter's collections: 37 M instructions
 before, 26 M with its one collection, of ~700 M: docs/performance.md). The
-first `balancer.preload.freeze`, before the first child is forked, collects
+first `balancer.preload.freeze`, before the first worker or management process
+is forked (the start-up check's throwaway child runs with it off), collects
 once and turns it on again; `main` turns it on again whatever happens before.
 """
 

@@ -145,7 +145,7 @@ def test_the_packages_version_is_balancers_own():
 
 def test_the_collector_paused_for_the_start_is_on_again() -> None:
     """`balancer serve` pauses the garbage collector during its start-up's imports
-    (`balancer.cli.main`); the first `freeze` turns it on (before any child is
+    (`balancer.cli.main`); the first `freeze` turns it on (before any worker is
     forked), and `main` whatever ends it first (here: a settings error)."""
     import gc
 
