@@ -64,8 +64,10 @@ DATA_PLANE = (
     "gevent.threading", "gevent.time", "gevent.os", "gevent.local", "gevent.threadpool",
     "gevent.resolver.thread", "gevent.util",
     "zope.event", "encodings.idna", "_threading_local",
-    # the children's own code
+    # the children's own code; `balancer.resting`: the control sockets' and the
+    # management API's server, which every child imports (a copy in each otherwise)
     "balancer.accesslog", "balancer.control", "balancer.diagnosis", "balancer.server",
+    "balancer.resting",
 )
 STORES = {"file": ("balancer.stores.file",), "redis": ("balancer.stores.redis",)}
 # what the arbiter itself may import only on a reload (`balancer.settings`: a config

@@ -5,7 +5,8 @@ management process imports cryptography only once a certificate needs it,
 the ACME client only once it issues, prometheus-client only once it is
 scraped, werkzeug's development server and test client never; no child
 scans the installed packages' metadata for gevent's plugins (the arbiter
-found them); once they are ready the arbiter holds less files' code than
+found them); no module is imported by two children after fork (the arbiter
+imports it once); once they are ready the arbiter holds less files' code than
 any of them (`balancer.heap.release_file_pages`). The processes are real: an
 audit hook (tests/import_audit) writes what each one imports, and which entry
 points files it reads, to a file per pid, after fork included."""
@@ -125,6 +126,8 @@ def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backe
         for worker in workers:
             assert not packages(imported(audit, worker)) & (MANAGEMENT_ONLY | REDIS)
             assert "gevent.pywsgi" not in imported(audit, worker)
+        for worker in workers:  # what every child imports, the arbiter imported once
+            assert not imported(audit, worker) & imported(audit, management), worker
         own = packages(imported(audit, management))
         assert {"werkzeug", "prometheus_client", "management"} <= own  # after fork
         assert "gevent.pywsgi" in imported(audit, management)
