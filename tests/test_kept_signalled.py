@@ -1,0 +1,70 @@
+"""A worker killed while a management process signalled directly (`kill PID`,
+not a reload) is replaced keeps its counters (`ClusterRuntime.hand_over`,
+`take_over`: the old one leaves what it held in the run directory, the new
+one holds it as its own).
+
+The signalled process hands over (its last survey) before it tells the
+arbiter it drains; its replacement starts only then, and surveys the workers
+before it reports ready. A worker killed in between was held by the old one
+only, which surveys no more: retired by neither, its requests left the totals
+(5 completed requests, then 0).
+
+A real balancer with 1 worker proxying to a real backend. The arbiter is
+stopped (SIGSTOP) while the management process drains and exits and the
+worker is killed (SIGKILL): no replacement starts before both are gone, so
+the window is there whatever the machine's speed; the arbiter is always
+continued in a `finally`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+from tests.support import Balancer, request, wait_for
+
+HOST = "app.test"
+SENT = 5
+
+
+def completed(bal: Balancer) -> int:
+    """`/api/v1/stats`' completed requests of HOST."""
+    return bal.api("GET", "/api/v1/stats")[1]["hosts"].get(HOST, {}).get("completed_requests", 0)
+
+
+def exited(pid: int) -> bool:
+    """Whether child `pid` of a stopped arbiter exited (a zombie: not reaped yet)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "Z"
+
+
+def ready_pids(bal: Balancer, kind: str) -> list[int]:
+    """The pids of the `kind` children the arbiter logged ready, in order."""
+    return [int(pid) for pid in re.findall(rf"{kind} (\d+) ready \(slot", bal.output())]
+
+
+def test_a_worker_killed_after_a_signalled_management_process_handed_over_keeps_its_counters(
+        tmp_path, backend):
+    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
+                   args=["--workers", "1"])
+    try:
+        for _ in range(SENT):
+            assert request(bal.port, host=HOST)[0] == 200
+        wait_for(lambda: completed(bal) == SENT, 10, what="every request counted")
+        [management], [worker] = ready_pids(bal, "management"), ready_pids(bal, "worker")
+        os.kill(bal.proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(management, signal.SIGTERM)  # it hands over, then drains and exits
+            wait_for(lambda: exited(management), 10, interval=0.005,
+                     what="the signalled management process to exit")
+            os.kill(worker, signal.SIGKILL)
+            wait_for(lambda: exited(worker), 10, interval=0.005, what="the worker to die")
+        finally:
+            os.kill(bal.proc.pid, signal.SIGCONT)
+        wait_for(lambda: len(ready_pids(bal, "management")) == 2
+                 and len(ready_pids(bal, "worker")) == 2, 20,
+                 what="a new management process and worker")
+        assert completed(bal) == SENT
+    finally:
+        bal.stop()
