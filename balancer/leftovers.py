@@ -53,7 +53,8 @@ STATUS = "arbiter.json"  # `balancer.arbiter.STATUS_FILE` (not imported: the arb
 # every name a balancer makes in its run directory, with its writers' temporary files
 KNOWN = re.compile(r"(arbiter\.json|history\.json(\.\d+)?|run\.lock|alive\.lock\.new"
                    r"|limits\.shm(\.\d+(\.reclaimed)?)?|last-good-[0-9a-f]+\.json"
-                   r"|retired-(\d+-\d+(\.held)?|total)\.json|(worker|certs-management)-\d+\.sock"
+                   r"|retired-(\d+-\d+(\.held)?|total)\.json|held-\d+-\d+\.answer"
+                   r"|(worker|certs-management)-\d+\.sock"
                    r"|\.last-good-[0-9a-f]+\.json\.\w+)(\.tmp)?")
 MAX_STATUS = 1 << 16  # bytes of `STATUS` read at most
 MOUNTINFO = "/proc/self/mountinfo"

@@ -144,6 +144,8 @@ class ClusterRuntime:
         for every host a worker counted (its answer is held: `HeldCounters`)."""
         self.check_run_dir()
         with self.locked():
+            if self.retired.writing:  # (a draining one leaves its held answers: `hand_over`)
+                self.held.adopt()
             listed = worker_sockets(self.directory)
             present = listed + self.held.unlisted(listed)  # (a run directory made again)
             self.held.retire_gone(present)
@@ -225,18 +227,26 @@ class ClusterRuntime:
         every worker alive when it took over (`take_over`, before it was ready,
         so before this), and this one every worker that died before. Bug: a worker
         killed in the successor's first seconds (before its first survey, the
-        history's sample up to 5 s on) was retired by neither, its counters lost."""
+        history's sample up to 5 s on) was retired by neither, its counters lost.
+        Every answer it holds then is left in the run directory (`HeldCounters.leave`),
+        which the successor holds as its own where it holds none (`adopt`, at each
+        survey): signalled directly (not a reload), this process hands over before its
+        successor starts. Bug: a worker killed in between was held by neither."""
         self.retired.writing = False
-        self.hold_all()
+        self.hold_all(leave=True)
 
-    def hold_all(self) -> None:
+    def hold_all(self, leave: bool = False) -> None:
         """A complete survey (the hosts every worker counted): each answer held,
         the counters of the workers gone since the last retired. Its own, never
         the one under way (`active`; bug: `hand_over` shared the history
         sample's, begun before a worker was killed, which no management process
-        then retired); nothing merged."""
+        then retired); nothing merged. `leave`: every answer held then left for the
+        next management process (`HeldCounters.leave`)."""
         try:
             self.survey(_active_command, complete=True)
+            if leave:
+                with self.turn_and_lock():
+                    self.held.leave()
         except (ApiError, OSError) as exc:  # (no run directory: nothing to hold)
             log.warning("cannot survey the workers' counters: %s",
                         exc.message if isinstance(exc, ApiError) else exc)

@@ -78,6 +78,7 @@ from typing import Any
 
 from balancer.control import (
     RETIRED_GLOB,
+    control_path,
     counters_only,
     decoded,
     identity_of,
@@ -91,6 +92,7 @@ log = logging.getLogger("balancer.kept")
 
 RETIRED_TOTAL = "retired-total.json"
 HELD = ".held"  # a dead worker's retired file written from held counters: retired-ID.held.json
+LEFT_GLOB = "held-*.answer"  # a held answer left for the successor: held-ID.answer (`leave`)
 FOLDED = "folded"  # the total's list of the workers folded into it (the latest `FOLDED_KEPT`)
 FOLDED_KEPT = 1024  # a worker matters until each management process saw its socket go
 Gone = dict[str, list[str] | None]  # host → its backends to forget, or None: the whole host
@@ -268,6 +270,32 @@ class HeldCounters:
         self.decoded = {path: self.decoded.get(path) or self._decode(path) for path in wanted}
         return [snapshot for snapshot in self.decoded.values() if snapshot]
 
+    def leave(self) -> None:
+        """Write every held answer in the run directory (``held-ID.answer``) for the
+        management process that comes next (`adopt`); one line if it cannot."""
+        directory = str(self.retired.directory)
+        try:
+            for raw, identity in self.raw.values():
+                write_bytes(os.path.join(directory, f"held-{identity}.answer"), raw)
+        except OSError as exc:
+            log.error("cannot leave the workers' held counters in %s: %s", directory,
+                      exc.strerror or exc)
+
+    def adopt(self) -> None:
+        """Hold as its own each answer another management process left (`leave`:
+        a signalled one, replaced only once it drains), of a worker this one holds
+        no answer of, and delete it. Bug: a worker killed between that process's
+        last survey and this one's first was held by neither, its counters lost."""
+        for path in self.retired.directory.glob(LEFT_GLOB):
+            identity = path.stem.partition("-")[2]
+            pid = identity.partition("-")[0]
+            socket = control_path(str(self.retired.directory), int(pid)) \
+                if pid.isdecimal() else None
+            with contextlib.suppress(OSError):
+                if socket is not None and socket not in self.raw:
+                    self.raw[socket] = (path.read_bytes(), identity)
+                path.unlink()
+
     def unlisted(self, listed: Collection[str]) -> list[str]:
         """The held workers not `listed` whose process lives and that did not
         retire: their socket went with the run directory, and comes back. (A dead
@@ -316,12 +344,17 @@ def _lives(pid: int | None) -> bool:
 
 
 def write_json(path: str, value: Any) -> None:
-    """Write `value` to `path` atomically (a reader sees all of it or nothing; a
+    """Write `value` to `path` atomically (`write_bytes`)."""
+    write_bytes(path, json.dumps(value).encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically (a reader sees all of it or nothing; a
     failed write leaves no part)."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as out:
-            json.dump(value, out)
+        with open(tmp, "wb") as out:
+            out.write(data)
         os.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):
