@@ -21,8 +21,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+from pathlib import Path
 
-from tests.support import Balancer, request, wait_for
+import pytest
+
+from tests.support import Balancer, control_socket, request, wait_for
 
 HOST = "app.test"
 SENT = 5
@@ -44,8 +47,11 @@ def ready_pids(bal: Balancer, kind: str) -> list[int]:
     return [int(pid) for pid in re.findall(rf"{kind} (\d+) ready \(slot", bal.output())]
 
 
-def test_a_worker_killed_after_a_signalled_management_process_handed_over_keeps_its_counters(
-        tmp_path, backend):
+@pytest.mark.parametrize("killed", [True, False], ids=["killed", "alive"])
+def test_a_signalled_management_process_leaves_its_held_counters_to_the_next(
+        tmp_path, backend, killed: bool):
+    """Killed in the window, the worker is retired from the counters the old process
+    left; alive, it answers and is counted once (what was left is not added)."""
     bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
                    args=["--workers", "1"])
     try:
@@ -58,13 +64,18 @@ def test_a_worker_killed_after_a_signalled_management_process_handed_over_keeps_
             os.kill(management, signal.SIGTERM)  # it hands over, then drains and exits
             wait_for(lambda: exited(management), 10, interval=0.005,
                      what="the signalled management process to exit")
-            os.kill(worker, signal.SIGKILL)
-            wait_for(lambda: exited(worker), 10, interval=0.005, what="the worker to die")
+            if killed:
+                os.kill(worker, signal.SIGKILL)
+                wait_for(lambda: exited(worker), 10, interval=0.005, what="the worker to die")
         finally:
             os.kill(bal.proc.pid, signal.SIGCONT)
         wait_for(lambda: len(ready_pids(bal, "management")) == 2
-                 and len(ready_pids(bal, "worker")) == 2, 20,
-                 what="a new management process and worker")
+                 and len(ready_pids(bal, "worker")) == 1 + killed, 20,
+                 what="a new management process (and worker)")
         assert completed(bal) == SENT
+        assert request(bal.port, host=HOST)[0] == 200
+        wait_for(lambda: completed(bal) == SENT + 1, 10, what="the next request counted")
+        run_dir = Path(control_socket(ready_pids(bal, "worker")[-1])).parent
+        assert not list(run_dir.glob("held-*.answer")), "what was left is not deleted"
     finally:
         bal.stop()
