@@ -18,6 +18,7 @@ continued in a `finally`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -79,3 +80,26 @@ def test_a_signalled_management_process_leaves_its_held_counters_to_the_next(
         assert not list(run_dir.glob("held-*.answer")), "what was left is not deleted"
     finally:
         bal.stop()
+
+
+def test_a_left_answer_of_a_worker_that_retired_itself_is_not_counted_again(tmp_path):
+    """A worker that drained and left its own retired file after the old process
+    left its held answer: the successor adopts the answer but never retires from
+    it (`RetiredCounters.is_final`): its own file is its last counters."""
+    from balancer.control import retired_path
+    from management.kept import HeldCounters, RetiredCounters, write_json
+
+    identity = "4242-1"
+    answer = {"pid": 4242, "started": 0.000001, "stats": {"hosts": {
+        HOST: {"completed_requests": SENT}}}}
+    (tmp_path / f"held-{identity}.answer").write_bytes(json.dumps(answer).encode())
+    write_json(retired_path(str(tmp_path), identity),
+               {"hosts": {HOST: {"completed_requests": SENT + 1}}})
+    retired = RetiredCounters(str(tmp_path))
+    held = HeldCounters(retired)
+    held.adopt()
+    assert list(held.raw) == [str(tmp_path / "worker-4242.sock")]
+    held.retire_gone([])  # its socket is gone
+    total = retired.snapshot()
+    assert total is not None and total["hosts"][HOST]["completed_requests"] == SENT + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["retired-total.json"]
