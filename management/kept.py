@@ -63,9 +63,12 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
   reports ready, the draining process once more after (`ClusterRuntime.take_over`,
   `hand_over`); one signalled directly (not a reload) hands over before its
   successor starts, so it leaves every answer it holds (`HeldCounters.leave`),
-  which the next one holds as its own where it holds none (`adopt`). Bugs: the draining process's older counters, written first, were kept over its
-  successor's newer ones (totals went down 12 to 8); and, that process writing
-  none, the counters of a worker only it had asked were lost with it (8 to 5).
+  which the next one holds as its own where it holds none (`adopt`). Bugs: the
+  draining process's older counters, written first, were kept over its
+  successor's newer ones (totals went down 12 to 8); that process writing
+  none, the counters of a worker only it had asked were lost with it (8 to 5);
+  and a worker killed between a signalled process's hand-over and its
+  replacement's take-over was held by neither (5 to 0).
 """
 
 from __future__ import annotations
