@@ -9,11 +9,11 @@ before it reports ready. A worker killed in between was held by the old one
 only, which surveys no more: retired by neither, its requests left the totals
 (5 completed requests, then 0).
 
-A real balancer with 1 worker proxying to a real backend. The arbiter is
-stopped (SIGSTOP) while the management process drains and exits and the
-worker is killed (SIGKILL): no replacement starts before both are gone, so
-the window is there whatever the machine's speed; the arbiter is always
-continued in a `finally`.
+A real balancer with 2 workers proxying to a real backend. The arbiter is
+stopped (SIGSTOP) while the management process drains and exits and one
+worker is killed (SIGKILL), the other left alive: no replacement starts
+before both are gone, so the window is there whatever the machine's speed;
+the arbiter is always continued in a `finally`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,8 @@ import re
 import signal
 from pathlib import Path
 
-import pytest
-
 from tests.support import Balancer, control_socket, request, wait_for
-
-HOST = "app.test"
-SENT = 5
+from tests.test_kept_counters import HOST, send_until_both_counted
 
 
 def completed(bal: Balancer) -> int:
@@ -48,35 +44,32 @@ def ready_pids(bal: Balancer, kind: str) -> list[int]:
     return [int(pid) for pid in re.findall(rf"{kind} (\d+) ready \(slot", bal.output())]
 
 
-@pytest.mark.parametrize("killed", [True, False], ids=["killed", "alive"])
 def test_a_signalled_management_process_leaves_its_held_counters_to_the_next(
-        tmp_path, backend, killed: bool):
-    """Killed in the window, the worker is retired from the counters the old process
-    left; alive, it answers and is counted once (what was left is not added)."""
+        tmp_path, backend):
+    """The worker killed in the window is retired from the counters the old process
+    left; the one alive answers and is counted once (what was left is not added)."""
     bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
-                   args=["--workers", "1"])
+                   args=["--workers", "2"])
     try:
-        for _ in range(SENT):
-            assert request(bal.port, host=HOST)[0] == 200
-        wait_for(lambda: completed(bal) == SENT, 10, what="every request counted")
-        [management], [worker] = ready_pids(bal, "management"), ready_pids(bal, "worker")
+        wait_for(lambda: len(ready_pids(bal, "worker")) == 2, 20, what="two workers")
+        sent = send_until_both_counted(bal)
+        [management], [killed, alive] = ready_pids(bal, "management"), ready_pids(bal, "worker")
         os.kill(bal.proc.pid, signal.SIGSTOP)
         try:
             os.kill(management, signal.SIGTERM)  # it hands over, then drains and exits
             wait_for(lambda: exited(management), 10, interval=0.005,
                      what="the signalled management process to exit")
-            if killed:
-                os.kill(worker, signal.SIGKILL)
-                wait_for(lambda: exited(worker), 10, interval=0.005, what="the worker to die")
+            os.kill(killed, signal.SIGKILL)
+            wait_for(lambda: exited(killed), 10, interval=0.005, what="the worker to die")
         finally:
             os.kill(bal.proc.pid, signal.SIGCONT)
         wait_for(lambda: len(ready_pids(bal, "management")) == 2
-                 and len(ready_pids(bal, "worker")) == 1 + killed, 20,
-                 what="a new management process (and worker)")
-        assert completed(bal) == SENT
+                 and len(ready_pids(bal, "worker")) == 3, 20,
+                 what="a new management process and worker")
+        assert completed(bal) == sent
         assert request(bal.port, host=HOST)[0] == 200
-        wait_for(lambda: completed(bal) == SENT + 1, 10, what="the next request counted")
-        run_dir = Path(control_socket(ready_pids(bal, "worker")[-1])).parent
+        wait_for(lambda: completed(bal) == sent + 1, 10, what="the next request counted")
+        run_dir = Path(control_socket(alive)).parent
         assert not list(run_dir.glob("held-*.answer")), "what was left is not deleted"
     finally:
         bal.stop()
@@ -91,15 +84,15 @@ def test_a_left_answer_of_a_worker_that_retired_itself_is_not_counted_again(tmp_
 
     identity = "4242-1"
     answer = {"pid": 4242, "started": 0.000001, "stats": {"hosts": {
-        HOST: {"completed_requests": SENT}}}}
+        HOST: {"completed_requests": 5}}}}
     (tmp_path / f"held-{identity}.answer").write_bytes(json.dumps(answer).encode())
     write_json(retired_path(str(tmp_path), identity),
-               {"hosts": {HOST: {"completed_requests": SENT + 1}}})
+               {"hosts": {HOST: {"completed_requests": 6}}})
     retired = RetiredCounters(str(tmp_path))
     held = HeldCounters(retired)
     held.adopt()
     assert list(held.raw) == [str(tmp_path / "worker-4242.sock")]
     held.retire_gone([])  # its socket is gone
     total = retired.snapshot()
-    assert total is not None and total["hosts"][HOST]["completed_requests"] == SENT + 1
+    assert total is not None and total["hosts"][HOST]["completed_requests"] == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["retired-total.json"]
