@@ -106,6 +106,9 @@ def accept_py(listener: RawSocket, proto: int) -> tuple[RawSocket, Any] | None:
 def peek_py(sock: RawSocket) -> int:
     """What waits on `sock`'s read side now (NOTHING, WAITING, ENDED), looked at
     without reading or waiting."""
+    timeout = sock.gettimeout()
+    if timeout:  # (the socket module's recv would wait for readability first)
+        return _peek_untimed(sock, timeout)
     try:
         data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
@@ -113,6 +116,18 @@ def peek_py(sock: RawSocket) -> int:
     except OSError:
         return ENDED
     return WAITING if data else ENDED
+
+
+def _peek_untimed(sock: RawSocket, timeout: float) -> int:
+    """`peek_py` of `sock`, which has `timeout`: with none for the call."""
+    try:
+        sock.settimeout(0.0)
+    except OSError:  # (closed: EBADF)
+        return ENDED
+    try:
+        return peek_py(sock)
+    finally:
+        sock.settimeout(timeout)
 
 
 def _extension() -> Any:

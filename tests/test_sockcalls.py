@@ -501,6 +501,19 @@ def test_peek_never_waits_on_a_blocking_socket(peek, tcp) -> None:
     assert time.monotonic() - started < 1.0
 
 
+def test_peek_never_waits_on_a_socket_with_a_timeout(peek, tcp) -> None:
+    """(The socket module's recv waits for readability first where the socket has
+    a timeout: the Python call waited for it, then told a TimeoutError: ENDED.)"""
+    ours, _peer = tcp
+    ours.settimeout(3.0)
+    started = time.monotonic()
+    assert peek(ours) == sockcalls.NOTHING
+    assert time.monotonic() - started < 1.0
+    assert ours.gettimeout() == 3.0  # (left as it was)
+    ours.close()
+    assert peek(ours) == sockcalls.ENDED
+
+
 def test_peek_refuses_what_is_not_a_socket() -> None:
     with pytest.raises(TypeError):
         sockio().peek(3)
