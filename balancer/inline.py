@@ -120,7 +120,7 @@ from balancer.http11 import ProtocolError
 from balancer.netio import CLOCK, EventedStream, TLSStream
 from balancer.outbox import HOLD_LIMIT, Writer
 from balancer.pool import Upstream
-from balancer.relay import IDEMPOTENT, Flight, arm_connect, deliver, dispatch, take_ready
+from balancer.relay import Flight, arm_connect, deliver, dispatch, may_go_twice, take_ready
 from balancer.response_parser import ResponseHead
 
 log: Final = logging.getLogger("balancer.inline")
@@ -274,8 +274,7 @@ def _depart(ex: Exchange, flight: Flight) -> bool:
     upstream = backend.acquire_idle(now)
     if upstream is None:
         return _connect(ex, flight)
-    method = ex.head.method  # (a GET: one compare; the set's lookup cost ~190 instructions)
-    if method != b"GET" and method not in IDEMPOTENT and not backend.is_open(upstream):
+    if not may_go_twice(ex.head.method) and not backend.is_open(upstream):
         upstream.close()  # (peeked at as `relay._take` does: a close found later is a 502)
         return _connect(ex, flight)
     flight.board(upstream, True, now)

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from balancer.relay import IDEMPOTENT, may_go_twice
 from tests.rawpeer import RawBackend, read_through, serve_each
 from tests.support import (
     Backend,
@@ -250,6 +251,16 @@ def test_a_non_idempotent_request_is_never_sent_twice(bal: Balancer, backend: Ra
     assert request(bal.port, path="/warm")[0] == 200  # a connection now in the pool
     status, _, _ = request(bal.port, method, path, body=body)
     assert (status, sent(backend, method, path)) == (502, 1)
+
+
+@pytest.mark.parametrize("method", [
+    b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE",  # RFC 9110 §9.2.2
+    b"POST", b"PATCH", b"LOCK", b"CONNECT", b"get", b"Put", b"GET ", b"",  # (case counts)
+])
+def test_what_may_go_twice_is_what_rfc_9110_calls_idempotent(method: bytes) -> None:
+    assert may_go_twice(method) == (method in IDEMPOTENT)
+    assert may_go_twice(method) == (method in {b"GET", b"HEAD", b"PUT", b"DELETE",
+                                               b"OPTIONS", b"TRACE"})
 
 
 def test_an_idempotent_request_is_replayed_once_on_a_fresh_connection(
