@@ -274,7 +274,8 @@ def _depart(ex: Exchange, flight: Flight) -> bool:
     upstream = backend.acquire_idle(now)
     if upstream is None:
         return _connect(ex, flight)
-    if not may_go_twice(ex.head.method) and not backend.is_open(upstream):
+    method = ex.head.method  # (a GET: one compare here, no call)
+    if method != b"GET" and not may_go_twice(method) and not backend.is_open(upstream):
         upstream.close()  # (peeked at as `relay._take` does: a close found later is a 502)
         return _connect(ex, flight)
     flight.board(upstream, True, now)
