@@ -61,7 +61,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory,
 def bal(shared: tuple[Balancer, bytes]) -> Balancer:
     """The shared balancer as a fresh one starts: the good file back (a test
     adds new.test, deletes or damages the file), no problem said, `HOSTS`
-    listed without a problem."""
+    listed without a problem, and served alone by both workers (each made to
+    read the file: one that had not yet still served the last test's new.test,
+    which then passed this test's check that its put of new.test is served)."""
     bal, good = shared
     path = bal.tmp / CERTS
     if not path.exists() or path.read_bytes() != good:
@@ -73,6 +75,11 @@ def bal(shared: tuple[Balancer, bytes]) -> Balancer:
                 and [(c["host"], c.get("problem")) for c in listed["certs"]]
                 == [(host, None) for host in HOSTS])
     wait_for(as_started, timeout=10, interval=0.05, what="the good certs file read again")
+
+    def workers_serve_it() -> bool:
+        return all((ask(control_socket(pid), "certs") or {}).get("certs") == len(HOSTS)
+                   for pid in wait_workers(bal, 2))
+    wait_for(workers_serve_it, timeout=10, interval=0.05, what="the workers serving the file")
     return bal
 
 
