@@ -261,11 +261,18 @@ class HeldCounters:
         self.pause = pause  # between two lines of a held answer decoded (`control.decoded`)
         self.raw: dict[str, tuple[bytes, str]] = {}
         self.decoded: dict[str, dict[str, Any]] = {}  # of the missing workers only
+        self.left: dict[str, tuple[bytes, str]] = {}  # adopted beside one held (`adopt`)
 
     def keep(self, path: str, raw: bytes, reply: dict[str, Any]) -> None:
         """Remember `raw`, worker `path`'s answer to a ``stats`` of every host
-        (or of every host it counted: the active ones), decoded as `reply`."""
-        self.raw[path] = (raw, worker_identity(reply["pid"], reply.get("started", 0.0)))
+        (or of every host it counted: the active ones), decoded as `reply`. One
+        held or left before of another worker of that pid is retired: it died.
+        Bug: the new worker's answer replaced it, and its counters were lost."""
+        identity = worker_identity(reply["pid"], reply.get("started", 0.0))
+        for before in (self.raw.get(path), self.left.pop(path, None)):
+            if before is not None and before[1] != identity:
+                self._retire(*before)
+        self.raw[path] = (raw, identity)
         self.decoded.pop(path, None)
 
     def missing(self, listed: Iterable[str], answered: Collection[str]
@@ -289,16 +296,21 @@ class HeldCounters:
     def adopt(self) -> None:
         """Hold as its own each answer another management process left (`leave`:
         a signalled one, replaced only once it drains), of a worker this one holds
-        no answer of, and delete it. Bug: a worker killed between that process's
-        last survey and this one's first was held by neither, its counters lost."""
+        no answer of, and delete it; one of a worker it holds an answer of is kept
+        beside (`left`), retired from too (the higher counters: `retire_gone`) until
+        the worker answers (`keep`). Bugs: a worker killed between that process's
+        last survey and this one's first was held by neither, its counters lost; at
+        a reload the draining process's answer, newer than the successor's, was
+        deleted unread, and a worker killed then retired from the older (8 -> 5)."""
         for path in self.retired.directory.glob(LEFT_GLOB):
             identity = path.stem.partition("-")[2]
             pid = identity.partition("-")[0]
             socket = control_path(str(self.retired.directory), int(pid)) \
                 if pid.isdecimal() else None
             with contextlib.suppress(OSError):
-                if socket is not None and socket not in self.raw:
-                    self.raw[socket] = (path.read_bytes(), identity)
+                if socket is not None:
+                    kept = self.raw if socket not in self.raw else self.left
+                    kept[socket] = (path.read_bytes(), identity)
                 path.unlink()
 
     def unlisted(self, listed: Collection[str]) -> list[str]:
@@ -314,17 +326,27 @@ class HeldCounters:
         did not retire theirs (killed, crashed) from what they held (where higher
         than another management process's: `RetiredCounters.retire`)."""
         for path in [path for path in self.raw if path not in listed]:
-            identity = self.raw[path][1]
-            if not self.retired.is_final(identity):  # (decoded only then: a big table's)
-                snapshot = self.decoded.get(path) or self._decode(path)
-                if snapshot:
-                    self.retired.retire(identity, snapshot)
-            self.raw.pop(path)
-            self.decoded.pop(path, None)
+            raw, identity = self.raw.pop(path)
+            self._retire(raw, identity, self.decoded.pop(path, None))
+            if path in self.left:
+                self._retire(*self.left.pop(path))
+
+    def _retire(self, raw: bytes, identity: str, known: dict[str, Any] | None = None
+                ) -> None:
+        """Retire dead worker `identity` from its answer `raw` (`known`: decoded),
+        unless it retired its own; decoded only then (a big table's)."""
+        if not self.retired.is_final(identity):
+            snapshot = known or self._counters(raw)
+            if snapshot:
+                self.retired.retire(identity, snapshot)
 
     def _decode(self, path: str) -> dict[str, Any]:
         """The counters of worker `path`'s held answer ({} if unusable)."""
-        reply = decoded(self.raw[path][0], "", self.pause)[0]
+        return self._counters(self.raw[path][0])
+
+    def _counters(self, raw: bytes) -> dict[str, Any]:
+        """The counters of a held answer `raw` ({} if unusable)."""
+        reply = decoded(raw, "", self.pause)[0]
         stats = reply.get("stats") if isinstance(reply, dict) else None
         return counters_only(stats) if isinstance(stats, dict) else {}
 

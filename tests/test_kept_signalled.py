@@ -96,3 +96,80 @@ def test_a_left_answer_of_a_worker_that_retired_itself_is_not_counted_again(tmp_
     total = retired.snapshot()
     assert total is not None and total["hosts"][HOST]["completed_requests"] == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["retired-total.json"]
+
+
+def _answer(pid: int, started: float, completed: int) -> bytes:
+    return json.dumps({"pid": pid, "started": started, "stats": {"hosts": {
+        HOST: {"completed_requests": completed}}}}).encode()
+
+
+def _retired_completed(retired) -> int:
+    total = retired.snapshot()
+    return total["hosts"][HOST]["completed_requests"] if total else 0
+
+
+def test_a_left_answer_newer_than_the_one_held_is_retired_from(tmp_path):
+    """A reload: the successor took over (5 counted), the draining process surveyed
+    later (8) and left that; the worker then dies before the successor's next
+    survey: it is retired from the newer (8). Bug: the left answer was deleted
+    unread, the worker retired from the successor's older one (8 -> 5)."""
+    from management.kept import HeldCounters, RetiredCounters
+
+    socket = str(tmp_path / "worker-4242.sock")
+    retired = RetiredCounters(str(tmp_path))
+    held = HeldCounters(retired)
+    held.keep(socket, _answer(4242, 0.000001, 5), {"pid": 4242, "started": 0.000001})
+    (tmp_path / "held-4242-1.answer").write_bytes(_answer(4242, 0.000001, 8))
+    held.adopt()
+    held.retire_gone([])
+    assert _retired_completed(retired) == 8
+    assert not list(tmp_path.glob("held-*"))
+
+
+def test_a_left_answer_older_than_the_one_held_changes_nothing(tmp_path):
+    """The successor's answer is the newer (9): retired from it, not the left 8."""
+    from management.kept import HeldCounters, RetiredCounters
+
+    socket = str(tmp_path / "worker-4242.sock")
+    retired = RetiredCounters(str(tmp_path))
+    held = HeldCounters(retired)
+    held.keep(socket, _answer(4242, 0.000001, 9), {"pid": 4242, "started": 0.000001})
+    (tmp_path / "held-4242-1.answer").write_bytes(_answer(4242, 0.000001, 8))
+    held.adopt()
+    held.retire_gone([])
+    assert _retired_completed(retired) == 9
+
+
+def test_a_left_answer_of_a_dead_worker_whose_pid_a_new_worker_took_is_retired(tmp_path):
+    """Worker 4242 (started 1 µs) killed in the window; its replacement got pid
+    4242 (started 2 µs) and answers: the dead one is retired from what was left
+    (5), the live one counted live. Bug: its answer replaced the adopted one,
+    and the dead worker's 5 requests were lost."""
+    from management.kept import HeldCounters, RetiredCounters
+
+    socket = str(tmp_path / "worker-4242.sock")
+    retired = RetiredCounters(str(tmp_path))
+    held = HeldCounters(retired)
+    (tmp_path / "held-4242-1.answer").write_bytes(_answer(4242, 0.000001, 5))
+    held.adopt()
+    held.retire_gone([socket])  # listed: the new worker's socket
+    held.keep(socket, _answer(4242, 0.000002, 1), {"pid": 4242, "started": 0.000002})
+    assert _retired_completed(retired) == 5
+    held.retire_gone([socket])
+    assert _retired_completed(retired) == 5  # once
+
+
+def test_damaged_left_answers_break_no_survey(tmp_path):
+    """Truncated, garbage, a wrong shape, a name without a pid: ignored, deleted."""
+    from management.kept import HeldCounters, RetiredCounters
+
+    (tmp_path / "held-4242-1.answer").write_bytes(_answer(4242, 0.000001, 5)[:20])
+    (tmp_path / "held-4243-1.answer").write_bytes(b"\xff\x00garbage")
+    (tmp_path / "held-4244-1.answer").write_bytes(b"[1, 2]")
+    (tmp_path / "held-x-1.answer").write_bytes(b"{}")
+    retired = RetiredCounters(str(tmp_path))
+    held = HeldCounters(retired)
+    held.adopt()
+    held.retire_gone([])
+    assert retired.snapshot() is None
+    assert not list(tmp_path.iterdir())
