@@ -308,7 +308,7 @@ class HeldCounters:
             socket = control_path(str(self.retired.directory), int(pid)) \
                 if pid.isdecimal() else None
             with contextlib.suppress(OSError):
-                if socket is not None:
+                if socket is not None and path.is_file():  # (a FIFO would block)
                     kept = self.raw if socket not in self.raw else self.left
                     kept[socket] = (path.read_bytes(), identity)
                 path.unlink()

@@ -173,3 +173,39 @@ def test_damaged_left_answers_break_no_survey(tmp_path):
     held.retire_gone([])
     assert retired.snapshot() is None
     assert not list(tmp_path.iterdir())
+
+
+def test_a_fifo_named_as_a_left_answer_does_not_hang_a_survey(tmp_path):
+    """Not a regular file (a FIFO nobody writes to): deleted unread. Bug: reading it
+    blocked the management process for good, the run directory's lock held."""
+    import threading
+
+    from management.kept import HeldCounters, RetiredCounters
+
+    fifo = tmp_path / "held-4242-1.answer"
+    os.mkfifo(fifo)
+    held = HeldCounters(RetiredCounters(str(tmp_path)))
+    adopting = threading.Thread(target=held.adopt, daemon=True)
+    adopting.start()
+    adopting.join(5)
+    if adopting.is_alive():  # (free the thread)
+        with open(fifo, "wb"):
+            pass
+    assert not adopting.is_alive(), "adopt blocked on a FIFO"
+    assert not held.raw and not fifo.exists()
+
+
+def test_a_left_answer_of_a_worker_folded_already_is_not_counted_again(tmp_path):
+    """The worker retired itself and its file was folded before the answer was
+    adopted: the total stays its own counters (6), not 6 + 5."""
+    from balancer.control import retired_path
+    from management.kept import HeldCounters, RetiredCounters, write_json
+
+    write_json(retired_path(str(tmp_path), "4242-1"), {"hosts": {HOST: {"completed_requests": 6}}})
+    retired = RetiredCounters(str(tmp_path))
+    assert _retired_completed(retired) == 6  # folded
+    (tmp_path / "held-4242-1.answer").write_bytes(_answer(4242, 0.000001, 5))
+    held = HeldCounters(retired)
+    held.adopt()
+    held.retire_gone([])
+    assert _retired_completed(retired) == 6
