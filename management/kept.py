@@ -345,10 +345,14 @@ class HeldCounters:
         return self._counters(self.raw[path][0])
 
     def _counters(self, raw: bytes) -> dict[str, Any]:
-        """The counters of a held answer `raw` ({} if unusable)."""
-        reply = decoded(raw, "", self.pause)[0]
+        """The counters of a held answer `raw` ({} if unusable: one line, only a
+        damaged one left in the run directory can be, `adopt`)."""
+        reply, why = decoded(raw, "", self.pause)
         stats = reply.get("stats") if isinstance(reply, dict) else None
-        return counters_only(stats) if isinstance(stats, dict) else {}
+        if not isinstance(stats, dict):
+            log.warning("held counters ignored, %s", why or "no usable answer: no stats")
+            return {}
+        return counters_only(stats)
 
 
 def _identity(path: str) -> str:

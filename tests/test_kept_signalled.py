@@ -159,8 +159,9 @@ def test_a_left_answer_of_a_dead_worker_whose_pid_a_new_worker_took_is_retired(t
     assert _retired_completed(retired) == 5  # once
 
 
-def test_damaged_left_answers_break_no_survey(tmp_path):
-    """Truncated, garbage, a wrong shape, a name without a pid: ignored, deleted."""
+def test_damaged_left_answers_break_no_survey(tmp_path, caplog):
+    """Truncated, garbage, a wrong shape, a name without a pid: ignored (one line
+    each read), deleted."""
     from management.kept import HeldCounters, RetiredCounters
 
     (tmp_path / "held-4242-1.answer").write_bytes(_answer(4242, 0.000001, 5)[:20])
@@ -173,6 +174,8 @@ def test_damaged_left_answers_break_no_survey(tmp_path):
     held.retire_gone([])
     assert retired.snapshot() is None
     assert not list(tmp_path.iterdir())
+    lines = [r.getMessage() for r in caplog.records if r.name == "balancer.kept"]
+    assert len(lines) == 3 and all(line.startswith("held counters ignored") for line in lines)
 
 
 def test_a_fifo_named_as_a_left_answer_does_not_hang_a_survey(tmp_path):
