@@ -95,6 +95,7 @@ NOT_TRIGGERED_HERE = {
     "workers_unreachable": "run directory removed (tests/test_run_dir.py)",
     "metrics_unavailable": "prometheus-client broken (tests/test_management_app.py)",
     "store_full": "disk full (tests/test_file_store.py)",
+    "resources_exhausted": "out of descriptors (tests/test_management_limits.py)",
 }
 
 
