@@ -105,6 +105,9 @@ class _Stop(Exception):
 
 # `ResponseParser._hp` while a head llhttp refused is held to be mended (`_hold`)
 HOLDING: Final = object()
+# `ResponseParser._error` once a head was mended (`_hold`): every head after it on
+# the connection, an interim's final head too, is not kept alive (module doc)
+MENDED: Final = ProtocolError(502, "mended response head")
 
 
 # The fields the proxy acts on: framing (Content-Length, Transfer-Encoding),
@@ -464,7 +467,7 @@ class ResponseParser:
                 # The response is whole; what followed it (HEAD: its body) was consumed.
                 if not self.for_head:
                     self._head.keep_alive = False
-            elif self._error is not None:
+            elif self._error is not None and self._error is not MENDED:
                 raise self._error from None
             else:
                 self._error = ProtocolError(502, f"invalid response from backend: {exc}")
@@ -503,14 +506,12 @@ class ResponseParser:
         assert error is not None  # (what llhttp said of the head)
         if mended == head:
             raise error
-        self._error = None
+        self._error = MENDED  # (each head from now on: `on_headers_complete`)
         self._parts = []
         self._buffered = 0
         self._hp = None
         # (refused again, it is held again, and refused: mending it changes nothing)
         self.feed(mended + buf[end:])
-        if self._head is not None:
-            self._head.keep_alive = False  # (module doc)
 
     def _give_back(self) -> None:
         """After a read that ended the response without an error: llhttp is at a
@@ -707,6 +708,8 @@ class ResponseParser:
         except ValueError:
             self._error = ProtocolError(502, "invalid Content-Length from backend")
             raise self._error from None
+        if self._error is MENDED:  # (bug: a final head read after a mended 1xx
+            head.keep_alive = False  # in another read was kept alive)
         self._head = memo.last = head
         parts.clear()
         self._buffered = 0
