@@ -59,6 +59,9 @@ MENDED = {
     b"/cl-list": b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\nabc",
     b"/bare-lf": b"HTTP/1.1 200 OK\nX-A: b\nContent-Length: 3\n\nabc",
 }
+# a mended interim head (bare LFs), then, once the client got it, a final head
+INTERIM_LF = (b"HTTP/1.1 100 Continue\n\n", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+interim_forwarded = threading.Event()
 mended_reused: list[bytes] = []  # targets whose connection the balancer sent more on
 mended_closed: list[bytes] = []  # those it closed after the answer
 
@@ -76,8 +79,13 @@ def answer(conn: socket.socket, request: bytes) -> bool:
     target = request.split(b" ", 2)[1]
     if target == b"/endless-1xx":
         return send_interims(conn)
-    if target in MENDED:
-        conn.sendall(MENDED[target])
+    if target in MENDED or target == b"/interim-lf":
+        if target in MENDED:
+            conn.sendall(MENDED[target])
+        else:  # (in two reads: the final head after the mended one was read)
+            conn.sendall(INTERIM_LF[0])
+            interim_forwarded.wait(WAIT)
+            conn.sendall(INTERIM_LF[1])
         (mended_closed if not conn.recv(1) else mended_reused).append(target)
         return False
     conn.sendall(ANSWERS.get(target, OK))
@@ -246,6 +254,24 @@ def test_heads_haproxy_takes_are_answered_and_their_connection_closed(
     wait_for(lambda: target in mended_closed + mended_reused, WAIT,
              what="the backend connection closed")
     assert target not in mended_reused
+
+
+def test_a_final_head_after_a_mended_interim_one_in_another_read_closes_too(site) -> None:
+    """Bug (review of http4): the final head was kept alive, and the backend
+    connection reused, when it came in a read after the mended 100's."""
+    bal, _ = site
+    interim_forwarded.clear()
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=WAIT) as sock:
+        sock.sendall(get(b"/interim-lf") + get(b"/next"))
+        got = read_through(sock, b"100 Continue\r\n\r\n")
+        interim_forwarded.set()
+        while got is not None and not got.endswith(b"\r\n\r\nok"):
+            more = sock.recv(65536)
+            got = got + more if more else None
+    assert got is not None and statuses(got) == [b"100", b"200", b"200"], got
+    wait_for(lambda: b"/interim-lf" in mended_closed + mended_reused, WAIT,
+             what="the backend connection closed")
+    assert b"/interim-lf" not in mended_reused
 
 
 def test_a_request_dripped_byte_by_byte_and_a_half_close(site) -> None:
