@@ -432,22 +432,28 @@ class ResponseParser:
 
     def feed(self, data: bytes) -> None:
         """Parse `data` from the backend. Raises ProtocolError."""
+        more = self._read(data)
+        while more:  # a mended head and what came after it (`_hold`): a loop, not
+            more = self._read(more)  # recursion (a read may hold thousands of 1xx heads)
+
+    def _read(self, data: bytes) -> bytes:
+        """`feed` `data`; what to read next: a head mended and the bytes after it
+        (`_hold`), else b""."""
         if self.complete:
             head = self._head
             if head is not None and not self.upgraded and data.strip(b"\r\n"):  # as llhttp,
                 head.keep_alive = False  # empty lines aside
-            return
+            return b""
         if self._rest:
             self._take_body(data)
-            return
+            return b""
         if self._in_head:
             if not self._parts and self._take_repeat(data):
-                return
+                return b""
             self._parts.append(data)
             self._buffered += len(data)
             if self._hp is HOLDING:
-                self._hold()
-                return
+                return self._hold(data)
         chunked_body = self._framing is not None
         before = len(self.events) if chunked_body else 0
         callbacks = self._callbacks
@@ -474,7 +480,7 @@ class ResponseParser:
                 if not self._in_head or str(exc) not in MENDABLE:
                     raise self._error from None
                 self._hp = HOLDING
-                self._hold()
+                return self._hold(b"")
         else:
             callbacks.parser = None  # (after an error it is kept until the next feed)
             if self._in_head:
@@ -487,19 +493,38 @@ class ResponseParser:
                 self._watch_trailers(data, moved)
             if self.complete:
                 self._give_back()
+        return b""
 
-    def _hold(self) -> None:
+    def _hold(self, data: bytes) -> bytes:
         """The head llhttp refused (`_error`) may be mended (`MENDABLE`): once
         its end came, a new llhttp parser reads it mended (`_mended`) and the
-        bytes after it; a head as llhttp refused it again is refused (module doc)."""
+        bytes after it (returned, for `feed` to read: b"" while it is held); a head
+        as llhttp refused it again is refused (module doc).
+        `data`: the read just held (b"": llhttp refused the head in the bytes
+        held). The bytes held were searched: only `data` is, with the two bytes
+        before it, and they are joined once, when the head's end came (bug: each
+        read joined and searched them all, 4 s of CPU for a 64 KiB head dripped
+        byte by byte)."""
         parts = self._parts
-        buf = _skip_empty_lines(parts[0] if len(parts) == 1 else b"".join(parts))
+        if data:
+            before = parts[-2][-2:]  # (each part has a byte at least)
+            if len(before) < 2 and len(parts) > 2:
+                before = parts[-3][-1:] + before
+            window = before + data
+            if b"\n\n" not in window and b"\n\r\n" not in window:
+                if self._buffered > self._limit + 4:
+                    raise ProtocolError(502, "backend response head too large")
+                return b""
+        # (llhttp skips CRs and LFs before a status line; bug: a bare LF pair
+        # each was mended and parsed again, recursively: a RecursionError)
+        buf = (parts[0] if len(parts) == 1 else b"".join(parts)).lstrip(b"\r\n")
         end = _blank_line(buf)
         if end < 0 or end > self._limit + 4:
             if len(buf) > self._limit + 4:
                 raise ProtocolError(502, "backend response head too large")
-            self._parts = [buf]  # (joined once per read while it is held)
-            return
+            self._parts = [buf]
+            self._buffered = len(buf)
+            return b""
         head = buf[:end]
         mended = _mended(head)
         error = self._error
@@ -511,7 +536,7 @@ class ResponseParser:
         self._buffered = 0
         self._hp = None
         # (refused again, it is held again, and refused: mending it changes nothing)
-        self.feed(mended + buf[end:])
+        return mended + buf[end:]
 
     def _give_back(self) -> None:
         """After a read that ended the response without an error: llhttp is at a
