@@ -147,8 +147,10 @@ def test_a_408_on_a_reused_connection_is_replayed_on_a_fresh_one(start, method: 
 
 def test_a_backend_that_always_answers_408_gets_its_408_to_the_client(start) -> None:
     """Every answer is a 408 that keeps the connection: the first request's (a new
-    connection) is relayed; each later one is replayed exactly once (its pooled
-    connection's 408 dropped), and the fresh connection's 408 relayed."""
+    connection) is relayed; a later one is replayed exactly once (its pooled
+    connection's 408 dropped), and the fresh connection's 408 relayed. A 408 to
+    the POST (a refusal of a request with a body: it may lie unread) leaves its
+    connection out of the pool, so the GET after it goes on a new one at once."""
     backend, bal = start(lambda number, answered, request: (KEPT_408, True))
     conn = client(bal)
     assert ask(conn, "GET", "/first") == (408, b"expired")
@@ -156,7 +158,7 @@ def test_a_backend_that_always_answers_408_gets_its_408_to_the_client(start) -> 
     assert ask(conn, "POST", "/second", b"hello") == (408, b"expired")
     assert [number for number, _ in backend.requests] == [1, 1, 2]
     assert ask(conn, "GET", "/third") == (408, b"expired")
-    assert [number for number, _ in backend.requests] == [1, 1, 2, 2, 3]
+    assert [number for number, _ in backend.requests] == [1, 1, 2, 3]
     stats = bal.host_stats("app.test")
     assert stats["completed_requests"] == stats["responses"]["4xx"] == 3
     conn.close()
