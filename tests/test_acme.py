@@ -327,10 +327,10 @@ def test_issuance_as_a_dropped_user(pebble: Pebble, backend: Backend, pebble_roo
             for path in ("/api/v1/acme", "/metrics", "/api/v1/certs"):
                 assert bal.api("GET", path)[0] == 200
             # nothing was imported after the drop (what the arbiter imports is
-            # preloading; the entry points' look-up child runs as root and exits)
+            # preloading, the entry points read in it too: the children import nothing)
             late = {p.name: p.read_text().split() for p in audit.glob("dropped-*.txt")}
             assert late == {}, late
-            assert len(list(audit.glob("imports-*.txt"))) >= 2  # the audit ran
+            assert list(audit.glob("imports-*.txt")), "the audit did not run"  # the arbiter's
         finally:
             bal.stop()
     finally:
