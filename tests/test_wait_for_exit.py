@@ -25,8 +25,17 @@ def child(seconds: float, code: int) -> int:
     return pid
 
 
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+def pidfds() -> set[str]:
+    """This process's pidfds (other descriptors come and go with the test process's
+    own threads under pytest-xdist)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                found.add(fd)
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            pass
+    return found
 
 
 @pytest.fixture
@@ -50,9 +59,9 @@ def crowded() -> Iterator[None]:
 def test_a_child_is_awaited_on_a_descriptor_past_1023(crowded: None) -> None:
     """Bug: `select` refused the pidfd (ValueError: filedescriptor out of range),
     which ended a reload's check, and the arbiter, with the child left running."""
-    before = open_fds()
+    before = pidfds()
     assert wait_for_exit(child(0.05, 4), 10) == 4
-    assert open_fds() == before  # (the pidfd closed)
+    assert pidfds() == before  # (the pidfd closed)
 
 
 def test_without_pidfds_the_exit_is_polled(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,11 +82,11 @@ def test_a_child_gone_before_the_wait_is_reaped() -> None:
 
 
 def test_a_child_past_its_time_is_killed_and_reaped() -> None:
-    before = open_fds()
+    before = pidfds()
     pid = child(60, 0)
     begun = time.monotonic()
     assert wait_for_exit(pid, 0.2) == 1
     assert time.monotonic() - begun < 5
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    assert open_fds() == before
+    assert pidfds() == before
