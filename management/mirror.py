@@ -53,6 +53,7 @@ SAVE_EVERY = 1.0  # seconds between snapshot writes while the table changes
 SAVE_SHARE = 20  # ... and at least this many times the last write's duration
 NAMES_LOGGED = 5  # host names listed in a version-change line
 RAISED_LOGGED = 20  # raised values listed in a line about them
+ERROR_LOOK = 0.05  # seconds between a catching-up read's looks at the store's error
 FLOORS = ", ".join(f"{section}.{key} {floor:g} {unit}"
                    for section, key, floor, unit in RULE_FLOORS)
 
@@ -109,14 +110,18 @@ class Mirror:
         self._listeners.append(listener)
 
     def wait_for(self, version: int, timeout: float) -> None:
-        """Until the table is at `version` or later, a problem is found, or `timeout`
-        seconds passed."""
+        """Until the table is at `version` or later, a problem is found, the store
+        reports an error (looked at every `ERROR_LOOK` s: a watcher that found the
+        store's newest table damaged keeps the last good one and delivers nothing;
+        bug: a read that began just before it noticed waited all of `timeout`), or
+        `timeout` seconds passed."""
         deadline = time.monotonic() + timeout
-        while self.version < version and self.problem is None:
+        while self.version < version and self.problem is None \
+                and self.store.last_error() is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self._moved.wait(left)
+            self._moved.wait(min(left, ERROR_LOOK))
 
     def _tell(self) -> None:
         moved, self._moved = self._moved, Event()
