@@ -24,6 +24,8 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
+
 from tests.support import Balancer, control_socket, request, wait_for
 from tests.test_kept_counters import HOST, send_until_both_counted
 
@@ -108,36 +110,24 @@ def _retired_completed(retired) -> int:
     return total["hosts"][HOST]["completed_requests"] if total else 0
 
 
-def test_a_left_answer_newer_than_the_one_held_is_retired_from(tmp_path):
-    """A reload: the successor took over (5 counted), the draining process surveyed
-    later (8) and left that; the worker then dies before the successor's next
-    survey: it is retired from the newer (8). Bug: the left answer was deleted
-    unread, the worker retired from the successor's older one (8 -> 5)."""
+@pytest.mark.parametrize("held_count, retired_from", [(5, 8), (9, 9)])
+def test_a_dead_worker_is_retired_from_the_newer_of_its_held_and_left_answers(
+        tmp_path, held_count: int, retired_from: int) -> None:
+    """A reload: the successor took over (`held_count` counted), the draining process
+    surveyed later (8) and left that; the worker then dies before the successor's
+    next survey: it is retired from the newer answer. Bug: the left answer was
+    deleted unread, the worker retired from the successor's older one (8 -> 5)."""
     from management.kept import HeldCounters, RetiredCounters
 
     socket = str(tmp_path / "worker-4242.sock")
     retired = RetiredCounters(str(tmp_path))
     held = HeldCounters(retired)
-    held.keep(socket, _answer(4242, 0.000001, 5), {"pid": 4242, "started": 0.000001})
+    held.keep(socket, _answer(4242, 0.000001, held_count), {"pid": 4242, "started": 0.000001})
     (tmp_path / "held-4242-1.answer").write_bytes(_answer(4242, 0.000001, 8))
     held.adopt()
     held.retire_gone([])
-    assert _retired_completed(retired) == 8
+    assert _retired_completed(retired) == retired_from
     assert not list(tmp_path.glob("held-*"))
-
-
-def test_a_left_answer_older_than_the_one_held_changes_nothing(tmp_path):
-    """The successor's answer is the newer (9): retired from it, not the left 8."""
-    from management.kept import HeldCounters, RetiredCounters
-
-    socket = str(tmp_path / "worker-4242.sock")
-    retired = RetiredCounters(str(tmp_path))
-    held = HeldCounters(retired)
-    held.keep(socket, _answer(4242, 0.000001, 9), {"pid": 4242, "started": 0.000001})
-    (tmp_path / "held-4242-1.answer").write_bytes(_answer(4242, 0.000001, 8))
-    held.adopt()
-    held.retire_gone([])
-    assert _retired_completed(retired) == 9
 
 
 def test_a_left_answer_of_a_dead_worker_whose_pid_a_new_worker_took_is_retired(tmp_path):

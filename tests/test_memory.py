@@ -91,13 +91,20 @@ def read_only_file_kib(pid: int) -> int:
     return total
 
 
-def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backend) -> None:
+def audited_balancer(tmp_path: Path, backend: Backend, workers: int) -> tuple[Path, Balancer]:
+    """A balancer proxying `HOST` to `backend` whose processes note their imports and
+    collector state in the returned directory (tests/import_audit)."""
     audit = tmp_path / "imports"
     audit.mkdir()
-    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
-                   args=["--workers", "2"],
-                   prefix=["env", f"PYTHONPATH={ROOT}:{ROOT / 'tests' / 'import_audit'}",
-                           f"IMPORT_AUDIT_DIR={audit}"])
+    return audit, Balancer(
+        tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
+        args=["--workers", str(workers)],
+        prefix=["env", f"PYTHONPATH={ROOT}:{ROOT / 'tests' / 'import_audit'}",
+                f"IMPORT_AUDIT_DIR={audit}"])
+
+
+def test_each_process_imports_only_what_it_serves(tmp_path: Path, backend: Backend) -> None:
+    audit, bal = audited_balancer(tmp_path, backend, workers=2)
     try:
         assert request(bal.port, host=HOST)[0] == 200
         for path in ("/api/v1/stats", "/api/v1/certs", "/api/v1/acme"):
@@ -168,12 +175,7 @@ def test_every_process_runs_with_the_collector_on(tmp_path: Path, backend: Backe
     last thing each process did (a worker connecting to a backend, the
     management process importing the exporter, the arbiter forking a worker
     again) it did with the collector on."""
-    audit = tmp_path / "imports"
-    audit.mkdir()
-    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
-                   args=["--workers", "1"],
-                   prefix=["env", f"PYTHONPATH={ROOT}:{ROOT / 'tests' / 'import_audit'}",
-                           f"IMPORT_AUDIT_DIR={audit}"])
+    audit, bal = audited_balancer(tmp_path, backend, workers=1)
     try:
         (old,) = wait_for(lambda: worker_pids(bal), what="the worker")
         (management,) = children(bal.proc.pid) - {old}
