@@ -2,7 +2,8 @@
 
 Invariants:
 * Every client has socket and connect timeouts and no retries of its own: a
-  dead or stalled Redis fails a command in about the timeout, never hangs it,
+  dead or stalled Redis fails a command in about the timeout, never hangs it
+  (nor does one that trickles its answer: `balancer.stores.redis_deadline`),
   and the store decides what is tried again.
 * Answers are decoded as UTF-8 with ``surrogateescape``: bytes that are not
   UTF-8 (only another program writes them) reach the store's checks, which
@@ -24,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from balancer.stores.redis_deadline import whole_answers
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
 DEFAULT_TIMEOUT = 2.0  # seconds a Redis command (and a connect) may take: `RedisStore`
@@ -75,9 +77,14 @@ class Connector:
     def __call__(self) -> redis.Redis:
         if self.sentinel is not None:
             target = self.target
-            return self.sentinel.master_for(target.service_name, db=target.db,
-                                            username=target.username, password=target.password)
-        return redis.Redis.from_url(self.url, **self.options)
+            client = self.sentinel.master_for(target.service_name, db=target.db,
+                                              username=target.username,
+                                              password=target.password)
+        else:
+            client = redis.Redis.from_url(self.url, **self.options)
+        pool = client.connection_pool  # (no connection made yet)
+        pool.connection_class = whole_answers(pool.connection_class)
+        return client
 
     def close(self) -> None:
         """Close the sentinel connections (the clients made are their owners' to close)."""
