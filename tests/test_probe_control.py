@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.rawpeer import serve_each
 from tests.support import ROOT
 
 READ_IN_A_PATCHED_PROCESS = """
@@ -52,16 +53,7 @@ def trickling_peer() -> Iterator[int]:
             except OSError:
                 return
 
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    serve_each(server, trickle)
     try:
         yield server.getsockname()[1]
     finally:
