@@ -5,6 +5,11 @@
   worker's first read hung for good (the balancer never listened) and an API
   write never answered. Each answer is now read whole within the store's
   timeout (five times it), in the processes gevent patched.
+* ``PUT /api/v1/hosts/HOST`` with ``If-None-Match: *`` (RFC 9110's "only if it
+  does not exist", a client creating a host without clobbering one) wrote over
+  the host there; any ``If-None-Match`` on a write was ignored. Now ``*`` on a
+  host's PUT writes only an absent host (412 ``host_exists``, atomically with
+  the write), and any other on a write is 400 ``invalid_header``.
 """
 
 from __future__ import annotations
@@ -13,12 +18,21 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from balancer.stores.file import FileStore
+from management.app import create_app
 from tests.rawpeer import serve_each
 from tests.support import ROOT
+from tests.test_management_app import assert_error, call
+
+JSON = {"Content-Type": "application/json"}
+OLD = {"action": "static", "body": "old"}
+NEW = {"action": "static", "body": "new"}
 
 READ_IN_A_PATCHED_PROCESS = """
 from gevent import monkey; monkey.patch_all()
@@ -72,3 +86,41 @@ def test_a_redis_that_trickles_its_answer_fails_the_read_in_the_timeout(
     # (five times the 0.1 s timeout, and a connect; before, the peer's 20 s, then its close)
     assert float(took) < 5, done.stdout
     assert "Timeout reading from 127.0.0.1" in problem, done.stdout
+
+
+@pytest.fixture
+def api(tmp_path: Path, serve_wsgi: Callable[[Any], str]) -> str:
+    store = FileStore(str(tmp_path / "routes.json"))
+    store.replace({"app.test": OLD, "web.test": {"action": "proxy",
+                                                 "backends": ["127.0.0.1:9001"]}})
+    return serve_wsgi(create_app(store=store))
+
+
+def test_if_none_match_star_writes_a_host_only_where_it_is_absent(api: str) -> None:
+    star = {**JSON, "If-None-Match": "*"}
+    body = assert_error(call(api, "PUT", "/api/v1/hosts/APP.test", NEW, headers=star),
+                        412, "host_exists")
+    assert "app.test" in body["message"]
+    assert call(api, "GET", "/api/v1/hosts/app.test").json["rule"] == OLD  # kept
+    made = call(api, "PUT", "/api/v1/hosts/new.test", NEW, headers=star)
+    assert made.status == 200 and made.json["version"] == 2, made.body
+    assert call(api, "GET", "/api/v1/hosts/new.test").json["rule"] == NEW
+    # with If-Match too: both must hold
+    assert_error(call(api, "PUT", "/api/v1/hosts/other.test", NEW,
+                      headers={**star, "If-Match": '"1"'}), 412, "version_conflict")
+    assert call(api, "GET", "/api/v1/hosts").json["version"] == 2
+
+
+@pytest.mark.parametrize(("method", "path", "body", "value"), [
+    ("PUT", "/api/v1/hosts/app.test", NEW, '"1"'),
+    ("PUT", "/api/v1/hosts/app.test", NEW, "garbage"),
+    ("PUT", "/api/v1/hosts", {"hosts": {}}, "*"),
+    ("DELETE", "/api/v1/hosts/app.test", None, "*"),
+    ("POST", "/api/v1/hosts/web.test/backends", {"address": "127.0.0.1:9002"}, "*"),
+    ("DELETE", "/api/v1/hosts/web.test/backends/127.0.0.1:9001", None, '"1"'),
+])
+def test_an_if_none_match_a_write_cannot_honour_is_refused_and_writes_nothing(
+        api: str, method: str, path: str, body: Any, value: str) -> None:
+    reply = call(api, method, path, body, headers={**JSON, "If-None-Match": value})
+    assert "If-None-Match on a write" in assert_error(reply, 400, "invalid_header")["message"]
+    assert call(api, "GET", "/api/v1/hosts").json["version"] == 1
