@@ -1,5 +1,6 @@
 """Conditional reads of the table (RFC 9110 §13.1.2 ``If-None-Match``); the table
-and its encoded answer come from `management.table_reads`.
+and its encoded answer come from `management.table_reads`. A host's write honours
+``If-None-Match: *`` (create only: `create_only`).
 
 Invariants:
 * The table's entity tag is ``"N"``, its version (`management.http.version_headers`);
@@ -8,6 +9,11 @@ Invariants:
   ``W/"N"`` and ``"N"`` both match version N; ``*`` matches any table; a tag is
   compared as text (``"012"`` is not version 12, a tag of another server never
   matches).
+* ``If-None-Match`` on a write of the table is never ignored (bug: ``PUT`` of a
+  host with ``If-None-Match: *``, a client's "create it only if absent", wrote
+  over the host there): ``*`` on ``PUT /api/v1/hosts/HOST`` writes only a host
+  absent (412 `host_exists`); any other (tags, another write) is 400
+  `invalid_header` rather than a write made against the client's condition.
 * A malformed header is 400 `invalid_header`. A header is read in time linear
   in its length (bounded by the listener's ``limits.max_header_bytes``),
   however many tags or empty members it lists.
@@ -37,17 +43,34 @@ def none_match(request: Request, version: int) -> bool:
     return str(version) in _tags(value)
 
 
+def create_only(request: Request, creates: bool = False) -> bool:
+    """Whether a write of the table asks to be made only if its host is absent
+    (``If-None-Match: *``, honoured where the write `creates` a host); `ApiError`
+    400 for an ``If-None-Match`` the write cannot honour. False without the header."""
+    value = request.headers.get("If-None-Match")
+    if value is None:
+        return False
+    if creates and value.strip(" \t") == "*":
+        return True
+    raise ApiError(400, "invalid_header",
+                   "If-None-Match on a write: only `*` on PUT /api/v1/hosts/HOST (write "
+                   "the host only if it does not exist) is honoured; use If-Match: \"N\" "
+                   f"to write only at version N (got {_shown(value)!r})")
+
+
+def _shown(value: str) -> str:
+    return value if len(value) <= SHOWN else f"{value[:SHOWN]}... ({len(value)} characters)"
+
+
 def _tags(value: str) -> set[str]:
     tags: set[str] = set()
     at = 0
     while at < len(value):
         member = _MEMBER.match(value, at)
         if member is None or member.end() == at:
-            shown = value if len(value) <= SHOWN else f"{value[:SHOWN]}... ({len(value)} " \
-                                                      f"characters)"
             raise ApiError(400, "invalid_header",
                            f'If-None-Match: expected "*" or entity tags such as "12" or '
-                           f'W/"12" separated by commas, got {shown!r}')
+                           f'W/"12" separated by commas, got {_shown(value)!r}')
         if member.group(1) is not None:
             tags.add(member.group(1))
         at = member.end()

@@ -381,6 +381,19 @@ def test_wrong_type_in_file(config, line, problem):
          "unknown options Replicas, foo"),
         ("BALANCER_STORE_URL", "redis://h:1/0?socket_timeout=soon",
          "Invalid value for 'socket_timeout' in connection URL"),
+        # probe-control: redis-py lets a URL's option win over the balancer's own (a
+        # timeout of -1 crash-looped every worker; 1e300 let a stalled Redis hang each
+        # command), and takes values it then fails every command with
+        ("BALANCER_STORE_URL", "redis://h:1/0?socket_timeout=-1",
+         "socket_timeout cannot be given: the balancer sets its own (every Redis command "
+         "times out after 2 s"),
+        ("BALANCER_STORE_URL", "rediss://h:1/0?socket_connect_timeout=1e300",
+         "socket_connect_timeout cannot be given"),
+        ("BALANCER_STORE_URL", "unix:///r.sock?protocol=9", "protocol must be 2 or 3, got 9"),
+        ("BALANCER_STORE_URL", "redis://h:1/0?socket_read_size=0",
+         "socket_read_size must be a whole number of bytes >= 1, got 0"),
+        ("BALANCER_STORE_URL", "redis://h:1/0?replicas=1&health_check_interval=-5",
+         "health_check_interval must be a whole number of seconds >= 0, got -5"),
         ("BALANCER_STORE_URL", "redis+sentinel://h:1/mm/0?replicas=1&wait=99999",
          "wait must be a whole number from 1 to 10000 milliseconds, got '99999'"),
         ("BALANCER_SERVER_LISTEN", "127.0.0.1", "invalid address '127.0.0.1': missing ':port'"),

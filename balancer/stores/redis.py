@@ -77,7 +77,7 @@ from balancer.stores.redis_answers import (
     refusal,
     why,
 )
-from balancer.stores.redis_connect import Connector
+from balancer.stores.redis_connect import DEFAULT_TIMEOUT, Connector
 from balancer.stores.redis_reads import RedisReading
 from balancer.stores.redis_records import Fence, RedisRecords
 from balancer.stores.redis_replicas import Writers, Writing
@@ -97,7 +97,7 @@ class RedisStore(RedisWatching, RedisReading, Store):
     delivers_changes = True  # `NS:changes` names the hosts (`RedisWatching._catch_up`)
 
     def __init__(self, url: str, namespace: str = "balancer", resync_interval: float = 5.0,
-                 timeout: float = 2.0) -> None:
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
         if not namespace or any(c.isspace() for c in namespace):
             raise StoreUrlError(f"store namespace must be a non-empty word, got {namespace!r}")
         if resync_interval <= 0:

@@ -2,18 +2,21 @@
 
 Invariants:
 * Every client has socket and connect timeouts and no retries of its own: a
-  dead or stalled Redis fails a command in about the timeout, never hangs it,
+  dead or stalled Redis fails a command in about the timeout, never hangs it
+  (nor does one that trickles its answer: `balancer.stores.redis_deadline`),
   and the store decides what is tried again.
 * Answers are decoded as UTF-8 with ``surrogateescape``: bytes that are not
   UTF-8 (only another program writes them) reach the store's checks, which
   name them, instead of failing inside redis-py.
 * A URL whose query redis-py would refuse (a value it cannot read, an option
-  its connections do not take) makes no client: `StoreUrlError`, naming it.
+  its connections do not take), or would fail every command with, or that would
+  replace the timeouts above, makes no client: `StoreUrlError`, naming it.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -22,9 +25,22 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from balancer.stores.redis_deadline import whole_answers
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
+DEFAULT_TIMEOUT = 2.0  # seconds a Redis command (and a connect) may take: `RedisStore`
 POOL_OPTIONS = {"db", "max_connections"}  # what redis-py's URL gives its pool, not connections
+# What every client is given by the balancer (`Connector`), which a URL's option would
+# replace (redis-py lets the query win). Bug: ``?socket_timeout=-1`` was taken, and
+# every worker died at its first read (a crash loop); ``?socket_timeout=1e300`` let a
+# stalled Redis hang each command for good.
+OWN_OPTIONS = {"socket_timeout", "socket_connect_timeout"}
+# Values redis-py takes from a URL but fails with at the first command (``protocol=9``
+# failed every command; ``socket_read_size=0`` read nothing: "Connection closed").
+VALUE_CHECKS: tuple[tuple[str, Callable[[int], bool], str], ...] = (
+    ("protocol", lambda value: value in (2, 3), "2 or 3"),
+    ("socket_read_size", lambda value: value >= 1, "a whole number of bytes >= 1"),
+    ("health_check_interval", lambda value: value >= 0, "a whole number of seconds >= 0"))
 
 
 class Connector:
@@ -61,9 +77,14 @@ class Connector:
     def __call__(self) -> redis.Redis:
         if self.sentinel is not None:
             target = self.target
-            return self.sentinel.master_for(target.service_name, db=target.db,
-                                            username=target.username, password=target.password)
-        return redis.Redis.from_url(self.url, **self.options)
+            client = self.sentinel.master_for(target.service_name, db=target.db,
+                                              username=target.username,
+                                              password=target.password)
+        else:
+            client = redis.Redis.from_url(self.url, **self.options)
+        pool = client.connection_pool  # (no connection made yet)
+        pool.connection_class = whole_answers(pool.connection_class)
+        return client
 
     def close(self) -> None:
         """Close the sentinel connections (the clients made are their owners' to close)."""
@@ -89,4 +110,18 @@ def options_problem(url: str) -> str | None:
     if unknown:
         return (f"unknown option{'s' if len(unknown) > 1 else ''} "
                 f"{', '.join(unknown)} (the balancer's own are replicas= and wait=)")
+    return own_problem(pool.connection_kwargs)
+
+
+def own_problem(options: dict[str, Any]) -> str | None:
+    """What is wrong with redis-py `options` read from a URL: one the balancer sets
+    itself (`OWN_OPTIONS`), or a value outside what redis-py works with."""
+    own = sorted(OWN_OPTIONS & options.keys())
+    if own:
+        return (f"{', '.join(own)} cannot be given: the balancer sets its own "
+                f"(every Redis command times out after {DEFAULT_TIMEOUT:g} s, "
+                "docs/stores.md)")
+    for name, fits, expected in VALUE_CHECKS:
+        if name in options and not fits(options[name]):
+            return f"{name} must be {expected}, got {options[name]!r}"
     return None

@@ -1,0 +1,126 @@
+"""Outside probe of the control plane (2026-12-07, probe-control): what broke, pinned.
+
+* A Redis (or whatever the ``redis://`` URL names) that answers a byte at a time
+  and never ends its answer: redis-py bounds each recv, not an answer, so a
+  worker's first read hung for good (the balancer never listened) and an API
+  write never answered. Each answer is now read whole within the store's
+  timeout (five times it), in the processes gevent patched.
+* ``PUT /api/v1/hosts/HOST`` with ``If-None-Match: *`` (RFC 9110's "only if it
+  does not exist", a client creating a host without clobbering one) wrote over
+  the host there; any ``If-None-Match`` on a write was ignored. Now ``*`` on a
+  host's PUT writes only an absent host (412 ``host_exists``, atomically with
+  the write), and any other on a write is 400 ``invalid_header``.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balancer.stores.file import FileStore
+from management.app import create_app
+from tests.rawpeer import serve_each
+from tests.support import ROOT
+from tests.test_management_app import assert_error, call
+
+JSON = {"Content-Type": "application/json"}
+OLD = {"action": "static", "body": "old"}
+NEW = {"action": "static", "body": "new"}
+
+READ_IN_A_PATCHED_PROCESS = """
+from gevent import monkey; monkey.patch_all()
+import sys, time
+from balancer.stores import StoreUnavailable
+from balancer.stores.redis import RedisStore
+store = RedisStore(sys.argv[1], timeout=0.1)
+began = time.monotonic()
+try:
+    store.load()
+except StoreUnavailable as exc:
+    print(f"{time.monotonic() - began:.2f} {exc}")
+"""
+
+
+@pytest.fixture
+def trickling_peer() -> Iterator[int]:
+    """A port whose every connection is answered ``+`` (a status line begun) and then
+    one more byte every 0.1 s, never a line's end (bounded: 20 s at most)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(1)
+            try:
+                conn.recv(65536)
+                for _ in range(200):
+                    if stop.wait(0.1):
+                        return
+                    conn.sendall(b"+")
+            except OSError:
+                return
+
+    serve_each(server, trickle)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        server.close()
+
+
+def test_a_redis_that_trickles_its_answer_fails_the_read_in_the_timeout(
+        trickling_peer: int) -> None:
+    done = subprocess.run([sys.executable, "-c", READ_IN_A_PATCHED_PROCESS,
+                           f"redis://127.0.0.1:{trickling_peer}/0"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    took, _, problem = done.stdout.partition(" ")
+    # (five times the 0.1 s timeout, and a connect; before, the peer's 20 s, then its close)
+    assert float(took) < 5, done.stdout
+    assert "Timeout reading from 127.0.0.1" in problem, done.stdout
+
+
+@pytest.fixture
+def api(tmp_path: Path, serve_wsgi: Callable[[Any], str]) -> str:
+    store = FileStore(str(tmp_path / "routes.json"))
+    store.replace({"app.test": OLD, "web.test": {"action": "proxy",
+                                                 "backends": ["127.0.0.1:9001"]}})
+    return serve_wsgi(create_app(store=store))
+
+
+def test_if_none_match_star_writes_a_host_only_where_it_is_absent(api: str) -> None:
+    star = {**JSON, "If-None-Match": "*"}
+    body = assert_error(call(api, "PUT", "/api/v1/hosts/APP.test", NEW, headers=star),
+                        412, "host_exists")
+    assert "app.test" in body["message"]
+    assert call(api, "GET", "/api/v1/hosts/app.test").json["rule"] == OLD  # kept
+    made = call(api, "PUT", "/api/v1/hosts/new.test", NEW, headers=star)
+    assert made.status == 200 and made.json["version"] == 2, made.body
+    assert call(api, "GET", "/api/v1/hosts/new.test").json["rule"] == NEW
+    # with If-Match too: both must hold
+    assert_error(call(api, "PUT", "/api/v1/hosts/other.test", NEW,
+                      headers={**star, "If-Match": '"1"'}), 412, "version_conflict")
+    assert call(api, "GET", "/api/v1/hosts").json["version"] == 2
+
+
+@pytest.mark.parametrize(("method", "path", "body", "value"), [
+    ("PUT", "/api/v1/hosts/app.test", NEW, '"1"'),
+    ("PUT", "/api/v1/hosts/app.test", NEW, "garbage"),
+    ("PUT", "/api/v1/hosts", {"hosts": {}}, "*"),
+    ("DELETE", "/api/v1/hosts/app.test", None, "*"),
+    ("POST", "/api/v1/hosts/web.test/backends", {"address": "127.0.0.1:9002"}, "*"),
+    ("DELETE", "/api/v1/hosts/web.test/backends/127.0.0.1:9001", None, '"1"'),
+])
+def test_an_if_none_match_a_write_cannot_honour_is_refused_and_writes_nothing(
+        api: str, method: str, path: str, body: Any, value: str) -> None:
+    reply = call(api, method, path, body, headers={**JSON, "If-None-Match": value})
+    assert "If-None-Match on a write" in assert_error(reply, 400, "invalid_header")["message"]
+    assert call(api, "GET", "/api/v1/hosts").json["version"] == 1
