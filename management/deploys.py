@@ -81,6 +81,8 @@ class Deployer(Claiming):
         self.taken: set[str] = set()
         self.handing = threading.Lock()
         self.stopping = threading.Event()
+        self.calls = threading.Condition()
+        self.under_way = 0
         self.watcher: threading.Thread | None = None
 
     # starting ----------------------------------------------------------------
@@ -94,7 +96,8 @@ class Deployer(Claiming):
         deploy_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         record = self.new_record(deploy_id, host, found, to, settings, kind)
         try:
-            holder = self.records.begin(record, time.time(), STALE_AFTER)
+            holder = self.renewing(record, lambda now: self.records.begin(
+                record, now, STALE_AFTER))
         except StoreNotReplicated as exc:
             raise self._withdrawn(record, exc) from None
         if holder is not None:
@@ -270,7 +273,9 @@ class Deployer(Claiming):
             if record is None or record.get("state") != "running":
                 self.records.release(host, str(claim.get("id")))
                 continue
-            if self.records.claim(host, record["id"], self.owner, now, STALE_AFTER) is None:
+            if self.renewing(record, lambda beat: self.records.claim(
+                    host, record["id"], self.owner, beat, STALE_AFTER)) is None \
+                    and not self.stopping.is_set():
                 log.warning("deploy %s of %s: resuming at step %s (its process %s went quiet)",
                             record["id"], host, record.get("step"), claim.get("owner"))
                 record["owner"] = self.owner
@@ -282,11 +287,12 @@ class Deployer(Claiming):
         self.watcher.start()
 
     def stop(self) -> None:
-        """Stop: running deploys are handed over (their claims' beat set to 0)."""
+        """Stop: running deploys are handed over (their claims' beat set to 0, after
+        the claim-renewing calls under way: `Claiming.renewing`)."""
         self.stopping.set()
         for host, deploy_id in list(self.running.items()):
-            with contextlib.suppress(StoreError):  # else it goes stale by itself
-                self.records.claim(host, deploy_id, self.owner, 0.0, STALE_AFTER)
+            self.hand_back(host, deploy_id)
+        self.wait_for_calls()
         with contextlib.suppress(StoreError):
             self.records.report_inflight(self.owner, None)
 
