@@ -151,6 +151,11 @@ class Claiming:
         `STORE_PATIENCE` seconds (then `DeployFailed`) or until this process stops
         (`Interrupted`)."""
         give_up = time.monotonic() + STORE_PATIENCE
+        # a cause the abort's record names already (its write back refused) is kept
+        # through this call's failures (bug: a read hiccup replaced it, then cleared
+        # it: `abort.code` went store_lost -> store_unavailable -> None -> store_lost,
+        # the abort answered 503, then 202, for a store that had lost its table)
+        known = bool((record.get("abort") or {}).get("problem"))
         troubled = False
         while True:
             try:
@@ -163,8 +168,9 @@ class Claiming:
                                        f"{'damaged' if damaged else 'unavailable'} ({exc})",
                                        code) from None
                 log.warning("deploy %s: cannot %s: %s (trying again)", record["id"], what, exc)
-                self.trouble(record, f"cannot {what}: {exc}", code)
-                troubled = True
+                if not known:
+                    self.trouble(record, f"cannot {what}: {exc}", code)
+                    troubled = True
                 self.pause(STORE_RETRY)
                 continue
             if troubled:  # (bug: the problem stayed until the whole drain had returned,
