@@ -193,10 +193,11 @@ class Deployer(Claiming):
             return "aborted"
         return "done"
 
-    def ask_abort(self, host: str) -> str | None:
-        """Ask the deploy running on `host`, by whichever balancer, to stop: its id,
-        or None when none runs (`Records.request_abort`)."""
-        return self.records.request_abort(host, {"at": time.time(), "by": self.owner})
+    def ask_abort(self, host: str, request: dict[str, Any], deploy_id: str) -> str | None:
+        """Ask the deploy `deploy_id`, running on `host` by whichever balancer, to stop
+        (`request`: ``{"at", "by"}``): its id, or None when it does not hold the host
+        (`Records.request_abort`)."""
+        return self.records.request_abort(host, request, deploy_id)
 
     def _end(self, record: dict[str, Any], state: str, error: str | None) -> None:
         record.update(state=state, ended=time.time(), error=error)
@@ -273,13 +274,18 @@ class Deployer(Claiming):
             if record is None or record.get("state") != "running":
                 self.records.release(host, str(claim.get("id")))
                 continue
-            if self.renewing(record, lambda beat: self.records.claim(
-                    host, record["id"], self.owner, beat, STALE_AFTER)) is None \
-                    and not self.stopping.is_set():
+            if self._taken_over(host, record):
                 log.warning("deploy %s of %s: resuming at step %s (its process %s went quiet)",
                             record["id"], host, record.get("step"), claim.get("owner"))
                 record["owner"] = self.owner
                 self._spawn(record, resumed=True)
+
+    def _taken_over(self, host: str, record: dict[str, Any]) -> bool:
+        """Claim `host` for the deploy `record`, its owner quiet: whether this process
+        runs it now (not once it stops: `Claiming.renewing`)."""
+        held = self.renewing(record, lambda now: self.records.claim(
+            host, record["id"], self.owner, now, STALE_AFTER))
+        return held is None and not self.stopping.is_set()
 
     def start_watching(self) -> None:
         self.watcher = threading.Thread(target=self.watch_loop, daemon=True,
