@@ -175,7 +175,8 @@ class Deployer(Claiming):
         try:
             state, error = self._steps(run), None
         except DeployFailed as exc:
-            state, error = "failed", f"{exc}{_serving(record)}"
+            serving = _serving(record) if exc.serving is None else exc.serving
+            state, error = "failed", f"{exc}{serving}"
         except Interrupted:
             raise
         except Exception as exc:  # a bug or a store failure: end cleanly, never half-way

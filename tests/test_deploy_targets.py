@@ -186,3 +186,30 @@ def test_an_abort_request_redis_lost_before_the_deploy_saw_it_is_asked_again(
     assert response.status == 409 and '"store_lost"' in answer, answer
     assert "the store lost its table" in answer, answer
     assert stored["abort"]["code"] == "store_lost", stored
+
+
+def test_a_rule_put_back_during_the_drain_fails_the_deploy_naming_the_backends(
+        fresh_lb: Balancer, a: Backend, b: Backend) -> None:
+    """An operator sets the host's rule back to A by hand while the deploy drains A
+    (a request on A in flight): once A's requests are done the deploy fails, saying
+    the rule routes to A again and that A was not drained. Bug: it ended done,
+    "drained: A: no request in flight", and a script went on to stop A, which the
+    host's rule named."""
+    from tests.support import request
+    from tests.test_deploys import finished, in_background
+
+    lb = fresh_lb
+    slow, _ = in_background(lambda: request(lb.port, host=HOST, path="/slow?s=1"))
+    wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
+    record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 10})
+    wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
+             == "drain", what="the drain")
+    assert lb.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
+    stored = finished(lb, record["id"])
+    slow.join(10)
+    assert stored["state"] == "failed", stored
+    assert stored["error"] == (
+        f"the host's rule was changed during the drain and routes to {a.address} again: "
+        f"not drained, do not stop it (the rule set meanwhile serves)"), stored
+    assert stored["steps"][-1]["outcome"] == "failed"
+    assert rule_of(lb) == proxy(a)
