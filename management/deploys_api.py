@@ -30,6 +30,7 @@ and a read that fails keeps the record last read.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -252,9 +253,9 @@ def _waited(app: Any, key: str, deploy_id: str, request: dict[str, Any]
             ) -> tuple[dict[str, Any], bool]:
     """The deploy's record once it ended and freed the host, or after `ABORT_WAIT`
     (with False: still running, or its claim not released yet). A read that fails
-    keeps the record last read (bug: one read hiccup answered 503 "the store could
-    not be read"); a request the store lost before the deploy took it up is asked
-    again (`_ask_again`)."""
+    keeps the record last read, unless the last look fails too (bug: one read
+    hiccup answered 503 "the store could not be read"); a request the store lost
+    before the deploy took it up is asked again (`_ask_again`)."""
     deadline = time.monotonic() + ABORT_WAIT
     record: dict[str, Any] | None = None
     failure: StoreError | None = None
@@ -270,8 +271,8 @@ def _waited(app: Any, key: str, deploy_id: str, request: dict[str, Any]
         if time.monotonic() >= deadline:
             break
         time.sleep(ABORT_POLL)
-    if record is not None:
-        return record, False
+    if record is not None and failure is None:
+        return record, _let_go(app, key, record)
     if failure is None and app.deployer.records.gone(deploy_id) is not None:
         raise _not_running(app, key, deploy_id)
     why = f"then the store could not be read ({failure})" if failure is not None else \
@@ -279,6 +280,17 @@ def _waited(app: Any, key: str, deploy_id: str, request: dict[str, Any]
     raise ApiError(503, "store_unavailable", f"host {key!r}: the abort of deploy {deploy_id} "
                    f"was asked, {why}: the deploy carries the abort out once it can "
                    f"(GET /api/v1/deploys/{deploy_id} follows it)", [f"deploy: {deploy_id}"])
+
+
+def _let_go(app: Any, key: str, record: dict[str, Any]) -> bool:
+    """Whether the deploy `record` ended: its claim, which its process could not
+    release (the store away a moment), released here (bug: answered 202 with the
+    record of a deploy that had ended aborted)."""
+    if record.get("state") == "running":
+        return False
+    with contextlib.suppress(StoreError):  # (it frees itself once stale)
+        app.deployer.records.release(key, record["id"])
+    return True
 
 
 def _ask_again(app: Any, key: str, deploy_id: str, request: dict[str, Any],

@@ -213,3 +213,41 @@ def test_a_rule_put_back_during_the_drain_fails_the_deploy_naming_the_backends(
         f"not drained, do not stop it (the rule set meanwhile serves)"), stored
     assert stored["steps"][-1]["outcome"] == "failed"
     assert rule_of(lb) == proxy(a)
+
+
+def test_an_abort_whose_deploy_ended_but_kept_its_claim_is_answered_200_and_frees_the_host(
+        tmp_path: Path, serve_wsgi: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deploy (its process scripted) ends aborted, but cannot release its claim
+    (the store away a moment): the abort's answer, once its wait is over, is 200
+    with the aborted record, and the host is free. Bug: 202 with a record that had
+    ended, the host claimed until the claim went stale."""
+    from management import deploys_api
+    from management.app import create_app
+    from tests.test_deploys import in_background
+
+    monkeypatch.setattr(deploys_api, "ABORT_WAIT", 0.3)
+    store = open_store(f"file:{tmp_path / 'routes.json'}")
+    store.put_host(HOST, {"action": "proxy", "backends": ["127.0.0.1:9002"]})
+    records = store.records()
+    running = {**ended("d1", 0.0), "state": "running", "ended": None,
+               "started": time.time()}
+    assert records.begin(running, time.time(), 5.0) is None
+
+    def aborted() -> bool:  # the deploy's process: ends it, its release lost
+        asked = records.abort_request("d1")
+        if asked is None:
+            return False
+        records.save_claimed({**running, "state": "aborted", "ended": time.time(),
+                              "abort": {"requested": asked["at"], "by": asked["by"],
+                                        "since": None, "version": None, "problem": None,
+                                        "code": None}}, "elsewhere", time.time(), 5.0)
+        return True
+    deploying, _ = in_background(lambda: wait_for(aborted, what="the abort request"))
+    conn = http.client.HTTPConnection(serve_wsgi(create_app(store=store))
+                                      .removeprefix("http://"), timeout=10)
+    conn.request("DELETE", "/api/v1/deploys/d1")
+    response = conn.getresponse()
+    answer = response.read().decode()
+    deploying.join(5)
+    assert response.status == 200 and '"state":"aborted"' in answer.replace(" ", ""), answer
+    assert HOST not in records.claims()
