@@ -283,10 +283,12 @@ def _waited(app: Any, key: str, deploy_id: str, request: dict[str, Any]
 
 
 def _let_go(app: Any, key: str, record: dict[str, Any]) -> bool:
-    """Whether the deploy `record` ended: its claim, which its process could not
-    release (the store away a moment), released here (bug: answered 202 with the
-    record of a deploy that had ended aborted)."""
-    if record.get("state") == "running":
+    """Whether the deploy `record` ended, its process done with the store: its claim,
+    which that process could not release (the store away a moment), released here
+    (bug: answered 202 with the record of a deploy that had ended aborted). Not
+    while its record names a problem: its process still tries to save its end (the
+    replicas not acknowledging it), which the answer says (`_still_running`)."""
+    if record.get("state") == "running" or (record.get("abort") or {}).get("problem"):
         return False
     with contextlib.suppress(StoreError):  # (it frees itself once stale)
         app.deployer.records.release(key, record["id"])
