@@ -110,8 +110,9 @@ def test_an_abort_of_an_ended_deploy_never_stops_the_next_one(lb: Balancer) -> N
 def test_if_match_makes_a_deploy_conditional_and_an_abort_refuses_it(
         lb: Balancer, a: Backend, b: Backend) -> None:
     """A deploy with ``If-Match`` starts only from the table version named (412
-    otherwise); an abort takes none (400: it names its deploy by its path). Bug:
-    both ignored it, the deploy starting from a rule the client had not read."""
+    otherwise); an abort takes none (400: it names its deploy by its path), nor
+    does either take ``If-None-Match`` (400, as every write). Bug: both ignored
+    them, the deploy starting from a rule the client had not read."""
     version = lb.version()
     body = {"backends": [b.address], "ready_timeout": 60}
     stale = {"If-Match": f'"{version - 1}"'}
@@ -127,8 +128,12 @@ def test_if_match_makes_a_deploy_conditional_and_an_abort_refuses_it(
                                 {"If-Match": f'"{version}"'})
         assert status == 202, answer
         for path in (f"/api/v1/hosts/{HOST}/deploy", f"/api/v1/deploys/{answer['deploy']['id']}"):
-            status, refused = lb.api("DELETE", path, None, {"If-Match": f'"{version}"'})
-            assert (status, refused["error"]) == (400, "invalid_header"), refused
+            for header in ({"If-Match": f'"{version}"'}, {"If-None-Match": "*"}):
+                status, refused = lb.api("DELETE", path, None, header)
+                assert (status, refused["error"]) == (400, "invalid_header"), refused
+        status, refused = lb.api("POST", f"/api/v1/hosts/{HOST}/deploy", body,
+                                 {"If-None-Match": "*"})
+        assert (status, refused["error"]) == (400, "invalid_header"), refused
         running = lb.api("GET", f"/api/v1/deploys/{answer['deploy']['id']}")[1]["deploy"]
         assert running["abort"] is None
         assert lb.api("DELETE", f"/api/v1/hosts/{HOST}/deploy")[0] == 200
