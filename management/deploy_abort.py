@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from balancer.stores import HostRule, VersionConflict
-from management.deploy_run import DeployFailed, Run, local_deadline
+from management.deploy_run import DeployFailed, Run, local_deadline, routed_again
 from management.deploy_steps import addresses, leaving, reverted_rule, switched_rule
 
 ABORT_RETRY = 1.0        # seconds between tries of an abort's write the store refused
@@ -168,8 +168,12 @@ def _drain_new(run: Run) -> None:
         return
     drained, counts = run.wait_drained(going, float(asked["since"]), 0.0,
                                        int(asked["version"] or 0))
-    run.finish(asked["since"])
-    if drained:
+    routed = routed_again(run.finish(asked["since"]), going)
+    if routed:  # (as a deploy's drain: bug, "no request in flight" and stopped)
+        run.end("ok", f"{back}; the host's rule was changed meanwhile and routes to "
+                      f"{', '.join(routed)} again: not drained, do not stop "
+                      f"{'it' if len(routed) == 1 else 'them'}")
+    elif drained:
         run.end("drained", f"{back}; {', '.join(going)}: no request in flight")
     else:
         run.timed_out("abort", counts)

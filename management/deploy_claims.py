@@ -15,6 +15,10 @@ Invariants:
 * A deploy is marked taken over (`taken`, which its run's pauses look at) only
   while this process still runs it (`running`, changed with `taken` under
   `handing`).
+* A process that stops renews no claim: each claim-renewing call (`renewing`)
+  made once it stops writes a beat of 0 (long stale: another process resumes
+  the deploy at once), and one under way when it stopped sets the beat back to
+  0 once it returned; `Deployer.stop` waits for those (`STOP_WAIT` at most).
 * A store outage (`StoreUnavailable`), or a store that cannot be read
   (`CorruptStore`: a routes file half saved by hand), is waited out for
   `STORE_PATIENCE` seconds at every step's store call (`patiently`); only a
@@ -44,6 +48,7 @@ STALE_AFTER = 5.0   # seconds without a beat before another process resumes a de
 BEAT_EVERY = 1.0
 STORE_PATIENCE = 30.0  # seconds a deploy waits for an unavailable store before it fails
 STORE_RETRY = 0.2      # seconds between its attempts meanwhile
+STOP_WAIT = 3.0        # seconds `Deployer.stop` waits for the claim-renewing calls under way
 T = TypeVar("T")
 
 
@@ -56,6 +61,8 @@ class Claiming:
     taken: set[str]  # ids of those another process resumed meanwhile
     handing: threading.Lock  # `taken` and `running` changed together
     stopping: threading.Event
+    calls: threading.Condition  # guards `under_way`
+    under_way: int  # claim-renewing store calls under way (`renewing`)
 
     def save(self, record: dict[str, Any]) -> None:
         """Store the record (an outage waited out, `patiently`) while this process
@@ -65,8 +72,8 @@ class Claiming:
     def save_claimed(self, record: dict[str, Any]) -> None:
         """Save the record and renew this process's claim in one write
         (`Records.save_claimed`), or `Interrupted` as `fence`."""
-        self._go_on(record, self.records.save_claimed(record, self.owner, time.time(),
-                                                      STALE_AFTER))
+        self._go_on(record, self.renewing(record, lambda now: self.records.save_claimed(
+            record, self.owner, now, STALE_AFTER)))
 
     def fenced(self, record: dict[str, Any], write: Callable[[Claimed], T]) -> T:
         """`write(claimed)`: a rule write made only while this process runs the deploy,
@@ -74,7 +81,8 @@ class Claiming:
         as `fence`, nothing written. Bug: fenced, then written in a second call, a
         takeover between them let this process write the rule once more."""
         try:
-            return write(Claimed(record["id"], self.owner, time.time(), STALE_AFTER))
+            return self.renewing(record, lambda now: write(
+                Claimed(record["id"], self.owner, now, STALE_AFTER)))
         except HandedOver:
             self._hand_over(record)
 
@@ -87,8 +95,39 @@ class Claiming:
         Bug: a process cut from the store for longer than `STALE_AFTER` went on once
         it was back, beside the one that had resumed its deploy: both carried out
         its abort, and each overwrote the other's record."""
-        return self._go_on(record, self.records.renew(record["host"], record["id"],
-                                                      self.owner, time.time(), STALE_AFTER))
+        return self._go_on(record, self.renewing(record, lambda now: self.records.renew(
+            record["host"], record["id"], self.owner, now, STALE_AFTER)))
+
+    def renewing(self, record: dict[str, Any], call: Callable[[float], T]) -> T:
+        """`call(now)`, a store call that renews this process's claim on `record`'s
+        host at `now`: the time, or 0.0 (a beat long stale) once this process stops;
+        and a call under way when it stopped sets the claim's beat back to 0 once it
+        returned (bug: a rule write under way as `Deployer.stop` handed the claim
+        over renewed it, and the successor resumed the deploy 5 s later, not at once)."""
+        with self.calls:
+            self.under_way += 1
+        live = not self.stopping.is_set()
+        try:
+            return call(time.time() if live else 0.0)
+        finally:
+            if live and self.stopping.is_set():
+                self.hand_back(record["host"], record["id"])
+            with self.calls:
+                self.under_way -= 1
+                self.calls.notify_all()
+
+    def hand_back(self, host: str, deploy_id: str) -> None:
+        """Set this process's claim on `host` for `deploy_id` to a beat of 0, long stale
+        (another process resumes the deploy at once); nothing when another process
+        holds it or the deploy ended (`Records.renew`), or the store cannot be reached
+        (the claim then goes stale by itself)."""
+        with contextlib.suppress(StoreError):
+            self.records.renew(host, deploy_id, self.owner, 0.0, STALE_AFTER)
+
+    def wait_for_calls(self) -> None:
+        """Wait (`STOP_WAIT` at most) until no claim-renewing call is under way."""
+        with self.calls:
+            self.calls.wait_for(lambda: self.under_way == 0, timeout=STOP_WAIT)
 
     def _go_on(self, record: dict[str, Any], holder: str | None) -> str | None:
         """`holder`, or `Interrupted` when it says another process runs the deploy
@@ -112,6 +151,11 @@ class Claiming:
         `STORE_PATIENCE` seconds (then `DeployFailed`) or until this process stops
         (`Interrupted`)."""
         give_up = time.monotonic() + STORE_PATIENCE
+        # a cause the abort's record names already (its write back refused) is kept
+        # through this call's failures (bug: a read hiccup replaced it, then cleared
+        # it: `abort.code` went store_lost -> store_unavailable -> None -> store_lost,
+        # the abort answered 503, then 202, for a store that had lost its table)
+        known = bool((record.get("abort") or {}).get("problem"))
         troubled = False
         while True:
             try:
@@ -124,8 +168,9 @@ class Claiming:
                                        f"{'damaged' if damaged else 'unavailable'} ({exc})",
                                        code) from None
                 log.warning("deploy %s: cannot %s: %s (trying again)", record["id"], what, exc)
-                self.trouble(record, f"cannot {what}: {exc}", code)
-                troubled = True
+                if not known:
+                    self.trouble(record, f"cannot {what}: {exc}", code)
+                    troubled = True
                 self.pause(STORE_RETRY)
                 continue
             if troubled:  # (bug: the problem stayed until the whole drain had returned,

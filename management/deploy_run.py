@@ -68,6 +68,17 @@ if TYPE_CHECKING:
     from management.deploys import Deployer
 
 
+def routed_again(rule: dict[str, Any] | None, drained: list[str]) -> list[str]:
+    """The addresses of `drained` that `rule` (someone else's, written meanwhile;
+    None: none) routes requests to, in any spelling."""
+    if not rule or rule.get("action") != "proxy":
+        return []
+    try:
+        return [a for a in drained if not leaving([a], list(rule.get("backends", ())))]
+    except ValueError:  # (a rule the store holds is valid: nothing routed otherwise)
+        return []
+
+
 def local_deadline(at: float, longest: float) -> float:
     """The monotonic deadline of the wall-clock time `at`, at most `longest` seconds
     from now. Bug: the warmup and drain waited on the wall clock: set back an hour
@@ -82,9 +93,11 @@ class DeployFailed(Exception):
     API's error code of its cause (docs/api.md), which an abort that gives up
     answers with (`deploys_api.abort`)."""
 
-    def __init__(self, message: str, code: str = "store_unavailable") -> None:
+    def __init__(self, message: str, code: str = "store_unavailable",
+                 serving: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.serving = serving  # what serves, said after it (None: as the step implies)
 
 
 class Interrupted(Exception):
@@ -313,7 +326,12 @@ class Run:
         self.begin("drain", f"waiting for {', '.join(draining)}")
         drained, counts = self.wait_drained(draining, float(self.record["since"]) + warmup,
                                             warmup, int(self.record["version"] or 0))
-        self.finish(self.record["since"])
+        routed = routed_again(self.finish(self.record["since"]), draining)
+        if routed:  # (bug: "drained", and a script stopped backends the rule named)
+            raise DeployFailed(f"the host's rule was changed during the drain and routes to "
+                               f"{', '.join(routed)} again: not drained, do not stop "
+                               f"{'it' if len(routed) == 1 else 'them'}", "version_conflict",
+                               " (the rule set meanwhile serves)")
         if drained:
             self.end("drained", f"{', '.join(draining)}: no request in flight")
         else:
@@ -353,12 +371,13 @@ class Run:
         self.record["remaining"] = counts
         self.end("timeout", self.record["warning"])
 
-    def finish(self, since: float | None) -> None:
+    def finish(self, since: float | None) -> dict[str, Any] | None:
         """Remove `draining` from the rule if it is still the one written at `since`
-        (the switch's, or an abort's). A rule the store lost with its table is no one
-        else's: `DeployFailed` naming the loss (bug: read as someone else's change, the
-        deploy ended done, and the rule `balancerctl restore` put back kept the
-        drained backends under `draining` for good)."""
+        (the switch's, or an abort's): None, or the rule someone else wrote meanwhile
+        (``{}``: the host deleted), left as it is. A rule the store lost with its table
+        is no one else's: `DeployFailed` naming the loss (bug: read as someone else's
+        change, the deploy ended done, and the rule `balancerctl restore` put back kept
+        the drained backends under `draining` for good)."""
         for _ in range(10):
             found = self.read()
             rule = found.rule
@@ -367,11 +386,11 @@ class Run:
                                "restored, the drained backends stay listed under 'draining', "
                                "getting no new request)")
             if not rule or (rule.get("draining") or {}).get("since") != since:
-                return
+                return dict(rule or {})
             clean = {k: v for k, v in rule.items() if k != "draining"}
             try:
                 self.write(clean, found.version)
-                return
+                return None
             except VersionConflict:
                 continue
         raise DeployFailed("the table kept changing; the backends drained stay listed under "

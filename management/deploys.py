@@ -81,6 +81,8 @@ class Deployer(Claiming):
         self.taken: set[str] = set()
         self.handing = threading.Lock()
         self.stopping = threading.Event()
+        self.calls = threading.Condition()
+        self.under_way = 0
         self.watcher: threading.Thread | None = None
 
     # starting ----------------------------------------------------------------
@@ -94,7 +96,8 @@ class Deployer(Claiming):
         deploy_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         record = self.new_record(deploy_id, host, found, to, settings, kind)
         try:
-            holder = self.records.begin(record, time.time(), STALE_AFTER)
+            holder = self.renewing(record, lambda now: self.records.begin(
+                record, now, STALE_AFTER))
         except StoreNotReplicated as exc:
             raise self._withdrawn(record, exc) from None
         if holder is not None:
@@ -172,7 +175,8 @@ class Deployer(Claiming):
         try:
             state, error = self._steps(run), None
         except DeployFailed as exc:
-            state, error = "failed", f"{exc}{_serving(record)}"
+            serving = _serving(record) if exc.serving is None else exc.serving
+            state, error = "failed", f"{exc}{serving}"
         except Interrupted:
             raise
         except Exception as exc:  # a bug or a store failure: end cleanly, never half-way
@@ -190,10 +194,11 @@ class Deployer(Claiming):
             return "aborted"
         return "done"
 
-    def ask_abort(self, host: str) -> str | None:
-        """Ask the deploy running on `host`, by whichever balancer, to stop: its id,
-        or None when none runs (`Records.request_abort`)."""
-        return self.records.request_abort(host, {"at": time.time(), "by": self.owner})
+    def ask_abort(self, host: str, request: dict[str, Any], deploy_id: str) -> str | None:
+        """Ask the deploy `deploy_id`, running on `host` by whichever balancer, to stop
+        (`request`: ``{"at", "by"}``): its id, or None when it does not hold the host
+        (`Records.request_abort`)."""
+        return self.records.request_abort(host, request, deploy_id)
 
     def _end(self, record: dict[str, Any], state: str, error: str | None) -> None:
         record.update(state=state, ended=time.time(), error=error)
@@ -270,11 +275,18 @@ class Deployer(Claiming):
             if record is None or record.get("state") != "running":
                 self.records.release(host, str(claim.get("id")))
                 continue
-            if self.records.claim(host, record["id"], self.owner, now, STALE_AFTER) is None:
+            if self._taken_over(host, record):
                 log.warning("deploy %s of %s: resuming at step %s (its process %s went quiet)",
                             record["id"], host, record.get("step"), claim.get("owner"))
                 record["owner"] = self.owner
                 self._spawn(record, resumed=True)
+
+    def _taken_over(self, host: str, record: dict[str, Any]) -> bool:
+        """Claim `host` for the deploy `record`, its owner quiet: whether this process
+        runs it now (not once it stops: `Claiming.renewing`)."""
+        held = self.renewing(record, lambda now: self.records.claim(
+            host, record["id"], self.owner, now, STALE_AFTER))
+        return held is None and not self.stopping.is_set()
 
     def start_watching(self) -> None:
         self.watcher = threading.Thread(target=self.watch_loop, daemon=True,
@@ -282,11 +294,12 @@ class Deployer(Claiming):
         self.watcher.start()
 
     def stop(self) -> None:
-        """Stop: running deploys are handed over (their claims' beat set to 0)."""
+        """Stop: running deploys are handed over (their claims' beat set to 0, after
+        the claim-renewing calls under way: `Claiming.renewing`)."""
         self.stopping.set()
         for host, deploy_id in list(self.running.items()):
-            with contextlib.suppress(StoreError):  # else it goes stale by itself
-                self.records.claim(host, deploy_id, self.owner, 0.0, STALE_AFTER)
+            self.hand_back(host, deploy_id)
+        self.wait_for_calls()
         with contextlib.suppress(StoreError):
             self.records.report_inflight(self.owner, None)
 

@@ -4,24 +4,33 @@
   "drain_timeout": 30, "warmup": 10}`` → 202 ``{"deploy": RECORD}``
 * ``POST /api/v1/hosts/HOST/rollback`` (same optional timings) → 202, a deploy
   back to the backends the host's last finished deploy moved away from
-* ``DELETE /api/v1/hosts/HOST/deploy`` → 200 ``{"deploy": RECORD}`` (ended
-  ``aborted``, and only then) or 202 (asked, still stopping: its abort waits
-  for the new backends' requests in flight); 409 `nothing_to_abort`, 404
-  `not_found`; 503 when it is asked but not carried out yet for a reason the
-  operator must know (its write refused: ``abort.problem``; the store gone
-  while the answer waited; the request not replicated)
+* ``DELETE /api/v1/hosts/HOST/deploy`` (the deploy running on HOST when the
+  request arrived) or ``DELETE /api/v1/deploys/ID`` (that one) → 200
+  ``{"deploy": RECORD}`` (ended ``aborted``, and only then) or 202 (asked, still
+  stopping: its abort waits for the new backends' requests in flight); 409
+  `nothing_to_abort`, 404 `not_found`; 503 when it is asked but not carried out
+  yet for a reason the operator must know (its write refused:
+  ``abort.problem``; the store gone while the answer waited; the request not
+  replicated)
 * ``GET /api/v1/deploys`` → ``{"deploys": [RECORD...]}`` newest first;
-  ``GET /api/v1/deploys/ID`` → ``{"deploy": RECORD}``
+  ``GET /api/v1/deploys/ID`` → ``{"deploy": RECORD}``; 410 `deploy_gone` for a
+  deploy that ended and whose record is no longer kept (`Records.gone`)
 
 Invariants: a request that is refused (400 `invalid_deploy`, 404, 409
 `deploy_in_progress` / `nothing_to_roll_back` / `nothing_to_abort`) starts
 nothing and changes nothing. An abort is answered by any balancer sharing the
 store, whichever runs the deploy: it is a request in the store
-(`Deployer.ask_abort`), which the abort's answer waits for (`ABORT_WAIT`).
+(`Deployer.ask_abort`), which the abort's answer waits for (`ABORT_WAIT`). An
+abort names one deploy, the one asked or the one running when the request
+arrived, and never stops another (bug: a DELETE sent after a deploy ended
+stopped the next deploy of the host). While the answer waits, a request the
+store lost before the deploy took it up (Redis restarted empty) is asked again,
+and a read that fails keeps the record last read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -29,11 +38,13 @@ from typing import Any
 from werkzeug.wrappers import Request, Response
 
 from balancer.rules import MAX_HOLD, normalize_host, validate_rule
-from balancer.stores import HostRule, StoreError, StoreNotReplicated
+from balancer.stores import HostRule, StoreError, StoreNotReplicated, VersionConflict
+from balancer.stores.records import MAX_DEPLOYS, MAX_GONE
+from management.conditional import create_only
 from management.deploy_abort import ABORT_RETRY
 from management.deploy_steps import spelling_problems
 from management.deploys import Busy, Deployer
-from management.http import ApiError, Route, json_response, read_json
+from management.http import ApiError, Route, if_match, json_response, read_json
 
 DEFAULTS = {"ready_timeout": 60.0, "drain_timeout": 30.0, "warmup": 10.0}
 MINIMUM = {"ready_timeout": 0.001, "drain_timeout": 0.001, "warmup": 0.0}
@@ -50,6 +61,7 @@ RULES = [
     Route("/api/v1/hosts/<host>/rollback", endpoint="rollback", methods=["POST"]),
     Route("/api/v1/deploys", endpoint="list_deploys", methods=["GET"]),
     Route("/api/v1/deploys/<deploy_id>", endpoint="get_deploy", methods=["GET"]),
+    Route("/api/v1/deploys/<deploy_id>", endpoint="abort_one", methods=["DELETE"]),
 ]
 
 
@@ -94,13 +106,28 @@ def parse_deploy(body: Any, need_backends: bool = True) -> tuple[list[Any], dict
     return list(backends or ()), settings
 
 
-def current_rule(app: Any, key: str) -> HostRule:
+def current_rule(app: Any, key: str, condition: int | None = None) -> HostRule:
     """The host's rule as stored now, with the table's version (`Store.host_rule`:
-    not the whole table)."""
+    not the whole table); 412 `version_conflict` when the table is not at the
+    version `condition` (``If-Match``) asks for: the deploy would start from
+    another rule than the one the client read (bug: ``If-Match`` was ignored)."""
     found: HostRule = app.store.host_rule(key)
     if found.rule is None:
         raise ApiError(404, "not_found", f"no rule for host {key!r}")
+    if condition is not None and condition != found.version:
+        raise VersionConflict(found.version)
     return found
+
+
+def no_version(request: Request) -> None:
+    """400 `invalid_header` for an abort sent with ``If-Match`` (bug: ignored, as
+    if the abort were made only at that table version): an abort names its deploy
+    by its path instead."""
+    create_only(request)  # (400 for any If-None-Match, as on every write)
+    if request.headers.get("If-Match") is not None:
+        raise ApiError(400, "invalid_header", "If-Match: an abort is made at no table "
+                       "version; to abort one deploy only, name it: DELETE "
+                       "/api/v1/deploys/ID")
 
 
 def start(deployer: Deployer, key: str, found: HostRule, to: list[Any],
@@ -119,16 +146,17 @@ def start(deployer: Deployer, key: str, found: HostRule, to: list[Any],
                        [f"deploy: {exc.deploy_id}"]) from None
 
 
-def deploy(app: Any, key: str, body: Any) -> dict[str, Any]:
+def deploy(app: Any, key: str, body: Any, condition: int | None = None) -> dict[str, Any]:
     to, settings = parse_deploy(body)
     app.check_writable()
-    return start(app.deployer, key, current_rule(app, key), to, settings, "deploy")
+    return start(app.deployer, key, current_rule(app, key, condition), to, settings,
+                 "deploy")
 
 
-def rollback(app: Any, key: str, body: Any) -> dict[str, Any]:
+def rollback(app: Any, key: str, body: Any, condition: int | None = None) -> dict[str, Any]:
     _, settings = parse_deploy(body, need_backends=False)
     app.check_writable()
-    found = current_rule(app, key)
+    found = current_rule(app, key, condition)
     last = next((r for r in app.deployer.records.deploys()
                  if r.get("host") == key and r.get("state") == "done"), None)
     if last is None or not last.get("from"):
@@ -138,29 +166,25 @@ def rollback(app: Any, key: str, body: Any) -> dict[str, Any]:
     return start(app.deployer, key, found, list(last["from"]), settings, "rollback")
 
 
-def abort(app: Any, key: str) -> tuple[dict[str, Any], int]:
-    """Ask the deploy of `key` to stop and wait (`ABORT_WAIT`) for it to end: its
-    record, and 200 when it ended aborted or 202 while it still stops; an error
-    when the abort is asked but not carried out yet for a reason the operator
-    must know (its write refused, the store gone, the request not replicated)."""
+def abort(app: Any, key: str | None, deploy_id: str | None = None
+          ) -> tuple[dict[str, Any], int]:
+    """Ask the deploy `deploy_id` (None: the one running on the host `key` now) to
+    stop and wait (`ABORT_WAIT`) for it to end: its record, and 200 when it ended
+    aborted or 202 while it still stops; an error when it is not running, or when
+    the abort is asked but not carried out yet for a reason the operator must know
+    (its write refused, the store gone, the request not replicated)."""
+    if deploy_id is None:
+        deploy_id = _running(app, str(key))
+    key = str(key) if key is not None else _host_of(app, deploy_id)
+    request = {"at": time.time(), "by": app.deployer.owner}
     unreplicated = None
     try:
-        deploy_id = app.deployer.ask_abort(key)
+        asked = app.deployer.ask_abort(key, request, deploy_id)
     except StoreNotReplicated as exc:  # the master has the request: it is carried out
-        unreplicated, deploy_id = exc, _claimed(app, key)
-    if deploy_id is None:
-        if app.store.host_rule(key).rule is None:
-            raise ApiError(404, "not_found", f"no rule for host {key!r} and no deploy of it "
-                           f"running")
-        raise ApiError(409, "nothing_to_abort", f"host {key!r} has no deploy running "
-                       f"(GET /api/v1/deploys lists the recent ones)")
-    try:
-        record, freed = _waited(app, key, deploy_id)
-    except StoreError as exc:
-        raise ApiError(503, "store_unavailable", f"host {key!r}: the abort of deploy "
-                       f"{deploy_id} was asked, then the store could not be read ({exc}): the "
-                       f"deploy carries the abort out once it can (GET /api/v1/deploys/"
-                       f"{deploy_id} follows it)", [f"deploy: {deploy_id}"]) from None
+        unreplicated, asked = exc, deploy_id
+    if asked is None:  # (it ended, or was handed over, since)
+        raise _not_running(app, key, deploy_id)
+    record, freed = _waited(app, key, deploy_id, request)
     if not freed:
         return _still_running(key, record, unreplicated), 202
     if record.get("abort") is None:  # it ended before its process saw the request
@@ -173,16 +197,117 @@ def abort(app: Any, key: str) -> tuple[dict[str, Any], int]:
     return record, 200
 
 
-def _waited(app: Any, key: str, deploy_id: str) -> tuple[dict[str, Any], bool]:
+def _running(app: Any, key: str) -> str:
+    """The id of the deploy running on `key` as the request arrived (its claim's), or
+    404 `not_found` / 409 `nothing_to_abort` when none runs."""
+    claimed = (app.deployer.records.claims().get(key) or {}).get("id")
+    if claimed:
+        return str(claimed)
+    if app.store.host_rule(key).rule is None:
+        raise ApiError(404, "not_found", f"no rule for host {key!r} and no deploy of it "
+                       f"running")
+    raise ApiError(409, "nothing_to_abort", f"host {key!r} has no deploy running "
+                   f"(GET /api/v1/deploys lists the recent ones)")
+
+
+def _host_of(app: Any, deploy_id: str) -> str:
+    """The host of the deploy `deploy_id` (from its record, kept or gone), or 404."""
+    known = app.deployer.records.deploy(deploy_id) or app.deployer.records.gone(deploy_id)
+    if known is None or not isinstance(known.get("host"), str):
+        raise _unknown(deploy_id)
+    return str(known["host"])
+
+
+def _not_running(app: Any, key: str, deploy_id: str) -> ApiError:
+    """409 `nothing_to_abort` for the deploy `deploy_id` of `key`, which holds no
+    claim on the host (it ended, or its record went: `Records.gone`)."""
+    record = app.deployer.records.deploy(deploy_id)
+    if record is not None and record.get("state") != "running":
+        return ApiError(409, "nothing_to_abort", _ended_before(key, record),
+                        [f"deploy: {deploy_id}"])
+    if record is None:
+        gone = app.deployer.records.gone(deploy_id)
+        if gone is None:
+            return _unknown(deploy_id)
+        return ApiError(409, "nothing_to_abort", f"host {key!r}: deploy {deploy_id} ended "
+                        f"{gone.get('state')}{_at(gone.get('ended'))} (its record is no "
+                        f"longer kept), so there is nothing to abort", [f"deploy: {deploy_id}"])
+    return ApiError(409, "nothing_to_abort", f"host {key!r}: deploy {deploy_id} holds no "
+                    f"claim on the host (no management process runs it; its record says "
+                    f"it runs at step {record.get('step')}), so there is nothing to abort",
+                    [f"deploy: {deploy_id}"])
+
+
+def _at(when: Any) -> str:
+    """`` at TIME`` (UTC) for the unix time `when`, "" when it is no number."""
+    if isinstance(when, bool) or not isinstance(when, int | float) or not math.isfinite(when):
+        return ""
+    return time.strftime(" at %Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+
+
+def _unknown(deploy_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no deploy {deploy_id!r}: the records keep every "
+                    f"running deploy, the {MAX_DEPLOYS} that ended last and, by id, the "
+                    f"{MAX_GONE} that ended before them; so it is not running")
+
+
+def _waited(app: Any, key: str, deploy_id: str, request: dict[str, Any]
+            ) -> tuple[dict[str, Any], bool]:
     """The deploy's record once it ended and freed the host, or after `ABORT_WAIT`
-    (with False: still running, or its claim not released yet)."""
+    (with False: still running, or its claim not released yet). A read that fails
+    keeps the record last read, unless the last look fails too (bug: one read
+    hiccup answered 503 "the store could not be read"); a request the store lost
+    before the deploy took it up is asked again (`_ask_again`)."""
     deadline = time.monotonic() + ABORT_WAIT
-    record = app.deployer.records.deploy(deploy_id)  # (None: lost with a flushed store,
-    while not (freed := record is not None and _freed(app, key, record)) \
-            and time.monotonic() < deadline:  # until the deploy saves it again)
+    record: dict[str, Any] | None = None
+    failure: StoreError | None = None
+    while True:
+        try:
+            record = app.deployer.records.deploy(deploy_id)
+            if record is not None and _freed(app, key, record):
+                return record, True
+            _ask_again(app, key, deploy_id, request, record)
+            failure = None
+        except StoreError as exc:
+            failure = exc
+        if time.monotonic() >= deadline:
+            break
         time.sleep(ABORT_POLL)
-        record = app.deployer.records.deploy(deploy_id)
-    return record or find(app, deploy_id), freed
+    if record is not None and failure is None:
+        return record, _let_go(app, key, record)
+    if failure is None and app.deployer.records.gone(deploy_id) is not None:
+        raise _not_running(app, key, deploy_id)
+    why = f"then the store could not be read ({failure})" if failure is not None else \
+        "then the store no longer held its record (restarted empty, flushed?)"
+    raise ApiError(503, "store_unavailable", f"host {key!r}: the abort of deploy {deploy_id} "
+                   f"was asked, {why}: the deploy carries the abort out once it can "
+                   f"(GET /api/v1/deploys/{deploy_id} follows it)", [f"deploy: {deploy_id}"])
+
+
+def _let_go(app: Any, key: str, record: dict[str, Any]) -> bool:
+    """Whether the deploy `record` ended, its process done with the store: its claim,
+    which that process could not release (the store away a moment), released here
+    (bug: answered 202 with the record of a deploy that had ended aborted). Not
+    while its record names a problem: its process still tries to save its end (the
+    replicas not acknowledging it), which the answer says (`_still_running`)."""
+    if record.get("state") == "running" or (record.get("abort") or {}).get("problem"):
+        return False
+    with contextlib.suppress(StoreError):  # (it frees itself once stale)
+        app.deployer.records.release(key, record["id"])
+    return True
+
+
+def _ask_again(app: Any, key: str, deploy_id: str, request: dict[str, Any],
+               record: dict[str, Any] | None) -> None:
+    """Store the abort `request` again if the deploy has not taken it up (its record,
+    None: lost with the store, says no abort) and the store no longer has it (bug:
+    Redis restarted empty between the request and the deploy's next look, the
+    answer was 202 and nothing aborted). Made only while the deploy holds its host
+    (`Records.request_abort`)."""
+    records = app.deployer.records
+    if (record is None or record.get("abort") is None) and \
+            records.abort_request(deploy_id) is None:
+        records.request_abort(key, request, deploy_id)
 
 
 def _still_running(key: str, record: dict[str, Any],
@@ -220,16 +345,6 @@ def _ended_before(key: str, record: dict[str, Any]) -> str:
     return f"{ended}: {record.get('error')}"
 
 
-def _claimed(app: Any, key: str) -> str | None:
-    """The deploy an abort request was just stored for: the one whose claim holds
-    `key`, or the host's newest (it ended meanwhile)."""
-    claim = app.deployer.records.claims().get(key) or {}
-    if claim.get("id"):
-        return str(claim["id"])
-    return next((str(r["id"]) for r in app.deployer.records.deploys()
-                 if r.get("host") == key), None)
-
-
 def _freed(app: Any, key: str, record: dict[str, Any]) -> bool:
     """Whether the deploy `record` ended and let its host go (its record ends a
     moment before its claim is released: a deploy sent on the abort's answer
@@ -241,11 +356,18 @@ def _freed(app: Any, key: str, record: dict[str, Any]) -> bool:
 
 
 def find(app: Any, deploy_id: str) -> dict[str, Any]:
+    """The deploy's record; 410 `deploy_gone` when it ended and its record went (bug:
+    404 "no deploy", as for one that never was), 404 when it is unknown."""
     record = app.deployer.records.deploy(deploy_id)
-    if record is None:
-        raise ApiError(404, "not_found", f"no deploy {deploy_id!r} (only the recent ones "
-                       f"are kept)")
-    return record
+    if record is not None:
+        return record
+    gone = app.deployer.records.gone(deploy_id)
+    if gone is None:
+        raise _unknown(deploy_id)
+    raise ApiError(410, "deploy_gone", f"deploy {deploy_id} of {gone.get('host')!r} ended "
+                   f"{gone.get('state')}{_at(gone.get('ended'))}; its record is no longer "
+                   f"kept (the records keep every running deploy and the {MAX_DEPLOYS} "
+                   f"that ended last)", [f"deploy: {deploy_id}", f"state: {gone.get('state')}"])
 
 
 class DeployRoutes:
@@ -254,16 +376,24 @@ class DeployRoutes:
     deployer: Deployer
 
     def on_deploy(self, request: Request, host: str) -> Response:
-        record = deploy(self, normalize_host(host), read_json(request))
+        create_only(request)
+        record = deploy(self, normalize_host(host), read_json(request), if_match(request))
         return json_response({"deploy": record}, status=202)
 
     def on_rollback(self, request: Request, host: str) -> Response:
         body = read_json(request) if request.content_length else None
-        record = rollback(self, normalize_host(host), body)
+        create_only(request)
+        record = rollback(self, normalize_host(host), body, if_match(request))
         return json_response({"deploy": record}, status=202)
 
     def on_abort_deploy(self, request: Request, host: str) -> Response:
+        no_version(request)
         record, status = abort(self, normalize_host(host))
+        return json_response({"deploy": record}, status=status)
+
+    def on_abort_one(self, request: Request, deploy_id: str) -> Response:
+        no_version(request)
+        record, status = abort(self, None, deploy_id)
         return json_response({"deploy": record}, status=status)
 
     def on_list_deploys(self, request: Request) -> Response:

@@ -585,17 +585,18 @@ def test_the_dashboards_abort_button_and_the_write_it_makes(lb: Balancer, a: Bac
     as_the_page = {"Host": f"127.0.0.1:{lb.mport}", "Origin": origin, "Accept":
                    "application/json", "Content-Type": "application/json",
                    "Sec-Fetch-Site": "same-origin"}
-    path = f"/api/v1/hosts/{HOST}/deploy"
     try:
         status, page, headers = management_call(lb, "GET", "/", {})
         assert status == 200 and 'id="action-note"' in page
         assert "form-action 'none'" in headers["Content-Security-Policy"]
         script = management_call(lb, "GET", "/static/deploys.js", {})[1]
-        assert 'class: "deploy-abort", "data-host": record.host' in script
+        assert '"data-deploy": record.id, disabled: aborting' in script
         script = management_call(lb, "GET", "/static/dashboard.js", {})[1]
-        assert 'write("DELETE", `api/v1/hosts/${encodeURIComponent(host)}/deploy`)' in script
+        assert ('write("DELETE", `api/v1/deploys/${encodeURIComponent(button.dataset.deploy)}`)'
+                in script)
         assert '"Content-Type": "application/json"' in script
         record = deploy(lb, {"backends": [never.address], "ready_timeout": 60})
+        path = f"/api/v1/deploys/{record['id']}"
         for refused, code in (({"Origin": "http://evil.example"}, "cross_origin"),
                               ({"Sec-Fetch-Site": "cross-site"}, "cross_origin"),
                               ({"Content-Type": "text/plain"}, "unsupported_media_type")):

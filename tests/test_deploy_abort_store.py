@@ -10,8 +10,11 @@ abort that gives up answers with its cause's error code.
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from balancer.stores import open_store
 from tests.support import Backend, constants_prefix, wait_for
@@ -156,3 +159,50 @@ def test_a_balancer_cut_from_the_store_hands_its_abort_over_to_the_one_that_resu
     assert versions == version + 2  # the write back and the removal of `draining`: once
     assert f"{record['id']} of {HOST} aborted" not in first.output()
     assert rule_of_store(redis) == proxy(a)
+
+
+@pytest.mark.parametrize("kind", ["file", "redis"])
+def test_a_read_hiccup_keeps_the_aborts_known_problem(
+        tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+        kind: str) -> None:
+    """The abort's write back is refused (the store lost its table: ``abort.code``
+    store_lost), and one read of the rule fails meanwhile (a hiccup): the record
+    keeps saying store_lost. Bug: the hiccup's problem replaced it (503
+    store_unavailable), then was cleared at the next read (no problem: the abort
+    answered 202), before the next try noted store_lost again."""
+    from balancer.stores import StoreUnavailable
+    from management import deploy_abort
+    from management.app import create_app
+
+    monkeypatch.setattr(deploy_abort, "ABORT_RETRY", 0.02)
+    url = f"file:{tmp_path / 'routes.json'}" if kind == "file" else \
+        request.getfixturevalue("redis_server").url
+    store = open_store(url, f"test-{uuid.uuid4().hex}")
+    app = create_app(store=store)
+    before = {"action": "proxy", "backends": ["127.0.0.1:9001"]}
+    store.put_host(HOST, before)  # (version 1: below the 5 the deploy started from)
+    record = aborted_in_drain(before, time.time() - 2, time.time(), 5)
+    store.records().begin(record, time.time() - 60, 5.0)  # (its process long quiet)
+    assert store.records().claim(HOST, "d1", app.deployer.owner, time.time(), 5.0) is None
+    reads, host_rule = [0], store.host_rule
+
+    def hiccup(host: str) -> Any:
+        reads[0] += 1
+        if reads[0] == 2:
+            raise StoreUnavailable("a hiccup")
+        return host_rule(host)
+    store.host_rule = hiccup  # type: ignore[method-assign]
+    codes, save = [], app.deployer.records.save_claimed
+
+    def saved(record: dict[str, Any], *args: Any) -> Any:
+        codes.append(record["abort"]["code"])
+        return save(record, *args)
+    app.deployer.records.save_claimed = saved
+    running, _ = in_background(lambda: app.deployer.run(record, resumed=True))
+    try:
+        wait_for(lambda: reads[0] >= 4, what="reads after the hiccup")
+    finally:
+        app.deployer.stop()
+        running.join(5)
+        store.close()
+    assert codes and set(codes) == {"store_lost"}, codes

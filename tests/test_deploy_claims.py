@@ -230,3 +230,33 @@ def test_a_host_deleted_after_the_switch_is_not_brought_back(tmp_path: Path) -> 
     stored = store.records().deploy("d1") or {}
     assert stored.get("state") == "done", stored
     assert store.load().hosts == {} and store.load().version == version
+
+
+def test_a_stop_during_a_rule_write_leaves_the_claim_stale_for_the_successor(
+        stores: Callable[[], Store]) -> None:
+    """The process stops (a reload) while the switch's write is under way: `stop`
+    sets the claim's beat to 0 first, then the write lands; the claim stays stale
+    (a successor resumes the deploy at once) and the run hands over. Bug: the write
+    renewed the claim `stop` had just handed over, and the successor resumed the
+    deploy `STALE_AFTER` (5 s) later."""
+    store, other = stores(), stores()
+    app, record = about_to_switch(store)
+    deployer, put_host, writing = app.deployer, store.put_host, threading.Event()
+
+    def after_the_stops_hand_over(*args: Any, **kwargs: Any) -> int:
+        writing.set()
+        wait_for(lambda: other.records().claims()[HOST]["beat"] == 0, 5,
+                 interval=0.005, what="the stop's hand-over")
+        return put_host(*args, **kwargs)
+    store.put_host = after_the_stops_hand_over  # type: ignore[method-assign]
+    deployer.running[HOST] = record["id"]
+    running = threading.Thread(target=deployer.run, args=(record, False), daemon=True)
+    running.start()
+    assert writing.wait(5)
+    deployer.stop()
+    running.join(5)
+    assert not running.is_alive()
+    assert other.host_rule(HOST).rule != BEFORE  # (the write landed)
+    claim = other.records().claims()[HOST]
+    assert claim["beat"] == 0, claim
+    assert (other.records().deploy("d1") or {}).get("state") == "running"

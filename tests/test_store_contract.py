@@ -311,6 +311,36 @@ def test_a_claimed_deploys_record_stays_and_the_last_ended_are_kept(
     kept = [r["id"] for r in other.deploys()]
     assert "long" in kept and "next" in kept and len(kept) == MAX_DEPLOYS, kept
 
+def test_a_deploy_whose_record_went_is_still_known_as_ended(
+        make_store: Callable[[], Store]) -> None:
+    """A deploy another process resumed and ended, its record then pushed out by
+    50 newer ones: its first process, back from a partition, finds it ended (its
+    renewal answers `ENDED`, nothing written), and `gone` says how it ended. Bug:
+    an absent record read as a store that lost its records, and the renewal
+    claimed the host again for the ended deploy."""
+    from balancer.stores.records import ENDED, MAX_DEPLOYS
+
+    one, other = make_store().records(), make_store().records()
+    d1 = {"id": "d1", "host": "web.test", "started": 900.0, "state": "running",
+          "owner": "owner-a"}
+    assert one.begin(d1, now=900.0, stale_after=5.0) is None
+    assert other.claim("web.test", "d1", "owner-b", now=910.0, stale_after=5.0) is None
+    other.save_claimed({**d1, "state": "done", "ended": 911.0}, "owner-b", 911.0, 5.0)
+    other.release("web.test", "d1")
+    for n in range(MAX_DEPLOYS - 1):
+        other.withdraw({"id": f"d{n + 2}", "host": f"h{n}.test", "started": 1000.0 + n,
+                        "ended": 1000.5 + n, "state": "done"})
+    assert other.begin({"id": "last", "host": "h0.test", "started": 2000.0,
+                        "state": "running", "owner": "owner-b"}, 2000.0, 5.0) is None
+    assert one.deploy("d1") is None
+    assert one.gone("d1") == {"host": "web.test", "kind": None, "state": "done",
+                              "started": 900.0, "ended": 911.0}
+    assert one.gone("d2") is None and one.gone("nothing") is None
+    assert one.renew("web.test", "d1", "owner-a", 920.0, 5.0) == ENDED
+    assert one.save_claimed(d1, "owner-a", 920.0, 5.0) == ENDED
+    assert "web.test" not in one.claims() and one.deploy("d1") is None
+
+
 def test_one_claim_per_host_taken_over_only_when_its_owner_went_quiet(
         make_store: Callable[[], Store]) -> None:
     a, b = make_store().records(), make_store().records()

@@ -12,6 +12,9 @@ Three small collections, none of them read per request:
 * abort requests: deploy id → ``{"at", "by"}``: an operator asked (through any
   balancer's management API) that the running deploy stop; the process running
   it reads it at its next round (`management.deploy_run`).
+* gone: deploy id → ``{"host", "kind", "state", "started", "ended"}`` for the
+  `MAX_GONE` deploys whose records went last (`beyond_kept`): a deploy that
+  ended is known as ended after its record went too.
 
 Invariants:
 * `claim` is atomic (Redis ``WATCH``/``MULTI``; the file store's writer lock):
@@ -21,8 +24,9 @@ Invariants:
   claim and its record together, atomically the same way.
 * `renew`, a running deploy's claim renewed, never makes a claim again for a
   deploy another process ended (a process cut from the store longer than
-  `stale_after` finds its deploy resumed and ended by another): the claim's
-  read, the record's and the write are one atomic step, as `claim`.
+  `stale_after` finds its deploy resumed and ended by another), its record
+  kept or gone: the claim's read, the record's (or its `gone` entry's) and the
+  write are one atomic step, as `claim`.
   `save_claimed` is `renew` with the record's save in the same write, made
   only while the claim is this process's (or another deploy's: damaged records).
 * A deploy's rule write (`Store.put_host` with `Claimed`) is `renew` with the
@@ -30,8 +34,8 @@ Invariants:
   writer lock over both files): `HandedOver`, nothing written, when another
   process took the deploy over or ended it.
 * `request_abort` is atomic with the claim it reads: an abort is only stored
-  for the deploy holding the host's claim, and `release` drops it with the
-  claim, so no request outlives its deploy.
+  for the deploy holding the host's claim (the one named, when one is), and
+  `release` drops it with the claim, so no request outlives its deploy.
 * None of these writes touches the routing table or its version.
 * Reads and writes raise `StoreUnavailable` when the store cannot be reached,
   `CorruptStore` never: an unreadable record collection reads as empty (a
@@ -55,6 +59,7 @@ from typing import Any
 from balancer.stores.atomic import read_regular, write_store_file
 
 MAX_DEPLOYS = 50
+MAX_GONE = 1000  # ended deploys known by id (`Records.gone`) after their record went
 ENDED = "(ended)"  # `Records.renew`: the deploy ended, its claim released
 # what decoding a hand-edited value can raise: bad JSON or UTF-8, an integer of
 # 4,300+ digits (ValueError), deep nesting (RecursionError)
@@ -139,10 +144,17 @@ class Records(ABC):
         """Drop `host`'s claim (and its abort request) if `deploy_id` holds it."""
 
     @abstractmethod
-    def request_abort(self, host: str, request: dict[str, Any]) -> str | None:
+    def gone(self, deploy_id: str) -> dict[str, Any] | None:
+        """What is known of a deploy whose record is no longer kept (``{"host",
+        "kind", "state", "started", "ended"}``: it ended), or None."""
+
+    @abstractmethod
+    def request_abort(self, host: str, request: dict[str, Any],
+                      deploy_id: str | None = None) -> str | None:
         """Ask the deploy holding `host`'s claim to stop (`request`: ``{"at", "by"}``),
         in one write with the claim's read: the id of that deploy, or None when no
-        deploy holds the host (nothing written). A request already stored stays."""
+        deploy holds the host, or another than `deploy_id` (when given) does (nothing
+        written). A request already stored stays."""
 
     @abstractmethod
     def abort_request(self, deploy_id: str) -> dict[str, Any] | None:
@@ -176,8 +188,11 @@ def decide_claim(held: dict[str, Any] | None, deploy_id: str, owner: str, now: f
 def decide_renew(held: dict[str, Any] | None, stored: dict[str, Any] | None, deploy_id: str,
                  owner: str, now: float, stale_after: float) -> str | None:
     """`decide_claim` for a renewal (`Records.renew`): `ENDED` when no claim is held
-    and the deploy's record `stored` says it ended (one absent, a store that lost
-    its records, is claimed again)."""
+    and the deploy's record `stored` (or its `Records.gone` entry, once the record
+    went) says it ended (one absent, a store that lost its records, is claimed
+    again). Bug: a deploy ended by another process was taken for one a store had
+    lost once 50 newer records had pushed its record out, and its first process,
+    back from a partition, claimed the host again and carried the deploy on."""
     if held is None and stored is not None and stored.get("state") != "running":
         return ENDED
     return decide_claim(held, deploy_id, owner, now, stale_after)
@@ -199,6 +214,19 @@ def beat_of(claim: dict[str, Any]) -> float:
     except (TypeError, ValueError, OverflowError):
         return 0.0
     return beat if math.isfinite(beat) else 0.0
+
+
+def tombstone(record: dict[str, Any]) -> dict[str, Any]:
+    """What `Records.gone` keeps of a record that goes (`beyond_kept`: it ended)."""
+    return {k: record.get(k) for k in ("host", "kind", "state", "started", "ended")}
+
+
+def beyond_gone(gone: dict[str, Any]) -> list[str]:
+    """The ids of the `gone` entries to forget: beyond the `MAX_GONE` that ended last."""
+    ordered = sorted((dict(v, id=k) for k, v in gone.items() if isinstance(v, dict)),
+                     key=_last, reverse=True)
+    return [str(r["id"]) for r in ordered[MAX_GONE:]] + \
+        [k for k, v in gone.items() if not isinstance(v, dict)]
 
 
 def newest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,7 +258,7 @@ class FileRecords(Records):
         if not isinstance(doc, dict):
             doc, problem = {}, problem or "not a JSON object"
         sections: dict[str, dict[str, Any]] = {}
-        for key in ("deploys", "claims", "inflight", "aborts"):
+        for key in ("deploys", "claims", "inflight", "aborts", "gone"):
             value = doc.get(key)
             sections[key] = value if isinstance(value, dict) else {}
         # a claim that is no object is none (as Redis's reads skip one)
@@ -257,9 +285,8 @@ class FileRecords(Records):
         """`renew` by a caller holding the writer lock (`FileStore.put_host`'s
         `Claimed` write), or `HandedOver`, nothing written."""
         with self._changed() as doc:
-            stored = doc["deploys"].get(claimed.deploy_id)
             holder = _claim(doc, host, claimed.deploy_id, claimed.owner, claimed.now,
-                            claimed.stale_after, stored if isinstance(stored, dict) else None)
+                            claimed.stale_after, _stored(doc, claimed.deploy_id))
             if handed_over(holder, claimed.deploy_id):
                 raise HandedOver(str(holder))
 
@@ -290,16 +317,14 @@ class FileRecords(Records):
     def renew(self, host: str, deploy_id: str, owner: str, now: float,
               stale_after: float) -> str | None:
         with self._changing() as doc:
-            stored = doc["deploys"].get(deploy_id)
             return _claim(doc, host, deploy_id, owner, now, stale_after,
-                          stored if isinstance(stored, dict) else None)
+                          _stored(doc, deploy_id))
 
     def save_claimed(self, record: dict[str, Any], owner: str, now: float,
                      stale_after: float) -> str | None:
         with self._changing() as doc:
-            stored = doc["deploys"].get(record["id"])
             holder = _claim(doc, record["host"], record["id"], owner, now, stale_after,
-                            stored if isinstance(stored, dict) else None)
+                            _stored(doc, record["id"]))
             if not handed_over(holder, record["id"]):
                 _save(doc, record)
             return holder
@@ -311,12 +336,18 @@ class FileRecords(Records):
     def claims(self) -> dict[str, dict[str, Any]]:
         return self._read()["claims"]
 
-    def request_abort(self, host: str, request: dict[str, Any]) -> str | None:
+    def gone(self, deploy_id: str) -> dict[str, Any] | None:
+        found = self._read()["gone"].get(deploy_id)
+        return found if isinstance(found, dict) else None
+
+    def request_abort(self, host: str, request: dict[str, Any],
+                      deploy_id: str | None = None) -> str | None:
         with self._changing() as doc:
             held = (doc["claims"].get(host) or {}).get("id")
-            if held is not None:
-                doc["aborts"].setdefault(str(held), request)
-            return None if held is None else str(held)
+            if held is None or deploy_id not in (None, held):
+                return None
+            doc["aborts"].setdefault(str(held), request)
+            return str(held)
 
     def abort_request(self, deploy_id: str) -> dict[str, Any] | None:
         found = self._read()["aborts"].get(deploy_id)
@@ -359,8 +390,19 @@ def _save(doc: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
     """Put `record` in the file's `doc`, removing the records `beyond_kept`."""
     doc["deploys"][record["id"]] = record
     records = [dict(r, id=i) for i, r in doc["deploys"].items() if isinstance(r, dict)]
-    for deploy_id in beyond_kept(records, doc["claims"]):
-        doc["deploys"].pop(deploy_id, None)
+    beyond = beyond_kept(records, doc["claims"])
+    for deploy_id in beyond:
+        doc["gone"][deploy_id] = tombstone(doc["deploys"].pop(deploy_id))
+    for deploy_id in beyond_gone(doc["gone"]) if beyond else ():
+        del doc["gone"][deploy_id]
+
+
+def _stored(doc: dict[str, dict[str, Any]], deploy_id: str) -> dict[str, Any] | None:
+    """The deploy's record in the file's `doc`, or what is known of it once it went."""
+    stored = doc["deploys"].get(deploy_id)
+    if not isinstance(stored, dict):
+        stored = doc["gone"].get(deploy_id)
+    return stored if isinstance(stored, dict) else None
 
 
 def _claim(doc: dict[str, dict[str, Any]], host: str, deploy_id: str, owner: str, now: float,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis.exceptions import WatchError
@@ -30,14 +30,17 @@ from balancer.stores.base import StoreUnavailable
 from balancer.stores.records import (
     CLAIM_ATTEMPTS,
     MAX_DEPLOYS,
+    MAX_GONE,
     UNREADABLE,
     Claimed,
     HandedOver,
     Records,
+    beyond_gone,
     beyond_kept,
     decide_renew,
     handed_over,
     newest,
+    tombstone,
 )
 from balancer.stores.redis_replicas import Writing, WritingBlock
 
@@ -45,21 +48,21 @@ log = logging.getLogger("balancer.deploys")
 
 
 class RedisRecords(Records):
-    """The records in four hashes: ``NS:deploys`` (id → JSON), ``NS:deploy-claims``
-    (host → JSON), ``NS:deploy-inflight`` (balancer → JSON) and ``NS:deploy-aborts``
-    (id → JSON)."""
+    """The records in five hashes: ``NS:deploys`` (id → JSON), ``NS:deploy-claims``
+    (host → JSON), ``NS:deploy-inflight`` (balancer → JSON), ``NS:deploy-aborts``
+    (id → JSON) and ``NS:deploys-gone`` (id → JSON)."""
 
     def __init__(self, client: Any, namespace: str, talking: Callable[[str], Any],
                  writing: WritingBlock) -> None:
         self.client = client
         self.talking = talking
         self.writing = writing
-        self.deploys_key, self.claims_key = _keys(namespace)
+        self.deploys_key, self.claims_key, self.gone_key = _keys(namespace)
         self.inflight_key = f"{namespace}:deploy-inflight"
         self.aborts_key = f"{namespace}:deploy-aborts"
 
-    def _all(self, key: str) -> dict[str, dict[str, Any]]:
-        with self.talking("read"):
+    def _all(self, key: str, doing: str = "read") -> dict[str, dict[str, Any]]:
+        with self.talking(doing):
             raw = self.client.hgetall(key)
         found = {}
         for name, text in raw.items():
@@ -78,12 +81,29 @@ class RedisRecords(Records):
         it, and a running deploy waited it out as an outage."""
         try:
             kept = self.deploys()
-            beyond = beyond_kept(kept, self.claims()) if len(kept) > MAX_DEPLOYS else []
+            beyond = set(beyond_kept(kept, self.claims()) if len(kept) > MAX_DEPLOYS else [])
             if beyond:
-                with self.talking("write"):
-                    self.client.hdel(self.deploys_key, *beyond)
+                self._forget(r for r in kept if r["id"] in beyond)
         except StoreUnavailable as exc:
             log.info("deploy records: the old ones are removed at the next write: %s", exc)
+
+    def _forget(self, records: Iterable[dict[str, Any]]) -> None:
+        """Remove `records`, each known as `gone` from then on (in one transaction),
+        and forget the `gone` entries `beyond_gone`."""
+        went = {r["id"]: json.dumps(tombstone(r), sort_keys=True) for r in records}
+        with self.talking("write"):
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.hdel(self.deploys_key, *went)
+                pipe.hset(self.gone_key, mapping=went)
+                pipe.hlen(self.gone_key)
+                many = pipe.execute()[-1]
+            if many > MAX_GONE:
+                old = beyond_gone(self._all(self.gone_key, "write"))
+                if old:
+                    self.client.hdel(self.gone_key, *old)
+
+    def gone(self, deploy_id: str) -> dict[str, Any] | None:
+        return self._one(self.gone_key, deploy_id)
 
     def deploys(self) -> list[dict[str, Any]]:
         return newest([dict(r, id=i) for i, r in self._all(self.deploys_key).items()])
@@ -141,7 +161,7 @@ class RedisRecords(Records):
         `renewing`: `renew`'s (the record read, watched, when no claim is held), and
         `record` saved too when another deploy holds the host (`save_claimed`)."""
         claim = json.dumps({"id": deploy_id, "owner": owner, "beat": now})
-        keys = (self.deploys_key, self.claims_key)
+        keys = (self.deploys_key, self.claims_key, self.gone_key)
         for _ in range(CLAIM_ATTEMPTS):
             with writing.client.pipeline(transaction=True) as pipe:
                 holder = _watched_holder(pipe, keys, host, Claimed(deploy_id, owner, now,
@@ -201,14 +221,15 @@ class RedisRecords(Records):
     def claims(self) -> dict[str, dict[str, Any]]:
         return self._all(self.claims_key)
 
-    def request_abort(self, host: str, request: dict[str, Any]) -> str | None:
+    def request_abort(self, host: str, request: dict[str, Any],
+                      deploy_id: str | None = None) -> str | None:
         with self.writing(f"the abort request of the deploy of {host}") as writing:
             for _ in range(CLAIM_ATTEMPTS):
                 with writing.client.pipeline(transaction=True) as pipe:
                     pipe.watch(self.claims_key)
                     held = _claim_id(pipe.hget(self.claims_key, host))
-                    if held is None:
-                        writing.wrote = False  # no deploy holds the host: nothing written
+                    if held is None or deploy_id not in (None, held):
+                        writing.wrote = False  # not the deploy asked: nothing written
                         return None
                     pipe.multi()
                     pipe.hsetnx(self.aborts_key, held, json.dumps(request, sort_keys=True))
@@ -261,22 +282,24 @@ class Fence:
                 {"id": claimed.deploy_id, "owner": claimed.owner, "beat": claimed.now}))
 
 
-def _keys(namespace: str) -> tuple[str, str]:
-    """The hashes of the deploy records and of the claims."""
-    return f"{namespace}:deploys", f"{namespace}:deploy-claims"
+def _keys(namespace: str) -> tuple[str, str, str]:
+    """The hashes of the deploy records, of the claims and of the deploys gone."""
+    return f"{namespace}:deploys", f"{namespace}:deploy-claims", f"{namespace}:deploys-gone"
 
 
-def _watched_holder(pipe: Any, keys: tuple[str, str], host: str, claimed: Claimed,
+def _watched_holder(pipe: Any, keys: tuple[str, str, str], host: str, claimed: Claimed,
                     renewing: bool) -> str | None:
     """`decide_renew`'s answer for `claimed` from the claim read under ``WATCH`` (and,
-    `renewing` with no claim held, the deploy's record, watched too)."""
-    deploys_key, claims_key = keys
+    `renewing` with no claim held, the deploy's record or its `gone` entry, watched
+    too)."""
+    deploys_key, claims_key, gone_key = keys
     pipe.watch(claims_key)
     held = _object(pipe.hget(claims_key, host))
     stored = None
     if renewing and held is None:  # (ended and released by another?)
-        pipe.watch(deploys_key)
-        stored = _object(pipe.hget(deploys_key, claimed.deploy_id))
+        pipe.watch(deploys_key, gone_key)
+        stored = _object(pipe.hget(deploys_key, claimed.deploy_id)) or \
+            _object(pipe.hget(gone_key, claimed.deploy_id))
     return decide_renew(held, stored, claimed.deploy_id, claimed.owner, claimed.now,
                         claimed.stale_after)
 

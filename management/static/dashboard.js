@@ -140,7 +140,9 @@ async function onAbortClick(event) {
     + "the deploy started from.")) return;
   button.disabled = true;
   button.textContent = "Aborting…";
-  const answer = await write("DELETE", `api/v1/hosts/${encodeURIComponent(host)}/deploy`);
+  // the deploy shown, by its id: one that ended meanwhile is not followed by the next
+  // deploy of the host (bug: a click on a page a poll behind stopped a later deploy)
+  const answer = await write("DELETE", `api/v1/deploys/${encodeURIComponent(button.dataset.deploy)}`);
   if (answer.status === 401) return askForToken(true);
   const note = $("action-note");
   note.textContent = abortNote(host, answer.status, answer.body);

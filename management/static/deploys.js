@@ -41,8 +41,9 @@ export function deployLine(record, now) {
     problem ? el("span", {class: "deploy-problem"}, ` · not carried out yet: ${problem}`) : "",
     " ",
     el("button", {type: "button", class: "deploy-abort", "data-host": record.host,
-      disabled: aborting, title: "Stop this deploy: the host goes back to the backends it "
-        + "started from (DELETE /api/v1/hosts/HOST/deploy)"},
+      "data-deploy": record.id, disabled: aborting,
+      title: "Stop this deploy: the host goes back to the backends it "
+        + "started from (DELETE /api/v1/deploys/ID: this deploy, never a later one)"},
     aborting ? "Aborting…" : "Abort"));
 }
 
