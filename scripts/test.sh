@@ -122,6 +122,11 @@ exit(0 if native.compiled() else 1)'
 }
 step "the whole suite, compiled (mypy beside it)"
 build || { echo "scripts/test.sh: the build is not compiled (BALANCER_PURE set?)"; exit 1; }
+# pytest's assertion rewriting of the test modules, written once (tests/__pycache__,
+# `*-pytest-*.pyc`): on a fresh clone each of the $JOBS workers rewrote every test
+# module itself, all at once (6 cold collections: 68 CPU-s; one, then 6 warm: 13 + 28).
+# The interpreted pass's copy keeps these files. A collection error shows in the run.
+"$python" -m pytest -q -p no:cacheprovider --collect-only >/dev/null 2>&1 || true
 
 scratch=$(mktemp -d)
 mypy=""
