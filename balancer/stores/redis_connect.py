@@ -30,11 +30,19 @@ from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_
 
 DEFAULT_TIMEOUT = 2.0  # seconds a Redis command (and a connect) may take: `RedisStore`
 POOL_OPTIONS = {"db", "max_connections"}  # what redis-py's URL gives its pool, not connections
+_UTF8 = "answers are read as UTF-8, and bytes that are not reach the store's checks"
 # What every client is given by the balancer (`Connector`), which a URL's option would
-# replace (redis-py lets the query win). Bug: ``?socket_timeout=-1`` was taken, and
-# every worker died at its first read (a crash loop); ``?socket_timeout=1e300`` let a
-# stalled Redis hang each command for good.
-OWN_OPTIONS = {"socket_timeout", "socket_connect_timeout"}
+# replace (redis-py lets the query win), with why it is the balancer's. Bug:
+# ``?socket_timeout=-1`` was taken, and every worker died at its first read (a crash
+# loop); ``?socket_timeout=1e300`` let a stalled Redis hang each command for good;
+# ``?encoding_errors=bogus``, ``?encoding=utf-16`` or ``?retry=x`` failed every command
+# with an error that is not Redis's (``LookupError``, ``AttributeError``), and
+# ``?encoding_errors=strict`` failed every read of a table holding bytes not UTF-8.
+OWN_OPTIONS = {
+    "socket_timeout": f"every Redis command times out after {DEFAULT_TIMEOUT:g} s",
+    "socket_connect_timeout": f"every connect times out after {DEFAULT_TIMEOUT:g} s",
+    "retry": "the store decides what is tried again",
+    "decode_responses": _UTF8, "encoding": _UTF8, "encoding_errors": _UTF8}
 # Values redis-py takes from a URL but fails with at the first command (``protocol=9``
 # failed every command; ``socket_read_size=0`` read nothing: "Connection closed").
 VALUE_CHECKS: tuple[tuple[str, Callable[[int], bool], str], ...] = (
@@ -116,11 +124,11 @@ def options_problem(url: str) -> str | None:
 def own_problem(options: dict[str, Any]) -> str | None:
     """What is wrong with redis-py `options` read from a URL: one the balancer sets
     itself (`OWN_OPTIONS`), or a value outside what redis-py works with."""
-    own = sorted(OWN_OPTIONS & options.keys())
+    own = sorted(OWN_OPTIONS.keys() & options.keys())
     if own:
+        reasons = "; ".join(dict.fromkeys(OWN_OPTIONS[name] for name in own))
         return (f"{', '.join(own)} cannot be given: the balancer sets its own "
-                f"(every Redis command times out after {DEFAULT_TIMEOUT:g} s, "
-                "docs/stores.md)")
+                f"({reasons}: docs/stores.md)")
     for name, fits, expected in VALUE_CHECKS:
         if name in options and not fits(options[name]):
             return f"{name} must be {expected}, got {options[name]!r}"
