@@ -3,14 +3,16 @@
 Invariants:
 * Every client has socket and connect timeouts and no retries of its own: a
   dead or stalled Redis fails a command in about the timeout, never hangs it
-  (nor does one that trickles its answer: `balancer.stores.redis_deadline`),
+  (nor does one that trickles its answer, a sentinel's included:
+  `balancer.stores.redis_deadline`),
   and the store decides what is tried again.
 * Answers are decoded as UTF-8 with ``surrogateescape``: bytes that are not
   UTF-8 (only another program writes them) reach the store's checks, which
   name them, instead of failing inside redis-py.
 * A URL whose query redis-py would refuse (a value it cannot read, an option
   its connections do not take), or would fail every command with, or that would
-  replace the timeouts above, makes no client: `StoreUrlError`, naming it.
+  replace the options above (`OWN_OPTIONS`), makes no client: `StoreUrlError`,
+  naming it.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class Connector:
                                      sentinel_kwargs={"socket_timeout": timeout,
                                                       "socket_connect_timeout": timeout},
                                      **self.options)
+            for client in self.sentinel.sentinels:  # (bug: a trickling sentinel held
+                _whole(client)                     # every master lookup for good)
             return
         problem = options_problem(url)
         if problem:
@@ -90,14 +94,19 @@ class Connector:
                                               password=target.password)
         else:
             client = redis.Redis.from_url(self.url, **self.options)
-        pool = client.connection_pool  # (no connection made yet)
-        pool.connection_class = whole_answers(pool.connection_class)
-        return client
+        return _whole(client)
 
     def close(self) -> None:
         """Close the sentinel connections (the clients made are their owners' to close)."""
         for client in self.sentinel.sentinels if self.sentinel is not None else ():
             client.close()
+
+
+def _whole(client: redis.Redis) -> redis.Redis:
+    """`client`, whose connections (none made yet) read each answer whole in time."""
+    pool = client.connection_pool
+    pool.connection_class = whole_answers(pool.connection_class)
+    return client
 
 
 def options_problem(url: str) -> str | None:
