@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -45,6 +46,16 @@ OWN_OPTIONS = {
     "socket_connect_timeout": f"every connect times out after {DEFAULT_TIMEOUT:g} s",
     "retry": "the store decides what is tried again",
     "decode_responses": _UTF8, "encoding": _UTF8, "encoding_errors": _UTF8}
+# What redis-py's connections take as text from a URL, besides what it reads itself
+# (`URL_QUERY_ARGUMENT_PARSERS`): any other is an object (a callable, a provider, a
+# config), which every command failed with (bug: ``?socket_keepalive_options=x``,
+# ``?credential_provider=x``, ``?parser_class=x``: a TypeError or AttributeError at
+# the first read, ``?maint_notifications_config=x`` one in the URL's check itself).
+TEXT_OPTIONS = {"username", "password", "client_name", "lib_name", "lib_version",
+                "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path", "ssl_cert_reqs",
+                "ssl_certfile", "ssl_keyfile", "ssl_ciphers", "ssl_password"}
+CONNECTIONS: dict[str, type] = {"redis": redis.Connection, "rediss": redis.SSLConnection,
+                                "unix": redis.UnixDomainSocketConnection}
 # Values redis-py takes from a URL but fails with at the first command (``protocol=9``
 # failed every command; ``socket_read_size=0`` read nothing: "Connection closed").
 VALUE_CHECKS: tuple[tuple[str, Callable[[int], bool], str], ...] = (
@@ -114,19 +125,26 @@ def options_problem(url: str) -> str | None:
     ``unix://`` URL (without the balancer's own options), or None: a value it
     cannot read, or a name its connections do not take (bug: ``?replica=1``, a
     typo of ``replicas``, passed every check, and each command then raised a
-    TypeError: the workers died at their first read). Makes no connection."""
+    TypeError: the workers died at their first read), or take as an object that
+    text from a URL cannot be (`TEXT_OPTIONS`). Makes no connection."""
+    names = {name for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)}
+    kind = CONNECTIONS.get(urlsplit(url).scheme.lower(), redis.Connection)
+    takes = {name for each in type.mro(kind) if "__init__" in vars(each)
+             for name in inspect.signature(vars(each)["__init__"]).parameters}
+    unknown = sorted(names - takes - POOL_OPTIONS)
+    if unknown:
+        return (f"unknown option{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(unknown)} (the balancer's own are replicas= and wait=)")
+    objects = sorted(names - TEXT_OPTIONS - URL_QUERY_ARGUMENT_PARSERS.keys()
+                     - POOL_OPTIONS - OWN_OPTIONS.keys())
+    if objects:
+        return (f"{', '.join(objects)} cannot be given in a URL's query (redis-py takes "
+                f"{'them' if len(objects) > 1 else 'it'} from code or from the URL "
+                "itself, not as text)")
     try:
         pool = redis.ConnectionPool.from_url(url)
     except ValueError as exc:
         return str(exc)
-    takes = {name for kind in type.mro(pool.connection_class) if "__init__" in vars(kind)
-             for name in inspect.signature(vars(kind)["__init__"]).parameters}
-    unknown = sorted({name for name, _ in parse_qsl(urlsplit(url).query,
-                                                   keep_blank_values=True)}
-                     - takes - POOL_OPTIONS)
-    if unknown:
-        return (f"unknown option{'s' if len(unknown) > 1 else ''} "
-                f"{', '.join(unknown)} (the balancer's own are replicas= and wait=)")
     return own_problem(pool.connection_kwargs)
 
 
