@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -40,14 +41,22 @@ from gevent import monkey; monkey.patch_all()
 import gevent, sys, time
 from balancer.stores import StoreUnavailable
 from balancer.stores.redis import RedisStore
-def read(url):
-    store = RedisStore(url, timeout=0.1)
+from balancer.stores.redis_connect import Connector
+from redis import RedisError
+def timed(call):
     began = time.monotonic()
     try:
-        store.load()
-    except StoreUnavailable as exc:
+        call()
+    except (StoreUnavailable, RedisError) as exc:
         print(f"{time.monotonic() - began:.2f} {exc}")
-gevent.joinall([gevent.spawn(read, url) for url in sys.argv[1:]])
+def read(url):
+    timed(RedisStore(url, timeout=0.1).load)
+def twice(url):  # a GET whose answer is cut, then one more on the same client
+    client = Connector(url, 0.1)()
+    timed(lambda: client.get("k"))
+    print("then", client.get("k"))
+*reads, cut = sys.argv[1:]
+gevent.joinall([gevent.spawn(read, url) for url in reads] + [gevent.spawn(twice, cut)])
 """
 
 
@@ -80,18 +89,57 @@ def trickling_peer() -> Iterator[int]:
         server.close()
 
 
+@pytest.fixture
+def cutting_peer() -> Iterator[int]:
+    """A port taking every command (``+OK``) but ``GET``: the first connection's is
+    answered a 100-byte string's head and then a byte every 0.02 s (8 s at most),
+    every later connection's ``hello``."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    connections = iter(range(1000))
+
+    def serve(conn: socket.socket) -> None:
+        first = next(connections) == 0
+        with contextlib.suppress(OSError, ValueError), conn, conn.makefile("rb") as reader:
+            conn.settimeout(10)
+            while line := reader.readline():
+                words = [reader.read(int(reader.readline()[1:]) + 2)[:-2]
+                         for _ in range(int(line[1:]))]
+                if words[0].upper() != b"GET":
+                    conn.sendall(b"+OK\r\n")
+                elif not first:
+                    conn.sendall(b"$5\r\nhello\r\n")
+                else:
+                    conn.sendall(b"$100\r\n")
+                    for _ in range(400):
+                        if stop.wait(0.02):
+                            return
+                        conn.sendall(b"x")
+
+    serve_each(server, serve)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        server.close()
+
+
 def test_a_redis_that_trickles_its_answer_fails_the_read_in_the_timeout(
-        trickling_peer: int) -> None:
+        trickling_peer: int, cutting_peer: int) -> None:
     # a Redis, and a sentinel (review-control: its clients were not bounded, and
-    # each master lookup waited for the sentinel's whole answer for good)
+    # each master lookup waited for the sentinel's whole answer for good); and an
+    # answer cut by the bound drops its connection: the next command is not
+    # answered the rest of the cut one
     done = subprocess.run([sys.executable, "-c", READ_IN_A_PATCHED_PROCESS,
                            f"redis://127.0.0.1:{trickling_peer}/0",
-                           f"redis+sentinel://127.0.0.1:{trickling_peer}/mymaster/0"],
+                           f"redis+sentinel://127.0.0.1:{trickling_peer}/mymaster/0",
+                           f"redis://127.0.0.1:{cutting_peer}/0?protocol=2"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == 2, done.stdout
+    assert len(lines) == 4 and "then hello" in lines, done.stdout
+    lines.remove("then hello")
     for line in lines:
         took, _, problem = line.partition(" ")
         # (five times the 0.1 s timeout, and a connect; before, the peer's 8 s)
