@@ -177,6 +177,12 @@ def test_if_none_match_star_writes_a_host_only_where_it_is_absent(api: str) -> N
     ("DELETE", "/api/v1/hosts/app.test", None, "*"),
     ("POST", "/api/v1/hosts/web.test/backends", {"address": "127.0.0.1:9002"}, "*"),
     ("DELETE", "/api/v1/hosts/web.test/backends/127.0.0.1:9001", None, '"1"'),
+    # review-control: the certificates' writes and a restore ignored it (a PUT of a
+    # certificate with If-None-Match: * replaced the one there)
+    ("PUT", "/api/v1/certs/app.test", {"chain": "x", "key": "y"}, "*"),
+    ("DELETE", "/api/v1/certs/app.test", None, "*"),
+    ("POST", "/api/v1/certs/restore", None, "*"),
+    ("POST", "/api/v1/restore", None, "*"),
 ])
 def test_an_if_none_match_a_write_cannot_honour_is_refused_and_writes_nothing(
         api: str, method: str, path: str, body: Any, value: str) -> None:
