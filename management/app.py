@@ -45,6 +45,7 @@ from balancer.stores.certs import CertsCorrupt, CertsLost
 from balancer.stores.snapshot import HOW_TO_FIX
 from management import acme_api, certs_api, deploys_api
 from management.certs_watch import CertsWatch
+from management.conditional import create_only
 from management.dashboard_page import DashboardRoutes
 from management.deploys import Deployer
 from management.deploys_api import DeployRoutes
@@ -180,6 +181,8 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
                 check_token(request, self.token)
             check_query(request)
             endpoint, args = URL_MAP.bind_to_environ(request.environ).match(path)
+            if request.method not in ("GET", "HEAD"):  # a write: 400 unless honoured
+                create_only(request, creates=endpoint == "put_host")
             return getattr(self, f"on_{endpoint}")(request, **path_arguments(args))
         except ApiError as exc:
             return error_response(exc)

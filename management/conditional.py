@@ -9,11 +9,13 @@ Invariants:
   ``W/"N"`` and ``"N"`` both match version N; ``*`` matches any table; a tag is
   compared as text (``"012"`` is not version 12, a tag of another server never
   matches).
-* ``If-None-Match`` on a write of the table is never ignored (bug: ``PUT`` of a
+* ``If-None-Match`` on a write (any method but ``GET`` and ``HEAD``: checked
+  for every route by `management.app`) is never ignored (bug: ``PUT`` of a
   host with ``If-None-Match: *``, a client's "create it only if absent", wrote
-  over the host there): ``*`` on ``PUT /api/v1/hosts/HOST`` writes only a host
-  absent (412 `host_exists`); any other (tags, another write) is 400
-  `invalid_header` rather than a write made against the client's condition.
+  over the host there; review-control: ``PUT`` of a certificate still did):
+  ``*`` on ``PUT /api/v1/hosts/HOST`` writes only a host absent (412
+  `host_exists`); any other (tags, another write) is 400 `invalid_header`
+  rather than a write made against the client's condition.
 * A malformed header is 400 `invalid_header`. A header is read in time linear
   in its length (bounded by the listener's ``limits.max_header_bytes``),
   however many tags or empty members it lists.

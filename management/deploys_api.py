@@ -40,7 +40,6 @@ from werkzeug.wrappers import Request, Response
 from balancer.rules import MAX_HOLD, normalize_host, validate_rule
 from balancer.stores import HostRule, StoreError, StoreNotReplicated, VersionConflict
 from balancer.stores.records import MAX_DEPLOYS, MAX_GONE
-from management.conditional import create_only
 from management.deploy_abort import ABORT_RETRY
 from management.deploy_steps import spelling_problems
 from management.deploys import Busy, Deployer
@@ -123,7 +122,6 @@ def no_version(request: Request) -> None:
     """400 `invalid_header` for an abort sent with ``If-Match`` (bug: ignored, as
     if the abort were made only at that table version): an abort names its deploy
     by its path instead."""
-    create_only(request)  # (400 for any If-None-Match, as on every write)
     if request.headers.get("If-Match") is not None:
         raise ApiError(400, "invalid_header", "If-Match: an abort is made at no table "
                        "version; to abort one deploy only, name it: DELETE "
@@ -376,13 +374,11 @@ class DeployRoutes:
     deployer: Deployer
 
     def on_deploy(self, request: Request, host: str) -> Response:
-        create_only(request)
         record = deploy(self, normalize_host(host), read_json(request), if_match(request))
         return json_response({"deploy": record}, status=202)
 
     def on_rollback(self, request: Request, host: str) -> Response:
         body = read_json(request) if request.content_length else None
-        create_only(request)
         record = rollback(self, normalize_host(host), body, if_match(request))
         return json_response({"deploy": record}, status=202)
 

@@ -97,7 +97,6 @@ class HostRoutes:
 
     def on_replace_hosts(self, request: Request) -> Response:
         condition = if_match(request)
-        create_only(request)
         body = read_json(request)
         if not isinstance(body, dict) or "hosts" not in body:
             raise _invalid(['body: must be {"hosts": {HOST: RULE, ...}}'])
@@ -139,7 +138,6 @@ class HostRoutes:
 
     def on_delete_host(self, request: Request, host: str) -> Response:
         condition = if_match(request)
-        create_only(request)
         key = normalize_host(host)
         self._check_not_lost()
         try:
@@ -150,7 +148,6 @@ class HostRoutes:
 
     def on_add_backend(self, request: Request, host: str) -> Response:
         condition = if_match(request)
-        create_only(request)
         address, weight = edits.parse_backend_body(read_json(request))
         return self._edit_rule(normalize_host(host), condition,
                                lambda key, rule: edits.with_backend(_proxy_rule(key, rule),
@@ -158,7 +155,6 @@ class HostRoutes:
 
     def on_remove_backend(self, request: Request, host: str, address: str) -> Response:
         condition = if_match(request)
-        create_only(request)
         return self._edit_rule(normalize_host(host), condition,
                                lambda key, rule: edits.without_backend(
                                    key, _proxy_rule(key, rule), address))

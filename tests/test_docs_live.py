@@ -97,7 +97,6 @@ NOT_TRIGGERED_HERE = {
     "store_full": "disk full (tests/test_file_store.py)",
     "resources_exhausted": "out of descriptors (tests/test_management_limits.py)",
     "deploy_gone": "a deploy record pushed out (tests/test_deploy_targets.py)",
-    "host_exists": "If-None-Match: * on an existing host (tests/test_probe_control.py)",
 }
 
 
@@ -129,6 +128,8 @@ def cheap_triggers(live: Live, tmp: Path) -> Iterator[tuple[str, int, str]]:
     yield "not_acme", *live.error("POST", "/api/v1/certs/app.test/issue")
     yield "version_conflict", *live.error("PUT", "/api/v1/hosts/x.test", {"action": "spin"},
                                           headers={"If-Match": '"0"'})
+    yield "host_exists", *live.error("PUT", "/api/v1/hosts/app.test", {"action": "spin"},
+                                     headers={"If-None-Match": "*"})
     yield "payload_too_large", *raw_error(live, 1024 * 1024 + 1, b"{")
     yield "uri_too_long", *raw_answer(live, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")
     yield "headers_too_large", *raw_answer(live, b"GET /healthz HTTP/1.1\r\n" + b"".join(

@@ -389,6 +389,22 @@ def test_wrong_type_in_file(config, line, problem):
          "times out after 2 s"),
         ("BALANCER_STORE_URL", "rediss://h:1/0?socket_connect_timeout=1e300",
          "socket_connect_timeout cannot be given"),
+        # (review-control: as the decoding and the retries, which failed every command
+        # with an error not Redis's: LookupError, AttributeError)
+        ("BALANCER_STORE_URL", "redis://h:1/0?encoding_errors=bogus",
+         "encoding_errors cannot be given: the balancer sets its own (answers are read as "
+         "UTF-8, and bytes that are not reach the store's checks: docs/stores.md)"),
+        ("BALANCER_STORE_URL", "unix:///r.sock?retry=x&encoding=utf-16&decode_responses=1",
+         "decode_responses, encoding, retry cannot be given: the balancer sets its own "
+         "(answers are read as UTF-8, and bytes that are not reach the store's checks; "
+         "the store decides what is tried again: docs/stores.md)"),
+        # (and the options redis-py takes as objects, not text: every command failed
+        # with a TypeError or AttributeError, the last one the URL's check itself)
+        ("BALANCER_STORE_URL", "redis://h:1/0?socket_keepalive=1&socket_keepalive_options=x",
+         "socket_keepalive_options cannot be given in a URL's query (redis-py takes it "
+         "from code or from the URL itself, not as text)"),
+        ("BALANCER_STORE_URL", "rediss://h:1/0?maint_notifications_config=x&parser_class=y",
+         "maint_notifications_config, parser_class cannot be given in a URL's query"),
         ("BALANCER_STORE_URL", "unix:///r.sock?protocol=9", "protocol must be 2 or 3, got 9"),
         ("BALANCER_STORE_URL", "redis://h:1/0?socket_read_size=0",
          "socket_read_size must be a whole number of bytes >= 1, got 0"),
