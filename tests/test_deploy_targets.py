@@ -204,12 +204,15 @@ def test_a_rule_put_back_during_the_drain_fails_the_deploy_naming_the_backends(
     from tests.test_deploys import finished, in_background
 
     lb = fresh_lb
-    slow, _ = in_background(lambda: request(lb.port, host=HOST, path="/slow?s=1"))
+    # (held until the rule is put back: a request that merely took a second ended
+    # before the drain under load, and the test found the deploy done)
+    slow, _ = in_background(lambda: request(lb.port, host=HOST, path="/hold?s=20"))
     wait_for(lambda: lb.host_stats(HOST).get("open_requests"), what="the slow request")
     record = deploy(lb, {"backends": [b.address], "warmup": 0, "drain_timeout": 10})
     wait_for(lambda: lb.api("GET", f"/api/v1/deploys/{record['id']}")[1]["deploy"]["step"]
              == "drain", what="the drain")
     assert lb.api("PUT", f"/api/v1/hosts/{HOST}", proxy(a))[0] == 200
+    a.released.set()
     stored = finished(lb, record["id"])
     slow.join(10)
     assert stored["state"] == "failed", stored

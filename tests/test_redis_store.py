@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -805,3 +806,45 @@ def test_a_connection_lost_while_a_deploy_claim_is_watched_is_an_outage(
             calls[write](store.records())
     finally:
         store.close()
+
+
+def test_a_deploy_ending_while_old_records_are_removed_is_kept_as_ended(
+        redis_server: RedisServer) -> None:
+    """The record removal after a write (`_trim`) reads the records, then the claims:
+    a long deploy ends between the two reads (its record saved `done`, its claim
+    released). Its fresh record stays (it ended last) and it is never known as
+    running. Bug: the removal went by the records read first, so it deleted the
+    `done` record and kept a `gone` entry saying `running`, and the deploy's first
+    process, back from a partition, claimed the host again and carried it on."""
+    from balancer.stores.records import ENDED, MAX_DEPLOYS
+
+    ns = namespace()
+    one, other = (RedisStore(redis_server.url, ns) for _ in range(2))
+    try:
+        a, b = one.records(), other.records()
+        long = {"id": "long", "host": "web.test", "started": 900.0, "state": "running",
+                "owner": "owner-a"}
+        assert a.begin(long, now=900.0, stale_after=5.0) is None
+        for n in range(MAX_DEPLOYS + 1):
+            a.withdraw({"id": f"d{n}", "host": f"h{n}.test", "started": 1000.0 + n,
+                        "ended": 1000.5 + n, "state": "done"})  # (withdraw trims nothing)
+        read, ends = b.deploys, []
+
+        def then_it_ends() -> list[dict[str, Any]]:  # (another process, between the reads)
+            found = read()
+            if not ends:
+                ends.append(a.save_claimed({**long, "state": "done", "ended": 2000.0},
+                                           "owner-a", 2000.0, 5.0))
+                a.release("web.test", "long")
+            return found
+        b.deploys = then_it_ends  # type: ignore[method-assign]
+        assert b.begin({"id": "next", "host": "h0.test", "started": 2001.0,
+                        "state": "running", "owner": "owner-b"}, 2001.0, 5.0) is None
+        assert ends == [None]
+        assert (a.deploy("long") or {}).get("state") == "done", a.gone("long")
+        assert a.gone("long") is None and a.gone("d0") is not None
+        assert a.renew("web.test", "long", "owner-a", 2010.0, 5.0) == ENDED
+        assert "web.test" not in a.claims()
+    finally:
+        one.close()
+        other.close()

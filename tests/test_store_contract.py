@@ -341,6 +341,28 @@ def test_a_deploy_whose_record_went_is_still_known_as_ended(
     assert "web.test" not in one.claims() and one.deploy("d1") is None
 
 
+def test_the_deploys_known_gone_are_the_last_that_went(
+        make_store: Callable[[], Store], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gone` keeps the `MAX_GONE` deploys that ended last of those whose records
+    went (here 2): a bounded list on both stores."""
+    from balancer.stores import records as module
+    from balancer.stores import redis_records
+    from balancer.stores.records import MAX_DEPLOYS
+
+    monkeypatch.setattr(module, "MAX_GONE", 2)
+    monkeypatch.setattr(redis_records, "MAX_GONE", 2)
+    one, other = make_store().records(), make_store().records()
+    for n in range(MAX_DEPLOYS + 4):
+        one.withdraw({"id": f"d{n}", "host": f"h{n}.test", "started": 1000.0 + n,
+                      "ended": 1000.5 + n, "state": "done"})
+    assert one.begin({"id": "next", "host": "x.test", "started": 3000.0,
+                      "state": "running", "owner": "o"}, 3000.0, 5.0) is None
+    kept = {r["id"] for r in other.deploys()}
+    assert kept == {"next"} | {f"d{n}" for n in range(5, MAX_DEPLOYS + 4)}, kept
+    assert {f"d{n}" for n in range(5) if other.gone(f"d{n}")} == {"d3", "d4"}
+    assert (other.gone("d4") or {}).get("ended") == 1004.5
+
+
 def test_one_claim_per_host_taken_over_only_when_its_owner_went_quiet(
         make_store: Callable[[], Store]) -> None:
     a, b = make_store().records(), make_store().records()

@@ -36,6 +36,9 @@ Invariants:
 * `request_abort` is atomic with the claim it reads: an abort is only stored
   for the deploy holding the host's claim (the one named, when one is), and
   `release` drops it with the claim, so no request outlives its deploy.
+* A record that goes (`beyond_kept`) is known as `gone` in the same atomic step
+  as its removal, and both are decided on the records and claims read in that
+  step (Redis: watched), so a deploy is always kept or known gone, as it ended.
 * None of these writes touches the routing table or its version.
 * Reads and writes raise `StoreUnavailable` when the store cannot be reached,
   `CorruptStore` never: an unreadable record collection reads as empty (a

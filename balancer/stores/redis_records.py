@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import WatchError
@@ -63,14 +63,7 @@ class RedisRecords(Records):
 
     def _all(self, key: str, doing: str = "read") -> dict[str, dict[str, Any]]:
         with self.talking(doing):
-            raw = self.client.hgetall(key)
-        found = {}
-        for name, text in raw.items():
-            with contextlib.suppress(*UNREADABLE):
-                value = json.loads(text)
-                if isinstance(value, dict):
-                    found[name] = value
-        return found
+            return _objects(self.client.hgetall(key))
 
     def _trim(self) -> None:
         """Remove the records `beyond_kept`, after a record's write
@@ -80,27 +73,51 @@ class RedisRecords(Records):
         acknowledged answer `StoreNotReplicated`: a deploy's start was withdrawn for
         it, and a running deploy waited it out as an outage."""
         try:
-            kept = self.deploys()
-            beyond = set(beyond_kept(kept, self.claims()) if len(kept) > MAX_DEPLOYS else [])
-            if beyond:
-                self._forget(r for r in kept if r["id"] in beyond)
+            if len(self.deploys()) > MAX_DEPLOYS:
+                self._forget()
         except StoreUnavailable as exc:
             log.info("deploy records: the old ones are removed at the next write: %s", exc)
 
-    def _forget(self, records: Iterable[dict[str, Any]]) -> None:
-        """Remove `records`, each known as `gone` from then on (in one transaction),
-        and forget the `gone` entries `beyond_gone`."""
-        went = {r["id"]: json.dumps(tombstone(r), sort_keys=True) for r in records}
+    def _forget(self) -> None:
+        """Remove the records `beyond_kept`, each known as `gone` from then on, read and
+        removed in one transaction (the records and the claims watched), and forget the
+        `gone` entries `beyond_gone`. Bug: removed by a read of the records made before
+        the claims', a deploy that ended between the two reads lost its `done` record
+        and was known as `running` (its `gone` entry), so its first process, back from
+        a partition, claimed the host again for it."""
         with self.talking("write"):
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.hdel(self.deploys_key, *went)
-                pipe.hset(self.gone_key, mapping=went)
-                pipe.hlen(self.gone_key)
-                many = pipe.execute()[-1]
+            for _ in range(CLAIM_ATTEMPTS):
+                with self.client.pipeline(transaction=True) as pipe:
+                    pipe.watch(self.deploys_key, self.claims_key)
+                    kept = [dict(r, id=i) for i, r in
+                            _objects(pipe.hgetall(self.deploys_key)).items()]
+                    beyond = set(beyond_kept(kept, _objects(pipe.hgetall(self.claims_key))))
+                    if not beyond:
+                        return
+                    went = {r["id"]: json.dumps(tombstone(r), sort_keys=True)
+                            for r in kept if r["id"] in beyond}
+                    pipe.multi()
+                    pipe.hdel(self.deploys_key, *went)
+                    pipe.hset(self.gone_key, mapping=went)
+                    pipe.hlen(self.gone_key)
+                    try:
+                        many = pipe.execute()[-1]
+                    except WatchError:
+                        continue
+                break
+            else:
+                raise StoreUnavailable("gave up removing the old deploy records after "
+                                       "concurrent writes")
             if many > MAX_GONE:
-                old = beyond_gone(self._all(self.gone_key, "write"))
-                if old:
-                    self.client.hdel(self.gone_key, *old)
+                self._forget_gone()
+
+    def _forget_gone(self) -> None:
+        """Remove the `gone` entries `beyond_gone` (apart from their records' removal:
+        one left by a failure goes at the next)."""
+        old = beyond_gone(self._all(self.gone_key, "write"))
+        if old:
+            with self.talking("write"):
+                self.client.hdel(self.gone_key, *old)
 
     def gone(self, deploy_id: str) -> dict[str, Any] | None:
         return self._one(self.gone_key, deploy_id)
@@ -302,6 +319,17 @@ def _watched_holder(pipe: Any, keys: tuple[str, str, str], host: str, claimed: C
             _object(pipe.hget(gone_key, claimed.deploy_id))
     return decide_renew(held, stored, claimed.deploy_id, claimed.owner, claimed.now,
                         claimed.stale_after)
+
+
+def _objects(raw: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The JSON objects of a hash read whole (the unreadable ones and others left out)."""
+    found = {}
+    for name, text in raw.items():
+        with contextlib.suppress(*UNREADABLE):
+            value = json.loads(text)
+            if isinstance(value, dict):
+                found[name] = value
+    return found
 
 
 def _object(text: str | None) -> dict[str, Any] | None:
