@@ -508,7 +508,6 @@ class _Parser:
             self._parts = [data]
             self._start = off
             self._head_bytes = len(data) - off
-            self._line_done = True
         else:
             self._parts.append(data)  # (never fielded: that parser reads bodies only)
             self._head_bytes += len(data)
@@ -561,11 +560,11 @@ class _Parser:
             if at < len(data) and self._body_left:  # (not after an Upgrade head)
                 self.events.append((data, at) if at else data)
             self._body_left -= len(data) - at
-        elif in_head and len(self.events) == before and not self._line_done:
-            # (raw) an unfinished head's line, bounded after llhttp read it (a whole
-            # head is measured exactly, without this search)
-            self._check_line(self._head_bytes - len(data), data)
         if self._in_head:
+            if self._parts and not self._line_done:
+                # (raw) an unfinished head's line, bounded after llhttp read it (a whole
+                # head is measured exactly, without this search: its `_parts` are gone)
+                self._check_line(data)
             if self._head_bytes > self._head_max:
                 raise ProtocolError(431, "request head too large")
             if between:
@@ -636,10 +635,21 @@ class _Parser:
         if self._head_bytes > self._head_max + 4:
             self._fail(431, "request head too large")
 
-    def _check_line(self, fed: int, data: bytes) -> None:
-        """The request line of a head of which `fed` bytes came before `data`."""
-        end = data.find(b"\n")
-        if fed + (len(data) if end < 0 else end) > self._line_max:
+    def _check_line(self, data: bytes) -> None:
+        """The request line of the unfinished head `data` ends: 414 past the limit,
+        whether the head began at a feed boundary or inside `data` (after another
+        message: bug, its line was never measured, and a 431 came at the head
+        limit instead)."""
+        start, fed = 0, self._head_bytes - len(data)  # (its bytes before `data`)
+        if len(self._parts) == 1:  # it began in `data`, at `_start`
+            start, fed = self._start, 0
+        if not fed:  # none of its line yet: the empty lines llhttp skips before a
+            skipped = start  # request are no part of it (nor of the head's bytes)
+            while start < len(data) and (data[start] == CR or data[start] == LF):
+                start += 1
+            self._head_bytes -= start - skipped
+        end = data.find(b"\n", start)
+        if fed + (len(data) if end < 0 else end) - start > self._line_max:
             self._fail(414, "request line too long")
         self._line_done = end >= 0
 
@@ -1276,7 +1286,7 @@ class RequestParser(_Parser):
         if start < len(feed):
             self._parts = [feed]
             self._start = start
-            self._line_done = True  # (the feed-level counts miss its start)
+            self._head_bytes = len(feed) - start
         else:
             self._parts = []
             self._start = 0

@@ -192,6 +192,21 @@ def test_pipelines_are_answered_in_order_up_to_the_first_bad_request(
     assert [r.split(b" ", 2)[1] for r in backend.requests[before:]] == forwarded
 
 
+@pytest.mark.parametrize("first", [
+    b"POST /c HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+    b"POST /l HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1\r\n\r\nx",
+    get(b"/g"),
+], ids=["chunked", "length", "get"])
+def test_an_unfinished_long_request_line_after_a_pipelined_request_is_a_414(
+        site, first: bytes) -> None:
+    """As a first request's (bug: a line that began inside a read, after another
+    request, was never measured: a 431 came at the head limit, 64 KiB later)."""
+    bal, _ = site
+    answer = client_exchange(bal.port, first + b"GET /" + b"a" * 9000, until=b"</html>",
+                             timeout=5)
+    assert statuses(answer) == [b"200", b"414"], answer[:300]
+
+
 def test_an_absolute_form_request_without_host_is_refused(site) -> None:
     bal, backend = site
     before = len(backend.requests)
