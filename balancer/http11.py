@@ -705,6 +705,12 @@ class _Parser:
         self._feed = b""
         self._raw_kept = self._hp if clean and self._raw_ended else None
         self._raw_ended = False
+        self._body_parser()
+        return self._body_at
+
+    def _body_parser(self) -> None:
+        """A body parser (`_fielded`, a spare one) past `BODY_HEAD`, for the body
+        at `_body_at`."""
         callbacks = self._callbacks.fields
         hp = self._hp = callbacks.take()
         self._fielded = True
@@ -713,7 +719,37 @@ class _Parser:
         callbacks.parser = None
         self._parts = []
         self._fields = []
-        return self._body_at
+
+    def _read_on(self) -> None:
+        """(switching) The ignored raw parser ended the chunked message and came
+        to the end of the next head in the same feed: the body parser reads the
+        body now, to where its framing ends (`_feed_chunked`, which queues it and
+        `END`), and the raw parser, which ended the message on the same byte
+        (`_to_body`), reads on: the next head is read from there as any. Bug: the
+        raw parser was stopped there by an error (`_ReadOn`) and a new one made
+        for the rest of the feed, each pipelined chunked request ~5 times a GET's
+        cost. (No next head after a request that closes: llhttp refuses it.)"""
+        data, raw = self._feed, self._hp
+        self._switching = self._raw_ended = False
+        self._callbacks.parser = None
+        self._body_parser()
+        fields = self._callbacks.fields
+        fields.parser = cast(RequestParser, self)
+        end = self._feed_chunked(data, self._body_at)
+        fields.parser = None
+        if end < 0:  # (llhttp ended the message before: `_end_chunked` refused it)
+            self._fail(400, "chunked body framing not understood")
+        head = self._head
+        assert head is not None  # (fields) set with the head
+        if not head.trailers:  # (`_to_raw`)
+            fields.give(self._hp)
+        self._hp = raw
+        self._fielded = self._idle = False
+        self._callbacks.parser = cast(RequestParser, self)
+        self._feed = data
+        self._parts = [data]
+        self._start = end
+        self._head_bytes = len(data) - end
 
     def _reframe(self, data: bytes, at: int) -> int:
         """After a head llhttp read as an upgrade's, which is none here (h2c
@@ -963,9 +999,9 @@ class RequestParser(_Parser):
         """Check the head, in the order of the errors it can raise, and queue it."""
         # `BODY_HEAD`, after a chunked head, or `LENGTH_HEAD`
         if self._fielded or self._switching or self._unframed:
-            if self._raw_ended and self._switching:  # the ignored raw parser goes no
-                raise _ReadOn  # further than the next head (`_to_body`)
-            return
+            if not (self._raw_ended and self._switching):
+                return
+            self._read_on()  # the head after a chunked message, in its feed
         method, url, version, lines, blank, block = self._raw_head()
         marks = _marks(lines, blank)
         count = blank - 1
