@@ -103,7 +103,8 @@ def test_head_limit_holds_for_the_second_request_of_one_read() -> None:
 
 @pytest.mark.parametrize("first", [
     b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
-    b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx", b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx",
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
 ], ids=["chunked", "length", "get"])
 @pytest.mark.parametrize("size", [None, 1, 7, 100])
 def test_request_line_limit_holds_for_an_unfinished_line_after_another_request(
