@@ -27,13 +27,14 @@ Invariants:
   needs none (`repeat_head`).
 * Every request line is read by one function, `RequestParser._request_line`,
   from the bytes, so the same checks (505 for any version but HTTP/1.0 and
-  HTTP/1.1, RTSP and HTTP/0.9 included) hold for every head.
+  HTTP/1.1, RTSP and HTTP/0.9 included; HTTP/1.2 to 1.9 are HTTP/1.1) hold
+  for every head.
 * `ProtocolError` is the only exception `feed` raises; it carries the status
   to answer (client side) and the parser is unusable afterwards.
 * Nothing that could be smuggled passes: conflicting or repeated
   Content-Length, any Transfer-Encoding but a single final ``chunked``, bad
   chunk framing, invalid header names or values, bare CR or LF, obs-fold,
-  missing, repeated or invalid Host on HTTP/1.1, versions other than 1.0 and 1.1,
+  missing, repeated or invalid Host on HTTP/1.1, versions other than 1.x,
   a fragment (``#``) in the target, ``*`` but with OPTIONS.
 * Memory is bounded: an unfinished head never grows past the configured
   limits, and body bytes are handed out as they arrive.
@@ -100,9 +101,12 @@ FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connectio
 # balancer not, smuggles a request past it (CVE-2026-68006's class): refused (400)
 UNDERSCORE_FRAMING: Final = spellings((b"content-length", b"transfer-encoding")) - FRAMING
 SPECIAL: Final = REQUEST_SPECIAL | FRAMING | UNDERSCORE_FRAMING
-VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ours (a line alone)
+# llhttp's version text → ours (a line alone): HTTP/1.2 to HTTP/1.9 are HTTP/1.1
+# (RFC 9110 §2.5: a higher minor version is read as the highest one implemented)
+VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"} | {f"1.{n}": b"1.1" for n in range(2, 10)}
 VERSION_11: Final = b" HTTP/1.1"  # the end of a request line before its CRLF
 VERSION_10: Final = b" HTTP/1.0"
+VERSION_1X: Final = b" HTTP/1."
 # RFC 3986 reg-name / IP-literal characters and ":" port: anything else in Host is a 400.
 HOST_CHARS: Final = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                      b"-._~%!$&'()*+,;=:[]")
@@ -883,13 +887,15 @@ def _part(data: bytes, start: int, end: int) -> Any:
 
 
 def new_llhttp(protocol: object) -> Any:
-    """An llhttp request parser calling back `protocol`, that takes blanks (SP,
-    HTAB) after a chunk size: RFC 9112 §7.1.1's BWS before a chunk extension's
-    ";" (``3 ;ext``; bug: a 400, where nginx and HAProxy read it), and so
-    ``3<SP>`` alone too, as they do. Never forwarded so: such a size line goes
-    as its size alone (`balancer.chunks`)."""
+    """An llhttp request parser calling back `protocol`, with two leniencies, each
+    as nginx and HAProxy read requests (bug: a 400 for each):
+    * blanks (SP, HTAB) after a chunk size: RFC 9112 §7.1.1's BWS before a chunk
+      extension's ";" (``3 ;ext``), and so ``3<SP>`` alone too. Never forwarded
+      so: such a size line goes as its size alone (`balancer.chunks`).
+    * any version ``HTTP/D.D``: HTTP/1.2 to 1.9 are read as HTTP/1.1 (RFC 9110
+      §2.5), others get 505 (`RequestParser._request_line`), as HTTP/2.0 did."""
     hp = httptools.HttpRequestParser(protocol)
-    hp.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+    hp.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True, lenient_version=True)
     return hp
 
 
@@ -1128,8 +1134,9 @@ class RequestParser(_Parser):
     def _request_line(self, line: bytes) -> tuple[bytes, bytes, bytes]:
         """Method, target and version of a request `line` llhttp accepted (without its
         CRLF): every head's, whichever way its fields are read (module doc). 505 for
-        any version but HTTP/1.1 and HTTP/1.0: llhttp takes HTTP/0.9, HTTP/2.0,
-        RTSP/1.0 and ICE/1.0 (SOURCE) too."""
+        any version but HTTP/1.0 and HTTP/1.1 (HTTP/1.2 to 1.9 read as HTTP/1.1):
+        llhttp takes HTTP/0.9, HTTP/2.0, any D.D (`new_llhttp`), RTSP/1.0 and
+        ICE/1.0 (SOURCE) too."""
         # (LF as its byte value, as HASH: `b"\n" in line` made and cleared a TypeError)
         if LF in line:  # an HTTP/0.9 line ending in a bare LF: the next line, with its
             self._fail(505, "HTTP version not supported")  # field, is not this one's end
@@ -1137,6 +1144,8 @@ class RequestParser(_Parser):
             version = b"1.1"
         elif line.endswith(VERSION_10):
             version = b"1.0"
+        elif line[-9:-1] == VERSION_1X and ZERO + 2 <= line[-1] <= ZERO + 9:
+            version = b"1.1"  # HTTP/1.2 to 1.9: as HTTP/1.1 (`VERSIONS`; bug: a 400)
         else:
             self._fail(505, "HTTP version not supported")
         method_end = 0
