@@ -696,8 +696,8 @@ class _Parser:
         parser, with field callbacks for the trailers, reads the body from
         `_body_at`, which is returned (the next `_step`'s start; see the class
         doc). The raw parser, which read on past the head (what it made of the
-        rest was ignored; it is stopped at the next head after the message it
-        ended: `on_headers_complete`), is dropped, but when it read all of
+        rest was ignored; at the next head after the message it ended, the body
+        is read and it reads on: `_read_on`), is dropped, but when it read all of
         them with no error (`clean`) and ended a message in them: if the body
         parser ends the message at the end of `data` too, the raw parser reads the
         requests after it (`_raw_kept`). It then ended that message on the same
@@ -730,8 +730,8 @@ class _Parser:
         body now, to where its framing ends (`_feed_chunked`, which queues it and
         `END`), and the raw parser, which ended the message on the same byte
         (`_to_body`), reads on: the next head is read from there as any. Bug: the
-        raw parser was stopped there by an error (`_ReadOn`) and a new one made
-        for the rest of the feed, each pipelined chunked request ~5 times a GET's
+        raw parser was stopped there by an error raised in its callback and a new
+        one made for the rest of the feed, each pipelined chunked request ~5 times a GET's
         cost. (No next head after a request that closes: llhttp refuses it.)"""
         data, raw = self._feed, self._hp
         self._switching = self._raw_ended = False
@@ -857,12 +857,6 @@ class _Parser:
         self._closed = True
         self._parts = []
         self._held = None
-
-
-class _ReadOn(Exception):
-    """Stops the raw parser ignored after a chunked head (`_switching`) at the next
-    head after the message it ended: reading on would cost a parse of the rest of
-    the read for each pipelined chunked request (quadratic)."""
 
 
 class _Held:
