@@ -27,13 +27,14 @@ Invariants:
   needs none (`repeat_head`).
 * Every request line is read by one function, `RequestParser._request_line`,
   from the bytes, so the same checks (505 for any version but HTTP/1.0 and
-  HTTP/1.1, RTSP and HTTP/0.9 included) hold for every head.
+  HTTP/1.1, RTSP and HTTP/0.9 included; HTTP/1.2 to 1.9 are HTTP/1.1) hold
+  for every head.
 * `ProtocolError` is the only exception `feed` raises; it carries the status
   to answer (client side) and the parser is unusable afterwards.
 * Nothing that could be smuggled passes: conflicting or repeated
   Content-Length, any Transfer-Encoding but a single final ``chunked``, bad
   chunk framing, invalid header names or values, bare CR or LF, obs-fold,
-  missing, repeated or invalid Host on HTTP/1.1, versions other than 1.0 and 1.1,
+  missing, repeated or invalid Host on HTTP/1.1, versions other than 1.x,
   a fragment (``#``) in the target, ``*`` but with OPTIONS.
 * Memory is bounded: an unfinished head never grows past the configured
   limits, and body bytes are handed out as they arrive.
@@ -100,9 +101,12 @@ FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connectio
 # balancer not, smuggles a request past it (CVE-2026-68006's class): refused (400)
 UNDERSCORE_FRAMING: Final = spellings((b"content-length", b"transfer-encoding")) - FRAMING
 SPECIAL: Final = REQUEST_SPECIAL | FRAMING | UNDERSCORE_FRAMING
-VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}  # llhttp's version text → ours (a line alone)
+# llhttp's version text → ours (a line alone): HTTP/1.2 to HTTP/1.9 are HTTP/1.1
+# (RFC 9110 §2.5: a higher minor version is read as the highest one implemented)
+VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"} | {f"1.{n}": b"1.1" for n in range(2, 10)}
 VERSION_11: Final = b" HTTP/1.1"  # the end of a request line before its CRLF
 VERSION_10: Final = b" HTTP/1.0"
+VERSION_1X: Final = b" HTTP/1."
 # RFC 3986 reg-name / IP-literal characters and ":" port: anything else in Host is a 400.
 HOST_CHARS: Final = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                      b"-._~%!$&'()*+,;=:[]")
@@ -508,7 +512,6 @@ class _Parser:
             self._parts = [data]
             self._start = off
             self._head_bytes = len(data) - off
-            self._line_done = True
         else:
             self._parts.append(data)  # (never fielded: that parser reads bodies only)
             self._head_bytes += len(data)
@@ -561,11 +564,11 @@ class _Parser:
             if at < len(data) and self._body_left:  # (not after an Upgrade head)
                 self.events.append((data, at) if at else data)
             self._body_left -= len(data) - at
-        elif in_head and len(self.events) == before and not self._line_done:
-            # (raw) an unfinished head's line, bounded after llhttp read it (a whole
-            # head is measured exactly, without this search)
-            self._check_line(self._head_bytes - len(data), data)
         if self._in_head:
+            if self._parts and not self._line_done:
+                # (raw) an unfinished head's line, bounded after llhttp read it (a whole
+                # head is measured exactly, without this search: its `_parts` are gone)
+                self._check_line(data)
             if self._head_bytes > self._head_max:
                 raise ProtocolError(431, "request head too large")
             if between:
@@ -636,10 +639,21 @@ class _Parser:
         if self._head_bytes > self._head_max + 4:
             self._fail(431, "request head too large")
 
-    def _check_line(self, fed: int, data: bytes) -> None:
-        """The request line of a head of which `fed` bytes came before `data`."""
-        end = data.find(b"\n")
-        if fed + (len(data) if end < 0 else end) > self._line_max:
+    def _check_line(self, data: bytes) -> None:
+        """The request line of the unfinished head `data` ends: 414 past the limit,
+        whether the head began at a feed boundary or inside `data` (after another
+        message: bug, its line was never measured, and a 431 came at the head
+        limit instead)."""
+        start, fed = 0, self._head_bytes - len(data)  # (its bytes before `data`)
+        if len(self._parts) == 1:  # it began in `data`, at `_start`
+            start, fed = self._start, 0
+        if not fed:  # none of its line yet: the empty lines llhttp skips before a
+            skipped = start  # request are no part of it (nor of the head's bytes)
+            while start < len(data) and (data[start] == CR or data[start] == LF):
+                start += 1
+            self._head_bytes -= start - skipped
+        end = data.find(b"\n", start)
+        if fed + (len(data) if end < 0 else end) - start > self._line_max:
             self._fail(414, "request line too long")
         self._line_done = end >= 0
 
@@ -682,8 +696,8 @@ class _Parser:
         parser, with field callbacks for the trailers, reads the body from
         `_body_at`, which is returned (the next `_step`'s start; see the class
         doc). The raw parser, which read on past the head (what it made of the
-        rest was ignored; it is stopped at the next head after the message it
-        ended: `on_headers_complete`), is dropped, but when it read all of
+        rest was ignored; at the next head after the message it ended, the body
+        is read and it reads on: `_read_on`), is dropped, but when it read all of
         them with no error (`clean`) and ended a message in them: if the body
         parser ends the message at the end of `data` too, the raw parser reads the
         requests after it (`_raw_kept`). It then ended that message on the same
@@ -695,6 +709,12 @@ class _Parser:
         self._feed = b""
         self._raw_kept = self._hp if clean and self._raw_ended else None
         self._raw_ended = False
+        self._body_parser()
+        return self._body_at
+
+    def _body_parser(self) -> None:
+        """A body parser (`_fielded`, a spare one) past `BODY_HEAD`, for the body
+        at `_body_at`."""
         callbacks = self._callbacks.fields
         hp = self._hp = callbacks.take()
         self._fielded = True
@@ -703,7 +723,37 @@ class _Parser:
         callbacks.parser = None
         self._parts = []
         self._fields = []
-        return self._body_at
+
+    def _read_on(self) -> None:
+        """(switching) The ignored raw parser ended the chunked message and came
+        to the end of the next head in the same feed: the body parser reads the
+        body now, to where its framing ends (`_feed_chunked`, which queues it and
+        `END`), and the raw parser, which ended the message on the same byte
+        (`_to_body`), reads on: the next head is read from there as any. Bug: the
+        raw parser was stopped there by an error raised in its callback and a new
+        one made for the rest of the feed, each pipelined chunked request ~5 times a GET's
+        cost. (No next head after a request that closes: llhttp refuses it.)"""
+        data, raw = self._feed, self._hp
+        self._switching = self._raw_ended = False
+        self._callbacks.parser = None
+        self._body_parser()
+        fields = self._callbacks.fields
+        fields.parser = cast(RequestParser, self)
+        end = self._feed_chunked(data, self._body_at)
+        fields.parser = None
+        if end < 0:  # (llhttp ended the message before: `_end_chunked` refused it)
+            self._fail(400, "chunked body framing not understood")
+        head = self._head
+        assert head is not None  # (fields) set with the head
+        if not head.trailers:  # (`_to_raw`)
+            fields.give(self._hp)
+        self._hp = raw
+        self._fielded = self._idle = False
+        self._callbacks.parser = cast(RequestParser, self)
+        self._feed = data
+        self._parts = [data]
+        self._start = end
+        self._head_bytes = len(data) - end
 
     def _reframe(self, data: bytes, at: int) -> int:
         """After a head llhttp read as an upgrade's, which is none here (h2c
@@ -733,7 +783,7 @@ class _Parser:
         head = self._head
         assert head is not None  # (switching) set with the head
         try:
-            httptools.HttpRequestParser(NO_CALLBACKS).feed_data(
+            new_llhttp(NO_CALLBACKS).feed_data(
                 self._head_line + head.block + b"\r\n\r\n")
         except httptools.HttpParserError as exc:
             self._fail(400, str(exc))
@@ -809,12 +859,6 @@ class _Parser:
         self._held = None
 
 
-class _ReadOn(Exception):
-    """Stops the raw parser ignored after a chunked head (`_switching`) at the next
-    head after the message it ended: reading on would cost a parse of the rest of
-    the read for each pipelined chunked request (quadratic)."""
-
-
 class _Held:
     """A head `_Parser._merge` holds: its bytes so far, and why llhttp refused it."""
 
@@ -834,6 +878,19 @@ def _part(data: bytes, start: int, end: int) -> Any:
     if end - start <= SLICE_MAX:
         return data[start:end]
     return memoryview(data)[start:end]
+
+
+def new_llhttp(protocol: object) -> Any:
+    """An llhttp request parser calling back `protocol`, with two leniencies, each
+    as nginx and HAProxy read requests (bug: a 400 for each):
+    * blanks (SP, HTAB) after a chunk size: RFC 9112 §7.1.1's BWS before a chunk
+      extension's ";" (``3 ;ext``), and so ``3<SP>`` alone too. Never forwarded
+      so: such a size line goes as its size alone (`balancer.chunks`).
+    * any version ``HTTP/D.D``: HTTP/1.2 to 1.9 are read as HTTP/1.1 (RFC 9110
+      §2.5), others get 505 (`RequestParser._request_line`), as HTTP/2.0 did."""
+    hp = httptools.HttpRequestParser(protocol)
+    hp.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True, lenient_version=True)
+    return hp
 
 
 class Spares:
@@ -878,7 +935,7 @@ class _Callbacks(Spares):
         self.on_message_complete: Any = self._on_message_complete
 
     def new_parser(self) -> Any:
-        return httptools.HttpRequestParser(self)
+        return new_llhttp(self)
 
     def _on_headers_complete(self) -> None:
         parser = self.parser
@@ -953,9 +1010,9 @@ class RequestParser(_Parser):
         """Check the head, in the order of the errors it can raise, and queue it."""
         # `BODY_HEAD`, after a chunked head, or `LENGTH_HEAD`
         if self._fielded or self._switching or self._unframed:
-            if self._raw_ended and self._switching:  # the ignored raw parser goes no
-                raise _ReadOn  # further than the next head (`_to_body`)
-            return
+            if not (self._raw_ended and self._switching):
+                return
+            self._read_on()  # the head after a chunked message, in its feed
         method, url, version, lines, blank, block = self._raw_head()
         marks = _marks(lines, blank)
         count = blank - 1
@@ -1071,8 +1128,9 @@ class RequestParser(_Parser):
     def _request_line(self, line: bytes) -> tuple[bytes, bytes, bytes]:
         """Method, target and version of a request `line` llhttp accepted (without its
         CRLF): every head's, whichever way its fields are read (module doc). 505 for
-        any version but HTTP/1.1 and HTTP/1.0: llhttp takes HTTP/0.9, HTTP/2.0,
-        RTSP/1.0 and ICE/1.0 (SOURCE) too."""
+        any version but HTTP/1.0 and HTTP/1.1 (HTTP/1.2 to 1.9 read as HTTP/1.1):
+        llhttp takes HTTP/0.9, HTTP/2.0, any D.D (`new_llhttp`), RTSP/1.0 and
+        ICE/1.0 (SOURCE) too."""
         # (LF as its byte value, as HASH: `b"\n" in line` made and cleared a TypeError)
         if LF in line:  # an HTTP/0.9 line ending in a bare LF: the next line, with its
             self._fail(505, "HTTP version not supported")  # field, is not this one's end
@@ -1080,6 +1138,8 @@ class RequestParser(_Parser):
             version = b"1.1"
         elif line.endswith(VERSION_10):
             version = b"1.0"
+        elif line[-9:-1] == VERSION_1X and ZERO + 2 <= line[-1] <= ZERO + 9:
+            version = b"1.1"  # HTTP/1.2 to 1.9: as HTTP/1.1 (`VERSIONS`; bug: a 400)
         else:
             self._fail(505, "HTTP version not supported")
         method_end = 0
@@ -1276,7 +1336,7 @@ class RequestParser(_Parser):
         if start < len(feed):
             self._parts = [feed]
             self._start = start
-            self._line_done = True  # (the feed-level counts miss its start)
+            self._head_bytes = len(feed) - start
         else:
             self._parts = []
             self._start = 0

@@ -171,14 +171,21 @@ def validate_table(hosts: object, key_form: bool = False) -> list[str]:
 
 def host_rule_problems(host: object, rule: object) -> list[str]:
     """What a rule may not do for this host key: ACME (HTTP-01, TLS-ALPN-01) issues
-    certificates for exact names only; a wildcard needs DNS-01."""
-    if isinstance(rule, Mapping) and rule.get("tls") == "acme" and isinstance(host, str) \
-            and host.strip()[:1] in ("*", "["):
-        return ['tls: "acme" needs an exact host name: ACME cannot issue a wildcard, '
-                'catch-all or IP address certificate over HTTP-01 or TLS-ALPN-01 '
-                + ('(upload one with `balancerctl cert set`)' if host.strip()[:1] == "*" else
-                   '(clients connecting by IP address get tls.default_host\'s certificate)')]
-    return []
+    certificates for exact names only; a wildcard needs DNS-01, an IP address
+    (IPv6 in brackets, IPv4: a key whose last label is all digits, as
+    ``192.0.2.1`` or its short form ``127.1``, is no name a CA issues for; bug:
+    an IPv4 key was taken) an IP address certificate."""
+    if not (isinstance(rule, Mapping) and rule.get("tls") == "acme" and isinstance(host, str)):
+        return []
+    key = host.strip()
+    if key[:1] == "*":
+        hint = "upload one with `balancerctl cert set`"
+    elif key[:1] == "[" or key.rstrip(".").rpartition(".")[2].isdigit():
+        hint = "clients connecting by IP address get tls.default_host's certificate"
+    else:
+        return []
+    return ['tls: "acme" needs an exact host name: ACME cannot issue a wildcard, '
+            f'catch-all or IP address certificate over HTTP-01 or TLS-ALPN-01 ({hint})']
 
 
 def validate_rule(rule: object) -> list[str]:

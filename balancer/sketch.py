@@ -376,13 +376,22 @@ def address_only(entry: str) -> str:
     (``unknown``, ``:80``, ``[]``, a zone id), which then names no client: the
     peer's address counts, as with nginx's realip module and HAProxy's
     ``hdr_ip`` (bug: ``:80`` named none and ``unknown`` or ``a:80`` each one
-    client, ``unknown`` and ``a``)."""
+    client, ``unknown`` and ``a``). Strict: an IPv4 or IPv6 address, ``[IPv6]``,
+    or either with ``:PORT`` (1 to 65535 in decimal digits, as nginx's realip),
+    nothing else (bug: ``[::1]junk`` was ``::1`` and ``1.2.3.4:abc`` ``1.2.3.4``)."""
     family = socket.AF_INET
     if ":" in entry:
-        if entry[0] == "[":  # (no "]": nothing, not what is before the last byte)
-            entry, family = entry[1:max(entry.find("]"), 1)], socket.AF_INET6
+        if entry[0] == "[":
+            close = entry.find("]")
+            if close < 0 or (close + 1 < len(entry)
+                             and (entry[close + 1] != ":" or not _is_port(entry[close + 2:]))):
+                return ""
+            entry, family = entry[1:close], socket.AF_INET6
         elif entry.count(":") == 1:  # an IPv4 address and a port
-            entry = entry[:entry.find(":")]
+            colon = entry.find(":")
+            if not _is_port(entry[colon + 1:]):
+                return ""
+            entry = entry[:colon]
         else:  # an IPv6 address without brackets: its colons are no port
             family = socket.AF_INET6
     try:
@@ -390,6 +399,12 @@ def address_only(entry: str) -> str:
     except (OSError, ValueError):  # (ValueError: a NUL byte)
         return ""
     return entry
+
+
+def _is_port(text: str) -> bool:
+    """Whether `text` is a port: 1 to 65535 in ASCII decimal digits (``str.isdigit``
+    alone takes ``²``, a Latin-1 byte of a field)."""
+    return 0 < len(text) <= 5 and text.isascii() and text.isdigit() and 0 < int(text) < 65536
 
 
 def path_key(host: str, target: bytes) -> str:

@@ -192,6 +192,36 @@ def test_pipelines_are_answered_in_order_up_to_the_first_bad_request(
     assert [r.split(b" ", 2)[1] for r in backend.requests[before:]] == forwarded
 
 
+@pytest.mark.parametrize("first", [
+    b"POST /c HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+    b"POST /l HTTP/1.1\r\nHost: app.test\r\nContent-Length: 1\r\n\r\nx",
+    get(b"/g"),
+], ids=["chunked", "length", "get"])
+def test_an_unfinished_long_request_line_after_a_pipelined_request_is_a_414(
+        site, first: bytes) -> None:
+    """As a first request's (bug: a line that began inside a read, after another
+    request, was never measured: a 431 came at the head limit, 64 KiB later)."""
+    bal, _ = site
+    answer = client_exchange(bal.port, first + b"GET /" + b"a" * 9000, until=b"</html>",
+                             timeout=5)
+    assert statuses(answer) == [b"200", b"414"], answer[:300]
+
+
+def test_blanks_after_a_chunk_size_are_read_and_never_forwarded(site) -> None:
+    """RFC 9112 §7.1.1's BWS before a chunk extension (and blanks alone, as nginx
+    and HAProxy read them; bug: a 400): the backend gets each size alone."""
+    bal, backend = site
+    before = len(backend.requests)
+    answer = client_exchange(bal.port, b"POST /bws HTTP/1.1\r\nHost: app.test\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n3 ;a=b\r\nabc\r\n"
+                             b"2\t\r\nde\r\n0 \r\n\r\n" + get(b"/after-bws"),
+                             until=b"\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert statuses(answer) == [b"200", b"200"], answer
+    got = backend.requests[before:]
+    assert got[0].endswith(b"\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), got[0]
+    assert got[1].startswith(b"GET /after-bws ")
+
+
 def test_an_absolute_form_request_without_host_is_refused(site) -> None:
     bal, backend = site
     before = len(backend.requests)

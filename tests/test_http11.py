@@ -101,6 +101,25 @@ def test_head_limit_holds_for_the_second_request_of_one_read() -> None:
     assert info.value.status == 431
 
 
+@pytest.mark.parametrize("first", [
+    b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx",
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+], ids=["chunked", "length", "get"])
+@pytest.mark.parametrize("size", [None, 1, 7, 100])
+def test_request_line_limit_holds_for_an_unfinished_line_after_another_request(
+        first: bytes, size: int | None) -> None:
+    """Bug: a line beginning inside a feed, after another message, was never
+    measured: a 431 at the head limit instead of a 414."""
+    whole = request_with_line(64)
+    events = feed_all(RequestParser(SMALL), first + b"\r\n" + whole, size)
+    assert events[-2].target.startswith(b"/aaa") and events[-1] is END
+    parser = RequestParser(SMALL)
+    with pytest.raises(ProtocolError) as info:
+        feed_all(parser, first + b"GET /" + b"a" * 90, size)
+    assert info.value.status == 414 and parser.events[-1] is END
+
+
 def test_request_line_limit_counts_from_the_line_not_the_empty_lines_before() -> None:
     with pytest.raises(ProtocolError) as info:
         feed_all(RequestParser(SMALL), b"\r\n" * 3 + request_with_line(65), 1)

@@ -76,7 +76,13 @@ def test_one_ipv6_64_is_one_client(bal: Balancer, first: str, second: str,
     assert status(port, {"X-Forwarded-For": second}) == (429 if same else 204)
 
 
-NO_ADDRESS = [":80", "unknown", "a:80", "[]:80", "[::1", "fe80::1%eth0", "192.0.2.80, :80"]
+NO_ADDRESS = [":80", "unknown", "a:80", "[]:80", "[::1", "fe80::1%eth0", "192.0.2.80, :80",
+              # strict (bug: the first two were 2001:db8:f0::1 and 192.0.2.81): nothing but a port
+              # of 1 to 65535 in digits after the address
+              "[2001:db8:f0::1]junk", "192.0.2.81:abc", "[2001:db8:f1::1]:", "192.0.2.82:",
+              "192.0.2.83:0", "192.0.2.84:65536", "192.0.2.85:+80", "[2001:db8:f2::1]:80x",
+              "[2001:db8:f3::1]]", "[192.0.2.86]",
+              "192.0.2.87:\xb2"]
 
 
 @pytest.mark.parametrize("entry", NO_ADDRESS)
@@ -90,6 +96,18 @@ def test_a_forwarded_entry_that_is_no_address_names_the_peer(bal: Balancer, entr
     assert status(port, {"X-Forwarded-For": entry}) == 429
     address = f"192.0.2.{100 + NO_ADDRESS.index(entry)}:80"  # an address: its own client
     assert status(port, {"X-Forwarded-For": address}) == 204
+
+
+@pytest.mark.parametrize("entry", ["[2001:db8:e0::1]:443", "[2001:db8:e1::1]",
+                                   "192.0.2.90:65535", "192.0.2.91:080", "2001:db8:e2::1"])
+def test_a_forwarded_address_with_or_without_a_port_is_a_client(bal: Balancer,
+                                                                entry: str) -> None:
+    """Each spelling nginx's realip takes (and ``[IPv6]`` alone) names a client of
+    its own: its first request passes, though the peer's bucket is used up."""
+    port = bal.ports["internal"]
+    status(port, {})
+    assert status(port, {}) == 429
+    assert status(port, {"X-Forwarded-For": entry}) == 204
 
 
 def test_client_keys() -> None:

@@ -160,6 +160,19 @@ def test_one_trailing_dot_is_the_same_host(store_bal: Balancer) -> None:
     assert request(store_bal.port, host="APP.test.")[2] == b"x"
 
 
+@pytest.mark.parametrize("key", ["192.0.2.1", "192.0.2.1.", "127.1", "[::1]", "*.acme.test"])
+def test_tls_acme_on_an_ip_or_wildcard_key_is_refused(bal: Balancer, key: str) -> None:
+    """One error for each (bug: an IPv4 key was taken, and the issuer asked a CA
+    for a certificate it cannot issue over HTTP-01 or TLS-ALPN-01)."""
+    rule = static("x") | {"tls": "acme"}
+    for path, body in ((f"/api/v1/hosts/{key}", rule), ("/api/v1/hosts", {"hosts": {key: rule}})):
+        status, answer = bal.api("PUT", path, body)
+        assert (status, answer["error"]) == (400, "invalid_rule"), answer
+        assert 'tls: "acme" needs an exact host name' in answer["details"][0]
+    assert bal.api("PUT", "/api/v1/hosts/acme1.test", rule)[0] == 200  # a name: taken
+    assert bal.api("DELETE", "/api/v1/hosts/acme1.test")[0] == 200
+
+
 @pytest.mark.parametrize(("first", "second"), [
     ("localhost:{port}", "LOCALHOST:{port}"),
     ("[::1]:{port}", "[0:0::1]:{port}"),

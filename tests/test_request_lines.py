@@ -33,11 +33,13 @@ LINES = [
     (b"SOURCE / ICE/1.0", 505),
     (b"GET / HTTP/2.0", 505),
     (b"GET / HTTP/0.9", 505),
-    (b"GET / HTTP/3.0", 400),  # (llhttp refuses it)
+    (b"GET / HTTP/3.0", 505),  # (llhttp refused it: a 400)
+    (b"GET / HTTP/9.9", 505),
     (b"GET /", 505),  # HTTP/0.9: a line alone
     (b"GET /a\nX: HTTP/1.1", 505),  # HTTP/0.9 ending at a bare LF
     (b"GET / HTTP/1.1\n", 400),  # a bare LF after the version
-    (b"GET / HTTP/1.2", 400),
+    (b"GET / HTTP/1.2", 200),  # RFC 9110 §2.5: as HTTP/1.1 (nginx, HAProxy; was a 400)
+    (b"GET / HTTP/1.9", 200),
     (b"GET / HTTP/1.10", 400),
     (b"GET / http/1.1", 400),
     (b"GET / HTTP/1.1 ", 400),

@@ -1,3 +1,0 @@
-"""Whitespace after a chunk size."""
-
-status = 400

@@ -1,3 +1,0 @@
-"""An unknown minor version."""
-
-status = 400
