@@ -33,7 +33,8 @@ from loadtest.targets import HOST, Target, TargetError, check
 NAME = "deploy"
 HOST_KEY = "*"          # the lab balancer's one rule
 B_DELAY = 1.5           # seconds after the deploy starts before B listens (--quick: 0.5)
-WARMUP = 2.0            # the deploy's warmup (--quick: 0.5)
+WARMUP = 2.0            # the deploy's warmup (--quick: 0.2)
+QUICK_PHASE = 0.5       # seconds of each steady phase with --quick
 DRAIN_TIMEOUT = 20.0
 DEPLOY_LIMIT = 60.0     # seconds a deploy may take before the scenario gives up
 APP_TIME = 0.02         # seconds each backend takes per answer: requests are in flight
@@ -52,11 +53,11 @@ def b_delay(env: RunEnv) -> float:
 
 
 def warmup(env: RunEnv) -> float:
-    return 0.5 if env.quick else WARMUP
+    return 0.2 if env.quick else WARMUP
 
 
 def phase_seconds(env: RunEnv) -> float:
-    return max(1.0, min(env.duration / 2, 5.0))
+    return QUICK_PHASE if env.quick else max(1.0, min(env.duration / 2, 5.0))
 
 
 def estimate(env: RunEnv) -> float:
@@ -234,7 +235,7 @@ def _old_way(env: RunEnv, target: Target, a: Target) -> None:
             phases.end("before")
             target.routes.set_rule(HOST_KEY, proxy_rule([f"{HOST}:{b.port}"]))
             env.procs.kill(a.proc)
-            time.sleep(1.0)
+            time.sleep(min(phase, 1.0))  # the dead backend's errors, measured
             phases.end("deploy")
             time.sleep(phase)
             phases.end("after")
