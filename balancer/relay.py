@@ -171,7 +171,8 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
     from balancer.errors import PayloadTooLarge
 
     stream, conn, sock = upstream.stream, ex.conn, upstream.sock
-    stream.watch(_judge_answer(upstream))
+    judge = _judge_answer(upstream)
+    stream.watch(judge)
     turn = conn.io.turn()
     backend_read = conn.ctx.backend_read
     try:
@@ -184,12 +185,31 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
         if chunked and ex.head.trailers:  # (its pieces end before its last chunk)
             conn.arm(sock, backend_read)
             _send_body(upstream, last_chunk(ex.head))
+        _end_body(upstream, judge)
         return
     except BackendAnswered:
         if not ex.body_done:  # the rest of the body is still coming
             ex.keep_alive = False
     finally:
         stream.unwatch()
+
+
+def _end_body(upstream: Upstream, judge: Callable[[], BaseException | bool]) -> None:
+    """The body went whole: `judge` what came meanwhile, which the loop may not
+    have seen (one read that does not wait; raises what it finds). An answer
+    whose head came by now is not reused, whatever its status, as nginx keeps
+    no connection whose request body was not all sent (`request_body_sent`).
+    Bug: a 200 to an upload that the backend answered at its head and never
+    read went back to the pool, and the reset that followed cost the next POST
+    sent on it a 502."""
+    came = judge()
+    if isinstance(came, BaseException):
+        raise came
+    parser = upstream.parser
+    assert parser is not None  # `exchange` began it
+    rhead = final_head(parser)
+    if rhead is not None and rhead.status != 101:
+        rhead.keep_alive = False
 
 
 def _send_body(upstream: Upstream, data: Piece) -> None:
