@@ -180,12 +180,14 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
             if max_body is not None and declared_body(ex.head) > max_body:  # (chunked)
                 raise PayloadTooLarge("chunk sizes over max_body_bytes")
             conn.arm(sock, backend_read)  # a backend that takes none of it for that long: 504
+            _look(upstream, judge)
             _send_body(upstream, chunk)
             turn.spend(piece_size(chunk))
         if chunked and ex.head.trailers:  # (its pieces end before its last chunk)
             conn.arm(sock, backend_read)
+            _look(upstream, judge)
             _send_body(upstream, last_chunk(ex.head))
-        _end_body(upstream, judge)
+        _end_body(upstream)
         return
     except BackendAnswered:
         if not ex.body_done:  # the rest of the body is still coming
@@ -194,17 +196,26 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
         stream.unwatch()
 
 
-def _end_body(upstream: Upstream, judge: Callable[[], BaseException | bool]) -> None:
-    """The body went whole: `judge` what came meanwhile, which the loop may not
-    have seen (one read that does not wait; raises what it finds). An answer
-    whose head came by now is not reused, whatever its status, as nginx keeps
-    no connection whose request body was not all sent (`request_body_sent`).
-    Bug: a 200 to an upload that the backend answered at its head and never
-    read went back to the pool, and the reset that followed cost the next POST
-    sent on it a 502."""
-    came = judge()
-    if isinstance(came, BaseException):
-        raise came
+def _look(upstream: Upstream, judge: Callable[[], BaseException | bool]) -> None:
+    """Before a piece of the body goes: `judge` what the backend sent, which the
+    loop may not have seen (pieces sent in one loop iteration), with one read
+    that does not wait, until a final head came (raises what it finds)."""
+    parser = upstream.parser
+    assert parser is not None  # `exchange` began it
+    if final_head(parser) is None:
+        came = judge()
+        if isinstance(came, BaseException):
+            raise came
+
+
+def _end_body(upstream: Upstream) -> None:
+    """The body went whole: an answer whose head came before its last piece
+    went (`_look`, or the loop's `judge`) is not reused, whatever its status, as
+    nginx keeps no connection whose request body was not all sent
+    (`request_body_sent`). Bug: a 200 to an upload that the backend answered at
+    its head and never read went back to the pool, and the reset that followed
+    cost the next POST sent on it a 502. (Not a read after the last piece: a
+    fast backend's whole answer is there by then, its connection lost.)"""
     parser = upstream.parser
     assert parser is not None  # `exchange` began it
     rhead = final_head(parser)
