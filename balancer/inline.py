@@ -120,7 +120,7 @@ from balancer.http11 import ProtocolError
 from balancer.netio import CLOCK, EventedStream, TLSStream
 from balancer.outbox import HOLD_LIMIT, Writer
 from balancer.pool import Upstream
-from balancer.relay import Flight, arm_connect, deliver, dispatch, may_go_twice, take_ready
+from balancer.relay import Flight, arm_connect, deliver, dispatch, take_ready
 from balancer.response_parser import ResponseHead
 
 log: Final = logging.getLogger("balancer.inline")
@@ -273,10 +273,6 @@ def _depart(ex: Exchange, flight: Flight) -> bool:
     now = CLOCK()  # (the pool's check of an idle connection's age, and the try's start)
     upstream = backend.acquire_idle(now)
     if upstream is None:
-        return _connect(ex, flight)
-    method = ex.head.method  # (a GET: one compare here, no call)
-    if method != b"GET" and not may_go_twice(method) and not backend.is_open(upstream):
-        upstream.close()  # (peeked at as `relay._take` does: a close found later is a 502)
         return _connect(ex, flight)
     flight.board(upstream, True, now)
     return _send(ex, flight, upstream)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import _socket
 import socket
 
-from balancer.sockcalls import ENDED, NOTHING, WAITING, peek_now
+from balancer.sockcalls import ENDED, NATIVE, NOTHING, WAITING, peek_now
 
 TCP_INFO = getattr(socket, "TCP_INFO", -1)  # Linux's; -1: getsockopt fails (OSError)
 
@@ -36,7 +36,14 @@ def peek(sock: socket.socket) -> str:
 
 def peek_under(sock: socket.socket) -> str:
     """`peek` at the TCP socket under `sock` (a TLS socket: bypassing OpenSSL),
-    leaving the descriptor's blocking mode alone (`balancer.sockcalls.peek_now`)."""
+    leaving the descriptor's blocking mode alone (`balancer.sockcalls.peek_now`).
+    The C peek takes the C socket as it is (the socket module's, gevent's
+    `_sock`, its SSLSocket's too): one syscall. Else a C socket is made for the
+    descriptor (three more syscalls and ~3 µs: a pooled TLS connection is
+    peeked at before each request it takes, `balancer.pool.Backend.is_open`)."""
+    under = sock if isinstance(sock, _socket.socket) else getattr(sock, "_sock", None)
+    if NATIVE and isinstance(under, _socket.socket):
+        return STATES[peek_now(under)]
     raw = _socket.socket(fileno=sock.fileno())  # the C socket: never gevent's
     try:
         return STATES[peek_now(raw)]

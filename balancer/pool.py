@@ -25,8 +25,12 @@ Invariants:
   as `SelfLoop` (`balancer.selves`), not the backend's failure.
 * An idle connection on which anything arrived (a stray response, a `408`
   before the backend closes, EOF) is closed, never handed out: those bytes
-  belong to no request (`balancer.netio.Stream.is_clean`, which costs no
-  syscall under gevent).
+  belong to no request. Each one handed out is peeked at first (`is_open`:
+  one `recv(MSG_PEEK)` in C for a plain one), whatever the request: the
+  pool's readiness watch (`balancer.netio.Stream.is_clean`) sees only what
+  came before the loop last polled, and bytes that came since were read as
+  the next GET's answer (before 2026-12-07 only a request that may not go
+  twice was peeked for).
 * An idle connection is kept at most `idle_timeout` seconds
   (`timeouts.backend_idle`). The worker's sweep (`BackendRegistry.sweep`, off
   the request path) closes those past it and those on which anything arrived,
@@ -244,8 +248,9 @@ class Backend:
 
     # pool ----------------------------------------------------------------
     def acquire_idle(self, now: float = 0.0) -> Upstream | None:
-        """An idle connection nothing arrived on, or None (the caller connects:
-        `balancer.relay`, or the hub, `balancer.inline`): the newest, as `_take`.
+        """An idle connection nothing arrived on (peeked at: `is_open`), or None
+        (the caller connects: `balancer.relay`, or the hub, `balancer.inline`):
+        the newest, as `_take`.
         `now`: `CLOCK()` as read by the caller just before (it times the try from
         the same reading, `Flight.board`); 0.0: read here."""
         last = self.last
@@ -253,7 +258,7 @@ class Backend:
             self.last = None
             self.budget.idle -= 1
             if last.since > (now if now else CLOCK()) - self.idle_timeout \
-                    and last.stream.is_clean():
+                    and last.stream.is_untouched():
                 return last
             last.close()
         idle = self.idle
@@ -266,8 +271,8 @@ class Backend:
         return self._take(idle, now) if idle else None
 
     def _take(self, idle: list[Upstream], now: float) -> Upstream | None:
-        """The newest connection of `idle` that is neither too old nor stirred
-        (the others are closed on the way); `now` as `acquire_idle`'s."""
+        """The newest connection of `idle` that is neither too old nor touched
+        (`is_open`; the others are closed on the way); `now` as `acquire_idle`'s."""
         oldest = (now if now else CLOCK()) - self.idle_timeout
         budget = self.budget
         while idle:
@@ -276,7 +281,7 @@ class Backend:
             except IndexError:
                 break
             budget.idle -= 1
-            if upstream.since > oldest and upstream.stream.is_clean():
+            if upstream.since > oldest and self.is_open(upstream):
                 return upstream
             upstream.close()
         return None
@@ -535,10 +540,10 @@ class Backend:
     def is_open(upstream: Upstream) -> bool:
         """True if an idle pooled connection is as it was left: the backend has not
         closed, reset or written on it (for TLS: nothing waits in OpenSSL or on
-        the TCP socket under it). Looked at before a request whose body streams
-        (once sent it cannot go again) or that may not go twice (a close found
-        after it went is not replayed: `balancer.relay.can_replay`), so that such
-        a connection costs a new one, not the client's 502."""
+        the TCP socket under it). Looked at before any request goes on it (`_take`,
+        `acquire_idle`), so that such a connection costs a new one, not a stray
+        response read as the request's answer, nor the 502 of a request that
+        may not go twice (`balancer.relay.can_replay`)."""
         if upstream.pool:
             return upstream.stream.is_clean() and peek_under(upstream.sock) == OPEN
         return upstream.stream.is_untouched()

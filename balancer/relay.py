@@ -22,10 +22,10 @@ Invariants:
   again once, on a new connection to the same backend, when the request can
   be replayed (`can_replay`; after a close, only an `IDEMPOTENT` one: the
   backend may have processed it); on a new connection either is the try's
-  outcome. A pooled connection for a request that may not go twice is
-  peeked at before use (`_take`, and the hub's `balancer.inline._depart`), so
-  that a close, or bytes, that came meanwhile cost a new connection, not the
-  client's 502.
+  outcome. Every pooled connection is peeked at as it is taken
+  (`balancer.pool.Backend.acquire_idle`), so that a close, or bytes, that came
+  since the loop last polled it cost a new connection, not the client's 502
+  (a POST's) or a stray response as its answer (a GET's).
 * Each send of a streamed request body to the backend is bounded by
   `backend_read`, each read of it from the client by `client_idle`.
 * One try on one backend is a `Flight`: `arrive` takes it from start to its
@@ -171,7 +171,8 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
     from balancer.errors import PayloadTooLarge
 
     stream, conn, sock = upstream.stream, ex.conn, upstream.sock
-    stream.watch(_judge_answer(upstream))
+    judge = _judge_answer(upstream)
+    stream.watch(judge)
     turn = conn.io.turn()
     backend_read = conn.ctx.backend_read
     try:
@@ -179,17 +180,47 @@ def _stream_body(ex: Exchange, upstream: Upstream, chunked: bool,
             if max_body is not None and declared_body(ex.head) > max_body:  # (chunked)
                 raise PayloadTooLarge("chunk sizes over max_body_bytes")
             conn.arm(sock, backend_read)  # a backend that takes none of it for that long: 504
+            _look(upstream, judge)
             _send_body(upstream, chunk)
             turn.spend(piece_size(chunk))
         if chunked and ex.head.trailers:  # (its pieces end before its last chunk)
             conn.arm(sock, backend_read)
+            _look(upstream, judge)
             _send_body(upstream, last_chunk(ex.head))
+        _end_body(upstream)
         return
     except BackendAnswered:
         if not ex.body_done:  # the rest of the body is still coming
             ex.keep_alive = False
     finally:
         stream.unwatch()
+
+
+def _look(upstream: Upstream, judge: Callable[[], BaseException | bool]) -> None:
+    """Before a piece of the body goes: `judge` what the backend sent, which the
+    loop may not have seen (pieces sent in one loop iteration), with one read
+    that does not wait, until a final head came (raises what it finds)."""
+    parser = upstream.parser
+    assert parser is not None  # `exchange` began it
+    if final_head(parser) is None:
+        came = judge()
+        if isinstance(came, BaseException):
+            raise came
+
+
+def _end_body(upstream: Upstream) -> None:
+    """The body went whole: an answer whose head came before its last piece
+    went (`_look`, or the loop's `judge`) is not reused, whatever its status, as
+    nginx keeps no connection whose request body was not all sent
+    (`request_body_sent`). Bug: a 200 to an upload that the backend answered at
+    its head and never read went back to the pool, and the reset that followed
+    cost the next POST sent on it a 502. (Not a read after the last piece: a
+    fast backend's whole answer is there by then, its connection lost.)"""
+    parser = upstream.parser
+    assert parser is not None  # `exchange` began it
+    rhead = final_head(parser)
+    if rhead is not None and rhead.status != 101:
+        rhead.keep_alive = False
 
 
 def _send_body(upstream: Upstream, data: Piece) -> None:
@@ -598,7 +629,7 @@ def arrive(ex: Exchange, flight: Flight, body: Piece | None, max_body: int | Non
     """
     backend, upstream = flight.backend, flight.upstream
     if upstream is None:
-        upstream = _take(ex, flight, body, verify)
+        upstream = _take(ex, flight, verify)
     # no `finally`: mypyc makes a smaller C frame without, and this frame is saved
     # with every greenlet waiting for its backend
     try:
@@ -644,15 +675,15 @@ def can_replay(ex: Exchange, body: Piece | None, closed: BackendClosed | None = 
     (`STALE`: the request was not processed)."""
     if body is None and ex.head.has_body:
         return False
-    return closed is None or ex.head.method in IDEMPOTENT or closed.args == (STALE,)
+    return closed is None or may_go_twice(ex.head.method) or closed.args == (STALE,)
 
 
-def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Upstream:
-    """A connection for `flight`: pooled (checked open when the request has a body
-    to stream or may not go twice), else new; raises ConnectError. A connect the hub began goes on
-    from where it is: it failed (`Flight.error`, raised here, where the
-    connect's is, and counted once by the action), or it is still in progress
-    (`Flight.connecting`: waited for until its timeout)."""
+def _take(ex: Exchange, flight: Flight, verify: bool) -> Upstream:
+    """A connection for `flight`: pooled (the pool hands out only one found open
+    and untouched: `Backend.acquire_idle`), else new; raises ConnectError. A
+    connect the hub began goes on from where it is: it failed (`Flight.error`,
+    raised here, where the connect's is, and counted once by the action), or it
+    is still in progress (`Flight.connecting`: waited for until its timeout)."""
     backend = flight.backend
     error = flight.error
     if error is not None:
@@ -667,18 +698,11 @@ def _take(ex: Exchange, flight: Flight, body: Piece | None, verify: bool) -> Ups
     key = "" if backend.tls is None else pool_key(ex.head.host, verify)
     now = CLOCK()  # (the pool's check of an idle connection's age, and `board`'s)
     idle = backend.acquire_idle_tls(key, now) if key else backend.acquire_idle(now)
-    if idle is None:
-        arm_connect(ex, backend)
-        upstream = backend.connect_tls(key) if key else backend.connect()
-    elif (body is None and not ex.body_done or not may_go_twice(ex.head.method)) \
-            and not backend.is_open(idle):
-        # (a body to stream, or a request that may not go twice: a close found
-        # once it went is not replayed)
-        idle.close()
-        upstream = renew(ex, backend, idle)
-    else:
+    if idle is not None:
         flight.board(idle, True, now)
         return idle
+    arm_connect(ex, backend)
+    upstream = backend.connect_tls(key) if key else backend.connect()
     flight.board(upstream, False)
     return upstream
 

@@ -7,12 +7,16 @@ balancer, real clients."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from tests.rawpeer import serve_each
+from tests.rawpeer import read_through, serve_each
 from tests.support import Balancer, request
 
 pytestmark = pytest.mark.data_plane  # run interpreted too (scripts/test.sh)
@@ -96,30 +100,104 @@ class StrayBackend:
         self.listener.close()
 
 
-@pytest.mark.parametrize("stray", ["poison", "408", "eof"])
-def test_bytes_on_an_idle_pooled_connection_never_reach_the_next_client(tmp_path,
-                                                                        stray: str) -> None:
-    backend = StrayBackend(stray)
-    bal = Balancer(tmp_path, {"app.test": {"action": "proxy", "backends": [backend.address]}},
-                   args=["--workers", "1"])
+STRAYS = ("poison", "408", "eof")
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[dict[str, StrayBackend]]:
+    """A `StrayBackend` per stray, and one for the stray after the loop's last look."""
+    peers = {stray: StrayBackend(stray) for stray in (*STRAYS, "late")}
+    yield peers
+    for peer in peers.values():
+        peer.close()
+
+
+@pytest.fixture(scope="module")
+def bal(tmp_path_factory: pytest.TempPathFactory,
+        backends: dict[str, StrayBackend]) -> Iterator[Balancer]:
+    """One worker; `STRAY.test` proxies to the backend of STRAY, `static.test`
+    answers in the balancer."""
+    hosts: dict[str, Any] = {f"{stray}.test": {"action": "proxy", "backends": [peer.address]}
+                             for stray, peer in backends.items()}
+    hosts["static.test"] = {"action": "static", "body": "filler"}
+    balancer = Balancer(tmp_path_factory.mktemp("pooled"), hosts, args=["--workers", "1"])
+    yield balancer
+    balancer.stop()
+
+
+@pytest.mark.parametrize("stray", STRAYS)
+def test_bytes_on_an_idle_pooled_connection_never_reach_the_next_client(
+        bal: Balancer, backends: dict[str, StrayBackend], stray: str) -> None:
+    backend, host = backends[stray], f"{stray}.test"
+    status, _, body = request(bal.port, path="/a", host=host)
+    assert (status, body) == (200, b"conn 1 /a")
+    # The balancer read the whole response before the client got it, and parks the
+    # connection in the pool before it next waits: what the backend sends from now
+    # on arrives on an idle pooled connection.
+    backend.pooled.set()
+    assert backend.strayed.wait(10)
+    status, headers, body = request(bal.port, path="/b", host=host)  # another client
+    assert (status, body) == (200, b"conn 2 /b"), body
+    assert headers["x-request-id"]
+    if stray == "poison":  # the backend kept it open: the balancer closed it
+        assert backend.closed_by_peer.wait(10)
+    assert backend.served == [(1, b"/a"), (2, b"/b")]
+    status, _, body = request(bal.port, path="/c", host=host)  # the fresh one is pooled
+    assert (status, body) == (200, b"conn 2 /c")
+    stats = bal.host_stats(host)
+    assert stats["completed_requests"] == stats["responses"]["2xx"] == 3
+
+
+FILLERS = 80  # client connections made ready between the request's and the stray's
+
+
+def one_answer(sock: socket.socket) -> bytes:
+    """The body of the next Content-Length response read from `sock`."""
+    data = read_through(sock)
+    assert data is not None, "closed before an answer"
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
+    while len(body) < length:
+        more = sock.recv(65536)
+        assert more, "closed mid-answer"
+        body += more
+    return body
+
+
+def test_a_stray_answer_after_the_loops_last_look_never_reaches_the_next_get(
+        bal: Balancer, backends: dict[str, StrayBackend]) -> None:
+    """The backend writes a whole spare response on its idle pooled connection
+    after the worker last polled it, in the same loop iteration as the next GET
+    is served: the worker is stopped while the GET, then 80 other clients' ends,
+    then the stray arrive, so that its next `epoll_wait` (libev asks for 64
+    events at first) returns the GET and not the stray. The pool's readiness
+    watch cannot see that stray: the pooled connection is peeked at before any
+    request goes on it (before 2026-12-07 a GET's was not, and the GET got
+    `POISON` as its answer)."""
+    backend = backends["late"]
+    fillers: list[socket.socket] = []
+    [worker] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
     try:
-        status, _, body = request(bal.port, path="/a")
-        assert (status, body) == (200, b"conn 1 /a")
-        # The balancer read the whole response before the client got it, and parks the
-        # connection in the pool before it next waits: what the backend sends from now
-        # on arrives on an idle pooled connection.
-        backend.pooled.set()
-        assert backend.strayed.wait(10)
-        status, headers, body = request(bal.port, path="/b")  # another client
-        assert (status, body) == (200, b"conn 2 /b"), body
-        assert headers["x-request-id"]
-        if stray == "poison":  # the backend kept it open: the balancer closed it
-            assert backend.closed_by_peer.wait(10)
+        client = socket.create_connection(("127.0.0.1", bal.port), timeout=10)
+        fillers.append(client)
+        client.sendall(b"GET /a HTTP/1.1\r\nHost: late.test\r\n\r\n")
+        assert one_answer(client) == b"conn 1 /a"
+        for _ in range(FILLERS):  # accepted and served, then idle (parked)
+            sock = socket.create_connection(("127.0.0.1", bal.port), timeout=10)
+            fillers.append(sock)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: static.test\r\n\r\n")
+            assert read_through(sock, b"filler") is not None
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            client.sendall(b"GET /b HTTP/1.1\r\nHost: late.test\r\n\r\n")
+            for sock in fillers[1:]:
+                sock.close()
+            backend.pooled.set()  # the stray goes now, last
+            assert backend.strayed.wait(10)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert one_answer(client) == b"conn 2 /b"  # (not POISON)
         assert backend.served == [(1, b"/a"), (2, b"/b")]
-        status, _, body = request(bal.port, path="/c")  # the fresh one is pooled as usual
-        assert (status, body) == (200, b"conn 2 /c")
-        stats = bal.host_stats("app.test")
-        assert stats["completed_requests"] == stats["responses"]["2xx"] == 3
     finally:
-        bal.stop()
-        backend.close()
+        for sock in fillers:
+            sock.close()

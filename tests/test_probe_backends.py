@@ -61,6 +61,7 @@ LIAR = "liar.test"
 DEPLOYING = "deploying.test"
 UPLOADS = "uploads.test"
 STALLED = "stalled.test"
+EARLY = "early.test"
 BACKEND_READ = 1.5  # the balancer's timeouts.backend_read (client_idle: 75 s)
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" * 64
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -152,6 +153,43 @@ def limiting() -> Iterator[str]:
     yield from listening(refuses_large_uploads)
 
 
+ANSWERED_EARLY = threading.Event()  # `answers_at_head` sent a chunked upload's answer head
+
+
+def answers_at_head(conn: socket.socket) -> None:
+    """Answer a chunked upload's head at once with a 200 head and half its body,
+    keeping the connection; end that answer once the whole upload came, and
+    reset the connection when anything more comes (the next request). Read a
+    Content-Length request whole and answer 200."""
+    conn.settimeout(5)
+    try:
+        while (data := read_through(conn)) is not None:
+            head, _, body = data.partition(b"\r\n\r\n")
+            if b"chunked" not in head.lower():
+                length = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
+                while len(body) < length:
+                    body += conn.recv(65536)
+                conn.sendall(OK)
+                continue
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok")
+            ANSWERED_EARLY.set()
+            while not body.endswith(b"0\r\n\r\n"):
+                body += conn.recv(65536)
+            conn.sendall(b"!!")
+            if conn.recv(65536):
+                reset_by(conn)
+                return
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def early() -> Iterator[str]:
+    yield from listening(answers_at_head)
+
+
 def never_reads(conn: socket.socket) -> None:
     """Read a request's head, then nothing more (and answer nothing) for 10 s."""
     read_through(conn)
@@ -214,7 +252,7 @@ OLD = dead_address()  # a deploy's old backend, stopped before its warmup ended
 @pytest.fixture(scope="module")
 def bal(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend,
         closing: RawBackend, hinting: str, light: Backend,
-        liar: RawBackend, limiting: str, stalled: str) -> Iterator[Balancer]:
+        liar: RawBackend, limiting: str, stalled: str, early: str) -> Iterator[Balancer]:
     # retries 0: only the pooled connection's own replay can send a request twice
     balancer = Balancer(tmp_path_factory.mktemp("backends"), {
         HOST: {"action": "proxy", "backends": [backend.address], "retries": 0},
@@ -228,7 +266,8 @@ def bal(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend,
         DEPLOYING: {"action": "proxy", "backends": [light.address],
                     "draining": {"backends": [OLD], "since": time.time(), "warmup": 3600}},
         UPLOADS: {"action": "proxy", "backends": [limiting], "retries": 0},
-        STALLED: {"action": "proxy", "backends": [stalled], "retries": 0}},
+        STALLED: {"action": "proxy", "backends": [stalled], "retries": 0},
+        EARLY: {"action": "proxy", "backends": [early], "retries": 0}},
         env={"BALANCER_TIMEOUTS_BACKEND_READ": str(BACKEND_READ)})
     yield balancer
     balancer.stop()
@@ -310,6 +349,27 @@ def test_an_upload_after_an_early_refusal_is_not_sent_on_its_connection(
                          % (UPLOADS.encode(), size) + b"x" * size)
             assert read_through(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 413 ")
         assert request(bal.port, "POST", f"/small-{turn}", host=UPLOADS, body=b"v=1")[0] == 200
+
+
+def test_a_connection_whose_answer_began_before_the_upload_ended_is_not_reused(
+        bal: Balancer) -> None:
+    """A backend that answers an upload's head before its body is all sent: the
+    connection is not reused, whatever the status (as nginx keeps no
+    connection whose request body was not all sent, `request_body_sent`): such
+    a backend may never read the body and reset the connection later. This one
+    ends its answer once the upload came and resets on the next request: before
+    2026-12-07 its connection went back to the pool, and the next POST, sent on
+    it, got a 502 (never replayed)."""
+    for turn in range(2):
+        ANSWERED_EARLY.clear()
+        with socket.create_connection(("127.0.0.1", bal.port), timeout=5) as sock:
+            sock.sendall(b"POST /up HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n"
+                         b"\r\n5\r\nhello\r\n" % EARLY.encode())
+            assert ANSWERED_EARLY.wait(5)
+            sock.sendall(b"0\r\n\r\n")
+            assert read_through(sock, b"ok!!").startswith(b"HTTP/1.1 200 ")
+        status, _, body = request(bal.port, "POST", f"/small-{turn}", host=EARLY, body=b"v=1")
+        assert (status, body) == (200, b"ok")
 
 
 def test_an_upload_a_backend_stops_reading_times_out_after_backend_read(
