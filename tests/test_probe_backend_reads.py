@@ -1,0 +1,77 @@
+"""Hostile probes of backends' answers, through real sockets: `backend_read`
+bounds each read of a response head from the one before (as nginx's
+`proxy_read_timeout` and HAProxy's `timeout server`), not the whole head: a
+head sent in pieces, or 1xx heads (`102 Processing`, `103 Early Hints`) long
+before the final answer, is relayed, not a 504, on both paths (the hub's
+first read of a GET, the greenlet's reads of a POST's answer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.rawpeer import read_request, serve_each
+from tests.support import Balancer
+
+HOST = "slow.test"
+READ = 1.0  # timeouts.backend_read
+GAP = 0.5  # between two pieces of an answer: within READ of the one before
+HINT = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+PIECES = {
+    "/hints": [HINT, HINT, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+    "/pieces": [b"HTTP/1.1 200 OK\r\n", b"X-Slow: 1\r\n", b"Content-Length: 2\r\n\r\nok"],
+}
+
+
+def answer_in_pieces(conn: socket.socket) -> None:
+    """Each answer's pieces `GAP` apart, the first `GAP` after the request: the
+    whole answer comes later than `READ` after it (the connection kept)."""
+    with conn, contextlib.suppress(OSError):  # (a failing balancer closes it)
+        conn.settimeout(10)
+        for _ in range(10):
+            request = read_request(conn)
+            if not request:
+                return
+            for piece in PIECES[request.split(b" ")[1].decode()]:
+                time.sleep(GAP)
+                conn.sendall(piece)
+
+
+@pytest.fixture(scope="module")
+def bal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    serve_each(listener, answer_in_pieces)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    balancer = Balancer(tmp_path_factory.mktemp("reads"),
+                        {HOST: {"action": "proxy", "backends": [address], "retries": 0}},
+                        env={"BALANCER_TIMEOUTS_BACKEND_READ": str(READ)})
+    yield balancer
+    balancer.stop()
+    listener.close()
+
+
+def answer(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while more := sock.recv(65536):
+            received += more
+        return received
+
+
+@pytest.mark.parametrize("path", sorted(PIECES))
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_each_read_of_an_answers_head_has_backend_read_from_the_one_before(
+        bal: Balancer, path: str, method: str) -> None:
+    body = b"Content-Length: 5\r\n\r\nhello" if method == "POST" else b"\r\n"
+    got = answer(bal.port, f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\n"
+                           f"Connection: close\r\n".encode() + body)
+    statuses = [line for line in got.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    hints = [b"HTTP/1.1 103 Early Hints"] * 2 if path == "/hints" else []
+    assert statuses == [*hints, b"HTTP/1.1 200 OK"], got
+    assert got.endswith(b"\r\n\r\nok")
