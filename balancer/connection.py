@@ -539,9 +539,9 @@ class ClientConnection:
             self.fail(ex, exc)
         except ProtocolError as exc:
             self.fail(ex, exc)
-        except ClientGone:
+        except ClientGone as gone:
             ex.keep_alive = False
-            ex.status = ex.status or 499
+            ex.status = ex.status or gone.status
         finally:
             self.finish(ex)
         return self.conclude(ex)
@@ -651,6 +651,8 @@ class ClientConnection:
             self.arm(self.sock, self.ctx.timeouts.client_idle)
             try:
                 data = self.stream.recv(RECV_SIZE)
+            except TimeoutError:  # (bug: counted as 499, as if the client had left)
+                raise ClientGone("no request body byte for client_idle", 408) from None
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
             if not data:

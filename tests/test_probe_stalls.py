@@ -1,9 +1,14 @@
-"""Hostile probes of backends' answers, through real sockets: `backend_read`
-bounds each read of a response head from the one before (as nginx's
-`proxy_read_timeout` and HAProxy's `timeout server`), not the whole head: a
-head sent in pieces, or 1xx heads (`102 Processing`, `103 Early Hints`) long
-before the final answer, is relayed, not a 504, on both paths (the hub's
-first read of a GET, the greenlet's reads of a POST's answer).
+"""Hostile probes of peers that stall, through real sockets.
+
+A backend: `backend_read` bounds each read of a response head from the one
+before (as nginx's `proxy_read_timeout` and HAProxy's `timeout server`), not
+the whole head: a head sent in pieces, or 1xx heads (`102 Processing`, `103
+Early Hints`) long before the final answer, is relayed, not a 504, on both
+paths (the hub's first read of a GET, the greenlet's reads of a POST's answer).
+
+A client: one that stops sending its request body is closed after
+`client_idle` with no answer and counted as a 408 (nginx's
+`client_body_timeout`), not as a 499 (a client that left).
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.rawpeer import read_request, serve_each
-from tests.support import Balancer
+from tests.support import Balancer, wait_for
 
 HOST = "slow.test"
 READ = 1.0  # timeouts.backend_read
+IDLE = 0.5  # timeouts.client_idle
 GAP = 0.5  # between two pieces of an answer: within READ of the one before
 HINT = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
 PIECES = {
@@ -49,7 +55,8 @@ def bal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Balancer]:
     address = f"127.0.0.1:{listener.getsockname()[1]}"
     balancer = Balancer(tmp_path_factory.mktemp("reads"),
                         {HOST: {"action": "proxy", "backends": [address], "retries": 0}},
-                        env={"BALANCER_TIMEOUTS_BACKEND_READ": str(READ)})
+                        env={"BALANCER_TIMEOUTS_BACKEND_READ": str(READ),
+                             "BALANCER_TIMEOUTS_CLIENT_IDLE": str(IDLE)})
     yield balancer
     balancer.stop()
     listener.close()
@@ -75,3 +82,26 @@ def test_each_read_of_an_answers_head_has_backend_read_from_the_one_before(
     hints = [b"HTTP/1.1 103 Early Hints"] * 2 if path == "/hints" else []
     assert statuses == [*hints, b"HTTP/1.1 200 OK"], got
     assert got.endswith(b"\r\n\r\nok")
+
+
+def statuses(bal: Balancer) -> dict[str, float]:
+    """The host's requests counted as 408 and 499 (0 before the first)."""
+    series = bal.metrics()
+    return {code: series.get(("balancer_requests_total", (("code", code), ("host", HOST))), 0.0)
+            for code in ("408", "499")}
+
+
+@pytest.mark.parametrize(("leaves", "code"), [(False, "408"), (True, "499")])
+def test_a_client_that_stops_sending_its_body_is_a_408_and_one_that_leaves_a_499(
+        bal: Balancer, leaves: bool, code: str) -> None:
+    before = statuses(bal)
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+        sock.sendall(f"POST /pieces HTTP/1.1\r\nHost: {HOST}\r\n"
+                     f"Content-Length: 100\r\n\r\n0123456789".encode())
+        if leaves:
+            sock.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        assert sock.recv(65536) == b""  # closed with no answer
+        assert time.monotonic() - started < IDLE + 1.0
+    wait_for(lambda: statuses(bal)[code] == before[code] + 1, 5, what=f"a {code} counted")
+    assert statuses(bal) == {**before, code: before[code] + 1}
