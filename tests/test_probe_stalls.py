@@ -8,7 +8,9 @@ paths (the hub's first read of a GET, the greenlet's reads of a POST's answer).
 
 A client: one that stops sending its request body is closed after
 `client_idle` with no answer and counted as a 408 (nginx's
-`client_body_timeout`), not as a 499 (a client that left).
+`client_body_timeout`), not as a 499 (a client that left); one that reads
+nothing of its answer is closed after `client_idle` (nginx's `send_timeout`),
+at once: it does not linger.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tests.support import Balancer, wait_for
 HOST = "slow.test"
 READ = 1.0  # timeouts.backend_read
 IDLE = 0.5  # timeouts.client_idle
+BIG = 1 << 30  # an answer no socket buffer holds
 GAP = 0.5  # between two pieces of an answer: within READ of the one before
 HINT = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
 PIECES = {
@@ -43,7 +46,13 @@ def answer_in_pieces(conn: socket.socket) -> None:
             request = read_request(conn)
             if not request:
                 return
-            for piece in PIECES[request.split(b" ")[1].decode()]:
+            path = request.split(b" ")[1].decode()
+            if path == "/big":  # written until the balancer closes the connection
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG)
+                for _ in range(BIG // 65536):
+                    conn.sendall(bytes(65536))
+                return
+            for piece in PIECES[path]:
                 time.sleep(GAP)
                 conn.sendall(piece)
 
@@ -105,3 +114,18 @@ def test_a_client_that_stops_sending_its_body_is_a_408_and_one_that_leaves_a_499
         assert time.monotonic() - started < IDLE + 1.0
     wait_for(lambda: statuses(bal)[code] == before[code] + 1, 5, what=f"a {code} counted")
     assert statuses(bal) == {**before, code: before[code] + 1}
+
+
+def open_connections(bal: Balancer) -> float:
+    return bal.metrics()[("balancer_open_connections", ())]
+
+
+def test_a_client_that_reads_nothing_of_its_answer_is_closed_after_client_idle(
+        bal: Balancer) -> None:
+    with socket.create_connection(("127.0.0.1", bal.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(f"GET /big HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        wait_for(lambda: open_connections(bal) == 1, 5, what="the request served")
+        # client_idle, a watchdog tick (IDLE / 4) and a scrape: not another
+        # client_idle for what is held of the answer, then linger_idle (5 s)
+        wait_for(lambda: open_connections(bal) == 0, IDLE + 1.0, what="the connection closed")
