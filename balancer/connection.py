@@ -527,6 +527,7 @@ class ClientConnection:
         with a try the hub began, `Exchange.flight`), every error made a response
         here; `finish` and `conclude` it. Whether to keep the connection."""
         route = ex.route
+        gone = False
         try:
             limit = route.limit
             if is_challenge(ex.head.target) and self.answer_challenge(ex):
@@ -539,12 +540,16 @@ class ClientConnection:
             self.fail(ex, exc)
         except ProtocolError as exc:
             self.fail(ex, exc)
-        except ClientGone:
+        except ClientGone as exc:
             ex.keep_alive = False
-            ex.status = ex.status or 499
+            ex.status = ex.status or exc.status
+            gone = True
         finally:
             self.finish(ex)
-        return self.conclude(ex)
+        # a client gone gets nothing more: closed at once, never lingering (bug: one
+        # that read nothing of its answer for client_idle, as nginx's send_timeout,
+        # then had what was held of it sent within client_idle again, and lingered)
+        return False if gone else self.conclude(ex)
 
     def finish(self, ex: Exchange, now: float = 0.0) -> None:
         """The exchange is over (answered, or failed): counted, noted, logged.
@@ -651,6 +656,8 @@ class ClientConnection:
             self.arm(self.sock, self.ctx.timeouts.client_idle)
             try:
                 data = self.stream.recv(RECV_SIZE)
+            except TimeoutError:  # (bug: counted as 499, as if the client had left)
+                raise ClientGone("no request body byte for client_idle", 408) from None
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
             if not data:

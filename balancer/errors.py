@@ -148,4 +148,11 @@ class RenegotiationRefused(OSError):
 
 
 class ClientGone(Exception):
-    """The client closed, reset or stalled its connection: nothing more can be sent."""
+    """The client closed, reset or stalled its connection: nothing more can be sent.
+    `status`: what its request counts as when no answer began: 499 (the client
+    left), 408 (it sent nothing of its request body for `client_idle`: closed
+    with no answer, as nginx's `client_body_timeout`)."""
+
+    def __init__(self, reason: str, status: int = 499) -> None:
+        super().__init__(reason)
+        self.status = status

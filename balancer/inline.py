@@ -383,6 +383,8 @@ def _land(conn: ClientConnection) -> None:
             or (rhead.content_length is None and not rhead.no_body)
             or not (isinstance(client, EventedStream) or isinstance(client, TLSStream))  # noqa: SIM101
             or not _can_hold(client.writer, _size(ex, rhead))):
+        if not events:  # a head in pieces: its next read within backend_read of this one
+            conn.arm(upstream.sock, conn.ctx.backend_read)  # (`relay._recv_head`)
         io.hand_off(conn)
         return
     # one reading of the clock for the answer's steps, none of which waits (the

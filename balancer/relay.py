@@ -387,11 +387,6 @@ def _feed(parser: ResponseParser, data: bytes) -> None:
         raise BackendClosed(exc.reason) from None
 
 
-def _recv_backend(upstream: Upstream, parser: ResponseParser) -> None:
-    """Read once from the backend into `parser`."""
-    _feed(parser, _read_backend(upstream))
-
-
 def read_response_head(ex: Exchange, upstream: Upstream, continued: bool = False) -> ResponseHead:
     """The final (or 101) response head. Interim (1xx) responses go to an
     HTTP/1.1 client as they come (RFC 9110 §15.2: a proxy forwards them), but a
@@ -399,7 +394,10 @@ def read_response_head(ex: Exchange, upstream: Upstream, continued: bool = False
     client never gets one.
 
     Waits for the answer to be there before the first read (`Stream.wait_readable`),
-    unless part of it came while the body was sent (`_read_early`)."""
+    unless part of it came while the body was sent (`_read_early`). Each read
+    is bounded by `backend_read` from the one before (`_recv_head`), as nginx's
+    `proxy_read_timeout` and HAProxy's `timeout server`: a head in pieces, or
+    a `102 Processing` or `103 Early Hints` long before the final answer."""
     parser = upstream.parser
     assert parser is not None  # `exchange` began it
     events = parser.events
@@ -411,7 +409,7 @@ def read_response_head(ex: Exchange, upstream: Upstream, continued: bool = False
     interim = 0
     while True:
         while not events:
-            _recv_backend(upstream, parser)
+            _recv_head(ex, upstream, parser)
         rhead: ResponseHead = events.pop(0)
         if rhead.status >= 200 or rhead.status == 101:
             return rhead
@@ -420,11 +418,23 @@ def read_response_head(ex: Exchange, upstream: Upstream, continued: bool = False
             raise BackendProtocolError(f"more than {MAX_INTERIM} interim (1xx) responses")
         while True:  # an interim response has no body: its END follows
             while not events:
-                _recv_backend(upstream, parser)
+                _recv_head(ex, upstream, parser)
             if events.pop(0) is END:
                 break
         if ex.head.version == b"1.1" and not (continued and rhead.status == 100):
             _send_interim(ex, rhead)
+        ex.conn.arm(upstream.sock, ex.conn.ctx.backend_read)  # (what follows it: a read)
+
+
+def _recv_head(ex: Exchange, upstream: Upstream, parser: ResponseParser) -> None:
+    """Read once from the backend into `parser`; when that leaves no head
+    whole, the next read is bounded by `backend_read` from this one (bug: the
+    head's reads together were, since the request went: a head sent in
+    pieces, or a final answer coming more than `backend_read` after the
+    request though 1xx heads came meanwhile, was a 504)."""
+    _feed(parser, _read_backend(upstream))
+    if not parser.events:
+        ex.conn.arm(upstream.sock, ex.conn.ctx.backend_read)
 
 
 def _send_interim(ex: Exchange, rhead: ResponseHead) -> None:
