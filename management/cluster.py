@@ -232,7 +232,7 @@ class ClusterRuntime:
         killed in the successor's first seconds (before its first survey, the
         history's sample up to 5 s on) was retired by neither, its counters lost.
         Every answer it holds then is in the run directory (`HeldCounters.mirror`,
-        as at each survey; also when that survey fails), which the successor holds
+        as at each survey, so also when this one fails), which the successor holds
         as its own where it holds none (`adopt`, at each survey): signalled
         directly (not a reload), this process hands over before its successor
         starts. Bug: a worker killed in between was held by neither.
@@ -258,16 +258,14 @@ class ClusterRuntime:
         the one under way (`active`; bug: `hand_over` shared the history
         sample's, begun before a worker was killed, which no management process
         then retired); nothing merged. When it fails (the run directory's lock
-        held, the directory gone), what is held is left in the run directory
-        still (`HeldCounters.mirror`, if it is there: answers it could not write
-        before). Bug: nothing was left then."""
+        held, the directory gone), what is held is in the run directory still
+        (`HeldCounters.mirror`, at each survey). Bug: a hand-over whose survey
+        failed left nothing."""
         try:
             self.survey(_active_command, complete=True)
         except (ApiError, OSError) as exc:  # (no run directory: nothing to hold)
             log.warning("cannot survey the workers' counters: %s",
                         exc.message if isinstance(exc, ApiError) else exc)
-            if self.run_dir_gone() is None:
-                self.held.mirror()  # (each file written whole: no lock needed)
 
     def run_dir_gone(self) -> str | None:
         """Why no worker can be asked: the run directory is gone, or not this

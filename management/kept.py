@@ -61,14 +61,23 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
   process asked it last counts.
   A reload leaves no worker unheld: the successor surveys every worker before it
   reports ready, the draining process once more after (`ClusterRuntime.take_over`,
-  `hand_over`); one signalled directly (not a reload) hands over before its
-  successor starts, so it leaves every answer it holds (`HeldCounters.leave`),
-  which the next one holds as its own where it holds none (`adopt`). Bugs: the
-  draining process's older counters, written first, were kept over its
-  successor's newer ones (totals went down 12 to 8); that process writing
-  none, the counters of a worker only it had asked were lost with it (8 to 5);
-  and a worker killed between a signalled process's hand-over and its
-  replacement's take-over was held by neither (5 to 0).
+  `hand_over`). Every answer held is in the run directory as it is held
+  (``held-ID.answer``, `HeldCounters.mirror`, written at the survey that got
+  it when it changed), so however a management process ends (signalled
+  directly and replaced once it drains, `SIGKILL`, a crash, a hand-over
+  survey that fails) the next one holds them as its own where it holds none
+  (`adopt`), and retires from them a worker killed before its first survey.
+  What such a worker counted after the last survey that held it is lost (the
+  history's sample every 5 s; longer only while no management process runs:
+  its replacement's start, the crash backoff). A whole balancer stopping
+  leaves none: no management process comes next. Bugs: the draining
+  process's older counters, written first, were kept over its successor's
+  newer ones (totals went down 12 to 8); that process writing none, the
+  counters of a worker only it had asked were lost with it (8 to 5); a worker
+  killed between a signalled process's hand-over and its replacement's
+  take-over was held by neither (5 to 0); the answers were left only by a
+  hand-over that ran whole, so a management process killed, crashed, or
+  whose hand-over survey failed left none (10 to 3).
 """
 
 from __future__ import annotations

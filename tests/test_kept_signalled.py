@@ -261,6 +261,36 @@ def workers(bal: Balancer) -> list[int]:
     return [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
 
 
+def test_a_huge_left_answer_is_deleted_unread(two_workers: Balancer) -> None:
+    """A file under a left answer's name larger than `MAX_LEFT` (sparse: it costs the
+    file system nothing) is deleted unread at the next survey, one line said; the
+    management process's memory does not grow by it. Bug: read whole (its peak
+    grew by the file's size)."""
+    from management.kept import MAX_LEFT
+
+    bal = two_workers
+    run_dir = Path(control_socket(workers(bal)[0])).parent
+    management = ready_pids(bal, "management")[-1]
+    huge = run_dir / "held-4242-1.answer"
+    with open(huge, "wb") as planted:
+        planted.truncate(MAX_LEFT + 1)
+    peak = _peak(management)
+    assert bal.metrics_text()
+    assert not huge.exists()
+    assert _peak(management) - peak < MAX_LEFT // 4
+    wait_for(lambda: f"held counters ignored, {huge}: {MAX_LEFT + 1} bytes" in bal.output(),
+             5, what="the line")
+
+
+def _peak(pid: int) -> int:
+    """Process `pid`'s peak resident memory (bytes)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
 def test_a_full_stop_leaves_no_held_answers(two_workers: Balancer, kept_backend: Backend
                                             ) -> None:
     """The whole balancer stops (SIGTERM to the arbiter): no management process comes
