@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_scrape import HOST, cpu_seconds, descendants, start, warm  # noqa: E402
+from bench_scrape import HOST, cpu_seconds, start, warm, workers_serving  # noqa: E402
 
 from loadtest.procs import Processes  # noqa: E402
 
@@ -61,16 +61,6 @@ def scrape(mgmt: int) -> int:
     return len(conn.getresponse().read())
 
 
-def wait_children(arbiter: int, count: int) -> list[int]:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        children = descendants(arbiter)
-        if len(children) == count:
-            return children
-        time.sleep(0.1)
-    raise SystemExit("the children did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", type=int, default=100_000)
@@ -82,12 +72,11 @@ def main() -> None:
     procs = Processes(tmp / "logs")
     port, mgmt, arbiter = start(procs, tmp, argparse.Namespace(
         hosts=args.hosts, active=args.active, workers=args.workers))
-    children = wait_children(arbiter, args.workers + 1)
+    workers = workers_serving(tmp / "logs" / "big.log", args.workers)
     warm(port, args.active)
     scrape(mgmt)  # (the requests counted, every answer held)
     [management] = [int(pid) for pid in re.findall(
         r"management (\d+) ready", (tmp / "logs" / "big.log").read_text(errors="replace"))]
-    workers = [pid for pid in children if pid != management]
     run_dir = run_dir_of(workers)
     before = cpu_seconds(management)
     size = sum(scrape(mgmt) for _ in range(args.scrapes))
