@@ -314,8 +314,9 @@ class HeldCounters:
         survey that fails): the next management process holds it as its own
         (`adopt`). An answer the same as the one written before is not written
         again; a big one is written `WRITE_SLICE` at a time, the loop turning in
-        between (`pause`: this process answers meanwhile). One line when writing starts failing (a full file system), one
-        when it works again; what is not written is tried again at the next call.
+        between (`pause`: this process answers meanwhile). One line when writing
+        starts failing (a full file system), one when it works again; what is not
+        written is tried again at the next call.
         Bug: the answers were left only by a hand-over that ran whole, so a
         management process killed or crashed, or whose last survey failed, left
         none, and a worker killed before its replacement's first survey lost all
