@@ -108,8 +108,9 @@ log = logging.getLogger("balancer.kept")
 RETIRED_TOTAL = "retired-total.json"
 HELD = ".held"  # a dead worker's retired file written from held counters: retired-ID.held.json
 LEFT_GLOB = "held-*.answer"  # a held answer, for the next management process (`mirror`)
-# bytes of a left answer read at most (`adopt`): 4 times a worker's answer for 100,000
-# active hosts of one backend each (~0.6 KB a host)
+# bytes of a left answer read at most (`adopt`): 7 times a worker's answer for 100,000
+# active hosts of one backend each (~0.35 KB a host: 6.9 MB for 20,000), the bound of the
+# whole table's file (`balancer.stores.atomic.MAX_FILE_BYTES`)
 MAX_LEFT = 256 << 20
 StatKey = tuple[int, int, int]  # a file's inode, mtime (ns) and size
 # bytes written between two turns of the loop (`write_bytes`): a worker's answer of 20,000
