@@ -576,6 +576,7 @@ class Arbiter:
             self.state = STOPPING
             self.bound.listeners.close()
             self.bound.management.close()
+            self.write_status()  # (`stopping`: the management process hands nothing over)
         now = time.monotonic()
         if graceful:
             self.graceful_since = now
@@ -618,7 +619,8 @@ class Arbiter:
                   "workers": self.settings.effective_workers(),
                   "recent_crashes": self.backoff.recent(now),
                   "crash_loop": self.backoff.is_looping(now),
-                  "process_log_dropped": self.told_dropped}
+                  "process_log_dropped": self.told_dropped,
+                  "stopping": self.state != RUNNING}
         if run_dir_problem(self.bound.run_dir) is not None:
             return  # never write by name into a directory someone else may have made
         path = os.path.join(self.bound.run_dir, STATUS_FILE)

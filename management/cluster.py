@@ -164,6 +164,8 @@ class ClusterRuntime:
                 whole = self.add_hosts(replies, answered, later + sorted(unnamed)) and whole
             if whole and retired:
                 self.retired.forget(self.unserved(replies, retired))
+            if complete:
+                self.held.mirror()  # (every answer held is in the run directory)
             return replies, (retired, held)
 
     @contextlib.contextmanager
@@ -205,6 +207,7 @@ class ClusterRuntime:
         try:
             with self.turn_and_lock():
                 self.retired.snapshot()
+                self.held.mirror()  # (their files went with the directory)
         except OSError as exc:
             log.error("cannot write the counters of workers that exited in %s again: %s",
                       self.directory, exc.strerror or exc)
@@ -228,25 +231,38 @@ class ClusterRuntime:
         so before this), and this one every worker that died before. Bug: a worker
         killed in the successor's first seconds (before its first survey, the
         history's sample up to 5 s on) was retired by neither, its counters lost.
-        Every answer it holds then is left in the run directory (`HeldCounters.leave`),
-        which the successor holds as its own where it holds none (`adopt`, at each
-        survey): signalled directly (not a reload), this process hands over before its
-        successor starts. Bug: a worker killed in between was held by neither."""
+        Every answer it holds then is in the run directory (`HeldCounters.mirror`,
+        as at each survey, so also when this one fails), which the successor holds
+        as its own where it holds none (`adopt`, at each survey): signalled
+        directly (not a reload), this process hands over before its successor
+        starts. Bug: a worker killed in between was held by neither.
+        When the whole balancer stops (`stopping` in the arbiter's status) no
+        survey: nobody comes next, and every answer left is deleted. Bug: each
+        stop wrote every worker's answer (on a big table, megabytes each) into
+        the run directory's file system, kept until the arbiter exited."""
         self.retired.writing = False
-        self.hold_all(leave=True)
+        if self.tree_stops():
+            with contextlib.suppress(OSError):
+                self.held.drop_all()
+            return
+        self.hold_all()
 
-    def hold_all(self, leave: bool = False) -> None:
+    def tree_stops(self) -> bool:
+        """Whether the arbiter stops (its status file says so: `balancer.arbiter`)."""
+        status = read_json(os.path.join(self.directory, STATUS_FILE))
+        return isinstance(status, dict) and status.get("stopping") is True
+
+    def hold_all(self) -> None:
         """A complete survey (the hosts every worker counted): each answer held,
         the counters of the workers gone since the last retired. Its own, never
         the one under way (`active`; bug: `hand_over` shared the history
         sample's, begun before a worker was killed, which no management process
-        then retired); nothing merged. `leave`: every answer held then left for the
-        next management process (`HeldCounters.leave`)."""
+        then retired); nothing merged. When it fails (the run directory's lock
+        held, the directory gone), what is held is in the run directory still
+        (`HeldCounters.mirror`, at each survey). Bug: a hand-over whose survey
+        failed left nothing."""
         try:
             self.survey(_active_command, complete=True)
-            if leave:
-                with self.turn_and_lock():
-                    self.held.leave()
         except (ApiError, OSError) as exc:  # (no run directory: nothing to hold)
             log.warning("cannot survey the workers' counters: %s",
                         exc.message if isinstance(exc, ApiError) else exc)

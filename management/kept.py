@@ -61,14 +61,23 @@ Invariants (the caller holds the run directory's lock, `control.run_dir_lock`):
   process asked it last counts.
   A reload leaves no worker unheld: the successor surveys every worker before it
   reports ready, the draining process once more after (`ClusterRuntime.take_over`,
-  `hand_over`); one signalled directly (not a reload) hands over before its
-  successor starts, so it leaves every answer it holds (`HeldCounters.leave`),
-  which the next one holds as its own where it holds none (`adopt`). Bugs: the
-  draining process's older counters, written first, were kept over its
-  successor's newer ones (totals went down 12 to 8); that process writing
-  none, the counters of a worker only it had asked were lost with it (8 to 5);
-  and a worker killed between a signalled process's hand-over and its
-  replacement's take-over was held by neither (5 to 0).
+  `hand_over`). Every answer held is in the run directory as it is held
+  (``held-ID.answer``, `HeldCounters.mirror`, written at the survey that got
+  it when it changed), so however a management process ends (signalled
+  directly and replaced once it drains, `SIGKILL`, a crash, a hand-over
+  survey that fails) the next one holds them as its own where it holds none
+  (`adopt`), and retires from them a worker killed before its first survey.
+  What such a worker counted after the last survey that held it is lost (the
+  history's sample every 5 s; longer only while no management process runs:
+  its replacement's start, the crash backoff). A whole balancer stopping
+  leaves none: no management process comes next. Bugs: the draining
+  process's older counters, written first, were kept over its successor's
+  newer ones (totals went down 12 to 8); that process writing none, the
+  counters of a worker only it had asked were lost with it (8 to 5); a worker
+  killed between a signalled process's hand-over and its replacement's
+  take-over was held by neither (5 to 0); the answers were left only by a
+  hand-over that ran whole, so a management process killed, crashed, or
+  whose hand-over survey failed left none (10 to 3).
 """
 
 from __future__ import annotations
@@ -77,6 +86,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
@@ -97,7 +107,15 @@ log = logging.getLogger("balancer.kept")
 
 RETIRED_TOTAL = "retired-total.json"
 HELD = ".held"  # a dead worker's retired file written from held counters: retired-ID.held.json
-LEFT_GLOB = "held-*.answer"  # a held answer left for the successor: held-ID.answer (`leave`)
+LEFT_GLOB = "held-*.answer"  # a held answer, for the next management process (`mirror`)
+# bytes of a left answer read at most (`adopt`): 7 times a worker's answer for 100,000
+# active hosts of one backend each (~0.35 KB a host: 6.9 MB for 20,000), the bound of the
+# whole table's file (`balancer.stores.atomic.MAX_FILE_BYTES`)
+MAX_LEFT = 256 << 20
+StatKey = tuple[int, int, int]  # a file's inode, mtime (ns) and size
+# bytes written between two turns of the loop (`write_bytes`): a worker's answer of 20,000
+# hosts (15 MB) written in one call took 25-40 ms of the loop (a disk's page cache)
+WRITE_SLICE = 1 << 20
 FOLDED = "folded"  # the total's list of the workers folded into it (the latest `FOLDED_KEPT`)
 FOLDED_KEPT = 1024  # a worker matters until each management process saw its socket go
 Gone = dict[str, list[str] | None]  # host → its backends to forget, or None: the whole host
@@ -262,6 +280,10 @@ class HeldCounters:
         self.raw: dict[str, tuple[bytes, str]] = {}
         self.decoded: dict[str, dict[str, Any]] = {}  # of the missing workers only
         self.left: dict[str, tuple[bytes, str]] = {}  # adopted beside one held (`adopt`)
+        self.fresh: set[str] = set()  # held answers not in the run directory yet (`mirror`)
+        # each held answer's file as this process last wrote or read it (`adopt`, `mirror`)
+        self.known: dict[str, StatKey | None] = {}
+        self.failing = False  # the last `mirror` could not write (reported)
 
     def keep(self, path: str, raw: bytes, reply: dict[str, Any]) -> None:
         """Remember `raw`, worker `path`'s answer to a ``stats`` of every host
@@ -269,9 +291,13 @@ class HeldCounters:
         held or left before of another worker of that pid is retired: it died.
         Bug: the new worker's answer replaced it, and its counters were lost."""
         identity = worker_identity(reply["pid"], reply.get("started", 0.0))
-        for before in (self.raw.get(path), self.left.pop(path, None)):
+        left = self.left.pop(path, None)
+        for before in (self.raw.get(path), left):
             if before is not None and before[1] != identity:
                 self._retire(*before)
+                self._delete(before[1])
+        if left is not None or self.raw.get(path, (b"", ""))[0] != raw:
+            self.fresh.add(path)  # (its file: `mirror`)
         self.raw[path] = (raw, identity)
         self.decoded.pop(path, None)
 
@@ -282,36 +308,84 @@ class HeldCounters:
         self.decoded = {path: self.decoded.get(path) or self._decode(path) for path in wanted}
         return [snapshot for snapshot in self.decoded.values() if snapshot]
 
-    def leave(self) -> None:
-        """Write every held answer in the run directory (``held-ID.answer``) for the
-        management process that comes next (`adopt`); one line if it cannot."""
-        directory = str(self.retired.directory)
-        try:
-            for raw, identity in self.raw.values():
-                write_bytes(os.path.join(directory, f"held-{identity}.answer"), raw)
-        except OSError as exc:
-            log.error("cannot leave the workers' held counters in %s: %s", directory,
-                      exc.strerror or exc)
+    def mirror(self) -> None:
+        """Write each held answer the run directory does not have yet (`fresh`, or its
+        file gone with the directory) as ``held-ID.answer``, atomically, so that it
+        outlives this process however it ends (`SIGKILL`, a crash, a hand-over
+        survey that fails): the next management process holds it as its own
+        (`adopt`). An answer the same as the one written before is not written
+        again; a big one is written `WRITE_SLICE` at a time, the loop turning in
+        between (`pause`: this process answers meanwhile). One line when writing
+        starts failing (a full file system), one when it works again; what is not
+        written is tried again at the next call.
+        Bug: the answers were left only by a hand-over that ran whole, so a
+        management process killed or crashed, or whose last survey failed, left
+        none, and a worker killed before its replacement's first survey lost all
+        its counters (10 -> 3)."""
+        failure: OSError | None = None
+        for path, (raw, identity) in list(self.raw.items()):
+            name = self._file(identity)
+            if path not in self.fresh and _stat_key(name) is not None:
+                continue
+            try:
+                write_bytes(name, raw, self.pause)
+                self.known[name] = _stat_key(name)
+                self.fresh.discard(path)
+            except OSError as exc:
+                failure = exc
+        if failure is not None and not self.failing:
+            log.error("cannot leave the workers' held counters in %s: %s; kept in memory "
+                      "only until there is room", self.retired.directory,
+                      failure.strerror or failure)
+        elif failure is None and self.failing:
+            log.info("the workers' held counters are written in %s again",
+                     self.retired.directory)
+        self.failing = failure is not None
 
     def adopt(self) -> None:
-        """Hold as its own each answer another management process left (`leave`:
-        a signalled one, replaced only once it drains), of a worker this one holds
-        no answer of, and delete it; one of a worker it holds an answer of is kept
-        beside (`left`), retired from too (the higher counters: `retire_gone`) until
-        the worker answers (`keep`). Bugs: a worker killed between that process's
-        last survey and this one's first was held by neither, its counters lost; at
-        a reload the draining process's answer, newer than the successor's, was
-        deleted unread, and a worker killed then retired from the older (8 -> 5)."""
+        """Hold as its own each answer another management process left in the run
+        directory (`mirror`: one killed, or signalled and replaced once it drains),
+        of a worker this one holds no answer of; one of a worker it holds an
+        answer of is kept beside (`left`), retired from too (the higher counters:
+        `retire_gone`) until the worker answers (`keep`). Each file is read once
+        (not its own: `known`), at most `MAX_LEFT` bytes; one not a regular file,
+        larger, or of no worker is deleted unread (one line). The files stay:
+        each is this one's now, replaced by its next answer, deleted with its
+        worker (`retire_gone`). Bugs: a worker killed between that process's
+        last survey and this one's first was held by neither, its counters lost;
+        at a reload the draining process's answer, newer than the successor's,
+        was deleted unread, and a worker killed then retired from the older
+        (8 -> 5); a FIFO under that name blocked every survey; a huge file was
+        read whole."""
+        directory = str(self.retired.directory)
         for path in self.retired.directory.glob(LEFT_GLOB):
-            identity = path.stem.partition("-")[2]
+            name = str(path)
+            identity = path.name[len("held-"):-len(".answer")]
             pid = identity.partition("-")[0]
-            socket = control_path(str(self.retired.directory), int(pid)) \
-                if pid.isdecimal() else None
+            socket = control_path(directory, int(pid)) if pid.isdecimal() else None
+            raw, key = read_left(name, self.known.get(name))
+            if raw is None and key is not None:
+                continue  # (its own, or read before)
+            if raw is None or socket is None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                self.known.pop(name, None)
+                continue
+            self.known[name] = key
+            held = self.raw.get(socket)
+            if held is None:
+                self.raw[socket] = (raw, identity)
+            elif held != (raw, identity):
+                self.left[socket] = (raw, identity)
+
+    def drop_all(self) -> None:
+        """Delete every answer left in the run directory: the whole balancer stops,
+        no management process comes next (each worker retires its own counters as
+        it drains)."""
+        for path in self.retired.directory.glob(LEFT_GLOB):
             with contextlib.suppress(OSError):
-                if socket is not None and path.is_file():  # (a FIFO would block)
-                    kept = self.raw if socket not in self.raw else self.left
-                    kept[socket] = (path.read_bytes(), identity)
                 path.unlink()
+        self.known.clear()
 
     def unlisted(self, listed: Collection[str]) -> list[str]:
         """The held workers not `listed` whose process lives and that did not
@@ -328,8 +402,24 @@ class HeldCounters:
         for path in [path for path in self.raw if path not in listed]:
             raw, identity = self.raw.pop(path)
             self._retire(raw, identity, self.decoded.pop(path, None))
+            self._delete(identity)
+            self.fresh.discard(path)
             if path in self.left:
-                self._retire(*self.left.pop(path))
+                raw, identity = self.left.pop(path)
+                self._retire(raw, identity)
+                self._delete(identity)
+
+    def _file(self, identity: str) -> str:
+        """The run directory's file of worker `identity`'s held answer (`mirror`)."""
+        return os.path.join(self.retired.directory, f"held-{identity}.answer")
+
+    def _delete(self, identity: str) -> None:
+        """Delete worker `identity`'s held answer from the run directory (it died)."""
+        name = self._file(identity)
+        for leftover in (name, name + ".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+        self.known.pop(name, None)
 
     def _retire(self, raw: bytes, identity: str, known: dict[str, Any] | None = None
                 ) -> None:
@@ -374,18 +464,61 @@ def _lives(pid: int | None) -> bool:
     return True
 
 
+def _stat_key(path: str) -> StatKey | None:
+    """`path`'s `StatKey`, None if it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def read_left(path: str, known: StatKey | None) -> tuple[bytes | None, StatKey | None]:
+    """The bytes of left answer `path` and its `StatKey`; (None, key) when it is
+    still the file `known` (not read again); (None, None) when it is missing,
+    unreadable, not a regular file (a FIFO would block: opened non-blocking) or
+    larger than `MAX_LEFT` (one line: read whole, a damaged or planted file of any
+    size stalled this process and took its memory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return None, None
+    try:
+        st = os.fstat(fd)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if not stat.S_ISREG(st.st_mode):
+            return None, None
+        if key == known:
+            return None, key
+        if st.st_size > MAX_LEFT:
+            log.warning("held counters ignored, %s: %d bytes, more than the %d a worker's "
+                        "answer can be", path, st.st_size, MAX_LEFT)
+            return None, None
+        with os.fdopen(os.dup(fd), "rb") as left:
+            data = left.read(MAX_LEFT + 1)
+        return (data, key) if len(data) <= MAX_LEFT else (None, None)
+    except OSError:
+        return None, None
+    finally:
+        os.close(fd)
+
+
 def write_json(path: str, value: Any) -> None:
     """Write `value` to `path` atomically (`write_bytes`)."""
     write_bytes(path, json.dumps(value).encode())
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes, pause: Callable[[], None] | None = None) -> None:
     """Write `data` to `path` atomically (a reader sees all of it or nothing; a
-    failed write leaves no part)."""
+    failed write leaves no part); `pause` called between two `WRITE_SLICE`s."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as out:
-            out.write(data)
+            view = memoryview(data)
+            for start in range(0, len(view), WRITE_SLICE):
+                if start and pause is not None:
+                    pause()
+                out.write(view[start:start + WRITE_SLICE])
         os.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):

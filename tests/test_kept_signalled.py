@@ -22,11 +22,13 @@ import json
 import os
 import re
 import signal
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.support import Balancer, control_socket, request, wait_for
+from tests.support import Backend, Balancer, control_socket, request, wait_for
 from tests.test_kept_counters import HOST, send_until_both_counted
 
 
@@ -44,37 +46,6 @@ def exited(pid: int) -> bool:
 def ready_pids(bal: Balancer, kind: str) -> list[int]:
     """The pids of the `kind` children the arbiter logged ready, in order."""
     return [int(pid) for pid in re.findall(rf"{kind} (\d+) ready \(slot", bal.output())]
-
-
-def test_a_signalled_management_process_leaves_its_held_counters_to_the_next(
-        tmp_path, backend):
-    """The worker killed in the window is retired from the counters the old process
-    left; the one alive answers and is counted once (what was left is not added)."""
-    bal = Balancer(tmp_path, {HOST: {"action": "proxy", "backends": [backend.address]}},
-                   args=["--workers", "2"])
-    try:
-        wait_for(lambda: len(ready_pids(bal, "worker")) == 2, 20, what="two workers")
-        sent = send_until_both_counted(bal)
-        [management], [killed, alive] = ready_pids(bal, "management"), ready_pids(bal, "worker")
-        os.kill(bal.proc.pid, signal.SIGSTOP)
-        try:
-            os.kill(management, signal.SIGTERM)  # it hands over, then drains and exits
-            wait_for(lambda: exited(management), 10, interval=0.005,
-                     what="the signalled management process to exit")
-            os.kill(killed, signal.SIGKILL)
-            wait_for(lambda: exited(killed), 10, interval=0.005, what="the worker to die")
-        finally:
-            os.kill(bal.proc.pid, signal.SIGCONT)
-        wait_for(lambda: len(ready_pids(bal, "management")) == 2
-                 and len(ready_pids(bal, "worker")) == 3, 20,
-                 what="a new management process and worker")
-        assert completed(bal) == sent
-        assert request(bal.port, host=HOST)[0] == 200
-        wait_for(lambda: completed(bal) == sent + 1, 10, what="the next request counted")
-        run_dir = Path(control_socket(alive)).parent
-        assert not list(run_dir.glob("held-*.answer")), "what was left is not deleted"
-    finally:
-        bal.stop()
 
 
 def test_a_left_answer_of_a_worker_that_retired_itself_is_not_counted_again(tmp_path):
@@ -202,3 +173,154 @@ def test_a_left_answer_of_a_worker_folded_already_is_not_counted_again(tmp_path)
     held.adopt()
     held.retire_gone([])
     assert _retired_completed(retired) == 6
+
+
+def _signalled(management: int, run_dir: Path) -> None:
+    """It hands over (its last survey), then drains and exits."""
+    os.kill(management, signal.SIGTERM)
+
+
+def _killed_outright(management: int, run_dir: Path) -> None:
+    os.kill(management, signal.SIGKILL)
+
+
+def _hand_over_fails(management: int, run_dir: Path) -> None:
+    """Its hand-over survey finds no run directory (moved away meanwhile, then back)."""
+    away = run_dir.with_name(run_dir.name + "-away")
+    run_dir.rename(away)
+    try:
+        os.kill(management, signal.SIGTERM)
+        wait_for(lambda: exited(management), 10, interval=0.005,
+                 what="the signalled management process to exit")
+    finally:
+        away.rename(run_dir)
+
+
+@pytest.fixture(scope="module")
+def kept_backend() -> Iterator[Backend]:
+    backend = Backend("kept")
+    yield backend
+    backend.stop()
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory: pytest.TempPathFactory, kept_backend: Backend
+                ) -> Iterator[Balancer]:
+    """One balancer with 2 workers for every case (each leaves it whole again; the
+    last stops it)."""
+    bal = Balancer(tmp_path_factory.mktemp("kept"),
+                   {HOST: {"action": "proxy", "backends": [kept_backend.address]}},
+                   args=["--workers", "2"])
+    try:
+        yield bal
+    finally:
+        bal.stop()
+
+
+# (in this order: the arbiter's crash backoff grows with each unexpected exit)
+@pytest.mark.parametrize("end", [_signalled, _hand_over_fails, _killed_outright],
+                         ids=["signalled", "hand-over-survey-fails", "sigkill"])
+def test_a_worker_killed_before_the_next_management_process_looks_keeps_its_counters(
+        two_workers: Balancer, end: Callable[[int, Path], None]) -> None:
+    """The management process signalled (it hands over), signalled while its
+    hand-over survey cannot run, or SIGKILLed (nothing runs in it); a worker
+    SIGKILLed before the replacement's first look (the arbiter stopped: no
+    replacement starts before both are gone). The answers it held are in the run
+    directory (`HeldCounters.mirror`): the dead worker is retired from them, the
+    one alive answers and is counted once (what was left is not added). Bugs: held
+    by neither (signalled: 5 -> 0); its hand-over survey failing, or killed, it
+    left nothing (10 -> 3)."""
+    bal = two_workers
+    wait_for(lambda: len(workers(bal)) == 2, 20, what="two workers")
+    before = completed(bal)
+    sent = before + send_until_both_counted(bal, before)  # (a scrape: every answer held)
+    managements, started = len(ready_pids(bal, "management")), len(ready_pids(bal, "worker"))
+    management, [killed, alive] = ready_pids(bal, "management")[-1], workers(bal)
+    run_dir = Path(control_socket(alive)).parent
+    os.kill(bal.proc.pid, signal.SIGSTOP)
+    try:
+        end(management, run_dir)
+        wait_for(lambda: exited(management), 10, interval=0.005,
+                 what="the management process to end")
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: exited(killed), 10, interval=0.005, what="the worker to die")
+    finally:
+        os.kill(bal.proc.pid, signal.SIGCONT)
+    wait_for(lambda: len(ready_pids(bal, "management")) == managements + 1
+             and len(ready_pids(bal, "worker")) == started + 1, 20,
+             what="a new management process and worker")
+    assert completed(bal) == sent
+    assert request(bal.port, host=HOST)[0] == 200
+    wait_for(lambda: completed(bal) == sent + 1, 10, what="the next request counted")
+    assert not list(run_dir.glob(f"held-{killed}-*.answer")), "the dead one's is deleted"
+    assert list(run_dir.glob(f"held-{alive}-*.answer")), "the live one's is held"
+
+
+def workers(bal: Balancer) -> list[int]:
+    """The pids of the workers that answer now."""
+    return [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
+
+
+def test_a_huge_left_answer_is_deleted_unread(two_workers: Balancer) -> None:
+    """A file under a left answer's name larger than `MAX_LEFT` (sparse: it costs the
+    file system nothing) is deleted unread at the next survey, one line said; the
+    management process's memory does not grow by it. Bug: read whole (its peak
+    grew by the file's size)."""
+    from management.kept import MAX_LEFT
+
+    bal = two_workers
+    run_dir = Path(control_socket(workers(bal)[0])).parent
+    management = ready_pids(bal, "management")[-1]
+    huge = run_dir / "held-4242-1.answer"
+    with open(huge, "wb") as planted:
+        planted.truncate(MAX_LEFT + 1)
+    peak = _peak(management)
+    assert bal.metrics_text()
+    assert not huge.exists()
+    assert _peak(management) - peak < MAX_LEFT // 4
+    wait_for(lambda: f"held counters ignored, {huge}: {MAX_LEFT + 1} bytes" in bal.output(),
+             5, what="the line")
+
+
+def _peak(pid: int) -> int:
+    """Process `pid`'s peak resident memory (bytes)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_full_stop_leaves_no_held_answers(two_workers: Balancer, kept_backend: Backend
+                                            ) -> None:
+    """The whole balancer stops (SIGTERM to the arbiter): no management process comes
+    next, so the one stopping surveys no more and deletes every answer held in the
+    run directory (the arbiter's status says `stopping`), while a worker still
+    drains a request. Bug: each stop wrote every worker's answer there (megabytes
+    each on a big table), kept until the arbiter exited."""
+    bal = two_workers
+    wait_for(lambda: len(workers(bal)) == 2, 20, what="two workers")
+    send_until_both_counted(bal, completed(bal))
+    run_dir = Path(control_socket(workers(bal)[0])).parent
+    assert len(list(run_dir.glob("held-*.answer"))) == 2
+    management, reached = ready_pids(bal, "management")[-1], kept_backend.count
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(request, bal.port, path="/hold", host=HOST)
+        try:
+            wait_for(lambda: kept_backend.count > reached, 10, what="the request held")
+            bal.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: gone(management), 10, what="the management process to exit")
+            assert bal.proc.poll() is None, "the arbiter waits for the draining worker"
+            assert not list(run_dir.glob("held-*")), "no answer left"
+        finally:
+            kept_backend.released.set()
+        assert held.result(10)[0] == 200
+    assert bal.proc.wait(10) == 0
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` exited (reaped, or a zombie)."""
+    try:
+        return exited(pid)
+    except FileNotFoundError:
+        return True
