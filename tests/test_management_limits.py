@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import http.client
-import logging
 import json
+import logging
 import os
 import socket
 import subprocess
