@@ -319,7 +319,10 @@ class ManagementServer(RestingServer, WSGIServer):
                  max_connections: int = MAX_CONNECTIONS,
                  early: Callable[[dict[str, Any]], ApiError | None] = lambda env: None
                  ) -> None:
-        super().__init__(sock, app, log=None, error_log=log, spawn=Pool())
+        # SERVER_NAME given: gevent would look it up (`getfqdn`, a resolver thread at
+        # each start) for what only a request without a Host header could use
+        super().__init__(sock, app, log=None, error_log=log, spawn=Pool(),
+                         environ={"SERVER_NAME": server_name(sock)})
         self.early = early  # what refuses a request with a body from its head alone
         self.timeouts = timeouts
         self.max_header_bytes = max_header_bytes
@@ -381,6 +384,13 @@ class ManagementServer(RestingServer, WSGIServer):
     def forget(self, handler: ManagementHandler) -> None:
         self.heads.pop(handler, None)
         self.open.discard(handler)
+
+
+def server_name(sock: Any) -> str:
+    """WSGI's ``SERVER_NAME``: the address `sock` listens on, as it is (werkzeug builds
+    the host of a request without a Host header from it)."""
+    address = sock.getsockname()
+    return str(address[0]) if isinstance(address, tuple) else ""
 
 
 def framing_problem(headers: Any) -> str:
