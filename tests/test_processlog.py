@@ -175,7 +175,7 @@ def test_waiting_for_the_queue_wakes_as_the_writer_empties_it(fifo) -> None:
     stream.write("last words\n")
     started = time.monotonic()
     stream.wait(0.2)  # (nobody reads: the bound ends it)
-    assert 0.15 <= time.monotonic() - started and not stream.is_idle()
+    assert time.monotonic() - started >= 0.15 and not stream.is_idle()
     read_until(reader, b"last words\n")
     deadline = time.monotonic() + WAIT
     while not stream.is_idle():  # (bounded: each wait ends at the writer's wake-up)
