@@ -16,12 +16,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from tests.support import Balancer, wait_for
-from tests.test_reuseport import holders, listening_inodes
+from tests.support import Balancer, holders, listening_inodes, wait_for
 
 RULE = {"action": "proxy", "backends": ["127.0.0.1:9"]}
 RELOADS = 2
-PACE = 0.02  # seconds between two requests of a client (a busy loop cost 1.5 s of CPU)
+PACE = 0.03  # seconds between two requests of a client (a busy loop cost 1.5 s of CPU)
 
 
 class Client:
