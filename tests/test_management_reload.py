@@ -168,7 +168,10 @@ def test_no_api_request_is_lost_or_reset_across_reloads(tmp_path):
             slow.sendall(rest)
             answer = answer_of(slow)
             slow.close()
-            assert answer in ((200, "close"), (202, "close")), answer  # (202: below)
+            # (202: a new worker that did not confirm within apply_timeout, a loaded
+            # machine; an old one that ended its drain as it was asked is no longer
+            # named: tests/test_loop_failures.py)
+            assert answer in ((200, "close"), (202, "close")), answer
             wait_for(lambda g=generation: re.search(
                 rf"management \d+ ready \(slot 0, generation {g}\)", bal.output()),
                 timeout=10, what=f"generation {generation}")
