@@ -44,7 +44,7 @@ from balancer.certificates import make_record
 from balancer.restarts import Restarts, every
 from tests.acmefake import FakeAcme
 from tests.conftest import RedisServer
-from tests.rawpeer import Link, Relay, serve_each
+from tests.rawpeer import Link, Relay, cut, serve_each
 from tests.support import (
     Balancer,
     InProcessWorkers,
@@ -289,7 +289,7 @@ def exiting_worker(run_dir: Path, pid: int) -> Callable[[], None]:
             conn.settimeout(2)
             command = conn.recv(65536, socket.MSG_PEEK)
             if command.startswith(b"apply"):
-                listener.close()  # (closed with the ask unread: the management process's reset)
+                cut(listener)  # (closed with the ask unread: the management process's reset)
                 return
             conn.recv(65536)
             conn.sendall(json.dumps({"pid": pid, "version": 0, "highest": 0,
