@@ -693,9 +693,28 @@ def ask_raw(path: str, command: str, timeout: float = CONTROL_TIMEOUT
     except TimeoutError:
         return None, f"no answer within {timeout:g}s"
     except OSError as exc:
-        return None, f"no usable answer: {exc}"
+        return None, "gone" if no_one_listens(path) else f"no usable answer: {exc}"
     finally:
         sock.close()
+
+
+def no_one_listens(path: str) -> bool:
+    """Whether no worker listens at `path` any more: an ask that broke (reset) as
+    the worker closed its socket at its exit (`ControlServer.close`, the file
+    removed just after) is "gone", as one made after. Bug: a write during a
+    reload answered 202, naming the worker that had just ended its drain (it
+    serves nobody) as not serving the write."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(CONTROL_TIMEOUT)
+    try:
+        probe.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
 
 
 def decoded(raw: bytes | None, why: str, pause: Callable[[], None] | None = None

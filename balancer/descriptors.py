@@ -83,17 +83,21 @@ def is_exhausted(exc: OSError) -> bool:
     return exc.errno in EXHAUSTED
 
 
-def exhaustion(exc: BaseException) -> OSError | None:
-    """The running out of descriptors or memory (`is_exhausted`) that `exc` is, or
-    was raised while handling (its cause or context, a few deep); None if none."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            break
-        if isinstance(seen, OSError) and is_exhausted(seen):
-            return seen
-        seen = seen.__cause__ or seen.__context__
+def exhaustion(exc: BaseException) -> OSError | MemoryError | None:
+    """`exc` if it is running out of descriptors or memory (`is_exhausted`, or
+    Python's `MemoryError`); None otherwise. Only `exc` itself counts: bug: a bug
+    raised while handling EMFILE (its context) was taken for the EMFILE, and
+    answered 503 without its traceback."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and is_exhausted(exc)):
+        return exc
     return None
+
+
+def shortage(exc: OSError | MemoryError) -> str:
+    """What ran out, in a few words ("Too many open files", "out of memory")."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return "out of memory"
 
 
 def is_skipped(exc: OSError) -> bool:

@@ -76,6 +76,8 @@ class QueuedStderr:
         self._unended = ""  # text written since the last line's end, not queued yet
         self._wake = _allocate_lock()  # released: text waits (a binary semaphore)
         self._wake.acquire()
+        self._emptied = _allocate_lock()  # released: the writer emptied the queue (`wait`)
+        self._emptied.acquire()
         # each counter has one writing thread: `write`'s, or the writer's (no lock)
         self._added = self._taken = 0  # bytes (with WRITE_COST) queued, and taken off
         self._refused = 0  # lines `write` dropped, the queue full
@@ -142,6 +144,11 @@ class QueuedStderr:
         """Nothing queued and nothing being written."""
         return not self._pending and not self._busy
 
+    def wait(self, timeout: float) -> None:
+        """Block until the writer next empties the queue (or did since the last
+        wait), at most `timeout` seconds."""
+        self._emptied.acquire(timeout=max(0.0, timeout))
+
     def after_fork(self) -> None:
         """In a fork's child: the parent's queue is the parent's to write."""
         self._reset()
@@ -152,6 +159,8 @@ class QueuedStderr:
             self._wake.acquire()
             while self._pending:
                 self._write_pending()
+            with contextlib.suppress(RuntimeError):  # released already: not waited for yet
+                self._emptied.release()
 
     def _write_pending(self) -> None:
         self._busy = True
@@ -215,12 +224,16 @@ def dropped() -> int:
 
 def drain(timeout: float = EXIT_WAIT) -> None:
     """Before the process exits: wait until what is queued is written, at most
-    `timeout` seconds (a bounded poll: the writer is another thread)."""
+    `timeout` seconds (woken by the writer thread as it empties the queue; was a
+    poll every 10 ms, at every process's exit)."""
     if _installed is None:
         with contextlib.suppress(Exception):
             sys.stderr.flush()
         return
     _installed.flush()
     deadline = time.monotonic() + timeout
-    while not _installed.is_idle() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while not _installed.is_idle():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        _installed.wait(left)

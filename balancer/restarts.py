@@ -18,8 +18,9 @@ Invariants:
   no longer followed, ``balancer_store_up`` 1); others logged a traceback at
   every turn (every second, every 0.25 s) or said nothing at all.
 * Running out of descriptors or memory (EMFILE under a limit lowered by
-  `prlimit`, ENFILE, ENOMEM) is no bug: one line, no traceback, per episode
-  (failures of that kind within twice the cap, wherever raised), as
+  `prlimit`, ENFILE, ENOMEM, Python's `MemoryError`) is no bug: one line, no
+  traceback, per episode (failures of that kind, `shortage`, within twice the
+  cap, wherever raised), as
   `balancer.resting` tells it for accepts; the loop goes on the same way and
   recovers once they free up. Bug: the certificates' watch logged a traceback
   asking for a bug report.
@@ -31,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from balancer.descriptors import is_exhausted
+from balancer.descriptors import exhaustion, shortage
 
 # seconds a loop pauses after an unexpected exception (`Restarts`), doubling up to the cap
 RESTART_FIRST = 0.5
@@ -66,11 +67,12 @@ class Restarts:
         recent = now - self.last <= 2 * RESTART_CAP
         self.pause = min(self.pause * 2, RESTART_CAP) if recent else RESTART_FIRST
         self.last = now
-        exhausted = isinstance(exc, OSError) and is_exhausted(exc)
-        if exhausted:
-            problem = (f"{self.where}: {self.loop} failed: {exc}; {self.then} until "
+        exhausted = exhaustion(exc)
+        if exhausted is not None:
+            problem = (f"{self.where}: {self.loop} failed: {str(exc) or shortage(exhausted)}; "
+                       f"{self.then} until "
                        "descriptors (or memory) free up")
-            site: tuple[object, ...] = (EXHAUSTED,)  # (one episode, wherever raised)
+            site: tuple[object, ...] = (EXHAUSTED, shortage(exhausted))  # (wherever raised)
         else:
             problem = (f"{self.where}: {self.loop} failed unexpectedly "
                        f"({type(exc).__name__}: {exc}); {self.then} (a bug: please report "
@@ -78,7 +80,7 @@ class Restarts:
             site = _site(exc)
         if site != self.site or not recent:
             self.logger.log(logging.DEBUG if self.quiet else logging.ERROR, "%s", problem,
-                            exc_info=None if exhausted else exc)
+                            exc_info=None if exhausted is not None else exc)
         self.problem, self.site = problem, site
         return problem
 

@@ -29,7 +29,7 @@ from werkzeug.routing import Map
 from werkzeug.wrappers import Request, Response
 
 from balancer.backend_tls import BackendTLS
-from balancer.descriptors import exhaustion
+from balancer.descriptors import exhaustion, shortage
 from balancer.restarts import Restarts
 from balancer.stores import (
     CorruptStore,
@@ -205,10 +205,12 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
 
     def failed(self, request: Request, path: str, exc: Exception) -> Response:
         """500 `internal_error` for a bug, its traceback logged; 503
-        `resources_exhausted` out of descriptors or memory (EMFILE under a limit
-        lowered by `prlimit`, ENFILE, ENOMEM), one line an episode as the
-        background loops (`Restarts`). Bug: each such request logged a traceback
-        asking for a bug report."""
+        `resources_exhausted` when `exc` is running out of descriptors or memory
+        (EMFILE under a limit lowered by `prlimit`, ENFILE, ENOMEM, `MemoryError`:
+        `exhaustion`), one line an episode as the background loops (`Restarts`).
+        Bugs: each such request logged a traceback asking for a bug report
+        (`MemoryError` until 2026-12-07's night); a bug raised while handling
+        EMFILE was answered 503, its traceback never logged."""
         exhausted = exhaustion(exc)
         if exhausted is None:
             log.error("management %s %s failed", request.method, path, exc_info=exc)
@@ -217,7 +219,7 @@ class ManagementApp(HostRoutes, StatusRoutes, DeployRoutes, DashboardRoutes):
         self.exhausted.failed(exhausted)
         return error_response(ApiError(
             503, "resources_exhausted", "the management process is out of descriptors or "
-            f"memory ({exhausted.strerror or exhausted}); try again once they free up"))
+            f"memory ({shortage(exhausted)}); try again once they free up"))
 
     # certificates (management/certs_api.py) --------------------------------
     def on_list_certs(self, request: Request) -> Response:

@@ -44,10 +44,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gevent import Timeout, getcurrent
+from gevent import Timeout, get_hub, getcurrent
 from gevent.pool import Pool
 from gevent.pywsgi import MAX_REQUEST_LINE, Input, WSGIHandler, WSGIServer
 
+from balancer.peek import OPEN, peek_under
 from balancer.resting import RestingServer
 from management.http import MAX_BODY, ApiError, error_bytes, error_response
 
@@ -60,6 +61,11 @@ LINGER_BYTES = 16 * MAX_BODY
 LINGER_READ = 65536
 # what reading a request head raises for a client's fault (`refusal`)
 CLIENT_ERRORS = (ValueError, OSError, http.client.HTTPException)
+
+
+class IdleClose(Exception):
+    """A draining server ends a kept-alive connection waiting for its next request
+    (`ManagementHandler.close_if_idle`)."""
 
 
 class HeadTimeout(ValueError):
@@ -112,6 +118,7 @@ class ManagementHandler(RawTargetHandler):
         self.served = 0  # requests answered on this connection
         self.head_timer: Timeout | None = None
         self.task = getcurrent()
+        self.idle = False  # waiting for the next request on a kept-alive connection
 
     def handle(self) -> None:
         try:
@@ -127,9 +134,18 @@ class ManagementHandler(RawTargetHandler):
         now = time.monotonic()
         start = now if self.served else self.accepted
         self.server.waiting(self)
+        if self.served and self.server.draining and not self.has_pending():
+            return self.close_idle()  # (its last answer began before the drain)
         self.socket.settimeout(settings.client_idle if self.served
                                else max(0.001, start + settings.client_header - now))
-        if not self.rfile.peek(1):  # EOF; a timeout raises OSError, which closes
+        self.idle = bool(self.served)
+        try:
+            arrived = self.rfile.peek(1)  # EOF: b""; a timeout raises OSError, which closes
+        except IdleClose:
+            return self.close_idle()
+        finally:
+            self.idle = False
+        if not arrived:
             return ""
         if self.served:
             start = time.monotonic()
@@ -245,6 +261,31 @@ class ManagementHandler(RawTargetHandler):
         env.pop("HTTP_TRANSFER_ENCODING", None)
         return None
 
+    # a draining server's idle connections -----------------------------------
+    def close_if_idle(self) -> None:
+        """Run by the hub at the drain (`ManagementServer.drain`): end this kept-alive
+        connection if it still waits for its next request and no byte of one came
+        (`IdleClose` lands in that wait, nowhere else: the handler is not running).
+        Bytes that came are a request: answered, with ``Connection: close``."""
+        if self.idle and peek_under(self.socket) == OPEN:
+            self.task.throw(IdleClose())
+
+    def has_pending(self) -> bool:
+        """Whether bytes of a next request came (read ahead, or in the socket)."""
+        self.socket.settimeout(0.0)
+        try:
+            return bool(self.rfile.peek(1))
+        except OSError:
+            return False
+
+    def close_idle(self) -> str:
+        """Close a kept-alive connection between requests, as a lingering close: the
+        FIN first, then a request racing it is read and dropped, unanswered and
+        never run (the client sees the connection end before any answer, and may
+        send it again on a new one), not met with a reset."""
+        self.linger()
+        return ""
+
     # helpers ---------------------------------------------------------------
     def refuse(self, ex: Exception) -> str:
         """Answer the head refused for `ex` (best effort); "": the connection closes."""
@@ -278,7 +319,10 @@ class ManagementServer(RestingServer, WSGIServer):
                  max_connections: int = MAX_CONNECTIONS,
                  early: Callable[[dict[str, Any]], ApiError | None] = lambda env: None
                  ) -> None:
-        super().__init__(sock, app, log=None, error_log=log, spawn=Pool())
+        # SERVER_NAME given: gevent would look it up (`getfqdn`, a resolver thread at
+        # each start) for what only a request without a Host header could use
+        super().__init__(sock, app, log=None, error_log=log, spawn=Pool(),
+                         environ={"SERVER_NAME": server_name(sock)})
         self.early = early  # what refuses a request with a body from its head alone
         self.timeouts = timeouts
         self.max_header_bytes = max_header_bytes
@@ -297,17 +341,23 @@ class ManagementServer(RestingServer, WSGIServer):
         handler.handle()
 
     def drain(self) -> None:
-        """Stop accepting at once, and answer each connection's next request with
-        ``Connection: close`` (the client opens a new one: to the successor); an
-        idle connection stays open for its next request until `stop`'s timeout.
-        The listening socket stays open in the arbiter and the successor, which
-        take every new connection (while a replacement starts, they wait in its
-        queue). Bug: a process told to drain went on accepting until its drain
-        (the deploys and the issuer stopped first), and kept its connections
-        alive to its drain's end, then cut them: requests in flight were reset,
-        or not answered."""
+        """Stop accepting at once; close each kept-alive connection waiting for its
+        next request now, with no request in flight (`close_if_idle`, as nginx and
+        Go's servers on a graceful stop), and answer every request that arrived
+        with ``Connection: close`` (the client opens a new connection: to the
+        successor). The listening socket stays open in the arbiter and the
+        successor, which take every new connection (while a replacement starts,
+        they wait in its queue). Bugs: a process told to drain went on accepting
+        until its drain (the deploys and the issuer stopped first), and kept its
+        connections alive to its drain's end, then cut them: requests in flight
+        were reset, or not answered; later, an idle kept-alive connection stayed
+        open to the drain's end, then was cut wherever it was: a request sent
+        then was reset, or run and never answered."""
         self.draining = True
         self.close()
+        for handler in list(self.open):
+            if handler.idle:
+                get_hub().loop.run_callback(handler.close_if_idle)
 
     remedy = ("closing the connection that has waited longest for a request head at "
               "each accept (or pausing accepts for 0.5 s at a time when none waits)")
@@ -334,6 +384,13 @@ class ManagementServer(RestingServer, WSGIServer):
     def forget(self, handler: ManagementHandler) -> None:
         self.heads.pop(handler, None)
         self.open.discard(handler)
+
+
+def server_name(sock: Any) -> str:
+    """WSGI's ``SERVER_NAME``: the address `sock` listens on, as it is (werkzeug builds
+    the host of a request without a Host header from it)."""
+    address = sock.getsockname()
+    return str(address[0]) if isinstance(address, tuple) else ""
 
 
 def framing_problem(headers: Any) -> str:

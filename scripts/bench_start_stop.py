@@ -10,9 +10,10 @@ compiled figures; the trees alternate, cycle by cycle). For each cycle:
 * ``ready``: wall seconds from the command's start until it logs
   ``listening on ... for management`` (once every child is ready);
 * CPU seconds at ready (from /proc: each process's threads' run time, and
-  the throwaway children the arbiter reaped by then, the entry-point look-up
-  and the start-up check, in whole clock ticks): the arbiter's own, the
-  reaped children's, the management process's and the workers';
+  the throwaway children the arbiter reaped by then, in whole clock ticks:
+  the start-up check, and on trees before 2026-12-07 the entry-point look-up
+  child): the arbiter's own, the reaped children's, the management
+  process's and the workers';
 * ``stop``: the rest, until the command exited (its whole tree's CPU from
   `getrusage` of this script's reaped children, less the figures at ready);
 * ``total``: the whole tree's CPU, start to exit (``system``: the kernel's

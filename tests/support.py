@@ -716,3 +716,28 @@ def acquire(backend: Any) -> tuple[Any, bool]:
     idle = backend.acquire_idle()
     return (idle, True) if idle is not None else (backend.connect(), False)
 
+
+def listening_inodes(port: int) -> set[int]:
+    """Inodes of the sockets listening on TCP `port` (any address)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(int(fields[9]))
+    return found
+
+
+def holders(inode: int, pids: list[int]) -> set[int]:
+    """Which of `pids` hold the socket `inode` open."""
+    target = f"socket:[{inode}]"
+    held = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == target:
+                    held.add(pid)
+                    break
+            except OSError:
+                continue
+    return held

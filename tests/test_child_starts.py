@@ -10,9 +10,16 @@ import re
 import signal
 import time
 
-from tests.support import Balancer, constants_prefix, replace_file, request, wait_for
+from tests.support import (
+    Balancer,
+    constants_prefix,
+    holders,
+    listening_inodes,
+    replace_file,
+    request,
+    wait_for,
+)
 from tests.test_process import children_of, is_gone, wait_workers
-from tests.test_reuseport import holders, listening_inodes
 
 # `balancer.arbiter.SETTLE` (0.1 s), where a test lands in its window: a worker draining on
 # its own is replaced then (bug: a test that had to act within 0.07 s failed on a busy machine)

@@ -44,7 +44,7 @@ from balancer.certificates import make_record
 from balancer.restarts import Restarts, every
 from tests.acmefake import FakeAcme
 from tests.conftest import RedisServer
-from tests.rawpeer import Link, Relay, serve_each
+from tests.rawpeer import Link, Relay, cut, serve_each
 from tests.support import (
     Balancer,
     InProcessWorkers,
@@ -273,6 +273,49 @@ def test_a_control_answer_that_is_not_a_workers_is_no_answer(
     assert "no usable answer" in stats["lagging"][0]["reason"]
     assert stats["hosts"]["app.test"]["completed_requests"] >= 1
     assert bal.output()[mark:].count("Traceback") == 0, bal.output()[mark:]
+
+
+def exiting_worker(run_dir: Path, pid: int) -> Callable[[], None]:
+    """A socket named as worker `pid`'s that answers ``version`` asks as a worker
+    does, and at its first ``apply`` ends as a worker's at its exit: the listener
+    closed, the ask unread (a reset), the file left; returns its clean-up."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = run_dir / f"worker-{pid}.sock"
+    listener.bind(str(path))
+    listener.listen(16)
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(2)
+            command = conn.recv(65536, socket.MSG_PEEK)
+            if command.startswith(b"apply"):
+                cut(listener)  # (closed with the ask unread: the management process's reset)
+                return
+            conn.recv(65536)
+            conn.sendall(json.dumps({"pid": pid, "version": 0, "highest": 0,
+                                     "loaded": True}).encode())
+
+    serve_each(listener, serve)
+
+    def clean_up() -> None:
+        listener.close()
+        path.unlink(missing_ok=True)
+    return clean_up
+
+
+def test_a_write_is_applied_when_a_worker_exits_while_asked(one_worker: Balancer) -> None:
+    """A worker that ends its drain (a reload's old one) while a write asks it serves
+    nobody: the write is answered 200, not 202 naming it. Bug: 202 with it in
+    `lagging`, "no usable answer: [Errno 104] Connection reset by peer", though
+    every worker serving had the write."""
+    bal = one_worker
+    run_dir = Path(control_socket(wait_workers(bal, 1)[0])).parent
+    clean_up = exiting_worker(run_dir, 999995)
+    try:
+        status, answer = bal.api("PUT", "/api/v1/hosts/exiting.test", STATIC)
+    finally:
+        clean_up()
+    assert status == 200 and "lagging" not in answer, answer
 
 
 def test_reload_ends_a_store_problem_a_hand_repair_fixed(

@@ -8,18 +8,26 @@ All against a real `balancer serve` with short timeouts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import json
+import logging
 import os
+import re
+import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from balancer.stores.file import FileStore
+from management.app import create_app
 from management.http import MAX_BODY
+from management.runtime import StaticRuntime
 from tests.support import Balancer, constants_prefix, wait_for
 from tests.test_process import children_of
 
@@ -335,3 +343,97 @@ def test_out_of_descriptors_api_requests_answer_503_with_one_line_an_episode(
     out = bal.output()[before:]
     assert "Traceback" not in out and "please report" not in out, out
     assert out.count("management API: a request failed: [Errno 24]") == 1, out
+
+
+def put_raw(bal: Balancer, path: str, body: bytes) -> tuple[int, Any]:
+    """The status and JSON answer of a PUT of `body` as it is."""
+    conn = http.client.HTTPConnection("127.0.0.1", bal.mport, timeout=10)
+    try:
+        conn.request("PUT", path, body=body, headers={**AUTH, "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def fresh_management(bal: Balancer) -> int:
+    """Replace the management process (`SIGTERM` to it: the arbiter starts another at
+    once); the new one's pid. (A fresh process: what earlier tests' requests left
+    free in its heap would take a parse a limit on its address space should stop.)"""
+    workers = {p["pid"] for p in bal.api("GET", "/api/v1/info", headers=AUTH)[1]["processes"]}
+    [old] = [pid for pid in children_of(bal.proc.pid) if pid not in workers]
+    os.kill(old, signal.SIGTERM)
+    ready = re.compile(r"management (\d+) ready")
+    return int(wait_for(lambda: [pid for pid in ready.findall(bal.output()) if int(pid) != old
+                                 and int(pid) in children_of(bal.proc.pid)],
+                        what="a new management process")[-1])
+
+
+def test_out_of_memory_api_requests_answer_503_with_one_line_an_episode(bal: Balancer) -> None:
+    """`prlimit --as` of a fresh management process to 8 MiB over its address space:
+    a whole-table PUT of 1 MiB of empty objects (~27 MiB parsed) runs out, Python's
+    `MemoryError`. Two such requests: each answered 503 `resources_exhausted`,
+    one log line, no traceback; 200 once the limit is lifted. Bug: each answered
+    500 with a traceback in the log, asking for a bug report."""
+    management = fresh_management(bal)
+    body = b"[" + b"{}," * (MAX_BODY // 3 - 1) + b"{}]"  # (~350,000 dicts)
+    before = len(bal.output())
+    with open(f"/proc/{management}/status") as status:
+        [size] = [int(line.split()[1]) for line in status if line.startswith("VmSize:")]
+    subprocess.run(["prlimit", f"--pid={management}", f"--as={(size + 8192) * 1024}:"],
+                   check=True, timeout=10)
+    try:
+        answers = [put_raw(bal, "/api/v1/hosts", body) for _ in range(2)]
+    finally:
+        subprocess.run(["prlimit", f"--pid={management}", "--as=unlimited:"], check=True,
+                       timeout=10)
+    assert bal.api("GET", "/api/v1/stats", headers=AUTH)[0] == 200
+    assert [(status, answer["error"]) for status, answer in answers] == \
+        [(503, "resources_exhausted")] * 2, answers
+    assert "(out of memory)" in answers[0][1]["message"], answers[0]
+    out = bal.output()[before:]
+    assert "Traceback" not in out and "please report" not in out, out
+    assert out.count("management API: a request failed: out of memory") == 1, out
+
+
+class BuggyWhenOutOfDescriptors(StaticRuntime):
+    """A runtime whose statistics meet EMFILE and, handling it, raise a bug."""
+
+    def stats(self, select: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        except OSError:
+            return {}["totals"]  # (the bug: KeyError, its context the EMFILE)
+
+
+def test_a_bug_raised_while_handling_emfile_is_a_500_with_its_traceback(
+        tmp_path: Path, serve_wsgi: Callable[[Any], str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Only running out itself is 503 `resources_exhausted`: a bug raised while
+    handling EMFILE is 500 `internal_error`, logged with its traceback. Bug: it
+    was taken for the EMFILE it was raised in (503, no traceback: never reported)."""
+    store = FileStore(str(tmp_path / "routes.json"))
+    url = serve_wsgi(create_app(store=store, runtime=BuggyWhenOutOfDescriptors(store)))
+    conn = http.client.HTTPConnection(url.split("//")[1], timeout=10)
+    with caplog.at_level(logging.ERROR, logger="balancer.management"):
+        conn.request("GET", "/api/v1/stats")
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+    conn.close()
+    assert (resp.status, answer["error"]) == (500, "internal_error"), answer
+    [record] = [r for r in caplog.records if r.name == "balancer.management"]
+    assert record.exc_info is not None and record.exc_info[0] is KeyError, record
+
+
+def test_the_management_process_starts_no_resolver_thread(bal: Balancer) -> None:
+    """The management process runs two threads: its own and the process log's
+    writer (`balancer.processlog`). Bug: gevent's WSGI server looked its address up
+    (`getfqdn`, for ``SERVER_NAME``) at each start: a resolver thread (and 64 MiB of
+    address space for its malloc arena) in every management process."""
+    workers = {p["pid"] for p in bal.api("GET", "/api/v1/info", headers=AUTH)[1]["processes"]}
+    [management] = [pid for pid in children_of(bal.proc.pid) if pid not in workers]
+    assert len(os.listdir(f"/proc/{management}/task")) <= 2
+    # (SERVER_NAME is the address: a request without a Host header is answered)
+    with connect(bal.mport) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 200"), "no Host header"

@@ -164,3 +164,21 @@ def test_a_printed_line_is_queued_or_dropped_whole(fifo) -> None:
         proc.wait()
     lines = got.lstrip(b"x").split(b"\n")
     assert lines[1:] == [b"A" * 10, b"after", b""], lines[1:]
+
+
+def test_waiting_for_the_queue_wakes_as_the_writer_empties_it(fifo) -> None:
+    """`wait` (what `drain` does at each exit) blocks while stderr is stuck, at most
+    its timeout, and returns once the writer emptied the queue, woken by it (was a
+    poll every 10 ms)."""
+    reader, writer = fifo
+    stream = QueuedStderr(None, fd=writer)
+    stream.write("last words\n")
+    started = time.monotonic()
+    stream.wait(0.2)  # (nobody reads: the bound ends it)
+    assert time.monotonic() - started >= 0.15 and not stream.is_idle()
+    read_until(reader, b"last words\n")
+    deadline = time.monotonic() + WAIT
+    while not stream.is_idle():  # (bounded: each wait ends at the writer's wake-up)
+        assert time.monotonic() < deadline
+        stream.wait(WAIT)
+    assert time.monotonic() - started < WAIT

@@ -15,7 +15,7 @@ import pytest
 
 from balancer.listening import Group, Listeners, reuseport_supported
 from balancer.settings import SettingsError, load_settings
-from tests.support import Backend, Balancer, wait_for
+from tests.support import Backend, Balancer, holders, listening_inodes, wait_for
 from tests.test_process import Load, children_of, info, per_worker, run_serve, wait_workers
 from tests.test_tls import client_context, https_get, put_cert
 
@@ -28,32 +28,6 @@ linux_only = pytest.mark.skipif(not reuseport_supported(),
 
 
 # helpers ------------------------------------------------------------------------
-def listening_inodes(port: int) -> set[int]:
-    """Inodes of the sockets listening on TCP `port` (any address)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                found.add(int(fields[9]))
-    return found
-
-
-def holders(inode: int, pids: list[int]) -> set[int]:
-    """Which of `pids` hold the socket `inode` open."""
-    target = f"socket:[{inode}]"
-    held = set()
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                if os.readlink(fd) == target:
-                    held.add(pid)
-                    break
-            except OSError:
-                continue
-    return held
-
-
 def socket_owners(bal: Balancer, port: int) -> list[set[int]]:
     """For each socket listening on `port`: the balancer's processes holding it."""
     arbiter = bal.proc.pid
