@@ -77,6 +77,7 @@ from balancer.stores.redis_answers import (
     refusal,
     why,
 )
+from balancer.stores.redis_bounds import AnswerTooBig
 from balancer.stores.redis_connect import DEFAULT_TIMEOUT, Connector
 from balancer.stores.redis_reads import RedisReading
 from balancer.stores.redis_records import Fence, RedisRecords
@@ -318,6 +319,9 @@ class RedisStore(RedisWatching, RedisReading, Store):
         """Map Redis errors to `StoreUnavailable`; keep `is_reachable` current."""
         try:
             yield
+        except AnswerTooBig as exc:  # (a CorruptStore without the store's name)
+            self._reachable = True
+            raise CorruptStore(f"{self.display_url} {self.namespace}: {exc}") from None
         except (VersionConflict, KeyError, CorruptStore, StoreLost):
             self._reachable = True
             raise

@@ -9,6 +9,7 @@ Invariants:
 * Answers are decoded as UTF-8 with ``surrogateescape``: bytes that are not
   UTF-8 (only another program writes them) reach the store's checks, which
   name them, instead of failing inside redis-py.
+* An answer brings in at most `balancer.stores.redis_bounds.MAX_ANSWER` bytes.
 * A URL whose query redis-py would refuse (a value it cannot read, an option
   its connections do not take), or would fail every command with, or that would
   replace the options above (`OWN_OPTIONS`), makes no client: `StoreUrlError`,
@@ -28,6 +29,7 @@ from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from balancer.stores.redis_bounds import BoundedParser
 from balancer.stores.redis_deadline import whole_answers
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
@@ -80,7 +82,7 @@ class Connector:
         self.options: dict[str, Any] = {
             "socket_timeout": timeout + wait, "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0), "decode_responses": True,
-            "encoding_errors": "surrogateescape"}
+            "encoding_errors": "surrogateescape", "parser_class": BoundedParser}
         if max_connections is not None:
             self.options["max_connections"] = max_connections
         self.sentinel: Sentinel | None = None
