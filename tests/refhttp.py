@@ -266,6 +266,8 @@ def framing(request: Request, lenient: bool) -> tuple[int, bool]:
     if not lengths:
         return 0, False
     values = {v.strip(OWS) for value in lengths for v in value.split(b",")}
+    if lenient and all(v.isdigit() and len(v) <= 18 for v in values):  # one number
+        values = {b"%d" % int(v) for v in values}  # however written (`00`, `0`: HAProxy)
     # §6.3 (5): a list of one value repeated may be read as that value
     if (len(lengths) > 1 or b"," in lengths[0]) and (not lenient or len(values) != 1):
         raise Refused("repeated Content-Length")
