@@ -652,6 +652,10 @@ class _Parser:
             while start < len(data) and (data[start] == CR or data[start] == LF):
                 start += 1
             self._head_bytes -= start - skipped
+            if start == len(data):  # no head yet: its bytes are not kept (bug: each
+                self._parts = []  # read of empty lines was, unbounded; nginx drops
+                self._start = 0  # them too)
+                return
         end = data.find(b"\n", start)
         if fed + (len(data) if end < 0 else end) - start > self._line_max:
             self._fail(414, "request line too long")

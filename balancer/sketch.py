@@ -42,7 +42,7 @@ import socket
 import time
 from typing import Any, Final
 
-from balancer.clients import client_key
+from balancer.clients import V4_MAPPED, client_key
 from balancer.connection import Exchange
 from balancer.http11 import mark_value
 from balancer.top_names import MEASURES
@@ -378,7 +378,10 @@ def address_only(entry: str) -> str:
     ``hdr_ip`` (bug: ``:80`` named none and ``unknown`` or ``a:80`` each one
     client, ``unknown`` and ``a``). Strict: an IPv4 or IPv6 address, ``[IPv6]``,
     or either with ``:PORT`` (1 to 65535 in decimal digits, as nginx's realip),
-    nothing else (bug: ``[::1]junk`` was ``::1`` and ``1.2.3.4:abc`` ``1.2.3.4``)."""
+    nothing else (bug: ``[::1]junk`` was ``::1`` and ``1.2.3.4:abc`` ``1.2.3.4``).
+    An IPv6 address is written as the socket writes a peer's (``2001:DB8:0::1`` is
+    ``2001:db8::1``), an IPv4-mapped one (``::ffff:1.2.3.4``) as its IPv4 address,
+    as `client_key` keys it."""
     family = socket.AF_INET
     if ":" in entry:
         if entry[0] == "[":
@@ -395,10 +398,14 @@ def address_only(entry: str) -> str:
         else:  # an IPv6 address without brackets: its colons are no port
             family = socket.AF_INET6
     try:
-        socket.inet_pton(family, entry)
+        packed = socket.inet_pton(family, entry)
     except (OSError, ValueError):  # (ValueError: a NUL byte)
         return ""
-    return entry
+    if family == socket.AF_INET:  # (inet_pton takes the dotted quad alone: as written)
+        return entry
+    if packed[:12] == V4_MAPPED:  # one client however written (bug: each spelling was
+        return socket.inet_ntop(socket.AF_INET, packed[12:])  # `ip_hash`ed apart)
+    return socket.inet_ntop(socket.AF_INET6, packed)
 
 
 def _is_port(text: str) -> bool:

@@ -161,6 +161,8 @@ def request_line(line: bytes, lenient: bool) -> tuple[bytes, bytes, bytes]:
         raise Refused("bad method")
     if not VERSION.match(version):
         raise Refused("bad version")
+    if lenient and version[:7] == b"HTTP/1." and version[7:] >= b"2":
+        version = b"HTTP/1.1"  # RFC 9110 §2.5: a higher minor version, as the highest
     if version not in (b"HTTP/1.0", b"HTTP/1.1"):
         raise Refused("version not supported", (505, 400))
     if not target or not set(target) <= TARGET_BYTES:
@@ -264,6 +266,8 @@ def framing(request: Request, lenient: bool) -> tuple[int, bool]:
     if not lengths:
         return 0, False
     values = {v.strip(OWS) for value in lengths for v in value.split(b",")}
+    if lenient and all(v.isdigit() and len(v) <= 18 for v in values):  # one number
+        values = {b"%d" % int(v) for v in values}  # however written (`00`, `0`: HAProxy)
     # §6.3 (5): a list of one value repeated may be read as that value
     if (len(lengths) > 1 or b"," in lengths[0]) and (not lenient or len(values) != 1):
         raise Refused("repeated Content-Length")
@@ -309,14 +313,16 @@ def read_chunked(data: bytes, pos: int, request: Request, lenient: bool) -> int:
 
 
 def chunk_size(line: bytes, lenient: bool) -> int:
-    """chunk-size [chunk-ext] (§7.1.1); BWS around ";" and "=" only when `lenient`."""
+    """chunk-size [chunk-ext] (§7.1.1); BWS around ";" and "=" only when `lenient`,
+    and then blanks after the size with no extension too (nginx and HAProxy take
+    them, and the balancer forwards the size alone)."""
     match = re.match(rb"([0-9a-fA-F]+)(.*)\Z", line, re.S)
     if not match:
         raise Refused("bad chunk size")
     digits, ext = match.groups()
     if len(digits.lstrip(b"0")) > MAX_SIZE_DIGITS:
         raise Refused("chunk size too large")
-    check_extensions(ext, lenient)
+    check_extensions(ext.lstrip(OWS) if lenient else ext, lenient)
     return int(digits, 16)
 
 

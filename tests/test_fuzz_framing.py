@@ -34,7 +34,16 @@ import pytest
 from balancer.http11 import END, ProtocolError, RequestParser
 from tests import refhttp
 from tests.framefuzz import case
-from tests.fuzzpeer import TAG, RecordingBackend, check, run_batch, run_cuts, summary, traced
+from tests.fuzzpeer import (
+    TAG,
+    RecordingBackend,
+    check,
+    run_batch,
+    run_case,
+    run_cuts,
+    summary,
+    traced,
+)
 from tests.rawpeer import Link, Relay, read_through
 from tests.support import Balancer, wait_for
 
@@ -317,3 +326,28 @@ def test_a_transfer_encoding_not_ending_in_chunked_is_a_bad_request(
         assert answer is not None and answer.startswith(b"HTTP/1.1 %s " % status), answer
         assert read_through(sock, b"never") is None  # closed after it
     assert len(backend.received) == before
+
+
+def test_what_the_balancer_reads_as_nginx_or_haproxy_is_no_fault(site) -> None:
+    """Blanks after a chunk size (forwarded as the size alone) and HTTP/1.2 to 1.9
+    (as HTTP/1.1), each read as nginx and HAProxy read them since 2026-12-07, and
+    Content-Length fields of one number written otherwise (``03``, ``3``: one
+    ``3`` forwarded, as HAProxy): the lenient reading takes them (bug: the fuzzer
+    reported each such case as a fault, forwarded otherwise than the client's
+    framing: seed 77, cases 8, 123, 654, 750 and 987), and HTTP/3.0 is still
+    refused."""
+    bal, backend = site
+    item = case(SEED, 0, 30000050)
+    item.data = (b"POST /f30000050-0 HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n"
+                 b"\r\n3 \r\nhel\r\n2\t;a=b\r\nlo\r\n0 \r\n\r\n"
+                 b"GET /f30000050-1 HTTP/1.2\r\nHost: app.test\r\n\r\n"
+                 b"PUT /f30000050-2 HTTP/1.1\r\nHost: app.test\r\nContent-Length: 03\r\n"
+                 b"Content-Length: 3\r\n\r\nabc"
+                 b"GET /f30000050-3 HTTP/3.0\r\nHost: app.test\r\n\r\n")
+    statuses, closed = run_case(bal.port, backend, item, quiet=2.0)
+    got = wait_for(lambda: len(backend.of_case(30000050)) == 3 and backend.of_case(30000050),
+                   what="the requests at the backend")
+    assert [(r.path, r.body) for r in got] == [
+        (b"/f30000050-0", b"hello"), (b"/f30000050-1", b""), (b"/f30000050-2", b"abc")]
+    assert statuses == [200, 200, 200, 505]
+    assert check(item, statuses, closed, got).faults == []

@@ -128,6 +128,27 @@ def test_request_line_limit_counts_from_the_line_not_the_empty_lines_before() ->
     assert events[-1] is END
 
 
+@pytest.mark.parametrize("first", [b"", b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"],
+                         ids=["first", "after-a-request"])
+def test_empty_lines_before_a_request_are_not_kept(first: bytes) -> None:
+    """Bug: uncounted (no part of the head's bytes), each read of them was kept
+    for the head to come: a client sending empty lines grew its parser's memory
+    without bound (nginx drops them too)."""
+    import tracemalloc
+    parser = RequestParser(SMALL)
+    parser.feed(first + b"\r\n")
+    tracemalloc.start()
+    try:
+        for n in range(400):
+            parser.feed(b"\r\n" * (500 + n % 2))  # (a new object each time)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 20_000, held  # 400 KB fed
+    parser.feed(request_with_line(64))
+    assert parser.events[-1] is END and parser.events[-2].target.startswith(b"/aaa")
+
+
 def test_header_count_limit_is_exact() -> None:
     fields = b"".join(b"X-%d: v\r\n" % i for i in range(7))
     head = b"GET / HTTP/1.1\r\nHost: h\r\n" + fields + b"\r\n"
