@@ -242,8 +242,9 @@ class ClusterRuntime:
         the run directory's file system, kept until the arbiter exited."""
         self.retired.writing = False
         if self.tree_stops():
-            with contextlib.suppress(OSError):
-                self.held.drop_all()
+            self.held.dropped = True  # (a survey under way writes no more: `mirror`)
+            with contextlib.suppress(OSError), self.turn_and_lock():
+                self.held.drop_all()  # (after the file a survey under way was writing)
             return
         self.hold_all()
 
