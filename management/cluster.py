@@ -239,11 +239,14 @@ class ClusterRuntime:
         When the whole balancer stops (`stopping` in the arbiter's status) no
         survey: nobody comes next, and every answer left is deleted. Bug: each
         stop wrote every worker's answer (on a big table, megabytes each) into
-        the run directory's file system, kept until the arbiter exited."""
+        the run directory's file system, kept until the arbiter exited; then a
+        survey still run while draining (a scrape, the history's sample) wrote
+        them all back, and one writing as they were deleted put its file back."""
         self.retired.writing = False
         if self.tree_stops():
-            with contextlib.suppress(OSError):
-                self.held.drop_all()
+            self.held.dropped = True  # (a survey under way writes no more: `mirror`)
+            with contextlib.suppress(OSError), self.turn_and_lock():
+                self.held.drop_all()  # (after the file a survey under way was writing)
             return
         self.hold_all()
 

@@ -284,6 +284,7 @@ class HeldCounters:
         # each held answer's file as this process last wrote or read it (`adopt`, `mirror`)
         self.known: dict[str, StatKey | None] = {}
         self.failing = False  # the last `mirror` could not write (reported)
+        self.dropped = False  # the whole balancer stops: nothing written again (`drop_all`)
 
     def keep(self, path: str, raw: bytes, reply: dict[str, Any]) -> None:
         """Remember `raw`, worker `path`'s answer to a ``stats`` of every host
@@ -325,6 +326,8 @@ class HeldCounters:
         failure: OSError | None = None
         for path, (raw, identity) in list(self.raw.items()):
             name = self._file(identity)
+            if self.dropped:
+                return  # (a survey the draining process finishes: `drop_all`)
             if path not in self.fresh and _stat_key(name) is not None:
                 continue
             try:
@@ -381,7 +384,10 @@ class HeldCounters:
     def drop_all(self) -> None:
         """Delete every answer left in the run directory: the whole balancer stops,
         no management process comes next (each worker retires its own counters as
-        it drains)."""
+        it drains); none is written again (`mirror`). Bug: a survey the draining
+        process still ran (a scrape it finished, the history's sample) found every
+        file gone and wrote every answer back."""
+        self.dropped = True
         for path in self.retired.directory.glob(LEFT_GLOB):
             with contextlib.suppress(OSError):
                 path.unlink()

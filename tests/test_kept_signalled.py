@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import gevent
 import pytest
 
 from tests.support import Backend, Balancer, control_socket, request, wait_for
@@ -324,3 +325,54 @@ def gone(pid: int) -> bool:
         return exited(pid)
     except FileNotFoundError:
         return True
+
+
+def test_no_held_answer_is_written_again_once_dropped_at_a_full_stop(tmp_path):
+    """The whole balancer stops: `drop_all` (the hand-over) deletes every held
+    answer, and a survey the draining process still runs (a scrape it finishes,
+    the history's sample before it is killed: `mirror`) writes none again. Bug:
+    each such survey found every file gone and wrote every answer back
+    (megabytes each on a big table), kept until the arbiter exited."""
+    from management.kept import HeldCounters, RetiredCounters
+
+    held = HeldCounters(RetiredCounters(str(tmp_path)))
+    held.keep(str(tmp_path / "worker-4242.sock"), _answer(4242, 0.000001, 5),
+              json.loads(_answer(4242, 0.000001, 5)))
+    held.mirror()
+    assert len(list(tmp_path.glob("held-*.answer"))) == 1
+    held.drop_all()
+    assert not list(tmp_path.glob("held-*"))
+    held.keep(str(tmp_path / "worker-4242.sock"), _answer(4242, 0.000001, 6),
+              json.loads(_answer(4242, 0.000001, 6)))  # (a newer answer, held still)
+    held.mirror()
+    assert not list(tmp_path.glob("held-*")), "nothing written after the drop"
+
+
+def test_a_full_stops_drop_waits_for_the_held_answer_being_written(tmp_path):
+    """The whole balancer stops while a held answer bigger than `WRITE_SLICE` is
+    being written (the loop turning between two slices): the hand-over deletes
+    every answer after that write, under the run directory's lock. Bug: it
+    deleted them at once, and the write under way put its file back after."""
+    from gevent.event import Event
+
+    from management.cluster import ClusterRuntime
+    from management.kept import WRITE_SLICE, write_json
+
+    tmp_path.chmod(0o700)
+    paused, go = Event(), Event()
+
+    def pause() -> None:
+        paused.set()
+        go.wait(10)
+    runtime = ClusterRuntime(str(tmp_path), None, 1, pause=pause)
+    path = str(tmp_path / "worker-4242.sock")
+    runtime.held.raw[path] = (b" " * (2 * WRITE_SLICE), "4242-1")
+    runtime.held.fresh.add(path)
+    writing = gevent.spawn(runtime.restore_kept)  # (its `mirror`, as a survey's)
+    assert paused.wait(10)
+    write_json(str(tmp_path / "arbiter.json"), {"stopping": True})
+    stopping = gevent.spawn(runtime.hand_over)
+    gevent.sleep(0)  # (it waits for the lock)
+    go.set()
+    gevent.joinall([writing, stopping], timeout=10, raise_error=True)
+    assert not list(tmp_path.glob("held-*")), "no answer left"
