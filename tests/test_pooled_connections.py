@@ -189,9 +189,11 @@ def test_a_stray_answer_after_the_loops_last_look_never_reaches_the_next_get(
     events at first) returns the GET and not the stray. The pool's readiness
     watch cannot see that stray: the pooled connection is peeked at before any
     request goes on it (before 2026-12-07 a GET's was not, and the GET got
-    `POISON` as its answer). Over TLS the raw socket under OpenSSL is peeked
-    at: OpenSSL reads one record at a time, so a stray record waits there,
-    not in OpenSSL, as a `close_notify` would."""
+    `POISON` as its answer). Over TLS ("late-tls") the TCP socket under
+    OpenSSL is peeked at: OpenSSL reads one record at a time, so a stray
+    record (or a `close_notify`) waits there, not in OpenSSL. (That case
+    fails if the pool hands the connection out without a look; a look by
+    the readiness watch alone passes it too: the watch had seen the stray.)"""
     backend = backends[name]
     fillers: list[socket.socket] = []
     [worker] = [p["pid"] for p in bal.api("GET", "/api/v1/info")[1]["processes"]]
