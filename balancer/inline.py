@@ -120,7 +120,7 @@ from balancer.http11 import ProtocolError
 from balancer.netio import CLOCK, EventedStream, TLSStream
 from balancer.outbox import HOLD_LIMIT, Writer
 from balancer.pool import Upstream
-from balancer.relay import Flight, arm_connect, deliver, dispatch, take_ready
+from balancer.relay import Flight, arm_connect, arm_head, deliver, dispatch, take_ready
 from balancer.response_parser import ResponseHead
 
 log: Final = logging.getLogger("balancer.inline")
@@ -384,7 +384,7 @@ def _land(conn: ClientConnection) -> None:
             or not (isinstance(client, EventedStream) or isinstance(client, TLSStream))  # noqa: SIM101
             or not _can_hold(client.writer, _size(ex, rhead))):
         if not events:  # a head in pieces: its next read within backend_read of this one
-            conn.arm(upstream.sock, conn.ctx.backend_read)  # (`relay._recv_head`)
+            arm_head(conn, upstream, parser)
         io.hand_off(conn)
         return
     # one reading of the clock for the answer's steps, none of which waits (the

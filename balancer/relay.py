@@ -51,7 +51,7 @@ from ssl import SSLWantWriteError
 from typing import Any, Final
 
 from balancer.backend_tls import pool_key, read_failure
-from balancer.connection import Exchange
+from balancer.connection import ClientConnection, Exchange
 from balancer.errors import (
     BackendAnswered,
     BackendClosed,
@@ -431,10 +431,22 @@ def _recv_head(ex: Exchange, upstream: Upstream, parser: ResponseParser) -> None
     whole, the next read is bounded by `backend_read` from this one (bug: the
     head's reads together were, since the request went: a head sent in
     pieces, or a final answer coming more than `backend_read` after the
-    request though 1xx heads came meanwhile, was a 504)."""
+    request though 1xx heads came meanwhile, was a 504), if it brought a byte
+    of the head (`arm_head`)."""
     _feed(parser, _read_backend(upstream))
     if not parser.events:
-        ex.conn.arm(upstream.sock, ex.conn.ctx.backend_read)
+        arm_head(ex.conn, upstream, parser)
+
+
+def arm_head(conn: ClientConnection, upstream: Upstream, parser: ResponseParser) -> None:
+    """After a read that left no head whole: bound the next by `backend_read`
+    from now if a byte of the head came, the empty lines before a status line
+    aside (`ResponseParser.head_begun`). Bug: a read of only those re-armed
+    it too, and a backend that sent an empty line every `backend_read` held
+    the request (and a backend connection) for ever: nothing bounds how
+    many come, where a head's bytes are (`max_header_bytes`, `MAX_INTERIM`)."""
+    if parser.head_begun():
+        conn.arm(upstream.sock, conn.ctx.backend_read)
 
 
 def _send_interim(ex: Exchange, rhead: ResponseHead) -> None:

@@ -430,6 +430,14 @@ class ResponseParser:
         """Drop the llhttp parser."""
         self._hp = None
 
+    def head_begun(self) -> bool:
+        """Whether a byte of the unfinished head came, the empty lines before it
+        aside: llhttp skips those, and nothing bounds how many come (`_bound_unfinished`
+        drops them), so a read of only them is no progress of the head
+        (`balancer.relay.arm_head`). Looked at only after a read that left no
+        event: the bytes held are at most about `max_header_bytes`."""
+        return any(part.strip(b"\r\n") for part in self._parts)
+
     def feed(self, data: bytes) -> None:
         """Parse `data` from the backend. Raises ProtocolError."""
         more = self._read(data)

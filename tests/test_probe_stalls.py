@@ -31,10 +31,16 @@ IDLE = 0.5  # timeouts.client_idle
 BIG = 1 << 30  # an answer no socket buffer holds
 GAP = 0.5  # between two pieces of an answer: within READ of the one before
 HINT = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 PIECES = {
-    "/hints": [HINT, HINT, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+    "/hints": [HINT, HINT, OK],
     "/pieces": [b"HTTP/1.1 200 OK\r\n", b"X-Slow: 1\r\n", b"Content-Length: 2\r\n\r\nok"],
+    # empty lines, which llhttp skips before a status line (no byte of a head):
+    # no read of them re-arms backend_read, else a trickle held the request for ever
+    "/empty": [b"\r\n", b"\n", b"\r\n", b"\r\n", OK],
+    "/hint-empty": [HINT, b"\r\n", b"\r\n", b"\r\n", OK],
 }
+NO_HEAD = {"/empty": [], "/hint-empty": [b"HTTP/1.1 103 Early Hints"]}  # then a 504
 
 
 def answer_in_pieces(conn: socket.socket) -> None:
@@ -80,7 +86,7 @@ def answer(port: int, request: bytes) -> bytes:
         return received
 
 
-@pytest.mark.parametrize("path", sorted(PIECES))
+@pytest.mark.parametrize("path", ["/hints", "/pieces"])
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_each_read_of_an_answers_head_has_backend_read_from_the_one_before(
         bal: Balancer, path: str, method: str) -> None:
@@ -91,6 +97,20 @@ def test_each_read_of_an_answers_head_has_backend_read_from_the_one_before(
     hints = [b"HTTP/1.1 103 Early Hints"] * 2 if path == "/hints" else []
     assert statuses == [*hints, b"HTTP/1.1 200 OK"], got
     assert got.endswith(b"\r\n\r\nok")
+
+
+@pytest.mark.parametrize("path", sorted(NO_HEAD))
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_reads_of_empty_lines_before_a_head_do_not_extend_backend_read(
+        bal: Balancer, path: str, method: str) -> None:
+    body = b"Content-Length: 5\r\n\r\nhello" if method == "POST" else b"\r\n"
+    started = time.monotonic()
+    got = answer(bal.port, f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\n"
+                           f"Connection: close\r\n".encode() + body)
+    statuses = [line for line in got.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    assert statuses == [*NO_HEAD[path], b"HTTP/1.1 504 Gateway Timeout"], got
+    # READ from the request, or from the 103 (GAP after it), and a watchdog tick
+    assert time.monotonic() - started < READ + GAP * len(NO_HEAD[path]) + READ / 2
 
 
 def statuses(bal: Balancer) -> dict[str, float]:
