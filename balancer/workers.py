@@ -313,9 +313,13 @@ def caught_up(worker: Any) -> None:
     so it must be served at once. Bug: a write made between the worker's first read
     and its control socket was answered 200 while the new worker served the older
     table until its store's watcher caught up. Costs one cheap read (Redis: ``GET``
-    and ``HLEN``), a whole read only when such a write came."""
+    and ``HLEN``; the file store: an ``fstat``), a whole read only when such a write
+    came; none when the first read failed (the store unreachable: its watcher
+    follows it once it is back, and the start waits for no timeout again)."""
     from balancer.stores.base import StoreError
 
+    if worker.tables.store_problem is not None:
+        return
     try:
         if worker.store.current_shape()[0] > worker.holder.table.version:
             worker.tables.reload()

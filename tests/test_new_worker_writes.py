@@ -13,16 +13,15 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 
 from tests.conftest import RedisServer
 from tests.rawpeer import Link, Relay
-from tests.support import Balancer, wait_for
+from tests.support import Balancer, holders, wait_for
 
 HOST = "app.test"
 OLD = {"action": "static", "status": 200, "body": "old"}
@@ -35,7 +34,7 @@ class StopAtLoad(Relay):
     `thaw` keeps what Redis answers on connections that sent nothing before (the new
     worker's watcher, which would otherwise race the request to catch up)."""
 
-    def __init__(self, redis_port: int, stop_new: Any) -> None:
+    def __init__(self, redis_port: int, stop_new: Callable[[Link], bool]) -> None:
         self.stop_new = stop_new
         self.lock = threading.Lock()
         self.armed = False
@@ -74,8 +73,10 @@ class StopAtLoad(Relay):
         with self.lock:
             if self.loading is not None and link.client is self.loading.client:
                 self.loading = None
-                self.stop_new()  # its read made at Redis: the old table
-                self.stopped.set()
+                if self.stop_new(link):  # its read made at Redis: the old table
+                    self.stopped.set()
+                else:
+                    self.armed = True  # another process's read: the next one
             if self.frozen and id(link.client) not in self.known:
                 self.kept.append((link.client, data))
                 return
@@ -86,6 +87,16 @@ class StopAtLoad(Relay):
 def children(pid: int) -> set[int]:
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return {int(p) for p in text.split()}
+
+
+def inode_of(port: int, peer: int) -> int | None:
+    """The inode of the TCP socket from local `port` to `peer` (loopback)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port \
+                and int(fields[2].rsplit(":", 1)[1], 16) == peer:
+            return int(fields[9])
+    return None
 
 
 def worker_pids(bal: Balancer) -> set[int]:
@@ -120,17 +131,23 @@ def test_a_write_answered_200_is_served_by_a_worker_that_was_starting(
     new_pid: list[int] = []
     bal: Balancer | None = None
 
-    def stop_new() -> None:
+    def stop_new(link: Link) -> bool:
+        """Stop the process `link` comes from if it is the new worker."""
         assert bal is not None
-        (pid,) = children(bal.proc.pid) - before
-        new_pid.append(pid)
-        os.kill(pid, signal.SIGSTOP)
+        inode = inode_of(link.client.getpeername()[1], relay.port)
+        new = holders(inode, sorted(children(bal.proc.pid) - before)) if inode else set()
+        for pid in new:
+            new_pid.append(pid)
+            os.kill(pid, signal.SIGSTOP)
+        return bool(new)
 
     relay = StopAtLoad(redis_server.port, stop_new)
     bal = Balancer(tmp_path, None, store=f"redis://127.0.0.1:{relay.port}/0",
                    args=["--workers", "1"], env={"BALANCER_STORE_NAMESPACE": namespace})
     try:
         wait_for(lambda: len(worker_pids(bal)) == 1, 10, what="the worker")
+        wait_for(lambda: "version none -> 1:" in bal.output(), 10,
+                 what="the management process's table")  # its own HGETALL done
         before = children(bal.proc.pid)
         (old,) = worker_pids(bal)
         relay.arm()
