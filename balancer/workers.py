@@ -324,7 +324,7 @@ def caught_up(worker: Any) -> None:
         if worker.store.current_shape()[0] > worker.holder.table.version:
             worker.tables.reload()
     except StoreError:
-        pass  # unreachable now: `initial_load` said so, or the watcher will
+        pass  # unreachable since the first read: the watcher tells and follows it
 
 
 # start-up check -------------------------------------------------------------------
