@@ -257,9 +257,10 @@ def run_worker(env: ChildEnv, listeners: list[tuple[Any, str]]) -> int:
         worker.start()
     except AccessLogError as exc:
         raise BootError(f"log.access_log: {exc}") from None
-    worker.listen(listeners)
     control = ControlServer(env.run_dir, worker)
     control.start()
+    caught_up(worker)
+    worker.listen(listeners)
     tune_gc()
     report_ready(env)
     log.info("worker %d serving routing version %d", os.getpid(), worker.holder.table.version)
@@ -303,6 +304,27 @@ def initial_load(worker: Any) -> None:
         worker.tables.store_problem = worker.store.told(exc)
         log.error("%s; serving the no-hosts page until it recovers",
                   worker.tables.store_problem)
+
+
+def caught_up(worker: Any) -> None:
+    """Serve the store's version of now, read after the control socket exists and
+    before the first connection is accepted: a write stored before the management
+    process could see this worker was not waited for (its answer did not name it),
+    so it must be served at once. Bug: a write made between the worker's first read
+    and its control socket was answered 200 while the new worker served the older
+    table until its store's watcher caught up. Costs one cheap read (Redis: ``GET``
+    and ``HLEN``; the file store: an ``fstat``), a whole read only when such a write
+    came; none when the first read failed (the store unreachable: its watcher
+    follows it once it is back, and the start waits for no timeout again)."""
+    from balancer.stores.base import StoreError
+
+    if worker.tables.store_problem is not None:
+        return
+    try:
+        if worker.store.current_shape()[0] > worker.holder.table.version:
+            worker.tables.reload()
+    except StoreError:
+        pass  # unreachable since the first read: the watcher tells and follows it
 
 
 # start-up check -------------------------------------------------------------------
