@@ -136,6 +136,9 @@ def options_problem(url: str) -> str | None:
     typo of ``replicas``, passed every check, and each command then raised a
     TypeError: the workers died at their first read), or take as an object that
     text from a URL cannot be (`TEXT_OPTIONS`). Makes no connection."""
+    missing = parser_problem()  # (not the URL's, but it makes no client either: `Connector`)
+    if missing:
+        return missing
     names = {name for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)}
     kind = CONNECTIONS.get(urlsplit(url).scheme.lower(), redis.Connection)
     takes = {name for each in type.mro(kind) if "__init__" in vars(each)
