@@ -158,11 +158,6 @@ def test_answers_under_the_bound_pipelined_past_it_are_read(
     client.close()
 
 
-def test_a_parser_class_in_the_url_is_the_balancers(redis_server: RedisServer) -> None:
-    assert "the balancer sets its own" in (
-        options_problem(f"{redis_server.url}?parser_class=x") or "")
-
-
 def test_without_hiredis_no_store_is_made(monkeypatch: pytest.MonkeyPatch,
                                           redis_server: RedisServer) -> None:
     """redis-py's other parsers are not bounded: refused at start, named (bug: every

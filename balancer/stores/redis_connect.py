@@ -9,9 +9,9 @@ Invariants:
 * Answers are decoded as UTF-8 with ``surrogateescape``: bytes that are not
   UTF-8 (only another program writes them) reach the store's checks, which
   name them, instead of failing inside redis-py.
-* An answer brings in at most `balancer.stores.redis_bounds.MAX_ANSWER` bytes,
-  a sentinel's included; without hiredis (which counts them) no client is made:
-  `StoreUrlError`, naming it, as for a URL's problem.
+* An answer of Redis (not a sentinel's) brings in at most
+  `balancer.stores.redis_bounds.MAX_ANSWER` bytes; without hiredis (which counts
+  them) no client is made: `StoreUrlError`, naming it, as for a URL's problem.
 * A URL whose query redis-py would refuse (a value it cannot read, an option
   its connections do not take), or would fail every command with, or that would
   replace the options above (`OWN_OPTIONS`), makes no client: `StoreUrlError`,
@@ -96,8 +96,7 @@ class Connector:
             self.target = parse_sentinel_url(url)
             self.sentinel = Sentinel(list(self.target.sentinels),
                                      sentinel_kwargs={"socket_timeout": timeout,
-                                                      "socket_connect_timeout": timeout,
-                                                      "parser_class": BoundedParser},
+                                                      "socket_connect_timeout": timeout},
                                      **self.options)
             for client in self.sentinel.sentinels:  # (bug: a trickling sentinel held
                 _whole(client)                     # every master lookup for good)
