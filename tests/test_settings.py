@@ -403,8 +403,11 @@ def test_wrong_type_in_file(config, line, problem):
         ("BALANCER_STORE_URL", "redis://h:1/0?socket_keepalive=1&socket_keepalive_options=x",
          "socket_keepalive_options cannot be given in a URL's query (redis-py takes it "
          "from code or from the URL itself, not as text)"),
-        ("BALANCER_STORE_URL", "rediss://h:1/0?maint_notifications_config=x&parser_class=y",
-         "maint_notifications_config, parser_class cannot be given in a URL's query"),
+        ("BALANCER_STORE_URL", "rediss://h:1/0?maint_notifications_config=x&credential_provider=y",
+         "credential_provider, maint_notifications_config cannot be given in a URL's query"),
+        # (the parser, the balancer's: it bounds each answer, stores5)
+        ("BALANCER_STORE_URL", "redis://h:1/0?parser_class=y",
+         "parser_class cannot be given: the balancer sets its own (an answer is bounded"),
         ("BALANCER_STORE_URL", "unix:///r.sock?protocol=9", "protocol must be 2 or 3, got 9"),
         ("BALANCER_STORE_URL", "redis://h:1/0?socket_read_size=0",
          "socket_read_size must be a whole number of bytes >= 1, got 0"),

@@ -9,7 +9,9 @@ Invariants:
 * Answers are decoded as UTF-8 with ``surrogateescape``: bytes that are not
   UTF-8 (only another program writes them) reach the store's checks, which
   name them, instead of failing inside redis-py.
-* An answer brings in at most `balancer.stores.redis_bounds.MAX_ANSWER` bytes.
+* An answer of Redis (not a sentinel's) brings in at most
+  `balancer.stores.redis_bounds.MAX_ANSWER` bytes; without hiredis (which counts
+  them) no client is made: `StoreUrlError`, naming it, as for a URL's problem.
 * A URL whose query redis-py would refuse (a value it cannot read, an option
   its connections do not take), or would fail every command with, or that would
   replace the options above (`OWN_OPTIONS`), makes no client: `StoreUrlError`,
@@ -29,7 +31,7 @@ from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from balancer.stores.redis_bounds import BoundedParser
+from balancer.stores.redis_bounds import BoundedParser, parser_problem
 from balancer.stores.redis_deadline import whole_answers
 from balancer.stores.urls import SENTINEL_SCHEME, StoreUrlError, parse_sentinel_url, redact_url
 
@@ -47,7 +49,8 @@ OWN_OPTIONS = {
     "socket_timeout": f"every Redis command times out after {DEFAULT_TIMEOUT:g} s",
     "socket_connect_timeout": f"every connect times out after {DEFAULT_TIMEOUT:g} s",
     "retry": "the store decides what is tried again",
-    "decode_responses": _UTF8, "encoding": _UTF8, "encoding_errors": _UTF8}
+    "decode_responses": _UTF8, "encoding": _UTF8, "encoding_errors": _UTF8,
+    "parser_class": "an answer is bounded by the balancer's parser"}
 # What redis-py's connections take as text from a URL, besides what it reads itself
 # (`URL_QUERY_ARGUMENT_PARSERS`): any other is an object (a callable, a provider, a
 # config), which every command failed with (bug: ``?socket_keepalive_options=x``,
@@ -79,6 +82,9 @@ class Connector:
     def __init__(self, url: str, timeout: float, wait: float = 0.0,
                  max_connections: int | None = None) -> None:
         self.url = url
+        problem = parser_problem()
+        if problem:
+            raise StoreUrlError(f"{redact_url(url)}: {problem}")
         self.options: dict[str, Any] = {
             "socket_timeout": timeout + wait, "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0), "decode_responses": True,
@@ -129,6 +135,9 @@ def options_problem(url: str) -> str | None:
     typo of ``replicas``, passed every check, and each command then raised a
     TypeError: the workers died at their first read), or take as an object that
     text from a URL cannot be (`TEXT_OPTIONS`). Makes no connection."""
+    missing = parser_problem()  # (not the URL's, but it makes no client either: `Connector`)
+    if missing:
+        return missing
     names = {name for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)}
     kind = CONNECTIONS.get(urlsplit(url).scheme.lower(), redis.Connection)
     takes = {name for each in type.mro(kind) if "__init__" in vars(each)
