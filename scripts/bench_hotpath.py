@@ -143,7 +143,7 @@ class Client:
         self.received = 0
         self.log = log  # `--access-log`: the AccessLog, its queue emptied now and then
 
-    def recv(self, size: int) -> bytes:
+    def recv(self, size: int, flags: int = 0) -> bytes:
         if not self.count:
             return b""
         self.count -= 1
@@ -162,6 +162,9 @@ class Client:
     def settimeout(self, seconds: float | None) -> None:
         pass
 
+    def gettimeout(self) -> float | None:
+        return None
+
     def setsockopt(self, *args: object) -> None:
         pass
 
@@ -172,7 +175,9 @@ class Client:
 class Backend(Client):
     """A pooled backend connection that answers every request at once."""
 
-    def recv(self, size: int) -> bytes:
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        if flags & socket.MSG_PEEK:
+            raise BlockingIOError  # idle in the pool: nothing came (`balancer.peek`)
         return RESPONSE
 
 

@@ -252,7 +252,8 @@ def test_a_head_sent_slowly_gets_408_after_client_header(make: Make, backend: Sc
                 break
     status, fields, _ = response(sock)
     assert status == 408 and fields["connection"] == "close"
-    assert 0.4 < time.monotonic() - started < 3.0  # (armed against the last tick)
+    assert 0.2 < time.monotonic() - started < 3.0  # (armed against the last tick, which
+    # lags the clock by up to a tick, more on a loaded machine)
     assert closed_by_worker(sock) == b""
     assert until(lambda: all_closed(w))
     assert backend.paths() == []

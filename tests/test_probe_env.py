@@ -284,6 +284,7 @@ class FakeDeployer:
         self.store = SimpleNamespace(load=lambda: SimpleNamespace(version=2, hosts={}),
                                      host_rule=lambda host: HostRule(2, None))
         self.taken: set[str] = set()  # (no other process takes a deploy over)
+        self.lost = lambda: None  # the store kept its table
 
     def patiently(self, record: dict[str, Any], what: str, call: Any) -> Any:
         return call()
