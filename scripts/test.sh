@@ -88,9 +88,10 @@ case "$python" in  # a relative path would break once the data plane's run chang
     */*) python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python") ;;
 esac
 
-# Six test processes (pytest-xdist) even on 2 cores: the tests mostly wait on
+# Eight test processes (pytest-xdist) even on 2 cores: the tests mostly wait on
 # real sockets, subprocesses and timers (four used 1.3 of 2 cores; six took the
-# compiled pass from 432 s to 379 s with another suite beside it). Work
+# compiled pass from 432 s to 379 s with another suite beside it; six used 1.67
+# of 2 cores over a whole CI run, 2026-12-07). Work
 # is handed out one test at a time (`loadgroup`), except groups run whole on one
 # process: the tests sharing a module's fixture (one balancer, Chromium or
 # pebble per module, not one per process) and the load generators
@@ -101,7 +102,7 @@ esac
 # one (3 processes) saved nothing (the compiled pass took 454 s instead of
 # about 350, the interpreted 106 s alone) and its tests with tight deadlines
 # failed under the load.
-JOBS=${BALANCER_TEST_JOBS:-6}
+JOBS=${BALANCER_TEST_JOBS:-8}
 
 # Bytecode for every module, written once: the suite starts thousands of Python
 # processes (balancers, their tools, the pytest workers of each pass), and under
